@@ -1,0 +1,32 @@
+# Every target bootstraps .venv from the pinned lock when it is missing or stale.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bench lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)             ## the main job on its embedded default
+	$(PY) -m experiments.train_lm
+
+test: $(STAMP)             ## the whole suite (8 fake CPU devices), then lint
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check .
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.train_step
+
+lock:                      ## refresh the lock from the current venv (after changing pins)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,1 @@
+"""jaxscale data: corpora, cleaning, tokenizers and grain loaders."""

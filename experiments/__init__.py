@@ -1,0 +1,1 @@
+"""jaxscale experiments: runnable training scripts and presets."""

@@ -1,0 +1,74 @@
+"""Autoregressive generation: one prefill over the prompt, then one-token decode steps in a scan."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.transformer import KVCache
+
+
+def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: float | None):
+    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    if top_p is not None:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+        keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p):
+    model = nnx.merge(graphdef, state)
+    B, P = prompt_BP.shape
+    cache = KVCache.zeros(model.cfg, B, P + max_new_tokens)
+    logits_BPV, cache = model(prompt_BP, cache=cache)
+    rng, sub = jax.random.split(rng)
+    first_B = sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+
+    def step(carry, _):
+        tok_B, cache, rng = carry
+        logits_B1V, cache = model(tok_B[:, None], cache=cache)
+        rng, sub = jax.random.split(rng)
+        nxt_B = sample_logits(logits_B1V[:, 0], sub, temperature, top_k, top_p)
+        return (nxt_B, cache, rng), tok_B
+
+    (last_B, _, _), toks_NB = jax.lax.scan(step, (first_B, cache, rng), None, length=max_new_tokens - 1)
+    return jnp.concatenate([toks_NB.T, last_B[:, None]], axis=1)
+
+
+def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng=None):
+    """Continue `prompt_tokens` [B, P] (equal lengths, no padding) by `max_new_tokens` tokens.
+
+    Returns int32 [B, P + max_new_tokens]: the prompt followed by the generated tokens.
+    Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
+    """
+    prompt_BP = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt_BP.ndim != 2:
+        raise ValueError(f"prompt_tokens must be [batch, length], got shape {prompt_BP.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    rng = jax.random.key(0) if rng is None else rng
+    graphdef, state = nnx.split(model)
+    new = _generate(graphdef, state, prompt_BP, rng, int(max_new_tokens), float(temperature),
+                    None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+    return jnp.concatenate([prompt_BP, new], axis=1)

@@ -1,0 +1,37 @@
+"""Rotary position embeddings (half-split convention, as in HF Llama), with llama3/linear scaling."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import RopeScaling
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """[head_dim // 2] inverse frequencies, computed in float64 then cast (matches HF)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return inv.astype(np.float32)
+    if scaling.kind == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    # Llama 3.1: long wavelengths divided by `factor`, short kept, a smooth ramp between.
+    old = scaling.original_max_position_embeddings
+    low_wl, high_wl = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq_F):
+    """Rotate pairs (i, i + H/2) by angle position·freq; computed in float32, returned in x's dtype."""
+    ang_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_F)
+    cos, sin = jnp.cos(ang_BTF)[:, :, None, :], jnp.sin(ang_BTF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)

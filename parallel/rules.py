@@ -1,0 +1,110 @@
+"""The logical-axis rules table: the one place that maps model axis names to mesh axes.
+
+Models name only logical axes (`embed`, `heads`, `batch`, ...). Parameters and activations have
+separate tables so that a strategy is a rule, not a code change: FSDP is `embed -> fsdp` for
+parameters while activations keep `embed` replicated; tensor parallelism is `heads/mlp/vocab ->
+tensor` (Megatron column-then-row); sequence parallelism is `act_seq -> sequence`.
+A mesh axis absent from the mesh (or of size 1) simply drops out, so one table serves every mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+
+# logical name -> mesh axes (tried in order; all listed axes present in the mesh are used together)
+PARAM_RULES: dict[str, MeshAxes] = {
+    "vocab": "tensor",
+    "embed": "fsdp",  # ZeRO-3: every weight is sharded over fsdp along its model dimension
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "layers": None,  # 'stage' under pipeline parallelism
+    "expert": "expert",
+    "norm": None,
+}
+
+ACTIVATION_RULES: dict[str, MeshAxes] = {
+    "batch": ("data", "fsdp", "expert"),
+    "act_seq": "sequence",
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+    "act_head_dim": None,
+}
+
+# Axes that fall back to replication instead of raising when the dimension does not divide the
+# mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads"})
+
+_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
+    "jaxscale_rules", default={**PARAM_RULES, **ACTIVATION_RULES})
+
+
+@contextlib.contextmanager
+def use_rules(**overrides: MeshAxes):
+    """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`."""
+    token = _rules.set({**_rules.get(), **overrides})
+    try:
+        yield
+    finally:
+        _rules.reset(token)
+
+
+def current_rules() -> dict[str, MeshAxes]:
+    return dict(_rules.get())
+
+
+def _mesh_axes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
+
+
+def logical_to_spec(names, mesh, shape=None, rules=None) -> P:
+    """Map a tuple of logical names to a PartitionSpec for `mesh`.
+
+    With `shape`, checks that each sharded dimension divides its mesh axes and raises a
+    ValueError naming the logical dimension, its size and the mesh axes otherwise.
+    """
+    rules = rules or _rules.get()
+    sizes = _mesh_axes(mesh)
+    used: set[str] = set()
+    out = []
+    for i, name in enumerate(names):
+        if name is None:
+            out.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no rule in parallel.rules; add it to the table")
+        target = rules[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
+        if shape is not None and axes:
+            n = 1
+            for a in axes:
+                n *= sizes[a]
+            if shape[i] % n:
+                if name in REPLICATE_IF_INDIVISIBLE:
+                    axes = ()
+                else:
+                    raise ValueError(
+                        f"dimension {name!r} of size {shape[i]} does not divide mesh axes {axes} "
+                        f"(size {n}); change the model dimension or the mesh")
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape))

@@ -1,0 +1,58 @@
+"""Placing models and batches on a mesh by logical names (see parallel.rules)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from parallel.rules import logical_to_spec
+
+
+def logical_shardings(abstract_state, mesh, rules=None):
+    """NamedSharding per variable, from each variable's `out_sharding` logical names and shape."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+        return NamedSharding(mesh, logical_to_spec(names, mesh, v.shape, rules))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
+    """Build `model_fn()` directly sharded on `mesh`: abstract init, then a jitted init whose
+    `out_shardings` come from the rules table, so no device ever holds the full model.
+
+    Returns (graphdef, state) with every array placed on `mesh`.
+    """
+    abstract = nnx.eval_shape(model_fn)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = logical_shardings(abs_state, mesh, rules)
+
+    init = jax.jit(lambda: nnx.split(model_fn())[1], out_shardings=shardings)
+    with jax.set_mesh(mesh):
+        state = init()
+    return graphdef, state
+
+
+def shard_state(state, mesh, rules=None):
+    """Move an existing (e.g. single-device) state onto `mesh` according to the rules."""
+    return jax.device_put(state, logical_shardings(state, mesh, rules))
+
+
+def batch_sharding(mesh, ndim: int = 2, rules=None) -> NamedSharding:
+    """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq`."""
+    spec = logical_to_spec(("batch", "act_seq") + (None,) * (ndim - 2), mesh, rules=rules)
+    return NamedSharding(mesh, spec)
+
+
+def shard_batch(batch, mesh, rules=None):
+    """Place a host batch (a pytree of [B, T, ...] arrays, identical on every process) on the mesh."""
+    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim, rules)), batch)
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,1 @@
+"""jaxscale scaling: FLOPs / memory / MFU accounting, scaling laws and planning."""
