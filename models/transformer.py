@@ -68,7 +68,7 @@ class Block(nnx.Module):
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), pd, std)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), pd, std)
 
-    def __call__(self, x_BTD, ctx: "_Ctx", k_cache=None, v_cache=None):
+    def __call__(self, x_BTD, ctx: _Ctx, k_cache=None, v_cache=None):
         cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
         w = lambda p: p[...].astype(cd)  # noqa: E731  (params stay in param_dtype; compute in cd)
         h_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)

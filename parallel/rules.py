@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -45,14 +47,14 @@ ACTIVATION_RULES: dict[str, MeshAxes] = {
 # mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
 REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads"})
 
-_rules: contextvars.ContextVar[dict[str, MeshAxes]] = contextvars.ContextVar(
-    "jaxscale_rules", default={**PARAM_RULES, **ACTIVATION_RULES})
+_rules: contextvars.ContextVar[Mapping[str, MeshAxes]] = contextvars.ContextVar(
+    "jaxscale_rules", default=MappingProxyType({**PARAM_RULES, **ACTIVATION_RULES}))
 
 
 @contextlib.contextmanager
 def use_rules(**overrides: MeshAxes):
     """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`."""
-    token = _rules.set({**_rules.get(), **overrides})
+    token = _rules.set(MappingProxyType({**_rules.get(), **overrides}))
     try:
         yield
     finally:

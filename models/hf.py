@@ -1,0 +1,284 @@
+"""Hugging Face interop: load and save Llama / Mistral / Qwen2 checkpoints as `Transformer`s.
+
+Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
+`pytorch_model.bin` files are refused because unpickling runs arbitrary code.
+
+Layout (HF `nn.Linear.weight` is [out, in]; ours is [in, out] split by heads). Per layer i:
+  q_proj.weight [N*H, D] <-> wq[i] [D, N, H]      q_proj.bias [N*H] <-> bq[i] [N, H]
+  k_proj/v_proj [K*H, D] <-> wk/wv[i] [D, K, H]   k/v_proj.bias [K*H] <-> bk/bv[i] [K, H]
+  o_proj.weight [D, N*H] <-> wo[i] [N, H, D]
+  gate/up_proj  [F, D]   <-> w_gate/w_up[i] [D, F]   down_proj [D, F] <-> w_down[i] [F, D]
+  input_layernorm / post_attention_layernorm [D] <-> attn_norm / mlp_norm[i] [D]
+Both use the half-split (rotate_half) RoPE, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from models.config import RopeScaling, TransformerConfig
+from models.transformer import Transformer
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _unsupported(field, value, what_to_do):
+    return ValueError(f"HF config field {field}={value!r} is not supported: {what_to_do}")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if params and "rope_type" not in params and "rope_theta" not in params:
+        raise _unsupported("rope_parameters", params, "per-layer-type RoPE is not supported (Llama, Mistral "
+                           "and Qwen2 use one rope_type/rope_theta for all layers)")
+    params = {**(hf.get("rope_scaling") or {}), **params}  # 5.x wins if a file carries both
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("partial_rotary_factor", params["partial_rotary_factor"], "only full-width RoPE (1.0)")
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        missing = [f for f in _LLAMA3_FIELDS if f not in params]
+        if missing:
+            raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
+        return theta, RopeScaling(kind="llama3", factor=float(params["factor"]),
+                                  low_freq_factor=float(params["low_freq_factor"]),
+                                  high_freq_factor=float(params["high_freq_factor"]),
+                                  original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    raise _unsupported("rope_type", kind, "supported RoPE types are default, linear and llama3")
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and hf.get("model_type") in ARCHITECTURES.values():
+        return hf["model_type"]
+    raise _unsupported("architectures", archs or hf.get("model_type"),
+                       f"supported are {sorted(ARCHITECTURES)}")
+
+
+def _check_sliding_window(hf: dict, arch: str, max_seq_len: int):
+    """A window at least as long as every sequence we run is plain causal attention, so it is fine."""
+    window = hf.get("sliding_window")
+    if arch == "llama" or window is None or window >= max_seq_len:
+        return
+    if arch == "qwen2":
+        if not hf.get("use_sliding_window", False):
+            return
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full"
+                                          for i in range(hf["num_hidden_layers"])]
+        if "sliding_attention" not in types:
+            return
+    raise _unsupported("sliding_window", window,
+                       f"our attention is full causal; pass max_seq_len<={window} to load it for sequences "
+                       "no longer than the window (where both agree)")
+
+
+def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
+    """TransformerConfig from a HF config.json dict (transformers 4.x or 5.x layout).
+
+    `overrides` (e.g. dtype, attn_impl, remat, scan_layers, max_seq_len) replace mapped fields.
+    """
+    arch = _architecture(hf)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _unsupported("hidden_act", hf["hidden_act"], "our MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias", False):
+        raise _unsupported("mlp_bias", True, "our MLP has no biases")
+    try:
+        theta, scaling = _rope_from_hf(hf)
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                  n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                  head_dim=None if head_dim * n_heads == hf["hidden_size"] else head_dim,
+                  mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                  rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  # Qwen2 always has q/k/v biases; Llama's attention_bias also adds an o_proj bias, which
+                  # the loader accepts only when it is zero (see from_pretrained).
+                  qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
+    kw.update(overrides)
+    _check_sliding_window(hf, arch, kw["max_seq_len"])
+    return TransformerConfig(**kw)
+
+
+def config_to_hf(cfg: TransformerConfig) -> dict:
+    """HF config.json dict (5.x layout) that transformers loads into the same model.
+
+    Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias), LlamaForCausalLM otherwise.
+    """
+    if cfg.final_logit_softcap is not None:
+        raise ValueError("TransformerConfig.final_logit_softcap has no Llama/Qwen2 equivalent; set it to None")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope.update(rope_type=rs.kind, factor=rs.factor)
+        if rs.kind == "llama3":
+            rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
+    hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
+              intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+              hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
+    if cfg.qkv_bias:
+        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                    sliding_window=None, max_window_layers=cfg.n_layers,
+                    layer_types=["full_attention"] * cfg.n_layers, **hf)
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
+
+
+def _hf_layout(cfg: TransformerConfig) -> dict:
+    """ours -> (HF name template, to_hf, from_hf); {i} is the layer. to_hf/from_hf act on one layer."""
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
+    T = lambda a: a.T  # noqa: E731
+    attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    lay = {
+        "blocks.attn_norm": ("model.layers.{i}.input_layernorm.weight", None, None),
+        "blocks.wq": (attn + "q_proj.weight", lambda a: a.reshape(d, n * h).T, lambda a: a.T.reshape(d, n, h)),
+        "blocks.wk": (attn + "k_proj.weight", lambda a: a.reshape(d, k * h).T, lambda a: a.T.reshape(d, k, h)),
+        "blocks.wv": (attn + "v_proj.weight", lambda a: a.reshape(d, k * h).T, lambda a: a.T.reshape(d, k, h)),
+        "blocks.wo": (attn + "o_proj.weight", lambda a: a.reshape(n * h, d).T, lambda a: a.T.reshape(n, h, d)),
+        "blocks.mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", None, None),
+        "blocks.w_gate": (mlp + "gate_proj.weight", T, T),
+        "blocks.w_up": (mlp + "up_proj.weight", T, T),
+        "blocks.w_down": (mlp + "down_proj.weight", T, T),
+        "embed": ("model.embed_tokens.weight", None, None),
+        "final_norm": ("model.norm.weight", None, None),
+    }
+    if cfg.qkv_bias:
+        flat = lambda a: a.reshape(-1)  # noqa: E731
+        lay["blocks.bq"] = (attn + "q_proj.bias", flat, lambda a: a.reshape(n, h))
+        lay["blocks.bk"] = (attn + "k_proj.bias", flat, lambda a: a.reshape(k, h))
+        lay["blocks.bv"] = (attn + "v_proj.bias", flat, lambda a: a.reshape(k, h))
+    if not cfg.tie_embeddings:
+        lay["lm_head"] = ("lm_head.weight", T, T)
+    return lay
+
+
+def _open_weights(folder: Path) -> dict:
+    """HF tensor name -> safetensors file holding it."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(
+        p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
+    if not files:
+        pickles = sorted(p.name for ext in ("*.bin", "*.pt", "*.pth") for p in folder.glob(ext))
+        if pickles:
+            raise ValueError(f"{folder} holds only pickle-based weights {pickles}; they are never loaded here "
+                             "(unpickling can run arbitrary code). Convert them to safetensors in a trusted "
+                             "environment, e.g. transformers' model.save_pretrained(out, safe_serialization=True)")
+        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+    names = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as sf:
+            names.update(dict.fromkeys(sf.keys(), f))
+    return names
+
+
+def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, **config_overrides) -> Transformer:
+    """Transformer from a local HF Llama/Mistral/Qwen2 folder (config.json + safetensors, sharded or not).
+
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype).
+    Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
+    """
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
+    where = _open_weights(folder)
+    layout = _hf_layout(cfg)
+    used = {name.format(i=i) for name, _, _ in layout.values() for i in range(cfg.n_layers)}
+    # o_proj.bias: Llama attention_bias (checked below); inv_freq: a buffer old exports saved; lm_head when tied.
+    extra = sorted(n for n in where if n not in used and not n.endswith((".o_proj.bias", ".rotary_emb.inv_freq"))
+                   and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        raise ValueError(f"checkpoint {folder} has tensors our Transformer has no place for: {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}; is config.json right for these weights?")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    shapes = {k: v.shape for k, v in _flatten(nnx.to_pure_dict(abstract)).items()}
+    pd, values = np.dtype(jnp.dtype(cfg.param_dtype)), {}
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(where.values())}
+
+        def get(name):
+            if name not in where:
+                raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}")
+            return handles[where[name]].get_tensor(name)
+
+        for ours, (name, _, from_hf) in layout.items():
+            one = lambda i: (from_hf or (lambda a: a))(get(name.format(i=i))).astype(pd)  # noqa: E731
+            arr = np.stack([one(i) for i in range(cfg.n_layers)]) if ours.startswith("blocks.") else one(None)
+            if arr.shape != shapes[ours]:
+                raise ValueError(f"tensor {name!r} gives {ours} shape {arr.shape}, expected {shapes[ours]} "
+                                 f"from {cfg}")
+            values[ours] = jnp.asarray(arr)
+        # Llama attention_bias=True also adds an o_proj bias we do not have: exact only when it is zero.
+        for i in range(cfg.n_layers):
+            name = f"model.layers.{i}.self_attn.o_proj.bias"
+            if name in where and np.any(get(name) != 0):
+                raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
+                                 "True); only checkpoints whose o_proj biases are zero can be loaded")
+    state = abstract
+    nnx.replace_by_pure_dict(state, _unflatten(values))
+    return nnx.merge(graphdef, state)
+
+
+def save_pretrained(model: Transformer, path, dtype: str | None = None) -> None:
+    """Write config.json + model.safetensors (HF names) that transformers and `from_pretrained` load.
+
+    dtype: storage dtype of the tensors (None: the model's param_dtype).
+    """
+    cfg = model.cfg
+    hf = config_to_hf(cfg)
+    out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    hf["dtype"] = dtype or cfg.param_dtype
+    ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tensors = {}
+    for key, (name, to_hf, _) in _hf_layout(cfg).items():
+        arr = np.asarray(ours[key]).astype(out_dtype)
+        fix = to_hf or (lambda a: a)
+        if key.startswith("blocks."):
+            tensors.update({name.format(i=i): np.ascontiguousarray(fix(arr[i])) for i in range(cfg.n_layers)})
+        else:
+            tensors[name] = np.ascontiguousarray(fix(arr))
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _unflatten(flat):
+    tree = {}
+    for key, v in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree

@@ -1,0 +1,251 @@
+"""Hugging Face interop: tiny random HF models built locally must match ours, both ways."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from models import RopeScaling, Transformer, TransformerConfig, generate  # noqa: E402
+from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
+
+TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=160, max_position_embeddings=64, rms_norm_eps=1e-5, attn_implementation="eager")
+LLAMA3 = dict(rope_type="llama3", rope_theta=500.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=16)
+VARIANTS = {  # name -> (HF config class, overrides of TINY)
+    "llama_gqa": ("LlamaConfig", {}),
+    "llama_mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama_head_dim": ("LlamaConfig", dict(head_dim=8)),  # N*H != D: catches reshape/transpose mix-ups
+    "llama3_rope": ("LlamaConfig", dict(rope_parameters=LLAMA3)),
+    "linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=3.0))),
+    "qwen2": ("Qwen2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+}
+# 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
+TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
+
+
+def randomize_(module, seed=0):
+    """Every parameter random, norms around 1, so no mapping mistake hides behind ones and zeros."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            torch.nn.init.normal_(p, 1.0 if "norm" in name else 0.0, 0.2 if "norm" in name else 0.1)
+    return module.eval()
+
+
+def hf_logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens)).logits.numpy()
+
+
+def our_logits(model, tokens=TOKENS):
+    return np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    """name -> (folder, torch model): built once per module, saved as safetensors."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cls, kw = VARIANTS[name]
+            model = randomize_(transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**(TINY | kw))))
+            folder = tmp_path_factory.mktemp(name)
+            model.save_pretrained(folder, safe_serialization=True)
+            cache[name] = folder, model
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_logits_match_hf(hf_ckpt, name):
+    folder, hf_model = hf_ckpt(name)
+    ours = from_pretrained(folder)
+    ref = hf_logits(hf_model)
+    diff = np.abs(our_logits(ours) - ref).max()
+    assert diff < 1e-4, f"{name}: max |logits diff| = {diff}"
+    assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
+
+
+def test_variants_map_to_expected_config(hf_ckpt):
+    cfg = lambda name: from_pretrained(hf_ckpt(name)[0]).cfg  # noqa: E731
+    assert (cfg("llama_gqa").kv_heads, cfg("llama_mqa").kv_heads) == (2, 1)
+    assert cfg("llama_tied").tie_embeddings and not cfg("llama_gqa").tie_embeddings
+    assert cfg("llama_head_dim").hd == 8 and cfg("qwen2").qkv_bias and cfg("qwen2").rope_theta == 1e6
+    assert cfg("llama3_rope").rope_scaling == RopeScaling("llama3", 4.0, 1.0, 4.0, 16)
+    assert cfg("llama3_rope").rope_theta == 500.0 and cfg("llama_gqa").norm_eps == 1e-5
+
+
+def test_rope_scaling_matters_for_the_test(hf_ckpt):
+    # Without the scaling the same weights give different logits, so the llama3 parity test has teeth.
+    folder, hf_model = hf_ckpt("llama3_rope")
+    unscaled = from_pretrained(folder, rope_scaling=None)
+    assert np.abs(our_logits(unscaled) - hf_logits(hf_model)).max() > 1e-2
+
+
+def test_overrides_and_dtypes_pass_through(hf_ckpt):
+    folder, _ = hf_ckpt("llama_gqa")
+    m = from_pretrained(folder, dtype="bfloat16", param_dtype="float32", attn_impl="reference", scan_layers=False,
+                        remat="full")
+    assert (m.cfg.dtype, m.cfg.param_dtype, m.cfg.attn_impl, m.cfg.scan_layers, m.cfg.remat) == (
+        "bfloat16", "float32", "reference", False, "full")
+    assert m.blocks.wq[...].dtype == jnp.float32
+    assert from_pretrained(folder, dtype="bfloat16").blocks.wq[...].dtype == jnp.bfloat16
+
+
+def test_sharded_checkpoint(hf_ckpt, tmp_path):
+    _, hf_model = hf_ckpt("llama_gqa")
+    hf_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
+
+
+def test_greedy_generation_matches_hf(hf_ckpt):
+    folder, hf_model = hf_ckpt("llama_gqa")
+    prompt, n = TOKENS[:, :6], 14
+    hf_model.generation_config.eos_token_id = None  # never stop early
+    hf_model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                                do_sample=False, max_new_tokens=n, min_new_tokens=n).numpy()
+    ours = np.asarray(generate(from_pretrained(folder), prompt, n))
+    assert ref.shape == ours.shape == (2, 6 + n)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def _random_model(cfg, seed):
+    """Our Transformer with every parameter random (norms around 1, biases non-zero)."""
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    pure = jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape, x.dtype)
+                                        for k, x in zip(keys, leaves, strict=True)])
+    for tree, name in ((pure["blocks"], "attn_norm"), (pure["blocks"], "mlp_norm"), (pure, "final_norm")):
+        tree[name] = tree[name] + 1.0
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+ROUND_TRIP = {
+    "llama": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=160,
+                               max_seq_len=64, rope_theta=500.0, norm_eps=1e-5,
+                               rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16)),
+    "qwen2": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=8,
+                               mlp_dim=160, max_seq_len=64, qkv_bias=True, tie_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TRIP))
+def test_save_pretrained_loads_in_transformers(name, tmp_path):
+    cfg = ROUND_TRIP[name]
+    ours = _random_model(cfg, seed=3)
+    save_pretrained(ours, tmp_path)
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(hf_model).__name__ == ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+    diff = np.abs(our_logits(ours) - hf_logits(hf_model.eval())).max()
+    assert diff < 1e-4, f"{name}: max |logits diff| = {diff}"
+    # and back: exactly the same parameters and config
+    back = from_pretrained(tmp_path)
+    assert back.cfg == cfg
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_save_bfloat16(tmp_path):
+    ours = _random_model(ROUND_TRIP["llama"], seed=4)
+    save_pretrained(ours, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    back = from_pretrained(tmp_path, param_dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
+
+
+def test_llama_attention_bias_only_when_o_bias_is_zero(tmp_path):
+    model = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attention_bias=True)))
+    for layer in model.model.layers:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.bias)
+    model.save_pretrained(tmp_path / "zero", safe_serialization=True)
+    ours = from_pretrained(tmp_path / "zero")
+    assert ours.cfg.qkv_bias
+    assert np.abs(our_logits(ours) - hf_logits(model)).max() < 1e-4
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.bias[3] = 0.5
+    model.save_pretrained(tmp_path / "nonzero", safe_serialization=True)
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.o_proj\.bias is non-zero"):
+        from_pretrained(tmp_path / "nonzero")
+
+
+def _hf_dict(cls="LlamaConfig", **kw):
+    d = getattr(transformers, cls)(**(TINY | kw)).to_dict()
+    d.setdefault("architectures", [cls.replace("Config", "ForCausalLM")])
+    return d
+
+
+@pytest.mark.parametrize("type_key", ["rope_type", "type"])
+def test_config_layouts_4x_and_5x_agree(type_key):
+    new = _hf_dict(rope_parameters=LLAMA3)  # the 5.x layout
+    assert "rope_parameters" in new and "rope_scaling" not in new and "rope_theta" not in new
+    old = {k: v for k, v in new.items() if k != "rope_parameters"}
+    scaling = {k: v for k, v in LLAMA3.items() if k not in ("rope_type", "rope_theta")}
+    old.update(rope_theta=500.0, rope_scaling={type_key: "llama3", **scaling})
+    cfg = config_from_hf(new)
+    assert cfg == config_from_hf(old)
+    assert cfg.rope_theta == 500.0 and cfg.rope_scaling == RopeScaling("llama3", 4.0, 1.0, 4.0, 16)
+    # transformers itself reads the 4.x layout to the same parameters
+    assert config_from_hf(transformers.LlamaConfig.from_dict(old).to_dict() | {"architectures": []}) == cfg
+    # and a plain 4.x config (rope_theta only, rope_scaling null)
+    plain = {k: v for k, v in old.items() if k != "rope_scaling"} | {"rope_scaling": None}
+    assert config_from_hf(plain).rope_scaling is None and config_from_hf(plain).rope_theta == 500.0
+
+
+@pytest.mark.parametrize("cfg", list(ROUND_TRIP.values()), ids=list(ROUND_TRIP))
+def test_config_round_trip(cfg):
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_dict()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
+    with pytest.raises(ValueError, match=r"pickle.*pytorch_model\.bin.*safetensors"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("patch, field", [
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type='yarn'"),
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling=dict(type="dynamic", factor=2.0)), "rope_type='dynamic'"),
+    (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_config_raises(patch, field):
+    with pytest.raises(ValueError, match=field):
+        config_from_hf(_hf_dict() | patch)
+
+
+def test_sliding_window():
+    mistral = _hf_dict("MistralConfig", sliding_window=16)  # active: 16 < max_position_embeddings=64
+    with pytest.raises(ValueError, match="sliding_window=16.*max_seq_len<=16"):
+        config_from_hf(mistral)
+    assert config_from_hf(mistral, max_seq_len=16).max_seq_len == 16  # exact for sequences within the window
+    assert config_from_hf(_hf_dict("MistralConfig", sliding_window=64)).max_seq_len == 64  # never binds
+    qwen = _hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=1)
+    with pytest.raises(ValueError, match="sliding_window"):
+        config_from_hf(qwen)
+    # Qwen2 only slides layers >= max_window_layers, and only with use_sliding_window
+    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=2))
+    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False))
