@@ -147,7 +147,7 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
 def _hf_layout(cfg: TransformerConfig) -> dict:
     """ours -> (HF name template, to_hf, from_hf); {i} is the layer. to_hf/from_hf act on one layer."""
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
-    T = lambda a: a.T  # noqa: E731
+    T = lambda a: a.T
     attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
     lay = {
         "blocks.attn_norm": ("model.layers.{i}.input_layernorm.weight", None, None),
@@ -163,7 +163,7 @@ def _hf_layout(cfg: TransformerConfig) -> dict:
         "final_norm": ("model.norm.weight", None, None),
     }
     if cfg.qkv_bias:
-        flat = lambda a: a.reshape(-1)  # noqa: E731
+        flat = lambda a: a.reshape(-1)
         lay["blocks.bq"] = (attn + "q_proj.bias", flat, lambda a: a.reshape(n, h))
         lay["blocks.bk"] = (attn + "k_proj.bias", flat, lambda a: a.reshape(k, h))
         lay["blocks.bv"] = (attn + "v_proj.bias", flat, lambda a: a.reshape(k, h))
@@ -225,7 +225,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             return handles[where[name]].get_tensor(name)
 
         for ours, (name, _, from_hf) in layout.items():
-            one = lambda i: (from_hf or (lambda a: a))(get(name.format(i=i))).astype(pd)  # noqa: E731
+            one = lambda i: (from_hf or (lambda a: a))(get(name.format(i=i))).astype(pd)
             arr = np.stack([one(i) for i in range(cfg.n_layers)]) if ours.startswith("blocks.") else one(None)
             if arr.shape != shapes[ours]:
                 raise ValueError(f"tensor {name!r} gives {ours} shape {arr.shape}, expected {shapes[ours]} "
@@ -237,9 +237,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             if name in where and np.any(get(name) != 0):
                 raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
                                  "True); only checkpoints whose o_proj biases are zero can be loaded")
-    state = abstract
-    nnx.replace_by_pure_dict(state, _unflatten(values))
-    return nnx.merge(graphdef, state)
+    nnx.replace_by_pure_dict(abstract, _unflatten(values))
+    return nnx.merge(graphdef, abstract)
 
 
 def save_pretrained(model: Transformer, path, dtype: str | None = None) -> None:

@@ -46,8 +46,13 @@ def hf_logits(model, tokens=TOKENS):
         return model(torch.as_tensor(tokens)).logits.numpy()
 
 
+@nnx.jit  # one compile per model instead of one per eager op
+def _forward(model, tokens):
+    return model(tokens)
+
+
 def our_logits(model, tokens=TOKENS):
-    return np.asarray(model(jnp.asarray(tokens, jnp.int32)))
+    return np.asarray(_forward(model, jnp.asarray(tokens, jnp.int32)))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_logits_match_hf(hf_ckpt, name):
 
 
 def test_variants_map_to_expected_config(hf_ckpt):
-    cfg = lambda name: from_pretrained(hf_ckpt(name)[0]).cfg  # noqa: E731
+    cfg = lambda name: from_pretrained(hf_ckpt(name)[0]).cfg
     assert (cfg("llama_gqa").kv_heads, cfg("llama_mqa").kv_heads) == (2, 1)
     assert cfg("llama_tied").tie_embeddings and not cfg("llama_gqa").tie_embeddings
     assert cfg("llama_head_dim").hd == 8 and cfg("qwen2").qkv_bias and cfg("qwen2").rope_theta == 1e6
@@ -126,12 +131,9 @@ def test_greedy_generation_matches_hf(hf_ckpt):
 
 def _random_model(cfg, seed):
     """Our Transformer with every parameter random (norms around 1, biases non-zero)."""
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    pure = jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, x.shape, x.dtype)
-                                        for k, x in zip(keys, leaves, strict=True)])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # no init compile
+    rng = np.random.default_rng(seed)  # numpy, not jax.random: no per-shape compiles
+    pure = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), nnx.to_pure_dict(state))
     for tree, name in ((pure["blocks"], "attn_norm"), (pure["blocks"], "mlp_norm"), (pure, "final_norm")):
         tree[name] = tree[name] + 1.0
     nnx.replace_by_pure_dict(state, pure)
