@@ -1,0 +1,96 @@
+"""Causal sliding-window attention that costs O(T·W), not O(T²).
+
+Mistral semantics: query i attends keys j with i - W < j <= i. The sequence is cut into blocks of C
+queries; query block i needs only key blocks i - R .. i with R = ceil((W - 1) / C), so scores are
+[T, (R + 1)·C] instead of [T, T]. Autodiff through this blocked form keeps the backward pass O(T·W)
+as well (it stores the same blocked scores).
+
+Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim, Q blocks of C
+queries, S = (R + 1)·C keys per block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def num_key_blocks(window: int, block: int, n_blocks: int) -> int:
+    """Key blocks a query block touches: itself plus ceil((W - 1) / C) before it (capped)."""
+    return min(n_blocks, math.ceil(max(window - 1, 0) / block) + 1)
+
+
+def _windows(x_BQC, nk: int, fill):
+    """[B, Q, C, ...] → [B, Q, nk·C, ...]: for block i, blocks i - nk + 1 .. i (front-filled)."""
+    B, Q, C = x_BQC.shape[:3]
+    pad = jnp.full((B, nk - 1, C) + x_BQC.shape[3:], fill, x_BQC.dtype)
+    xp = jnp.concatenate([pad, x_BQC], axis=1)
+    win = jnp.stack([xp[:, j:j + Q] for j in range(nk)], axis=2)  # [B, Q, nk, C, ...]
+    return win.reshape((B, Q, nk * C) + x_BQC.shape[3:])
+
+
+def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None, valid_BT=None,
+                             block: int = 256, scale: float | None = None, logit_softcap: float | None = None):
+    """Blocked causal sliding-window attention; returns [B, T, N, H] in q's dtype.
+
+    window: W >= 1 (W >= T is plain causal attention). segment_ids: packed documents attend only
+    within their id. valid: False marks padding keys. block: queries per block (C); any T works,
+    the tail is padded. logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scores.
+    """
+    if window < 1:
+        raise ValueError(f"sliding window must be >= 1, got {window}")
+    B, T, N, H = q_BTNH.shape
+    K = k_BTKH.shape[2]
+    if N % K:
+        raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
+    scale = H ** -0.5 if scale is None else scale
+    C = max(1, min(block, T))
+    Q = math.ceil(T / C)
+    nk = num_key_blocks(window, C, Q)
+    pad = Q * C - T
+
+    def blocks(x, fill=0):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return x.reshape((x.shape[0], Q, C) + x.shape[2:])
+
+    q_BQCKGH = blocks(q_BTNH).reshape(B, Q, C, K, N // K, H)
+    k_BQSKH = _windows(blocks(k_BTKH), nk, 0)
+    v_BQSKH = _windows(blocks(v_BTKH), nk, 0)
+
+    slot_1T = jnp.arange(T, dtype=jnp.int32)[None]
+    q_slot_1QC = blocks(slot_1T, -1)
+    k_slot_1QS = _windows(blocks(slot_1T, -1), nk, -1)  # -1 marks padding slots
+    diff_1QCS = q_slot_1QC[..., None] - k_slot_1QS[:, :, None, :]
+    mask_BQCS = (diff_1QCS >= 0) & (diff_1QCS < window) & (k_slot_1QS[:, :, None, :] >= 0)
+    if segment_ids_BT is not None:
+        q_seg = blocks(segment_ids_BT, -2)
+        k_seg = _windows(blocks(segment_ids_BT, -2), nk, -2)
+        mask_BQCS = mask_BQCS & (q_seg[..., None] == k_seg[:, :, None, :])
+    if valid_BT is not None:
+        k_valid = _windows(blocks(valid_BT, False), nk, False)
+        mask_BQCS = mask_BQCS & k_valid[:, :, None, :]
+
+    s = jnp.einsum("bqckgh,bqskh->bqkgcs", q_BQCKGH, k_BQSKH).astype(jnp.float32) * scale
+    if logit_softcap is not None:
+        s = logit_softcap * jnp.tanh(s / logit_softcap)
+    m = mask_BQCS[:, :, None, None]
+    s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(m.any(-1, keepdims=True), p, 0.0)  # fully masked rows (padding queries) output 0
+    o_BQCKGH = jnp.einsum("bqkgcs,bqskh->bqckgh", p.astype(v_BTKH.dtype), v_BQSKH)
+    return o_BQCKGH.reshape(B, Q * C, N, H)[:, :T]
+
+
+def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=None):
+    """Boolean [B or 1, 1, T, T] mask with the same semantics, for dense reference paths."""
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(T)[None, :]
+    mask = (j <= i) if window is None else (j <= i) & (i - j < window)
+    mask = mask[None]
+    if segment_ids_BT is not None:
+        mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    if valid_BT is not None:
+        mask = mask & valid_BT[:, None, :]
+    return mask[:, None]

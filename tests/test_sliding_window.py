@@ -1,0 +1,98 @@
+"""Blocked sliding-window attention equals a dense masked float64 reference, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.attention import reference_attention
+from models.sliding_window import dense_window_mask, sliding_window_attention
+
+
+def qkv(B, T, N, K, H, dtype=jnp.float32, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, (B, T, n, H), dtype) for k, n in zip(ks, (N, K, K)))
+
+
+def segments(layout, B, T):
+    if layout == "none":
+        return None
+    if layout == "packed":  # three documents of uneven length, the last cut by the row end
+        cuts = np.array([0, T // 3, T // 3 + 5, T])
+        seg = np.zeros(T, np.int32)
+        for i in range(3):
+            seg[cuts[i]:cuts[i + 1]] = i + 1
+        return jnp.broadcast_to(jnp.asarray(seg), (B, T))
+    rng = np.random.default_rng(0)  # "random": many short documents
+    return jnp.asarray(np.sort(rng.integers(1, 6, size=(B, T)), axis=1))
+
+
+GRID = [  # (T, W, block, N, K, layout)
+    (37, 1, 8, 4, 2, "none"),
+    (37, 5, 8, 4, 2, "packed"),
+    (64, 16, 16, 4, 1, "random"),
+    (50, 7, 16, 2, 2, "packed"),
+    (33, 64, 8, 4, 4, "none"),  # W >= T: plain causal
+    (40, 12, 64, 6, 3, "random"),  # block > T
+]
+
+
+@pytest.mark.parametrize("T,W,C,N,K,layout", GRID)
+def test_blocked_equals_dense_float64(T, W, C, N, K, layout):
+    B, H = 2, 8
+    with jax.enable_x64(True):
+        q, k, v = qkv(B, T, N, K, H, jnp.float64)
+        seg = segments(layout, B, T)
+        valid = jnp.arange(T)[None].repeat(B, 0) < T - 3  # the last 3 slots are padding
+        mask = dense_window_mask(T, W, seg, valid)
+
+        def ref(q, k, v):
+            return reference_attention(q, k, v, mask, H ** -0.5)
+
+        def ours(q, k, v):
+            return sliding_window_attention(q, k, v, W, segment_ids_BT=seg, valid_BT=valid, block=C)
+
+        real = np.asarray(mask.any(-1)[:, 0])  # rows with at least one visible key
+        o_ref, o = ref(q, k, v), ours(q, k, v)
+        np.testing.assert_allclose(np.asarray(o)[real], np.asarray(o_ref)[real], atol=1e-10)
+        ct = jax.random.normal(jax.random.key(9), o.shape, jnp.float64)
+        g_ref = jax.grad(lambda *a: (ref(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(lambda *a: (ours(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(g, g_ref):
+            np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+def test_keys_outside_every_window_change_nothing():
+    B, T, N, K, H, W = 1, 48, 2, 1, 8, 6
+    q, k, v = qkv(B, T, N, K, H)
+    out = sliding_window_attention(q, k, v, W, block=16)
+    # key 10 is seen only by queries 10 .. 15; perturb it and everything else must stay put
+    k2, v2 = k.at[:, 10].add(5.0), v.at[:, 10].add(5.0)
+    out2 = sliding_window_attention(q, k2, v2, W, block=16)
+    changed = np.asarray(jnp.abs(out2 - out).max(axis=(0, 2, 3)) > 0)
+    assert changed[10:16].all() and not changed[:10].any() and not changed[16:].any()
+
+
+def test_bf16_close_to_f32():
+    q, k, v = qkv(2, 70, 4, 2, 16)
+    f32 = sliding_window_attention(q, k, v, 9, block=32)
+    bf = sliding_window_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), 9, block=32)
+    assert bf.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf.astype(jnp.float32), f32, atol=3e-2)
+
+
+def test_softcap_and_scale_match_reference():
+    B, T, N, K, H, W, cap = 1, 30, 2, 1, 8, 7, 5.0
+    q, k, v = qkv(B, T, N, K, H)
+    ours = sliding_window_attention(q, k, v, W, block=8, scale=0.3, logit_softcap=cap)
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) * 0.3
+    s = cap * jnp.tanh(s / cap)
+    s = jnp.where(dense_window_mask(T, W)[0], s, -jnp.inf)
+    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), jnp.repeat(v, N // K, axis=2))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_bad_window():
+    q, k, v = qkv(1, 8, 2, 2, 4)
+    with pytest.raises(ValueError, match="window"):
+        sliding_window_attention(q, k, v, 0)
