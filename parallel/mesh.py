@@ -1,38 +1,66 @@
-"""Mesh construction from named axis sizes (one may be -1: fill with the remaining devices)."""
+"""Mesh construction from named axis sizes (one may be -1: fill with the remaining devices).
+
+Single slice / single node: `make_mesh({'fsdp': -1, 'tensor': 4})`. Multi-slice TPU or multi-node
+GPU: give the slow (DCN / inter-node) part separately, `make_mesh({'fsdp': 8, 'tensor': 4},
+dcn={'data': 16})`: each axis is `ici × dcn` long and devices are laid out so that only the `dcn`
+factors cross slice (or node) boundaries.
+"""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 
 AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")  # outermost (slowest links) first
 
 
-def make_mesh(shape: dict[str, int] | None = None, devices=None) -> jax.sharding.Mesh:
-    """`make_mesh({'data': -1, 'tensor': 2})` → Mesh over all devices with Auto axis types.
-
-    Axes are laid out in the canonical order of `AXES` (tensor innermost, so it lands on the
-    fastest interconnect). Unknown names, several -1s, or a product that does not match the
-    device count raise a ValueError that says which.
-    """
-    devices = list(devices if devices is not None else jax.devices())
-    shape = dict(shape or {"data": -1})
+def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:
     unknown = set(shape) - set(AXES)
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)} are unknown; use names from {AXES}")
-    fills = [a for a, n in shape.items() if n == -1]
+    fills = [a for a, s in shape.items() if s == -1]
     if len(fills) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {fills}")
-    fixed = math.prod(n for n in shape.values() if n != -1)
+    bad = [a for a, s in shape.items() if s != -1 and s < 1]
+    if bad:
+        raise ValueError(f"mesh axes {bad} must be >= 1 (or -1 to fill)")
+    fixed = math.prod(s for s in shape.values() if s != -1)
+    out = dict(shape)
     if fills:
-        if len(devices) % fixed:
-            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {fixed}")
-        shape[fills[0]] = len(devices) // fixed
-    if math.prod(shape.values()) != len(devices):
-        raise ValueError(f"mesh {shape} needs {math.prod(shape.values())} devices but {len(devices)} are "
-                         "available; make the product of the axis sizes equal the device count or use -1")
-    names = tuple(a for a in AXES if a in shape)
-    return jax.make_mesh(tuple(shape[a] for a in names), names, axis_types=(AxisType.Auto,) * len(names),
-                         devices=devices)
+        if n % fixed:
+            raise ValueError(f"mesh {shape}: {n} {what} are not divisible by {fixed}")
+        out[fills[0]] = n // fixed
+    if math.prod(out.values()) != n:
+        raise ValueError(f"mesh {shape} needs {math.prod(out.values())} {what} but {n} are available; "
+                         "make the product of the axis sizes equal the count or use -1")
+    return out
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices=None,
+              dcn: dict[str, int] | None = None) -> jax.sharding.Mesh:
+    """`make_mesh({'data': -1, 'tensor': 2})` → Mesh over all devices with Auto axis types.
+
+    Axes are laid out in the canonical order of `AXES` (tensor innermost, on the fastest links).
+    `dcn` gives the inter-slice / inter-node factor of each axis (granules are TPU slices, or
+    processes elsewhere); `shape` is then the per-granule (ICI / NVLink) part. Unknown names,
+    several -1s, or a product that does not match the device count raise a ValueError.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if not dcn:
+        shape = _fill(dict(shape or {"data": -1}), len(devices), "devices")
+        names = tuple(a for a in AXES if a in shape)
+        return jax.make_mesh(tuple(shape[a] for a in names), names, axis_types=(AxisType.Auto,) * len(names),
+                             devices=devices)
+    by_slice = devices[0].platform == "tpu"  # TPU granules are slices; elsewhere processes (nodes)
+    n_granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+    dcn = _fill(dict(dcn), n_granules, "slices/processes")
+    ici = _fill(dict(shape or {"data": -1}), len(devices) // n_granules, "devices per slice/process")
+    names = tuple(a for a in AXES if a in ici or a in dcn)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        [ici.get(a, 1) for a in names], [dcn.get(a, 1) for a in names], devices,
+        process_is_granule=not by_slice)
+    return jax.sharding.Mesh(np.asarray(grid), names, axis_types=(AxisType.Auto,) * len(names))

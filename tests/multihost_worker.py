@@ -1,0 +1,42 @@
+"""One process of the two-process test (run by tests/test_multihost.py, not collected by pytest)."""
+
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from parallel.distributed import global_batch_from_local, initialize, is_primary, process_rows  # noqa: E402
+
+
+def main():
+    port, pid, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    assert initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_s=5, init_timeout_s=60)
+    from flax import nnx
+
+    from experiments.lm_step import lm_loss
+    from models import Transformer
+    from parallel import create_sharded, make_mesh
+    from tests.multihost_common import CFG, global_tokens
+
+    mesh = make_mesh({"fsdp": 2}, dcn={"data": 2})  # data crosses processes, fsdp stays inside one
+    graphdef, state = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    tok = global_tokens()[process_rows(4)]
+    batch = global_batch_from_local({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+    with jax.set_mesh(mesh):
+        loss = jax.jit(lambda s, b: lm_loss(graphdef, s, b))(state, batch)
+    loss = float(loss)
+    if mode == "die" and pid == 1:
+        os._exit(3)  # a crashed peer: the survivor must not hang in its next collective
+    if mode == "die":
+        with jax.set_mesh(mesh):
+            jax.block_until_ready(jax.jit(lambda s, b: lm_loss(graphdef, s, b))(state, batch))
+    if is_primary():
+        print(json.dumps({"loss": loss, "devices": jax.device_count(), "mesh": dict(mesh.shape)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
