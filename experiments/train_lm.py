@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data.corpus import BYTE_VOCAB, ByteWindows, decode_bytes, encode_bytes, stdlib_text, train_eval_split
 from experiments.lm_step import make_eval_step, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig, generate
-from parallel import create_sharded, make_mesh, shard_batch
+from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
 
 DEMO = TransformerConfig(vocab_size=BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=384,
                          max_seq_len=128)
@@ -55,7 +55,7 @@ def main(argv=None):
     graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(args.seed)), mesh)
     opt = make_optimizer(args.lr, total_steps=args.steps, warmup_steps=args.steps // 10)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(opt.init)(params)
+        opt_state = init_optimizer(opt, params)
         step_fn, eval_fn = make_train_step(graphdef, opt), make_eval_step(graphdef)
 
         def evaluate():

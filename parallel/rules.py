@@ -30,6 +30,12 @@ PARAM_RULES: dict[str, MeshAxes] = {
     "layers": None,  # 'stage' under pipeline parallelism
     "expert": "expert",
     "norm": None,
+    # video diffusion (models/video)
+    "conv_kernel": None,  # (t, h, w) taps of 3D convolutions
+    "conv_in": "fsdp",  # conv input channels: ZeRO-3, like `embed`
+    "conv_out": "tensor",  # conv output channels: column-parallel, like `mlp`
+    "patch": None,  # flattened spacetime patch (pt·ph·pw·C)
+    "modulation": "tensor",  # adaLN-Zero shift/scale/gate outputs
 }
 
 ACTIVATION_RULES: dict[str, MeshAxes] = {

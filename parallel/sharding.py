@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -56,3 +57,15 @@ def shard_batch(batch, mesh, rules=None):
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def init_optimizer(optimizer, params):
+    """`optimizer.init(params)` with every param-shaped leaf (Adam's mu, nu, ...) sharded like its
+    parameter and the rest (step counts) replicated. A plain `jax.jit(optimizer.init)` would
+    replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
+    """
+    abstract = jax.eval_shape(optimizer.init, params)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    shardings = optax.tree_utils.tree_map_params(
+        optimizer, lambda _, p: p.sharding, abstract, params, transform_non_params=lambda _: replicated(mesh))
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)

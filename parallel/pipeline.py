@@ -1,0 +1,72 @@
+"""Pipeline parallelism (GPipe) over the `stage` mesh axis with `jax.shard_map` + `ppermute`.
+
+The layer stack [L, ...] is split over S stages (rule `layers -> stage`): stage s holds layers
+s·L/S .. (s+1)·L/S. The batch is cut into M microbatches; at clock tick t stage s runs microbatch
+t - s, then hands its activations to stage s + 1. M + S - 1 ticks; the bubble fraction is
+(S - 1) / (M + S - 1). Only `stage` is manual: other mesh axes (data, fsdp, tensor) stay under
+GSPMD inside each stage, so pipeline composes with FSDP and tensor parallelism. Gradients come
+from autodiff through scan and ppermute (the backward pass runs the pipeline in reverse).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+
+def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
+    """Idle fraction of a GPipe schedule: (S - 1) / (M + S - 1)."""
+    return (n_stages - 1) / (n_microbatches + n_stages - 1)
+
+
+def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, axis: str = "stage"):
+    """Apply `layer_fn(layer_params, x_bTD, ctx_b) -> x_bTD` for each of the L stacked layers in
+    `params` (leading axis L), pipelined over mesh axis `axis` of the current mesh.
+
+    x_BTD: [B, T, D] (B divisible by n_microbatches). ctx: a pytree of per-example arrays with a
+    leading B axis (positions, masks) that travel with their microbatch; None if unused.
+    Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    S = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1)
+    L = jax.tree.leaves(params)[0].shape[0]
+    B, M = x_BTD.shape[0], n_microbatches
+    if L % S:
+        raise ValueError(f"n_layers={L} must be divisible by the '{axis}' mesh axis ({S} stages)")
+    if B % M:
+        raise ValueError(f"batch {B} must be divisible by n_microbatches={M}")
+
+    def micro(a):  # [B, ...] -> [M, B/M, ...]
+        return a.reshape((M, B // M) + a.shape[1:])
+
+    x_MbTD, ctx_M = micro(x_BTD), jax.tree.map(micro, ctx)
+
+    def stage_fn(local_params, x_MbTD, ctx_M):
+        s = jax.lax.axis_index(axis)
+
+        def run_stage(x, c):
+            return jax.lax.scan(lambda h, p: (layer_fn(p, h, c), None), x, local_params)[0]
+
+        def tick(carry, t):
+            buf, out_M = carry
+            j = jnp.clip(t - s, 0, M - 1)  # the microbatch this stage works on at tick t
+            inp = jnp.where(s == 0, x_MbTD[jnp.minimum(t, M - 1)], buf)
+            y = run_stage(inp, jax.tree.map(lambda a: a[j], ctx_M))
+            done = (s == S - 1) & (t >= S - 1)
+            out_M = out_M.at[j].set(jnp.where(done, y, out_M[j]))
+            buf = jax.lax.ppermute(y, axis, [(i, i + 1) for i in range(S - 1)])
+            return (buf, out_M), None
+
+        # the carries differ per stage ("varying" over the manual axis) from the first tick on
+        init = jax.lax.pcast((jnp.zeros_like(x_MbTD[0]), jnp.zeros_like(x_MbTD)), (axis,), to="varying")
+        (_, out_M), _ = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
+        # only the last stage holds real outputs: share them so every stage returns the same value
+        return jax.lax.psum(jnp.where(s == S - 1, out_M, 0.0), axis)
+
+    layer_spec = jax.tree.map(lambda _: P(axis), params)
+    out = jax.shard_map(stage_fn, mesh=mesh, in_specs=(layer_spec, P(), P()), out_specs=P(),
+                        axis_names=frozenset({axis}))(params, x_MbTD, ctx_M)
+    return out.reshape(x_BTD.shape)
