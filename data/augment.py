@@ -1,0 +1,69 @@
+"""Augmentation hooks for the `augmented` tier ("knowledge augmentation").
+
+A hook is any picklable callable `doc -> doc` (it runs in worker processes); it may add text or fields
+but never drops a document. `DomainGlossary` is the default: for each domain tag a document carries,
+it appends the definitions of that domain's glossary terms that occur in the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+PYTHON_GLOSSARY = (
+    ("iterator", "an object with __next__ that yields items one at a time and raises StopIteration at the end"),
+    ("generator", "a function containing yield; calling it returns an iterator that runs the body lazily"),
+    ("decorator", "a callable applied to a function or class with @ syntax, returning its replacement"),
+    ("context manager", "an object with __enter__ and __exit__, used by the with statement to set up and tear down"),
+    ("coroutine", "a function defined with async def whose execution can be suspended at await points"),
+    ("descriptor", "an object defining __get__, __set__ or __delete__, which controls attribute access on a class"),
+    ("keyword argument", "an argument passed as name=value in a call"),
+    ("mutable", "an object whose value can change after it is created, such as a list or dict"),
+    ("immutable", "an object whose value cannot change once created, such as an int, str or tuple"),
+    ("namespace", "a mapping from names to objects, such as a module's globals or an object's attributes"),
+    ("exception", "an object raised to signal an error; it propagates until an except clause handles it"),
+    ("hashable", "an object with a hash that never changes during its lifetime, usable as a dict key"),
+)
+MATH_GLOSSARY = (
+    ("theorem", "a statement proved from axioms and previously proved statements"),
+    ("matrix", "a rectangular array of numbers with rows and columns, composing by matrix multiplication"),
+    ("integral", "the limit of sums measuring the signed area under a function's graph"),
+    ("定理", "由公理和已证明的命题推导出的数学命题"),
+)
+DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("math", MATH_GLOSSARY))
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainGlossary:
+    """Append `header` and up to `max_terms` `- term: definition` lines for glossary terms of the
+    document's domains (`doc["domains"]`, set by the labelling stage) found in its text. Records the
+    terms in `doc["augmented"]`; documents with no matching term pass unchanged."""
+
+    glossaries: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = DEFAULT_GLOSSARIES
+    max_terms: int = 5
+    header: str = "Glossary:"
+
+    def __post_init__(self):
+        if self.max_terms < 1:
+            raise ValueError(f"DomainGlossary.max_terms={self.max_terms} must be >= 1")
+        compiled = {}
+        for domain, terms in self.glossaries:
+            compiled.setdefault(domain, []).extend(
+                (term, term.lower(), definition,
+                 re.compile(rf"\b{re.escape(term.lower())}s?\b" if term.isascii() else re.escape(term)))
+                for term, definition in terms)
+        object.__setattr__(self, "_compiled", compiled)
+
+    def __call__(self, doc: dict) -> dict:
+        found, seen, low = [], set(), doc["text"].lower()
+        for domain in doc.get("domains", ()):
+            for term, term_low, definition, rx in self._compiled.get(domain, ()):
+                # the substring test is a C-speed scan; the word-boundary regex only confirms a hit
+                if term not in seen and term_low in low and rx.search(low):
+                    seen.add(term)
+                    found.append((term, definition))
+        found = found[:self.max_terms]
+        if not found:
+            return doc
+        gloss = "\n".join(f"- {t}: {d}" for t, d in found)
+        return {**doc, "text": f"{doc['text']}\n\n{self.header}\n{gloss}", "augmented": [t for t, _ in found]}

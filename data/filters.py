@@ -1,0 +1,285 @@
+"""Quality, repetition and spam filters with configurable thresholds (Gopher / C4 style), CJK-aware.
+
+`analyze(text)` measures a document once; `QualityConfig.check(signals)` returns the first failing rule
+as a drop reason (or None). Words are CJK-aware: every Han / kana / hangul character is one token (Chinese
+has no spaces, so whitespace words would make one zh sentence a single "word"); other tokens are runs of
+non-space characters. Line-level boilerplate is removed before measuring (`strip_boilerplate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+CJK_RANGES = ("\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+              "\uf900-\ufaff\U00020000-\U0002fa1f")
+# CJK punctuation and full-width forms split tokens too (so "code。" is "code" + "。") but are not CJK text
+_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
+_TOKEN = re.compile(rf"[{CJK_RANGES}{_CJK_PUNCT}]|[^\s{CJK_RANGES}{_CJK_PUNCT}]+")
+_CJK = re.compile(rf"[{CJK_RANGES}]")
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\]]+", re.I)
+_ALPHA_WORD = re.compile(r"\S*?[^\W\d_]\S*")  # a word with at least one letter (CJK included)
+_BULLET = re.compile(r"^\s*(?:[-*•●◦▪‣]|\d+[.)])\s")
+# ASCII plus CJK/full-width punctuation that NFKC leaves alone
+PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~" + "，。、；：？！“”‘’（）《》〈〉【】「」『』…—·～")
+
+# Lower-case regexes matched against lower-cased lines. A rule that starts with a literal is only run when
+# `literal in text` (a C-speed scan) finds it; most documents match no rule and cost a few substring tests.
+DEFAULT_BOILERPLATE = (
+    r"all rights reserved", r"cookie (policy|settings|consent)", r"uses cookies", r"accept cookies", r"privacy policy",
+    r"terms of (use|service)", r"subscribe to (our|the) newsletter", r"sign up (for free|now|today)",
+    r"javascript (is )?(disabled|required)", r"enable javascript", r"lorem ipsum",
+    r"share on (facebook|twitter|linkedin|weibo)", r"follow us on ", r"home ?[|>»] ?\w+",
+    r"版权所有", r"免责声明", r"隐私政策", r"关注我们的?(微信|公众号)", r"点击(这里|此处)(查看|下载|订阅)",
+)
+DEFAULT_PROMO = (
+    "buy now", "click here", "free shipping", "limited time offer", "order now", "act now", "best price",
+    "100% free", "discount code", "special offer", "money back guarantee", "earn money fast",
+    "限时优惠", "立即购买", "点击购买", "免费领取", "加微信", "全场包邮",
+)
+DEFAULT_BLOCKLIST = ("viagra", "cialis", "online casino", "replica watches", "payday loan",
+                     "博彩", "代开发票", "六合彩")
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityConfig:
+    """Thresholds of every quality rule; a document failing any one is dropped with that rule's name.
+
+    Word counts are CJK-aware (see module doc). Ratios are fractions in [0, 1]. Repetition follows Gopher
+    (Rae et al. 2021, table A1): duplicated lines/paragraphs (by count and by characters), the share of
+    characters in the most frequent 2-4-gram, and the share of characters in duplicated 5-10-grams.
+    `top_ngram_max` / `dup_ngram_max` are `((n, max_fraction), ...)`. `boilerplate` rules are lower-case
+    regexes searched in lower-cased lines; matching lines are removed, and a document that loses more than
+    `max_boilerplate_lines` of its lines is dropped. `promo_phrases` / `blocklist` match case-insensitively
+    (whole words for latin phrases).
+    """
+
+    min_chars: int = 100
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_len: float = 3.0
+    max_mean_word_len: float = 10.0
+    min_alpha_word_fraction: float = 0.8
+    max_symbol_ratio: float = 0.35
+    max_digit_ratio: float = 0.25
+    max_hash_ellipsis_ratio: float = 0.1
+    max_bullet_lines: float = 0.9
+    max_ellipsis_lines: float = 0.3
+    boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE
+    max_boilerplate_lines: float = 0.5
+    max_dup_lines: float = 0.3
+    max_dup_paragraphs: float = 0.3
+    max_dup_line_chars: float = 0.2
+    max_dup_paragraph_chars: float = 0.2
+    top_ngram_max: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
+    dup_ngram_max: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11),
+                                                    (10, 0.10))
+    max_url_density: float = 0.1
+    promo_phrases: tuple[str, ...] = DEFAULT_PROMO
+    max_promo_repeats: int = 2
+    max_promo_density: float = 0.02
+    blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
+
+    def __post_init__(self):
+        fractions = [f.name for f in dataclasses.fields(self) if f.name.startswith(("max_", "min_"))
+                     and f.type == "float" and "word_len" not in f.name]
+        for name in fractions:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"QualityConfig.{name}={getattr(self, name)} must be a fraction in [0, 1]")
+        if self.min_mean_word_len > self.max_mean_word_len:
+            raise ValueError(f"QualityConfig.min_mean_word_len={self.min_mean_word_len} exceeds "
+                             f"max_mean_word_len={self.max_mean_word_len}; swap them")
+        if self.min_words > self.max_words:
+            raise ValueError(f"QualityConfig.min_words={self.min_words} exceeds max_words={self.max_words}")
+        for p in self.boilerplate:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"QualityConfig.boilerplate pattern {p!r} is not a regex: {e}") from e
+        object.__setattr__(self, "_boilerplate_re", tuple((_leading_literal(p), re.compile(p))
+                                                          for p in self.boilerplate))
+        object.__setattr__(self, "_promo_re", _phrase_regexes(self.promo_phrases))
+        object.__setattr__(self, "_block_re", _phrase_regexes(self.blocklist))
+
+    def check(self, s: dict) -> str | None:
+        """The first rule `signals` (from `analyze`) fails, or None if the document passes."""
+        if s["chars"] < self.min_chars:
+            return "too_short"
+        if s["words"] < self.min_words:
+            return "too_few_words"
+        if s["words"] > self.max_words:
+            return "too_many_words"
+        mwl = s["mean_word_len"]
+        if mwl is not None and not self.min_mean_word_len <= mwl <= self.max_mean_word_len:
+            return "mean_word_len"
+        checks = [("alpha_words", s["alpha_word_fraction"] < self.min_alpha_word_fraction),
+                  ("symbol_ratio", s["symbol_ratio"] > self.max_symbol_ratio),
+                  ("digit_ratio", s["digit_ratio"] > self.max_digit_ratio),
+                  ("hash_ellipsis", s["hash_ellipsis_ratio"] > self.max_hash_ellipsis_ratio),
+                  ("bullet_lines", s["bullet_lines"] > self.max_bullet_lines),
+                  ("ellipsis_lines", s["ellipsis_lines"] > self.max_ellipsis_lines),
+                  ("dup_lines", s["dup_lines"] > self.max_dup_lines),
+                  ("dup_paragraphs", s["dup_paragraphs"] > self.max_dup_paragraphs),
+                  ("dup_line_chars", s["dup_line_chars"] > self.max_dup_line_chars),
+                  ("dup_paragraph_chars", s["dup_paragraph_chars"] > self.max_dup_paragraph_chars)]
+        checks += [(f"top_{n}gram", s[f"top_{n}gram"] > m) for n, m in self.top_ngram_max]
+        checks += [(f"dup_{n}gram", s[f"dup_{n}gram"] > m) for n, m in self.dup_ngram_max]
+        checks += [("url_density", s["url_density"] > self.max_url_density),
+                   ("promo_spam", s["promo_max_repeat"] > self.max_promo_repeats
+                    or s["promo_hits"] > self.max_promo_density * max(s["words"], 1)),
+                   ("blocklist", s["blocklist_hits"] > 0)]
+        return next((name for name, failed in checks if failed), None)
+
+
+def _leading_literal(pattern: str) -> str:
+    """The literal text every match of `pattern` starts with ("" if none can be read off)."""
+    depth, in_class, escaped = 0, False, False
+    for ch in pattern:  # a top-level alternation has no common prefix
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            return ""
+    lit = re.match(r"[^\\.^$*+?{}\[\]|()]*", pattern).group()
+    if pattern[len(lit):][:1] in ("?", "*", "{"):  # the last literal character is optional
+        lit = lit[:-1]
+    return lit
+
+
+def _phrase_regexes(phrases) -> tuple:
+    """(phrase, regex) pairs; word boundaries only make sense around latin phrases, CJK ones are substrings."""
+    return tuple((p.lower(), re.compile(rf"\b{re.escape(p.lower())}\b" if p.isascii() else re.escape(p)))
+                 for p in phrases)
+
+
+def phrase_counts(low: str, compiled) -> dict[str, int]:
+    """Occurrences of each phrase in lower-cased text (a substring test first: most phrases are absent)."""
+    return {p: n for p, rx in compiled if p in low and (n := len(rx.findall(low)))}
+
+
+def tokens(text: str) -> list[str]:
+    """CJK-aware tokens: each CJK character alone, other runs of non-space characters whole."""
+    return _TOKEN.findall(text)
+
+
+def words(text: str) -> list[str]:
+    """Tokens that are not made only of punctuation (Gopher's word definition, CJK-aware)."""
+    return [t for t in _TOKEN.findall(text) if not PUNCTUATION.issuperset(t)]
+
+
+def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
+    """Remove lines matching any `cfg.boilerplate` rule (case-insensitive) → `(text, lines_removed, lines_total)`."""
+    n_lines = text.count("\n") + 1
+    low = text.lower()
+    hit = [rx for lit, rx in cfg._boilerplate_re if lit in low and rx.search(low)]
+    if not hit:
+        return text, 0, n_lines
+    lines = text.split("\n")
+    kept = [ln for ln in lines if not any(rx.search(ln.lower()) for rx in hit)]
+    return "\n".join(kept), len(lines) - len(kept), len(lines)
+
+
+def _dup_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of their characters)."""
+    if not items:
+        return 0.0, 0.0
+    seen, dup, dup_chars = set(), 0, 0
+    for it in items:
+        if it in seen:
+            dup += 1
+            dup_chars += len(it)
+        seen.add(it)
+    total_chars = sum(len(it) for it in items)
+    return dup / len(items), dup_chars / max(total_chars, 1)
+
+
+def ngram_signals(ws: list[str], top_ns, dup_ns) -> dict[str, float]:
+    """Gopher's n-gram repetition signals over words `ws`, as fractions of all word characters:
+    `top_{n}gram`, the characters of the most frequent n-gram times its count (0 if it occurs once);
+    `dup_{n}gram`, the characters of words covered by any n-gram occurring more than once.
+
+    N-grams are compared by a 64-bit polynomial hash of word ids, all in numpy (collisions: ~n²/2⁶⁴).
+    """
+    out = {f"top_{n}gram": 0.0 for n in top_ns} | {f"dup_{n}gram": 0.0 for n in dup_ns}
+    ns = sorted(set(top_ns) | set(dup_ns))
+    if not ws or not ns:
+        return out
+    vocab: dict[str, int] = {}
+    ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in ws], dtype=np.uint64)
+    lens = np.array([len(w) for w in ws], dtype=np.int64)
+    total = max(int(lens.sum()), 1)
+    h = ids.copy()
+    with np.errstate(over="ignore"):  # the hash wraps around on purpose
+        for n in range(1, ns[-1] + 1):
+            if n > 1:
+                h = h[:-1] * np.uint64(0x9E3779B97F4A7C15) + ids[n - 1:]
+            if len(h) == 0:
+                break
+            if n not in ns:
+                continue
+            _, first, inv, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+            if n in top_ns and counts.max() > 1:
+                k = int(counts.argmax())
+                out[f"top_{n}gram"] = int(counts[k]) * int(lens[first[k]:first[k] + n].sum()) / total
+            if n in dup_ns:
+                dup = (counts[inv] > 1).astype(np.int8)
+                covered = np.convolve(dup, np.ones(n, np.int8))[:len(ws)] > 0
+                out[f"dup_{n}gram"] = int(lens[covered].sum()) / total
+    return out
+
+
+def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
+    """All quality signals of one document (floats/ints, JSON-serialisable). `text` is already normalised
+    and boilerplate-stripped."""
+    ws = words(text)
+    n_words = len(ws)
+    low = text.lower()
+    latin = [w for w in ws if not _CJK.match(w)]
+    nonspace = len(text) - sum(text.count(c) for c in " \n\t")
+    alnum = sum(map(str.isalnum, text))
+    digits = sum(map(str.isdigit, text))
+    lines = [ln.strip() for ln in text.split("\n")]
+    nonblank = [ln for ln in lines if ln]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    dup_l, dup_lc = _dup_fraction(nonblank)
+    dup_p, dup_pc = _dup_fraction(paragraphs)
+    s = {
+        "chars": len(text),
+        "words": n_words,
+        "cjk_chars": len(_CJK.findall(text)),
+        # mean word length only means something for space-separated scripts; needs a few latin words
+        "mean_word_len": sum(len(w) for w in latin) / len(latin) if len(latin) >= 10 else None,
+        "alpha_word_fraction": len(_ALPHA_WORD.findall(" ".join(ws))) / max(n_words, 1),
+        "symbol_ratio": (nonspace - alnum) / max(nonspace, 1),
+        "digit_ratio": digits / max(nonspace, 1),
+        "hash_ellipsis_ratio": (text.count("#") + text.count("...") + text.count("…")) / max(n_words, 1),
+        "bullet_lines": sum(bool(_BULLET.match(ln)) for ln in nonblank) / max(len(nonblank), 1),
+        "ellipsis_lines": sum(ln.endswith(("...", "…")) for ln in nonblank) / max(len(nonblank), 1),
+        "dup_lines": dup_l, "dup_line_chars": dup_lc, "dup_paragraphs": dup_p, "dup_paragraph_chars": dup_pc,
+        "url_density": len(_URL.findall(text)) / max(n_words, 1) if "http" in low or "www." in low else 0.0,
+    }
+    s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max]))
+    promo = phrase_counts(low, cfg._promo_re)
+    s["promo_hits"] = sum(promo.values())
+    s["promo_max_repeat"] = max(promo.values(), default=0)
+    s["blocklist_hits"] = sum(phrase_counts(low, cfg._block_re).values())
+    return s
+
+
+def quality_filter(text: str, cfg: QualityConfig = QualityConfig()) -> tuple[str, str | None, dict]:
+    """Strip boilerplate lines, measure, check → `(text, reason or None, signals)`."""
+    stripped, removed, total = strip_boilerplate(text, cfg)
+    if total and removed / total > cfg.max_boilerplate_lines:
+        return stripped, "boilerplate", {"boilerplate_lines": removed}
+    s = analyze(stripped, cfg)
+    s["boilerplate_lines"] = removed
+    return stripped, cfg.check(s), s

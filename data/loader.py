@@ -1,0 +1,268 @@
+"""grain pipelines for language modelling: cleaned ArrayRecord tiers → packed, sharded device batches.
+
+    source (ArrayRecord) → this process's documents → seeded shuffle (reshuffled each epoch) → weighted mix
+    → tokenize → [worker processes] → concat-then-split packing (grain) → LM rows → batch → device arrays
+
+Rows follow the trainer's batch format (experiments/lm_step.py), all [B, T]: `inputs`, `targets` int32,
+`segment_ids` int32 (1, 2, ... per document in the row, 0 = padding), `positions` int32 (restart at 0 with
+each document piece), `weights` float32 (1 on real targets, 0 on padding). Targets are shifted inside each
+document before packing, so no target ever crosses a document boundary. With an EOS token a document is
+`[eos] + text + [eos]` and every text token and the closing EOS are targets exactly once; without one
+(the plain byte tokenizer) every token but the first is.
+
+Documents are split across processes before shuffling (`[process_index::process_count]`), so each
+process packs its own share and yields `global_batch_size // process_count` rows per step; together
+they cover every document exactly once per epoch. The iterator state (`get_state` / `set_state`) is a
+small JSON-serialisable dict; restoring it reproduces the following batches exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset, FlatMapIterDataset, FlatMapTransform
+
+from data.shards import decode_doc, read_json, tier_shards
+from data.tokenizer import TOKENS_MAGIC
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A cleaned tier directory (or explicit ArrayRecord files, or a `data.tokenizer.pretokenize` output)
+    and its mixture weight."""
+
+    path: str | tuple[str, ...]
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ValueError(f"Source.weight={self.weight} for {self.path!r} must be positive")
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """A pre-tokenized source (data.tokenizer.pretokenize) must be read with the tokenizer that made it."""
+        if isinstance(self.path, str | os.PathLike) and os.path.isfile(os.path.join(self.path, "tokenizer.json")):
+            meta = read_json(os.path.join(self.path, "tokenizer.json"))
+            if (meta["vocab_size"], meta["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
+                raise ValueError(f"Source {self.path!r} was pre-tokenized with vocab_size={meta['vocab_size']}, "
+                                 f"eos_id={meta['eos_id']}; pass that tokenizer, or pretokenize again")
+
+    def files(self) -> list[str]:
+        if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path):
+            return tier_shards(self.path)
+        files = [self.path] if isinstance(self.path, str | os.PathLike) else list(self.path)
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"Source.path: {missing} do not exist; pass a tier directory of a cleaning "
+                                    "run or its shard-*.array_record files")
+        return [str(f) for f in files]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
+    repeats forever (with a mixture, a finite count ends at the first exhausted source). worker_count:
+    grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a
+    last partial batch (keep True for training: every process must yield the same number of steps)."""
+
+    seq_len: int = 256
+    global_batch_size: int = 8
+    seed: int = 0
+    num_epochs: int | None = None
+    shuffle: bool = True
+    text_field: str = "text"
+    worker_count: int = 0
+    worker_buffer_size: int = 16
+    tokenize_batch: int = 16
+    drop_remainder: bool = True
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ValueError(f"LoaderConfig.seq_len={self.seq_len} must be >= 1")
+        if self.global_batch_size < 1:
+            raise ValueError(f"LoaderConfig.global_batch_size={self.global_batch_size} must be >= 1")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"LoaderConfig.num_epochs={self.num_epochs} must be >= 1, or None to repeat forever")
+        if self.worker_count < 0:
+            raise ValueError(f"LoaderConfig.worker_count={self.worker_count} must be >= 0")
+        if self.tokenize_batch < 1:
+            raise ValueError(f"LoaderConfig.tokenize_batch={self.tokenize_batch} must be >= 1")
+
+
+class Tokenize:
+    """A list of doc records → a list of `{"inputs": ids[:-1], "targets": ids[1:]}`, ids = [eos] + text +
+    [eos] when the tokenizer has an EOS, else the text's ids. Lists, because `encode_batch` tokenizes
+    them in parallel threads. Picklable, for grain worker processes."""
+
+    def __init__(self, tokenizer, text_field: str = "text"):
+        self.tokenizer, self.text_field = tokenizer, text_field
+
+    def __call__(self, records: list[bytes]) -> list[dict[str, np.ndarray]]:
+        # pre-tokenized records (data.tokenizer.pretokenize) carry their ids; documents are tokenized here
+        todo = [k for k, r in enumerate(records) if not r.startswith(TOKENS_MAGIC)]
+        all_ids = [np.frombuffer(r, np.int32, offset=len(TOKENS_MAGIC)) if r.startswith(TOKENS_MAGIC) else None
+                   for r in records]
+        if todo:
+            texts = [decode_doc(records[k])[self.text_field] for k in todo]
+            if hasattr(self.tokenizer, "encode_batch"):
+                encoded = self.tokenizer.encode_batch(texts)
+            else:
+                encoded = [self.tokenizer.encode(t) for t in texts]
+            for k, ids in zip(todo, encoded):
+                all_ids[k] = ids
+        eos, out = self.tokenizer.eos_id, []
+        for ids in all_ids:
+            if eos is not None:
+                ids = np.concatenate([[eos], ids, [eos]]).astype(np.int32)
+            out.append({"inputs": ids[:-1], "targets": ids[1:]})
+        return out
+
+
+class _Unbatch(FlatMapTransform):
+    """Tokenized lists back to single documents; a document of < 2 tokens has no target and is skipped
+    (the cleaning pipeline's min_chars makes that impossible for cleaned tiers)."""
+
+    def __init__(self, max_fan_out: int):
+        self.max_fan_out = max_fan_out
+
+    def flat_map(self, docs):
+        return [d for d in docs if len(d["targets"])]
+
+
+def _lm_row(packed: dict) -> dict[str, np.ndarray]:
+    seg = packed["inputs_segment_ids"].astype(np.int32)
+    return {"inputs": packed["inputs"].astype(np.int32), "targets": packed["targets"].astype(np.int32),
+            "positions": packed["inputs_positions"].astype(np.int32), "segment_ids": seg,
+            "weights": (seg > 0).astype(np.float32)}
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
+              process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """This process's tokenized documents in loader order (before packing): `{"inputs", "targets"}` int32 [n]."""
+    if not sources:
+        raise ValueError("sources is empty; pass at least one data.loader.Source(tier_dir)")
+    p, n = _process(process_index, process_count)
+    parts = []
+    for k, src in enumerate(sources):
+        src.check_tokenizer(tokenizer)
+        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(src.files()))
+        if len(ds) < n:
+            raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than {n} processes")
+        ds = ds[p::n]
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed * 1000 + k)  # same permutation on every run; per-source seeds
+        parts.append(ds.repeat(cfg.num_epochs))
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in sources])
+    ds = ds.batch(cfg.tokenize_batch, batch_fn=list).map(Tokenize(tokenizer, cfg.text_field))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if cfg.worker_count:
+        _absl_flags_parsed()
+        # workers read + tokenize; packing stays in this process, so its output does not depend on
+        # the worker count (grain hands worker outputs back in index order)
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+    return FlatMapIterDataset(ds, _Unbatch(cfg.tokenize_batch))
+
+
+def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
+               process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+    """Packed, batched host rows for this process: dicts of [global_batch_size // process_count, seq_len]."""
+    p, n = _process(process_index, process_count)
+    if cfg.global_batch_size % n:
+        raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} is not divisible by "
+                         f"process_count={n}; make it a multiple")
+    ds = documents(sources, tokenizer, cfg, p, n)
+    ds = ConcatThenSplitIterDataset(ds, length_struct={"inputs": cfg.seq_len, "targets": cfg.seq_len})
+    return ds.map(_lm_row).batch(cfg.global_batch_size // n, drop_remainder=cfg.drop_remainder)
+
+
+def _absl_flags_parsed():
+    """grain 0.2.18's mp_prefetch reads an absl flag, which raises outside an absl app until flags are
+    parsed (google/grain#1355, fixed upstream later): mark them parsed, keeping every default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class LMLoader:
+    """Iterator of LM batches; with a `mesh`, global device arrays sharded by `parallel.batch_sharding`.
+
+    `get_state()` → JSON-serialisable dict to save next to a checkpoint; `set_state(state)` resumes so the
+    following batches are identical to an uninterrupted run.
+    """
+
+    def __init__(self, sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(), mesh=None,
+                 process_index: int | None = None, process_count: int | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
+        self._it = iter(self.dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        return batch if self.mesh is None else to_device(batch, self.mesh)
+
+    def get_state(self) -> dict:
+        return _jsonable(self._it.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(_restore_tuples(state))
+
+    def close(self):
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
+    """This process's rows → global arrays on `mesh`, batch dim over the mesh's batch axes."""
+    import jax
+
+    from parallel.sharding import batch_sharding
+
+    shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    if jax.process_count() == 1:  # one transfer call for the whole batch; same result, ~4x less overhead
+        return jax.device_put(batch, shardings)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return {"__tuple__": [_jsonable(v) for v in x]}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, bytes):
+        return {"__bytes__": x.hex()}
+    return x
+
+
+def _restore_tuples(x):
+    if isinstance(x, dict):
+        if set(x) == {"__tuple__"}:
+            return tuple(_restore_tuples(v) for v in x["__tuple__"])
+        if set(x) == {"__bytes__"}:
+            return bytes.fromhex(x["__bytes__"])
+        return {k: _restore_tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_restore_tuples(v) for v in x]
+    return x

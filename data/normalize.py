@@ -1,0 +1,112 @@
+"""Decoding raw bytes and normalising text: invalid UTF-8, binary blobs, NFKC, whitespace, control characters.
+
+`decode` turns a raw record into text or a drop reason; `normalize_text` is the per-document text pass.
+Both are pure functions of their input and a frozen config, so any shard can be redone identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+
+FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+INVALID_UTF8 = ("repair", "reject")
+
+# C0/C1 controls except tab and newline (\r is handled as a line break first), plus invisible format
+# characters that only break tokenisation and matching: zero-width space/joiners, BOM, soft hyphen,
+# bidi controls. ZWJ (U+200D) stays: it is part of emoji sequences.
+_DROP_CHARS = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
+                                 0x00AD, 0x200B, 0x200C, 0x200E, 0x200F, 0x2060, 0xFEFF,
+                                 *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
+_INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_TRAILING_SPACES = re.compile(r"[ \t]+$", re.M)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizeConfig:
+    """How raw bytes become normalised text.
+
+    form: Unicode normal form; NFKC folds full-width letters/digits, ligatures and compatibility spaces.
+    invalid_utf8: `repair` replaces bad bytes with U+FFFD while they are at most `max_invalid_fraction` of
+        the record (more is rejected as `invalid_utf8`); `reject` drops any record with a bad byte.
+    max_control_fraction: records whose bytes are more than this fraction control bytes (or contain NUL)
+        are binary blobs, dropped as `binary`.
+    collapse_spaces: collapse runs of spaces/tabs *between* words to one; leading indentation is kept
+        because code and verse depend on it.
+    max_blank_lines: longer runs of blank lines shrink to this many.
+    """
+
+    form: str = "NFKC"
+    invalid_utf8: str = "repair"
+    max_invalid_fraction: float = 0.01
+    max_control_fraction: float = 0.05
+    collapse_spaces: bool = True
+    max_blank_lines: int = 1
+
+    def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"NormalizeConfig.form={self.form!r} is not a Unicode normal form; use one of {FORMS}")
+        if self.invalid_utf8 not in INVALID_UTF8:
+            raise ValueError(f"NormalizeConfig.invalid_utf8={self.invalid_utf8!r}; use one of {INVALID_UTF8}")
+        for name in ("max_invalid_fraction", "max_control_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"NormalizeConfig.{name}={getattr(self, name)} must be a fraction in [0, 1]")
+        if self.max_blank_lines < 0:
+            raise ValueError(f"NormalizeConfig.max_blank_lines={self.max_blank_lines} must be >= 0")
+
+
+_CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 13)) + b"\x7f"
+
+
+def decode(raw: bytes, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str | None, str | None]:
+    """Raw record bytes → `(text, None)`, or `(None, reason)` with reason `binary` / `invalid_utf8`.
+
+    Repaired text carries U+FFFD where bytes were invalid; the caller can count those.
+    """
+    if b"\x00" in raw or (raw and len(raw.translate(None, _CONTROL_BYTES)) < len(raw) * (1 - cfg.max_control_fraction)):
+        return None, "binary"
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        if cfg.invalid_utf8 == "reject":
+            return None, "invalid_utf8"
+    text = raw.decode("utf-8", errors="replace")
+    # U+FFFD already present in valid input is not damage; only count what decoding introduced
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if bad > cfg.max_invalid_fraction * len(raw):
+        return None, "invalid_utf8"
+    return text, None
+
+
+def count_surrogates(text: str) -> int:
+    """Lone surrogates (e.g. from JSON escapes like "\\ud800") cannot be encoded as UTF-8."""
+    return len(_SURROGATES.findall(text))
+
+
+def replace_surrogates(text: str) -> str:
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def normalize_text(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:
+    """Unicode normal form, one line-break convention, no control/invisible characters, tidy whitespace.
+
+    Lone surrogates become U+FFFD (they cannot be stored as UTF-8). Idempotent:
+    `normalize_text(normalize_text(t)) == normalize_text(t)`.
+    """
+    if _SURROGATES.search(text):
+        text = _SURROGATES.sub("\ufffd", text)
+    text = _LINE_BREAKS.sub("\n", text)
+    text = text.translate(_DROP_CHARS)
+    if not unicodedata.is_normalized(cfg.form, text):
+        text = unicodedata.normalize(cfg.form, text)
+        # NFKC can map compatibility characters (e.g. U+3000 ideographic space) onto line breaks or
+        # controls only in principle; re-run the cheap passes so the result is a fixed point
+        text = _LINE_BREAKS.sub("\n", text).translate(_DROP_CHARS)
+    if cfg.collapse_spaces:
+        text = _INNER_SPACES.sub(" ", text)
+    text = _TRAILING_SPACES.sub("", text)
+    text = re.sub(f"\n{{{cfg.max_blank_lines + 2},}}", "\n" * (cfg.max_blank_lines + 1), text)
+    return text.strip("\n") if text.strip() else ""

@@ -1,0 +1,276 @@
+"""The cleaning pipeline: input shards → tiers raw → filtered → cleaned → labeled → augmented.
+
+    python -m data.pipeline INPUT... --out DIR [--workers 2]      # then: python -m data.report DIR
+
+Three passes, each resumable shard by shard (a shard is skipped when its stats file exists):
+  1. per shard, in parallel: read records (ingest drops malformed ones) → `raw/`; normalise, quality
+     filters, language ID → `filtered/`, plus the shard's exact-dup keys and MinHash signatures;
+  2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json`;
+  3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
+Every tier holds `shard-NNNNN.array_record` (one JSON document per record) and `shard-NNNNN.stats.json`
+(per stage: documents and bytes in/out, drops by reason), and `stats.json` summed over shards. Memory is
+bounded by one document per worker plus one shard's signatures (and, in pass 2, the LSH index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import multiprocessing
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from data.augment import DomainGlossary
+from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
+from data.filters import QualityConfig
+from data.label import LabelConfig
+from data.langid import LangIDConfig
+from data.normalize import NormalizeConfig
+from data.shards import DocWriter, iter_docs, read_json, shard_name, write_json
+from data.sources import SourceConfig, discover, read_records
+from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every knob of the cleaning run. `augment` is the augmentation hook (picklable `doc -> doc`, or None
+    for a pass-through tier). `workers` processes run the per-shard passes (1 = in this process).
+
+    Stages compose: `filters` / `labelers` replace the default stage lists of the `filtered` and `labeled`
+    tiers (None: `default_filters()` = normalise, quality, langid; `[Label]`). Any picklable object with a
+    `name` and `__call__(doc) -> (doc, reason)` is a stage (see data.stages), e.g.
+    `filters=(*cfg.default_filters(), MyStage())`.
+    """
+
+    source: SourceConfig = SourceConfig()
+    normalize: NormalizeConfig = NormalizeConfig()
+    langid: LangIDConfig = LangIDConfig()
+    quality: QualityConfig = QualityConfig()
+    dedup: DedupConfig = DedupConfig()
+    label: LabelConfig = LabelConfig()
+    augment: object = DomainGlossary()
+    filters: tuple | None = None
+    labelers: tuple | None = None
+    workers: int = 2
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"PipelineConfig.workers={self.workers} must be >= 1 (1 runs in this process)")
+        if self.augment is not None and not callable(self.augment):  # None: the tier copies `labeled`
+            raise ValueError(f"PipelineConfig.augment={self.augment!r} must be a callable doc -> doc, or None")
+
+    def default_filters(self) -> tuple:
+        # quality before language ID: the rules are CJK-aware rather than per language, and language ID
+        # then runs only on survivors (and does not guess languages for fragments like "Too short.")
+        return Normalize(self.normalize), QualityFilter(self.quality), LanguageFilter(self.langid)
+
+    def filter_stages(self):
+        return list(self.filters if self.filters is not None else self.default_filters())
+
+    def label_stages(self):
+        return list(self.labelers if self.labelers is not None else (Label(self.label, self.quality),))
+
+    def augment_stages(self):
+        return [Augment(self.augment)]
+
+    def fingerprint(self) -> str:
+        """Changes whenever a setting that shapes the output changes (`workers` does not). A hook that is
+        not a dataclass is named by its qualified name (its repr would hold a memory address)."""
+        hook = self.augment
+        if hook is not None and not dataclasses.is_dataclass(hook):
+            hook = f"{type(hook).__module__}.{getattr(hook, '__qualname__', type(hook).__qualname__)}"
+        return hashlib.sha1(repr(dataclasses.replace(self, workers=1, augment=hook)).encode()).hexdigest()[:16]
+
+
+def _stats_path(out: pathlib.Path, tier: str, i: int) -> pathlib.Path:
+    return out / tier / f"{shard_name(i)}.stats.json"
+
+
+def _write_tier_stats(out, tier, i, stages: list[StageStats]):
+    write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages]})
+
+
+def _pass1(i: int, files: Sequence[str], out: pathlib.Path, cfg: PipelineConfig) -> int:
+    """Ingest + filter one input shard. Returns the number of documents it kept."""
+    if _stats_path(out, "filtered", i).exists():
+        return read_json(_stats_path(out, "filtered", i))["stages"][-1]["docs_out"]
+    name = shard_name(i)
+    raw_w = DocWriter(out / "raw" / f"{name}.array_record")
+    filt_w = DocWriter(out / "filtered" / f"{name}.array_record")
+    ingest = StageStats("ingest")
+    stages = cfg.filter_stages()
+    stats = [StageStats(s.name) for s in stages]
+    keys, sigs = [], []
+    for doc, reason, n in read_records(files, cfg.source, cfg.normalize):
+        ingest.take(n)
+        if doc is None:
+            ingest.drop(reason, n)
+            continue
+        ingest.keep(nbytes(doc))
+        raw_w.write(doc)
+        doc = run_stages(doc, stages, stats)
+        if doc is None:
+            continue
+        filt_w.write(doc)
+        keys.append(exact_key(doc["text"]))
+        sigs.append(signature(doc["text"], cfg.dedup) if cfg.dedup.near else np.zeros(0, np.uint32))
+    raw_w.commit()
+    filt_w.commit()
+    sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), np.uint32)
+    tmp = out / "filtered" / f"{name}.dedup.tmp.npz"
+    np.savez(tmp, keys=np.array(keys, dtype="S16").reshape(-1), sigs=sig_arr)
+    os.replace(tmp, out / "filtered" / f"{name}.dedup.npz")
+    _write_tier_stats(out, "raw", i, [ingest])
+    _write_tier_stats(out, "filtered", i, stats)  # last: marks the shard done
+    return filt_w.count
+
+
+def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool) -> dict:
+    """Global exact + near dedup in shard order; the first document of each cluster survives."""
+    path = out / "cleaned" / "dedup.json"
+    if path.exists():
+        return read_json(path)
+    seen: dict[bytes, str] = {}
+    index = NearDupIndex(cfg.dedup) if cfg.dedup.near else None
+    drops: dict[str, dict[str, list]] = {}
+    total = sum(read_json(_stats_path(out, "filtered", i))["stages"][-1]["docs_out"] for i in range(n_shards))
+    bar = tqdm(total=total, desc="dedup", unit="doc", disable=not progress)
+    for i in range(n_shards):
+        z = np.load(out / "filtered" / f"{shard_name(i)}.dedup.npz")
+        keys, sigs = z["keys"], z["sigs"]
+        shard_drops = {}
+        for j in range(len(keys)):
+            key = f"{i}:{j}"
+            k = bytes(keys[j])
+            if cfg.dedup.exact and k in seen:
+                shard_drops[str(j)] = ["exact_dup", seen[k]]
+            elif index is not None and (rep := index.add(key, sigs[j])) is not None:
+                shard_drops[str(j)] = ["near_dup", rep]
+            else:
+                seen.setdefault(k, key)
+            bar.update()
+        drops[str(i)] = shard_drops
+    bar.close()
+    result = {"drops": drops, "representatives": len(index) if index is not None else None}
+    write_json(path, result)
+    return result
+
+
+def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
+    """Dedup, label and augment one shard; returns documents in the augmented tier."""
+    if _stats_path(out, "augmented", i).exists():
+        return read_json(_stats_path(out, "augmented", i))["stages"][-1]["docs_out"]
+    name = shard_name(i)
+    writers = {t: DocWriter(out / t / f"{name}.array_record") for t in ("cleaned", "labeled", "augmented")}
+    dedup = StageStats("dedup")
+    lab_stages, aug_stages = cfg.label_stages(), cfg.augment_stages()
+    lab_stats, aug_stats = [StageStats(s.name) for s in lab_stages], [StageStats(s.name) for s in aug_stages]
+    for j, doc in enumerate(iter_docs(out / "filtered" / f"{name}.array_record")):
+        n = nbytes(doc)
+        dedup.take(n)
+        if str(j) in drops:
+            dedup.drop(drops[str(j)][0], n)
+            continue
+        dedup.keep(n)
+        writers["cleaned"].write(doc)
+        doc = run_stages(doc, lab_stages, lab_stats)
+        writers["labeled"].write(doc)
+        doc = run_stages(doc, aug_stages, aug_stats)
+        writers["augmented"].write(doc)
+    for w in writers.values():
+        w.commit()
+    _write_tier_stats(out, "cleaned", i, [dedup])
+    _write_tier_stats(out, "labeled", i, lab_stats)
+    _write_tier_stats(out, "augmented", i, aug_stats)  # last: marks the shard done
+    return writers["augmented"].count
+
+
+def _map_shards(fn, jobs: list[tuple], pool, desc: str, progress: bool) -> list:
+    """Run `fn(*job)` for every job, in `pool` (None: in this process), with a progress bar."""
+    bar = tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress)
+    results = [None] * len(jobs)
+    if pool is None:
+        for k, job in enumerate(jobs):
+            results[k] = fn(*job)
+            bar.update()
+            bar.set_postfix(docs=sum(r for r in results if r))
+    else:
+        futures = {pool.submit(fn, *job): k for k, job in enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            results[futures[fut]] = fut.result()
+            bar.update()
+            bar.set_postfix(docs=sum(r for r in results if r))
+    bar.close()
+    return results
+
+
+def _aggregate(out: pathlib.Path, tier: str, n_shards: int) -> dict:
+    merged: list[StageStats] | None = None
+    for i in range(n_shards):
+        stages = [StageStats.from_json(s) for s in read_json(_stats_path(out, tier, i))["stages"]]
+        merged = stages if merged is None else [a.merge(b) for a, b in zip(merged, stages)]
+    result = {"tier": tier, "shards": n_shards, "stages": [s.to_json() for s in merged or []]}
+    write_json(out / tier / "stats.json", result)
+    return result
+
+
+def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: PipelineConfig = PipelineConfig(),
+        progress: bool = True) -> dict:
+    """Clean `inputs` (files or directories) into tiers under `out_dir`; returns `{tier: stats}`.
+
+    Re-running with the same inputs and config resumes: finished shards are skipped. A directory holding a
+    run of different inputs or settings raises a ValueError instead of mixing the two.
+    """
+    out = pathlib.Path(out_dir)
+    shards = discover(inputs, cfg.source)
+    if not shards:
+        raise ValueError(f"no input files under {list(map(str, inputs))}")
+    manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint()}
+    mpath = out / "manifest.json"
+    if mpath.exists():
+        old = read_json(mpath)
+        if old != manifest:
+            what = "inputs" if old.get("shards") != manifest["shards"] else "settings"
+            raise ValueError(f"{out} holds a cleaning run with different {what}; use a new --out directory "
+                             "(or delete it) rather than mixing two runs")
+    else:
+        write_json(mpath, manifest)
+    workers = min(cfg.workers, len(shards))
+    # spawned, not forked: the parent may hold JAX's threads; one pool serves both parallel passes
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    try:
+        _map_shards(_pass1, [(i, files, out, cfg) for i, files in enumerate(shards)], pool, "clean", progress)
+        drops = _pass2(out, len(shards), cfg, progress)["drops"]
+        _map_shards(_pass3, [(i, out, cfg, drops[str(i)]) for i in range(len(shards))], pool, "label", progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return {tier: _aggregate(out, tier, len(shards)) for tier in ("raw", "filtered", "cleaned", "labeled", "augmented")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", help="JSONL(.gz) / Parquet / text files or directories")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep-langs", default="en,zh", help="comma-separated ISO 639-1 codes")
+    ap.add_argument("--near-dup-threshold", type=float, default=0.8)
+    ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
+    args = ap.parse_args(argv)
+    cfg = PipelineConfig(source=SourceConfig(max_doc_bytes=args.max_doc_bytes),
+                         langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
+                         dedup=DedupConfig(threshold=args.near_dup_threshold), workers=args.workers)
+    run(args.inputs, args.out, cfg)
+    from data.report import report
+
+    print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The funnel of a cleaning run: per stage documents/bytes in and out, drops by reason, language mix.
+
+    python -m data.report DIR        # exits 1 if any count fails to reconcile
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from data.shards import TIERS, read_json
+from data.stages import StageStats
+
+
+def funnel(out_dir) -> list[tuple[str, StageStats]]:
+    """`(tier, stage stats)` for every stage of the run in order, summed over shards."""
+    out = pathlib.Path(out_dir)
+    rows = []
+    for tier in TIERS:
+        path = out / tier / "stats.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: the run under {out} is unfinished; re-run "
+                                    "`python -m data.pipeline` with the same inputs and --out to resume it")
+        rows += [(tier, StageStats.from_json(s)) for s in read_json(path)["stages"]]
+    return rows
+
+
+def reconcile(rows) -> list[str]:
+    """Every broken count identity, as a sentence (empty when all hold): per stage
+    in = out + Σ dropped, and each stage's in = the previous stage's out."""
+    problems = []
+    for k, (tier, s) in enumerate(rows):
+        if not s.reconciles():
+            problems.append(f"{tier}/{s.name}: {s.docs_in} in != {s.docs_out} out + {sum(s.dropped.values())} dropped")
+        if k and rows[k - 1][1].docs_out != s.docs_in:
+            prev = rows[k - 1][1]
+            problems.append(f"{tier}/{s.name}: {s.docs_in} in != {prev.name}'s {prev.docs_out} out")
+    return problems
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _mix(counters, prefix: str) -> str:
+    docs = {k[len(prefix) + 1:]: v for k, v in counters.items() if k.startswith(prefix + ":")}
+    byts = {k[len(prefix) + 7:]: v for k, v in counters.items() if k.startswith(prefix + "_bytes:")}
+    total = sum(docs.values()) or 1
+    return ", ".join(f"{lang} {n:,} docs ({n / total:.1%}, {_size(byts.get(lang, 0))})"
+                     for lang, n in sorted(docs.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def report(out_dir) -> str:
+    rows = funnel(out_dir)
+    lines = [f"cleaning run {out_dir}", "",
+             f"{'tier':<10} {'stage':<10} {'docs in':>10} {'docs out':>10} {'kept':>7} {'bytes in':>10} "
+             f"{'bytes out':>10}  dropped"]
+    for tier, s in rows:
+        drops = ", ".join(f"{r} {n:,}" for r, n in s.dropped.most_common()) or "-"
+        kept = s.docs_out / s.docs_in if s.docs_in else 1.0
+        lines.append(f"{tier:<10} {s.name:<10} {s.docs_in:>10,} {s.docs_out:>10,} {kept:>7.1%} "
+                     f"{_size(s.bytes_in):>10} {_size(s.bytes_out):>10}  {drops}")
+    first, last = rows[0][1], rows[-1][1]
+    lines.append(f"overall: {last.docs_out:,} of {first.docs_in:,} records kept "
+                 f"({_size(last.bytes_out)} of {_size(first.bytes_in)})")
+    by_name = {s.name: s for _, s in rows}
+    lines.append("")
+    if "langid" in by_name:
+        lines.append("languages kept by langid:    " + _mix(by_name["langid"].counters, "lang"))
+        lines.append("languages dropped by langid: " + _mix(by_name["langid"].counters, "dropped_lang"))
+    if "label" in by_name:
+        lines.append("language mix of the final corpus: " + _mix(by_name["label"].counters, "lang"))
+        tags = {k[7:]: v for k, v in by_name["label"].counters.items() if k.startswith("domain:")}
+        lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in sorted(tags.items(), key=lambda kv: -kv[1]))
+                                        or "none"))
+    problems = reconcile(rows)
+    lines.append("")
+    lines.append("counts reconcile: " + ("yes (every stage: in = out + dropped; out feeds the next stage)"
+                                        if not problems else "NO\n  " + "\n  ".join(problems)))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", help="the --out directory of a cleaning run")
+    args = ap.parse_args(argv)
+    print(report(args.dir))
+    sys.exit(1 if reconcile(funnel(args.dir)) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Documents in ArrayRecord shards: one JSON object (UTF-8) per record, written atomically.
+
+A tier directory holds `shard-00000.array_record` + `shard-00000.stats.json` per input shard; a shard
+counts as done once its stats file exists, because the stats are written last (after the data files
+were renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterator
+
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+# one record per chunk: grain reads records at random, and larger groups would decode a whole group per read
+WRITER_OPTIONS = "group_size:1"
+TIERS = ("raw", "filtered", "cleaned", "labeled", "augmented")
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def encode_doc(doc: dict) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_doc(record: bytes) -> dict:
+    return json.loads(record)
+
+
+class DocWriter:
+    """Writes docs to `<path>.tmp` and renames to `path` on `commit()`; a crash leaves no partial shard."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._w = ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
+        self.count = 0
+
+    def write(self, doc: dict) -> int:
+        """Append one document; returns its serialised size in bytes."""
+        return self.write_record(encode_doc(doc))
+
+    def write_record(self, rec: bytes) -> int:
+        self._w.write(rec)
+        self.count += 1
+        return len(rec)
+
+    def commit(self):
+        self._w.close()
+        os.replace(self._tmp, self.path)
+
+
+def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
+    """Stream the documents of one shard in order, `chunk` records in memory at a time."""
+    reader = ArrayRecordReader(str(path))
+    try:
+        n = reader.num_records()
+        for start in range(0, n, chunk):
+            for rec in reader.read(start, min(start + chunk, n)):
+                yield decode_doc(rec)
+    finally:
+        reader.close()
+
+
+def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
+    """The completed ArrayRecord shards of a tier directory, in shard order.
+
+    Raises a FileNotFoundError naming the directory when it holds none."""
+    d = pathlib.Path(tier_dir)
+    files = sorted(str(p) for p in d.glob("shard-*.array_record"))
+    if not files:
+        raise FileNotFoundError(f"no shard-*.array_record files in {d}; run the cleaning pipeline "
+                                "(python -m data.pipeline IN... --out DIR) and point at one of its tiers "
+                                f"{TIERS}")
+    return files
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Atomic JSON write (tmp + rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(pathlib.Path(path).read_text())

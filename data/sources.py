@@ -1,0 +1,198 @@
+"""Input shards: JSONL (optionally .gz), Parquet, and plain text files, read with bounded memory.
+
+`discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard`
+text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
+record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+
+from data.normalize import NormalizeConfig, count_surrogates, decode, replace_surrogates
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """text_field: the JSONL/Parquet field holding the document text (other fields are kept as metadata).
+    max_doc_bytes: larger records are dropped as `too_large` without being decoded (a JSONL line is read
+    at most this far). text_files_per_shard: plain text files (one document each) grouped per shard."""
+
+    text_field: str = "text"
+    max_doc_bytes: int = 1_000_000
+    text_files_per_shard: int = 64
+
+    def __post_init__(self):
+        if not self.text_field:
+            raise ValueError("SourceConfig.text_field must name the field that holds the text, e.g. 'text'")
+        if self.max_doc_bytes < 1:
+            raise ValueError(f"SourceConfig.max_doc_bytes={self.max_doc_bytes} must be positive")
+        if self.text_files_per_shard < 1:
+            raise ValueError(f"SourceConfig.text_files_per_shard={self.text_files_per_shard} must be >= 1")
+
+
+def _kind(path: str) -> str:
+    p = path.lower()
+    if p.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if p.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig()) -> list[tuple[str, ...]]:
+    """Files under `paths` (directories walked recursively, sorted) grouped into shards."""
+    files: list[str] = []
+    for p in paths:
+        p = pathlib.Path(p)
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
+    shards, texts = [], []
+    for f in files:
+        if _kind(f) == "text":
+            texts.append(f)
+            if len(texts) == cfg.text_files_per_shard:
+                shards.append(tuple(texts))
+                texts = []
+        else:
+            shards.append((f,))
+    if texts:
+        shards.append(tuple(texts))
+    return shards
+
+
+def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """Lines of a binary file, at most `limit` bytes held; a longer line is skipped and yields (None, size)."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            n = len(line)
+            while line and not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+                n += len(line)
+            yield None, n
+        else:
+            yield line, len(line)
+
+
+def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tuple[dict | None, str | None]:
+    if isinstance(text, bytes):
+        text, reason = decode(text, ncfg)
+        if reason:
+            return None, reason
+    if text is None:
+        return None, "empty"
+    if not isinstance(text, str):
+        return None, "bad_text_type"
+    bad = count_surrogates(text)
+    if bad and (ncfg.invalid_utf8 == "reject" or bad > ncfg.max_invalid_fraction * len(text)):
+        return None, "invalid_utf8"
+    if bad:
+        text = replace_surrogates(text)
+    if not text.strip():
+        return None, "empty"
+    return {**meta, "text": text}, None
+
+
+def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, (line, n) in enumerate(_lines(f, cfg.max_doc_bytes)):
+            if line is None:
+                yield None, "too_large", n
+                continue
+            if not line.strip():
+                yield None, "empty", n
+                continue
+            raw, reason = decode(line, ncfg)
+            if reason:
+                yield None, reason, n
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, RecursionError):
+                yield None, "malformed_json", n
+                continue
+            if not isinstance(obj, dict):
+                yield None, "malformed_json", n
+                continue
+            if cfg.text_field not in obj:
+                yield None, "missing_text", n
+                continue
+            text = obj.pop(cfg.text_field)
+            obj.setdefault("id", f"{os.path.basename(path)}:{lineno}")
+            doc, reason = _text_doc(text, obj, cfg, ncfg)
+            yield doc, reason, n
+
+
+def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
+    import pyarrow.parquet as pq  # only needed for Parquet inputs
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is one counted drop, not a crash
+        yield None, "unreadable_file", os.path.getsize(path)
+        return
+    if cfg.text_field not in pf.schema_arrow.names:
+        yield None, "missing_text", os.path.getsize(path)
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=256):
+        for obj in batch.to_pylist():
+            text = obj.pop(cfg.text_field)
+            n = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text or b"")
+            obj = {k: v for k, v in obj.items() if _jsonable(v)}
+            obj.setdefault("id", f"{os.path.basename(path)}:{row}")
+            row += 1
+            if n > cfg.max_doc_bytes:
+                yield None, "too_large", n
+                continue
+            doc, reason = _text_doc(text, obj, cfg, ncfg)
+            yield doc, reason, n
+
+
+def _jsonable(v) -> bool:
+    return v is None or isinstance(v, str | int | float | bool | list | dict)
+
+
+def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
+    n = os.path.getsize(path)
+    if n > cfg.max_doc_bytes:
+        yield None, "too_large", n
+        return
+    with open(path, "rb") as f:
+        raw = f.read()
+    doc, reason = _text_doc(raw, {"id": path, "source": path}, cfg, ncfg)
+    yield doc, reason, n
+
+
+_DEFAULT_NORMALIZE = NormalizeConfig()
+
+
+def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
+                 ncfg: NormalizeConfig = _DEFAULT_NORMALIZE) -> Iterator[tuple[dict | None, str | None, int]]:
+    """Every record of a shard's files: `(doc, None, nbytes)` or `(None, drop_reason, nbytes)`.
+
+    Reasons: too_large, empty, binary, invalid_utf8, malformed_json, missing_text, bad_text_type,
+    unreadable_file. An I/O error mid-file ends that file with one `unreadable_file` drop.
+    """
+    readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
+    for path in files:
+        try:
+            yield from readers[_kind(path)](path, cfg, ncfg)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            yield None, "unreadable_file", 0

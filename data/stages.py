@@ -1,0 +1,197 @@
+"""Composable per-document stages and their counters.
+
+A stage is a picklable object with a `name` and `__call__(doc) -> (doc, reason)`: reason None keeps the
+returned document, a reason string drops it (the returned doc may carry annotations, e.g. the detected
+language, for counting). A stage may also bump counters via `count(stats, doc, dropped)`. `run_stages`
+threads one document through a list of stages, updating one `StageStats` per stage, so every drop is
+attributed to exactly one stage and reason, and `docs_in == docs_out + sum(dropped)` holds by construction.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from data.filters import QualityConfig, quality_filter
+from data.label import LabelConfig, domain_tags, quality_score
+from data.langid import LangID, LangIDConfig
+from data.normalize import NormalizeConfig, normalize_text
+
+# signals kept on the document for the labelling stage (the full set is ~30 floats)
+KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "digit_ratio", "hash_ellipsis_ratio",
+                "dup_lines", "dup_line_chars", "dup_paragraphs", "url_density", "top_2gram", "dup_5gram",
+                "boilerplate_lines")
+
+
+def nbytes(doc: dict) -> int:
+    return len(doc["text"].encode("utf-8"))
+
+
+@dataclasses.dataclass
+class StageStats:
+    """Documents and text bytes into and out of one stage; drops (count and bytes) by reason; free
+    counters (e.g. languages kept, boilerplate lines removed)."""
+
+    name: str
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    dropped_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def take(self, n: int):
+        self.docs_in += 1
+        self.bytes_in += n
+
+    def keep(self, n: int):
+        self.docs_out += 1
+        self.bytes_out += n
+
+    def drop(self, reason: str, n: int):
+        self.dropped[reason] += 1
+        self.dropped_bytes[reason] += n
+
+    def reconciles(self) -> bool:
+        return self.docs_in == self.docs_out + sum(self.dropped.values())
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out, "dropped": dict(sorted(self.dropped.items())),
+                "dropped_bytes": dict(sorted(self.dropped_bytes.items())),
+                "counters": dict(sorted(self.counters.items()))}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StageStats:
+        return cls(d["name"], d["docs_in"], d["docs_out"], d["bytes_in"], d["bytes_out"],
+                   collections.Counter(d["dropped"]), collections.Counter(d["dropped_bytes"]),
+                   collections.Counter(d["counters"]))
+
+    def merge(self, other: StageStats) -> StageStats:
+        if other.name != self.name:
+            raise ValueError(f"cannot merge stats of stage {other.name!r} into {self.name!r}")
+        return StageStats(self.name, self.docs_in + other.docs_in, self.docs_out + other.docs_out,
+                          self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
+                          self.dropped + other.dropped, self.dropped_bytes + other.dropped_bytes,
+                          self.counters + other.counters)
+
+
+def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
+    """Thread `doc` through `stages`; returns the surviving document or None (drop recorded)."""
+    n = nbytes(doc)
+    for stage, st in zip(stages, stats):
+        st.take(n)
+        out, reason = stage(doc)
+        if reason is not None:
+            st.drop(reason, n)
+            if hasattr(stage, "count"):
+                stage.count(st, out if out is not None else doc, dropped=True)
+            return None
+        doc, n = out, nbytes(out)
+        st.keep(n)
+        if hasattr(stage, "count"):
+            stage.count(st, doc, dropped=False)
+    return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize:
+    cfg: NormalizeConfig = NormalizeConfig()
+    name: str = "normalize"
+
+    def __call__(self, doc):
+        text = normalize_text(doc["text"], self.cfg)
+        if not text:
+            return doc, "empty"
+        return {**doc, "text": text}, None
+
+    def count(self, st, doc, dropped):
+        if not dropped and "\ufffd" in doc["text"]:
+            st.counters["with_replacement_char"] += 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageFilter:
+    """Sets `lang`, `lang_score`; drops languages outside the keep set as `lang_other`."""
+
+    cfg: LangIDConfig = LangIDConfig()
+    name: str = "langid"
+
+    def __call__(self, doc):
+        lang, score = _langid(self.cfg).detect(doc["text"])
+        doc = {**doc, "lang": lang, "lang_score": round(score, 4)}
+        return doc, (None if lang in self.cfg.keep else "lang_other")
+
+    def count(self, st, doc, dropped):
+        # the language mix of what was dropped, too: the report shows both
+        st.counters[f"{'dropped_' if dropped else ''}lang:{doc['lang']}"] += 1
+        st.counters[f"{'dropped_' if dropped else ''}lang_bytes:{doc['lang']}"] += nbytes(doc)
+
+
+_LANGID_CACHE: dict = {}
+
+
+def _langid(cfg: LangIDConfig) -> LangID:
+    if cfg not in _LANGID_CACHE:
+        _LANGID_CACHE[cfg] = LangID(cfg)
+    return _LANGID_CACHE[cfg]
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityFilter:
+    """Strips boilerplate lines, then applies every `QualityConfig` rule; keeps a few signals on the doc."""
+
+    cfg: QualityConfig = QualityConfig()
+    name: str = "quality"
+
+    def __call__(self, doc):
+        text, reason, signals = quality_filter(doc["text"], self.cfg)
+        kept = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in signals.items() if k in KEPT_SIGNALS}
+        return {**doc, "text": text, "signals": kept}, reason
+
+    def count(self, st, doc, dropped):
+        if not dropped:
+            st.counters["boilerplate_lines_removed"] += doc["signals"]["boilerplate_lines"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the langid stage did not run, `lang`."""
+
+    cfg: LabelConfig = LabelConfig()
+    quality: QualityConfig = QualityConfig()
+    name: str = "label"
+
+    def __call__(self, doc):
+        out = {**doc, "quality": quality_score(doc.get("signals", {}), self.quality),
+               "domains": domain_tags(doc["text"], self.cfg)}
+        if "lang" not in out:
+            out["lang"], _ = _langid(LangIDConfig()).detect(doc["text"])
+        return out, None
+
+    def count(self, st, doc, dropped):
+        for tag in doc["domains"]:
+            st.counters[f"domain:{tag}"] += 1
+        st.counters[f"lang:{doc['lang']}"] += 1
+        st.counters[f"lang_bytes:{doc['lang']}"] += nbytes(doc)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Runs an augmentation hook (`doc -> doc`, see data.augment; None passes documents through); never drops."""
+
+    hook: object = None
+    name: str = "augment"
+
+    def __call__(self, doc):
+        if self.hook is None:
+            return doc, None
+        out = self.hook(doc)
+        if not isinstance(out, dict) or not isinstance(out.get("text"), str):
+            raise TypeError(f"augmentation hook {self.hook!r} must return the document dict with a str 'text'")
+        return out, None
+
+    def count(self, st, doc, dropped):
+        if doc.get("augmented"):
+            st.counters["augmented_docs"] += 1

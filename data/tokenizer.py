@@ -1,0 +1,144 @@
+"""Tokenizers for the LM loader: byte-level BPE trained with Hugging Face `tokenizers`, and a byte fallback.
+
+Both encode any Unicode string (zh, emoji, control characters, ...) and decode it back exactly: the BPE
+works on UTF-8 bytes (ByteLevel pre-tokenizer, no normaliser, no prefix space), so no input is
+`<unk>`. The byte tokenizer needs no training: ids 0..255 are bytes, then the special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOS = "<|endoftext|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255; `eos_id` = 256 when `add_eos` (vocab 257), else None (vocab 256)."""
+
+    def __init__(self, add_eos: bool = False):
+        self.eos_id = 256 if add_eos else None
+        self.vocab_size = 257 if add_eos else 256
+
+    def encode(self, text: str) -> np.ndarray:
+        """str → int32 [n_bytes]."""
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        """Ids → str; special ids are skipped, so decode(encode(t)) == t."""
+        ids = np.asarray(ids)
+        return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """A trained byte-level BPE (`train_bpe` / `load`); `encode(text)` → int32 ids, `decode(ids)` → text."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size()
+        self.eos_id = tok.token_to_id(EOS)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts at once (parallel inside `tokenizers`)."""
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """One JSON file (the `tokenizers` format, loadable by `transformers` too)."""
+        self.tok.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}; train one with data.tokenizer.train_bpe(...).save(path)")
+        return cls(Tokenizer.from_file(str(path)))
+
+    def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
+        return _bpe_from_json, (self.tok.to_str(),)
+
+
+def _bpe_from_json(s: str) -> BPETokenizer:
+    return BPETokenizer(Tokenizer.from_str(s))
+
+
+def _empty_bpe() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    # no normaliser and no prefix space: encoding must be exactly invertible
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
+              special_tokens: tuple[str, ...] = (EOS,), length: int | None = None,
+              show_progress: bool = True) -> BPETokenizer:
+    """Train a byte-level BPE on `texts` (any iterable of str, streamed) with `tokenizers`' BpeTrainer.
+
+    `vocab_size` counts the 256 byte symbols and the special tokens; it must exceed their number.
+    `length` (the number of texts, if known) sizes the progress bar.
+    """
+    floor = 256 + len(special_tokens)
+    if vocab_size <= floor:
+        raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "
+                         f"tokens = {floor}; use e.g. 8192")
+    tok = _empty_bpe()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens), show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return BPETokenizer(tok)
+
+
+def tier_texts(tier_dir: str | os.PathLike, field: str = "text"):
+    """The texts of every document of a cleaning tier, in shard order (for `train_bpe`)."""
+    from data.shards import iter_docs, tier_shards
+
+    for path in tier_shards(tier_dir):
+        for doc in iter_docs(path):
+            yield doc[field]
+
+
+TOKENS_MAGIC = b"\x00TOK"  # pre-tokenized records start with it; a JSON document never starts with NUL
+
+
+def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLike, field: str = "text",
+                batch: int = 64, progress: bool = True) -> str:
+    """Tokenize a cleaning tier once into ArrayRecord shards of int32 ids (`TOKENS_MAGIC` + ids), so the
+    loader reads ids instead of running the tokenizer every epoch. Shard names and record order follow
+    the tier; `tokenizer.json` (the meta the loader checks against) is written last. Returns `out_dir`."""
+    import json
+    import pathlib
+
+    from tqdm import tqdm
+
+    from data.shards import DocWriter, iter_docs, tier_shards
+
+    out = pathlib.Path(out_dir)
+    shards = tier_shards(tier_dir)
+    for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
+        writer = DocWriter(out / pathlib.Path(path).name)
+        texts = []
+
+        def flush():
+            ids = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts)
+            for x in ids:
+                writer.write_record(TOKENS_MAGIC + np.asarray(x, dtype=np.int32).tobytes())
+            texts.clear()
+
+        for doc in iter_docs(path):
+            texts.append(doc[field])
+            if len(texts) == batch:
+                flush()
+        flush()
+        writer.commit()
+    meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "source": str(tier_dir)}
+    (out / "tokenizer.json").write_text(json.dumps(meta))
+    return str(out)

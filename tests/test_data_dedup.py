@@ -1,0 +1,87 @@
+"""Exact and near-duplicate detection: MinHash + LSH recall at Jaccard >= 0.8, precision on unrelated pairs."""
+
+import numpy as np
+import pytest
+
+from data.dedup import DedupConfig, NearDupIndex, exact_key, jaccard, shingles, signature
+from data.synthetic import en_text, zh_text
+
+
+def true_jaccard(a: str, b: str, n: int = 5) -> float:
+    sa, sb = shingles(a, n), shingles(b, n)
+    return len(sa & sb) / len(sa | sb)
+
+
+def edit(rng, text: str, n_edits: int) -> str:
+    ws = text.split()
+    for i in rng.choice(len(ws), n_edits, replace=False):
+        ws[i] = f"edit{rng.integers(10**9)}"
+    return " ".join(ws)
+
+
+def test_exact_key_folds_case_punctuation_whitespace():
+    assert exact_key("Hello,  World!\n") == exact_key("hello world")
+    assert exact_key("你好，世界") == exact_key("你好 世界")
+    assert exact_key("hello world") != exact_key("hello word")
+
+
+def test_band_choice_reaches_recall_target():
+    cfg = DedupConfig()
+    b, r = cfg.bands()
+    assert b * r <= cfg.num_perm
+    assert 1 - (1 - cfg.threshold**r) ** b >= cfg.recall_target
+    # and it is the tightest such banding: one more row per band misses the target
+    r2 = r + 1
+    assert 1 - (1 - cfg.threshold**r2) ** (cfg.num_perm // r2) < cfg.recall_target
+
+
+def test_minhash_recall_at_jaccard_08_and_above():
+    rng = np.random.default_rng(0)
+    cfg = DedupConfig(threshold=0.8)
+    pairs = []
+    while len(pairs) < 150:
+        a = en_text(rng, 300)
+        b = edit(rng, a, int(rng.integers(3, 7)))
+        j = true_jaccard(a, b)
+        if 0.8 <= j < 0.9:  # the hard band, right above the threshold
+            pairs.append((a, b))
+    found = 0
+    for a, b in pairs:
+        index = NearDupIndex(cfg)
+        assert index.add("a", signature(a, cfg)) is None
+        found += index.add("b", signature(b, cfg)) == "a"
+    assert found / len(pairs) >= 0.9
+
+
+def test_minhash_precision_on_unrelated_and_dissimilar_documents():
+    rng = np.random.default_rng(1)
+    cfg = DedupConfig(threshold=0.8)
+    index = NearDupIndex(cfg)
+    docs = [en_text(rng, 200) for _ in range(300)] + [zh_text(rng, 400) for _ in range(100)]
+    false = sum(index.add(i, signature(d, cfg)) is not None for i, d in enumerate(docs))
+    assert false == 0 and len(index) == 400
+    # pairs well below the threshold (Jaccard ~0.5) are not merged either
+    merged = 0
+    for _ in range(50):
+        a = en_text(rng, 300)
+        b = edit(rng, a, 25)
+        assert true_jaccard(a, b) < 0.6
+        index = NearDupIndex(cfg)
+        index.add("a", signature(a, cfg))
+        merged += index.add("b", signature(b, cfg)) is not None
+    assert merged <= 2
+
+
+def test_zh_near_duplicates_use_cjk_tokens():
+    rng = np.random.default_rng(2)
+    a = zh_text(rng, 600)
+    b = a[:290] + "改" + a[291:]  # one character changed
+    assert true_jaccard(a, b) > 0.95
+    assert jaccard(signature(a), signature(b)) > 0.8
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="threshold"):
+        DedupConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="num_perm"):
+        DedupConfig(num_perm=4)

@@ -1,0 +1,145 @@
+"""Every quality / repetition / spam rule on crafted documents that must fail it, next to ones that must pass."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data.filters import QualityConfig, analyze, ngram_signals, quality_filter, strip_boilerplate, tokens, words
+from data.synthetic import en_text, zh_text
+
+CFG = QualityConfig()
+
+
+def reason(text, cfg=CFG):
+    return quality_filter(text, cfg)[1]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_clean_en_zh_and_mixed_documents_pass(rng):
+    assert reason(en_text(rng, 120)) is None
+    assert reason(zh_text(rng, 300)) is None
+    mixed = en_text(rng, 40) + "\n" + zh_text(rng, 120) + "\n" + en_text(rng, 40)
+    assert reason(mixed) is None
+
+
+def test_cjk_aware_word_counts(rng):
+    zh = zh_text(rng, 160)
+    # whitespace splitting sees one "word"; CJK-aware tokens count each character
+    assert len(zh.split()) == 1
+    assert len(words(zh)) == 160
+    assert tokens("我用Python写code。") == ["我", "用", "Python", "写", "code", "。"]
+    assert words("我用Python写code。") == ["我", "用", "Python", "写", "code"]
+    # a 160-character Chinese document has enough words; 30 characters do not
+    assert reason(zh) is None
+    assert reason(zh_text(rng, 30)) == "too_short"
+    s = analyze(zh)
+    assert s["mean_word_len"] is None  # not defined without latin words
+    assert s["cjk_chars"] == 160
+
+
+def test_length_rules(rng):
+    assert reason("Too short.") == "too_short"
+    assert reason(en_text(rng, 25)) == "too_few_words"
+    assert reason(en_text(rng, 200), dataclasses.replace(CFG, max_words=100)) == "too_many_words"
+
+
+def test_mean_word_length(rng):
+    short_words = " ".join(rng.choice(["a", "an", "to", "of", "is", "it", "we"], 120)) + "."
+    assert reason(short_words) == "mean_word_len"
+    long_words = " ".join(rng.choice(["internationalization", "counterrevolutionaries", "incomprehensibilities"], 80))
+    assert reason(long_words) == "mean_word_len"
+
+
+def test_alpha_symbol_digit_hash_ratios(rng):
+    numbers = " ".join(str(x) for x in rng.integers(1000, 9999, 80))
+    assert reason(numbers) == "alpha_words"
+    symbols = " ".join(w + "$%^&*" for w in rng.choice(["word", "text", "data", "line"], 80))
+    assert reason(symbols) == "symbol_ratio"
+    digits = " ".join(f"id{x}" for x in rng.integers(10**6, 10**7, 80))
+    assert reason(digits) == "digit_ratio"
+    hashtags = " ".join("#" + w for w in rng.choice(["python", "code", "today", "love", "summer"], 80))
+    assert reason(hashtags) == "hash_ellipsis"
+
+
+def test_bullet_and_ellipsis_lines(rng):
+    bullets = "\n".join("- " + en_text(rng, 8)[:-1] for _ in range(12))
+    assert reason(bullets) == "bullet_lines"
+    trailing = "\n".join(en_text(rng, 12)[:-1] + "..." for _ in range(10))
+    assert reason(trailing) == "ellipsis_lines"
+    # a few bullets inside prose are fine
+    assert reason(en_text(rng, 100) + "\n- one item here\n- another item") is None
+
+
+def test_boilerplate_lines_removed_or_document_dropped(rng):
+    body = "\n".join(en_text(rng, 30) for _ in range(4))
+    text = "Home | News | Sports\n" + body + "\nCopyright 2024 Example Inc. All Rights Reserved.\n隐私政策 | 联系我们"
+    out, removed, total = strip_boilerplate(text, CFG)
+    assert (removed, total) == (3, 7) and out == body
+    kept, r, signals = quality_filter(text, CFG)
+    assert r is None and kept == body and signals["boilerplate_lines"] == 3
+    mostly_boilerplate = "\n".join(["Accept cookies to continue", "Privacy Policy", "Terms of Service",
+                                    "Follow us on twitter", en_text(rng, 60)])
+    assert reason(mostly_boilerplate) == "boilerplate"
+
+
+def test_duplicate_lines_and_paragraphs(rng):
+    lines = [en_text(rng, 10) for _ in range(10)]
+    dup_lines = "\n".join(lines + [lines[0]] * 6)
+    assert reason(dup_lines) == "dup_lines"
+    paras = [en_text(rng, 30) for _ in range(4)]
+    dup_paras = "\n\n".join(paras + [paras[1], paras[1], paras[2]])
+    relaxed = dataclasses.replace(CFG, max_dup_lines=1.0, max_dup_line_chars=1.0)
+    assert reason(dup_paras, relaxed) == "dup_paragraphs"
+    # unique lines pass
+    assert reason("\n".join(lines)) is None
+
+
+def test_top_and_duplicate_ngrams(rng):
+    filler = list(rng.choice(["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+                              "juliet", "kilo", "lima", "mike", "november", "oscar", "papa"], 120))
+    top = " ".join(w + " machine learning" if i % 2 else w for i, w in enumerate(filler))
+    assert reason(top) == "top_2gram"
+    phrase = "the quick brown fox jumps over the lazy sleeping dog"
+    repeated = en_text(rng, 60) + f" {phrase}. " + en_text(rng, 20) + f" {phrase}. " + en_text(rng, 20) + f" {phrase}."
+    r = reason(repeated)
+    assert r is not None and r.startswith("dup_") and r.endswith("gram")
+    # Chinese repetition is caught by the same CJK-aware n-grams
+    sentence = zh_text(rng, 20)
+    assert reason(zh_text(rng, 100) + sentence * 6).startswith(("dup_", "top_"))
+
+
+def test_ngram_signals_match_definition():
+    ws = "a b c a b c x y".split()
+    s = ngram_signals(ws, [2, 3], [3])
+    # 'a b' occurs twice: 2 chars x 2 / 8 chars; 'a b c' twice: 3 x 2 / 8; its words cover 6 of 8 chars
+    assert s["top_2gram"] == pytest.approx(4 / 8)
+    assert s["top_3gram"] == pytest.approx(6 / 8)
+    assert s["dup_3gram"] == pytest.approx(6 / 8)
+    assert ngram_signals("a b c d".split(), [2], [3]) == {"top_2gram": 0.0, "dup_3gram": 0.0}
+
+
+def test_spam_signals(rng):
+    body = en_text(rng, 100)
+    links = body + " " + " ".join(f"https://spam{i}.example.com/offer" for i in range(20))
+    assert reason(links) == "url_density"
+    assert reason(body + " See https://docs.python.org for details.") is None
+    assert reason(body + " Buy now! Best price. BUY NOW. Click here, buy now.") == "promo_spam"
+    assert reason(body + " You can buy now if you like.") is None
+    assert reason(zh_text(rng, 200) + "限时优惠！限时优惠！限时优惠！") == "promo_spam"
+    assert reason(body + " Cheap viagra here.") == "blocklist"
+    assert reason(body + " Visit Viagrafalls park.") is None  # whole words only for latin terms
+    assert reason(zh_text(rng, 200) + "欢迎来到博彩网站") == "blocklist"
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="max_symbol_ratio"):
+        QualityConfig(max_symbol_ratio=1.5)
+    with pytest.raises(ValueError, match="min_mean_word_len"):
+        QualityConfig(min_mean_word_len=12.0)
+    with pytest.raises(ValueError, match="boilerplate"):
+        QualityConfig(boilerplate=("([unclosed",))

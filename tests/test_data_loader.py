@@ -1,0 +1,189 @@
+"""The grain LM loader: packing keeps documents apart and loses no token, state resumes exactly,
+processes split the data exactly once, mixtures follow their weights, batches land sharded on the mesh."""
+
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from data.loader import LMLoader, LoaderConfig, Source, documents
+from data.shards import DocWriter, shard_name
+from data.synthetic import en_text, zh_text
+from data.tokenizer import ByteTokenizer, pretokenize, train_bpe
+
+EOS_BYTES = ByteTokenizer(add_eos=True)
+
+
+def write_tier(path, texts, shards=2, tag=""):
+    writers = [DocWriter(path / f"{shard_name(i)}.array_record") for i in range(shards)]
+    for i, t in enumerate(texts):
+        writers[i % shards].write({"id": f"{tag}{i}", "text": t})
+    for w in writers:
+        w.commit()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    # lengths from a few tokens to several rows of 32, English and Chinese
+    texts = [en_text(rng, int(rng.integers(1, 40))) if i % 3 else zh_text(rng, int(rng.integers(1, 30)))
+             for i in range(60)]
+    texts = list(dict.fromkeys(texts))
+    return write_tier(tmp_path_factory.mktemp("tier"), texts), texts
+
+
+def rebuild_documents(batches, tok):
+    """Walk rows in order and cut the stream of real targets at EOS: returns the decoded documents, and
+    checks every row invariant on the way."""
+    docs, current = [], []
+    for b in batches:
+        for inp, tgt, pos, seg, w in zip(b["inputs"], b["targets"], b["positions"], b["segment_ids"], b["weights"]):
+            np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))
+            real = seg > 0
+            assert not real[real.argmin():].any() if not real.all() else True  # padding only at the end
+            assert (inp[~real] == 0).all() and (tgt[~real] == 0).all()
+            ids = seg[real]
+            assert ids[0] == 1 and (np.diff(ids) >= 0).all() and (np.diff(ids) <= 1).all()
+            for s in np.unique(ids):
+                m = seg == s
+                np.testing.assert_array_equal(pos[m], np.arange(m.sum()))  # positions restart per piece
+                np.testing.assert_array_equal(inp[m][1:], tgt[m][:-1])  # next-token shift inside the piece
+                piece = tgt[m].tolist()
+                # an EOS target only ever ends a document piece: documents never share a segment
+                assert tok.eos_id not in piece[:-1]
+                if piece[-1] != tok.eos_id:
+                    assert m[-1], "a document continues only across a row boundary"
+                current += piece
+                if piece[-1] == tok.eos_id:
+                    docs.append(tok.decode(current))
+                    current = []
+    assert current == []
+    return docs
+
+
+@pytest.mark.parametrize("tok_name", ["bytes", "bpe"])
+def test_packing_keeps_documents_apart_and_loses_no_token(corpus, tok_name):
+    path, texts = corpus
+    tok = EOS_BYTES if tok_name == "bytes" else train_bpe(texts, vocab_size=400, show_progress=False)
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1, drop_remainder=False)
+    batches = list(LMLoader([Source(path)], tok, cfg, process_index=0, process_count=1))
+    assert all(v.shape == (4, 32) for b in batches[:-1] for v in b.values())
+    assert {k: v.dtype.name for k, v in batches[0].items()} == {
+        "inputs": "int32", "targets": "int32", "positions": "int32", "segment_ids": "int32", "weights": "float32"}
+    got = rebuild_documents(batches, tok)
+    assert sorted(got) == sorted(texts)  # every document exactly once, byte for byte
+    # and in the loader's (shuffled) document order
+    order = [tok.decode(d["targets"]) for d in documents([Source(path)], tok, cfg, 0, 1)]
+    assert got == order and order != texts
+    n_targets = sum(len(tok.encode(t)) + 1 for t in texts)  # the text and its closing EOS
+    assert sum(b["weights"].sum() for b in batches) == n_targets
+
+
+def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
+    path, texts = corpus
+    tok = train_bpe(texts, vocab_size=400, show_progress=False)
+    pre = pretokenize(path, tok, tmp_path / "pre", progress=False)
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=7)
+    live = LMLoader([Source(path)], tok, cfg, process_index=0, process_count=1)
+    cached = LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)
+    for _ in range(10):
+        a, b = next(live), next(cached)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    with pytest.raises(ValueError, match="pre-tokenized with vocab_size=400"):
+        LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
+
+
+def test_state_restores_identical_batches(corpus, tmp_path):
+    path, texts = corpus
+    other = write_tier(tmp_path / "other", texts[:20], shards=1, tag="o")
+    for sources in ([Source(path)], [Source(path, 2.0), Source(other, 1.0)]):
+        cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=3)
+        a = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
+        for _ in range(7):
+            next(a)
+        state = json.loads(json.dumps(a.get_state()))  # saved as JSON next to a checkpoint
+        expected = [next(a) for _ in range(25)]  # crosses epoch boundaries of the small source
+        b = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
+        b.set_state(state)
+        for e, g in zip(expected, [next(b) for _ in range(25)]):
+            for k in e:
+                np.testing.assert_array_equal(e[k], g[k])
+        # the batches after the restored point are not simply the first ones again
+        fresh = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
+        assert (next(fresh)["inputs"] != expected[0]["inputs"]).any()
+
+
+def test_two_processes_cover_the_data_exactly_once(corpus):
+    path, texts = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=8, num_epochs=2, drop_remainder=False)
+    per_process = []
+    for p in range(2):
+        batches = list(LMLoader([Source(path)], EOS_BYTES, cfg, process_index=p, process_count=2))
+        assert all(b["inputs"].shape[0] == 4 for b in batches[:-1])  # this process's half of the global batch
+        per_process.append(rebuild_documents(batches, EOS_BYTES))
+    counts = [collections.Counter(d) for d in per_process]
+    assert not set(counts[0]) & set(counts[1])  # disjoint
+    assert counts[0] + counts[1] == collections.Counter({t: 2 for t in texts})  # every doc once per epoch
+    # epochs are reshuffled
+    half = len(per_process[0]) // 2
+    assert per_process[0][:half] != per_process[0][half:]
+
+
+def test_mixture_follows_weights(corpus, tmp_path):
+    path, texts = corpus
+    rng = np.random.default_rng(5)
+    b = write_tier(tmp_path / "b", [zh_text(rng, 50) + "乙" for _ in range(15)], shards=1, tag="b")
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4)
+    docs = documents([Source(path, 3.0), Source(b, 1.0)], EOS_BYTES, cfg, 0, 1)
+    it = iter(docs)
+    first = [EOS_BYTES.decode(next(it)["targets"]) for _ in range(400)]
+    share_b = sum(d.endswith("乙") for d in first) / len(first)
+    assert abs(share_b - 0.25) < 0.03
+
+
+def test_worker_processes_give_the_same_batches(corpus):
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=1)
+    ref = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    expected = [next(ref) for _ in range(12)]
+    par = LMLoader([Source(path)], EOS_BYTES, LoaderConfig(seq_len=32, global_batch_size=4, seed=1, worker_count=2),
+                   process_index=0, process_count=1)
+    try:
+        for e, g in zip(expected, [next(par) for _ in range(12)]):
+            np.testing.assert_array_equal(e["inputs"], g["inputs"])
+            np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
+    finally:
+        par.close()
+
+
+def test_device_batches_are_sharded_over_the_batch_axes(corpus):
+    import jax
+
+    from parallel import make_mesh
+
+    path, _ = corpus
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    cfg = LoaderConfig(seq_len=32, global_batch_size=8, seed=2)
+    host = next(LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1))
+    dev = next(LMLoader([Source(path)], EOS_BYTES, cfg, mesh=mesh))
+    for k, v in dev.items():
+        assert isinstance(v, jax.Array) and v.shape == (8, 32)
+        np.testing.assert_array_equal(np.asarray(v), host[k])
+        assert len(v.sharding.device_set) == 8
+        # each device holds one row: the batch dimension is split 8 ways (data x fsdp)
+        assert {s.data.shape for s in v.addressable_shards} == {(1, 32)}
+
+
+def test_config_errors_name_the_field(corpus, tmp_path):
+    path, _ = corpus
+    with pytest.raises(ValueError, match="global_batch_size"):
+        LMLoader([Source(path)], EOS_BYTES, LoaderConfig(global_batch_size=3), process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="seq_len"):
+        LoaderConfig(seq_len=0)
+    with pytest.raises(ValueError, match="weight"):
+        Source(path, weight=0)
+    with pytest.raises(FileNotFoundError, match="shard-"):
+        LMLoader([Source(str(tmp_path))], EOS_BYTES, LoaderConfig(), process_index=0, process_count=1)

@@ -1,0 +1,73 @@
+"""Decoding and normalisation: NFKC on full-width text, control/invisible characters, whitespace, bad bytes."""
+
+import pytest
+
+from data.normalize import NormalizeConfig, decode, normalize_text
+
+
+def test_nfkc_folds_full_width_and_compatibility_characters():
+    # full-width latin, digits and punctuation, ideographic space, ligature, circled digit, half-width katakana
+    assert normalize_text("ＡＢＣ　ｘｙｚ　１２３！") == "ABC xyz 123!"
+    assert normalize_text("ﬁle ①") == "file 1"
+    assert normalize_text("ｶﾀｶﾅ") == "カタカナ"
+    # Han characters and the ideographic full stop stay; full-width comma/question mark/colon fold to ASCII
+    assert normalize_text("你好，世界。") == "你好,世界。"
+    assert normalize_text("真的？是：") == "真的?是:"
+
+
+def test_nfc_form_keeps_full_width():
+    assert normalize_text("ＡＢＣ", NormalizeConfig(form="NFC")) == "ＡＢＣ"
+    # but still composes combining sequences
+    assert normalize_text("e\u0301", NormalizeConfig(form="NFC")) == "é"
+
+
+def test_control_and_invisible_characters_removed_newlines_and_tabs_kept():
+    text = "a\x00b\x07c\u200bd\ufeffe\u00adf\u202eg\tx\ny"
+    assert normalize_text(text) == "abcdefg\tx\ny"
+    # emoji ZWJ sequences survive (U+200D is not removed)
+    family = "👨\u200d👩\u200d👧"
+    assert normalize_text(family) == family
+
+
+def test_line_breaks_and_whitespace():
+    assert normalize_text("a\r\nb\rc\u2028d") == "a\nb\nc\nd"
+    assert normalize_text("one   two\t\tthree   \n") == "one two three"
+    # leading indentation is kept (code), trailing spaces go, blank-line runs shrink
+    assert normalize_text("def f():\n    return 1   \n\n\n\n\nx") == "def f():\n    return 1\n\nx"
+    assert normalize_text("a\n\n\n\nb", NormalizeConfig(max_blank_lines=0)) == "a\nb"
+    assert normalize_text(" \n\t\n ") == ""
+
+
+def test_lone_surrogates_become_replacement_characters():
+    assert normalize_text("ok\ud800x") == "ok\ufffdx"
+
+
+@pytest.mark.parametrize("text", ["ＡＢＣ　１２３\r\n\r\n\r\nx  y\u200b", "你好，世界！\n\n\n\nｶﾀｶﾅ", "a\tb\n  c  d  "])
+def test_normalize_is_idempotent(text):
+    once = normalize_text(text)
+    assert normalize_text(once) == once
+
+
+def test_decode_valid_repaired_rejected_binary():
+    assert decode("héllo 你好".encode()) == ("héllo 你好", None)
+    # one bad byte in a long record: repaired with U+FFFD
+    text, reason = decode(b"x" * 500 + b"\xff" + b"y" * 500)
+    assert reason is None and text.count("\ufffd") == 1 and text.startswith("x" * 500)
+    # mostly bad bytes: rejected
+    assert decode(b"\xff\xfe\xfa" * 50 + b"abc") == (None, "invalid_utf8")
+    # reject policy: a single bad byte is enough
+    assert decode(b"x" * 500 + b"\xff", NormalizeConfig(invalid_utf8="reject")) == (None, "invalid_utf8")
+    # binary: NUL bytes or many control bytes
+    assert decode(b"PK\x03\x04\x00\x00binary") == (None, "binary")
+    assert decode(bytes(range(1, 32)) * 10) == (None, "binary")
+    # a genuine U+FFFD in valid input is not counted as damage
+    assert decode("valid \ufffd".encode()) == ("valid \ufffd", None)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="form"):
+        NormalizeConfig(form="NFX")
+    with pytest.raises(ValueError, match="invalid_utf8"):
+        NormalizeConfig(invalid_utf8="ignore")
+    with pytest.raises(ValueError, match="max_invalid_fraction"):
+        NormalizeConfig(max_invalid_fraction=2.0)

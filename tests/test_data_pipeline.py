@@ -1,0 +1,224 @@
+"""The cleaning pipeline end to end on a corpus with injected malformed records: every drop counted with its
+reason, counts reconcile tier by tier, tiers readable, resumable per shard, independent of worker count."""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data import report as report_mod
+from data.pipeline import PipelineConfig, run
+from data.shards import iter_docs, tier_shards
+from data.synthetic import en_text, zh_text
+
+EXPECTED_DROPS = {
+    "ingest": {"malformed_json": 2, "missing_text": 1, "bad_text_type": 1, "empty": 5, "invalid_utf8": 1,
+               "binary": 2, "too_large": 1},
+    "normalize": {},
+    "quality": {"promo_spam": 1, "blocklist": 1, "dup_lines": 1, "too_short": 1},
+    "langid": {"lang_other": 1},
+    "dedup": {"exact_dup": 1, "near_dup": 1},
+    "label": {},
+    "augment": {},
+}
+EXPECTED_KEPT = 15
+FRENCH = ("Le comité publiera son rapport final sur le projet de prolongement ferroviaire au printemps prochain. "
+          "Elle ouvrit le tiroir, trouva les vieilles lettres et les lut lentement près de la fenêtre. "
+          "Les chercheurs ont mesuré la vitesse à laquelle l'enzyme décompose l'amidon à différentes températures. "
+          "Nos voisins ont planté des tomates, des haricots et une rangée de tournesols le long de la clôture. "
+          "Le musée a rouvert après deux ans de travaux avec une nouvelle aile consacrée à l'histoire maritime.")
+
+
+def make_corpus(root: pathlib.Path) -> list[str]:
+    """JSONL + a directory of text files + Parquet, with every kind of bad record the issue names."""
+    rng = np.random.default_rng(0)
+    en = [en_text(rng, 300 if i == 1 else 120) for i in range(6)]
+    zh = [zh_text(rng, 300) for _ in range(3)]
+    ws = en[1].split()
+    for i in (10, 100, 200):
+        ws[i] = "changed"
+    good_line = lambda text, **meta: json.dumps({"text": text, **meta}, ensure_ascii=False).encode() + b"\n"
+    lines = [good_line(t, source="web") for t in en + zh]
+    lines += [
+        good_line(en_text(rng, 40) + "\n" + zh_text(rng, 120) + "\n" + en_text(rng, 40)),  # mixed en/zh: kept
+        good_line("  " + en[0].upper().replace(" ", "   ") + "  "),  # exact duplicate after folding
+        good_line(" ".join(ws)),  # near duplicate of en[1] (Jaccard ~0.9)
+        good_line(FRENCH),  # dropped by language ID
+        good_line(en_text(rng, 100) + " Buy now! Click here and buy now. BUY NOW."),
+        good_line(en_text(rng, 100) + " Cheap viagra."),
+        good_line("\n".join([en_text(rng, 10)] * 12)),
+        good_line("Too short."),
+        b'{"text": "unterminated\n',  # malformed JSON
+        b"[1, 2, 3]\n",  # valid JSON, not an object
+        b'{"title": "no text field"}\n',
+        b'{"text": 42}\n',
+        b'{"text": ""}\n',
+        b'{"text": "   \\n  "}\n',
+        b"\n",  # blank line
+        b'{"text": "' + b"\xff\xfe" * 100 + b'"}\n',  # mostly invalid UTF-8
+        b'{"text": "binary\x00\x01\x02blob"}\n',
+        b'{"text": "' + b"a" * 10_000_000 + b'"}\n',  # a 10 MB document
+        # one invalid byte in a long document: repaired (U+FFFD) and kept
+        good_line(en_text(rng, 120)).replace(b". ", b". \xff ", 1),
+        # a lone surrogate escape: repaired and kept
+        json.dumps({"text": en_text(rng, 120) + " \ud800 end."}).encode() + b"\n",
+    ]
+    (root / "in").mkdir()
+    (root / "in" / "a.jsonl").write_bytes(b"".join(lines))
+    texts = root / "in" / "texts"
+    texts.mkdir()
+    (texts / "good.txt").write_text(en_text(rng, 150) + "\nAll rights reserved.\n" + en_text(rng, 30))
+    (texts / "blob.bin").write_bytes(bytes(rng.integers(0, 256, 4096, dtype=np.uint8)))
+    (texts / "empty.txt").write_text("")
+    table = pa.table({"text": [en_text(rng, 120), None, zh_text(rng, 300)], "url": ["u1", "u2", "u3"]})
+    pq.write_table(table, root / "in" / "c.parquet")
+    return [str(root / "in" / "a.jsonl"), str(texts), str(root / "in" / "c.parquet")]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_corpus(root)
+
+
+@pytest.fixture(scope="module")
+def cleaned(corpus):
+    root, inputs = corpus
+    out = root / "out1"
+    stats = run(inputs, out, PipelineConfig(workers=1), progress=False)
+    return out, stats
+
+
+def all_docs(tier_dir):
+    return [d for path in tier_shards(tier_dir) for d in iter_docs(path)]
+
+
+def test_every_drop_counted_with_its_reason_and_counts_reconcile(cleaned):
+    out, _ = cleaned
+    rows = report_mod.funnel(out)
+    assert [s.name for _, s in rows] == list(EXPECTED_DROPS)
+    for _, s in rows:
+        assert dict(s.dropped) == EXPECTED_DROPS[s.name], s.name
+        assert s.docs_in == s.docs_out + sum(s.dropped.values())
+    assert report_mod.reconcile(rows) == []
+    ingest = rows[0][1]
+    # JSONL: 17 documents, 10 bad records, 2 repairable; 3 text files; 3 Parquet rows
+    assert ingest.docs_in == 17 + 10 + 2 + 3 + 3
+    assert rows[-1][1].docs_out == EXPECTED_KEPT
+
+
+def test_tiers_hold_the_counted_documents_and_bytes(cleaned):
+    out, stats = cleaned
+    for tier in ("raw", "filtered", "cleaned", "labeled", "augmented"):
+        docs = all_docs(out / tier)
+        last = stats[tier]["stages"][-1]
+        assert len(docs) == last["docs_out"], tier
+        assert sum(len(d["text"].encode()) for d in docs) == last["bytes_out"], tier
+    final = all_docs(out / "augmented")
+    assert {d["lang"] for d in final} == {"en", "zh"}
+    assert all(0 <= d["quality"] <= 1 and isinstance(d["domains"], list) for d in final)
+    # metadata travels with the text; repaired documents carry U+FFFD instead of the bad byte / surrogate
+    assert sum(d.get("source") == "web" for d in final) == 9  # 6 en + 3 zh; their duplicates came later
+    assert sum("\ufffd" in d["text"] for d in final) == 2
+    assert {d["url"] for d in final if "url" in d} == {"u1", "u3"}
+    # the boilerplate line of good.txt was removed and counted
+    good = next(d for d in final if d["id"].endswith("good.txt"))
+    assert "rights reserved" not in good["text"].lower()
+    quality = next(s for s in stats["filtered"]["stages"] if s["name"] == "quality")
+    assert quality["counters"]["boilerplate_lines_removed"] == 1
+
+
+def test_report_prints_funnel_and_language_mix(cleaned, capsys):
+    out, _ = cleaned
+    with pytest.raises(SystemExit) as exit_:
+        report_mod.main([str(out)])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "malformed_json 2" in text and "near_dup 1" in text and "lang_other 1" in text
+    assert "languages kept by langid:" in text and "zh " in text and "en " in text
+    assert "languages dropped by langid: fr 1 docs" in text
+    assert "counts reconcile: yes" in text
+
+
+def test_resume_redoes_only_missing_shards_and_matches(cleaned, corpus):
+    out, _ = cleaned
+    _, inputs = corpus
+    before = {t: all_docs(out / t) for t in ("cleaned", "augmented")}
+    kept_shard = out / "augmented" / "shard-00000.array_record"
+    mtime = kept_shard.stat().st_mtime_ns
+    # simulate a crash in pass 3 of shard 2: its outputs and stats are gone
+    for tier in ("cleaned", "labeled", "augmented"):
+        for suffix in (".array_record", ".stats.json"):
+            (out / tier / f"shard-00002{suffix}").unlink()
+    run(inputs, out, PipelineConfig(workers=1), progress=False)
+    assert kept_shard.stat().st_mtime_ns == mtime  # finished shards are not redone
+    assert {t: all_docs(out / t) for t in before} == before
+    assert report_mod.reconcile(report_mod.funnel(out)) == []
+
+
+def test_parallel_workers_give_identical_tiers(cleaned, corpus):
+    out1, _ = cleaned
+    root, inputs = corpus
+    run(inputs, root / "out2", PipelineConfig(workers=2), progress=False)
+    for tier in ("raw", "filtered", "cleaned", "augmented"):
+        assert all_docs(root / "out2" / tier) == all_docs(out1 / tier), tier
+
+
+def test_a_directory_of_another_run_is_refused(cleaned, corpus):
+    out, _ = cleaned
+    _, inputs = corpus
+    with pytest.raises(ValueError, match="different settings"):
+        run(inputs, out, PipelineConfig(workers=1, augment=None), progress=False)
+    with pytest.raises(ValueError, match="different inputs"):
+        run(inputs[:1], out, PipelineConfig(workers=1), progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DropMentions:
+    """A custom stage: drops documents that mention `word`."""
+
+    word: str
+    name: str = "mentions"
+
+    def __call__(self, doc):
+        return doc, ("mentions_" + self.word if self.word in doc["text"].lower() else None)
+
+
+def test_custom_stages_compose_and_are_counted(corpus, tmp_path):
+    _, inputs = corpus
+    base = PipelineConfig(workers=1)
+    cfg = dataclasses.replace(base, filters=(*base.default_filters(), DropMentions("bridge")))
+    run(inputs, tmp_path / "out", cfg, progress=False)
+    rows = report_mod.funnel(tmp_path / "out")
+    assert [s.name for _, s in rows][1:5] == ["normalize", "quality", "langid", "mentions"]
+    custom = rows[4][1]
+    assert custom.dropped["mentions_bridge"] > 0
+    assert report_mod.reconcile(rows) == []
+    assert not any("bridge" in d["text"].lower() for d in all_docs(tmp_path / "out" / "augmented"))
+
+
+def test_missing_input_and_unfinished_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run([tmp_path / "nope.jsonl"], tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        report_mod.funnel(tmp_path)
+    with pytest.raises(ValueError, match="workers"):
+        PipelineConfig(workers=0)
+
+
+def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
+    from data.corpus import default_corpus, stdlib_documents
+
+    tier = default_corpus(tmp_path, num_shards=2, max_files=6, workers=1, progress=False)
+    rows = report_mod.funnel(os.path.dirname(tier))
+    assert report_mod.reconcile(rows) == []
+    assert rows[0][1].docs_in == len(list(stdlib_documents(6))) >= 6  # each module's source (+ docstrings)
+    docs = all_docs(tier)
+    assert docs and {d["kind"] for d in docs} <= {"code", "docs"} and all(d["lang"] == "en" for d in docs)
+    # a second call reuses the finished run
+    assert default_corpus(tmp_path, num_shards=2, max_files=6, workers=1, progress=False) == tier

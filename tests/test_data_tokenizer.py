@@ -1,0 +1,72 @@
+"""Tokenizers: trained byte-level BPE and the byte fallback round-trip any Unicode text exactly."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from data.synthetic import en_text, zh_text
+from data.tokenizer import EOS, BPETokenizer, ByteTokenizer, train_bpe
+
+SAMPLES = ["", "hello world", "  leading and trailing  ", "你好，世界！今天天气很好。", "ＡＢＣ　全角",
+           "emoji 👍🏽 👨‍👩‍👧",
+           "e\u0301 combining", "tabs\tand\nnewlines\r\n", "\x00\x01 control", "\ufffd replacement", "Ω≈ç√∫ 😀 𝔘𝔫𝔦",
+           "mixed 中文 and English 混合"]
+
+
+def random_unicode(rng, n):
+    # any code point except surrogates (which no UTF-8 string can hold)
+    cps = rng.integers(0, 0x110000, n)
+    cps = np.where((cps >= 0xD800) & (cps < 0xE000), cps - 0x800, cps)
+    return "".join(map(chr, cps))
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 200) for _ in range(60)] + [zh_text(rng, 400) for _ in range(30)]
+    return train_bpe(texts, vocab_size=600, show_progress=False)
+
+
+def test_bpe_trains_to_the_requested_vocab_and_compresses(bpe):
+    assert bpe.vocab_size == 600
+    assert bpe.eos_id == 0 and bpe.tok.id_to_token(0) == EOS
+    rng = np.random.default_rng(1)
+    en, zh = en_text(rng, 200), zh_text(rng, 400)
+    assert len(bpe.encode(en)) < len(en.encode()) / 2.5  # merges learned on English words
+    assert len(bpe.encode(zh)) < len(zh.encode()) / 1.3  # and on Chinese characters (3 UTF-8 bytes each)
+
+
+@pytest.mark.parametrize("tok_name", ["bpe", "byte"])
+def test_round_trip_exact(tok_name, bpe):
+    tok = bpe if tok_name == "bpe" else ByteTokenizer()
+    rng = np.random.default_rng(2)
+    for text in SAMPLES + [random_unicode(rng, 50) for _ in range(50)]:
+        ids = tok.encode(text)
+        assert ids.dtype == np.int32 and (ids >= 0).all() and (ids < tok.vocab_size).all()
+        assert tok.decode(ids) == text
+
+
+def test_save_load_and_pickle(bpe, tmp_path):
+    path = tmp_path / "tok.json"
+    bpe.save(path)
+    loaded = BPETokenizer.load(path)
+    text = "你好 world, round trip!"
+    assert loaded.encode(text).tolist() == bpe.encode(text).tolist()
+    assert pickle.loads(pickle.dumps(bpe)).encode(text).tolist() == bpe.encode(text).tolist()
+    assert [a.tolist() for a in bpe.encode_batch(SAMPLES)] == [bpe.encode(t).tolist() for t in SAMPLES]
+    with pytest.raises(FileNotFoundError, match="train_bpe"):
+        BPETokenizer.load(tmp_path / "missing.json")
+
+
+def test_byte_tokenizer_is_utf8():
+    tok = ByteTokenizer()
+    assert tok.encode("aé中").tolist() == list("aé中".encode())
+    assert tok.vocab_size == 256 and tok.eos_id is None
+    with_eos = ByteTokenizer(add_eos=True)
+    assert with_eos.vocab_size == 257 and with_eos.decode([256, *with_eos.encode("hi"), 256]) == "hi"
+
+
+def test_vocab_size_error_names_the_field():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe(["abc"], vocab_size=200)
