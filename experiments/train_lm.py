@@ -22,6 +22,7 @@ from data.corpus import BYTE_VOCAB, ByteWindows, decode_bytes, encode_bytes, std
 from experiments.lm_step import make_eval_step, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig, generate
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
+from parallel.distributed import initialize
 
 DEMO = TransformerConfig(vocab_size=BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=384,
                          max_seq_len=128)
@@ -41,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
 
     cfg = DEMO
     mesh = make_mesh(parse_mesh(args.mesh))
