@@ -7,6 +7,8 @@ so the same code serves training (slots = arange(T)) and cached decoding (slots 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,12 +23,17 @@ def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None)
     return mask[:, None]
 
 
-def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float):
-    """Plain einsum attention in the input dtype; softmax in float32. Used as the test oracle."""
+def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_softcap: float | None = None):
+    """Plain einsum attention in the input dtype; softmax in float32. Used as the test oracle.
+
+    logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scaled scores, before masking.
+    """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * scale
+    if logit_softcap is not None:
+        s_BKGTS = logit_softcap * jnp.tanh(s_BKGTS / logit_softcap)
     s_BKGTS = jnp.where(mask_B1TS[:, :, None], s_BKGTS, jnp.finfo(jnp.float32).min)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
     # A fully masked row (a padding query) gets uniform weights over nothing useful; zero it.
@@ -35,16 +42,78 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float):
     return o_BTKGH.reshape(B, T, N, H)
 
 
-def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: float | None = None):
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score (as jax.nn.dot_product_attention)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float):
+    """`jax.nn.dot_product_attention(implementation='xla')` semantics, laid out and differentiated for speed.
+
+    Heads move in front of time once ([B, K, G, T, H]), so every einsum is a plain batched matmul
+    over (B, K) with G·T rows. Scores and softmax are float32; a fully masked row gets uniform
+    weights (as in jax). The backward pass is written by hand (`_core`).
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+    o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B1TS[:, :, None], scale)
+    return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
+    """Softmax attention keeping the unnormalised weights E = exp(s - max) and their row sums l."""
+    s_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, _NEG)
+    e_BKGTS = jnp.exp(s_BKGTS - s_BKGTS.max(-1, keepdims=True))
+    l_BKGT1 = e_BKGTS.sum(-1, keepdims=True)
+    # normalise the [T, H] output rather than the [T, S] weights
+    o_BKGTH = jnp.einsum("bkgts,bksh->bkgth", e_BKGTS.astype(v_BKSH.dtype), v_BKSH,
+                         preferred_element_type=jnp.float32) / l_BKGT1
+    o_BKGTH = o_BKGTH.astype(q_BKGTH.dtype)
+    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH)
+
+
+def _core_bwd(scale, res, do_BKGTH):
+    """With P = E / l: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = scale·dS K, dK = scale·dSᵀ Q.
+
+    The row statistic rowsum(dO ∘ O) = rowsum(P ∘ dP) costs [T, H] instead of [T, S], and 1/l is
+    folded into dO, so the [T, S] tensors see one elementwise pass (dS) besides the matmuls.
+    """
+    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH = res
+    g_BKGTH = do_BKGTH.astype(jnp.float32) / l_BKGT1  # dO / l
+    d_BKGT1 = jnp.sum(g_BKGTH * o_BKGTH.astype(jnp.float32), -1, keepdims=True)  # rowsum(dO ∘ O) / l
+    dv_BKSH = jnp.einsum("bkgts,bkgth->bksh", e_BKGTS.astype(v_BKSH.dtype), g_BKGTH.astype(v_BKSH.dtype),
+                         preferred_element_type=jnp.float32)
+    dp_BKGTS = jnp.einsum("bkgth,bksh->bkgts", g_BKGTH.astype(v_BKSH.dtype), v_BKSH,
+                          preferred_element_type=jnp.float32)
+    ds_BKGTS = (e_BKGTS * (dp_BKGTS - d_BKGT1) * scale).astype(q_BKGTH.dtype)
+    dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=jnp.float32)
+    dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=jnp.float32)
+    return (dq_BKGTH.astype(q_BKGTH.dtype), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype),
+            None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
+    return _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale)[0]
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: float | None = None,
+              logit_softcap: float | None = None):
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.
 
-    impl: 'xla' and 'cudnn' go through `jax.nn.dot_product_attention` (cuDNN's fused kernel needs
-    a GPU and bf16/fp16); 'reference' is the einsum oracle above.
+    impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
+    `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16); 'reference' is the einsum oracle.
     """
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "reference":
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale)
-    if impl not in ("xla", "cudnn"):
+    if impl == "reference" or logit_softcap is not None:  # the fused paths have no soft-cap
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
+    if impl == "xla":
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale)
+    if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=impl)

@@ -12,6 +12,7 @@ from typing import Literal
 
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 AttnImpl = Literal["xla", "cudnn", "reference"]
+SwaImpl = Literal["auto", "blocked", "cudnn", "splash", "dense"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,19 @@ class TransformerConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms, softmax and logits stay float32
     init_std: float = 0.02
+    # --- attention pattern: which layers are local (sliding window) and their windows ---
+    attn_pattern: str = "global"  # 'global' | 'local' | 'alternating' (local first, Gemma 2) | 'N:1' (Gemma 3)
+    sliding_window: int | tuple[int, ...] | None = None  # W (query i sees i-W < j <= i); a tuple: one per local layer
+    swa_impl: SwaImpl = "auto"  # auto: cudnn on GPU, splash on TPU, blocked elsewhere
+    swa_block: int = 256  # query block of the blocked kernel
+    attn_logit_softcap: float | None = None  # cap·tanh(s / cap) on attention scores (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 instead of head_dim**-0.5
+    # --- block variants (Gemma 2) ---
+    mlp_act: Literal["silu", "gelu_tanh"] = "silu"
+    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w); Gemma stores w around 0 with offset 1
+    post_norms: bool = False  # RMSNorm on each sublayer's output before the residual add
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)
+    pipeline_microbatches: int = 1  # GPipe microbatches when the mesh has a `stage` axis
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -70,8 +84,14 @@ class TransformerConfig:
         for f in ("param_dtype", "dtype"):
             need(getattr(self, f) in ("float32", "bfloat16", "float16"), f,
                  f"unsupported {getattr(self, f)!r}; use float32, bfloat16 or float16")
-        need(self.final_logit_softcap is None or self.final_logit_softcap > 0,
-             "final_logit_softcap", "must be positive or None")
+        for f in ("final_logit_softcap", "attn_logit_softcap", "query_pre_attn_scalar"):
+            need(getattr(self, f) is None or getattr(self, f) > 0, f, "must be positive or None")
+        need(self.swa_impl in ("auto", "blocked", "cudnn", "splash", "dense"), "swa_impl",
+             f"unknown {self.swa_impl!r}; use auto, blocked, cudnn, splash or dense")
+        need(self.swa_block > 0, "swa_block", "must be positive")
+        need(self.pipeline_microbatches > 0, "pipeline_microbatches", "must be positive")
+        need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+        self.layer_windows()  # validates attn_pattern and sliding_window together
 
     @property
     def kv_heads(self) -> int:
@@ -81,12 +101,44 @@ class TransformerConfig:
     def hd(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    def local_layers(self) -> tuple[bool, ...]:
+        """Which layers use sliding-window attention, from `attn_pattern`."""
+        p, L = self.attn_pattern, self.n_layers
+        if p in ("global", "local"):
+            return (p == "local",) * L
+        if p == "alternating":
+            return tuple(i % 2 == 0 for i in range(L))
+        n, sep, one = p.partition(":")
+        if sep and n.isdigit() and one == "1" and int(n) > 0:
+            return tuple(i % (int(n) + 1) != int(n) for i in range(L))
+        raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}; use 'global', 'local', "
+                         "'alternating' or 'N:1' (N local layers, then one global)")
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per-layer attention window (None: global causal attention)."""
+        local = self.local_layers()
+        n_local = sum(local)
+        w = self.sliding_window
+        if n_local == 0:
+            return (None,) * self.n_layers
+        if w is None:
+            raise ValueError(f"TransformerConfig.sliding_window: attn_pattern={self.attn_pattern!r} has "
+                             f"{n_local} local layers; set sliding_window to their window size")
+        ws = (w,) * n_local if isinstance(w, int) else tuple(w)
+        if len(ws) != n_local:
+            raise ValueError(f"TransformerConfig.sliding_window: got {len(ws)} windows for {n_local} local layers; "
+                             "give one int, or one window per local layer")
+        if any(not isinstance(x, int) or x < 1 for x in ws):
+            raise ValueError(f"TransformerConfig.sliding_window: windows must be integers >= 1, got {w}")
+        it = iter(ws)
+        return tuple(next(it) if is_local else None for is_local in local)
+
     # ---- accounting -----------------------------------------------------------------------
     def layer_params(self) -> int:
         d, h, k, hd, f = self.d_model, self.n_heads, self.kv_heads, self.hd, self.mlp_dim
         attn = d * h * hd + 2 * d * k * hd + h * hd * d
         bias = (h + 2 * k) * hd if self.qkv_bias else 0
-        return attn + bias + 3 * d * f + 2 * d  # + two RMSNorm scales
+        return attn + bias + 3 * d * f + (4 if self.post_norms else 2) * d  # + RMSNorm scales
 
     def param_count(self) -> int:
         """Total number of parameters (embedding and head counted once when tied)."""
@@ -98,9 +150,20 @@ class TransformerConfig:
         return self.n_layers * self.layer_params() + self.vocab_size * self.d_model
 
     def attention_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
-        """Forward FLOPs of QK^T and AV per token, averaged over a sequence of `seq_len`."""
-        keys = (seq_len + 1) / 2 if causal else seq_len
-        return self.n_layers * 4 * self.n_heads * self.hd * keys
+        """Forward FLOPs of QK^T and AV per token, averaged over a sequence of `seq_len`.
+
+        causal: count only the keys each query sees (min(W, i + 1) for a local layer); otherwise
+        the full T×T square a dense masked kernel computes.
+        """
+        keys = 0.0
+        for w in self.layer_windows():
+            if not causal:
+                keys += seq_len
+            elif w is None or w >= seq_len:
+                keys += (seq_len + 1) / 2
+            else:  # positions i < W see i + 1 keys, the rest see W
+                keys += (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        return 4 * self.n_heads * self.hd * keys
 
     def flops_per_token(self, seq_len: int, causal: bool = True, training: bool = True) -> float:
         """6·N_matmul + 3·attention per token when training (2·N + attention for inference).

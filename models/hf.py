@@ -1,4 +1,4 @@
-"""Hugging Face interop: load and save Llama / Mistral / Qwen2 checkpoints as `Transformer`s.
+"""Hugging Face interop: load and save Llama / Mistral / Qwen2 / Gemma 2 checkpoints as `Transformer`s.
 
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
 `pytorch_model.bin` files are refused because unpickling runs arbitrary code.
@@ -9,7 +9,10 @@ Layout (HF `nn.Linear.weight` is [out, in]; ours is [in, out] split by heads). P
   o_proj.weight [D, N*H] <-> wo[i] [N, H, D]
   gate/up_proj  [F, D]   <-> w_gate/w_up[i] [D, F]   down_proj [D, F] <-> w_down[i] [F, D]
   input_layernorm / post_attention_layernorm [D] <-> attn_norm / mlp_norm[i] [D]
-Both use the half-split (rotate_half) RoPE, so q/k need no permutation.
+Both use the half-split (rotate_half) RoPE, so q/k need no permutation. Gemma 2 renames the norms:
+  input_layernorm / post_attention_layernorm <-> attn_norm / post_attn_norm (attention in, out)
+  pre_feedforward_layernorm / post_feedforward_layernorm <-> mlp_norm / post_mlp_norm (MLP in, out)
+Sliding windows (Mistral, Qwen2 `use_sliding_window`, Gemma 2 alternation) map to `attn_pattern`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from safetensors.numpy import save_file
 from models.config import RopeScaling, TransformerConfig
 from models.transformer import Transformer
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Gemma2ForCausalLM": "gemma2"}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -72,21 +76,27 @@ def _architecture(hf: dict) -> str:
                        f"supported are {sorted(ARCHITECTURES)}")
 
 
-def _check_sliding_window(hf: dict, arch: str, max_seq_len: int):
-    """A window at least as long as every sequence we run is plain causal attention, so it is fine."""
-    window = hf.get("sliding_window")
-    if arch == "llama" or window is None or window >= max_seq_len:
-        return
-    if arch == "qwen2":
-        if not hf.get("use_sliding_window", False):
-            return
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0) else "full"
-                                          for i in range(hf["num_hidden_layers"])]
-        if "sliding_attention" not in types:
-            return
-    raise _unsupported("sliding_window", window,
-                       f"our attention is full causal; pass max_seq_len<={window} to load it for sequences "
-                       "no longer than the window (where both agree)")
+def _attention_pattern(hf: dict, arch: str) -> dict:
+    """attn_pattern / sliding_window fields from the HF window settings (Mistral semantics)."""
+    window, L = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if arch == "llama" or window is None or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
+        return {}
+    if arch == "gemma2":
+        types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    elif arch == "qwen2":
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0)
+                                          else "full_attention" for i in range(L)]
+    else:
+        types = ["sliding_attention"] * L
+    local = tuple(t == "sliding_attention" for t in types)
+    if not any(local):
+        return {}
+    if all(local):
+        return dict(attn_pattern="local", sliding_window=int(window))
+    if local == tuple(i % 2 == 0 for i in range(L)):
+        return dict(attn_pattern="alternating", sliding_window=int(window))
+    raise _unsupported("layer_types", types, "supported layouts are all-sliding, all-full and alternating "
+                       "(sliding first)")
 
 
 def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
@@ -95,8 +105,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     `overrides` (e.g. dtype, attn_impl, remat, scan_layers, max_seq_len) replace mapped fields.
     """
     arch = _architecture(hf)
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported("hidden_act", hf["hidden_act"], "our MLP is SwiGLU (silu)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise _unsupported("hidden_act", act, "our gated MLP uses silu or gelu_pytorch_tanh")
     if hf.get("mlp_bias", False):
         raise _unsupported("mlp_bias", True, "our MLP has no biases")
     try:
@@ -111,11 +122,16 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   # Qwen2 always has q/k/v biases; Llama's attention_bias also adds an o_proj bias, which
                   # the loader accepts only when it is zero (see from_pretrained).
                   qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
+                  mlp_act="silu" if act == "silu" else "gelu_tanh", **_attention_pattern(hf, arch))
+        if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
+            kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
+                      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
+                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
+                      final_logit_softcap=hf.get("final_logit_softcapping"))
     except KeyError as e:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
     kw.update(overrides)
-    _check_sliding_window(hf, arch, kw["max_seq_len"])
     return TransformerConfig(**kw)
 
 
@@ -124,8 +140,17 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
 
     Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias), LlamaForCausalLM otherwise.
     """
-    if cfg.final_logit_softcap is not None:
-        raise ValueError("TransformerConfig.final_logit_softcap has no Llama/Qwen2 equivalent; set it to None")
+    if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
+        if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
+            raise ValueError("TransformerConfig.query_pre_attn_scalar must be a whole number for Gemma 2")
+        return _gemma2_config(cfg)
+    if cfg.final_logit_softcap is not None or cfg.attn_logit_softcap is not None:
+        raise ValueError("TransformerConfig soft-capping has no Llama/Mistral/Qwen2 equivalent; set it to None "
+                         "(or use the Gemma 2 block: post_norms, norm_offset=1, embed_scale)")
+    if cfg.mlp_act != "silu" or cfg.query_pre_attn_scalar is not None:
+        raise ValueError("TransformerConfig.mlp_act / query_pre_attn_scalar: Llama/Mistral/Qwen2 need silu and "
+                         "the default 1/sqrt(head_dim) query scale")
+    windows = cfg.layer_windows()
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
@@ -138,10 +163,40 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
               hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
               bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
     if cfg.qkv_bias:
+        if any(w is not None for w in windows):
+            raise ValueError("TransformerConfig: sliding windows with qkv_bias have no exact HF equivalent here")
         return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                     sliding_window=None, max_window_layers=cfg.n_layers,
                     layer_types=["full_attention"] * cfg.n_layers, **hf)
+    if any(w is not None for w in windows):  # Mistral: one window on every layer
+        if len(set(windows)) != 1:
+            raise ValueError("TransformerConfig.attn_pattern: Mistral needs the same window on every layer "
+                             f"(attn_pattern='local'), got windows {windows}")
+        return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
+
+
+def _gemma2_config(cfg: TransformerConfig) -> dict:
+    windows = cfg.layer_windows()
+    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.mlp_act == "gelu_tanh"
+            and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None):
+        raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
+                         "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias and no rope_scaling")
+    local = [w for w in windows if w is not None]
+    if len(set(local)) > 1:
+        raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 has one window, got {sorted(set(local))}")
+    return dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
+                sliding_window=local[0] if local else cfg.max_seq_len,
+                layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
+                attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
+                attention_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                dtype=cfg.param_dtype)
 
 
 def _hf_layout(cfg: TransformerConfig) -> dict:
@@ -167,6 +222,10 @@ def _hf_layout(cfg: TransformerConfig) -> dict:
         lay["blocks.bq"] = (attn + "q_proj.bias", flat, lambda a: a.reshape(n, h))
         lay["blocks.bk"] = (attn + "k_proj.bias", flat, lambda a: a.reshape(k, h))
         lay["blocks.bv"] = (attn + "v_proj.bias", flat, lambda a: a.reshape(k, h))
+    if cfg.post_norms:  # Gemma 2 names: post_attention_layernorm is the attention *output* norm
+        lay["blocks.post_attn_norm"] = ("model.layers.{i}.post_attention_layernorm.weight", None, None)
+        lay["blocks.mlp_norm"] = ("model.layers.{i}.pre_feedforward_layernorm.weight", None, None)
+        lay["blocks.post_mlp_norm"] = ("model.layers.{i}.post_feedforward_layernorm.weight", None, None)
     if not cfg.tie_embeddings:
         lay["lm_head"] = ("lm_head.weight", T, T)
     return lay

@@ -11,6 +11,7 @@ queries, S = (R + 1)·C keys per block.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -94,3 +95,92 @@ def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=
     if valid_BT is not None:
         mask = mask & valid_BT[:, None, :]
     return mask[:, None]
+
+
+_logged: set = set()
+
+
+def _log_once(choice: str, why: str):
+    if (choice, why) not in _logged:
+        _logged.add((choice, why))
+        logging.getLogger("jaxscale").info("sliding-window attention: %s (%s)", choice, why)
+
+
+def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool) -> str:
+    """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once."""
+    backend = jax.default_backend()
+    if impl != "auto":
+        _log_once(impl, "set in the config")
+        return impl
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not has_segments and not softcap:
+        choice, why = "cudnn", "GPU, 16-bit, no segment ids or soft-cap"
+    elif backend == "tpu" and _splash() is not None:
+        choice, why = "splash", "TPU Pallas splash attention with a local mask"
+    else:
+        choice, why = "blocked", f"backend {backend}: blocked O(T·W) kernel"
+    _log_once(choice, why)
+    return choice
+
+
+def _splash():
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import (
+            splash_attention_kernel as sk,
+            splash_attention_mask as sm,
+        )
+    except ImportError:
+        return None
+    return sk, sm
+
+
+def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None, valid_BT=None, impl: str = "auto",
+                    block: int = 256, scale: float | None = None, logit_softcap: float | None = None):
+    """Causal sliding-window attention through the backend's best kernel (see `choose_impl`).
+
+    impl: 'blocked' (this module, any backend), 'cudnn' (`jax.nn.dot_product_attention` with
+    `local_window_size`, NVIDIA GPUs, 16-bit), 'splash' (TPU Pallas kernel with a LocalMask),
+    'dense' (a masked T×T reference: quadratic, for tests and benchmarks), or 'auto'.
+    """
+    impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None or valid_BT is not None,
+                       logit_softcap is not None)
+    B, T, N, H = q_BTNH.shape
+    scale = H ** -0.5 if scale is None else scale
+    if impl == "blocked":
+        return sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT=segment_ids_BT,
+                                        valid_BT=valid_BT, block=block, scale=scale, logit_softcap=logit_softcap)
+    if impl == "dense":
+        from models.attention import reference_attention
+
+        mask = dense_window_mask(T, window, segment_ids_BT, valid_BT)
+        return reference_attention(q_BTNH, k_BTKH, v_BTKH, jnp.broadcast_to(mask, (B,) + mask.shape[1:]), scale,
+                                   logit_softcap)
+    if impl == "cudnn":
+        if segment_ids_BT is not None or valid_BT is not None or logit_softcap is not None:
+            raise ValueError("swa_impl='cudnn' supports neither segment ids, padding nor soft-capping; "
+                             "use swa_impl='auto' or 'blocked'")
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
+                                            local_window_size=(window - 1, 0), implementation="cudnn")
+    if impl == "splash":
+        return _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap)
+    raise ValueError(f"swa_impl={impl!r}: use auto, blocked, cudnn, splash or dense")
+
+
+def _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap):
+    """TPU splash attention with a causal local mask (written to the jax API; needs a TPU to run)."""
+    mods = _splash()
+    if mods is None:
+        raise ValueError("swa_impl='splash' needs jax's Pallas TPU splash-attention kernel, absent from this jax")
+    sk, sm = mods
+    B, T, N, H = q_BTNH.shape
+    G = N // k_BTKH.shape[2]
+    mask = sm.MultiHeadMask([sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0)] * N)
+    kernel = sk.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1, attn_logits_soft_cap=logit_softcap)
+    q = (q_BTNH * scale).transpose(0, 2, 1, 3)  # the kernel does not scale queries
+    k = jnp.repeat(k_BTKH, G, axis=2).transpose(0, 2, 1, 3)
+    v = jnp.repeat(v_BTKH, G, axis=2).transpose(0, 2, 1, 3)
+    if segment_ids_BT is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        seg = jax.vmap(lambda s: sk.SegmentIds(q=s, kv=s))(segment_ids_BT)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(q, k, v, seg)
+    return out.transpose(0, 2, 1, 3)

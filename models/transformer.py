@@ -1,9 +1,11 @@
-"""Decoder-only Transformer (Llama/Mistral/Qwen family) in Flax NNX, used functionally.
+"""Decoder-only Transformer (Llama / Mistral / Qwen2 / Gemma 2 family) in Flax NNX, used functionally.
 
 Parameters carry logical axis names only; `parallel.rules` maps them to a mesh. Layers are stacked
-on a leading `layers` axis and run with `jax.lax.scan` (or unrolled, same params) under a remat
-policy. Shapes: B batch, T tokens, D d_model, N heads, K kv heads, H head dim, F mlp, V vocab,
-L layers, S cache slots.
+on a leading `layers` axis. Layers may differ in attention window (local / global patterns): the
+stack is scanned in groups of one pattern period P, unrolling the P layers of a group, so every
+layer keeps a static window. A mesh with a `stage` axis runs the groups as a GPipe pipeline.
+Shapes: B batch, T tokens, D d_model, N heads, K kv heads, H head dim, F mlp, V vocab, L layers,
+P pattern period, S cache slots.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from flax import nnx
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.rope import apply_rope, inv_frequencies
-from parallel.rules import constrain
+from models.sliding_window import local_attention
+from parallel.pipeline import gpipe
+from parallel.rules import constrain, mesh_axis_for
 
 
 def param(rngs, shape, axes, dtype, std=None):
@@ -27,84 +31,148 @@ def param(rngs, shape, axes, dtype, std=None):
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, offset: float = 0.0):
+    """RMSNorm in float32; multiplies by (offset + scale) (Gemma stores scale - 1 with offset 1)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def pattern_period(cfg: TransformerConfig) -> int:
+    """Smallest P dividing n_layers such that layer i behaves like layer i mod P."""
+    kinds, L = cfg.layer_windows(), cfg.n_layers
+    return next(p for p in range(1, L + 1) if L % p == 0 and all(kinds[i] == kinds[i % p] for i in range(L)))
+
+
+def cache_slots(window: int | None, max_len: int) -> int:
+    """KV slots a layer keeps: a rolling buffer of W for local layers, max_len for global ones."""
+    return max_len if window is None or window >= max_len else window
 
 
 class KVCache(NamedTuple):
-    """Stacked per-layer cache: k/v [L, B, S, K, H]; `length` = slots filled so far (scalar)."""
+    """Per pattern position j < P: k[j], v[j] [L/P, B, S_j, K, H] and pos[j] [S_j], the absolute
+    position held by each slot (-1: empty). Local layers keep S_j = W slots (a rolling buffer),
+    so their memory does not grow with the generated length. `length`: tokens seen so far."""
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
+    pos: tuple
     length: jax.Array
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, max_len: int, dtype=None):
         dtype = dtype or dtype_of(cfg.dtype)
-        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.hd)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        P = pattern_period(cfg)
+        slots = [cache_slots(w, max_len) for w in cfg.layer_windows()[:P]]
+        shape = lambda s: (cfg.n_layers // P, batch, s, cfg.kv_heads, cfg.hd)
+        return cls(tuple(jnp.zeros(shape(s), dtype) for s in slots), tuple(jnp.zeros(shape(s), dtype) for s in slots),
+                   tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """Per-call values every layer shares (not parameters). Arrays are [B, T]."""
+
+    cfg: TransformerConfig
+    positions: jax.Array
+    segment_ids: jax.Array | None
+    padding_mask: jax.Array | None
+    inv_freq: object
+    length: jax.Array | int = 0  # tokens already in the cache
+
+    def arrays(self):
+        return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
+
+    def with_arrays(self, a):
+        return dataclasses.replace(self, **a)
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))."""
+    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2)."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         d, n, k, h, f, pd, std = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim,
                                   dtype_of(cfg.param_dtype), cfg.init_std)
-        self.attn_norm = param(rngs, (d,), ("norm",), pd)
+        norm = lambda: param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # noqa: E731
+        self.attn_norm = norm()
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
         self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
         self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std)
         if cfg.qkv_bias:
-            zeros = dict(std=0.0)
-            self.bq = param(rngs, (n, h), ("heads", "head_dim"), pd, **zeros)
-            self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, **zeros)
-            self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, **zeros)
-        self.mlp_norm = param(rngs, (d,), ("norm",), pd)
+            self.bq = param(rngs, (n, h), ("heads", "head_dim"), pd, 0.0)
+            self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
+            self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
+        self.mlp_norm = norm()
+        if cfg.post_norms:
+            self.post_attn_norm = norm()
+            self.post_mlp_norm = norm()
         self.w_gate = param(rngs, (d, f), ("embed", "mlp"), pd, std)
         self.w_up = param(rngs, (d, f), ("embed", "mlp"), pd, std)
         self.w_down = param(rngs, (f, d), ("mlp", "embed"), pd, std)
 
-    def __call__(self, x_BTD, ctx: _Ctx, k_cache=None, v_cache=None):
+    def __call__(self, x_BTD, ctx: _Ctx, window: int | None, cache=None):
+        """x [B, T, D] → x [B, T, D]; `cache` = (k [B, S, K, H], v, pos [S]) or None."""
         cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
-        w = lambda p: p[...].astype(cd)  # noqa: E731  (params stay in param_dtype; compute in cd)
-        h_BTD = rms_norm(x_BTD, self.attn_norm[...], cfg.norm_eps)
-        q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, w(self.wq))
-        k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w(self.wk))
-        v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, w(self.wv))
+        B, T, D = x_BTD.shape
+        N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
+        w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
+        norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
+        # Projections run as 2-D [M = B·T, D] matmuls: their weight gradients are then plain
+        # `x_MD^T @ g_MF` dots, whereas 3-D einsums make XLA:CPU transpose g inside slow loop fusions.
+        h_MD = norm(x_BTD, self.attn_norm).reshape(B * T, D)
+        q_BTNH = (h_MD @ w(self.wq, D, N * H)).reshape(B, T, N, H)
+        k_BTKH = (h_MD @ w(self.wk, D, K * H)).reshape(B, T, K, H)
+        v_BTKH = (h_MD @ w(self.wv, D, K * H)).reshape(B, T, K, H)
         if cfg.qkv_bias:
-            q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq), k_BTKH + w(self.bk), v_BTKH + w(self.bv)
+            q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
         q_BTNH = constrain(apply_rope(q_BTNH, ctx.positions, ctx.inv_freq), ("batch", "act_seq", "act_heads", None))
         k_BTKH = apply_rope(k_BTKH, ctx.positions, ctx.inv_freq)
-        if k_cache is not None:  # write this step's keys at slots [length, length + T)
-            start = (0, ctx.cache_start, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_BTKH.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_BTKH.astype(v_cache.dtype), start)
-            k_BTKH, v_BTKH = k_cache.astype(cd), v_cache.astype(cd)
-        o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, ctx.mask, impl=cfg.attn_impl)
-        x_BTD = x_BTD + jnp.einsum("btnh,nhd->btd", o_BTNH, w(self.wo))
-        x_BTD = constrain(x_BTD, ("batch", "act_seq", "act_embed"))
+        o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
+        a_BTD = (o_BTNH.reshape(B * T, N * H) @ w(self.wo, N * H, D)).reshape(B, T, D)
+        x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
+                          ("batch", "act_seq", "act_embed"))
 
-        h_BTD = rms_norm(x_BTD, self.mlp_norm[...], cfg.norm_eps)
-        g_BTF = jnp.einsum("btd,df->btf", h_BTD, w(self.w_gate))
-        u_BTF = jnp.einsum("btd,df->btf", h_BTD, w(self.w_up))
-        a_BTF = constrain(jax.nn.silu(g_BTF) * u_BTF, ("batch", "act_seq", "act_mlp"))
-        x_BTD = x_BTD + jnp.einsum("btf,fd->btd", a_BTF, w(self.w_down))
-        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), k_cache, v_cache
+        h_MD = norm(x_BTD, self.mlp_norm).reshape(B * T, D)
+        act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
+        a_MF = act(h_MD @ w(self.w_gate, D, F)) * (h_MD @ w(self.w_up, D, F))
+        a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
+        m_BTD = (a_BTF.reshape(B * T, F) @ w(self.w_down, F, D)).reshape(B, T, D)
+        x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
+        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache
 
+    def _attend(self, q_BTNH, k_BTKH, v_BTKH, ctx: _Ctx, window, cache):
+        cfg = ctx.cfg
+        B, T = q_BTNH.shape[:2]
+        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        kw = dict(impl=cfg.attn_impl, scale=scale, logit_softcap=cfg.attn_logit_softcap)
+        if cache is None:
+            if window is not None and window < T:
+                return local_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT=ctx.segment_ids,
+                                       valid_BT=ctx.padding_mask, impl=cfg.swa_impl, block=cfg.swa_block,
+                                       scale=scale, logit_softcap=cfg.attn_logit_softcap), None
+            slots_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            mask = make_mask(slots_BT, slots_BT, ctx.segment_ids, ctx.segment_ids, ctx.padding_mask)
+            return attention(q_BTNH, k_BTKH, v_BTKH, mask, **kw), None
 
-@dataclasses.dataclass(frozen=True)
-class _Ctx:
-    """Per-call values every layer shares (not parameters)."""
-
-    cfg: TransformerConfig
-    positions: jax.Array
-    mask: jax.Array
-    inv_freq: object
-    cache_start: jax.Array | int = 0
+        # Cached decoding: masks come from the absolute position stored in each slot.
+        k_BSKH, v_BSKH, pos_S = cache
+        S = pos_S.shape[0]
+        new_T = ctx.length + jnp.arange(T, dtype=jnp.int32)
+        keep = min(T, S)  # a chunk longer than a rolling buffer leaves only its last S tokens
+        slots = new_T[T - keep:] % S
+        write = lambda buf, new: buf.at[:, slots].set(new[:, T - keep:].astype(buf.dtype))  # noqa: E731
+        new_cache = (write(k_BSKH, k_BTKH), write(v_BSKH, v_BTKH), pos_S.at[slots].set(new_T[T - keep:]))
+        if window is None or S > window:  # global layer (S = max_len): attend over the written cache
+            k_att, v_att, pos_att = new_cache
+        else:  # rolling buffer: attend over the old slots plus this chunk, before overwriting
+            k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
+            pos_att = jnp.concatenate([pos_S, new_T])
+        diff_TS = new_T[:, None] - pos_att[None, :]
+        mask_TS = (pos_att[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < (window or jnp.iinfo(jnp.int32).max))
+        mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
+        cd = q_BTNH.dtype
+        return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
 
 
 REMAT_POLICIES = {
@@ -131,7 +199,7 @@ class Transformer(nnx.Module):
                 return Block(cfg, rngs=r)
 
             self.blocks = make_blocks(rngs)
-            self.final_norm = param(rngs, (d,), ("norm",), pd)
+            self.final_norm = param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)
             if not cfg.tie_embeddings:
                 self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd, cfg.init_std)
 
@@ -145,52 +213,97 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
-        start = cache.length if cache is not None else 0
-        slots_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        positions_BT = slots_BT if positions_BT is None else positions_BT
-        if cache is None:
-            mask = make_mask(slots_BT, slots_BT, segment_ids_BT, segment_ids_BT, padding_mask_BT)
-        else:
-            if segment_ids_BT is not None:
-                raise ValueError("segment_ids are not supported with a KV cache; decode one document per row")
-            S = cache.k.shape[2]
-            k_slots_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-            mask = make_mask(slots_BT, k_slots_BS, k_valid_BS=k_slots_BS < start + T)
-        ctx = _Ctx(cfg, positions_BT, mask, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling), start)
+        length = cache.length if cache is not None else 0
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(length + jnp.arange(T, dtype=jnp.int32), (B, T))
+        if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
+            raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one "
+                             "unpadded document per row")
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT,
+                   inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling), length)
 
         cd = dtype_of(cfg.dtype)
         # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):
         # a gather from a vocab-sharded table makes GSPMD replicate the whole activation instead.
         embed_VD = constrain(self.embed[...], (None, "act_embed"))
         x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cd)
+        if cfg.embed_scale:
+            x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, cd)
         x_BTD = constrain(x_BTD, ("batch", "act_seq", "act_embed"))
-        x_BTD, new_kv = self._run_blocks(x_BTD, ctx, cache)
+        x_BTD, new_cache = self._run_blocks(x_BTD, ctx, cache)
 
-        x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
+        x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_BTV = jnp.einsum("btd,dv->btv", x_BTD, head_DV.astype(cd)).astype(jnp.float32)
+        logits_BTV = (x_BTD.reshape(B * T, -1) @ head_DV.astype(cd)).reshape(B, T, -1).astype(jnp.float32)
         if cfg.final_logit_softcap is not None:
             logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
         logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
         if cache is None:
             return logits_BTV
-        return logits_BTV, KVCache(new_kv[0], new_kv[1], start + T)
+        return logits_BTV, KVCache(*new_cache, length + T)
 
     def _run_blocks(self, x_BTD, ctx: _Ctx, cache: KVCache | None):
+        """Run the L layers; returns (x, (k, v, pos) tuples of the new cache or None)."""
+        cfg = self.cfg
+        L, P = cfg.n_layers, pattern_period(cfg)
+        windows = cfg.layer_windows()[:P]
         graphdef, state = nnx.split(self.blocks)
 
-        def layer(x, xs):
-            st, kc, vc = xs
-            x, kc, vc = nnx.merge(graphdef, st)(x, ctx, kc, vc)
-            return x, (kc, vc)
+        def one_layer(j, st, x, arrays, c):
+            return nnx.merge(graphdef, st)(x, ctx.with_arrays(arrays), windows[j], c)
 
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        kv = (cache.k, cache.v) if cache is not None else (None, None)
-        if self.cfg.scan_layers:
-            return jax.lax.scan(layer, x_BTD, (state, *kv))
-        outs = []
-        for i in range(self.cfg.n_layers):
-            x_BTD, out = layer(x_BTD, jax.tree.map(lambda a, i=i: a[i], (state, *kv)))
-            outs.append(out)
-        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *outs) if cache is not None else (None, None)
+        if cfg.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
+                                       prevent_cse=not cfg.scan_layers)
+
+        if not cfg.scan_layers:  # the same stacked parameters, one layer at a time
+            caches = [[] for _ in range(P)]
+            for i in range(L):
+                c = None if cache is None else tuple(a[i // P] for a in (cache.k[i % P], cache.v[i % P])) + (
+                    cache.pos[i % P],)
+                x_BTD, c = one_layer(i % P, jax.tree.map(lambda a, i=i: a[i], state), x_BTD, ctx.arrays(), c)
+                caches[i % P].append(c)
+            if cache is None:
+                return x_BTD, None
+            return x_BTD, _restack(caches)
+
+        grouped = jax.tree.map(lambda a: a.reshape((L // P, P) + a.shape[1:]), state)  # [L/P, P, ...]
+
+        def group(st, x, arrays, cs=None):
+            out = []
+            for j in range(P):
+                x, c = one_layer(j, jax.tree.map(lambda a, j=j: a[j], st), x, arrays,
+                                 None if cs is None else cs[j])
+                out.append(c)
+            return x, out
+
+        stage_axis, n_stages = mesh_axis_for("layers")
+        if n_stages > 1:
+            if cache is not None:
+                raise ValueError("KV-cache decoding under pipeline parallelism is not supported; decode on a "
+                                 "mesh without a 'stage' axis")
+            if (L // P) % n_stages:
+                raise ValueError(f"n_layers={L} (pattern period {P}) does not split into {n_stages} pipeline "
+                                 f"stages; use a multiple of {P * n_stages} layers")
+            x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
+                          n_microbatches=cfg.pipeline_microbatches, axis=stage_axis)
+            return x_BTD, None
+
+        if cache is None:
+            x_BTD, _ = jax.lax.scan(lambda x, st: (group(st, x, ctx.arrays())[0], None), x_BTD, grouped)
+            return x_BTD, None
+
+        def step(x, xs):
+            st, ks, vs = xs
+            x, out = group(st, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j]) for j in range(P)])
+            return x, tuple(zip(*out))  # ((k_j...), (v_j...), (pos_j...))
+
+        x_BTD, (ks, vs, pos) = jax.lax.scan(step, x_BTD, (grouped, cache.k, cache.v))
+        return x_BTD, (ks, vs, tuple(p[0] for p in pos))  # every group writes the same positions
+
+
+def _restack(caches):
+    """[[(k, v, pos) per layer] per pattern position] → stacked (k tuple, v tuple, pos tuple)."""
+    ks = tuple(jnp.stack([c[0] for c in cj]) for cj in caches)
+    vs = tuple(jnp.stack([c[1] for c in cj]) for cj in caches)
+    return ks, vs, tuple(cj[0][2] for cj in caches)

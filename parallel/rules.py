@@ -27,7 +27,7 @@ PARAM_RULES: dict[str, MeshAxes] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
-    "layers": None,  # 'stage' under pipeline parallelism
+    "layers": "stage",  # pipeline parallelism: a mesh with a `stage` axis splits the layer stack
     "expert": "expert",
     "norm": None,
     # video diffusion (models/video)
@@ -116,3 +116,19 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape))
+
+
+def mesh_axis_for(name: str) -> tuple[str | None, int]:
+    """(mesh axis, size) that logical `name` maps to in the current mesh; (None, 1) if none.
+
+    Models use it to ask "is the layer stack split over stages?" without naming mesh axes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, 1
+    spec = logical_to_spec((name,), mesh)
+    axis = spec[0]
+    if axis is None:
+        return None, 1
+    axis = axis if isinstance(axis, str) else axis[0]
+    return axis, _mesh_axes(mesh)[axis]

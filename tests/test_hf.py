@@ -27,6 +27,10 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     "linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=3.0))),
     "qwen2": ("Qwen2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # windows shorter than the 40-token test sequence, so they bind
+    "mistral_swa": ("MistralConfig", dict(sliding_window=7)),
+    "gemma2": ("Gemma2Config", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -116,8 +120,9 @@ def test_sharded_checkpoint(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
-def test_greedy_generation_matches_hf(hf_ckpt):
-    folder, hf_model = hf_ckpt("llama_gqa")
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2"])
+def test_greedy_generation_matches_hf(hf_ckpt, name):
+    folder, hf_model = hf_ckpt(name)
     prompt, n = TOKENS[:, :6], 14
     hf_model.generation_config.eos_token_id = None  # never stop early
     hf_model.generation_config.pad_token_id = 0
@@ -134,8 +139,10 @@ def _random_model(cfg, seed):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # no init compile
     rng = np.random.default_rng(seed)  # numpy, not jax.random: no per-shape compiles
     pure = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), nnx.to_pure_dict(state))
-    for tree, name in ((pure["blocks"], "attn_norm"), (pure["blocks"], "mlp_norm"), (pure, "final_norm")):
-        tree[name] = tree[name] + 1.0
+    for tree, name in ((pure["blocks"], "attn_norm"), (pure["blocks"], "mlp_norm"), (pure, "final_norm"),
+                       (pure["blocks"], "post_attn_norm"), (pure["blocks"], "post_mlp_norm")):
+        if name in tree:
+            tree[name] = tree[name] + 1.0
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -146,7 +153,16 @@ ROUND_TRIP = {
                                rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16)),
     "qwen2": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=8,
                                mlp_dim=160, max_seq_len=64, qkv_bias=True, tie_embeddings=True),
+    "mistral": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=160,
+                                 max_seq_len=64, attn_pattern="local", sliding_window=5),
+    "gemma2": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                mlp_dim=160, max_seq_len=64, attn_pattern="alternating", sliding_window=5,
+                                tie_embeddings=True, mlp_act="gelu_tanh", norm_offset=1.0, post_norms=True,
+                                embed_scale=True, query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
+                                final_logit_softcap=3.0),
 }
+ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+        "gemma2": "Gemma2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -157,7 +173,7 @@ def test_save_pretrained_loads_in_transformers(name, tmp_path):
     hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert type(hf_model).__name__ == ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+    assert type(hf_model).__name__ == ARCH[name]
     diff = np.abs(our_logits(ours) - hf_logits(hf_model.eval())).max()
     assert diff < 1e-4, f"{name}: max |logits diff| = {diff}"
     # and back: exactly the same parameters and config
@@ -239,15 +255,25 @@ def test_unsupported_config_raises(patch, field):
         config_from_hf(_hf_dict() | patch)
 
 
-def test_sliding_window():
-    mistral = _hf_dict("MistralConfig", sliding_window=16)  # active: 16 < max_position_embeddings=64
-    with pytest.raises(ValueError, match="sliding_window=16.*max_seq_len<=16"):
-        config_from_hf(mistral)
-    assert config_from_hf(mistral, max_seq_len=16).max_seq_len == 16  # exact for sequences within the window
-    assert config_from_hf(_hf_dict("MistralConfig", sliding_window=64)).max_seq_len == 64  # never binds
+def test_window_and_gemma2_configs(hf_ckpt):
+    mistral = from_pretrained(hf_ckpt("mistral_swa")[0]).cfg
+    assert (mistral.attn_pattern, mistral.layer_windows()) == ("local", (7, 7))
+    gemma = from_pretrained(hf_ckpt("gemma2")[0]).cfg
+    assert (gemma.attn_pattern, gemma.layer_windows()) == ("alternating", (7, None))
+    assert (gemma.attn_logit_softcap, gemma.final_logit_softcap, gemma.query_pre_attn_scalar) == (5.0, 3.0, 24.0)
+    assert gemma.post_norms and gemma.norm_offset == 1.0 and gemma.embed_scale and gemma.tie_embeddings
+    # the window binds: forcing global attention on the same weights changes the logits
+    folder, hf_model = hf_ckpt("mistral_swa")
+    assert np.abs(our_logits(from_pretrained(folder, attn_pattern="global")) - hf_logits(hf_model)).max() > 1e-2
+
+
+def test_sliding_window_layouts():
+    # Qwen2 slides only layers >= max_window_layers, and only with use_sliding_window
     qwen = _hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=1)
-    with pytest.raises(ValueError, match="sliding_window"):
+    with pytest.raises(ValueError, match="layer_types"):  # full then sliding: not a supported pattern
         config_from_hf(qwen)
-    # Qwen2 only slides layers >= max_window_layers, and only with use_sliding_window
-    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=2))
-    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False))
+    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True,
+                                   max_window_layers=2)).attn_pattern == "global"
+    assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False)).attn_pattern == "global"
+    local = config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=0))
+    assert local.layer_windows() == (16, 16)
