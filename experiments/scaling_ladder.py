@@ -1,0 +1,299 @@
+"""Progressive scaling: validate a small model before scaling up.
+
+    python -m experiments.scaling_ladder            # ~10 min on 2 busy CPU cores
+    python -m experiments.scaling_ladder --quick    # smoke test, ~1 min
+
+Trains a ladder of five tiny byte-level LMs (6.7k ... 201k non-embedding parameters) on the
+embedded corpus (stdlib sources) at four token budgets each (131k ... 1.05M tokens); fits
+L(N, D) = E + A/N^alpha + B/D^beta on the four smaller models (Hoffmann et al. 2022, Approach 3:
+Huber on log-loss, L-BFGS from a grid) with a bootstrap prediction interval, writes the prediction
+for the largest model to disk *before* training it, then trains it and reports predicted vs actual.
+Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written
+before the largest model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png
+unless --no-docs).
+
+Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
+whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
+(Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
+show this matches a cosine schedule per budget). Four budgets then cost 1.15x the largest one.
+The learning rate is 3e-3 up to d_model 64 and 3e-3·64/d above (Adam's optimal rate for hidden
+matrices falls like 1/width; a constant 3e-3 made d=96 worse than d=64 at every budget — see
+docs/scaling.md). N is the non-embedding parameter count (Kaplan et al. 2020: cleaner laws at small sizes, where the
+256 x d byte embeddings are a large share); D counts training tokens; the loss is held-out nats/byte.
+The optimizer is lm_step's recipe (global-norm clipping + AdamW with its decay mask) with the
+learning rate injected per step so that branches share one compiled step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
+from experiments.lm_step import decay_mask, make_eval_step, make_train_step
+from models import Transformer, TransformerConfig
+from scaling.flops import param_counts, train_flops_per_token
+from scaling.laws import bootstrap
+
+SEQ, BATCH = 128, 16
+TOKENS_PER_STEP = SEQ * BATCH
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    d_model: int
+    n_layers: int
+    n_heads: int
+
+    def config(self) -> TransformerConfig:
+        mlp = max(16, int(round(8 * self.d_model / 3 / 16)) * 16)  # SwiGLU width ~ 8/3 d, multiple of 16
+        return TransformerConfig(vocab_size=BYTE_VOCAB, d_model=self.d_model, n_layers=self.n_layers,
+                                 n_heads=self.n_heads, mlp_dim=mlp, max_seq_len=SEQ)
+
+    @property
+    def name(self) -> str:
+        return f"d{self.d_model}-L{self.n_layers}"
+
+
+# Sizes are bound by CPU time (~3k tokens/s at 200k parameters on a busy 2-core machine): with D up to
+# 1M tokens the models must stay small enough to see >= 5 tokens per parameter, or the N-term of
+# the law is not identifiable (a 24k-800k ladder at <= 524k tokens fitted E -> 0; docs/scaling.md).
+LADDER = (Rung(16, 2, 2), Rung(24, 2, 2), Rung(32, 3, 2), Rung(48, 3, 3), Rung(64, 4, 4))
+BUDGET_STEPS = (64, 128, 256, 512)  # x 2048 tokens = 131k, 262k, 524k, 1.05M tokens
+QUICK_LADDER = (Rung(16, 1, 2), Rung(24, 1, 2), Rung(32, 1, 2), Rung(32, 2, 2), Rung(48, 2, 2))
+QUICK_STEPS = (8, 16)
+
+
+def rung_lr(base: float, rung: Rung) -> float:
+    """Peak LR: `base` up to d_model 64, then ∝ 1/d_model."""
+    return base * min(1.0, 64 / rung.d_model)
+
+
+def make_wsd_optimizer(peak_lr: float, weight_decay: float = 0.1, clip_norm: float = 1.0, b1: float = 0.9,
+                       b2: float = 0.95) -> optax.GradientTransformation:
+    """lm_step's AdamW recipe with the learning rate as state (set per step by `with_lr`)."""
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.inject_hyperparams(optax.adamw)(learning_rate=peak_lr, b1=b1, b2=b2,
+                                                             weight_decay=weight_decay, mask=decay_mask))
+
+
+def with_lr(opt_state, lr: float):
+    inj = opt_state[1]
+    return (opt_state[0], inj._replace(hyperparams={**inj.hyperparams, "learning_rate": jnp.float32(lr)}))
+
+
+def wsd_lr(step: int, peak: float, warmup: int, decay_start: int | None = None, decay_end: int | None = None) -> float:
+    """Warmup (linear), then constant; between decay_start and decay_end linear to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay_start is None or step < decay_start:
+        return peak
+    return peak * max(0.0, (decay_end - step) / (decay_end - decay_start))
+
+
+def train_rung(rung: Rung, budgets: tuple[int, ...], train: ByteWindows, eval_batches, *, peak_lr: float,
+               warmup: int, seed: int = 0) -> dict:
+    """One WSD run of `rung`, branched into a cooldown for each budget (in steps). Returns eval losses."""
+    cfg = rung.config()
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)))
+    opt = make_wsd_optimizer(peak_lr)
+    opt_state = opt.init(params)
+    step_fn, eval_fn = make_train_step(graphdef, opt), make_eval_step(graphdef)
+    evaluate = lambda p: float(np.mean([float(eval_fn(p, b)) for b in eval_batches]))  # noqa: E731
+    clone = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731  (steps donate their inputs)
+    starts = {int(round(0.8 * b)): b for b in budgets}
+    results, t0 = {}, time.time()
+    bar = tqdm(total=max(budgets) + sum(b - int(round(0.8 * b)) for b in budgets[:-1]), desc=rung.name, unit="step",
+               leave=False)
+    last = max(budgets)
+    for step in range(last):
+        if step in starts and starts[step] != last:  # branch: cool down to this budget on a copy
+            end = starts[step]
+            p, o = clone(params), clone(opt_state)
+            for s in range(step, end):
+                p, o, m = step_fn(p, with_lr(o, wsd_lr(s, peak_lr, warmup, step, end)), train.batch(s))
+                bar.update()
+            results[end] = (evaluate(p), float(m["loss"]))
+            del p, o
+        decay = int(round(0.8 * last))
+        lr = wsd_lr(step, peak_lr, warmup, decay, last)
+        params, opt_state, m = step_fn(params, with_lr(opt_state, lr), train.batch(step))
+        bar.update()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+    results[last] = (evaluate(params), float(m["loss"]))
+    bar.close()
+    pc = param_counts(cfg)
+    runs = [dict(rung=rung.name, d_model=rung.d_model, n_layers=rung.n_layers, peak_lr=peak_lr,
+                 n_params=pc.non_embedding, n_params_total=pc.total, steps=b, tokens=b * TOKENS_PER_STEP,
+                 eval_loss=results[b][0], train_loss=results[b][1],
+                 flops=train_flops_per_token(cfg, SEQ) * b * TOKENS_PER_STEP)
+            for b in sorted(results)]
+    return dict(runs=runs, seconds=time.time() - t0)
+
+
+def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float = 0.9, seed: int = 0):
+    n = np.array([r["n_params"] for r in fit_runs], float)
+    d = np.array([r["tokens"] for r in fit_runs], float)
+    loss = np.array([r["eval_loss"] for r in fit_runs], float)
+    bs = bootstrap(n, d, loss, n_boot=n_boot, seed=seed, progress=True)
+    preds = [bs.prediction_interval(lambda law, t=t: float(law.loss(target_n, t)), level) for t in target_tokens]
+    fit_ci = [bs.interval(lambda law, t=t: float(law.loss(target_n, t)), level)[1:] for t in target_tokens]
+    return bs, preds, fit_ci
+
+
+def plot(path, all_runs, bs, target, preds, level):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    law = bs.fit.law
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({r["rung"] for r in all_runs}, key=lambda s: [r["n_params"] for r in all_runs if r["rung"] == s][0])
+    colors = plt.cm.viridis(np.linspace(0, 0.85, len(names)))
+    dd = np.geomspace(min(r["tokens"] for r in all_runs) / 1.3, max(r["tokens"] for r in all_runs) * 1.3, 50)
+    for name, c in zip(names, colors):
+        rs = [r for r in all_runs if r["rung"] == name]
+        n = rs[0]["n_params"]
+        held = name == target
+        ax1.plot([r["tokens"] for r in rs], [r["eval_loss"] for r in rs], "*" if held else "o", color=c, ms=10 if held
+                 else 6, label=f"{name} (N={n / 1e3:.0f}k){' held out' if held else ''}")
+        ax1.plot(dd, law.loss(n, dd), "--" if held else "-", color=c, lw=1)
+        if held:
+            band = np.array([bs.prediction_interval(lambda lw, t=t: float(lw.loss(n, t)), level)[1:] for t in dd])
+            ax1.fill_between(dd, band[:, 0], band[:, 1], color=c, alpha=0.2,
+                             label=f"{int(level * 100)}% prediction interval")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax1.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    ax1.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)",
+            title=f"L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
+    ax1.legend(fontsize=7)
+    tk = [p["tokens"] for p in preds]
+    ax2.errorbar(tk, [p["predicted"] for p in preds], yerr=[[p["predicted"] - p["low"] for p in preds],
+                 [p["high"] - p["predicted"] for p in preds]], fmt="o", capsize=4, label="predicted (before training)")
+    ax2.plot(tk, [p["actual"] for p in preds], "*", ms=12, color="C3", label="actual")
+    ax2.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)",
+            title=f"{target}: prediction from the 4 smaller models")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replot(out: pathlib.Path, level: float, docs: bool):
+    """Re-fit (deterministic: same runs, same bootstrap seed) and redraw the figure of a finished ladder."""
+    res = json.loads((out / "results.json").read_text())
+    pred = res["prediction"]
+    fit_runs = [r for r in res["runs"] if r["rung"] != pred["target"]]
+    rows = res["comparison"]
+    bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
+    plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
+    if docs:
+        shutil.copy(out / "scaling_fit.png", pathlib.Path("docs") / "scaling_fit.png")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
+    ap.add_argument("--out", default="runs/scaling")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
+    ap.add_argument("--warmup", type=int, default=16)
+    ap.add_argument("--n-boot", type=int, default=100)
+    ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
+    ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")
+    args = ap.parse_args(argv)
+    if args.replot:
+        return replot(pathlib.Path(args.out), args.level, not args.no_docs)
+
+    ladder, budgets = (QUICK_LADDER, QUICK_STEPS) if args.quick else (LADDER, BUDGET_STEPS)
+    warmup = min(args.warmup, min(budgets) // 2)
+    n_boot = min(args.n_boot, 20) if args.quick else args.n_boot
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = encode_bytes(stdlib_text(4_000_000))
+    train_tok, eval_tok = train_eval_split(tokens)
+    if max(budgets) * TOKENS_PER_STEP > len(train_tok):
+        raise SystemExit(f"largest budget {max(budgets) * TOKENS_PER_STEP:,} tokens exceeds the corpus's "
+                         f"{len(train_tok):,}; lower BUDGET_STEPS")
+    train = ByteWindows(train_tok, SEQ, BATCH, seed=0)
+    held = ByteWindows(eval_tok, SEQ, 32, seed=1)
+    eval_batches = [held.batch(i) for i in range(8)]
+    print(f"corpus: {len(train_tok):,} train / {len(eval_tok):,} held-out bytes; budgets "
+          f"{[b * TOKENS_PER_STEP for b in budgets]} tokens; ladder "
+          + ", ".join(f"{r.name}: N={param_counts(r.config()).non_embedding:,}" for r in ladder))
+
+    t_start = time.time()
+    all_runs, seconds = [], {}
+    for rung in ladder[:-1]:
+        res = train_rung(rung, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, rung), warmup=warmup)
+        all_runs += res["runs"]
+        seconds[rung.name] = res["seconds"]
+        tqdm.write(f"{rung.name}: " + "  ".join(f"D={r['tokens']:,}: {r['eval_loss']:.4f}" for r in res["runs"])
+                   + f"  ({res['seconds']:.0f}s)")
+        (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
+
+    target = ladder[-1]
+    target_n = param_counts(target.config()).non_embedding
+    target_tokens = [b * TOKENS_PER_STEP for b in sorted(budgets)]
+    bs, preds, fit_ci = predict(all_runs, target_n, target_tokens, n_boot, args.level)
+    law = bs.fit.law
+    pred_rows = [dict(tokens=t, predicted=p, low=lo, high=hi, fit_low=flo, fit_high=fhi)
+                 for t, (p, lo, hi), (flo, fhi) in zip(target_tokens, preds, fit_ci)]
+    prediction = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), target=target.name, n_params=target_n,
+                      fit=law.as_dict(), fit_runs=len(all_runs), n_boot=len(bs.laws), level=args.level,
+                      param_intervals=bs.param_intervals(args.level), residual_rms=float(np.sqrt(np.mean(
+                          np.square(bs.residuals)))), predictions=pred_rows)
+    (out / "prediction.json").write_text(json.dumps(prediction, indent=1))
+    print(f"fit on {len(all_runs)} runs: E={law.E:.3f} A={law.A:.4g} alpha={law.alpha:.3f} B={law.B:.4g} "
+          f"beta={law.beta:.3f}; predictions for {target.name} (N={target_n:,}) written before training it:")
+    for r in pred_rows:
+        print(f"  D={r['tokens']:>9,}: {r['predicted']:.4f}  [{r['low']:.4f}, {r['high']:.4f}] (fit only: "
+              f"[{r['fit_low']:.4f}, {r['fit_high']:.4f}])")
+
+    res = train_rung(target, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, target), warmup=warmup)
+    seconds[target.name] = res["seconds"]
+    all_runs += res["runs"]
+    actual = {r["tokens"]: r["eval_loss"] for r in res["runs"]}
+    for r in pred_rows:
+        r["actual"] = actual[r["tokens"]]
+        r["error"] = r["actual"] - r["predicted"]
+        r["inside"] = bool(r["low"] <= r["actual"] <= r["high"])
+    results = dict(prediction=prediction, target_runs=res["runs"], comparison=pred_rows, seconds=seconds,
+                   total_seconds=time.time() - t_start, runs=all_runs)
+    (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
+    if not args.no_docs and not args.quick:
+        shutil.copy(out / "scaling_fit.png", pathlib.Path("docs") / "scaling_fit.png")
+
+    print(f"{target.name} (N={target_n:,}): predicted vs actual held-out loss, {int(args.level * 100)}% bootstrap "
+          "prediction interval:")
+    for r in pred_rows:
+        print(f"  D={r['tokens']:>9,}: predicted {r['predicted']:.4f} [{r['low']:.4f}, {r['high']:.4f}]  actual "
+              f"{r['actual']:.4f}  error {r['error']:+.4f} ({100 * r['error'] / r['actual']:+.1f}%)"
+              f"{'' if r['inside'] else '  OUTSIDE'}")
+    print(f"total {time.time() - t_start:.0f}s; results in {out}/")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Parameter counts and FLOPs per token for decoder LMs (dense, sliding-window, MoE), plus MFU.
+
+This is the one place those numbers come from. Every function takes a config *duck-typed*: anything
+with `vocab_size, d_model, n_layers, n_heads` (and optionally `n_kv_heads, head_dim, mlp_dim,
+qkv_bias, tie_embeddings`) works, so `models.TransformerConfig` and configs that do not exist yet
+plug in without an import. Features that are still being built are read with `getattr` defaults:
+
+- attention window per layer: `cfg.layer_windows()` (or a `layer_windows` tuple) returning one
+  window per layer (`None` = global causal); else `cfg.sliding_window` (int) for every layer,
+  with every `cfg.global_every`-th layer global when that is set (Gemma-style local:global).
+  Or pass `windows=` explicitly.
+- mixture of experts: read from `cfg.moe` (e.g. a `models.moe.MoEConfig`) or from `cfg` itself:
+  `n_experts` (> 0 turns it on), `top_k`, `expert_mlp_dim` (default `mlp_dim`), `n_shared_experts`,
+  `shared_mlp_dim` (total shared width, default n_shared x expert width), `moe_every` (every k-th
+  layer is MoE), `dispatch` / `capacity_factor`. Or pass `moe=MoESpec(...)`.
+
+Conventions (units are FLOPs = 2 per multiply-add, per *token*):
+- matmul FLOPs forward = 2 x (parameters a token multiplies with): the LM head counts, the
+  embedding lookup (a gather) does not; with MoE only the `top_k` routed experts count (active).
+- attention forward = 4 x n_heads x head_dim x keys per query (QK^T and PV), with `keys` from
+  `attended_keys` (the useful causal/windowed work; what MFU uses) or `executed_keys` (what a
+  kernel actually computes, e.g. a dense masked kernel computes all T keys).
+- training = 3 x forward (backward is twice the forward), plus the forward work that remat
+  recomputes when `include_recompute=True` (hardware FLOPs, for HFU rather than MFU).
+- elementwise work (norms, softmax, SiLU, RoPE, loss) is not counted: a few percent at small
+  d_model, negligible at scale (tests/test_scaling_flops.py bounds it against XLA).
+
+Status (see docs/scaling.md): dense LMs, the blocked sliding-window kernel, `TransformerConfig`'s
+window patterns (`layer_windows()`), the real `models.moe.MoE` and the video DiT are checked in
+tests. Re-check against `cost_analysis()` once the Transformer runs local layers through the blocked
+kernel and carries MoE layers (tests/test_scaling_flops.py has the pattern).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+RECOMPUTE_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """Mixture-of-experts MLP (models.moe layout). Per MoE layer: `n_experts` routed SwiGLU experts of
+    width `expert_mlp_dim` (each token uses `top_k`), `n_shared_experts` always-on experts run as one
+    SwiGLU of total width `shared_mlp_dim` (default n_shared x expert_mlp_dim), a router [d_model,
+    n_experts] and a selection bias [n_experts] (no FLOPs). `moe_every=k`: layers k-1, 2k-1, ... are
+    MoE, the rest dense. `capacity_factor` (> 1 only for capacity dispatch) scales the *executed*
+    routed-expert FLOPs (`matmul_flops_per_token(executed=True)`); model FLOPs never include it."""
+
+    n_experts: int
+    top_k: int
+    expert_mlp_dim: int
+    n_shared_experts: int = 0
+    shared_mlp_dim: int | None = None
+    moe_every: int = 1
+    capacity_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.n_experts < 1:
+            raise ValueError(f"MoESpec.n_experts must be >= 1, got {self.n_experts}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"MoESpec.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.moe_every < 1:
+            raise ValueError(f"MoESpec.moe_every must be >= 1, got {self.moe_every}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMShape:
+    """A normalised view of a decoder-LM config: everything the accounting needs, nothing else."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention
+    moe: MoESpec | None = None
+    post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and (i + 1) % self.moe.moe_every == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+
+def _first(cfg, names, default=None):
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _windows_of(cfg, n_layers: int) -> tuple[int | None, ...]:
+    lw = getattr(cfg, "layer_windows", None)
+    if lw is not None:
+        lw = tuple(lw() if callable(lw) else lw)
+        if len(lw) != n_layers:
+            raise ValueError(f"cfg.layer_windows has {len(lw)} entries for n_layers={n_layers}; give one per layer")
+        return lw
+    w = _first(cfg, ("sliding_window", "window"))
+    if w is None:
+        return (None,) * n_layers
+    every = getattr(cfg, "global_every", None)
+    return tuple(None if every and (i + 1) % every == 0 else int(w) for i in range(n_layers))
+
+
+def _moe_of(cfg) -> MoESpec | None:
+    src = getattr(cfg, "moe", None)
+    src = src if getattr(src, "n_experts", None) else cfg
+    n = _first(src, ("n_experts", "num_experts"), 0)
+    if not n:
+        return None
+    f = int(_first(src, ("expert_mlp_dim", "moe_mlp_dim", "mlp_dim")))
+    shared = int(_first(src, ("n_shared_experts", "num_shared_experts"), 0))
+    capacity = getattr(src, "dispatch", "capacity") == "capacity"
+    return MoESpec(
+        n_experts=int(n), top_k=int(_first(src, ("top_k", "experts_per_token", "num_experts_per_tok"), 1)),
+        expert_mlp_dim=f, n_shared_experts=shared, shared_mlp_dim=_first(src, ("shared_mlp_dim",)),
+        moe_every=int(_first(cfg, ("moe_every",), _first(src, ("moe_every",), 1))),
+        capacity_factor=float(_first(src, ("capacity_factor",), 1.0)) if capacity else 1.0)
+
+
+def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec | None = None) -> LMShape:
+    """Normalise a (duck-typed) LM config; `windows` / `moe` override what the config says."""
+    if isinstance(cfg, LMShape) and windows is None and moe is None:
+        return cfg
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads"):
+        if getattr(cfg, f, None) is None:
+            raise ValueError(f"config has no {f!r}; scaling.flops needs vocab_size, d_model, n_layers, n_heads")
+    L = cfg.n_layers
+    kv = _first(cfg, ("kv_heads", "n_kv_heads"), cfg.n_heads)
+    hd = _first(cfg, ("hd", "head_dim"), cfg.d_model // cfg.n_heads)
+    windows = tuple(windows) if windows is not None else _windows_of(cfg, L)
+    if len(windows) != L:
+        raise ValueError(f"windows has {len(windows)} entries for n_layers={L}; give one per layer (None = global)")
+    for w in windows:
+        if w is not None and w < 1:
+            raise ValueError(f"attention window must be >= 1 or None, got {w}")
+    return LMShape(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=L, n_heads=cfg.n_heads, kv_heads=kv,
+                   head_dim=hd, mlp_dim=getattr(cfg, "mlp_dim", 4 * cfg.d_model),
+                   qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
+                   tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
+                   moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)))
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts. `total` = stored; `active` = used per token (MoE: top_k routed experts).
+    `embedding` = input table (+ untied head); `matmul_active` = what enters 2N-per-token FLOPs
+    (non-embedding active + LM head). Kaplan et al. 2020 fit laws on `non_embedding`."""
+
+    total: int
+    active: int
+    embedding: int
+    non_embedding: int
+    matmul_active: int
+    attention: int
+    mlp_total: int
+    mlp_active: int
+    norms: int
+
+
+def _attn_params(s: LMShape) -> int:
+    d, h, k, hd = s.d_model, s.n_heads, s.kv_heads, s.head_dim
+    return d * h * hd + 2 * d * k * hd + h * hd * d + ((h + 2 * k) * hd if s.qkv_bias else 0)
+
+
+def _mlp_params(s: LMShape, i: int) -> tuple[int, int]:
+    """(total, active) MLP parameters of layer i (SwiGLU: 3 matrices)."""
+    d = s.d_model
+    if not s.is_moe_layer(i):
+        return 3 * d * s.mlp_dim, 3 * d * s.mlp_dim
+    m = s.moe
+    expert = 3 * d * m.expert_mlp_dim
+    shared = 3 * d * _shared_width(m)
+    router = d * m.n_experts
+    return m.n_experts * expert + shared + router + m.n_experts, m.top_k * expert + shared + router
+
+
+def _shared_width(m: MoESpec) -> int:
+    return m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
+
+
+def param_counts(cfg, **kw) -> ParamCounts:
+    """Parameter counts of a decoder LM (see `ParamCounts`); equals `TransformerConfig.param_count()`
+    for dense configs and the size of the real parameter tree (tests)."""
+    s = lm_shape(cfg, **kw)
+    d, v, L = s.d_model, s.vocab_size, s.n_layers
+    attn = L * _attn_params(s)
+    mlp = [_mlp_params(s, i) for i in range(L)]
+    mlp_total, mlp_active = sum(t for t, _ in mlp), sum(a for _, a in mlp)
+    norms = (4 if s.post_norms else 2) * d * L + d
+    head = 0 if s.tie_embeddings else v * d
+    emb = v * d + head
+    return ParamCounts(total=emb + attn + mlp_total + norms, active=emb + attn + mlp_active + norms, embedding=emb,
+                       non_embedding=attn + mlp_total + norms, matmul_active=attn + mlp_active + v * d,
+                       attention=attn, mlp_total=mlp_total, mlp_active=mlp_active, norms=norms)
+
+
+# ---- attention keys -----------------------------------------------------------------------------
+
+
+def attended_keys(seq_len: int, window: int | None = None, causal: bool = True) -> float:
+    """Mean number of keys a query attends to in a length-`seq_len` sequence.
+
+    Causal: query at position p sees min(window, p + 1) keys (window None = p + 1), averaged over
+    p = 0..T-1, i.e. (T + 1) / 2 for global attention. Non-causal (bidirectional, e.g. DiT): T.
+    """
+    T = int(seq_len)
+    if T < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not causal:
+        if window is not None:
+            raise ValueError("windowed bidirectional attention is not modelled; pass window=None or causal=True")
+        return float(T)
+    W = T if window is None else min(int(window), T)
+    # sum_{p<W} (p + 1) + (T - W) * W, divided by T
+    return (W * (W + 1) / 2 + (T - W) * W) / T
+
+
+def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense", block: int = 256) -> float:
+    """Keys per query a *kernel* computes (scores it materialises), per real token.
+
+    kernel: 'dense' — a masked [T, T] kernel (jax.nn.dot_product_attention 'xla'): T keys whatever
+    the mask; 'ideal' / 'flash' — only the attended keys (`attended_keys`, causal; a fused kernel that
+    skips fully masked blocks executes about this); 'blocked' —
+    `models.sliding_window`: T is padded to Q = ceil(T / C) blocks of C = min(block, T) queries and
+    each block scores nk·C keys, nk = min(Q, ceil((W - 1) / C) + 1).
+    """
+    T = int(seq_len)
+    if kernel == "dense":
+        return float(T)
+    if kernel in ("ideal", "flash"):
+        return attended_keys(T, window)
+    if kernel == "blocked":
+        C = max(1, min(block, T))
+        Q = math.ceil(T / C)
+        W = T if window is None else int(window)
+        nk = min(Q, math.ceil(max(W - 1, 0) / C) + 1)
+        return Q * C * nk * C / T
+    raise ValueError(f"kernel={kernel!r}: use 'dense', 'ideal', 'flash' or 'blocked'")
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------
+# Every function below takes `windows=` / `moe=` overrides (see `lm_shape`) and `kernel=` / `block=`
+# for how attention keys are counted (see `executed_keys`).
+
+
+def matmul_flops_per_token(cfg, *, executed: bool = False, windows=None, moe=None) -> float:
+    """Forward matmul FLOPs per token: 2 x active matmul parameters (incl. LM head and router).
+    executed=True: routed experts x `capacity_factor` (padded capacity slots are computed too)."""
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    f = 2.0 * param_counts(s).matmul_active
+    if executed and s.moe is not None:
+        f += 2.0 * (s.moe.capacity_factor - 1) * s.n_moe_layers * s.moe.top_k * 3 * s.d_model * s.moe.expert_mlp_dim
+    return f
+
+
+def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, windows=None,
+                              moe=None) -> float:
+    """Forward attention FLOPs per token summed over layers: 4·n_heads·head_dim·keys(layer).
+
+    kernel='ideal' counts attended keys (causal, per-layer window): the model FLOPs for MFU;
+    'dense' / 'blocked' / 'flash' count what that kernel executes (see `executed_keys`); 'executed':
+    dense for global layers and blocked (`block` = the config's swa_block) for windowed ones.
+    """
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    # 'executed': what models.Transformer runs on CPU — dense masked global layers, blocked local ones
+    kern = lambda w: ("dense" if w is None else "blocked") if kernel == "executed" else kernel  # noqa: E731
+    keys = sum(executed_keys(seq_len, w, kern(w), block) for w in s.windows)
+    return 4.0 * s.n_heads * s.head_dim * keys
+
+
+def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, windows=None,
+                            moe=None) -> float:
+    """One forward pass per token: matmuls + attention (also the prefill cost per prompt token)."""
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    return matmul_flops_per_token(s) + attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
+
+
+prefill_flops_per_token = forward_flops_per_token
+
+
+def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int = 256,
+                              windows=None, moe=None) -> float:
+    """Forward FLOPs that a remat policy recomputes in the backward pass (per token).
+
+    'none' and 'save_dots' recompute no matmul work (only elementwise ops); 'save_dots_no_batch'
+    saves the weight matmuls but recomputes the batched attention dots (QK^T, PV); 'full' reruns
+    each block's forward *except* its output projections (attention-out and MLP-down: the backward
+    needs their inputs, not their outputs, so XLA drops them) — the LM head is outside the remat'ed
+    layers and is not rerun.
+    """
+    if remat not in RECOMPUTE_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    attn = attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    if remat == "full":
+        pc = param_counts(s)
+        d = s.d_model
+        wo = s.n_layers * s.n_heads * s.head_dim * d
+        down = sum(_mlp_params(s, i)[1] - (d * s.moe.n_experts if s.is_moe_layer(i) else 0)
+                   for i in range(s.n_layers)) // 3  # one of the three SwiGLU matrices
+        return 2.0 * (pc.matmul_active - s.vocab_size * d - wo - down) + attn
+    return attn if remat == "save_dots_no_batch" else 0.0
+
+
+def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, remat: str = "none",
+                          include_recompute: bool = False, windows=None, moe=None) -> float:
+    """Training FLOPs per token = 3 x forward (+ remat recompute if `include_recompute`).
+
+    With the defaults this is the *model* FLOPs that MFU divides by (PaLM, Chowdhery et al. 2022,
+    App. B: 6N + 12·L·H·Q·T/2 for causal attention). `include_recompute=True` gives hardware FLOPs.
+    """
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    if include_recompute:
+        f += recompute_flops_per_token(s, seq_len, remat, kernel=kernel, block=block)
+    return f
+
+
+def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = None, windows=None,
+                           moe=None) -> float:
+    """Inference FLOPs to generate one token with `context_len` tokens already in the KV cache.
+
+    Each layer attends to min(window, context_len + 1) keys. A fixed-size cache kernel that scores
+    every slot (models.generate) executes `cache_len` keys per layer instead: pass it.
+    """
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    keys = 0.0
+    for w in s.windows:
+        live = context_len + 1 if w is None else min(w, context_len + 1)
+        keys += live if cache_len is None else cache_len
+    return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
+
+
+def chinchilla_flops(n_params: float, n_tokens: float) -> float:
+    """C = 6·N·D, the approximation Hoffmann et al. 2022 (and `scaling.laws`) use."""
+    return 6.0 * n_params * n_tokens
+
+
+# ---- MFU ----------------------------------------------------------------------------------------
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_per_device: float) -> float:
+    """Model FLOPs utilisation in [0, 1]: achieved model FLOP/s over the peak of all devices.
+
+    tokens_per_s: global training throughput (tokens/s, all devices); flops_per_token: *model*
+    FLOPs per token, e.g. `train_flops_per_token(cfg, seq_len)` (no remat recompute — that would be
+    HFU); peak_flops_per_device: FLOP/s per device, e.g. `scaling.hardware.peak_flops('h100', 'bf16')`.
+    """
+    for name, v in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token)):
+        if not v >= 0:
+            raise ValueError(f"mfu: {name} must be >= 0, got {v}")
+    if n_devices < 1:
+        raise ValueError(f"mfu: n_devices must be >= 1, got {n_devices}")
+    if not peak_flops_per_device > 0:
+        raise ValueError(f"mfu: peak_flops_per_device must be > 0 FLOP/s, got {peak_flops_per_device}")
+    return tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)

@@ -1,0 +1,109 @@
+"""Peak throughput, memory and power per accelerator kind, from public datasheets; a measured CPU peak.
+
+All FLOP/s are *dense* (no 2:4 structured sparsity): NVIDIA datasheets print the sparse figure with
+an asterisk, which is 2x the dense one. `power_w` is the board/chip TDP where the vendor publishes one
+(Google does not publish per-chip power for Cloud TPUs: pass it explicitly, e.g. `plan --chip-power-w`).
+Bandwidths in bytes/s, memory in bytes (GB = 1e9, GiB = 2^30 as the datasheet states).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+GB, GIB, T = 1e9, 2**30, 1e12
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip. `peak_flops` maps a dtype name ('bf16', 'fp8', 'int8', 'fp32') to dense FLOP/s."""
+
+    name: str
+    peak_flops: dict[str, float]
+    hbm_bytes: float
+    hbm_bw: float
+    power_w: float | None
+    source: str
+
+
+CHIPS: dict[str, Chip] = {
+    # https://cloud.google.com/tpu/docs/v4 (System architecture): 275 TFLOPs bf16/int8, 32 GiB HBM2, 1200 GBps
+    "tpu-v4": Chip("TPU v4", {"bf16": 275 * T, "int8": 275 * T}, 32 * GIB, 1200 * GB, None,
+                   "https://cloud.google.com/tpu/docs/v4"),
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 394 TOPs int8, 16 GB HBM2, 819 GBps
+    "tpu-v5e": Chip("TPU v5e", {"bf16": 197 * T, "int8": 394 * T}, 16 * GB, 819 * GB, None,
+                    "https://cloud.google.com/tpu/docs/v5e"),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 918 TOPs int8, 95 GB HBM2e, 2765 GBps
+    "tpu-v5p": Chip("TPU v5p", {"bf16": 459 * T, "int8": 918 * T}, 95 * GB, 2765 * GB, None,
+                    "https://cloud.google.com/tpu/docs/v5p"),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 1836 TOPs int8, 32 GB HBM, 1638 GBps
+    "tpu-v6e": Chip("TPU v6e (Trillium)", {"bf16": 918 * T, "int8": 1836 * T}, 32 * GB, 1638 * GB, None,
+                    "https://cloud.google.com/tpu/docs/v6e"),
+    # NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): BF16 312 TFLOPS (624 sparse), TF32 156, FP32 19.5,
+    # INT8 624 TOPS; 80 GB HBM2e, 2039 GB/s; max TDP 400 W. No FP8.
+    "a100": Chip("NVIDIA A100 SXM4 80GB", {"bf16": 312 * T, "fp16": 312 * T, "tf32": 156 * T, "fp32": 19.5 * T,
+                                           "int8": 624 * T}, 80 * GB, 2039 * GB, 400.0,
+                 "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+                 "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"),
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS* and FP8 3,958 TFLOPS* (*with sparsity;
+    # dense = half), TF32 989*, FP32 67; 80 GB HBM3, 3.35 TB/s; up to 700 W.
+    "h100": Chip("NVIDIA H100 SXM", {"bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T, "tf32": 494.7 * T,
+                                     "fp32": 67 * T, "int8": 1978.9 * T}, 80 * GB, 3.35e12, 700.0,
+                 "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"),
+    # NVIDIA H200 Tensor Core GPU datasheet (SXM): same Hopper compute as H100 SXM (BF16 1,979* / FP8 3,958*
+    # TFLOPS with sparsity), 141 GB HBM3e, 4.8 TB/s; up to 700 W.
+    "h200": Chip("NVIDIA H200 SXM", {"bf16": 989.4 * T, "fp16": 989.4 * T, "fp8": 1978.9 * T, "tf32": 494.7 * T,
+                                     "fp32": 67 * T, "int8": 1978.9 * T}, 141 * GB, 4.8e12, 700.0,
+                 "https://www.nvidia.com/en-us/data-center/h200/ (H200 datasheet)"),
+}
+
+ALIASES = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e", "trillium": "tpu-v6e",
+           "a100-80gb": "a100", "h100-sxm": "h100", "h200-sxm": "h200"}
+
+
+def chip(kind: str) -> Chip:
+    """Look up a chip by kind ('h100', 'tpu-v5p', 'v5e', ...); the error lists the known kinds."""
+    key = ALIASES.get(kind.lower(), kind.lower())
+    if key not in CHIPS:
+        raise ValueError(f"unknown hardware kind {kind!r}; known: {', '.join(sorted(CHIPS))}")
+    return CHIPS[key]
+
+
+def peak_flops(kind: str, dtype: str = "bf16") -> float:
+    """Dense peak FLOP/s of one chip for `dtype` ('bf16', 'fp8', ...)."""
+    c = chip(kind)
+    if dtype not in c.peak_flops:
+        raise ValueError(f"{c.name} has no published {dtype!r} peak; available: {sorted(c.peak_flops)}")
+    return c.peak_flops[dtype]
+
+
+def measure_cpu_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
+    """Measured matmul FLOP/s of this host's JAX CPU backend (all cores of one device; best of `repeats`).
+
+    A practical peak for MFU on CPU: the best a large square matmul achieves, not a vendor number.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), dtype), cpu)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def peak_table(dtypes=("bf16", "fp8")) -> str:
+    """Markdown table of the registry (dense peaks in TFLOP/s)."""
+    rows = ["| kind | chip | " + " | ".join(f"{d} TFLOP/s" for d in dtypes) + " | HBM | HBM BW | power | source |",
+            "|---" * (len(dtypes) + 6) + "|"]
+    for k, c in CHIPS.items():
+        peaks = " | ".join(f"{c.peak_flops[d] / T:g}" if d in c.peak_flops else "—" for d in dtypes)
+        power = f"{c.power_w:g} W" if c.power_w else "not published"
+        rows.append(f"| {k} | {c.name} | {peaks} | {c.hbm_bytes / GB:.3g} GB | {c.hbm_bw / GB:g} GB/s | {power} | "
+                    f"{c.source} |")
+    return "\n".join(rows)

@@ -1,0 +1,323 @@
+"""Scaling laws: fit L(N, D) = E + A/N^alpha + B/D^beta, the IsoFLOP envelope, compute-optimal allocation.
+
+N = parameters, D = training tokens, C = 6·N·D training FLOPs (Hoffmann et al. 2022, "Training
+Compute-Optimal Large Language Models", arXiv:2203.15556; "the paper" below).
+
+- `fit_law` is the paper's Approach 3 (Section 3.3 / App. D.2): minimise the Huber loss (delta = 1e-3)
+  of log L_pred - log L over the runs, with L_pred written as LSE(a - alpha·log N, b - beta·log D, e)
+  (A = e^a, B = e^b, E = e^e), by L-BFGS from a grid of initialisations. The paper starts L-BFGS from
+  every grid point; we evaluate the objective on the whole grid and start L-BFGS-B from the best
+  `n_starts` points (identical optimum in practice, 100x cheaper, which makes bootstrapping cheap).
+- `bootstrap` resamples runs with replacement and refits: confidence intervals of parameters and
+  of any prediction (e.g. the loss of a bigger model).
+- `isoflop_envelope` is Approach 2 (Section 3.2): for each FLOP budget fit a parabola of loss vs
+  log N, take its minimum N_opt(C), then fit N_opt ∝ C^a.
+- Allocation: a fitted law gives N_opt(C) = G·(C/6)^a, D_opt = (C/6)^b / G with
+  G = (alpha·A / (beta·B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta) (paper eq. 4).
+
+What the paper's published numbers reproduce (verified in tests/test_scaling_laws.py):
+- Table 3 (tokens for 400M ... 10T parameters) comes from Approach 1, whose paper gives only the
+  exponents a = b = 0.50 (Table 2), not the coefficient. `CHINCHILLA_APPROACH1` uses those exponents
+  anchored at the paper's headline Approach-1 result (Gopher's budget, 5.76e23 FLOPs -> 67B
+  parameters); it reproduces every Table 3 token count within 7% (within 1.5% from 175B up).
+  The residual is the rounding of the exponents: Table 3's tokens/parameter rises from 20.0 to
+  21.6 across the table, i.e. its unrounded exponents are about a = 0.498, b = 0.502.
+- The published Approach-3 fit (E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28;
+  `CHINCHILLA_APPROACH3`) does *not* reproduce Table 3 (it gives a = 0.45: fewer parameters and
+  more tokens, 14.5B tokens for 400M), and with these rounded constants it puts Gopher's budget at
+  32B parameters, not the 40B the paper quotes for Approach 3 (Besiroglu et al. 2024 report the
+  same inconsistency of the rounded constants).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+from scipy import optimize
+from scipy.special import logsumexp
+from threadpoolctl import threadpool_limits
+
+# Paper Table 3: (parameters, FLOPs, tokens) — Approach 1 projections.
+CHINCHILLA_TABLE3 = (
+    (400e6, 1.92e19, 8.0e9), (1e9, 1.21e20, 20.2e9), (10e9, 1.23e22, 205.1e9), (67e9, 5.76e23, 1.5e12),
+    (175e9, 3.85e24, 3.7e12), (280e9, 9.90e24, 5.9e12), (520e9, 3.43e25, 11.0e12), (1e12, 1.27e26, 21.2e12),
+    (10e12, 1.30e28, 216.2e12),
+)
+GOPHER_FLOPS = 5.76e23
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A / N^alpha + B / D^beta (loss in nats per token)."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+
+    def loss(self, n_params, n_tokens):
+        n, d = np.asarray(n_params, float), np.asarray(n_tokens, float)
+        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        """(a, b) with N_opt ∝ C^a, D_opt ∝ C^b."""
+        s = self.alpha + self.beta
+        return self.beta / s, self.alpha / s
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+    def optimal_params(self, flops):
+        """N_opt(C) that minimises L on the budget 6·N·D = C (paper eq. 4)."""
+        a, _ = self.exponents
+        return self.G * (np.asarray(flops, float) / 6.0) ** a
+
+    def optimal_tokens(self, flops):
+        _, b = self.exponents
+        return (np.asarray(flops, float) / 6.0) ** b / self.G
+
+    def optimal_flops_for_params(self, n_params):
+        """The budget C for which `n_params` is compute-optimal (inverse of `optimal_params`)."""
+        a, _ = self.exponents
+        return 6.0 * (np.asarray(n_params, float) / self.G) ** (1.0 / a)
+
+    def optimal_tokens_for_params(self, n_params):
+        return self.optimal_flops_for_params(n_params) / (6.0 * np.asarray(n_params, float))
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerLawAllocation:
+    """N_opt = k·C^a and D_opt = C / (6·N_opt) (so D_opt ∝ C^(1-a)): the Approach 1/2 form."""
+
+    a: float
+    k: float
+
+    @classmethod
+    def from_anchor(cls, a: float, flops: float, n_params: float) -> PowerLawAllocation:
+        """The allocation with exponent `a` that makes `n_params` optimal at budget `flops`."""
+        return cls(a=a, k=n_params / flops ** a)
+
+    def optimal_params(self, flops):
+        return self.k * np.asarray(flops, float) ** self.a
+
+    def optimal_tokens(self, flops):
+        return np.asarray(flops, float) / (6.0 * self.optimal_params(flops))
+
+    def optimal_flops_for_params(self, n_params):
+        return (np.asarray(n_params, float) / self.k) ** (1.0 / self.a)
+
+    def optimal_tokens_for_params(self, n_params):
+        return self.optimal_flops_for_params(n_params) / (6.0 * np.asarray(n_params, float))
+
+
+CHINCHILLA_APPROACH3 = ScalingLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # paper eq. 10
+CHINCHILLA_APPROACH1 = PowerLawAllocation.from_anchor(0.50, GOPHER_FLOPS, 67e9)  # Table 2 exponent, Gopher anchor
+ALLOCATIONS = {"approach1": CHINCHILLA_APPROACH1, "approach3": CHINCHILLA_APPROACH3}
+
+
+# ---- fitting ------------------------------------------------------------------------------------
+
+# The paper's initialisation grid (App. D.2): alpha, beta in {0, .5, ..., 2}, e in {-1, -.5, ..., 1},
+# a, b in {0, 5, ..., 25}.
+PAPER_GRID = dict(e=np.arange(-1.0, 1.01, 0.5), a=np.arange(0.0, 25.1, 5.0), b=np.arange(0.0, 25.1, 5.0),
+                  alpha=np.arange(0.0, 2.01, 0.5), beta=np.arange(0.0, 2.01, 0.5))
+_ORDER = ("a", "b", "e", "alpha", "beta")
+
+
+def _huber(r, delta):
+    ar = np.abs(r)
+    return np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta))
+
+
+def _objective(theta, logn, logd, logl, delta):
+    """Sum of Huber(LSE(a - alpha·logN, b - beta·logD, e) - logL) and its gradient in theta.
+
+    Written with plain numpy ufuncs: L-BFGS calls it ~100 times per start on a few dozen runs, where
+    scipy's logsumexp wrapper would cost 10x the arithmetic."""
+    a, b, e, alpha, beta = theta
+    t0, t1 = a - alpha * logn, b - beta * logd
+    m = np.maximum(np.maximum(t0, t1), e)
+    e0, e1, e2 = np.exp(t0 - m), np.exp(t1 - m), np.exp(e - m)
+    s = e0 + e1 + e2
+    r = m + np.log(s) - logl
+    ar = np.abs(r)
+    f = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+    dh = np.clip(r, -delta, delta) / s  # Huber derivative x softmax normaliser
+    g0, g1 = dh * e0, dh * e1
+    grad = np.array([g0.sum(), g1.sum(), (dh * e2).sum(), -(g0 * logn).sum(), -(g1 * logd).sum()])
+    return float(f), grad
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    law: ScalingLaw
+    objective: float
+    n_points: int
+    starts: int
+
+
+def _check_runs(n, d, loss):
+    n, d, loss = (np.asarray(x, float).ravel() for x in (n, d, loss))
+    if not (len(n) == len(d) == len(loss)):
+        raise ValueError(f"N, D and loss must have the same length, got {len(n)}, {len(d)}, {len(loss)}")
+    if len(n) < 5:
+        raise ValueError(f"fitting 5 parameters needs at least 5 runs, got {len(n)}")
+    for name, x in (("N", n), ("D", d), ("loss", loss)):
+        if not np.all(np.isfinite(x) & (x > 0)):
+            raise ValueError(f"{name} must be finite and positive for every run")
+    return n, d, loss
+
+
+def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None = None, n_starts: int = 4,
+            init: ScalingLaw | None = None) -> FitResult:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (arrays of N, D, final loss), paper Approach 3.
+
+    delta: Huber threshold on log-loss residuals (paper: 1e-3). grid: initialisation grid
+    (default `PAPER_GRID`, 4500 points). n_starts: L-BFGS-B runs from the best grid points (and from
+    `init`, e.g. the full-data fit when bootstrapping). Returns the best optimum found.
+    """
+    n, d, lv = _check_runs(n_params, n_tokens, loss)
+    logn, logd, logl = np.log(n), np.log(d), np.log(lv)
+    g = grid or PAPER_GRID
+    thetas = np.array(list(itertools.product(*(g[k] for k in _ORDER))))  # [G, 5]
+    # vectorised screening of every grid point
+    terms = np.stack([thetas[:, None, 0] - thetas[:, None, 3] * logn, thetas[:, None, 1] - thetas[:, None, 4] * logd,
+                      np.broadcast_to(thetas[:, None, 2], (len(thetas), len(logn)))])
+    r = logsumexp(terms, axis=0) - logl
+    scores = _huber(r, delta).sum(-1)
+    starts = list(thetas[np.argsort(scores)[:n_starts]])
+    if init is not None:
+        starts.insert(0, np.array([math.log(init.A), math.log(init.B), math.log(init.E), init.alpha, init.beta]))
+    best = None
+    # L-BFGS-B's 5-dimensional BLAS calls pay a multi-threaded OpenBLAS sync each time: one thread is
+    # ~50x faster (and not slower on an idle machine)
+    with threadpool_limits(1, user_api="blas"):
+        for x0 in starts:
+            res = optimize.minimize(_objective, x0, args=(logn, logd, logl, delta), jac=True, method="L-BFGS-B",
+                                    options=dict(maxiter=1000, ftol=1e-14, gtol=1e-9))
+            if best is None or res.fun < best.fun:
+                best = res
+    a, b, e, alpha, beta = best.x
+    law = ScalingLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta))
+    return FitResult(law=law, objective=float(best.fun), n_points=len(n), starts=len(starts))
+
+
+@dataclasses.dataclass(frozen=True)
+class Bootstrap:
+    """Refits on resampled runs. `laws[i]` is the fit to resample i; `residuals` are the full fit's
+    log-loss residuals log L - log L_pred (the scatter of single runs around the law)."""
+
+    fit: FitResult
+    laws: tuple[ScalingLaw, ...]
+    residuals: tuple[float, ...] = ()
+
+    def interval(self, fn, level: float = 0.9) -> tuple[float, float, float]:
+        """(point, low, high): `fn(law)` at the full-data fit and its central `level` percentile interval."""
+        vals = np.array([fn(law) for law in self.laws], float)
+        lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
+        return float(fn(self.fit.law)), float(lo), float(hi)
+
+    def prediction_interval(self, fn, level: float = 0.9, seed: int = 0) -> tuple[float, float, float]:
+        """Like `interval`, for the loss of *one new run*: each bootstrap law's prediction times
+        exp(a residual drawn from the full fit), so run-to-run scatter (seed, data order, LR fit) widens
+        the interval beyond the parameter uncertainty of `interval`."""
+        rng = np.random.default_rng(seed)
+        r = np.asarray(self.residuals, float) if self.residuals else np.zeros(1)
+        vals = np.array([fn(law) for law in self.laws], float) * np.exp(rng.choice(r, len(self.laws)))
+        lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
+        return float(fn(self.fit.law)), float(lo), float(hi)
+
+    def param_intervals(self, level: float = 0.9) -> dict[str, tuple[float, float, float]]:
+        return {k: self.interval(lambda law, k=k: getattr(law, k), level) for k in ("E", "A", "B", "alpha", "beta")}
+
+
+def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_starts: int = 1, progress: bool = False,
+              **fit_kw) -> Bootstrap:
+    """Case-resampling bootstrap of `fit_law`: resample runs with replacement `n_boot` times and refit
+    (each refit starts from the full-data optimum and the best `n_starts` grid points)."""
+    n, d, lv = _check_runs(n_params, n_tokens, loss)
+    full = fit_law(n, d, lv, **fit_kw)
+    rng = np.random.default_rng(seed)
+    it = range(n_boot)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="bootstrap", unit="fit", leave=False)
+    laws = []
+    for _ in it:
+        idx = rng.integers(0, len(n), len(n))
+        if len(np.unique(idx)) < 5:
+            continue
+        laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
+    resid = np.log(lv) - np.log(full.law.loss(n, d))
+    return Bootstrap(fit=full, laws=tuple(laws), residuals=tuple(float(x) for x in resid))
+
+
+# ---- IsoFLOP profiles (Approach 2) --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IsoFlop:
+    """Per-budget optima and the power laws N_opt = k_n·C^a, D_opt = k_d·C^b fitted through them."""
+
+    flops: tuple[float, ...]
+    n_opt: tuple[float, ...]
+    d_opt: tuple[float, ...]
+    loss_opt: tuple[float, ...]
+    a: float
+    b: float
+    k_n: float
+    k_d: float
+
+    def optimal_params(self, flops):
+        return self.k_n * np.asarray(flops, float) ** self.a
+
+    def optimal_tokens(self, flops):
+        return self.k_d * np.asarray(flops, float) ** self.b
+
+
+def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05) -> IsoFlop:
+    """Approach 2: group runs by budget (C = 6ND unless `flops` is given; budgets within `rtol` are one
+    group), fit loss = p2·x² + p1·x + p0 with x = log N per group (>= 3 runs), take N_opt = exp(-p1 / 2p2),
+    then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d."""
+    n, d, lv = (np.asarray(x, float).ravel() for x in (n_params, n_tokens, loss))
+    c = 6 * n * d if flops is None else np.asarray(flops, float).ravel()
+    order = np.argsort(c)
+    groups, cur = [], [order[0]]
+    for i in order[1:]:
+        if c[i] <= c[cur[0]] * (1 + rtol):
+            cur.append(i)
+        else:
+            groups.append(cur)
+            cur = [i]
+    groups.append(cur)
+    cs, ns, ds, ls = [], [], [], []
+    for g in groups:
+        if len(g) < 3:
+            continue
+        x = np.log(n[g])
+        p2, p1, p0 = np.polyfit(x, lv[g], 2)
+        if p2 <= 0:
+            continue  # no interior minimum: the budget's runs do not bracket the optimum
+        xo = -p1 / (2 * p2)
+        budget = float(np.exp(np.mean(np.log(c[g]))))
+        cs.append(budget)
+        ns.append(float(np.exp(xo)))
+        ds.append(budget / (6 * float(np.exp(xo))))
+        ls.append(float(p0 + p1 * xo + p2 * xo * xo))
+    if len(cs) < 2:
+        raise ValueError(f"need >= 2 FLOP budgets with >= 3 runs bracketing a minimum each; got {len(cs)} "
+                         "(train several model sizes at each budget)")
+    a, logkn = np.polyfit(np.log(cs), np.log(ns), 1)
+    b, logkd = np.polyfit(np.log(cs), np.log(ds), 1)
+    return IsoFlop(tuple(cs), tuple(ns), tuple(ds), tuple(ls), float(a), float(b), float(np.exp(logkn)),
+                   float(np.exp(logkd)))

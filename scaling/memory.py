@@ -1,0 +1,297 @@
+"""Training memory per device: parameters, gradients, optimizer state and activations.
+
+`memory_per_device(cfg, mesh={"data": 2, "fsdp": 4, "tensor": 2}, micro_batch=16, seq_len=2048,
+remat="save_dots")` answers "will it fit" before compiling anything. Parameter placement comes from
+*the* rules table (`parallel.rules`), so a new sharding strategy is accounted for by the same rule
+that implements it; activations follow the activation rules (batch over data/fsdp/expert, sequence
+over `sequence`, heads / mlp / vocab over `tensor`).
+
+Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one micro-batch):
+- params, grads (same sharding, `grad_dtype`), optimizer state (`moments` per parameter: AdamW 2);
+- activations = L_local · B_l·T_l · saved_per_token(layer, remat) — what the backward pass needs,
+  per remat policy (`saved_bytes_per_token`: an upper bound that XLA meets to 75-103% for the
+  dot-saving policies; tests/test_scaling_memory.py states every tolerance);
+- working set = B_l·T_l · (one layer's full forward residuals, live while that layer's backward
+  runs or is rematerialised, + the logits/loss buffers);
+- transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
+  prefetch) in compute dtype, and the embedding table gathered for the lookup.
+Pipeline parallelism's in-flight micro-batches and XLA's fragmentation are not modelled.
+
+The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks, dense
+`jax.nn.dot_product_attention`): an MoE layer stores `top_k` experts' activations per token and a
+blocked sliding-window kernel stores (R + 1)·C scores per query (`executed_keys`). Re-check both
+against `compiled.memory_analysis()` once the Transformer runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from scaling.flops import LMShape, executed_keys, lm_shape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "fp8": 1, "bf16": 2, "f32": 4}
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+
+
+def dtype_bytes(name) -> int:
+    """Bytes per element of a dtype name ('float32', 'bfloat16', ...) or anything with `.itemsize`."""
+    if hasattr(name, "itemsize"):
+        return int(name.itemsize)
+    try:
+        return DTYPE_BYTES[str(name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPE_BYTES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamEntry:
+    """One parameter array: its path, global shape, dtype name and logical axis names."""
+
+    path: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: str = "float32"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=None) -> list[ParamEntry]:
+    """The parameter tree of `models.Transformer` for `cfg` (paths, shapes, logical axes), without
+    building it. MoE layers (not in models/ yet) appear as `blocks.moe.*`: experts [L, E, D, F]
+    on ('layers', 'expert', 'embed', 'mlp'), router [L, D, E] — the expected layout; re-check it
+    against the real tree when MoE lands (`param_table_from_state` reads any real tree)."""
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    pd = param_dtype or getattr(cfg, "param_dtype", "float32")
+    d, v, L, n, k, h, f = s.d_model, s.vocab_size, s.n_layers, s.n_heads, s.kv_heads, s.head_dim, s.mlp_dim
+    P = lambda path, shape, axes: ParamEntry(path, tuple(shape), tuple(axes), pd)  # noqa: E731
+    t = [P("embed", (v, d), ("vocab", "embed")),
+         P("blocks.attn_norm", (L, d), ("layers", "norm")),
+         P("blocks.wq", (L, d, n, h), ("layers", "embed", "heads", "head_dim")),
+         P("blocks.wk", (L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+         P("blocks.wv", (L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+         P("blocks.wo", (L, n, h, d), ("layers", "heads", "head_dim", "embed"))]
+    if s.qkv_bias:
+        t += [P("blocks.bq", (L, n, h), ("layers", "heads", "head_dim")),
+              P("blocks.bk", (L, k, h), ("layers", "kv_heads", "head_dim")),
+              P("blocks.bv", (L, k, h), ("layers", "kv_heads", "head_dim"))]
+    t.append(P("blocks.mlp_norm", (L, d), ("layers", "norm")))
+    if s.post_norms:  # names are a guess until models/ implements post_norms; the count is what matters
+        t += [P("blocks.attn_post_norm", (L, d), ("layers", "norm")),
+              P("blocks.mlp_post_norm", (L, d), ("layers", "norm"))]
+    n_moe = s.n_moe_layers
+    if L - n_moe:
+        t += [P("blocks.w_gate", (L - n_moe, d, f), ("layers", "embed", "mlp")),
+              P("blocks.w_up", (L - n_moe, d, f), ("layers", "embed", "mlp")),
+              P("blocks.w_down", (L - n_moe, f, d), ("layers", "mlp", "embed"))]
+    if n_moe:
+        m = s.moe
+        fe, E = m.expert_mlp_dim, m.n_experts
+        t += [P("blocks.moe.router", (n_moe, d, E), ("layers", "embed", None)),
+              P("blocks.moe.router_bias", (n_moe, E), ("layers", None)),
+              P("blocks.moe.w_gate", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
+              P("blocks.moe.w_up", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
+              P("blocks.moe.w_down", (n_moe, E, fe, d), ("layers", "expert", "mlp", "embed"))]
+        fs = m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * fe
+        if fs:
+            t += [P("blocks.moe.shared_gate", (n_moe, d, fs), ("layers", "embed", "mlp")),
+                  P("blocks.moe.shared_up", (n_moe, d, fs), ("layers", "embed", "mlp")),
+                  P("blocks.moe.shared_down", (n_moe, fs, d), ("layers", "mlp", "embed"))]
+    t.append(P("final_norm", (d,), ("norm",)))
+    if not s.tie_embeddings:
+        t.append(P("lm_head", (d, v), ("embed", "vocab")))
+    return t
+
+
+def param_table_from_state(state) -> list[ParamEntry]:
+    """ParamEntries of a real (possibly abstract) NNX state: paths, shapes, dtypes, logical axes."""
+    from flax import nnx
+
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        out.append(ParamEntry(".".join(str(p) for p in path), tuple(var.shape), tuple(names), str(var.dtype)))
+    return out
+
+
+class _Mesh:
+    """Just enough of a jax Mesh for `parallel.rules.logical_to_spec`: axis names and sizes."""
+
+    def __init__(self, shape: Mapping[str, int]):
+        self.axis_names = tuple(shape)
+        self.axis_sizes = tuple(int(v) for v in shape.values())
+
+
+def _check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
+    if hasattr(mesh, "axis_names"):  # a real jax Mesh
+        mesh = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    mesh = dict(mesh)
+    for a, n in mesh.items():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"mesh[{a!r}] = {n!r}: axis sizes must be positive ints (resolve -1 first)")
+    return mesh
+
+
+def shard_factor(axes, shape, mesh: Mapping[str, int], rules=None) -> int:
+    """How many ways the rules table splits an array with logical `axes` on `mesh` (a dict)."""
+    from parallel.rules import logical_to_spec
+
+    spec = logical_to_spec(tuple(axes), _Mesh(mesh), tuple(shape), rules)
+    n = 1
+    for entry in spec:
+        for a in (entry,) if isinstance(entry, str) else (entry or ()):
+            n *= mesh[a]
+    return n
+
+
+def _axis_product(name: str, mesh: Mapping[str, int], size: int, rules=None) -> int:
+    return shard_factor((name,), (size,), mesh, rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per device of one training step. `total` is the modelled peak."""
+
+    params: int
+    grads: int
+    opt_state: int
+    activations: int
+    working: int
+    transient_weights: int
+    local_tokens: int
+    layers_local: int
+
+    @property
+    def state(self) -> int:
+        """What lives across steps: params + optimizer state (XLA's argument bytes)."""
+        return self.params + self.opt_state
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.opt_state + self.activations + self.working + self.transient_weights
+
+    def table(self) -> str:
+        gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
+        rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
+                (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
+                ("working set (1 layer + logits)", self.working), ("gathered weights (FSDP)", self.transient_weights),
+                ("total", self.total)]
+        return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows)
+
+
+def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str | None = None,
+                          mesh: Mapping[str, int] | None = None, window: int | None = None, kernel: str = "dense",
+                          block: int = 256, rules=None, windows=None, moe=None) -> float:
+    """Bytes one layer keeps per local token for the backward pass under `remat`.
+
+    Per token (D d_model, N/K query/kv heads x H head dim, F mlp width, S scores per query; heads,
+    kv heads and F divided by the tensor-parallel degree; c = compute-dtype bytes):
+      full                : c·D (the layer input; everything else is recomputed)
+      save_dots_no_batch  : c·(2D + NH + 2KH + 2F)  layer input, q, k, v, attention-out proj, gate, up
+      save_dots           : the above + c·NH (PV output) + 4·N·S (float32 scores)
+      none                : c·(6D + 2NH + 2KH + 5F) + N·S·(8 + 1 [+ c]) — JAX's residuals: norm
+                            inputs/outputs, q, k, v, o, SiLU pieces; float32 scores and
+                            probabilities, the broadcast bool mask (and the probabilities cast
+                            to c for PV when c is not float32).
+    MoE layers store the routed `top_k` experts' F-terms plus shared experts'. kernel='flash' (a fused
+    attention kernel, e.g. cuDNN / Pallas flash attention) stores no scores, only a float32
+    log-sum-exp per query and head (S·N·bytes -> 4·N); 'dense' stores all T scores; 'blocked'
+    (models.sliding_window) its (R + 1)·C.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    mesh = _check_mesh(mesh or {})
+    c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
+    D = s.d_model
+    NH = s.n_heads * s.head_dim / _axis_product("act_heads", mesh, s.n_heads, rules)
+    KH = s.kv_heads * s.head_dim / _axis_product("act_kv_heads", mesh, s.kv_heads, rules)
+    N = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
+    F = _mlp_width(s) / _axis_product("act_mlp", mesh, _mlp_width(s), rules)
+    flash = kernel == "flash"
+    S = 0.0 if flash else executed_keys(seq_len, window, kernel, block)
+    lse = 4 * N if flash and remat != "full" else 0.0
+    if remat == "full":
+        return c * D
+    if remat == "save_dots_no_batch":
+        return c * (2 * D + NH + 2 * KH + 2 * F)
+    if remat == "save_dots":
+        return c * (2 * D + 2 * NH + 2 * KH + 2 * F) + 4 * N * S + lse
+    return c * (6 * D + 2 * NH + 2 * KH + 5 * F) + N * S * (8 + 1 + (c if c != 4 else 0)) + lse
+
+
+def _mlp_width(s: LMShape) -> int:
+    """Per-token MLP width that produces activations: dense mlp_dim, or top_k routed + shared experts."""
+    if s.moe is None:
+        return s.mlp_dim
+    m = s.moe
+    shared = m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
+    return m.top_k * m.expert_mlp_dim + shared
+
+
+def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: int, *, remat: str | None = None,
+                      param_dtype: str | None = None, compute_dtype: str | None = None, grad_dtype: str | None = None,
+                      optimizer_moments: int = 2, opt_dtype: str | None = None, kernel: str | None = None,
+                      block: int | None = None, params: list[ParamEntry] | None = None, rules=None, windows=None,
+                      moe=None) -> MemoryBreakdown:
+    """Modelled peak bytes per device of a training step (see the module docstring).
+
+    mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
+    *global* sequences per step; seq_len: tokens per sequence; remat: default `cfg.remat`;
+    dtypes default to `cfg.param_dtype` / `cfg.dtype`, grads and optimizer moments to the param
+    dtype (optax AdamW keeps mu/nu in the parameter dtype); optimizer_moments: 2 for AdamW, 1 for
+    momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
+    params: a real parameter table (`param_table_from_state`) instead of the analytic one.
+    kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
+    models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels.
+    """
+    mesh = _check_mesh(mesh)
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    remat = remat or getattr(cfg, "remat", "none")
+    pdt = param_dtype or getattr(cfg, "param_dtype", "float32")
+    cdt = compute_dtype or getattr(cfg, "dtype", "float32")
+    pb, cb = dtype_bytes(pdt), dtype_bytes(cdt)
+    gb, ob = dtype_bytes(grad_dtype or pdt), dtype_bytes(opt_dtype or pdt)
+    table = params if params is not None else lm_param_table(s, param_dtype=pdt)
+
+    elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table)
+    bshards = _axis_product("batch", mesh, micro_batch, rules)
+    sshards = _axis_product("act_seq", mesh, seq_len, rules)
+    local_tokens = (micro_batch // bshards) * (seq_len // sshards)
+    stage = shard_factor(("layers",), (s.n_layers,), mesh, rules)
+    layers_local = s.n_layers // stage
+
+    block = block or getattr(cfg, "swa_block", 256)
+    kern = lambda w: kernel or ("dense" if w is None else "blocked")  # noqa: E731
+    saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
+                                   block=block, rules=rules) for w in s.windows]
+    acts = local_tokens * sum(saved) / stage
+    one_layer = max(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
+                                          kernel=kern(w), block=block, rules=rules) for w in s.windows)
+    v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
+    working = local_tokens * (one_layer + 3 * 4 * v_local + 2 * cb * s.d_model)
+
+    transient = 0.0
+    if mesh.get("fsdp", 1) > 1:
+        # a layer's weights all-gathered over fsdp (still split over tensor), two in flight
+        per_layer = [p for p in table if p.axes and p.axes[0] == "layers"]
+        gathered = sum(p.size / s.n_layers / _tensor_only(p, mesh, rules) for p in per_layer)
+        transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
+    return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
+                           activations=int(acts), working=int(working), transient_weights=int(transient),
+                           local_tokens=int(local_tokens), layers_local=int(layers_local))
+
+
+def _tensor_only(p: ParamEntry, mesh, rules) -> int:
+    no_fsdp = {a: n for a, n in mesh.items() if a != "fsdp"}
+    return shard_factor(p.axes, p.shape, no_fsdp, rules) if no_fsdp else 1
+
+
+def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str = "bfloat16", windows=None) -> int:
+    """KV-cache bytes for inference (global): a windowed layer needs only min(window, seq_len) slots."""
+    s = lm_shape(cfg, windows=windows)
+    slots = sum(seq_len if w is None else min(w, seq_len) for w in s.windows)
+    return int(2 * batch * slots * s.kv_heads * s.head_dim * dtype_bytes(dtype))

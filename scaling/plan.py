@@ -1,0 +1,201 @@
+"""Compute planner: what will a training run cost, will it fit, and what does it emit.
+
+    python -m scaling.plan --params 7e9 --hardware h100 --chips 256
+    python -m scaling.plan --flops 1e23 --hardware tpu-v5p --chips 1024 --chip-power-w 450 --mfu 0.5
+
+Given a model size (or a FLOP budget) it prints: the compute-optimal tokens (or N and D), a
+Llama-style shape for that size, the training FLOPs (6ND and the model FLOPs with causal attention),
+the wall-clock at a stated MFU, memory per chip for a suggested mesh (the least-sharded
+fsdp x tensor layout that fits), and energy = chip-hours x chip power x PUE and CO2e = energy x grid
+intensity. Every assumption is printed with the numbers.
+
+Worked example (tests/test_scaling_plan.py checks it by hand): 7e9 parameters, 256 H100 at 40% MFU,
+seq 4096, PUE 1.1, 400 gCO2e/kWh -> 1.497e11 tokens, 6.42e21 model FLOPs, ~17.6 h, ~3.5 MWh, ~1.4 t CO2e.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from scaling.flops import LMShape, param_counts, train_flops_per_token
+from scaling.hardware import chip as get_chip
+from scaling.laws import ALLOCATIONS
+from scaling.memory import MemoryBreakdown, memory_per_device
+
+
+def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 128, head_dim: int = 128,
+                  mlp_multiple: int = 256) -> LMShape:
+    """A Llama-style dense shape with about `n_params` parameters: d_model = aspect·L (rounded to a
+    multiple of head_dim), MHA with `head_dim`-wide heads, SwiGLU width 8/3·d rounded up to
+    `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008."""
+    if n_params <= 0:
+        raise ValueError(f"n_params must be positive, got {n_params}")
+
+    def shape(L: int) -> LMShape:
+        d = max(head_dim, int(round(aspect * L / head_dim)) * head_dim)
+        f = int(math.ceil(8 * d / 3 / mlp_multiple) * mlp_multiple)
+        return LMShape(vocab_size=vocab_size, d_model=d, n_layers=L, n_heads=d // head_dim, kv_heads=d // head_dim,
+                       head_dim=head_dim, mlp_dim=f, windows=(None,) * L)
+
+    best = min(range(1, 400), key=lambda L: abs(param_counts(shape(L)).total - n_params))
+    return shape(best)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshChoice:
+    mesh: dict[str, int]
+    micro_batch: int  # global sequences per step
+    memory: MemoryBreakdown
+
+
+def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, seqs_per_chip: int = 1,
+                 remat: str = "save_dots_no_batch", param_dtype: str = "float32", compute_dtype: str = "bfloat16",
+                 kernel: str = "flash", headroom: float = 0.9) -> MeshChoice | None:
+    """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp in powers of two, data the
+    rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if nothing fits."""
+    for t in (1, 2, 4, 8):
+        if chips % t:
+            continue
+        f = 1
+        while f * t <= chips:
+            if chips % (f * t) == 0:
+                mesh = {"data": chips // (f * t), "fsdp": f, "tensor": t}
+                mb = seqs_per_chip * mesh["data"] * f
+                try:
+                    mem = memory_per_device(shape, mesh, mb, seq_len, remat=remat, param_dtype=param_dtype,
+                                            compute_dtype=compute_dtype, kernel=kernel)
+                except ValueError:  # a dimension does not divide this mesh
+                    mem = None
+                if mem is not None and mem.total <= headroom * hbm_bytes:
+                    return MeshChoice(mesh, mb, mem)
+            f *= 2
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    n_params: float
+    tokens: float
+    flops_6nd: float
+    flops_model: float
+    flops_per_token: float
+    seconds: float
+    chip_hours: float
+    energy_kwh: float
+    co2_kg: float
+    shape: LMShape
+    mesh: MeshChoice | None
+    text: str
+
+
+def make_plan(*, params: float | None = None, flops: float | None = None, tokens: float | None = None,
+              hardware: str = "h100", chips: int = 256, dtype: str = "bf16", mfu: float = 0.4, seq_len: int = 4096,
+              vocab_size: int = 32_000, law: str = "approach1", pue: float = 1.1, grid_g_per_kwh: float = 400.0,
+              chip_power_w: float | None = None, remat: str = "save_dots_no_batch", seqs_per_chip: int = 1) -> Plan:
+    """Plan a run from `params` (tokens from the compute-optimal allocation unless `tokens` is given)
+    or from a FLOP budget `flops` (compute-optimal N and D). See the module docstring."""
+    if (params is None) == (flops is None):
+        raise ValueError("give exactly one of params= (a model size) or flops= (a training budget)")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if law not in ALLOCATIONS:
+        raise ValueError(f"law={law!r}: use one of {sorted(ALLOCATIONS)}")
+    alloc = ALLOCATIONS[law]
+    c = get_chip(hardware)
+    peak = c.peak_flops.get(dtype)
+    if peak is None:
+        raise ValueError(f"{c.name} has no published {dtype!r} peak; use --dtype one of {sorted(c.peak_flops)}")
+    power = chip_power_w if chip_power_w is not None else c.power_w
+    if power is None:
+        raise ValueError(f"{c.name}: the vendor publishes no per-chip power; pass chip_power_w (--chip-power-w W)")
+
+    if params is not None:
+        n = float(params)
+        d = float(tokens) if tokens is not None else float(alloc.optimal_tokens_for_params(n))
+        how = "given" if tokens is not None else "compute-optimal for N"
+    else:
+        n = float(alloc.optimal_params(flops))
+        d = float(tokens) if tokens is not None else float(alloc.optimal_tokens(flops))
+        how = "compute-optimal for the budget"
+    shape = suggest_shape(n, vocab_size=vocab_size)
+    fpt = train_flops_per_token(shape, seq_len)
+    c6 = 6.0 * n * d
+    cm = fpt * d
+    seconds = cm / (chips * peak * mfu)
+    chip_hours = chips * seconds / 3600
+    kwh = chip_hours * power / 1000 * pue
+    co2 = kwh * grid_g_per_kwh / 1000
+    mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat)
+
+    law_txt = {"approach1": "Chinchilla Approach 1: N_opt ∝ C^0.50, anchored at 67B params for Gopher's 5.76e23 FLOPs "
+                            f"({float(alloc.optimal_tokens_for_params(1e9)) / 1e9:.1f} tokens/param)",
+               "approach3": "Chinchilla Approach 3 fit L = 1.69 + 406.4/N^0.34 + 410.7/D^0.28 "
+                            "(N_opt ∝ C^0.45)"}[law]
+    pc = param_counts(shape)
+    lines = [
+        "== jaxscale plan ==",
+        "assumptions:",
+        f"  allocation : {law_txt}",
+        "  FLOPs      : budget C = 6·N·D; model FLOPs = D x (6 x matmul params + 12·L·d_attn·(T+1)/2 causal "
+        f"attention) of the suggested shape at seq {seq_len} (no remat recompute: MFU convention)",
+        f"  hardware   : {chips} x {c.name}, {dtype} dense peak {peak / 1e12:g} TFLOP/s per chip "
+        f"({c.source}), MFU {mfu:.0%}",
+        f"  energy     : {power:g} W per chip{' (datasheet max TDP)' if chip_power_w is None else ' (given)'} "
+        f"x PUE {pue:g}; grid {grid_g_per_kwh:g} gCO2e/kWh; chips only (hosts, network, idle not counted)",
+        f"  memory     : f32 params + f32 grads + AdamW (2 x f32), bf16 compute, remat {remat}, fused (flash) "
+        f"attention, {seqs_per_chip} sequence(s) of {seq_len} per data/fsdp rank, 90% of HBM usable",
+        "",
+        f"model     : N = {n:.4g} params; suggested shape L={shape.n_layers}, d={shape.d_model}, "
+        f"heads={shape.n_heads}x{shape.head_dim}, mlp={shape.mlp_dim}, vocab={shape.vocab_size} "
+        f"({pc.total:.4g} params)",
+        f"tokens    : D = {d:.4g} ({how}; {d / n:.1f} tokens/param)",
+        f"compute   : 6ND = {c6:.4g} FLOPs; model FLOPs = {fpt:.4g}/token x D = {cm:.4g} FLOPs",
+        f"wall-clock: {cm:.4g} / ({chips} x {peak:.4g} x {mfu:g}) = {seconds:,.0f} s = {seconds / 3600:,.1f} h "
+        f"= {seconds / 86400:,.2f} days ({chip_hours:,.0f} chip-hours)",
+    ]
+    if mesh is None:
+        lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
+                     "micro-batch; add chips, lower seq_len or use remat='full'")
+    else:
+        lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "
+                  f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB:", mesh.memory.table()]
+    lines += [f"energy    : {chip_hours:,.0f} chip-h x {power:g} W x PUE {pue:g} = {kwh:,.0f} kWh",
+              f"CO2e      : {kwh:,.0f} kWh x {grid_g_per_kwh:g} g/kWh = {co2:,.0f} kg ({co2 / 1000:,.2f} t)"]
+    return Plan(n, d, c6, cm, fpt, seconds, chip_hours, kwh, co2, shape, mesh, "\n".join(lines))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--params", type=float, help="model size N (parameters)")
+    g.add_argument("--flops", type=float, help="training budget C (FLOPs)")
+    ap.add_argument("--tokens", type=float, help="override the compute-optimal token count")
+    ap.add_argument("--hardware", default="h100", help="chip kind: h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e")
+    ap.add_argument("--chips", type=int, default=256)
+    ap.add_argument("--dtype", default="bf16", help="peak to use: bf16, fp8, ...")
+    ap.add_argument("--mfu", type=float, default=0.4)
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--law", default="approach1", choices=sorted(ALLOCATIONS))
+    ap.add_argument("--pue", type=float, default=1.1)
+    ap.add_argument("--grid", type=float, default=400.0, help="grid carbon intensity, gCO2e/kWh")
+    ap.add_argument("--chip-power-w", type=float, help="per-chip power (W); required for TPUs")
+    ap.add_argument("--remat", default="save_dots_no_batch", choices=("none", "full", "save_dots",
+                                                                      "save_dots_no_batch"))
+    ap.add_argument("--seqs-per-chip", type=int, default=1)
+    a = ap.parse_args(argv)
+    try:
+        plan = make_plan(params=a.params, flops=a.flops, tokens=a.tokens, hardware=a.hardware, chips=a.chips,
+                         dtype=a.dtype, mfu=a.mfu, seq_len=a.seq_len, vocab_size=a.vocab, law=a.law, pue=a.pue,
+                         grid_g_per_kwh=a.grid, chip_power_w=a.chip_power_w, remat=a.remat,
+                         seqs_per_chip=a.seqs_per_chip)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(plan.text)
+    return plan
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""scaling.flops / scaling.dit against XLA's cost_analysis() and the real parameter trees.
+
+Tolerances: the accounting counts matmuls and attention dots only, XLA counts every op, so XLA's
+count must lie in [ours, ours x (1 + elementwise share)] with the share stated per test (norms,
+softmax, SiLU, RoPE and the loss are a few percent at these widths). XLA counts a scanned layer
+body once, so models are compiled with scan_layers=False.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.lm_step import lm_loss
+from models import KVCache, Transformer, TransformerConfig
+from models.sliding_window import sliding_window_attention
+from scaling.dit import dit_forward_flops, dit_param_count, dit_sampling_flops, dit_train_flops
+from scaling.flops import (
+    MoESpec,
+    attended_keys,
+    decode_flops_per_token,
+    executed_keys,
+    lm_shape,
+    matmul_flops_per_token,
+    mfu,
+    param_counts,
+    recompute_flops_per_token,
+    train_flops_per_token,
+)
+from scaling.memory import lm_param_table, param_table_from_state
+
+CONFIGS = [
+    TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, mlp_dim=384),
+    TransformerConfig(vocab_size=256, d_model=128, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=32, mlp_dim=256,
+                      tie_embeddings=True, qkv_bias=True),
+]
+
+
+def xla_flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [TransformerConfig(vocab_size=100, d_model=48, n_layers=5, n_heads=6,
+                                                             n_kv_heads=1, mlp_dim=64)])
+def test_param_counts_and_table_match_real_tree(cfg):
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    real = param_table_from_state(state)
+    assert sum(p.size for p in real) == param_counts(cfg).total == cfg.param_count()
+    ours = {p.path: (p.shape, p.axes) for p in lm_param_table(cfg)}
+    assert ours == {p.path: (p.shape, p.axes) for p in real}
+    pc = param_counts(cfg)
+    # the config's matmul_params() also counts the per-layer norm scales (not matmuls)
+    assert pc.matmul_active == cfg.matmul_params() - (pc.norms - cfg.d_model)
+    assert pc.total == pc.embedding + pc.non_embedding
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_train_flops_match_cost_analysis(cfg):
+    B, T = 2, 128
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
+    # the dense XLA kernel scores all T keys; elementwise work is <= 5% here
+    ours = train_flops_per_token(cfg, T, kernel="dense") * B * T
+    assert ours <= xla <= 1.05 * ours, xla / ours
+    # the config agrees, up to its counting the 2 norm scales per layer as matmul parameters
+    norms = 6 * 2 * cfg.d_model * cfg.n_layers
+    assert ours / (B * T) + norms == pytest.approx(cfg.flops_per_token(T, causal=False))
+    # model FLOPs (MFU) count only attended keys: causal halves the score work
+    assert train_flops_per_token(cfg, T) + norms == pytest.approx(cfg.flops_per_token(T, causal=True))
+
+
+def test_remat_full_recompute_matches_cost_analysis():
+    cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, remat="full")
+    B, T = 2, 128
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
+    hw = train_flops_per_token(cfg, T, kernel="dense", remat="full", include_recompute=True) * B * T
+    assert hw <= xla <= 1.06 * hw, xla / hw
+    extra = recompute_flops_per_token(cfg, T, "full", kernel="dense")
+    assert 0.2 < extra / train_flops_per_token(cfg, T, kernel="dense") < 0.3  # most of one more forward
+
+
+def test_config_windows_and_post_norms_plug_in():
+    cfg = TransformerConfig(vocab_size=256, d_model=64, n_layers=6, n_heads=4, mlp_dim=128, attn_pattern="2:1",
+                            sliding_window=16, post_norms=True)
+    assert lm_shape(cfg).windows == cfg.layer_windows() == (16, 16, None, 16, 16, None)
+    norm_scales = 4 * cfg.d_model * cfg.n_layers  # the config counts them as matmul parameters; we do not
+    for T in (8, 100):
+        assert train_flops_per_token(cfg, T) + 6 * norm_scales == pytest.approx(cfg.flops_per_token(T, causal=True))
+    assert param_counts(cfg).total == cfg.param_count()
+
+
+def test_windowed_model_flops_match_cost_analysis():
+    """models.Transformer with local layers (blocked kernel) and global ones (dense masked kernel)."""
+    cfg = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=256, attn_pattern="1:1",
+                            sliding_window=32, swa_block=32, scan_layers=False)
+    B, T = 2, 256
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
+    ours = train_flops_per_token(cfg, T, kernel="executed", block=cfg.swa_block) * B * T
+    assert ours <= xla <= 1.08 * ours, xla / ours
+    assert train_flops_per_token(cfg, T) < ours  # model FLOPs count only the attended keys
+
+
+@pytest.mark.parametrize("T,W", [(40, 1), (40, 7), (40, 40), (40, 100), (1, 5)])
+def test_attended_keys_counts_the_mask(T, W):
+    mask = np.tril(np.ones((T, T), bool)) & (np.arange(T)[:, None] - np.arange(T)[None] < W)
+    assert attended_keys(T, W) == pytest.approx(mask.sum() / T)
+    assert attended_keys(T, None) == pytest.approx((T + 1) / 2)
+
+
+@pytest.mark.parametrize("T,W,C", [(256, 64, 64), (200, 50, 32)])
+def test_sliding_window_kernel_flops_match_cost_analysis(T, W, C):
+    B, N, K, H = 2, 4, 2, 32
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.float32)
+    xla = xla_flops(lambda q, k, v: sliding_window_attention(q, k, v, W, block=C), q, kv, kv)
+    ours = 4 * N * H * executed_keys(T, W, "blocked", C) * B * T
+    assert ours <= xla <= 1.15 * ours, xla / ours  # + masking/softmax on the blocked scores
+    # per-layer windows: a 2-layer model with one local (W) and one global layer
+    cfg = TransformerConfig(vocab_size=64, d_model=N * H, n_layers=2, n_heads=N, n_kv_heads=K, mlp_dim=64)
+    both = train_flops_per_token(cfg, T, windows=(W, None))
+    assert both - train_flops_per_token(cfg, T, windows=(None, None)) == pytest.approx(
+        3 * 4 * N * H * (attended_keys(T, W) - attended_keys(T)))
+
+
+def test_moe_active_flops_match_reference_layer():
+    T, D, F, E, k = 64, 64, 96, 8, 2
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    def moe(x, router, wg, wu, wd):  # dropless top-k: each token multiplies only its k experts
+        vals, idx = jax.lax.top_k(x @ router, k)
+        g = jax.nn.softmax(vals)
+        h = jax.nn.silu(jnp.einsum("td,tkdf->tkf", x, wg[idx])) * jnp.einsum("td,tkdf->tkf", x, wu[idx])
+        return jnp.einsum("tk,tkd->td", g, jnp.einsum("tkf,tkfd->tkd", h, wd[idx]))
+
+    args = (jax.random.normal(keys[0], (T, D)), jax.random.normal(keys[1], (D, E)),
+            jax.random.normal(keys[2], (E, D, F)), jax.random.normal(keys[3], (E, D, F)), jnp.ones((E, F, D)))
+    xla = xla_flops(moe, *args)
+    spec = MoESpec(n_experts=E, top_k=k, expert_mlp_dim=F)
+    base = TransformerConfig(vocab_size=64, d_model=D, n_layers=1, n_heads=4, mlp_dim=F)
+    pc = param_counts(base, moe=spec)
+    ours = 2 * pc.mlp_active * T  # the MoE MLP's forward: router + k experts per token
+    assert ours <= xla <= 1.1 * ours, xla / ours
+    # + the router's selection bias (E parameters, no FLOPs)
+    assert pc.mlp_total == E * 3 * D * F + D * E + E and pc.total - pc.active == (E - k) * 3 * D * F + E
+    # duck-typed MoE fields on a config are picked up the same way
+    duck = dataclasses.make_dataclass("MoECfg", ["vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim",
+                                                 "n_experts", "top_k"])(64, D, 1, 4, F, E, k)
+    assert param_counts(duck) == pc and lm_shape(duck).moe == spec
+
+
+def test_moe_matches_models_moe():
+    """The real MoE layer (models/moe.py): parameter tree, its own counts, and capacity dispatch's FLOPs."""
+    moe = pytest.importorskip("models.moe")
+    d, T = 64, 128
+    mc = moe.MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=96, n_shared_experts=1, dispatch="capacity")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(d, mc, rngs=nnx.Rngs(0))))
+    cfg = dataclasses.make_dataclass("Cfg", ["vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "moe"])(
+        64, d, 1, 4, 96, mc)  # an LM config carrying a MoEConfig, read duck-typed
+    pc = param_counts(cfg)
+    assert pc.mlp_total == sum(x.size for x in jax.tree.leaves(state)) == mc.param_count(d)
+    assert pc.mlp_active == mc.active_params_per_token(d)
+    xla = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jax.ShapeDtypeStruct((2, T, d), jnp.float32))
+    # capacity dispatch computes capacity_factor x the routed experts' work (padded slots included)
+    executed = 2 * pc.mlp_active + matmul_flops_per_token(cfg, executed=True) - matmul_flops_per_token(cfg)
+    assert executed == pytest.approx(2 * pc.mlp_active + 2 * 0.25 * 2 * 3 * d * 96)
+    assert executed * 2 * T <= xla <= 1.06 * executed * 2 * T, xla / (executed * 2 * T)
+
+
+def test_decode_flops_match_cost_analysis():
+    cfg = dataclasses.replace(CONFIGS[0], scan_layers=False)
+    B, S = 2, 256
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    cache = jax.eval_shape(lambda: KVCache.zeros(cfg, B, S))
+    tok = jax.ShapeDtypeStruct((B, 1), jnp.int32)
+    xla = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c), state, tok, cache)
+    ours = decode_flops_per_token(cfg, 100, cache_len=S) * B  # the cache kernel scores all S slots
+    assert ours <= xla <= 1.1 * ours, xla / ours
+    assert decode_flops_per_token(cfg, 100) < decode_flops_per_token(cfg, 100, cache_len=S)
+
+
+@pytest.mark.parametrize("attention,latent", [("factorized", (3, 8, 8)), ("full", (2, 8, 8)),
+                                              ("factorized", (1, 8, 8))])
+def test_dit_accounting_matches_models_video(attention, latent):
+    """The video DiT (models/video): the real parameter tree and cost_analysis() of its forward."""
+    video = pytest.importorskip("models.video.dit")
+    from models.video.config import DiTConfig
+
+    cfg = DiTConfig(latent_shape=latent, latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,
+                    attention=attention, text_dim=32, time_freq_dim=32, scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: video.VideoDiT(cfg, rngs=nnx.Rngs(0))))
+    assert sum(x.size for x in jax.tree.leaves(state)) == dit_param_count(cfg) == cfg.param_count()
+    B, L = 2, 8
+    sds = jax.ShapeDtypeStruct
+    xla = xla_flops(lambda s, x, t, txt, valid, pooled: nnx.merge(graphdef, s)(x, t, txt, valid, pooled), state,
+                    sds((B, *latent, 4), jnp.float32), sds((B,), jnp.float32), sds((B, L, 32), jnp.float32),
+                    sds((B, L), jnp.bool_), sds((B, 32), jnp.float32))
+    ours = dit_forward_flops(cfg, L, batch=B)
+    assert ours <= xla <= 1.15 * ours, xla / ours  # + norms, QK-norm, RoPE, softmax, modulation
+    assert dit_train_flops(cfg, L) == pytest.approx(cfg.flops_per_clip(L))  # the config's own count agrees
+    assert dit_sampling_flops(cfg, L, steps=50) == 100 * dit_forward_flops(cfg, L)
+
+
+def test_mfu():
+    assert mfu(1e5, 6e9, 8, 1e15) == pytest.approx(0.075)
+    cfg = CONFIGS[0]
+    # a step of 4096 tokens taking 0.5 s on 2 devices of 1 TFLOP/s
+    assert mfu(4096 / 0.5, train_flops_per_token(cfg, 128), 2, 1e12) == pytest.approx(
+        4096 * train_flops_per_token(cfg, 128) / 0.5 / 2e12)
+    with pytest.raises(ValueError, match="peak_flops_per_device"):
+        mfu(1.0, 1.0, 1, 0.0)
+    with pytest.raises(ValueError, match="n_devices"):
+        mfu(1.0, 1.0, 0, 1.0)

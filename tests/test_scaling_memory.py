@@ -1,0 +1,118 @@
+"""scaling.memory against XLA's memory_analysis() of a real sharded train step (AdamW, donated state).
+
+Stated tolerances (XLA:CPU, 8 fake devices, float32):
+- argument bytes (params + optimizer state + the token batch) match exactly (0.5%);
+- activations kept per layer and token (value_and_grad's temp bytes on one device, double-differenced
+  over layer count and batch size, which cancels parameter-sized buffers), save_dots and
+  save_dots_no_batch: our count is an upper bound and XLA keeps 75-103% of it (it drops saved dot
+  outputs it can rebuild cheaply; how many depends on the model code: exactly 100% with the einsum
+  blocks of the first model version, ~80% with today's grouped scan). With remat 'full' the saved
+  activations (c·D per layer and token) are too small next to other buffers for XLA's peak to show them;
+  it is covered by the whole-step test;
+- the whole step's temp bytes (grads + activations + working set + gathered weights) lie within
+  [-22%, +12%] of XLA: the working-set term is deliberately conservative, and today's grouped layer
+  scan adds parameter-sized gradient temporaries that are not modelled.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from experiments.lm_step import lm_loss, make_optimizer
+from models import Transformer, TransformerConfig
+from parallel import batch_sharding, logical_shardings, make_mesh
+from scaling.memory import memory_per_device, saved_bytes_per_token, shard_factor
+
+BASE = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=512, max_seq_len=512)
+
+
+def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
+    """memory_analysis() of a jitted AdamW train step on abstract, rules-sharded inputs
+    (optimizer=False: just value_and_grad, the gradients being outputs)."""
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:n_devices])
+    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    sh = logical_shardings(abs_state, mesh)
+    params = jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), sh, abs_state)
+    opt = make_optimizer()
+    by_path = {jax.tree_util.keystr(k): v.sharding for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+    def place(path, x):  # mu / nu are sharded like the parameter whose path they end with
+        key = jax.tree_util.keystr(path)
+        hit = [s for p, s in by_path.items() if key.endswith(p)]
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=hit[0] if hit else jax.NamedSharding(mesh, jax.P()))
+
+    with jax.set_mesh(mesh):
+        opt_state = jax.tree_util.tree_map_with_path(place, jax.eval_shape(opt.init, params))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh))
+
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = {"inputs": tok, "targets": tok}
+    with jax.set_mesh(mesh):
+        if not optimizer:
+            grad = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(graphdef, p, b)))
+            return grad.lower(params, batch).compile().memory_analysis()
+        c = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    return c.memory_analysis()
+
+
+@pytest.mark.parametrize("cfg,mesh,B,T", [
+    (dataclasses.replace(BASE, remat="save_dots_no_batch"), {"data": 2, "fsdp": 2, "tensor": 2}, 16, 128),
+    (dataclasses.replace(BASE, n_kv_heads=2, vocab_size=512, remat="full"), {"fsdp": 4, "tensor": 2}, 16, 256),
+    (dataclasses.replace(BASE, n_layers=6, d_model=256, n_heads=8, mlp_dim=768, remat="none"),
+     {"data": 4, "fsdp": 2}, 16, 128),
+    (dataclasses.replace(BASE, param_dtype="bfloat16", remat="save_dots"), {"data": 8}, 32, 128),
+])
+# Not yet within tolerance (docs/scaling.md): BASE with attn_pattern="alternating", sliding_window=32,
+# swa_block=32, remat="save_dots" on data4 x tensor2, B=8, T=256 -> XLA temp = 1.24 x ours (the blocked
+# kernel's windowed K/V copies and masks are not modelled yet).
+def test_memory_matches_memory_analysis(cfg, mesh, B, T):
+    m = compiled_memory(cfg, mesh, B, T)
+    ours = memory_per_device(cfg, mesh, B, T)
+    batch_bytes = 2 * 4 * B * T // shard_factor(("batch",), (B,), mesh)  # inputs + targets, int32
+    assert m.argument_size_in_bytes == pytest.approx(ours.state + batch_bytes, rel=0.005)
+    temp = ours.total - ours.state
+    assert 0.78 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
+
+
+@pytest.mark.parametrize("remat,lo", [("save_dots_no_batch", 0.75)])  # save_dots: same result, 12 s more CPU
+def test_saved_activations_per_layer_match(remat, lo):
+    """Per layer and token, the bytes XLA keeps for the backward pass (a double difference over layers and
+    batch size cancels parameter-sized buffers) against `saved_bytes_per_token`."""
+    # One device holding 512-1024 tokens, value_and_grad alone: the peak is then the start of the backward
+    # pass with every layer's residuals live (sharded or with an optimizer update, XLA's peak can sit
+    # elsewhere and the difference stops measuring activations; the whole-step test covers meshes).
+    mesh, T = {"data": 1}, 128
+    temp = {(L, B): compiled_memory(dataclasses.replace(BASE, n_layers=L, remat=remat, n_heads=8), mesh, B, T,
+                                    optimizer=False, n_devices=1).temp_size_in_bytes for L in (2, 6) for B in (4, 8)}
+    per_layer_token = (temp[6, 8] - temp[6, 4] - temp[2, 8] + temp[2, 4]) / 4 / (4 * T)  # 4 layers, +4 rows
+    ours = saved_bytes_per_token(dataclasses.replace(BASE, n_heads=8), remat, T, mesh=mesh)
+    assert lo * ours <= per_layer_token <= 1.03 * ours, per_layer_token / ours
+
+
+def test_parameter_bytes_follow_the_rules_table():
+    cfg = dataclasses.replace(BASE, n_kv_heads=1)
+    flat = memory_per_device(cfg, {"data": 8}, 8, 64)
+    tp = memory_per_device(cfg, {"data": 2, "fsdp": 2, "tensor": 2}, 8, 64)
+    # everything but the norms splits 4 ways; the single kv head (MQA) cannot split over tensor
+    d, L = cfg.d_model, cfg.n_layers
+    norms = (2 * L + 1) * d
+    kv = 2 * L * d * cfg.hd
+    rest = cfg.param_count() - norms - kv
+    assert tp.params == 4 * (rest / 4 + kv / 2 + norms)
+    assert flat.params == 4 * cfg.param_count() and flat.opt_state == 2 * flat.params
+    assert tp.local_tokens == 8 // 4 * 64 and flat.local_tokens == 64
+    with pytest.raises(ValueError, match="does not divide"):
+        memory_per_device(dataclasses.replace(BASE, mlp_dim=510), {"data": 2, "tensor": 4}, 8, 64)
+    assert memory_per_device(BASE, {"data": 8}, 8, 512, remat="full").activations < \
+        memory_per_device(BASE, {"data": 8}, 8, 512, remat="save_dots").activations
+    # a fused (flash) kernel stores no T x T scores
+    assert saved_bytes_per_token(BASE, "save_dots", 4096, kernel="flash") < \
+        saved_bytes_per_token(BASE, "save_dots", 4096) / 10

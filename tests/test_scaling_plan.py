@@ -1,0 +1,74 @@
+"""scaling.plan: the documented 7B example against a hand computation; hardware table; planner errors."""
+
+import pytest
+
+from scaling.hardware import CHIPS, measure_cpu_peak, peak_flops, peak_table
+from scaling.memory import memory_per_device
+from scaling.plan import main, make_plan, suggest_shape
+
+
+def test_7b_example_matches_hand_computation(capsys):
+    plan = main(["--params", "7e9", "--hardware", "h100", "--chips", "256", "--mfu", "0.4", "--seq-len", "4096",
+                 "--pue", "1.1", "--grid", "400"])
+    out = capsys.readouterr().out
+    # tokens: Approach 1 anchored at 67B for 5.76e23 FLOPs -> D/N = 5.76e23 / (6 * 67e9^2) = 21.386
+    tokens = 7e9 * 5.76e23 / (6 * 67e9**2)
+    assert plan.tokens == pytest.approx(tokens) and tokens == pytest.approx(1.497e11, rel=1e-3)
+    assert plan.flops_6nd == pytest.approx(6 * 7e9 * tokens)
+    # shape: L=32, d=4096, 32 heads of 128, SwiGLU 11008, vocab 32000 (Llama-7B)
+    # matmul params = 32 * (4 * 4096^2 + 3 * 4096 * 11008) + 32000 * 4096 = 6,607,077,376
+    # per token: 6 * 6,607,077,376 + 3 * 32 layers * 4 * 4096 * (4096 + 1) / 2 causal keys
+    per_token = 6 * 6_607_077_376 + 3 * 32 * 4 * 4096 * 4097 / 2
+    assert per_token == 42_864_476_160
+    assert plan.flops_per_token == pytest.approx(per_token)
+    seconds = per_token * tokens / (256 * 989.4e12 * 0.4)  # H100 SXM dense bf16 peak
+    assert plan.seconds == pytest.approx(seconds) and seconds / 3600 == pytest.approx(17.59, abs=0.01)
+    kwh = 256 * seconds / 3600 * 0.700 * 1.1  # chip-hours x 700 W x PUE
+    assert plan.energy_kwh == pytest.approx(kwh) and kwh == pytest.approx(3468, abs=1)
+    assert plan.co2_kg == pytest.approx(kwh * 0.4)
+    for text in ("1.497e+11", "17.6 h", "3,468 kWh", "1,387 kg", "989.4 TFLOP/s", "MFU 40%", "PUE 1.1",
+                 "L=32, d=4096, heads=32x128, mlp=11008"):
+        assert text in out, text
+    # the suggested mesh fits in 90% of 80 GB, and halving its fsdp degree would not
+    m = plan.mesh
+    assert m.memory.total <= 0.9 * 80e9 and m.mesh["tensor"] == 1
+    smaller = {"data": m.mesh["data"] * 2, "fsdp": m.mesh["fsdp"] // 2, "tensor": 1}
+    assert memory_per_device(plan.shape, smaller, m.micro_batch, 4096, remat="save_dots_no_batch",
+                             compute_dtype="bfloat16", kernel="flash").total > 0.9 * 80e9
+
+
+def test_budget_mode_and_shapes():
+    plan = make_plan(flops=1e23, hardware="tpu-v5p", chips=512, chip_power_w=450.0)
+    assert 6 * plan.n_params * plan.tokens == pytest.approx(1e23)
+    assert plan.tokens / plan.n_params == pytest.approx(21.386, rel=1e-3)  # Approach 1: a constant ratio
+    a3 = make_plan(flops=1e23, hardware="tpu-v5p", chips=512, chip_power_w=450.0, law="approach3")
+    assert a3.n_params < plan.n_params  # Approach 3 puts more of the budget into tokens
+    s = suggest_shape(7e9)
+    assert (s.n_layers, s.d_model, s.n_heads, s.mlp_dim) == (32, 4096, 32, 11008)
+    for n in (1e8, 1e9, 7e10):
+        shape = suggest_shape(n)
+        from scaling.flops import param_counts
+
+        assert param_counts(shape).total == pytest.approx(n, rel=0.2)
+
+
+def test_planner_errors_name_the_fix():
+    with pytest.raises(ValueError, match="chip_power_w"):
+        make_plan(params=1e9, hardware="tpu-v5e")
+    with pytest.raises(ValueError, match="unknown hardware kind"):
+        make_plan(params=1e9, hardware="tpu-v9")
+    with pytest.raises(ValueError, match="no published 'fp8'"):
+        make_plan(params=1e9, hardware="a100", dtype="fp8")
+    with pytest.raises(ValueError, match="exactly one"):
+        make_plan(params=1e9, flops=1e20)
+
+
+def test_peak_table():
+    # NVIDIA datasheets print sparse peaks; the registry keeps dense = half of them
+    assert peak_flops("h100", "bf16") == pytest.approx(1979e12 / 2, rel=1e-3)
+    assert peak_flops("h200", "fp8") == pytest.approx(3958e12 / 2, rel=1e-3)
+    assert peak_flops("a100") == 312e12 and peak_flops("v5e") == 197e12 and peak_flops("tpu-v6e") == 918e12
+    assert all(c.source.startswith("https://") for c in CHIPS.values())
+    assert "| h200 |" in peak_table()
+    cpu = measure_cpu_peak(n=256, repeats=2)
+    assert 1e8 < cpu < 1e13
