@@ -1,5 +1,6 @@
 """Each parallelism strategy, chosen by mesh shape alone, equals the single-device train step."""
 
+import dataclasses
 import re
 
 import jax
@@ -40,13 +41,19 @@ MESHES = {
     "tp": {"data": 4, "tensor": 2},
     "sp": {"data": 2, "sequence": 4},
     "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
+    "pp": {"stage": 4, "data": 2},  # GPipe: 4 stages x 1 layer, 2 microbatches
+    "pp_fsdp": {"stage": 2, "fsdp": 4},
 }
 
 
 @pytest.mark.parametrize("name", list(MESHES))
 def test_strategy_equals_single_device(name, reference):
     mesh = make_mesh(MESHES[name])
-    graphdef, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    cfg = dataclasses.replace(CFG, pipeline_microbatches=2)  # only read when the mesh has a stage axis
+    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    if "stage" in mesh.shape:  # each stage holds its own layers
+        wq = params["blocks"]["wq"][...]
+        assert wq.addressable_shards[0].data.shape[0] == CFG.n_layers // mesh.shape["stage"]
     with jax.set_mesh(mesh):
         loss, grads, new_params = one_step(graphdef, params, shard_batch(batch(), mesh))
     ref_loss, ref_grads, ref_params = reference

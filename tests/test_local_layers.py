@@ -1,0 +1,94 @@
+"""Sliding-window (local) layers inside the Transformer: patterns, receptive field, rolling cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import KVCache, Transformer, TransformerConfig, generate
+from models.losses import cross_entropy
+
+CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                        attn_pattern="alternating", sliding_window=3, swa_block=4)
+
+
+def model_with(**kw):
+    return Transformer(dataclasses.replace(CFG, **kw), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("pattern,window", [("alternating", 3), ("local", (2, 3, 4, 5)), ("3:1", 5)])
+def test_blocked_equals_dense_masked_in_the_model(pattern, window):
+    tok = jax.random.randint(jax.random.key(0), (2, 21), 0, CFG.vocab_size)
+    blocked, dense = model_with(attn_pattern=pattern, sliding_window=window), \
+        model_with(attn_pattern=pattern, sliding_window=window, swa_impl="dense")
+
+    def loss_grads(m):
+        g, s = nnx.split(m)
+        return jax.value_and_grad(lambda s: cross_entropy(nnx.merge(g, s)(tok[:, :-1]), tok[:, 1:])[0])(s)
+
+    (l1, g1), (l2, g2) = loss_grads(blocked), loss_grads(dense)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+def test_receptive_field_is_layers_times_window():
+    m = model_with(attn_pattern="local", sliding_window=3, n_layers=2)  # sees back 2·(3-1) = 4 tokens
+    tok = jax.random.randint(jax.random.key(1), (1, 16), 0, CFG.vocab_size)
+    base = m(tok)
+    changed = m(tok.at[0, 3].set((tok[0, 3] + 1) % CFG.vocab_size))
+    moved = np.asarray(jnp.abs(changed - base).max(-1)[0] > 0)
+    assert not moved[:3].any() and moved[3:8].all() and not moved[8:].any(), moved
+
+
+def test_rolling_cache_decode_equals_recompute():
+    m = model_with()
+    prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, CFG.vocab_size)
+    out = generate(m, prompt, 17)  # the 3-slot local buffers wrap around several times
+    seq = prompt
+    fwd = jax.jit(lambda t: m(t))
+    for _ in range(17):
+        seq = jnp.concatenate([seq, jnp.argmax(fwd(seq)[:, -1], -1)[:, None].astype(seq.dtype)], axis=1)
+    np.testing.assert_array_equal(out, seq)
+
+
+def test_local_cache_memory_does_not_grow_with_length():
+    short, long = KVCache.zeros(CFG, 1, 64), KVCache.zeros(CFG, 1, 4096)
+    windows = CFG.layer_windows()[:2]  # (3, None): period 2
+    assert windows == (3, None)
+    assert short.k[0].shape == long.k[0].shape == (2, 1, 3, 2, 8)  # local: W slots, whatever the length
+    assert (short.k[1].shape[2], long.k[1].shape[2]) == (64, 4096)  # global: grows
+
+
+def test_chunked_prefill_longer_than_the_window():
+    m = model_with()
+    tok = jax.random.randint(jax.random.key(3), (2, 19), 0, CFG.vocab_size)
+    cache, outs = KVCache.zeros(CFG, 2, 24), []
+    for lo, hi in ((0, 8), (8, 9), (9, 19)):  # chunks longer than the 3-slot buffer
+        logits, cache = m(tok[:, lo:hi], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), m(tok), atol=1e-5)
+
+
+def test_packed_documents_with_local_layers():
+    m = model_with()
+    a = jax.random.randint(jax.random.key(4), (1, 9), 0, CFG.vocab_size)
+    b = jax.random.randint(jax.random.key(5), (1, 6), 0, CFG.vocab_size)
+    seg = jnp.array([[1] * 9 + [2] * 6])
+    pos = jnp.array([list(range(9)) + list(range(6))])
+    out = m(jnp.concatenate([a, b], 1), positions_BT=pos, segment_ids_BT=seg)
+    np.testing.assert_allclose(out[:, :9], m(a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 9:], m(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(attn_pattern="local", sliding_window=None), "sliding_window"),
+    (dict(attn_pattern="2:2"), "attn_pattern"),
+    (dict(sliding_window=(3, 4, 5)), "2 local layers"),
+    (dict(swa_impl="flash"), "swa_impl"),
+])
+def test_bad_patterns_name_the_field(kw, words):
+    with pytest.raises(ValueError, match=words):
+        dataclasses.replace(CFG, **kw)
