@@ -1,0 +1,152 @@
+"""Sliding-window attention: blocked O(T·W) kernel vs dense masked vs full causal, one run.
+
+    python -m benchmarks.swa [--lengths 1024 2048 4096 8192 16384 32768] [--windows 1024 4096]
+                             [--plot docs/swa.png] [--train-step]
+
+One attention layer (B=1, 4 heads, head_dim 64, float32), forward + backward. Peak memory is XLA's
+compiled temp + argument + output bytes (`memory_analysis`), which is what the process must hold;
+dense kernels whose compiled footprint exceeds --max-gb are not run (reported as such).
+`--train-step` also runs one full Transformer train step (all layers local, W=1024) at 32K tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from models.sliding_window import sliding_window_attention
+
+N_HEADS, HEAD_DIM = 4, 64
+
+
+def kernels(window):
+    return {
+        "swa_blocked": lambda q, k, v: sliding_window_attention(q, k, v, window, block=512),
+        "dense_masked": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                      local_window_size=(window - 1, 0)),
+        "full_causal": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+    }
+
+
+def measure(fn, T, reps, max_gb):
+    shape = (1, T, N_HEADS, HEAD_DIM)
+    q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
+    step = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2)))
+    compiled = step.lower(q, k, v).compile()
+    m = compiled.memory_analysis()
+    gb = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**30
+    if gb > max_gb:
+        return None, gb
+    jax.block_until_ready(compiled(q, k, v))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), gb
+
+
+def train_step_32k(window=1024, T=32768):
+    """One AdamW step of a 4-layer, all-local Transformer on a single 32K-token row."""
+    from flax import nnx
+
+    from experiments.lm_step import make_optimizer, make_train_step
+    from models import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=256, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=T,
+                            attn_pattern="local", sliding_window=window, swa_block=512, remat="full")
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(1e-3, total_steps=10, warmup_steps=1)
+    opt_state = opt.init(params)
+    tok = jax.random.randint(jax.random.key(0), (1, T + 1), 0, 256)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    step = make_train_step(graphdef, opt)
+    m = step.lower(params, opt_state, batch).compile().memory_analysis()
+    t0 = time.perf_counter()
+    params, opt_state, metrics = step(params, opt_state, batch)
+    loss = float(metrics["loss"])
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    params, opt_state, metrics = step(params, opt_state, batch)
+    jax.block_until_ready(metrics["loss"])
+    return dict(tokens=T, window=window, loss=loss, step_s=time.perf_counter() - t0, first_step_s=first,
+                temp_gb=m.temp_size_in_bytes / 2**30)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-gb", type=float, default=8.0)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--train-step", action="store_true")
+    args = ap.parse_args(argv)
+
+    rows = []
+    jobs = [(w, name, T) for w in args.windows for T in args.lengths for name in kernels(w)
+            if not (name == "full_causal" and w != args.windows[0])]
+    for w, name, T in tqdm(jobs, desc="attention fwd+bwd"):
+        sec, gb = measure(kernels(w)[name], T, args.reps, args.max_gb)
+        rows.append(dict(window=w, kernel=name, T=T, seconds=sec, peak_gb=gb))
+    print(f"\nB=1, {N_HEADS} heads x {HEAD_DIM}, float32, forward+backward; peak = XLA temp+args+outputs")
+    print("| W | kernel | " + " | ".join(f"{T // 1024}K" for T in args.lengths) + " |")
+    print("|---|---|" + "---|" * len(args.lengths))
+    for w in args.windows:
+        for name in kernels(w):
+            cells = [r for r in rows if r["window"] == w and r["kernel"] == name]
+            if not cells:
+                continue
+            fmt = lambda r: f"{r['seconds']:.2f} s / {r['peak_gb']:.2f} GB" if r["seconds"] is not None \
+                else f"not run ({r['peak_gb']:.0f} GB)"
+            print(f"| {w} | {name} | " + " | ".join(fmt(r) for r in cells) + " |")
+    for w in args.windows:
+        t = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "swa_blocked"}
+        d = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "dense_masked"}
+        if 32768 in t and 4096 in t:
+            print(f"W={w}: swa time(32K)/time(4K) = {t[32768] / t[4096]:.2f}")
+        ran = [T for T in d if d[T] is not None and T in t]
+        if ran:
+            T = max(ran)
+            extra = "" if T == 32768 else \
+                f"; quadratic extrapolation to 32K: {d[T] * (32768 / T) ** 2 / t.get(32768, np.nan):.0f}x"
+            print(f"W={w}: dense/swa at {T // 1024}K = {d[T] / t[T]:.1f}x{extra}")
+    out = {"rows": rows}
+    if args.train_step:
+        out["train_step_32k"] = train_step_32k()
+        print("train step at 32K tokens:", json.dumps(out["train_step_32k"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for w in args.windows:
+            for name in kernels(w):
+                r = [x for x in rows if x["window"] == w and x["kernel"] == name and x["seconds"] is not None]
+                if not r:
+                    continue
+                label = name if name == "full_causal" else f"{name} W={w}"
+                axes[0].loglog([x["T"] for x in r], [x["seconds"] for x in r], "o-", label=label)
+                axes[1].loglog([x["T"] for x in r], [x["peak_gb"] for x in r], "o-", label=label)
+        for ax, what in zip(axes, ("fwd+bwd seconds", "peak GB (XLA)")):
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(what)
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
