@@ -1,0 +1,102 @@
+"""Ahead-of-time "will it fit": compile the sharded train step against a mesh without allocating.
+
+Inputs are `jax.ShapeDtypeStruct`s carrying their shardings, so a 70B model compiles on a laptop's
+fake devices; `compiled.memory_analysis()` then gives XLA's per-device bytes, reported next to the
+analytic estimate of `scaling.memory.memory_per_device`.
+
+    python -m parallel.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from parallel.mesh import make_mesh
+from parallel.sharding import batch_sharding, logical_shardings, replicated
+
+
+def abstract_train_inputs(model_fn, optimizer, mesh, batch: int, seq_len: int):
+    """(graphdef, params, opt_state, batch) as sharded ShapeDtypeStructs: nothing is allocated."""
+    graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
+    shardings = logical_shardings(abs_state, mesh)
+    params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
+                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    abs_opt = jax.eval_shape(optimizer.init, params)
+    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abs_opt, params,
+                                              transform_non_params=lambda _: replicated(mesh))
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
+    tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding(mesh, 2))
+    return graphdef, params, opt_state, {"inputs": tok, "targets": tok}
+
+
+@dataclasses.dataclass(frozen=True)
+class AotReport:
+    mesh: dict
+    argument_bytes: int  # per device: params + optimizer state + batch
+    temp_bytes: int  # per device: activations, gradients, workspace
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated inputs
+    estimate: object  # scaling.memory.MemoryBreakdown
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+
+def compile_report(cfg, mesh_shape: dict, batch: int, seq_len: int, devices=None) -> AotReport:
+    """Lower + compile the train step for `cfg` on `mesh_shape`; XLA's and the analytic memory."""
+    from experiments.lm_step import make_optimizer, make_train_step
+    from models import Transformer
+    from scaling.memory import memory_per_device
+
+    mesh = make_mesh(mesh_shape, devices=devices)
+    opt = make_optimizer()
+    graphdef, params, opt_state, b = abstract_train_inputs(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt,
+                                                           mesh, batch, seq_len)
+    with jax.set_mesh(mesh):
+        m = make_train_step(graphdef, opt).lower(params, opt_state, b).compile().memory_analysis()
+    est = memory_per_device(cfg, dict(mesh.shape), batch, seq_len)
+    return AotReport(dict(mesh.shape), m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes,
+                     m.alias_size_in_bytes, est)
+
+
+PRESETS = {  # Llama-2 shapes
+    "7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, mlp_dim=11008),
+    "70b": dict(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_dim=28672),
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(PRESETS), default="7b")
+    ap.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for")
+    ap.add_argument("--mesh", action="append", help="e.g. fsdp=-1 or data=2,fsdp=16,tensor=4 (repeatable)")
+    ap.add_argument("--batch", type=int, default=None, help="global sequences (default: one per device)")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--remat", default="full")
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args(argv)
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    from models import TransformerConfig
+
+    cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
+    gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
+    print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
+          f"compute {args.dtype}, {args.devices} devices")
+    print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.mesh or ["fsdp=-1"]:
+        shape = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+        r = compile_report(cfg, shape, args.batch or args.devices, args.seq)
+        print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
+              f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
