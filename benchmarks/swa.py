@@ -5,7 +5,8 @@
 
 One attention layer (B=1, 4 heads, head_dim 64, float32), forward + backward. Peak memory is XLA's
 compiled temp + argument + output bytes (`memory_analysis`), which is what the process must hold;
-dense kernels whose compiled footprint exceeds --max-gb are not run (reported as such).
+dense kernels whose compiled footprint exceeds --max-gb, or longer than --dense-max, are compiled but
+not run (reported with their compiled footprint).
 `--train-step` also runs one full Transformer train step (all layers local, W=1024) at 32K tokens.
 """
 
@@ -84,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-gb", type=float, default=8.0)
+    ap.add_argument("--dense-max", type=int, default=8192, help="longest sequence the quadratic kernels run at")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--train-step", action="store_true")
@@ -93,7 +95,8 @@ def main(argv=None):
     jobs = [(w, name, T) for w in args.windows for T in args.lengths for name in kernels(w)
             if not (name == "full_causal" and w != args.windows[0])]
     for w, name, T in tqdm(jobs, desc="attention fwd+bwd"):
-        sec, gb = measure(kernels(w)[name], T, args.reps, args.max_gb)
+        quadratic = name != "swa_blocked"
+        sec, gb = measure(kernels(w)[name], T, args.reps, 0.0 if quadratic and T > args.dense_max else args.max_gb)
         rows.append(dict(window=w, kernel=name, T=T, seconds=sec, peak_gb=gb))
     print(f"\nB=1, {N_HEADS} heads x {HEAD_DIM}, float32, forward+backward; peak = XLA temp+args+outputs")
     print("| W | kernel | " + " | ".join(f"{T // 1024}K" for T in args.lengths) + " |")
@@ -109,9 +112,9 @@ def main(argv=None):
     for w in args.windows:
         t = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "swa_blocked"}
         d = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "dense_masked"}
-        if 32768 in t and 4096 in t:
+        if t.get(32768) and t.get(4096):
             print(f"W={w}: swa time(32K)/time(4K) = {t[32768] / t[4096]:.2f}")
-        ran = [T for T in d if d[T] is not None and T in t]
+        ran = [T for T in d if d[T] is not None and t.get(T)]
         if ran:
             T = max(ran)
             extra = "" if T == 32768 else \
