@@ -37,7 +37,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
         loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0, 1))
 

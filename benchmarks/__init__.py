@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name>`; results and commands in docs/benchmarks.md."""

@@ -1,0 +1,240 @@
+"""Transformer train step on CPU: our JAX step vs Hugging Face Llama in PyTorch, and the XLA matmul peak.
+
+    python -m benchmarks.train_step [--rounds 7] [--steps 3] [--json results.json]
+
+One process measures everything in interleaved rounds (each round times every contender for
+`--steps` calls), so a noisy shared machine slows all of them alike; ratios are medians of the
+per-round ratios. Reference shape: d_model 256, 4 layers, 4 heads of 64, SwiGLU 1024, vocab 8192
+(untied), batch 8 × seq 256, AdamW (clip 1.0, wd 0.1), float32. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from experiments.lm_step import lm_loss, make_optimizer, make_train_step
+from models import Transformer, TransformerConfig
+
+CFG = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=256)
+MATMUL_N = 2048
+
+
+def jax_matmul(n=MATMUL_N):
+    """One jitted n×n @ n×n float32 matmul per call (2·n³ FLOPs)."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in (0, 1))
+    f = jax.jit(jnp.matmul)
+    return lambda: f(a, b).block_until_ready()
+
+
+def setup(cfg, batch, seq):
+    """Model, optimizer and one fixed random batch (no input pipeline in the timing)."""
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(lr=3e-3, weight_decay=0.1, clip_norm=1.0)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
+    return graphdef, params, opt, {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+
+
+def jax_step(cfg, batch, seq):
+    """Our train step (experiments.lm_step): returns a call that runs one step to completion."""
+    graphdef, params, opt, data = setup(cfg, batch, seq)
+    state = [params, jax.jit(opt.init)(params)]
+    step = make_train_step(graphdef, opt)
+
+    def call():
+        state[0], state[1], metrics = step(state[0], state[1], data)
+        jax.block_until_ready((state, metrics))
+
+    return call
+
+
+def profile_phases(cfg, batch, seq, rounds):
+    """Where our step's time goes: forward, forward+backward, optimizer update and the whole step,
+    timed separately (interleaved, wall and CPU-s), next to the ideal time of their FLOPs at the
+    measured matmul rate."""
+    graphdef, params, opt, data = setup(cfg, batch, seq)
+    opt_state = jax.jit(opt.init)(params)
+    fwd = jax.jit(lambda p: lm_loss(graphdef, p, data))
+    fwd_bwd = jax.jit(jax.value_and_grad(lambda p: lm_loss(graphdef, p, data)))
+    grads = fwd_bwd(params)[1]
+    update = jax.jit(lambda p, o: optax.apply_updates(p, opt.update(grads, o, p)[0]))
+    step = jax_step(cfg, batch, seq)
+    step_flops = batch * seq * cfg.flops_per_token(seq)
+    phases = {"matmul": (jax_matmul(), 2 * MATMUL_N**3),
+              "forward": (lambda: jax.block_until_ready(fwd(params)), step_flops / 3),
+              "forward+backward": (lambda: jax.block_until_ready(fwd_bwd(params)), step_flops),
+              "optimizer update": (lambda: jax.block_until_ready(update(params, opt_state)), 0),
+              "whole step": (step, step_flops)}
+    wall, cpu = {k: [] for k in phases}, {k: [] for k in phases}
+    for _ in tqdm(range(rounds + 1), desc="profiling"):  # round 0 compiles
+        for name, (call, _) in phases.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            call()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    med = statistics.median
+    peak = {k: 2 * MATMUL_N**3 / min(ts["matmul"][1:]) for k, ts in (("wall", wall), ("cpu", cpu))}
+    print(f"matmul peak (best round): {peak['wall'] / 1e9:.1f} GFLOP/s, {peak['cpu'] / 1e9:.1f} GFLOP per CPU-s; "
+          "ideal = the phase's FLOPs (causal count) at that rate")
+    print(f"{'phase':18s} {'ms':>8s} {'ideal ms':>8s} {'CPU ms':>8s} {'ideal':>8s}")
+    for name, (_, flops) in list(phases.items())[1:]:
+        print(f"{name:18s} {1e3 * med(wall[name][1:]):8.1f} {1e3 * flops / peak['wall']:8.1f} "
+              f"{1e3 * med(cpu[name][1:]):8.1f} {1e3 * flops / peak['cpu']:8.1f}")
+
+
+def hf_step(cfg, batch, seq, attn, compile_=False):
+    """HF LlamaForCausalLM of the same shape, eager or torch.compile'd, AdamW with the same settings."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, max_position_embeddings=seq,
+                         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                         attn_implementation=attn)
+    model = LlamaForCausalLM(hf_cfg).float().train()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == cfg.param_count(), (n_params, cfg.param_count())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    fwd = torch.compile(model) if compile_ else model
+    opt_step = torch.compile(opt.step) if compile_ else opt.step
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+
+    def call():
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt_step()
+        opt.zero_grad(set_to_none=True)
+
+    return call
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
+    ap.add_argument("--steps", type=int, default=3, help="timed calls per contender per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per contender (compilation)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    ap.add_argument("--no-hf-eager-attn", action="store_true", help="skip HF with attn_implementation='eager'")
+    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
+    args = ap.parse_args(argv)
+    if args.profile:
+        return profile_phases(CFG, args.batch, args.seq, args.rounds)
+
+    cores = os.cpu_count()
+    tokens = args.batch * args.seq
+    flops_per_token = CFG.flops_per_token(args.seq, causal=True)
+    contenders = {"xla_matmul_2048": jax_matmul(), "ours_jax": jax_step(CFG, args.batch, args.seq)}
+    failed = {}
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(cores)
+        contenders["hf_eager_sdpa"] = hf_step(CFG, args.batch, args.seq, "sdpa")
+        if not args.no_hf_eager_attn:
+            contenders["hf_eager_attn_eager"] = hf_step(CFG, args.batch, args.seq, "eager")
+        if not args.no_compile:
+            contenders["hf_torch_compile_sdpa"] = hf_step(CFG, args.batch, args.seq, "sdpa", compile_=True)
+
+    for name, call in tqdm(list(contenders.items()), desc="warm-up / compile"):
+        try:
+            for _ in range(1 if name.startswith("xla") else args.warmup):
+                call()
+        except Exception as e:  # torch.compile may be unusable on a machine: report why, measure the rest
+            failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    for name in failed:
+        contenders.pop(name)
+
+    load_before = os.getloadavg()
+    # seconds per call, one entry per round, on two clocks: wall, and this process's CPU time (all
+    # threads; less sensitive to other jobs on a shared machine, but it counts spinning threads too)
+    wall, cpu = {name: [] for name in contenders}, {name: [] for name in contenders}
+    with tqdm(total=args.rounds * len(contenders), desc="measuring") as bar:
+        for _ in range(args.rounds):
+            for name, call in contenders.items():
+                bar.set_postfix_str(name)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(args.steps):
+                    call()
+                wall[name].append((time.perf_counter() - t0) / args.steps)
+                cpu[name].append((time.process_time() - c0) / args.steps)
+                bar.update()
+
+    med = statistics.median
+    step_flops = tokens * flops_per_token
+    peak = {clock: [2 * MATMUL_N**3 / t / 1e9 for t in ts.pop("xla_matmul_2048")] for clock, ts in
+            (("wall", wall), ("cpu", cpu))}  # GFLOP/s, and GFLOP per CPU-second, per round
+    res = {}
+    for name in wall:
+        res[name] = r = {"tokens_per_s": med(tokens / t for t in wall[name]), "step_ms": 1e3 * med(wall[name]),
+                         "cpu_s_per_step": med(cpu[name]), "step_ms_per_round": [1e3 * t for t in wall[name]],
+                         "gflops": step_flops / 1e9 / med(wall[name])}
+        r["frac_of_best_peak"] = r["gflops"] / max(peak["wall"])
+        for clock, ts in (("wall", wall), ("cpu", cpu)):
+            # paired per round: both measured within the same round, so load drifts cancel
+            r[f"frac_of_peak_{clock}"] = med(step_flops / t / 1e9 / p for t, p in zip(ts[name], peak[clock]))
+            if name != "ours_jax":
+                r[f"ours_speedup_{clock}"] = med(t / o for t, o in zip(ts[name], ts["ours_jax"]))
+    out = {"machine": {"cores": cores, "cpu": cpu_model(), "jax": jax.__version__, "backend": jax.default_backend(),
+                       "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+           "config": {"batch": args.batch, "seq": args.seq, "rounds": args.rounds, "steps": args.steps,
+                      "params": CFG.param_count(), "flops_per_token": flops_per_token,
+                      "xla_flags": os.environ.get("XLA_FLAGS", "")},
+           "xla_matmul_peak": {"gflops_best": max(peak["wall"]), "gflops_median": med(peak["wall"]),
+                               "gflop_per_cpu_s_median": med(peak["cpu"])},
+           "results": res, "failed": failed}
+    if not args.no_torch:
+        import torch
+        import transformers
+
+        out["machine"].update(torch=torch.__version__, transformers=transformers.__version__,
+                              torch_threads=torch.get_num_threads())
+
+    print(f"\n{out['machine']['cpu']}, {cores} cores (1-min load {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after); batch {args.batch} x seq {args.seq}; "
+          f"{flops_per_token / 1e6:.2f} MFLOP/token (6N + causal attention)")
+    print(f"XLA f32 matmul {MATMUL_N}^3: best {max(peak['wall']):.1f} GFLOP/s, median {med(peak['wall']):.1f}; "
+          f"{med(peak['cpu']):.1f} GFLOP per CPU-second")
+    print("% of peak: of the best matmul round / paired with each round's matmul / on CPU-seconds")
+    print(f"{'contender':24s} {'tokens/s':>9s} {'ms/step':>8s} {'CPU s':>6s} {'GFLOP/s':>8s} {'% of peak':>17s}"
+          f"  ours is (wall / CPU)")
+    for name, r in res.items():
+        rel = f"{r['ours_speedup_wall']:.2f}x / {r['ours_speedup_cpu']:.2f}x" if name != "ours_jax" else ""
+        pct = "/".join(f"{100 * r[k]:.0f}" for k in ("frac_of_best_peak", "frac_of_peak_wall", "frac_of_peak_cpu"))
+        print(f"{name:24s} {r['tokens_per_s']:9.0f} {r['step_ms']:8.1f} {r['cpu_s_per_step']:6.2f} "
+              f"{r['gflops']:8.1f} {pct:>17s}  {rel}")
+    for name, why in failed.items():
+        print(f"FAILED {name}: {why}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
