@@ -1,0 +1,456 @@
+"""Mixture-of-Experts SwiGLU layer (Mixtral, DeepSeek-V3, Switch/GShard) in Flax NNX, used functionally.
+
+`y_BTD, aux = MoE(d_model, MoEConfig(...), rngs=...)(x_BTD)` replaces a dense MLP: a router picks `top_k` of
+`n_experts` SwiGLU experts per token and combines their outputs with the router weights; optional shared experts
+always run. `aux` carries the unweighted auxiliary losses and per-step routing metrics (see `MoE.__call__`).
+
+Shapes: B batch rows, T tokens per row, D d_model, E experts, K experts per token, F expert width, C slots per
+expert per row (capacity), G token groups, N tokens per group, A = N·K assignments, R padded rows.
+
+Dispatch. `capacity` (GShard): each row is a routing group; an expert takes at most C = ceil(K·T/E·CF) of a row's
+assignments, queued first choices first then by position, and the overflow is dropped. The dispatch and combine are
+gathers into [E, B, C, D] buffers rather than GShard's one-hot einsums: the same values at O(E·C·D) cost instead of
+O(T·E·C·D), which would exceed the expert FLOPs for rows of a few thousand tokens. `dropless` computes every
+assignment: sort by expert, grouped matmul, unsort (`dropless_impl`, measured in benchmarks/moe_dispatch.py).
+
+Parallelism is GSPMD with logical names only. Capacity buffers are constrained to ('expert', 'batch', ...), so a
+mesh with an `expert` axis exchanges tokens with one all-to-all each way while expert weights stay sharded. Dropless
+sorts within groups of rows that live on one device (one group per `batch` shard), so the sort never crosses
+devices; with experts sharded it runs as capacity dispatch with C = T (nothing can drop: fixed-size buffers, since
+ragged all-to-all is unavailable on CPU), which costs E/K× the expert FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from parallel.rules import constrain, logical_to_spec
+
+DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
+CPU_DROPLESS_IMPL = "gmm"  # fastest measured on CPU (docs/benchmarks.md, Mixture of Experts)
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """One MoE layer. Mixtral 8x7B: MoEConfig(8, 2, 14336); DeepSeek-V3-style: router='sigmoid', many small
+    experts (fine-grained: large E and K, small F) plus n_shared_experts always-on ones."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    expert_mlp_dim: int = 512  # hidden width F of each SwiGLU expert
+    n_shared_experts: int = 0  # always-on experts, run as one dense SwiGLU of width n_shared · F
+    router: str = "softmax"  # 'softmax' (Mixtral) | 'sigmoid' (DeepSeek-V3)
+    renormalize: bool = True  # top-k weights sum to 1
+    router_jitter: float = 0.0  # Switch: router input × U(1 - j, 1 + j), only when an rng is passed
+    dispatch: str = "dropless"  # 'dropless' | 'capacity'
+    capacity_factor: float = 1.25  # capacity dispatch: C = ceil(K·T/E·CF) slots per expert per row
+    dropless_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU, capacity if experts sharded
+    lb_loss_weight: float = 0.01  # for the trainer: weight of aux['lb_loss']
+    z_loss_weight: float = 0.001  # for the trainer: weight of aux['z_loss']
+    bias_update_rate: float = 0.001  # for the trainer: update_router_bias step (aux-loss-free balancing)
+    mlp_act: str = "silu"
+
+    def __post_init__(self):
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"MoEConfig.{field}: {msg}")
+
+        for f in ("n_experts", "top_k", "expert_mlp_dim"):
+            need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        need(self.top_k <= self.n_experts, "top_k", f"{self.top_k} > n_experts={self.n_experts}; pick at most E")
+        need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        need(self.router in ("softmax", "sigmoid"), "router", f"unknown {self.router!r}; use softmax or sigmoid")
+        need(0 <= self.router_jitter < 1, "router_jitter", f"must be in [0, 1), got {self.router_jitter}")
+        need(self.dispatch in ("dropless", "capacity"), "dispatch",
+             f"unknown {self.dispatch!r}; use dropless or capacity")
+        need(self.capacity_factor > 0, "capacity_factor", f"must be positive, got {self.capacity_factor}")
+        need(self.dropless_impl in DROPLESS_IMPLS, "dropless_impl",
+             f"unknown {self.dropless_impl!r}; use one of {DROPLESS_IMPLS}")
+        for f in ("lb_loss_weight", "z_loss_weight", "bias_update_rate"):
+            need(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
+        need(self.mlp_act in ACTIVATIONS, "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+
+    @property
+    def shared_mlp_dim(self) -> int:
+        return self.n_shared_experts * self.expert_mlp_dim
+
+    def capacity(self, tokens_per_row: int) -> int:
+        """Slots per expert per row: ceil(K·T/E·CF), at most T (an expert sees a token at most once)."""
+        c = math.ceil(self.top_k * tokens_per_row * self.capacity_factor / self.n_experts)
+        return max(1, min(tokens_per_row, c))
+
+    def active_params_per_token(self, d_model: int) -> int:
+        """Matmul parameters a token uses: router, K routed experts, shared experts (not the selection bias)."""
+        return d_model * self.n_experts + 3 * d_model * (self.top_k * self.expert_mlp_dim + self.shared_mlp_dim)
+
+    def param_count(self, d_model: int) -> int:
+        """All parameters of the layer: router and its bias, E experts, shared experts."""
+        e = self.n_experts
+        return d_model * e + e + 3 * d_model * (e * self.expert_mlp_dim + self.shared_mlp_dim)
+
+
+def _param(rngs, shape, axes, dtype, std):
+    # models.transformer.param, repeated: the Transformer imports this module.
+    init = nnx.initializers.zeros if std == 0 else nnx.initializers.normal(std)
+    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class MoE(nnx.Module):
+    """Router + E routed SwiGLU experts (+ shared experts). Parameters carry logical axes only."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, *, param_dtype=jnp.float32, init_std=0.02, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, f, fs, pd = d_model, cfg.n_experts, cfg.expert_mlp_dim, cfg.shared_mlp_dim, param_dtype
+        # Logical names are not mesh axes: no eager sharding (parallel.sharding places params after init).
+        with nnx.use_eager_sharding(False):
+            self.router = _param(rngs, (d, e), ("embed", None), pd, init_std)
+            # Selection-only bias (aux-loss-free balancing): read through stop_gradient, so the optimizer sees zero
+            # gradients; the trainer moves it with update_router_bias. Stays 0 for Mixtral-style routing.
+            self.router_bias = _param(rngs, (e,), (None,), pd, 0)
+            self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
+            self.w_up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
+            self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd, init_std)
+            if fs:
+                self.shared_gate = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
+                self.shared_up = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
+                self.shared_down = _param(rngs, (fs, d), ("mlp", "embed"), pd, init_std)
+
+    def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None) -> tuple[jax.Array, dict]:
+        """x [B, T, D] → (y [B, T, D] in compute_dtype, aux).
+
+        aux: 'lb_loss' and 'z_loss' (scalars, unweighted: the trainer multiplies by cfg.lb_loss_weight and
+        cfg.z_loss_weight), 'load' [E] (fraction of the B·T·K routed assignments per expert, sums to 1: feed it to
+        update_router_bias and log it as tokens per expert), 'dropped_frac' (fraction of assignments dropped by
+        capacity dispatch; 0 when dropless). rng: a key, used for router jitter only.
+        The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
+        """
+        cfg, (B, T, D), K = self.cfg, x_BTD.shape, self.cfg.top_k
+        x_BTD = x_BTD.astype(compute_dtype)
+        xr_BTD = x_BTD.astype(jnp.float32)
+        if rng is not None and cfg.router_jitter > 0:
+            xr_BTD *= jax.random.uniform(rng, xr_BTD.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
+        logits_BTE = (xr_BTD.reshape(B * T, D) @ self.router[...].astype(jnp.float32)).reshape(B, T, -1)
+        bias_E = jax.lax.stop_gradient(self.router_bias[...]).astype(jnp.float32)
+        weights_BTK, experts_BTK, probs_BTE = route(logits_BTE, bias_E, K, cfg.router, cfg.renormalize)
+        flat_probs_NE, flat_experts_NK = probs_BTE.reshape(B * T, -1), experts_BTK.reshape(B * T, K)
+        if cfg.router == "sigmoid":  # balance the normalised scores (DeepSeek-V3's sequence-wise loss does too)
+            flat_probs_NE = flat_probs_NE / flat_probs_NE.sum(-1, keepdims=True)
+        aux = {"lb_loss": load_balancing_loss(flat_probs_NE, flat_experts_NK, cfg.n_experts),
+               "z_loss": router_z_loss(logits_BTE.reshape(B * T, -1)),
+               "load": expert_load(flat_experts_NK, cfg.n_experts)}
+
+        w = tuple(p[...].astype(compute_dtype) for p in (self.w_gate, self.w_up, self.w_down))
+        act = ACTIVATIONS[cfg.mlp_act]
+        impl = resolve_dropless_impl(cfg.dropless_impl) if cfg.dispatch == "dropless" else "capacity"
+        if impl == "capacity":  # dropless through capacity buffers: C = T, an expert sees a token at most once
+            cap = cfg.capacity(T) if cfg.dispatch == "capacity" else T
+            y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap)
+        else:
+            y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl)
+            aux["dropped_frac"] = jnp.zeros((), jnp.float32)
+        if cfg.shared_mlp_dim:
+            sw = tuple(p[...].astype(compute_dtype) for p in (self.shared_gate, self.shared_up, self.shared_down))
+            y_BTD = y_BTD + swiglu(x_BTD.reshape(B * T, D), *sw, act).reshape(B, T, D)
+        return constrain(y_BTD.astype(compute_dtype), ("batch", "act_seq", "act_embed")), aux
+
+
+# ---- routing and losses ------------------------------------------------------------------------------------------
+
+def route(logits_TE, bias_E, top_k: int, router: str = "softmax", renormalize: bool = True):
+    """Router logits [..., E] → (weights [..., K] f32, experts [..., K] int32, probs [..., E] f32).
+
+    softmax (Mixtral): probs = softmax over all E, pick the top-k, weights = their probs.
+    sigmoid (DeepSeek-V3): probs = sigmoid scores, the same per expert. Either way experts are chosen by
+    probs + bias_E and weighted by probs alone, so the bias steers load without entering the output or gradients.
+    renormalize: weights / their sum.
+    """
+    logits_TE = logits_TE.astype(jnp.float32)
+    probs_TE = jax.nn.softmax(logits_TE, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits_TE)
+    # A stable sort, not lax.top_k: its SPMD partitioner all-gathers batch-sharded scores. Ties: lower index first.
+    experts_TK = jnp.argsort(-(jax.lax.stop_gradient(probs_TE) + bias_E), axis=-1, stable=True)[..., :top_k]
+    weights_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
+    if renormalize:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)
+    return weights_TK, experts_TK.astype(jnp.int32), probs_TE
+
+
+def expert_load(experts_TK, n_experts: int):
+    """Fraction of the T·K routed assignments that chose each expert: [E], sums to 1."""
+    counts_E = jnp.zeros(n_experts, jnp.float32).at[experts_TK.reshape(-1)].add(1.0)
+    return counts_E / experts_TK.size
+
+
+def load_balancing_loss(probs_TE, experts_TK, n_experts: int):
+    """Switch/GShard load-balancing loss E · Σ_e f_e · P_e.
+
+    f_e: fraction of the T·K routed assignments that went to expert e (Σ_e f_e = 1; no gradient).
+    P_e: mean over tokens of the router probability of e (probs rows sum to 1).
+    Normalisation: perfect balance (f_e = P_e = 1/E) gives 1.0 for every k, as in Megatron-LM. Hugging Face
+    Mixtral's load_balancing_loss_func counts f per choice (Σ f = k), so its value and anchor are k times this:
+    use lb_loss_weight = k · router_aux_loss_coef to reproduce a Mixtral recipe.
+    """
+    f_E = expert_load(experts_TK, n_experts)
+    p_E = probs_TE.astype(jnp.float32).mean(0)
+    return n_experts * jnp.sum(f_E * p_E)
+
+
+def router_z_loss(logits_TE):
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²; keeps router logits small."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)))
+
+
+def update_router_bias(bias_E, load_E, rate: float):
+    """DeepSeek-V3 auxiliary-loss-free balancing, outside the optimizer: bias += rate · sign(mean load − load), i.e.
+    overloaded experts become less likely to be selected. load_E: aux['load'] (summed or averaged over layers
+    and microbatches as the trainer likes; only its sign against the mean matters)."""
+    return (bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)).astype(bias_E.dtype)
+
+
+# ---- expert computation ------------------------------------------------------------------------------------------
+
+def swiglu(x_ND, w_gate_DF, w_up_DF, w_down_FD, act=jax.nn.silu):
+    """Dense SwiGLU on 2-D rows (the shared experts, and the dense baseline)."""
+    return (act(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
+
+
+def expert_swiglu(x_ErD, w, act):
+    """Each expert's SwiGLU on its own rows: [E, *rows, D] → [E, *rows, D] (batched over E)."""
+    w_gate_EDF, w_up_EDF, w_down_EFD = w
+    h_ErF = act(jnp.einsum("e...d,edf->e...f", x_ErD, w_gate_EDF)) * jnp.einsum("e...d,edf->e...f", x_ErD, w_up_EDF)
+    return jnp.einsum("e...f,efd->e...d", h_ErF, w_down_EFD)
+
+
+def capacity_slots(experts_BTK, n_experts: int, capacity: int):
+    """Slot of every assignment in its row's [E·C] buffer: (slot [B, T, K] int32, kept [B, T, K] bool).
+
+    slot = e·C + position in expert e's queue, or E·C (a trash slot) when the position is ≥ C. Queue order is
+    GShard's: all first choices of the row in token order, then all second choices, and so on.
+    """
+    B, T, K = experts_BTK.shape
+    hot_BAE = jax.nn.one_hot(experts_BTK.transpose(0, 2, 1).reshape(B, K * T), n_experts, dtype=jnp.int32)
+    pos_BA = jnp.sum((jnp.cumsum(hot_BAE, axis=1) - 1) * hot_BAE, axis=-1)
+    pos_BTK = pos_BA.reshape(B, K, T).transpose(0, 2, 1)
+    kept_BTK = pos_BTK < capacity
+    return jnp.where(kept_BTK, experts_BTK * capacity + pos_BTK, n_experts * capacity), kept_BTK
+
+
+def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int):
+    """GShard dispatch with per-row capacity: (y [B, T, D], dropped fraction). Dropped assignments contribute 0."""
+    (B, T, D), K, E = x_BTD.shape, weights_BTK.shape[-1], w[0].shape[0]
+    C = capacity
+    slot_BTK, kept_BTK = capacity_slots(experts_BTK, E, C)
+    # Invert slot → token with an int scatter (the trash slot's value is never read), then gather rows; an
+    # empty slot points at the appended zero row T.
+    token_BTK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, K))
+    src_BS = jax.vmap(lambda s, t: jnp.full(E * C + 1, T, jnp.int32).at[s].set(t))(
+        slot_BTK.reshape(B, -1), token_BTK.reshape(B, -1))[:, :-1]
+    x_pad_BTD = jnp.concatenate([x_BTD, jnp.zeros((B, 1, D), x_BTD.dtype)], axis=1)
+    buf_BSD = jnp.take_along_axis(x_pad_BTD, src_BS[..., None], axis=1)
+    # Expert-major layout: with experts sharded, going to it is the all-to-all that sends tokens to their experts.
+    # Constraints on both sides of each transpose, so that the backward pass (whose cotangents see the same
+    # constraints) also exchanges with all-to-alls instead of replicating.
+    ebcd, becd = ("expert", "batch", None, "act_embed"), ("batch", None, None, "act_embed")
+    buf_EBCD = constrain(constrain(buf_BSD.reshape(B, E, C, D), becd).transpose(1, 0, 2, 3), ebcd)
+    out_BECD = constrain(constrain(expert_swiglu(buf_EBCD, w, act), ebcd).transpose(1, 0, 2, 3), becd)  # and back
+    out_pad_BSD = jnp.concatenate([out_BECD.reshape(B, E * C, D), jnp.zeros((B, 1, D), out_BECD.dtype)], axis=1)
+    y_BAD = jnp.take_along_axis(out_pad_BSD, slot_BTK.reshape(B, T * K, 1), axis=1)
+    gate_BTK = jnp.where(kept_BTK, weights_BTK, 0.0)
+    y_BTD = jnp.einsum("btk,btkd->btd", gate_BTK, y_BAD.reshape(B, T, K, D).astype(jnp.float32))
+    return y_BTD.astype(x_BTD.dtype), jnp.mean((~kept_BTK).astype(jnp.float32))
+
+
+def resolve_dropless_impl(impl: str) -> str:
+    """'auto' → 'capacity' (C = T) when experts are sharded, ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU."""
+    if impl != "auto":
+        return impl
+    if mesh_shards("expert") > 1:
+        return "capacity"
+    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else CPU_DROPLESS_IMPL
+
+
+def mesh_shards(logical_name: str) -> int:
+    """How many ways the current mesh splits a logical axis (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    axes = logical_to_spec((logical_name,), mesh)[0] or ()
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl: str):
+    """Every assignment computed: y [B, T, D]. Rows are grouped by `batch` shard and sorted within a group."""
+    (B, T, D), K = x_BTD.shape, weights_BTK.shape[-1]
+    if impl == "dense":  # pointwise in tokens: no grouping needed
+        return dense_experts(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K),
+                             w, act).reshape(B, T, D)
+    fn = {"gmm": sorted_gmm, "blocks": sorted_blocks, "ragged_dot": sorted_ragged}[impl]
+    # Whole experts on every device that holds tokens (FSDP gathers them as it does dense weights); the expert
+    # index is gathered per block, so only the mlp dimension may stay split (tensor parallel).
+    w = tuple(constrain(p, n) for p, n in zip(w, ((None, None, "act_mlp"),) * 2 + ((None, "act_mlp", None),)))
+    one = lambda x, wt, ex: fn(x, wt, ex, w, act)
+    G = mesh_shards("batch")
+    if G == 1 or B % G:
+        return one(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K)).reshape(B, T, D)
+    group = lambda a: constrain(a.reshape(G, B * T // G, a.shape[-1]), ("batch", None, None))
+    return jax.vmap(one)(group(x_BTD), group(weights_BTK), group(experts_BTK)).reshape(B, T, D)
+
+
+def _combine(y_AD, weights_NK):
+    """Σ_k weights · expert output, in float32."""
+    N, K = weights_NK.shape
+    y_ND = jnp.einsum("nk,nkd->nd", weights_NK, y_AD.reshape(N, K, -1).astype(jnp.float32))
+    return y_ND.astype(y_AD.dtype)
+
+
+def sorted_ragged(x_ND, weights_NK, experts_NK, w, act):
+    """Dropless with jax.lax.ragged_dot on expert-sorted rows: a grouped GEMM on GPU/TPU. On CPU it lowers to a
+    dense masked [E, A, D] × [E, D, F] product, E× the useful FLOPs."""
+    K, (w_gate_EDF, w_up_EDF, w_down_EFD) = weights_NK.shape[-1], w
+    e_A = experts_NK.reshape(-1)
+    order_A = jnp.argsort(e_A, stable=True)
+    sizes_E = jnp.zeros(w_gate_EDF.shape[0], jnp.int32).at[e_A].add(1)
+    xs_AD = x_ND[order_A // K]
+    h_AF = act(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(xs_AD, w_up_EDF, sizes_E)
+    ys_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
+    return _combine(jnp.zeros_like(ys_AD).at[order_A].set(ys_AD), weights_NK)
+
+
+def default_tile_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
+    """Tile sizes of `gmm`, largest first: (16s, 4s, s), s = 32 (smaller when experts get < 16·32 rows on average).
+    Each expert's run, padded to a multiple of s, is covered greedily by the largest tiles, so a few big matmuls do
+    most of the work and the padding stays under s rows per expert (measured on CPU: docs/benchmarks.md)."""
+    s = int(min(32, max(8, 2 ** math.floor(math.log2(max(1, assignments / (16 * n_experts)))))))
+    rows = (-(-assignments // s) + n_experts - 1) * s  # the padded rows of block_layout
+    return tuple(t for t in (16 * s, 4 * s, s) if t <= rows)
+
+
+def default_block_rows(assignments: int, n_experts: int) -> int:
+    """Rows per block of `sorted_blocks`: 128, smaller below ~4 blocks per expert."""
+    return int(min(128, max(8, 2 ** math.floor(math.log2(max(1, assignments / (4 * n_experts)))))))
+
+
+def block_layout(experts_NK, n_experts: int, block_rows: int):
+    """Expert-sorted rows with each expert's run padded to a multiple of block_rows. Returns (row_A: padded row of
+    each assignment, src_R: token of each padded row (N for padding), blocks_E: blocks of each expert's run).
+    R = (ceil(A / block) + E - 1)·block bounds the padded rows statically."""
+    (N, K), E, b = experts_NK.shape, n_experts, block_rows
+    A = N * K
+    e_A = experts_NK.reshape(-1)
+    order_A = jnp.argsort(e_A, stable=True).astype(jnp.int32)
+    sizes_E = jnp.zeros(E, jnp.int32).at[e_A].add(1)
+    blocks_E = (sizes_E + b - 1) // b
+    # sorted position → padded row: add the padding of every earlier expert
+    shift_E = (jnp.cumsum(blocks_E) - blocks_E) * b - (jnp.cumsum(sizes_E) - sizes_E)
+    row_sorted_A = jnp.arange(A, dtype=jnp.int32) + shift_E[e_A[order_A]]
+    row_A = jnp.zeros(A, jnp.int32).at[order_A].set(row_sorted_A)
+    src_R = jnp.full((-(-A // b) + E - 1) * b, N, jnp.int32).at[row_sorted_A].set(order_A // K)
+    return row_A, src_R, blocks_E
+
+
+def tile_schedule(blocks_E, tile_rows: tuple[int, ...], n_rows: int):
+    """Tiles covering each expert's padded run (blocks of tile_rows[-1] rows) greedily, largest size first.
+    Per size s: (first row [Q], expert [Q], number in use), Q a static bound (runs left after the larger sizes
+    are shorter than the previous size)."""
+    E, run_E = blocks_E.shape[0], blocks_E * tile_rows[-1]
+    start_E, out, prev = jnp.cumsum(run_E) - run_E, [], None
+    for s in tile_rows:
+        n_E = run_E // s
+        end_E = jnp.cumsum(n_E)
+        q = jnp.arange(n_rows // s if prev is None else min(n_rows // s, E * (prev // s - 1)))
+        e_q = jnp.minimum(jnp.searchsorted(end_E, q, side="right"), E - 1)
+        out.append(((start_E[e_q] + (q - end_E[e_q] + n_E[e_q]) * s).astype(jnp.int32), e_q.astype(jnp.int32),
+                    end_E[-1]))
+        start_E, run_E, prev = start_E + n_E * s, run_E - n_E * s, s
+    return tuple(out)
+
+
+def _padded_rows(x_ND, src_R):
+    return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[src_R]
+
+
+def sorted_gmm(x_ND, weights_NK, experts_NK, w, act):
+    """Dropless grouped matmul for CPU: expert-sorted, padded rows; loops over tiles multiply each tile by its
+    expert's weights (`gmm`), so no per-tile weight copy is materialised."""
+    N, K, E = x_ND.shape[0], weights_NK.shape[-1], w[0].shape[0]
+    sizes = default_tile_rows(N * K, E)
+    row_A, src_R, blocks_E = block_layout(experts_NK, E, sizes[-1])
+    schedule = tile_schedule(blocks_E, sizes, src_R.shape[0])
+    x_RD = _padded_rows(x_ND, src_R)
+    mm = lambda x_RI, w_EIO: gmm(x_RI, w_EIO, schedule, sizes)
+    h_RF = act(mm(x_RD, w[0])) * mm(x_RD, w[1])  # padding rows stay 0: act(0)·0
+    return _combine(mm(h_RF, w[2])[row_A], weights_NK)
+
+
+def sorted_blocks(x_ND, weights_NK, experts_NK, w, act):
+    """Dropless block-sparse variant without loops: one batched matmul over all blocks (padded rows in blocks of
+    one expert each) with each block's expert weights gathered ([nb, D, F] copies; the gradient: a scatter-add)."""
+    (N, D), K, E = x_ND.shape, weights_NK.shape[-1], w[0].shape[0]
+    b = default_block_rows(N * K, E)
+    row_A, src_R, blocks_E = block_layout(experts_NK, E, b)
+    nb = src_R.shape[0] // b
+    # blocks past the last in use hold only zero rows: any expert will do, clamp to the last
+    block_expert_n = jnp.minimum(jnp.searchsorted(jnp.cumsum(blocks_E), jnp.arange(nb), side="right"), E - 1)
+    y_nbD = expert_swiglu(_padded_rows(x_ND, src_R).reshape(nb, b, D), tuple(p[block_expert_n] for p in w), act)
+    return _combine(y_nbD.reshape(-1, D)[row_A], weights_NK)
+
+
+def _gmm_loop(x_RI, w_EIO, schedule, sizes, transpose_w: bool):
+    """out[tile] = x[tile] @ w[e] (or w[e]^T) for every tile in use; rows outside tiles stay 0."""
+    dims = (((1,), (1 if transpose_w else 0,)), ((), ()))
+    out_RO = jnp.zeros((x_RI.shape[0], w_EIO.shape[1 if transpose_w else 2]), x_RI.dtype)
+    for (start_q, expert_q, count), s in zip(schedule, sizes):
+        def body(q, out_RO, start_q=start_q, expert_q=expert_q, s=s):
+            x_sI = jax.lax.dynamic_slice_in_dim(x_RI, start_q[q], s)
+            y_sO = jax.lax.dot_general(x_sI, w_EIO[expert_q[q]], dims, preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(out_RO, y_sO.astype(out_RO.dtype), start_q[q], 0)
+
+        out_RO = jax.lax.fori_loop(0, count, body, out_RO)
+    return out_RO
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm(x_RI, w_EIO, schedule, sizes):
+    """Grouped matmul over expert-homogeneous row tiles: [R, I] × [E, I, O] → [R, O] (see `tile_schedule`).
+    A custom VJP, so the weight gradient accumulates in place per tile instead of through a scan transpose."""
+    return _gmm_loop(x_RI, w_EIO, schedule, sizes, transpose_w=False)
+
+
+def _gmm_fwd(x_RI, w_EIO, schedule, sizes):
+    return gmm(x_RI, w_EIO, schedule, sizes), (x_RI, w_EIO, schedule)
+
+
+def _gmm_bwd(sizes, res, g_RO):
+    x_RI, w_EIO, schedule = res
+    dw_EIO = jnp.zeros(w_EIO.shape, jnp.float32)
+    for (start_q, expert_q, count), s in zip(schedule, sizes):
+        def body(q, dw_EIO, start_q=start_q, expert_q=expert_q, s=s):  # dw[e] += x_tile^T g_tile, in float32
+            x_sI, g_sO = (jax.lax.dynamic_slice_in_dim(a, start_q[q], s) for a in (x_RI, g_RO))
+            dw_IO = jax.lax.dot_general(x_sI, g_sO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_EIO[expert_q[q]] + dw_IO, expert_q[q], 0)
+
+        dw_EIO = jax.lax.fori_loop(0, count, body, dw_EIO)
+    dx_RI = _gmm_loop(g_RO, w_EIO, schedule, sizes, transpose_w=True)
+    return dx_RI, dw_EIO.astype(w_EIO.dtype), jax.tree.map(lambda _: None, schedule)
+
+
+gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def dense_experts(x_ND, weights_NK, experts_NK, w, act):
+    """Every expert on every token, gated by the (zero for unselected) combine weights: E/K× the useful FLOPs but
+    three large 2-D matmuls, [N, D] @ [D, E·F] and [N, E·F] @ [E·F, D]."""
+    (N, D), (w_gate_EDF, w_up_EDF, w_down_EFD) = x_ND.shape, w
+    E, F = w_gate_EDF.shape[0], w_gate_EDF.shape[-1]
+    gate_NE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], experts_NK].add(weights_NK)
+    to_2d = lambda p: p.transpose(1, 0, 2).reshape(D, E * F)
+    h_NEF = (act(x_ND @ to_2d(w_gate_EDF)) * (x_ND @ to_2d(w_up_EDF))).reshape(N, E, F)
+    h_NEF = h_NEF * gate_NE.astype(h_NEF.dtype)[..., None]
+    return h_NEF.reshape(N, E * F) @ w_down_EFD.reshape(E * F, D)
