@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from models.moe import MoEConfig
 
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 AttnImpl = Literal["xla", "cudnn", "reference"]
@@ -63,6 +66,9 @@ class TransformerConfig:
     post_norms: bool = False  # RMSNorm on each sublayer's output before the residual add
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)
     pipeline_microbatches: int = 1  # GPipe microbatches when the mesh has a `stage` axis
+    # --- mixture of experts: layers moe_every-1, 2·moe_every-1, ... replace the dense MLP ---
+    moe: MoEConfig | None = None  # models.moe.MoEConfig; None: all layers dense
+    moe_every: int = 1  # 1: every layer (Mixtral); 2: every other layer (Switch, GShard)
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -91,6 +97,11 @@ class TransformerConfig:
         need(self.swa_block > 0, "swa_block", "must be positive")
         need(self.pipeline_microbatches > 0, "pipeline_microbatches", "must be positive")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+        need(self.moe_every >= 1, "moe_every", f"must be >= 1, got {self.moe_every}")
+        need(self.moe is None or self.moe_every <= self.n_layers, "moe_every",
+             f"{self.moe_every} > n_layers={self.n_layers}: no layer would be MoE; lower it or set moe=None")
+        need(self.moe is None or self.moe.mlp_act == self.mlp_act, "moe",
+             f"moe.mlp_act={getattr(self.moe, 'mlp_act', None)!r} differs from mlp_act={self.mlp_act!r}; use one")
         self.layer_windows()  # validates attn_pattern and sliding_window together
 
     @property
@@ -133,21 +144,22 @@ class TransformerConfig:
         it = iter(ws)
         return tuple(next(it) if is_local else None for is_local in local)
 
-    # ---- accounting -----------------------------------------------------------------------
-    def layer_params(self) -> int:
-        d, h, k, hd, f = self.d_model, self.n_heads, self.kv_heads, self.hd, self.mlp_dim
-        attn = d * h * hd + 2 * d * k * hd + h * hd * d
-        bias = (h + 2 * k) * hd if self.qkv_bias else 0
-        return attn + bias + 3 * d * f + (4 if self.post_norms else 2) * d  # + RMSNorm scales
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Which layers carry an MoE feed-forward block (layers k-1, 2k-1, ... for moe_every=k)."""
+        return tuple(self.moe is not None and (i + 1) % self.moe_every == 0 for i in range(self.n_layers))
 
+    # ---- accounting: delegated to scaling.flops, the one implementation of the counts ----------
     def param_count(self) -> int:
-        """Total number of parameters (embedding and head counted once when tied)."""
-        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-        return self.vocab_size * self.d_model + head + self.n_layers * self.layer_params() + self.d_model
+        """Total number of parameters (embedding and head counted once when tied; all experts)."""
+        from scaling.flops import param_counts
+
+        return param_counts(self).total
 
     def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: non-embedding + LM head."""
-        return self.n_layers * self.layer_params() + self.vocab_size * self.d_model
+        """Parameters that take part in a matmul per token: non-embedding + LM head (MoE: active only)."""
+        from scaling.flops import param_counts
+
+        return param_counts(self).matmul_active
 
     def attention_flops_per_token(self, seq_len: int, causal: bool = True) -> float:
         """Forward FLOPs of QK^T and AV per token, averaged over a sequence of `seq_len`.
@@ -155,15 +167,9 @@ class TransformerConfig:
         causal: count only the keys each query sees (min(W, i + 1) for a local layer); otherwise
         the full T×T square a dense masked kernel computes.
         """
-        keys = 0.0
-        for w in self.layer_windows():
-            if not causal:
-                keys += seq_len
-            elif w is None or w >= seq_len:
-                keys += (seq_len + 1) / 2
-            else:  # positions i < W see i + 1 keys, the rest see W
-                keys += (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-        return 4 * self.n_heads * self.hd * keys
+        from scaling.flops import attention_flops_per_token
+
+        return attention_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
     def flops_per_token(self, seq_len: int, causal: bool = True, training: bool = True) -> float:
         """6·N_matmul + 3·attention per token when training (2·N + attention for inference).
@@ -171,8 +177,9 @@ class TransformerConfig:
         `causal=True` counts only the keys a causal query sees (the useful work); `causal=False`
         counts the full T×T score matrix, which is what a dense masked kernel executes.
         """
-        mult = 3 if training else 1
-        return mult * (2 * self.matmul_params() + self.attention_flops_per_token(seq_len, causal))
+        from scaling.flops import forward_flops_per_token
+
+        return (3 if training else 1) * forward_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
     def kv_cache_bytes(self, batch: int, seq_len: int, bytes_per: int = 4) -> int:
         return 2 * self.n_layers * batch * seq_len * self.kv_heads * self.hd * bytes_per

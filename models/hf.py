@@ -1,4 +1,4 @@
-"""Hugging Face interop: load and save Llama / Mistral / Qwen2 / Gemma 2 checkpoints as `Transformer`s.
+"""Hugging Face interop: load and save Llama / Mistral / Qwen2 / Gemma 2 / Mixtral checkpoints as `Transformer`s.
 
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
 `pytorch_model.bin` files are refused because unpickling runs arbitrary code.
@@ -13,11 +13,16 @@ Both use the half-split (rotate_half) RoPE, so q/k need no permutation. Gemma 2 
   input_layernorm / post_attention_layernorm <-> attn_norm / post_attn_norm (attention in, out)
   pre_feedforward_layernorm / post_feedforward_layernorm <-> mlp_norm / post_mlp_norm (MLP in, out)
 Sliding windows (Mistral, Qwen2 `use_sliding_window`, Gemma 2 alternation) map to `attn_pattern`.
+Mixtral (every layer MoE, softmax top-k renormalised; its attention and norms live in `moe_blocks`):
+  block_sparse_moe.gate.weight [E, D] <-> moe.router[i] [D, E]
+  block_sparse_moe.experts.e.w1 / w3 [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   w2 [D, F] <-> moe.w_down[i, e]
+  transformers 5.x in-memory names (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) load too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from models.config import RopeScaling, TransformerConfig
 from models.transformer import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Gemma2ForCausalLM": "gemma2"}
+                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral"}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -124,6 +129,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
                   mlp_act="silu" if act == "silu" else "gelu_tanh", **_attention_pattern(hf, arch))
+        if arch == "mixtral":
+            kw.update(moe=_moe_from_hf(hf), moe_every=1)
         if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
@@ -133,6 +140,29 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _moe_from_hf(hf: dict):
+    from models.moe import MoEConfig
+
+    k = hf.get("num_experts_per_tok", 2)
+    # transformers' Mixtral balancing loss is ours / k (tests/test_moe.py): keep its objective's weight.
+    return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
+                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) / k)
+
+
+def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
+    m = cfg.moe
+    if not (cfg.moe_every == 1 and m.router == "softmax" and m.renormalize and m.n_shared_experts == 0
+            and m.mlp_act == "silu" and not cfg.qkv_bias):
+        raise ValueError("TransformerConfig.moe: a Mixtral export needs MoE on every layer (moe_every=1), "
+                         "router='softmax', renormalize=True, no shared experts, silu and no qkv_bias")
+    if len(set(windows)) != 1:
+        raise ValueError("TransformerConfig.attn_pattern: Mixtral needs the same window (or none) on every layer")
+    return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
+                num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, output_router_logits=False,
+                router_aux_loss_coef=m.lb_loss_weight * m.top_k, router_jitter_noise=0.0,
+                **{**hf, "intermediate_size": m.expert_mlp_dim})
 
 
 def config_to_hf(cfg: TransformerConfig) -> dict:
@@ -162,6 +192,8 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
               hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
               bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
+    if cfg.moe is not None:
+        return _mixtral_config(cfg, hf, windows)
     if cfg.qkv_bias:
         if any(w is not None for w in windows):
             raise ValueError("TransformerConfig: sliding windows with qkv_bias have no exact HF equivalent here")
@@ -200,7 +232,55 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
 
 
 def _hf_layout(cfg: TransformerConfig) -> dict:
-    """ours -> (HF name template, to_hf, from_hf); {i} is the layer. to_hf/from_hf act on one layer."""
+    """ours -> (HF name template, to_hf, from_hf); {i} is the layer, {e} the expert. to_hf/from_hf act on one
+    layer (and expert). Keys under blocks. / moe_blocks. are stacked over the dense / MoE layers."""
+    lay = _dense_layout(cfg)
+    if cfg.moe is None:
+        return lay
+    T = lambda a: a.T  # noqa: E731
+    moe = "model.layers.{i}.block_sparse_moe."
+    lay = {("moe_" + key if key.startswith("blocks.") else key): v for key, v in lay.items()
+           if key not in ("blocks.w_gate", "blocks.w_up", "blocks.w_down")}
+    lay.update({"moe_blocks.moe.router": (moe + "gate.weight", T, T),
+                "moe_blocks.moe.w_gate": (moe + "experts.{e}.w1.weight", T, T),
+                "moe_blocks.moe.w_up": (moe + "experts.{e}.w3.weight", T, T),
+                "moe_blocks.moe.w_down": (moe + "experts.{e}.w2.weight", T, T)})
+    return lay
+
+
+def _layers_of(cfg: TransformerConfig, key: str) -> list[int] | None:
+    """The layer indices a stacked key covers (None: not stacked)."""
+    if key.startswith("blocks."):
+        return [i for i, m in enumerate(cfg.moe_layers()) if not m]
+    if key.startswith("moe_blocks."):
+        return [i for i, m in enumerate(cfg.moe_layers()) if m]
+    return None
+
+
+def _names(cfg: TransformerConfig, key: str, template: str) -> list[str]:
+    layers = _layers_of(cfg, key) or [None]
+    experts = range(cfg.moe.n_experts) if "{e}" in template else [None]
+    return [template.format(i=i, e=e) for i in layers for e in experts]
+
+
+def _fused_moe_aliases(where: dict, cfg: TransformerConfig) -> dict:
+    """Hub names -> (fused tensor name, slice) for checkpoints written with transformers 5.x in-memory names."""
+    if cfg.moe is None:
+        return {}
+    F, out = cfg.moe.expert_mlp_dim, {}
+    for i in range(cfg.n_layers):
+        pre, hub = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        if pre + "experts.gate_up_proj" not in where:
+            continue
+        out[hub + "gate.weight"] = (pre + "gate.weight", lambda a: a)
+        for e in range(cfg.moe.n_experts):
+            out[hub + f"experts.{e}.w1.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, :F])
+            out[hub + f"experts.{e}.w3.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, F:])
+            out[hub + f"experts.{e}.w2.weight"] = (pre + "experts.down_proj", lambda a, e=e: a[e])
+    return out
+
+
+def _dense_layout(cfg: TransformerConfig) -> dict:
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd
     T = lambda a: a.T
     attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
@@ -265,7 +345,9 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
     where = _open_weights(folder)
     layout = _hf_layout(cfg)
-    used = {name.format(i=i) for name, _, _ in layout.values() for i in range(cfg.n_layers)}
+    aliases = _fused_moe_aliases(where, cfg)
+    used = {n for key, (name, _, _) in layout.items() for n in _names(cfg, key, name)}
+    used |= {fused for fused, _ in aliases.values()}
     # o_proj.bias: Llama attention_bias (checked below); inv_freq: a buffer old exports saved; lm_head when tied.
     extra = sorted(n for n in where if n not in used and not n.endswith((".o_proj.bias", ".rotary_emb.inv_freq"))
                    and not (cfg.tie_embeddings and n == "lm_head.weight"))
@@ -278,14 +360,23 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(where.values())}
 
+        read = lambda name: handles[where[name]].get_tensor(name)  # noqa: E731
+        read_fused = functools.lru_cache(maxsize=2)(read)  # a layer's fused experts, read once for all E
+
         def get(name):
+            if name in aliases:
+                fused, pick = aliases[name]
+                return pick(read_fused(fused))
             if name not in where:
                 raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}")
-            return handles[where[name]].get_tensor(name)
+            return read(name)
 
         for ours, (name, _, from_hf) in layout.items():
-            one = lambda i: (from_hf or (lambda a: a))(get(name.format(i=i))).astype(pd)
-            arr = np.stack([one(i) for i in range(cfg.n_layers)]) if ours.startswith("blocks.") else one(None)
+            fix = from_hf or (lambda a: a)
+            one = lambda i: (np.stack([fix(get(name.format(i=i, e=e))) for e in range(cfg.moe.n_experts)])  # noqa: E731
+                             if "{e}" in name else fix(get(name.format(i=i)))).astype(pd)
+            layers = _layers_of(cfg, ours)
+            arr = np.stack([one(i) for i in layers]) if layers is not None else one(None)
             if arr.shape != shapes[ours]:
                 raise ValueError(f"tensor {name!r} gives {ours} shape {arr.shape}, expected {shapes[ours]} "
                                  f"from {cfg}")
@@ -296,6 +387,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             if name in where and np.any(get(name) != 0):
                 raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
                                  "True); only checkpoints whose o_proj biases are zero can be loaded")
+    if cfg.moe is not None:  # Mixtral routes without a selection bias
+        values["moe_blocks.moe.router_bias"] = jnp.zeros(shapes["moe_blocks.moe.router_bias"], pd)
     nnx.replace_by_pure_dict(abstract, _unflatten(values))
     return nnx.merge(graphdef, abstract)
 
@@ -310,14 +403,20 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None) -> None:
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     hf["dtype"] = dtype or cfg.param_dtype
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if cfg.moe is not None and np.any(np.asarray(ours["moe_blocks.moe.router_bias"]) != 0):
+        raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
+                         "so this model cannot be exported exactly")
     tensors = {}
     for key, (name, to_hf, _) in _hf_layout(cfg).items():
         arr = np.asarray(ours[key]).astype(out_dtype)
         fix = to_hf or (lambda a: a)
-        if key.startswith("blocks."):
-            tensors.update({name.format(i=i): np.ascontiguousarray(fix(arr[i])) for i in range(cfg.n_layers)})
-        else:
-            tensors[name] = np.ascontiguousarray(fix(arr))
+        layers = _layers_of(cfg, key)
+        for j, i in enumerate(layers or [None]):
+            a = arr if layers is None else arr[j]
+            if "{e}" in name:
+                tensors.update({name.format(i=i, e=e): np.ascontiguousarray(fix(a[e])) for e in range(len(a))})
+            else:
+                tensors[name.format(i=i)] = np.ascontiguousarray(fix(a))
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -210,7 +210,7 @@ def update_router_bias(bias_E, load_E, rate: float):
     """DeepSeek-V3 auxiliary-loss-free balancing, outside the optimizer: bias += rate · sign(mean load − load), i.e.
     overloaded experts become less likely to be selected. load_E: aux['load'] (summed or averaged over layers
     and microbatches as the trainer likes; only its sign against the mean matters)."""
-    return (bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)).astype(bias_E.dtype)
+    return (bias_E + rate * jnp.sign(jnp.mean(load_E, -1, keepdims=True) - load_E)).astype(bias_E.dtype)
 
 
 # ---- expert computation ------------------------------------------------------------------------------------------

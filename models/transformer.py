@@ -1,9 +1,11 @@
 """Decoder-only Transformer (Llama / Mistral / Qwen2 / Gemma 2 family) in Flax NNX, used functionally.
 
 Parameters carry logical axis names only; `parallel.rules` maps them to a mesh. Layers are stacked
-on a leading `layers` axis. Layers may differ in attention window (local / global patterns): the
-stack is scanned in groups of one pattern period P, unrolling the P layers of a group, so every
-layer keeps a static window. A mesh with a `stage` axis runs the groups as a GPipe pipeline.
+on a leading `layers` axis. Layers may differ in attention window (local / global patterns) and in
+feed-forward kind (dense MLP or MoE every `moe_every`-th layer): dense and MoE blocks live in two
+stacks (`blocks`, `moe_blocks`), and the layers are scanned in groups of one pattern period P,
+unrolling the P layers of a group, so every layer keeps a static window and kind. A mesh with a
+`stage` axis runs the groups as a GPipe pipeline.
 Shapes: B batch, T tokens, D d_model, N heads, K kv heads, H head dim, F mlp, V vocab, L layers,
 P pattern period, S cache slots.
 """
@@ -19,6 +21,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
+from models.moe import MoE
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
@@ -39,8 +42,8 @@ def rms_norm(x, scale, eps, offset: float = 0.0):
 
 
 def pattern_period(cfg: TransformerConfig) -> int:
-    """Smallest P dividing n_layers such that layer i behaves like layer i mod P."""
-    kinds, L = cfg.layer_windows(), cfg.n_layers
+    """Smallest P dividing n_layers such that layer i behaves like layer i mod P (window and MLP kind)."""
+    kinds, L = tuple(zip(cfg.layer_windows(), cfg.moe_layers())), cfg.n_layers
     return next(p for p in range(1, L + 1) if L % p == 0 and all(kinds[i] == kinds[i % p] for i in range(L)))
 
 
@@ -88,9 +91,10 @@ class _Ctx:
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2)."""
+    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2).
+    With `moe=True` the MLP is a `models.moe.MoE` (router + experts) configured by `cfg.moe`."""
 
-    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: TransformerConfig, *, moe: bool = False, rngs: nnx.Rngs):
         d, n, k, h, f, pd, std = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim,
                                   dtype_of(cfg.param_dtype), cfg.init_std)
         norm = lambda: param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # noqa: E731
@@ -107,12 +111,18 @@ class Block(nnx.Module):
         if cfg.post_norms:
             self.post_attn_norm = norm()
             self.post_mlp_norm = norm()
-        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), pd, std)
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), pd, std)
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), pd, std)
+        if moe:
+            self.moe = MoE(d, cfg.moe, param_dtype=pd, init_std=std, rngs=rngs)
+        else:
+            self.w_gate = param(rngs, (d, f), ("embed", "mlp"), pd, std)
+            self.w_up = param(rngs, (d, f), ("embed", "mlp"), pd, std)
+            self.w_down = param(rngs, (f, d), ("mlp", "embed"), pd, std)
 
-    def __call__(self, x_BTD, ctx: _Ctx, window: int | None, cache=None):
-        """x [B, T, D] → x [B, T, D]; `cache` = (k [B, S, K, H], v, pos [S]) or None."""
+    def __call__(self, x_BTD, ctx: _Ctx, window: int | None, cache=None, rng=None):
+        """x [B, T, D] → (x [B, T, D], new cache, MoE aux dict or None).
+
+        `cache` = (k [B, S, K, H], v, pos [S]) or None; `rng`: router jitter key (MoE blocks only).
+        """
         cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
@@ -133,13 +143,17 @@ class Block(nnx.Module):
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 
+        if hasattr(self, "moe"):
+            m_BTD, aux = self.moe(norm(x_BTD, self.mlp_norm), compute_dtype=cd, rng=rng)
+            x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
+            return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
         h_MD = norm(x_BTD, self.mlp_norm).reshape(B * T, D)
         act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
         a_MF = act(h_MD @ w(self.w_gate, D, F)) * (h_MD @ w(self.w_up, D, F))
         a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
         m_BTD = (a_BTF.reshape(B * T, F) @ w(self.w_down, F, D)).reshape(B, T, D)
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
-        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache
+        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, None
 
     def _attend(self, q_BTNH, k_BTKH, v_BTKH, ctx: _Ctx, window, cache):
         cfg = ctx.cfg
@@ -183,33 +197,45 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """`logits_BTV = model(tokens_BT)`; with a `KVCache`, returns `(logits, new_cache)`."""
+    """`logits_BTV = model(tokens_BT)`; with a `KVCache`, returns `(logits, new_cache)`; with
+    `return_aux=True`, the MoE auxiliary outputs are appended: `(logits[, cache], aux)`."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         pd, d, v = dtype_of(cfg.param_dtype), cfg.d_model, cfg.vocab_size
+        n_moe = sum(cfg.moe_layers())
         # Logical names are not mesh axes, so variables must not try to shard themselves eagerly;
         # parallel.sharding places them on a mesh after an abstract init.
         with nnx.use_eager_sharding(False):
             self.embed = param(rngs, (v, d), ("vocab", "embed"), pd, cfg.init_std)
 
-            @nnx.split_rngs(splits=cfg.n_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_blocks(r):
-                return Block(cfg, rngs=r)
+            def stack(n, moe):
+                @nnx.split_rngs(splits=n)
+                @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+                def make(r):
+                    return Block(cfg, moe=moe, rngs=r)
 
-            self.blocks = make_blocks(rngs)
+                return make(rngs)
+
+            if n_moe < cfg.n_layers:
+                self.blocks = stack(cfg.n_layers - n_moe, False)
+            if n_moe:
+                self.moe_blocks = stack(n_moe, True)
             self.final_norm = param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)
             if not cfg.tie_embeddings:
                 self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd, cfg.init_std)
 
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, return_aux: bool = False, rng=None):
         """tokens [B, T] int → logits [B, T, V] float32.
 
         positions: RoPE positions (default: arange, offset by the cache length when decoding).
         segment_ids: packed documents attend only within their own id. padding_mask: True for real
         tokens; padded keys are never attended. Causality is by slot (index in the row / cache).
+        return_aux: also return the MoE aux dict ({} for a dense model): 'lb_loss', 'z_loss',
+        'dropped_frac' (means over MoE layers, unweighted: the trainer multiplies by cfg.moe's
+        weights) and 'load' [L_moe, E] (fraction of routed assignments per expert, per MoE layer).
+        rng: a key for MoE router jitter (training only); None disables jitter.
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -230,7 +256,7 @@ class Transformer(nnx.Module):
         if cfg.embed_scale:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, cd)
         x_BTD = constrain(x_BTD, ("batch", "act_seq", "act_embed"))
-        x_BTD, new_cache = self._run_blocks(x_BTD, ctx, cache)
+        x_BTD, new_cache, moe_aux = self._run_blocks(x_BTD, ctx, cache, rng)
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
@@ -238,68 +264,95 @@ class Transformer(nnx.Module):
         if cfg.final_logit_softcap is not None:
             logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
         logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
-        if cache is None:
-            return logits_BTV
-        return logits_BTV, KVCache(*new_cache, length + T)
+        out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T))
+        if return_aux:
+            aux = {} if moe_aux is None else {
+                "lb_loss": moe_aux["lb_loss"].mean(), "z_loss": moe_aux["z_loss"].mean(),
+                "dropped_frac": moe_aux["dropped_frac"].mean(), "load": moe_aux["load"]}
+            out = out + (aux,)
+        return out[0] if len(out) == 1 else out
 
-    def _run_blocks(self, x_BTD, ctx: _Ctx, cache: KVCache | None):
-        """Run the L layers; returns (x, (k, v, pos) tuples of the new cache or None)."""
+    def _run_blocks(self, x_BTD, ctx: _Ctx, cache: KVCache | None, rng=None):
+        """Run the L layers; returns (x, (k, v, pos) tuples of the new cache or None, MoE aux stacked
+        over the MoE layers [L_moe, ...] or None)."""
         cfg = self.cfg
         L, P = cfg.n_layers, pattern_period(cfg)
-        windows = cfg.layer_windows()[:P]
-        graphdef, state = nnx.split(self.blocks)
+        windows, kinds = cfg.layer_windows()[:P], cfg.moe_layers()[:P]
+        n_kind = {k: sum(x == k for x in kinds) for k in (False, True)}  # layers of each kind per group
+        slot = [sum(kinds[i] == kinds[j] for i in range(j)) for j in range(P)]  # index in its stack's group
+        graphdefs, states = {}, {}
+        for k, name in ((False, "blocks"), (True, "moe_blocks")):
+            if n_kind[k]:
+                graphdefs[k], states[k] = nnx.split(getattr(self, name))
+        grouped = {k: jax.tree.map(lambda a, k=k: a.reshape((L // P, n_kind[k]) + a.shape[1:]), st)
+                   for k, st in states.items()}  # [L/P, layers of this kind per group, ...]
+        keys = None if rng is None or not n_kind[True] else jax.random.split(rng, L // P)
 
-        def one_layer(j, st, x, arrays, c):
-            return nnx.merge(graphdef, st)(x, ctx.with_arrays(arrays), windows[j], c)
+        def one_layer(j, st, x, arrays, c, key):
+            key = None if key is None else jax.random.fold_in(key, j)
+            return nnx.merge(graphdefs[kinds[j]], st)(x, ctx.with_arrays(arrays), windows[j], c, key)
 
         if cfg.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
                                        prevent_cse=not cfg.scan_layers)
 
-        if not cfg.scan_layers:  # the same stacked parameters, one layer at a time
-            caches = [[] for _ in range(P)]
-            for i in range(L):
-                c = None if cache is None else tuple(a[i // P] for a in (cache.k[i % P], cache.v[i % P])) + (
-                    cache.pos[i % P],)
-                x_BTD, c = one_layer(i % P, jax.tree.map(lambda a, i=i: a[i], state), x_BTD, ctx.arrays(), c)
-                caches[i % P].append(c)
-            if cache is None:
-                return x_BTD, None
-            return x_BTD, _restack(caches)
-
-        grouped = jax.tree.map(lambda a: a.reshape((L // P, P) + a.shape[1:]), state)  # [L/P, P, ...]
-
-        def group(st, x, arrays, cs=None):
-            out = []
+        def group(gst, x, arrays, cs=None, key=None):
+            """The P layers of one group: gst[kind] holds [layers of that kind per group, ...]."""
+            caches, auxes = [], []
             for j in range(P):
-                x, c = one_layer(j, jax.tree.map(lambda a, j=j: a[j], st), x, arrays,
-                                 None if cs is None else cs[j])
-                out.append(c)
-            return x, out
+                st = jax.tree.map(lambda a, j=j: a[slot[j]], gst[kinds[j]])
+                x, c, aux = one_layer(j, st, x, arrays, None if cs is None else cs[j], key)
+                caches.append(c)
+                if aux is not None:
+                    auxes.append(aux)
+            return x, caches, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None)
+
+        flat_aux = lambda a: None if a is None else jax.tree.map(  # noqa: E731  [L/P, Pm, ...] -> [L_moe, ...]
+            lambda t: t.reshape((-1,) + t.shape[2:]), a)
+
+        if not cfg.scan_layers:  # the same stacked parameters, one group at a time
+            caches, auxes = [[] for _ in range(P)], []
+            for g in range(L // P):
+                cs = None if cache is None else [
+                    (cache.k[j][g], cache.v[j][g], cache.pos[j]) for j in range(P)]
+                x_BTD, cg, aux = group(jax.tree.map(lambda a, g=g: a[g], grouped), x_BTD, ctx.arrays(), cs,
+                                       None if keys is None else keys[g])
+                for j in range(P):
+                    caches[j].append(cg[j])
+                auxes.append(aux)
+            aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+            return x_BTD, (None if cache is None else _restack(caches)), flat_aux(aux)
 
         stage_axis, n_stages = mesh_axis_for("layers")
         if n_stages > 1:
             if cache is not None:
                 raise ValueError("KV-cache decoding under pipeline parallelism is not supported; decode on a "
                                  "mesh without a 'stage' axis")
+            if n_kind[True]:
+                raise ValueError("MoE layers under pipeline parallelism are not supported (their auxiliary "
+                                 "losses do not cross stages yet); use a mesh without a 'stage' axis")
             if (L // P) % n_stages:
                 raise ValueError(f"n_layers={L} (pattern period {P}) does not split into {n_stages} pipeline "
                                  f"stages; use a multiple of {P * n_stages} layers")
             x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
                           n_microbatches=cfg.pipeline_microbatches, axis=stage_axis)
-            return x_BTD, None
+            return x_BTD, None, None
 
         if cache is None:
-            x_BTD, _ = jax.lax.scan(lambda x, st: (group(st, x, ctx.arrays())[0], None), x_BTD, grouped)
-            return x_BTD, None
+            def body(x, xs):
+                x, _, aux = group(xs[0], x, ctx.arrays(), None, xs[1])
+                return x, aux
+
+            x_BTD, aux = jax.lax.scan(body, x_BTD, (grouped, keys))
+            return x_BTD, None, flat_aux(aux)
 
         def step(x, xs):
-            st, ks, vs = xs
-            x, out = group(st, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j]) for j in range(P)])
-            return x, tuple(zip(*out))  # ((k_j...), (v_j...), (pos_j...))
+            gst, ks, vs = xs
+            x, out, aux = group(gst, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j]) for j in range(P)])
+            return x, (tuple(zip(*out)), aux)  # ((k_j...), (v_j...), (pos_j...))
 
-        x_BTD, (ks, vs, pos) = jax.lax.scan(step, x_BTD, (grouped, cache.k, cache.v))
-        return x_BTD, (ks, vs, tuple(p[0] for p in pos))  # every group writes the same positions
+        x_BTD, ((ks, vs, pos), aux) = jax.lax.scan(step, x_BTD, (grouped, cache.k, cache.v))
+        return x_BTD, (ks, vs, tuple(p[0] for p in pos)), flat_aux(aux)  # every group writes the same positions
 
 
 def _restack(caches):

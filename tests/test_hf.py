@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from models import RopeScaling, Transformer, TransformerConfig, generate  # noqa: E402
 from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
+from models.moe import MoEConfig  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=160, max_position_embeddings=64, rms_norm_eps=1e-5, attn_implementation="eager")
@@ -31,6 +32,7 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     "mistral_swa": ("MistralConfig", dict(sliding_window=7)),
     "gemma2": ("Gemma2Config", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -120,7 +122,7 @@ def test_sharded_checkpoint(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral"])
 def test_greedy_generation_matches_hf(hf_ckpt, name):
     folder, hf_model = hf_ckpt(name)
     prompt, n = TOKENS[:, :6], 14
@@ -139,10 +141,13 @@ def _random_model(cfg, seed):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # no init compile
     rng = np.random.default_rng(seed)  # numpy, not jax.random: no per-shape compiles
     pure = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), nnx.to_pure_dict(state))
-    for tree, name in ((pure["blocks"], "attn_norm"), (pure["blocks"], "mlp_norm"), (pure, "final_norm"),
-                       (pure["blocks"], "post_attn_norm"), (pure["blocks"], "post_mlp_norm")):
+    stacks = [pure[k] for k in ("blocks", "moe_blocks") if k in pure]
+    for tree, name in [(pure, "final_norm")] + [(t, n) for t in stacks for n in (
+            "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")]:
         if name in tree:
             tree[name] = tree[name] + 1.0
+    if "moe_blocks" in pure:  # Mixtral has no selection bias
+        pure["moe_blocks"]["moe"]["router_bias"] = jnp.zeros_like(pure["moe_blocks"]["moe"]["router_bias"])
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -160,9 +165,11 @@ ROUND_TRIP = {
                                 tie_embeddings=True, mlp_act="gelu_tanh", norm_offset=1.0, post_norms=True,
                                 embed_scale=True, query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
                                 final_logit_softcap=3.0),
+    "mixtral": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                                 max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48)),
 }
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-        "gemma2": "Gemma2ForCausalLM"}
+        "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -277,3 +284,45 @@ def test_sliding_window_layouts():
     assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False)).attn_pattern == "global"
     local = config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=0))
     assert local.layer_windows() == (16, 16)
+
+
+def test_mixtral_hub_layout_both_ways(hf_ckpt, tmp_path):
+    """We write the hub layout (block_sparse_moe.experts.E.w1/w2/w3); whatever layout transformers writes loads."""
+    from safetensors import safe_open
+
+    save_pretrained(from_pretrained(hf_ckpt("mixtral")[0]), tmp_path)
+    with safe_open(tmp_path / "model.safetensors", framework="numpy") as f:
+        names = set(f.keys())
+    assert {"model.layers.1.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.experts.3.w1.weight",
+            "model.layers.0.block_sparse_moe.experts.0.w2.weight"} <= names
+    assert not any(".mlp." in n for n in names)
+    cfg = from_pretrained(tmp_path).cfg
+    assert (cfg.moe.n_experts, cfg.moe.top_k, cfg.moe_layers()) == (4, 2, (True, True))
+    np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(from_pretrained(
+        hf_ckpt("mixtral")[0])))
+
+
+def test_mixtral_fused_5x_names_load(hf_ckpt, tmp_path):
+    """transformers 5.x in-memory names (mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) load too."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    folder = hf_ckpt("mixtral")[0]
+    with safe_open(folder / "model.safetensors", framework="numpy") as f:
+        hub = {n: f.get_tensor(n) for n in f.keys()}
+    fused, E = {}, 4
+    for name, a in hub.items():
+        if ".block_sparse_moe." not in name:
+            fused[name] = a
+        elif name.endswith("gate.weight"):
+            fused[name.replace(".block_sparse_moe.", ".mlp.")] = a
+    for i in range(2):
+        pre = f"model.layers.{i}.block_sparse_moe.experts."
+        w = lambda k: np.stack([hub[f"{pre}{e}.{k}.weight"] for e in range(E)])  # noqa: E731
+        fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate([w("w1"), w("w3")], axis=1)
+        fused[f"model.layers.{i}.mlp.experts.down_proj"] = w("w2")
+    save_file(fused, tmp_path / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(from_pretrained(folder)))

@@ -1,0 +1,142 @@
+"""MoE layers inside the scanned Transformer: wiring (== a dense model holding the same weights when E = 1),
+scan == unrolled, remat == none, KV-cache decode == full forward, expert parallel == single device."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Transformer, TransformerConfig
+from models.losses import cross_entropy
+from models.moe import MoEConfig
+from parallel import create_sharded, make_mesh, shard_batch
+
+# alternating local/global attention x MoE every other layer: pattern period 2, two stacks of 2 layers
+CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32,
+                        attn_pattern="alternating", sliding_window=5,
+                        moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=24, n_shared_experts=1), moe_every=2)
+
+
+def tokens(B=8, T=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, (B, T)), jnp.int32)
+
+
+@functools.cache
+def split(cfg):
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+    return graphdef, jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))()
+
+
+def loss_fn(graphdef, cfg):
+    """CE + weighted aux losses (what the trainer optimises), with aux returned."""
+
+    def f(state, tok):
+        logits, aux = nnx.merge(graphdef, state)(tok[:, :-1], return_aux=True)
+        ce = cross_entropy(logits, tok[:, 1:])[0]
+        return ce + cfg.moe.lb_loss_weight * aux["lb_loss"] + cfg.moe.z_loss_weight * aux["z_loss"], aux
+
+    return jax.value_and_grad(f, has_aux=True)
+
+
+@functools.cache
+def reference():
+    graphdef, state = split(CFG)
+    return jax.device_get(jax.jit(loss_fn(graphdef, CFG))(state, tokens()))
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def test_layout_counts_and_aux_shapes():
+    graphdef, state = split(CFG)
+    assert CFG.moe_layers() == (False, True, False, True)
+    assert state["blocks"]["w_gate"][...].shape == (2, 32, 48)  # dense layers 0, 2
+    assert state["moe_blocks"]["moe"]["w_gate"][...].shape == (2, 4, 32, 24)  # MoE layers 1, 3: [L_moe, E, D, F]
+    assert CFG.param_count() == sum(x.size for x in jax.tree.leaves(state))
+    (_, aux), _ = reference()
+    assert aux["load"].shape == (2, 4)
+    np.testing.assert_allclose(aux["load"].sum(-1), 1.0, rtol=1e-6)
+    dense = dataclasses.replace(CFG, moe=None)
+    assert CFG.matmul_params() - dense.matmul_params() == 2 * (  # per MoE layer: router + k experts + shared - MLP
+        32 * 4 + 3 * 32 * (2 * 24 + 24) - 3 * 32 * 48)
+
+
+def test_single_expert_moe_equals_dense_model_with_the_same_weights():
+    """E = 1, k = 1: the MoE layer is a SwiGLU with weight 1, so the model must equal a dense model whose
+    layers 1 and 3 hold the expert's weights: checks the layer order of the two stacks inside the scan."""
+    cfg = dataclasses.replace(CFG, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48))
+    graphdef, state = split(cfg)
+    dense_cfg = dataclasses.replace(cfg, moe=None)
+    dgraph, dstate = split(dense_cfg)
+    dstate = jax.tree.map(lambda x: x, dstate)
+    blocks, moe_blocks = state["blocks"], state["moe_blocks"]
+    for name in ("w_gate", "w_up", "w_down"):
+        dense_w, expert_w = blocks[name][...], moe_blocks["moe"][name][...][:, 0]
+        dstate["blocks"][name][...] = jnp.stack([dense_w[0], expert_w[0], dense_w[1], expert_w[1]])
+    for name in ("wq", "wk", "wv", "wo", "attn_norm", "mlp_norm"):
+        a, b = blocks[name][...], moe_blocks[name][...]
+        dstate["blocks"][name][...] = jnp.stack([a[0], b[0], a[1], b[1]])
+    for name in ("embed", "lm_head", "final_norm"):
+        dstate[name][...] = state[name][...]
+    tok = tokens()
+    np.testing.assert_allclose(nnx.merge(graphdef, state)(tok), nnx.merge(dgraph, dstate)(tok), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat="full"),
+                                    dict(moe_every=1, n_layers=2), dict(moe_every=3, n_layers=6)],
+                         ids=["unrolled", "remat", "every_layer", "every_third"])
+def test_variants_equal_their_reference(change):
+    """scan == unrolled and remat == none on the same weights; other layouts: scan == unrolled."""
+    cfg = dataclasses.replace(CFG, **change)
+    if "n_layers" in change:  # new layout: compare its scanned and unrolled forms
+        graphdef, state = split(cfg)
+        ref = jax.jit(loss_fn(graphdef, cfg))(state, tokens())
+        ug, _ = split(dataclasses.replace(cfg, scan_layers=False))
+        assert_close(jax.jit(loss_fn(ug, cfg))(state, tokens()), ref)
+        return
+    graphdef, _ = split(cfg)
+    _, state = split(CFG)  # identical parameter tree: only the execution differs
+    assert_close(jax.jit(loss_fn(graphdef, cfg))(state, tokens()), reference())
+
+
+def test_kv_cache_decode_equals_full_forward():
+    from models.transformer import KVCache
+
+    graphdef, state = split(CFG)
+    model, tok = nnx.merge(graphdef, state), tokens(B=2, T=12)
+    full = model(tok)
+    cache = KVCache.zeros(CFG, 2, 16)
+    logits, cache = model(tok[:, :7], cache=cache)
+    outs = [logits]
+    for t in range(7, 12):
+        logits, cache = model(tok[:, t:t + 1], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_router_jitter_only_with_a_key():
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
+    graphdef, state = split(cfg)
+    model, tok = nnx.merge(graphdef, state), tokens()
+    plain = model(tok)
+    np.testing.assert_array_equal(plain, nnx.merge(*split(CFG))(tok))  # no key: no jitter
+    k = jax.random.key(1)
+    np.testing.assert_array_equal(model(tok, rng=k), model(tok, rng=k))
+    assert not np.allclose(model(tok, rng=k), plain)
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
+                         ids=["data_expert", "fsdp_expert_tensor"])
+def test_expert_parallel_model_equals_single_device(shape):
+    mesh = make_mesh(shape)
+    graphdef, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    w = params["moe_blocks"]["moe"]["w_gate"][...]
+    assert w.addressable_shards[0].data.shape[1] == CFG.moe.n_experts // shape["expert"]  # experts sharded
+    with jax.set_mesh(mesh):
+        out = jax.jit(loss_fn(graphdef, CFG))(params, shard_batch(tokens(), mesh))
+    assert_close(jax.device_get(out), reference(), rtol=1e-5, atol=1e-6)
