@@ -1,12 +1,14 @@
-"""Pipeline bubble: measured GPipe idle fraction vs the (S - 1) / (M + S - 1) formula.
+"""Pipeline bubble: measured GPipe overhead vs the (S - 1) / (M + S - 1) formula.
 
-    python -m benchmarks.pipeline_bubble [--stages 4] [--micro 1 2 4 8 16]
+    python -m benchmarks.pipeline_bubble [--stages 4] [--micro 1 2 4 8 16] [--reps 5]
 
-On fake CPU devices every stage shares the same cores, so idle stages cannot be seen as idle
-time. Instead each stage does real work at every tick (as our GPipe does: bubble ticks compute on
-zeros), so wall time grows with the tick count M + S - 1 while useful work grows with M. We time
-the pipelined forward+backward for each M at a fixed microbatch size, fit time = a + b · ticks,
-and report the measured bubble 1 - M·b / time(M) next to the formula.
+On fake CPU devices every stage shares the same cores, so an idle stage cannot show up as idle wall
+time. What can be measured is the work: our GPipe computes at every tick (bubble ticks run on zeros),
+so a step of M microbatches costs (M + S - 1) stage-ticks per stage where only M are useful. We time
+(process CPU time, all threads: the total work, robust to other jobs' load) the pipelined
+forward + backward for each M at a fixed microbatch size, and an independent reference: the same
+layers' forward + backward for one microbatch on one device, times M (the work without any bubble).
+measured bubble = 1 - reference / pipelined, which also counts ppermute and scheduling overheads.
 """
 
 from __future__ import annotations
@@ -31,19 +33,31 @@ def layer(w_DD, h_bTD, _):
     return jnp.tanh(h_bTD @ w_DD)
 
 
-def time_step(stages: int, micro: int, mb: int, T: int, D: int, L: int, reps: int) -> float:
+def _cpu_time(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        jax.block_until_ready(fn(*args))
+        times.append(time.process_time() - t0)
+    return float(np.median(times))
+
+
+def pipelined(stages: int, micro: int, mb: int, T: int, D: int, L: int, reps: int) -> float:
     mesh = make_mesh({"stage": stages, "data": -1})
     with jax.set_mesh(mesh):
         w = jax.device_put(jax.random.normal(jax.random.key(0), (L, D, D)) / D ** 0.5, NamedSharding(mesh, P("stage")))
         x = jax.random.normal(jax.random.key(1), (micro * mb, T, D))
         step = jax.jit(jax.grad(lambda w, x: (gpipe(layer, w, x, None, n_microbatches=micro) ** 2).mean()))
-        jax.block_until_ready(step(w, x))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(w, x))
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        return _cpu_time(step, w, x, reps=reps)
+
+
+def reference(mb: int, T: int, D: int, L: int, reps: int) -> float:
+    """Forward + backward of all L layers on one microbatch, one device, no pipeline."""
+    w = jax.random.normal(jax.random.key(0), (L, D, D)) / D ** 0.5
+    x = jax.random.normal(jax.random.key(1), (mb, T, D))
+    run = lambda w, x: (jax.lax.scan(lambda h, wl: (layer(wl, h, None), None), x, w)[0] ** 2).mean()  # noqa: E731
+    return _cpu_time(jax.jit(jax.grad(run)), w, x, reps=reps)
 
 
 def main(argv=None):
@@ -53,16 +67,16 @@ def main(argv=None):
     ap.add_argument("--mb", type=int, default=8, help="examples per microbatch")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args(argv)
-    S, Ms = args.stages, args.micro
-    t = {M: time_step(S, M, args.mb, 64, 256, 2 * S, args.reps) for M in tqdm(Ms, desc="microbatch counts")}
-    ticks = np.array([M + S - 1 for M in Ms], float)
-    b, a = np.polyfit(ticks, np.array([t[M] for M in Ms]), 1)
-    print(f"stages={S}, microbatch={args.mb}x64 tokens, fit: time = {a * 1e3:.1f} ms + {b * 1e3:.2f} ms/tick")
-    print("| M | ticks | step ms | measured bubble | formula (S-1)/(M+S-1) |")
-    print("|---|---|---|---|---|")
+    S, Ms, L = args.stages, args.micro, 2 * args.stages
+    ref = reference(args.mb, 64, 256, L, args.reps)
+    t = {M: pipelined(S, M, args.mb, 64, 256, L, args.reps) for M in tqdm(Ms, desc="microbatch counts")}
+    print(f"stages={S}, layers={L}, microbatch={args.mb}x64 tokens x 256, no-pipeline reference "
+          f"{ref * 1e3:.1f} CPU-ms per microbatch")
+    print("| M | ticks M+S-1 | pipelined CPU-ms | M x reference | measured bubble | formula (S-1)/(M+S-1) |")
+    print("|---|---|---|---|---|---|")
     for M in Ms:
-        measured = 1 - M * b / t[M]
-        print(f"| {M} | {M + S - 1} | {t[M] * 1e3:.1f} | {measured:.3f} | {bubble_fraction(S, M):.3f} |")
+        print(f"| {M} | {M + S - 1} | {t[M] * 1e3:.1f} | {M * ref * 1e3:.1f} | {1 - M * ref / t[M]:.3f} | "
+              f"{bubble_fraction(S, M):.3f} |")
 
 
 if __name__ == "__main__":

@@ -50,21 +50,21 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
         def run_stage(x, c):
             return jax.lax.scan(lambda h, p: (layer_fn(p, h, c), None), x, local_params)[0]
 
-        def tick(carry, t):
-            buf, out_M = carry
+        # Inputs enter and outputs leave as scan xs / ys, not as carried [M, ...] buffers: reverse-mode
+        # autodiff saves every carry per tick, which made a step cost O(M) per tick (O(M^2) in all).
+        def tick(buf, xs):
+            t, x_in = xs
             j = jnp.clip(t - s, 0, M - 1)  # the microbatch this stage works on at tick t
-            inp = jnp.where(s == 0, x_MbTD[jnp.minimum(t, M - 1)], buf)
-            y = run_stage(inp, jax.tree.map(lambda a: a[j], ctx_M))
-            done = (s == S - 1) & (t >= S - 1)
-            out_M = out_M.at[j].set(jnp.where(done, y, out_M[j]))
-            buf = jax.lax.ppermute(y, axis, [(i, i + 1) for i in range(S - 1)])
-            return (buf, out_M), None
+            y = run_stage(jnp.where(s == 0, x_in, buf), jax.tree.map(lambda a: a[j], ctx_M))
+            return jax.lax.ppermute(y, axis, [(i, i + 1) for i in range(S - 1)]), y
 
-        # the carries differ per stage ("varying" over the manual axis) from the first tick on
-        init = jax.lax.pcast((jnp.zeros_like(x_MbTD[0]), jnp.zeros_like(x_MbTD)), (axis,), to="varying")
-        (_, out_M), _ = jax.lax.scan(tick, init, jnp.arange(M + S - 1))
-        # only the last stage holds real outputs: share them so every stage returns the same value
-        return jax.lax.psum(jnp.where(s == S - 1, out_M, 0.0), axis)
+        ticks = jnp.arange(M + S - 1)
+        x_in = jnp.concatenate([x_MbTD, jnp.zeros((S - 1,) + x_MbTD.shape[1:], x_MbTD.dtype)])  # stage 0's feed
+        # the carry differs per stage ("varying" over the manual axis) from the first tick on
+        init = jax.lax.pcast(jnp.zeros_like(x_MbTD[0]), (axis,), to="varying")
+        _, ys = jax.lax.scan(tick, init, (ticks, x_in))
+        # the last stage finishes microbatch m at tick m + S - 1; share its outputs with every stage
+        return jax.lax.psum(jnp.where(s == S - 1, ys[S - 1:], 0.0), axis)
 
     layer_spec = jax.tree.map(lambda _: P(axis), params)
     out = jax.shard_map(stage_fn, mesh=mesh, in_specs=(layer_spec, P(), P()), out_specs=P(),
