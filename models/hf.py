@@ -146,9 +146,9 @@ def _moe_from_hf(hf: dict):
     from models.moe import MoEConfig
 
     k = hf.get("num_experts_per_tok", 2)
-    # transformers' Mixtral balancing loss is ours / k (tests/test_moe.py): keep its objective's weight.
+    # transformers' Mixtral balancing loss is k × ours (tests/test_moe.py): keep its objective's weight.
     return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
-                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) / k)
+                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) * k)
 
 
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
@@ -161,7 +161,7 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
         raise ValueError("TransformerConfig.attn_pattern: Mixtral needs the same window (or none) on every layer")
     return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
                 num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, output_router_logits=False,
-                router_aux_loss_coef=m.lb_loss_weight * m.top_k, router_jitter_noise=0.0,
+                router_aux_loss_coef=m.lb_loss_weight / m.top_k, router_jitter_noise=0.0,
                 **{**hf, "intermediate_size": m.expert_mlp_dim})
 
 

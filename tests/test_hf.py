@@ -326,3 +326,11 @@ def test_mixtral_fused_5x_names_load(hf_ckpt, tmp_path):
     save_file(fused, tmp_path / "model.safetensors")
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(from_pretrained(folder)))
+
+
+def test_mixtral_balancing_weight_keeps_the_hf_objective(hf_ckpt):
+    """HF's Mixtral balancing loss is k × ours (tests/test_moe.py), so the weight scales by k both ways."""
+    hf = json.loads((hf_ckpt("mixtral")[0] / "config.json").read_text())
+    cfg = config_from_hf(hf)
+    assert cfg.moe.lb_loss_weight == pytest.approx(hf["router_aux_loss_coef"] * hf["num_experts_per_tok"])
+    assert config_to_hf(cfg)["router_aux_loss_coef"] == pytest.approx(hf["router_aux_loss_coef"])
