@@ -1,0 +1,251 @@
+"""MovingShapes: synthetic captioned clips for text-to-video experiments, as a grain data source.
+
+One object per clip on a black background: a shape (square, circle, triangle) of a palette colour moving
+in a straight line (left, right, up, down) at constant speed, captioned "a red square moving left".
+Some (colour, shape, direction) combinations are held out of training so that prompt following can be
+tested compositionally: every held-out triple is new, while each of its pairs was seen in training.
+
+`measure(video)` inverts the renderer without any learned judge: colour is the nearest palette colour
+to the mean foreground RGB, direction the sign of the dominant slope of the centroid trajectory, shape
+the fill ratio of the object's bounding box (square 1, circle π/4) and, for the triangle, its taper.
+
+Shapes: B batch, T frames, S side (pixels), C = 3 RGB channels, L caption tokens. Videos are float32 in
+[-1, 1] (black background = -1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import grain
+import numpy as np
+
+COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.15, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), image y points down
+
+# Latin-square style: each colour, shape and direction is held out at least twice, no pair twice, so every
+# held-out triple is a new composition of pairs that all occur in training.
+HELD_OUT = (("red", "circle", "up"), ("green", "triangle", "left"), ("blue", "square", "right"),
+            ("yellow", "circle", "down"), ("red", "triangle", "right"), ("green", "square", "down"),
+            ("blue", "circle", "left"), ("yellow", "triangle", "up"))
+
+PAD, NULL = 0, 1  # token ids: padding, and the empty caption used for classifier-free guidance
+VOCAB = ("<pad>", "<null>", "a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+WORD_ID = {w: i for i, w in enumerate(VOCAB)}
+SPLITS = ("train", "heldout", "all")
+
+
+def caption(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} moving {direction}"
+
+
+def encode_caption(text: str, max_len: int = 8) -> np.ndarray:
+    """Word-level tokens, right-padded with PAD: int32 [max_len]. The empty string is the null caption."""
+    words = text.split()
+    if len(words) > max_len:
+        raise ValueError(f"caption {text!r} has {len(words)} words > max_len={max_len}")
+    unknown = [w for w in words if w not in WORD_ID]
+    if unknown:
+        raise ValueError(f"caption words {unknown} are not in the MovingShapes vocabulary {VOCAB}")
+    ids = [WORD_ID[w] for w in words] or [NULL]
+    return np.asarray(ids + [PAD] * (max_len - len(ids)), np.int32)
+
+
+def null_tokens(max_len: int = 8) -> np.ndarray:
+    return encode_caption("", max_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingShapesConfig:
+    """frames: clip length (1 + 4k suits the causal video autoencoder); size: frame side in pixels.
+    object_size: (min, max) object side in pixels; speed: (min, max) pixels per frame."""
+
+    frames: int = 9
+    size: int = 32
+    object_size: tuple[int, int] = (12, 15)
+    speed: tuple[float, float] = (1.25, 1.75)
+    colour_jitter: float = 0.12  # brightness is scaled by U(1 - jitter, 1)
+    held_out: tuple[tuple[str, str, str], ...] = HELD_OUT
+    max_caption_len: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"MovingShapesConfig.{field}: {msg}")
+
+        need(self.frames >= 2, "frames", f"a clip needs >= 2 frames to show motion, got {self.frames}")
+        lo, hi = self.object_size
+        need(2 <= lo <= hi, "object_size", f"need 2 <= min <= max, got {self.object_size}")
+        need(self.speed[0] > 0 and self.speed[0] <= self.speed[1], "speed", f"need 0 < min <= max, got {self.speed}")
+        travel = self.speed[1] * (self.frames - 1)
+        need(hi + travel <= self.size, "size",
+             f"an object of {hi}px moving {travel:.1f}px does not fit in {self.size}px; raise size or lower "
+             "object_size / speed / frames")
+        need(0 <= self.colour_jitter < 1, "colour_jitter", f"must be in [0, 1), got {self.colour_jitter}")
+        for combo in self.held_out:
+            need(combo in set(self.combos()), "held_out", f"{combo} is not a (colour, shape, direction) triple")
+        need(len(set(self.held_out)) < len(self.combos()), "held_out", "cannot hold out every combination")
+
+    @staticmethod
+    def combos() -> list[tuple[str, str, str]]:
+        """All (colour, shape, direction) triples, in a fixed order (the `combo` id indexes this list)."""
+        return list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
+
+    def split_combos(self, split: str) -> list[tuple[str, str, str]]:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}: use one of {SPLITS}")
+        held = set(self.held_out)
+        if split == "all":
+            return self.combos()
+        return [c for c in self.combos() if (c in held) == (split == "heldout")]
+
+
+def labels_of(combo: tuple[str, str, str]) -> tuple[int, int, int]:
+    """(colour, shape, direction) indices of a triple."""
+    colour, shape, direction = combo
+    return list(COLOURS).index(colour), SHAPES.index(shape), list(DIRECTIONS).index(direction)
+
+
+def render(cfg: MovingShapesConfig, combo: tuple[str, str, str], rng: np.random.Generator) -> np.ndarray:
+    """One clip of `combo` at a random size, speed, position and brightness: float32 [T, S, S, 3] in [-1, 1]."""
+    colour, shape, direction = combo
+    T, S = cfg.frames, cfg.size
+    side = rng.integers(cfg.object_size[0], cfg.object_size[1] + 1)
+    speed = rng.uniform(*cfg.speed)
+    dx, dy = DIRECTIONS[direction]
+    travel = speed * (T - 1)
+    half = side / 2
+    # Centre at frame 0, so that the whole trajectory stays inside the frame.
+    lo_x, hi_x = half + max(0, -dx) * travel, S - half - max(0, dx) * travel
+    lo_y, hi_y = half + max(0, -dy) * travel, S - half - max(0, dy) * travel
+    cx0, cy0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    t = np.arange(T, dtype=np.float32)
+    cx_T, cy_T = cx0 + dx * speed * t, cy0 + dy * speed * t
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres
+    ox_TSS = xx[None] - cx_T[:, None, None]
+    oy_TSS = yy[None] - cy_T[:, None, None]
+    if shape == "square":
+        mask = (np.abs(ox_TSS) <= half) & (np.abs(oy_TSS) <= half)
+    elif shape == "circle":
+        mask = ox_TSS ** 2 + oy_TSS ** 2 <= half ** 2
+    else:  # apex up, base down: the half-width grows linearly from 0 to half
+        mask = (np.abs(oy_TSS) <= half) & (np.abs(ox_TSS) <= (oy_TSS + half) / 2)
+    rgb = np.asarray(COLOURS[colour], np.float32) * rng.uniform(1 - cfg.colour_jitter, 1.0)
+    frames = mask[..., None] * rgb
+    return (frames * 2 - 1).astype(np.float32)
+
+
+class MovingShapesSource:
+    """grain random-access source: record i is a deterministic function of (seed, split, i).
+
+    A record is {"video" [T, S, S, 3] float32, "tokens" [L] int32, "combo" (index into cfg.combos()),
+    "colour", "shape", "direction" (attribute indices)}. Combinations cycle through the split in order,
+    so every `len(split_combos)` consecutive records cover each combination once.
+    """
+
+    def __init__(self, cfg: MovingShapesConfig, split: str = "train", num_records: int = 100_000):
+        self.cfg, self.split, self.num_records = cfg, split, num_records
+        self.combos = cfg.split_combos(split)
+        self.all_combos = cfg.combos()
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.num_records:
+            raise IndexError(f"record {i} out of range [0, {self.num_records})")
+        combo = self.combos[i % len(self.combos)]
+        rng = np.random.default_rng((self.cfg.seed, SPLITS.index(self.split), i))
+        c, s, d = labels_of(combo)
+        return {"video": render(self.cfg, combo, rng),
+                "tokens": encode_caption(caption(*combo), self.cfg.max_caption_len),
+                "combo": np.int32(self.all_combos.index(combo)), "colour": np.int32(c), "shape": np.int32(s),
+                "direction": np.int32(d)}
+
+
+def dataset(cfg: MovingShapesConfig, split: str = "train", batch: int = 16, seed: int = 0,
+            num_records: int = 100_000) -> grain.MapDataset:
+    """Shuffled, repeated, batched grain MapDataset (index it, or iterate `.to_iter_dataset()`)."""
+    src = MovingShapesSource(cfg, split, num_records)
+    return grain.MapDataset.source(src).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
+
+
+# --- evaluation without a learned judge --------------------------------------------------------------------
+
+
+def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold: float = 0.25,
+            square_fill: float = 0.87, triangle_taper: float = 0.6) -> dict[str, np.ndarray]:
+    """Decode (colour, shape, direction) indices from clips in [-1, 1]; -1 where a clip shows no object.
+
+    Foreground: pixels whose brightest channel exceeds rel_threshold × the clip's peak (at least
+    min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum.
+    Colour: the palette colour closest in direction (cosine) to the mean foreground RGB, so brightness
+    does not matter. Direction: least-squares slope of the centroid over frames; the larger of |dx/dt|,
+    |dy/dt| and its sign. Shape, per frame then the median over frames: the apex-up triangle narrows
+    upwards (mean row width of the top third / bottom third of its bounding box < triangle_taper, ~0.2
+    drawn, ~0.4 decoded), otherwise the fill ratio (area / bounding box) tells square (1) from circle
+    (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
+    loses its corners first (~0.91 after the VAE).
+    """
+    v = (np.asarray(videos_BTHWC, np.float32) + 1) / 2
+    B, T, S = v.shape[:3]
+    bright_BTSS = v.max(-1)
+    peak_B = bright_BTSS.reshape(B, -1).max(1)
+    fg_BTSS = bright_BTSS > np.maximum(rel_threshold * peak_B, min_threshold)[:, None, None, None]
+    count_BT = fg_BTSS.sum((2, 3))
+    seen_BT = count_BT >= 3
+    valid_B = seen_BT.sum(1) >= 2
+
+    rgb_B3 = (v * fg_BTSS[..., None]).sum((1, 2, 3)) / np.maximum(count_BT.sum(1), 1)[:, None]
+    pal_K3 = np.asarray(list(COLOURS.values()), np.float32)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
+    colour_B = np.argmax(unit(rgb_B3) @ unit(pal_K3).T, axis=1)
+
+    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    cnt = np.maximum(count_BT, 1)
+    cx_BT = (fg_BTSS * xx).sum((2, 3)) / cnt
+    cy_BT = (fg_BTSS * yy).sum((2, 3)) / cnt
+    t_T = np.arange(T, dtype=np.float32)
+
+    def slope(c_BT):  # least squares over the frames that show the object
+        w = seen_BT.astype(np.float32)
+        n = np.maximum(w.sum(1), 1)
+        tm = (w * t_T).sum(1) / n
+        cm = (w * c_BT).sum(1) / n
+        cov = (w * (t_T - tm[:, None]) * (c_BT - cm[:, None])).sum(1)
+        var = (w * (t_T - tm[:, None]) ** 2).sum(1)
+        return cov / np.maximum(var, 1e-6)
+
+    sx, sy = slope(cx_BT), slope(cy_BT)
+    names = list(DIRECTIONS)
+    horizontal = np.abs(sx) >= np.abs(sy)
+    direction_B = np.where(horizontal, np.where(sx < 0, names.index("left"), names.index("right")),
+                           np.where(sy < 0, names.index("up"), names.index("down")))
+
+    fill_BT = np.full((B, T), np.nan)
+    taper_BT = np.full((B, T), np.nan)
+    for b, t in zip(*np.nonzero(seen_BT)):
+        m = fg_BTSS[b, t]
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        fill_BT[b, t] = m.sum() / (h * w)
+        widths = m[rows[0]:rows[-1] + 1].sum(1)
+        k = max(1, h // 3)
+        taper_BT[b, t] = widths[:k].mean() / max(widths[-k:].mean(), 1e-6)
+    with np.errstate(all="ignore"):
+        fill_B = np.where(valid_B, np.nanmedian(np.where(valid_B[:, None], fill_BT, 0.0), axis=1), np.nan)
+        taper_B = np.where(valid_B, np.nanmedian(np.where(valid_B[:, None], taper_BT, 1.0), axis=1), np.nan)
+    shape_B = np.where(taper_B < triangle_taper, SHAPES.index("triangle"),
+                       np.where(fill_B >= square_fill, SHAPES.index("square"), SHAPES.index("circle")))
+
+    bad = ~valid_B
+    return {"colour": np.where(bad, -1, colour_B), "shape": np.where(bad, -1, shape_B),
+            "direction": np.where(bad, -1, direction_B), "fill": fill_B, "taper": taper_B, "rgb": rgb_B3}
+
+
+def chance(attribute: str) -> float:
+    """Accuracy of guessing one attribute uniformly at random."""
+    return 1.0 / {"colour": len(COLOURS), "shape": len(SHAPES), "direction": len(DIRECTIONS)}[attribute]

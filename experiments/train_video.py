@@ -1,0 +1,286 @@
+"""Train a text-to-video model on MovingShapes on CPU, then measure how well it follows prompts.
+
+    python -m experiments.train_video [--preset default|tiny] [--out runs/video/default] [--mesh data=-1]
+
+Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel normalised) and trains
+the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
+checkpoint with orbax under <out>/ckpt and resume from there. The evaluation generates clips for every
+caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour, direction and shape back from the
+pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png and per-prompt GIFs and
+grids under <out>/samples. `--preset tiny` is a smoke run (about 2 minutes on 8 fake devices) of the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
+from experiments.lm_step import make_optimizer
+from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
+from experiments.video_steps import make_t2v_step, make_vae_step, manager, restore, save, shard, shardings_of
+from models.config import TransformerConfig
+from models.video import (
+    AlignConfig,
+    DiffusionConfig,
+    DiTConfig,
+    TextToVideo,
+    TextToVideoConfig,
+    VAEConfig,
+    VideoVAE,
+    generate,
+)
+from models.video.vae import denormalize, latent_stats, normalize, psnr
+from parallel import create_sharded, make_mesh
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    data: MovingShapesConfig
+    vae: VAEConfig
+    t2v: TextToVideoConfig
+    vae_steps: int
+    vae_batch: int
+    vae_lr: float
+    n_latents: int  # clips encoded once for stage 2
+    dit_steps: int
+    dit_batch: int
+    dit_lr: float
+    ema_decay: float = 0.999
+    eval_per_seen: int = 2  # clips per seen caption (40 captions)
+    eval_per_held: int = 4  # clips per held-out caption (8 captions)
+    eval_batch: int = 64
+    ckpt_every: int = 500
+
+
+PRESETS = {
+    # 9×32×32 clips → 3×8×8×8 latents → 48 tokens of 1×2×2 patches; 26 min measured on 2 CPU cores shared
+    # with other jobs (load 9-12; docs/benchmarks.md); a quiet machine should take less (not measured).
+    # Full 3D attention and a time shift of 3: at this budget factorized attention did not learn the
+    # direction of motion (docs/benchmarks.md, "Video diffusion"), and high-noise steps decide the motion.
+    "default": Preset(
+        data=MovingShapesConfig(frames=9, size=32),
+        vae=VAEConfig(channels=(16, 32, 64), latent_channels=8, spatial_factor=4, temporal_factor=4),
+        t2v=TextToVideoConfig(
+            dit=DiTConfig(latent_shape=(3, 8, 8), latent_channels=8, patch=(1, 2, 2), d_model=128, n_layers=4,
+                          n_heads=4, mlp_dim=384, attention="full", text_dim=64),
+            text=TransformerConfig(vocab_size=16, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, max_seq_len=8),
+            align=AlignConfig(d_model=64, n_layers=1, n_heads=4, mlp_dim=128, embed_dim=64),
+            diffusion=DiffusionConfig(kind="flow", shift=3.0, sample_steps=25)),
+        vae_steps=600, vae_batch=8, vae_lr=2e-3, n_latents=4096, dit_steps=1000, dit_batch=32, dit_lr=1e-3),
+    # 5×16×16 clips → 2×4×4×4 latents → 8 tokens: exercises every stage in about a minute.
+    "tiny": Preset(
+        data=MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2)),
+        vae=VAEConfig(channels=(8, 16, 16), latent_channels=4, spatial_factor=4, temporal_factor=4),
+        t2v=TextToVideoConfig(
+            dit=DiTConfig(latent_shape=(2, 4, 4), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=1,
+                          n_heads=2, mlp_dim=64, text_dim=16),
+            text=TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=8),
+            align=AlignConfig(d_model=16, n_layers=1, n_heads=2, mlp_dim=32, embed_dim=16),
+            diffusion=DiffusionConfig(kind="flow", sample_steps=2)),
+        vae_steps=3, vae_batch=8, vae_lr=2e-3, n_latents=64, dit_steps=3, dit_batch=8, dit_lr=1e-3,
+        eval_per_seen=1, eval_per_held=1, eval_batch=48, ckpt_every=3),
+}
+
+
+def parse_mesh(s: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (kv.split("=") for kv in s.split(","))}
+
+
+def check_batch(batch: int, mesh, what: str):
+    n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    if batch % n:
+        raise SystemExit(f"{what}={batch} must be divisible by the batch mesh axes (data·fsdp·expert = {n})")
+
+
+def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
+    opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=max(1, p.vae_steps // 20), weight_decay=0.0)
+    opt_state = jax.jit(opt.init)(params)
+    mgr = manager(out / "ckpt" / "vae")
+    start = 0
+    if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
+        start, trees, _ = r
+        params, opt_state = trees["params"], trees["opt_state"]
+        print(f"vae: resumed at step {start}")
+    ds = dataset(p.data, "train", p.vae_batch, seed=seed)
+    step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
+    bar = tqdm(range(start + 1, p.vae_steps + 1), desc="vae", unit="step", initial=start, total=p.vae_steps)
+    for step in bar:
+        video = shard(ds[step - 1]["video"], mesh)
+        params, opt_state, m = step_fn(params, opt_state, video, jax.random.fold_in(key, step))
+        if step % 25 == 0 or step == p.vae_steps:
+            bar.set_postfix(psnr=f"{float(m['psnr']):.1f}", kl=f"{float(m['kl']):.2f}")
+        if step % p.ckpt_every == 0 or step == p.vae_steps:
+            save(mgr, step, {"params": params, "opt_state": opt_state}, {"step": step, "psnr": float(m["psnr"])})
+    return graphdef, params
+
+
+def encode_latents(p: Preset, encode, cache: pathlib.Path):
+    """Posterior means of n_latents training clips (cached), their tokens and caption ids.
+    encode: [eval_batch, T, H, W, 3] → latents."""
+    if cache.exists():
+        f = np.load(cache)
+        return f["latents"], f["tokens"], f["combo"]
+    ds = dataset(p.data, "train", p.eval_batch, seed=1)
+    lat, tok, combo = [], [], []
+    for i in tqdm(range(math.ceil(p.n_latents / p.eval_batch)), desc="encode", unit="batch"):
+        b = ds[i]
+        lat.append(np.asarray(encode(b["video"])))
+        tok.append(b["tokens"])
+        combo.append(b["combo"])
+    lat, tok, combo = (np.concatenate(x)[: p.n_latents] for x in (lat, tok, combo))
+    np.savez(cache, latents=lat, tokens=tok, combo=combo)
+    return lat, tok, combo
+
+
+def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo):
+    null = null_tokens(p.data.max_caption_len)
+    opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=max(1, p.dit_steps // 20), weight_decay=0.0)
+    opt_state = jax.jit(opt.init)(params)
+    ema = jax.tree.map(jnp.copy, params)
+    mgr = manager(out / "ckpt" / "t2v")
+    start = 0
+    if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
+        start, trees, _ = r
+        params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
+        print(f"t2v: resumed at step {start}")
+    step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
+    key = jax.random.key(seed + 7)
+    bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
+    avg = None
+    for step in bar:
+        idx = np.random.default_rng((seed, step)).integers(0, len(z), p.dit_batch)
+        batch = shard({"latents": z[idx], "tokens": tokens[idx], "caption_id": combo[idx]}, mesh)
+        params, opt_state, ema, m = step_fn(params, opt_state, ema, batch, jax.random.fold_in(key, step), step)
+        if step % 25 == 0 or step == p.dit_steps:
+            m = jax.device_get(m)
+            avg = m if avg is None else {k: 0.8 * avg[k] + 0.2 * m[k] for k in m}
+            bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
+        if step % p.ckpt_every == 0 or step == p.dit_steps:
+            save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema}, {"step": step})
+    return graphdef, ema
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--out", default=None, help="run directory (default runs/video/<preset>)")
+    ap.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=None)
+    ap.add_argument("--dit-steps", type=int, default=None)
+    ap.add_argument("--attention", choices=("factorized", "full"), default=None, help="override the DiT's attention")
+    ap.add_argument("--shift", type=float, default=None, help="override the flow time shift")
+    ap.add_argument("--dit-lr", type=float, default=None)
+    ap.add_argument("--scales", default="1,2,4", help="CFG scales to evaluate")
+    ap.add_argument("--fresh", action="store_true", help="delete the run directory first (no resume)")
+    ap.add_argument("--no-media", action="store_true", help="skip GIFs and grids")
+    args = ap.parse_args(argv)
+
+    p = PRESETS[args.preset]
+    t2v = p.t2v
+    if args.attention:
+        t2v = dataclasses.replace(t2v, dit=dataclasses.replace(t2v.dit, attention=args.attention))
+    if args.shift:
+        t2v = dataclasses.replace(t2v, diffusion=dataclasses.replace(t2v.diffusion, shift=args.shift))
+    p = dataclasses.replace(p, t2v=t2v, vae_steps=args.vae_steps or p.vae_steps,
+                            dit_steps=args.dit_steps or p.dit_steps, dit_lr=args.dit_lr or p.dit_lr)
+    out = pathlib.Path(args.out or f"runs/video/{args.preset}")
+    if args.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(parse_mesh(args.mesh))
+    for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
+        check_batch(b, mesh, what)
+    frames, size = p.data.frames, p.data.size
+    print(f"mesh {dict(mesh.shape)}; clips {frames}×{size}×{size} → latents {p.vae.latent_shape(frames, size, size)}; "
+          f"VAE {p.vae.param_count():,} params; text+DiT+aligner {p.t2v.param_count():,} params "
+          f"(DiT {p.t2v.dit.param_count():,}, {p.t2v.dit.tokens} tokens, {p.t2v.dit.attention} attention)")
+    timings, t0 = {}, time.time()
+    scales = tuple(float(s) for s in args.scales.split(","))
+
+    # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly.
+    # XLA:CPU compiles the partitionable threefry of ~100 initialisers for minutes; the classic one in seconds.
+    with jax.threefry_partitionable(False):
+        vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
+        t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
+    with jax.set_mesh(mesh):
+        vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params)
+        timings["vae_s"] = time.time() - t0
+
+        # one compiled encoder and decoder (batch eval_batch) serve every later stage
+        enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
+        dec = jax.jit(lambda vp, z: nnx.merge(vae_gd, vp).decode(z))
+        t1 = time.time()
+        lat, tokens, combo = encode_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out / "latents.npz")
+        stats = latent_stats(lat)
+        z = np.asarray(normalize(lat, stats))
+        (out / "latent_stats.json").write_text(json.dumps({"mean": stats[0].tolist(), "std": stats[1].tolist()}))
+        timings["encode_s"] = time.time() - t1
+
+        # held-out reconstructions: the VAE's PSNR and the evaluator's accuracy on real clips it decoded
+        real = dataset(p.data, "heldout", p.eval_batch, seed=123)[0]
+        z_real = np.asarray(enc(vae_params, shard(real["video"], mesh)))
+        recon = np.asarray(dec(vae_params, shard(z_real, mesh)))
+        vae_psnr = float(psnr(np.mean((recon - real["video"]) ** 2)))
+        real_row = score(measure(recon), {a: real[a] for a in ("colour", "direction", "shape")})
+        print(f"vae: held-out PSNR {vae_psnr:.2f} dB")
+
+        t2 = time.time()
+        gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo)
+        timings["dit_s"] = time.time() - t2
+
+        t3 = time.time()
+        null = null_tokens(p.data.max_caption_len)
+        gen = jax.jit(lambda prm, tok, key, s: generate(nnx.merge(gd, prm), tok, null, key, s))
+        all_tok = jnp.asarray(np.stack([encode_caption(caption(*c), p.data.max_caption_len)
+                                        for c in p.data.combos()]))
+
+        def retrieve(prm, zz):  # index of the caption (of all 48) the dual encoder finds closest
+            model = nnx.merge(gd, prm)
+            captions = model.align.embed_text(model.text(all_tok).pooled_BE)
+            return jnp.argmax(model.align.embed_video(zz) @ captions.T, axis=1)
+
+        ret = jax.jit(retrieve) if p.t2v.align is not None else None
+        results, videos, sets = run_eval(
+            lambda tok, key, s: gen(ema, shard(tok, mesh), key, jnp.float32(s)),
+            lambda zz: dec(vae_params, shard(np.asarray(denormalize(zz, stats)), mesh)),
+            None if ret is None else (lambda zz: ret(ema, shard(zz, mesh))),
+            p.data, scales=scales, per_seen=p.eval_per_seen, per_held=p.eval_per_held, batch=p.eval_batch,
+            seed=args.seed, null_L=null)
+        if ret is not None:  # R@1 of the dual encoder on real held-out latents (its ceiling)
+            zr = np.asarray(normalize(z_real, stats))
+            real_row["r@1"] = float((np.asarray(ret(ema, shard(zr, mesh))) == real["combo"]).mean())
+        timings["eval_s"] = time.time() - t3
+
+    md = table(results, {("real clips → VAE", "held-out"): real_row})
+    seen = results[(f"cfg {max(scales):g}", "seen")]
+    targets = {"colour >= 0.90 (seen)": seen["colour"] >= 0.90, "direction >= 0.80 (seen)": seen["direction"] >= 0.80}
+    null_row = results[("null prompt", "seen")]
+    timings["total_s"] = time.time() - t0
+    save_results(out / "results.json", results, {"vae_psnr_heldout_db": vae_psnr, "real_clips_vae": real_row,
+                                                 "chance": chance_row(), "targets_met": targets, "timings": timings})
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    print(f"targets at CFG {max(scales):g}: {targets}; null prompt colour {100 * null_row['colour']:.1f}% "
+          f"(chance 25%); timings {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")
+    if not args.no_media:
+        write_overview(out / "overview.png", videos, sets, p.data, max(scales))
+        paths = write_prompt_media(out / "samples", videos, sets, p.data, scales)
+        print(f"wrote {out / 'overview.png'} and {len(paths)} GIFs + grids under {out / 'samples'}")
+    return {"results": results, "psnr": vae_psnr, "real": real_row, "timings": timings}
+
+
+if __name__ == "__main__":
+    main()

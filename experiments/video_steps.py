@@ -1,0 +1,136 @@
+"""Train steps and checkpoints of the video experiment: plain `jax.jit` over `nnx.split` state.
+
+Both steps donate (params, opt_state[, ema]) and return metrics as float32 scalars. Checkpoints use the
+orbax v0 `CheckpointManager` with a `Composite` of StandardSave pytrees and a JSON record.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from models.video.t2v import t2v_loss
+from models.video.vae import vae_loss
+from parallel import logical_to_spec, shard_batch
+
+
+def shard(batch, mesh):
+    """`parallel.shard_batch`, plus per-example vectors [B] (labels, ids) sharded along the batch axes."""
+    def one(x):
+        x = jnp.asarray(x)
+        if x.ndim == 1:
+            return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",), mesh)))
+        return shard_batch(x, mesh)
+
+    return jax.tree.map(one, batch)
+
+
+def shardings_of(tree):
+    """The shardings of a pytree of arrays (e.g. the train state), to pin a step's outputs to its inputs."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def make_vae_step(graphdef, optimizer: optax.GradientTransformation, state_shardings=None):
+    """`step(params, opt_state, video_BTHWC, key) -> (params, opt_state, metrics)`.
+
+    `state_shardings` = shardings_of((params, opt_state)): outputs keep them, so the second call does not
+    recompile for shardings that XLA chose differently from `parallel.create_sharded`'s.
+    """
+
+    def step(params, opt_state, video, key):
+        def loss_fn(p):
+            return vae_loss(nnx.merge(graphdef, p), video, key)
+
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, m | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+    out = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
+
+
+def ema_update(ema, params, decay):
+    return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
+
+
+def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema_decay: float = 0.999,
+                  state_shardings=None):
+    """`step(params, opt_state, ema, batch, key, step_no) -> (params, opt_state, ema, metrics)`;
+    `state_shardings` = shardings_of((params, opt_state, ema)) pins the outputs as in `make_vae_step`.
+
+    The EMA decay warms up as min(ema_decay, (1 + n) / (10 + n)), so early averages are not dominated
+    by the random initialisation in short runs.
+    """
+    null_L = jnp.asarray(null_L)
+
+    def step(params, opt_state, ema, batch, key, n):
+        def loss_fn(p):
+            return t2v_loss(nnx.merge(graphdef, p), batch, key, null_L)
+
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        decay = jnp.minimum(ema_decay, (1.0 + n) / (10.0 + n))
+        ema = ema_update(ema, params, decay)
+        return params, opt_state, ema, m | {"grad_norm": optax.tree.norm(grads)}
+
+    out = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def manager(directory) -> ocp.CheckpointManager:
+    path = pathlib.Path(directory).absolute()
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
+    """Save pytrees (nnx.State is stored as a pure dict) and a JSON record under `step`; waits for it."""
+    args = {k: ocp.args.StandardSave(_pure(v)) for k, v in trees.items()}
+    mgr.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
+    mgr.wait_until_finished()
+
+
+def restore(mgr: ocp.CheckpointManager, targets: dict, step: int | None = None):
+    """Restore the latest (or given) step into `targets` (trees of arrays giving shape, dtype and sharding).
+
+    Returns (step, trees, meta) or None when there is no checkpoint.
+    """
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        return None
+    abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(v)) for k, v in targets.items()}
+    args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+    out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+    trees = {k: _unpure(targets[k], out[k]) for k in targets}
+    return step, trees, dict(out["meta"])
+
+
+def _is_state(x):
+    return isinstance(x, nnx.State)
+
+
+def _pure(tree):
+    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state)
+
+
+def _unpure(target, pure):
+    """Put restored pure dicts back into the nnx.State leaves of `target` (e.g. inside an optax state)."""
+    leaves, treedef = jax.tree.flatten(target, is_leaf=_is_state)
+    out = []
+    for t, p in zip(leaves, treedef.flatten_up_to(pure)):
+        if _is_state(t):
+            t = jax.tree.map(lambda x: x, t)  # a copy to fill in place
+            nnx.replace_by_pure_dict(t, p)
+            p = t
+        out.append(p)
+    return treedef.unflatten(out)

@@ -1,0 +1,98 @@
+"""Cross-modal alignment: a video–text dual encoder trained with symmetric InfoNCE.
+
+The video tower is a small Transformer over clean latent patches (full 3D attention with 3D RoPE,
+mean-pooled); the text side projects the text encoder's pooled caption. Trained jointly with the DiT,
+its gradient shapes the shared text encoder towards what is visible in the clips; afterwards the same
+dual encoder is a retrieval metric (R@1: does a clip's embedding pick its own caption among all captions).
+
+The video tower never sees the caption, unlike the DiT's hidden states, which would make the loss trivial.
+
+Shapes: B batch, T/H/W/C latents, S tokens, D tower width, E text width, J joint embedding, K captions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.transformer import param, rms_norm
+from models.video.config import AlignConfig, DiTConfig, default_rope_split
+from models.video.layers import SelfAttention, SwiGLU, matmul, patchify
+from parallel.rules import constrain
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-norm Transformer block over the spacetime token grid (no conditioning)."""
+
+    def __init__(self, cfg: AlignConfig, *, rngs):
+        d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+        self.norm1 = param(rngs, (d,), ("norm",), jnp.float32)
+        self.attn = SelfAttention(d, cfg.n_heads, hd, qk_norm=True, std=0.02, dtype=jnp.float32, rngs=rngs)
+        self.norm2 = param(rngs, (d,), ("norm",), jnp.float32)
+        self.mlp = SwiGLU(d, cfg.mlp_dim, std=0.02, dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x_BSD, grid, rope_split):
+        h = rms_norm(x_BSD, self.norm1[...], 1e-6)
+        x_BSD = x_BSD + self.attn(h, grid, "full", rope_split=rope_split, rope_theta=100.0, cd=jnp.float32)
+        x_BSD = x_BSD + self.mlp(rms_norm(x_BSD, self.norm2[...], 1e-6), jnp.float32)
+        return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
+
+
+class Aligner(nnx.Module):
+    """`video_emb_BJ = aligner.embed_video(latents)`, `text_emb_BJ = aligner.embed_text(pooled_BE)`: unit
+    vectors; `aligner.logit_scale()` is exp(learned log-scale), capped at max_logit_scale."""
+
+    def __init__(self, cfg: AlignConfig, dit: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg, self.dit = cfg, dit
+        d, j = cfg.d_model, cfg.embed_dim
+        self.rope_split = default_rope_split(d // cfg.n_heads)
+        with nnx.use_eager_sharding(False):
+            self.patch_embed = param(rngs, (dit.patch_dim, d), ("patch", "embed"), jnp.float32, 0.02)
+            self.patch_bias = param(rngs, (d,), ("embed",), jnp.float32, 0.0)
+            self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+            self.final_norm = param(rngs, (d,), ("norm",), jnp.float32)
+            self.video_proj = param(rngs, (d, j), ("embed", None), jnp.float32, d ** -0.5)
+            self.text_proj = param(rngs, (dit.text_dim, j), (None, None), jnp.float32, dit.text_dim ** -0.5)
+            self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / cfg.init_temperature), jnp.float32))
+
+    def embed_video(self, z_BTHWC):
+        p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
+        B, S, P = p_BSP.shape
+        x = (matmul(p_BSP.reshape(B * S, P), self.patch_embed, jnp.float32) + self.patch_bias[...]).reshape(B, S, -1)
+        for blk in self.blocks:
+            x = blk(x, self.dit.grid, self.rope_split)
+        pooled = rms_norm(x, self.final_norm[...], 1e-6).mean(1)
+        return _unit(pooled @ self.video_proj[...])
+
+    def embed_text(self, pooled_BE):
+        return _unit(pooled_BE.astype(jnp.float32) @ self.text_proj[...])
+
+    def logit_scale(self):
+        return jnp.minimum(jnp.exp(self.log_scale[...]), self.cfg.max_logit_scale)
+
+
+def _unit(x):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
+    """Symmetric InfoNCE: mean of the video→text and text→video cross-entropies over the batch.
+
+    With `labels_B` (e.g. caption ids), every pair with equal labels is a positive and the target spreads
+    evenly over them: a batch drawn from few captions holds duplicates, which are not negatives.
+    """
+    logits = logit_scale * video_BJ @ text_BJ.T
+    B = logits.shape[0]
+    pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
+    target = pos / pos.sum(1, keepdims=True)
+    v2t = -(target * jax.nn.log_softmax(logits, axis=1)).sum(1).mean()
+    t2v = -(target.T * jax.nn.log_softmax(logits, axis=0)).sum(0).mean()
+    return 0.5 * (v2t + t2v)
+
+
+def recall_at_1(video_BJ, captions_KJ, target_B):
+    """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B)."""
+    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)

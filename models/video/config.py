@@ -1,0 +1,353 @@
+"""Frozen configurations of the video models; each validates itself and does its own accounting.
+
+Errors name the field and the fix. `param_count()` is checked against the built modules in the tests;
+FLOPs count multiply-adds as 2 and training as 3× the forward pass (forward + two backward matmuls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from models.config import TransformerConfig
+
+Attention = Literal["factorized", "full"]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _need(cls: str):
+    def need(cond, field, msg):
+        if not cond:
+            raise ValueError(f"{cls}.{field}: {msg}")
+
+    return need
+
+
+def _log2(n: int) -> int | None:
+    return int(math.log2(n)) if n >= 1 and 2 ** int(math.log2(n)) == n else None
+
+
+def text_encoder_params(cfg: TransformerConfig) -> int:
+    """Parameter count of `models.video.text.TextEncoder(cfg)`: embedding, blocks (the LM's), final norm."""
+    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
+    layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + (4 if cfg.post_norms else 2) * d
+    layer += (n + 2 * k) * h if cfg.qkv_bias else 0
+    return cfg.vocab_size * d + cfg.n_layers * layer + d
+
+
+def default_rope_split(head_dim: int) -> tuple[int, int, int]:
+    """(t, h, w) channels of 3D RoPE: ~1/4 of the head dim for time, the rest split evenly over h and w."""
+    t = 2 * max(1, round(head_dim / 8))
+    h = 2 * ((head_dim - t) // 4)
+    return t, h, head_dim - t - h
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """3D causal convolutional VAE.
+
+    The encoder first folds 2×2 pixels into channels (space-to-depth), then runs stages of `channels`
+    joined by downsamplers; the first log2(spatial_factor / 2) downsamplers halve H and W and the first
+    log2(temporal_factor) halve time (the first frame kept alone), so T = 1 + temporal_factor·k frames
+    become 1 + k latent frames. The decoder mirrors it.
+    """
+
+    in_channels: int = 3
+    channels: tuple[int, ...] = (32, 64, 64)
+    res_blocks: int = 1  # per stage, encoder; the decoder gets one more (decoding is the harder half)
+    latent_channels: int = 8
+    spatial_factor: int = 4
+    temporal_factor: int = 4
+    kernel: tuple[int, int, int] = (3, 3, 3)  # (t, h, w) taps of the causal convolutions
+    kl_weight: float = 1e-4
+    norm_eps: float = 1e-6
+    init_std: float | None = None  # None: fan-in scaled (He) init of every convolution
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        need = _need("VAEConfig")
+        need(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "channels",
+             f"need positive stage widths, got {self.channels}")
+        need(self.spatial_factor in (2, 4, 8, 16), "spatial_factor",
+             f"{self.spatial_factor} unsupported; use 2, 4, 8 or 16 (the stem folds 2×2 pixels)")
+        need(self.temporal_factor in (1, 2, 4, 8), "temporal_factor", f"{self.temporal_factor}: use 1, 2, 4 or 8")
+        need(self.n_down >= max(self.n_space_down, self.n_time_down), "channels",
+             f"{len(self.channels)} stages allow {self.n_down} downsamplers, but spatial_factor="
+             f"{self.spatial_factor} and temporal_factor={self.temporal_factor} need "
+             f"{max(self.n_space_down, self.n_time_down)}; add stages")
+        need(self.latent_channels > 0 and self.res_blocks >= 0, "latent_channels", "must be positive")
+        need(all(k >= 1 and k % 2 == 1 for k in self.kernel[1:]) and self.kernel[0] >= 1, "kernel",
+             f"spatial taps must be odd ('same' padding), got {self.kernel}")
+        for f in ("param_dtype", "dtype"):
+            need(getattr(self, f) in DTYPES, f, f"unsupported {getattr(self, f)!r}; use one of {DTYPES}")
+
+    @property
+    def n_down(self) -> int:
+        return len(self.channels) - 1
+
+    @property
+    def n_space_down(self) -> int:
+        return _log2(self.spatial_factor) - 1
+
+    @property
+    def n_time_down(self) -> int:
+        return _log2(self.temporal_factor)
+
+    def down_kinds(self) -> list[tuple[bool, bool]]:
+        """(halve time, halve space) of each downsampler; the upsamplers undo them in reverse."""
+        return [(i < self.n_time_down, i < self.n_space_down) for i in range(self.n_down)]
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(T', H', W', C) of the latents of a [frames, height, width] clip; raises if it does not divide."""
+        need = _need("VAEConfig")
+        need((frames - 1) % self.temporal_factor == 0, "temporal_factor",
+             f"clips need 1 + {self.temporal_factor}·k frames, got {frames}")
+        need(height % self.spatial_factor == 0 and width % self.spatial_factor == 0, "spatial_factor",
+             f"frame size {height}×{width} is not divisible by {self.spatial_factor}")
+        return (1 + (frames - 1) // self.temporal_factor, height // self.spatial_factor,
+                width // self.spatial_factor, self.latent_channels)
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def _layers(self, frames: int, height: int, width: int):
+        """(T, H, W, taps, fan_in, fan_out) of every conv / linear layer of encoder and decoder, at the
+        resolution it runs; taps = None marks a 1×1 linear layer (the resamplers)."""
+        k = self.kernel
+        T, H, W = frames, height // 2, width // 2
+        c_rgb = 4 * self.in_channels  # after the 2×2 space-to-depth stem
+        enc, dec = [(T, H, W, k, c_rgb, self.channels[0])], []
+        for i, c in enumerate(self.channels):
+            enc += [(T, H, W, k, c, c)] * (2 * self.res_blocks)
+            dec += [(T, H, W, k, c, c)] * (2 * (self.res_blocks + 1))
+            if i < self.n_down:
+                dt, ds = self.down_kinds()[i]
+                n = (2 if dt else 1) * (4 if ds else 1)
+                T, H, W = ((T - 1) // 2 + 1 if dt else T), (H // 2 if ds else H), (W // 2 if ds else W)
+                enc.append((T, H, W, None, n * c, self.channels[i + 1]))
+                dec.append((T, H, W, None, self.channels[i + 1], n * c))
+        enc.append((T, H, W, k, self.channels[-1], 2 * self.latent_channels))
+        dec.append((T, H, W, k, self.latent_channels, self.channels[-1]))
+        dec.append((frames, height // 2, width // 2, k, self.channels[0], c_rgb))
+        return enc + dec
+
+    def param_count(self) -> int:
+        n = sum(math.prod(k or (1,)) * fi * fo + fo for *_, k, fi, fo in self._layers(1 + self.temporal_factor, 16, 16))
+        # RMSNorm scales: two per res block, one before each output conv
+        enc_norms = sum(2 * self.res_blocks * c for c in self.channels) + self.channels[-1]
+        dec_norms = sum(2 * (self.res_blocks + 1) * c for c in self.channels) + self.channels[0]
+        return n + enc_norms + dec_norms
+
+    def flops_per_clip(self, frames: int, height: int, width: int, training: bool = True) -> float:
+        """Multiply-add FLOPs of encoder + decoder for one clip (norms and activations excluded). Spatial
+        taps that fall on 'same' padding are not counted (kh·H - p(p+1) valid taps per row, p = kh // 2);
+        causal temporal taps on the repeated first frame are real work and are counted."""
+        total = 0
+        for T, H, W, k, fi, fo in self._layers(frames, height, width):
+            if k is None:
+                total += 2 * T * H * W * fi * fo
+                continue
+            kt, kh, kw = k
+            rows = kh * H - (kh // 2) * (kh // 2 + 1)
+            cols = kw * W - (kw // 2) * (kw // 2 + 1)
+            total += 2 * T * rows * cols * kt * fi * fo
+        return (3 if training else 1) * total
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Video diffusion Transformer over spacetime patches of VAE latents.
+
+    attention='factorized': each block attends spatially within each frame, then temporally over
+    each position; 'full': one attention over all T'·H'·W' tokens. spatial_window (odd, in patches):
+    a token sees the window×window neighbourhood of its frame; temporal_window: a frame sees itself and
+    the window - 1 frames before it (causal, the sliding-window LM kernel). None: no window.
+    """
+
+    latent_shape: tuple[int, int, int] = (3, 8, 8)  # (T, H, W) of the latents
+    latent_channels: int = 8
+    patch: tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw)
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int | None = None
+    mlp_dim: int = 384  # SwiGLU hidden width
+    attention: Attention = "factorized"
+    spatial_window: int | None = None
+    temporal_window: int | None = None
+    text_dim: int = 64  # width of the text encoder's tokens (cross-attention keys and values)
+    pooled_text: bool = True  # also add the pooled caption to the adaLN conditioning vector
+    time_freq_dim: int = 128
+    rope_theta: float = 100.0  # positions are small (a few patches), so short wavelengths help
+    rope_split: tuple[int, int, int] | None = None  # head-dim channels rotated by (t, h, w); None: ~1/4, 3/8, 3/8
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    attn_impl: str = "xla"
+    scan_layers: bool = True
+    remat: str = "none"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        need = _need("DiTConfig")
+        need(all(n > 0 for n in self.latent_shape) and len(self.latent_shape) == 3, "latent_shape",
+             f"need positive (T, H, W), got {self.latent_shape}")
+        need(all(s % p == 0 for s, p in zip(self.latent_shape, self.patch)), "patch",
+             f"patch {self.patch} must divide latent_shape {self.latent_shape}")
+        for f in ("latent_channels", "d_model", "n_layers", "n_heads", "mlp_dim", "text_dim", "time_freq_dim"):
+            need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        need(self.head_dim is not None or self.d_model % self.n_heads == 0, "head_dim",
+             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly")
+        need(self.time_freq_dim % 2 == 0, "time_freq_dim", "must be even (sin and cos halves)")
+        need(self.attention in ("factorized", "full"), "attention", f"{self.attention!r}: use 'factorized' or 'full'")
+        split = self.rope_dims
+        need(sum(split) == self.hd and all(d >= 0 and d % 2 == 0 for d in split), "rope_split",
+             f"{split} must be three even numbers summing to head_dim={self.hd}")
+        need(self.spatial_window is None or (self.spatial_window >= 1 and self.spatial_window % 2 == 1),
+             "spatial_window", f"must be odd (a centred neighbourhood) or None, got {self.spatial_window}")
+        need(self.temporal_window is None or self.temporal_window >= 1, "temporal_window",
+             f"must be >= 1 or None, got {self.temporal_window}")
+        need(self.attn_impl in ("xla", "cudnn", "reference"), "attn_impl", "use 'xla', 'cudnn' or 'reference'")
+        need(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "remat",
+             f"unknown {self.remat!r}; use none, full, save_dots or save_dots_no_batch")
+        for f in ("param_dtype", "dtype"):
+            need(getattr(self, f) in DTYPES, f, f"unsupported {getattr(self, f)!r}; use one of {DTYPES}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        return tuple(self.rope_split) if self.rope_split is not None else default_rope_split(self.hd)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Tokens along (t, h, w)."""
+        return tuple(s // p for s, p in zip(self.latent_shape, self.patch))
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def patch_dim(self) -> int:
+        return math.prod(self.patch) * self.latent_channels
+
+    @property
+    def factorized(self) -> bool:
+        return self.attention == "factorized"
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def _attn_params(self, d_in_kv: int) -> int:
+        d, nh = self.d_model, self.n_heads * self.hd
+        return d * nh + 2 * d_in_kv * nh + nh * d + (2 * self.hd if self.qk_norm else 0)
+
+    def layer_params(self) -> int:
+        d = self.d_model
+        n_mod = 4 if self.factorized else 3  # (self or spatial, [temporal], cross, mlp) × (shift, scale, gate)
+        attn = self._attn_params(d) * (2 if self.factorized else 1)
+        return attn + self._attn_params(self.text_dim) + 3 * d * self.mlp_dim + n_mod * 3 * d * (d + 1)
+
+    def param_count(self) -> int:
+        d, p = self.d_model, self.patch_dim
+        embed = p * d + d + self.time_freq_dim * d + d + d * d + d
+        pooled = self.text_dim * d + d if self.pooled_text else 0
+        final = 2 * d * (d + 1) + d * p + p
+        return embed + pooled + self.n_layers * self.layer_params() + final
+
+    def flops_per_clip(self, text_len: int, training: bool = True) -> float:
+        """Matmul + attention FLOPs of the DiT on one clip. Attention windows are masks over dense scores
+        (and the temporal sliding-window kernel's single block spans all T' frames), so they cost the same."""
+        S, d, nh, L = self.tokens, self.d_model, self.n_heads * self.hd, text_len
+        T, H, W = self.grid
+        temporal = self.factorized and T > 1  # factorized blocks skip temporal attention on one frame
+        n_self, n_mod = (2, 4) if temporal else (1, 3)
+        per_token = 2 * self.patch_dim * d + self.n_layers * (n_self * 4 * d * nh + 2 * d * nh + 3 * d * self.mlp_dim)
+        per_clip = (self.time_freq_dim * d + d * d + (self.text_dim * d if self.pooled_text else 0) + 2 * d * d
+                    + self.n_layers * (n_mod * 3 * d * d + 2 * L * self.text_dim * nh))
+        keys = (H * W + T if temporal else H * W) if self.factorized else S
+        attn = self.n_layers * 4 * nh * (keys + L)
+        fwd = 2 * S * per_token + 2 * per_clip + S * attn
+        return (3 if training else 1) * fwd
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Dual encoder for the cross-modal alignment loss: a small video Transformer over latent patches
+    (mean-pooled) and a projection of the pooled caption, both into `embed_dim`; symmetric InfoNCE with
+    a learnable temperature (initialised to `init_temperature`, floored at 1 / max_logit_scale)."""
+
+    d_model: int = 64
+    n_layers: int = 1
+    n_heads: int = 4
+    mlp_dim: int = 128
+    embed_dim: int = 64
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+    def __post_init__(self):
+        need = _need("AlignConfig")
+        for f in ("d_model", "n_layers", "n_heads", "mlp_dim", "embed_dim"):
+            need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+        need(0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale, "init_temperature",
+             f"must be in (1/max_logit_scale, inf), got {self.init_temperature}")
+
+    def param_count(self, dit: DiTConfig) -> int:
+        d, hd = self.d_model, self.d_model // self.n_heads
+        layer = 4 * d * d + 2 * hd + 3 * d * self.mlp_dim + 2 * d
+        proj = d * self.embed_dim + dit.text_dim * self.embed_dim + 1  # video, text projections; temperature
+        return dit.patch_dim * d + d + self.n_layers * layer + d + proj
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """kind='flow': rectified flow, x_t = (1 - t)·x0 + t·ε, the model predicts the velocity ε - x0; t is
+    logit-normal(logit_mean, logit_std) then shifted, t ← shift·t / (1 + (shift - 1)·t) (shift > 1 spends
+    more training and sampling steps at high noise). kind='ddpm': cosine ᾱ(t), x_t = √ᾱ·x0 + √(1-ᾱ)·ε,
+    t ~ U(0, 1), prediction 'eps' (ε) or 'v' (√ᾱ·ε - √(1-ᾱ)·x0). Samplers: Euler (flow), DDIM (ddpm)."""
+
+    kind: Literal["flow", "ddpm"] = "flow"
+    prediction: Literal["velocity", "eps", "v"] = "velocity"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    cosine_s: float = 0.008
+    alpha_bar_min: float = 1e-4
+    sample_steps: int = 30
+
+    def __post_init__(self):
+        need = _need("DiffusionConfig")
+        need(self.kind in ("flow", "ddpm"), "kind", f"{self.kind!r}: use 'flow' or 'ddpm'")
+        ok = ("velocity",) if self.kind == "flow" else ("eps", "v")
+        need(self.prediction in ok, "prediction", f"{self.prediction!r} does not go with kind={self.kind!r}; use {ok}")
+        need(self.logit_std > 0 and self.shift > 0, "shift", "logit_std and shift must be positive")
+        need(0 < self.alpha_bar_min < 1, "alpha_bar_min", "must be in (0, 1)")
+        need(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextToVideoConfig:
+    """Text encoder (bidirectional `models.Block`s) + DiT + optional alignment dual encoder."""
+
+    dit: DiTConfig = DiTConfig()
+    text: TransformerConfig = TransformerConfig(vocab_size=16, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,
+                                                max_seq_len=8, scan_layers=True)
+    align: AlignConfig | None = AlignConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    caption_dropout: float = 0.1  # captions replaced by the null caption, for classifier-free guidance
+    align_weight: float = 0.1
+
+    def __post_init__(self):
+        need = _need("TextToVideoConfig")
+        need(self.dit.text_dim == self.text.d_model, "dit",
+             f"dit.text_dim={self.dit.text_dim} must equal text.d_model={self.text.d_model}")
+        need(0 <= self.caption_dropout < 1, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        need(self.align_weight >= 0, "align_weight", "must be >= 0")
+
+    def param_count(self) -> int:
+        text = text_encoder_params(self.text)
+        align = self.align.param_count(self.dit) if self.align else 0
+        return self.dit.param_count() + text + align

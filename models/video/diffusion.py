@@ -1,0 +1,128 @@
+"""Diffusion objectives and samplers, independent of the network.
+
+A model is any `pred_fn(x_B..., t_B) -> prediction_B...`; `guided` turns a conditional model into a
+classifier-free-guided one. Time runs from t = 0 (data) to t = 1 (noise) for both objectives.
+
+- Rectified flow: x_t = (1 - t)·x0 + t·ε, target velocity v = ε - x0; training t is logit-normal, then
+  shifted t ← s·t / (1 + (s - 1)·t); Euler sampling from t = 1 to 0 on the same shifted grid.
+- DDPM (cosine ᾱ): x_t = √ᾱ·x0 + √(1-ᾱ)·ε, target ε ('eps') or v = √ᾱ·ε - √(1-ᾱ)·x0 ('v'); t ~ U(0, 1);
+  deterministic DDIM sampling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from models.video.config import DiffusionConfig
+
+PredFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def shift_time(t, shift: float):
+    """t ← s·t / (1 + (s - 1)·t): monotone on [0, 1], fixes 0 and 1, moves mass towards noise when s > 1."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def sample_time(key, batch: int, cfg: DiffusionConfig):
+    """Training times [B] in (0, 1)."""
+    if cfg.kind == "flow":
+        u = cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,))
+        return shift_time(jax.nn.sigmoid(u), cfg.shift)
+    return jax.random.uniform(key, (batch,), minval=1e-3, maxval=1.0)
+
+
+def alpha_bar(t, cfg: DiffusionConfig):
+    """Cosine schedule ᾱ(t) (Nichol & Dhariwal), ᾱ(0) = 1, clipped below at alpha_bar_min."""
+    f = lambda s: jnp.cos((s + cfg.cosine_s) / (1 + cfg.cosine_s) * math.pi / 2) ** 2  # noqa: E731
+    return jnp.clip(f(t) / f(0.0), cfg.alpha_bar_min, 1.0)
+
+
+def _bcast(t_B, x):
+    return t_B.reshape(t_B.shape + (1,) * (x.ndim - 1))
+
+
+def noisy(x0, eps, t_B, cfg: DiffusionConfig):
+    """(x_t, target) for clean x0, noise ε and times t."""
+    t = _bcast(t_B, x0)
+    if cfg.kind == "flow":
+        return (1 - t) * x0 + t * eps, eps - x0
+    ab = alpha_bar(t, cfg)
+    a, b = jnp.sqrt(ab), jnp.sqrt(1 - ab)
+    return a * x0 + b * eps, (eps if cfg.prediction == "eps" else a * eps - b * x0)
+
+
+def diffusion_loss(pred_fn: PredFn, x0, key, cfg: DiffusionConfig):
+    """Mean squared error of the prediction at random times. Returns (loss, per-example loss [B], t [B])."""
+    k_t, k_e = jax.random.split(key)
+    t_B = sample_time(k_t, x0.shape[0], cfg)
+    eps = jax.random.normal(k_e, x0.shape, jnp.float32)
+    x_t, target = noisy(x0.astype(jnp.float32), eps, t_B, cfg)
+    err = (pred_fn(x_t, t_B).astype(jnp.float32) - target) ** 2
+    per_ex = err.reshape(err.shape[0], -1).mean(1)
+    return per_ex.mean(), per_ex, t_B
+
+
+def guided(model_fn: Callable, cond, uncond, scale: float) -> PredFn:
+    """Classifier-free guidance: pred = uncond + scale·(cond - uncond), both halves in one batched call.
+
+    model_fn(x_B, t_B, c) -> prediction; cond/uncond: pytrees with leading batch B. scale == 1 is the
+    plain conditional model (one call, when `scale` is a Python number); scale == 0 the unconditional one.
+    A traced `scale` always runs both halves, so one compiled sampler serves every scale.
+    """
+    if isinstance(scale, int | float) and scale == 1.0:
+        return lambda x, t: model_fn(x, t, cond)
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
+
+    def pred(x, t):
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)
+        c, u = jnp.split(out, 2)
+        return u + scale * (c - u)
+
+    return pred
+
+
+def flow_times(steps: int, shift: float):
+    """[steps + 1] times from 1 to 0 on the shifted grid."""
+    return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
+    """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) with Euler steps."""
+    ts = flow_times(steps, shift)
+
+    def step(x, i):
+        t, t_next = ts[i], ts[i + 1]
+        v = pred_fn(x, jnp.full((x.shape[0],), t, jnp.float32))
+        return x + (t_next - t) * v.astype(x.dtype), None
+
+    return jax.lax.scan(step, noise, jnp.arange(steps))[0]
+
+
+def ddim_sample(pred_fn: PredFn, noise, steps: int, cfg: DiffusionConfig):
+    """Deterministic DDIM (η = 0) from t = 1 to 0 on a uniform grid, for ε- or v-prediction."""
+    ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+    def step(x, i):
+        t, t_next = ts[i], ts[i + 1]
+        ab, ab_next = alpha_bar(t, cfg), jnp.where(t_next > 0, alpha_bar(t_next, cfg), 1.0)
+        a, b = jnp.sqrt(ab), jnp.sqrt(1 - ab)
+        p = pred_fn(x, jnp.full((x.shape[0],), t, jnp.float32)).astype(x.dtype)
+        if cfg.prediction == "eps":
+            eps, x0 = p, (x - b * p) / a
+        else:  # v = a·ε - b·x0 and x = a·x0 + b·ε, with a² + b² = 1
+            x0, eps = a * x - b * p, b * x + a * p
+        return jnp.sqrt(ab_next) * x0 + jnp.sqrt(1 - ab_next) * eps, None
+
+    return jax.lax.scan(step, noise, jnp.arange(steps))[0]
+
+
+def sample(pred_fn: PredFn, noise, cfg: DiffusionConfig, steps: int | None = None):
+    """The objective's own sampler: Euler for flow, DDIM for DDPM."""
+    steps = steps or cfg.sample_steps
+    if cfg.kind == "flow":
+        return euler_sample(pred_fn, noise, steps, cfg.shift)
+    return ddim_sample(pred_fn, noise, steps, cfg)

@@ -1,0 +1,168 @@
+"""Video diffusion Transformer (DiT) over spacetime patches of VAE latents, in Flax NNX, used functionally.
+
+A block is adaLN-Zero: every sublayer (self-attention — spatial then temporal when factorized, or one
+full 3D attention —, cross-attention to the caption, SwiGLU MLP) is `x + gate·f(norm(x)·(1 + scale) +
+shift)` with (shift, scale, gate) regressed from the conditioning vector c = MLP(time) + proj(pooled
+caption) by a zero-initialised linear layer, so a fresh block is exactly the identity. Layers are stacked
+on a `layers` axis and scanned, like `models.Transformer`.
+
+Shapes: B batch, T/H/W latent frames/rows/columns, C latent channels, S tokens, D width, E text width,
+L text tokens, P = pt·ph·pw·C patch features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.config import dtype_of
+from models.transformer import REMAT_POLICIES, param
+from models.video.config import DiTConfig
+from models.video.layers import (
+    CrossAttention,
+    SelfAttention,
+    SwiGLU,
+    matmul,
+    modulate,
+    patchify,
+    plain_norm,
+    timestep_embedding,
+    unpatchify,
+)
+from parallel.rules import constrain
+
+ZERO = 0.0  # std=0: a zero-initialised parameter (adaLN-Zero modulation, output projection)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    """Per-call values every block shares (not parameters)."""
+
+    cfg: DiTConfig
+    c_BD: jax.Array
+    text_BLE: jax.Array
+    text_valid_BL: jax.Array
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block. Parameters of the full-attention block are a subset of the factorized one's
+    (`attn`, `cross`, `mlp`, `ada`; factorized adds `tattn`, `ada_t`), so weights can move between them."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d, pd, std = cfg.d_model, dtype_of(cfg.param_dtype), cfg.init_std
+        kw = dict(qk_norm=cfg.qk_norm, std=std, dtype=pd, rngs=rngs)
+        with nnx.use_eager_sharding(False):
+            self.attn = SelfAttention(d, cfg.n_heads, cfg.hd, **kw)
+            if cfg.factorized:
+                self.tattn = SelfAttention(d, cfg.n_heads, cfg.hd, **kw)
+                self.ada_t = param(rngs, (d, 3 * d), ("embed", "modulation"), pd, ZERO)
+                self.ada_t_bias = param(rngs, (3 * d,), ("modulation",), pd, ZERO)
+            self.cross = CrossAttention(d, cfg.text_dim, cfg.n_heads, cfg.hd, **kw)
+            self.mlp = SwiGLU(d, cfg.mlp_dim, std=std, dtype=pd, rngs=rngs)
+            # (attn, cross, mlp) × (shift, scale, gate)
+            self.ada = param(rngs, (d, 9 * d), ("embed", "modulation"), pd, ZERO)
+            self.ada_bias = param(rngs, (9 * d,), ("modulation",), pd, ZERO)
+
+    def __call__(self, x_BSD, ctx: _Ctx):
+        cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
+        B, D = x_BSD.shape[0], cfg.d_model
+        c = jax.nn.silu(ctx.c_BD)
+        m = (c @ self.ada[...].astype(cd) + self.ada_bias[...].astype(cd)).reshape(B, 3, 3, D)
+        rope = dict(rope_split=cfg.rope_dims, rope_theta=cfg.rope_theta, cd=cd, eps=cfg.norm_eps,
+                    spatial_window=cfg.spatial_window, temporal_window=cfg.temporal_window, impl=cfg.attn_impl)
+        norm = lambda x: plain_norm(x, cfg.norm_eps)  # noqa: E731
+
+        h = modulate(norm(x_BSD), m[:, 0, 0], m[:, 0, 1])
+        x_BSD = x_BSD + m[:, 0, 2, None] * self.attn(h, cfg.grid, "spatial" if cfg.factorized else "full", **rope)
+        # A single frame has no time axis to mix: skipping temporal attention there makes a factorized
+        # model an image model on T = 1 (joint image-video training), and equal to full attention.
+        if cfg.factorized and cfg.grid[0] > 1:
+            mt = (c @ self.ada_t[...].astype(cd) + self.ada_t_bias[...].astype(cd)).reshape(B, 3, D)
+            h = modulate(norm(x_BSD), mt[:, 0], mt[:, 1])
+            x_BSD = x_BSD + mt[:, 2, None] * self.tattn(h, cfg.grid, "temporal", **rope)
+        x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
+
+        h = modulate(norm(x_BSD), m[:, 1, 0], m[:, 1, 1])
+        x_BSD = x_BSD + m[:, 1, 2, None] * self.cross(h, ctx.text_BLE, ctx.text_valid_BL, cd=cd, eps=cfg.norm_eps,
+                                                      impl=cfg.attn_impl)
+        h = modulate(norm(x_BSD), m[:, 2, 0], m[:, 2, 1])
+        x_BSD = x_BSD + m[:, 2, 2, None] * self.mlp(h, cd)
+        return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
+
+
+class VideoDiT(nnx.Module):
+    """`pred_BTHWC = dit(x_BTHWC, t_B, text_BLE, text_valid_BL, pooled_BE)`: the prediction (velocity, ε
+    or v) for noisy latents x at times t in [0, 1], conditioned on caption tokens (and their mean)."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, p, pd, std = cfg.d_model, cfg.patch_dim, dtype_of(cfg.param_dtype), cfg.init_std
+        with nnx.use_eager_sharding(False):
+            self.patch_embed = param(rngs, (p, d), ("patch", "embed"), pd, std)
+            self.patch_bias = param(rngs, (d,), ("embed",), pd, ZERO)
+            self.time_w1 = param(rngs, (cfg.time_freq_dim, d), (None, "mlp"), pd, std)
+            self.time_b1 = param(rngs, (d,), ("mlp",), pd, ZERO)
+            self.time_w2 = param(rngs, (d, d), ("mlp", "embed"), pd, std)
+            self.time_b2 = param(rngs, (d,), ("embed",), pd, ZERO)
+            if cfg.pooled_text:
+                self.text_proj = param(rngs, (cfg.text_dim, d), (None, "embed"), pd, std)
+                self.text_bias = param(rngs, (d,), ("embed",), pd, ZERO)
+
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r):
+                return DiTBlock(cfg, rngs=r)
+
+            self.blocks = make_blocks(rngs)
+            self.final_ada = param(rngs, (d, 2 * d), ("embed", "modulation"), pd, ZERO)
+            self.final_ada_bias = param(rngs, (2 * d,), ("modulation",), pd, ZERO)
+            self.out = param(rngs, (d, p), ("embed", "patch"), pd, ZERO)
+            self.out_bias = param(rngs, (p,), ("patch",), pd, ZERO)
+
+    def condition(self, t_B, pooled_BE=None):
+        """c [B, D] = MLP(sinusoid(t)) (+ projected pooled caption)."""
+        cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        f = timestep_embedding(t_B, cfg.time_freq_dim).astype(cd)
+        c = jax.nn.silu(f @ self.time_w1[...].astype(cd) + self.time_b1[...].astype(cd))
+        c = c @ self.time_w2[...].astype(cd) + self.time_b2[...].astype(cd)
+        if cfg.pooled_text:
+            if pooled_BE is None:
+                raise ValueError("this DiT has pooled_text=True: pass the pooled caption embedding")
+            c = c + pooled_BE.astype(cd) @ self.text_proj[...].astype(cd) + self.text_bias[...].astype(cd)
+        return c
+
+    def __call__(self, x_BTHWC, t_B, text_BLE, text_valid_BL, pooled_BE=None):
+        cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        if tuple(x_BTHWC.shape[1:]) != (*cfg.latent_shape, cfg.latent_channels):
+            raise ValueError(f"latents of shape {x_BTHWC.shape[1:]} do not match DiTConfig.latent_shape="
+                             f"{cfg.latent_shape}, latent_channels={cfg.latent_channels}")
+        x_BSP = patchify(x_BTHWC.astype(cd), cfg.patch)
+        B, S, P = x_BSP.shape
+        x_BSD = (matmul(x_BSP.reshape(B * S, P), self.patch_embed, cd) + self.patch_bias[...].astype(cd)).reshape(
+            B, S, -1)
+        x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
+        c_BD = self.condition(t_B, pooled_BE)
+        x_BSD = self._run_blocks(x_BSD, _Ctx(cfg, c_BD, text_BLE.astype(cd), text_valid_BL))
+
+        shift, scale = jnp.split(jax.nn.silu(c_BD) @ self.final_ada[...].astype(cd)
+                                 + self.final_ada_bias[...].astype(cd), 2, axis=-1)
+        h = modulate(plain_norm(x_BSD, cfg.norm_eps), shift, scale)
+        out_BSP = (matmul(h.reshape(B * S, -1), self.out, cd) + self.out_bias[...].astype(cd)).reshape(B, S, P)
+        return unpatchify(out_BSP, cfg.patch, cfg.grid, cfg.latent_channels).astype(jnp.float32)
+
+    def _run_blocks(self, x_BSD, ctx: _Ctx):
+        graphdef, state = nnx.split(self.blocks)
+
+        def layer(x, st):
+            return nnx.merge(graphdef, st)(x, ctx), None
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            return jax.lax.scan(layer, x_BSD, state)[0]
+        for i in range(self.cfg.n_layers):
+            x_BSD = layer(x_BSD, jax.tree.map(lambda a, i=i: a[i], state))[0]
+        return x_BSD

@@ -1,0 +1,201 @@
+"""Pieces the video Transformers share: spacetime patches, 3D RoPE, windowed spacetime attention, adaLN.
+
+Shapes: B batch, T/H/W latent frames/rows/columns, C latent channels, S = T'·H'·W' tokens (t-major),
+D model width, N heads, K head dim (H is taken by height here), L text tokens, F MLP width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.attention import attention
+from models.rope import apply_rope, inv_frequencies
+from models.sliding_window import sliding_window_attention
+from models.transformer import param, rms_norm
+from parallel.rules import constrain
+
+
+def patchify(x_BTHWC, patch):
+    """[B, T, H, W, C] → [B, S, pt·ph·pw·C] with S = (T/pt)(H/ph)(W/pw), tokens in (t, h, w) order."""
+    B, T, H, W, C = x_BTHWC.shape
+    pt, ph, pw = patch
+    x = x_BTHWC.reshape(B, T // pt, pt, H // ph, ph, W // pw, pw, C)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # b t h w | pt ph pw c
+    return x.reshape(B, (T // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
+
+
+def unpatchify(x_BSP, patch, grid, channels):
+    """Inverse of `patchify`: [B, S, pt·ph·pw·C] → [B, T, H, W, C]."""
+    B = x_BSP.shape[0]
+    (pt, ph, pw), (t, h, w) = patch, grid
+    x = x_BSP.reshape(B, t, h, w, pt, ph, pw, channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(B, t * pt, h * ph, w * pw, channels)
+
+
+def grid_positions(grid) -> np.ndarray:
+    """int32 [S, 3]: the (t, h, w) index of every token, t-major like `patchify`."""
+    t, h, w = grid
+    return np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 3).astype(
+        np.int32)
+
+
+def apply_rope_3d(x_BSNK, pos_S3, split, theta: float):
+    """3D rotary embedding: the head dim is cut into (t, h, w) parts of sizes `split`, each rotated by its
+    own coordinate with `models.rope.apply_rope`. Inside one frame the t-rotation is common to every key,
+    so it cancels in q·k: spatial and full attention see the same relative geometry."""
+    out, start = [], 0
+    for axis, size in enumerate(split):
+        if size:
+            part = x_BSNK[..., start:start + size]
+            out.append(apply_rope(part, jnp.asarray(pos_S3[None, :, axis]), inv_frequencies(size, theta)))
+        start += size
+    return jnp.concatenate(out, axis=-1)
+
+
+def window_mask(grid, spatial_window: int | None, temporal_window: int | None):
+    """Boolean [1, 1, S, S] over the tokens of `grid`: |Δh|, |Δw| <= spatial_window // 2 and
+    0 <= Δt < temporal_window (a frame sees itself and earlier ones). None: unrestricted."""
+    pos = grid_positions(grid)
+    d = pos[:, None, :] - pos[None, :, :]  # query - key
+    mask = np.ones(d.shape[:2], bool)
+    if spatial_window is not None:
+        r = spatial_window // 2
+        mask &= (np.abs(d[..., 1]) <= r) & (np.abs(d[..., 2]) <= r)
+    if temporal_window is not None:
+        mask &= (d[..., 0] >= 0) & (d[..., 0] < temporal_window)
+    return jnp.asarray(mask[None, None])
+
+
+def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_window=None, temporal_window=None,
+                        impl: str = "xla"):
+    """Self-attention of tokens on `grid` with `layout`: 'full' (all S tokens), 'spatial' (within each
+    frame) or 'temporal' (across frames at each position). A temporal window with the temporal layout
+    runs the blocked sliding-window kernel; other windows are dense masks. Returns [B, S, N, K]."""
+    B, S, N, K = q_BSNK.shape
+    T, H, W = grid
+    if layout == "full":
+        mask = window_mask(grid, spatial_window, temporal_window)
+        return attention(q_BSNK, k_BSNK, v_BSNK, mask, impl=impl)
+    if layout == "spatial":
+        frames = lambda x: x.reshape(B * T, H * W, N, K)  # noqa: E731
+        mask = window_mask((1, H, W), spatial_window, None)
+        return attention(frames(q_BSNK), frames(k_BSNK), frames(v_BSNK), mask, impl=impl).reshape(B, S, N, K)
+    if layout != "temporal":
+        raise ValueError(f"layout={layout!r}: use 'full', 'spatial' or 'temporal'")
+
+    def columns(x):  # [B, T·H·W, N, K] → [B·H·W, T, N, K]
+        return x.reshape(B, T, H * W, N, K).transpose(0, 2, 1, 3, 4).reshape(B * H * W, T, N, K)
+
+    q, k, v = columns(q_BSNK), columns(k_BSNK), columns(v_BSNK)
+    if temporal_window is not None:
+        o = sliding_window_attention(q, k, v, temporal_window, block=T)
+    else:
+        o = attention(q, k, v, jnp.ones((1, 1, T, T), bool), impl=impl)
+    return o.reshape(B, H * W, T, N, K).transpose(0, 2, 1, 3, 4).reshape(B, S, N, K)
+
+
+def matmul(x_MI, w, cd):
+    """x [M, I] @ a weight [I..., O...] read as [I, O] (I = x's last dim, e.g. wo [N, K, D] with I = N·K).
+
+    Projections run as 2-D matmuls over M = B·S rows: their weight gradients are then plain dots,
+    whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer)."""
+    return x_MI.astype(cd) @ w[...].astype(cd).reshape(x_MI.shape[-1], -1)
+
+
+def modulate(x_BSD, shift_BD, scale_BD):
+    return x_BSD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+def plain_norm(x, eps):
+    """RMSNorm without a learned scale (adaLN supplies scale and shift)."""
+    return rms_norm(x, jnp.ones((), jnp.float32), eps)
+
+
+def timestep_embedding(t_B, dim: int, max_period: float = 10_000.0):
+    """Sinusoidal features of 1000·t (t in [0, 1]): [B, dim] float32, cos half then sin half."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    ang = 1000.0 * t_B.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with optional QK-norm and 3D RoPE, over a token grid in any layout."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, *, qk_norm: bool, std: float, dtype, rngs):
+        d, n, k = d_model, n_heads, head_dim
+        self.wq = param(rngs, (d, n, k), ("embed", "heads", "head_dim"), dtype, std)
+        self.wk = param(rngs, (d, n, k), ("embed", "heads", "head_dim"), dtype, std)
+        self.wv = param(rngs, (d, n, k), ("embed", "heads", "head_dim"), dtype, std)
+        self.wo = param(rngs, (n, k, d), ("heads", "head_dim", "embed"), dtype, std)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = param(rngs, (k,), ("norm",), dtype)
+            self.k_norm = param(rngs, (k,), ("norm",), dtype)
+
+    def __call__(self, h_BSD, grid, layout: str, *, rope_split, rope_theta, cd, eps=1e-6, spatial_window=None,
+                 temporal_window=None, impl="xla"):
+        B, S, D = h_BSD.shape
+        N, K = self.wq.shape[1:]
+        h_MD = h_BSD.reshape(B * S, D)
+        q = matmul(h_MD, self.wq, cd).reshape(B, S, N, K)
+        k = matmul(h_MD, self.wk, cd).reshape(B, S, N, K)
+        v = matmul(h_MD, self.wv, cd).reshape(B, S, N, K)
+        if self.qk_norm:  # keeps logits bounded however the residual stream grows
+            q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
+        pos = grid_positions(grid)
+        q = apply_rope_3d(q, pos, rope_split, rope_theta)
+        k = apply_rope_3d(k, pos, rope_split, rope_theta)
+        q = constrain(q, ("batch", "act_seq", "act_heads", None))
+        o = spacetime_attention(q, k, v, grid, layout, spatial_window=spatial_window,
+                                temporal_window=temporal_window, impl=impl)
+        return matmul(o.reshape(B * S, N * K), self.wo, cd).reshape(B, S, D)
+
+
+class CrossAttention(nnx.Module):
+    """Video tokens (queries) attend to text tokens (keys/values, `text_dim` wide); padding keys masked."""
+
+    def __init__(self, d_model: int, text_dim: int, n_heads: int, head_dim: int, *, qk_norm: bool, std: float,
+                 dtype, rngs):
+        d, e, n, k = d_model, text_dim, n_heads, head_dim
+        self.wq = param(rngs, (d, n, k), ("embed", "heads", "head_dim"), dtype, std)
+        self.wk = param(rngs, (e, n, k), (None, "heads", "head_dim"), dtype, std)
+        self.wv = param(rngs, (e, n, k), (None, "heads", "head_dim"), dtype, std)
+        self.wo = param(rngs, (n, k, d), ("heads", "head_dim", "embed"), dtype, std)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = param(rngs, (k,), ("norm",), dtype)
+            self.k_norm = param(rngs, (k,), ("norm",), dtype)
+
+    def __call__(self, h_BSD, text_BLE, text_valid_BL, *, cd, eps=1e-6, impl="xla"):
+        B, S, D = h_BSD.shape
+        L, E = text_BLE.shape[1:]
+        N, K = self.wq.shape[1:]
+        q = matmul(h_BSD.reshape(B * S, D), self.wq, cd).reshape(B, S, N, K)
+        t_ME = text_BLE.astype(cd).reshape(B * L, E)
+        k = matmul(t_ME, self.wk, cd).reshape(B, L, N, K)
+        v = matmul(t_ME, self.wv, cd).reshape(B, L, N, K)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
+        mask = jnp.broadcast_to(text_valid_BL[:, None, None, :], (B, 1, S, L))
+        o = attention(q, k, v, mask, impl=impl)
+        return matmul(o.reshape(B * S, N * K), self.wo, cd).reshape(B, S, D)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, hidden: int, *, std: float, dtype, rngs):
+        self.w_gate = param(rngs, (d_model, hidden), ("embed", "mlp"), dtype, std)
+        self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), dtype, std)
+        self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), dtype, std)
+
+    def __call__(self, h_BSD, cd):
+        B, S, D = h_BSD.shape
+        h_MD = h_BSD.reshape(B * S, D)
+        a_MF = jax.nn.silu(matmul(h_MD, self.w_gate, cd)) * matmul(h_MD, self.w_up, cd)
+        a_BSF = constrain(a_MF.reshape(B, S, -1), ("batch", "act_seq", "act_mlp"))
+        return matmul(a_BSF.reshape(B * S, -1), self.w_down, cd).reshape(B, S, D)

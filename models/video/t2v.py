@@ -1,0 +1,71 @@
+"""Text-to-video in latent space: text encoder + DiT (+ alignment dual encoder), its loss and its sampler.
+
+Used functionally like the LM: `graphdef, params = nnx.split(TextToVideo(cfg, rngs=...))` (or
+`parallel.create_sharded`), then `t2v_loss(nnx.merge(graphdef, params), batch, key, null_L)` under
+`jax.jit`. Latents are the VAE posterior means, normalised per channel (`models.video.vae.normalize`).
+
+Shapes: B batch, L caption tokens, T/H/W/C latents.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.video.align import Aligner, info_nce
+from models.video.config import TextToVideoConfig
+from models.video.diffusion import diffusion_loss, guided, sample
+from models.video.dit import VideoDiT
+from models.video.text import TextEncoder, TextOut, caption_dropout
+
+
+class TextToVideo(nnx.Module):
+    def __init__(self, cfg: TextToVideoConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        with nnx.use_eager_sharding(False):
+            self.text = TextEncoder(cfg.text, rngs=rngs)
+            self.dit = VideoDiT(cfg.dit, rngs=rngs)
+            if cfg.align is not None:
+                self.align = Aligner(cfg.align, cfg.dit, rngs=rngs)
+
+    def predict(self, x_BTHWC, t_B, text: TextOut):
+        """The DiT's prediction for noisy latents x at times t under encoded captions `text`."""
+        return self.dit(x_BTHWC, t_B, text.tokens_BLE, text.valid_BL, text.pooled_BE)
+
+
+def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
+    """batch: {"latents" [B, T, H, W, C] (normalised), "tokens" [B, L], optional "caption_id" [B]}.
+
+    Diffusion loss on captions dropped to `null_L` with probability cfg.caption_dropout, plus
+    align_weight × InfoNCE between the clean latents and the undropped captions. Returns (loss, metrics).
+    """
+    cfg = model.cfg
+    k_drop, k_diff = jax.random.split(key)
+    tokens = batch["tokens"]
+    B = tokens.shape[0]
+    dropped = caption_dropout(tokens, null_L, k_drop, cfg.caption_dropout)
+    both = model.text(jnp.concatenate([dropped, tokens]))  # one pass for the DiT's and the aligner's captions
+    text_dit = jax.tree.map(lambda a: a[:B], both)
+    loss, _, _ = diffusion_loss(lambda x, t: model.predict(x, t, text_dit), batch["latents"], k_diff, cfg.diffusion)
+    metrics = {"diffusion": loss}
+    if cfg.align is not None:
+        video = model.align.embed_video(batch["latents"])
+        text = model.align.embed_text(both.pooled_BE[B:])
+        align = info_nce(video, text, model.align.logit_scale(), batch.get("caption_id"))
+        loss = loss + cfg.align_weight * align
+        metrics |= {"align": align, "logit_scale": model.align.logit_scale()}
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0, steps: int | None = None):
+    """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
+    `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
+    cfg = model.cfg
+    B = tokens_BL.shape[0]
+    cond = model.text(tokens_BL)
+    uncond = model.text(jnp.broadcast_to(jnp.asarray(null_L, tokens_BL.dtype), tokens_BL.shape))
+    pred = guided(lambda x, t, text: model.predict(x, t, text), cond, uncond, cfg_scale)
+    noise = jax.random.normal(key, (B, *cfg.dit.latent_shape, cfg.dit.latent_channels), jnp.float32)
+    return sample(pred, noise, cfg.diffusion, steps)

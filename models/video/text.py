@@ -1,0 +1,90 @@
+"""A small bidirectional text encoder built from the LM's `models.transformer.Block`, and caption dropout.
+
+`EncoderBlock` is the decoder block itself (parameters, logical axes, pre-norm, RoPE, GQA, SwiGLU) with
+one override: its attention mask lets every token see every non-padding token of its caption instead of
+the causal mask. Token id `pad_id` (0 by convention) is padding.
+
+Shapes: B batch, L caption tokens, E width (TransformerConfig.d_model), N heads, K kv heads, H head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import attention
+from models.config import TransformerConfig, dtype_of
+from models.rope import inv_frequencies
+from models.transformer import REMAT_POLICIES, Block, _Ctx, param, rms_norm
+from parallel.rules import constrain
+
+
+class TextOut(NamedTuple):
+    tokens_BLE: jax.Array  # final-normed token states (cross-attention keys/values)
+    valid_BL: jax.Array  # True for real tokens
+    pooled_BE: jax.Array  # mean over real tokens
+
+
+class EncoderBlock(Block):
+    """The LM's `Block` (same parameters, logical axes, RoPE, GQA, SwiGLU) with a bidirectional mask:
+    every token attends to every non-padding token of its caption."""
+
+    def _attend(self, q_BLNH, k_BLKH, v_BLKH, ctx: _Ctx, window, cache):
+        cfg = ctx.cfg
+        B, L = q_BLNH.shape[:2]
+        mask_B1LL = jnp.broadcast_to(ctx.padding_mask[:, None, None, :], (B, 1, L, L))
+        scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
+        return attention(q_BLNH, k_BLKH, v_BLKH, mask_B1LL, impl=cfg.attn_impl, scale=scale,
+                         logit_softcap=cfg.attn_logit_softcap), None
+
+
+class TextEncoder(nnx.Module):
+    """`TextOut = encoder(tokens_BL)`; blocks stacked on a `layers` axis and scanned, like the LM's."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, pad_id: int = 0):
+        self.cfg, self.pad_id = cfg, pad_id
+        pd = dtype_of(cfg.param_dtype)
+        with nnx.use_eager_sharding(False):
+            self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd, cfg.init_std)
+
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(r):
+                return EncoderBlock(cfg, rngs=r)
+
+            self.blocks = make_blocks(rngs)
+            self.final_norm = param(rngs, (cfg.d_model,), ("norm",), pd)
+
+    def __call__(self, tokens_BL) -> TextOut:
+        cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        B, L = tokens_BL.shape
+        if L > cfg.max_seq_len:
+            raise ValueError(f"captions of {L} tokens exceed the text encoder's max_seq_len={cfg.max_seq_len}")
+        valid_BL = tokens_BL != self.pad_id
+        positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling))
+
+        # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
+        embed = constrain(self.embed[...], (None, "act_embed"))
+        x_BLE = constrain(jnp.take(embed, tokens_BL, axis=0).astype(cd), ("batch", "act_seq", "act_embed"))
+        graphdef, state = nnx.split(self.blocks)
+
+        def layer(x, st):
+            return nnx.merge(graphdef, st)(x, ctx, None)[0], None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+        x_BLE = jax.lax.scan(layer, x_BLE, state)[0]
+        x_BLE = rms_norm(x_BLE, self.final_norm[...], cfg.norm_eps)
+        w_BL = valid_BL.astype(jnp.float32)
+        pooled = (x_BLE.astype(jnp.float32) * w_BL[..., None]).sum(1) / jnp.maximum(w_BL.sum(1), 1.0)[:, None]
+        return TextOut(x_BLE, valid_BL, pooled.astype(cd))
+
+
+def caption_dropout(tokens_BL, null_L, key, p: float):
+    """Replace each caption by the null caption with probability p (classifier-free guidance training)."""
+    drop_B = jax.random.bernoulli(key, p, (tokens_BL.shape[0],))
+    return jnp.where(drop_B[:, None], jnp.asarray(null_L, tokens_BL.dtype)[None], tokens_BL)

@@ -1,0 +1,81 @@
+"""MovingShapes: deterministic records, a compositional held-out split, and a judge-free evaluator that
+reads every attribute back from rendered clips (and only at chance against the wrong labels)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from data.moving_shapes import (
+    COLOURS,
+    DIRECTIONS,
+    NULL,
+    PAD,
+    SHAPES,
+    VOCAB,
+    MovingShapesConfig,
+    MovingShapesSource,
+    caption,
+    chance,
+    dataset,
+    encode_caption,
+    measure,
+)
+
+CFG = MovingShapesConfig()
+
+
+def test_records_are_deterministic_and_captions_match_labels():
+    src = MovingShapesSource(CFG, "train", 1000)
+    a, b = src[17], src[17]
+    np.testing.assert_array_equal(a["video"], b["video"])
+    assert not np.array_equal(src[17]["video"], src[18]["video"])
+    assert a["video"].shape == (9, 32, 32, 3) and a["video"].dtype == np.float32
+    assert a["video"].min() == -1.0 and a["video"].max() <= 1.0
+    combo = CFG.combos()[int(a["combo"])]
+    words = [VOCAB[i] for i in a["tokens"] if i != PAD]
+    assert " ".join(words) == caption(*combo)
+    assert (list(COLOURS)[a["colour"]], SHAPES[a["shape"]], list(DIRECTIONS)[a["direction"]]) == combo
+
+
+def test_held_out_split_is_compositional():
+    train, held = set(CFG.split_combos("train")), set(CFG.split_combos("heldout"))
+    assert held == set(CFG.held_out) and not train & held and len(train | held) == 48
+    for combo in held:  # every pair of a held-out triple occurs in training
+        for i, j in itertools.combinations(range(3), 2):
+            assert any(c[i] == combo[i] and c[j] == combo[j] for c in train), (combo, i, j)
+    src = MovingShapesSource(CFG, "heldout", 64)
+    assert {CFG.combos()[int(src[i]["combo"])] for i in range(64)} == held
+
+
+def test_grain_dataset_batches():
+    ds = dataset(CFG, "train", batch=8, seed=3)
+    b = ds[0]
+    assert b["video"].shape == (8, 9, 32, 32, 3) and b["tokens"].shape == (8, 8)
+    held = {CFG.combos().index(c) for c in CFG.held_out}
+    assert not set(np.concatenate([ds[i]["combo"] for i in range(5)]).tolist()) & held
+
+
+def test_measure_reads_back_every_attribute():
+    src = MovingShapesSource(CFG, "all", 240)
+    recs = [src[i] for i in range(240)]  # five of each combination
+    video = np.stack([r["video"] for r in recs])
+    found = measure(video)
+    for attr in ("colour", "shape", "direction"):
+        truth = np.asarray([r[attr] for r in recs])
+        assert (found[attr] == truth).mean() >= 0.99, attr
+        # against the labels of other clips it is at chance: it reads the clip, not the label order
+        wrong = np.random.default_rng(0).permutation(truth)
+        assert abs((found[attr] == wrong).mean() - chance(attr)) < 0.1, attr
+    # an empty clip has no object to read
+    assert measure(-np.ones((1, 9, 32, 32, 3), np.float32))["colour"][0] == -1
+
+
+def test_captions_and_config_errors():
+    assert encode_caption("").tolist() == [NULL] + [PAD] * 7
+    with pytest.raises(ValueError, match="not in the MovingShapes vocabulary"):
+        encode_caption("a purple square moving left")
+    with pytest.raises(ValueError, match="MovingShapesConfig.size: .* does not fit"):
+        MovingShapesConfig(size=16)
+    with pytest.raises(ValueError, match="MovingShapesConfig.held_out"):
+        MovingShapesConfig(held_out=(("red", "hexagon", "up"),))

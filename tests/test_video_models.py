@@ -1,0 +1,289 @@
+"""Video models: shapes and dtypes, causality of the VAE, adaLN-Zero identity, factorized == full at
+T = 1, windowed spacetime attention vs a dense reference, the text encoder, and the configs' accounting."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.attention import reference_attention
+from models.config import TransformerConfig
+from models.video import (
+    AlignConfig,
+    Aligner,
+    DiffusionConfig,
+    DiTBlock,
+    DiTConfig,
+    TextEncoder,
+    TextToVideoConfig,
+    VAEConfig,
+    VideoDiT,
+    VideoVAE,
+    caption_dropout,
+)
+from models.video.dit import _Ctx
+from models.video.layers import grid_positions, spacetime_attention
+
+DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
+                mlp_dim=64, text_dim=16)
+TEXT = TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=8)
+VAE = VAEConfig(channels=(8, 16, 16), latent_channels=4)
+
+
+@pytest.fixture(autouse=True)
+def _fast_random_init():
+    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
+    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def randomize(model, seed=0, scale=0.1):
+    """Perturb every parameter (zero-initialised gates, ones-initialised norms) so nothing hides behind 0 and 1."""
+    leaves, tdef = jax.tree.flatten(nnx.state(model))
+    rng = np.random.default_rng(seed)
+    nnx.update(model, jax.tree.unflatten(tdef, [x + scale * rng.standard_normal(x.shape).astype(x.dtype)
+                                                for x in leaves]))
+    return model
+
+
+def text_inputs(B, L=6, E=16, seed=1):
+    text = jax.random.normal(jax.random.key(seed), (B, L, E))
+    valid = jnp.arange(L)[None].repeat(B, 0) < jnp.asarray([L, 3])[:B, None]  # second caption padded
+    return text, valid, text.mean(1)
+
+
+def dit_apply(model, x, t):
+    text, valid, pooled = text_inputs(x.shape[0], E=model.cfg.text_dim)
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x, t: nnx.merge(graphdef, s)(x, t, text, valid, pooled))(state, x, t)
+
+
+def n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# ---- shapes, dtypes, accounting --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg,frames,size,latent", [
+    (VAE, 9, 16, (3, 4, 4, 4)),
+    (dataclasses.replace(VAE, spatial_factor=8), 9, 16, (3, 2, 2, 4)),
+    (dataclasses.replace(VAE, channels=(8, 16), temporal_factor=2, spatial_factor=4), 5, 16, (3, 4, 4, 4)),
+])
+def test_vae_shapes_dtypes_and_param_count(cfg, frames, size, latent):
+    vae = VideoVAE(cfg, rngs=nnx.Rngs(0))
+    assert n_params(vae) == cfg.param_count()
+    assert cfg.latent_shape(frames, size, size) == latent
+    x = jax.random.uniform(jax.random.key(0), (2, frames, size, size, 3), minval=-1, maxval=1)
+    graphdef, state = nnx.split(vae)
+    mean, logvar, recon = jax.jit(lambda s, x: (lambda m: (*m.encode(x), m.decode(m.encode(x)[0])))(
+        nnx.merge(graphdef, s)))(state, x)
+    assert mean.shape == logvar.shape == (2, *latent) and mean.dtype == jnp.float32
+    assert recon.shape == x.shape and recon.dtype == jnp.float32
+    with pytest.raises(ValueError, match="temporal_factor"):
+        vae.encode(x[:, :-1])
+
+
+@pytest.mark.parametrize("attention,dtype", [("factorized", "float32"), ("full", "float32"),
+                                             ("factorized", "bfloat16")])
+def test_dit_shapes_dtypes_and_param_count(attention, dtype):
+    cfg = dataclasses.replace(DIT, attention=attention, dtype=dtype)
+    model = randomize(VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    assert n_params(model) == cfg.param_count()
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+    out = dit_apply(model, x, jnp.asarray([0.1, 0.9]))
+    assert out.shape == x.shape and out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+    if dtype == "bfloat16":  # bf16 compute stays close to the float32 model with the same weights
+        ref = dit_apply(nnx.merge(nnx.graphdef(VideoDiT(DIT, rngs=nnx.Rngs(0))), nnx.state(model)), x,
+                        jnp.asarray([0.1, 0.9]))
+        assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-2
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(attention="full"), dict(pooled_text=False, qk_norm=False),
+                                     dict(patch=(3, 2, 2), head_dim=24)])
+def test_t2v_param_count_matches_modules(changes):
+    from models.video import TextToVideo
+
+    cfg = TextToVideoConfig(dit=dataclasses.replace(DIT, **changes), text=TEXT,
+                            align=AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8))
+    model = nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)))
+    assert n_params(model) == cfg.param_count()
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1)])
+def test_text_encoder_is_the_lm_block_and_counts_its_params(changes):
+    from models.transformer import Block
+    from models.video.config import text_encoder_params
+
+    cfg = dataclasses.replace(TEXT, **changes)
+    enc = nnx.eval_shape(lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)))
+    assert isinstance(enc.blocks, Block) and n_params(enc) == text_encoder_params(cfg)
+
+
+def test_text_encoder_and_aligner_shapes():
+    enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
+    out = enc(tok)
+    assert out.tokens_BLE.shape == (2, 8, 16) and out.pooled_BE.shape == (2, 16)
+    assert out.valid_BL.tolist()[1] == [True] + [False] * 7
+    al = Aligner(AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8), DIT, rngs=nnx.Rngs(0))
+    v = al.embed_video(jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4)))
+    t = al.embed_text(out.pooled_BE)
+    assert v.shape == t.shape == (2, 8)
+    np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
+    assert float(al.logit_scale()) == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_configs_name_the_field_and_fix():
+    with pytest.raises(ValueError, match=r"DiTConfig.patch: patch \(1, 3, 3\) must divide"):
+        dataclasses.replace(DIT, patch=(1, 3, 3))
+    with pytest.raises(ValueError, match="DiTConfig.rope_split"):
+        dataclasses.replace(DIT, rope_split=(4, 4, 4))
+    with pytest.raises(ValueError, match="VAEConfig.spatial_factor"):
+        VAEConfig(spatial_factor=3)
+    with pytest.raises(ValueError, match="VAEConfig.channels.*add stages"):
+        VAEConfig(channels=(8, 16), temporal_factor=4)
+    with pytest.raises(ValueError, match="DiffusionConfig.prediction"):
+        DiffusionConfig(kind="flow", prediction="eps")
+    with pytest.raises(ValueError, match="TextToVideoConfig.dit: dit.text_dim=64 must equal text.d_model=16"):
+        TextToVideoConfig(dit=dataclasses.replace(DIT, text_dim=64), text=TEXT)
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_dit_forward_flops_match_cost_analysis(attention):
+    cfg = dataclasses.replace(DIT, attention=attention, d_model=64, mlp_dim=192, n_heads=4, scan_layers=False)
+    model = nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    B, L = 2, 8
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in (((B, 3, 8, 8, 4), jnp.float32), ((B,), jnp.float32),
+                                                      ((B, L, 16), jnp.float32), ((B, L), jnp.bool_),
+                                                      ((B, 16), jnp.float32))]
+    fwd = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+    xla = fwd.lower(state, *args).compile().cost_analysis()["flops"]
+    ours = B * cfg.flops_per_clip(L, training=False)
+    # the rest is elementwise: norms, RoPE, softmax, modulation
+    assert ours <= xla <= 1.25 * ours, xla / ours
+
+
+def test_vae_flops_match_cost_analysis():
+    cfg = VAEConfig(channels=(16, 32, 32), latent_channels=4)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(cfg, rngs=nnx.Rngs(0))))
+    x = jax.ShapeDtypeStruct((1, 9, 16, 16, 3), jnp.float32)
+    fwd = jax.jit(lambda s, x: (lambda m: m.decode(m.encode(x)[0]))(nnx.merge(graphdef, s)))
+    xla = fwd.lower(state, x).compile().cost_analysis()["flops"]
+    ours = cfg.flops_per_clip(9, 16, 16, training=False)
+    assert ours <= xla <= 1.1 * ours, xla / ours  # the rest: norms and activations
+
+
+# ---- invariants -------------------------------------------------------------------------------------------
+
+
+def test_vae_encoder_and_decoder_are_causal():
+    vae = randomize(VideoVAE(VAE, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(vae)
+    enc = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    dec = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+    x = jax.random.uniform(jax.random.key(1), (1, 9, 16, 16, 3), minval=-1, maxval=1)
+    mean, logvar = enc(state, x)
+    for t in (1, 4, 5, 8):  # frame t lives in latent frame ceil(t / 4)
+        x2 = x.at[:, t].set(jax.random.uniform(jax.random.key(t), x.shape[2:], minval=-1, maxval=1))
+        mean2, logvar2 = enc(state, x2)
+        j = math.ceil(t / 4)
+        np.testing.assert_array_equal(mean2[:, :j], mean[:, :j])
+        np.testing.assert_array_equal(logvar2[:, :j], logvar[:, :j])
+        assert float(jnp.abs(mean2[:, j] - mean[:, j]).max()) > 1e-3
+    y = dec(state, mean)
+    for j in (1, 2):  # latent frame j decodes to frames 4j-3 .. 4j
+        y2 = dec(state, mean.at[:, j].add(1.0))
+        np.testing.assert_array_equal(y2[:, :4 * j - 3], y[:, :4 * j - 3])
+        assert float(jnp.abs(y2[:, 4 * j - 3] - y[:, 4 * j - 3]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_adaln_zero_block_is_identity_at_init(attention):
+    cfg = dataclasses.replace(DIT, attention=attention)
+    x = jax.random.normal(jax.random.key(0), (2, cfg.tokens, cfg.d_model))
+    text, valid, _ = text_inputs(2)
+    ctx = _Ctx(cfg, jax.random.normal(jax.random.key(1), (2, cfg.d_model)), text, valid)
+    block = DiTBlock(cfg, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(block(x, ctx), x)
+    assert float(jnp.abs(randomize(block)(x, ctx) - x).max()) > 1e-2  # trained gates open it up
+    out = dit_apply(VideoDiT(cfg, rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(2), (2, 3, 8, 8, 4)),
+                    jnp.asarray([0.3, 0.7]))
+    np.testing.assert_array_equal(out, 0.0)  # zero-initialised output layer: a fresh DiT predicts 0
+
+
+def copy_shared(src, dst):
+    """dst gets every parameter that src also has (full attention's parameters ⊂ factorized ones)."""
+    s, d = nnx.to_pure_dict(nnx.state(src)), nnx.to_pure_dict(nnx.state(dst))
+
+    def fill(a, b):
+        return {k: fill(a[k], v) if isinstance(v, dict) else a[k] for k, v in b.items()}
+
+    state = nnx.state(dst)
+    nnx.replace_by_pure_dict(state, fill(s, d))
+    nnx.update(dst, state)
+    return dst
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_factorized_and_full_attention_agree_when_T_is_1(window):
+    cfg = dataclasses.replace(DIT, latent_shape=(1, 8, 8), spatial_window=window)
+    fact = randomize(VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    full = copy_shared(fact, VideoDiT(dataclasses.replace(cfg, attention="full"), rngs=nnx.Rngs(1)))
+    x, t = jax.random.normal(jax.random.key(3), (2, 1, 8, 8, 4)), jnp.asarray([0.2, 0.8])
+    np.testing.assert_allclose(dit_apply(fact, x, t), dit_apply(full, x, t), atol=1e-5)
+    # with three frames they are different models
+    cfg3 = dataclasses.replace(cfg, latent_shape=(3, 8, 8))
+    fact3 = copy_shared(fact, VideoDiT(cfg3, rngs=nnx.Rngs(0)))
+    full3 = copy_shared(fact, VideoDiT(dataclasses.replace(cfg3, attention="full"), rngs=nnx.Rngs(0)))
+    x3 = jax.random.normal(jax.random.key(4), (2, 3, 8, 8, 4))
+    assert float(jnp.abs(dit_apply(fact3, x3, t) - dit_apply(full3, x3, t)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("layout,sw,tw", [("temporal", None, None), ("temporal", None, 2), ("spatial", None, None),
+                                          ("spatial", 3, None), ("full", 3, 2)])
+def test_spacetime_attention_matches_dense_masked_reference(layout, sw, tw):
+    grid, B, N, K = (3, 4, 5), 2, 2, 8
+    S = math.prod(grid)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, S, N, K)) for i in range(3))
+    pos = grid_positions(grid)
+    d = pos[:, None] - pos[None]  # query - key
+    mask = np.ones((S, S), bool)
+    if layout == "temporal":
+        mask &= (d[..., 1] == 0) & (d[..., 2] == 0)
+    if layout == "spatial":
+        mask &= d[..., 0] == 0
+    if sw:
+        mask &= (np.abs(d[..., 1]) <= sw // 2) & (np.abs(d[..., 2]) <= sw // 2)
+    if tw:
+        mask &= (d[..., 0] >= 0) & (d[..., 0] < tw)
+    ref = reference_attention(q, k, v, jnp.asarray(mask)[None, None], K ** -0.5)
+    out = spacetime_attention(q, k, v, grid, layout, spatial_window=sw, temporal_window=tw)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_text_encoder_is_bidirectional_and_ignores_padding():
+    enc = randomize(TextEncoder(TEXT, rngs=nnx.Rngs(0)))
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])
+    out = enc(tok)
+    later = enc(tok.at[0, 4].set(12))  # change the last word
+    assert float(jnp.abs(later.tokens_BLE[0, 0] - out.tokens_BLE[0, 0]).max()) > 1e-3  # the first token sees it
+    short = enc(tok[:, :5])  # same caption, no padding
+    np.testing.assert_allclose(short.tokens_BLE[0], out.tokens_BLE[0, :5], atol=1e-5)
+    np.testing.assert_allclose(short.pooled_BE, out.pooled_BE, atol=1e-5)
+
+
+def test_caption_dropout_rate_and_null():
+    tok = jnp.tile(jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]]), (4000, 1))
+    null = jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(caption_dropout(tok, null, jax.random.key(0), 0.0), tok)
+    out = caption_dropout(tok, null, jax.random.key(0), 0.25)
+    dropped = (out == null).all(1)
+    assert ((out == tok).all(1) | dropped).all()
+    assert abs(float(dropped.mean()) - 0.25) < 0.03
