@@ -1,37 +1,105 @@
-"""The LM train and eval steps: plain `jax.jit` over `nnx.split` state, donating the train state."""
+"""The LM train and eval steps: plain `jax.jit` over `nnx.split` state, donating the train state.
+
+The train state is a dict pytree `{params, opt_state, step, skipped, rng}` (step / skipped int32 scalars,
+rng raw uint32 key data) so that orbax saves and restores it as one tree.
+"""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from models.losses import cross_entropy
+from models.moe import update_router_bias
+from parallel.rules import constrain
+
+BIASES = ("bq", "bk", "bv")  # models.transformer.Block's q/k/v biases
+
+
+def param_names(path) -> list[str]:
+    """Dict keys of a pytree path (`blocks/attn_norm`), without attribute steps such as a Variable's `.value`."""
+    return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def no_decay(name: str) -> bool:
+    """RMSNorm scales (*norm*), q/k/v biases and any *bias* (the MoE router_bias) are not decayed."""
+    return "norm" in name or "bias" in name or name in BIASES
 
 
 def decay_mask(params):
-    """Weight decay on matrices only (no decay on norm scales and biases)."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on weights only, by parameter name (not ndim: stacked layers make a norm scale [L, D] and
+    the router bias [L_moe, E])."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: not no_decay((param_names(path) or [""])[-1]), params)
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str = "cosine",
+                  min_lr_ratio: float = 0.1, decay_frac: float = 0.2):
+    """'cosine': linear warmup then cosine to min_lr_ratio·lr. 'wsd' (warmup-stable-decay, MiniCPM): linear
+    warmup, constant lr, then linear decay to min_lr_ratio·lr over the last decay_frac of the steps."""
+    warmup = max(warmup_steps, 1)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
+                                                  end_value=lr * min_lr_ratio)
+    if kind == "wsd":
+        decay = max(int(total_steps * decay_frac), 1)
+        stable = max(total_steps - warmup - decay, 0)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
+             optax.linear_schedule(lr, lr * min_lr_ratio, decay)], [warmup, warmup + stable])
+    raise ValueError(f"schedule: unknown {kind!r}; use cosine or wsd")
 
 
 def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int = 50, weight_decay: float = 0.1,
-                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay to 10% and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
-                                                  end_value=lr * 0.1)
+                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.95, schedule: str = "cosine",
+                   min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> optax.GradientTransformation:
+    """AdamW (decay masked by `decay_mask`) after global-norm clipping, on a warmup + cosine / WSD schedule."""
+    sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+                       optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+
+
+def lm_loss_parts(graphdef, params, batch, rng=None):
+    """Mean next-token NLL over weighted targets, the weight total, and the model's aux dict
+    ({} for dense; MoE: lb_loss, z_loss, dropped_frac scalars and load [L_moe, E]).
+
+    batch = {inputs, targets [B, T] int32, optional positions, segment_ids [B, T] int32, weights [B, T] f32}."""
+    model = nnx.merge(graphdef, params)
+    logits_BTV, aux = model(batch["inputs"], positions_BT=batch.get("positions"),
+                            segment_ids_BT=batch.get("segment_ids"), return_aux=True, rng=rng)
+    mean, n = cross_entropy(logits_BTV, batch["targets"], batch.get("weights"))
+    return mean, n, aux
 
 
 def lm_loss(graphdef, params, batch):
-    """Mean next-token loss of `batch` = {inputs, targets [B, T], optional positions, segment_ids, weights}."""
-    model = nnx.merge(graphdef, params)
-    logits_BTV = model(batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=batch.get("segment_ids"))
-    return cross_entropy(logits_BTV, batch["targets"], batch.get("weights"))[0]
+    """Mean next-token loss of `batch` (cross-entropy only; no MoE aux terms)."""
+    return lm_loss_parts(graphdef, params, batch)[0]
+
+
+def _objective(moe_cfg, nll, n, aux):
+    """Token-weighted sum of CE + MoE aux terms; divided by the step's total token weight later."""
+    if moe_cfg is None or not aux:
+        return nll
+    return nll + n * (moe_cfg.lb_loss_weight * aux["lb_loss"] + moe_cfg.z_loss_weight * aux["z_loss"])
+
+
+def _update_router_bias(params, load_LE, moe_cfg):
+    """DeepSeek-V3 aux-loss-free balancing: move `moe_blocks/moe/router_bias` [L_moe, E] against the load, outside
+    the optimizer (its gradient is zero: the model reads it through stop_gradient)."""
+
+    def one(path, x):
+        names = param_names(path)
+        if names[-1:] == ["router_bias"] and "moe_blocks" in names:
+            return update_router_bias(x, load_LE, moe_cfg.bias_update_rate)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation):
-    """Returns jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`; donates the state."""
+    """Jitted `step(params, opt_state, batch) -> (params, opt_state, {loss, grad_norm})`; donates the state.
+    The plain step of benchmarks and tests (cross-entropy only); the trainer uses `make_state_step`."""
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
@@ -42,5 +110,105 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, moe_cfg=None,
+                    grad_accum: int = 1, state_shardings=None):
+    """Jitted `step(state, batch) -> (state, metrics)` of the trainer; donates `state`.
+
+    grad_accum = A: the [B, T] batch is cut into A microbatches of B/A rows (rows k, k+A, ... form microbatch k,
+    so every device keeps its rows) and their gradients are summed in a scan before one update; the loss is
+    normalised by the step's total token weight, so A only changes the summation order.
+    A non-finite loss or gradient leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes on.
+    state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
+    """
+
+    def grads_of(params, mb, rng):
+        def f(p):
+            mean, n, aux = lm_loss_parts(graphdef, p, mb, rng)
+            nll = mean * n  # sums, so that microbatches combine into the exact step mean
+            return _objective(moe_cfg, nll, n, aux), (nll, n, aux)
+
+        return jax.grad(f, has_aux=True)(params)
+
+    def step(state, batch):
+        params, step_i = state["params"], state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step_i)
+        # router jitter is the only randomness in the model; pass a key only when it is used
+        model_rng = rng if moe_cfg is not None and moe_cfg.router_jitter > 0 else None
+        if grad_accum == 1:
+            g, (nll, n, aux) = grads_of(params, batch, model_rng)
+        else:
+            def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch k = rows k::A
+                x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+                return constrain(x, (None, "batch", "act_seq") + (None,) * (x.ndim - 3))
+
+            def body(carry, xs):
+                mb, k = xs
+                key = None if model_rng is None else jax.random.fold_in(model_rng, k)
+                g, (nll, n, aux) = grads_of(params, mb, key)
+                acc = jax.tree.map(jnp.add, carry, (g, nll, n))
+                return acc, aux
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (g, nll, n), auxes = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), jnp.arange(grad_accum)))
+            aux = jax.tree.map(lambda a: a.mean(0), auxes)
+        n_total = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda x: x / n_total, g)
+        loss = nll / n_total
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        if moe_cfg is not None and aux and moe_cfg.router == "sigmoid" and moe_cfg.bias_update_rate > 0:
+            new_params = _update_router_bias(new_params, aux["load"], moe_cfg)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": step_i + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32), "rng": state["rng"]}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": n,
+                   "lr": schedule(step_i - state["skipped"]) if schedule is not None else jnp.nan}
+        if aux:
+            metrics.update(lb_loss=aux["lb_loss"], z_loss=aux["z_loss"], dropped_frac=aux["dropped_frac"],
+                           load=aux["load"])
+        return new_state, metrics
+
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+
+
 def make_eval_step(graphdef):
+    """Jitted `eval(params, batch) -> mean loss`."""
     return jax.jit(lambda params, batch: lm_loss(graphdef, params, batch))
+
+
+def make_eval_sums(graphdef):
+    """Jitted `eval(params, batch) -> (nll_sum, weight_sum)`: sum over batches, then divide, for an exact mean."""
+
+    def f(params, batch):
+        mean, n, _ = lm_loss_parts(graphdef, params, batch)
+        return mean * n, n
+
+    return jax.jit(f)
+
+
+def per_device_set(fn, leaves) -> list:
+    """`fn(list of arrays) -> list of scalars`, called once per group of leaves on the same devices (one jitted
+    call cannot mix a restored scalar committed to one device with weights on the mesh); results on the host,
+    in leaf order."""
+    groups: dict = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(i)
+    out = [None] * len(leaves)
+    for idx in groups.values():
+        for i, v in zip(idx, jax.device_get(fn([leaves[i] for i in idx]))):
+            out[i] = v
+    return out
+
+
+@jax.jit
+def _leaves_finite(leaves):
+    return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def all_finite(tree) -> bool:
+    """True when every floating leaf of `tree` is finite (checked before every checkpoint save)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return all(bool(v) for v in per_device_set(_leaves_finite, leaves))

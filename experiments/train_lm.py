@@ -1,87 +1,408 @@
-"""Train a small decoder Transformer on the embedded corpus (stdlib sources, byte tokens).
+"""Train a decoder LM on the embedded corpus with orbax checkpoints and exact resume.
 
-    python -m experiments.train_lm [--steps 300] [--mesh data=-1]
+    python -m experiments.train_lm [--preset demo|tiny|llama7b|mixtral8x7b] [--set train.steps=50] [--lr 1e-3]
 
-Prints train loss and held-out perplexity going down, then a greedy sample. The experiments issue
-grows this into the full demo (grain pipeline, orbax checkpoints, FSDP, SWA and MoE layers).
+The `demo` preset: a 4-layer Transformer with alternating sliding-window / global attention and MoE layers,
+trained on the standard library's sources and docstrings (byte tokens + EOS) through the grain loader, on 8
+fake CPU devices (data 2 × fsdp 4) when running on CPU. Writes under `train.out`: metrics.jsonl, tb/
+(TensorBoard), ckpt/ (orbax: params, optimizer, step, RNG, loader state, config), loss.png, sample.txt.
+Rerunning the same command resumes from the newest good checkpoint; SIGTERM / SIGINT save and exit 0.
+Bad configuration exits with status 2 and one line naming the field, before anything compiles.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
+import json
 import math
+import os
+import pathlib
+import shutil
+import signal
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
-
-from data.corpus import BYTE_VOCAB, ByteWindows, decode_bytes, encode_bytes, stdlib_text, train_eval_split
-from experiments.lm_step import make_eval_step, make_optimizer, make_train_step
-from models import Transformer, TransformerConfig, generate
-from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
-from parallel.distributed import initialize
-
-DEMO = TransformerConfig(vocab_size=BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=384,
-                         max_seq_len=128)
+CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
 
-def parse_mesh(s: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (kv.split("=") for kv in s.split(","))}
+def _setup_platform():
+    """8 fake CPU devices, only when JAX will run on the CPU and nothing else was asked for: no accelerator
+    plugin, JAX_PLATFORMS unset or 'cpu', no forced device count, backend not yet initialised."""
+    import jax
+    from jax._src import xla_bridge
+
+    wanted = os.environ.get("JAX_PLATFORMS", "")
+    accel = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
+                                                        "jax_rocm60_plugin", "jax_rocm7_plugin"))
+    if (wanted in ("", "cpu") and not (accel and not wanted) and jax.config.jax_num_cpu_devices == -1
+            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
+            and not xla_bridge.backends_are_initialized()):
+        jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2")
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+def corpus_tiers(spec) -> tuple[str, str]:
+    """The embedded corpus as two ArrayRecord tiers (train, held-out: every n-th document), cached on disk."""
+    from data.corpus import stdlib_documents
+    from data.shards import DocWriter, shard_name
+
+    root = pathlib.Path(spec.cache_dir or pathlib.Path.home() / ".cache" / "jaxscale") / (
+        f"lm-corpus-py{sys.version_info.major}{sys.version_info.minor}-{spec.max_files or 'all'}-"
+        f"{spec.eval_every_nth}")
+    if not (root / "done").exists():
+        # built in a private directory and renamed into place: concurrent processes never see half a corpus
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        writers = {"train": [DocWriter(tmp / "train" / f"{shard_name(i)}.array_record") for i in range(2)],
+                   "eval": [DocWriter(tmp / "eval" / f"{shard_name(0)}.array_record")]}
+        n = {"train": 0, "eval": 0}
+        for i, doc in enumerate(stdlib_documents(spec.max_files)):
+            split = "eval" if i % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
+            ws = writers[split]
+            ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
+            n[split] += 1
+        for ws in writers.values():
+            for w in ws:
+                w.commit()
+        (tmp / "done").write_text(json.dumps(n))
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(root / "train"), str(root / "eval")
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+
+
+def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
+    """Per-device peak FLOP/s for MFU: the datasheet value of a known accelerator, or, on CPU, a matmul
+    measured once on this host (the fake CPU devices share it, so MFU on CPU is over the whole host)."""
+    import jax
+
+    from scaling.hardware import measure_cpu_peak, peak_flops
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return measure_cpu_peak(n=512, repeats=3), "cpu (measured matmul)"
+    kind = dev.device_kind.lower()
+    for key, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v5 lite", "tpu-v5e"),
+                      ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6", "tpu-v6e"), ("v4", "tpu-v4")):
+        if key in kind:
+            dt = "bf16" if model_dtype == "bfloat16" or name.startswith("tpu") else "fp32"
+            return peak_flops(name, dt), name
+    return None, dev.device_kind
+
+
+class Logger:
+    """JSONL + TensorBoard + console, on the primary process only."""
+
+    def __init__(self, out: pathlib.Path, primary: bool):
+        self.primary = primary
+        self.jsonl = (out / "metrics.jsonl").open("a") if primary else None
+        if primary:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"))
+
+    def write(self, record: dict):
+        if not self.primary:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for k, v in record.items():
+            if k not in ("step", "kind") and isinstance(v, int | float) and math.isfinite(v):
+                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+            elif isinstance(v, list) and k == "expert_load":
+                for e, x in enumerate(v):
+                    self.tb.add_scalar(f"moe/load_expert{e}", x, record["step"])
+
+    def close(self):
+        if self.primary:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def read_curves(path: pathlib.Path):
+    """{kind: {step: record}} from metrics.jsonl; a step logged twice (replayed after a resume) keeps the last."""
+    curves: dict[str, dict[int, dict]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            curves.setdefault(r["kind"], {})[r["step"]] = r
+    return curves
+
+
+def plot_losses(out: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = read_curves(out / "metrics.jsonl")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, label in (("train", "train loss"), ("eval", "held-out loss")):
+        pts = sorted(curves.get(kind, {}).items())
+        if pts:
+            ax.plot([s for s, _ in pts], [r["loss"] for _, r in pts], "-" if kind == "train" else "o-", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+class Stop:
+    """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def main(argv=None) -> dict:
+    from experiments.config import ConfigError, load, validate
+
+    try:
+        cfg = load(argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    _setup_platform()
+    import jax
+
+    from parallel.distributed import initialize
+
     initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
+    try:
+        mesh_shape = validate(cfg, jax.device_count())
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    return train(cfg, mesh_shape)
 
-    cfg = DEMO
-    mesh = make_mesh(parse_mesh(args.mesh))
-    if args.batch % math.prod(mesh.axis_sizes) and args.batch % mesh.shape.get("data", 1):
-        raise SystemExit(f"--batch {args.batch} must be divisible by the batch mesh axes {dict(mesh.shape)}")
-    tokens = encode_bytes(stdlib_text(2_000_000))
-    train_tok, eval_tok = train_eval_split(tokens)
-    train, held_out = ByteWindows(train_tok, args.seq, args.batch, args.seed), ByteWindows(eval_tok, args.seq, 32, 1)
-    print(f"corpus: {len(tokens):,} byte tokens (stdlib sources); model: {cfg.param_count():,} params; "
-          f"mesh: {dict(mesh.shape)}")
 
-    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(args.seed)), mesh)
-    opt = make_optimizer(args.lr, total_steps=args.steps, warmup_steps=args.steps // 10)
+def init_state(cfg, mesh):
+    """The fresh train state on `mesh` (also the restore target: its shardings place a checkpoint on any mesh).
+    Returns (graphdef, optimizer, schedule, state)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from experiments.lm_step import make_optimizer, make_schedule
+    from models import Transformer
+    from parallel import create_sharded, init_optimizer
+
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    graphdef, params = create_sharded(lambda: Transformer(m, rngs=nnx.Rngs(t.seed)), mesh)
+    optimizer = make_optimizer(o.lr, t.steps, o.warmup_steps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                               b1=o.b1, b2=o.b2, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
+                               decay_frac=o.decay_frac)
+    schedule = make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
+    rep = NamedSharding(mesh, P())
     with jax.set_mesh(mesh):
-        opt_state = init_optimizer(opt, params)
-        step_fn, eval_fn = make_train_step(graphdef, opt), make_eval_step(graphdef)
+        state = {"params": params, "opt_state": init_optimizer(optimizer, params),
+                 "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+                 "skipped": jax.device_put(jnp.zeros((), jnp.int32), rep),
+                 "rng": jax.device_put(jax.random.key_data(jax.random.key(t.seed)), rep)}
+    return graphdef, optimizer, schedule, state
 
-        def evaluate():
-            losses = [float(eval_fn(params, shard_batch(held_out.batch(i), mesh))) for i in range(4)]
-            return float(np.mean(losses))
 
-        first_eval = evaluate()
-        print(f"step 0: eval loss {first_eval:.3f} (ppl {math.exp(first_eval):.1f})")
-        t0, bar = time.time(), tqdm(range(1, args.steps + 1), desc="train", unit="step")
-        for step in bar:
-            params, opt_state, m = step_fn(params, opt_state, shard_batch(train.batch(step), mesh))
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(m['loss']):.3f}", gnorm=f"{float(m['grad_norm']):.2f}")
-            if step % args.eval_every == 0 or step == args.steps:
-                ev = evaluate()
-                tqdm.write(f"step {step}: train loss {float(m['loss']):.3f}  eval loss {ev:.3f} "
-                           f"(ppl {math.exp(ev):.1f})  {args.batch * args.seq * step / (time.time() - t0):,.0f} tok/s")
-    model = nnx.merge(graphdef, jax.device_get(params))
-    prompt = jnp.asarray(encode_bytes("def __init__(self")[None])
-    sample = generate(model, prompt, 80)
-    print("sample:", repr(decode_bytes(np.asarray(sample[0]))))
-    if not ev < first_eval:
-        raise SystemExit(f"eval loss did not fall: {first_eval:.3f} -> {ev:.3f}")
-    return ev
+def train(cfg, mesh_shape: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from tqdm import tqdm
+
+    from data.loader import LMLoader, LoaderConfig, Source
+    from data.tokenizer import ByteTokenizer
+    from experiments.checkpoint import Checkpoints, NonFiniteState
+    from experiments.lm_step import make_eval_sums, make_state_step
+    from models import generate
+    from parallel import make_mesh
+    from parallel.distributed import is_primary
+    from scaling.flops import mfu, train_flops_per_token
+
+    t_start = time.time()
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    primary = is_primary()
+    out = pathlib.Path(t.out).absolute()
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if primary else (lambda *a, **k: None)
+    mesh = make_mesh(mesh_shape)
+    tok = ByteTokenizer(add_eos=True)
+
+    train_dir, eval_dir = corpus_tiers(cfg.data)
+    loader = LMLoader([Source(train_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, seed=t.seed),
+                      mesh=mesh)
+    held = LMLoader([Source(eval_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, shuffle=False),
+                    mesh=mesh)
+    eval_batches = [next(held) for _ in range(cfg.data.eval_batches)]  # the same held-out rows every time
+    held.close()
+
+    graphdef, optimizer, schedule, state = init_state(cfg, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    ckpt = Checkpoints(out / "ckpt", keep=t.keep, keep_best=t.keep_best, async_save=t.async_save, log=say)
+    restored = ckpt.restore(state)
+    start = 0
+    if restored is not None:
+        state, meta = restored
+        saved_model = json.loads(meta["config"])["model"]
+        if saved_model != json.loads(cfg.to_json())["model"]:
+            raise SystemExit(f"config error: train.out: {out / 'ckpt'} holds a run of a different model config; "
+                             "use a new train.out or the same model settings")
+        loader.set_state(meta["loader"])
+        start = int(meta["step"])
+        say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")
+
+    n_params = m.param_count()
+    fpt = train_flops_per_token(m, t.seq)
+    peak, peak_src = peak_flops_per_device(m.dtype)
+    n_mfu_devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+    say(f"model: {n_params:,} params ({'MoE' if m.moe else 'dense'}, windows {m.layer_windows()}); mesh "
+        f"{dict(mesh.shape)}; batch {t.batch}×{t.seq}; steps {start}→{t.steps}; peak {peak_src} "
+        f"{(peak or 0) / 1e9:,.1f} GFLOP/s")
+
+    step_fn = make_state_step(graphdef, optimizer, schedule, m.moe, o.grad_accum, shardings)
+    eval_fn = make_eval_sums(graphdef)
+    log = Logger(out, primary)
+
+    def evaluate(params):
+        sums = [eval_fn(params, b) for b in eval_batches]
+        return float(sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums))
+
+    stop = Stop()
+    bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not (t.progress and primary),
+               dynamic_ncols=True)
+    first_eval = last_eval = target_time = None
+    halted = None
+    t_last, tokens_since, steps_since = time.time(), 0, 0
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            if start == 0:
+                first_eval = last_eval = evaluate(state["params"])
+                log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": math.exp(last_eval),
+                           "wall_s": time.time() - t_start})
+                say(f"step 0: eval loss {last_eval:.3f} (ppl {math.exp(last_eval):.1f})")
+            for step in range(start + 1, t.steps + 1):
+                batch = next(loader)
+                if step in t.poison_steps:  # test hook: a NaN batch weight poisons loss and gradients
+                    batch = dict(batch, weights=batch["weights"] * jnp.nan)
+                state, mt = step_fn(state, batch)
+                mt = jax.device_get(mt)
+                now = time.time()
+                tokens_since += t.batch * t.seq
+                steps_since += 1
+                bar.update(1)
+                if not mt["finite"]:
+                    skipped = int(state["skipped"])
+                    say(f"step {step}: non-finite loss/gradients ({mt['loss']}); "
+                        f"{'halting' if t.nan_policy == 'halt' else 'step skipped'} ({skipped} skipped so far)")
+                    log.write({"kind": "nonfinite", "step": step, "policy": t.nan_policy, "skipped": skipped})
+                    if t.nan_policy == "halt":
+                        halted = step
+                        break
+                if step % t.log_every == 0 or step == t.steps:
+                    dt = now - t_last
+                    tps = tokens_since / dt
+                    rec = {"kind": "train", "step": step, "loss": float(mt["loss"]),
+                           "ppl": math.exp(min(float(mt["loss"]), 50.0)), "grad_norm": float(mt["grad_norm"]),
+                           "lr": float(mt["lr"]), "tokens_per_s": tps, "step_time_s": dt / steps_since,
+                           "skipped": int(state["skipped"]), "wall_s": now - t_start}
+                    if peak:
+                        rec["mfu"] = mfu(tps, fpt, n_mfu_devices, peak)
+                    if "load" in mt:
+                        load = np.asarray(mt["load"], np.float64).mean(0)  # [E], averaged over MoE layers
+                        rec.update(lb_loss=float(mt["lb_loss"]), z_loss=float(mt["z_loss"]),
+                                   dropped_frac=float(mt["dropped_frac"]), expert_load=[float(x) for x in load],
+                                   load_imbalance=float(load.max() / load.mean()))
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}",
+                                    tok_s=f"{tps:,.0f}")
+                    t_last, tokens_since, steps_since = now, 0, 0
+                eval_loss = None
+                if step % t.eval_every == 0 or step == t.steps:
+                    eval_loss = last_eval = evaluate(state["params"])
+                    log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": math.exp(eval_loss),
+                               "wall_s": time.time() - t_start})
+                    msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f})"
+                    if t.eval_target is not None and eval_loss <= t.eval_target and target_time is None:
+                        target_time = time.time() - t_start
+                        msg += f"; reached eval target {t.eval_target} after {target_time:.0f} s"
+                        log.write({"kind": "target", "step": step, "eval_target": t.eval_target,
+                                   "wall_s": target_time})
+                    if primary:
+                        tqdm.write(msg)
+                    t_last = time.time()  # evaluation time is not training throughput
+                stopping = stop.signal is not None
+                if step % t.save_every == 0 or step == t.steps or stopping:
+                    ckpt.save(step, state, {"loader": loader.get_state(), "config": cfg.to_json()}, eval_loss)
+                    if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    t_last = time.time()
+                if t.kill_at == step:  # test hook: die right after this step
+                    ckpt.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if stopping:
+                    say(f"{stop.signal}: saved step {step}; exiting")
+                    break
+    except NonFiniteState as e:
+        say(str(e))
+        halted = step
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        saved_steps = ckpt.steps()
+        loader.close()
+        log.close()
+
+    result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
+              "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start}
+    if halted is not None:
+        good = saved_steps
+        raise SystemExit(f"halted at step {halted} (nan_policy=halt); newest good checkpoint: "
+                         f"{good[-1] if good else 'none'} in {out / 'ckpt'}")
+    if stop.signal is not None or step < t.steps or t.sample_tokens < 1:
+        if primary and step >= t.steps:
+            say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot_losses(out).name}")
+        return result
+
+    # generated sample from the final parameters, on one device
+    model = nnx.merge(graphdef, jax.device_get(state["params"]))
+    prompt = "def __init__(self"
+    ids = generate(model, jnp.asarray(tok.encode(prompt))[None], t.sample_tokens, temperature=0.7, top_p=0.95,
+                   rng=jax.random.key(t.seed))
+    sample = tok.decode(np.asarray(ids[0]))
+    result["sample"] = sample
+    if primary:
+        (out / "sample.txt").write_text(sample)
+        plot = plot_losses(out)
+        say("sample:\n" + sample)
+        if first_eval is not None:
+            say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {math.exp(first_eval):.1f} → "
+                f"{math.exp(last_eval):.1f}) in {result['wall_s']:.0f} s")
+        say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {out / 'tb'}), ckpt/ (steps "
+            f"{saved_steps}), {plot.name}, sample.txt")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,299 @@
+"""Typed run configuration of the LM trainer: model × mesh × data × optimizer × train loop, named presets,
+CLI overrides and validation before anything compiles.
+
+    cfg = load(["--preset", "demo", "--set", "train.steps=50", "--lr", "1e-3"])
+    validate(cfg, n_devices=8)        # ConfigError with one line naming the field, before any compilation
+
+Overrides are `--set section.field=value` (value parsed as a Python literal, else a string; `mesh=data=2,fsdp=4`)
+or the flat flags `--steps --batch --seq --lr --mesh --out --seed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import math
+from typing import Any
+
+from models import TransformerConfig
+from models.moe import MoEConfig
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; `str(e)` is the one line to print (it names the field)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The embedded stdlib corpus (module sources + docstrings), byte tokens with EOS, through data.loader.
+
+    max_files: first N stdlib modules (None: all). eval_every_nth: every n-th document is held out.
+    eval_batches: held-out batches per evaluation (fixed, the same every time)."""
+
+    max_files: int | None = None
+    eval_every_nth: int = 20
+    eval_batches: int = 4
+    cache_dir: str | None = None  # default ~/.cache/jaxscale/lm-corpus-...
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """AdamW. schedule: 'cosine' (linear warmup, cosine to min_lr_ratio·lr) or 'wsd' (warmup, stable, linear
+    decay over the last decay_frac of the steps). grad_accum: microbatches per step (batch % grad_accum == 0)."""
+
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    decay_frac: float = 0.2
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """The loop. batch: global rows per step; seq: tokens per row. Intervals in steps. keep: last N checkpoints
+    (plus the best by eval loss when keep_best). nan_policy: 'skip' (state unchanged, counted) or 'halt'.
+    eval_target: eval loss whose first crossing is logged with its wall time (None: no target).
+
+    Test hooks (never set in real runs): poison_steps: steps whose batch weights are NaN; kill_at: SIGKILL
+    this process after that step; kill_in_save: the kill comes right after an async save was issued."""
+
+    steps: int = 300
+    batch: int = 16
+    seq: int = 128
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 50
+    keep: int = 2
+    keep_best: bool = True
+    nan_policy: str = "skip"
+    out: str = "runs/demo"
+    seed: int = 0
+    sample_tokens: int = 120
+    eval_target: float | None = None
+    async_save: bool = True
+    progress: bool = True
+    poison_steps: tuple[int, ...] = ()
+    kill_at: int = 0
+    kill_in_save: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: TransformerConfig
+    mesh: dict[str, int]
+    data: DataSpec = DataSpec()
+    optim: OptimSpec = OptimSpec()
+    train: TrainSpec = TrainSpec()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+# ---- presets ----------------------------------------------------------------------------------------------------
+
+BYTE_EOS_VOCAB = 257  # data.tokenizer.ByteTokenizer(add_eos=True)
+
+
+def _demo() -> RunConfig:
+    # Sliding-window layers alternate with global ones (Gemma 2 pattern); every other layer is MoE.
+    model = TransformerConfig(vocab_size=BYTE_EOS_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                              mlp_dim=384, max_seq_len=128, attn_pattern="alternating", sliding_window=32,
+                              swa_block=64,
+                              # MoE pass-through: 4 experts of width 192, top-2, in layers 1 and 3
+                              moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=192), moe_every=2)
+    return RunConfig(model, {"data": 2, "fsdp": 4}, DataSpec(),
+                     OptimSpec(lr=3e-3, warmup_steps=30),
+                     TrainSpec(steps=200, batch=16, seq=128, log_every=10, eval_every=50, save_every=50,
+                               out="runs/demo", eval_target=3.3))
+
+
+def _tiny() -> RunConfig:
+    model = TransformerConfig(vocab_size=BYTE_EOS_VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                              mlp_dim=64, max_seq_len=32, attn_pattern="alternating", sliding_window=8, swa_block=16)
+    return RunConfig(model, {"fsdp": -1}, DataSpec(max_files=40, eval_every_nth=10, eval_batches=1),
+                     OptimSpec(lr=1e-2, warmup_steps=2),
+                     TrainSpec(steps=12, batch=8, seq=32, log_every=1, eval_every=4, save_every=4, keep=3,
+                               out="runs/tiny", sample_tokens=8, progress=False))
+
+
+def _llama7b() -> RunConfig:  # shapes for AOT / validation checks only
+    model = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                              mlp_dim=11008, max_seq_len=4096, remat="full", dtype="bfloat16")
+    return RunConfig(model, {"data": 8, "fsdp": 32}, DataSpec(), OptimSpec(lr=3e-4, warmup_steps=2000),
+                     TrainSpec(steps=250_000, batch=1024, seq=4096, out="runs/llama7b"))
+
+
+def _mixtral8x7b() -> RunConfig:  # shapes for AOT / validation checks only
+    model = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                              mlp_dim=14336, max_seq_len=32768, rope_theta=1e6, remat="full", dtype="bfloat16",
+                              moe=MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=14336))
+    return RunConfig(model, {"data": 4, "fsdp": 16, "expert": 8}, DataSpec(), OptimSpec(lr=3e-4, warmup_steps=2000),
+                     TrainSpec(steps=250_000, batch=1024, seq=4096, out="runs/mixtral8x7b"))
+
+
+PRESETS = {"demo": _demo, "tiny": _tiny, "llama7b": _llama7b, "mixtral8x7b": _mixtral8x7b}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---- overrides --------------------------------------------------------------------------------------------------
+
+
+def parse_mesh(s: str) -> dict[str, int]:
+    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1}."""
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)}
+    except ValueError:
+        raise ConfigError(f"mesh: cannot parse {s!r}; write axis=size pairs like data=2,fsdp=4") from None
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string: cosine, halt, runs/x
+
+
+def _replace(obj, field: str, value, where: str):
+    names = {f.name for f in dataclasses.fields(obj)}
+    if field not in names:
+        raise ConfigError(f"{where}: unknown field; {type(obj).__name__} has {', '.join(sorted(names))}")
+    try:
+        return dataclasses.replace(obj, **{field: value})
+    except ValueError as e:  # the model and MoE configs validate themselves and name their field
+        raise ConfigError(str(e).splitlines()[0]) from None
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def override(cfg: RunConfig, key: str, text: str) -> RunConfig:
+    """One `section.field=value` override; `model.moe.top_k=1` reaches nested configs."""
+    if key == "mesh":
+        return dataclasses.replace(cfg, mesh=parse_mesh(text))
+    parts = key.split(".")
+    if parts[0] == "mesh" and len(parts) == 2:
+        return dataclasses.replace(cfg, mesh={**cfg.mesh, parts[1]: int(text)})
+    if parts[0] not in ("model", "data", "optim", "train") or len(parts) < 2:
+        raise ConfigError(f"{key}: unknown setting; use model.*, mesh[.axis], data.*, optim.* or train.*")
+
+    def go(obj, path):
+        if len(path) == 1:
+            value = _value(text)
+            if path[0] == "moe" and value is None:
+                return _replace(obj, "moe", None, key)
+            if isinstance(getattr(obj, path[0], None), tuple) and isinstance(value, int):
+                value = (value,)
+            return _replace(obj, path[0], value, key)
+        child = getattr(obj, path[0], None)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{key}: {path[0]} is not a nested config")
+        return _replace(obj, path[0], go(child, path[1:]), key)
+
+    return go(cfg, parts)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m experiments.train_lm", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
+    for flag, key in FLAT.items():
+        ap.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
+    return ap
+
+
+FLAT = {"--steps": "train.steps", "--batch": "train.batch", "--seq": "train.seq", "--lr": "optim.lr",
+        "--mesh": "mesh", "--out": "train.out", "--seed": "train.seed"}
+
+
+def load(argv=None) -> RunConfig:
+    """Preset + overrides from the command line (not yet validated against the devices)."""
+    args = parser().parse_args(argv)
+    cfg = preset(args.preset)
+    for kv in args.set:
+        key, sep, text = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {kv!r}: write KEY=VALUE, e.g. train.steps=50")
+        cfg = override(cfg, key.strip(), text.strip())
+    for key in FLAT.values():
+        if getattr(args, key) is not None:
+            cfg = override(cfg, key, getattr(args, key))
+    return cfg
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+
+
+def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
+    from parallel.mesh import _fill
+
+    try:
+        return _fill(dict(mesh), n_devices, "devices")
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
+    """Check everything that would otherwise fail deep inside compilation; returns the resolved mesh shape."""
+
+    def need(cond, field, msg):
+        if not cond:
+            raise ConfigError(f"{field}: {msg}")
+
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    mesh = resolved_mesh(cfg.mesh, n_devices)
+    for f in ("steps", "batch", "seq", "log_every", "eval_every", "save_every", "keep"):
+        need(getattr(t, f) >= 1, f"train.{f}", f"must be >= 1, got {getattr(t, f)}")
+    need(t.nan_policy in ("skip", "halt"), "train.nan_policy", f"unknown {t.nan_policy!r}; use skip or halt")
+    need(o.schedule in ("cosine", "wsd"), "optim.schedule", f"unknown {o.schedule!r}; use cosine or wsd")
+    need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps",
+         f"{o.warmup_steps} must be in [0, train.steps={t.steps})")
+    need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")
+    need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
+    need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
+         f"{o.grad_accum} must divide train.batch={t.batch}")
+    need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",
+         "hold out every n-th document with n >= 2, and at least one eval batch")
+    need(m.vocab_size >= BYTE_EOS_VOCAB, "model.vocab_size",
+         f"{m.vocab_size} < {BYTE_EOS_VOCAB} byte tokens + EOS of the embedded corpus")
+    # batch rows are split over every batch mesh axis, per microbatch
+    from parallel.rules import ACTIVATION_RULES
+
+    batch_axes = {a: mesh.get(a, 1) for a in ACTIVATION_RULES["batch"] if mesh.get(a, 1) > 1}
+    shards = math.prod(batch_axes.values())
+    micro = t.batch // o.grad_accum
+    need(micro % shards == 0, "train.batch",
+         f"{t.batch} rows / grad_accum {o.grad_accum} = {micro} per microbatch is not divisible by the batch "
+         f"mesh axes {batch_axes} (= {shards}); use a multiple of {shards}")
+    need(t.seq <= m.max_seq_len, "train.seq", f"{t.seq} > model.max_seq_len={m.max_seq_len}; raise max_seq_len")
+    need(t.seq % mesh.get("sequence", 1) == 0, "train.seq",
+         f"{t.seq} is not divisible by the sequence axis ({mesh.get('sequence')})")
+    windows = [w for w in m.layer_windows() if w is not None]
+    need(all(w < t.seq for w in windows), "model.sliding_window",
+         f"window {max(windows, default=0)} >= train.seq={t.seq}: the local layers would be global; use a window "
+         "below the sequence length (or attn_pattern='global')")
+    tp = mesh.get("tensor", 1)
+    need(m.n_heads % tp == 0, "model.n_heads", f"{m.n_heads} heads are not divisible by the tensor axis ({tp})")
+    need(m.mlp_dim % tp == 0, "model.mlp_dim", f"{m.mlp_dim} is not divisible by the tensor axis ({tp})")
+    need(m.vocab_size % tp == 0, "model.vocab_size", f"{m.vocab_size} is not divisible by the tensor axis ({tp})")
+    fsdp = mesh.get("fsdp", 1)
+    need(m.d_model % fsdp == 0, "model.d_model", f"{m.d_model} is not divisible by the fsdp axis ({fsdp})")
+    ep = mesh.get("expert", 1)
+    if ep > 1:
+        need(m.moe is not None and m.moe.n_experts % ep == 0, "mesh.expert",
+             f"expert axis {ep} needs model.moe with a multiple of {ep} experts")
+    stages = mesh.get("stage", 1)
+    need(m.n_layers % stages == 0, "mesh.stage", f"{m.n_layers} layers are not divisible by {stages} stages")
+    return mesh

@@ -1,0 +1,113 @@
+"""Run config: bad configurations fail before compilation with one line naming the field; overrides reach
+nested fields; the optimizer's decay mask and schedules; gradient accumulation matches one big batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import train_lm
+from experiments.config import ConfigError, load, validate
+from experiments.lm_step import decay_mask, make_schedule, make_state_step
+from models import Transformer, TransformerConfig
+from models.moe import MoEConfig
+from parallel import make_mesh
+
+BAD = [  # (argv, n_devices, expected start of the error line after "config error: ")
+    (["--preset", "gpt5"], 8, "preset: unknown 'gpt5'"),
+    (["--preset", "tiny", "--mesh", "data=3"], 8, "mesh: mesh {'data': 3} needs 3 devices but 8 are available"),
+    (["--preset", "tiny", "--mesh", "data=2,fsdp=2"], 8, "mesh: mesh {'data': 2, 'fsdp': 2} needs 4 devices"),
+    (["--preset", "tiny", "--mesh", "pipeline=8"], 8, "mesh: mesh axes ['pipeline'] are unknown"),
+    (["--preset", "tiny", "--batch", "12"], 8, "train.batch: 12 rows / grad_accum 1 = 12 per microbatch"),
+    (["--preset", "tiny", "--set", "optim.grad_accum=2"], 8, "train.batch: 8 rows / grad_accum 2 = 4"),
+    (["--preset", "tiny", "--set", "optim.grad_accum=3"], 8, "optim.grad_accum: 3 must divide train.batch=8"),
+    (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.head_dim=8", "--set", "model.n_heads=3",
+      "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2)"),
+    (["--preset", "tiny", "--set", "model.sliding_window=32"], 8, "model.sliding_window: window 32 >= train.seq=32"),
+    (["--preset", "tiny", "--seq", "64"], 8, "train.seq: 64 > model.max_seq_len=32"),
+    (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "TransformerConfig.n_kv_heads: n_heads=2 must be"),
+    (["--preset", "tiny", "--set", "train.nan_policy=ignore"], 8, "train.nan_policy: unknown 'ignore'"),
+    (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
+    (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8, "optim.warmup_steps: 50 must be in [0, train.steps"),
+    (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
+    (["--preset", "tiny", "--set", "model.moe.top_k=1"], 8, "model.moe.top_k: moe is not a nested config"),
+    (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
+    (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),
+    (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
+     "model.d_model: 32 is not divisible by the fsdp axis (3)"),
+    (["--preset", "llama7b"], 8, "mesh: mesh {'data': 8, 'fsdp': 32} needs 256 devices but 8"),
+    (["--preset", "demo", "--set", "model.moe.top_k=9"], 8, "MoEConfig.top_k: 9 > n_experts=4"),
+]
+
+
+@pytest.mark.parametrize("argv,n_devices,expected", BAD, ids=[b[2].split(":")[0] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_config_fails_with_one_line_naming_the_field(argv, n_devices, expected):
+    with pytest.raises(ConfigError) as e:
+        validate(load(argv), n_devices)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(expected), line
+
+
+def test_cli_exits_before_compiling_with_the_line(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(train_lm, "train", lambda *a: compiled.append(a))
+    with pytest.raises(SystemExit) as e:
+        train_lm.main(["--preset", "tiny", "--batch", "12"])
+    assert str(e.value).startswith("config error: train.batch: 12 rows") and not compiled
+
+
+def test_presets_and_overrides_compose():
+    cfg = load(["--preset", "demo", "--set", "train.steps=50", "--lr", "1e-3", "--set", "model.moe.n_experts=8",
+                "--mesh", "data=1,fsdp=-1", "--set", "train.poison_steps=3"])
+    assert (cfg.train.steps, cfg.optim.lr, cfg.model.moe.n_experts, cfg.train.poison_steps) == (50, 1e-3, 8, (3,))
+    assert validate(cfg, 8) == {"data": 1, "fsdp": 8}
+    assert cfg.model.attn_pattern == "alternating" and cfg.model.layer_windows()[0] == 32 and cfg.model.moe
+    for name in ("llama7b", "mixtral8x7b"):  # AOT shapes: valid on their own meshes
+        big = load(["--preset", name])
+        validate(big, int(np.prod(list(big.mesh.values()))))
+    assert abs(load(["--preset", "llama7b"]).model.param_count() / 6.74e9 - 1) < 0.01
+    assert abs(load(["--preset", "mixtral8x7b"]).model.param_count() / 46.7e9 - 1) < 0.01
+
+
+def test_decay_mask_by_name_not_ndim():
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, qkv_bias=True,
+                            moe=MoEConfig(4, 2, 16), moe_every=2)
+    _, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(decay_mask(state))}
+    off = {k for k, v in flat.items() if not v}
+    assert "['blocks']['attn_norm'].value" in off  # stacked [L, D]: ndim 2, still no decay
+    assert "['moe_blocks']['moe']['router_bias'].value" in off and "['blocks']['bq'].value" in off
+    assert "['final_norm'].value" in off
+    assert flat["['blocks']['wq'].value"] and flat["['moe_blocks']['moe']['w_up'].value"] and flat["['embed'].value"]
+    assert len(off) == 12  # 2 stacks × (2 norms + 3 biases) + final_norm + router_bias
+
+
+def test_schedules():
+    cos = make_schedule(1.0, 100, 10, "cosine", 0.1)
+    wsd = make_schedule(1.0, 100, 10, "wsd", 0.1, decay_frac=0.2)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)
+    assert [float(wsd(s)) for s in (5, 10, 50, 80)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert float(wsd(90)) == pytest.approx(0.55) and float(wsd(100)) == pytest.approx(0.1)
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
+    mesh = make_mesh({"fsdp": -1})
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 256, (16, 32), dtype=np.int32),
+             "targets": rng.integers(0, 256, (16, 32), dtype=np.int32),
+             "weights": (rng.random((16, 32)) > 0.3).astype(np.float32)}  # uneven token counts per microbatch
+    out = {}
+    graphdef, opt, sched, state0 = train_lm.init_state(cfg, mesh)
+    for accum in (1, 2):
+        state = jax.tree.map(jnp.copy, state0)  # the step donates its input
+        step = make_state_step(graphdef, opt, sched, None, accum)
+        with jax.set_mesh(mesh):
+            for _ in range(2):
+                state, m = step(state, jax.tree.map(jnp.asarray, batch))
+        out[accum] = (jax.device_get(state["params"]), float(m["loss"]), float(m["grad_norm"]))
+    # token-weighted: the microbatches' uneven token counts combine into the big batch's mean and gradient
+    assert out[1][1:] == pytest.approx(out[2][1:], rel=1e-5)
+    # Adam divides by sqrt(v): a near-zero gradient entry may move by up to ~lr either way, so compare loosely
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), out[1][0], out[2][0])

@@ -1,0 +1,201 @@
+"""Checkpoints under failure (tiny preset, 8 fake CPU devices): kill -9 at two points (one while an async save is
+writing) and resume → the loss of every step and the final parameters are bit-identical to an uninterrupted run;
+a truncated or overwritten newest checkpoint is reported and the previous one is used; a checkpoint saved on 8
+devices restores onto 4 and 1; NaN batches are skipped or halt the run as configured and never reach the disk."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train_lm
+from experiments.checkpoint import Checkpoints, NonFiniteState
+from experiments.config import load
+from parallel import make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--preset", "tiny", "--set", "train.sample_tokens=0"]  # 12 steps, saves at 4, 8, 12, keeps 3
+
+
+def launch(out, *extra, cache=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=ROOT)
+    if cache:  # relaunches reuse the compiled programs (the same executables: results stay bit-identical)
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *TINY, "--out", str(out), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(p, timeout=300):
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def train_records(out):
+    """Every logged train step in order, replays after a resume included: [(step, loss, grad_norm)]."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if r["kind"] == "train"]
+
+
+_TEMPLATES = {}
+
+
+def restore(out, devices=None, step=None, log=print):
+    cfg = load(TINY)
+    key = len(devices or jax.devices())
+    if key not in _TEMPLATES:  # the fresh state on a mesh of that many devices: shapes and target shardings
+        _TEMPLATES[key] = train_lm.init_state(cfg, make_mesh({"fsdp": -1}, devices=devices))[3]
+    template = _TEMPLATES[key]
+    ckpt = Checkpoints(out / "ckpt", keep=cfg.train.keep, log=log)
+    try:
+        return ckpt.restore(template, step)
+    finally:
+        ckpt.close()
+
+
+def assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run and a run killed with SIGKILL after step 5 and again right after issuing the async
+    save of step 8, then resumed to the end (the reference runs alongside)."""
+    base = tmp_path_factory.mktemp("train")
+    ref, crashed, cache = base / "ref", base / "crashed", base / "xla-cache"
+    p_ref = launch(ref)
+    logs = []
+    for extra in (["--set", "train.kill_at=5"], ["--set", "train.kill_at=8", "--set", "train.kill_in_save=True"], []):
+        code, log = finish(launch(crashed, *extra, cache=cache))
+        logs.append((code, log))
+    ref_code, ref_log = finish(p_ref)
+    assert ref_code == 0, ref_log
+    # a long run for the SIGTERM test: it starts here and trains until that test stops it
+    p_term = launch(base / "term", "--set", "train.steps=100000", "--set", "train.eval_every=100000",
+                    "--set", "train.save_every=100000", "--set", "train.log_every=10", cache=cache)
+    yield ref, crashed, logs, (base / "term", p_term)
+    if p_term.poll() is None:
+        p_term.kill()
+        p_term.wait()
+
+
+def test_kill9_and_resume_is_bit_identical(runs):
+    ref, crashed, logs, _ = runs
+    assert [c for c, _ in logs] == [-signal.SIGKILL, -signal.SIGKILL, 0], logs[-1][1]
+    assert "resumed from step 4" in logs[1][1]  # killed after step 5: steps 5 was lost, 4 was saved
+    resumed = int(logs[2][1].split("resumed from step ")[1].split()[0])
+    assert resumed in (4, 8)  # the save of 8 was either finished by orbax or discarded as incomplete
+    if resumed == 4:
+        assert "ignoring incomplete save" in logs[2][1]
+    want = train_records(ref)
+    got = train_records(crashed)
+    assert [s for s, *_ in want] == list(range(1, 13))
+    assert len(got) > len(want)  # steps after the last checkpoint were replayed...
+    by_step = dict((s, (loss, g)) for s, loss, g in want)
+    for s, loss, g in got:  # ...and every replay, like every other step, matches the reference bit for bit
+        assert (loss, g) == by_step[s], s
+    assert {s for s, *_ in got} == set(by_step)
+    (ref_state, ref_meta), (state, meta) = restore(ref), restore(crashed)
+    assert ref_meta["step"] == meta["step"] == 12 and int(state["step"]) == 12
+    assert_trees_equal(ref_state, state)
+    assert meta["loader"] == ref_meta["loader"]  # the data position too
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(runs):
+    out, p = runs[3]
+    deadline = time.time() + 240
+    log_file = out / "metrics.jsonl"
+    while not (log_file.exists() and '"kind": "train"' in log_file.read_text()):
+        assert p.poll() is None and time.time() < deadline, "the long run did not start training"
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    code, log = finish(p, timeout=120)
+    assert code == 0, log
+    saved = int(log.split("SIGTERM: saved step ")[1].split(";")[0])
+    state, meta = restore(out)
+    assert meta["step"] == saved == int(state["step"]) >= 10
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_corrupt_newest_checkpoint_falls_back_to_previous(runs, tmp_path, damage, capsys):
+    ref = runs[0]
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    # truncate every sizeable file of the newest checkpoint, or flip the bits of its array data files (d/)
+    for victim in (out / "ckpt" / "12" / "state").rglob("*"):
+        if victim.is_file() and victim.stat().st_size > 10_000 and (damage == "truncate" or victim.parent.name == "d"):
+            data = victim.read_bytes()
+            victim.write_bytes(data[: len(data) // 2] if damage == "truncate" else
+                               data[:64] + bytes(255 - b for b in data[64:]))
+    if damage == "overwrite":  # the restore path on its own: one line, then the previous step
+        lines = []
+        state, meta = restore(out, log=lines.append)
+        assert meta["step"] == 8 and int(state["step"]) == 8
+        assert len(lines) == 1 and lines[0].startswith("checkpoint: step 12 is corrupt or incomplete") \
+            and lines[0].endswith("falling back to step 8"), lines
+        assert_trees_equal(state, restore(ref, step=8)[0])
+    else:  # the trainer: says so, resumes from 8 and redoes 9..12 exactly
+        result = train_lm.main([*TINY, "--out", str(out)])
+        printed = [x for x in capsys.readouterr().out.splitlines() if x.startswith(("checkpoint:", "resumed"))]
+        assert printed[0].startswith("checkpoint: step 12 is corrupt or incomplete (") \
+            and printed[0].endswith("); falling back to step 8"), printed
+        assert printed[1].startswith("resumed from step 8") and result["step"] == 12
+        assert_trees_equal(restore(out)[0]["params"], restore(ref)[0]["params"])
+    assert (out / "ckpt-corrupt" / "12").is_dir()  # kept aside for inspection, never loaded again
+
+
+@pytest.mark.parametrize("n", [4, 1])
+def test_restore_saved_on_8_devices_onto_fewer(runs, n):
+    ref = runs[0]
+    state8, _ = restore(ref)
+    state, meta = restore(ref, devices=jax.devices()[:n])
+    assert {d.id for x in jax.tree.leaves(state) for d in x.sharding.device_set} == {d.id for d in jax.devices()[:n]}
+    assert_trees_equal(state8, state)
+
+
+def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path):
+    out = tmp_path / "skip"
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=1",
+                            "--set", "train.keep=10", "--set", "train.poison_steps=(3,)",
+                            "--set", "train.nan_policy=skip"])
+    assert result["skipped"] == 1 and result["step"] == 5
+    s2, s3, s4 = (restore(out, step=s)[0] for s in (2, 3, 4))
+    assert_trees_equal(s2["params"], s3["params"])  # the poisoned step changed nothing...
+    assert_trees_equal(s2["opt_state"], s3["opt_state"])
+    assert int(s3["skipped"]) == 1 and int(s3["step"]) == 3
+    assert not np.array_equal(*(np.asarray(jax.device_get(s["params"]["embed"])) for s in (s3, s4)))  # ...4 did
+    for s in (s2, s3, s4):
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(s["params"])))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "nonfinite"] == [3]
+
+
+def test_nan_halt_stops_without_saving_poison(tmp_path):
+    out = tmp_path / "halt"
+    with pytest.raises(SystemExit) as e:
+        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.save_every=1",
+                       "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=halt"])
+    assert str(e.value).startswith("halted at step 3 (nan_policy=halt); newest good checkpoint: 2")
+    assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_nonfinite_state_is_never_saved(runs, tmp_path):
+    state, _ = restore(runs[0])
+    norm = state["params"]["final_norm"]
+    norm[...] = norm[...].at[0].set(np.inf)
+    ckpt = Checkpoints(tmp_path / "ckpt")
+    with pytest.raises(NonFiniteState, match="refusing to save step 13"):
+        ckpt.save(13, state, {})
+    ckpt.close()
+    time.sleep(0.1)
+    assert ckpt.steps() == [] and not any(p.name.startswith("13") for p in (tmp_path / "ckpt").iterdir())
