@@ -11,6 +11,7 @@ per-round ratios. Reference shape: d_model 256, 4 layers, 4 heads of 64, SwiGLU 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -140,6 +141,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-hf-eager-attn", action="store_true", help="skip HF with attn_implementation='eager'")
+    ap.add_argument("--unrolled", action="store_true", help="also time our step with scan_layers=False")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
     args = ap.parse_args(argv)
@@ -150,6 +152,8 @@ def main(argv=None):
     tokens = args.batch * args.seq
     flops_per_token = CFG.flops_per_token(args.seq, causal=True)
     contenders = {"xla_matmul_2048": jax_matmul(), "ours_jax": jax_step(CFG, args.batch, args.seq)}
+    if args.unrolled:  # the same model with its layers unrolled instead of scanned
+        contenders["ours_jax_unrolled"] = jax_step(dataclasses.replace(CFG, scan_layers=False), args.batch, args.seq)
     failed = {}
     if not args.no_torch:
         import torch
