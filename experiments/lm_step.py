@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.config import MUP_HIDDEN
 from models.losses import cross_entropy
 from models.moe import update_router_bias
 from parallel.rules import constrain
@@ -51,13 +52,25 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str
     raise ValueError(f"schedule: unknown {kind!r}; use cosine or wsd")
 
 
+def mup_hidden_mask(params):
+    """True for μP hidden matrices (models.config.MUP_HIDDEN), whose Adam step scales by 1 / width_mult."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: (param_names(path) or [""])[-1] in MUP_HIDDEN, params)
+
+
 def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int = 50, weight_decay: float = 0.1,
                    clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.95, schedule: str = "cosine",
-                   min_lr_ratio: float = 0.1, decay_frac: float = 0.2) -> optax.GradientTransformation:
-    """AdamW (decay masked by `decay_mask`) after global-norm clipping, on a warmup + cosine / WSD schedule."""
+                   min_lr_ratio: float = 0.1, decay_frac: float = 0.2,
+                   width_mult: float = 1.0) -> optax.GradientTransformation:
+    """AdamW (decay masked by `decay_mask`) after global-norm clipping, on a warmup + cosine / WSD schedule.
+
+    width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices take steps of lr / width_mult
+    (μP for Adam), embeddings, norms, biases and the readout keep lr."""
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
+    parts = [optax.clip_by_global_norm(clip_norm),
+             optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
+    if width_mult != 1.0:
+        parts.append(optax.masked(optax.scale(1.0 / width_mult), mup_hidden_mask))
+    return optax.chain(*parts)
 
 
 def lm_loss_parts(graphdef, params, batch, rng=None):

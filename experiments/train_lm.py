@@ -211,7 +211,7 @@ def init_state(cfg, mesh):
     graphdef, params = create_sharded(lambda: Transformer(m, rngs=nnx.Rngs(t.seed)), mesh)
     optimizer = make_optimizer(o.lr, t.steps, o.warmup_steps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                b1=o.b1, b2=o.b2, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
-                               decay_frac=o.decay_frac)
+                               decay_frac=o.decay_frac, width_mult=m.width_mult)
     schedule = make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
     rep = NamedSharding(mesh, P())
     with jax.set_mesh(mesh):

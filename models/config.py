@@ -29,6 +29,10 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# Weights whose fan-in and fan-out both grow with the width ("hidden" in μP): Adam's step on them scales by 1 / m.
+MUP_HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
     """Llama/Mistral/Qwen-family decoder. All sizes are per model, not per device."""
@@ -69,6 +73,8 @@ class TransformerConfig:
     # --- mixture of experts: layers moe_every-1, 2·moe_every-1, ... replace the dense MLP ---
     moe: MoEConfig | None = None  # models.moe.MoEConfig; None: all layers dense
     moe_every: int = 1  # 1: every layer (Mixtral); 2: every other layer (Switch, GShard)
+    # --- μP (maximal-update parametrisation, Yang et al. 2022): None = standard parametrisation ---
+    mup_base_width: int | None = None  # the d_model whose tuned learning rate / init_std transfer to this width
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -97,6 +103,9 @@ class TransformerConfig:
         need(self.swa_block > 0, "swa_block", "must be positive")
         need(self.pipeline_microbatches > 0, "pipeline_microbatches", "must be positive")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+        need(self.mup_base_width is None or self.mup_base_width > 0, "mup_base_width", "must be positive or None")
+        need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
+             "μP scales the readout separately from the embedding; set tie_embeddings=False")
         need(self.moe_every >= 1, "moe_every", f"must be >= 1, got {self.moe_every}")
         need(self.moe is None or self.moe_every <= self.n_layers, "moe_every",
              f"{self.moe_every} > n_layers={self.n_layers}: no layer would be MoE; lower it or set moe=None")
@@ -143,6 +152,11 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig.sliding_window: windows must be integers >= 1, got {w}")
         it = iter(ws)
         return tuple(next(it) if is_local else None for is_local in local)
+
+    @property
+    def width_mult(self) -> float:
+        """μP width multiplier m = d_model / mup_base_width (1.0 under the standard parametrisation)."""
+        return 1.0 if self.mup_base_width is None else self.d_model / self.mup_base_width
 
     def moe_layers(self) -> tuple[bool, ...]:
         """Which layers carry an MoE feed-forward block (layers k-1, 2k-1, ... for moe_every=k)."""

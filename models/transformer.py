@@ -95,8 +95,8 @@ class Block(nnx.Module):
     With `moe=True` the MLP is a `models.moe.MoE` (router + experts) configured by `cfg.moe`."""
 
     def __init__(self, cfg: TransformerConfig, *, moe: bool = False, rngs: nnx.Rngs):
-        d, n, k, h, f, pd, std = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim,
-                                  dtype_of(cfg.param_dtype), cfg.init_std)
+        d, n, k, h, f, pd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim, dtype_of(cfg.param_dtype)
+        std = cfg.init_std / cfg.width_mult ** 0.5  # μP: hidden weights' variance ∝ 1 / fan_in
         norm = lambda: param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # noqa: E731
         self.attn_norm = norm()
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
@@ -222,8 +222,9 @@ class Transformer(nnx.Module):
             if n_moe:
                 self.moe_blocks = stack(n_moe, True)
             self.final_norm = param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)
-            if not cfg.tie_embeddings:
-                self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd, cfg.init_std)
+            if not cfg.tie_embeddings:  # μP: zero readout (Yang et al. 2022, App. D.2)
+                self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd,
+                                     0.0 if cfg.mup_base_width else cfg.init_std)
 
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
                  cache: KVCache | None = None, return_aux: bool = False, rng=None):
@@ -261,6 +262,8 @@ class Transformer(nnx.Module):
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits_BTV = (x_BTD.reshape(B * T, -1) @ head_DV.astype(cd)).reshape(B, T, -1).astype(jnp.float32)
+        if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
+            logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:
             logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
         logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))

@@ -1,0 +1,116 @@
+"""μP learning-rate transfer: loss vs learning rate for three widths, standard parametrisation vs μP.
+
+    python -m experiments.mup_transfer [--steps 150] [--widths 64 128 256] [--out docs/mup_transfer.png]
+
+Each width (d_model; head_dim 32, heads = d / 32, SwiGLU 4·d, 2 layers, untied) is trained on the same
+byte-corpus batches for every learning rate 2^-12 … 2^-4 (AdamW, warmup + cosine). Under the standard
+parametrisation the best learning rate moves with the width; under μP (`TransformerConfig(mup_base_width=64)`,
+`make_optimizer(width_mult=cfg.width_mult)`) it should stay put, so a rate tuned on the smallest model transfers.
+Reported loss: the mean train loss of the last 10 steps. One compile per (parametrisation, width): the learning
+rate enters the step as an argument (the optimizer runs at lr 1 and its update is scaled by lr, which is the same
+AdamW: the schedule, the weight decay and μP's 1/m factor are all linear in lr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
+from experiments.lm_step import lm_loss, make_optimizer
+from models import Transformer, TransformerConfig
+
+LOG2_LRS = tuple(range(-12, -3))
+
+
+def config(width: int, mup: bool, seq: int) -> TransformerConfig:
+    return TransformerConfig(vocab_size=BYTE_VOCAB, d_model=width, n_layers=2, n_heads=width // 32, head_dim=32,
+                             mlp_dim=4 * width, max_seq_len=seq, mup_base_width=64 if mup else None)
+
+
+def sweep(cfg: TransformerConfig, batches, steps: int, log2_lrs) -> dict[int, float]:
+    """{log2 lr: mean train loss of the last 10 steps} (inf when the run diverged)."""
+    graphdef, params0 = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(1.0, total_steps=steps, warmup_steps=steps // 10, width_mult=cfg.width_mult)
+
+    @jax.jit
+    def step(params, opt_state, batch, lr):
+        loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates)), opt_state, loss
+
+    out = {}
+    for e in log2_lrs:
+        params, opt_state, losses = params0, opt.init(params0), []
+        for b in batches[:steps]:
+            params, opt_state, loss = step(params, opt_state, b, jnp.float32(2.0 ** e))
+            losses.append(loss)
+        tail = float(np.mean(jax.device_get(losses[-10:])))
+        out[e] = tail if np.isfinite(tail) else float("inf")
+    return out
+
+
+def plot(res, widths, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, (name, title) in zip(axes, (("sp", "standard parametrisation"), ("mup", "μP (base width 64)"))):
+        for w in widths:
+            curve = res[name][str(w)]
+            xs = sorted(int(k) for k in curve)
+            ys = [curve[str(x)] if np.isfinite(curve[str(x)]) else np.nan for x in xs]
+            best = xs[int(np.nanargmin(ys))]
+            ax.plot(xs, ys, "o-", ms=3, label=f"width {w} (best 2^{best})")
+        ax.set_title(title)
+        ax.set_xlabel("log2 learning rate")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("train loss, last 10 steps (nats/byte)")
+    lo = min(v for r in res.values() for c in r.values() for v in c.values() if np.isfinite(v))
+    axes[0].set_ylim(lo - 0.1, lo + 1.6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--out", default="docs/mup_transfer.png")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    data = ByteWindows(encode_bytes(stdlib_text(1_000_000)), args.seq, args.batch, 0)
+    batches = [{k: jnp.asarray(v) for k, v in data.batch(i).items()} for i in range(args.steps)]
+    res = {"sp": {}, "mup": {}}
+    runs = [(name, w) for name in res for w in args.widths]
+    for name, w in tqdm(runs, desc="parametrisation × width"):
+        res[name][str(w)] = {str(k): v for k, v in sweep(config(w, name == "mup", args.seq), batches, args.steps,
+                                                          LOG2_LRS).items()}
+    for name in res:
+        for w in args.widths:
+            curve = res[name][str(w)]
+            best = min(curve, key=curve.get)
+            print(f"{name:4s} width {w:4d}: best log2 lr {best:>4s}, loss {curve[best]:.3f}   "
+                  + " ".join(f"{float(v):.2f}" for v in curve.values()))
+    plot(res, args.widths, args.out)
+    print("plot:", args.out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

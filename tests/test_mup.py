@@ -1,0 +1,69 @@
+"""μP: one Adam step moves the logits by the same amount at every width (the coordinate check of Yang et al.
+2022), while the standard parametrisation's step grows with the width; μP's pieces are where they belong."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments.lm_step import lm_loss, make_optimizer, mup_hidden_mask
+from models import Transformer, TransformerConfig
+
+TOK = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 33)), jnp.int32)
+BATCH = {"inputs": TOK[:, :-1], "targets": TOK[:, 1:]}
+
+
+def cfg(width, mup):
+    return TransformerConfig(vocab_size=64, d_model=width, n_layers=2, n_heads=width // 16, head_dim=16,
+                             mlp_dim=4 * width, max_seq_len=32, mup_base_width=32 if mup else None)
+
+
+def logit_change(width, mup, lr=2e-3):
+    """RMS change of the logits after two AdamW steps (the first has lr 0: warmup starts at 0)."""
+    c = cfg(width, mup)
+    graphdef, params = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(lr, total_steps=100, warmup_steps=1, weight_decay=0.0, width_mult=c.width_mult)
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            p, s = carry
+            g = jax.grad(lambda p: lm_loss(graphdef, p, BATCH))(p)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (new, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=2)
+        before, after = (nnx.merge(graphdef, p)(BATCH["inputs"]) for p in (params, new))
+        return jnp.sqrt(jnp.mean((after - before) ** 2))
+
+    return float(run(params))
+
+
+@pytest.fixture(scope="module")
+def changes():
+    return {(w, mup): logit_change(w, mup) for w in (32, 128) for mup in (False, True)}
+
+
+def test_mup_update_size_is_width_independent(changes):
+    sp, mup = changes[128, False] / changes[32, False], changes[128, True] / changes[32, True]
+    assert sp > 2.5, f"standard parametrisation should grow with width (×4): ratio {sp:.2f}"
+    assert 0.4 < mup < 1.6, f"μP should keep the update size: ratio {mup:.2f}"  # measured 0.66 (SP: 6.8)
+
+
+def test_mup_pieces():
+    c = cfg(128, True)
+    assert c.width_mult == 4.0 and cfg(128, False).width_mult == 1.0
+    state = nnx.state(Transformer(c, rngs=nnx.Rngs(0)))
+    assert not np.any(np.asarray(state["lm_head"][...]))  # zero readout
+    std = float(np.std(np.asarray(state["blocks"]["wq"][...])))
+    assert std == pytest.approx(0.02 / 2, rel=0.05)  # init_std / sqrt(width_mult)
+    np.testing.assert_allclose(np.std(np.asarray(state["embed"][...])), 0.02, rtol=0.05)  # input weights unscaled
+    mask = mup_hidden_mask(state)
+    flat = {"/".join(str(k.key) for k in path if hasattr(k, "key")): v
+            for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert {k for k, v in flat.items() if v} == {f"blocks/{n}" for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up",
+                                                                       "w_down")}
+    with pytest.raises(ValueError, match="mup_base_width.*tie_embeddings=False"):
+        TransformerConfig(mup_base_width=64, tie_embeddings=True)
