@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from experiments.checkpoint import from_pure as _unpure, to_pure as _pure
 from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import logical_to_spec, shard_batch
@@ -113,24 +114,3 @@ def restore(mgr: ocp.CheckpointManager, targets: dict, step: int | None = None):
     out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     trees = {k: _unpure(targets[k], out[k]) for k in targets}
     return step, trees, dict(out["meta"])
-
-
-def _is_state(x):
-    return isinstance(x, nnx.State)
-
-
-def _pure(tree):
-    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state)
-
-
-def _unpure(target, pure):
-    """Put restored pure dicts back into the nnx.State leaves of `target` (e.g. inside an optax state)."""
-    leaves, treedef = jax.tree.flatten(target, is_leaf=_is_state)
-    out = []
-    for t, p in zip(leaves, treedef.flatten_up_to(pure)):
-        if _is_state(t):
-            t = jax.tree.map(lambda x: x, t)  # a copy to fill in place
-            nnx.replace_by_pure_dict(t, p)
-            p = t
-        out.append(p)
-    return treedef.unflatten(out)
