@@ -143,17 +143,17 @@ class Block(nnx.Module):
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 
+        h_BTD, aux = norm(x_BTD, self.mlp_norm), None
         if hasattr(self, "moe"):
-            m_BTD, aux = self.moe(norm(x_BTD, self.mlp_norm), compute_dtype=cd, rng=rng)
-            x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
-            return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
-        h_MD = norm(x_BTD, self.mlp_norm).reshape(B * T, D)
-        act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-        a_MF = act(h_MD @ w(self.w_gate, D, F)) * (h_MD @ w(self.w_up, D, F))
-        a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
-        m_BTD = (a_BTF.reshape(B * T, F) @ w(self.w_down, F, D)).reshape(B, T, D)
+            m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng)
+        else:
+            h_MD = h_BTD.reshape(B * T, D)
+            act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
+            a_MF = act(h_MD @ w(self.w_gate, D, F)) * (h_MD @ w(self.w_up, D, F))
+            a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
+            m_BTD = (a_BTF.reshape(B * T, F) @ w(self.w_down, F, D)).reshape(B, T, D)
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
-        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, None
+        return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
 
     def _attend(self, q_BTNH, k_BTKH, v_BTKH, ctx: _Ctx, window, cache):
         cfg = ctx.cfg
