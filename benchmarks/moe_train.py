@@ -4,7 +4,8 @@
 
 Part 1, speed (interleaved rounds, ratios are medians of per-round ratios, so a noisy machine slows all alike):
 the reference shape of benchmarks/train_step.py (d 256, 4 layers, 4 heads × 64, vocab 8192, batch 8 × seq 256,
-AdamW, float32) with every MLP replaced by a top-2-of-8 MoE of expert width 512 — the same 1024 active MLP width
+AdamW, float32; the trainer's step, `experiments.lm_step.make_state_step`) with every MLP replaced by
+a top-2-of-8 MoE of expert width 512 — the same 1024 active MLP width
 per token as the dense SwiGLU 1024 — for each dispatch path: dropless sorted grouped matmul (`gmm`, the CPU
 default), dropless one-hot `dense` (every expert computes every token), `ragged_dot`, and capacity dispatch
 (CF 1.25, may drop). Target: the default MoE step ≤ 1.2× the dense step.
@@ -26,13 +27,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm import tqdm
 
+from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
-from models.losses import cross_entropy
-from models.moe import MoEConfig, update_router_bias
+from models.moe import MoEConfig
 
 DENSE = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=256)
 MOE = MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=512)
@@ -41,37 +41,23 @@ PATHS = {"moe_gmm": dict(dropless_impl="gmm"), "moe_dense_onehot": dict(dropless
          "moe_capacity_cf1.25": dict(dispatch="capacity", capacity_factor=1.25)}
 
 
-def train_step(cfg: TransformerConfig, lr=3e-3):
-    """(graphdef, init params, opt, jitted step) with the MoE aux losses added and the router bias updated."""
+def train_step(cfg: TransformerConfig, lr=3e-3, steps=1000):
+    """(graphdef, initial train state, jitted step) — the trainer's step (experiments.lm_step.make_state_step):
+    AdamW with warmup + cosine, MoE aux losses added with their weights, the router bias moved outside it."""
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, b2=0.95, weight_decay=0.1))
-
-    def loss_fn(p, batch):
-        logits, aux = nnx.merge(graphdef, p)(batch["inputs"], return_aux=True)
-        ce = cross_entropy(logits, batch["targets"])[0]
-        if cfg.moe is None:
-            return ce, aux
-        return ce + cfg.moe.lb_loss_weight * aux["lb_loss"] + cfg.moe.z_loss_weight * aux["z_loss"], aux
-
-    def step(p, s, batch):
-        (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
-        upd, s = opt.update(g, s, p)
-        p = optax.apply_updates(p, upd)
-        if cfg.moe is not None and cfg.moe.router == "sigmoid" and cfg.moe.bias_update_rate > 0:
-            bias = p["moe_blocks"]["moe"]["router_bias"]
-            bias[...] = update_router_bias(bias[...], aux["load"], cfg.moe.bias_update_rate)
-        return p, s, loss, aux
-
-    return graphdef, params, opt, jax.jit(step, donate_argnums=(0, 1))
+    opt = make_optimizer(lr, total_steps=steps, warmup_steps=steps // 10)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    return graphdef, state, make_state_step(graphdef, opt, moe_cfg=cfg.moe)
 
 
 def timed(cfg, batch):
-    _, params, opt, step = train_step(cfg)
-    state = [params, opt.init(params)]
+    _, state, step = train_step(cfg)
+    box = [state]
 
     def call():
-        state[0], state[1], loss, aux = step(state[0], state[1], batch)
-        jax.block_until_ready(loss)
+        box[0], metrics = step(box[0], batch)
+        jax.block_until_ready(metrics["loss"])
 
     return call
 
@@ -113,15 +99,14 @@ def balance(steps: int):
     out = {}
     for name, m in variants.items():
         cfg = dataclasses.replace(base, moe=m)
-        graphdef, params, opt, step = train_step(cfg, lr=3e-3)
-        s = opt.init(params)
+        graphdef, state, step = train_step(cfg, lr=3e-3, steps=steps)
         for i in tqdm(range(1, steps + 1), desc=name):
-            params, s, loss, aux = step(params, s, {k: jnp.asarray(v) for k, v in train.batch(i).items()})
-        model = nnx.merge(graphdef, params)
+            state, metrics = step(state, {k: jnp.asarray(v) for k, v in train.batch(i).items()})
+        model = nnx.merge(graphdef, state["params"])
         loads = [np.asarray(model(jnp.asarray(held.batch(i)["inputs"]), return_aux=True)[1]["load"]) for i in range(4)]
         load = np.mean(loads, 0)  # [L, E]
         out[name] = {"load": load.tolist(), "max_over_mean": float((load.max(-1) * moe.n_experts).mean()),
-                     "cv": float((load.std(-1) * moe.n_experts).mean()), "final_loss": float(loss)}
+                     "cv": float((load.std(-1) * moe.n_experts).mean()), "final_loss": float(metrics["loss"])}
     return out
 
 
