@@ -31,6 +31,7 @@ from flax import nnx
 
 from models import moe
 from models.moe import MoE, MoEConfig, swiglu
+from parallel.host import tune_cpu_allocator
 
 SHAPES = {  # name: (MoEConfig, description)
     "mixtral": (MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=512), "top-2 of 8, F=512"),
@@ -142,4 +143,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

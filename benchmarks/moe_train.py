@@ -33,6 +33,7 @@ from tqdm import tqdm
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig
+from parallel.host import tune_cpu_allocator
 
 DENSE = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=256)
 MOE = MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=512)
@@ -161,4 +162,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

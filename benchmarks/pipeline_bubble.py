@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from parallel import make_mesh  # noqa: E402
+from parallel.host import tune_cpu_allocator  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
 
 
@@ -80,4 +81,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

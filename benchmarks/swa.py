@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.sliding_window import sliding_window_attention
+from parallel.host import tune_cpu_allocator
 
 N_HEADS, HEAD_DIM = 4, 64
 
@@ -152,4 +153,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

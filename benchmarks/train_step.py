@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
+from parallel.host import tune_cpu_allocator
 
 CFG = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=256)
 MATMUL_N = 2048
@@ -241,4 +242,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -31,6 +31,7 @@ from experiments.train_video import PRESETS
 from experiments.video_steps import make_t2v_step, manager, restore
 from models.video import TextToVideo, VideoVAE, generate
 from models.video.vae import denormalize, psnr
+from parallel.host import tune_cpu_allocator
 
 
 def timed(fn, n: int):
@@ -144,4 +145,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
 from models import Transformer, TransformerConfig
+from parallel.host import tune_cpu_allocator
 from scaling.flops import param_counts, train_flops_per_token
 from scaling.laws import bootstrap
 
@@ -296,4 +297,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

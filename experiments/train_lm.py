@@ -22,6 +22,8 @@ import signal
 import sys
 import time
 
+from parallel.host import tune_cpu_allocator
+
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
 
@@ -406,4 +408,5 @@ def train(cfg, mesh_shape: dict) -> dict:
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -43,6 +43,7 @@ from models.video import (
 )
 from models.video.vae import denormalize, latent_stats, normalize, psnr
 from parallel import create_sharded, make_mesh
+from parallel.host import tune_cpu_allocator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,4 +284,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()
