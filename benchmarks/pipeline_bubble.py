@@ -26,7 +26,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from parallel import make_mesh  # noqa: E402
-from parallel.host import tune_cpu_allocator  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
 
 
@@ -81,5 +80,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -26,7 +26,6 @@ from tqdm import tqdm
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
 from experiments.lm_step import lm_loss, make_optimizer
 from models import Transformer, TransformerConfig
-from parallel.host import tune_cpu_allocator
 
 LOG2_LRS = tuple(range(-12, -3))
 
@@ -114,5 +113,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -43,7 +43,6 @@ from tqdm import tqdm
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
 from models import Transformer, TransformerConfig
-from parallel.host import tune_cpu_allocator
 from scaling.flops import param_counts, train_flops_per_token
 from scaling.laws import bootstrap
 
@@ -297,5 +296,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -22,8 +22,6 @@ import signal
 import sys
 import time
 
-from parallel.host import tune_cpu_allocator
-
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
 
@@ -408,5 +406,4 @@ def train(cfg, mesh_shape: dict) -> dict:
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -43,7 +43,6 @@ from models.video import (
 )
 from models.video.vae import denormalize, latent_stats, normalize, psnr
 from parallel import create_sharded, make_mesh
-from parallel.host import tune_cpu_allocator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,5 +283,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
     main()

@@ -4,8 +4,11 @@ XLA:CPU allocates one temporary buffer per execution (≈ 0.5 GB for the 8.4 M-p
 benchmarks/train_step.py) with malloc. glibc serves a request that large from a fresh `mmap` and `munmap`s it on
 free, so every step page-faults the whole buffer in again: measured ≈ 130 k minor faults and ≈ 0.25 CPU-s of
 kernel time per 0.75 s step, ≈ 20 % of the step (docs/benchmarks.md, "Host allocator"). With one malloc arena,
-no mmap and no trimming, the buffer is reused from the heap and the faults disappear; the cost is that the
-process keeps its peak heap (it never shrinks), which is what a training job wants anyway.
+no mmap and no trimming, the buffer is reused from the heap and the faults disappear; the costs: the process
+keeps its peak heap (it never shrinks), and every thread allocates from one arena behind one lock. So it is
+opt-in: it pays for a single-device CPU step (the benchmarks call it; JAXSCALE_MALLOC_TUNING=0 turns it off)
+and loses where many threads allocate at once: the 8-fake-device demo ran 121 s instead of 103 s with it.
+Irrelevant on GPU/TPU, whose device memory XLA manages itself.
 """
 
 from __future__ import annotations
