@@ -21,6 +21,7 @@ from models.moe import (
     route,
     router_z_loss,
     tile_schedule,
+    top_k_indices,
     update_router_bias,
 )
 from parallel import make_mesh, shard_batch, shard_state
@@ -160,6 +161,15 @@ def test_gmm_tiles_cover_every_run_and_match_a_dense_product():
     np.testing.assert_allclose(y1, y0, rtol=1e-5)
     np.testing.assert_allclose(jax.jit(gmm, static_argnums=3)(x, w, schedule, sizes), dense(x, w), atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), g1, g0)
+
+
+def test_top_k_indices_is_a_stable_descending_sort():
+    """Iterative argmax (k ≤ 4) and the sort (k > 4) both pick the largest scores first, lower index on ties."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (64, 9)).astype(np.float32)  # few distinct values: many ties
+    want = np.argsort(-scores, axis=-1, kind="stable")
+    for k in range(1, 8):
+        np.testing.assert_array_equal(np.asarray(top_k_indices(jnp.asarray(scores), k)), want[:, :k])
 
 
 def test_capacity_drops_exactly_the_predicted_tokens():
