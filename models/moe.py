@@ -337,9 +337,10 @@ def sorted_ragged(x_ND, weights_NK, experts_NK, w, act):
 
 
 def default_tile_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
-    """Tile sizes of `gmm`, largest first: (16s, 4s, s), s = 32 (smaller when experts get < 16·32 rows on average).
-    Each expert's run, padded to a multiple of s, is covered greedily by the largest tiles, so a few big matmuls do
-    most of the work and the padding stays under s rows per expert (measured on CPU: docs/benchmarks.md)."""
+    """Tile sizes of `grouped_swiglu`, largest first: (16s, 4s, s), s = 32 (smaller when experts get < 16·32 rows
+    on average). Each expert's run, padded to a multiple of s, is covered greedily by the largest tiles, so a few
+    big matmuls do most of the work and the padding stays under s rows per expert (measured on CPU:
+    docs/benchmarks.md)."""
     s = int(min(32, max(8, 2 ** math.floor(math.log2(max(1, assignments / (16 * n_experts)))))))
     rows = (-(-assignments // s) + n_experts - 1) * s  # the padded rows of block_layout
     return tuple(t for t in (16 * s, 4 * s, s) if t <= rows)
@@ -390,16 +391,14 @@ def _padded_rows(x_ND, src_R):
 
 
 def sorted_gmm(x_ND, weights_NK, experts_NK, w, act):
-    """Dropless grouped matmul for CPU: expert-sorted, padded rows; loops over tiles multiply each tile by its
-    expert's weights (`gmm`), so no per-tile weight copy is materialised."""
+    """Dropless grouped matmul for CPU: expert-sorted rows, each expert's run padded to whole tiles; one loop
+    over the tiles runs each tile's expert SwiGLU (`grouped_swiglu`), so only the occupied tiles cost anything."""
     N, K, E = x_ND.shape[0], weights_NK.shape[-1], w[0].shape[0]
     sizes = default_tile_rows(N * K, E)
     row_A, src_R, blocks_E = block_layout(experts_NK, E, sizes[-1])
     schedule = tile_schedule(blocks_E, sizes, src_R.shape[0])
-    x_RD = _padded_rows(x_ND, src_R)
-    mm = lambda x_RI, w_EIO: gmm(x_RI, w_EIO, schedule, sizes)
-    h_RF = act(mm(x_RD, w[0])) * mm(x_RD, w[1])  # padding rows stay 0: act(0)·0
-    return _combine(mm(h_RF, w[2])[row_A], weights_NK)
+    y_RD = grouped_swiglu(_padded_rows(x_ND, src_R), w, schedule, sizes, act)  # padding rows: act(0)·0 = 0
+    return _combine(y_RD[row_A], weights_NK)
 
 
 def sorted_blocks(x_ND, weights_NK, experts_NK, w, act):
@@ -416,46 +415,74 @@ def sorted_blocks(x_ND, weights_NK, experts_NK, w, act):
     return _combine(y_nbD.reshape(-1, D)[row_A], weights_NK)
 
 
-def _gmm_loop(x_RI, w_EIO, schedule, sizes, transpose_w: bool):
-    """out[tile] = x[tile] @ w[e] (or w[e]^T) for every tile in use; rows outside tiles stay 0."""
-    dims = (((1,), (1 if transpose_w else 0,)), ((), ()))
-    out_RO = jnp.zeros((x_RI.shape[0], w_EIO.shape[1 if transpose_w else 2]), x_RI.dtype)
+def _tiles(schedule, sizes, body, carry):
+    """carry = body(first row, expert, s, carry) for every tile in use, size by size (see `tile_schedule`)."""
     for (start_q, expert_q, count), s in zip(schedule, sizes):
-        def body(q, out_RO, start_q=start_q, expert_q=expert_q, s=s):
-            x_sI = jax.lax.dynamic_slice_in_dim(x_RI, start_q[q], s)
-            y_sO = jax.lax.dot_general(x_sI, w_EIO[expert_q[q]], dims, preferred_element_type=jnp.float32)
-            return jax.lax.dynamic_update_slice_in_dim(out_RO, y_sO.astype(out_RO.dtype), start_q[q], 0)
-
-        out_RO = jax.lax.fori_loop(0, count, body, out_RO)
-    return out_RO
+        step = lambda q, c, start_q=start_q, expert_q=expert_q, s=s: body(start_q[q], expert_q[q], s, c)
+        carry = jax.lax.fori_loop(0, count, step, carry)
+    return carry
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm(x_RI, w_EIO, schedule, sizes):
-    """Grouped matmul over expert-homogeneous row tiles: [R, I] × [E, I, O] → [R, O] (see `tile_schedule`).
-    A custom VJP, so the weight gradient accumulates in place per tile instead of through a scan transpose."""
-    return _gmm_loop(x_RI, w_EIO, schedule, sizes, transpose_w=False)
+def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _gmm_fwd(x_RI, w_EIO, schedule, sizes):
-    return gmm(x_RI, w_EIO, schedule, sizes), (x_RI, w_EIO, schedule)
+def _swiglu_tiles(x_RD, w, schedule, sizes, act, save: bool):
+    """y [R, D] (and the pre-activations gate, up [R, F] when `save`): one loop iteration per tile runs the whole
+    expert SwiGLU, so the loop overhead is paid once per tile, not once per matmul (a third of the iterations)."""
+    w_gate_EDF, w_up_EDF, w_down_EFD = w
+    (R, _), F, dt = x_RD.shape, w_gate_EDF.shape[-1], x_RD.dtype
+
+    def body(r, e, s, c):
+        x_sD = jax.lax.dynamic_slice_in_dim(x_RD, r, s)
+        a_sF, b_sF = _dot(x_sD, w_gate_EDF[e]).astype(dt), _dot(x_sD, w_up_EDF[e]).astype(dt)
+        y_sD = _dot(act(a_sF) * b_sF, w_down_EFD[e]).astype(dt)
+        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, r, 0)  # noqa: E731
+        return (put(c[0], y_sD),) + ((put(c[1], a_sF), put(c[2], b_sF)) if save else ())
+
+    zeros = (jnp.zeros_like(x_RD),) + ((jnp.zeros((R, F), dt),) * 2 if save else ())
+    return _tiles(schedule, sizes, body, zeros)
 
 
-def _gmm_bwd(sizes, res, g_RO):
-    x_RI, w_EIO, schedule = res
-    dw_EIO = jnp.zeros(w_EIO.shape, jnp.float32)
-    for (start_q, expert_q, count), s in zip(schedule, sizes):
-        def body(q, dw_EIO, start_q=start_q, expert_q=expert_q, s=s):  # dw[e] += x_tile^T g_tile, in float32
-            x_sI, g_sO = (jax.lax.dynamic_slice_in_dim(a, start_q[q], s) for a in (x_RI, g_RO))
-            dw_IO = jax.lax.dot_general(x_sI, g_sO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            return jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_EIO[expert_q[q]] + dw_IO, expert_q[q], 0)
-
-        dw_EIO = jax.lax.fori_loop(0, count, body, dw_EIO)
-    dx_RI = _gmm_loop(g_RO, w_EIO, schedule, sizes, transpose_w=True)
-    return dx_RI, dw_EIO.astype(w_EIO.dtype), jax.tree.map(lambda _: None, schedule)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def grouped_swiglu(x_RD, w, schedule, sizes, act):
+    """Expert SwiGLU over expert-homogeneous row tiles: x [R, D], w = (gate [E, D, F], up [E, D, F],
+    down [E, F, D]) → [R, D]; rows outside the tiles stay 0 (see `tile_schedule`). A custom VJP whose backward is
+    also one loop over the tiles (weight gradients accumulated in float32 in place)."""
+    return _swiglu_tiles(x_RD, w, schedule, sizes, act, save=False)[0]
 
 
-gmm.defvjp(_gmm_fwd, _gmm_bwd)
+def _grouped_swiglu_fwd(x_RD, w, schedule, sizes, act):
+    y_RD, a_RF, b_RF = _swiglu_tiles(x_RD, w, schedule, sizes, act, save=True)
+    return y_RD, (x_RD, w, schedule, a_RF, b_RF)
+
+
+def _grouped_swiglu_bwd(sizes, act, res, g_RD):
+    x_RD, (w_gate_EDF, w_up_EDF, w_down_EFD), schedule, a_RF, b_RF = res
+    dt, T = x_RD.dtype, (((0,), (0,)), ((), ()))  # T: contract the tile's rows (weight gradients)
+    NT = (((1,), (1,)), ((), ()))  # times a transposed weight
+
+    def body(r, e, s, c):
+        dx_RD, dwg, dwu, dwd = c
+        x_sD, g_sD, a_sF, b_sF = (jax.lax.dynamic_slice_in_dim(v, r, s) for v in (x_RD, g_RD, a_RF, b_RF))
+        act_a_sF, act_vjp = jax.vjp(act, a_sF)
+        dh_sF = _dot(g_sD, w_down_EFD[e], NT).astype(dt)
+        db_sF = dh_sF * act_a_sF
+        (da_sF,) = act_vjp(dh_sF * b_sF)
+        dx_sD = _dot(da_sF, w_gate_EDF[e], NT) + _dot(db_sF, w_up_EDF[e], NT)
+        add = lambda acc, v: jax.lax.dynamic_update_index_in_dim(acc, acc[e] + v, e, 0)  # noqa: E731
+        return (jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_sD.astype(dt), r, 0),
+                add(dwg, _dot(x_sD, da_sF, T)), add(dwu, _dot(x_sD, db_sF, T)),
+                add(dwd, _dot(act_a_sF * b_sF, g_sD, T)))
+
+    f32 = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
+    dx_RD, dwg, dwu, dwd = _tiles(schedule, sizes, body,
+                                  (jnp.zeros_like(x_RD), f32(w_gate_EDF), f32(w_up_EDF), f32(w_down_EFD)))
+    dw = tuple(d.astype(p.dtype) for d, p in zip((dwg, dwu, dwd), (w_gate_EDF, w_up_EDF, w_down_EFD)))
+    return dx_RD, dw, jax.tree.map(lambda _: None, schedule)
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 
 def dense_experts(x_ND, weights_NK, experts_NK, w, act):
