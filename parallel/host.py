@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import warnings
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_DONE: list[bool] = []
 
 
+@functools.cache
 def tune_cpu_allocator() -> bool:
     """Make glibc malloc reuse large freed blocks (one arena, no mmap, no trim). Returns True when applied.
 
@@ -31,24 +32,16 @@ def tune_cpu_allocator() -> bool:
     so calling it after the CPU backend has started helps less (a warning says so). A no-op returning False
     off Linux/glibc, or when the environment sets JAXSCALE_MALLOC_TUNING=0. Idempotent.
     """
-    if _DONE:
-        return _DONE[0]
-    ok = False
-    if os.environ.get("JAXSCALE_MALLOC_TUNING", "1") != "0" and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):  # musl and others have no mallopt
-            mallopt = None
-        if mallopt is not None:
-            late = "jax" in sys.modules and _backend_started()
-            ok = all(mallopt(k, v) == 1 for k, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                                                     (_M_TRIM_THRESHOLD, 2**31 - 1)))
-            if ok and late:
-                warnings.warn("tune_cpu_allocator() called after the JAX backend started: XLA's worker threads "
-                              "keep their own malloc arenas; call it before the first JAX computation.",
-                              stacklevel=2)
-    _DONE.append(ok)
+    if os.environ.get("JAXSCALE_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    ok = all(mallopt(k, v) == 1 for k, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    if ok and "jax" in sys.modules and _backend_started():
+        warnings.warn("tune_cpu_allocator() called after the JAX backend started: XLA's worker threads keep their "
+                      "own malloc arenas; call it before the first JAX computation.", stacklevel=2)
     return ok
 
 
