@@ -45,18 +45,30 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_s
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score (as jax.nn.dot_product_attention)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float):
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None):
     """`jax.nn.dot_product_attention(implementation='xla')` semantics, laid out and differentiated for speed.
 
     Heads move in front of time once ([B, K, G, T, H]), so every einsum is a plain batched matmul
     over (B, K) with G·T rows. Scores and softmax are float32; a fully masked row gets uniform
-    weights (as in jax). The backward pass is written by hand (`_core`).
+    weights (as in jax) over the keys its block scores. The backward pass is written by hand (`_core`).
+
+    causal_block: C, only for a mask that is causal by position (T == S, query t never sees key s > t;
+    padding and segments may mask more). Queries then go in blocks of C and block i scores keys
+    [0, (i + 1)·C) only, skipping the all-masked blocks above the diagonal: (Q + 1) / 2Q of the dense
+    work for Q = T / C blocks.
     """
     B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
+    S, K = k_BSKH.shape[1:3]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
-    o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B1TS[:, :, None], scale)
+    mask_B11TS = mask_B1TS[:, :, None]
+    if causal_block is None or T != S or T <= causal_block:
+        o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale)
+    else:
+        bounds = [(lo, min(lo + causal_block, T)) for lo in range(0, T, causal_block)]
+        o_BKGTH = jnp.concatenate([
+            _core(q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi], mask_B11TS[..., lo:hi, :hi], scale)
+            for lo, hi in bounds], axis=3)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -102,17 +114,19 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: float | None = None,
-              logit_softcap: float | None = None):
+              logit_softcap: float | None = None, causal_block: int | None = None):
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.
 
     impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
     `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16); 'reference' is the einsum oracle.
+    causal_block: promise that the mask is causal by position, so 'xla' may skip the key blocks
+    above the diagonal (see `xla_attention`); the other implementations ignore it.
     """
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "reference" or logit_softcap is not None:  # the fused paths have no soft-cap
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
     if impl == "xla":
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale)
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
     return jax.nn.dot_product_attention(

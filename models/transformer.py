@@ -167,7 +167,7 @@ class Block(nnx.Module):
                                        scale=scale, logit_softcap=cfg.attn_logit_softcap), None
             slots_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             mask = make_mask(slots_BT, slots_BT, ctx.segment_ids, ctx.segment_ids, ctx.padding_mask)
-            return attention(q_BTNH, k_BTKH, v_BTKH, mask, **kw), None
+            return attention(q_BTNH, k_BTKH, v_BTKH, mask, causal_block=cfg.attn_block, **kw), None
 
         # Cached decoding: masks come from the absolute position stored in each slot.
         k_BSKH, v_BSKH, pos_S = cache
@@ -346,7 +346,7 @@ class Transformer(nnx.Module):
                 x, _, aux = group(xs[0], x, ctx.arrays(), None, xs[1])
                 return x, aux
 
-            x_BTD, aux = jax.lax.scan(body, x_BTD, (grouped, keys))
+            x_BTD, aux = jax.lax.scan(body, x_BTD, (grouped, keys), unroll=cfg.scan_unroll)
             return x_BTD, None, flat_aux(aux)
 
         def step(x, xs):
@@ -354,7 +354,7 @@ class Transformer(nnx.Module):
             x, out, aux = group(gst, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j]) for j in range(P)])
             return x, (tuple(zip(*out)), aux)  # ((k_j...), (v_j...), (pos_j...))
 
-        x_BTD, ((ks, vs, pos), aux) = jax.lax.scan(step, x_BTD, (grouped, cache.k, cache.v))
+        x_BTD, ((ks, vs, pos), aux) = jax.lax.scan(step, x_BTD, (grouped, cache.k, cache.v), unroll=cfg.scan_unroll)
         return x_BTD, (ks, vs, tuple(p[0] for p in pos)), flat_aux(aux)  # every group writes the same positions
 
 

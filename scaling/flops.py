@@ -82,6 +82,7 @@ class LMShape:
     windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
+    attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe.moe_every == 0
@@ -149,7 +150,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    head_dim=hd, mlp_dim=getattr(cfg, "mlp_dim", 4 * cfg.d_model),
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
-                   moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)))
+                   moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
+                   attn_block=getattr(cfg, "attn_block", None))
 
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -237,11 +239,17 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     the mask; 'ideal' / 'flash' — only the attended keys (`attended_keys`, causal; a fused kernel that
     skips fully masked blocks executes about this); 'blocked' —
     `models.sliding_window`: T is padded to Q = ceil(T / C) blocks of C = min(block, T) queries and
-    each block scores nk·C keys, nk = min(Q, ceil((W - 1) / C) + 1).
+    each block scores nk·C keys, nk = min(Q, ceil((W - 1) / C) + 1); 'causal_blocked' — the global
+    causal 'xla' kernel with `causal_block=C` (models.attention): the block of queries [lo, hi) scores
+    keys [0, hi), no padding.
     """
     T = int(seq_len)
     if kernel == "dense":
         return float(T)
+    if kernel == "causal_blocked":
+        if window is not None:
+            raise ValueError("kernel='causal_blocked' is the global causal kernel; pass window=None")
+        return sum((min(lo + block, T) - lo) * min(lo + block, T) for lo in range(0, T, block)) / T
     if kernel in ("ideal", "flash"):
         return attended_keys(T, window)
     if kernel == "blocked":
@@ -250,7 +258,15 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
         W = T if window is None else int(window)
         nk = min(Q, math.ceil(max(W - 1, 0) / C) + 1)
         return Q * C * nk * C / T
-    raise ValueError(f"kernel={kernel!r}: use 'dense', 'ideal', 'flash' or 'blocked'")
+    raise ValueError(f"kernel={kernel!r}: use 'dense', 'causal_blocked', 'ideal', 'flash' or 'blocked'")
+
+
+def model_kernel(s: LMShape, window: int | None, swa_block: int) -> tuple[str, int]:
+    """(kernel, block) that models.Transformer runs for a layer on CPU: block-causal (or dense masked when
+    `attn_block` is None) for global layers, the blocked sliding-window kernel for local ones."""
+    if window is not None:
+        return "blocked", swa_block
+    return ("causal_blocked", s.attn_block) if s.attn_block else ("dense", swa_block)
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------
@@ -273,13 +289,13 @@ def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block
     """Forward attention FLOPs per token summed over layers: 4·n_heads·head_dim·keys(layer).
 
     kernel='ideal' counts attended keys (causal, per-layer window): the model FLOPs for MFU;
-    'dense' / 'blocked' / 'flash' count what that kernel executes (see `executed_keys`); 'executed':
-    dense for global layers and blocked (`block` = the config's swa_block) for windowed ones.
+    'dense' / 'causal_blocked' / 'blocked' / 'flash' count what that kernel executes (see
+    `executed_keys`); 'executed': what models.Transformer runs (`model_kernel`; `block` = the config's
+    swa_block for windowed layers, its attn_block for global ones).
     """
     s = lm_shape(cfg, windows=windows, moe=moe)
-    # 'executed': what models.Transformer runs on CPU — dense masked global layers, blocked local ones
-    kern = lambda w: ("dense" if w is None else "blocked") if kernel == "executed" else kernel  # noqa: E731
-    keys = sum(executed_keys(seq_len, w, kern(w), block) for w in s.windows)
+    kern = lambda w: model_kernel(s, w, block) if kernel == "executed" else (kernel, block)  # noqa: E731
+    keys = sum(executed_keys(seq_len, w, *kern(w)) for w in s.windows)
     return 4.0 * s.n_heads * s.head_dim * keys
 
 

@@ -90,8 +90,10 @@ def test_saved_activations_per_layer_match(remat, lo):
     # pass with every layer's residuals live (sharded or with an optimizer update, XLA's peak can sit
     # elsewhere and the difference stops measuring activations; the whole-step test covers meshes).
     mesh, T = {"data": 1}, 128
-    temp = {(L, B): compiled_memory(dataclasses.replace(BASE, n_layers=L, remat=remat, n_heads=8), mesh, B, T,
-                                    optimizer=False, n_devices=1).temp_size_in_bytes for L in (2, 6) for B in (4, 8)}
+    # the dense masked attention kernel, whose residuals the formula models (the block-causal one keeps 8% less)
+    temp = {(L, B): compiled_memory(dataclasses.replace(BASE, n_layers=L, remat=remat, n_heads=8, attn_block=None),
+                                    mesh, B, T, optimizer=False, n_devices=1).temp_size_in_bytes
+            for L in (2, 6) for B in (4, 8)}
     per_layer_token = (temp[6, 8] - temp[6, 4] - temp[2, 8] + temp[2, 4]) / 4 / (4 * T)  # 4 layers, +4 rows
     ours = saved_bytes_per_token(dataclasses.replace(BASE, n_heads=8), remat, T, mesh=mesh)
     assert lo * ours <= per_layer_token <= 1.03 * ours, per_layer_token / ours

@@ -75,9 +75,10 @@ def test_causality_by_gradient(model):
         assert jnp.all(per_pos[: t + 1] > 0.0)
 
 
-def test_scan_equals_unrolled(model, tokens):
+@pytest.mark.parametrize("change", [dict(scan_layers=False), dict(scan_unroll=True)])
+def test_scan_equals_unrolled(model, tokens, change):
     l1, g1 = loss_and_grads(model, tokens)
-    l2, g2 = loss_and_grads(with_cfg(model, scan_layers=False), tokens)
+    l2, g2 = loss_and_grads(with_cfg(model, **change), tokens)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
@@ -154,6 +155,7 @@ def test_bf16_compute_close_to_f32(tokens):
 @pytest.mark.parametrize("field,value,words", [
     ("n_kv_heads", 3, "n_kv_heads"), ("head_dim", 7, "head_dim"), ("attn_impl", "flash", "attn_impl"),
     ("remat", "some", "remat"), ("dtype", "int8", "dtype"), ("d_model", 30, "head_dim"),
+    ("scan_unroll", 0, "scan_unroll"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
