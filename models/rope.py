@@ -28,10 +28,22 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = N
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_tables(positions_BT, inv_freq_F):
+    """(cos, sin), each [B, T, 1, F] float32. NumPy positions give NumPy tables, i.e. constants of the
+    compiled program: XLA fuses cos/sin computed in the graph into every rotation and evaluates them
+    per head element (at B·T = 2048, 4 heads of 64: ~2.4 ms of a 33 ms CPU layer)."""
+    xp = np if isinstance(positions_BT, np.ndarray) else jnp
+    ang_BTF = positions_BT[..., None].astype(np.float32) * xp.asarray(inv_freq_F, np.float32)
+    return xp.cos(ang_BTF)[:, :, None, :], xp.sin(ang_BTF)[:, :, None, :]
+
+
+def rotate(x_BTNH, cos_BT1F, sin_BT1F):
+    """Rotate pairs (i, i + H/2) by the tables' angles; computed in float32, returned in x's dtype."""
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
 def apply_rope(x_BTNH, positions_BT, inv_freq_F):
     """Rotate pairs (i, i + H/2) by angle position·freq; computed in float32, returned in x's dtype."""
-    ang_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_F)
-    cos, sin = jnp.cos(ang_BTF)[:, :, None, :], jnp.sin(ang_BTF)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
+    return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_F))

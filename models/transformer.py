@@ -17,12 +17,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.moe import MoE
-from models.rope import apply_rope, inv_frequencies
+from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
 from parallel.rules import constrain, mesh_axis_for
@@ -82,9 +83,15 @@ class _Ctx:
     padding_mask: jax.Array | None
     inv_freq: object
     length: jax.Array | int = 0  # tokens already in the cache
+    rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
+
+    def rope(self, x_BTNH):
+        if self.rope_cs is None:
+            return apply_rope(x_BTNH, self.positions, self.inv_freq)
+        return rotate(x_BTNH, *self.rope_cs)
 
     def with_arrays(self, a):
         return dataclasses.replace(self, **a)
@@ -136,8 +143,8 @@ class Block(nnx.Module):
         v_BTKH = (h_MD @ w(self.wv, D, K * H)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
-        q_BTNH = constrain(apply_rope(q_BTNH, ctx.positions, ctx.inv_freq), ("batch", "act_seq", "act_heads", None))
-        k_BTKH = apply_rope(k_BTKH, ctx.positions, ctx.inv_freq)
+        q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
+        k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
         a_BTD = (o_BTNH.reshape(B * T, N * H) @ w(self.wo, N * H, D)).reshape(B, T, D)
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
@@ -241,13 +248,16 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         B, T = tokens_BT.shape
         length = cache.length if cache is not None else 0
+        inv_freq = inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
+        rope_cs = None
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(length + jnp.arange(T, dtype=jnp.int32), (B, T))
+            if cache is None and T * cfg.hd <= 1 << 21:  # positions 0..T-1: tables of at most 4 MB each
+                rope_cs = rope_tables(np.arange(T, dtype=np.int32)[None], inv_freq)
         if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
             raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one "
                              "unpadded document per row")
-        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT,
-                   inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling), length)
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs)
 
         cd = dtype_of(cfg.dtype)
         # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):
