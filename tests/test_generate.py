@@ -1,5 +1,7 @@
 """KV-cache generation: greedy equals recomputation; sampling honours top-k / top-p."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,10 @@ def model():
     return Transformer(CFG, rngs=nnx.Rngs(0))
 
 
-def test_greedy_generate_equals_full_recompute(model):
+@pytest.mark.parametrize("scan_unroll", [1, True])  # True: the prefill / decode layer scans fully unrolled
+def test_greedy_generate_equals_full_recompute(model, scan_unroll):
+    if scan_unroll is True:
+        model = Transformer(dataclasses.replace(CFG, scan_unroll=True), rngs=nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, CFG.vocab_size)
     out = generate(model, prompt, 8)
     assert out.shape == (2, 13)
