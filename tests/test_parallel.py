@@ -12,7 +12,9 @@ from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
 
-CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=64, qkv_bias=True)
+# attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis
+CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=64, qkv_bias=True,
+                        attn_block=8)
 OPT = make_optimizer(1e-2, total_steps=10, warmup_steps=1)
 
 
