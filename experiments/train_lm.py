@@ -195,6 +195,17 @@ def main(argv=None) -> dict:
     return train(cfg, mesh_shape)
 
 
+# How a model is executed, not what it computes or which parameters it has: a run may resume with other values.
+EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
+                              "swa_block", "pipeline_microbatches", "dtype"})
+
+
+def model_config_mismatch(saved: dict, current: dict) -> list[str]:
+    """Model fields (as in `TransformerConfig` JSON) whose saved value differs from the current one. Execution
+    settings do not count, nor do fields added since the checkpoint was written (their defaults apply)."""
+    return sorted(k for k, v in saved.items() if k not in EXECUTION_FIELDS and current.get(k, v) != v)
+
+
 def init_state(cfg, mesh):
     """The fresh train state on `mesh` (also the restore target: its shardings place a checkpoint on any mesh).
     Returns (graphdef, optimizer, schedule, state)."""
@@ -264,10 +275,10 @@ def train(cfg, mesh_shape: dict) -> dict:
     start = 0
     if restored is not None:
         state, meta = restored
-        saved_model = json.loads(meta["config"])["model"]
-        if saved_model != json.loads(cfg.to_json())["model"]:
-            raise SystemExit(f"config error: train.out: {out / 'ckpt'} holds a run of a different model config; "
-                             "use a new train.out or the same model settings")
+        differ = model_config_mismatch(json.loads(meta["config"])["model"], json.loads(cfg.to_json())["model"])
+        if differ:
+            raise SystemExit(f"config error: train.out: {out / 'ckpt'} holds a run of a different model config "
+                             f"({', '.join(differ)}); use a new train.out or the same model settings")
         loader.set_state(meta["loader"])
         start = int(meta["step"])
         say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")

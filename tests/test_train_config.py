@@ -1,6 +1,9 @@
 """Run config: bad configurations fail before compilation with one line naming the field; overrides reach
 nested fields; the optimizer's decay mask and schedules; gradient accumulation matches one big batch."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +114,13 @@ def test_grad_accumulation_equals_one_big_batch():
     assert out[1][1:] == pytest.approx(out[2][1:], rel=1e-5)
     # Adam divides by sqrt(v): a near-zero gradient entry may move by up to ~lr either way, so compare loosely
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), out[1][0], out[2][0])
+
+
+def test_resume_compares_the_model_not_how_it_is_executed():
+    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731  (as RunConfig.to_json)
+    saved = as_json(TransformerConfig(d_model=64, n_heads=4))
+    saved.pop("attn_block")  # a checkpoint written before this field existed
+    now = as_json(TransformerConfig(d_model=64, n_heads=4, remat="full", scan_unroll=True))
+    assert train_lm.model_config_mismatch(saved, now) == []
+    now["d_model"], now["rope_theta"] = 128, 1e6
+    assert train_lm.model_config_mismatch(saved, now) == ["d_model", "rope_theta"]
