@@ -1,0 +1,89 @@
+"""The Transformer train step at GPU size on one accelerator: tokens/s and MFU against the chip's bf16 peak.
+
+    python -m benchmarks.train_step_gpu [--chip h200] [--batch 8] [--steps 10] [--json OUT]
+    python -m benchmarks.train_step_gpu --tiny      # the same code path at toy size (CPU smoke run)
+
+~1B parameters, Llama-shaped (d_model 2048, 16 layers, 16 heads × 128, SwiGLU 5632, vocab 32000 untied),
+seq 2048, float32 parameters with bfloat16 compute, cuDNN attention on a GPU ('xla' elsewhere), AdamW
+(`experiments.lm_step.make_train_step`, donated state). MFU = model FLOPs per token
+(`TransformerConfig.flops_per_token(seq, causal=True)`) × tokens/s over `scaling.hardware.peak_flops(chip, 'bf16')`.
+Results go beside the CPU numbers in docs/benchmarks.md ("Transformer train step"). Not yet run on a GPU (no
+GPU was lent to the sessions so far): the cuDNN path with the model's boolean mask is unverified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from experiments.lm_step import make_optimizer, make_train_step
+from models import Transformer, TransformerConfig
+from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
+from scaling.hardware import peak_flops
+
+GPU_1B = TransformerConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, mlp_dim=5632, max_seq_len=2048,
+                           dtype="bfloat16", attn_impl="cudnn", rope_theta=500_000.0)
+TINY = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, max_seq_len=128)
+
+
+def run(cfg: TransformerConfig, batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
+    """`warmup` untimed steps (compilation), then the mean of `steps` timed steps on one device."""
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    opt = make_optimizer(lr=3e-4, weight_decay=0.1, clip_norm=1.0)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
+    with jax.set_mesh(mesh):
+        opt_state = init_optimizer(opt, params)
+        data = shard_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+        step = make_train_step(graphdef, opt)
+        t_compile = time.perf_counter()
+        for _ in range(warmup):
+            params, opt_state, m = step(params, opt_state, data)
+        jax.block_until_ready(m)
+        t_compile = time.perf_counter() - t_compile
+        t0 = time.perf_counter()
+        for _ in tqdm(range(steps), desc="timed steps"):
+            params, opt_state, m = step(params, opt_state, data)
+        jax.block_until_ready((params, m))
+        dt = (time.perf_counter() - t0) / steps
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"step_ms": 1e3 * dt, "tokens_per_s": batch * seq / dt, "warmup_s": t_compile, "loss": float(m["loss"]),
+            "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chip", default="h200", help="scaling.hardware kind whose bf16 peak MFU is taken against")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="toy config, float32, 'xla' attention: a CPU smoke run")
+    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    args = ap.parse_args(argv)
+    cfg, seq, batch = (TINY, 128, 2) if args.tiny else (GPU_1B, args.seq, args.batch)
+    if not args.tiny and jax.default_backend() != "gpu":
+        raise SystemExit(f"benchmarks.train_step_gpu: backend is {jax.default_backend()!r}; the 1B config needs a "
+                         "GPU (cuDNN attention, bf16). Use --tiny for a CPU smoke run.")
+    res = run(cfg, batch, seq, args.steps)
+    fpt = cfg.flops_per_token(seq, causal=True)
+    peak = peak_flops(args.chip, "bf16")
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "params": cfg.param_count(), "batch": batch,
+           "seq": seq, "flops_per_token": fpt, "chip": args.chip, "peak_bf16_flops": peak,
+           "mfu": res["tokens_per_s"] * fpt / peak, **res}
+    print(f"{out['device']}: {out['params'] / 1e9:.2f} B params, batch {batch} × seq {seq}: "
+          f"{res['tokens_per_s']:,.0f} tokens/s ({res['step_ms']:.0f} ms/step), MFU {100 * out['mfu']:.1f}% of "
+          f"{args.chip} bf16 peak {peak / 1e12:.0f} TFLOP/s; warm-up {res['warmup_s']:.0f} s; loss {res['loss']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
