@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from scaling.flops import LMShape, executed_keys, lm_shape
+from scaling.flops import LMShape, executed_keys, lm_shape, model_kernel
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "fp8": 1, "bf16": 2, "f32": 4}
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -246,10 +246,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
     params: a real parameter table (`param_table_from_state`) instead of the analytic one.
     kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
-    models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. Global layers count as
-    dense also with the block-causal kernel (`attn_block`): it stores fewer scores but per-block slices of
-    q/k/v and the mask, and XLA's temp measured the same (89.2 vs 89.8 MB, tests/test_scaling_memory.py's
-    6-layer case).
+    models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. With the block-causal kernel
+    (`attn_block`) the stored residuals still count as dense (it keeps fewer scores but per-block slices of
+    q/k/v and the mask: XLA's temp measured the same, 89.2 vs 89.8 MB) while the one-layer working set counts
+    its executed blocks (`scaling.flops.model_kernel`; remat 'full' at T = 256: XLA 0.85 of ours, 0.78 if dense).
     """
     mesh = _check_mesh(mesh)
     s = lm_shape(cfg, windows=windows, moe=moe)
@@ -272,8 +272,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
                                    block=block, rules=rules) for w in s.windows]
     acts = local_tokens * sum(saved) / stage
+    # the working set is one layer's residuals as its kernel computes them (block-causal: the executed blocks)
+    ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     one_layer = max(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
-                                          kernel=kern(w), block=block, rules=rules) for w in s.windows)
+                                          kernel=ws(w)[0], block=ws(w)[1], rules=rules) for w in s.windows)
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (one_layer + 3 * 4 * v_local + 2 * cb * s.d_model)
 

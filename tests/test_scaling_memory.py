@@ -79,9 +79,7 @@ def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     batch_bytes = 2 * 4 * B * T // shard_factor(("batch",), (B,), mesh)  # inputs + targets, int32
     assert m.argument_size_in_bytes == pytest.approx(ours.state + batch_bytes, rel=0.005)
     temp = ours.total - ours.state
-    # lower bound: the working-set term is conservative, and global layers are counted as dense although the
-    # block-causal kernel (attn_block=64) holds fewer scores at a time (cfg1, T = 256: 0.778, dense kernel 0.832)
-    assert 0.77 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
+    assert 0.78 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
 
 
 @pytest.mark.parametrize("remat,lo", [("save_dots_no_batch", 0.75)])  # save_dots: same result, 12 s more CPU
