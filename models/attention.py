@@ -114,13 +114,16 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: float | None = None,
-              logit_softcap: float | None = None, causal_block: int | None = None):
+              logit_softcap: float | None = None, causal_block: int | None = None, is_causal: bool = False):
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.
 
     impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
     `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16); 'reference' is the einsum oracle.
     causal_block: promise that the mask is causal by position, so 'xla' may skip the key blocks
     above the diagonal (see `xla_attention`); the other implementations ignore it.
+    is_causal: promise that the mask is *exactly* the causal one (T == S, no padding, no segments).
+    'cudnn' then runs its causal mask type, which skips the blocks above the diagonal; given a mask
+    tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     if impl == "reference" or logit_softcap is not None:  # the fused paths have no soft-cap
@@ -129,5 +132,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
+    if is_causal:
+        if q_BTNH.shape[1] != k_BSKH.shape[1]:
+            raise ValueError(f"is_causal needs T == S (got {q_BTNH.shape[1]} queries, {k_BSKH.shape[1]} keys)")
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True,
+                                            implementation=impl)
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=impl)

@@ -174,7 +174,9 @@ class Block(nnx.Module):
                                        scale=scale, logit_softcap=cfg.attn_logit_softcap), None
             slots_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             mask = make_mask(slots_BT, slots_BT, ctx.segment_ids, ctx.segment_ids, ctx.padding_mask)
-            return attention(q_BTNH, k_BTKH, v_BTKH, mask, causal_block=cfg.attn_block, **kw), None
+            pure_causal = ctx.segment_ids is None and ctx.padding_mask is None
+            return attention(q_BTNH, k_BTKH, v_BTKH, mask, causal_block=cfg.attn_block, is_causal=pure_causal,
+                             **kw), None
 
         # Cached decoding: masks come from the absolute position stored in each slot.
         k_BSKH, v_BSKH, pos_S = cache

@@ -100,6 +100,28 @@ def test_jit_equals_eager_and_reference_attention(model, tokens):
     np.testing.assert_allclose(eager, ref, atol=1e-5)
 
 
+def test_cudnn_is_asked_for_its_causal_mask_type_only_when_nothing_else_is_masked(model, tokens, monkeypatch):
+    """cuDNN needs a GPU: jax's entry point is intercepted and run by XLA, to check what the model asks for
+    (`is_causal` and no mask tensor, unless segments or padding mask more) and that it means the same."""
+    calls, real = [], jax.nn.dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append((kw.get("is_causal", False), kw.get("mask") is not None))
+        return real(*args, **{**kw, "implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    cudnn = with_cfg(model, attn_impl="cudnn")
+    np.testing.assert_allclose(cudnn(tokens), model(tokens), atol=1e-5)
+    assert set(calls) == {(True, False)}
+    calls.clear()
+    seg = jnp.array([[1] * 5 + [2] * 7] * 2)
+    np.testing.assert_allclose(cudnn(tokens, segment_ids_BT=seg), model(tokens, segment_ids_BT=seg), atol=1e-5)
+    pad = jnp.broadcast_to(jnp.arange(12) < 9, (2, 12))
+    np.testing.assert_allclose(cudnn(tokens, padding_mask_BT=pad)[:, :9], model(tokens, padding_mask_BT=pad)[:, :9],
+                               atol=1e-5)
+    assert set(calls) == {(False, True)}
+
+
 def test_packed_equals_separate(model):
     a = jax.random.randint(jax.random.key(3), (1, 5), 0, CFG.vocab_size)
     b = jax.random.randint(jax.random.key(4), (1, 7), 0, CFG.vocab_size)
