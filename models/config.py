@@ -55,6 +55,9 @@ class TransformerConfig:
     # query block of the 'xla' kernel for global causal attention: key blocks above the diagonal are
     # skipped ((Q + 1) / 2Q of the dense [T, T] work for Q = T / attn_block); None: one dense block
     attn_block: int | None = 64
+    # projections' products (models.linear): 'auto' computes their weight gradients from a materialised
+    # activation transpose on CPU (XLA:CPU then uses its fast kernels for them), plain x @ w elsewhere
+    matmul_impl: Literal["auto", "plain", "transposed_grad"] = "auto"
     scan_layers: bool = True
     # layer groups per scan iteration (jax.lax.scan's `unroll`); True: every layer, no while loop, so no
     # per-iteration slicing / stacking of residuals (~5% faster on CPU at 4 layers) for a longer compile
@@ -108,6 +111,8 @@ class TransformerConfig:
              f"unknown {self.swa_impl!r}; use auto, blocked, cudnn, splash or dense")
         need(self.swa_block > 0, "swa_block", "must be positive")
         need(self.attn_block is None or self.attn_block > 0, "attn_block", "must be positive or None")
+        need(self.matmul_impl in ("auto", "plain", "transposed_grad"), "matmul_impl",
+             f"unknown {self.matmul_impl!r}; use auto, plain or transposed_grad")
         need(isinstance(self.scan_unroll, bool) or self.scan_unroll >= 1, "scan_unroll",
              f"must be True (unroll every layer) or an int >= 1, got {self.scan_unroll!r}")
         need(self.pipeline_microbatches > 0, "pipeline_microbatches", "must be positive")

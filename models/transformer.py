@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
+from models.linear import linear
 from models.moe import MoE
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
@@ -134,19 +135,20 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
+        mm = lambda x, wt: linear(x, wt, cfg.matmul_impl)  # noqa: E731
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections run as 2-D [M = B·T, D] matmuls: their weight gradients are then plain
-        # `x_MD^T @ g_MF` dots, whereas 3-D einsums make XLA:CPU transpose g inside slow loop fusions.
+        # `x_MD^T @ g_MF` dots (models.linear), whereas 3-D einsums make XLA:CPU transpose g inside slow loop fusions.
         h_MD = norm(x_BTD, self.attn_norm).reshape(B * T, D)
-        q_BTNH = (h_MD @ w(self.wq, D, N * H)).reshape(B, T, N, H)
-        k_BTKH = (h_MD @ w(self.wk, D, K * H)).reshape(B, T, K, H)
-        v_BTKH = (h_MD @ w(self.wv, D, K * H)).reshape(B, T, K, H)
+        q_BTNH = mm(h_MD, w(self.wq, D, N * H)).reshape(B, T, N, H)
+        k_BTKH = mm(h_MD, w(self.wk, D, K * H)).reshape(B, T, K, H)
+        v_BTKH = mm(h_MD, w(self.wv, D, K * H)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
-        a_BTD = (o_BTNH.reshape(B * T, N * H) @ w(self.wo, N * H, D)).reshape(B, T, D)
+        a_BTD = mm(o_BTNH.reshape(B * T, N * H), w(self.wo, N * H, D)).reshape(B, T, D)
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 
@@ -156,9 +158,9 @@ class Block(nnx.Module):
         else:
             h_MD = h_BTD.reshape(B * T, D)
             act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-            a_MF = act(h_MD @ w(self.w_gate, D, F)) * (h_MD @ w(self.w_up, D, F))
+            a_MF = act(mm(h_MD, w(self.w_gate, D, F))) * mm(h_MD, w(self.w_up, D, F))
             a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
-            m_BTD = (a_BTF.reshape(B * T, F) @ w(self.w_down, F, D)).reshape(B, T, D)
+            m_BTD = mm(a_BTF.reshape(B * T, F), w(self.w_down, F, D)).reshape(B, T, D)
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
         return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
 
@@ -273,7 +275,8 @@ class Transformer(nnx.Module):
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_BTV = (x_BTD.reshape(B * T, -1) @ head_DV.astype(cd)).reshape(B, T, -1).astype(jnp.float32)
+        logits_MV = linear(x_BTD.reshape(B * T, -1), head_DV.astype(cd), cfg.matmul_impl)
+        logits_BTV = logits_MV.reshape(B, T, -1).astype(jnp.float32)
         if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:

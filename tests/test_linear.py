@@ -1,0 +1,72 @@
+"""models.linear: the transposed-weight-gradient product equals autodiff of x @ w, alone and in the Transformer."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Transformer, TransformerConfig
+from models.linear import linear
+from models.losses import cross_entropy
+
+
+def xw(dtype=jnp.float32):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(kx, (24, 16)).astype(dtype), jax.random.normal(kw, (16, 40)).astype(dtype),
+            jax.random.normal(kg, (24, 40)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_value_and_gradients_equal_autodiff_of_matmul(dtype, tol):
+    x, w, g = xw(dtype)
+
+    def vjp(f):
+        y, pull = jax.vjp(f, x, w)
+        return (y, *pull(g))
+
+    ref = jax.jit(lambda: vjp(lambda x, w: x @ w))()
+    for fn in (lambda: vjp(lambda x, w: linear(x, w, "transposed_grad")),
+               lambda: jax.checkpoint(lambda: vjp(lambda x, w: linear(x, w, "transposed_grad")))()):
+        out = jax.jit(fn)()
+        for a, b in zip(out, ref):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_auto_takes_the_transposed_gradient_on_cpu_only_there():
+    x, w, _ = xw()
+
+    def grad_jaxpr(impl):
+        return str(jax.make_jaxpr(jax.grad(lambda w: linear(x, w, impl).sum()))(w))
+
+    assert "optimization_barrier" in grad_jaxpr("transposed_grad")
+    assert "optimization_barrier" not in grad_jaxpr("plain")
+    assert ("optimization_barrier" in grad_jaxpr("auto")) == (jax.default_backend() == "cpu")
+    with pytest.raises(ValueError, match="matmul_impl='dense'"):
+        linear(x, w, "dense")
+    with pytest.raises(ValueError, match="matmul_impl"):
+        TransformerConfig(matmul_impl="dense")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_transformer_loss_and_gradients_equal_plain_matmuls(tie):
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
+                            qkv_bias=True, tie_embeddings=tie, matmul_impl="transposed_grad")
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    leaves, tdef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    state = jax.tree.unflatten(tdef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    tok = jax.random.randint(jax.random.key(1), (2, 13), 0, 64)
+    plain = nnx.graphdef(Transformer(dataclasses.replace(cfg, matmul_impl="plain"), rngs=nnx.Rngs(0)))
+
+    def run(gd):
+        loss = lambda s: cross_entropy(nnx.merge(gd, s)(tok[:, :-1]), tok[:, 1:])[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(state)
+
+    (l0, g0), (l1, g1) = run(plain), run(graphdef)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
