@@ -4,7 +4,7 @@ Autodiff of y = x @ w makes the weight gradient dw = xᵀ @ g a dot that contrac
 both operands. XLA:CPU hands that form to Eigen rather than to YNNPACK, its faster kernels for products of
 row-major operands, and runs it beside the YNNPACK dx = g @ wᵀ. Materialising xᵀ ([D, M], behind an
 optimization barrier so that XLA does not fold the transpose back into the dot) makes dw a plain product:
-the reference train step runs 1.05-1.09× faster than with plain products (docs/benchmarks.md,
+the reference train step runs 1.03-1.09× faster than with plain products (docs/benchmarks.md,
 "Transformer train step").
 Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for nothing.
 """
