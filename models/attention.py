@@ -50,7 +50,8 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
 
     Heads move in front of time once ([B, K, G, T, H]), so every einsum is a plain batched matmul
     over (B, K) with G·T rows. Scores and softmax are float32; a fully masked row gets uniform
-    weights (as in jax) over the keys its block scores. The backward pass is written by hand (`_core`).
+    weights (as in jax) over the keys its block scores, and, its scores being constants, sends no gradient to
+    q or k. The backward pass is written by hand (`_core`).
 
     causal_block: C, only for a mask that is causal by position (T == S, query t never sees key s > t;
     padding and segments may mask more). Queries then go in blocks of C and block i scores keys
@@ -98,7 +99,9 @@ def _core_bwd(scale, res, do_BKGTH):
                          preferred_element_type=jnp.float32)
     dp_BKGTS = jnp.einsum("bkgth,bksh->bkgts", g_BKGTH.astype(v_BKSH.dtype), v_BKSH,
                           preferred_element_type=jnp.float32)
-    ds_BKGTS = (e_BKGTS * (dp_BKGTS - d_BKGT1) * scale).astype(q_BKGTH.dtype)
+    # E = 1 on a fully masked row (uniform weights), but the scores there are constants: no dS
+    live_B11T1 = mask_B11TS.any(-1, keepdims=True)
+    ds_BKGTS = jnp.where(live_B11T1, e_BKGTS * (dp_BKGTS - d_BKGT1) * scale, 0.0).astype(q_BKGTH.dtype)
     dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=jnp.float32)
     dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=jnp.float32)
     return (dq_BKGTH.astype(q_BKGTH.dtype), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype),

@@ -51,3 +51,43 @@ def test_causal_block_skips_the_blocks_above_the_diagonal():
     skipped_matmul = (1 - 5 / 8) * 2 * 2 * B * N * T * T * H  # QK^T and PV on 6 of the 16 blocks
     saved = flops(None) - flops(64)
     assert 1.0 <= saved / skipped_matmul <= 1.15  # plus the softmax's elementwise work on those scores
+
+
+@pytest.mark.parametrize("N,K", [(4, 2), (3, 1)])
+def test_dense_xla_attention_equals_jax_on_every_row(N, K):
+    """Dense 'xla' (no causal_block) keeps jax.nn.dot_product_attention's semantics on every row, fully masked
+    rows (padding queries) included: uniform weights over all keys, and the same gradients."""
+    B, T, H = 2, 24, 8
+    q, k, v = qkv(B, T, N, K, H, seed=3)
+    valid = jnp.arange(T)[None].repeat(B, 0) < T - 4
+    mask = dense_window_mask(T, None, segments("packed", B, T), valid)
+    mask = mask & valid[:, None, :, None]  # padding queries see nothing: fully masked rows
+    assert not bool(mask[:, 0, -1].any())
+    ct = jax.random.normal(jax.random.key(5), q.shape)
+
+    def run(f):
+        grad = jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=(0, 1, 2))
+        return jax.jit(f)(q, k, v), jax.jit(grad)(q, k, v)
+
+    o, g = run(lambda q, k, v: attention(q, k, v, mask, impl="xla"))
+    o_jax, g_jax = run(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+    np.testing.assert_allclose(o, o_jax, atol=1e-5)
+    for a, b in zip(g, g_jax):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block):
+    """A fully masked row's output is a constant mix of v (its scores are constants), so a loss on it moves
+    v only: dq and dk are exactly zero, dense and block-causal alike."""
+    B, T, N, K, H = 2, 32, 4, 2, 8
+    q, k, v = qkv(B, T, N, K, H, seed=4)
+    valid = jnp.arange(T)[None].repeat(B, 0) < T - 5
+    mask = dense_window_mask(T, None, None, valid) & valid[:, None, :, None]
+    dead = ~np.asarray(mask.any(-1)[:, 0])  # [B, T]: the 5 padding queries
+    assert dead.sum() == 2 * 5
+    ct = jnp.where(dead[..., None, None], jax.random.normal(jax.random.key(6), q.shape), 0.0)
+    loss = lambda q, k, v: (attention(q, k, v, mask, causal_block=block) * ct).sum()  # noqa: E731
+    dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    assert float(jnp.abs(dq).max()) == 0.0 and float(jnp.abs(dk).max()) == 0.0
+    assert float(jnp.abs(dv).max()) > 0.0
