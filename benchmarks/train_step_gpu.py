@@ -8,12 +8,18 @@ seq 2048, float32 parameters with bfloat16 compute, cuDNN attention on a GPU ('x
 (`experiments.lm_step.make_train_step`, donated state). MFU = model FLOPs per token
 (`TransformerConfig.flops_per_token(seq, causal=True)`) × tokens/s over `scaling.hardware.peak_flops(chip, 'bf16')`.
 Results go beside the CPU numbers in docs/benchmarks.md ("Transformer train step"). Not yet run on a GPU (no
-GPU was lent to the sessions so far): the cuDNN path with the model's boolean mask is unverified.
+GPU was lent to the sessions so far): the cuDNN path is unverified. The H200 image has its own JAX (0.11.2, CUDA 13,
+seen 2026-11) and no grain / tensorboardX / torch requirement here: this module imports none of them, and `--tiny`
+runs under jax 0.11.2 + flax 0.12.12. One device call that falls back to the 'xla' kernel if cuDNN's fails:
+
+    python3 -m benchmarks.train_step_gpu --json $OUT/h200.json || \
+        python3 -m benchmarks.train_step_gpu --attn xla --json $OUT/h200_xla.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -63,17 +69,21 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--attn", default="cudnn", choices=("cudnn", "xla"),
+                    help="attention kernel of the 1B config: cuDNN's fused one, or the 'xla' fallback")
     ap.add_argument("--tiny", action="store_true", help="toy config, float32, 'xla' attention: a CPU smoke run")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
-    cfg, seq, batch = (TINY, 128, 2) if args.tiny else (GPU_1B, args.seq, args.batch)
+    cfg, seq, batch = (TINY, 128, 2) if args.tiny else (dataclasses.replace(GPU_1B, attn_impl=args.attn), args.seq,
+                                                         args.batch)
     if not args.tiny and jax.default_backend() != "gpu":
         raise SystemExit(f"benchmarks.train_step_gpu: backend is {jax.default_backend()!r}; the 1B config needs a "
                          "GPU (cuDNN attention, bf16). Use --tiny for a CPU smoke run.")
     res = run(cfg, batch, seq, args.steps)
     fpt = cfg.flops_per_token(seq, causal=True)
     peak = peak_flops(args.chip, "bf16")
-    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "params": cfg.param_count(), "batch": batch,
+    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "attn_impl": cfg.attn_impl,
+           "params": cfg.param_count(), "batch": batch,
            "seq": seq, "flops_per_token": fpt, "chip": args.chip, "peak_bf16_flops": peak,
            "mfu": res["tokens_per_s"] * fpt / peak, **res}
     print(f"{out['device']}: {out['params'] / 1e9:.2f} B params, batch {batch} × seq {seq}: "
