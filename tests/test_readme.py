@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-PLACEHOLDER = 'hf.from_pretrained("path/to/Llama-Mistral-Qwen2-Gemma2-or-Mixtral-folder")'
+PLACEHOLDER = 'model = hf.from_pretrained("path/to/Llama-Mistral-Qwen2-Gemma2-or-Mixtral-folder")'
 
 
 def _snippet() -> str:
@@ -27,16 +27,16 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     code = _snippet()
     assert PLACEHOLDER in code and '"out/"' in code, "README's HF lines changed: update this test's substitution"
     src, out = tmp_path / "src", tmp_path / "out"
-    code = code.replace(PLACEHOLDER, f"(hf.save_pretrained(model, {str(src)!r}), hf.from_pretrained({str(src)!r}))[1]")
-    code = code.replace("model = (hf.save", "plain = model; model = (hf.save").replace('"out/"', repr(str(out)))
+    code = code.replace(PLACEHOLDER, f"plain = model; hf.save_pretrained(plain, {str(src)!r}); "
+                                     f"model = hf.from_pretrained({str(src)!r})").replace('"out/"', repr(str(out)))
     assert "logits, aux = " in code
     code = code.replace("logits, aux = ", "moe_logits, aux = ")  # keep the sharded logits for the check below
     ns: dict = {}
     exec(compile(code, str(README), "exec"), ns)  # noqa: S102 - the README is ours
 
     cfg, plain, model = ns["cfg"], ns["plain"], ns["model"]
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(plain, nnx.Param)))
-    assert cfg.param_count() == n_params  # "the config does its own accounting"
+    want = jax.tree.leaves(nnx.state(plain, nnx.Param))
+    assert cfg.param_count() == sum(x.size for x in want)  # "the config does its own accounting"
 
     tokens = jnp.zeros((8, 16), jnp.int32)
     ref = plain(tokens)
@@ -55,7 +55,6 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     assert aux["load"].shape == (moe_cfg.n_layers // moe_cfg.moe_every, moe_cfg.moe.n_experts)  # [L_moe, E]
 
     # save -> load keeps the weights exactly, and both HF folders give the plain model's logits
-    want = jax.tree.leaves(nnx.state(plain, nnx.Param))
     for loaded in (model, ns["hf"].from_pretrained(str(out))):
         got = jax.tree.leaves(nnx.state(loaded, nnx.Param))
         assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
