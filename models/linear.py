@@ -11,23 +11,35 @@ Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
-def linear(x_MD, w_DF, impl: str = "auto"):
-    """x [M, D] @ w [D, F] → [M, F] in their (common) dtype; values and gradients are those of `x @ w`.
+def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None):
+    """x [M, D] @ w [D, F] → [M, F]; values and gradients are those of `x @ w` (`out_dtype` None).
 
-    impl: 'plain' is `x @ w`; 'transposed_grad' computes dw from a materialised xᵀ (see above);
+    impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above);
     'auto' picks 'transposed_grad' on the CPU backend and 'plain' elsewhere.
+    out_dtype: accumulation and output dtype, e.g. float32 logits from bf16 operands rather than bf16 ones cast
+    up. The backward products still run in the operands' dtype (the cotangent rounded to it, as autodiff of a
+    product cast up afterwards does), so a bf16 model's LM-head backward keeps its bf16 matmuls.
     """
     if impl == "auto":
         impl = "transposed_grad" if jax.default_backend() == "cpu" else "plain"
-    if impl == "plain":
-        return x_MD @ w_DF
-    if impl != "transposed_grad":
+    if impl not in ("plain", "transposed_grad"):
         raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
-    return _linear_tg(x_MD, w_DF)
+    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
+        return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
+    return x_MD @ w_DF if impl == "plain" else _linear_tg(x_MD, w_DF)
+
+
+def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
+    """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes."""
+    g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
+    xt_DM = jax.lax.optimization_barrier(jnp.transpose(x_MD)) if transposed_grad else x_MD.T
+    return (g_MF @ w_DF.T).astype(x_MD.dtype), (xt_DM @ g_MF).astype(w_DF.dtype)
 
 
 @jax.custom_vjp
@@ -35,14 +47,14 @@ def _linear_tg(x_MD, w_DF):
     return x_MD @ w_DF
 
 
-def _linear_tg_fwd(x_MD, w_DF):
-    return x_MD @ w_DF, (x_MD, w_DF)
+_linear_tg.defvjp(lambda x_MD, w_DF: (x_MD @ w_DF, (x_MD, w_DF)),
+                  lambda res, g_MF: _grads(*res, g_MF, transposed_grad=True))
 
 
-def _linear_tg_bwd(res, g_MF):
-    x_MD, w_DF = res
-    xt_DM = jax.lax.optimization_barrier(jnp.transpose(x_MD))
-    return g_MF @ w_DF.T, (xt_DM @ g_MF).astype(w_DF.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _linear_out(x_MD, w_DF, transposed_grad: bool, out_dtype):
+    return jnp.matmul(x_MD, w_DF, preferred_element_type=out_dtype)
 
 
-_linear_tg.defvjp(_linear_tg_fwd, _linear_tg_bwd)
+_linear_out.defvjp(lambda x_MD, w_DF, tg, od: (_linear_out(x_MD, w_DF, tg, od), (x_MD, w_DF)),
+                   lambda tg, od, res, g_MF: _grads(*res, g_MF, tg))

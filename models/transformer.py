@@ -54,10 +54,24 @@ def cache_slots(window: int | None, max_len: int) -> int:
     return max_len if window is None or window >= max_len else window
 
 
+def cache_capacity(cfg: TransformerConfig, cache: KVCache) -> int | None:
+    """Tokens `cache` holds before a layer that must keep them all wraps around: the smallest S_j of the layers
+    whose S_j is not a full window (global layers, or W > max_len). None when every layer is a W-slot rolling
+    buffer, which never needs more."""
+    windows = cfg.layer_windows()[:len(cache.pos)]
+    caps = [p.shape[0] for p, w in zip(cache.pos, windows) if w is None or p.shape[0] < w]
+    return min(caps) if caps else None
+
+
 class KVCache(NamedTuple):
     """Per pattern position j < P: k[j], v[j] [L/P, B, S_j, K, H] and pos[j] [S_j], the absolute
     position held by each slot (-1: empty). Local layers keep S_j = W slots (a rolling buffer),
-    so their memory does not grow with the generated length. `length`: tokens seen so far."""
+    so their memory does not grow with the generated length. `length`: tokens seen so far.
+
+    Capacity: every other layer (global, or a window longer than max_len) holds max_len tokens. A call that would
+    go past them raises ValueError when that is known at trace time (the chunk length T, or a concrete `length`);
+    with a traced `length` (a jitted decode loop) the logits of the positions past them come back NaN. Either way
+    full attention never silently wraps into a sliding window."""
 
     k: tuple
     v: tuple
@@ -154,7 +168,7 @@ class Block(nnx.Module):
 
         h_BTD, aux = norm(x_BTD, self.mlp_norm), None
         if hasattr(self, "moe"):
-            m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng)
+            m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask)
         else:
             h_MD = h_BTD.reshape(B * T, D)
             act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
@@ -243,7 +257,9 @@ class Transformer(nnx.Module):
 
         positions: RoPE positions (default: arange, offset by the cache length when decoding).
         segment_ids: packed documents attend only within their own id. padding_mask: True for real
-        tokens; padded keys are never attended. Causality is by slot (index in the row / cache).
+        tokens; padded keys are never attended, and padded tokens are not routed to MoE experts (no
+        capacity slot, left out of the aux values). Causality is by slot (index in the row / cache).
+        cache: see `KVCache` for what happens past its capacity (ValueError, or NaN logits when traced).
         return_aux: also return the MoE aux dict ({} for a dense model): 'lb_loss', 'z_loss',
         'dropped_frac' (means over MoE layers, unweighted: the trainer multiplies by cfg.moe's
         weights) and 'load' [L_moe, E] (fraction of routed assignments per expert, per MoE layer).
@@ -261,6 +277,14 @@ class Transformer(nnx.Module):
         if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
             raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one "
                              "unpadded document per row")
+        capacity = None if cache is None else cache_capacity(cfg, cache)
+        length_traced = isinstance(length, jax.core.Tracer)
+        if capacity is not None and (T > capacity or (not length_traced and int(length) + T > capacity)):
+            seen = "?" if length_traced else int(length)
+            raise ValueError(f"KVCache overflow: its full-attention layers hold {capacity} tokens (the max_len of "
+                             f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
+                             "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
+                             "prompt + generated tokens")
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs)
 
         cd = dtype_of(cfg.dtype)
@@ -275,12 +299,16 @@ class Transformer(nnx.Module):
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits_MV = linear(x_BTD.reshape(B * T, -1), head_DV.astype(cd), cfg.matmul_impl)
-        logits_BTV = logits_MV.reshape(B, T, -1).astype(jnp.float32)
+        # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
+        logits_MV = linear(x_BTD.reshape(B * T, -1), head_DV.astype(cd), cfg.matmul_impl, out_dtype=jnp.float32)
+        logits_BTV = logits_MV.reshape(B, T, -1)
         if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:
             logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+        if capacity is not None and length_traced:  # unknown until run time: poison the wrapped positions
+            fits_T = length + jnp.arange(T) < capacity
+            logits_BTV = jnp.where(fits_T[None, :, None], logits_BTV, jnp.nan)
         logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
         out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T))
         if return_aux:

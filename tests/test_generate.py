@@ -48,6 +48,24 @@ def test_sampling_stays_in_top_k_and_top_p():
     assert abs(freq[0] - 0.5) < 0.08
 
 
+
+def test_top_k_off_and_clamped_as_in_hf(model):
+    """top_k 0 is off and top_k > V keeps every token (HF's TopKLogitsWarper): both sample exactly like no top-k;
+    a negative or non-integer top_k is refused by name."""
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.06, 0.04]] * 256))
+    key = jax.random.key(2)
+    free = sample_logits(logits, key, 1.0, None, None)
+    for k in (0, 5, 9):
+        np.testing.assert_array_equal(sample_logits(logits, key, 1.0, k, None), free)
+    prompt = jnp.zeros((1, 3), jnp.int32)
+    off = generate(model, prompt, 4, temperature=1.0, rng=jax.random.key(7))
+    for k in (0, CFG.vocab_size + 1, np.int64(CFG.vocab_size)):
+        np.testing.assert_array_equal(generate(model, prompt, 4, temperature=1.0, top_k=k, rng=jax.random.key(7)), off)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            generate(model, prompt, 2, temperature=1.0, top_k=bad, rng=jax.random.key(0))
+
+
 def test_sampled_generate_is_seeded(model):
     prompt = jnp.zeros((1, 3), jnp.int32)
     a = generate(model, prompt, 6, temperature=1.0, top_k=8, rng=jax.random.key(7))

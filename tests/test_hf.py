@@ -286,6 +286,43 @@ def test_sliding_window_layouts():
     assert local.layer_windows() == (16, 16)
 
 
+
+MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=64, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("cls, fields", [
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8)),  # max_window_layers 28: no layer slides
+    ("Qwen2Config", dict(use_sliding_window=True, max_window_layers=0)),  # every layer slides, window 4096
+    ("Gemma2Config", dict(head_dim=8)),  # soft-caps 50 / 30, query scale 256, window 4096
+    ("Gemma2Config", {}),  # head_dim 256, gelu_pytorch_tanh
+    ("MistralConfig", {}),  # window 4096
+    ("MixtralConfig", {}),  # rope_theta 1e6, eps 1e-5
+], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral"])
+def test_absent_fields_take_the_transformers_defaults(cls, fields):
+    """A config.json without optional fields means what the installed transformers' config class makes of it."""
+    raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
+    hf, ours = getattr(transformers, cls)(**MINIMAL, **fields), config_from_hf(raw)
+    types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
+    assert ours.layer_windows() == tuple(hf.sliding_window if t == "sliding_attention" else None for t in types)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    assert (ours.hd, ours.norm_eps, ours.rope_theta) == (head_dim, hf.rms_norm_eps,
+                                                       hf.rope_parameters["rope_theta"])
+    if cls == "Gemma2Config":
+        assert (ours.attn_logit_softcap, ours.final_logit_softcap, ours.query_pre_attn_scalar, ours.mlp_act) == (
+            hf.attn_logit_softcapping, hf.final_logit_softcapping, hf.query_pre_attn_scalar, "gelu_tanh")
+        assert hf.hidden_activation == "gelu_pytorch_tanh"
+        # an explicit null keeps its HF meaning: no soft-capping
+        off = config_from_hf(raw | dict(attn_logit_softcapping=None, final_logit_softcapping=None))
+        assert (off.attn_logit_softcap, off.final_logit_softcap) == (None, None)
+
+
+def test_bidirectional_attention_is_refused():
+    raw = MINIMAL | dict(architectures=["Gemma2ForCausalLM"], use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True.*causal"):
+        config_from_hf(raw)
+
+
 def test_mixtral_hub_layout_both_ways(hf_ckpt, tmp_path):
     """We write the hub layout (block_sparse_moe.experts.E.w1/w2/w3); whatever layout transformers writes loads."""
     from safetensors import safe_open

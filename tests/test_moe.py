@@ -182,15 +182,15 @@ def test_top_k_indices_is_a_stable_descending_sort():
 
 def test_capacity_drops_exactly_the_predicted_tokens():
     """4 experts, top-2, 8 tokens per row, C = ceil(2·8/4·0.5) = 2. Router = 10·I and token t = e_first + 0.9·e_second,
-    so each token's choices are known. GShard order: all first choices (in token order), then second choices."""
+    so each token's choices are known. Token-major order: t0's two choices, then t1's, and so on."""
     E = 4
     cfg = MoEConfig(n_experts=E, top_k=2, expert_mlp_dim=8, dispatch="capacity", capacity_factor=0.5)
     assert cfg.capacity(8) == 2
     first = [0, 0, 0, 1, 1, 2, 3, 3]
     second = [1, 2, 3, 0, 2, 3, 0, 1]
-    # first choices: e0 gets t0, t1 (t2 overflows), e1 t3 t4, e2 t5, e3 t6 t7 -> e0, e1, e3 full, e2 has 1 slot
-    # second choices: only e2 has room, and t1 (position 1) comes before t4: t1 kept, t4 dropped
-    kept = np.array([[1, 0], [1, 1], [0, 0], [1, 0], [1, 0], [1, 0], [1, 0], [1, 0]], bool)
+    # t0 (0, 1) both kept; t1 (0, 2) both, e0 now full; t2 (0, 3) drops e0, e3 kept; t3 (1, 0): e1 kept (full),
+    # e0 dropped; t4 (1, 2): e1 dropped, e2 kept (full); t5 (2, 3): e2 dropped, e3 kept (full); t6, t7: all full
+    kept = np.array([[1, 1], [1, 1], [0, 1], [1, 0], [0, 1], [0, 1], [0, 0], [0, 0]], bool)
     x = (jax.nn.one_hot(jnp.array(first), E) + 0.9 * jax.nn.one_hot(jnp.array(second), E))[None]  # [1, 8, 4]
     x = jnp.concatenate([x, x[:, ::-1]])  # a second row, reversed: capacity is per row
 
@@ -206,9 +206,9 @@ def test_capacity_drops_exactly_the_predicted_tokens():
     np.testing.assert_array_equal(experts[0], np.stack([first, second], -1))
     _, kept_got = capacity_slots(experts, E, 2)
     np.testing.assert_array_equal(kept_got[0], kept)
-    # row 2 is row 1 reversed: first choices e3 t0 t1, e2 t2, e1 t3 t4, e0 t5 t6 (t7 overflows); of the second
-    # choices only e2 has room, and t3 asks before t6
-    rev_kept = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [1, 0], [1, 0], [1, 0], [0, 0]], bool)
+    # row 2 is row 1 reversed: t0 (3, 1) both; t1 (3, 0) both, e3 full; t2 (2, 3): e2 kept, e3 dropped; t3 (1, 2)
+    # both, e1 and e2 full; t4 (1, 0): e1 dropped, e0 kept (full); t5..t7 ask only for full experts
+    rev_kept = np.array([[1, 1], [1, 1], [1, 0], [1, 1], [0, 1], [0, 0], [0, 0], [0, 0]], bool)
     np.testing.assert_array_equal(kept_got[1], rev_kept)
 
     y, aux = jitted(m)(x)
@@ -231,6 +231,48 @@ def test_capacity_drops_exactly_the_predicted_tokens():
     assert float(aux_dl["dropped_frac"]) == 0.0
     same = np.all(np.isclose(y, y_dl, atol=1e-5), axis=-1)
     np.testing.assert_array_equal(same, mask.all(-1))
+
+
+
+def test_capacity_slots_are_causal_and_skip_padding():
+    """kept[:, :t] depends only on the choices of tokens < t (a later token can never evict an earlier one), and
+    padding tokens join no queue: the real tokens are kept exactly as in the row with the pads removed."""
+    E, K, C, T = 4, 2, 3, 12
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        experts = np.stack([rng.permutation(E)[:K] for _ in range(2 * T)]).reshape(2, T, K)
+        t = int(rng.integers(1, T))
+        other = experts.copy()
+        other[:, t:] = np.stack([rng.permutation(E)[:K] for _ in range(2 * (T - t))]).reshape(2, T - t, K)
+        kept = np.asarray(capacity_slots(jnp.asarray(experts), E, C)[1])
+        np.testing.assert_array_equal(np.asarray(capacity_slots(jnp.asarray(other), E, C)[1])[:, :t], kept[:, :t])
+
+        valid = rng.random((2, T)) < 0.6
+        slot, kept = (np.asarray(a) for a in capacity_slots(jnp.asarray(experts), E, C, jnp.asarray(valid)))
+        assert not kept[~valid].any() and (slot[~valid] == E * C).all()  # pads: trash slot, never kept
+        for b in range(2):
+            alone = np.asarray(capacity_slots(jnp.asarray(experts[b][valid[b]][None]), E, C)[1])[0]
+            np.testing.assert_array_equal(kept[b][valid[b]], alone)
+
+
+def test_padding_tokens_take_no_capacity_and_leave_the_aux_values():
+    """MoE(x, valid_BT): the real tokens' outputs and every aux value equal those of the row without its pads, when
+    both rows get the same C (here 2); padding tokens output 0."""
+    E, T, pad = 4, 16, 8
+    cfg = MoEConfig(n_experts=E, top_k=2, expert_mlp_dim=8, dispatch="capacity", capacity_factor=0.16)
+    assert cfg.capacity(T) == cfg.capacity(T + pad) == 2
+    m = build(lambda: MoE(D, cfg, init_std=0.5, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (2, T, D))
+    junk = 5 * jax.random.normal(jax.random.key(1), (2, pad, D))
+    xp = jnp.stack([jnp.concatenate([junk[0], x[0]]), jnp.concatenate([x[1], junk[1]])])  # left / right padded
+    valid = jnp.stack([jnp.arange(T + pad) >= pad, jnp.arange(T + pad) < T])
+    run = jax.jit(lambda m, x, v=None: m(x, valid_BT=v))
+    y, aux = run(m, x)
+    yp, auxp = run(m, xp, valid)
+    np.testing.assert_allclose(jnp.stack([yp[0, pad:], yp[1, :T]]), y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(jnp.stack([yp[0, :pad], yp[1, T:]]), 0.0)
+    assert 0 < aux["dropped_frac"] < 1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), auxp, aux)
 
 
 def test_aux_losses_equal_their_formulas():

@@ -119,6 +119,39 @@ def test_kv_cache_decode_equals_full_forward():
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
 
 
+
+# capacity dispatch that drops (C = 2 slots per expert and row at T = 16 and 24) with a large init so routing
+# and drops differ between inputs
+CAP = dataclasses.replace(CFG, init_std=0.5, moe=dataclasses.replace(CFG.moe, dispatch="capacity",
+                                                                     capacity_factor=0.16))
+
+
+def test_capacity_dispatch_is_causal():
+    """Changing tokens >= t must leave the logits at positions < t unchanged, drops included."""
+    model, tok = nnx.merge(*split(CAP)), tokens(B=4, T=16)
+    run = jax.jit(lambda t: model(t, return_aux=True))
+    ref, aux = run(tok)
+    assert aux["dropped_frac"] > 0.2
+    for seed, t in ((1, 4), (2, 8), (3, 12)):
+        logits, _ = run(tok.at[:, t:].set(tokens(B=4, T=16 - t, seed=seed)))
+        np.testing.assert_allclose(logits[:, :t], ref[:, :t], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_tokens_take_no_capacity():
+    """A left-padded and a right-padded row give the unpadded rows' logits on their real tokens and the same aux
+    values: pads take no expert slot and count in no statistic. T = 16 and 24 both give C = 2."""
+    assert CAP.moe.capacity(16) == CAP.moe.capacity(24) == 2
+    model, tok, pad = nnx.merge(*split(CAP)), tokens(B=2, T=16), tokens(B=2, T=8, seed=9)
+    padded = jnp.stack([jnp.concatenate([pad[0], tok[0]]), jnp.concatenate([tok[1], pad[1]])])
+    mask = jnp.stack([jnp.arange(24) >= 8, jnp.arange(24) < 16])
+    run = jax.jit(lambda t, m=None: model(t, padding_mask_BT=m, return_aux=True))
+    ref, aux = run(tok)
+    logits, auxp = run(padded, mask)
+    np.testing.assert_allclose(jnp.stack([logits[0, 8:], logits[1, :16]]), ref, rtol=1e-4, atol=1e-4)
+    assert aux["dropped_frac"] > 0.2
+    assert_close(auxp, aux)
+
+
 def test_router_jitter_only_with_a_key():
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
     graphdef, state = split(cfg)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from models import KVCache, Transformer, TransformerConfig
+from models.linear import linear
 from models.losses import cross_entropy
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
@@ -158,6 +159,62 @@ def test_chunked_prefill_with_cache_equals_full_forward(model, tokens):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
 
 
+
+def test_cache_overflow_raises_when_static_and_gives_nan_when_traced(model, tokens):
+    """A global layer's cache holds max_len tokens; past them it must not wrap into a sliding window silently."""
+    with pytest.raises(ValueError, match="KVCache overflow.*max_len"):  # the chunk alone is too long
+        model(tokens, cache=KVCache.zeros(CFG, 2, 8))
+    _, cache = model(tokens[:, :6], cache=KVCache.zeros(CFG, 2, 8))
+    with pytest.raises(ValueError, match="KVCache overflow"):  # concrete length 6 + 4 > 8
+        model(tokens[:, 6:10], cache=cache)
+    step = jax.jit(lambda t, c: model(t, cache=c))  # traced length: positions >= 8 come back NaN
+    outs = []
+    for t in range(6, 12):
+        logits, cache = step(tokens[:, t:t + 1], cache)
+        outs.append(logits)
+    outs = jnp.concatenate(outs, 1)
+    np.testing.assert_allclose(outs[:, :2], model(tokens)[:, 6:8], atol=1e-5)
+    assert bool(jnp.isnan(outs[:, 2:]).all())
+
+
+def test_rolling_buffers_decode_past_max_len():
+    """Local layers with W slots never overflow: decoding 12 tokens with max_len 4 equals the full forward."""
+    m = make(dataclasses.replace(CFG, attn_pattern="local", sliding_window=3))
+    tok = jax.random.randint(jax.random.key(2), (1, 12), 0, CFG.vocab_size)
+    cache, outs = KVCache.zeros(m.cfg, 1, 4), []
+    for t in range(12):
+        logits, cache = m(tok[:, t:t + 1], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), m(tok), atol=1e-5)
+
+
+
+def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
+    """-100 (HF's ignore index) and weight-0 positions drop out of the mean, even when their logits or targets are
+    garbage (NaN logits, target >= V); a target >= V at a weighted position gives NaN rather than a silent loss."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    targets[0, 1], targets[1, 4], targets[1, 0] = -100, -1, 7  # ignored, ignored, out of range under weight 0
+    weights = rng.uniform(0.5, 2.0, (2, 5)).astype(np.float32)
+    weights[1, 0] = 0.0
+    logits[0, 1] = np.nan  # garbage at an ignored position
+    used = (targets >= 0) & (weights > 0)
+    l64 = logits.astype(np.float64)
+    logz = np.log(np.exp(l64 - l64.max(-1, keepdims=True)).sum(-1)) + l64.max(-1)
+    nll = logz - np.take_along_axis(l64, np.clip(targets, 0, 6)[..., None], -1)[..., 0]
+    want = (nll * weights)[used].sum() / weights[used].sum()
+    loss, n = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+    np.testing.assert_allclose(float(n), weights[used].sum(), rtol=1e-6)
+    logits[0, 1] = 0.0
+    unweighted, n = cross_entropy(jnp.asarray(logits), jnp.asarray(np.where(targets == 7, -100, targets)))
+    assert float(n) == 7 and np.isfinite(float(unweighted))
+    grad = jax.grad(lambda lg: cross_entropy(lg, jnp.asarray(targets), jnp.asarray(weights))[0])(jnp.asarray(logits))
+    assert bool(jnp.isfinite(grad).all()) and not grad[0, 1].any() and not grad[1, 4].any()
+    assert np.isnan(float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets))[0]))  # 7 >= V, weight 1
+
+
 def test_bf16_compute_close_to_f32(tokens):
     model = make(dataclasses.replace(CFG, final_logit_softcap=None))
     f32 = model(tokens)
@@ -174,11 +231,48 @@ def test_bf16_compute_close_to_f32(tokens):
     assert abs(float(lb - lf)) < 0.01 * float(lf)
 
 
+
+def test_bf16_logits_are_float32_products(tokens):
+    """dtype=bfloat16: the LM head accumulates and outputs float32 (config: logits stay float32), so the logits
+    are not bf16 values cast up. No soft-cap here: its tanh alone would leave the bf16 grid."""
+    out = make(dataclasses.replace(CFG, final_logit_softcap=None, dtype="bfloat16"))(tokens)
+    assert out.dtype == jnp.float32
+    assert float(jnp.mean(out != out.astype(jnp.bfloat16).astype(jnp.float32))) > 0.5
+
+
+@pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
+def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
+    """linear(..., out_dtype=float32) on bf16 operands: the float64 product of the operands to float32 precision;
+    gradients in bf16 equal to autodiff of a bf16 product cast up afterwards (the cotangent rounded to bf16, so
+    the backward keeps bf16 matmuls)."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, w = (jax.random.normal(k, s).astype(jnp.bfloat16) for k, s in ((kx, (24, 64)), (kw, (64, 40))))
+    g = jax.random.normal(kg, (24, 40))
+    y, pull = jax.vjp(lambda x, w: linear(x, w, impl, out_dtype=jnp.float32), x, w)
+    _, pull_ref = jax.vjp(lambda x, w: (x @ w).astype(jnp.float32), x, w)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(pull(g), pull_ref(g)):
+        assert got.dtype == ref.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("field,value,words", [
     ("n_kv_heads", 3, "n_kv_heads"), ("head_dim", 7, "head_dim"), ("attn_impl", "flash", "attn_impl"),
     ("remat", "some", "remat"), ("dtype", "int8", "dtype"), ("d_model", 30, "head_dim"),
     ("scan_unroll", 0, "scan_unroll"),
+    # 0 / False must not fall through to the defaults (n_heads, d_model // n_heads)
+    ("n_kv_heads", 0, "n_kv_heads"), ("head_dim", 0, "head_dim"), ("n_kv_heads", True, "n_kv_heads"),
+    ("head_dim", -8, "head_dim"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
         dataclasses.replace(CFG, **{field: value})
+
+
+@pytest.mark.parametrize("window", [True, (3, False)])
+def test_bool_sliding_window_is_refused(window):
+    """True is an int in Python: it must not become a window of 1."""
+    with pytest.raises(ValueError, match="sliding_window.*bools"):
+        dataclasses.replace(CFG, attn_pattern="local", sliding_window=window)
