@@ -1,13 +1,18 @@
 """Orbax checkpoints of the LM trainer: async saves, keep-last-N + best-by-eval-loss, verified restore.
 
-One checkpoint = `ocp.args.Composite(state=StandardSave(train state), meta=JsonSave({step, loader, config,
-fingerprint, eval_loss}))` under `<dir>/<step>`. The train state is the dict of `experiments.lm_step`
-(params, opt_state, step, skipped, rng); nnx.State nodes are stored as pure dicts.
+One checkpoint = `ocp.args.Composite(state=StandardSave(train state), meta=JsonSave({step, config, fingerprint,
+eval_loss}), loader=grain.checkpoint.CheckpointSave(data iterator))` under `<dir>/<step>`. grain's handler writes
+one `process_<i>-of-<n>.json` per process: every process reads its own documents, so each needs its own state.
+The train state is the dict of `experiments.lm_step` (params, opt_state, step, skipped, rng); nnx.State
+nodes are stored as pure dicts.
 
 Integrity: orbax finalises a step directory atomically (a save killed half-way leaves only an
 `*.orbax-checkpoint-tmp-*` directory, never a step), and `meta.fingerprint` holds a bitwise checksum of every
 leaf taken at save time. A restore that fails to read or whose checksum differs is reported in one line, the
-step is moved to `<dir>-corrupt/`, and the previous step is tried. Only finite states are ever saved.
+step is moved to `<dir>-corrupt/<step>[-n]` (never over an earlier one), and the previous step is tried. A readable
+step that does not fit the run (another model config, array shapes or tree structure, process count) is not
+corruption: `CheckpointMismatch` is raised before any array is read and the directory is left alone. Only finite
+states are ever saved.
 Multi-process: every process calls save/restore (orbax coordinates the writes); logs come from process 0.
 """
 
@@ -17,8 +22,8 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 
+import grain.checkpoint
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +35,27 @@ from experiments.lm_step import all_finite, per_device_set
 
 class NonFiniteState(RuntimeError):
     """Refused to save a state with NaN/Inf in it."""
+
+
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint that belongs to another run configuration; `str(e)` names what differs and the fix."""
+
+
+class _LoaderItem:
+    """An iterator with a JSON-able `get_state()` dict (data.loader.LMLoader) as grain's checkpoint handler
+    expects a non-grain iterator: state as bytes, plus `start_prefetch`."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.loader.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.loader.set_state(json.loads(state))
+
+    def start_prefetch(self):
+        pass
 
 
 def _is_state(x):
@@ -93,7 +119,10 @@ class Checkpoints:
         opts = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
-        self.mgr = ocp.CheckpointManager(self.dir, options=opts)
+        # explicit handlers: item metadata (saved shapes) is readable before anything is restored
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                    "loader": grain.checkpoint.CheckpointHandler()}
+        self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
 
     def _report_incomplete(self):
         if jax.process_index() == 0 and self.dir.is_dir():
@@ -102,16 +131,19 @@ class Checkpoints:
                 self.log(f"checkpoint: ignoring incomplete save(s) {', '.join(tmp)} (interrupted while writing)")
 
     # ---- save ------------------------------------------------------------------------------------------------
-    def save(self, step: int, state, meta: dict, eval_loss: float | None = None) -> None:
-        """Start an async save of `state` (+ JSON `meta`) at `step`; raises NonFiniteState instead of saving
-        NaN/Inf. Returns once the arrays are copied off the devices (training may then donate them)."""
+    def save(self, step: int, state, meta: dict, eval_loss: float | None = None, loader=None) -> None:
+        """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
+        NonFiniteState instead of saving NaN/Inf. Returns once the arrays are copied off the devices (training may
+        then donate them) and the loader state is written."""
         if not bool(all_finite(state)):
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
         pure = to_pure(state)
         meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss)
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
-        self.mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(pure),
-                                                    meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+        items = dict(state=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta))
+        if loader is not None:
+            items["loader"] = grain.checkpoint.CheckpointSave(_LoaderItem(loader))
+        self.mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
     def wait(self):
         self.mgr.wait_until_finished()
@@ -124,48 +156,94 @@ class Checkpoints:
         return sorted(self.mgr.all_steps())
 
     # ---- restore ---------------------------------------------------------------------------------------------
-    def restore(self, template, step: int | None = None):
+    def restore(self, template, step: int | None = None, check=None, loader=None):
         """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the freshly
         initialised state on the current mesh, any device count). Returns (state, meta) or None.
 
+        check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
+        loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`).
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside, and the previous
-        one is tried."""
+        one is tried; a readable one that does not fit raises CheckpointMismatch and stays where it is."""
         abstract = abstract_of(to_pure(template))
         if step is not None and step not in self.mgr.all_steps():
             return None
         candidates = [step] if step is not None else sorted(self.mgr.all_steps(), reverse=True)
         for s in candidates:
             try:
-                out = self.mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                  meta=ocp.args.JsonRestore()))
-                meta = dict(out["meta"])
+                meta = dict(self.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                saved = self.mgr.item_metadata(s)["state"].tree
+                has_loader = (self.dir / str(s) / "loader").is_dir()
+            except Exception as e:  # noqa: BLE001 - no readable meta or metadata: not a checkpoint to use
+                self._corrupt(s, candidates, e)
+                continue
+            if check is not None:
+                check(meta)
+            _check_fits(saved, abstract, self.dir / str(s))
+            items = dict(state=ocp.args.StandardRestore(abstract))
+            if loader is not None and has_loader:
+                self._check_processes(s)
+                items["loader"] = grain.checkpoint.CheckpointRestore(_LoaderItem(loader))
+            try:
+                out = self.mgr.restore(s, args=ocp.args.Composite(**items))
                 got = fingerprint(out["state"])
                 if meta.get("fingerprint") != got or meta.get("step") != s:
                     raise ValueError(f"checksum {got} != saved {meta.get('fingerprint')}")
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
-                older = [x for x in candidates if x < s]
-                nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
-                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                self.log(f"checkpoint: step {s} is corrupt or incomplete ({type(e).__name__}: {msg}); {nxt}")
-                self._quarantine(s)
+                self._corrupt(s, candidates, e)
                 continue
+            if loader is not None and not has_loader:
+                loader.set_state(meta["loader"])  # written before per-process loader states (one process)
             return from_pure(template, out["state"]), meta
         return None
 
+    def _check_processes(self, step: int):
+        n = jax.process_count()
+        names = sorted(p.name for p in (self.dir / str(step) / "loader").glob("process_*.json"))
+        if names and not any(x.endswith(f"-of-{n}.json") for x in names):
+            raise CheckpointMismatch(
+                f"{self.dir / str(step)}: the data loader states were saved by {names[0].split('-of-')[1][:-5]} "
+                f"processes, this run has {n}; resume with the same number of processes")
+
+    def _corrupt(self, s: int, candidates: list[int], e: Exception):
+        older = [x for x in candidates if x < s]
+        nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        self.log(f"checkpoint: step {s} is corrupt or incomplete ({type(e).__name__}: {msg}); {nxt}")
+        self._quarantine(s)
+
     def _quarantine(self, step: int):
-        """Move a bad step out of the manager's directory, so it is never listed or overwritten again."""
+        """Move a bad step out of the manager's directory, so it is never listed or overwritten again. An earlier
+        quarantined copy of the same step number is kept: the new one gets the next free `<step>-<n>` name."""
         if jax.process_index() == 0:
             src = self.dir / str(step)
             if src.exists():
-                dst = self.dir.parent / f"{self.dir.name}-corrupt" / str(step)
-                shutil.rmtree(dst, ignore_errors=True)
-                dst.parent.mkdir(parents=True, exist_ok=True)
+                root = self.dir.parent / f"{self.dir.name}-corrupt"
+                root.mkdir(parents=True, exist_ok=True)
+                dst, n = root / str(step), 1
+                while dst.exists():
+                    dst, n = root / f"{step}-{n}", n + 1
                 os.replace(src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"quarantine-{step}")
         self.mgr.reload()
+
+
+def _check_fits(saved, abstract, where) -> None:
+    """Raise CheckpointMismatch unless the saved arrays (orbax metadata) have the template's paths and shapes
+    (not dtypes: orbax casts on restore)."""
+    def table(tree):
+        # paths as plain names: orbax stores namedtuples (optax states) as dicts and may stringify int keys
+        name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+        return {"/".join(map(name, path)): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    have, want = table(saved), table(abstract)
+    differ = [f"{k}: saved {have.get(k, 'missing')}, now {want.get(k, 'missing')}"
+              for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if differ:
+        raise CheckpointMismatch(f"{where} does not fit this run's state ({len(differ)} arrays differ, e.g. "
+                                 f"{'; '.join(differ[:3])}); use a new train.out, or the settings it was saved with")
 
 
 def read_meta(directory, step: int) -> dict:

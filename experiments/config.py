@@ -4,8 +4,9 @@ CLI overrides and validation before anything compiles.
     cfg = load(["--preset", "demo", "--set", "train.steps=50", "--lr", "1e-3"])
     validate(cfg, n_devices=8)        # ConfigError with one line naming the field, before any compilation
 
-Overrides are `--set section.field=value` (value parsed as a Python literal, else a string; `mesh=data=2,fsdp=4`)
-or the flat flags `--steps --batch --seq --lr --mesh --out --seed`.
+Overrides are `--set section.field=value` (the value converted to the field's declared type: true/false for bool,
+none for optional fields, integral numbers for int, `1,2` or `(1, 2)` for tuples; `mesh=data=2,fsdp=4`) or the flat
+flags `--steps --batch --seq --lr --mesh --out --seed`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import ast
 import dataclasses
 import json
 import math
-from typing import Any
+import sys
+from typing import Any, Literal
 
 from models import TransformerConfig
 from models.moe import MoEConfig
@@ -158,11 +160,56 @@ def parse_mesh(s: str) -> dict[str, int]:
         raise ConfigError(f"mesh: cannot parse {s!r}; write axis=size pairs like data=2,fsdp=4") from None
 
 
-def _value(text: str) -> Any:
+def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string: cosine, halt, runs/x
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _int(x) -> int:
+    """An int from an int or an integral number (1e3); bools are not ints here."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    raise ValueError(x)
+
+
+def _typed(text: str, annotation: str, key: str, namespace: dict) -> Any:
+    """`text` as a value of the field's declared type (dataclass annotations are strings here: `from __future__
+    import annotations`). Other names, looked up in the config's module `namespace`, are Literal string aliases
+    (RematPolicy) or nested configs (MoEConfig)."""
+    options = [a.strip() for a in annotation.split("|")]
+    low = text.strip().lower()
+    for opt in options:
+        try:
+            if opt == "None" and low in ("none", "null"):
+                return None
+            if opt == "bool" and low in ("true", "false"):
+                return low == "true"
+            if opt == "int":
+                return _int(_literal(text))
+            if opt == "float":
+                v = _literal(text)
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    return float(v)
+            if opt.startswith("tuple["):
+                v = _literal(text if text.strip() else "()")
+                return tuple(_int(x) for x in (v if isinstance(v, tuple | list) else (v,)))
+        except (ValueError, TypeError):
+            continue
+    strings = [o for o in options if o == "str" or o.startswith("Literal[")
+               or getattr(namespace.get(o), "__origin__", None) is Literal]
+    if strings:
+        v = _literal(text)
+        return v if isinstance(v, str) else text  # quotes are optional
+    if any(o[:1].isupper() and o != "None" for o in options):
+        raise ConfigError(f"{key}: is a nested config ({annotation}); set its fields (e.g. {key}.<field>=...)"
+                          + (" or none to turn it off" if "None" in options else ""))
+    want = {"int": "an integer", "float": "a number", "bool": "true or false", "None": "none"}
+    raise ConfigError(f"{key}: expected {' or '.join(want.get(o, o) for o in options)} ({annotation}), "
+                      f"got {text!r}")
 
 
 def _replace(obj, field: str, value, where: str):
@@ -183,17 +230,20 @@ def override(cfg: RunConfig, key: str, text: str) -> RunConfig:
         return dataclasses.replace(cfg, mesh=parse_mesh(text))
     parts = key.split(".")
     if parts[0] == "mesh" and len(parts) == 2:
-        return dataclasses.replace(cfg, mesh={**cfg.mesh, parts[1]: int(text)})
+        try:
+            return dataclasses.replace(cfg, mesh={**cfg.mesh, parts[1]: int(text)})
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer axis size (-1: the remaining devices), got {text!r}") \
+                from None
     if parts[0] not in ("model", "data", "optim", "train") or len(parts) < 2:
         raise ConfigError(f"{key}: unknown setting; use model.*, mesh[.axis], data.*, optim.* or train.*")
 
     def go(obj, path):
         if len(path) == 1:
-            value = _value(text)
-            if path[0] == "moe" and value is None:
-                return _replace(obj, "moe", None, key)
-            if isinstance(getattr(obj, path[0], None), tuple) and isinstance(value, int):
-                value = (value,)
+            fields = {f.name: f.type for f in dataclasses.fields(obj)}
+            if path[0] not in fields:
+                return _replace(obj, path[0], None, key)  # the unknown-field error
+            value = _typed(text, str(fields[path[0]]), key, vars(sys.modules[type(obj).__module__]))
             return _replace(obj, path[0], value, key)
         child = getattr(obj, path[0], None)
         if not dataclasses.is_dataclass(child):
@@ -295,5 +345,16 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         need(m.moe is not None and m.moe.n_experts % ep == 0, "mesh.expert",
              f"expert axis {ep} needs model.moe with a multiple of {ep} experts")
     stages = mesh.get("stage", 1)
-    need(m.n_layers % stages == 0, "mesh.stage", f"{m.n_layers} layers are not divisible by {stages} stages")
+    if stages > 1:  # the pipeline runs whole pattern periods (e.g. local + global layer) per stage
+        from models.transformer import pattern_period
+
+        period = pattern_period(m)
+        need(not any(m.moe_layers()), "mesh.stage",
+             "MoE layers are not supported under pipeline parallelism; use a mesh without a stage axis, or "
+             "model.moe=none")
+        need((m.n_layers // period) % stages == 0, "mesh.stage",
+             f"model.n_layers={m.n_layers} (pattern period {period}) does not split into {stages} stages; use a "
+             f"multiple of {period * stages} layers or fewer stages")
+        need(micro % m.pipeline_microbatches == 0, "model.pipeline_microbatches",
+             f"{m.pipeline_microbatches} must divide the {micro} rows of a (grad_accum) microbatch")
     return mesh

@@ -12,6 +12,7 @@ Bad configuration exits with status 2 and one line naming the field, before anyt
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -157,6 +158,34 @@ def plot_losses(out: pathlib.Path) -> pathlib.Path:
     return path
 
 
+class Throughput:
+    """Tokens/s and s/step over the steps since the last report. Time spent evaluating or saving inside the
+    window is subtracted from it; the steps trained before that time still count (they are in the window)."""
+
+    def __init__(self, clock=time.time):
+        self.clock = clock
+        self.start, self.excluded, self.tokens, self.steps = clock(), 0.0, 0, 0
+
+    def step(self, tokens: int):
+        self.tokens += tokens
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def exclude(self):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded += self.clock() - t0
+
+    def report(self, now: float) -> tuple[float, float]:
+        """(tokens/s, s/step) of the window ending at `now` (the end of the last step); starts the next one."""
+        dt = max(now - self.start - self.excluded, 1e-9)
+        out = self.tokens / dt, dt / max(self.steps, 1)
+        self.start, self.excluded, self.tokens, self.steps = now, 0.0, 0, 0
+        return out
+
+
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
@@ -195,15 +224,50 @@ def main(argv=None) -> dict:
     return train(cfg, mesh_shape)
 
 
-# How a model is executed, not what it computes or which parameters it has: a run may resume with other values.
+# How a model is executed, not which parameters it has: a run may resume with other values.
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
-                              "swa_block", "pipeline_microbatches", "dtype"})
+                              "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
+MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl"})
+# What defines the data stream: a saved loader state points into the stream these values made, not another one.
+LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"),
+                 ("data", "eval_every_nth"))
 
 
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
     """Model fields (as in `TransformerConfig` JSON) whose saved value differs from the current one. Execution
     settings do not count, nor do fields added since the checkpoint was written (their defaults apply)."""
-    return sorted(k for k, v in saved.items() if k not in EXECUTION_FIELDS and current.get(k, v) != v)
+    out = []
+    for k, v in saved.items():
+        cur = current.get(k, v)
+        if k == "moe" and isinstance(v, dict) and isinstance(cur, dict):
+            out += [f"moe.{f}" for f, x in v.items() if f not in MOE_EXECUTION_FIELDS and cur.get(f, x) != x]
+        elif k not in EXECUTION_FIELDS and cur != v:
+            out.append(k)
+    return sorted(out)
+
+
+def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's run config (RunConfig JSON) with this run's: (refused, warned), as lines
+    'field: saved X, now Y'. Refused: model fields (other parameters) and the fields that define the data stream
+    (the saved loader state would continue another stream). Warned: train.steps and optim.* (the LR schedule
+    and optimizer change from the resumed step on, which may be intended, e.g. to train longer)."""
+    def line(*keys):
+        return f"{'.'.join(keys)}: saved {_get(saved, *keys)!r}, now {_get(current, *keys)!r}"
+
+    refused = [line("model", *k.split(".")) for k in model_config_mismatch(saved["model"], current["model"])]
+    refused += [line(sec, k) for sec, k in LOADER_FIELDS
+                if _get(saved, sec, k, default=_get(current, sec, k)) != _get(current, sec, k)]
+    warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
+    warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
+    return refused, warned
+
+
+def _get(d, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
 
 
 def init_state(cfg, mesh):
@@ -242,11 +306,11 @@ def train(cfg, mesh_shape: dict) -> dict:
 
     from data.loader import LMLoader, LoaderConfig, Source
     from data.tokenizer import ByteTokenizer
-    from experiments.checkpoint import Checkpoints, NonFiniteState
+    from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
     from parallel import make_mesh
-    from parallel.distributed import is_primary
+    from parallel.distributed import any_process, is_primary
     from scaling.flops import mfu, train_flops_per_token
 
     t_start = time.time()
@@ -271,15 +335,26 @@ def train(cfg, mesh_shape: dict) -> dict:
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
     ckpt = Checkpoints(out / "ckpt", keep=t.keep, keep_best=t.keep_best, async_save=t.async_save, log=say)
-    restored = ckpt.restore(state)
+
+    def check(meta):  # runs on the saved meta before any array is read
+        refused, warned = resume_mismatch(json.loads(meta["config"]), json.loads(cfg.to_json()))
+        if refused:
+            raise CheckpointMismatch(
+                f"train.out: {out / 'ckpt'} (step {meta['step']}) was saved with other settings ({'; '.join(refused)})"
+                "; use a new --out, or the settings it was saved with")
+        for w in warned:
+            say(f"warning: resuming step {meta['step']} with a changed {w}: the LR schedule / optimizer differ "
+                "from the saved run's from here on")
+
+    try:
+        restored = ckpt.restore(state, check=check, loader=loader)
+    except CheckpointMismatch as e:
+        ckpt.close()
+        loader.close()
+        raise SystemExit(f"config error: {e}") from None
     start = 0
     if restored is not None:
         state, meta = restored
-        differ = model_config_mismatch(json.loads(meta["config"])["model"], json.loads(cfg.to_json())["model"])
-        if differ:
-            raise SystemExit(f"config error: train.out: {out / 'ckpt'} holds a run of a different model config "
-                             f"({', '.join(differ)}); use a new train.out or the same model settings")
-        loader.set_state(meta["loader"])
         start = int(meta["step"])
         say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")
 
@@ -304,12 +379,13 @@ def train(cfg, mesh_shape: dict) -> dict:
                dynamic_ncols=True)
     first_eval = last_eval = target_time = None
     halted = None
-    t_last, tokens_since, steps_since = time.time(), 0, 0
+    window = Throughput()
     step = start
     try:
         with jax.set_mesh(mesh):
             if start == 0:
-                first_eval = last_eval = evaluate(state["params"])
+                with window.exclude():
+                    first_eval = last_eval = evaluate(state["params"])
                 log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": math.exp(last_eval),
                            "wall_s": time.time() - t_start})
                 say(f"step 0: eval loss {last_eval:.3f} (ppl {math.exp(last_eval):.1f})")
@@ -320,8 +396,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                 state, mt = step_fn(state, batch)
                 mt = jax.device_get(mt)
                 now = time.time()
-                tokens_since += t.batch * t.seq
-                steps_since += 1
+                window.step(t.batch * t.seq)
                 bar.update(1)
                 if not mt["finite"]:
                     skipped = int(state["skipped"])
@@ -332,11 +407,10 @@ def train(cfg, mesh_shape: dict) -> dict:
                         halted = step
                         break
                 if step % t.log_every == 0 or step == t.steps:
-                    dt = now - t_last
-                    tps = tokens_since / dt
+                    tps, step_time = window.report(now)
                     rec = {"kind": "train", "step": step, "loss": float(mt["loss"]),
                            "ppl": math.exp(min(float(mt["loss"]), 50.0)), "grad_norm": float(mt["grad_norm"]),
-                           "lr": float(mt["lr"]), "tokens_per_s": tps, "step_time_s": dt / steps_since,
+                           "lr": float(mt["lr"]), "tokens_per_s": tps, "step_time_s": step_time,
                            "skipped": int(state["skipped"]), "wall_s": now - t_start}
                     if peak:
                         rec["mfu"] = mfu(tps, fpt, n_mfu_devices, peak)
@@ -348,10 +422,10 @@ def train(cfg, mesh_shape: dict) -> dict:
                     log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}",
                                     tok_s=f"{tps:,.0f}")
-                    t_last, tokens_since, steps_since = now, 0, 0
                 eval_loss = None
                 if step % t.eval_every == 0 or step == t.steps:
-                    eval_loss = last_eval = evaluate(state["params"])
+                    with window.exclude():  # evaluation time is not training throughput
+                        eval_loss = last_eval = evaluate(state["params"])
                     log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": math.exp(eval_loss),
                                "wall_s": time.time() - t_start})
                     msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f})"
@@ -362,18 +436,19 @@ def train(cfg, mesh_shape: dict) -> dict:
                                    "wall_s": target_time})
                     if primary:
                         tqdm.write(msg)
-                    t_last = time.time()  # evaluation time is not training throughput
-                stopping = stop.signal is not None
+                # SIGTERM may reach the processes of a job at different steps: all stop at the same one, or the
+                # ones still stepping would wait forever in a collective for those saving
+                stopping = any_process(stop.signal is not None)
                 if step % t.save_every == 0 or step == t.steps or stopping:
-                    ckpt.save(step, state, {"loader": loader.get_state(), "config": cfg.to_json()}, eval_loss)
+                    with window.exclude():
+                        ckpt.save(step, state, {"config": cfg.to_json()}, eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)
-                    t_last = time.time()
                 if t.kill_at == step:  # test hook: die right after this step
                     ckpt.wait()
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
-                    say(f"{stop.signal}: saved step {step}; exiting")
+                    say(f"{stop.signal or 'SIGTERM on another process'}: saved step {step}; exiting")
                     break
     except NonFiniteState as e:
         say(str(e))

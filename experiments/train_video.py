@@ -128,10 +128,16 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
 
 def encode_latents(p: Preset, encode, cache: pathlib.Path):
     """Posterior means of n_latents training clips (cached), their tokens and caption ids.
-    encode: [eval_batch, T, H, W, 3] → latents."""
+    encode: [eval_batch, T, H, W, 3] → latents. The cache is used only if made by the same VAE training (a run
+    resumed with more --vae-steps has another encoder), clip count and data."""
+    made_by = json.dumps({"vae": repr(p.vae), "vae_steps": p.vae_steps, "vae_batch": p.vae_batch,
+                          "vae_lr": p.vae_lr, "n_latents": p.n_latents, "eval_batch": p.eval_batch,
+                          "data": repr(p.data)}, sort_keys=True)
     if cache.exists():
         f = np.load(cache)
-        return f["latents"], f["tokens"], f["combo"]
+        if "made_by" in f and str(f["made_by"]) == made_by:
+            return f["latents"], f["tokens"], f["combo"]
+        print(f"encode: {cache.name} was made by another VAE / settings; encoding again")
     ds = dataset(p.data, "train", p.eval_batch, seed=1)
     lat, tok, combo = [], [], []
     for i in tqdm(range(math.ceil(p.n_latents / p.eval_batch)), desc="encode", unit="batch"):
@@ -140,7 +146,7 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path):
         tok.append(b["tokens"])
         combo.append(b["combo"])
     lat, tok, combo = (np.concatenate(x)[: p.n_latents] for x in (lat, tok, combo))
-    np.savez(cache, latents=lat, tokens=tok, combo=combo)
+    np.savez(cache, latents=lat, tokens=tok, combo=combo, made_by=np.array(made_by))
     return lat, tok, combo
 
 

@@ -82,7 +82,10 @@ def main(argv=None):
     ap.add_argument("--remat", default="full")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args(argv)
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    if jax.config.jax_num_cpu_devices != args.devices:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones
+    devices = jax.devices("cpu")
     from models import TransformerConfig
 
     cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
@@ -93,7 +96,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for spec in args.mesh or ["fsdp=-1"]:
         shape = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-        r = compile_report(cfg, shape, args.batch or args.devices, args.seq)
+        r = compile_report(cfg, shape, args.batch or args.devices, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
 

@@ -14,7 +14,10 @@ import numpy as np
 
 from parallel.sharding import batch_sharding
 
-_CLUSTER_MARKERS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+_CLUSTER_MARKERS = ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+# What JAX's SLURM detection reads. SLURM_JOB_ID alone is a shell inside an allocation (salloc, sbatch script
+# without srun): one process, and JAX would find no coordinator address.
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -40,7 +43,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             return False
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
-    if any(m in env for m in _CLUSTER_MARKERS) and int(env.get("SLURM_NTASKS", "2")) > 1:
+    slurm = all(v in env for v in _SLURM_STEP)
+    if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and int(env.get("SLURM_NTASKS", "2")) > 1:
         jax.distributed.initialize(**timeouts)  # JAX detects TPU pods, SLURM and Open MPI itself
         return True
     return False
@@ -49,6 +53,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_primary() -> bool:
     """True on exactly one process: the one that logs and writes files."""
     return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (one 4-byte all-gather; no communication with one process).
+    Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def process_rows(global_batch: int) -> slice:

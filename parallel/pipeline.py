@@ -39,8 +39,10 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     if B % M:
         raise ValueError(f"batch {B} must be divisible by n_microbatches={M}")
 
-    def micro(a):  # [B, ...] -> [M, B/M, ...]
-        return a.reshape((M, B // M) + a.shape[1:])
+    def micro(a):  # [B, ...] -> [M, B/M, ...], microbatch m = rows m::M
+        # strided, not contiguous: the batch is sharded over data axes in contiguous blocks, so rows m::M take
+        # an equal share from every data shard, while a contiguous block would sit on a few devices only
+        return a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1)
 
     x_MbTD, ctx_M = micro(x_BTD), jax.tree.map(micro, ctx)
 
@@ -69,4 +71,4 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     layer_spec = jax.tree.map(lambda _: P(axis), params)
     out = jax.shard_map(stage_fn, mesh=mesh, in_specs=(layer_spec, P(), P()), out_specs=P(),
                         axis_names=frozenset({axis}))(params, x_MbTD, ctx_M)
-    return out.reshape(x_BTD.shape)
+    return out.swapaxes(0, 1).reshape(x_BTD.shape)  # back to row order

@@ -9,11 +9,44 @@ import jax
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from parallel.distributed import global_batch_from_local, initialize, is_primary, process_rows  # noqa: E402
+from parallel.distributed import (  # noqa: E402
+    any_process,
+    global_batch_from_local,
+    initialize,
+    is_primary,
+    process_rows,
+)
+
+
+class FakeLoader:
+    """Stands for data.loader.LMLoader: each process reads other documents, so its iterator state is its own."""
+
+    def __init__(self, position):
+        self.position = position
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def checkpoint_round_trip(directory, state, pid):
+    """Save at step 1 with a per-process loader state, restore into a fresh loader: each gets its own back."""
+    from experiments.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(directory, async_save=True, log=lambda *a: None)
+    ckpt.save(1, state, {"config": "{}"}, loader=FakeLoader(100 + pid))
+    ckpt.close()
+    ckpt = Checkpoints(directory, log=lambda *a: None)
+    fresh = FakeLoader(0)
+    _, meta = ckpt.restore(state, loader=fresh)
+    ckpt.close()
+    return meta["step"], fresh.position
 
 
 def main():
-    port, pid, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    port, pid, mode, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     assert initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_s=5, init_timeout_s=60)
     from flax import nnx
 
@@ -34,6 +67,10 @@ def main():
     if mode == "die":
         with jax.set_mesh(mesh):
             jax.block_until_ready(jax.jit(lambda s, b: lm_loss(graphdef, s, b))(state, batch))
+    # SIGTERM seen by process 1 only: both must agree to stop at this step
+    stops = [any_process(pid == 1), any_process(False)]
+    step, position = checkpoint_round_trip(os.path.join(workdir, "ckpt"), state, pid)
+    print(json.dumps({"pid": pid, "stops": stops, "restored_step": step, "loader_position": position}), flush=True)
     if is_primary():
         print(json.dumps({"loss": loss, "devices": jax.device_count(), "mesh": dict(mesh.shape)}), flush=True)
 

@@ -15,3 +15,26 @@ def test_aot_state_bytes_match_the_estimate(mesh):
     # params + AdamW moments, per device: exact up to replicated norm scales and rounding (2%)
     assert abs((r.argument_bytes - batch_bytes) - r.estimate.state) <= 0.02 * r.estimate.state, r
     assert r.temp_bytes > 0 and r.peak_bytes < r.estimate.total * 1.5
+
+
+def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatch, capsys):
+    import jax
+
+    from parallel import aot
+
+    cpu = jax.devices("cpu")
+    # an accelerator host: the default backend has one device; the fake CPU devices are the ones to compile for
+    monkeypatch.setattr(jax, "devices", lambda backend=None: cpu if backend == "cpu" else cpu[:1])
+    seen = []
+
+    class Compiled(Exception):  # stop before compiling a 7B model
+        pass
+
+    def compile_report(cfg, mesh, batch, seq_len, devices=None):
+        seen.append(devices)
+        raise Compiled
+
+    monkeypatch.setattr(aot, "compile_report", compile_report)
+    with pytest.raises(Compiled):
+        aot.main(["--devices", str(len(cpu)), "--mesh", f"fsdp={len(cpu)}"])
+    assert seen == [cpu]

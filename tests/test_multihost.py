@@ -1,4 +1,5 @@
-"""Two processes on localhost (2 fake devices each, one global mesh of 4) == one process."""
+"""Two processes on localhost (2 fake devices each, one global mesh of 4) == one process; a stop flag raised on one
+process is seen by both; a checkpoint gives each process back its own data loader state."""
 
 import json
 import os
@@ -18,22 +19,30 @@ from tests.multihost_common import CFG, global_tokens
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(mode):
+def launch(mode, workdir):
     port = portpicker.pick_unused_port()
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), mode], cwd=ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), mode, str(workdir)],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
 
 
-def test_two_processes_match_single_process():
-    procs = launch("ok")
+def test_two_processes_match_single_process(tmp_path):
+    procs = launch("ok", tmp_path)
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     result = json.loads(outs[0][0].strip().splitlines()[-1])
     assert result["devices"] == 4 and result["mesh"] == {"data": 2, "fsdp": 2}
-    assert not any(line.startswith("{") for line in outs[1][0].splitlines())  # only the primary writes
+    lines = [[json.loads(x) for x in out.splitlines() if x.startswith("{")] for out, _ in outs]
+    assert not any("loss" in r for r in lines[1])  # only the primary writes
+    for pid in (0, 1):
+        r = next(r for r in lines[pid] if "pid" in r)
+        assert r["stops"] == [True, False]
+        assert r["restored_step"] == 1 and r["loader_position"] == 100 + pid
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "1" / "loader").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
 
     tok = global_tokens()
     graphdef, state = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
@@ -41,8 +50,8 @@ def test_two_processes_match_single_process():
     np.testing.assert_allclose(result["loss"], single, rtol=1e-5)
 
 
-def test_dead_peer_ends_the_survivor_with_a_clear_error():
-    procs = launch("die")
+def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
+    procs = launch("die", tmp_path)
     t0 = time.time()
     _, err0 = procs[0].communicate(timeout=120)  # heartbeat timeout is 5 s: well inside this
     procs[1].communicate(timeout=30)

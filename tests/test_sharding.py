@@ -1,5 +1,7 @@
 """The rules table and mesh construction (strategy equivalence lives in test_parallel.py)."""
 
+import os
+
 import jax
 import pytest
 
@@ -29,3 +31,22 @@ def test_mesh_errors(shape, words):
 def test_mesh_fill():
     mesh = make_mesh({"tensor": 2, "data": -1})
     assert dict(mesh.shape) == {"data": 4, "tensor": 2}
+
+
+@pytest.mark.parametrize("env,started", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # a shell inside an allocation (salloc / sbatch, no srun)
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, False),  # srun with one task
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_LOCALID": "0"}, True),  # an srun job step: JAX's SLURM detection takes it from here
+])
+def test_initialize_starts_jax_distributed_only_in_a_slurm_job_step(monkeypatch, env, started):
+    from parallel import distributed
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "JAXSCALE_", "OMPI_", "TPU_"))]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert distributed.initialize() is started and len(calls) == started

@@ -41,6 +41,20 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "model.d_model: 32 is not divisible by the fsdp axis (3)"),
     (["--preset", "llama7b"], 8, "mesh: mesh {'data': 8, 'fsdp': 32} needs 256 devices but 8"),
     (["--preset", "demo", "--set", "model.moe.top_k=9"], 8, "MoEConfig.top_k: 9 > n_experts=4"),
+    # --set values are checked against the field's declared type
+    (["--preset", "tiny", "--set", "train.steps=5O"], 8, "train.steps: expected an integer (int), got '5O'"),
+    (["--preset", "tiny", "--set", "model.n_layers=4.5"], 8, "model.n_layers: expected an integer (int), got '4.5'"),
+    (["--preset", "tiny", "--set", "train.progress=no"], 8, "train.progress: expected true or false (bool)"),
+    (["--preset", "tiny", "--set", "optim.lr=3e-3x"], 8, "optim.lr: expected a number (float), got '3e-3x'"),
+    (["--preset", "tiny", "--seed", "abc"], 8, "train.seed: expected an integer (int), got 'abc'"),
+    (["--preset", "tiny", "--set", "mesh.data=x"], 8, "mesh.data: expected an integer axis size"),
+    (["--preset", "demo", "--set", "model.moe=3"], 8, "model.moe: is a nested config (MoEConfig | None)"),
+    # pipeline stages run whole pattern periods, without MoE
+    (["--preset", "tiny", "--mesh", "stage=2,fsdp=4"], 8,
+     "mesh.stage: model.n_layers=2 (pattern period 2) does not split into 2 stages; use a multiple of 4 layers"),
+    (["--preset", "demo", "--mesh", "stage=2,fsdp=4"], 8, "mesh.stage: MoE layers are not supported under pipeline"),
+    (["--preset", "tiny", "--set", "model.n_layers=4", "--mesh", "stage=2,fsdp=4", "--set",
+      "model.pipeline_microbatches=3"], 8, "model.pipeline_microbatches: 3 must divide the 8 rows"),
 ]
 
 
@@ -71,6 +85,21 @@ def test_presets_and_overrides_compose():
         validate(big, int(np.prod(list(big.mesh.values()))))
     assert abs(load(["--preset", "llama7b"]).model.param_count() / 6.74e9 - 1) < 0.01
     assert abs(load(["--preset", "mixtral8x7b"]).model.param_count() / 46.7e9 - 1) < 0.01
+
+
+def test_set_converts_to_the_declared_type():
+    cfg = load(["--preset", "tiny", "--set", "train.keep_best=false", "--set", "train.async_save=FALSE",
+                "--set", "train.steps=1e3", "--set", "optim.grad_accum=2.0", "--set", "train.eval_target=none",
+                "--set", "data.max_files=None", "--set", "train.out=123", "--set", "optim.lr=1", "--set",
+                "model.remat=none", "--set", "train.poison_steps=[3, 5]", "--set", "model.scan_unroll=true"])
+    assert cfg.train.keep_best is False and cfg.train.async_save is False  # not the truthy string 'false'
+    assert cfg.train.steps == 1000 and type(cfg.train.steps) is int and cfg.optim.grad_accum == 2
+    assert cfg.train.eval_target is None and cfg.data.max_files is None
+    assert cfg.train.out == "123" and cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
+    assert cfg.model.remat == "none"  # a Literal value, not None: the field is not optional
+    assert cfg.train.poison_steps == (3, 5) and cfg.model.scan_unroll is True
+    assert validate(load(["--preset", "tiny", "--set", "model.n_layers=4", "--mesh", "stage=2,fsdp=4"]), 8) == {
+        "stage": 2, "fsdp": 4}
 
 
 def test_decay_mask_by_name_not_ndim():
@@ -124,3 +153,35 @@ def test_resume_compares_the_model_not_how_it_is_executed():
     assert train_lm.model_config_mismatch(saved, now) == []
     now["d_model"], now["rope_theta"] = 128, 1e6
     assert train_lm.model_config_mismatch(saved, now) == ["d_model", "rope_theta"]
+    moe = as_json(TransformerConfig(d_model=64, n_heads=4, moe=MoEConfig(n_experts=4)))
+    other_kernels = as_json(TransformerConfig(d_model=64, n_heads=4, matmul_impl="transposed_grad",
+                                              moe=MoEConfig(n_experts=4, dispatch="capacity", dropless_impl="gmm")))
+    assert train_lm.model_config_mismatch(moe, other_kernels) == []
+    other_kernels["moe"]["n_experts"] = 8
+    assert train_lm.model_config_mismatch(moe, other_kernels) == ["moe.n_experts"]
+
+
+def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
+    saved = json.loads(load(["--preset", "tiny"]).to_json())
+    same = json.loads(load(["--preset", "tiny", "--set", "train.eval_every=2", "--set",
+                            "data.eval_batches=2"]).to_json())
+    assert train_lm.resume_mismatch(saved, same) == ([], [])
+    other = json.loads(load(["--preset", "tiny", "--seq", "16", "--set", "data.max_files=20", "--steps", "20",
+                             "--lr", "1e-3"]).to_json())
+    refused, warned = train_lm.resume_mismatch(saved, other)
+    assert refused == ["train.seq: saved 32, now 16", "data.max_files: saved 40, now 20"]
+    assert warned == ["train.steps: saved 12, now 20", "optim.lr: saved 0.01, now 0.001"]
+
+
+def test_throughput_window_leaves_out_eval_and_save_time():
+    clock = iter([0.0, 1.0, 4.0, 6.0, 9.0, 10.0]).__next__  # start, eval 1..4 s, save 6..9 s
+    w = train_lm.Throughput(clock)
+    w.step(100)  # step 1 ends at 1 s
+    with w.exclude():  # evaluation after step 1: 3 s
+        pass
+    w.step(100)  # step 2 ends at 6 s
+    with w.exclude():  # checkpoint save after step 2: 3 s
+        pass
+    w.step(100)  # step 3 ends at 10 s: 10 - 6 s of eval and save = 4 s of training for 3 steps
+    assert w.report(clock()) == pytest.approx((300 / 4, 4 / 3))
+    assert w.steps == w.tokens == 0 and w.excluded == 0.0

@@ -59,3 +59,23 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
         ...]).max()) > 0
     jax.tree.map(np.testing.assert_array_equal, trees, {"params": params, "opt_state": opt_state})
     assert restore(manager(tmp_path / "empty"), blank) is None
+
+
+def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
+    import dataclasses
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=2 * train_video.PRESETS["tiny"].eval_batch)
+    calls = []
+
+    def encode(video):  # stands for the VAE encoder: its latents tell which call made them
+        calls.append(1)
+        return np.full((len(video), 1), len(calls), np.float32)
+
+    cache = tmp_path / "latents.npz"
+    first = train_video.encode_latents(p, encode, cache)[0]
+    assert len(calls) == 2
+    np.testing.assert_array_equal(train_video.encode_latents(p, encode, cache)[0], first)  # cached
+    assert len(calls) == 2
+    # resumed with --vae-steps raised: the VAE trained on, so its latents are new
+    again = train_video.encode_latents(dataclasses.replace(p, vae_steps=p.vae_steps + 10), encode, cache)[0]
+    assert len(calls) == 4 and again.min() == 3
