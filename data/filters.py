@@ -4,6 +4,11 @@
 as a drop reason (or None). Words are CJK-aware: every Han / kana / hangul character is one token (Chinese
 has no spaces, so whitespace words would make one zh sentence a single "word"); other tokens are runs of
 non-space characters. Line-level boilerplate is removed before measuring (`strip_boilerplate`).
+
+A CJK character is not a word, though: a Chinese word is about two characters, so the repetition rules'
+n-grams span `cjk_chars_per_word` times more tokens in CJK text (scaled by the CJK share of the words in
+mixed text). Counted per character, an ordinary news paragraph that names "国家统计局新闻发言人" (10
+characters, 4 words) three times fails `dup_5gram`, while its English translation passes.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class QualityConfig:
     Word counts are CJK-aware (see module doc). Ratios are fractions in [0, 1]. Repetition follows Gopher
     (Rae et al. 2021, table A1): duplicated lines/paragraphs (by count and by characters), the share of
     characters in the most frequent 2-4-gram, and the share of characters in duplicated 5-10-grams.
-    `top_ngram_max` / `dup_ngram_max` are `((n, max_fraction), ...)`. `boilerplate` rules are lower-case
+    `top_ngram_max` / `dup_ngram_max` are `((n, max_fraction), ...)` with n in words; in CJK text an n-gram
+    is `round(n · cjk_chars_per_word)` characters (see module doc). `boilerplate` rules are lower-case
     regexes searched in lower-cased lines; matching lines are removed, and a document that loses more than
     `max_boilerplate_lines` of its lines is dropped. `promo_phrases` / `blocklist` match case-insensitively
     (whole words for latin phrases).
@@ -76,6 +82,7 @@ class QualityConfig:
     top_ngram_max: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
     dup_ngram_max: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11),
                                                     (10, 0.10))
+    cjk_chars_per_word: float = 2.0
     max_url_density: float = 0.1
     promo_phrases: tuple[str, ...] = DEFAULT_PROMO
     max_promo_repeats: int = 2
@@ -93,6 +100,9 @@ class QualityConfig:
                              f"max_mean_word_len={self.max_mean_word_len}; swap them")
         if self.min_words > self.max_words:
             raise ValueError(f"QualityConfig.min_words={self.min_words} exceeds max_words={self.max_words}")
+        if not self.cjk_chars_per_word >= 1:
+            raise ValueError(f"QualityConfig.cjk_chars_per_word={self.cjk_chars_per_word} must be >= 1 "
+                             "(1 counts each CJK character as a word; Chinese words average about 2)")
         for p in self.boilerplate:
             try:
                 re.compile(p)
@@ -202,15 +212,20 @@ def _dup_fraction(items: list[str]) -> tuple[float, float]:
     return dup / len(items), dup_chars / max(total_chars, 1)
 
 
-def ngram_signals(ws: list[str], top_ns, dup_ns) -> dict[str, float]:
+def ngram_signals(ws: list[str], top_ns, dup_ns, scale: float = 1.0) -> dict[str, float]:
     """Gopher's n-gram repetition signals over words `ws`, as fractions of all word characters:
     `top_{n}gram`, the characters of the most frequent n-gram times its count (0 if it occurs once);
     `dup_{n}gram`, the characters of words covered by any n-gram occurring more than once.
+    With `scale` > 1 (CJK text, see module doc) the `{n}gram` signals use n-grams of round(n·scale) tokens.
 
     N-grams are compared by a 64-bit polynomial hash of word ids, all in numpy (collisions: ~n²/2⁶⁴).
     """
     out = {f"top_{n}gram": 0.0 for n in top_ns} | {f"dup_{n}gram": 0.0 for n in dup_ns}
-    ns = sorted(set(top_ns) | set(dup_ns))
+    # rounding half up keeps distinct n distinct for any scale >= 1
+    tokens_of = {n: int(n * scale + 0.5) for n in set(top_ns) | set(dup_ns)}
+    name_of = {k: n for n, k in tokens_of.items()}
+    top_ns, dup_ns = {tokens_of[n] for n in top_ns}, {tokens_of[n] for n in dup_ns}
+    ns = sorted(top_ns | dup_ns)
     if not ws or not ns:
         return out
     vocab: dict[str, int] = {}
@@ -229,11 +244,11 @@ def ngram_signals(ws: list[str], top_ns, dup_ns) -> dict[str, float]:
             _, first, inv, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
             if n in top_ns and counts.max() > 1:
                 k = int(counts.argmax())
-                out[f"top_{n}gram"] = int(counts[k]) * int(lens[first[k]:first[k] + n].sum()) / total
+                out[f"top_{name_of[n]}gram"] = int(counts[k]) * int(lens[first[k]:first[k] + n].sum()) / total
             if n in dup_ns:
                 dup = (counts[inv] > 1).astype(np.int8)
                 covered = np.convolve(dup, np.ones(n, np.int8))[:len(ws)] > 0
-                out[f"dup_{n}gram"] = int(lens[covered].sum()) / total
+                out[f"dup_{name_of[n]}gram"] = int(lens[covered].sum()) / total
     return out
 
 
@@ -267,7 +282,9 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
         "dup_lines": dup_l, "dup_line_chars": dup_lc, "dup_paragraphs": dup_p, "dup_paragraph_chars": dup_pc,
         "url_density": len(_URL.findall(text)) / max(n_words, 1) if "http" in low or "www." in low else 0.0,
     }
-    s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max]))
+    s["ngram_scale"] = 1 + (cfg.cjk_chars_per_word - 1) * (n_words - len(latin)) / max(n_words, 1)
+    s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max],
+                           s["ngram_scale"]))
     promo = phrase_counts(low, cfg._promo_re)
     s["promo_hits"] = sum(promo.values())
     s["promo_max_repeat"] = max(promo.values(), default=0)

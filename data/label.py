@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import re
 
-from data.filters import QualityConfig, words
+from data.filters import CJK_RANGES, QualityConfig, words
 
 # (signal, QualityConfig field holding its limit)
 SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_digit_ratio"),
@@ -19,9 +19,9 @@ SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_dig
                   ("dup_line_chars", "max_dup_line_chars"), ("dup_paragraphs", "max_dup_paragraphs"),
                   ("url_density", "max_url_density"))
 
-# (tag, keywords): plain words match whole lower-cased words; anything else (CJK, punctuation such as
-# "def " or "self.") matches as a substring. Counting is one word count plus a few `str.count` scans, so
-# it costs far less than a regex per tag.
+# (tag, keywords): plain words match whole lower-cased words, with punctuation split off ("theorem." and
+# "lemma," count); anything else (CJK, punctuation such as "def " or "self.") matches as a substring.
+# Counting is one word count plus a few `str.count` scans, so it costs far less than a regex per tag.
 DEFAULT_DOMAINS = (
     ("code", ("def ", "class ", "import ", "return ", "self.", "#include", "=>", "function(", "();", "elif ")),
     ("math", ("theorem", "lemma", "proof", "equation", "integral", "matrix", "∑", "∫", "√", "≤", "≥", "定理", "证明",
@@ -62,6 +62,8 @@ class LabelConfig:
 
 
 _PLAIN_WORD = re.compile(r"[a-z0-9]+", re.I)
+# letters and digits of one script run; CJK characters split runs ("定理theorem" holds "theorem")
+_WORD_PART = re.compile(rf"[^\W_{CJK_RANGES}]+")
 _DEFAULT_QUALITY = QualityConfig()
 _DEFAULT_LABEL = LabelConfig()
 
@@ -79,8 +81,8 @@ def quality_score(signals: dict, qcfg: QualityConfig = _DEFAULT_QUALITY) -> floa
 def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
     """Tags whose keywords occur often enough (see LabelConfig)."""
     low = text.lower()
-    counts = collections.Counter(words(low))
-    n_words = max(sum(counts.values()), 1)
+    counts = collections.Counter(_WORD_PART.findall(low))
+    n_words = max(len(words(low)), 1)
     tags = []
     for tag, plain, other in cfg._split:
         hits = sum(counts[w] for w in plain) + sum(low.count(k) for k in other)

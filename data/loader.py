@@ -49,6 +49,12 @@ class Source:
             if (meta["vocab_size"], meta["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with vocab_size={meta['vocab_size']}, "
                                  f"eos_id={meta['eos_id']}; pass that tokenizer, or pretokenize again")
+            # two BPEs of one vocab size share (vocab_size, eos_id) but not ids: compare the content hash
+            # (absent from data pre-tokenized before it was recorded, and from tokenizers without one)
+            theirs, ours = meta.get("fingerprint"), getattr(tokenizer, "fingerprint", None)
+            if theirs is not None and ours is not None and theirs != ours:
+                raise ValueError(f"Source {self.path!r} was pre-tokenized with another tokenizer (fingerprint "
+                                 f"{theirs}, this one is {ours}); pass that tokenizer, or pretokenize again")
 
     def files(self) -> list[str]:
         if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path):

@@ -2,6 +2,13 @@
 
 `decode` turns a raw record into text or a drop reason; `normalize_text` is the per-document text pass.
 Both are pure functions of their input and a frozen config, so any shard can be redone identically.
+
+What the defaults rewrite, on purpose (web text wants it; set `form="NFC"` / `collapse_spaces=False`
+for corpora where it hurts): NFKC folds compatibility characters, so superscripts, fractions and
+circled digits lose their meaning (`mc²` → `mc2`, `½` → `1⁄2`, `①` → `1`) and full-width punctuation
+becomes ASCII; runs of spaces between words become one, so column-aligned code and tables lose their
+alignment (`x = 1    # note` → `x = 1 # note`). Tabs are never collapsed: tab runs in TSV are empty
+columns, and leading indentation is kept.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ _DROP_CHARS = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x
                                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
-_INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}(?=\S)")
+_INNER_SPACES = re.compile(r"(?<=\S) {2,}(?=\S)")  # spaces only: a tab run in TSV is empty columns
 _TRAILING_SPACES = re.compile(r"[ \t]+$", re.M)
 
 
@@ -34,8 +41,8 @@ class NormalizeConfig:
         the record (more is rejected as `invalid_utf8`); `reject` drops any record with a bad byte.
     max_control_fraction: records whose bytes are more than this fraction control bytes (or contain NUL)
         are binary blobs, dropped as `binary`.
-    collapse_spaces: collapse runs of spaces/tabs *between* words to one; leading indentation is kept
-        because code and verse depend on it.
+    collapse_spaces: collapse runs of spaces *between* words to one; leading indentation is kept
+        because code and verse depend on it, and tabs because a run of them in TSV is empty columns.
     max_blank_lines: longer runs of blank lines shrink to this many.
     """
 

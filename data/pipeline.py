@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import copy
 import dataclasses
 import hashlib
 import multiprocessing
@@ -45,7 +46,9 @@ class PipelineConfig:
     Stages compose: `filters` / `labelers` replace the default stage lists of the `filtered` and `labeled`
     tiers (None: `default_filters()` = normalise, quality, langid; `[Label]`). Any picklable object with a
     `name` and `__call__(doc) -> (doc, reason)` is a stage (see data.stages), e.g.
-    `filters=(*cfg.default_filters(), MyStage())`.
+    `filters=(*cfg.default_filters(), MyStage())`; a labeler may drop documents too (counted in the
+    `labeled` tier's stats). Make stages frozen dataclasses: only then are their settings part of
+    `fingerprint` (a plain class is known by its name).
     """
 
     source: SourceConfig = SourceConfig()
@@ -80,12 +83,24 @@ class PipelineConfig:
         return [Augment(self.augment)]
 
     def fingerprint(self) -> str:
-        """Changes whenever a setting that shapes the output changes (`workers` does not). A hook that is
-        not a dataclass is named by its qualified name (its repr would hold a memory address)."""
-        hook = self.augment
-        if hook is not None and not dataclasses.is_dataclass(hook):
-            hook = f"{type(hook).__module__}.{getattr(hook, '__qualname__', type(hook).__qualname__)}"
-        return hashlib.sha1(repr(dataclasses.replace(self, workers=1, augment=hook)).encode()).hexdigest()[:16]
+        """Changes whenever a setting that shapes the output changes (`workers` does not). A hook or stage
+        that is not a dataclass is named by its qualified name (its repr holds a memory address, which
+        differs in every process, so a resumed run would look like a different one); its settings are
+        then not compared — make it a frozen dataclass to have them checked."""
+        same = copy.copy(self)  # not dataclasses.replace: __post_init__ would refuse a name as the hook
+        stable = {"workers": 1, "augment": _stable(self.augment),
+                  **{k: tuple(map(_stable, getattr(self, k))) for k in ("filters", "labelers")
+                     if getattr(self, k) is not None}}
+        for k, v in stable.items():
+            object.__setattr__(same, k, v)
+        return hashlib.sha1(repr(same).encode()).hexdigest()[:16]
+
+
+def _stable(obj):
+    """`obj` if its repr is its settings (a dataclass instance, or None), else its qualified name."""
+    if obj is None or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
+        return obj
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
 def _stats_path(out: pathlib.Path, tier: str, i: int) -> pathlib.Path:
@@ -179,9 +194,15 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
             continue
         dedup.keep(n)
         writers["cleaned"].write(doc)
+        # a custom labeler (or augmentation stage) may drop a document: run_stages has counted it under its
+        # stage and reason, and it goes no further
         doc = run_stages(doc, lab_stages, lab_stats)
+        if doc is None:
+            continue
         writers["labeled"].write(doc)
         doc = run_stages(doc, aug_stages, aug_stats)
+        if doc is None:
+            continue
         writers["augmented"].write(doc)
     for w in writers.values():
         w.commit()

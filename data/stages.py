@@ -82,7 +82,11 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
     n = nbytes(doc)
     for stage, st in zip(stages, stats):
         st.take(n)
-        out, reason = stage(doc)
+        res = stage(doc)
+        if not (isinstance(res, tuple) and len(res) == 2) or (res[0] is None and res[1] is None):
+            raise TypeError(f"stage {stage.name!r} returned {res!r}; a stage returns (doc, None) to keep a "
+                            "document or (doc, 'reason') to drop it, so every drop is counted by reason")
+        out, reason = res
         if reason is not None:
             st.drop(reason, n)
             if hasattr(stage, "count"):

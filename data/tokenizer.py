@@ -7,6 +7,7 @@ works on UTF-8 bytes (ByteLevel pre-tokenizer, no normaliser, no prefix space), 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 
@@ -22,6 +23,7 @@ class ByteTokenizer:
     def __init__(self, add_eos: bool = False):
         self.eos_id = 256 if add_eos else None
         self.vocab_size = 257 if add_eos else 256
+        self.fingerprint = f"bytes+eos{self.eos_id}"
 
     def encode(self, text: str) -> np.ndarray:
         """str → int32 [n_bytes]."""
@@ -34,12 +36,21 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """A trained byte-level BPE (`train_bpe` / `load`); `encode(text)` → int32 ids, `decode(ids)` → text."""
+    """A trained byte-level BPE (`train_bpe` / `load`); `encode(text)` → int32 ids, `decode(ids)` → text.
+
+    Special tokens are never read from text: a document that contains the characters "<|endoftext|>"
+    encodes them as ordinary bytes, so only the loader's EOS ids mark document boundaries and
+    decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
+    two BPEs of equal vocab size are told apart."""
 
     def __init__(self, tok: Tokenizer):
         self.tok = tok
+        # add_special_tokens=False only stops *adding* specials; this stops matching them inside the text.
+        # It is not saved in the JSON, so it is set on every construction (train, load, unpickle).
+        tok.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size()
         self.eos_id = tok.token_to_id(EOS)
+        self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -139,6 +150,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
                 flush()
         flush()
         writer.commit()
-    meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "source": str(tier_dir)}
+    meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir)}
     (out / "tokenizer.json").write_text(json.dumps(meta))
     return str(out)

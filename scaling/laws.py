@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 
 import numpy as np
 from scipy import optimize
@@ -131,6 +132,12 @@ ALLOCATIONS = {"approach1": CHINCHILLA_APPROACH1, "approach3": CHINCHILLA_APPROA
 PAPER_GRID = dict(e=np.arange(-1.0, 1.01, 0.5), a=np.arange(0.0, 25.1, 5.0), b=np.arange(0.0, 25.1, 5.0),
                   alpha=np.arange(0.0, 2.01, 0.5), beta=np.arange(0.0, 2.01, 0.5))
 _ORDER = ("a", "b", "e", "alpha", "beta")
+# L-BFGS-B keeps alpha and beta in the paper's grid range (published LM fits are 0.05-0.8): unbounded, an
+# ill-posed fit runs off to alpha = 100 and A = 1e10 and reports it as a law
+EXPONENT_BOUNDS = (0.0, 2.0)
+# above this |corr(log N, log D)| the runs cannot separate A/N^alpha from B/D^beta (a fixed D/N sweep has
+# |corr| = 1; with D/N scattered by ±35% around 20 over 100x in N it is 0.99 and N_opt is off 3-4x)
+MAX_LOG_CORR = 0.99
 
 
 def _huber(r, delta):
@@ -177,15 +184,32 @@ def _check_runs(n, d, loss):
     return n, d, loss
 
 
+def _log_corr(n, d) -> float:
+    """|corr(log N, log D)|; 1 when either does not vary (nothing separates the two terms then either)."""
+    x, y = np.log(n) - np.log(n).mean(), np.log(d) - np.log(d).mean()
+    den = math.sqrt(float(x @ x) * float(y @ y))
+    return abs(float(x @ y)) / den if den > 0 else 1.0
+
+
 def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None = None, n_starts: int = 4,
             init: ScalingLaw | None = None) -> FitResult:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (arrays of N, D, final loss), paper Approach 3.
 
     delta: Huber threshold on log-loss residuals (paper: 1e-3). grid: initialisation grid
     (default `PAPER_GRID`, 4500 points). n_starts: L-BFGS-B runs from the best grid points (and from
-    `init`, e.g. the full-data fit when bootstrapping). Returns the best optimum found.
+    `init`, e.g. the full-data fit when bootstrapping). Returns the best optimum found; alpha and beta
+    are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound).
+
+    Raises ValueError when log N and log D are nearly collinear (|corr| > `MAX_LOG_CORR`), e.g. every
+    run trained at D = 20N: the loss then depends on one variable and the split into an N term and a D
+    term is arbitrary.
     """
     n, d, lv = _check_runs(n_params, n_tokens, loss)
+    if (r := _log_corr(n, d)) > MAX_LOG_CORR:
+        raise ValueError(f"N and D are nearly collinear over the runs (|corr(log N, log D)| = {r:.4f} > "
+                         f"{MAX_LOG_CORR}; e.g. a fixed tokens-per-parameter sweep), so the fit cannot tell "
+                         "A/N^alpha from B/D^beta. Vary D/N across runs (several token counts per model size, "
+                         "or several model sizes per FLOP budget), or fit the allocation with isoflop_envelope")
     logn, logd, logl = np.log(n), np.log(d), np.log(lv)
     g = grid or PAPER_GRID
     thetas = np.array(list(itertools.product(*(g[k] for k in _ORDER))))  # [G, 5]
@@ -203,10 +227,15 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     with threadpool_limits(1, user_api="blas"):
         for x0 in starts:
             res = optimize.minimize(_objective, x0, args=(logn, logd, logl, delta), jac=True, method="L-BFGS-B",
+                                    bounds=[(None, None)] * 3 + [EXPONENT_BOUNDS] * 2,
                                     options=dict(maxiter=1000, ftol=1e-14, gtol=1e-9))
             if best is None or res.fun < best.fun:
                 best = res
     a, b, e, alpha, beta = best.x
+    at_bound = [f"{k}={v:g}" for k, v in (("alpha", alpha), ("beta", beta)) if v in EXPONENT_BOUNDS]
+    if at_bound:
+        warnings.warn(f"fit_law: {', '.join(at_bound)} sits on its bound {EXPONENT_BOUNDS}; the runs do not "
+                      "pin this exponent down (too narrow a range of N or D, or too much noise)", stacklevel=2)
     law = ScalingLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta))
     return FitResult(law=law, objective=float(best.fun), n_points=len(n), starts=len(starts))
 
@@ -214,11 +243,13 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
 @dataclasses.dataclass(frozen=True)
 class Bootstrap:
     """Refits on resampled runs. `laws[i]` is the fit to resample i; `residuals` are the full fit's
-    log-loss residuals log L - log L_pred (the scatter of single runs around the law)."""
+    log-loss residuals log L - log L_pred (the scatter of single runs around the law). `skipped` counts
+    resamples that could not identify the 5 parameters (< 5 distinct runs, or collinear N and D)."""
 
     fit: FitResult
     laws: tuple[ScalingLaw, ...]
     residuals: tuple[float, ...] = ()
+    skipped: int = 0
 
     def interval(self, fn, level: float = 0.9) -> tuple[float, float, float]:
         """(point, low, high): `fn(law)` at the full-data fit and its central `level` percentile interval."""
@@ -252,14 +283,15 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
         from tqdm import tqdm
 
         it = tqdm(it, desc="bootstrap", unit="fit", leave=False)
-    laws = []
+    laws, skipped = [], 0
     for _ in it:
         idx = rng.integers(0, len(n), len(n))
-        if len(np.unique(idx)) < 5:
+        if len(np.unique(idx)) < 5 or _log_corr(n[idx], d[idx]) > MAX_LOG_CORR:
+            skipped += 1
             continue
         laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
     resid = np.log(lv) - np.log(full.law.loss(n, d))
-    return Bootstrap(fit=full, laws=tuple(laws), residuals=tuple(float(x) for x in resid))
+    return Bootstrap(fit=full, laws=tuple(laws), residuals=tuple(float(x) for x in resid), skipped=skipped)
 
 
 # ---- IsoFLOP profiles (Approach 2) --------------------------------------------------------------
@@ -277,6 +309,7 @@ class IsoFlop:
     b: float
     k_n: float
     k_d: float
+    skipped: tuple[tuple[float, str], ...] = ()  # (budget, why) of every budget left out of the fit
 
     def optimal_params(self, flops):
         return self.k_n * np.asarray(flops, float) ** self.a
@@ -288,7 +321,12 @@ class IsoFlop:
 def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05) -> IsoFlop:
     """Approach 2: group runs by budget (C = 6ND unless `flops` is given; budgets within `rtol` are one
     group), fit loss = p2·x² + p1·x + p0 with x = log N per group (>= 3 runs), take N_opt = exp(-p1 / 2p2),
-    then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d."""
+    then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d.
+
+    A budget is left out (listed in `skipped` and in one warning) when it has < 3 runs, when its
+    parabola opens downwards, or when its minimum lies outside the model sizes it trained: a parabola
+    extrapolated past its runs puts N_opt far off and drags the exponent with it (runs at 0.02-0.2x the
+    optimum give half the true N_opt). Train sizes on both sides of each budget's optimum."""
     n, d, lv = (np.asarray(x, float).ravel() for x in (n_params, n_tokens, loss))
     c = 6 * n * d if flops is None else np.asarray(flops, float).ravel()
     order = np.argsort(c)
@@ -300,24 +338,33 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
             groups.append(cur)
             cur = [i]
     groups.append(cur)
-    cs, ns, ds, ls = [], [], [], []
+    cs, ns, ds, ls, skipped = [], [], [], [], []
     for g in groups:
+        budget = float(np.exp(np.mean(np.log(c[g]))))
         if len(g) < 3:
+            skipped.append((budget, f"{len(g)} run(s), need 3"))
             continue
         x = np.log(n[g])
         p2, p1, p0 = np.polyfit(x, lv[g], 2)
         if p2 <= 0:
-            continue  # no interior minimum: the budget's runs do not bracket the optimum
+            skipped.append((budget, "loss is not convex in log N: no minimum"))
+            continue
         xo = -p1 / (2 * p2)
-        budget = float(np.exp(np.mean(np.log(c[g]))))
+        if not x.min() <= xo <= x.max():
+            skipped.append((budget, f"minimum at N={np.exp(xo):.3g} outside the runs' N in "
+                                    f"[{n[g].min():.3g}, {n[g].max():.3g}]"))
+            continue
         cs.append(budget)
         ns.append(float(np.exp(xo)))
         ds.append(budget / (6 * float(np.exp(xo))))
         ls.append(float(p0 + p1 * xo + p2 * xo * xo))
+    why = "".join(f"; C={b:.3g}: {r}" for b, r in skipped)
     if len(cs) < 2:
         raise ValueError(f"need >= 2 FLOP budgets with >= 3 runs bracketing a minimum each; got {len(cs)} "
-                         "(train several model sizes at each budget)")
+                         f"(train several model sizes on both sides of each budget's optimum){why}")
+    if skipped:
+        warnings.warn(f"isoflop_envelope: {len(skipped)} of {len(groups)} budgets left out{why}", stacklevel=2)
     a, logkn = np.polyfit(np.log(cs), np.log(ns), 1)
     b, logkd = np.polyfit(np.log(cs), np.log(ds), 1)
     return IsoFlop(tuple(cs), tuple(ns), tuple(ds), tuple(ls), float(a), float(b), float(np.exp(logkn)),
-                   float(np.exp(logkd)))
+                   float(np.exp(logkd)), tuple(skipped))

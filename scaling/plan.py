@@ -3,7 +3,8 @@
     python -m scaling.plan --params 7e9 --hardware h100 --chips 256
     python -m scaling.plan --flops 1e23 --hardware tpu-v5p --chips 1024 --chip-power-w 450 --mfu 0.5
 
-Given a model size (or a FLOP budget) it prints: the compute-optimal tokens (or N and D), a
+Given a model size (or a FLOP budget) it prints: the compute-optimal tokens (or N and D; a budget with
+`--tokens` gives N = C / 6D, so the plan stays on the budget), a
 Llama-style shape for that size, the training FLOPs (6ND and the model FLOPs with causal attention),
 the wall-clock at a stated MFU, memory per chip for a suggested mesh (the least-sharded
 fsdp x tensor layout that fits), and energy = chip-hours x chip power x PUE and CO2e = energy x grid
@@ -95,9 +96,12 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
               vocab_size: int = 32_000, law: str = "approach1", pue: float = 1.1, grid_g_per_kwh: float = 400.0,
               chip_power_w: float | None = None, remat: str = "save_dots_no_batch", seqs_per_chip: int = 1) -> Plan:
     """Plan a run from `params` (tokens from the compute-optimal allocation unless `tokens` is given)
-    or from a FLOP budget `flops` (compute-optimal N and D). See the module docstring."""
+    or from a FLOP budget `flops` (compute-optimal N and D; with `tokens`, N = flops / (6·tokens) so the
+    plan stays on the budget). See the module docstring."""
     if (params is None) == (flops is None):
         raise ValueError("give exactly one of params= (a model size) or flops= (a training budget)")
+    if tokens is not None and not tokens > 0:
+        raise ValueError(f"tokens must be positive, got {tokens}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if law not in ALLOCATIONS:
@@ -115,9 +119,13 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         n = float(params)
         d = float(tokens) if tokens is not None else float(alloc.optimal_tokens_for_params(n))
         how = "given" if tokens is not None else "compute-optimal for N"
+    elif tokens is not None:  # the budget and the data fix the model: 6·N·D = C
+        d = float(tokens)
+        n = float(flops) / (6.0 * d)
+        how = "given; N = C / 6D"
     else:
         n = float(alloc.optimal_params(flops))
-        d = float(tokens) if tokens is not None else float(alloc.optimal_tokens(flops))
+        d = float(alloc.optimal_tokens(flops))
         how = "compute-optimal for the budget"
     shape = suggest_shape(n, vocab_size=vocab_size)
     fpt = train_flops_per_token(shape, seq_len)
@@ -171,7 +179,8 @@ def main(argv=None):
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--params", type=float, help="model size N (parameters)")
     g.add_argument("--flops", type=float, help="training budget C (FLOPs)")
-    ap.add_argument("--tokens", type=float, help="override the compute-optimal token count")
+    ap.add_argument("--tokens", type=float, help="override the compute-optimal token count (with --flops: "
+                    "the model size becomes C / 6D)")
     ap.add_argument("--hardware", default="h100", help="chip kind: h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e")
     ap.add_argument("--chips", type=int, default=256)
     ap.add_argument("--dtype", default="bf16", help="peak to use: bf16, fp8, ...")

@@ -113,6 +113,34 @@ def test_top_and_duplicate_ngrams(rng):
     assert reason(zh_text(rng, 100) + sentence * 6).startswith(("dup_", "top_"))
 
 
+# A real news paragraph: it names "国家统计局新闻发言人" (10 characters, 4 words) three times, as news does
+ZH_NEWS = ("国家统计局今天发布数据显示，今年前三季度国内生产总值同比增长百分之五点二，经济运行总体回升向好。"
+           "国家统计局新闻发言人在发布会上表示，消费对经济增长的拉动作用明显增强，服务业恢复较快。"
+           "分季度看，第一季度增长四点五，第二季度增长六点三，第三季度增长四点九。"
+           "国家统计局新闻发言人同时指出，外部环境依然复杂严峻，国内需求仍显不足，经济回升向好的基础还需要进一步巩固。"
+           "对于下一阶段的工作，国家统计局新闻发言人认为，要继续扩大有效需求，增强市场信心，推动经济持续健康发展。"
+           "多位经济学家接受记者采访时表示，全年经济增长目标有望顺利实现。")
+# SEO spam: one keyword phrase stuffed into every clause (no line repeats, so only the n-gram rules see it)
+ZH_SPAM = ("北京代办营业执照哪家好？北京代办营业执照找我们，专业代办营业执照十年经验。"
+           "北京代办营业执照价格多少钱？北京代办营业执照流程简单，代办营业执照当天出证。"
+           "朝阳区代办营业执照，海淀区代办营业执照，东城区代办营业执照，西城区代办营业执照，"
+           "丰台区代办营业执照，通州区代办营业执照，北京代办营业执照电话咨询，北京代办营业执照欢迎来电。")
+
+
+def test_cjk_ngrams_span_words_not_characters():
+    _, r, s = quality_filter(ZH_NEWS)
+    assert r is None and s["ngram_scale"] == 2.0
+    # counted per character, the repeated name alone covers 20% of the text and fails dup_5gram
+    assert reason(ZH_NEWS, dataclasses.replace(CFG, cjk_chars_per_word=1.0)) == "dup_5gram"
+    # 5 words are 10 characters: the name's three copies are still measured, just against comparable units
+    assert s["dup_5gram"] == pytest.approx(30 / 240)
+    assert reason(ZH_SPAM) == "top_2gram"
+    # English is measured per word as before
+    assert analyze("The quick brown fox jumps over the lazy dog. " * 3)["ngram_scale"] == 1.0
+    with pytest.raises(ValueError, match="cjk_chars_per_word"):
+        QualityConfig(cjk_chars_per_word=0.5)
+
+
 def test_ngram_signals_match_definition():
     ws = "a b c a b c x y".split()
     s = ngram_signals(ws, [2, 3], [3])
@@ -121,6 +149,8 @@ def test_ngram_signals_match_definition():
     assert s["top_3gram"] == pytest.approx(6 / 8)
     assert s["dup_3gram"] == pytest.approx(6 / 8)
     assert ngram_signals("a b c d".split(), [2], [3]) == {"top_2gram": 0.0, "dup_3gram": 0.0}
+    # scale 2: the "2-gram" is 4 tokens ('a b c a' once, every 4-gram once) and the "1-gram" 2 tokens
+    assert ngram_signals(ws, [2, 1], [], scale=2.0) == {"top_2gram": 0.0, "top_1gram": pytest.approx(4 / 8)}
 
 
 def test_spam_signals(rng):

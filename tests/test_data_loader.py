@@ -94,6 +94,11 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
             np.testing.assert_array_equal(a[k], b[k])
     with pytest.raises(ValueError, match="pre-tokenized with vocab_size=400"):
         LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    # another BPE with the same vocab size and EOS id maps the ids to other text
+    other = train_bpe(texts[::-1][:20], vocab_size=400, show_progress=False)
+    assert (other.vocab_size, other.eos_id) == (tok.vocab_size, tok.eos_id)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        LMLoader([Source(pre)], other, cfg, process_index=0, process_count=1)
 
 
 def test_state_restores_identical_batches(corpus, tmp_path):

@@ -31,7 +31,12 @@ def test_control_and_invisible_characters_removed_newlines_and_tabs_kept():
 
 def test_line_breaks_and_whitespace():
     assert normalize_text("a\r\nb\rc\u2028d") == "a\nb\nc\nd"
-    assert normalize_text("one   two\t\tthree   \n") == "one two three"
+    assert normalize_text("one   two three   \n") == "one two three"
+    # tab runs are TSV columns, some empty: kept; space runs between words collapse
+    assert normalize_text("id\tname\t\tscore\n7\t\t\t0.5") == "id\tname\t\tscore\n7\t\t\t0.5"
+    assert normalize_text("x = 1    # note") == "x = 1 # note"
+    # documented NFKC effects: superscripts and fractions fold
+    assert normalize_text("E = mc² and ½ cup") == "E = mc2 and 1\u20442 cup"
     # leading indentation is kept (code), trailing spaces go, blank-line runs shrink
     assert normalize_text("def f():\n    return 1   \n\n\n\n\nx") == "def f():\n    return 1\n\nx"
     assert normalize_text("a\n\n\n\nb", NormalizeConfig(max_blank_lines=0)) == "a\nb"

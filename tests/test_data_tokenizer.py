@@ -59,6 +59,26 @@ def test_save_load_and_pickle(bpe, tmp_path):
         BPETokenizer.load(tmp_path / "missing.json")
 
 
+def test_special_token_text_inside_a_document_is_plain_text(bpe, tmp_path):
+    """Only the loader puts EOS ids between documents: the characters "<|endoftext|>" in a text are bytes."""
+    text = f"a code comment: tokens end with {EOS}, then{EOS}the next"
+    bpe.save(tmp_path / "tok.json")
+    for tok in (bpe, BPETokenizer.load(tmp_path / "tok.json"), pickle.loads(pickle.dumps(bpe))):
+        for ids in (tok.encode(text), tok.encode_batch([text])[0]):
+            assert tok.eos_id not in ids.tolist()
+            assert tok.decode(ids) == text
+
+
+def test_fingerprint_tells_tokenizers_of_one_vocab_size_apart(bpe, tmp_path):
+    rng = np.random.default_rng(3)
+    other = train_bpe([zh_text(rng, 400) for _ in range(30)], vocab_size=600, show_progress=False)
+    assert (other.vocab_size, other.eos_id) == (bpe.vocab_size, bpe.eos_id)
+    assert other.fingerprint != bpe.fingerprint
+    bpe.save(tmp_path / "tok.json")
+    assert BPETokenizer.load(tmp_path / "tok.json").fingerprint == pickle.loads(pickle.dumps(bpe)).fingerprint \
+        == bpe.fingerprint
+
+
 def test_byte_tokenizer_is_utf8():
     tok = ByteTokenizer()
     assert tok.encode("aé中").tolist() == list("aé中".encode())

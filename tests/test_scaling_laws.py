@@ -1,6 +1,8 @@
 """scaling.laws: the fit recovers a known law from noisy synthetic runs; IsoFLOP envelope; allocation;
 the Chinchilla paper's Table 3."""
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy import optimize
@@ -9,6 +11,7 @@ from scaling.laws import (
     CHINCHILLA_APPROACH1,
     CHINCHILLA_APPROACH3,
     CHINCHILLA_TABLE3,
+    EXPONENT_BOUNDS,
     GOPHER_FLOPS,
     ScalingLaw,
     bootstrap,
@@ -40,6 +43,33 @@ def test_fit_recovers_known_law():
         assert getattr(exact, k) == pytest.approx(getattr(TRUE, k), rel=1e-3)
 
 
+def test_collinear_runs_are_refused_and_exponents_bounded():
+    n = np.geomspace(2e7, 2e9, 12)
+    d = 20 * n  # a fixed tokens-per-parameter sweep: unbounded, this fit returned alpha = 26, N_opt(1e24) = 4
+    loss = CHINCHILLA_APPROACH3.loss(n, d) * np.exp(np.random.default_rng(1).normal(0, 0.005, n.shape))
+    with pytest.raises(ValueError, match=r"collinear.*Vary D/N across runs.*isoflop_envelope"):
+        fit_law(n, d, loss)
+    c = 1e20  # one IsoFLOP budget is a line in (log N, log D) too
+    with pytest.raises(ValueError, match="collinear"):
+        fit_law(n, c / (6 * n), CHINCHILLA_APPROACH3.loss(n, c / (6 * n)))
+    # a law steeper than any LM fit is clamped to the bound, and says so
+    steep = ScalingLaw(E=1.8, A=3e17, B=500.0, alpha=2.5, beta=0.29)
+    n, d, _ = synthetic(0.0)
+    with pytest.warns(UserWarning, match="alpha=2 sits on its bound"):
+        law = fit_law(n, d, steep.loss(n, d)).law
+    assert law.alpha == EXPONENT_BOUNDS[1]
+
+
+def test_bootstrap_counts_resamples_it_cannot_fit():
+    # 8 runs at D = 20N and 2 off that line: resamples without the 2 are collinear and skipped
+    n = np.geomspace(1e7, 1e9, 10)
+    d = 20 * n * np.array([1, 1, 1, 10, 1, 1, 0.1, 1, 1, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 10 runs fit 5 parameters loosely: exponents may touch a bound
+        bs = bootstrap(n, d, TRUE.loss(n, d), n_boot=20, seed=0)
+    assert bs.skipped > 0 and len(bs.laws) + bs.skipped == 20
+
+
 def test_bootstrap_interval_covers_truth_and_shrinks_with_noise():
     widths = []
     for noise in (0.01, 0.002):
@@ -62,6 +92,22 @@ def test_isoflop_envelope_recovers_optimal_exponent():
     assert iso.optimal_params(1e20) == pytest.approx(TRUE.optimal_params(1e20), rel=0.1)
     with pytest.raises(ValueError, match="FLOP budgets"):
         isoflop_envelope(n[:7], d[:7], TRUE.loss(n[:7], d[:7]))
+
+
+def test_isoflop_leaves_out_budgets_whose_runs_miss_the_minimum():
+    rows = []
+    for c, sizes in ((1e19, (0.5, 1, 2)), (1e20, (0.5, 1, 2)), (1e21, (0.02, 0.05, 0.1, 0.2))):
+        rows += [(f * TRUE.optimal_params(c), c) for f in sizes]
+    n, c = map(np.array, zip(*rows))
+    d = c / (6 * n)
+    with pytest.warns(UserWarning, match=r"1 of 3 budgets left out; C=1e\+21: minimum at N=.* outside"):
+        iso = isoflop_envelope(n, d, TRUE.loss(n, d))
+    # the extrapolated budget put N_opt at 0.57x its true value and the exponent at 0.35 instead of 0.48
+    assert [b for b, _ in iso.skipped] == pytest.approx([1e21])
+    assert iso.flops == pytest.approx([1e19, 1e20])
+    assert iso.a == pytest.approx(TRUE.exponents[0], abs=0.01)
+    with pytest.raises(ValueError, match=r"FLOP budgets.*C=1e\+21: minimum"):
+        isoflop_envelope(n[3:], d[3:], TRUE.loss(n[3:], d[3:]))
 
 
 @pytest.mark.parametrize("flops", [1e19, 5.76e23, 1e26])

@@ -43,6 +43,10 @@ def test_budget_mode_and_shapes():
     assert plan.tokens / plan.n_params == pytest.approx(21.386, rel=1e-3)  # Approach 1: a constant ratio
     a3 = make_plan(flops=1e23, hardware="tpu-v5p", chips=512, chip_power_w=450.0, law="approach3")
     assert a3.n_params < plan.n_params  # Approach 3 puts more of the budget into tokens
+    # a budget and a token count fix the model size: 6·N·D stays on the budget
+    fixed = make_plan(flops=1e22, tokens=1e12, hardware="h100", chips=64)
+    assert fixed.tokens == 1e12 and fixed.n_params == pytest.approx(1e22 / 6e12)
+    assert fixed.flops_6nd == pytest.approx(1e22)
     s = suggest_shape(7e9)
     assert (s.n_layers, s.d_model, s.n_heads, s.mlp_dim) == (32, 4096, 32, 11008)
     for n in (1e8, 1e9, 7e10):
@@ -61,6 +65,8 @@ def test_planner_errors_name_the_fix():
         make_plan(params=1e9, hardware="a100", dtype="fp8")
     with pytest.raises(ValueError, match="exactly one"):
         make_plan(params=1e9, flops=1e20)
+    with pytest.raises(ValueError, match="tokens must be positive"):
+        make_plan(flops=1e20, tokens=0)
 
 
 def test_peak_table():
