@@ -92,6 +92,9 @@ class TransformerConfig:
 
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
             need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        for f in ("n_kv_heads", "head_dim"):  # None means the default; 0 or True must not quietly mean it too
+            v = getattr(self, f)
+            need(v is None or (_is_int(v) and v > 0), f, f"must be a positive int or None (the default), got {v!r}")
         need(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0, "n_kv_heads",
              f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}; "
              "pick a divisor of n_heads (1 for MQA)")
@@ -129,11 +132,11 @@ class TransformerConfig:
 
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def hd(self) -> int:
-        return self.head_dim or self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     def local_layers(self) -> tuple[bool, ...]:
         """Which layers use sliding-window attention, from `attn_pattern`."""
@@ -158,12 +161,12 @@ class TransformerConfig:
         if w is None:
             raise ValueError(f"TransformerConfig.sliding_window: attn_pattern={self.attn_pattern!r} has "
                              f"{n_local} local layers; set sliding_window to their window size")
-        ws = (w,) * n_local if isinstance(w, int) else tuple(w)
+        ws = (w,) * n_local if isinstance(w, int) else tuple(w)  # a bool is an int: rejected below
         if len(ws) != n_local:
             raise ValueError(f"TransformerConfig.sliding_window: got {len(ws)} windows for {n_local} local layers; "
                              "give one int, or one window per local layer")
-        if any(not isinstance(x, int) or x < 1 for x in ws):
-            raise ValueError(f"TransformerConfig.sliding_window: windows must be integers >= 1, got {w}")
+        if any(not _is_int(x) or x < 1 for x in ws):
+            raise ValueError(f"TransformerConfig.sliding_window: windows must be integers >= 1 (not bools), got {w!r}")
         it = iter(ws)
         return tuple(next(it) if is_local else None for is_local in local)
 
@@ -211,6 +214,10 @@ class TransformerConfig:
 
     def kv_cache_bytes(self, batch: int, seq_len: int, bytes_per: int = 4) -> int:
         return 2 * self.n_layers * batch * seq_len * self.kv_heads * self.hd * bytes_per
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def dtype_of(name: str):

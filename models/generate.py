@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +12,20 @@ from flax import nnx
 from models.transformer import KVCache
 
 
+def _check_top_k(top_k):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be None or 0 (off) or a positive int, got {top_k!r}")
+
+
 def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: float | None):
-    """Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p)."""
+    """logits [B, V] → tokens [B] int32. Greedy when temperature == 0; otherwise temperature, then top-k, then
+    nucleus (top-p). As in Hugging Face, top_k None or 0 is off and top_k > V keeps all V."""
+    _check_top_k(top_k)
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     logits_BV = logits_BV / temperature
-    if top_k is not None:
-        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p is not None:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
@@ -55,6 +63,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
 
     Returns int32 [B, P + max_new_tokens]: the prompt followed by the generated tokens.
     Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
+    top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
     """
     prompt_BP = jnp.asarray(prompt_tokens, jnp.int32)
     if prompt_BP.ndim != 2:
@@ -65,10 +74,11 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+    _check_top_k(top_k)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     new = _generate(graphdef, state, prompt_BP, rng, int(max_new_tokens), float(temperature),
-                    None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+                    int(top_k or 0) or None, None if top_p is None else float(top_p))
     return jnp.concatenate([prompt_BP, new], axis=1)

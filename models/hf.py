@@ -37,6 +37,15 @@ from models.transformer import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral"}
+# What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
+# means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
+HF_DEFAULTS = {
+    "mistral": dict(sliding_window=4096),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5),
+    "qwen2": dict(sliding_window=4096, max_window_layers=28),
+    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
+}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -89,7 +98,7 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     if arch == "gemma2":
         types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
     elif arch == "qwen2":
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 0)
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
                                           else "full_attention" for i in range(L)]
     else:
         types = ["sliding_attention"] * L
@@ -107,9 +116,14 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
 def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     """TransformerConfig from a HF config.json dict (transformers 4.x or 5.x layout).
 
-    `overrides` (e.g. dtype, attn_impl, remat, scan_layers, max_seq_len) replace mapped fields.
+    `overrides` (e.g. dtype, attn_impl, remat, scan_layers, max_seq_len) replace mapped fields. Absent fields take
+    transformers' defaults (HF_DEFAULTS); an explicit null keeps its HF meaning (e.g. no soft-capping).
     """
     arch = _architecture(hf)
+    hf = {**HF_DEFAULTS.get(arch, {}), **hf}
+    if hf.get("use_bidirectional_attention"):
+        raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
+                           "only causal decoders are supported; load a causal checkpoint (false or null)")
     act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
     if act not in ("silu", "gelu_pytorch_tanh"):
         raise _unsupported("hidden_act", act, "our gated MLP uses silu or gelu_pytorch_tanh")
@@ -133,9 +147,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
             kw.update(moe=_moe_from_hf(hf), moe_every=1)
         if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
-                      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", head_dim)),
-                      attn_logit_softcap=hf.get("attn_logit_softcapping"),
-                      final_logit_softcap=hf.get("final_logit_softcapping"))
+                      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
+                      attn_logit_softcap=hf["attn_logit_softcapping"],
+                      final_logit_softcap=hf["final_logit_softcapping"])
     except KeyError as e:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
     kw.update(overrides)

@@ -7,10 +7,19 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
-    """Mean next-token cross-entropy over weighted positions (float32). Returns (loss, n_tokens)."""
+    """Mean next-token cross-entropy over weighted positions (float32). Returns (loss, n_tokens = Σ weights, ≥ 1).
+
+    logits [B, T, V], targets [B, T] int, weights [B, T] (None: all 1). A negative target (Hugging Face's ignore
+    index -100) is ignored: weight 0. Positions of weight 0 are selected out, not multiplied by 0, so whatever their
+    target or loss (NaN included) they change neither the value nor its gradient (for finite logits). A target
+    ≥ V at a weighted position makes the loss NaN: a vocabulary mismatch must not train silently.
+    """
+    w_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
+    w_BT = jnp.where(targets_BT < 0, 0.0, w_BT)
+    used_BT = w_BT != 0
+    safe_BT = jnp.where(used_BT, targets_BT, 0)  # an ignored position's index stays in range
     logz_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
-    tgt_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    nll_BT = logz_BT - tgt_BT
-    w_BT = jnp.ones_like(nll_BT) if weights_BT is None else weights_BT.astype(jnp.float32)
+    tgt_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    nll_BT = jnp.where(used_BT, (logz_BT - tgt_BT) * w_BT, 0.0)
     n = jnp.maximum(w_BT.sum(), 1.0)
-    return (nll_BT * w_BT).sum() / n, n
+    return nll_BT.sum() / n, n

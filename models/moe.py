@@ -8,7 +8,11 @@ Shapes: B batch rows, T tokens per row, D d_model, E experts, K experts per toke
 expert per row (capacity), G token groups, N tokens per group, A = N·K assignments, R padded rows.
 
 Dispatch. `capacity` (GShard): each row is a routing group; an expert takes at most C = ceil(K·T/E·CF) of a row's
-assignments, queued first choices first then by position, and the overflow is dropped. The dispatch and combine are
+assignments, queued in token order (token t's K choices, then token t+1's: MaxText's order), and the overflow is
+dropped. GShard's order (all first choices, then all second choices) would let a later token's first choice evict an
+earlier token's second choice, i.e. future tokens would change earlier outputs; in token order whether an assignment is
+kept depends only on the tokens up to it, so the layer stays causal. Padding tokens (valid_BT False) are not routed:
+they take no slot, output 0 and are left out of the aux statistics. The dispatch and combine are
 gathers into [E, B, C, D] buffers rather than GShard's one-hot einsums: the same values at O(E·C·D) cost instead of
 O(T·E·C·D), which would exceed the expert FLOPs for rows of a few thousand tokens. `dropless` computes every
 assignment: sort by expert, grouped matmul, unsort (`dropless_impl`, measured in benchmarks/moe_dispatch.py).
@@ -122,13 +126,16 @@ class MoE(nnx.Module):
                 self.shared_up = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
                 self.shared_down = _param(rngs, (fs, d), ("mlp", "embed"), pd, init_std)
 
-    def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None, valid_BT=None) -> tuple[jax.Array, dict]:
         """x [B, T, D] → (y [B, T, D] in compute_dtype, aux).
 
+        valid_BT: [B, T] bool, False for padding tokens (the Transformer's padding_mask), or None (all real). Padding
+        tokens are not routed: no capacity slot, routed output 0 (shared experts still run on them), and they count in
+        none of the aux values. The capacity C is still computed from T, pads included (shapes are static).
         aux: 'lb_loss' and 'z_loss' (scalars, unweighted: the trainer multiplies by cfg.lb_loss_weight and
-        cfg.z_loss_weight), 'load' [E] (fraction of the B·T·K routed assignments per expert, sums to 1: feed it to
-        update_router_bias and log it as tokens per expert), 'dropped_frac' (fraction of assignments dropped by
-        capacity dispatch; 0 when dropless). rng: a key, used for router jitter only.
+        cfg.z_loss_weight), 'load' [E] (fraction of the routed assignments of real tokens per expert, sums to 1:
+        feed it to update_router_bias and log it as tokens per expert), 'dropped_frac' (fraction of those
+        assignments dropped by capacity dispatch; 0 when dropless). rng: a key, used for router jitter only.
         The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
         """
         cfg, (B, T, D), K = self.cfg, x_BTD.shape, self.cfg.top_k
@@ -139,19 +146,22 @@ class MoE(nnx.Module):
         logits_BTE = (xr_BTD.reshape(B * T, D) @ self.router[...].astype(jnp.float32)).reshape(B, T, -1)
         bias_E = jax.lax.stop_gradient(self.router_bias[...]).astype(jnp.float32)
         weights_BTK, experts_BTK, probs_BTE = route(logits_BTE, bias_E, K, cfg.router, cfg.renormalize)
+        if valid_BT is not None:  # where, not a product: a pad's weights never reach the output, even if not finite
+            weights_BTK = jnp.where(valid_BT[..., None], weights_BTK, 0.0)
         flat_probs_NE, flat_experts_NK = probs_BTE.reshape(B * T, -1), experts_BTK.reshape(B * T, K)
+        valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
         if cfg.router == "sigmoid":  # balance the normalised scores (DeepSeek-V3's sequence-wise loss does too)
             flat_probs_NE = flat_probs_NE / flat_probs_NE.sum(-1, keepdims=True)
-        aux = {"lb_loss": load_balancing_loss(flat_probs_NE, flat_experts_NK, cfg.n_experts),
-               "z_loss": router_z_loss(logits_BTE.reshape(B * T, -1)),
-               "load": expert_load(flat_experts_NK, cfg.n_experts)}
+        aux = {"lb_loss": load_balancing_loss(flat_probs_NE, flat_experts_NK, cfg.n_experts, valid_N),
+               "z_loss": router_z_loss(logits_BTE.reshape(B * T, -1), valid_N),
+               "load": expert_load(flat_experts_NK, cfg.n_experts, valid_N)}
 
         w = tuple(p[...].astype(compute_dtype) for p in (self.w_gate, self.w_up, self.w_down))
         act = ACTIVATIONS[cfg.mlp_act]
         impl = resolve_dropless_impl(cfg.dropless_impl) if cfg.dispatch == "dropless" else "capacity"
         if impl == "capacity":  # dropless through capacity buffers: C = T, an expert sees a token at most once
             cap = cfg.capacity(T) if cfg.dispatch == "capacity" else T
-            y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap)
+            y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap, valid_BT)
         else:
             y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl)
             aux["dropped_frac"] = jnp.zeros((), jnp.float32)
@@ -194,29 +204,42 @@ def top_k_indices(scores_TE, k: int):
     return jnp.stack(out, axis=-1)
 
 
-def expert_load(experts_TK, n_experts: int):
-    """Fraction of the T·K routed assignments that chose each expert: [E], sums to 1."""
-    counts_E = jnp.zeros(n_experts, jnp.float32).at[experts_TK.reshape(-1)].add(1.0)
-    return counts_E / experts_TK.size
+def _token_weights(valid_T, n: int):
+    """Per-token weights [T] float32: 1 for real tokens (all when valid_T is None), and their count (at least 1)."""
+    v_T = jnp.ones(n, jnp.float32) if valid_T is None else valid_T.reshape(n).astype(jnp.float32)
+    return v_T, jnp.maximum(v_T.sum(), 1.0)
 
 
-def load_balancing_loss(probs_TE, experts_TK, n_experts: int):
+def expert_load(experts_TK, n_experts: int, valid_T=None):
+    """Fraction of the routed assignments of real tokens (valid_T [T] bool; None: all) per expert: [E], sums to 1."""
+    v_T, n = _token_weights(valid_T, experts_TK.shape[0])
+    counts_E = jnp.zeros(n_experts, jnp.float32).at[experts_TK.reshape(-1)].add(
+        jnp.repeat(v_T, experts_TK.shape[-1]))
+    return counts_E / (n * experts_TK.shape[-1])
+
+
+def load_balancing_loss(probs_TE, experts_TK, n_experts: int, valid_T=None):
     """Switch/GShard load-balancing loss E · Σ_e f_e · P_e.
 
-    f_e: fraction of the T·K routed assignments that went to expert e (Σ_e f_e = 1; no gradient).
-    P_e: mean over tokens of the router probability of e (probs rows sum to 1).
+    f_e: fraction of the routed assignments that went to expert e (Σ_e f_e = 1; no gradient).
+    P_e: mean over (real) tokens of the router probability of e (probs rows sum to 1).
     Normalisation: perfect balance (f_e = P_e = 1/E) gives 1.0 for every k, as in Megatron-LM. Hugging Face
     Mixtral's load_balancing_loss_func counts f per choice (Σ f = k), so its value and anchor are k times this:
     use lb_loss_weight = k · router_aux_loss_coef to reproduce a Mixtral recipe.
+    valid_T: [T] bool, False for padding tokens (left out of f and P); None: all tokens count.
     """
-    f_E = expert_load(experts_TK, n_experts)
-    p_E = probs_TE.astype(jnp.float32).mean(0)
+    f_E = expert_load(experts_TK, n_experts, valid_T)
+    v_T, n = _token_weights(valid_T, probs_TE.shape[0])
+    p_E = jnp.sum(jnp.where(v_T[:, None] > 0, probs_TE.astype(jnp.float32), 0.0), 0) / n
     return n_experts * jnp.sum(f_E * p_E)
 
 
-def router_z_loss(logits_TE):
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)²; keeps router logits small."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits_TE, valid_T=None):
+    """ST-MoE router z-loss: mean over real tokens (valid_T [T] bool; None: all) of logsumexp(logits)²; keeps
+    router logits small."""
+    v_T, n = _token_weights(valid_T, logits_TE.shape[0])
+    z_T = jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1))
+    return jnp.sum(jnp.where(v_T > 0, z_T, 0.0)) / n
 
 
 def update_router_bias(bias_E, load_E, rate: float):
@@ -240,25 +263,31 @@ def expert_swiglu(x_ErD, w, act):
     return jnp.einsum("e...f,efd->e...d", h_ErF, w_down_EFD)
 
 
-def capacity_slots(experts_BTK, n_experts: int, capacity: int):
+def capacity_slots(experts_BTK, n_experts: int, capacity: int, valid_BT=None):
     """Slot of every assignment in its row's [E·C] buffer: (slot [B, T, K] int32, kept [B, T, K] bool).
 
     slot = e·C + position in expert e's queue, or E·C (a trash slot) when the position is ≥ C. Queue order is
-    GShard's: all first choices of the row in token order, then all second choices, and so on.
+    token-major (MaxText's): token t's K choices in rank order, then token t+1's. So kept[:, t] depends only on
+    experts[:, :t + 1]: later tokens cannot evict earlier ones (GShard's all-first-choices-first order would let
+    them, breaking causality). valid_BT [B, T] bool: False tokens (padding) join no queue and are never kept.
     """
     B, T, K = experts_BTK.shape
-    hot_BAE = jax.nn.one_hot(experts_BTK.transpose(0, 2, 1).reshape(B, K * T), n_experts, dtype=jnp.int32)
-    pos_BA = jnp.sum((jnp.cumsum(hot_BAE, axis=1) - 1) * hot_BAE, axis=-1)
-    pos_BTK = pos_BA.reshape(B, K, T).transpose(0, 2, 1)
+    hot_BAE = jax.nn.one_hot(experts_BTK.reshape(B, T * K), n_experts, dtype=jnp.int32)
+    if valid_BT is not None:
+        hot_BAE = hot_BAE * jnp.repeat(valid_BT, K, axis=1)[..., None].astype(jnp.int32)
+    pos_BTK = jnp.sum((jnp.cumsum(hot_BAE, axis=1) - 1) * hot_BAE, axis=-1).reshape(B, T, K)
     kept_BTK = pos_BTK < capacity
+    if valid_BT is not None:
+        kept_BTK &= valid_BT[..., None]
     return jnp.where(kept_BTK, experts_BTK * capacity + pos_BTK, n_experts * capacity), kept_BTK
 
 
-def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int):
-    """GShard dispatch with per-row capacity: (y [B, T, D], dropped fraction). Dropped assignments contribute 0."""
+def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int, valid_BT=None):
+    """GShard dispatch with per-row capacity: (y [B, T, D], fraction of the real tokens' assignments dropped).
+    Dropped assignments and padding tokens (valid_BT [B, T] False) contribute 0."""
     (B, T, D), K, E = x_BTD.shape, weights_BTK.shape[-1], w[0].shape[0]
     C = capacity
-    slot_BTK, kept_BTK = capacity_slots(experts_BTK, E, C)
+    slot_BTK, kept_BTK = capacity_slots(experts_BTK, E, C, valid_BT)
     # Invert slot → token with an int scatter (the trash slot's value is never read), then gather rows; an
     # empty slot points at the appended zero row T.
     token_BTK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :, None], (B, T, K))
@@ -276,7 +305,9 @@ def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int):
     y_BAD = jnp.take_along_axis(out_pad_BSD, slot_BTK.reshape(B, T * K, 1), axis=1)
     gate_BTK = jnp.where(kept_BTK, weights_BTK, 0.0)
     y_BTD = jnp.einsum("btk,btkd->btd", gate_BTK, y_BAD.reshape(B, T, K, D).astype(jnp.float32))
-    return y_BTD.astype(x_BTD.dtype), jnp.mean((~kept_BTK).astype(jnp.float32))
+    v_BT1 = jnp.ones((B, T, 1), jnp.float32) if valid_BT is None else valid_BT[..., None].astype(jnp.float32)
+    dropped = jnp.sum(v_BT1 * (~kept_BTK)) / jnp.maximum(jnp.sum(v_BT1) * K, 1.0)
+    return y_BTD.astype(x_BTD.dtype), dropped
 
 
 def resolve_dropless_impl(impl: str) -> str:
