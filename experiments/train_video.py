@@ -29,7 +29,17 @@ from tqdm import tqdm
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from experiments.lm_step import make_optimizer
 from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
-from experiments.video_steps import make_t2v_step, make_vae_step, manager, restore, save, shard, shardings_of
+from experiments.video_steps import (
+    ema_cast,
+    ema_init,
+    make_t2v_step,
+    make_vae_step,
+    manager,
+    restore,
+    save,
+    shard,
+    shardings_of,
+)
 from models.config import TransformerConfig
 from models.video import (
     AlignConfig,
@@ -154,7 +164,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     null = null_tokens(p.data.max_caption_len)
     opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=max(1, p.dit_steps // 20), weight_decay=0.0)
     opt_state = jax.jit(opt.init)(params)
-    ema = jax.tree.map(jnp.copy, params)
+    ema = ema_init(params)  # float32 whatever param_dtype; restored as float32 too
     mgr = manager(out / "ckpt" / "t2v")
     start = 0
     if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
@@ -175,7 +185,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
         if step % p.ckpt_every == 0 or step == p.dit_steps:
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema}, {"step": step})
-    return graphdef, ema
+    return graphdef, ema_cast(ema, params)
 
 
 def main(argv=None):

@@ -57,14 +57,25 @@ def make_vae_step(graphdef, optimizer: optax.GradientTransformation, state_shard
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
 
 
+def ema_init(params):
+    """The EMA starts as a float32 copy of the params: kept in bfloat16, (1 - decay)·(p - e) falls below
+    half an ulp of e once decay nears 1 and the average stops moving. A copy: steps donate both trees."""
+    return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+
+
 def ema_update(ema, params, decay):
-    return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)
+    return jax.tree.map(lambda e, p: e + (1 - decay) * (p.astype(e.dtype) - e), ema, params)
+
+
+def ema_cast(ema, params):
+    """The float32 EMA in the params' dtypes, to sample and evaluate with the model as configured."""
+    return jax.tree.map(lambda e, p: e.astype(p.dtype), ema, params)
 
 
 def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema_decay: float = 0.999,
                   state_shardings=None):
-    """`step(params, opt_state, ema, batch, key, step_no) -> (params, opt_state, ema, metrics)`;
-    `state_shardings` = shardings_of((params, opt_state, ema)) pins the outputs as in `make_vae_step`.
+    """`step(params, opt_state, ema, batch, key, step_no) -> (params, opt_state, ema, metrics)`, `ema` from
+    `ema_init`; `state_shardings` = shardings_of((params, opt_state, ema)) pins the outputs as in `make_vae_step`.
 
     The EMA decay warms up as min(ema_decay, (1 + n) / (10 + n)), so early averages are not dominated
     by the random initialisation in short runs.

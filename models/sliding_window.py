@@ -106,15 +106,17 @@ def _log_once(choice: str, why: str):
         logging.getLogger("jaxscale").info("sliding-window attention: %s (%s)", choice, why)
 
 
-def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool) -> str:
+def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding: bool = False,
+                backend: str | None = None) -> str:
     """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once."""
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if impl != "auto":
         _log_once(impl, "set in the config")
         return impl
-    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not has_segments and not softcap:
-        choice, why = "cudnn", "GPU, 16-bit, no segment ids or soft-cap"
-    elif backend == "tpu" and _splash() is not None:
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
+        choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
+    elif backend == "tpu" and not has_padding and _splash() is not None:
+        # our splash call takes no padding mask, so a padded batch would attend to its padding keys
         choice, why = "splash", "TPU Pallas splash attention with a local mask"
     else:
         choice, why = "blocked", f"backend {backend}: blocked O(T·W) kernel"
@@ -138,11 +140,12 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     """Causal sliding-window attention through the backend's best kernel (see `choose_impl`).
 
     impl: 'blocked' (this module, any backend), 'cudnn' (`jax.nn.dot_product_attention` with
-    `local_window_size`, NVIDIA GPUs, 16-bit), 'splash' (TPU Pallas kernel with a LocalMask),
-    'dense' (a masked T×T reference: quadratic, for tests and benchmarks), or 'auto'.
+    `local_window_size`, NVIDIA GPUs, 16-bit), 'splash' (TPU Pallas kernel with a LocalMask; no
+    padding mask, so 'auto' picks 'blocked' for padded batches), 'dense' (a masked T×T reference:
+    quadratic, for tests and benchmarks), or 'auto'.
     """
-    impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None or valid_BT is not None,
-                       logit_softcap is not None)
+    impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
+                       has_padding=valid_BT is not None)
     B, T, N, H = q_BTNH.shape
     scale = H ** -0.5 if scale is None else scale
     if impl == "blocked":
@@ -161,6 +164,9 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
                                             local_window_size=(window - 1, 0), implementation="cudnn")
     if impl == "splash":
+        if valid_BT is not None:
+            raise ValueError("swa_impl='splash' takes no padding mask (valid_BT); use swa_impl='auto' or "
+                             "'blocked' for padded batches")
         return _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap)
     raise ValueError(f"swa_impl={impl!r}: use auto, blocked, cudnn, splash or dense")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.attention import reference_attention
-from models.sliding_window import dense_window_mask, sliding_window_attention
+from models.sliding_window import choose_impl, dense_window_mask, local_attention, sliding_window_attention
 
 
 def qkv(B, T, N, K, H, dtype=jnp.float32, seed=0):
@@ -96,3 +96,16 @@ def test_bad_window():
     q, k, v = qkv(1, 8, 2, 2, 4)
     with pytest.raises(ValueError, match="window"):
         sliding_window_attention(q, k, v, 0)
+
+
+def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):
+    # our splash call takes no padding mask: picking it for a padded batch would attend to padding keys
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q, k, v = qkv(2, 12, 2, 2, 4)
+    valid = jnp.arange(12)[None] < jnp.array([[12], [7]])
+    out = local_attention(q, k, v, 3, valid_BT=valid, block=4)  # 'auto' on the patched backend
+    np.testing.assert_allclose(out, sliding_window_attention(q, k, v, 3, valid_BT=valid, block=4), atol=1e-6)
+    with pytest.raises(ValueError, match="valid_BT.*'blocked'"):
+        local_attention(q, k, v, 3, valid_BT=valid, impl="splash")
+    assert choose_impl("auto", jnp.float32, False, False, backend="tpu") == "splash"
+    assert choose_impl("auto", jnp.float32, False, False, has_padding=True, backend="tpu") == "blocked"

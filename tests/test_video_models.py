@@ -26,7 +26,7 @@ from models.video import (
     caption_dropout,
 )
 from models.video.dit import _Ctx
-from models.video.layers import grid_positions, spacetime_attention
+from models.video.layers import CrossAttention, grid_positions, spacetime_attention
 
 DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
                 mlp_dim=64, text_dim=16)
@@ -153,6 +153,30 @@ def test_configs_name_the_field_and_fix():
     with pytest.raises(ValueError, match="TextToVideoConfig.dit: dit.text_dim=64 must equal text.d_model=16"):
         TextToVideoConfig(dit=dataclasses.replace(DIT, text_dim=64), text=TEXT)
 
+
+
+def test_all_padding_caption_adds_nothing_for_every_attn_impl():
+    with nnx.use_eager_sharding(False):
+        cross = CrossAttention(32, 16, 2, 16, qk_norm=True, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    text = jax.random.normal(jax.random.key(1), (2, 4, 16))
+    valid = jnp.asarray([[True, True, False, False], [False] * 4])  # row 1: an all-padding null caption
+    out = {impl: cross(h, text, valid, cd=jnp.float32, impl=impl) for impl in ("xla", "reference")}
+    np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-6)
+    assert float(jnp.abs(out["xla"][0]).max()) > 0 and float(jnp.abs(out["xla"][1]).max()) == 0
+
+def test_rope_needs_a_channel_pair_per_axis():
+    # head_dim 4 splits (2, 0, 2): rows would get no position and the DiT would not tell them apart
+    with pytest.raises(ValueError, match=r"DiTConfig.head_dim: head_dim=4 \(d_model=8 / n_heads=2\).*head_dim >= 6"):
+        dataclasses.replace(DIT, d_model=8)
+    with pytest.raises(ValueError, match="DiTConfig.head_dim: head_dim=5"):
+        dataclasses.replace(DIT, d_model=10)
+    with pytest.raises(ValueError, match=r"DiTConfig.rope_split: \(0, 8, 8\) leaves axis t"):
+        dataclasses.replace(DIT, rope_split=(0, 8, 8))
+    assert dataclasses.replace(DIT, latent_shape=(1, 8, 8), rope_split=(0, 8, 8)).rope_dims == (0, 8, 8)  # one frame
+    for d_model, n_heads in ((20, 4), (8, 2)):  # head dims 5 (odd) and 4 (no pair for h)
+        with pytest.raises(ValueError, match=f"AlignConfig.n_heads: head dim d_model={d_model} / n_heads={n_heads}"):
+            AlignConfig(d_model=d_model, n_heads=n_heads)
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])
 def test_dit_forward_flops_match_cost_analysis(attention):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments import train_video
-from experiments.video_steps import manager, restore, save
+from experiments.video_steps import ema_cast, ema_init, ema_update, manager, restore, save
 from models.video import VAEConfig, VideoVAE
 
 
@@ -79,3 +79,20 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     # resumed with --vae-steps raised: the VAE trained on, so its latents are new
     again = train_video.encode_latents(dataclasses.replace(p, vae_steps=p.vae_steps + 10), encode, cache)[0]
     assert len(calls) == 4 and again.min() == 3
+
+
+def test_bf16_ema_tracks_the_float32_average():
+    # with decay near 1, (1 - decay)·(p - e) is below half an ulp of a bfloat16 e: an EMA kept in bf16 freezes
+    params = {"w": jnp.asarray([0.5, 0.52, 0.6, 1.0], jnp.bfloat16)}
+    ema = ema_init({"w": jnp.full((4,), 0.5, jnp.bfloat16)})
+
+    def body(i, e):  # decay as make_t2v_step computes it (weakly typed: it keeps e's dtype)
+        n = 9000 + i  # decay at its 0.999 cap
+        return ema_update(e, params, jnp.minimum(0.999, (1.0 + n) / (10.0 + n)))
+
+    ema = jax.jit(lambda e: jax.lax.fori_loop(0, 1000, body, e))(ema)
+    n = np.arange(9000, 10000)
+    decays = np.minimum(0.999, (1 + n) / (10 + n))
+    want = 0.5 + (np.asarray(params["w"], np.float64) - 0.5) * (1 - np.prod(decays))  # e_n - p = (e_0 - p)·∏d
+    np.testing.assert_allclose(ema["w"], want, rtol=1e-5)  # 63% of the way to p
+    assert ema["w"].dtype == jnp.float32 and ema_cast(ema, params)["w"].dtype == jnp.bfloat16

@@ -202,8 +202,17 @@ class DiTConfig:
         need(self.time_freq_dim % 2 == 0, "time_freq_dim", "must be even (sin and cos halves)")
         need(self.attention in ("factorized", "full"), "attention", f"{self.attention!r}: use 'factorized' or 'full'")
         split = self.rope_dims
+        src = "" if self.head_dim else f" (d_model={self.d_model} / n_heads={self.n_heads})"
+        # an axis without a rotation pair has no position: the model is equivariant to permuting it
+        bare = "/".join(a for a, d, n in zip("thw", split, self.grid) if n > 1 and d < 2)
+        need(self.rope_split is not None or (self.hd % 2 == 0 and not bare), "head_dim",
+             f"head_dim={self.hd}{src} gives RoPE split {split}, but 3D RoPE needs an even head dim with a "
+             f"channel pair for every axis of grid {self.grid}; use an even head_dim >= 6 (fewer heads or a wider "
+             "d_model) or set rope_split")
         need(sum(split) == self.hd and all(d >= 0 and d % 2 == 0 for d in split), "rope_split",
              f"{split} must be three even numbers summing to head_dim={self.hd}")
+        need(not bare, "rope_split", f"{split} leaves axis {bare} (grid {self.grid}) without a rotation pair; "
+             "give every axis longer than 1 at least 2 channels")
         need(self.spatial_window is None or (self.spatial_window >= 1 and self.spatial_window % 2 == 1),
              "spatial_window", f"must be odd (a centred neighbourhood) or None, got {self.spatial_window}")
         need(self.temporal_window is None or self.temporal_window >= 1, "temporal_window",
@@ -292,6 +301,10 @@ class AlignConfig:
         for f in ("d_model", "n_layers", "n_heads", "mlp_dim", "embed_dim"):
             need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
         need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
+        hd = self.d_model // self.n_heads
+        need(hd % 2 == 0 and min(default_rope_split(hd)) >= 2, "n_heads",
+             f"head dim d_model={self.d_model} / n_heads={self.n_heads} = {hd} must be even and >= 6 (3D RoPE "
+             "rotates channel pairs over t, h and w); use fewer heads or a wider d_model")
         need(0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale, "init_temperature",
              f"must be in (1/max_logit_scale, inf), got {self.init_temperature}")
 

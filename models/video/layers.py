@@ -184,6 +184,9 @@ class CrossAttention(nnx.Module):
             q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
         mask = jnp.broadcast_to(text_valid_BL[:, None, None, :], (B, 1, S, L))
         o = attention(q, k, v, mask, impl=impl)
+        # a caption with no real token (an all-padding null caption) adds nothing, whatever attn_impl: 'xla'
+        # and cuDNN would average the padding values over a fully masked row, 'reference' gives zeros
+        o = jnp.where(text_valid_BL.any(-1)[:, None, None, None], o, 0)
         return matmul(o.reshape(B * S, N * K), self.wo, cd).reshape(B, S, D)
 
 
