@@ -79,9 +79,9 @@ def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=Non
               P("blocks.bk", (L, k, h), ("layers", "kv_heads", "head_dim")),
               P("blocks.bv", (L, k, h), ("layers", "kv_heads", "head_dim"))]
     t.append(P("blocks.mlp_norm", (L, d), ("layers", "norm")))
-    if s.post_norms:  # names are a guess until models/ implements post_norms; the count is what matters
-        t += [P("blocks.attn_post_norm", (L, d), ("layers", "norm")),
-              P("blocks.mlp_post_norm", (L, d), ("layers", "norm"))]
+    if s.post_norms:  # Gemma 2: norms after attention and after the MLP too (models.transformer.Block)
+        t += [P("blocks.post_attn_norm", (L, d), ("layers", "norm")),
+              P("blocks.post_mlp_norm", (L, d), ("layers", "norm"))]
     n_moe = s.n_moe_layers
     if L - n_moe:
         t += [P("blocks.w_gate", (L - n_moe, d, f), ("layers", "embed", "mlp")),

@@ -73,3 +73,59 @@ def test_sampled_generate_is_seeded(model):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="rng"):
         generate(model, prompt, 2, temperature=1.0)
+
+
+def _reference_filter(logits_BV, temperature, top_k, top_p):
+    """Independent numpy filter: logits / T, keep the top_k largest, then the smallest set of the most likely
+    survivors whose (renormalised) mass reaches top_p; the rest -inf."""
+    z = np.asarray(logits_BV, np.float64) / temperature
+    out = np.full_like(z, -np.inf)
+    for b, row in enumerate(z):
+        order = np.argsort(-row)[: top_k or len(row)]
+        p = np.exp(row[order] - row[order].max())
+        p /= p.sum()
+        n_keep = len(order) if top_p is None else int(np.searchsorted(np.cumsum(p), top_p) + 1)
+        keep = order[:n_keep]
+        out[b, keep] = row[keep]
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, None, None), (0.7, 12, 0.9)])
+def test_sampled_generate_equals_full_recompute_with_reference_sampler(temperature, top_k, top_p):
+    """generate with temperature / top-k / top-p equals a loop of full forward passes, sampled by an independent
+    filter + jax.random.categorical with _generate's key schedule: split once for the prefill's token, then once
+    per decode step, sampling from the second half. init_std 0.2 spreads the logits (std ~1 rather than ~0.1),
+    so that the temperature changes which token the Gumbel noise picks."""
+    model = Transformer(dataclasses.replace(CFG, init_std=0.2), rngs=nnx.Rngs(1))
+    prompt = jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size)
+    n_new = 6
+    out = generate(model, prompt, n_new, temperature=temperature, top_k=top_k, top_p=top_p, rng=jax.random.key(11))
+    fwd = jax.jit(lambda t: model(t))
+    seq, rng = prompt, jax.random.key(11)
+    for _ in range(n_new):
+        rng, sub = jax.random.split(rng)
+        masked = _reference_filter(fwd(seq)[:, -1], temperature, top_k, top_p).astype(np.float32)
+        tok = jax.random.categorical(sub, jnp.asarray(masked), axis=-1).astype(seq.dtype)
+        seq = jnp.concatenate([seq, tok[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    greedy = generate(model, prompt, n_new)  # sampling at these temperatures is not the greedy continuation
+    assert not np.array_equal(out, greedy)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, None, None), (2.0, None, None), (0.5, 3, None),
+                                                     (1.5, None, 0.8)])
+def test_sample_frequencies_match_the_tempered_filtered_softmax(temperature, top_k, top_p):
+    """Over N independent rows, each token's frequency is within 4σ (binomial) of softmax(logits / T) restricted
+    to the top-k / top-p set: the probabilities come from _reference_filter, not from sample_logits."""
+    n = 20000
+    base = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+    p = np.exp(_reference_filter(base[None], temperature, top_k, top_p)[0])
+    p /= p.sum()
+    toks = sample_logits(jnp.asarray(np.tile(base, (n, 1)), jnp.float32), jax.random.key(5), temperature, top_k, top_p)
+    freq = np.bincount(np.asarray(toks), minlength=len(base)) / n
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 4 * sigma + 1e-12), (freq, p)
+    # the test can tell T apart: at T=1 the same filter gives probabilities more than 10σ away
+    p1 = np.exp(_reference_filter(base[None], 1.0, top_k, top_p)[0])
+    p1 /= p1.sum()
+    assert np.max(np.abs(p1 - p) / np.maximum(sigma, 1e-9)) > 10

@@ -6,14 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the test extra (requirements.lock): a broken install must fail here, not skip the parity tests
+import transformers
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from models import RopeScaling, Transformer, TransformerConfig, generate  # noqa: E402
-from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained  # noqa: E402
-from models.moe import MoEConfig  # noqa: E402
+from models import RopeScaling, Transformer, TransformerConfig, generate
+from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from models.moe import MoEConfig
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=160, max_position_embeddings=64, rms_norm_eps=1e-5, attn_implementation="eager")

@@ -87,6 +87,38 @@ def test_single_expert_moe_equals_dense_model_with_the_same_weights():
     np.testing.assert_allclose(nnx.merge(graphdef, state)(tok), nnx.merge(dgraph, dstate)(tok), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,moe_at", [(dict(moe_every=1, n_layers=2), (0, 1)),
+                                           (dict(moe_every=3, n_layers=3), (2,))], ids=["every_layer", "every_third"])
+def test_single_expert_layouts_place_moe_layers_where_documented(layout, moe_at):
+    """The every_layer / every_third layouts against a dense model: with E = 1, k = 1 each MoE layer is a SwiGLU,
+    so the model equals a dense one whose layer i holds the expert's weights exactly at the hand-listed MoE
+    indices moe_at (moe_every=k: layers k-1, 2k-1, ...) and the dense stack's weights elsewhere, in order."""
+    cfg = dataclasses.replace(CFG, **layout, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48))
+    graphdef, state = split(cfg)
+    dgraph, dstate = split(dataclasses.replace(cfg, moe=None))
+    dstate = jax.tree.map(lambda x: x, dstate)
+    L = cfg.n_layers
+    assert state["moe_blocks"]["wq"][...].shape[0] == len(moe_at)
+    assert ("blocks" in state) == (len(moe_at) < L)
+    dense_at = [i for i in range(L) if i not in moe_at]
+
+    def interleave(name, moe_w):  # layer i: the next MoE-stack layer if i is in moe_at, else the next dense one
+        dense_w = state["blocks"][name][...] if dense_at else None
+        return jnp.stack([moe_w[moe_at.index(i)] if i in moe_at else dense_w[dense_at.index(i)] for i in range(L)])
+
+    for name in ("w_gate", "w_up", "w_down"):
+        dstate["blocks"][name][...] = interleave(name, state["moe_blocks"]["moe"][name][...][:, 0])
+    for name in ("wq", "wk", "wv", "wo", "attn_norm", "mlp_norm"):
+        dstate["blocks"][name][...] = interleave(name, state["moe_blocks"][name][...])
+    for name in ("embed", "lm_head", "final_norm"):
+        dstate[name][...] = state[name][...]
+    tok = tokens(B=2)
+    logits, aux = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, return_aux=True))(state, tok)
+    assert aux["load"].shape == (len(moe_at), 1)
+    np.testing.assert_allclose(logits, jax.jit(lambda s, t: nnx.merge(dgraph, s)(t))(dstate, tok), rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(remat="full"),
                                     dict(moe_every=1, n_layers=2), dict(moe_every=3, n_layers=3)],
                          ids=["unrolled", "remat", "every_layer", "every_third"])

@@ -44,7 +44,10 @@ def xla_flops(fn, *args):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS + [TransformerConfig(vocab_size=100, d_model=48, n_layers=5, n_heads=6,
-                                                             n_kv_heads=1, mlp_dim=64)])
+                                                             n_kv_heads=1, mlp_dim=64),
+                                           # Gemma-2 style: 4 norm scales per layer (post-attention, post-MLP too)
+                                           TransformerConfig(vocab_size=100, d_model=48, n_layers=3,
+                                                             n_heads=4, mlp_dim=64, post_norms=True)])
 def test_param_counts_and_table_match_real_tree(cfg):
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     real = param_table_from_state(state)
@@ -92,6 +95,8 @@ def test_config_windows_and_post_norms_plug_in():
     for T in (8, 100):  # the config delegates: window pattern and post-norms reach scaling.flops through it
         assert train_flops_per_token(cfg, T) == pytest.approx(cfg.flops_per_token(T, causal=True))
     assert param_counts(cfg).total == cfg.param_count()
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(state))  # the real tree, post-norms included
 
 
 def test_windowed_model_flops_match_cost_analysis():
@@ -157,7 +162,7 @@ def test_moe_active_flops_match_reference_layer():
 
 def test_moe_matches_models_moe():
     """The real MoE layer (models/moe.py): parameter tree, its own counts, and capacity dispatch's FLOPs."""
-    moe = pytest.importorskip("models.moe")
+    import models.moe as moe
     d, T = 64, 128
     mc = moe.MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=96, n_shared_experts=1, dispatch="capacity")
     graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(d, mc, rngs=nnx.Rngs(0))))
@@ -189,7 +194,7 @@ def test_decode_flops_match_cost_analysis():
                                               ("factorized", (1, 8, 8))])
 def test_dit_accounting_matches_models_video(attention, latent):
     """The video DiT (models/video): the real parameter tree and cost_analysis() of its forward."""
-    video = pytest.importorskip("models.video.dit")
+    import models.video.dit as video
     from models.video.config import DiTConfig
 
     cfg = DiTConfig(latent_shape=latent, latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,

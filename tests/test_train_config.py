@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -14,7 +15,8 @@ from experiments import train_lm
 from experiments.config import ConfigError, load, validate
 from experiments.lm_step import decay_mask, make_schedule, make_state_step
 from models import Transformer, TransformerConfig
-from models.moe import MoEConfig
+from models.losses import cross_entropy
+from models.moe import MoEConfig, update_router_bias
 from parallel import make_mesh
 
 BAD = [  # (argv, n_devices, expected start of the error line after "config error: ")
@@ -185,3 +187,55 @@ def test_throughput_window_leaves_out_eval_and_save_time():
     w.step(100)  # step 3 ends at 10 s: 10 - 6 s of eval and save = 4 s of training for 3 steps
     assert w.report(clock()) == pytest.approx((300 / 4, 4 / 3))
     assert w.steps == w.tokens == 0 and w.excluded == 0.0
+
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
+    """make_state_step with MoE: the gradient it applies is that of CE + lb_w·lb + z_w·z, rebuilt here from the
+    model's own aux outputs (per microbatch, rows k::A, as the step cuts them; weighted sums over the step's
+    total weight), and a sigmoid router's selection bias moves by update_router_bias(bias, mean load, rate)."""
+    # aux weights large enough that dropping a term moves the gradient far past float32 noise
+    moe = MoEConfig(4, 2, 16, router="sigmoid", lb_loss_weight=0.5, z_loss_weight=0.1, bias_update_rate=0.05)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    bias = params["moe_blocks"]["moe"]["router_bias"]  # non-zero, so that the update must add to it
+    bias.set_value(jax.random.normal(jax.random.key(1), bias[...].shape) * 0.1)
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(0, 64, (4, 16), dtype=np.int32)),
+             "targets": jnp.asarray(rng.integers(0, 64, (4, 16), dtype=np.int32)),
+             "weights": jnp.asarray((rng.random((4, 16)) > 0.3).astype(np.float32))}  # uneven per microbatch
+
+    def objective(p, mb, lb_w, z_w):  # Σ over the microbatch's weighted tokens of CE + lb_w·lb + z_w·z
+        logits, aux = nnx.merge(graphdef, p)(mb["inputs"], return_aux=True)
+        mean, n = cross_entropy(logits, mb["targets"], mb["weights"])
+        return n * (mean + lb_w * aux["lb_loss"] + z_w * aux["z_loss"]), (n, aux)
+
+    grad_f = jax.jit(jax.grad(objective, has_aux=True))
+    refs, n_sum, loads = {}, 0.0, []
+    for k in range(accum):
+        mb = jax.tree.map(lambda x: x[k::accum], batch)
+        for key, w in (("full", (moe.lb_loss_weight, moe.z_loss_weight)), ("ce", (0.0, 0.0))):
+            g, (n, aux) = grad_f(params, mb, *w)
+            refs[key] = g if key not in refs else jax.tree.map(jnp.add, refs[key], g)
+        n_sum, loads = n_sum + n, loads + [aux["load"]]
+    ref, ce_only = (jax.tree.map(lambda x: x / n_sum, refs[k]) for k in ("full", "ce"))
+
+    opt = optax.sgd(1.0)  # params - new params = the gradient the step applied (no clipping, no decay)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    new, m = make_state_step(graphdef, opt, None, moe, accum)(jax.tree.map(jnp.copy, state), batch)
+    new_bias = new["params"]["moe_blocks"]["moe"]["router_bias"][...]
+    new["params"]["moe_blocks"]["moe"]["router_bias"].set_value(bias[...])  # compared below, on its own
+    used = jax.tree.map(jnp.subtract, params, new["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), used, ref)
+    # the aux terms matter here: without them the router's gradient is far off the tolerance above
+    r_full, r_ce = ref["moe_blocks"]["moe"]["router"][...], ce_only["moe_blocks"]["moe"]["router"][...]
+    assert float(jnp.abs(r_full - r_ce).max()) > 0.05 * float(jnp.abs(r_full).max())
+
+    load = np.mean(loads, axis=0)  # [L_moe, E], averaged over the microbatches
+    np.testing.assert_allclose(m["load"], load, rtol=1e-5, atol=1e-7)
+    want = np.asarray(bias[...]) + moe.bias_update_rate * np.sign(load.mean(-1, keepdims=True) - load)
+    assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
+    np.testing.assert_allclose(new_bias, want, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(new_bias, update_router_bias(bias[...], load, moe.bias_update_rate), rtol=0, atol=1e-7)

@@ -55,7 +55,8 @@ def tokens():
 
 
 def test_param_count_matches_tree(model):
-    for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, qkv_bias=False, n_kv_heads=1)):
+    for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, qkv_bias=False, n_kv_heads=1),
+                dataclasses.replace(CFG, post_norms=True)):  # Gemma-2 style: post-sublayer norm scales too
         m = Transformer(cfg, rngs=nnx.Rngs(0))
         assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(m)))
 

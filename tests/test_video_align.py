@@ -52,6 +52,37 @@ def test_info_nce_counts_duplicate_captions_as_positives():
     assert abs(float(info_nce(v, t, 10.0)) - float(info_nce(v, swap, 10.0))) > 1e-3  # without labels it is not
 
 
+def _clip_loss_reference(v, t, scale, labels=None):
+    """Symmetric CLIP loss in float64 loops: clip i's cross-entropy over all captions and caption j's over all
+    clips, each with its target spread evenly over the pairs whose labels match (the diagonal without labels)."""
+    v, t = np.asarray(v, np.float64), np.asarray(t, np.float64)
+    B = len(v)
+    lab = np.arange(B) if labels is None else np.asarray(labels)
+    s = scale * v @ t.T  # s[i, j]: clip i against caption j
+
+    def ce(row, positives):
+        logp = row - np.log(np.sum(np.exp(row - row.max()))) - row.max()
+        return -np.mean(logp[positives])
+
+    v2t = np.mean([ce(s[i], lab == lab[i]) for i in range(B)])
+    t2v = np.mean([ce(s[:, j], lab == lab[j]) for j in range(B)])
+    return 0.5 * (v2t + t2v), v2t, t2v
+
+
+@pytest.mark.parametrize("labels", [None, [0, 1, 1, 2, 2, 2]], ids=["distinct", "duplicates"])
+def test_info_nce_is_the_symmetric_clip_loss(labels):
+    """info_nce against an independent float64 loop, on random clip / caption embeddings of different scales
+    (so that the logit matrix is far from symmetric and the two directions differ)."""
+    v = jax.random.normal(jax.random.key(0), (6, 8)) * jnp.linspace(0.5, 2.0, 6)[:, None]
+    t = jax.random.normal(jax.random.key(1), (6, 8))
+    lab = None if labels is None else jnp.asarray(labels)
+    want, v2t, t2v = _clip_loss_reference(v, t, 3.0, labels)
+    assert abs(v2t - t2v) > 0.1  # one direction alone is ~1e4 times the tolerance below away from the average
+    np.testing.assert_allclose(float(info_nce(v, t, 3.0, lab)), want, rtol=1e-5)
+    # the loss is symmetric in its arguments: swapping clips and captions transposes the logits
+    np.testing.assert_allclose(float(info_nce(t, v, 3.0, lab)), want, rtol=1e-5)
+
+
 def test_alignment_loss_lower_for_matched_than_shuffled_pairs():
     model = DualEncoder(nnx.Rngs(0))
     graphdef, params = nnx.split(model)
