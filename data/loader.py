@@ -70,9 +70,12 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
-    repeats forever (with a mixture, a finite count ends at the first exhausted source). worker_count:
-    grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a
-    last partial batch (keep True for training: every process must yield the same number of steps)."""
+    repeats forever (with a mixture, a finite count ends at the first exhausted source). With several processes a
+    finite count yields a different number of batches per process (each packs its own documents into rows), so a
+    multi-process training loop must not run until the loader ends: one process would stop while the others wait
+    in a collective. Bound it by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
+    grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a last
+    partial batch."""
 
     seq_len: int = 256
     global_batch_size: int = 8
@@ -245,7 +248,9 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
     shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     if jax.process_count() == 1:  # one transfer call for the whole batch; same result, ~4x less overhead
         return jax.device_put(batch, shardings)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+    from parallel.distributed import global_batch_from_local
+
+    return global_batch_from_local(batch, mesh)  # checks that each process owns its rows
 
 
 def _jsonable(x):

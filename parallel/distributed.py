@@ -75,7 +75,37 @@ def process_rows(global_batch: int) -> slice:
 
 
 def global_batch_from_local(local_batch, mesh, rules=None):
-    """Assemble global [B, T, ...] arrays from each process's [B / processes, T, ...] rows."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), np.asarray(x)),
-        local_batch)
+    """Assemble global [B, T, ...] arrays from each process's [B / processes, T, ...] rows.
+
+    The mesh must give every process a slice of its own along the batch axes and all of T (processes on the
+    batch axes, e.g. `make_mesh(..., dcn={'data': n})`); otherwise, e.g. with 'tensor' or 'sequence' across
+    processes, the processes' different rows would be replicated or concatenated along T: a ValueError says so.
+    """
+    n = jax.process_count()
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        global_shape = (x.shape[0] * n, *x.shape[1:])
+        check_process_share(sharding.addressable_devices_indices_map(global_shape).values(), global_shape,
+                            x.shape[0], dict(mesh.shape))
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(one, local_batch)
+
+
+def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> None:
+    """Raise unless the index slices this process's devices hold span exactly `rows` rows and every other dim
+    whole: the share of a [B, T, ...] batch that one process's local rows can fill."""
+    def span(sl, size):
+        return (sl.start or 0, size if sl.stop is None else sl.stop)
+
+    indices = list(indices)
+    lo = min(span(ix[0], global_shape[0])[0] for ix in indices)
+    hi = max(span(ix[0], global_shape[0])[1] for ix in indices)
+    whole = all(span(sl, size) == (0, size) for ix in indices for sl, size in zip(ix[1:], global_shape[1:]))
+    if hi - lo != rows or not whole:
+        raise ValueError(f"mesh {mesh_shape}: this process's devices hold rows [{lo}, {hi}) of the global batch "
+                         f"of {global_shape[0]}{'' if whole else ' and only part of T'}, but it loads {rows} rows "
+                         "of its own: put the processes on the batch axes (make_mesh(..., dcn={'data': "
+                         "n_processes})) and keep 'tensor' / 'sequence' within a process")

@@ -67,10 +67,17 @@ def main():
     if mode == "die":
         with jax.set_mesh(mesh):
             jax.block_until_ready(jax.jit(lambda s, b: lm_loss(graphdef, s, b))(state, batch))
+    # 'tensor' across the processes: the batch would be replicated over them, so each process's own rows are refused
+    try:
+        global_batch_from_local({"inputs": tok[:, :-1]}, make_mesh({"fsdp": 2}, dcn={"tensor": 2}))
+        bad_mesh_refused = False
+    except ValueError as e:
+        bad_mesh_refused = "put the processes on the batch axes" in str(e)
     # SIGTERM seen by process 1 only: both must agree to stop at this step
     stops = [any_process(pid == 1), any_process(False)]
     step, position = checkpoint_round_trip(os.path.join(workdir, "ckpt"), state, pid)
-    print(json.dumps({"pid": pid, "stops": stops, "restored_step": step, "loader_position": position}), flush=True)
+    print(json.dumps({"pid": pid, "stops": stops, "restored_step": step, "loader_position": position,
+                      "bad_mesh_refused": bad_mesh_refused}), flush=True)
     if is_primary():
         print(json.dumps({"loss": loss, "devices": jax.device_count(), "mesh": dict(mesh.shape)}), flush=True)
 

@@ -192,3 +192,4 @@ def test_config_errors_name_the_field(corpus, tmp_path):
         Source(path, weight=0)
     with pytest.raises(FileNotFoundError, match="shard-"):
         LMLoader([Source(str(tmp_path))], EOS_BYTES, LoaderConfig(), process_index=0, process_count=1)
+

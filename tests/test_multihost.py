@@ -41,6 +41,7 @@ def test_two_processes_match_single_process(tmp_path):
         r = next(r for r in lines[pid] if "pid" in r)
         assert r["stops"] == [True, False]
         assert r["restored_step"] == 1 and r["loader_position"] == 100 + pid
+        assert r["bad_mesh_refused"]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "1" / "loader").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 

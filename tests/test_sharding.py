@@ -50,3 +50,20 @@ def test_initialize_starts_jax_distributed_only_in_a_slurm_job_step(monkeypatch,
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     assert distributed.initialize() is started and len(calls) == started
+
+
+@pytest.mark.parametrize("indices,ok", [
+    ([(slice(0, 2), slice(None))] * 2, True),              # data across processes: rows [0, 2) of 4, all of T
+    ([(slice(2, 3), slice(None)), (slice(3, 4), slice(None))], True),   # fsdp inside the process
+    ([(slice(None), slice(None))] * 2, False),             # batch replicated across processes (tensor over them)
+    ([(slice(0, 2), slice(0, 8)), (slice(0, 2), slice(0, 8))], False),  # sequence across processes: half of T
+])
+def test_process_share_check(indices, ok):
+    """Each process's local rows must fill exactly what its devices hold of the global [4, 16] batch."""
+    from parallel.distributed import check_process_share
+
+    if ok:
+        check_process_share(indices, (4, 16), 2, {"data": 2})
+    else:
+        with pytest.raises(ValueError, match="put the processes on the batch axes"):
+            check_process_share(indices, (4, 16), 2, {"tensor": 2})
