@@ -7,6 +7,7 @@ JAX's own cluster detection (TPU pods, SLURM, Open MPI); otherwise this is a sin
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -87,11 +88,17 @@ def global_batch_from_local(local_batch, mesh, rules=None):
         x = np.asarray(x)
         sharding = batch_sharding(mesh, x.ndim, rules)
         global_shape = (x.shape[0] * n, *x.shape[1:])
-        check_process_share(sharding.addressable_devices_indices_map(global_shape).values(), global_shape,
-                            x.shape[0], dict(mesh.shape))
+        _check_sharding_share(sharding, global_shape, x.shape[0])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(one, local_batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_sharding_share(sharding, global_shape: tuple, rows: int) -> None:
+    """`check_process_share` once per (sharding, shape): the loader calls this every step."""
+    check_process_share(sharding.addressable_devices_indices_map(global_shape).values(), global_shape, rows,
+                        dict(sharding.mesh.shape))
 
 
 def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> None:
