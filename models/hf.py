@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -205,6 +206,7 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
               hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+              **_rope_4x(rope),
               bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
     if cfg.moe is not None:
         return _mixtral_config(cfg, hf, windows)
@@ -222,6 +224,13 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
 
 
+def _rope_4x(rope: dict) -> dict:
+    """The same RoPE in transformers 4.x's fields (it ignores rope_parameters and would silently use theta 1e4);
+    5.x reads rope_scaling as rope_parameters and rope_theta as its default theta, so both agree."""
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return dict(rope_theta=rope["rope_theta"], rope_scaling=scaling if scaling["rope_type"] != "default" else None)
+
+
 def _gemma2_config(cfg: TransformerConfig) -> dict:
     windows = cfg.layer_windows()
     if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.mlp_act == "gelu_tanh"
@@ -237,6 +246,7 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                **_rope_4x({"rope_type": "default", "rope_theta": cfg.rope_theta}),
                 query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
                 sliding_window=local[0] if local else cfg.max_seq_len,
                 layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
@@ -407,34 +417,73 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     return nnx.merge(graphdef, abstract)
 
 
-def save_pretrained(model: Transformer, path, dtype: str | None = None) -> None:
-    """Write config.json + model.safetensors (HF names) that transformers and `from_pretrained` load.
+def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json + safetensors (HF names) that transformers (4.x and 5.x) and `from_pretrained` load.
 
     dtype: storage dtype of the tensors (None: the model's param_dtype).
+    max_shard_size: bytes per file (an int, or "5GB" / "500MiB" as transformers spells it). A model larger than
+      that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
+      memory at a time (parameters move to the host one layer at a time).
+    Weight files of an earlier save in the folder are removed first: transformers prefers a model.safetensors
+    over an index, so a stale one would be loaded instead of the new shards.
     """
     cfg = model.cfg
     hf = config_to_hf(cfg)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    hf["dtype"] = dtype or cfg.param_dtype
+    hf["dtype"] = hf["torch_dtype"] = dtype or cfg.param_dtype  # 4.x reads torch_dtype
+    limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if cfg.moe is not None and np.any(np.asarray(ours["moe_blocks.moe.router_bias"]) != 0):
         raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
                          "so this model cannot be exported exactly")
-    tensors = {}
+    plan = []  # (HF name, bytes, thunk giving the HF-layout array): sizes known before anything is copied
     for key, (name, to_hf, _) in _hf_layout(cfg).items():
-        arr = np.asarray(ours[key]).astype(out_dtype)
-        fix = to_hf or (lambda a: a)
+        arr, fix = ours[key], to_hf or (lambda a: a)
         layers = _layers_of(cfg, key)
         for j, i in enumerate(layers or [None]):
-            a = arr if layers is None else arr[j]
-            if "{e}" in name:
-                tensors.update({name.format(i=i, e=e): np.ascontiguousarray(fix(a[e])) for e in range(len(a))})
-            else:
-                tensors[name.format(i=i)] = np.ascontiguousarray(fix(a))
+            per_layer = arr.shape[1:] if layers is not None else arr.shape
+            experts = range(per_layer[0]) if "{e}" in name else [None]
+            for e in experts:
+                index = tuple(x for x in (j if layers is not None else None, e) if x is not None)
+                shape = per_layer[1:] if e is not None else per_layer
+                host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(np.asarray(a[ix]).astype(out_dtype)))  # noqa: E731
+                plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
+    shards, size = [[]], 0
+    for entry in plan:
+        if shards[-1] and size + entry[1] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry[1]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
+                folder / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)
     (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    for file, shard in zip(files, shards, strict=True):
+        save_file({name: thunk() for name, _, thunk in shard}, folder / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(b for _, b, _ in plan)},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes from an int or a transformers-style size string ("5GB" = 5e9, "500MiB" = 500 * 2**20)."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(size).upper())
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"save_pretrained max_shard_size={size!r}: give a positive number of bytes or a string "
+                         "like '5GB' or '500MiB'")
+    return int(float(m[1]) * _UNITS[m[2]])
 
 
 def _flatten(tree, prefix=""):

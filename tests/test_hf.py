@@ -239,7 +239,39 @@ def test_config_layouts_4x_and_5x_agree(type_key):
 
 @pytest.mark.parametrize("cfg", list(ROUND_TRIP.values()), ids=list(ROUND_TRIP))
 def test_config_round_trip(cfg):
-    assert config_from_hf(config_to_hf(cfg)) == cfg
+    hf = config_to_hf(cfg)
+    assert config_from_hf(hf) == cfg
+    # transformers 4.x ignores rope_parameters: its own fields (rope_theta, rope_scaling) must say the same
+    assert config_from_hf({k: v for k, v in hf.items() if k != "rope_parameters"}) == cfg
+
+
+def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
+    ours = _random_model(ROUND_TRIP["llama"], seed=5)
+    save_pretrained(ours, tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    assert all(p.stat().st_size <= 40_000 + 2_000 for p in tmp_path.glob("model-*.safetensors"))  # + header
+    assert not (tmp_path / "model.safetensors").exists()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                 dtype=torch.float32)
+    assert np.abs(our_logits(ours) - hf_logits(hf_model.eval())).max() < 1e-4
+    back = from_pretrained(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # saving another model into the same folder, unsharded, leaves no shard of the first behind
+    other = _random_model(ROUND_TRIP["llama"], seed=6)
+    save_pretrained(other, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    hf_other = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                 dtype=torch.float32)
+    assert np.abs(our_logits(other) - hf_logits(hf_other.eval())).max() < 1e-4
+
+
+@pytest.mark.parametrize("size", [0, -5, "5 parsecs", "GB", True])
+def test_save_pretrained_bad_shard_size(size, tmp_path):
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path, max_shard_size=size)
 
 
 def test_pickle_only_folder_is_refused(tmp_path):
