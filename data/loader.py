@@ -71,9 +71,9 @@ class Source:
 class LoaderConfig:
     """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
     repeats forever (with a mixture, a finite count ends at the first exhausted source). With several processes a
-    finite count yields a different number of batches per process (each packs its own documents into rows), so a
-    multi-process training loop must not run until the loader ends: one process would stop while the others wait
-    in a collective. Bound it by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
+    finite count yields a different number of batches per process (each packs its own documents into rows);
+    `LMLoader` stops every process at the first that runs out and counts what the others leave unread, so to read
+    every document bound the run by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
     grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a last
     partial batch."""
 
@@ -199,6 +199,12 @@ def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderC
     return ds.map(_lm_row).batch(cfg.global_batch_size // n, drop_remainder=cfg.drop_remainder)
 
 
+def _jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def _absl_flags_parsed():
     """grain 0.2.18's mp_prefetch reads an absl flag, which raises outside an absl app until flags are
     parsed (google/grain#1355, fixed upstream later): mark them parsed, keeping every default."""
@@ -213,6 +219,11 @@ class LMLoader:
 
     `get_state()` → JSON-serialisable dict to save next to a checkpoint; `set_state(state)` resumes so the
     following batches are identical to an uninterrupted run.
+
+    With a finite `num_epochs` over several JAX processes each process packs its own documents, so one may run
+    out a step or more before the others: every step the processes agree whether all still have a batch, and
+    all stop together at the first that does not (instead of the others waiting forever in a collective).
+    What the others had left is counted in `unread` (batches, rows and real tokens) and warned about.
     """
 
     def __init__(self, sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(), mesh=None,
@@ -220,13 +231,37 @@ class LMLoader:
         self.cfg, self.mesh = cfg, mesh
         self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
         self._it = iter(self.dataset)
+        self._p, n = _process(process_index, process_count)
+        self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
+        self.unread = {"batches": 0, "rows": 0, "tokens": 0}
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        batch = next(self._it)
+        batch = next(self._it, None)
+        if self._agree:
+            from parallel.distributed import any_process
+
+            if any_process(batch is None):
+                if batch is not None:
+                    self._count_unread(batch)
+                raise StopIteration
+        if batch is None:
+            raise StopIteration
         return batch if self.mesh is None else to_device(batch, self.mesh)
+
+    def _count_unread(self, batch):
+        import warnings
+
+        while batch is not None:
+            self.unread["batches"] += 1
+            self.unread["rows"] += len(batch["weights"])
+            self.unread["tokens"] += int(batch["weights"].sum())
+            batch = next(self._it, None)
+        warnings.warn(f"LMLoader: process {self._p} stops with {self.unread} unread, because another process's "
+                      "loader ran out first (finite num_epochs: each process packs its own documents). Bound the "
+                      "run by steps with num_epochs=None to read every document", stacklevel=3)
 
     def get_state(self) -> dict:
         return _jsonable(self._it.get_state())

@@ -5,6 +5,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 
 jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -45,6 +46,29 @@ def checkpoint_round_trip(directory, state, pid):
     return meta["step"], fresh.position
 
 
+def finite_epoch_loader(directory, mesh, pid):
+    """num_epochs=1 where process 0's documents fill many more rows than process 1's: both must stop together."""
+    import warnings
+
+    from data.loader import LMLoader, LoaderConfig, Source, lm_dataset
+    from data.shards import DocWriter, shard_name
+    from data.tokenizer import ByteTokenizer
+
+    tier = os.path.join(directory, f"tier_{pid}")  # each process its own copy of the same documents
+    writer = DocWriter(os.path.join(tier, f"{shard_name(0)}.array_record"))
+    for i in range(10):  # documents are split [p::2]: the even (long) ones go to process 0
+        writer.write({"id": str(i), "text": ("long document " * 14) if i % 2 == 0 else "short one"})
+    writer.commit()
+    tok, cfg = ByteTokenizer(add_eos=True), LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1)
+    total = sum(int(b["weights"].sum()) for b in lm_dataset([Source(tier)], tok, cfg))
+    loader = LMLoader([Source(tier)], tok, cfg, mesh=mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = [int(np.asarray(b["weights"].addressable_shards[0].data).size) for b in loader]
+    return {"batches": len(read), "unread": loader.unread, "total_tokens": total,
+            "warned": any("ran out first" in str(w.message) for w in caught)}
+
+
 def main():
     port, pid, mode, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     assert initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_s=5, init_timeout_s=60)
@@ -76,8 +100,9 @@ def main():
     # SIGTERM seen by process 1 only: both must agree to stop at this step
     stops = [any_process(pid == 1), any_process(False)]
     step, position = checkpoint_round_trip(os.path.join(workdir, "ckpt"), state, pid)
+    finite = finite_epoch_loader(workdir, mesh, pid)
     print(json.dumps({"pid": pid, "stops": stops, "restored_step": step, "loader_position": position,
-                      "bad_mesh_refused": bad_mesh_refused}), flush=True)
+                      "bad_mesh_refused": bad_mesh_refused, "finite": finite}), flush=True)
     if is_primary():
         print(json.dumps({"loss": loss, "devices": jax.device_count(), "mesh": dict(mesh.shape)}), flush=True)
 

@@ -1,5 +1,6 @@
 """Two processes on localhost (2 fake devices each, one global mesh of 4) == one process; a stop flag raised on one
-process is seen by both; a checkpoint gives each process back its own data loader state."""
+process is seen by both; a checkpoint gives each process back its own data loader state; a finite-epoch loader
+stops both processes at the first that runs out."""
 
 import json
 import os
@@ -42,6 +43,12 @@ def test_two_processes_match_single_process(tmp_path):
         assert r["stops"] == [True, False]
         assert r["restored_step"] == 1 and r["loader_position"] == 100 + pid
         assert r["bad_mesh_refused"]
+    # a finite epoch: process 1 runs out after one step; both stop there, process 0 counts what it left unread
+    f0, f1 = (next(r for r in lines[pid] if "pid" in r)["finite"] for pid in (0, 1))
+    assert f0["batches"] == f1["batches"] == 1
+    assert f1["unread"]["batches"] == 0 and not f1["warned"]
+    assert f0["unread"]["batches"] > 5 and f0["warned"]
+    assert 0 < f0["unread"]["tokens"] < f0["total_tokens"] and f0["unread"]["rows"] == 2 * f0["unread"]["batches"]
     assert sorted(p.name for p in (tmp_path / "ckpt" / "1" / "loader").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
