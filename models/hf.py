@@ -27,9 +27,11 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -425,7 +427,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
       that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
       memory at a time (parameters move to the host one layer at a time).
     Weight files of an earlier save in the folder are removed first: transformers prefers a model.safetensors
-    over an index, so a stale one would be loaded instead of the new shards.
+    over an index, so a stale one would be loaded instead of the new shards. With several processes every one
+    calls this (parameters sharded across them are gathered one layer at a time); process 0 writes the files.
     """
     cfg = model.cfg
     hf = config_to_hf(cfg)
@@ -433,7 +436,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     hf["dtype"] = hf["torch_dtype"] = dtype or cfg.param_dtype  # 4.x reads torch_dtype
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    if cfg.moe is not None and np.any(np.asarray(ours["moe_blocks.moe.router_bias"]) != 0):
+    if cfg.moe is not None and np.any(_to_host(ours["moe_blocks.moe.router_bias"]) != 0):
         raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
                          "so this model cannot be exported exactly")
     plan = []  # (HF name, bytes, thunk giving the HF-layout array): sizes known before anything is copied
@@ -446,7 +449,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
             for e in experts:
                 index = tuple(x for x in (j if layers is not None else None, e) if x is not None)
                 shape = per_layer[1:] if e is not None else per_layer
-                host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(np.asarray(a[ix]).astype(out_dtype)))  # noqa: E731
+                host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_to_host(a[ix]).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
     shards, size = [[]], 0
     for entry in plan:
@@ -455,20 +458,32 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
             size = 0
         shards[-1].append(entry)
         size += entry[1]
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
-                folder / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    folder, primary = Path(path), jax.process_index() == 0
+    if primary:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
+                    folder / "model.safetensors.index.json"]:
+            old.unlink(missing_ok=True)
+        (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     for file, shard in zip(files, shards, strict=True):
-        save_file({name: thunk() for name, _, thunk in shard}, folder / file, metadata={"format": "pt"})
-    if len(shards) > 1:
+        tensors = {name: thunk() for name, _, thunk in shard}  # every process: the gathers are collective
+        if primary:
+            save_file(tensors, folder / file, metadata={"format": "pt"})
+    if primary and len(shards) > 1:
         index = {"metadata": {"total_size": sum(b for _, b, _ in plan)},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if jax.process_count() > 1:  # nobody reads the folder before it is complete
+        multihost_utils.sync_global_devices(f"save_pretrained {folder}")
+
+
+def _to_host(a) -> np.ndarray:
+    """A parameter (slice) as a NumPy array; one sharded over several processes is gathered on each."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
 
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,

@@ -101,6 +101,13 @@ def main():
     stops = [any_process(pid == 1), any_process(False)]
     step, position = checkpoint_round_trip(os.path.join(workdir, "ckpt"), state, pid)
     finite = finite_epoch_loader(workdir, mesh, pid)
+    # parameters sharded across the processes (fsdp over them): every process calls save_pretrained, one writes
+    from models.hf import save_pretrained
+
+    across = make_mesh({"data": 2}, dcn={"fsdp": 2})
+    graphdef_x, state_x = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), across)
+    assert not state_x["embed"][...].is_fully_addressable
+    save_pretrained(nnx.merge(graphdef_x, state_x), os.path.join(workdir, "hf"), max_shard_size="20KB")
     print(json.dumps({"pid": pid, "stops": stops, "restored_step": step, "loader_position": position,
                       "bad_mesh_refused": bad_mesh_refused, "finite": finite}), flush=True)
     if is_primary():
