@@ -78,22 +78,17 @@ def corpus_tiers(spec) -> tuple[str, str]:
 
 
 def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
-    """Per-device peak FLOP/s for MFU: the datasheet value of a known accelerator, or, on CPU, a matmul
-    measured once on this host (the fake CPU devices share it, so MFU on CPU is over the whole host)."""
+    """Per-device peak FLOP/s for MFU: the datasheet value of a known accelerator (`scaling.hardware.device_peak`),
+    or, on CPU, a matmul measured once on this host (the fake CPU devices share it, so MFU on CPU is over the
+    whole host)."""
     import jax
 
-    from scaling.hardware import measure_cpu_peak, peak_flops
+    from scaling.hardware import device_peak, measure_cpu_peak
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
         return measure_cpu_peak(n=512, repeats=3), "cpu (measured matmul)"
-    kind = dev.device_kind.lower()
-    for key, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v5 lite", "tpu-v5e"),
-                      ("v5e", "tpu-v5e"), ("v5p", "tpu-v5p"), ("v6", "tpu-v6e"), ("v4", "tpu-v4")):
-        if key in kind:
-            dt = "bf16" if model_dtype == "bfloat16" or name.startswith("tpu") else "fp32"
-            return peak_flops(name, dt), name
-    return None, dev.device_kind
+    return device_peak(dev.device_kind, model_dtype, jax.config.jax_default_matmul_precision)
 
 
 class Logger:

@@ -77,6 +77,34 @@ def peak_flops(kind: str, dtype: str = "bf16") -> float:
     return c.peak_flops[dtype]
 
 
+# jax's `device_kind` strings -> CHIPS keys, most specific first. Variants with other clocks or power (H100 PCIe /
+# NVL, TPU v4 lite) are left out on purpose: no peak is better than a wrong one.
+_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", None), ("h100 nvl", None), ("h100", "h100"), ("a100", "a100"),
+                 ("tpu v4 lite", None), ("tpu v4", "tpu-v4"), ("tpu v5 lite", "tpu-v5e"), ("tpu v5e", "tpu-v5e"),
+                 ("tpu v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"), ("tpu v6 lite", "tpu-v6e"), ("tpu v6e", "tpu-v6e"))
+
+
+def device_peak(device_kind: str, compute_dtype: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
+    """(dense peak FLOP/s, chip key) of one accelerator as jax names it (`jax.devices()[0].device_kind`), for
+    the matmul precision a model computing in `compute_dtype` gets; (None, device_kind) when unknown.
+
+    TPUs: the bf16 peak (their MXUs multiply float32 in bf16 passes). NVIDIA: bf16 / fp16 as named; float32 runs
+    on TF32 tensor cores unless `matmul_precision` (jax's `jax_default_matmul_precision`) asks for full float32
+    ('highest' / 'float32'), which gets the plain FP32 peak.
+    """
+    kind = device_kind.lower()
+    key = next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
+    if key is None:
+        return None, device_kind
+    if key.startswith("tpu") or compute_dtype == "bfloat16" or str(matmul_precision).lower() == "bfloat16":
+        dt = "bf16"
+    elif compute_dtype == "float16":
+        dt = "fp16"
+    else:
+        dt = "fp32" if str(matmul_precision).lower() in ("highest", "float32", "precision.highest") else "tf32"
+    return peak_flops(key, dt), f"{key} {dt}"
+
+
 def measure_cpu_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) -> float:
     """Measured matmul FLOP/s of this host's JAX CPU backend (all cores of one device; best of `repeats`).
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from scaling.hardware import CHIPS, measure_cpu_peak, peak_flops, peak_table
+from scaling.hardware import CHIPS, device_peak, measure_cpu_peak, peak_flops, peak_table
 from scaling.memory import memory_per_device
 from scaling.plan import main, make_plan, suggest_shape
 
@@ -78,3 +78,24 @@ def test_peak_table():
     assert "| h200 |" in peak_table()
     cpu = measure_cpu_peak(n=256, repeats=2)
     assert 1e8 < cpu < 1e13
+
+
+@pytest.mark.parametrize("kind, dtype, precision, expected", [
+    ("TPU v5", "float32", None, ("tpu-v5p", "bf16")),  # what jax calls a v5p
+    ("TPU v5 lite", "bfloat16", None, ("tpu-v5e", "bf16")),
+    ("TPU v6 lite", "float32", None, ("tpu-v6e", "bf16")),
+    ("TPU v4", "bfloat16", None, ("tpu-v4", "bf16")),
+    ("NVIDIA H100 80GB HBM3", "float32", None, ("h100", "tf32")),  # jax's default f32 matmul on GPU is TF32
+    ("NVIDIA H100 80GB HBM3", "float32", "highest", ("h100", "fp32")),
+    ("NVIDIA H200", "bfloat16", None, ("h200", "bf16")),
+    ("NVIDIA A100-SXM4-80GB", "float16", None, ("a100", "fp16")),
+    ("NVIDIA H100 PCIe", "bfloat16", None, None),  # other clocks: no peak rather than the SXM one
+    ("TPU v4 lite", "bfloat16", None, None),
+    ("Tesla V100-SXM2-16GB", "float32", None, None),
+])
+def test_device_peak_for_mfu(kind, dtype, precision, expected):
+    peak, label = device_peak(kind, dtype, precision)
+    if expected is None:
+        assert peak is None and label == kind
+    else:
+        assert peak == peak_flops(*expected) and label == " ".join(expected)
