@@ -154,8 +154,9 @@ def plot_losses(out: pathlib.Path) -> pathlib.Path:
 
 
 class Throughput:
-    """Tokens/s and s/step over the steps since the last report. Time spent evaluating or saving inside the
-    window is subtracted from it; the steps trained before that time still count (they are in the window)."""
+    """Tokens/s and s/step over the steps since the last report. Time spent evaluating, saving or compiling
+    inside the window is subtracted from it (the loop leaves the first step of each process, which compiles,
+    out entirely); the steps trained before that time still count (they are in the window)."""
 
     def __init__(self, clock=time.time):
         self.clock = clock
@@ -174,9 +175,10 @@ class Throughput:
             self.excluded += self.clock() - t0
 
     def report(self, now: float) -> tuple[float, float]:
-        """(tokens/s, s/step) of the window ending at `now` (the end of the last step); starts the next one."""
+        """(tokens/s, s/step) of the window ending at `now` (the end of the last step), (None, None) when it
+        counted no step; starts the next one."""
         dt = max(now - self.start - self.excluded, 1e-9)
-        out = self.tokens / dt, dt / max(self.steps, 1)
+        out = (self.tokens / dt, dt / self.steps) if self.steps else (None, None)
         self.start, self.excluded, self.tokens, self.steps = now, 0.0, 0, 0
         return out
 
@@ -388,10 +390,13 @@ def train(cfg, mesh_shape: dict) -> dict:
                 batch = next(loader)
                 if step in t.poison_steps:  # test hook: a NaN batch weight poisons loss and gradients
                     batch = dict(batch, weights=batch["weights"] * jnp.nan)
-                state, mt = step_fn(state, batch)
-                mt = jax.device_get(mt)
+                compiling = step == start + 1  # this process's first step compiles: not training throughput
+                with window.exclude() if compiling else contextlib.nullcontext():
+                    state, mt = step_fn(state, batch)
+                    mt = jax.device_get(mt)
                 now = time.time()
-                window.step(t.batch * t.seq)
+                if not compiling:
+                    window.step(t.batch * t.seq)
                 bar.update(1)
                 if not mt["finite"]:
                     skipped = int(state["skipped"])
@@ -407,7 +412,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                            "ppl": math.exp(min(float(mt["loss"]), 50.0)), "grad_norm": float(mt["grad_norm"]),
                            "lr": float(mt["lr"]), "tokens_per_s": tps, "step_time_s": step_time,
                            "skipped": int(state["skipped"]), "wall_s": now - t_start}
-                    if peak:
+                    if peak and tps is not None:
                         rec["mfu"] = mfu(tps, fpt, n_mfu_devices, peak)
                     if "load" in mt:
                         load = np.asarray(mt["load"], np.float64).mean(0)  # [E], averaged over MoE layers
@@ -416,7 +421,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                                    load_imbalance=float(load.max() / load.mean()))
                     log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}",
-                                    tok_s=f"{tps:,.0f}")
+                                    tok_s="-" if tps is None else f"{tps:,.0f}")
                 eval_loss = None
                 if step % t.eval_every == 0 or step == t.steps:
                     with window.exclude():  # evaluation time is not training throughput

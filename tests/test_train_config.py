@@ -239,3 +239,11 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
     np.testing.assert_allclose(new_bias, want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(new_bias, update_router_bias(bias[...], load, moe.bias_update_rate), rtol=0, atol=1e-7)
+
+
+def test_throughput_window_without_steps_reports_none():
+    clock = iter([0.0, 1.0, 5.0, 6.0]).__next__
+    w = train_lm.Throughput(clock)
+    with w.exclude():  # a first step that compiles: left out entirely
+        pass
+    assert w.report(clock()) == (None, None)
