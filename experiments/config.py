@@ -312,6 +312,15 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"{o.warmup_steps} must be in [0, train.steps={t.steps})")
     need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")
     need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
+    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"Adam's betas must be in [0, 1), got {o.b1}, {o.b2}")
+    need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio",
+         f"must be in [0, 1] (the schedule decays to min_lr_ratio·lr), got {o.min_lr_ratio}")
+    need(d.max_files is None or d.max_files >= 1, "data.max_files",
+         f"must be None (all modules) or >= 1, got {d.max_files}")
+    need(t.sample_tokens >= 0 and t.kill_at >= 0, "train.sample_tokens/kill_at",
+         f"must be >= 0, got {t.sample_tokens}, {t.kill_at}")
+    need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
     need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
          f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",

@@ -51,6 +51,13 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--seed", "abc"], 8, "train.seed: expected an integer (int), got 'abc'"),
     (["--preset", "tiny", "--set", "mesh.data=x"], 8, "mesh.data: expected an integer axis size"),
     (["--preset", "demo", "--set", "model.moe=3"], 8, "model.moe: is a nested config (MoEConfig | None)"),
+    # optimizer, data and output values that would train without complaint, but wrongly
+    (["--preset", "tiny", "--set", "optim.b2=1.5"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
+    (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
+    (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
+    (["--preset", "tiny", "--set", "data.max_files=-5"], 8, "data.max_files: must be None (all modules) or >= 1"),
+    (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
+    (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
     # pipeline stages run whole pattern periods, without MoE
     (["--preset", "tiny", "--mesh", "stage=2,fsdp=4"], 8,
      "mesh.stage: model.n_layers=2 (pattern period 2) does not split into 2 stages; use a multiple of 4 layers"),
