@@ -150,11 +150,19 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     if cfg.text_field not in pf.schema_arrow.names:
         yield None, "missing_text", os.path.getsize(path)
         return
-    row = 0
-    for batch in pf.iter_batches(batch_size=256):
+    row, batches = 0, pf.iter_batches(batch_size=256)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception:  # noqa: BLE001 - a corrupt page: the rest of the file is one counted drop
+            yield None, "unreadable_file", 0
+            return
+        if batch is None:
+            return
         for obj in batch.to_pylist():
             text = obj.pop(cfg.text_field)
-            n = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text or b"")
+            n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
+                 len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
             obj = {k: v for k, v in obj.items() if _jsonable(v)}
             obj.setdefault("id", f"{os.path.basename(path)}:{row}")
             row += 1

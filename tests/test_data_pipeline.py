@@ -286,3 +286,17 @@ def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
     assert docs and {d["kind"] for d in docs} <= {"code", "docs"} and all(d["lang"] == "en" for d in docs)
     # a second call reuses the finished run
     assert default_corpus(tmp_path, num_shards=2, max_files=6, workers=1, progress=False) == tier
+
+
+def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_path):
+    from data.sources import read_records
+
+    pq.write_table(pa.table({"text": pa.array([1, 2, 3], pa.int64())}), tmp_path / "ints.parquet")
+    assert [r for _, r, _ in read_records([str(tmp_path / "ints.parquet")])] == ["bad_text_type"] * 3
+    pq.write_table(pa.table({"text": [en_text(np.random.default_rng(i), 40) for i in range(400)]}),
+                   tmp_path / "ok.parquet", row_group_size=100)
+    data = bytearray((tmp_path / "ok.parquet").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # a corrupt page in the middle
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    reasons = [r for _, r, _ in read_records([str(tmp_path / "bad.parquet")])]
+    assert reasons[-1] == "unreadable_file" and reasons.count("unreadable_file") == 1
