@@ -130,6 +130,10 @@ class Tokenize:
         return out
 
 
+def _as_list(record) -> list:
+    return [record]
+
+
 class _Unbatch(FlatMapTransform):
     """Tokenized lists back to single documents; a document of < 2 tokens has no target and is skipped
     (the cleaning pipeline's min_chars makes that impossible for cleaned tiers)."""
@@ -176,7 +180,9 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
             ds = ds.shuffle(seed=cfg.seed * 1000 + k)  # same permutation on every run; per-source seeds
         parts.append(ds.repeat(cfg.num_epochs))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in sources])
-    ds = ds.batch(cfg.tokenize_batch, batch_fn=list).map(Tokenize(tokenizer, cfg.text_field))
+    # grain's batch of 1 over an endless (sys.maxsize) dataset overflows computing its length: wrap records instead
+    ds = ds.batch(cfg.tokenize_batch, batch_fn=list) if cfg.tokenize_batch > 1 else ds.map(_as_list)
+    ds = ds.map(Tokenize(tokenizer, cfg.text_field))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if cfg.worker_count:
         _absl_flags_parsed()
@@ -267,7 +273,12 @@ class LMLoader:
         return _jsonable(self._it.get_state())
 
     def set_state(self, state: dict) -> None:
-        self._it.set_state(_restore_tuples(state))
+        try:
+            self._it.set_state(_restore_tuples(state))
+        except (KeyError, TypeError, IndexError) as e:
+            raise ValueError(f"LMLoader.set_state: the state does not fit this loader ({type(e).__name__}: {e}); "
+                             "it was saved by a loader with another LoaderConfig (worker_count, tokenize_batch) "
+                             "or other sources: restore with the config it was saved with") from e
 
     def close(self):
         if hasattr(self._it, "close"):

@@ -160,8 +160,17 @@ def test_worker_processes_give_the_same_batches(corpus):
         for e, g in zip(expected, [next(par) for _ in range(12)]):
             np.testing.assert_array_equal(e["inputs"], g["inputs"])
             np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
+        saved = json.loads(json.dumps(par.get_state()))
     finally:
         par.close()
+    with pytest.raises(ValueError, match="worker_count"):  # a worker state restored without workers
+        LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(saved)
+    # tokenizing one document at a time gives the same batches too (grain's batch of 1 overflowed)
+    one = LMLoader([Source(path)], EOS_BYTES, LoaderConfig(seq_len=32, global_batch_size=4, seed=1, tokenize_batch=1),
+                   process_index=0, process_count=1)
+    for e, g in zip(expected, [next(one) for _ in range(12)]):
+        np.testing.assert_array_equal(e["inputs"], g["inputs"])
+        np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
 
 
 def test_device_batches_are_sharded_over_the_batch_axes(corpus):
