@@ -32,6 +32,7 @@ from experiments.video_eval import chance_row, run_eval, save_results, score, ta
 from experiments.video_steps import (
     ema_cast,
     ema_init,
+    latest_meta,
     make_t2v_step,
     make_vae_step,
     manager,
@@ -114,6 +115,32 @@ def check_batch(batch: int, mesh, what: str):
         raise SystemExit(f"{what}={batch} must be divisible by the batch mesh axes (data·fsdp·expert = {n})")
 
 
+def stage_settings(p: Preset, seed: int) -> dict[str, dict]:
+    """What each stage's checkpoint is trained with, saved in its meta. Resuming a stage under other settings
+    would mix two runs (the DiT of one VAE's latents decoded by another), so `check_resume` refuses it. Step
+    counts may change (training on, with the schedule stretched); the DiT's settings include the latents'."""
+    vae = {"vae": repr(p.vae), "vae_batch": p.vae_batch, "vae_lr": p.vae_lr, "data": repr(p.data), "seed": seed}
+    t2v = {"t2v": repr(p.t2v), "dit_batch": p.dit_batch, "dit_lr": p.dit_lr, "ema_decay": p.ema_decay,
+           "seed": seed, "latents": latents_made_by(p)}
+    return {"vae": vae, "t2v": t2v}
+
+
+def check_resume(p: Preset, out: pathlib.Path, seed: int):
+    """Before any compute: each stage's newest checkpoint must have been made with this run's settings."""
+    for stage, now in stage_settings(p, seed).items():
+        if (latest := latest_meta(manager(out / "ckpt" / stage))) is None:
+            continue
+        step, saved = latest
+        if "settings" not in saved:
+            print(f"{stage}: checkpoint {step} predates saved settings; resuming it unchecked")
+            continue
+        changed = sorted(k for k in now if saved["settings"].get(k) != now[k])
+        if changed:
+            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}) was trained with other {changed}; "
+                             f"rerun with the settings it was made with, pass --fresh to start over, or delete "
+                             f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
+
+
 def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=max(1, p.vae_steps // 20), weight_decay=0.0)
     opt_state = jax.jit(opt.init)(params)
@@ -132,17 +159,21 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
         if step % 25 == 0 or step == p.vae_steps:
             bar.set_postfix(psnr=f"{float(m['psnr']):.1f}", kl=f"{float(m['kl']):.2f}")
         if step % p.ckpt_every == 0 or step == p.vae_steps:
-            save(mgr, step, {"params": params, "opt_state": opt_state}, {"step": step, "psnr": float(m["psnr"])})
+            save(mgr, step, {"params": params, "opt_state": opt_state},
+                 {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"]})
     return graphdef, params
+
+
+def latents_made_by(p: Preset) -> str:
+    return json.dumps({"vae": repr(p.vae), "vae_steps": p.vae_steps, "vae_batch": p.vae_batch, "vae_lr": p.vae_lr,
+                       "n_latents": p.n_latents, "eval_batch": p.eval_batch, "data": repr(p.data)}, sort_keys=True)
 
 
 def encode_latents(p: Preset, encode, cache: pathlib.Path):
     """Posterior means of n_latents training clips (cached), their tokens and caption ids.
     encode: [eval_batch, T, H, W, 3] → latents. The cache is used only if made by the same VAE training (a run
     resumed with more --vae-steps has another encoder), clip count and data."""
-    made_by = json.dumps({"vae": repr(p.vae), "vae_steps": p.vae_steps, "vae_batch": p.vae_batch,
-                          "vae_lr": p.vae_lr, "n_latents": p.n_latents, "eval_batch": p.eval_batch,
-                          "data": repr(p.data)}, sort_keys=True)
+    made_by = latents_made_by(p)
     if cache.exists():
         f = np.load(cache)
         if "made_by" in f and str(f["made_by"]) == made_by:
@@ -184,7 +215,8 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             avg = m if avg is None else {k: 0.8 * avg[k] + 0.2 * m[k] for k in m}
             bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
         if step % p.ckpt_every == 0 or step == p.dit_steps:
-            save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema}, {"step": step})
+            save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
+                 {"step": step, "settings": stage_settings(p, seed)["t2v"]})
     return graphdef, ema_cast(ema, params)
 
 
@@ -216,6 +248,7 @@ def main(argv=None):
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    check_resume(p, out, args.seed)
     mesh = make_mesh(parse_mesh(args.mesh))
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)

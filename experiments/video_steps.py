@@ -112,6 +112,14 @@ def save(mgr: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
     mgr.wait_until_finished()
 
 
+def latest_meta(mgr: ocp.CheckpointManager) -> tuple[int, dict] | None:
+    """(step, JSON record) of the newest checkpoint, reading no array; None when there is none."""
+    step = mgr.latest_step()
+    if step is None:
+        return None
+    return step, dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
 def restore(mgr: ocp.CheckpointManager, targets: dict, step: int | None = None):
     """Restore the latest (or given) step into `targets` (trees of arrays giving shape, dtype and sharding).
 

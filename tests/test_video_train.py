@@ -96,3 +96,27 @@ def test_bf16_ema_tracks_the_float32_average():
     want = 0.5 + (np.asarray(params["w"], np.float64) - 0.5) * (1 - np.prod(decays))  # e_n - p = (e_0 - p)·∏d
     np.testing.assert_allclose(ema["w"], want, rtol=1e-5)  # 63% of the way to p
     assert ema["w"].dtype == jnp.float32 and ema_cast(ema, params)["w"].dtype == jnp.bfloat16
+
+
+def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, capsys):
+    import dataclasses
+
+    p = train_video.PRESETS["tiny"]
+    tree = {"params": {"w": jnp.ones((2,))}}
+    for stage in ("vae", "t2v"):
+        meta = {"step": 3, "settings": train_video.stage_settings(p, 0)[stage]}
+        save(manager(tmp_path / "ckpt" / stage), 3, tree, meta)
+    train_video.check_resume(p, tmp_path, 0)  # same settings
+    train_video.check_resume(dataclasses.replace(p, dit_steps=9), tmp_path, 0)  # training on is fine
+    more_vae = dataclasses.replace(p, vae_steps=6)  # new latents: the DiT was trained on the old ones
+    with pytest.raises(SystemExit, match=r"t2v: .* was trained with other \['latents'\]"):
+        train_video.check_resume(more_vae, tmp_path, 0)
+    other_shift = dataclasses.replace(p, t2v=dataclasses.replace(
+        p.t2v, diffusion=dataclasses.replace(p.t2v.diffusion, shift=2.0)))
+    with pytest.raises(SystemExit, match=r"t2v: .*\['t2v'\]; rerun with the settings"):
+        train_video.check_resume(other_shift, tmp_path, 0)
+    with pytest.raises(SystemExit, match=r"vae: .*\['seed'\]"):
+        train_video.check_resume(p, tmp_path, 1)
+    save(manager(tmp_path / "old" / "ckpt" / "t2v"), 3, tree, {"step": 3})  # written before settings were saved
+    train_video.check_resume(more_vae, tmp_path / "old", 0)
+    assert "predates saved settings" in capsys.readouterr().out
