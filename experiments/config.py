@@ -349,6 +349,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(m.vocab_size % tp == 0, "model.vocab_size", f"{m.vocab_size} is not divisible by the tensor axis ({tp})")
     fsdp = mesh.get("fsdp", 1)
     need(m.d_model % fsdp == 0, "model.d_model", f"{m.d_model} is not divisible by the fsdp axis ({fsdp})")
+    if m.moe is not None:
+        for f in ("expert_mlp_dim", "shared_mlp_dim"):
+            width = getattr(m.moe, f, 0) or 0
+            need(width % tp == 0, f"model.moe.{f}", f"{width} is not divisible by the tensor axis ({tp})")
     ep = mesh.get("expert", 1)
     if ep > 1:
         need(m.moe is not None and m.moe.n_experts % ep == 0, "mesh.expert",
@@ -366,4 +370,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
              f"multiple of {period * stages} layers or fewer stages")
         need(micro % m.pipeline_microbatches == 0, "model.pipeline_microbatches",
              f"{m.pipeline_microbatches} must divide the {micro} rows of a (grad_accum) microbatch")
+        pm = micro // m.pipeline_microbatches
+        need(pm % shards == 0, "model.pipeline_microbatches",
+             f"{m.pipeline_microbatches} pipeline microbatches of {micro} rows give {pm} rows each, not divisible "
+             f"by the batch mesh axes {batch_axes} (= {shards}); use fewer microbatches or a larger train.batch")
+        need(m.scan_layers, "model.scan_layers", "must be true under pipeline parallelism (the pipeline runs the "
+             "scanned layer stack)")
     return mesh

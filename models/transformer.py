@@ -356,7 +356,12 @@ class Transformer(nnx.Module):
         flat_aux = lambda a: None if a is None else jax.tree.map(  # noqa: E731  [L/P, Pm, ...] -> [L_moe, ...]
             lambda t: t.reshape((-1,) + t.shape[2:]), a)
 
+        stage_axis, n_stages = mesh_axis_for("layers")
         if not cfg.scan_layers:  # the same stacked parameters, one group at a time
+            if n_stages > 1:  # the layers would only be sharded over 'stage': every device running every layer
+                raise ValueError("TransformerConfig.scan_layers=False under pipeline parallelism: the pipeline "
+                                 "runs the scanned layer stack; set scan_layers=True or use a mesh without a "
+                                 "'stage' axis")
             caches, auxes = [[] for _ in range(P)], []
             for g in range(L // P):
                 cs = None if cache is None else [
@@ -369,7 +374,6 @@ class Transformer(nnx.Module):
             aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
             return x_BTD, (None if cache is None else _restack(caches)), flat_aux(aux)
 
-        stage_axis, n_stages = mesh_axis_for("layers")
         if n_stages > 1:
             if cache is not None:
                 raise ValueError("KV-cache decoding under pipeline parallelism is not supported; decode on a "

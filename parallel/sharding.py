@@ -65,7 +65,10 @@ def init_optimizer(optimizer, params):
     replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
     """
     abstract = jax.eval_shape(optimizer.init, params)
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    first = jax.tree.leaves(params)[0]
+    if not isinstance(getattr(first, "sharding", None), NamedSharding):  # unsharded (one device): nothing to follow
+        return jax.jit(optimizer.init)(params)
+    mesh = first.sharding.mesh
     shardings = optax.tree_utils.tree_map_params(
         optimizer, lambda _, p: p.sharding, abstract, params, transform_non_params=lambda _: replicated(mesh))
     return jax.jit(optimizer.init, out_shardings=shardings)(params)

@@ -79,6 +79,18 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state():
         assert abs(device0_bytes(tree) - total / 8) < 0.02 * total, (device0_bytes(tree), total)
 
 
+def test_init_optimizer_on_unsharded_params_and_no_scan_pipeline_refused():
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))  # plain single-device arrays
+    ref = jax.jit(OPT.init)(params)
+    jax.tree.map(np.testing.assert_array_equal, init_optimizer(OPT, params), ref)
+    # without the scanned stack the layers would only be sharded over 'stage', every device running every layer
+    cfg = dataclasses.replace(CFG, scan_layers=False, pipeline_microbatches=2)
+    mesh = make_mesh({"stage": 2, "data": 4})
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="scan_layers=False under pipeline parallelism"):
+        jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
+
+
 def collectives(hlo: str):
     pat = re.compile(r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\(")
     return [m.groups() for m in pat.finditer(hlo)]

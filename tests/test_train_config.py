@@ -64,6 +64,12 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "demo", "--mesh", "stage=2,fsdp=4"], 8, "mesh.stage: MoE layers are not supported under pipeline"),
     (["--preset", "tiny", "--set", "model.n_layers=4", "--mesh", "stage=2,fsdp=4", "--set",
       "model.pipeline_microbatches=3"], 8, "model.pipeline_microbatches: 3 must divide the 8 rows"),
+    (["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.pipeline_microbatches=4", "--mesh",
+      "stage=2,data=4", "--batch", "8"], 8, "model.pipeline_microbatches: 4 pipeline microbatches of 8 rows give 2"),
+    (["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.scan_layers=false", "--mesh",
+      "stage=2,fsdp=4"], 8, "model.scan_layers: must be true under pipeline parallelism"),
+    (["--preset", "demo", "--set", "model.vocab_size=320", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
+      "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
 ]
 
 
