@@ -8,6 +8,7 @@ JAX's own cluster detection (TPU pods, SLURM, Open MPI); otherwise this is a sin
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import jax
@@ -107,10 +108,14 @@ def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> N
     def span(sl, size):
         return (sl.start or 0, size if sl.stop is None else sl.stop)
 
-    indices = list(indices)
-    lo = min(span(ix[0], global_shape[0])[0] for ix in indices)
-    hi = max(span(ix[0], global_shape[0])[1] for ix in indices)
-    whole = all(span(sl, size) == (0, size) for ix in indices for sl, size in zip(ix[1:], global_shape[1:]))
+    # distinct boxes (replicas repeat one); a sharding's boxes tile a grid, so they fill their bounding box
+    # [lo, hi) x every other dim whole exactly when their volumes add up to its volume
+    boxes = {tuple(span(sl, size) for sl, size in zip(ix, global_shape)) for ix in indices}
+    lo, hi = min(b[0][0] for b in boxes), max(b[0][1] for b in boxes)
+    volume = sum(math.prod(e - s for s, e in b) for b in boxes)
+    whole = (all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size
+                 for d, size in enumerate(global_shape) if d > 0)
+             and volume == (hi - lo) * math.prod(global_shape[1:]))
     if hi - lo != rows or not whole:
         raise ValueError(f"mesh {mesh_shape}: this process's devices hold rows [{lo}, {hi}) of the global batch "
                          f"of {global_shape[0]}{'' if whole else ' and only part of T'}, but it loads {rows} rows "

@@ -57,6 +57,8 @@ def test_initialize_starts_jax_distributed_only_in_a_slurm_job_step(monkeypatch,
     ([(slice(2, 3), slice(None)), (slice(3, 4), slice(None))], True),   # fsdp inside the process
     ([(slice(None), slice(None))] * 2, False),             # batch replicated across processes (tensor over them)
     ([(slice(0, 2), slice(0, 8)), (slice(0, 2), slice(0, 8))], False),  # sequence across processes: half of T
+    ([(slice(0, 2), slice(0, 8)), (slice(0, 2), slice(8, 16))], True),  # sequence inside the process: all of T
+    ([(slice(0, 1), slice(0, 8)), (slice(1, 2), slice(8, 16))], False),  # rows and T split diagonally: a gap
 ])
 def test_process_share_check(indices, ok):
     """Each process's local rows must fill exactly what its devices hold of the global [4, 16] batch."""
