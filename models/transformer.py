@@ -27,7 +27,7 @@ from models.moe import MoE
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
-from parallel.rules import constrain, mesh_axis_for
+from parallel.rules import constrain, mesh_axis_for, replicate_indivisible
 
 
 def param(rngs, shape, axes, dtype, std=None):
@@ -264,7 +264,13 @@ class Transformer(nnx.Module):
         'dropped_frac' (means over MoE layers, unweighted: the trainer multiplies by cfg.moe's
         weights) and 'load' [L_moe, E] (fraction of routed assignments per expert, per MoE layer).
         rng: a key for MoE router jitter (training only); None disables jitter.
+        With a cache, activation dimensions that do not divide their mesh axes (T = 1 under 'sequence', one
+        prompt under 'data') are replicated, so decoding works on the training mesh.
         """
+        with replicate_indivisible(cache is not None):
+            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng)
+
+    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng):
         cfg = self.cfg
         B, T = tokens_BT.shape
         length = cache.length if cache is not None else 0

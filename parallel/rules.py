@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -110,12 +111,37 @@ def logical_to_spec(names, mesh, shape=None, rules=None) -> P:
     return P(*out)
 
 
+_lenient: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxscale_lenient_constraints", default=False)
+
+
+@contextlib.contextmanager
+def replicate_indivisible(on: bool = True):
+    """Within it, `constrain` replicates an activation dimension that does not divide its mesh axes instead of
+    raising. Models turn it on for KV-cache decoding: one new token (T = 1 under 'sequence') or one prompt
+    (B = 1 under 'data') on the training mesh is normal there; in training it would be a mistake, so the
+    error stays."""
+    token = _lenient.set(on)
+    try:
+        yield
+    finally:
+        _lenient.reset(token)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh context."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
+    if _lenient.get():
+        sizes = _mesh_axes(mesh)
+        names = tuple(n if n is None or x.shape[i] % math.prod(
+            sizes.get(a, 1) for a in _axes_of(n)) == 0 else None for i, n in enumerate(names))
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape))
+
+
+def _axes_of(name: str) -> tuple[str, ...]:
+    target = _rules.get().get(name)
+    return (target,) if isinstance(target, str) else tuple(target or ())
 
 
 def mesh_axis_for(name: str) -> tuple[str | None, int]:

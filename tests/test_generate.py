@@ -129,3 +129,19 @@ def test_sample_frequencies_match_the_tempered_filtered_softmax(temperature, top
     p1 = np.exp(_reference_filter(base[None], 1.0, top_k, top_p)[0])
     p1 /= p1.sum()
     assert np.max(np.abs(p1 - p) / np.maximum(sigma, 1e-9)) > 10
+
+
+@pytest.mark.parametrize("mesh_shape", [{"sequence": 2, "data": 4}, {"expert": 4, "data": 2}])
+def test_generate_on_a_training_mesh_equals_one_device(model, mesh_shape):
+    """Decoding feeds T = 1 (indivisible by 'sequence') and here one prompt (indivisible by the batch axes):
+    those activations are replicated while decoding; the tokens equal one device's."""
+    from parallel import create_sharded, make_mesh
+
+    prompt = jax.random.randint(jax.random.key(3), (1, 6), 0, CFG.vocab_size)
+    ref = generate(model, prompt, 5)
+    mesh = make_mesh(mesh_shape)
+    graphdef, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        np.testing.assert_array_equal(generate(nnx.merge(graphdef, params), prompt, 5), ref)
+        with pytest.raises(ValueError, match="does not divide mesh axes"):  # training keeps the error
+            nnx.merge(graphdef, params)(jnp.zeros((1, 6), jnp.int32))
