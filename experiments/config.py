@@ -101,11 +101,14 @@ class RunConfig:
 # ---- presets ----------------------------------------------------------------------------------------------------
 
 BYTE_EOS_VOCAB = 257  # data.tokenizer.ByteTokenizer(add_eos=True)
+# The presets' embedding and head: 257 is prime, so no tensor axis would divide it. Padded to a multiple of 64
+# (as Megatron and nanoGPT pad theirs); ids >= 257 never occur in the data, and decoding skips them.
+PADDED_BYTE_VOCAB = 320
 
 
 def _demo() -> RunConfig:
     # Sliding-window layers alternate with global ones (Gemma 2 pattern); every other layer is MoE.
-    model = TransformerConfig(vocab_size=BYTE_EOS_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+    model = TransformerConfig(vocab_size=PADDED_BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
                               mlp_dim=384, max_seq_len=128, attn_pattern="alternating", sliding_window=32,
                               swa_block=64,
                               # MoE pass-through: 4 experts of width 192, top-2, in layers 1 and 3
@@ -117,7 +120,7 @@ def _demo() -> RunConfig:
 
 
 def _tiny() -> RunConfig:
-    model = TransformerConfig(vocab_size=BYTE_EOS_VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
+    model = TransformerConfig(vocab_size=PADDED_BYTE_VOCAB, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
                               mlp_dim=64, max_seq_len=32, attn_pattern="alternating", sliding_window=8, swa_block=16)
     return RunConfig(model, {"fsdp": -1}, DataSpec(max_files=40, eval_every_nth=10, eval_batches=1),
                      OptimSpec(lr=1e-2, warmup_steps=2),

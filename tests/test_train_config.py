@@ -3,6 +3,7 @@ nested fields; the optimizer's decay mask and schedules; gradient accumulation m
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
       "stage=2,data=4", "--batch", "8"], 8, "model.pipeline_microbatches: 4 pipeline microbatches of 8 rows give 2"),
     (["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.scan_layers=false", "--mesh",
       "stage=2,fsdp=4"], 8, "model.scan_layers: must be true under pipeline parallelism"),
-    (["--preset", "demo", "--set", "model.vocab_size=320", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
+    (["--preset", "demo", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
       "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
 ]
 
@@ -260,3 +261,10 @@ def test_throughput_window_without_steps_reports_none():
     with w.exclude():  # a first step that compiles: left out entirely
         pass
     assert w.report(clock()) == (None, None)
+
+
+@pytest.mark.parametrize("preset, mesh", [("demo", "data=2,fsdp=2,tensor=2"), ("demo", "fsdp=2,tensor=4"),
+                                          ("demo", "fsdp=-1,tensor=4"), ("tiny", "fsdp=4,tensor=2")])
+def test_documented_meshes_validate_for_the_presets(preset, mesh):
+    """docs/parallelism.md runs the presets with tensor parallelism: their (padded) vocabulary must divide it."""
+    assert math.prod(validate(load(["--preset", preset, "--mesh", mesh]), 8).values()) == 8
