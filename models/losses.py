@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
-    """Mean next-token cross-entropy over weighted positions (float32). Returns (loss, n_tokens = Σ weights, ≥ 1).
+    """Mean next-token cross-entropy over weighted positions (float32). Returns (loss, Σ weights); no weight: (0, 0).
 
     logits [B, T, V], targets [B, T] int, weights [B, T] (None: all 1). A negative target (Hugging Face's ignore
     index -100) is ignored: weight 0. Positions of weight 0 are selected out, not multiplied by 0, so whatever their
@@ -21,5 +21,5 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     logz_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
     tgt_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
     nll_BT = jnp.where(used_BT, (logz_BT - tgt_BT) * w_BT, 0.0)
-    n = jnp.maximum(w_BT.sum(), 1.0)
-    return nll_BT.sum() / n, n
+    n = w_BT.sum()
+    return nll_BT.sum() / jnp.where(n > 0, n, 1.0), n

@@ -214,6 +214,13 @@ def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
     grad = jax.grad(lambda lg: cross_entropy(lg, jnp.asarray(targets), jnp.asarray(weights))[0])(jnp.asarray(logits))
     assert bool(jnp.isfinite(grad).all()) and not grad[0, 1].any() and not grad[1, 4].any()
     assert np.isnan(float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets))[0]))  # 7 >= V, weight 1
+    # a weighted mean also when the weights sum to less than 1; no weight at all: (0, 0)
+    small = np.zeros((2, 5), np.float32)
+    small[0, 0] = 0.5
+    loss, n = cross_entropy(jnp.asarray(logits), jnp.asarray(np.clip(targets, 0, 6)), jnp.asarray(small))
+    np.testing.assert_allclose((float(loss), float(n)), (nll[0, 0], 0.5), rtol=1e-6)
+    loss, n = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 5)))
+    assert (float(loss), float(n)) == (0.0, 0.0)
 
 
 def test_bf16_compute_close_to_f32(tokens):
