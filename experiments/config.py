@@ -215,45 +215,54 @@ def _typed(text: str, annotation: str, key: str, namespace: dict) -> Any:
                       f"got {text!r}")
 
 
-def _replace(obj, field: str, value, where: str):
-    names = {f.name for f in dataclasses.fields(obj)}
-    if field not in names:
-        raise ConfigError(f"{where}: unknown field; {type(obj).__name__} has {', '.join(sorted(names))}")
+def _replace(obj, changes: dict, where: str):
+    """`dataclasses.replace(obj, **changes)`: all of one config's fields at once, so a pair that is only valid
+    together (attn_pattern and sliding_window) can be set in either order."""
     try:
-        return dataclasses.replace(obj, **{field: value})
+        return dataclasses.replace(obj, **changes)
     except ValueError as e:  # the model and MoE configs validate themselves and name their field
         raise ConfigError(str(e).splitlines()[0]) from None
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def override(cfg: RunConfig, key: str, text: str) -> RunConfig:
-    """One `section.field=value` override; `model.moe.top_k=1` reaches nested configs."""
-    if key == "mesh":
-        return dataclasses.replace(cfg, mesh=parse_mesh(text))
-    parts = key.split(".")
-    if parts[0] == "mesh" and len(parts) == 2:
+def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
+    """`section.field=value` overrides (`model.moe.top_k=1` reaches nested configs; the last of a key wins), each
+    config rebuilt once with all of its fields."""
+    sets = dict(sets)
+    for key in [k for k in sets if k == "mesh" or k.startswith("mesh.")]:
+        text = sets.pop(key)
+        if key == "mesh":
+            cfg = dataclasses.replace(cfg, mesh=parse_mesh(text))
+            continue
+        axis = key.split(".", 1)[1]
         try:
-            return dataclasses.replace(cfg, mesh={**cfg.mesh, parts[1]: int(text)})
+            cfg = dataclasses.replace(cfg, mesh={**cfg.mesh, axis: int(text)})
         except ValueError:
             raise ConfigError(f"{key}: expected an integer axis size (-1: the remaining devices), got {text!r}") \
                 from None
-    if parts[0] not in ("model", "data", "optim", "train") or len(parts) < 2:
-        raise ConfigError(f"{key}: unknown setting; use model.*, mesh[.axis], data.*, optim.* or train.*")
+    for key in sets:
+        if key.split(".")[0] not in ("model", "data", "optim", "train") or "." not in key:
+            raise ConfigError(f"{key}: unknown setting; use model.*, mesh[.axis], data.*, optim.* or train.*")
 
-    def go(obj, path):
-        if len(path) == 1:
-            fields = {f.name: f.type for f in dataclasses.fields(obj)}
-            if path[0] not in fields:
-                return _replace(obj, path[0], None, key)  # the unknown-field error
-            value = _typed(text, str(fields[path[0]]), key, vars(sys.modules[type(obj).__module__]))
-            return _replace(obj, path[0], value, key)
-        child = getattr(obj, path[0], None)
-        if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{key}: {path[0]} is not a nested config")
-        return _replace(obj, path[0], go(child, path[1:]), key)
+    def go(obj, path: str, sub: dict[str, str]):
+        fields = {f.name: f.type for f in dataclasses.fields(obj)}
+        changes = {}
+        for name in dict.fromkeys(k.split(".")[0] for k in sub):
+            key = f"{path}{name}"
+            if name not in fields:
+                raise ConfigError(f"{key}: unknown field; {type(obj).__name__} has {', '.join(sorted(fields))}")
+            if name in sub:  # the field itself
+                changes[name] = _typed(sub[name], str(fields[name]), key, vars(sys.modules[type(obj).__module__]))
+            deeper = {k.split(".", 1)[1]: v for k, v in sub.items() if k.startswith(name + ".")}
+            if deeper:
+                child = changes.get(name, getattr(obj, name, None))
+                if not dataclasses.is_dataclass(child):
+                    raise ConfigError(f"{key}.{next(iter(deeper))}: {name} is not a nested config")
+                changes[name] = go(child, key + ".", deeper)
+        return _replace(obj, changes, path.rstrip(".") or "config")
 
-    return go(cfg, parts)
+    return go(cfg, "", sets) if sets else cfg
 
 
 def parser() -> argparse.ArgumentParser:
@@ -273,16 +282,18 @@ FLAT = {"--steps": "train.steps", "--batch": "train.batch", "--seq": "train.seq"
 def load(argv=None) -> RunConfig:
     """Preset + overrides from the command line (not yet validated against the devices)."""
     args = parser().parse_args(argv)
-    cfg = preset(args.preset)
+    sets = {}
     for kv in args.set:
         key, sep, text = kv.partition("=")
         if not sep:
             raise ConfigError(f"--set {kv!r}: write KEY=VALUE, e.g. train.steps=50")
-        cfg = override(cfg, key.strip(), text.strip())
+        sets.pop(key.strip(), None)  # the last of a key wins
+        sets[key.strip()] = text.strip()
     for key in FLAT.values():
         if getattr(args, key) is not None:
-            cfg = override(cfg, key, getattr(args, key))
-    return cfg
+            sets.pop(key, None)
+            sets[key] = getattr(args, key)
+    return apply_overrides(preset(args.preset), sets)
 
 
 # ---- validation -------------------------------------------------------------------------------------------------

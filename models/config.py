@@ -28,6 +28,18 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self):
+        if self.kind not in ("llama3", "linear"):
+            raise ValueError(f"RopeScaling.kind: unknown {self.kind!r}; use 'llama3' or 'linear' (others, e.g. "
+                             "yarn, are not implemented)")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor: must be positive, got {self.factor}")
+        if self.kind == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
+                                          and self.original_max_position_embeddings >= 1):
+            raise ValueError("RopeScaling: llama3 needs 0 < low_freq_factor < high_freq_factor and "
+                             f"original_max_position_embeddings >= 1, got {self.low_freq_factor}, "
+                             f"{self.high_freq_factor}, {self.original_max_position_embeddings}")
+
 
 # Weights whose fan-in and fan-out both grow with the width ("hidden" in μP): Adam's step on them scales by 1 / m.
 MUP_HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
@@ -108,6 +120,11 @@ class TransformerConfig:
         for f in ("param_dtype", "dtype"):
             need(getattr(self, f) in ("float32", "bfloat16", "float16"), f,
                  f"unsupported {getattr(self, f)!r}; use float32, bfloat16 or float16")
+        need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
+        need(self.sliding_window is None or any(self.local_layers()), "sliding_window",
+             f"is set but attn_pattern={self.attn_pattern!r} has no local layer, so no window would apply; use "
+             "attn_pattern='local' (every layer), 'alternating' or 'N:1', or sliding_window=None")
         for f in ("final_logit_softcap", "attn_logit_softcap", "query_pre_attn_scalar"):
             need(getattr(self, f) is None or getattr(self, f) > 0, f, "must be positive or None")
         need(self.swa_impl in ("auto", "blocked", "cudnn", "splash", "dense"), "swa_impl",

@@ -65,9 +65,11 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "demo", "--mesh", "stage=2,fsdp=4"], 8, "mesh.stage: MoE layers are not supported under pipeline"),
     (["--preset", "tiny", "--set", "model.n_layers=4", "--mesh", "stage=2,fsdp=4", "--set",
       "model.pipeline_microbatches=3"], 8, "model.pipeline_microbatches: 3 must divide the 8 rows"),
-    (["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.pipeline_microbatches=4", "--mesh",
+    (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
+      "model.pipeline_microbatches=4", "--mesh",
       "stage=2,data=4", "--batch", "8"], 8, "model.pipeline_microbatches: 4 pipeline microbatches of 8 rows give 2"),
-    (["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.scan_layers=false", "--mesh",
+    (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
+      "model.scan_layers=false", "--mesh",
       "stage=2,fsdp=4"], 8, "model.scan_layers: must be true under pipeline parallelism"),
     (["--preset", "demo", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
       "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
@@ -268,3 +270,15 @@ def test_throughput_window_without_steps_reports_none():
 def test_documented_meshes_validate_for_the_presets(preset, mesh):
     """docs/parallelism.md runs the presets with tensor parallelism: their (padded) vocabulary must divide it."""
     assert math.prod(validate(load(["--preset", preset, "--mesh", mesh]), 8).values()) == 8
+
+
+def test_overrides_valid_only_together_apply_in_either_order():
+    """attn_pattern=global and sliding_window=none are each invalid with the tiny preset's other value."""
+    a = load(["--preset", "tiny", "--set", "model.attn_pattern=global", "--set", "model.sliding_window=none"])
+    b = load(["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global"])
+    assert a == b and a.model.layer_windows() == (None, None)
+    with pytest.raises(ConfigError, match="sliding_window: is set but attn_pattern='global' has no local layer"):
+        load(["--preset", "tiny", "--set", "model.attn_pattern=global"])
+    c = load(["--preset", "demo", "--set", "model.moe.top_k=1", "--set", "model.moe.n_experts=2", "--steps", "7",
+              "--set", "train.steps=9"])  # --steps (a flag) wins over --set
+    assert (c.model.moe.top_k, c.model.moe.n_experts, c.train.steps) == (1, 2, 7)

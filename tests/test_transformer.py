@@ -273,10 +273,26 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     # 0 / False must not fall through to the defaults (n_heads, d_model // n_heads)
     ("n_kv_heads", 0, "n_kv_heads"), ("head_dim", 0, "head_dim"), ("n_kv_heads", True, "n_kv_heads"),
     ("head_dim", -8, "head_dim"),
+    # values that used to give NaN logits or silently drop a setting
+    ("rope_theta", 0.0, "rope_theta"), ("norm_eps", -1e-6, "norm_eps"),
+    ("sliding_window", 4, "sliding_window: is set but attn_pattern='global'"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
         dataclasses.replace(CFG, **{field: value})
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(kind="yarn"), "RopeScaling.kind: unknown 'yarn'"), (dict(kind="LINEAR"), "RopeScaling.kind"),
+    (dict(kind="linear", factor=0.0), "RopeScaling.factor"),
+    (dict(low_freq_factor=4.0, high_freq_factor=1.0), "low_freq_factor < high_freq_factor"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings >= 1"),
+])
+def test_rope_scaling_errors_name_the_field(kw, words):
+    from models.config import RopeScaling
+
+    with pytest.raises(ValueError, match=words):
+        RopeScaling(**kw)
 
 
 @pytest.mark.parametrize("window", [True, (3, False)])
