@@ -112,8 +112,11 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
         return dict(attn_pattern="local", sliding_window=int(window))
     if local == tuple(i % 2 == 0 for i in range(L)):
         return dict(attn_pattern="alternating", sliding_window=int(window))
-    raise _unsupported("layer_types", types, "supported layouts are all-sliding, all-full and alternating "
-                       "(sliding first)")
+    for n in range(2, L):  # Gemma 3's N sliding layers, then one full ('N:1'), as save_pretrained writes them
+        if local == tuple(i % (n + 1) != n for i in range(L)):
+            return dict(attn_pattern=f"{n}:1", sliding_window=int(window))
+    raise _unsupported("layer_types", types, "supported layouts are all-sliding, all-full, alternating "
+                       "(sliding first) and N sliding then one full, repeated")
 
 
 def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
@@ -236,9 +239,9 @@ def _rope_4x(rope: dict) -> dict:
 def _gemma2_config(cfg: TransformerConfig) -> dict:
     windows = cfg.layer_windows()
     if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.mlp_act == "gelu_tanh"
-            and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None):
+            and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
         raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
-                         "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias and no rope_scaling")
+                         "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias, no rope_scaling and no moe")
     local = [w for w in windows if w is not None]
     if len(set(local)) > 1:
         raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 has one window, got {sorted(set(local))}")
@@ -426,7 +429,9 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     max_shard_size: bytes per file (an int, or "5GB" / "500MiB" as transformers spells it). A model larger than
       that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
       memory at a time (parameters move to the host one layer at a time).
-    Weight files of an earlier save in the folder are removed first: transformers prefers a model.safetensors
+    A μP model (mup_base_width) is written with its readout multiplier folded into lm_head, so it loads back as
+    a standard-parametrisation model with the same logits. Weight files of an earlier save in the folder are
+    removed first: transformers prefers a model.safetensors
     over an index, so a stale one would be loaded instead of the new shards. With several processes every one
     calls this (parameters sharded across them are gathered one layer at a time); process 0 writes the files.
     """
@@ -436,6 +441,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     hf["dtype"] = hf["torch_dtype"] = dtype or cfg.param_dtype  # 4.x reads torch_dtype
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    if cfg.mup_base_width:  # μP's readout multiplier 1/m folded into the head: HF has no such factor
+        ours["lm_head"] = ours["lm_head"] / cfg.width_mult
     if cfg.moe is not None and np.any(_to_host(ours["moe_blocks.moe.router_bias"]) != 0):
         raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
                          "so this model cannot be exported exactly")

@@ -1,5 +1,6 @@
 """Hugging Face interop: tiny random HF models built locally must match ours, both ways."""
 
+import dataclasses
 import json
 
 import jax
@@ -167,8 +168,9 @@ ROUND_TRIP = {
     "mixtral": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
                                  max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48)),
 }
+ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-        "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+        "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -187,6 +189,26 @@ def test_save_pretrained_loads_in_transformers(name, tmp_path):
     assert back.cfg == cfg
     for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mup_model_exports_with_its_readout_folded_in(tmp_path):
+    cfg = dataclasses.replace(ROUND_TRIP["llama"], mup_base_width=16)  # width multiplier 4
+    ours = _random_model(cfg, seed=7)
+    save_pretrained(ours, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                 dtype=torch.float32)
+    assert np.abs(our_logits(ours) - hf_logits(hf_model.eval())).max() < 1e-4
+    back = from_pretrained(tmp_path)
+    assert back.cfg.mup_base_width is None
+    np.testing.assert_allclose(our_logits(back), our_logits(ours), atol=1e-5)
+
+
+def test_gemma2_with_moe_is_refused(tmp_path):
+    from models.moe import MoEConfig
+
+    cfg = dataclasses.replace(ROUND_TRIP["gemma2"], moe=MoEConfig(4, 2, 32, mlp_act="gelu_tanh"))
+    with pytest.raises(ValueError, match="no moe"):
+        save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
 
 
 def test_save_bfloat16(tmp_path):
