@@ -311,3 +311,29 @@ def test_caption_dropout_rate_and_null():
     dropped = (out == null).all(1)
     assert ((out == tok).all(1) | dropped).all()
     assert abs(float(dropped.mean()) - 0.25) < 0.03
+
+
+def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_would_ignore():
+    """A Gemma-style text config: the sqrt(d) embedding scale and (1 + w) final norm change the output (as the
+    LM's would); MoE and local attention, which a bidirectional dense encoder would ignore, are refused."""
+    from models.moe import MoEConfig
+    from models.rope import inv_frequencies
+    from models.transformer import _Ctx, rms_norm
+
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])
+    base = randomize(TextEncoder(TEXT, rngs=nnx.Rngs(0)))
+    gemma = dataclasses.replace(TEXT, embed_scale=True, norm_offset=1.0)
+    g, st = nnx.split(base)
+    enc = nnx.merge(nnx.split(TextEncoder(gemma, rngs=nnx.Rngs(0)))[0], st)  # the same weights
+    # by hand: scaled embedding -> the block -> (1 + w) norm
+    valid = tok != 0
+    ctx = _Ctx(gemma, jnp.arange(8)[None], None, valid, inv_frequencies(gemma.hd, gemma.rope_theta))
+    x = enc.embed[...][tok] * gemma.d_model ** 0.5
+    block = nnx.merge(nnx.split(enc.blocks)[0], jax.tree.map(lambda a: a[0], nnx.split(enc.blocks)[1]))
+    want = rms_norm(block(x, ctx, None)[0], enc.final_norm[...], gemma.norm_eps, 1.0)
+    np.testing.assert_allclose(enc(tok).tokens_BLE, want, atol=1e-5)
+    assert float(jnp.abs(enc(tok).tokens_BLE - base(tok).tokens_BLE).max()) > 1e-2
+    for bad, field in ((dict(moe=MoEConfig(2, 1, 16)), "text.moe"),
+                       (dict(attn_pattern="local", sliding_window=2), "text.attn_pattern")):
+        with pytest.raises(ValueError, match=field):
+            TextToVideoConfig(dit=DIT, text=dataclasses.replace(TEXT, **bad))

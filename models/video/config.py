@@ -359,6 +359,10 @@ class TextToVideoConfig:
              f"dit.text_dim={self.dit.text_dim} must equal text.d_model={self.text.d_model}")
         need(0 <= self.caption_dropout < 1, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
         need(self.align_weight >= 0, "align_weight", "must be >= 0")
+        # the text encoder is bidirectional and dense: settings of the LM it would otherwise ignore
+        need(self.text.moe is None, "text.moe", "the text encoder has dense MLPs only; set text.moe=None")
+        need(not any(self.text.local_layers()), "text.attn_pattern",
+             f"{self.text.attn_pattern!r}: the text encoder attends over the whole caption; use 'global'")
 
     def param_count(self) -> int:
         text = text_encoder_params(self.text)

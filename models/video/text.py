@@ -69,7 +69,10 @@ class TextEncoder(nnx.Module):
 
         # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
         embed = constrain(self.embed[...], (None, "act_embed"))
-        x_BLE = constrain(jnp.take(embed, tokens_BL, axis=0).astype(cd), ("batch", "act_seq", "act_embed"))
+        x_BLE = jnp.take(embed, tokens_BL, axis=0).astype(cd)
+        if cfg.embed_scale:
+            x_BLE = x_BLE * jnp.asarray(cfg.d_model ** 0.5, cd)
+        x_BLE = constrain(x_BLE, ("batch", "act_seq", "act_embed"))
         graphdef, state = nnx.split(self.blocks)
 
         def layer(x, st):
@@ -78,7 +81,7 @@ class TextEncoder(nnx.Module):
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
         x_BLE = jax.lax.scan(layer, x_BLE, state)[0]
-        x_BLE = rms_norm(x_BLE, self.final_norm[...], cfg.norm_eps)
+        x_BLE = rms_norm(x_BLE, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         w_BL = valid_BL.astype(jnp.float32)
         pooled = (x_BLE.astype(jnp.float32) * w_BL[..., None]).sum(1) / jnp.maximum(w_BL.sum(1), 1.0)[:, None]
         return TextOut(x_BLE, valid_BL, pooled.astype(cd))
