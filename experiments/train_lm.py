@@ -7,7 +7,7 @@ trained on the standard library's sources and docstrings (byte tokens + EOS) thr
 fake CPU devices (data 2 × fsdp 4) when running on CPU. Writes under `train.out`: metrics.jsonl, tb/
 (TensorBoard), ckpt/ (orbax: params, optimizer, step, RNG, loader state, config), loss.png, sample.txt.
 Rerunning the same command resumes from the newest good checkpoint; SIGTERM / SIGINT save and exit 0.
-Bad configuration exits with status 2 and one line naming the field, before anything compiles.
+Bad configuration exits with status 1 and one line naming the field, before anything compiles.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ the text encoder + video DiT (rectified flow, caption dropout, alignment loss, E
 checkpoint with orbax under <out>/ckpt and resume from there. The evaluation generates clips for every
 caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour, direction and shape back from the
 pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png and per-prompt GIFs and
-grids under <out>/samples. `--preset tiny` is a smoke run (about 2 minutes on 8 fake devices) of the same code.
+grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code. On CPU it runs on
+one device; for a mesh of fake CPU devices set JAX_NUM_CPU_DEVICES=8 first (e.g. `--mesh data=2,fsdp=2,tensor=2`).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--out", default=None, help="run directory (default runs/video/<preset>)")
-    ap.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2")
+    ap.add_argument("--mesh", default="data=-1",
+                    help="e.g. data=2,fsdp=2,tensor=2 (on CPU: with JAX_NUM_CPU_DEVICES=8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--dit-steps", type=int, default=None)

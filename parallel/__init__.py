@@ -1,6 +1,8 @@
-"""jaxscale parallel: meshes, the logical-axis rules table, and sharding helpers."""
+"""jaxscale parallel: meshes, the logical-axis rules table, sharding helpers, multi-process set-up, pipeline."""
 
+from parallel.distributed import any_process, global_batch_from_local, initialize, is_primary, process_rows
 from parallel.mesh import AXES, make_mesh
+from parallel.pipeline import gpipe
 from parallel.rules import ACTIVATION_RULES, PARAM_RULES, constrain, logical_to_spec, use_rules
 from parallel.sharding import (
                                batch_sharding,
@@ -11,5 +13,6 @@ from parallel.sharding import (
                                shard_state,
 )
 
-__all__ = ["ACTIVATION_RULES", "AXES", "PARAM_RULES", "batch_sharding", "constrain", "create_sharded", "init_optimizer",
-           "logical_shardings", "logical_to_spec", "make_mesh", "shard_batch", "shard_state", "use_rules"]
+__all__ = ["ACTIVATION_RULES", "AXES", "PARAM_RULES", "any_process", "batch_sharding", "constrain", "create_sharded",
+           "global_batch_from_local", "gpipe", "init_optimizer", "initialize", "is_primary", "logical_shardings",
+           "logical_to_spec", "make_mesh", "process_rows", "shard_batch", "shard_state", "use_rules"]

@@ -26,9 +26,8 @@ Conventions (units are FLOPs = 2 per multiply-add, per *token*):
   d_model, negligible at scale (tests/test_scaling_flops.py bounds it against XLA).
 
 Status (see docs/scaling.md): dense LMs, the blocked sliding-window kernel, `TransformerConfig`'s
-window patterns (`layer_windows()`), the real `models.moe.MoE` and the video DiT are checked in
-tests. Re-check against `cost_analysis()` once the Transformer runs local layers through the blocked
-kernel and carries MoE layers (tests/test_scaling_flops.py has the pattern).
+window patterns (`layer_windows()`), MoE layers (alone and in the Transformer, capacity dispatch) and the
+video DiT are checked against `cost_analysis()` in tests (tests/test_scaling_flops.py).
 """
 
 from __future__ import annotations
@@ -274,13 +273,22 @@ def model_kernel(s: LMShape, window: int | None, swa_block: int) -> tuple[str, i
 # for how attention keys are counted (see `executed_keys`).
 
 
-def matmul_flops_per_token(cfg, *, executed: bool = False, windows=None, moe=None) -> float:
+def matmul_flops_per_token(cfg, *, executed: bool = False, seq_len: int | None = None, windows=None,
+                           moe=None) -> float:
     """Forward matmul FLOPs per token: 2 x active matmul parameters (incl. LM head and router).
-    executed=True: routed experts x `capacity_factor` (padded capacity slots are computed too)."""
+    executed=True: the routed experts' capacity slots, padded ones included: E·C slots per row of T tokens
+    instead of K·T assignments, with C = ceil(K·T·CF / E) clamped to T (`models.moe.MoEConfig.capacity`) when
+    `seq_len` = T is given, else K·CF clamped to E per token (the large-T limit)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
     f = 2.0 * param_counts(s).matmul_active
     if executed and s.moe is not None:
-        f += 2.0 * (s.moe.capacity_factor - 1) * s.n_moe_layers * s.moe.top_k * 3 * s.d_model * s.moe.expert_mlp_dim
+        m = s.moe
+        if seq_len is None:
+            slots = min(m.top_k * m.capacity_factor, m.n_experts)  # per token
+        else:
+            c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
+            slots = m.n_experts * c / seq_len
+        f += 2.0 * (slots - m.top_k) * s.n_moe_layers * 3 * s.d_model * m.expert_mlp_dim
     return f
 
 

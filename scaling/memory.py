@@ -17,10 +17,10 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   prefetch) in compute dtype, and the embedding table gathered for the lookup.
 Pipeline parallelism's in-flight micro-batches and XLA's fragmentation are not modelled.
 
-The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks, dense
-`jax.nn.dot_product_attention`): an MoE layer stores `top_k` experts' activations per token and a
-blocked sliding-window kernel stores (R + 1)·C scores per query (`executed_keys`). Re-check both
-against `compiled.memory_analysis()` once the Transformer runs them.
+The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores `top_k`
+experts' activations per token and a blocked sliding-window kernel stores (R + 1)·C scores per query
+(`executed_keys`); tests/test_scaling_memory.py compares whole-step temp bytes with
+`compiled.memory_analysis()` (the windowed kernel's K/V copies are not modelled yet: docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -60,46 +60,51 @@ class ParamEntry:
 
 
 def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=None) -> list[ParamEntry]:
-    """The parameter tree of `models.Transformer` for `cfg` (paths, shapes, logical axes), without
-    building it. MoE layers (not in models/ yet) appear as `blocks.moe.*`: experts [L, E, D, F]
-    on ('layers', 'expert', 'embed', 'mlp'), router [L, D, E] — the expected layout; re-check it
-    against the real tree when MoE lands (`param_table_from_state` reads any real tree)."""
+    """The parameter tree of `models.Transformer` for `cfg` (paths, shapes, logical axes), without building it.
+    Dense layers stack under `blocks.*`, MoE layers (attention, norms and experts) under `moe_blocks.*`, each on
+    its own 'layers' axis (tests/test_scaling_memory.py compares it with the real tree)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
     pd = param_dtype or getattr(cfg, "param_dtype", "float32")
     d, v, L, n, k, h, f = s.d_model, s.vocab_size, s.n_layers, s.n_heads, s.kv_heads, s.head_dim, s.mlp_dim
     P = lambda path, shape, axes: ParamEntry(path, tuple(shape), tuple(axes), pd)  # noqa: E731
-    t = [P("embed", (v, d), ("vocab", "embed")),
-         P("blocks.attn_norm", (L, d), ("layers", "norm")),
-         P("blocks.wq", (L, d, n, h), ("layers", "embed", "heads", "head_dim")),
-         P("blocks.wk", (L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
-         P("blocks.wv", (L, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
-         P("blocks.wo", (L, n, h, d), ("layers", "heads", "head_dim", "embed"))]
-    if s.qkv_bias:
-        t += [P("blocks.bq", (L, n, h), ("layers", "heads", "head_dim")),
-              P("blocks.bk", (L, k, h), ("layers", "kv_heads", "head_dim")),
-              P("blocks.bv", (L, k, h), ("layers", "kv_heads", "head_dim"))]
-    t.append(P("blocks.mlp_norm", (L, d), ("layers", "norm")))
-    if s.post_norms:  # Gemma 2: norms after attention and after the MLP too (models.transformer.Block)
-        t += [P("blocks.post_attn_norm", (L, d), ("layers", "norm")),
-              P("blocks.post_mlp_norm", (L, d), ("layers", "norm"))]
+
+    def attention_and_norms(pre: str, n_layers: int) -> list[ParamEntry]:
+        t = [P(f"{pre}.attn_norm", (n_layers, d), ("layers", "norm")),
+             P(f"{pre}.wq", (n_layers, d, n, h), ("layers", "embed", "heads", "head_dim")),
+             P(f"{pre}.wk", (n_layers, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+             P(f"{pre}.wv", (n_layers, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
+             P(f"{pre}.wo", (n_layers, n, h, d), ("layers", "heads", "head_dim", "embed")),
+             P(f"{pre}.mlp_norm", (n_layers, d), ("layers", "norm"))]
+        if s.qkv_bias:
+            t += [P(f"{pre}.bq", (n_layers, n, h), ("layers", "heads", "head_dim")),
+                  P(f"{pre}.bk", (n_layers, k, h), ("layers", "kv_heads", "head_dim")),
+                  P(f"{pre}.bv", (n_layers, k, h), ("layers", "kv_heads", "head_dim"))]
+        if s.post_norms:  # Gemma 2: norms after attention and after the MLP too (models.transformer.Block)
+            t += [P(f"{pre}.post_attn_norm", (n_layers, d), ("layers", "norm")),
+                  P(f"{pre}.post_mlp_norm", (n_layers, d), ("layers", "norm"))]
+        return t
+
     n_moe = s.n_moe_layers
+    t = [P("embed", (v, d), ("vocab", "embed"))]
     if L - n_moe:
+        t += attention_and_norms("blocks", L - n_moe)
         t += [P("blocks.w_gate", (L - n_moe, d, f), ("layers", "embed", "mlp")),
               P("blocks.w_up", (L - n_moe, d, f), ("layers", "embed", "mlp")),
               P("blocks.w_down", (L - n_moe, f, d), ("layers", "mlp", "embed"))]
     if n_moe:
         m = s.moe
         fe, E = m.expert_mlp_dim, m.n_experts
-        t += [P("blocks.moe.router", (n_moe, d, E), ("layers", "embed", None)),
-              P("blocks.moe.router_bias", (n_moe, E), ("layers", None)),
-              P("blocks.moe.w_gate", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
-              P("blocks.moe.w_up", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
-              P("blocks.moe.w_down", (n_moe, E, fe, d), ("layers", "expert", "mlp", "embed"))]
+        t += attention_and_norms("moe_blocks", n_moe)
+        t += [P("moe_blocks.moe.router", (n_moe, d, E), ("layers", "embed", None)),
+              P("moe_blocks.moe.router_bias", (n_moe, E), ("layers", None)),
+              P("moe_blocks.moe.w_gate", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
+              P("moe_blocks.moe.w_up", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
+              P("moe_blocks.moe.w_down", (n_moe, E, fe, d), ("layers", "expert", "mlp", "embed"))]
         fs = m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * fe
         if fs:
-            t += [P("blocks.moe.shared_gate", (n_moe, d, fs), ("layers", "embed", "mlp")),
-                  P("blocks.moe.shared_up", (n_moe, d, fs), ("layers", "embed", "mlp")),
-                  P("blocks.moe.shared_down", (n_moe, fs, d), ("layers", "mlp", "embed"))]
+            t += [P("moe_blocks.moe.shared_gate", (n_moe, d, fs), ("layers", "embed", "mlp")),
+                  P("moe_blocks.moe.shared_up", (n_moe, d, fs), ("layers", "embed", "mlp")),
+                  P("moe_blocks.moe.shared_down", (n_moe, fs, d), ("layers", "mlp", "embed"))]
     t.append(P("final_norm", (d,), ("norm",)))
     if not s.tie_embeddings:
         t.append(P("lm_head", (d, v), ("embed", "vocab")))
@@ -184,8 +189,10 @@ class MemoryBreakdown:
 
 def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str | None = None,
                           mesh: Mapping[str, int] | None = None, window: int | None = None, kernel: str = "dense",
-                          block: int = 256, rules=None, windows=None, moe=None) -> float:
-    """Bytes one layer keeps per local token for the backward pass under `remat`.
+                          block: int = 256, rules=None, windows=None, moe=None, moe_layer: bool | None = None
+                          ) -> float:
+    """Bytes one layer keeps per local token for the backward pass under `remat`. moe_layer: whether the layer
+    is an MoE one (None: any MoE config makes it one; `memory_per_device` passes each layer's kind).
 
     Per token (D d_model, N/K query/kv heads x H head dim, F mlp width, S scores per query; heads,
     kv heads and F divided by the tensor-parallel degree; c = compute-dtype bytes):
@@ -210,7 +217,8 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     NH = s.n_heads * s.head_dim / _axis_product("act_heads", mesh, s.n_heads, rules)
     KH = s.kv_heads * s.head_dim / _axis_product("act_kv_heads", mesh, s.kv_heads, rules)
     N = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
-    F = _mlp_width(s) / _axis_product("act_mlp", mesh, _mlp_width(s), rules)
+    width = _mlp_width(s, s.moe is not None if moe_layer is None else moe_layer)
+    F = width / _axis_product("act_mlp", mesh, width, rules)
     flash = kernel == "flash"
     S = 0.0 if flash else executed_keys(seq_len, window, kernel, block)
     lse = 4 * N if flash and remat != "full" else 0.0
@@ -223,9 +231,9 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     return c * (6 * D + 2 * NH + 2 * KH + 5 * F) + N * S * (8 + 1 + (c if c != 4 else 0)) + lse
 
 
-def _mlp_width(s: LMShape) -> int:
+def _mlp_width(s: LMShape, moe_layer: bool) -> int:
     """Per-token MLP width that produces activations: dense mlp_dim, or top_k routed + shared experts."""
-    if s.moe is None:
+    if s.moe is None or not moe_layer:
         return s.mlp_dim
     m = s.moe
     shared = m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
@@ -269,21 +277,28 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
 
     block = block or getattr(cfg, "swa_block", 256)
     kern = lambda w: kernel or ("dense" if w is None else "blocked")  # noqa: E731
+    layers = [(w, s.is_moe_layer(i)) for i, w in enumerate(s.windows)]
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
-                                   block=block, rules=rules) for w in s.windows]
+                                   block=block, rules=rules, moe_layer=m) for w, m in layers]
     acts = local_tokens * sum(saved) / stage
     # the working set is one layer's residuals as its kernel computes them (block-causal: the executed blocks)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     one_layer = max(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
-                                          kernel=ws(w)[0], block=ws(w)[1], rules=rules) for w in s.windows)
+                                          kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
+                    for w, m in layers)
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (one_layer + 3 * 4 * v_local + 2 * cb * s.d_model)
 
     transient = 0.0
     if mesh.get("fsdp", 1) > 1:
         # a layer's weights all-gathered over fsdp (still split over tensor), two in flight
-        per_layer = [p for p in table if p.axes and p.axes[0] == "layers"]
-        gathered = sum(p.size / s.n_layers / _tensor_only(p, mesh, rules) for p in per_layer)
+        # (the largest layer: an MoE one holds its experts; each stack's leading dim is its own layer count)
+        stacks: dict[str, float] = {}
+        for p in table:
+            if p.axes and p.axes[0] == "layers":
+                stack = p.path.split(".")[0]
+                stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _tensor_only(p, mesh, rules)
+        gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),

@@ -16,6 +16,7 @@ from flax import nnx
 
 from experiments.lm_step import lm_loss
 from models import KVCache, Transformer, TransformerConfig
+from models.moe import MoEConfig
 from models.sliding_window import sliding_window_attention
 from scaling.dit import dit_forward_flops, dit_param_count, dit_sampling_flops, dit_train_flops
 from scaling.flops import (
@@ -47,7 +48,14 @@ def xla_flops(fn, *args):
                                                              n_kv_heads=1, mlp_dim=64),
                                            # Gemma-2 style: 4 norm scales per layer (post-attention, post-MLP too)
                                            TransformerConfig(vocab_size=100, d_model=48, n_layers=3,
-                                                             n_heads=4, mlp_dim=64, post_norms=True)])
+                                                             n_heads=4, mlp_dim=64, post_norms=True),
+                                           # MoE every other layer (own 'moe_blocks' stack), shared expert
+                                           TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4,
+                                                             n_kv_heads=2, mlp_dim=64, qkv_bias=True,
+                                                             post_norms=True, moe_every=2,
+                                                             moe=MoEConfig(4, 2, 16, n_shared_experts=1)),
+                                           TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                                             mlp_dim=64, moe=MoEConfig(4, 1, 16))])
 def test_param_counts_and_table_match_real_tree(cfg):
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     real = param_table_from_state(state)
@@ -176,6 +184,22 @@ def test_moe_matches_models_moe():
     executed = 2 * pc.mlp_active + matmul_flops_per_token(cfg, executed=True) - matmul_flops_per_token(cfg)
     assert executed == pytest.approx(2 * pc.mlp_active + 2 * 0.25 * 2 * 3 * d * 96)
     assert executed * 2 * T <= xla <= 1.06 * executed * 2 * T, xla / (executed * 2 * T)
+
+
+@pytest.mark.parametrize("E,K,CF", [(8, 2, 1.25), (4, 2, 4.0), (8, 1, 16.0)])  # the last two: C clamped to T
+def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
+    import models.moe as moe
+    d, T = 32, 32
+    mc = moe.MoEConfig(n_experts=E, top_k=K, expert_mlp_dim=48, dispatch="capacity", capacity_factor=CF)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(d, mc, rngs=nnx.Rngs(0))))
+    cfg = dataclasses.make_dataclass("Cfg", ["vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "moe"])(
+        64, d, 1, 4, 48, mc)
+    pc = param_counts(cfg)
+    extra = matmul_flops_per_token(cfg, executed=True, seq_len=T) - matmul_flops_per_token(cfg)
+    assert extra == pytest.approx(2 * 3 * d * 48 * (E * mc.capacity(T) / T - K))
+    executed = (2 * pc.mlp_active + extra) * 2 * T
+    xla = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jax.ShapeDtypeStruct((2, T, d), jnp.float32))
+    assert executed <= xla <= 1.07 * executed, xla / executed
 
 
 def test_decode_flops_match_cost_analysis():
