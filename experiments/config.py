@@ -390,4 +390,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
              f"by the batch mesh axes {batch_axes} (= {shards}); use fewer microbatches or a larger train.batch")
         need(m.scan_layers, "model.scan_layers", "must be true under pipeline parallelism (the pipeline runs the "
              "scanned layer stack)")
+        import jax
+
+        others = {a: n for a, n in mesh.items() if a != "stage" and n > 1}
+        need(not (m.dtype == "bfloat16" and others and jax.default_backend() == "cpu"), "model.dtype",
+             f"bfloat16 pipeline parallelism with other mesh axes {others} aborts XLA:CPU; use float32 on CPU, or "
+             "a mesh with 'stage' alone")
     return mesh

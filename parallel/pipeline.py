@@ -38,6 +38,14 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
         raise ValueError(f"n_layers={L} must be divisible by the '{axis}' mesh axis ({S} stages)")
     if B % M:
         raise ValueError(f"batch {B} must be divisible by n_microbatches={M}")
+    others = {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a != axis and n > 1}
+    if (others and jax.default_backend() == "cpu"
+            and any(getattr(a, "dtype", None) == jnp.bfloat16 for a in jax.tree.leaves((params, x_BTD)))):
+        # XLA:CPU aborts the process ("Invalid binary instruction opcode copy") on a bfloat16 all-reduce in a
+        # shard_map manual over some axes only; float16 / float32, or 'stage' alone, compile fine
+        raise ValueError(f"bfloat16 pipeline parallelism with other mesh axes {others} is not supported on "
+                         "XLA:CPU (it aborts the process); compute in float32 on CPU, or pipeline over 'stage' "
+                         "alone. GPUs and TPUs are not affected")
 
     def micro(a):  # [B, ...] -> [M, B/M, ...], microbatch m = rows m::M
         # strided, not contiguous: the batch is sharded over data axes in contiguous blocks, so rows m::M take
@@ -61,9 +69,12 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
             return jax.lax.ppermute(y, axis, [(i, i + 1) for i in range(S - 1)]), y
 
         ticks = jnp.arange(M + S - 1)
-        x_in = jnp.concatenate([x_MbTD, jnp.zeros((S - 1,) + x_MbTD.shape[1:], x_MbTD.dtype)])  # stage 0's feed
+        # Bubble ticks compute on real rows (the last microbatch fed again, the first as the initial carry), not
+        # zeros: their outputs are dropped, but the backward multiplies their Jacobians by 0, and a layer that is
+        # NaN at 0 (RMSNorm with eps 0) would turn every gradient NaN.
+        x_in = jnp.concatenate([x_MbTD, jnp.broadcast_to(x_MbTD[-1:], (S - 1,) + x_MbTD.shape[1:])])
         # the carry differs per stage ("varying" over the manual axis) from the first tick on
-        init = jax.lax.pcast(jnp.zeros_like(x_MbTD[0]), (axis,), to="varying")
+        init = jax.lax.pcast(x_MbTD[0], (axis,), to="varying")
         _, ys = jax.lax.scan(tick, init, (ticks, x_in))
         # the last stage finishes microbatch m at tick m + S - 1; share its outputs with every stage
         return jax.lax.psum(jnp.where(s == S - 1, ys[S - 1:], 0.0), axis)

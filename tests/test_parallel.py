@@ -112,6 +112,27 @@ def test_tensor_parallel_is_megatron_shaped():
     assert wq.addressable_shards[0].data.shape == (2, 32, 1, 4)
 
 
+def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
+    """RMSNorm with eps 0 is NaN on a zero row: the pipeline's idle ticks must not compute on zeros (their
+    Jacobians are multiplied by 0 in the backward, and 0 x NaN poisoned every layer's gradient)."""
+    cfg = dataclasses.replace(CFG, norm_eps=0.0, pipeline_microbatches=2)
+    b = batch()
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: lm_loss(graphdef, p, b)))(params)
+    mesh = make_mesh({"stage": 2, "data": 4})
+    gd, sharded = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    gd16 = nnx.graphdef(nnx.eval_shape(lambda: Transformer(bf16, rngs=nnx.Rngs(0))))
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))(sharded, shard_batch(b, mesh))
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5), grads,
+                     ref_grads)
+        # bfloat16 with other mesh axes would abort the process in XLA:CPU: a Python error instead
+        with pytest.raises(ValueError, match="bfloat16 pipeline parallelism with other mesh axes"):
+            jax.jit(lambda p, b: lm_loss(gd16, p, b)).lower(sharded, shard_batch(b, mesh))
+
+
 def test_pipeline_microbatches_take_rows_from_every_data_shard():
     """GPipe microbatch m = rows m::M: each holds rows of every data shard, so a stage's [B/M, T, D] work per tick
     is split over the data axis (contiguous rows sat on half the data shards: each device did 2x the rows)."""

@@ -71,6 +71,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
       "model.scan_layers=false", "--mesh",
       "stage=2,fsdp=4"], 8, "model.scan_layers: must be true under pipeline parallelism"),
+    (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
+      "model.dtype=bfloat16", "--mesh", "stage=2,fsdp=4"], 8, "model.dtype: bfloat16 pipeline parallelism"),
     (["--preset", "demo", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
       "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
 ]
