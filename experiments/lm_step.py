@@ -79,8 +79,12 @@ def lm_loss_parts(graphdef, params, batch, rng=None):
 
     batch = {inputs, targets [B, T] int32, optional positions, segment_ids [B, T] int32, weights [B, T] f32}."""
     model = nnx.merge(graphdef, params)
-    logits_BTV, aux = model(batch["inputs"], positions_BT=batch.get("positions"),
-                            segment_ids_BT=batch.get("segment_ids"), return_aux=True, rng=rng)
+    seg = batch.get("segment_ids")
+    # MoE layers must know the padding (segment 0) to keep it out of expert capacity, the aux losses and the
+    # load that moves the router bias; a dense model needs no mask (segments already keep attention apart)
+    padding = seg > 0 if seg is not None and model.cfg.moe is not None else None
+    logits_BTV, aux = model(batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=seg,
+                            padding_mask_BT=padding, return_aux=True, rng=rng)
     mean, n = cross_entropy(logits_BTV, batch["targets"], batch.get("weights"))
     return mean, n, aux
 

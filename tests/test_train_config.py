@@ -284,3 +284,28 @@ def test_overrides_valid_only_together_apply_in_either_order():
     c = load(["--preset", "demo", "--set", "model.moe.top_k=1", "--set", "model.moe.n_experts=2", "--steps", "7",
               "--set", "train.steps=9"])  # --steps (a flag) wins over --set
     assert (c.model.moe.top_k, c.model.moe.n_experts, c.train.steps) == (1, 2, 7)
+
+
+def test_trainer_keeps_padding_out_of_moe_routing():
+    """Packed rows pad with segment 0: the trainer's loss must tell the MoE layers, or padding takes capacity and
+    skews the load that moves the router bias."""
+    from experiments.lm_step import lm_loss_parts
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64,
+                            moe=MoEConfig(4, 1, 32, router="sigmoid", dispatch="capacity"))
+    gd, p = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    B, T = 4, 16
+    seg = np.ones((B, T), np.int32)
+    seg[:, 6:] = 0
+    inp = np.where(seg > 0, np.random.default_rng(0).integers(1, 64, (B, T)), 0).astype(np.int32)
+    batch = {"inputs": jnp.asarray(inp), "targets": jnp.asarray(inp), "segment_ids": jnp.asarray(seg),
+             "positions": jnp.asarray(np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)),
+             "weights": jnp.asarray((seg > 0).astype(np.float32))}
+    _, _, aux = lm_loss_parts(gd, p, batch)
+    model = nnx.merge(gd, p)
+    kw = dict(positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"], return_aux=True)
+    _, masked = model(batch["inputs"], padding_mask_BT=batch["segment_ids"] > 0, **kw)
+    _, unmasked = model(batch["inputs"], **kw)
+    for k in ("lb_loss", "z_loss", "dropped_frac", "load"):
+        np.testing.assert_allclose(aux[k], masked[k], atol=1e-6)
+    assert np.abs(np.asarray(unmasked["load"]) - np.asarray(masked["load"])).max() > 0.05  # the test has teeth
