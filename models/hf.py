@@ -166,9 +166,12 @@ def _moe_from_hf(hf: dict):
     from models.moe import MoEConfig
 
     k = hf.get("num_experts_per_tok", 2)
-    # transformers' Mixtral balancing loss is k × ours (tests/test_moe.py): keep its objective's weight.
+    # transformers' Mixtral balancing loss is k × ours per layer (tests/test_moe.py): keep its objective's weight.
+    # (HF pools the router statistics of all layers before the product, we average per-layer losses: equal for
+    # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
     return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
-                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) * k)
+                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) * k,
+                     z_loss_weight=0.0)
 
 
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:

@@ -166,7 +166,8 @@ ROUND_TRIP = {
                                 embed_scale=True, query_pre_attn_scalar=24.0, attn_logit_softcap=5.0,
                                 final_logit_softcap=3.0),
     "mixtral": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
-                                 max_seq_len=64, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48)),
+                                 max_seq_len=64,
+                                 moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48, z_loss_weight=0.0)),
 }
 ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
@@ -424,4 +425,5 @@ def test_mixtral_balancing_weight_keeps_the_hf_objective(hf_ckpt):
     hf = json.loads((hf_ckpt("mixtral")[0] / "config.json").read_text())
     cfg = config_from_hf(hf)
     assert cfg.moe.lb_loss_weight == pytest.approx(hf["router_aux_loss_coef"] * hf["num_experts_per_tok"])
+    assert cfg.moe.z_loss_weight == 0.0  # Mixtral has no router z-loss
     assert config_to_hf(cfg)["router_aux_loss_coef"] == pytest.approx(hf["router_aux_loss_coef"])
