@@ -329,6 +329,9 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
     optimum give half the true N_opt). Train sizes on both sides of each budget's optimum."""
     n, d, lv = (np.asarray(x, float).ravel() for x in (n_params, n_tokens, loss))
     c = 6 * n * d if flops is None else np.asarray(flops, float).ravel()
+    if not (len(n) == len(d) == len(lv) == len(c)) or len(n) == 0:
+        raise ValueError(f"isoflop_envelope: n_params, n_tokens, loss (and flops) need one entry per run, got "
+                         f"{len(n)}, {len(d)}, {len(lv)}, {len(c)}; give runs at >= 2 budgets x >= 3 sizes")
     order = np.argsort(c)
     groups, cur = [], [order[0]]
     for i in order[1:]:

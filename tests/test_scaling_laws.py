@@ -144,3 +144,10 @@ def test_fit_input_errors():
         fit_law([1, 2], [1, 2], [1, 2])
     with pytest.raises(ValueError, match="loss must be finite and positive"):
         fit_law(*synthetic(0.0)[:2], np.zeros(36))
+
+
+def test_isoflop_envelope_refuses_empty_or_ragged_input():
+    with pytest.raises(ValueError, match="one entry per run"):
+        isoflop_envelope([], [], [])
+    with pytest.raises(ValueError, match="one entry per run"):
+        isoflop_envelope([1e6, 2e6], [1e9], [3.0, 2.9])
