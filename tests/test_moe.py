@@ -332,7 +332,7 @@ def test_mixtral_lb_loss_is_k_times_hf_and_layer_matches_hf():
     m.w_gate[...] = jnp.asarray(gate_up[:, :F].transpose(0, 2, 1))
     m.w_up[...] = jnp.asarray(gate_up[:, F:].transpose(0, 2, 1))
     m.w_down[...] = jnp.asarray(block.experts.down_proj.detach().numpy().transpose(0, 2, 1))
-    x = np.asarray(tokens(2, 10))
+    x = np.array(tokens(2, 10))  # a writable copy: torch.from_numpy warns on read-only arrays
     with torch.no_grad():
         want = block(torch.from_numpy(x)).numpy()
         logits = block.gate(torch.from_numpy(x))[0]
