@@ -54,7 +54,7 @@ from models.video import (
     generate,
 )
 from models.video.vae import denormalize, latent_stats, normalize, psnr
-from parallel import create_sharded, make_mesh
+from parallel import create_sharded, init_optimizer, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
 
 def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=max(1, p.vae_steps // 20), weight_decay=0.0)
-    opt_state = jax.jit(opt.init)(params)
+    opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
     start = 0
     if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
@@ -195,7 +195,7 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path):
 def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo):
     null = null_tokens(p.data.max_caption_len)
     opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=max(1, p.dit_steps // 20), weight_decay=0.0)
-    opt_state = jax.jit(opt.init)(params)
+    opt_state = init_optimizer(opt, params)  # moments sharded like their params
     ema = ema_init(params)  # float32 whatever param_dtype; restored as float32 too
     mgr = manager(out / "ckpt" / "t2v")
     start = 0

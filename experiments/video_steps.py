@@ -22,12 +22,14 @@ from parallel import logical_to_spec, shard_batch
 
 
 def shard(batch, mesh):
-    """`parallel.shard_batch`, plus per-example vectors [B] (labels, ids) sharded along the batch axes."""
+    """Rows along the batch axes: captions [B, L] as `parallel.shard_batch` does (L over 'sequence'); clips and
+    latents [B, T, ...] and per-example vectors [B] on the batch axes only (their frame axis, 1 + 4k long, is
+    not a token axis: the DiT shards its own tokens)."""
     def one(x):
         x = jnp.asarray(x)
-        if x.ndim == 1:
-            return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",), mesh)))
-        return shard_batch(x, mesh)
+        if x.ndim == 2:
+            return shard_batch(x, mesh)
+        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh)))
 
     return jax.tree.map(one, batch)
 

@@ -337,3 +337,27 @@ def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_wo
                        (dict(attn_pattern="local", sliding_window=2), "text.attn_pattern")):
         with pytest.raises(ValueError, match=field):
             TextToVideoConfig(dit=DIT, text=dataclasses.replace(TEXT, **bad))
+
+
+def test_vae_init_std_sets_every_convolution_and_ddpm_refuses_flow_time_settings():
+    vae = nnx.eval_shape(lambda: VideoVAE(dataclasses.replace(VAE, init_std=0.5), rngs=nnx.Rngs(0)))
+    real = VideoVAE(dataclasses.replace(VAE, init_std=0.5), rngs=nnx.Rngs(0))
+    stds = {jax.tree_util.keystr(k): float(jnp.std(v)) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(real))
+            if v.ndim >= 2 and v.size >= 256}
+    assert len(stds) == len([x for x in jax.tree.leaves(nnx.state(vae)) if x.ndim >= 2 and x.size >= 256])
+    assert all(0.4 < s < 0.6 for s in stds.values()), stds  # conv_in / conv_out / resamplers included
+    DiffusionConfig(kind="ddpm", prediction="eps")
+    with pytest.raises(ValueError, match="kind='ddpm' trains on uniform t"):
+        DiffusionConfig(kind="ddpm", prediction="eps", shift=3.0)
+
+
+def test_video_batches_shard_rows_not_frames_under_a_sequence_axis():
+    from experiments.video_steps import shard
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 4, "sequence": 2})
+    out = shard({"video": np.zeros((8, 5, 16, 16, 3), np.float32), "latents": np.zeros((8, 3, 8, 8, 8), np.float32),
+                 "tokens": np.zeros((8, 8), np.int32), "caption_id": np.zeros((8,), np.int32)}, mesh)
+    assert out["video"].sharding.spec[:2] == ("data", None) and out["latents"].sharding.spec[1] is None
+    assert tuple(out["tokens"].sharding.spec) == ("data", "sequence")
+    assert tuple(out["caption_id"].sharding.spec) == ("data",)

@@ -337,6 +337,9 @@ class DiffusionConfig:
         ok = ("velocity",) if self.kind == "flow" else ("eps", "v")
         need(self.prediction in ok, "prediction", f"{self.prediction!r} does not go with kind={self.kind!r}; use {ok}")
         need(self.logit_std > 0 and self.shift > 0, "shift", "logit_std and shift must be positive")
+        need(self.kind == "flow" or (self.shift, self.logit_mean, self.logit_std) == (1.0, 0.0, 1.0), "shift",
+             "shift / logit_mean / logit_std shape the flow's time distribution; kind='ddpm' trains on uniform t "
+             "and samples a uniform DDIM grid, so leave them at their defaults (1, 0, 1)")
         need(0 < self.alpha_bar_min < 1, "alpha_bar_min", "must be in (0, 1)")
         need(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")
 

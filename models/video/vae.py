@@ -111,11 +111,11 @@ class Resample(nnx.Module):
     """Down: fold 2 frames (causally) and/or 2×2 pixels into channels, then a linear map cin·k → cout.
     Up: the mirror image, a linear map cin → cout·k, then unfold."""
 
-    def __init__(self, cin, cout, time: bool, space: bool, up: bool, *, rngs, dtype):
+    def __init__(self, cin, cout, time: bool, space: bool, up: bool, *, rngs, dtype, std=None):
         self.time, self.space, self.up = time, space, up
         k = (2 if time else 1) * (4 if space else 1)
         fi, fo = (cin, cout * k) if up else (cin * k, cout)
-        self.w = param(rngs, (fi, fo), ("conv_in", "conv_out"), dtype, 1.0 / math.sqrt(fi))
+        self.w = param(rngs, (fi, fo), ("conv_in", "conv_out"), dtype, 1.0 / math.sqrt(fi) if std is None else std)
         self.b = param(rngs, (fo,), ("conv_out",), dtype, 0.0)
 
     def __call__(self, x):
@@ -134,12 +134,13 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs):
         pd, ch = dtype_of(cfg.param_dtype), cfg.channels
         self.cfg = cfg
-        self.conv_in = Conv(4 * cfg.in_channels, ch[0], cfg.kernel, rngs=rngs, dtype=pd, in_axis=None)
+        self.conv_in = Conv(4 * cfg.in_channels, ch[0], cfg.kernel, rngs=rngs, dtype=pd, std=cfg.init_std, in_axis=None)
         self.res = nnx.List([nnx.List([ResBlock(c, cfg, rngs=rngs) for _ in range(cfg.res_blocks)]) for c in ch])
-        self.down = nnx.List([Resample(ch[i], ch[i + 1], t, s, False, rngs=rngs, dtype=pd)
+        self.down = nnx.List([Resample(ch[i], ch[i + 1], t, s, False, rngs=rngs, dtype=pd, std=cfg.init_std)
                               for i, (t, s) in enumerate(cfg.down_kinds())])
         self.norm_out = param(rngs, (ch[-1],), ("norm",), pd)
-        self.conv_out = Conv(ch[-1], 2 * cfg.latent_channels, cfg.kernel, rngs=rngs, dtype=pd, out_axis=None)
+        self.conv_out = Conv(ch[-1], 2 * cfg.latent_channels, cfg.kernel, rngs=rngs, dtype=pd, std=cfg.init_std,
+                             out_axis=None)
 
     def __call__(self, x_BTHWC):
         x = self.conv_in(space_to_depth(x_BTHWC))
@@ -157,13 +158,15 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs):
         pd, ch = dtype_of(cfg.param_dtype), cfg.channels
         self.cfg = cfg
-        self.conv_in = Conv(cfg.latent_channels, ch[-1], cfg.kernel, rngs=rngs, dtype=pd, in_axis=None)
+        self.conv_in = Conv(cfg.latent_channels, ch[-1], cfg.kernel, rngs=rngs, dtype=pd, std=cfg.init_std,
+                            in_axis=None)
         self.res = nnx.List([nnx.List([ResBlock(c, cfg, rngs=rngs) for _ in range(cfg.res_blocks + 1)])
                              for c in ch])
-        self.up = nnx.List([Resample(ch[i + 1], ch[i], t, s, True, rngs=rngs, dtype=pd)
+        self.up = nnx.List([Resample(ch[i + 1], ch[i], t, s, True, rngs=rngs, dtype=pd, std=cfg.init_std)
                             for i, (t, s) in enumerate(cfg.down_kinds())])
         self.norm_out = param(rngs, (ch[0],), ("norm",), pd)
-        self.conv_out = Conv(ch[0], 4 * cfg.in_channels, cfg.kernel, rngs=rngs, dtype=pd, out_axis=None)
+        self.conv_out = Conv(ch[0], 4 * cfg.in_channels, cfg.kernel, rngs=rngs, dtype=pd, std=cfg.init_std,
+                             out_axis=None)
 
     def __call__(self, z_BTHWZ):
         x = self.conv_in(z_BTHWZ)
