@@ -116,9 +116,12 @@ class Checkpoints:
         if keep_best:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                                                           keep_checkpoints_without_metrics=False))
+        # best_fn makes orbax write the metrics to disk: without it a restarted run reads every old checkpoint
+        # back without metrics, and BestN (keep_checkpoints_without_metrics=False) dropped the best at the next save
+        best = dict(best_fn=lambda m: m["eval_loss"], best_mode="min") if keep_best else {}
         opts = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+            cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                     "loader": grain.checkpoint.CheckpointHandler()}
@@ -179,15 +182,17 @@ class Checkpoints:
             if check is not None:
                 check(meta)
             _check_fits(saved, abstract, self.dir / str(s))
-            items = dict(state=ocp.args.StandardRestore(abstract))
             if loader is not None and has_loader:
                 self._check_processes(s)
-                items["loader"] = grain.checkpoint.CheckpointRestore(_LoaderItem(loader))
             try:
-                out = self.mgr.restore(s, args=ocp.args.Composite(**items))
+                out = self.mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 got = fingerprint(out["state"])
                 if meta.get("fingerprint") != got or meta.get("step") != s:
                     raise ValueError(f"checksum {got} != saved {meta.get('fingerprint')}")
+                # the loader only once the state is known good: a bad step must not move the data stream
+                if loader is not None and has_loader:
+                    self.mgr.restore(s, args=ocp.args.Composite(
+                        loader=grain.checkpoint.CheckpointRestore(_LoaderItem(loader))))
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
                 self._corrupt(s, candidates, e)
                 continue

@@ -1,5 +1,6 @@
 """Checkpoint retention (README: "kept: last N + best eval"): Checkpoints(keep=N, keep_best=True) keeps the N
-newest steps plus the one with the lowest eval loss, and the kept best step restores the state saved with it."""
+newest steps plus the one with the lowest eval loss (also across a restart), and the kept best step restores the state
+saved with it; a corrupt state never moves the data loader."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +16,15 @@ def state_at(step):
 
 
 @pytest.mark.parametrize("keep_best", [True, False])
-def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best):
+@pytest.mark.parametrize("restart_at", [None, 3])  # 3: a new manager (a resumed run) after step 3's save
+def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best, restart_at):
     ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=keep_best, async_save=False, log=lambda *a: None)
     try:
         for i, (step, ev) in enumerate(EVALS):
+            if step - 1 == restart_at:  # the best so far (step 2) must survive the restart's first save
+                ckpt.close()
+                ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=keep_best, async_save=False,
+                                   log=lambda *a: None)
             ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=ev)
             # reference: the newest step, plus (keep_best) the lowest eval loss among the steps saved with one
             scored = [(e, s) for s, e in EVALS[: i + 1] if e is not None]
@@ -32,3 +38,35 @@ def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best):
             np.testing.assert_array_equal(state["params"]["w"], np.full((2, 3), float(best)))
     finally:
         ckpt.close()
+
+
+class PositionLoader:
+    """Stands for data.loader.LMLoader: just a position to save and restore."""
+
+    def __init__(self, position=0):
+        self.position = position
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
+    """The loader is restored only after the state passed its checksum: 'starting fresh' means from the start."""
+    import json
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    ckpt.save(4, state_at(4), {"config": "{}"}, eval_loss=1.0, loader=PositionLoader(40))
+    ckpt.close()
+    meta_file = tmp_path / "ckpt" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "fingerprint": "0" * 16}))  # the state no longer matches
+    lines, fresh = [], PositionLoader(0)
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lines.append)
+    try:
+        assert ckpt.restore(state_at(0), loader=fresh) is None
+    finally:
+        ckpt.close()
+    assert "no older checkpoint: starting fresh" in lines[0] and fresh.position == 0
