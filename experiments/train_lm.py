@@ -114,6 +114,12 @@ class Logger:
                 for e, x in enumerate(v):
                     self.tb.add_scalar(f"moe/load_expert{e}", x, record["step"])
 
+    def flush(self):
+        """TensorBoard's writer buffers for up to 2 minutes: flushed with every checkpoint, a killed run loses
+        no event that its checkpoint covers (those steps are never replayed)."""
+        if self.primary:
+            self.tb.flush()
+
     def close(self):
         if self.primary:
             self.jsonl.close()
@@ -375,6 +381,10 @@ def train(cfg, mesh_shape: dict) -> dict:
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not (t.progress and primary),
                dynamic_ncols=True)
     first_eval = last_eval = target_time = None
+    if restored is not None:  # checkpoints from before these were saved have none
+        first_eval, target_time = meta.get("first_eval"), meta.get("target_time_s")
+        last_eval = meta.get("eval_loss")
+        t_start = time.time() - meta.get("wall_s", time.time() - t_start)
     halted = None
     window = Throughput()
     step = start
@@ -441,7 +451,11 @@ def train(cfg, mesh_shape: dict) -> dict:
                 stopping = any_process(stop.signal is not None)
                 if step % t.save_every == 0 or step == t.steps or stopping:
                     with window.exclude():
-                        ckpt.save(step, state, {"config": cfg.to_json()}, eval_loss, loader=loader)
+                        log.flush()
+                        # the run's clock and first results travel with it, so a resumed run does not restart them
+                        ckpt.save(step, state, {"config": cfg.to_json(), "wall_s": time.time() - t_start,
+                                                "first_eval": first_eval, "target_time_s": target_time},
+                                  eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)
                 if t.kill_at == step:  # test hook: die right after this step

@@ -22,7 +22,8 @@ from experiments.config import load
 from parallel import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--preset", "tiny", "--set", "train.sample_tokens=0"]  # 12 steps, saves at 4, 8, 12, keeps 3
+# 12 steps, saves at 4, 8, 12, keeps 3; the eval target is first reached at step 4
+TINY = ["--preset", "tiny", "--set", "train.sample_tokens=0", "--set", "train.eval_target=5.3"]
 
 
 def launch(out, *extra, cache=None):
@@ -111,6 +112,11 @@ def test_kill9_and_resume_is_bit_identical(runs):
     assert_trees_equal(ref_state, state)
     loader_state = lambda run: (run / "ckpt" / "12" / "loader" / "process_0-of-1.json").read_text()  # noqa: E731
     assert loader_state(crashed) == loader_state(ref)  # the data position too
+    # the run's clock and first crossing of the eval target travel with the checkpoints: logged once, at step 4
+    targets = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"target"' in x]
+               for run in (ref, crashed)]
+    assert [[r["step"] for r in t] for t in targets] == [[4], [4]], targets
+    assert meta["target_time_s"] == targets[1][0]["wall_s"] and meta["first_eval"] == ref_meta["first_eval"]
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_0(runs):
