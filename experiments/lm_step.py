@@ -37,18 +37,24 @@ def decay_mask(params):
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str = "cosine",
                   min_lr_ratio: float = 0.1, decay_frac: float = 0.2):
-    """'cosine': linear warmup then cosine to min_lr_ratio·lr. 'wsd' (warmup-stable-decay, MiniCPM): linear
-    warmup, constant lr, then linear decay to min_lr_ratio·lr over the last decay_frac of the steps."""
-    warmup = max(warmup_steps, 1)
+    """LR by optimizer count (0 = the first update, total_steps - 1 = the last). warmup_steps updates ramp
+    linearly from 0 (none when 0: the first update gets the full lr). 'cosine': then cosine down to
+    min_lr_ratio·lr at the last update. 'wsd' (warmup-stable-decay, MiniCPM): then constant lr, and a linear
+    decay over the last round(decay_frac·total_steps) updates (at least 1), ending at min_lr_ratio·lr."""
+    last, w = max(total_steps - 1, 1), max(warmup_steps, 0)
+
+    def with_warmup(schedules, starts):  # starts: the counts at which schedules[1:] take over
+        if w:
+            schedules, starts = [optax.linear_schedule(0.0, lr, w), *schedules], [w, *starts]
+        return optax.join_schedules(schedules, starts) if starts else schedules[0]
+
     if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1),
-                                                  end_value=lr * min_lr_ratio)
+        return with_warmup([optax.cosine_decay_schedule(lr, max(last - w, 1), alpha=min_lr_ratio)], [])
     if kind == "wsd":
-        decay = max(int(total_steps * decay_frac), 1)
-        stable = max(total_steps - warmup - decay, 0)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr),
-             optax.linear_schedule(lr, lr * min_lr_ratio, decay)], [warmup, warmup + stable])
+        decay = max(round(total_steps * decay_frac), 1)
+        down = (optax.linear_schedule(lr, lr * min_lr_ratio, decay - 1) if decay > 1 else
+                optax.constant_schedule(lr * min_lr_ratio))
+        return with_warmup([optax.constant_schedule(lr), down], [max(total_steps - decay, w)])
     raise ValueError(f"schedule: unknown {kind!r}; use cosine or wsd")
 
 

@@ -136,11 +136,19 @@ def test_decay_mask_by_name_not_ndim():
 
 
 def test_schedules():
+    """By optimizer count: 0 is the first update, 99 the last of 100; the last one gets min_lr_ratio·lr."""
     cos = make_schedule(1.0, 100, 10, "cosine", 0.1)
     wsd = make_schedule(1.0, 100, 10, "wsd", 0.1, decay_frac=0.2)
-    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(100)) == pytest.approx(0.1)
-    assert [float(wsd(s)) for s in (5, 10, 50, 80)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
-    assert float(wsd(90)) == pytest.approx(0.55) and float(wsd(100)) == pytest.approx(0.1)
+    assert float(cos(0)) == 0.0 and float(cos(10)) == pytest.approx(1.0) and float(cos(99)) == pytest.approx(0.1)
+    mid = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 40 / 89))  # cosine over counts 10..99
+    assert float(cos(50)) == pytest.approx(mid)
+    assert [float(wsd(s)) for s in (5, 10, 50, 79, 80)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0])
+    assert float(wsd(90)) == pytest.approx(1 - 0.9 * 10 / 19) and float(wsd(99)) == pytest.approx(0.1)
+    for kind in ("cosine", "wsd"):  # no warmup: the first update gets the full lr
+        s = make_schedule(1.0, 100, 0, kind, 0.1)
+        assert float(s(0)) == pytest.approx(1.0) and float(s(99)) == pytest.approx(0.1)
+    short = make_schedule(1.0, 9, 2, "wsd", 0.1, decay_frac=0.1)  # round(0.9) = 1 update of decay: still reached
+    assert [float(short(s)) for s in (1, 7, 8)] == pytest.approx([0.5, 1.0, 0.1])
 
 
 def test_grad_accumulation_equals_one_big_batch():
