@@ -114,12 +114,15 @@ class NearDupIndex:
         self.cfg = cfg
         self._lsh = MinHashLSH(num_perm=cfg.num_perm, params=cfg.bands())
         self._sigs: dict = {}
+        self._order: dict = {}
         self._cut = cfg.confirm_at()
 
     def add(self, key, sig: np.ndarray):
         m = _minhash(self.cfg, sig.astype(np.uint64))
         best, best_j = None, -1.0
-        for other in self._lsh.query(m):
+        # the LSH answers in set order (it varies with PYTHONHASHSEED): candidates in insertion order, so a tie
+        # goes to the earliest representative in every process
+        for other in sorted(self._lsh.query(m), key=self._order.__getitem__):
             j = jaccard(sig, self._sigs[other])
             if j > best_j:
                 best, best_j = other, j
@@ -127,6 +130,7 @@ class NearDupIndex:
             return best
         self._lsh.insert(key, m)
         self._sigs[key] = sig
+        self._order[key] = len(self._order)
         return None
 
     def __len__(self):

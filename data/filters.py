@@ -37,7 +37,7 @@ DEFAULT_BOILERPLATE = (
     r"terms of (use|service)", r"subscribe to (our|the) newsletter", r"sign up (for free|now|today)",
     r"javascript (is )?(disabled|required)", r"enable javascript", r"lorem ipsum",
     r"share on (facebook|twitter|linkedin|weibo)", r"follow us on ", r"home ?[|>»] ?\w+",
-    r"版权所有", r"免责声明", r"隐私政策", r"关注我们的?(微信|公众号)", r"点击(这里|此处)(查看|下载|订阅)",
+    r"版权所有(?![者人方])", r"免责声明", r"隐私政策", r"关注我们的?(微信|公众号)", r"点击(这里|此处)(查看|下载|订阅)",
 )
 DEFAULT_PROMO = (
     "buy now", "click here", "free shipping", "limited time offer", "order now", "act now", "best price",
@@ -187,15 +187,16 @@ def words(text: str) -> list[str]:
 
 
 def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
-    """Remove lines matching any `cfg.boilerplate` rule (case-insensitive) → `(text, lines_removed, lines_total)`."""
-    n_lines = text.count("\n") + 1
+    """Remove lines matching any `cfg.boilerplate` rule (case-insensitive) → `(text, lines_removed,
+    non-blank lines)`: blank lines do not count, so a page reads the same with single or double line breaks."""
     low = text.lower()
     hit = [rx for lit, rx in cfg._boilerplate_re if lit in low and rx.search(low)]
+    lines = text.split("\n")
+    n_lines = sum(bool(ln.strip()) for ln in lines)
     if not hit:
         return text, 0, n_lines
-    lines = text.split("\n")
     kept = [ln for ln in lines if not any(rx.search(ln.lower()) for rx in hit)]
-    return "\n".join(kept), len(lines) - len(kept), len(lines)
+    return "\n".join(kept), len(lines) - len(kept), n_lines
 
 
 def _dup_fraction(items: list[str]) -> tuple[float, float]:
@@ -259,6 +260,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     n_words = len(ws)
     low = text.lower()
     latin = [w for w in ws if not _CJK.match(w)]
+    lettered = [w for w in latin if any(c.isalpha() for c in w)]
     nonspace = len(text) - sum(text.count(c) for c in " \n\t")
     alnum = sum(map(str.isalnum, text))
     digits = sum(map(str.isdigit, text))
@@ -271,8 +273,9 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
         "chars": len(text),
         "words": n_words,
         "cjk_chars": len(_CJK.findall(text)),
-        # mean word length only means something for space-separated scripts; needs a few latin words
-        "mean_word_len": sum(len(w) for w in latin) / len(latin) if len(latin) >= 10 else None,
+        # mean word length only means something for space-separated words: over tokens with a letter (numbers
+        # and dates in Chinese text are not words), and only with a few of them
+        "mean_word_len": sum(len(w) for w in lettered) / len(lettered) if len(lettered) >= 10 else None,
         "alpha_word_fraction": len(_ALPHA_WORD.findall(" ".join(ws))) / max(n_words, 1),
         "symbol_ratio": (nonspace - alnum) / max(nonspace, 1),
         "digit_ratio": digits / max(nonspace, 1),

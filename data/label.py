@@ -20,12 +20,15 @@ SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_dig
                   ("url_density", "max_url_density"))
 
 # (tag, keywords): plain words match whole lower-cased words, with punctuation split off ("theorem." and
-# "lemma," count); anything else (CJK, punctuation such as "def " or "self.") matches as a substring.
-# Counting is one word count plus a few `str.count` scans, so it costs far less than a regex per tag.
+# "lemma," count); anything else (CJK, punctuation such as "self.") matches as a substring, and a keyword that
+# starts with a newline matches at the start of a line, after its indentation ("\nimport " is a statement,
+# "import tariffs" mid-sentence is not). Counting is one word count plus a few `str.count` scans, so it costs far
+# less than a regex per tag.
 DEFAULT_DOMAINS = (
-    ("code", ("def ", "class ", "import ", "return ", "self.", "#include", "=>", "function(", "();", "elif ")),
-    ("math", ("theorem", "lemma", "proof", "equation", "integral", "matrix", "∑", "∫", "√", "≤", "≥", "定理", "证明",
-              "方程")),
+    ("code", ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nreturn ", "self.", "#include", "=>", "function(",
+              "();", "\nelif ")),
+    ("math", ("theorem", "lemma", "proof", "equation", "integral", "matrix", "∑", "∫", "√", "≤", "≥", "定理",
+              "证明：", "证明:", "方程组", "解方程", "方程式的")),
     ("science", ("experiment", "experiments", "hypothesis", "molecule", "molecules", "protein", "proteins",
                  "physics", "enzyme", "enzymes", "实验", "研究人员")),
     ("news", ("reported", "announced", "government", "minister", "president", "spokesperson", "记者", "报道",
@@ -83,9 +86,16 @@ def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
     low = text.lower()
     counts = collections.Counter(_WORD_PART.findall(low))
     n_words = max(len(words(low)), 1)
+    lines = None  # lines without their indentation, each after a newline: for the line-start keywords
     tags = []
     for tag, plain, other in cfg._split:
-        hits = sum(counts[w] for w in plain) + sum(low.count(k) for k in other)
+        hits = sum(counts[w] for w in plain)
+        for k in other:
+            if k.startswith("\n"):
+                lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in low.split("\n"))
+                hits += lines.count(k)
+            else:
+                hits += low.count(k)
         if hits >= cfg.min_hits and hits * 1000 / n_words >= cfg.min_hits_per_1k_words:
             tags.append(tag)
     return tags

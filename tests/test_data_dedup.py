@@ -85,3 +85,31 @@ def test_config_errors_name_the_field():
         DedupConfig(threshold=1.5)
     with pytest.raises(ValueError, match="num_perm"):
         DedupConfig(num_perm=4)
+
+
+
+_TIE = """
+import numpy as np
+from data.dedup import DedupConfig, NearDupIndex
+rng = np.random.default_rng(0)
+C = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+A, B = C.copy(), C.copy()
+A[0:30] = rng.integers(0, 2**32, 30, dtype=np.uint64).astype(np.uint32)
+B[30:60] = rng.integers(0, 2**32, 30, dtype=np.uint64).astype(np.uint32)  # as close to C as A, not to A
+idx = NearDupIndex(DedupConfig())
+assert idx.add("0:0", A) is None and idx.add("0:1", B) is None
+print(idx.add("0:2", C))
+"""
+
+
+def test_near_dup_ties_go_to_the_earliest_representative_in_every_process():
+    """The LSH answers in set order (it varies with PYTHONHASHSEED): a tie goes to the first indexed."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", _TIE], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, cwd=root, check=True).stdout.strip()
+            for seed in range(8)}
+    assert outs == {"0:0"}, outs

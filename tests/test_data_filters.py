@@ -173,3 +173,26 @@ def test_config_errors_name_the_field():
         QualityConfig(min_mean_word_len=12.0)
     with pytest.raises(ValueError, match="boilerplate"):
         QualityConfig(boilerplate=("([unclosed",))
+
+
+def test_zh_numbers_blank_lines_and_copyright_owner_do_not_misfire():
+    """Chinese news full of dates and counts is not judged by the mean length of its numbers; a page's boilerplate
+    fraction does not depend on blank lines; 版权所有者 (copyright owner) is not the footer 版权所有."""
+    from data.filters import QualityConfig, quality_filter, strip_boilerplate
+    from data.normalize import normalize_text
+
+    zh = normalize_text("2023年10月1日至7日国庆假期期间，全国国内旅游出游8.26亿人次，按可比口径同比增长71%。"
+                        "据交通运输部统计，10月1日全国共发送旅客5千万人次，10月2日约4千万人次，10月3日约3千万人次。"
+                        "北京市共接待游客1千万人次，上海市接待游客9百万人次。记者在现场看到，各大景区游人如织，"
+                        "多家酒店在假期前3天就已经满房。业内人士表示，假期消费市场的火热反映出经济持续恢复向好的态势。")
+    _, reason, signals = quality_filter(zh)
+    assert reason is None and signals["mean_word_len"] is None
+    body = ("The committee met on Tuesday to discuss the proposed changes to the city budget, which would increase "
+            "spending on public transport and reduce funding for road maintenance over the next three years.")
+    page = ["Privacy Policy", "Terms of Use", "We use cookies. Accept cookies to continue.", body]
+    assert [quality_filter(sep.join(page))[1] for sep in ("\n", "\n\n")] == ["boilerplate", "boilerplate"]
+    assert strip_boilerplate("\n\n".join(page), QualityConfig())[1:] == (3, 4)
+    owner = ("根据新修订的著作权法，版权所有者可以许可他人使用其作品。\n\n"
+             "版权所有人的通知送达后，平台应及时删除侵权内容。")
+    assert strip_boilerplate(owner, QualityConfig())[1] == 0
+    assert strip_boilerplate("版权所有 © 2024 某某公司\n正文", QualityConfig())[1] == 1  # the footer still goes
