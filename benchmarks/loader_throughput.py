@@ -1,6 +1,6 @@
 """Loader throughput: tokens/s of data.loader.LMLoader on the cleaned stdlib corpus vs what training eats.
 
-    python -m benchmarks.loader_throughput [--steps 400] [--target 400000]
+    python -m benchmarks.loader_throughput [--steps 400] [--consumed 40000]
 
 The reference training config (experiments/train_lm.py on this CPU) consumes batch 8 x seq 256 tokens
 per step at roughly 20-40 k tokens/s; the target is 10x the upper end. Measured for the byte tokenizer and

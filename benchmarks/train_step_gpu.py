@@ -82,8 +82,9 @@ def main(argv=None):
     res = run(cfg, batch, seq, args.steps)
     fpt = cfg.flops_per_token(seq, causal=True)
     peak = peak_flops(args.chip, "bf16")
-    out = {"device": str(jax.devices()[0]), "jax": jax.__version__, "attn_impl": cfg.attn_impl,
-           "params": cfg.param_count(), "batch": batch,
+    # the chip's name (e.g. 'NVIDIA H200' vs an NVL part), to check --chip's peak against
+    out = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "attn_impl": cfg.attn_impl, "params": cfg.param_count(), "batch": batch,
            "seq": seq, "flops_per_token": fpt, "chip": args.chip, "peak_bf16_flops": peak,
            "mfu": res["tokens_per_s"] * fpt / peak, **res}
     print(f"{out['device']}: {out['params'] / 1e9:.2f} B params, batch {batch} × seq {seq}: "
