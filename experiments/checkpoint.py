@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 
@@ -31,6 +32,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from experiments.lm_step import all_finite, per_device_set
+
+
+class _SavesBetweenEvals(logging.Filter):
+    """With `best_fn` set, orbax warns on every save that carries no metrics; here those are the saves between
+    evaluations, which are normal (LatestN keeps them, BestN ignores them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SavesBetweenEvals())
 
 
 class NonFiniteState(RuntimeError):
