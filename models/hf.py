@@ -434,9 +434,9 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
       memory at a time (parameters move to the host one layer at a time).
     A μP model (mup_base_width) is written with its readout multiplier folded into lm_head, so it loads back as
     a standard-parametrisation model with the same logits. Weight files of an earlier save in the folder are
-    removed first: transformers prefers a model.safetensors
-    over an index, so a stale one would be loaded instead of the new shards. With several processes every one
-    calls this (parameters sharded across them are gathered one layer at a time); process 0 writes the files.
+    removed first: transformers prefers a model.safetensors over an index, so a stale one would be loaded instead
+    of the new shards. With several processes every one calls this (parameters sharded across them are gathered
+    one layer at a time); process 0 writes the files.
     """
     cfg = model.cfg
     hf = config_to_hf(cfg)
@@ -457,7 +457,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
             per_layer = arr.shape[1:] if layers is not None else arr.shape
             experts = range(per_layer[0]) if "{e}" in name else [None]
             for e in experts:
-                index = tuple(x for x in (j if layers is not None else None, e) if x is not None)
+                index = (() if layers is None else (j,)) + (() if e is None else (e,))
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_to_host(a[ix]).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -76,11 +75,12 @@ def _mesh_axes(mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
 
 
-def logical_to_spec(names, mesh, shape=None, rules=None) -> P:
+def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: bool = False) -> P:
     """Map a tuple of logical names to a PartitionSpec for `mesh`.
 
     With `shape`, checks that each sharded dimension divides its mesh axes and raises a
-    ValueError naming the logical dimension, its size and the mesh axes otherwise.
+    ValueError naming the logical dimension, its size and the mesh axes otherwise (replicate_indivisible:
+    replicates that dimension instead, as REPLICATE_IF_INDIVISIBLE names always do).
     """
     rules = rules or _rules.get()
     sizes = _mesh_axes(mesh)
@@ -100,7 +100,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None) -> P:
             for a in axes:
                 n *= sizes[a]
             if shape[i] % n:
-                if name in REPLICATE_IF_INDIVISIBLE:
+                if replicate_indivisible or name in REPLICATE_IF_INDIVISIBLE:
                     axes = ()
                 else:
                     raise ValueError(
@@ -132,16 +132,8 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    if _lenient.get():
-        sizes = _mesh_axes(mesh)
-        names = tuple(n if n is None or x.shape[i] % math.prod(
-            sizes.get(a, 1) for a in _axes_of(n)) == 0 else None for i, n in enumerate(names))
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape))
-
-
-def _axes_of(name: str) -> tuple[str, ...]:
-    target = _rules.get().get(name)
-    return (target,) if isinstance(target, str) else tuple(target or ())
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape,
+                                                                replicate_indivisible=_lenient.get()))
 
 
 def mesh_axis_for(name: str) -> tuple[str | None, int]:
