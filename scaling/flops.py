@@ -46,7 +46,9 @@ class MoESpec:
     SwiGLU of total width `shared_mlp_dim` (default n_shared x expert_mlp_dim), a router [d_model,
     n_experts] and a selection bias [n_experts] (no FLOPs). `moe_every=k`: layers k-1, 2k-1, ... are
     MoE, the rest dense. `capacity_factor` (> 1 only for capacity dispatch) scales the *executed*
-    routed-expert FLOPs (`matmul_flops_per_token(executed=True)`); model FLOPs never include it."""
+    routed-expert FLOPs (`matmul_flops_per_token(executed=True)`); model FLOPs never include it.
+    `dispatch` ('capacity' | 'dropless') and `dropless_impl` (models.moe's) only change the memory model: dropless
+    through capacity buffers (impl 'capacity', or 'auto' with experts sharded) runs C = T slots per expert."""
 
     n_experts: int
     top_k: int
@@ -55,8 +57,12 @@ class MoESpec:
     shared_mlp_dim: int | None = None
     moe_every: int = 1
     capacity_factor: float = 1.0
+    dispatch: str = "capacity"
+    dropless_impl: str = "auto"
 
     def __post_init__(self):
+        if self.dispatch not in ("capacity", "dropless"):
+            raise ValueError(f"MoESpec.dispatch must be 'capacity' or 'dropless', got {self.dispatch!r}")
         if self.n_experts < 1:
             raise ValueError(f"MoESpec.n_experts must be >= 1, got {self.n_experts}")
         if not 1 <= self.top_k <= self.n_experts:
@@ -126,7 +132,8 @@ def _moe_of(cfg) -> MoESpec | None:
         n_experts=int(n), top_k=int(_first(src, ("top_k", "experts_per_token", "num_experts_per_tok"), 1)),
         expert_mlp_dim=f, n_shared_experts=shared, shared_mlp_dim=_first(src, ("shared_mlp_dim",)),
         moe_every=int(_first(cfg, ("moe_every",), _first(src, ("moe_every",), 1))),
-        capacity_factor=float(_first(src, ("capacity_factor",), 1.0)) if capacity else 1.0)
+        capacity_factor=float(_first(src, ("capacity_factor",), 1.0)) if capacity else 1.0,
+        dispatch="capacity" if capacity else "dropless", dropless_impl=str(getattr(src, "dropless_impl", "auto")))
 
 
 def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec | None = None) -> LMShape:

@@ -11,16 +11,17 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
 - activations = L_local · B_l·T_l · saved_per_token(layer, remat) — what the backward pass needs,
   per remat policy (`saved_bytes_per_token`: an upper bound that XLA meets to 75-103% for the
   dot-saving policies; tests/test_scaling_memory.py states every tolerance);
-- working set = B_l·T_l · (one layer's full forward residuals, live while that layer's backward
-  runs or is rematerialised, + the logits/loss buffers);
+- working set = B_l·T_l · (the full forward residuals of one scan group, i.e. one pattern period of layers
+  such as local + global or dense + MoE, live while its backward runs or is rematerialised, + the
+  logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup.
 Pipeline parallelism's in-flight micro-batches and XLA's fragmentation are not modelled.
 
-The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores `top_k`
-experts' activations per token and a blocked sliding-window kernel stores (R + 1)·C scores per query
-(`executed_keys`); tests/test_scaling_memory.py compares whole-step temp bytes with
-`compiled.memory_analysis()` (the windowed kernel's K/V copies are not modelled yet: docs/scaling.md).
+The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores its
+experts' rows per token (capacity buffers: E·C/T, `routed_slots_per_token`) and a blocked sliding-window kernel
+(R + 1)·C scores per query (`executed_keys`) and its windowed K / V copies; tests/test_scaling_memory.py
+compares whole-step temp bytes with `compiled.memory_analysis()`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from scaling.flops import LMShape, executed_keys, lm_shape, model_kernel
+from scaling.flops import executed_keys, lm_shape, model_kernel
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "fp8": 1, "bf16": 2, "f32": 4}
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -182,7 +183,8 @@ class MemoryBreakdown:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
                 (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
-                ("working set (1 layer + logits)", self.working), ("gathered weights (FSDP)", self.transient_weights),
+                ("working set (1 scan group + logits)", self.working),
+                ("gathered weights (FSDP)", self.transient_weights),
                 ("total", self.total)]
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows)
 
@@ -203,10 +205,14 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             inputs/outputs, q, k, v, o, SiLU pieces; float32 scores and
                             probabilities, the broadcast bool mask (and the probabilities cast
                             to c for PV when c is not float32).
-    MoE layers store the routed `top_k` experts' F-terms plus shared experts'. kernel='flash' (a fused
-    attention kernel, e.g. cuDNN / Pallas flash attention) stores no scores, only a float32
-    log-sum-exp per query and head (S·N·bytes -> 4·N); 'dense' stores all T scores; 'blocked'
-    (models.sliding_window) its (R + 1)·C.
+    MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
+    per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
+    routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
+    down-projection output (c·X·D) and the float32 combine (4·D); none adds the dispatched rows (c·X·D) and the
+    float32 rows gathered back for the combine (4·top_k·D). kernel='flash' (a fused attention kernel, e.g. cuDNN /
+    Pallas flash attention) stores no scores, only a float32 log-sum-exp per query and head (S·N·bytes -> 4·N);
+    'dense' stores all T scores; 'blocked' (models.sliding_window) its (R + 1)·C, and under none also its windowed
+    K / V copies (2·c·KH·S / C).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
@@ -217,27 +223,46 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     NH = s.n_heads * s.head_dim / _axis_product("act_heads", mesh, s.n_heads, rules)
     KH = s.kv_heads * s.head_dim / _axis_product("act_kv_heads", mesh, s.kv_heads, rules)
     N = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
-    width = _mlp_width(s, s.moe is not None if moe_layer is None else moe_layer)
-    F = width / _axis_product("act_mlp", mesh, width, rules)
+    local = lambda w: w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0  # noqa: E731
+    routed = moe_saved = moe_none = 0.0
+    if s.moe is not None and (moe_layer is None or moe_layer):
+        m = s.moe
+        X = routed_slots_per_token(s, seq_len, _axis_product("expert", mesh, m.n_experts, rules))
+        F2, routed = local(_shared_width(m)), X * local(m.expert_mlp_dim)
+        moe_saved, moe_none = c * X * D + 4 * D, c * X * D + 4 * m.top_k * D
+    else:
+        F2 = local(s.mlp_dim)  # the width the 2-D (batch-free) products produce
     flash = kernel == "flash"
     S = 0.0 if flash else executed_keys(seq_len, window, kernel, block)
     lse = 4 * N if flash and remat != "full" else 0.0
     if remat == "full":
         return c * D
     if remat == "save_dots_no_batch":
-        return c * (2 * D + NH + 2 * KH + 2 * F)
+        return c * (2 * D + NH + 2 * KH + 2 * F2)
     if remat == "save_dots":
-        return c * (2 * D + 2 * NH + 2 * KH + 2 * F) + 4 * N * S + lse
-    return c * (6 * D + 2 * NH + 2 * KH + 5 * F) + N * S * (8 + 1 + (c if c != 4 else 0)) + lse
+        return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
+    kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
+    return (c * (6 * D + 2 * NH + 2 * KH + 5 * (F2 + routed)) + moe_none + kv_windows
+            + N * S * (8 + 1 + (c if c != 4 else 0)) + lse)
 
 
-def _mlp_width(s: LMShape, moe_layer: bool) -> int:
-    """Per-token MLP width that produces activations: dense mlp_dim, or top_k routed + shared experts."""
-    if s.moe is None or not moe_layer:
-        return s.mlp_dim
-    m = s.moe
-    shared = m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
-    return m.top_k * m.expert_mlp_dim + shared
+def _shared_width(m) -> int:
+    return m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
+
+
+def routed_slots_per_token(cfg, seq_len: int, expert_shards: int = 1) -> float:
+    """Expert rows per token an MoE layer's routed experts run (models.moe): E·C / T with capacity buffers
+    (C = ceil(top_k·T·CF / E) clamped to [1, T]; dropless through capacity buffers, i.e. `dropless_impl`
+    'capacity' or 'auto' with experts sharded over `expert_shards` > 1 devices: C = T), top_k for the sorted
+    dropless kernels."""
+    m, T = lm_shape(cfg).moe, int(seq_len)
+    if m.dispatch == "capacity":
+        C = max(1, min(T, math.ceil(m.top_k * T * m.capacity_factor / m.n_experts)))
+    elif m.dropless_impl == "capacity" or (m.dropless_impl == "auto" and expert_shards > 1):
+        C = T
+    else:
+        return float(m.top_k)
+    return m.n_experts * C / T
 
 
 def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: int, *, remat: str | None = None,
@@ -281,13 +306,17 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
                                    block=block, rules=rules, moe_layer=m) for w, m in layers]
     acts = local_tokens * sum(saved) / stage
-    # the working set is one layer's residuals as its kernel computes them (block-causal: the executed blocks)
+    # the working set: residuals as each layer's kernel computes them (block-causal: the executed blocks)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
-    one_layer = max(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
-                                          kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
-                    for w, m in layers)
+    # models.Transformer scans groups of one pattern period P (local + global, dense + MoE, ...): XLA keeps the
+    # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
+    P = next(p for p in range(1, len(layers) + 1)
+             if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
+    group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
+                                      kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
+                for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
-    working = local_tokens * (one_layer + 3 * 4 * v_local + 2 * cb * s.d_model)
+    working = local_tokens * (group + 3 * 4 * v_local + 2 * cb * s.d_model)
 
     transient = 0.0
     if mesh.get("fsdp", 1) > 1:
