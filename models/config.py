@@ -102,8 +102,23 @@ class TransformerConfig:
             if not cond:
                 raise ValueError(f"TransformerConfig.{field}: {msg}")
 
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
-            need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        # sizes must be ints: a float from JSON / YAML (256.0) would otherwise fail deep inside JAX, and a
+        # fractional moe_every would silently build a dense model
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len", "swa_block",
+                  "pipeline_microbatches", "moe_every"):
+            v = getattr(self, f)
+            need(_is_int(v) and v > 0, f, f"must be a positive int, got {v!r}")
+        for f in ("attn_block", "mup_base_width"):
+            v = getattr(self, f)
+            need(v is None or (_is_int(v) and v > 0), f, f"must be a positive int or None, got {v!r}")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+             f"must be a models.RopeScaling or None, got {type(self.rope_scaling).__name__} (for a Hugging Face "
+             "rope_scaling dict, build RopeScaling(kind=..., factor=..., ...) or load with models.hf)")
+        need(self.moe is None or type(self.moe).__name__ == "MoEConfig", "moe",
+             f"must be a models.moe.MoEConfig or None, got {type(self.moe).__name__}")
+        need(self.sliding_window is None or _is_int(self.sliding_window) or isinstance(self.sliding_window, tuple),
+             "sliding_window", f"must be an int, a tuple of ints (one per local layer; not bools) or None, got "
+             f"{self.sliding_window!r}")
         for f in ("n_kv_heads", "head_dim"):  # None means the default; 0 or True must not quietly mean it too
             v = getattr(self, f)
             need(v is None or (_is_int(v) and v > 0), f, f"must be a positive int or None (the default), got {v!r}")
@@ -129,18 +144,14 @@ class TransformerConfig:
             need(getattr(self, f) is None or getattr(self, f) > 0, f, "must be positive or None")
         need(self.swa_impl in ("auto", "blocked", "cudnn", "splash", "dense"), "swa_impl",
              f"unknown {self.swa_impl!r}; use auto, blocked, cudnn, splash or dense")
-        need(self.swa_block > 0, "swa_block", "must be positive")
-        need(self.attn_block is None or self.attn_block > 0, "attn_block", "must be positive or None")
         need(self.matmul_impl in ("auto", "plain", "transposed_grad"), "matmul_impl",
              f"unknown {self.matmul_impl!r}; use auto, plain or transposed_grad")
-        need(isinstance(self.scan_unroll, bool) or self.scan_unroll >= 1, "scan_unroll",
+        need(isinstance(self.scan_unroll, bool) or (_is_int(self.scan_unroll) and self.scan_unroll >= 1),
+             "scan_unroll",
              f"must be True (unroll every layer) or an int >= 1, got {self.scan_unroll!r}")
-        need(self.pipeline_microbatches > 0, "pipeline_microbatches", "must be positive")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
-        need(self.mup_base_width is None or self.mup_base_width > 0, "mup_base_width", "must be positive or None")
         need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
              "μP scales the readout separately from the embedding; set tie_embeddings=False")
-        need(self.moe_every >= 1, "moe_every", f"must be >= 1, got {self.moe_every}")
         need(self.moe is None or self.moe_every <= self.n_layers, "moe_every",
              f"{self.moe_every} > n_layers={self.n_layers}: no layer would be MoE; lower it or set moe=None")
         need(self.moe is None or self.moe.mlp_act == self.mlp_act, "moe",
@@ -229,8 +240,12 @@ class TransformerConfig:
 
         return (3 if training else 1) * forward_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
-    def kv_cache_bytes(self, batch: int, seq_len: int, bytes_per: int = 4) -> int:
-        return 2 * self.n_layers * batch * seq_len * self.kv_heads * self.hd * bytes_per
+    def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str | None = None) -> int:
+        """Bytes of `KVCache.zeros(cfg, batch, seq_len)`: local layers keep only their window's slots; dtype
+        defaults to the compute dtype, as the cache does."""
+        from scaling.memory import kv_cache_bytes
+
+        return kv_cache_bytes(self, batch, seq_len, dtype=dtype or self.dtype)
 
 
 def _is_int(v) -> bool:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.transformer import KVCache
+from models.transformer import KVCache, check_token_ids
 
 
 def _check_top_k(top_k):
@@ -65,15 +66,17 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
     top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
     """
-    prompt_BP = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt_BP.ndim != 2:
-        raise ValueError(f"prompt_tokens must be [batch, length], got shape {prompt_BP.shape}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size).astype(jnp.int32)  # ints in [0, V)
+    if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
+        raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
+    if isinstance(rng, numbers.Number):
+        raise ValueError(f"rng must be a key, jax.random.key({rng!r}), not a bare {type(rng).__name__}")
     _check_top_k(top_k)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")

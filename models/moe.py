@@ -66,10 +66,13 @@ class MoEConfig:
             if not cond:
                 raise ValueError(f"MoEConfig.{field}: {msg}")
 
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
         for f in ("n_experts", "top_k", "expert_mlp_dim"):
-            need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+            v = getattr(self, f)
+            need(is_int(v) and v > 0, f, f"must be a positive int, got {v!r}")
         need(self.top_k <= self.n_experts, "top_k", f"{self.top_k} > n_experts={self.n_experts}; pick at most E")
-        need(self.n_shared_experts >= 0, "n_shared_experts", f"must be >= 0, got {self.n_shared_experts}")
+        need(is_int(self.n_shared_experts) and self.n_shared_experts >= 0, "n_shared_experts",
+             f"must be an int >= 0, got {self.n_shared_experts!r}")
         need(self.router in ("softmax", "sigmoid"), "router", f"unknown {self.router!r}; use softmax or sigmoid")
         need(0 <= self.router_jitter < 1, "router_jitter", f"must be in [0, 1), got {self.router_jitter}")
         need(self.dispatch in ("dropless", "capacity"), "dispatch",
@@ -139,6 +142,7 @@ class MoE(nnx.Module):
         The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
         """
         cfg, (B, T, D), K = self.cfg, x_BTD.shape, self.cfg.top_k
+        valid_BT = None if valid_BT is None else jnp.asarray(valid_BT).astype(bool)  # 0/1 ints: `&`, `~` stay logical
         x_BTD = x_BTD.astype(compute_dtype)
         xr_BTD = x_BTD.astype(jnp.float32)
         if rng is not None and cfg.router_jitter > 0:
@@ -306,7 +310,7 @@ def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int, va
     gate_BTK = jnp.where(kept_BTK, weights_BTK, 0.0)
     y_BTD = jnp.einsum("btk,btkd->btd", gate_BTK, y_BAD.reshape(B, T, K, D).astype(jnp.float32))
     v_BT1 = jnp.ones((B, T, 1), jnp.float32) if valid_BT is None else valid_BT[..., None].astype(jnp.float32)
-    dropped = jnp.sum(v_BT1 * (~kept_BTK)) / jnp.maximum(jnp.sum(v_BT1) * K, 1.0)
+    dropped = jnp.sum(v_BT1 * jnp.logical_not(kept_BTK)) / jnp.maximum(jnp.sum(v_BT1) * K, 1.0)
     return y_BTD.astype(x_BTD.dtype), dropped
 
 

@@ -43,6 +43,20 @@ def rms_norm(x, scale, eps, offset: float = 0.0):
     return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
 
 
+def check_token_ids(tokens_BT, vocab_size: int):
+    """tokens_BT as given, after checking it holds integer ids in [0, vocab_size) when its values are known
+    (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error."""
+    tokens_BT = jnp.asarray(tokens_BT)
+    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens_BT.dtype}; cast with .astype(jnp.int32)")
+    if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+        lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
+                             "ignore index such as -100 belongs in the targets' weights, not in the inputs)")
+    return tokens_BT
+
+
 def pattern_period(cfg: TransformerConfig) -> int:
     """Smallest P dividing n_layers such that layer i behaves like layer i mod P (window and MLP kind)."""
     kinds, L = tuple(zip(cfg.layer_windows(), cfg.moe_layers())), cfg.n_layers
@@ -273,6 +287,14 @@ class Transformer(nnx.Module):
     def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng):
         cfg = self.cfg
         B, T = tokens_BT.shape
+        tokens_BT = check_token_ids(tokens_BT, cfg.vocab_size)
+        if padding_mask_BT is not None:
+            padding_mask_BT = jnp.asarray(padding_mask_BT)
+            if padding_mask_BT.dtype != jnp.bool_:  # a tokenizer's 0/1 attention_mask is fine
+                if not jnp.issubdtype(padding_mask_BT.dtype, jnp.integer):
+                    raise ValueError(f"padding_mask_BT must be bool (True = real token) or 0/1 ints, got "
+                                     f"{padding_mask_BT.dtype}")
+                padding_mask_BT = padding_mask_BT != 0
         length = cache.length if cache is not None else 0
         inv_freq = inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
         rope_cs = None

@@ -58,9 +58,22 @@ _rules: contextvars.ContextVar[Mapping[str, MeshAxes]] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def use_rules(**overrides: MeshAxes):
-    """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`."""
-    token = _rules.set(MappingProxyType({**_rules.get(), **overrides}))
+def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: MeshAxes):
+    """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`. A misspelt logical name or
+    mesh axis raises (it would silently change nothing, or replicate); logical names your own modules add go in
+    `new_names`, e.g. `use_rules({'my_axis': 'tensor'})`."""
+    from parallel.mesh import AXES
+
+    current = _rules.get()
+    unknown = sorted(set(overrides) - set(current))
+    if unknown:
+        raise ValueError(f"use_rules: no logical axis {unknown} in the rules table (known: {sorted(current)}); "
+                         "pass names your own modules add as use_rules({'name': axes})")
+    for name, target in {**(new_names or {}), **overrides}.items():
+        bad = [a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a not in AXES]
+        if bad:
+            raise ValueError(f"use_rules: {name}={target!r} names mesh axes {bad}; use names from {AXES} or None")
+    token = _rules.set(MappingProxyType({**current, **(new_names or {}), **overrides}))
     try:
         yield
     finally:

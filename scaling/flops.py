@@ -367,13 +367,17 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
     """Inference FLOPs to generate one token with `context_len` tokens already in the KV cache.
 
     Each layer attends to min(window, context_len + 1) keys. A fixed-size cache kernel that scores
-    every slot (models.generate) executes `cache_len` keys per layer instead: pass it.
+    every slot (models.generate) executes more: pass its `cache_len` (KVCache.zeros' max_len). Global layers
+    then score `cache_len` keys, local ones their W-slot rolling buffer plus the new token (W + 1; `cache_len`
+    when W >= cache_len, since the layer then keeps a full cache).
     """
     s = lm_shape(cfg, windows=windows, moe=moe)
     keys = 0.0
     for w in s.windows:
-        live = context_len + 1 if w is None else min(w, context_len + 1)
-        keys += live if cache_len is None else cache_len
+        if cache_len is None:
+            keys += context_len + 1 if w is None else min(w, context_len + 1)
+        else:
+            keys += cache_len if w is None or w >= cache_len else w + 1
     return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
 
 

@@ -135,6 +135,11 @@ def _check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
     if hasattr(mesh, "axis_names"):  # a real jax Mesh
         mesh = dict(zip(mesh.axis_names, mesh.axis_sizes))
     mesh = dict(mesh)
+    from parallel.mesh import AXES
+
+    unknown = sorted(set(mesh) - set(AXES))
+    if unknown:  # a misspelt axis would silently count as one device
+        raise ValueError(f"mesh axes {unknown} are unknown; use names from {AXES}")
     for a, n in mesh.items():
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"mesh[{a!r}] = {n!r}: axis sizes must be positive ints (resolve -1 first)")

@@ -73,6 +73,12 @@ def test_sampled_generate_is_seeded(model):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="rng"):
         generate(model, prompt, 2, temperature=1.0)
+    for kw, words in [(dict(rng=7, temperature=1.0), "jax.random.key"), (dict(temperature=float("nan")), "finite"),
+                      (dict(max_new_tokens=3.5), "max_new_tokens"), (dict(prompt_tokens=prompt[:, :0]), "length >= 1"),
+                      (dict(prompt_tokens=prompt + model.cfg.vocab_size), "vocab_size")]:
+        args = {"prompt_tokens": prompt, "max_new_tokens": 2, **kw}
+        with pytest.raises(ValueError, match=words):
+            generate(model, **args)
 
 
 def _reference_filter(logits_BV, temperature, top_k, top_p):

@@ -60,6 +60,9 @@ def test_local_cache_memory_does_not_grow_with_length():
     assert windows == (3, None)
     assert short.k[0].shape == long.k[0].shape == (2, 1, 3, 2, 8)  # local: W slots, whatever the length
     assert (short.k[1].shape[2], long.k[1].shape[2]) == (64, 4096)  # global: grows
+    for cfg in (CFG, dataclasses.replace(CFG, dtype="bfloat16")):  # the config's own count: slots and dtype
+        cache = KVCache.zeros(cfg, 3, 64)
+        assert cfg.kv_cache_bytes(3, 64) == sum(x.nbytes for x in cache.k + cache.v)
 
 
 def test_chunked_prefill_longer_than_the_window():

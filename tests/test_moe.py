@@ -416,7 +416,9 @@ def test_stacked_layers_under_scan_and_remat_equal_unrolled():
 def test_config_validation_and_accounting():
     for bad, field in [(dict(top_k=9), "top_k"), (dict(router="relu"), "router"), (dict(dispatch="x"), "dispatch"),
                        (dict(dropless_impl="x"), "dropless_impl"), (dict(capacity_factor=0), "capacity_factor"),
-                       (dict(router_jitter=1.0), "router_jitter"), (dict(mlp_act="relu"), "mlp_act")]:
+                       (dict(router_jitter=1.0), "router_jitter"), (dict(mlp_act="relu"), "mlp_act"),
+                       (dict(top_k=2.0), "top_k"), (dict(n_experts=8.0), "n_experts"),
+                       (dict(n_shared_experts=1.0), "n_shared_experts")]:
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
     cfg = CASES["deepseek-gmm"][0]

@@ -202,14 +202,16 @@ def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
     assert executed <= xla <= 1.07 * executed, xla / executed
 
 
-def test_decode_flops_match_cost_analysis():
-    cfg = dataclasses.replace(CONFIGS[0], scan_layers=False)
+@pytest.mark.parametrize("pattern", [{}, {"attn_pattern": "alternating", "sliding_window": 8}])
+def test_decode_flops_match_cost_analysis(pattern):
+    """Global layers score all S slots; local ones their W-slot rolling buffer plus the new token."""
+    cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
     B, S = 2, 256
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: KVCache.zeros(cfg, B, S))
     tok = jax.ShapeDtypeStruct((B, 1), jnp.int32)
     xla = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c), state, tok, cache)
-    ours = decode_flops_per_token(cfg, 100, cache_len=S) * B  # the cache kernel scores all S slots
+    ours = decode_flops_per_token(cfg, 100, cache_len=S) * B
     assert ours <= xla <= 1.1 * ours, xla / ours
     assert decode_flops_per_token(cfg, 100) < decode_flops_per_token(cfg, 100, cache_len=S)
 

@@ -7,6 +7,8 @@ import pytest
 
 from models import TransformerConfig
 from parallel import logical_to_spec, make_mesh
+from parallel.rules import use_rules
+from scaling.memory import memory_per_device
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, qkv_bias=True)
 
@@ -19,6 +21,16 @@ def test_rules_errors_and_fallbacks():
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, shape=(32, 1, 8)) == jax.P(None, None, None)
     # axes absent from the mesh drop out: fsdp is not in this mesh
     assert logical_to_spec(("embed", "vocab"), mesh) == jax.P(None, "tensor")
+    # overrides: a misspelt logical name or mesh axis raises instead of changing nothing / replicating
+    with use_rules(embed="data"):
+        assert logical_to_spec(("embed", "vocab"), mesh) == jax.P("data", "tensor")
+    with use_rules({"my_axis": "tensor"}):  # a logical name of the user's own module
+        assert logical_to_spec(("my_axis",), mesh) == jax.P("tensor")
+    for kw, words in [(dict(embd=None), "no logical axis"), (dict(embed="fsdp_"), "names mesh axes")]:
+        with pytest.raises(ValueError, match=words), use_rules(**kw):
+            pass
+    with pytest.raises(ValueError, match="unknown"):  # the memory model: a typo would count as one device
+        memory_per_device(CFG, {"fsdp_": 8}, 8, 64)
 
 
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),

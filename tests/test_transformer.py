@@ -276,6 +276,11 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     # values that used to give NaN logits or silently drop a setting
     ("rope_theta", 0.0, "rope_theta"), ("norm_eps", -1e-6, "norm_eps"),
     ("sliding_window", 4, "sliding_window: is set but attn_pattern='global'"),
+    # sizes from JSON / YAML as floats: they used to fail inside JAX (or, moe_every=1.5, build a dense model)
+    ("vocab_size", 64.0, "vocab_size: must be a positive int"), ("swa_block", 16.0, "swa_block"),
+    ("attn_block", 8.5, "attn_block"), ("scan_unroll", 2.0, "scan_unroll"), ("moe_every", 1.5, "moe_every"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling: must be a models.RopeScaling"),
+    ("moe", {"n_experts": 4}, "moe: must be a models.moe.MoEConfig"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
@@ -300,3 +305,20 @@ def test_bool_sliding_window_is_refused(window):
     """True is an int in Python: it must not become a window of 1."""
     with pytest.raises(ValueError, match="sliding_window.*bools"):
         dataclasses.replace(CFG, attn_pattern="local", sliding_window=window)
+
+
+def test_bad_token_ids_and_masks_are_refused_or_read_as_ints():
+    """Ids >= V gathered NaN rows that spread to the whole row, -1 wrapped to the last id; a 0/1 int padding
+    mask (a tokenizer's attention_mask) is the bool mask."""
+    cfg = dataclasses.replace(CFG, n_layers=1)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    for bad in (cfg.vocab_size, -1):
+        with pytest.raises(ValueError, match=f"vocab_size={cfg.vocab_size}"):
+            model(jnp.array([[1, bad, 2]]))
+    with pytest.raises(ValueError, match="integer ids"):
+        model(jnp.array([[1.0, 2.0]]))
+    tok = jnp.array([[3, 4, 5, 0]])
+    mask = jnp.array([[1, 1, 1, 0]])
+    np.testing.assert_array_equal(model(tok, padding_mask_BT=mask), model(tok, padding_mask_BT=mask.astype(bool)))
+    with pytest.raises(ValueError, match="padding_mask_BT must be bool"):
+        model(tok, padding_mask_BT=mask.astype(jnp.float32))
