@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
+from experiments.checkpoint import fingerprint
 from experiments.lm_step import make_optimizer
 from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
 from experiments.video_steps import (
@@ -132,6 +133,11 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
         if (latest := latest_meta(manager(out / "ckpt" / stage))) is None:
             continue
         step, saved = latest
+        asked = {"vae": p.vae_steps, "t2v": p.dit_steps}[stage]
+        if step > asked:  # evaluating it would report a longer-trained model under the shorter run's name
+            flag = {"vae": "--vae-steps", "t2v": "--dit-steps"}[stage]
+            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} is at step {step}, past {flag} {asked}; pass "
+                             f"{flag} >= {step}, a fresh --out, or --fresh")
         if "settings" not in saved:
             print(f"{stage}: checkpoint {step} predates saved settings; resuming it unchecked")
             continue
@@ -170,11 +176,11 @@ def latents_made_by(p: Preset) -> str:
                        "n_latents": p.n_latents, "eval_batch": p.eval_batch, "data": repr(p.data)}, sort_keys=True)
 
 
-def encode_latents(p: Preset, encode, cache: pathlib.Path):
+def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str = ""):
     """Posterior means of n_latents training clips (cached), their tokens and caption ids.
-    encode: [eval_batch, T, H, W, 3] → latents. The cache is used only if made by the same VAE training (a run
-    resumed with more --vae-steps has another encoder), clip count and data."""
-    made_by = latents_made_by(p)
+    encode: [eval_batch, T, H, W, 3] → latents. The cache is used only if made by the same VAE (its settings and
+    its parameters' `fingerprint`: a VAE retrained with another seed has another encoder), clip count and data."""
+    made_by = json.dumps({"settings": latents_made_by(p), "vae_params": vae_fingerprint}, sort_keys=True)
     if cache.exists():
         f = np.load(cache)
         if "made_by" in f and str(f["made_by"]) == made_by:
@@ -274,7 +280,8 @@ def main(argv=None):
         enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
         dec = jax.jit(lambda vp, z: nnx.merge(vae_gd, vp).decode(z))
         t1 = time.time()
-        lat, tokens, combo = encode_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out / "latents.npz")
+        lat, tokens, combo = encode_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out / "latents.npz",
+                                            fingerprint(vae_params))
         stats = latent_stats(lat)
         z = np.asarray(normalize(lat, stats))
         (out / "latent_stats.json").write_text(json.dumps({"mean": stats[0].tolist(), "std": stats[1].tolist()}))
@@ -321,7 +328,8 @@ def main(argv=None):
     null_row = results[("null prompt", "seen")]
     timings["total_s"] = time.time() - t0
     save_results(out / "results.json", results, {"vae_psnr_heldout_db": vae_psnr, "real_clips_vae": real_row,
-                                                 "chance": chance_row(), "targets_met": targets, "timings": timings})
+                                                 "chance": chance_row(), "targets_met": targets, "timings": timings,
+                                                 "vae_steps": p.vae_steps, "dit_steps": p.dit_steps, "seed": args.seed})
     (out / "results.md").write_text(md + "\n")
     print(md)
     print(f"targets at CFG {max(scales):g}: {targets}; null prompt colour {100 * null_row['colour']:.1f}% "

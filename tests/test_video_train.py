@@ -79,6 +79,9 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     # resumed with --vae-steps raised: the VAE trained on, so its latents are new
     again = train_video.encode_latents(dataclasses.replace(p, vae_steps=p.vae_steps + 10), encode, cache)[0]
     assert len(calls) == 4 and again.min() == 3
+    # the same settings but other VAE parameters (retrained with another seed): encoded again too
+    p2 = dataclasses.replace(p, vae_steps=p.vae_steps + 10)
+    assert train_video.encode_latents(p2, encode, cache, "another-vae")[0].min() == 5 and len(calls) == 6
 
 
 def test_bf16_ema_tracks_the_float32_average():
@@ -108,6 +111,8 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
         save(manager(tmp_path / "ckpt" / stage), 3, tree, meta)
     train_video.check_resume(p, tmp_path, 0)  # same settings
     train_video.check_resume(dataclasses.replace(p, dit_steps=9), tmp_path, 0)  # training on is fine
+    with pytest.raises(SystemExit, match="t2v: .* is at step 3, past --dit-steps 2"):  # fewer steps: not that model
+        train_video.check_resume(dataclasses.replace(p, dit_steps=2), tmp_path, 0)
     more_vae = dataclasses.replace(p, vae_steps=6)  # new latents: the DiT was trained on the old ones
     with pytest.raises(SystemExit, match=r"t2v: .* was trained with other \['latents'\]"):
         train_video.check_resume(more_vae, tmp_path, 0)
