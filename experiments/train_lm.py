@@ -98,9 +98,12 @@ class Logger:
         self.primary = primary
         self.jsonl = (out / "metrics.jsonl").open("a") if primary else None
         if primary:
-            from tensorboardX import SummaryWriter
+            # tensorboardX's EventsWriter, written synchronously: SummaryWriter queues events for a thread, and its
+            # flush() does not drain that queue, so a killed run lost events its checkpoint covered
+            from tensorboardX.event_file_writer import EventsWriter
 
-            self.tb = SummaryWriter(str(out / "tb"))
+            (out / "tb").mkdir(parents=True, exist_ok=True)
+            self.tb = EventsWriter(str(out / "tb" / "events"), f".{time.time_ns()}")  # a resume never reuses a name
 
     def write(self, record: dict):
         if not self.primary:
@@ -109,14 +112,20 @@ class Logger:
         self.jsonl.flush()
         for k, v in record.items():
             if k not in ("step", "kind") and isinstance(v, int | float) and math.isfinite(v):
-                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+                self._scalar(f"{record['kind']}/{k}", v, record["step"])
             elif isinstance(v, list) and k == "expert_load":
                 for e, x in enumerate(v):
-                    self.tb.add_scalar(f"moe/load_expert{e}", x, record["step"])
+                    self._scalar(f"moe/load_expert{e}", x, record["step"])
+
+    def _scalar(self, tag: str, value: float, step: int):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self.tb.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, float(value))))
 
     def flush(self):
-        """TensorBoard's writer buffers for up to 2 minutes: flushed with every checkpoint, a killed run loses
-        no event that its checkpoint covers (those steps are never replayed)."""
+        """Flushed with every checkpoint: a killed run loses no event that its checkpoint covers (those steps are
+        never replayed)."""
         if self.primary:
             self.tb.flush()
 

@@ -70,3 +70,36 @@ def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
     finally:
         ckpt.close()
     assert "no older checkpoint: starting fresh" in lines[0] and fresh.position == 0
+
+
+def _tb_scalars(directory):
+    """(tag, step, value) of every scalar in the TFRecord event files under `directory` (length, crc, data, crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = []
+    for f in sorted(directory.iterdir()):
+        buf, i = f.read_bytes(), 0
+        while i + 12 <= len(buf):
+            (n,) = struct.unpack("<Q", buf[i:i + 8])
+            ev = Event.FromString(buf[i + 12:i + 12 + n])
+            out += [(v.tag, ev.step, v.simple_value) for v in ev.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
+    """The trainer flushes at each checkpoint and never replays the steps it covers: after flush() (and no close,
+    as when the process is then killed) every event must be in the file. SummaryWriter's flush left queued ones."""
+    from experiments.train_lm import Logger
+
+    log = Logger(tmp_path, primary=True)
+    for step in range(1, 5):
+        log.write({"kind": "train", "step": step, "loss": 1.0 / step})
+    log.write({"kind": "eval", "step": 4, "loss": 0.5, "expert_load": [0.25, 0.75]})
+    log.flush()
+    got = _tb_scalars(tmp_path / "tb")
+    assert [(t, s) for t, s, _ in got if t == "train/loss"] == [("train/loss", s) for s in range(1, 5)]
+    assert ("eval/loss", 4, 0.5) in got and ("moe/load_expert1", 4, 0.75) in got
+    log.close()
