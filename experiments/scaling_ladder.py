@@ -205,7 +205,7 @@ def replot(out: pathlib.Path, level: float, docs: bool):
     rows = res["comparison"]
     bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
-    if docs:
+    if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
         shutil.copy(out / "scaling_fit.png", pathlib.Path("docs") / "scaling_fit.png")
     return res
 
@@ -213,7 +213,7 @@ def replot(out: pathlib.Path, level: float, docs: bool):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
-    ap.add_argument("--out", default="runs/scaling")
+    ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
     ap.add_argument("--warmup", type=int, default=16)
     ap.add_argument("--n-boot", type=int, default=100)
@@ -221,6 +221,7 @@ def main(argv=None):
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
     ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")
     args = ap.parse_args(argv)
+    args.out = args.out or ("runs/scaling-quick" if args.quick else "runs/scaling")
     if args.replot:
         return replot(pathlib.Path(args.out), args.level, not args.no_docs)
 
@@ -278,7 +279,7 @@ def main(argv=None):
         r["error"] = r["actual"] - r["predicted"]
         r["inside"] = bool(r["low"] <= r["actual"] <= r["high"])
     results = dict(prediction=prediction, target_runs=res["runs"], comparison=pred_rows, seconds=seconds,
-                   total_seconds=time.time() - t_start, runs=all_runs)
+                   total_seconds=time.time() - t_start, runs=all_runs, quick=args.quick)
     (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
