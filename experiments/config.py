@@ -226,6 +226,17 @@ def _replace(obj, changes: dict, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def _default_nested(annotation: str, namespace: dict):
+    """The default instance of the dataclass an optional field's annotation names ('MoEConfig | None'), or None."""
+    from models.moe import MoEConfig
+
+    for name in (o.strip() for o in annotation.split("|")):
+        cls = namespace.get(name) or {"MoEConfig": MoEConfig}.get(name)  # models.config imports it lazily
+        if dataclasses.is_dataclass(cls):
+            return cls()
+    return None
+
+
 def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
     """`section.field=value` overrides (`model.moe.top_k=1` reaches nested configs; the last of a key wins), each
     config rebuilt once with all of its fields."""
@@ -257,6 +268,8 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
             deeper = {k.split(".", 1)[1]: v for k, v in sub.items() if k.startswith(name + ".")}
             if deeper:
                 child = changes.get(name, getattr(obj, name, None))
+                if child is None:  # an optional nested config that is off (moe, rope_scaling): start from defaults
+                    child = _default_nested(str(fields[name]), vars(sys.modules[type(obj).__module__]))
                 if not dataclasses.is_dataclass(child):
                     raise ConfigError(f"{key}.{next(iter(deeper))}: {name} is not a nested config")
                 changes[name] = go(child, key + ".", deeper)
@@ -339,6 +352,14 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",
          "hold out every n-th document with n >= 2, and at least one eval batch")
+    import jax
+
+    backend = jax.default_backend()  # kernels that exist on one backend only fail at the first step otherwise
+    need(m.attn_impl != "cudnn" or backend == "gpu", "model.attn_impl",
+         f"'cudnn' needs a GPU (this backend: {backend}); use 'xla'")
+    need(m.swa_impl not in ("cudnn", "splash") or backend == {"cudnn": "gpu", "splash": "tpu"}[m.swa_impl],
+         "model.swa_impl", f"{m.swa_impl!r} needs a {'GPU' if m.swa_impl == 'cudnn' else 'TPU'} (this backend: "
+         f"{backend}); use 'auto' (it picks per backend) or 'blocked'")
     need(m.vocab_size >= BYTE_EOS_VOCAB, "model.vocab_size",
          f"{m.vocab_size} < {BYTE_EOS_VOCAB} byte tokens + EOS of the embedded corpus")
     # batch rows are split over every batch mesh axis, per microbatch

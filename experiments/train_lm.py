@@ -262,7 +262,8 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """Compare a checkpoint's run config (RunConfig JSON) with this run's: (refused, warned), as lines
     'field: saved X, now Y'. Refused: model fields (other parameters) and the fields that define the data stream
     (the saved loader state would continue another stream). Warned: train.steps and optim.* (the LR schedule
-    and optimizer change from the resumed step on, which may be intended, e.g. to train longer)."""
+    and optimizer change from the resumed step on, which may be intended, e.g. to train longer), and
+    data.eval_batches (evaluations before and after average over different held-out batches)."""
     def line(*keys):
         return f"{'.'.join(keys)}: saved {_get(saved, *keys)!r}, now {_get(current, *keys)!r}"
 
@@ -271,6 +272,9 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
                 if _get(saved, sec, k, default=_get(current, sec, k)) != _get(current, sec, k)]
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
+    # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages
+    warned += [line("data", "eval_batches")] if _get(saved, "data", "eval_batches", default=None) not in (
+        None, _get(current, "data", "eval_batches")) else []
     return refused, warned
 
 
@@ -355,8 +359,9 @@ def train(cfg, mesh_shape: dict) -> dict:
                 f"train.out: {out / 'ckpt'} (step {meta['step']}) was saved with other settings ({'; '.join(refused)})"
                 "; use a new --out, or the settings it was saved with")
         for w in warned:
-            say(f"warning: resuming step {meta['step']} with a changed {w}: the LR schedule / optimizer differ "
-                "from the saved run's from here on")
+            why = ("evaluations average over other held-out batches from here on" if w.startswith("data.") else
+                   "the LR schedule / optimizer differ from the saved run's from here on")
+            say(f"warning: resuming step {meta['step']} with a changed {w}: {why}")
 
     try:
         restored = ckpt.restore(state, check=check, loader=loader)

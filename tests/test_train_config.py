@@ -37,7 +37,10 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
     (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8, "optim.warmup_steps: 50 must be in [0, train.steps"),
     (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
-    (["--preset", "tiny", "--set", "model.moe.top_k=1"], 8, "model.moe.top_k: moe is not a nested config"),
+    (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
+    # kernels of one backend only: they failed at the first eval, after the run directory was made
+    (["--preset", "tiny", "--set", "model.attn_impl=cudnn"], 8, "model.attn_impl: 'cudnn' needs a GPU"),
+    (["--preset", "tiny", "--set", "model.swa_impl=splash"], 8, "model.swa_impl: 'splash' needs a TPU"),
     (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
     (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),
     (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
@@ -120,6 +123,11 @@ def test_set_converts_to_the_declared_type():
     assert cfg.train.poison_steps == (3, 5) and cfg.model.scan_unroll is True
     assert validate(load(["--preset", "tiny", "--set", "model.n_layers=4", "--mesh", "stage=2,fsdp=4"]), 8) == {
         "stage": 2, "fsdp": 4}
+    # an optional nested config that is off starts from its defaults (tiny has neither MoE nor RoPE scaling)
+    on = load(["--preset", "tiny", "--set", "model.moe.n_experts=4", "--set", "model.moe.expert_mlp_dim=32",
+               "--set", "model.rope_scaling.factor=2"])
+    assert (on.model.moe.n_experts, on.model.moe.expert_mlp_dim, on.model.moe.top_k) == (4, 32, MoEConfig().top_k)
+    assert on.model.rope_scaling.factor == 2.0 and on.model.rope_scaling.kind == "llama3"
 
 
 def test_decay_mask_by_name_not_ndim():
@@ -191,14 +199,14 @@ def test_resume_compares_the_model_not_how_it_is_executed():
 
 def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     saved = json.loads(load(["--preset", "tiny"]).to_json())
-    same = json.loads(load(["--preset", "tiny", "--set", "train.eval_every=2", "--set",
-                            "data.eval_batches=2"]).to_json())
+    same = json.loads(load(["--preset", "tiny", "--set", "train.eval_every=2"]).to_json())
     assert train_lm.resume_mismatch(saved, same) == ([], [])
     other = json.loads(load(["--preset", "tiny", "--seq", "16", "--set", "data.max_files=20", "--steps", "20",
-                             "--lr", "1e-3"]).to_json())
+                             "--lr", "1e-3", "--set", "data.eval_batches=3"]).to_json())
     refused, warned = train_lm.resume_mismatch(saved, other)
     assert refused == ["train.seq: saved 32, now 16", "data.max_files: saved 40, now 20"]
-    assert warned == ["train.steps: saved 12, now 20", "optim.lr: saved 0.01, now 0.001"]
+    assert warned == ["train.steps: saved 12, now 20", "optim.lr: saved 0.01, now 0.001",
+                      f"data.eval_batches: saved {saved['data']['eval_batches']}, now 3"]
 
 
 def test_throughput_window_leaves_out_eval_and_save_time():
