@@ -278,8 +278,10 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
     return go(cfg, "", sets) if sets else cfg
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m experiments.train_lm", description=__doc__,
+def parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's command line; `description` (the trainer's docstring) is printed above this module's."""
+    ap = argparse.ArgumentParser(prog="python -m experiments.train_lm",
+                                 description="\n".join(d for d in (description, __doc__) if d),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
@@ -292,9 +294,9 @@ FLAT = {"--steps": "train.steps", "--batch": "train.batch", "--seq": "train.seq"
         "--mesh": "mesh", "--out": "train.out", "--seed": "train.seed"}
 
 
-def load(argv=None) -> RunConfig:
+def load(argv=None, description: str | None = None) -> RunConfig:
     """Preset + overrides from the command line (not yet validated against the devices)."""
-    args = parser().parse_args(argv)
+    args = parser(description).parse_args(argv)
     sets = {}
     for kv in args.set:
         key, sep, text = kv.partition("=")

@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
     from experiments.config import ConfigError, load, validate
 
     try:
-        cfg = load(argv)
+        cfg = load(argv, __doc__)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
     _setup_platform()
