@@ -50,7 +50,8 @@ def check_token_ids(tokens_BT, vocab_size: int):
     if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {tokens_BT.dtype}; cast with .astype(jnp.int32)")
     if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
-        lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
+        with jax.ensure_compile_time_eval():  # a concrete batch closed over by a jitted function: still concrete
+            lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
                              "ignore index such as -100 belongs in the targets' weights, not in the inputs)")

@@ -317,6 +317,11 @@ def test_bad_token_ids_and_masks_are_refused_or_read_as_ints():
             model(jnp.array([[1, bad, 2]]))
     with pytest.raises(ValueError, match="integer ids"):
         model(jnp.array([[1.0, 2.0]]))
+    graphdef, state = nnx.split(model)
+    ok, bad = jnp.array([[1, 2, 3]]), jnp.array([[1, cfg.vocab_size, 3]])  # concrete batches closed over by jit
+    np.testing.assert_allclose(jax.jit(lambda s: nnx.merge(graphdef, s)(ok))(state), model(ok), rtol=1e-6)
+    with pytest.raises(ValueError, match="vocab_size"):
+        jax.jit(lambda s: nnx.merge(graphdef, s)(bad))(state)
     tok = jnp.array([[3, 4, 5, 0]])
     mask = jnp.array([[1, 1, 1, 0]])
     np.testing.assert_array_equal(model(tok, padding_mask_BT=mask), model(tok, padding_mask_BT=mask.astype(bool)))
