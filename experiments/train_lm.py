@@ -500,8 +500,11 @@ def train(cfg, mesh_shape: dict) -> dict:
             say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot_losses(out).name}")
         return result
 
-    # generated sample from the final parameters, on one device
-    model = nnx.merge(graphdef, jax.device_get(state["params"]))
+    # generated sample from the final parameters, on one device (gathered from every process: device_get cannot
+    # fetch arrays that span other processes' devices)
+    from jax.experimental import multihost_utils
+
+    model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
     prompt = "def __init__(self"
     ids = generate(model, jnp.asarray(tok.encode(prompt))[None], t.sample_tokens, temperature=0.7, top_p=0.95,
                    rng=jax.random.key(t.seed))

@@ -74,3 +74,26 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert procs[0].returncode != 0
     assert "unhealthy" in err0 or "another task died" in err0, err0[-2000:]
     assert time.time() - t0 < 120
+
+
+def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
+    """train_lm over two processes through its final sample (which needs the parameters of both processes) and
+    outputs: every process exits 0, only the primary writes."""
+    port = portpicker.pick_unused_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+               "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        argv = ["--preset", "tiny", "--steps", "1", "--set", "optim.warmup_steps=0", "--set", "train.eval_every=1",
+                "--set", "train.sample_tokens=4", "--set", "train.async_save=false", "--set", "train.progress=false",
+                "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert (tmp_path / "run" / "sample.txt").read_text().startswith("def __init__(self")
+    assert "sample:" in outs[0][0] and "sample:" not in outs[1][0]
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["kind"] == "eval"] == [0, 1]
