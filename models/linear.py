@@ -18,10 +18,12 @@ import jax.numpy as jnp
 
 
 def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None):
-    """x [M, D] @ w [D, F] → [M, F]; values and gradients are those of `x @ w` (`out_dtype` None).
+    """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 
-    impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above);
-    'auto' picks 'transposed_grad' on the CPU backend and 'plain' elsewhere.
+    impl: 'plain' is that product, in x's shape; 'transposed_grad' flattens x to [M, D] and computes dw from a
+    materialised xᵀ (see above); 'auto' picks 'transposed_grad' on the CPU backend and 'plain' elsewhere. Keep
+    'plain' when a leading dim other than the first is sharded (sequence parallelism): flattening [B, T] rows
+    with T split over devices is not a per-device block, and XLA gathers the whole sequence onto each device.
     out_dtype: accumulation and output dtype, e.g. float32 logits from bf16 operands rather than bf16 ones cast
     up. The backward products still run in the operands' dtype (the cotangent rounded to it, as autodiff of a
     product cast up afterwards does), so a bf16 model's LM-head backward keeps its bf16 matmuls.
@@ -30,16 +32,22 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None):
         impl = "transposed_grad" if jax.default_backend() == "cpu" else "plain"
     if impl not in ("plain", "transposed_grad"):
         raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
+    lead = x_MD.shape[:-1]
+    if impl == "transposed_grad" and len(lead) != 1:
+        return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
     return x_MD @ w_DF if impl == "plain" else _linear_tg(x_MD, w_DF)
 
 
 def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
-    """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes."""
+    """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
-    xt_DM = jax.lax.optimization_barrier(jnp.transpose(x_MD)) if transposed_grad else x_MD.T
-    return (g_MF @ w_DF.T).astype(x_MD.dtype), (xt_DM @ g_MF).astype(w_DF.dtype)
+    if transposed_grad:
+        dw_DF = jax.lax.optimization_barrier(jnp.transpose(x_MD)) @ g_MF
+    else:
+        dw_DF = jnp.einsum("...d,...f->df", x_MD, g_MF)
+    return (g_MF @ w_DF.T).astype(x_MD.dtype), dw_DF.astype(w_DF.dtype)
 
 
 @jax.custom_vjp

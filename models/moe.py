@@ -141,13 +141,13 @@ class MoE(nnx.Module):
         assignments dropped by capacity dispatch; 0 when dropless). rng: a key, used for router jitter only.
         The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
         """
-        cfg, (B, T, D), K = self.cfg, x_BTD.shape, self.cfg.top_k
+        cfg, (B, T, _), K = self.cfg, x_BTD.shape, self.cfg.top_k
         valid_BT = None if valid_BT is None else jnp.asarray(valid_BT).astype(bool)  # 0/1 ints: `&`, `~` stay logical
         x_BTD = x_BTD.astype(compute_dtype)
         xr_BTD = x_BTD.astype(jnp.float32)
         if rng is not None and cfg.router_jitter > 0:
             xr_BTD *= jax.random.uniform(rng, xr_BTD.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits_BTE = (xr_BTD.reshape(B * T, D) @ self.router[...].astype(jnp.float32)).reshape(B, T, -1)
+        logits_BTE = xr_BTD @ self.router[...].astype(jnp.float32)
         bias_E = jax.lax.stop_gradient(self.router_bias[...]).astype(jnp.float32)
         weights_BTK, experts_BTK, probs_BTE = route(logits_BTE, bias_E, K, cfg.router, cfg.renormalize)
         if valid_BT is not None:  # where, not a product: a pad's weights never reach the output, even if not finite
@@ -171,7 +171,7 @@ class MoE(nnx.Module):
             aux["dropped_frac"] = jnp.zeros((), jnp.float32)
         if cfg.shared_mlp_dim:
             sw = tuple(p[...].astype(compute_dtype) for p in (self.shared_gate, self.shared_up, self.shared_down))
-            y_BTD = y_BTD + swiglu(x_BTD.reshape(B * T, D), *sw, act).reshape(B, T, D)
+            y_BTD = y_BTD + swiglu(x_BTD, *sw, act)  # [B, T, D]: flat rows would gather a sharded sequence
         return constrain(y_BTD.astype(compute_dtype), ("batch", "act_seq", "act_embed")), aux
 
 
@@ -256,7 +256,7 @@ def update_router_bias(bias_E, load_E, rate: float):
 # ---- expert computation ------------------------------------------------------------------------------------------
 
 def swiglu(x_ND, w_gate_DF, w_up_DF, w_down_FD, act=jax.nn.silu):
-    """Dense SwiGLU on 2-D rows (the shared experts, and the dense baseline)."""
+    """Dense SwiGLU on rows x [..., D] (the shared experts, and the dense baseline)."""
     return (act(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
 
 

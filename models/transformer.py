@@ -114,6 +114,7 @@ class _Ctx:
     inv_freq: object
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
+    matmul_impl: str = "auto"  # models.linear's; 'plain' when the sequence is sharded (see `linear`)
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -164,20 +165,20 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt: linear(x, wt, cfg.matmul_impl)  # noqa: E731
+        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl)  # noqa: E731
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
-        # Projections run as 2-D [M = B·T, D] matmuls: their weight gradients are then plain
-        # `x_MD^T @ g_MF` dots (models.linear), whereas 3-D einsums make XLA:CPU transpose g inside slow loop fusions.
-        h_MD = norm(x_BTD, self.attn_norm).reshape(B * T, D)
-        q_BTNH = mm(h_MD, w(self.wq, D, N * H)).reshape(B, T, N, H)
-        k_BTKH = mm(h_MD, w(self.wk, D, K * H)).reshape(B, T, K, H)
-        v_BTKH = mm(h_MD, w(self.wv, D, K * H)).reshape(B, T, K, H)
+        # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
+        # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
+        h_BTD = norm(x_BTD, self.attn_norm)
+        q_BTNH = mm(h_BTD, w(self.wq, D, N * H)).reshape(B, T, N, H)
+        k_BTKH = mm(h_BTD, w(self.wk, D, K * H)).reshape(B, T, K, H)
+        v_BTKH = mm(h_BTD, w(self.wv, D, K * H)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
-        a_BTD = mm(o_BTNH.reshape(B * T, N * H), w(self.wo, N * H, D)).reshape(B, T, D)
+        a_BTD = mm(o_BTNH.reshape(B, T, N * H), w(self.wo, N * H, D))
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 
@@ -185,11 +186,10 @@ class Block(nnx.Module):
         if hasattr(self, "moe"):
             m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask)
         else:
-            h_MD = h_BTD.reshape(B * T, D)
             act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-            a_MF = act(mm(h_MD, w(self.w_gate, D, F))) * mm(h_MD, w(self.w_up, D, F))
-            a_BTF = constrain(a_MF.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))
-            m_BTD = mm(a_BTF.reshape(B * T, F), w(self.w_down, F, D)).reshape(B, T, D)
+            a_BTF = act(mm(h_BTD, w(self.w_gate, D, F))) * mm(h_BTD, w(self.w_up, D, F))
+            a_BTF = constrain(a_BTF, ("batch", "act_seq", "act_mlp"))
+            m_BTD = mm(a_BTF, w(self.w_down, F, D))
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
         return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
 
@@ -314,7 +314,8 @@ class Transformer(nnx.Module):
                              f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
-        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs)
+        matmul_impl = "plain" if mesh_axis_for("act_seq")[1] > 1 else cfg.matmul_impl
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, matmul_impl)
 
         cd = dtype_of(cfg.dtype)
         # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):
@@ -329,8 +330,7 @@ class Transformer(nnx.Module):
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
-        logits_MV = linear(x_BTD.reshape(B * T, -1), head_DV.astype(cd), cfg.matmul_impl, out_dtype=jnp.float32)
-        logits_BTV = logits_MV.reshape(B, T, -1)
+        logits_BTV = linear(x_BTD, head_DV.astype(cd), ctx.matmul_impl, out_dtype=jnp.float32)
         if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:
