@@ -62,7 +62,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     if params and "rope_type" not in params and "rope_theta" not in params:
         raise _unsupported("rope_parameters", params, "per-layer-type RoPE is not supported (Llama, Mistral "
                            "and Qwen2 use one rope_type/rope_theta for all layers)")
-    params = {**(hf.get("rope_scaling") or {}), **params}  # 5.x wins if a file carries both
+    # A non-null rope_scaling wins over rope_parameters in both versions (4.x reads only rope_scaling; 5.x takes
+    # `rope_scaling or rope_parameters`); theta then comes from it or the top-level rope_theta.
+    params = dict(hf.get("rope_scaling") or params)
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
@@ -72,7 +74,15 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
     if kind == "llama3":
-        missing = [f for f in _LLAMA3_FIELDS if f not in params]
+        # transformers 5.x replaces the inner original_max_position_embeddings by a top-level one (and defaults it
+        # to max_position_embeddings); 4.x reads only the inner one
+        top, inner = hf.get("original_max_position_embeddings"), params.get("original_max_position_embeddings")
+        if top is not None and inner is not None and int(top) != int(inner):
+            raise _unsupported("original_max_position_embeddings", top, f"it differs from rope_scaling's {inner}, "
+                               "and transformers 4.x and 5.x would each use another; keep one value")
+        if inner is None:
+            params["original_max_position_embeddings"] = top or hf.get("max_position_embeddings")
+        missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
         if missing:
             raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
         return theta, RopeScaling(kind="llama3", factor=float(params["factor"]),
@@ -177,9 +187,10 @@ def _moe_from_hf(hf: dict):
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
     m = cfg.moe
     if not (cfg.moe_every == 1 and m.router == "softmax" and m.renormalize and m.n_shared_experts == 0
-            and m.mlp_act == "silu" and not cfg.qkv_bias):
+            and m.mlp_act == "silu" and not cfg.qkv_bias and m.dispatch == "dropless"):
         raise ValueError("TransformerConfig.moe: a Mixtral export needs MoE on every layer (moe_every=1), "
-                         "router='softmax', renormalize=True, no shared experts, silu and no qkv_bias")
+                         "router='softmax', renormalize=True, no shared experts, silu, no qkv_bias and "
+                         "dispatch='dropless' (Mixtral drops no token; set it to compare the same model)")
     if len(set(windows)) != 1:
         raise ValueError("TransformerConfig.attn_pattern: Mixtral needs the same window (or none) on every layer")
     return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
@@ -219,8 +230,13 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     if cfg.moe is not None:
         return _mixtral_config(cfg, hf, windows)
     if cfg.qkv_bias:
-        if any(w is not None for w in windows):
-            raise ValueError("TransformerConfig: sliding windows with qkv_bias have no exact HF equivalent here")
+        if any(w is not None for w in windows):  # Qwen2 slides on layers >= max_window_layers: all or none here
+            if len(set(windows)) != 1:
+                raise ValueError("TransformerConfig.attn_pattern: with qkv_bias (Qwen2) the window must be the same "
+                                 f"on every layer (attn_pattern='local') or absent, got windows {windows}")
+            return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+                        sliding_window=windows[0], max_window_layers=0,
+                        layer_types=["sliding_attention"] * cfg.n_layers, **hf)
         return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                     sliding_window=None, max_window_layers=cfg.n_layers,
                     layer_types=["full_attention"] * cfg.n_layers, **hf)
@@ -346,7 +362,7 @@ def _dense_layout(cfg: TransformerConfig) -> dict:
 def _open_weights(folder: Path) -> dict:
     """HF tensor name -> safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
+    if index.exists() and not (folder / "model.safetensors").exists():  # transformers prefers the single file too
         return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
     files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(
         p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
@@ -378,6 +394,17 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     where = _open_weights(folder)
     layout = _hf_layout(cfg)
     aliases = _fused_moe_aliases(where, cfg)
+    if cfg.tie_embeddings and "lm_head.weight" in where:
+        if "model.embed_tokens.weight" not in where:  # tied, stored under the head's name: transformers ties it too
+            aliases["model.embed_tokens.weight"] = ("lm_head.weight", lambda a: a)
+        else:
+            with safe_open(where["lm_head.weight"], framework="numpy") as a, \
+                    safe_open(where["model.embed_tokens.weight"], framework="numpy") as b:
+                if not np.array_equal(a.get_tensor("lm_head.weight"), b.get_tensor("model.embed_tokens.weight")):
+                    raise ValueError(
+                        f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                        "model.embed_tokens.weight (transformers 5.x then loads them untied, 4.x ties them); set "
+                        "tie_word_embeddings in config.json to what these weights are")
     used = {n for key, (name, _, _) in layout.items() for n in _names(cfg, key, name)}
     used |= {fused for fused, _ in aliases.values()}
     # o_proj.bias: Llama attention_bias (checked below); inv_freq: a buffer old exports saved; lm_head when tied.
@@ -405,9 +432,18 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
 
         for ours, (name, _, from_hf) in layout.items():
             fix = from_hf or (lambda a: a)
-            one = lambda i: (np.stack([fix(get(name.format(i=i, e=e))) for e in range(cfg.moe.n_experts)])  # noqa: E731
-                             if "{e}" in name else fix(get(name.format(i=i)))).astype(pd)
             layers = _layers_of(cfg, ours)
+            want = shapes[ours][(layers is not None) + ("{e}" in name):]  # one layer's (and expert's) shape
+
+            def tensor(n, fix=fix, want=want, ours=ours):
+                a = fix(get(n))
+                if a.shape != want:  # named here: a stack of mismatched layers fails without the name
+                    raise ValueError(f"tensor {n!r} gives {ours} a slice of shape {a.shape}, expected {want} from "
+                                     f"{cfg}; is config.json right for these weights?")
+                return a
+
+            one = lambda i: (np.stack([tensor(name.format(i=i, e=e)) for e in range(cfg.moe.n_experts)])  # noqa: E731
+                             if "{e}" in name else tensor(name.format(i=i))).astype(pd)
             arr = np.stack([one(i) for i in layers]) if layers is not None else one(None)
             if arr.shape != shapes[ours]:
                 raise ValueError(f"tensor {name!r} gives {ours} shape {arr.shape}, expected {shapes[ours]} "

@@ -170,8 +170,10 @@ ROUND_TRIP = {
                                  moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48, z_loss_weight=0.0)),
 }
 ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
+ROUND_TRIP["qwen2_sliding"] = dataclasses.replace(ROUND_TRIP["qwen2"], attn_pattern="local", sliding_window=5)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-        "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+        "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
+        "qwen2_sliding": "Qwen2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -258,6 +260,44 @@ def test_config_layouts_4x_and_5x_agree(type_key):
     # and a plain 4.x config (rope_theta only, rope_scaling null)
     plain = {k: v for k, v in old.items() if k != "rope_scaling"} | {"rope_scaling": None}
     assert config_from_hf(plain).rope_scaling is None and config_from_hf(plain).rope_theta == 500.0
+
+
+def test_rope_fields_read_as_transformers_reads_them():
+    """rope_scaling wins over rope_parameters when both are set (4.x reads only it, 5.x takes `rope_scaling or
+    rope_parameters`); a top-level original_max_position_embeddings that disagrees with llama3's is refused (5.x
+    would use it, 4.x not); absent, it defaults to max_position_embeddings as in 5.x."""
+    both = _hf_dict(rope_parameters=LLAMA3) | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    ours, theirs = config_from_hf(both), transformers.LlamaConfig.from_dict(both).rope_parameters
+    assert theirs["rope_type"] == "linear" and ours.rope_scaling == RopeScaling("linear", theirs["factor"])
+    assert ours.rope_theta == theirs["rope_theta"]
+    with pytest.raises(ValueError, match="original_max_position_embeddings"):
+        config_from_hf(_hf_dict(rope_parameters=LLAMA3) | {"original_max_position_embeddings": 8})
+    no_orig = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
+    cfg = config_from_hf(_hf_dict(rope_parameters=no_orig))
+    assert cfg.rope_scaling.original_max_position_embeddings == TINY["max_position_embeddings"]
+
+
+def test_tied_config_with_its_own_head_tensor(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the file: equal to the embedding, or the only copy (then
+    transformers ties the embedding to it) loads; a different one is refused (5.x unties it, 4.x ties it)."""
+    from safetensors.numpy import save_file
+
+    model = randomize_(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=True)))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tensors = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    embed = tensors["model.embed_tokens.weight"]
+    for name, extra, ok in [("same", {"lm_head.weight": embed}, True),
+                            ("head_only", {"lm_head.weight": embed, "model.embed_tokens.weight": None}, True),
+                            ("other", {"lm_head.weight": embed + 1.0}, False)]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "config.json").read_text())
+        save_file({k: v for k, v in (tensors | extra).items() if v is not None}, folder / "model.safetensors")
+        if ok:
+            assert np.abs(our_logits(from_pretrained(folder)) - hf_logits(model)).max() < 1e-4, name
+        else:
+            with pytest.raises(ValueError, match="tie_word_embeddings=true but lm_head.weight differs"):
+                from_pretrained(folder)
 
 
 @pytest.mark.parametrize("cfg", list(ROUND_TRIP.values()), ids=list(ROUND_TRIP))
@@ -427,3 +467,25 @@ def test_mixtral_balancing_weight_keeps_the_hf_objective(hf_ckpt):
     assert cfg.moe.lb_loss_weight == pytest.approx(hf["router_aux_loss_coef"] * hf["num_experts_per_tok"])
     assert cfg.moe.z_loss_weight == 0.0  # Mixtral has no router z-loss
     assert config_to_hf(cfg)["router_aux_loss_coef"] == pytest.approx(hf["router_aux_loss_coef"])
+
+
+def test_folder_edge_cases_load_what_transformers_loads_or_name_the_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    # an index and a model.safetensors side by side: transformers loads the single file, so do we
+    sharded, single = _random_model(ROUND_TRIP["llama"], seed=5), _random_model(ROUND_TRIP["llama"], seed=6)
+    save_pretrained(sharded, tmp_path / "a", max_shard_size="40KB")
+    save_pretrained(single, tmp_path / "b")
+    (tmp_path / "a" / "model.safetensors").write_bytes((tmp_path / "b" / "model.safetensors").read_bytes())
+    np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path / "a")), our_logits(single))
+    # one layer's tensor of the wrong shape is named (np.stack of the layers used to fail without a name)
+    tensors = load_file(tmp_path / "b" / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:-1]
+    save_file(tensors, tmp_path / "b" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' gives blocks\.w_up a slice"):
+        from_pretrained(tmp_path / "b")
+    # capacity dispatch drops tokens, Mixtral does not: not the same model, so not exported as one
+    capacity = dataclasses.replace(ROUND_TRIP["mixtral"], moe=dataclasses.replace(
+        ROUND_TRIP["mixtral"].moe, dispatch="capacity"))
+    with pytest.raises(ValueError, match="dispatch='dropless'"):
+        save_pretrained(Transformer(capacity, rngs=nnx.Rngs(0)), tmp_path / "c")
