@@ -58,6 +58,12 @@ def check_token_ids(tokens_BT, vocab_size: int):
     return tokens_BT
 
 
+def matmul_impl_for(cfg: TransformerConfig) -> str:
+    """cfg.matmul_impl, or 'plain' when the current mesh shards the sequence (models.linear flattens [B, T] rows
+    on its CPU path, which gathers a sharded sequence onto every device)."""
+    return "plain" if mesh_axis_for("act_seq")[1] > 1 else cfg.matmul_impl
+
+
 def pattern_period(cfg: TransformerConfig) -> int:
     """Smallest P dividing n_layers such that layer i behaves like layer i mod P (window and MLP kind)."""
     kinds, L = tuple(zip(cfg.layer_windows(), cfg.moe_layers())), cfg.n_layers
@@ -114,7 +120,7 @@ class _Ctx:
     inv_freq: object
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
-    matmul_impl: str = "auto"  # models.linear's; 'plain' when the sequence is sharded (see `linear`)
+    matmul_impl: str | None = None  # models.linear's (None: cfg.matmul_impl); see `matmul_impl_for`
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -165,7 +171,7 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl)  # noqa: E731
+        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl)  # noqa: E731
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
         # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
@@ -314,8 +320,8 @@ class Transformer(nnx.Module):
                              f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
-        matmul_impl = "plain" if mesh_axis_for("act_seq")[1] > 1 else cfg.matmul_impl
-        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, matmul_impl)
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs,
+                   matmul_impl_for(cfg))
 
         cd = dtype_of(cfg.dtype)
         # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):

@@ -42,6 +42,8 @@ class DiTShape:
     qk_norm: bool = True
 
     def __post_init__(self):
+        if len(self.patch) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch):
+            raise ValueError(f"DiTShape.patch must be (pt, ph, pw) of ints >= 1, got {self.patch}")
         if any(s % p for s, p in zip(self.latent_shape, self.patch)):
             raise ValueError(f"DiTShape.patch {self.patch} must divide latent_shape {self.latent_shape}; pad the "
                              "latents or change the patch")

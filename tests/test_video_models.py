@@ -152,6 +152,22 @@ def test_configs_name_the_field_and_fix():
         DiffusionConfig(kind="flow", prediction="eps")
     with pytest.raises(ValueError, match="TextToVideoConfig.dit: dit.text_dim=64 must equal text.d_model=16"):
         TextToVideoConfig(dit=dataclasses.replace(DIT, text_dim=64), text=TEXT)
+    # values that used to pass (or fail without a name) and give garbage later
+    from scaling.dit import DiTShape
+
+    for patch in ((0, 2, 2), (1, 2), (1, -2, -2)):
+        with pytest.raises(ValueError, match=r"DiTConfig.patch: \(pt, ph, pw\) of ints >= 1"):
+            dataclasses.replace(DIT, patch=patch)
+        with pytest.raises(ValueError, match="DiTShape.patch"):
+            DiTShape(latent_shape=DIT.latent_shape, latent_channels=4, d_model=32, n_layers=1, n_heads=2, mlp_dim=64,
+                     patch=patch)
+    for bad, match in [(lambda: dataclasses.replace(DIT, head_dim=0), "DiTConfig.head_dim: must be positive"),
+                       (lambda: VAEConfig(kernel=(3, 3)), "VAEConfig.kernel"),
+                       (lambda: VAEConfig(res_blocks=-1), "VAEConfig.res_blocks"),
+                       (lambda: VAEConfig().latent_shape(-3, 32, 32), "VAEConfig.latent_shape"),
+                       (lambda: DiffusionConfig(kind="ddpm", prediction="eps", cosine_s=-0.5), "cosine_s")]:
+        with pytest.raises(ValueError, match=match):
+            bad()
 
 
 
@@ -202,6 +218,11 @@ def test_vae_flops_match_cost_analysis():
     xla = fwd.lower(state, x).compile().cost_analysis()["flops"]
     ours = cfg.flops_per_clip(9, 16, 16, training=False)
     assert ours <= xla <= 1.1 * ours, xla / ours  # the rest: norms and activations
+    # valid 'same' taps when the kernel's half-width exceeds a (deep, small) map: counted one output at a time
+    from models.video.config import _valid_taps
+
+    for k, n in ((7, 2), (7, 1), (3, 1), (7, 16), (5, 3)):
+        assert _valid_taps(k, n) == sum(sum(0 <= i + d < n for d in range(-(k // 2), k // 2 + 1)) for i in range(n))
 
 
 # ---- invariants -------------------------------------------------------------------------------------------
@@ -333,6 +354,11 @@ def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_wo
     want = rms_norm(block(x, ctx, None)[0], enc.final_norm[...], gemma.norm_eps, 1.0)
     np.testing.assert_allclose(enc(tok).tokens_BLE, want, atol=1e-5)
     assert float(jnp.abs(enc(tok).tokens_BLE - base(tok).tokens_BLE).max()) > 1e-2
+    # the (offset + w) final norm starts at scale 1, as the LM's and the blocks' do (it started at 2)
+    fresh = TextEncoder(gemma, rngs=nnx.Rngs(0))
+    assert float(jnp.abs(fresh.final_norm[...]).max()) == 0.0
+    with pytest.raises(ValueError, match="vocab_size"):  # out-of-range ids gathered NaN rows
+        fresh(jnp.asarray([[2, TEXT.vocab_size, 0]]))
     for bad, field in ((dict(moe=MoEConfig(2, 1, 16)), "text.moe"),
                        (dict(attn_pattern="local", sliding_window=2), "text.attn_pattern")):
         with pytest.raises(ValueError, match=field):

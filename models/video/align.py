@@ -61,7 +61,7 @@ class Aligner(nnx.Module):
     def embed_video(self, z_BTHWC):
         p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
         B, S, P = p_BSP.shape
-        x = (matmul(p_BSP.reshape(B * S, P), self.patch_embed, jnp.float32) + self.patch_bias[...]).reshape(B, S, -1)
+        x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...]
         for blk in self.blocks:
             x = blk(x, self.dit.grid, self.rope_split)
         pooled = rms_norm(x, self.final_norm[...], 1e-6).mean(1)

@@ -77,9 +77,10 @@ class VAEConfig:
              f"{len(self.channels)} stages allow {self.n_down} downsamplers, but spatial_factor="
              f"{self.spatial_factor} and temporal_factor={self.temporal_factor} need "
              f"{max(self.n_space_down, self.n_time_down)}; add stages")
-        need(self.latent_channels > 0 and self.res_blocks >= 0, "latent_channels", "must be positive")
-        need(all(k >= 1 and k % 2 == 1 for k in self.kernel[1:]) and self.kernel[0] >= 1, "kernel",
-             f"spatial taps must be odd ('same' padding), got {self.kernel}")
+        need(self.latent_channels > 0, "latent_channels", f"must be positive, got {self.latent_channels}")
+        need(self.res_blocks >= 0, "res_blocks", f"must be >= 0, got {self.res_blocks}")
+        need(len(self.kernel) == 3 and all(k >= 1 and k % 2 == 1 for k in self.kernel[1:]) and self.kernel[0] >= 1,
+             "kernel", f"(kt, kh, kw) with odd spatial taps ('same' padding), got {self.kernel}")
         for f in ("param_dtype", "dtype"):
             need(getattr(self, f) in DTYPES, f, f"unsupported {getattr(self, f)!r}; use one of {DTYPES}")
 
@@ -102,6 +103,8 @@ class VAEConfig:
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(T', H', W', C) of the latents of a [frames, height, width] clip; raises if it does not divide."""
         need = _need("VAEConfig")
+        need(frames >= 1 and height >= 1 and width >= 1, "latent_shape", f"a clip needs frames, height and width >= 1, "
+             f"got {frames}×{height}×{width}")
         need((frames - 1) % self.temporal_factor == 0, "temporal_factor",
              f"clips need 1 + {self.temporal_factor}·k frames, got {frames}")
         need(height % self.spatial_factor == 0 and width % self.spatial_factor == 0, "spatial_factor",
@@ -140,7 +143,7 @@ class VAEConfig:
 
     def flops_per_clip(self, frames: int, height: int, width: int, training: bool = True) -> float:
         """Multiply-add FLOPs of encoder + decoder for one clip (norms and activations excluded). Spatial
-        taps that fall on 'same' padding are not counted (kh·H - p(p+1) valid taps per row, p = kh // 2);
+        taps that fall on 'same' padding are not counted (sum over rows of the taps inside the map, p = kh // 2);
         causal temporal taps on the repeated first frame are real work and are counted."""
         total = 0
         for T, H, W, k, fi, fo in self._layers(frames, height, width):
@@ -148,10 +151,15 @@ class VAEConfig:
                 total += 2 * T * H * W * fi * fo
                 continue
             kt, kh, kw = k
-            rows = kh * H - (kh // 2) * (kh // 2 + 1)
-            cols = kw * W - (kw // 2) * (kw // 2 + 1)
+            rows, cols = _valid_taps(kh, H), _valid_taps(kw, W)
             total += 2 * T * rows * cols * kt * fi * fo
         return (3 if training else 1) * total
+
+
+def _valid_taps(k: int, n: int) -> int:
+    """Taps of a 'same'-padded k-tap kernel that land inside a map of n positions, summed over the n outputs."""
+    p = k // 2
+    return sum(min(i + p, n - 1) - max(i - p, 0) + 1 for i in range(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +201,13 @@ class DiTConfig:
         need = _need("DiTConfig")
         need(all(n > 0 for n in self.latent_shape) and len(self.latent_shape) == 3, "latent_shape",
              f"need positive (T, H, W), got {self.latent_shape}")
+        need(len(self.patch) == 3 and all(isinstance(p, int) and p >= 1 for p in self.patch), "patch",
+             f"(pt, ph, pw) of ints >= 1, got {self.patch}")
         need(all(s % p == 0 for s, p in zip(self.latent_shape, self.patch)), "patch",
              f"patch {self.patch} must divide latent_shape {self.latent_shape}")
         for f in ("latent_channels", "d_model", "n_layers", "n_heads", "mlp_dim", "text_dim", "time_freq_dim"):
             need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
+        need(self.head_dim is None or self.head_dim > 0, "head_dim", f"must be positive or None, got {self.head_dim}")
         need(self.head_dim is not None or self.d_model % self.n_heads == 0, "head_dim",
              f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim explicitly")
         need(self.time_freq_dim % 2 == 0, "time_freq_dim", "must be even (sin and cos halves)")
@@ -341,6 +352,8 @@ class DiffusionConfig:
              "shift / logit_mean / logit_std shape the flow's time distribution; kind='ddpm' trains on uniform t "
              "and samples a uniform DDIM grid, so leave them at their defaults (1, 0, 1)")
         need(0 < self.alpha_bar_min < 1, "alpha_bar_min", "must be in (0, 1)")
+        need(self.cosine_s >= 0, "cosine_s", f"must be >= 0 (a negative offset bends the cosine schedule away from "
+             f"noise), got {self.cosine_s}")
         need(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")
 
 

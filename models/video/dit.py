@@ -141,8 +141,7 @@ class VideoDiT(nnx.Module):
                              f"{cfg.latent_shape}, latent_channels={cfg.latent_channels}")
         x_BSP = patchify(x_BTHWC.astype(cd), cfg.patch)
         B, S, P = x_BSP.shape
-        x_BSD = (matmul(x_BSP.reshape(B * S, P), self.patch_embed, cd) + self.patch_bias[...].astype(cd)).reshape(
-            B, S, -1)
+        x_BSD = matmul(x_BSP, self.patch_embed, cd) + self.patch_bias[...].astype(cd)
         x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
         c_BD = self.condition(t_B, pooled_BE)
         x_BSD = self._run_blocks(x_BSD, _Ctx(cfg, c_BD, text_BLE.astype(cd), text_valid_BL))
@@ -150,7 +149,7 @@ class VideoDiT(nnx.Module):
         shift, scale = jnp.split(jax.nn.silu(c_BD) @ self.final_ada[...].astype(cd)
                                  + self.final_ada_bias[...].astype(cd), 2, axis=-1)
         h = modulate(plain_norm(x_BSD, cfg.norm_eps), shift, scale)
-        out_BSP = (matmul(h.reshape(B * S, -1), self.out, cd) + self.out_bias[...].astype(cd)).reshape(B, S, P)
+        out_BSP = matmul(h, self.out, cd) + self.out_bias[...].astype(cd)
         return unpatchify(out_BSP, cfg.patch, cfg.grid, cfg.latent_channels).astype(jnp.float32)
 
     def _run_blocks(self, x_BSD, ctx: _Ctx):

@@ -17,7 +17,7 @@ from models.attention import attention
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
 from models.transformer import param, rms_norm
-from parallel.rules import constrain
+from parallel.rules import constrain, mesh_axis_for
 
 
 def patchify(x_BTHWC, patch):
@@ -100,11 +100,16 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
 
 
 def matmul(x_MI, w, cd):
-    """x [M, I] @ a weight [I..., O...] read as [I, O] (I = x's last dim, e.g. wo [N, K, D] with I = N·K).
+    """x [..., I] @ a weight [I..., O...] read as [I, O] (I = x's last dim, e.g. wo [N, K, D] with I = N·K) → [..., O].
 
     Projections run as 2-D matmuls over M = B·S rows: their weight gradients are then plain dots,
-    whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer)."""
-    return x_MI.astype(cd) @ w[...].astype(cd).reshape(x_MI.shape[-1], -1)
+    whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer). Not when the
+    mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them."""
+    w_IO = w[...].astype(cd).reshape(x_MI.shape[-1], -1)
+    lead = x_MI.shape[:-1]
+    if len(lead) > 1 and mesh_axis_for("act_seq")[1] == 1:
+        return (x_MI.reshape(-1, x_MI.shape[-1]).astype(cd) @ w_IO).reshape(*lead, -1)
+    return x_MI.astype(cd) @ w_IO
 
 
 def modulate(x_BSD, shift_BD, scale_BD):
@@ -142,10 +147,9 @@ class SelfAttention(nnx.Module):
                  temporal_window=None, impl="xla"):
         B, S, D = h_BSD.shape
         N, K = self.wq.shape[1:]
-        h_MD = h_BSD.reshape(B * S, D)
-        q = matmul(h_MD, self.wq, cd).reshape(B, S, N, K)
-        k = matmul(h_MD, self.wk, cd).reshape(B, S, N, K)
-        v = matmul(h_MD, self.wv, cd).reshape(B, S, N, K)
+        q = matmul(h_BSD, self.wq, cd).reshape(B, S, N, K)
+        k = matmul(h_BSD, self.wk, cd).reshape(B, S, N, K)
+        v = matmul(h_BSD, self.wv, cd).reshape(B, S, N, K)
         if self.qk_norm:  # keeps logits bounded however the residual stream grows
             q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
         pos = grid_positions(grid)
@@ -154,7 +158,7 @@ class SelfAttention(nnx.Module):
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
         o = spacetime_attention(q, k, v, grid, layout, spatial_window=spatial_window,
                                 temporal_window=temporal_window, impl=impl)
-        return matmul(o.reshape(B * S, N * K), self.wo, cd).reshape(B, S, D)
+        return matmul(o.reshape(B, S, N * K), self.wo, cd)
 
 
 class CrossAttention(nnx.Module):
@@ -176,10 +180,9 @@ class CrossAttention(nnx.Module):
         B, S, D = h_BSD.shape
         L, E = text_BLE.shape[1:]
         N, K = self.wq.shape[1:]
-        q = matmul(h_BSD.reshape(B * S, D), self.wq, cd).reshape(B, S, N, K)
-        t_ME = text_BLE.astype(cd).reshape(B * L, E)
-        k = matmul(t_ME, self.wk, cd).reshape(B, L, N, K)
-        v = matmul(t_ME, self.wv, cd).reshape(B, L, N, K)
+        q = matmul(h_BSD, self.wq, cd).reshape(B, S, N, K)
+        k = matmul(text_BLE, self.wk, cd).reshape(B, L, N, K)
+        v = matmul(text_BLE, self.wv, cd).reshape(B, L, N, K)
         if self.qk_norm:
             q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
         mask = jnp.broadcast_to(text_valid_BL[:, None, None, :], (B, 1, S, L))
@@ -187,7 +190,7 @@ class CrossAttention(nnx.Module):
         # a caption with no real token (an all-padding null caption) adds nothing, whatever attn_impl: 'xla'
         # and cuDNN would average the padding values over a fully masked row, 'reference' gives zeros
         o = jnp.where(text_valid_BL.any(-1)[:, None, None, None], o, 0)
-        return matmul(o.reshape(B * S, N * K), self.wo, cd).reshape(B, S, D)
+        return matmul(o.reshape(B, S, N * K), self.wo, cd)
 
 
 class SwiGLU(nnx.Module):
@@ -197,8 +200,6 @@ class SwiGLU(nnx.Module):
         self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), dtype, std)
 
     def __call__(self, h_BSD, cd):
-        B, S, D = h_BSD.shape
-        h_MD = h_BSD.reshape(B * S, D)
-        a_MF = jax.nn.silu(matmul(h_MD, self.w_gate, cd)) * matmul(h_MD, self.w_up, cd)
-        a_BSF = constrain(a_MF.reshape(B, S, -1), ("batch", "act_seq", "act_mlp"))
-        return matmul(a_BSF.reshape(B * S, -1), self.w_down, cd).reshape(B, S, D)
+        a_BSF = jax.nn.silu(matmul(h_BSD, self.w_gate, cd)) * matmul(h_BSD, self.w_up, cd)
+        a_BSF = constrain(a_BSF, ("batch", "act_seq", "act_mlp"))
+        return matmul(a_BSF, self.w_down, cd)

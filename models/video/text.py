@@ -18,7 +18,7 @@ from flax import nnx
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
 from models.rope import inv_frequencies
-from models.transformer import REMAT_POLICIES, Block, _Ctx, param, rms_norm
+from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, matmul_impl_for, param, rms_norm
 from parallel.rules import constrain
 
 
@@ -56,16 +56,18 @@ class TextEncoder(nnx.Module):
                 return EncoderBlock(cfg, rngs=r)
 
             self.blocks = make_blocks(rngs)
-            self.final_norm = param(rngs, (cfg.d_model,), ("norm",), pd)
+            self.final_norm = param(rngs, (cfg.d_model,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # as the LM
 
     def __call__(self, tokens_BL) -> TextOut:
         cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
         B, L = tokens_BL.shape
+        tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)  # out-of-range ids would gather NaN rows
         if L > cfg.max_seq_len:
             raise ValueError(f"captions of {L} tokens exceed the text encoder's max_seq_len={cfg.max_seq_len}")
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling))
+        ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
+                   matmul_impl=matmul_impl_for(cfg))
 
         # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
         embed = constrain(self.embed[...], (None, "act_embed"))
