@@ -288,15 +288,24 @@ def matmul_flops_per_token(cfg, *, executed: bool = False, seq_len: int | None =
     `seq_len` = T is given, else K·CF clamped to E per token (the large-T limit)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
     f = 2.0 * param_counts(s).matmul_active
-    if executed and s.moe is not None:
-        m = s.moe
-        if seq_len is None:
-            slots = min(m.top_k * m.capacity_factor, m.n_experts)  # per token
-        else:
-            c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
-            slots = m.n_experts * c / seq_len
-        f += 2.0 * (slots - m.top_k) * s.n_moe_layers * 3 * s.d_model * m.expert_mlp_dim
+    if s.moe is not None:
+        f += _routed_forward(s, seq_len, executed) - _routed_forward(s, seq_len, False)
     return f
+
+
+def _routed_forward(s: LMShape, seq_len: int | None, executed: bool) -> float:
+    """Forward FLOPs per token of the routed experts over all MoE layers: top_k rows per token, or with
+    `executed` the capacity slots (see `matmul_flops_per_token`)."""
+    m = s.moe
+    if m is None:
+        return 0.0
+    slots = float(m.top_k)
+    if executed and seq_len is None:
+        slots = min(m.top_k * m.capacity_factor, m.n_experts)
+    elif executed:
+        c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
+        slots = m.n_experts * c / seq_len
+    return 2.0 * slots * s.n_moe_layers * 3 * s.d_model * m.expert_mlp_dim
 
 
 def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, windows=None,
@@ -329,23 +338,24 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     """Forward FLOPs that a remat policy recomputes in the backward pass (per token).
 
     'none' and 'save_dots' recompute no matmul work (only elementwise ops); 'save_dots_no_batch'
-    saves the weight matmuls but recomputes the batched attention dots (QK^T, PV); 'full' reruns
-    each block's forward *except* its output projections (attention-out and MLP-down: the backward
-    needs their inputs, not their outputs, so XLA drops them) — the LM head is outside the remat'ed
-    layers and is not rerun.
+    saves the 2-D weight matmuls but recomputes the dots with a batch dim: attention's QK^T and PV and the
+    routed experts' products (batched over E); 'full' reruns each block's forward except the dense / shared
+    MLP's down projection, whose output only feeds the saved next-layer input (the attention-out projection is
+    rerun: the MLP's pre-norm needs x + wo(attn); so are the routed experts' down products: the router's
+    gradient needs the experts' outputs) — the LM head is outside the remat'ed layers and is not rerun.
+    kernel='executed' counts capacity dispatch's padded expert slots (`matmul_flops_per_token(executed=True)`).
     """
     if remat not in RECOMPUTE_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
     s = lm_shape(cfg, windows=windows, moe=moe)
     attn = attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    routed = _routed_forward(s, seq_len, kernel == "executed")
     if remat == "full":
-        pc = param_counts(s)
         d = s.d_model
-        wo = s.n_layers * s.n_heads * s.head_dim * d
-        down = sum(_mlp_params(s, i)[1] - (d * s.moe.n_experts if s.is_moe_layer(i) else 0)
-                   for i in range(s.n_layers)) // 3  # one of the three SwiGLU matrices
-        return 2.0 * (pc.matmul_active - s.vocab_size * d - wo - down) + attn
-    return attn if remat == "save_dots_no_batch" else 0.0
+        down = sum(d * (_shared_width(s.moe) if s.is_moe_layer(i) else s.mlp_dim) for i in range(s.n_layers))
+        rest = param_counts(s).matmul_active - s.vocab_size * d - down  # routed experts: replaced by `routed`
+        return 2.0 * rest - _routed_forward(s, seq_len, False) + routed + attn
+    return attn + routed if remat == "save_dots_no_batch" else 0.0
 
 
 def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, remat: str = "none",
@@ -357,6 +367,8 @@ def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: in
     """
     s = lm_shape(cfg, windows=windows, moe=moe)
     f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    if kernel == "executed" and s.moe is not None:  # what the kernels run: capacity dispatch's padded slots too
+        f += 3.0 * (_routed_forward(s, seq_len, True) - _routed_forward(s, seq_len, False))
     if include_recompute:
         f += recompute_flops_per_token(s, seq_len, remat, kernel=kernel, block=block)
     return f
