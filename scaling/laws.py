@@ -275,6 +275,8 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
               **fit_kw) -> Bootstrap:
     """Case-resampling bootstrap of `fit_law`: resample runs with replacement `n_boot` times and refit
     (each refit starts from the full-data optimum and the best `n_starts` grid points)."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
     n, d, lv = _check_runs(n_params, n_tokens, loss)
     full = fit_law(n, d, lv, **fit_kw)
     rng = np.random.default_rng(seed)
@@ -290,6 +292,9 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
             skipped += 1
             continue
         laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
+    if not laws:
+        raise ValueError(f"bootstrap: all {n_boot} resamples were skipped (< 5 distinct runs, or N and D collinear); "
+                         "give more runs that vary N and D independently")
     resid = np.log(lv) - np.log(full.law.loss(n, d))
     return Bootstrap(fit=full, laws=tuple(laws), residuals=tuple(float(x) for x in resid), skipped=skipped)
 
@@ -332,6 +337,11 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
     if not (len(n) == len(d) == len(lv) == len(c)) or len(n) == 0:
         raise ValueError(f"isoflop_envelope: n_params, n_tokens, loss (and flops) need one entry per run, got "
                          f"{len(n)}, {len(d)}, {len(lv)}, {len(c)}; give runs at >= 2 budgets x >= 3 sizes")
+    for name, x in (("n_params", n), ("n_tokens", d), ("loss", lv), ("flops", c)):
+        bad = np.flatnonzero(~(np.isfinite(x) & (x > 0)))
+        if bad.size:  # a diverged run (NaN loss) would silently move or drop its whole budget
+            raise ValueError(f"isoflop_envelope: {name} must be finite and positive for every run; runs "
+                             f"{bad[:5].tolist()} are not (drop diverged runs, or rerun them)")
     order = np.argsort(c)
     groups, cur = [], [order[0]]
     for i in order[1:]:

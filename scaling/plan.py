@@ -31,8 +31,8 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     """A Llama-style dense shape with about `n_params` parameters: d_model = aspect·L (rounded to a
     multiple of head_dim), MHA with `head_dim`-wide heads, SwiGLU width 8/3·d rounded up to
     `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008."""
-    if n_params <= 0:
-        raise ValueError(f"n_params must be positive, got {n_params}")
+    if not (math.isfinite(n_params) and n_params > 0):
+        raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
 
     def shape(L: int) -> LMShape:
         d = max(head_dim, int(round(aspect * L / head_dim)) * head_dim)
@@ -40,7 +40,17 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
         return LMShape(vocab_size=vocab_size, d_model=d, n_layers=L, n_heads=d // head_dim, kv_heads=d // head_dim,
                        head_dim=head_dim, mlp_dim=f, windows=(None,) * L)
 
-    best = min(range(1, 400), key=lambda L: abs(param_counts(shape(L)).total - n_params))
+    total = lambda L: param_counts(shape(L)).total  # noqa: E731  (grows with L)
+    lo, hi = 1, 4096
+    while lo < hi:  # the smallest L whose total reaches n_params, then the closer of it and L - 1
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if total(mid) < n_params else (lo, mid)
+    best = min((L for L in (lo - 1, lo) if L >= 1), key=lambda L: abs(total(L) - n_params))
+    got = total(best)
+    if abs(got - n_params) > 0.1 * n_params:  # every FLOP, hour and joule of the plan would be off by as much
+        raise ValueError(f"no Llama-style shape (head_dim {head_dim}, d_model = {aspect}·L, vocab {vocab_size}) has "
+                         f"about {n_params:.3g} parameters: the closest, L={best}, has {got:.3g}"
+                         + ("; lower the vocabulary (--vocab) or raise the budget" if got > n_params else ""))
     return shape(best)
 
 
@@ -100,8 +110,19 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     plan stays on the budget). See the module docstring."""
     if (params is None) == (flops is None):
         raise ValueError("give exactly one of params= (a model size) or flops= (a training budget)")
-    if tokens is not None and not tokens > 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
+    for name, v in (("params", params), ("flops", flops), ("tokens", tokens)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v}")
+    for name, v, low in (("chips", chips, 1), ("seq_len", seq_len, 1), ("seqs_per_chip", seqs_per_chip, 1),
+                         ("vocab_size", vocab_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if not (math.isfinite(pue) and pue >= 1):
+        raise ValueError(f"pue must be >= 1 (facility energy / IT energy), got {pue}")
+    if not (math.isfinite(grid_g_per_kwh) and grid_g_per_kwh >= 0):
+        raise ValueError(f"grid_g_per_kwh must be >= 0, got {grid_g_per_kwh}")
+    if chip_power_w is not None and not (math.isfinite(chip_power_w) and chip_power_w > 0):
+        raise ValueError(f"chip_power_w must be > 0, got {chip_power_w}")
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
     if law not in ALLOCATIONS:

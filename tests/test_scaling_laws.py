@@ -151,3 +151,16 @@ def test_isoflop_envelope_refuses_empty_or_ragged_input():
         isoflop_envelope([], [], [])
     with pytest.raises(ValueError, match="one entry per run"):
         isoflop_envelope([1e6, 2e6], [1e9], [3.0, 2.9])
+    # one diverged run used to drop (or move) its whole budget with a misleading reason
+    n = np.array([1e6, 2e6, 4e6, 1e6, 2e6, 4e6])
+    d = np.array([4e9, 2e9, 1e9, 4e10, 2e10, 1e10])
+    for bad, name in (({"loss": [3.0, np.nan, 3.1, 2.5, 2.4, 2.6]}, "loss"), ({"n": -n}, "n_params")):
+        args = {"n": n, "d": d, "loss": [3.0, 2.9, 3.1, 2.5, 2.4, 2.6]} | bad
+        with pytest.raises(ValueError, match=f"{name} must be finite and positive for every run; runs"):
+            isoflop_envelope(args["n"], args["d"], args["loss"])
+
+
+def test_bootstrap_without_a_fit_is_an_error():
+    n = np.geomspace(1e7, 1e9, 10)
+    with pytest.raises(ValueError, match="n_boot must be an int >= 1"):
+        bootstrap(n, 20 * n * np.linspace(1, 3, 10), TRUE.loss(n, 20 * n * np.linspace(1, 3, 10)), n_boot=0)

@@ -81,7 +81,11 @@ def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
     # alternating local / global layers: one scan group holds both (one layer's working set: XLA = 1.24x ours)
     (dataclasses.replace(BASE, attn_pattern="alternating", sliding_window=32, swa_block=32, remat="save_dots"),
      {"data": 4, "tensor": 2}, 8, 256),
+    # no FSDP: the gradients' all-reduce copy (without it XLA = 1.46x / 1.31x ours)
+    (dataclasses.replace(BASE, remat="full"), {"data": 8}, 16, 128),
+    (dataclasses.replace(BASE, remat="none"), {"data": 2, "sequence": 4}, 4, 256),
 ])
+# Not yet within tolerance: remat save_dots on data4 x sequence2 (B 8, T 128): XLA = 1.14x ours.
 def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     m = compiled_memory(cfg, mesh, B, T)
     ours = memory_per_device(cfg, mesh, B, T)
@@ -122,6 +126,15 @@ def test_parameter_bytes_follow_the_rules_table():
     assert tp.local_tokens == 8 // 4 * 64 and flat.local_tokens == 64
     with pytest.raises(ValueError, match="does not divide"):
         memory_per_device(dataclasses.replace(BASE, mlp_dim=510), {"data": 2, "tensor": 4}, 8, 64)
+    for args, kw, name in [((-2, 64), {}, "micro_batch"), ((8, 0), {}, "seq_len"),
+                           ((8, 64), {"optimizer_moments": -1}, "optimizer_moments")]:  # negative bytes before
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            memory_per_device(BASE, {"data": 8}, *args, **kw)
+    import jax.numpy as jnp
+    import numpy as np
+
+    from scaling.memory import dtype_bytes
+    assert [dtype_bytes(x) for x in (np.float32, jnp.bfloat16, "float64", "fp16", jnp.dtype("int8"))] == [4, 2, 8, 2, 1]
     assert memory_per_device(BASE, {"data": 8}, 8, 512, remat="full").activations < \
         memory_per_device(BASE, {"data": 8}, 8, 512, remat="save_dots").activations
     # a fused (flash) kernel stores no T x T scores
