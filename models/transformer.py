@@ -23,7 +23,7 @@ from flax import nnx
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.linear import linear
-from models.moe import MoE
+from models.moe import MoE, mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
@@ -419,8 +419,14 @@ class Transformer(nnx.Module):
             if (L // P) % n_stages:
                 raise ValueError(f"n_layers={L} (pattern period {P}) does not split into {n_stages} pipeline "
                                  f"stages; use a multiple of {P * n_stages} layers")
+            rows, M = x_BTD.shape[0], cfg.pipeline_microbatches
+            shards = mesh_shards("batch")
+            if rows % M or (rows // M) % shards:  # else XLA fails on the microbatch without naming the setting
+                raise ValueError(f"pipeline_microbatches={M}: a batch of {rows} rows must split into {M} microbatches "
+                                 f"whose rows divide the batch mesh axes ({shards}); use a divisor of "
+                                 f"{rows // shards} microbatches")
             x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
-                          n_microbatches=cfg.pipeline_microbatches, axis=stage_axis)
+                          n_microbatches=M, axis=stage_axis)
             return x_BTD, None, None
 
         if cache is None:

@@ -89,6 +89,11 @@ def test_init_optimizer_on_unsharded_params_and_no_scan_pipeline_refused():
     gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="scan_layers=False under pipeline parallelism"):
         jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
+    # 8 rows in 4 microbatches of 2 cannot split over data=4: named, not an XLA sharding error
+    cfg = dataclasses.replace(CFG, pipeline_microbatches=4)
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="pipeline_microbatches=4: a batch of 8 rows"):
+        jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
 
 
 def collectives(hlo: str):
