@@ -29,7 +29,10 @@ class DedupConfig:
         is at least this are near duplicates. `num_perm` MinHash permutations; the LSH bands are chosen so a
         pair exactly at `threshold` becomes a candidate with probability >= `recall_target`, and a candidate
         is confirmed when its estimated Jaccard is within `confirm_sigmas` standard errors of `threshold`
-        (the estimate of a pair at the threshold falls below it half the time).
+        (the estimate of a pair at the threshold falls below it half the time). The default favours recall:
+        at 0.8 and 128 permutations the cut is 0.73 (`confirm_at()`), so pairs of true Jaccard 0.70-0.80 are
+        removed too (measured: ~11% at 0.65-0.70, ~55% at 0.70-0.75, ~80% at 0.75-0.80, 98% at 0.80-0.85);
+        confirm_sigmas=0 cuts at the threshold itself, with errors both ways.
     """
 
     exact: bool = True
@@ -48,6 +51,8 @@ class DedupConfig:
             raise ValueError(f"DedupConfig.num_perm={self.num_perm} is too few permutations; use >= 16 (128 typical)")
         if self.shingle < 1:
             raise ValueError(f"DedupConfig.shingle={self.shingle} must be >= 1 token")
+        if not self.confirm_sigmas >= 0:
+            raise ValueError(f"DedupConfig.confirm_sigmas={self.confirm_sigmas} must be >= 0")
         if not 0 < self.recall_target < 1:
             raise ValueError(f"DedupConfig.recall_target={self.recall_target} must be in (0, 1)")
 

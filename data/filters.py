@@ -25,7 +25,7 @@ _CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
 _TOKEN = re.compile(rf"[{CJK_RANGES}{_CJK_PUNCT}]|[^\s{CJK_RANGES}{_CJK_PUNCT}]+")
 _CJK = re.compile(rf"[{CJK_RANGES}]")
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\]]+", re.I)
-_ALPHA_WORD = re.compile(r"\S*?[^\W\d_]\S*")  # a word with at least one letter (CJK included)
+_HAS_LETTER = re.compile(r"[^\W\d_]")  # a letter (CJK included); per word, not one regex over the text (quadratic)
 _BULLET = re.compile(r"^\s*(?:[-*•●◦▪‣]|\d+[.)])\s")
 # ASCII plus CJK/full-width punctuation that NFKC leaves alone
 PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~" + "，。、；：？！“”‘’（）《》〈〉【】「」『』…—·～")
@@ -276,7 +276,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
         # mean word length only means something for space-separated words: over tokens with a letter (numbers
         # and dates in Chinese text are not words), and only with a few of them
         "mean_word_len": sum(len(w) for w in lettered) / len(lettered) if len(lettered) >= 10 else None,
-        "alpha_word_fraction": len(_ALPHA_WORD.findall(" ".join(ws))) / max(n_words, 1),
+        "alpha_word_fraction": sum(1 for w in ws if _HAS_LETTER.search(w)) / max(n_words, 1),
         "symbol_ratio": (nonspace - alnum) / max(nonspace, 1),
         "digit_ratio": digits / max(nonspace, 1),
         "hash_ellipsis_ratio": (text.count("#") + text.count("...") + text.count("…")) / max(n_words, 1),

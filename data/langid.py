@@ -60,10 +60,14 @@ class LangID:
         if len(text) > n:
             third, mid = n // 3, len(text) // 2
             text = " ".join((text[:third], text[mid - third // 2:mid + third // 2], text[-third:]))
-        lang, conf = self._id.classify(text)
+        probs: dict[str, float] = {}
+        for lang, p in self._id.rank(text):  # a folded group's confidence is its members' summed probability
+            code = self._fold.get(lang, lang)
+            probs[code] = probs.get(code, 0.0) + float(p)
+        lang, conf = max(probs.items(), key=lambda kv: kv[1])
         if conf < self.cfg.min_confidence:
             return "und", conf
-        return self._fold.get(lang, lang), conf
+        return lang, conf
 
     def keeps(self, lang: str) -> bool:
         return lang in self.cfg.keep

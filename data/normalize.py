@@ -29,7 +29,7 @@ _DROP_CHARS = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
 _INNER_SPACES = re.compile(r"(?<=\S) {2,}(?=\S)")  # spaces only: a tab run in TSV is empty columns
-_TRAILING_SPACES = re.compile(r"[ \t]+$", re.M)
+_TRAILING_SPACES = re.compile(r"(?<![ \t])[ \t]+$", re.M)  # from a run's start only: `[ \t]+$` rescans long runs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,10 +111,23 @@ def _write_tier_stats(out, tier, i, stages: list[StageStats]):
     write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages]})
 
 
+def _docs_out(out: pathlib.Path, i: int, *tiers: str) -> int:
+    """Documents shard i holds after the last stage of the first of `tiers` that has one (a tier configured
+    with no stages, e.g. filters=(), passes on what the tier before it held)."""
+    for tier in tiers:
+        if stages := read_json(_stats_path(out, tier, i))["stages"]:
+            return stages[-1]["docs_out"]
+    raise ValueError(f"no stage statistics for shard {i} in tiers {tiers}")
+
+
+def _filtered_count(out: pathlib.Path, i: int) -> int:
+    return _docs_out(out, i, "filtered", "raw")
+
+
 def _pass1(i: int, files: Sequence[str], out: pathlib.Path, cfg: PipelineConfig) -> int:
     """Ingest + filter one input shard. Returns the number of documents it kept."""
     if _stats_path(out, "filtered", i).exists():
-        return read_json(_stats_path(out, "filtered", i))["stages"][-1]["docs_out"]
+        return _filtered_count(out, i)
     name = shard_name(i)
     raw_w = DocWriter(out / "raw" / f"{name}.array_record")
     filt_w = DocWriter(out / "filtered" / f"{name}.array_record")
@@ -154,7 +167,7 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
     seen: dict[bytes, str] = {}
     index = NearDupIndex(cfg.dedup) if cfg.dedup.near else None
     drops: dict[str, dict[str, list]] = {}
-    total = sum(read_json(_stats_path(out, "filtered", i))["stages"][-1]["docs_out"] for i in range(n_shards))
+    total = sum(_filtered_count(out, i) for i in range(n_shards))
     bar = tqdm(total=total, desc="dedup", unit="doc", disable=not progress)
     for i in range(n_shards):
         z = np.load(out / "filtered" / f"{shard_name(i)}.dedup.npz")
@@ -167,6 +180,7 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
                 shard_drops[str(j)] = ["exact_dup", seen[k]]
             elif index is not None and (rep := index.add(key, sigs[j])) is not None:
                 shard_drops[str(j)] = ["near_dup", rep]
+                seen.setdefault(k, rep)  # a later byte-identical copy is an exact duplicate of the same survivor
             else:
                 seen.setdefault(k, key)
             bar.update()
@@ -180,7 +194,7 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
 def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
     """Dedup, label and augment one shard; returns documents in the augmented tier."""
     if _stats_path(out, "augmented", i).exists():
-        return read_json(_stats_path(out, "augmented", i))["stages"][-1]["docs_out"]
+        return _docs_out(out, i, "augmented", "labeled", "cleaned")
     name = shard_name(i)
     writers = {t: DocWriter(out / t / f"{name}.array_record") for t in ("cleaned", "labeled", "augmented")}
     dedup = StageStats("dedup")
@@ -281,12 +295,19 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep-langs", default="en,zh", help="comma-separated ISO 639-1 codes")
-    ap.add_argument("--near-dup-threshold", type=float, default=0.8)
+    ap.add_argument("--near-dup-threshold", type=float, default=0.8,
+                    help="MinHash-estimated Jaccard of word 5-gram shingles; a candidate is confirmed at "
+                         "threshold - confirm_sigmas standard errors (0.8, 128 permutations, 2 sigmas: estimates >= "
+                         "0.73, so about half of the pairs at true 0.70-0.75 are removed too)")
+    ap.add_argument("--near-dup-confirm-sigmas", type=float, default=2.0,
+                    help="0: confirm at the threshold itself (estimation errors cut both ways: about half the pairs "
+                         "at exactly the threshold kept); 2: recall >= 0.9 just above it")
     ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
     args = ap.parse_args(argv)
     cfg = PipelineConfig(source=SourceConfig(max_doc_bytes=args.max_doc_bytes),
                          langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
-                         dedup=DedupConfig(threshold=args.near_dup_threshold), workers=args.workers)
+                         dedup=DedupConfig(threshold=args.near_dup_threshold,
+                                           confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers)
     run(args.inputs, args.out, cfg)
     from data.report import report
 

@@ -134,7 +134,7 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
                 yield None, "missing_text", n
                 continue
             text = obj.pop(cfg.text_field)
-            obj.setdefault("id", f"{os.path.basename(path)}:{lineno}")
+            obj.setdefault("id", f"{path}:{lineno}")  # the path as discovered: en/part-0 and zh/part-0 differ
             doc, reason = _text_doc(text, obj, cfg, ncfg)
             yield doc, reason, n
 
@@ -163,8 +163,8 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             text = obj.pop(cfg.text_field)
             n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
                  len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
-            obj = {k: v for k, v in obj.items() if _jsonable(v)}
-            obj.setdefault("id", f"{os.path.basename(path)}:{row}")
+            obj = {k: _jsonable(v) for k, v in obj.items()}
+            obj.setdefault("id", f"{path}:{row}")
             row += 1
             if n > cfg.max_doc_bytes:
                 yield None, "too_large", n
@@ -173,8 +173,21 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             yield doc, reason, n
 
 
-def _jsonable(v) -> bool:
-    return v is None or isinstance(v, str | int | float | bool | list | dict)
+def _jsonable(v):
+    """A Parquet value as JSON metadata, at any depth: timestamps, decimals and the like as strings, bytes as
+    UTF-8 text (or hex). Kept rather than dropped; a nested one used to crash the run when written."""
+    if v is None or isinstance(v, str | int | float | bool):
+        return v
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            return v.hex()
+    return str(v)
 
 
 def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):

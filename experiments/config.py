@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 class DataSpec:
     """The embedded stdlib corpus (module sources + docstrings), byte tokens with EOS, through data.loader.
 
-    max_files: first N stdlib modules (None: all). eval_every_nth: every n-th document is held out.
+    max_files: first N stdlib modules (None: all). eval_every_nth: every n-th module (source and docstrings) is
+    held out.
     eval_batches: held-out batches per evaluation (fixed, the same every time)."""
 
     max_files: int | None = None
@@ -353,7 +354,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
          f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",
-         "hold out every n-th document with n >= 2, and at least one eval batch")
+         "hold out every n-th module with n >= 2, and at least one eval batch")
     import jax
 
     backend = jax.default_backend()  # kernels that exist on one backend only fail at the first step otherwise

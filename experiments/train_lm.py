@@ -45,21 +45,25 @@ def _setup_platform():
 
 
 def corpus_tiers(spec) -> tuple[str, str]:
-    """The embedded corpus as two ArrayRecord tiers (train, held-out: every n-th document), cached on disk."""
+    """The embedded corpus as two ArrayRecord tiers (train, held-out: every n-th *module*, its source and its
+    docstrings together: the docstrings repeat lines of the source, so splitting them would leak eval text into
+    train), cached on disk."""
     from data.corpus import stdlib_documents
     from data.shards import DocWriter, shard_name
 
     root = pathlib.Path(spec.cache_dir or pathlib.Path.home() / ".cache" / "jaxscale") / (
-        f"lm-corpus-py{sys.version_info.major}{sys.version_info.minor}-{spec.max_files or 'all'}-"
-        f"{spec.eval_every_nth}")
+        f"lm-corpus-v2-py{sys.version_info.major}{sys.version_info.minor}-{spec.max_files or 'all'}-"
+        f"{spec.eval_every_nth}")  # v2: split by module (v1 split a module's source from its docstrings)
     if not (root / "done").exists():
         # built in a private directory and renamed into place: concurrent processes never see half a corpus
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         writers = {"train": [DocWriter(tmp / "train" / f"{shard_name(i)}.array_record") for i in range(2)],
                    "eval": [DocWriter(tmp / "eval" / f"{shard_name(0)}.array_record")]}
         n = {"train": 0, "eval": 0}
-        for i, doc in enumerate(stdlib_documents(spec.max_files)):
-            split = "eval" if i % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
+        module = -1
+        for doc in stdlib_documents(spec.max_files):
+            module += doc["kind"] == "code"  # each module: its source, then (if any) its docstrings
+            split = "eval" if module % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
             ws = writers[split]
             ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
             n[split] += 1

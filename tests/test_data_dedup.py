@@ -53,6 +53,28 @@ def test_minhash_recall_at_jaccard_08_and_above():
     assert found / len(pairs) >= 0.9
 
 
+def test_confirm_sigmas_trades_recall_for_a_sharp_threshold():
+    """The default confirms down to 2 standard errors below the threshold (0.73 at 0.8): pairs of true Jaccard
+    0.70-0.76 are often removed; confirm_sigmas=0 keeps nearly all of them."""
+    rng = np.random.default_rng(3)
+    pairs = []
+    while len(pairs) < 60:
+        a = en_text(rng, 300)
+        b = edit(rng, a, int(rng.integers(6, 10)))
+        if 0.70 <= true_jaccard(a, b) < 0.76:
+            pairs.append((a, b))
+    flagged = {}
+    for sig in (2.0, 0.0):
+        cfg = DedupConfig(threshold=0.8, confirm_sigmas=sig)
+        n = 0
+        for a, b in pairs:
+            index = NearDupIndex(cfg)
+            index.add("a", signature(a, cfg))
+            n += index.add("b", signature(b, cfg)) is not None
+        flagged[sig] = n / len(pairs)
+    assert flagged[2.0] >= 0.3 and flagged[0.0] <= 0.1, flagged
+
+
 def test_minhash_precision_on_unrelated_and_dissimilar_documents():
     rng = np.random.default_rng(1)
     cfg = DedupConfig(threshold=0.8)

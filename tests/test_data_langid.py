@@ -36,6 +36,12 @@ def test_keep_set_and_confidence(det):
     assert fr_only.keeps("fr") and not fr_only.keeps("en")
     strict = LangID(LangIDConfig(min_confidence=0.999999))
     assert strict.detect("ok")[0] == "und"
+    # zh's confidence sums its folded members (yue, wuu): 你好 is yue 0.65 + zh 0.32 + wuu 0.02, not 0.65 alone
+    from data.langid import _identifier
+
+    ranked = dict(_identifier().rank("你好"))
+    lang, conf = LangID(LangIDConfig(min_confidence=0.7)).detect("你好")
+    assert lang == "zh" and conf > 0.7 and conf == pytest.approx(ranked["zh"] + ranked["yue"] + ranked["wuu"], rel=1e-6)
 
 
 def test_long_documents_are_sampled_from_start_middle_end(det):

@@ -300,3 +300,38 @@ def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_pat
     (tmp_path / "bad.parquet").write_bytes(bytes(data))
     reasons = [r for _, r, _ in read_records([str(tmp_path / "bad.parquet")])]
     assert reasons[-1] == "unreadable_file" and reasons.count("unreadable_file") == 1
+
+
+def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata(tmp_path):
+    import datetime
+
+    from data.sources import read_records
+
+    rng = np.random.default_rng(0)
+    a = en_text(rng, 300)
+    words = a.split()
+    words[len(words) // 2] = "zebra"  # one word changed: a near duplicate of a
+    b = " ".join(words)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (a, b, b, en_text(rng, 300))))
+    for kw in ({"filters": ()}, {"labelers": ()}):  # a tier without stages used to crash pass 2 (and resume)
+        cfg = dataclasses.replace(PipelineConfig(workers=1), **kw)
+        out = tmp_path / f"out_{next(iter(kw))}"
+        run([str(path)], out, cfg, progress=False)
+        run([str(path)], out, cfg, progress=False)  # the resume path reads the same counts
+        rows = report_mod.funnel(out)
+        assert report_mod.reconcile(rows) == []
+        dedup = next(s for _, s in rows if s.name == "dedup")
+        # b is a near duplicate of a; its byte-identical copy is an exact duplicate (it was reported near_dup)
+        assert dedup.dropped == {"near_dup": 1, "exact_dup": 1}, dedup.dropped
+    # Parquet metadata of any type and depth is kept as JSON (a list of timestamps crashed the run)
+    pq.write_table(pa.table({"text": [a], "when": [[datetime.datetime(2026, 1, 2)]], "raw": [b"\x00\xff"]}),
+                   tmp_path / "m.parquet")
+    (doc, reason, _), = read_records([str(tmp_path / "m.parquet")])
+    assert reason is None and json.loads(json.dumps(doc))["when"] == ["2026-01-02 00:00:00"] and doc["raw"] == "00ff"
+    # default ids carry the path: en/part-0.jsonl and zh/part-0.jsonl do not collide
+    for lang in ("en", "zh"):
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "part-0.jsonl").write_text(json.dumps({"text": a}) + "\n")
+    ids = {d["id"] for lang in ("en", "zh") for d, _, _ in read_records([str(tmp_path / lang / "part-0.jsonl")])}
+    assert len(ids) == 2

@@ -103,3 +103,17 @@ def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     assert [(t, s) for t, s, _ in got if t == "train/loss"] == [("train/loss", s) for s in range(1, 5)]
     assert ("eval/loss", 4, 0.5) in got and ("moe/load_expert1", 4, 0.75) in got
     log.close()
+
+
+def test_corpus_holds_out_whole_modules(tmp_path):
+    """A module's docstrings repeat lines of its source: both go to the same split, so eval text is not in train."""
+    from data.shards import iter_docs, tier_shards
+    from experiments.config import DataSpec
+    from experiments.train_lm import corpus_tiers
+
+    train, held = corpus_tiers(DataSpec(max_files=30, eval_every_nth=5, cache_dir=str(tmp_path)))
+    ids = {split: {d["id"] for shard in tier_shards(path) for d in iter_docs(shard)}
+           for split, path in (("train", train), ("eval", held))}
+    modules = {split: {i.split("#")[0] for i in v} for split, v in ids.items()}
+    assert modules["eval"] and modules["train"] and not modules["eval"] & modules["train"]
+    assert any(i.endswith("#docs") for i in ids["eval"]) and len(modules["eval"]) == 30 // 5
