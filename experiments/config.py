@@ -340,6 +340,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps",
          f"{o.warmup_steps} must be in [0, train.steps={t.steps})")
+    need(o.schedule != "cosine" or o.warmup_steps == 0 or o.warmup_steps < t.steps - 1, "optim.warmup_steps",
+         f"{o.warmup_steps} leaves no update of the {t.steps} for the cosine decay; use at most {t.steps - 2}")
     need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")
     need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"Adam's betas must be in [0, 1), got {o.b1}, {o.b2}")

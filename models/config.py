@@ -42,7 +42,11 @@ class RopeScaling:
 
 
 # Weights whose fan-in and fan-out both grow with the width ("hidden" in μP): Adam's step on them scales by 1 / m.
+# Routed experts count as hidden when expert_mlp_dim grows with the width, as it does when scaled with d_model.
 MUP_HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
+# Output-like weights inside the body: fan-in grows, fan-out (E experts) does not. μP's Adam step is 1 / m on them
+# too (1 / fan_in); without it the router's logit change per step grew linearly with the width.
+MUP_OUTPUT = ("router",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -456,7 +456,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                 raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
                                  "True); only checkpoints whose o_proj biases are zero can be loaded")
     if cfg.moe is not None:  # Mixtral routes without a selection bias
-        values["moe_blocks.moe.router_bias"] = jnp.zeros(shapes["moe_blocks.moe.router_bias"], pd)
+        values["moe_blocks.moe.router_bias"] = jnp.zeros(shapes["moe_blocks.moe.router_bias"], jnp.float32)
     nnx.replace_by_pure_dict(abstract, _unflatten(values))
     return nnx.merge(graphdef, abstract)
 

@@ -119,8 +119,9 @@ class MoE(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.router = _param(rngs, (d, e), ("embed", None), pd, init_std)
             # Selection-only bias (aux-loss-free balancing): read through stop_gradient, so the optimizer sees zero
-            # gradients; the trainer moves it with update_router_bias. Stays 0 for Mixtral-style routing.
-            self.router_bias = _param(rngs, (e,), (None,), pd, 0)
+            # gradients; the trainer moves it with update_router_bias. Stays 0 for Mixtral-style routing. float32
+            # whatever param_dtype: its ±rate steps (1e-3) round away in bf16 once |bias| >= 0.5.
+            self.router_bias = _param(rngs, (e,), (None,), jnp.float32, 0)
             self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
             self.w_up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
             self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd, init_std)

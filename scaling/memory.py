@@ -103,7 +103,7 @@ def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=Non
         fe, E = m.expert_mlp_dim, m.n_experts
         t += attention_and_norms("moe_blocks", n_moe)
         t += [P("moe_blocks.moe.router", (n_moe, d, E), ("layers", "embed", None)),
-              P("moe_blocks.moe.router_bias", (n_moe, E), ("layers", None)),
+              ParamEntry("moe_blocks.moe.router_bias", (n_moe, E), ("layers", None), "float32"),  # f32 always
               P("moe_blocks.moe.w_gate", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
               P("moe_blocks.moe.w_up", (n_moe, E, d, fe), ("layers", "expert", "embed", "mlp")),
               P("moe_blocks.moe.w_down", (n_moe, E, fe, d), ("layers", "expert", "mlp", "embed"))]

@@ -421,6 +421,8 @@ def test_config_validation_and_accounting():
                        (dict(n_shared_experts=1.0), "n_shared_experts")]:
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
+    # the selection bias stays float32 under bf16 params: its ±1e-3 steps would round away at |bias| >= 0.5
+    assert MoE(D, CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).router_bias.dtype == jnp.float32
     cfg = CASES["deepseek-gmm"][0]
     for c in (CFG, cfg):
         assert c.param_count(D) == sum(v.size for v in jax.tree.leaves(nnx.state(nnx.eval_shape(

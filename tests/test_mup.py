@@ -67,3 +67,11 @@ def test_mup_pieces():
                                                                        "w_down")}
     with pytest.raises(ValueError, match="mup_base_width.*tie_embeddings=False"):
         TransformerConfig(mup_base_width=64, tie_embeddings=True)
+    # MoE: the router (d x E, E fixed) takes lr / m as well; its selection bias (no gradient) does not
+    from models.moe import MoEConfig
+
+    moe = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, mup_base_width=32,
+                            moe=MoEConfig(4, 2, 64), moe_every=2)
+    flat = {"/".join(str(k.key) for k in path if hasattr(k, "key")): v for path, v in
+            jax.tree_util.tree_leaves_with_path(mup_hidden_mask(nnx.state(Transformer(moe, rngs=nnx.Rngs(0)))))}
+    assert flat["moe_blocks/moe/router"] and flat["moe_blocks/moe/w_down"] and not flat["moe_blocks/moe/router_bias"]

@@ -57,6 +57,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "demo", "--set", "model.moe=3"], 8, "model.moe: is a nested config (MoEConfig | None)"),
     # optimizer, data and output values that would train without complaint, but wrongly
     (["--preset", "tiny", "--set", "optim.b2=1.5"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
+    (["--preset", "tiny", "--steps", "12", "--set", "optim.warmup_steps=11"], 8,
+     "optim.warmup_steps: 11 leaves no update of the 12"),
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
     (["--preset", "tiny", "--set", "data.max_files=-5"], 8, "data.max_files: must be None (all modules) or >= 1"),
@@ -157,6 +159,13 @@ def test_schedules():
         assert float(s(0)) == pytest.approx(1.0) and float(s(99)) == pytest.approx(0.1)
     short = make_schedule(1.0, 9, 2, "wsd", 0.1, decay_frac=0.1)  # round(0.9) = 1 update of decay: still reached
     assert [float(short(s)) for s in (1, 7, 8)] == pytest.approx([0.5, 1.0, 0.1])
+    # a warmup reaching into the decay window: the decay shortens and still ends on the last update (it ended
+    # mid-decay: lr 0.4 at the last of 35 updates with warmup 30)
+    for total, warm in ((35, 30), (100, 90), (10, 9)):
+        overlap = make_schedule(1.0, total, warm, "wsd", 0.1, decay_frac=0.2)
+        assert float(overlap(warm - 1)) < 1.0 and float(overlap(total - 1)) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="leaves no update"):  # cosine after a warmup up to the last update
+        make_schedule(1.0, 35, 34, "cosine", 0.1)
 
 
 def test_grad_accumulation_equals_one_big_batch():
