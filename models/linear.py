@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 
 
-def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None):
+def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True):
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 
-    impl: 'plain' is that product, in x's shape; 'transposed_grad' flattens x to [M, D] and computes dw from a
-    materialised xᵀ (see above); 'auto' picks 'transposed_grad' on the CPU backend and 'plain' elsewhere. Keep
-    'plain' when a leading dim other than the first is sharded (sequence parallelism): flattening [B, T] rows
-    with T split over devices is not a per-device block, and XLA gathers the whole sequence onto each device.
+    impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above); 'auto' picks
+    'transposed_grad' on the CPU backend and 'plain' elsewhere. flatten: run it on rows [M, D] (M = all leading
+    dims; 3-D products make XLA:CPU's weight gradients 1.5x slower). flatten=False keeps x's shape (and 'plain'),
+    for a leading dim other than the first sharded (sequence parallelism): [B, T] rows with T split over devices
+    are not a per-device block, and XLA would gather the whole sequence onto each device.
     out_dtype: accumulation and output dtype, e.g. float32 logits from bf16 operands rather than bf16 ones cast
     up. The backward products still run in the operands' dtype (the cotangent rounded to it, as autodiff of a
     product cast up afterwards does), so a bf16 model's LM-head backward keeps its bf16 matmuls.
@@ -33,7 +34,9 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None):
     if impl not in ("plain", "transposed_grad"):
         raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
     lead = x_MD.shape[:-1]
-    if impl == "transposed_grad" and len(lead) != 1:
+    if not flatten:
+        impl = "plain"
+    elif len(lead) != 1:
         return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))

@@ -58,10 +58,10 @@ def check_token_ids(tokens_BT, vocab_size: int):
     return tokens_BT
 
 
-def matmul_impl_for(cfg: TransformerConfig) -> str:
-    """cfg.matmul_impl, or 'plain' when the current mesh shards the sequence (models.linear flattens [B, T] rows
-    on its CPU path, which gathers a sharded sequence onto every device)."""
-    return "plain" if mesh_axis_for("act_seq")[1] > 1 else cfg.matmul_impl
+def flat_rows() -> bool:
+    """Whether projections may run on flattened [B·T, D] rows: not when the current mesh shards the sequence
+    (those rows are not a per-device block; XLA would gather the whole sequence onto every device)."""
+    return mesh_axis_for("act_seq")[1] == 1
 
 
 def pattern_period(cfg: TransformerConfig) -> int:
@@ -120,7 +120,7 @@ class _Ctx:
     inv_freq: object
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
-    matmul_impl: str | None = None  # models.linear's (None: cfg.matmul_impl); see `matmul_impl_for`
+    flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -171,7 +171,7 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl)  # noqa: E731
+        mm = lambda x, wt: linear(x, wt, cfg.matmul_impl, flatten=ctx.flat_rows)  # noqa: E731
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
         # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
@@ -320,8 +320,7 @@ class Transformer(nnx.Module):
                              f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
-        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs,
-                   matmul_impl_for(cfg))
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows())
 
         cd = dtype_of(cfg.dtype)
         # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):
@@ -336,7 +335,7 @@ class Transformer(nnx.Module):
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
-        logits_BTV = linear(x_BTD, head_DV.astype(cd), ctx.matmul_impl, out_dtype=jnp.float32)
+        logits_BTV = linear(x_BTD, head_DV.astype(cd), cfg.matmul_impl, out_dtype=jnp.float32, flatten=ctx.flat_rows)
         if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:

@@ -16,8 +16,8 @@ from flax import nnx
 from models.attention import attention
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
-from models.transformer import param, rms_norm
-from parallel.rules import constrain, mesh_axis_for
+from models.transformer import flat_rows, param, rms_norm
+from parallel.rules import constrain
 
 
 def patchify(x_BTHWC, patch):
@@ -107,7 +107,7 @@ def matmul(x_MI, w, cd):
     mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them."""
     w_IO = w[...].astype(cd).reshape(x_MI.shape[-1], -1)
     lead = x_MI.shape[:-1]
-    if len(lead) > 1 and mesh_axis_for("act_seq")[1] == 1:
+    if len(lead) > 1 and flat_rows():
         return (x_MI.reshape(-1, x_MI.shape[-1]).astype(cd) @ w_IO).reshape(*lead, -1)
     return x_MI.astype(cd) @ w_IO
 

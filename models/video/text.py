@@ -18,7 +18,7 @@ from flax import nnx
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
 from models.rope import inv_frequencies
-from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, matmul_impl_for, param, rms_norm
+from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, flat_rows, param, rms_norm
 from parallel.rules import constrain
 
 
@@ -67,7 +67,7 @@ class TextEncoder(nnx.Module):
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
-                   matmul_impl=matmul_impl_for(cfg))
+                   flat_rows=flat_rows())
 
         # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
         embed = constrain(self.embed[...], (None, "act_embed"))
