@@ -33,11 +33,13 @@ class DataSpec:
 
     max_files: first N stdlib modules (None: all). eval_every_nth: every n-th module (source and docstrings) is
     held out.
-    eval_batches: held-out batches per evaluation (fixed, the same every time)."""
+    eval_batches: held-out batches per evaluation (fixed, the same every time).
+    corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only)."""
 
     max_files: int | None = None
     eval_every_nth: int = 20
     eval_batches: int = 4
+    corpus: str = "stdlib-v2"  # v2: held out by module (v1, unrecorded in older checkpoints: by document)
     cache_dir: str | None = None  # default ~/.cache/jaxscale/lm-corpus-...
 
 
@@ -348,6 +350,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio",
          f"must be in [0, 1] (the schedule decays to min_lr_ratio·lr), got {o.min_lr_ratio}")
+    need(d.corpus == DataSpec.corpus, "data.corpus", f"{d.corpus!r}: this version builds {DataSpec.corpus!r} only")
     need(d.max_files is None or d.max_files >= 1, "data.max_files",
          f"must be None (all modules) or >= 1, got {d.max_files}")
     need(t.sample_tokens >= 0 and t.kill_at >= 0, "train.sample_tokens/kill_at",

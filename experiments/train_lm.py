@@ -245,8 +245,10 @@ EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_un
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl"})
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
-LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"),
+LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
                  ("data", "eval_every_nth"))
+# The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
+SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
 
 
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -269,11 +271,12 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     and optimizer change from the resumed step on, which may be intended, e.g. to train longer), and
     data.eval_batches (evaluations before and after average over different held-out batches)."""
     def line(*keys):
-        return f"{'.'.join(keys)}: saved {_get(saved, *keys)!r}, now {_get(current, *keys)!r}"
+        was = _get(saved, *keys, default=SAVED_BEFORE_FIELD.get(keys))
+        return f"{'.'.join(keys)}: saved {was!r}, now {_get(current, *keys)!r}"
 
     refused = [line("model", *k.split(".")) for k in model_config_mismatch(saved["model"], current["model"])]
-    refused += [line(sec, k) for sec, k in LOADER_FIELDS
-                if _get(saved, sec, k, default=_get(current, sec, k)) != _get(current, sec, k)]
+    refused += [line(sec, k) for sec, k in LOADER_FIELDS if _get(
+        saved, sec, k, default=SAVED_BEFORE_FIELD.get((sec, k), _get(current, sec, k))) != _get(current, sec, k)]
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
     # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages

@@ -216,6 +216,10 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     assert refused == ["train.seq: saved 32, now 16", "data.max_files: saved 40, now 20"]
     assert warned == ["train.steps: saved 12, now 20", "optim.lr: saved 0.01, now 0.001",
                       f"data.eval_batches: saved {saved['data']['eval_batches']}, now 3"]
+    # a checkpoint from before the corpus was held out by module points into another stream
+    older = json.loads(json.dumps(saved))
+    del older["data"]["corpus"]
+    assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
 
 
 def test_throughput_window_leaves_out_eval_and_save_time():
