@@ -197,10 +197,13 @@ class Checkpoints:
             if loader is not None and has_loader:
                 self._check_processes(s)
             try:
-                out = self.mgr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+                out = self.mgr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_with_saved_dtypes(abstract, saved))))
                 got = fingerprint(out["state"])
                 if meta.get("fingerprint") != got or meta.get("step") != s:
                     raise ValueError(f"checksum {got} != saved {meta.get('fingerprint')}")
+                out = {"state": jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
+                                             out["state"], abstract)}
                 # the loader only once the state is known good: a bad step must not move the data stream
                 if loader is not None and has_loader:
                     self.mgr.restore(s, args=ocp.args.Composite(
@@ -247,13 +250,24 @@ class Checkpoints:
         self.mgr.reload()
 
 
+def _path_name(path) -> str:
+    # paths as plain names: orbax stores namedtuples (optax states) as dicts and may stringify int keys
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _with_saved_dtypes(abstract, saved):
+    """`abstract` with each array's dtype as saved: the checksum is over the saved bits, so a state whose dtype
+    changed since (e.g. an MoE router bias now kept in float32) is verified as saved, then cast."""
+    dtypes = {_path_name(path): getattr(v, "dtype", None) for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    return jax.tree_util.tree_map_with_path(lambda path, a: jax.ShapeDtypeStruct(
+        a.shape, dtypes.get(_path_name(path)) or a.dtype, sharding=a.sharding), abstract)
+
+
 def _check_fits(saved, abstract, where) -> None:
     """Raise CheckpointMismatch unless the saved arrays (orbax metadata) have the template's paths and shapes
-    (not dtypes: orbax casts on restore)."""
+    (not dtypes: they are restored as saved and cast)."""
     def table(tree):
-        # paths as plain names: orbax stores namedtuples (optax states) as dicts and may stringify int keys
-        name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
-        return {"/".join(map(name, path)): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return {_path_name(path): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     have, want = table(saved), table(abstract)
     differ = [f"{k}: saved {have.get(k, 'missing')}, now {want.get(k, 'missing')}"

@@ -45,7 +45,7 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str
     last, w = max(total_steps - 1, 1), max(warmup_steps, 0)
     if kind == "cosine" and w and w >= last:
         raise ValueError(f"warmup_steps={warmup_steps} leaves no update of the {total_steps} for the cosine decay; "
-                         f"use at most {total_steps - 2} (or the 'wsd' schedule)")
+                         f"use at most {max(total_steps - 2, 0)} (or the 'wsd' schedule)")
 
     def with_warmup(schedules, starts):  # starts: the counts at which schedules[1:] take over
         if w:

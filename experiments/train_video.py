@@ -148,8 +148,13 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
                              f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
 
 
+def _warmup(steps: int) -> int:
+    """5% of the steps (at least 1), leaving at least one update for the cosine decay (none for 1-2 steps)."""
+    return min(max(1, steps // 20), max(steps - 2, 0))
+
+
 def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
-    opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=max(1, p.vae_steps // 20), weight_decay=0.0)
+    opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=_warmup(p.vae_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
     start = 0
@@ -200,7 +205,7 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
 
 def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo):
     null = null_tokens(p.data.max_caption_len)
-    opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=max(1, p.dit_steps // 20), weight_decay=0.0)
+    opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=_warmup(p.dit_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     ema = ema_init(params)  # float32 whatever param_dtype; restored as float32 too
     mgr = manager(out / "ckpt" / "t2v")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -108,6 +109,10 @@ class TransformerConfig:
 
         # sizes must be ints: a float from JSON / YAML (256.0) would otherwise fail deep inside JAX, and a
         # fractional moe_every would silently build a dense model
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len", "swa_block",
+                  "pipeline_microbatches", "moe_every", "n_kv_heads", "head_dim", "attn_block", "mup_base_width"):
+            if _is_int(getattr(self, f)):  # a numpy int (from a sweep) as a plain int: configs go to JSON
+                object.__setattr__(self, f, int(getattr(self, f)))
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len", "swa_block",
                   "pipeline_microbatches", "moe_every"):
             v = getattr(self, f)
@@ -244,16 +249,18 @@ class TransformerConfig:
 
         return (3 if training else 1) * forward_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
-    def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str | None = None) -> int:
+    def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str | int | None = None) -> int:
         """Bytes of `KVCache.zeros(cfg, batch, seq_len)`: local layers keep only their window's slots; dtype
-        defaults to the compute dtype, as the cache does."""
+        defaults to the compute dtype, as the cache does (an int: bytes per element, as this argument once was)."""
         from scaling.memory import kv_cache_bytes
 
+        if isinstance(dtype, numbers.Integral) and not isinstance(dtype, bool):
+            dtype = {1: "int8", 2: "bfloat16", 4: "float32"}[int(dtype)]
         return kv_cache_bytes(self, batch, seq_len, dtype=dtype or self.dtype)
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too
 
 
 def dtype_of(name: str):

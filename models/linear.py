@@ -17,6 +17,14 @@ import jax
 import jax.numpy as jnp
 
 
+def flat_rows() -> bool:
+    """Whether projections may run on flattened [B·T, D] rows: not when the current mesh shards the sequence
+    (those rows are not a per-device block; XLA would gather the whole sequence onto every device)."""
+    from parallel.rules import mesh_axis_for
+
+    return mesh_axis_for("act_seq")[1] == 1
+
+
 def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True):
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 

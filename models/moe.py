@@ -29,11 +29,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.linear import flat_rows, linear
 from parallel.rules import constrain, logical_to_spec
 
 DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
@@ -66,7 +68,10 @@ class MoEConfig:
             if not cond:
                 raise ValueError(f"MoEConfig.{field}: {msg}")
 
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        for f in ("n_experts", "top_k", "expert_mlp_dim", "n_shared_experts"):
+            if is_int(getattr(self, f)):  # numpy ints as plain ints: configs go to JSON
+                object.__setattr__(self, f, int(getattr(self, f)))
         for f in ("n_experts", "top_k", "expert_mlp_dim"):
             v = getattr(self, f)
             need(is_int(v) and v > 0, f, f"must be a positive int, got {v!r}")
@@ -148,7 +153,7 @@ class MoE(nnx.Module):
         xr_BTD = x_BTD.astype(jnp.float32)
         if rng is not None and cfg.router_jitter > 0:
             xr_BTD *= jax.random.uniform(rng, xr_BTD.shape, jnp.float32, 1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits_BTE = xr_BTD @ self.router[...].astype(jnp.float32)
+        logits_BTE = linear(xr_BTD, self.router[...].astype(jnp.float32), "plain", flatten=flat_rows())
         bias_E = jax.lax.stop_gradient(self.router_bias[...]).astype(jnp.float32)
         weights_BTK, experts_BTK, probs_BTE = route(logits_BTE, bias_E, K, cfg.router, cfg.renormalize)
         if valid_BT is not None:  # where, not a product: a pad's weights never reach the output, even if not finite
@@ -172,7 +177,8 @@ class MoE(nnx.Module):
             aux["dropped_frac"] = jnp.zeros((), jnp.float32)
         if cfg.shared_mlp_dim:
             sw = tuple(p[...].astype(compute_dtype) for p in (self.shared_gate, self.shared_up, self.shared_down))
-            y_BTD = y_BTD + swiglu(x_BTD, *sw, act)  # [B, T, D]: flat rows would gather a sharded sequence
+            rows = x_BTD.reshape(-1, x_BTD.shape[-1]) if flat_rows() else x_BTD  # 2-D: faster XLA:CPU gradients
+            y_BTD = y_BTD + swiglu(rows, *sw, act).reshape(x_BTD.shape)
         return constrain(y_BTD.astype(compute_dtype), ("batch", "act_seq", "act_embed")), aux
 
 

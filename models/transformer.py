@@ -22,7 +22,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
-from models.linear import linear
+from models.linear import flat_rows, linear
 from models.moe import MoE, mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
@@ -56,12 +56,6 @@ def check_token_ids(tokens_BT, vocab_size: int):
             raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
                              "ignore index such as -100 belongs in the targets' weights, not in the inputs)")
     return tokens_BT
-
-
-def flat_rows() -> bool:
-    """Whether projections may run on flattened [B·T, D] rows: not when the current mesh shards the sequence
-    (those rows are not a per-device block; XLA would gather the whole sequence onto every device)."""
-    return mesh_axis_for("act_seq")[1] == 1
 
 
 def pattern_period(cfg: TransformerConfig) -> int:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 
 from scaling.flops import executed_keys, lm_shape, model_kernel
@@ -43,6 +44,8 @@ def dtype_bytes(name) -> int:
     jnp.bfloat16)."""
     if isinstance(name, str) and name in DTYPE_BYTES:
         return DTYPE_BYTES[name]
+    if name is None or isinstance(name, numbers.Number):  # np.dtype(None) would be float64
+        raise ValueError(f"dtype {name!r}: give a dtype name such as 'bfloat16', or a numpy / jax dtype")
     try:
         import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy)
         import numpy as np
@@ -140,7 +143,7 @@ class _Mesh:
 def _check_counts(**values: tuple[int, int]):
     """Each keyword is (value, lowest allowed): an int at least that, or a ValueError naming it."""
     for name, (v, low) in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 
 from scaling.flops import LMShape, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip
@@ -34,24 +35,33 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     if not (math.isfinite(n_params) and n_params > 0):
         raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
 
-    def shape(L: int) -> LMShape:
-        d = max(head_dim, int(round(aspect * L / head_dim)) * head_dim)
+    def shape(L: int, d: int | None = None) -> LMShape:
+        d = d or max(head_dim, int(round(aspect * L / head_dim)) * head_dim)
         f = int(math.ceil(8 * d / 3 / mlp_multiple) * mlp_multiple)
         return LMShape(vocab_size=vocab_size, d_model=d, n_layers=L, n_heads=d // head_dim, kv_heads=d // head_dim,
                        head_dim=head_dim, mlp_dim=f, windows=(None,) * L)
 
-    total = lambda L: param_counts(shape(L)).total  # noqa: E731  (grows with L)
+    total = lambda L, d=None: param_counts(shape(L, d)).total  # noqa: E731  (grows with L)
     lo, hi = 1, 4096
-    while lo < hi:  # the smallest L whose total reaches n_params, then the closer of it and L - 1
+    while lo < hi:  # the smallest L whose total reaches n_params
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if total(mid) < n_params else (lo, mid)
-    best = min((L for L in (lo - 1, lo) if L >= 1), key=lambda L: abs(total(L) - n_params))
-    got = total(best)
+    best = min(((L, None) for L in (lo - 1, lo) if L >= 1), key=lambda c: abs(total(*c) - n_params))
+    if abs(total(*best) - n_params) > 0.1 * n_params:
+        # the d = aspect·L family's neighbours are 20-30% apart at ~1e8 parameters: let d_model leave aspect·L
+        # by up to 1.5x either way, in steps of head_dim
+        cands = [(L, d) for L in range(max(1, lo - 2), lo + 2)
+                 for d in range(head_dim, int(1.5 * aspect * L) + head_dim, head_dim) if d >= aspect * L / 1.5]
+        best = min(cands or [best], key=lambda c: abs(total(*c) - n_params))
+    got = total(*best)
     if abs(got - n_params) > 0.1 * n_params:  # every FLOP, hour and joule of the plan would be off by as much
-        raise ValueError(f"no Llama-style shape (head_dim {head_dim}, d_model = {aspect}·L, vocab {vocab_size}) has "
-                         f"about {n_params:.3g} parameters: the closest, L={best}, has {got:.3g}"
-                         + ("; lower the vocabulary (--vocab) or raise the budget" if got > n_params else ""))
-    return shape(best)
+        d = shape(*best).d_model
+        embed = vocab_size * d
+        raise ValueError(f"no Llama-style shape (head_dim {head_dim}, d_model ≈ {aspect}·L, vocab {vocab_size}) has "
+                         f"about {n_params:.3g} parameters: the closest, L={best[0]}, d={d}, has {got:.3g}"
+                         + ("; its embedding alone is most of that: lower the vocabulary (--vocab) or raise the "
+                            "budget" if embed > n_params / 2 else ""))
+    return shape(*best)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +125,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
             raise ValueError(f"{name} must be a finite number > 0, got {v}")
     for name, v, low in (("chips", chips, 1), ("seq_len", seq_len, 1), ("seqs_per_chip", seqs_per_chip, 1),
                          ("vocab_size", vocab_size, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     if not (math.isfinite(pue) and pue >= 1):
         raise ValueError(f"pue must be >= 1 (facility energy / IT energy), got {pue}")

@@ -51,7 +51,9 @@ def test_budget_mode_and_shapes():
     assert (s.n_layers, s.d_model, s.n_heads, s.mlp_dim) == (32, 4096, 32, 11008)
     from scaling.flops import param_counts
 
-    for n in (1e8, 1e9, 7e10, 1e14):  # 1e14 needs ~800 layers (the search used to stop at 399: 8x too small)
+    # 1e14 needs ~800 layers (the search used to stop at 399: 8x too small); 1.1e8 and 1.5e8 fall between two
+    # depths of the d = 128·L family and take a d_model off it
+    for n in (1e8, 1.1e8, 1.5e8, 1e9, 7e10, 1e14):
         shape = suggest_shape(n)
         assert param_counts(shape).total == pytest.approx(n, rel=0.1)
     with pytest.raises(ValueError, match="lower the vocabulary"):  # the embedding alone is 4e6 parameters

@@ -117,3 +117,17 @@ def test_corpus_holds_out_whole_modules(tmp_path):
     modules = {split: {i.split("#")[0] for i in v} for split, v in ids.items()}
     assert modules["eval"] and modules["train"] and not modules["eval"] & modules["train"]
     assert any(i.endswith("#docs") for i in ids["eval"]) and len(modules["eval"]) == 30 // 5
+
+
+def test_a_leaf_whose_dtype_changed_since_the_save_restores_and_verifies(tmp_path):
+    """The checksum is over the saved bits: a bf16 leaf now kept in float32 (the MoE router bias) is verified as
+    saved, then cast (it was quarantined as corrupt and training restarted from step 0)."""
+    bias = jnp.asarray([0.0015, -0.25, 0.75, 1.0], jnp.bfloat16)
+    ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False)
+    ckpt.save(5, {"w": jnp.ones((2, 3)), "bias": bias}, {})
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path, keep_best=False)
+    state, meta = ckpt.restore({"w": jnp.zeros((2, 3)), "bias": jnp.zeros((4,), jnp.float32)})
+    ckpt.close()
+    assert meta["step"] == 5 and state["bias"].dtype == jnp.float32
+    np.testing.assert_array_equal(state["bias"], bias.astype(jnp.float32))

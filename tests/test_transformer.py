@@ -327,3 +327,12 @@ def test_bad_token_ids_and_masks_are_refused_or_read_as_ints():
     np.testing.assert_array_equal(model(tok, padding_mask_BT=mask), model(tok, padding_mask_BT=mask.astype(bool)))
     with pytest.raises(ValueError, match="padding_mask_BT must be bool"):
         model(tok, padding_mask_BT=mask.astype(jnp.float32))
+
+
+def test_numpy_int_sizes_become_plain_ints():
+    """Sizes from a numpy sweep are ints (a float is refused), stored as plain ints so configs stay JSON-able."""
+    from models.moe import MoEConfig
+
+    cfg = dataclasses.replace(CFG, d_model=np.int64(32), moe=MoEConfig(np.int64(4), 2, np.int32(16)))
+    assert type(cfg.d_model) is int and type(cfg.moe.n_experts) is int and type(cfg.moe.expert_mlp_dim) is int
+    assert cfg.kv_cache_bytes(1, 16, 2) == cfg.kv_cache_bytes(1, 16, "bfloat16")  # bytes per element, as before

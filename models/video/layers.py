@@ -14,9 +14,10 @@ import numpy as np
 from flax import nnx
 
 from models.attention import attention
+from models.linear import flat_rows
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
-from models.transformer import flat_rows, param, rms_norm
+from models.transformer import param, rms_norm
 from parallel.rules import constrain
 
 

@@ -17,8 +17,9 @@ from flax import nnx
 
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
+from models.linear import flat_rows
 from models.rope import inv_frequencies
-from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, flat_rows, param, rms_norm
+from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
 from parallel.rules import constrain
 
 
