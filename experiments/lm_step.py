@@ -77,7 +77,10 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
     """AdamW (decay masked by `decay_mask`) after global-norm clipping, on a warmup + cosine / WSD schedule.
 
     width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices and the MoE router take steps of
-    lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr."""
+    lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr.
+    optax keeps Adam's moments in the parameters' dtype: with bf16 *parameters* (param_dtype='bfloat16', not the
+    default f32 params + bf16 compute) nu stops decaying once b2·nu rounds back to nu (b2 >= ~0.996); keep
+    float32 parameters for training, or b2 <= 0.95."""
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     parts = [optax.clip_by_global_norm(clip_norm),
              optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
@@ -181,8 +184,12 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
                 acc = jax.tree.map(jnp.add, carry, (g, nll, n))
                 return acc, aux
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            # summed in float32 whatever the parameter dtype (32 bf16 microbatch sums lost 4x the precision of one
+            # rounding), then cast back so the optimizer sees the parameters' dtype
+            zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
+                     jnp.zeros((), jnp.float32))
             (g, nll, n), auxes = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), jnp.arange(grad_accum)))
+            g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
             aux = jax.tree.map(lambda a: a.mean(0), auxes)
         n_total = jnp.where(n > 0, n, 1.0)  # the step's weight total (fractional weights too); none: loss 0
         grads = jax.tree.map(lambda x: x / n_total, g)

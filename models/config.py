@@ -141,9 +141,9 @@ class TransformerConfig:
              f"unknown {self.attn_impl!r}; use 'xla', 'cudnn' or 'reference'")
         need(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "remat",
              f"unknown {self.remat!r}; use none, full, save_dots or save_dots_no_batch")
-        for f in ("param_dtype", "dtype"):
-            need(getattr(self, f) in ("float32", "bfloat16", "float16"), f,
-                 f"unsupported {getattr(self, f)!r}; use float32, bfloat16 or float16")
+        for f in ("param_dtype", "dtype"):  # names only: a dtype object compares equal but is no JSON and no key
+            need(isinstance(getattr(self, f), str) and getattr(self, f) in ("float32", "bfloat16", "float16"), f,
+                 f"unsupported {getattr(self, f)!r}; use the name 'float32', 'bfloat16' or 'float16'")
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
         need(self.sliding_window is None or any(self.local_layers()), "sliding_window",

@@ -477,7 +477,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     cfg = model.cfg
     hf = config_to_hf(cfg)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    hf["dtype"] = hf["torch_dtype"] = dtype or cfg.param_dtype  # 4.x reads torch_dtype
+    hf["dtype"] = hf["torch_dtype"] = jnp.dtype(out_dtype).name  # a name, however given; 4.x reads torch_dtype
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if cfg.mup_base_width:  # μP's readout multiplier 1/m folded into the head: HF has no such factor
@@ -507,10 +507,11 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     folder, primary = Path(path), jax.process_index() == 0
     if primary:
         folder.mkdir(parents=True, exist_ok=True)
+        config_text = json.dumps(hf, indent=2) + "\n"  # before anything is deleted: a failure leaves the old export
         for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
                     folder / "model.safetensors.index.json"]:
             old.unlink(missing_ok=True)
-        (folder / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (folder / "config.json").write_text(config_text)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     for file, shard in zip(files, shards, strict=True):

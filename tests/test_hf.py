@@ -216,7 +216,7 @@ def test_gemma2_with_moe_is_refused(tmp_path):
 
 def test_save_bfloat16(tmp_path):
     ours = _random_model(ROUND_TRIP["llama"], seed=4)
-    save_pretrained(ours, tmp_path, dtype="bfloat16")
+    save_pretrained(ours, tmp_path, dtype=jnp.bfloat16)  # a dtype object too (it failed after deleting the old export)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     back = from_pretrained(tmp_path, param_dtype="bfloat16")
     for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):

@@ -109,3 +109,20 @@ def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):
         local_attention(q, k, v, 3, valid_BT=valid, impl="splash")
     assert choose_impl("auto", jnp.float32, False, False, backend="tpu") == "splash"
     assert choose_impl("auto", jnp.float32, False, False, has_padding=True, backend="tpu") == "blocked"
+
+
+def test_scores_are_float32_products_of_bf16_operands():
+    """QK^T of bf16 q, k accumulates into float32 (as the 'xla' kernel does) in the blocked sliding-window kernel
+    and the soft-capped reference: a bf16 product rounded the scores before the softmax (5-6x the error)."""
+    import jax
+    import jax.numpy as jnp
+
+    from models.attention import reference_attention
+    from models.sliding_window import sliding_window_attention
+
+    q = k = v = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
+    mask = jnp.ones((1, 1, 8, 8), bool)
+    for fn in (lambda: sliding_window_attention(q, k, v, 4, block=4),
+               lambda: reference_attention(q, k, v, mask, 0.5, logit_softcap=5.0)):
+        dots = [e for e in jax.make_jaxpr(fn)().eqns if e.primitive.name == "dot_general"]
+        assert dots[0].outvars[0].aval.dtype == jnp.float32, dots[0]

@@ -40,6 +40,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
     # kernels of one backend only: they failed at the first eval, after the run directory was made
     (["--preset", "tiny", "--set", "model.attn_impl=cudnn"], 8, "model.attn_impl: 'cudnn' needs a GPU"),
+    (["--preset", "tiny", "--set", "model.dtype=float16"], 8, "model.dtype: float16 training needs loss scaling"),
     (["--preset", "tiny", "--set", "model.swa_impl=splash"], 8, "model.swa_impl: 'splash' needs a TPU"),
     (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
     (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),

@@ -281,6 +281,7 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("attn_block", 8.5, "attn_block"), ("scan_unroll", 2.0, "scan_unroll"), ("moe_every", 1.5, "moe_every"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling: must be a models.RopeScaling"),
     ("moe", {"n_experts": 4}, "moe: must be a models.moe.MoEConfig"),
+    ("dtype", np.dtype("float32"), "dtype: unsupported.*use the name"),  # equal to 'float32', but no JSON / key
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):

@@ -82,7 +82,8 @@ class VAEConfig:
         need(len(self.kernel) == 3 and all(k >= 1 and k % 2 == 1 for k in self.kernel[1:]) and self.kernel[0] >= 1,
              "kernel", f"(kt, kh, kw) with odd spatial taps ('same' padding), got {self.kernel}")
         for f in ("param_dtype", "dtype"):
-            need(getattr(self, f) in DTYPES, f, f"unsupported {getattr(self, f)!r}; use one of {DTYPES}")
+            need(isinstance(getattr(self, f), str) and getattr(self, f) in DTYPES, f,
+                 f"unsupported {getattr(self, f)!r}; use one of the names {DTYPES}")
 
     @property
     def n_down(self) -> int:
@@ -232,7 +233,8 @@ class DiTConfig:
         need(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "remat",
              f"unknown {self.remat!r}; use none, full, save_dots or save_dots_no_batch")
         for f in ("param_dtype", "dtype"):
-            need(getattr(self, f) in DTYPES, f, f"unsupported {getattr(self, f)!r}; use one of {DTYPES}")
+            need(isinstance(getattr(self, f), str) and getattr(self, f) in DTYPES, f,
+                 f"unsupported {getattr(self, f)!r}; use one of the names {DTYPES}")
 
     @property
     def hd(self) -> int:
