@@ -24,7 +24,9 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     _check_top_k(top_k)
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / temperature
+    # shifted by the row max first: the distribution is the same, and a tiny temperature cannot overflow to inf or
+    # make 0/0 (which picked an arbitrary token below 1e-38)
+    logits_BV = (logits_BV - logits_BV.max(-1, keepdims=True)) / max(float(temperature), 1e-30)
     if top_k:
         kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)

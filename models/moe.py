@@ -11,7 +11,10 @@ Dispatch. `capacity` (GShard): each row is a routing group; an expert takes at m
 assignments, queued in token order (token t's K choices, then token t+1's: MaxText's order), and the overflow is
 dropped. GShard's order (all first choices, then all second choices) would let a later token's first choice evict an
 earlier token's second choice, i.e. future tokens would change earlier outputs; in token order whether an assignment is
-kept depends only on the tokens up to it, so the layer stays causal. Padding tokens (valid_BT False) are not routed:
+kept depends only on the tokens up to it and on the row length T (C is computed from it), so later tokens' contents
+never change earlier outputs, but their number can. With a KV cache (inference: prefill and one-token decode steps)
+capacity layers run dropless (C = T), so any chunking of a prompt gives the same logits: per-call capacities would
+drop in the prefill and never in decode (C = 1). Padding tokens (valid_BT False) are not routed:
 they take no slot, output 0 and are left out of the aux statistics. The dispatch and combine are
 gathers into [E, B, C, D] buffers rather than GShard's one-hot einsums: the same values at O(E·C·D) cost instead of
 O(T·E·C·D), which would exceed the expert FLOPs for rows of a few thousand tokens. `dropless` computes every
@@ -135,8 +138,10 @@ class MoE(nnx.Module):
                 self.shared_up = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
                 self.shared_down = _param(rngs, (fs, d), ("mlp", "embed"), pd, init_std)
 
-    def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None, valid_BT=None) -> tuple[jax.Array, dict]:
-        """x [B, T, D] → (y [B, T, D] in compute_dtype, aux).
+    def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None, valid_BT=None,
+                 inference: bool = False) -> tuple[jax.Array, dict]:
+        """x [B, T, D] → (y [B, T, D] in compute_dtype, aux). inference: capacity dispatch runs dropless (C = T), as
+        the Transformer asks with a KV cache (see the module docstring).
 
         valid_BT: [B, T] bool, False for padding tokens (the Transformer's padding_mask), or None (all real). Padding
         tokens are not routed: no capacity slot, routed output 0 (shared experts still run on them), and they count in
@@ -170,7 +175,7 @@ class MoE(nnx.Module):
         act = ACTIVATIONS[cfg.mlp_act]
         impl = resolve_dropless_impl(cfg.dropless_impl) if cfg.dispatch == "dropless" else "capacity"
         if impl == "capacity":  # dropless through capacity buffers: C = T, an expert sees a token at most once
-            cap = cfg.capacity(T) if cfg.dispatch == "capacity" else T
+            cap = cfg.capacity(T) if cfg.dispatch == "capacity" and not inference else T
             y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap, valid_BT)
         else:
             y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl)

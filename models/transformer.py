@@ -184,7 +184,8 @@ class Block(nnx.Module):
 
         h_BTD, aux = norm(x_BTD, self.mlp_norm), None
         if hasattr(self, "moe"):
-            m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask)
+            m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask,
+                                  inference=cache is not None)  # decode-chunking-invariant capacity
         else:
             act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
             a_BTF = act(mm(h_BTD, w(self.w_gate, D, F))) * mm(h_BTD, w(self.w_up, D, F))

@@ -151,3 +151,33 @@ def test_generate_on_a_training_mesh_equals_one_device(model, mesh_shape):
         np.testing.assert_array_equal(generate(nnx.merge(graphdef, params), prompt, 5), ref)
         with pytest.raises(ValueError, match="does not divide mesh axes"):  # training keeps the error
             nnx.merge(graphdef, params)(jnp.zeros((1, 6), jnp.int32))
+
+
+def test_capacity_moe_decodes_dropless_whatever_the_chunking():
+    """Capacity dispatch with a KV cache runs dropless (C = T): a one-call prefill, token-by-token decoding and
+    the dropless model agree (per-call capacities dropped in the prefill, never at C = 1 in decode)."""
+    from models import KVCache
+    from models.moe import MoEConfig
+
+    moe = MoEConfig(4, 2, 32, dispatch="capacity", capacity_factor=0.5)  # the full forward drops half
+    cfg = dataclasses.replace(CFG, moe=moe, max_seq_len=32)
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    whole, _ = model(tok, cache=KVCache.zeros(cfg, 2, 16))
+    cache, steps = KVCache.zeros(cfg, 2, 16), []
+    for t in range(12):
+        out, cache = model(tok[:, t:t + 1], cache=cache)
+        steps.append(out)
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), whole, atol=1e-4)
+    graphdef, state = nnx.split(model)
+    dropless = nnx.merge(nnx.split(Transformer(dataclasses.replace(
+        cfg, moe=dataclasses.replace(moe, dispatch="dropless")), rngs=nnx.Rngs(3)))[0], state)
+    np.testing.assert_allclose(dropless(tok), whole, atol=1e-4)
+
+
+def test_a_tiny_temperature_samples_the_argmax():
+    """Logits / 1e-38 overflowed or made 0/0 in float32 and sampled an arbitrary token."""
+    logits = jnp.asarray([[0.5, 2.0, 1.0, 0.0, -1.0]] * 64)
+    for t in (1e-30, 1e-38, 1e-300):
+        got = sample_logits(logits, jax.random.key(0), t, None, None)
+        assert (got == 1).all(), (t, got)
