@@ -31,7 +31,8 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_s
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q_BTKGH.dtype, jnp.float32)  # bf16 operands: float32 scores; float64 stays float64
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc).astype(jnp.float32) * scale
     if logit_softcap is not None:
         s_BKGTS = logit_softcap * jnp.tanh(s_BKGTS / logit_softcap)
     s_BKGTS = jnp.where(mask_B1TS[:, :, None], s_BKGTS, jnp.finfo(jnp.float32).min)

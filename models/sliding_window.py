@@ -74,7 +74,8 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
         mask_BQCS = mask_BQCS & k_valid[:, :, None, :]
 
     # float32 scores from bf16 operands: rounding them to bf16 first made the output 5-6x less accurate
-    s = jnp.einsum("bqckgh,bqskh->bqkgcs", q_BQCKGH, k_BQSKH, preferred_element_type=jnp.float32) * scale
+    acc = jnp.promote_types(q_BQCKGH.dtype, jnp.float32)  # float64 inputs keep float64 products (tests)
+    s = jnp.einsum("bqckgh,bqskh->bqkgcs", q_BQCKGH, k_BQSKH, preferred_element_type=acc).astype(jnp.float32) * scale
     if logit_softcap is not None:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
     m = mask_BQCS[:, :, None, None]
