@@ -25,6 +25,15 @@ def flat_rows() -> bool:
     return mesh_axis_for("act_seq")[1] == 1
 
 
+def loop_impl(impl: str) -> str:
+    """The impl for products inside a layer loop (a `lax.scan` over stacked layers that is not fully unrolled):
+    'auto' becomes 'plain'. There each residual x reaches the backward as a dynamic slice of the stacked scan
+    carry, and XLA:CPU fuses that slice into the materialised transpose: a loop fusion ~5x slower than the
+    transpose of a plain array, which costs more than the faster weight-gradient dot gains (the scanned reference
+    step ran 0.93x the time with 'plain'; docs/benchmarks.md, fourteenth session)."""
+    return "plain" if impl == "auto" else impl
+
+
 def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True):
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
-from models.linear import flat_rows, linear
+from models.linear import flat_rows, linear, loop_impl
 from models.moe import MoE, mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
@@ -115,6 +115,7 @@ class _Ctx:
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
     flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
+    matmul_impl: str | None = None  # the blocks' models.linear impl; None: cfg.matmul_impl (see `loop_impl`)
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -165,7 +166,7 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt: linear(x, wt, cfg.matmul_impl, flatten=ctx.flat_rows)  # noqa: E731
+        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl, flatten=ctx.flat_rows)  # noqa: E731
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
         # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
@@ -362,6 +363,8 @@ class Transformer(nnx.Module):
         grouped = {k: jax.tree.map(lambda a, k=k: a.reshape((L // P, n_kind[k]) + a.shape[1:]), st)
                    for k, st in states.items()}  # [L/P, layers of this kind per group, ...]
         keys = None if rng is None or not n_kind[True] else jax.random.split(rng, L // P)
+        if cfg.scan_layers and not (cfg.scan_unroll is True or cfg.scan_unroll >= L // P):
+            ctx = dataclasses.replace(ctx, matmul_impl=loop_impl(cfg.matmul_impl))  # a real loop
 
         def one_layer(j, st, x, arrays, c, key):
             key = None if key is None else jax.random.fold_in(key, j)

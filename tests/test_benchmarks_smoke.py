@@ -18,3 +18,18 @@ def test_gpu_train_step_tiny_runs_and_reports_mfu():
 def test_gpu_train_step_refuses_the_1b_config_without_a_gpu():
     with pytest.raises(SystemExit, match="--tiny"):
         train_step_gpu.main(["--steps", "1"])
+
+
+def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.step_profile import hlo_kernels
+
+    def f(x_MK, w_KN, q_BTH, k_BSH):
+        return jnp.tanh(x_MK @ w_KN), jnp.einsum("bth,bsh->bts", q_BTH, k_BSH)
+
+    args = (jnp.ones((64, 32)), jnp.ones((32, 48)), jnp.ones((3, 16, 8)), jnp.ones((3, 24, 8)))
+    kernels = hlo_kernels(jax.jit(f).lower(*args).compile().as_text())
+    dots = sorted((v["flops"], v["batched"]) for v in kernels.values() if v["flops"])
+    assert dots == [(2 * 3 * 16 * 24 * 8, True), (2 * 64 * 32 * 48, False)]

@@ -70,3 +70,22 @@ def test_transformer_loss_and_gradients_equal_plain_matmuls(tie):
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_looped_layer_stack_takes_plain_products_and_an_unrolled_one_the_transposed_gradient():
+    """In a real scan XLA:CPU fuses the residual's dynamic slice into the transpose (slow): `loop_impl`."""
+    base = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=48)
+    tok = jnp.zeros((1, 8), jnp.int32)
+
+    def barriers(**kw):
+        graphdef, state = nnx.split(Transformer(dataclasses.replace(base, **kw), rngs=nnx.Rngs(0)))
+        loss = lambda s: nnx.merge(graphdef, s)(tok).sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(state)).count("optimization_barrier")
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("'auto' is 'plain' everywhere but on CPU")
+    per_layer = 7  # q, k, v, o, gate, up, down; + 1 for the untied LM head, outside the loop
+    assert barriers(scan_layers=False) == 2 * per_layer + 1  # a Python loop over the layers
+    assert barriers(scan_unroll=True) == per_layer + 1  # a fully unrolled scan: its body is traced once
+    assert barriers(scan_unroll=1) == 1
+    assert barriers(scan_unroll=1, matmul_impl="transposed_grad") == per_layer + 1

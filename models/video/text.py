@@ -17,7 +17,7 @@ from flax import nnx
 
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
-from models.linear import flat_rows
+from models.linear import flat_rows, loop_impl
 from models.rope import inv_frequencies
 from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
 from parallel.rules import constrain
@@ -68,7 +68,7 @@ class TextEncoder(nnx.Module):
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
-                   flat_rows=flat_rows())
+                   flat_rows=flat_rows(), matmul_impl=loop_impl(cfg.matmul_impl))  # the blocks run in a scan
 
         # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
         embed = constrain(self.embed[...], (None, "act_embed"))
