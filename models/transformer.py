@@ -22,6 +22,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
+from models.embed import embed_lookup
 from models.linear import flat_rows, linear, loop_impl
 from models.moe import MoE, mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
@@ -319,10 +320,7 @@ class Transformer(nnx.Module):
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows())
 
         cd = dtype_of(cfg.dtype)
-        # Gather from a table replicated over `vocab` (the FSDP/TP all-gather a weight needs anyway):
-        # a gather from a vocab-sharded table makes GSPMD replicate the whole activation instead.
-        embed_VD = constrain(self.embed[...], (None, "act_embed"))
-        x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(cd)
+        x_BTD = embed_lookup(self.embed[...], tokens_BT, cd)  # all-gathered in cd, gradient in param dtype
         if cfg.embed_scale:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, cd)
         x_BTD = constrain(x_BTD, ("batch", "act_seq", "act_embed"))

@@ -177,3 +177,61 @@ def test_sequence_parallel_splits_the_work():
         ca = c.cost_analysis()
         flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
     assert flops["sp"] <= 1.1 * flops["dp"], flops
+
+
+def test_embedding_lookup_gathers_in_the_compute_dtype_and_sums_its_gradient_in_float32():
+    """The lookup's values and table gradient equal `take(table).astype(bf16)`'s exactly, and a token seen 4096
+    times gets the exact f32 sum (a bf16 scatter-add stalls at 256: 256 + 1 rounds back to 256)."""
+    from models.embed import embed_lookup
+
+    table = jax.random.normal(jax.random.key(0), (64, 32))
+    tok = np.concatenate([np.zeros((1, 4096)), np.random.default_rng(0).integers(0, 64, (1, 4096))], 0).astype(
+        np.int32)
+    ct = jax.numpy.ones((2, 4096, 32), jax.numpy.bfloat16)
+    for dtype in (jax.numpy.float32, jax.numpy.bfloat16):
+        ref, ref_vjp = jax.vjp(lambda t: jax.numpy.take(t, tok, axis=0).astype(dtype), table)
+        out, vjp = jax.vjp(lambda t: embed_lookup(t, tok, dtype), table)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, ref)
+        (g,), (g_ref,) = vjp(ct.astype(dtype)), ref_vjp(ct.astype(dtype))
+        assert g.dtype == jax.numpy.float32
+        np.testing.assert_array_equal(g, g_ref)
+        counts = np.bincount(tok.ravel(), minlength=64).astype(np.float32)
+        np.testing.assert_array_equal(g, np.broadcast_to(counts[:, None], (64, 32)))
+
+
+_FSDP_BF16_GATHERS = """
+import glob, re, sys, jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)
+from flax import nnx
+from experiments.lm_step import lm_loss
+from models import Transformer, TransformerConfig
+from parallel import create_sharded, make_mesh
+cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, dtype="bfloat16",
+                        tie_embeddings=sys.argv[1] == "tied")
+mesh = make_mesh({"fsdp": 8})
+gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+b = {"inputs": np.zeros((8, 16), np.int32), "targets": np.zeros((8, 16), np.int32)}
+with jax.set_mesh(mesh):
+    jax.jit(jax.value_and_grad(lambda p: lm_loss(gd, p, b))).lower(p).compile()
+"""
+
+
+@pytest.mark.parametrize("embeddings", ["untied", "tied"])
+def test_fsdp_all_gathers_every_weight_in_bf16_under_bf16_compute(tmp_path, embeddings):
+    """Read after XLA's SPMD partitioner (a dump): the CPU backend later widens bf16 collectives to f32, so the
+    compiled HLO cannot show what a GPU or TPU would move. Before `models.embed`, the embedding table's all-gather
+    was float32 (the partitioner gathered the f32 parameter, then cast it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+           f" --xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=spmd-partitioning"}
+    subprocess.run([sys.executable, "-c", _FSDP_BF16_GATHERS, embeddings], env=env, check=True, timeout=300,
+                   cwd=os.path.dirname(os.path.dirname(__file__)))
+    dumps = [f for f in tmp_path.iterdir() if "jit__lambda" in f.name and "after_spmd-partitioning" in f.name]
+    gathers = [m.group(1) for f in dumps for m in re.finditer(r"= (\S+) all-gather\(", f.read_text())]
+    # one per weight of the 2 scanned layers' forward and backward, the LM head / embedding: not a handful
+    assert len(gathers) >= 10, gathers
+    assert all(s.startswith("bf16[") for s in gathers), gathers

@@ -17,6 +17,7 @@ from flax import nnx
 
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
+from models.embed import embed_lookup
 from models.linear import flat_rows, loop_impl
 from models.rope import inv_frequencies
 from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
@@ -70,9 +71,7 @@ class TextEncoder(nnx.Module):
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
                    flat_rows=flat_rows(), matmul_impl=loop_impl(cfg.matmul_impl))  # the blocks run in a scan
 
-        # gather from a table replicated over `vocab`, as the LM does (a vocab-sharded gather replicates more)
-        embed = constrain(self.embed[...], (None, "act_embed"))
-        x_BLE = jnp.take(embed, tokens_BL, axis=0).astype(cd)
+        x_BLE = embed_lookup(self.embed[...], tokens_BL, cd)  # as the LM: all-gathered in cd
         if cfg.embed_scale:
             x_BLE = x_BLE * jnp.asarray(cfg.d_model ** 0.5, cd)
         x_BLE = constrain(x_BLE, ("batch", "act_seq", "act_embed"))
