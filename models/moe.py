@@ -314,7 +314,7 @@ def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int, va
     # Expert-major layout: with experts sharded, going to it is the all-to-all that sends tokens to their experts.
     # Constraints on both sides of each transpose, so that the backward pass (whose cotangents see the same
     # constraints) also exchanges with all-to-alls instead of replicating.
-    ebcd, becd = ("expert", "batch", None, "act_embed"), ("batch", None, None, "act_embed")
+    ebcd, becd = ("expert", "batch", "act_capacity", "act_embed"), ("batch", None, "act_capacity", "act_embed")
     buf_EBCD = constrain(constrain(buf_BSD.reshape(B, E, C, D), becd).transpose(1, 0, 2, 3), ebcd)
     out_BECD = constrain(constrain(expert_swiglu(buf_EBCD, w, act), ebcd).transpose(1, 0, 2, 3), becd)  # and back
     out_pad_BSD = jnp.concatenate([out_BECD.reshape(B, E * C, D), jnp.zeros((B, 1, D), out_BECD.dtype)], axis=1)

@@ -47,11 +47,14 @@ ACTIVATION_RULES: dict[str, MeshAxes] = {
     "act_mlp": "tensor",
     "act_vocab": "tensor",
     "act_head_dim": None,
+    # MoE capacity-buffer slots [B, E, C, D]: a row's queue spans its whole (sequence-sharded) row, so the
+    # sequence devices split the slots instead, else each would run every slot's expert products
+    "act_capacity": "sequence",
 }
 
 # Axes that fall back to replication instead of raising when the dimension does not divide the
 # mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
-REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads"})
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads", "act_capacity"})
 
 _rules: contextvars.ContextVar[Mapping[str, MeshAxes]] = contextvars.ContextVar(
     "jaxscale_rules", default=MappingProxyType({**PARAM_RULES, **ACTIVATION_RULES}))

@@ -206,3 +206,33 @@ def test_expert_parallel_model_equals_single_device(shape):
     with jax.set_mesh(mesh):
         out = jax.jit(loss_fn(graphdef, CFG))(params, shard_batch(tokens(), mesh))
     assert_close(jax.device_get(out), reference(), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_parallel_capacity_dispatch_equals_single_device_and_splits_the_expert_work():
+    """On {data: 2, sequence: 4} the capacity buffers' slots are split over `sequence` (rule `act_capacity`): the
+    same loss, aux and gradients as one device, and per device about the FLOPs of {data: 8}. Before the rule every
+    sequence device ran all of its rows' expert products (2.1x those FLOPs with MoE in every layer)."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="capacity"), moe_every=1)
+    assert cfg.moe.capacity(32) % 4 == 0  # C = 20 slots per expert and row: divisible by sequence = 4
+    tok = tokens(T=33)
+    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}  # 32 positions: divisible by sequence = 4
+
+    def loss(graphdef):
+        def f(state, b):
+            logits, aux = nnx.merge(graphdef, state)(b["inputs"], return_aux=True)
+            return cross_entropy(logits, b["targets"])[0] + aux["lb_loss"] + aux["z_loss"], aux
+        return jax.value_and_grad(f, has_aux=True)
+
+    graphdef, state = split(cfg)
+    ref = jax.device_get(jax.jit(loss(graphdef))(state, b))
+    flops = {}
+    for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
+        mesh = make_mesh(shape)
+        graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(loss(graphdef)).lower(params, shard_batch(b, mesh)).compile()
+            out = compiled(params, shard_batch(b, mesh))
+        assert_close(jax.device_get(out), ref, rtol=1e-5, atol=1e-6)
+        ca = compiled.cost_analysis()
+        flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
+    assert flops["sp"] <= 1.15 * flops["dp"], flops
