@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.glu import ACTIVATIONS, glu
 from models.linear import flat_rows, linear
 from parallel.rules import constrain, logical_to_spec
 
 DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
 CPU_DROPLESS_IMPL = "gmm"  # fastest measured on CPU (docs/benchmarks.md, Mixture of Experts)
-ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +269,7 @@ def update_router_bias(bias_E, load_E, rate: float):
 
 def swiglu(x_ND, w_gate_DF, w_up_DF, w_down_FD, act=jax.nn.silu):
     """Dense SwiGLU on rows x [..., D] (the shared experts, and the dense baseline)."""
-    return (act(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
+    return glu(x_ND @ w_gate_DF, x_ND @ w_up_DF, act) @ w_down_FD
 
 
 def expert_swiglu(x_ErD, w, act):

@@ -13,6 +13,7 @@ P pattern period, S cache slots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,7 @@ from flax import nnx
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
+from models.glu import glu
 from models.linear import flat_rows, linear, loop_impl
 from models.moe import MoE, mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
@@ -37,11 +39,33 @@ def param(rngs, shape, axes, dtype, std=None):
     return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def rms_norm(x, scale, eps, offset: float = 0.0):
-    """RMSNorm in float32; multiplies by (offset + scale) (Gemma stores scale - 1 with offset 1)."""
+    """RMSNorm in float32 over x [..., D]; multiplies by (offset + scale [D]) (Gemma stores scale - 1 with
+    offset 1). Its backward keeps x and the [..., 1] inverse RMS only (autodiff would also keep the float32
+    normalised rows: one more [..., D] array per norm, two per layer of a scanned stack)."""
+    return _rms_norm_fwd(x, scale, eps, offset)[0]
+
+
+def _rms_norm_fwd(x, scale, eps, offset):
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * (offset + scale.astype(jnp.float32))).astype(x.dtype)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * r * (offset + scale.astype(jnp.float32))).astype(x.dtype), (x, scale, r)
+
+
+def _rms_norm_bwd(eps, offset, res, g):
+    """y = x·r: dscale = Σ g∘y over rows; dx = r·(dy − y·mean(dy∘y)) with dy = g·(offset + scale)."""
+    x, scale, r = res
+    y, g32 = x.astype(jnp.float32) * r, g.astype(jnp.float32)
+    dy = g32 * (offset + scale.astype(jnp.float32))
+    dx = r * (dy - y * jnp.mean(dy * y, axis=-1, keepdims=True))
+    gy = g32 * y  # summed down to scale's shape (scale broadcasts: [D], a scalar, ...)
+    gy = jnp.sum(gy, axis=tuple(range(gy.ndim - jnp.ndim(scale))))
+    dscale = jnp.sum(gy, axis=tuple(i for i, n in enumerate(jnp.shape(scale)) if n == 1), keepdims=True)
+    return dx.astype(x.dtype), dscale.reshape(jnp.shape(scale)).astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def check_token_ids(tokens_BT, vocab_size: int):
@@ -171,10 +195,13 @@ class Block(nnx.Module):
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
         # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
-        h_BTD = norm(x_BTD, self.attn_norm)
-        q_BTNH = mm(h_BTD, w(self.wq, D, N * H)).reshape(B, T, N, H)
-        k_BTKH = mm(h_BTD, w(self.wk, D, K * H)).reshape(B, T, K, H)
-        v_BTKH = mm(h_BTD, w(self.wv, D, K * H)).reshape(B, T, K, H)
+        # flattened once: the products sharing an input then share its residual (per-product reshapes would
+        # each be saved for the backward: in a scanned stack, 3 + 2 copies of the normed rows per layer)
+        rows = lambda x: x.reshape(B * T, D) if ctx.flat_rows else x  # noqa: E731
+        h_MD = rows(norm(x_BTD, self.attn_norm))
+        q_BTNH = mm(h_MD, w(self.wq, D, N * H)).reshape(B, T, N, H)
+        k_BTKH = mm(h_MD, w(self.wk, D, K * H)).reshape(B, T, K, H)
+        v_BTKH = mm(h_MD, w(self.wv, D, K * H)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
@@ -189,8 +216,8 @@ class Block(nnx.Module):
             m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask,
                                   inference=cache is not None)  # decode-chunking-invariant capacity
         else:
-            act = jax.nn.silu if cfg.mlp_act == "silu" else lambda g: jax.nn.gelu(g, approximate=True)
-            a_BTF = act(mm(h_BTD, w(self.w_gate, D, F))) * mm(h_BTD, w(self.w_up, D, F))
+            h_MD = rows(h_BTD)
+            a_BTF = glu(mm(h_MD, w(self.w_gate, D, F)), mm(h_MD, w(self.w_up, D, F)), cfg.mlp_act).reshape(B, T, F)
             a_BTF = constrain(a_BTF, ("batch", "act_seq", "act_mlp"))
             m_BTD = mm(a_BTF, w(self.w_down, F, D))
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)

@@ -225,8 +225,10 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
       full                : c·D (the layer input; everything else is recomputed)
       save_dots_no_batch  : c·(2D + NH + 2KH + 2F)  layer input, q, k, v, attention-out proj, gate, up
       save_dots           : the above + c·NH (PV output) + 4·N·S (float32 scores)
-      none                : c·(6D + 2NH + 2KH + 5F) + N·S·(8 + 1 [+ c]) — JAX's residuals: norm
-                            inputs/outputs, q, k, v, o, SiLU pieces; float32 scores and
+      none                : c·(4D + 2NH + 2KH + 3F) + N·S·(8 + 1 [+ c]) — JAX's residuals: the two
+                            norms' inputs and outputs (RMSNorm's backward recomputes its normalised rows),
+                            q, k, v, o, gate, up and their product (`models.glu` recomputes σ; routed
+                            experts keep 5 pieces per row; tests/test_custom_vjps.py); float32 scores and
                             probabilities, the broadcast bool mask (and the probabilities cast
                             to c for PV when c is not float32).
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
@@ -249,13 +251,12 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     N = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
     local = lambda w: w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0  # noqa: E731
     routed = moe_saved = moe_none = 0.0
+    F2 = _dense_mlp_width(s, mesh, rules, moe_layer)  # the width the 2-D (batch-free) products produce
     if s.moe is not None and (moe_layer is None or moe_layer):
         m = s.moe
         X = routed_slots_per_token(s, seq_len, _axis_product("expert", mesh, m.n_experts, rules))
-        F2, routed = local(_shared_width(m)), X * local(m.expert_mlp_dim)
+        routed = X * local(m.expert_mlp_dim)
         moe_saved, moe_none = c * X * D + 4 * D, c * X * D + 4 * m.top_k * D
-    else:
-        F2 = local(s.mlp_dim)  # the width the 2-D (batch-free) products produce
     flash = kernel == "flash"
     S = 0.0 if flash else executed_keys(seq_len, window, kernel, block)
     lse = 4 * N if flash and remat != "full" else 0.0
@@ -266,8 +267,14 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     if remat == "save_dots":
         return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
-    return (c * (6 * D + 2 * NH + 2 * KH + 5 * (F2 + routed)) + moe_none + kv_windows
+    return (c * (4 * D + 2 * NH + 2 * KH + 3 * F2 + 5 * routed) + moe_none + kv_windows
             + N * S * (8 + 1 + (c if c != 4 else 0)) + lse)
+
+
+def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
+    """Per device, the width of a layer's dense gated MLP: mlp_dim, or an MoE layer's shared experts'."""
+    w = _shared_width(s.moe) if s.moe is not None and (moe_layer is None or moe_layer) else s.mlp_dim
+    return w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0
 
 
 def _shared_width(m) -> int:
@@ -337,9 +344,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
     P = next(p for p in range(1, len(layers) + 1)
              if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
+    # + the MLP backward's two MLP-wide gradient temporaries beside its three residuals (gate, up, product)
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
-                for w, m in layers[:P])
+                + 2 * cb * _dense_mlp_width(s, mesh, rules, m) for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group + 3 * 4 * v_local + 2 * cb * s.d_model)
 
