@@ -67,11 +67,47 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     if causal_block is None or T != S or T <= causal_block:
         o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale)
     else:
-        bounds = [(lo, min(lo + causal_block, T)) for lo in range(0, T, causal_block)]
-        o_BKGTH = jnp.concatenate([
-            _core(q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi], mask_B11TS[..., lo:hi, :hi], scale)
-            for lo, hi in bounds], axis=3)
+        o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, causal_block)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _bounds(T: int, C: int):
+    return [(lo, min(lo + C, T)) for lo in range(0, T, C)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C):
+    """Query blocks of C, block i against keys [0, (i + 1)·C). One VJP for all blocks, so that the backward keeps
+    q, k, v once: per-block VJPs would each keep their key prefix k[:, :, :(i + 1)·C], (T / C + 1) / 2 copies of
+    K and V in all (16.5 at T = 2048, C = 64)."""
+    return _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C)[0]
+
+
+def _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C):
+    outs, es, ls = [], [], []
+    for lo, hi in _bounds(q_BKGTH.shape[3], C):
+        o, res = _core_fwd(q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
+                           mask_B11TS[..., lo:hi, :hi], scale)
+        outs.append(o)
+        es.append(res[4])
+        ls.append(res[5])
+    o_BKGTH = jnp.concatenate(outs, axis=3)
+    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, tuple(es), tuple(ls), o_BKGTH)
+
+
+def _blocked_bwd(scale, C, res, do_BKGTH):
+    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, es, ls, o_BKGTH = res
+    dqs, dk_BKSH, dv_BKSH = [], jnp.zeros(k_BKSH.shape, jnp.float32), jnp.zeros(v_BKSH.shape, jnp.float32)
+    for (lo, hi), e, l1 in zip(_bounds(q_BKGTH.shape[3], C), es, ls):
+        dq, dk, dv, _ = _core_bwd(scale, (q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
+                                          mask_B11TS[..., lo:hi, :hi], e, l1, o_BKGTH[:, :, :, lo:hi]),
+                                  do_BKGTH[:, :, :, lo:hi], out_dtype=jnp.float32)
+        dqs.append(dq.astype(q_BKGTH.dtype))
+        dk_BKSH, dv_BKSH = dk_BKSH.at[:, :, :hi].add(dk), dv_BKSH.at[:, :, :hi].add(dv)
+    return jnp.concatenate(dqs, axis=3), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
@@ -87,7 +123,7 @@ def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
     return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH)
 
 
-def _core_bwd(scale, res, do_BKGTH):
+def _core_bwd(scale, res, do_BKGTH, out_dtype=None):
     """With P = E / l: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = scale·dS K, dK = scale·dSᵀ Q.
 
     The row statistic rowsum(dO ∘ O) = rowsum(P ∘ dP) costs [T, H] instead of [T, S], and 1/l is
@@ -105,8 +141,8 @@ def _core_bwd(scale, res, do_BKGTH):
     ds_BKGTS = jnp.where(live_B11T1, e_BKGTS * (dp_BKGTS - d_BKGT1) * scale, 0.0).astype(q_BKGTH.dtype)
     dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=jnp.float32)
     dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=jnp.float32)
-    return (dq_BKGTH.astype(q_BKGTH.dtype), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype),
-            None)
+    cast = lambda x, like: x.astype(out_dtype or like.dtype)  # noqa: E731  (out_dtype: blocks summed in f32)
+    return cast(dq_BKGTH, q_BKGTH), cast(dk_BKSH, k_BKSH), cast(dv_BKSH, v_BKSH), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
