@@ -385,8 +385,11 @@ class Transformer(nnx.Module):
         for k, name in ((False, "blocks"), (True, "moe_blocks")):
             if n_kind[k]:
                 graphdefs[k], states[k] = nnx.split(getattr(self, name))
-        grouped = {k: jax.tree.map(lambda a, k=k: a.reshape((L // P, n_kind[k]) + a.shape[1:]), st)
-                   for k, st in states.items()}  # [L/P, layers of this kind per group, ...]
+        # [L/P, layers of this kind per group, ...], or [L/P, ...] for a kind with one layer per group: each scan
+        # step then hands the layer its parameters as they are, and the backward reads them from the stacked
+        # arrays (a per-step slice would be a new array, which the scan saves for the backward: a copy of them all)
+        per = lambda k: (L // P,) if n_kind[k] == 1 else (L // P, n_kind[k])  # noqa: E731
+        grouped = {k: jax.tree.map(lambda a, k=k: a.reshape(per(k) + a.shape[1:]), st) for k, st in states.items()}
         keys = None if rng is None or not n_kind[True] else jax.random.split(rng, L // P)
         if cfg.scan_layers and not (cfg.scan_unroll is True or cfg.scan_unroll >= L // P):
             ctx = dataclasses.replace(ctx, matmul_impl=loop_impl(cfg.matmul_impl))  # a real loop
@@ -403,7 +406,7 @@ class Transformer(nnx.Module):
             """The P layers of one group: gst[kind] holds [layers of that kind per group, ...]."""
             caches, auxes = [], []
             for j in range(P):
-                st = jax.tree.map(lambda a, j=j: a[slot[j]], gst[kinds[j]])
+                st = gst[kinds[j]] if n_kind[kinds[j]] == 1 else jax.tree.map(lambda a, j=j: a[slot[j]], gst[kinds[j]])
                 x, c, aux = one_layer(j, st, x, arrays, None if cs is None else cs[j], key)
                 caches.append(c)
                 if aux is not None:

@@ -190,7 +190,6 @@ class MemoryBreakdown:
     transient_weights: int
     local_tokens: int
     layers_local: int
-    grad_reduce: int = 0  # without FSDP: XLA's second, unreduced copy of the gradients for the all-reduce
 
     @property
     def state(self) -> int:
@@ -199,17 +198,14 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> int:
-        return (self.params + self.grads + self.opt_state + self.activations + self.working + self.transient_weights
-                + self.grad_reduce)
+        return self.params + self.grads + self.opt_state + self.activations + self.working + self.transient_weights
 
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
                 (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
                 ("working set (1 scan group + logits)", self.working),
-                ("gathered weights (FSDP)", self.transient_weights),
-                ("gradient all-reduce copy (no FSDP)", self.grad_reduce), ("total", self.total)]
-        rows = [r for r in rows if r[1] or r[0] != "gradient all-reduce copy (no FSDP)"]
+                ("gathered weights (FSDP)", self.transient_weights), ("total", self.total)]
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows)
 
 
@@ -362,13 +358,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _tensor_only(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
-    # Without FSDP the gradients are all-reduced, and XLA keeps the unreduced copy beside the reduced one
-    # (measured: whole-step temp 1.13-1.46x ours on data / data x tensor / data x sequence meshes without it)
-    reducing = mesh.get("fsdp", 1) == 1 and bshards * sshards > 1
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
-                           local_tokens=int(local_tokens), layers_local=int(layers_local),
-                           grad_reduce=int(gb * elems) if reducing else 0)
+                           local_tokens=int(local_tokens), layers_local=int(layers_local))
 
 
 def _tensor_only(p: ParamEntry, mesh, rules) -> int:
