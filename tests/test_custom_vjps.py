@@ -85,3 +85,18 @@ def test_block_causal_attention_saves_keys_and_values_once():
                                                  q, k, v)]
     keys = [s for s in saved if len(s) == 4 and s[:2] == (B, K) and s[3] == H]  # [B, K, S', H]: k, v or a prefix
     assert keys == [(B, K, T, H)] * 2, saved
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_a_scanned_layer_stack_reads_its_parameters_in_place(remat):
+    """Each scan step takes its layer's parameters as they lie in the stacked arrays, so the backward reads them
+    from the arguments; a per-step slice made the scan save a copy of every layer's parameters (8-layer d256
+    model, remat full: temp 75 MB -> 14.5 MB)."""
+    cfg = TransformerConfig(vocab_size=64, d_model=24, n_layers=5, n_heads=4, head_dim=8, mlp_dim=40, max_seq_len=16,
+                            scan_unroll=1, remat=remat)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tok = np.zeros((3, 16), np.int32)
+    saved = saved_residuals(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok}), params)
+    shapes = {x.shape for x in jax.tree.leaves(params["blocks"])}  # [L, ...] stacked weights
+    weights = [why for a, why in saved if a.shape in shapes]
+    assert weights and all("argument" in why for why in weights), weights
