@@ -12,6 +12,7 @@ Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +35,13 @@ def loop_impl(impl: str) -> str:
     return "plain" if impl == "auto" else impl
 
 
-def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True):
+def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True, contract: int = 1):
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
+
+    contract: for a weight kept in its own shape, e.g. q's [D, N, H] or o's [N, H, D]: x's last `contract` dims
+    meet w's first ones (x [..., N, H] @ w [N, H, D] → [..., D]). The product then runs as the 2-D one, but autodiff
+    (and a layer scan) keeps w itself for the backward: a reshaped copy would be a new array, which a scanned layer
+    stack saves per layer (a copy of those weights every step).
 
     impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above); 'auto' picks
     'transposed_grad' on the CPU backend and 'plain' elsewhere. flatten: run it on rows [M, D] (M = all leading
@@ -50,6 +56,8 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True)
         impl = "transposed_grad" if jax.default_backend() == "cpu" else "plain"
     if impl not in ("plain", "transposed_grad"):
         raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
+    if contract != 1 or w_DF.ndim != 2:
+        return _linear_nd(x_MD, w_DF, impl if flatten else "plain", contract)
     lead = x_MD.shape[:-1]
     if not flatten:
         impl = "plain"
@@ -86,3 +94,34 @@ def _linear_out(x_MD, w_DF, transposed_grad: bool, out_dtype):
 
 _linear_out.defvjp(lambda x_MD, w_DF, tg, od: (_linear_out(x_MD, w_DF, tg, od), (x_MD, w_DF)),
                    lambda tg, od, res, g_MF: _grads(*res, g_MF, tg))
+
+
+def _linear_nd(x, w, impl: str, contract: int):
+    """x [..., C...] @ w [C..., F...] → [..., F...] (C: w's first `contract` dims, x's last)."""
+    C, F = w.shape[:contract], w.shape[contract:]
+    if x.shape[x.ndim - contract:] != C:
+        raise ValueError(f"linear: x {x.shape} does not end in the weight's contracted dims {C} (w {w.shape})")
+    lead = x.shape[:x.ndim - contract]
+    if impl == "plain":
+        dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
+        return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=jnp.result_type(x, w))
+    x_MK = x.reshape(-1, math.prod(C))
+    return _linear_tg_nd(x_MK, w, contract).reshape(*lead, *F)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_tg_nd(x_MK, w, contract):
+    return x_MK @ w.reshape(x_MK.shape[1], -1)
+
+
+def _linear_tg_nd_fwd(x_MK, w, contract):
+    return _linear_tg_nd(x_MK, w, contract), (x_MK, w)  # w as given: no reshaped copy kept
+
+
+def _linear_tg_nd_bwd(contract, res, g_MF):
+    x_MK, w = res
+    dx, dw = _grads(x_MK, w.reshape(x_MK.shape[1], -1), g_MF, transposed_grad=True)
+    return dx, dw.reshape(w.shape)
+
+
+_linear_tg_nd.defvjp(_linear_tg_nd_fwd, _linear_tg_nd_bwd)

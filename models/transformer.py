@@ -191,7 +191,9 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl, flatten=ctx.flat_rows)  # noqa: E731
+        mm = lambda x, wt, contract=1: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl,  # noqa: E731
+                                              flatten=ctx.flat_rows, contract=contract)
+        wc = lambda p: p[...].astype(cd)  # noqa: E731  (q / k / v / o in their own shapes: see models.linear)
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
         # Projections go through models.linear: on CPU, as 2-D [M = B·T, D] matmuls whose weight gradients are plain
         # `x_MD^T @ g_MF` dots (3-D einsums make XLA:CPU transpose g inside slow loop fusions)
@@ -199,15 +201,16 @@ class Block(nnx.Module):
         # each be saved for the backward: in a scanned stack, 3 + 2 copies of the normed rows per layer)
         rows = lambda x: x.reshape(B * T, D) if ctx.flat_rows else x  # noqa: E731
         h_MD = rows(norm(x_BTD, self.attn_norm))
-        q_BTNH = mm(h_MD, w(self.wq, D, N * H)).reshape(B, T, N, H)
-        k_BTKH = mm(h_MD, w(self.wk, D, K * H)).reshape(B, T, K, H)
-        v_BTKH = mm(h_MD, w(self.wv, D, K * H)).reshape(B, T, K, H)
+        q_BTNH = mm(h_MD, wc(self.wq)).reshape(B, T, N, H)
+        k_BTKH = mm(h_MD, wc(self.wk)).reshape(B, T, K, H)
+        v_BTKH = mm(h_MD, wc(self.wv)).reshape(B, T, K, H)
         if cfg.qkv_bias:
             q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
-        a_BTD = mm(o_BTNH.reshape(B, T, N * H), w(self.wo, N * H, D))
+        a_BTD = mm(o_BTNH.reshape(B * T, N, H) if ctx.flat_rows else o_BTNH, wc(self.wo), contract=2)
+        a_BTD = a_BTD.reshape(B, T, D)
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 

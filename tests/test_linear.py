@@ -89,3 +89,25 @@ def test_a_looped_layer_stack_takes_plain_products_and_an_unrolled_one_the_trans
     assert barriers(scan_unroll=True) == per_layer + 1  # a fully unrolled scan: its body is traced once
     assert barriers(scan_unroll=1) == 1
     assert barriers(scan_unroll=1, matmul_impl="transposed_grad") == per_layer + 1
+
+
+@pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
+@pytest.mark.parametrize("x_shape,w_shape,contract", [((6, 5), (5, 2, 3), 1), ((2, 3, 4, 5), (4, 5, 7), 2)],
+                         ids=["q-like", "o-like"])
+def test_weights_in_their_own_shapes_equal_the_reshaped_product(impl, x_shape, w_shape, contract):
+    """`contract`: x's last dims against w's first ones; values and both gradients equal the 2-D product's."""
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    K = int(np.prod(w_shape[:contract]))
+    out_shape = x_shape[:len(x_shape) - contract] + w_shape[contract:]
+
+    def ref(x, w):
+        return (x.reshape(-1, K) @ w.reshape(K, -1)).reshape(out_shape)
+
+    got = jax.vjp(lambda x, w: linear(x, w, impl, contract=contract), x, w)
+    want = jax.vjp(ref, x, w)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    ct = jax.random.normal(jax.random.key(2), out_shape)
+    for g, r in zip(got[1](ct), want[1](ct)):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
