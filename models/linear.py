@@ -39,9 +39,9 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 
     contract: for a weight kept in its own shape, e.g. q's [D, N, H] or o's [N, H, D]: x's last `contract` dims
-    meet w's first ones (x [..., N, H] @ w [N, H, D] → [..., D]). The product then runs as the 2-D one, but autodiff
-    (and a layer scan) keeps w itself for the backward: a reshaped copy would be a new array, which a scanned layer
-    stack saves per layer (a copy of those weights every step).
+    meet w's first ones (x [..., N, H] @ w [N, H, D] → [..., D]). The product then runs as the 2-D one, but the
+    'plain' products of a layer loop keep w itself for the backward: a reshaped copy would be a new array, which a
+    scanned layer stack saves per layer (a copy of those weights every step).
 
     impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above); 'auto' picks
     'transposed_grad' on the CPU backend and 'plain' elsewhere. flatten: run it on rows [M, D] (M = all leading
@@ -105,23 +105,7 @@ def _linear_nd(x, w, impl: str, contract: int):
     if impl == "plain":
         dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
         return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=jnp.result_type(x, w))
+    # 'transposed_grad' runs outside layer loops (`loop_impl`), in one graph where XLA keeps no reshaped copy
     x_MK = x.reshape(-1, math.prod(C))
-    return _linear_tg_nd(x_MK, w, contract).reshape(*lead, *F)
+    return _linear_tg(x_MK, w.reshape(x_MK.shape[1], -1)).reshape(*lead, *F)
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _linear_tg_nd(x_MK, w, contract):
-    return x_MK @ w.reshape(x_MK.shape[1], -1)
-
-
-def _linear_tg_nd_fwd(x_MK, w, contract):
-    return _linear_tg_nd(x_MK, w, contract), (x_MK, w)  # w as given: no reshaped copy kept
-
-
-def _linear_tg_nd_bwd(contract, res, g_MF):
-    x_MK, w = res
-    dx, dw = _grads(x_MK, w.reshape(x_MK.shape[1], -1), g_MF, transposed_grad=True)
-    return dx, dw.reshape(w.shape)
-
-
-_linear_tg_nd.defvjp(_linear_tg_nd_fwd, _linear_tg_nd_bwd)
