@@ -108,4 +108,3 @@ def _linear_nd(x, w, impl: str, contract: int):
     # 'transposed_grad' runs outside layer loops (`loop_impl`), in one graph where XLA keeps no reshaped copy
     x_MK = x.reshape(-1, math.prod(C))
     return _linear_tg(x_MK, w.reshape(x_MK.shape[1], -1)).reshape(*lead, *F)
-

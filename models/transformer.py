@@ -220,9 +220,9 @@ class Block(nnx.Module):
                                   inference=cache is not None)  # decode-chunking-invariant capacity
         else:
             h_MD = rows(h_BTD)
-            a_BTF = glu(mm(h_MD, w(self.w_gate, D, F)), mm(h_MD, w(self.w_up, D, F)), cfg.mlp_act).reshape(B, T, F)
+            a_BTF = glu(mm(h_MD, wc(self.w_gate)), mm(h_MD, wc(self.w_up)), cfg.mlp_act).reshape(B, T, F)
             a_BTF = constrain(a_BTF, ("batch", "act_seq", "act_mlp"))
-            m_BTD = mm(a_BTF, w(self.w_down, F, D))
+            m_BTD = mm(a_BTF, wc(self.w_down))
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
         return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
 
@@ -406,7 +406,8 @@ class Transformer(nnx.Module):
                                        prevent_cse=not cfg.scan_layers)
 
         def group(gst, x, arrays, cs=None, key=None):
-            """The P layers of one group: gst[kind] holds [layers of that kind per group, ...]."""
+            """The P layers of one group: gst[kind] holds [layers of that kind per group, ...] (that axis absent
+            for a kind with one layer per group)."""
             caches, auxes = [], []
             for j in range(P):
                 st = gst[kinds[j]] if n_kind[kinds[j]] == 1 else jax.tree.map(lambda a, j=j: a[slot[j]], gst[kinds[j]])
