@@ -48,6 +48,14 @@ def programs(batch: int, seq: int):
             "attention_fwd_bwd": (jax.jit(attn).lower(q, k, v), (q, k, v))}
 
 
+def _option(text: str) -> tuple[str, object]:
+    """'name=value' -> (name, value); compile() wants Python bools and ints, not their spellings."""
+    name, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--option", action="append", metavar="NAME=VALUE[;NAME=VALUE]",
@@ -56,7 +64,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args(argv)
-    sets = {"default": {}} | {s: dict(o.split("=", 1) for o in s.split(";")) for s in (args.option or DEFAULT_SETS)}
+    sets = {"default": {}} | {s: dict(_option(o) for o in s.split(";")) for s in (args.option or DEFAULT_SETS)}
     for name, opts in sets.items():
         bad = [o for o in opts if not o.startswith("xla_")]
         if bad:

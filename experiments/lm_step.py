@@ -14,6 +14,7 @@ from flax import nnx
 from models.config import MUP_HIDDEN, MUP_OUTPUT
 from models.losses import cross_entropy
 from models.moe import update_router_bias
+from parallel.host import step_compiler_options
 from parallel.rules import constrain
 
 BIASES = ("bq", "bk", "bv")  # models.transformer.Block's q/k/v biases
@@ -140,7 +141,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), compiler_options=step_compiler_options())
 
 
 def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, moe_cfg=None,
@@ -211,7 +212,7 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         return new_state, metrics
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings, compiler_options=step_compiler_options())
 
 
 def make_eval_step(graphdef):

@@ -19,6 +19,7 @@ from experiments.checkpoint import from_pure as _unpure, to_pure as _pure
 from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import logical_to_spec, shard_batch
+from parallel.host import step_compiler_options
 
 
 def shard(batch, mesh):
@@ -56,7 +57,7 @@ def make_vae_step(graphdef, optimizer: optax.GradientTransformation, state_shard
         return params, opt_state, m | {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     out = None if state_shardings is None else (*state_shardings, None)
-    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out)
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=out, compiler_options=step_compiler_options())
 
 
 def ema_init(params):
@@ -96,7 +97,7 @@ def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema
         return params, opt_state, ema, m | {"grad_norm": optax.tree.norm(grads)}
 
     out = None if state_shardings is None else (*state_shardings, None)
-    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out)
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out, compiler_options=step_compiler_options())
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ keeps its peak heap (it never shrinks), and every thread allocates from one aren
 opt-in: it pays for a single-device CPU step (the benchmarks call it; JAXSCALE_MALLOC_TUNING=0 turns it off)
 and loses where many threads allocate at once: the 8-fake-device demo ran 121 s instead of 103 s with it.
 Irrelevant on GPU/TPU, whose device memory XLA manages itself.
+
+`step_compiler_options` is the other host-side setting: XLA options for the donated train steps of experiments/.
 """
 
 from __future__ import annotations
@@ -49,3 +51,19 @@ def _backend_started() -> bool:
     from jax._src import xla_bridge  # private, but the only way to ask without starting the backend
 
     return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
+# With region analysis, XLA:CPU's copy insertion sees that a donated buffer's old value is read before the fusion
+# that overwrites it in place, instead of copying it first: the trainer's skip-on-non-finite select over AdamW's
+# moments copied both moments of every parameter each step (the optimizer phase 1.5x its memory-traffic floor),
+# and a scanned stack copied its loop buffers. Measured (docs/benchmarks.md, sixteenth session): trainer step
+# 0.985x dense, 0.945x MoE; results bit-identical.
+CPU_STEP_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
+
+def step_compiler_options() -> dict | None:
+    """`compiler_options` for `jax.jit` of a donated train step: CPU_STEP_OPTIONS when JAX's default backend is
+    the CPU, else None (XLA's defaults; the option names XLA:CPU's pass)."""
+    import jax
+
+    return dict(CPU_STEP_OPTIONS) if jax.default_backend() == "cpu" else None

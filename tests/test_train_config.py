@@ -289,6 +289,33 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     np.testing.assert_allclose(new_bias, update_router_bias(bias[...], load, moe.bias_update_rate), rtol=0, atol=1e-7)
 
 
+def test_the_trainer_step_updates_its_donated_state_in_place():
+    """The trainer's step copies no buffer of its donated state (parallel.host.step_compiler_options): XLA:CPU's
+    default copy insertion copied both AdamW moments of every parameter under the skip-on-non-finite select.
+    A skipped step still returns the state it was given (the in-place update reads the old values first)."""
+    from experiments.lm_step import make_optimizer
+
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, max_seq_len=16)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    tok = np.random.default_rng(0).integers(0, 64, (2, 17), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    step = make_state_step(graphdef, opt)
+    hlo = step.lower(state, batch).compile().as_text()
+    copied = [line.strip()[:100] for line in hlo.splitlines() if " copy(%state" in line]
+    assert not copied, copied
+
+    state, _ = step(state, batch)  # moments non-zero from here on
+    before = jax.tree.map(np.asarray, state)
+    bad = dict(batch, weights=jnp.full(batch["targets"].shape, jnp.nan))
+    after, m = step(state, bad)
+    assert not bool(m["finite"]) and int(after["skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, {k: v for k, v in after.items() if k not in ("step", "skipped")},
+                 {k: v for k, v in before.items() if k not in ("step", "skipped")})
+
+
 def test_throughput_window_without_steps_reports_none():
     clock = iter([0.0, 1.0, 5.0, 6.0]).__next__
     w = train_lm.Throughput(clock)
