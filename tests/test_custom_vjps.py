@@ -102,3 +102,20 @@ def test_a_scanned_layer_stack_reads_its_parameters_in_place(remat):
     sizes = {x.size for x in jax.tree.leaves(params["blocks"])}
     weights = [(a.shape, why) for a, why in saved if a.shape[:1] == (5,) and a.size in sizes]
     assert len(weights) >= 7 and all("argument" in why for _, why in weights), weights
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_a_pattern_period_of_several_layers_of_one_kind_saves_no_parameter_slice(remat):
+    """With two or more layers of one kind per pattern period (here 2:1 local / global, three per period), a layer's
+    parameters are a slice of its kind's group; sliced inside the layer's checkpoint, the backward slices them again
+    instead of the scan saving a copy of those layers' parameters (8-layer d256 model, alternating: temp 113.7 ->
+    80.1 MB under remat full, 240.5 -> 207.0 MB under save_dots). Remat 'none' keeps the copy (faster)."""
+    cfg = TransformerConfig(vocab_size=64, d_model=24, n_layers=6, n_heads=4, head_dim=8, mlp_dim=40, max_seq_len=16,
+                            scan_unroll=1, remat=remat, attn_pattern="2:1", sliding_window=4)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tok = np.zeros((3, 16), np.int32)
+    saved = saved_residuals(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok}), params)
+    slices = {(2,) + x.shape[1:] for x in jax.tree.leaves(params["blocks"])}  # [L/P, ...]: one slot's layers
+    assert not [(a.shape, why) for a, why in saved if a.shape in slices]
+    w_up = params["blocks"]["w_up"]  # the backward reads each slot's layers from the [L/P, 3, ...] group itself
+    assert [why for a, why in saved if a.shape == (2, 3) + w_up.shape[1:]]
