@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
 # How a model is executed, not which parameters it has: a run may resume with other values.
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
-MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl"})
+MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
 LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
                  ("data", "eval_every_nth"))

@@ -61,6 +61,9 @@ class MoEConfig:
     dispatch: str = "dropless"  # 'dropless' | 'capacity'
     capacity_factor: float = 1.25  # capacity dispatch: C = ceil(K·T/E·CF) slots per expert per row
     dropless_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU, capacity if experts sharded
+    # 'gmm' tile rows, largest first, each a multiple of the next; None: default_tile_rows. The best smallest tile
+    # depends on the machine (docs/benchmarks.md, Mixture of Experts): e.g. (512, 128) on an Intel Xeon
+    gmm_tile_rows: tuple[int, ...] | None = None
     lb_loss_weight: float = 0.01  # for the trainer: weight of aux['lb_loss']
     z_loss_weight: float = 0.001  # for the trainer: weight of aux['z_loss']
     bias_update_rate: float = 0.001  # for the trainer: update_router_bias step (aux-loss-free balancing)
@@ -88,6 +91,15 @@ class MoEConfig:
         need(self.capacity_factor > 0, "capacity_factor", f"must be positive, got {self.capacity_factor}")
         need(self.dropless_impl in DROPLESS_IMPLS, "dropless_impl",
              f"unknown {self.dropless_impl!r}; use one of {DROPLESS_IMPLS}")
+        t = self.gmm_tile_rows
+        if t is not None:
+            if isinstance(t, (list, tuple)) and all(is_int(v) for v in t):
+                t = tuple(int(v) for v in t)  # JSON gives a list; a tuple keeps the config hashable
+                object.__setattr__(self, "gmm_tile_rows", t)
+            need(isinstance(t, tuple) and t and all(is_int(v) and v > 0 for v in t), "gmm_tile_rows",
+                 f"must be None or positive ints, largest first, e.g. (512, 128), got {t!r}")
+            need(all(a > b and a % b == 0 for a, b in zip(t, t[1:])), "gmm_tile_rows",
+                 f"each size must be a larger multiple of the next (the tiles cover runs greedily), got {t}")
         for f in ("lb_loss_weight", "z_loss_weight", "bias_update_rate"):
             need(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
         need(self.mlp_act in ACTIVATIONS, "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
@@ -178,7 +190,7 @@ class MoE(nnx.Module):
             cap = cfg.capacity(T) if cfg.dispatch == "capacity" and not inference else T
             y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap, valid_BT)
         else:
-            y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl)
+            y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl, cfg.gmm_tile_rows)
             aux["dropped_frac"] = jnp.zeros((), jnp.float32)
         if cfg.shared_mlp_dim:
             sw = tuple(p[...].astype(compute_dtype) for p in (self.shared_gate, self.shared_up, self.shared_down))
@@ -345,13 +357,15 @@ def mesh_shards(logical_name: str) -> int:
     return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl: str):
-    """Every assignment computed: y [B, T, D]. Rows are grouped by `batch` shard and sorted within a group."""
+def dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl: str, tile_rows=None):
+    """Every assignment computed: y [B, T, D]. Rows are grouped by `batch` shard and sorted within a group.
+    tile_rows: the 'gmm' tile sizes (None: default_tile_rows)."""
     (B, T, D), K = x_BTD.shape, weights_BTK.shape[-1]
     if impl == "dense":  # pointwise in tokens: no grouping needed
         return dense_experts(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K),
                              w, act).reshape(B, T, D)
-    fn = {"gmm": sorted_gmm, "blocks": sorted_blocks, "ragged_dot": sorted_ragged}[impl]
+    fn = {"gmm": functools.partial(sorted_gmm, tile_rows=tile_rows), "blocks": sorted_blocks,
+          "ragged_dot": sorted_ragged}[impl]
     # Whole experts on every device that holds tokens (FSDP gathers them as it does dense weights); the expert
     # index is gathered per block, so only the mlp dimension may stay split (tensor parallel).
     w = tuple(constrain(p, n) for p, n in zip(w, ((None, None, "act_mlp"),) * 2 + ((None, "act_mlp", None),)))
@@ -389,8 +403,14 @@ def default_tile_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
     big matmuls do most of the work and the padding stays under s rows per expert (measured on CPU:
     docs/benchmarks.md)."""
     s = int(min(32, max(8, 2 ** math.floor(math.log2(max(1, assignments / (16 * n_experts)))))))
-    rows = (-(-assignments // s) + n_experts - 1) * s  # the padded rows of block_layout
-    return tuple(t for t in (16 * s, 4 * s, s) if t <= rows)
+    return usable_tile_rows((16 * s, 4 * s, s), assignments, n_experts)
+
+
+def usable_tile_rows(tile_rows: tuple[int, ...], assignments: int, n_experts: int) -> tuple[int, ...]:
+    """The sizes of `tile_rows` that fit in block_layout's padded rows (runs padded to the smallest size)."""
+    s = tile_rows[-1]
+    rows = (-(-assignments // s) + n_experts - 1) * s
+    return tuple(t for t in tile_rows if t <= rows) or (s,)
 
 
 def default_block_rows(assignments: int, n_experts: int) -> int:
@@ -437,11 +457,12 @@ def _padded_rows(x_ND, src_R):
     return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[src_R]
 
 
-def sorted_gmm(x_ND, weights_NK, experts_NK, w, act):
+def sorted_gmm(x_ND, weights_NK, experts_NK, w, act, tile_rows=None):
     """Dropless grouped matmul for CPU: expert-sorted rows, each expert's run padded to whole tiles; one loop
-    over the tiles runs each tile's expert SwiGLU (`grouped_swiglu`), so only the occupied tiles cost anything."""
+    over the tiles runs each tile's expert SwiGLU (`grouped_swiglu`), so only the occupied tiles cost anything.
+    tile_rows: sizes largest first, each a multiple of the next (None: default_tile_rows)."""
     N, K, E = x_ND.shape[0], weights_NK.shape[-1], w[0].shape[0]
-    sizes = default_tile_rows(N * K, E)
+    sizes = default_tile_rows(N * K, E) if tile_rows is None else usable_tile_rows(tuple(tile_rows), N * K, E)
     row_A, src_R, blocks_E = block_layout(experts_NK, E, sizes[-1])
     schedule = tile_schedule(blocks_E, sizes, src_R.shape[0])
     y_RD = grouped_swiglu(_padded_rows(x_ND, src_R), w, schedule, sizes, act)  # padding rows: act(0)·0 = 0

@@ -114,6 +114,7 @@ def reference_value_and_grad(cfg):
 
 VARIANTS = {
     "gmm": dict(dropless_impl="gmm"),
+    "gmm_tiles=256,16,4": dict(dropless_impl="gmm", gmm_tile_rows=(256, 16, 4)),  # 256 > the padded rows: unused
     "blocks": dict(dropless_impl="blocks"),
     "ragged_dot": dict(dropless_impl="ragged_dot"),
     "dense": dict(dropless_impl="dense"),
@@ -418,9 +419,16 @@ def test_config_validation_and_accounting():
                        (dict(dropless_impl="x"), "dropless_impl"), (dict(capacity_factor=0), "capacity_factor"),
                        (dict(router_jitter=1.0), "router_jitter"), (dict(mlp_act="relu"), "mlp_act"),
                        (dict(top_k=2.0), "top_k"), (dict(n_experts=8.0), "n_experts"),
-                       (dict(n_shared_experts=1.0), "n_shared_experts")]:
+                       (dict(n_shared_experts=1.0), "n_shared_experts"),
+                       *((dict(gmm_tile_rows=t), "gmm_tile_rows") for t in ((), (128, 96), (32, 64), (64, 0), 128))]:
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
+    assert MoEConfig(gmm_tile_rows=[512, 128]).gmm_tile_rows == (512, 128)  # a JSON list: a hashable tuple
+    # one tile loop per usable size: default (128, 32, 8) here; (256, 16, 4) uses 16 and 4 (256 > the padded rows)
+    for tiles, loops in ((None, 3), ((256, 16, 4), 2)):
+        layer = make(dataclasses.replace(CFG, dropless_impl="gmm", gmm_tile_rows=tiles))
+        jaxpr = str(jax.make_jaxpr(lambda x, layer=layer: layer(x)[0])(tokens()))
+        assert jaxpr.count("while[") == loops, (tiles, jaxpr.count("while["))
     # the selection bias stays float32 under bf16 params: its ±1e-3 steps would round away at |bias| >= 0.5
     assert MoE(D, CFG, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).router_bias.dtype == jnp.float32
     cfg = CASES["deepseek-gmm"][0]
