@@ -410,7 +410,7 @@ def usable_tile_rows(tile_rows: tuple[int, ...], assignments: int, n_experts: in
     """The sizes of `tile_rows` that fit in block_layout's padded rows (runs padded to the smallest size)."""
     s = tile_rows[-1]
     rows = (-(-assignments // s) + n_experts - 1) * s
-    return tuple(t for t in tile_rows if t <= rows) or (s,)
+    return tuple(t for t in tile_rows if t <= rows)  # never empty: rows >= s
 
 
 def default_block_rows(assignments: int, n_experts: int) -> int:

@@ -14,7 +14,7 @@ from flax import nnx
 
 from experiments import train_lm
 from experiments.config import ConfigError, load, validate
-from experiments.lm_step import decay_mask, make_schedule, make_state_step
+from experiments.lm_step import decay_mask, make_optimizer, make_schedule, make_state_step
 from models import Transformer, TransformerConfig
 from models.losses import cross_entropy
 from models.moe import MoEConfig, update_router_bias
@@ -293,8 +293,6 @@ def test_the_trainer_step_updates_its_donated_state_in_place():
     """The trainer's step copies no buffer of its donated state (parallel.host.step_compiler_options): XLA:CPU's
     default copy insertion copied both AdamW moments of every parameter under the skip-on-non-finite select.
     A skipped step still returns the state it was given (the in-place update reads the old values first)."""
-    from experiments.lm_step import make_optimizer
-
     cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, max_seq_len=16)
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     opt = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
