@@ -436,36 +436,18 @@ def block_layout(experts_NK, n_experts: int, block_rows: int):
     return row_A, src_R, blocks_E
 
 
-def tile_schedule(blocks_E, tile_rows: tuple[int, ...], n_rows: int):
-    """Tiles covering each expert's padded run (blocks of tile_rows[-1] rows) greedily, largest size first.
-    Per size s: (first row [Q], expert [Q], number in use), Q a static bound (runs left after the larger sizes
-    are shorter than the previous size)."""
-    E, run_E = blocks_E.shape[0], blocks_E * tile_rows[-1]
-    start_E, out, prev = jnp.cumsum(run_E) - run_E, [], None
-    for s in tile_rows:
-        n_E = run_E // s
-        end_E = jnp.cumsum(n_E)
-        q = jnp.arange(n_rows // s if prev is None else min(n_rows // s, E * (prev // s - 1)))
-        e_q = jnp.minimum(jnp.searchsorted(end_E, q, side="right", method="compare_all"), E - 1)
-        out.append(((start_E[e_q] + (q - end_E[e_q] + n_E[e_q]) * s).astype(jnp.int32), e_q.astype(jnp.int32),
-                    end_E[-1]))
-        start_E, run_E, prev = start_E + n_E * s, run_E - n_E * s, s
-    return tuple(out)
-
-
 def _padded_rows(x_ND, src_R):
     return jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])[src_R]
 
 
 def sorted_gmm(x_ND, weights_NK, experts_NK, w, act, tile_rows=None):
-    """Dropless grouped matmul for CPU: expert-sorted rows, each expert's run padded to whole tiles; one loop
-    over the tiles runs each tile's expert SwiGLU (`grouped_swiglu`), so only the occupied tiles cost anything.
+    """Dropless grouped matmul for CPU: expert-sorted rows, each expert's run padded to whole tiles; per expert,
+    a loop over its tiles runs each tile's SwiGLU (`grouped_swiglu`), so only the occupied tiles cost anything.
     tile_rows: sizes largest first, each a multiple of the next (None: default_tile_rows)."""
     N, K, E = x_ND.shape[0], weights_NK.shape[-1], w[0].shape[0]
     sizes = default_tile_rows(N * K, E) if tile_rows is None else usable_tile_rows(tuple(tile_rows), N * K, E)
     row_A, src_R, blocks_E = block_layout(experts_NK, E, sizes[-1])
-    schedule = tile_schedule(blocks_E, sizes, src_R.shape[0])
-    y_RD = grouped_swiglu(_padded_rows(x_ND, src_R), w, schedule, sizes, act)  # padding rows: act(0)·0 = 0
+    y_RD = grouped_swiglu(_padded_rows(x_ND, src_R), w, blocks_E * sizes[-1], sizes, act)  # padding: act(0)·0 = 0
     return _combine(y_RD[row_A], weights_NK)
 
 
@@ -483,71 +465,89 @@ def sorted_blocks(x_ND, weights_NK, experts_NK, w, act):
     return _combine(y_nbD.reshape(-1, D)[row_A], weights_NK)
 
 
-def _tiles(schedule, sizes, body, carry):
-    """carry = body(first row, expert, s, carry) for every tile in use, size by size (see `tile_schedule`)."""
-    for (start_q, expert_q, count), s in zip(schedule, sizes):
-        step = lambda q, c, start_q=start_q, expert_q=expert_q, s=s: body(start_q[q], expert_q[q], s, c)
-        carry = jax.lax.fori_loop(0, count, step, carry)
+def _expert_tiles(start, run, sizes, body, carry):
+    """carry = body(first row, s, carry) for tiles covering rows [start, start + run) greedily, largest size s
+    first (run is a multiple of sizes[-1]): one loop per size, of dynamic length."""
+    for s in sizes:
+        n = run // s
+        carry = jax.lax.fori_loop(0, n, lambda i, c, start=start, s=s: body(start + i * s, s, c), carry)
+        start, run = start + n * s, run - n * s
     return carry
+
+
+def _over_experts(expert, carry, w, run_E):
+    """jax.lax.scan of expert(carry, (w_gate, w_up, w_down, first row, run rows)) over the experts. Each expert's
+    weights are sliced once (not per tile) and its weight gradients summed in the loop carry; unrolled up to 8
+    experts, where static slices measured 5% faster (more costs compile time: 38 s at 128 experts, fully)."""
+    start_E = jnp.cumsum(run_E) - run_E
+    return jax.lax.scan(expert, carry, (*w, start_E, run_E), unroll=min(8, run_E.shape[0]))
 
 
 def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _swiglu_tiles(x_RD, w, schedule, sizes, act, save: bool):
+def _swiglu_tiles(x_RD, w, run_E, sizes, act, save: bool):
     """y [R, D] (and the pre-activations gate, up [R, F] when `save`): one loop iteration per tile runs the whole
     expert SwiGLU, so the loop overhead is paid once per tile, not once per matmul (a third of the iterations)."""
-    w_gate_EDF, w_up_EDF, w_down_EFD = w
-    (R, _), F, dt = x_RD.shape, w_gate_EDF.shape[-1], x_RD.dtype
+    (R, _), F, dt = x_RD.shape, w[0].shape[-1], x_RD.dtype
 
-    def body(r, e, s, c):
-        x_sD = jax.lax.dynamic_slice_in_dim(x_RD, r, s)
-        a_sF, b_sF = _dot(x_sD, w_gate_EDF[e]).astype(dt), _dot(x_sD, w_up_EDF[e]).astype(dt)
-        y_sD = _dot(act(a_sF) * b_sF, w_down_EFD[e]).astype(dt)
-        put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, r, 0)  # noqa: E731
-        return (put(c[0], y_sD),) + ((put(c[1], a_sF), put(c[2], b_sF)) if save else ())
+    def expert(c, xs):
+        w_gate_DF, w_up_DF, w_down_FD, start, run = xs
+
+        def body(r, s, c):
+            x_sD = jax.lax.dynamic_slice_in_dim(x_RD, r, s)
+            a_sF, b_sF = _dot(x_sD, w_gate_DF).astype(dt), _dot(x_sD, w_up_DF).astype(dt)
+            y_sD = _dot(act(a_sF) * b_sF, w_down_FD).astype(dt)
+            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, r, 0)  # noqa: E731
+            return (put(c[0], y_sD),) + ((put(c[1], a_sF), put(c[2], b_sF)) if save else ())
+
+        return _expert_tiles(start, run, sizes, body, c), None
 
     zeros = (jnp.zeros_like(x_RD),) + ((jnp.zeros((R, F), dt),) * 2 if save else ())
-    return _tiles(schedule, sizes, body, zeros)
+    return _over_experts(expert, zeros, w, run_E)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def grouped_swiglu(x_RD, w, schedule, sizes, act):
-    """Expert SwiGLU over expert-homogeneous row tiles: x [R, D], w = (gate [E, D, F], up [E, D, F],
-    down [E, F, D]) → [R, D]; rows outside the tiles stay 0 (see `tile_schedule`). A custom VJP whose backward is
-    also one loop over the tiles (weight gradients accumulated in float32 in place)."""
-    return _swiglu_tiles(x_RD, w, schedule, sizes, act, save=False)[0]
+def grouped_swiglu(x_RD, w, run_E, sizes, act):
+    """Expert SwiGLU over expert-sorted rows: x [R, D], w = (gate [E, D, F], up [E, D, F], down [E, F, D]),
+    run_E [E] rows of each expert (consecutive runs from row 0, each a multiple of sizes[-1]) → [R, D]; rows
+    past the runs stay 0. Each run is covered by tiles of `sizes` rows, largest first. A custom VJP whose
+    backward is also one loop per size and expert (weight gradients summed in float32)."""
+    return _swiglu_tiles(x_RD, w, run_E, sizes, act, save=False)[0]
 
 
-def _grouped_swiglu_fwd(x_RD, w, schedule, sizes, act):
-    y_RD, a_RF, b_RF = _swiglu_tiles(x_RD, w, schedule, sizes, act, save=True)
-    return y_RD, (x_RD, w, schedule, a_RF, b_RF)
+def _grouped_swiglu_fwd(x_RD, w, run_E, sizes, act):
+    y_RD, a_RF, b_RF = _swiglu_tiles(x_RD, w, run_E, sizes, act, save=True)
+    return y_RD, (x_RD, w, run_E, a_RF, b_RF)
 
 
 def _grouped_swiglu_bwd(sizes, act, res, g_RD):
-    x_RD, (w_gate_EDF, w_up_EDF, w_down_EFD), schedule, a_RF, b_RF = res
+    x_RD, w, run_E, a_RF, b_RF = res
     dt, T = x_RD.dtype, (((0,), (0,)), ((), ()))  # T: contract the tile's rows (weight gradients)
     NT = (((1,), (1,)), ((), ()))  # times a transposed weight
 
-    def body(r, e, s, c):
-        dx_RD, dwg, dwu, dwd = c
-        x_sD, g_sD, a_sF, b_sF = (jax.lax.dynamic_slice_in_dim(v, r, s) for v in (x_RD, g_RD, a_RF, b_RF))
-        act_a_sF, act_vjp = jax.vjp(act, a_sF)
-        dh_sF = _dot(g_sD, w_down_EFD[e], NT).astype(dt)
-        db_sF = dh_sF * act_a_sF
-        (da_sF,) = act_vjp(dh_sF * b_sF)
-        dx_sD = _dot(da_sF, w_gate_EDF[e], NT) + _dot(db_sF, w_up_EDF[e], NT)
-        add = lambda acc, v: jax.lax.dynamic_update_index_in_dim(acc, acc[e] + v, e, 0)  # noqa: E731
-        return (jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_sD.astype(dt), r, 0),
-                add(dwg, _dot(x_sD, da_sF, T)), add(dwu, _dot(x_sD, db_sF, T)),
-                add(dwd, _dot(act_a_sF * b_sF, g_sD, T)))
+    def expert(dx_RD, xs):
+        w_gate_DF, w_up_DF, w_down_FD, start, run = xs
 
-    f32 = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
-    dx_RD, dwg, dwu, dwd = _tiles(schedule, sizes, body,
-                                  (jnp.zeros_like(x_RD), f32(w_gate_EDF), f32(w_up_EDF), f32(w_down_EFD)))
-    dw = tuple(d.astype(p.dtype) for d, p in zip((dwg, dwu, dwd), (w_gate_EDF, w_up_EDF, w_down_EFD)))
-    return dx_RD, dw, jax.tree.map(lambda _: None, schedule)
+        def body(r, s, c):
+            dx_RD, dwg, dwu, dwd = c
+            x_sD, g_sD, a_sF, b_sF = (jax.lax.dynamic_slice_in_dim(v, r, s) for v in (x_RD, g_RD, a_RF, b_RF))
+            act_a_sF, act_vjp = jax.vjp(act, a_sF)
+            dh_sF = _dot(g_sD, w_down_FD, NT).astype(dt)
+            db_sF = dh_sF * act_a_sF
+            (da_sF,) = act_vjp(dh_sF * b_sF)
+            dx_sD = _dot(da_sF, w_gate_DF, NT) + _dot(db_sF, w_up_DF, NT)
+            return (jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_sD.astype(dt), r, 0),
+                    dwg + _dot(x_sD, da_sF, T), dwu + _dot(x_sD, db_sF, T), dwd + _dot(act_a_sF * b_sF, g_sD, T))
+
+        f32 = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
+        ws = (w_gate_DF, w_up_DF, w_down_FD)
+        dx_RD, *dws = _expert_tiles(start, run, sizes, body, (dx_RD, *map(f32, ws)))
+        return dx_RD, tuple(d.astype(p.dtype) for d, p in zip(dws, ws))
+
+    dx_RD, dw = _over_experts(expert, jnp.zeros_like(x_RD), w, run_E)
+    return dx_RD, dw, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

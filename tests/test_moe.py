@@ -21,7 +21,6 @@ from models.moe import (
     load_balancing_loss,
     route,
     router_z_loss,
-    tile_schedule,
     top_k_indices,
     update_router_bias,
 )
@@ -148,12 +147,11 @@ def test_path_equals_dense_reference(case):
 
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act):
-    """Runs of 0, 42, 6 and 10 rows (blocks of 2) with tiles (32, 8, 2): 42 = 32 + 8 + 2 uses every tile size.
-    Values and gradients (x and the three expert weights, through the custom VJP) equal each row's own expert
-    SwiGLU; rows past the runs give 0."""
+    """Runs of 0, 42, 6 and 10 rows with tiles (32, 8, 2): 42 = 32 + 8 + 2 uses every tile size. Values and
+    gradients (x and the three expert weights, through the custom VJP) equal each row's own expert SwiGLU; rows
+    past the runs give 0, and expert 0 (no rows) gets no weight gradient."""
     sizes, R, act = (32, 8, 2), 64, ACTIVATIONS[act]
-    schedule = tile_schedule(jnp.array([0, 21, 3, 5]), sizes, R)
-    assert [int(c) for _, _, c in schedule] == [1, 2, 5]
+    run_E = jnp.array([0, 42, 6, 10])
     expert_R = np.array([1] * 42 + [2] * 6 + [3] * 10 + [-1] * 6)  # -1: rows past the runs stay 0
     ks = jax.random.split(jax.random.key(0), 5)
     x, g = jax.random.normal(ks[0], (R, 8)), jax.random.normal(ks[1], (R, 8))
@@ -165,11 +163,12 @@ def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act)
         return jnp.einsum("rf,rfd->rd", h, w[2][e]) * (expert_R >= 0)[:, None]
 
     (y0, g0), (y1, g1) = [jax.jit(jax.value_and_grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1)))(x, w)
-                          for f in (per_row, lambda x, w: grouped_swiglu(x, w, schedule, sizes, act))]
+                          for f in (per_row, lambda x, w: grouped_swiglu(x, w, run_E, sizes, act))]
     np.testing.assert_allclose(y1, y0, rtol=1e-5)
-    np.testing.assert_allclose(jax.jit(grouped_swiglu, static_argnums=(3, 4))(x, w, schedule, sizes, act),
+    np.testing.assert_allclose(jax.jit(grouped_swiglu, static_argnums=(3, 4))(x, w, run_E, sizes, act),
                                per_row(x, w), atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5), g1, g0)
+    assert not any(np.any(d[0]) for d in g1[1]), "expert 0 has no rows: no weight gradient"
 
 
 def test_top_k_indices_is_a_stable_descending_sort():
