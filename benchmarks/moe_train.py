@@ -7,7 +7,7 @@ the reference shape of benchmarks/train_step.py (d 256, 4 layers, 4 heads × 64,
 AdamW, float32; the trainer's step, `experiments.lm_step.make_state_step`) with every MLP replaced by
 a top-2-of-8 MoE of expert width 512 — the same 1024 active MLP width
 per token as the dense SwiGLU 1024 — for each dispatch path: dropless sorted grouped matmul (`gmm`, the CPU
-default; and with `gmm_tile_rows=(512, 128)`, whose speed depends on the machine), dropless one-hot `dense`
+default; and with `gmm_tile_rows=(512, 128, 32)`, the default before the seventeenth session), dropless one-hot `dense`
 (every expert computes every token), `ragged_dot`, and capacity dispatch (CF 1.25, may drop). Target: the default
 MoE step ≤ 1.2× the dense step.
 
@@ -39,7 +39,7 @@ from parallel.host import tune_cpu_allocator
 DENSE = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp_dim=1024, max_seq_len=256)
 MOE = MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=512)
 PATHS = {"moe_gmm": dict(dropless_impl="gmm"),
-         "moe_gmm_tiles512,128": dict(dropless_impl="gmm", gmm_tile_rows=(512, 128)),
+         "moe_gmm_tiles512,128,32": dict(dropless_impl="gmm", gmm_tile_rows=(512, 128, 32)),
          "moe_dense_onehot": dict(dropless_impl="dense"),
          "moe_ragged_dot": dict(dropless_impl="ragged_dot"),
          "moe_capacity_cf1.25": dict(dispatch="capacity", capacity_factor=1.25)}

@@ -61,8 +61,8 @@ class MoEConfig:
     dispatch: str = "dropless"  # 'dropless' | 'capacity'
     capacity_factor: float = 1.25  # capacity dispatch: C = ceil(K·T/E·CF) slots per expert per row
     dropless_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU, capacity if experts sharded
-    # 'gmm' tile rows, largest first, each a multiple of the next; None: default_tile_rows. The best smallest tile
-    # depends on the machine (docs/benchmarks.md, Mixture of Experts): e.g. (512, 128) on an Intel Xeon
+    # 'gmm' tile rows, largest first, each a multiple of the next; None: default_tile_rows. The best set depends
+    # on the machine and shape (docs/benchmarks.md, Mixture of Experts)
     gmm_tile_rows: tuple[int, ...] | None = None
     lb_loss_weight: float = 0.01  # for the trainer: weight of aux['lb_loss']
     z_loss_weight: float = 0.001  # for the trainer: weight of aux['z_loss']
@@ -398,12 +398,12 @@ def sorted_ragged(x_ND, weights_NK, experts_NK, w, act):
 
 
 def default_tile_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
-    """Tile sizes of `grouped_swiglu`, largest first: (16s, 4s, s), s = 32 (smaller when experts get < 16·32 rows
-    on average). Each expert's run, padded to a multiple of s, is covered greedily by the largest tiles, so a few
-    big matmuls do most of the work and the padding stays under s rows per expert (measured on CPU:
-    docs/benchmarks.md)."""
-    s = int(min(32, max(8, 2 ** math.floor(math.log2(max(1, assignments / (16 * n_experts)))))))
-    return usable_tile_rows((16 * s, 4 * s, s), assignments, n_experts)
+    """Tile sizes of `grouped_swiglu`, largest first: (8g, 4g, 2g, g), g = 64 (smaller when experts get < 8·64
+    rows on average). Each expert's run, padded to a multiple of g, is covered greedily by the largest tiles: a
+    few big matmuls per expert and at most one tile of each smaller size, the padding under g rows per expert
+    (measured on CPU: docs/benchmarks.md)."""
+    g = int(min(64, max(8, 2 ** math.floor(math.log2(max(1, assignments / (8 * n_experts)))))))
+    return usable_tile_rows((8 * g, 4 * g, 2 * g, g), assignments, n_experts)
 
 
 def usable_tile_rows(tile_rows: tuple[int, ...], assignments: int, n_experts: int) -> tuple[int, ...]:

@@ -423,8 +423,8 @@ def test_config_validation_and_accounting():
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
     assert MoEConfig(gmm_tile_rows=[512, 128]).gmm_tile_rows == (512, 128)  # a JSON list: a hashable tuple
-    # one tile loop per usable size: default (128, 32, 8) here; (256, 16, 4) uses 16 and 4 (256 > the padded rows)
-    for tiles, loops in ((None, 3), ((256, 16, 4), 2)):
+    # one tile loop per usable size: default (64, 32, 16, 8) here; (256, 16, 4) uses 16 and 4 (256 > the padded rows)
+    for tiles, loops in ((None, 4), ((256, 16, 4), 2)):
         layer = make(dataclasses.replace(CFG, dropless_impl="gmm", gmm_tile_rows=tiles))
         jaxpr = str(jax.make_jaxpr(lambda x, layer=layer: layer(x)[0])(tokens()))
         assert jaxpr.count("while[") == loops, (tiles, jaxpr.count("while["))
