@@ -124,6 +124,8 @@ CASES = {  # router and expert variants × the dispatch paths that handle them d
     **{f"mixtral-{v}": (CFG, v) for v in VARIANTS},
     **{f"deepseek-{v}": (MoEConfig(n_experts=16, top_k=4, expert_mlp_dim=8, n_shared_experts=2, router="sigmoid"), v)
        for v in ("gmm", "capacity_dispatch_CF=E/k")},
+    # 12 experts: gmm's expert scan, unrolled by 8, runs one unrolled step and a remainder of 4
+    "12experts-gmm": (MoEConfig(n_experts=12, top_k=3, expert_mlp_dim=8), "gmm"),
 }
 
 
