@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import moe
-from models.moe import MoE, MoEConfig, swiglu
+from models import moe_dispatch
+from models.moe import MoE, MoEConfig
+from models.moe_dispatch import swiglu
 from parallel.host import tune_cpu_allocator
 
 SHAPES = {  # name: (MoEConfig, description)
@@ -38,7 +39,7 @@ SHAPES = {  # name: (MoEConfig, description)
     "fine": (MoEConfig(n_experts=32, top_k=8, expert_mlp_dim=128), "fine-grained top-8 of 32, F=128"),
 }
 B, T, D = 8, 256, 256
-DEFAULT_TILE_ROWS = moe.default_tile_rows
+DEFAULT_TILE_ROWS = moe_dispatch.default_tile_rows
 
 
 def timed_call(fn, *args):
@@ -63,7 +64,7 @@ def moe_contender(cfg: MoEConfig, x, g, tiles=None):
 
     def loss(p, x):
         # patched while tracing (inside jit), so only this contender sees the fixed tile sizes
-        with mock.patch.object(moe, "default_tile_rows", lambda a, e: tiles or DEFAULT_TILE_ROWS(a, e)):
+        with mock.patch.object(moe_dispatch, "default_tile_rows", lambda a, e: tiles or DEFAULT_TILE_ROWS(a, e)):
             y, aux = nnx.merge(graphdef, p)(x)
         return jnp.vdot(y, g) + 0.01 * aux["lb_loss"] + 0.001 * aux["z_loss"]
 
@@ -123,7 +124,7 @@ def main(argv=None):
                          "vs_dense_mlp_quartiles": statistics.quantiles(wall, n=4)[::2],
                          "cpu_ms_median": 1e3 * med(t[1] for t in times[name]), "cpu_vs_dense_mlp": med(cpu),
                          "cpu_vs_dense_mlp_quartiles": statistics.quantiles(cpu, n=4)[::2]}
-        tiles = moe.default_tile_rows(B * T * cfg.top_k, cfg.n_experts)
+        tiles = moe_dispatch.default_tile_rows(B * T * cfg.top_k, cfg.n_experts)
         results[shape] = {"config": dataclasses.asdict(cfg), "description": desc, "results": res,
                           "default_tile_rows": tiles}
         print(f"\n{shape}: {desc}; B={B} T={T} D={D}; dense_mlp F={cfg.top_k * cfg.expert_mlp_dim}; "

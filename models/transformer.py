@@ -26,7 +26,8 @@ from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
 from models.glu import glu
 from models.linear import flat_rows, linear, loop_impl
-from models.moe import MoE, mesh_shards
+from models.moe import MoE
+from models.moe_dispatch import mesh_shards
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe

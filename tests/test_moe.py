@@ -15,15 +15,14 @@ from models.moe import (
     ACTIVATIONS,
     MoE,
     MoEConfig,
-    capacity_slots,
     expert_load,
-    grouped_swiglu,
     load_balancing_loss,
     route,
     router_z_loss,
     top_k_indices,
     update_router_bias,
 )
+from models.moe_dispatch import capacity_slots, grouped_swiglu
 from parallel import make_mesh, shard_batch, shard_state
 
 D = 16
