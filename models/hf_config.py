@@ -1,0 +1,250 @@
+"""Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Qwen2, Gemma 2, Mixtral).
+
+Reads both layouts found on published checkpoints: `rope_theta` / `rope_scaling` as transformers 4.x writes them and
+`rope_parameters` as 5.x does; fields a config.json leaves out take the value transformers assumes (`HF_DEFAULTS`),
+not our own default. Features we do not implement are refused with the field's name and what to do.
+"""
+
+from __future__ import annotations
+
+from models.config import RopeScaling, TransformerConfig
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral"}
+# What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
+# means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
+HF_DEFAULTS = {
+    "mistral": dict(sliding_window=4096),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5),
+    "qwen2": dict(sliding_window=4096, max_window_layers=28),
+    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
+}
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _unsupported(field, value, what_to_do):
+    return ValueError(f"HF config field {field}={value!r} is not supported: {what_to_do}")
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    if params and "rope_type" not in params and "rope_theta" not in params:
+        raise _unsupported("rope_parameters", params, "per-layer-type RoPE is not supported (Llama, Mistral "
+                           "and Qwen2 use one rope_type/rope_theta for all layers)")
+    # A non-null rope_scaling wins over rope_parameters in both versions (4.x reads only rope_scaling; 5.x takes
+    # `rope_scaling or rope_parameters`); theta then comes from it or the top-level rope_theta.
+    params = dict(hf.get("rope_scaling") or params)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("partial_rotary_factor", params["partial_rotary_factor"], "only full-width RoPE (1.0)")
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        # transformers 5.x replaces the inner original_max_position_embeddings by a top-level one (and defaults it
+        # to max_position_embeddings); 4.x reads only the inner one
+        top, inner = hf.get("original_max_position_embeddings"), params.get("original_max_position_embeddings")
+        if top is not None and inner is not None and int(top) != int(inner):
+            raise _unsupported("original_max_position_embeddings", top, f"it differs from rope_scaling's {inner}, "
+                               "and transformers 4.x and 5.x would each use another; keep one value")
+        if inner is None:
+            params["original_max_position_embeddings"] = top or hf.get("max_position_embeddings")
+        missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
+        if missing:
+            raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
+        return theta, RopeScaling(kind="llama3", factor=float(params["factor"]),
+                                  low_freq_factor=float(params["low_freq_factor"]),
+                                  high_freq_factor=float(params["high_freq_factor"]),
+                                  original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    raise _unsupported("rope_type", kind, "supported RoPE types are default, linear and llama3")
+
+
+def _architecture(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    if not archs and hf.get("model_type") in ARCHITECTURES.values():
+        return hf["model_type"]
+    raise _unsupported("architectures", archs or hf.get("model_type"),
+                       f"supported are {sorted(ARCHITECTURES)}")
+
+
+def _attention_pattern(hf: dict, arch: str) -> dict:
+    """attn_pattern / sliding_window fields from the HF window settings (Mistral semantics)."""
+    window, L = hf.get("sliding_window"), hf["num_hidden_layers"]
+    if arch == "llama" or window is None or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
+        return {}
+    if arch == "gemma2":
+        types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    elif arch == "qwen2":
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
+                                          else "full_attention" for i in range(L)]
+    else:
+        types = ["sliding_attention"] * L
+    local = tuple(t == "sliding_attention" for t in types)
+    if not any(local):
+        return {}
+    if all(local):
+        return dict(attn_pattern="local", sliding_window=int(window))
+    if local == tuple(i % 2 == 0 for i in range(L)):
+        return dict(attn_pattern="alternating", sliding_window=int(window))
+    for n in range(2, L):  # Gemma 3's N sliding layers, then one full ('N:1'), as save_pretrained writes them
+        if local == tuple(i % (n + 1) != n for i in range(L)):
+            return dict(attn_pattern=f"{n}:1", sliding_window=int(window))
+    raise _unsupported("layer_types", types, "supported layouts are all-sliding, all-full, alternating "
+                       "(sliding first) and N sliding then one full, repeated")
+
+
+def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
+    """TransformerConfig from a HF config.json dict (transformers 4.x or 5.x layout).
+
+    `overrides` (e.g. dtype, attn_impl, remat, scan_layers, max_seq_len) replace mapped fields. Absent fields take
+    transformers' defaults (HF_DEFAULTS); an explicit null keeps its HF meaning (e.g. no soft-capping).
+    """
+    arch = _architecture(hf)
+    hf = {**HF_DEFAULTS.get(arch, {}), **hf}
+    if hf.get("use_bidirectional_attention"):
+        raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
+                           "only causal decoders are supported; load a causal checkpoint (false or null)")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise _unsupported("hidden_act", act, "our gated MLP uses silu or gelu_pytorch_tanh")
+    if hf.get("mlp_bias", False):
+        raise _unsupported("mlp_bias", True, "our MLP has no biases")
+    try:
+        theta, scaling = _rope_from_hf(hf)
+        n_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                  n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                  head_dim=None if head_dim * n_heads == hf["hidden_size"] else head_dim,
+                  mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                  rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  # Qwen2 always has q/k/v biases; Llama's attention_bias also adds an o_proj bias, which
+                  # the loader accepts only when it is zero (see from_pretrained).
+                  qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
+                  mlp_act="silu" if act == "silu" else "gelu_tanh", **_attention_pattern(hf, arch))
+        if arch == "mixtral":
+            kw.update(moe=_moe_from_hf(hf), moe_every=1)
+        if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
+            kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
+                      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
+                      attn_logit_softcap=hf["attn_logit_softcapping"],
+                      final_logit_softcap=hf["final_logit_softcapping"])
+    except KeyError as e:
+        raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def _moe_from_hf(hf: dict):
+    from models.moe import MoEConfig
+
+    k = hf.get("num_experts_per_tok", 2)
+    # transformers' Mixtral balancing loss is k × ours per layer (tests/test_moe.py): keep its objective's weight.
+    # (HF pools the router statistics of all layers before the product, we average per-layer losses: equal for
+    # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
+    return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
+                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) * k,
+                     z_loss_weight=0.0)
+
+
+def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
+    m = cfg.moe
+    if not (cfg.moe_every == 1 and m.router == "softmax" and m.renormalize and m.n_shared_experts == 0
+            and m.mlp_act == "silu" and not cfg.qkv_bias and m.dispatch == "dropless"):
+        raise ValueError("TransformerConfig.moe: a Mixtral export needs MoE on every layer (moe_every=1), "
+                         "router='softmax', renormalize=True, no shared experts, silu, no qkv_bias and "
+                         "dispatch='dropless' (Mixtral drops no token; set it to compare the same model)")
+    if len(set(windows)) != 1:
+        raise ValueError("TransformerConfig.attn_pattern: Mixtral needs the same window (or none) on every layer")
+    return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
+                num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, output_router_logits=False,
+                router_aux_loss_coef=m.lb_loss_weight / m.top_k, router_jitter_noise=0.0,
+                **{**hf, "intermediate_size": m.expert_mlp_dim})
+
+
+def config_to_hf(cfg: TransformerConfig) -> dict:
+    """HF config.json dict (5.x layout) that transformers loads into the same model.
+
+    Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias), LlamaForCausalLM otherwise.
+    """
+    if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
+        if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
+            raise ValueError("TransformerConfig.query_pre_attn_scalar must be a whole number for Gemma 2")
+        return _gemma2_config(cfg)
+    if cfg.final_logit_softcap is not None or cfg.attn_logit_softcap is not None:
+        raise ValueError("TransformerConfig soft-capping has no Llama/Mistral/Qwen2 equivalent; set it to None "
+                         "(or use the Gemma 2 block: post_norms, norm_offset=1, embed_scale)")
+    if cfg.mlp_act != "silu" or cfg.query_pre_attn_scalar is not None:
+        raise ValueError("TransformerConfig.mlp_act / query_pre_attn_scalar: Llama/Mistral/Qwen2 need silu and "
+                         "the default 1/sqrt(head_dim) query scale")
+    windows = cfg.layer_windows()
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope.update(rope_type=rs.kind, factor=rs.factor)
+        if rs.kind == "llama3":
+            rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
+    hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
+              intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+              hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+              **_rope_4x(rope),
+              bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
+    if cfg.moe is not None:
+        return _mixtral_config(cfg, hf, windows)
+    if cfg.qkv_bias:
+        if any(w is not None for w in windows):  # Qwen2 slides on layers >= max_window_layers: all or none here
+            if len(set(windows)) != 1:
+                raise ValueError("TransformerConfig.attn_pattern: with qkv_bias (Qwen2) the window must be the same "
+                                 f"on every layer (attn_pattern='local') or absent, got windows {windows}")
+            return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+                        sliding_window=windows[0], max_window_layers=0,
+                        layer_types=["sliding_attention"] * cfg.n_layers, **hf)
+        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                    sliding_window=None, max_window_layers=cfg.n_layers,
+                    layer_types=["full_attention"] * cfg.n_layers, **hf)
+    if any(w is not None for w in windows):  # Mistral: one window on every layer
+        if len(set(windows)) != 1:
+            raise ValueError("TransformerConfig.attn_pattern: Mistral needs the same window on every layer "
+                             f"(attn_pattern='local'), got windows {windows}")
+        return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
+
+
+def _rope_4x(rope: dict) -> dict:
+    """The same RoPE in transformers 4.x's fields (it ignores rope_parameters and would silently use theta 1e4);
+    5.x reads rope_scaling as rope_parameters and rope_theta as its default theta, so both agree."""
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return dict(rope_theta=rope["rope_theta"], rope_scaling=scaling if scaling["rope_type"] != "default" else None)
+
+
+def _gemma2_config(cfg: TransformerConfig) -> dict:
+    windows = cfg.layer_windows()
+    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.mlp_act == "gelu_tanh"
+            and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
+        raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
+                         "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias, no rope_scaling and no moe")
+    local = [w for w in windows if w is not None]
+    if len(set(local)) > 1:
+        raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 has one window, got {sorted(set(local))}")
+    return dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                **_rope_4x({"rope_type": "default", "rope_theta": cfg.rope_theta}),
+                query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
+                sliding_window=local[0] if local else cfg.max_seq_len,
+                layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
+                attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
+                attention_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                dtype=cfg.param_dtype)
