@@ -23,6 +23,8 @@ import signal
 import sys
 import time
 
+from experiments.run_log import Logger, Stop, Throughput, plot_losses
+
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
 
@@ -95,129 +97,7 @@ def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
     return device_peak(dev.device_kind, model_dtype, jax.config.jax_default_matmul_precision)
 
 
-class Logger:
-    """JSONL + TensorBoard + console, on the primary process only."""
-
-    def __init__(self, out: pathlib.Path, primary: bool):
-        self.primary = primary
-        self.jsonl = (out / "metrics.jsonl").open("a") if primary else None
-        if primary:
-            # tensorboardX's EventsWriter, written synchronously: SummaryWriter queues events for a thread, and its
-            # flush() does not drain that queue, so a killed run lost events its checkpoint covered
-            from tensorboardX.event_file_writer import EventsWriter
-
-            (out / "tb").mkdir(parents=True, exist_ok=True)
-            self.tb = EventsWriter(str(out / "tb" / "events"), f".{time.time_ns()}")  # a resume never reuses a name
-
-    def write(self, record: dict):
-        if not self.primary:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        for k, v in record.items():
-            if k not in ("step", "kind") and isinstance(v, int | float) and math.isfinite(v):
-                self._scalar(f"{record['kind']}/{k}", v, record["step"])
-            elif isinstance(v, list) and k == "expert_load":
-                for e, x in enumerate(v):
-                    self._scalar(f"moe/load_expert{e}", x, record["step"])
-
-    def _scalar(self, tag: str, value: float, step: int):
-        from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
-
-        self.tb.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, float(value))))
-
-    def flush(self):
-        """Flushed with every checkpoint: a killed run loses no event that its checkpoint covers (those steps are
-        never replayed)."""
-        if self.primary:
-            self.tb.flush()
-
-    def close(self):
-        if self.primary:
-            self.jsonl.close()
-            self.tb.close()
-
-
-def read_curves(path: pathlib.Path):
-    """{kind: {step: record}} from metrics.jsonl; a step logged twice (replayed after a resume) keeps the last."""
-    curves: dict[str, dict[int, dict]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            curves.setdefault(r["kind"], {})[r["step"]] = r
-    return curves
-
-
-def plot_losses(out: pathlib.Path) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = read_curves(out / "metrics.jsonl")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, label in (("train", "train loss"), ("eval", "held-out loss")):
-        pts = sorted(curves.get(kind, {}).items())
-        if pts:
-            ax.plot([s for s, _ in pts], [r["loss"] for _, r in pts], "-" if kind == "train" else "o-", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-class Throughput:
-    """Tokens/s and s/step over the steps since the last report. Time spent evaluating, saving or compiling
-    inside the window is subtracted from it (the loop leaves the first step of each process, which compiles,
-    out entirely); the steps trained before that time still count (they are in the window)."""
-
-    def __init__(self, clock=time.time):
-        self.clock = clock
-        self.start, self.excluded, self.tokens, self.steps = clock(), 0.0, 0, 0
-
-    def step(self, tokens: int):
-        self.tokens += tokens
-        self.steps += 1
-
-    @contextlib.contextmanager
-    def exclude(self):
-        t0 = self.clock()
-        try:
-            yield
-        finally:
-            self.excluded += self.clock() - t0
-
-    def report(self, now: float) -> tuple[float, float]:
-        """(tokens/s, s/step) of the window ending at `now` (the end of the last step), (None, None) when it
-        counted no step; starts the next one."""
-        dt = max(now - self.start - self.excluded, 1e-9)
-        out = (self.tokens / dt, dt / self.steps) if self.steps else (None, None)
-        self.start, self.excluded, self.tokens, self.steps = now, 0.0, 0, 0
-        return out
-
-
 # ---- the run --------------------------------------------------------------------------------------------------
-
-
-class Stop:
-    """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def main(argv=None) -> dict:

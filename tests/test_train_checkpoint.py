@@ -92,7 +92,7 @@ def _tb_scalars(directory):
 def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     """The trainer flushes at each checkpoint and never replays the steps it covers: after flush() (and no close,
     as when the process is then killed) every event must be in the file. SummaryWriter's flush left queued ones."""
-    from experiments.train_lm import Logger
+    from experiments.run_log import Logger
 
     log = Logger(tmp_path, primary=True)
     for step in range(1, 5):

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import train_lm
+from experiments import run_log, train_lm
 from experiments.config import ConfigError, load, validate
 from experiments.lm_step import decay_mask, make_optimizer, make_schedule, make_state_step
 from models import Transformer, TransformerConfig
@@ -225,7 +225,7 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
 
 def test_throughput_window_leaves_out_eval_and_save_time():
     clock = iter([0.0, 1.0, 4.0, 6.0, 9.0, 10.0]).__next__  # start, eval 1..4 s, save 6..9 s
-    w = train_lm.Throughput(clock)
+    w = run_log.Throughput(clock)
     w.step(100)  # step 1 ends at 1 s
     with w.exclude():  # evaluation after step 1: 3 s
         pass
@@ -316,7 +316,7 @@ def test_the_trainer_step_updates_its_donated_state_in_place():
 
 def test_throughput_window_without_steps_reports_none():
     clock = iter([0.0, 1.0, 5.0, 6.0]).__next__
-    w = train_lm.Throughput(clock)
+    w = run_log.Throughput(clock)
     with w.exclude():  # a first step that compiles: left out entirely
         pass
     assert w.report(clock()) == (None, None)
