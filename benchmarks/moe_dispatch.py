@@ -95,6 +95,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="mixtral,fine", help=f"comma-separated, from {list(SHAPES)}")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
+    if args.rounds < 2:
+        ap.error(f"--rounds {args.rounds}: use at least 2 (the results report quartiles over the rounds)")
 
     x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
     g = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32)
