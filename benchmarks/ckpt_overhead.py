@@ -31,6 +31,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import at_least  # noqa: E402
+
 
 def rss() -> int:
     with open("/proc/self/statm") as f:
@@ -181,8 +183,8 @@ def demo_run(out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--chunk", type=int, default=5)
+    ap.add_argument("--pairs", type=at_least(1), default=8)
+    ap.add_argument("--chunk", type=at_least(1), default=5)
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32", "none"])
     ap.add_argument("--demo", action="store_true", help="also time the demo run to its eval target")
     ap.add_argument("--json", default=None)

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 
+from benchmarks import at_least
 from data.corpus import stdlib_documents
 from data.filters import DEFAULT_BLOCKLIST, tokens
 from data.normalize import normalize_text
@@ -152,9 +153,9 @@ def run_datatrove(in_dir, out, workers, shards):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", type=int, default=4000, help="synthetic en/zh documents added to the stdlib")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--synthetic", type=at_least(0), default=4000, help="synthetic en/zh documents added to the stdlib")
+    ap.add_argument("--workers", type=at_least(1), default=2)
+    ap.add_argument("--shards", type=at_least(1), default=8)
     args = ap.parse_args(argv)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clean-bench-"))
     try:

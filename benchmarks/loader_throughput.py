@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 
+from benchmarks import at_least
 from data.corpus import default_corpus
 from data.loader import LMLoader, LoaderConfig, Source
 from data.tokenizer import ByteTokenizer, pretokenize, tier_texts, train_bpe
@@ -33,7 +34,7 @@ def measure(loader, steps: int) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=at_least(1), default=400)
     ap.add_argument("--consumed", type=float, default=40_000, help="tokens/s the training config eats")
     args = ap.parse_args(argv)
     import jax

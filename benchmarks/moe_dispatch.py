@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks import at_least
 from models import moe_dispatch
 from models.moe import MoE, MoEConfig
 from models.moe_dispatch import swiglu
@@ -90,13 +91,11 @@ def timed(call, steps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--steps", type=int, default=1, help="timed calls per measurement")
+    ap.add_argument("--rounds", type=at_least(2), default=9, help="at least 2: the results give quartiles")
+    ap.add_argument("--steps", type=at_least(1), default=1, help="timed calls per measurement")
     ap.add_argument("--shapes", default="mixtral,fine", help=f"comma-separated, from {list(SHAPES)}")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
-    if args.rounds < 2:
-        ap.error(f"--rounds {args.rounds}: use at least 2 (the results report quartiles over the rounds)")
 
     x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
     g = jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32)

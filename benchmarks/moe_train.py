@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig
@@ -139,9 +140,9 @@ def plot(res, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--balance-steps", type=int, default=150)
+    ap.add_argument("--rounds", type=at_least(1), default=7)
+    ap.add_argument("--steps", type=at_least(1), default=2)
+    ap.add_argument("--balance-steps", type=at_least(0), default=150)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--plot", default="docs/moe_load.png")
     ap.add_argument("--json")

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks import at_least  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
 
@@ -64,10 +65,10 @@ def reference(mb: int, T: int, D: int, L: int, reps: int) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", type=int, default=4)
-    ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--mb", type=int, default=8, help="examples per microbatch")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stages", type=at_least(1), default=4)
+    ap.add_argument("--micro", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--mb", type=at_least(1), default=8, help="examples per microbatch")
+    ap.add_argument("--reps", type=at_least(1), default=5)
     args = ap.parse_args(argv)
     S, Ms, L = args.stages, args.micro, 2 * args.stages
     ref = reference(args.mb, 64, 256, L, args.reps)

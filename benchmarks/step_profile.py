@@ -24,6 +24,7 @@ import time
 
 import jax
 
+from benchmarks import at_least
 from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, setup
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -183,7 +184,7 @@ def profile_torch_compile(steps: int, mm_gflop: float) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="traced steps, one trace each (the median is shown)")
+    ap.add_argument("--steps", type=at_least(1), default=3, help="traced steps, one trace each (the median is shown)")
     ap.add_argument("--torch", action="store_true", help="also profile HF Llama under torch.compile")
     ap.add_argument("--json", metavar="OUT", help="write the breakdown here")
     args = ap.parse_args(argv)

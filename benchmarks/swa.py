@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks import at_least
 from models.sliding_window import sliding_window_attention
 from parallel.host import tune_cpu_allocator
 
@@ -82,11 +83,11 @@ def train_step_32k(window=1024, T=32768):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--windows", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--lengths", type=at_least(1), nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--windows", type=at_least(1), nargs="+", default=[1024, 4096])
+    ap.add_argument("--reps", type=at_least(1), default=3)
     ap.add_argument("--max-gb", type=float, default=8.0)
-    ap.add_argument("--dense-max", type=int, default=8192, help="longest sequence the quadratic kernels run at")
+    ap.add_argument("--dense-max", type=at_least(1), default=8192, help="longest sequence the quadratic kernels run at")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--train-step", action="store_true")

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks import at_least
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel.host import tune_cpu_allocator
@@ -138,11 +139,11 @@ def cpu_model() -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
-    ap.add_argument("--steps", type=int, default=3, help="timed calls per contender per round")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed calls per contender (compilation)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=at_least(1), default=7, help="interleaved measurement rounds")
+    ap.add_argument("--steps", type=at_least(1), default=3, help="timed calls per contender per round")
+    ap.add_argument("--warmup", type=at_least(0), default=2, help="untimed calls per contender (compilation)")
+    ap.add_argument("--batch", type=at_least(1), default=8)
+    ap.add_argument("--seq", type=at_least(1), default=256)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     ap.add_argument("--no-hf-eager-attn", action="store_true", help="skip HF with attn_implementation='eager'")

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
@@ -66,9 +67,9 @@ def run(cfg: TransformerConfig, batch: int, seq: int, steps: int, warmup: int = 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chip", default="h200", help="scaling.hardware kind whose bf16 peak MFU is taken against")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=at_least(1), default=8)
+    ap.add_argument("--seq", type=at_least(1), default=2048)
+    ap.add_argument("--steps", type=at_least(1), default=10)
     ap.add_argument("--attn", default="cudnn", choices=("cudnn", "xla"),
                     help="attention kernel of the 1B config: cuDNN's fused one, or the 'xla' fallback")
     ap.add_argument("--tiny", action="store_true", help="toy config, float32, 'xla' attention: a CPU smoke run")

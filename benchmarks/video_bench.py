@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks import at_least
 from data.moving_shapes import dataset, null_tokens
 from experiments.train_video import PRESETS
 from experiments.video_steps import make_t2v_step, manager, restore
@@ -119,7 +120,7 @@ def bench_psnr(p, run: pathlib.Path, clips: int = 256):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/video/default", help="a train_video run directory (for the VAE PSNR)")
-    ap.add_argument("--steps", type=int, default=20, help="timed train steps per variant")
+    ap.add_argument("--steps", type=at_least(1), default=20, help="timed train steps per variant")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     p = PRESETS["default"]

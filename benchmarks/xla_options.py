@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from tqdm import tqdm
 
+from benchmarks import at_least
 from benchmarks.train_step import CFG, setup
 from experiments.lm_step import lm_loss
 from models.attention import attention
@@ -60,9 +61,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--option", action="append", metavar="NAME=VALUE[;NAME=VALUE]",
                     help=f"an option set to compare with the defaults (default: {DEFAULT_SETS})")
-    ap.add_argument("--rounds", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=at_least(1), default=16)
+    ap.add_argument("--batch", type=at_least(1), default=8)
+    ap.add_argument("--seq", type=at_least(1), default=256)
     args = ap.parse_args(argv)
     sets = {"default": {}} | {s: dict(_option(o) for o in s.split(";")) for s in (args.option or DEFAULT_SETS)}
     for name, opts in sets.items():

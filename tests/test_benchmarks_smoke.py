@@ -33,3 +33,18 @@ def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
     kernels = hlo_kernels(jax.jit(f).lower(*args).compile().as_text())
     dots = sorted((v["flops"], v["batched"]) for v in kernels.values() if v["flops"])
     assert dots == [(2 * 3 * 16 * 24 * 8, True), (2 * 64 * 32 * 48, False)]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
+    ("train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
+])
+def test_benchmark_counts_are_refused_before_any_work(module, argv, message, capsys):
+    """A count below its floor stops at argument parsing, naming the flag (it used to fail on an empty median
+    after the timed runs)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
