@@ -31,7 +31,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import at_least  # noqa: E402
+from experiments.config import at_least  # noqa: E402
 
 
 def rss() -> int:

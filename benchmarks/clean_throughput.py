@@ -29,11 +29,11 @@ import shutil
 import tempfile
 import time
 
-from benchmarks import at_least
 from data.corpus import stdlib_documents
 from data.filters import DEFAULT_BLOCKLIST, tokens
 from data.normalize import normalize_text
 from data.synthetic import documents as synthetic_documents
+from experiments.config import at_least
 
 try:
     from datatrove.pipeline.formatters.base import BaseFormatter

@@ -17,10 +17,10 @@ import shutil
 import tempfile
 import time
 
-from benchmarks import at_least
 from data.corpus import default_corpus
 from data.loader import LMLoader, LoaderConfig, Source
 from data.tokenizer import ByteTokenizer, pretokenize, tier_texts, train_bpe
+from experiments.config import at_least
 
 
 def measure(loader, steps: int) -> float:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks import at_least
+from experiments.config import at_least
 from models import moe_dispatch
 from models.moe import MoE, MoEConfig
 from models.moe_dispatch import swiglu

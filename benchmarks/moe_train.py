@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from benchmarks import at_least
+from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks import at_least  # noqa: E402
+from experiments.config import at_least  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
 

@@ -24,8 +24,8 @@ import time
 
 import jax
 
-from benchmarks import at_least
 from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, setup
+from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
 

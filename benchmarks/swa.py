@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks import at_least
+from experiments.config import at_least
 from models.sliding_window import sliding_window_attention
 from parallel.host import tune_cpu_allocator
 

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from benchmarks import at_least
+from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel.host import tune_cpu_allocator

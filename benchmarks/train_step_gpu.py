@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from benchmarks import at_least
+from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch

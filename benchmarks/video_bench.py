@@ -26,8 +26,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks import at_least
 from data.moving_shapes import dataset, null_tokens
+from experiments.config import at_least
 from experiments.train_video import PRESETS
 from experiments.video_steps import make_t2v_step, manager, restore
 from models.video import TextToVideo, VideoVAE, generate

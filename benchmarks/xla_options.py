@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from tqdm import tqdm
 
-from benchmarks import at_least
 from benchmarks.train_step import CFG, setup
+from experiments.config import at_least
 from experiments.lm_step import lm_loss
 from models.attention import attention
 from parallel.host import tune_cpu_allocator

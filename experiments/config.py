@@ -158,6 +158,21 @@ def preset(name: str) -> RunConfig:
 # ---- overrides --------------------------------------------------------------------------------------------------
 
 
+def at_least(lo: int):
+    """argparse type for a count: an int >= lo (`type=at_least(1)`), so that e.g. `--rounds 0` is refused with the
+    flag's name before anything compiles, rather than failing on an empty median after minutes of work (the
+    scripts of experiments/ and benchmarks/ use it)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"  # argparse's "invalid <type> value" message names it
+    return parse
+
+
 def parse_mesh(s: str) -> dict[str, int]:
     """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1}."""
     try:

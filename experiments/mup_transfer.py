@@ -24,6 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
+from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
 from models import Transformer, TransformerConfig
 
@@ -84,10 +85,10 @@ def plot(res, widths, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=at_least(1), default=150)
+    ap.add_argument("--widths", type=at_least(1), nargs="+", default=[64, 128, 256])
+    ap.add_argument("--batch", type=at_least(1), default=16)
+    ap.add_argument("--seq", type=at_least(1), default=64)
     ap.add_argument("--out", default="docs/mup_transfer.png")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)

@@ -41,6 +41,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
+from experiments.config import at_least
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
 from models import Transformer, TransformerConfig
 from scaling.flops import param_counts, train_flops_per_token
@@ -215,8 +216,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
     ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
-    ap.add_argument("--warmup", type=int, default=16)
-    ap.add_argument("--n-boot", type=int, default=100)
+    ap.add_argument("--warmup", type=at_least(0), default=16)
+    ap.add_argument("--n-boot", type=at_least(1), default=100)
     ap.add_argument("--level", type=float, default=0.9)
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
     ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from experiments.checkpoint import fingerprint
+from experiments.config import at_least
 from experiments.lm_step import make_optimizer
 from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
 from experiments.video_steps import (
@@ -239,8 +240,8 @@ def main(argv=None):
     ap.add_argument("--mesh", default="data=-1",
                     help="e.g. data=2,fsdp=2,tensor=2 (on CPU: with JAX_NUM_CPU_DEVICES=8)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=None)
-    ap.add_argument("--dit-steps", type=int, default=None)
+    ap.add_argument("--vae-steps", type=at_least(1), default=None)
+    ap.add_argument("--dit-steps", type=at_least(1), default=None)
     ap.add_argument("--attention", choices=("factorized", "full"), default=None, help="override the DiT's attention")
     ap.add_argument("--shift", type=float, default=None, help="override the flow time shift")
     ap.add_argument("--dit-lr", type=float, default=None)
@@ -248,15 +249,18 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first (no resume)")
     ap.add_argument("--no-media", action="store_true", help="skip GIFs and grids")
     args = ap.parse_args(argv)
+    if args.dit_lr is not None and not args.dit_lr > 0:
+        ap.error(f"argument --dit-lr: must be > 0, got {args.dit_lr}")
 
     p = PRESETS[args.preset]
     t2v = p.t2v
     if args.attention:
         t2v = dataclasses.replace(t2v, dit=dataclasses.replace(t2v.dit, attention=args.attention))
-    if args.shift:
+    if args.shift is not None:
         t2v = dataclasses.replace(t2v, diffusion=dataclasses.replace(t2v.diffusion, shift=args.shift))
-    p = dataclasses.replace(p, t2v=t2v, vae_steps=args.vae_steps or p.vae_steps,
-                            dit_steps=args.dit_steps or p.dit_steps, dit_lr=args.dit_lr or p.dit_lr)
+    given = lambda v, default: default if v is None else v  # noqa: E731  (an explicit value wins, 0.0 included)
+    p = dataclasses.replace(p, t2v=t2v, vae_steps=given(args.vae_steps, p.vae_steps),
+                            dit_steps=given(args.dit_steps, p.dit_steps), dit_lr=given(args.dit_lr, p.dit_lr))
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)

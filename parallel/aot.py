@@ -82,6 +82,9 @@ def main(argv=None):
     ap.add_argument("--remat", default="full")
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args(argv)
+    for flag, value in (("--devices", args.devices), ("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None and value < 1:  # before the CPU backend starts with them
+            ap.error(f"argument {flag}: must be an integer >= 1, got {value}")
     if jax.config.jax_num_cpu_devices != args.devices:
         jax.config.update("jax_num_cpu_devices", args.devices)
     # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones

@@ -1,4 +1,5 @@
-"""The prepared GPU benchmark runs its code path at toy size on CPU, so it cannot rot before a GPU is lent."""
+"""The prepared GPU benchmark runs its code path at toy size on CPU, so it cannot rot before a GPU is lent; the
+scripts' command lines refuse bad counts before any work."""
 
 import math
 
@@ -36,15 +37,18 @@ def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    ("train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
-    ("moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
-    ("train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
+    ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
+    ("benchmarks.train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
+    ("experiments.train_video", ["--vae-steps", "0"], "argument --vae-steps: must be an integer >= 1, got 0"),
+    ("experiments.train_video", ["--dit-lr", "0"], "argument --dit-lr: must be > 0, got 0.0"),
+    ("parallel.aot", ["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
 ])
-def test_benchmark_counts_are_refused_before_any_work(module, argv, message, capsys):
-    """A count below its floor stops at argument parsing, naming the flag (it used to fail on an empty median
-    after the timed runs)."""
+def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
+    """A count below its floor stops at argument parsing, naming the flag (benchmarks failed on an empty median
+    after the timed runs; train_video took --vae-steps 0 and --dit-lr 0 for "use the preset's")."""
     import importlib
 
     with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(f"benchmarks.{module}").main(argv)
+        importlib.import_module(module).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
