@@ -258,7 +258,7 @@ def main(argv=None):
         t2v = dataclasses.replace(t2v, dit=dataclasses.replace(t2v.dit, attention=args.attention))
     if args.shift is not None:
         t2v = dataclasses.replace(t2v, diffusion=dataclasses.replace(t2v.diffusion, shift=args.shift))
-    given = lambda v, default: default if v is None else v  # noqa: E731  (an explicit value wins, 0.0 included)
+    given = lambda v, default: default if v is None else v  # noqa: E731  (None: the preset's)
     p = dataclasses.replace(p, t2v=t2v, vae_steps=given(args.vae_steps, p.vae_steps),
                             dit_steps=given(args.dit_steps, p.dit_steps), dit_lr=given(args.dit_lr, p.dit_lr))
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
