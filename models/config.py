@@ -265,10 +265,12 @@ def _is_int(v) -> bool:
 
 
 def dtype_of(name: str):
+    """The jnp dtype of a config's dtype name: 'float32' | 'bfloat16' | 'float16'."""
     import jax.numpy as jnp
 
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 def round_up(x: int, m: int) -> int:
+    """The smallest multiple of m that is >= x (e.g. a vocab padded to a multiple of 128)."""
     return int(math.ceil(x / m) * m)

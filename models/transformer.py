@@ -121,6 +121,9 @@ class KVCache(NamedTuple):
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, max_len: int, dtype=None):
+        """An empty cache for `batch` rows of up to `max_len` tokens: per pattern slot j, k / v [L/P, B, S_j, K, H]
+        zeros (S_j = max_len for global layers, the window's ring for local ones), pos [S_j] = -1 (empty), length 0.
+        dtype: the cache's storage dtype (None: cfg.dtype)."""
         dtype = dtype or dtype_of(cfg.dtype)
         P = pattern_period(cfg)
         slots = [cache_slots(w, max_len) for w in cfg.layer_windows()[:P]]

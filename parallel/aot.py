@@ -37,6 +37,8 @@ def abstract_train_inputs(model_fn, optimizer, mesh, batch: int, seq_len: int):
 
 @dataclasses.dataclass(frozen=True)
 class AotReport:
+    """Per-device bytes of one compiled train step (XLA's `memory_analysis`) beside the analytic estimate."""
+
     mesh: dict
     argument_bytes: int  # per device: params + optimizer state + batch
     temp_bytes: int  # per device: activations, gradients, workspace

@@ -84,6 +84,7 @@ def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: M
 
 
 def current_rules() -> dict[str, MeshAxes]:
+    """The logical → mesh axis table in effect here: the defaults with any enclosing `use_rules` overrides."""
     return dict(_rules.get())
 
 

@@ -56,6 +56,7 @@ def shard_batch(batch, mesh, rules=None):
 
 
 def replicated(mesh) -> NamedSharding:
+    """A full copy on every device of `mesh` (scalars, small state, outputs gathered for the host)."""
     return NamedSharding(mesh, P())
 
 

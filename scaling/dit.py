@@ -27,6 +27,8 @@ import math
 
 @dataclasses.dataclass(frozen=True)
 class DiTShape:
+    """The fields of a DiT config that its parameter count and FLOPs depend on, read duck-typed (`dit_shape`)."""
+
     latent_shape: tuple[int, int, int]  # (T, H, W) of the latents
     latent_channels: int
     d_model: int
@@ -88,6 +90,7 @@ def dit_shape(cfg) -> DiTShape:
 
 
 def dit_param_count(cfg) -> int:
+    """Parameters of the DiT described by `cfg` (a `models.video.DiTConfig` or a duck-typed equivalent)."""
     s = dit_shape(cfg)
     d, nh, e, p = s.d_model, s.n_heads * s.hd, s.text_dim, s.patch_dim
     qk = 2 * s.hd if s.qk_norm else 0

@@ -166,6 +166,8 @@ def _objective(theta, logn, logd, logl, delta):
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
+    """`fit_law`'s result: the fitted law, the final Huber objective, the runs fitted and the L-BFGS-B starts."""
+
     law: ScalingLaw
     objective: float
     n_points: int

@@ -66,6 +66,8 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
 
 @dataclasses.dataclass(frozen=True)
 class MeshChoice:
+    """The mesh a plan picks and the per-device memory it leaves (`scaling.memory.memory_per_device`)."""
+
     mesh: dict[str, int]
     micro_batch: int  # global sequences per step
     memory: MemoryBreakdown
@@ -97,6 +99,9 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """A planned training run: model size and tokens, FLOPs, time, chip-hours, energy and CO2, the LM shape, a mesh
+    that fits (None if none does) and `text`, the printable summary."""
+
     n_params: float
     tokens: float
     flops_6nd: float

@@ -59,6 +59,7 @@ class Aligner(nnx.Module):
             self.log_scale = nnx.Param(jnp.asarray(math.log(1.0 / cfg.init_temperature), jnp.float32))
 
     def embed_video(self, z_BTHWC):
+        """Latent video [B, T, H, W, C] → unit-norm joint embedding [B, J] (patchify, encoder blocks, mean pool)."""
         p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
         B, S, P = p_BSP.shape
         x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...]

@@ -136,6 +136,7 @@ class VAEConfig:
         return enc + dec
 
     def param_count(self) -> int:
+        """Encoder + decoder parameters, counted from the layer list (tests check it against the module)."""
         n = sum(math.prod(k or (1,)) * fi * fo + fo for *_, k, fi, fo in self._layers(1 + self.temporal_factor, 16, 16))
         # RMSNorm scales: two per res block, one before each output conv
         enc_norms = sum(2 * self.res_blocks * c for c in self.channels) + self.channels[-1]
@@ -267,12 +268,14 @@ class DiTConfig:
         return d * nh + 2 * d_in_kv * nh + nh * d + (2 * self.hd if self.qk_norm else 0)
 
     def layer_params(self) -> int:
+        """Parameters of one DiT block: attention (two for factorized), cross-attention, MLP, adaLN modulation."""
         d = self.d_model
         n_mod = 4 if self.factorized else 3  # (self or spatial, [temporal], cross, mlp) × (shift, scale, gate)
         attn = self._attn_params(d) * (2 if self.factorized else 1)
         return attn + self._attn_params(self.text_dim) + 3 * d * self.mlp_dim + n_mod * 3 * d * (d + 1)
 
     def param_count(self) -> int:
+        """The whole DiT: patch / time / pooled-text embeddings, the blocks and the final adaLN + projection."""
         d, p = self.d_model, self.patch_dim
         embed = p * d + d + self.time_freq_dim * d + d + d * d + d
         pooled = self.text_dim * d + d if self.pooled_text else 0
@@ -322,6 +325,7 @@ class AlignConfig:
              f"must be in (1/max_logit_scale, inf), got {self.init_temperature}")
 
     def param_count(self, dit: DiTConfig) -> int:
+        """The aligner's parameters: its patch embedding (`dit`'s patches), encoder blocks and both projections."""
         d, hd = self.d_model, self.d_model // self.n_heads
         layer = 4 * d * d + 2 * hd + 3 * d * self.mlp_dim + 2 * d
         proj = d * self.embed_dim + dit.text_dim * self.embed_dim + 1  # video, text projections; temperature

@@ -114,6 +114,7 @@ def matmul(x_MI, w, cd):
 
 
 def modulate(x_BSD, shift_BD, scale_BD):
+    """adaLN modulation x·(1 + scale) + shift, the per-example [B, D] vectors broadcast over the S tokens."""
     return x_BSD * (1 + scale_BD[:, None]) + shift_BD[:, None]
 
 
@@ -195,6 +196,8 @@ class CrossAttention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
+    """The DiT blocks' MLP: [B, S, D] → [B, S, D] through a SiLU-gated hidden width, weights with logical axes."""
+
     def __init__(self, d_model: int, hidden: int, *, std: float, dtype, rngs):
         self.w_gate = param(rngs, (d_model, hidden), ("embed", "mlp"), dtype, std)
         self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), dtype, std)

@@ -21,6 +21,9 @@ from models.video.text import TextEncoder, TextOut, caption_dropout
 
 
 class TextToVideo(nnx.Module):
+    """Text encoder + video DiT (+ the text–video aligner when cfg.align is set), trained by `t2v_loss` on VAE
+    latents; `predict` is the DiT under encoded captions."""
+
     def __init__(self, cfg: TextToVideoConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         with nnx.use_eager_sharding(False):

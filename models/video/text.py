@@ -25,6 +25,8 @@ from parallel.rules import constrain
 
 
 class TextOut(NamedTuple):
+    """The text encoder's output for B captions of L tokens, E wide."""
+
     tokens_BLE: jax.Array  # final-normed token states (cross-attention keys/values)
     valid_BL: jax.Array  # True for real tokens
     pooled_BE: jax.Array  # mean over real tokens

@@ -131,6 +131,9 @@ class Resample(nnx.Module):
 
 
 class Encoder(nnx.Module):
+    """Video [B, T, H, W, C] in [-1, 1] → the posterior's (mean, logvar), each [B, T', H', W', Z] float32
+    (`VAEConfig.latent_shape`; logvar clipped to [-20, 10]). Causal in time (see the module docstring)."""
+
     def __init__(self, cfg: VAEConfig, *, rngs):
         pd, ch = dtype_of(cfg.param_dtype), cfg.channels
         self.cfg = cfg
@@ -155,6 +158,9 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
+    """Latents [B, 1 + k, H', W', Z] → video [B, 1 + tf·k, H, W, C] float32 (tf = cfg.temporal_factor), the
+    Encoder's inverse in shape; causal in time."""
+
     def __init__(self, cfg: VAEConfig, *, rngs):
         pd, ch = dtype_of(cfg.param_dtype), cfg.channels
         self.cfg = cfg
@@ -225,10 +231,12 @@ def latent_stats(z_NTHWZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalize(z, stats):
+    """Latents [..., Z] to zero mean and unit variance per channel with `latent_stats` (mean [Z], std [Z])."""
     mean, std = stats
     return (z - jnp.asarray(mean)) / jnp.asarray(std)
 
 
 def denormalize(z, stats):
+    """The inverse of `normalize`: DiT-space latents [..., Z] back to the VAE's."""
     mean, std = stats
     return z * jnp.asarray(std) + jnp.asarray(mean)
