@@ -34,10 +34,12 @@ def stdlib_text(max_bytes: int = 4_000_000, seed: int = 0) -> str:
 
 
 def encode_bytes(text: str) -> np.ndarray:
+    """UTF-8 bytes of `text` as int32 tokens 0..255: [len(bytes)]."""
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
 
 def decode_bytes(tokens) -> str:
+    """Byte tokens back to text; ids outside 0..255 (EOS, padding) are skipped, broken UTF-8 becomes U+FFFD."""
     return bytes(int(t) for t in tokens if 0 <= int(t) < 256).decode("utf-8", errors="replace")
 
 
@@ -53,6 +55,7 @@ class ByteWindows:
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
+        """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token."""
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
@@ -60,6 +63,7 @@ class ByteWindows:
 
 
 def train_eval_split(tokens: np.ndarray, eval_fraction: float = 0.05):
+    """(train, eval) token arrays: the last `eval_fraction` of the stream is held out, in one piece."""
     cut = int(len(tokens) * (1 - eval_fraction))
     return tokens[:cut], tokens[cut:]
 

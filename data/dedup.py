@@ -123,6 +123,8 @@ class NearDupIndex:
         self._cut = cfg.confirm_at()
 
     def add(self, key, sig: np.ndarray):
+        """The key of the most similar earlier representative at or above the confirm cut, or None (then `key`
+        becomes a representative). sig: the document's MinHash signature [num_perm] (`signature`)."""
         m = _minhash(self.cfg, sig.astype(np.uint64))
         best, best_j = None, -1.0
         # the LSH answers in set order (it varies with PYTHONHASHSEED): candidates in insertion order, so a tie

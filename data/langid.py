@@ -56,6 +56,8 @@ class LangID:
         self._fold = {m: code for code, members in cfg.fold for m in members}
 
     def detect(self, text: str) -> tuple[str, float]:
+        """(ISO 639-1 code, confidence); 'und' below cfg.min_confidence. Long texts are sampled (start, middle,
+        end: cfg.sample_chars in all); folded languages (e.g. the zh variants) sum their probabilities."""
         n = self.cfg.sample_chars
         if len(text) > n:
             third, mid = n // 3, len(text) // 2

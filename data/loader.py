@@ -57,6 +57,7 @@ class Source:
                                  f"{theirs}, this one is {ours}); pass that tokenizer, or pretokenize again")
 
     def files(self) -> list[str]:
+        """The ArrayRecord shard paths this source reads (a tier directory's shards, in order, or the files given)."""
         if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path):
             return tier_shards(self.path)
         files = [self.path] if isinstance(self.path, str | os.PathLike) else list(self.path)

@@ -38,6 +38,7 @@ SPLITS = ("train", "heldout", "all")
 
 
 def caption(colour: str, shape: str, direction: str) -> str:
+    """The caption of a clip, e.g. 'a red square moving left'."""
     return f"a {colour} {shape} moving {direction}"
 
 
@@ -54,6 +55,7 @@ def encode_caption(text: str, max_len: int = 8) -> np.ndarray:
 
 
 def null_tokens(max_len: int = 8) -> np.ndarray:
+    """The null (empty) caption's tokens [max_len], for caption dropout and classifier-free guidance."""
     return encode_caption("", max_len)
 
 
@@ -95,6 +97,7 @@ class MovingShapesConfig:
         return list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 
     def split_combos(self, split: str) -> list[tuple[str, str, str]]:
+        """The (colour, shape, direction) triples of a split: 'train' (all but held_out), 'heldout', 'all'."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: use one of {SPLITS}")
         held = set(self.held_out)

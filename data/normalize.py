@@ -94,6 +94,7 @@ def count_surrogates(text: str) -> int:
 
 
 def replace_surrogates(text: str) -> str:
+    """Lone UTF-16 surrogates (not encodable as UTF-8) replaced by U+FFFD."""
     return _SURROGATES.sub("\ufffd", text)
 
 

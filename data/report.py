@@ -55,6 +55,8 @@ def _mix(counters, prefix: str) -> str:
 
 
 def report(out_dir) -> str:
+    """A cleaning run's funnel as a printable table: per tier and stage, documents and bytes in / out and the
+    drop reasons."""
     rows = funnel(out_dir)
     lines = [f"cleaning run {out_dir}", "",
              f"{'tier':<10} {'stage':<10} {'docs in':>10} {'docs out':>10} {'kept':>7} {'bytes in':>10} "

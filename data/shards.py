@@ -20,14 +20,17 @@ TIERS = ("raw", "filtered", "cleaned", "labeled", "augmented")
 
 
 def shard_name(i: int) -> str:
+    """'shard-00007' for i = 7 (the file stem of a shard)."""
     return f"shard-{i:05d}"
 
 
 def encode_doc(doc: dict) -> bytes:
+    """One document as a compact UTF-8 JSON record."""
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def decode_doc(record: bytes) -> dict:
+    """The inverse of `encode_doc`."""
     return json.loads(record)
 
 
@@ -90,4 +93,5 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_json(path: str | os.PathLike):
+    """The JSON value in the file at `path`."""
     return json.loads(pathlib.Path(path).read_text())

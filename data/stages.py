@@ -24,6 +24,7 @@ KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "digit_ra
 
 
 def nbytes(doc: dict) -> int:
+    """UTF-8 size of a document's text."""
     return len(doc["text"].encode("utf-8"))
 
 
@@ -101,6 +102,9 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
 
 @dataclasses.dataclass(frozen=True)
 class Normalize:
+    """Pipeline stage: `normalize_text` (Unicode form, line breaks, invisible characters, whitespace); drops
+    documents left empty (reason 'empty') and counts those carrying U+FFFD."""
+
     cfg: NormalizeConfig = NormalizeConfig()
     name: str = "normalize"
 
