@@ -91,6 +91,9 @@ class TrainSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """Everything a training run of `experiments.train_lm` depends on: the model, the mesh shape (one axis may be
+    -1: all remaining devices), data, optimizer and loop settings. Saved with every checkpoint (`to_json`)."""
+
     model: TransformerConfig
     mesh: dict[str, int]
     data: DataSpec = DataSpec()
@@ -150,6 +153,7 @@ PRESETS = {"demo": _demo, "tiny": _tiny, "llama7b": _llama7b, "mixtral8x7b": _mi
 
 
 def preset(name: str) -> RunConfig:
+    """A fresh RunConfig of a named preset (`PRESETS`: demo, tiny, llama7b, mixtral8x7b)."""
     if name not in PRESETS:
         raise ConfigError(f"preset: unknown {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
@@ -333,6 +337,7 @@ def load(argv=None, description: str | None = None) -> RunConfig:
 
 
 def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
+    """The mesh shape with its -1 axis filled in for `n_devices`; a ConfigError naming `mesh` if it cannot be."""
     from parallel.mesh import _fill
 
     try:

@@ -32,6 +32,7 @@ LOG2_LRS = tuple(range(-12, -3))
 
 
 def config(width: int, mup: bool, seq: int) -> TransformerConfig:
+    """The sweep's 2-layer model at `width` (heads of 32), μP with base width 64 when `mup`, else standard."""
     return TransformerConfig(vocab_size=BYTE_VOCAB, d_model=width, n_layers=2, n_heads=width // 32, head_dim=32,
                              mlp_dim=4 * width, max_seq_len=seq, mup_base_width=64 if mup else None)
 
@@ -59,6 +60,7 @@ def sweep(cfg: TransformerConfig, batches, steps: int, log2_lrs) -> dict[int, fl
 
 
 def plot(res, widths, path):
+    """Train loss (last 10 steps) against log2 learning rate, one curve per width, standard vs μP, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

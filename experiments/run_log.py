@@ -26,6 +26,8 @@ class Logger:
             self.tb = EventsWriter(str(out / "tb" / "events"), f".{time.time_ns()}")  # a resume never reuses a name
 
     def write(self, record: dict):
+        """One record {"kind": "train" | "eval" | ..., "step": int, ...}: a JSONL line, and each finite number as a
+        TensorBoard scalar '<kind>/<key>' (an 'expert_load' list as moe/load_expert<e>)."""
         if not self.primary:
             return
         self.jsonl.write(json.dumps(record) + "\n")
@@ -66,6 +68,7 @@ def read_curves(path: pathlib.Path):
 
 
 def plot_losses(out: pathlib.Path) -> pathlib.Path:
+    """Train and held-out loss curves from out/metrics.jsonl, saved as out/loss.png (returned)."""
     import matplotlib
 
     matplotlib.use("Agg")

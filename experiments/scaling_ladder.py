@@ -53,6 +53,8 @@ TOKENS_PER_STEP = SEQ * BATCH
 
 @dataclasses.dataclass(frozen=True)
 class Rung:
+    """One model size of the ladder; `config()` is its TransformerConfig (SwiGLU width ~8/3·d)."""
+
     d_model: int
     n_layers: int
     n_heads: int
@@ -90,6 +92,7 @@ def make_wsd_optimizer(peak_lr: float, weight_decay: float = 0.1, clip_norm: flo
 
 
 def with_lr(opt_state, lr: float):
+    """The optimizer state with its injected learning rate set to `lr` (the WSD schedule is driven from Python)."""
     inj = opt_state[1]
     return (opt_state[0], inj._replace(hyperparams={**inj.hyperparams, "learning_rate": jnp.float32(lr)}))
 
@@ -145,6 +148,8 @@ def train_rung(rung: Rung, budgets: tuple[int, ...], train: ByteWindows, eval_ba
 
 
 def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float = 0.9, seed: int = 0):
+    """Bootstrap the law over `fit_runs`; returns (bootstrap, prediction intervals of one new run's loss at
+    `target_n` parameters for each of `target_tokens`, the fitted law's own `level` intervals there)."""
     n = np.array([r["n_params"] for r in fit_runs], float)
     d = np.array([r["tokens"] for r in fit_runs], float)
     loss = np.array([r["eval_loss"] for r in fit_runs], float)
@@ -155,6 +160,7 @@ def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float 
 
 
 def plot(path, all_runs, bs, target, preds, level):
+    """The ladder's eval losses, the fitted law and the held-out target's predicted interval, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")

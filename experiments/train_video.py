@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from experiments.checkpoint import fingerprint
-from experiments.config import at_least
+from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
 from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
 from experiments.video_steps import (
@@ -61,6 +61,9 @@ from parallel import create_sharded, init_optimizer, make_mesh
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
+    """A text-to-video run: data, the two models, and each stage's steps, batch and learning rate (stage 1 trains
+    the VAE, stage 2 the DiT on `n_latents` clips encoded once)."""
+
     data: MovingShapesConfig
     vae: VAEConfig
     t2v: TextToVideoConfig
@@ -108,11 +111,8 @@ PRESETS = {
 }
 
 
-def parse_mesh(s: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (kv.split("=") for kv in s.split(","))}
-
-
 def check_batch(batch: int, mesh, what: str):
+    """Exit with a message naming `what` unless `batch` splits over the mesh's batch axes (data·fsdp·expert)."""
     n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     if batch % n:
         raise SystemExit(f"{what}={batch} must be divisible by the batch mesh axes (data·fsdp·expert = {n})")
@@ -155,6 +155,7 @@ def _warmup(steps: int) -> int:
 
 
 def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
+    """Stage 1: train the VAE to `p.vae_steps` (resuming from out/ckpt/vae); returns (graphdef, params)."""
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=_warmup(p.vae_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
@@ -178,6 +179,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
 
 
 def latents_made_by(p: Preset) -> str:
+    """The settings the cached latents depend on, as canonical JSON (a cache made under others is re-encoded)."""
     return json.dumps({"vae": repr(p.vae), "vae_steps": p.vae_steps, "vae_batch": p.vae_batch, "vae_lr": p.vae_lr,
                        "n_latents": p.n_latents, "eval_batch": p.eval_batch, "data": repr(p.data)}, sort_keys=True)
 
@@ -205,6 +207,8 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
 
 
 def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo):
+    """Stage 2: train the DiT (+ aligner) on latents z with their caption tokens, keeping an EMA of the weights
+    (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes)."""
     null = null_tokens(p.data.max_caption_len)
     opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=_warmup(p.dit_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
@@ -266,7 +270,11 @@ def main(argv=None):
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(p, out, args.seed)
-    mesh = make_mesh(parse_mesh(args.mesh))
+    try:
+        mesh_shape = parse_mesh(args.mesh)
+    except ConfigError as e:
+        ap.error(f"argument --{e}")
+    mesh = make_mesh(mesh_shape)
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
     frames, size = p.data.frames, p.data.size

@@ -44,6 +44,7 @@ def score(found: dict, labels: dict) -> dict:
 
 
 def chance_row() -> dict:
+    """The accuracy of a random guess per attribute and for all three jointly (a results table's floor)."""
     row = {a: chance(a) for a in ATTRS}
     row["joint"] = math.prod(row.values())
     return row
@@ -68,6 +69,7 @@ def chunked(fn, n: int, batch: int, desc: str | None = None):
 
 
 def pad_to(x, n):
+    """x [m, ...] padded to n rows by repeating its last row (a fixed batch size for the jitted samplers)."""
     return np.concatenate([x, np.repeat(x[-1:], n - len(x), 0)]) if len(x) < n else x
 
 
@@ -129,6 +131,7 @@ def table(results: dict, real: dict | None = None) -> str:
 
 
 def save_results(path, results: dict, extra: dict):
+    """The eval results keyed '<name> / <split>', plus `extra`, as indented JSON at `path`."""
     out = {f"{name} / {split}": r for (name, split), r in results.items()} | extra
     pathlib.Path(path).write_text(json.dumps(out, indent=2))
 
@@ -137,6 +140,7 @@ def save_results(path, results: dict, extra: dict):
 
 
 def to_uint8(video):
+    """Video in [-1, 1] (any shape) → uint8 in [0, 255]."""
     return (np.clip((np.asarray(video) + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -151,6 +155,7 @@ def tile(clips_RCTHW3, gap: int = 2):
 
 
 def write_gif(path, frames_THW3, scale: int = 2, ms: int = 120):
+    """uint8 frames [T, H, W, 3] as a looping GIF, upscaled `scale`× (nearest), `ms` per frame."""
     imgs = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames_THW3]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0, optimize=True)
 

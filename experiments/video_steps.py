@@ -67,6 +67,7 @@ def ema_init(params):
 
 
 def ema_update(ema, params, decay):
+    """ema ← ema + (1 − decay)·(params − ema), leaf by leaf, in the EMA's dtype (float32)."""
     return jax.tree.map(lambda e, p: e + (1 - decay) * (p.astype(e.dtype) - e), ema, params)
 
 
@@ -104,6 +105,7 @@ def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema
 
 
 def manager(directory) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager for one stage's checkpoints under `directory` (the last 2 kept)."""
     path = pathlib.Path(directory).absolute()
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 

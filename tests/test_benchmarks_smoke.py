@@ -43,10 +43,12 @@ def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
     ("experiments.train_video", ["--vae-steps", "0"], "argument --vae-steps: must be an integer >= 1, got 0"),
     ("experiments.train_video", ["--dit-lr", "0"], "argument --dit-lr: must be > 0, got 0.0"),
     ("parallel.aot", ["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
+    ("experiments.train_video", ["--mesh", "foo"], "argument --mesh: cannot parse 'foo'; write axis=size pairs"),
 ])
 def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
     """A count below its floor stops at argument parsing, naming the flag (benchmarks failed on an empty median
-    after the timed runs; train_video took --vae-steps 0 and --dit-lr 0 for "use the preset's")."""
+    after the timed runs; train_video took --vae-steps 0 and --dit-lr 0 for "use the preset's", and its own
+    --mesh parser failed on a bad value with a bare unpacking error)."""
     import importlib
 
     with pytest.raises(SystemExit) as exit_info:
