@@ -101,6 +101,7 @@ def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
 
 
 def main(argv=None) -> dict:
+    """The command line (module docstring): parse and validate the config (exit 1 naming a bad field), then train."""
     from experiments.config import ConfigError, load, validate
 
     try:
@@ -201,6 +202,8 @@ def init_state(cfg, mesh):
 
 
 def train(cfg, mesh_shape: dict) -> dict:
+    """Train `cfg` (a validated RunConfig) on a mesh of `mesh_shape`, resuming from its newest good checkpoint;
+    returns a summary: out dir, step, first / last eval loss, wall time, a generated sample, ..."""
     import jax
     import jax.numpy as jnp
     import numpy as np
