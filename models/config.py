@@ -74,7 +74,7 @@ class TransformerConfig:
     attn_block: int | None = 64
     # projections' products (models.linear): 'auto' computes their weight gradients from a materialised
     # activation transpose on CPU (XLA:CPU then uses its fast kernels for them) outside a layer loop (scanned,
-    # not fully unrolled, layers take plain products there: `loop_impl`), plain x @ w elsewhere
+    # not fully unrolled, float32 layers take plain products there: `loop_impl`), plain x @ w elsewhere
     matmul_impl: Literal["auto", "plain", "transposed_grad"] = "auto"
     scan_layers: bool = True
     # layer groups per scan iteration (jax.lax.scan's `unroll`); True: every layer, no while loop, so no

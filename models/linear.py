@@ -1,12 +1,19 @@
-"""Activation × weight products [M, D] @ [D, F] whose weight gradient XLA:CPU runs on its fast matmul kernels.
+"""Activation × weight products [M, D] @ [D, F] that XLA:CPU runs on its fast matmul kernels.
 
 Autodiff of y = x @ w makes the weight gradient dw = xᵀ @ g a dot that contracts the leading (token) dim of
 both operands. XLA:CPU hands that form to Eigen rather than to YNNPACK, its faster kernels for products of
-row-major operands, and runs it beside the YNNPACK dx = g @ wᵀ. Materialising xᵀ ([D, M], behind an
-optimization barrier so that XLA does not fold the transpose back into the dot) makes dw a plain product:
-the reference train step runs 1.03-1.09× faster than with plain products (docs/benchmarks.md,
+row-major operands, and runs it beside the YNNPACK dx = g @ wᵀ. Materialising xᵀ ([D, M], through a reshape
+sandwich that XLA does not fold back into the dot) makes dw a plain product: the reference train step runs
+1.03-1.09× faster than with plain products on the AMD machine, within 2% on the Intel one (docs/benchmarks.md,
 "Transformer train step").
-Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for nothing.
+Low precision (bf16 / f16 operands) on the CPU backend: XLA:CPU runs a dot with bf16 *output* as a float32 dot on
+operands converted up, and does the same to a dot whose operand is a transpose it can fold into the dot's
+dimensions, even behind an optimization barrier. Products here therefore accumulate into float32 and round the
+result (numerically what a GPU's bf16 GEMM does), and xᵀ is materialised by the reshape sandwich: bf16 dots then
+stay bf16, on AMX / AVX512-BF16 kernels (a 2048³ bf16 product: 1266 GFLOP/s against 305 in float32 on the Intel
+machine; the bf16-compute reference step 0.53× the time it took with converted dots).
+Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for nothing, and GPU / TPU GEMMs
+accumulate in float32 anyway.
 """
 
 from __future__ import annotations
@@ -17,6 +24,23 @@ import math
 import jax
 import jax.numpy as jnp
 
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def _dot(a, b, dims, out=None):
+    """lax.dot_general with result dtype `out` (None: the operands' result type). On the CPU backend bf16 / f16
+    operands accumulate into float32, rounded to `out` afterwards (see the module docstring)."""
+    rt = jnp.result_type(a, b)
+    out = rt if out is None else jnp.dtype(out)
+    if rt in _LOW_PRECISION and jax.default_backend() == "cpu":
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(out)
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
+
+
+def _mm(x, w, out=None):
+    """x [..., K] @ w [K, N] → [..., N] through `_dot`."""
+    return _dot(x, w, (((x.ndim - 1,), (0,)), ((), ())), out)
+
 
 def flat_rows() -> bool:
     """Whether projections may run on flattened [B·T, D] rows: not when the current mesh shards the sequence
@@ -26,13 +50,16 @@ def flat_rows() -> bool:
     return mesh_axis_for("act_seq")[1] == 1
 
 
-def loop_impl(impl: str) -> str:
+def loop_impl(impl: str, compute_dtype="float32") -> str:
     """The impl for products inside a layer loop (a `lax.scan` over stacked layers that is not fully unrolled):
-    'auto' becomes 'plain'. There each residual x reaches the backward as a dynamic slice of the stacked scan
-    carry, and XLA:CPU fuses that slice into the materialised transpose: a loop fusion ~5x slower than the
-    transpose of a plain array, which costs more than the faster weight-gradient dot gains (the scanned reference
-    step ran 0.93x the time with 'plain'; docs/benchmarks.md, fourteenth session)."""
-    return "plain" if impl == "auto" else impl
+    'auto' becomes 'plain' for float32 compute. There each residual x reaches the backward as a dynamic slice of
+    the stacked scan carry, and XLA:CPU fuses that slice into the materialised transpose: a loop fusion ~5x slower
+    than the transpose of a plain array, which costs more than the faster weight-gradient dot gains (the scanned
+    reference step ran 0.93x the time with 'plain'; docs/benchmarks.md, fourteenth session). bf16 / f16 compute
+    keeps 'auto': plain products' weight gradients would run as float32 dots on converted operands (the module
+    docstring), and the scanned bf16 step ran 0.85x the time with the transposed gradient."""
+    low = jnp.dtype(compute_dtype) in _LOW_PRECISION
+    return "plain" if impl == "auto" and not low else impl
 
 
 def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True, contract: int = 1):
@@ -65,25 +92,34 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
         return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
-    return x_MD @ w_DF if impl == "plain" else _linear_tg(x_MD, w_DF)
+    return _mm(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF)
+
+
+def _transposed(x_MD):
+    """x [M, D] → xᵀ [D, M], materialised: XLA:CPU folds a plain transpose into the dot that reads it (as a
+    contraction of both operands' leading dims) and, in low precision, converts the operands to float32; through
+    this reshape sandwich it copies x once and runs a row-major product (`_grads`)."""
+    M, D = x_MD.shape
+    return x_MD.reshape(M, D, 1).transpose(1, 2, 0).reshape(D, M)
 
 
 def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
+    lead = tuple(range(x_MD.ndim - 1))
     if transposed_grad:
-        dw_DF = jax.lax.optimization_barrier(jnp.transpose(x_MD)) @ g_MF
+        dw_DF = _mm(_transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
     else:
-        dw_DF = jnp.einsum("...d,...f->df", x_MD, g_MF)
-    return (g_MF @ w_DF.T).astype(x_MD.dtype), dw_DF.astype(w_DF.dtype)
+        dw_DF = _dot(x_MD, g_MF, ((lead, lead), ((), ())), out=w_DF.dtype)
+    return _dot(g_MF, w_DF, (((g_MF.ndim - 1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
 
 
 @jax.custom_vjp
 def _linear_tg(x_MD, w_DF):
-    return x_MD @ w_DF
+    return _mm(x_MD, w_DF)
 
 
-_linear_tg.defvjp(lambda x_MD, w_DF: (x_MD @ w_DF, (x_MD, w_DF)),
+_linear_tg.defvjp(lambda x_MD, w_DF: (_mm(x_MD, w_DF), (x_MD, w_DF)),
                   lambda res, g_MF: _grads(*res, g_MF, transposed_grad=True))
 
 
@@ -104,7 +140,7 @@ def _linear_nd(x, w, impl: str, contract: int):
     lead = x.shape[:x.ndim - contract]
     if impl == "plain":
         dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
-        return jax.lax.dot_general(x, w, (dims, ((), ())), preferred_element_type=jnp.result_type(x, w))
+        return _dot(x, w, (dims, ((), ())))
     # 'transposed_grad' runs outside layer loops (`loop_impl`), in one graph where XLA keeps no reshaped copy
     x_MK = x.reshape(-1, math.prod(C))
     return _linear_tg(x_MK, w.reshape(x_MK.shape[1], -1)).reshape(*lead, *F)

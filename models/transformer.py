@@ -399,7 +399,7 @@ class Transformer(nnx.Module):
         grouped = {k: jax.tree.map(lambda a, k=k: a.reshape(per(k) + a.shape[1:]), st) for k, st in states.items()}
         keys = None if rng is None or not n_kind[True] else jax.random.split(rng, L // P)
         if cfg.scan_layers and not (cfg.scan_unroll is True or cfg.scan_unroll >= L // P):
-            ctx = dataclasses.replace(ctx, matmul_impl=loop_impl(cfg.matmul_impl))  # a real loop
+            ctx = dataclasses.replace(ctx, matmul_impl=loop_impl(cfg.matmul_impl, cfg.dtype))  # a real loop
 
         def one_layer(j, st, x, arrays, c, key):
             if n_kind[kinds[j]] > 1:  # layer j's slice of its kind's group (inside the checkpoint below)

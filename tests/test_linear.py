@@ -1,6 +1,8 @@
-"""models.linear: the transposed-weight-gradient product equals autodiff of x @ w, alone and in the Transformer."""
+"""models.linear: the transposed-weight-gradient product equals autodiff of x @ w, alone and in the Transformer;
+on the CPU backend its low-precision products stay low-precision dots."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +38,18 @@ def test_value_and_gradients_equal_autodiff_of_matmul(dtype, tol):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
+TRANSPOSED_X = re.compile(r"\[\d+,1,\d+\] = transpose\[permutation=\(1, 2, 0\)\]")  # models.linear._transposed's xᵀ
+
+
 def test_auto_takes_the_transposed_gradient_on_cpu_only_there():
     x, w, _ = xw()
 
     def grad_jaxpr(impl):
         return str(jax.make_jaxpr(jax.grad(lambda w: linear(x, w, impl).sum()))(w))
 
-    assert "optimization_barrier" in grad_jaxpr("transposed_grad")
-    assert "optimization_barrier" not in grad_jaxpr("plain")
-    assert ("optimization_barrier" in grad_jaxpr("auto")) == (jax.default_backend() == "cpu")
+    assert TRANSPOSED_X.search(grad_jaxpr("transposed_grad"))
+    assert not TRANSPOSED_X.search(grad_jaxpr("plain"))
+    assert bool(TRANSPOSED_X.search(grad_jaxpr("auto"))) == (jax.default_backend() == "cpu")
     with pytest.raises(ValueError, match="matmul_impl='dense'"):
         linear(x, w, "dense")
     with pytest.raises(ValueError, match="matmul_impl"):
@@ -73,22 +78,48 @@ def test_transformer_loss_and_gradients_equal_plain_matmuls(tie):
 
 
 def test_a_looped_layer_stack_takes_plain_products_and_an_unrolled_one_the_transposed_gradient():
-    """In a real scan XLA:CPU fuses the residual's dynamic slice into the transpose (slow): `loop_impl`."""
+    """In a real scan XLA:CPU fuses the residual's dynamic slice into the transpose (slow): `loop_impl` takes plain
+    products there in float32, and keeps the transposed gradient for bf16 compute (plain products' weight gradients
+    would run as float32 dots)."""
     base = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=48)
     tok = jnp.zeros((1, 8), jnp.int32)
 
-    def barriers(**kw):
+    def transposes(**kw):
         graphdef, state = nnx.split(Transformer(dataclasses.replace(base, **kw), rngs=nnx.Rngs(0)))
         loss = lambda s: nnx.merge(graphdef, s)(tok).sum()  # noqa: E731
-        return str(jax.make_jaxpr(jax.grad(loss))(state)).count("optimization_barrier")
+        return len(TRANSPOSED_X.findall(str(jax.make_jaxpr(jax.grad(loss))(state))))
 
     if jax.default_backend() != "cpu":
         pytest.skip("'auto' is 'plain' everywhere but on CPU")
     per_layer = 7  # q, k, v, o, gate, up, down; + 1 for the untied LM head, outside the loop
-    assert barriers(scan_layers=False) == 2 * per_layer + 1  # a Python loop over the layers
-    assert barriers(scan_unroll=True) == per_layer + 1  # a fully unrolled scan: its body is traced once
-    assert barriers(scan_unroll=1) == 1
-    assert barriers(scan_unroll=1, matmul_impl="transposed_grad") == per_layer + 1
+    assert transposes(scan_layers=False) == 2 * per_layer + 1  # a Python loop over the layers
+    assert transposes(scan_unroll=True) == per_layer + 1  # a fully unrolled scan: its body is traced once
+    assert transposes(scan_unroll=1) == 1
+    assert transposes(scan_unroll=1, matmul_impl="transposed_grad") == per_layer + 1
+    assert transposes(scan_unroll=1, dtype="bfloat16") == per_layer + 1
+
+
+def dot_operand_dtypes(compiled_text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in a compiled HLO module (fusion parameters included)."""
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", compiled_text))
+    return [(types[a], types[b]) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", compiled_text)]
+
+
+@pytest.mark.parametrize("scan_unroll", [True, 1], ids=["unrolled", "scanned"])
+def test_bf16_compute_keeps_every_dot_in_bf16_on_cpu(scan_unroll):
+    """XLA:CPU converts a dot with bf16 output, or one reading a transpose it can fold, to float32 (about 4x slower
+    on AMX machines); models.linear accumulates in float32 instead and materialises xᵀ. Every dot of a bf16-compute
+    Transformer's loss gradient (projections, attention, LM head) must read bf16 operands."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's dot lowering")
+    cfg = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, mlp_dim=128, max_seq_len=64,
+                            dtype="bfloat16", scan_unroll=scan_unroll)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tok = jax.random.randint(jax.random.key(1), (2, 65), 0, 256)
+    loss = lambda s: cross_entropy(nnx.merge(graphdef, s)(tok[:, :-1]), tok[:, 1:])[0]  # noqa: E731
+    dots = dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
+    assert len(dots) >= 2 * 7 * 2  # forward and backward products of both layers at least
+    assert all(d == ("bf16", "bf16") for d in dots), sorted(set(dots))
 
 
 @pytest.mark.parametrize("impl", ["plain", "transposed_grad"])

@@ -71,7 +71,7 @@ class TextEncoder(nnx.Module):
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
-                   flat_rows=flat_rows(), matmul_impl=loop_impl(cfg.matmul_impl))  # the blocks run in a scan
+                   flat_rows=flat_rows(), matmul_impl=loop_impl(cfg.matmul_impl, cfg.dtype))  # the blocks run in a scan
 
         x_BLE = embed_lookup(self.embed[...], tokens_BL, cd)  # as the LM: all-gathered in cd
         if cfg.embed_scale:
