@@ -99,10 +99,19 @@ def test_a_looped_layer_stack_takes_plain_products_and_an_unrolled_one_the_trans
     assert transposes(scan_unroll=1, dtype="bfloat16") == per_layer + 1
 
 
-def dot_operand_dtypes(compiled_text: str) -> list[tuple[str, str]]:
-    """(lhs, rhs) element types of every dot in a compiled HLO module (fusion parameters included)."""
-    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", compiled_text))
-    return [(types[a], types[b]) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", compiled_text)]
+def dots_of(compiled_text: str) -> list[tuple[str, str, int, bool]]:
+    """(lhs element type, rhs element type, contraction size, batched) of every dot in a compiled HLO module
+    (fusion parameters included)."""
+    shapes = {name: (ty, [int(d) for d in dims.split(",") if d])
+              for name, ty, dims in re.findall(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]", compiled_text)}
+    out = []
+    for line in compiled_text.splitlines():
+        m = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\).*?lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m:
+            (ta, dims_a), (tb, _) = shapes[m.group(1)], shapes[m.group(2)]
+            size = int(np.prod([dims_a[int(i)] for i in m.group(3).split(",") if i]))
+            out.append((ta, tb, size, "lhs_batch_dims" in line))
+    return out
 
 
 @pytest.mark.parametrize("scan_unroll", [True, 1], ids=["unrolled", "scanned"])
@@ -117,9 +126,9 @@ def test_bf16_compute_keeps_every_dot_in_bf16_on_cpu(scan_unroll):
     graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     tok = jax.random.randint(jax.random.key(1), (2, 65), 0, 256)
     loss = lambda s: cross_entropy(nnx.merge(graphdef, s)(tok[:, :-1]), tok[:, 1:])[0]  # noqa: E731
-    dots = dot_operand_dtypes(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
+    dots = dots_of(jax.jit(jax.grad(loss)).lower(state).compile().as_text())
     assert len(dots) >= 2 * 7 * 2  # forward and backward products of both layers at least
-    assert all(d == ("bf16", "bf16") for d in dots), sorted(set(dots))
+    assert all(d[:2] == ("bf16", "bf16") for d in dots), sorted(set(dots))
 
 
 @pytest.mark.parametrize("impl", ["plain", "transposed_grad"])

@@ -387,3 +387,23 @@ def test_video_batches_shard_rows_not_frames_under_a_sequence_axis():
     assert out["video"].sharding.spec[:2] == ("data", None) and out["latents"].sharding.spec[1] is None
     assert tuple(out["tokens"].sharding.spec) == ("data", "sequence")
     assert tuple(out["caption_id"].sharding.spec) == ("data",)
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_bf16_dit_gradient_keeps_its_products_in_bf16_on_cpu(attention):
+    """The DiT's projections go through models.linear: with bf16 compute on the CPU backend every dot of its loss
+    projection (every unbatched dot) of its loss gradient reads bf16 operands (XLA:CPU runs plain bf16-output
+    products as float32 dots; see models.linear), but for the weight gradients of the [B, D] conditioning products,
+    which contract over the B = 2 examples. (XLA:CPU upcasts attention's tiny batched dots over T' = 3 frames.)"""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's dot lowering")
+    from tests.test_linear import dots_of
+
+    model = VideoDiT(dataclasses.replace(DIT, attention=attention, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+    text, valid, pooled = text_inputs(2, E=DIT.text_dim)
+    loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(x, jnp.asarray([0.1, 0.9]), text, valid, pooled) ** 2)  # noqa: E731
+    dots = [d for d in dots_of(jax.jit(jax.grad(loss)).lower(state).compile().as_text()) if d[2] > 2 and not d[3]]
+    assert len(dots) >= 2 * 2 * 7  # forward and backward projections of both blocks at least
+    assert all(d[:2] == ("bf16", "bf16") for d in dots), sorted(set(dots))

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from models.attention import attention
-from models.linear import flat_rows
+from models.linear import flat_rows, linear, loop_impl
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
 from models.transformer import param, rms_norm
@@ -103,14 +103,13 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
 def matmul(x_MI, w, cd):
     """x [..., I] @ a weight [I..., O...] read as [I, O] (I = x's last dim, e.g. wo [N, K, D] with I = N·K) → [..., O].
 
-    Projections run as 2-D matmuls over M = B·S rows: their weight gradients are then plain dots,
-    whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer). Not when the
-    mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them."""
+    Projections run through `models.linear` as 2-D matmuls over M = B·S rows: their weight gradients are then plain
+    dots, whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer). Not when
+    the mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them.
+    The DiT's blocks run in a layer scan, so the products take `loop_impl`'s choice (bf16 compute on CPU: bf16
+    dots with float32 accumulation and the transposed weight gradient)."""
     w_IO = w[...].astype(cd).reshape(x_MI.shape[-1], -1)
-    lead = x_MI.shape[:-1]
-    if len(lead) > 1 and flat_rows():
-        return (x_MI.reshape(-1, x_MI.shape[-1]).astype(cd) @ w_IO).reshape(*lead, -1)
-    return x_MI.astype(cd) @ w_IO
+    return linear(x_MI.astype(cd), w_IO, loop_impl("auto", cd), flatten=flat_rows())
 
 
 def modulate(x_BSD, shift_BD, scale_BD):
