@@ -11,7 +11,7 @@ operands converted up, and does the same to a dot whose operand is a transpose i
 dimensions, even behind an optimization barrier. Products here therefore accumulate into float32 and round the
 result (numerically what a GPU's bf16 GEMM does), and xᵀ is materialised by the reshape sandwich: bf16 dots then
 stay bf16, on AMX / AVX512-BF16 kernels (a 2048³ bf16 product: 1266 GFLOP/s against 305 in float32 on the Intel
-machine; the bf16-compute reference step 0.53× the time it took with converted dots).
+machine; the bf16-compute reference step 0.54× the time it took with converted dots).
 Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for nothing, and GPU / TPU GEMMs
 accumulate in float32 anyway.
 """
@@ -106,10 +106,10 @@ def _transposed(x_MD):
 def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
-    lead = tuple(range(x_MD.ndim - 1))
     if transposed_grad:
         dw_DF = _mm(_transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
     else:
+        lead = tuple(range(x_MD.ndim - 1))
         dw_DF = _dot(x_MD, g_MF, ((lead, lead), ((), ())), out=w_DF.dtype)
     return _dot(g_MF, w_DF, (((g_MF.ndim - 1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
 
