@@ -28,6 +28,7 @@ from models.glu import glu
 from models.linear import flat_rows, linear, loop_impl
 from models.moe import MoE
 from models.moe_dispatch import mesh_shards
+from models.residuals import bits_residuals
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
@@ -471,6 +472,7 @@ class Transformer(nnx.Module):
                 x, _, aux = group(xs[0], x, ctx.arrays(), None, xs[1])
                 return x, aux
 
+            body = bits_residuals(body, cfg.dtype)  # bf16 on CPU: see models.residuals
             x_BTD, aux = jax.lax.scan(body, x_BTD, (grouped, keys), unroll=cfg.scan_unroll)
             return x_BTD, None, flat_aux(aux)
 

@@ -39,6 +39,8 @@ def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
 @pytest.mark.parametrize("module, argv, message", [
     ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
+    ("benchmarks.scan_residuals", ["--layers", "4,0"], "argument --layers: must be an integer >= 1, got 0"),
+    ("benchmarks.scan_residuals", ["--layers", "4,x"], "argument --layers: invalid comma-separated integers >= 1"),
     ("benchmarks.train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
     ("experiments.train_video", ["--vae-steps", "0"], "argument --vae-steps: must be an integer >= 1, got 0"),
     ("experiments.train_video", ["--dit-lr", "0"], "argument --dit-lr: must be > 0, got 0.0"),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import dtype_of
+from models.residuals import bits_residuals
 from models.transformer import REMAT_POLICIES, param
 from models.video.config import DiTConfig
 from models.video.layers import (
@@ -155,13 +156,14 @@ class VideoDiT(nnx.Module):
     def _run_blocks(self, x_BSD, ctx: _Ctx):
         graphdef, state = nnx.split(self.blocks)
 
-        def layer(x, st):
-            return nnx.merge(graphdef, st)(x, ctx), None
+        def layer(x, st, c_BD, text_BLE):  # the conditioning as arguments: bits_residuals differentiates those only
+            return nnx.merge(graphdef, st)(x, dataclasses.replace(ctx, c_BD=c_BD, text_BLE=text_BLE)), None
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
-            return jax.lax.scan(layer, x_BSD, state)[0]
+            packed = bits_residuals(layer, self.cfg.dtype)  # bf16 on CPU: see models.residuals
+            return jax.lax.scan(lambda x, st: packed(x, st, ctx.c_BD, ctx.text_BLE), x_BSD, state)[0]
         for i in range(self.cfg.n_layers):
-            x_BSD = layer(x_BSD, jax.tree.map(lambda a, i=i: a[i], state))[0]
+            x_BSD = layer(x_BSD, jax.tree.map(lambda a, i=i: a[i], state), ctx.c_BD, ctx.text_BLE)[0]
         return x_BSD

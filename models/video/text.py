@@ -19,6 +19,7 @@ from models.attention import attention
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
 from models.linear import flat_rows, loop_impl
+from models.residuals import bits_residuals
 from models.rope import inv_frequencies
 from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
 from parallel.rules import constrain
@@ -84,7 +85,7 @@ class TextEncoder(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
-        x_BLE = jax.lax.scan(layer, x_BLE, state)[0]
+        x_BLE = jax.lax.scan(bits_residuals(layer, cfg.dtype), x_BLE, state)[0]  # bf16 on CPU: models.residuals
         x_BLE = rms_norm(x_BLE, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
         w_BL = valid_BL.astype(jnp.float32)
         pooled = (x_BLE.astype(jnp.float32) * w_BL[..., None]).sum(1) / jnp.maximum(w_BL.sum(1), 1.0)[:, None]

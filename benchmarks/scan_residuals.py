@@ -1,0 +1,94 @@
+"""bf16 layer scan on CPU: residuals kept as uint16 bits (`models.residuals`) vs as bf16, side by side.
+
+    python -m benchmarks.scan_residuals [--rounds 8] [--layers 4,8,16] [--json results.json]
+
+The reference train step of benchmarks/train_step.py (d_model 256, 4 heads, SwiGLU 1024, vocab 8192, batch 8 × seq
+256, AdamW) with bf16 compute (float32 params), layers in a real `lax.scan` (scan_unroll=1), at each layer count;
+plus the fully unrolled stack at the first count, where nothing is stacked in a loop. "bits" is the library's step;
+"bf16" the same step with `models.residuals.bits_residuals` patched out at trace time. Rounds interleave every
+contender; a ratio is the median over rounds of bits / bf16. Temp memory is XLA's `memory_analysis()` of the
+compiled step. See docs/benchmarks.md, "Transformer train step".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from unittest import mock
+
+import jax
+from tqdm import tqdm
+
+from benchmarks.train_step import CFG, setup
+from experiments.config import at_least
+from experiments.lm_step import make_train_step
+from models.residuals import bits_residuals
+from parallel.host import tune_cpu_allocator
+
+
+def contender(cfg, packed: bool):
+    """(a call running one train step to completion, the compiled step's temp memory in MiB)."""
+    graphdef, params, opt, data = setup(cfg, 8, 256)
+    state = [params, jax.jit(opt.init)(params)]
+    with mock.patch("models.transformer.bits_residuals", bits_residuals if packed else lambda fn, dtype: fn):
+        compiled = make_train_step(graphdef, opt).lower(state[0], state[1], data).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    def call():
+        state[0], state[1], metrics = compiled(state[0], state[1], data)
+        jax.block_until_ready(metrics)
+
+    return call, temp
+
+
+def layer_counts(text: str) -> list[int]:
+    """'4,8,16' → [4, 8, 16]; each an integer >= 1 (argparse names the flag on error)."""
+    return [at_least(1)(n) for n in text.split(",")]
+
+
+layer_counts.__name__ = "comma-separated integers >= 1"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=at_least(1), default=8, help="interleaved measurement rounds")
+    ap.add_argument("--layers", type=layer_counts, default=[4, 8, 16], help="layer counts, comma-separated")
+    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    args = ap.parse_args(argv)
+    tune_cpu_allocator()
+    variants = {f"scan L={n}": dataclasses.replace(CFG, dtype="bfloat16", n_layers=n, scan_unroll=1)
+                for n in args.layers}
+    variants[f"unrolled L={args.layers[0]}"] = dataclasses.replace(CFG, dtype="bfloat16", n_layers=args.layers[0])
+    calls, temp = {}, {}
+    for name, cfg in tqdm(list(variants.items()), desc="compile"):
+        for packed in (True, False):
+            key = (name, "bits" if packed else "bf16")
+            calls[key], temp[key] = contender(cfg, packed)
+            calls[key]()
+    times = {k: [] for k in calls}
+    for _ in tqdm(range(args.rounds), desc="measuring"):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    med = statistics.median
+    rows = {}
+    print(f"{'variant':16s} {'bf16 ms':>8s} {'bits ms':>8s} {'bits/bf16':>9s} {'temp MiB bf16 → bits':>22s}")
+    for name in variants:
+        a, b = times[(name, "bf16")], times[(name, "bits")]
+        rows[name] = r = {"bf16_ms": 1e3 * med(a), "bits_ms": 1e3 * med(b),
+                          "ratio": med(y / x for x, y in zip(a, b)),
+                          "temp_mib_bf16": temp[(name, "bf16")], "temp_mib_bits": temp[(name, "bits")]}
+        print(f"{name:16s} {r['bf16_ms']:8.1f} {r['bits_ms']:8.1f} {r['ratio']:9.3f} "
+              f"{r['temp_mib_bf16']:10.1f} → {r['temp_mib_bits']:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": args.rounds, "results": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
