@@ -35,7 +35,8 @@ CFG = TransformerConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, mlp
                         scan_unroll=True)  # 4 layers: unrolling costs little compile time and saves ~5%
 ABLATIONS = {"ours_jax_scanned": dict(scan_unroll=1), "ours_jax_dense_attn": dict(attn_block=None),
              "ours_jax_layer_loop": dict(scan_layers=False), "ours_jax_plain_matmul": dict(matmul_impl="plain"),
-             "ours_jax_bf16_compute": dict(dtype="bfloat16")}  # outside the float32 contract: AMX / BF16 CPUs
+             "ours_jax_bf16_compute": dict(dtype="bfloat16"),  # outside the float32 contract: AMX / BF16 CPUs
+             "ours_jax_bf16_scanned": dict(dtype="bfloat16", scan_unroll=1)}
 MATMUL_N = 2048
 
 
@@ -150,7 +151,8 @@ def main(argv=None):
     ap.add_argument("--no-hf-eager-attn", action="store_true", help="skip HF with attn_implementation='eager'")
     ap.add_argument("--ablate", action="store_true", help="also time our step with the layers scanned "
                     "(scan_unroll=1), with the dense masked attention kernel, with a Python layer loop, and with "
-                    "plain x @ w weight gradients (matmul_impl='plain'), and with bf16 compute (f32 params)")
+                    "plain x @ w weight gradients (matmul_impl='plain'), and with bf16 compute (f32 params), "
+                    "unrolled and scanned")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
     args = ap.parse_args(argv)
