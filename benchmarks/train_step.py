@@ -102,8 +102,9 @@ def profile_phases(cfg, batch, seq, rounds):
               f"{1e3 * med(cpu[name][1:]):8.1f} {1e3 * flops / peak['cpu']:8.1f}")
 
 
-def hf_step(cfg, batch, seq, attn, compile_=False):
-    """HF LlamaForCausalLM of the same shape, eager or torch.compile'd, AdamW with the same settings."""
+def hf_step(cfg, batch, seq, attn, compile_=False, bf16=False):
+    """HF LlamaForCausalLM of the same shape, eager or torch.compile'd, AdamW with the same settings. bf16: the
+    forward under `torch.autocast` to bfloat16 (float32 params, as our bf16-compute step)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -122,7 +123,8 @@ def hf_step(cfg, batch, seq, attn, compile_=False):
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
 
     def call():
-        loss = fwd(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt_step()
@@ -152,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--ablate", action="store_true", help="also time our step with the layers scanned "
                     "(scan_unroll=1), with the dense masked attention kernel, with a Python layer loop, and with "
                     "plain x @ w weight gradients (matmul_impl='plain'), and with bf16 compute (f32 params), "
-                    "unrolled and scanned")
+                    "unrolled and scanned; and HF under torch.compile with bf16 autocast")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
     args = ap.parse_args(argv)
@@ -176,6 +178,9 @@ def main(argv=None):
             contenders["hf_eager_attn_eager"] = hf_step(CFG, args.batch, args.seq, "eager")
         if not args.no_compile:
             contenders["hf_torch_compile_sdpa"] = hf_step(CFG, args.batch, args.seq, "sdpa", compile_=True)
+            if args.ablate:  # beside ours_jax_bf16_compute
+                contenders["hf_torch_compile_bf16"] = hf_step(CFG, args.batch, args.seq, "sdpa", compile_=True,
+                                                              bf16=True)
 
     for name, call in tqdm(list(contenders.items()), desc="warm-up / compile"):
         try:
