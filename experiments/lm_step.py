@@ -79,15 +79,28 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
 
     width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices and the MoE router take steps of
     lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr.
-    optax keeps Adam's moments in the parameters' dtype: with bf16 *parameters* (param_dtype='bfloat16', not the
-    default f32 params + bf16 compute) nu stops decaying once b2·nu rounds back to nu (b2 >= ~0.996); keep
-    float32 parameters for training, or b2 <= 0.95."""
+    The optimizer works in float32 whatever the parameters' dtype (`float32_state`): Adam's moments, clipping and
+    the updates, which `optax.apply_updates` adds to the parameters before rounding to their dtype."""
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     parts = [optax.clip_by_global_norm(clip_norm),
              optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
     if width_mult != 1.0:
         parts.append(optax.masked(optax.scale(1.0 / width_mult), mup_hidden_mask))
-    return optax.chain(*parts)
+    return float32_state(optax.chain(*parts))
+
+
+def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` fed float32 copies of low-precision gradients and parameters, so its state (e.g. Adam's mu / nu) and
+    updates are float32; float32 inputs pass unchanged. optax keeps moments in the parameters' dtype: with bf16
+    parameters nu stops decaying once b2·nu rounds back to nu (b2 >= ~0.996) and small updates vanish."""
+
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+    def update(updates, state, params=None, **extra):
+        return inner.update(up(updates), state, None if params is None else up(params), **extra)
+
+    return optax.GradientTransformationExtraArgs(lambda params: inner.init(up(params)), update)
 
 
 def lm_loss_parts(graphdef, params, batch, rng=None):

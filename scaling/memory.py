@@ -7,7 +7,7 @@ that implements it; activations follow the activation rules (batch over data/fsd
 over `sequence`, heads / mlp / vocab over `tensor`).
 
 Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one micro-batch):
-- params, grads (same sharding, `grad_dtype`), optimizer state (`moments` per parameter: AdamW 2);
+- params, grads (same sharding, `grad_dtype`), optimizer state (`moments` per parameter: AdamW 2; float32);
 - activations = L_local · B_l·T_l · saved_per_token(layer, remat) — what the backward pass needs,
   per remat policy (`saved_bytes_per_token`: an upper bound that XLA meets to 75-103% for the
   dot-saving policies; tests/test_scaling_memory.py states every tolerance);
@@ -301,9 +301,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
 
     mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
     *global* sequences per step; seq_len: tokens per sequence; remat: default `cfg.remat`;
-    dtypes default to `cfg.param_dtype` / `cfg.dtype`, grads and optimizer moments to the param
-    dtype (optax AdamW keeps mu/nu in the parameter dtype); optimizer_moments: 2 for AdamW, 1 for
-    momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
+    dtypes default to `cfg.param_dtype` / `cfg.dtype`, grads to the param dtype, optimizer moments to float32
+    (`experiments.lm_step.make_optimizer` keeps them in float32 whatever the params); optimizer_moments: 2 for
+    AdamW, 1 for momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
     params: a real parameter table (`param_table_from_state`) instead of the analytic one.
     kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
     models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. With the block-causal kernel
@@ -318,7 +318,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     pdt = param_dtype or getattr(cfg, "param_dtype", "float32")
     cdt = compute_dtype or getattr(cfg, "dtype", "float32")
     pb, cb = dtype_bytes(pdt), dtype_bytes(cdt)
-    gb, ob = dtype_bytes(grad_dtype or pdt), dtype_bytes(opt_dtype or pdt)
+    gb, ob = dtype_bytes(grad_dtype or pdt), dtype_bytes(opt_dtype or "float32")
     table = params if params is not None else lm_param_table(s, param_dtype=pdt)
 
     elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table)

@@ -146,6 +146,28 @@ def test_decay_mask_by_name_not_ndim():
     assert len(off) == 12  # 2 stacks × (2 norms + 3 biases) + final_norm + router_bias
 
 
+def test_bf16_params_get_the_float32_params_optimizer():
+    """Adam's moments stay float32 for bf16 parameters. With gradients that do not depend on the parameters (and no
+    weight decay) the updates are those of float32 parameters, exactly; with optax's moments in bf16 (the params'
+    dtype), nu stopped decaying at b2 = 0.999 and the updates drifted far from them."""
+    opt = make_optimizer(1e-2, total_steps=300, warmup_steps=0, weight_decay=0.0, b2=0.999, clip_norm=1e9)
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.bfloat16)}
+    grads = lambda i: {"w": g["w"] * (0.02 if i > 100 else 1.0)}  # noqa: E731  (nu must decay after step 100)
+    runs = {}
+    for dtype in (jnp.bfloat16, jnp.float32):
+        params = {"w": jnp.ones((8, 8), dtype)}
+        state = opt.init(params)
+        floats = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+        assert floats == {jnp.dtype(jnp.float32)}
+        step = jax.jit(lambda p, s, gr: opt.update(gr, s, p))
+        for i in range(300):
+            u, state = step(params, state, grads(i))
+            params = optax.apply_updates(params, u)
+        assert params["w"].dtype == dtype
+        runs[dtype] = u["w"]
+    np.testing.assert_array_equal(runs[jnp.bfloat16], runs[jnp.float32])
+
+
 def test_schedules():
     """By optimizer count: 0 is the first update, 99 the last of 100; the last one gets min_lr_ratio·lr."""
     cos = make_schedule(1.0, 100, 10, "cosine", 0.1)
