@@ -94,8 +94,9 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     updates are float32; float32 inputs pass unchanged. optax keeps moments in the parameters' dtype: with bf16
     parameters nu stops decaying once b2·nu rounds back to nu (b2 >= ~0.996) and small updates vanish."""
 
-    def up(tree):
-        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+    def up(tree):  # floats narrower than float32 only: anything else passes as it is
+        low = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4  # noqa: E731
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if low(x) else x, tree)
 
     def update(updates, state, params=None, **extra):
         return inner.update(up(updates), state, None if params is None else up(params), **extra)

@@ -4,7 +4,7 @@ A `lax.scan` over layers stacks what each layer's backward needs into [L, ...] a
 iteration (a dynamic-update-slice per residual). XLA:CPU has no bf16 / f16 kernel for that update: it converts the
 *whole* stack to float32, writes the slice and converts the stack back, in every iteration, so the cost grows as L²
 and the float32 copies take memory. Kept as uint16 bits, the update is a plain integer copy: the scanned bf16
-reference train step ran 0.85x the time at 4 layers and 0.80x at 8 (temp memory 584 → 400 MiB at 8 layers;
+reference train step ran 0.85x / 0.79x / 0.70x the time at 4 / 8 / 16 layers (temp memory 1025 → 657 MiB at 16;
 `python -m benchmarks.scan_residuals`, docs/benchmarks.md).
 """
 
