@@ -70,10 +70,10 @@ def grad_fn(cfg, tokens, rng=None):
 
 
 @needs_cpu
-@pytest.mark.parametrize("kw", [dict(), dict(remat="full", qkv_bias=True),
+@pytest.mark.parametrize("kw", [dict(), dict(remat="full", qkv_bias=True), dict(remat="save_dots", post_norms=True),
                                 dict(moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=16, router_jitter=0.1),
                                      moe_every=2, attn_pattern="alternating", sliding_window=4)],
-                         ids=["dense", "remat-full", "moe-jitter-local"])
+                         ids=["dense", "remat-full", "save-dots-post-norms", "moe-jitter-local"])
 def test_a_bf16_transformer_keeps_its_loss_and_gradients(kw):
     tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, 64)
     rng = jax.random.key(2) if "moe" in kw else None
