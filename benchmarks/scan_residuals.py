@@ -1,18 +1,21 @@
-"""bf16 layer scan on CPU: residuals kept as uint16 bits (`models.residuals`) vs as bf16, side by side.
+"""bf16 loops on CPU: arrays kept as uint16 bits across iterations (`models.residuals`) vs as bf16, side by side.
 
     python -m benchmarks.scan_residuals [--rounds 8] [--layers 4,8,16] [--json results.json]
 
 The reference train step of benchmarks/train_step.py (d_model 256, 4 heads, SwiGLU 1024, vocab 8192, batch 8 × seq
 256, AdamW) with bf16 compute (float32 params), layers in a real `lax.scan` (scan_unroll=1), at each layer count;
-plus the fully unrolled stack at the first count, where nothing is stacked in a loop. "bits" is the library's step;
-"bf16" the same step with `models.residuals.bits_residuals` patched out at trace time. Rounds interleave every
-contender; a ratio is the median over rounds of bits / bf16. Temp memory is XLA's `memory_analysis()` of the
-compiled step. See docs/benchmarks.md, "Transformer train step".
+the fully unrolled stack at the first count, where nothing is stacked in a loop; and the same scanned step with
+every MLP a top-2-of-8 MoE (expert width 512, benchmarks/moe_train.py's), whose tile loops slice and update row
+arrays. "bits" is the library's step; "bf16" the same step with the bits patched out at trace time
+(`models.transformer.bits_residuals` for the layer scans, `models.moe_dispatch.packs` for the MoE's tile loops).
+Rounds interleave every contender; a ratio is the median over rounds of bits / bf16. Temp memory is XLA's
+`memory_analysis()` of the compiled step. See docs/benchmarks.md, "Transformer train step".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -22,18 +25,22 @@ from unittest import mock
 import jax
 from tqdm import tqdm
 
+from benchmarks.moe_train import MOE
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
-from models.residuals import bits_residuals
 from parallel.host import tune_cpu_allocator
 
+UNPACKED = {"scan": ("models.transformer.bits_residuals", lambda fn, dtype: fn),
+            "moe": ("models.moe_dispatch.packs", lambda dtype: False)}
 
-def contender(cfg, packed: bool):
-    """(a call running one train step to completion, the compiled step's temp memory in MiB)."""
+
+def contender(cfg, unpacked: str | None):
+    """(a call running one train step to completion, the compiled step's temp memory in MiB); unpacked: the bits
+    patched out of the layer scan ('scan') or of the MoE's tile loops ('moe')."""
     graphdef, params, opt, data = setup(cfg, 8, 256)
     state = [params, jax.jit(opt.init)(params)]
-    with mock.patch("models.transformer.bits_residuals", bits_residuals if packed else lambda fn, dtype: fn):
+    with mock.patch(*UNPACKED[unpacked]) if unpacked else contextlib.nullcontext():
         compiled = make_train_step(graphdef, opt).lower(state[0], state[1], data).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
 
@@ -59,14 +66,14 @@ def main(argv=None):
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
     tune_cpu_allocator()
-    variants = {f"scan L={n}": dataclasses.replace(CFG, dtype="bfloat16", n_layers=n, scan_unroll=1)
-                for n in args.layers}
-    variants[f"unrolled L={args.layers[0]}"] = dataclasses.replace(CFG, dtype="bfloat16", n_layers=args.layers[0])
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    variants = {f"scan L={n}": (dataclasses.replace(bf16, n_layers=n, scan_unroll=1), "scan") for n in args.layers}
+    variants[f"unrolled L={args.layers[0]}"] = (dataclasses.replace(bf16, n_layers=args.layers[0]), "scan")
+    variants["MoE scan L=4"] = (dataclasses.replace(bf16, scan_unroll=1, moe=MOE), "moe")
     calls, temp = {}, {}
-    for name, cfg in tqdm(list(variants.items()), desc="compile"):
-        for packed in (True, False):
-            key = (name, "bits" if packed else "bf16")
-            calls[key], temp[key] = contender(cfg, packed)
+    for name, (cfg, part) in tqdm(list(variants.items()), desc="compile"):
+        for key, unpacked in (((name, "bits"), None), ((name, "bf16"), part)):
+            calls[key], temp[key] = contender(cfg, unpacked)
             calls[key]()
     times = {k: [] for k in calls}
     for _ in tqdm(range(args.rounds), desc="measuring"):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from models.glu import glu
+from models.residuals import from_bits, packs, to_bits
 from parallel.rules import constrain, logical_to_spec
 
 DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
@@ -237,25 +238,38 @@ def _dot(a, b, dims=(((1,), (0,)), ((), ()))):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _row_io(dt):
+    """(take, put, enc, dec) for row tiles of [R, ...] arrays inside the tile loops. bf16 on CPU: the arrays stay
+    uint16 bits (`enc`) there, since XLA:CPU converts a whole bf16 array to float32 and back for each slice or
+    update in a loop (models.residuals): 61 whole-array conversions made the bf16 layer's forward + backward 1.5x
+    the float32 one's time; as bits it runs 0.64x the time it took (a bf16 MoE train step 0.73x;
+    `python -m benchmarks.scan_residuals`)."""
+    enc, dec = (to_bits, lambda b: from_bits(b, dt)) if packs(dt) else (lambda v: v, lambda v: v)
+    take = lambda buf, r, s: dec(jax.lax.dynamic_slice_in_dim(buf, r, s))  # noqa: E731
+    put = lambda buf, v, r: jax.lax.dynamic_update_slice_in_dim(buf, enc(v), r, 0)  # noqa: E731
+    return take, put, enc, dec
+
+
 def _swiglu_tiles(x_RD, w, run_E, sizes, act, save: bool):
     """y [R, D] (and the pre-activations gate, up [R, F] when `save`): one loop iteration per tile runs the whole
     expert SwiGLU, so the loop overhead is paid once per tile, not once per matmul (a third of the iterations)."""
     (R, _), F, dt = x_RD.shape, w[0].shape[-1], x_RD.dtype
+    take, put, enc, dec = _row_io(dt)
+    x_bits = enc(x_RD)
 
     def expert(c, xs):
         w_gate_DF, w_up_DF, w_down_FD, start, run = xs
 
         def body(r, s, c):
-            x_sD = jax.lax.dynamic_slice_in_dim(x_RD, r, s)
+            x_sD = take(x_bits, r, s)
             a_sF, b_sF = _dot(x_sD, w_gate_DF).astype(dt), _dot(x_sD, w_up_DF).astype(dt)
             y_sD = _dot(act(a_sF) * b_sF, w_down_FD).astype(dt)
-            put = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v, r, 0)  # noqa: E731
-            return (put(c[0], y_sD),) + ((put(c[1], a_sF), put(c[2], b_sF)) if save else ())
+            return (put(c[0], y_sD, r),) + ((put(c[1], a_sF, r), put(c[2], b_sF, r)) if save else ())
 
         return _expert_tiles(start, run, sizes, body, c), None
 
-    zeros = (jnp.zeros_like(x_RD),) + ((jnp.zeros((R, F), dt),) * 2 if save else ())
-    return _over_experts(expert, zeros, w, run_E)[0]
+    zeros = tuple(enc(z) for z in (jnp.zeros_like(x_RD),) + ((jnp.zeros((R, F), dt),) * 2 if save else ()))
+    return tuple(dec(c) for c in _over_experts(expert, zeros, w, run_E)[0])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -276,19 +290,21 @@ def _grouped_swiglu_bwd(sizes, act, res, g_RD):
     x_RD, w, run_E, a_RF, b_RF = res
     dt, T = x_RD.dtype, (((0,), (0,)), ((), ()))  # T: contract the tile's rows (weight gradients)
     NT = (((1,), (1,)), ((), ()))  # times a transposed weight
+    take, put, enc, dec = _row_io(dt)
+    rows = tuple(enc(v) for v in (x_RD, g_RD.astype(dt), a_RF, b_RF))
 
     def expert(dx_RD, xs):
         w_gate_DF, w_up_DF, w_down_FD, start, run = xs
 
         def body(r, s, c):
             dx_RD, dwg, dwu, dwd = c
-            x_sD, g_sD, a_sF, b_sF = (jax.lax.dynamic_slice_in_dim(v, r, s) for v in (x_RD, g_RD, a_RF, b_RF))
+            x_sD, g_sD, a_sF, b_sF = (take(v, r, s) for v in rows)
             act_a_sF, act_vjp = jax.vjp(act, a_sF)
             dh_sF = _dot(g_sD, w_down_FD, NT).astype(dt)
             db_sF = dh_sF * act_a_sF
             (da_sF,) = act_vjp(dh_sF * b_sF)
             dx_sD = _dot(da_sF, w_gate_DF, NT) + _dot(db_sF, w_up_DF, NT)
-            return (jax.lax.dynamic_update_slice_in_dim(dx_RD, dx_sD.astype(dt), r, 0),
+            return (put(dx_RD, dx_sD.astype(dt), r),
                     dwg + _dot(x_sD, da_sF, T), dwu + _dot(x_sD, db_sF, T), dwd + _dot(act_a_sF * b_sF, g_sD, T))
 
         f32 = lambda p: jnp.zeros(p.shape, jnp.float32)  # noqa: E731
@@ -296,8 +312,8 @@ def _grouped_swiglu_bwd(sizes, act, res, g_RD):
         dx_RD, *dws = _expert_tiles(start, run, sizes, body, (dx_RD, *map(f32, ws)))
         return dx_RD, tuple(d.astype(p.dtype) for d, p in zip(dws, ws))
 
-    dx_RD, dw = _over_experts(expert, jnp.zeros_like(x_RD), w, run_E)
-    return dx_RD, dw, None
+    dx_RD, dw = _over_experts(expert, enc(jnp.zeros_like(x_RD)), w, run_E)
+    return dec(dx_RD), dw, None
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

@@ -4,8 +4,9 @@ A `lax.scan` over layers stacks what each layer's backward needs into [L, ...] a
 iteration (a dynamic-update-slice per residual). XLA:CPU has no bf16 / f16 kernel for that update: it converts the
 *whole* stack to float32, writes the slice and converts the stack back, in every iteration, so the cost grows as L²
 and the float32 copies take memory. Kept as uint16 bits, the update is a plain integer copy: the scanned bf16
-reference train step ran 0.85x / 0.79x / 0.70x the time at 4 / 8 / 16 layers (temp memory 1025 → 657 MiB at 16;
-`python -m benchmarks.scan_residuals`, docs/benchmarks.md).
+reference train step ran 0.87x / 0.80x / 0.72x the time at 4 / 8 / 16 layers (temp memory 1025 → 657 MiB at 16;
+`python -m benchmarks.scan_residuals`, docs/benchmarks.md). The same holds for any loop that slices or updates bf16
+arrays (`to_bits` / `from_bits`: the MoE's tile loops).
 """
 
 from __future__ import annotations
@@ -16,12 +17,27 @@ import jax.numpy as jnp
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def packs(dtype) -> bool:
+    """Whether arrays of `dtype` are better kept as uint16 bits across loop iterations here: bf16 / f16 on CPU."""
+    return jnp.dtype(dtype) in _LOW and jax.default_backend() == "cpu"
+
+
+def to_bits(x):
+    """bf16 / f16 → the same bits as uint16 (anything else unchanged)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in _LOW else x
+
+
+def from_bits(b, dtype):
+    """Inverse of `to_bits` for an array that was of `dtype`."""
+    return jax.lax.bitcast_convert_type(b, dtype) if jnp.dtype(dtype) in _LOW else b
+
+
 def bits_residuals(fn, compute_dtype):
     """fn with the same values and gradients, whose backward keeps its bf16 / f16 residuals as uint16 bits (the
     module docstring): for the body of a layer scan. `fn` itself unless `compute_dtype` is bf16 / f16 on the CPU
     backend. Values it differentiates must come in as arguments: JAX refuses to differentiate a custom VJP with
     respect to closed-over values (CustomVJPException); closed-over constants (positions, masks) are fine."""
-    if jnp.dtype(compute_dtype) not in _LOW or jax.default_backend() != "cpu":
+    if not packs(compute_dtype):
         return fn
     layouts = {}  # the packed residuals' avals → (the VJP's treedef, the residuals' dtypes), recorded by fwd
 
@@ -32,13 +48,13 @@ def bits_residuals(fn, compute_dtype):
     def fwd(*args):
         out, vjp = jax.vjp(fn, *args)
         res, tree = jax.tree.flatten(vjp)
-        bits = [jax.lax.bitcast_convert_type(r, jnp.uint16) if r.dtype in _LOW else r for r in res]
+        bits = [to_bits(r) for r in res]
         layouts[_avals(bits)] = (tree, [r.dtype for r in res])
         return out, bits
 
     def bwd(bits, ct):
         tree, dtypes = layouts[_avals(bits)]
-        res = [jax.lax.bitcast_convert_type(b, dt) if dt in _LOW else b for b, dt in zip(bits, dtypes)]
+        res = [from_bits(b, dt) for b, dt in zip(bits, dtypes)]
         return jax.tree.unflatten(tree, res)(ct)
 
     packed.defvjp(fwd, bwd)

@@ -142,3 +142,47 @@ def test_a_bf16_dit_and_text_encoder_keep_their_gradients():
                                                                              unpacked):
         want = grads()
     assert_close(got, want)
+
+
+def in_loop_conversions(hlo: str, rows: int) -> list[str]:
+    """Lines converting a whole [rows, ...] array to float32 inside a while loop (its body and what it calls)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head:
+            name, comps[head.group(1)] = head.group(1), []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            comps[name].append(line)
+    todo, seen = re.findall(r"body=%?([\w.\-]+)", hlo), set()
+    while todo:
+        c = todo.pop()
+        if c not in seen and c in comps:
+            seen.add(c)
+            todo += [n for ln in comps[c] for n in re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", ln)]
+    return [ln for c in seen for ln in comps[c] if re.search(rf"= f32\[{rows},[\d,]*\]\S* convert\(", ln)]
+
+
+@needs_cpu
+def test_bf16_grouped_swiglu_keeps_its_tile_loops_free_of_whole_array_conversions():
+    """The MoE's tile loops slice and update [R, ...] row arrays: kept as bits, no iteration converts a whole array
+    (without them, every slice and update did: asserted too); values and gradients unchanged."""
+    from models.moe_dispatch import grouped_swiglu
+
+    sizes, R, run_E = (32, 8, 2), 64, jnp.array([0, 42, 6, 10])
+    ks = jax.random.split(jax.random.key(0), 5)
+    x, g = (jax.random.normal(k, (R, 8)).astype(jnp.bfloat16) for k in ks[:2])
+    w = tuple(jax.random.normal(k, s).astype(jnp.bfloat16) for k, s in zip(ks[2:], [(4, 8, 6), (4, 8, 6), (4, 6, 8)]))
+
+    def run():
+        f = jax.jit(jax.value_and_grad(lambda x, w: jnp.vdot(grouped_swiglu(x, w, run_E, sizes, jax.nn.silu), g)
+                                       .astype(jnp.float32), argnums=(0, 1)))
+        return f(x, w), in_loop_conversions(f.lower(x, w).compile().as_text(), R)
+
+    got, conversions = run()
+    assert conversions == []
+    with mock.patch("models.moe_dispatch.packs", lambda dtype: False):
+        want, conversions = run()
+    assert conversions
+    assert_close(got, want)
