@@ -73,8 +73,8 @@ class TransformerConfig:
     # skipped ((Q + 1) / 2Q of the dense [T, T] work for Q = T / attn_block); None: one dense block
     attn_block: int | None = 64
     # projections' products (models.linear): 'auto' computes their weight gradients from a materialised
-    # activation transpose on CPU (XLA:CPU then uses its fast kernels for them) outside a layer loop (scanned,
-    # not fully unrolled, float32 layers take plain products there: `loop_impl`), plain x @ w elsewhere
+    # transpose of the activation or of its cotangent on CPU (XLA:CPU then uses its fast kernels for them),
+    # plain x @ w elsewhere
     matmul_impl: Literal["auto", "plain", "transposed_grad"] = "auto"
     scan_layers: bool = True
     # layer groups per scan iteration (jax.lax.scan's `unroll`); True: every layer, no while loop, so no

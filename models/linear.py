@@ -2,17 +2,23 @@
 
 Autodiff of y = x @ w makes the weight gradient dw = xᵀ @ g a dot that contracts the leading (token) dim of
 both operands. XLA:CPU hands that form to Eigen rather than to YNNPACK, its faster kernels for products of
-row-major operands, and runs it beside the YNNPACK dx = g @ wᵀ. Materialising xᵀ ([D, M], through a reshape
-sandwich that XLA does not fold back into the dot) makes dw a plain product: the reference train step runs
-1.03-1.09× faster than with plain products on the AMD machine, within 2% on the Intel one (docs/benchmarks.md,
-"Transformer train step").
+row-major operands (about half the rate on the Zen 5 machine), and runs it beside the YNNPACK dx = g @ wᵀ.
+Materialising a transpose (through a reshape sandwich that XLA does not fold back into the dot) makes dw a plain
+product: the reference train step runs 1.03-1.09x faster than with plain products on the AMD machines, within 2% on
+the Intel one (docs/benchmarks.md, "Transformer train step").
+Which operand is transposed: the narrower one, xᵀ [D, M] (dw = xᵀ @ g) or gᵀ [F, M] (dwᵀ = gᵀ @ x, then the small
+[F, D] result transposed), x on a tie (q / k / v then share one xᵀ). In a layer scan this matters: x reaches the
+backward as a dynamic slice of the stacked residuals, and XLA:CPU fuses that slice into its transpose (a loop
+fusion ~5x slower than a plain transpose), whereas g is a plain array of the backward; the down projection
+([M, 4D] @ [4D, D]) transposes its narrow g. Scanned reference step 0.95x the time of plain products in the loop,
+bf16 scanned 0.94x, the DiT's scanned float32 step 0.87x (docs/benchmarks.md, twentieth session).
 Low precision (bf16 / f16 operands) on the CPU backend: XLA:CPU runs a dot with bf16 *output* as a float32 dot on
 operands converted up, and does the same to a dot whose operand is a transpose it can fold into the dot's
 dimensions, even behind an optimization barrier. Products here therefore accumulate into float32 and round the
-result (numerically what a GPU's bf16 GEMM does), and xᵀ is materialised by the reshape sandwich: bf16 dots then
-stay bf16, on AMX / AVX512-BF16 kernels (a 2048³ bf16 product: 1266 GFLOP/s against 305 in float32 on the Intel
-machine; the bf16-compute reference step 0.54× the time it took with converted dots).
-Only on the CPU backend: elsewhere the copy of x would cost memory bandwidth for nothing, and GPU / TPU GEMMs
+result (numerically what a GPU's bf16 GEMM does), and the transpose is materialised by the reshape sandwich: bf16
+dots then stay bf16, on AMX / AVX512-BF16 kernels (a 2048³ bf16 product: 1266 GFLOP/s against 305 in float32 on the
+Intel machine; the bf16-compute reference step 0.54x the time it took with converted dots).
+Only on the CPU backend: elsewhere the copy would cost memory bandwidth for nothing, and GPU / TPU GEMMs
 accumulate in float32 anyway.
 """
 
@@ -50,31 +56,20 @@ def flat_rows() -> bool:
     return mesh_axis_for("act_seq")[1] == 1
 
 
-def loop_impl(impl: str, compute_dtype="float32") -> str:
-    """The impl for products inside a layer loop (a `lax.scan` over stacked layers that is not fully unrolled):
-    'auto' becomes 'plain' for float32 compute. There each residual x reaches the backward as a dynamic slice of
-    the stacked scan carry, and XLA:CPU fuses that slice into the materialised transpose: a loop fusion ~5x slower
-    than the transpose of a plain array, which costs more than the faster weight-gradient dot gains (the scanned
-    reference step ran 0.93x the time with 'plain'; docs/benchmarks.md, fourteenth session). bf16 / f16 compute
-    keeps 'auto': plain products' weight gradients would run as float32 dots on converted operands (the module
-    docstring), and the scanned bf16 step ran 0.85x the time with the transposed gradient."""
-    low = jnp.dtype(compute_dtype) in _LOW_PRECISION
-    return "plain" if impl == "auto" and not low else impl
-
-
 def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True, contract: int = 1):
     """x [..., D] @ w [D, F] → [..., F]; values and gradients are those of `x @ w` (`out_dtype` None).
 
     contract: for a weight kept in its own shape, e.g. q's [D, N, H] or o's [N, H, D]: x's last `contract` dims
     meet w's first ones (x [..., N, H] @ w [N, H, D] → [..., D]). The product then runs as the 2-D one, but the
-    'plain' products of a layer loop keep w itself for the backward: a reshaped copy would be a new array, which a
-    scanned layer stack saves per layer (a copy of those weights every step).
+    backward keeps w itself: a reshaped copy would be a new array, which a scanned layer stack saves per layer (a
+    copy of those weights every step).
 
-    impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised xᵀ (see above); 'auto' picks
-    'transposed_grad' on the CPU backend and 'plain' elsewhere. flatten: run it on rows [M, D] (M = all leading
-    dims; 3-D products make XLA:CPU's weight gradients 1.5x slower). flatten=False keeps x's shape (and 'plain'),
-    for a leading dim other than the first sharded (sequence parallelism): [B, T] rows with T split over devices
-    are not a per-device block, and XLA would gather the whole sequence onto each device.
+    impl: 'plain' is that product; 'transposed_grad' computes dw from a materialised transpose of x or g (see
+    above); 'auto' picks 'transposed_grad' on the CPU backend and 'plain' elsewhere.
+    flatten: run it on rows [M, D] (M = all leading dims; 3-D products make XLA:CPU's weight gradients 1.5x
+    slower). flatten=False keeps x's shape (and 'plain'), for a leading dim other than the first sharded (sequence
+    parallelism): [B, T] rows with T split over devices are not a per-device block, and XLA would gather the whole
+    sequence onto each device.
     out_dtype: accumulation and output dtype, e.g. float32 logits from bf16 operands rather than bf16 ones cast
     up. The backward products still run in the operands' dtype (the cotangent rounded to it, as autodiff of a
     product cast up afterwards does), so a bf16 model's LM-head backward keeps its bf16 matmuls.
@@ -92,13 +87,13 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
         return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
-    return _mm(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF)
+    return _mm(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
 
 
 def _transposed(x_MD):
     """x [M, D] → xᵀ [D, M], materialised: XLA:CPU folds a plain transpose into the dot that reads it (as a
-    contraction of both operands' leading dims) and, in low precision, converts the operands to float32; through
-    this reshape sandwich it copies x once and runs a row-major product (`_grads`)."""
+    contraction of both operands' leading dims) or writes it, and in low precision converts the operands to
+    float32; through this reshape sandwich it copies x once and runs a row-major product (`_grads`)."""
     M, D = x_MD.shape
     return x_MD.reshape(M, D, 1).transpose(1, 2, 0).reshape(D, M)
 
@@ -106,7 +101,9 @@ def _transposed(x_MD):
 def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
-    if transposed_grad:
+    if transposed_grad and g_MF.shape[1] < x_MD.shape[1]:  # the narrower operand is transposed (module docstring)
+        dw_DF = _transposed(_mm(_transposed(g_MF), x_MD, out=w_DF.dtype))
+    elif transposed_grad:
         dw_DF = _mm(_transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
     else:
         lead = tuple(range(x_MD.ndim - 1))
@@ -114,13 +111,25 @@ def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     return _dot(g_MF, w_DF, (((g_MF.ndim - 1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
 
 
-@jax.custom_vjp
-def _linear_tg(x_MD, w_DF):
-    return _mm(x_MD, w_DF)
+def _as_2d(w, contract: int):
+    """w [C..., F...] → [prod C, prod F]."""
+    return w.reshape(math.prod(w.shape[:contract]), -1)
 
 
-_linear_tg.defvjp(lambda x_MD, w_DF: (_mm(x_MD, w_DF), (x_MD, w_DF)),
-                  lambda res, g_MF: _grads(*res, g_MF, transposed_grad=True))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_tg(x_MK, w, contract: int):
+    """x [M, K] @ w [C..., F...] (prod C = K) → [M, prod F]; the backward keeps w in its own shape."""
+    return _mm(x_MK, _as_2d(w, contract))
+
+
+def _linear_tg_bwd(contract, res, g_MF):
+    x_MK, w = res
+    dx_MK, dw = _grads(x_MK, _as_2d(w, contract), g_MF, transposed_grad=True)
+    return dx_MK, dw.reshape(w.shape)
+
+
+# the forward rule's product is a plain dot, not a nested custom-VJP call: remat policies save dots by primitive
+_linear_tg.defvjp(lambda x_MK, w, contract: (_mm(x_MK, _as_2d(w, contract)), (x_MK, w)), _linear_tg_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -141,6 +150,4 @@ def _linear_nd(x, w, impl: str, contract: int):
     if impl == "plain":
         dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
         return _dot(x, w, (dims, ((), ())))
-    # 'transposed_grad' runs outside layer loops (`loop_impl`), in one graph where XLA keeps no reshaped copy
-    x_MK = x.reshape(-1, math.prod(C))
-    return _linear_tg(x_MK, w.reshape(x_MK.shape[1], -1)).reshape(*lead, *F)
+    return _linear_tg(x.reshape(-1, math.prod(C)), w, contract).reshape(*lead, *F)

@@ -25,7 +25,7 @@ from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
 from models.glu import glu
-from models.linear import flat_rows, linear, loop_impl
+from models.linear import flat_rows, linear
 from models.moe import MoE
 from models.moe_dispatch import mesh_shards
 from models.residuals import bits_residuals
@@ -145,7 +145,6 @@ class _Ctx:
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
     flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
-    matmul_impl: str | None = None  # the blocks' models.linear impl; None: cfg.matmul_impl (see `loop_impl`)
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -196,7 +195,7 @@ class Block(nnx.Module):
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
         w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
-        mm = lambda x, wt, contract=1: linear(x, wt, ctx.matmul_impl or cfg.matmul_impl,  # noqa: E731
+        mm = lambda x, wt, contract=1: linear(x, wt, cfg.matmul_impl,  # noqa: E731
                                               flatten=ctx.flat_rows, contract=contract)
         wc = lambda p: p[...].astype(cd)  # noqa: E731  (q / k / v / o in their own shapes: see models.linear)
         norm = lambda x, p: rms_norm(x, p[...], cfg.norm_eps, cfg.norm_offset)  # noqa: E731
@@ -399,8 +398,6 @@ class Transformer(nnx.Module):
         per = lambda k: (L // P,) if n_kind[k] == 1 else (L // P, n_kind[k])  # noqa: E731
         grouped = {k: jax.tree.map(lambda a, k=k: a.reshape(per(k) + a.shape[1:]), st) for k, st in states.items()}
         keys = None if rng is None or not n_kind[True] else jax.random.split(rng, L // P)
-        if cfg.scan_layers and not (cfg.scan_unroll is True or cfg.scan_unroll >= L // P):
-            ctx = dataclasses.replace(ctx, matmul_impl=loop_impl(cfg.matmul_impl, cfg.dtype))  # a real loop
 
         def one_layer(j, st, x, arrays, c, key):
             if n_kind[kinds[j]] > 1:  # layer j's slice of its kind's group (inside the checkpoint below)

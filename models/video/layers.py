@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from models.attention import attention
-from models.linear import flat_rows, linear, loop_impl
+from models.linear import flat_rows, linear
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
 from models.transformer import param, rms_norm
@@ -106,10 +106,10 @@ def matmul(x_MI, w, cd):
     Projections run through `models.linear` as 2-D matmuls over M = B·S rows: their weight gradients are then plain
     dots, whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer). Not when
     the mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them.
-    The DiT's blocks run in a layer scan, so the products take `loop_impl`'s choice (bf16 compute on CPU: bf16
-    dots with float32 accumulation and the transposed weight gradient)."""
+    On CPU (matmul_impl 'auto') their weight gradients come from a materialised transpose of the narrower of x and
+    the cotangent, also inside the DiT's layer scan; bf16 compute runs bf16 dots with float32 accumulation."""
     w_IO = w[...].astype(cd).reshape(x_MI.shape[-1], -1)
-    return linear(x_MI.astype(cd), w_IO, loop_impl("auto", cd), flatten=flat_rows())
+    return linear(x_MI.astype(cd), w_IO, "auto", flatten=flat_rows())
 
 
 def modulate(x_BSD, shift_BD, scale_BD):

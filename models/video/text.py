@@ -18,7 +18,7 @@ from flax import nnx
 from models.attention import attention
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
-from models.linear import flat_rows, loop_impl
+from models.linear import flat_rows
 from models.residuals import bits_residuals
 from models.rope import inv_frequencies
 from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
@@ -72,7 +72,7 @@ class TextEncoder(nnx.Module):
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
-                   flat_rows=flat_rows(), matmul_impl=loop_impl(cfg.matmul_impl, cfg.dtype))  # the blocks run in a scan
+                   flat_rows=flat_rows())
 
         x_BLE = embed_lookup(self.embed[...], tokens_BL, cd)  # as the LM: all-gathered in cd
         if cfg.embed_scale:

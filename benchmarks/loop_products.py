@@ -1,0 +1,136 @@
+"""Weight gradients inside layer scans on CPU: the narrower of x and the cotangent transposed (`models.linear`) vs
+what the library did before, side by side.
+
+    python -m benchmarks.loop_products [--rounds 10] [--json results.json]
+
+Contenders (each "before" is the library's step with the old rule patched in at trace time):
+- reference train step of benchmarks/train_step.py (d_model 256, SwiGLU 1024, 4 layers, batch 8 × 256, AdamW),
+  float32, layers in a real `lax.scan`: before, the blocks' products were plain `x @ w` in a loop (their weight
+  gradients Eigen dots contracting both operands' token dims; the LM head, outside the loop, transposed x);
+- the same step in bf16 compute (float32 params), scanned: before, xᵀ was always the transposed operand (the down
+  projection's x, a dynamic slice of the stacked residuals, transposed inside a slow loop fusion);
+- the same float32 step fully unrolled: before, xᵀ always (there every x is a plain array);
+- the DiT train step of `python -m experiments.train_video`'s default preset (factorized attention, float32):
+  before, every DiT and text-encoder product was plain.
+Rounds interleave every contender; a ratio is the median over rounds of new / before. Temp memory is XLA's
+`memory_analysis()` of the compiled step. See docs/benchmarks.md, "Transformer train step", twentieth session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import time
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+import models.linear as ml
+from benchmarks.train_step import CFG, setup
+from experiments.config import at_least
+from experiments.lm_step import make_train_step
+from parallel.host import tune_cpu_allocator
+
+
+def _grads_x_always(x_MD, w_DF, g_MF, transposed_grad: bool):
+    """The rule before: dw from xᵀ whatever the shapes."""
+    if not transposed_grad:
+        return ml._grads(x_MD, w_DF, g_MF, False)
+    g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
+    dw_DF = ml._mm(ml._transposed(x_MD), g_MF, out=w_DF.dtype)
+    return ml._dot(g_MF, w_DF, (((1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
+
+
+def _plain_unless_out_dtype(x, w, impl="auto", out_dtype=None, **kw):
+    """Before, a float32 layer loop's products were plain; the LM head (the one call with out_dtype) was not."""
+    return ml.linear(x, w, "plain" if out_dtype is None else impl, out_dtype, **kw)
+
+
+BEFORE = {
+    "x_always": [("models.linear._grads", _grads_x_always)],
+    "plain_in_loops": [("models.transformer.linear", _plain_unless_out_dtype)],
+    "plain_dit": [("models.transformer.linear", _plain_unless_out_dtype),
+                  ("models.video.layers.linear", _plain_unless_out_dtype)],
+}
+
+
+def _patched(before: str | None):
+    stack = contextlib.ExitStack()
+    for target, new in BEFORE[before] if before else ():
+        stack.enter_context(mock.patch(target, new))
+    return stack
+
+
+def lm_contender(cfg, before: str | None):
+    """(a call running one train step to completion, temp MiB); traced and compiled under the `before` patches."""
+    graphdef, params, opt, data = setup(cfg, 8, 256)
+    state = [params, jax.jit(opt.init)(params)]
+    with _patched(before):
+        compiled = make_train_step(graphdef, opt).lower(state[0], state[1], data).compile()
+
+    def call():
+        state[0], state[1], metrics = compiled(state[0], state[1], data)
+        jax.block_until_ready(metrics)
+
+    return call, compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def dit_contender(before: str | None):
+    """(a call running one DiT train step of the default video preset, None): jit traces on the first call,
+    which runs under the patches."""
+    from benchmarks.video_bench import train_step_case
+    from experiments.train_video import PRESETS
+
+    run, _ = train_step_case(PRESETS["default"], "factorized")
+    with _patched(before):
+        jax.block_until_ready(run())
+    return lambda: jax.block_until_ready(run()), None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=at_least(1), default=10, help="interleaved measurement rounds")
+    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    args = ap.parse_args(argv)
+    tune_cpu_allocator()
+    variants = {
+        "f32 scanned": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=1), b), "plain_in_loops"),
+        "bf16 scanned": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=1, dtype="bfloat16"), b),
+                         "x_always"),
+        "f32 unrolled": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=True), b), "x_always"),
+        "DiT f32 (video default)": (dit_contender, "plain_dit"),
+    }
+    calls, temp = {}, {}
+    for name, (make, before) in tqdm(list(variants.items()), desc="compile"):
+        for key, b in (((name, "new"), None), ((name, "before"), before)):
+            calls[key], temp[key] = make(b)
+            calls[key]()
+    times = {k: [] for k in calls}
+    for _ in tqdm(range(args.rounds), desc="measuring"):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    med = statistics.median
+    rows = {}
+    print(f"{'variant':24s} {'before ms':>9s} {'new ms':>8s} {'new/before':>10s}  temp MiB before → new")
+    for name, (_, before) in variants.items():
+        a, b = times[(name, "before")], times[(name, "new")]
+        rows[name] = r = {"before": before, "before_ms": 1e3 * med(a), "new_ms": 1e3 * med(b),
+                          "ratio": med(y / x for x, y in zip(a, b)),
+                          "temp_mib_before": temp[(name, "before")], "temp_mib_new": temp[(name, "new")]}
+        mem = "" if r["temp_mib_new"] is None else f"{r['temp_mib_before']:.0f} → {r['temp_mib_new']:.0f}"
+        print(f"{name:24s} {r['before_ms']:9.1f} {r['new_ms']:8.1f} {r['ratio']:10.3f}  {mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rounds": args.rounds, "results": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
