@@ -8,6 +8,10 @@ split into: a projection product running (2-D dots: q/k/v/o, MLP, LM head, and t
 attention product running (batched dots); otherwise only elementwise / layout / reduction kernels; otherwise
 nothing. `--torch` also profiles HF Llama under torch.compile (benchmarks/train_step.py's contender) and sums
 its time by aten op, for the side-by-side reading in docs/benchmarks.md.
+
+A dot that XLA:CPU hands to Eigen (one contracting the leading dims of both operands) runs asynchronously on Eigen's
+thread pool: its trace event covers only the launch, and the rest of its time shows up as "no kernel". The reference
+step has none (models.linear); a large "no kernel" share elsewhere usually means some.
 """
 
 from __future__ import annotations
