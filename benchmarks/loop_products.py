@@ -11,7 +11,10 @@ Contenders (each "before" is the library's step with the old rule patched in at 
   projection's x, a dynamic slice of the stacked residuals, transposed inside a slow loop fusion);
 - the same float32 step fully unrolled: before, xᵀ always (there every x is a plain array);
 - the DiT train step of `python -m experiments.train_video`'s default preset (factorized attention, float32):
-  before, every DiT and text-encoder product was plain.
+  before, every DiT and text-encoder product was plain;
+- the reference step with every MLP a top-2-of-8 MoE (benchmarks/moe_train.py's, grouped SwiGLU), scanned, float32
+  and bf16 compute: before, the expert weight gradients contracted the rows of both tile operands (Eigen dots;
+  `models.moe_dispatch.weight_grad_columns` off).
 Rounds interleave every contender; a ratio is the median over rounds of new / before. Temp memory is XLA's
 `memory_analysis()` of the compiled step. See docs/benchmarks.md, "Transformer train step", twentieth session.
 """
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import models.linear as ml
+from benchmarks.moe_train import MOE
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -42,7 +46,7 @@ def _grads_x_always(x_MD, w_DF, g_MF, transposed_grad: bool):
     if not transposed_grad:
         return ml._grads(x_MD, w_DF, g_MF, False)
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
-    dw_DF = ml._mm(ml._transposed(x_MD), g_MF, out=w_DF.dtype)
+    dw_DF = ml._mm(ml.transposed(x_MD), g_MF, out=w_DF.dtype)
     return ml._dot(g_MF, w_DF, (((1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
 
 
@@ -56,6 +60,7 @@ BEFORE = {
     "plain_in_loops": [("models.transformer.linear", _plain_unless_out_dtype)],
     "plain_dit": [("models.transformer.linear", _plain_unless_out_dtype),
                   ("models.video.layers.linear", _plain_unless_out_dtype)],
+    "moe_row_tiles": [("models.moe_dispatch.weight_grad_columns", lambda: False)],
 }
 
 
@@ -104,6 +109,10 @@ def main(argv=None):
                          "x_always"),
         "f32 unrolled": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=True), b), "x_always"),
         "DiT f32 (video default)": (dit_contender, "plain_dit"),
+        "MoE f32 scanned": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=1, moe=MOE), b),
+                            "moe_row_tiles"),
+        "MoE bf16 scanned": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=1, moe=MOE,
+                                                                         dtype="bfloat16"), b), "moe_row_tiles"),
     }
     calls, temp = {}, {}
     for name, (make, before) in tqdm(list(variants.items()), desc="compile"):

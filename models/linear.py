@@ -90,7 +90,7 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     return _mm(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
 
 
-def _transposed(x_MD):
+def transposed(x_MD):
     """x [M, D] → xᵀ [D, M], materialised: XLA:CPU folds a plain transpose into the dot that reads it (as a
     contraction of both operands' leading dims) or writes it, and in low precision converts the operands to
     float32; through this reshape sandwich it copies x once and runs a row-major product (`_grads`)."""
@@ -102,9 +102,9 @@ def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
     if transposed_grad and g_MF.shape[1] < x_MD.shape[1]:  # the narrower operand is transposed (module docstring)
-        dw_DF = _transposed(_mm(_transposed(g_MF), x_MD, out=w_DF.dtype))
+        dw_DF = transposed(_mm(transposed(g_MF), x_MD, out=w_DF.dtype))
     elif transposed_grad:
-        dw_DF = _mm(_transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
+        dw_DF = _mm(transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
     else:
         lead = tuple(range(x_MD.ndim - 1))
         dw_DF = _dot(x_MD, g_MF, ((lead, lead), ((), ())), out=w_DF.dtype)

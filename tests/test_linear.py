@@ -39,7 +39,7 @@ def test_value_and_gradients_equal_autodiff_of_matmul(dtype, tol, D, F):
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
-TRANSPOSED = re.compile(r"\[(\d+),1,(\d+)\] = transpose\[permutation=\(1, 2, 0\)\]")  # models.linear._transposed
+TRANSPOSED = re.compile(r"\[(\d+),1,(\d+)\] = transpose\[permutation=\(1, 2, 0\)\]")  # models.linear.transposed
 
 
 def test_auto_takes_the_transposed_gradient_on_cpu_only_there():

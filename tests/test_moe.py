@@ -4,6 +4,7 @@ predicted tokens, auxiliary losses match their formulas, bias balancing works, e
 import dataclasses
 import functools
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -146,11 +147,18 @@ def test_path_equals_dense_reference(case):
         np.testing.assert_allclose(g[k], ref_grads[0][k], atol=1e-5, err_msg=f"d/d{k}")
 
 
+@pytest.mark.parametrize("columns", [True, False], ids=["columns", "rows"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act):
+def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act, columns):
     """Runs of 0, 42, 6 and 10 rows with tiles (32, 8, 2): 42 = 32 + 8 + 2 uses every tile size. Values and
     gradients (x and the three expert weights, through the custom VJP) equal each row's own expert SwiGLU; rows
-    past the runs give 0, and expert 0 (no rows) gets no weight gradient."""
+    past the runs give 0, and expert 0 (no rows) gets no weight gradient. Both ways of forming the weight gradients
+    (`weight_grad_columns`: from columns of xᵀ and gᵀ, the CPU default, or from row tiles)."""
+    with mock.patch("models.moe_dispatch.weight_grad_columns", lambda: columns):
+        _check_grouped_swiglu(act)
+
+
+def _check_grouped_swiglu(act):
     sizes, R, act = (32, 8, 2), 64, ACTIVATIONS[act]
     run_E = jnp.array([0, 42, 6, 10])
     expert_R = np.array([1] * 42 + [2] * 6 + [3] * 10 + [-1] * 6)  # -1: rows past the runs stay 0
@@ -170,6 +178,27 @@ def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act)
                                per_row(x, w), atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5), g1, g0)
     assert not any(np.any(d[0]) for d in g1[1]), "expert 0 has no rows: no weight gradient"
+
+
+def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():
+    """On CPU no dot of the grouped SwiGLU's gradient contracts the rows of both operands (XLA:CPU runs that form on
+    Eigen, and in bf16 as a float32 dot); formed from row tiles, its weight gradients all do."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's dot lowering")
+    sizes, run_E = (32, 8), jnp.array([40, 0, 24])
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (64, 16))
+    w = (jax.random.normal(ks[1], (3, 16, 24)), jax.random.normal(ks[2], (3, 16, 24)),
+         jax.random.normal(ks[3], (3, 24, 16)))
+
+    def rows_both(columns):
+        with mock.patch("models.moe_dispatch.weight_grad_columns", lambda: columns):
+            f = jax.jit(jax.grad(lambda x, w: grouped_swiglu(x, w, run_E, sizes, jax.nn.silu).sum(), argnums=(0, 1)))
+            hlo = f.lower(x, w).compile().as_text()
+        return re.findall(r" dot\([^\n]*lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}", hlo)
+
+    assert rows_both(True) == []
+    assert len(rows_both(False)) >= 3  # gate, up and down, per expert and tile size unless XLA merges them
 
 
 def test_top_k_indices_is_a_stable_descending_sort():
