@@ -36,7 +36,17 @@ def test_step_profile_reads_each_dot_fusions_flops_from_the_compiled_hlo():
     assert dots == [(2 * 3 * 16 * 24 * 8, True), (2 * 64 * 32 * 48, False)]
 
 
+def test_step_profile_extends_an_eigen_dot_to_the_next_kernel():
+    """An unfused dot's trace event covers only its launch: it runs until the next kernel starts (or its own end)."""
+    from benchmarks.step_profile import _eigen_extended
+
+    kernels = {"dot.1": {"eigen": True}, "fusion.2": {"eigen": False}, "dot.3": {"eigen": True}}
+    evs = [(0, 5, "dot.1"), (40, 50, "fusion.2"), (45, 47, "dot.3")]
+    assert _eigen_extended(evs, kernels) == [(0, 40, "dot.1"), (40, 50, "fusion.2"), (45, 47, "dot.3")]
+
+
 @pytest.mark.parametrize("module, argv, message", [
+    ("benchmarks.loop_products", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
     ("benchmarks.scan_residuals", ["--layers", "4,0"], "argument --layers: must be an integer >= 1, got 0"),
