@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
-import time
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
-from tqdm import tqdm
 
 import models.linear as ml
 from benchmarks.moe_train import MOE
+from benchmarks.rounds import interleaved
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -114,17 +114,8 @@ def main(argv=None):
         "MoE bf16 scanned": (lambda b: lm_contender(dataclasses.replace(CFG, scan_unroll=1, moe=MOE,
                                                                          dtype="bfloat16"), b), "moe_row_tiles"),
     }
-    calls, temp = {}, {}
-    for name, (make, before) in tqdm(list(variants.items()), desc="compile"):
-        for key, b in (((name, "new"), None), ((name, "before"), before)):
-            calls[key], temp[key] = make(b)
-            calls[key]()
-    times = {k: [] for k in calls}
-    for _ in tqdm(range(args.rounds), desc="measuring"):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
+    times, temp = interleaved({(name, label): functools.partial(make, b) for name, (make, before) in variants.items()
+                               for label, b in (("new", None), ("before", before))}, args.rounds)
     med = statistics.median
     rows = {}
     print(f"{'variant':24s} {'before ms':>9s} {'new ms':>8s} {'new/before':>10s}  temp MiB before → new")

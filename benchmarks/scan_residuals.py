@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import statistics
-import time
 from unittest import mock
 
 import jax
-from tqdm import tqdm
 
 from benchmarks.moe_train import MOE
+from benchmarks.rounds import interleaved
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -70,17 +70,9 @@ def main(argv=None):
     variants = {f"scan L={n}": (dataclasses.replace(bf16, n_layers=n, scan_unroll=1), "scan") for n in args.layers}
     variants[f"unrolled L={args.layers[0]}"] = (dataclasses.replace(bf16, n_layers=args.layers[0]), "scan")
     variants["MoE scan L=4"] = (dataclasses.replace(bf16, scan_unroll=1, moe=MOE), "moe")
-    calls, temp = {}, {}
-    for name, (cfg, part) in tqdm(list(variants.items()), desc="compile"):
-        for key, unpacked in (((name, "bits"), None), ((name, "bf16"), part)):
-            calls[key], temp[key] = contender(cfg, unpacked)
-            calls[key]()
-    times = {k: [] for k in calls}
-    for _ in tqdm(range(args.rounds), desc="measuring"):
-        for k, call in calls.items():
-            t0 = time.perf_counter()
-            call()
-            times[k].append(time.perf_counter() - t0)
+    times, temp = interleaved({(name, label): functools.partial(contender, cfg, unpacked)
+                               for name, (cfg, part) in variants.items()
+                               for label, unpacked in (("bits", None), ("bf16", part))}, args.rounds)
     med = statistics.median
     rows = {}
     print(f"{'variant':16s} {'bf16 ms':>8s} {'bits ms':>8s} {'bits/bf16':>9s} {'temp MiB bf16 → bits':>22s}")

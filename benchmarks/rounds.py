@@ -1,0 +1,25 @@
+"""Side-by-side timing for the A/B benchmarks: every contender compiled first, then interleaved rounds, so that a
+load change on a shared machine hits all of them alike."""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+
+def interleaved(makers: dict, rounds: int) -> tuple[dict, dict]:
+    """makers: {key: () -> (call, extra)}, `call()` running one step to completion. Each is made and called once
+    (compilation), then `rounds` rounds call every contender once in turn. Returns ({key: [seconds per round]},
+    {key: extra})."""
+    calls, extra = {}, {}
+    for key, make in tqdm(list(makers.items()), desc="compile"):
+        calls[key], extra[key] = make()
+        calls[key]()
+    times = {k: [] for k in calls}
+    for _ in tqdm(range(rounds), desc="measuring"):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t0)
+    return times, extra
