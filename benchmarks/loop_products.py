@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import statistics
 from unittest import mock
 
 import jax
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 
 import models.linear as ml
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved
+from benchmarks.rounds import interleaved, pair_row
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -116,14 +115,10 @@ def main(argv=None):
     }
     times, temp = interleaved({(name, label): functools.partial(make, b) for name, (make, before) in variants.items()
                                for label, b in (("new", None), ("before", before))}, args.rounds)
-    med = statistics.median
     rows = {}
     print(f"{'variant':24s} {'before ms':>9s} {'new ms':>8s} {'new/before':>10s}  temp MiB before → new")
     for name, (_, before) in variants.items():
-        a, b = times[(name, "before")], times[(name, "new")]
-        rows[name] = r = {"before": before, "before_ms": 1e3 * med(a), "new_ms": 1e3 * med(b),
-                          "ratio": med(y / x for x, y in zip(a, b)),
-                          "temp_mib_before": temp[(name, "before")], "temp_mib_new": temp[(name, "new")]}
+        rows[name] = r = {"before": before} | pair_row(times, temp, name, "before", "new")
         mem = "" if r["temp_mib_new"] is None else f"{r['temp_mib_before']:.0f} → {r['temp_mib_new']:.0f}"
         print(f"{name:24s} {r['before_ms']:9.1f} {r['new_ms']:8.1f} {r['ratio']:10.3f}  {mem}")
     if args.json:

@@ -3,6 +3,7 @@ load change on a shared machine hits all of them alike."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from tqdm import tqdm
@@ -23,3 +24,12 @@ def interleaved(makers: dict, rounds: int) -> tuple[dict, dict]:
             call()
             times[k].append(time.perf_counter() - t0)
     return times, extra
+
+
+def pair_row(times: dict, extra: dict, name, base: str, new: str) -> dict:
+    """Medians of contender (name, base) and (name, new) in ms, the median over rounds of new / base time ('ratio'),
+    and their `extra` values as temp_mib_<label>."""
+    a, b = times[(name, base)], times[(name, new)]
+    return {f"{base}_ms": 1e3 * statistics.median(a), f"{new}_ms": 1e3 * statistics.median(b),
+            "ratio": statistics.median(y / x for x, y in zip(a, b)),
+            f"temp_mib_{base}": extra[(name, base)], f"temp_mib_{new}": extra[(name, new)]}

@@ -19,13 +19,12 @@ import contextlib
 import dataclasses
 import functools
 import json
-import statistics
 from unittest import mock
 
 import jax
 
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved
+from benchmarks.rounds import interleaved, pair_row
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -73,14 +72,10 @@ def main(argv=None):
     times, temp = interleaved({(name, label): functools.partial(contender, cfg, unpacked)
                                for name, (cfg, part) in variants.items()
                                for label, unpacked in (("bits", None), ("bf16", part))}, args.rounds)
-    med = statistics.median
     rows = {}
     print(f"{'variant':16s} {'bf16 ms':>8s} {'bits ms':>8s} {'bits/bf16':>9s} {'temp MiB bf16 → bits':>22s}")
     for name in variants:
-        a, b = times[(name, "bf16")], times[(name, "bits")]
-        rows[name] = r = {"bf16_ms": 1e3 * med(a), "bits_ms": 1e3 * med(b),
-                          "ratio": med(y / x for x, y in zip(a, b)),
-                          "temp_mib_bf16": temp[(name, "bf16")], "temp_mib_bits": temp[(name, "bits")]}
+        rows[name] = r = pair_row(times, temp, name, "bf16", "bits")
         print(f"{name:16s} {r['bf16_ms']:8.1f} {r['bits_ms']:8.1f} {r['ratio']:9.3f} "
               f"{r['temp_mib_bf16']:10.1f} → {r['temp_mib_bits']:.1f}")
     if args.json:
