@@ -100,16 +100,17 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
     return o.reshape(B, H * W, T, N, K).transpose(0, 2, 1, 3, 4).reshape(B, S, N, K)
 
 
-def matmul(x_MI, w, cd):
-    """x [..., I] @ a weight [I..., O...] read as [I, O] (I = x's last dim, e.g. wo [N, K, D] with I = N·K) → [..., O].
+def matmul(x, w, cd, contract: int = 1):
+    """x [..., C...] @ a weight [C..., O...] → [..., O...]: x's last `contract` dims meet w's first (e.g.
+    q = h [B, S, D] @ wq [D, N, K] → [B, S, N, K]; o [B, S, N, K] @ wo [N, K, D] with contract=2 → [B, S, D]).
 
     Projections run through `models.linear` as 2-D matmuls over M = B·S rows: their weight gradients are then plain
     dots, whereas 3-D einsums make XLA:CPU transpose inside slow loop fusions (as in models.transformer). Not when
     the mesh shards the sequence: [B, S] rows with S split are not a per-device block, and XLA would gather them.
+    The weight keeps its own shape: a reshaped copy would be a new array, which the DiT's layer scan saves per layer.
     On CPU (matmul_impl 'auto') their weight gradients come from a materialised transpose of the narrower of x and
-    the cotangent, also inside the DiT's layer scan; bf16 compute runs bf16 dots with float32 accumulation."""
-    w_IO = w[...].astype(cd).reshape(x_MI.shape[-1], -1)
-    return linear(x_MI.astype(cd), w_IO, "auto", flatten=flat_rows())
+    the cotangent, also inside the layer scan; bf16 compute runs bf16 dots with float32 accumulation."""
+    return linear(x.astype(cd), w[...].astype(cd), "auto", flatten=flat_rows(), contract=contract)
 
 
 def modulate(x_BSD, shift_BD, scale_BD):
@@ -159,7 +160,7 @@ class SelfAttention(nnx.Module):
         q = constrain(q, ("batch", "act_seq", "act_heads", None))
         o = spacetime_attention(q, k, v, grid, layout, spatial_window=spatial_window,
                                 temporal_window=temporal_window, impl=impl)
-        return matmul(o.reshape(B, S, N * K), self.wo, cd)
+        return matmul(o, self.wo, cd, contract=2)
 
 
 class CrossAttention(nnx.Module):
@@ -191,7 +192,7 @@ class CrossAttention(nnx.Module):
         # a caption with no real token (an all-padding null caption) adds nothing, whatever attn_impl: 'xla'
         # and cuDNN would average the padding values over a fully masked row, 'reference' gives zeros
         o = jnp.where(text_valid_BL.any(-1)[:, None, None, None], o, 0)
-        return matmul(o.reshape(B, S, N * K), self.wo, cd)
+        return matmul(o, self.wo, cd, contract=2)
 
 
 class SwiGLU(nnx.Module):
