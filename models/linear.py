@@ -137,7 +137,7 @@ def _linear_out(x_MD, w_DF, transposed_grad: bool, out_dtype):
     return jnp.matmul(x_MD, w_DF, preferred_element_type=out_dtype)
 
 
-_linear_out.defvjp(lambda x_MD, w_DF, tg, od: (_linear_out(x_MD, w_DF, tg, od), (x_MD, w_DF)),
+_linear_out.defvjp(lambda x_MD, w_DF, tg, od: (jnp.matmul(x_MD, w_DF, preferred_element_type=od), (x_MD, w_DF)),
                    lambda tg, od, res, g_MF: _grads(*res, g_MF, tg))
 
 
