@@ -10,8 +10,8 @@ Which operand is transposed: the narrower one, xᵀ [D, M] (dw = xᵀ @ g) or g�
 [F, D] result transposed), x on a tie (q / k / v then share one xᵀ). In a layer scan this matters: x reaches the
 backward as a dynamic slice of the stacked residuals, and XLA:CPU fuses that slice into its transpose (a loop
 fusion ~5x slower than a plain transpose), whereas g is a plain array of the backward; the down projection
-([M, 4D] @ [4D, D]) transposes its narrow g. Scanned reference step 0.95x the time of plain products in the loop,
-bf16 scanned 0.94x, the DiT's scanned float32 step 0.87x (docs/benchmarks.md, twentieth session).
+([M, 4D] @ [4D, D]) transposes its narrow g. Scanned reference step 0.94-0.96x the time of plain products in the
+loop, bf16 scanned 0.94-0.96x, the DiT's scanned float32 step 0.87-0.98x (docs/benchmarks.md, twentieth session).
 Low precision (bf16 / f16 operands) on the CPU backend: XLA:CPU runs a dot with bf16 *output* as a float32 dot on
 operands converted up, and does the same to a dot whose operand is a transpose it can fold into the dot's
 dimensions, even behind an optimization barrier. Products here therefore accumulate into float32 and round the
