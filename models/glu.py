@@ -5,6 +5,10 @@ layer in a scanned layer stack (the scan stacks every residual across layers), w
 backward recomputes σ(g) in the pass that writes (dg, du). Three fewer MLP-width activations per layer in memory
 (with remat 'none'), and on XLA:CPU the scanned reference train step 0.95x the time (in-step A/B, 10 rounds;
 docs/benchmarks.md, fifteenth session).
+Outside a layer loop (an unrolled stack) XLA would merge the backward's recomputed act(g) with the forward's and
+keep σ(g), silu(g) alive from the forward to the backward: the backward reads (g, u) through an optimization
+barrier (`_fresh`), so its recomputation stays its own. Unrolled reference train step: temp memory 475 -> 443 MiB,
+0.99x the time (docs/benchmarks.md, twentieth session).
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ def _glu_fwd(g_MF, u_MF, act):
     return glu(g_MF, u_MF, act), (g_MF, u_MF)
 
 
+def _fresh(res):
+    """The residuals as values XLA cannot identify with the forward's (module docstring)."""
+    return jax.lax.optimization_barrier(res)
+
+
 def _glu_bwd(act, res, dh_MF):
-    g_MF, u_MF = res
+    g_MF, u_MF = _fresh(res)
     a_MF, act_vjp = jax.vjp(_fn(act), g_MF)
     (dg_MF,) = act_vjp(dh_MF * u_MF)
     return dg_MF, dh_MF * a_MF

@@ -146,3 +146,23 @@ def test_the_dit_layer_scan_reads_its_parameters_in_place():
     sizes = {a.size for a in attn}
     weights = [(a.shape, why) for a, why in saved if a.shape[:1] == (L,) and a.size in sizes]
     assert weights and all("argument" in why for _, why in weights), weights
+
+
+def test_an_unrolled_stack_does_not_keep_the_glu_activations_until_the_backward():
+    """glu's backward recomputes act(g) from (g, u) behind an optimization barrier: without it XLA merges that
+    recomputation with the forward's and keeps σ(g), silu(g) alive until the backward (more temp memory)."""
+    from unittest import mock
+
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=3, n_heads=2, mlp_dim=256, max_seq_len=64,
+                            scan_unroll=True)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tok = np.zeros((4, 64), np.int32)
+
+    def temp():
+        grad = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok})))
+        return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    with_barrier = temp()
+    with mock.patch("models.glu._fresh", lambda res: res):
+        merged = temp()
+    assert with_barrier < merged, (with_barrier, merged)
