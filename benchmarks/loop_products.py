@@ -39,13 +39,15 @@ from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
 
+_PRODUCT_GRADS = ml.product_grads  # the library's, before any patch
+
 
 def _grads_x_always(x_MD, w_DF, g_MF, transposed_grad: bool):
     """The rule before: dw from xᵀ whatever the shapes."""
     if not transposed_grad:
-        return ml._grads(x_MD, w_DF, g_MF, False)
+        return _PRODUCT_GRADS(x_MD, w_DF, g_MF, False)
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
-    dw_DF = ml._mm(ml.transposed(x_MD), g_MF, out=w_DF.dtype)
+    dw_DF = ml.product(ml.transposed(x_MD), g_MF, out=w_DF.dtype)
     return ml._dot(g_MF, w_DF, (((1,), (1,)), ((), ())), out=x_MD.dtype), dw_DF
 
 
@@ -55,7 +57,7 @@ def _plain_unless_out_dtype(x, w, impl="auto", out_dtype=None, **kw):
 
 
 BEFORE = {
-    "x_always": [("models.linear._grads", _grads_x_always)],
+    "x_always": [("models.linear.product_grads", _grads_x_always)],
     "plain_in_loops": [("models.transformer.linear", _plain_unless_out_dtype)],
     "plain_dit": [("models.transformer.linear", _plain_unless_out_dtype),
                   ("models.video.layers.linear", _plain_unless_out_dtype)],

@@ -43,7 +43,7 @@ def _dot(a, b, dims, out=None):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
 
-def _mm(x, w, out=None):
+def product(x, w, out=None):
     """x [..., K] @ w [K, N] → [..., N] through `_dot`."""
     return _dot(x, w, (((x.ndim - 1,), (0,)), ((), ())), out)
 
@@ -74,10 +74,7 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     up. The backward products still run in the operands' dtype (the cotangent rounded to it, as autodiff of a
     product cast up afterwards does), so a bf16 model's LM-head backward keeps its bf16 matmuls.
     """
-    if impl == "auto":
-        impl = "transposed_grad" if jax.default_backend() == "cpu" else "plain"
-    if impl not in ("plain", "transposed_grad"):
-        raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
+    impl = resolve_impl(impl)
     if contract != 1 or w_DF.ndim != 2:
         return _linear_nd(x_MD, w_DF, impl if flatten else "plain", contract)
     lead = x_MD.shape[:-1]
@@ -87,24 +84,33 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
         return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
-    return _mm(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
+    return product(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
+
+
+def resolve_impl(impl: str) -> str:
+    """'auto' → 'transposed_grad' on the CPU backend, 'plain' elsewhere; an unknown impl raises naming the field."""
+    if impl == "auto":
+        impl = "transposed_grad" if jax.default_backend() == "cpu" else "plain"
+    if impl not in ("plain", "transposed_grad"):
+        raise ValueError(f"matmul_impl={impl!r}: use 'auto', 'plain' or 'transposed_grad'")
+    return impl
 
 
 def transposed(x_MD):
     """x [M, D] → xᵀ [D, M], materialised: XLA:CPU folds a plain transpose into the dot that reads it (as a
     contraction of both operands' leading dims) or writes it, and in low precision converts the operands to
-    float32; through this reshape sandwich it copies x once and runs a row-major product (`_grads`)."""
+    float32; through this reshape sandwich it copies x once and runs a row-major product (`product_grads`)."""
     M, D = x_MD.shape
     return x_MD.reshape(M, D, 1).transpose(1, 2, 0).reshape(D, M)
 
 
-def _grads(x_MD, w_DF, g_MF, transposed_grad: bool):
+def product_grads(x_MD, w_DF, g_MF, transposed_grad: bool):
     """(dx, dw) of x @ w for the cotangent g, in the operands' dtypes (x [..., D]; [M, D] if transposed_grad)."""
     g_MF = g_MF.astype(jnp.result_type(x_MD, w_DF))
     if transposed_grad and g_MF.shape[1] < x_MD.shape[1]:  # the narrower operand is transposed (module docstring)
-        dw_DF = transposed(_mm(transposed(g_MF), x_MD, out=w_DF.dtype))
+        dw_DF = transposed(product(transposed(g_MF), x_MD, out=w_DF.dtype))
     elif transposed_grad:
-        dw_DF = _mm(transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
+        dw_DF = product(transposed(x_MD), g_MF, out=w_DF.dtype)  # f32 weights: the f32 accumulation, not a rounded copy
     else:
         lead = tuple(range(x_MD.ndim - 1))
         dw_DF = _dot(x_MD, g_MF, ((lead, lead), ((), ())), out=w_DF.dtype)
@@ -119,17 +125,17 @@ def _as_2d(w, contract: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _linear_tg(x_MK, w, contract: int):
     """x [M, K] @ w [C..., F...] (prod C = K) → [M, prod F]; the backward keeps w in its own shape."""
-    return _mm(x_MK, _as_2d(w, contract))
+    return product(x_MK, _as_2d(w, contract))
 
 
 def _linear_tg_bwd(contract, res, g_MF):
     x_MK, w = res
-    dx_MK, dw = _grads(x_MK, _as_2d(w, contract), g_MF, transposed_grad=True)
+    dx_MK, dw = product_grads(x_MK, _as_2d(w, contract), g_MF, transposed_grad=True)
     return dx_MK, dw.reshape(w.shape)
 
 
 # the forward rule's product is a plain dot, not a nested custom-VJP call: remat policies save dots by primitive
-_linear_tg.defvjp(lambda x_MK, w, contract: (_mm(x_MK, _as_2d(w, contract)), (x_MK, w)), _linear_tg_bwd)
+_linear_tg.defvjp(lambda x_MK, w, contract: (product(x_MK, _as_2d(w, contract)), (x_MK, w)), _linear_tg_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -138,7 +144,7 @@ def _linear_out(x_MD, w_DF, transposed_grad: bool, out_dtype):
 
 
 _linear_out.defvjp(lambda x_MD, w_DF, tg, od: (jnp.matmul(x_MD, w_DF, preferred_element_type=od), (x_MD, w_DF)),
-                   lambda tg, od, res, g_MF: _grads(*res, g_MF, tg))
+                   lambda tg, od, res, g_MF: product_grads(*res, g_MF, tg))
 
 
 def _linear_nd(x, w, impl: str, contract: int):

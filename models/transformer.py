@@ -24,7 +24,7 @@ from flax import nnx
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
-from models.glu import glu
+from models.glu import glu_linear
 from models.linear import flat_rows, linear
 from models.moe import MoE
 from models.moe_dispatch import mesh_shards
@@ -224,9 +224,10 @@ class Block(nnx.Module):
                                   inference=cache is not None)  # decode-chunking-invariant capacity
         else:
             h_MD = rows(h_BTD)
-            a_BTF = glu(mm(h_MD, wc(self.w_gate)), mm(h_MD, wc(self.w_up)), cfg.mlp_act).reshape(B, T, F)
-            a_BTF = constrain(a_BTF, ("batch", "act_seq", "act_mlp"))
-            m_BTD = mm(a_BTF, wc(self.w_down))
+            mlp = lambda a: constrain(a.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))  # noqa: E731
+            # the down projection with the gated activation: its backward recomputes act(gate)·up (models.glu)
+            m_BTD = glu_linear(mlp(mm(h_MD, wc(self.w_gate))), mlp(mm(h_MD, wc(self.w_up))), wc(self.w_down),
+                               cfg.mlp_act, cfg.matmul_impl, flatten=ctx.flat_rows)
         x_BTD = x_BTD + (norm(m_BTD, self.post_mlp_norm) if cfg.post_norms else m_BTD)
         return constrain(x_BTD, ("batch", "act_seq", "act_embed")), cache, aux
 

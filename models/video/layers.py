@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from models.attention import attention
-from models.glu import glu
+from models.glu import glu_linear
 from models.linear import flat_rows, linear
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
@@ -204,6 +204,5 @@ class SwiGLU(nnx.Module):
         self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), dtype, std)
 
     def __call__(self, h_BSD, cd):
-        a_BSF = glu(matmul(h_BSD, self.w_gate, cd), matmul(h_BSD, self.w_up, cd), "silu")
-        a_BSF = constrain(a_BSF, ("batch", "act_seq", "act_mlp"))
-        return matmul(a_BSF, self.w_down, cd)
+        mlp = lambda w: constrain(matmul(h_BSD, w, cd), ("batch", "act_seq", "act_mlp"))  # noqa: E731
+        return glu_linear(mlp(self.w_gate), mlp(self.w_up), self.w_down[...].astype(cd), "silu", flatten=flat_rows())
