@@ -39,7 +39,8 @@ def swiglu(x_ND, w_gate_DF, w_up_DF, w_down_FD, act=jax.nn.silu):
 def expert_swiglu(x_ErD, w, act):
     """Each expert's SwiGLU on its own rows: [E, *rows, D] → [E, *rows, D] (batched over E)."""
     w_gate_EDF, w_up_EDF, w_down_EFD = w
-    h_ErF = act(jnp.einsum("e...d,edf->e...f", x_ErD, w_gate_EDF)) * jnp.einsum("e...d,edf->e...f", x_ErD, w_up_EDF)
+    h_ErF = glu(jnp.einsum("e...d,edf->e...f", x_ErD, w_gate_EDF), jnp.einsum("e...d,edf->e...f", x_ErD, w_up_EDF),
+                act)  # keeps gate and up for the backward, not act's intermediates (models.glu)
     return jnp.einsum("e...f,efd->e...d", h_ErF, w_down_EFD)
 
 
