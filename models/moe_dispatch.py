@@ -145,7 +145,7 @@ def sorted_ragged(x_ND, weights_NK, experts_NK, w, act):
     order_A = jnp.argsort(e_A, stable=True)
     sizes_E = jnp.zeros(w_gate_EDF.shape[0], jnp.int32).at[e_A].add(1)
     xs_AD = x_ND[order_A // K]
-    h_AF = act(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E)) * jax.lax.ragged_dot(xs_AD, w_up_EDF, sizes_E)
+    h_AF = glu(jax.lax.ragged_dot(xs_AD, w_gate_EDF, sizes_E), jax.lax.ragged_dot(xs_AD, w_up_EDF, sizes_E), act)
     ys_AD = jax.lax.ragged_dot(h_AF, w_down_EFD, sizes_E)
     return _combine(jnp.zeros_like(ys_AD).at[order_A].set(ys_AD), weights_NK)
 
@@ -346,6 +346,6 @@ def dense_experts(x_ND, weights_NK, experts_NK, w, act):
     E, F = w_gate_EDF.shape[0], w_gate_EDF.shape[-1]
     gate_NE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], experts_NK].add(weights_NK)
     to_2d = lambda p: p.transpose(1, 0, 2).reshape(D, E * F)
-    h_NEF = (act(x_ND @ to_2d(w_gate_EDF)) * (x_ND @ to_2d(w_up_EDF))).reshape(N, E, F)
+    h_NEF = glu(x_ND @ to_2d(w_gate_EDF), x_ND @ to_2d(w_up_EDF), act).reshape(N, E, F)
     h_NEF = h_NEF * gate_NE.astype(h_NEF.dtype)[..., None]
     return h_NEF.reshape(N, E * F) @ w_down_EFD.reshape(E * F, D)
