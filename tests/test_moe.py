@@ -518,17 +518,25 @@ def test_expert_parallel_equals_single_device(name):
         assert float(aux0["dropped_frac"]) > 0  # the capacity path really dropped tokens here
 
 
-def test_batched_expert_swiglu_keeps_gate_up_and_their_product_only():
-    """expert_swiglu (capacity dispatch, the 'blocks' path) goes through `glu`: its backward keeps gate, up and the
-    product [E, rows, F], not act's intermediates (autodiff of silu(a)·b also kept σ(a) and silu(a); the capacity
-    MoE trainer step's temp memory 563 -> 444 MiB, 0.99x the time)."""
+@pytest.mark.parametrize("path", ["expert_swiglu", "ragged_dot"])
+def test_batched_expert_paths_keep_gate_up_and_their_product_only(path):
+    """expert_swiglu (capacity dispatch, the 'blocks' path) and the ragged_dot path (the GPU / TPU dropless default) go
+    through `glu`: their backward keeps gate, up and the product [..., F], not act's intermediates (autodiff of
+    silu(a)·b also kept σ(a) and silu(a); the capacity MoE trainer step's temp memory 563 -> 444 MiB, 0.99x the
+    time)."""
     from jax._src.ad_checkpoint import saved_residuals
 
-    from models.moe_dispatch import expert_swiglu
+    from models.moe_dispatch import expert_swiglu, sorted_ragged
 
     E, r, D, F = 3, 5, 8, 12
     ks = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(ks[0], (E, r, D))
     w = (jax.random.normal(ks[1], (E, D, F)), jax.random.normal(ks[2], (E, D, F)), jax.random.normal(ks[3], (E, F, D)))
-    saved = [a.shape for a, _ in saved_residuals(lambda x, w: expert_swiglu(x, w, jax.nn.silu).sum(), x, w)]
-    assert saved.count((E, r, F)) == 3, saved
+    if path == "expert_swiglu":
+        x, rows_F = jax.random.normal(ks[0], (E, r, D)), (E, r, F)
+        f = lambda x, w: expert_swiglu(x, w, jax.nn.silu).sum()  # noqa: E731
+    else:  # 7 tokens, top-2: 14 expert-sorted rows
+        x, rows_F = jax.random.normal(ks[0], (7, D)), (14, F)
+        experts, weights = jnp.asarray(np.arange(14).reshape(7, 2) % E), jnp.full((7, 2), 0.5)
+        f = lambda x, w: sorted_ragged(x, weights, experts, w, jax.nn.silu).sum()  # noqa: E731
+    saved = [a.shape for a, _ in saved_residuals(f, x, w)]
+    assert saved.count(rows_F) == 3, saved
