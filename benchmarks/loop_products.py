@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 from unittest import mock
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 
 import models.linear as ml
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved, pair_row
+from benchmarks.rounds import interleaved, pair_row, save
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -123,9 +122,7 @@ def main(argv=None):
         rows[name] = r = {"before": before} | pair_row(times, temp, name, "before", "new")
         mem = "" if r["temp_mib_new"] is None else f"{r['temp_mib_before']:.0f} → {r['temp_mib_new']:.0f}"
         print(f"{name:24s} {r['before_ms']:9.1f} {r['new_ms']:8.1f} {r['ratio']:10.3f}  {mem}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "results": rows}, f, indent=1)
+    save(args.json, args.rounds, rows)
     return rows
 
 

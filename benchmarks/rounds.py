@@ -3,6 +3,7 @@ load change on a shared machine hits all of them alike."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -33,3 +34,10 @@ def pair_row(times: dict, extra: dict, name, base: str, new: str) -> dict:
     return {f"{base}_ms": 1e3 * statistics.median(a), f"{new}_ms": 1e3 * statistics.median(b),
             "ratio": statistics.median(y / x for x, y in zip(a, b)),
             f"temp_mib_{base}": extra[(name, base)], f"temp_mib_{new}": extra[(name, new)]}
+
+
+def save(path: str | None, rounds: int, rows: dict) -> None:
+    """Write {rounds, results: rows} as JSON to `path` (None: nothing)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rounds": rounds, "results": rows}, f, indent=1)

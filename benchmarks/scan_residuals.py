@@ -18,13 +18,12 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 from unittest import mock
 
 import jax
 
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved, pair_row
+from benchmarks.rounds import interleaved, pair_row, save
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -78,9 +77,7 @@ def main(argv=None):
         rows[name] = r = pair_row(times, temp, name, "bf16", "bits")
         print(f"{name:16s} {r['bf16_ms']:8.1f} {r['bits_ms']:8.1f} {r['ratio']:9.3f} "
               f"{r['temp_mib_bf16']:10.1f} → {r['temp_mib_bits']:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "results": rows}, f, indent=1)
+    save(args.json, args.rounds, rows)
     return rows
 
 
