@@ -221,13 +221,16 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
       full                : c·D (the layer input; everything else is recomputed)
       save_dots_no_batch  : c·(2D + NH + 2KH + 2F)  layer input, q, k, v, attention-out proj, gate, up
       save_dots           : the above + c·NH (PV output) + 4·N·S (float32 scores)
-      none                : c·(4D + 2NH + 2KH + 2F) + N·S·(8 + 1 [+ c]) — JAX's residuals: the two
+      none                : c·(4D + 2NH + 2KH + 2F) + attention's own — JAX's residuals: the two
                             norms' inputs and outputs (RMSNorm's backward recomputes its normalised rows),
                             q, k, v, o, gate and up (`models.glu.glu_linear` recomputes σ and their product;
                             routed experts keep gate, up and their product, 3 pieces per row, the sorted
-                            grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); float32 scores and
-                            probabilities, the broadcast bool mask (and the probabilities cast
-                            to c for PV when c is not float32).
+                            grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); attention's:
+                            'dense' / 'causal_blocked' (`models.attention.xla_attention`, whose VJP keeps the
+                            float32 unnormalised weights E, their row sums and its output in its own [B, K, G,
+                            T, H] layout) c·NH + 4·N·S + 4·N; 'blocked' (autodiff of the sliding-window
+                            kernel) N·S·(8 + 1 [+ c]): float32 scores and probabilities, the broadcast bool
+                            mask (and the probabilities cast to c for PV when c is not float32).
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
     per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
     routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
@@ -264,8 +267,11 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     if remat == "save_dots":
         return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
-    return (c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows
-            + N * S * (8 + 1 + (c if c != 4 else 0)) + lse)
+    if kernel in ("dense", "causal_blocked"):  # xla_attention's custom VJP (the docstring)
+        attn = c * NH + 4 * N * S + 4 * N
+    else:
+        attn = N * S * (8 + 1 + (c if c != 4 else 0))
+    return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
 
 
 def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
@@ -341,10 +347,13 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
     P = next(p for p in range(1, len(layers) + 1)
              if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
-    # + the MLP backward's two MLP-wide gradient temporaries beside its residuals (gate, up)
+    # + the MLP backward's two MLP-wide gradient temporaries beside its residuals (gate, up), and attention's
+    # float32 dP and dS (one score each per executed key and head)
+    n_local = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
+    scores = lambda w: 0.0 if ws(w)[0] == "flash" else executed_keys(seq_len, w, *ws(w))  # noqa: E731
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
-                + 2 * cb * _dense_mlp_width(s, mesh, rules, m) for w, m in layers[:P])
+                + 2 * cb * _dense_mlp_width(s, mesh, rules, m) + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group + 3 * 4 * v_local + 2 * cb * s.d_model)
 
