@@ -24,7 +24,8 @@ def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None)
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_softcap: float | None = None):
-    """Plain einsum attention in the input dtype; softmax in float32. Used as the test oracle.
+    """Plain einsum attention in the input dtype; scores and softmax in float32 (float64 for float64 inputs). Used
+    as the test oracle.
 
     logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scaled scores, before masking.
     """
@@ -32,7 +33,7 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_s
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     acc = jnp.promote_types(q_BTKGH.dtype, jnp.float32)  # bf16 operands: float32 scores; float64 stays float64
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc).astype(jnp.float32) * scale
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=acc) * scale
     if logit_softcap is not None:
         s_BKGTS = logit_softcap * jnp.tanh(s_BKGTS / logit_softcap)
     s_BKGTS = jnp.where(mask_B1TS[:, :, None], s_BKGTS, jnp.finfo(jnp.float32).min)
@@ -44,6 +45,11 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_s
 
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # masked score (as jax.nn.dot_product_attention)
+
+
+def _acc(x):
+    """Scores', softmax's and accumulations' dtype: float32 for 16/32-bit inputs, float64 for float64 (tests)."""
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None):
@@ -97,11 +103,11 @@ def _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C):
 
 def _blocked_bwd(scale, C, res, do_BKGTH):
     q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, es, ls, o_BKGTH = res
-    dqs, dk_BKSH, dv_BKSH = [], jnp.zeros(k_BKSH.shape, jnp.float32), jnp.zeros(v_BKSH.shape, jnp.float32)
+    dqs, dk_BKSH, dv_BKSH = [], jnp.zeros(k_BKSH.shape, _acc(k_BKSH)), jnp.zeros(v_BKSH.shape, _acc(v_BKSH))
     for (lo, hi), e, l1 in zip(_bounds(q_BKGTH.shape[3], C), es, ls):
         dq, dk, dv, _ = _core_bwd(scale, (q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
                                           mask_B11TS[..., lo:hi, :hi], e, l1, o_BKGTH[:, :, :, lo:hi]),
-                                  do_BKGTH[:, :, :, lo:hi], out_dtype=jnp.float32)
+                                  do_BKGTH[:, :, :, lo:hi], out_dtype=_acc(q_BKGTH))
         dqs.append(dq.astype(q_BKGTH.dtype))
         dk_BKSH, dv_BKSH = dk_BKSH.at[:, :, :hi].add(dk), dv_BKSH.at[:, :, :hi].add(dv)
     return jnp.concatenate(dqs, axis=3), dk_BKSH.astype(k_BKSH.dtype), dv_BKSH.astype(v_BKSH.dtype), None
@@ -112,13 +118,14 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
     """Softmax attention keeping the unnormalised weights E = exp(s - max) and their row sums l."""
-    s_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    acc = _acc(q_BKGTH)
+    s_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=acc) * scale
     s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, _NEG)
     e_BKGTS = jnp.exp(s_BKGTS - s_BKGTS.max(-1, keepdims=True))
     l_BKGT1 = e_BKGTS.sum(-1, keepdims=True)
     # normalise the [T, H] output rather than the [T, S] weights
     o_BKGTH = jnp.einsum("bkgts,bksh->bkgth", e_BKGTS.astype(v_BKSH.dtype), v_BKSH,
-                         preferred_element_type=jnp.float32) / l_BKGT1
+                         preferred_element_type=acc) / l_BKGT1
     o_BKGTH = o_BKGTH.astype(q_BKGTH.dtype)
     return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH)
 
@@ -130,17 +137,18 @@ def _core_bwd(scale, res, do_BKGTH, out_dtype=None):
     folded into dO, so the [T, S] tensors see one elementwise pass (dS) besides the matmuls.
     """
     q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH = res
-    g_BKGTH = do_BKGTH.astype(jnp.float32) / l_BKGT1  # dO / l
-    d_BKGT1 = jnp.sum(g_BKGTH * o_BKGTH.astype(jnp.float32), -1, keepdims=True)  # rowsum(dO ∘ O) / l
+    acc = _acc(q_BKGTH)
+    g_BKGTH = do_BKGTH.astype(acc) / l_BKGT1  # dO / l
+    d_BKGT1 = jnp.sum(g_BKGTH * o_BKGTH.astype(acc), -1, keepdims=True)  # rowsum(dO ∘ O) / l
     dv_BKSH = jnp.einsum("bkgts,bkgth->bksh", e_BKGTS.astype(v_BKSH.dtype), g_BKGTH.astype(v_BKSH.dtype),
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=acc)
     dp_BKGTS = jnp.einsum("bkgth,bksh->bkgts", g_BKGTH.astype(v_BKSH.dtype), v_BKSH,
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=acc)
     # E = 1 on a fully masked row (uniform weights), but the scores there are constants: no dS
     live_B11T1 = mask_B11TS.any(-1, keepdims=True)
     ds_BKGTS = jnp.where(live_B11T1, e_BKGTS * (dp_BKGTS - d_BKGT1) * scale, 0.0).astype(q_BKGTH.dtype)
-    dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=jnp.float32)
-    dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=jnp.float32)
+    dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=acc)
+    dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=acc)
     cast = lambda x, like: x.astype(out_dtype or like.dtype)  # noqa: E731  (out_dtype: blocks summed in f32)
     return cast(dq_BKGTH, q_BKGTH), cast(dk_BKSH, k_BKSH), cast(dv_BKSH, v_BKSH), None
 
