@@ -97,28 +97,33 @@ def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     assert 0.78 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
 
 
-@pytest.mark.parametrize("remat,block,lo", [
-    ("save_dots_no_batch", None, 0.75),  # save_dots: same result, 12 s more CPU
-    # remat none: models.attention's custom VJP keeps float32 E per executed score (+ its row sums and output); the
+@pytest.mark.parametrize("remat,over,lo", [
+    ("save_dots_no_batch", {}, 0.75),  # save_dots: same result, 12 s more CPU
+    # remat none: models.attention's softmax VJP keeps float32 E per executed score (+ its row sums and output); the
     # model counted autodiff's scores, probabilities and mask until the twenty-first session (XLA: 0.74x of it)
-    ("none", None, 0.97),
-    ("none", 32, 0.97),  # the block-causal kernel: its executed keys ((Q + 1) / 2Q of T)
+    ("none", {}, 0.97),
+    ("none", {"attn_block": 32}, 0.97),  # the block-causal kernel: its executed keys ((Q + 1) / 2Q of T)
+    ("none", {"attn_pattern": "local", "sliding_window": 32, "swa_block": 32}, 0.88),  # blocked windows (0.92)
+    ("none", {"attn_logit_softcap": 30.0}, 0.88),  # soft-capped scores: autodiff of the reference kernel (0.96)
 ])
-def test_saved_activations_per_layer_match(remat, block, lo):
+def test_saved_activations_per_layer_match(remat, over, lo):
     """Per layer and token, the bytes XLA keeps for the backward pass (a double difference over layers and
     batch size cancels parameter-sized buffers) against `saved_bytes_per_token`."""
     # One device holding 512-1024 tokens, value_and_grad alone: the peak is then the start of the backward
     # pass with every layer's residuals live (sharded or with an optimizer update, XLA's peak can sit
     # elsewhere and the difference stops measuring activations; the whole-step test covers meshes).
     mesh, T = {"data": 1}, 128
-    # block None: the dense masked attention kernel (save_dots*: the block-causal one keeps 8% less than modelled)
-    temp = {(L, B): compiled_memory(dataclasses.replace(BASE, n_layers=L, remat=remat, n_heads=8, attn_block=block),
-                                    mesh, B, T, optimizer=False, n_devices=1).temp_size_in_bytes
+    # attn_block None: the dense masked attention kernel (save_dots*: the block-causal one keeps 8% less than modelled)
+    cfg = dataclasses.replace(BASE, remat=remat, n_heads=8, **({"attn_block": None} | over))
+    temp = {(L, B): compiled_memory(dataclasses.replace(cfg, n_layers=L), mesh, B, T, optimizer=False,
+                                    n_devices=1).temp_size_in_bytes
             for L in (2, 6) for B in (4, 8)}
     per_layer_token = (temp[6, 8] - temp[6, 4] - temp[2, 8] + temp[2, 4]) / 4 / (4 * T)  # 4 layers, +4 rows
-    kernel = ("causal_blocked", block) if block else ("dense", 256)
-    ours = saved_bytes_per_token(dataclasses.replace(BASE, n_heads=8), remat, T, mesh=mesh, kernel=kernel[0],
-                                 block=kernel[1])
+    if cfg.sliding_window:
+        kernel = dict(kernel="blocked", block=cfg.swa_block, window=cfg.sliding_window)
+    else:
+        kernel = dict(kernel="causal_blocked", block=cfg.attn_block) if cfg.attn_block else dict(kernel="dense")
+    ours = saved_bytes_per_token(cfg, remat, T, mesh=mesh, **kernel)
     assert lo * ours <= per_layer_token <= 1.03 * ours, per_layer_token / ours
 
 
