@@ -52,7 +52,8 @@ def _acc(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None):
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None,
+                  softcap: float | None = None):
     """`jax.nn.dot_product_attention(implementation='xla')` semantics, laid out and differentiated for speed.
 
     Heads move in front of time once ([B, K, G, T, H]), so every einsum is a plain batched matmul
@@ -64,6 +65,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     padding and segments may mask more). Queries then go in blocks of C and block i scores keys
     [0, (i + 1)·C) only, skipping the all-masked blocks above the diagonal: (Q + 1) / 2Q of the dense
     work for Q = T / C blocks.
+    softcap: Gemma-2 style cap·tanh(s / cap) on the scaled scores, before masking.
     """
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
@@ -71,9 +73,9 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     mask_B11TS = mask_B1TS[:, :, None]
     if causal_block is None or T != S or T <= causal_block:
-        o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale)
+        o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)
     else:
-        o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, causal_block)
+        o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, causal_block, softcap)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
@@ -81,32 +83,31 @@ def _bounds(T: int, C: int):
     return [(lo, min(lo + C, T)) for lo in range(0, T, C)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap=None):
     """Query blocks of C, block i against keys [0, (i + 1)·C). One VJP for all blocks, so that the backward keeps
     q, k, v once: per-block VJPs would each keep their key prefix k[:, :, :(i + 1)·C], (T / C + 1) / 2 copies of
     K and V in all (16.5 at T = 2048, C = 64)."""
-    return _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C)[0]
+    return _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap)[0]
 
 
-def _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C):
-    outs, es, ls = [], [], []
+def _blocked_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap=None):
+    outs, stats = [], []
     for lo, hi in _bounds(q_BKGTH.shape[3], C):
         o, res = _core_fwd(q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
-                           mask_B11TS[..., lo:hi, :hi], scale)
+                           mask_B11TS[..., lo:hi, :hi], scale, softcap)
         outs.append(o)
-        es.append(res[4])
-        ls.append(res[5])
+        stats.append(res[4:7])  # E, l, and the row max under softcap
     o_BKGTH = jnp.concatenate(outs, axis=3)
-    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, tuple(es), tuple(ls), o_BKGTH)
+    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, tuple(stats), o_BKGTH)
 
 
-def _blocked_bwd(scale, C, res, do_BKGTH):
-    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, es, ls, o_BKGTH = res
+def _blocked_bwd(scale, C, softcap, res, do_BKGTH):
+    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, stats, o_BKGTH = res
     dqs, dk_BKSH, dv_BKSH = [], jnp.zeros(k_BKSH.shape, _acc(k_BKSH)), jnp.zeros(v_BKSH.shape, _acc(v_BKSH))
-    for (lo, hi), e, l1 in zip(_bounds(q_BKGTH.shape[3], C), es, ls):
-        dq, dk, dv, _ = _core_bwd(scale, (q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
-                                          mask_B11TS[..., lo:hi, :hi], e, l1, o_BKGTH[:, :, :, lo:hi]),
+    for (lo, hi), (e, l1, m1) in zip(_bounds(q_BKGTH.shape[3], C), stats):
+        dq, dk, dv, _ = _core_bwd(scale, softcap, (q_BKGTH[:, :, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
+                                                   mask_B11TS[..., lo:hi, :hi], e, l1, m1, o_BKGTH[:, :, :, lo:hi]),
                                   do_BKGTH[:, :, :, lo:hi], out_dtype=_acc(q_BKGTH))
         dqs.append(dq.astype(q_BKGTH.dtype))
         dk_BKSH, dv_BKSH = dk_BKSH.at[:, :, :hi].add(dk), dv_BKSH.at[:, :, :hi].add(dv)
@@ -116,27 +117,34 @@ def _blocked_bwd(scale, C, res, do_BKGTH):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
-    """Softmax attention keeping the unnormalised weights E = exp(s - max) and their row sums l."""
+def _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap=None):
+    """Softmax attention keeping the unnormalised weights E = exp(s - max) and their row sums l (and, with a
+    soft-cap, the row maxima, from which the backward recovers the capped scores: no tanh kept per score)."""
     acc = _acc(q_BKGTH)
     s_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=acc) * scale
+    if softcap is not None:
+        s_BKGTS = softcap * jnp.tanh(s_BKGTS / softcap)
     s_BKGTS = jnp.where(mask_B11TS, s_BKGTS, _NEG)
-    e_BKGTS = jnp.exp(s_BKGTS - s_BKGTS.max(-1, keepdims=True))
+    m_BKGT1 = s_BKGTS.max(-1, keepdims=True)
+    e_BKGTS = jnp.exp(s_BKGTS - m_BKGT1)
     l_BKGT1 = e_BKGTS.sum(-1, keepdims=True)
     # normalise the [T, H] output rather than the [T, S] weights
     o_BKGTH = jnp.einsum("bkgts,bksh->bkgth", e_BKGTS.astype(v_BKSH.dtype), v_BKSH,
                          preferred_element_type=acc) / l_BKGT1
     o_BKGTH = o_BKGTH.astype(q_BKGTH.dtype)
-    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH)
+    m_BKGT1 = m_BKGT1 if softcap is not None else None
+    return o_BKGTH, (q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, m_BKGT1, o_BKGTH)
 
 
-def _core_bwd(scale, res, do_BKGTH, out_dtype=None):
+def _core_bwd(scale, softcap, res, do_BKGTH, out_dtype=None):
     """With P = E / l: dV = Pᵀ dO, dS = P ∘ (dO Vᵀ - rowsum(dO ∘ O)), dQ = scale·dS K, dK = scale·dSᵀ Q.
 
     The row statistic rowsum(dO ∘ O) = rowsum(P ∘ dP) costs [T, H] instead of [T, S], and 1/l is
     folded into dO, so the [T, S] tensors see one elementwise pass (dS) besides the matmuls.
+    Soft-cap s = c·tanh(r / c): dS is multiplied by 1 - (s / c)², with s = log E + max where E > 0 (where E
+    underflowed to 0, dS is 0 whatever the factor).
     """
-    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, o_BKGTH = res
+    q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, m_BKGT1, o_BKGTH = res
     acc = _acc(q_BKGTH)
     g_BKGTH = do_BKGTH.astype(acc) / l_BKGT1  # dO / l
     d_BKGT1 = jnp.sum(g_BKGTH * o_BKGTH.astype(acc), -1, keepdims=True)  # rowsum(dO ∘ O) / l
@@ -144,18 +152,22 @@ def _core_bwd(scale, res, do_BKGTH, out_dtype=None):
                          preferred_element_type=acc)
     dp_BKGTS = jnp.einsum("bkgth,bksh->bkgts", g_BKGTH.astype(v_BKSH.dtype), v_BKSH,
                           preferred_element_type=acc)
+    ds_BKGTS = e_BKGTS * (dp_BKGTS - d_BKGT1) * scale
+    if softcap is not None:
+        t_BKGTS = (jnp.log(jnp.where(e_BKGTS > 0, e_BKGTS, 1.0)) + m_BKGT1) / softcap
+        ds_BKGTS = ds_BKGTS * (1.0 - t_BKGTS * t_BKGTS)
     # E = 1 on a fully masked row (uniform weights), but the scores there are constants: no dS
     live_B11T1 = mask_B11TS.any(-1, keepdims=True)
-    ds_BKGTS = jnp.where(live_B11T1, e_BKGTS * (dp_BKGTS - d_BKGT1) * scale, 0.0).astype(q_BKGTH.dtype)
+    ds_BKGTS = jnp.where(live_B11T1, ds_BKGTS, 0.0).astype(q_BKGTH.dtype)
     dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=acc)
     dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=acc)
     cast = lambda x, like: x.astype(out_dtype or like.dtype)  # noqa: E731  (out_dtype: blocks summed in f32)
     return cast(dq_BKGTH, q_BKGTH), cast(dk_BKSH, k_BKSH), cast(dv_BKSH, v_BKSH), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale):
-    return _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap=None):
+    return _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)[0]
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -174,10 +186,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "reference" or logit_softcap is not None:  # the fused paths have no soft-cap
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
     if impl == "xla":
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block)
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block, logit_softcap)
+    if impl == "reference" or logit_softcap is not None:  # cuDNN's fused kernel has no soft-cap
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
     if is_causal:

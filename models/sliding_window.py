@@ -73,27 +73,16 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
         k_valid = _windows(blocks(valid_BT, False), nk, False)
         mask_BQCS = mask_BQCS & k_valid[:, :, None, :]
 
-    if logit_softcap is None:
-        return _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, jnp.broadcast_to(mask_BQCS, (B,) + mask_BQCS.shape[1:]),
-                            scale).reshape(B, Q * C, N, H)[:, :T]
-    # float32 scores from bf16 operands: rounding them to bf16 first made the output 5-6x less accurate
-    acc = jnp.promote_types(q_BQCKGH.dtype, jnp.float32)  # float64 inputs keep float64 products (tests)
-    s = jnp.einsum("bqckgh,bqskh->bqkgcs", q_BQCKGH, k_BQSKH, preferred_element_type=acc) * scale
-    if logit_softcap is not None:
-        s = logit_softcap * jnp.tanh(s / logit_softcap)
-    m = mask_BQCS[:, :, None, None]
-    s = jnp.where(m, s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1)
-    p = jnp.where(m.any(-1, keepdims=True), p, 0.0)  # fully masked rows (padding queries) output 0
-    o_BQCKGH = jnp.einsum("bqkgcs,bqskh->bqckgh", p.astype(v_BTKH.dtype), v_BQSKH)
-    return o_BQCKGH.reshape(B, Q * C, N, H)[:, :T]
+    mask_BQCS = jnp.broadcast_to(mask_BQCS, (B,) + mask_BQCS.shape[1:])
+    return _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, logit_softcap).reshape(B, Q * C, N, H)[:, :T]
 
 
-def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale):
+def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, softcap=None):
     """Every query block against its key window through `models.attention`'s hand-written softmax VJP, blocks
-    folded into the batch: its backward keeps float32 E per score (+ row sums), where autodiff of the softmax kept
-    scores, probabilities and masks (remat 'none': ~3x the score bytes). A fully masked row (a padding query)
-    outputs 0. Returns [B, Q, C, K, G, H]."""
+    folded into the batch: its backward keeps float32 E per score (+ row statistics), where autodiff of the softmax
+    kept scores, probabilities and masks (and tanh under a soft-cap). Float32 scores from bf16 operands (rounding
+    them to bf16 made the output 5-6x less accurate). A fully masked row (a padding query) outputs 0.
+    Returns [B, Q, C, K, G, H]."""
     from models.attention import _core
 
     B, Q, C, K, G, H = q_BQCKGH.shape
@@ -101,7 +90,7 @@ def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale):
     q_XKGCH = q_BQCKGH.reshape(B * Q, C, K, G, H).transpose(0, 2, 3, 1, 4)
     k_XKSH, v_XKSH = (x.reshape(B * Q, S, K, H).transpose(0, 2, 1, 3) for x in (k_BQSKH, v_BQSKH))
     mask_X11CS = mask_BQCS.reshape(B * Q, 1, 1, C, S)
-    o_XKGCH = _core(q_XKGCH, k_XKSH, v_XKSH, mask_X11CS, scale)
+    o_XKGCH = _core(q_XKGCH, k_XKSH, v_XKSH, mask_X11CS, scale, softcap)
     o_XKGCH = jnp.where(mask_X11CS.any(-1, keepdims=True), o_XKGCH, 0)
     return o_XKGCH.transpose(0, 3, 1, 2, 4).reshape(B, Q, C, K, G, H)
 

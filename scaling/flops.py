@@ -88,7 +88,6 @@ class LMShape:
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
-    attn_softcap: bool = False  # soft-capped scores: attention runs autodiff of its reference kernels (residuals)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe.moe_every == 0
@@ -158,8 +157,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
-                   attn_block=getattr(cfg, "attn_block", None),
-                   attn_softcap=getattr(cfg, "attn_logit_softcap", None) is not None)
+                   attn_block=getattr(cfg, "attn_block", None))
 
 
 # ---- parameters ---------------------------------------------------------------------------------

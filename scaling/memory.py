@@ -227,10 +227,9 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             routed experts keep gate, up and their product, 3 pieces per row, the sorted
                             grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); attention's
                             c·NH + 4·N·S + 4·N: `models.attention`'s softmax VJP (under 'dense', 'causal_blocked'
-                            and the 'blocked' sliding-window kernel) keeps the float32 unnormalised weights E,
-                            their row sums and its output in its own [B, K, G, T, H] layout; with
-                            attn_logit_softcap, autodiff's 17·N·S: float32 scores, their tanh, probabilities
-                            and bool masks (XLA:CPU measured 13-16 bytes per score and head, float32 and bf16).
+                            and the 'blocked' sliding-window kernel, soft-capped or not) keeps the float32
+                            unnormalised weights E, their row sums and its output in its own [B, K, G, T, H]
+                            layout (attn_impl='reference', autodiff, keeps ~3-4x those score bytes).
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
     per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
     routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
@@ -267,10 +266,7 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     if remat == "save_dots":
         return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
-    if s.attn_softcap:  # autodiff of the reference / sliding-window kernels' soft-capped path (the docstring)
-        attn = 17 * N * S
-    else:  # models.attention's softmax VJP, also under the blocked sliding-window kernel
-        attn = c * NH + 4 * N * S + 4 * N
+    attn = c * NH + 4 * N * S + 4 * N  # models.attention's softmax VJP (flash: S = 0, its output and row sums)
     return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
 
 

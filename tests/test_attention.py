@@ -10,14 +10,17 @@ from models.sliding_window import dense_window_mask
 from tests.test_sliding_window import qkv, segments
 
 
-@pytest.mark.parametrize("T,C,N,K,layout", [
-    (40, 16, 4, 2, "packed"),  # 3 blocks, the last one ragged
-    (64, 16, 4, 1, "random"),  # MQA, many short documents
-    (33, 8, 2, 2, "none"),
-    (20, 64, 4, 4, "none"),  # block > T: one dense block
-    (40, None, 4, 2, "packed"),  # the dense kernel
+@pytest.mark.parametrize("T,C,N,K,layout,cap", [
+    (40, 16, 4, 2, "packed", None),  # 3 blocks, the last one ragged
+    (64, 16, 4, 1, "random", None),  # MQA, many short documents
+    (33, 8, 2, 2, "none", None),
+    (20, 64, 4, 4, "none", None),  # block > T: one dense block
+    (40, None, 4, 2, "packed", None),  # the dense kernel
+    # soft-capped scores (Gemma 2), a cap small enough that tanh bends them: blocked and dense
+    (40, 16, 4, 2, "packed", 1.5),
+    (33, None, 4, 1, "random", 1.5),
 ])
-def test_xla_attention_equals_reference_float64(T, C, N, K, layout):
+def test_xla_attention_equals_reference_float64(T, C, N, K, layout, cap):
     B, H = 2, 8
     with jax.enable_x64(True):
         q, k, v = qkv(B, T, N, K, H, jnp.float64, seed=T)
@@ -27,7 +30,7 @@ def test_xla_attention_equals_reference_float64(T, C, N, K, layout):
         ct = jnp.where(real[..., None, None], jax.random.normal(jax.random.key(9), q.shape, jnp.float64), 0.0)
 
         def run(impl, block, dtype):
-            f = lambda *a: attention(*a, mask, impl=impl, causal_block=block)  # noqa: E731
+            f = lambda *a: attention(*a, mask, impl=impl, causal_block=block, logit_softcap=cap)  # noqa: E731
             args = tuple(x.astype(dtype) for x in (q, k, v))
             grad = jax.grad(lambda *a: (f(*a) * ct.astype(dtype)).sum(), argnums=(0, 1, 2))
             return jax.jit(f)(*args), jax.jit(grad)(*args)
@@ -36,6 +39,10 @@ def test_xla_attention_equals_reference_float64(T, C, N, K, layout):
         np.testing.assert_allclose(np.asarray(o)[real], np.asarray(o_ref)[real], atol=2e-6)
         for a, b in zip(g, g_ref):
             np.testing.assert_allclose(a, b, atol=2e-6)
+        o64, g64 = run("xla", C, jnp.float64)  # the kernel itself in float64: nothing but rounding differs
+        np.testing.assert_allclose(np.asarray(o64)[real], np.asarray(o_ref)[real], atol=1e-12)
+        for a, b in zip(g64, g_ref):
+            np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def test_causal_block_skips_the_blocks_above_the_diagonal():

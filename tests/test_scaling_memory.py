@@ -104,7 +104,7 @@ def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     ("none", {}, 0.97),
     ("none", {"attn_block": 32}, 0.97),  # the block-causal kernel: its executed keys ((Q + 1) / 2Q of T)
     ("none", {"attn_pattern": "local", "sliding_window": 32, "swa_block": 32}, 0.88),  # blocked windows (0.92)
-    ("none", {"attn_logit_softcap": 30.0}, 0.88),  # soft-capped scores: autodiff of the reference kernel (0.96)
+    ("none", {"attn_logit_softcap": 30.0}, 0.97),  # soft-capped scores, the same VJP (autodiff kept 1.9x: 17 B/score)
 ])
 def test_saved_activations_per_layer_match(remat, over, lo):
     """Per layer and token, the bytes XLA keeps for the backward pass (a double difference over layers and

@@ -27,18 +27,19 @@ def segments(layout, B, T):
     return jnp.asarray(np.sort(rng.integers(1, 6, size=(B, T)), axis=1))
 
 
-GRID = [  # (T, W, block, N, K, layout)
-    (37, 1, 8, 4, 2, "none"),
-    (37, 5, 8, 4, 2, "packed"),
-    (64, 16, 16, 4, 1, "random"),
-    (50, 7, 16, 2, 2, "packed"),
-    (33, 64, 8, 4, 4, "none"),  # W >= T: plain causal
-    (40, 12, 64, 6, 3, "random"),  # block > T
+GRID = [  # (T, W, block, N, K, layout, soft-cap)
+    (37, 1, 8, 4, 2, "none", None),
+    (37, 5, 8, 4, 2, "packed", None),
+    (64, 16, 16, 4, 1, "random", None),
+    (50, 7, 16, 2, 2, "packed", None),
+    (33, 64, 8, 4, 4, "none", None),  # W >= T: plain causal
+    (40, 12, 64, 6, 3, "random", None),  # block > T
+    (50, 7, 16, 4, 2, "packed", 1.5),  # soft-capped scores (Gemma 2), tanh bending them
 ]
 
 
-@pytest.mark.parametrize("T,W,C,N,K,layout", GRID)
-def test_blocked_equals_dense_float64(T, W, C, N, K, layout):
+@pytest.mark.parametrize("T,W,C,N,K,layout,cap", GRID)
+def test_blocked_equals_dense_float64(T, W, C, N, K, layout, cap):
     B, H = 2, 8
     with jax.enable_x64(True):
         q, k, v = qkv(B, T, N, K, H, jnp.float64)
@@ -47,10 +48,11 @@ def test_blocked_equals_dense_float64(T, W, C, N, K, layout):
         mask = dense_window_mask(T, W, seg, valid)
 
         def ref(q, k, v):
-            return reference_attention(q, k, v, mask, H ** -0.5)
+            return reference_attention(q, k, v, mask, H ** -0.5, logit_softcap=cap)
 
         def ours(q, k, v):
-            return sliding_window_attention(q, k, v, W, segment_ids_BT=seg, valid_BT=valid, block=C)
+            return sliding_window_attention(q, k, v, W, segment_ids_BT=seg, valid_BT=valid, block=C,
+                                            logit_softcap=cap)
 
         real = np.asarray(mask.any(-1)[:, 0])  # rows with at least one visible key
         o_ref, o = ref(q, k, v), ours(q, k, v)
