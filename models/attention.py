@@ -178,7 +178,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.
 
     impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
-    `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16); 'reference' is the einsum oracle.
+    `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16; soft-capped scores run 'xla'); 'reference' is the
+    einsum oracle.
     causal_block: promise that the mask is causal by position, so 'xla' may skip the key blocks
     above the diagonal (see `xla_attention`); the other implementations ignore it.
     is_causal: promise that the mask is *exactly* the causal one (T == S, no padding, no segments).
@@ -186,10 +187,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "xla":
-        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block, logit_softcap)
-    if impl == "reference" or logit_softcap is not None:  # cuDNN's fused kernel has no soft-cap
+    if impl == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
+    if impl == "xla" or (impl == "cudnn" and logit_softcap is not None):  # cuDNN's fused kernel has no soft-cap
+        return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block, logit_softcap)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
     if is_causal:

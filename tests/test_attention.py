@@ -98,3 +98,12 @@ def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block):
     dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert float(jnp.abs(dq).max()) == 0.0 and float(jnp.abs(dk).max()) == 0.0
     assert float(jnp.abs(dv).max()) > 0.0
+
+
+def test_soft_capped_scores_asked_of_cudnn_run_the_xla_kernel():
+    """cuDNN's fused kernel has no soft-cap: the request runs our 'xla' kernel (block skipping, its own backward),
+    not the einsum reference. Runs on CPU: the soft-capped path never reaches cuDNN."""
+    q, k, v = qkv(2, 24, 4, 2, 8)
+    mask = dense_window_mask(24, None)
+    run = lambda impl: attention(q, k, v, mask, impl=impl, logit_softcap=5.0, causal_block=8)  # noqa: E731
+    np.testing.assert_array_equal(run("cudnn"), run("xla"))
