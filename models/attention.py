@@ -52,6 +52,17 @@ def _acc(x):
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
+MAX_CAUSAL_BLOCKS = 16  # each query block is unrolled in the program (compile time and dispatch grow with them)
+
+
+def causal_block_rows(T: int, causal_block: int) -> int:
+    """Query rows per block of the block-causal kernel: `causal_block`, or T / 16 when that is larger. At long T the
+    blocks would otherwise multiply: 128 blocks of 64 at T = 8192 compiled in 60 s and ran 2.9x slower than 16 of
+    512 (a 2-layer train step on CPU; docs/benchmarks.md, twenty-first session). scaling.flops.executed_keys counts
+    the same blocks."""
+    return max(causal_block, -(-T // MAX_CAUSAL_BLOCKS))
+
+
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None,
                   softcap: float | None = None):
     """`jax.nn.dot_product_attention(implementation='xla')` semantics, laid out and differentiated for speed.
@@ -62,9 +73,9 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     q or k. The backward pass is written by hand (`_core`).
 
     causal_block: C, only for a mask that is causal by position (T == S, query t never sees key s > t;
-    padding and segments may mask more). Queries then go in blocks of C and block i scores keys
-    [0, (i + 1)·C) only, skipping the all-masked blocks above the diagonal: (Q + 1) / 2Q of the dense
-    work for Q = T / C blocks.
+    padding and segments may mask more). Queries then go in blocks of C (at least T / 16: `causal_block_rows`)
+    and block i scores keys [0, (i + 1)·C) only, skipping the all-masked blocks above the diagonal: (Q + 1) / 2Q
+    of the dense work for Q = T / C blocks.
     softcap: Gemma-2 style cap·tanh(s / cap) on the scaled scores, before masking.
     """
     B, T, N, H = q_BTNH.shape
@@ -72,10 +83,11 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     mask_B11TS = mask_B1TS[:, :, None]
-    if causal_block is None or T != S or T <= causal_block:
+    C = None if causal_block is None else causal_block_rows(T, causal_block)
+    if C is None or T != S or T <= C:
         o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)
     else:
-        o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, causal_block, softcap)
+        o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 

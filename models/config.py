@@ -70,7 +70,8 @@ class TransformerConfig:
     final_logit_softcap: float | None = None
     attn_impl: AttnImpl = "xla"
     # query block of the 'xla' kernel for global causal attention: key blocks above the diagonal are
-    # skipped ((Q + 1) / 2Q of the dense [T, T] work for Q = T / attn_block); None: one dense block
+    # skipped ((Q + 1) / 2Q of the dense [T, T] work for Q = T / attn_block, at most 16 blocks: longer sequences
+    # get T / 16 rows a block, models.attention.causal_block_rows); None: one dense block
     attn_block: int | None = 64
     # projections' products (models.linear): 'auto' computes their weight gradients from a materialised
     # transpose of the activation or of its cotangent on CPU (XLA:CPU then uses its fast kernels for them),

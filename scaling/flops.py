@@ -246,8 +246,8 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     skips fully masked blocks executes about this); 'blocked' —
     `models.sliding_window`: T is padded to Q = ceil(T / C) blocks of C = min(block, T) queries and
     each block scores nk·C keys, nk = min(Q, ceil((W - 1) / C) + 1); 'causal_blocked' — the global
-    causal 'xla' kernel with `causal_block=C` (models.attention): the block of queries [lo, hi) scores
-    keys [0, hi), no padding.
+    causal 'xla' kernel with `causal_block=C` (models.attention; C at least T / 16): the block of queries
+    [lo, hi) scores keys [0, hi), no padding.
     """
     T = int(seq_len)
     if kernel == "dense":
@@ -255,6 +255,7 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     if kernel == "causal_blocked":
         if window is not None:
             raise ValueError("kernel='causal_blocked' is the global causal kernel; pass window=None")
+        block = max(block, -(-T // 16))  # at most 16 blocks, as models.attention.causal_block_rows
         return sum((min(lo + block, T) - lo) * min(lo + block, T) for lo in range(0, T, block)) / T
     if kernel in ("ideal", "flash"):
         return attended_keys(T, window)
