@@ -185,6 +185,13 @@ def _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap=None):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def softmax_attention(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale: float, softcap: float | None = None):
+    """The kernel under `xla_attention` and the blocked sliding-window one, in its own layout: q [B, K, G, T, H],
+    k / v [B, K, S, H], a bool mask broadcastable to [B, 1, 1, T, S] → [B, K, G, T, H] in q's dtype. Float32 scores
+    and softmax (float64 for float64 inputs); its VJP keeps E = exp(s - max) and the row sums, not probabilities."""
+    return _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: float | None = None,
               logit_softcap: float | None = None, causal_block: int | None = None, is_causal: bool = False):
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.

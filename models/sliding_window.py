@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from models.attention import softmax_attention
+
 
 def num_key_blocks(window: int, block: int, n_blocks: int) -> int:
     """Key blocks a query block touches: itself plus ceil((W - 1) / C) before it (capped)."""
@@ -78,19 +80,17 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
 
 
 def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, softcap=None):
-    """Every query block against its key window through `models.attention`'s hand-written softmax VJP, blocks
-    folded into the batch: its backward keeps float32 E per score (+ row statistics), where autodiff of the softmax
-    kept scores, probabilities and masks (and tanh under a soft-cap). Float32 scores from bf16 operands (rounding
-    them to bf16 made the output 5-6x less accurate). A fully masked row (a padding query) outputs 0.
+    """Every query block against its key window through `models.attention.softmax_attention` (a hand-written VJP),
+    blocks folded into the batch: its backward keeps float32 E per score (+ row statistics), where autodiff of the
+    softmax kept scores, probabilities and masks (and tanh under a soft-cap). Float32 scores from bf16 operands
+    (rounding them to bf16 made the output 5-6x less accurate). A fully masked row (a padding query) outputs 0.
     Returns [B, Q, C, K, G, H]."""
-    from models.attention import _core
-
     B, Q, C, K, G, H = q_BQCKGH.shape
     S = k_BQSKH.shape[2]
     q_XKGCH = q_BQCKGH.reshape(B * Q, C, K, G, H).transpose(0, 2, 3, 1, 4)
     k_XKSH, v_XKSH = (x.reshape(B * Q, S, K, H).transpose(0, 2, 1, 3) for x in (k_BQSKH, v_BQSKH))
     mask_X11CS = mask_BQCS.reshape(B * Q, 1, 1, C, S)
-    o_XKGCH = _core(q_XKGCH, k_XKSH, v_XKSH, mask_X11CS, scale, softcap)
+    o_XKGCH = softmax_attention(q_XKGCH, k_XKSH, v_XKSH, mask_X11CS, scale, softcap)
     o_XKGCH = jnp.where(mask_X11CS.any(-1, keepdims=True), o_XKGCH, 0)
     return o_XKGCH.transpose(0, 3, 1, 2, 4).reshape(B, Q, C, K, G, H)
 
