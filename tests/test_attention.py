@@ -7,7 +7,7 @@ import pytest
 
 from models.attention import attention
 from models.sliding_window import dense_window_mask
-from tests.test_sliding_window import qkv, segments
+from tests.test_sliding_window import jaxpr_dots, qkv, segments
 
 
 @pytest.mark.parametrize("T,C,N,K,layout,cap", [
@@ -120,16 +120,8 @@ def test_long_sequences_run_at_most_16_query_blocks_and_scaling_counts_them(T, b
     q = jax.ShapeDtypeStruct((1, T, 2, H), jnp.float32)
     mask = dense_window_mask(T, None)
 
-    def dots(jaxpr):  # dot_general equations, also inside custom-VJP calls
-        for e in jaxpr.eqns:
-            if e.primitive.name == "dot_general":
-                yield e
-            for p in e.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):
-                    yield from dots(inner)
-
     jaxpr = jax.make_jaxpr(lambda q, k, v: attention(q, k, v, mask, causal_block=block))(q, q, q).jaxpr
-    scores = [e.outvars[0].aval.shape[-2:] for e in dots(jaxpr) if e.outvars[0].aval.shape[-1] != H]  # (rows, keys)
+    out_shapes = [e.outvars[0].aval.shape for e in jaxpr_dots(jaxpr)]
+    scores = [shape[-2:] for shape in out_shapes if shape[-1] != H]  # QK^T: (rows, keys); PV ends in H
     assert len(scores) == n_blocks
     assert sum(r * s for r, s in scores) / T == executed_keys(T, kernel="causal_blocked", block=block)

@@ -14,6 +14,17 @@ def qkv(B, T, N, K, H, dtype=jnp.float32, seed=0):
     return tuple(jax.random.normal(k, (B, T, n, H), dtype) for k, n in zip(ks, (N, K, K)))
 
 
+def jaxpr_dots(jaxpr):
+    """The dot_general equations of a jaxpr, also inside custom-VJP calls and other sub-jaxprs."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            yield e
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", p)
+            if hasattr(inner, "eqns"):
+                yield from jaxpr_dots(inner)
+
+
 def segments(layout, B, T):
     if layout == "none":
         return None
@@ -125,17 +136,8 @@ def test_scores_are_float32_products_of_bf16_operands():
     q = k = v = jnp.zeros((1, 8, 2, 4), jnp.bfloat16)
     mask = jnp.ones((1, 1, 8, 8), bool)
 
-    def dots(jaxpr):  # dot_general equations, also inside custom-VJP calls and other sub-jaxprs
-        for e in jaxpr.eqns:
-            if e.primitive.name == "dot_general":
-                yield e
-            for p in e.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):
-                    yield from dots(inner)
-
     for fn in (lambda: sliding_window_attention(q, k, v, 4, block=4),
                lambda: sliding_window_attention(q, k, v, 4, block=4, logit_softcap=5.0),
                lambda: reference_attention(q, k, v, mask, 0.5, logit_softcap=5.0)):
-        first = next(dots(jax.make_jaxpr(fn)().jaxpr))
+        first = next(jaxpr_dots(jax.make_jaxpr(fn)().jaxpr))
         assert first.outvars[0].aval.dtype == jnp.float32, first
