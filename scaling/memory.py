@@ -266,7 +266,8 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     if remat == "save_dots":
         return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
-    attn = c * NH + 4 * N * S + 4 * N  # models.attention's softmax VJP (flash: S = 0, its output and row sums)
+    # models.attention's softmax VJP; a flash kernel keeps its output (the o-projection's input too) and `lse`
+    attn = 0.0 if flash else c * NH + 4 * N * S + 4 * N
     return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
 
 
