@@ -57,9 +57,9 @@ MAX_CAUSAL_BLOCKS = 16  # each query block is unrolled in the program (compile t
 
 def causal_block_rows(T: int, causal_block: int) -> int:
     """Query rows per block of the block-causal kernel: `causal_block`, or T / 16 when that is larger. At long T the
-    blocks would otherwise multiply: 128 blocks of 64 at T = 8192 compiled in 60 s and ran 2.9x slower than 16 of
-    512 (a 2-layer train step on CPU; docs/benchmarks.md, twenty-first session). scaling.flops.executed_keys counts
-    the same blocks."""
+    blocks would otherwise multiply: 128 blocks of 64 at T = 8192 compiled in 60 s (16 blocks of 512: 13 s) and ran
+    1.12x slower (a 4-layer model's value and gradient on CPU; docs/benchmarks.md, twenty-first session).
+    scaling.flops.executed_keys counts the same blocks."""
     return max(causal_block, -(-T // MAX_CAUSAL_BLOCKS))
 
 
