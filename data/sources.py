@@ -1,23 +1,33 @@
-"""Input shards: JSONL (optionally .gz), Parquet, and plain text files, read with bounded memory.
+"""Input shards: JSON Lines, Parquet, and plain text files (JSONL and text optionally .gz / .bz2 / .xz), read
+with bounded memory.
 
 `discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard`
 text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
+JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write; a pretty-printed JSON document
+is counted line by line as `malformed_json`, not read as text). Directory walks skip Hadoop / Spark side files
+(names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`), which hold no records; a file named explicitly is read.
 """
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import gzip
 import json
+import lzma
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator, Sequence
 
 from data.normalize import NormalizeConfig, count_surrogates, decode, replace_surrogates
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compression, by the file's last suffix
+# what a damaged file raises mid-read: one counted `unreadable_file`, never a crash
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +49,14 @@ class SourceConfig:
             raise ValueError(f"SourceConfig.text_files_per_shard={self.text_files_per_shard} must be >= 1")
 
 
+def _opener(path: str):
+    return _OPENERS.get(os.path.splitext(path.lower())[1], open)
+
+
 def _kind(path: str) -> str:
     p = path.lower()
+    if _opener(p) is not open:
+        p = os.path.splitext(p)[0]  # data.jsonl.gz is JSONL, notes.txt.gz text
     if p.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if p.endswith(PARQUET_SUFFIXES):
@@ -54,7 +70,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     for p in paths:
         p = pathlib.Path(p)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file())
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file()
+                            and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
         elif p.is_file():
             files.append(str(p))
         else:
@@ -89,6 +106,18 @@ def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
             yield line, len(line)
 
 
+def _clean_meta(v):
+    """Metadata with lone surrogates (JSON escapes like "\\ud83d" in a title) replaced by U+FFFD, at any depth:
+    they cannot be written as UTF-8, and a record is not dropped for its metadata."""
+    if isinstance(v, str):
+        return replace_surrogates(v) if count_surrogates(v) else v
+    if isinstance(v, list):
+        return [_clean_meta(x) for x in v]
+    if isinstance(v, dict):
+        return {_clean_meta(k): _clean_meta(x) for k, x in v.items()}
+    return v
+
+
 def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tuple[dict | None, str | None]:
     if isinstance(text, bytes):
         text, reason = decode(text, ncfg)
@@ -105,13 +134,14 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
         text = replace_surrogates(text)
     if not text.strip():
         return None, "empty"
-    return {**meta, "text": text}, None
+    return {**_clean_meta(meta), "text": text}, None
 
 
 def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
-    opener = gzip.open if path.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with _opener(path)(path, "rb") as f:
         for lineno, (line, n) in enumerate(_lines(f, cfg.max_doc_bytes)):
+            if lineno == 0 and line is not None and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the first record
             if line is None:
                 yield None, "too_large", n
                 continue
@@ -191,12 +221,17 @@ def _jsonable(v):
 
 
 def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
-    n = os.path.getsize(path)
-    if n > cfg.max_doc_bytes:
-        yield None, "too_large", n
+    opener = _opener(path)
+    if opener is open and os.path.getsize(path) > cfg.max_doc_bytes:
+        yield None, "too_large", os.path.getsize(path)
         return
-    with open(path, "rb") as f:
-        raw = f.read()
+    with opener(path, "rb") as f:
+        raw = f.read(cfg.max_doc_bytes + 1)  # compressed: the size that counts is the decompressed one
+        n = len(raw)
+        if n > cfg.max_doc_bytes:
+            n += sum(len(b) for b in iter(lambda: f.read(1 << 20), b""))
+            yield None, "too_large", n
+            return
     doc, reason = _text_doc(raw, {"id": path, "source": path}, cfg, ncfg)
     yield doc, reason, n
 
@@ -215,5 +250,5 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
     for path in files:
         try:
             yield from readers[_kind(path)](path, cfg, ncfg)
-        except (OSError, EOFError, gzip.BadGzipFile):
+        except _READ_ERRORS:
             yield None, "unreadable_file", 0

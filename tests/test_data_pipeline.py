@@ -335,3 +335,46 @@ def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata
         (tmp_path / lang / "part-0.jsonl").write_text(json.dumps({"text": a}) + "\n")
     ids = {d["id"] for lang in ("en", "zh") for d, _, _ in read_records([str(tmp_path / lang / "part-0.jsonl")])}
     assert len(ids) == 2
+
+
+def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
+    """Compressed JSON Lines under every common suffix, Spark's side files, a damaged stream, a byte-order mark and
+    metadata with a lone surrogate: each record is read or counted, none merged, crashed on or silently lost."""
+    import bz2
+    import gzip
+    import lzma
+
+    from data.shards import encode_doc
+    from data.sources import discover, read_records
+
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 20) for _ in range(5)]
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    src = tmp_path / "export"
+    src.mkdir()
+    for name, opener in (("a.ndjson.gz", gzip.open), ("b.json", open), ("c.jsonl.bz2", bz2.open),
+                         ("d.jsonl.xz", lzma.open)):
+        with opener(src / name, "wt") as f:
+            f.write(lines)
+    with gzip.open(src / "notes.txt.gz", "wt") as f:
+        f.write(texts[0])
+    (src / "_SUCCESS").write_text("")
+    (src / ".b.json.crc").write_bytes(b"\x00\x01crc")
+    shards = discover([src])
+    assert sorted(os.path.basename(f) for s in shards for f in s) == [
+        "a.ndjson.gz", "b.json", "c.jsonl.bz2", "d.jsonl.xz", "notes.txt.gz"]
+    for shard in shards:
+        docs = [d for d, r, _ in read_records(shard) if r is None]
+        assert [d["text"] for d in docs] == (texts[:1] if shard[0].endswith("txt.gz") else texts), shard
+    # a damaged deflate stream ends its file with one counted drop (zlib.error crashed the run)
+    raw = bytearray(gzip.compress(lines.encode() * 50))
+    raw[200:216] = bytes(b ^ 0xFF for b in raw[200:216])
+    (tmp_path / "bad.jsonl.gz").write_bytes(bytes(raw))
+    reasons = [r for _, r, _ in read_records([str(tmp_path / "bad.jsonl.gz")])]
+    assert reasons[-1] == "unreadable_file" and reasons.count("unreadable_file") == 1
+    # a byte-order mark does not cost the first record; a lone surrogate in metadata is replaced, not fatal
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"title": "\ud83d cut", "text": texts[0]},
+                                                                ensure_ascii=True) + "\n" + lines)
+    out = list(read_records([str(tmp_path / "bom.jsonl")]))
+    assert [r for _, r, _ in out] == [None] * 6
+    assert out[0][0]["title"] == "\ufffd cut" and encode_doc(out[0][0])
