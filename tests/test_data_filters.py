@@ -173,6 +173,32 @@ def test_config_errors_name_the_field():
         QualityConfig(min_mean_word_len=12.0)
     with pytest.raises(ValueError, match="boilerplate"):
         QualityConfig(boilerplate=("([unclosed",))
+    # a bare string where a tuple of phrases belongs made every character a rule (and dropped every document)
+    for field in ("blocklist", "promo_phrases", "boilerplate"):
+        with pytest.raises(ValueError, match=rf"QualityConfig.{field}=.*\(\'x y\',\)"):
+            QualityConfig(**{field: "x y"})
+    with pytest.raises(ValueError, match=r"top_ngram_max entry \(2, 20.0\)"):  # a percentage, not a fraction
+        QualityConfig(top_ngram_max=((2, 20.0),))
+    with pytest.raises(ValueError, match="dup_ngram_max"):
+        QualityConfig(dup_ngram_max=((0, 0.1),))
+    with pytest.raises(ValueError, match="min_words"):
+        QualityConfig(min_words=-1)
+
+
+def test_combining_marks_are_word_characters_not_symbols():
+    """Devanagari vowel signs, Thai vowels / tone marks and Arabic harakat are Unicode marks, for which str.isalnum is
+    False: ordinary prose in those scripts measured ~0.4 symbol ratio and failed the 0.35 limit."""
+    from data.normalize import normalize_text
+
+    hindi = "भारत एक विशाल देश है जिसकी संस्कृति बहुत पुरानी और समृद्ध है। यहाँ अनेक भाषाएँ बोली जाती हैं।"
+    thai = "ประเทศไทยมีวัฒนธรรมที่หลากหลาย และผู้คนเป็นมิตรกับนักท่องเที่ยว"
+    arabic = "اَلْعَرَبِيَّةُ لُغَةٌ جَمِيلَةٌ يَتَكَلَّمُهَا مَلَايِينُ النَّاسِ"
+    for text in (hindi, thai, arabic):
+        s = analyze(normalize_text(text))
+        punct = sum(c in "।," for c in text) / len(text.replace(" ", ""))
+        assert s["symbol_ratio"] == pytest.approx(punct, abs=1e-9), (text, s["symbol_ratio"])
+    # ASCII text measures as before
+    assert analyze("word$ " * 5)["symbol_ratio"] == pytest.approx(1 / 5)
 
 
 def test_zh_numbers_blank_lines_and_copyright_owner_do_not_misfire():
