@@ -20,14 +20,15 @@ import unicodedata
 FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 INVALID_UTF8 = ("repair", "reject")
 
-# C0/C1 controls except tab and newline (\r is handled as a line break first), plus invisible format
+# C0/C1 controls except tab and newline (\r, form feed and vertical tab are line breaks first), plus invisible format
 # characters that only break tokenisation and matching: zero-width space/joiners, BOM, soft hyphen,
 # bidi controls. ZWJ (U+200D) stays: it is part of emoji sequences.
-_DROP_CHARS = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
+_DROP_CHARS = {c: None for c in [*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
                                  0x00AD, 0x200B, 0x200C, 0x200E, 0x200F, 0x2060, 0xFEFF,
                                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 _SURROGATES = re.compile("[\ud800-\udfff]")
-_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85]")
+# a form feed is a page break in text extracted from PDFs: deleted, it glued the last word of a page to the next
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85\x0b\x0c]")
 _INNER_SPACES = re.compile(r"(?<=\S) {2,}(?=\S)")  # spaces only: a tab run in TSV is empty columns
 _TRAILING_SPACES = re.compile(r"(?<![ \t])[ \t]+$", re.M)  # from a run's start only: `[ \t]+$` rescans long runs
 

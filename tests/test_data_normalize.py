@@ -31,6 +31,8 @@ def test_control_and_invisible_characters_removed_newlines_and_tabs_kept():
 
 def test_line_breaks_and_whitespace():
     assert normalize_text("a\r\nb\rc\u2028d") == "a\nb\nc\nd"
+    # a form feed (page break of PDF-extracted text) or vertical tab separates lines; deleted, it glued words
+    assert normalize_text("end of page.\x0cNext page\x0bnext line") == "end of page.\nNext page\nnext line"
     assert normalize_text("one   two three   \n") == "one two three"
     # tab runs are TSV columns, some empty: kept; space runs between words collapse
     assert normalize_text("id\tname\t\tscore\n7\t\t\t0.5") == "id\tname\t\tscore\n7\t\t\t0.5"
