@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -31,7 +32,9 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
                   mlp_multiple: int = 256) -> LMShape:
     """A Llama-style dense shape with about `n_params` parameters: d_model = aspect·L (rounded to a
     multiple of head_dim), MHA with `head_dim`-wide heads, SwiGLU width 8/3·d rounded up to
-    `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008."""
+    `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008.
+    Eight or more heads come in a multiple of 8, so that any tensor axis up to 8 divides them: where the closest
+    depth has another count (75 at L=75), a nearby depth or d_model within 10% of n_params is taken instead."""
     if not (math.isfinite(n_params) and n_params > 0):
         raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
 
@@ -41,18 +44,26 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
         return LMShape(vocab_size=vocab_size, d_model=d, n_layers=L, n_heads=d // head_dim, kv_heads=d // head_dim,
                        head_dim=head_dim, mlp_dim=f, windows=(None,) * L)
 
-    total = lambda L, d=None: param_counts(shape(L, d)).total  # noqa: E731  (grows with L)
+    total = functools.cache(lambda L, d=None: param_counts(shape(L, d)).total)  # grows with L
     lo, hi = 1, 4096
     while lo < hi:  # the smallest L whose total reaches n_params
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if total(mid) < n_params else (lo, mid)
-    best = min(((L, None) for L in (lo - 1, lo) if L >= 1), key=lambda c: abs(total(*c) - n_params))
-    if abs(total(*best) - n_params) > 0.1 * n_params:
-        # the d = aspect·L family's neighbours are 20-30% apart at ~1e8 parameters: let d_model leave aspect·L
-        # by up to 1.5x either way, in steps of head_dim
-        cands = [(L, d) for L in range(max(1, lo - 2), lo + 2)
-                 for d in range(head_dim, int(1.5 * aspect * L) + head_dim, head_dim) if d >= aspect * L / 1.5]
-        best = min(cands or [best], key=lambda c: abs(total(*c) - n_params))
+    err = lambda c: abs(total(*c) - n_params)  # noqa: E731
+
+    def off_family(depths):  # d_model up to 1.5x off aspect·L either way, in steps of head_dim
+        return [(L, d) for L in depths if L >= 1
+                for d in range(head_dim, int(1.5 * aspect * L) + head_dim, head_dim) if d >= aspect * L / 1.5]
+
+    best = min(((L, None) for L in (lo - 1, lo) if L >= 1), key=err)
+    if err(best) > 0.1 * n_params:
+        # the d = aspect·L family's neighbours are 20-30% apart at ~1e8 parameters: let d_model leave it
+        best = min(off_family(range(lo - 2, lo + 2)) or [best], key=err)
+    heads = lambda c: (c[1] or shape(c[0]).d_model) // head_dim  # noqa: E731
+    if heads(best) >= 8 and heads(best) % 8:  # a tensor axis of 2, 4 or 8 must divide them: a nearby shape that
+        ready = [c for c in [(L, None) for L in range(lo - 8, lo + 9) if L >= 1] + off_family(range(lo - 8, lo + 9))
+                 if heads(c) % 8 == 0 and err(c) <= 0.1 * n_params]  # has 8k heads, within 10% of the size
+        best = min(ready, key=err, default=best)
     got = total(*best)
     if abs(got - n_params) > 0.1 * n_params:  # every FLOP, hour and joule of the plan would be off by as much
         d = shape(*best).d_model
@@ -75,9 +86,10 @@ class MeshChoice:
 
 def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, seqs_per_chip: int = 1,
                  remat: str = "save_dots_no_batch", param_dtype: str = "float32", compute_dtype: str = "bfloat16",
-                 kernel: str = "flash", headroom: float = 0.9) -> MeshChoice | None:
+                 kernel: str = "flash", headroom: float = 0.9, skipped: list[str] | None = None) -> MeshChoice | None:
     """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp in powers of two, data the
-    rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if nothing fits."""
+    rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if nothing fits.
+    skipped: a list that receives why layouts could not be used at all (a dimension they do not divide)."""
     for t in (1, 2, 4, 8):
         if chips % t:
             continue
@@ -89,8 +101,10 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
                 try:
                     mem = memory_per_device(shape, mesh, mb, seq_len, remat=remat, param_dtype=param_dtype,
                                             compute_dtype=compute_dtype, kernel=kernel)
-                except ValueError:  # a dimension does not divide this mesh
+                except ValueError as e:  # a dimension does not divide this mesh
                     mem = None
+                    if skipped is not None and str(e) not in skipped:
+                        skipped.append(str(e))
                 if mem is not None and mem.total <= headroom * hbm_bytes:
                     return MeshChoice(mesh, mb, mem)
             f *= 2
@@ -171,7 +185,9 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     chip_hours = chips * seconds / 3600
     kwh = chip_hours * power / 1000 * pue
     co2 = kwh * grid_g_per_kwh / 1000
-    mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat)
+    skipped: list[str] = []
+    mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat,
+                        skipped=skipped)
 
     law_txt = {"approach1": "Chinchilla Approach 1: N_opt ∝ C^0.50, anchored at 67B params for Gopher's 5.76e23 FLOPs "
                             f"({float(alloc.optimal_tokens_for_params(1e9)) / 1e9:.1f} tokens/param)",
@@ -201,7 +217,8 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     ]
     if mesh is None:
         lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
-                     "micro-batch; add chips, lower seq_len or use remat='full'")
+                     "micro-batch; add chips, lower seq_len or use remat='full'"
+                     + "".join(f"\n            layouts not tried: {why}" for why in skipped))
     else:
         lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "
                   f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB:", mesh.memory.table()]

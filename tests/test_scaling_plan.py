@@ -1,5 +1,6 @@
 """scaling.plan: the documented 7B example against a hand computation; hardware table; planner errors."""
 
+import numpy as np
 import pytest
 
 from scaling.hardware import CHIPS, device_peak, measure_cpu_peak, peak_flops, peak_table
@@ -111,3 +112,20 @@ def test_device_peak_for_mfu(kind, dtype, precision, expected):
         assert peak is None and label == kind
     else:
         assert peak == peak_flops(*expected) and label == " ".join(expected)
+
+
+def test_suggested_heads_divide_any_tensor_axis_and_unusable_layouts_are_named():
+    from scaling.flops import param_counts
+
+    # 1e23 FLOPs on 2e11 tokens asked for N = 8.3e10: the closest depth, L=75, had 75 heads, which no tensor
+    # axis divides, so no mesh was suggested and the plan advised more chips
+    plan = make_plan(flops=1e23, tokens=2e11)
+    assert plan.shape.n_heads % 8 == 0 and plan.mesh is not None
+    assert param_counts(plan.shape).total == pytest.approx(plan.n_params, rel=0.1)
+    for n in np.geomspace(2e9, 3e12, 17):  # smaller models may have none within 10% (1.6e9: 19 heads)
+        s = suggest_shape(float(n))
+        assert s.n_heads < 8 or s.n_heads % 8 == 0, (n, s)
+        assert param_counts(s).total == pytest.approx(n, rel=0.1)
+    # a vocabulary no tensor axis divides: the plan says which layouts it could not try, and why
+    odd = make_plan(params=7e10, chips=8, vocab_size=50257)
+    assert odd.mesh is None and "layouts not tried" in odd.text and "50257" in odd.text, odd.text
