@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 RECOMPUTE_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -89,6 +90,17 @@ class LMShape:
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
 
+    def __post_init__(self):
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"LM shape: {f} must be an int >= 1, got {v!r}")
+        if self.mlp_dim < 0:
+            raise ValueError(f"LM shape: mlp_dim must be >= 0, got {self.mlp_dim}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"LM shape: n_heads={self.n_heads} is not a multiple of kv_heads={self.kv_heads}; "
+                             "grouped-query attention shares each KV head among n_heads / kv_heads query heads")
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and (i + 1) % self.moe.moe_every == 0
 
@@ -143,6 +155,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     for f in ("vocab_size", "d_model", "n_layers", "n_heads"):
         if getattr(cfg, f, None) is None:
             raise ValueError(f"config has no {f!r}; scaling.flops needs vocab_size, d_model, n_layers, n_heads")
+    if not cfg.n_heads >= 1:  # before d_model // n_heads; LMShape checks the rest
+        raise ValueError(f"LM shape: n_heads must be an int >= 1, got {cfg.n_heads!r}")
     L = cfg.n_layers
     kv = _first(cfg, ("kv_heads", "n_kv_heads"), cfg.n_heads)
     hd = _first(cfg, ("hd", "head_dim"), cfg.d_model // cfg.n_heads)
@@ -233,6 +247,8 @@ def attended_keys(seq_len: int, window: int | None = None, causal: bool = True) 
         if window is not None:
             raise ValueError("windowed bidirectional attention is not modelled; pass window=None or causal=True")
         return float(T)
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1 or None, got {window}")
     W = T if window is None else min(int(window), T)
     # sum_{p<W} (p + 1) + (T - W) * W, divided by T
     return (W * (W + 1) / 2 + (T - W) * W) / T
@@ -250,6 +266,10 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     [lo, hi) scores keys [0, hi), no padding.
     """
     T = int(seq_len)
+    if T < 1 or block < 1:
+        raise ValueError(f"executed_keys: seq_len ({seq_len}) and block ({block}) must be >= 1")
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1 or None, got {window}")
     if kernel == "dense":
         return float(T)
     if kernel == "causal_blocked":
@@ -384,6 +404,9 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
     then score `cache_len` keys, local ones their W-slot rolling buffer plus the new token (W + 1; `cache_len`
     when W >= cache_len, since the layer then keeps a full cache).
     """
+    if context_len < 0 or (cache_len is not None and cache_len < context_len + 1):
+        raise ValueError(f"decode_flops_per_token: context_len={context_len} must be >= 0 and cache_len={cache_len} "
+                         "(None or the cache's size) must hold the context and the new token")
     s = lm_shape(cfg, windows=windows, moe=moe)
     keys = 0.0
     for w in s.windows:

@@ -266,3 +266,21 @@ def test_mfu():
         mfu(1.0, 1.0, 1, 0.0)
     with pytest.raises(ValueError, match="n_devices"):
         mfu(1.0, 1.0, 0, 1.0)
+
+
+def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
+    """They used to return negative parameter counts and key counts, or a bare ZeroDivisionError."""
+    from types import SimpleNamespace
+
+    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, mlp_dim=128)
+    for field, value, match in [("d_model", -5, "d_model must be an int >= 1"), ("n_heads", 0, "n_heads"),
+                                ("n_kv_heads", 3, "not a multiple of kv_heads=3"), ("head_dim", 0, "head_dim")]:
+        with pytest.raises(ValueError, match=match):
+            param_counts(SimpleNamespace(**{**base, field: value}))
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        attended_keys(10, window=-3)
+    with pytest.raises(ValueError, match="seq_len"):
+        executed_keys(0, kernel="blocked")
+    with pytest.raises(ValueError, match="context_len=-5"):
+        decode_flops_per_token(SimpleNamespace(**base), -5)
+    assert param_counts(SimpleNamespace(**base)).total > 0  # the same config, well formed, is counted
