@@ -124,6 +124,8 @@ class Checkpoints:
         self.dir = pathlib.Path(directory).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self._report_incomplete()
+        if keep_best:
+            self._set_aside_unreadable_metrics()
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
@@ -145,6 +147,35 @@ class Checkpoints:
             if tmp:
                 self.log(f"checkpoint: ignoring incomplete save(s) {', '.join(tmp)} (interrupted while writing)")
 
+    def _set_aside_unreadable_metrics(self):
+        """A step whose metrics file does not parse (zero-length after a power loss) stopped every restart: orbax
+        reads all of them when the manager opens. The file is moved aside; the step stays restorable, but without
+        its eval loss it no longer counts as the best."""
+        if jax.process_index() == 0 and self.dir.is_dir():
+            for f in sorted(self.dir.glob("*/metrics/metrics")):
+                try:
+                    ok = isinstance(json.loads(f.read_text()), dict)
+                except (ValueError, OSError):
+                    ok = False
+                if not ok:
+                    step = f.parent.parent.name
+                    self.log(f"checkpoint: step {step}'s saved eval metrics are unreadable; set aside in "
+                             f"{self._corrupt_path(f'{step}-metrics')} (the step stays restorable, no longer as best)")
+                    os.replace(f.parent, self._corrupt_path(f"{step}-metrics"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoint-metrics")
+
+    def _corrupt_path(self, name: str) -> pathlib.Path:
+        """A free path `<dir>-corrupt/<name>[-n]` (an earlier one of the same name is kept)."""
+        root = self.dir.parent / f"{self.dir.name}-corrupt"
+        root.mkdir(parents=True, exist_ok=True)
+        dst, n = root / name, 1
+        while dst.exists():
+            dst, n = root / f"{name}-{n}", n + 1
+        return dst
+
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, state, meta: dict, eval_loss: float | None = None, loader=None) -> None:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
@@ -153,7 +184,8 @@ class Checkpoints:
         if not bool(all_finite(state)):
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
         pure = to_pure(state)
-        meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss)
+        meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss,
+                    loader_saved=loader is not None)
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
         items = dict(state=ocp.args.StandardSave(pure), meta=ocp.args.JsonSave(meta))
         if loader is not None:
@@ -176,7 +208,8 @@ class Checkpoints:
         initialised state on the current mesh, any device count). Returns (state, meta) or None.
 
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
-        loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`).
+        loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
+        saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside, and the previous
         one is tried; a readable one that does not fit raises CheckpointMismatch and stays where it is."""
         abstract = abstract_of(to_pure(template))
@@ -194,6 +227,12 @@ class Checkpoints:
             if check is not None:
                 check(meta)
             _check_fits(saved, abstract, self.dir / str(s))
+            if loader is not None and not has_loader and "loader" not in meta:  # (older: the state in meta)
+                if meta.get("loader_saved") is False:
+                    raise CheckpointMismatch(f"{self.dir / str(s)} was saved without a data loader state; restore "
+                                             "it with loader=None (and position the loader yourself)")
+                self._corrupt(s, candidates, FileNotFoundError(f"{self.dir / str(s) / 'loader'} is missing"))
+                continue
             if loader is not None and has_loader:
                 self._check_processes(s)
             try:
@@ -237,12 +276,7 @@ class Checkpoints:
         if jax.process_index() == 0:
             src = self.dir / str(step)
             if src.exists():
-                root = self.dir.parent / f"{self.dir.name}-corrupt"
-                root.mkdir(parents=True, exist_ok=True)
-                dst, n = root / str(step), 1
-                while dst.exists():
-                    dst, n = root / f"{step}-{n}", n + 1
-                os.replace(src, dst)
+                os.replace(src, self._corrupt_path(str(step)))
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -6,7 +6,7 @@ CLI overrides and validation before anything compiles.
 
 Overrides are `--set section.field=value` (the value converted to the field's declared type: true/false for bool,
 none for optional fields, integral numbers for int, `1,2` or `(1, 2)` for tuples; `mesh=data=2,fsdp=4`) or the flat
-flags `--steps --batch --seq --lr --mesh --out --seed`.
+flags `--steps --batch --seq --lr --mesh --out --seed`, applied in command-line order (the last of a key wins).
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def _typed(text: str, annotation: str, key: str, namespace: dict) -> Any:
                 return _int(_literal(text))
             if opt == "float":
                 v = _literal(text)
-                if isinstance(v, int | float) and not isinstance(v, bool):
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):  # 1e400 is inf
                     return float(v)
             if opt.startswith("tuple["):
                 v = _literal(text if text.strip() else "()")
@@ -308,8 +308,16 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
     for flag, key in FLAT.items():
-        ap.add_argument(flag, dest=key, default=None, help=f"= --set {key}=...")
+        ap.add_argument(flag, dest=key, action=_AsSet, metavar="VALUE", help=f"= --set {key}=...")
     return ap
+
+
+class _AsSet(argparse.Action):
+    """A short flag (--steps 50) appended to --set's list (train.steps=50) in command-line order, so that the last
+    of a key wins across both forms, and `--mesh fsdp=-1 --set mesh.tensor=2` adds the axis as --set's form does."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.set = [*namespace.set, f"{self.dest}={value}"]
 
 
 FLAT = {"--steps": "train.steps", "--batch": "train.batch", "--seq": "train.seq", "--lr": "optim.lr",
@@ -326,10 +334,6 @@ def load(argv=None, description: str | None = None) -> RunConfig:
             raise ConfigError(f"--set {kv!r}: write KEY=VALUE, e.g. train.steps=50")
         sets.pop(key.strip(), None)  # the last of a key wins
         sets[key.strip()] = text.strip()
-    for key in FLAT.values():
-        if getattr(args, key) is not None:
-            sets.pop(key, None)
-            sets[key] = getattr(args, key)
     return apply_overrides(preset(args.preset), sets)
 
 
@@ -380,6 +384,9 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",
          "hold out every n-th module with n >= 2, and at least one eval batch")
+    need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
+         f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
+         f"least {d.eval_every_nth} or lower data.eval_every_nth")
     need("float16" not in (m.dtype, m.param_dtype), "model.dtype",
          "float16 training needs loss scaling, which this trainer does not do (a mean loss's logit gradients fall "
          "into fp16 subnormals: 14% error at 2048 tokens); use bfloat16")

@@ -131,3 +131,38 @@ def test_a_leaf_whose_dtype_changed_since_the_save_restores_and_verifies(tmp_pat
     ckpt.close()
     assert meta["step"] == 5 and state["bias"].dtype == jnp.float32
     np.testing.assert_array_equal(state["bias"], bias.astype(jnp.float32))
+
+
+def test_a_missing_loader_state_or_unreadable_metrics_do_not_stop_a_restart(tmp_path):
+    """A step whose loader folder is gone is corrupt (it was saved with one): the previous step is used, with its
+    loader position. A step saved without a loader is refused by name when a loader asks for one. A zero-length
+    metrics file (orbax reads them all when the manager opens) is set aside; its step stays restorable."""
+    import shutil
+
+    from experiments.checkpoint import CheckpointMismatch
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, async_save=False, log=lambda *a: None)
+    for step in (4, 8):
+        ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=1.0 / step, loader=PositionLoader(10 * step))
+    ckpt.close()
+    shutil.rmtree(tmp_path / "ckpt" / "8" / "loader")  # crashed with KeyError: 'loader'
+    lines, loader = [], PositionLoader(0)
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, async_save=False, log=lines.append)
+    try:
+        state, meta = ckpt.restore(state_at(0), loader=loader)
+        assert meta["step"] == 4 and loader.position == 40 and float(state["params"]["w"][0, 0]) == 4.0
+        assert "step 8 is corrupt" in lines[0] and (tmp_path / "ckpt-corrupt" / "8").is_dir()
+        ckpt.save(12, state_at(12), {"config": "{}"}, eval_loss=0.01)  # no loader
+        with pytest.raises(CheckpointMismatch, match="without a data loader state"):
+            ckpt.restore(state_at(0), loader=loader)
+    finally:
+        ckpt.close()
+    (tmp_path / "ckpt" / "12" / "metrics" / "metrics").write_text("")  # stopped every restart (JSONDecodeError)
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, async_save=False, log=lines.append)
+    try:
+        assert "step 12's saved eval metrics are unreadable" in lines[0]
+        state, meta = ckpt.restore(state_at(0))
+        assert meta["step"] == 12 and float(state["params"]["w"][0, 0]) == 12.0
+    finally:
+        ckpt.close()

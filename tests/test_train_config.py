@@ -63,6 +63,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
     (["--preset", "tiny", "--set", "data.max_files=-5"], 8, "data.max_files: must be None (all modules) or >= 1"),
+    # fewer modules than every n-th held out: an empty eval split crashed the loader after the run dir was made
+    (["--preset", "tiny", "--set", "data.max_files=5"], 8, "data.max_files: 5 modules hold none out for evaluation"),
+    (["--preset", "tiny", "--set", "optim.lr=1e400"], 8, "optim.lr: expected a number (float), got '1e400'"),
     (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
     # pipeline stages run whole pattern periods, without MoE
@@ -111,6 +114,15 @@ def test_presets_and_overrides_compose():
         validate(big, int(np.prod(list(big.mesh.values()))))
     assert abs(load(["--preset", "llama7b"]).model.param_count() / 6.74e9 - 1) < 0.01
     assert abs(load(["--preset", "mixtral8x7b"]).model.param_count() / 46.7e9 - 1) < 0.01
+
+
+def test_short_flags_and_set_apply_in_command_line_order():
+    """--mesh / --steps are --set mesh= / train.steps=: the last of a key wins across both forms, and a --set of one
+    mesh axis after --mesh adds to it (the short flags were applied after every --set, dropping mesh.tensor=2)."""
+    assert load(["--preset", "tiny", "--mesh", "fsdp=-1", "--set", "mesh.tensor=2"]).mesh == {"fsdp": -1, "tensor": 2}
+    assert load(["--preset", "tiny", "--set", "mesh.tensor=2", "--mesh", "fsdp=-1"]).mesh == {"fsdp": -1}
+    assert load(["--preset", "tiny", "--steps", "10", "--set", "train.steps=50"]).train.steps == 50
+    assert load(["--preset", "tiny", "--set", "train.steps=50", "--steps", "10"]).train.steps == 10
 
 
 def test_set_converts_to_the_declared_type():
