@@ -178,11 +178,13 @@ def at_least(lo: int):
 
 
 def parse_mesh(s: str) -> dict[str, int]:
-    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1}."""
+    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (`parallel.mesh.parse_mesh`, raising ConfigError)."""
+    from parallel.mesh import parse_mesh as parse
+
     try:
-        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in s.split(",") if kv)}
-    except ValueError:
-        raise ConfigError(f"mesh: cannot parse {s!r}; write axis=size pairs like data=2,fsdp=4") from None
+        return parse(s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _literal(text: str) -> Any:

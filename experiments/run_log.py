@@ -16,6 +16,15 @@ class Logger:
 
     def __init__(self, out: pathlib.Path, primary: bool):
         self.primary = primary
+        if primary:
+            path = out / "metrics.jsonl"
+            if path.exists() and path.stat().st_size:
+                with path.open("rb+") as f:  # a line torn by a kill: cut, or the next record would extend it
+                    f.seek(-1, 2)
+                    if f.read(1) != b"\n":
+                        f.seek(0)
+                        data = f.read()
+                        f.truncate(data.rfind(b"\n") + 1)
         self.jsonl = (out / "metrics.jsonl").open("a") if primary else None
         if primary:
             # tensorboardX's EventsWriter, written synchronously: SummaryWriter queues events for a thread, and its
@@ -62,7 +71,10 @@ def read_curves(path: pathlib.Path):
     curves: dict[str, dict[int, dict]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line torn by a kill (the Logger cuts it when the run resumes)
+                continue
             curves.setdefault(r["kind"], {})[r["step"]] = r
     return curves
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from parallel.mesh import make_mesh
+from parallel.mesh import make_mesh, parse_mesh
 from parallel.sharding import batch_sharding, logical_shardings, replicated
 
 
@@ -74,11 +74,19 @@ PRESETS = {  # Llama-2 shapes
 }
 
 
+def _mesh_arg(text: str) -> dict[str, int]:
+    try:
+        return parse_mesh(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(PRESETS), default="7b")
     ap.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for")
-    ap.add_argument("--mesh", action="append", help="e.g. fsdp=-1 or data=2,fsdp=16,tensor=4 (repeatable)")
+    ap.add_argument("--mesh", action="append", type=_mesh_arg,
+                    help="e.g. fsdp=-1 or data=2,fsdp=16,tensor=4 (repeatable)")
     ap.add_argument("--batch", type=int, default=None, help="global sequences (default: one per device)")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--remat", default="full")
@@ -99,8 +107,7 @@ def main(argv=None):
           f"compute {args.dtype}, {args.devices} devices")
     print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
     print("|---|---|---|---|---|---|")
-    for spec in args.mesh or ["fsdp=-1"]:
-        shape = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    for shape in args.mesh or [{"fsdp": -1}]:
         r = compile_report(cfg, shape, args.batch or args.devices, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)

@@ -18,6 +18,14 @@ from jax.sharding import AxisType
 AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")  # outermost (slowest links) first
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (the command lines' mesh form); ValueError naming the form."""
+    try:
+        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise ValueError(f"mesh: cannot parse {text!r}; write axis=size pairs like data=2,fsdp=4") from None
+
+
 def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:
     unknown = set(shape) - set(AXES)
     if unknown:

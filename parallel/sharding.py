@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -51,8 +52,21 @@ def batch_sharding(mesh, ndim: int = 2, rules=None) -> NamedSharding:
 
 
 def shard_batch(batch, mesh, rules=None):
-    """Place a host batch (a pytree of [B, T, ...] arrays, identical on every process) on the mesh."""
-    return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), batch_sharding(mesh, x.ndim, rules)), batch)
+    """Place a host batch (a pytree of [B, T, ...] arrays, identical on every process) on the mesh; a B or T the
+    mesh axes they map to do not divide raises a ValueError naming them."""
+
+    def put(x):
+        x = jnp.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, rules)
+        for dim, (name, axes) in enumerate(zip(("batch", "sequence"), sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            n = math.prod(mesh.shape[a] for a in axes)
+            if x.shape[dim] % n:
+                raise ValueError(f"shard_batch: {name} dim {x.shape[dim]} of an array {x.shape} does not divide "
+                                 f"over mesh axes {axes} ({n} devices); use a multiple of {n}")
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(put, batch)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -45,6 +45,27 @@ def test_mesh_fill():
     assert dict(mesh.shape) == {"data": 4, "tensor": 2}
 
 
+def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(capsys):
+    """`python -m parallel.aot --mesh fsdp` failed with 'not enough values to unpack', and a batch of 6 rows on 8
+    devices with JAX's IndivisibleError, which names neither the batch nor the fix."""
+    import numpy as np
+
+    from parallel import aot, shard_batch
+    from parallel.mesh import parse_mesh
+
+    assert parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
+    with pytest.raises(SystemExit):
+        aot.main(["--mesh", "fsdp"])
+    assert "mesh: cannot parse 'fsdp'; write axis=size pairs" in capsys.readouterr().err
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with pytest.raises(ValueError, match=r"sequence dim 6 of an array \(2, 6\) does not divide over mesh axes"):
+        shard_batch({"tokens": np.zeros((2, 6), np.int32)}, mesh)
+    with pytest.raises(ValueError, match=r"batch dim 3 of an array \(3, 8\) does not divide .*use a multiple of 2"):
+        shard_batch(np.zeros((3, 8), np.int32), mesh)
+    x = shard_batch(np.arange(16, dtype=np.int32).reshape(2, 8), mesh)
+    assert tuple(x.sharding.spec) == ("data", "sequence") and np.array_equal(np.asarray(x), np.arange(16).reshape(2, 8))
+
+
 @pytest.mark.parametrize("env,started", [
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # a shell inside an allocation (salloc / sbatch, no srun)
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",

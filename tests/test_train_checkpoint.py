@@ -105,6 +105,22 @@ def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     log.close()
 
 
+def test_a_metrics_line_torn_by_a_kill_neither_breaks_the_plot_nor_the_next_record(tmp_path):
+    """A kill mid-write left `{"kind": "train", "st`: the resumed run's first record extended it, and reading the
+    curves for loss.png raised at the end of the run."""
+    import json
+
+    from experiments.run_log import Logger, read_curves
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 2.0}) + '\n{"kind": "tr')
+    assert read_curves(tmp_path / "metrics.jsonl") == {"train": {1: {"kind": "train", "step": 1, "loss": 2.0}}}
+    log = Logger(tmp_path, primary=True)
+    log.write({"kind": "train", "step": 2, "loss": 1.5})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
 def test_corpus_holds_out_whole_modules(tmp_path):
     """A module's docstrings repeat lines of its source: both go to the same split, so eval text is not in train."""
     from data.shards import iter_docs, tier_shards
