@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+
 if TYPE_CHECKING:
     from models.moe import MoEConfig
 
@@ -30,6 +32,11 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
+        for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            v = getattr(self, f)
+            if not _is_real(v):
+                raise ValueError(f"RopeScaling.{f}: must be a number, got {v!r}")
+            object.__setattr__(self, f, int(v) if _is_int(v) else float(v))  # numpy scalars: configs go to JSON
         if self.kind not in ("llama3", "linear"):
             raise ValueError(f"RopeScaling.kind: unknown {self.kind!r}; use 'llama3' or 'linear' (others, e.g. "
                              "yarn, are not implemented)")
@@ -115,6 +122,21 @@ class TransformerConfig:
                   "pipeline_microbatches", "moe_every", "n_kv_heads", "head_dim", "attn_block", "mup_base_width"):
             if _is_int(getattr(self, f)):  # a numpy int (from a sweep) as a plain int: configs go to JSON
                 object.__setattr__(self, f, int(getattr(self, f)))
+        w = self.sliding_window
+        if _is_int(w) or (isinstance(w, tuple | list) and all(_is_int(x) for x in w)):
+            object.__setattr__(self, "sliding_window", int(w) if _is_int(w) else tuple(int(x) for x in w))
+        for f in ("rope_theta", "norm_eps", "init_std", "final_logit_softcap", "attn_logit_softcap",
+                  "query_pre_attn_scalar", "norm_offset"):
+            v = getattr(self, f)
+            optional = f not in ("rope_theta", "norm_eps", "init_std", "norm_offset")
+            need((v is None and optional) or _is_real(v), f,
+                 f"must be a number{' or None' if optional else ''}, got {v!r}")
+            if v is not None:
+                object.__setattr__(self, f, float(v))
+        for f in ("qkv_bias", "tie_embeddings", "post_norms", "embed_scale", "scan_layers"):
+            v = getattr(self, f)  # 'no' is truthy: it built biases and tied the embeddings
+            need(isinstance(v, bool | np.bool_), f, f"must be True or False, got {v!r}")
+            object.__setattr__(self, f, bool(v))
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "max_seq_len", "swa_block",
                   "pipeline_microbatches", "moe_every"):
             v = getattr(self, f)
@@ -148,6 +170,7 @@ class TransformerConfig:
                  f"unsupported {getattr(self, f)!r}; use the name 'float32', 'bfloat16' or 'float16'")
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
         need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
+        need(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
         need(self.sliding_window is None or any(self.local_layers()), "sliding_window",
              f"is set but attn_pattern={self.attn_pattern!r} has no local layer, so no window would apply; use "
              "attn_pattern='local' (every layer), 'alternating' or 'N:1', or sliding_window=None")
@@ -200,7 +223,7 @@ class TransformerConfig:
         if w is None:
             raise ValueError(f"TransformerConfig.sliding_window: attn_pattern={self.attn_pattern!r} has "
                              f"{n_local} local layers; set sliding_window to their window size")
-        ws = (w,) * n_local if isinstance(w, int) else tuple(w)  # a bool is an int: rejected below
+        ws = (w,) * n_local if _is_int(w) or isinstance(w, bool) else tuple(w)  # a bool: rejected below
         if len(ws) != n_local:
             raise ValueError(f"TransformerConfig.sliding_window: got {len(ws)} windows for {n_local} local layers; "
                              "give one int, or one window per local layer")
@@ -263,6 +286,10 @@ class TransformerConfig:
 
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy ints too
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # numpy floats too
 
 
 def dtype_of(name: str):

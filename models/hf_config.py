@@ -15,7 +15,7 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 HF_DEFAULTS = {
     "mistral": dict(sliding_window=4096),
-    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001),
     "qwen2": dict(sliding_window=4096, max_window_layers=28),
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
@@ -86,6 +86,9 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
                                           else "full_attention" for i in range(L)]
     else:
         types = ["sliding_attention"] * L
+    if len(types) != L:  # transformers refuses it too
+        raise ValueError(f"HF config field layer_types has {len(types)} entries for num_hidden_layers={L}; give one "
+                         "per layer")
     local = tuple(t == "sliding_attention" for t in types)
     if not any(local):
         return {}
@@ -151,7 +154,7 @@ def _moe_from_hf(hf: dict):
     # (HF pools the router statistics of all layers before the product, we average per-layer losses: equal for
     # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
     return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
-                     router="softmax", renormalize=True, lb_loss_weight=hf.get("router_aux_loss_coef", 0.02) * k,
+                     router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
                      z_loss_weight=0.0)
 
 

@@ -379,6 +379,10 @@ def test_sliding_window_layouts():
     assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False)).attn_pattern == "global"
     local = config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=0))
     assert local.layer_windows() == (16, 16)
+    # a layer_types list of another length than the layers (transformers refuses it too) loaded as all-local
+    with pytest.raises(ValueError, match="layer_types has 1 entries for num_hidden_layers=2"):
+        config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True)
+                       | dict(layer_types=["sliding_attention"]))
 
 
 
@@ -410,6 +414,8 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
         # an explicit null keeps its HF meaning: no soft-capping
         off = config_from_hf(raw | dict(attn_logit_softcapping=None, final_logit_softcapping=None))
         assert (off.attn_logit_softcap, off.final_logit_softcap) == (None, None)
+    if cls == "MixtralConfig":  # the balancing loss's weight: k × router_aux_loss_coef (0.02 was assumed: 20x)
+        assert ours.moe.lb_loss_weight == pytest.approx(hf.num_experts_per_tok * hf.router_aux_loss_coef)
 
 
 def test_bidirectional_attention_is_refused():

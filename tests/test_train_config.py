@@ -371,8 +371,8 @@ def test_overrides_valid_only_together_apply_in_either_order():
     with pytest.raises(ConfigError, match="sliding_window: is set but attn_pattern='global' has no local layer"):
         load(["--preset", "tiny", "--set", "model.attn_pattern=global"])
     c = load(["--preset", "demo", "--set", "model.moe.top_k=1", "--set", "model.moe.n_experts=2", "--steps", "7",
-              "--set", "train.steps=9"])  # --steps (a flag) wins over --set
-    assert (c.model.moe.top_k, c.model.moe.n_experts, c.train.steps) == (1, 2, 7)
+              "--set", "train.steps=9"])  # --steps is --set train.steps: the later one wins
+    assert (c.model.moe.top_k, c.model.moe.n_experts, c.train.steps) == (1, 2, 9)
 
 
 def test_trainer_keeps_padding_out_of_moe_routing():

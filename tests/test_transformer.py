@@ -1,6 +1,7 @@
 """Invariants of the decoder Transformer: causality, scan/remat/jit equivalences, packing, padding, dtypes."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +283,11 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling: must be a models.RopeScaling"),
     ("moe", {"n_experts": 4}, "moe: must be a models.moe.MoEConfig"),
     ("dtype", np.dtype("float32"), "dtype: unsupported.*use the name"),  # equal to 'float32', but no JSON / key
+    # a TypeError deep inside, or a truthy string taken as True (biases built, embeddings tied for "no")
+    ("rope_theta", "1e4", "rope_theta: must be a number"), ("norm_eps", None, "norm_eps: must be a number"),
+    ("attn_logit_softcap", "5", "attn_logit_softcap: must be a number or None"),
+    ("init_std", -1.0, "init_std: must be positive"), ("qkv_bias", "no", "qkv_bias: must be True or False"),
+    ("tie_embeddings", "no", "tie_embeddings: must be True or False"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
@@ -293,6 +299,7 @@ def test_config_errors_name_the_field(field, value, words):
     (dict(kind="linear", factor=0.0), "RopeScaling.factor"),
     (dict(low_freq_factor=4.0, high_freq_factor=1.0), "low_freq_factor < high_freq_factor"),
     (dict(original_max_position_embeddings=0), "original_max_position_embeddings >= 1"),
+    (dict(factor="8"), "RopeScaling.factor: must be a number"),
 ])
 def test_rope_scaling_errors_name_the_field(kw, words):
     from models.config import RopeScaling
@@ -336,4 +343,10 @@ def test_numpy_int_sizes_become_plain_ints():
 
     cfg = dataclasses.replace(CFG, d_model=np.int64(32), moe=MoEConfig(np.int64(4), 2, np.int32(16)))
     assert type(cfg.d_model) is int and type(cfg.moe.n_experts) is int and type(cfg.moe.expert_mlp_dim) is int
+    # windows, floats and flags too: a numpy window crashed layer_windows, numpy floats failed the JSON export
+    for window in (np.int64(4), (np.int64(4), np.int32(8)), [4, 8]):
+        local = dataclasses.replace(CFG, n_layers=2, attn_pattern="local", sliding_window=window,
+                                    rope_theta=np.float32(1e4), norm_eps=np.float64(1e-5), qkv_bias=np.bool_(True))
+        assert local.layer_windows() == ((4, 4) if np.ndim(window) == 0 else (4, 8))
+        assert json.loads(json.dumps(dataclasses.asdict(local)))["rope_theta"] == 1e4 and local.qkv_bias is True
     assert cfg.kv_cache_bytes(1, 16, 2) == cfg.kv_cache_bytes(1, 16, "bfloat16")  # bytes per element, as before
