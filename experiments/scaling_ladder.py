@@ -205,7 +205,8 @@ def plot(path, all_runs, bs, target, preds, level):
 
 
 def replot(out: pathlib.Path, level: float, docs: bool):
-    """Re-fit (deterministic: same runs, same bootstrap seed) and redraw the figure of a finished ladder."""
+    """Re-fit (deterministic: same runs, same bootstrap seed and resample count) and redraw the figure of a finished
+    ladder. (Ladders before 2026-12-01 stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
     res = json.loads((out / "results.json").read_text())
     pred = res["prediction"]
     fit_runs = [r for r in res["runs"] if r["rung"] != pred["target"]]
@@ -217,6 +218,13 @@ def replot(out: pathlib.Path, level: float, docs: bool):
     return res
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.9, got {value}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
@@ -224,7 +232,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
     ap.add_argument("--warmup", type=at_least(0), default=16)
     ap.add_argument("--n-boot", type=at_least(1), default=100)
-    ap.add_argument("--level", type=float, default=0.9)
+    ap.add_argument("--level", type=_fraction, default=0.9, help="interval level in (0, 1), e.g. 0.9")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
     ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")
     args = ap.parse_args(argv)
@@ -267,7 +275,8 @@ def main(argv=None):
     pred_rows = [dict(tokens=t, predicted=p, low=lo, high=hi, fit_low=flo, fit_high=fhi)
                  for t, (p, lo, hi), (flo, fhi) in zip(target_tokens, preds, fit_ci)]
     prediction = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), target=target.name, n_params=target_n,
-                      fit=law.as_dict(), fit_runs=len(all_runs), n_boot=len(bs.laws), level=args.level,
+                      fit=law.as_dict(), fit_runs=len(all_runs), n_boot=n_boot, n_boot_fitted=len(bs.laws),
+                      level=args.level,
                       param_intervals=bs.param_intervals(args.level), residual_rms=float(np.sqrt(np.mean(
                           np.square(bs.residuals)))), predictions=pred_rows)
     (out / "prediction.json").write_text(json.dumps(prediction, indent=1))

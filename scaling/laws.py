@@ -328,7 +328,8 @@ class IsoFlop:
 def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05) -> IsoFlop:
     """Approach 2: group runs by budget (C = 6ND unless `flops` is given; budgets within `rtol` are one
     group), fit loss = p2·x² + p1·x + p0 with x = log N per group (>= 3 runs), take N_opt = exp(-p1 / 2p2),
-    then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d.
+    then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d. D_opt is C / 6N_opt,
+    or with `flops` given (a FLOP count other than 6ND) the tokens of the budget's runs interpolated to N_opt.
 
     A budget is left out (listed in `skipped` and in one warning) when it has < 3 runs, when its
     parabola opens downwards, or when its minimum lies outside the model sizes it trained: a parabola
@@ -371,7 +372,11 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
             continue
         cs.append(budget)
         ns.append(float(np.exp(xo)))
-        ds.append(budget / (6 * float(np.exp(xo))))
+        if flops is None:
+            ds.append(budget / (6 * float(np.exp(xo))))
+        else:  # C is not 6ND: the tokens the N_opt run trains, from the budget's runs (log D linear in log N)
+            slope, icpt = np.polyfit(x, np.log(d[g]), 1)
+            ds.append(float(np.exp(icpt + slope * xo)))
         ls.append(float(p0 + p1 * xo + p2 * xo * xo))
     why = "".join(f"; C={b:.3g}: {r}" for b, r in skipped)
     if len(cs) < 2:

@@ -92,6 +92,12 @@ def test_isoflop_envelope_recovers_optimal_exponent():
     assert iso.optimal_params(1e20) == pytest.approx(TRUE.optimal_params(1e20), rel=0.1)
     with pytest.raises(ValueError, match="FLOP budgets"):
         isoflop_envelope(n[:7], d[:7], TRUE.loss(n[:7], d[:7]))
+    # budgets counted another way than 6ND (here 12ND, as attention and embeddings add): D_opt is the tokens the
+    # N_opt run trains, not C / 6N_opt (2x too many)
+    d12 = c / (12 * n)
+    iso12 = isoflop_envelope(n, d12, TRUE.loss(n, d12), flops=c)
+    np.testing.assert_allclose(iso12.d_opt, np.asarray(iso12.flops) / (12 * np.asarray(iso12.n_opt)), rtol=1e-6)
+    assert iso12.b == pytest.approx(b, abs=0.02)
 
 
 def test_isoflop_leaves_out_budgets_whose_runs_miss_the_minimum():
