@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from models.config import _is_int as is_int, _is_real as is_real
 from models.glu import ACTIVATIONS
 from models.linear import flat_rows, linear
 from models.moe_dispatch import DROPLESS_IMPLS, capacity_dispatch, dropless_dispatch, resolve_dropless_impl, swiglu
@@ -71,10 +72,16 @@ class MoEConfig:
             if not cond:
                 raise ValueError(f"MoEConfig.{field}: {msg}")
 
-        is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         for f in ("n_experts", "top_k", "expert_mlp_dim", "n_shared_experts"):
             if is_int(getattr(self, f)):  # numpy ints as plain ints: configs go to JSON
                 object.__setattr__(self, f, int(getattr(self, f)))
+        for f in ("router_jitter", "capacity_factor", "lb_loss_weight", "z_loss_weight", "bias_update_rate"):
+            v = getattr(self, f)  # numpy floats as plain floats; a string or inf failed later, unnamed
+            need(is_real(v), f, f"must be a finite number, got {v!r}")
+            object.__setattr__(self, f, float(v))
+        need(isinstance(self.renormalize, bool | np.bool_), "renormalize",
+             f"must be True or False, got {self.renormalize!r}")
+        object.__setattr__(self, "renormalize", bool(self.renormalize))
         for f in ("n_experts", "top_k", "expert_mlp_dim"):
             v = getattr(self, f)
             need(is_int(v) and v > 0, f, f"must be a positive int, got {v!r}")

@@ -3,6 +3,7 @@ predicted tokens, auxiliary losses match their formulas, bias balancing works, e
 
 import dataclasses
 import functools
+import json
 import re
 from unittest import mock
 
@@ -449,10 +450,20 @@ def test_config_validation_and_accounting():
                        (dict(router_jitter=1.0), "router_jitter"), (dict(mlp_act="relu"), "mlp_act"),
                        (dict(top_k=2.0), "top_k"), (dict(n_experts=8.0), "n_experts"),
                        (dict(n_shared_experts=1.0), "n_shared_experts"),
+                       # an inf overflowed in capacity(), a string or None failed unnamed, "no" meant True
+                       (dict(capacity_factor=float("inf")), "capacity_factor"), (dict(lb_loss_weight=np.inf),
+                                                                                 "lb_loss_weight"),
+                       (dict(capacity_factor="2"), "capacity_factor"), (dict(bias_update_rate=None),
+                                                                         "bias_update_rate"),
+                       (dict(renormalize="no"), "renormalize"),
                        *((dict(gmm_tile_rows=t), "gmm_tile_rows") for t in ((), (128, 96), (32, 64), (64, 0), 128))]:
         with pytest.raises(ValueError, match=f"MoEConfig.{field}"):
             MoEConfig(**bad)
     assert MoEConfig(gmm_tile_rows=[512, 128]).gmm_tile_rows == (512, 128)  # a JSON list: a hashable tuple
+    # numpy scalars from a sweep are stored as plain values: the trainer's checkpoint writes the config as JSON
+    swept = MoEConfig(capacity_factor=np.float32(1.5), renormalize=np.bool_(False), router_jitter=np.float64(0.1))
+    assert json.loads(json.dumps(dataclasses.asdict(swept))) == dataclasses.asdict(swept)
+    assert swept.renormalize is False and type(swept.capacity_factor) is float
     # one tile loop per usable size: default (64, 32, 16, 8) here; (256, 16, 4) uses 16 and 4 (256 > the padded rows)
     for tiles, loops in ((None, 4), ((256, 16, 4), 2)):
         layer = make(dataclasses.replace(CFG, dropless_impl="gmm", gmm_tile_rows=tiles))
