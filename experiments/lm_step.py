@@ -166,7 +166,8 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     so every device keeps its rows) and their gradients are summed in a scan before one update; the loss is
     normalised by the step's total token weight, so for a dense model A only changes the summation order. MoE
     auxiliary losses are computed per microbatch (the load-balancing loss is nonlinear in the batch's routing
-    statistics) and weighted by each microbatch's token weight, so with them A changes the objective slightly
+    statistics) and weighted by each microbatch's token weight (so are the step's reported routing metrics and the
+    load that moves a sigmoid router's bias), so with them A changes the objective slightly
     (measured: gradients within ~3e-4 of the one-batch ones at lb 0.01, z 0.001; 1e-7 without aux losses).
     A non-finite loss or gradient leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes on.
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
@@ -197,15 +198,20 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
                 key = None if model_rng is None else jax.random.fold_in(model_rng, k)
                 g, (nll, n, aux) = grads_of(params, mb, key)
                 acc = jax.tree.map(jnp.add, carry, (g, nll, n))
-                return acc, aux
+                return acc, (aux, n)
 
             # summed in float32 whatever the parameter dtype (32 bf16 microbatch sums lost 4x the precision of one
             # rounding), then cast back so the optimizer sees the parameters' dtype
             zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
                      jnp.zeros((), jnp.float32))
-            (g, nll, n), auxes = jax.lax.scan(body, zeros, (jax.tree.map(split, batch), jnp.arange(grad_accum)))
+            (g, nll, n), (auxes, ns) = jax.lax.scan(body, zeros, (jax.tree.map(split, batch),
+                                                                  jnp.arange(grad_accum)))
             g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
-            aux = jax.tree.map(lambda a: a.mean(0), auxes)
+            # the routing metrics (and the load that moves the router bias) of the whole step: microbatches weighted
+            # by their token weight, as the objective weights their aux losses (an unweighted mean let a padded
+            # microbatch count as much as a full one)
+            w = jnp.where(n > 0, ns / jnp.where(n > 0, n, 1.0), 1.0 / grad_accum)
+            aux = jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), auxes)
         n_total = jnp.where(n > 0, n, 1.0)  # the step's weight total (fractional weights too); none: loss 0
         grads = jax.tree.map(lambda x: x / n_total, g)
         loss = nll / n_total

@@ -276,7 +276,8 @@ def test_throughput_window_leaves_out_eval_and_save_time():
 def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     """make_state_step with MoE: the gradient it applies is that of CE + lb_w·lb + z_w·z, rebuilt here from the
     model's own aux outputs (per microbatch, rows k::A, as the step cuts them; weighted sums over the step's
-    total weight), and a sigmoid router's selection bias moves by update_router_bias(bias, mean load, rate)."""
+    total weight), and a sigmoid router's selection bias moves by update_router_bias(bias, mean load, rate), the
+    load of the step's microbatches weighted as their aux losses are."""
     # aux weights large enough that dropping a term moves the gradient far past float32 noise
     moe = MoEConfig(4, 2, 16, router="sigmoid", lb_loss_weight=0.5, z_loss_weight=0.1, bias_update_rate=0.05)
     cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
@@ -286,7 +287,8 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     rng = np.random.default_rng(0)
     batch = {"inputs": jnp.asarray(rng.integers(0, 64, (4, 16), dtype=np.int32)),
              "targets": jnp.asarray(rng.integers(0, 64, (4, 16), dtype=np.int32)),
-             "weights": jnp.asarray((rng.random((4, 16)) > 0.3).astype(np.float32))}  # uneven per microbatch
+             "weights": jnp.asarray((rng.random((4, 16)) > 0.3) * (np.arange(16) < [[16], [5], [16], [5]]),
+                                    jnp.float32)}  # uneven per microbatch (k::2): rows 1 and 3 mostly weight 0
 
     def objective(p, mb, lb_w, z_w):  # Σ over the microbatch's weighted tokens of CE + lb_w·lb + z_w·z
         logits, aux = nnx.merge(graphdef, p)(mb["inputs"], return_aux=True)
@@ -300,7 +302,7 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
         for key, w in (("full", (moe.lb_loss_weight, moe.z_loss_weight)), ("ce", (0.0, 0.0))):
             g, (n, aux) = grad_f(params, mb, *w)
             refs[key] = g if key not in refs else jax.tree.map(jnp.add, refs[key], g)
-        n_sum, loads = n_sum + n, loads + [aux["load"]]
+        n_sum, loads = n_sum + n, loads + [n * aux["load"]]
     ref, ce_only = (jax.tree.map(lambda x: x / n_sum, refs[k]) for k in ("full", "ce"))
 
     opt = optax.sgd(1.0)  # params - new params = the gradient the step applied (no clipping, no decay)
@@ -315,7 +317,9 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     r_full, r_ce = ref["moe_blocks"]["moe"]["router"][...], ce_only["moe_blocks"]["moe"]["router"][...]
     assert float(jnp.abs(r_full - r_ce).max()) > 0.05 * float(jnp.abs(r_full).max())
 
-    load = np.mean(loads, axis=0)  # [L_moe, E], averaged over the microbatches
+    # [L_moe, E]: the microbatches' loads weighted by their token weight (uneven here; an unweighted mean let a
+    # mostly padded microbatch count as much as a full one)
+    load = np.sum(loads, axis=0) / n_sum
     np.testing.assert_allclose(m["load"], load, rtol=1e-5, atol=1e-7)
     want = np.asarray(bias[...]) + moe.bias_update_rate * np.sign(load.mean(-1, keepdims=True) - load)
     assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
