@@ -109,7 +109,9 @@ class TransformerConfig:
     moe: MoEConfig | None = None  # models.moe.MoEConfig; None: all layers dense
     moe_every: int = 1  # 1: every layer (Mixtral); 2: every other layer (Switch, GShard)
     # --- μP (maximal-update parametrisation, Yang et al. 2022): None = standard parametrisation ---
-    mup_base_width: int | None = None  # the d_model whose tuned learning rate / init_std transfer to this width
+    # the d_model whose tuned learning rate / init_std transfer to this width; keep head_dim fixed across widths
+    # (attention stays scaled by 1/sqrt(head_dim): μP's only for heads that do not widen; docs/scaling.md)
+    mup_base_width: int | None = None
 
     def __post_init__(self):
         def need(cond, field, msg):
