@@ -78,6 +78,13 @@ class Preset:
     eval_per_seen: int = 2  # clips per seen caption (40 captions)
     eval_per_held: int = 4  # clips per held-out caption (8 captions)
     eval_batch: int = 64
+
+    def __post_init__(self):  # the DiT is trained on the VAE's latents: a mismatch failed after the VAE's stage
+        got = self.vae.latent_shape(self.data.frames, self.data.size, self.data.size)
+        want = (*self.t2v.dit.latent_shape, self.t2v.dit.latent_channels)
+        if tuple(got) != tuple(want):
+            raise ValueError(f"Preset: the VAE makes latents {got} of {self.data.frames}×{self.data.size}² clips, but "
+                             f"the DiT takes {want} (t2v.dit.latent_shape, latent_channels); make them agree")
     ckpt_every: int = 500
 
 
@@ -243,7 +250,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="run directory (default runs/video/<preset>)")
     ap.add_argument("--mesh", default="data=-1",
                     help="e.g. data=2,fsdp=2,tensor=2 (on CPU: with JAX_NUM_CPU_DEVICES=8)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--vae-steps", type=at_least(1), default=None)
     ap.add_argument("--dit-steps", type=at_least(1), default=None)
     ap.add_argument("--attention", choices=("factorized", "full"), default=None, help="override the DiT's attention")
@@ -265,24 +272,27 @@ def main(argv=None):
     given = lambda v, default: default if v is None else v  # noqa: E731  (None: the preset's)
     p = dataclasses.replace(p, t2v=t2v, vae_steps=given(args.vae_steps, p.vae_steps),
                             dit_steps=given(args.dit_steps, p.dit_steps), dit_lr=given(args.dit_lr, p.dit_lr))
+    # every argument is checked before --fresh deletes anything: a typo must not cost a trained run
+    try:
+        mesh = make_mesh(parse_mesh(args.mesh))
+    except (ConfigError, ValueError) as e:
+        ap.error(f"argument --mesh: {e}")
+    try:
+        scales = tuple(float(s) for s in args.scales.split(","))
+    except ValueError:
+        ap.error(f"argument --scales: write comma-separated numbers, e.g. 1,2,4, got {args.scales!r}")
+    for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
+        check_batch(b, mesh, what)
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(p, out, args.seed)
-    try:
-        mesh_shape = parse_mesh(args.mesh)
-    except ConfigError as e:
-        ap.error(f"argument --{e}")
-    mesh = make_mesh(mesh_shape)
-    for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
-        check_batch(b, mesh, what)
     frames, size = p.data.frames, p.data.size
     print(f"mesh {dict(mesh.shape)}; clips {frames}×{size}×{size} → latents {p.vae.latent_shape(frames, size, size)}; "
           f"VAE {p.vae.param_count():,} params; text+DiT+aligner {p.t2v.param_count():,} params "
           f"(DiT {p.t2v.dit.param_count():,}, {p.t2v.dit.tokens} tokens, {p.t2v.dit.attention} attention)")
     timings, t0 = {}, time.time()
-    scales = tuple(float(s) for s in args.scales.split(","))
 
     # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly.
     # XLA:CPU compiles the partitionable threefry of ~100 initialisers for minutes; the classic one in seconds.

@@ -165,7 +165,14 @@ def test_configs_name_the_field_and_fix():
                        (lambda: VAEConfig(kernel=(3, 3)), "VAEConfig.kernel"),
                        (lambda: VAEConfig(res_blocks=-1), "VAEConfig.res_blocks"),
                        (lambda: VAEConfig().latent_shape(-3, 32, 32), "VAEConfig.latent_shape"),
-                       (lambda: DiffusionConfig(kind="ddpm", prediction="eps", cosine_s=-0.5), "cosine_s")]:
+                       (lambda: DiffusionConfig(kind="ddpm", prediction="eps", cosine_s=-0.5), "cosine_s"),
+                       # rope_theta 0 made NaN outputs; logit_std was reported as 'shift'
+                       (lambda: dataclasses.replace(DIT, rope_theta=0.0), "DiTConfig.rope_theta: must be positive"),
+                       (lambda: dataclasses.replace(DIT, latent_shape=(3.0, 8, 8)), "DiTConfig.latent_shape"),
+                       (lambda: dataclasses.replace(DIT, norm_eps=-1e-6), "DiTConfig.norm_eps"),
+                       (lambda: VAEConfig(in_channels=0), "VAEConfig.in_channels"),
+                       (lambda: VAEConfig(kl_weight=-1.0), "VAEConfig.kl_weight"),
+                       (lambda: DiffusionConfig(logit_std=0.0), "DiffusionConfig.logit_std")]:
         with pytest.raises(ValueError, match=match):
             bad()
 

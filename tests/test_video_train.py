@@ -125,3 +125,21 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     save(manager(tmp_path / "old" / "ckpt" / "t2v"), 3, tree, {"step": 3})  # written before settings were saved
     train_video.check_resume(more_vae, tmp_path / "old", 0)
     assert "predates saved settings" in capsys.readouterr().out
+
+
+def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys):
+    """--fresh removed the run directory; then a typo in --mesh / --scales (or too big a mesh) failed the run."""
+    import dataclasses
+
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    (run / "ckpt" / "kept").write_text("trained")
+    for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            train_video.main(["--preset", "tiny", "--out", str(run), "--fresh", *bad])
+        assert (run / "ckpt" / "kept").exists(), bad
+        assert f"argument {bad[0]}" in capsys.readouterr().err
+    # a preset whose VAE latents the DiT cannot take is refused when it is built, not after the VAE's training
+    p = train_video.PRESETS["tiny"]
+    with pytest.raises(ValueError, match=r"Preset: the VAE makes latents .* but the DiT takes"):
+        dataclasses.replace(p, data=dataclasses.replace(p.data, size=2 * p.data.size))

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from models.config import TransformerConfig
+from models.config import TransformerConfig, _is_int, _is_real as _real
 
 Attention = Literal["factorized", "full"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,6 +22,10 @@ def _need(cls: str):
             raise ValueError(f"{cls}.{field}: {msg}")
 
     return need
+
+
+def _pos_int(v) -> bool:
+    return _is_int(v) and v >= 1
 
 
 def _log2(n: int) -> int | None:
@@ -62,12 +66,17 @@ class VAEConfig:
     kernel: tuple[int, int, int] = (3, 3, 3)  # (t, h, w) taps of the causal convolutions
     kl_weight: float = 1e-4
     norm_eps: float = 1e-6
-    init_std: float | None = None  # None: fan-in scaled (He) init of every convolution
+    init_std: float | None = None  # None: fan-in scaled (LeCun, 1/sqrt(fan_in)) init of every convolution
     param_dtype: str = "float32"
     dtype: str = "float32"
 
     def __post_init__(self):
         need = _need("VAEConfig")
+        need(_pos_int(self.in_channels), "in_channels", f"must be a positive int, got {self.in_channels!r}")
+        need(_real(self.kl_weight) and self.kl_weight >= 0, "kl_weight", f"must be >= 0, got {self.kl_weight!r}")
+        need(_real(self.norm_eps) and self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps!r}")
+        need(self.init_std is None or (_real(self.init_std) and self.init_std > 0), "init_std",
+             f"must be positive or None (fan-in scaled), got {self.init_std!r}")
         need(len(self.channels) >= 1 and all(c > 0 for c in self.channels), "channels",
              f"need positive stage widths, got {self.channels}")
         need(self.spatial_factor in (2, 4, 8, 16), "spatial_factor",
@@ -201,8 +210,11 @@ class DiTConfig:
 
     def __post_init__(self):
         need = _need("DiTConfig")
-        need(all(n > 0 for n in self.latent_shape) and len(self.latent_shape) == 3, "latent_shape",
-             f"need positive (T, H, W), got {self.latent_shape}")
+        need(len(self.latent_shape) == 3 and all(_pos_int(n) for n in self.latent_shape), "latent_shape",
+             f"need positive ints (T, H, W), got {self.latent_shape}")
+        for f in ("rope_theta", "init_std"):  # rope_theta 0 gave NaN outputs, silently
+            need(_real(getattr(self, f)) and getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)!r}")
+        need(_real(self.norm_eps) and self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps!r}")
         need(len(self.patch) == 3 and all(isinstance(p, int) and p >= 1 for p in self.patch), "patch",
              f"(pt, ph, pw) of ints >= 1, got {self.patch}")
         need(all(s % p == 0 for s, p in zip(self.latent_shape, self.patch)), "patch",
@@ -353,7 +365,8 @@ class DiffusionConfig:
         need(self.kind in ("flow", "ddpm"), "kind", f"{self.kind!r}: use 'flow' or 'ddpm'")
         ok = ("velocity",) if self.kind == "flow" else ("eps", "v")
         need(self.prediction in ok, "prediction", f"{self.prediction!r} does not go with kind={self.kind!r}; use {ok}")
-        need(self.logit_std > 0 and self.shift > 0, "shift", "logit_std and shift must be positive")
+        need(self.logit_std > 0, "logit_std", f"must be positive, got {self.logit_std}")
+        need(self.shift > 0, "shift", f"must be positive, got {self.shift}")
         need(self.kind == "flow" or (self.shift, self.logit_mean, self.logit_std) == (1.0, 0.0, 1.0), "shift",
              "shift / logit_mean / logit_std shape the flow's time distribution; kind='ddpm' trains on uniform t "
              "and samples a uniform DDIM grid, so leave them at their defaults (1, 0, 1)")
