@@ -276,7 +276,7 @@ def main(argv=None):
     try:
         mesh = make_mesh(parse_mesh(args.mesh))
     except (ConfigError, ValueError) as e:
-        ap.error(f"argument --mesh: {e}")
+        ap.error(f"argument --mesh: {str(e).removeprefix('mesh: ')}")
     try:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError:

@@ -78,7 +78,7 @@ def _mesh_arg(text: str) -> dict[str, int]:
     try:
         return parse_mesh(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e).removeprefix("mesh: ")) from None
 
 
 def main(argv=None):

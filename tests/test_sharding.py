@@ -56,7 +56,7 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     assert parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
     with pytest.raises(SystemExit):
         aot.main(["--mesh", "fsdp"])
-    assert "mesh: cannot parse 'fsdp'; write axis=size pairs" in capsys.readouterr().err
+    assert "argument --mesh: cannot parse 'fsdp'; write axis=size pairs" in capsys.readouterr().err
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"sequence dim 6 of an array \(2, 6\) does not divide over mesh axes"):
         shard_batch({"tokens": np.zeros((2, 6), np.int32)}, mesh)
