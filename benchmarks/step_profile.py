@@ -1,6 +1,6 @@
 """Where the reference train step's wall time goes on XLA:CPU, from a `jax.profiler` trace of the compiled step.
 
-    python -m benchmarks.step_profile [--steps 5] [--torch] [--json OUT]
+    python -m benchmarks.step_profile [--steps 3] [--torch] [--json OUT]
 
 Every kernel event of the trace is matched to its instruction in the compiled HLO, which gives each dot fusion
 its FLOPs and each kernel its phase (forward, backward, optimizer, by its `op_name`). The step's wall time is
