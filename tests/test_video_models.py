@@ -414,3 +414,66 @@ def test_bf16_dit_gradient_keeps_its_products_in_bf16_on_cpu(attention):
     dots = [d for d in dots_of(jax.jit(jax.grad(loss)).lower(state).compile().as_text()) if d[2] > 2 and not d[3]]
     assert len(dots) >= 2 * 2 * 7  # forward and backward projections of both blocks at least
     assert all(d[:2] == ("bf16", "bf16") for d in dots), sorted(set(dots))
+
+
+def test_rope_3d_rotates_each_axis_by_its_own_coordinate():
+    """Against a float64 NumPy rotation per (t, h, w) channel block, and by its invariant: q·k depends on the
+    positions' difference along each axis, and on every axis (a bug that fed the frame index to all three blocks
+    passed every other test: their spatial grids were 1 frame or their outputs started at 0)."""
+    from models.video.layers import apply_rope_3d
+
+    split, theta, grid = (4, 6, 6), 100.0, (3, 4, 5)
+    pos = grid_positions(grid)
+    x = np.random.default_rng(0).standard_normal((1, len(pos), 2, sum(split)))
+    got = np.asarray(apply_rope_3d(jnp.asarray(x, jnp.float32), pos, split, theta), np.float64)
+    want, start = [], 0
+    for axis, size in enumerate(split):
+        part = x[..., start:start + size]
+        freq = 1.0 / theta ** (np.arange(0, size, 2) / size)
+        ang = pos[:, axis, None] * freq  # [S, size / 2]
+        c, s = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]
+        a, b = part[..., :size // 2], part[..., size // 2:]
+        want.append(np.concatenate([a * c - b * s, b * c + a * s], -1))
+        start += size
+    np.testing.assert_allclose(got, np.concatenate(want, -1), atol=2e-5)
+
+    q, k = (np.random.default_rng(i).standard_normal((1, 1, 1, sum(split))).astype(np.float32) for i in (1, 2))
+
+    def score(pq, pk):
+        rq = apply_rope_3d(jnp.asarray(q), np.asarray([pq]), split, theta)
+        rk = apply_rope_3d(jnp.asarray(k), np.asarray([pk]), split, theta)
+        return float(jnp.sum(rq * rk))
+
+    base = score((1, 2, 3), (0, 1, 1))
+    for axis in range(3):
+        shift = np.eye(3, dtype=int)[axis] * 2
+        assert score(tuple((1, 2, 3) + shift), tuple((0, 1, 1) + shift)) == pytest.approx(base, abs=1e-4)
+        assert abs(score(tuple((1, 2, 3) + shift), (0, 1, 1)) - base) > 1e-3, axis  # every axis is seen
+
+
+def test_patchify_unpatchify_invert_on_a_non_square_grid():
+    """Square test latents hid a transposed grid in unpatchify (its zero-initialised output looks the same)."""
+    from models.video.layers import patchify, unpatchify
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 6, 10, 3)), jnp.float32)
+    for patch in ((1, 2, 2), (2, 3, 5), (4, 1, 2)):
+        grid = tuple(s // p for s, p in zip(x.shape[1:4], patch))
+        tokens = patchify(x, patch)
+        np.testing.assert_array_equal(unpatchify(tokens, patch, grid, 3), x)
+        # token s holds the patch at grid_positions(grid)[s], t-major
+        t, h, w = grid_positions(grid)[5]
+        pt, ph, pw = patch
+        block = x[0, t * pt:(t + 1) * pt, h * ph:(h + 1) * ph, w * pw:(w + 1) * pw]
+        np.testing.assert_array_equal(tokens[0, 5], block.reshape(-1))
+
+
+def test_vae_kl_matches_numerical_integration():
+    """KL(N(μ, σ²) ‖ N(0, 1)) per element, against ∫ q log(q / p) by quadrature in float64."""
+    from scipy import integrate, stats
+
+    from models.video.vae import kl_divergence
+
+    for mu, logvar in ((0.0, 0.0), (1.5, 0.0), (0.0, -2.0), (-0.7, 1.3), (2.0, -0.5)):
+        q, p = stats.norm(mu, math.exp(0.5 * logvar)), stats.norm(0.0, 1.0)
+        ref, _ = integrate.quad(lambda z, q=q, p=p: q.pdf(z) * (q.logpdf(z) - p.logpdf(z)), -40, 40, limit=200)
+        assert float(kl_divergence(jnp.float32(mu), jnp.float32(logvar))) == pytest.approx(ref, rel=1e-5, abs=1e-6)
