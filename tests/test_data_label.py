@@ -28,3 +28,25 @@ def test_code_and_math_tags_need_code_and_math():
     assert "code" not in domain_tags(en) and "math" not in domain_tags(zh)
     py = "import os\nfrom typing import Any\n\nclass A:\n    def f(self):\n        return self.x\n"
     assert "code" in domain_tags(py)
+
+
+def test_quality_score_is_the_mean_headroom_under_the_limits():
+    """Hand-computed: a signal at 0 has headroom 1, at half its limit 0.5, at or past it 0; the score is their mean
+    over the signals present. (Only a range check covered it: an inverted score passed.)"""
+    import numpy as np
+
+    from data.filters import QualityConfig, analyze
+    from data.label import SCORED_SIGNALS, quality_score
+    from data.synthetic import en_text
+
+    q = QualityConfig()
+    zeros = {name: 0.0 for name, _ in SCORED_SIGNALS}
+    assert quality_score(zeros, q) == 1.0
+    assert quality_score({name: getattr(q, lim) for name, lim in SCORED_SIGNALS}, q) == 0.0
+    half = dict(zeros, symbol_ratio=q.max_symbol_ratio / 2, digit_ratio=3 * q.max_digit_ratio)
+    assert quality_score(half, q) == round((len(SCORED_SIGNALS) - 2 + 0.5 + 0.0) / len(SCORED_SIGNALS), 4)
+    assert quality_score({"symbol_ratio": q.max_symbol_ratio / 4}, q) == 0.75  # only the signals present count
+    # on documents: clean prose scores above the same prose with spam appended
+    clean = en_text(np.random.default_rng(0), 300)
+    spammy = clean + "\n" + "\n".join(["#deal #sale #win www.x.com/a www.x.com/b 50% 70% 90%"] * 8)
+    assert quality_score(analyze(clean), q) > quality_score(analyze(spammy), q)
