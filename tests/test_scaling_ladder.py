@@ -1,0 +1,29 @@
+"""The scaling ladder's schedule and branched cooldowns (experiments/scaling_ladder.py): a cooldown branch is the run
+a fresh model trained on that budget's schedule would have been, and branching leaves the main run untouched."""
+
+import numpy as np
+import pytest
+
+from data.corpus import ByteWindows
+from experiments.scaling_ladder import Rung, train_rung, wsd_lr
+
+
+def test_wsd_schedule():
+    peak = 1e-3
+    assert [wsd_lr(s, peak, 4) for s in range(4)] == pytest.approx([peak * (s + 1) / 4 for s in range(4)])
+    assert wsd_lr(10, peak, 4) == peak  # stable without a decay
+    assert [wsd_lr(s, peak, 2, 8, 12) for s in (7, 8, 10, 11, 12)] == pytest.approx(
+        [peak, peak, peak / 2, peak / 4, 0.0])
+
+
+def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_run_alone():
+    tokens = np.random.default_rng(0).integers(0, 256, 50_000).astype(np.int32)
+    train = ByteWindows(tokens, 128, 16, seed=0)
+    evals = [ByteWindows(tokens, 128, 4, seed=1).batch(0)]
+    rung = Rung(16, 1, 2)
+    kw = dict(peak_lr=3e-3, warmup=2)
+    both = {r["steps"]: r["eval_loss"] for r in train_rung(rung, (10, 20), train, evals, **kw)["runs"]}
+    alone10 = train_rung(rung, (10,), train, evals, **kw)["runs"][0]["eval_loss"]  # cools down over steps 8-9
+    alone20 = train_rung(rung, (20,), train, evals, **kw)["runs"][0]["eval_loss"]
+    assert both == {10: alone10, 20: alone20}  # bit-identical: same programs on the same data
+    assert alone10 != alone20
