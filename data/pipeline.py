@@ -2,6 +2,9 @@
 
     python -m data.pipeline INPUT... --out DIR [--workers 2]      # then: python -m data.report DIR
 
+INPUT: files or directories of JSON Lines (`.jsonl`, `.ndjson`, `.json`), Parquet, or plain text (one document per
+file); JSON Lines and text may be `.gz` / `.bz2` / `.xz` compressed (`data.sources`).
+
 Three passes, each resumable shard by shard (a shard is skipped when its stats file exists):
   1. per shard, in parallel: read records (ingest drops malformed ones) → `raw/`; normalise, quality
      filters, language ID → `filtered/`, plus the shard's exact-dup keys and MinHash signatures;
@@ -291,7 +294,8 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="+", help="JSONL(.gz) / Parquet / text files or directories")
+    ap.add_argument("inputs", nargs="+",
+                    help="JSON Lines / Parquet / text files (JSONL and text may be .gz, .bz2, .xz) or directories")
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep-langs", default="en,zh", help="comma-separated ISO 639-1 codes")
