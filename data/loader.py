@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 from grain.experimental import ConcatThenSplitIterDataset, FlatMapIterDataset, FlatMapTransform
 
 from data.shards import decode_doc, read_json, tier_shards
@@ -43,9 +44,25 @@ class Source:
             raise ValueError(f"Source.weight={self.weight} for {self.path!r} must be positive")
 
     def check_tokenizer(self, tokenizer) -> None:
-        """A pre-tokenized source (data.tokenizer.pretokenize) must be read with the tokenizer that made it."""
-        if isinstance(self.path, str | os.PathLike) and os.path.isfile(os.path.join(self.path, "tokenizer.json")):
-            meta = read_json(os.path.join(self.path, "tokenizer.json"))
+        """A pre-tokenized source (data.tokenizer.pretokenize) must be read with the tokenizer that made it: its
+        `tokenizer.json` sits beside the shards (the directory, or the files' own); pre-tokenized shards without one
+        (given as files, or a pretokenize run that stopped before writing it) are refused."""
+        files = self.files()
+        folder = self.path if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path) else \
+            os.path.dirname(os.path.abspath(files[0]))
+        meta_path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(meta_path):
+            reader = ArrayRecordReader(files[0])
+            try:
+                first = reader.read([0])[0] if reader.num_records() else b""
+            finally:
+                reader.close()
+            if first.startswith(TOKENS_MAGIC):
+                raise ValueError(f"Source {self.path!r} holds pre-tokenized ids but no {meta_path} says which "
+                                 "tokenizer made them (an unfinished data.tokenizer.pretokenize run?); pretokenize "
+                                 "again, or read the cleaned tier it came from")
+        else:
+            meta = read_json(meta_path)
             if (meta["vocab_size"], meta["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with vocab_size={meta['vocab_size']}, "
                                  f"eos_id={meta['eos_id']}; pass that tokenizer, or pretokenize again")

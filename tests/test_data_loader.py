@@ -3,6 +3,7 @@ processes split the data exactly once, mixtures follow their weights, batches la
 
 import collections
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -99,6 +100,14 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     assert (other.vocab_size, other.eos_id) == (tok.vocab_size, tok.eos_id)
     with pytest.raises(ValueError, match="another tokenizer"):
         LMLoader([Source(pre)], other, cfg, process_index=0, process_count=1)
+    # the shards named as files are checked too, and shards whose tokenizer.json is missing (a pretokenize run that
+    # stopped before its last step) are refused: both were read with any tokenizer, ids >= its vocab_size included
+    files = tuple(sorted(str(f) for f in pathlib.Path(pre).glob("shard-*.array_record")))
+    with pytest.raises(ValueError, match="pre-tokenized with vocab_size=400"):
+        LMLoader([Source(files)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    (pathlib.Path(pre) / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
+        LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)
 
 
 def test_state_restores_identical_batches(corpus, tmp_path):
