@@ -14,7 +14,8 @@ BYTE_VOCAB = 256
 
 
 def stdlib_text(max_bytes: int = 4_000_000, seed: int = 0) -> str:
-    """Concatenated text of stdlib `.py` files (sorted, then a seeded shuffle), up to `max_bytes`."""
+    """Concatenated text of stdlib `.py` files (sorted, then a seeded shuffle), up to `max_bytes` characters (the
+    name is historical: a few non-ASCII characters make the UTF-8 a little longer, 4,000,102 bytes by default)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.is_file())
     np.random.default_rng(seed).shuffle(files)
@@ -46,24 +47,29 @@ def decode_bytes(tokens) -> str:
 class ByteWindows:
     """Random windows of `seq_len + 1` byte tokens from a split of the corpus.
 
-    `batch(step)` is a pure function of (seed, step), so a resumed run sees the same data.
+    `batch(step)` is a pure function of (seed, step), so a resumed run sees the same data. Window starts are drawn
+    from [0, len - seq_len - 1): the last start (and so the corpus's last token as a target) is never drawn. Kept as
+    is: drawing from one more start would change every window of the documented ladder and μP runs.
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0):
-        if len(tokens) <= seq_len + 1:
-            raise ValueError(f"corpus of {len(tokens)} tokens is shorter than seq_len + 1 = {seq_len + 1}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"corpus of {len(tokens)} tokens is shorter than one window of seq_len + 1 = "
+                             f"{seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token."""
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        starts = rng.integers(0, max(1, len(self.tokens) - self.seq_len - 1), size=self.batch_size)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])
         return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
 
 
 def train_eval_split(tokens: np.ndarray, eval_fraction: float = 0.05):
     """(train, eval) token arrays: the last `eval_fraction` of the stream is held out, in one piece."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"train_eval_split: eval_fraction={eval_fraction} must be in (0, 1)")
     cut = int(len(tokens) * (1 - eval_fraction))
     return tokens[:cut], tokens[cut:]
 

@@ -27,3 +27,19 @@ def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_
     alone20 = train_rung(rung, (20,), train, evals, **kw)["runs"][0]["eval_loss"]
     assert both == {10: alone10, 20: alone20}  # bit-identical: same programs on the same data
     assert alone10 != alone20
+
+
+def test_byte_windows_and_split_edges():
+    """A corpus of exactly one window serves it (was refused as 'shorter than' its own length); a shorter one and
+    an eval fraction outside (0, 1) (1.5 split 50/50, silently) are refused by name."""
+    from data.corpus import train_eval_split
+
+    one = ByteWindows(np.arange(9, dtype=np.int32), 8, 2)
+    b = one.batch(0)
+    np.testing.assert_array_equal(b["inputs"], np.tile(np.arange(8), (2, 1)))
+    np.testing.assert_array_equal(b["targets"], np.tile(np.arange(1, 9), (2, 1)))
+    with pytest.raises(ValueError, match="shorter than one window of seq_len \\+ 1 = 9"):
+        ByteWindows(np.arange(8, dtype=np.int32), 8, 2)
+    for bad in (1.5, -0.1, 0.0):
+        with pytest.raises(ValueError, match="eval_fraction"):
+            train_eval_split(np.arange(100), bad)
