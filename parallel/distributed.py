@@ -49,6 +49,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and int(env.get("SLURM_NTASKS", "2")) > 1:
         jax.distributed.initialize(**timeouts)  # JAX detects TPU pods, SLURM and Open MPI itself
         return True
+    if (num_processes or 1) > 1 or (process_id or 0) > 0:  # every process would train alone, each "primary"
+        raise ValueError(f"num_processes={num_processes}, process_id={process_id} given without a coordinator; "
+                         "pass coordinator='host:port' or set JAXSCALE_COORDINATOR (the address of process 0)")
     return False
 
 

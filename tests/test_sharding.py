@@ -85,6 +85,22 @@ def test_initialize_starts_jax_distributed_only_in_a_slurm_job_step(monkeypatch,
     assert distributed.initialize() is started and len(calls) == started
 
 
+def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch):
+    """JAXSCALE_NUM_PROCESSES=2 without JAXSCALE_COORDINATOR ran every process alone, each one 'primary'."""
+    from parallel import distributed
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "JAXSCALE_", "OMPI_", "TPU_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: pytest.fail("must not start"))
+    monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXSCALE_PROCESS_ID", "1")
+    with pytest.raises(ValueError, match="without a coordinator; pass coordinator='host:port' or set JAXSCALE_COORD"):
+        distributed.initialize()
+    monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "1")  # one process, so named: nothing to start
+    monkeypatch.setenv("JAXSCALE_PROCESS_ID", "0")
+    assert distributed.initialize() is False
+
+
 @pytest.mark.parametrize("indices,ok", [
     ([(slice(0, 2), slice(None))] * 2, True),              # data across processes: rows [0, 2) of 4, all of T
     ([(slice(2, 3), slice(None)), (slice(3, 4), slice(None))], True),   # fsdp inside the process
