@@ -2,7 +2,9 @@
 
 Both encode any Unicode string (zh, emoji, control characters, ...) and decode it back exactly: the BPE
 works on UTF-8 bytes (ByteLevel pre-tokenizer, no normaliser, no prefix space), so no input is
-`<unk>`. The byte tokenizer needs no training: ids 0..255 are bytes, then the special tokens.
+`<unk>`. The byte tokenizer needs no training: ids 0..255 are bytes, then the special tokens. Lone UTF-16
+surrogates, which UTF-8 cannot hold, are encoded as U+FFFD (as `data.normalize` writes them); ids outside the
+vocabulary decode to nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data.normalize import replace_surrogates
 
 EOS = "<|endoftext|>"
 
@@ -27,7 +31,11 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """str → int32 [n_bytes]."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        try:
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            raw = replace_surrogates(text).encode("utf-8")
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
         """Ids → str; special ids are skipped, so decode(encode(t)) == t."""
@@ -53,14 +61,18 @@ class BPETokenizer:
         self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once (parallel inside `tokenizers`)."""
-        return [np.asarray(e.ids, dtype=np.int32) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            enc = self.tok.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # `tokenizers` refuses a str with lone surrogates as "not a str"
+            enc = self.tok.encode_batch([replace_surrogates(t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in enc]
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
 
     def save(self, path: str | os.PathLike) -> None:
         """One JSON file (the `tokenizers` format, loadable by `transformers` too)."""

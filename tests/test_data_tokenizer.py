@@ -90,3 +90,18 @@ def test_byte_tokenizer_is_utf8():
 def test_vocab_size_error_names_the_field():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(["abc"], vocab_size=200)
+
+
+@pytest.mark.parametrize("tok_name", ["bpe", "bytes"])
+def test_lone_surrogates_encode_as_replacement_and_stray_ids_decode_to_nothing(tok_name, bpe):
+    """'Encode any Unicode string': a lone surrogate (a JSON escape like "\\ud800") raised TypeError in the BPE and
+    UnicodeEncodeError in the byte tokenizer; a negative id raised OverflowError in the BPE's decode."""
+    tok = bpe if tok_name == "bpe" else ByteTokenizer(add_eos=True)
+    text = "ab\ud800cd \udfff"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == "ab\ufffdcd \ufffd"
+    np.testing.assert_array_equal(ids, tok.encode("ab\ufffdcd \ufffd"))
+    if hasattr(tok, "encode_batch"):
+        for got, want in zip(tok.encode_batch([text, "ok"]), [ids, tok.encode("ok")]):
+            np.testing.assert_array_equal(got, want)
+    assert tok.decode([-1, *tok.encode("hi"), tok.vocab_size + 5]) == "hi"
