@@ -298,7 +298,9 @@ def main(argv=None):
                     help="JSON Lines / Parquet / text files (JSONL and text may be .gz, .bz2, .xz) or directories")
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--keep-langs", default="en,zh", help="comma-separated ISO 639-1 codes")
+    ap.add_argument("--keep-langs", default="en,zh",
+                    help="comma-separated ISO 639-1 codes to keep (default en,zh); others drop as lang_other")
+    ap.add_argument("--text-field", default="text", help="the JSONL / Parquet field holding the text (default text)")
     ap.add_argument("--near-dup-threshold", type=float, default=0.8,
                     help="MinHash-estimated Jaccard of word 5-gram shingles; a candidate is confirmed at "
                          "threshold - confirm_sigmas standard errors (0.8, 128 permutations, 2 sigmas: estimates >= "
@@ -308,11 +310,14 @@ def main(argv=None):
                          "at exactly the threshold kept); 2: recall >= 0.9 just above it")
     ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
     args = ap.parse_args(argv)
-    cfg = PipelineConfig(source=SourceConfig(max_doc_bytes=args.max_doc_bytes),
-                         langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
-                         dedup=DedupConfig(threshold=args.near_dup_threshold,
-                                           confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers)
-    run(args.inputs, args.out, cfg)
+    try:  # bad settings and inputs as one line, like the trainer's config errors
+        cfg = PipelineConfig(source=SourceConfig(text_field=args.text_field, max_doc_bytes=args.max_doc_bytes),
+                             langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
+                             dedup=DedupConfig(threshold=args.near_dup_threshold,
+                                               confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers)
+        run(args.inputs, args.out, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     from data.report import report
 
     print(report(args.out))

@@ -19,6 +19,9 @@ def funnel(out_dir) -> list[tuple[str, StageStats]]:
     rows = []
     for tier in TIERS:
         path = out / tier / "stats.json"
+        if not (out / "manifest.json").exists():
+            raise FileNotFoundError(f"{out} holds no cleaning run (no manifest.json); pass the --out directory of "
+                                    "`python -m data.pipeline`")
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: the run under {out} is unfinished; re-run "
                                     "`python -m data.pipeline` with the same inputs and --out to resume it")
@@ -90,7 +93,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the --out directory of a cleaning run")
     args = ap.parse_args(argv)
-    print(report(args.dir))
+    try:
+        print(report(args.dir))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     sys.exit(1 if reconcile(funnel(args.dir)) else 0)
 
 

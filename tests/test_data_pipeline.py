@@ -269,10 +269,34 @@ def test_fingerprint_of_plain_class_stages_is_stable(tmp_path):
 def test_missing_input_and_unfinished_run_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run([tmp_path / "nope.jsonl"], tmp_path / "out", progress=False)
-    with pytest.raises(FileNotFoundError, match="unfinished"):
+    with pytest.raises(FileNotFoundError, match="holds no cleaning run"):  # a typo said 'unfinished: re-run'
         report_mod.funnel(tmp_path)
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        report_mod.funnel(tmp_path / "started")
     with pytest.raises(ValueError, match="workers"):
         PipelineConfig(workers=0)
+    # the command lines: one line naming the problem, not a traceback
+    from data import pipeline
+
+    with pytest.raises(SystemExit, match=r"^error: input .*nope.jsonl does not exist"):
+        pipeline.main([str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="^error: .* holds no cleaning run"):
+        report_mod.main([str(tmp_path / "typo")])
+
+
+def test_the_cli_reads_another_text_field(tmp_path, capsys):
+    """`--text-field content`: a JSONL export whose text is under another name (all of it dropped as missing_text,
+    with exit 0, before there was a flag)."""
+    from data import pipeline
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"content": en_text(rng, 300)}) + "\n" for _ in range(3)))
+    pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1", "--text-field",
+                   "content"])
+    ingest = next(s for _, s in report_mod.funnel(tmp_path / "out") if s.name == "ingest")
+    assert ingest.dropped == {} and ingest.docs_out == 3, ingest
 
 
 def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
