@@ -213,11 +213,23 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         f"tokens    : D = {d:.4g} ({how}; {d / n:.1f} tokens/param)",
         f"compute   : 6ND = {c6:.4g} FLOPs; model FLOPs = {fpt:.4g}/token x D = {cm:.4g} FLOPs",
         f"wall-clock: {cm:.4g} / ({chips} x {peak:.4g} x {mfu:g}) = {seconds:,.0f} s = {seconds / 3600:,.1f} h "
-        f"= {seconds / 86400:,.2f} days ({chip_hours:,.0f} chip-hours)",
+        f"= {seconds / 86400:,.2f} days ({chip_hours:,.{0 if chip_hours >= 10 else 2}f} chip-hours)",
     ]
     if mesh is None:
+        # what the most sharded layout (fsdp over every chip) still needs says which advice can help
+        try:
+            least = memory_per_device(shape, {"fsdp": chips}, seqs_per_chip * chips, seq_len, remat=remat,
+                                      param_dtype="float32", compute_dtype="bfloat16", kernel="flash")
+        except ValueError:
+            least = None
+        state = None if least is None else least.params + least.grads + least.opt_state
+        fixes = ["add chips"]
+        if state is None or state < 0.9 * c.hbm_bytes:  # the state alone fits: activations are what overflows
+            fixes += ["lower seq_len"] + ([] if remat == "full" else ["use remat='full'"])
+        need = "" if least is None else (f" (fsdp over all {chips}: {least.total / 2**30:.1f} GiB per chip, of which "
+                                         f"parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
         lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
-                     "micro-batch; add chips, lower seq_len or use remat='full'"
+                     f"micro-batch{need}; {', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
                      + "".join(f"\n            layouts not tried: {why}" for why in skipped))
     else:
         lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "

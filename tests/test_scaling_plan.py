@@ -129,3 +129,16 @@ def test_suggested_heads_divide_any_tensor_axis_and_unusable_layouts_are_named()
     # a vocabulary no tensor axis divides: the plan says which layouts it could not try, and why
     odd = make_plan(params=7e10, chips=8, vocab_size=50257)
     assert odd.mesh is None and "layouts not tried" in odd.text and "50257" in odd.text, odd.text
+
+
+def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
+    """The advice was fixed text: 'use remat='full'' to a plan already at remat full, and 'lower seq_len' where
+    the parameters, gradients and Adam state alone overflow the chip."""
+    state_bound = make_plan(params=7e10, chips=8, remat="full")  # 70B x 16 bytes over 8 chips: 130 GiB each
+    line = next(x for x in state_bound.text.splitlines() if x.startswith("memory"))
+    assert state_bound.mesh is None and line.endswith("; add chips") and "optimizer state 130." in line, line
+    act_bound = make_plan(params=1e9, chips=1, seq_len=131072)  # 14 GiB of state, the rest activations
+    line = next(x for x in act_bound.text.splitlines() if x.startswith("memory"))
+    assert line.endswith("add chips, lower seq_len or use remat='full'"), line
+    at_full = make_plan(params=1e9, chips=1, seq_len=131072, remat="full")
+    assert next(x for x in at_full.text.splitlines() if x.startswith("memory")).endswith("add chips or lower seq_len")
