@@ -367,7 +367,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(o.schedule in ("cosine", "wsd"), "optim.schedule", f"unknown {o.schedule!r}; use cosine or wsd")
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps",
-         f"{o.warmup_steps} must be in [0, train.steps={t.steps})")
+         f"{o.warmup_steps} must be in [0, train.steps={t.steps}); for a short run add e.g. "
+         f"--set optim.warmup_steps={max(0, t.steps // 10)}")
     need(o.schedule != "cosine" or o.warmup_steps == 0 or o.warmup_steps < t.steps - 1, "optim.warmup_steps",
          f"{o.warmup_steps} leaves no update of the {t.steps} for the cosine decay; use at most {t.steps - 2}")
     need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")

@@ -35,7 +35,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "TransformerConfig.n_kv_heads: n_heads=2 must be"),
     (["--preset", "tiny", "--set", "train.nan_policy=ignore"], 8, "train.nan_policy: unknown 'ignore'"),
     (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
-    (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8, "optim.warmup_steps: 50 must be in [0, train.steps"),
+    (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8,
+     "optim.warmup_steps: 50 must be in [0, train.steps=12); for a short run add e.g. --set optim.warmup_steps=1"),
     (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
     (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
     # kernels of one backend only: they failed at the first eval, after the run directory was made
