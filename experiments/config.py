@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import json
 import math
+import os
 import sys
 from typing import Any, Literal
 
@@ -29,18 +30,26 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """The embedded stdlib corpus (module sources + docstrings), byte tokens with EOS, through data.loader.
+    """What the trainer reads through data.loader: by default the embedded stdlib corpus (module sources +
+    docstrings) as byte tokens with EOS; or your own data.
 
     max_files: first N stdlib modules (None: all). eval_every_nth: every n-th module (source and docstrings) is
     held out.
     eval_batches: held-out batches per evaluation (fixed, the same every time).
-    corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only)."""
+    corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only).
+    train_dir / eval_dir: your own data instead of the stdlib corpus: tier directories of a cleaning run
+    (`python -m data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or
+    `data.tokenizer.pretokenize` outputs; both or neither. tokenizer: a `tokenizers` JSON file
+    (`data.tokenizer.train_bpe(...).save(path)`) to read them with; None: bytes + EOS (vocab 257)."""
 
     max_files: int | None = None
     eval_every_nth: int = 20
     eval_batches: int = 4
     corpus: str = "stdlib-v2"  # v2: held out by module (v1, unrecorded in older checkpoints: by document)
     cache_dir: str | None = None  # default ~/.cache/jaxscale/lm-corpus-...
+    train_dir: str | None = None
+    eval_dir: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +348,13 @@ def load(argv=None, description: str | None = None) -> RunConfig:
     return apply_overrides(preset(args.preset), sets)
 
 
+def load_tokenizer(d: DataSpec):
+    """The run's tokenizer: `data.tokenizer.BPETokenizer.load(d.tokenizer)`, or bytes + EOS."""
+    from data.tokenizer import BPETokenizer, ByteTokenizer
+
+    return ByteTokenizer(add_eos=True) if d.tokenizer is None else BPETokenizer.load(d.tokenizer)
+
+
 # ---- validation -------------------------------------------------------------------------------------------------
 
 
@@ -401,8 +417,18 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(m.swa_impl not in ("cudnn", "splash") or backend == {"cudnn": "gpu", "splash": "tpu"}[m.swa_impl],
          "model.swa_impl", f"{m.swa_impl!r} needs a {'GPU' if m.swa_impl == 'cudnn' else 'TPU'} (this backend: "
          f"{backend}); use 'auto' (it picks per backend) or 'blocked'")
-    need(m.vocab_size >= BYTE_EOS_VOCAB, "model.vocab_size",
-         f"{m.vocab_size} < {BYTE_EOS_VOCAB} byte tokens + EOS of the embedded corpus")
+    need((d.train_dir is None) == (d.eval_dir is None), "data.train_dir",
+         "give both data.train_dir and data.eval_dir (your own held-out tier), or neither (the stdlib corpus)")
+    for f in ("train_dir", "eval_dir"):
+        path = getattr(d, f)
+        need(path is None or os.path.isdir(path), f"data.{f}", f"{path!r} is not a directory; pass a tier of "
+             "`python -m data.pipeline` (e.g. RUN/augmented) or a data.tokenizer.pretokenize output")
+    need(d.tokenizer is None or os.path.isfile(d.tokenizer), "data.tokenizer",
+         f"{d.tokenizer!r} is not a file; save one with data.tokenizer.train_bpe(texts, vocab).save(path)")
+    vocab = BYTE_EOS_VOCAB if d.tokenizer is None else load_tokenizer(d).vocab_size
+    need(m.vocab_size >= vocab, "model.vocab_size",
+         f"{m.vocab_size} < the tokenizer's {vocab} ids ({'bytes + EOS' if d.tokenizer is None else d.tokenizer})"
+         "; raise model.vocab_size")
     # batch rows are split over every batch mesh axis, per microbatch
     from parallel.rules import ACTIVATION_RULES
 

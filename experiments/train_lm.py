@@ -47,9 +47,11 @@ def _setup_platform():
 
 
 def corpus_tiers(spec) -> tuple[str, str]:
-    """The embedded corpus as two ArrayRecord tiers (train, held-out: every n-th *module*, its source and its
-    docstrings together: the docstrings repeat lines of the source, so splitting them would leak eval text into
-    train), cached on disk."""
+    """(train, held-out) tier directories: `spec.train_dir` / `spec.eval_dir` when given; else the embedded corpus
+    as two ArrayRecord tiers (held-out: every n-th *module*, its source and its docstrings together: the
+    docstrings repeat lines of the source, so splitting them would leak eval text into train), cached on disk."""
+    if spec.train_dir is not None:
+        return spec.train_dir, spec.eval_dir
     from data.corpus import stdlib_documents
     from data.shards import DocWriter, shard_name
 
@@ -127,7 +129,7 @@ EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_un
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
 LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
-                 ("data", "eval_every_nth"))
+                 ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"))
 # The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
 SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
 
@@ -211,8 +213,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     from tqdm import tqdm
 
     from data.loader import LMLoader, LoaderConfig, Source
-    from data.tokenizer import ByteTokenizer
     from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState
+    from experiments.config import load_tokenizer
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
     from parallel import make_mesh
@@ -227,7 +229,7 @@ def train(cfg, mesh_shape: dict) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     say = print if primary else (lambda *a, **k: None)
     mesh = make_mesh(mesh_shape)
-    tok = ByteTokenizer(add_eos=True)
+    tok = load_tokenizer(cfg.data)
 
     train_dir, eval_dir = corpus_tiers(cfg.data)
     loader = LMLoader([Source(train_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, seed=t.seed),

@@ -236,3 +236,39 @@ def test_shape_mismatch_is_a_config_error_and_quarantine_keeps_earlier_copies(tm
     ckpt._quarantine(8)
     ckpt.close()
     assert sorted(p.name for p in (tmp_path / "ckpt-corrupt").iterdir()) == ["8", "8-1"]
+
+
+def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypatch):
+    """data.train_dir / eval_dir / tokenizer: a cleaning run's tiers and a trained BPE instead of the stdlib corpus
+    (the trainer had no way to read them); validation names a missing half or a vocabulary too small."""
+    from data import loader as loader_mod
+    from data.shards import DocWriter
+    from data.synthetic import en_text
+    from data.tokenizer import train_bpe
+    from experiments.config import ConfigError, validate
+
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 120) for _ in range(60)]
+    for name, part in (("train", texts[:50]), ("eval", texts[50:])):
+        w = DocWriter(tmp_path / name / "shard-00000.array_record")
+        for i, t in enumerate(part):
+            w.write({"id": f"{name}{i}", "text": t})
+        w.commit()
+    train_bpe(texts, vocab_size=300, show_progress=False).save(tmp_path / "tok.json")
+    data = ["--set", f"data.train_dir={tmp_path / 'train'}", "--set", f"data.eval_dir={tmp_path / 'eval'}",
+            "--set", f"data.tokenizer={tmp_path / 'tok.json'}"]
+    seen = []
+    real_init = loader_mod.LMLoader.__init__
+
+    def spy(self, sources, tokenizer, *a, **kw):  # records what the trainer asks for, then loads it as usual
+        seen.append(([s.path for s in sources], tokenizer.vocab_size))
+        real_init(self, sources, tokenizer, *a, **kw)
+
+    monkeypatch.setattr(loader_mod.LMLoader, "__init__", spy)
+    result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", *data])
+    assert seen == [([str(tmp_path / "train")], 300), ([str(tmp_path / "eval")], 300)]
+    assert result["step"] == 4 and np.isfinite(result["last_eval"])
+    with pytest.raises(ConfigError, match="data.train_dir: give both"):
+        validate(load([*TINY, *data[:2]]), 8)
+    with pytest.raises(ConfigError, match="model.vocab_size: 256 < the tokenizer's 300 ids"):
+        validate(load([*TINY, *data, "--set", "model.vocab_size=256"]), 8)
