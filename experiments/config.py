@@ -112,6 +112,23 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """The inverse of `to_json` (a checkpoint's saved config). Fields this version does not know are left out;
+        fields added since the save take their defaults."""
+        from models.config import RopeScaling
+
+        def build(kind, d):
+            names = {f.name for f in dataclasses.fields(kind)}
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+        d = json.loads(text)
+        m = dict(d["model"])
+        m["moe"] = None if m.get("moe") is None else build(MoEConfig, m["moe"])
+        m["rope_scaling"] = None if m.get("rope_scaling") is None else build(RopeScaling, m["rope_scaling"])
+        return cls(build(TransformerConfig, m), dict(d["mesh"]), build(DataSpec, d.get("data", {})),
+                   build(OptimSpec, d.get("optim", {})), build(TrainSpec, d.get("train", {})))
+
 
 # ---- presets ----------------------------------------------------------------------------------------------------
 

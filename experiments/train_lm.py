@@ -203,6 +203,40 @@ def init_state(cfg, mesh):
     return graphdef, optimizer, schedule, state
 
 
+def load_model(out, step: int | None = None, mesh_shape: dict | None = None):
+    """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
+    `models.hf.save_pretrained`. The model lives on `mesh_shape` over this process's devices (default: one
+    device); the optimizer state is restored with it (the checkpoint is verified whole) and dropped.
+
+        model, cfg = load_model("runs/demo")
+        ids = models.generate(model, prompt_ids, 64)
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from experiments.checkpoint import Checkpoints
+    from experiments.config import RunConfig
+    from parallel import make_mesh
+
+    ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        steps = ckpt.steps() if step is None else [step]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {pathlib.Path(out) / 'ckpt'}")
+        meta = ckpt.mgr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        cfg = RunConfig.from_json(meta["config"])
+        devices = jax.devices() if mesh_shape else jax.devices()[:1]
+        mesh = make_mesh(mesh_shape or {"fsdp": 1}, devices=devices)
+        graphdef, _, _, template = init_state(cfg, mesh)
+        restored = ckpt.restore(template, step)
+        if restored is None:
+            raise FileNotFoundError(f"no readable checkpoint under {pathlib.Path(out) / 'ckpt'}")
+    finally:
+        ckpt.close()
+    return nnx.merge(graphdef, restored[0]["params"]), cfg
+
+
 def train(cfg, mesh_shape: dict) -> dict:
     """Train `cfg` (a validated RunConfig) on a mesh of `mesh_shape`, resuming from its newest good checkpoint;
     returns a summary: out dir, step, first / last eval loss, wall time, a generated sample, ..."""

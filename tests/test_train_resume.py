@@ -272,3 +272,22 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
         validate(load([*TINY, *data[:2]]), 8)
     with pytest.raises(ConfigError, match="model.vocab_size: 256 < the tokenizer's 300 ids"):
         validate(load([*TINY, *data, "--set", "model.vocab_size=256"]), 8)
+
+
+def test_load_model_gives_the_checkpoints_model_for_inference(runs):
+    """A finished run's model, rebuilt from the config saved in its checkpoint (there was no way back from
+    runs/x/ckpt to a Transformer), equals the checkpoint's params and samples; configs survive the JSON round trip."""
+    from experiments.config import RunConfig, preset
+    from models import generate
+
+    ref = runs[0]
+    model, cfg = train_lm.load_model(ref)
+    assert cfg == load([*TINY, "--out", str(cfg.train.out)])  # the run's own settings, read back
+    state, meta = restore(ref)
+    from flax import nnx
+
+    assert_trees_equal(nnx.state(model, nnx.Param), state["params"])
+    ids = generate(model, np.asarray([[100, 101, 102]]), 5)
+    assert ids.shape == (1, 8)
+    for name in ("demo", "tiny", "llama7b", "mixtral8x7b"):
+        assert RunConfig.from_json(preset(name).to_json()) == preset(name)
