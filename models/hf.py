@@ -143,9 +143,11 @@ def _open_weights(folder: Path) -> dict:
 
 
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, **config_overrides) -> Transformer:
-    """Transformer from a local HF Llama/Mistral/Qwen2 folder (config.json + safetensors, sharded or not).
+    """Transformer from a local HF Llama / Mistral / Qwen2 / Gemma 2 / Mixtral folder (config.json + safetensors,
+    sharded or not).
 
-    dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype).
+    dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype, so dtype="bfloat16"
+    keeps bf16 weights, as for inference; for training pass param_dtype="float32").
     Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
     """
     folder = Path(path)
