@@ -158,10 +158,10 @@ class Checkpoints:
                 except (ValueError, OSError):
                     ok = False
                 if not ok:
-                    step = f.parent.parent.name
-                    self.log(f"checkpoint: step {step}'s saved eval metrics are unreadable; set aside in "
-                             f"{self._corrupt_path(f'{step}-metrics')} (the step stays restorable, no longer as best)")
-                    os.replace(f.parent, self._corrupt_path(f"{step}-metrics"))
+                    step, dst = f.parent.parent.name, self._corrupt_path(f"{f.parent.parent.name}-metrics")
+                    self.log(f"checkpoint: step {step}'s saved eval metrics are unreadable; set aside in {dst} "
+                             "(the step stays restorable, no longer as best)")
+                    os.replace(f.parent, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
