@@ -6,7 +6,8 @@ text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, 
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write; a pretty-printed JSON document
 is counted line by line as `malformed_json`, not read as text). Directory walks skip Hadoop / Spark side files
-(names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`), which hold no records; a file named explicitly is read.
+(names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no
+records; a file named explicitly is read.
 """
 
 from __future__ import annotations
@@ -64,14 +65,20 @@ def _kind(path: str) -> str:
     return "text"
 
 
+def _side_file(rel: pathlib.Path) -> bool:
+    """Hadoop / Spark bookkeeping, not data: `_SUCCESS`, `.part-0.crc`, and whatever sits in a hidden directory or
+    Spark's `_temporary/` (a user's `_en/` folder is data)."""
+    *dirs, name = rel.parts
+    return name.startswith(("_", ".")) or any(d.startswith(".") or d == "_temporary" for d in dirs)
+
+
 def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig()) -> list[tuple[str, ...]]:
     """Files under `paths` (directories walked recursively, sorted) grouped into shards."""
     files: list[str] = []
     for p in paths:
         p = pathlib.Path(p)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file()
-                            and not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and not _side_file(f.relative_to(p)))
         elif p.is_file():
             files.append(str(p))
         else:

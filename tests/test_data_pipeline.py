@@ -384,9 +384,13 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
         f.write(texts[0])
     (src / "_SUCCESS").write_text("")
     (src / ".b.json.crc").write_bytes(b"\x00\x01crc")
+    (src / "_temporary" / "0").mkdir(parents=True)
+    (src / "_temporary" / "0" / "part-0.json").write_text(lines)  # a Spark job's uncommitted output
+    (src / "_en").mkdir()  # a user's folder whose name starts with _ is data
+    (src / "_en" / "e.jsonl").write_text(lines)
     shards = discover([src])
-    assert sorted(os.path.basename(f) for s in shards for f in s) == [
-        "a.ndjson.gz", "b.json", "c.jsonl.bz2", "d.jsonl.xz", "notes.txt.gz"]
+    assert sorted(os.path.relpath(f, src) for s in shards for f in s) == [
+        "_en/e.jsonl", "a.ndjson.gz", "b.json", "c.jsonl.bz2", "d.jsonl.xz", "notes.txt.gz"]
     for shard in shards:
         docs = [d for d, r, _ in read_records(shard) if r is None]
         assert [d["text"] for d in docs] == (texts[:1] if shard[0].endswith("txt.gz") else texts), shard
