@@ -206,7 +206,8 @@ def init_state(cfg, mesh):
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None):
     """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
     `models.hf.save_pretrained`. The model lives on `mesh_shape` over this process's devices (default: one
-    device); the optimizer state is restored with it (the checkpoint is verified whole) and dropped.
+    device; call it from one process); the optimizer state is restored with it (the checkpoint is verified whole)
+    and dropped.
 
         model, cfg = load_model("runs/demo")
         ids = models.generate(model, prompt_ids, 64)
