@@ -203,15 +203,16 @@ class Checkpoints:
         return sorted(self.mgr.all_steps())
 
     # ---- restore ---------------------------------------------------------------------------------------------
-    def restore(self, template, step: int | None = None, check=None, loader=None):
+    def restore(self, template, step: int | None = None, check=None, loader=None, quarantine: bool = True):
         """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the freshly
         initialised state on the current mesh, any device count). Returns (state, meta) or None.
 
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
         loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
-        An unreadable checkpoint or one whose fingerprint differs is reported, moved aside, and the previous
-        one is tried; a readable one that does not fit raises CheckpointMismatch and stays where it is."""
+        An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
+        False: a reader beside a running job must not move its files), and the previous one is tried; a readable
+        one that does not fit raises CheckpointMismatch and stays where it is."""
         abstract = abstract_of(to_pure(template))
         if step is not None and step not in self.mgr.all_steps():
             return None
@@ -222,7 +223,7 @@ class Checkpoints:
                 saved = self.mgr.item_metadata(s)["state"].tree
                 has_loader = (self.dir / str(s) / "loader").is_dir()
             except Exception as e:  # noqa: BLE001 - no readable meta or metadata: not a checkpoint to use
-                self._corrupt(s, candidates, e)
+                self._corrupt(s, candidates, e, quarantine)
                 continue
             if check is not None:
                 check(meta)
@@ -231,7 +232,8 @@ class Checkpoints:
                 if meta.get("loader_saved") is False:
                     raise CheckpointMismatch(f"{self.dir / str(s)} was saved without a data loader state; restore "
                                              "it with loader=None (and position the loader yourself)")
-                self._corrupt(s, candidates, FileNotFoundError(f"{self.dir / str(s) / 'loader'} is missing"))
+                self._corrupt(s, candidates, FileNotFoundError(f"{self.dir / str(s) / 'loader'} is missing"),
+                              quarantine)
                 continue
             if loader is not None and has_loader:
                 self._check_processes(s)
@@ -248,7 +250,7 @@ class Checkpoints:
                     self.mgr.restore(s, args=ocp.args.Composite(
                         loader=grain.checkpoint.CheckpointRestore(_LoaderItem(loader))))
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
-                self._corrupt(s, candidates, e)
+                self._corrupt(s, candidates, e, quarantine)
                 continue
             if loader is not None and not has_loader:
                 loader.set_state(meta["loader"])  # written before per-process loader states (one process)
@@ -263,12 +265,14 @@ class Checkpoints:
                 f"{self.dir / str(step)}: the data loader states were saved by {names[0].split('-of-')[1][:-5]} "
                 f"processes, this run has {n}; resume with the same number of processes")
 
-    def _corrupt(self, s: int, candidates: list[int], e: Exception):
+    def _corrupt(self, s: int, candidates: list[int], e: Exception, quarantine: bool = True):
         older = [x for x in candidates if x < s]
         nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
+        nxt = nxt if quarantine else "left in place"
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         self.log(f"checkpoint: step {s} is corrupt or incomplete ({type(e).__name__}: {msg}); {nxt}")
-        self._quarantine(s)
+        if quarantine:
+            self._quarantine(s)
 
     def _quarantine(self, step: int):
         """Move a bad step out of the manager's directory, so it is never listed or overwritten again. An earlier

@@ -203,15 +203,20 @@ def init_state(cfg, mesh):
     return graphdef, optimizer, schedule, state
 
 
-def load_model(out, step: int | None = None, mesh_shape: dict | None = None):
+def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
     """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
-    `models.hf.save_pretrained`. The model lives on `mesh_shape` over this process's devices (default: one
-    device; call it from one process); the optimizer state is restored with it (the checkpoint is verified whole)
-    and dropped.
+    `models.hf.save_pretrained` (for the layouts a HF architecture has). Read-only: a checkpoint that does not read
+    back is reported through `log` (default: stderr) and the next older one is tried, but nothing is moved (a
+    training job may be using the directory). The model lives on `mesh_shape` over the first devices it needs
+    (default: one device; call it from one process); the optimizer state is restored with it (the checkpoint is
+    verified whole) and dropped.
 
         model, cfg = load_model("runs/demo")
         ids = models.generate(model, prompt_ids, 64)
     """
+    import math
+    import sys
+
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -220,22 +225,30 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None):
     from experiments.config import RunConfig
     from parallel import make_mesh
 
-    ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=lambda *a: None)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    shape = mesh_shape or {"fsdp": 1}
+    n = len(jax.devices()) if -1 in shape.values() else math.prod(shape.values())
+    mesh = make_mesh(shape, devices=jax.devices()[:n])
+    ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=log)
     try:
-        steps = ckpt.steps() if step is None else [step]
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {pathlib.Path(out) / 'ckpt'}")
-        meta = ckpt.mgr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        cfg = RunConfig.from_json(meta["config"])
-        devices = jax.devices() if mesh_shape else jax.devices()[:1]
-        mesh = make_mesh(mesh_shape or {"fsdp": 1}, devices=devices)
-        graphdef, _, _, template = init_state(cfg, mesh)
-        restored = ckpt.restore(template, step)
-        if restored is None:
-            raise FileNotFoundError(f"no readable checkpoint under {pathlib.Path(out) / 'ckpt'}")
+        steps = sorted(ckpt.steps(), reverse=True) if step is None else [step]
+        for s in steps:
+            try:
+                meta = ckpt.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                cfg = RunConfig.from_json(meta["config"])
+            except Exception as e:  # noqa: BLE001 - an unreadable meta: the next older step
+                log(f"load_model: step {s}'s meta does not read ({type(e).__name__}: {e}); trying an older step")
+                continue
+            graphdef, _, _, template = init_state(cfg, mesh)
+            restored = ckpt.restore(template, s, quarantine=False)
+            if restored is not None:
+                if s != steps[0]:
+                    log(f"load_model: using step {s} of {pathlib.Path(out) / 'ckpt'}")
+                return nnx.merge(graphdef, restored[0]["params"]), cfg
     finally:
         ckpt.close()
-    return nnx.merge(graphdef, restored[0]["params"]), cfg
+    raise FileNotFoundError(f"no readable checkpoint{'' if step is None else f' at step {step}'} under "
+                            f"{pathlib.Path(out) / 'ckpt'}")
 
 
 def train(cfg, mesh_shape: dict) -> dict:

@@ -291,3 +291,31 @@ def test_load_model_gives_the_checkpoints_model_for_inference(runs):
     assert ids.shape == (1, 8)
     for name in ("demo", "tiny", "llama7b", "mixtral8x7b"):
         assert RunConfig.from_json(preset(name).to_json()) == preset(name)
+
+
+def test_load_model_reads_without_moving_anything(runs, tmp_path):
+    """A reader beside a training job: a damaged newest step (bad arrays) or an unreadable meta is reported and the
+    older one used, and nothing is quarantined; a mesh smaller than the host takes its first devices."""
+    from flax import nnx
+
+    ref, out = runs[0], tmp_path / "run"
+    shutil.copytree(ref, out)
+    for victim in (out / "ckpt" / "12" / "state").rglob("*"):
+        if victim.is_file() and victim.stat().st_size > 10_000 and victim.parent.name == "d":
+            data = victim.read_bytes()
+            victim.write_bytes(data[:64] + bytes(255 - b for b in data[64:]))
+    lines = []
+    model, _ = train_lm.load_model(out, log=lines.append)
+    assert_trees_equal(nnx.state(model, nnx.Param), restore(ref, step=8)[0]["params"])
+    assert lines[0].startswith("checkpoint: step 12 is corrupt") and lines[0].endswith("left in place"), lines
+    assert lines[-1].startswith("load_model: using step 8") and not (tmp_path / "ckpt-corrupt").exists()
+    assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit())[-1] == 12
+    (out / "ckpt" / "8" / "meta" / "metadata").write_text("{garbage")
+    lines = []  # the tiny preset keeps steps 4, 8 and 12
+    model, _ = train_lm.load_model(out, log=lines.append)
+    assert_trees_equal(nnx.state(model, nnx.Param), restore(ref, step=4)[0]["params"])
+    assert any("step 8's meta does not read" in x for x in lines), lines
+    with pytest.raises(FileNotFoundError, match="no readable checkpoint at step 8"):
+        train_lm.load_model(out, step=8, log=lines.append)
+    model, _ = train_lm.load_model(ref, mesh_shape={"fsdp": 2})  # 2 of the 8 devices
+    assert {d.id for x in jax.tree.leaves(nnx.state(model)) for d in x.sharding.device_set} == {0, 1}
