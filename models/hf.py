@@ -142,12 +142,16 @@ def _open_weights(folder: Path) -> dict:
     return names
 
 
-def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, **config_overrides) -> Transformer:
+def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
+                    **config_overrides) -> Transformer:
     """Transformer from a local HF Llama / Mistral / Qwen2 / Gemma 2 / Mixtral folder (config.json + safetensors,
     sharded or not).
 
     dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype, so dtype="bfloat16"
     keeps bf16 weights, as for inference; for training pass param_dtype="float32").
+    mesh: place every parameter straight onto it, sharded by the logical-axis rules (`rules`: overrides, as
+    `parallel.create_sharded` takes), one tensor in host memory at a time: no device ever holds the whole model.
+    None: the default device.
     Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
     """
     folder = Path(path)
@@ -179,6 +183,13 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                          f"{' ...' if len(extra) > 5 else ''}; is config.json right for these weights?")
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     shapes = {k: v.shape for k, v in _flatten(nnx.to_pure_dict(abstract)).items()}
+    if mesh is not None:
+        from parallel.sharding import logical_shardings
+
+        where_to = _flatten(nnx.to_pure_dict(logical_shardings(abstract, mesh, rules)))
+        place = lambda a, name: jax.device_put(a, where_to[name])  # noqa: E731
+    else:
+        place = lambda a, name: jnp.asarray(a)  # noqa: E731
     pd, values = np.dtype(jnp.dtype(cfg.param_dtype)), {}
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(where.values())}
@@ -212,7 +223,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             if arr.shape != shapes[ours]:
                 raise ValueError(f"tensor {name!r} gives {ours} shape {arr.shape}, expected {shapes[ours]} "
                                  f"from {cfg}")
-            values[ours] = jnp.asarray(arr)
+            values[ours] = place(arr, ours)
+            del arr  # one stacked tensor in host memory at a time
         # Llama attention_bias=True also adds an o_proj bias we do not have: exact only when it is zero.
         for i in range(cfg.n_layers):
             name = f"model.layers.{i}.self_attn.o_proj.bias"
@@ -220,7 +232,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                 raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
                                  "True); only checkpoints whose o_proj biases are zero can be loaded")
     if cfg.moe is not None:  # Mixtral routes without a selection bias
-        values["moe_blocks.moe.router_bias"] = jnp.zeros(shapes["moe_blocks.moe.router_bias"], jnp.float32)
+        values["moe_blocks.moe.router_bias"] = place(np.zeros(shapes["moe_blocks.moe.router_bias"], np.float32),
+                                                     "moe_blocks.moe.router_bias")
     nnx.replace_by_pure_dict(abstract, _unflatten(values))
     return nnx.merge(graphdef, abstract)
 

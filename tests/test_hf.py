@@ -495,3 +495,19 @@ def test_folder_edge_cases_load_what_transformers_loads_or_name_the_tensor(tmp_p
         ROUND_TRIP["mixtral"].moe, dispatch="capacity"))
     with pytest.raises(ValueError, match="dispatch='dropless'"):
         save_pretrained(Transformer(capacity, rngs=nnx.Rngs(0)), tmp_path / "c")
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
+def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
+    """mesh=: every parameter goes straight to its sharding under the rules (as parallel.create_sharded places a
+    fresh model; the whole model had to sit on one device first), with the logits transformers gives."""
+    from parallel import create_sharded, make_mesh
+
+    folder, hf_model = hf_ckpt(name)
+    mesh = make_mesh({"fsdp": 2, "tensor": 2, "data": 2} if name == "llama_gqa" else {"expert": 2, "fsdp": 4})
+    model = from_pretrained(folder, mesh=mesh)
+    _, fresh = create_sharded(lambda: Transformer(model.cfg, rngs=nnx.Rngs(0)), mesh)
+    got = jax.tree.leaves(nnx.state(model))
+    assert [x.sharding for x in got] == [x.sharding for x in jax.tree.leaves(fresh)]
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in got)
+    assert np.abs(our_logits(model) - hf_logits(hf_model)).max() < 1e-4
