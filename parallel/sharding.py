@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -45,9 +44,10 @@ def shard_state(state, mesh, rules=None):
     return jax.device_put(state, logical_shardings(state, mesh, rules))
 
 
-def batch_sharding(mesh, ndim: int = 2, rules=None) -> NamedSharding:
-    """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq`."""
-    spec = logical_to_spec(("batch", "act_seq") + (None,) * (ndim - 2), mesh, rules=rules)
+def batch_sharding(mesh, ndim: int = 2, rules=None, shape=None) -> NamedSharding:
+    """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq`. With `shape`, a dimension its
+    mesh axes do not divide raises a ValueError naming it (parallel.rules.logical_to_spec)."""
+    spec = logical_to_spec(("batch", "act_seq") + (None,) * (ndim - 2), mesh, shape, rules=rules)
     return NamedSharding(mesh, spec)
 
 
@@ -57,14 +57,10 @@ def shard_batch(batch, mesh, rules=None):
 
     def put(x):
         x = jnp.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim, rules)
-        for dim, (name, axes) in enumerate(zip(("batch", "sequence"), sharding.spec)):
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            n = math.prod(mesh.shape[a] for a in axes)
-            if x.shape[dim] % n:
-                raise ValueError(f"shard_batch: {name} dim {x.shape[dim]} of an array {x.shape} does not divide "
-                                 f"over mesh axes {axes} ({n} devices); use a multiple of {n}")
-        return jax.device_put(x, sharding)
+        try:
+            return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, x.shape))
+        except ValueError as e:
+            raise ValueError(f"shard_batch: an array {x.shape}: {e}") from None
 
     return jax.tree.map(put, batch)
 
