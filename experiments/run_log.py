@@ -36,10 +36,12 @@ class Logger:
 
     def write(self, record: dict):
         """One record {"kind": "train" | "eval" | ..., "step": int, ...}: a JSONL line, and each finite number as a
-        TensorBoard scalar '<kind>/<key>' (an 'expert_load' list as moe/load_expert<e>)."""
+        TensorBoard scalar '<kind>/<key>' (an 'expert_load' list as moe/load_expert<e>). A NaN or infinite number
+        is written as null: Python's json writes bare NaN / Infinity, which strict readers (JavaScript, most
+        non-Python tools) refuse."""
         if not self.primary:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self.jsonl.flush()
         for k, v in record.items():
             if k not in ("step", "kind") and isinstance(v, int | float) and math.isfinite(v):
@@ -64,6 +66,21 @@ class Logger:
         if self.primary:
             self.jsonl.close()
             self.tb.close()
+
+
+def _finite_or_null(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a diverging run's loss passes ~709 nats), NaN for NaN."""
+    return math.exp(loss) if loss < 700.0 else (loss if math.isnan(loss) else math.inf)
 
 
 def read_curves(path: pathlib.Path):
@@ -91,7 +108,8 @@ def plot_losses(out: pathlib.Path) -> pathlib.Path:
     for kind, label in (("train", "train loss"), ("eval", "held-out loss")):
         pts = sorted(curves.get(kind, {}).items())
         if pts:
-            ax.plot([s for s, _ in pts], [r["loss"] for _, r in pts], "-" if kind == "train" else "o-", label=label)
+            loss = [math.nan if r["loss"] is None else r["loss"] for _, r in pts]  # null: a non-finite loss
+            ax.plot([s for s, _ in pts], loss, "-" if kind == "train" else "o-", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / byte)")
     ax.grid(alpha=0.3)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -23,7 +22,7 @@ import signal
 import sys
 import time
 
-from experiments.run_log import Logger, Stop, Throughput, plot_losses
+from experiments.run_log import Logger, Stop, Throughput, perplexity, plot_losses
 
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
@@ -347,9 +346,9 @@ def train(cfg, mesh_shape: dict) -> dict:
             if start == 0:
                 with window.exclude():
                     first_eval = last_eval = evaluate(state["params"])
-                log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": math.exp(last_eval),
+                log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": perplexity(last_eval),
                            "wall_s": time.time() - t_start})
-                say(f"step 0: eval loss {last_eval:.3f} (ppl {math.exp(last_eval):.1f})")
+                say(f"step 0: eval loss {last_eval:.3f} (ppl {perplexity(last_eval):.4g})")
             for step in range(start + 1, t.steps + 1):
                 batch = next(loader)
                 if step in t.poison_steps:  # test hook: a NaN batch weight poisons loss and gradients
@@ -373,7 +372,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                 if step % t.log_every == 0 or step == t.steps:
                     tps, step_time = window.report(now)
                     rec = {"kind": "train", "step": step, "loss": float(mt["loss"]),
-                           "ppl": math.exp(min(float(mt["loss"]), 50.0)), "grad_norm": float(mt["grad_norm"]),
+                           "ppl": perplexity(float(mt["loss"])), "grad_norm": float(mt["grad_norm"]),
                            "lr": float(mt["lr"]), "tokens_per_s": tps, "step_time_s": step_time,
                            "skipped": int(state["skipped"]), "wall_s": now - t_start}
                     if peak and tps is not None:
@@ -390,9 +389,9 @@ def train(cfg, mesh_shape: dict) -> dict:
                 if step % t.eval_every == 0 or step == t.steps:
                     with window.exclude():  # evaluation time is not training throughput
                         eval_loss = last_eval = evaluate(state["params"])
-                    log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": math.exp(eval_loss),
+                    log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": perplexity(eval_loss),
                                "wall_s": time.time() - t_start})
-                    msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {math.exp(eval_loss):.1f})"
+                    msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {perplexity(eval_loss):.4g})"
                     if t.eval_target is not None and eval_loss <= t.eval_target and target_time is None:
                         target_time = time.time() - t_start
                         msg += f"; reached eval target {t.eval_target} after {target_time:.0f} s"
@@ -455,8 +454,8 @@ def train(cfg, mesh_shape: dict) -> dict:
         plot = plot_losses(out)
         say("sample:\n" + sample)
         if first_eval is not None:
-            say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {math.exp(first_eval):.1f} → "
-                f"{math.exp(last_eval):.1f}) in {result['wall_s']:.0f} s")
+            say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "
+                f"{perplexity(last_eval):.4g}) in {result['wall_s']:.0f} s")
         say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {out / 'tb'}), ckpt/ (steps "
             f"{saved_steps}), {plot.name}, sample.txt")
     return result

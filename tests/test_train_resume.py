@@ -186,6 +186,7 @@ def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(s["params"])))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "nonfinite"] == [3]
+    assert [r["loss"] for r in rows if r["kind"] == "train" and r["step"] == 3] == [None]  # NaN is not JSON
 
 
 def test_nan_halt_stops_without_saving_poison(tmp_path):
@@ -195,6 +196,23 @@ def test_nan_halt_stops_without_saving_poison(tmp_path):
                        "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=halt"])
     assert str(e.value).startswith("halted at step 3 (nan_policy=halt); newest good checkpoint: 2")
     assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_a_diverging_run_logs_strict_json_and_finishes(tmp_path):
+    """lr 30 takes the loss past 709 nats with every number finite: exp() of the eval loss raised OverflowError
+    and killed the run before its checkpoint; now ppl is inf, and every non-finite number is null in the JSONL
+    (bare NaN / Infinity are not JSON: strict readers refuse the file)."""
+    out = tmp_path / "diverge"
+    result = train_lm.main([*TINY, "--out", str(out), "--lr", "30", "--set", "train.keep=1"])
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    rows = [json.loads(x, parse_constant=refuse) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert result["step"] == 12 and max(r["loss"] for r in evals) > 709
+    assert any(r["loss"] > 709 and r["ppl"] is None for r in evals)
+    assert all(r["ppl"] is None or abs(np.log(r["ppl"]) - r["loss"]) < 1e-6 for r in rows if "ppl" in r)
 
 
 def test_nonfinite_state_is_never_saved(runs, tmp_path):
