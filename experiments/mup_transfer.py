@@ -85,10 +85,19 @@ def plot(res, widths, path):
     fig.savefig(path, dpi=110)
 
 
+def multiple_of_32(text: str) -> int:
+    """--widths: a positive multiple of 32 (the sweep's heads are 32 wide: heads = width / 32)."""
+    w = at_least(1)(text)
+    if w % 32:
+        raise argparse.ArgumentTypeError(f"{w} is not a multiple of 32 (heads of 32: heads = width / 32); "
+                                         f"use e.g. {max(32, w // 32 * 32)} or {(w // 32 + 1) * 32}")
+    return w
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=at_least(1), default=150)
-    ap.add_argument("--widths", type=at_least(1), nargs="+", default=[64, 128, 256])
+    ap.add_argument("--widths", type=multiple_of_32, nargs="+", default=[64, 128, 256])
     ap.add_argument("--batch", type=at_least(1), default=16)
     ap.add_argument("--seq", type=at_least(1), default=64)
     ap.add_argument("--out", default="docs/mup_transfer.png")

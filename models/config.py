@@ -188,6 +188,9 @@ class TransformerConfig:
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
         need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
              "μP scales the readout separately from the embedding; set tie_embeddings=False")
+        need(self.mup_base_width is None or not self.embed_scale, "embed_scale",
+             "multiplies the embeddings by sqrt(d_model), which grows with the width, where μP keeps the input "
+             "layer's output O(1) at every width; set embed_scale=False (or mup_base_width=None)")
         need(self.moe is None or self.moe_every <= self.n_layers, "moe_every",
              f"{self.moe_every} > n_layers={self.n_layers}: no layer would be MoE; lower it or set moe=None")
         need(self.moe is None or self.moe.mlp_act == self.mlp_act, "moe",

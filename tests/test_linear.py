@@ -163,6 +163,14 @@ def test_weights_in_their_own_shapes_equal_the_reshaped_product(impl, x_shape, w
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
 
 
+def test_out_dtype_on_a_weight_in_its_own_shape_is_refused_not_ignored():
+    """The n-D path had no out_dtype: bf16 operands asking for float32 output silently got bf16."""
+    x, w = jnp.ones((6, 5), jnp.bfloat16), jnp.ones((5, 2, 3), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match=r"out_dtype=float32.*2-D weight"):
+        linear(x, w, out_dtype=jnp.float32)
+    assert linear(x, w, out_dtype=jnp.bfloat16).dtype == jnp.bfloat16  # the operands' own dtype: nothing to do
+
+
 @pytest.mark.parametrize("dtype, out_dtype", [(jnp.float32, None), (jnp.bfloat16, jnp.float32)],
                          ids=["transposed_grad", "out_dtype"])
 def test_a_dots_saving_remat_policy_saves_the_product(dtype, out_dtype):

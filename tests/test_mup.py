@@ -67,6 +67,8 @@ def test_mup_pieces():
                                                                        "w_down")}
     with pytest.raises(ValueError, match="mup_base_width.*tie_embeddings=False"):
         TransformerConfig(mup_base_width=64, tie_embeddings=True)
+    with pytest.raises(ValueError, match="embed_scale.*set embed_scale=False"):  # √d input grows with width
+        TransformerConfig(mup_base_width=64, tie_embeddings=False, embed_scale=True)
     # MoE: the router (d x E, E fixed) takes lr / m as well; its selection bias (no gradient) does not
     from models.moe import MoEConfig
 
@@ -94,3 +96,13 @@ def test_make_optimizer_gives_hidden_matrices_lr_over_width_mult():
         want = lr / c.width_mult if h else lr
         # the median: after clipping a few tiny gradient entries feel Adam's eps
         assert np.median(np.abs(np.asarray(u))) == pytest.approx(want, rel=1e-3), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("width", ["48", "16", "0"])
+def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width, capsys):
+    """--widths 48 trained attention 32 wide in a 48-wide model; 16 failed on n_heads, a field never given."""
+    from experiments import mup_transfer
+
+    with pytest.raises(SystemExit):
+        mup_transfer.main(["--widths", "64", width])
+    assert "--widths" in capsys.readouterr().err
