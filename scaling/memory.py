@@ -17,7 +17,9 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup;
 - without FSDP, a second (unreduced) copy of the gradients for their all-reduce over the batch / sequence axes.
-Pipeline parallelism's in-flight micro-batches and XLA's fragmentation are not modelled.
+Under pipeline parallelism (a `stage` axis, M = `cfg.pipeline_microbatches`) activations are those of the M + S - 1
+ticks of B_l/M rows each, and the working set's group residuals those of one tick; XLA's fragmentation is not
+modelled.
 
 The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores its
 experts' rows per token (capacity buffers: E·C/T, `routed_slots_per_token`) and a blocked sliding-window kernel
@@ -340,6 +342,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
                                    block=block, rules=rules, moe_layer=m) for w, m in layers]
     acts = local_tokens * sum(saved) / stage
+    # GPipe (parallel.pipeline): each stage runs its layers on B/M rows at each of M + S - 1 ticks (S - 1 of them
+    # bubble ticks on real rows) and autodiff keeps every tick's residuals; one tick's working set is B/M rows
+    M = getattr(cfg, "pipeline_microbatches", 1) if stage > 1 else 1
+    acts *= (M + stage - 1) / M
     # the working set: residuals as each layer's kernel computes them (block-causal: the executed blocks)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     # models.Transformer scans groups of one pattern period P (local + global, dense + MoE, ...): XLA keeps the
@@ -354,7 +360,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
                 + 2 * cb * _dense_mlp_width(s, mesh, rules, m) + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
-    working = local_tokens * (group + 3 * 4 * v_local + 2 * cb * s.d_model)
+    working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 
     transient = 0.0
     if mesh.get("fsdp", 1) > 1:
@@ -364,7 +370,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
         for p in table:
             if p.axes and p.axes[0] == "layers":
                 stack = p.path.split(".")[0]
-                stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _tensor_only(p, mesh, rules)
+                stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
@@ -372,9 +378,11 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                            local_tokens=int(local_tokens), layers_local=int(layers_local))
 
 
-def _tensor_only(p: ParamEntry, mesh, rules) -> int:
+def _gathered_split(p: ParamEntry, mesh, rules) -> int:
+    """How many ways one layer of a stacked parameter stays split once gathered over fsdp: its other dims' axes
+    (tensor, expert), not the layer dim's (stage splits the stack, not a layer)."""
     no_fsdp = {a: n for a, n in mesh.items() if a != "fsdp"}
-    return shard_factor(p.axes, p.shape, no_fsdp, rules) if no_fsdp else 1
+    return shard_factor(p.axes[1:], p.shape[1:], no_fsdp, rules) if no_fsdp else 1
 
 
 def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str = "bfloat16", windows=None) -> int:
