@@ -19,8 +19,14 @@ OPT = make_optimizer(1e-2, total_steps=10, warmup_steps=1)
 
 
 def batch():
+    """Two packed documents per row, split at a different place in every row: segment ids and positions differ
+    per row, so a pipeline stage that read another microbatch's context would be caught."""
     tok = np.random.default_rng(0).integers(0, CFG.vocab_size, size=(8, 17)).astype(np.int32)
-    return {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    t = np.arange(16)
+    split = np.arange(8)[:, None] + 4  # row r: a document of r + 4 tokens, then another
+    seg = np.where(t < split, 1, 2).astype(np.int32)
+    pos = np.where(t < split, t, t - split).astype(np.int32)
+    return {"inputs": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": seg, "positions": pos}
 
 
 def one_step(graphdef, params, b):
