@@ -3,9 +3,9 @@
     python -m benchmarks.pipeline_bubble [--stages 4] [--micro 1 2 4 8 16] [--reps 5]
 
 On fake CPU devices every stage shares the same cores, so an idle stage cannot show up as idle wall
-time. What can be measured is the work: our GPipe computes at every tick (bubble ticks run on zeros),
-so a step of M microbatches costs (M + S - 1) stage-ticks per stage where only M are useful. We time
-(process CPU time, all threads: the total work, robust to other jobs' load) the pipelined
+time. What can be measured is the work: our GPipe computes at every tick (bubble ticks run on real rows,
+whose outputs are dropped), so a step of M microbatches costs (M + S - 1) stage-ticks per stage where only M
+are useful. We time (process CPU time, all threads: the total work, robust to other jobs' load) the pipelined
 forward + backward for each M at a fixed microbatch size, and an independent reference: the same
 layers' forward + backward for one microbatch on one device, times M (the work without any bubble).
 measured bubble = 1 - reference / pipelined, which also counts ppermute and scheduling overheads.

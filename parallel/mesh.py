@@ -21,9 +21,13 @@ AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")  # outermost (s
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (the command lines' mesh form); ValueError naming the form."""
     try:
-        return {k.strip(): int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+        pairs = [(k.strip(), int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())]
     except ValueError:
         raise ValueError(f"mesh: cannot parse {text!r}; write axis=size pairs like data=2,fsdp=4") from None
+    twice = sorted({k for k, _ in pairs if [a for a, _ in pairs].count(k) > 1})
+    if twice:
+        raise ValueError(f"mesh: {text!r} names {twice} more than once; give each axis one size")
+    return dict(pairs)
 
 
 def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:

@@ -10,7 +10,6 @@ A mesh axis absent from the mesh (or of size 1) simply drops out, so one table s
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -56,18 +55,26 @@ ACTIVATION_RULES: dict[str, MeshAxes] = {
 # mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
 REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads", "act_capacity"})
 
-_rules: contextvars.ContextVar[Mapping[str, MeshAxes]] = contextvars.ContextVar(
-    "jaxscale_rules", default=MappingProxyType({**PARAM_RULES, **ACTIVATION_RULES}))
+_DEFAULT_RULES = MappingProxyType({**PARAM_RULES, **ACTIVATION_RULES})
+# The overrides in effect, as sorted (name, axes) pairs: a jax user context, so that they are part of jax.jit's
+# cache key (a function traced before `use_rules` would otherwise keep the constraints of its first trace)
+_overrides = jax.make_user_context(default_value=())
+
+
+def _current() -> Mapping[str, MeshAxes]:
+    over = _overrides.value
+    return MappingProxyType({**_DEFAULT_RULES, **dict(over)}) if over else _DEFAULT_RULES
 
 
 @contextlib.contextmanager
 def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: MeshAxes):
     """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`. A misspelt logical name or
     mesh axis raises (it would silently change nothing, or replicate); logical names your own modules add go in
-    `new_names`, e.g. `use_rules({'my_axis': 'tensor'})`."""
+    `new_names`, e.g. `use_rules({'my_axis': 'tensor'})`. A jitted function called inside traces again for the
+    new rules (they are part of jax.jit's cache key)."""
     from parallel.mesh import AXES
 
-    current = _rules.get()
+    current = _current()
     unknown = sorted(set(overrides) - set(current))
     if unknown:
         raise ValueError(f"use_rules: no logical axis {unknown} in the rules table (known: {sorted(current)}); "
@@ -76,16 +83,14 @@ def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: M
         bad = [a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a not in AXES]
         if bad:
             raise ValueError(f"use_rules: {name}={target!r} names mesh axes {bad}; use names from {AXES} or None")
-    token = _rules.set(MappingProxyType({**current, **(new_names or {}), **overrides}))
-    try:
+    new = {k: tuple(v) if isinstance(v, list) else v for k, v in {**(new_names or {}), **overrides}.items()}
+    with _overrides(tuple(sorted({**dict(_overrides.value), **new}.items(), key=lambda kv: kv[0]))):
         yield
-    finally:
-        _rules.reset(token)
 
 
 def current_rules() -> dict[str, MeshAxes]:
     """The logical → mesh axis table in effect here: the defaults with any enclosing `use_rules` overrides."""
-    return dict(_rules.get())
+    return dict(_current())
 
 
 def _mesh_axes(mesh) -> dict[str, int]:
@@ -99,7 +104,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     ValueError naming the logical dimension, its size and the mesh axes otherwise (replicate_indivisible:
     replicates that dimension instead, as REPLICATE_IF_INDIVISIBLE names always do).
     """
-    rules = rules or _rules.get()
+    rules = rules or _current()
     sizes = _mesh_axes(mesh)
     used: set[str] = set()
     out = []
@@ -128,7 +133,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     return P(*out)
 
 
-_lenient: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxscale_lenient_constraints", default=False)
+_lenient = jax.make_user_context(default_value=False)  # part of jax.jit's cache key, as the rules are
 
 
 @contextlib.contextmanager
@@ -137,11 +142,8 @@ def replicate_indivisible(on: bool = True):
     raising. Models turn it on for KV-cache decoding: one new token (T = 1 under 'sequence') or one prompt
     (B = 1 under 'data') on the training mesh is normal there; in training it would be a mistake, so the
     error stays."""
-    token = _lenient.set(on)
-    try:
+    with _lenient(bool(on)):
         yield
-    finally:
-        _lenient.reset(token)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -150,7 +152,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape,
-                                                                replicate_indivisible=_lenient.get()))
+                                                                replicate_indivisible=_lenient.value))
 
 
 def mesh_axis_for(name: str) -> tuple[str | None, int]:

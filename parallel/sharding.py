@@ -45,15 +45,18 @@ def shard_state(state, mesh, rules=None):
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=None, shape=None) -> NamedSharding:
-    """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq`. With `shape`, a dimension its
-    mesh axes do not divide raises a ValueError naming it (parallel.rules.logical_to_spec)."""
-    spec = logical_to_spec(("batch", "act_seq") + (None,) * (ndim - 2), mesh, shape, rules=rules)
+    """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq` ([B] per-row labels or weights:
+    B only). With `shape`, a dimension its mesh axes do not divide raises a ValueError naming it
+    (parallel.rules.logical_to_spec)."""
+    if ndim < 1:
+        raise ValueError(f"a batch array needs a leading batch dim [B, ...]; got {ndim} dims (shape {shape})")
+    spec = logical_to_spec(("batch", "act_seq")[:ndim] + (None,) * (ndim - 2), mesh, shape, rules=rules)
     return NamedSharding(mesh, spec)
 
 
 def shard_batch(batch, mesh, rules=None):
-    """Place a host batch (a pytree of [B, T, ...] arrays, identical on every process) on the mesh; a B or T the
-    mesh axes they map to do not divide raises a ValueError naming them."""
+    """Place a host batch (a pytree of [B, T, ...] or [B] arrays, identical on every process) on the mesh; a B or T
+    the mesh axes they map to do not divide raises a ValueError naming them."""
 
     def put(x):
         x = jnp.asarray(x)

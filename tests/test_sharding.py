@@ -33,6 +33,30 @@ def test_rules_errors_and_fallbacks():
         memory_per_device(CFG, {"fsdp_": 8}, 8, 64)
 
 
+def test_a_jitted_function_traces_again_under_other_rules():
+    """The rules lived in a contextvar, which jax.jit's cache does not see: a function traced before `use_rules`
+    kept its first constraints inside it (and `replicate_indivisible` likewise)."""
+    import jax.numpy as jnp
+
+    from parallel import constrain
+    from parallel.rules import replicate_indivisible
+
+    mesh = make_mesh({"data": 8})
+    f = jax.jit(lambda x: constrain(x * 2, ("batch", None)))
+    with jax.set_mesh(mesh):
+        assert f(jnp.ones((8, 4))).sharding.spec == jax.P("data")
+        with use_rules(batch=None):
+            assert f(jnp.ones((8, 4))).sharding.spec == jax.P()
+            with use_rules(act_seq="data"):  # nested: both overrides apply
+                assert f(jnp.ones((8, 8))).sharding.spec == jax.P()
+                assert logical_to_spec(("batch", "act_seq"), mesh) == jax.P(None, "data")
+        assert f(jnp.ones((8, 4))).sharding.spec == jax.P("data")
+        with pytest.raises(ValueError, match="'batch' of size 6 does not divide"):
+            f(jnp.ones((6, 4)))
+        with replicate_indivisible():
+            assert f(jnp.ones((6, 4))).sharding.spec in (jax.P(), jax.P(None, None))
+
+
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),
                                          ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown")])
 def test_mesh_errors(shape, words):
@@ -65,6 +89,13 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
         shard_batch(np.zeros((3, 8), np.int32), mesh)
     x = shard_batch(np.arange(16, dtype=np.int32).reshape(2, 8), mesh)
     assert tuple(x.sharding.spec) == ("data", "sequence") and np.array_equal(np.asarray(x), np.arange(16).reshape(2, 8))
+    # per-row entries (labels, weights) [B]: the batch axes only (an IndexError from the rules table before)
+    y = shard_batch({"label": np.arange(4, dtype=np.int32)}, mesh)["label"]
+    assert tuple(y.sharding.spec) == ("data",) and np.array_equal(np.asarray(y), np.arange(4))
+    with pytest.raises(ValueError, match=r"leading batch dim"):
+        shard_batch(np.int32(3), mesh)
+    with pytest.raises(ValueError, match=r"names \['data'\] more than once"):  # was {'data': 4}, silently
+        parse_mesh("data=2,data=4")
 
 
 @pytest.mark.parametrize("env,started", [
