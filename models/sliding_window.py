@@ -117,8 +117,11 @@ def _log_once(choice: str, why: str):
         logging.getLogger("jaxscale").info("sliding-window attention: %s (%s)", choice, why)
 
 
+SPLASH_BLOCK = 128  # the splash kernel's default q / kv block: it must divide the sequence length
+
+
 def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding: bool = False,
-                backend: str | None = None) -> str:
+                backend: str | None = None, seq_len: int | None = None) -> str:
     """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once."""
     backend = backend or jax.default_backend()
     if impl != "auto":
@@ -126,8 +129,10 @@ def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding
         return impl
     if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
         choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
-    elif backend == "tpu" and not has_padding and _splash() is not None:
-        # our splash call takes no padding mask, so a padded batch would attend to its padding keys
+    elif (backend == "tpu" and not has_padding and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
+          and _splash() is not None):
+        # our splash call takes no padding mask, so a padded batch would attend to its padding keys; its blocks
+        # must divide T (tokens[:, :-1] of a 256-token batch is 255 long: the blocked kernel takes those)
         choice, why = "splash", "TPU Pallas splash attention with a local mask"
     else:
         choice, why = "blocked", f"backend {backend}: blocked O(T·W) kernel"
@@ -152,11 +157,11 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
 
     impl: 'blocked' (this module, any backend), 'cudnn' (`jax.nn.dot_product_attention` with
     `local_window_size`, NVIDIA GPUs, 16-bit), 'splash' (TPU Pallas kernel with a LocalMask; no
-    padding mask, so 'auto' picks 'blocked' for padded batches), 'dense' (a masked T×T reference:
+    padding mask and T a multiple of 128, so 'auto' picks 'blocked' otherwise), 'dense' (a masked T×T reference:
     quadratic, for tests and benchmarks), or 'auto'.
     """
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
-                       has_padding=valid_BT is not None)
+                       has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])
     B, T, N, H = q_BTNH.shape
     scale = H ** -0.5 if scale is None else scale
     if impl == "blocked":
@@ -178,6 +183,9 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
         if valid_BT is not None:
             raise ValueError("swa_impl='splash' takes no padding mask (valid_BT); use swa_impl='auto' or "
                              "'blocked' for padded batches")
+        if T % SPLASH_BLOCK:
+            raise ValueError(f"swa_impl='splash' needs a sequence length divisible by {SPLASH_BLOCK}, got {T}; "
+                             "use swa_impl='auto' (the blocked kernel takes other lengths) or pad the batch")
         return _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap)
     raise ValueError(f"swa_impl={impl!r}: use auto, blocked, cudnn, splash or dense")
 

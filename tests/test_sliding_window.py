@@ -124,6 +124,41 @@ def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):
     assert choose_impl("auto", jnp.float32, False, False, has_padding=True, backend="tpu") == "blocked"
 
 
+def test_auto_on_gpu_takes_cudnn_only_where_it_applies():
+    """cuDNN's local window takes no segment ids, padding or soft-cap, and 16-bit only: anything else would fail
+    with "swa_impl='cudnn' supports neither ..." (dropping the padding condition passed every test)."""
+    pick = lambda dt, seg=False, cap=False, pad=False: choose_impl("auto", dt, seg, cap, has_padding=pad,  # noqa: E731
+                                                                   backend="gpu", seq_len=255)
+    assert pick(jnp.bfloat16) == pick(jnp.float16) == "cudnn"
+    assert pick(jnp.float32) == "blocked"
+    assert pick(jnp.bfloat16, seg=True) == pick(jnp.bfloat16, cap=True) == pick(jnp.bfloat16, pad=True) == "blocked"
+
+
+@pytest.mark.parametrize("seg, cap", [(False, None), (True, 2.0)], ids=["plain", "segments_softcap"])
+def test_splash_on_tpu_equals_the_blocked_kernel_and_takes_only_lengths_its_blocks_divide(monkeypatch, seg, cap):
+    """The TPU path (the Pallas splash kernel, run here in interpret mode) against the blocked kernel, GQA; 'auto'
+    picked splash for any T and its 128-blocks failed at T = 255 (tokens[:, :-1]) with jax's block-size error."""
+    import functools
+
+    from models import sliding_window as sw
+
+    sk, _ = sw._splash()
+    monkeypatch.setattr(sk, "make_splash_mha", functools.partial(sk.make_splash_mha, interpret=True))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    T = 256
+    q, k, v = qkv(1, T, 4, 2, 64)
+    s = jnp.asarray(np.repeat([[1, 2, 3]], [100, 60, 96], axis=1), jnp.int32) if seg else None
+    got = local_attention(q, k, v, 17, segment_ids_BT=s, logit_softcap=cap)  # 'auto' on the patched backend
+    want = sliding_window_attention(q, k, v, 17, segment_ids_BT=s, block=64, logit_softcap=cap)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert choose_impl("auto", jnp.float32, seg, cap is not None, backend="tpu", seq_len=T) == "splash"
+    assert choose_impl("auto", jnp.float32, seg, cap is not None, backend="tpu", seq_len=T - 1) == "blocked"
+    out = local_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17)  # T = 255: the blocked kernel
+    np.testing.assert_allclose(out, sliding_window_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17), atol=1e-6)
+    with pytest.raises(ValueError, match="swa_impl='splash' needs a sequence length divisible by 128, got 255"):
+        local_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17, impl="splash")
+
+
 def test_scores_are_float32_products_of_bf16_operands():
     """QK^T of bf16 q, k accumulates into float32 (as the 'xla' kernel does) in the blocked sliding-window kernel
     and the soft-capped reference: a bf16 product rounded the scores before the softmax (5-6x the error)."""
