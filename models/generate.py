@@ -20,7 +20,9 @@ def _check_top_k(top_k):
 
 def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: float | None):
     """logits [B, V] → tokens [B] int32. Greedy when temperature == 0; otherwise temperature, then top-k, then
-    nucleus (top-p). As in Hugging Face, top_k None or 0 is off and top_k > V keeps all V."""
+    nucleus (top-p). As in Hugging Face, top_k None or 0 is off, top_k > V keeps all V and top_p 1 is off (a
+    float32 cumulative sum reaches 1 before the tail: 336 of 32000 tokens would go). Unlike Hugging Face, the
+    top-p cutoff is a logit value: every token tied with the last one kept stays (order-independent)."""
     _check_top_k(top_k)
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -30,7 +32,7 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     if top_k:
         kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if top_p is not None:
+    if top_p is not None and top_p < 1.0:
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
@@ -73,15 +75,16 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+    if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and math.isfinite(temperature)
+            and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
     if isinstance(rng, numbers.Number):
         raise ValueError(f"rng must be a key, jax.random.key({rng!r}), not a bare {type(rng).__name__}")
     _check_top_k(top_k)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     new = _generate(graphdef, state, prompt_BP, rng, int(max_new_tokens), float(temperature),

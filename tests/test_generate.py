@@ -66,6 +66,22 @@ def test_top_k_off_and_clamped_as_in_hf(model):
             generate(model, prompt, 2, temperature=1.0, top_k=bad, rng=jax.random.key(0))
 
 
+
+def test_top_p_one_is_off_as_in_hf(model):
+    """top_p=1.0 dropped the tail where float32's cumulative sum reaches 1 before the last token (336 of 32000
+    tokens of a random row; HF skips the filter): now the same program as top_p=None."""
+    logits = jax.random.normal(jax.random.key(0), (2, 32000)) * 4
+    key = jax.random.key(2)
+    program = lambda top_p: str(jax.make_jaxpr(lambda x: sample_logits(x, key, 1.0, None, top_p))(logits))  # noqa
+    assert program(1.0) == program(None) != program(0.999)
+    prompt = jnp.zeros((1, 3), jnp.int32)
+    for bad in (True, 0.0, 1.5, "0.9"):  # True was taken as 1.0, and temperature=True as 1.0
+        with pytest.raises(ValueError, match="top_p must be None or a number in"):
+            generate(model, prompt, 2, temperature=1.0, top_p=bad, rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        generate(model, prompt, 2, temperature=True, rng=jax.random.key(0))
+
+
 def test_sampled_generate_is_seeded(model):
     prompt = jnp.zeros((1, 3), jnp.int32)
     a = generate(model, prompt, 6, temperature=1.0, top_k=8, rng=jax.random.key(7))
@@ -118,8 +134,10 @@ def test_sampled_generate_equals_full_recompute_with_reference_sampler(temperatu
     assert not np.array_equal(out, greedy)
 
 
+# (2.0, None, 0.6): the tempered nucleus holds 3 tokens where T = 1's holds 2 (at (1.5, 0.8) both hold 4, so
+# a nucleus computed before the temperature passed)
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, None, None), (2.0, None, None), (0.5, 3, None),
-                                                     (1.5, None, 0.8)])
+                                                     (1.5, None, 0.8), (2.0, None, 0.6)])
 def test_sample_frequencies_match_the_tempered_filtered_softmax(temperature, top_k, top_p):
     """Over N independent rows, each token's frequency is within 4σ (binomial) of softmax(logits / T) restricted
     to the top-k / top-p set: the probabilities come from _reference_filter, not from sample_logits."""
