@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,8 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     padding mask and T a multiple of 128, so 'auto' picks 'blocked' otherwise), 'dense' (a masked T×T reference:
     quadratic, for tests and benchmarks), or 'auto'.
     """
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"sliding window must be an int >= 1, got {window!r}")  # 'dense' gave zeros at 0
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
                        has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])
     B, T, N, H = q_BTNH.shape

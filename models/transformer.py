@@ -85,6 +85,26 @@ def check_token_ids(tokens_BT, vocab_size: int):
     return tokens_BT
 
 
+def _check_shapes(cfg: TransformerConfig, tokens_BT, cache=None, **per_token):
+    """Named errors, before tracing, for inputs whose shapes the model would trip over much later (an IndexError
+    in RoPE, a reshape in the attention mask, a broadcast inside the cache's scan)."""
+    if tokens_BT.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}; one sequence is tokens[None]")
+    for name, a in per_token.items():
+        if a is not None and tuple(jnp.shape(a)) != tokens_BT.shape:
+            raise ValueError(f"{name} must be [batch, length] = {tokens_BT.shape} like the tokens, got shape "
+                             f"{tuple(jnp.shape(a))}")
+    if cache is not None:
+        P, B = pattern_period(cfg), tokens_BT.shape[0]
+        want = (cfg.n_layers // P, B, cfg.kv_heads, cfg.hd)  # the slot count (dim 2) depends on max_len
+        got = [tuple(k.shape) for k in cache.k]
+        if len(got) != P or any(len(g) != 5 or g[:2] + g[3:] != want for g in got):
+            raise ValueError(f"KVCache holds k {got} ([layers / period, batch, slots, kv_heads, head_dim] per "
+                             f"pattern position) but this model and batch need {P} of [{cfg.n_layers // P}, {B}, "
+                             f"slots, {cfg.kv_heads}, {cfg.hd}]; allocate KVCache.zeros(cfg, batch, max_len) for "
+                             "this model and batch")
+
+
 def pattern_period(cfg: TransformerConfig) -> int:
     """Smallest P dividing n_layers such that layer i behaves like layer i mod P (window and MLP kind)."""
     kinds, L = tuple(zip(cfg.layer_windows(), cfg.moe_layers())), cfg.n_layers
@@ -325,8 +345,10 @@ class Transformer(nnx.Module):
 
     def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng):
         cfg = self.cfg
-        B, T = tokens_BT.shape
         tokens_BT = check_token_ids(tokens_BT, cfg.vocab_size)
+        _check_shapes(cfg, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                      padding_mask_BT=padding_mask_BT, cache=cache)
+        B, T = tokens_BT.shape
         if padding_mask_BT is not None:
             padding_mask_BT = jnp.asarray(padding_mask_BT)
             if padding_mask_BT.dtype != jnp.bool_:  # a tokenizer's 0/1 attention_mask is fine

@@ -337,6 +337,33 @@ def test_bad_token_ids_and_masks_are_refused_or_read_as_ints():
         model(tok, padding_mask_BT=mask.astype(jnp.float32))
 
 
+def test_inputs_and_caches_of_the_wrong_shape_are_refused_by_name():
+    """positions [T] raised an IndexError in RoPE, segment ids [T] a jnp.pad error, 1-D tokens an unpacking error,
+    a cache of another batch or model a broadcast inside the layer scan; window 0 gave zeros from 'dense'."""
+    from models.sliding_window import local_attention
+    from models.transformer import KVCache
+
+    cfg = dataclasses.replace(CFG, n_layers=2, attn_pattern="alternating", sliding_window=4)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tok = jnp.zeros((2, 12), jnp.int32)
+    for kw, words in [(dict(positions_BT=jnp.arange(12)), r"positions_BT must be \[batch, length\] = \(2, 12\)"),
+                      (dict(positions_BT=jnp.zeros((2, 11), jnp.int32)), r"positions_BT .* got shape \(2, 11\)"),
+                      (dict(segment_ids_BT=jnp.ones(12, jnp.int32)), r"segment_ids_BT .* got shape \(12,\)"),
+                      (dict(padding_mask_BT=jnp.ones((2, 13), bool)), r"padding_mask_BT .* got shape \(2, 13\)"),
+                      (dict(cache=KVCache.zeros(cfg, 3, 16)), "KVCache holds k .* need 2 of \\[1, 2, slots"),
+                      (dict(cache=KVCache.zeros(CFG, 2, 16)), "allocate KVCache.zeros\\(cfg, batch, max_len\\) for "
+                                                              "this model")]:
+        with pytest.raises(ValueError, match=words):
+            model(tok, **kw)
+    with pytest.raises(ValueError, match=r"tokens must be \[batch, length\], got shape \(12,\)"):
+        model(tok[0])
+    assert model(tok, cache=KVCache.zeros(cfg, 2, 16))[0].shape == (2, 12, cfg.vocab_size)
+    q = jnp.ones((1, 8, 2, 4))
+    for w in (0, 2.5, True):
+        with pytest.raises(ValueError, match="sliding window must be an int >= 1"):
+            local_attention(q, q, q, w, impl="dense")
+
+
 def test_numpy_int_sizes_become_plain_ints():
     """Sizes from a numpy sweep are ints (a float is refused), stored as plain ints so configs stay JSON-able."""
     from models.moe import MoEConfig
