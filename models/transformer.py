@@ -277,6 +277,8 @@ class Block(nnx.Module):
         new_cache = (write(k_BSKH, k_BTKH), write(v_BSKH, v_BTKH), pos_S.at[slots].set(new_T[T - keep:]))
         if window is None or S > window:  # global layer (S = max_len): attend over the written cache
             k_att, v_att, pos_att = new_cache
+        elif T > S:  # a chunk longer than the window (a prompt's prefill): the O(T·W) kernel, not T × (S + T) scores
+            return self._attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, ctx.length, window, cfg, scale), new_cache
         else:  # rolling buffer: attend over the old slots plus this chunk, before overwriting
             k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
             pos_att = jnp.concatenate([pos_S, new_T])
@@ -285,6 +287,26 @@ class Block(nnx.Module):
         mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
         cd = q_BTNH.dtype
         return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
+
+
+    @staticmethod
+    def _attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, length, window, cfg, scale):
+        """A local layer's chunk of T > S tokens after `length` cached ones: the ring buffer's S slots put back in
+        position order (slot of position p: p mod S; empty or stale slots masked) ahead of the chunk, then the
+        blocked sliding-window kernel over those S + T keys, whose index differences are position differences."""
+        k_BSKH, v_BSKH, pos_S = cache
+        B, T, N, H = q_BTNH.shape
+        S, cd = pos_S.shape[0], q_BTNH.dtype
+        want_S = length - S + jnp.arange(S, dtype=jnp.int32)  # the positions the buffer holds, oldest first
+        order_S = jnp.remainder(want_S, S)
+        held_S = (pos_S[order_S] == want_S) & (want_S >= 0)  # an empty slot holds -1
+        k, v = (jnp.concatenate([c[:, order_S].astype(cd), n.astype(cd)], 1) for c, n in ((k_BSKH, k_BTKH),
+                                                                                         (v_BSKH, v_BTKH)))
+        valid_BT = jnp.broadcast_to(jnp.concatenate([held_S, jnp.ones((T,), bool)]), (B, S + T))
+        q = jnp.concatenate([jnp.zeros((B, S, N, H), cd), q_BTNH], 1)  # rows for the old slots: dropped below
+        out = local_attention(q, k, v, window, valid_BT=valid_BT, impl="blocked", block=cfg.swa_block, scale=scale,
+                              logit_softcap=cfg.attn_logit_softcap)
+        return out[:, S:]
 
 
 REMAT_POLICIES = {

@@ -65,14 +65,35 @@ def test_local_cache_memory_does_not_grow_with_length():
         assert cfg.kv_cache_bytes(3, 64) == sum(x.nbytes for x in cache.k + cache.v)
 
 
-def test_chunked_prefill_longer_than_the_window():
+@pytest.mark.parametrize("cuts", [(0, 8, 9, 19), (0, 2, 8, 9, 10, 19)], ids=["empty_full", "part_filled"])
+def test_chunked_prefill_longer_than_the_window(cuts):
+    """Chunks longer than the 3-slot buffer run the blocked kernel over the buffer (position-ordered) + the chunk:
+    after an empty, a part-filled (2 of 3 slots) and a wrapped buffer."""
     m = model_with()
     tok = jax.random.randint(jax.random.key(3), (2, 19), 0, CFG.vocab_size)
     cache, outs = KVCache.zeros(CFG, 2, 24), []
-    for lo, hi in ((0, 8), (8, 9), (9, 19)):  # chunks longer than the 3-slot buffer
+    for lo, hi in zip(cuts, cuts[1:]):
         logits, cache = m(tok[:, lo:hi], cache=cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), m(tok), atol=1e-5)
+
+
+def test_prefill_of_a_local_layer_costs_o_t_w_not_t_squared():
+    """The cached path scored every prompt token against the window's slots plus the whole prompt: T × (W + T)
+    (a 32K prompt of a Mistral-style model: 32K × 36K scores per head). A local-only model's prefill now has no
+    product as wide as the prompt (the LM head's excepted)."""
+    from tests.test_sliding_window import jaxpr_dots
+
+    cfg = dataclasses.replace(CFG, attn_pattern="local", sliding_window=4, swa_block=8)
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    T = 56
+    tok = jax.random.randint(jax.random.key(5), (1, T), 0, cfg.vocab_size)
+    graphdef, state = nnx.split(m)
+    jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t, cache=KVCache.zeros(cfg, 1, 80)))(state, tok)
+    widths = {int(e.outvars[0].aval.shape[-1]) for e in jaxpr_dots(jaxpr.jaxpr)}
+    assert max(widths - {cfg.vocab_size}) < T, widths  # the scores were W + T = 60 wide
+    logits, _ = m(tok, cache=KVCache.zeros(cfg, 1, 80))
+    np.testing.assert_allclose(logits, m(tok), atol=1e-5)
 
 
 def test_packed_documents_with_local_layers():
