@@ -101,7 +101,10 @@ def main(argv=None):
     devices = jax.devices("cpu")
     from models import TransformerConfig
 
-    cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
+    try:  # --remat / --dtype are config fields: their errors name the flag, before anything compiles
+        cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
+    except ValueError as e:
+        ap.error(str(e))
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
           f"compute {args.dtype}, {args.devices} devices")

@@ -81,6 +81,9 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     with pytest.raises(SystemExit):
         aot.main(["--mesh", "fsdp"])
     assert "argument --mesh: cannot parse 'fsdp'; write axis=size pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a traceback from the config before
+        aot.main(["--remat", "fulll"])
+    assert "error: TransformerConfig.remat: unknown 'fulll'" in capsys.readouterr().err
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
                                          r"axes \('sequence',\) \(size 4\)"):
