@@ -17,9 +17,21 @@ import zlib
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from data.filters import tokens
+from data.filters import _marks, tokens
 
-_NOT_WORD = re.compile(r"[\W_]+")
+
+@functools.cache
+def _not_word() -> re.Pattern:
+    """Runs of characters that are neither word characters nor combining marks, and underscores. Python's \\w
+    leaves marks out, so `[\\W_]+` split Devanagari / Thai words at every vowel sign, and 'लड़का ... जाता' (the
+    boy ... goes) folded to the same key as 'लड़की ... जाती' (the girl ... goes)."""
+    cps = sorted(_marks())
+    ranges, start = [], cps[0]
+    for a, b in zip(cps, cps[1:] + [None]):
+        if b != a + 1:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(a))}")
+            start = b
+    return re.compile(rf"(?:[^\w{''.join(ranges)}]|_)+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +85,12 @@ class DedupConfig:
 
 def exact_key(text: str) -> bytes:
     """16-byte hash of the text with case, punctuation and whitespace folded away."""
-    return hashlib.blake2b(_NOT_WORD.sub(" ", text.lower()).strip().encode(), digest_size=16).digest()
+    return hashlib.blake2b(_not_word().sub(" ", text.lower()).strip().encode(), digest_size=16).digest()
 
 
 def shingles(text: str, n: int) -> set[bytes]:
     """Lower-cased CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n)."""
-    toks = tokens(_NOT_WORD.sub(" ", text.lower()))
+    toks = tokens(_not_word().sub(" ", text.lower()))
     if len(toks) <= n:
         return {" ".join(toks).encode()}
     return {" ".join(toks[i:i + n]).encode() for i in range(len(toks) - n + 1)}
