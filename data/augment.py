@@ -47,6 +47,12 @@ class DomainGlossary:
         if self.max_terms < 1:
             raise ValueError(f"DomainGlossary.max_terms={self.max_terms} must be >= 1")
         compiled = {}
+        for entry in self.glossaries:
+            ok = isinstance(entry, tuple | list) and len(entry) == 2 and not isinstance(entry[1], str)
+            if not ok or not all(isinstance(t, tuple | list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                 for t in entry[1]):
+                raise ValueError(f"DomainGlossary.glossaries: each entry is (domain, ((term, definition), ...)), "
+                                 f"got {entry!r:.120}")
         for domain, terms in self.glossaries:
             compiled.setdefault(domain, []).extend(
                 (term, term.lower(), definition,

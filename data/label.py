@@ -22,8 +22,10 @@ SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_dig
 # (tag, keywords): plain words match whole lower-cased words, with punctuation split off ("theorem." and
 # "lemma," count); anything else (CJK, punctuation such as "self.") matches as a substring, and a keyword that
 # starts with a newline matches at the start of a line, after its indentation ("\nimport " is a statement,
-# "import tariffs" mid-sentence is not). Counting is one word count plus a few `str.count` scans, so it costs far
-# less than a regex per tag.
+# "import tariffs" mid-sentence is not). A substring keyword that starts with a letter starts a word ("self." is
+# not in "himself."). Counting is one word count plus a few `str.count` scans (and a regex confirming those), so
+# it costs far less than a regex per tag. `docs` means API documentation: docstring sections and field lists, not
+# the English words they use ("returns", "default" and "raises" are finance news as often).
 DEFAULT_DOMAINS = (
     ("code", ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nreturn ", "self.", "#include", "=>", "function(",
               "();", "\nelif ")),
@@ -37,7 +39,8 @@ DEFAULT_DOMAINS = (
                "法律", "条款")),
     ("finance", ("inflation", "stocks", "investment", "investors", "revenue", "interest rates", "central bank",
                  "股票", "利率")),
-    ("docs", ("returns", "parameters", "arguments", "raises", "default", "optional", "deprecated")),
+    ("docs", ("\nargs:", "\narguments:", "\nparameters:", "\nreturns:", "\nraises:", "\nyields:",
+              "\nparameters\n---", "\nreturns\n---", ":param ", ":returns:", ":rtype:", "@param ", "@return ")),
 )
 
 
@@ -59,7 +62,8 @@ class LabelConfig:
         if self.min_hits < 1:
             raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
-                       tuple(k.lower() for k in kws if not _PLAIN_WORD.fullmatch(k)))
+                       tuple((k.lower(), re.compile(rf"(?<!\w){re.escape(k.lower())}") if k[:1].isalnum() else None)
+                             for k in kws if not _PLAIN_WORD.fullmatch(k)))
                       for tag, kws in self.domains)
         object.__setattr__(self, "_split", split)
 
@@ -90,12 +94,12 @@ def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
     tags = []
     for tag, plain, other in cfg._split:
         hits = sum(counts[w] for w in plain)
-        for k in other:
+        for k, word_start in other:
             if k.startswith("\n"):
                 lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in low.split("\n"))
                 hits += lines.count(k)
-            else:
-                hits += low.count(k)
+            elif k in low:
+                hits += low.count(k) if word_start is None else len(word_start.findall(low))
         if hits >= cfg.min_hits and hits * 1000 / n_words >= cfg.min_hits_per_1k_words:
             tags.append(tag)
     return tags

@@ -1,5 +1,7 @@
 """Domain tags: keywords count as whole words with punctuation split off, and only when frequent enough."""
 
+import pytest
+
 from data.label import LabelConfig, domain_tags
 
 
@@ -28,6 +30,46 @@ def test_code_and_math_tags_need_code_and_math():
     assert "code" not in domain_tags(en) and "math" not in domain_tags(zh)
     py = "import os\nfrom typing import Any\n\nclass A:\n    def f(self):\n        return self.x\n"
     assert "code" in domain_tags(py)
+
+
+def test_prose_is_neither_code_nor_docs_and_gets_no_glossary():
+    """'self.' matched inside 'himself.', and 'returns', 'raises', 'default' made bond-market news API docs: both
+    then had Python glossary definitions appended by the augmentation stage."""
+    from data.augment import DomainGlossary
+    from data.label import domain_tags
+
+    farm = ("The farmer looked at himself. The old dog lay by itself. She found herself at the gate. " * 3
+            + "The generator hummed; an exception was made.")
+    bonds = ("Bond investors expect higher returns as the central bank raises interest rates. The risk of a "
+             "sovereign default rose, analysts said, and optional hedges were bought. ") * 2
+    assert domain_tags(farm) == [] and domain_tags(bonds) == ["finance"]
+    for text in (farm, bonds):
+        doc = {"text": text, "domains": domain_tags(text)}
+        assert DomainGlossary()(doc) is doc
+    docstring = ('def f(x, y=1):\n    """Add.\n\n    Args:\n        x: first\n\n    Returns:\n        the sum\n\n'
+                 '    Raises:\n        ValueError: never\n    """\n    return x + y\n')
+    assert domain_tags(docstring) == ["code", "docs"]
+    assert domain_tags("class A:\n    def f(self):\n        return self.x + self.y\n") == ["code"]
+
+
+def test_glossary_appends_the_terms_of_the_documents_domains_up_to_max_terms():
+    """No test ran DomainGlossary (returning the document unchanged passed them all)."""
+    from data.augment import DomainGlossary
+
+    gloss = DomainGlossary(glossaries=(("code", (("iterator", "yields items"), ("generator", "has yield"),
+                                                 ("decorator", "wraps"))), ("math", (("matrix", "an array"),))),
+                           max_terms=2)
+    text = "Generators return an iterator; a regenerator is not a generator term here. The matrix is unrelated."
+    out = gloss({"text": text, "domains": ["code"], "id": 7})
+    # glossary order, plural and case folded, whole words only; math terms not added to a code-only document
+    assert out["augmented"] == ["iterator", "generator"] and out["id"] == 7
+    assert out["text"] == text + "\n\nGlossary:\n- iterator: yields items\n- generator: has yield"
+    assert gloss({"text": "a decorator and a matrix", "domains": ["code", "math"]})["augmented"] == ["decorator",
+                                                                                                   "matrix"]
+    plain = {"text": "the regenerator", "domains": ["code"]}
+    assert gloss(plain) is plain and gloss({"text": text}) == {"text": text}
+    with pytest.raises(ValueError, match="DomainGlossary.glossaries"):
+        DomainGlossary(glossaries=(("code", ("iterator", "yields items")),))  # one tuple level missing
 
 
 def test_quality_score_is_the_mean_headroom_under_the_limits():
