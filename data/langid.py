@@ -36,11 +36,21 @@ class LangIDConfig:
     def __post_init__(self):
         if isinstance(self.keep, str):
             raise ValueError(f"LangIDConfig.keep={self.keep!r} must be a tuple of codes, e.g. ('en', 'zh')")
+        # a list or set would be unhashable in the workers' cache of identifiers and fingerprint otherwise than
+        # the tuple it means: stored as a tuple (a set sorted)
+        object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)
+                                               else self.keep))
+        object.__setattr__(self, "fold", tuple((code, tuple(members)) for code, members in self.fold))
         known = set(_identifier().labels) | {"und"}
         unknown = set(self.keep) - known
         if unknown:
             raise ValueError(f"LangIDConfig.keep has unknown language codes {sorted(unknown)}; "
                              f"use ISO 639-1 codes the model knows, e.g. {sorted(known)[:12]}...")
+        folded = {m: code for code, members in self.fold for m in members}
+        hidden = sorted(k for k in self.keep if k in folded)
+        if hidden:
+            raise ValueError(f"LangIDConfig.keep has {hidden}, which fold into {sorted({folded[k] for k in hidden})}"
+                             f" (LangIDConfig.fold) and are never reported: keep the folded code, or set fold=()")
         if not 0 <= self.min_confidence <= 1:
             raise ValueError(f"LangIDConfig.min_confidence={self.min_confidence} must be in [0, 1]")
         if self.sample_chars < 100:

@@ -1,5 +1,6 @@
 """Language ID on the hand-labelled set (short, long, mixed en/zh, code, 16 languages) and the keep set."""
 
+import numpy as np
 import pytest
 
 from data.langid import LangID, LangIDConfig
@@ -48,6 +49,12 @@ def test_long_documents_are_sampled_from_start_middle_end(det):
     # a long document whose start is English but whose bulk is Chinese is judged on all three parts
     text = "Intro line. " + "今天天气很好，我们一起去公园散步吧。" * 400
     assert det.detect(text)[0] == "zh"
+    # ... and one whose first 1,000 characters alone say French (a start-only sample passed the case above)
+    from data.synthetic import en_text
+
+    fr = "Le comité publiera son rapport final sur le projet de prolongement ferroviaire au printemps prochain. " * 12
+    text = fr + en_text(np.random.default_rng(0), 3000)
+    assert det._id.classify(text[:det.cfg.sample_chars])[0] == "fr" and det.detect(text)[0] == "en"
 
 
 def test_config_errors_name_the_field():
@@ -57,3 +64,9 @@ def test_config_errors_name_the_field():
         LangIDConfig(keep=("en", "english"))
     with pytest.raises(ValueError, match="min_confidence"):
         LangIDConfig(min_confidence=2)
+    # a list or set is the tuple it means (a list crashed the workers: unhashable; and fingerprinted otherwise)
+    assert LangIDConfig(keep=["zh", "en"]) == LangIDConfig(keep=("zh", "en"))
+    assert hash(LangIDConfig(keep={"zh", "en"})) == hash(LangIDConfig(keep=("en", "zh")))
+    with pytest.raises(ValueError, match=r"keep has \['yue'\], which fold into \['zh'\]"):  # never reported
+        LangIDConfig(keep=("yue",))
+    assert LangIDConfig(keep=("yue",), fold=()).keep == ("yue",)
