@@ -145,6 +145,27 @@ def test_report_prints_funnel_and_language_mix(cleaned, capsys):
     assert "counts reconcile: yes" in text
 
 
+def test_report_names_a_count_that_does_not_reconcile_and_exits_1(cleaned, tmp_path, capsys):
+    """Every test fed reconcile() a consistent run: one that always said 'no problems' passed them all."""
+    import json
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cleaned[0], out)
+    path = out / "filtered" / "stats.json"
+    stats = json.loads(path.read_text())
+    quality = next(s for s in stats["stages"] if s["name"] == "quality")
+    quality["docs_out"] -= 1  # one document vanished without a reason
+    path.write_text(json.dumps(stats))
+    problems = report_mod.reconcile(report_mod.funnel(out))
+    n_in, n_out = quality["docs_in"], quality["docs_out"]
+    assert problems[0] == f"filtered/quality: {n_in} in != {n_out} out + {n_in - n_out - 1} dropped"
+    assert any(p.endswith(f"!= quality's {n_out} out") for p in problems[1:]), problems  # the next stage's input
+    with pytest.raises(SystemExit) as exit_:
+        report_mod.main([str(out)])
+    assert exit_.value.code == 1 and "counts reconcile: NO" in capsys.readouterr().out
+
+
 def test_resume_redoes_only_missing_shards_and_matches(cleaned, corpus):
     out, _ = cleaned
     _, inputs = corpus
