@@ -1,7 +1,7 @@
 """The Transformer train step at GPU size on one accelerator: tokens/s and MFU against the chip's bf16 peak.
 
     python -m benchmarks.train_step_gpu [--chip h200] [--batch 8] [--steps 10] [--json OUT]
-    python -m benchmarks.train_step_gpu --tiny      # the same code path at toy size (CPU smoke run)
+    python -m benchmarks.train_step_gpu --tiny      # the 1B config shrunk (bf16, heads of 128): a CPU smoke run
 
 ~1B parameters, Llama-shaped (d_model 2048, 16 layers, 16 heads × 128, SwiGLU 5632, vocab 32000 untied),
 seq 2048, float32 parameters with bfloat16 compute, cuDNN attention on a GPU ('xla' elsewhere), AdamW
@@ -32,11 +32,12 @@ from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
-from scaling.hardware import peak_flops
+from scaling.hardware import device_peak, peak_flops
 
 GPU_1B = TransformerConfig(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, mlp_dim=5632, max_seq_len=2048,
                            dtype="bfloat16", attn_impl="cudnn", rope_theta=500_000.0)
-TINY = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, max_seq_len=128)
+# the 1B config with small sizes: the same dtypes (float32 params, bf16 compute), head_dim 128 and code path
+TINY = dataclasses.replace(GPU_1B, vocab_size=256, d_model=256, n_layers=2, n_heads=2, mlp_dim=512, max_seq_len=128)
 
 
 def run(cfg: TransformerConfig, batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
@@ -66,31 +67,45 @@ def run(cfg: TransformerConfig, batch: int, seq: int, steps: int, warmup: int = 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--chip", default="h200", help="scaling.hardware kind whose bf16 peak MFU is taken against")
-    ap.add_argument("--batch", type=at_least(1), default=8)
-    ap.add_argument("--seq", type=at_least(1), default=2048)
+    ap.add_argument("--chip", default=None, help="scaling.hardware kind whose bf16 peak MFU is taken against "
+                    "(default: the device's own, from jax's device_kind; h200 for --tiny on a CPU)")
+    ap.add_argument("--batch", type=at_least(1), default=None, help="default 8 (--tiny: 2)")
+    ap.add_argument("--seq", type=at_least(1), default=None, help="default 2048 (--tiny: 128)")
     ap.add_argument("--steps", type=at_least(1), default=10)
     ap.add_argument("--attn", default="cudnn", choices=("cudnn", "xla"),
                     help="attention kernel of the 1B config: cuDNN's fused one, or the 'xla' fallback")
-    ap.add_argument("--tiny", action="store_true", help="toy config, float32, 'xla' attention: a CPU smoke run")
+    ap.add_argument("--tiny", action="store_true", help="the 1B config shrunk (bf16 compute, heads of 128); "
+                    "'xla' attention off a GPU: a CPU smoke run")
     ap.add_argument("--json", metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
-    cfg, seq, batch = (TINY, 128, 2) if args.tiny else (dataclasses.replace(GPU_1B, attn_impl=args.attn), args.seq,
-                                                         args.batch)
-    if not args.tiny and jax.default_backend() != "gpu":
+    gpu = jax.default_backend() == "gpu"
+    if not args.tiny and not gpu:
         raise SystemExit(f"benchmarks.train_step_gpu: backend is {jax.default_backend()!r}; the 1B config needs a "
                          "GPU (cuDNN attention, bf16). Use --tiny for a CPU smoke run.")
+    seq, batch = args.seq or (128 if args.tiny else 2048), args.batch or (2 if args.tiny else 8)
+    cfg = dataclasses.replace(TINY if args.tiny else GPU_1B, max_seq_len=seq, attn_impl=args.attn if gpu else "xla")
+    # the peak before the run: a wrong --chip must not cost a finished run its results
+    kind = jax.devices()[0].device_kind
+    chip = args.chip or (device_peak(kind, "bfloat16")[1].split()[0] if device_peak(kind, "bfloat16")[0] else None)
+    if chip is None and not gpu:
+        chip = "h200"  # a CPU smoke run: the arithmetic against the chip this script was prepared for
+    if chip is None:
+        raise SystemExit(f"benchmarks.train_step_gpu: no bf16 peak known for device {kind!r}; pass --chip KIND "
+                         "(scaling.hardware.CHIPS)")
+    try:
+        peak = peak_flops(chip, "bf16")
+    except ValueError as e:
+        raise SystemExit(f"benchmarks.train_step_gpu: --chip: {e}") from None
     res = run(cfg, batch, seq, args.steps)
     fpt = cfg.flops_per_token(seq, causal=True)
-    peak = peak_flops(args.chip, "bf16")
     # the chip's name (e.g. 'NVIDIA H200' vs an NVL part), to check --chip's peak against
     out = {"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
            "attn_impl": cfg.attn_impl, "params": cfg.param_count(), "batch": batch,
-           "seq": seq, "flops_per_token": fpt, "chip": args.chip, "peak_bf16_flops": peak,
+           "seq": seq, "flops_per_token": fpt, "chip": chip, "peak_bf16_flops": peak,
            "mfu": res["tokens_per_s"] * fpt / peak, **res}
     print(f"{out['device']}: {out['params'] / 1e9:.2f} B params, batch {batch} × seq {seq}: "
           f"{res['tokens_per_s']:,.0f} tokens/s ({res['step_ms']:.0f} ms/step), MFU {100 * out['mfu']:.1f}% of "
-          f"{args.chip} bf16 peak {peak / 1e12:.0f} TFLOP/s; warm-up {res['warmup_s']:.0f} s; loss {res['loss']:.3f}")
+          f"{chip} bf16 peak {peak / 1e12:.0f} TFLOP/s; warm-up {res['warmup_s']:.0f} s; loss {res['loss']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

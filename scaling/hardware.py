@@ -78,8 +78,9 @@ def peak_flops(kind: str, dtype: str = "bf16") -> float:
 
 
 # jax's `device_kind` strings -> CHIPS keys, most specific first. Variants with other clocks or power (H100 PCIe /
-# NVL, TPU v4 lite) are left out on purpose: no peak is better than a wrong one.
-_DEVICE_KINDS = (("h200", "h200"), ("h100 pcie", None), ("h100 nvl", None), ("h100", "h100"), ("a100", "a100"),
+# NVL, H200 NVL, TPU v4 lite) are left out on purpose: no peak is better than a wrong one.
+_DEVICE_KINDS = (("h200 nvl", None), ("h200", "h200"), ("h100 pcie", None), ("h100 nvl", None), ("h100", "h100"),
+                 ("a100", "a100"),
                  ("tpu v4 lite", None), ("tpu v4", "tpu-v4"), ("tpu v5 lite", "tpu-v5e"), ("tpu v5e", "tpu-v5e"),
                  ("tpu v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"), ("tpu v6 lite", "tpu-v6e"), ("tpu v6e", "tpu-v6e"))
 

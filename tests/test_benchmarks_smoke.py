@@ -10,10 +10,19 @@ from scaling.hardware import peak_flops
 
 
 def test_gpu_train_step_tiny_runs_and_reports_mfu():
-    out = train_step_gpu.main(["--tiny", "--steps", "2"])
-    assert out["attn_impl"] == "xla" and out["seq"] == 128 and out["batch"] == 2
+    """--tiny is the 1B config shrunk: bf16 compute, float32 params, heads of 128 (it was a float32 toy with
+    heads of 16, so the GPU run's dtype path never ran here), and it takes --batch / --seq."""
+    out = train_step_gpu.main(["--tiny", "--steps", "2", "--batch", "3", "--seq", "64"])
+    assert out["attn_impl"] == "xla" and out["seq"] == 64 and out["batch"] == 3 and out["chip"] == "h200"
     assert math.isfinite(out["loss"]) and out["tokens_per_s"] > 0
+    tiny = train_step_gpu.TINY
+    gpu = train_step_gpu.GPU_1B
+    assert (tiny.dtype, tiny.param_dtype, tiny.hd) == (gpu.dtype, gpu.param_dtype, gpu.hd) == ("bfloat16", "float32",
+                                                                                             128)
+    assert out["params"] == tiny.param_count() and out["flops_per_token"] == tiny.flops_per_token(64, causal=True)
     assert out["mfu"] == pytest.approx(out["tokens_per_s"] * out["flops_per_token"] / peak_flops("h200", "bf16"))
+    with pytest.raises(SystemExit, match="--chip: unknown hardware kind 'h2oo'"):  # before the run, not after
+        train_step_gpu.main(["--tiny", "--steps", "1", "--chip", "h2oo"])
 
 
 def test_gpu_train_step_refuses_the_1b_config_without_a_gpu():

@@ -103,6 +103,7 @@ def test_peak_table():
     ("NVIDIA H200", "bfloat16", None, ("h200", "bf16")),
     ("NVIDIA A100-SXM4-80GB", "float16", None, ("a100", "fp16")),
     ("NVIDIA H100 PCIe", "bfloat16", None, None),  # other clocks: no peak rather than the SXM one
+    ("NVIDIA H200 NVL", "bfloat16", None, None),  # (it took the SXM part's 989 TFLOP/s)
     ("TPU v4 lite", "bfloat16", None, None),
     ("Tesla V100-SXM2-16GB", "float32", None, None),
 ])
