@@ -30,6 +30,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
+import models.glu as glu_mod
 import models.linear as ml
 from benchmarks.moe_train import MOE
 from benchmarks.rounds import interleaved, pair_row, save
@@ -55,11 +56,20 @@ def _plain_unless_out_dtype(x, w, impl="auto", out_dtype=None, **kw):
     return ml.linear(x, w, "plain" if out_dtype is None else impl, out_dtype, **kw)
 
 
+def _plain_glu_linear(g, u, w, act="silu", impl="auto", flatten=True):
+    """The gated MLP's down projection (models.glu, since the twenty-first session) with plain products too."""
+    return glu_mod.glu_linear(g, u, w, act, "plain", flatten)
+
+
 BEFORE = {
-    "x_always": [("models.linear.product_grads", _grads_x_always)],
-    "plain_in_loops": [("models.transformer.linear", _plain_unless_out_dtype)],
+    # models.glu imports product_grads by name (the MLP's down projection runs there): both names are patched
+    "x_always": [("models.linear.product_grads", _grads_x_always), ("models.glu.product_grads", _grads_x_always)],
+    "plain_in_loops": [("models.transformer.linear", _plain_unless_out_dtype),
+                       ("models.transformer.glu_linear", _plain_glu_linear)],
     "plain_dit": [("models.transformer.linear", _plain_unless_out_dtype),
-                  ("models.video.layers.linear", _plain_unless_out_dtype)],
+                  ("models.transformer.glu_linear", _plain_glu_linear),
+                  ("models.video.layers.linear", _plain_unless_out_dtype),
+                  ("models.video.layers.glu_linear", _plain_glu_linear)],
     "moe_row_tiles": [("models.moe_dispatch.weight_grad_columns", lambda: False)],
 }
 
@@ -76,7 +86,11 @@ def lm_contender(cfg, before: str | None):
     graphdef, params, opt, data = setup(cfg, 8, 256)
     state = [params, jax.jit(opt.init)(params)]
     with _patched(before):
-        compiled = make_train_step(graphdef, opt).lower(state[0], state[1], data).compile()
+        lowered = make_train_step(graphdef, opt).lower(state[0], state[1], data)
+    if before and lowered.as_text() == make_train_step(graphdef, opt).lower(state[0], state[1], data).as_text():
+        raise RuntimeError(f"the {before!r} patches change nothing in this step: they no longer reach the code "
+                           "they stand for (a module imports the patched function under another name?)")
+    compiled = lowered.compile()
 
     def call():
         state[0], state[1], metrics = compiled(state[0], state[1], data)

@@ -8,8 +8,8 @@ baseline is a SwiGLU of width K·F (the MoE's active parameters per token, less 
 shared and noisy, so every measurement of a contender is paired with a baseline measurement taken right before it
 (contender order shuffled each round); the reported ratio is the median over rounds of these paired ratios, both for
 wall time and for process CPU time (all threads; less disturbed by other processes than wall time).
-`gmm/tiles=...` fixes the tile sizes of the grouped-matmul loops (default: 512,128,32 for both shapes here; `128`
-is a single tile size);
+`gmm/tiles=...` fixes the tile sizes of the grouped-matmul loops (default: `models.moe_dispatch.default_tile_rows`,
+512,256,128,64 for both shapes here; `128` is a single tile size);
 `capacity_cf1.25` may drop tokens (capacity dispatch); every other contender is exact (dropless).
 See docs/benchmarks.md, "Mixture of Experts".
 """

@@ -94,6 +94,16 @@ def _union(intervals) -> list[list[int]]:
     return merged
 
 
+def phase_time_alone(evs, kernels, dots) -> dict[str, int]:
+    """{phase: ns during which one of its non-dot kernels runs and no dot does}: the union of the phase's kernel
+    intervals, so two kernels running at once on two threads count once."""
+    out = {}
+    for phase in sorted({kernels[n]["phase"] for _, _, n in evs}):
+        own = _union((s, e) for s, e, n in evs if not kernels[n]["flops"] and kernels[n]["phase"] == phase)
+        out[phase] = sum(_minus(a, b, dots) for a, b in own)
+    return out
+
+
 def _minus(s, e, merged) -> int:
     """Length of [s, e) not covered by the merged intervals."""
     return (e - s) - sum(max(0, min(e, b) - max(s, a)) for a, b in merged if a < e and b > s)
@@ -158,11 +168,13 @@ def breakdown(compiled, call, steps: int) -> dict:
     ms = lambda ns: ns / 1e6  # noqa: E731
     proj_ms, dots_ms, busy_ms = (ms(sum(b - a for a, b in u)) for u in (proj, dots, busy))
     flops = {k: sum(kernels[n]["flops"] for _, _, n in evs if kernels[n]["batched"] == k) for k in (False, True)}
-    alone = collections.Counter()  # non-dot kernels' time while no dot runs, by phase and by fusion kind
+    # non-dot kernels' time while no dot runs: by phase in wall time (the union of the phase's kernels: two
+    # running at once on the two threads count once, so the phases add up to 'other kernels only' unless phases
+    # overlap each other); by fusion kind and by op in kernel time, summed over concurrent kernels
+    alone = collections.Counter({k: ms(v) for k, v in phase_time_alone(evs, kernels, dots).items()})
     for s, e, n in evs:
         if not kernels[n]["flops"]:
             t = ms(_minus(s, e, dots))
-            alone[kernels[n]["phase"]] += t
             kind = re.sub(r"[._]\d+$", "", n)
             alone["kind: " + ("ynn_fusion without a dot (reductions)" if kind == "ynn_fusion" else kind)] += t
             alone["op: " + kernels[n]["op"]] += t
@@ -223,7 +235,8 @@ def main(argv=None):
     print(f"  else attention products running {r['attention_dots_only_ms']:7.1f} ms ({r['attention_gflop']:.2f} GFLOP)")
     print(f"  else other kernels only         {r['other_kernels_only_ms']:7.1f} ms")
     print(f"  no kernel                       {r['no_kernel_ms']:7.1f} ms")
-    print("  non-dot kernels while no product runs (ms):")
+    print("  non-dot kernels while no product runs (ms; by phase: wall time; by kind / op: kernel time, summed over "
+          "kernels running at once):")
     for prefix, n in (("", 3), ("kind: ", 10), ("op: ", 25)):
         for k, v in [(k, v) for k, v in r["other_alone_ms"].items() if (":" not in k) == (not prefix)
                      and k.startswith(prefix)][:n]:

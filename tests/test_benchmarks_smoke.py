@@ -54,6 +54,18 @@ def test_step_profile_extends_an_eigen_dot_to_the_next_kernel():
     assert _eigen_extended(evs, kernels) == [(0, 40, "dot.1"), (40, 50, "fusion.2"), (45, 47, "dot.3")]
 
 
+def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once():
+    """The phases summed each kernel's time: two forward kernels on the two threads counted twice, so forward +
+    backward + optimizer came to more than the 'other kernels only' wall time they split (47.6 vs 37.5 ms)."""
+    from benchmarks.step_profile import _union, phase_time_alone
+
+    kernels = {"dot.1": {"flops": 10, "phase": "forward"}, "f.2": {"flops": 0, "phase": "forward"},
+               "f.3": {"flops": 0, "phase": "forward"}, "f.4": {"flops": 0, "phase": "backward"}}
+    evs = [(0, 10, "dot.1"), (5, 30, "f.2"), (20, 40, "f.3"), (40, 50, "f.4")]
+    dots = _union((s, e) for s, e, n in evs if kernels[n]["flops"])
+    assert phase_time_alone(evs, kernels, dots) == {"backward": 10, "forward": 30}  # [10, 40) once, not 20 + 20
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("benchmarks.loop_products", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
