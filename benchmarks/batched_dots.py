@@ -1,0 +1,84 @@
+"""Do XLA:CPU's products use every core? The reference step's attention products against its projections.
+
+    python -m benchmarks.batched_dots [--rounds 5]
+
+Times each product shape of the reference train step (d_model 256, 4 heads × 64, batch 8 × seq 256: attention's
+batched [B·N = 32] products of the block-causal kernel, and the 2-D projections) in this process on every core,
+then again in a child process pinned to one core (`os.sched_setaffinity` before jax starts, so XLA sizes its
+thread pool to that core). speed-up = one-core time / all-core time: ~ the core count where XLA splits the product
+over its threads, ~1 where one thread runs it whatever the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# (name, batch, M, K, N): out[b] = x[b] [M, K] @ y[b] [K, N]; batch 1: a plain 2-D product
+SHAPES = (
+    ("attention QKᵀ, one 64-row block against 256 keys", 32, 64, 64, 256),
+    ("attention QKᵀ, all 256 rows (a dense kernel)", 32, 256, 64, 256),
+    ("attention PV, one 64-row block", 32, 64, 256, 64),
+    ("projection q/k/v/o  [2048 × 256] · [256 × 256]", 1, 2048, 256, 256),
+    ("projection gate/up  [2048 × 256] · [256 × 1024]", 1, 2048, 256, 1024),
+    ("LM head  [2048 × 256] · [256 × 8192]", 1, 2048, 256, 8192),
+)
+
+
+def measure(rounds: int) -> dict[str, float]:
+    """{shape name: best-of-rounds GFLOP/s} in this process."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {}
+    for name, b, m, k, n in SHAPES:
+        x = jax.random.normal(jax.random.key(0), (b, m, k))
+        y = jax.random.normal(jax.random.key(1), (b, k, n))
+        f = jax.jit(lambda x, y: jnp.einsum("bmk,bkn->bmn", x, y))
+        f(x, y).block_until_ready()
+        reps = max(1, int(2e9 / (2 * b * m * k * n)))  # ~2 GFLOP per timing
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                r = f(x, y)
+            r.block_until_ready()
+            best = min(best, (time.perf_counter() - t0) / reps)
+        out[name] = 2 * b * m * k * n / best / 1e9
+    return out
+
+
+def main(argv=None):
+    from experiments.config import at_least
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=at_least(1), default=5)
+    ap.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child: pinned, prints JSON
+    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.one_core:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        print(json.dumps(measure(args.rounds)))
+        return None
+    cores = len(os.sched_getaffinity(0))
+    child = subprocess.run([sys.executable, "-m", "benchmarks.batched_dots", "--one-core", "--rounds",
+                            str(args.rounds)], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    one = json.loads(child.stdout.strip().splitlines()[-1])
+    every = measure(args.rounds)
+    print(f"GFLOP/s, best of {args.rounds}: {cores} cores | 1 core | speed-up")
+    for name, *_ in SHAPES:
+        print(f"  {every[name]:7.1f} | {one[name]:7.1f} | {every[name] / one[name]:4.2f}x  {name}")
+    res = {"cores": cores, "all_cores_gflops": every, "one_core_gflops": one}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
