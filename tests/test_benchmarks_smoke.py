@@ -68,6 +68,7 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
 
 @pytest.mark.parametrize("module, argv, message", [
     ("benchmarks.loop_products", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.batched_dots", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
     ("benchmarks.scan_residuals", ["--layers", "4,0"], "argument --layers: must be an integer >= 1, got 0"),
