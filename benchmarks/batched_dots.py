@@ -53,6 +53,7 @@ def measure(rounds: int) -> dict[str, float]:
 
 
 def main(argv=None):
+    from benchmarks.rounds import save
     from experiments.config import at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,9 +75,7 @@ def main(argv=None):
     for name, *_ in SHAPES:
         print(f"  {every[name]:7.1f} | {one[name]:7.1f} | {every[name] / one[name]:4.2f}x  {name}")
     res = {"cores": cores, "all_cores_gflops": every, "one_core_gflops": one}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    save(args.json, args.rounds, res)
     return res
 
 
