@@ -288,7 +288,6 @@ class Block(nnx.Module):
         cd = q_BTNH.dtype
         return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
 
-
     @staticmethod
     def _attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, length, window, cfg, scale):
         """A local layer's chunk of T > S tokens after `length` cached ones: the ring buffer's S slots put back in
