@@ -78,6 +78,7 @@ class Preset:
     eval_per_seen: int = 2  # clips per seen caption (40 captions)
     eval_per_held: int = 4  # clips per held-out caption (8 captions)
     eval_batch: int = 64
+    ckpt_every: int = 500
 
     def __post_init__(self):  # the DiT is trained on the VAE's latents: a mismatch failed after the VAE's stage
         got = self.vae.latent_shape(self.data.frames, self.data.size, self.data.size)
@@ -85,7 +86,11 @@ class Preset:
         if tuple(got) != tuple(want):
             raise ValueError(f"Preset: the VAE makes latents {got} of {self.data.frames}×{self.data.size}² clips, but "
                              f"the DiT takes {want} (t2v.dit.latent_shape, latent_channels); make them agree")
-    ckpt_every: int = 500
+        for name, c in (("vae", self.vae), ("t2v.dit", self.t2v.dit), ("t2v.text", self.t2v.text)):
+            if c.param_dtype != "float32":  # as experiments.config refuses for the LM trainer
+                raise ValueError(f"Preset: {name}.param_dtype={c.param_dtype!r}: Adam's updates smaller than half "
+                                 "a low-precision step are lost (no float32 master copy is kept); use float32 "
+                                 "parameters with dtype='bfloat16' compute")
 
 
 PRESETS = {

@@ -143,6 +143,9 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     p = train_video.PRESETS["tiny"]
     with pytest.raises(ValueError, match=r"Preset: the VAE makes latents .* but the DiT takes"):
         dataclasses.replace(p, data=dataclasses.replace(p.data, size=2 * p.data.size))
+    with pytest.raises(ValueError, match=r"Preset: t2v.dit.param_dtype='bfloat16': Adam's updates smaller"):
+        dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit,
+                                                                                       param_dtype="bfloat16")))
 
 
 def test_vae_and_t2v_steps_fit_a_fixed_batch():
