@@ -2,6 +2,7 @@
 processes split the data exactly once, mixtures follow their weights, batches land sharded on the mesh."""
 
 import collections
+import dataclasses
 import json
 import pathlib
 
@@ -128,6 +129,13 @@ def test_state_restores_identical_batches(corpus, tmp_path):
         # the batches after the restored point are not simply the first ones again
         fresh = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
         assert (next(fresh)["inputs"] != expected[0]["inputs"]).any()
+        # the seed picks the order: another seed, another first batch; the same seed, the same one (a shuffle
+        # that ignored cfg.seed passed every test)
+        first = next(LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1))["inputs"]
+        seed4 = dataclasses.replace(cfg, seed=4)
+        assert (next(LMLoader(sources, EOS_BYTES, seed4, process_index=0, process_count=1))["inputs"] != first).any()
+        again = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
+        np.testing.assert_array_equal(next(again)["inputs"], first)
 
 
 def test_two_processes_cover_the_data_exactly_once(corpus):

@@ -344,6 +344,25 @@ def test_module_aux_outputs():
     assert aux["lb_loss"] > 1.0  # random routing is not perfectly balanced
 
 
+def test_sigmoid_router_balances_its_normalised_scores():
+    """DeepSeek-V3's sigmoid scores do not sum to 1 per token: the balancing loss takes them normalised per token
+    (independent numpy formula E · Σ_e f_e · P_e), so equal scores still give 1. Only the softmax router's aux was
+    tested: raw sigmoid scores (E / 2 = 4 for equal scores of 0.5) passed."""
+    cfg = dataclasses.replace(CFG, router="sigmoid")
+    m, x = make(cfg), tokens()
+    _, aux = jitted(m)(x)
+    logits = np.asarray(x.reshape(-1, D) @ m.router[...], np.float64)
+    scores = 1 / (1 + np.exp(-logits))
+    sel = np.asarray(route(jnp.asarray(logits, jnp.float32), m.router_bias[...], cfg.top_k, "sigmoid")[1])
+    f = np.bincount(sel.reshape(-1), minlength=cfg.n_experts) / sel.size
+    p = (scores / scores.sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(aux["lb_loss"], cfg.n_experts * np.sum(f * p), rtol=1e-5)
+    m.router[...] = jnp.zeros_like(m.router[...])  # every score 0.5, ties to the lowest experts
+    _, aux = jitted(m)(x)
+    load = np.asarray(aux["load"])
+    np.testing.assert_allclose(aux["lb_loss"], cfg.n_experts * np.sum(load / cfg.n_experts), rtol=1e-6)  # = 1
+
+
 def test_mixtral_lb_loss_is_k_times_hf_and_layer_matches_hf():
     """Hugging Face Mixtral: our layer equals MixtralSparseMoeBlock on the same weights, and HF's
     load_balancing_loss_func is K × ours (the documented anchor difference)."""
@@ -551,3 +570,23 @@ def test_batched_expert_paths_keep_gate_up_and_their_product_only(path):
         f = lambda x, w: sorted_ragged(x, weights, experts, w, jax.nn.silu).sum()  # noqa: E731
     saved = [a.shape for a, _ in saved_residuals(f, x, w)]
     assert saved.count(rows_F) == 3, saved
+
+
+def test_dropless_paths_at_the_padded_rows_bound():
+    """Every expert's run one row past a tile boundary (9, 1, 1, 1 rows in tiles of 8) fills the static bound
+    (ceil(A / b) + E - 1)·b exactly; random routing never got there, and a bound one tile short passed every test
+    (the last rows were dropped: errors of ~50)."""
+    from models.moe_dispatch import default_block_rows, dense_experts, sorted_blocks, sorted_gmm
+
+    E, D, F = 4, 8, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    w = (jax.random.normal(keys[0], (E, D, F)) / 3, jax.random.normal(keys[1], (E, D, F)) / 3,
+         jax.random.normal(keys[2], (E, F, D)) / 4)
+    x_ND = jax.random.normal(keys[3], (12, D))
+    experts_NK = jnp.asarray([0] * 9 + [1, 2, 3], jnp.int32)[:, None]
+    weights_NK = jnp.full((12, 1), 0.7)
+    want = dense_experts(x_ND, weights_NK, experts_NK, w, jax.nn.silu)
+    np.testing.assert_allclose(sorted_gmm(x_ND, weights_NK, experts_NK, w, jax.nn.silu, tile_rows=(8,)), want,
+                               atol=1e-5)
+    assert default_block_rows(12, E) == 8  # the same layout for the block-sparse path
+    np.testing.assert_allclose(sorted_blocks(x_ND, weights_NK, experts_NK, w, jax.nn.silu), want, atol=1e-5)

@@ -232,6 +232,11 @@ def test_decode_flops_match_cost_analysis(pattern):
     ours = decode_flops_per_token(cfg, 100, cache_len=S) * B
     assert ours <= xla <= 1.1 * ours, xla / ours
     assert decode_flops_per_token(cfg, 100) < decode_flops_per_token(cfg, 100, cache_len=S)
+    # the exact count (no cache_len): a cache of just context + 1 slots, which the comparison above checks against
+    # XLA, for a model of global layers (an off-by-one in the exact count passed: it was only compared by "<")
+    dense = CONFIGS[0]
+    for c in (0, 5, 100):
+        assert decode_flops_per_token(dense, c) == decode_flops_per_token(dense, c, cache_len=c + 1)
 
 
 @pytest.mark.parametrize("attention,latent", [("factorized", (3, 8, 8)), ("full", (2, 8, 8)),

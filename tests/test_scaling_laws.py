@@ -13,6 +13,8 @@ from scaling.laws import (
     CHINCHILLA_TABLE3,
     EXPONENT_BOUNDS,
     GOPHER_FLOPS,
+    Bootstrap,
+    FitResult,
     ScalingLaw,
     bootstrap,
     fit_law,
@@ -95,6 +97,19 @@ def test_prediction_interval_covers_new_runs_at_its_level():
     covered, param_covered = np.mean((fresh >= lo) & (fresh <= hi)), np.mean((fresh >= plo) & (fresh <= phi))
     assert 0.75 <= covered <= 0.98, covered  # 0.81 here: 40 resamples and 36 residuals make a coarse 90%
     assert param_covered < 0.6 * covered, (param_covered, covered)
+
+
+def test_prediction_interval_scales_predictions_by_the_residuals_of_the_fit():
+    """Residuals are log L - log L_pred: runs that all land above the law move the interval up, by exp(residual)
+    (symmetric noise could not tell a flipped sign: the coverage test above passed with one)."""
+    law = TRUE
+    fit = FitResult(law=law, objective=0.0, n_points=8, starts=1)
+    r = np.linspace(0.0, 0.1, 8)  # every run above the law
+    bs = Bootstrap(fit=fit, laws=(law,) * 50, residuals=tuple(r))
+    fn = lambda law: float(law.loss(1e9, 2e10))  # noqa: E731
+    point, lo, hi = bs.prediction_interval(fn, 0.9, seed=0)
+    assert point == fn(law) and lo >= point * np.exp(r.min()) - 1e-12 and hi <= point * np.exp(r.max()) + 1e-12
+    assert hi > point * np.exp(0.08)  # the upper end reaches the largest residuals
 
 
 def test_isoflop_envelope_recovers_optimal_exponent():

@@ -198,6 +198,7 @@ def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     targets = rng.integers(0, 7, (2, 5))
     targets[0, 1], targets[1, 4], targets[1, 0] = -100, -1, 7  # ignored, ignored, out of range under weight 0
+    targets[0, 3] = 0  # id 0 is a token (a trained BPE's <|endoftext|>): `targets <= 0` ignoring it passed
     weights = rng.uniform(0.5, 2.0, (2, 5)).astype(np.float32)
     weights[1, 0] = 0.0
     logits[0, 1] = np.nan  # garbage at an ignored position

@@ -15,6 +15,7 @@ from models.video.diffusion import (
     euler_sample,
     guided,
     noisy,
+    sample,
     sample_time,
     shift_time,
 )
@@ -129,6 +130,27 @@ def test_logit_normal_time_sampling_with_shift():
     assert abs(np.median(t) - float(shift_time(0.5, 3.0))) < 0.01
     assert np.median(np.asarray(sample_time(jax.random.key(0), 100_000, DiffusionConfig()))) == pytest.approx(
         0.5, abs=0.01)
+
+
+def test_logit_normal_time_sampling_takes_its_mean_and_std():
+    """logit(t) ~ N(logit_mean, logit_std) before the shift: the median test above cannot see the std (a sampler
+    that ignored logit_std passed), nor a mean of 0."""
+    t = np.asarray(sample_time(jax.random.key(1), 200_000, DiffusionConfig(logit_mean=0.5, logit_std=0.5)),
+                   np.float64)
+    u = np.log(t / (1 - t))
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 0.5) < 0.01
+
+
+def test_the_objectives_sampler_steps_on_its_shifted_grid():
+    """sample() for flow integrates on cfg.shift's grid (ignoring it passed: the Euler tests call euler_sample with
+    their own shift). With v(x, t) = t, the result is noise + Σ (t_{i+1} - t_i)·t_i over that grid (numpy)."""
+    noise = jnp.zeros((2, 3))
+    pred = lambda x, t_B: jnp.broadcast_to(t_B[:, None], x.shape)  # noqa: E731
+    for shift in (1.0, 3.0):
+        t = np.linspace(1.0, 0.0, 5)
+        t = shift * t / (1 + (shift - 1) * t)
+        want = np.sum((t[1:] - t[:-1]) * t[:-1])
+        np.testing.assert_allclose(sample(pred, noise, DiffusionConfig(shift=shift), steps=4), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("cfg", [DiffusionConfig(), DiffusionConfig(kind="ddpm", prediction="eps"),

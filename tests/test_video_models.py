@@ -235,6 +235,21 @@ def test_vae_flops_match_cost_analysis():
 # ---- invariants -------------------------------------------------------------------------------------------
 
 
+def test_causal_conv3d_equals_a_3d_convolution_over_the_first_frame_repeated():
+    """The stacked-taps 2D convolution against lax's 3D one on the clip front-padded with copies of its first frame
+    (the causal padding; zeros are causal too, so the causality test could not tell them apart)."""
+    from models.video.vae import causal_conv3d
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    b = jax.random.normal(jax.random.key(2), (4,))
+    padded = jnp.pad(x, ((0, 0), (2, 0), (0, 0), (0, 0), (0, 0)), mode="edge")
+    want = jax.lax.conv_general_dilated(padded, w, (1, 1, 1), [(0, 0), (1, 1), (1, 1)],
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                                        precision=jax.lax.Precision.HIGHEST) + b
+    np.testing.assert_allclose(causal_conv3d(x, w, b), want, atol=1e-4)
+
+
 def test_vae_encoder_and_decoder_are_causal():
     vae = randomize(VideoVAE(VAE, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(vae)
