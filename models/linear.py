@@ -77,9 +77,8 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     impl = resolve_impl(impl)
     if contract != 1 or w_DF.ndim != 2:
         if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
-            raise NotImplementedError(f"linear(out_dtype={jnp.dtype(out_dtype).name}) takes a 2-D weight with "
-                                      f"contract=1 (got w {w_DF.shape}, contract={contract}): reshape w to 2-D, "
-                                      f"or cast the result")
+            raise ValueError(f"linear(out_dtype={jnp.dtype(out_dtype).name}) takes a 2-D weight with contract=1 "
+                             f"(got w {w_DF.shape}, contract={contract}): reshape w to 2-D, or cast the result")
         return _linear_nd(x_MD, w_DF, impl if flatten else "plain", contract)
     lead = x_MD.shape[:-1]
     if not flatten:

@@ -166,7 +166,7 @@ def test_weights_in_their_own_shapes_equal_the_reshaped_product(impl, x_shape, w
 def test_out_dtype_on_a_weight_in_its_own_shape_is_refused_not_ignored():
     """The n-D path had no out_dtype: bf16 operands asking for float32 output silently got bf16."""
     x, w = jnp.ones((6, 5), jnp.bfloat16), jnp.ones((5, 2, 3), jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match=r"out_dtype=float32.*2-D weight"):
+    with pytest.raises(ValueError, match=r"out_dtype=float32.*2-D weight"):
         linear(x, w, out_dtype=jnp.float32)
     assert linear(x, w, out_dtype=jnp.bfloat16).dtype == jnp.bfloat16  # the operands' own dtype: nothing to do
 
