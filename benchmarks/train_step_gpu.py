@@ -86,9 +86,9 @@ def main(argv=None):
     cfg = dataclasses.replace(TINY if args.tiny else GPU_1B, max_seq_len=seq, attn_impl=args.attn if gpu else "xla")
     # the peak before the run: a wrong --chip must not cost a finished run its results
     kind = jax.devices()[0].device_kind
-    chip = args.chip or (device_peak(kind, "bfloat16")[1].split()[0] if device_peak(kind, "bfloat16")[0] else None)
-    if chip is None and not gpu:
-        chip = "h200"  # a CPU smoke run: the arithmetic against the chip this script was prepared for
+    known, label = device_peak(kind, "bfloat16")  # label: "<chip> bf16" when known
+    # a CPU smoke run: the arithmetic against the chip this script was prepared for
+    chip = args.chip or (label.split()[0] if known else None if gpu else "h200")
     if chip is None:
         raise SystemExit(f"benchmarks.train_step_gpu: no bf16 peak known for device {kind!r}; pass --chip KIND "
                          "(scaling.hardware.CHIPS)")

@@ -36,8 +36,8 @@ class LangIDConfig:
     def __post_init__(self):
         if isinstance(self.keep, str):
             raise ValueError(f"LangIDConfig.keep={self.keep!r} must be a tuple of codes, e.g. ('en', 'zh')")
-        # a list or set would be unhashable in the workers' cache of identifiers and fingerprint otherwise than
-        # the tuple it means: stored as a tuple (a set sorted)
+        # stored as tuples (a set sorted): a list is unhashable in the workers' identifier cache, and the run's
+        # fingerprint must not depend on which container held the same codes
         object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)
                                                else self.keep))
         object.__setattr__(self, "fold", tuple((code, tuple(members)) for code, members in self.fold))
