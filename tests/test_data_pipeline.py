@@ -112,6 +112,18 @@ def test_every_drop_counted_with_its_reason_and_counts_reconcile(cleaned):
     assert rows[-1][1].docs_out == EXPECTED_KEPT
 
 
+def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
+    """Which records survive, by id (file:line, file:row), from make_corpus's own comments: the counts alone did not
+    show dedup dropping the record after each duplicate's position (the mixed en/zh line 9 lost, the near duplicate
+    line 11 kept: same counts) or every Parquet row named row 0."""
+    out, _ = cleaned
+    ids = sorted(d["id"].rsplit("/", 1)[-1] for d in all_docs(out / "cleaned"))
+    # a.jsonl: 6 en + 3 zh (0-8), mixed en/zh (9); 10 exact and 11 near duplicates, 12-26 dropped by language,
+    # quality or decoding; 27 and 28 repaired. c.parquet: rows 0 and 2 (row 1 has no text). good.txt.
+    want = [f"a.jsonl:{i}" for i in [*range(10), 27, 28]] + ["c.parquet:0", "c.parquet:2", "good.txt"]
+    assert ids == sorted(want)
+
+
 def test_tiers_hold_the_counted_documents_and_bytes(cleaned):
     out, stats = cleaned
     for tier in ("raw", "filtered", "cleaned", "labeled", "augmented"):
@@ -426,4 +438,15 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
                                                                 ensure_ascii=True) + "\n" + lines)
     out = list(read_records([str(tmp_path / "bom.jsonl")]))
     assert [r for _, r, _ in out] == [None] * 6
+    # a compressed text file is sized decompressed: over max_doc_bytes it is too_large, never cut to that size and
+    # kept (reading max_doc_bytes instead of one byte more passed every test); at exactly the limit it is whole
+    from data.sources import SourceConfig
+
+    cfg = SourceConfig(max_doc_bytes=1000)
+    for size in (1500, 1000):
+        with gzip.open(tmp_path / f"t{size}.txt.gz", "wt") as f:
+            f.write(("word " * 400)[:size])
+        (doc, reason, n), = read_records([str(tmp_path / f"t{size}.txt.gz")], cfg)
+        assert (reason, n) == (("too_large", 1500) if size > 1000 else (None, 1000))
+        assert size > 1000 or len(doc["text"].encode()) == 1000
     assert out[0][0]["title"] == "\ufffd cut" and encode_doc(out[0][0])
