@@ -228,6 +228,28 @@ def test_grad_accumulation_equals_one_big_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), out[1][0], out[2][0])
 
 
+def test_a_finite_loss_with_an_overflowing_gradient_norm_is_skipped():
+    """Exploding gradients overflow the norm while the loss stays finite: the step is skipped like a NaN loss (the
+    NaN-batch hook poisons the loss too, so skipping on the loss alone passed every test), and the logged lr is
+    the schedule's at the updates made (step - skipped)."""
+    cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
+    mesh = make_mesh({"fsdp": -1})
+    graphdef, opt, sched, state = train_lm.init_state(cfg, mesh)
+    state["params"]["final_norm"] = state["params"]["final_norm"] * 1e24  # |dW_head|² sums past float32
+    before = jax.device_get(state["params"])
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 256, (8, 32), dtype=np.int32),
+             "targets": rng.integers(0, 256, (8, 32), dtype=np.int32)}
+    step = make_state_step(graphdef, opt, sched, None, 1)
+    with jax.set_mesh(mesh):
+        state, m = step(state, jax.tree.map(jnp.asarray, batch))
+        assert np.isfinite(float(m["loss"])) and not np.isfinite(float(m["grad_norm"])) and not bool(m["finite"])
+        assert int(state["skipped"]) == 1 and int(state["step"]) == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
+        state, m = step(state, jax.tree.map(jnp.asarray, batch))
+    assert float(m["lr"]) == pytest.approx(float(sched(0)))  # the second step makes the first update
+
+
 def test_resume_compares_the_model_not_how_it_is_executed():
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731  (as RunConfig.to_json)
     saved = as_json(TransformerConfig(d_model=64, n_heads=4))
