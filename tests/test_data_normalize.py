@@ -43,6 +43,12 @@ def test_line_breaks_and_whitespace():
     assert normalize_text("def f():\n    return 1   \n\n\n\n\nx") == "def f():\n    return 1\n\nx"
     assert normalize_text("a\n\n\n\nb", NormalizeConfig(max_blank_lines=0)) == "a\nb"
     assert normalize_text(" \n\t\n ") == ""
+    # at the boundaries (each of these passed with its rule loosened by one): NEL is a line break, two spaces
+    # between words collapse, a run of exactly max_blank_lines + 2 newlines shrinks, one of max + 1 stays
+    assert normalize_text("a\x85b") == "a\nb"
+    assert normalize_text("x  y") == "x y"
+    assert normalize_text("a\n\n\nb") == "a\n\nb"  # default max_blank_lines=1
+    assert normalize_text("a\n\nb") == "a\n\nb"
 
 
 def test_lone_surrogates_become_replacement_characters():
