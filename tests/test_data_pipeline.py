@@ -112,6 +112,20 @@ def test_every_drop_counted_with_its_reason_and_counts_reconcile(cleaned):
     assert rows[-1][1].docs_out == EXPECTED_KEPT
 
 
+def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(tmp_path):
+    """Past one read chunk (256 records) and with more than ten shards, created out of order."""
+    from data.shards import DocWriter, shard_name
+
+    for i in reversed(range(12)):
+        w = DocWriter(tmp_path / f"{shard_name(i)}.array_record")
+        for j in range(300 if i == 0 else 1):
+            w.write({"text": f"doc {i}.{j}", "id": f"{i}.{j}"})
+        w.commit()
+    shards = tier_shards(tmp_path)
+    assert [pathlib.Path(p).name for p in shards] == [f"{shard_name(i)}.array_record" for i in range(12)]
+    assert [d["id"] for d in iter_docs(shards[0])] == [f"0.{j}" for j in range(300)]
+
+
 def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
     """Which records survive, by id (file:line, file:row), from make_corpus's own comments: the counts alone did not
     show dedup dropping the record after each duplicate's position (the mixed en/zh line 9 lost, the near duplicate

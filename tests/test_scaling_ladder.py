@@ -43,3 +43,6 @@ def test_byte_windows_and_split_edges():
     for bad in (1.5, -0.1, 0.0):
         with pytest.raises(ValueError, match="eval_fraction"):
             train_eval_split(np.arange(100), bad)
+    train, held = train_eval_split(np.arange(100), 0.05)  # the last 5% held out in one piece (a cut at 5% passed)
+    np.testing.assert_array_equal(train, np.arange(95))
+    np.testing.assert_array_equal(held, np.arange(95, 100))
