@@ -37,6 +37,12 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
     (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8,
      "optim.warmup_steps: 50 must be in [0, train.steps=12); for a short run add e.g. --set optim.warmup_steps=1"),
+    # the bounds themselves (each loosened by one passed): warmup as long as the run, every module held out,
+    # clipping to a norm of 0
+    (["--preset", "tiny", "--set", "optim.schedule=wsd", "--set", "optim.warmup_steps=12"], 8,
+     "optim.warmup_steps: 12 must be in [0, train.steps=12)"),
+    (["--preset", "tiny", "--set", "data.eval_every_nth=1"], 8, "data.eval_every_nth: hold out every n-th module"),
+    (["--preset", "tiny", "--set", "optim.clip_norm=0"], 8, "optim.clip_norm: must be positive, got 0"),
     (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
     (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
     # kernels of one backend only: they failed at the first eval, after the run directory was made
