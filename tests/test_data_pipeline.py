@@ -157,6 +157,24 @@ def test_tiers_hold_the_counted_documents_and_bytes(cleaned):
     assert "rights reserved" not in good["text"].lower()
     quality = next(s for s in stats["filtered"]["stages"] if s["name"] == "quality")
     assert quality["counters"]["boilerplate_lines_removed"] == 1
+    normalize = next(s for s in stats["filtered"]["stages"] if s["name"] == "normalize")
+    assert normalize["counters"] == {"with_replacement_char": 2}  # the two repaired records
+
+
+def test_stage_stats_merge_field_by_field():
+    """Shards' stats sum field by field (a merge that added `dropped` into `dropped_bytes` passed every test: the
+    pipeline's shards never both dropped the same reason)."""
+    import collections
+
+    from data.stages import StageStats
+
+    C = collections.Counter
+    a = StageStats("quality", 10, 7, 1000, 700, C(short=2, spam=1), C(short=50, spam=250), C(boilerplate=1))
+    b = StageStats("quality", 5, 4, 400, 300, C(short=1), C(short=100), C(boilerplate=2))
+    m = a.merge(b)
+    assert (m.docs_in, m.docs_out, m.bytes_in, m.bytes_out) == (15, 11, 1400, 1000)
+    assert m.dropped == C(short=3, spam=1) and m.dropped_bytes == C(short=150, spam=250)
+    assert m.counters == C(boilerplate=3) and m.reconciles()
 
 
 def test_report_prints_funnel_and_language_mix(cleaned, capsys):
