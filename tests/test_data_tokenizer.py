@@ -37,6 +37,16 @@ def test_bpe_trains_to_the_requested_vocab_and_compresses(bpe):
     assert len(bpe.encode(zh)) < len(zh.encode()) / 1.3  # and on Chinese characters (3 UTF-8 bytes each)
 
 
+def test_min_frequency_gates_merges():
+    """A pair seen 3 times is merged at min_frequency 3, not at 5 (passing min_frequency nowhere passed the
+    tests): 256 bytes + EOS and nothing more."""
+    from data.tokenizer import train_bpe
+
+    texts = ["hello world"] * 3
+    assert train_bpe(texts, vocab_size=400, min_frequency=5, show_progress=False).vocab_size == 257
+    assert train_bpe(texts, vocab_size=400, min_frequency=3, show_progress=False).vocab_size > 257
+
+
 @pytest.mark.parametrize("tok_name", ["bpe", "byte"])
 def test_round_trip_exact(tok_name, bpe):
     tok = bpe if tok_name == "bpe" else ByteTokenizer()
