@@ -83,6 +83,16 @@ def test_packing_keeps_documents_apart_and_loses_no_token(corpus, tok_name):
     assert sum(b["weights"].sum() for b in batches) == n_targets
 
 
+def test_without_eos_every_document_of_two_tokens_or_more_is_trained_on(tmp_path):
+    """No EOS: a document of n tokens has n - 1 targets; one of a single token has none and is skipped, but a
+    two-token one (one target) is kept (dropping it too passed every test: the corpus had no short documents)."""
+    texts = ["ab", "c", "hello"]
+    path = write_tier(tmp_path / "short", texts, shards=1)
+    cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1, drop_remainder=False, shuffle=False)
+    batches = list(LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1))
+    assert sum(b["weights"].sum() for b in batches) == (2 - 1) + (5 - 1)
+
+
 def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     path, texts = corpus
     tok = train_bpe(texts, vocab_size=400, show_progress=False)
