@@ -231,3 +231,32 @@ def test_alpha_word_fraction_is_linear_and_matches_a_per_word_count():
     ws = words(text)
     want = sum(any(c.isalpha() for c in w) for w in ws) / len(ws)
     assert analyze(text)["alpha_word_fraction"] == pytest.approx(want)
+
+
+def test_each_rule_passes_at_its_limit_and_fails_just_over_it_by_its_own_name(rng):
+    """The limits are inclusive, and a failing signal is dropped under its own reason: crafted documents sit far
+    from the limits, so a '>' turned '>=' or a drop filed under another rule's name passed the tests above."""
+    base = analyze(en_text(rng, 300), CFG)
+    assert CFG.check(base) is None
+    rules = [("symbol_ratio", "symbol_ratio", CFG.max_symbol_ratio, 1e-6),
+             ("digit_ratio", "digit_ratio", CFG.max_digit_ratio, 1e-6),
+             ("hash_ellipsis", "hash_ellipsis_ratio", CFG.max_hash_ellipsis_ratio, 1e-6),
+             ("bullet_lines", "bullet_lines", CFG.max_bullet_lines, 1e-6),
+             ("ellipsis_lines", "ellipsis_lines", CFG.max_ellipsis_lines, 1e-6),
+             ("dup_lines", "dup_lines", CFG.max_dup_lines, 1e-6),
+             ("dup_paragraphs", "dup_paragraphs", CFG.max_dup_paragraphs, 1e-6),
+             ("dup_line_chars", "dup_line_chars", CFG.max_dup_line_chars, 1e-6),
+             ("dup_paragraph_chars", "dup_paragraph_chars", CFG.max_dup_paragraph_chars, 1e-6),
+             ("url_density", "url_density", CFG.max_url_density, 1e-6),
+             ("promo_spam", "promo_max_repeat", CFG.max_promo_repeats, 1)]
+    rules += [(f"top_{n}gram", f"top_{n}gram", m, 1e-6) for n, m in CFG.top_ngram_max]
+    rules += [(f"dup_{n}gram", f"dup_{n}gram", m, 1e-6) for n, m in CFG.dup_ngram_max]
+    for name, signal, limit, step in rules:
+        assert CFG.check({**base, signal: limit}) is None, name
+        assert CFG.check({**base, signal: limit + step}) == name, name
+    floor = CFG.min_alpha_word_fraction
+    assert CFG.check({**base, "alpha_word_fraction": floor}) is None
+    assert CFG.check({**base, "alpha_word_fraction": floor - 1e-6}) == "alpha_words"
+    for mwl in (CFG.min_mean_word_len, CFG.max_mean_word_len):
+        assert CFG.check({**base, "mean_word_len": mwl}) is None
+    assert CFG.check({**base, "mean_word_len": CFG.max_mean_word_len + 1e-6}) == "mean_word_len"
