@@ -157,6 +157,9 @@ def test_spam_signals(rng):
     body = en_text(rng, 100)
     links = body + " " + " ".join(f"https://spam{i}.example.com/offer" for i in range(20))
     assert reason(links) == "url_density"
+    assert reason(body + " " + " ".join(f"www.spam{i}.example.com/offer" for i in range(20))) == "url_density"
+    dots = body + " Wait..." * 12  # '...' counts toward hash_ellipsis, like '#' and '…'
+    assert analyze(dots, CFG)["hash_ellipsis_ratio"] == pytest.approx(12 / len(words(dots)))
     assert reason(body + " See https://docs.python.org for details.") is None
     assert reason(body + " Buy now! Best price. BUY NOW. Click here, buy now.") == "promo_spam"
     assert reason(body + " You can buy now if you like.") is None
