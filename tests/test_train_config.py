@@ -256,6 +256,28 @@ def test_a_finite_loss_with_an_overflowing_gradient_norm_is_skipped():
     assert float(m["lr"]) == pytest.approx(float(sched(0)))  # the second step makes the first update
 
 
+def test_fractional_weights_summing_below_one_average_by_their_total():
+    """The step's loss is Σ w·nll / Σ w for any weights, also when Σ w < 1 (a total clamped to at least 1 passed
+    every test: their weights summed to whole token counts)."""
+    from flax import nnx
+
+    cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
+    mesh = make_mesh({"fsdp": -1})
+    graphdef, opt, sched, state = train_lm.init_state(cfg, mesh)
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 256, (8, 33), dtype=np.int32)
+    weights = np.zeros((8, 32), np.float32)
+    weights[0, 3] = weights[5, 17] = 0.25
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": weights}
+    logits = np.asarray(jax.device_get(nnx.merge(graphdef, state["params"])(jnp.asarray(tok[:, :-1]))), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = logz - np.take_along_axis(logits, tok[:, 1:, None], -1)[..., 0]
+    step = make_state_step(graphdef, opt, sched, None, 1)
+    with jax.set_mesh(mesh):
+        _, m = step(state, jax.tree.map(jnp.asarray, batch))
+    assert float(m["loss"]) == pytest.approx((nll[0, 3] + nll[5, 17]) / 2, rel=1e-5)
+
+
 def test_resume_compares_the_model_not_how_it_is_executed():
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731  (as RunConfig.to_json)
     saved = as_json(TransformerConfig(d_model=64, n_heads=4))
