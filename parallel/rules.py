@@ -103,8 +103,10 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     With `shape`, checks that each sharded dimension divides its mesh axes and raises a
     ValueError naming the logical dimension, its size and the mesh axes otherwise (replicate_indivisible:
     replicates that dimension instead, as REPLICATE_IF_INDIVISIBLE names always do).
+    rules: overrides of the table in effect, e.g. {'embed': None} (every `rules=` argument of parallel/ and
+    scaling/ means this; a whole table works too). A partial dict used to replace the table (KeyError 'vocab').
     """
-    rules = rules or _current()
+    rules = {**_current(), **rules} if rules else _current()
     sizes = _mesh_axes(mesh)
     used: set[str] = set()
     out = []

@@ -33,6 +33,23 @@ def test_rules_errors_and_fallbacks():
         memory_per_device(CFG, {"fsdp_": 8}, 8, 64)
 
 
+def test_rules_arguments_override_the_table_in_effect():
+    """`rules=` (create_sharded, shard_state, from_pretrained, scaling.memory) is overrides, as documented: a
+    partial dict replaced the whole table (KeyError 'vocab'), and no test passed one."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded
+
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    assert logical_to_spec(("embed", "vocab"), mesh, rules={"embed": None}) == jax.P(None, "tensor")
+    _, state = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules={"embed": None})
+    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor", None)  # [L, D, N, H]
+    assert state["embed"][...].sharding.spec == jax.P("tensor", None)
+    default = memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64)
+    assert memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64, rules={"embed": None}).params > default.params
+
+
 def test_a_jitted_function_traces_again_under_other_rules():
     """The rules lived in a contextvar, which jax.jit's cache does not see: a function traced before `use_rules`
     kept its first constraints inside it (and `replicate_indivisible` likewise)."""
