@@ -397,16 +397,20 @@ MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention
     ("Gemma2Config", {}),  # head_dim 256, gelu_pytorch_tanh
     ("MistralConfig", {}),  # window 4096
     ("MixtralConfig", {}),  # rope_theta 1e6, eps 1e-5
-], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral"])
+    ("MixtralConfig", dict(sliding_window=7)),  # every layer slides (no fixture had a Mixtral window)
+    ("LlamaConfig", {}),
+], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama"])
 def test_absent_fields_take_the_transformers_defaults(cls, fields):
     """A config.json without optional fields means what the installed transformers' config class makes of it."""
     raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
     hf, ours = getattr(transformers, cls)(**MINIMAL, **fields), config_from_hf(raw)
     types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
-    assert ours.layer_windows() == tuple(hf.sliding_window if t == "sliding_attention" else None for t in types)
+    window = getattr(hf, "sliding_window", None)  # Llama has none
+    assert ours.layer_windows() == tuple(window if t == "sliding_attention" else None for t in types)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     assert (ours.hd, ours.norm_eps, ours.rope_theta) == (head_dim, hf.rms_norm_eps,
                                                        hf.rope_parameters["rope_theta"])
+    assert ours.tie_embeddings == hf.tie_word_embeddings  # Gemma 2 ties by default, the others do not
     if cls == "Gemma2Config":
         assert (ours.attn_logit_softcap, ours.final_logit_softcap, ours.query_pre_attn_scalar, ours.mlp_act) == (
             hf.attn_logit_softcapping, hf.final_logit_softcapping, hf.query_pre_attn_scalar, "gelu_tanh")
