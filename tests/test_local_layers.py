@@ -61,8 +61,18 @@ def test_local_cache_memory_does_not_grow_with_length():
     assert short.k[0].shape == long.k[0].shape == (2, 1, 3, 2, 8)  # local: W slots, whatever the length
     assert (short.k[1].shape[2], long.k[1].shape[2]) == (64, 4096)  # global: grows
     for cfg in (CFG, dataclasses.replace(CFG, dtype="bfloat16")):  # the config's own count: slots and dtype
-        cache = KVCache.zeros(cfg, 3, 64)
-        assert cfg.kv_cache_bytes(3, 64) == sum(x.nbytes for x in cache.k + cache.v)
+        for max_len in (64, 2):  # 2 < the window: a local layer keeps max_len slots, not W
+            cache = KVCache.zeros(cfg, 3, max_len)
+            assert cfg.kv_cache_bytes(3, max_len) == sum(x.nbytes for x in cache.k + cache.v)
+
+
+def test_per_layer_windows_go_to_the_local_layers_in_order():
+    """A tuple of windows is read in layer order (reversed, every test still passed: both sides of each comparison
+    used the same mapping)."""
+    cfg = dataclasses.replace(CFG, attn_pattern="alternating", sliding_window=(3, 5))
+    assert cfg.layer_windows() == (3, None, 5, None)
+    assert dataclasses.replace(CFG, attn_pattern="3:1", sliding_window=(2, 3, 4), n_layers=4).layer_windows() == (
+        2, 3, 4, None)
 
 
 @pytest.mark.parametrize("cuts", [(0, 8, 9, 19), (0, 2, 8, 9, 10, 19)], ids=["empty_full", "part_filled"])
