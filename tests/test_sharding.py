@@ -31,6 +31,24 @@ def test_rules_errors_and_fallbacks():
             pass
     with pytest.raises(ValueError, match="unknown"):  # the memory model: a typo would count as one device
         memory_per_device(CFG, {"fsdp_": 8}, 8, 64)
+    # a dim over several mesh axes must divide their product (checking the first axis alone passed: 6 rows on
+    # data 2 x fsdp 4 would be split 8 ways)
+    dp = make_mesh({"data": 2, "fsdp": 4})
+    with pytest.raises(ValueError, match=r"'batch' of size 6 does not divide mesh axes \('data', 'fsdp'\) \(size 8\)"):
+        logical_to_spec(("batch",), dp, shape=(6,))
+    assert logical_to_spec(("batch",), dp, shape=(6,), replicate_indivisible=True) == jax.P(None)
+    # K / V weights split over tensor with their heads (replicating them changes no value, so only specs show it)
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded
+
+    gqa = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=64)
+    _, state = create_sharded(lambda: Transformer(gqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
+    for name in ("wk", "wv"):
+        assert state["blocks"][name][...].sharding.spec == jax.P(None, None, "tensor", None), name  # [L, D, K, H]
+    # axes are laid out outermost-first (data ... tensor), whatever order the dict gives
+    assert make_mesh({"tensor": 2, "data": -1}).axis_names == ("data", "tensor")
 
 
 def test_rules_arguments_override_the_table_in_effect():
