@@ -214,6 +214,18 @@ def test_gemma2_with_moe_is_refused(tmp_path):
         save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
 
 
+def test_a_moe_with_a_selection_bias_is_not_exported(tmp_path):
+    """Mixtral has no router bias: one non-zero entry would change which experts the HF model picks (a guard that
+    needed every entry non-zero passed the tests, which never set one)."""
+    ours = _random_model(ROUND_TRIP["mixtral"], seed=5)
+    bias = np.zeros(ours.moe_blocks.moe.router_bias.shape, np.float32)
+    bias[0, 1] = 0.5
+    ours.moe_blocks.moe.router_bias[...] = jnp.asarray(bias)
+    with pytest.raises(ValueError, match="router_bias is non-zero"):
+        save_pretrained(ours, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
 def test_save_bfloat16(tmp_path):
     ours = _random_model(ROUND_TRIP["llama"], seed=4)
     save_pretrained(ours, tmp_path, dtype=jnp.bfloat16)  # a dtype object too (it failed after deleting the old export)
