@@ -34,3 +34,8 @@ def test_train_flops_match_cost_analysis(cfg):
     if cfg.attn_block is None:
         assert ours == cfg.flops_per_token(T, causal=False) * B * T
     assert cfg.flops_per_token(T, causal=True) * B * T < ours <= cfg.flops_per_token(T, causal=False) * B * T
+    # inference: the forward alone (a factor of the training count that no test read passed)
+    fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tok).compile().cost_analysis()["flops"]
+    if cfg.attn_block is None:
+        dense = cfg.flops_per_token(T, causal=False, training=False) * B * T
+        assert dense <= fwd <= 1.05 * dense, fwd / dense
