@@ -178,6 +178,7 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     ([(slice(0, 2), slice(0, 8)), (slice(0, 2), slice(0, 8))], False),  # sequence across processes: half of T
     ([(slice(0, 2), slice(0, 8)), (slice(0, 2), slice(8, 16))], True),  # sequence inside the process: all of T
     ([(slice(0, 1), slice(0, 8)), (slice(1, 2), slice(8, 16))], False),  # rows and T split diagonally: a gap
+    ([(slice(0, 1), slice(None))] * 2, False),             # devices hold 1 row where the process loads 2
 ])
 def test_process_share_check(indices, ok):
     """Each process's local rows must fill exactly what its devices hold of the global [4, 16] batch."""
