@@ -171,3 +171,7 @@ def test_a_gathered_fsdp_layer_is_not_split_by_the_stage_axis():
         assert memory_per_device(cfg, mesh, 16, 128).transient_weights == one
     tp = memory_per_device(cfg, {"fsdp": 2, "stage": 2, "tensor": 2}, 16, 128).transient_weights
     assert 0.5 * one < tp < one  # the tensor axis does split it (norms excepted)
+    # by hand: one layer's weights twice (the next layer's prefetch) and the embedding table, in compute dtype
+    V, D, L = cfg.vocab_size, cfg.d_model, cfg.n_layers
+    layer = (cfg.param_count() - 2 * V * D - D) / L  # untied: embedding, head and the final norm aside
+    assert one == 4 * (2 * layer + V * D)
