@@ -83,6 +83,18 @@ def test_packing_keeps_documents_apart_and_loses_no_token(corpus, tok_name):
     assert sum(b["weights"].sum() for b in batches) == n_targets
 
 
+def test_mixed_sources_are_shuffled_independently(tmp_path):
+    """Each source has its own permutation: two sources of one size shuffled alike would read their documents in
+    the same index order (one seed shared by every source passed the tests)."""
+    a = write_tier(tmp_path / "a", [f"alpha {i:02d}" for i in range(24)], shards=1)
+    b = write_tier(tmp_path / "b", [f"bravo {i:02d}" for i in range(24)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, seed=5)
+    docs = documents([Source(a), Source(b)], EOS_BYTES, cfg, 0, 1)
+    texts = [EOS_BYTES.decode(d["targets"]) for d, _ in zip(docs, range(48))]
+    order = {k: [int(t.split()[1]) for t in texts if t.startswith(k)][:12] for k in ("alpha", "bravo")}
+    assert len(order["alpha"]) == len(order["bravo"]) == 12 and order["alpha"] != order["bravo"]
+
+
 def test_without_eos_every_document_of_two_tokens_or_more_is_trained_on(tmp_path):
     """No EOS: a document of n tokens has n - 1 targets; one of a single token has none and is skipped, but a
     two-token one (one target) is kept (dropping it too passed every test: the corpus had no short documents)."""
