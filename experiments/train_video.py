@@ -17,9 +17,11 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -123,11 +125,18 @@ PRESETS = {
 }
 
 
+# what a run directory holds (written by main); --fresh refuses to delete a directory holding anything else
+RUN_FILES = frozenset({"ckpt", "latents.npz", "latents.npz.tmp.npz", "latent_stats.json", "results.json",
+                       "results.md", "overview.png", "samples"})
+
+
 def check_batch(batch: int, mesh, what: str):
     """Exit with a message naming `what` unless `batch` splits over the mesh's batch axes (data·fsdp·expert)."""
     n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     if batch % n:
-        raise SystemExit(f"{what}={batch} must be divisible by the batch mesh axes (data·fsdp·expert = {n})")
+        raise SystemExit(f"--mesh: the preset's {what}={batch} must be divisible by the batch mesh axes "
+                         f"(data·fsdp·expert = {n}); pass a --mesh whose data·fsdp·expert divides {batch} and put "
+                         f"the remaining devices on tensor (e.g. data=1,tensor={n})")
 
 
 def stage_settings(p: Preset, seed: int) -> dict[str, dict]:
@@ -202,10 +211,13 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
     its parameters' `fingerprint`: a VAE retrained with another seed has another encoder), clip count and data."""
     made_by = json.dumps({"settings": latents_made_by(p), "vae_params": vae_fingerprint}, sort_keys=True)
     if cache.exists():
-        f = np.load(cache)
-        if "made_by" in f and str(f["made_by"]) == made_by:
-            return f["latents"], f["tokens"], f["combo"]
-        print(f"encode: {cache.name} was made by another VAE / settings; encoding again")
+        try:
+            with np.load(cache) as f:
+                if "made_by" in f and str(f["made_by"]) == made_by:
+                    return f["latents"], f["tokens"], f["combo"]
+            print(f"encode: {cache.name} was made by another VAE / settings; encoding again")
+        except (OSError, ValueError, zipfile.BadZipFile, KeyError) as e:  # a write cut short by a kill, say
+            print(f"encode: {cache.name} is unreadable ({type(e).__name__}); encoding again")
     ds = dataset(p.data, "train", p.eval_batch, seed=1)
     lat, tok, combo = [], [], []
     for i in tqdm(range(math.ceil(p.n_latents / p.eval_batch)), desc="encode", unit="batch"):
@@ -214,7 +226,9 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
         tok.append(b["tokens"])
         combo.append(b["combo"])
     lat, tok, combo = (np.concatenate(x)[: p.n_latents] for x in (lat, tok, combo))
-    np.savez(cache, latents=lat, tokens=tok, combo=combo, made_by=np.array(made_by))
+    tmp = cache.with_name(cache.name + ".tmp.npz")  # written whole, then renamed: a kill leaves the old cache or none
+    np.savez(tmp, latents=lat, tokens=tok, combo=combo, made_by=np.array(made_by))
+    os.replace(tmp, cache)
     return lat, tok, combo
 
 
@@ -273,7 +287,10 @@ def main(argv=None):
     if args.attention:
         t2v = dataclasses.replace(t2v, dit=dataclasses.replace(t2v.dit, attention=args.attention))
     if args.shift is not None:
-        t2v = dataclasses.replace(t2v, diffusion=dataclasses.replace(t2v.diffusion, shift=args.shift))
+        try:
+            t2v = dataclasses.replace(t2v, diffusion=dataclasses.replace(t2v.diffusion, shift=args.shift))
+        except ValueError as e:
+            ap.error(f"argument --shift: {e}")
     given = lambda v, default: default if v is None else v  # noqa: E731  (None: the preset's)
     p = dataclasses.replace(p, t2v=t2v, vae_steps=given(args.vae_steps, p.vae_steps),
                             dit_steps=given(args.dit_steps, p.dit_steps), dit_lr=given(args.dit_lr, p.dit_lr))
@@ -289,8 +306,13 @@ def main(argv=None):
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
-    if args.fresh:
-        shutil.rmtree(out, ignore_errors=True)
+    if out.exists() and not out.is_dir():
+        ap.error(f"argument --out: {out} is a file; pass a directory")
+    if args.fresh and out.exists():
+        if foreign := sorted(c.name for c in out.iterdir() if c.name not in RUN_FILES):
+            ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "
+                     f"--fresh deletes only a video run's own directory: pass another --out")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(p, out, args.seed)
     frames, size = p.data.frames, p.data.size

@@ -82,6 +82,10 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     # the same settings but other VAE parameters (retrained with another seed): encoded again too
     p2 = dataclasses.replace(p, vae_steps=p.vae_steps + 10)
     assert train_video.encode_latents(p2, encode, cache, "another-vae")[0].min() == 5 and len(calls) == 6
+    # a cache cut short (the run killed while writing it) is encoded again, not a BadZipFile on every rerun
+    cache.write_bytes(cache.read_bytes()[:100])
+    assert train_video.encode_latents(p2, encode, cache, "another-vae")[0].min() == 7 and len(calls) == 8
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["latents.npz"]  # written through a renamed temp file
 
 
 def test_bf16_ema_tracks_the_float32_average():
@@ -134,11 +138,18 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     run = tmp_path / "run"
     (run / "ckpt").mkdir(parents=True)
     (run / "ckpt" / "kept").write_text("trained")
-    for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"]):
+    for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"],
+                ["--shift", "0"]):
         with pytest.raises(SystemExit):
             train_video.main(["--preset", "tiny", "--out", str(run), "--fresh", *bad])
         assert (run / "ckpt" / "kept").exists(), bad
         assert f"argument {bad[0]}" in capsys.readouterr().err
+    # --fresh deletes a video run's own directory, never one holding other files (--out runs, a typo'd path)
+    (run / "notes.txt").write_text("not a run's")
+    with pytest.raises(SystemExit):
+        train_video.main(["--preset", "tiny", "--out", str(run), "--fresh"])
+    assert "holds files this script does not write (notes.txt)" in capsys.readouterr().err
+    assert (run / "notes.txt").exists() and (run / "ckpt" / "kept").exists()
     # a preset whose VAE latents the DiT cannot take is refused when it is built, not after the VAE's training
     p = train_video.PRESETS["tiny"]
     with pytest.raises(ValueError, match=r"Preset: the VAE makes latents .* but the DiT takes"):
