@@ -6,9 +6,10 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint bench lock clean
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-torch.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-torch.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
@@ -25,8 +26,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.train_step
 
-lock:                      ## refresh the lock from the current venv (after changing pins)
-	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+lock:                      ## refresh the locks from the current venv (after changing pins)
+	$(PY) -m pip freeze --exclude-editable | grep -v -e '^-e' -e '^torch==' > requirements.lock
+	$(PY) -m pip freeze | grep '^torch==' | grep -q '+cpu$$'  # the CPU build, or the lock would fetch CUDA's GBs
+	sed -i '/^torch==/d' requirements-torch.lock && $(PY) -m pip freeze | grep '^torch==' >> requirements-torch.lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs
