@@ -2,8 +2,8 @@
 
 import pytest
 
+from experiments.aot import compile_report
 from models import TransformerConfig
-from parallel.aot import compile_report
 
 CFG = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, mlp_dim=256, max_seq_len=64)
 
@@ -23,7 +23,7 @@ def test_aot_state_bytes_match_the_estimate(mesh):
 def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatch, capsys):
     import jax
 
-    from parallel import aot
+    from experiments import aot
 
     cpu = jax.devices("cpu")
     # an accelerator host: the default backend has one device; the fake CPU devices are the ones to compile for

@@ -105,11 +105,12 @@ def test_mesh_fill():
 
 
 def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(capsys):
-    """`python -m parallel.aot --mesh fsdp` failed with 'not enough values to unpack', and a batch of 6 rows on 8
+    """`python -m experiments.aot --mesh fsdp` failed with 'not enough values to unpack', and a batch of 6 rows on 8
     devices with JAX's IndivisibleError, which names neither the batch nor the fix."""
     import numpy as np
 
-    from parallel import aot, shard_batch
+    from experiments import aot
+    from parallel import shard_batch
     from parallel.mesh import parse_mesh
 
     assert parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
@@ -119,6 +120,22 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     with pytest.raises(SystemExit):  # a traceback from the config before
         aot.main(["--remat", "fulll"])
     assert "error: TransformerConfig.remat: unknown 'fulll'" in capsys.readouterr().err
+    # every mesh is checked before the first compiles (a 70B compile takes minutes): devices, batch, seq, heads
+    for bad, says in ((["--mesh", "fsdp=8", "--mesh", "fsdp=3"], "needs 3 devices but 8"),
+                      (["--mesh", "fsdpp=-1"], "unknown"),
+                      (["--batch", "3", "--mesh", "data=-1"], "--batch=3 is not divisible by the batch axes"),
+                      (["--seq", "63", "--mesh", "sequence=2,fsdp=4"], "--seq=63 is not divisible by the sequence")):
+        with pytest.raises(SystemExit):
+            aot.main(bad)
+        err = capsys.readouterr().err
+        assert "argument --mesh" in err and says in err, (bad, err)
+    from models import TransformerConfig
+
+    cfg = TransformerConfig(vocab_size=96, d_model=64, n_layers=1, n_heads=6, head_dim=16, mlp_dim=102)
+    assert aot.mesh_problem(cfg, {"data": 2, "tensor": -1}, 6, 2, 8) is None
+    assert "heads=6 is not divisible by the tensor axis" in aot.mesh_problem(cfg, {"tensor": -1}, 4, 4, 8)
+    odd = TransformerConfig(vocab_size=96, d_model=64, n_layers=1, n_heads=6, head_dim=16, mlp_dim=100)
+    assert "mlp_dim=100 is not divisible" in aot.mesh_problem(odd, {"tensor": 3}, 3, 3, 8)
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
                                          r"axes \('sequence',\) \(size 4\)"):

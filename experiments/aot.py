@@ -4,13 +4,14 @@ Inputs are `jax.ShapeDtypeStruct`s carrying their shardings, so a 70B model comp
 fake devices; `compiled.memory_analysis()` then gives XLA's per-device bytes, reported next to the
 analytic estimate of `scaling.memory.memory_per_device`.
 
-    python -m parallel.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
+    python -m experiments.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,27 @@ PRESETS = {  # Llama-2 shapes
 }
 
 
+def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> str | None:
+    """What stops `shape` from sharding this train step (None: nothing), checked before any compile: a bad mesh
+    among several otherwise fails only after the earlier ones compiled (minutes each at 70B)."""
+    from parallel.mesh import _fill
+    from parallel.rules import ACTIVATION_RULES
+
+    try:
+        mesh = _fill(dict(shape), n_devices, "devices")
+    except ValueError as e:
+        return f"{str(e).removeprefix('mesh: ')} (--devices {n_devices})"
+    rows = math.prod(mesh.get(a, 1) for a in ACTIVATION_RULES["batch"])
+    tp, sp = mesh.get("tensor", 1), mesh.get("sequence", 1)
+    for value, what, n, axes in ((batch, "--batch", rows, "batch axes"), (seq_len, "--seq", sp, "sequence axis"),
+                                 (cfg.n_heads, "the model's heads", tp, "tensor axis"),
+                                 (cfg.mlp_dim, "the model's mlp_dim", tp, "tensor axis"),
+                                 (cfg.vocab_size, "the model's vocab", tp, "tensor axis")):
+        if value % n:
+            return f"{what}={value} is not divisible by the {axes} of {mesh} (= {n})"
+    return None
+
+
 def _mesh_arg(text: str) -> dict[str, int]:
     try:
         return parse_mesh(text)
@@ -105,13 +127,18 @@ def main(argv=None):
         cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
     except ValueError as e:
         ap.error(str(e))
+    batch = args.batch or args.devices
+    meshes = args.mesh or [{"fsdp": -1}]
+    for shape in meshes:
+        if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq):
+            ap.error(f"argument --mesh {shape}: {problem}")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
           f"compute {args.dtype}, {args.devices} devices")
     print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
     print("|---|---|---|---|---|---|")
-    for shape in args.mesh or [{"fsdp": -1}]:
-        r = compile_report(cfg, shape, args.batch or args.devices, args.seq, devices=devices)
+    for shape in meshes:
+        r = compile_report(cfg, shape, batch, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
 
