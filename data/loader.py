@@ -85,6 +85,9 @@ class Source:
         return [str(f) for f in files]
 
 
+MAX_SEED = (2**32 - 1) // 1000 - 1  # sources shuffle with seed·1000 + k (k < 1000): grain's seeds are 32 bits
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
@@ -117,6 +120,8 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.worker_count={self.worker_count} must be >= 0")
         if self.tokenize_batch < 1:
             raise ValueError(f"LoaderConfig.tokenize_batch={self.tokenize_batch} must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED:  # source k shuffles with seed·1000 + k, and grain takes 32 bits
+            raise ValueError(f"LoaderConfig.seed={self.seed} must be in [0, {MAX_SEED}]")
 
 
 class Tokenize:

@@ -270,8 +270,10 @@ def _replace(obj, changes: dict, where: str):
     together (attn_pattern and sliding_window) can be set in either order."""
     try:
         return dataclasses.replace(obj, **changes)
-    except ValueError as e:  # the model and MoE configs validate themselves and name their field
-        raise ConfigError(str(e).splitlines()[0]) from None
+    except ValueError as e:  # the model and MoE configs validate themselves and name their field as Class.field:
+        line = str(e).splitlines()[0]  # name it as the user's --set key instead (model.moe.top_k)
+        cls = f"{type(obj).__name__}."
+        raise ConfigError(f"{where}.{line.removeprefix(cls)}" if line.startswith(cls) else line) from None
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -375,6 +377,29 @@ def load_tokenizer(d: DataSpec):
 # ---- validation -------------------------------------------------------------------------------------------------
 
 
+def _check_tier(path: str, field: str, tokenizer) -> None:
+    """A data directory the loader can read with this tokenizer: shards, at least one document, and (for
+    pre-tokenized data) the tokenizer that made it. Reads only the shards' headers."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data.loader import Source
+
+    try:
+        src = Source(path)
+        files = src.files()
+        n = 0
+        for f in files:
+            reader = ArrayRecordReader(f)
+            n += reader.num_records()
+            reader.close()
+        if n == 0:
+            raise ValueError(f"its {len(files)} shard(s) hold no documents (did the cleaning run drop them all? see "
+                             "its stats.json)")
+        src.check_tokenizer(tokenizer)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{field}: {path!r}: {e}") from None
+
+
 def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
     """The mesh shape with its -1 axis filled in for `n_devices`; a ConfigError naming `mesh` if it cannot be."""
     from parallel.mesh import _fill
@@ -418,8 +443,15 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
     need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
          f"{o.grad_accum} must divide train.batch={t.batch}")
-    need(d.eval_every_nth >= 2 and d.eval_batches >= 1, "data.eval_every_nth",
-         "hold out every n-th module with n >= 2, and at least one eval batch")
+    need(d.eval_every_nth >= 2, "data.eval_every_nth", f"hold out every n-th module with n >= 2, got "
+         f"{d.eval_every_nth}")
+    need(d.eval_batches >= 1, "data.eval_batches", f"must be >= 1 (batches per evaluation), got {d.eval_batches}")
+    from data.loader import MAX_SEED
+
+    need(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}] (the loader shuffles each source with "
+         f"seed·1000 + k in grain's 32 bits), got {t.seed}")
+    need(not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",
+         f"{t.out!r} is a file; name a directory for the run")
     need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
          f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
          f"least {d.eval_every_nth} or lower data.eval_every_nth")
@@ -446,7 +478,17 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
              "`python -m data.pipeline` (e.g. RUN/augmented) or a data.tokenizer.pretokenize output")
     need(d.tokenizer is None or os.path.isfile(d.tokenizer), "data.tokenizer",
          f"{d.tokenizer!r} is not a file; save one with data.tokenizer.train_bpe(texts, vocab).save(path)")
-    vocab = BYTE_EOS_VOCAB if d.tokenizer is None else load_tokenizer(d).vocab_size
+    try:
+        tokenizer = load_tokenizer(d)
+    except Exception as e:  # tokenizers raises a bare Exception for a file that is not its JSON
+        raise ConfigError(f"data.tokenizer: {d.tokenizer!r} is not a tokenizers JSON file ({e}); save one with "
+                          "data.tokenizer.train_bpe(texts, vocab).save(path)") from None
+    if d.train_dir is not None:
+        need(os.path.realpath(d.train_dir) != os.path.realpath(d.eval_dir), "data.eval_dir",
+             f"{d.eval_dir!r} is data.train_dir: evaluation would score training documents; pass a held-out tier")
+        for f in ("train_dir", "eval_dir"):
+            _check_tier(getattr(d, f), f"data.{f}", tokenizer)
+    vocab = tokenizer.vocab_size
     need(m.vocab_size >= vocab, "model.vocab_size",
          f"{m.vocab_size} < the tokenizer's {vocab} ids ({'bytes + EOS' if d.tokenizer is None else d.tokenizer})"
          "; raise model.vocab_size")

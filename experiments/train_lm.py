@@ -151,7 +151,7 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     'field: saved X, now Y'. Refused: model fields (other parameters) and the fields that define the data stream
     (the saved loader state would continue another stream). Warned: train.steps and optim.* (the LR schedule
     and optimizer change from the resumed step on, which may be intended, e.g. to train longer), and
-    data.eval_batches (evaluations before and after average over different held-out batches)."""
+    data.eval_batches / data.eval_dir (evaluations before and after average over different held-out batches)."""
     def line(*keys):
         was = _get(saved, *keys, default=SAVED_BEFORE_FIELD.get(keys))
         return f"{'.'.join(keys)}: saved {was!r}, now {_get(current, *keys)!r}"
@@ -162,8 +162,8 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
     # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages
-    warned += [line("data", "eval_batches")] if _get(saved, "data", "eval_batches", default=None) not in (
-        None, _get(current, "data", "eval_batches")) else []
+    warned += [line("data", k) for k in ("eval_batches", "eval_dir") if _get(saved, "data", k, default=None) != _get(
+        current, "data", k) and (k in saved.get("data", {}))]
     return refused, warned
 
 
@@ -292,6 +292,10 @@ def train(cfg, mesh_shape: dict) -> dict:
     ckpt = Checkpoints(out / "ckpt", keep=t.keep, keep_best=t.keep_best, async_save=t.async_save, log=say)
 
     def check(meta):  # runs on the saved meta before any array is read
+        if int(meta["step"]) > t.steps:  # it would report a longer-trained model under this run's name
+            raise CheckpointMismatch(
+                f"train.steps: {out / 'ckpt'} is at step {meta['step']}, past train.steps={t.steps}; pass "
+                f"--set train.steps={meta['step']} (or more) to resume it, or a new --out")
         refused, warned = resume_mismatch(json.loads(meta["config"]), json.loads(cfg.to_json()))
         if refused:
             raise CheckpointMismatch(

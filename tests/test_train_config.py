@@ -4,6 +4,7 @@ nested fields; the optimizer's decay mask and schedules; gradient accumulation m
 import dataclasses
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
       "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2)"),
     (["--preset", "tiny", "--set", "model.sliding_window=32"], 8, "model.sliding_window: window 32 >= train.seq=32"),
     (["--preset", "tiny", "--seq", "64"], 8, "train.seq: 64 > model.max_seq_len=32"),
-    (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "TransformerConfig.n_kv_heads: n_heads=2 must be"),
+    (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "model.n_kv_heads: n_heads=2 must be"),
     (["--preset", "tiny", "--set", "train.nan_policy=ignore"], 8, "train.nan_policy: unknown 'ignore'"),
     (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
     (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8,
@@ -56,7 +57,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
      "model.d_model: 32 is not divisible by the fsdp axis (3)"),
     (["--preset", "llama7b"], 8, "mesh: mesh {'data': 8, 'fsdp': 32} needs 256 devices but 8"),
-    (["--preset", "demo", "--set", "model.moe.top_k=9"], 8, "MoEConfig.top_k: 9 > n_experts=4"),
+    (["--preset", "demo", "--set", "model.moe.top_k=9"], 8, "model.moe.top_k: 9 > n_experts=4"),
     # --set values are checked against the field's declared type
     (["--preset", "tiny", "--set", "train.steps=5O"], 8, "train.steps: expected an integer (int), got '5O'"),
     (["--preset", "tiny", "--set", "model.n_layers=4.5"], 8, "model.n_layers: expected an integer (int), got '4.5'"),
@@ -77,6 +78,12 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "optim.lr=1e400"], 8, "optim.lr: expected a number (float), got '1e400'"),
     (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
+    (["--preset", "tiny", "--set", f"train.out={os.devnull}"], 8, f"train.out: {os.devnull!r} is a file"),
+    # 0 was reported as data.eval_every_nth's; grain refused seeds past 32 bits (x1000) deep in the loader
+    (["--preset", "tiny", "--set", "data.eval_batches=0"], 8, "data.eval_batches: must be >= 1"),
+    (["--preset", "tiny", "--seed", "-1"], 8, "train.seed: must be in [0, 4294966]"),
+    (["--preset", "tiny", "--seed", "5000000"], 8, "train.seed: must be in [0, 4294966]"),
+    (["--preset", "tiny", "--set", "model.moe.n_experts=0"], 8, "model.moe.n_experts: "),
     # pipeline stages run whole pattern periods, without MoE
     (["--preset", "tiny", "--mesh", "stage=2,fsdp=4"], 8,
      "mesh.stage: model.n_layers=2 (pattern period 2) does not split into 2 stages; use a multiple of 4 layers"),
@@ -304,6 +311,11 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     assert refused == ["train.seq: saved 32, now 16", "data.max_files: saved 40, now 20"]
     assert warned == ["train.steps: saved 12, now 20", "optim.lr: saved 0.01, now 0.001",
                       f"data.eval_batches: saved {saved['data']['eval_batches']}, now 3"]
+    # another held-out tier: evaluations (the best checkpoint, eval_target) compare other averages from here on
+    own, moved = json.loads(json.dumps(saved)), json.loads(json.dumps(saved))
+    own["data"]["eval_dir"], moved["data"]["eval_dir"] = "held/augmented", "other/augmented"
+    assert train_lm.resume_mismatch(own, moved) == ([], ["data.eval_dir: saved 'held/augmented', now "
+                                                          "'other/augmented'"])
     # a checkpoint from before the corpus was held out by module points into another stream
     older = json.loads(json.dumps(saved))
     del older["data"]["corpus"]

@@ -187,6 +187,11 @@ def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "nonfinite"] == [3]
     assert [r["loss"] for r in rows if r["kind"] == "train" and r["step"] == 3] == [None]  # NaN is not JSON
+    # resumed with fewer steps than it has: it reported the step-5 model as a 4-step run's, and exited 0
+    with pytest.raises(SystemExit, match=r"train.steps: .* is at step 5, past train.steps=4; pass --set "
+                                         r"train.steps=5 \(or more\)"):
+        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.save_every=1",
+                       "--set", "train.keep=10", "--set", "train.nan_policy=skip"])
 
 
 def test_nan_halt_stops_without_saving_poison(tmp_path):
@@ -262,7 +267,7 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     from data import loader as loader_mod
     from data.shards import DocWriter
     from data.synthetic import en_text
-    from data.tokenizer import train_bpe
+    from data.tokenizer import BPETokenizer, pretokenize, train_bpe
     from experiments.config import ConfigError, validate
 
     rng = np.random.default_rng(0)
@@ -290,6 +295,19 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
         validate(load([*TINY, *data[:2]]), 8)
     with pytest.raises(ConfigError, match="model.vocab_size: 256 < the tokenizer's 300 ids"):
         validate(load([*TINY, *data, "--set", "model.vocab_size=256"]), 8)
+    # data the loader cannot read is named before the run directory is made (each was a loader traceback after)
+    (tmp_path / "empty").mkdir()
+    DocWriter(tmp_path / "none" / "shard-00000.array_record").commit()  # a cleaning run that kept no document
+    (tmp_path / "bad.json").write_text('{"vocab": 1, oops}')
+    pretokenize(tmp_path / "train", BPETokenizer.load(tmp_path / "tok.json"), tmp_path / "pre")
+    for sets, says in (([f"data.train_dir={tmp_path / 'empty'}"], "data.train_dir: .*no shard-\\*.array_record"),
+                       ([f"data.eval_dir={tmp_path / 'none'}"], "data.eval_dir: .*hold no documents"),
+                       ([f"data.eval_dir={tmp_path / 'train'}"], "data.eval_dir: .* is data.train_dir"),
+                       ([f"data.tokenizer={tmp_path / 'bad.json'}"], "data.tokenizer: .* is not a tokenizers JSON"),
+                       ([f"data.train_dir={tmp_path / 'pre'}", "data.tokenizer=none"],
+                        "data.train_dir: .* was pre-tokenized with vocab_size=300")):
+        with pytest.raises(ConfigError, match=says):
+            validate(load([*TINY, *data, *(x for kv in sets for x in ("--set", kv))]), 8)
 
 
 def test_load_model_gives_the_checkpoints_model_for_inference(runs):
