@@ -1,6 +1,9 @@
 """μP learning-rate transfer: loss vs learning rate for three widths, standard parametrisation vs μP.
 
-    python -m experiments.mup_transfer [--steps 150] [--widths 64 128 256] [--out docs/mup_transfer.png]
+    python -m experiments.mup_transfer [--steps 150] [--widths 64 128 256] [--out mup_transfer.png] [--json F]
+
+The documented sweep (every default) writes docs/mup_transfer.png unless --out says otherwise; any other sweep
+writes mup_transfer.png here, so a smoke run never replaces the documented figure.
 
 Each width (d_model; head_dim 32, heads = d / 32, SwiGLU 4·d, 2 layers, untied) is trained on the same
 byte-corpus batches for every learning rate 2^-12 … 2^-4 (AdamW, warmup + cosine). Under the standard
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -100,9 +104,16 @@ def main(argv=None):
     ap.add_argument("--widths", type=multiple_of_32, nargs="+", default=[64, 128, 256])
     ap.add_argument("--batch", type=at_least(1), default=16)
     ap.add_argument("--seq", type=at_least(1), default=64)
-    ap.add_argument("--out", default="docs/mup_transfer.png")
+    ap.add_argument("--out", default=None, help="the plot (default: see above)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.out is None:
+        documented = all(getattr(args, k) == ap.get_default(k) for k in ("steps", "widths", "batch", "seq"))
+        args.out = str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "mup_transfer.png") if documented \
+            else "mup_transfer.png"
+    for flag, path in (("--out", args.out), ("--json", args.json)):  # before the sweep, not after it
+        if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
+            ap.error(f"argument {flag}: the directory of {path} does not exist")
     data = ByteWindows(encode_bytes(stdlib_text(1_000_000)), args.seq, args.batch, 0)
     batches = [{k: jnp.asarray(v) for k, v in data.batch(i).items()} for i in range(args.steps)]
     res = {"sp": {}, "mup": {}}
@@ -116,11 +127,11 @@ def main(argv=None):
             best = min(curve, key=curve.get)
             print(f"{name:4s} width {w:4d}: best log2 lr {best:>4s}, loss {curve[best]:.3f}   "
                   + " ".join(f"{float(v):.2f}" for v in curve.values()))
-    plot(res, args.widths, args.out)
-    print("plot:", args.out)
-    if args.json:
+    if args.json:  # the numbers first: they are what the sweep cost
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    plot(res, args.widths, args.out)
+    print("plot:", args.out)
     return res
 
 

@@ -106,3 +106,6 @@ def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width
     with pytest.raises(SystemExit):
         mup_transfer.main(["--widths", "64", width])
     assert "--widths" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a plot path in no directory failed after the whole sweep, losing it
+        mup_transfer.main(["--steps", "1", "--widths", "32", "--json", "/nonexistent/r.json"])
+    assert "argument --json: the directory of /nonexistent/r.json does not exist" in capsys.readouterr().err
