@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import shutil
 import time
@@ -204,9 +205,15 @@ def plot(path, all_runs, bs, target, preds, level):
     plt.close(fig)
 
 
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the documented figure, whatever the cwd
+LADDER_FILES = ("ladder.json", "prediction.json", "results.json", "scaling_fit.png")
+
+
 def replot(out: pathlib.Path, level: float, docs: bool):
     """Re-fit (deterministic: same runs, same bootstrap seed and resample count) and redraw the figure of a finished
     ladder. (Ladders before 2026-12-01 stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
+    if not (out / "results.json").is_file():
+        raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
     res = json.loads((out / "results.json").read_text())
     pred = res["prediction"]
     fit_runs = [r for r in res["runs"] if r["rung"] != pred["target"]]
@@ -214,7 +221,7 @@ def replot(out: pathlib.Path, level: float, docs: bool):
     bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
     if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
-        shutil.copy(out / "scaling_fit.png", pathlib.Path("docs") / "scaling_fit.png")
+        shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
     return res
 
 
@@ -225,16 +232,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 3e-3, got {text}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
     ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
+    ap.add_argument("--lr", type=_positive, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
     ap.add_argument("--warmup", type=at_least(0), default=16)
     ap.add_argument("--n-boot", type=at_least(1), default=100)
     ap.add_argument("--level", type=_fraction, default=0.9, help="interval level in (0, 1), e.g. 0.9")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
     ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")
+    ap.add_argument("--fresh", action="store_true", help="replace the ladder files already in --out")
     args = ap.parse_args(argv)
     args.out = args.out or ("runs/scaling-quick" if args.quick else "runs/scaling")
     if args.replot:
@@ -243,7 +258,18 @@ def main(argv=None):
     ladder, budgets = (QUICK_LADDER, QUICK_STEPS) if args.quick else (LADDER, BUDGET_STEPS)
     warmup = min(args.warmup, min(budgets) // 2)
     n_boot = min(args.n_boot, 20) if args.quick else args.n_boot
+    if (warmup, n_boot) != (args.warmup, args.n_boot):
+        print(f"note: warmup {args.warmup} → {warmup} steps (at most half the shortest budget, {min(budgets)} steps)"
+              f", bootstrap resamples {args.n_boot} → {n_boot}{' (--quick: at most 20)' if args.quick else ''}")
     out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        ap.error(f"argument --out: {out} is a file; pass a directory")
+    old = [f for f in LADDER_FILES if (out / f).exists()]
+    if old and not args.fresh:  # a rerun rewrote ladder.json beside the last run's prediction and results
+        ap.error(f"argument --out: {out} holds another ladder's {', '.join(old)}; pass --fresh to replace them, "
+                 "or another --out")
+    for f in old:
+        (out / f).unlink()
     out.mkdir(parents=True, exist_ok=True)
     tokens = encode_bytes(stdlib_text(4_000_000))
     train_tok, eval_tok = train_eval_split(tokens)
@@ -300,7 +326,7 @@ def main(argv=None):
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
     if not args.no_docs and not args.quick:
-        shutil.copy(out / "scaling_fit.png", pathlib.Path("docs") / "scaling_fit.png")
+        shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
 
     print(f"{target.name} (N={target_n:,}): predicted vs actual held-out loss, {int(args.level * 100)}% bootstrap "
           "prediction interval:")

@@ -46,3 +46,23 @@ def test_byte_windows_and_split_edges():
     train, held = train_eval_split(np.arange(100), 0.05)  # the last 5% held out in one piece (a cut at 5% passed)
     np.testing.assert_array_equal(train, np.arange(95))
     np.testing.assert_array_equal(held, np.arange(95, 100))
+
+
+def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
+    """--lr -1 trained the ladder by gradient ascent; a rerun into a finished ladder's directory rewrote ladder.json
+    beside the old prediction and results (and --replot refitted those); --replot of no ladder was a traceback."""
+    import pytest
+
+    from experiments import scaling_ladder
+
+    for lr in ("-1", "0", "nan"):
+        with pytest.raises(SystemExit):
+            scaling_ladder.main(["--quick", "--lr", lr, "--out", str(tmp_path), "--no-docs"])
+        assert "argument --lr: must be a positive number" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        scaling_ladder.main(["--quick", "--out", str(tmp_path), "--no-docs"])
+    assert "holds another ladder's results.json; pass --fresh" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "{}"
+    with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
+        scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
