@@ -22,6 +22,7 @@ import concurrent.futures as cf
 import copy
 import dataclasses
 import hashlib
+import json
 import multiprocessing
 import os
 import pathlib
@@ -310,17 +311,51 @@ def main(argv=None):
                          "at exactly the threshold kept); 2: recall >= 0.9 just above it")
     ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
     args = ap.parse_args(argv)
-    try:  # bad settings and inputs as one line, like the trainer's config errors
+    try:  # a bad setting names the flag it came from (the configs name their own fields)
         cfg = PipelineConfig(source=SourceConfig(text_field=args.text_field, max_doc_bytes=args.max_doc_bytes),
                              langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
                              dedup=DedupConfig(threshold=args.near_dup_threshold,
                                                confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers)
-        run(args.inputs, args.out, cfg)
+    except ValueError as e:
+        msg = str(e)
+        flag = next((f for field, f in FLAGS.items() if msg.startswith(field)), None)
+        ap.error(f"argument {flag}: {msg}" if flag else msg)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"argument --out: {args.out} is a file; name a directory for the run")
+    try:  # bad inputs as one line, like the trainer's config errors
+        stats = run(args.inputs, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     from data.report import report
 
     print(report(args.out))
+    ingest = stats["raw"]["stages"][0]
+    if ingest["docs_out"] == 0 and ingest["dropped"].get("missing_text", 0):  # most likely the wrong field name
+        raise SystemExit(f"error: no record has the field {args.text_field!r} (missing_text "
+                         f"{ingest['dropped']['missing_text']:,}); pass --text-field with the one holding the text"
+                         f"{_keys_hint(args.inputs)}")
+
+
+# the config field each flag sets, as the configs' errors name them
+FLAGS = {"PipelineConfig.workers": "--workers", "SourceConfig.text_field": "--text-field",
+         "SourceConfig.max_doc_bytes": "--max-doc-bytes", "LangIDConfig.keep": "--keep-langs",
+         "DedupConfig.threshold": "--near-dup-threshold", "DedupConfig.confirm_sigmas": "--near-dup-confirm-sigmas"}
+
+
+def _keys_hint(inputs) -> str:
+    """'; the first JSON Lines record's fields: [...]' for the first plain .jsonl input, else ''."""
+    for path in (pathlib.Path(i) for i in inputs):
+        files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+        for f in (f for f in files if f.suffix == ".jsonl"):
+            with open(f, "rb") as fh:
+                for line in fh:
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict):
+                        return f"; the first record of {f} has the fields {sorted(obj)[:12]}"
+    return ""
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -364,6 +365,18 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
                    "content"])
     ingest = next(s for _, s in report_mod.funnel(tmp_path / "out") if s.name == "ingest")
     assert ingest.dropped == {} and ingest.docs_out == 3, ingest
+    # without the flag every record drops as missing_text: exit 1 naming the flag and the fields there are
+    with pytest.raises(SystemExit, match=r"no record has the field 'text' \(missing_text 3\); pass --text-field .* "
+                                         r"has the fields \['content'\]"):
+        pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out2"), "--workers", "1"])
+    # settings name the flag they came from, not the config field; an --out that is a file is named
+    for bad, says in ((["--workers", "0"], "argument --workers: PipelineConfig.workers"),
+                      (["--near-dup-threshold", "80"], "argument --near-dup-threshold: DedupConfig.threshold"),
+                      (["--keep-langs", "en,xx"], "argument --keep-langs: LangIDConfig.keep"),
+                      (["--out", str(tmp_path / "in.jsonl")], "argument --out: .* is a file")):
+        with pytest.raises(SystemExit):
+            pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out3"), *bad])
+        assert re.search(says, capsys.readouterr().err), bad
 
 
 def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
