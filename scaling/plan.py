@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import re
 
 from scaling.flops import LMShape, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip
@@ -239,6 +240,12 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     return Plan(n, d, c6, cm, fpt, seconds, chip_hours, kwh, co2, shape, mesh, "\n".join(lines))
 
 
+# make_plan's keyword → the flag that sets it
+FLAGS = {"params": "--params", "n_params": "--params", "flops": "--flops", "tokens": "--tokens", "chips": "--chips",
+         "mfu": "--mfu", "seq_len": "--seq-len", "vocab_size": "--vocab", "pue": "--pue", "grid_g_per_kwh": "--grid",
+         "chip_power_w": "--chip-power-w", "seqs_per_chip": "--seqs-per-chip", "law": "--law"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group(required=True)
@@ -265,8 +272,11 @@ def main(argv=None):
                          dtype=a.dtype, mfu=a.mfu, seq_len=a.seq_len, vocab_size=a.vocab, law=a.law, pue=a.pue,
                          grid_g_per_kwh=a.grid, chip_power_w=a.chip_power_w, remat=a.remat,
                          seqs_per_chip=a.seqs_per_chip)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # make_plan names its keyword; name the flag the user typed
+        msg = str(e)
+        word = re.match(r"[a-z_]+", msg)
+        flag = FLAGS.get(word.group()) if word else None
+        raise SystemExit(f"error: argument {flag}: {msg}" if flag else f"error: {msg}") from None
     print(plan.text)
     return plan
 

@@ -143,3 +143,15 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     assert line.endswith("add chips, lower seq_len or use remat='full'"), line
     at_full = make_plan(params=1e9, chips=1, seq_len=131072, remat="full")
     assert next(x for x in at_full.text.splitlines() if x.startswith("memory")).endswith("add chips or lower seq_len")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--grid", "-1"], "error: argument --grid: grid_g_per_kwh must be >= 0"),
+    (["--vocab", "0"], "error: argument --vocab: vocab_size"),
+    (["--seq-len", "0"], "error: argument --seq-len: seq_len"),
+    (["--chip-power-w", "0"], "error: argument --chip-power-w: chip_power_w must be > 0"),
+])
+def test_cli_errors_name_the_flag_not_the_keyword(argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["--params", "7e9", *argv])
+    assert str(e.value).startswith(message), e.value
