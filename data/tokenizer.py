@@ -146,6 +146,11 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
 
     out = pathlib.Path(out_dir)
     shards = tier_shards(tier_dir)
+    if out.resolve() == pathlib.Path(tier_dir).resolve():  # each shard would be replaced by its ids
+        raise ValueError(f"pretokenize out_dir={str(out_dir)!r} is tier_dir: the cleaned text would be overwritten; "
+                         "write the ids to another directory")
+    # the loader trusts the meta beside the shards: a run that dies part-way must not leave an older one there
+    (out / "tokenizer.json").unlink(missing_ok=True)
     for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
         writer = DocWriter(out / pathlib.Path(path).name)
         texts = []

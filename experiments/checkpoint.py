@@ -121,6 +121,8 @@ class Checkpoints:
     """
 
     def __init__(self, directory, keep: int = 2, keep_best: bool = True, async_save: bool = True, log=print):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # orbax's LatestN(0) deletes every save
+            raise ValueError(f"Checkpoints keep={keep!r}: must be an int >= 1 (the newest N steps kept)")
         self.dir = pathlib.Path(directory).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self._report_incomplete()

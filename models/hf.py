@@ -254,6 +254,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     cfg = model.cfg
     hf = config_to_hf(cfg)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    if out_dtype.name not in ("float32", "bfloat16", "float16"):  # a cast to int8 / fp8 silently destroys weights
+        raise ValueError(f"save_pretrained dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
     hf["dtype"] = hf["torch_dtype"] = jnp.dtype(out_dtype).name  # a name, however given; 4.x reads torch_dtype
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -128,6 +128,10 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     files = tuple(sorted(str(f) for f in pathlib.Path(pre).glob("shard-*.array_record")))
     with pytest.raises(ValueError, match="pre-tokenized with vocab_size=400"):
         LMLoader([Source(files)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    # into the tier itself: every text shard was replaced by its ids
+    with pytest.raises(ValueError, match="is tier_dir: the cleaned text would be overwritten"):
+        pretokenize(path, tok, path, progress=False)
+    assert LMLoader([Source(path)], tok, cfg, process_index=0, process_count=1) is not None
     (pathlib.Path(pre) / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
         LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)

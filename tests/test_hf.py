@@ -234,6 +234,10 @@ def test_save_bfloat16(tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(ours)), strict=True):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)))
+    for bad in ("int8", "float8_e4m3fn"):  # int8 wrote all-zero weights over the export above, without a word
+        with pytest.raises(ValueError, match=f"save_pretrained dtype='{bad}': use 'float32', 'bfloat16'"):
+            save_pretrained(ours, tmp_path, dtype=bad)
+    assert from_pretrained(tmp_path, param_dtype="bfloat16").cfg == back.cfg  # the export is still there
 
 
 def test_llama_attention_bias_only_when_o_bias_is_zero(tmp_path):

@@ -40,6 +40,13 @@ def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best, restart_
         ckpt.close()
 
 
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
+def test_keep_below_one_is_refused(tmp_path, keep):
+    """orbax's LatestN(0) deleted every checkpoint as it was saved, without a word."""
+    with pytest.raises(ValueError, match="Checkpoints keep=.*: must be an int >= 1"):
+        Checkpoints(tmp_path, keep=keep)
+
+
 class PositionLoader:
     """Stands for data.loader.LMLoader: just a position to save and restore."""
 
