@@ -10,6 +10,7 @@ A mesh axis absent from the mesh (or of size 1) simply drops out, so one table s
 from __future__ import annotations
 
 import contextlib
+import difflib
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -72,20 +73,40 @@ def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: M
     mesh axis raises (it would silently change nothing, or replicate); logical names your own modules add go in
     `new_names`, e.g. `use_rules({'my_axis': 'tensor'})`. A jitted function called inside traces again for the
     new rules (they are part of jax.jit's cache key)."""
-    from parallel.mesh import AXES
-
     current = _current()
     unknown = sorted(set(overrides) - set(current))
     if unknown:
         raise ValueError(f"use_rules: no logical axis {unknown} in the rules table (known: {sorted(current)}); "
                          "pass names your own modules add as use_rules({'name': axes})")
-    for name, target in {**(new_names or {}), **overrides}.items():
-        bad = [a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a not in AXES]
-        if bad:
-            raise ValueError(f"use_rules: {name}={target!r} names mesh axes {bad}; use names from {AXES} or None")
+    check_targets({**(new_names or {}), **overrides}, "use_rules")
     new = {k: tuple(v) if isinstance(v, list) else v for k, v in {**(new_names or {}), **overrides}.items()}
     with _overrides(tuple(sorted({**dict(_overrides.value), **new}.items(), key=lambda kv: kv[0]))):
         yield
+
+
+def check_targets(rules: Mapping[str, MeshAxes], where: str) -> None:
+    """Each rule maps to None, a mesh axis name or a tuple of them: a misspelt axis would silently replicate."""
+    from parallel.mesh import AXES
+
+    for name, target in rules.items():
+        ok = target is None or isinstance(target, str) or (isinstance(target, tuple | list) and all(
+            isinstance(a, str) for a in target))
+        bad = [a for a in ((target,) if isinstance(target, str) else tuple(target or ())) if a not in AXES] if ok \
+            else [target]
+        if bad:
+            raise ValueError(f"{where}: {name}={target!r} names mesh axes {bad}; map a logical axis to None, a name "
+                             f"from {AXES}, or a tuple of them")
+
+
+def _check_overrides(rules: Mapping[str, MeshAxes]) -> None:
+    """A `rules=` argument: targets as `check_targets`; a name one letter off a table name ('embedd') raises, since
+    it would change nothing. Names of your own modules' axes pass (or register them with `use_rules({...})`)."""
+    check_targets(rules, "rules")
+    table = _current()
+    for name in rules:
+        if name not in table and (near := difflib.get_close_matches(name, table, n=1, cutoff=0.8)):
+            raise ValueError(f"rules: no logical axis {name!r} in the rules table; did you mean {near[0]!r}? "
+                             f"(a name of your own modules: register it with use_rules({{{name!r}: ...}}))")
 
 
 def current_rules() -> dict[str, MeshAxes]:
@@ -106,6 +127,8 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     rules: overrides of the table in effect, e.g. {'embed': None} (every `rules=` argument of parallel/ and
     scaling/ means this; a whole table works too). A partial dict used to replace the table (KeyError 'vocab').
     """
+    if rules:
+        _check_overrides(rules)
     rules = {**_current(), **rules} if rules else _current()
     sizes = _mesh_axes(mesh)
     used: set[str] = set()

@@ -66,6 +66,18 @@ def test_rules_arguments_override_the_table_in_effect():
     assert state["embed"][...].sharding.spec == jax.P("tensor", None)
     default = memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64)
     assert memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64, rules={"embed": None}).params > default.params
+    # a misspelt mesh axis replicated the embedding silently, a misspelt name changed nothing; a new name passes
+    for bad, says in (({"embed": "fsdpp"}, r"rules: embed='fsdpp' names mesh axes \['fsdpp'\]"),
+                      ({"embed": 4}, r"rules: embed=4 names mesh axes \[4\]"),
+                      ({"embedd": None}, "no logical axis 'embedd' in the rules table; did you mean 'embed'")):
+        with pytest.raises(ValueError, match=says):
+            create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules=bad)
+        with pytest.raises(ValueError, match=says):
+            memory_per_device(CFG, {"fsdp": 8}, 8, 64, rules=bad)
+    assert logical_to_spec(("my_axis",), mesh, rules={"my_axis": "tensor"}) == jax.P("tensor")
+    with pytest.raises(ValueError, match=r"use_rules: embed=4"):
+        with use_rules(embed=4):
+            pass
 
 
 def test_a_jitted_function_traces_again_under_other_rules():
