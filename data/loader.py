@@ -124,6 +124,18 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.seed={self.seed} must be in [0, {MAX_SEED}]")
 
 
+def _check_text_field(src: Source, field: str) -> None:
+    """The first document of `src` has `field` (before the iterator starts: inside it, a KeyError names nothing)."""
+    reader = ArrayRecordReader(src.files()[0])
+    try:
+        first = reader.read([0])[0] if reader.num_records() else None
+    finally:
+        reader.close()
+    if first is not None and not first.startswith(TOKENS_MAGIC) and field not in (doc := decode_doc(first)):
+        raise ValueError(f"LoaderConfig.text_field={field!r} is not a field of {src.path!r}'s documents (they have "
+                         f"{sorted(doc)}); set text_field to the one holding the text")
+
+
 class Tokenize:
     """A list of doc records → a list of `{"inputs": ids[:-1], "targets": ids[1:]}`, ids = [eos] + text +
     [eos] when the tokenizer has an EOS, else the text's ids. Lists, because `encode_batch` tokenizes
@@ -138,7 +150,11 @@ class Tokenize:
         all_ids = [np.frombuffer(r, np.int32, offset=len(TOKENS_MAGIC)) if r.startswith(TOKENS_MAGIC) else None
                    for r in records]
         if todo:
-            texts = [decode_doc(records[k])[self.text_field] for k in todo]
+            docs = [decode_doc(records[k]) for k in todo]
+            if missing := next((d for d in docs if self.text_field not in d), None):
+                raise ValueError(f"LoaderConfig.text_field={self.text_field!r} is not a field of the documents "
+                                 f"(one has {sorted(missing)}); set text_field to the one holding the text")
+            texts = [d[self.text_field] for d in docs]
             if hasattr(self.tokenizer, "encode_batch"):
                 encoded = self.tokenizer.encode_batch(texts)
             else:
@@ -195,6 +211,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
     parts = []
     for k, src in enumerate(sources):
         src.check_tokenizer(tokenizer)
+        _check_text_field(src, cfg.text_field)
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(src.files()))
         if len(ds) < n:
             raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than {n} processes")

@@ -9,8 +9,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from data.loader import LMLoader, LoaderConfig, Source, documents
-from data.shards import DocWriter, shard_name
+from data.loader import LMLoader, LoaderConfig, Source, Tokenize, documents
+from data.shards import DocWriter, encode_doc, shard_name
 from data.synthetic import en_text, zh_text
 from data.tokenizer import ByteTokenizer, pretokenize, train_bpe
 
@@ -103,6 +103,12 @@ def test_without_eos_every_document_of_two_tokens_or_more_is_trained_on(tmp_path
     cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1, drop_remainder=False, shuffle=False)
     batches = list(LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1))
     assert sum(b["weights"].sum() for b in batches) == (2 - 1) + (5 - 1)
+    # another text field: a bare KeyError from inside grain's iterator at the first next(); now named at once
+    with pytest.raises(ValueError, match=r"text_field='body' is not a field of .* \(they have \['id', 'text'\]\)"):
+        LMLoader([Source(path)], ByteTokenizer(), dataclasses.replace(cfg, text_field="body"), process_index=0,
+                 process_count=1)
+    with pytest.raises(ValueError, match=r"text_field='body' is not a field of the documents"):
+        Tokenize(ByteTokenizer(), "body")([encode_doc({"id": "x", "text": "t"})])
 
 
 def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
