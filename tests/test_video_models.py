@@ -87,6 +87,15 @@ def test_vae_shapes_dtypes_and_param_count(cfg, frames, size, latent):
     assert recon.shape == x.shape and recon.dtype == jnp.float32
     with pytest.raises(ValueError, match="temporal_factor"):
         vae.encode(x[:, :-1])
+    # channels first, one clip without its batch, 8-bit frames, latents of the wrong width: named, not a reshape
+    # error or a frame count blamed on temporal_factor; uint8 passed as if it were in [-1, 1]
+    for bad, says in ((jnp.moveaxis(x, -1, 2), r"encode: video must be \[B, T, H, W, C\] with C = VAEConfig"),
+                      (x[0], r"encode: video must be \[B, T, H, W, C\]"),
+                      (jnp.zeros(x.shape, jnp.uint8), "must be floats in \\[-1, 1\\], got uint8")):
+        with pytest.raises(ValueError, match=says):
+            vae.encode(bad)
+    with pytest.raises(ValueError, match=r"decode: latents must be \[B, T, h, w, Z\] with Z = VAEConfig"):
+        vae.decode(mean[..., :-1])
 
 
 @pytest.mark.parametrize("attention,dtype", [("factorized", "float32"), ("full", "float32"),
@@ -98,6 +107,15 @@ def test_dit_shapes_dtypes_and_param_count(attention, dtype):
     x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
     out = dit_apply(model, x, jnp.asarray([0.1, 0.9]))
     assert out.shape == x.shape and out.dtype == jnp.float32 and bool(jnp.isfinite(out).all())
+    text, valid, pooled = text_inputs(2, E=cfg.text_dim)
+    t = jnp.asarray([0.1, 0.9])
+    for args, says in (((x, 0.5, text, valid, pooled), r"t_B must be float times .*=\(2,\), got float32\[\]"),
+                       ((x, jnp.asarray([500, 500]), text, valid, pooled), r"got int32\[2\]"),
+                       ((x, t, text[:1], valid, pooled), r"text_BLE must be \[B=2, L, DiTConfig.text_dim"),
+                       ((x, t, text, None, pooled), "text_valid_BL must be a \\[B, L\\]"),
+                       ((x, t, text, valid, pooled[:, :8]), r"pooled_BE must be \[B=2, DiTConfig.text_dim")):
+        with pytest.raises(ValueError, match=says):  # each was a broadcast / reshape error naming no argument
+            model(*args)
     if dtype == "bfloat16":  # bf16 compute stays close to the float32 model with the same weights
         ref = dit_apply(nnx.merge(nnx.graphdef(VideoDiT(DIT, rngs=nnx.Rngs(0))), nnx.state(model)), x,
                         jnp.asarray([0.1, 0.9]))

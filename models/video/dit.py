@@ -94,6 +94,24 @@ class DiTBlock(nnx.Module):
         return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
 
 
+def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) -> None:
+    """Name the argument whose shape or dtype is wrong (before tracing: inside, a broadcast error names none)."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"VideoDiT: {what}")
+
+    shape = lambda a: tuple(getattr(a, "shape", ()))  # noqa: E731
+    need(shape(t_B) == (B,) and jnp.issubdtype(jnp.result_type(t_B), jnp.floating),
+         f"t_B must be float times in [0, 1] of shape [B]=({B},), got {jnp.result_type(t_B)}{list(shape(t_B))}")
+    need(len(shape(text_BLE)) == 3 and shape(text_BLE)[0] == B and shape(text_BLE)[2] == cfg.text_dim,
+         f"text_BLE must be [B={B}, L, DiTConfig.text_dim={cfg.text_dim}], got {list(shape(text_BLE))}")
+    need(text_valid_BL is not None and shape(text_valid_BL) == shape(text_BLE)[:2],
+         f"text_valid_BL must be a [B, L]={list(shape(text_BLE)[:2])} mask of the caption tokens, got "
+         f"{None if text_valid_BL is None else list(shape(text_valid_BL))}")
+    need(pooled_BE is None or shape(pooled_BE) == (B, cfg.text_dim),
+         f"pooled_BE must be [B={B}, DiTConfig.text_dim={cfg.text_dim}], got {list(shape(pooled_BE))}")
+
+
 class VideoDiT(nnx.Module):
     """`pred_BTHWC = dit(x_BTHWC, t_B, text_BLE, text_valid_BL, pooled_BE)`: the prediction (velocity, ε
     or v) for noisy latents x at times t in [0, 1], conditioned on caption tokens (and their mean)."""
@@ -140,6 +158,7 @@ class VideoDiT(nnx.Module):
         if tuple(x_BTHWC.shape[1:]) != (*cfg.latent_shape, cfg.latent_channels):
             raise ValueError(f"latents of shape {x_BTHWC.shape[1:]} do not match DiTConfig.latent_shape="
                              f"{cfg.latent_shape}, latent_channels={cfg.latent_channels}")
+        _check_conditioning(cfg, x_BTHWC.shape[0], t_B, text_BLE, text_valid_BL, pooled_BE)
         x_BSP = patchify(x_BTHWC.astype(cd), cfg.patch)
         B, S, P = x_BSP.shape
         x_BSD = matmul(x_BSP, self.patch_embed, cd) + self.patch_bias[...].astype(cd)

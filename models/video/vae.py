@@ -196,11 +196,20 @@ class VideoVAE(nnx.Module):
 
     def encode(self, x_BTHWC):
         """[B, 1 + tf·k, H, W, C] → posterior (mean, logvar), each [B, 1 + k, H/sf, W/sf, Z] float32."""
+        if x_BTHWC.ndim != 5 or x_BTHWC.shape[-1] != self.cfg.in_channels:
+            raise ValueError(f"VideoVAE.encode: video must be [B, T, H, W, C] with C = VAEConfig.in_channels="
+                             f"{self.cfg.in_channels} (channels last), got {list(x_BTHWC.shape)}")
+        if not jnp.issubdtype(x_BTHWC.dtype, jnp.floating):
+            raise ValueError(f"VideoVAE.encode: video must be floats in [-1, 1], got {x_BTHWC.dtype}; convert 8-bit "
+                             "frames with x / 127.5 - 1")
         self.cfg.latent_shape(*x_BTHWC.shape[1:4])  # raises a ValueError naming the factor that does not divide
         return self.encoder(constrain(x_BTHWC.astype(dtype_of(self.cfg.dtype)), BATCH))
 
     def decode(self, z_BTHWZ):
         """[B, 1 + k, h, w, Z] → [B, 1 + tf·k, sf·h, sf·w, C] float32."""
+        if z_BTHWZ.ndim != 5 or z_BTHWZ.shape[-1] != self.cfg.latent_channels:
+            raise ValueError(f"VideoVAE.decode: latents must be [B, T, h, w, Z] with Z = VAEConfig.latent_channels="
+                             f"{self.cfg.latent_channels}, got {list(z_BTHWZ.shape)}")
         return self.decoder(constrain(z_BTHWZ.astype(dtype_of(self.cfg.dtype)), BATCH))
 
 
