@@ -29,13 +29,15 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
 
     Returns (graphdef, state) with every array placed on `mesh`.
     """
-    abstract = nnx.eval_shape(model_fn)
-    graphdef, abs_state = nnx.split(abstract)
-    shardings = logical_shardings(abs_state, mesh, rules)
-
-    init = jax.jit(lambda: nnx.split(model_fn())[1], out_shardings=shardings)
-    with jax.set_mesh(mesh):
-        state = init()
+    # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
+    # variable is created (so a module of your own that does not turn eager sharding off still builds)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(model_fn)
+        graphdef, abs_state = nnx.split(abstract)
+        shardings = logical_shardings(abs_state, mesh, rules)
+        init = jax.jit(lambda: nnx.split(model_fn())[1], out_shardings=shardings)
+        with jax.set_mesh(mesh):
+            state = init()
     return graphdef, state
 
 

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from models import TransformerConfig
@@ -47,6 +48,15 @@ def test_rules_errors_and_fallbacks():
     _, state = create_sharded(lambda: Transformer(gqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
     for name in ("wk", "wv"):
         assert state["blocks"][name][...].sharding.spec == jax.P(None, None, "tensor", None), name  # [L, D, K, H]
+    # a researcher's own module, annotated with logical names and without our modules' use_eager_sharding(False):
+    # flax read 'embed' as a mesh axis at creation and create_sharded raised
+    class Mine(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "mlp"))
+            self.w = nnx.Param(init(rngs.params(), (64, 64), jnp.float32))
+
+    _, state = create_sharded(lambda: Mine(nnx.Rngs(0)), make_mesh({"fsdp": 4, "tensor": 2}))
+    assert state["w"][...].sharding.spec == jax.P("fsdp", "tensor")
     # axes are laid out outermost-first (data ... tensor), whatever order the dict gives
     assert make_mesh({"tensor": 2, "data": -1}).axis_names == ("data", "tensor")
 
