@@ -128,13 +128,14 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   head_dim=None if head_dim * n_heads == hf["hidden_size"] else head_dim,
                   mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                   rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  # Qwen2 always has q/k/v biases; Llama's attention_bias also adds an o_proj bias, which
-                  # the loader accepts only when it is zero (see from_pretrained).
-                  qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+                  # Qwen2 always has q/k/v biases; Llama's and Gemma 2's attention_bias also adds an o_proj bias,
+                  # which the loader accepts only when it is zero (see from_pretrained). Mistral's and Mixtral's
+                  # attention has no biases whatever the flag says (transformers ignores it there too).
+                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2") and bool(hf.get("attention_bias", False))),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
                   mlp_act="silu" if act == "silu" else "gelu_tanh", **_attention_pattern(hf, arch))
         if arch == "mixtral":
-            kw.update(moe=_moe_from_hf(hf), moe_every=1)
+            kw.update(moe=_moe_from_hf(hf, kw["mlp_act"]), moe_every=1)
         if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
@@ -146,7 +147,7 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def _moe_from_hf(hf: dict):
+def _moe_from_hf(hf: dict, mlp_act: str):
     from models.moe import MoEConfig
 
     k = hf.get("num_experts_per_tok", 2)
@@ -155,7 +156,7 @@ def _moe_from_hf(hf: dict):
     # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
     return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
                      router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
-                     z_loss_weight=0.0)
+                     z_loss_weight=0.0, mlp_act=mlp_act)
 
 
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:

@@ -27,12 +27,17 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     "llama3_rope": ("LlamaConfig", dict(rope_parameters=LLAMA3)),
     "linear_rope": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=3.0))),
     "qwen2": ("Qwen2Config", dict(rope_parameters=dict(rope_type="default", rope_theta=1e6))),
-    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    # transformers' Mistral has no attention biases whatever attention_bias says (we read it as q/k/v biases and
+    # failed on the tensors the checkpoint lacks)
+    "mistral": ("MistralConfig", dict(sliding_window=None, attention_bias=True)),
     # windows shorter than the 40-token test sequence, so they bind
     "mistral_swa": ("MistralConfig", dict(sliding_window=7)),
     "gemma2": ("Gemma2Config", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # the experts' activation follows hidden_act (it was refused: 'moe.mlp_act=silu differs from mlp_act')
+    "mixtral_gelu": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                           hidden_act="gelu_pytorch_tanh")),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
