@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from models.config import TransformerConfig
@@ -137,9 +137,20 @@ def _open_weights(folder: Path) -> dict:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")
     names = {}
     for f in files:
-        with safe_open(f, framework="numpy") as sf:
+        with _opened(f) as sf:
             names.update(dict.fromkeys(sf.keys(), f))
     return names
+
+
+@contextlib.contextmanager
+def _opened(f: Path):
+    """safe_open(f), its errors (a truncated download, a tensor the index puts in the wrong file) naming the file."""
+    try:
+        with safe_open(f, framework="numpy") as sf:
+            yield sf
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f}: cannot read it as safetensors ({e}); download this file again, or fix "
+                         "model.safetensors.index.json if it names the wrong file for a tensor") from None
 
 
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
@@ -157,7 +168,10 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
-    hf = json.loads((folder / "config.json").read_text())
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
     where = _open_weights(folder)
     layout = _hf_layout(cfg)
@@ -166,8 +180,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
         if "model.embed_tokens.weight" not in where:  # tied, stored under the head's name: transformers ties it too
             aliases["model.embed_tokens.weight"] = ("lm_head.weight", lambda a: a)
         else:
-            with safe_open(where["lm_head.weight"], framework="numpy") as a, \
-                    safe_open(where["model.embed_tokens.weight"], framework="numpy") as b:
+            with _opened(where["lm_head.weight"]) as a, _opened(where["model.embed_tokens.weight"]) as b:
                 if not np.array_equal(a.get_tensor("lm_head.weight"), b.get_tensor("model.embed_tokens.weight")):
                     raise ValueError(
                         f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
@@ -192,9 +205,14 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
         place = lambda a, name: jnp.asarray(a)  # noqa: E731
     pd, values = np.dtype(jnp.dtype(cfg.param_dtype)), {}
     with contextlib.ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in set(where.values())}
+        handles = {f: stack.enter_context(_opened(f)) for f in set(where.values())}
 
-        read = lambda name: handles[where[name]].get_tensor(name)  # noqa: E731
+        def read(name):
+            try:
+                return handles[where[name]].get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{where[name]}: cannot read tensor {name!r} ({e}); download this file again, or "
+                                 "fix model.safetensors.index.json if it names the wrong file") from None
         read_fused = functools.lru_cache(maxsize=2)(read)  # a layer's fused experts, read once for all E
 
         def get(name):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -356,6 +357,29 @@ def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
 def test_save_pretrained_bad_shard_size(size, tmp_path):
     with pytest.raises(ValueError, match="max_shard_size"):
         save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path, max_shard_size=size)
+
+
+def test_unreadable_checkpoint_files_are_named(tmp_path):
+    """A truncated shard, an index naming the wrong file and a cut config.json raised safetensors' / json's own
+    errors, which name neither the file nor the fix."""
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path, max_shard_size="40KB")
+    index_path = tmp_path / "model.safetensors.index.json"
+    good = index_path.read_text()
+    index = json.loads(good)
+    names = sorted(index["weight_map"])
+    a, b = names[0], next(n for n in names if index["weight_map"][n] != index["weight_map"][names[0]])
+    index["weight_map"][a] = index["weight_map"][b]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"cannot read tensor '{re.escape(a)}' .* fix model.safetensors.index"):
+        from_pretrained(tmp_path)
+    index_path.write_text(good)
+    shard = tmp_path / index["weight_map"][b]
+    shard.write_bytes(shard.read_bytes()[:4])
+    with pytest.raises(ValueError, match=f"{re.escape(shard.name)}: cannot read it as safetensors"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"vocab_size": 4')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        from_pretrained(tmp_path)
 
 
 def test_pickle_only_folder_is_refused(tmp_path):
