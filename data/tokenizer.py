@@ -108,6 +108,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     `vocab_size` counts the 256 byte symbols and the special tokens; it must exceed their number.
     `length` (the number of texts, if known) sizes the progress bar.
     """
+    if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
+        raise TypeError("train_bpe texts: pass an iterable of documents (e.g. [text]), not one string")
     floor = 256 + len(special_tokens)
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "

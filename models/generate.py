@@ -62,6 +62,14 @@ def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_
     return jnp.concatenate([toks_NB.T, last_B[:, None]], axis=1)
 
 
+def _one_key(rng) -> bool:
+    """A typed key of shape [] or a raw uint32[2] key (jax.random.PRNGKey)."""
+    dtype, shape = getattr(rng, "dtype", None), tuple(getattr(rng, "shape", (None,)))
+    if dtype is None:
+        return False
+    return (jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()) or (dtype == jnp.uint32 and shape == (2,))
+
+
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng=None):
     """Continue `prompt_tokens` [B, P] (equal lengths, no padding) by `max_new_tokens` tokens.
@@ -82,6 +90,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
     if isinstance(rng, numbers.Number):
         raise ValueError(f"rng must be a key, jax.random.key({rng!r}), not a bare {type(rng).__name__}")
+    if rng is not None and not _one_key(rng):
+        raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), got "
+                         f"{getattr(rng, 'dtype', type(rng).__name__)}{list(getattr(rng, 'shape', ()))}")
     _check_top_k(top_k)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")

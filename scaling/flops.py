@@ -439,4 +439,9 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_
         raise ValueError(f"mfu: n_devices must be >= 1, got {n_devices}")
     if not peak_flops_per_device > 0:
         raise ValueError(f"mfu: peak_flops_per_device must be > 0 FLOP/s, got {peak_flops_per_device}")
-    return tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)
+    u = tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)
+    if u > 1.0 + 1e-6:  # above the peak: a unit slip (TFLOP/s given for FLOP/s) or a per-device / global mix-up
+        raise ValueError(f"mfu: {u:.3g} > 1, above the devices' peak; peak_flops_per_device is in FLOP/s (e.g. "
+                         f"peak_flops('h100') = 9.9e14, got {peak_flops_per_device:g}) and tokens_per_s counts all "
+                         f"{n_devices} device(s)")
+    return u

@@ -45,6 +45,8 @@ def test_min_frequency_gates_merges():
     texts = ["hello world"] * 3
     assert train_bpe(texts, vocab_size=400, min_frequency=5, show_progress=False).vocab_size == 257
     assert train_bpe(texts, vocab_size=400, min_frequency=3, show_progress=False).vocab_size > 257
+    with pytest.raises(TypeError, match="an iterable of documents"):  # one string trained on its letters
+        train_bpe("hello world " * 3, vocab_size=400, show_progress=False)
 
 
 @pytest.mark.parametrize("tok_name", ["bpe", "byte"])

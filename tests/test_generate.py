@@ -90,6 +90,9 @@ def test_sampled_generate_is_seeded(model):
     with pytest.raises(ValueError, match="rng"):
         generate(model, prompt, 2, temperature=1.0)
     for kw, words in [(dict(rng=7, temperature=1.0), "jax.random.key"), (dict(temperature=float("nan")), "finite"),
+                      # a batch of keys, a 0-d numpy int: errors from inside jax.random before
+                      (dict(rng=jax.random.split(jax.random.key(0), 2), temperature=1.0), r"one key, .* got key<"),
+                      (dict(rng=np.array(3), temperature=1.0), r"rng must be one key"),
                       (dict(max_new_tokens=3.5), "max_new_tokens"), (dict(prompt_tokens=prompt[:, :0]), "length >= 1"),
                       (dict(prompt_tokens=prompt + model.cfg.vocab_size), "vocab_size")]:
         args = {"prompt_tokens": prompt, "max_new_tokens": 2, **kw}

@@ -271,6 +271,9 @@ def test_mfu():
         mfu(1.0, 1.0, 1, 0.0)
     with pytest.raises(ValueError, match="n_devices"):
         mfu(1.0, 1.0, 0, 1.0)
+    with pytest.raises(ValueError, match=r"mfu: 1.26e\+10 > 1, above the devices' peak; .* in FLOP/s"):
+        mfu(1e5, 1e9, 8, 989.4)  # the peak in TFLOP/s
+    assert mfu(1e6, 1e9, 1, 1e15) == 1.0  # at the peak exactly
 
 
 def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
