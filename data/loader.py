@@ -19,6 +19,8 @@ small JSON-serialisable dict; restoring it reproduces the following batches exac
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -40,8 +42,19 @@ class Source:
     weight: float = 1.0
 
     def __post_init__(self):
-        if not self.weight > 0:
-            raise ValueError(f"Source.weight={self.weight} for {self.path!r} must be positive")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not (
+                0 < self.weight < math.inf):
+            raise ValueError(f"Source.weight={self.weight!r} for {self.path!r} must be a positive finite number")
+        if not isinstance(self.path, str | os.PathLike):
+            dirs = [str(f) for f in self.path if os.path.isdir(f)]
+            if dirs:
+                raise ValueError(f"Source.path: {dirs} is a directory; pass a tier directory as Source(path), files "
+                                 "as a tuple of shard-*.array_record paths")
+        paths = [self.path] if isinstance(self.path, str | os.PathLike) else list(self.path)
+        others = [str(f) for f in paths if os.path.isfile(f) and not str(f).endswith(".array_record")]
+        if others:
+            raise ValueError(f"Source.path: {others} are not ArrayRecord shards; clean raw text first (python -m "
+                             "data.pipeline IN --out DIR) and pass one of its tiers, e.g. DIR/augmented")
 
     def check_tokenizer(self, tokenizer) -> None:
         """A pre-tokenized source (data.tokenizer.pretokenize) must be read with the tokenizer that made it: its
@@ -110,6 +123,10 @@ class LoaderConfig:
     drop_remainder: bool = True
 
     def __post_init__(self):
+        for f in ("seq_len", "global_batch_size", "seed", "worker_count", "worker_buffer_size", "tokenize_batch"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"LoaderConfig.{f}={v!r} must be an int")
         if self.seq_len < 1:
             raise ValueError(f"LoaderConfig.seq_len={self.seq_len} must be >= 1")
         if self.global_batch_size < 1:
@@ -205,6 +222,8 @@ def _process(process_index, process_count) -> tuple[int, int]:
 def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
               process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
     """This process's tokenized documents in loader order (before packing): `{"inputs", "targets"}` int32 [n]."""
+    if isinstance(sources, Source | str | os.PathLike) or not all(isinstance(x, Source) for x in sources):
+        raise ValueError(f"sources must be a list of data.loader.Source, e.g. [Source(tier_dir)], got {sources!r}")
     if not sources:
         raise ValueError("sources is empty; pass at least one data.loader.Source(tier_dir)")
     p, n = _process(process_index, process_count)

@@ -251,3 +251,19 @@ def test_config_errors_name_the_field(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="shard-"):
         LMLoader([Source(str(tmp_path))], EOS_BYTES, LoaderConfig(), process_index=0, process_count=1)
 
+
+
+def test_misused_sources_and_configs_are_named(tmp_path):
+    """Each was an error from inside grain or array_record (or a bare TypeError) naming neither argument nor fix."""
+    path = write_tier(tmp_path / "t", ["some text"], shards=1)
+    (tmp_path / "raw.jsonl").write_text('{"text": "x"}\n')
+    for make, says in ((lambda: LoaderConfig(seq_len=16.5), "LoaderConfig.seq_len=16.5 must be an int"),
+                       (lambda: LoaderConfig(global_batch_size="2"), "LoaderConfig.global_batch_size='2' must be"),
+                       (lambda: Source(path, float("inf")), "Source.weight=inf .* positive finite number"),
+                       (lambda: Source(path, "2"), "Source.weight='2'"),
+                       (lambda: Source(str(tmp_path / "raw.jsonl")), r"raw.jsonl'\] are not ArrayRecord shards; clean"),
+                       (lambda: Source((path,)), r"is a directory; pass a tier directory as Source\(path\)"),
+                       (lambda: documents(Source(path), ByteTokenizer()), "sources must be a list of data.loader"),
+                       (lambda: documents([path], ByteTokenizer()), "sources must be a list")):
+        with pytest.raises(ValueError, match=says):
+            make()
