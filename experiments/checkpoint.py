@@ -108,8 +108,17 @@ def fingerprint(tree) -> str:
     return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
 
 
+def _jax_leaves(tree, what: str) -> None:
+    """Every leaf a jax.Array (orbax and the checksums need their shardings); a TypeError naming one otherwise."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(x, jax.Array):
+            raise TypeError(f"Checkpoints {what}: leaves must be jax.Arrays (the state as placed on the mesh, e.g. "
+                            f"jax.device_put(x)); got {type(x).__name__} at {_path_name(path)}")
+
+
 def abstract_of(tree):
     """ShapeDtypeStructs carrying the shardings of `tree`: the restore target on the *current* mesh."""
+    _jax_leaves(tree, "restore template")
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -183,6 +192,7 @@ class Checkpoints:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
         NonFiniteState instead of saving NaN/Inf. Returns once the arrays are copied off the devices (training may
         then donate them) and the loader state is written."""
+        _jax_leaves(to_pure(state), "save state")
         if not bool(all_finite(state)):
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
         pure = to_pure(state)
@@ -312,6 +322,11 @@ def _check_fits(saved, abstract, where) -> None:
     have, want = table(saved), table(abstract)
     differ = [f"{k}: saved {have.get(k, 'missing')}, now {want.get(k, 'missing')}"
               for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    kinds = {_path_name(p): v.dtype for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    differ += [f"{_path_name(p)}: saved {kinds[_path_name(p)]}, now {v.dtype} (a cast would truncate it)"
+               for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]
+               if _path_name(p) in kinds and jnp.issubdtype(kinds[_path_name(p)], jnp.floating)
+               and not jnp.issubdtype(v.dtype, jnp.inexact)]
     if differ:
         raise CheckpointMismatch(f"{where} does not fit this run's state ({len(differ)} arrays differ, e.g. "
                                  f"{'; '.join(differ[:3])}); use a new train.out, or the settings it was saved with")

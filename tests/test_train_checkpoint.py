@@ -40,6 +40,25 @@ def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best, restart_
         ckpt.close()
 
 
+def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
+    """numpy / Python leaves failed with AttributeErrors ('no attribute sharding' / 'shape'); a float checkpoint
+    restored into an int template was silently truncated."""
+    from experiments.checkpoint import CheckpointMismatch
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(1, state_at(1), {"config": "{}"})
+        with pytest.raises(TypeError, match=r"restore template: leaves must be jax.Arrays .* ndarray at params/w"):
+            ckpt.restore({"params": {"w": np.ones((2, 3), np.float32)}, "step": jnp.asarray(0, jnp.int32)})
+        with pytest.raises(TypeError, match=r"save state: leaves must be jax.Arrays .* float at a"):
+            ckpt.save(2, {"a": 1.0}, {"config": "{}"})
+        ints = {"params": {"w": jnp.zeros((2, 3), jnp.int32)}, "step": jnp.asarray(0, jnp.int32)}
+        with pytest.raises(CheckpointMismatch, match=r"params/w: saved float32, now int32 \(a cast would truncate"):
+            ckpt.restore(ints)
+    finally:
+        ckpt.close()
+
+
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True])
 def test_keep_below_one_is_refused(tmp_path, keep):
     """orbax's LatestN(0) deleted every checkpoint as it was saved, without a word."""
