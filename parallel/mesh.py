@@ -9,6 +9,7 @@ factors cross slice (or node) boundaries.
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import numpy as np
@@ -34,6 +35,9 @@ def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:
     unknown = set(shape) - set(AXES)
     if unknown:
         raise ValueError(f"mesh axes {sorted(unknown)} are unknown; use names from {AXES}")
+    typed = [a for a, s in shape.items() if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+    if typed:
+        raise ValueError(f"mesh axes {typed} need int sizes, got {[shape[a] for a in typed]} (e.g. {{'data': 2}})")
     fills = [a for a, s in shape.items() if s == -1]
     if len(fills) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {fills}")

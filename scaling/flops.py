@@ -265,6 +265,8 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     causal 'xla' kernel with `causal_block=C` (models.attention; C at least T / 16): the block of queries
     [lo, hi) scores keys [0, hi), no padding.
     """
+    if isinstance(seq_len, bool) or not float(seq_len).is_integer():  # int() would count 16.7 as 16 here only
+        raise ValueError(f"seq_len={seq_len!r} must be a whole number of tokens")
     T = int(seq_len)
     if T < 1 or block < 1:
         raise ValueError(f"executed_keys: seq_len ({seq_len}) and block ({block}) must be >= 1")

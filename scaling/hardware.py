@@ -63,6 +63,9 @@ ALIASES = {"v4": "tpu-v4", "v5e": "tpu-v5e", "v5p": "tpu-v5p", "v6e": "tpu-v6e",
 
 def chip(kind: str) -> Chip:
     """Look up a chip by kind ('h100', 'tpu-v5p', 'v5e', ...); the error lists the known kinds."""
+    if not isinstance(kind, str):
+        raise ValueError(f"hardware kind must be a name such as 'h100', got {kind!r}; known: "
+                         f"{', '.join(sorted(CHIPS))}")
     key = ALIASES.get(kind.lower(), kind.lower())
     if key not in CHIPS:
         raise ValueError(f"unknown hardware kind {kind!r}; known: {', '.join(sorted(CHIPS))}")

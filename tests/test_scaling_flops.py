@@ -289,6 +289,8 @@ def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
         attended_keys(10, window=-3)
     with pytest.raises(ValueError, match="seq_len"):
         executed_keys(0, kernel="blocked")
+    with pytest.raises(ValueError, match=r"seq_len=16.7 must be a whole number"):  # int() counted it as 16
+        executed_keys(16.7, kernel="causal_blocked")
     with pytest.raises(ValueError, match="context_len=-5"):
         decode_flops_per_token(SimpleNamespace(**base), -5)
     assert param_counts(SimpleNamespace(**base)).total > 0  # the same config, well formed, is counted

@@ -66,6 +66,8 @@ def test_planner_errors_name_the_fix():
         make_plan(params=1e9, hardware="tpu-v5e")
     with pytest.raises(ValueError, match="unknown hardware kind"):
         make_plan(params=1e9, hardware="tpu-v9")
+    with pytest.raises(ValueError, match="hardware kind must be a name such as 'h100', got None"):
+        make_plan(params=1e9, hardware=None)  # an AttributeError ('lower') before
     with pytest.raises(ValueError, match="no published 'fp8'"):
         make_plan(params=1e9, hardware="a100", dtype="fp8")
     with pytest.raises(ValueError, match="exactly one"):

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from models import TransformerConfig
@@ -124,6 +125,9 @@ def test_mesh_errors(shape, words):
 def test_mesh_fill():
     mesh = make_mesh({"tensor": 2, "data": -1})
     assert dict(mesh.shape) == {"data": 4, "tensor": 2}
+    with pytest.raises(ValueError, match=r"mesh axes \['data'\] need int sizes, got \['2'\]"):
+        make_mesh({"data": "2", "fsdp": 4})  # a TypeError comparing str with int before
+    assert dict(make_mesh({"data": np.int64(2), "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
 
 
 def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(capsys):
