@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.lm_step import all_finite, per_device_set
 
@@ -114,6 +115,9 @@ def _jax_leaves(tree, what: str) -> None:
         if not isinstance(x, jax.Array):
             raise TypeError(f"Checkpoints {what}: leaves must be jax.Arrays (the state as placed on the mesh, e.g. "
                             f"jax.device_put(x)); got {type(x).__name__} at {_path_name(path)}")
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise TypeError(f"Checkpoints {what}: {_path_name(path)} is a typed PRNG key, which orbax does not "
+                            "save; store its raw data, jax.random.key_data(key) (wrap_key_data when used)")
 
 
 def abstract_of(tree):
@@ -225,7 +229,7 @@ class Checkpoints:
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
         False: a reader beside a running job must not move its files), and the previous one is tried; a readable
         one that does not fit raises CheckpointMismatch and stays where it is."""
-        abstract = abstract_of(to_pure(template))
+        abstract = _onto_one_mesh(abstract_of(to_pure(template)))
         if step is not None and step not in self.mgr.all_steps():
             return None
         candidates = [step] if step is not None else sorted(self.mgr.all_steps(), reverse=True)
@@ -311,6 +315,17 @@ def _with_saved_dtypes(abstract, saved):
     dtypes = {_path_name(path): getattr(v, "dtype", None) for path, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
     return jax.tree_util.tree_map_with_path(lambda path, a: jax.ShapeDtypeStruct(
         a.shape, dtypes.get(_path_name(path)) or a.dtype, sharding=a.sharding), abstract)
+
+
+def _onto_one_mesh(abstract):
+    """Template leaves on one device (scalars made with jnp.zeros, say) beside leaves on a mesh: replicated on that
+    mesh, so the restored state steps there (restored as they are, they stay committed to device 0)."""
+    meshes = [a.sharding.mesh for a in jax.tree.leaves(abstract) if isinstance(a.sharding, NamedSharding)]
+    if not meshes:
+        return abstract
+    rep = NamedSharding(meshes[0], P())
+    return jax.tree.map(lambda a: a if isinstance(a.sharding, NamedSharding) else
+                        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
 
 
 def _check_fits(saved, abstract, where) -> None:

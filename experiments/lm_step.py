@@ -1,7 +1,7 @@
 """The LM train and eval steps: plain `jax.jit` over `nnx.split` state, donating the train state.
 
 The train state is a dict pytree `{params, opt_state, step, skipped, rng}` (step / skipped int32 scalars,
-rng raw uint32 key data) so that orbax saves and restores it as one tree.
+rng raw uint32 key data) so that orbax saves and restores it as one tree; `init_train_state` builds it.
 """
 
 from __future__ import annotations
@@ -158,6 +158,23 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1), compiler_options=step_compiler_options())
 
 
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int = 0) -> dict:
+    """The train state `make_state_step` takes, for `params` as placed (e.g. by `parallel.create_sharded`): the
+    optimizer state sharded like its parameters, and step / skipped / rng replicated on the parameters' mesh, so a
+    `experiments.checkpoint.Checkpoints.restore` of it (its shardings are the restore target) steps on that mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel.sharding import init_optimizer
+
+    first = jax.tree.leaves(params)[0]
+    mesh = getattr(getattr(first, "sharding", None), "mesh", None)
+    put = (lambda x: jax.device_put(x, NamedSharding(mesh, P()))) if isinstance(first.sharding, NamedSharding) \
+        else jax.device_put
+    return {"params": params, "opt_state": init_optimizer(optimizer, params),
+            "step": put(jnp.zeros((), jnp.int32)), "skipped": put(jnp.zeros((), jnp.int32)),
+            "rng": put(jax.random.key_data(jax.random.key(seed)))}
+
+
 def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, moe_cfg=None,
                     grad_accum: int = 1, state_shardings=None):
     """Jitted `step(state, batch) -> (state, metrics)` of the trainer; donates `state`.
@@ -183,6 +200,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
 
     def step(state, batch):
         params, step_i = state["params"], state["step"]
+        if jnp.issubdtype(state["rng"].dtype, jax.dtypes.prng_key):  # orbax saves raw key data, not typed keys
+            raise ValueError("state['rng'] is a typed key; store raw key data, jax.random.key_data(jax.random.key("
+                             "seed)), as init_train_state does")
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step_i)
         # router jitter is the only randomness in the model; pass a key only when it is used
         model_rng = rng if moe_cfg is not None and moe_cfg.router_jitter > 0 else None

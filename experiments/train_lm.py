@@ -179,13 +179,11 @@ def init_state(cfg, mesh):
     """The fresh train state on `mesh` (also the restore target: its shardings place a checkpoint on any mesh).
     Returns (graphdef, optimizer, schedule, state)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from experiments.lm_step import make_optimizer, make_schedule
+    from experiments.lm_step import init_train_state, make_optimizer, make_schedule
     from models import Transformer
-    from parallel import create_sharded, init_optimizer
+    from parallel import create_sharded
 
     m, o, t = cfg.model, cfg.optim, cfg.train
     graphdef, params = create_sharded(lambda: Transformer(m, rngs=nnx.Rngs(t.seed)), mesh)
@@ -193,12 +191,8 @@ def init_state(cfg, mesh):
                                b1=o.b1, b2=o.b2, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
                                decay_frac=o.decay_frac, width_mult=m.width_mult)
     schedule = make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
-    rep = NamedSharding(mesh, P())
     with jax.set_mesh(mesh):
-        state = {"params": params, "opt_state": init_optimizer(optimizer, params),
-                 "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
-                 "skipped": jax.device_put(jnp.zeros((), jnp.int32), rep),
-                 "rng": jax.device_put(jax.random.key_data(jax.random.key(t.seed)), rep)}
+        state = init_train_state(params, optimizer, t.seed)
     return graphdef, optimizer, schedule, state
 
 

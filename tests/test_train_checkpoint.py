@@ -2,6 +2,7 @@
 newest steps plus the one with the lowest eval loss (also across a restart), and the kept best step restores the state
 saved with it; a corrupt state never moves the data loader."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,6 +56,33 @@ def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
         ints = {"params": {"w": jnp.zeros((2, 3), jnp.int32)}, "step": jnp.asarray(0, jnp.int32)}
         with pytest.raises(CheckpointMismatch, match=r"params/w: saved float32, now int32 \(a cast would truncate"):
             ckpt.restore(ints)
+    finally:
+        ckpt.close()
+
+
+def test_single_device_scalars_of_a_template_are_restored_onto_its_mesh(tmp_path):
+    """A template whose step counter was jnp.zeros(()) beside parameters on a mesh restored that counter committed
+    to device 0, and the next jitted step refused the mix of devices; init_train_state places them right."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from experiments.lm_step import init_train_state, make_optimizer
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp")))}
+    made = init_train_state(params, make_optimizer(1e-3), seed=3)
+    assert all(isinstance(made[k].sharding, NamedSharding) for k in ("step", "skipped", "rng"))
+    state = {"params": params, "step": jnp.asarray(5, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(5, state, {"config": "{}"})
+        got, _ = ckpt.restore({**state, "step": jnp.zeros((), jnp.int32)})
+        for k in ("step", "rng"):
+            assert got[k].sharding == NamedSharding(mesh, P()), k
+        assert int(got["step"]) == 5
+        jax.jit(lambda s: s["step"] + s["params"]["w"].sum())(got)  # one program over one mesh
+        with pytest.raises(TypeError, match="rng is a typed PRNG key, which orbax does not save; store its raw"):
+            ckpt.save(6, {**state, "rng": jax.random.key(0)}, {"config": "{}"})
     finally:
         ckpt.close()
 
