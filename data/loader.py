@@ -294,6 +294,14 @@ class LMLoader:
     def __init__(self, sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(), mesh=None,
                  process_index: int | None = None, process_count: int | None = None):
         self.cfg, self.mesh = cfg, mesh
+        if mesh is not None:  # at the first next() this was jax's IndivisibleError, naming no setting
+            from parallel.sharding import batch_sharding
+
+            try:
+                batch_sharding(mesh, 2, shape=(cfg.global_batch_size, cfg.seq_len))
+            except ValueError as e:
+                raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} / seq_len={cfg.seq_len} "
+                                 f"do not split over the mesh: {e}") from None
         self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
         self._it = iter(self.dataset)
         self._p, n = _process(process_index, process_count)

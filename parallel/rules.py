@@ -138,7 +138,9 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
             out.append(None)
             continue
         if name not in rules:
-            raise KeyError(f"logical axis {name!r} has no rule in parallel.rules; add it to the table")
+            raise ValueError(f"logical axis {name!r} has no rule in the table; map it for this call with rules="
+                             f"{{{name!r}: 'tensor'}} (or None), or for a block of code with use_rules({{{name!r}: "
+                             "...}})")
         target = rules[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
@@ -150,9 +152,11 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                 if replicate_indivisible or name in REPLICATE_IF_INDIVISIBLE:
                     axes = ()
                 else:
+                    hint = (" (a vocabulary is usually padded to a multiple of 64 or 128 rows for this; or "
+                            "replicate it with use_rules(vocab=None, act_vocab=None))") if "vocab" in name else ""
                     raise ValueError(
                         f"dimension {name!r} of size {shape[i]} does not divide mesh axes {axes} "
-                        f"(size {n}); change the model dimension or the mesh")
+                        f"(size {n}); change the model dimension or the mesh{hint}")
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)

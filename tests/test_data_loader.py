@@ -238,6 +238,9 @@ def test_device_batches_are_sharded_over_the_batch_axes(corpus):
         assert len(v.sharding.device_set) == 8
         # each device holds one row: the batch dimension is split 8 ways (data x fsdp)
         assert {s.data.shape for s in v.addressable_shards} == {(1, 32)}
+    with pytest.raises(ValueError, match=r"LoaderConfig.global_batch_size=6 / seq_len=32 do not split over the mesh: "
+                                         r"dimension 'batch' of size 6"):  # jax's IndivisibleError at next() before
+        LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, global_batch_size=6), mesh=mesh)
 
 
 def test_config_errors_name_the_field(corpus, tmp_path):

@@ -86,6 +86,10 @@ def test_rules_arguments_override_the_table_in_effect():
         with pytest.raises(ValueError, match=says):
             memory_per_device(CFG, {"fsdp": 8}, 8, 64, rules=bad)
     assert logical_to_spec(("my_axis",), mesh, rules={"my_axis": "tensor"}) == jax.P("tensor")
+    with pytest.raises(ValueError, match=r"'my_axis' has no rule in the table; map it for this call with rules="):
+        logical_to_spec(("my_axis",), mesh)  # a KeyError that said to edit the library's table
+    with pytest.raises(ValueError, match=r"'vocab' of size 257 .* padded to a multiple of 64 .* use_rules\(vocab=None"):
+        logical_to_spec(("vocab", "embed"), mesh, shape=(257, 64))
     with pytest.raises(ValueError, match=r"use_rules: embed=4"):
         with use_rules(embed=4):
             pass
