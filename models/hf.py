@@ -161,7 +161,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype, so dtype="bfloat16"
     keeps bf16 weights, as for inference; for training pass param_dtype="float32").
     mesh: place every parameter straight onto it, sharded by the logical-axis rules (`rules`: overrides, as
-    `parallel.create_sharded` takes), one tensor in host memory at a time: no device ever holds the whole model.
+    `parallel.create_sharded` takes; they place the parameters only, so run the model inside `use_rules(...)` with
+    the same overrides), one tensor in host memory at a time: no device ever holds the whole model.
     None: the default device.
     Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
     """

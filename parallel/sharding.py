@@ -27,7 +27,9 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     """Build `model_fn()` directly sharded on `mesh`: abstract init, then a jitted init whose
     `out_shardings` come from the rules table, so no device ever holds the full model.
 
-    Returns (graphdef, state) with every array placed on `mesh`.
+    Returns (graphdef, state) with every array placed on `mesh`. `rules` (overrides of the table) place the
+    parameters only: the model's own activation constraints read the table in effect when it runs, so run it
+    inside `use_rules(...)` with the same overrides.
     """
     # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
     # variable is created (so a module of your own that does not turn eager sharding off still builds)

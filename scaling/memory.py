@@ -199,6 +199,11 @@ class MemoryBreakdown:
         return self.params + self.opt_state
 
     @property
+    def temp(self) -> int:
+        """Everything but the state: what XLA reports as `memory_analysis().temp_size_in_bytes`."""
+        return self.total - self.state
+
+    @property
     def total(self) -> int:
         return self.params + self.grads + self.opt_state + self.activations + self.working + self.transient_weights
 
@@ -306,7 +311,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     """Modelled peak bytes per device of a training step (see the module docstring).
 
     mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
-    *global* sequences per step; seq_len: tokens per sequence; remat: default `cfg.remat`;
+    *global* sequences whose activations are alive at once: the step's batch B, or B / A with `lm_step`'s
+    grad_accum = A (one microbatch is differentiated at a time); seq_len: tokens per sequence; remat: default
+    `cfg.remat`;
     dtypes default to `cfg.param_dtype` / `cfg.dtype`, grads to the param dtype, optimizer moments to float32
     (`experiments.lm_step.make_optimizer` keeps them in float32 whatever the params); optimizer_moments: 2 for
     AdamW, 1 for momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);

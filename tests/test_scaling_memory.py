@@ -98,7 +98,7 @@ def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     ours = memory_per_device(cfg, mesh, B, T)
     batch_bytes = 2 * 4 * B * T // shard_factor(("batch",), (B,), mesh)  # inputs + targets, int32
     assert m.argument_size_in_bytes == pytest.approx(ours.state + batch_bytes, rel=0.005)
-    temp = ours.total - ours.state
+    temp = ours.temp
     assert 0.78 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
 
 
