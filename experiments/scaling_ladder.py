@@ -10,7 +10,8 @@ Huber on log-loss, L-BFGS from a grid) with a bootstrap prediction interval, wri
 for the largest model to disk *before* training it, then trains it and reports predicted vs actual.
 Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written
 before the largest model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png
-unless --no-docs).
+unless --no-docs), rungs.json (each finished rung: rerun with the same settings after an interruption and it
+resumes after them; --fresh starts over).
 
 Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
 whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
@@ -42,6 +43,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
+from data.shards import write_json
 from experiments.config import at_least
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
 from models import Transformer, TransformerConfig
@@ -194,8 +196,10 @@ def plot(path, all_runs, bs, target, preds, level):
             title=f"L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
     ax1.legend(fontsize=7)
     tk = [p["tokens"] for p in preds]
-    ax2.errorbar(tk, [p["predicted"] for p in preds], yerr=[[p["predicted"] - p["low"] for p in preds],
-                 [p["high"] - p["predicted"] for p in preds]], fmt="o", capsize=4, label="predicted (before training)")
+    # a bootstrap interval need not contain the point fit (few resamples, a skewed fit): clip the bars at it
+    ax2.errorbar(tk, [p["predicted"] for p in preds], yerr=[[max(0.0, p["predicted"] - p["low"]) for p in preds],
+                 [max(0.0, p["high"] - p["predicted"]) for p in preds]], fmt="o", capsize=4,
+                 label="predicted (before training)")
     ax2.plot(tk, [p["actual"] for p in preds], "*", ms=12, color="C3", label="actual")
     ax2.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)",
             title=f"{target}: prediction from the 4 smaller models")
@@ -206,7 +210,17 @@ def plot(path, all_runs, bs, target, preds, level):
 
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the documented figure, whatever the cwd
+RUNGS = "rungs.json"  # {settings, done: {rung: train_rung's result}}, rewritten as each rung finishes
 LADDER_FILES = ("ladder.json", "prediction.json", "results.json", "scaling_fit.png")
+
+
+def _resumable(out: pathlib.Path, settings: dict) -> dict | None:
+    """The finished rungs of an interrupted ladder in `out` made with `settings` (None: nothing to resume: no ladder
+    there, a finished one, or other settings)."""
+    if not (out / RUNGS).is_file() or (out / "results.json").exists():
+        return None
+    saved = json.loads((out / RUNGS).read_text())
+    return saved["done"] if saved.get("settings") == settings else None
 
 
 def replot(out: pathlib.Path, level: float, docs: bool):
@@ -264,12 +278,20 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         ap.error(f"argument --out: {out} is a file; pass a directory")
-    old = [f for f in LADDER_FILES if (out / f).exists()]
-    if old and not args.fresh:  # a rerun rewrote ladder.json beside the last run's prediction and results
-        ap.error(f"argument --out: {out} holds another ladder's {', '.join(old)}; pass --fresh to replace them, "
-                 "or another --out")
-    for f in old:
-        (out / f).unlink()
+    settings = dict(ladder=[r.name for r in ladder], budgets=list(budgets), lr=args.lr, warmup=warmup, n_boot=n_boot,
+                    level=args.level)
+    done = _resumable(out, settings)
+    old = [f for f in (*LADDER_FILES, RUNGS) if (out / f).exists()]
+    if old and done is None and not args.fresh:  # a rerun rewrote ladder.json beside the last run's results
+        ap.error(f"argument --out: {out} holds another (or a finished) ladder's {', '.join(old)}; pass --fresh to "
+                 "replace them, or another --out")
+    if args.fresh:
+        for f in old:
+            (out / f).unlink()
+        done = None
+    done = done or {}
+    if done:
+        print(f"resuming {out}: rungs {', '.join(done)} are done (same settings); training the rest")
     out.mkdir(parents=True, exist_ok=True)
     tokens = encode_bytes(stdlib_text(4_000_000))
     train_tok, eval_tok = train_eval_split(tokens)
@@ -285,8 +307,15 @@ def main(argv=None):
 
     t_start = time.time()
     all_runs, seconds = [], {}
+    def run_rung(rung):  # each rung's result is kept as it finishes: an interrupted ladder resumes after it
+        if rung.name not in done:
+            done[rung.name] = train_rung(rung, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, rung),
+                                         warmup=warmup)
+            write_json(out / RUNGS, {"settings": settings, "done": done})
+        return done[rung.name]
+
     for rung in ladder[:-1]:
-        res = train_rung(rung, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, rung), warmup=warmup)
+        res = run_rung(rung)
         all_runs += res["runs"]
         seconds[rung.name] = res["seconds"]
         tqdm.write(f"{rung.name}: " + "  ".join(f"D={r['tokens']:,}: {r['eval_loss']:.4f}" for r in res["runs"])
@@ -312,7 +341,7 @@ def main(argv=None):
         print(f"  D={r['tokens']:>9,}: {r['predicted']:.4f}  [{r['low']:.4f}, {r['high']:.4f}] (fit only: "
               f"[{r['fit_low']:.4f}, {r['fit_high']:.4f}])")
 
-    res = train_rung(target, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, target), warmup=warmup)
+    res = run_rung(target)
     seconds[target.name] = res["seconds"]
     all_runs += res["runs"]
     actual = {r["tokens"]: r["eval_loss"] for r in res["runs"]}

@@ -62,7 +62,52 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
         scaling_ladder.main(["--quick", "--out", str(tmp_path), "--no-docs"])
-    assert "holds another ladder's results.json; pass --fresh" in capsys.readouterr().err
+    assert "holds another (or a finished) ladder's results.json; pass --fresh" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "{}"
     with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
+
+
+def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkeypatch):
+    """A killed ladder (10 min) started over; now each finished rung is kept and a rerun with the same settings
+    trains only the rest, with the result of an uninterrupted run. Training is stubbed by a known law."""
+    import json
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    calls = []
+
+    def fake(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):  # L = 1 + 40/N^0.4 + 300/D^0.3 + noise
+        calls.append(rung.name)
+        n = param_counts(rung.config()).non_embedding
+        rng = np.random.default_rng(list(rung.name.encode()))
+        runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b,
+                     eval_loss=1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3 + 1e-3 * rng.standard_normal(),
+                     train_loss=0.0, flops=0.0) for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    monkeypatch.setattr(sl, "train_rung", fake)
+    argv = ["--quick", "--no-docs", "--n-boot", "4"]
+    whole = sl.main([*argv, "--out", str(tmp_path / "whole")])
+    names = [r.name for r in sl.QUICK_LADDER]
+    assert calls == names
+    calls.clear()
+
+    def dies_at_third(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return fake(*a, **k)
+
+    monkeypatch.setattr(sl, "train_rung", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        sl.main([*argv, "--out", str(tmp_path / "cut")])
+    assert sorted(json.loads((tmp_path / "cut" / "rungs.json").read_text())["done"]) == sorted(names[:2])
+    monkeypatch.setattr(sl, "train_rung", fake)
+    calls.clear()
+    resumed = sl.main([*argv, "--out", str(tmp_path / "cut")])
+    assert calls == names[2:]
+    for key in ("runs", "comparison"):
+        assert resumed[key] == whole[key]
+    with pytest.raises(SystemExit):  # other settings do not mix with those rungs; a finished ladder is not resumed
+        sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
