@@ -176,6 +176,9 @@ class VideoDiT(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
 
         def layer(x, st, c_BD, text_BLE):  # the conditioning as arguments: bits_residuals differentiates those only
+            # the carry's layout stated at entry: without it XLA's partitioner mixed rows across devices inside the
+            # scan on {data: 2, fsdp: 2, tensor: 2} at one row per device (tests/test_video_sharding.py)
+            x = constrain(x, ("batch", "act_seq", "act_embed"))
             return nnx.merge(graphdef, st)(x, dataclasses.replace(ctx, c_BD=c_BD, text_BLE=text_BLE)), None
 
         if self.cfg.remat != "none":
