@@ -168,6 +168,17 @@ def test_configs_name_the_field_and_fix():
         VAEConfig(channels=(8, 16), temporal_factor=4)
     with pytest.raises(ValueError, match="DiffusionConfig.prediction"):
         DiffusionConfig(kind="flow", prediction="eps")
+    # kind="ddpm" alone was refused (the default prediction was flow's 'velocity')
+    assert (DiffusionConfig().prediction, DiffusionConfig(kind="ddpm").prediction) == ("velocity", "eps")
+    with pytest.raises(ValueError, match=r"gives \(T, H, W, Z\): pass its \[:3\] here"):
+        dataclasses.replace(DIT, latent_shape=VAE.latent_shape(5, 16, 16))
+    from models.video.diffusion import ddim_sample, sample
+
+    noise, pred = jnp.zeros((1, 2)), lambda x, t: x
+    with pytest.raises(TypeError, match=r"cfg must be a DiffusionConfig, got int \(sample takes"):
+        ddim_sample(pred, noise, DiffusionConfig(kind="ddpm"), 3)  # sample's order: a TypeError from '+' before
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        sample(pred, noise, DiffusionConfig(), 0)  # ran cfg.sample_steps silently
     with pytest.raises(ValueError, match="TextToVideoConfig.dit: dit.text_dim=64 must equal text.d_model=16"):
         TextToVideoConfig(dit=dataclasses.replace(DIT, text_dim=64), text=TEXT)
     # values that used to pass (or fail without a name) and give garbage later

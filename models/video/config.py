@@ -211,7 +211,9 @@ class DiTConfig:
     def __post_init__(self):
         need = _need("DiTConfig")
         need(len(self.latent_shape) == 3 and all(_pos_int(n) for n in self.latent_shape), "latent_shape",
-             f"need positive ints (T, H, W), got {self.latent_shape}")
+             f"need positive ints (T, H, W), got {self.latent_shape}" + (
+                 "; VAEConfig.latent_shape(...) gives (T, H, W, Z): pass its [:3] here and Z as latent_channels"
+                 if len(self.latent_shape) == 4 else ""))
         for f in ("rope_theta", "init_std"):  # rope_theta 0 gave NaN outputs, silently
             need(_real(getattr(self, f)) and getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)!r}")
         need(_real(self.norm_eps) and self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps!r}")
@@ -352,7 +354,7 @@ class DiffusionConfig:
     t ~ U(0, 1), prediction 'eps' (ε) or 'v' (√ᾱ·ε - √(1-ᾱ)·x0). Samplers: Euler (flow), DDIM (ddpm)."""
 
     kind: Literal["flow", "ddpm"] = "flow"
-    prediction: Literal["velocity", "eps", "v"] = "velocity"
+    prediction: Literal["velocity", "eps", "v"] | None = None  # None: 'velocity' for flow, 'eps' for ddpm
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
@@ -363,6 +365,8 @@ class DiffusionConfig:
     def __post_init__(self):
         need = _need("DiffusionConfig")
         need(self.kind in ("flow", "ddpm"), "kind", f"{self.kind!r}: use 'flow' or 'ddpm'")
+        if self.prediction is None:  # kind="ddpm" alone was refused: the default belonged to flow
+            object.__setattr__(self, "prediction", "velocity" if self.kind == "flow" else "eps")
         ok = ("velocity",) if self.kind == "flow" else ("eps", "v")
         need(self.prediction in ok, "prediction", f"{self.prediction!r} does not go with kind={self.kind!r}; use {ok}")
         need(self.logit_std > 0, "logit_std", f"must be positive, got {self.logit_std}")

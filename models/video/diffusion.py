@@ -102,8 +102,18 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
     return jax.lax.scan(step, noise, jnp.arange(steps))[0]
 
 
+def _check_sampler_args(cfg, steps) -> None:
+    """sample(pred, noise, cfg, steps) and ddim_sample(pred, noise, steps, cfg) take them in opposite orders."""
+    if not isinstance(cfg, DiffusionConfig):
+        raise TypeError(f"cfg must be a DiffusionConfig, got {type(cfg).__name__} (sample takes (pred_fn, noise, cfg, "
+                        "steps), ddim_sample (pred_fn, noise, steps, cfg))")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be an int >= 1 (or None: cfg.sample_steps), got {steps!r}")
+
+
 def ddim_sample(pred_fn: PredFn, noise, steps: int, cfg: DiffusionConfig):
     """Deterministic DDIM (η = 0) from t = 1 to 0 on a uniform grid, for ε- or v-prediction."""
+    _check_sampler_args(cfg, steps)
     ts = jnp.linspace(1.0, 0.0, steps + 1)
 
     def step(x, i):
@@ -121,8 +131,9 @@ def ddim_sample(pred_fn: PredFn, noise, steps: int, cfg: DiffusionConfig):
 
 
 def sample(pred_fn: PredFn, noise, cfg: DiffusionConfig, steps: int | None = None):
-    """The objective's own sampler: Euler for flow, DDIM for DDPM."""
-    steps = steps or cfg.sample_steps
+    """The objective's own sampler: Euler for flow, DDIM for DDPM (steps None: cfg.sample_steps)."""
+    _check_sampler_args(cfg, steps)
+    steps = cfg.sample_steps if steps is None else steps
     if cfg.kind == "flow":
         return euler_sample(pred_fn, noise, steps, cfg.shift)
     return ddim_sample(pred_fn, noise, steps, cfg)

@@ -186,7 +186,8 @@ class Decoder(nnx.Module):
 
 
 class VideoVAE(nnx.Module):
-    """`mean, logvar = vae.encode(x_BTHWC)`, `x_BTHWC = vae.decode(z_BTHWZ)`; video in [-1, 1]."""
+    """`mean, logvar = vae.encode(x_BTHWC)`, `x_BTHWC = vae.decode(z_BTHWZ)`; video in [-1, 1] (decode's output is
+    not clipped to it: clip before display or measurement, as `experiments.video_eval.to_uint8` does)."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
