@@ -65,12 +65,7 @@ class Source:
             os.path.dirname(os.path.abspath(files[0]))
         meta_path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(meta_path):
-            reader = ArrayRecordReader(files[0])
-            try:
-                first = reader.read([0])[0] if reader.num_records() else b""
-            finally:
-                reader.close()
-            if first.startswith(TOKENS_MAGIC):
+            if (self.first_record() or b"").startswith(TOKENS_MAGIC):
                 raise ValueError(f"Source {self.path!r} holds pre-tokenized ids but no {meta_path} says which "
                                  "tokenizer made them (an unfinished data.tokenizer.pretokenize run?); pretokenize "
                                  "again, or read the cleaned tier it came from")
@@ -85,6 +80,14 @@ class Source:
             if theirs is not None and ours is not None and theirs != ours:
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with another tokenizer (fingerprint "
                                  f"{theirs}, this one is {ours}); pass that tokenizer, or pretokenize again")
+
+    def first_record(self) -> bytes | None:
+        """The raw first record of the first shard (None: it is empty)."""
+        reader = ArrayRecordReader(self.files()[0])
+        try:
+            return reader.read([0])[0] if reader.num_records() else None
+        finally:
+            reader.close()
 
     def files(self) -> list[str]:
         """The ArrayRecord shard paths this source reads (a tier directory's shards, in order, or the files given)."""
@@ -143,11 +146,7 @@ class LoaderConfig:
 
 def _check_text_field(src: Source, field: str) -> None:
     """The first document of `src` has `field` (before the iterator starts: inside it, a KeyError names nothing)."""
-    reader = ArrayRecordReader(src.files()[0])
-    try:
-        first = reader.read([0])[0] if reader.num_records() else None
-    finally:
-        reader.close()
+    first = src.first_record()
     if first is not None and not first.startswith(TOKENS_MAGIC) and field not in (doc := decode_doc(first)):
         raise ValueError(f"LoaderConfig.text_field={field!r} is not a field of {src.path!r}'s documents (they have "
                          f"{sorted(doc)}); set text_field to the one holding the text")

@@ -196,10 +196,10 @@ class Checkpoints:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
         NonFiniteState instead of saving NaN/Inf. Returns once the arrays are copied off the devices (training may
         then donate them) and the loader state is written."""
-        _jax_leaves(to_pure(state), "save state")
+        pure = to_pure(state)
+        _jax_leaves(pure, "save state")
         if not bool(all_finite(state)):
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
-        pure = to_pure(state)
         meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss,
                     loader_saved=loader is not None)
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}

@@ -166,10 +166,9 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int 
 
     from parallel.sharding import init_optimizer
 
-    first = jax.tree.leaves(params)[0]
-    mesh = getattr(getattr(first, "sharding", None), "mesh", None)
-    put = (lambda x: jax.device_put(x, NamedSharding(mesh, P()))) if isinstance(first.sharding, NamedSharding) \
-        else jax.device_put
+    sharding = jax.tree.leaves(params)[0].sharding
+    rep = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
+    put = lambda x: jax.device_put(x, rep)  # noqa: E731  (None: the default device)
     return {"params": params, "opt_state": init_optimizer(optimizer, params),
             "step": put(jnp.zeros((), jnp.int32)), "skipped": put(jnp.zeros((), jnp.int32)),
             "rng": put(jax.random.key_data(jax.random.key(seed)))}
