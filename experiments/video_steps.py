@@ -1,7 +1,7 @@
 """Train steps and checkpoints of the video experiment: plain `jax.jit` over `nnx.split` state.
 
 Both steps donate (params, opt_state[, ema]) and return metrics as float32 scalars. Checkpoints use the
-orbax v0 `CheckpointManager` with a `Composite` of StandardSave pytrees and a JSON record.
+orbax v0 `CheckpointManager` with a `Composite` of pytrees (`checkpoint.array_tree_handler`) and a JSON record.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from experiments.checkpoint import from_pure as _unpure, to_pure as _pure
+from experiments.checkpoint import array_tree_handler, from_pure as _unpure, to_pure as _pure, tree_restore_args
 from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import logical_to_spec, shard_batch
@@ -104,15 +104,22 @@ def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
+TREES = ("params", "opt_state", "ema")  # the pytrees a stage may save
+
+
 def manager(directory) -> ocp.CheckpointManager:
     """An orbax CheckpointManager for one stage's checkpoints under `directory` (the last 2 kept)."""
     path = pathlib.Path(directory).absolute()
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    handlers = {k: array_tree_handler() for k in TREES} | {"meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+                                 item_handlers=handlers)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
     """Save pytrees (nnx.State is stored as a pure dict) and a JSON record under `step`; waits for it."""
-    args = {k: ocp.args.StandardSave(_pure(v)) for k, v in trees.items()}
+    if unknown := set(trees) - set(TREES):
+        raise ValueError(f"video checkpoint trees {sorted(unknown)}: a stage saves only {TREES}")
+    args = {k: ocp.args.PyTreeSave(_pure(v)) for k, v in trees.items()}
     mgr.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
     mgr.wait_until_finished()
 
@@ -134,7 +141,7 @@ def restore(mgr: ocp.CheckpointManager, targets: dict, step: int | None = None):
     if step is None:
         return None
     abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(v)) for k, v in targets.items()}
-    args = {k: ocp.args.StandardRestore(v) for k, v in abstract.items()}
+    args = {k: tree_restore_args(v) for k, v in abstract.items()}
     out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     trees = {k: _unpure(targets[k], out[k]) for k in targets}
     return step, trees, dict(out["meta"])

@@ -87,6 +87,37 @@ def test_single_device_scalars_of_a_template_are_restored_onto_its_mesh(tmp_path
         ckpt.close()
 
 
+def test_checkpoints_read_and_write_orbax_standard_format_both_ways(tmp_path):
+    """array_tree_handler only changes who writes a replicated shard (one replica, not a slice from each): a sharded
+    state it saved reads back through orbax's StandardCheckpointHandler, and one StandardSave wrote (earlier
+    jaxscale runs, other tools) through it, onto another mesh's shardings."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from experiments.checkpoint import array_tree_handler, tree_restore_args
+    from parallel import make_mesh
+
+    mesh, other = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), make_mesh({"fsdp": 8})
+    rng = np.random.default_rng(0)
+    specs = {"w": P("fsdp", "tensor"), "b": P(), "e": P(None, "tensor"), "n": P()}  # P(): 8 replicas of one shard
+    tree = {k: jax.device_put(rng.standard_normal((8, 6) if k != "n" else (5,)).astype(np.float32),
+                              NamedSharding(mesh, s)) for k, s in specs.items()}
+    tree["step"] = jax.device_put(jnp.asarray(7, jnp.int32), NamedSharding(mesh, P()))
+    onto = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(other, P())) for k, v in tree.items()}
+    ours, std = {"state": array_tree_handler()}, {"state": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(tmp_path / "ours", item_handlers=ours) as m:
+        m.save(1, args=ocp.args.Composite(state=ocp.args.PyTreeSave(tree)))
+    with ocp.CheckpointManager(tmp_path / "ours", item_handlers=std) as m:
+        got = m.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(onto)))["state"]
+    jax.tree.map(np.testing.assert_array_equal, got, tree)
+    with ocp.CheckpointManager(tmp_path / "std", item_handlers=std) as m:
+        m.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+    with ocp.CheckpointManager(tmp_path / "std", item_handlers=ours) as m:
+        got = m.restore(1, args=ocp.args.Composite(state=tree_restore_args(onto)))["state"]
+    jax.tree.map(np.testing.assert_array_equal, got, tree)
+    assert all(v.sharding == NamedSharding(other, P()) for v in got.values())
+
+
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True])
 def test_keep_below_one_is_refused(tmp_path, keep):
     """orbax's LatestN(0) deleted every checkpoint as it was saved, without a word."""
