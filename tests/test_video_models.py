@@ -133,6 +133,21 @@ def test_t2v_param_count_matches_modules(changes):
     assert n_params(model) == cfg.param_count()
 
 
+def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
+    """t2v_loss takes (key, null_L), generate (null_L, key): the swap is named before jax.random sees tokens."""
+    from models.video import TextToVideo, generate, t2v_loss
+
+    model = nnx.eval_shape(lambda: TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT), rngs=nnx.Rngs(0)))
+    null, key, tok = jnp.zeros((8,), jnp.int32), jax.random.key(0), jnp.ones((2, 8), jnp.int32)
+    batch = {"tokens": tok, "latents": jnp.zeros((2, *DIT.latent_shape, DIT.latent_channels))}
+    with pytest.raises(TypeError, match=r"t2v_loss\(model, batch, key, null_L\): key must be a PRNG key .*swapped"):
+        t2v_loss(model, batch, null, key)
+    with pytest.raises(TypeError, match=r"generate\(model, tokens_BL, null_L, key\): key must be .*swapped"):
+        generate(model, tok, key, null)
+    with pytest.raises(TypeError, match="null_L must be the null caption's token ids"):
+        generate(model, tok, jnp.zeros((8,)), jax.random.PRNGKey(0))  # a raw uint32 key passes; float tokens do not
+
+
 @pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1)])
 def test_text_encoder_is_the_lm_block_and_counts_its_params(changes):
     from models.transformer import Block

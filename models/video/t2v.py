@@ -37,12 +37,27 @@ class TextToVideo(nnx.Module):
         return self.dit(x_BTHWC, t_B, text.tokens_BLE, text.valid_BL, text.pooled_BE)
 
 
+def _check_key_and_null(key, null_L, where: str) -> None:
+    """The two orders differ (`t2v_loss(..., key, null_L)`, `generate(..., null_L, key)`): a swap is named here,
+    not deep inside jax.random or the text encoder."""
+    dt = getattr(key, "dtype", None)
+    is_key = dt is not None and (jnp.issubdtype(dt, jax.dtypes.prng_key) or (dt == jnp.uint32 and key.shape == (2,)))
+    if not is_key:
+        raise TypeError(f"{where}: key must be a PRNG key (jax.random.key(0)), got "
+                        f"{getattr(key, 'dtype', type(key).__name__)}{list(getattr(key, 'shape', []))}; "
+                        f"were key and null_L swapped?")
+    if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or jnp.ndim(null_L) != 1:
+        raise TypeError(f"{where}: null_L must be the null caption's token ids [L] (data.moving_shapes.null_tokens), "
+                        f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(jnp.shape(null_L))}")
+
+
 def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     """batch: {"latents" [B, T, H, W, C] (normalised), "tokens" [B, L], optional "caption_id" [B]}.
 
     Diffusion loss on captions dropped to `null_L` with probability cfg.caption_dropout, plus
     align_weight × InfoNCE between the clean latents and the undropped captions. Returns (loss, metrics).
     """
+    _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)")
     cfg = model.cfg
     k_drop, k_diff = jax.random.split(key)
     tokens = batch["tokens"]
@@ -65,6 +80,7 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
 def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0, steps: int | None = None):
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
+    _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)")
     cfg = model.cfg
     B = tokens_BL.shape[0]
     cond = model.text(tokens_BL)
