@@ -3,13 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from experiments.video_steps import shard
 from models.config import TransformerConfig
 from models.video import AlignConfig, DiTConfig, TextToVideo, TextToVideoConfig, VAEConfig, VideoVAE, t2v_loss, vae_loss
-from parallel import create_sharded, logical_to_spec, make_mesh
+from parallel import logical_shardings, logical_to_spec, make_mesh, shard_state
 
 T2V = TextToVideoConfig(
     dit=DiTConfig(latent_shape=(3, 4, 4), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
@@ -21,37 +20,30 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 NULL = jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0])
 
 
-@pytest.fixture(autouse=True)
-def _fast_random_init():
-    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
-    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def grads(loss_fn, graphdef, state, batch):
     return jax.jit(jax.value_and_grad(lambda s, b: loss_fn(nnx.merge(graphdef, s), b)[0]))(state, batch)
 
 
+def random_params(make):
+    """(graphdef, state) of `make()` with every parameter drawn on the host from N(0, 0.1²): no init program to
+    compile (XLA:CPU spent ~10 s per model on the initialisers' threefry), and no parameter at a special value
+    (adaLN-Zero's zeros make the DiT the identity, which compared nothing: a layer scan that mixed rows across
+    devices on this mesh passed)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(0)
+    return graphdef, jax.tree.map(lambda v: jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype), abstract)
+
+
 def compare(make, loss_fn, batch, check_split):
-    graphdef, state = nnx.split(make())
+    graphdef, state = random_params(make)
     l1, g1 = grads(loss_fn, graphdef, state, batch)
     mesh = make_mesh(MESH)
-    graphdef, sstate = create_sharded(make, mesh)
+    sstate = shard_state(state, mesh)  # by the rules table, as create_sharded places a fresh model
     check_split(sstate, mesh)
     with jax.set_mesh(mesh):
         l2, g2 = grads(loss_fn, graphdef, sstate, shard(batch, mesh))
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), atol=2e-5), g1, g2)
-
-
-def perturbed(model):
-    """Every parameter moved off its init: adaLN-Zero starts the DiT at exactly 0, which compared nothing (a layer
-    scan that mixed rows across devices on this mesh passed)."""
-    state = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype),
-                                   state))
-    return model
 
 
 def test_t2v_sharded_equals_single_device():
@@ -68,7 +60,7 @@ def test_t2v_sharded_equals_single_device():
         ada = state["dit"]["blocks"]["ada"][...]
         assert ada.addressable_shards[0].data.shape[2] == 9 * 32 // 2  # modulation over tensor
 
-    compare(lambda: perturbed(TextToVideo(T2V, rngs=nnx.Rngs(0))),
+    compare(lambda: TextToVideo(T2V, rngs=nnx.Rngs(0)),
             lambda m, b: t2v_loss(m, b, jax.random.key(2), NULL), batch, check)
 
 
@@ -93,9 +85,11 @@ def test_sequence_parallel_dit_splits_its_projections():
     flops = {}
     for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
         mesh = make_mesh(shape)
-        graphdef, state = create_sharded(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)), mesh)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0))))
+        state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                             logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
         loss = lambda s, b: t2v_loss(nnx.merge(graphdef, s), b, jax.random.key(0), NULL)[0]  # noqa: E731
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh):  # compiled only: no parameter values needed
             c = jax.jit(jax.grad(loss)).lower(state, shard(batch, mesh)).compile()
         ca = c.cost_analysis()
         flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
