@@ -41,6 +41,7 @@ from models.config import _is_int as is_int, _is_real as is_real
 from models.glu import ACTIVATIONS
 from models.linear import flat_rows, linear
 from models.moe_dispatch import DROPLESS_IMPLS, capacity_dispatch, dropless_dispatch, resolve_dropless_impl, swiglu
+from models.params import param
 from parallel.rules import constrain
 
 
@@ -127,12 +128,6 @@ class MoEConfig:
         return d_model * e + e + 3 * d_model * (e * self.expert_mlp_dim + self.shared_mlp_dim)
 
 
-def _param(rngs, shape, axes, dtype, std):
-    # models.transformer.param, repeated: the Transformer imports this module.
-    init = nnx.initializers.zeros if std == 0 else nnx.initializers.normal(std)
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
-
-
 class MoE(nnx.Module):
     """Router + E routed SwiGLU experts (+ shared experts). Parameters carry logical axes only."""
 
@@ -141,18 +136,18 @@ class MoE(nnx.Module):
         d, e, f, fs, pd = d_model, cfg.n_experts, cfg.expert_mlp_dim, cfg.shared_mlp_dim, param_dtype
         # Logical names are not mesh axes: no eager sharding (parallel.sharding places params after init).
         with nnx.use_eager_sharding(False):
-            self.router = _param(rngs, (d, e), ("embed", None), pd, init_std)
+            self.router = param(rngs, (d, e), ("embed", None), pd, init_std)
             # Selection-only bias (aux-loss-free balancing): read through stop_gradient, so the optimizer sees zero
             # gradients; the trainer moves it with update_router_bias. Stays 0 for Mixtral-style routing. float32
             # whatever param_dtype: its ±rate steps (1e-3) round away in bf16 once |bias| >= 0.5.
-            self.router_bias = _param(rngs, (e,), (None,), jnp.float32, 0)
-            self.w_gate = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
-            self.w_up = _param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
-            self.w_down = _param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd, init_std)
+            self.router_bias = param(rngs, (e,), (None,), jnp.float32, 0)
+            self.w_gate = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
+            self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), pd, init_std)
+            self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), pd, init_std)
             if fs:
-                self.shared_gate = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
-                self.shared_up = _param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
-                self.shared_down = _param(rngs, (fs, d), ("mlp", "embed"), pd, init_std)
+                self.shared_gate = param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
+                self.shared_up = param(rngs, (d, fs), ("embed", "mlp"), pd, init_std)
+                self.shared_down = param(rngs, (fs, d), ("mlp", "embed"), pd, init_std)
 
     def __call__(self, x_BTD, *, compute_dtype=jnp.float32, rng=None, valid_BT=None,
                  inference: bool = False) -> tuple[jax.Array, dict]:

@@ -28,17 +28,12 @@ from models.glu import glu_linear
 from models.linear import flat_rows, linear
 from models.moe import MoE
 from models.moe_dispatch import mesh_shards
+from models.params import param
 from models.residuals import bits_residuals
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
 from parallel.rules import constrain, mesh_axis_for, replicate_indivisible
-
-
-def param(rngs, shape, axes, dtype, std=None):
-    """A parameter annotated with logical axes: normal(std) or ones (std=None)."""
-    init = nnx.initializers.ones if std is None else nnx.initializers.normal(std)
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

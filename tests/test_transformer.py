@@ -378,3 +378,28 @@ def test_numpy_int_sizes_become_plain_ints():
         assert local.layer_windows() == ((4, 4) if np.ndim(window) == 0 else (4, 8))
         assert json.loads(json.dumps(dataclasses.asdict(local)))["rope_theta"] == 1e4 and local.qkv_bias is True
     assert cfg.kv_cache_bytes(1, 16, 2) == cfg.kv_cache_bytes(1, 16, "bfloat16")  # bytes per element, as before
+
+
+@pytest.mark.parametrize("partitionable", [True, False])
+def test_params_drawn_flat_on_cpu_are_the_bits_of_a_draw_in_their_shape(partitionable):
+    """models.params draws flat and reshapes on CPU (XLA:CPU compiles a rank-5 draw ~8x slower): the values must be
+    exactly those of nnx's normal initializer in the parameter's shape, in both of JAX's threefry modes; zeros and
+    ones take their key too, so later parameters do not move when an earlier one becomes constant."""
+    from models.params import param
+
+    assert jax.default_backend() == "cpu"
+    with jax.threefry_partitionable(partitionable), nnx.use_eager_sharding(False):
+        for shape, dtype in (((5,), jnp.float32), ((6, 4), jnp.bfloat16), ((3, 3, 3, 2, 4), jnp.float32),
+                             ((2, 8, 3, 4), jnp.float32)):
+            key = jax.random.key(len(shape))
+            want = nnx.initializers.normal(0.02)(nnx.Rngs(params=key).params(), shape, dtype)  # the key param takes
+            got = param(nnx.Rngs(params=key), shape, (None,) * len(shape), dtype, 0.02)[...]
+            assert got.dtype == want.dtype and got.shape == shape
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        after = []
+        for std in (0.02, 0, None):
+            rngs = nnx.Rngs(params=0)
+            param(rngs, (4, 4), (None, None), jnp.float32, std)
+            after.append(param(rngs, (3,), (None,), jnp.float32, 1.0)[...])
+        np.testing.assert_array_equal(after[0], after[1])
+        np.testing.assert_array_equal(after[0], after[2])

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.transformer import param, rms_norm
+from models.params import param
+from models.transformer import rms_norm
 from models.video.config import AlignConfig, DiTConfig, default_rope_split
 from models.video.layers import SelfAttention, SwiGLU, matmul, patchify
 from parallel.rules import constrain

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import dtype_of
+from models.params import param
 from models.residuals import bits_residuals
-from models.transformer import REMAT_POLICIES, param
+from models.transformer import REMAT_POLICIES
 from models.video.config import DiTConfig
 from models.video.layers import (
     CrossAttention,

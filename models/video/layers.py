@@ -15,9 +15,10 @@ from flax import nnx
 from models.attention import attention
 from models.glu import glu_linear
 from models.linear import flat_rows, linear
+from models.params import param
 from models.rope import apply_rope, inv_frequencies
 from models.sliding_window import sliding_window_attention
-from models.transformer import param, rms_norm
+from models.transformer import rms_norm
 from parallel.rules import constrain
 
 

@@ -19,9 +19,10 @@ from models.attention import attention
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup
 from models.linear import flat_rows
+from models.params import param
 from models.residuals import bits_residuals
 from models.rope import inv_frequencies
-from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, param, rms_norm
+from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, rms_norm
 from parallel.rules import constrain
 
 

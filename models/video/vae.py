@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from models.config import dtype_of
-from models.transformer import param, rms_norm
+from models.params import param
+from models.transformer import rms_norm
 from models.video.config import VAEConfig
 from parallel.rules import constrain
 
