@@ -321,11 +321,9 @@ def main(argv=None):
           f"(DiT {p.t2v.dit.param_count():,}, {p.t2v.dit.tokens} tokens, {p.t2v.dit.attention} attention)")
     timings, t0 = {}, time.time()
 
-    # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly.
-    # XLA:CPU compiles the partitionable threefry of ~100 initialisers for minutes; the classic one in seconds.
-    with jax.threefry_partitionable(False):
-        vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
-        t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
+    # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly
+    vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
+    t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
     with jax.set_mesh(mesh):
         vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params)
         timings["vae_s"] = time.time() - t0

@@ -125,9 +125,8 @@ def test_a_bf16_dit_and_text_encoder_keep_their_gradients():
     tokens = jnp.asarray([[3, 4, 5, 6, 7, 8], [9, 10, 11, 0, 0, 0]])
 
     def grads():
-        with jax.threefry_partitionable(False):
-            dit = nnx.split(VideoDiT(dit_cfg, rngs=nnx.Rngs(0)))
-            enc = nnx.split(TextEncoder(txt_cfg, pad_id=0, rngs=nnx.Rngs(1)))
+        dit = nnx.split(VideoDiT(dit_cfg, rngs=nnx.Rngs(0)))
+        enc = nnx.split(TextEncoder(txt_cfg, pad_id=0, rngs=nnx.Rngs(1)))
         dit, enc = perturbed(dit), perturbed(enc)  # adaLN-Zero gates start at 0: no block would see the text
 
         def loss(dit_state, enc_state):

@@ -18,14 +18,6 @@ TEXT = TransformerConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, mlp_d
 DATA = MovingShapesConfig()
 
 
-@pytest.fixture(autouse=True)
-def _fast_random_init():
-    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
-    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def pseudo_latents(video_BTHWC):
     """Stand-in for VAE latents: frames 0, 4, 8, average-pooled 4×4 → [B, 3, 8, 8, 3]."""
     v = video_BTHWC[:, ::4]

@@ -25,14 +25,6 @@ MU = jnp.asarray([-2.0, 1.5])
 SD = jnp.asarray([0.3, 0.5])
 
 
-@pytest.fixture(autouse=True)
-def _fast_random_init():
-    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
-    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def posterior(x, a, b, w=W):
     """E[x0 | x_t = x] and E[ε | x_t = x] for x_t = a·x0 + b·ε, x0 ~ Σ w_k N(μ_k, σ_k²), ε ~ N(0, 1)."""
     x = x[:, None]

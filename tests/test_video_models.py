@@ -34,14 +34,6 @@ TEXT = TransformerConfig(vocab_size=16, d_model=16, n_layers=1, n_heads=2, mlp_d
 VAE = VAEConfig(channels=(8, 16, 16), latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def _fast_random_init():
-    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
-    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 def randomize(model, seed=0, scale=0.1):
     """Perturb every parameter (zero-initialised gates, ones-initialised norms) so nothing hides behind 0 and 1."""
     leaves, tdef = jax.tree.flatten(nnx.state(model))

@@ -26,9 +26,8 @@ def grads(loss_fn, graphdef, state, batch):
 
 def random_params(make):
     """(graphdef, state) of `make()` with every parameter drawn on the host from N(0, 0.1²): no init program to
-    compile (XLA:CPU spent ~10 s per model on the initialisers' threefry), and no parameter at a special value
-    (adaLN-Zero's zeros make the DiT the identity, which compared nothing: a layer scan that mixed rows across
-    devices on this mesh passed)."""
+    compile (seconds per model on XLA:CPU), and no parameter at a special value (adaLN-Zero's zeros make the DiT
+    the identity, which compared nothing: a layer scan that mixed rows across devices on this mesh passed)."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(0)
     return graphdef, jax.tree.map(lambda v: jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype), abstract)

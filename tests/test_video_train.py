@@ -14,14 +14,6 @@ from experiments.video_steps import ema_cast, ema_init, ema_update, manager, res
 from models.video import VAEConfig, VideoVAE
 
 
-@pytest.fixture(autouse=True)
-def _fast_random_init():
-    """XLA:CPU compiles the (default) partitionable threefry ~10× slower, and model init calls it once per
-    parameter shape; the non-partitionable variant gives sharding-invariant values too."""
-    with jax.threefry_partitionable(False):
-        yield
-
-
 @pytest.mark.slow
 def test_tiny_preset_runs_every_stage(tmp_path):
     out = tmp_path / "run"
