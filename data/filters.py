@@ -7,8 +7,9 @@ non-space characters. Line-level boilerplate is removed before measuring (`strip
 
 A CJK character is not a word, though: a Chinese word is about two characters, so the repetition rules'
 n-grams span `cjk_chars_per_word` times more tokens in CJK text (scaled by the CJK share of the words in
-mixed text). Counted per character, an ordinary news paragraph that names "国家统计局新闻发言人" (10
-characters, 4 words) three times fails `dup_5gram`, while its English translation passes.
+mixed text), and the promotional-phrase density counts CJK characters `cjk_chars_per_word` to a word.
+Counted per character, an ordinary news paragraph that names "国家统计局新闻发言人" (10 characters, 4 words)
+three times fails `dup_5gram`, while its English translation passes.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ class QualityConfig:
         checks += [(f"dup_{n}gram", s[f"dup_{n}gram"] > m) for n, m in self.dup_ngram_max]
         checks += [("url_density", s["url_density"] > self.max_url_density),
                    ("promo_spam", s["promo_max_repeat"] > self.max_promo_repeats
-                    or s["promo_hits"] > self.max_promo_density * max(s["words"], 1)),
+                    or s["promo_density"] > self.max_promo_density),
                    ("blocklist", s["blocklist_hits"] > 0)]
         return next((name for name, failed in checks if failed), None)
 
@@ -316,6 +317,9 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
                            s["ngram_scale"]))
     promo = phrase_counts(low, cfg._promo_re)
     s["promo_hits"] = sum(promo.values())
+    # per word, CJK text counted in words too (cjk_chars_per_word characters each): per character, a Chinese
+    # document's density was half an English one's for the same phrases and length
+    s["promo_density"] = s["promo_hits"] / max(len(latin) + (n_words - len(latin)) / cfg.cjk_chars_per_word, 1)
     s["promo_max_repeat"] = max(promo.values(), default=0)
     s["blocklist_hits"] = sum(phrase_counts(low, cfg._block_re).values())
     return s

@@ -19,6 +19,7 @@ small JSON-serialisable dict; restoring it reproduces the following batches exac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import numbers
 import os
@@ -134,10 +135,15 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.seq_len={self.seq_len} must be >= 1")
         if self.global_batch_size < 1:
             raise ValueError(f"LoaderConfig.global_batch_size={self.global_batch_size} must be >= 1")
+        if self.num_epochs is not None and (isinstance(self.num_epochs, bool) or not isinstance(
+                self.num_epochs, numbers.Integral)):
+            raise ValueError(f"LoaderConfig.num_epochs={self.num_epochs!r} must be an int, or None to repeat forever")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"LoaderConfig.num_epochs={self.num_epochs} must be >= 1, or None to repeat forever")
         if self.worker_count < 0:
             raise ValueError(f"LoaderConfig.worker_count={self.worker_count} must be >= 0")
+        if self.worker_buffer_size < 1:
+            raise ValueError(f"LoaderConfig.worker_buffer_size={self.worker_buffer_size} must be >= 1")
         if self.tokenize_batch < 1:
             raise ValueError(f"LoaderConfig.tokenize_batch={self.tokenize_batch} must be >= 1")
         if not 0 <= self.seed <= MAX_SEED:  # source k shuffles with seed·1000 + k, and grain takes 32 bits
@@ -232,7 +238,8 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         _check_text_field(src, cfg.text_field)
         ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(src.files()))
         if len(ds) < n:
-            raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than {n} processes")
+            raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than the {n} processes that "
+                             "each read their own share" if len(ds) else f"Source {src.path!r} holds no documents")
         ds = ds[p::n]
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed * 1000 + k)  # same permutation on every run; per-source seeds
@@ -304,6 +311,7 @@ class LMLoader:
         self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
         self._it = iter(self.dataset)
         self._p, n = _process(process_index, process_count)
+        self._stream = _stream(sources, tokenizer, cfg, self._p, n)
         self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
         self.unread = {"batches": 0, "rows": 0, "tokens": 0}
 
@@ -336,9 +344,19 @@ class LMLoader:
                       "run by steps with num_epochs=None to read every document", stacklevel=3)
 
     def get_state(self) -> dict:
-        return _jsonable(self._it.get_state())
+        """{"grain": the iterator's position, "stream": what made the batch sequence (sources, tokenizer, the
+        LoaderConfig fields that order or cut it, the process)}: `set_state` refuses a state of another stream."""
+        return {"grain": _jsonable(self._it.get_state()), "stream": self._stream}
 
     def set_state(self, state: dict) -> None:
+        if isinstance(state, dict) and set(state) == {"grain", "stream"}:  # (older states: grain's alone)
+            if differ := [k for k in self._stream if state["stream"].get(k) != self._stream[k]]:
+                raise ValueError("LMLoader.set_state: the state was saved by a loader over another stream ("
+                                 + "; ".join(f"{k}: saved {state['stream'].get(k)}, now {self._stream[k]}"
+                                             for k in differ)
+                                 + "); its position would point elsewhere in this one. Restore with the sources, "
+                                   "tokenizer and LoaderConfig it was saved with, or start this loader fresh")
+            state = state["grain"]
         try:
             self._it.set_state(_restore_tuples(state))
         except (KeyError, TypeError, IndexError) as e:
@@ -349,6 +367,22 @@ class LMLoader:
     def close(self):
         if hasattr(self._it, "close"):
             self._it.close()
+
+
+STREAM_FIELDS = ("seq_len", "global_batch_size", "seed", "num_epochs", "shuffle", "text_field", "tokenize_batch",
+                 "drop_remainder")  # LoaderConfig fields that order or cut the batches (not the worker settings)
+
+
+def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
+    """A readable key of a loader's batch sequence. Shards are known by name and size, not location: a corpus
+    copied to another disk resumes."""
+    def shards(src: Source) -> str:
+        files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
+        return f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight {src.weight}"
+
+    return {"sources": [shards(s) for s in sources], "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
+            "tokenizer": getattr(tokenizer, "fingerprint", None) or f"vocab {tokenizer.vocab_size}",
+            "process": f"{p} of {n}"}
 
 
 def to_device(batch: dict[str, np.ndarray], mesh) -> dict:

@@ -90,6 +90,11 @@ class MovingShapesConfig:
         for combo in self.held_out:
             need(combo in set(self.combos()), "held_out", f"{combo} is not a (colour, shape, direction) triple")
         need(len(set(self.held_out)) < len(self.combos()), "held_out", "cannot hold out every combination")
+        longest = max(len(caption(*c).split()) for c in self.combos())
+        need(self.max_caption_len >= longest, "max_caption_len",
+             f"{self.max_caption_len} is shorter than the longest caption ({longest} words)")
+        need(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed",
+             f"must be an int in [0, 2**32), got {self.seed!r}")
 
     @staticmethod
     def combos() -> list[tuple[str, str, str]]:

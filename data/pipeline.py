@@ -13,6 +13,10 @@ Three passes, each resumable shard by shard (a shard is skipped when its stats f
 Every tier holds `shard-NNNNN.array_record` (one JSON document per record) and `shard-NNNNN.stats.json`
 (per stage: documents and bytes in/out, drops by reason), and `stats.json` summed over shards. Memory is
 bounded by one document per worker plus one shard's signatures (and, in pass 2, the LSH index).
+
+From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
+which import your script again, so call it under `if __name__ == "__main__":`. Inputs changed since a run began
+(size or modification time) are refused on resume, as are other settings.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import concurrent.futures as cf
 import copy
 import dataclasses
 import hashlib
-import json
 import multiprocessing
 import os
 import pathlib
+import pickle
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +42,7 @@ from data.label import LabelConfig
 from data.langid import LangIDConfig
 from data.normalize import NormalizeConfig
 from data.shards import DocWriter, iter_docs, read_json, shard_name, write_json
-from data.sources import SourceConfig, discover, read_records
+from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
 
 
@@ -71,6 +75,13 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.workers={self.workers} must be >= 1 (1 runs in this process)")
         if self.augment is not None and not callable(self.augment):  # None: the tier copies `labeled`
             raise ValueError(f"PipelineConfig.augment={self.augment!r} must be a callable doc -> doc, or None")
+        if self.workers > 1:  # worker processes receive the hooks pickled: a lambda failed only with 2+ shards
+            for k in ("augment", "filters", "labelers"):
+                try:
+                    pickle.dumps(getattr(self, k))
+                except (pickle.PicklingError, TypeError, AttributeError) as e:
+                    raise ValueError(f"PipelineConfig.{k} cannot be sent to worker processes ({e}); define it at "
+                                     "module level (not a lambda or a local function), or set workers=1") from None
 
     def default_filters(self) -> tuple:
         # quality before language ID: the rules are CJK-aware rather than per language, and language ID
@@ -267,18 +278,23 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     run of different inputs or settings raises a ValueError instead of mixing the two.
     """
     out = pathlib.Path(out_dir)
-    shards = discover(inputs, cfg.source)
+    shards = discover(inputs, cfg.source, skip=out)
     if not shards:
         raise ValueError(f"no input files under {list(map(str, inputs))}")
-    manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint()}
+    manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint(), "files": file_stamps(shards)}
     mpath = out / "manifest.json"
     if mpath.exists():
         old = read_json(mpath)
+        old.setdefault("files", manifest["files"])  # (runs begun before files were stamped)
         if old != manifest:
-            what = "inputs" if old.get("shards") != manifest["shards"] else "settings"
+            what = "inputs" if old["shards"] != manifest["shards"] else "settings" if old["config"] != manifest[
+                "config"] else "inputs: " + ", ".join(f"{f} changed since the run began (size, mtime {v} → "
+                                                     f"{manifest['files'][f]})" for f, v in old["files"].items()
+                                                     if v != manifest["files"][f])[:600]
             raise ValueError(f"{out} holds a cleaning run with different {what}; use a new --out directory "
                              "(or delete it) rather than mixing two runs")
     else:
+        check_text_field(shards, cfg.source)
         write_json(mpath, manifest)
     workers = min(cfg.workers, len(shards))
     # spawned, not forked: the parent may hold JAX's threads; one pool serves both parallel passes
@@ -330,32 +346,17 @@ def main(argv=None):
 
     print(report(args.out))
     ingest = stats["raw"]["stages"][0]
-    if ingest["docs_out"] == 0 and ingest["dropped"].get("missing_text", 0):  # most likely the wrong field name
-        raise SystemExit(f"error: no record has the field {args.text_field!r} (missing_text "
-                         f"{ingest['dropped']['missing_text']:,}); pass --text-field with the one holding the text"
-                         f"{_keys_hint(args.inputs)}")
+    if ingest["docs_out"] == 0:  # an empty corpus is a failed run, not a finished one
+        drops = ", ".join(f"{k} {v:,}" for k, v in sorted(ingest["dropped"].items())) or "the inputs hold none"
+        raise SystemExit(f"error: no record was read ({drops})"
+                         + (f"; is {args.text_field!r} the field holding the text? (--text-field)"
+                            if ingest["dropped"].get("missing_text") else ""))
 
 
 # the config field each flag sets, as the configs' errors name them
 FLAGS = {"PipelineConfig.workers": "--workers", "SourceConfig.text_field": "--text-field",
          "SourceConfig.max_doc_bytes": "--max-doc-bytes", "LangIDConfig.keep": "--keep-langs",
          "DedupConfig.threshold": "--near-dup-threshold", "DedupConfig.confirm_sigmas": "--near-dup-confirm-sigmas"}
-
-
-def _keys_hint(inputs) -> str:
-    """'; the first JSON Lines record's fields: [...]' for the first plain .jsonl input, else ''."""
-    for path in (pathlib.Path(i) for i in inputs):
-        files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-        for f in (f for f in files if f.suffix == ".jsonl"):
-            with open(f, "rb") as fh:
-                for line in fh:
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(obj, dict):
-                        return f"; the first record of {f} has the fields {sorted(obj)[:12]}"
-    return ""
 
 
 if __name__ == "__main__":

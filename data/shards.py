@@ -57,6 +57,11 @@ class DocWriter:
         self._w.close()
         os.replace(self._tmp, self.path)
 
+    def abort(self):
+        """Close and delete the partial file (a failed shard leaves nothing behind)."""
+        self._w.close()
+        self._tmp.unlink(missing_ok=True)
+
 
 def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
     """Stream the documents of one shard in order, `chunk` records in memory at a time."""

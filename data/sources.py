@@ -4,8 +4,9 @@ with bounded memory.
 `discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard`
 text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
-JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write; a pretty-printed JSON document
-is counted line by line as `malformed_json`, not read as text). Directory walks skip Hadoop / Spark side files
+JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). `discover` refuses, before any
+work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, zstd / lz4 / archive
+files, CSV and Arrow-family files. Directory walks skip Hadoop / Spark side files
 (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no
 records; a file named explicitly is read.
 """
@@ -27,6 +28,14 @@ from data.normalize import NormalizeConfig, count_surrogates, decode, replace_su
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compression, by the file's last suffix
+# formats read as one text document each (a .zst shard was one `binary` drop, a CSV one document): refused up front
+_UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "decompress it (zstd -d)",
+           ".lz4": "decompress it (lz4 -d)", ".snappy": "decompress it", ".br": "decompress it (brotli -d)",
+           ".zip": "unpack it", ".tar": "unpack it", ".tgz": "unpack it", ".7z": "unpack it",
+           ".csv": "convert it to JSON Lines or Parquet", ".tsv": "convert it to JSON Lines or Parquet",
+           ".arrow": "write it as Parquet", ".feather": "write it as Parquet", ".avro": "convert it to Parquet",
+           ".orc": "convert it to Parquet", ".tfrecord": "convert it to JSON Lines",
+           ".array_record": "it is already a tier (data.loader.Source reads it)"}
 # what a damaged file raises mid-read: one counted `unreadable_file`, never a crash
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -72,17 +81,29 @@ def _side_file(rel: pathlib.Path) -> bool:
     return name.startswith(("_", ".")) or any(d.startswith(".") or d == "_temporary" for d in dirs)
 
 
-def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig()) -> list[tuple[str, ...]]:
-    """Files under `paths` (directories walked recursively, sorted) grouped into shards."""
+def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig(),
+             skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
+    """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output)
+    grouped into shards. Raises a ValueError naming files of a format that would be misread (compressed with
+    zstd / lz4, archives, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file)."""
     files: list[str] = []
+    skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
         p = pathlib.Path(p)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and not _side_file(f.relative_to(p)))
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and not _side_file(f.relative_to(p))
+                            and not (skip is not None and f.resolve().is_relative_to(skip)))
         elif p.is_file():
             files.append(str(p))
         else:
             raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
+    unread = [f"{f} ({_UNREAD[os.path.splitext(f.lower())[1]]})" for f in files
+              if os.path.splitext(f.lower())[1] in _UNREAD]
+    unread += [f"{f} ({why})" for f in files if _kind(f) == "jsonl" and (why := _not_json_lines(f))]
+    if unread:
+        raise ValueError(f"{len(unread)} input files are in a format this pipeline would misread: "
+                         f"{'; '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}. Inputs are JSON Lines, "
+                         "Parquet or plain text (JSON Lines and text optionally .gz / .bz2 / .xz)")
     shards, texts = [], []
     for f in files:
         if _kind(f) == "text":
@@ -95,6 +116,60 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     if texts:
         shards.append(tuple(texts))
     return shards
+
+
+def _not_json_lines(path: str) -> str | None:
+    """Why a `.json(l)` file is not JSON Lines, from its first bytes (None: it may be)."""
+    try:
+        with _opener(path)(path, "rb") as f:
+            head = f.read(1 << 12)
+    except _READ_ERRORS:
+        return None  # counted as `unreadable_file` when read
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"["):
+        return "a JSON array, not one object per line: convert it, e.g. jq -c '.[]' IN > OUT.jsonl"
+    if head.split(b"\n", 1)[0].strip() == b"{":
+        return "a pretty-printed JSON document, not one object per line: write it with jq -c"
+    return None
+
+
+def file_stamps(shards: Sequence[tuple[str, ...]]) -> dict[str, list[int]]:
+    """{path: [size, mtime_ns]} of every input file: a resumed run refuses inputs changed since it began."""
+    return {f: [(st := os.stat(f)).st_size, st.st_mtime_ns] for files in shards for f in files}
+
+
+def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: int = 100) -> None:
+    """Raise a ValueError when the first JSON Lines / Parquet input has `cfg.text_field` in none of its first `n`
+    records (a wrong field drops every record as `missing_text`: named before any work, with the fields seen)."""
+    path = next((f for files in shards for f in files if _kind(f) != "text"), None)
+    if path is None:
+        return
+    if _kind(path) == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            fields = [set(pq.ParquetFile(path).schema_arrow.names)]
+        except Exception:  # noqa: BLE001 - an unreadable file is counted when read
+            return
+    else:
+        fields = []
+        try:
+            with _opener(path)(path, "rb") as f:
+                for line, _ in _lines(f, cfg.max_doc_bytes):
+                    try:
+                        obj = json.loads(line.removeprefix(b"\xef\xbb\xbf")) if line and line.strip() else None
+                    except ValueError:
+                        continue
+                    if isinstance(obj, dict):
+                        fields.append(set(obj))
+                        if len(fields) == n:
+                            break
+        except _READ_ERRORS:
+            return
+    if fields and not any(cfg.text_field in k for k in fields):
+        seen = sorted(set().union(*fields))[:12]
+        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is in none of the first {len(fields)} records of "
+                         f"{path} (they have {seen}); pass the field that holds the text (--text-field)")
 
 
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:

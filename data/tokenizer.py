@@ -10,6 +10,7 @@ vocabulary decode to nothing.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable
 
@@ -82,7 +83,11 @@ class BPETokenizer:
     def load(cls, path: str | os.PathLike) -> BPETokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train one with data.tokenizer.train_bpe(...).save(path)")
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception that names no file
+            raise ValueError(f"{path} is not a `tokenizers` JSON file ({e}); pass the file that "
+                             "BPETokenizer.save (or a Hugging Face tokenizer.json) wrote") from None
 
     def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
         return _bpe_from_json, (self.tok.to_str(),)
@@ -110,6 +115,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     """
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
         raise TypeError("train_bpe texts: pass an iterable of documents (e.g. [text]), not one string")
+    it = iter(texts)
+    first = next(it, None)
+    if first is not None and not isinstance(first, str):  # `tokenizers` would train on a dict's keys, silently
+        raise TypeError(f"train_bpe texts: the items must be str, got {type(first).__name__}; pass the texts, e.g. "
+                        "tier_texts(tier_dir) or (d['text'] for d in docs)")
+    texts = it if first is None else itertools.chain([first], it)
     floor = 256 + len(special_tokens)
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "
@@ -128,7 +139,14 @@ def tier_texts(tier_dir: str | os.PathLike, field: str = "text"):
 
     for path in tier_shards(tier_dir):
         for doc in iter_docs(path):
-            yield doc[field]
+            yield _field(doc, field, path)
+
+
+def _field(doc: dict, field: str, path) -> str:
+    if field not in doc:
+        raise ValueError(f"field={field!r}: a document of {path} has no such field (it has {sorted(doc)[:12]}); "
+                         "pass the one that holds the text (the cleaning pipeline writes 'text')")
+    return doc[field]
 
 
 TOKENS_MAGIC = b"\x00TOK"  # pre-tokenized records start with it; a JSON document never starts with NUL
@@ -151,6 +169,9 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     if out.resolve() == pathlib.Path(tier_dir).resolve():  # each shard would be replaced by its ids
         raise ValueError(f"pretokenize out_dir={str(out_dir)!r} is tier_dir: the cleaned text would be overwritten; "
                          "write the ids to another directory")
+    for doc in iter_docs(shards[0]):  # a wrong field named before anything is deleted or written
+        _field(doc, field, shards[0])
+        break
     # the loader trusts the meta beside the shards: a run that dies part-way must not leave an older one there
     (out / "tokenizer.json").unlink(missing_ok=True)
     for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
@@ -163,11 +184,15 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
                 writer.write_record(TOKENS_MAGIC + np.asarray(x, dtype=np.int32).tobytes())
             texts.clear()
 
-        for doc in iter_docs(path):
-            texts.append(doc[field])
-            if len(texts) == batch:
-                flush()
-        flush()
+        try:
+            for doc in iter_docs(path):
+                texts.append(_field(doc, field, path))
+                if len(texts) == batch:
+                    flush()
+            flush()
+        except BaseException:
+            writer.abort()
+            raise
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir)}

@@ -169,6 +169,18 @@ def test_spam_signals(rng):
     assert reason(zh_text(rng, 200) + "欢迎来到博彩网站") == "blocklist"
 
 
+def test_promo_density_counts_chinese_in_words_like_english(rng):
+    """Four different promo phrases (none repeated) in ~150 words: English dropped, Chinese of the same length in
+    words (~300 characters) was kept, its density taken per character."""
+    en = en_text(rng, 150) + " Buy now. Click here. Order now. Best price."
+    zh = zh_text(rng, 150 * int(CFG.cjk_chars_per_word)) + "限时优惠。立即购买。点击购买。免费领取。"
+    for text in (en, zh):
+        s = analyze(text, CFG)
+        assert s["promo_max_repeat"] <= CFG.max_promo_repeats and s["promo_hits"] == 4
+        assert s["promo_density"] > CFG.max_promo_density and reason(text) == "promo_spam", (text[:40], s)
+    assert reason(zh_text(rng, 600) + "限时优惠。立即购买。") is None  # two in ~300 words: within the density
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="max_symbol_ratio"):
         QualityConfig(max_symbol_ratio=1.5)

@@ -158,6 +158,15 @@ def test_state_restores_identical_batches(corpus, tmp_path):
         for e, g in zip(expected, [next(b) for _ in range(25)]):
             for k in e:
                 np.testing.assert_array_equal(e[k], g[k])
+        b = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)  # a state saved before "stream"
+        b.set_state(state["grain"])
+        np.testing.assert_array_equal(next(b)["inputs"], expected[0]["inputs"])
+        # a state of another stream is named, not read as a position in this one (it was, silently)
+        for other_cfg, srcs, what in ((dataclasses.replace(cfg, seed=9), sources, "config: saved .*'seed': 3"),
+                                      (dataclasses.replace(cfg, tokenize_batch=1), sources, "tokenize_batch"),
+                                      (cfg, [Source(other)], "sources: saved")):
+            with pytest.raises(ValueError, match=f"saved by a loader over another stream .*{what}"):
+                LMLoader(srcs, EOS_BYTES, other_cfg, process_index=0, process_count=1).set_state(state)
         # the batches after the restored point are not simply the first ones again
         fresh = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
         assert (next(fresh)["inputs"] != expected[0]["inputs"]).any()

@@ -246,6 +246,51 @@ def test_a_directory_of_another_run_is_refused(cleaned, corpus):
         run(inputs[:1], out, PipelineConfig(workers=1), progress=False)
 
 
+def test_inputs_changed_since_the_run_began_are_refused_on_resume(tmp_path):
+    """A resumed run skipped its finished shards, so records appended to an input were never read (exit 0)."""
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": en_text(rng, 120)}) + "\n" for _ in range(3)))
+    cfg = PipelineConfig(workers=1)
+    run([src], tmp_path / "out", cfg, progress=False)
+    run([src], tmp_path / "out", cfg, progress=False)  # unchanged: resumes
+    with open(src, "a") as f:
+        f.write(json.dumps({"text": en_text(rng, 120)}) + "\n")
+    with pytest.raises(ValueError, match=r"different inputs: .*in.jsonl changed since the run began"):
+        run([src], tmp_path / "out", cfg, progress=False)
+
+
+def test_an_output_folder_inside_the_input_folder_resumes(tmp_path):
+    """The walk read the run's own tiers and manifest as inputs, so the second run saw other inputs."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": en_text(rng, 120)}) + "\n" for _ in range(3)))
+    cfg = PipelineConfig(workers=1)
+    first = run([tmp_path], tmp_path / "clean", cfg, progress=False)
+    again = run([tmp_path], tmp_path / "clean", cfg, progress=False)
+    assert first == again and first["raw"]["stages"][0]["docs_in"] == 3
+
+
+def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
+    """A .zst shard was one `binary` drop, a JSON array one `malformed_json`, a CSV one document, exit 0."""
+    rng = np.random.default_rng(0)
+    recs = [{"text": en_text(rng, 50)} for _ in range(4)]
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cases = {"part-0.jsonl.zst": b"\x28\xb5\x2f\xfd" + bytes(40), "dump.json": json.dumps(recs).encode(),
+             "pretty.json": json.dumps(recs[0], indent=1).encode(), "table.csv": b"text,url\nhello,u\n"}
+    for name, raw in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=re.escape(name) + r" \((decompress|a JSON array|a pretty-printed|conv)"):
+            run([tmp_path / "ok.jsonl", tmp_path / name], tmp_path / f"out-{name}", PipelineConfig(workers=1),
+                progress=False)
+        assert not (tmp_path / f"out-{name}").exists()
+
+
+def test_hooks_that_cannot_reach_worker_processes_are_named():
+    with pytest.raises(ValueError, match="PipelineConfig.augment cannot be sent to worker processes"):
+        PipelineConfig(augment=lambda d: d, workers=2)
+    assert PipelineConfig(augment=lambda d: d, workers=1).workers == 1
+
+
 @dataclasses.dataclass(frozen=True)
 class DropMentions:
     """A custom stage: drops documents that mention `word`."""
@@ -365,10 +410,18 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
                    "content"])
     ingest = next(s for _, s in report_mod.funnel(tmp_path / "out") if s.name == "ingest")
     assert ingest.dropped == {} and ingest.docs_out == 3, ingest
-    # without the flag every record drops as missing_text: exit 1 naming the flag and the fields there are
-    with pytest.raises(SystemExit, match=r"no record has the field 'text' \(missing_text 3\); pass --text-field .* "
-                                         r"has the fields \['content'\]"):
+    # without the flag every record would drop as missing_text: refused before any work, naming the fields there
+    # are, and the directory is not claimed (the corrected command then ran into "different settings")
+    with pytest.raises(SystemExit, match=r"text_field='text' is in none of the first 3 records of .*in.jsonl "
+                                         r"\(they have \['content'\]\); .*--text-field"):
         pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out2"), "--workers", "1"])
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+    pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out2"), "--workers", "1", "--text-field",
+                   "content"])
+    # nothing readable at all: exit 1 with the reasons, not "0 of 2 records kept" and exit 0
+    (tmp_path / "bad.jsonl").write_text('{"text": "unterminated\n\n')
+    with pytest.raises(SystemExit, match=r"^error: no record was read \(empty 1, malformed_json 1\)"):
+        pipeline.main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out4"), "--workers", "1"])
     # settings name the flag they came from, not the config field; an --out that is a file is named
     for bad, says in ((["--workers", "0"], "argument --workers: PipelineConfig.workers"),
                       (["--near-dup-threshold", "80"], "argument --near-dup-threshold: DedupConfig.threshold"),

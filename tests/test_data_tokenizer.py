@@ -117,3 +117,31 @@ def test_lone_surrogates_encode_as_replacement_and_stray_ids_decode_to_nothing(t
         for got, want in zip(tok.encode_batch([text, "ok"]), [ids, tok.encode("ok")]):
             np.testing.assert_array_equal(got, want)
     assert tok.decode([-1, *tok.encode("hi"), tok.vocab_size + 5]) == "hi"
+
+
+def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
+    """Documents (dicts) given to train_bpe trained on their keys, silently; a wrong field was a bare KeyError (and
+    pretokenize left a .tmp shard); a JSON file that is no tokenizer raised a bare Exception naming no file."""
+    import json
+
+    from data.shards import DocWriter
+    from data.tokenizer import pretokenize, tier_texts
+
+    with pytest.raises(TypeError, match="items must be str, got dict; pass the texts"):
+        train_bpe([{"text": "a b c", "lang": "en"}] * 10, vocab_size=300, show_progress=False)
+    tier = tmp_path / "tier"
+    w = DocWriter(tier / "shard-00000.array_record")
+    w.write({"id": "0", "text": "hello world"})
+    w.commit()
+    with pytest.raises(ValueError, match="field='body': a document of .* has no such field .*'id', 'text'"):
+        list(tier_texts(tier, "body"))
+    out = tmp_path / "ids"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")  # an earlier run's meta stays until the field is known to be right
+    with pytest.raises(ValueError, match="field='body'"):
+        pretokenize(tier, bpe, out, field="body", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
+    bad = tmp_path / "not_a_tokenizer.json"
+    bad.write_text(json.dumps({"vocab": 3}))
+    with pytest.raises(ValueError, match=f"{bad} is not a `tokenizers` JSON file"):
+        BPETokenizer.load(bad)

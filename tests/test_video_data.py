@@ -79,6 +79,12 @@ def test_captions_and_config_errors():
         MovingShapesConfig(size=16)
     with pytest.raises(ValueError, match="MovingShapesConfig.held_out"):
         MovingShapesConfig(held_out=(("red", "hexagon", "up"),))
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.max_caption_len: 3 is shorter than the longest caption "
+                                         r"\(5 words\)"):  # it failed at the first record
+        MovingShapesConfig(max_caption_len=3)
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="MovingShapesConfig.seed"):
+            MovingShapesConfig(seed=seed)
 
 
 def test_eval_harness_scores_real_clips_of_each_prompt_near_perfect():
