@@ -447,9 +447,10 @@ class Transformer(nnx.Module):
         # A layer's parameter slice is a new array, which a scanned stack saves for the backward: a copy of those
         # layers' parameters. Sliced inside the checkpoint, the backward slices again instead (no remat policy saves
         # a slice). Under 'none' the copy stays: a policy saving all but the slices made that step 4-5% slower.
-        if cfg.remat != "none":
+        if cfg.remat != "none":  # prevent_cse unless a rolled loop keeps XLA from merging the recompute away
+            unrolled = not cfg.scan_layers or cfg.scan_unroll is True or cfg.scan_unroll > 1
             one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,),
-                                       prevent_cse=not cfg.scan_layers)
+                                       prevent_cse=unrolled)
 
         def group(gst, x, arrays, cs=None, key=None):
             """The P layers of one group: gst[kind] holds [layers of that kind per group, ...] (that axis absent
