@@ -68,6 +68,8 @@ class TransformerConfig:
     n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; anything dividing n_heads: GQA
     head_dim: int | None = None  # None: d_model // n_heads
     mlp_dim: int = 1024  # SwiGLU hidden width (HF intermediate_size)
+    # the context length trained for (the trainer refuses longer rows; HF's max_position_embeddings). RoPE is computed
+    # for any position, so the model runs past it, as length-extrapolation work needs; `generate` warns
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
@@ -214,6 +216,9 @@ class TransformerConfig:
             return tuple(i % 2 == 0 for i in range(L))
         n, sep, one = p.partition(":")
         if sep and n.isdigit() and one == "1" and int(n) > 0:
+            if int(n) >= L:  # the first global layer would be layer n + 1
+                raise ValueError(f"TransformerConfig.attn_pattern={p!r} with n_layers={L} has no global layer (the "
+                                 f"first would be layer {int(n) + 1}); use N < n_layers, or 'local'")
             return tuple(i % (int(n) + 1) != int(n) for i in range(L))
         raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}; use 'global', 'local', "
                          "'alternating' or 'N:1' (N local layers, then one global)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     _check_top_k(top_k)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if (total := prompt_BP.shape[1] + max_new_tokens) > model.cfg.max_seq_len:
+        warnings.warn(f"generate: {total} tokens (prompt {prompt_BP.shape[1]} + {max_new_tokens} new) exceed the "
+                      f"model's max_seq_len={model.cfg.max_seq_len}, the context it was trained for; positions past "
+                      "it are extrapolated", stacklevel=2)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     new = _generate(graphdef, state, prompt_BP, rng, int(max_new_tokens), float(temperature),

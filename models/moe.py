@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +56,13 @@ class MoEConfig:
     expert_mlp_dim: int = 512  # hidden width F of each SwiGLU expert
     n_shared_experts: int = 0  # always-on experts, run as one dense SwiGLU of width n_shared · F
     router: str = "softmax"  # 'softmax' (Mixtral) | 'sigmoid' (DeepSeek-V3)
-    renormalize: bool = True  # top-k weights sum to 1
+    renormalize: bool = True  # top-k weights sum to 1 (top_k=1 needs False: Switch; else the weight is always 1)
     router_jitter: float = 0.0  # Switch: router input × U(1 - j, 1 + j), only when an rng is passed
     dispatch: str = "dropless"  # 'dropless' | 'capacity'
     capacity_factor: float = 1.25  # capacity dispatch: C = ceil(K·T/E·CF) slots per expert per row
-    dropless_impl: str = "auto"  # auto: ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU, capacity if experts sharded
+    # dispatch='dropless' only (capacity ignores it): auto = ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU,
+    # capacity with C = T if experts are sharded
+    dropless_impl: str = "auto"
     # 'gmm' tile rows, largest first, each a multiple of the next; None: default_tile_rows. The best set depends
     # on the machine and shape (docs/benchmarks.md, Mixture of Experts)
     gmm_tile_rows: tuple[int, ...] | None = None
@@ -87,6 +90,10 @@ class MoEConfig:
             v = getattr(self, f)
             need(is_int(v) and v > 0, f, f"must be a positive int, got {v!r}")
         need(self.top_k <= self.n_experts, "top_k", f"{self.top_k} > n_experts={self.n_experts}; pick at most E")
+        if self.top_k == 1 and self.n_experts > 1 and self.renormalize:
+            warnings.warn("MoEConfig(top_k=1, renormalize=True): every combine weight is exactly 1, so the router "
+                          "learns from the balancing losses only, never from the task loss; Switch-style top-1 "
+                          "routing scales the expert by its probability: set renormalize=False", stacklevel=3)
         need(is_int(self.n_shared_experts) and self.n_shared_experts >= 0, "n_shared_experts",
              f"must be an int >= 0, got {self.n_shared_experts!r}")
         need(self.router in ("softmax", "sigmoid"), "router", f"unknown {self.router!r}; use softmax or sigmoid")

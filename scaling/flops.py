@@ -70,6 +70,8 @@ class MoESpec:
             raise ValueError(f"MoESpec.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         if self.moe_every < 1:
             raise ValueError(f"MoESpec.moe_every must be >= 1, got {self.moe_every}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoESpec.capacity_factor must be positive, got {self.capacity_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,18 +318,27 @@ def matmul_flops_per_token(cfg, *, executed: bool = False, seq_len: int | None =
     return f
 
 
-def _routed_forward(s: LMShape, seq_len: int | None, executed: bool) -> float:
+def executed_slots(m: MoESpec, seq_len: int | None, expert_shards: int = 1) -> float:
+    """Expert rows per token an MoE layer's routed experts run (models.moe): E·C / T with capacity buffers
+    (C = ceil(top_k·T·CF / E) clamped to [1, T]; without `seq_len` the large-T limit top_k·CF clamped to E); E for
+    dropless run through capacity buffers with C = T (`dropless_impl` 'capacity', or 'auto' with experts sharded over
+    `expert_shards` > 1 devices) or the all-experts 'dense' kernel; top_k for the sorted dropless kernels."""
+    if m.dispatch == "dropless":
+        through_buffers = m.dropless_impl in ("capacity", "dense") or (m.dropless_impl == "auto" and expert_shards > 1)
+        return float(m.n_experts if through_buffers else m.top_k)
+    if seq_len is None:
+        return min(m.top_k * m.capacity_factor, m.n_experts)
+    c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
+    return m.n_experts * c / seq_len
+
+
+def _routed_forward(s: LMShape, seq_len: int | None, executed: bool, expert_shards: int = 1) -> float:
     """Forward FLOPs per token of the routed experts over all MoE layers: top_k rows per token, or with
-    `executed` the capacity slots (see `matmul_flops_per_token`)."""
+    `executed` the rows the kernels run (`executed_slots`)."""
     m = s.moe
     if m is None:
         return 0.0
-    slots = float(m.top_k)
-    if executed and seq_len is None:
-        slots = min(m.top_k * m.capacity_factor, m.n_experts)
-    elif executed:
-        c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
-        slots = m.n_experts * c / seq_len
+    slots = executed_slots(m, seq_len, expert_shards) if executed else float(m.top_k)
     return 2.0 * slots * s.n_moe_layers * 3 * s.d_model * m.expert_mlp_dim
 
 
@@ -357,7 +368,7 @@ prefill_flops_per_token = forward_flops_per_token
 
 
 def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int = 256,
-                              windows=None, moe=None) -> float:
+                              windows=None, moe=None, expert_shards: int = 1) -> float:
     """Forward FLOPs that a remat policy recomputes in the backward pass (per token).
 
     'none' and 'save_dots' recompute no matmul work (only elementwise ops); 'save_dots_no_batch'
@@ -366,13 +377,14 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     MLP's down projection, whose output only feeds the saved next-layer input (the attention-out projection is
     rerun: the MLP's pre-norm needs x + wo(attn); so are the routed experts' down products: the router's
     gradient needs the experts' outputs) — the LM head is outside the remat'ed layers and is not rerun.
-    kernel='executed' counts capacity dispatch's padded expert slots (`matmul_flops_per_token(executed=True)`).
+    kernel='executed' counts the expert rows the kernels run (`executed_slots`; `expert_shards`: the devices the
+    experts are sharded over).
     """
     if remat not in RECOMPUTE_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
     s = lm_shape(cfg, windows=windows, moe=moe)
     attn = attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
-    routed = _routed_forward(s, seq_len, kernel == "executed")
+    routed = _routed_forward(s, seq_len, kernel == "executed", expert_shards)
     if remat == "full":
         d = s.d_model
         down = sum(d * (_shared_width(s.moe) if s.is_moe_layer(i) else s.mlp_dim) for i in range(s.n_layers))
@@ -382,18 +394,22 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
 
 
 def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, remat: str = "none",
-                          include_recompute: bool = False, windows=None, moe=None) -> float:
+                          include_recompute: bool = False, windows=None, moe=None, expert_shards: int = 1) -> float:
     """Training FLOPs per token = 3 x forward (+ remat recompute if `include_recompute`).
 
     With the defaults this is the *model* FLOPs that MFU divides by (PaLM, Chowdhery et al. 2022,
     App. B: 6N + 12·L·H·Q·T/2 for causal attention). `include_recompute=True` gives hardware FLOPs.
+    kernel='executed' counts what the kernels run, the routed experts' rows by `executed_slots`: pass the mesh's
+    `expert_shards` (dropless with experts sharded runs E rows per token, E/K× the model's).
     """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Real) or not seq_len >= 1:
+        raise ValueError(f"train_flops_per_token: seq_len={seq_len!r} must be >= 1 token")
     s = lm_shape(cfg, windows=windows, moe=moe)
     f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block)
     if kernel == "executed" and s.moe is not None:  # what the kernels run: capacity dispatch's padded slots too
-        f += 3.0 * (_routed_forward(s, seq_len, True) - _routed_forward(s, seq_len, False))
+        f += 3.0 * (_routed_forward(s, seq_len, True, expert_shards) - _routed_forward(s, seq_len, False))
     if include_recompute:
-        f += recompute_flops_per_token(s, seq_len, remat, kernel=kernel, block=block)
+        f += recompute_flops_per_token(s, seq_len, remat, kernel=kernel, block=block, expert_shards=expert_shards)
     return f
 
 

@@ -34,7 +34,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from scaling.flops import executed_keys, lm_shape, model_kernel
+from scaling.flops import executed_keys, executed_slots, lm_shape, model_kernel
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "fp8": 1, "bf16": 2, "f32": 4,
                "fp16": 2, "fp32": 4, "f16": 2}
@@ -289,18 +289,8 @@ def _shared_width(m) -> int:
 
 
 def routed_slots_per_token(cfg, seq_len: int, expert_shards: int = 1) -> float:
-    """Expert rows per token an MoE layer's routed experts run (models.moe): E·C / T with capacity buffers
-    (C = ceil(top_k·T·CF / E) clamped to [1, T]; dropless through capacity buffers, i.e. `dropless_impl`
-    'capacity' or 'auto' with experts sharded over `expert_shards` > 1 devices: C = T), top_k for the sorted
-    dropless kernels."""
-    m, T = lm_shape(cfg).moe, int(seq_len)
-    if m.dispatch == "capacity":
-        C = max(1, min(T, math.ceil(m.top_k * T * m.capacity_factor / m.n_experts)))
-    elif m.dropless_impl == "capacity" or (m.dropless_impl == "auto" and expert_shards > 1):
-        C = T
-    else:
-        return float(m.top_k)
-    return m.n_experts * C / T
+    """Expert rows per token an MoE layer's routed experts run (`scaling.flops.executed_slots`)."""
+    return executed_slots(lm_shape(cfg).moe, int(seq_len), expert_shards)
 
 
 def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: int, *, remat: str | None = None,

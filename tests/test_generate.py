@@ -202,3 +202,19 @@ def test_a_tiny_temperature_samples_the_argmax():
     for t in (1e-30, 1e-38, 1e-300):
         got = sample_logits(logits, jax.random.key(0), t, None, None)
         assert (got == 1).all(), (t, got)
+
+
+def test_generating_past_max_seq_len_warns_and_runs(model):
+    """max_seq_len is the trained context: RoPE runs past it (extrapolation is an experiment), but silently it
+    looked like a limit that held."""
+    import warnings
+
+    prompt = jnp.zeros((1, 4), jnp.int32)
+    short = dataclasses.replace(CFG, max_seq_len=8)
+    m = Transformer(short, rngs=nnx.Rngs(0))
+    nnx.update(m, nnx.state(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(m, prompt, 4).shape == (1, 8)  # exactly max_seq_len: no warning
+    with pytest.warns(UserWarning, match=r"9 tokens \(prompt 4 \+ 5 new\) exceed the model's max_seq_len=8"):
+        assert generate(m, prompt, 5).shape == (1, 9)

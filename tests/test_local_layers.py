@@ -73,6 +73,8 @@ def test_per_layer_windows_go_to_the_local_layers_in_order():
     assert cfg.layer_windows() == (3, None, 5, None)
     assert dataclasses.replace(CFG, attn_pattern="3:1", sliding_window=(2, 3, 4), n_layers=4).layer_windows() == (
         2, 3, 4, None)
+    with pytest.raises(ValueError, match="attn_pattern='4:1' with n_layers=4 has no global layer"):  # was all local
+        dataclasses.replace(CFG, attn_pattern="4:1", sliding_window=4, n_layers=4)
 
 
 @pytest.mark.parametrize("cuts", [(0, 8, 9, 19), (0, 2, 8, 9, 10, 19)], ids=["empty_full", "part_filled"])

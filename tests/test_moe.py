@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import re
+import warnings
 from unittest import mock
 
 import jax
@@ -42,8 +43,8 @@ def _params(d, n_experts, mlp_dim, n_shared, seed):
     """Parameters depend on the shapes only: initialise once per shape, share across dispatch variants."""
 
     def fn():
-        m = MoE(d, MoEConfig(n_experts=n_experts, top_k=1, expert_mlp_dim=mlp_dim, n_shared_experts=n_shared),
-                rngs=nnx.Rngs(seed))
+        m = MoE(d, MoEConfig(n_experts=n_experts, top_k=1, expert_mlp_dim=mlp_dim, n_shared_experts=n_shared,
+                             renormalize=False), rngs=nnx.Rngs(seed))
         m.router_bias[...] = 0.05 * jax.random.normal(jax.random.key(seed + 7), m.router_bias.shape)
         m.router[...] = 20 * m.router[...]  # spread routing probabilities so renormalisation and the bias matter
         return m
@@ -593,3 +594,20 @@ def test_dropless_paths_at_the_padded_rows_bound():
                                atol=1e-5)
     assert default_block_rows(12, E) == 8  # the same layout for the block-sparse path
     np.testing.assert_allclose(sorted_blocks(x_ND, weights_NK, experts_NK, w, jax.nn.silu), want, atol=1e-5)
+
+
+def test_top1_router_learns_from_the_task_loss_only_without_renormalising():
+    """Top-1 renormalised: the combine weight p/p is exactly 1, so the task loss gives the router no gradient
+    (max |g| 7.5e-05 vs 2.7e3 measured); MoEConfig warns and names the Switch setting."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+    grads = {}
+    for renorm in (True, False):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cfg = MoEConfig(n_experts=4, top_k=1, expert_mlp_dim=8, renormalize=renorm)
+        assert any("set renormalize=False" in str(w.message) for w in caught) == renorm
+        with nnx.use_eager_sharding(False):
+            m = MoE(16, cfg, init_std=0.5, rngs=nnx.Rngs(0))
+        g = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(m)
+        grads[renorm] = float(jnp.abs(g.router[...]).max())
+    assert grads[True] < 1e-3 * grads[False], grads

@@ -55,7 +55,7 @@ def xla_flops(fn, *args):
                                                              post_norms=True, moe_every=2,
                                                              moe=MoEConfig(4, 2, 16, n_shared_experts=1)),
                                            TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                                             mlp_dim=64, moe=MoEConfig(4, 1, 16))])
+                                                             mlp_dim=64, moe=MoEConfig(4, 1, 16, renormalize=False))])
 def test_param_counts_and_table_match_real_tree(cfg):
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     real = param_table_from_state(state)
@@ -208,7 +208,8 @@ def test_moe_matches_models_moe():
 def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
     import models.moe as moe
     d, T = 32, 32
-    mc = moe.MoEConfig(n_experts=E, top_k=K, expert_mlp_dim=48, dispatch="capacity", capacity_factor=CF)
+    mc = moe.MoEConfig(n_experts=E, top_k=K, expert_mlp_dim=48, dispatch="capacity", capacity_factor=CF,
+                       renormalize=K > 1)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(d, mc, rngs=nnx.Rngs(0))))
     cfg = dataclasses.make_dataclass("Cfg", ["vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "moe"])(
         64, d, 1, 4, 48, mc)
@@ -294,3 +295,24 @@ def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="context_len=-5"):
         decode_flops_per_token(SimpleNamespace(**base), -5)
     assert param_counts(SimpleNamespace(**base)).total > 0  # the same config, well formed, is counted
+
+
+def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():
+    """With experts sharded, dropless runs as capacity buffers with C = T (models.moe): E rows per token, not K.
+    Without `expert_shards` the executed count was 1/3 of XLA's here."""
+    from parallel import batch_sharding, logical_shardings, make_mesh
+
+    B, T = 8, 64
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, scan_layers=False,
+                            moe=MoEConfig(8, 2, 128))
+    mesh = make_mesh({"data": 2, "expert": 4})
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                         logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh, 2))
+    loss = jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t}))
+    with jax.set_mesh(mesh):
+        xla = xla_flops(loss, state, tok) * mesh.size  # the partitioned program: one device's share
+    ours = train_flops_per_token(cfg, T, kernel="executed", expert_shards=4) * B * T
+    assert ours <= xla <= 1.1 * ours, xla / ours
+    assert train_flops_per_token(cfg, T, kernel="executed") < 0.5 * ours  # sorted dropless: K rows per token

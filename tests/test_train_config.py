@@ -440,7 +440,7 @@ def test_overrides_valid_only_together_apply_in_either_order():
     with pytest.raises(ConfigError, match="sliding_window: is set but attn_pattern='global' has no local layer"):
         load(["--preset", "tiny", "--set", "model.attn_pattern=global"])
     c = load(["--preset", "demo", "--set", "model.moe.top_k=1", "--set", "model.moe.n_experts=2", "--steps", "7",
-              "--set", "train.steps=9"])  # --steps is --set train.steps: the later one wins
+              "--set", "model.moe.renormalize=False", "--set", "train.steps=9"])  # --steps is --set train.steps
     assert (c.model.moe.top_k, c.model.moe.n_experts, c.train.steps) == (1, 2, 9)
 
 
@@ -450,7 +450,7 @@ def test_trainer_keeps_padding_out_of_moe_routing():
     from experiments.lm_step import lm_loss_parts
 
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64,
-                            moe=MoEConfig(4, 1, 32, router="sigmoid", dispatch="capacity"))
+                            moe=MoEConfig(4, 1, 32, router="sigmoid", dispatch="capacity", renormalize=False))
     gd, p = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     B, T = 4, 16
     seg = np.ones((B, T), np.int32)
