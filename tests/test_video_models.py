@@ -417,7 +417,7 @@ def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_wo
     assert float(jnp.abs(fresh.final_norm[...]).max()) == 0.0
     with pytest.raises(ValueError, match="vocab_size"):  # out-of-range ids gathered NaN rows
         fresh(jnp.asarray([[2, TEXT.vocab_size, 0]]))
-    for bad, field in ((dict(moe=MoEConfig(2, 1, 16)), "text.moe"),
+    for bad, field in ((dict(moe=MoEConfig(2, 1, 16, renormalize=False)), "text.moe"),
                        (dict(attn_pattern="local", sliding_window=2), "text.attn_pattern")):
         with pytest.raises(ValueError, match=field):
             TextToVideoConfig(dit=DIT, text=dataclasses.replace(TEXT, **bad))
