@@ -93,6 +93,18 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
                                  (cfg.vocab_size, "the model's vocab", tp, "tensor axis")):
         if value % n:
             return f"{what}={value} is not divisible by the {axes} of {mesh} (= {n})"
+    from scaling.memory import lm_param_table, shard_factor
+
+    for p in lm_param_table(cfg):  # every parameter's sharded dims (d_model over fsdp, layers over stage, ...)
+        try:
+            shard_factor(p.axes, p.shape, mesh)
+        except ValueError as e:
+            return f"the model's {p.path}: {e}"
+    others = {a: n for a, n in mesh.items() if a != "stage" and n > 1}
+    if mesh.get("stage", 1) > 1 and others and cfg.dtype == "bfloat16":  # parallel.pipeline.gpipe, at compile time
+        return (f"a pipeline ('stage') beside {others} does not compile in bfloat16 on XLA:CPU, where this tool "
+                "compiles; size it with --dtype float32 (activations then count 4 bytes), or pipeline over 'stage' "
+                "alone")
     return None
 
 

@@ -33,7 +33,7 @@ from models.residuals import bits_residuals
 from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
-from parallel.rules import constrain, mesh_axis_for, replicate_indivisible
+from parallel.rules import constrain, mesh_axis_for, replicate_indivisible, sharing_axis
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -467,6 +467,10 @@ class Transformer(nnx.Module):
             lambda t: t.reshape((-1,) + t.shape[2:]), a)
 
         stage_axis, n_stages = mesh_axis_for("layers")
+        if n_stages > 1 and (users := sharing_axis("layers", stage_axis)):  # else a traceback from inside shard_map
+            raise ValueError(f"logical axis 'layers' maps to mesh axis {stage_axis!r}, which {users} use too: the "
+                             "layer stack runs as a pipeline over the axis 'layers' maps to, so it needs one of its "
+                             "own; map 'layers' to 'stage' (the table's) or None")
         if not cfg.scan_layers:  # the same stacked parameters, one group at a time
             if n_stages > 1:  # the layers would only be sharded over 'stage': every device running every layer
                 raise ValueError("TransformerConfig.scan_layers=False under pipeline parallelism: the pipeline "

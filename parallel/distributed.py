@@ -31,16 +31,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     naming the unhealthy task, so a job never hangs on a dead peer.
     """
     env = os.environ
+
+    def from_env(name):
+        try:
+            return int(env[name]) if name in env else None
+        except ValueError:
+            raise ValueError(f"{name}={env[name]!r} must be an integer") from None
+
     coordinator = coordinator or env.get("JAXSCALE_COORDINATOR")
-    num_processes = num_processes or (int(env["JAXSCALE_NUM_PROCESSES"]) if "JAXSCALE_NUM_PROCESSES" in env else None)
-    if process_id is None and "JAXSCALE_PROCESS_ID" in env:
-        process_id = int(env["JAXSCALE_PROCESS_ID"])
+    num_processes = from_env("JAXSCALE_NUM_PROCESSES") if num_processes is None else num_processes
+    process_id = from_env("JAXSCALE_PROCESS_ID") if process_id is None else process_id
     timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout_s, initialization_timeout=init_timeout_s)
     if coordinator is not None:
         missing = [n for n, v in (("num_processes", num_processes), ("process_id", process_id)) if v is None]
         if missing:
             raise ValueError(f"coordinator {coordinator!r} given without {missing}; pass them or set "
                              "JAXSCALE_NUM_PROCESSES / JAXSCALE_PROCESS_ID")
+        if not (isinstance(num_processes, int) and num_processes >= 1 and isinstance(process_id, int)
+                and 0 <= process_id < num_processes):
+            raise ValueError(f"num_processes={num_processes!r}, process_id={process_id!r}: need num_processes >= 1 "
+                             "and 0 <= process_id < num_processes")
         if num_processes == 1:
             return False
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
@@ -73,6 +83,8 @@ def any_process(flag: bool) -> bool:
 def process_rows(global_batch: int) -> slice:
     """This process's rows of a global batch (contiguous, equal shares)."""
     n, i = jax.process_count(), jax.process_index()
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"process_rows: global_batch={global_batch!r} must be an int >= 1")
     if global_batch % n:
         raise ValueError(f"global batch {global_batch} must be divisible by the process count {n}")
     per = global_batch // n
@@ -90,8 +102,11 @@ def global_batch_from_local(local_batch, mesh, rules=None):
 
     def one(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.ndim, rules)
         global_shape = (x.shape[0] * n, *x.shape[1:])
+        try:  # the library's named error, not JAX's IndivisibleError
+            sharding = batch_sharding(mesh, x.ndim, rules, shape=global_shape)
+        except ValueError as e:
+            raise ValueError(f"global_batch_from_local: a local array {x.shape} ({n} processes): {e}") from None
         _check_sharding_share(sharding, global_shape, x.shape[0])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 

@@ -65,6 +65,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
     processes elsewhere); `shape` is then the per-granule (ICI / NVLink) part. Unknown names,
     several -1s, or a product that does not match the device count raise a ValueError.
     """
+    if isinstance(shape, str):  # dict("data=8") fails naming nothing
+        raise ValueError(f"make_mesh: shape={shape!r} is a string; pass a dict, e.g. parse_mesh({shape!r})")
     devices = list(devices if devices is not None else jax.devices())
     if not dcn:
         shape = _fill(dict(shape or {"data": -1}), len(devices), "devices")

@@ -30,7 +30,11 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     leading B axis (positions, masks) that travel with their microbatch; None if unused.
     Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step).
     """
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+        raise ValueError(f"gpipe: n_microbatches={n_microbatches!r} must be an int >= 1")
     mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError("gpipe runs under a mesh: call it inside `with jax.set_mesh(mesh):` (e.g. in a jitted step)")
     S = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1)
     L = jax.tree.leaves(params)[0].shape[0]
     B, M = x_BTD.shape[0], n_microbatches

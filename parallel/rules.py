@@ -127,6 +127,11 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     rules: overrides of the table in effect, e.g. {'embed': None} (every `rules=` argument of parallel/ and
     scaling/ means this; a whole table works too). A partial dict used to replace the table (KeyError 'vocab').
     """
+    if isinstance(names, str):  # one name would be read letter by letter ("logical axis 'e' has no rule")
+        raise ValueError(f"logical_to_spec: names={names!r} must be a tuple of logical names, e.g. ({names!r},)")
+    if shape is not None and len(shape) != len(names):
+        raise ValueError(f"logical_to_spec: {len(names)} names {tuple(names)} for a shape of {len(shape)} dims "
+                         f"{tuple(shape)}; give one name (or None) per dimension")
     if rules:
         _check_overrides(rules)
     rules = {**_current(), **rules} if rules else _current()
@@ -140,7 +145,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
         if name not in rules:
             raise ValueError(f"logical axis {name!r} has no rule in the table; map it for this call with rules="
                              f"{{{name!r}: 'tensor'}} (or None), or for a block of code with use_rules({{{name!r}: "
-                             "...}})")
+                             "...})")
         target = rules[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
@@ -182,6 +187,14 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape,
                                                                 replicate_indivisible=_lenient.value))
+
+
+def sharing_axis(name: str, axis: str) -> list[str]:
+    """The other logical names whose current rule maps to mesh `axis` besides `name`."""
+    def axes(target):
+        return (target,) if isinstance(target, str) else tuple(target or ())
+
+    return sorted(n for n, t in _current().items() if n != name and axis in axes(t))
 
 
 def mesh_axis_for(name: str) -> tuple[str | None, int]:

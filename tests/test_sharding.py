@@ -166,6 +166,15 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     assert "heads=6 is not divisible by the tensor axis" in aot.mesh_problem(cfg, {"tensor": -1}, 4, 4, 8)
     odd = TransformerConfig(vocab_size=96, d_model=64, n_layers=1, n_heads=6, head_dim=16, mlp_dim=100)
     assert "mlp_dim=100 is not divisible" in aot.mesh_problem(odd, {"tensor": 3}, 3, 3, 8)
+    # what the activation checks cannot see failed after the earlier meshes compiled, as a traceback: a d_model
+    # fsdp does not divide, layers a stage axis does not divide, a bf16 pipeline beside other axes on XLA:CPU
+    deep = TransformerConfig(vocab_size=96, d_model=64, n_layers=4, n_heads=4, mlp_dim=96, dtype="bfloat16")
+    assert "dimension 'embed' of size 64 does not divide mesh axes ('fsdp',) (size 6)" in aot.mesh_problem(
+        deep, {"fsdp": 6}, 6, 6, 8)
+    assert "dimension 'layers' of size 4 does not divide mesh axes ('stage',) (size 3)" in aot.mesh_problem(
+        deep, {"stage": 3}, 3, 3, 8)
+    assert "--dtype float32" in aot.mesh_problem(deep, {"stage": 2, "fsdp": 4}, 8, 8, 8)
+    assert aot.mesh_problem(deep, {"stage": 2}, 2, 2, 8) is None
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
                                          r"axes \('sequence',\) \(size 4\)"):
@@ -216,6 +225,15 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "1")  # one process, so named: nothing to start
     monkeypatch.setenv("JAXSCALE_PROCESS_ID", "0")
     assert distributed.initialize() is False
+    # a process id past the count returned False (silently not distributed); 0 processes read as "not given"
+    for n, i, says in ((1, 3, "0 <= process_id < num_processes"), (0, 0, "num_processes >= 1")):
+        with pytest.raises(ValueError, match=says):
+            distributed.initialize("h:1", n, i)
+    monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAXSCALE_NUM_PROCESSES='two' must be an integer"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match=r"parse_mesh\('data=8'\)"):
+        make_mesh("data=8")
 
 
 def test_process_rows_are_contiguous_equal_shares(monkeypatch):
@@ -249,3 +267,38 @@ def test_process_share_check(indices, ok):
     else:
         with pytest.raises(ValueError, match="put the processes on the batch axes"):
             check_process_share(indices, (4, 16), 2, {"tensor": 2})
+
+
+def test_parallel_helpers_name_their_misuse():
+    """Each was a raw traceback from inside JAX / shard_map / numpy (IndexError, ZeroDivisionError, ...)."""
+    import numpy as np
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded, shard_batch
+    from parallel.distributed import global_batch_from_local, process_rows
+    from parallel.pipeline import gpipe
+
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    with pytest.raises(ValueError, match=r"names='embed' must be a tuple of logical names, e.g. \('embed',\)"):
+        logical_to_spec("embed", mesh)
+    with pytest.raises(ValueError, match=r"2 names \('embed', 'mlp'\) for a shape of 1 dims"):
+        logical_to_spec(("embed", "mlp"), mesh, (8,))
+    with pytest.raises(ValueError, match=r"global_batch_from_local: a local array \(7, 4\) .*'batch' of size 7"):
+        global_batch_from_local(np.zeros((7, 4)), mesh)
+    for bad in (0, -4, 2.0):
+        with pytest.raises(ValueError, match="process_rows: global_batch"):
+            process_rows(bad)
+    x = np.zeros((4, 2, 8), np.float32)
+    with pytest.raises(ValueError, match=r"inside `with jax.set_mesh\(mesh\):`"):
+        gpipe(lambda p, x, c: x, {"w": np.zeros((2, 8))}, x, n_microbatches=2)
+    with pytest.raises(ValueError, match="n_microbatches=0 must be an int >= 1"), jax.set_mesh(mesh):
+        gpipe(lambda p, x, c: x, {"w": np.zeros((2, 8))}, x, n_microbatches=0)
+    # 'layers' on an axis the activations use: the model pipelined over fsdp and failed inside shard_map
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, mlp_dim=64)
+    with use_rules(layers="fsdp"):
+        gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        tok = shard_batch(np.zeros((8, 8), np.int32), mesh)
+        with pytest.raises(ValueError, match=r"'layers' maps to mesh axis 'fsdp', which \[.*'embed'.*\] use too"), \
+                jax.set_mesh(mesh):
+            jax.jit(lambda p, t: nnx.merge(gd, p)(t))(p, tok)
