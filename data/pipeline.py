@@ -287,10 +287,10 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
         old = read_json(mpath)
         old.setdefault("files", manifest["files"])  # (runs begun before files were stamped)
         if old != manifest:
-            what = "inputs" if old["shards"] != manifest["shards"] else "settings" if old["config"] != manifest[
-                "config"] else "inputs: " + ", ".join(f"{f} changed since the run began (size, mtime {v} → "
-                                                     f"{manifest['files'][f]})" for f, v in old["files"].items()
-                                                     if v != manifest["files"][f])[:600]
+            changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'][f]})"
+                       for f, v in old["files"].items() if v != manifest["files"].get(f)]
+            what = ("inputs" if old["shards"] != manifest["shards"] else
+                    "settings" if old["config"] != manifest["config"] else "inputs: " + ", ".join(changed[:3]))
             raise ValueError(f"{out} holds a cleaning run with different {what}; use a new --out directory "
                              "(or delete it) rather than mixing two runs")
     else:
