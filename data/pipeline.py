@@ -287,7 +287,7 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
         old = read_json(mpath)
         old.setdefault("files", manifest["files"])  # (runs begun before files were stamped)
         if old != manifest:
-            changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'][f]})"
+            changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'].get(f)})"
                        for f, v in old["files"].items() if v != manifest["files"].get(f)]
             what = ("inputs" if old["shards"] != manifest["shards"] else
                     "settings" if old["config"] != manifest["config"] else "inputs: " + ", ".join(changed[:3]))
