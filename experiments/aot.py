@@ -5,6 +5,7 @@ fake devices; `compiled.memory_analysis()` then gives XLA's per-device bytes, re
 analytic estimate of `scaling.memory.memory_per_device`.
 
     python -m experiments.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
+    python -m experiments.aot --model 7b --devices 8 --mesh stage=8 --microbatches 4 --batch 8
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
             shard_factor(p.axes, p.shape, mesh)
         except ValueError as e:
             return f"the model's {p.path}: {e}"
+    M = cfg.pipeline_microbatches
+    if mesh.get("stage", 1) > 1 and (batch % M or (batch // M) % rows):
+        return (f"--batch={batch} does not split into --microbatches={M} whose rows divide the batch axes of {mesh} "
+                f"(= {rows}); use a batch that is a multiple of {M * rows}")
     others = {a: n for a, n in mesh.items() if a != "stage" and n > 1}
     if mesh.get("stage", 1) > 1 and others and cfg.dtype == "bfloat16":  # parallel.pipeline.gpipe, at compile time
         return (f"a pipeline ('stage') beside {others} does not compile in bfloat16 on XLA:CPU, where this tool "
@@ -125,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--remat", default="full")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="GPipe microbatches on a mesh with a 'stage' axis (TransformerConfig.pipeline_microbatches)")
     args = ap.parse_args(argv)
     for flag, value in (("--devices", args.devices), ("--batch", args.batch), ("--seq", args.seq)):
         if value is not None and value < 1:  # before the CPU backend starts with them
@@ -135,8 +142,9 @@ def main(argv=None):
     devices = jax.devices("cpu")
     from models import TransformerConfig
 
-    try:  # --remat / --dtype are config fields: their errors name the flag, before anything compiles
-        cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype)
+    try:  # --remat / --dtype / --microbatches are config fields: their errors name the flag, before any compile
+        cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype,
+                                pipeline_microbatches=args.microbatches)
     except ValueError as e:
         ap.error(str(e))
     batch = args.batch or args.devices

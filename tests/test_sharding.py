@@ -1,5 +1,6 @@
 """The rules table and mesh construction (strategy equivalence lives in test_parallel.py)."""
 
+import dataclasses
 import os
 
 import jax
@@ -175,6 +176,12 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
         deep, {"stage": 3}, 3, 3, 8)
     assert "--dtype float32" in aot.mesh_problem(deep, {"stage": 2, "fsdp": 4}, 8, 8, 8)
     assert aot.mesh_problem(deep, {"stage": 2}, 2, 2, 8) is None
+    piped = dataclasses.replace(deep, pipeline_microbatches=4)  # aot compiled every pipeline with 1 microbatch
+    assert aot.mesh_problem(piped, {"stage": 2}, 2, 8, 8) is None
+    assert "--batch=6 does not split into --microbatches=4" in aot.mesh_problem(piped, {"stage": 2}, 2, 6, 8)
+    with pytest.raises(SystemExit):
+        aot.main(["--microbatches", "0"])
+    assert "pipeline_microbatches" in capsys.readouterr().err
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
                                          r"axes \('sequence',\) \(size 4\)"):
