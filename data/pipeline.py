@@ -351,6 +351,9 @@ def main(argv=None):
         raise SystemExit(f"error: no record was read ({drops})"
                          + (f"; is {args.text_field!r} the field holding the text? (--text-field)"
                             if ingest["dropped"].get("missing_text") else ""))
+    if stats["augmented"]["stages"][-1]["docs_out"] == 0:  # records read, none kept: nothing to train on
+        raise SystemExit(f"error: all {ingest['docs_out']:,} records read were dropped (the stages above say why); "
+                         "the tiers are empty")
 
 
 # the config field each flag sets, as the configs' errors name them

@@ -120,7 +120,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if first is not None and not isinstance(first, str):  # `tokenizers` would train on a dict's keys, silently
         raise TypeError(f"train_bpe texts: the items must be str, got {type(first).__name__}; pass the texts, e.g. "
                         "tier_texts(tier_dir) or (d['text'] for d in docs)")
-    texts = it if first is None else itertools.chain([first], it)
+    if first is None:  # `tokenizers` would return the bare byte alphabet: a tokenizer that learned nothing
+        raise ValueError("train_bpe texts: no documents; an empty tier? (`python -m data.report DIR` shows what "
+                         "each cleaning stage dropped)")
+    texts = itertools.chain([first], it)
     floor = 256 + len(special_tokens)
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "

@@ -82,8 +82,12 @@ def init_optimizer(optimizer, params):
     parameter and the rest (step counts) replicated. A plain `jax.jit(optimizer.init)` would
     replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
     """
+    leaves = jax.tree.leaves(params)
+    if not leaves:  # an empty filter (e.g. nnx.split with a type nothing carries) would train nothing
+        raise ValueError("init_optimizer: params holds no arrays; pass the model's parameter state, e.g. "
+                         "nnx.split(model, nnx.Param, ...)[1], not an empty tree")
     abstract = jax.eval_shape(optimizer.init, params)
-    first = jax.tree.leaves(params)[0]
+    first = leaves[0]
     if not isinstance(getattr(first, "sharding", None), NamedSharding):  # unsharded (one device): nothing to follow
         return jax.jit(optimizer.init)(params)
     mesh = first.sharding.mesh

@@ -422,6 +422,10 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "unterminated\n\n')
     with pytest.raises(SystemExit, match=r"^error: no record was read \(empty 1, malformed_json 1\)"):
         pipeline.main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "out4"), "--workers", "1"])
+    # records read but every one dropped (too short here): exit 1, not "0 of 2 records kept" and exit 0
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": en_text(rng, 5)}) + "\n" for _ in range(2)))
+    with pytest.raises(SystemExit, match=r"^error: all 2 records read were dropped .*the tiers are empty"):
+        pipeline.main([str(tmp_path / "short.jsonl"), "--out", str(tmp_path / "out5"), "--workers", "1"])
     # settings name the flag they came from, not the config field; an --out that is a file is named
     for bad, says in ((["--workers", "0"], "argument --workers: PipelineConfig.workers"),
                       (["--near-dup-threshold", "80"], "argument --near-dup-threshold: DedupConfig.threshold"),

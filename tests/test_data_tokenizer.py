@@ -129,6 +129,8 @@ def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
 
     with pytest.raises(TypeError, match="items must be str, got dict; pass the texts"):
         train_bpe([{"text": "a b c", "lang": "en"}] * 10, vocab_size=300, show_progress=False)
+    with pytest.raises(ValueError, match="no documents; an empty tier"):  # it returned the bare byte alphabet
+        train_bpe(iter([]), vocab_size=300, show_progress=False)
     tier = tmp_path / "tier"
     w = DocWriter(tier / "shard-00000.array_record")
     w.write({"id": "0", "text": "hello world"})

@@ -89,6 +89,8 @@ def test_init_optimizer_on_unsharded_params_and_no_scan_pipeline_refused():
     graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))  # plain single-device arrays
     ref = jax.jit(OPT.init)(params)
     jax.tree.map(np.testing.assert_array_equal, init_optimizer(OPT, params), ref)
+    with pytest.raises(ValueError, match="params holds no arrays"):
+        init_optimizer(OPT, {})
     # without the scanned stack the layers would only be sharded over 'stage', every device running every layer
     cfg = dataclasses.replace(CFG, scan_layers=False, pipeline_microbatches=2)
     mesh = make_mesh({"stage": 2, "data": 4})
