@@ -284,6 +284,18 @@ def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
     return w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0
 
 
+def _buffered_expert_width(s, seq_len, mesh, rules) -> float:
+    """Per token, the width of the routed experts' rows when they run through [E, C] buffers (capacity dispatch,
+    or dropless with C = T), whose einsum backward makes gate- and up-sized cotangents like a dense MLP's; the
+    sorted dropless kernels differentiate tile by tile (`models.moe_dispatch.grouped_swiglu`) and make none."""
+    m = s.moe
+    shards = _axis_product("expert", mesh, m.n_experts, rules)
+    if m.dispatch == "dropless" and executed_slots(m, seq_len, shards) == m.top_k:
+        return 0.0
+    F = m.expert_mlp_dim
+    return routed_slots_per_token(s, seq_len, shards) * F / _axis_product("act_mlp", mesh, F, rules)
+
+
 def _shared_width(m) -> int:
     return m.shared_mlp_dim if m.shared_mlp_dim is not None else m.n_shared_experts * m.expert_mlp_dim
 
@@ -355,7 +367,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     scores = lambda w: 0.0 if ws(w)[0] == "flash" else executed_keys(seq_len, w, *ws(w))  # noqa: E731
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
-                + 2 * cb * _dense_mlp_width(s, mesh, rules, m) + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
+                + 2 * cb * (_dense_mlp_width(s, mesh, rules, m) + (m and _buffered_expert_width(s, seq_len, mesh, rules)))
+                + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 
