@@ -125,7 +125,11 @@ def _open_weights(folder: Path) -> dict:
     """HF tensor name -> safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.exists() and not (folder / "model.safetensors").exists():  # transformers prefers the single file too
-        return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        try:
+            return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor name "
+                             f"-> file; {type(e).__name__}: {e}); download it again") from None
     files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(
         p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
     if not files:
@@ -257,10 +261,40 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     return nnx.merge(graphdef, abstract)
 
 
-def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shard_size: int | str = "5GB") -> None:
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def read_token_ids(path) -> dict:
+    """The special-token ids of a HF checkpoint folder ({bos,eos,pad}_token_id: int, list of ints or None), from its
+    generation_config.json where present, else its config.json: pass them to `save_pretrained(token_ids=...)`, since
+    our config does not carry them."""
+    folder, ids = Path(path), {}
+    for name in ("config.json", "generation_config.json"):  # the generation config wins, as in transformers
+        if (folder / name).exists():
+            ids.update({k: v for k, v in json.loads((folder / name).read_text()).items() if k in TOKEN_ID_FIELDS})
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
+    return ids
+
+
+def _check_token_ids(token_ids) -> dict:
+    ids = dict(token_ids or {})
+    ok = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)  # noqa: E731
+    for k, v in ids.items():
+        if k not in TOKEN_ID_FIELDS:
+            raise ValueError(f"save_pretrained token_ids: unknown key {k!r}; use {TOKEN_ID_FIELDS}")
+        if not (ok(v) or (isinstance(v, list | tuple) and v and all(ok(x) and x is not None for x in v))):
+            raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: give a token id >= 0, a list of them or None")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items()}
+
+
+def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shard_size: int | str = "5GB",
+                    token_ids: dict | None = None) -> None:
     """Write config.json + safetensors (HF names) that transformers (4.x and 5.x) and `from_pretrained` load.
 
     dtype: storage dtype of the tensors (None: the model's param_dtype).
+    token_ids: {bos,eos,pad}_token_id for config.json (`read_token_ids(source_folder)` carries a loaded checkpoint's
+      over); without them they are null, and transformers' `generate` then never stops at an end-of-sequence token.
     max_shard_size: bytes per file (an int, or "5GB" / "500MiB" as transformers spells it). A model larger than
       that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
       memory at a time (parameters move to the host one layer at a time).
@@ -271,7 +305,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     one layer at a time); process 0 writes the files.
     """
     cfg = model.cfg
-    hf = config_to_hf(cfg)
+    hf = config_to_hf(cfg) | _check_token_ids(token_ids)
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     if out_dtype.name not in ("float32", "bfloat16", "float16"):  # a cast to int8 / fp8 silently destroys weights
         raise ValueError(f"save_pretrained dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")

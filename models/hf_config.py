@@ -14,12 +14,13 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 HF_DEFAULTS = {
-    "mistral": dict(sliding_window=4096),
-    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001),
-    "qwen2": dict(sliding_window=4096, max_window_layers=28),
+    "mistral": dict(sliding_window=4096, num_key_value_heads=8),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001, num_key_value_heads=8),
+    "qwen2": dict(sliding_window=4096, max_window_layers=28, num_key_value_heads=32),
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096),
-}
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+                   num_key_value_heads=4),
+}  # (Llama's absent num_key_value_heads is num_attention_heads)
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -67,6 +68,11 @@ def _architecture(hf: dict) -> str:
     archs = hf.get("architectures") or []
     for a in archs:
         if a in ARCHITECTURES:
+            # transformers' Auto classes build the model of `model_type`: another one would load other maths
+            mt = hf.get("model_type")
+            if mt is not None and mt != ARCHITECTURES[a]:
+                raise _unsupported("model_type", mt, f"architectures says {a} ({ARCHITECTURES[a]!r}), and "
+                                   "transformers would build a model_type one; make the two agree")
             return ARCHITECTURES[a]
     if not archs and hf.get("model_type") in ARCHITECTURES.values():
         return hf["model_type"]
@@ -119,6 +125,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         raise _unsupported("hidden_act", act, "our gated MLP uses silu or gelu_pytorch_tanh")
     if hf.get("mlp_bias", False):
         raise _unsupported("mlp_bias", True, "our MLP has no biases")
+    if q := hf.get("quantization_config"):
+        raise _unsupported("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,
+                           "quantized checkpoints (their scale tensors) are not read; load the unquantized model")
     try:
         theta, scaling = _rope_from_hf(hf)
         n_heads = hf["num_attention_heads"]

@@ -367,7 +367,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     scores = lambda w: 0.0 if ws(w)[0] == "flash" else executed_keys(seq_len, w, *ws(w))  # noqa: E731
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
-                + 2 * cb * (_dense_mlp_width(s, mesh, rules, m) + (m and _buffered_expert_width(s, seq_len, mesh, rules)))
+                + 2 * cb * (_dense_mlp_width(s, mesh, rules, m) + (_buffered_expert_width(s, seq_len, mesh, rules)
+                                                                   if m else 0.0))
                 + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
     v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)

@@ -372,6 +372,10 @@ def test_unreadable_checkpoint_files_are_named(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(ValueError, match=f"cannot read tensor '{re.escape(a)}' .* fix model.safetensors.index"):
         from_pretrained(tmp_path)
+    for bad in ('{"weight_map": {"a": ', '{"metadata": {}}'):  # cut short; no weight_map (json / KeyError before)
+        index_path.write_text(bad)
+        with pytest.raises(ValueError, match="model.safetensors.index.json is not a safetensors index"):
+            from_pretrained(tmp_path)
     index_path.write_text(good)
     shard = tmp_path / index["weight_map"][b]
     shard.write_bytes(shard.read_bytes()[:4])
@@ -395,6 +399,9 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
+    # transformers builds the model of model_type: a Mistral one (its window) under a Llama architecture name
+    (dict(architectures=["LlamaForCausalLM"], model_type="mistral"), "model_type=.mistral.*make the two agree"),
+    (dict(quantization_config=dict(quant_method="fp8")), "quantization_config='fp8'"),
 ])
 def test_unsupported_config_raises(patch, field):
     with pytest.raises(ValueError, match=field):
@@ -465,6 +472,36 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
         assert (off.attn_logit_softcap, off.final_logit_softcap) == (None, None)
     if cls == "MixtralConfig":  # the balancing loss's weight: k × router_aux_loss_coef (0.02 was assumed: 20x)
         assert ours.moe.lb_loss_weight == pytest.approx(hf.num_experts_per_tok * hf.router_aux_loss_coef)
+
+
+@pytest.mark.parametrize("cls, fields", [("LlamaConfig", {}), ("MistralConfig", {}), ("MixtralConfig", {}),
+                                         ("Gemma2Config", dict(head_dim=8)),
+                                         ("Qwen2Config", dict(hidden_size=128, num_attention_heads=64))])
+def test_absent_kv_heads_take_the_transformers_default(cls, fields):
+    """Without num_key_value_heads, Mistral / Mixtral mean 8 kv heads, Qwen2 32, Gemma 2 4 (we took n_heads: another
+    model, whose checkpoint then failed on k_proj's shape, blaming config.json)."""
+    raw = {k: v for k, v in MINIMAL.items() if k != "num_key_value_heads"} | dict(num_attention_heads=16) | fields
+    hf = getattr(transformers, cls)(**raw)
+    assert config_from_hf(raw | {"architectures": [cls.replace("Config", "ForCausalLM")]}).kv_heads == \
+        hf.num_key_value_heads
+
+
+def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
+    """save_pretrained wrote null bos / eos / pad ids: transformers' generate then never stopped at EOS."""
+    from models.hf import read_token_ids
+
+    src = tmp_path / "src"
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, bos_token_id=1, eos_token_id=2,
+                                                                 pad_token_id=0))
+    hf.save_pretrained(src)
+    ids = read_token_ids(src)
+    assert ids == dict(bos_token_id=1, eos_token_id=2, pad_token_id=0), ids
+    save_pretrained(from_pretrained(src), tmp_path / "out", token_ids=ids)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (back.generation_config.bos_token_id, back.generation_config.eos_token_id,
+            back.generation_config.pad_token_id) == (1, 2, 0)
+    with pytest.raises(ValueError, match="unknown key 'eos'"):
+        save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos": 2})
 
 
 def test_bidirectional_attention_is_refused():

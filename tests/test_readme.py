@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-PLACEHOLDER = 'model = hf.from_pretrained("path/to/Llama-Mistral-Qwen2-Gemma2-or-Mixtral-folder")'
+PLACEHOLDER = 'src = "path/to/Llama-Mistral-Qwen2-Gemma2-or-Mixtral-folder"'
 
 
 def _snippet() -> str:
@@ -27,8 +27,8 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     code = _snippet()
     assert PLACEHOLDER in code and '"out/"' in code, "README's HF lines changed: update this test's substitution"
     src, out = tmp_path / "src", tmp_path / "out"
-    code = code.replace(PLACEHOLDER, f"plain = model; hf.save_pretrained(plain, {str(src)!r}); "
-                                     f"model = hf.from_pretrained({str(src)!r})").replace('"out/"', repr(str(out)))
+    code = code.replace(PLACEHOLDER, f"plain = model; src = {str(src)!r}; hf.save_pretrained(plain, src)"
+                        ).replace('"out/"', repr(str(out)))
     assert "logits, aux = " in code
     code = code.replace("logits, aux = ", "moe_logits, aux = ")  # keep the sharded logits for the check below
     ns: dict = {}

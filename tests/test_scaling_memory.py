@@ -107,7 +107,8 @@ def test_capacity_experts_backward_buffers_are_counted(remat):
     """Capacity dispatch runs the experts as einsums over [E, C] buffers, whose backward makes gate- and up-sized
     cotangents like a dense MLP's (the tiled dropless kernels make none): the one-layer working set counts them
     (XLA = 1.19x / 1.12x ours without them, on one device; value_and_grad alone, see the whole-step cases)."""
-    cfg = dataclasses.replace(BASE, mlp_dim=256, remat=remat, moe_every=2, moe=MoEConfig(8, 2, 256, dispatch="capacity"))
+    cfg = dataclasses.replace(BASE, mlp_dim=256, remat=remat, moe_every=2,
+                              moe=MoEConfig(8, 2, 256, dispatch="capacity"))
     m = compiled_memory(cfg, {"data": 1}, 8, 128, optimizer=False, n_devices=1)
     ours = memory_per_device(cfg, {"data": 1}, 8, 128)
     assert 0.9 * ours.temp <= m.temp_size_in_bytes <= 1.1 * ours.temp, m.temp_size_in_bytes / ours.temp
