@@ -349,9 +349,11 @@ class LMLoader:
         return {"grain": _jsonable(self._it.get_state()), "stream": self._stream}
 
     def set_state(self, state: dict) -> None:
+        """Resume at a `get_state()` position; a state of another stream (or that does not fit this loader) raises
+        StreamMismatch, naming what differs."""
         if isinstance(state, dict) and set(state) == {"grain", "stream"}:  # (older states: grain's alone)
-            if differ := [k for k in self._stream if state["stream"].get(k) != self._stream[k]]:
-                raise ValueError("LMLoader.set_state: the state was saved by a loader over another stream ("
+            if differ := [k for k in self._stream if not _same_stream(k, state["stream"].get(k), self._stream[k])]:
+                raise StreamMismatch("LMLoader.set_state: the state was saved by a loader over another stream ("
                                  + "; ".join(f"{k}: saved {state['stream'].get(k)}, now {self._stream[k]}"
                                              for k in differ)
                                  + "); its position would point elsewhere in this one. Restore with the sources, "
@@ -360,7 +362,7 @@ class LMLoader:
         try:
             self._it.set_state(_restore_tuples(state))
         except (KeyError, TypeError, IndexError) as e:
-            raise ValueError(f"LMLoader.set_state: the state does not fit this loader ({type(e).__name__}: {e}); "
+            raise StreamMismatch(f"LMLoader.set_state: the state does not fit this loader ({type(e).__name__}: {e}); "
                              "it was saved by a loader with another LoaderConfig (worker_count, tokenize_batch) "
                              "or other sources: restore with the config it was saved with") from e
 
@@ -373,12 +375,25 @@ STREAM_FIELDS = ("seq_len", "global_batch_size", "seed", "num_epochs", "shuffle"
                  "drop_remainder")  # LoaderConfig fields that order or cut the batches (not the worker settings)
 
 
+class StreamMismatch(ValueError):
+    """`LMLoader.set_state` was given the state of another stream: a config error, not a damaged checkpoint."""
+
+
+def _same_stream(key: str, saved, now) -> bool:
+    if key == "sources" and isinstance(saved, list) and len(saved) == len(now):  # states saved before the record
+        return all(a == (b if " records " in a else b.split(" records ")[0]) for a, b in zip(saved, now))  # counts
+    return saved == now
+
+
 def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
-    """A readable key of a loader's batch sequence. Shards are known by name and size, not location: a corpus
-    copied to another disk resumes."""
+    """A readable key of a loader's batch sequence. Shards are known by name, size and record count, not location:
+    a corpus copied to another disk resumes. (ArrayRecord files grow in 64 KiB steps: a tier cleaned again with a
+    few documents more or less often keeps its sizes, never its record count.)"""
     def shards(src: Source) -> str:
         files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
-        return f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight {src.weight}"
+        records = len(grain.sources.ArrayRecordDataSource(src.files()))
+        return (f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight {src.weight} "
+                f"records {records}")
 
     return {"sources": [shards(s) for s in sources], "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
             "tokenizer": getattr(tokenizer, "fingerprint", None) or f"vocab {tokenizer.vocab_size}",

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data.loader import StreamMismatch
 from experiments.lm_step import all_finite, per_device_set
 
 
@@ -52,6 +53,17 @@ class NonFiniteState(RuntimeError):
 
 class CheckpointMismatch(ValueError):
     """A readable checkpoint that belongs to another run configuration; `str(e)` names what differs and the fix."""
+
+
+def _stream_mismatch(e: BaseException | None) -> StreamMismatch | None:
+    """The loader's StreamMismatch behind `e` (grain's checkpoint handler may wrap it), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, StreamMismatch):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class _LoaderItem:
@@ -285,10 +297,15 @@ class Checkpoints:
                     self.mgr.restore(s, args=ocp.args.Composite(
                         loader=grain.checkpoint.CheckpointRestore(_LoaderItem(loader))))
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
+                if mismatch := _stream_mismatch(e):  # a good checkpoint of another data stream: the run's error
+                    raise CheckpointMismatch(f"{self.dir / str(s)}: {mismatch}") from None
                 self._corrupt(s, candidates, e, quarantine)
                 continue
             if loader is not None and not has_loader:
-                loader.set_state(meta["loader"])  # written before per-process loader states (one process)
+                try:
+                    loader.set_state(meta["loader"])  # written before per-process loader states (one process)
+                except StreamMismatch as e:
+                    raise CheckpointMismatch(f"{self.dir / str(s)}: {e}") from None
             return from_pure(template, out["state"]), meta
         return None
 

@@ -143,6 +143,22 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
         LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)
 
 
+def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
+    """ArrayRecord files grow in 64 KiB steps: a tier of one document fewer kept its shard names and sizes, and a
+    resume read the old position in another stream, silently. The record count tells them apart."""
+    from data.loader import StreamMismatch
+
+    _, texts = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=3)
+    a = write_tier(tmp_path / "a" / "augmented", texts[:30])
+    b = write_tier(tmp_path / "b" / "augmented", texts[:29])
+    sizes = lambda d: [f.stat().st_size for f in sorted(pathlib.Path(d).iterdir())]  # noqa: E731
+    assert sizes(a) == sizes(b)  # what the key had compared
+    state = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
+    with pytest.raises(StreamMismatch, match="sources: saved .*records 30'\\], now .*records 29'\\]"):
+        LMLoader([Source(b)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+
+
 def test_state_restores_identical_batches(corpus, tmp_path):
     path, texts = corpus
     other = write_tier(tmp_path / "other", texts[:20], shards=1, tag="o")
@@ -167,6 +183,12 @@ def test_state_restores_identical_batches(corpus, tmp_path):
                                       (cfg, [Source(other)], "sources: saved")):
             with pytest.raises(ValueError, match=f"saved by a loader over another stream .*{what}"):
                 LMLoader(srcs, EOS_BYTES, other_cfg, process_index=0, process_count=1).set_state(state)
+        # states saved before the key counted records still restore
+        before = json.loads(json.dumps(state))
+        before["stream"]["sources"] = [x.split(" records ")[0] for x in before["stream"]["sources"]]
+        b = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
+        b.set_state(before)
+        np.testing.assert_array_equal(next(b)["inputs"], expected[0]["inputs"])
         # the batches after the restored point are not simply the first ones again
         fresh = LMLoader(sources, EOS_BYTES, cfg, process_index=0, process_count=1)
         assert (next(fresh)["inputs"] != expected[0]["inputs"]).any()

@@ -157,6 +157,29 @@ def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
     assert "no older checkpoint: starting fresh" in lines[0] and fresh.position == 0
 
 
+def test_a_checkpoint_of_another_data_stream_is_refused_not_quarantined(tmp_path):
+    """A good checkpoint whose loader state belongs to another stream (the corpus changed) was taken for a corrupt
+    one: every step moved aside and training restarted from step 0, exit 0."""
+    from data.loader import StreamMismatch
+    from experiments.checkpoint import CheckpointMismatch
+
+    class OtherStream(PositionLoader):
+        def set_state(self, state):
+            raise StreamMismatch("LMLoader.set_state: the state was saved by a loader over another stream (...)")
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    for step in (2, 4):
+        ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=1.0, loader=PositionLoader(10 * step))
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    try:
+        with pytest.raises(CheckpointMismatch, match="ckpt/4: LMLoader.set_state: .*another stream"):
+            ckpt.restore(state_at(0), loader=OtherStream())
+        assert ckpt.steps() == [2, 4] and not (tmp_path / "ckpt-corrupt").exists()
+    finally:
+        ckpt.close()
+
+
 def _tb_scalars(directory):
     """(tag, step, value) of every scalar in the TFRecord event files under `directory` (length, crc, data, crc)."""
     import struct
