@@ -452,6 +452,12 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"seed·1000 + k in grain's 32 bits), got {t.seed}")
     need(not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",
          f"{t.out!r} is a file; name a directory for the run")
+    parent = os.path.abspath(t.out)  # the nearest existing folder must be a directory we may write in
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    need(os.path.isdir(parent) and os.access(parent, os.W_OK), "train.out",
+         f"{t.out!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
+         "name a directory you can write")
     need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
          f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
          f"least {d.eval_every_nth} or lower data.eval_every_nth")

@@ -11,6 +11,20 @@ import signal
 import time
 
 
+def set_aside_logs(out: pathlib.Path) -> str | None:
+    """Move the metrics.jsonl and tb/ of an earlier run in `out` to `<name>.prev-<time>` (call when starting fresh:
+    appended to, they would mix two runs' curves in the logs and the plot). Returns the suffix, None if none."""
+    names = [n for n in ("metrics.jsonl", "tb") if (out / n).exists()]
+    if not names:
+        return None
+    stamp = f"prev-{time.strftime('%Y%m%d-%H%M%S')}"
+    while any((out / f"{n}.{stamp}").exists() for n in names):  # two fresh starts within a second
+        stamp += "x"
+    for n in names:
+        (out / n).rename(out / f"{n}.{stamp}")
+    return stamp
+
+
 class Logger:
     """JSONL + TensorBoard + console, on the primary process only."""
 

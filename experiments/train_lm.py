@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ import signal
 import sys
 import time
 
-from experiments.run_log import Logger, Stop, Throughput, perplexity, plot_losses
+from experiments.run_log import Logger, Stop, Throughput, perplexity, plot_losses, set_aside_logs
 
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
@@ -126,11 +127,21 @@ def main(argv=None) -> dict:
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
+# ... of which these change what the model computes from the resumed step on (warned): capacity dispatch drops the
+# tokens past an expert's capacity, bf16 compute rounds; the others only how it runs
+WARNED_MODEL_FIELDS = (("dtype",), ("moe", "dispatch"), ("moe", "capacity_factor"))
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
 LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
                  ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"))
 # The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
 SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
+
+
+RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches from here on"),
+                   ("model.", "the model computes differently from here on (capacity dispatch drops the tokens past "
+                              "an expert's capacity; bf16 compute rounds)"),
+                   ("train.eval_target", "the time to reach the target is measured afresh (against the run's start)"),
+                   ("", "the LR schedule / optimizer differ from the saved run's from here on"))
 
 
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -160,6 +171,10 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     refused += [line(sec, k) for sec, k in LOADER_FIELDS if _get(
         saved, sec, k, default=SAVED_BEFORE_FIELD.get((sec, k), _get(current, sec, k))) != _get(current, sec, k)]
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
+    warned += [line("model", *k) for k in WARNED_MODEL_FIELDS
+               if _get(saved, "model", *k) is not None and _get(saved, "model", *k) != _get(current, "model", *k)]
+    if _get(saved, "train", "eval_target") != _get(current, "train", "eval_target"):  # its crossing time restarts
+        warned.append(line("train", "eval_target"))
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
     # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages
     warned += [line("data", k) for k in ("eval_batches", "eval_dir") if _get(saved, "data", k, default=None) != _get(
@@ -275,10 +290,14 @@ def train(cfg, mesh_shape: dict) -> dict:
     train_dir, eval_dir = corpus_tiers(cfg.data)
     loader = LMLoader([Source(train_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, seed=t.seed),
                       mesh=mesh)
-    held = LMLoader([Source(eval_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, shuffle=False),
-                    mesh=mesh)
-    eval_batches = [next(held) for _ in range(cfg.data.eval_batches)]  # the same held-out rows every time
+    held = LMLoader([Source(eval_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, shuffle=False,
+                                                          num_epochs=1), mesh=mesh)
+    eval_batches = list(itertools.islice(held, cfg.data.eval_batches))  # the same held-out rows every time
     held.close()
+    if len(eval_batches) < cfg.data.eval_batches:  # a repeating loader would count part of the held-out text twice
+        loader.close()
+        raise SystemExit(f"config error: data.eval_batches={cfg.data.eval_batches}: the held-out tier {eval_dir} "
+                         f"fills only {len(eval_batches)} batches of {t.batch}×{t.seq}; use at most that many")
 
     graphdef, optimizer, schedule, state = init_state(cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -296,8 +315,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                 f"train.out: {out / 'ckpt'} (step {meta['step']}) was saved with other settings ({'; '.join(refused)})"
                 "; use a new --out, or the settings it was saved with")
         for w in warned:
-            why = ("evaluations average over other held-out batches from here on" if w.startswith("data.") else
-                   "the LR schedule / optimizer differ from the saved run's from here on")
+            why = next(v for k, v in RESUME_WARNINGS if w.startswith(k))
             say(f"warning: resuming step {meta['step']} with a changed {w}: {why}")
 
     try:
@@ -322,6 +340,8 @@ def train(cfg, mesh_shape: dict) -> dict:
 
     step_fn = make_state_step(graphdef, optimizer, schedule, m.moe, o.grad_accum, shardings)
     eval_fn = make_eval_sums(graphdef)
+    if restored is None and primary and (stamp := set_aside_logs(out)):  # a run that never saved: not ours to extend
+        say(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     log = Logger(out, primary)
 
     def evaluate(params):
@@ -334,6 +354,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     first_eval = last_eval = target_time = None
     if restored is not None:  # checkpoints from before these were saved have none
         first_eval, target_time = meta.get("first_eval"), meta.get("target_time_s")
+        if json.loads(meta["config"])["train"].get("eval_target") != t.eval_target:  # another target's crossing
+            target_time = None
         last_eval = meta.get("eval_loss")
         t_start = time.time() - meta.get("wall_s", time.time() - t_start)
     halted = None

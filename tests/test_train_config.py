@@ -79,6 +79,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
     (["--preset", "tiny", "--set", f"train.out={os.devnull}"], 8, f"train.out: {os.devnull!r} is a file"),
+    # below a file: a NotADirectoryError traceback from mkdir before
+    (["--preset", "tiny", "--set", f"train.out={os.devnull}/run"], 8,
+     f"train.out: {os.devnull + '/run'!r} cannot be created: {os.devnull!r} is a file"),
     # 0 was reported as data.eval_every_nth's; grain refused seeds past 32 bits (x1000) deep in the loader
     (["--preset", "tiny", "--set", "data.eval_batches=0"], 8, "data.eval_batches: must be >= 1"),
     (["--preset", "tiny", "--seed", "-1"], 8, "train.seed: must be in [0, 4294966]"),
@@ -316,10 +319,36 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     own["data"]["eval_dir"], moved["data"]["eval_dir"] = "held/augmented", "other/augmented"
     assert train_lm.resume_mismatch(own, moved) == ([], ["data.eval_dir: saved 'held/augmented', now "
                                                           "'other/augmented'"])
+    # what the model computes (capacity dispatch drops tokens, bf16 rounds) and the eval target: warned, with why
+    moe = json.loads(load(["--preset", "tiny", "--set", "model.moe.n_experts=4"]).to_json())
+    cap = json.loads(load(["--preset", "tiny", "--set", "model.moe.n_experts=4", "--set", "model.moe.dispatch=capacity",
+                           "--set", "model.dtype=bfloat16", "--set", "train.eval_target=3.0"]).to_json())
+    refused, warned = train_lm.resume_mismatch(moe, cap)
+    assert refused == [] and warned == ["model.dtype: saved 'float32', now 'bfloat16'",
+                                        "model.moe.dispatch: saved 'dropless', now 'capacity'",
+                                        "train.eval_target: saved None, now 3.0"], warned
+    assert [next(v for k, v in train_lm.RESUME_WARNINGS if w.startswith(k)).split()[1] for w in warned] == [
+        "model", "model", "time"]
     # a checkpoint from before the corpus was held out by module points into another stream
     older = json.loads(json.dumps(saved))
     del older["data"]["corpus"]
     assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
+
+
+def test_a_fresh_start_sets_earlier_logs_aside(tmp_path):
+    """A run killed before its first save left metrics.jsonl and tb/; the next fresh run in that --out appended to
+    them, and the plot joined two runs' curves."""
+    a = run_log.Logger(tmp_path, True)
+    a.write({"kind": "train", "step": 3, "loss": 5.0})
+    a.close()
+    stamp = run_log.set_aside_logs(tmp_path)
+    assert stamp and (tmp_path / f"metrics.jsonl.{stamp}").exists() and (tmp_path / f"tb.{stamp}").is_dir()
+    b = run_log.Logger(tmp_path, True)
+    b.write({"kind": "train", "step": 1, "loss": 4.0})
+    b.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1] and len(list((tmp_path / "tb").iterdir())) == 1
+    assert run_log.set_aside_logs(tmp_path / "empty") is None
 
 
 def test_throughput_window_leaves_out_eval_and_save_time():

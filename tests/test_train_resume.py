@@ -291,6 +291,9 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", *data])
     assert seen == [([str(tmp_path / "train")], 300), ([str(tmp_path / "eval")], 300)]
     assert result["step"] == 4 and np.isfinite(result["last_eval"])
+    # more evaluation batches than the held-out tier fills: named (the loader repeated it, counting text twice)
+    with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batches"):
+        train_lm.main([*TINY, "--out", str(tmp_path / "run2"), "--set", "data.eval_batches=99", *data])
     with pytest.raises(ConfigError, match="data.train_dir: give both"):
         validate(load([*TINY, *data[:2]]), 8)
     with pytest.raises(ConfigError, match="model.vocab_size: 256 < the tokenizer's 300 ids"):
