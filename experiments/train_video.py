@@ -88,6 +88,15 @@ class Preset:
         if tuple(got) != tuple(want):
             raise ValueError(f"Preset: the VAE makes latents {got} of {self.data.frames}×{self.data.size}² clips, but "
                              f"the DiT takes {want} (t2v.dit.latent_shape, latent_channels); make them agree")
+        from data.moving_shapes import VOCAB
+
+        text = self.t2v.text  # caption ids past the embedding table read NaN under jit; too long ones fail late
+        if text.vocab_size < len(VOCAB):
+            raise ValueError(f"Preset: t2v.text.vocab_size={text.vocab_size} < the {len(VOCAB)} caption token ids "
+                             "(data.moving_shapes.VOCAB); use at least that many")
+        if text.max_seq_len < self.data.max_caption_len:
+            raise ValueError(f"Preset: t2v.text.max_seq_len={text.max_seq_len} < data.max_caption_len="
+                             f"{self.data.max_caption_len}; the text encoder must take a whole caption")
         for name, c in (("vae", self.vae), ("t2v.dit", self.t2v.dit), ("t2v.text", self.t2v.text)):
             if c.param_dtype != "float32":  # as experiments.config refuses for the LM trainer
                 raise ValueError(f"Preset: {name}.param_dtype={c.param_dtype!r}: Adam's updates smaller than half "
@@ -170,6 +179,14 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
                              f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
 
 
+def _check_finite(stage: str, step: int, metrics: dict):
+    """Stop a diverged stage by name (checked where the progress bar updates: the steps between run unsynced)."""
+    bad = sorted(k for k, v in jax.device_get(metrics).items() if not np.all(np.isfinite(v)))
+    if bad:
+        raise SystemExit(f"error: {stage} diverged: {bad} not finite at step {step}; lower the stage's learning rate "
+                         "or check the preset (nothing from this step on was saved)")
+
+
 def _warmup(steps: int) -> int:
     """5% of the steps (at least 1), leaving at least one update for the cosine decay (none for 1-2 steps)."""
     return min(max(1, steps // 20), max(steps - 2, 0))
@@ -192,8 +209,10 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
         video = shard(ds[step - 1]["video"], mesh)
         params, opt_state, m = step_fn(params, opt_state, video, jax.random.fold_in(key, step))
         if step % 25 == 0 or step == p.vae_steps:
+            _check_finite("vae", step, m)
             bar.set_postfix(psnr=f"{float(m['psnr']):.1f}", kl=f"{float(m['kl']):.2f}")
         if step % p.ckpt_every == 0 or step == p.vae_steps:
+            _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"]})
     return graphdef, params
@@ -255,9 +274,11 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         params, opt_state, ema, m = step_fn(params, opt_state, ema, batch, jax.random.fold_in(key, step), step)
         if step % 25 == 0 or step == p.dit_steps:
             m = jax.device_get(m)
+            _check_finite("t2v", step, m)
             avg = m if avg is None else {k: 0.8 * avg[k] + 0.2 * m[k] for k in m}
             bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
         if step % p.ckpt_every == 0 or step == p.dit_steps:
+            _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"]})
     return graphdef, ema_cast(ema, params)
@@ -279,8 +300,8 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first (no resume)")
     ap.add_argument("--no-media", action="store_true", help="skip GIFs and grids")
     args = ap.parse_args(argv)
-    if args.dit_lr is not None and not args.dit_lr > 0:
-        ap.error(f"argument --dit-lr: must be > 0, got {args.dit_lr}")
+    if args.dit_lr is not None and not (math.isfinite(args.dit_lr) and args.dit_lr > 0):
+        ap.error(f"argument --dit-lr: must be a finite number > 0, got {args.dit_lr}")
 
     p = PRESETS[args.preset]
     t2v = p.t2v
@@ -301,8 +322,10 @@ def main(argv=None):
         ap.error(f"argument --mesh: {str(e).removeprefix('mesh: ')}")
     try:
         scales = tuple(float(s) for s in args.scales.split(","))
+        if not all(map(math.isfinite, scales)):
+            raise ValueError
     except ValueError:
-        ap.error(f"argument --scales: write comma-separated numbers, e.g. 1,2,4, got {args.scales!r}")
+        ap.error(f"argument --scales: write comma-separated finite numbers, e.g. 1,2,4, got {args.scales!r}")
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")

@@ -15,7 +15,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from experiments.checkpoint import array_tree_handler, from_pure as _unpure, to_pure as _pure, tree_restore_args
+from experiments.checkpoint import (
+    NonFiniteState,
+    array_tree_handler,
+    from_pure as _unpure,
+    to_pure as _pure,
+    tree_restore_args,
+)
+from experiments.lm_step import all_finite
 from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import logical_to_spec, shard_batch
@@ -116,9 +123,12 @@ def manager(directory) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
-    """Save pytrees (nnx.State is stored as a pure dict) and a JSON record under `step`; waits for it."""
+    """Save pytrees (nnx.State is stored as a pure dict) and a JSON record under `step`; waits for it. Raises
+    NonFiniteState instead of saving NaN / Inf (a later run would resume from it, and sample noise)."""
     if unknown := set(trees) - set(TREES):
         raise ValueError(f"video checkpoint trees {sorted(unknown)}: a stage saves only {TREES}")
+    if bad := [k for k, v in trees.items() if not all_finite(v)]:
+        raise NonFiniteState(f"{mgr.directory}: refusing to save step {step}: {bad} hold NaN / Inf values")
     args = {k: ocp.args.PyTreeSave(_pure(v)) for k, v in trees.items()}
     mgr.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
     mgr.wait_until_finished()

@@ -138,6 +138,13 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
         generate(model, tok, key, null)
     with pytest.raises(TypeError, match="null_L must be the null caption's token ids"):
         generate(model, tok, jnp.zeros((8,)), jax.random.PRNGKey(0))  # a raw uint32 key passes; float tokens do not
+    # a null caption of another length, one caption without its batch dim: jax broadcasting errors before
+    with pytest.raises(ValueError, match=r"null_L has 6 tokens, the captions 8; .*null_tokens\(max_caption_len\)"):
+        t2v_loss(model, batch, key, null[:6])
+    with pytest.raises(ValueError, match=r"generate\(.*captions must be a batch of token ids \[B, L\], got shape \[8"):
+        generate(model, tok[0], null, key)
+    with pytest.raises(ValueError, match=r"TextEncoder: tokens must be a batch \[B, L\]"):
+        model.text(tok[0])
 
 
 @pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1)])
@@ -208,7 +215,12 @@ def test_configs_name_the_field_and_fix():
                        (lambda: dataclasses.replace(DIT, norm_eps=-1e-6), "DiTConfig.norm_eps"),
                        (lambda: VAEConfig(in_channels=0), "VAEConfig.in_channels"),
                        (lambda: VAEConfig(kl_weight=-1.0), "VAEConfig.kl_weight"),
-                       (lambda: DiffusionConfig(logit_std=0.0), "DiffusionConfig.logit_std")]:
+                       (lambda: DiffusionConfig(logit_std=0.0), "DiffusionConfig.logit_std"),
+                       # non-finite (or float32-overflowing) time settings made every time NaN: a NaN run
+                       (lambda: DiffusionConfig(shift=float("inf")), "DiffusionConfig.shift: must be in \\(0, 1e6\\]"),
+                       (lambda: DiffusionConfig(shift=1e300), "DiffusionConfig.shift"),
+                       (lambda: DiffusionConfig(logit_mean=float("nan")), "DiffusionConfig.logit_mean"),
+                       (lambda: DiffusionConfig(logit_std=float("inf")), "DiffusionConfig.logit_std")]:
         with pytest.raises(ValueError, match=match):
             bad()
 

@@ -53,6 +53,18 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
     assert restore(manager(tmp_path / "empty"), blank) is None
 
 
+def test_a_diverged_stage_stops_by_name_and_saves_nothing(tmp_path):
+    """The video trainer trained on through NaN losses, saved NaN checkpoints and reported results."""
+    from experiments.checkpoint import NonFiniteState
+
+    with pytest.raises(SystemExit, match=r"t2v diverged: \['diffusion'\] not finite at step 25"):
+        train_video._check_finite("t2v", 25, {"diffusion": np.float32("nan"), "align": np.float32(1.0)})
+    train_video._check_finite("t2v", 25, {"diffusion": np.float32(0.5)})
+    with pytest.raises(NonFiniteState, match="refusing to save step 3: \\['ema'\\]"):
+        save(manager(tmp_path), 3, {"params": {"w": jnp.ones(2)}, "ema": {"w": jnp.array([1.0, jnp.inf])}}, {})
+    assert manager(tmp_path).latest_step() is None
+
+
 def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     import dataclasses
 
@@ -131,7 +143,7 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     (run / "ckpt").mkdir(parents=True)
     (run / "ckpt" / "kept").write_text("trained")
     for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"],
-                ["--shift", "0"]):
+                ["--shift", "0"], ["--shift", "inf"], ["--dit-lr", "inf"], ["--scales", "nan,1"]):  # inf: NaN runs
         with pytest.raises(SystemExit):
             train_video.main(["--preset", "tiny", "--out", str(run), "--fresh", *bad])
         assert (run / "ckpt" / "kept").exists(), bad
@@ -146,6 +158,14 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     p = train_video.PRESETS["tiny"]
     with pytest.raises(ValueError, match=r"Preset: the VAE makes latents .* but the DiT takes"):
         dataclasses.replace(p, data=dataclasses.replace(p.data, size=2 * p.data.size))
+    # a text encoder that cannot take the captions: ids past its table read NaN under jit (a NaN run), a caption
+    # longer than its max_seq_len failed only after the VAE's stage
+    text = lambda **kw: dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, text=dataclasses.replace(  # noqa: E731
+        p.t2v.text, **kw)))
+    with pytest.raises(ValueError, match=r"Preset: t2v.text.vocab_size=8 < the 15 caption token ids"):
+        text(vocab_size=8)
+    with pytest.raises(ValueError, match=r"Preset: t2v.text.max_seq_len=4 < data.max_caption_len=8"):
+        text(max_seq_len=4)
     with pytest.raises(ValueError, match=r"Preset: t2v.dit.param_dtype='bfloat16': Adam's updates smaller"):
         dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit,
                                                                                        param_dtype="bfloat16")))

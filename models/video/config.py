@@ -369,13 +369,19 @@ class DiffusionConfig:
             object.__setattr__(self, "prediction", "velocity" if self.kind == "flow" else "eps")
         ok = ("velocity",) if self.kind == "flow" else ("eps", "v")
         need(self.prediction in ok, "prediction", f"{self.prediction!r} does not go with kind={self.kind!r}; use {ok}")
-        need(self.logit_std > 0, "logit_std", f"must be positive, got {self.logit_std}")
-        need(self.shift > 0, "shift", f"must be positive, got {self.shift}")
+        fin = lambda x: _real(x) and math.isfinite(x)  # noqa: E731
+        need(fin(self.logit_mean), "logit_mean", f"must be a finite number, got {self.logit_mean}")
+        need(fin(self.logit_std) and self.logit_std > 0, "logit_std",
+             f"must be positive and finite, got {self.logit_std}")
+        # past ~1e6 shifted times overflow float32 (an inf shift made every time NaN, a NaN run)
+        need(fin(self.shift) and 0 < self.shift <= 1e6, "shift",
+             f"must be in (0, 1e6] (1-10 is usual), got {self.shift}")
         need(self.kind == "flow" or (self.shift, self.logit_mean, self.logit_std) == (1.0, 0.0, 1.0), "shift",
              "shift / logit_mean / logit_std shape the flow's time distribution; kind='ddpm' trains on uniform t "
              "and samples a uniform DDIM grid, so leave them at their defaults (1, 0, 1)")
         need(0 < self.alpha_bar_min < 1, "alpha_bar_min", "must be in (0, 1)")
-        need(self.cosine_s >= 0, "cosine_s", f"must be >= 0 (a negative offset bends the cosine schedule away from "
+        need(fin(self.cosine_s) and self.cosine_s >= 0, "cosine_s",
+             f"must be >= 0 and finite (a negative offset bends the cosine schedule away from "
              f"noise), got {self.cosine_s}")
         need(self.sample_steps >= 1, "sample_steps", f"must be >= 1, got {self.sample_steps}")
 

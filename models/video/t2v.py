@@ -37,9 +37,10 @@ class TextToVideo(nnx.Module):
         return self.dit(x_BTHWC, t_B, text.tokens_BLE, text.valid_BL, text.pooled_BE)
 
 
-def _check_key_and_null(key, null_L, where: str) -> None:
+def _check_key_and_null(key, null_L, where: str, tokens_BL=None) -> None:
     """The two orders differ (`t2v_loss(..., key, null_L)`, `generate(..., null_L, key)`): a swap is named here,
-    not deep inside jax.random or the text encoder."""
+    not deep inside jax.random or the text encoder; so are captions that are not a batch [B, L] and a null caption
+    of another length L (broadcasting errors inside jax before)."""
     dt = getattr(key, "dtype", None)
     is_key = dt is not None and (jnp.issubdtype(dt, jax.dtypes.prng_key) or (dt == jnp.uint32 and key.shape == (2,)))
     if not is_key:
@@ -49,6 +50,13 @@ def _check_key_and_null(key, null_L, where: str) -> None:
     if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or jnp.ndim(null_L) != 1:
         raise TypeError(f"{where}: null_L must be the null caption's token ids [L] (data.moving_shapes.null_tokens), "
                         f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(jnp.shape(null_L))}")
+    if tokens_BL is not None:
+        if jnp.ndim(tokens_BL) != 2:
+            raise ValueError(f"{where}: captions must be a batch of token ids [B, L], got shape "
+                             f"{list(jnp.shape(tokens_BL))}; one caption is tokens[None]")
+        if jnp.shape(null_L)[0] != jnp.shape(tokens_BL)[1]:
+            raise ValueError(f"{where}: null_L has {jnp.shape(null_L)[0]} tokens, the captions "
+                             f"{jnp.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
 
 
 def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
@@ -57,7 +65,7 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     Diffusion loss on captions dropped to `null_L` with probability cfg.caption_dropout, plus
     align_weight × InfoNCE between the clean latents and the undropped captions. Returns (loss, metrics).
     """
-    _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)")
+    _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)", batch["tokens"])
     cfg = model.cfg
     k_drop, k_diff = jax.random.split(key)
     tokens = batch["tokens"]
@@ -80,7 +88,7 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
 def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0, steps: int | None = None):
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
-    _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)")
+    _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL)
     cfg = model.cfg
     B = tokens_BL.shape[0]
     cond = model.text(tokens_BL)

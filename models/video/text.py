@@ -66,6 +66,9 @@ class TextEncoder(nnx.Module):
 
     def __call__(self, tokens_BL) -> TextOut:
         cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        if jnp.ndim(tokens_BL) != 2:
+            raise ValueError(f"TextEncoder: tokens must be a batch [B, L], got shape {list(jnp.shape(tokens_BL))}; one "
+                             "caption is tokens[None]")
         B, L = tokens_BL.shape
         tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)  # out-of-range ids would gather NaN rows
         if L > cfg.max_seq_len:
