@@ -23,6 +23,7 @@ import hashlib
 import math
 import numbers
 import os
+import re
 from collections.abc import Sequence
 
 import grain
@@ -102,7 +103,17 @@ class Source:
         return [str(f) for f in files]
 
 
-MAX_SEED = (2**32 - 1) // 1000 - 1  # sources shuffle with seed·1000 + k (k < 1000): grain's seeds are 32 bits
+MAX_SEED = (2**32 - 1) // 1000 - 1  # one source on one process shuffles with seed·1000: grain's seeds are 32 bits
+
+
+def _shuffle_seed(seed: int, k: int, p: int, n: int, n_sources: int) -> int:
+    """Source k's shuffle seed on process p of n. grain shuffles epoch e with seed + e, and every process shuffles
+    its own slice [p::n]: with seed·1000 + k for all, the processes read neighbouring documents in lockstep and
+    source k's epoch 1 repeated source k + 1's epoch 0. Unrelated 32-bit seeds per (seed, k, p, n) cannot meet
+    (one source on one process keeps seed·1000, so its saved states still resume)."""
+    if n == 1 and n_sources == 1:
+        return seed * 1000
+    return int(np.random.SeedSequence([seed, k, p, n]).generate_state(1)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +157,7 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.worker_buffer_size={self.worker_buffer_size} must be >= 1")
         if self.tokenize_batch < 1:
             raise ValueError(f"LoaderConfig.tokenize_batch={self.tokenize_batch} must be >= 1")
-        if not 0 <= self.seed <= MAX_SEED:  # source k shuffles with seed·1000 + k, and grain takes 32 bits
+        if not 0 <= self.seed <= MAX_SEED:  # one source on one process shuffles with seed·1000; grain takes 32 bits
             raise ValueError(f"LoaderConfig.seed={self.seed} must be in [0, {MAX_SEED}]")
 
 
@@ -242,7 +253,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
                              "each read their own share" if len(ds) else f"Source {src.path!r} holds no documents")
         ds = ds[p::n]
         if cfg.shuffle:
-            ds = ds.shuffle(seed=cfg.seed * 1000 + k)  # same permutation on every run; per-source seeds
+            ds = ds.shuffle(seed=_shuffle_seed(cfg.seed, k, p, n, len(sources)))  # the same permutation every run
         parts.append(ds.repeat(cfg.num_epochs))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in sources])
     # grain's batch of 1 over an endless (sys.maxsize) dataset overflows computing its length: wrap records instead
@@ -381,23 +392,30 @@ class StreamMismatch(ValueError):
 
 def _same_stream(key: str, saved, now) -> bool:
     if key == "sources" and isinstance(saved, list) and len(saved) == len(now):  # states saved before the record
-        return all(a == (b if " records " in a else b.split(" records ")[0]) for a, b in zip(saved, now))  # counts
+        norm = lambda x: re.sub(r"weight (\S+)", lambda m: f"weight {float(m.group(1))!r}", x)  # noqa: E731
+        return all(norm(a) == (b if " records " in a else b.split(" records ")[0])  # counts (and weight 2 == 2.0)
+                   for a, b in zip(saved, now))
     return saved == now
 
 
 def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
-    """A readable key of a loader's batch sequence. Shards are known by name, size and record count, not location:
-    a corpus copied to another disk resumes. (ArrayRecord files grow in 64 KiB steps: a tier cleaned again with a
-    few documents more or less often keeps its sizes, never its record count.)"""
+    """A readable key of a loader's batch sequence. Shards are known by name, size, record count and the bytes of
+    the first and last record, not location: a corpus copied to another disk resumes. (ArrayRecord files grow in
+    64 KiB steps: a tier cleaned again with a few documents more or less keeps its sizes, and another tier of the
+    same run its record count.)"""
     def shards(src: Source) -> str:
         files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
-        records = len(grain.sources.ArrayRecordDataSource(src.files()))
-        return (f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight {src.weight} "
-                f"records {records}")
+        ds = grain.sources.ArrayRecordDataSource(src.files())
+        ends = hashlib.sha256(b"".join(ds[i] for i in sorted({0, len(ds) - 1}) if len(ds))).hexdigest()[:8]
+        return (f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight "
+                f"{float(src.weight)!r} records {len(ds)} ends {ends}")
 
-    return {"sources": [shards(s) for s in sources], "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
-            "tokenizer": getattr(tokenizer, "fingerprint", None) or f"vocab {tokenizer.vocab_size}",
-            "process": f"{p} of {n}"}
+    key = {"sources": [shards(s) for s in sources], "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
+           "tokenizer": getattr(tokenizer, "fingerprint", None) or f"vocab {tokenizer.vocab_size}",
+           "process": f"{p} of {n}"}
+    if cfg.shuffle and not (n == 1 and len(sources) == 1):  # states of the seed·1000 + k order: another stream
+        key["order"] = "per-process seeds"
+    return key
 
 
 def to_device(batch: dict[str, np.ndarray], mesh) -> dict:

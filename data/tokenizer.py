@@ -177,6 +177,10 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
         break
     # the loader trusts the meta beside the shards: a run that dies part-way must not leave an older one there
     (out / "tokenizer.json").unlink(missing_ok=True)
+    names = {pathlib.Path(p).name for p in shards}
+    for old in out.glob("shard-*.array_record"):  # an earlier run's extra shards would be read as this tier's
+        if old.name not in names:
+            old.unlink()
     for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
         writer = DocWriter(out / pathlib.Path(path).name)
         texts = []

@@ -449,7 +449,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     from data.loader import MAX_SEED
 
     need(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}] (the loader shuffles each source with "
-         f"seed·1000 + k in grain's 32 bits), got {t.seed}")
+         f"seed·1000 in grain's 32 bits), got {t.seed}")
     need(not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",
          f"{t.out!r} is a file; name a directory for the run")
     parent = os.path.abspath(t.out)  # the nearest existing folder must be a directory we may write in

@@ -129,6 +129,10 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     assert (other.vocab_size, other.eos_id) == (tok.vocab_size, tok.eos_id)
     with pytest.raises(ValueError, match="another tokenizer"):
         LMLoader([Source(pre)], other, cfg, process_index=0, process_count=1)
+    # pretokenizing a smaller tier into the same folder: the earlier run's extra shards were read as this tier's
+    small = write_tier(tmp_path / "small", texts[:6], shards=1)
+    pretokenize(small, tok, tmp_path / "pre", progress=False)
+    assert sorted(p.name for p in (tmp_path / "pre").glob("shard-*")) == ["shard-00000.array_record"]
     # the shards named as files are checked too, and shards whose tokenizer.json is missing (a pretokenize run that
     # stopped before its last step) are refused: both were read with any tokenizer, ids >= its vocab_size included
     files = tuple(sorted(str(f) for f in pathlib.Path(pre).glob("shard-*.array_record")))
@@ -143,6 +147,26 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
         LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)
 
 
+def test_processes_and_sources_shuffle_independently(tmp_path):
+    """Every process shuffled its slice [p::n] with one seed and grain shuffles epoch e with seed + e: the processes
+    read neighbouring documents in lockstep (process 1's j-th = process 0's + 1), and in a mixture source 0's epoch
+    1 repeated source 1's epoch 0."""
+    tok, n_docs = ByteTokenizer(add_eos=True), 20
+    a = write_tier(tmp_path / "a", [f"a{i:02d}" for i in range(n_docs)], shards=1)
+    b = write_tier(tmp_path / "b", [f"b{i:02d}" for i in range(n_docs)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, seed=0, tokenize_batch=1)
+
+    def order(srcs, p=0, n=1, k=n_docs):
+        return [tok.decode(d["targets"])[:3] for d, _ in zip(documents(srcs, tok, cfg, p, n), range(k))]
+
+    p0, p1 = order([Source(a)], 0, 2, n_docs // 2), order([Source(a)], 1, 2, n_docs // 2)
+    assert sorted(p0 + p1) == sorted(f"a{i:02d}" for i in range(n_docs))  # each document once
+    assert sum(int(y[1:]) == int(x[1:]) + 1 for x, y in zip(p0, p1)) < 4, (p0, p1)
+    mix = order([Source(a), Source(b)], k=4 * n_docs)
+    ma, mb = [x[1:] for x in mix if x[0] == "a"], [x[1:] for x in mix if x[0] == "b"]
+    assert ma[n_docs:2 * n_docs] != mb[:n_docs]
+
+
 def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
     """ArrayRecord files grow in 64 KiB steps: a tier of one document fewer kept its shard names and sizes, and a
     resume read the old position in another stream, silently. The record count tells them apart."""
@@ -155,8 +179,16 @@ def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
     sizes = lambda d: [f.stat().st_size for f in sorted(pathlib.Path(d).iterdir())]  # noqa: E731
     assert sizes(a) == sizes(b)  # what the key had compared
     state = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
-    with pytest.raises(StreamMismatch, match="sources: saved .*records 30'\\], now .*records 29'\\]"):
+    with pytest.raises(StreamMismatch, match="sources: saved .*records 30 ends \\w+'\\], now .*records 29 "):
         LMLoader([Source(b)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+    # another tier of as many records (e.g. labeled and augmented of one run): told apart by its end records
+    c = write_tier(tmp_path / "c" / "augmented", texts[1:31])
+    with pytest.raises(StreamMismatch, match="sources: saved .*records 30 ends"):
+        LMLoader([Source(c)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+    # an int weight and the same float are one stream
+    for w, v in ((2, 2.0), (2.0, 2)):
+        one = LMLoader([Source(a, w)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
+        LMLoader([Source(a, v)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(one)
 
 
 def test_state_restores_identical_batches(corpus, tmp_path):
