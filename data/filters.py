@@ -184,8 +184,9 @@ def _leading_literal(pattern: str) -> str:
 
 
 def _phrase_regexes(phrases) -> tuple:
-    """(phrase, regex) pairs; word boundaries only make sense around latin phrases, CJK ones are substrings."""
-    return tuple((p.lower(), re.compile(rf"\b{re.escape(p.lower())}\b" if p.isascii() else re.escape(p)))
+    """(phrase, regex) pairs; word boundaries only make sense around latin phrases, CJK ones are substrings. A
+    phrase is whole when no word character touches it (`\b` needs one inside: '$$$' or '#gambling' never matched)."""
+    return tuple((p.lower(), re.compile(rf"(?<!\w){re.escape(p.lower())}(?!\w)" if p.isascii() else re.escape(p)))
                  for p in phrases)
 
 

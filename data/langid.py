@@ -72,8 +72,11 @@ class LangID:
         if len(text) > n:
             third, mid = n // 3, len(text) // 2
             text = " ".join((text[:third], text[mid - third // 2:mid + third // 2], text[-third:]))
+        ranked = self._id.rank(text)
+        if ranked[0][1] <= 2.0 / len(ranked):  # no evidence (no letters, 'ok'): near-flat probabilities, where the
+            return "und", float(ranked[0][1])   # zh fold (3 members) would win with 3x the flat share
         probs: dict[str, float] = {}
-        for lang, p in self._id.rank(text):  # a folded group's confidence is its members' summed probability
+        for lang, p in ranked:  # a folded group's confidence is its members' summed probability
             code = self._fold.get(lang, lang)
             probs[code] = probs.get(code, 0.0) + float(p)
         lang, conf = max(probs.items(), key=lambda kv: kv[1])

@@ -242,6 +242,9 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         raise ValueError(f"sources must be a list of data.loader.Source, e.g. [Source(tier_dir)], got {sources!r}")
     if not sources:
         raise ValueError("sources is empty; pass at least one data.loader.Source(tier_dir)")
+    if missing := [a for a in ("encode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]:
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no {missing}; pass a data.tokenizer.BPETokenizer "
+                        "(BPETokenizer.load(path), not its .tok) or ByteTokenizer")
     p, n = _process(process_index, process_count)
     parts = []
     for k, src in enumerate(sources):

@@ -52,13 +52,25 @@ class BPETokenizer:
     decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
     two BPEs of equal vocab size are told apart."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, eos_token: str | None = None):
+        """eos_token: the special token that ends a document (None: `EOS` if the vocabulary has it; a tokenizer with
+        other special tokens but not that one must name it, e.g. '</s>', or the loader would pack documents with no
+        separator). A tokenizer without special tokens has eos_id None."""
         self.tok = tok
         # add_special_tokens=False only stops *adding* specials; this stops matching them inside the text.
         # It is not saved in the JSON, so it is set on every construction (train, load, unpickle).
         tok.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size()
-        self.eos_id = tok.token_to_id(EOS)
+        specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+        name = eos_token if eos_token is not None else (EOS if tok.token_to_id(EOS) is not None else None)
+        if name is not None and tok.token_to_id(name) is None:
+            raise ValueError(f"BPETokenizer eos_token={name!r} is not in the vocabulary; its special tokens are "
+                             f"{specials}")
+        if name is None and specials:
+            raise ValueError(f"BPETokenizer: none of the special tokens {specials[:8]} is {EOS!r}; name the one that "
+                             "ends a document, e.g. BPETokenizer.load(path, eos_token='</s>')")
+        self.eos_token = name
+        self.eos_id = None if name is None else tok.token_to_id(name)
         self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
@@ -80,21 +92,23 @@ class BPETokenizer:
         self.tok.save(str(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BPETokenizer:
+    def load(cls, path: str | os.PathLike, eos_token: str | None = None) -> BPETokenizer:
+        """The tokenizer a `save` (or a Hugging Face tokenizer.json) wrote; eos_token as for the constructor."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train one with data.tokenizer.train_bpe(...).save(path)")
         try:
-            return cls(Tokenizer.from_file(str(path)))
+            tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception that names no file
             raise ValueError(f"{path} is not a `tokenizers` JSON file ({e}); pass the file that "
                              "BPETokenizer.save (or a Hugging Face tokenizer.json) wrote") from None
+        return cls(tok, eos_token)
 
     def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
-        return _bpe_from_json, (self.tok.to_str(),)
+        return _bpe_from_json, (self.tok.to_str(), self.eos_token)
 
 
-def _bpe_from_json(s: str) -> BPETokenizer:
-    return BPETokenizer(Tokenizer.from_str(s))
+def _bpe_from_json(s: str, eos_token: str | None = None) -> BPETokenizer:
+    return BPETokenizer(Tokenizer.from_str(s), eos_token)
 
 
 def _empty_bpe() -> Tokenizer:
@@ -107,12 +121,16 @@ def _empty_bpe() -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
               special_tokens: tuple[str, ...] = (EOS,), length: int | None = None,
-              show_progress: bool = True) -> BPETokenizer:
+              show_progress: bool = True, eos_token: str | None = None) -> BPETokenizer:
     """Train a byte-level BPE on `texts` (any iterable of str, streamed) with `tokenizers`' BpeTrainer.
 
     `vocab_size` counts the 256 byte symbols and the special tokens; it must exceed their number.
-    `length` (the number of texts, if known) sizes the progress bar.
+    `length` (the number of texts, if known) sizes the progress bar. eos_token: which of `special_tokens` ends a
+    document (None: `EOS`, which special tokens without it must then name).
     """
+    if special_tokens and (eos_token or EOS) not in special_tokens:  # named before training, not after
+        raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
+                         "pass eos_token= the one that ends a document")
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
         raise TypeError("train_bpe texts: pass an iterable of documents (e.g. [text]), not one string")
     it = iter(texts)
@@ -133,7 +151,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
                                   special_tokens=list(special_tokens), show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer, length=length)
-    return BPETokenizer(tok)
+    return BPETokenizer(tok, eos_token)
 
 
 def tier_texts(tier_dir: str | os.PathLike, field: str = "text"):

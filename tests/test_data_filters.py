@@ -166,6 +166,11 @@ def test_spam_signals(rng):
     assert reason(zh_text(rng, 200) + "限时优惠！限时优惠！限时优惠！") == "promo_spam"
     assert reason(body + " Cheap viagra here.") == "blocklist"
     assert reason(body + " Visit Viagrafalls park.") is None  # whole words only for latin terms
+    # phrases that begin or end with punctuation: `\b` around them never matched
+    cfg = dataclasses.replace(CFG, blocklist=("$$$", "#gambling", "xxx!"))
+    for hit in ("Win $$$ today.", "Try #gambling now.", "Hot xxx! here."):
+        assert reason(f"{body} {hit}", cfg) == "blocklist", hit
+    assert reason(f"{body} Pay a$$$b.", cfg) is None and reason(f"{body} See #gamblingtips.", cfg) is None
     assert reason(zh_text(rng, 200) + "欢迎来到博彩网站") == "blocklist"
 
 

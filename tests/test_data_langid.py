@@ -37,6 +37,9 @@ def test_keep_set_and_confidence(det):
     assert fr_only.keeps("fr") and not fr_only.keeps("en")
     strict = LangID(LangIDConfig(min_confidence=0.999999))
     assert strict.detect("ok")[0] == "und"
+    # text with no evidence (flat probabilities) is und: the 3-member zh fold made '', emoji and 'ok' Chinese
+    for text in ("", "   ", "😀😀😀", "ok"):
+        assert det.detect(text)[0] == "und", text
     # zh's confidence sums its folded members (yue, wuu): 你好 is yue 0.65 + zh 0.32 + wuu 0.02, not 0.65 alone
     from data.langid import _identifier
 

@@ -129,6 +129,8 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     assert (other.vocab_size, other.eos_id) == (tok.vocab_size, tok.eos_id)
     with pytest.raises(ValueError, match="another tokenizer"):
         LMLoader([Source(pre)], other, cfg, process_index=0, process_count=1)
+    with pytest.raises(TypeError, match=r"tokenizer Tokenizer has no \['vocab_size', 'eos_id'\]; .*not its .tok"):
+        LMLoader([Source(path)], tok.tok, cfg, process_index=0, process_count=1)  # an AttributeError deep inside
     # pretokenizing a smaller tier into the same folder: the earlier run's extra shards were read as this tier's
     small = write_tier(tmp_path / "small", texts[:6], shards=1)
     pretokenize(small, tok, tmp_path / "pre", progress=False)

@@ -75,6 +75,13 @@ def test_decode_valid_repaired_rejected_binary():
     assert decode(bytes(range(1, 32)) * 10) == (None, "binary")
     # a genuine U+FFFD in valid input is not counted as damage
     assert decode("valid \ufffd".encode()) == ("valid \ufffd", None)
+    # the limit counts bad bytes, not U+FFFD characters: 6 characters cut after 2 of their 3 bytes are 12 bad bytes
+    # (1.2% of 1000 > 1%) but 6 replacement characters, and passed
+    cut = (b"\xe4\xb8 " * 6 + b"a" * 1000)[:1000]
+    assert decode(cut) == (None, "invalid_utf8")
+    assert decode(cut, NormalizeConfig(max_invalid_fraction=0.012))[1] is None
+    # a genuine U+FFFD beside bad bytes is not counted either
+    assert decode("\ufffd".encode() * 20 + b"\xff" + b"a" * 500)[1] is None
 
 
 def test_config_errors_name_the_field():

@@ -119,6 +119,25 @@ def test_lone_surrogates_encode_as_replacement_and_stray_ids_decode_to_nothing(t
     assert tok.decode([-1, *tok.encode("hi"), tok.vocab_size + 5]) == "hi"
 
 
+def test_an_end_of_sequence_token_of_another_name(tmp_path):
+    """A BPE whose EOS is not '<|endoftext|>' (e.g. a HF tokenizer.json with '</s>') loaded with eos_id None: the
+    loader packed documents with no separator, silently."""
+    import pickle
+
+    texts = ["first document here", "second document there"] * 10
+    with pytest.raises(ValueError, match="eos_token='<|endoftext|>' is not among special_tokens"):
+        train_bpe(texts, vocab_size=300, special_tokens=("<s>", "</s>"), show_progress=False)
+    tok = train_bpe(texts, vocab_size=300, special_tokens=("<s>", "</s>"), eos_token="</s>", show_progress=False)
+    assert tok.eos_id == tok.tok.token_to_id("</s>") == 1
+    tok.save(tmp_path / "tok.json")
+    with pytest.raises(ValueError, match=r"none of the special tokens \['</s>', '<s>'\] is '<\|endoftext\|>'"):
+        BPETokenizer.load(tmp_path / "tok.json")
+    back = BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>")
+    assert back.eos_id == 1 and pickle.loads(pickle.dumps(back)).eos_id == 1  # grain workers get it pickled
+    with pytest.raises(ValueError, match="eos_token='<eos>' is not in the vocabulary"):
+        BPETokenizer.load(tmp_path / "tok.json", eos_token="<eos>")
+
+
 def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
     """Documents (dicts) given to train_bpe trained on their keys, silently; a wrong field was a bare KeyError (and
     pretokenize left a .tmp shard); a JSON file that is no tokenizer raised a bare Exception naming no file."""
