@@ -152,6 +152,9 @@ def main(argv=None):
     for shape in meshes:
         if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq):
             ap.error(f"argument --mesh {shape}: {problem}")
+    if args.microbatches > 1 and not any(shape.get("stage", 1) != 1 for shape in meshes):
+        ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
+                 "axis (e.g. --mesh stage=4,fsdp=2); without one they would be ignored")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
           f"compute {args.dtype}, {args.devices} devices")
@@ -161,6 +164,8 @@ def main(argv=None):
         r = compile_report(cfg, shape, batch, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
+    print("est.: scaling.memory's model; it leaves out the optimizer update's clipped-gradient buffers (about one "
+          "float32 copy of the largest parameter stacks, docs/scaling.md), which show when activations are small")
 
 
 if __name__ == "__main__":

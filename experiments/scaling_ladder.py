@@ -78,7 +78,7 @@ class Rung:
 LADDER = (Rung(16, 2, 2), Rung(24, 2, 2), Rung(32, 3, 2), Rung(48, 3, 3), Rung(64, 4, 4))
 BUDGET_STEPS = (64, 128, 256, 512)  # x 2048 tokens = 131k, 262k, 524k, 1.05M tokens
 QUICK_LADDER = (Rung(16, 1, 2), Rung(24, 1, 2), Rung(32, 1, 2), Rung(32, 2, 2), Rung(48, 2, 2))
-QUICK_STEPS = (8, 16)
+QUICK_STEPS = (8, 12, 16)  # three token counts: B/D^beta beside E needs >= 3 (two fit any beta)
 
 
 def rung_lr(base: float, rung: Rung) -> float:

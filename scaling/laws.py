@@ -67,11 +67,16 @@ class ScalingLaw:
     @property
     def exponents(self) -> tuple[float, float]:
         """(a, b) with N_opt ∝ C^a, D_opt ∝ C^b."""
+        if not (self.alpha > 0 and self.beta > 0):  # a term that does not fall: no finite optimum (0/0 or N_opt 0)
+            raise ValueError(f"ScalingLaw alpha={self.alpha:g}, beta={self.beta:g}: the compute-optimal allocation "
+                             "needs both > 0 (a loss term that does not fall with N or D has no optimum); refit on "
+                             "runs that span a wider range of N and D")
         s = self.alpha + self.beta
         return self.beta / s, self.alpha / s
 
     @property
     def G(self) -> float:
+        self.exponents  # noqa: B018 - the same check
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def optimal_params(self, flops):
@@ -188,9 +193,16 @@ def _check_runs(n, d, loss):
 
 def _log_corr(n, d) -> float:
     """|corr(log N, log D)|; 1 when either does not vary (nothing separates the two terms then either)."""
+    if np.ptp(np.log(n)) < 1e-9 or np.ptp(np.log(d)) < 1e-9:  # a rounding-level spread is no spread (the mean of
+        return 1.0                                             # equal logs can be off by an ulp: corr ~ 1e-16)
     x, y = np.log(n) - np.log(n).mean(), np.log(d) - np.log(d).mean()
     den = math.sqrt(float(x @ x) * float(y @ y))
     return abs(float(x @ y)) / den if den > 0 else 1.0
+
+
+def _levels(x) -> int:
+    """Distinct values of a run axis (equal up to rounding)."""
+    return len(np.unique(np.round(np.log(x), 9)))
 
 
 def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None = None, n_starts: int = 4,
@@ -207,6 +219,12 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     term is arbitrary.
     """
     n, d, lv = _check_runs(n_params, n_tokens, loss)
+    if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < (0 if init is not None else 1):
+        raise ValueError(f"n_starts must be an int >= 1 (>= 0 with init), got {n_starts!r}")
+    for name, x, what in (("N", n, "model sizes"), ("D", d, "token counts")):
+        if (k := _levels(x)) < 3:  # E + A/N^alpha at k levels: k numbers for 3 unknowns, any alpha fits exactly
+            raise ValueError(f"{name} takes {k} distinct value{'s' * (k != 1)} over the runs; fitting "
+                             f"{'A/N^alpha' if name == 'N' else 'B/D^beta'} beside E needs >= 3 {what}")
     if (r := _log_corr(n, d)) > MAX_LOG_CORR:
         raise ValueError(f"N and D are nearly collinear over the runs (|corr(log N, log D)| = {r:.4f} > "
                          f"{MAX_LOG_CORR}; e.g. a fixed tokens-per-parameter sweep), so the fit cannot tell "
@@ -246,7 +264,8 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
 class Bootstrap:
     """Refits on resampled runs. `laws[i]` is the fit to resample i; `residuals` are the full fit's
     log-loss residuals log L - log L_pred (the scatter of single runs around the law). `skipped` counts
-    resamples that could not identify the 5 parameters (< 5 distinct runs, or collinear N and D)."""
+    resamples that could not identify the 5 parameters (< 5 distinct runs, < 3 values of N or D, or collinear N
+    and D)."""
 
     fit: FitResult
     laws: tuple[ScalingLaw, ...]
@@ -290,7 +309,8 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
     laws, skipped = [], 0
     for _ in it:
         idx = rng.integers(0, len(n), len(n))
-        if len(np.unique(idx)) < 5 or _log_corr(n[idx], d[idx]) > MAX_LOG_CORR:
+        if (len(np.unique(idx)) < 5 or min(_levels(n[idx]), _levels(d[idx])) < 3
+                or _log_corr(n[idx], d[idx]) > MAX_LOG_CORR):
             skipped += 1
             continue
         laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)

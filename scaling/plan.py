@@ -26,7 +26,7 @@ import re
 from scaling.flops import LMShape, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip
 from scaling.laws import ALLOCATIONS
-from scaling.memory import MemoryBreakdown, memory_per_device
+from scaling.memory import REMAT_POLICIES, MemoryBreakdown, memory_per_device
 
 
 def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 128, head_dim: int = 128,
@@ -153,8 +153,10 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         raise ValueError(f"grid_g_per_kwh must be >= 0, got {grid_g_per_kwh}")
     if chip_power_w is not None and not (math.isfinite(chip_power_w) and chip_power_w > 0):
         raise ValueError(f"chip_power_w must be > 0, got {chip_power_w}")
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+    if isinstance(mfu, bool) or not isinstance(mfu, numbers.Real) or not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be a number in (0, 1], got {mfu!r}")
+    if remat not in REMAT_POLICIES:  # (a typo was reported as 'does not fit')
+        raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
     if law not in ALLOCATIONS:
         raise ValueError(f"law={law!r}: use one of {sorted(ALLOCATIONS)}")
     alloc = ALLOCATIONS[law]
@@ -217,18 +219,24 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         f"= {seconds / 86400:,.2f} days ({chip_hours:,.{0 if chip_hours >= 10 else 2}f} chip-hours)",
     ]
     if mesh is None:
-        # what the most sharded layout (fsdp over every chip) still needs says which advice can help
-        try:
-            least = memory_per_device(shape, {"fsdp": chips}, seqs_per_chip * chips, seq_len, remat=remat,
-                                      param_dtype="float32", compute_dtype="bfloat16", kernel="flash")
-        except ValueError:
-            least = None
+        # what the most sharded layout (fsdp over as many chips as divide the shape, data over the rest) still
+        # needs says which advice can help (with 7 chips fsdp 7 divides nothing: fsdp 1, the state unsharded)
+        least, fsdp = None, chips
+        for fsdp in (f for f in range(chips, 0, -1) if chips % f == 0):
+            try:
+                least = memory_per_device(shape, {"fsdp": fsdp, "data": chips // fsdp}, seqs_per_chip * chips,
+                                          seq_len, remat=remat, param_dtype="float32", compute_dtype="bfloat16",
+                                          kernel="flash")
+                break
+            except ValueError:
+                continue
         state = None if least is None else least.params + least.grads + least.opt_state
-        fixes = ["add chips"]
+        fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "
+                 f"{fsdp} of {chips})"]
         if state is None or state < 0.9 * c.hbm_bytes:  # the state alone fits: activations are what overflows
             fixes += ["lower seq_len"] + ([] if remat == "full" else ["use remat='full'"])
-        need = "" if least is None else (f" (fsdp over all {chips}: {least.total / 2**30:.1f} GiB per chip, of which "
-                                         f"parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
+        need = "" if least is None else (f" (fsdp over {fsdp} of {chips}: {least.total / 2**30:.1f} GiB per chip, of "
+                                         f"which parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
         lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
                      f"micro-batch{need}; {', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
                      + "".join(f"\n            layouts not tried: {why}" for why in skipped))

@@ -62,6 +62,32 @@ def test_collinear_runs_are_refused_and_exponents_bounded():
     assert law.alpha == EXPONENT_BOUNDS[1]
 
 
+def test_runs_that_cannot_pin_a_term_are_refused():
+    """One model size (the mean of equal logs is off by an ulp for some values, and the correlation came out 1e-16:
+    N = 1e8 fitted alpha 0.51 for a true 0.34), or two (two levels, three unknowns: any alpha fits exactly; N_opt
+    14x off): named, as collinear runs are."""
+    law = CHINCHILLA_APPROACH3
+    d = np.geomspace(2e9, 2e11, 6)
+    for n_value in (1e8, 3e8, 1e9):
+        n = np.full(6, n_value)
+        with pytest.raises(ValueError, match="N takes 1 distinct value over the runs; .* needs >= 3 model sizes"):
+            fit_law(n, d, law.loss(n, d))
+    n, dd = np.repeat([1e8, 1e9], 6), np.tile(d, 2)
+    with pytest.raises(ValueError, match="N takes 2 distinct values"):
+        fit_law(n, dd, law.loss(n, dd))
+    n, dd = np.repeat(np.geomspace(1e8, 1e9, 4), 2), np.tile([2e10, 3e11], 4)
+    with pytest.raises(ValueError, match="D takes 2 distinct values .* >= 3 token counts"):
+        fit_law(n, dd, law.loss(n, dd))
+    n, dd, loss = synthetic(0.0)
+    with pytest.raises(ValueError, match="n_starts must be an int >= 1"):  # an AttributeError on None before
+        fit_law(n, dd, loss, n_starts=0)
+    # a fit with an exponent at 0 has no compute-optimal allocation (ZeroDivisionError, or N_opt 0 and D_opt inf)
+    for flat in (ScalingLaw(E=1.8, A=300.0, B=500.0, alpha=0.3, beta=0.0),
+                 ScalingLaw(E=1.8, A=300.0, B=500.0, alpha=0.0, beta=0.3)):
+        with pytest.raises(ValueError, match="compute-optimal allocation needs both > 0"):
+            flat.optimal_params(1e21)
+
+
 def test_bootstrap_counts_resamples_it_cannot_fit():
     # 8 runs at D = 20N and 2 off that line: resamples without the 2 are collinear and skipped
     n = np.geomspace(1e7, 1e9, 10)

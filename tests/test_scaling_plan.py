@@ -79,7 +79,10 @@ def test_planner_errors_name_the_fix():
                       (dict(flops=-1e20), "flops"), (dict(params=1e9, chips=0), "chips"),
                       (dict(params=1e9, chips=-8), "chips"), (dict(params=1e9, pue=-1.0), "pue"),
                       (dict(params=1e9, chip_power_w=-700.0), "chip_power_w"),
-                      (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "lower the vocab")]:
+                      (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "lower the vocab"),
+                      # a remat typo was reported as 'does not fit', a string mfu a TypeError
+                      (dict(params=7e9, remat="bogus"), "remat='bogus': use one of"),
+                      (dict(params=1e9, mfu="0.4"), "mfu must be a number")]:
         with pytest.raises(ValueError, match=field):
             make_plan(**kw)
 
@@ -145,6 +148,12 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     assert line.endswith("add chips, lower seq_len or use remat='full'"), line
     at_full = make_plan(params=1e9, chips=1, seq_len=131072, remat="full")
     assert next(x for x in at_full.text.splitlines() if x.startswith("memory")).endswith("add chips or lower seq_len")
+    # 7 chips: fsdp 7 divides no dimension, so the probe failed and its state counted as fitting ('lower seq_len or
+    # use remat=full' to a model whose 108 GB of unsharded state alone overflows)
+    odd = make_plan(params=7e9, chips=7, seq_len=128, remat="full")
+    line = next(x for x in odd.text.splitlines() if x.startswith("memory"))
+    assert "fsdp over 1 of 7" in line, line
+    assert line.endswith("add chips (fsdp can split d_model=4096 over only 1 of 7)"), line
 
 
 @pytest.mark.parametrize("argv, message", [

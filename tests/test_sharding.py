@@ -182,6 +182,9 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     with pytest.raises(SystemExit):
         aot.main(["--microbatches", "0"])
     assert "pipeline_microbatches" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # ignored without a pipeline (the table looked like a pipelined run's)
+        aot.main(["--microbatches", "4", "--mesh", "fsdp=8"])
+    assert "argument --microbatches: 4 microbatches need a pipeline" in capsys.readouterr().err
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
                                          r"axes \('sequence',\) \(size 4\)"):
