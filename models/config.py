@@ -187,6 +187,11 @@ class TransformerConfig:
         need(isinstance(self.scan_unroll, bool) or (_is_int(self.scan_unroll) and self.scan_unroll >= 1),
              "scan_unroll",
              f"must be True (unroll every layer) or an int >= 1, got {self.scan_unroll!r}")
+        if _is_int(self.scan_unroll):  # (a bool stays True: "unroll every layer")
+            object.__setattr__(self, "scan_unroll", int(self.scan_unroll))
+        need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"), "attn_impl",
+             f"'cudnn' (cuDNN's fused attention) takes bfloat16 or float16, not dtype={self.dtype!r}; use "
+             "dtype='bfloat16' or attn_impl='xla'")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
         need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
              "μP scales the readout separately from the embedding; set tie_embeddings=False")
@@ -213,6 +218,9 @@ class TransformerConfig:
         if p in ("global", "local"):
             return (p == "local",) * L
         if p == "alternating":
+            if L < 2:  # as '1:1' (the same pattern) is refused
+                raise ValueError(f"TransformerConfig.attn_pattern='alternating' with n_layers={L} has no global "
+                                 "layer (the first would be layer 2); use 'local'")
             return tuple(i % 2 == 0 for i in range(L))
         n, sep, one = p.partition(":")
         if sep and n.isdigit() and one == "1" and int(n) > 0:

@@ -75,7 +75,7 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
     ("benchmarks.scan_residuals", ["--layers", "4,x"], "argument --layers: invalid comma-separated integers >= 1"),
     ("benchmarks.train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
     ("experiments.train_video", ["--vae-steps", "0"], "argument --vae-steps: must be an integer >= 1, got 0"),
-    ("experiments.train_video", ["--dit-lr", "0"], "argument --dit-lr: must be > 0, got 0.0"),
+    ("experiments.train_video", ["--dit-lr", "0"], "argument --dit-lr: must be a finite number > 0, got 0.0"),
     ("experiments.aot", ["--devices", "0"], "argument --devices: must be an integer >= 1, got 0"),
     ("experiments.train_video", ["--mesh", "foo"], "argument --mesh: cannot parse 'foo'; write axis=size pairs"),
 ])

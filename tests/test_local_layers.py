@@ -75,6 +75,8 @@ def test_per_layer_windows_go_to_the_local_layers_in_order():
         2, 3, 4, None)
     with pytest.raises(ValueError, match="attn_pattern='4:1' with n_layers=4 has no global layer"):  # was all local
         dataclasses.replace(CFG, attn_pattern="4:1", sliding_window=4, n_layers=4)
+    with pytest.raises(ValueError, match="attn_pattern='alternating' with n_layers=1 has no global layer"):  # as '1:1'
+        dataclasses.replace(CFG, n_layers=1, attn_pattern="alternating", sliding_window=4)
 
 
 @pytest.mark.parametrize("cuts", [(0, 8, 9, 19), (0, 2, 8, 9, 10, 19)], ids=["empty_full", "part_filled"])
