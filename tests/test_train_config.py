@@ -47,7 +47,10 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
     (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
     # kernels of one backend only: they failed at the first eval, after the run directory was made
-    (["--preset", "tiny", "--set", "model.attn_impl=cudnn"], 8, "model.attn_impl: 'cudnn' needs a GPU"),
+    (["--preset", "tiny", "--set", "model.attn_impl=cudnn", "--set", "model.dtype=bfloat16"], 8,
+     "model.attn_impl: 'cudnn' needs a GPU"),
+    (["--preset", "tiny", "--set", "model.attn_impl=cudnn"], 8, "model.attn_impl: 'cudnn' (cuDNN's fused attention) "
+     "takes bfloat16 or float16"),
     (["--preset", "tiny", "--set", "model.dtype=float16"], 8, "model.dtype: float16 training needs loss scaling"),
     # bf16 weights silently dropped AdamW updates below half a bf16 step (norm scales never moved)
     (["--preset", "tiny", "--set", "model.param_dtype=bfloat16"], 8, "model.param_dtype: bfloat16 parameters lose"),
