@@ -189,9 +189,10 @@ class TransformerConfig:
              f"must be True (unroll every layer) or an int >= 1, got {self.scan_unroll!r}")
         if _is_int(self.scan_unroll):  # (a bool stays True: "unroll every layer")
             object.__setattr__(self, "scan_unroll", int(self.scan_unroll))
-        need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"), "attn_impl",
-             f"'cudnn' (cuDNN's fused attention) takes bfloat16 or float16, not dtype={self.dtype!r}; use "
-             "dtype='bfloat16' or attn_impl='xla'")
+        for f, other in (("attn_impl", "'xla'"), ("swa_impl", "'auto'")):
+            need(getattr(self, f) != "cudnn" or self.dtype in ("bfloat16", "float16"), f,
+                 f"'cudnn' (cuDNN's fused attention) takes bfloat16 or float16, not dtype={self.dtype!r}; use "
+                 f"dtype='bfloat16' or {f}={other}")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
         need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
              "μP scales the readout separately from the embedding; set tie_embeddings=False")

@@ -55,6 +55,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     # bf16 weights silently dropped AdamW updates below half a bf16 step (norm scales never moved)
     (["--preset", "tiny", "--set", "model.param_dtype=bfloat16"], 8, "model.param_dtype: bfloat16 parameters lose"),
     (["--preset", "tiny", "--set", "model.swa_impl=splash"], 8, "model.swa_impl: 'splash' needs a TPU"),
+    (["--preset", "tiny", "--set", "model.swa_impl=cudnn"], 8, "model.swa_impl: 'cudnn' (cuDNN's fused attention) "
+     "takes bfloat16"),
     (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
     (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),
     (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
