@@ -71,7 +71,9 @@ class BPETokenizer:
                              "ends a document, e.g. BPETokenizer.load(path, eos_token='</s>')")
         self.eos_token = name
         self.eos_id = None if name is None else tok.token_to_id(name)
-        self.fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+        # another EOS choice packs other streams (the default keeps the fingerprints made before the choice existed)
+        extra = "" if name in (EOS, None) else f"\0eos={name}"
+        self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]

@@ -132,7 +132,7 @@ MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl"
 WARNED_MODEL_FIELDS = (("dtype",), ("moe", "dispatch"), ("moe", "capacity_factor"))
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
 LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
-                 ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"))
+                 ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"), ("data", "eos_token"))
 # The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
 SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from experiments import run_log, train_lm
-from experiments.config import ConfigError, load, validate
+from experiments.config import ConfigError, load, load_tokenizer, validate
 from experiments.lm_step import decay_mask, make_optimizer, make_schedule, make_state_step
 from models import Transformer, TransformerConfig
 from models.losses import cross_entropy
@@ -338,6 +338,23 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     older = json.loads(json.dumps(saved))
     del older["data"]["corpus"]
     assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
+
+
+def test_a_tokenizer_whose_eos_is_not_endoftext(tmp_path):
+    """A Hugging Face style BPE ('</s>'): the trainer had no way to name its EOS (eos_id None: documents packed with
+    no separator); data.eos_token names it, and is refused without a tokenizer."""
+    from data.tokenizer import train_bpe
+
+    path = tmp_path / "tok.json"
+    train_bpe(["one two three four"] * 20, vocab_size=300, special_tokens=("<s>", "</s>"), eos_token="</s>",
+              show_progress=False).save(path)
+    base = ["--preset", "tiny", "--set", f"data.tokenizer={path}", "--set", "model.vocab_size=320"]
+    with pytest.raises(ConfigError, match=r"^data.eos_token: BPETokenizer: none of the special tokens"):
+        validate(load(base), 8)
+    validate(load([*base, "--set", "data.eos_token=</s>"]), 8)
+    assert load_tokenizer(load([*base, "--set", "data.eos_token=</s>"]).data).eos_id == 1
+    with pytest.raises(ConfigError, match="^data.eos_token: names a token of data.tokenizer, which is not set"):
+        validate(load(["--preset", "tiny", "--set", "data.eos_token=</s>"]), 8)
 
 
 def test_a_fresh_start_sets_earlier_logs_aside(tmp_path):
