@@ -75,7 +75,8 @@ class OptimSpec:
 class TrainSpec:
     """The loop. batch: global rows per step; seq: tokens per row. Intervals in steps. keep: last N checkpoints
     (plus the best by eval loss when keep_best). nan_policy: 'skip' (state unchanged, counted) or 'halt'.
-    eval_target: eval loss whose first crossing is logged with its wall time (None: no target).
+    eval_target: eval loss whose first crossing is logged with its wall time (None: no target). sample_tokens:
+    tokens generated after the run, at most what fits in model.max_seq_len after the prompt (the trained context).
 
     Test hooks (never set in real runs): poison_steps: steps whose batch weights are NaN; kill_at: SIGKILL
     this process after that step; kill_in_save: the kill comes right after an async save was issued."""

@@ -466,9 +466,9 @@ def train(cfg, mesh_shape: dict) -> dict:
     from jax.experimental import multihost_utils
 
     model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
-    prompt = "def __init__(self"
-    ids = generate(model, jnp.asarray(tok.encode(prompt))[None], t.sample_tokens, temperature=0.7, top_p=0.95,
-                   rng=jax.random.key(t.seed))
+    prompt = jnp.asarray(tok.encode("def __init__(self"))[None]
+    n_new = max(1, min(t.sample_tokens, m.max_seq_len - prompt.shape[1]))  # within the context it was trained for
+    ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed))
     sample = tok.decode(np.asarray(ids[0]))
     result["sample"] = sample
     if primary:
