@@ -121,13 +121,19 @@ def dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl: str, tile_r
           "ragged_dot": sorted_ragged}[impl]
     # Whole experts on every device that holds tokens (FSDP gathers them as it does dense weights); the expert
     # index is gathered per block, so only the mlp dimension may stay split (tensor parallel).
-    w = tuple(constrain(p, n) for p, n in zip(w, ((None, None, "act_mlp"),) * 2 + ((None, "act_mlp", None),)))
+    names = ((None, None, "act_mlp"),) * 2 + ((None, "act_mlp", None),)
+    w = tuple(constrain(p, n) for p, n in zip(w, names))
     one = lambda x, wt, ex: fn(x, wt, ex, w, act)
     G = mesh_shards("batch")
     if G == 1 or B % G:
         return one(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K)).reshape(B, T, D)
     group = lambda a: constrain(a.reshape(G, B * T // G, a.shape[-1]), ("batch", None, None))
-    return jax.vmap(one)(group(x_BTD), group(weights_BTK), group(experts_BTK)).reshape(B, T, D)
+    xs = group(x_BTD), group(weights_BTK), group(experts_BTK)
+    if impl == "ragged_dot":  # its batching rule takes no unbatched operand: the weights get the group axis too,
+        # split like the rows (each device still holds one copy of the experts, as it does unbatched)
+        w_G = tuple(constrain(jnp.broadcast_to(p, (G, *p.shape)), ("batch", *n)) for p, n in zip(w, names))
+        return jax.vmap(lambda x, wt, ex, wg: fn(x, wt, ex, wg, act))(*xs, w_G).reshape(B, T, D)
+    return jax.vmap(one)(*xs).reshape(B, T, D)
 
 
 def _combine(y_AD, weights_NK):
