@@ -322,6 +322,18 @@ class LMLoader:
             except ValueError as e:
                 raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} / seq_len={cfg.seq_len} "
                                  f"do not split over the mesh: {e}") from None
+            import jax
+
+            jp = (jax.process_index(), jax.process_count())
+            if (process_index is not None and process_index != jp[0]) or (
+                    process_count is not None and process_count != jp[1]):  # rows would be global, or duplicated
+                raise ValueError(f"LMLoader: process_index={process_index} / process_count={process_count} with a "
+                                 f"mesh, but this is JAX process {jp[0]} of {jp[1]}; leave them None with a mesh "
+                                 "(they are for reading one process's share without devices)")
+            if not cfg.drop_remainder and jp[1] > 1:  # one global shape per step on every process, or a hang
+                raise ValueError("LoaderConfig.drop_remainder=False on several processes: each process's last "
+                                 "batch would have its own size, and their collectives would not match; use "
+                                 "drop_remainder=True (or bound the run by steps)")
         self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
         self._it = iter(self.dataset)
         self._p, n = _process(process_index, process_count)
@@ -427,8 +439,13 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
 
     from parallel.sharding import batch_sharding
 
-    shardings = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     if jax.process_count() == 1:  # one transfer call for the whole batch; same result, ~4x less overhead
+        try:
+            shardings = {k: batch_sharding(mesh, v.ndim, shape=v.shape) for k, v in batch.items()}
+        except ValueError as e:  # a partial last batch (drop_remainder=False) the batch axes do not divide
+            raise ValueError(f"to_device: a batch of {len(next(iter(batch.values())))} rows does not split over "
+                             f"the mesh ({e}); with LoaderConfig.drop_remainder=False the last batch is partial: "
+                             "use drop_remainder=True on a mesh") from None
         return jax.device_put(batch, shardings)
     from parallel.distributed import global_batch_from_local
 

@@ -102,6 +102,8 @@ def global_batch_from_local(local_batch, mesh, rules=None):
 
     def one(x):
         x = np.asarray(x)
+        if x.ndim < 1:
+            raise ValueError(f"global_batch_from_local: a scalar {x!r}; every entry needs this process's rows [b, ...]")
         global_shape = (x.shape[0] * n, *x.shape[1:])
         try:  # the library's named error, not JAX's IndivisibleError
             sharding = batch_sharding(mesh, x.ndim, rules, shape=global_shape)

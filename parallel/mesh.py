@@ -68,6 +68,8 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
     if isinstance(shape, str):  # dict("data=8") fails naming nothing
         raise ValueError(f"make_mesh: shape={shape!r} is a string; pass a dict, e.g. parse_mesh({shape!r})")
     devices = list(devices if devices is not None else jax.devices())
+    if not devices:
+        raise ValueError("make_mesh: devices is empty; pass the devices to span (default: jax.devices())")
     if not dcn:
         shape = _fill(dict(shape or {"data": -1}), len(devices), "devices")
         names = tuple(a for a in AXES if a in shape)

@@ -35,9 +35,17 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         raise ValueError("gpipe runs under a mesh: call it inside `with jax.set_mesh(mesh):` (e.g. in a jitted step)")
-    S = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(axis, 1)
+    if axis not in mesh.axis_names:
+        raise ValueError(f"gpipe: the mesh {dict(zip(mesh.axis_names, mesh.axis_sizes))} has no {axis!r} axis to "
+                         f"pipeline over; add one (make_mesh({{'{axis}': S, ...}})) or pass axis=")
+    S = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
+    if not jax.tree.leaves(params):
+        raise ValueError("gpipe: params holds no arrays; pass the stacked layer parameters (leading axis L)")
     L = jax.tree.leaves(params)[0].shape[0]
     B, M = x_BTD.shape[0], n_microbatches
+    if bad := [a.shape for a in jax.tree.leaves(ctx) if not a.shape or a.shape[0] != B]:
+        raise ValueError(f"gpipe: ctx arrays travel with their rows, so each needs the batch's leading dim {B}; "
+                         f"got shapes {bad[:3]}")
     if L % S:
         raise ValueError(f"n_layers={L} must be divisible by the '{axis}' mesh axis ({S} stages)")
     if B % M:

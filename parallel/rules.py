@@ -96,6 +96,8 @@ def check_targets(rules: Mapping[str, MeshAxes], where: str) -> None:
         if bad:
             raise ValueError(f"{where}: {name}={target!r} names mesh axes {bad}; map a logical axis to None, a name "
                              f"from {AXES}, or a tuple of them")
+        if isinstance(target, tuple | list) and len(set(target)) < len(target):  # JAX refuses it at first use
+            raise ValueError(f"{where}: {name}={target!r} names a mesh axis twice; name each once")
 
 
 def _check_overrides(rules: Mapping[str, MeshAxes]) -> None:

@@ -287,7 +287,7 @@ def test_worker_processes_give_the_same_batches(corpus):
         np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
 
 
-def test_device_batches_are_sharded_over_the_batch_axes(corpus):
+def test_device_batches_are_sharded_over_the_batch_axes(corpus, tmp_path, monkeypatch):
     import jax
 
     from parallel import make_mesh
@@ -306,6 +306,18 @@ def test_device_batches_are_sharded_over_the_batch_axes(corpus):
     with pytest.raises(ValueError, match=r"LoaderConfig.global_batch_size=6 / seq_len=32 do not split over the mesh: "
                                          r"dimension 'batch' of size 6"):  # jax's IndivisibleError at next() before
         LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, global_batch_size=6), mesh=mesh)
+    # a process share that is not this process's: 4 local rows became the whole "global" batch, silently
+    with pytest.raises(ValueError, match="process_index=1 / process_count=2 with a mesh, but this is JAX process 0"):
+        LMLoader([Source(path)], EOS_BYTES, cfg, mesh=mesh, process_index=1, process_count=2)
+    # a partial last batch the mesh does not divide: named (jax's IndivisibleError before)
+    small = write_tier(tmp_path / "small", ["a few words here"] * 3, shards=1)
+    last = dataclasses.replace(cfg, num_epochs=1, drop_remainder=False, shuffle=False)
+    with pytest.raises(ValueError, match=r"to_device: a batch of \d rows does not split .*drop_remainder=True"):
+        list(LMLoader([Source(small)], EOS_BYTES, last, mesh=mesh))
+    # several processes: each one's last batch would have its own size (a collective mismatch / hang)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="drop_remainder=False on several processes"):
+        LMLoader([Source(path)], EOS_BYTES, last, mesh=mesh)
 
 
 def test_config_errors_name_the_field(corpus, tmp_path):

@@ -166,6 +166,13 @@ def test_pipeline_microbatches_take_rows_from_every_data_shard():
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)  # rows come back in order
     # per device and tick: 4 rows / 4 data shards = 1 row x T=4 positions
     assert set(re.findall(r"= (f32\[[0-9,]+\])[^ ]* dot\(", hlo)) == {"f32[4,16]"}, hlo
+    # misuse named (jax's shard_map axis error, IndexError, a reshape TypeError before)
+    layer = lambda wl, h, c: jax.numpy.tanh(h @ wl)  # noqa: E731
+    for m, args, says in ((make_mesh({"data": 8}), (W, x, None), "has no 'stage' axis to pipeline over"),
+                          (mesh, ({}, x, None), "params holds no arrays"),
+                          (mesh, (W, x, {"pos": jax.numpy.zeros((4, 4))}), "each needs the batch's leading dim 8")):
+        with jax.set_mesh(m), pytest.raises(ValueError, match=says):
+            gpipe(layer, *args, n_microbatches=2)
 
 
 def test_sequence_parallel_splits_the_work():

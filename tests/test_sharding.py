@@ -296,6 +296,13 @@ def test_parallel_helpers_name_their_misuse():
         logical_to_spec(("embed", "mlp"), mesh, (8,))
     with pytest.raises(ValueError, match=r"global_batch_from_local: a local array \(7, 4\) .*'batch' of size 7"):
         global_batch_from_local(np.zeros((7, 4)), mesh)
+    with pytest.raises(ValueError, match="global_batch_from_local: a scalar"):  # an IndexError before
+        global_batch_from_local(np.int32(3), mesh)
+    with pytest.raises(ValueError, match=r"batch=\('data', 'data'\) names a mesh axis twice"), \
+            use_rules(batch=("data", "data")):  # jax's DuplicateSpecError at the first use before
+        pass
+    with pytest.raises(ValueError, match="make_mesh: devices is empty"):
+        make_mesh({"data": -1}, devices=[])
     for bad in (0, -4, 2.0):
         with pytest.raises(ValueError, match="process_rows: global_batch"):
             process_rows(bad)
