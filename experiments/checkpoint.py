@@ -371,8 +371,9 @@ def _check_fits(saved, abstract, where) -> None:
         return {_path_name(path): tuple(v.shape) for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     have, want = table(saved), table(abstract)
-    differ = [f"{k}: saved {have.get(k, 'missing')}, now {want.get(k, 'missing')}"
-              for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    differ = [f"{k}: saved {have.get(k, 'missing')}, now {want.get(k, 'missing')}"  # the model's before the
+              for k in sorted(set(have) | set(want), key=lambda k: (k.startswith("opt_state"), k))  # optimizer's
+              if have.get(k) != want.get(k)]
     kinds = {_path_name(p): v.dtype for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
     differ += [f"{_path_name(p)}: saved {kinds[_path_name(p)]}, now {v.dtype} (a cast would truncate it)"
                for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -380,7 +381,8 @@ def _check_fits(saved, abstract, where) -> None:
                and not jnp.issubdtype(v.dtype, jnp.inexact)]
     if differ:
         raise CheckpointMismatch(f"{where} does not fit this run's state ({len(differ)} arrays differ, e.g. "
-                                 f"{'; '.join(differ[:3])}); use a new train.out, or the settings it was saved with")
+                                 f"{'; '.join(differ[:3])}); use another checkpoint directory (train.out in "
+                                 "experiments.train_lm), or the settings it was saved with")
 
 
 def read_meta(directory, step: int) -> dict:

@@ -344,8 +344,8 @@ class Transformer(nnx.Module):
                  cache: KVCache | None = None, return_aux: bool = False, rng=None):
         """tokens [B, T] int → logits [B, T, V] float32.
 
-        positions: RoPE positions (default: arange, offset by the cache length when decoding).
-        segment_ids: packed documents attend only within their own id. padding_mask: True for real
+        positions_BT: RoPE positions [B, T] (default: arange, offset by the cache length when decoding).
+        segment_ids_BT: packed documents attend only within their own id. padding_mask_BT: True for real
         tokens; padded keys are never attended, and padded tokens are not routed to MoE experts (no
         capacity slot, left out of the aux values). Causality is by slot (index in the row / cache).
         cache: see `KVCache` for what happens past its capacity (ValueError, or NaN logits when traced).
