@@ -100,3 +100,36 @@ def test_trailing_whitespace_goes_line_by_line_in_linear_time():
     for text in ("a \t \nb\t\t\n  c  ", "x" + "\t" * 200_000 + "y", "x\n" + " " * 200_000 + "y \t"):
         want = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
         assert normalize_text(text, cfg) == want.strip("\n")
+
+
+def test_every_control_character_goes_except_tab_and_line_breaks():
+    """Every Unicode control (category Cc) is deleted, is a line break, or is a tab: only the two spot-checked
+    controls were tested, so a range bound that kept backspace (0x08) or shift-out (0x0E) passed."""
+    import unicodedata
+
+    breaks = {"\n", "\r", "\x0b", "\x0c", "\x85"}
+    for cp in range(0x110000):
+        c = chr(cp)
+        if unicodedata.category(c) != "Cc":
+            continue
+        want = "a\nb" if c in breaks else "a\tb" if c == "\t" else "ab"
+        assert normalize_text(f"a{c}b") == want, hex(cp)
+
+
+def test_first_line_indentation_is_kept():
+    """Leading indentation is kept on every line, the first too: only blank lines are stripped from the ends (a
+    strip of all whitespace dedented a snippet's first line, and passed: every tested text began unindented)."""
+    code = "    x = 1\n    y = 2"
+    assert normalize_text(code) == code
+    assert normalize_text("\n\n  \n\tfirst\nsecond  \n\n") == "\tfirst\nsecond"
+    assert normalize_text(normalize_text("   a  b")) == "   a b"
+
+
+def test_decode_line_ends_are_not_control_bytes_and_the_binary_limit_is_inclusive():
+    """CR is text (Windows line ends), not a control byte: short CRLF lines are a third CR and were not binary; a
+    record with exactly max_control_fraction control bytes passes, one byte more is binary."""
+    crlf = b"ok\r\n" * 50
+    assert decode(crlf) == (crlf.decode(), None)
+    cfg = NormalizeConfig(max_control_fraction=0.25)  # exact in binary floating point: 75 of 100 bytes
+    assert decode(b"\x01" * 25 + b"a" * 75, cfg) == ("\x01" * 25 + "a" * 75, None)
+    assert decode(b"\x01" * 26 + b"a" * 74, cfg) == (None, "binary")
