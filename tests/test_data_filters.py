@@ -280,3 +280,48 @@ def test_each_rule_passes_at_its_limit_and_fails_just_over_it_by_its_own_name(rn
     for mwl in (CFG.min_mean_word_len, CFG.max_mean_word_len):
         assert CFG.check({**base, "mean_word_len": mwl}) is None
     assert CFG.check({**base, "mean_word_len": CFG.max_mean_word_len + 1e-6}) == "mean_word_len"
+
+
+def test_boilerplate_rules_match_wherever_their_regex_does():
+    """A rule runs only when its leading literal is in the text: that literal must be in every match. 'home ?[|>»]'
+    read as the literal 'home ' missed 'Home|News' (no space), and a top-level alternation read as its first
+    branch's literal never ran the other branches."""
+    body = en_text(np.random.default_rng(0), 30)
+    for rules, line in ((CFG.boilerplate, "Home|News|Sports"), (CFG.boilerplate, "HOME>Docs"),
+                        (("unsubscribe here|opt out",), "Click to opt out of e-mails"),
+                        (("colou?r scheme",), "Pick a color scheme"),
+                        (("ab{0,1}c footer",), "the ac footer")):
+        cfg = dataclasses.replace(CFG, boilerplate=rules)
+        assert strip_boilerplate(f"{line}\n{body}", cfg) == (body, 1, 2), (rules, line)
+
+
+def test_boilerplate_limit_is_inclusive():
+    """Half the non-blank lines boilerplate (the default limit, 0.5) is kept; more is dropped as `boilerplate`."""
+    rng = np.random.default_rng(1)
+    bodies = [en_text(rng, 60) for _ in range(3)]
+    assert reason("\n".join(["Privacy Policy", "Terms of Use", *bodies[:2]])) is None
+    assert reason("\n".join(["Privacy Policy", "Terms of Use", "Accept cookies", *bodies[:2]])) == "boilerplate"
+
+
+def test_line_signals_match_a_direct_count():
+    """Hand counts: duplicate lines / paragraphs by number and by characters, ellipsis lines (U+2026 counts as '...':
+    text normalised with form='NFC' keeps it), hash-ellipsis per word; tabs are whitespace, not symbols."""
+    s = analyze("aaaa\nbb\naaaa\nc\nbb")
+    assert (s["dup_lines"], s["dup_line_chars"]) == (pytest.approx(2 / 5), pytest.approx(6 / 13))
+    s = analyze("first para\n\nsecond one\n\nfirst para")
+    assert (s["dup_paragraphs"], s["dup_paragraph_chars"]) == (pytest.approx(1 / 3), pytest.approx(10 / 30))
+    s = analyze("one line ends…\ntwo lines end...\nthree does not\n# tag")
+    assert s["ellipsis_lines"] == pytest.approx(2 / 4)
+    assert s["hash_ellipsis_ratio"] == pytest.approx(3 / len(words("one line ends…\ntwo lines end...\nthree does "
+                                                                      "not\n# tag")))
+    assert analyze("alpha\tbeta\t\tgamma\ndelta\tepsilon")["symbol_ratio"] == 0.0
+    # mean word length needs 10 words with a letter (it is None for fewer)
+    assert analyze(" ".join(["word"] * 10))["mean_word_len"] == 4.0
+    assert analyze(" ".join(["word"] * 9))["mean_word_len"] is None
+
+
+def test_scaled_ngrams_round_half_up():
+    """In mixed text an n-word n-gram is round(n · scale) tokens, half up (7.5 → 8): truncating made it 7."""
+    ws = list("abcdefg") + ["x"] + list("abcdefg") + ["y"]  # a 7-gram repeats, no 8-gram does
+    assert ngram_signals(ws, [], [5], scale=1.4)["dup_5gram"] == pytest.approx(14 / 16)  # 7 tokens
+    assert ngram_signals(ws, [], [5], scale=1.5)["dup_5gram"] == 0.0  # 8 tokens
