@@ -120,6 +120,17 @@ def test_a_jitted_function_traces_again_under_other_rules():
             assert f(jnp.ones((6, 4))).sharding.spec in (jax.P(), jax.P(None, None))
 
 
+def test_an_inner_use_rules_overrides_the_outer_one_for_the_same_name():
+    """Nested overrides of one logical name: the innermost wins and leaving it restores the outer value, as nested
+    contexts read (the outer one winning kept its strategy inside silently; the nested test above sets two names)."""
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    with use_rules(embed=None):
+        with use_rules(embed="data"):
+            assert logical_to_spec(("embed", "vocab"), mesh) == jax.P("data", None)
+        assert logical_to_spec(("embed", "vocab"), mesh) == jax.P(None, None)
+    assert logical_to_spec(("embed", "vocab"), mesh) == jax.P("fsdp", None)
+
+
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),
                                          ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown")])
 def test_mesh_errors(shape, words):
@@ -208,8 +219,11 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
       "SLURM_LOCALID": "0"}, False),  # srun with one task
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
       "SLURM_LOCALID": "0"}, True),  # an srun job step: JAX's SLURM detection takes it from here
+    # no SLURM_NTASKS to count tasks: Open MPI and TPU pods are multi-process jobs (each host trained alone if not)
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
 ])
-def test_initialize_starts_jax_distributed_only_in_a_slurm_job_step(monkeypatch, env, started):
+def test_initialize_starts_jax_distributed_only_in_a_multi_process_job(monkeypatch, env, started):
     from parallel import distributed
 
     for k in [k for k in os.environ if k.startswith(("SLURM_", "JAXSCALE_", "OMPI_", "TPU_"))]:
@@ -236,7 +250,8 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     monkeypatch.setenv("JAXSCALE_PROCESS_ID", "0")
     assert distributed.initialize() is False
     # a process id past the count returned False (silently not distributed); 0 processes read as "not given"
-    for n, i, says in ((1, 3, "0 <= process_id < num_processes"), (0, 0, "num_processes >= 1")):
+    for n, i, says in ((1, 3, "0 <= process_id < num_processes"), (2, 2, "0 <= process_id < num_processes"),
+                       (0, 0, "num_processes >= 1")):  # ids count from 0: process 2 of 2 does not exist
         with pytest.raises(ValueError, match=says):
             distributed.initialize("h:1", n, i)
     monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "two")
@@ -257,6 +272,20 @@ def test_process_rows_are_contiguous_equal_shares(monkeypatch):
         assert process_rows(16) == slice(4 * i, 4 * i + 4)
     with pytest.raises(ValueError, match="global batch 10 must be divisible by the process count 4"):
         process_rows(10)
+
+
+def test_any_process_raises_the_flag_on_every_process_when_one_raises_it(monkeypatch):
+    """The SIGTERM stop: a flag raised on any process stops all of them at the same step (a process that went on
+    would wait forever in a collective); only one raised must do. The all-gather is faked: one real process."""
+    from jax.experimental import multihost_utils
+
+    from parallel.distributed import any_process
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for mine, other in ((False, False), (False, True), (True, False), (True, True)):
+        monkeypatch.setattr(multihost_utils, "process_allgather",
+                            lambda x, other=other: np.stack([np.int32(x), np.int32(other)]))
+        assert any_process(mine) is (mine or other), (mine, other)
 
 
 @pytest.mark.parametrize("indices,ok", [
