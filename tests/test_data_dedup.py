@@ -147,3 +147,27 @@ def test_near_dup_ties_go_to_the_earliest_representative_in_every_process():
                            capture_output=True, text=True, cwd=root, check=True).stdout.strip()
             for seed in range(8)}
     assert outs == {"0:0"}, outs
+
+
+def test_shingles_are_every_window_of_n_words():
+    """Every window of n consecutive folded words, the last included (a range one short dropped it)."""
+    text = "The cat, sat on the MAT today"
+    ws = "the cat sat on the mat today".split()
+    for n in (1, 3, 5, 7, 9):
+        want = {" ".join(ws[i:i + n]).encode() for i in range(max(len(ws) - n + 1, 1))}
+        assert shingles(text, n) == want, n
+
+
+def test_a_pair_exactly_at_the_confirm_cut_is_a_near_duplicate():
+    """'At least' the cut: with confirm_sigmas=0 at threshold 0.75, signatures agreeing in 96 of 128 positions
+    (estimate exactly 0.75) are near duplicates, in 95 they are not."""
+    cfg = DedupConfig(threshold=0.75, confirm_sigmas=0)
+    assert cfg.confirm_at() == 0.75 and cfg.bands()[1] <= 95  # a band lies inside the shared positions
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    for same, dup in ((96, True), (95, False)):
+        b = a.copy()
+        b[same:] ^= 1  # differs in the last 128 - same positions
+        index = NearDupIndex(cfg)
+        assert index.add("a", a) is None
+        assert (index.add("b", b) == "a") is dup, same
