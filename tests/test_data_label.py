@@ -92,3 +92,28 @@ def test_quality_score_is_the_mean_headroom_under_the_limits():
     clean = en_text(np.random.default_rng(0), 300)
     spammy = clean + "\n" + "\n".join(["#deal #sale #win www.x.com/a www.x.com/b 50% 70% 90%"] * 8)
     assert quality_score(analyze(clean), q) > quality_score(analyze(spammy), q)
+
+
+def test_keyword_density_counts_chinese_words_not_whitespace_runs():
+    """Per thousand CJK-aware words: a long Chinese text is one whitespace-separated run, so counted by `split`
+    two stray 定理 in 4,000 characters were 2,000 per thousand words and tagged it math."""
+    import numpy as np
+
+    from data.synthetic import zh_text
+
+    rng = np.random.default_rng(0)
+    long, short = zh_text(rng, 4000), zh_text(rng, 400)
+    assert "math" not in domain_tags(long) and "math" not in domain_tags(short)
+    assert "math" not in domain_tags(long + "定理。" + long + "定理。")  # 2 hits in ~8,000 words
+    assert "math" in domain_tags(short + "定理。定理。")  # 2 hits in ~400 words
+
+
+def test_glossary_terms_count_once_across_domains_and_match_plurals():
+    """'code' and 'docs' share the Python glossary: a document tagged both listed each term twice; and a term
+    found only in its plural ('iterators') was documented to match."""
+    from data.augment import PYTHON_GLOSSARY, DomainGlossary
+
+    defs = dict(PYTHON_GLOSSARY)
+    out = DomainGlossary()({"text": "Iterators wrap decorators.", "domains": ["code", "docs"]})
+    assert out["augmented"] == ["iterator", "decorator"]
+    assert out["text"].endswith(f"Glossary:\n- iterator: {defs['iterator']}\n- decorator: {defs['decorator']}")
