@@ -73,3 +73,15 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"keep has \['yue'\], which fold into \['zh'\]"):  # never reported
         LangIDConfig(keep=("yue",))
     assert LangIDConfig(keep=("yue",), fold=()).keep == ("yue",)
+
+
+def test_the_language_stage_drops_what_the_keep_set_lacks_und_included():
+    """`und` (no evidence) is dropped as lang_other unless kept, and the document carries what was detected."""
+    from data.stages import LanguageFilter
+
+    doc, reason = LanguageFilter()({"text": "😀😀😀", "id": 1})
+    assert (doc["lang"], reason, doc["id"]) == ("und", "lang_other", 1)
+    assert LanguageFilter(LangIDConfig(keep=("en", "und")))({"text": "😀😀😀"})[1] is None
+    doc, reason = LanguageFilter()({"text": "The committee will publish its final report next spring."})
+    assert (doc["lang"], reason) == ("en", None) and 0 < doc["lang_score"] <= 1
+    assert LanguageFilter(LangIDConfig(keep=("zh",)))(doc)[1] == "lang_other"

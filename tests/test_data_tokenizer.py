@@ -166,3 +166,15 @@ def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
     bad.write_text(json.dumps({"vocab": 3}))
     with pytest.raises(ValueError, match=f"{bad} is not a `tokenizers` JSON file"):
         BPETokenizer.load(bad)
+
+
+def test_corpus_byte_codec_round_trips_and_skips_ids_outside_the_bytes():
+    """data.corpus's byte tokens: UTF-8 exactly, and EOS / padding / negative ids decode to nothing (a negative id
+    raised ValueError in bytes())."""
+    from data.corpus import decode_bytes, encode_bytes
+
+    for text in SAMPLES:
+        ids = encode_bytes(text)
+        assert ids.dtype == np.int32 and bytes(ids.astype(np.uint8)) == text.encode()
+        assert decode_bytes(ids) == text
+        assert decode_bytes([-1, 256, *ids, 300, -7]) == text
