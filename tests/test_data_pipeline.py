@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import report as report_mod
+from data.dedup import DedupConfig
 from data.pipeline import PipelineConfig, run
 from data.shards import iter_docs, tier_shards
 from data.synthetic import en_text, zh_text
@@ -187,6 +188,12 @@ def test_report_prints_funnel_and_language_mix(cleaned, capsys):
     assert "malformed_json 2" in text and "near_dup 1" in text and "lang_other 1" in text
     assert "languages kept by langid:" in text and "zh " in text and "en " in text
     assert "languages dropped by langid: fr 1 docs" in text
+    # each kept language's documents and bytes, as the filtered tier holds them
+    docs = all_docs(out / "filtered")
+    for lang in ("en", "zh"):
+        mine = [d for d in docs if d["lang"] == lang]
+        size = report_mod._size(sum(len(d["text"].encode()) for d in mine))
+        assert re.search(rf"kept by langid:.* {lang} {len(mine)} docs \([0-9.]+%, {size}\)", text), (lang, size)
     assert "counts reconcile: yes" in text
 
 
@@ -370,6 +377,7 @@ def test_fingerprint_of_plain_class_stages_is_stable(tmp_path):
                                         labelers=(PlainStage(),))
     assert plain().fingerprint() == plain().fingerprint()  # two instances, two addresses, as in two processes
     assert plain().fingerprint() != base.fingerprint()
+    assert dataclasses.replace(base, workers=3).fingerprint() == base.fingerprint()  # workers do not shape the output
     # a plain function as the augmentation hook is named the same way (fingerprinting it used to raise)
     make = lambda: dataclasses.replace(plain(), augment=lambda doc: doc)  # noqa: E731
     assert make().fingerprint() == make().fingerprint() != plain().fingerprint()
@@ -483,8 +491,16 @@ def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata
         rows = report_mod.funnel(out)
         assert report_mod.reconcile(rows) == []
         dedup = next(s for _, s in rows if s.name == "dedup")
-        # b is a near duplicate of a; its byte-identical copy is an exact duplicate (it was reported near_dup)
+        # b is a near duplicate of a; its byte-identical copy is an exact duplicate (it was reported near_dup) of the
+        # survivor a, not of the dropped b
         assert dedup.dropped == {"near_dup": 1, "exact_dup": 1}, dedup.dropped
+        assert json.loads((out / "cleaned" / "dedup.json").read_text())["drops"] == {
+            "0": {"1": ["near_dup", "0:0"], "2": ["exact_dup", "0:0"]}}
+    # each kind of dedup alone: without exact keys the copy is a near duplicate too; without MinHash b is kept
+    for dedup_cfg, want in ((DedupConfig(exact=False), {"near_dup": 2}), (DedupConfig(near=False), {"exact_dup": 1})):
+        out = tmp_path / f"out_exact{dedup_cfg.exact}"
+        run([str(path)], out, PipelineConfig(workers=1, dedup=dedup_cfg), progress=False)
+        assert next(s for _, s in report_mod.funnel(out) if s.name == "dedup").dropped == want, dedup_cfg
     # Parquet metadata of any type and depth is kept as JSON (a list of timestamps crashed the run)
     pq.write_table(pa.table({"text": [a], "when": [[datetime.datetime(2026, 1, 2)]], "raw": [b"\x00\xff"]}),
                    tmp_path / "m.parquet")
@@ -554,3 +570,42 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
         assert (reason, n) == (("too_large", 1500) if size > 1000 else (None, 1000))
         assert size > 1000 or len(doc["text"].encode()) == 1000
     assert out[0][0]["title"] == "\ufffd cut" and encode_doc(out[0][0])
+
+
+def test_text_files_group_into_shards_of_text_files_per_shard(tmp_path):
+    """Plain text files, one document each, are grouped `text_files_per_shard` to a shard in sorted order (a group
+    one file larger passed); a JSON Lines file is a shard of its own."""
+    from data.sources import SourceConfig, discover
+
+    for i in range(5):
+        (tmp_path / f"t{i}.txt").write_text(f"document {i}")
+    (tmp_path / "j.jsonl").write_text('{"text": "x"}\n')
+    shards = discover([tmp_path], SourceConfig(text_files_per_shard=2))
+    names = [tuple(os.path.basename(f) for f in s) for s in shards]
+    assert names == [("j.jsonl",), ("t0.txt", "t1.txt"), ("t2.txt", "t3.txt"), ("t4.txt",)]
+
+
+def test_reject_policy_drops_lone_surrogates_too(tmp_path):
+    """invalid_utf8='reject' drops any record with a bad character, a lone surrogate escape in JSON included
+    (repairing it under 'reject' passed); 'repair' keeps it with U+FFFD."""
+    from data.normalize import NormalizeConfig
+    from data.sources import SourceConfig, read_records
+
+    text = en_text(np.random.default_rng(0), 120)
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"text": text + " \ud800 end."}) + "\n" + json.dumps({"text": text}) + "\n")
+    reject = [r for _, r, _ in read_records([str(path)], SourceConfig(), NormalizeConfig(invalid_utf8="reject"))]
+    assert reject == ["invalid_utf8", None]
+    (doc, r, _), _ = read_records([str(path)], SourceConfig(), NormalizeConfig())
+    assert r is None and doc["text"] == text + " \ufffd end."
+
+
+def test_stdlib_documents_are_written_round_robin(tmp_path):
+    """Document i goes to shard i mod num_shards, in order, each one JSON line."""
+    from data.corpus import stdlib_documents, write_stdlib_jsonl
+
+    docs = list(stdlib_documents(5))
+    paths = write_stdlib_jsonl(tmp_path, num_shards=3, max_files=5)
+    assert len(paths) == 3 and len(docs) > 3
+    for k, p in enumerate(paths):
+        assert [json.loads(line) for line in pathlib.Path(p).read_text(encoding="utf-8").splitlines()] == docs[k::3]
