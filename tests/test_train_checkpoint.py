@@ -229,6 +229,53 @@ def test_a_metrics_line_torn_by_a_kill_neither_breaks_the_plot_nor_the_next_reco
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 
 
+def test_a_replayed_step_plots_its_last_record_and_nested_non_finite_numbers_are_null(tmp_path):
+    """Steps after the last checkpoint are logged again when a run resumes: the curves keep the replay (the record
+    the run's state continues from), not the lost first attempt. A NaN inside a list (an MoE expert_load) is null
+    like a top-level one: bare NaN is not JSON."""
+    import json
+    import math
+
+    from experiments.run_log import Logger, read_curves
+
+    log = Logger(tmp_path, primary=True)
+    for step, loss in ((1, 2.0), (2, 1.75), (2, 1.5)):  # step 2 replayed after a kill
+        log.write({"kind": "train", "step": step, "loss": loss})
+    log.write({"kind": "train", "step": 3, "loss": math.nan, "expert_load": [math.nan, 0.5]})
+    log.close()
+    curves = read_curves(tmp_path / "metrics.jsonl")
+    assert {s: r["loss"] for s, r in curves["train"].items()} == {1: 2.0, 2: 1.5, 3: None}
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1], parse_constant=refuse)
+    assert last["expert_load"] == [None, 0.5]
+
+
+def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_that_step(tmp_path):
+    """Each step directory's meta names its step: a directory holding another step's checkpoint (copied by hand,
+    say) is a good checkpoint of the wrong step; resuming from it would restart the loop at the saved step while
+    the directory's number stays taken. It is set aside like a corrupt one and the previous step is used."""
+    import shutil
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lambda *a: None)
+    for step in (4, 8):
+        ckpt.save(step, state_at(step), {"config": "{}"})
+    ckpt.close()
+    shutil.rmtree(tmp_path / "ckpt" / "8")
+    shutil.copytree(tmp_path / "ckpt" / "4", tmp_path / "ckpt" / "8")
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lines.append)
+    try:
+        state, meta = ckpt.restore(state_at(0))
+        assert ckpt.steps() == [4] and (tmp_path / "ckpt-corrupt" / "8").is_dir()
+    finally:
+        ckpt.close()
+    assert meta["step"] == 4 and float(state["params"]["w"][0, 0]) == 4.0
+    assert lines and lines[0].startswith("checkpoint: step 8 is corrupt") and "falling back to step 4" in lines[0]
+
+
 def test_corpus_holds_out_whole_modules(tmp_path):
     """A module's docstrings repeat lines of its source: both go to the same split, so eval text is not in train."""
     from data.shards import iter_docs, tier_shards
