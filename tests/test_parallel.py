@@ -146,6 +146,17 @@ def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
             jax.jit(lambda p, b: lm_loss(gd16, p, b)).lower(sharded, shard_batch(b, mesh))
 
 
+def test_bubble_fraction_counts_the_idle_ticks_of_the_schedule():
+    """gpipe's schedule, enumerated: at tick t of M + S - 1, stage s works on microbatch t - s if that exists, else
+    idles. bubble_fraction (what benchmarks/pipeline_bubble.py reports) is the idle share of all stage-ticks."""
+    from parallel.pipeline import bubble_fraction
+
+    for S, M in ((1, 4), (2, 1), (2, 2), (4, 2), (4, 8), (8, 3)):
+        ticks = M + S - 1
+        idle = sum(not 0 <= t - s < M for t in range(ticks) for s in range(S))
+        assert bubble_fraction(S, M) == pytest.approx(idle / (ticks * S)), (S, M)
+
+
 def test_pipeline_microbatches_take_rows_from_every_data_shard():
     """GPipe microbatch m = rows m::M: each holds rows of every data shard, so a stage's [B/M, T, D] work per tick
     is split over the data axis (contiguous rows sat on half the data shards: each device did 2x the rows)."""
