@@ -217,6 +217,18 @@ def test_state_restores_identical_batches(corpus, tmp_path):
                                       (cfg, [Source(other)], "sources: saved")):
             with pytest.raises(ValueError, match=f"saved by a loader over another stream .*{what}"):
                 LMLoader(srcs, EOS_BYTES, other_cfg, process_index=0, process_count=1).set_state(state)
+    # every LoaderConfig field that cuts or orders the rows is part of the stream (without seq_len in the key, a
+    # state restored into another row length silently), and so is the process: process 0's state on process 1
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=3)
+    state = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
+    for change in ({"seq_len": 16}, {"global_batch_size": 8}, {"shuffle": False}, {"num_epochs": 3},
+                   {"drop_remainder": False}):
+        with pytest.raises(ValueError, match=f"over another stream .*config: saved .*'{next(iter(change))}'"):
+            LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, **change), process_index=0,
+                     process_count=1).set_state(state)
+    state = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=2).get_state()
+    with pytest.raises(ValueError, match="over another stream .*process: saved 0 of 2, now 1 of 2"):
+        LMLoader([Source(path)], EOS_BYTES, cfg, process_index=1, process_count=2).set_state(state)
         # states saved before the key counted records still restore
         before = json.loads(json.dumps(state))
         before["stream"]["sources"] = [x.split(" records ")[0] for x in before["stream"]["sources"]]
@@ -347,3 +359,27 @@ def test_misused_sources_and_configs_are_named(tmp_path):
                        (lambda: documents([path], ByteTokenizer()), "sources must be a list")):
         with pytest.raises(ValueError, match=says):
             make()
+
+
+def test_a_process_stopped_by_another_counts_what_it_leaves_unread(corpus, monkeypatch):
+    """Finite epochs on 2 processes: when the other process runs out first, this one stops too and counts its
+    remaining batches, rows and real (weight-1) tokens: the multi-host test only bounded the token count."""
+    import parallel.distributed
+    from data import loader as loader_mod
+    from data.loader import lm_dataset
+
+    path, _ = corpus
+    # the last batch is partial, and its last row padded: rows and tokens differ from full batches' counts
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1, seed=2, drop_remainder=False)
+    every = list(lm_dataset([Source(path)], EOS_BYTES, cfg, 0, 2))  # process 0's batches, read to the end
+    assert every[-1]["weights"].sum() < every[-1]["weights"].size
+    calls = []
+    monkeypatch.setattr(loader_mod, "_jax_process_count", lambda: 2)
+    monkeypatch.setattr(parallel.distributed, "any_process", lambda flag: calls.append(flag) or len(calls) > 2)
+    loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=2)
+    with pytest.warns(UserWarning, match="another process's loader ran out first"):
+        read = list(loader)
+    assert len(read) == 2 and len(every) > 3
+    rest = every[2:]
+    assert loader.unread == {"batches": len(rest), "rows": sum(len(b["weights"]) for b in rest),
+                             "tokens": int(sum(b["weights"].sum() for b in rest))}
