@@ -117,3 +117,14 @@ def test_glossary_terms_count_once_across_domains_and_match_plurals():
     out = DomainGlossary()({"text": "Iterators wrap decorators.", "domains": ["code", "docs"]})
     assert out["augmented"] == ["iterator", "decorator"]
     assert out["text"].endswith(f"Glossary:\n- iterator: {defs['iterator']}\n- decorator: {defs['decorator']}")
+
+
+def test_a_zero_limit_scores_full_headroom_at_zero_and_none_above():
+    """A limit of 0 (e.g. max_url_density=0: no URL allowed) has no ratio to take: a signal at 0 has headroom 1."""
+    from data.filters import QualityConfig
+    from data.label import SCORED_SIGNALS, quality_score
+
+    q = QualityConfig(max_url_density=0.0)
+    zeros = {name: 0.0 for name, _ in SCORED_SIGNALS}
+    assert quality_score(zeros, q) == 1.0
+    assert quality_score(dict(zeros, url_density=0.01), q) == round(1 - 1 / len(SCORED_SIGNALS), 4)

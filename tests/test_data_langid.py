@@ -85,3 +85,13 @@ def test_the_language_stage_drops_what_the_keep_set_lacks_und_included():
     doc, reason = LanguageFilter()({"text": "The committee will publish its final report next spring."})
     assert (doc["lang"], reason) == ("en", None) and 0 < doc["lang_score"] <= 1
     assert LanguageFilter(LangIDConfig(keep=("zh",)))(doc)[1] == "lang_other"
+
+
+def test_a_language_only_at_the_start_middle_or_end_of_a_long_document_is_found(det):
+    """Each of the three sampled regions counts: French only at the end (or middle) of emoji padding, which alone is
+    `und`, is French (a sample of start and middle alone said und)."""
+    fr = "Le comité publiera son rapport final sur le projet de prolongement ferroviaire au printemps prochain. " * 4
+    pad = "😀 " * 1500
+    assert det.detect(pad)[0] == "und" and len(pad) > 2 * det.cfg.sample_chars
+    for text in (fr + pad, pad[:1500] + fr + pad[1500:], pad + fr):
+        assert det.detect(text)[0] == "fr"

@@ -609,3 +609,17 @@ def test_stdlib_documents_are_written_round_robin(tmp_path):
     assert len(paths) == 3 and len(docs) > 3
     for k, p in enumerate(paths):
         assert [json.loads(line) for line in pathlib.Path(p).read_text(encoding="utf-8").splitlines()] == docs[k::3]
+
+
+def test_quality_counts_boilerplate_lines_of_kept_documents_only():
+    """`boilerplate_lines_removed` counts lines removed from documents that go on; a page dropped as `boilerplate`
+    is counted as that drop, its lines not added."""
+    from data.stages import QualityFilter, StageStats, run_stages
+
+    rng = np.random.default_rng(0)
+    kept = {"text": "Privacy Policy\n" + en_text(rng, 120)}
+    dropped = {"text": "Privacy Policy\nTerms of Use\nAccept cookies\n" + en_text(rng, 120)}
+    stats = [StageStats("quality")]
+    assert run_stages(kept, [QualityFilter()], stats)["signals"]["boilerplate_lines"] == 1
+    assert run_stages(dropped, [QualityFilter()], stats) is None
+    assert stats[0].dropped == {"boilerplate": 1} and stats[0].counters == {"boilerplate_lines_removed": 1}
