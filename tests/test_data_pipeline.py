@@ -216,6 +216,13 @@ def test_report_names_a_count_that_does_not_reconcile_and_exits_1(cleaned, tmp_p
     with pytest.raises(SystemExit) as exit_:
         report_mod.main([str(out)])
     assert exit_.value.code == 1 and "counts reconcile: NO" in capsys.readouterr().out
+    # the first link too: ingest's output is normalize's input
+    raw = json.loads((out / "raw" / "stats.json").read_text())
+    raw["stages"][0]["docs_out"] += 1
+    (out / "raw" / "stats.json").write_text(json.dumps(raw))
+    n = raw["stages"][0]["docs_out"]
+    assert any(p.startswith("filtered/normalize: ") and p.endswith(f"!= ingest's {n} out")
+               for p in report_mod.reconcile(report_mod.funnel(out)))
 
 
 def test_resume_redoes_only_missing_shards_and_matches(cleaned, corpus):
@@ -283,7 +290,8 @@ def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
     recs = [{"text": en_text(rng, 50)} for _ in range(4)]
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     cases = {"part-0.jsonl.zst": b"\x28\xb5\x2f\xfd" + bytes(40), "dump.json": json.dumps(recs).encode(),
-             "pretty.json": json.dumps(recs[0], indent=1).encode(), "table.csv": b"text,url\nhello,u\n"}
+             "pretty.json": json.dumps(recs[0], indent=1).encode(), "table.csv": b"text,url\nhello,u\n",
+             "bom.json": b"\xef\xbb\xbf" + json.dumps(recs).encode()}  # a Windows tool's array, byte-order mark first
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
         with pytest.raises(ValueError, match=re.escape(name) + r" \((decompress|a JSON array|a pretty-printed|conv)"):

@@ -102,6 +102,10 @@ def test_byte_tokenizer_is_utf8():
 def test_vocab_size_error_names_the_field():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(["abc"], vocab_size=200)
+    # it must exceed the 256 bytes + 1 special token: at exactly 257 no merge fits (that passed as a tokenizer)
+    with pytest.raises(ValueError, match="vocab_size=257 must exceed"):
+        train_bpe(["abc abc"], vocab_size=257, show_progress=False)
+    assert train_bpe(["abc abc"], vocab_size=258, show_progress=False).vocab_size == 258
 
 
 @pytest.mark.parametrize("tok_name", ["bpe", "bytes"])
