@@ -125,6 +125,37 @@ def test_config_windows_and_post_norms_plug_in():
     assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(state))  # the real tree, post-norms included
 
 
+def test_duck_typed_sliding_window_with_global_every_places_the_global_layers_like_the_config():
+    """A config with `sliding_window` and `global_every` (no layer_windows()): every k-th layer, counted from 1, is
+    global, as TransformerConfig's 'k-1:1' pattern puts it (layer 0 global was a local layer's FLOPs miscounted)."""
+    from types import SimpleNamespace
+
+    for every, pattern in ((3, "2:1"), (2, "1:1")):
+        real = TransformerConfig(vocab_size=64, d_model=32, n_layers=6, n_heads=4, mlp_dim=64, attn_pattern=pattern,
+                                 sliding_window=8)
+        duck = SimpleNamespace(vocab_size=64, d_model=32, n_layers=6, n_heads=4, mlp_dim=64, sliding_window=8,
+                               global_every=every)
+        assert lm_shape(duck).windows == real.layer_windows()
+        assert train_flops_per_token(duck, 40) == pytest.approx(train_flops_per_token(real, 40))
+
+
+def test_causal_blocked_keys_follow_the_kernels_block_cap():
+    """models.attention runs at most 16 query blocks (rows = max(causal_block, T / 16)): at T = 1024 causal_block 32
+    and 64 execute the same work, which XLA counts and executed_keys must count too (without the cap it counted
+    32-row blocks: 3% fewer keys, inside the elementwise tolerance, so equality is what tells)."""
+    from models.attention import attention
+
+    B, T, N, H = 1, 1024, 2, 16
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
+    causal = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    xla = {C: xla_flops(lambda q, k, v, C=C: attention(q, k, v, causal, causal_block=C, is_causal=True), q, q, q)
+           for C in (32, 64)}
+    assert xla[32] == xla[64]
+    ours = {C: 4 * N * H * executed_keys(T, None, "causal_blocked", C) * B * T for C in (32, 64)}
+    assert ours[32] == ours[64]
+    assert ours[64] <= xla[64] <= 1.15 * ours[64], xla[64] / ours[64]
+
+
 def test_windowed_model_flops_match_cost_analysis():
     """models.Transformer with local layers (blocked kernel) and global ones (dense masked kernel)."""
     cfg = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=256, attn_pattern="1:1",
@@ -145,7 +176,8 @@ def test_attended_keys_counts_the_mask(T, W):
     assert attended_keys(T, None) == pytest.approx((T + 1) / 2)
 
 
-@pytest.mark.parametrize("T,W,C", [(256, 64, 64), (200, 50, 32)])
+# (128, 33, 32): W - 1 a whole number of blocks, where ceil(W / C) would count a third key block
+@pytest.mark.parametrize("T,W,C", [(256, 64, 64), (200, 50, 32), (128, 33, 32)])
 def test_sliding_window_kernel_flops_match_cost_analysis(T, W, C):
     B, N, K, H = 2, 4, 2, 32
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)

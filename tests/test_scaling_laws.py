@@ -138,6 +138,20 @@ def test_prediction_interval_scales_predictions_by_the_residuals_of_the_fit():
     assert hi > point * np.exp(0.08)  # the upper end reaches the largest residuals
 
 
+def test_interval_covers_its_level_of_the_bootstrap_laws():
+    """`interval(fn, level)` is the central `level` range of fn over the resampled laws: 90% of them inside, 5% on
+    each side (a [10, 90] percentile pair passed every other test: it only narrows an interval)."""
+    fit = FitResult(law=TRUE, objective=0.0, n_points=8, starts=1)
+    laws = tuple(ScalingLaw(E=1.0 + i / 1000, A=1.0, B=1.0, alpha=0.3, beta=0.3) for i in range(1000))
+    bs = Bootstrap(fit=fit, laws=laws)
+    vals = np.array([law.E for law in laws])
+    for level in (0.5, 0.9):
+        point, lo, hi = bs.interval(lambda law: law.E, level)
+        assert point == TRUE.E
+        assert np.mean((vals >= lo) & (vals <= hi)) == pytest.approx(level, abs=0.002)
+        assert np.mean(vals < lo) == pytest.approx((1 - level) / 2, abs=0.002)
+
+
 def test_isoflop_envelope_recovers_optimal_exponent():
     budgets = np.geomspace(1e18, 1e21, 4)
     n = np.concatenate([TRUE.optimal_params(c) * np.geomspace(0.25, 4, 7) for c in budgets])

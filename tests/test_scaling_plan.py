@@ -105,6 +105,7 @@ def test_peak_table():
     ("TPU v4", "bfloat16", None, ("tpu-v4", "bf16")),
     ("NVIDIA H100 80GB HBM3", "float32", None, ("h100", "tf32")),  # jax's default f32 matmul on GPU is TF32
     ("NVIDIA H100 80GB HBM3", "float32", "highest", ("h100", "fp32")),
+    ("NVIDIA H100 80GB HBM3", "float32", "bfloat16", ("h100", "bf16")),  # f32 arrays, bf16 matmul passes
     ("NVIDIA H200", "bfloat16", None, ("h200", "bf16")),
     ("NVIDIA A100-SXM4-80GB", "float16", None, ("a100", "fp16")),
     ("NVIDIA H100 PCIe", "bfloat16", None, None),  # other clocks: no peak rather than the SXM one
