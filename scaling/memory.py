@@ -16,7 +16,11 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup;
-- without FSDP, a second (unreduced) copy of the gradients for their all-reduce over the batch / sequence axes.
+- the optimizer update, a second phase once the backward pass is done: the gradients + `update_buffers`
+  float32 gradient-sized buffers (`experiments.lm_step.make_optimizer`'s clipped gradients, which XLA:CPU
+  materialises for every leaf before the first moment update: 1) + a float32 copy of gradients narrower than
+  float32; the step's temp peak is the larger phase (with remat 'full' and large layers the update's: XLA
+  measured 2.0x the backward model's with bfloat16 gradients).
 Under pipeline parallelism (a `stage` axis, M = `cfg.pipeline_microbatches`) activations are those of the M + S - 1
 ticks of B_l/M rows each, and the working set's group residuals those of one tick; XLA's fragmentation is not
 modelled.
@@ -192,6 +196,17 @@ class MemoryBreakdown:
     transient_weights: int
     local_tokens: int
     layers_local: int
+    update: int = 0  # beside the gradients, during the optimizer update (after the backward pass)
+
+    @property
+    def backward_peak(self) -> int:
+        """Gradients + activations + working set + gathered weights: the backward pass's live bytes."""
+        return self.grads + self.activations + self.working + self.transient_weights
+
+    @property
+    def update_peak(self) -> int:
+        """Gradients + the optimizer update's float32 temporaries."""
+        return self.grads + self.update
 
     @property
     def state(self) -> int:
@@ -205,15 +220,17 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.opt_state + self.activations + self.working + self.transient_weights
+        return self.state + max(self.backward_peak, self.update_peak)
 
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
                 (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
                 ("working set (1 scan group + logits)", self.working),
-                ("gathered weights (FSDP)", self.transient_weights), ("total", self.total)]
-        return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows)
+                ("gathered weights (FSDP)", self.transient_weights),
+                ("optimizer update (after the backward)", self.update), ("total", self.total)]
+        peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
+        return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
 
 def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str | None = None,
@@ -309,7 +326,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                       param_dtype: str | None = None, compute_dtype: str | None = None, grad_dtype: str | None = None,
                       optimizer_moments: int = 2, opt_dtype: str | None = None, kernel: str | None = None,
                       block: int | None = None, params: list[ParamEntry] | None = None, rules=None, windows=None,
-                      moe=None) -> MemoryBreakdown:
+                      moe=None, update_buffers: int = 1) -> MemoryBreakdown:
     """Modelled peak bytes per device of a training step (see the module docstring).
 
     mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
@@ -320,6 +337,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     (`experiments.lm_step.make_optimizer` keeps them in float32 whatever the params); optimizer_moments: 2 for
     AdamW, 1 for momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
     params: a real parameter table (`param_table_from_state`) instead of the analytic one.
+    update_buffers: float32 gradient-sized buffers the optimizer update holds beside the gradients (1:
+    `make_optimizer`'s global-norm clipping; 0 for an update XLA fuses leaf by leaf).
     kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
     models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. With the block-causal kernel
     (`attn_block`) the stored residuals still count as dense, an upper bound (per layer XLA keeps the executed
@@ -329,7 +348,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     ours, 0.78 if dense).
     """
     mesh = _check_mesh(mesh)
-    _check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0))
+    _check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
+                  update_buffers=(update_buffers, 0))
     s = lm_shape(cfg, windows=windows, moe=moe)
     remat = remat or getattr(cfg, "remat", "none")
     pdt = param_dtype or getattr(cfg, "param_dtype", "float32")
@@ -384,9 +404,12 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
+    # the update runs in float32 (`float32_state`): narrower gradients are cast first, and the cast copy lives on
+    # beside the clipped one (bfloat16 parameters, remat 'full': XLA 68.1 MB, this 66.2 MB)
+    update = 4 * elems * (update_buffers + (gb < 4))
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
-                           local_tokens=int(local_tokens), layers_local=int(layers_local))
+                           local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update))
 
 
 def _gathered_split(p: ParamEntry, mesh, rules) -> int:

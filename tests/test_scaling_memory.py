@@ -10,9 +10,11 @@ Stated tolerances (XLA:CPU, 8 fake devices, float32):
   token since the model counts models.attention's own residuals, dense and block-causal). With remat 'full' the saved
   activations (c·D per layer and token) are too small next to other buffers for XLA's peak to show them;
   it is covered by the whole-step test;
-- the whole step's temp bytes (grads + activations + working set + gathered weights) lie within
-  [-22%, +12%] of XLA: the working-set term is deliberately conservative, and today's grouped layer
-  scan adds parameter-sized gradient temporaries that are not modelled.
+- the whole step's temp bytes (the larger of the backward pass's grads + activations + working set + gathered
+  weights and the optimizer update's grads + float32 update buffers) lie within [-22%, +12%] of XLA: the
+  working-set term is deliberately conservative, and today's grouped layer scan adds parameter-sized gradient
+  temporaries that are not modelled. With every expert of an MoE on one device XLA keeps 12-24% more than
+  modelled (test_capacity_experts_backward_buffers_are_counted).
 """
 
 import dataclasses
@@ -92,6 +94,10 @@ def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
     # (it was divided by S); remat 'none' under a pipeline: XLA = 1.23x ours at {stage: 2, data: 4}, M = 2
     (dataclasses.replace(BASE, remat="full", pipeline_microbatches=4), {"stage": 4, "data": 2}, 16, 128),
     (dataclasses.replace(BASE, remat="save_dots", pipeline_microbatches=4), {"stage": 2, "fsdp": 4}, 16, 128),
+    # wide replicated layers under remat 'full': the optimizer update's peak (gradients + their clipped float32
+    # copy; + a float32 cast of bfloat16 gradients) passes the backward's (XLA = 1.17x / 2.00x ours without it)
+    (dataclasses.replace(BASE, mlp_dim=4096, remat="full"), {"data": 8}, 16, 128),
+    (dataclasses.replace(BASE, mlp_dim=4096, remat="full", param_dtype="bfloat16"), {"data": 8}, 16, 128),
 ])
 def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     m = compiled_memory(cfg, mesh, B, T)
@@ -102,16 +108,20 @@ def test_memory_matches_memory_analysis(cfg, mesh, B, T):
     assert 0.78 * temp <= m.temp_size_in_bytes <= 1.12 * temp, m.temp_size_in_bytes / temp
 
 
-@pytest.mark.parametrize("remat", ["full", "save_dots_no_batch"])
-def test_capacity_experts_backward_buffers_are_counted(remat):
+@pytest.mark.parametrize("remat,hi", [("full", 1.3), ("save_dots_no_batch", 1.22)])
+def test_capacity_experts_backward_buffers_are_counted(remat, hi):
     """Capacity dispatch runs the experts as einsums over [E, C] buffers, whose backward makes gate- and up-sized
-    cotangents like a dense MLP's (the tiled dropless kernels make none): the one-layer working set counts them
-    (XLA = 1.19x / 1.12x ours without them, on one device; value_and_grad alone, see the whole-step cases)."""
+    cotangents like a dense MLP's (the tiled dropless kernels make none): the one-layer working set counts them.
+    value_and_grad alone on one device, its gradients being outputs: XLA's temp + output bytes against our temp
+    (which holds the gradients). With all 8 experts on one device XLA keeps more than modelled (1.24x / 1.16x;
+    sorted dropless 1.20x / 1.12x; the whole-step cases on an expert mesh are within the band); without the
+    cotangents counted it was 1.37x / 1.26x. (The twenty-sixth session compared temp bytes alone, grads left out.)"""
     cfg = dataclasses.replace(BASE, mlp_dim=256, remat=remat, moe_every=2,
                               moe=MoEConfig(8, 2, 256, dispatch="capacity"))
     m = compiled_memory(cfg, {"data": 1}, 8, 128, optimizer=False, n_devices=1)
+    xla = m.temp_size_in_bytes + m.output_size_in_bytes
     ours = memory_per_device(cfg, {"data": 1}, 8, 128)
-    assert 0.9 * ours.temp <= m.temp_size_in_bytes <= 1.1 * ours.temp, m.temp_size_in_bytes / ours.temp
+    assert ours.temp <= xla <= hi * ours.temp, xla / ours.temp
 
 
 @pytest.mark.parametrize("remat,over,lo", [
@@ -155,11 +165,17 @@ def test_parameter_bytes_follow_the_rules_table():
     rest = cfg.param_count() - norms - kv
     assert tp.params == 4 * (rest / 4 + kv / 2 + norms)
     assert flat.params == 4 * cfg.param_count() and flat.opt_state == 2 * flat.params
+    # the update phase: gradients + their clipped float32 copy (+ a float32 cast of bf16 gradients)
+    assert flat.update == flat.grads and flat.update_peak == 2 * flat.grads
+    bf16 = memory_per_device(cfg, {"data": 8}, 8, 64, grad_dtype="bfloat16")
+    assert bf16.update == 2 * flat.grads == 4 * bf16.grads
+    assert memory_per_device(cfg, {"data": 8}, 8, 64, update_buffers=0).update == 0
     assert tp.local_tokens == 8 // 4 * 64 and flat.local_tokens == 64
     with pytest.raises(ValueError, match="does not divide"):
         memory_per_device(dataclasses.replace(BASE, mlp_dim=510), {"data": 2, "tensor": 4}, 8, 64)
     for args, kw, name in [((-2, 64), {}, "micro_batch"), ((8, 0), {}, "seq_len"),
-                           ((8, 64), {"optimizer_moments": -1}, "optimizer_moments")]:  # negative bytes before
+                           ((8, 64), {"optimizer_moments": -1}, "optimizer_moments"),
+                           ((8, 64), {"update_buffers": -1}, "update_buffers")]:  # negative bytes before
         with pytest.raises(ValueError, match=f"{name} must be an int"):
             memory_per_device(BASE, {"data": 8}, *args, **kw)
     import jax.numpy as jnp
