@@ -307,6 +307,22 @@ def test_padding_tokens_take_no_capacity_and_leave_the_aux_values():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), auxp, aux)
 
 
+@pytest.mark.parametrize("impl", ["gmm", "dense"])
+def test_dropless_padding_tokens_output_zero_and_real_tokens_are_unchanged(impl):
+    """Dropless: a pad is not routed either (routed output 0), and the real tokens equal the unpadded row's. Only
+    capacity dispatch was tested with pads: a dropless layer that routed them passed (its real tokens do not see
+    the pads, and the aux values leave them out anyway)."""
+    cfg = dataclasses.replace(CFG, dropless_impl=impl)
+    m = make(cfg)
+    x, junk = tokens(B=2, T=8), 5 * tokens(B=2, T=4, seed=3)
+    xp = jnp.concatenate([junk, x], axis=1)  # left padded
+    valid = jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12))
+    run = jax.jit(lambda m, x, v=None: m(x, valid_BT=v)[0])
+    y, yp = run(m, x), run(m, xp, valid)
+    np.testing.assert_array_equal(yp[:, :4], 0.0)
+    np.testing.assert_allclose(yp[:, 4:], y, rtol=1e-5, atol=1e-6)
+
+
 def test_aux_losses_equal_their_formulas():
     E, K, T = 4, 2, 8
     # perfect balance: uniform probabilities, every expert chosen equally often -> the documented minimum, 1

@@ -184,6 +184,25 @@ def test_padding_tokens_take_no_capacity():
     assert_close(auxp, aux)
 
 
+def test_capacity_layers_run_dropless_with_a_kv_cache():
+    """With a cache, capacity layers take C = T (models.moe): a prefill in one call and one in chunks both equal the
+    dropless model on the same weights, although without a cache this config has C = 1 slot per expert here.
+    Only the dropless config was decoded: capacity C = ceil(K·T/E·CF) under a cache passed."""
+    from models.transformer import KVCache
+
+    graphdef, state = split(CAP)
+    dropless = nnx.split(nnx.eval_shape(lambda: Transformer(
+        dataclasses.replace(CAP, moe=dataclasses.replace(CAP.moe, dispatch="dropless")), rngs=nnx.Rngs(0))))[0]
+    tok = tokens(B=2, T=12)
+    want = jax.jit(lambda s, t: nnx.merge(dropless, s)(t))(state, tok)
+    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
+    whole, _ = run(state, tok, KVCache.zeros(CAP, 2, 16))
+    np.testing.assert_allclose(whole, want, rtol=1e-4, atol=1e-4)
+    first, cache = run(state, tok[:, :6], KVCache.zeros(CAP, 2, 16))
+    second, _ = run(state, tok[:, 6:], cache)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), want, rtol=1e-4, atol=1e-4)
+
+
 def test_router_jitter_only_with_a_key():
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
     graphdef, state = split(cfg)
