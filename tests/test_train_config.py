@@ -108,6 +108,13 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
       "model.dtype=bfloat16", "--mesh", "stage=2,fsdp=4"], 8, "model.dtype: bfloat16 pipeline parallelism"),
     (["--preset", "demo", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
       "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
+    # what the sharded arrays need, named before compiling (a check on the wrong axis, or none, passed)
+    (["--preset", "tiny", "--mesh", "sequence=4,fsdp=2", "--seq", "30"], 8,
+     "train.seq: 30 is not divisible by the sequence axis (4)"),
+    (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.mlp_dim=65"], 8,
+     "model.mlp_dim: 65 is not divisible by the tensor axis (2)"),
+    (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.vocab_size=321"], 8,
+     "model.vocab_size: 321 is not divisible by the tensor axis (2)"),
 ]
 
 
@@ -334,6 +341,11 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
                                         "train.eval_target: saved None, now 3.0"], warned
     assert [next(v for k, v in train_lm.RESUME_WARNINGS if w.startswith(k)).split()[1] for w in warned] == [
         "model", "model", "time"]
+    # the other fields that define the stream: another shuffle, batch shape or tokenization of the same corpus
+    other = json.loads(load(["--preset", "tiny", "--seed", "1", "--batch", "16", "--set",
+                             "data.tokenizer=tok.json"]).to_json())
+    assert train_lm.resume_mismatch(saved, other)[0] == [
+        "train.batch: saved 8, now 16", "train.seed: saved 0, now 1", "data.tokenizer: saved None, now 'tok.json'"]
     # a checkpoint from before the corpus was held out by module points into another stream
     older = json.loads(json.dumps(saved))
     del older["data"]["corpus"]
@@ -441,6 +453,32 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
     np.testing.assert_allclose(new_bias, want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(new_bias, update_router_bias(bias[...], load, moe.bias_update_rate), rtol=0, atol=1e-7)
+
+
+def test_router_jitter_draws_new_noise_every_step_and_every_microbatch():
+    """The jitter key is the state's rng folded with the step (and each grad-accumulation microbatch's index): the
+    same step repeats exactly, another step draws other noise, and two identical microbatches are not jittered
+    alike (one key for all of them reran the one-batch step's noise; one for all steps froze the noise into a bias)."""
+    moe = MoEConfig(4, 2, 16, router_jitter=0.5, dispatch="capacity")  # capacity: a third of dropless's compile
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = optax.sgd(1e-2)
+    tok = np.random.default_rng(0).integers(0, 64, (2, 17), dtype=np.int32)
+    mb = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    twice = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), mb)  # rows k::2 of it are mb, for k = 0 and 1
+
+    steps = {accum: make_state_step(graphdef, opt, None, moe, accum) for accum in (1, 2)}
+
+    def loss(accum, batch, step):
+        state = {"params": jax.tree.map(jnp.copy, params), "opt_state": opt.init(params),
+                 "step": jnp.asarray(step, jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.key_data(jax.random.key(0))}
+        return float(steps[accum](state, batch)[1]["loss"])
+
+    at0 = loss(1, mb, 0)
+    assert loss(1, mb, 0) == at0 and abs(loss(1, mb, 1) - at0) > 1e-5
+    # without jitter the two-microbatch step of `twice` has the one-batch step's loss; with it, its own noise
+    assert abs(loss(2, twice, 0) - at0) > 1e-5
 
 
 def test_the_trainer_step_updates_its_donated_state_in_place():
