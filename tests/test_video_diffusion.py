@@ -114,6 +114,19 @@ def test_noisy_targets_and_losses():
         assert per_ex.shape == (64,) and float(loss0) > 0.5
 
 
+def test_alpha_bar_is_the_cosine_schedule():
+    """ᾱ(t) = f(t) / f(0), f(t) = cos²((t + s)/(1 + s)·π/2) (Nichol & Dhariwal 2021), clipped below at alpha_bar_min,
+    against float64: ᾱ(0) = 1 exactly, so x_0 is the data (f(t) alone, ᾱ(0) = 0.99984, passed the samplers'
+    tests)."""
+    cfg = DiffusionConfig(kind="ddpm", prediction="eps")
+    t = np.linspace(0.0, 1.0, 101)
+    f = lambda t: np.cos((t + cfg.cosine_s) / (1 + cfg.cosine_s) * np.pi / 2) ** 2  # noqa: E731
+    want = np.clip(f(t) / f(0.0), cfg.alpha_bar_min, 1.0)
+    np.testing.assert_allclose(alpha_bar(jnp.asarray(t, jnp.float32), cfg), want, rtol=1e-5, atol=1e-7)
+    assert float(alpha_bar(jnp.float32(0.0), cfg)) == 1.0
+    assert float(alpha_bar(jnp.float32(1.0), cfg)) == pytest.approx(cfg.alpha_bar_min)
+
+
 def test_logit_normal_time_sampling_with_shift():
     cfg = DiffusionConfig(shift=3.0)
     t = np.asarray(sample_time(jax.random.key(0), 100_000, cfg))

@@ -333,6 +333,105 @@ def test_adaln_zero_block_is_identity_at_init(attention):
     np.testing.assert_array_equal(out, 0.0)  # zero-initialised output layer: a fresh DiT predicts 0
 
 
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_dit_block_is_adaln_zero_around_its_sublayers(attention):
+    """The block against its documented form, written out from its own sublayers: each of self-attention (spatial,
+    then temporal, when factorized), cross-attention and the MLP adds gate·f(norm(x)·(1 + scale) + shift), with
+    (shift, scale, gate) of (attn, cross, mlp) the rows of silu(c) @ ada + bias (ada_t's for temporal) and norm an
+    RMSNorm without scale. The identity-at-init and factorized == full tests passed a modulation without its 1 + and
+    a cross-attention gated by the self-attention's gate."""
+    cfg = dataclasses.replace(DIT, attention=attention)
+    B, D = 2, cfg.d_model
+    block = randomize(DiTBlock(cfg, rngs=nnx.Rngs(0)), scale=0.3)
+    x = jax.random.normal(jax.random.key(0), (B, cfg.tokens, D))
+    text, valid, _ = text_inputs(B)
+    c = jax.random.normal(jax.random.key(1), (B, D))
+    rope = dict(rope_split=cfg.rope_dims, rope_theta=cfg.rope_theta, cd=jnp.float32, eps=cfg.norm_eps)
+
+    def reference(blk, x, c):
+        norm = lambda h: h / jnp.sqrt(jnp.mean(h * h, -1, keepdims=True) + cfg.norm_eps)  # noqa: E731
+        sc = c * jax.nn.sigmoid(c)
+
+        def sub(x, mod, f):  # mod [B, 3, D]: shift, scale, gate
+            return x + mod[:, 2, None] * f(norm(x) * (1 + mod[:, 1, None]) + mod[:, 0, None])
+
+        m = (sc @ blk.ada[...] + blk.ada_bias[...]).reshape(B, 3, 3, D)
+        x = sub(x, m[:, 0], lambda h: blk.attn(h, cfg.grid, "spatial" if attention == "factorized" else "full", **rope))
+        if attention == "factorized":
+            mt = (sc @ blk.ada_t[...] + blk.ada_t_bias[...]).reshape(B, 3, D)
+            x = sub(x, mt, lambda h: blk.tattn(h, cfg.grid, "temporal", **rope))
+        x = sub(x, m[:, 1], lambda h: blk.cross(h, text, valid, cd=jnp.float32, eps=cfg.norm_eps))
+        return sub(x, m[:, 2], lambda h: blk.mlp(h, jnp.float32))
+
+    graphdef, state = nnx.split(block)
+    got, want = jax.jit(lambda st, x, c: (nnx.merge(graphdef, st)(x, _Ctx(cfg, c, text, valid)),
+                                          reference(nnx.merge(graphdef, st), x, c)))(state, x, c)
+    assert float(jnp.abs(want - x).max()) > 0.1  # every sublayer contributes
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_space_and_time_folds_keep_pixels_local_and_invert():
+    """The VAE's folds against NumPy slices: space_to_depth's channels at (i, j) are the 2×2 patch at (2i, 2j) in
+    (row, column, channel) order, time_fold pairs frames (0, 0), (1, 2), (3, 4); the unfolds invert them (a
+    depth_to_space without its transpose, interleaving rows and columns, passed the VAE tests: both ends learn)."""
+    from models.video.vae import depth_to_space, space_to_depth, time_fold, time_unfold
+
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 8, 3)).astype(np.float32)
+    s = np.asarray(space_to_depth(jnp.asarray(x)))
+    assert s.shape == (2, 5, 3, 4, 12)
+    np.testing.assert_array_equal(s[:, :, 1, 2], x[:, :, 2:4, 4:6].reshape(2, 5, 12))
+    np.testing.assert_array_equal(np.asarray(depth_to_space(jnp.asarray(s))), x)
+    f = np.asarray(time_fold(jnp.asarray(x)))
+    np.testing.assert_array_equal(f[:, 0], np.concatenate([x[:, 0], x[:, 0]], -1))
+    np.testing.assert_array_equal(f[:, 2], np.concatenate([x[:, 3], x[:, 4]], -1))
+    np.testing.assert_array_equal(np.asarray(time_unfold(jnp.asarray(f))), x)
+
+
+def test_latent_normalisation_is_per_channel_and_inverts():
+    """normalize(z, latent_stats(z)) has zero mean and unit variance per channel (float64), and denormalize inverts
+    it; channels of different scales and offsets, so a swapped or missing division shows."""
+    from models.video.vae import denormalize, latent_stats, normalize
+
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((64, 2, 3, 3, 4)) * [0.5, 2.0, 1.0, 3.0] + [1.0, -2.0, 0.0, 5.0]).astype(np.float32)
+    stats = latent_stats(z)
+    n = np.asarray(normalize(jnp.asarray(z), stats), np.float64).reshape(-1, 4)
+    np.testing.assert_allclose(n.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(n.std(0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(denormalize(normalize(jnp.asarray(z), stats), stats), z, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_loss_samples_the_posterior_with_its_standard_deviation():
+    """vae_loss decodes z = mean + exp(logvar / 2)·ε: divided by the posterior's std, z - mean is a unit normal.
+    The encoder's logvar is pushed to about -3 so that a sample scaled by the variance (which passed the training
+    tests) is 4x too narrow."""
+    from unittest import mock
+
+    from models.video.vae import vae_loss
+
+    vae = VideoVAE(VAE, rngs=nnx.Rngs(0))
+    Z = VAE.latent_channels
+    vae.encoder.conv_out.b[...] = vae.encoder.conv_out.b[...].at[Z:].set(-3.0)
+    graphdef, state = nnx.split(vae)
+    x = jax.random.uniform(jax.random.key(0), (2, 9, 16, 16, 3), minval=-1, maxval=1)
+
+    def run(state, x):
+        model, seen = nnx.merge(graphdef, state), []
+
+        def decode(self, z):  # records the sample; the decoder itself plays no part
+            seen.append(z)
+            return jnp.zeros(x.shape, jnp.float32)
+
+        with mock.patch.object(VideoVAE, "decode", decode):
+            vae_loss(model, x, jax.random.key(1))
+        mean, logvar = model.encode(x)
+        return (seen[0] - mean) * jnp.exp(-0.5 * logvar), logvar
+
+    u, logvar = jax.jit(run)(state, x)
+    assert float(logvar.mean()) < -2
+    assert float(jnp.std(u)) == pytest.approx(1.0, abs=0.1)  # 384 draws
+
+
 def copy_shared(src, dst):
     """dst gets every parameter that src also has (full attention's parameters ⊂ factorized ones)."""
     s, d = nnx.to_pure_dict(nnx.state(src)), nnx.to_pure_dict(nnx.state(dst))
