@@ -40,6 +40,8 @@ def test_rules_errors_and_fallbacks():
     with pytest.raises(ValueError, match=r"'batch' of size 6 does not divide mesh axes \('data', 'fsdp'\) \(size 8\)"):
         logical_to_spec(("batch",), dp, shape=(6,))
     assert logical_to_spec(("batch",), dp, shape=(6,), replicate_indivisible=True) == jax.P(None)
+    # ... and a dim that divides is split over all of them (the first alone left the rows whole on every fsdp device)
+    assert logical_to_spec(("batch", "act_seq"), dp, shape=(8, 16)) == jax.P(("data", "fsdp"), None)
     # K / V weights split over tensor with their heads (replicating them changes no value, so only specs show it)
     from flax import nnx
 
@@ -50,6 +52,12 @@ def test_rules_errors_and_fallbacks():
     _, state = create_sharded(lambda: Transformer(gqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
     for name in ("wk", "wv"):
         assert state["blocks"][name][...].sharding.spec == jax.P(None, None, "tensor", None), name  # [L, D, K, H]
+    # MQA: the parameters too replicate their one kv head (create_sharded placed them by names alone, without the
+    # shapes: JAX's IndivisibleError)
+    mqa = dataclasses.replace(gqa, n_kv_heads=1)
+    _, state = create_sharded(lambda: Transformer(mqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
+    assert state["blocks"]["wk"][...].sharding.spec == jax.P(None, None, None, None)
+    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor", None)
     # a researcher's own module, annotated with logical names and without our modules' use_eager_sharding(False):
     # flax read 'embed' as a mesh axis at creation and create_sharded raised
     class Mine(nnx.Module):
