@@ -98,6 +98,35 @@ def test_make_optimizer_gives_hidden_matrices_lr_over_width_mult():
         assert np.median(np.abs(np.asarray(u))) == pytest.approx(want, rel=1e-3), jax.tree_util.keystr(path)
 
 
+def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
+    """The sweep runs its optimizer at lr 1 and scales each update by lr, which the module says is the same AdamW
+    (schedule, weight decay and μP's 1/m are linear in lr): its loss at 2^-6 equals a plain make_optimizer(2^-6)
+    run's (an unscaled update, every rate trained at lr 1, passed)."""
+    from experiments.mup_transfer import sweep
+
+    c, steps, e = cfg(64, True), 4, -6
+    rng = np.random.default_rng(1)
+    batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]}
+               for t in (jnp.asarray(rng.integers(0, 64, (4, 33)), jnp.int32) for _ in range(steps))]
+    res = sweep(c, batches, steps, (e, -3))
+    got = res[e]
+    assert abs(res[-3] - got) > 1e-3  # the rate matters over these steps
+    graphdef, params = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(2.0 ** e, total_steps=steps, warmup_steps=steps // 10, width_mult=c.width_mult)
+
+    @jax.jit
+    def step(params, state, batch):
+        loss, g = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
+        u, state = opt.update(g, state, params)
+        return optax.apply_updates(params, u), state, loss
+
+    state, losses = opt.init(params), []
+    for b in batches:
+        params, state, loss = step(params, state, b)
+        losses.append(float(loss))
+    assert got == pytest.approx(np.mean(losses), rel=1e-5)
+
+
 @pytest.mark.parametrize("width", ["48", "16", "0"])
 def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width, capsys):
     """--widths 48 trained attention 32 wide in a 48-wide model; 16 failed on n_heads, a field never given."""

@@ -206,6 +206,9 @@ def test_vae_and_t2v_steps_fit_a_fixed_batch():
     for i in range(25):
         *state, m = step(*state, batch, jax.random.key(0), jnp.int32(i))
         losses.append(float(m["loss"]))
+        if i == 0:  # the decay warms up as min(0.9, (1 + n) / (10 + n)): 0.1 at n = 0 (a fixed 0.9 passed)
+            jax.tree.map(lambda e, p, p0: np.testing.assert_allclose(e, p0 + 0.9 * (p - p0), rtol=1e-5, atol=1e-7),
+                         state[2], state[0], init)
     assert losses[-1] < 0.7 * losses[0], losses
     def gap(a, b):
         return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
