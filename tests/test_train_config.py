@@ -300,6 +300,24 @@ def test_fractional_weights_summing_below_one_average_by_their_total():
     assert float(m["loss"]) == pytest.approx((nll[0, 3] + nll[5, 17]) / 2, rel=1e-5)
 
 
+def test_eval_sums_add_up_to_an_exact_mean_over_batches():
+    """make_eval_sums gives (Σ w·nll, Σ w) of a batch, which the trainer's evaluation sums over its held-out batches
+    before dividing: the mean over all their tokens. A per-batch mean in place of the sum gave a light batch (short
+    documents, padding) the weight of a full one."""
+    from experiments.lm_step import make_eval_sums
+
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 64, (2, 17), dtype=np.int32)
+    weights = (rng.random((2, 16)) > 0.5).astype(np.float32)
+    logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tok[:, :-1])), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = logz - np.take_along_axis(logits, tok[:, 1:, None], -1)[..., 0]
+    total, n = make_eval_sums(graphdef)(params, {"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": weights})
+    assert float(n) == weights.sum() and float(total) == pytest.approx((weights * nll).sum(), rel=1e-5)
+
+
 def test_resume_compares_the_model_not_how_it_is_executed():
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731  (as RunConfig.to_json)
     saved = as_json(TransformerConfig(d_model=64, n_heads=4))
