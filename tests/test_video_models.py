@@ -147,6 +147,50 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
         model.text(tok[0])
 
 
+def test_t2v_drops_captions_for_the_dit_only_and_guidance_zero_is_the_null_caption():
+    """t2v_loss: the DiT sees the dropped captions (here all, at caption_dropout 0.999), the aligner the real ones;
+    generate at CFG scale 0 is the unconditional model, i.e. the null caption at scale 1. The DiT trained on
+    undropped captions and generate guiding away from the caption both passed every test."""
+    from unittest import mock
+
+    from models.video import TextToVideo, generate, t2v_loss
+
+    cfg = TextToVideoConfig(dit=DIT, text=TEXT, align=AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8),
+                            caption_dropout=0.999)
+    graphdef, state = nnx.split(randomize(TextToVideo(cfg, rngs=nnx.Rngs(0))))
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0]])
+    null = jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0])
+    batch = {"latents": jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4)), "tokens": tok}
+
+    def run(st):
+        model, seen = nnx.merge(graphdef, st), {}
+        predict, embed_text = TextToVideo.predict, Aligner.embed_text
+
+        def spy_predict(self, x, t, text):
+            seen["dit"] = text.pooled_BE
+            return predict(self, x, t, text)
+
+        def spy_embed_text(self, pooled):
+            seen["align"] = pooled
+            return embed_text(self, pooled)
+
+        with mock.patch.object(TextToVideo, "predict", spy_predict), mock.patch.object(Aligner, "embed_text",
+                                                                                       spy_embed_text):
+            t2v_loss(model, batch, jax.random.key(1), null)
+        return seen, model.text(jnp.broadcast_to(null, tok.shape)).pooled_BE, model.text(tok).pooled_BE
+
+    seen, null_pooled, tok_pooled = jax.jit(run)(state)
+    assert float(jnp.abs(null_pooled - tok_pooled).max()) > 1e-2
+    np.testing.assert_allclose(seen["dit"], null_pooled, atol=1e-6)
+    np.testing.assert_allclose(seen["align"], tok_pooled, atol=1e-6)
+
+    gen = jax.jit(lambda st, tok, s: generate(nnx.merge(graphdef, st), tok, null, jax.random.key(2), s, steps=2),
+                  static_argnums=2)
+    uncond, cond = gen(state, tok, 0.0), gen(state, tok, 1.0)
+    assert float(jnp.abs(cond - uncond).max()) > 1e-3  # the caption matters
+    np.testing.assert_allclose(uncond, gen(state, jnp.broadcast_to(null, tok.shape), 1.0), atol=1e-5)
+
+
 @pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1)])
 def test_text_encoder_is_the_lm_block_and_counts_its_params(changes):
     from models.transformer import Block
