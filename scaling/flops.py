@@ -419,8 +419,8 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
 
     Each layer attends to min(window, context_len + 1) keys. A fixed-size cache kernel that scores
     every slot (models.generate) executes more: pass its `cache_len` (KVCache.zeros' max_len). Global layers
-    then score `cache_len` keys, local ones their W-slot rolling buffer plus the new token (W + 1; `cache_len`
-    when W >= cache_len, since the layer then keeps a full cache).
+    then score `cache_len` keys, local ones their rolling buffer of min(W, cache_len) slots plus the new token (a
+    layer with W >= cache_len keeps cache_len slots but still attends as a rolling buffer: cache_len + 1).
     """
     if context_len < 0 or (cache_len is not None and cache_len < context_len + 1):
         raise ValueError(f"decode_flops_per_token: context_len={context_len} must be >= 0 and cache_len={cache_len} "
@@ -431,7 +431,7 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
         if cache_len is None:
             keys += context_len + 1 if w is None else min(w, context_len + 1)
         else:
-            keys += cache_len if w is None or w >= cache_len else w + 1
+            keys += cache_len if w is None else min(w, cache_len) + 1
     return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
 
 

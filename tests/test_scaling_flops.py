@@ -272,6 +272,25 @@ def test_decode_flops_match_cost_analysis(pattern):
         assert decode_flops_per_token(dense, c) == decode_flops_per_token(dense, c, cache_len=c + 1)
 
 
+def test_decode_flops_of_a_window_that_reaches_the_cache():
+    """A local layer with W >= max_len keeps max_len slots, and still attends as a rolling buffer: those slots plus
+    the new token (models.transformer), max_len + 1 keys, which was counted as max_len. From W = S - 1 to W = S
+    XLA's count grows by about one key per local layer (1.56 with the mask's elementwise work); ours must too."""
+    B, S = 2, 64
+    flops = {}
+    for W in (S - 1, S):
+        cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, attn_pattern="local", sliding_window=W)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0))))
+        cache = jax.eval_shape(lambda cfg=cfg: KVCache.zeros(cfg, B, S))
+        tok = jax.ShapeDtypeStruct((B, 1), jnp.int32)
+        xla = xla_flops(lambda s, t, c, g=graphdef: nnx.merge(g, s)(t, cache=c), state, tok, cache)
+        flops[W] = xla, decode_flops_per_token(cfg, 30, cache_len=S) * B
+        assert flops[W][1] <= xla <= 1.1 * flops[W][1], xla / flops[W][1]
+    key = 4 * CONFIGS[0].n_heads * CONFIGS[0].hd * B * CONFIGS[0].n_layers  # one more key in every layer
+    assert (flops[S][1] - flops[S - 1][1]) / key == 1
+    assert 1 <= (flops[S][0] - flops[S - 1][0]) / key < 2
+
+
 @pytest.mark.parametrize("attention,latent", [("factorized", (3, 8, 8)), ("full", (2, 8, 8)),
                                               ("factorized", (1, 8, 8))])
 def test_dit_accounting_matches_models_video(attention, latent):
