@@ -414,6 +414,20 @@ def test_dit_block_is_adaln_zero_around_its_sublayers(attention):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_timestep_embedding_is_the_sinusoid_of_1000_t():
+    """Against float64: cos then sin of 1000·t·10000^(-i/half), i < half (DiT / ADM's embedding of the step index),
+    so that neighbouring steps of a 1000-step grid, 1e-3 apart, get visibly different features (of t itself they
+    differed by ~1e-3, nearly equal inputs to the time MLP; no test saw the scale)."""
+    from models.video.layers import timestep_embedding
+
+    t, dim = np.array([0.0, 0.3, 0.301, 1.0]), 16
+    ang = 1000 * t[:, None] * 10000.0 ** (-np.arange(dim // 2) / (dim // 2))
+    want = np.concatenate([np.cos(ang), np.sin(ang)], -1)
+    got = np.asarray(timestep_embedding(jnp.asarray(t, jnp.float32), dim), np.float64)
+    np.testing.assert_allclose(got, want, atol=5e-4)  # float32 angles up to 1000 rad
+    assert np.abs(got[1] - got[2]).max() > 0.5
+
+
 def test_space_and_time_folds_keep_pixels_local_and_invert():
     """The VAE's folds against NumPy slices: space_to_depth's channels at (i, j) are the 2×2 patch at (2i, 2j) in
     (row, column, channel) order, time_fold pairs frames (0, 0), (1, 2), (3, 4); the unfolds invert them (a
