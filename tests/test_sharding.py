@@ -152,6 +152,9 @@ def test_mesh_fill():
     with pytest.raises(ValueError, match=r"mesh axes \['data'\] need int sizes, got \['2'\]"):
         make_mesh({"data": "2", "fsdp": 4})  # a TypeError comparing str with int before
     assert dict(make_mesh({"data": np.int64(2), "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
+    # dcn: an axis named only across granules (processes here: one) is an axis of the mesh too, ordered by AXES
+    hybrid = make_mesh({"tensor": 2, "fsdp": -1}, dcn={"data": 1})
+    assert hybrid.axis_names == ("data", "fsdp", "tensor") and dict(hybrid.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
 
 
 def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(capsys):

@@ -34,6 +34,7 @@ def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best, restart_
         assert ckpt.steps() == ([6, 7] if keep_best else [7])  # 0.5 at step 6 is the lowest of EVALS
         best = min((e, s) for s, e in EVALS if e is not None)[1]
         if keep_best:
+            assert ckpt.mgr.best_step() == best  # orbax's own notion of best agrees: the lowest loss
             state, meta = ckpt.restore(state_at(0), step=best)
             assert meta["step"] == best and meta["eval_loss"] == 0.5
             np.testing.assert_array_equal(state["params"]["w"], np.full((2, 3), float(best)))
