@@ -46,14 +46,15 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
     if kind == "llama3":
-        # transformers 5.x replaces the inner original_max_position_embeddings by a top-level one (and defaults it
-        # to max_position_embeddings); 4.x reads only the inner one
-        top, inner = hf.get("original_max_position_embeddings"), params.get("original_max_position_embeddings")
-        if top is not None and inner is not None and int(top) != int(inner):
-            raise _unsupported("original_max_position_embeddings", top, f"it differs from rope_scaling's {inner}, "
-                               "and transformers 4.x and 5.x would each use another; keep one value")
-        if inner is None:
-            params["original_max_position_embeddings"] = top or hf.get("max_position_embeddings")
+        # transformers 5.x defaults an absent inner original_max_position_embeddings to max_position_embeddings: the
+        # config classes of these models never read a top-level one (only those declaring it, as Phi-3's, do), and
+        # 4.x reads only the inner one. A top-level one that differs says something the model will not do.
+        if params.get("original_max_position_embeddings") is None:
+            params["original_max_position_embeddings"] = hf.get("max_position_embeddings")
+        top, used = hf.get("original_max_position_embeddings"), params["original_max_position_embeddings"]
+        if top is not None and used is not None and int(top) != int(used):
+            raise _unsupported("original_max_position_embeddings", top, f"transformers ignores this top-level "
+                               f"field and uses {used} (rope_scaling's, else max_position_embeddings); keep one value")
         missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
         if missing:
             raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")

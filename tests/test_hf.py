@@ -94,6 +94,20 @@ def test_logits_match_hf(hf_ckpt, name):
     assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero numbers
 
 
+def test_explicit_positions_match_hf_position_ids(hf_ckpt):
+    """positions_BT with gaps (not arange shifted, which RoPE's relative angles cannot tell apart) against
+    transformers' position_ids: positions ignored in favour of 0..T-1 passed the packed-document tests, whose
+    per-document arange is such a shift."""
+    folder, hf_model = hf_ckpt("llama3_rope")
+    pos = np.cumsum(np.random.default_rng(1).integers(1, 4, TOKENS.shape), axis=1) - 1  # up to ~120, past 16
+    with torch.no_grad():
+        ref = hf_model(torch.as_tensor(TOKENS), position_ids=torch.as_tensor(pos)).logits.numpy()
+    ours = from_pretrained(folder)
+    got = nnx.jit(lambda m, t, p: m(t, positions_BT=p))(ours, jnp.asarray(TOKENS, jnp.int32), jnp.asarray(pos))
+    assert np.abs(np.asarray(got) - ref).max() < 1e-4
+    assert np.abs(ref - hf_logits(hf_model)).max() > 1e-2  # the positions change the logits
+
+
 def test_variants_map_to_expected_config(hf_ckpt):
     cfg = lambda name: from_pretrained(hf_ckpt(name)[0]).cfg
     assert (cfg("llama_gqa").kv_heads, cfg("llama_mqa").kv_heads) == (2, 1)
@@ -286,17 +300,26 @@ def test_config_layouts_4x_and_5x_agree(type_key):
 
 def test_rope_fields_read_as_transformers_reads_them():
     """rope_scaling wins over rope_parameters when both are set (4.x reads only it, 5.x takes `rope_scaling or
-    rope_parameters`); a top-level original_max_position_embeddings that disagrees with llama3's is refused (5.x
-    would use it, 4.x not); absent, it defaults to max_position_embeddings as in 5.x."""
+    rope_parameters`); llama3's original_max_position_embeddings, absent, defaults to max_position_embeddings as in
+    5.x; a top-level one (which neither version reads for these models) other than the value used is refused."""
     both = _hf_dict(rope_parameters=LLAMA3) | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     ours, theirs = config_from_hf(both), transformers.LlamaConfig.from_dict(both).rope_parameters
     assert theirs["rope_type"] == "linear" and ours.rope_scaling == RopeScaling("linear", theirs["factor"])
     assert ours.rope_theta == theirs["rope_theta"]
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         config_from_hf(_hf_dict(rope_parameters=LLAMA3) | {"original_max_position_embeddings": 8})
-    no_orig = {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}
-    cfg = config_from_hf(_hf_dict(rope_parameters=no_orig))
+    # built after the config class: given to it, the dict came back with transformers' default filled in
+    no_orig = lambda: {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"}  # noqa: E731
+    cfg = config_from_hf(_hf_dict() | dict(rope_parameters=no_orig()))
     assert cfg.rope_scaling.original_max_position_embeddings == TINY["max_position_embeddings"]
+    # a top-level one beside a rope dict without it: transformers' config classes of these models do not read it
+    # (only those declaring the attribute do, e.g. Phi-3's) and take the default; we took the top-level value
+    raw = lambda top: _hf_dict() | dict(rope_parameters=no_orig(), original_max_position_embeddings=top)  # noqa: E731
+    theirs = transformers.LlamaConfig.from_dict(raw(8)).rope_parameters["original_max_position_embeddings"]
+    assert theirs == TINY["max_position_embeddings"]
+    assert config_from_hf(raw(theirs)).rope_scaling.original_max_position_embeddings == theirs
+    with pytest.raises(ValueError, match="original_max_position_embeddings=8 .*top-level field and uses 64"):
+        config_from_hf(raw(8))
 
 
 def test_tied_config_with_its_own_head_tensor(tmp_path):
@@ -351,6 +374,17 @@ def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
     hf_other = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                                  dtype=torch.float32)
     assert np.abs(our_logits(other) - hf_logits(hf_other.eval())).max() < 1e-4
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    """max_shard_size "40KB" is 40,000 bytes and "3KiB" 3,072 in transformers; KB as 1024 passed the sharding test
+    (its shards of at most 40,960 bytes fit its slack)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from models.hf import _parse_size
+
+    for size in ("40KB", "3KiB", "2MB", "500MiB", "5GB", "1GiB", 123):
+        assert _parse_size(size) == convert_file_size_to_int(size), size
 
 
 @pytest.mark.parametrize("size", [0, -5, "5 parsecs", "GB", True])
@@ -581,6 +615,18 @@ def test_folder_edge_cases_load_what_transformers_loads_or_name_the_tensor(tmp_p
         ROUND_TRIP["mixtral"].moe, dispatch="capacity"))
     with pytest.raises(ValueError, match="dispatch='dropless'"):
         save_pretrained(Transformer(capacity, rngs=nnx.Rngs(0)), tmp_path / "c")
+
+
+def test_shards_without_an_index_ignore_mistrals_consolidated_file(tmp_path):
+    """Mistral's repositories ship consolidated.safetensors (its own tensor names) beside the HF shards; read as
+    one more shard, its tensors were refused as having no place in our Transformer."""
+    from safetensors.numpy import save_file
+
+    ours = _random_model(ROUND_TRIP["llama"], seed=5)
+    save_pretrained(ours, tmp_path, max_shard_size="40KB")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    save_file({"layers.0.attention.wq.weight": np.zeros((64, 64), np.float32)}, tmp_path / "consolidated.safetensors")
+    np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(ours))
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
