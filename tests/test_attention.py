@@ -125,3 +125,18 @@ def test_long_sequences_run_at_most_16_query_blocks_and_scaling_counts_them(T, b
     scores = [shape[-2:] for shape in out_shapes if shape[-1] != H]  # QK^T: (rows, keys); PV ends in H
     assert len(scores) == n_blocks
     assert sum(r * s for r, s in scores) / T == executed_keys(T, kernel="causal_blocked", block=block)
+
+
+def test_causal_block_with_fewer_queries_than_keys_runs_dense():
+    """causal_block promises causality by index, which means nothing when T != S (a chunk's queries after cached
+    keys): the kernel must ignore it there. Blocking those queries anyway scored block i against keys [0, (i + 1)·C)
+    only and dropped the later keys the chunk sees."""
+    from models.attention import make_mask
+
+    B, T, S, N, K, H = 2, 12, 40, 4, 2, 8
+    q, _, _ = qkv(B, T, N, K, H, seed=7)
+    _, k, v = qkv(B, S, N, K, H, seed=8)
+    q_pos = jnp.broadcast_to(S - T + jnp.arange(T), (B, T))  # the last T positions of the S keys
+    mask = make_mask(q_pos, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    want = attention(q, k, v, mask, impl="reference")
+    np.testing.assert_allclose(attention(q, k, v, mask, causal_block=4), want, atol=1e-5)
