@@ -176,3 +176,16 @@ def test_scores_are_float32_products_of_bf16_operands():
                lambda: reference_attention(q, k, v, mask, 0.5, logit_softcap=5.0)):
         first = next(jaxpr_dots(jax.make_jaxpr(fn)().jaxpr))
         assert first.outvars[0].aval.dtype == jnp.float32, first
+
+
+def test_cudnn_is_asked_for_the_same_window(monkeypatch):
+    """swa_impl='cudnn' hands jax a (left, right) window, both ends inclusive: W keys are (W - 1, 0). cuDNN needs a
+    GPU, so jax's entry point is intercepted and run by XLA, whose local window means the same; against the
+    blocked kernel, W = 1 (the diagonal alone) included."""
+    real = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
+    q, k, v = qkv(2, 24, 4, 2, 8, seed=3)
+    for W in (1, 5):
+        np.testing.assert_allclose(local_attention(q, k, v, W, impl="cudnn"),
+                                   sliding_window_attention(q, k, v, W, block=8), atol=1e-5)
