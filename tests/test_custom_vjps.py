@@ -44,6 +44,22 @@ def test_rms_norm_backward_equals_autodiff_in_float64(scale_shape, offset, dtype
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+def test_rms_norm_of_zero_and_tiny_rows_keeps_eps():
+    """eps bounds 1 / RMS: a zero row (a zero-initialised or masked activation) normalises to 0 with a finite
+    gradient, and rows whose mean square is below eps shrink rather than blow up to unit RMS. The test above, on
+    rows of RMS ~3, passed without eps (5e-7 relative)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 16)) * np.array([[0.0], [1e-3], [1.0]])
+    scale = rng.normal(size=(16,))
+    ref, (dx_ref, ds_ref), ct = vjp64(lambda x, s: plain_rms_norm(x, s, 1e-5, 0.0), x, scale)
+    out, vjp = jax.vjp(lambda x, s: rms_norm(x, s, 1e-5, 0.0), jnp.asarray(x, jnp.float32),
+                       jnp.asarray(scale, jnp.float32))
+    for got, want in zip((out, *vjp(jnp.asarray(np.asarray(ct), jnp.float32))), (ref, dx_ref, ds_ref)):
+        want = np.asarray(want)
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_glu_backward_equals_autodiff_in_float64(act):
     rng = np.random.default_rng(1)
