@@ -185,3 +185,20 @@ def test_a_dots_saving_remat_policy_saves_the_product(dtype, out_dtype):
 
     saved = saved_residuals(jax.checkpoint(f, policy=jax.checkpoint_policies.checkpoint_dots), x, w)
     assert [a.shape for a, _ in saved].count((24, 40)) == 1, saved
+
+
+@pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
+@pytest.mark.parametrize("x_dtype, w_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
+def test_mixed_operand_dtypes_get_gradients_in_their_own_dtypes(impl, x_dtype, w_dtype):
+    """x @ w of a float32 and a bf16 operand is float32; autodiff gives each operand its cotangent in its own
+    dtype. dx in the weight's dtype (or dw in x's) went unseen: every other test has operands of one dtype."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, (24, 16)).astype(x_dtype), jax.random.normal(kw, (16, 40)).astype(w_dtype)
+    g = jax.random.normal(kg, (24, 40))
+    y, pull = jax.vjp(lambda x, w: linear(x, w, impl), x, w)
+    y_ref, pull_ref = jax.vjp(lambda x, w: x @ w, x, w)
+    assert y.dtype == y_ref.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(pull(g), pull_ref(g)):
+        assert got.dtype == ref.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
