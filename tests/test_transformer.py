@@ -208,6 +208,24 @@ def test_rolling_buffers_decode_past_max_len():
 
 
 
+def test_rope_at_long_positions_equals_a_float64_rotation():
+    """apply_rope against the half-split rotation computed in float64, at positions up to 4095: the HF parity tests
+    stop at 40, where positions cast to bf16 (exact up to 256) passed them. NumPy positions (constant tables) and
+    traced ones alike."""
+    from models.rope import apply_rope, inv_frequencies
+
+    H = 16
+    pos = np.array([[0, 1, 255, 257, 1001, 2049, 4095]])
+    x = np.random.default_rng(0).normal(size=(1, pos.shape[1], 2, H))
+    inv = inv_frequencies(H, 1e4)
+    ang = (pos[..., None] * inv.astype(np.float64))[:, :, None, :]
+    x1, x2 = x[..., :H // 2], x[..., H // 2:]
+    want = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+    for p in (pos, jnp.asarray(pos)):
+        # float32 angles: position·freq rounds by up to 2.4e-4 rad at 4095
+        np.testing.assert_allclose(apply_rope(jnp.asarray(x, jnp.float32), p, inv), want, atol=2e-3)
+
+
 def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
     """-100 (HF's ignore index) and weight-0 positions drop out of the mean, even when their logits or targets are
     garbage (NaN logits, target >= V); a target >= V at a weighted position gives NaN rather than a silent loss."""
