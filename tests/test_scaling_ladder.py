@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 
 from data.corpus import ByteWindows
-from experiments.scaling_ladder import Rung, train_rung, wsd_lr
+from experiments.scaling_ladder import Rung, rung_lr, train_rung, wsd_lr
+
+
+def test_peak_lr_is_the_base_up_to_width_64_then_falls_as_one_over_width():
+    """The module's rule (3e-3 up to d_model 64, 3e-3·64/d above); max for min passed, training every ladder rung
+    (all d <= 64) at up to 4x the rate."""
+    assert [rung_lr(3e-3, Rung(d, 2, 2)) for d in (16, 48, 64, 128, 256)] == pytest.approx(
+        [3e-3, 3e-3, 3e-3, 1.5e-3, 7.5e-4])
 
 
 def test_wsd_schedule():
