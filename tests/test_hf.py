@@ -536,6 +536,14 @@ def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
             back.generation_config.pad_token_id) == (1, 2, 0)
     with pytest.raises(ValueError, match="unknown key 'eos'"):
         save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos": 2})
+    # Llama 3 Instruct style: one eos in config.json, a list in generation_config.json, which transformers' generate
+    # uses (config.json read last passed above, where both files agree)
+    gen = json.loads((src / "generation_config.json").read_text()) | {"eos_token_id": [2, 7]}
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    want = transformers.GenerationConfig.from_pretrained(src)
+    assert want.eos_token_id == [2, 7]
+    assert read_token_ids(src) == dict(bos_token_id=want.bos_token_id, eos_token_id=want.eos_token_id,
+                                       pad_token_id=want.pad_token_id)
 
 
 def test_bidirectional_attention_is_refused():
@@ -627,6 +635,22 @@ def test_shards_without_an_index_ignore_mistrals_consolidated_file(tmp_path):
     (tmp_path / "model.safetensors.index.json").unlink()
     save_file({"layers.0.attention.wq.weight": np.zeros((64, 64), np.float32)}, tmp_path / "consolidated.safetensors")
     np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(ours))
+
+
+def test_an_old_exports_rotary_inv_freq_buffers_load(hf_ckpt, tmp_path):
+    """Exports of older transformers saved each layer's rotary_emb.inv_freq buffer; transformers recomputes it and
+    loads the rest, so must we (the buffers were refused as tensors with no place in our Transformer)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, hf_model = hf_ckpt("llama_gqa")
+    tensors = load_file(folder / "model.safetensors")
+    for i in range(TINY["num_hidden_layers"]):
+        tensors[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
