@@ -167,7 +167,11 @@ def test_padding_is_never_attended(model, tokens):
     np.testing.assert_allclose(out[:, 4:], model(real), atol=1e-5)
 
 
-def test_chunked_prefill_with_cache_equals_full_forward(model, tokens):
+@pytest.mark.parametrize("layers", [dict(), dict(scan_layers=False)], ids=["scanned", "unscanned"])
+def test_chunked_prefill_with_cache_equals_full_forward(model, tokens, layers):
+    """Also with scan_layers=False, whose loop hands each layer its slice of the cache (every layer reading layer 0's
+    passed every test: no decoding test ran unscanned layers)."""
+    model = with_cfg(model, **layers) if layers else model
     full = model(tokens)
     cache = KVCache.zeros(CFG, 2, 16)
     outs = []
