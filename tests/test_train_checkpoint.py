@@ -73,6 +73,9 @@ def test_single_device_scalars_of_a_template_are_restored_onto_its_mesh(tmp_path
     params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("fsdp")))}
     made = init_train_state(params, make_optimizer(1e-3), seed=3)
     assert all(isinstance(made[k].sharding, NamedSharding) for k in ("step", "skipped", "rng"))
+    # the run's seed reaches the step's key (router jitter): the same seed repeats it, another one differs
+    again, other = (init_train_state(params, make_optimizer(1e-3), seed=s)["rng"] for s in (3, 4))
+    assert np.array_equal(again, made["rng"]) and not np.array_equal(other, made["rng"])
     state = {"params": params, "step": jnp.asarray(5, jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
     ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=False, async_save=False, log=lambda *a: None)
     try:
