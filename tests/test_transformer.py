@@ -190,6 +190,8 @@ def test_cache_overflow_raises_when_static_and_gives_nan_when_traced(model, toke
     _, cache = model(tokens[:, :6], cache=KVCache.zeros(CFG, 2, 8))
     with pytest.raises(ValueError, match="KVCache overflow"):  # concrete length 6 + 4 > 8
         model(tokens[:, 6:10], cache=cache)
+    # filling it exactly is no overflow (a bound of >= passed: every call stopped short of max_len or went past)
+    np.testing.assert_allclose(model(tokens[:, 6:8], cache=cache)[0], model(tokens)[:, 6:8], atol=1e-5)
     step = jax.jit(lambda t, c: model(t, cache=c))  # traced length: positions >= 8 come back NaN
     outs = []
     for t in range(6, 12):
