@@ -108,7 +108,8 @@ def from_pure(target, pure):
 @jax.jit
 def _leaf_sums(leaves):
     def one(x):
-        bits = {8: jnp.uint64, 4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+        # 8-byte leaves (jax_enable_x64) as two 32-bit words each: a cast to uint32 kept only the low word
+        bits = {8: jnp.uint32, 4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
         u = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
         return jnp.sum(u, dtype=jnp.uint32)  # wraps mod 2^32: exact and order-independent
 

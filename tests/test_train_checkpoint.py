@@ -341,3 +341,18 @@ def test_a_missing_loader_state_or_unreadable_metrics_do_not_stop_a_restart(tmp_
         assert meta["step"] == 12 and float(state["params"]["w"][0, 0]) == 12.0
     finally:
         ckpt.close()
+
+
+def test_the_checksum_sees_both_words_of_8_byte_leaves():
+    """Under jax_enable_x64 a flip in the high 32 bits of a float64 / int64 leaf changes the fingerprint (the leaf
+    sums kept only the low word of each value)."""
+    from experiments.checkpoint import fingerprint
+
+    with jax.enable_x64(True):
+        for x in (np.arange(6, dtype=np.float64) + 0.5, np.arange(6, dtype=np.int64)):
+            hi = x.copy()
+            hi.view(np.uint32)[1::2][3] ^= 1 << 7  # the high word of element 3 (little endian)
+            lo = x.copy()
+            lo.view(np.uint32)[0::2][3] ^= 1 << 7
+            base = fingerprint({"x": jnp.asarray(x)})
+            assert fingerprint({"x": jnp.asarray(hi)}) != base != fingerprint({"x": jnp.asarray(lo)})
