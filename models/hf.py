@@ -373,6 +373,9 @@ def _parse_size(size: int | str) -> int:
     """Bytes from an int or a transformers-style size string ("5GB" = 5e9, "500MiB" = 500 * 2**20)."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
+    if re.fullmatch(r"\s*[\d.]+\s*[KMGTkmgt]b\s*", str(size)):  # transformers reads a lowercase b as bits
+        raise ValueError(f"save_pretrained max_shard_size={size!r} is ambiguous: transformers reads '{size}' as bits "
+                         "(shards 8x smaller); write bytes as 'GB' / 'MB' (or 'GiB' / 'MiB')")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", str(size).upper())
     if not m or float(m[1]) <= 0:
         raise ValueError(f"save_pretrained max_shard_size={size!r}: give a positive number of bytes or a string "

@@ -387,7 +387,7 @@ def test_shard_sizes_read_as_transformers_reads_them():
         assert _parse_size(size) == convert_file_size_to_int(size), size
 
 
-@pytest.mark.parametrize("size", [0, -5, "5 parsecs", "GB", True])
+@pytest.mark.parametrize("size", [0, -5, "5 parsecs", "GB", True, "5Gb", "40kb"])  # "Gb": bits to transformers
 def test_save_pretrained_bad_shard_size(size, tmp_path):
     with pytest.raises(ValueError, match="max_shard_size"):
         save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path, max_shard_size=size)
