@@ -82,6 +82,7 @@ def runs(tmp_path_factory):
         logs.append((code, log))
     ref_code, ref_log = finish(p_ref)
     assert ref_code == 0, ref_log
+    (base / "ref.log").write_text(ref_log)  # the console: the CPU peak that MFU is over
     # a long run for the SIGTERM test: it starts here and trains until that test stops it
     p_term = launch(base / "term", "--set", "train.steps=100000", "--set", "train.eval_every=100000",
                     "--set", "train.save_every=100000", "--set", "train.log_every=10", cache=cache)
@@ -132,6 +133,45 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(runs):
     saved = int(log.split("SIGTERM: saved step ")[1].split(";")[0])
     state, meta = restore(out)
     assert meta["step"] == saved == int(state["step"]) >= 10
+
+
+def test_logged_metrics_follow_their_definitions(runs):
+    """Every train record of the reference run: ppl = exp(loss), lr = the warmup + cosine formula at the update it
+    made, tokens/s × s/step = the batch's tokens, MFU = tokens/s × the config's FLOPs per token over the CPU peak
+    printed at start (the whole host: no test read these fields, so a wrong lr step or an MFU over 8 fake devices
+    passed); the same scalars in TensorBoard, and loss.png at the end."""
+    from scaling.flops import train_flops_per_token
+    from tests.test_train_checkpoint import _tb_scalars
+
+    ref = runs[0]
+    cfg = load(TINY)
+    o, t = cfg.optim, cfg.train
+    peak = float((ref.parent / "ref.log").read_text().split("peak cpu (measured matmul) ")[1].split()[0]
+                 .replace(",", "")) * 1e9
+    fpt = train_flops_per_token(cfg.model, t.seq)
+    rows = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, t.steps + 1))
+    assert train[0]["tokens_per_s"] is None and "mfu" not in train[0]  # the first step compiles: no throughput
+    last = t.steps - 1
+    for r in train:
+        c = r["step"] - 1  # the update this step made
+        lr = o.lr * c / o.warmup_steps if c < o.warmup_steps else o.lr * (
+            o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + np.cos(np.pi * (c - o.warmup_steps) /
+                                                                      (last - o.warmup_steps))))
+        assert r["lr"] == pytest.approx(lr, rel=1e-5, abs=1e-9), r
+        assert r["ppl"] == pytest.approx(np.exp(r["loss"]), rel=1e-9) and r["grad_norm"] > 0
+        if r["step"] > 1:
+            assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(t.batch * t.seq, rel=1e-9)
+            assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / peak, rel=2e-3), r
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(0, t.steps + 1, t.eval_every))
+    scalars = {(tag, s): v for tag, s, v in _tb_scalars(ref / "tb")}
+    for r in train[1:]:
+        for k in ("loss", "lr", "mfu", "tokens_per_s"):
+            assert scalars[(f"train/{k}", r["step"])] == pytest.approx(r[k], rel=1e-6)
+    assert [s for tag, s in scalars if tag == "eval/loss"] == [r["step"] for r in evals]
+    assert (ref / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite"])
