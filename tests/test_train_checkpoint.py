@@ -356,3 +356,25 @@ def test_the_checksum_sees_both_words_of_8_byte_leaves():
             lo.view(np.uint32)[0::2][3] ^= 1 << 7
             base = fingerprint({"x": jnp.asarray(x)})
             assert fingerprint({"x": jnp.asarray(hi)}) != base != fingerprint({"x": jnp.asarray(lo)})
+
+
+def test_sigint_like_sigterm_is_remembered_for_the_loop_and_the_handlers_come_back():
+    """Ctrl-C (SIGINT) must reach the trainer's save-and-exit path as SIGTERM does (the kill test sends SIGTERM
+    only, end to end): no KeyboardInterrupt mid-step, the signal's name for the exit line, the previous handlers
+    afterwards. (Not raised for SIGTERM here: unhandled, it would end the test process.)"""
+    import signal
+
+    from experiments.run_log import Stop
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = Stop()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        try:
+            signal.raise_signal(signal.SIGINT)  # returns after the Python-level handler ran
+        except KeyboardInterrupt:  # fail this test, not interrupt the whole session
+            pytest.fail("SIGINT interrupted the step instead of asking the loop to stop")
+        assert stop.signal == "SIGINT"
+    finally:
+        stop.restore()
+    assert {s: signal.getsignal(s) for s in before} == before
