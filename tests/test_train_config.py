@@ -189,6 +189,35 @@ def test_decay_mask_by_name_not_ndim():
     assert len(off) == 12  # 2 stacks × (2 norms + 3 biases) + final_norm + router_bias
 
 
+def test_optimizer_is_clipped_adamw_with_masked_decay_against_float64():
+    """make_optimizer == a float64 NumPy AdamW on gradients clipped to the global norm, decay on weights only, lr from
+    the warmup + cosine formula. Gradient norms alternate far above and below clip_norm, so the moments see clipped
+    gradients (Adam's scale invariance hid a missing clip: nothing checked it)."""
+    lr, steps, warm, wd, clip, b1, b2, floor = 1e-2, 6, 2, 0.1, 1.0, 0.9, 0.95, 0.1
+    opt = make_optimizer(lr, steps, warm, weight_decay=wd, clip_norm=clip, b1=b1, b2=b2, min_lr_ratio=floor)
+    rng = np.random.default_rng(0)
+    ref = {"wq": rng.standard_normal((4, 3)), "attn_norm": 1 + 0.1 * rng.standard_normal(3)}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in ref.items()}
+    state = opt.init(params)
+    m = {k: np.zeros_like(v) for k, v in ref.items()}
+    v = {k: np.zeros_like(x) for k, x in ref.items()}
+    for c, size in enumerate((50.0, 0.3, 20.0, 0.5, 8.0, 0.1)):
+        g = {k: size * rng.standard_normal(x.shape) / np.sqrt(15) for k, x in ref.items()}
+        norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
+        eta = lr * c / warm if c < warm else lr * (floor + (1 - floor) * 0.5 * (
+            1 + np.cos(np.pi * (c - warm) / (steps - 1 - warm))))
+        for k in ref:
+            gk = g[k] * min(1.0, clip / norm)
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk ** 2
+            u = (m[k] / (1 - b1 ** (c + 1))) / (np.sqrt(v[k] / (1 - b2 ** (c + 1))) + 1e-8)
+            ref[k] = ref[k] - eta * (u + (wd * ref[k] if k == "wq" else 0.0))
+        updates, state = opt.update({k: jnp.asarray(x, jnp.float32) for k, x in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for k in ref:
+            np.testing.assert_allclose(np.asarray(params[k]), ref[k], rtol=1e-5, atol=1e-7, err_msg=f"{k} step {c}")
+
+
 def test_bf16_params_get_the_float32_params_optimizer():
     """Adam's moments stay float32 for bf16 parameters. With gradients that do not depend on the parameters (and no
     weight decay) the updates are those of float32 parameters, exactly; with optax's moments in bf16 (the params'
