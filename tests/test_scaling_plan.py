@@ -1,4 +1,9 @@
-"""scaling.plan: the documented 7B example against a hand computation; hardware table; planner errors."""
+"""scaling.plan: the documented 7B example against a hand computation and the docs' transcript; hardware table;
+planner errors."""
+
+import pathlib
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -36,6 +41,16 @@ def test_7b_example_matches_hand_computation(capsys):
     smaller = {"data": m.mesh["data"] * 2, "fsdp": m.mesh["fsdp"] // 2, "tensor": 1}
     assert memory_per_device(plan.shape, smaller, m.micro_batch, 4096, remat="save_dots_no_batch",
                              compute_dtype="bfloat16", kernel="flash").total > 0.9 * 80e9
+
+
+def test_the_docs_transcript_is_what_the_planner_prints(capsys):
+    """docs/scaling.md's `$ python -m scaling.plan ...` block, rerun: it had kept an older memory table (without the
+    optimizer-update phase) after the planner's output changed."""
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
+    m = re.search(r"^\$ python -m scaling\.plan ([^\n]*)\n(.*?)^```", doc, re.S | re.M)
+    assert m, "docs/scaling.md lost its planner transcript"
+    main(shlex.split(m.group(1)))
+    assert capsys.readouterr().out == m.group(2)
 
 
 def test_budget_mode_and_shapes():
