@@ -118,3 +118,43 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
         assert resumed[key] == whole[key]
     with pytest.raises(SystemExit):  # other settings do not mix with those rungs; a finished ladder is not resumed
         sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
+
+
+def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tmp_path, monkeypatch):
+    """The experiment's claim: the law is fitted on the smaller rungs and the largest rung's prediction is on disk
+    before that rung trains. Training is stubbed by a known law; the target rung's losses are shifted by a rung-wide
+    offset that the prediction must not see (a fit over every run, or a prediction written after the target, would)."""
+    import json
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    target = sl.QUICK_LADDER[-1].name
+
+    def fake_train(offset):
+        def train(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):  # L = 1 + 40/N^0.4 + 300/D^0.3 + noise
+            out = tmp_path / f"off{offset}"
+            assert (out / "prediction.json").exists() == (rung.name == target), rung.name
+            n = param_counts(rung.config()).non_embedding
+            rng = np.random.default_rng(list(rung.name.encode()))
+            shift = offset if rung.name == target else 0.0
+            runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0, flops=0.0,
+                         eval_loss=1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3 + shift
+                         + 1e-3 * rng.standard_normal()) for b in budgets]
+            return dict(runs=runs, seconds=0.0)
+        return train
+
+    res = {}
+    for offset in (0.0, 0.5):
+        monkeypatch.setattr(sl, "train_rung", fake_train(offset))
+        res[offset] = sl.main(["--quick", "--no-docs", "--n-boot", "4", "--out", str(tmp_path / f"off{offset}")])
+    smaller = len(sl.QUICK_LADDER) - 1
+    for r in res.values():
+        assert r["prediction"]["fit_runs"] == smaller * len(sl.QUICK_STEPS)
+        on_disk = json.loads((tmp_path / "off0.0" / "prediction.json").read_text())["predictions"]
+        assert [c["predicted"] for c in r["comparison"]] == [p["predicted"] for p in on_disk]
+    # the known law predicts the unshifted target; the shifted one lands 0.5 above, outside the interval
+    for c in res[0.0]["comparison"]:
+        assert abs(c["error"]) < 0.01, c
+    for a, b in zip(res[0.0]["comparison"], res[0.5]["comparison"]):
+        assert b["actual"] - a["actual"] == pytest.approx(0.5) and not b["inside"]
