@@ -291,15 +291,20 @@ def test_decode_flops_of_a_window_that_reaches_the_cache():
     assert 1 <= (flops[S][0] - flops[S - 1][0]) / key < 2
 
 
-@pytest.mark.parametrize("attention,latent", [("factorized", (3, 8, 8)), ("full", (2, 8, 8)),
-                                              ("factorized", (1, 8, 8))])
-def test_dit_accounting_matches_models_video(attention, latent):
-    """The video DiT (models/video): the real parameter tree and cost_analysis() of its forward."""
+WINDOWS = dict(spatial_window=3, temporal_window=2)
+
+
+@pytest.mark.parametrize("attention,latent,windows", [("factorized", (3, 8, 8), {}), ("full", (2, 8, 8), {}),
+                                                      ("factorized", (1, 8, 8), {}), ("factorized", (5, 8, 8), WINDOWS),
+                                                      ("full", (3, 8, 8), WINDOWS)])
+def test_dit_accounting_matches_models_video(attention, latent, windows):
+    """The video DiT (models/video): the real parameter tree and cost_analysis() of its forward. Windows cost what
+    unwindowed attention does (dense masks; the temporal blocked kernel's one block spans all frames), as counted."""
     import models.video.dit as video
     from models.video.config import DiTConfig
 
     cfg = DiTConfig(latent_shape=latent, latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,
-                    attention=attention, text_dim=32, time_freq_dim=32, scan_layers=False)
+                    attention=attention, text_dim=32, time_freq_dim=32, scan_layers=False, **windows)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: video.VideoDiT(cfg, rngs=nnx.Rngs(0))))
     assert sum(x.size for x in jax.tree.leaves(state)) == dit_param_count(cfg) == cfg.param_count()
     B, L = 2, 8
