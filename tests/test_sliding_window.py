@@ -1,5 +1,7 @@
 """Blocked sliding-window attention equals a dense masked float64 reference, values and gradients."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +191,21 @@ def test_cudnn_is_asked_for_the_same_window(monkeypatch):
     for W in (1, 5):
         np.testing.assert_allclose(local_attention(q, k, v, W, impl="cudnn"),
                                    sliding_window_attention(q, k, v, W, block=8), atol=1e-5)
+
+
+def test_the_kernel_choice_is_logged_once_with_its_reason(monkeypatch, caplog):
+    """swa_impl='auto' resolves per backend and call and says which kernel it took and why, once per (kernel,
+    reason): the issue asks for the choice to be logged, and no test read the log."""
+    from models import sliding_window as sw
+
+    monkeypatch.setattr(sw, "_logged", set())
+    caplog.set_level(logging.INFO, logger="jaxscale")
+    q, k, v = qkv(1, 8, 2, 2, 4)
+    for _ in range(2):
+        assert choose_impl("auto", jnp.bfloat16, False, False, backend="gpu") == "cudnn"
+        local_attention(q, k, v, 3, block=4)  # 'auto' in float32: the blocked kernel on any backend
+        local_attention(q, k, v, 3, block=4, impl="dense")
+    assert [r.getMessage() for r in caplog.records if r.name == "jaxscale"] == [
+        "sliding-window attention: cudnn (GPU, 16-bit, no segment ids, padding or soft-cap)",
+        f"sliding-window attention: blocked (backend {jax.default_backend()}: blocked O(T·W) kernel)",
+        "sliding-window attention: dense (set in the config)"]
