@@ -255,3 +255,12 @@ def test_sequence_parallel_capacity_dispatch_equals_single_device_and_splits_the
         ca = compiled.cost_analysis()
         flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
     assert flops["sp"] <= 1.15 * flops["dp"], flops
+
+
+def test_moe_layers_under_pipeline_parallelism_are_refused_by_name():
+    """docs/parallelism.md: MoE layers on a mesh with a `stage` axis are refused with a clear error (their aux losses
+    do not cross stages). Only the trainer's config check was tested, not the model's own refusal."""
+    graphdef, state = split(CFG)
+    with jax.set_mesh(make_mesh({"stage": 2, "data": 4})), pytest.raises(
+            ValueError, match="MoE layers under pipeline parallelism are not supported"):
+        jax.eval_shape(lambda st, t: nnx.merge(graphdef, st)(t), state, jax.ShapeDtypeStruct((8, 16), jnp.int32))
