@@ -155,6 +155,10 @@ def test_mesh_fill():
     # dcn: an axis named only across granules (processes here: one) is an axis of the mesh too, ordered by AXES
     hybrid = make_mesh({"tensor": 2, "fsdp": -1}, dcn={"data": 1})
     assert hybrid.axis_names == ("data", "fsdp", "tensor") and dict(hybrid.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    # Auto axes, as the issue asks: the model leaves shardings to GSPMD propagation from the rules' constraints
+    # (nothing checked the types)
+    for m in (mesh, hybrid):
+        assert m.axis_types == (jax.sharding.AxisType.Auto,) * len(m.axis_names), m.axis_types
 
 
 def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(capsys):
