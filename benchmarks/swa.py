@@ -101,7 +101,8 @@ def main(argv=None):
         sec, gb = measure(kernels(w)[name], T, args.reps, 0.0 if quadratic and T > args.dense_max else args.max_gb)
         rows.append(dict(window=w, kernel=name, T=T, seconds=sec, peak_gb=gb))
     print(f"\nB=1, {N_HEADS} heads x {HEAD_DIM}, float32, forward+backward; peak = XLA temp+args+outputs")
-    print("| W | kernel | " + " | ".join(f"{T // 1024}K" for T in args.lengths) + " |")
+    label = lambda T: f"{T // 1024}K" if T % 1024 == 0 else str(T)  # noqa: E731  (short runs use T < 1024)
+    print("| W | kernel | " + " | ".join(label(T) for T in args.lengths) + " |")
     print("|---|---|" + "---|" * len(args.lengths))
     for w in args.windows:
         for name in kernels(w):
@@ -119,9 +120,10 @@ def main(argv=None):
         ran = [T for T in d if d[T] is not None and t.get(T)]
         if ran:
             T = max(ran)
-            extra = "" if T == 32768 else \
-                f"; quadratic extrapolation to 32K: {d[T] * (32768 / T) ** 2 / t.get(32768, np.nan):.0f}x"
-            print(f"W={w}: dense/swa at {T // 1024}K = {d[T] / t[T]:.1f}x{extra}")
+            # the extrapolation needs the blocked kernel measured at 32K
+            extra = "" if T == 32768 or not t.get(32768) else \
+                f"; quadratic extrapolation to 32K: {d[T] * (32768 / T) ** 2 / t[32768]:.0f}x"
+            print(f"W={w}: dense/swa at {label(T)} = {d[T] / t[T]:.1f}x{extra}")
     out = {"rows": rows}
     if args.train_step:
         out["train_step_32k"] = train_step_32k()

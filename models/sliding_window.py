@@ -2,8 +2,8 @@
 
 Mistral semantics: query i attends keys j with i - W < j <= i. The sequence is cut into blocks of C
 queries; query block i needs only key blocks i - R .. i with R = ceil((W - 1) / C), so scores are
-[T, (R + 1)·C] instead of [T, T]. Autodiff through this blocked form keeps the backward pass O(T·W)
-as well (it stores the same blocked scores).
+[T, (R + 1)·C] instead of [T, T]. The blocks run through `models.attention.softmax_attention`, whose
+hand-written VJP keeps the backward pass O(T·W) as well (it stores the blocked exp-scores and their row sums).
 
 Shapes: B batch, T tokens, N query heads, K kv heads, G = N // K, H head dim, Q blocks of C
 queries, S = (R + 1)·C keys per block.
