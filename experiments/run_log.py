@@ -97,6 +97,19 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700.0 else (loss if math.isnan(loss) else math.inf)
 
 
+def moe_record(metrics) -> dict:
+    """The MoE fields of a train record from a step's metrics ({} without MoE): lb_loss, z_loss, dropped_frac,
+    expert_load [E] (each expert's share of the routed rows, averaged over the MoE layers: metrics["load"] is
+    [L_moe, E]) and load_imbalance (the busiest expert's share over the mean share: 1 when balanced)."""
+    if "load" not in metrics:
+        return {}
+    rows = [[float(x) for x in layer] for layer in metrics["load"]]  # device arrays or lists, [L_moe][E]
+    load = [math.fsum(col) / len(rows) for col in zip(*rows)]
+    return dict(lb_loss=float(metrics["lb_loss"]), z_loss=float(metrics["z_loss"]),
+                dropped_frac=float(metrics["dropped_frac"]), expert_load=load,
+                load_imbalance=max(load) / (math.fsum(load) / len(load)))
+
+
 def read_curves(path: pathlib.Path):
     """{kind: {step: record}} from metrics.jsonl; a step logged twice (replayed after a resume) keeps the last."""
     curves: dict[str, dict[int, dict]] = {}

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 
-from experiments.run_log import Logger, Stop, Throughput, perplexity, plot_losses, set_aside_logs
+from experiments.run_log import Logger, Stop, Throughput, moe_record, perplexity, plot_losses, set_aside_logs
 
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
@@ -399,11 +399,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                         # not scaling.mfu, which refuses > 1 (a unit slip): a noisy window over a measured CPU
                         # peak may pass it, and a logged metric must never stop a run
                         rec["mfu"] = tps * fpt / (n_mfu_devices * peak)
-                    if "load" in mt:
-                        load = np.asarray(mt["load"], np.float64).mean(0)  # [E], averaged over MoE layers
-                        rec.update(lb_loss=float(mt["lb_loss"]), z_loss=float(mt["z_loss"]),
-                                   dropped_frac=float(mt["dropped_frac"]), expert_load=[float(x) for x in load],
-                                   load_imbalance=float(load.max() / load.mean()))
+                    rec.update(moe_record(mt))
                     log.write(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm']:.2f}",
                                     tok_s="-" if tps is None else f"{tps:,.0f}")

@@ -2,6 +2,8 @@
 newest steps plus the one with the lowest eval loss (also across a restart), and the kept best step restores the state
 saved with it; a corrupt state never moves the data loader."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -378,3 +380,19 @@ def test_sigint_like_sigterm_is_remembered_for_the_loop_and_the_handlers_come_ba
     finally:
         stop.restore()
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_moe_train_record_averages_expert_load_over_the_moe_layers():
+    """The trainer's MoE fields: expert_load is each expert's share averaged over the MoE layers (metrics['load'] is
+    [L_moe, E]) and load_imbalance the busiest share over the mean; a dense step adds no field."""
+    from experiments.run_log import moe_record
+
+    load_LE = np.array([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    rec = moe_record({"load": jnp.asarray(load_LE, jnp.float32), "lb_loss": jnp.float32(1.25),
+                      "z_loss": jnp.float32(0.5), "dropped_frac": jnp.float32(0.125), "loss": jnp.float32(2.0)})
+    want = load_LE.mean(axis=0)
+    np.testing.assert_allclose(rec["expert_load"], want, rtol=1e-6)
+    assert rec["load_imbalance"] == pytest.approx(want.max() / want.mean(), rel=1e-6)
+    assert (rec["lb_loss"], rec["z_loss"], rec["dropped_frac"]) == (1.25, 0.5, 0.125)
+    json.dumps(rec)  # plain floats: the record goes to metrics.jsonl as it is
+    assert moe_record({"loss": jnp.float32(2.0)}) == {}
