@@ -105,8 +105,8 @@ class Preset:
 
 
 PRESETS = {
-    # 9×32×32 clips → 3×8×8×8 latents → 48 tokens of 1×2×2 patches; 26 min measured on 2 CPU cores shared
-    # with other jobs (load 9-12; docs/benchmarks.md); a quiet machine should take less (not measured).
+    # 9×32×32 clips → 3×8×8×8 latents → 48 tokens of 1×2×2 patches; 26 min on 2 CPU cores shared with other
+    # jobs (load 9-12), 561 s on a quiet machine (twenty-fifth session; docs/benchmarks.md).
     # Full 3D attention and a time shift of 3: at this budget factorized attention did not learn the
     # direction of motion (docs/benchmarks.md, "Video diffusion"), and high-noise steps decide the motion.
     "default": Preset(
