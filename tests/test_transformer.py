@@ -12,6 +12,7 @@ from flax import nnx
 from models import KVCache, Transformer, TransformerConfig
 from models.linear import linear
 from models.losses import cross_entropy
+from models.moe import MoEConfig
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
                         qkv_bias=True, final_logit_softcap=30.0)
@@ -62,6 +63,43 @@ def test_param_count_matches_tree(model):
         assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(m)))
 
 
+@pytest.mark.parametrize("cfg", [
+    TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
+                      qkv_bias=True, post_norms=True),
+    TransformerConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
+                      tie_embeddings=True, moe_every=2,
+                      moe=MoEConfig(n_experts=7, top_k=2, expert_mlp_dim=10, n_shared_experts=2)),
+], ids=["dense_untied", "moe_tied"])
+def test_every_parameter_names_its_logical_axes(cfg):
+    """Sharding reads each parameter's logical names through parallel/rules.py; a parameter without them is
+    replicated on every device without a word, and a misnamed dimension is split along the wrong axis. So every
+    dimension of every parameter carries a name of the rules table (never a mesh axis of its own), and each name
+    sits on a dimension of the size it means (sizes chosen distinct so a swap shows). The router's expert columns
+    are the one deliberate None: replicated, as every token scores every expert."""
+    from parallel.rules import PARAM_RULES
+
+    m = cfg.moe
+    sizes = {"vocab": {cfg.vocab_size}, "embed": {cfg.d_model}, "norm": {cfg.d_model}, "heads": {cfg.n_heads},
+             "kv_heads": {cfg.kv_heads}, "head_dim": {cfg.hd}, "layers": {cfg.n_layers // cfg.moe_every},
+             "mlp": {cfg.mlp_dim} | ({m.expert_mlp_dim, m.n_shared_experts * m.expert_mlp_dim} if m else set()),
+             "expert": {m.n_experts} if m else set()}
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    seen = set()
+    for path, v in nnx.to_flat_state(state):
+        names = v.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == v.ndim, (path, names, v.shape)
+        for name, size in zip(names, v.shape):
+            if name is None:
+                assert path[-1] in ("router", "router_bias") and size == m.n_experts, (path, names, v.shape)
+                continue
+            assert name in PARAM_RULES, (path, name)
+            assert size in sizes[name], (path, names, v.shape)
+            seen.add(name)
+        if path[0] in ("blocks", "moe_blocks"):  # stacked for the layer scan: the pipeline splits 'layers'
+            assert names[0] == "layers", (path, names)
+    assert seen == {k for k, s in sizes.items() if s}, seen  # the test saw every kind of dimension
+
+
 def test_causality_by_gradient(model):
     # Unique tokens: the gradient w.r.t. an embedding row is the gradient w.r.t. one position.
     T = 10
@@ -86,7 +124,7 @@ def test_scan_equals_unrolled(model, tokens, change):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch"])
 def test_remat_equals_no_remat(model, tokens, policy):
     l1, g1 = loss_and_grads(model, tokens)
     l2, g2 = loss_and_grads(with_cfg(model, remat=policy), tokens)
@@ -408,8 +446,6 @@ def test_inputs_and_caches_of_the_wrong_shape_are_refused_by_name():
 
 def test_numpy_int_sizes_become_plain_ints():
     """Sizes from a numpy sweep are ints (a float is refused), stored as plain ints so configs stay JSON-able."""
-    from models.moe import MoEConfig
-
     cfg = dataclasses.replace(CFG, d_model=np.int64(32), moe=MoEConfig(np.int64(4), 2, np.int32(16)))
     assert type(cfg.d_model) is int and type(cfg.moe.n_experts) is int and type(cfg.moe.expert_mlp_dim) is int
     # windows, floats and flags too: a numpy window crashed layer_windows, numpy floats failed the JSON export
