@@ -1,4 +1,4 @@
-"""Parameter count and FLOPs of the video diffusion Transformer (`models.video.VideoDiT`).
+"""Parameter count, FLOPs and training memory of the video diffusion Transformer (`models.video.VideoDiT`).
 
 Takes a `models.video.DiTConfig` or anything with its field names (duck-typed): latent_shape (T, H, W),
 latent_channels, patch (pt, ph, pw), d_model, n_layers, n_heads, head_dim, mlp_dim, attention
@@ -125,3 +125,101 @@ def dit_train_flops(cfg, text_len: int, batch: int = 1) -> float:
 def dit_sampling_flops(cfg, text_len: int, steps: int, cfg_guidance: bool = True, batch: int = 1) -> float:
     """Generating `batch` clips with `steps` denoiser evaluations (x2 for classifier-free guidance)."""
     return steps * (2 if cfg_guidance else 1) * dit_forward_flops(cfg, text_len, batch)
+
+
+def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: str | None = None,
+                              mesh=None, rules=None) -> float:
+    """Bytes one block keeps per local video token for the backward pass under `remat` (read off
+    `jax.ad_checkpoint.print_saved_residuals` of `DiTBlock`). D width, NH = heads·head_dim and F mlp_dim (both
+    divided by the tensor degree), N heads, c compute-dtype bytes, n = 1 or 2 self-attentions, K_s their keys per
+    query summed (`DiTShape.self_attention_keys`), L text tokens, q = 1 with QK-norm:
+      full                : c·D (the block input)
+      save_dots_no_batch  : c·(D + n·(3NH + D) + NH + D + 2F + D)  input; q, k, v and out-projection of each
+                            self-attention; cross-attention's q and out-projection; gate, up and down (the gates
+                            g·f(h) need every sublayer's output)
+      save_dots           : the above + c·(n + 1)·NH (PV outputs) + 4·N·(K_s + L) (float32 scores)
+      none                : every sublayer's input, normalised input, modulated input and output (4·c·D each), per
+                            self-attention c·(5 + 2q)·NH (q, k before QK-norm, models.attention's q, k, v, output
+                            and the out-projection's input), cross-attention c·(3 + q)·NH + NH (its padding mask),
+                            the MLP's gate and up, and models.attention's float32 weights and row sums,
+                            4·N·(K_s + L) + 4·N·(n + 1).
+    Per-clip residuals (caption keys / values, adaLN vectors) are in `dit_memory_per_device`."""
+    from scaling.memory import REMAT_POLICIES, _check_mesh, dtype_bytes, shard_factor
+
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
+    s, mesh = dit_shape(cfg), _check_mesh(mesh or {})
+    c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
+    t = shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
+    F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
+    D, N, NH = s.d_model, s.n_heads / t, s.n_heads * s.hd / t
+    n, q, keys = (2 if s.temporal else 1), int(s.qk_norm), s.self_attention_keys() + text_len
+    if remat == "full":
+        return c * D
+    dots = c * (D + n * (3 * NH + D) + NH + D + 2 * F + D)
+    if remat == "save_dots_no_batch":
+        return dots
+    if remat == "save_dots":
+        return dots + c * (n + 1) * NH + 4 * N * keys
+    mask = NH  # the cross-attention's one-byte padding mask, broadcast over heads (its `jnp.where`)
+    return c * (4 * D * (n + 2) + n * (5 + 2 * q) * NH + (3 + q) * NH + 2 * F) + mask + 4 * N * (keys + n + 1)
+
+
+def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: str | None = None,
+                          compute_dtype: str | None = None, grad_dtype: str | None = None, optimizer_moments: int = 2,
+                          opt_dtype: str | None = None, params=None, rules=None, update_buffers: int = 1):
+    """Modelled peak bytes per device of a `VideoDiT` training step (a `scaling.memory.MemoryBreakdown`; its terms
+    as in scaling/memory.py's module docstring), for `micro_batch` global clips with `text_len` caption tokens.
+
+    cfg: a `models.video.DiTConfig`; params: a parameter table (`param_table_from_state`), default the real tree of
+    an abstract `VideoDiT(cfg)`. Activations: blocks x local tokens x `dit_saved_bytes_per_token` + per clip the
+    caption keys / values (c·L·2·NH, + c·L·NH under 'none' with QK-norm) and adaLN vectors (c·9D, factorized
+    c·12D) of every block; the working set: one block's
+    residuals under remat 'none' plus its backward's gate / up cotangents and float32 dP / dS, and the final
+    layer's patch-wide buffers (prediction, target, their difference, float32). Gathered weights (FSDP) and the
+    optimizer update as `scaling.memory.memory_per_device`. tests/test_scaling_dit_memory.py states the tolerances.
+    """
+    from flax import nnx
+
+    from models.video import VideoDiT
+    from scaling.memory import (
+        MemoryBreakdown,
+        _check_counts,
+        _check_mesh,
+        _gathered_split,
+        dtype_bytes,
+        param_table_from_state,
+        shard_factor,
+    )
+
+    mesh = _check_mesh(mesh)
+    _check_counts(micro_batch=(micro_batch, 1), text_len=(text_len, 1), optimizer_moments=(optimizer_moments, 0),
+                  update_buffers=(update_buffers, 0))
+    s, remat = dit_shape(cfg), remat or cfg.remat
+    if params is None:
+        params = param_table_from_state(nnx.state(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))))
+    cdt = compute_dtype or cfg.dtype
+    c, gb, ob = dtype_bytes(cdt), dtype_bytes(grad_dtype or cfg.param_dtype), dtype_bytes(opt_dtype or "float32")
+    elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in params)
+    pbytes = sum(p.size * dtype_bytes(p.dtype) / shard_factor(p.axes, p.shape, mesh, rules) for p in params)
+
+    clips = micro_batch / shard_factor(("batch",), (micro_batch,), mesh, rules)
+    tokens = clips * s.tokens / shard_factor(("act_seq",), (s.tokens,), mesh, rules)
+    NH = s.n_heads * s.hd / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
+    F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
+    per_clip = c * (text_len * (2 + (remat == "none") * int(s.qk_norm)) * NH + (12 if s.temporal else 9) * s.d_model)
+    saved = dit_saved_bytes_per_token(s, remat, text_len, compute_dtype=cdt, mesh=mesh, rules=rules)
+    acts = s.n_layers * (tokens * saved + (0 if remat == "full" else clips * per_clip))
+    block = dit_saved_bytes_per_token(s, "none", text_len, compute_dtype=cdt, mesh=mesh, rules=rules)
+    keys = s.self_attention_keys() + text_len
+    n_local = s.n_heads / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
+    working = tokens * (block + 2 * c * F + 2 * 4 * n_local * keys + 3 * 4 * s.patch_dim)
+
+    transient = 0.0
+    if mesh.get("fsdp", 1) > 1:  # one block's weights gathered over fsdp, two in flight
+        transient = 2 * c * sum(p.size / p.shape[0] / _gathered_split(p, mesh, rules)
+                                for p in params if p.axes and p.axes[0] == "layers")
+    update = 4 * elems * (update_buffers + (gb < 4))
+    return MemoryBreakdown(params=int(pbytes), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
+                           activations=int(acts), working=int(working), transient_weights=int(transient),
+                           local_tokens=int(tokens), layers_local=s.n_layers, update=int(update))
