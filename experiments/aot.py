@@ -23,8 +23,9 @@ from parallel.mesh import make_mesh, parse_mesh
 from parallel.sharding import batch_sharding, logical_shardings, replicated
 
 
-def abstract_train_inputs(model_fn, optimizer, mesh, batch: int, seq_len: int):
-    """(graphdef, params, opt_state, batch) as sharded ShapeDtypeStructs: nothing is allocated."""
+def abstract_state(model_fn, optimizer, mesh):
+    """(graphdef, params, opt_state) as ShapeDtypeStructs sharded by the rules table (the optimizer's moments like
+    their parameters, its scalars replicated): nothing is allocated."""
     graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
     shardings = logical_shardings(abs_state, mesh)
     params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
@@ -32,7 +33,13 @@ def abstract_train_inputs(model_fn, optimizer, mesh, batch: int, seq_len: int):
     abs_opt = jax.eval_shape(optimizer.init, params)
     opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abs_opt, params,
                                               transform_non_params=lambda _: replicated(mesh))
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
+    return graphdef, params, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt,
+                                          opt_sh)
+
+
+def abstract_train_inputs(model_fn, optimizer, mesh, batch: int, seq_len: int):
+    """(graphdef, params, opt_state, batch) as sharded ShapeDtypeStructs: nothing is allocated."""
+    graphdef, params, opt_state = abstract_state(model_fn, optimizer, mesh)
     tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sharding(mesh, 2))
     return graphdef, params, opt_state, {"inputs": tok, "targets": tok}
 

@@ -22,9 +22,10 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments.aot import abstract_state
 from experiments.lm_step import make_optimizer
 from models.video import DiTConfig, VideoDiT
-from parallel import batch_sharding, logical_shardings, make_mesh
+from parallel import batch_sharding, make_mesh
 from scaling.dit import dit_memory_per_device
 
 BASE = DiTConfig(latent_shape=(4, 8, 8), d_model=64, n_heads=4, mlp_dim=256, n_layers=2)
@@ -35,18 +36,8 @@ def compiled_dit_memory(cfg, mesh_shape, B, optimizer=True):
     """(memory_analysis(), the batch's bytes per device) of a jitted DiT train step on abstract, rules-sharded
     inputs (optimizer=False: just value_and_grad, the gradients being outputs)."""
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0))))
-    sh = logical_shardings(abs_state, mesh)
-    params = jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), sh, abs_state)
     opt = make_optimizer()
-    by_path = {jax.tree_util.keystr(k): v.sharding for k, v in jax.tree_util.tree_leaves_with_path(params)}
-
-    def place(path, x):  # mu / nu are sharded like the parameter whose path they end with
-        hit = [s for p, s in by_path.items() if jax.tree_util.keystr(path).endswith(p)]
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=hit[0] if hit else jax.NamedSharding(mesh, jax.P()))
-
-    with jax.set_mesh(mesh):
-        opt_state = jax.tree_util.tree_map_with_path(place, jax.eval_shape(opt.init, params))
+    graphdef, params, opt_state = abstract_state(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), opt, mesh)
     rows = jax.NamedSharding(mesh, jax.P(batch_sharding(mesh).spec[0]))
     lat = (B, *cfg.latent_shape, cfg.latent_channels)
     shapes = dict(x=(lat, jnp.float32), t=((B,), jnp.float32), text=((B, TEXT, cfg.text_dim), jnp.float32),

@@ -25,10 +25,11 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments.aot import abstract_state
 from experiments.lm_step import lm_loss, make_optimizer
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig
-from parallel import batch_sharding, logical_shardings, make_mesh
+from parallel import batch_sharding, make_mesh
 from scaling.memory import memory_per_device, saved_bytes_per_token, shard_factor
 
 BASE = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=512, max_seq_len=512)
@@ -38,19 +39,8 @@ def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
     """memory_analysis() of a jitted AdamW train step on abstract, rules-sharded inputs
     (optimizer=False: just value_and_grad, the gradients being outputs)."""
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n_devices])
-    graphdef, abs_state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    sh = logical_shardings(abs_state, mesh)
-    params = jax.tree.map(lambda s, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), sh, abs_state)
     opt = make_optimizer()
-    by_path = {jax.tree_util.keystr(k): v.sharding for k, v in jax.tree_util.tree_leaves_with_path(params)}
-
-    def place(path, x):  # mu / nu are sharded like the parameter whose path they end with
-        key = jax.tree_util.keystr(path)
-        hit = [s for p, s in by_path.items() if key.endswith(p)]
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=hit[0] if hit else jax.NamedSharding(mesh, jax.P()))
-
-    with jax.set_mesh(mesh):
-        opt_state = jax.tree_util.tree_map_with_path(place, jax.eval_shape(opt.init, params))
+    graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt, mesh)
     tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh))
 
     def step(params, opt_state, batch):
