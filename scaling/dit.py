@@ -144,11 +144,11 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
                             the MLP's gate and up, and models.attention's float32 weights and row sums,
                             4·N·(K_s + L) + 4·N·(n + 1).
     Per-clip residuals (caption keys / values, adaLN vectors) are in `dit_memory_per_device`."""
-    from scaling.memory import REMAT_POLICIES, _check_mesh, dtype_bytes, shard_factor
+    from scaling.memory import REMAT_POLICIES, check_mesh, dtype_bytes, shard_factor
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
-    s, mesh = dit_shape(cfg), _check_mesh(mesh or {})
+    s, mesh = dit_shape(cfg), check_mesh(mesh or {})
     c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
     t = shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
@@ -184,16 +184,17 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     from models.video import VideoDiT
     from scaling.memory import (
         MemoryBreakdown,
-        _check_counts,
-        _check_mesh,
-        _gathered_split,
+        check_counts,
+        check_mesh,
         dtype_bytes,
+        gathered_split,
         param_table_from_state,
         shard_factor,
+        update_bytes,
     )
 
-    mesh = _check_mesh(mesh)
-    _check_counts(micro_batch=(micro_batch, 1), text_len=(text_len, 1), optimizer_moments=(optimizer_moments, 0),
+    mesh = check_mesh(mesh)
+    check_counts(micro_batch=(micro_batch, 1), text_len=(text_len, 1), optimizer_moments=(optimizer_moments, 0),
                   update_buffers=(update_buffers, 0))
     s, remat = dit_shape(cfg), remat or cfg.remat
     if params is None:
@@ -217,9 +218,9 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
 
     transient = 0.0
     if mesh.get("fsdp", 1) > 1:  # one block's weights gathered over fsdp, two in flight
-        transient = 2 * c * sum(p.size / p.shape[0] / _gathered_split(p, mesh, rules)
+        transient = 2 * c * sum(p.size / p.shape[0] / gathered_split(p, mesh, rules)
                                 for p in params if p.axes and p.axes[0] == "layers")
-    update = 4 * elems * (update_buffers + (gb < 4))
+    update = update_bytes(elems, gb, update_buffers)
     return MemoryBreakdown(params=int(pbytes), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
                            local_tokens=int(tokens), layers_local=s.n_layers, update=int(update))

@@ -146,14 +146,14 @@ class _Mesh:
         self.axis_sizes = tuple(int(v) for v in shape.values())
 
 
-def _check_counts(**values: tuple[int, int]):
+def check_counts(**values: tuple[int, int]):
     """Each keyword is (value, lowest allowed): an int at least that, or a ValueError naming it."""
     for name, (v, low) in values.items():
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
 
 
-def _check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
+def check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
     if hasattr(mesh, "axis_names"):  # a real jax Mesh
         mesh = dict(zip(mesh.axis_names, mesh.axis_sizes))
     mesh = dict(mesh)
@@ -266,7 +266,7 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
     s = lm_shape(cfg, windows=windows, moe=moe)
-    mesh = _check_mesh(mesh or {})
+    mesh = check_mesh(mesh or {})
     c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
     D = s.d_model
     NH = s.n_heads * s.head_dim / _axis_product("act_heads", mesh, s.n_heads, rules)
@@ -347,8 +347,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     working set counts its executed blocks (`scaling.flops.model_kernel`; remat 'full' at T = 256: XLA 0.85 of
     ours, 0.78 if dense).
     """
-    mesh = _check_mesh(mesh)
-    _check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
+    mesh = check_mesh(mesh)
+    check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
                   update_buffers=(update_buffers, 0))
     s = lm_shape(cfg, windows=windows, moe=moe)
     remat = remat or getattr(cfg, "remat", "none")
@@ -401,18 +401,24 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
         for p in table:
             if p.axes and p.axes[0] == "layers":
                 stack = p.path.split(".")[0]
-                stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / _gathered_split(p, mesh, rules)
+                stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
-    # the update runs in float32 (`float32_state`): narrower gradients are cast first, and the cast copy lives on
-    # beside the clipped one (bfloat16 parameters, remat 'full': XLA 68.1 MB, this 66.2 MB)
-    update = 4 * elems * (update_buffers + (gb < 4))
+    update = update_bytes(elems, gb, update_buffers)
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
                            local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update))
 
 
-def _gathered_split(p: ParamEntry, mesh, rules) -> int:
+def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> float:
+    """Bytes the optimizer update holds beside the gradients of `elems` local parameters: `update_buffers` float32
+    copies (make_optimizer's clipped gradients) + a float32 cast of gradients narrower than float32 (the update runs
+    in float32, `float32_state`, and the cast copy lives on beside the clipped one: bfloat16 parameters, remat
+    'full': XLA 68.1 MB, this 66.2 MB)."""
+    return 4 * elems * (update_buffers + (grad_bytes < 4))
+
+
+def gathered_split(p: ParamEntry, mesh, rules) -> int:
     """How many ways one layer of a stacked parameter stays split once gathered over fsdp: its other dims' axes
     (tensor, expert), not the layer dim's (stage splits the stack, not a layer)."""
     no_fsdp = {a: n for a, n in mesh.items() if a != "fsdp"}
@@ -421,7 +427,7 @@ def _gathered_split(p: ParamEntry, mesh, rules) -> int:
 
 def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str = "bfloat16", windows=None) -> int:
     """KV-cache bytes for inference (global): a windowed layer needs only min(window, seq_len) slots."""
-    _check_counts(batch=(batch, 1), seq_len=(seq_len, 1))
+    check_counts(batch=(batch, 1), seq_len=(seq_len, 1))
     s = lm_shape(cfg, windows=windows)
     slots = sum(seq_len if w is None else min(w, seq_len) for w in s.windows)
     return int(2 * batch * slots * s.kv_heads * s.head_dim * dtype_bytes(dtype))
