@@ -306,7 +306,7 @@ def test_dit_accounting_matches_models_video(attention, latent, windows):
     cfg = DiTConfig(latent_shape=latent, latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,
                     attention=attention, text_dim=32, time_freq_dim=32, scan_layers=False, **windows)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: video.VideoDiT(cfg, rngs=nnx.Rngs(0))))
-    assert sum(x.size for x in jax.tree.leaves(state)) == dit_param_count(cfg) == cfg.param_count()
+    assert sum(x.size for x in jax.tree.leaves(state)) == dit_param_count(cfg)
     B, L = 2, 8
     sds = jax.ShapeDtypeStruct
     xla = xla_flops(lambda s, x, t, txt, valid, pooled: nnx.merge(graphdef, s)(x, t, txt, valid, pooled), state,
@@ -314,7 +314,7 @@ def test_dit_accounting_matches_models_video(attention, latent, windows):
                     sds((B, L), jnp.bool_), sds((B, 32), jnp.float32))
     ours = dit_forward_flops(cfg, L, batch=B)
     assert ours <= xla <= 1.15 * ours, xla / ours  # + norms, QK-norm, RoPE, softmax, modulation
-    assert dit_train_flops(cfg, L) == pytest.approx(cfg.flops_per_clip(L))  # the config's own count agrees
+    assert dit_train_flops(cfg, L) == 3 * ours / B
     assert dit_sampling_flops(cfg, L, steps=50) == 100 * dit_forward_flops(cfg, L)
 
 

@@ -276,40 +276,20 @@ class DiTConfig:
     def factorized(self) -> bool:
         return self.attention == "factorized"
 
-    # ---- accounting -------------------------------------------------------------------------------
-    def _attn_params(self, d_in_kv: int) -> int:
-        d, nh = self.d_model, self.n_heads * self.hd
-        return d * nh + 2 * d_in_kv * nh + nh * d + (2 * self.hd if self.qk_norm else 0)
-
-    def layer_params(self) -> int:
-        """Parameters of one DiT block: attention (two for factorized), cross-attention, MLP, adaLN modulation."""
-        d = self.d_model
-        n_mod = 4 if self.factorized else 3  # (self or spatial, [temporal], cross, mlp) × (shift, scale, gate)
-        attn = self._attn_params(d) * (2 if self.factorized else 1)
-        return attn + self._attn_params(self.text_dim) + 3 * d * self.mlp_dim + n_mod * 3 * d * (d + 1)
-
+    # ---- accounting: delegated to scaling.dit, the one implementation of the counts -----------------
     def param_count(self) -> int:
         """The whole DiT: patch / time / pooled-text embeddings, the blocks and the final adaLN + projection."""
-        d, p = self.d_model, self.patch_dim
-        embed = p * d + d + self.time_freq_dim * d + d + d * d + d
-        pooled = self.text_dim * d + d if self.pooled_text else 0
-        final = 2 * d * (d + 1) + d * p + p
-        return embed + pooled + self.n_layers * self.layer_params() + final
+        from scaling.dit import dit_param_count
+
+        return dit_param_count(self)
 
     def flops_per_clip(self, text_len: int, training: bool = True) -> float:
-        """Matmul + attention FLOPs of the DiT on one clip. Attention windows are masks over dense scores
-        (and the temporal sliding-window kernel's single block spans all T' frames), so they cost the same."""
-        S, d, nh, L = self.tokens, self.d_model, self.n_heads * self.hd, text_len
-        T, H, W = self.grid
-        temporal = self.factorized and T > 1  # factorized blocks skip temporal attention on one frame
-        n_self, n_mod = (2, 4) if temporal else (1, 3)
-        per_token = 2 * self.patch_dim * d + self.n_layers * (n_self * 4 * d * nh + 2 * d * nh + 3 * d * self.mlp_dim)
-        per_clip = (self.time_freq_dim * d + d * d + (self.text_dim * d if self.pooled_text else 0) + 2 * d * d
-                    + self.n_layers * (n_mod * 3 * d * d + 2 * L * self.text_dim * nh))
-        keys = (H * W + T if temporal else H * W) if self.factorized else S
-        attn = self.n_layers * 4 * nh * (keys + L)
-        fwd = 2 * S * per_token + 2 * per_clip + S * attn
-        return (3 if training else 1) * fwd
+        """Matmul + attention FLOPs of the DiT on one clip (training = 3 x forward). Attention windows are masks
+        over dense scores (and the temporal sliding-window kernel's single block spans all T' frames), so they
+        cost the same."""
+        from scaling.dit import dit_forward_flops
+
+        return (3 if training else 1) * dit_forward_flops(self, text_len)
 
 
 @dataclasses.dataclass(frozen=True)
