@@ -82,9 +82,14 @@ def test_boilerplate_lines_removed_or_document_dropped(rng):
     assert (removed, total) == (3, 7) and out == body
     kept, r, signals = quality_filter(text, CFG)
     assert r is None and kept == body and signals["boilerplate_lines"] == 3
-    mostly_boilerplate = "\n".join(["Accept cookies to continue", "Privacy Policy", "Terms of Service",
-                                    "Follow us on twitter", en_text(rng, 60)])
+    footer = ["Accept cookies to continue", "Privacy Policy", "Terms of Service", "Follow us on twitter"]
+    mostly_boilerplate = "\n".join([*footer, en_text(rng, 15)])  # 4 of 5 lines, over 20% of the characters
     assert reason(mostly_boilerplate) == "boilerplate"
+    # an article of two one-line paragraphs under a longer footer: 4 of 6 lines, ~10% of the characters
+    article = "\n".join([en_text(rng, 60), en_text(rng, 60), *footer])
+    kept, r, signals = quality_filter(article, CFG)
+    assert r is None and signals["boilerplate_lines"] == 4 and kept.count("\n") == 1
+    assert quality_filter(article, QualityConfig(max_boilerplate_chars=0.05))[1] == "boilerplate"
 
 
 def test_duplicate_lines_and_paragraphs(rng):
@@ -296,11 +301,18 @@ def test_boilerplate_rules_match_wherever_their_regex_does():
 
 
 def test_boilerplate_limit_is_inclusive():
-    """Half the non-blank lines boilerplate (the default limit, 0.5) is kept; more is dropped as `boilerplate`."""
+    """Half the non-blank lines boilerplate (the default line limit, 0.5) is kept, more is dropped as `boilerplate`
+    (the character limit out of the way); the same at the character limit: exactly 20% of the non-space characters
+    is kept."""
     rng = np.random.default_rng(1)
     bodies = [en_text(rng, 60) for _ in range(3)]
-    assert reason("\n".join(["Privacy Policy", "Terms of Use", *bodies[:2]])) is None
-    assert reason("\n".join(["Privacy Policy", "Terms of Use", "Accept cookies", *bodies[:2]])) == "boilerplate"
+    by_lines = QualityConfig(max_boilerplate_chars=0.0)
+    assert quality_filter("\n".join(["Privacy Policy", "Terms of Use", *bodies[:2]]), by_lines)[1] is None
+    page = "\n".join(["Privacy Policy", "Terms of Use", "Accept cookies", *bodies[:2]])
+    assert quality_filter(page, by_lines)[1] == "boilerplate" and reason(page) is None  # ~8% of the characters
+    by_chars = QualityConfig(max_boilerplate_lines=0.0)  # "Privacy Policy": 13 of 65 non-space characters
+    assert quality_filter("Privacy Policy\n" + "a" * 52, by_chars)[1] != "boilerplate"
+    assert quality_filter("Privacy Policy\n" + "a" * 51, by_chars)[1] == "boilerplate"
 
 
 def test_line_signals_match_a_direct_count():

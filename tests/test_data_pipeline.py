@@ -626,7 +626,7 @@ def test_quality_counts_boilerplate_lines_of_kept_documents_only():
 
     rng = np.random.default_rng(0)
     kept = {"text": "Privacy Policy\n" + en_text(rng, 120)}
-    dropped = {"text": "Privacy Policy\nTerms of Use\nAccept cookies\n" + en_text(rng, 120)}
+    dropped = {"text": "Privacy Policy\nTerms of Use\nAccept cookies\n" + en_text(rng, 12)}
     stats = [StageStats("quality")]
     assert run_stages(kept, [QualityFilter()], stats)["signals"]["boilerplate_lines"] == 1
     assert run_stages(dropped, [QualityFilter()], stats) is None
