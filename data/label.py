@@ -13,8 +13,9 @@ import re
 
 from data.filters import CJK_RANGES, QualityConfig, words
 
-# (signal, QualityConfig field holding its limit)
-SCORED_SIGNALS = (("symbol_ratio", "max_symbol_ratio"), ("digit_ratio", "max_digit_ratio"),
+# (signal, QualityConfig field holding its limit); symbols without punctuation, which would rank Chinese prose
+# below English of the same quality
+SCORED_SIGNALS = (("special_char_ratio", "max_symbol_ratio"), ("digit_ratio", "max_digit_ratio"),
                   ("hash_ellipsis_ratio", "max_hash_ellipsis_ratio"), ("dup_lines", "max_dup_lines"),
                   ("dup_line_chars", "max_dup_line_chars"), ("dup_paragraphs", "max_dup_paragraphs"),
                   ("url_density", "max_url_density"))

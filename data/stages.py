@@ -18,9 +18,9 @@ from data.langid import LangID, LangIDConfig
 from data.normalize import NormalizeConfig, normalize_text
 
 # signals kept on the document for the labelling stage (the full set is ~30 floats)
-KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "digit_ratio", "hash_ellipsis_ratio",
-                "dup_lines", "dup_line_chars", "dup_paragraphs", "url_density", "top_2gram", "dup_5gram",
-                "boilerplate_lines")
+KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "special_char_ratio", "digit_ratio",
+                "hash_ellipsis_ratio", "dup_lines", "dup_line_chars", "dup_paragraphs", "url_density", "top_2gram",
+                "dup_5gram", "boilerplate_lines")
 
 
 def nbytes(doc: dict) -> int:

@@ -85,9 +85,9 @@ def test_quality_score_is_the_mean_headroom_under_the_limits():
     zeros = {name: 0.0 for name, _ in SCORED_SIGNALS}
     assert quality_score(zeros, q) == 1.0
     assert quality_score({name: getattr(q, lim) for name, lim in SCORED_SIGNALS}, q) == 0.0
-    half = dict(zeros, symbol_ratio=q.max_symbol_ratio / 2, digit_ratio=3 * q.max_digit_ratio)
+    half = dict(zeros, special_char_ratio=q.max_symbol_ratio / 2, digit_ratio=3 * q.max_digit_ratio)
     assert quality_score(half, q) == round((len(SCORED_SIGNALS) - 2 + 0.5 + 0.0) / len(SCORED_SIGNALS), 4)
-    assert quality_score({"symbol_ratio": q.max_symbol_ratio / 4}, q) == 0.75  # only the signals present count
+    assert quality_score({"special_char_ratio": q.max_symbol_ratio / 4}, q) == 0.75  # only the signals present count
     # on documents: clean prose scores above the same prose with spam appended
     clean = en_text(np.random.default_rng(0), 300)
     spammy = clean + "\n" + "\n".join(["#deal #sale #win www.x.com/a www.x.com/b 50% 70% 90%"] * 8)
@@ -128,3 +128,29 @@ def test_a_zero_limit_scores_full_headroom_at_zero_and_none_above():
     zeros = {name: 0.0 for name, _ in SCORED_SIGNALS}
     assert quality_score(zeros, q) == 1.0
     assert quality_score(dict(zeros, url_density=0.01), q) == round(1 - 1 / len(SCORED_SIGNALS), 4)
+
+
+def test_quality_score_ranks_clean_chinese_and_english_alike():
+    """Human-written prose in either language (data/langid_samples.py, documents of four sentences): Chinese puts
+    a punctuation mark every ~9 characters, so a score over `symbol_ratio` (punctuation included) ranked every
+    Chinese document below every English one; the score's `special_char_ratio` leaves punctuation out, and still
+    counts $ % © and emoji."""
+    import numpy as np
+
+    from data.filters import QualityConfig, analyze, quality_filter
+    from data.label import quality_score
+    from data.langid_samples import EN_LONG, ZH_LONG
+    from data.normalize import normalize_text
+
+    rng, q = np.random.default_rng(0), QualityConfig(min_chars=0, min_words=0)
+    scores, symbols = {}, {}
+    for lang, sents, sep in (("en", EN_LONG, " "), ("zh", ZH_LONG, "")):
+        out = [quality_filter(normalize_text(sep.join(rng.choice(sents, 4, replace=False))), q) for _ in range(20)]
+        assert all(reason is None for _, reason, _ in out)
+        scores[lang] = np.array([quality_score(s, q) for *_, s in out])
+        symbols[lang] = np.median([s["symbol_ratio"] for *_, s in out])
+    assert symbols["zh"] > 3 * symbols["en"]  # the punctuation-inclusive ratio differs by script
+    assert abs(np.median(scores["zh"]) - np.median(scores["en"])) < 0.01 and scores["zh"].min() > 0.97
+    assert analyze("word$ " * 5)["special_char_ratio"] == pytest.approx(1 / 5)
+    assert analyze("好的，好的。" * 5)["special_char_ratio"] == 0.0
+    assert analyze("好的😀好的。" * 5)["special_char_ratio"] == pytest.approx(1 / 6)
