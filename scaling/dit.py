@@ -188,6 +188,7 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
         check_mesh,
         dtype_bytes,
         gathered_split,
+        input_shards,
         param_table_from_state,
         shard_factor,
         update_bytes,
@@ -204,7 +205,7 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in params)
     pbytes = sum(p.size * dtype_bytes(p.dtype) / shard_factor(p.axes, p.shape, mesh, rules) for p in params)
 
-    clips = micro_batch / shard_factor(("batch",), (micro_batch,), mesh, rules)
+    clips = micro_batch / input_shards("micro_batch", "batch", micro_batch, mesh, rules)
     tokens = clips * s.tokens / shard_factor(("act_seq",), (s.tokens,), mesh, rules)
     NH = s.n_heads * s.hd / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)

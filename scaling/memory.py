@@ -184,6 +184,17 @@ def _axis_product(name: str, mesh: Mapping[str, int], size: int, rules=None) -> 
     return shard_factor((name,), (size,), mesh, rules)
 
 
+def input_shards(field: str, logical: str, size: int, mesh: Mapping[str, int], rules=None) -> int:
+    """How many ways the rules split an input dimension (`logical` 'batch' or 'act_seq') of `size`; one that does
+    not divide is refused naming the caller's `field` (micro_batch, seq_len), not a model dimension."""
+    try:
+        return _axis_product(logical, mesh, size, rules)
+    except ValueError:
+        n = _axis_product(logical, mesh, math.prod(mesh.values()), rules)  # the axes the rules would use
+        raise ValueError(f"{field}={size} must be a multiple of {n}, the devices of this mesh the rules table splits "
+                         f"{logical!r} over; change {field} or those mesh axes") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes per device of one training step. `total` is the modelled peak."""
@@ -359,8 +370,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     table = params if params is not None else lm_param_table(s, param_dtype=pdt)
 
     elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table)
-    bshards = _axis_product("batch", mesh, micro_batch, rules)
-    sshards = _axis_product("act_seq", mesh, seq_len, rules)
+    bshards = input_shards("micro_batch", "batch", micro_batch, mesh, rules)
+    sshards = input_shards("seq_len", "act_seq", seq_len, mesh, rules)
     local_tokens = (micro_batch // bshards) * (seq_len // sshards)
     stage = shard_factor(("layers",), (s.n_layers,), mesh, rules)
     layers_local = s.n_layers // stage

@@ -97,3 +97,5 @@ def test_dit_memory_rejects_bad_input():
         dit_memory_per_device(BASE, {"data": 1}, 1, TEXT, remat="some")
     with pytest.raises(ValueError, match="unknown"):
         dit_memory_per_device(BASE, {"dat": 2}, 2, TEXT)
+    with pytest.raises(ValueError, match=r"micro_batch=4 must be a multiple of 8,"):
+        dit_memory_per_device(BASE, {"data": 2, "fsdp": 4}, 4, TEXT)

@@ -163,6 +163,11 @@ def test_parameter_bytes_follow_the_rules_table():
     assert tp.local_tokens == 8 // 4 * 64 and flat.local_tokens == 64
     with pytest.raises(ValueError, match="does not divide"):
         memory_per_device(dataclasses.replace(BASE, mlp_dim=510), {"data": 2, "tensor": 4}, 8, 64)
+    # an input that does not divide is named as the caller's argument, with the multiple it needs
+    with pytest.raises(ValueError, match=r"micro_batch=8 must be a multiple of 16,.*'batch'"):
+        memory_per_device(BASE, {"data": 4, "fsdp": 4}, 8, 64)
+    with pytest.raises(ValueError, match=r"seq_len=66 must be a multiple of 4,.*'act_seq'"):
+        memory_per_device(BASE, {"data": 2, "sequence": 4}, 8, 66)
     for args, kw, name in [((-2, 64), {}, "micro_batch"), ((8, 0), {}, "seq_len"),
                            ((8, 64), {"optimizer_moments": -1}, "optimizer_moments"),
                            ((8, 64), {"update_buffers": -1}, "update_buffers")]:  # negative bytes before
