@@ -127,8 +127,16 @@ def dit_sampling_flops(cfg, text_len: int, steps: int, cfg_guidance: bool = True
     return steps * (2 if cfg_guidance else 1) * dit_forward_flops(cfg, text_len, batch)
 
 
+def _kernel(cfg, kernel: str | None) -> str:
+    """'flash' (a fused kernel that stores no scores: attn_impl 'cudnn') or 'dense' (models.attention's)."""
+    kernel = kernel or ("flash" if getattr(cfg, "attn_impl", "xla") == "cudnn" else "dense")
+    if kernel not in ("dense", "flash"):
+        raise ValueError(f"kernel={kernel!r}: use 'dense' (scores in memory) or 'flash' (a fused kernel)")
+    return kernel
+
+
 def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: str | None = None,
-                              mesh=None, rules=None) -> float:
+                              mesh=None, rules=None, kernel: str | None = None) -> float:
     """Bytes one block keeps per local video token for the backward pass under `remat` (read off
     `jax.ad_checkpoint.print_saved_residuals` of `DiTBlock`). D width, NH = heads·head_dim and F mlp_dim (both
     divided by the tensor degree), N heads, c compute-dtype bytes, n = 1 or 2 self-attentions, K_s their keys per
@@ -143,7 +151,10 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
                             and the out-projection's input), cross-attention c·(3 + q)·NH + NH (its padding mask),
                             the MLP's gate and up, and models.attention's float32 weights and row sums,
                             4·N·(K_s + L) + 4·N·(n + 1).
-    Per-clip residuals (caption keys / values, adaLN vectors) are in `dit_memory_per_device`."""
+    kernel='flash' (default when cfg.attn_impl is 'cudnn'): a fused kernel keeps no scores, only a float32
+    log-sum-exp per query, head and attention: 4·N·(K_s + L) -> 4·N·(n + 1) under save_dots and none (the
+    lse replaces the row sums). Per-clip residuals (caption keys / values, adaLN vectors) are in
+    `dit_memory_per_device`."""
     from scaling.memory import REMAT_POLICIES, check_mesh, dtype_bytes, shard_factor
 
     if remat not in REMAT_POLICIES:
@@ -154,20 +165,24 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
     D, N, NH = s.d_model, s.n_heads / t, s.n_heads * s.hd / t
     n, q, keys = (2 if s.temporal else 1), int(s.qk_norm), s.self_attention_keys() + text_len
+    flash = _kernel(cfg, kernel) == "flash"
     if remat == "full":
         return c * D
     dots = c * (D + n * (3 * NH + D) + NH + D + 2 * F + D)
     if remat == "save_dots_no_batch":
         return dots
+    scores = 4 * N * (n + 1) if flash else 4 * N * keys
     if remat == "save_dots":
-        return dots + c * (n + 1) * NH + 4 * N * keys
+        return dots + c * (n + 1) * NH + scores
     mask = NH  # the cross-attention's one-byte padding mask, broadcast over heads (its `jnp.where`)
-    return c * (4 * D * (n + 2) + n * (5 + 2 * q) * NH + (3 + q) * NH + 2 * F) + mask + 4 * N * (keys + n + 1)
+    return (c * (4 * D * (n + 2) + n * (5 + 2 * q) * NH + (3 + q) * NH + 2 * F) + mask
+            + (scores if flash else scores + 4 * N * (n + 1)))
 
 
 def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: str | None = None,
                           compute_dtype: str | None = None, grad_dtype: str | None = None, optimizer_moments: int = 2,
-                          opt_dtype: str | None = None, params=None, rules=None, update_buffers: int = 1):
+                          opt_dtype: str | None = None, params=None, rules=None, update_buffers: int = 1,
+                          kernel: str | None = None):
     """Modelled peak bytes per device of a `VideoDiT` training step (a `scaling.memory.MemoryBreakdown`; its terms
     as in scaling/memory.py's module docstring), for `micro_batch` global clips with `text_len` caption tokens.
 
@@ -177,7 +192,9 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     c·12D) of every block; the working set: one block's
     residuals under remat 'none' plus its backward's gate / up cotangents and float32 dP / dS, and the final
     layer's patch-wide buffers (prediction, target, their difference, float32). Gathered weights (FSDP) and the
-    optimizer update as `scaling.memory.memory_per_device`. tests/test_scaling_dit_memory.py states the tolerances.
+    optimizer update as `scaling.memory.memory_per_device`. kernel: 'dense' or 'flash' (no scores; the default when
+    cfg.attn_impl is 'cudnn'), as in `dit_saved_bytes_per_token` (a window's mask that cuDNN takes as a bias is not
+    counted). tests/test_scaling_dit_memory.py states the tolerances.
     """
     from flax import nnx
 
@@ -210,10 +227,11 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     NH = s.n_heads * s.hd / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
     per_clip = c * (text_len * (2 + (remat == "none") * int(s.qk_norm)) * NH + (12 if s.temporal else 9) * s.d_model)
-    saved = dit_saved_bytes_per_token(s, remat, text_len, compute_dtype=cdt, mesh=mesh, rules=rules)
+    kernel = _kernel(cfg, kernel)
+    saved = dit_saved_bytes_per_token(s, remat, text_len, compute_dtype=cdt, mesh=mesh, rules=rules, kernel=kernel)
     acts = s.n_layers * (tokens * saved + (0 if remat == "full" else clips * per_clip))
-    block = dit_saved_bytes_per_token(s, "none", text_len, compute_dtype=cdt, mesh=mesh, rules=rules)
-    keys = s.self_attention_keys() + text_len
+    block = dit_saved_bytes_per_token(s, "none", text_len, compute_dtype=cdt, mesh=mesh, rules=rules, kernel=kernel)
+    keys = 0 if kernel == "flash" else s.self_attention_keys() + text_len  # dP and dS: a fused kernel tiles them
     n_local = s.n_heads / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     working = tokens * (block + 2 * c * F + 2 * 4 * n_local * keys + 3 * 4 * s.patch_dim)
 

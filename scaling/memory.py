@@ -237,7 +237,7 @@ class MemoryBreakdown:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
                 (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
-                ("working set (1 scan group + logits)", self.working),
+                ("working set (one layer's backward + output)", self.working),
                 ("gathered weights (FSDP)", self.transient_weights),
                 ("optimizer update (after the backward)", self.update), ("total", self.total)]
         peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"

@@ -99,3 +99,26 @@ def test_dit_memory_rejects_bad_input():
         dit_memory_per_device(BASE, {"dat": 2}, 2, TEXT)
     with pytest.raises(ValueError, match=r"micro_batch=4 must be a multiple of 8,"):
         dit_memory_per_device(BASE, {"data": 2, "fsdp": 4}, 4, TEXT)
+
+
+def test_flash_kernel_keeps_no_scores():
+    """kernel='flash' (the default for attn_impl='cudnn'): a fused kernel's residuals per token do not grow with
+    the keys a query sees, where models.attention's float32 scores do (4 bytes per head and key); the working
+    set's dP / dS go too."""
+    from scaling.dit import dit_saved_bytes_per_token
+
+    small, big = (dataclasses.replace(BASE, attention="full", latent_shape=shape) for shape in ((4, 8, 8), (4, 16, 16)))
+    extra_keys = big.tokens - small.tokens
+    for remat in ("save_dots", "none"):
+        dense = [dit_saved_bytes_per_token(c, remat, TEXT) for c in (small, big)]
+        flash = [dit_saved_bytes_per_token(c, remat, TEXT, kernel="flash") for c in (small, big)]
+        assert dense[1] - dense[0] == 4 * BASE.n_heads * extra_keys and flash[1] == flash[0] < dense[0]
+        cudnn = dataclasses.replace(big, attn_impl="cudnn")
+        assert dit_saved_bytes_per_token(cudnn, remat, TEXT) == flash[1]
+    for remat in ("full", "save_dots_no_batch"):  # no scores kept either way
+        assert len({dit_saved_bytes_per_token(big, remat, TEXT, kernel=k) for k in ("dense", "flash")}) == 1
+    dense, flash = (dit_memory_per_device(big, {}, 2, TEXT, remat="full", kernel=k) for k in ("dense", "flash"))
+    assert dense.activations == flash.activations and flash.working < dense.working
+    assert dense.working - flash.working >= 2 * 2 * 4 * BASE.n_heads * big.tokens * (big.tokens + TEXT)  # dP, dS
+    with pytest.raises(ValueError, match="kernel='splash'"):
+        dit_memory_per_device(big, {}, 2, TEXT, kernel="splash")
