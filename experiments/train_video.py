@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import time
 import zipfile
@@ -152,10 +154,39 @@ def stage_settings(p: Preset, seed: int) -> dict[str, dict]:
     """What each stage's checkpoint is trained with, saved in its meta. Resuming a stage under other settings
     would mix two runs (the DiT of one VAE's latents decoded by another), so `check_resume` refuses it. Step
     counts may change (training on, with the schedule stretched); the DiT's settings include the latents'."""
-    vae = {"vae": repr(p.vae), "vae_batch": p.vae_batch, "vae_lr": p.vae_lr, "data": repr(p.data), "seed": seed}
-    t2v = {"t2v": repr(p.t2v), "dit_batch": p.dit_batch, "dit_lr": p.dit_lr, "ema_decay": p.ema_decay,
+    vae = {**_fields("vae", p.vae), "vae_batch": p.vae_batch, "vae_lr": p.vae_lr, **_fields("data", p.data),
+           "seed": seed}
+    t2v = {**_fields("t2v", p.t2v), "dit_batch": p.dit_batch, "dit_lr": p.dit_lr, "ema_decay": p.ema_decay,
            "seed": seed, "latents": latents_made_by(p)}
     return {"vae": vae, "t2v": t2v}
+
+
+def _fields(prefix: str, cfg) -> dict[str, str]:
+    """A config's leaves by dotted name ('t2v.diffusion.shift'), each as its repr: a refusal can name them."""
+    if not dataclasses.is_dataclass(cfg):
+        return {prefix: repr(cfg)}
+    return {k: v for f in dataclasses.fields(cfg)
+            for k, v in _fields(f"{prefix}.{f.name}", getattr(cfg, f.name)).items()}
+
+
+def _changed(saved: dict, now: dict, p: Preset) -> list[str]:
+    """The settings that differ, as 'name: saved -> now' (the name alone for long values)."""
+    if any(isinstance(saved.get(k), str) and k in ("vae", "data", "t2v") for k in saved):
+        # written before settings were saved field by field: whole configs as reprs
+        whole = {"vae": p.vae, "data": p.data, "t2v": p.t2v}
+        now = {k: v for k, v in now.items() if k.split(".")[0] not in whole} | {
+            k: repr(whole[k]) for k in whole if k in saved}
+    out = []
+    for k in sorted(set(now) | set(saved)):
+        a, b = saved.get(k, "(absent)"), now.get(k, "(absent)")
+        if a != b and k in ("vae", "data", "t2v"):  # whole reprs: the fields whose 'name=value' differ
+            ta, tb = re.split(r", |\(", a), re.split(r", |\(", b)
+            ops = difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()
+            out.append(f"{k}: " + ", ".join(f"{' '.join(ta[i:j])} -> {' '.join(tb[m:n])}"
+                                            for op, i, j, m, n in ops if op != "equal"))
+        elif a != b:
+            out.append(f"{k}: {a} -> {b}" if len(str(a)) + len(str(b)) < 80 else k)
+    return out
 
 
 def check_resume(p: Preset, out: pathlib.Path, seed: int):
@@ -172,9 +203,10 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
         if "settings" not in saved:
             print(f"{stage}: checkpoint {step} predates saved settings; resuming it unchecked")
             continue
-        changed = sorted(k for k in now if saved["settings"].get(k) != now[k])
+        changed = _changed(saved["settings"], now, p)
         if changed:
-            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}) was trained with other {changed}; "
+            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}) was trained with other settings "
+                             f"({'; '.join(changed)}); "
                              f"rerun with the settings it was made with, pass --fresh to start over, or delete "
                              f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
 
