@@ -91,8 +91,18 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     for p in paths:
         p = pathlib.Path(p)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and not _side_file(f.relative_to(p))
-                            and not (skip is not None and f.resolve().is_relative_to(skip)))
+            found = [f for f in p.rglob("*") if not _side_file(f.relative_to(p))
+                     and not (skip is not None and f.resolve().is_relative_to(skip))]
+            runs = sorted({str(f.parent) for f in found if f.name == "manifest.json" and (f.parent / "raw").is_dir()})
+            if runs:
+                raise ValueError(f"input {p} holds the output of an earlier pipeline run: {', '.join(runs[:3])} "
+                                 "(its manifest.json and tiers); move it out of the input directory, or pass the "
+                                 "input files / folders themselves")
+            broken = sorted(str(f) for f in found if f.is_symlink() and not f.exists())
+            if broken:
+                raise FileNotFoundError(f"{len(broken)} inputs under {p} are broken symbolic links: "
+                                        f"{', '.join(broken[:5])}; fix or remove them")
+            files += sorted(str(f) for f in found if f.is_file())  # (as strings: shard order of earlier runs)
         elif p.is_file():
             files.append(str(p))
         else:

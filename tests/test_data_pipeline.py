@@ -631,3 +631,21 @@ def test_quality_counts_boilerplate_lines_of_kept_documents_only():
     assert run_stages(kept, [QualityFilter()], stats)["signals"]["boilerplate_lines"] == 1
     assert run_stages(dropped, [QualityFilter()], stats) is None
     assert stats[0].dropped == {"boilerplate": 1} and stats[0].counters == {"boilerplate_lines_removed": 1}
+
+
+def test_discover_refuses_an_earlier_runs_output_and_broken_links(tmp_path):
+    """The run's own --out inside the input is skipped; another run's output there (manifest.json + tiers) was
+    refused as '34 files in a format this pipeline would misread', never saying what they were; a broken symbolic
+    link was skipped without a count."""
+    from data.sources import discover
+
+    (tmp_path / "a.txt").write_text("document a")
+    (tmp_path / "clean" / "raw").mkdir(parents=True)
+    (tmp_path / "clean" / "manifest.json").write_text("{}")
+    (tmp_path / "clean" / "raw" / "shard-00000.stats.json").write_text("{}")
+    assert discover([tmp_path], skip=tmp_path / "clean") == [(str(tmp_path / "a.txt"),)]
+    with pytest.raises(ValueError, match=r"holds the output of an earlier pipeline run: .*clean .*move it out"):
+        discover([tmp_path], skip=tmp_path / "clean2")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match=r"1 inputs under .* broken symbolic links: .*gone.txt"):
+        discover([tmp_path], skip=tmp_path / "clean")
