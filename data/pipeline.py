@@ -11,7 +11,8 @@ Three passes, each resumable shard by shard (a shard is skipped when its stats f
   2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json`;
   3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
 Every tier holds `shard-NNNNN.array_record` (one JSON document per record) and `shard-NNNNN.stats.json`
-(per stage: documents and bytes in/out, drops by reason), and `stats.json` summed over shards. Memory is
+(per stage: documents and bytes in/out, drops by reason with the ids of the first three), and `stats.json` summed
+over shards (`python -m data.report OUT` prints it). Memory is
 bounded by one document per worker plus one shard's signatures (and, in pass 2, the LSH index).
 
 From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
@@ -150,10 +151,10 @@ def _pass1(i: int, files: Sequence[str], out: pathlib.Path, cfg: PipelineConfig)
     stages = cfg.filter_stages()
     stats = [StageStats(s.name) for s in stages]
     keys, sigs = [], []
-    for doc, reason, n in read_records(files, cfg.source, cfg.normalize):
+    for doc, reason, n, record_id in read_records(files, cfg.source, cfg.normalize, with_ids=True):
         ingest.take(n)
         if doc is None:
-            ingest.drop(reason, n)
+            ingest.drop(reason, n, record_id)
             continue
         ingest.keep(nbytes(doc))
         raw_w.write(doc)
@@ -219,7 +220,7 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
         n = nbytes(doc)
         dedup.take(n)
         if str(j) in drops:
-            dedup.drop(drops[str(j)][0], n)
+            dedup.drop(drops[str(j)][0], n, doc.get("id"))
             continue
         dedup.keep(n)
         writers["cleaned"].write(doc)

@@ -82,6 +82,11 @@ def report(out_dir) -> str:
         tags = {k[7:]: v for k, v in by_name["label"].counters.items() if k.startswith("domain:")}
         lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in sorted(tags.items(), key=lambda kv: -kv[1]))
                                         or "none"))
+    examples = [f"  {tier}/{s.name} {r}: {', '.join(ids)}" for tier, s in rows for r, ids in sorted(s.examples.items())
+                if ids]
+    if examples:
+        lines += ["", "dropped records, the first few per reason (ids: path:line, path:row, or a text file's path):",
+                  *examples]
     problems = reconcile(rows)
     lines.append("")
     lines.append("counts reconcile: " + ("yes (every stage: in = out + dropped; out feeds the next stage)"

@@ -324,6 +324,11 @@ def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             n += sum(len(b) for b in iter(lambda: f.read(1 << 20), b""))
             yield None, "too_large", n
             return
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte-order mark (Windows "Unicode" text files)
+        try:
+            raw = raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass  # not UTF-16 after all: judged as bytes (binary, as its NULs say)
     doc, reason = _text_doc(raw, {"id": path, "source": path}, cfg, ncfg)
     yield doc, reason, n
 
@@ -332,15 +337,23 @@ _DEFAULT_NORMALIZE = NormalizeConfig()
 
 
 def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
-                 ncfg: NormalizeConfig = _DEFAULT_NORMALIZE) -> Iterator[tuple[dict | None, str | None, int]]:
-    """Every record of a shard's files: `(doc, None, nbytes)` or `(None, drop_reason, nbytes)`.
+                 ncfg: NormalizeConfig = _DEFAULT_NORMALIZE, with_ids: bool = False) -> Iterator[tuple]:
+    """Every record of a shard's files: `(doc, None, nbytes)` or `(None, drop_reason, nbytes)`; with `with_ids`,
+    a fourth item says where the record was: its `id` (`path:line` / `path:row` unless the record has one; a text
+    file's path), for a dropped one too, and the path alone for a whole file dropped at once.
 
     Reasons: too_large, empty, binary, invalid_utf8, malformed_json, missing_text, bad_text_type,
     unreadable_file. An I/O error mid-file ends that file with one `unreadable_file` drop.
     """
     readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for path in files:
+        kind = _kind(path)
         try:
-            yield from readers[_kind(path)](path, cfg, ncfg)
+            for k, (doc, reason, n) in enumerate(readers[kind](path, cfg, ncfg)):
+                if not with_ids:
+                    yield doc, reason, n
+                    continue
+                whole = kind == "text" or reason == "unreadable_file" or (kind, reason) == ("parquet", "missing_text")
+                yield doc, reason, n, doc["id"] if doc is not None else path if whole else f"{path}:{k}"
         except _READ_ERRORS:
-            yield None, "unreadable_file", 0
+            yield (None, "unreadable_file", 0) + ((path,) if with_ids else ())

@@ -28,10 +28,14 @@ def nbytes(doc: dict) -> int:
     return len(doc["text"].encode("utf-8"))
 
 
+EXAMPLES = 3  # ids of dropped records kept per reason and stage (in shard order after merging)
+
+
 @dataclasses.dataclass
 class StageStats:
-    """Documents and text bytes into and out of one stage; drops (count and bytes) by reason; free
-    counters (e.g. languages kept, boilerplate lines removed)."""
+    """Documents and text bytes into and out of one stage; drops (count and bytes) by reason, and the ids of the
+    first `EXAMPLES` records dropped for each reason (which file was 'binary'?); free counters (e.g. languages
+    kept, boilerplate lines removed)."""
 
     name: str
     docs_in: int = 0
@@ -41,6 +45,7 @@ class StageStats:
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dropped_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict = dataclasses.field(default_factory=dict)
 
     def take(self, n: int):
         self.docs_in += 1
@@ -50,9 +55,12 @@ class StageStats:
         self.docs_out += 1
         self.bytes_out += n
 
-    def drop(self, reason: str, n: int):
+    def drop(self, reason: str, n: int, record_id: str | None = None):
         self.dropped[reason] += 1
         self.dropped_bytes[reason] += n
+        ids = self.examples.setdefault(reason, [])
+        if record_id is not None and len(ids) < EXAMPLES:
+            ids.append(str(record_id))
 
     def reconciles(self) -> bool:
         return self.docs_in == self.docs_out + sum(self.dropped.values())
@@ -61,13 +69,14 @@ class StageStats:
         return {"name": self.name, "docs_in": self.docs_in, "docs_out": self.docs_out, "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "dropped": dict(sorted(self.dropped.items())),
                 "dropped_bytes": dict(sorted(self.dropped_bytes.items())),
-                "counters": dict(sorted(self.counters.items()))}
+                "counters": dict(sorted(self.counters.items())),
+                "examples": {r: ids for r, ids in sorted(self.examples.items()) if ids}}
 
     @classmethod
     def from_json(cls, d: dict) -> StageStats:
         return cls(d["name"], d["docs_in"], d["docs_out"], d["bytes_in"], d["bytes_out"],
                    collections.Counter(d["dropped"]), collections.Counter(d["dropped_bytes"]),
-                   collections.Counter(d["counters"]))
+                   collections.Counter(d["counters"]), dict(d.get("examples", {})))  # (none before they were kept)
 
     def merge(self, other: StageStats) -> StageStats:
         if other.name != self.name:
@@ -75,7 +84,9 @@ class StageStats:
         return StageStats(self.name, self.docs_in + other.docs_in, self.docs_out + other.docs_out,
                           self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
                           self.dropped + other.dropped, self.dropped_bytes + other.dropped_bytes,
-                          self.counters + other.counters)
+                          self.counters + other.counters,
+                          {r: (self.examples.get(r, []) + other.examples.get(r, []))[:EXAMPLES]
+                           for r in self.examples.keys() | other.examples.keys()})
 
 
 def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
@@ -89,7 +100,7 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
                             "document or (doc, 'reason') to drop it, so every drop is counted by reason")
         out, reason = res
         if reason is not None:
-            st.drop(reason, n)
+            st.drop(reason, n, doc.get("id"))
             if hasattr(stage, "count"):
                 stage.count(st, out if out is not None else doc, dropped=True)
             return None

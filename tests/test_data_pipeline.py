@@ -114,6 +114,38 @@ def test_every_drop_counted_with_its_reason_and_counts_reconcile(cleaned):
     assert rows[-1][1].docs_out == EXPECTED_KEPT
 
 
+def test_dropped_records_are_named_by_reason(cleaned, corpus, capsys):
+    """The first few ids of each reason's drops (the report gave counts only: which file was 'binary'?), as
+    `path:line` for JSON Lines, the path of a text file; in the report too."""
+    out, _ = cleaned
+    jsonl, texts = corpus[1][0], corpus[1][1]
+    ex = {s.name: s.examples for _, s in report_mod.funnel(out)}
+    assert ex["ingest"]["malformed_json"] == [f"{jsonl}:17", f"{jsonl}:18"]
+    assert ex["ingest"]["empty"] == [f"{jsonl}:21", f"{jsonl}:22", f"{jsonl}:23"]  # 5 dropped, 3 named
+    assert ex["ingest"]["binary"] == [f"{jsonl}:25", f"{texts}/blob.bin"]
+    assert ex["ingest"]["too_large"] == [f"{jsonl}:26"]
+    assert ex["quality"]["promo_spam"] == [f"{jsonl}:13"] and ex["langid"]["lang_other"] == [f"{jsonl}:12"]
+    assert ex["dedup"] == {"exact_dup": [f"{jsonl}:10"], "near_dup": [f"{jsonl}:11"]}
+    for name, drops in EXPECTED_DROPS.items():  # every reason named, never more than EXAMPLES ids
+        assert {r: min(n, 3) for r, n in drops.items()} == {r: len(ids) for r, ids in ex[name].items()}, name
+    print(report_mod.report(out))
+    assert f"  raw/ingest binary: {jsonl}:25, {texts}/blob.bin" in capsys.readouterr().out
+
+
+def test_a_utf16_text_file_is_read_as_text(tmp_path):
+    """Windows' "Unicode" text files (UTF-16 with a byte-order mark) were dropped as `binary` (their NULs)."""
+    from data.sources import read_records
+
+    text = "Grüße aus 北京: a UTF-16 file."
+    for enc in ("utf-16", "utf-16-be"):
+        path = tmp_path / f"{enc}.txt"
+        path.write_bytes(text.encode(enc) if enc == "utf-16" else ("\ufeff" + text).encode(enc))  # BOM: LE / BE
+        [(doc, reason, n, rid)] = read_records([str(path)], with_ids=True)
+        assert reason is None and doc["text"] == text and rid == str(path)
+    (tmp_path / "odd.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a BOM, then a lone surrogate: not UTF-16
+    assert list(read_records([str(tmp_path / "odd.txt")])) == [(None, "binary", 4)]
+
+
 def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(tmp_path):
     """Past one read chunk (256 records) and with more than ten shards, created out of order."""
     from data.shards import DocWriter, shard_name
@@ -177,6 +209,8 @@ def test_stage_stats_merge_field_by_field():
     assert (m.docs_in, m.docs_out, m.bytes_in, m.bytes_out) == (15, 11, 1400, 1000)
     assert m.dropped == C(short=3, spam=1) and m.dropped_bytes == C(short=150, spam=250)
     assert m.counters == C(boilerplate=3) and m.reconciles()
+    a.examples, b.examples = {"short": ["a:1", "a:2"], "spam": ["a:3"]}, {"short": ["b:1", "b:2"]}
+    assert a.merge(b).examples == {"short": ["a:1", "a:2", "b:1"], "spam": ["a:3"]}  # in shard order, 3 at most
 
 
 def test_report_prints_funnel_and_language_mix(cleaned, capsys):
