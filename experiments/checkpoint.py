@@ -162,15 +162,29 @@ class Checkpoints:
     """`ocp.CheckpointManager` over `directory` with the trainer's policies.
 
     keep: the last N steps are kept; keep_best: also the step with the lowest eval loss (saved as a metric).
-    async_save: saves return after the device→host copy and write in a background thread.
+    async_save: saves return after the device→host copy and write in a background thread. read_only: for readers
+    beside a training job (`experiments.train_lm.load_model`): nothing is created, cleaned up or moved (a writer's
+    in-progress temporary directory stays), and saving is refused.
     """
 
-    def __init__(self, directory, keep: int = 2, keep_best: bool = True, async_save: bool = True, log=print):
+    def __init__(self, directory, keep: int = 2, keep_best: bool = True, async_save: bool = True, log=print,
+                 read_only: bool = False):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # orbax's LatestN(0) deletes every save
             raise ValueError(f"Checkpoints keep={keep!r}: must be an int >= 1 (the newest N steps kept)")
         self.dir = pathlib.Path(directory).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+        self.read_only = read_only
         self._report_incomplete()
+        handlers = {"state": array_tree_handler(), "meta": ocp.JsonCheckpointHandler(),
+                    "loader": grain.checkpoint.CheckpointHandler()}
+        if read_only:
+            if not self.dir.is_dir():
+                raise FileNotFoundError(f"{self.dir} does not exist: pass a run's --out directory")
+            # (not orbax's read_only=True, which logs two warnings at every open: this never saves or deletes)
+            opts = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False,
+                                                enable_async_checkpointing=False)
+            self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
+            return
         if keep_best:
             self._set_aside_unreadable_metrics()
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -184,8 +198,6 @@ class Checkpoints:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True,
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
-        handlers = {"state": array_tree_handler(), "meta": ocp.JsonCheckpointHandler(),
-                    "loader": grain.checkpoint.CheckpointHandler()}
         self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
 
     def _report_incomplete(self):
@@ -228,6 +240,8 @@ class Checkpoints:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
         NonFiniteState instead of saving NaN/Inf. Returns once the arrays are copied off the devices (training may
         then donate them) and the loader state is written."""
+        if self.read_only:
+            raise PermissionError(f"checkpoint: {self.dir} was opened read_only; open it without to save")
         pure = to_pure(state)
         _jax_leaves(pure, "save state")
         if not bool(all_finite(state)):
@@ -261,6 +275,7 @@ class Checkpoints:
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
         False: a reader beside a running job must not move its files), and the previous one is tried; a readable
         one that does not fit raises CheckpointMismatch and stays where it is."""
+        quarantine = quarantine and not self.read_only
         abstract = _onto_one_mesh(abstract_of(to_pure(template)))
         if step is not None and step not in self.mgr.all_steps():
             return None

@@ -237,9 +237,13 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
     shape = mesh_shape or {"fsdp": 1}
     n = len(jax.devices()) if -1 in shape.values() else math.prod(shape.values())
     mesh = make_mesh(shape, devices=jax.devices()[:n])
-    ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=log)
+    ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=log, read_only=True)
     try:
-        steps = sorted(ckpt.steps(), reverse=True) if step is None else [step]
+        steps = sorted(ckpt.steps(), reverse=True)
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no step {step} under {pathlib.Path(out) / 'ckpt'}; saved steps: "
+                                    f"{sorted(steps) or 'none'}")
+        steps = steps if step is None else [step]
         for s in steps:
             try:
                 meta = ckpt.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

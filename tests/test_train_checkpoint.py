@@ -91,6 +91,17 @@ def test_single_device_scalars_of_a_template_are_restored_onto_its_mesh(tmp_path
             ckpt.save(6, {**state, "rng": jax.random.key(0)}, {"config": "{}"})
     finally:
         ckpt.close()
+    # a reader beside the writer (read_only): restores, saves nothing, creates nothing
+    reader = Checkpoints(tmp_path / "ckpt", keep_best=False, async_save=False, read_only=True)
+    try:
+        assert reader.steps() == [5] and int(reader.restore(state)[0]["step"]) == 5
+        with pytest.raises(PermissionError, match="read_only"):
+            reader.save(6, state, {"config": "{}"})
+    finally:
+        reader.close()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Checkpoints(tmp_path / "typo", read_only=True)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_checkpoints_read_and_write_orbax_standard_format_both_ways(tmp_path):

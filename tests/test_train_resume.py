@@ -404,3 +404,9 @@ def test_load_model_reads_without_moving_anything(runs, tmp_path):
         train_lm.load_model(out, step=8, log=lines.append)
     model, _ = train_lm.load_model(ref, mesh_shape={"fsdp": 2})  # 2 of the 8 devices
     assert {d.id for x in jax.tree.leaves(nnx.state(model)) for d in x.sharding.device_set} == {0, 1}
+    # a step that was never saved is named with those that were; a mistyped run folder is not created (it was)
+    with pytest.raises(FileNotFoundError, match=r"no step 5 under .*; saved steps: \[4, 8, 12\]"):
+        train_lm.load_model(out, step=5)
+    with pytest.raises(FileNotFoundError, match="does not exist: pass a run's --out directory"):
+        train_lm.load_model(tmp_path / "no_such_run")
+    assert not (tmp_path / "no_such_run").exists()
