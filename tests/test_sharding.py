@@ -213,9 +213,11 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     assert "argument --microbatches: 4 microbatches need a pipeline" in capsys.readouterr().err
     mesh = make_mesh({"data": 2, "sequence": 4})
     with pytest.raises(ValueError, match=r"an array \(2, 6\): dimension 'act_seq' of size 6 does not divide mesh "
-                                         r"axes \('sequence',\) \(size 4\)"):
+                                         r"axes \('sequence',\) \(size 4\); use a sequence length that is a "
+                                         r"multiple of 4"):
         shard_batch({"tokens": np.zeros((2, 6), np.int32)}, mesh)
-    with pytest.raises(ValueError, match=r"an array \(3, 8\): dimension 'batch' of size 3 does not divide"):
+    with pytest.raises(ValueError, match=r"an array \(3, 8\): dimension 'batch' of size 3 does not divide.*; use "
+                                         r"a batch size that is a multiple of 2, or change the mesh"):
         shard_batch(np.zeros((3, 8), np.int32), mesh)
     x = shard_batch(np.arange(16, dtype=np.int32).reshape(2, 8), mesh)
     assert tuple(x.sharding.spec) == ("data", "sequence") and np.array_equal(np.asarray(x), np.arange(16).reshape(2, 8))
