@@ -77,7 +77,7 @@ class TransformerConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
-    attn_impl: AttnImpl = "xla"
+    attn_impl: AttnImpl = "xla"  # global layers; local (sliding-window) layers follow swa_impl ('dense': the oracle)
     # query block of the 'xla' kernel for global causal attention: key blocks above the diagonal are
     # skipped ((Q + 1) / 2Q of the dense [T, T] work for Q = T / attn_block, at most 16 blocks: longer sequences
     # get T / 16 rows a block, models.attention.causal_block_rows); None: one dense block
