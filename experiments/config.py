@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -317,7 +318,9 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
         for name in dict.fromkeys(k.split(".")[0] for k in sub):
             key = f"{path}{name}"
             if name not in fields:
-                raise ConfigError(f"{key}: unknown field; {type(obj).__name__} has {', '.join(sorted(fields))}")
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f"did you mean {path}{close[0]}? " if close else ""
+                raise ConfigError(f"{key}: unknown field; {hint}{type(obj).__name__} has {', '.join(sorted(fields))}")
             if name in sub:  # the field itself
                 changes[name] = _typed(sub[name], str(fields[name]), key, vars(sys.modules[type(obj).__module__]))
             deeper = {k.split(".", 1)[1]: v for k, v in sub.items() if k.startswith(name + ".")}
@@ -427,11 +430,12 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(t.nan_policy in ("skip", "halt"), "train.nan_policy", f"unknown {t.nan_policy!r}; use skip or halt")
     need(o.schedule in ("cosine", "wsd"), "optim.schedule", f"unknown {o.schedule!r}; use cosine or wsd")
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    need(0 <= o.warmup_steps < t.steps, "optim.warmup_steps",
-         f"{o.warmup_steps} must be in [0, train.steps={t.steps}); for a short run add e.g. "
-         f"--set optim.warmup_steps={max(0, t.steps // 10)}")
-    need(o.schedule != "cosine" or o.warmup_steps == 0 or o.warmup_steps < t.steps - 1, "optim.warmup_steps",
-         f"{o.warmup_steps} leaves no update of the {t.steps} for the cosine decay; use at most {t.steps - 2}")
+    # the cosine schedule needs an update after warmup to decay over (warmup 0 is always fine)
+    hi = max(0, t.steps - 2) if o.schedule == "cosine" else t.steps - 1
+    need(0 <= o.warmup_steps <= hi, "optim.warmup_steps",
+         f"{o.warmup_steps} must be in [0, {hi}] for train.steps={t.steps}"
+         + (" (the cosine decay needs an update after warmup)" if o.schedule == "cosine" else "")
+         + f"; for a short run add e.g. --set optim.warmup_steps={min(hi, t.steps // 10)}")
     need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")
     need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
     need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"Adam's betas must be in [0, 1), got {o.b1}, {o.b2}")

@@ -37,14 +37,23 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.nan_policy=ignore"], 8, "train.nan_policy: unknown 'ignore'"),
     (["--preset", "tiny", "--set", "optim.schedule=linear"], 8, "optim.schedule: unknown 'linear'"),
     (["--preset", "tiny", "--set", "optim.warmup_steps=50"], 8,
-     "optim.warmup_steps: 50 must be in [0, train.steps=12); for a short run add e.g. --set optim.warmup_steps=1"),
+     "optim.warmup_steps: 50 must be in [0, 10] for train.steps=12 (the cosine decay needs an update after warmup); "
+     "for a short run add e.g. --set optim.warmup_steps=1"),
+    # one bound, said once: warmup 1 of 2 steps (within the first message's old range) leaves the cosine nothing
+    (["--preset", "tiny", "--steps", "2", "--set", "optim.warmup_steps=1"], 8,
+     "optim.warmup_steps: 1 must be in [0, 0] for train.steps=2 (the cosine decay needs an update after warmup); "
+     "for a short run add e.g. --set optim.warmup_steps=0"),
     # the bounds themselves (each loosened by one passed): warmup as long as the run, every module held out,
     # clipping to a norm of 0
     (["--preset", "tiny", "--set", "optim.schedule=wsd", "--set", "optim.warmup_steps=12"], 8,
-     "optim.warmup_steps: 12 must be in [0, train.steps=12)"),
+     "optim.warmup_steps: 12 must be in [0, 11] for train.steps=12; for a short run"),
     (["--preset", "tiny", "--set", "data.eval_every_nth=1"], 8, "data.eval_every_nth: hold out every n-th module"),
     (["--preset", "tiny", "--set", "optim.clip_norm=0"], 8, "optim.clip_norm: must be positive, got 0"),
-    (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; TrainSpec has"),
+    (["--preset", "tiny", "--set", "train.stepz=5"], 8, "train.stepz: unknown field; did you mean train.steps? "
+     "TrainSpec has"),
+    (["--preset", "demo", "--set", "model.moe.topk=5"], 8, "model.moe.topk: unknown field; did you mean "
+     "model.moe.top_k? MoEConfig has"),
+    (["--preset", "tiny", "--set", "train.xyzzy=5"], 8, "train.xyzzy: unknown field; TrainSpec has"),
     (["--preset", "tiny", "--set", "train.seed.x=1"], 8, "train.seed.x: seed is not a nested config"),
     # kernels of one backend only: they failed at the first eval, after the run directory was made
     (["--preset", "tiny", "--set", "model.attn_impl=cudnn", "--set", "model.dtype=bfloat16"], 8,
@@ -74,7 +83,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     # optimizer, data and output values that would train without complaint, but wrongly
     (["--preset", "tiny", "--set", "optim.b2=1.5"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
     (["--preset", "tiny", "--steps", "12", "--set", "optim.warmup_steps=11"], 8,
-     "optim.warmup_steps: 11 leaves no update of the 12"),
+     "optim.warmup_steps: 11 must be in [0, 10] for train.steps=12 (the cosine decay"),
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
     (["--preset", "tiny", "--set", "data.max_files=-5"], 8, "data.max_files: must be None (all modules) or >= 1"),
