@@ -169,7 +169,8 @@ class TransformerConfig:
              f"unknown {self.attn_impl!r}; use 'xla', 'cudnn' or 'reference'")
         need(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "remat",
              f"unknown {self.remat!r}; use none, full, save_dots or save_dots_no_batch")
-        for f in ("param_dtype", "dtype"):  # names only: a dtype object compares equal but is no JSON and no key
+        for f in ("param_dtype", "dtype"):  # kept as names: a dtype object compares equal but is no JSON and no key
+            object.__setattr__(self, f, dtype_name(getattr(self, f)))
             need(isinstance(getattr(self, f), str) and getattr(self, f) in ("float32", "bfloat16", "float16"), f,
                  f"unsupported {getattr(self, f)!r}; use the name 'float32', 'bfloat16' or 'float16'")
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
@@ -309,6 +310,17 @@ def _is_int(v) -> bool:
 
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # numpy floats too
+
+
+def dtype_name(v):
+    """A dtype given as an object (jnp.bfloat16, np.float32) as its name; anything else unchanged (then refused
+    by the config's check)."""
+    if isinstance(v, str):
+        return v
+    try:
+        return np.dtype(v).name
+    except TypeError:
+        return v
 
 
 def dtype_of(name: str):

@@ -362,7 +362,7 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("attn_block", 8.5, "attn_block"), ("scan_unroll", 2.0, "scan_unroll"), ("moe_every", 1.5, "moe_every"),
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling: must be a models.RopeScaling"),
     ("moe", {"n_experts": 4}, "moe: must be a models.moe.MoEConfig"),
-    ("dtype", np.dtype("float32"), "dtype: unsupported.*use the name"),  # equal to 'float32', but no JSON / key
+    ("dtype", np.dtype("int8"), "dtype: unsupported 'int8'"), ("param_dtype", 3, "param_dtype: unsupported 3"),
     # a TypeError deep inside, or a truthy string taken as True (biases built, embeddings tied for "no")
     ("rope_theta", "1e4", "rope_theta: must be a number"), ("norm_eps", None, "norm_eps: must be a number"),
     ("attn_logit_softcap", "5", "attn_logit_softcap: must be a number or None"),
@@ -372,6 +372,18 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
         dataclasses.replace(CFG, **{field: value})
+
+
+def test_dtype_objects_are_kept_as_their_names():
+    """jnp.bfloat16 / np.dtype('float32') were refused (names only: an object is no JSON and no cache key); they
+    are stored as their names, equal configs and hashes included."""
+    from models.video import DiTConfig
+
+    cfg = dataclasses.replace(CFG, dtype=jnp.bfloat16, param_dtype=np.dtype("float32"))
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32") and type(cfg.dtype) is str
+    named = dataclasses.replace(CFG, dtype="bfloat16")
+    assert cfg == named and hash(cfg) == hash(named)
+    assert DiTConfig(dtype=jnp.bfloat16).dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("kw,words", [

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from models.config import TransformerConfig, _is_int, _is_real as _real
+from models.config import TransformerConfig, _is_int, _is_real as _real, dtype_name
 
 Attention = Literal["factorized", "full"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -91,6 +91,7 @@ class VAEConfig:
         need(len(self.kernel) == 3 and all(k >= 1 and k % 2 == 1 for k in self.kernel[1:]) and self.kernel[0] >= 1,
              "kernel", f"(kt, kh, kw) with odd spatial taps ('same' padding), got {self.kernel}")
         for f in ("param_dtype", "dtype"):
+            object.__setattr__(self, f, dtype_name(getattr(self, f)))
             need(isinstance(getattr(self, f), str) and getattr(self, f) in DTYPES, f,
                  f"unsupported {getattr(self, f)!r}; use one of the names {DTYPES}")
 
@@ -248,6 +249,7 @@ class DiTConfig:
         need(self.remat in ("none", "full", "save_dots", "save_dots_no_batch"), "remat",
              f"unknown {self.remat!r}; use none, full, save_dots or save_dots_no_batch")
         for f in ("param_dtype", "dtype"):
+            object.__setattr__(self, f, dtype_name(getattr(self, f)))
             need(isinstance(getattr(self, f), str) and getattr(self, f) in DTYPES, f,
                  f"unsupported {getattr(self, f)!r}; use one of the names {DTYPES}")
 
