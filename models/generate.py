@@ -63,6 +63,32 @@ def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_
     return jnp.concatenate([toks_NB.T, last_B[:, None]], axis=1)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+def _generate_until(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id):
+    """As `_generate`, stopping once every row has produced one of `eos_ids`: → (tokens [B, max_new_tokens],
+    how many columns were generated). A finished row continues with `pad_id` (as Hugging Face pads)."""
+    model = nnx.merge(graphdef, state)
+    B, P = prompt_BP.shape
+    cache = KVCache.zeros(model.cfg, B, P + max_new_tokens)
+    logits_BPV, cache = model(prompt_BP, cache=cache)
+    rng, sub = jax.random.split(rng)
+    tok_B = sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    toks_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
+
+    def step(carry):
+        i, tok_B, done_B, cache, rng, toks_BN = carry
+        logits_B1V, cache = model(tok_B[:, None], cache=cache)
+        rng, sub = jax.random.split(rng)
+        nxt_B = jnp.where(done_B, pad_id, sample_logits(logits_B1V[:, 0], sub, temperature, top_k, top_p))
+        toks_BN = jax.lax.dynamic_update_slice(toks_BN, nxt_B[:, None], (0, i))
+        return i + 1, nxt_B, done_B | jnp.isin(nxt_B, eos), cache, rng, toks_BN
+
+    carry = (jnp.int32(1), tok_B, jnp.isin(tok_B, eos), cache, rng, toks_BN)
+    n, *_, toks_BN = jax.lax.while_loop(lambda c: (c[0] < max_new_tokens) & ~jnp.all(c[2]), step, carry)
+    return toks_BN, n
+
+
 def _one_key(rng) -> bool:
     """A typed key of shape [] or a raw uint32[2] key (jax.random.PRNGKey)."""
     dtype, shape = getattr(rng, "dtype", None), tuple(getattr(rng, "shape", (None,)))
@@ -72,12 +98,16 @@ def _one_key(rng) -> bool:
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, rng=None):
+             top_p: float | None = None, rng=None, eos_id: int | tuple[int, ...] | None = None,
+             pad_id: int | None = None):
     """Continue `prompt_tokens` [B, P] (equal lengths, no padding) by `max_new_tokens` tokens.
 
     Returns int32 [B, P + max_new_tokens]: the prompt followed by the generated tokens.
     Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
     top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
+    eos_id: an end token (or several): a row that emits one continues with `pad_id` (default: the first eos_id),
+    and generation stops once every row has, so the result may be shorter, [B, P + n] with n <= max_new_tokens
+    (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`).
     """
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size).astype(jnp.int32)  # ints in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
@@ -101,8 +131,32 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         warnings.warn(f"generate: {total} tokens (prompt {prompt_BP.shape[1]} + {max_new_tokens} new) exceed the "
                       f"model's max_seq_len={model.cfg.max_seq_len}, the context it was trained for; positions past "
                       "it are extrapolated", stacklevel=2)
+    eos_ids = _token_ids("eos_id", eos_id, model.cfg.vocab_size)
+    if pad_id is not None:
+        if not eos_ids:
+            raise ValueError("pad_id fills the rows that have ended: it needs eos_id")
+        if not isinstance(pad_id, numbers.Integral):
+            raise ValueError(f"pad_id must be one token id, got {pad_id!r}")
+        _token_ids("pad_id", pad_id, model.cfg.vocab_size)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    new = _generate(graphdef, state, prompt_BP, rng, int(max_new_tokens), float(temperature),
-                    int(top_k or 0) or None, None if top_p is None else float(top_p))
+    sampling = (int(max_new_tokens), float(temperature), int(top_k or 0) or None,
+                None if top_p is None else float(top_p))
+    if not eos_ids:
+        new = _generate(graphdef, state, prompt_BP, rng, *sampling)
+    else:
+        new, n = _generate_until(graphdef, state, prompt_BP, rng, *sampling, eos_ids,
+                                 eos_ids[0] if pad_id is None else int(pad_id))
+        new = new[:, :int(n)]
     return jnp.concatenate([prompt_BP, new], axis=1)
+
+
+def _token_ids(name: str, v, vocab_size: int) -> tuple[int, ...]:
+    """None → (); an int or a sequence of ints in [0, vocab_size) → a tuple; else a ValueError naming `name`."""
+    if v is None:
+        return ()
+    ids = (v,) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, list | tuple) else None
+    if not ids or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size
+                      for t in ids):
+        raise ValueError(f"{name} must be a token id (or a list of them) in [0, vocab_size={vocab_size}), got {v!r}")
+    return tuple(int(t) for t in ids)

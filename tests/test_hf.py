@@ -156,6 +156,29 @@ def test_greedy_generation_matches_hf(hf_ckpt, name):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "gemma2"])
+def test_generation_stops_at_eos_as_hf_does(hf_ckpt, name):
+    """eos_id / pad_id: a row that emits the end token continues with pad, and generation stops once every row has
+    (Hugging Face's eos_token_id / pad_token_id): the same tokens and the same, shorter, length."""
+    folder, hf_model = hf_ckpt(name)
+    model, prompt, n = from_pretrained(folder), TOKENS[:, :6], 14
+    free = np.asarray(generate(model, prompt, n))
+    ends = [int(free[0, 6 + 2]), (int(free[0, 6 + 4]), int(free[1, 6 + 1]))]  # one row ends; both end (early)
+    for eos in ends:
+        hf_model.generation_config.eos_token_id = list(eos) if isinstance(eos, tuple) else eos
+        hf_model.generation_config.pad_token_id = 7
+        with torch.no_grad():
+            ref = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                                    do_sample=False, max_new_tokens=n).numpy()
+        ours = np.asarray(generate(model, prompt, n, eos_id=eos, pad_id=7))
+        assert ours.shape == ref.shape and (7 in ours[:, 6:]) and np.array_equal(ours, ref), (eos, ours, ref)
+    assert ours.shape[1] < 6 + n  # every row ended before max_new_tokens
+    with pytest.raises(ValueError, match="pad_id fills the rows that have ended: it needs eos_id"):
+        generate(model, prompt, n, pad_id=7)
+    with pytest.raises(ValueError, match=r"eos_id must be a token id .* in \[0, vocab_size="):
+        generate(model, prompt, n, eos_id=10**6)
+
+
 def _random_model(cfg, seed):
     """Our Transformer with every parameter random (norms around 1, biases non-zero)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # no init compile
