@@ -137,7 +137,11 @@ def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> N
                  for d, size in enumerate(global_shape) if d > 0)
              and volume == (hi - lo) * math.prod(global_shape[1:]))
     if hi - lo != rows or not whole:
+        rest_whole = all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size
+                         for d, size in enumerate(global_shape) if d > 0)
+        # boxes that cover every other dim but not their rows' bounding box: rows with gaps between them
+        what = "" if whole else " and only part of T" if not rest_whole else ", not contiguously"
         raise ValueError(f"mesh {mesh_shape}: this process's devices hold rows [{lo}, {hi}) of the global batch "
-                         f"of {global_shape[0]}{'' if whole else ' and only part of T'}, but it loads {rows} rows "
-                         "of its own: put the processes on the batch axes (make_mesh(..., dcn={'data': "
-                         "n_processes})) and keep 'tensor' / 'sequence' within a process")
+                         f"of {global_shape[0]}{what}, but it loads {rows} contiguous rows of its own: put the "
+                         "processes on the outermost batch axis (make_mesh(..., dcn={'data': n_processes})) and keep "
+                         "'tensor' / 'sequence' within a process")

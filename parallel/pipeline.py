@@ -42,6 +42,10 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     if not jax.tree.leaves(params):
         raise ValueError("gpipe: params holds no arrays; pass the stacked layer parameters (leading axis L)")
     L = jax.tree.leaves(params)[0].shape[0]
+    if bad := {jax.tree_util.keystr(k): a.shape for k, a in jax.tree_util.tree_leaves_with_path(params)
+               if not a.shape or a.shape[0] != L}:
+        raise ValueError(f"gpipe: params are stacked layers with one leading dim L (the first leaf has {L}); these "
+                         f"differ: {dict(list(bad.items())[:3])}")
     B, M = x_BTD.shape[0], n_microbatches
     if bad := [a.shape for a in jax.tree.leaves(ctx) if not a.shape or a.shape[0] != B]:
         raise ValueError(f"gpipe: ctx arrays travel with their rows, so each needs the batch's leading dim {B}; "

@@ -106,9 +106,21 @@ def _check_overrides(rules: Mapping[str, MeshAxes]) -> None:
     check_targets(rules, "rules")
     table = _current()
     for name in rules:
-        if name not in table and (near := difflib.get_close_matches(name, table, n=1, cutoff=0.8)):
+        if name not in table and (near := [t for t in table if _one_edit(name, t)]
+                                  or difflib.get_close_matches(name, table, n=1, cutoff=0.8)):
             raise ValueError(f"rules: no logical axis {name!r} in the rules table; did you mean {near[0]!r}? "
                              f"(a name of your own modules: register it with use_rules({{{name!r}: ...}}))")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by one inserted, deleted or replaced letter, or two adjacent letters swapped
+    ('mpl', 'mlq' for 'mlp': difflib's ratio misses them in short names)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    if len(a) == len(b):
+        return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
+    return a[i + 1:] == b[i:] if len(a) > len(b) else a[i:] == b[i + 1:]
 
 
 def current_rules() -> dict[str, MeshAxes]:

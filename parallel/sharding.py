@@ -30,6 +30,10 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     Returns (graphdef, state) with every array placed on `mesh`. `rules` (overrides of the table) place the
     parameters only: the model's own activation constraints read the table in effect when it runs, so run it
     inside `use_rules(...)` with the same overrides.
+
+    A module of your own with `nnx.with_partitioning(init, logical_names)` builds here as it is; built plainly
+    (one device, e.g. a reference) flax reads the logical names as mesh axes and fails, so create its parameters
+    inside `with nnx.use_eager_sharding(False):` in `__init__`, as models/ does (or build it under that context).
     """
     # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
     # variable is created (so a module of your own that does not turn eager sharding off still builds)

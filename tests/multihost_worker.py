@@ -96,7 +96,7 @@ def main():
         global_batch_from_local({"inputs": tok[:, :-1]}, make_mesh({"fsdp": 2}, dcn={"tensor": 2}))
         bad_mesh_refused = False
     except ValueError as e:
-        bad_mesh_refused = "put the processes on the batch axes" in str(e)
+        bad_mesh_refused = "put the processes on the outermost batch axis" in str(e)
     # SIGTERM seen by process 1 only: both must agree to stop at this step
     stops = [any_process(pid == 1), any_process(False)]
     step, position = checkpoint_round_trip(os.path.join(workdir, "ckpt"), state, pid)

@@ -181,6 +181,8 @@ def test_pipeline_microbatches_take_rows_from_every_data_shard():
     layer = lambda wl, h, c: jax.numpy.tanh(h @ wl)  # noqa: E731
     for m, args, says in ((make_mesh({"data": 8}), (W, x, None), "has no 'stage' axis to pipeline over"),
                           (mesh, ({}, x, None), "params holds no arrays"),
+                          (mesh, ({"a": W, "b": W[:2]}, x, None), r"one leading dim L \(the first leaf has 4\); these "
+                           r"differ: \{\"\['b'\]\": \(2, 16, 16\)\}"),  # a scan error from inside before
                           (mesh, (W, x, {"pos": jax.numpy.zeros((4, 4))}), "each needs the batch's leading dim 8")):
         with jax.set_mesh(m), pytest.raises(ValueError, match=says):
             gpipe(layer, *args, n_microbatches=2)

@@ -89,7 +89,9 @@ def test_rules_arguments_override_the_table_in_effect():
     # a misspelt mesh axis replicated the embedding silently, a misspelt name changed nothing; a new name passes
     for bad, says in (({"embed": "fsdpp"}, r"rules: embed='fsdpp' names mesh axes \['fsdpp'\]"),
                       ({"embed": 4}, r"rules: embed=4 names mesh axes \[4\]"),
-                      ({"embedd": None}, "no logical axis 'embedd' in the rules table; did you mean 'embed'")):
+                      ({"embedd": None}, "no logical axis 'embedd' in the rules table; did you mean 'embed'"),
+                      ({"mpl": None}, "no logical axis 'mpl' .* did you mean 'mlp'"),  # short names: difflib
+                      ({"mlq": None}, "no logical axis 'mlq' .* did you mean 'mlp'")):  # missed these two
         with pytest.raises(ValueError, match=says):
             create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules=bad)
         with pytest.raises(ValueError, match=says):
@@ -321,8 +323,21 @@ def test_process_share_check(indices, ok):
     if ok:
         check_process_share(indices, (4, 16), 2, {"data": 2})
     else:
-        with pytest.raises(ValueError, match="put the processes on the batch axes"):
+        with pytest.raises(ValueError, match="put the processes on the outermost batch axis"):
             check_process_share(indices, (4, 16), 2, {"tensor": 2})
+
+
+def test_process_share_names_rows_with_gaps():
+    """Processes on an inner batch axis (dcn={'fsdp': 2} under data 2) hold rows [0, 2) and [4, 6): the message said
+    'and only part of T' (T was whole) and advised the batch axes (they were on one)."""
+    from parallel.distributed import check_process_share
+
+    gaps = [(slice(0, 2), slice(None)), (slice(4, 6), slice(None))]
+    with pytest.raises(ValueError, match=r"rows \[0, 6\) of the global batch of 8, not contiguously, but it loads 4 "
+                                         r"contiguous rows .* outermost batch axis \(make_mesh\(\.\.\., dcn="):
+        check_process_share(gaps, (8, 16), 4, {"data": 2, "fsdp": 2})
+    with pytest.raises(ValueError, match=r"and only part of T, but"):
+        check_process_share([(slice(0, 2), slice(0, 8))] * 2, (4, 16), 2, {"sequence": 2})
 
 
 def test_parallel_helpers_name_their_misuse():
