@@ -111,29 +111,35 @@ def mesh_shards(logical_name: str) -> int:
 
 
 def dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl: str, tile_rows=None):
-    """Every assignment computed: y [B, T, D]. Rows are grouped by `batch` shard and sorted within a group.
-    tile_rows: the 'gmm' tile sizes (None: default_tile_rows)."""
+    """Every assignment computed: y [B, T, D]. Rows are grouped by `batch` x `act_seq` shard (each device's own
+    tokens) and sorted within a group. tile_rows: the 'gmm' tile sizes (None: default_tile_rows)."""
     (B, T, D), K = x_BTD.shape, weights_BTK.shape[-1]
-    if impl == "dense":  # pointwise in tokens: no grouping needed
-        return dense_experts(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K),
-                             w, act).reshape(B, T, D)
     fn = {"gmm": functools.partial(sorted_gmm, tile_rows=tile_rows), "blocks": sorted_blocks,
-          "ragged_dot": sorted_ragged}[impl]
+          "ragged_dot": sorted_ragged, "dense": dense_experts}[impl]
     # Whole experts on every device that holds tokens (FSDP gathers them as it does dense weights); the expert
     # index is gathered per block, so only the mlp dimension may stay split (tensor parallel).
     names = ((None, None, "act_mlp"),) * 2 + ((None, "act_mlp", None),)
     w = tuple(constrain(p, n) for p, n in zip(w, names))
     one = lambda x, wt, ex: fn(x, wt, ex, w, act)
-    G = mesh_shards("batch")
-    if G == 1 or B % G:
+    # Groups of one device's tokens: merged over the sequence shards too, every sequence device ran the expert
+    # work of its whole batch shard (4x the FLOPs on {data: 2, sequence: 4})
+    Gb, Gs = mesh_shards("batch"), mesh_shards("act_seq")
+    Gb, Gs = (1 if B % Gb else Gb), (1 if T % Gs else Gs)
+    if Gb * Gs == 1:
         return one(x_BTD.reshape(B * T, D), weights_BTK.reshape(-1, K), experts_BTK.reshape(-1, K)).reshape(B, T, D)
-    group = lambda a: constrain(a.reshape(G, B * T // G, a.shape[-1]), ("batch", None, None))
+    # [Gb, Gs, rows, ·] split over (batch, act_seq), then one group axis for vmap (ragged_dot's batching rule
+    # fails nested: a numpy int in its in_axes)
+    group = lambda a: constrain(a.reshape(Gb, B // Gb, Gs, T // Gs, a.shape[-1]).transpose(0, 2, 1, 3, 4).reshape(
+        Gb, Gs, -1, a.shape[-1]), ("batch", "act_seq", None, None)).reshape(Gb * Gs, -1, a.shape[-1])
     xs = group(x_BTD), group(weights_BTK), group(experts_BTK)
     if impl == "ragged_dot":  # its batching rule takes no unbatched operand: the weights get the group axis too,
         # split like the rows (each device still holds one copy of the experts, as it does unbatched)
-        w_G = tuple(constrain(jnp.broadcast_to(p, (G, *p.shape)), ("batch", *n)) for p, n in zip(w, names))
-        return jax.vmap(lambda x, wt, ex, wg: fn(x, wt, ex, wg, act))(*xs, w_G).reshape(B, T, D)
-    return jax.vmap(one)(*xs).reshape(B, T, D)
+        w_G = tuple(constrain(jnp.broadcast_to(p, (Gb, Gs, *p.shape)), ("batch", "act_seq", *n)).reshape(
+            Gb * Gs, *p.shape) for p, n in zip(w, names))
+        y = jax.vmap(lambda x, wt, ex, wg: fn(x, wt, ex, wg, act))(*xs, w_G)
+    else:
+        y = jax.vmap(one)(*xs)
+    return y.reshape(Gb, Gs, B // Gb, T // Gs, D).transpose(0, 2, 1, 3, 4).reshape(B, T, D)
 
 
 def _combine(y_AD, weights_NK):

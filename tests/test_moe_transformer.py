@@ -227,11 +227,14 @@ def test_expert_parallel_model_equals_single_device(shape):
     assert_close(jax.device_get(out), reference(), rtol=1e-5, atol=1e-6)
 
 
-def test_sequence_parallel_capacity_dispatch_equals_single_device_and_splits_the_expert_work():
-    """On {data: 2, sequence: 4} the capacity buffers' slots are split over `sequence` (rule `act_capacity`): the
-    same loss, aux and gradients as one device, and per device about the FLOPs of {data: 8}. Before the rule every
-    sequence device ran all of its rows' expert products (2.1x those FLOPs with MoE in every layer)."""
-    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch="capacity"), moe_every=1)
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_sequence_parallel_dispatch_equals_single_device_and_splits_the_expert_work(dispatch):
+    """On {data: 2, sequence: 4} the capacity buffers' slots are split over `sequence` (rule `act_capacity`), and
+    dropless dispatch groups each device's own tokens (batch x act_seq shards): the same loss, aux and gradients as
+    one device, and per device about the FLOPs of {data: 8}. Before, every sequence device ran all of its rows'
+    expert products (capacity 2.1x those FLOPs with MoE in every layer; dropless, grouped by batch shard only,
+    1.8x)."""
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch), moe_every=1)
     assert cfg.moe.capacity(32) % 4 == 0  # C = 20 slots per expert and row: divisible by sequence = 4
     tok = tokens(T=33)
     b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}  # 32 positions: divisible by sequence = 4
