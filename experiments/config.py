@@ -93,6 +93,7 @@ class TrainSpec:
     nan_policy: str = "skip"
     out: str = "runs/demo"
     seed: int = 0
+    init_from: str | None = None  # a Hugging Face folder: a fresh run starts from its weights (see --init-from)
     sample_tokens: int = 120
     eval_target: float | None = None
     async_save: bool = True
@@ -343,6 +344,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
+    ap.add_argument("--init-from", metavar="HF_FOLDER", help="fine-tune a Hugging Face checkpoint (Llama, Mistral, "
+                    "Qwen2, Gemma 2, Mixtral; safetensors): the model takes its architecture (the preset keeps how it "
+                    "runs: remat, dtype, kernels, ...) and a fresh run its weights")
     for flag, key in FLAT.items():
         ap.add_argument(flag, dest=key, action=_AsSet, metavar="VALUE", help=f"= --set {key}=...")
     return ap
@@ -370,7 +374,30 @@ def load(argv=None, description: str | None = None) -> RunConfig:
             raise ConfigError(f"--set {kv!r}: write KEY=VALUE, e.g. train.steps=50")
         sets.pop(key.strip(), None)  # the last of a key wins
         sets[key.strip()] = text.strip()
-    return apply_overrides(preset(args.preset), sets)
+    cfg = preset(args.preset)
+    if args.init_from:
+        cfg = dataclasses.replace(cfg, model=model_from_hf(args.init_from, cfg.model),
+                                  train=dataclasses.replace(cfg.train, init_from=args.init_from))
+    return apply_overrides(cfg, sets)
+
+
+# What a checkpoint's config.json does not say: how the model runs, and the training precision of its weights
+KEPT_FROM_PRESET = ("attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl", "swa_block",
+                    "pipeline_microbatches", "dtype", "matmul_impl", "param_dtype")
+
+
+def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
+    """The architecture of the Hugging Face checkpoint in `folder` (its config.json, as `models.hf.from_pretrained`
+    reads it), with `base`'s `KEPT_FROM_PRESET` fields (float32 parameters unless the preset says otherwise)."""
+    from models.hf_config import config_from_hf
+
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+        return config_from_hf(hf, **{k: getattr(base, k) for k in KEPT_FROM_PRESET})
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.init_from: {folder!r}: {e}") from None
 
 
 def load_tokenizer(d: DataSpec):
@@ -465,6 +492,15 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(os.path.isdir(parent) and os.access(parent, os.W_OK), "train.out",
          f"{t.out!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
          "name a directory you can write")
+    if t.init_from is not None:  # before compiling: the folder, and a model that its weights fit
+        folder = str(t.init_from)
+        need(any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),
+             "train.init_from", f"{folder!r} holds no *.safetensors weights; pass a Hugging Face checkpoint folder")
+        hf_model = model_from_hf(folder, m)
+        differ = sorted(f.name for f in dataclasses.fields(m) if getattr(m, f.name) != getattr(hf_model, f.name))
+        need(not differ, "train.init_from", f"model.{', model.'.join(differ)} differ from {folder!r}'s config.json "
+             f"({', '.join(f'{k}={getattr(hf_model, k)!r}' for k in differ[:4])}); its weights fit only its own "
+             "architecture: drop those --set model.* overrides (or pass --init-from to set the model from it)")
     need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
          f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
          f"least {d.eval_every_nth} or lower data.eval_every_nth")

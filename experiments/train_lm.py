@@ -1,6 +1,7 @@
 """Train a decoder LM on the embedded corpus with orbax checkpoints and exact resume.
 
     python -m experiments.train_lm [--preset demo|tiny|llama7b|mixtral8x7b] [--set train.steps=50] [--lr 1e-3]
+    python -m experiments.train_lm --init-from path/to/hf_folder --set data.tokenizer=...   # fine-tune it
 
 The `demo` preset: a 4-layer Transformer with alternating sliding-window / global attention and MoE layers,
 trained on the standard library's sources and docstrings (byte tokens + EOS) through the grain loader, on 8
@@ -211,6 +212,26 @@ def init_state(cfg, mesh):
     return graphdef, optimizer, schedule, state
 
 
+def init_from_hf(cfg, mesh, optimizer, shardings):
+    """A fresh train state whose parameters are the Hugging Face checkpoint `cfg.train.init_from` (loaded straight
+    onto `mesh`, one tensor at a time), placed as `shardings` (init_state's) say."""
+    import jax
+    from flax import nnx
+
+    from experiments.config import KEPT_FROM_PRESET
+    from experiments.lm_step import init_train_state
+    from models.hf import from_pretrained
+
+    m = cfg.model
+    model = from_pretrained(cfg.train.init_from, mesh=mesh, **{k: getattr(m, k) for k in KEPT_FROM_PRESET})
+    if model.cfg != m:  # validate() compared the configs; this is the model the weights built
+        raise SystemExit(f"config error: train.init_from: {cfg.train.init_from} built another model than "
+                         f"model ({model.cfg} vs {m})")
+    with jax.set_mesh(mesh):
+        state = init_train_state(nnx.split(model)[1], optimizer, cfg.train.seed)
+    return jax.device_put(state, shardings)
+
+
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
     """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
     `models.hf.save_pretrained` (for the layouts a HF architecture has). Read-only: a checkpoint that does not read
@@ -333,6 +354,9 @@ def train(cfg, mesh_shape: dict) -> dict:
         state, meta = restored
         start = int(meta["step"])
         say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")
+    elif t.init_from is not None:
+        state = init_from_hf(cfg, mesh, optimizer, shardings)
+        say(f"initialised from {t.init_from} (Hugging Face weights)")
 
     n_params = m.param_count()
     fpt = train_flops_per_token(m, t.seq)

@@ -690,3 +690,28 @@ def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
     assert [x.sharding for x in got] == [x.sharding for x in jax.tree.leaves(fresh)]
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in got)
     assert np.abs(our_logits(model) - hf_logits(hf_model)).max() < 1e-4
+
+
+def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path):
+    """`python -m experiments.train_lm --init-from HF_FOLDER`: the model takes the checkpoint's architecture (the
+    preset keeps how it runs) and a fresh run its weights: after one step at a negligible learning rate the run's
+    parameters are transformers' checkpoint; a --set that changes the architecture is refused before compiling."""
+    from experiments import train_lm
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32)
+    folder = tmp_path / "hf"
+    randomize_(transformers.LlamaForCausalLM(hf_cfg)).save_pretrained(folder)
+    args = ["--preset", "tiny", "--init-from", str(folder), "--out", str(tmp_path / "run"), "--steps", "1",
+            *[f"--set={kv}" for kv in ("optim.warmup_steps=0", "optim.lr=1e-9", "train.sample_tokens=0",
+                                       "train.eval_every=1", "train.save_every=1")]]
+    train_lm.main(args)
+    model, cfg = train_lm.load_model(tmp_path / "run")
+    assert cfg.train.init_from == str(folder) and cfg.model.attn_pattern == "global"  # the tiny preset's: alternating
+    ours, ref = (jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (model, from_pretrained(folder)))
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    with pytest.raises(SystemExit, match=r"train.init_from: model.n_layers differ from .*'s config.json "
+                                         r"\(n_layers=2\); its weights fit only its own architecture"):
+        train_lm.main([*args, "--set", "model.n_layers=3", "--out", str(tmp_path / "run2")])
