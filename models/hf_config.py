@@ -177,7 +177,8 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
                          "router='softmax', renormalize=True, no shared experts, silu, no qkv_bias and "
                          "dispatch='dropless' (Mixtral drops no token; set it to compare the same model)")
     if len(set(windows)) != 1:
-        raise ValueError("TransformerConfig.attn_pattern: Mixtral needs the same window (or none) on every layer")
+        raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Mixtral takes the same window (or "
+                         "none) on every layer; no Hugging Face MoE layout here mixes local and global layers")
     return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
                 num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, output_router_logits=False,
                 router_aux_loss_coef=m.lb_loss_weight / m.top_k, router_jitter_noise=0.0,
@@ -227,8 +228,10 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
                     layer_types=["full_attention"] * cfg.n_layers, **hf)
     if any(w is not None for w in windows):  # Mistral: one window on every layer
         if len(set(windows)) != 1:
-            raise ValueError("TransformerConfig.attn_pattern: Mistral needs the same window on every layer "
-                             f"(attn_pattern='local'), got windows {windows}")
+            raise ValueError(f"TransformerConfig.attn_pattern: windows {windows} have no Hugging Face layout here: "
+                             "Mistral (and Mixtral, Qwen2 with qkv_bias) take one window on every layer "
+                             "(attn_pattern='local'); Gemma 2 alternates, with its block (post_norms, norm_offset=1, "
+                             "embed_scale)")
         return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
 

@@ -715,3 +715,14 @@ def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"train.init_from: model.n_layers differ from .*'s config.json "
                                          r"\(n_layers=2\); its weights fit only its own architecture"):
         train_lm.main([*args, "--set", "model.n_layers=3", "--out", str(tmp_path / "run2")])
+
+
+def test_layouts_without_a_hf_architecture_are_named():
+    """save_pretrained of the demo's alternating windows said 'Mistral needs the same window on every layer', as if
+    Mistral were the goal; the message now says no supported layout has them, and which would."""
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_dim=64, attn_pattern="alternating",
+                sliding_window=8)
+    with pytest.raises(ValueError, match=r"windows \(8, None\) have no Hugging Face layout here: Mistral .*Gemma 2"):
+        config_to_hf(TransformerConfig(**base))
+    with pytest.raises(ValueError, match=r"windows \(8, None\): Mixtral takes the same window"):
+        config_to_hf(TransformerConfig(**base, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=32)))
