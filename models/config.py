@@ -95,7 +95,9 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; norms, softmax and logits stay float32
     init_std: float = 0.02
     # --- attention pattern: which layers are local (sliding window) and their windows ---
-    attn_pattern: str = "global"  # 'global' | 'local' | 'alternating' (local first, Gemma 2) | 'N:1' (Gemma 3)
+    # 'global' | 'local' | 'alternating' (local first, Gemma 2) | 'N:1' (Gemma 3) | one letter per layer, L local
+    # or G global ('GGLL': Qwen2's sliding layers from max_window_layers on)
+    attn_pattern: str = "global"
     sliding_window: int | tuple[int, ...] | None = None  # W (query i sees i-W < j <= i); a tuple: one per local layer
     swa_impl: SwaImpl = "auto"  # auto: cudnn on GPU, splash on TPU, blocked elsewhere
     swa_block: int = 256  # query block of the blocked kernel
@@ -230,8 +232,14 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig.attn_pattern={p!r} with n_layers={L} has no global layer (the "
                                  f"first would be layer {int(n) + 1}); use N < n_layers, or 'local'")
             return tuple(i % (int(n) + 1) != int(n) for i in range(L))
+        if p and set(p) <= {"L", "G"}:
+            if len(p) != L:
+                raise ValueError(f"TransformerConfig.attn_pattern={p!r} names {len(p)} layers for n_layers={L}; "
+                                 "give one letter (L local, G global) per layer")
+            return tuple(c == "L" for c in p)
         raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}; use 'global', 'local', "
-                         "'alternating' or 'N:1' (N local layers, then one global)")
+                         "'alternating', 'N:1' (N local layers, then one global) or one letter per layer (L local, "
+                         "G global), e.g. 'GGLL'")
 
     def layer_windows(self) -> tuple[int | None, ...]:
         """Per-layer attention window (None: global causal attention)."""

@@ -106,8 +106,7 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     for n in range(2, L):  # Gemma 3's N sliding layers, then one full ('N:1'), as save_pretrained writes them
         if local == tuple(i % (n + 1) != n for i in range(L)):
             return dict(attn_pattern=f"{n}:1", sliding_window=int(window))
-    raise _unsupported("layer_types", types, "supported layouts are all-sliding, all-full, alternating "
-                       "(sliding first) and N sliding then one full, repeated")
+    return dict(attn_pattern="".join("L" if x else "G" for x in local), sliding_window=int(window))  # layer by layer
 
 
 def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
@@ -216,13 +215,14 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     if cfg.moe is not None:
         return _mixtral_config(cfg, hf, windows)
     if cfg.qkv_bias:
-        if any(w is not None for w in windows):  # Qwen2 slides on layers >= max_window_layers: all or none here
-            if len(set(windows)) != 1:
-                raise ValueError("TransformerConfig.attn_pattern: with qkv_bias (Qwen2) the window must be the same "
-                                 f"on every layer (attn_pattern='local') or absent, got windows {windows}")
+        if any(w is not None for w in windows):  # Qwen2 slides on layers >= max_window_layers (4.x reads only that)
+            k = windows.index(next(w for w in windows if w is not None))
+            if any(w is not None for w in windows[:k]) or len(set(windows[k:])) != 1:
+                raise ValueError("TransformerConfig.attn_pattern: with qkv_bias (Qwen2) global layers then local "
+                                 f"ones of one window ('GGLL', 'local'), got windows {windows}")
             return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
-                        sliding_window=windows[0], max_window_layers=0,
-                        layer_types=["sliding_attention"] * cfg.n_layers, **hf)
+                        sliding_window=windows[k], max_window_layers=k,
+                        layer_types=["full_attention"] * k + ["sliding_attention"] * (cfg.n_layers - k), **hf)
         return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                     sliding_window=None, max_window_layers=cfg.n_layers,
                     layer_types=["full_attention"] * cfg.n_layers, **hf)

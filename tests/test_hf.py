@@ -36,6 +36,8 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     "gemma2": ("Gemma2Config", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    # Qwen2 slides the layers from max_window_layers on: a full layer, then a sliding one ('GL'; it was refused)
+    "qwen2_upper_swa": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=7, max_window_layers=1)),
     # the experts' activation follows hidden_act (it was refused: 'moe.mlp_act=silu differs from mlp_act')
     "mixtral_gelu": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                            hidden_act="gelu_pytorch_tanh")),
@@ -214,9 +216,11 @@ ROUND_TRIP = {
 }
 ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
 ROUND_TRIP["qwen2_sliding"] = dataclasses.replace(ROUND_TRIP["qwen2"], attn_pattern="local", sliding_window=5)
+ROUND_TRIP["qwen2_upper_swa"] = dataclasses.replace(ROUND_TRIP["qwen2"], n_layers=3, attn_pattern="GLL",
+                                                    sliding_window=5)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
-        "qwen2_sliding": "Qwen2ForCausalLM"}
+        "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -481,8 +485,9 @@ def test_window_and_gemma2_configs(hf_ckpt):
 def test_sliding_window_layouts():
     # Qwen2 slides only layers >= max_window_layers, and only with use_sliding_window
     qwen = _hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=1)
-    with pytest.raises(ValueError, match="layer_types"):  # full then sliding: not a supported pattern
-        config_from_hf(qwen)
+    assert config_from_hf(qwen).layer_windows() == (None, 16)  # full then sliding: layer by layer, 'GL'
+    with pytest.raises(ValueError, match=r"with qkv_bias \(Qwen2\) global layers then local ones"):
+        config_to_hf(dataclasses.replace(config_from_hf(qwen), attn_pattern="LG"))  # 4.x has no such layout
     assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True,
                                    max_window_layers=2)).attn_pattern == "global"
     assert config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=False)).attn_pattern == "global"

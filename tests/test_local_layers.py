@@ -34,6 +34,21 @@ def test_blocked_equals_dense_masked_in_the_model(pattern, window):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
+def test_a_pattern_spelled_layer_by_layer_is_the_named_one():
+    """attn_pattern 'LGLG' is 'alternating' and 'LLLG' is '3:1' (same windows, same layer groups, same logits and
+    decode cache); 'GGLL' (Qwen2's sliding layers from max_window_layers on) has no name."""
+    tok = jax.random.randint(jax.random.key(2), (2, 12), 0, CFG.vocab_size)
+    for letters, named in (("LGLG", "alternating"), ("LLLG", "3:1")):
+        a, b = model_with(attn_pattern=letters), model_with(attn_pattern=named)
+        assert a.cfg.layer_windows() == b.cfg.layer_windows()
+        np.testing.assert_array_equal(np.asarray(a(tok)), np.asarray(b(tok)))
+    assert dataclasses.replace(CFG, attn_pattern="GGLL").layer_windows() == (None, None, 3, 3)
+    with pytest.raises(ValueError, match=r"attn_pattern='GLL' names 3 layers for n_layers=4; give one letter"):
+        dataclasses.replace(CFG, attn_pattern="GLL")
+    with pytest.raises(ValueError, match=r"unknown 'GLxL'.*one letter per layer"):
+        dataclasses.replace(CFG, attn_pattern="GLxL")
+
+
 def test_receptive_field_is_layers_times_window():
     m = model_with(attn_pattern="local", sliding_window=3, n_layers=2)  # sees back 2·(3-1) = 4 tokens
     tok = jax.random.randint(jax.random.key(1), (1, 16), 0, CFG.vocab_size)
