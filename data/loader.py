@@ -63,11 +63,19 @@ class Source:
         `tokenizer.json` sits beside the shards (the directory, or the files' own); pre-tokenized shards without one
         (given as files, or a pretokenize run that stopped before writing it) are refused."""
         files = self.files()
-        folder = self.path if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path) else \
-            os.path.dirname(os.path.abspath(files[0]))
+        if isinstance(self.path, str | os.PathLike) and os.path.isdir(self.path):
+            folders = {str(self.path): files}
+        else:  # files given: each folder they come from (one tuple may join tiers of different tokenizers)
+            folders = {}
+            for f in files:
+                folders.setdefault(os.path.dirname(os.path.abspath(f)), []).append(f)
+        for folder, fs in folders.items():
+            self._check_folder(folder, fs, tokenizer)
+
+    def _check_folder(self, folder: str, files: list[str], tokenizer) -> None:
         meta_path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(meta_path):
-            if (self.first_record() or b"").startswith(TOKENS_MAGIC):
+            if any((_first_record(f) or b"").startswith(TOKENS_MAGIC) for f in files):
                 raise ValueError(f"Source {self.path!r} holds pre-tokenized ids but no {meta_path} says which "
                                  "tokenizer made them (an unfinished data.tokenizer.pretokenize run?); pretokenize "
                                  "again, or read the cleaned tier it came from")
@@ -85,11 +93,7 @@ class Source:
 
     def first_record(self) -> bytes | None:
         """The raw first record of the first shard (None: it is empty)."""
-        reader = ArrayRecordReader(self.files()[0])
-        try:
-            return reader.read([0])[0] if reader.num_records() else None
-        finally:
-            reader.close()
+        return _first_record(self.files()[0])
 
     def files(self) -> list[str]:
         """The ArrayRecord shard paths this source reads (a tier directory's shards, in order, or the files given)."""
@@ -101,6 +105,30 @@ class Source:
             raise FileNotFoundError(f"Source.path: {missing} do not exist; pass a tier directory of a cleaning "
                                     "run or its shard-*.array_record files")
         return [str(f) for f in files]
+
+
+def _first_record(path: str) -> bytes | None:
+    """The raw first record of one ArrayRecord shard (None: it is empty); a file that is not one is named."""
+    try:
+        reader = ArrayRecordReader(path)
+        try:
+            first = reader.read([0])[0] if reader.num_records() else None
+        finally:
+            reader.close()  # (where the reader of a file that is not one says so)
+        return first
+    except (RuntimeError, OSError) as e:  # e.g. "ArrayRecord file should be at least 64KB big", naming no file
+        raise ValueError(f"{path} is not an ArrayRecord shard ({e}); a Source reads the shard-*.array_record files "
+                         "of a cleaning run (or data.tokenizer.pretokenize) only") from None
+
+
+def _data_source(files: list[str]):
+    """grain's ArrayRecordDataSource over `files`; a file that is not a shard is named (grain names none)."""
+    try:
+        return grain.sources.ArrayRecordDataSource(files)
+    except (RuntimeError, OSError):
+        for f in files:
+            _first_record(f)  # raises naming the bad one
+        raise
 
 
 MAX_SEED = (2**32 - 1) // 1000 - 1  # one source on one process shuffles with seed·1000: grain's seeds are 32 bits
@@ -124,7 +152,7 @@ class LoaderConfig:
     `LMLoader` stops every process at the first that runs out and counts what the others leave unread, so to read
     every document bound the run by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
     grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a last
-    partial batch."""
+    partial batch (False: keep it; an `LMLoader` on a mesh pads it with rows of weight 0 to the full batch)."""
 
     seq_len: int = 256
     global_batch_size: int = 8
@@ -250,7 +278,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
     for k, src in enumerate(sources):
         src.check_tokenizer(tokenizer)
         _check_text_field(src, cfg.text_field)
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(src.files()))
+        ds = grain.MapDataset.source(_data_source(src.files()))
         if len(ds) < n:
             raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than the {n} processes that "
                              "each read their own share" if len(ds) else f"Source {src.path!r} holds no documents")
@@ -355,7 +383,14 @@ class LMLoader:
                 raise StopIteration
         if batch is None:
             raise StopIteration
-        return batch if self.mesh is None else to_device(batch, self.mesh)
+        if self.mesh is None:
+            return batch
+        rows = self.cfg.global_batch_size // _jax_process_count()
+        if len(batch["weights"]) < rows:  # drop_remainder=False: the last, partial batch, padded with rows of
+            # weight 0 (segment 0: padding) to the step's one shape, which the mesh divides
+            batch = {k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) for k, v in
+                     batch.items()}
+        return to_device(batch, self.mesh)
 
     def _count_unread(self, batch):
         import warnings
@@ -420,7 +455,7 @@ def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: 
     same run its record count.)"""
     def shards(src: Source) -> str:
         files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
-        ds = grain.sources.ArrayRecordDataSource(src.files())
+        ds = _data_source(src.files())
         ends = hashlib.sha256(b"".join(ds[i] for i in sorted({0, len(ds) - 1}) if len(ds))).hexdigest()[:8]
         return (f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight "
                 f"{float(src.weight)!r} records {len(ds)} ends {ends}")

@@ -144,9 +144,21 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     with pytest.raises(ValueError, match="is tier_dir: the cleaned text would be overwritten"):
         pretokenize(path, tok, path, progress=False)
     assert LMLoader([Source(path)], tok, cfg, process_index=0, process_count=1) is not None
+    # files of two folders in one Source: each folder is checked (only the first file's was: the second tier's ids,
+    # of another tokenizer, were read as this one's)
+    other_pre = pretokenize(small, other, tmp_path / "other_pre", progress=False)
+    mixed = tuple(str(pathlib.Path(d) / "shard-00000.array_record") for d in (pre, other_pre))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        LMLoader([Source(mixed)], tok, cfg, process_index=0, process_count=1)
     (pathlib.Path(pre) / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
         LMLoader([Source(pre)], tok, cfg, process_index=0, process_count=1)
+    # a file that is not a shard (a renamed JSON Lines file, a git-lfs pointer) is named
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shard-00000.array_record").write_text('{"text": "hello"}\n' * 5)
+    with pytest.raises(ValueError, match=r"bad/shard-00000.array_record is not an ArrayRecord shard"):
+        LMLoader([Source(str(bad))], tok, cfg, process_index=0, process_count=1)
 
 
 def test_processes_and_sources_shuffle_independently(tmp_path):
@@ -321,11 +333,18 @@ def test_device_batches_are_sharded_over_the_batch_axes(corpus, tmp_path, monkey
     # a process share that is not this process's: 4 local rows became the whole "global" batch, silently
     with pytest.raises(ValueError, match="process_index=1 / process_count=2 with a mesh, but this is JAX process 0"):
         LMLoader([Source(path)], EOS_BYTES, cfg, mesh=mesh, process_index=1, process_count=2)
-    # a partial last batch the mesh does not divide: named (jax's IndivisibleError before)
-    small = write_tier(tmp_path / "small", ["a few words here"] * 3, shards=1)
+    # a partial last batch (drop_remainder=False): padded with rows of weight 0 to the step's shape, its rows those
+    # of the host loader (the mesh does not divide it: it was jax's IndivisibleError, then a refusal at the end)
+    small = write_tier(tmp_path / "small", [f"a few words here, number {i}" for i in range(7)], shards=1)
     last = dataclasses.replace(cfg, num_epochs=1, drop_remainder=False, shuffle=False)
-    with pytest.raises(ValueError, match=r"to_device: a batch of \d rows does not split .*drop_remainder=True"):
-        list(LMLoader([Source(small)], EOS_BYTES, last, mesh=mesh))
+    host = list(LMLoader([Source(small)], EOS_BYTES, last, process_index=0, process_count=1))
+    dev = list(LMLoader([Source(small)], EOS_BYTES, last, mesh=mesh))
+    assert len(dev) == len(host) and 0 < len(host[-1]["weights"]) < 8
+    for h, d in zip(host, dev):
+        for k in h:
+            assert d[k].shape == (8, 32)
+            np.testing.assert_array_equal(np.asarray(d[k])[:len(h[k])], h[k])
+            assert not np.asarray(d[k])[len(h[k]):].any()  # weight 0, segment 0: padding
     # several processes: each one's last batch would have its own size (a collective mismatch / hang)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="drop_remainder=False on several processes"):
