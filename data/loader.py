@@ -216,6 +216,10 @@ class Tokenize:
                 raise ValueError(f"LoaderConfig.text_field={self.text_field!r} is not a field of the documents "
                                  f"(one has {sorted(missing)}); set text_field to the one holding the text")
             texts = [d[self.text_field] for d in docs]
+            if bad := next((d for d, t in zip(docs, texts) if not isinstance(t, str)), None):
+                raise ValueError(f"LoaderConfig.text_field={self.text_field!r}: a document (id {bad.get('id')!r}) "
+                                 f"holds {type(bad[self.text_field]).__name__} there, not text; clean the tier with "
+                                 "data.pipeline (it drops such records as bad_text_type) or fix the field")
             if hasattr(self.tokenizer, "encode_batch"):
                 encoded = self.tokenizer.encode_batch(texts)
             else:

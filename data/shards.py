@@ -31,7 +31,15 @@ def encode_doc(doc: dict) -> bytes:
 
 def decode_doc(record: bytes) -> dict:
     """The inverse of `encode_doc`."""
-    return json.loads(record)
+    try:
+        return json.loads(record)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        from data.tokenizer import TOKENS_MAGIC
+
+        if record.startswith(TOKENS_MAGIC):
+            raise ValueError("the record holds token ids (data.tokenizer.pretokenize's output), not a document; "
+                             "pass the cleaned tier it was made from") from None
+        raise
 
 
 class DocWriter:
@@ -70,7 +78,11 @@ def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
         n = reader.num_records()
         for start in range(0, n, chunk):
             for rec in reader.read(start, min(start + chunk, n)):
-                yield decode_doc(rec)
+                try:
+                    doc = decode_doc(rec)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {e}") from None
+                yield doc
     finally:
         reader.close()
 

@@ -4,7 +4,9 @@ Both encode any Unicode string (zh, emoji, control characters, ...) and decode i
 works on UTF-8 bytes (ByteLevel pre-tokenizer, no normaliser, no prefix space), so no input is
 `<unk>`. The byte tokenizer needs no training: ids 0..255 are bytes, then the special tokens. Lone UTF-16
 surrogates, which UTF-8 cannot hold, are encoded as U+FFFD (as `data.normalize` writes them); ids outside the
-vocabulary decode to nothing.
+vocabulary decode to nothing. These hold for tokenizers `train_bpe` trains; a Hugging Face tokenizer.json loaded
+with `BPETokenizer.load` keeps its own model and normaliser (a SentencePiece-style vocabulary may map unseen
+characters to `<unk>`, an NFKC normaliser folds 'ﬁ' to 'fi'), so decode(encode(t)) == t is then its property.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -130,7 +133,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     `length` (the number of texts, if known) sizes the progress bar. eos_token: which of `special_tokens` ends a
     document (None: `EOS`, which special tokens without it must then name).
     """
-    if special_tokens and (eos_token or EOS) not in special_tokens:  # named before training, not after
+    if (special_tokens or eos_token) and (eos_token or EOS) not in special_tokens:  # before training, not after
         raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
                          "pass eos_token= the one that ends a document")
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
@@ -153,6 +156,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
                                   special_tokens=list(special_tokens), show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer, length=length)
+    if tok.get_vocab_size() < vocab_size:  # `tokenizers` stops when no pair reaches min_frequency
+        warnings.warn(f"train_bpe: vocab_size={vocab_size} asked, the corpus gave {tok.get_vocab_size()} (no more "
+                      f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
+                      "tokenizer's vocab_size", stacklevel=2)
     return BPETokenizer(tok, eos_token)
 
 

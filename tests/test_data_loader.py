@@ -402,3 +402,22 @@ def test_a_process_stopped_by_another_counts_what_it_leaves_unread(corpus, monke
     rest = every[2:]
     assert loader.unread == {"batches": len(rest), "rows": sum(len(b["weights"]) for b in rest),
                              "tokens": int(sum(b["weights"].sum() for b in rest))}
+
+
+def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
+    """tier_texts / pretokenize pointed at pretokenize's output said 'JSONDecodeError: Expecting value'; a text
+    field holding a number said 'expected string or bytes-like object', naming neither field nor document."""
+    from data.tokenizer import tier_texts
+
+    path, texts = corpus
+    pre = pretokenize(path, EOS_BYTES, tmp_path / "pre", progress=False)
+    with pytest.raises(ValueError, match=r"shard-00000.array_record: the record holds token ids .*pass the cleaned "
+                                         "tier"):
+        next(tier_texts(pre))
+    bad = write_tier(tmp_path / "bad", ["fine text"], shards=1)
+    w = DocWriter(pathlib.Path(bad) / "shard-00000.array_record")
+    w.write({"id": "n7", "text": 7})
+    w.commit()
+    with pytest.raises(ValueError, match=r"text_field='text': a document \(id 'n7'\) holds int there, not text"):
+        next(LMLoader([Source(bad)], EOS_BYTES, LoaderConfig(seq_len=8, global_batch_size=1), process_index=0,
+                      process_count=1))

@@ -43,7 +43,10 @@ def test_min_frequency_gates_merges():
     from data.tokenizer import train_bpe
 
     texts = ["hello world"] * 3
-    assert train_bpe(texts, vocab_size=400, min_frequency=5, show_progress=False).vocab_size == 257
+    with pytest.warns(UserWarning, match="vocab_size=400 asked, the corpus gave 257"):  # said nothing
+        assert train_bpe(texts, vocab_size=400, min_frequency=5, show_progress=False).vocab_size == 257
+    with pytest.raises(ValueError, match=r"eos_token='</s>' is not among special_tokens \(\)"):  # after training
+        train_bpe(texts, vocab_size=400, special_tokens=(), eos_token="</s>", show_progress=False)
     assert train_bpe(texts, vocab_size=400, min_frequency=3, show_progress=False).vocab_size > 257
     with pytest.raises(TypeError, match="an iterable of documents"):  # one string trained on its letters
         train_bpe("hello world " * 3, vocab_size=400, show_progress=False)
