@@ -198,9 +198,9 @@ def _check_text_field(src: Source, field: str) -> None:
 
 
 class Tokenize:
-    """A list of doc records → a list of `{"inputs": ids[:-1], "targets": ids[1:]}`, ids = [eos] + text +
-    [eos] when the tokenizer has an EOS, else the text's ids. Lists, because `encode_batch` tokenizes
-    them in parallel threads. Picklable, for grain worker processes."""
+    """A list of doc records → a list of `{"inputs": ids[:-1], "targets": ids[1:]}`, ids = [bos] + text + [eos]
+    when the tokenizer has a BOS, else [eos] + text + [eos] when it has an EOS, else the text's ids. Lists,
+    because `encode_batch` tokenizes them in parallel threads. Picklable, for grain worker processes."""
 
     def __init__(self, tokenizer, text_field: str = "text"):
         self.tokenizer, self.text_field = tokenizer, text_field
@@ -226,9 +226,11 @@ class Tokenize:
                 encoded = [self.tokenizer.encode(t) for t in texts]
             for k, ids in zip(todo, encoded):
                 all_ids[k] = ids
-        eos, out = self.tokenizer.eos_id, []
+        eos, bos, out = self.tokenizer.eos_id, getattr(self.tokenizer, "bos_id", None), []
         for ids in all_ids:
-            if eos is not None:
+            if bos is not None:  # [bos] text [eos]: the first token is learnt after BOS, as the model was pretrained
+                ids = np.concatenate([[bos], ids, [] if eos is None else [eos]]).astype(np.int32)
+            elif eos is not None:
                 ids = np.concatenate([[eos], ids, [eos]]).astype(np.int32)
             out.append({"inputs": ids[:-1], "targets": ids[1:]})
         return out

@@ -30,6 +30,7 @@ class ByteTokenizer:
 
     def __init__(self, add_eos: bool = False):
         self.eos_id = 256 if add_eos else None
+        self.bos_id = None
         self.vocab_size = 257 if add_eos else 256
         self.fingerprint = f"bytes+eos{self.eos_id}"
 
@@ -55,10 +56,12 @@ class BPETokenizer:
     decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
     two BPEs of equal vocab size are told apart."""
 
-    def __init__(self, tok: Tokenizer, eos_token: str | None = None):
+    def __init__(self, tok: Tokenizer, eos_token: str | None = None, bos_token: str | None = None):
         """eos_token: the special token that ends a document (None: `EOS` if the vocabulary has it; a tokenizer with
         other special tokens but not that one must name it, e.g. '</s>', or the loader would pack documents with no
-        separator). A tokenizer without special tokens has eos_id None."""
+        separator). A tokenizer without special tokens has eos_id None. bos_token: one that starts every document
+        (Llama's '<s>', Gemma's '<bos>': the models fine-tuned from those checkpoints saw it first; None: documents
+        start after the previous one's EOS)."""
         self.tok = tok
         # add_special_tokens=False only stops *adding* specials; this stops matching them inside the text.
         # It is not saved in the JSON, so it is set on every construction (train, load, unpickle).
@@ -74,8 +77,13 @@ class BPETokenizer:
                              "ends a document, e.g. BPETokenizer.load(path, eos_token='</s>')")
         self.eos_token = name
         self.eos_id = None if name is None else tok.token_to_id(name)
-        # another EOS choice packs other streams (the default keeps the fingerprints made before the choice existed)
-        extra = "" if name in (EOS, None) else f"\0eos={name}"
+        if bos_token is not None and tok.token_to_id(bos_token) is None:
+            raise ValueError(f"BPETokenizer bos_token={bos_token!r} is not in the vocabulary; its special tokens are "
+                             f"{specials}")
+        self.bos_token = bos_token
+        self.bos_id = None if bos_token is None else tok.token_to_id(bos_token)
+        # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
+        extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
@@ -97,8 +105,10 @@ class BPETokenizer:
         self.tok.save(str(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, eos_token: str | None = None) -> BPETokenizer:
-        """The tokenizer a `save` (or a Hugging Face tokenizer.json) wrote; eos_token as for the constructor."""
+    def load(cls, path: str | os.PathLike, eos_token: str | None = None, bos_token: str | None = None
+             ) -> BPETokenizer:
+        """The tokenizer a `save` (or a Hugging Face tokenizer.json) wrote; eos_token / bos_token as for the
+        constructor."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train one with data.tokenizer.train_bpe(...).save(path)")
         try:
@@ -106,14 +116,14 @@ class BPETokenizer:
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception that names no file
             raise ValueError(f"{path} is not a `tokenizers` JSON file ({e}); pass the file that "
                              "BPETokenizer.save (or a Hugging Face tokenizer.json) wrote") from None
-        return cls(tok, eos_token)
+        return cls(tok, eos_token, bos_token)
 
     def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
-        return _bpe_from_json, (self.tok.to_str(), self.eos_token)
+        return _bpe_from_json, (self.tok.to_str(), self.eos_token, self.bos_token)
 
 
-def _bpe_from_json(s: str, eos_token: str | None = None) -> BPETokenizer:
-    return BPETokenizer(Tokenizer.from_str(s), eos_token)
+def _bpe_from_json(s: str, eos_token: str | None = None, bos_token: str | None = None) -> BPETokenizer:
+    return BPETokenizer(Tokenizer.from_str(s), eos_token, bos_token)
 
 
 def _empty_bpe() -> Tokenizer:

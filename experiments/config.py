@@ -42,7 +42,9 @@ class DataSpec:
     (`python -m data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or
     `data.tokenizer.pretokenize` outputs; both or neither. tokenizer: a `tokenizers` JSON file
     (`data.tokenizer.train_bpe(...).save(path)`) to read them with; None: bytes + EOS (vocab 257). eos_token: the
-    tokenizer's end-of-document token when it is not '<|endoftext|>' (e.g. '</s>' in a Hugging Face tokenizer.json)."""
+    tokenizer's end-of-document token when it is not '<|endoftext|>' (e.g. '</s>' in a Hugging Face tokenizer.json).
+    bos_token: a token that starts every document ('<s>' for Llama, '<bos>' for Gemma: fine-tuning a checkpoint
+    that always saw one first); None: documents start after the previous one's EOS."""
 
     max_files: int | None = None
     eval_every_nth: int = 20
@@ -53,6 +55,7 @@ class DataSpec:
     eval_dir: str | None = None
     tokenizer: str | None = None
     eos_token: str | None = None
+    bos_token: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,7 +407,8 @@ def load_tokenizer(d: DataSpec):
     """The run's tokenizer: `data.tokenizer.BPETokenizer.load(d.tokenizer)`, or bytes + EOS."""
     from data.tokenizer import BPETokenizer, ByteTokenizer
 
-    return ByteTokenizer(add_eos=True) if d.tokenizer is None else BPETokenizer.load(d.tokenizer, d.eos_token)
+    return ByteTokenizer(add_eos=True) if d.tokenizer is None else BPETokenizer.load(d.tokenizer, d.eos_token,
+                                                                                      d.bos_token)
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -527,11 +531,14 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
              "`python -m data.pipeline` (e.g. RUN/augmented) or a data.tokenizer.pretokenize output")
     need(d.tokenizer is None or os.path.isfile(d.tokenizer), "data.tokenizer",
          f"{d.tokenizer!r} is not a file; save one with data.tokenizer.train_bpe(texts, vocab).save(path)")
-    need(d.eos_token is None or d.tokenizer is not None, "data.eos_token",
-         "names a token of data.tokenizer, which is not set (bytes + EOS have their own)")
+    for f in ("eos_token", "bos_token"):
+        need(getattr(d, f) is None or d.tokenizer is not None, f"data.{f}",
+             "names a token of data.tokenizer, which is not set (bytes + EOS have their own)")
     try:
         tokenizer = load_tokenizer(d)
     except ValueError as e:
+        if "bos_token" in str(e):
+            raise ConfigError(f"data.bos_token: {e} (--set data.bos_token=...)") from None
         if "eos_token" in str(e) or "special tokens" in str(e):  # the tokenizer is fine; its EOS is not known
             raise ConfigError(f"data.eos_token: {e} (--set data.eos_token=...)") from None
         raise ConfigError(f"data.tokenizer: {d.tokenizer!r} is not a tokenizers JSON file ({e}); save one with "

@@ -133,7 +133,8 @@ MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl"
 WARNED_MODEL_FIELDS = (("dtype",), ("moe", "dispatch"), ("moe", "capacity_factor"))
 # What defines the data stream: a saved loader state points into the stream these values made, not another one.
 LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data", "max_files"), ("data", "corpus"),
-                 ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"), ("data", "eos_token"))
+                 ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"), ("data", "eos_token"),
+                 ("data", "bos_token"))
 # The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
 SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
 
@@ -490,7 +491,9 @@ def train(cfg, mesh_shape: dict) -> dict:
     from jax.experimental import multihost_utils
 
     model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
-    prompt = jnp.asarray(tok.encode("def __init__(self"))[None]
+    bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
+    prompt_ids = np.concatenate([[] if bos is None else [bos], tok.encode("def __init__(self")])
+    prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     n_new = max(1, min(t.sample_tokens, m.max_seq_len - prompt.shape[1]))  # within the context it was trained for
     ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed))
     sample = tok.decode(np.asarray(ids[0]))

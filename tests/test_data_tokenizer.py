@@ -145,6 +145,29 @@ def test_an_end_of_sequence_token_of_another_name(tmp_path):
         BPETokenizer.load(tmp_path / "tok.json", eos_token="<eos>")
 
 
+def test_a_beginning_of_document_token_starts_every_document(tmp_path):
+    """bos_token (Llama's '<s>'): documents are [bos] text [eos], not [eos] text [eos]: a checkpoint fine-tuned with
+    its own tokenizer saw BOS first in pretraining. The choice is part of the fingerprint (another stream)."""
+    import pickle
+
+    from data.loader import Tokenize
+    from data.shards import encode_doc
+
+    texts = ["first document here", "second document there"] * 10
+    tok = train_bpe(texts, vocab_size=300, special_tokens=("<s>", "</s>"), eos_token="</s>", show_progress=False)
+    tok.save(tmp_path / "tok.json")
+    bos = BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>", bos_token="<s>")
+    assert (bos.bos_id, bos.eos_id, tok.bos_id) == (0, 1, None) and bos.fingerprint != tok.fingerprint
+    assert pickle.loads(pickle.dumps(bos)).bos_id == 0  # grain workers get it pickled
+    ids = bos.encode(texts[0])
+    [with_bos], [without] = (Tokenize(t)([encode_doc({"text": texts[0]})]) for t in (bos, tok))
+    np.testing.assert_array_equal(with_bos["inputs"], [0, *ids])
+    np.testing.assert_array_equal(with_bos["targets"], [*ids, 1])
+    np.testing.assert_array_equal(without["inputs"], [1, *ids])  # the EOS separator, as before
+    with pytest.raises(ValueError, match="bos_token='<bos>' is not in the vocabulary"):
+        BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>", bos_token="<bos>")
+
+
 def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
     """Documents (dicts) given to train_bpe trained on their keys, silently; a wrong field was a bare KeyError (and
     pretokenize left a .tmp shard); a JSON file that is no tokenizer raised a bare Exception naming no file."""

@@ -67,6 +67,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.swa_impl=cudnn"], 8, "model.swa_impl: 'cudnn' (cuDNN's fused attention) "
      "takes bfloat16"),
     (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
+    (["--preset", "tiny", "--set", "data.bos_token=<s>"], 8, "data.bos_token: names a token of data.tokenizer"),
     (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),
     (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
      "model.d_model: 32 is not divisible by the fsdp axis (3)"),
