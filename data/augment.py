@@ -62,7 +62,10 @@ class DomainGlossary:
 
     def __call__(self, doc: dict) -> dict:
         found, seen, low = [], set(), doc["text"].lower()
-        for domain in doc.get("domains", ()):
+        domains = doc.get("domains", ())
+        if isinstance(domains, str):  # iterated letter by letter, it matched nothing, silently
+            raise ValueError(f"DomainGlossary: doc['domains']={domains!r} must be a list of tags, e.g. [{domains!r}]")
+        for domain in domains:
             for term, term_low, definition, rx in self._compiled.get(domain, ()):
                 # the substring test is a C-speed scan; the word-boundary regex only confirms a hit
                 if term not in seen and term_low in low and rx.search(low):

@@ -53,6 +53,9 @@ class ByteWindows:
     """
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0):
+        for name, v in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"ByteWindows {name}={v!r} must be an int >= 1")
         if len(tokens) < seq_len + 1:
             raise ValueError(f"corpus of {len(tokens)} tokens is shorter than one window of seq_len + 1 = "
                              f"{seq_len + 1}")

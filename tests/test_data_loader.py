@@ -421,3 +421,20 @@ def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"text_field='text': a document \(id 'n7'\) holds int there, not text"):
         next(LMLoader([Source(bad)], EOS_BYTES, LoaderConfig(seq_len=8, global_batch_size=1), process_index=0,
                       process_count=1))
+
+
+def test_small_helpers_refuse_nonsense_inputs():
+    """Each was accepted: ByteWindows(seq_len=0) gave empty rows and batch_size=0 a numpy stacking error; a
+    zh_fraction of 1.5 made every document Chinese; a glossary's domains given as one string matched nothing."""
+    from data.augment import DomainGlossary
+    from data.corpus import ByteWindows
+    from data.synthetic import documents as synthetic_documents
+
+    tokens = np.arange(100, dtype=np.int32)
+    for kw in (dict(seq_len=0, batch_size=4), dict(seq_len=-5, batch_size=4), dict(seq_len=8, batch_size=0)):
+        with pytest.raises(ValueError, match=r"ByteWindows (seq_len|batch_size)=-?\d+ must be an int >= 1"):
+            ByteWindows(tokens, **kw)
+    with pytest.raises(ValueError, match="zh_fraction=1.5 must be a fraction"):
+        synthetic_documents(3, zh_fraction=1.5)
+    with pytest.raises(ValueError, match=r"doc\['domains'\]='code' must be a list of tags"):
+        DomainGlossary()({"text": "an iterator", "domains": "code"})
