@@ -417,7 +417,8 @@ class LMLoader:
 
     def set_state(self, state: dict) -> None:
         """Resume at a `get_state()` position; a state of another stream (or that does not fit this loader) raises
-        StreamMismatch, naming what differs."""
+        StreamMismatch, naming what differs. The batches do not depend on worker_count, but grain's state does:
+        resume with the worker_count it was saved with (0 and > 0 differ, and fewer workers than saved fail)."""
         if isinstance(state, dict) and set(state) == {"grain", "stream"}:  # (older states: grain's alone)
             if differ := [k for k in self._stream if not _same_stream(k, state["stream"].get(k), self._stream[k])]:
                 raise StreamMismatch("LMLoader.set_state: the state was saved by a loader over another stream ("
