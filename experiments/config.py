@@ -565,9 +565,11 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(t.seq % mesh.get("sequence", 1) == 0, "train.seq",
          f"{t.seq} is not divisible by the sequence axis ({mesh.get('sequence')})")
     windows = [w for w in m.layer_windows() if w is not None]
-    need(all(w < t.seq for w in windows), "model.sliding_window",
+    # a model designed here with a window as long as its rows has no local layer in effect: likely a slip. A
+    # checkpoint's window (init_from: Mistral's or Gemma 2's 4096) binds only past train.seq, as it did in pretraining
+    need(t.init_from is not None or all(w < t.seq for w in windows), "model.sliding_window",
          f"window {max(windows, default=0)} >= train.seq={t.seq}: the local layers would be global; use a window "
-         "below the sequence length (or attn_pattern='global')")
+         "below the sequence length (or attn_pattern='global' with sliding_window=None)")
     tp = mesh.get("tensor", 1)
     need(m.n_heads % tp == 0, "model.n_heads", f"{m.n_heads} heads are not divisible by the tensor axis ({tp})")
     need(m.mlp_dim % tp == 0, "model.mlp_dim", f"{m.mlp_dim} is not divisible by the tensor axis ({tp})")
