@@ -495,7 +495,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     prompt_ids = np.concatenate([[] if bos is None else [bos], tok.encode("def __init__(self")])
     prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     n_new = max(1, min(t.sample_tokens, m.max_seq_len - prompt.shape[1]))  # within the context it was trained for
-    ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed))
+    ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed),
+                   eos_id=tok.eos_id)  # a document ends there
     sample = tok.decode(np.asarray(ids[0]))
     result["sample"] = sample
     if primary:

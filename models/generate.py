@@ -99,7 +99,7 @@ def _one_key(rng) -> bool:
 
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng=None, eos_id: int | tuple[int, ...] | None = None,
-             pad_id: int | None = None):
+             pad_id: int | None = None, trim: bool = True):
     """Continue `prompt_tokens` [B, P] (equal lengths, no padding) by `max_new_tokens` tokens.
 
     Returns int32 [B, P + max_new_tokens]: the prompt followed by the generated tokens.
@@ -107,7 +107,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
     eos_id: an end token (or several): a row that emits one continues with `pad_id` (default: the first eos_id),
     and generation stops once every row has, so the result may be shorter, [B, P + n] with n <= max_new_tokens
-    (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`).
+    (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`). trim=False keeps [B, P + max_new_tokens] (the
+    columns after the stop are pad_id): one shape, for calling it inside your own `jax.jit`.
     """
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size).astype(jnp.int32)  # ints in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
@@ -147,7 +148,11 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     else:
         new, n = _generate_until(graphdef, state, prompt_BP, rng, *sampling, eos_ids,
                                  eos_ids[0] if pad_id is None else int(pad_id))
-        new = new[:, :int(n)]
+        if trim:
+            if isinstance(n, jax.core.Tracer):
+                raise ValueError("generate(eos_id=...) under jax.jit: the trimmed length depends on the tokens; pass "
+                                 "trim=False for [B, P + max_new_tokens] (pad_id after the stop)")
+            new = new[:, :int(n)]
     return jnp.concatenate([prompt_BP, new], axis=1)
 
 
@@ -155,6 +160,8 @@ def _token_ids(name: str, v, vocab_size: int) -> tuple[int, ...]:
     """None → (); an int or a sequence of ints in [0, vocab_size) → a tuple; else a ValueError naming `name`."""
     if v is None:
         return ()
+    if hasattr(v, "ndim") and getattr(v, "ndim", None) in (0, 1):  # numpy / jax arrays of ids
+        v = v.tolist() if v.ndim else v.item()
     ids = (v,) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, list | tuple) else None
     if not ids or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size
                       for t in ids):

@@ -218,3 +218,21 @@ def test_generating_past_max_seq_len_warns_and_runs(model):
         assert generate(m, prompt, 4).shape == (1, 8)  # exactly max_seq_len: no warning
     with pytest.warns(UserWarning, match=r"9 tokens \(prompt 4 \+ 5 new\) exceed the model's max_seq_len=8"):
         assert generate(m, prompt, 5).shape == (1, 9)
+
+
+def test_eos_generation_inside_your_own_jit(model):
+    """trim=False: one shape [B, P + N], the trimmed result then pad_id, so `generate(eos_id=...)` runs inside a
+    caller's jax.jit (trimming there was a bare ConcretizationTypeError); eos ids as an array are taken."""
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 4)), jnp.int32)
+    free = np.asarray(generate(model, prompt, 10))
+    eos = int(free[0, 4 + 3])  # row 0 stops at its 4th new token
+    trimmed = np.asarray(generate(model, prompt, 10, eos_id=np.array([eos]), pad_id=0))
+    full = np.asarray(generate(model, prompt, 10, eos_id=eos, pad_id=0, trim=False))
+    assert full.shape == free.shape and np.array_equal(full[:, :trimmed.shape[1]], trimmed)
+    assert not full[:, trimmed.shape[1]:].any() and (trimmed[0, 8:] == 0).all()  # pad after the stop
+    graphdef, state = nnx.split(model)
+    run = lambda trim: jax.jit(lambda s, p: generate(nnx.merge(graphdef, s), p, 10, eos_id=eos, pad_id=0,  # noqa: E731
+                                                     trim=trim))(state, prompt)
+    np.testing.assert_array_equal(np.asarray(run(False)), full)
+    with pytest.raises(ValueError, match="under jax.jit: the trimmed length depends on the tokens; pass trim=False"):
+        run(True)

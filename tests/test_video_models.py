@@ -145,6 +145,9 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
         generate(model, tok[0], null, key)
     with pytest.raises(ValueError, match=r"TextEncoder: tokens must be a batch \[B, L\]"):
         model.text(tok[0])
+    for bad in (float("nan"), float("inf")):  # NaN latents, silently
+        with pytest.raises(ValueError, match=r"cfg_scale=(nan|inf) must be a finite number"):
+            generate(model, tok, null, key, cfg_scale=bad)
 
 
 def test_t2v_drops_captions_for_the_dit_only_and_guidance_zero_is_the_null_caption():

@@ -9,6 +9,9 @@ Shapes: B batch, L caption tokens, T/H/W/C latents.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,6 +92,8 @@ def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0,
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
     _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL)
+    if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):  # NaN latents, silently, otherwise
+        raise ValueError(f"generate: cfg_scale={cfg_scale} must be a finite number (1.0: no guidance)")
     cfg = model.cfg
     B = tokens_BL.shape[0]
     cond = model.text(tokens_BL)
