@@ -9,6 +9,8 @@ caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour, direction an
 pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png and per-prompt GIFs and
 grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code. On CPU it runs on
 one device; for a mesh of fake CPU devices set JAX_NUM_CPU_DEVICES=8 first (e.g. `--mesh data=2,fsdp=2,tensor=2`).
+Afterwards, your own captions: `sample, p = load_video_model("runs/video/default"); sample(["a red circle moving
+up"])` (uint8 videos).
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_capt
 from experiments.checkpoint import fingerprint
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
-from experiments.video_eval import chance_row, run_eval, save_results, score, table, write_overview, write_prompt_media
+from experiments.video_eval import (
+    chance_row,
+    run_eval,
+    save_results,
+    score,
+    table,
+    to_uint8,
+    write_overview,
+    write_prompt_media,
+)
 from experiments.video_steps import (
     ema_cast,
     ema_init,
@@ -314,6 +325,56 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"]})
     return graphdef, ema_cast(ema, params)
+
+
+def load_video_model(out, preset: str | Preset = "default"):
+    """`(sample, preset)` of a finished run in `out`: `sample(captions, cfg_scale=4.0, seed=0)` → uint8 videos
+    [N, frames, size, size, 3] from the DiT's EMA weights and the VAE's newest checkpoint, on one device.
+
+    preset: the name or `Preset` the run was trained with (with --attention / --shift / step overrides as its
+    fields); checkpoints made under other settings are refused naming the fields that differ. Captions use the
+    MovingShapes vocabulary, e.g. "a red circle moving up" (also held-out combinations); "" is the null caption.
+
+        sample, p = load_video_model("runs/video/default")
+        videos = sample(["a red circle moving up", "a blue square moving left"])
+    """
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    out = pathlib.Path(out)
+    metas = {}
+    for stage in ("vae", "t2v"):
+        mgr = manager(out / "ckpt" / stage)
+        if (latest := latest_meta(mgr)) is None:
+            raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
+        metas[stage] = latest[1].get("settings", {})
+    seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
+    for stage, now in stage_settings(p, seed).items():
+        if metas[stage] and (changed := _changed(metas[stage], now, p)):
+            raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
+                             f"({'; '.join(changed)}); pass the preset (and overrides) the run used")
+    stats_path = out / "latent_stats.json"
+    if not stats_path.exists():
+        raise FileNotFoundError(f"{stats_path} is missing: the run stopped before encoding its latents")
+    stats = tuple(jnp.asarray(v, jnp.float32) for v in json.loads(stats_path.read_text()).values())
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
+    t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        vae_params = restore(manager(out / "ckpt" / "vae"), {"params": vae_params})[1]["params"]
+        ema = restore(manager(out / "ckpt" / "t2v"), {"ema": ema_init(t2v_params)})[1]["ema"]
+    weights = ema_cast(ema, t2v_params)
+    null = null_tokens(p.data.max_caption_len)
+
+    @jax.jit
+    def _sample(tok, key, scale):
+        z = generate(nnx.merge(t2v_gd, weights), tok, null, key, scale)
+        return nnx.merge(vae_gd, vae_params).decode(denormalize(z, stats))
+
+    def sample(captions, cfg_scale: float = 4.0, seed: int = 0) -> np.ndarray:
+        tok = jnp.asarray(np.stack([encode_caption(c, p.data.max_caption_len) for c in captions]))
+        with jax.set_mesh(mesh):
+            return to_uint8(np.asarray(_sample(tok, jax.random.key(seed), jnp.float32(cfg_scale))))
+
+    return sample, p
 
 
 def main(argv=None):

@@ -31,6 +31,16 @@ def test_tiny_preset_runs_every_stage(tmp_path):
     gifs = sorted((out / "samples").glob("*.gif"))
     assert len(gifs) == 48 and (out / "overview.png").stat().st_size > 0
     assert (out / "samples" / "a_red_circle_moving_up.png").exists()  # a held-out caption
+    # your own captions from the finished run (it took rebuilding the preset, two managers, the EMA and the stats)
+    sample, p = train_video.load_video_model(out, "tiny")
+    a, b = sample(["a red circle moving up", ""], cfg_scale=2.0), sample(["a red circle moving up", ""], seed=1)
+    assert a.shape == (2, p.data.frames, p.data.size, p.data.size, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, sample(["a red circle moving up", ""], cfg_scale=2.0)) and not np.array_equal(a, b)
+    import dataclasses
+
+    full = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, attention="full")))
+    with pytest.raises(ValueError, match=r"ckpt/t2v was trained with other settings \(t2v.dit.attention: "):
+        train_video.load_video_model(out, full)
 
 
 def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
