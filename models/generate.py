@@ -43,14 +43,18 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
+def _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p):
+    """The prompt through a fresh cache of P + max_new_tokens slots → (first new token [B], cache, rng)."""
+    B, P = prompt_BP.shape
+    logits_BPV, cache = model(prompt_BP, cache=KVCache.zeros(model.cfg, B, P + max_new_tokens))
+    rng, sub = jax.random.split(rng)
+    return sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p), cache, rng
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
 def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
-    B, P = prompt_BP.shape
-    cache = KVCache.zeros(model.cfg, B, P + max_new_tokens)
-    logits_BPV, cache = model(prompt_BP, cache=cache)
-    rng, sub = jax.random.split(rng)
-    first_B = sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+    first_B, cache, rng = _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p)
 
     def step(carry, _):
         tok_B, cache, rng = carry
@@ -68,13 +72,9 @@ def _generate_until(graphdef, state, prompt_BP, rng, max_new_tokens, temperature
     """As `_generate`, stopping once every row has produced one of `eos_ids`: → (tokens [B, max_new_tokens],
     how many columns were generated). A finished row continues with `pad_id` (as Hugging Face pads)."""
     model = nnx.merge(graphdef, state)
-    B, P = prompt_BP.shape
-    cache = KVCache.zeros(model.cfg, B, P + max_new_tokens)
-    logits_BPV, cache = model(prompt_BP, cache=cache)
-    rng, sub = jax.random.split(rng)
-    tok_B = sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p)
+    tok_B, cache, rng = _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p)
     eos = jnp.asarray(eos_ids, jnp.int32)
-    toks_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
+    toks_BN = jnp.full((prompt_BP.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
 
     def step(carry):
         i, tok_B, done_B, cache, rng, toks_BN = carry
