@@ -160,6 +160,7 @@ class _Ctx:
     length: jax.Array | int = 0  # tokens already in the cache
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
     flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
+    dropless: bool = False  # capacity MoE runs dropless (C = T), as it always does with a cache
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -236,7 +237,7 @@ class Block(nnx.Module):
         h_BTD, aux = norm(x_BTD, self.mlp_norm), None
         if hasattr(self, "moe"):
             m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask,
-                                  inference=cache is not None)  # decode-chunking-invariant capacity
+                                  inference=cache is not None or ctx.dropless)  # decode-chunking-invariant
         else:
             h_MD = rows(h_BTD)
             mlp = lambda a: constrain(a.reshape(B, T, F), ("batch", "act_seq", "act_mlp"))  # noqa: E731
@@ -341,7 +342,7 @@ class Transformer(nnx.Module):
                                      0.0 if cfg.mup_base_width else cfg.init_std)
 
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
-                 cache: KVCache | None = None, return_aux: bool = False, rng=None):
+                 cache: KVCache | None = None, return_aux: bool = False, rng=None, dropless: bool = False):
         """tokens [B, T] int → logits [B, T, V] float32.
 
         positions_BT: RoPE positions [B, T] (default: arange, offset by the cache length when decoding).
@@ -353,13 +354,17 @@ class Transformer(nnx.Module):
         'dropped_frac' (means over MoE layers, unweighted: the trainer multiplies by cfg.moe's
         weights) and 'load' [L_moe, E] (fraction of routed assignments per expert, per MoE layer).
         rng: a key for MoE router jitter (training only); None disables jitter.
+        dropless: capacity-dispatch MoE layers drop no token (C = T), as they always run with a cache: scoring
+        generated text without a cache then gives the logits `generate` sampled from.
         With a cache, activation dimensions that do not divide their mesh axes (T = 1 under 'sequence', one
         prompt under 'data') are replicated, so decoding works on the training mesh.
         """
         with replicate_indivisible(cache is not None):
-            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng)
+            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng,
+                                 dropless)
 
-    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng):
+    def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng,
+                 dropless=False):
         cfg = self.cfg
         tokens_BT = check_token_ids(tokens_BT, cfg.vocab_size)
         _check_shapes(cfg, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
@@ -390,7 +395,8 @@ class Transformer(nnx.Module):
                              f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
-        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows())
+        ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows(),
+                   bool(dropless))
 
         cd = dtype_of(cfg.dtype)
         x_BTD = embed_lookup(self.embed[...], tokens_BT, cd)  # all-gathered in cd, gradient in param dtype

@@ -194,6 +194,9 @@ def test_capacity_moe_decodes_dropless_whatever_the_chunking():
     dropless = nnx.merge(nnx.split(Transformer(dataclasses.replace(
         cfg, moe=dataclasses.replace(moe, dispatch="dropless")), rngs=nnx.Rngs(3)))[0], state)
     np.testing.assert_allclose(dropless(tok), whole, atol=1e-4)
+    # scoring without a cache as generation computed: dropless=True (the capacity forward drops half: other logits)
+    np.testing.assert_allclose(model(tok, dropless=True), whole, atol=1e-4)
+    assert np.abs(np.asarray(model(tok)) - np.asarray(whole)).max() > 1e-3
 
 
 def test_a_tiny_temperature_samples_the_argmax():
