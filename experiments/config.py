@@ -384,14 +384,11 @@ def load(argv=None, description: str | None = None) -> RunConfig:
     return apply_overrides(cfg, sets)
 
 
-# What a checkpoint's config.json does not say: how the model runs, and the training precision of its weights
-KEPT_FROM_PRESET = ("attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl", "swa_block",
-                    "pipeline_microbatches", "dtype", "matmul_impl", "param_dtype")
-
-
 def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     """The architecture of the Hugging Face checkpoint in `folder` (its config.json, as `models.hf.from_pretrained`
-    reads it), with `base`'s `KEPT_FROM_PRESET` fields (float32 parameters unless the preset says otherwise)."""
+    reads it), with `base`'s `experiments.train_lm.KEPT_FROM_PRESET` fields (how the model runs, and float32
+    parameters unless the preset says otherwise)."""
+    from experiments.train_lm import KEPT_FROM_PRESET
     from models.hf_config import config_from_hf
 
     path = os.path.join(folder, "config.json")

@@ -127,6 +127,9 @@ def main(argv=None) -> dict:
 # How a model is executed, not which parameters it has: a run may resume with other values.
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
+# What a Hugging Face config.json does not say (--init-from keeps the preset's): how the model runs, and the
+# training precision of its weights
+KEPT_FROM_PRESET = tuple(sorted(EXECUTION_FIELDS | {"param_dtype"}))
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
 # ... of which these change what the model computes from the resumed step on (warned): capacity dispatch drops the
 # tokens past an expert's capacity, bf16 compute rounds; the others only how it runs
@@ -219,7 +222,6 @@ def init_from_hf(cfg, mesh, optimizer, shardings):
     import jax
     from flax import nnx
 
-    from experiments.config import KEPT_FROM_PRESET
     from experiments.lm_step import init_train_state
     from models.hf import from_pretrained
 
