@@ -133,12 +133,10 @@ def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> N
     boxes = {tuple(span(sl, size) for sl, size in zip(ix, global_shape)) for ix in indices}
     lo, hi = min(b[0][0] for b in boxes), max(b[0][1] for b in boxes)
     volume = sum(math.prod(e - s for s, e in b) for b in boxes)
-    whole = (all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size
-                 for d, size in enumerate(global_shape) if d > 0)
-             and volume == (hi - lo) * math.prod(global_shape[1:]))
+    rest_whole = all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size
+                     for d, size in enumerate(global_shape) if d > 0)
+    whole = rest_whole and volume == (hi - lo) * math.prod(global_shape[1:])
     if hi - lo != rows or not whole:
-        rest_whole = all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size
-                         for d, size in enumerate(global_shape) if d > 0)
         # boxes that cover every other dim but not their rows' bounding box: rows with gaps between them
         what = "" if whole else " and only part of T" if not rest_whole else ", not contiguously"
         raise ValueError(f"mesh {mesh_shape}: this process's devices hold rows [{lo}, {hi}) of the global batch "
