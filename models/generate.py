@@ -9,6 +9,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.transformer import KVCache, check_token_ids
@@ -43,18 +44,19 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p):
-    """The prompt through a fresh cache of P + max_new_tokens slots → (first new token [B], cache, rng)."""
+def _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p):
+    """The prompt through a fresh cache of P + max_new_tokens slots → (first new token [B], cache, rng).
+    start_B: each row's left padding, or None."""
     B, P = prompt_BP.shape
-    logits_BPV, cache = model(prompt_BP, cache=KVCache.zeros(model.cfg, B, P + max_new_tokens))
+    logits_BPV, cache = model(prompt_BP, cache=KVCache.zeros(model.cfg, B, P + max_new_tokens, start=start_B))
     rng, sub = jax.random.split(rng)
     return sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p), cache, rng
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _generate(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
-    first_B, cache, rng = _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p)
+    first_B, cache, rng = _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p)
 
     def step(carry, _):
         tok_B, cache, rng = carry
@@ -67,12 +69,13 @@ def _generate(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_
     return jnp.concatenate([toks_NB.T, last_B[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
-def _generate_until(graphdef, state, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10))
+def _generate_until(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p, eos_ids,
+                    pad_id):
     """As `_generate`, stopping once every row has produced one of `eos_ids`: → (tokens [B, max_new_tokens],
     how many columns were generated). A finished row continues with `pad_id` (as Hugging Face pads)."""
     model = nnx.merge(graphdef, state)
-    tok_B, cache, rng = _prefill(model, prompt_BP, rng, max_new_tokens, temperature, top_k, top_p)
+    tok_B, cache, rng = _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p)
     eos = jnp.asarray(eos_ids, jnp.int32)
     toks_BN = jnp.full((prompt_BP.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
 
@@ -97,12 +100,50 @@ def _one_key(rng) -> bool:
     return (jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()) or (dtype == jnp.uint32 and shape == (2,))
 
 
+def left_pad(prompts, pad_id: int = 0):
+    """Prompts of different lengths (a list of token-id lists) → (tokens int32 [B, P], mask bool [B, P]), each row
+    left-padded with `pad_id` to the longest, mask True on real tokens: `generate(model, tokens, n,
+    prompt_mask=mask)`, as a Hugging Face tokenizer with padding_side='left' gives input_ids and attention_mask."""
+    rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
+    if not rows or any(not r for r in rows):
+        raise ValueError("left_pad: prompts must be a non-empty list of non-empty token-id lists")
+    P = max(map(len, rows))
+    tokens = np.full((len(rows), P), pad_id, np.int32)
+    mask = np.zeros((len(rows), P), bool)
+    for b, r in enumerate(rows):
+        tokens[b, P - len(r):], mask[b, P - len(r):] = r, True
+    return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _left_padding(prompt_mask, shape) -> jax.Array:
+    """A left-padding mask [B, P] (bool or 0/1; True on real tokens) → each row's padding length [B] int32."""
+    mask = jnp.asarray(prompt_mask)
+    if mask.shape != shape or not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise ValueError(f"prompt_mask must be bool or 0/1 ints of the prompt's shape {shape}, got "
+                         f"{mask.dtype}{list(mask.shape)}")
+    mask = mask != 0
+    start_B = (shape[1] - mask.sum(1)).astype(jnp.int32)
+    if not isinstance(mask, jax.core.Tracer):  # concrete: check the layout generate relies on
+        m = np.asarray(mask)
+        lefty = m == (np.arange(shape[1])[None, :] >= np.asarray(start_B)[:, None])
+        if not lefty.all():
+            raise ValueError(f"prompt_mask row {int(np.argmin(lefty.all(1)))} is not left padding (zeros, then "
+                             "ones): generation continues each prompt from the last column, so pad on the left "
+                             "(models.generate.left_pad, or a tokenizer's padding_side='left')")
+        if not m.any(1).all():
+            raise ValueError(f"prompt_mask row {int(np.argmin(m.any(1)))} has no real token; give every row one")
+    return start_B
+
+
 def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng=None, eos_id: int | tuple[int, ...] | None = None,
-             pad_id: int | None = None, trim: bool = True):
-    """Continue `prompt_tokens` [B, P] (equal lengths, no padding) by `max_new_tokens` tokens.
+             pad_id: int | None = None, trim: bool = True, prompt_mask=None):
+    """Continue `prompt_tokens` [B, P] by `max_new_tokens` tokens.
 
     Returns int32 [B, P + max_new_tokens]: the prompt followed by the generated tokens.
+    prompt_mask: for prompts of different lengths, [B, P] True (or 1) on real tokens, each row left-padded
+    (`left_pad` makes both): padding is never attended and positions count from each row's first real token, so a
+    row generates what it would alone (Hugging Face's generate with attention_mask). None: no padding.
     Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
     top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
     eos_id: an end token (or several): a row that emits one continues with `pad_id` (default: the first eos_id),
@@ -139,14 +180,15 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         if not isinstance(pad_id, numbers.Integral):
             raise ValueError(f"pad_id must be one token id, got {pad_id!r}")
         _token_ids("pad_id", pad_id, model.cfg.vocab_size)
+    start_B = None if prompt_mask is None else _left_padding(prompt_mask, prompt_BP.shape)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     sampling = (int(max_new_tokens), float(temperature), int(top_k or 0) or None,
                 None if top_p is None else float(top_p))
     if not eos_ids:
-        new = _generate(graphdef, state, prompt_BP, rng, *sampling)
+        new = _generate(graphdef, state, prompt_BP, start_B, rng, *sampling)
     else:
-        new, n = _generate_until(graphdef, state, prompt_BP, rng, *sampling, eos_ids,
+        new, n = _generate_until(graphdef, state, prompt_BP, start_B, rng, *sampling, eos_ids,
                                  eos_ids[0] if pad_id is None else int(pad_id))
         if trim:
             if isinstance(n, jax.core.Tracer):

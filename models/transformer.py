@@ -123,7 +123,10 @@ def cache_capacity(cfg: TransformerConfig, cache: KVCache) -> int | None:
 class KVCache(NamedTuple):
     """Per pattern position j < P: k[j], v[j] [L/P, B, S_j, K, H] and pos[j] [S_j], the absolute
     position held by each slot (-1: empty). Local layers keep S_j = W slots (a rolling buffer),
-    so their memory does not grow with the generated length. `length`: tokens seen so far.
+    so their memory does not grow with the generated length. `length`: tokens seen so far (slots, padding included).
+    `start` [B] or None: each row's first real slot, for left-padded prompts of different lengths: row b's slots
+    before start[b] are padding (never attended) and its RoPE positions count from start[b] (position = slot -
+    start[b], as Hugging Face's position_ids = cumsum(attention_mask) - 1).
 
     Capacity: every other layer (global, or a window longer than max_len) holds max_len tokens. A call that would
     go past them raises ValueError when that is known at trace time (the chunk length T, or a concrete `length`);
@@ -134,18 +137,26 @@ class KVCache(NamedTuple):
     v: tuple
     pos: tuple
     length: jax.Array
+    start: jax.Array | None = None
 
     @classmethod
-    def zeros(cls, cfg: TransformerConfig, batch: int, max_len: int, dtype=None):
+    def zeros(cls, cfg: TransformerConfig, batch: int, max_len: int, dtype=None, start=None):
         """An empty cache for `batch` rows of up to `max_len` tokens: per pattern slot j, k / v [L/P, B, S_j, K, H]
         zeros (S_j = max_len for global layers, the window's ring for local ones), pos [S_j] = -1 (empty), length 0.
-        dtype: the cache's storage dtype (None: cfg.dtype)."""
+        dtype: the cache's storage dtype (None: cfg.dtype). start: [batch] ints, each row's left padding (its first
+        real slot; max_len counts the padding), or None for none."""
         dtype = dtype or dtype_of(cfg.dtype)
         P = pattern_period(cfg)
         slots = [cache_slots(w, max_len) for w in cfg.layer_windows()[:P]]
         shape = lambda s: (cfg.n_layers // P, batch, s, cfg.kv_heads, cfg.hd)
+        if start is not None:
+            start = jnp.asarray(start)
+            if start.shape != (batch,) or not jnp.issubdtype(start.dtype, jnp.integer):
+                raise ValueError(f"KVCache.zeros(start=...) must be [batch] = [{batch}] ints (each row's first real "
+                                 f"slot), got {start.dtype}{list(start.shape)}")
+            start = start.astype(jnp.int32)
         return cls(tuple(jnp.zeros(shape(s), dtype) for s in slots), tuple(jnp.zeros(shape(s), dtype) for s in slots),
-                   tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32))
+                   tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32), start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +172,7 @@ class _Ctx:
     rope_cs: tuple | None = None  # constant (cos, sin) [1, T, 1, F] for positions 0..T-1; None: from positions
     flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
     dropless: bool = False  # capacity MoE runs dropless (C = T), as it always does with a cache
+    start: jax.Array | None = None  # [B] each row's first real cache slot (left padding), or None
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
@@ -274,21 +286,26 @@ class Block(nnx.Module):
         if window is None or S > window:  # global layer (S = max_len): attend over the written cache
             k_att, v_att, pos_att = new_cache
         elif T > S:  # a chunk longer than the window (a prompt's prefill): the O(T·W) kernel, not T × (S + T) scores
-            return self._attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, ctx.length, window, cfg, scale), new_cache
+            return self._attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, ctx.length, window, cfg, scale,
+                                           ctx.start), new_cache
         else:  # rolling buffer: attend over the old slots plus this chunk, before overwriting
             k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
             pos_att = jnp.concatenate([pos_S, new_T])
         diff_TS = new_T[:, None] - pos_att[None, :]
         mask_TS = (pos_att[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < (window or jnp.iinfo(jnp.int32).max))
-        mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
+        if ctx.start is None:
+            mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
+        else:  # left padding: a row never attends to the slots before its first real one
+            mask = (mask_TS[None] & (pos_att[None, None, :] >= ctx.start[:, None, None]))[:, None]
         cd = q_BTNH.dtype
         return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
 
     @staticmethod
-    def _attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, length, window, cfg, scale):
+    def _attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, length, window, cfg, scale, start_B=None):
         """A local layer's chunk of T > S tokens after `length` cached ones: the ring buffer's S slots put back in
         position order (slot of position p: p mod S; empty or stale slots masked) ahead of the chunk, then the
-        blocked sliding-window kernel over those S + T keys, whose index differences are position differences."""
+        blocked sliding-window kernel over those S + T keys, whose index differences are position differences.
+        start_B: each row's first real slot (left padding masked), or None."""
         k_BSKH, v_BSKH, pos_S = cache
         B, T, N, H = q_BTNH.shape
         S, cd = pos_S.shape[0], q_BTNH.dtype
@@ -298,6 +315,9 @@ class Block(nnx.Module):
         k, v = (jnp.concatenate([c[:, order_S].astype(cd), n.astype(cd)], 1) for c, n in ((k_BSKH, k_BTKH),
                                                                                          (v_BSKH, v_BTKH)))
         valid_BT = jnp.broadcast_to(jnp.concatenate([held_S, jnp.ones((T,), bool)]), (B, S + T))
+        if start_B is not None:
+            slot_K = jnp.concatenate([want_S, length + jnp.arange(T, dtype=jnp.int32)])
+            valid_BT = valid_BT & (slot_K[None, :] >= start_B[:, None])
         q = jnp.concatenate([jnp.zeros((B, S, N, H), cd), q_BTNH], 1)  # rows for the old slots: dropped below
         out = local_attention(q, k, v, window, valid_BT=valid_BT, impl="blocked", block=cfg.swa_block, scale=scale,
                               logit_softcap=cfg.attn_logit_softcap)
@@ -380,13 +400,18 @@ class Transformer(nnx.Module):
         length = cache.length if cache is not None else 0
         inv_freq = inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
         rope_cs = None
+        start = None if cache is None else cache.start
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(length + jnp.arange(T, dtype=jnp.int32), (B, T))
+            if start is not None:  # left-padded rows count positions from their first real token
+                positions_BT = positions_BT - start[:, None]
             if cache is None and T * cfg.hd <= 1 << 21:  # positions 0..T-1: tables of at most 4 MB each
                 rope_cs = rope_tables(np.arange(T, dtype=np.int32)[None], inv_freq)
         if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
-            raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one "
-                             "unpadded document per row")
+            raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one document per "
+                             "row, left-padded prompts through KVCache.zeros(cfg, batch, max_len, start=...)")
+        if start is not None and start.shape != (B,):
+            raise ValueError(f"KVCache.start is [{start.shape[0]}] but the batch has {B} rows")
         capacity = None if cache is None else cache_capacity(cfg, cache)
         length_traced = isinstance(length, jax.core.Tracer)
         if capacity is not None and (T > capacity or (not length_traced and int(length) + T > capacity)):
@@ -396,7 +421,7 @@ class Transformer(nnx.Module):
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows(),
-                   bool(dropless))
+                   bool(dropless), start)
 
         cd = dtype_of(cfg.dtype)
         x_BTD = embed_lookup(self.embed[...], tokens_BT, cd)  # all-gathered in cd, gradient in param dtype
@@ -417,7 +442,7 @@ class Transformer(nnx.Module):
             fits_T = length + jnp.arange(T) < capacity
             logits_BTV = jnp.where(fits_T[None, :, None], logits_BTV, jnp.nan)
         logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
-        out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T))
+        out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T, start))
         if return_aux:
             aux = {} if moe_aux is None else {
                 "lb_loss": moe_aux["lb_loss"].mean(), "z_loss": moe_aux["z_loss"].mean(),

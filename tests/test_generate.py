@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, TransformerConfig, generate
+from models import Transformer, TransformerConfig, generate, left_pad
 from models.generate import sample_logits
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, mlp_dim=48)
@@ -239,3 +239,31 @@ def test_eos_generation_inside_your_own_jit(model):
     np.testing.assert_array_equal(np.asarray(run(False)), full)
     with pytest.raises(ValueError, match="under jax.jit: the trimmed length depends on the tokens; pass trim=False"):
         run(True)
+
+
+def test_left_padded_rows_generate_what_they_would_alone(model):
+    """A batch of prompts of different lengths (left_pad + prompt_mask) continues each row as that prompt alone:
+    padding is never attended and positions count from each row's first token; with eos_id too."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (5, 2)]
+    tokens, mask = left_pad(prompts, pad_id=7)
+    assert tokens.shape == (2, 5) and (np.asarray(tokens[1, :3]) == 7).all() and mask.sum() == 7
+    batch = np.asarray(generate(model, tokens, 6, prompt_mask=mask))
+    alone = [np.asarray(generate(model, p[None], 6))[0, len(p):] for p in prompts]
+    np.testing.assert_array_equal(batch[:, 5:], np.stack(alone))
+    eos = int(alone[1][2])  # the short row ends at its third new token
+    ended = np.asarray(generate(model, tokens, 6, prompt_mask=np.asarray(mask, np.int32), eos_id=eos, pad_id=0))
+    assert (ended[1, 5:8] == alone[1][:3]).all() and (ended[1, 8:] == 0).all()
+
+
+def test_prompt_mask_must_be_left_padding(model):
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    right = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="prompt_mask row 1 is not left padding .* padding_side='left'"):
+        generate(model, tokens, 2, prompt_mask=right)
+    with pytest.raises(ValueError, match="prompt_mask row 0 has no real token"):
+        generate(model, tokens, 2, prompt_mask=np.array([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match=r"prompt_mask must be bool or 0/1 ints of the prompt's shape \(2, 4\)"):
+        generate(model, tokens, 2, prompt_mask=np.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="non-empty list of non-empty token-id lists"):
+        left_pad([[1, 2], []])

@@ -12,7 +12,7 @@ import torch  # the test extra (requirements.lock): a broken install must fail h
 import transformers
 from flax import nnx
 
-from models import RopeScaling, Transformer, TransformerConfig, generate
+from models import RopeScaling, Transformer, TransformerConfig, generate, left_pad
 from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from models.moe import MoEConfig
 
@@ -156,6 +156,21 @@ def test_greedy_generation_matches_hf(hf_ckpt, name):
     ours = np.asarray(generate(from_pretrained(folder), prompt, n))
     assert ref.shape == ours.shape == (2, 6 + n)
     np.testing.assert_array_equal(ours, ref)
+
+
+def test_left_padded_prompts_generate_as_hf_does(hf_ckpt):
+    """Prompts of different lengths, left-padded (`left_pad`, `generate(prompt_mask=...)`): the tokens of
+    transformers' generate with that attention_mask, on Mistral's sliding window (the 9-token prompt is longer than
+    the 7-token window, and generation runs past it). Without the mask the padding is read as text."""
+    folder, hf_model = hf_ckpt("mistral_swa")
+    model, n = from_pretrained(folder), 12
+    tokens, mask = left_pad([TOKENS[0, :9], TOKENS[1, :3]], pad_id=5)
+    hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = None, 5
+    with torch.no_grad():
+        ref = hf_model.generate(torch.as_tensor(np.array(tokens)), do_sample=False, max_new_tokens=n,
+                                attention_mask=torch.as_tensor(np.array(mask), dtype=torch.long)).numpy()
+    np.testing.assert_array_equal(np.asarray(generate(model, tokens, n, prompt_mask=mask)), ref)
+    assert not np.array_equal(np.asarray(generate(model, tokens, n))[1], ref[1])
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "gemma2"])

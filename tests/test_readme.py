@@ -49,6 +49,8 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(ref), atol=tol, rtol=0)
 
     assert ns["tokens"].shape == (1, 4 + 16) and jnp.issubdtype(ns["tokens"].dtype, jnp.integer)
+    alone = ns["generate"](plain, jnp.array([[7]]), max_new_tokens=16)  # "each row as alone"
+    assert ns["padded"].shape == (2, 3 + 16) and np.array_equal(ns["padded"][1, 3:], alone[0, 1:])
 
     aux, moe_cfg = ns["aux"], ns["moe_cfg"]
     assert set(aux) == {"lb_loss", "z_loss", "dropped_frac", "load"}
