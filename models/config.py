@@ -271,7 +271,9 @@ class TransformerConfig:
 
     # ---- accounting: delegated to scaling.flops, the one implementation of the counts ----------
     def param_count(self) -> int:
-        """Total number of parameters (embedding and head counted once when tied; all experts)."""
+        """Total number of parameters (embedding and head counted once when tied; all experts). MoE layers also
+        count their router_bias (E each: the selection bias a sigmoid router moves; zero under softmax routing, so
+        a Mixtral-8x7B count is 32 x 8 = 256 above Hugging Face's, which has none)."""
         from scaling.flops import param_counts
 
         return param_counts(self).total
@@ -308,7 +310,11 @@ class TransformerConfig:
         from scaling.memory import kv_cache_bytes
 
         if isinstance(dtype, numbers.Integral) and not isinstance(dtype, bool):
-            dtype = {1: "int8", 2: "bfloat16", 4: "float32"}[int(dtype)]
+            by_size = {1: "int8", 2: "bfloat16", 4: "float32", 8: "float64"}
+            if int(dtype) not in by_size:
+                raise ValueError(f"kv_cache_bytes(dtype={dtype!r}): an int is bytes per element, one of "
+                                 f"{sorted(by_size)}; or pass a dtype name such as 'bfloat16'")
+            dtype = by_size[int(dtype)]
         return kv_cache_bytes(self, batch, seq_len, dtype=dtype or self.dtype)
 
 

@@ -91,6 +91,7 @@ class LMShape:
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
+    swa_block: int = 256  # query block of the blocked sliding-window kernel (the `block` the functions default to)
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim"):
@@ -173,7 +174,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
-                   attn_block=getattr(cfg, "attn_block", None))
+                   attn_block=getattr(cfg, "attn_block", None), swa_block=int(getattr(cfg, "swa_block", 256)))
 
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -342,22 +343,25 @@ def _routed_forward(s: LMShape, seq_len: int | None, executed: bool, expert_shar
     return 2.0 * slots * s.n_moe_layers * 3 * s.d_model * m.expert_mlp_dim
 
 
-def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, windows=None,
+def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
                               moe=None) -> float:
     """Forward attention FLOPs per token summed over layers: 4·n_heads·head_dim·keys(layer).
 
     kernel='ideal' counts attended keys (causal, per-layer window): the model FLOPs for MFU;
     'dense' / 'causal_blocked' / 'blocked' / 'flash' count what that kernel executes (see
-    `executed_keys`); 'executed': what models.Transformer runs (`model_kernel`; `block` = the config's
-    swa_block for windowed layers, its attn_block for global ones).
+    `executed_keys`); 'executed': what models.Transformer runs (`model_kernel`: the config's attn_block for global
+    layers; windowed ones in query blocks of `block`, default the config's swa_block).
     """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Real) or not seq_len >= 1:
+        raise ValueError(f"seq_len={seq_len!r}: the sequence length must be a number of tokens >= 1")
     s = lm_shape(cfg, windows=windows, moe=moe)
+    block = s.swa_block if block is None else block
     kern = lambda w: model_kernel(s, w, block) if kernel == "executed" else (kernel, block)  # noqa: E731
     keys = sum(executed_keys(seq_len, w, *kern(w)) for w in s.windows)
     return 4.0 * s.n_heads * s.head_dim * keys
 
 
-def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, windows=None,
+def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
                             moe=None) -> float:
     """One forward pass per token: matmuls + attention (also the prefill cost per prompt token)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
@@ -367,7 +371,7 @@ def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: 
 prefill_flops_per_token = forward_flops_per_token
 
 
-def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int = 256,
+def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int | None = None,
                               windows=None, moe=None, expert_shards: int = 1) -> float:
     """Forward FLOPs that a remat policy recomputes in the backward pass (per token).
 
@@ -393,7 +397,7 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     return attn + routed if remat == "save_dots_no_batch" else 0.0
 
 
-def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int = 256, remat: str = "none",
+def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, remat: str = "none",
                           include_recompute: bool = False, windows=None, moe=None, expert_shards: int = 1) -> float:
     """Training FLOPs per token = 3 x forward (+ remat recompute if `include_recompute`).
 

@@ -72,9 +72,20 @@ def chip(kind: str) -> Chip:
     return CHIPS[key]
 
 
+# the peak tables' short names; numpy / jax spellings are taken too
+PEAK_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float8": "fp8",
+                      "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+
+
+def peak_dtype(dtype: str) -> str:
+    """'bfloat16' → 'bf16' (the peak tables' names); a name already short, or unknown, comes back as it is."""
+    return PEAK_DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower()) if isinstance(dtype, str) else dtype
+
+
 def peak_flops(kind: str, dtype: str = "bf16") -> float:
-    """Dense peak FLOP/s of one chip for `dtype` ('bf16', 'fp8', ...)."""
+    """Dense peak FLOP/s of one chip for `dtype` ('bf16', 'fp8', ...; 'bfloat16' etc. also taken)."""
     c = chip(kind)
+    dtype = peak_dtype(dtype)
     if dtype not in c.peak_flops:
         raise ValueError(f"{c.name} has no published {dtype!r} peak; available: {sorted(c.peak_flops)}")
     return c.peak_flops[dtype]

@@ -163,9 +163,9 @@ def check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
     if unknown:  # a misspelt axis would silently count as one device
         raise ValueError(f"mesh axes {unknown} are unknown; use names from {AXES}")
     for a, n in mesh.items():
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"mesh[{a!r}] = {n!r}: axis sizes must be positive ints (resolve -1 first)")
-    return mesh
+    return {a: int(n) for a, n in mesh.items()}
 
 
 def shard_factor(axes, shape, mesh: Mapping[str, int], rules=None) -> int:
@@ -208,11 +208,13 @@ class MemoryBreakdown:
     local_tokens: int
     layers_local: int
     update: int = 0  # beside the gradients, during the optimizer update (after the backward pass)
+    accum: int = 0  # gradient accumulation's float32 running sum, live through every microbatch's backward
 
     @property
     def backward_peak(self) -> int:
-        """Gradients + activations + working set + gathered weights: the backward pass's live bytes."""
-        return self.grads + self.activations + self.working + self.transient_weights
+        """Gradients + activations + working set + gathered weights (+ the accumulated gradients): the backward
+        pass's live bytes."""
+        return self.grads + self.activations + self.working + self.transient_weights + self.accum
 
     @property
     def update_peak(self) -> int:
@@ -237,9 +239,11 @@ class MemoryBreakdown:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
                 (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
-                ("working set (one layer's backward + output)", self.working),
+                ("working set (a scan group's backward)", self.working),
                 ("gathered weights (FSDP)", self.transient_weights),
+                ("accumulated gradients (grad_accum > 1)", self.accum),
                 ("optimizer update (after the backward)", self.update), ("total", self.total)]
+        rows = [r for r in rows if r[1] or not r[0].startswith("accumulated")]
         peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
@@ -337,7 +341,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                       param_dtype: str | None = None, compute_dtype: str | None = None, grad_dtype: str | None = None,
                       optimizer_moments: int = 2, opt_dtype: str | None = None, kernel: str | None = None,
                       block: int | None = None, params: list[ParamEntry] | None = None, rules=None, windows=None,
-                      moe=None, update_buffers: int = 1) -> MemoryBreakdown:
+                      moe=None, update_buffers: int = 1, grad_accum: int = 1) -> MemoryBreakdown:
     """Modelled peak bytes per device of a training step (see the module docstring).
 
     mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
@@ -350,6 +354,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     params: a real parameter table (`param_table_from_state`) instead of the analytic one.
     update_buffers: float32 gradient-sized buffers the optimizer update holds beside the gradients (1:
     `make_optimizer`'s global-norm clipping; 0 for an update XLA fuses leaf by leaf).
+    grad_accum: `lm_step`'s A (micro_batch is then B / A): above 1 its float32 running sum of the gradients, one
+    float32 copy of the local parameters, is live through every microbatch's backward (`accum`).
     kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
     models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. With the block-causal kernel
     (`attn_block`) the stored residuals still count as dense, an upper bound (per layer XLA keeps the executed
@@ -360,7 +366,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
-                  update_buffers=(update_buffers, 0))
+                  update_buffers=(update_buffers, 0), grad_accum=(grad_accum, 1))
     s = lm_shape(cfg, windows=windows, moe=moe)
     remat = remat or getattr(cfg, "remat", "none")
     pdt = param_dtype or getattr(cfg, "param_dtype", "float32")
@@ -418,7 +424,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     update = update_bytes(elems, gb, update_buffers)
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
-                           local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update))
+                           local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update),
+                           accum=int(4 * elems) if grad_accum > 1 else 0)
 
 
 def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> float:
@@ -436,9 +443,12 @@ def gathered_split(p: ParamEntry, mesh, rules) -> int:
     return shard_factor(p.axes[1:], p.shape[1:], no_fsdp, rules) if no_fsdp else 1
 
 
-def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str = "bfloat16", windows=None) -> int:
-    """KV-cache bytes for inference (global): a windowed layer needs only min(window, seq_len) slots."""
+def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str | None = None, windows=None) -> int:
+    """KV-cache bytes for inference (global): a windowed layer needs only min(window, seq_len) slots. dtype: the
+    cache's (default: the config's compute dtype, as `models.KVCache.zeros` stores it; bfloat16 for a config
+    without one)."""
     check_counts(batch=(batch, 1), seq_len=(seq_len, 1))
+    dtype = dtype or getattr(cfg, "dtype", None) or "bfloat16"
     s = lm_shape(cfg, windows=windows)
     slots = sum(seq_len if w is None else min(w, seq_len) for w in s.windows)
     return int(2 * batch * slots * s.kv_heads * s.head_dim * dtype_bytes(dtype))

@@ -24,7 +24,7 @@ import numbers
 import re
 
 from scaling.flops import LMShape, param_counts, train_flops_per_token
-from scaling.hardware import chip as get_chip
+from scaling.hardware import chip as get_chip, peak_dtype
 from scaling.laws import ALLOCATIONS
 from scaling.memory import REMAT_POLICIES, MemoryBreakdown, memory_per_device
 
@@ -112,6 +112,12 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
     return None
 
 
+def _num(x: float) -> str:
+    """Whole numbers with thousands separators from 10 up; three significant figures below (a small run's 2.45
+    chip-hours printed as '2')."""
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A planned training run: model size and tokens, FLOPs, time, chip-hours, energy and CO2, the LM shape, a mesh
@@ -160,10 +166,15 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     if law not in ALLOCATIONS:
         raise ValueError(f"law={law!r}: use one of {sorted(ALLOCATIONS)}")
     alloc = ALLOCATIONS[law]
-    c = get_chip(hardware)
+    try:
+        c = get_chip(hardware)
+    except ValueError as e:
+        raise ValueError(f"hardware={hardware!r}: {e}") from None
+    dtype = peak_dtype(dtype)
     peak = c.peak_flops.get(dtype)
     if peak is None:
-        raise ValueError(f"{c.name} has no published {dtype!r} peak; use --dtype one of {sorted(c.peak_flops)}")
+        raise ValueError(f"dtype={dtype!r}: {c.name} has no published {dtype} peak; use one of "
+                         f"{sorted(c.peak_flops)}")
     power = chip_power_w if chip_power_w is not None else c.power_w
     if power is None:
         raise ValueError(f"{c.name}: the vendor publishes no per-chip power; pass chip_power_w (--chip-power-w W)")
@@ -231,10 +242,13 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
             except ValueError:
                 continue
         state = None if least is None else least.params + least.grads + least.opt_state
-        fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "
-                 f"{fsdp} of {chips})"]
-        if state is None or state < 0.9 * c.hbm_bytes:  # the state alone fits: activations are what overflows
-            fixes += ["lower seq_len"] + ([] if remat == "full" else ["use remat='full'"])
+        if state is None or state < 0.9 * c.hbm_bytes:  # the state alone fits: activations are what overflows,
+            # and more chips bring more sequences (one per data / fsdp rank), not fewer per chip
+            fixes = ([] if remat == "full" else ["use remat='full'"]) + [
+                "lower seq_len", "split each sequence over a 'sequence' mesh axis (this planner does not search it)"]
+        else:
+            fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "
+                     f"{fsdp} of {chips})"]
         need = "" if least is None else (f" (fsdp over {fsdp} of {chips}: {least.total / 2**30:.1f} GiB per chip, of "
                                          f"which parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
         lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
@@ -243,15 +257,16 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     else:
         lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "
                   f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB:", mesh.memory.table()]
-    lines += [f"energy    : {chip_hours:,.0f} chip-h x {power:g} W x PUE {pue:g} = {kwh:,.0f} kWh",
-              f"CO2e      : {kwh:,.0f} kWh x {grid_g_per_kwh:g} g/kWh = {co2:,.0f} kg ({co2 / 1000:,.2f} t)"]
+    lines += [f"energy    : {_num(chip_hours)} chip-h x {power:g} W x PUE {pue:g} = {_num(kwh)} kWh",
+              f"CO2e      : {_num(kwh)} kWh x {grid_g_per_kwh:g} g/kWh = {_num(co2)} kg ({co2 / 1000:,.2f} t)"]
     return Plan(n, d, c6, cm, fpt, seconds, chip_hours, kwh, co2, shape, mesh, "\n".join(lines))
 
 
 # make_plan's keyword → the flag that sets it
 FLAGS = {"params": "--params", "n_params": "--params", "flops": "--flops", "tokens": "--tokens", "chips": "--chips",
          "mfu": "--mfu", "seq_len": "--seq-len", "vocab_size": "--vocab", "pue": "--pue", "grid_g_per_kwh": "--grid",
-         "chip_power_w": "--chip-power-w", "seqs_per_chip": "--seqs-per-chip", "law": "--law"}
+         "chip_power_w": "--chip-power-w", "seqs_per_chip": "--seqs-per-chip", "law": "--law",
+         "hardware": "--hardware", "dtype": "--dtype"}
 
 
 def main(argv=None):

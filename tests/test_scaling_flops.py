@@ -110,7 +110,7 @@ def test_remat_recompute_of_gqa_windows_and_capacity_moe(remat):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
     xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
-    hw = train_flops_per_token(cfg, T, kernel="executed", block=cfg.swa_block, remat=remat, include_recompute=True)
+    hw = train_flops_per_token(cfg, T, kernel="executed", remat=remat, include_recompute=True)
     assert hw * B * T <= xla <= 1.06 * hw * B * T, xla / (hw * B * T)
 
 
@@ -157,14 +157,16 @@ def test_causal_blocked_keys_follow_the_kernels_block_cap():
 
 
 def test_windowed_model_flops_match_cost_analysis():
-    """models.Transformer with local layers (blocked kernel) and global ones (dense masked kernel)."""
+    """models.Transformer with local layers (blocked kernel) and global ones (dense masked kernel). 'executed' reads
+    the config's swa_block (it took block=256 unless passed: 33% over XLA at W = 128, blocks of 64)."""
     cfg = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=256, attn_pattern="1:1",
                             sliding_window=32, swa_block=32, scan_layers=False)
     B, T = 2, 256
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
     xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
-    ours = train_flops_per_token(cfg, T, kernel="executed", block=cfg.swa_block) * B * T
+    ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
+    assert ours == train_flops_per_token(cfg, T, kernel="executed", block=cfg.swa_block) * B * T
     assert ours <= xla <= 1.08 * ours, xla / ours
     assert train_flops_per_token(cfg, T) < ours  # model FLOPs count only the attended keys
 
@@ -373,3 +375,22 @@ def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():
     assert ours <= xla <= 1.1 * ours, xla / ours
     # sorted dropless: K rows per token (this compared a per-token count with the batch's, so it could not fail)
     assert train_flops_per_token(cfg, T, kernel="executed") * B * T < 0.5 * ours
+
+
+def test_accounting_inputs_are_checked():
+    """A user study's list: a string seq_len was taken, seq_len 0 blamed an internal function's `block`, an int dtype
+    other than 1 / 2 / 4 raised a bare KeyError, numpy mesh sizes were refused, and scaling's kv_cache_bytes
+    defaulted to bfloat16 where the config's (and the cache's) dtype is float32."""
+    import numpy as np
+
+    from scaling.memory import kv_cache_bytes, memory_per_device
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
+    for bad in ("4096", 0):
+        with pytest.raises(ValueError, match=rf"seq_len={bad!r}: the sequence length must be a number of tokens"):
+            cfg.flops_per_token(bad)
+    assert cfg.kv_cache_bytes(1, 16, 8) == 2 * cfg.kv_cache_bytes(1, 16, 4)
+    with pytest.raises(ValueError, match=r"kv_cache_bytes\(dtype=3\): an int is bytes per element, one of"):
+        cfg.kv_cache_bytes(1, 16, 3)
+    assert kv_cache_bytes(cfg, 1, 16) == cfg.kv_cache_bytes(1, 16) == cfg.kv_cache_bytes(1, 16, "float32")
+    assert memory_per_device(cfg, {"fsdp": np.int64(2)}, 2, 16) == memory_per_device(cfg, {"fsdp": 2}, 2, 16)

@@ -83,8 +83,10 @@ def test_planner_errors_name_the_fix():
         make_plan(params=1e9, hardware="tpu-v9")
     with pytest.raises(ValueError, match="hardware kind must be a name such as 'h100', got None"):
         make_plan(params=1e9, hardware=None)  # an AttributeError ('lower') before
-    with pytest.raises(ValueError, match="no published 'fp8'"):
+    with pytest.raises(ValueError, match="dtype='fp8': NVIDIA A100 SXM4 80GB has no published fp8 peak"):
         make_plan(params=1e9, hardware="a100", dtype="fp8")
+    # numpy / jax spellings of the peak's dtype are taken ('bfloat16' was refused: "use bf16")
+    assert make_plan(params=1e9, dtype="bfloat16").text == make_plan(params=1e9, dtype="bf16").text
     with pytest.raises(ValueError, match="exactly one"):
         make_plan(params=1e9, flops=1e20)
     with pytest.raises(ValueError, match="tokens must be a finite number > 0"):
@@ -161,9 +163,15 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     assert state_bound.mesh is None and line.endswith("; add chips") and "optimizer state 130." in line, line
     act_bound = make_plan(params=1e9, chips=1, seq_len=131072)  # 14 GiB of state, the rest activations
     line = next(x for x in act_bound.text.splitlines() if x.startswith("memory"))
-    assert line.endswith("add chips, lower seq_len or use remat='full'"), line
+    sp = "split each sequence over a 'sequence' mesh axis (this planner does not search it)"
+    assert line.endswith(f"use remat='full', lower seq_len or {sp}"), line  # not 'add chips': a sequence per chip
     at_full = make_plan(params=1e9, chips=1, seq_len=131072, remat="full")
-    assert next(x for x in at_full.text.splitlines() if x.startswith("memory")).endswith("add chips or lower seq_len")
+    assert next(x for x in at_full.text.splitlines() if x.startswith("memory")).endswith(f"lower seq_len or {sp}")
+    # the 405B case of a user study: 0.4 GiB of state per chip, 345 GiB of activations; 'add chips' came first
+    big = make_plan(params=405e9, chips=16384, seq_len=8192)
+    line = next(x for x in big.text.splitlines() if x.startswith("memory"))
+    assert big.mesh is None and line.endswith(f"use remat='full', lower seq_len or {sp}"), line
+    assert make_plan(params=405e9, chips=16384, seq_len=8192, remat="full").mesh is not None  # the advice holds
     # 7 chips: fsdp 7 divides no dimension, so the probe failed and its state counted as fitting ('lower seq_len or
     # use remat=full' to a model whose 108 GB of unsharded state alone overflows)
     odd = make_plan(params=7e9, chips=7, seq_len=128, remat="full")
@@ -177,6 +185,8 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     (["--vocab", "0"], "error: argument --vocab: vocab_size"),
     (["--seq-len", "0"], "error: argument --seq-len: seq_len"),
     (["--chip-power-w", "0"], "error: argument --chip-power-w: chip_power_w must be > 0"),
+    (["--hardware", "h800"], "error: argument --hardware: hardware='h800': unknown hardware kind 'h800'; known: a100"),
+    (["--hardware", "a100", "--dtype", "fp8"], "error: argument --dtype: dtype='fp8': NVIDIA A100"),
 ])
 def test_cli_errors_name_the_flag_not_the_keyword(argv, message):
     with pytest.raises(SystemExit) as e:
