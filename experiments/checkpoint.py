@@ -122,9 +122,12 @@ def fingerprint(tree) -> str:
     return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
 
 
-def _jax_leaves(tree, what: str) -> None:
-    """Every leaf a jax.Array (orbax and the checksums need their shardings); a TypeError naming one otherwise."""
+def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
+    """Every leaf a jax.Array (orbax and the checksums need their shardings), or with `abstract_ok` a
+    ShapeDtypeStruct with a sharding; a TypeError naming one otherwise."""
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if abstract_ok and isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+            continue
         if not isinstance(x, jax.Array):
             raise TypeError(f"Checkpoints {what}: leaves must be jax.Arrays (the state as placed on the mesh, e.g. "
                             f"jax.device_put(x)); got {type(x).__name__} at {_path_name(path)}")
@@ -153,8 +156,9 @@ def tree_restore_args(abstract) -> ocp.args.PyTreeRestore:
 
 
 def abstract_of(tree):
-    """ShapeDtypeStructs carrying the shardings of `tree`: the restore target on the *current* mesh."""
-    _jax_leaves(tree, "restore template")
+    """ShapeDtypeStructs carrying the shardings of `tree` (arrays, or already ShapeDtypeStructs with shardings): the
+    restore target on the *current* mesh."""
+    _jax_leaves(tree, "restore template", abstract_ok=True)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -266,8 +270,9 @@ class Checkpoints:
 
     # ---- restore ---------------------------------------------------------------------------------------------
     def restore(self, template, step: int | None = None, check=None, loader=None, quarantine: bool = True):
-        """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the freshly
-        initialised state on the current mesh, any device count). Returns (state, meta) or None.
+        """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the state on the current
+        mesh, any device count: freshly initialised arrays, or ShapeDtypeStructs with shardings, so that no
+        throwaway state is allocated beside the restored one). Returns (state, meta) or None.
 
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
         loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step

@@ -195,24 +195,50 @@ def _get(d, *keys, default=None):
     return d
 
 
-def init_state(cfg, mesh):
-    """The fresh train state on `mesh` (also the restore target: its shardings place a checkpoint on any mesh).
-    Returns (graphdef, optimizer, schedule, state)."""
-    import jax
-    from flax import nnx
-
-    from experiments.lm_step import init_train_state, make_optimizer, make_schedule
-    from models import Transformer
-    from parallel import create_sharded
+def _optimizer(cfg):
+    """(optimizer, schedule) of the run config."""
+    from experiments.lm_step import make_optimizer, make_schedule
 
     m, o, t = cfg.model, cfg.optim, cfg.train
-    graphdef, params = create_sharded(lambda: Transformer(m, rngs=nnx.Rngs(t.seed)), mesh)
     optimizer = make_optimizer(o.lr, t.steps, o.warmup_steps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
                                b1=o.b1, b2=o.b2, schedule=o.schedule, min_lr_ratio=o.min_lr_ratio,
                                decay_frac=o.decay_frac, width_mult=m.width_mult)
-    schedule = make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
+    return optimizer, make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
+
+
+def init_state(cfg, mesh):
+    """The fresh train state on `mesh`. Returns (graphdef, optimizer, schedule, state)."""
+    import jax
+    from flax import nnx
+
+    from experiments.lm_step import init_train_state
+    from models import Transformer
+    from parallel import create_sharded
+
+    graphdef, params = create_sharded(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), mesh)
+    optimizer, schedule = _optimizer(cfg)
     with jax.set_mesh(mesh):
-        state = init_train_state(params, optimizer, t.seed)
+        state = init_train_state(params, optimizer, cfg.train.seed)
+    return graphdef, optimizer, schedule, state
+
+
+def abstract_train_state(cfg, mesh):
+    """`init_state`'s (graphdef, optimizer, schedule, state) with the state as ShapeDtypeStructs carrying its
+    shardings: the restore target, so that resuming (or loading Hugging Face weights) never allocates a random
+    state beside the one it reads (at scale, twice the train state's memory)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from experiments.aot import abstract_state
+    from models import Transformer
+
+    optimizer, schedule = _optimizer(cfg)
+    graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh)
+    scalar = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P()))  # noqa: E731
+    state = {"params": params, "opt_state": opt_state, "step": scalar((), jnp.int32),
+             "skipped": scalar((), jnp.int32), "rng": scalar((2,), jnp.uint32)}  # init_train_state's
     return graphdef, optimizer, schedule, state
 
 
@@ -275,7 +301,7 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
             except Exception as e:  # noqa: BLE001 - an unreadable meta: the next older step
                 log(f"load_model: step {s}'s meta does not read ({type(e).__name__}: {e}); trying an older step")
                 continue
-            graphdef, _, _, template = init_state(cfg, mesh)
+            graphdef, _, _, template = abstract_train_state(cfg, mesh)
             restored = ckpt.restore(template, s, quarantine=False)
             if restored is not None:
                 if s != steps[0]:
@@ -327,7 +353,7 @@ def train(cfg, mesh_shape: dict) -> dict:
         raise SystemExit(f"config error: data.eval_batches={cfg.data.eval_batches}: the held-out tier {eval_dir} "
                          f"fills only {len(eval_batches)} batches of {t.batch}×{t.seq}; use at most that many")
 
-    graphdef, optimizer, schedule, state = init_state(cfg, mesh)
+    graphdef, optimizer, schedule, state = abstract_train_state(cfg, mesh)  # allocated below, once we know how
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
     ckpt = Checkpoints(out / "ckpt", keep=t.keep, keep_best=t.keep_best, async_save=t.async_save, log=say)
@@ -360,6 +386,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     elif t.init_from is not None:
         state = init_from_hf(cfg, mesh, optimizer, shardings)
         say(f"initialised from {t.init_from} (Hugging Face weights)")
+    else:
+        state = jax.device_put(init_state(cfg, mesh)[3], shardings)  # (the same placement: no copy)
 
     n_params = m.param_count()
     fpt = train_flops_per_token(m, t.seq)

@@ -712,11 +712,17 @@ def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
     assert np.abs(our_logits(model) - hf_logits(hf_model)).max() < 1e-4
 
 
-def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path):
+def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path, monkeypatch):
     """`python -m experiments.train_lm --init-from HF_FOLDER`: the model takes the checkpoint's architecture (the
     preset keeps how it runs) and a fresh run its weights: after one step at a negligible learning rate the run's
-    parameters are transformers' checkpoint; a --set that changes the architecture is refused before compiling."""
+    parameters are transformers' checkpoint; a --set that changes the architecture is refused before compiling.
+    No random train state is made first (it was, then dropped: twice the state's memory at the start)."""
     from experiments import train_lm
+
+    def no_random_state(*a, **k):
+        raise AssertionError("the trainer initialised a random train state before loading the HF weights")
+
+    monkeypatch.setattr(train_lm, "init_state", no_random_state)
 
     # Mistral with a window longer than the rows trained on (Mistral's and Gemma 2's 4096): it binds only past
     # train.seq, as in pretraining (it was refused: 'window 64 >= train.seq=32', with no way around under init_from)

@@ -52,8 +52,8 @@ _TEMPLATES = {}
 def restore(out, devices=None, step=None, log=print):
     cfg = load(TINY)
     key = len(devices or jax.devices())
-    if key not in _TEMPLATES:  # the fresh state on a mesh of that many devices: shapes and target shardings
-        _TEMPLATES[key] = train_lm.init_state(cfg, make_mesh({"fsdp": -1}, devices=devices))[3]
+    if key not in _TEMPLATES:  # the state's shapes and shardings on a mesh of that many devices (nothing allocated)
+        _TEMPLATES[key] = train_lm.abstract_train_state(cfg, make_mesh({"fsdp": -1}, devices=devices))[3]
     template = _TEMPLATES[key]
     ckpt = Checkpoints(out / "ckpt", keep=cfg.train.keep, log=log)
     try:
@@ -359,13 +359,18 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
             validate(load([*TINY, *data, *(x for kv in sets for x in ("--set", kv))]), 8)
 
 
-def test_load_model_gives_the_checkpoints_model_for_inference(runs):
+def test_load_model_gives_the_checkpoints_model_for_inference(runs, monkeypatch):
     """A finished run's model, rebuilt from the config saved in its checkpoint (there was no way back from
-    runs/x/ckpt to a Transformer), equals the checkpoint's params and samples; configs survive the JSON round trip."""
+    runs/x/ckpt to a Transformer), equals the checkpoint's params and samples; configs survive the JSON round trip.
+    It restores onto an abstract target: no random train state is made beside the one read (twice the memory)."""
     from experiments.config import RunConfig, preset
     from models import generate
 
+    def no_random_state(*a, **k):
+        raise AssertionError("load_model initialised a random train state")
+
     ref = runs[0]
+    monkeypatch.setattr(train_lm, "init_state", no_random_state)
     model, cfg = train_lm.load_model(ref)
     assert cfg == load([*TINY, "--out", str(cfg.train.out)])  # the run's own settings, read back
     state, meta = restore(ref)
