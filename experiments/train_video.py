@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -132,7 +133,9 @@ PRESETS = {
             align=AlignConfig(d_model=64, n_layers=1, n_heads=4, mlp_dim=128, embed_dim=64),
             diffusion=DiffusionConfig(kind="flow", shift=3.0, sample_steps=25)),
         vae_steps=600, vae_batch=8, vae_lr=2e-3, n_latents=4096, dit_steps=1000, dit_batch=32, dit_lr=1e-3),
-    # 5×16×16 clips → 2×4×4×4 latents → 8 tokens: exercises every stage in about a minute.
+    # 5×16×16 clips → 2×4×4×4 latents → 8 tokens: exercises every stage in about a minute (a smoke run: it learns
+    # nothing, and its results table says so). Factorized attention, DiTConfig's default: the path 'default' does
+    # not run.
     "tiny": Preset(
         data=MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2)),
         vae=VAEConfig(channels=(8, 16, 16), latent_channels=4, spatial_factor=4, temporal_factor=4),
@@ -195,9 +198,21 @@ def _changed(saved: dict, now: dict, p: Preset) -> list[str]:
             ops = difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()
             out.append(f"{k}: " + ", ".join(f"{' '.join(ta[i:j])} -> {' '.join(tb[m:n])}"
                                             for op, i, j, m, n in ops if op != "equal"))
+        elif a != b and k == "latents" and _json_dict(a) and _json_dict(b):  # the settings the latents came from
+            ja, jb = _json_dict(a), _json_dict(b)
+            out += [f"latents.{f}: {ja.get(f, '(absent)')} -> {jb.get(f, '(absent)')}"
+                    for f in sorted(set(ja) | set(jb)) if ja.get(f) != jb.get(f)]
         elif a != b:
             out.append(f"{k}: {a} -> {b}" if len(str(a)) + len(str(b)) < 80 else k)
     return out
+
+
+def _json_dict(text) -> dict | None:
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def check_resume(p: Preset, out: pathlib.Path, seed: int):
@@ -331,9 +346,11 @@ def load_video_model(out, preset: str | Preset = "default"):
     """`(sample, preset)` of a finished run in `out`: `sample(captions, cfg_scale=4.0, seed=0)` → uint8 videos
     [N, frames, size, size, 3] from the DiT's EMA weights and the VAE's newest checkpoint, on one device.
 
-    preset: the name or `Preset` the run was trained with (with --attention / --shift / step overrides as its
-    fields); checkpoints made under other settings are refused naming the fields that differ. Captions use the
-    MovingShapes vocabulary, e.g. "a red circle moving up" (also held-out combinations); "" is the null caption.
+    preset: the name or `Preset` the run was trained with (with --attention / --shift overrides as its fields;
+    step counts are the run's own, read from its checkpoints); checkpoints made under other settings are refused
+    naming the fields that differ. Captions use the MovingShapes vocabulary, e.g. "a red circle moving up" (also
+    held-out combinations); "" is the null caption. `sample(..., steps=n)`: n sampler steps instead of the preset's
+    sample_steps.
 
         sample, p = load_video_model("runs/video/default")
         videos = sample(["a red circle moving up", "a blue square moving left"])
@@ -347,6 +364,9 @@ def load_video_model(out, preset: str | Preset = "default"):
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
         metas[stage] = latest[1].get("settings", {})
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
+    made = _json_dict(metas["t2v"].get("latents"))
+    if made and isinstance(made.get("vae_steps"), int):  # a step count, not the model: --vae-steps N is not asked
+        p = dataclasses.replace(p, vae_steps=made["vae_steps"])
     for stage, now in stage_settings(p, seed).items():
         if metas[stage] and (changed := _changed(metas[stage], now, p)):
             raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
@@ -364,15 +384,18 @@ def load_video_model(out, preset: str | Preset = "default"):
     weights = ema_cast(ema, t2v_params)
     null = null_tokens(p.data.max_caption_len)
 
-    @jax.jit
-    def _sample(tok, key, scale):
-        z = generate(nnx.merge(t2v_gd, weights), tok, null, key, scale)
+    @functools.partial(jax.jit, static_argnums=3)
+    def _sample(tok, key, scale, steps):
+        z = generate(nnx.merge(t2v_gd, weights), tok, null, key, scale, steps)
         return nnx.merge(vae_gd, vae_params).decode(denormalize(z, stats))
 
-    def sample(captions, cfg_scale: float = 4.0, seed: int = 0) -> np.ndarray:
+    def sample(captions, cfg_scale: float = 4.0, seed: int = 0, steps: int | None = None) -> np.ndarray:
+        if isinstance(captions, str) or not len(captions):
+            raise ValueError(f"sample: captions must be a non-empty list of strings (\"\" is the null caption), got "
+                             f"{captions!r}")
         tok = jnp.asarray(np.stack([encode_caption(c, p.data.max_caption_len) for c in captions]))
         with jax.set_mesh(mesh):
-            return to_uint8(np.asarray(_sample(tok, jax.random.key(seed), jnp.float32(cfg_scale))))
+            return to_uint8(np.asarray(_sample(tok, jax.random.key(seed), jnp.float32(cfg_scale), steps)))
 
     return sample, p
 

@@ -36,6 +36,8 @@ def test_tiny_preset_runs_every_stage(tmp_path):
     a, b = sample(["a red circle moving up", ""], cfg_scale=2.0), sample(["a red circle moving up", ""], seed=1)
     assert a.shape == (2, p.data.frames, p.data.size, p.data.size, 3) and a.dtype == np.uint8
     assert np.array_equal(a, sample(["a red circle moving up", ""], cfg_scale=2.0)) and not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="captions must be a non-empty list of strings"):
+        sample([])  # (numpy's 'need at least one array to stack')
     import dataclasses
 
     full = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, attention="full")))
@@ -132,8 +134,11 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     with pytest.raises(SystemExit, match="t2v: .* is at step 3, past --dit-steps 2"):  # fewer steps: not that model
         train_video.check_resume(dataclasses.replace(p, dit_steps=2), tmp_path, 0)
     more_vae = dataclasses.replace(p, vae_steps=6)  # new latents: the DiT was trained on the old ones
-    with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(latents\)"):
-        train_video.check_resume(more_vae, tmp_path, 0)
+    with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(latents.vae_steps: 3 -> 6\)"):
+        train_video.check_resume(more_vae, tmp_path, 0)  # (it said '(latents)', naming no field)
+    # load_video_model takes the run's own step counts: the settings pass, and the missing stats are what it names
+    with pytest.raises(FileNotFoundError, match="latent_stats.json is missing"):
+        train_video.load_video_model(tmp_path, more_vae)
     other_shift = dataclasses.replace(p, t2v=dataclasses.replace(
         p.t2v, diffusion=dataclasses.replace(p.t2v.diffusion, shift=2.0)))
     shift = p.t2v.diffusion.shift
