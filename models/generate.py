@@ -100,14 +100,20 @@ def _one_key(rng) -> bool:
     return (jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()) or (dtype == jnp.uint32 and shape == (2,))
 
 
-def left_pad(prompts, pad_id: int = 0):
+def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     """Prompts of different lengths (a list of token-id lists) → (tokens int32 [B, P], mask bool [B, P]), each row
     left-padded with `pad_id` to the longest, mask True on real tokens: `generate(model, tokens, n,
-    prompt_mask=mask)`, as a Hugging Face tokenizer with padding_side='left' gives input_ids and attention_mask."""
+    prompt_mask=mask)`, as a Hugging Face tokenizer with padding_side='left' gives input_ids and attention_mask.
+    length: pad to P = length instead (at least the longest): every batch then runs generate's one compiled program
+    (each new prompt length compiles it again)."""
     rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
     if not rows or any(not r for r in rows):
         raise ValueError("left_pad: prompts must be a non-empty list of non-empty token-id lists")
     P = max(map(len, rows))
+    if length is not None:
+        if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < P:
+            raise ValueError(f"left_pad: length={length!r} must be an int >= the longest prompt ({P} tokens)")
+        P = int(length)
     tokens = np.full((len(rows), P), pad_id, np.int32)
     mask = np.zeros((len(rows), P), bool)
     for b, r in enumerate(rows):

@@ -251,6 +251,9 @@ def test_left_padded_rows_generate_what_they_would_alone(model):
     batch = np.asarray(generate(model, tokens, 6, prompt_mask=mask))
     alone = [np.asarray(generate(model, p[None], 6))[0, len(p):] for p in prompts]
     np.testing.assert_array_equal(batch[:, 5:], np.stack(alone))
+    fixed, fixed_mask = left_pad(prompts, pad_id=7, length=8)  # one shape for every batch: one compiled program
+    assert fixed.shape == (2, 8) and np.array_equal(fixed[:, 3:], tokens) and fixed_mask.sum() == 7
+    np.testing.assert_array_equal(np.asarray(generate(model, fixed, 6, prompt_mask=fixed_mask))[:, 8:], batch[:, 5:])
     eos = int(alone[1][2])  # the short row ends at its third new token
     ended = np.asarray(generate(model, tokens, 6, prompt_mask=np.asarray(mask, np.int32), eos_id=eos, pad_id=0))
     assert (ended[1, 5:8] == alone[1][:3]).all() and (ended[1, 8:] == 0).all()
@@ -267,3 +270,5 @@ def test_prompt_mask_must_be_left_padding(model):
         generate(model, tokens, 2, prompt_mask=np.ones((2, 3), bool))
     with pytest.raises(ValueError, match="non-empty list of non-empty token-id lists"):
         left_pad([[1, 2], []])
+    with pytest.raises(ValueError, match=r"length=2 must be an int >= the longest prompt \(3 tokens\)"):
+        left_pad([[1, 2, 3]], length=2)
