@@ -180,14 +180,21 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
         if segment_ids_BT is not None or valid_BT is not None or logit_softcap is not None:
             raise ValueError("swa_impl='cudnn' supports neither segment ids, padding nor soft-capping; "
                              "use swa_impl='auto' or 'blocked'")
-        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
-                                            local_window_size=(window - 1, 0), implementation="cudnn")
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
+                                                local_window_size=(window - 1, 0), implementation="cudnn")
+        except RuntimeError as e:  # jax's bare 'cuDNN is not detected.' off NVIDIA GPUs
+            if "cudnn" not in str(e).lower():
+                raise
+            raise ValueError(f"swa_impl='cudnn' is cuDNN's fused kernel for NVIDIA GPUs (bf16 / fp16), and this is "
+                             f"a {jax.default_backend()} backend ({e}); use swa_impl='auto' or 'blocked'") from None
     if impl == "splash":
         if valid_BT is not None:
             raise ValueError("swa_impl='splash' takes no padding mask (valid_BT); use swa_impl='auto' or "
                              "'blocked' for padded batches")
         if T % SPLASH_BLOCK:
-            raise ValueError(f"swa_impl='splash' needs a sequence length divisible by {SPLASH_BLOCK}, got {T}; "
+            tpu = "" if jax.default_backend() == "tpu" else f", and a TPU (this is a {jax.default_backend()} backend)"
+            raise ValueError(f"swa_impl='splash' needs a sequence length divisible by {SPLASH_BLOCK}, got {T}{tpu}; "
                              "use swa_impl='auto' (the blocked kernel takes other lengths) or pad the batch")
         return _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap)
     raise ValueError(f"swa_impl={impl!r}: use auto, blocked, cudnn, splash or dense")

@@ -209,3 +209,13 @@ def test_the_kernel_choice_is_logged_once_with_its_reason(monkeypatch, caplog):
         "sliding-window attention: cudnn (GPU, 16-bit, no segment ids, padding or soft-cap)",
         f"sliding-window attention: blocked (backend {jax.default_backend()}: blocked O(T·W) kernel)",
         "sliding-window attention: dense (set in the config)"]
+
+
+def test_gpu_and_tpu_kernels_asked_of_the_cpu_say_so():
+    """A user study's two errors: local_attention(impl='cudnn') on the CPU was jax's bare 'cuDNN is not detected.',
+    and impl='splash' complained of the length only (padding it to 128 met the next failure)."""
+    q, k, v = qkv(1, 8, 2, 2, 8, seed=0)
+    with pytest.raises(ValueError, match=r"swa_impl='cudnn' is cuDNN's fused kernel for NVIDIA GPUs .* a cpu backend"):
+        local_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 3, impl="cudnn")
+    with pytest.raises(ValueError, match=r"divisible by 128, got 8, and a TPU \(this is a cpu backend\)"):
+        local_attention(q, k, v, 3, impl="splash")
