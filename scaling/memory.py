@@ -356,13 +356,12 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     `make_optimizer`'s global-norm clipping; 0 for an update XLA fuses leaf by leaf).
     grad_accum: `lm_step`'s A (micro_batch is then B / A): above 1 its float32 running sum of the gradients, one
     float32 copy of the local parameters, is live through every microbatch's backward (`accum`).
-    kernel=None: 'dense' for global layers and 'blocked' (block = cfg.swa_block) for windowed ones, as
-    models.Transformer runs them on CPU; pass 'flash' for fused GPU/TPU kernels. With the block-causal kernel
-    (`attn_block`) the stored residuals still count as dense, an upper bound (per layer XLA keeps the executed
-    blocks' scores: 0.88 of the dense count under remat 'none' at T = 128, blocks of 32; counting executed blocks
-    here made the whole-step test's estimates no closer, mean distance 0.081 vs 0.076), while the one-layer
-    working set counts its executed blocks (`scaling.flops.model_kernel`; remat 'full' at T = 256: XLA 0.85 of
-    ours, 0.78 if dense).
+    kernel=None: each layer's kernel as models.Transformer runs it on CPU (`scaling.flops.model_kernel`: the
+    block-causal kernel of `attn_block` rows, or dense masked, for global layers; 'blocked' with block =
+    cfg.swa_block for windowed ones), its executed scores counted in the saved residuals and the working set; pass
+    'flash' for fused GPU/TPU kernels. (Until the twenty-ninth session the saved residuals counted global layers'
+    scores dense: at long sequences, 16 query blocks executing ~53% of them, XLA kept 0.66x of that estimate at
+    T = 2048 under remat 'none'; now 0.94x.)
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
@@ -383,17 +382,16 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     layers_local = s.n_layers // stage
 
     block = block or getattr(cfg, "swa_block", 256)
-    kern = lambda w: kernel or ("dense" if w is None else "blocked")  # noqa: E731
+    # each layer's kernel as models.Transformer runs it (`kernel` given: that one for every layer)
+    ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     layers = [(w, s.is_moe_layer(i)) for i, w in enumerate(s.windows)]
-    saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=kern(w),
-                                   block=block, rules=rules, moe_layer=m) for w, m in layers]
+    saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=ws(w)[0],
+                                   block=ws(w)[1], rules=rules, moe_layer=m) for w, m in layers]
     acts = local_tokens * sum(saved) / stage
     # GPipe (parallel.pipeline): each stage runs its layers on B/M rows at each of M + S - 1 ticks (S - 1 of them
     # bubble ticks on real rows) and autodiff keeps every tick's residuals; one tick's working set is B/M rows
     M = getattr(cfg, "pipeline_microbatches", 1) if stage > 1 else 1
     acts *= (M + stage - 1) / M
-    # the working set: residuals as each layer's kernel computes them (block-causal: the executed blocks)
-    ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     # models.Transformer scans groups of one pattern period P (local + global, dense + MoE, ...): XLA keeps the
     # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
     P = next(p for p in range(1, len(layers) + 1)
