@@ -23,25 +23,46 @@ SwaImpl = Literal["auto", "blocked", "cudnn", "splash", "dense"]
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind='llama3'` follows Llama 3.1; `kind='linear'` divides positions."""
+    """RoPE frequency scaling. `kind='llama3'` follows Llama 3.1; `kind='linear'` divides positions; `kind='yarn'`
+    is YaRN (Peng et al. 2023, as transformers computes it): frequencies of wavelengths beyond
+    original_max_position_embeddings / beta_slow rotations interpolated by `factor`, those within / beta_fast kept,
+    a linear ramp between, and cos / sin scaled by `attention_factor` (default 0.1·ln(factor) + 1, or the ratio of
+    mscale / mscale_all_dim's, DeepSeek's)."""
 
-    kind: Literal["llama3", "linear"] = "llama3"
+    kind: Literal["llama3", "linear", "yarn"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0  # yarn only, from here on
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True  # the ramp's ends rounded to whole dimensions
 
     def __post_init__(self):
-        for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        for f in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                  "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
             v = getattr(self, f)
+            if v is None and f in ("mscale", "mscale_all_dim", "attention_factor"):
+                continue
             if not _is_real(v):
                 raise ValueError(f"RopeScaling.{f}: must be a number, got {v!r}")
             object.__setattr__(self, f, int(v) if _is_int(v) else float(v))  # numpy scalars: configs go to JSON
-        if self.kind not in ("llama3", "linear"):
-            raise ValueError(f"RopeScaling.kind: unknown {self.kind!r}; use 'llama3' or 'linear' (others, e.g. "
-                             "yarn, are not implemented)")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"RopeScaling.truncate: must be True or False, got {self.truncate!r}")
+        if self.kind not in ("llama3", "linear", "yarn"):
+            raise ValueError(f"RopeScaling.kind: unknown {self.kind!r}; use 'llama3', 'linear' or 'yarn' (others, "
+                             "e.g. dynamic NTK, are not implemented)")
         if not self.factor > 0:
             raise ValueError(f"RopeScaling.factor: must be positive, got {self.factor}")
+        if self.kind == "yarn" and not (self.beta_fast > 0 and self.beta_slow > 0
+                                        and self.original_max_position_embeddings >= 1):
+            raise ValueError("RopeScaling: yarn needs beta_fast > 0, beta_slow > 0 and original_max_position_embeddings"
+                             f" >= 1, got {self.beta_fast}, {self.beta_slow}, {self.original_max_position_embeddings}")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"RopeScaling.attention_factor: must be positive, got {self.attention_factor}")
         if self.kind == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
                                           and self.original_max_position_embeddings >= 1):
             raise ValueError("RopeScaling: llama3 needs 0 < low_freq_factor < high_freq_factor and "

@@ -22,6 +22,7 @@ HF_DEFAULTS = {
                    num_key_value_heads=4),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
 
 def _unsupported(field, value, what_to_do):
@@ -45,7 +46,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
-    if kind == "llama3":
+    if kind in ("llama3", "yarn"):
         # transformers 5.x defaults an absent inner original_max_position_embeddings to max_position_embeddings: the
         # config classes of these models never read a top-level one (only those declaring it, as Phi-3's, do), and
         # 4.x reads only the inner one. A top-level one that differs says something the model will not do.
@@ -55,6 +56,13 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         if top is not None and used is not None and int(top) != int(used):
             raise _unsupported("original_max_position_embeddings", top, f"transformers ignores this top-level "
                                f"field and uses {used} (rope_scaling's, else max_position_embeddings); keep one value")
+        if kind == "yarn":
+            if params.get("factor") is None:  # DeepSeek's layout: the ratio of the two lengths, as transformers takes
+                params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+            opt = {f: params[f] for f in _YARN_FIELDS if params.get(f) is not None}
+            return theta, RopeScaling(kind="yarn", factor=float(params["factor"]),
+                                      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                                      **opt)
         missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
         if missing:
             raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
@@ -62,7 +70,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
                                   low_freq_factor=float(params["low_freq_factor"]),
                                   high_freq_factor=float(params["high_freq_factor"]),
                                   original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise _unsupported("rope_type", kind, "supported RoPE types are default, linear and llama3")
+    raise _unsupported("rope_type", kind, "supported RoPE types are default, linear, llama3 and yarn")
 
 
 def _architecture(hf: dict) -> str:
@@ -206,6 +214,9 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
         rope.update(rope_type=rs.kind, factor=rs.factor)
         if rs.kind == "llama3":
             rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
+        if rs.kind == "yarn":
+            rope.update(original_max_position_embeddings=rs.original_max_position_embeddings,
+                        **{f: getattr(rs, f) for f in _YARN_FIELDS if getattr(rs, f) not in (None, True)})
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (half-split convention, as in HF Llama), with llama3/linear scaling."""
+"""Rotary position embeddings (half-split convention, as in HF Llama), with llama3 / linear / yarn scaling."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = N
         return inv.astype(np.float32)
     if scaling.kind == "linear":
         return (inv / scaling.factor).astype(np.float32)
+    if scaling.kind == "yarn":
+        return _yarn(inv, head_dim, theta, scaling).astype(np.float32)
     # Llama 3.1: long wavelengths divided by `factor`, short kept, a smooth ramp between.
     old = scaling.original_max_position_embeddings
     low_wl, high_wl = old / scaling.low_freq_factor, old / scaling.high_freq_factor
@@ -54,3 +56,33 @@ def rotate(x_BTNH, cos_BT1F, sin_BT1F):
 def apply_rope(x_BTNH, positions_BT, inv_freq_F):
     """Rotate pairs (i, i + H/2) by angle position·freq; computed in float32, returned in x's dtype."""
     return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_F))
+
+
+def _yarn(inv, dim: int, theta: float, s: RopeScaling):
+    """YaRN's frequencies: interpolated (inv / factor) below the dimension where a wavelength makes beta_slow
+    rotations over the original context, kept above the one making beta_fast, a linear ramp between."""
+    def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times in the original context
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / ((high + 0.001 if low == high else high) - low),
+                   0, 1)
+    return inv / s.factor * ramp + inv * (1 - ramp)
+
+
+def attention_scale(scaling: RopeScaling | None) -> float:
+    """What YaRN multiplies cos and sin by (so every attention score by its square); 1 for other scalings."""
+    if scaling is None or scaling.kind != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+
+    def m(scale, k=1.0):
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    if scaling.mscale and scaling.mscale_all_dim:
+        return m(scaling.factor, scaling.mscale) / m(scaling.factor, scaling.mscale_all_dim)
+    return m(scaling.factor)

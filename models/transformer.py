@@ -30,7 +30,7 @@ from models.moe import MoE
 from models.moe_dispatch import mesh_shards
 from models.params import param
 from models.residuals import bits_residuals
-from models.rope import apply_rope, inv_frequencies, rope_tables, rotate
+from models.rope import attention_scale, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.pipeline import gpipe
 from parallel.rules import constrain, mesh_axis_for, replicate_indivisible, sharing_axis
@@ -173,14 +173,16 @@ class _Ctx:
     flat_rows: bool = True  # models.linear's `flatten`: False when the mesh shards the sequence (`flat_rows`)
     dropless: bool = False  # capacity MoE runs dropless (C = T), as it always does with a cache
     start: jax.Array | None = None  # [B] each row's first real cache slot (left padding), or None
+    rope_scale: float = 1.0  # YaRN's attention factor on cos / sin (models.rope.attention_scale)
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
 
     def rope(self, x_BTNH):
-        if self.rope_cs is None:
-            return apply_rope(x_BTNH, self.positions, self.inv_freq)
-        return rotate(x_BTNH, *self.rope_cs)
+        cos, sin = rope_tables(self.positions, self.inv_freq) if self.rope_cs is None else self.rope_cs
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return rotate(x_BTNH, cos, sin)
 
     def with_arrays(self, a):
         return dataclasses.replace(self, **a)
@@ -421,7 +423,7 @@ class Transformer(nnx.Module):
                              "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
                              "prompt + generated tokens")
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows(),
-                   bool(dropless), start)
+                   bool(dropless), start, attention_scale(cfg.rope_scaling))
 
         cd = dtype_of(cfg.dtype)
         x_BTD = embed_lookup(self.embed[...], tokens_BT, cd)  # all-gathered in cd, gradient in param dtype

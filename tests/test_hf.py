@@ -41,6 +41,13 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     # the experts' activation follows hidden_act (it was refused: 'moe.mlp_act=silu differs from mlp_act')
     "mixtral_gelu": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                            hidden_act="gelu_pytorch_tanh")),
+    # YaRN (it was refused: 'supported RoPE types are default, linear and llama3'): the defaults (beta 32 / 1,
+    # attention factor 0.1 ln(factor) + 1), and DeepSeek's mscale ratio with an untruncated ramp
+    "llama_yarn": ("LlamaConfig", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                                                            original_max_position_embeddings=16))),
+    "qwen2_yarn_mscale": ("Qwen2Config", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, beta_fast=8.0,
+        beta_slow=2.0, mscale=0.707, mscale_all_dim=1.0, truncate=False))),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -124,6 +131,15 @@ def test_rope_scaling_matters_for_the_test(hf_ckpt):
     folder, hf_model = hf_ckpt("llama3_rope")
     unscaled = from_pretrained(folder, rope_scaling=None)
     assert np.abs(our_logits(unscaled) - hf_logits(hf_model)).max() > 1e-2
+    # YaRN: both its frequencies and its attention factor (here DeepSeek's mscale ratio, 0.964) show in the logits
+    folder, hf_model = hf_ckpt("qwen2_yarn_mscale")
+    rs = from_pretrained(folder).cfg.rope_scaling
+    assert (rs.kind, rs.beta_fast, rs.mscale, rs.truncate) == ("yarn", 8.0, 0.707, False)
+    from models.rope import attention_scale
+
+    frequencies_only = dataclasses.replace(rs, factor=2.0, attention_factor=attention_scale(rs))
+    for wrong in (dataclasses.replace(rs, attention_factor=1.0), frequencies_only):
+        assert np.abs(our_logits(from_pretrained(folder, rope_scaling=wrong)) - hf_logits(hf_model)).max() > 1e-3
 
 
 def test_overrides_and_dtypes_pass_through(hf_ckpt):
@@ -229,13 +245,15 @@ ROUND_TRIP = {
                                  max_seq_len=64,
                                  moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=48, z_loss_weight=0.0)),
 }
+ROUND_TRIP["llama_yarn"] = dataclasses.replace(ROUND_TRIP["llama"], rope_scaling=RopeScaling(
+    "yarn", 4.0, original_max_position_embeddings=16, beta_fast=8.0, attention_factor=1.2, truncate=False))
 ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
 ROUND_TRIP["qwen2_sliding"] = dataclasses.replace(ROUND_TRIP["qwen2"], attn_pattern="local", sliding_window=5)
 ROUND_TRIP["qwen2_upper_swa"] = dataclasses.replace(ROUND_TRIP["qwen2"], n_layers=3, attn_pattern="GLL",
                                                     sliding_window=5)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
-        "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM"}
+        "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -470,7 +488,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("patch, field", [
-    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0)), "rope_type='yarn'"),
+    (dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, factor=4.0)), "rope_type='longrope'"),
     (dict(rope_parameters=None, rope_theta=1e4, rope_scaling=dict(type="dynamic", factor=2.0)), "rope_type='dynamic'"),
     (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
     (dict(mlp_bias=True), "mlp_bias"),

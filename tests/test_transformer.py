@@ -387,7 +387,10 @@ def test_dtype_objects_are_kept_as_their_names():
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(kind="yarn"), "RopeScaling.kind: unknown 'yarn'"), (dict(kind="LINEAR"), "RopeScaling.kind"),
+    (dict(kind="dynamic"), "RopeScaling.kind: unknown 'dynamic'"), (dict(kind="LINEAR"), "RopeScaling.kind"),
+    (dict(kind="yarn", beta_slow=0), "yarn needs beta_fast > 0, beta_slow > 0"),
+    (dict(kind="yarn", attention_factor=-1.0), "RopeScaling.attention_factor: must be positive"),
+    (dict(kind="yarn", truncate=1), "RopeScaling.truncate: must be True or False"),
     (dict(kind="linear", factor=0.0), "RopeScaling.factor"),
     (dict(low_freq_factor=4.0, high_freq_factor=1.0), "low_freq_factor < high_freq_factor"),
     (dict(original_max_position_embeddings=0), "original_max_position_embeddings >= 1"),

@@ -21,7 +21,7 @@ from models.embed import embed_lookup
 from models.linear import flat_rows
 from models.params import param
 from models.residuals import bits_residuals
-from models.rope import inv_frequencies
+from models.rope import attention_scale, inv_frequencies
 from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, rms_norm
 from parallel.rules import constrain
 
@@ -76,7 +76,7 @@ class TextEncoder(nnx.Module):
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
-                   flat_rows=flat_rows())
+                   flat_rows=flat_rows(), rope_scale=attention_scale(cfg.rope_scaling))
 
         x_BLE = embed_lookup(self.embed[...], tokens_BL, cd)  # as the LM: all-gathered in cd
         if cfg.embed_scale:
