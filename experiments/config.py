@@ -501,7 +501,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         differ = sorted(f.name for f in dataclasses.fields(m) if getattr(m, f.name) != getattr(hf_model, f.name))
         need(not differ, "train.init_from", f"model.{', model.'.join(differ)} differ from {folder!r}'s config.json "
              f"({', '.join(f'{k}={getattr(hf_model, k)!r}' for k in differ[:4])}); its weights fit only its own "
-             "architecture: drop those --set model.* overrides (or pass --init-from to set the model from it)")
+             "architecture: drop those --set model.* overrides (the --init-from flag takes the model from "
+             "config.json; --set train.init_from=... alone does not)")
     need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
          f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
          f"least {d.eval_every_nth} or lower data.eval_every_nth")
