@@ -83,14 +83,25 @@ class DedupConfig:
         return t - self.confirm_sigmas * math.sqrt(t * (1 - t) / self.num_perm)
 
 
+def _no_words(text: str) -> str:
+    """A text without word characters (symbols, emoji) with only its whitespace folded: folding its punctuation too
+    would make every such document the empty string, all duplicates of each other."""
+    return "\x00" + " ".join(text.lower().split())
+
+
 def exact_key(text: str) -> bytes:
-    """16-byte hash of the text with case, punctuation and whitespace folded away."""
-    return hashlib.blake2b(_not_word().sub(" ", text.lower()).strip().encode(), digest_size=16).digest()
+    """16-byte hash of the text with case, punctuation and whitespace folded away (whitespace only for a text
+    with no word characters)."""
+    folded = _not_word().sub(" ", text.lower()).strip()
+    return hashlib.blake2b((folded or _no_words(text)).encode(), digest_size=16).digest()
 
 
 def shingles(text: str, n: int) -> set[bytes]:
-    """Lower-cased CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n)."""
+    """Lower-cased CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n; of the
+    whitespace-folded text when it has no word)."""
     toks = tokens(_not_word().sub(" ", text.lower()))
+    if not toks:
+        return {_no_words(text).encode()}
     if len(toks) <= n:
         return {" ".join(toks).encode()}
     return {" ".join(toks[i:i + n]).encode() for i in range(len(toks) - n + 1)}

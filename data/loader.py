@@ -147,7 +147,8 @@ def _shuffle_seed(seed: int, k: int, p: int, n: int, n_sources: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
-    repeats forever (with a mixture, a finite count ends at the first exhausted source). With several processes a
+    repeats forever (with a mixture, a finite count ends when the next document would come from a source already
+    read to its end: that source whole, the others in proportion to the weights). With several processes a
     finite count yields a different number of batches per process (each packs its own documents into rows);
     `LMLoader` stops every process at the first that runs out and counts what the others leave unread, so to read
     every document bound the run by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
@@ -236,6 +237,33 @@ class Tokenize:
         return out
 
 
+class _MixUntilExhausted(grain.MapDataset):
+    """Finite sources interleaved by weight (at each index the source furthest behind its share) until the next
+    document would come from a source already read to its end: that source is read whole, the others in
+    proportion (grain's MapDataset.mix stops up to a round earlier)."""
+
+    def __init__(self, parents, weights):
+        super().__init__(parents)
+        w = np.asarray(weights, np.float64) / float(sum(weights))
+        sizes, taken, order = [len(p) for p in parents], np.zeros(len(parents), np.int64), []
+        while True:
+            i = int(np.argmax((len(order) + 1) * w - taken))
+            if taken[i] == sizes[i]:
+                break
+            order.append((i, int(taken[i])))
+            taken[i] += 1
+        self._order = order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        i, j = self._order[index]
+        return self._parents[i][j]
+
+
 def _as_list(record) -> list:
     return [record]
 
@@ -292,7 +320,12 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         if cfg.shuffle:
             ds = ds.shuffle(seed=_shuffle_seed(cfg.seed, k, p, n, len(sources)))  # the same permutation every run
         parts.append(ds.repeat(cfg.num_epochs))
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [s.weight for s in sources])
+    if len(parts) == 1:
+        ds = parts[0]
+    elif cfg.num_epochs is None:
+        ds = grain.MapDataset.mix(parts, [s.weight for s in sources])
+    else:  # grain's mix ends up to a round before the first source runs out, leaving some of it unread
+        ds = _MixUntilExhausted(parts, [s.weight for s in sources])
     # grain's batch of 1 over an endless (sys.maxsize) dataset overflows computing its length: wrap records instead
     ds = ds.batch(cfg.tokenize_batch, batch_fn=list) if cfg.tokenize_batch > 1 else ds.map(_as_list)
     ds = ds.map(Tokenize(tokenizer, cfg.text_field))

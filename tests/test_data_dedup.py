@@ -171,3 +171,13 @@ def test_a_pair_exactly_at_the_confirm_cut_is_a_near_duplicate():
         index = NearDupIndex(cfg)
         assert index.add("a", a) is None
         assert (index.add("b", b) == "a") is dup, same
+
+
+def test_documents_without_words_are_not_all_one_duplicate():
+    """Folding punctuation made every text without word characters the empty string: '★★★ ☆☆☆' and '→ ← ↑' shared
+    an exact key and a MinHash signature, so dedup kept one of them (a review's finding). Their whitespace and case
+    still fold."""
+    a, b = "★★★ ☆☆☆ ♥♥♥", "→ ← ↑ ↓ ⇒ ∑ ∫ √"
+    assert exact_key(a) != exact_key(b) and exact_key(a) != exact_key("") and jaccard(signature(a), signature(b)) < 0.5
+    assert exact_key(a) == exact_key("  ★★★\n☆☆☆   ♥♥♥ ") and jaccard(signature(a), signature(a + " ")) == 1.0
+    assert exact_key("Hello, world!") == exact_key("hello world")  # texts with words: as before

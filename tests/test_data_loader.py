@@ -438,3 +438,22 @@ def test_small_helpers_refuse_nonsense_inputs():
         synthetic_documents(3, zh_fraction=1.5)
     with pytest.raises(ValueError, match=r"doc\['domains'\]='code' must be a list of tags"):
         DomainGlossary()({"text": "an iterator", "domains": "code"})
+
+
+@pytest.mark.parametrize("weights", [(1.0, 3.0), (3.0, 1.0), (2.0, 1.0)])
+def test_a_finite_mixture_reads_the_source_that_ends_whole(tmp_path, weights):
+    """num_epochs=1 over sources of 10 and 5 documents: the mixture ends when the next document would come from a
+    source read to its end, so that source is read whole and the other in proportion (grain's mix ended up to a
+    round earlier: at weights 1:3 it read 4 of the 5 and dropped one uncounted; a user review's finding)."""
+    tok = ByteTokenizer(add_eos=True)
+    a = write_tier(tmp_path / "a", [f"a{i:02d}" for i in range(10)], shards=1)
+    b = write_tier(tmp_path / "b", [f"b{i:02d}" for i in range(5)], shards=1)
+    cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1, seed=0)
+    docs = [tok.decode(d["targets"]) for d in documents([Source(a, weights[0]), Source(b, weights[1])], tok, cfg, 0, 1)]
+    counts = collections.Counter(d[0] for d in docs)
+    assert len(set(docs)) == len(docs)  # none twice
+    share = {"a": weights[0] / sum(weights), "b": weights[1] / sum(weights)}
+    whole = min("ab", key=lambda s: {"a": 10, "b": 5}[s] / share[s])  # the source that runs out first
+    assert counts[whole] == {"a": 10, "b": 5}[whole], counts
+    other = "b" if whole == "a" else "a"
+    assert abs(counts[other] - len(docs) * share[other]) <= 1, counts  # the rest in proportion
