@@ -30,7 +30,6 @@ ragged all-to-all is unavailable on CPU), which costs E/K× the expert FLOPs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 
 import jax
@@ -121,9 +120,11 @@ class MoEConfig:
         return self.n_shared_experts * self.expert_mlp_dim
 
     def capacity(self, tokens_per_row: int) -> int:
-        """Slots per expert per row: ceil(K·T/E·CF), at most T (an expert sees a token at most once)."""
-        c = math.ceil(self.top_k * tokens_per_row * self.capacity_factor / self.n_experts)
-        return max(1, min(tokens_per_row, c))
+        """Slots per expert per row: ceil(K·T/E·CF) exactly (`scaling.flops.capacity_slots`), at most T (an expert
+        sees a token at most once)."""
+        from scaling.flops import capacity_slots
+
+        return capacity_slots(self.top_k, tokens_per_row, self.capacity_factor, self.n_experts)
 
     def active_params_per_token(self, d_model: int) -> int:
         """Matmul parameters a token uses: router, K routed experts, shared experts (not the selection bias)."""

@@ -36,6 +36,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 
 RECOMPUTE_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 
@@ -329,8 +330,14 @@ def executed_slots(m: MoESpec, seq_len: int | None, expert_shards: int = 1) -> f
         return float(m.n_experts if through_buffers else m.top_k)
     if seq_len is None:
         return min(m.top_k * m.capacity_factor, m.n_experts)
-    c = max(1, min(seq_len, math.ceil(m.top_k * seq_len * m.capacity_factor / m.n_experts)))
-    return m.n_experts * c / seq_len
+    return m.n_experts * capacity_slots(m.top_k, seq_len, m.capacity_factor, m.n_experts) / seq_len
+
+
+def capacity_slots(top_k: int, tokens: int, capacity_factor: float, n_experts: int) -> int:
+    """Capacity dispatch's slots per expert per row: ceil(K·T·CF / E) in exact arithmetic (the capacity factor as
+    written: 1.1 is 11/10; in floats 100·1.1 = 110.00000000000001 took one slot more), between 1 and T."""
+    exact = Fraction(top_k * tokens) * Fraction(repr(float(capacity_factor))) / n_experts
+    return max(1, min(tokens, math.ceil(exact)))
 
 
 def _routed_forward(s: LMShape, seq_len: int | None, executed: bool, expert_shards: int = 1) -> float:

@@ -646,3 +646,21 @@ def test_auto_dropless_takes_ragged_dot_on_accelerators_gmm_on_cpu_and_capacity_
             assert resolve_dropless_impl("auto") == "capacity", backend
         with jax.set_mesh(make_mesh({"data": 2, "fsdp": 4})):  # experts whole on every device: sorted dispatch
             assert resolve_dropless_impl("auto") == want, backend
+
+
+def test_capacity_is_the_exact_ceiling_of_k_t_cf_over_e():
+    """ceil(K·T·CF / E) in floats took a slot more whenever the product was whole: 1·100·1.1 / 2 = 55.000000000000007
+    gave 56 (a review swept 311 such cases). Against exact fractions, and the accounting uses the same count."""
+    from fractions import Fraction
+
+    from models import TransformerConfig
+    from scaling.flops import executed_slots, lm_shape
+
+    for E, K, cf, T in [(2, 1, 1.1, 100), (3, 2, 1.1, 45), (8, 2, 1.25, 64), (4, 1, 0.7, 10), (64, 4, 2.0, 256)]:
+        cfg = MoEConfig(n_experts=E, top_k=K, expert_mlp_dim=8, capacity_factor=cf, dispatch="capacity")
+        want = max(1, min(T, -(-Fraction(K * T) * Fraction(str(cf)) // E)))
+        assert cfg.capacity(T) == want, (E, K, cf, T)
+    dense = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64,
+                              moe=MoEConfig(n_experts=2, top_k=1, expert_mlp_dim=8, capacity_factor=1.1,
+                                            dispatch="capacity"))
+    assert executed_slots(lm_shape(dense).moe, 100) == 2 * 55 / 100
