@@ -114,16 +114,26 @@ def main(argv=None) -> dict:
     _setup_platform()
     import jax
 
-    from parallel.distributed import initialize
+    from parallel.distributed import check_same_settings, initialize
 
-    initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
+    try:
+        initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
     try:
         mesh_shape = validate(cfg, jax.device_count())
-    except ConfigError as e:
+        flat = {f"{section}.{k}": json.dumps(v, sort_keys=True)
+                for section, fields in json.loads(cfg.to_json()).items() for k, v in fields.items()
+                if f"{section}.{k}" not in PER_PROCESS_FIELDS}
+        check_same_settings({**flat, "mesh": json.dumps(mesh_shape, sort_keys=True)}, "settings")
+    except (ConfigError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from None
     return train(cfg, mesh_shape)
 
 
+# Settings each process of a multi-process run may have its own of (a host's local cache, its progress bar); every
+# other field must be the same on every process (`parallel.distributed.check_same_settings`).
+PER_PROCESS_FIELDS = frozenset({"data.cache_dir", "train.progress"})
 # How a model is executed, not which parameters it has: a run may resume with other values.
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})

@@ -38,6 +38,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         except ValueError:
             raise ValueError(f"{name}={env[name]!r} must be an integer") from None
 
+    explicit = {"num_processes": num_processes, "process_id": process_id}
     coordinator = coordinator or env.get("JAXSCALE_COORDINATOR")
     num_processes = from_env("JAXSCALE_NUM_PROCESSES") if num_processes is None else num_processes
     process_id = from_env("JAXSCALE_PROCESS_ID") if process_id is None else process_id
@@ -49,10 +50,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              "JAXSCALE_NUM_PROCESSES / JAXSCALE_PROCESS_ID")
         if not (isinstance(num_processes, int) and num_processes >= 1 and isinstance(process_id, int)
                 and 0 <= process_id < num_processes):
-            raise ValueError(f"num_processes={num_processes!r}, process_id={process_id!r}: need num_processes >= 1 "
-                             "and 0 <= process_id < num_processes")
+            names = ("num_processes, process_id" if explicit["num_processes"] is not None else
+                     "JAXSCALE_NUM_PROCESSES, JAXSCALE_PROCESS_ID")
+            raise ValueError(f"{names} = {num_processes!r}, {process_id!r}: need num_processes >= 1 and "
+                             "0 <= process_id < num_processes (process ids 0 .. N-1, each once)")
         if num_processes == 1:
             return False
+        if process_id == 0:  # jax's 'Failed to start RPC server' names no port; the others would wait 300 s
+            _check_port_free(coordinator)
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
     slurm = all(v in env for v in _SLURM_STEP)
@@ -63,6 +68,45 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"num_processes={num_processes}, process_id={process_id} given without a coordinator; "
                          "pass coordinator='host:port' or set JAXSCALE_COORDINATOR (the address of process 0)")
     return False
+
+
+def _check_port_free(coordinator: str) -> None:
+    """Process 0 serves the coordinator on `coordinator`'s port: a ValueError naming it if it is taken here."""
+    import socket
+
+    port = coordinator.rsplit(":", 1)[-1]
+    if not port.isdigit():
+        raise ValueError(f"coordinator {coordinator!r}: give it as host:port (JAXSCALE_COORDINATOR=host0:1234)")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", int(port)))
+        except OSError as e:
+            raise ValueError(f"coordinator {coordinator!r}: port {port} is in use on process 0's host ({e.strerror}: "
+                             "another job, or an earlier run still exiting); choose another port") from None
+
+
+def check_same_settings(settings: dict[str, str], what: str = "settings") -> None:
+    """Every process must be started with the same `settings` (name -> canonical text, e.g. a run config's fields):
+    a ValueError on every process naming the ones that differ. Otherwise another mesh on one process hangs in the
+    first collective, and another batch or learning rate trains on silently with each process's own. Each
+    field's 4-byte hash is all-gathered once (every process calls it at the same point, with the same names)."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    names = sorted(settings)
+    mine = np.array([int.from_bytes(hashlib.blake2b(f"{k}={settings[k]}".encode(), digest_size=4).digest(), "little",
+                                    signed=True) for k in names] + [len(names)], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, fields + 1]
+    differ = [k for j, k in enumerate(names) if (every[:, j] != every[0, j]).any()]
+    if differ or (every[:, -1] != every[0, -1]).any():
+        others = [p for p in range(every.shape[0]) if (every[p] != every[0]).any()]
+        raise ValueError(f"processes {others} were started with other {what} than process 0: "
+                         f"{', '.join(differ[:8]) or 'their field lists'} differ; start every process with the same "
+                         "command line")
 
 
 def is_primary() -> bool:

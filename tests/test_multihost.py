@@ -97,3 +97,25 @@ def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
     assert "sample:" in outs[0][0] and "sample:" not in outs[1][0]
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["kind"] == "eval"] == [0, 1]
+
+
+def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
+    """A user study's two processes with another --lr (or --batch) each trained on silently with their own, and
+    with another --mesh hung in the first collective (SIGTERM could not stop it): the trainer now compares every
+    setting across processes first and exits 1 on each, naming the fields (before compiling anything)."""
+    port = portpicker.pick_unused_port()
+    procs = []
+    for pid, lr in ((0, "1e-2"), (1, "1e-1")):
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+               "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        argv = ["--preset", "tiny", "--steps", "1", "--lr", lr, "--set", "optim.warmup_steps=0",
+                "--set", f"data.cache_dir={tmp_path / f'c{pid}'}", "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 1, err[-2000:]
+        assert ("config error: processes [1] were started with other settings than process 0: optim.lr differ; "
+                "start every process with the same command line") in err, err[-2000:]
+    assert not (tmp_path / "run" / "ckpt").exists()

@@ -276,6 +276,20 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAXSCALE_NUM_PROCESSES='two' must be an integer"):
         distributed.initialize()
+    # the environment's names when it gave them (the message named the Python arguments); process 0's port taken:
+    # named before jax's 'Failed to start RPC server', which the other processes waited 300 s on
+    monkeypatch.setenv("JAXSCALE_COORDINATOR", "127.0.0.1:1")
+    monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXSCALE_PROCESS_ID", "2")
+    with pytest.raises(ValueError, match=r"JAXSCALE_NUM_PROCESSES, JAXSCALE_PROCESS_ID = 2, 2: need"):
+        distributed.initialize()
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        with pytest.raises(ValueError, match=rf"port {taken.getsockname()[1]} is in use on process 0's host"):
+            distributed.initialize(f"127.0.0.1:{taken.getsockname()[1]}", 2, 0)
     with pytest.raises(ValueError, match=r"parse_mesh\('data=8'\)"):
         make_mesh("data=8")
 
