@@ -74,11 +74,9 @@ def main(argv=None):
     summary = {"mesh": args.mesh, "arrays": rows[0]["arrays"], "rounds": args.rounds, "median": med,
                "first_save_ratio": med["default"]["first_s"] / med["ours"]["first_s"],
                "second_save_ratio": med["default"]["second_s"] / med["ours"]["second_s"]}
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summary}, f, indent=1)
-    return summary
+    from benchmarks.rounds import report
+
+    return report(args.json, rows, summary)
 
 
 if __name__ == "__main__":

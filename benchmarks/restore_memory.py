@@ -88,11 +88,9 @@ def main(argv=None):
     med = {w: statistics.median(r["peak_extra_mb"] for r in rows if r["way"] == w) for w in ("random", "abstract")}
     summary = {**saved, "rounds": args.rounds, "median_peak_extra_mb": med, "random_over_abstract": med["random"] /
                med["abstract"], "saved_mb_per_state": (med["random"] - med["abstract"]) / saved["state_mb"]}
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "summary": summary}, f, indent=1)
-    return summary
+    from benchmarks.rounds import report
+
+    return report(args.json, rows, summary)
 
 
 if __name__ == "__main__":

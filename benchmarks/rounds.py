@@ -41,3 +41,12 @@ def save(path: str | None, rounds: int, rows: dict) -> None:
     if path:
         with open(path, "w") as f:
             json.dump({"rounds": rounds, "results": rows}, f, indent=1)
+
+
+def report(path: str | None, rows: list, summary: dict) -> dict:
+    """Print `summary` and write {rows, summary} as JSON to `path` (None: print only); returns `summary`."""
+    print(json.dumps(summary, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump({"rows": rows, "summary": summary}, f, indent=1)
+    return summary

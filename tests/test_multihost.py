@@ -76,15 +76,20 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
+def trainer_env(port: int, pid: int) -> dict:
+    """The environment of process `pid` of a two-process trainer job on localhost (2 CPU devices each)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+            "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
 def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
     """train_lm over two processes through its final sample (which needs the parameters of both processes) and
     outputs: every process exits 0, only the primary writes."""
     port = portpicker.pick_unused_port()
     procs = []
     for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
-               "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        env = trainer_env(port, pid)
         argv = ["--preset", "tiny", "--steps", "1", "--set", "optim.warmup_steps=0", "--set", "train.eval_every=1",
                 "--set", "train.sample_tokens=4", "--set", "train.async_save=false", "--set", "train.progress=false",
                 "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
@@ -106,9 +111,7 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
     port = portpicker.pick_unused_port()
     procs = []
     for pid, lr in ((0, "1e-2"), (1, "1e-1")):
-        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
-               "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        env = trainer_env(port, pid)
         argv = ["--preset", "tiny", "--steps", "1", "--lr", lr, "--set", "optim.warmup_steps=0",
                 "--set", f"data.cache_dir={tmp_path / f'c{pid}'}", "--out", str(tmp_path / "run")]
         procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
