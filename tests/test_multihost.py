@@ -76,26 +76,26 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
-def trainer_env(port: int, pid: int) -> dict:
-    """The environment of process `pid` of a two-process trainer job on localhost (2 CPU devices each)."""
-    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
-            "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+def run_trainers(tmp_path, argv_of):
+    """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)`, its own
+    data cache, one --out): (processes, their (stdout, stderr)) once both have exited."""
+    port, procs = portpicker.pick_unused_port(), []
+    for pid in range(2):
+        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+               "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs, [p.communicate(timeout=300) for p in procs]
 
 
 def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
     """train_lm over two processes through its final sample (which needs the parameters of both processes) and
     outputs: every process exits 0, only the primary writes."""
-    port = portpicker.pick_unused_port()
-    procs = []
-    for pid in range(2):
-        env = trainer_env(port, pid)
-        argv = ["--preset", "tiny", "--steps", "1", "--set", "optim.warmup_steps=0", "--set", "train.eval_every=1",
-                "--set", "train.sample_tokens=4", "--set", "train.async_save=false", "--set", "train.progress=false",
-                "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs, outs = run_trainers(tmp_path, lambda pid: [
+        "--preset", "tiny", "--steps", "1", "--set", "optim.warmup_steps=0", "--set", "train.eval_every=1",
+        "--set", "train.sample_tokens=4", "--set", "train.async_save=false", "--set", "train.progress=false"])
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert (tmp_path / "run" / "sample.txt").read_text().startswith("def __init__(self")
@@ -108,15 +108,8 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
     """A user study's two processes with another --lr (or --batch) each trained on silently with their own, and
     with another --mesh hung in the first collective (SIGTERM could not stop it): the trainer now compares every
     setting across processes first and exits 1 on each, naming the fields (before compiling anything)."""
-    port = portpicker.pick_unused_port()
-    procs = []
-    for pid, lr in ((0, "1e-2"), (1, "1e-1")):
-        env = trainer_env(port, pid)
-        argv = ["--preset", "tiny", "--steps", "1", "--lr", lr, "--set", "optim.warmup_steps=0",
-                "--set", f"data.cache_dir={tmp_path / f'c{pid}'}", "--out", str(tmp_path / "run")]
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs, outs = run_trainers(tmp_path, lambda pid: [
+        "--preset", "tiny", "--steps", "1", "--lr", ("1e-2", "1e-1")[pid], "--set", "optim.warmup_steps=0"])
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 1, err[-2000:]
         assert ("config error: processes [1] were started with other settings than process 0: optim.lr differ; "
