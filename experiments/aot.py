@@ -20,16 +20,13 @@ import optax
 from flax import nnx
 
 from parallel.mesh import make_mesh, parse_mesh
-from parallel.sharding import batch_sharding, logical_shardings, replicated
+from parallel.sharding import abstract_sharded, batch_sharding, replicated
 
 
 def abstract_state(model_fn, optimizer, mesh):
     """(graphdef, params, opt_state) as ShapeDtypeStructs sharded by the rules table (the optimizer's moments like
     their parameters, its scalars replicated): nothing is allocated."""
-    graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
-    shardings = logical_shardings(abs_state, mesh)
-    params = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
-                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    graphdef, params = abstract_sharded(model_fn, mesh)
     abs_opt = jax.eval_shape(optimizer.init, params)
     opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abs_opt, params,
                                               transform_non_params=lambda _: replicated(mesh))

@@ -72,7 +72,7 @@ from models.video import (
     generate,
 )
 from models.video.vae import denormalize, latent_stats, normalize, psnr
-from parallel import create_sharded, init_optimizer, make_mesh
+from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,12 +376,14 @@ def load_video_model(out, preset: str | Preset = "default"):
         raise FileNotFoundError(f"{stats_path} is missing: the run stopped before encoding its latents")
     stats = tuple(jnp.asarray(v, jnp.float32) for v in json.loads(stats_path.read_text()).values())
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
-    t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
+    # restored onto shapes only: a random init would compile and allocate both models just to be overwritten
+    vae_gd, vae_abstract = abstract_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
+    t2v_gd, t2v_abstract = abstract_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
+    ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), t2v_abstract)
     with jax.set_mesh(mesh):
-        vae_params = restore(manager(out / "ckpt" / "vae"), {"params": vae_params})[1]["params"]
-        ema = restore(manager(out / "ckpt" / "t2v"), {"ema": ema_init(t2v_params)})[1]["ema"]
-    weights = ema_cast(ema, t2v_params)
+        vae_params = restore(manager(out / "ckpt" / "vae"), {"params": vae_abstract})[1]["params"]
+        ema = restore(manager(out / "ckpt" / "t2v"), {"ema": ema_abstract})[1]["ema"]
+    weights = ema_cast(ema, t2v_abstract)
     null = null_tokens(p.data.max_caption_len)
 
     @functools.partial(jax.jit, static_argnums=3)

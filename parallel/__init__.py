@@ -5,6 +5,7 @@ from parallel.mesh import AXES, make_mesh
 from parallel.pipeline import gpipe
 from parallel.rules import ACTIVATION_RULES, PARAM_RULES, constrain, logical_to_spec, use_rules
 from parallel.sharding import (
+                               abstract_sharded,
                                batch_sharding,
                                create_sharded,
                                init_optimizer,
@@ -13,6 +14,7 @@ from parallel.sharding import (
                                shard_state,
 )
 
-__all__ = ["ACTIVATION_RULES", "AXES", "PARAM_RULES", "any_process", "batch_sharding", "constrain", "create_sharded",
-           "global_batch_from_local", "gpipe", "init_optimizer", "initialize", "is_primary", "logical_shardings",
-           "logical_to_spec", "make_mesh", "process_rows", "shard_batch", "shard_state", "use_rules"]
+__all__ = ["ACTIVATION_RULES", "AXES", "PARAM_RULES", "abstract_sharded", "any_process", "batch_sharding", "constrain",
+           "create_sharded", "global_batch_from_local", "gpipe", "init_optimizer", "initialize", "is_primary",
+           "logical_shardings", "logical_to_spec", "make_mesh", "process_rows", "shard_batch", "shard_state",
+           "use_rules"]

@@ -47,6 +47,18 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     return graphdef, state
 
 
+def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
+    """(graphdef, state) of `model_fn()` with every variable a ShapeDtypeStruct carrying the sharding the rules give
+    it on `mesh`: nothing is allocated or compiled. The target to restore a checkpoint onto (a random state built
+    only to be overwritten costs an init compile and the model's memory once more)."""
+    with nnx.use_eager_sharding(False):
+        graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
+    shardings = logical_shardings(abs_state, mesh, rules)
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
+                         shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return graphdef, state
+
+
 def shard_state(state, mesh, rules=None):
     """Move an existing (e.g. single-device) state onto `mesh` according to the rules."""
     return jax.device_put(state, logical_shardings(state, mesh, rules))
