@@ -1,15 +1,40 @@
 """Every test sees 8 fake CPU devices; compiled models are shared through session fixtures."""
 
 import os
+import shutil
+import tempfile
+from importlib.metadata import version
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite is compile-bound (hundreds of small programs, each run a few times): LLVM at -O0 halves the wall
-# time (test_moe_transformer: 76 -> 33 s) and changes no semantics (XLA's HLO passes, fusion, buffer
-# assignment and cost/memory analyses are the same). Subprocesses started by tests inherit it. Benchmarks and
-# experiments keep the default level; set the flag yourself in XLA_FLAGS to override.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The suite is compile-bound (thousands of small programs, each run a few times), so it compiles for speed of
+# compiling. Neither flag changes semantics (XLA's HLO passes, fusion, buffer assignment and cost / memory analyses
+# are the same), only how each fusion becomes machine code (a t2v gradient came out bit-identical). LLVM at -O0
+# halves the wall time (test_moe_transformer: 76 -> 33 s). XLA:CPU's MLIR fusion emitters took 3.0 of a t2v
+# gradient's 3.7 s compile; the classic elemental emitters take 1.5 s in all (an unknown XLA flag aborts the
+# process: set only on the jaxlib it was measured on). Subprocesses started by tests inherit both. Benchmarks and
+# experiments keep XLA's defaults; set either flag yourself in XLA_FLAGS to override.
+_FLAGS = {"xla_backend_optimization_level": "0"}
+if version("jaxlib").startswith("0.10."):
+    _FLAGS["xla_cpu_use_fusion_emitters"] = "false"
+for _name, _value in _FLAGS.items():
+    if _name not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
+# One persistent compilation cache per run, shared by the xdist workers (and the trainers tests start): a program
+# compiled by one test is loaded by every later test that builds the same one (about 12 % of the compiles). A fresh
+# directory each run, so a run never reads programs compiled by another; removed when the run ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxscale-test-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # made here: the xdist controller or a plain run
+else:
+    _OWN_CACHE = None
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -19,12 +19,13 @@ from models.hf import from_pretrained
 from tests.multihost_common import CFG, global_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# conftest's compile-speed flags (they halve the trainers' compile times) without the parent's device count
+_COMPILE_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
 
 
 def launch(mode, workdir):
     port = portpicker.pick_unused_port()
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _COMPILE_FLAGS}
     return [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i), mode, str(workdir)],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
@@ -83,7 +84,7 @@ def run_trainers(tmp_path, argv_of):
     for pid in range(2):
         env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
                "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+               "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
         argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
         procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
