@@ -96,7 +96,7 @@ def test_classifier_free_guidance_combines_the_fields():
     assert (strong < -0.5).mean() < 1e-3 and strong.mean() > 1.5
 
 
-def test_noisy_targets_and_losses():
+def test_noisy_targets_lead_back_to_the_data():
     x0 = jax.random.normal(jax.random.key(1), (64, 3, 4, 4, 2))
     eps = jax.random.normal(jax.random.key(2), x0.shape)
     t = jax.random.uniform(jax.random.key(3), (64,))
@@ -108,10 +108,7 @@ def test_noisy_targets_and_losses():
     x_t, v = noisy(x0, eps, t, ddpm)
     a, b = jnp.sqrt(alpha_bar(tb, ddpm)), jnp.sqrt(1 - alpha_bar(tb, ddpm))
     np.testing.assert_allclose(a * x_t - b * v, x0, atol=1e-5)
-    # the oracle predictor has zero loss, a zero predictor has loss E|target|²
-    for cfg in (flow, ddpm, DiffusionConfig(kind="ddpm", prediction="eps")):
-        loss0, per_ex, _ = diffusion_loss(lambda x, t: jnp.zeros_like(x), x0, jax.random.key(4), cfg)
-        assert per_ex.shape == (64,) and float(loss0) > 0.5
+    # (the losses: test_diffusion_loss_against_oracle_and_zero_predictors, exactly per objective)
 
 
 def test_alpha_bar_is_the_cosine_schedule():

@@ -282,6 +282,11 @@ def test_all_padding_caption_adds_nothing_for_every_attn_impl():
     out = {impl: cross(h, text, valid, cd=jnp.float32, impl=impl) for impl in ("xla", "reference")}
     np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-6)
     assert float(jnp.abs(out["xla"][0]).max()) > 0 and float(jnp.abs(out["xla"][1]).max()) == 0
+    # row 0's padding is never attended: the caption cut to its two tokens gives the same (both impls share the
+    # mask, so their agreement alone could not show it)
+    for impl in ("xla", "reference"):
+        cut = cross(h[:1], text[:1, :2], jnp.ones((1, 2), bool), cd=jnp.float32, impl=impl)
+        np.testing.assert_allclose(out[impl][:1], cut, atol=1e-6)
 
 def test_rope_needs_a_channel_pair_per_axis():
     # head_dim 4 splits (2, 0, 2): rows would get no position and the DiT would not tell them apart
