@@ -1,7 +1,8 @@
 """Labels for the `labeled` tier: a quality score, the language, and domain tags.
 
 The quality score is the mean headroom of a document's quality signals under the filter thresholds it
-already passed: 1.0 means no symbols, repetition or URLs at all, 0.0 means every signal sits at its limit.
+already passed: 1.0 means no symbols, digits, repeated lines / paragraphs / n-grams or URLs at all, 0.0 means
+every signal sits at its limit (`SCORED_SIGNALS`, and the n-gram repetition of `REPETITION_FAMILIES`).
 It orders documents *within* the kept set (e.g. for up-sampling), it is not a second filter.
 """
 
@@ -18,7 +19,10 @@ from data.filters import CJK_RANGES, QualityConfig, words
 SCORED_SIGNALS = (("special_char_ratio", "max_symbol_ratio"), ("digit_ratio", "max_digit_ratio"),
                   ("hash_ellipsis_ratio", "max_hash_ellipsis_ratio"), ("dup_lines", "max_dup_lines"),
                   ("dup_line_chars", "max_dup_line_chars"), ("dup_paragraphs", "max_dup_paragraphs"),
-                  ("url_density", "max_url_density"))
+                  ("dup_paragraph_chars", "max_dup_paragraph_chars"), ("url_density", "max_url_density"))
+# n-gram repetition (Gopher): each family counts once, by its signal closest to its limit (a run of repeated
+# 5-grams is also one of 6-grams ...: averaging the n would weigh repetition six times over)
+REPETITION_FAMILIES = (("top_{n}gram", "top_ngram_max"), ("dup_{n}gram", "dup_ngram_max"))
 
 # (tag, keywords): plain words match whole lower-cased words, with punctuation split off ("theorem." and
 # "lemma," count); anything else (CJK, punctuation such as "self.") matches as a substring, and a keyword that
@@ -77,12 +81,19 @@ _DEFAULT_LABEL = LabelConfig()
 
 
 def quality_score(signals: dict, qcfg: QualityConfig = _DEFAULT_QUALITY) -> float:
-    """Mean headroom in [0, 1] of the signals in `SCORED_SIGNALS` under their `qcfg` limits."""
-    heads = []
-    for name, limit_field in SCORED_SIGNALS:
-        if name in signals:
-            limit = getattr(qcfg, limit_field)
-            heads.append(1.0 - min(signals[name] / limit, 1.0) if limit > 0 else float(signals[name] <= 0))
+    """Mean headroom in [0, 1] of the signals present: each of `SCORED_SIGNALS` under its `qcfg` limit, and each
+    n-gram repetition family of `REPETITION_FAMILIES` by its n nearest its limit (the signals `data.filters.analyze`
+    returns; headroom 1 - value / limit, clipped at 0)."""
+
+    def head(value, limit):
+        return 1.0 - min(value / limit, 1.0) if limit > 0 else float(value <= 0)
+
+    heads = [head(signals[name], getattr(qcfg, field)) for name, field in SCORED_SIGNALS if name in signals]
+    for pattern, field in REPETITION_FAMILIES:
+        family = [head(signals[pattern.format(n=n)], limit) for n, limit in getattr(qcfg, field)
+                  if pattern.format(n=n) in signals]
+        if family:
+            heads.append(min(family))
     return round(sum(heads) / len(heads), 4) if heads else 0.0
 
 

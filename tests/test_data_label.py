@@ -82,11 +82,17 @@ def test_quality_score_is_the_mean_headroom_under_the_limits():
     from data.synthetic import en_text
 
     q = QualityConfig()
-    zeros = {name: 0.0 for name, _ in SCORED_SIGNALS}
+    ngram_limits = {f"top_{n}gram": m for n, m in q.top_ngram_max} | {f"dup_{n}gram": m for n, m in q.dup_ngram_max}
+    zeros = {name: 0.0 for name, _ in SCORED_SIGNALS} | dict.fromkeys(ngram_limits, 0.0)
+    k = len(SCORED_SIGNALS) + 2  # + the two n-gram families, each once
     assert quality_score(zeros, q) == 1.0
-    assert quality_score({name: getattr(q, lim) for name, lim in SCORED_SIGNALS}, q) == 0.0
+    assert quality_score({name: getattr(q, lim) for name, lim in SCORED_SIGNALS} | ngram_limits, q) == 0.0
     half = dict(zeros, special_char_ratio=q.max_symbol_ratio / 2, digit_ratio=3 * q.max_digit_ratio)
-    assert quality_score(half, q) == round((len(SCORED_SIGNALS) - 2 + 0.5 + 0.0) / len(SCORED_SIGNALS), 4)
+    assert quality_score(half, q) == round((k - 2 + 0.5 + 0.0) / k, 4)
+    # repeated 5-grams at 80 % of their limit (a user's document scored 1.0 at 87 %: n-grams were not scored); a
+    # family counts by its n nearest the limit
+    rep = dict(zeros, dup_5gram=0.8 * ngram_limits["dup_5gram"], dup_6gram=0.1 * ngram_limits["dup_6gram"])
+    assert quality_score(rep, q) == round((k - 1 + 0.2) / k, 4)
     assert quality_score({"special_char_ratio": q.max_symbol_ratio / 4}, q) == 0.75  # only the signals present count
     # on documents: clean prose scores above the same prose with spam appended
     clean = en_text(np.random.default_rng(0), 300)
