@@ -249,14 +249,15 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             except (json.JSONDecodeError, RecursionError):
                 yield None, "malformed_json", n
                 continue
-            if not isinstance(obj, dict):
-                yield None, "malformed_json", n
+            if not isinstance(obj, dict):  # valid JSON, but no field to read the text from
+                yield None, "not_an_object", n
                 continue
             if cfg.text_field not in obj:
                 yield None, "missing_text", n
                 continue
             text = obj.pop(cfg.text_field)
-            obj.setdefault("id", f"{path}:{lineno}")  # the path as discovered: en/part-0 and zh/part-0 differ
+            # the path as discovered (en/part-0 and zh/part-0 differ) and the line as editors and `grep -n` number it
+            obj.setdefault("id", f"{path}:{lineno + 1}")
             doc, reason = _text_doc(text, obj, cfg, ncfg)
             yield doc, reason, n
 
@@ -339,11 +340,13 @@ _DEFAULT_NORMALIZE = NormalizeConfig()
 def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
                  ncfg: NormalizeConfig = _DEFAULT_NORMALIZE, with_ids: bool = False) -> Iterator[tuple]:
     """Every record of a shard's files: `(doc, None, nbytes)` or `(None, drop_reason, nbytes)`; with `with_ids`,
-    a fourth item says where the record was: its `id` (`path:line` / `path:row` unless the record has one; a text
-    file's path), for a dropped one too, and the path alone for a whole file dropped at once.
+    a fourth item says where the record was: its `id` (`path:line`, lines numbered from 1 as editors and `grep -n`
+    do, / `path:row`, rows from 0 as pyarrow does, unless the record has one; a text file's path), for a dropped
+    one too, and the path alone for a whole file dropped at once.
 
-    Reasons: too_large, empty, binary, invalid_utf8, malformed_json, missing_text, bad_text_type,
-    unreadable_file. An I/O error mid-file ends that file with one `unreadable_file` drop.
+    Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json, not_an_object (a JSON
+    line that is an array, a number, ...), missing_text, bad_text_type (a number, list or object), unreadable_file.
+    An I/O error mid-file ends that file with one `unreadable_file` drop.
     """
     readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for path in files:
@@ -354,6 +357,7 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
                     yield doc, reason, n
                     continue
                 whole = kind == "text" or reason == "unreadable_file" or (kind, reason) == ("parquet", "missing_text")
-                yield doc, reason, n, doc["id"] if doc is not None else path if whole else f"{path}:{k}"
+                where = f"{path}:{k + 1 if kind == 'jsonl' else k}"  # a JSONL line from 1, a Parquet row from 0
+                yield doc, reason, n, doc["id"] if doc is not None else path if whole else where
         except _READ_ERRORS:
             yield (None, "unreadable_file", 0) + ((path,) if with_ids else ())

@@ -19,8 +19,8 @@ from data.shards import iter_docs, tier_shards
 from data.synthetic import en_text, zh_text
 
 EXPECTED_DROPS = {
-    "ingest": {"malformed_json": 2, "missing_text": 1, "bad_text_type": 1, "empty": 5, "invalid_utf8": 1,
-               "binary": 2, "too_large": 1},
+    "ingest": {"malformed_json": 1, "not_an_object": 1, "missing_text": 1, "bad_text_type": 1, "empty": 5,
+               "invalid_utf8": 1, "binary": 2, "too_large": 1},
     "normalize": {},
     "quality": {"promo_spam": 1, "blocklist": 1, "dup_lines": 1, "too_short": 1},
     "langid": {"lang_other": 1},
@@ -120,16 +120,20 @@ def test_dropped_records_are_named_by_reason(cleaned, corpus, capsys):
     out, _ = cleaned
     jsonl, texts = corpus[1][0], corpus[1][1]
     ex = {s.name: s.examples for _, s in report_mod.funnel(out)}
-    assert ex["ingest"]["malformed_json"] == [f"{jsonl}:17", f"{jsonl}:18"]
-    assert ex["ingest"]["empty"] == [f"{jsonl}:21", f"{jsonl}:22", f"{jsonl}:23"]  # 5 dropped, 3 named
-    assert ex["ingest"]["binary"] == [f"{jsonl}:25", f"{texts}/blob.bin"]
-    assert ex["ingest"]["too_large"] == [f"{jsonl}:26"]
-    assert ex["quality"]["promo_spam"] == [f"{jsonl}:13"] and ex["langid"]["lang_other"] == [f"{jsonl}:12"]
-    assert ex["dedup"] == {"exact_dup": [f"{jsonl}:10"], "near_dup": [f"{jsonl}:11"]}
+    line = lambda k: f"{jsonl}:{k + 1}"  # noqa: E731 - record k (0-based, as make_corpus counts) is line k + 1
+    assert ex["ingest"]["malformed_json"] == [line(17)] and ex["ingest"]["not_an_object"] == [line(18)]
+    assert ex["ingest"]["empty"] == [line(21), line(22), line(23)]  # 5 dropped, 3 named
+    assert ex["ingest"]["binary"] == [line(25), f"{texts}/blob.bin"]
+    assert ex["ingest"]["too_large"] == [line(26)]
+    assert ex["quality"]["promo_spam"] == [line(13)] and ex["langid"]["lang_other"] == [line(12)]
+    assert ex["dedup"] == {"exact_dup": [line(10)], "near_dup": [line(11)]}
     for name, drops in EXPECTED_DROPS.items():  # every reason named, never more than EXAMPLES ids
         assert {r: min(n, 3) for r, n in drops.items()} == {r: len(ids) for r, ids in ex[name].items()}, name
     print(report_mod.report(out))
-    assert f"  raw/ingest binary: {jsonl}:25, {texts}/blob.bin" in capsys.readouterr().out
+    assert f"  raw/ingest binary: {line(25)}, {texts}/blob.bin" in capsys.readouterr().out
+    lines = pathlib.Path(jsonl).read_text(encoding="utf-8", errors="replace").split("\n")
+    fold = lambda ln: " ".join(json.loads(ln)["text"].lower().split())  # noqa: E731
+    assert fold(lines[int(line(10).rsplit(":", 1)[1]) - 1]) == fold(lines[0])  # the duplicate, where editors show it
 
 
 def test_a_utf16_text_file_is_read_as_text(tmp_path):
@@ -166,9 +170,10 @@ def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
     line 11 kept: same counts) or every Parquet row named row 0."""
     out, _ = cleaned
     ids = sorted(d["id"].rsplit("/", 1)[-1] for d in all_docs(out / "cleaned"))
-    # a.jsonl: 6 en + 3 zh (0-8), mixed en/zh (9); 10 exact and 11 near duplicates, 12-26 dropped by language,
-    # quality or decoding; 27 and 28 repaired. c.parquet: rows 0 and 2 (row 1 has no text). good.txt.
-    want = [f"a.jsonl:{i}" for i in [*range(10), 27, 28]] + ["c.parquet:0", "c.parquet:2", "good.txt"]
+    # a.jsonl's records (0-based; ids are 1-based lines, as grep -n shows them): 6 en + 3 zh (0-8), mixed en/zh
+    # (9); 10 exact and 11 near duplicates, 12-26 dropped by language, quality or decoding; 27 and 28 repaired.
+    # c.parquet: rows 0 and 2 (row 1 has no text). good.txt.
+    want = [f"a.jsonl:{i + 1}" for i in [*range(10), 27, 28]] + ["c.parquet:0", "c.parquet:2", "good.txt"]
     assert ids == sorted(want)
 
 
@@ -219,7 +224,7 @@ def test_report_prints_funnel_and_language_mix(cleaned, capsys):
         report_mod.main([str(out)])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert "malformed_json 2" in text and "near_dup 1" in text and "lang_other 1" in text
+    assert "malformed_json 1" in text and "not_an_object 1" in text and "near_dup 1" in text and "lang_other 1" in text
     assert "languages kept by langid:" in text and "zh " in text and "en " in text
     assert "languages dropped by langid: fr 1 docs" in text
     # each kept language's documents and bytes, as the filtered tier holds them
@@ -390,7 +395,7 @@ def test_a_labeler_may_drop_documents_and_they_are_counted(tmp_path):
     assert report_mod.reconcile(rows) == []
     drop = next(s for _, s in rows if s.name == "drop_odd")
     assert (drop.docs_in, drop.docs_out, dict(drop.dropped)) == (4, 2, {"odd": 2})
-    assert sorted(d["id"][-1] for d in all_docs(out / "augmented")) == ["0", "2"]
+    assert sorted(d["id"][-1] for d in all_docs(out / "augmented")) == ["2", "4"]  # lines 2 and 4 (even)
     # a stage that returns no document and no reason would lose it uncounted: refused
     with pytest.raises(TypeError, match="stage 'lost' returned None"):
         run(small_corpus(tmp_path), tmp_path / "out2", PipelineConfig(workers=1, labelers=(Lost(),)),
