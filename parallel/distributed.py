@@ -50,10 +50,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              "JAXSCALE_NUM_PROCESSES / JAXSCALE_PROCESS_ID")
         if not (isinstance(num_processes, int) and num_processes >= 1 and isinstance(process_id, int)
                 and 0 <= process_id < num_processes):
-            names = ("num_processes, process_id" if explicit["num_processes"] is not None else
-                     "JAXSCALE_NUM_PROCESSES, JAXSCALE_PROCESS_ID")
-            raise ValueError(f"{names} = {num_processes!r}, {process_id!r}: need num_processes >= 1 and "
-                             "0 <= process_id < num_processes (process ids 0 .. N-1, each once)")
+            # each value by where it came from: an argument, or the environment's variable
+            given = ", ".join(f"{arg if explicit[arg] is not None else var}={value!r}" for arg, var, value in (
+                ("num_processes", "JAXSCALE_NUM_PROCESSES", num_processes),
+                ("process_id", "JAXSCALE_PROCESS_ID", process_id)))
+            raise ValueError(f"{given}: need num_processes >= 1 and 0 <= process_id < num_processes (process ids "
+                             "0 .. N-1, each once)")
         if num_processes == 1:
             return False
         if process_id == 0:  # jax's 'Failed to start RPC server' names no port; the others would wait 300 s

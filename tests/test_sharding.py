@@ -281,8 +281,11 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     monkeypatch.setenv("JAXSCALE_COORDINATOR", "127.0.0.1:1")
     monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "2")
     monkeypatch.setenv("JAXSCALE_PROCESS_ID", "2")
-    with pytest.raises(ValueError, match=r"JAXSCALE_NUM_PROCESSES, JAXSCALE_PROCESS_ID = 2, 2: need"):
+    with pytest.raises(ValueError, match=r"JAXSCALE_NUM_PROCESSES=2, JAXSCALE_PROCESS_ID=2: need"):
         distributed.initialize()
+    # a bad argument beside the environment's count: each named by its source (both were named as variables)
+    with pytest.raises(ValueError, match=r"JAXSCALE_NUM_PROCESSES=2, process_id=5: need"):
+        distributed.initialize(process_id=5)
     import socket
 
     with socket.socket() as taken:
