@@ -184,6 +184,15 @@ def _axis_product(name: str, mesh: Mapping[str, int], size: int, rules=None) -> 
     return shard_factor((name,), (size,), mesh, rules)
 
 
+def _act_split(name: str, mesh: Mapping[str, int], size: int, rules=None) -> int:
+    """How many ways the rules split the `name` dimension (of `size`) of an activation laid out [B, T, name] as the
+    model constrains it: batch and act_seq come first and take their mesh axes first (the first dimension naming
+    an axis takes it), so e.g. act_mlp='fsdp' splits nothing while batch holds fsdp."""
+    n = math.prod(mesh.values())  # a B and T every axis divides
+    return (shard_factor(("batch", "act_seq", name), (n, n, size), mesh, rules)
+            // shard_factor(("batch", "act_seq"), (n, n), mesh, rules))
+
+
 def input_shards(field: str, logical: str, size: int, mesh: Mapping[str, int], rules=None) -> int:
     """How many ways the rules split an input dimension (`logical` 'batch' or 'act_seq') of `size`; one that does
     not divide is refused naming the caller's `field` (micro_batch, seq_len), not a model dimension."""
@@ -284,10 +293,10 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     mesh = check_mesh(mesh or {})
     c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
     D = s.d_model
-    NH = s.n_heads * s.head_dim / _axis_product("act_heads", mesh, s.n_heads, rules)
-    KH = s.kv_heads * s.head_dim / _axis_product("act_kv_heads", mesh, s.kv_heads, rules)
-    N = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
-    local = lambda w: w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0  # noqa: E731
+    NH = s.n_heads * s.head_dim / _act_split("act_heads", mesh, s.n_heads, rules)
+    KH = s.kv_heads * s.head_dim / _act_split("act_kv_heads", mesh, s.kv_heads, rules)
+    N = s.n_heads / _act_split("act_heads", mesh, s.n_heads, rules)
+    local = lambda w: w / _act_split("act_mlp", mesh, w, rules) if w else 0.0  # noqa: E731
     routed = moe_saved = moe_none = 0.0
     F2 = _dense_mlp_width(s, mesh, rules, moe_layer)  # the width the 2-D (batch-free) products produce
     if s.moe is not None and (moe_layer is None or moe_layer):
@@ -313,7 +322,7 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
 def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
     """Per device, the width of a layer's dense gated MLP: mlp_dim, or an MoE layer's shared experts'."""
     w = _shared_width(s.moe) if s.moe is not None and (moe_layer is None or moe_layer) else s.mlp_dim
-    return w / _axis_product("act_mlp", mesh, w, rules) if w else 0.0
+    return w / _act_split("act_mlp", mesh, w, rules) if w else 0.0
 
 
 def _buffered_expert_width(s, seq_len, mesh, rules) -> float:
@@ -325,7 +334,7 @@ def _buffered_expert_width(s, seq_len, mesh, rules) -> float:
     if m.dispatch == "dropless" and executed_slots(m, seq_len, shards) == m.top_k:
         return 0.0
     F = m.expert_mlp_dim
-    return routed_slots_per_token(s, seq_len, shards) * F / _axis_product("act_mlp", mesh, F, rules)
+    return routed_slots_per_token(s, seq_len, shards) * F / _act_split("act_mlp", mesh, F, rules)
 
 
 def _shared_width(m) -> int:
@@ -398,14 +407,14 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
              if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
     # + the MLP backward's two MLP-wide gradient temporaries beside its residuals (gate, up), and attention's
     # float32 dP and dS (one score each per executed key and head)
-    n_local = s.n_heads / _axis_product("act_heads", mesh, s.n_heads, rules)
+    n_local = s.n_heads / _act_split("act_heads", mesh, s.n_heads, rules)
     scores = lambda w: 0.0 if ws(w)[0] == "flash" else executed_keys(seq_len, w, *ws(w))  # noqa: E731
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
                 + 2 * cb * (_dense_mlp_width(s, mesh, rules, m) + (_buffered_expert_width(s, seq_len, mesh, rules)
                                                                    if m else 0.0))
                 + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
-    v_local = s.vocab_size / _axis_product("act_vocab", mesh, s.vocab_size, rules)
+    v_local = s.vocab_size / _act_split("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 
     transient = 0.0

@@ -192,6 +192,20 @@ def test_parameter_bytes_follow_the_rules_table():
         saved_bytes_per_token(BASE, "save_dots", 4096) / 10
 
 
+def test_activation_overrides_split_what_the_model_splits():
+    """An activation rule naming an axis the batch already takes splits nothing (parallel.rules: the first
+    dimension naming an axis takes it; docs/parallelism.md's act_mlp='fsdp' example): the estimate halved the
+    saved MLP activations under act_mlp='fsdp' on {fsdp: 4} while XLA compiled the same step (1.66x of it)."""
+    cfg = dataclasses.replace(BASE, remat="save_dots_no_batch")
+    plain = memory_per_device(cfg, {"fsdp": 4}, 16, 64)
+    for override in ({"act_mlp": "fsdp"}, {"act_heads": "fsdp", "act_vocab": "fsdp"}):
+        assert memory_per_device(cfg, {"fsdp": 4}, 16, 64, rules=override) == plain, override
+    # an axis the batch does not hold still splits them
+    mesh = {"fsdp": 2, "tensor": 2}
+    moved = memory_per_device(cfg, mesh, 16, 64, rules={"act_mlp": None})  # MLP activations whole on each device
+    assert moved.activations > memory_per_device(cfg, mesh, 16, 64).activations
+
+
 def test_a_gathered_fsdp_layer_is_not_split_by_the_stage_axis():
     """FSDP gathers one whole layer (still split over tensor) on every stage; the stage axis splits the stack's
     layer dim, which the estimate took for a split of the layer itself (0.53x at 2 stages, 0.29x at 4)."""
