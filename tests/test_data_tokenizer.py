@@ -141,6 +141,9 @@ def test_an_end_of_sequence_token_of_another_name(tmp_path):
         BPETokenizer.load(tmp_path / "tok.json")
     back = BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>")
     assert back.eos_id == 1 and pickle.loads(pickle.dumps(back)).eos_id == 1  # grain workers get it pickled
+    # another EOS packs another token stream: the fingerprint (the loader's resume key) tells them apart
+    other = BPETokenizer.load(tmp_path / "tok.json", eos_token="<s>")
+    assert other.eos_id != back.eos_id and other.fingerprint != back.fingerprint
     with pytest.raises(ValueError, match="eos_token='<eos>' is not in the vocabulary"):
         BPETokenizer.load(tmp_path / "tok.json", eos_token="<eos>")
 
