@@ -16,6 +16,8 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup;
+- embedding gradients = the lookup's [V, D] gradient, built whole before its reduce-scatter to the table's
+  shards (with FSDP), and a tied LM head's gradient beside it until the two are summed;
 - the optimizer update, a second phase once the backward pass is done: the gradients + `update_buffers`
   float32 gradient-sized buffers (`experiments.lm_step.make_optimizer`'s clipped gradients, which XLA:CPU
   materialises for every leaf before the first moment update: 1) + a float32 copy of gradients narrower than
@@ -218,12 +220,14 @@ class MemoryBreakdown:
     layers_local: int
     update: int = 0  # beside the gradients, during the optimizer update (after the backward pass)
     accum: int = 0  # gradient accumulation's float32 running sum, live through every microbatch's backward
+    embed_grads: int = 0  # the lookup's whole [V, D] gradient beside its shard (FSDP), a tied head's beside it
+
 
     @property
     def backward_peak(self) -> int:
-        """Gradients + activations + working set + gathered weights (+ the accumulated gradients): the backward
-        pass's live bytes."""
-        return self.grads + self.activations + self.working + self.transient_weights + self.accum
+        """Gradients + activations + working set + gathered weights (+ the accumulated gradients, the embedding
+        gradients' temporaries): the backward pass's live bytes."""
+        return self.grads + self.activations + self.working + self.transient_weights + self.accum + self.embed_grads
 
     @property
     def update_peak(self) -> int:
@@ -251,8 +255,9 @@ class MemoryBreakdown:
                 ("working set (a scan group's backward)", self.working),
                 ("gathered weights (FSDP)", self.transient_weights),
                 ("accumulated gradients (grad_accum > 1)", self.accum),
+                ("embedding gradients before their reduction", self.embed_grads),
                 ("optimizer update (after the backward)", self.update), ("total", self.total)]
-        rows = [r for r in rows if r[1] or not r[0].startswith("accumulated")]
+        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "embedding"))]
         peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
@@ -428,11 +433,19 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
+    # the embedding lookup's gradient is built whole ([V, D], models.embed._lookup_bwd) before the reduce-scatter to
+    # the table's shards, and a tied LM head's [D, V] gradient lives beside it until the two are summed (vocab-heavy
+    # models: XLA was 1.24x this estimate on {fsdp: 8} untied, 1.49-1.57x tied)
+    VD = s.vocab_size * s.d_model
+    emb = next((p for p in table if tuple(p.axes) == ("vocab", "embed")), None)  # the table (analytic or real)
+    whole = VD / shard_factor((None, "act_embed"), (s.vocab_size, s.d_model), mesh, rules)
+    share = VD / shard_factor(emb.axes, emb.shape, mesh, rules) if emb is not None else whole
+    embed_grads = gb * (max(whole - share, 0.0) + (whole if s.tie_embeddings else 0.0))
     update = update_bytes(elems, gb, update_buffers)
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
                            local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update),
-                           accum=int(4 * elems) if grad_accum > 1 else 0)
+                           accum=int(4 * elems) if grad_accum > 1 else 0, embed_grads=int(embed_grads))
 
 
 def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> float:
