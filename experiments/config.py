@@ -81,6 +81,8 @@ class TrainSpec:
     (plus the best by eval loss when keep_best). nan_policy: 'skip' (state unchanged, counted) or 'halt'.
     eval_target: eval loss whose first crossing is logged with its wall time (None: no target). sample_tokens:
     tokens generated after the run, at most what fits in model.max_seq_len after the prompt (the trained context).
+    sample_prompt: the text that sample continues (None: 'def __init__(self' on the built-in corpus; with your own
+    tiers, data.train_dir, the first words of the first held-out document).
 
     Test hooks (never set in real runs): poison_steps: steps whose batch weights are NaN; kill_at: SIGKILL
     this process after that step; kill_in_save: the kill comes right after an async save was issued."""
@@ -98,6 +100,7 @@ class TrainSpec:
     seed: int = 0
     init_from: str | None = None  # a Hugging Face folder: a fresh run starts from its weights (see --init-from)
     sample_tokens: int = 120
+    sample_prompt: str | None = None
     eval_target: float | None = None
     async_save: bool = True
     progress: bool = True

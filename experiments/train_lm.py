@@ -47,6 +47,20 @@ def _setup_platform():
 # ---- data -----------------------------------------------------------------------------------------------------
 
 
+def sample_prompt(data, train) -> str:
+    """The text the final sample continues: `train.sample_prompt`, else the built-in corpus's 'def __init__(self', else
+    (your own tiers) the first five words of the first held-out document (a code prompt for any corpus read as
+    noise)."""
+    if train.sample_prompt is not None:
+        return train.sample_prompt
+    if data.train_dir is None:
+        return "def __init__(self"
+    from data.shards import iter_docs, tier_shards
+
+    first = next(iter_docs(tier_shards(corpus_tiers(data)[1])[0]), {"text": ""})
+    return " ".join(first["text"].split()[:5])
+
+
 def corpus_tiers(spec) -> tuple[str, str]:
     """(train, held-out) tier directories: `spec.train_dir` / `spec.eval_dir` when given; else the embedded corpus
     as two ArrayRecord tiers (held-out: every n-th *module*, its source and its docstrings together: the
@@ -532,7 +546,7 @@ def train(cfg, mesh_shape: dict) -> dict:
 
     model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
     bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
-    prompt_ids = np.concatenate([[] if bos is None else [bos], tok.encode("def __init__(self")])
+    prompt_ids = np.concatenate([[] if bos is None else [bos], tok.encode(sample_prompt(cfg.data, t))])
     prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     n_new = max(1, min(t.sample_tokens, m.max_seq_len - prompt.shape[1]))  # within the context it was trained for
     ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed),

@@ -337,6 +337,12 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", *data])
     assert seen == [([str(tmp_path / "train")], 300), ([str(tmp_path / "eval")], 300)]
     assert result["step"] == 4 and np.isfinite(result["last_eval"])
+    # the final sample continues your held-out text, not the built-in corpus's 'def __init__(self' (a user study)
+    own = load([*TINY, *data])
+    assert train_lm.sample_prompt(own.data, own.train) == " ".join(texts[50].split()[:5])
+    assert train_lm.sample_prompt(load(TINY).data, load(TINY).train) == "def __init__(self"
+    mine = load([*TINY, *data, "--set", "train.sample_prompt=Once upon"])
+    assert train_lm.sample_prompt(mine.data, mine.train) == "Once upon"
     # more evaluation batches than the held-out tier fills: named (the loader repeated it, counting text twice)
     with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batches"):
         train_lm.main([*TINY, "--out", str(tmp_path / "run2"), "--set", "data.eval_batches=99", *data])
