@@ -8,7 +8,8 @@ file); JSON Lines and text may be `.gz` / `.bz2` / `.xz` compressed (`data.sourc
 Three passes, each resumable shard by shard (a shard is skipped when its stats file exists):
   1. per shard, in parallel: read records (ingest drops malformed ones) → `raw/`; normalise, quality
      filters, language ID → `filtered/`, plus the shard's exact-dup keys and MinHash signatures;
-  2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json`;
+  2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json` (with
+     `--dedup-against RUN`, also against the documents another run kept: a held-out set against its training set);
   3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
 Every tier holds `shard-NNNNN.array_record` (one JSON document per record) and `shard-NNNNN.stats.json`
 (per stage: documents and bytes in/out, drops by reason with the ids of the first three), and `stats.json` summed
@@ -58,6 +59,10 @@ class PipelineConfig:
     `filters=(*cfg.default_filters(), MyStage())`; a labeler may drop documents too (counted in the
     `labeled` tier's stats). Make stages frozen dataclasses: only then are their settings part of
     `fingerprint` (a plain class is known by its name).
+
+    dedup_against: a finished cleaning run's directory (e.g. the training set's, when cleaning its held-out set):
+    documents duplicating one that run kept drop as `exact_dup_reference` / `near_dup_reference` (the same dedup
+    settings are required: the signatures must be comparable). Without it, separate runs never compare.
     """
 
     source: SourceConfig = SourceConfig()
@@ -70,6 +75,7 @@ class PipelineConfig:
     filters: tuple | None = None
     labelers: tuple | None = None
     workers: int = 2
+    dedup_against: str | None = None
 
     def __post_init__(self):
         if self.workers < 1:
@@ -182,6 +188,12 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
         return read_json(path)
     seen: dict[bytes, str] = {}
     index = NearDupIndex(cfg.dedup) if cfg.dedup.near else None
+    if cfg.dedup_against is not None:  # the reference run's survivors come first: "earlier" than any of ours
+        for key, k, sig in _reference_survivors(pathlib.Path(cfg.dedup_against), cfg):
+            seen.setdefault(k, key)
+            if index is not None:
+                index.add(key, sig)
+    ref = lambda rep, reason: f"{reason}_reference" if rep.startswith(REF) else reason  # noqa: E731
     drops: dict[str, dict[str, list]] = {}
     total = sum(_filtered_count(out, i) for i in range(n_shards))
     bar = tqdm(total=total, desc="dedup", unit="doc", disable=not progress)
@@ -193,18 +205,49 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
             key = f"{i}:{j}"
             k = bytes(keys[j])
             if cfg.dedup.exact and k in seen:
-                shard_drops[str(j)] = ["exact_dup", seen[k]]
+                shard_drops[str(j)] = [ref(seen[k], "exact_dup"), seen[k]]
             elif index is not None and (rep := index.add(key, sigs[j])) is not None:
-                shard_drops[str(j)] = ["near_dup", rep]
+                shard_drops[str(j)] = [ref(rep, "near_dup"), rep]
                 seen.setdefault(k, rep)  # a later byte-identical copy is an exact duplicate of the same survivor
             else:
                 seen.setdefault(k, key)
             bar.update()
         drops[str(i)] = shard_drops
     bar.close()
-    result = {"drops": drops, "representatives": len(index) if index is not None else None}
+    result = {"drops": drops, "representatives": len(index) if index is not None else None,
+              "dedup": dataclasses.asdict(cfg.dedup)}  # what a later run deduplicating against this one needs
     write_json(path, result)
     return result
+
+
+REF = "reference:"  # the keys of a reference run's documents: `reference:shard:index`
+
+
+def check_reference(ref: pathlib.Path, cfg: PipelineConfig) -> int:
+    """The number of shards of `ref`, a finished cleaning run made with the same dedup settings; a ValueError
+    naming `dedup_against` and what is wrong otherwise."""
+    done = ref / "cleaned" / "dedup.json"
+    if not (ref / "manifest.json").exists() or not done.exists():
+        raise ValueError(f"PipelineConfig.dedup_against={str(ref)!r} is not a finished cleaning run (no "
+                         f"manifest.json and cleaned/dedup.json); pass the --out of a completed data.pipeline run")
+    saved = read_json(done).get("dedup")  # (None: a run from before it was recorded)
+    want = {k: getattr(cfg.dedup, k) for k in ("num_perm", "shingle", "seed")}  # what makes the signatures
+    if saved is not None and (differ := sorted(k for k in want if saved.get(k) != want[k])):
+        raise ValueError(f"PipelineConfig.dedup_against={str(ref)!r} was deduplicated with other settings "
+                         f"({', '.join(f'{k}: {saved.get(k)!r} there, {want[k]!r} here' for k in differ)}); its "
+                         "signatures would not compare: use the same DedupConfig.num_perm / shingle / seed")
+    return len(read_json(ref / "manifest.json")["shards"])
+
+
+def _reference_survivors(ref: pathlib.Path, cfg: PipelineConfig):
+    """(key, exact key, signature) of every document the reference run kept, in its shard order."""
+    drops = read_json(ref / "cleaned" / "dedup.json")["drops"]
+    for i in range(check_reference(ref, cfg)):
+        z = np.load(ref / "filtered" / f"{shard_name(i)}.dedup.npz")
+        gone = drops.get(str(i), {})
+        for j in range(len(z["keys"])):
+            if str(j) not in gone:
+                yield f"{REF}{i}:{j}", bytes(z["keys"][j]), z["sigs"][j]
 
 
 def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
@@ -296,6 +339,8 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
                              "(or delete it) rather than mixing two runs")
     else:
         check_text_field(shards, cfg.source)
+        if cfg.dedup_against is not None:
+            check_reference(pathlib.Path(cfg.dedup_against), cfg)
         write_json(mpath, manifest)
     workers = min(cfg.workers, len(shards))
     # spawned, not forked: the parent may hold JAX's threads; one pool serves both parallel passes
@@ -327,12 +372,16 @@ def main(argv=None):
                     help="0: confirm at the threshold itself (estimation errors cut both ways: about half the pairs "
                          "at exactly the threshold kept); 2: recall >= 0.9 just above it")
     ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
+    ap.add_argument("--dedup-against", default=None, metavar="RUN",
+                    help="a finished cleaning run (e.g. the training set's --out when cleaning held-out data): "
+                         "documents duplicating one it kept drop as exact_dup_reference / near_dup_reference")
     args = ap.parse_args(argv)
     try:  # a bad setting names the flag it came from (the configs name their own fields)
         cfg = PipelineConfig(source=SourceConfig(text_field=args.text_field, max_doc_bytes=args.max_doc_bytes),
                              langid=LangIDConfig(keep=tuple(args.keep_langs.split(","))),
                              dedup=DedupConfig(threshold=args.near_dup_threshold,
-                                               confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers)
+                                               confirm_sigmas=args.near_dup_confirm_sigmas), workers=args.workers,
+                             dedup_against=args.dedup_against)
     except ValueError as e:
         msg = str(e)
         flag = next((f for field, f in FLAGS.items() if msg.startswith(field)), None)
@@ -360,7 +409,8 @@ def main(argv=None):
 # the config field each flag sets, as the configs' errors name them
 FLAGS = {"PipelineConfig.workers": "--workers", "SourceConfig.text_field": "--text-field",
          "SourceConfig.max_doc_bytes": "--max-doc-bytes", "LangIDConfig.keep": "--keep-langs",
-         "DedupConfig.threshold": "--near-dup-threshold", "DedupConfig.confirm_sigmas": "--near-dup-confirm-sigmas"}
+         "DedupConfig.threshold": "--near-dup-threshold", "DedupConfig.confirm_sigmas": "--near-dup-confirm-sigmas",
+         "PipelineConfig.dedup_against": "--dedup-against"}
 
 
 if __name__ == "__main__":

@@ -688,3 +688,33 @@ def test_discover_refuses_an_earlier_runs_output_and_broken_links(tmp_path):
     (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match=r"1 inputs under .* broken symbolic links: .*gone.txt"):
         discover([tmp_path], skip=tmp_path / "clean")
+
+
+def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
+    """Held-out data cleaned in its own run was never compared with the training set (a user study: 2 of 5
+    training documents copied into it stayed). With dedup_against the training run's kept documents come first:
+    a verbatim and a near copy drop by their own reasons, new documents stay; signatures of other settings refuse."""
+    rng = np.random.default_rng(0)
+    train = [en_text(rng, 120) for _ in range(4)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    cfg = PipelineConfig(workers=1)
+    run([tmp_path / "train.jsonl"], tmp_path / "clean", cfg, progress=False)
+    near = train[2].split()
+    near[5] = near[60] = "changed"
+    held = [train[1], " ".join(near), en_text(rng, 120), en_text(rng, 120)]
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+
+    def dedup_stage(out, **kw):
+        run([tmp_path / "held.jsonl"], out, dataclasses.replace(cfg, **kw), progress=False)
+        return next(s for _, s in report_mod.funnel(out) if s.name == "dedup")
+
+    alone = dedup_stage(tmp_path / "held_alone")
+    assert dict(alone.dropped) == {} and alone.docs_out == 4
+    against = dedup_stage(tmp_path / "held", dedup_against=str(tmp_path / "clean"))
+    assert dict(against.dropped) == {"exact_dup_reference": 1, "near_dup_reference": 1} and against.docs_out == 2
+    kept = sorted(d["text"] for d in iter_docs(tier_shards(tmp_path / "held" / "cleaned")[0]))
+    assert kept == sorted(held[2:])
+    with pytest.raises(ValueError, match=r"dedup_against=.*is not a finished cleaning run"):
+        dedup_stage(tmp_path / "held2", dedup_against=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"other settings \(num_perm: 128 there, 64 here\)"):
+        dedup_stage(tmp_path / "held3", dedup_against=str(tmp_path / "clean"), dedup=DedupConfig(num_perm=64))
