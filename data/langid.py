@@ -45,7 +45,8 @@ class LangIDConfig:
         unknown = set(self.keep) - known
         if unknown:
             raise ValueError(f"LangIDConfig.keep has unknown language codes {sorted(unknown)}; "
-                             f"use ISO 639-1 codes the model knows, e.g. {sorted(known)[:12]}...")
+                             f"use codes the model knows: ISO 639-1 where a language has one, e.g. "
+                             f"{sorted(k for k in known if len(k) == 2)[:12]}..., ISO 639-3 otherwise")
         folded = {m: code for code, members in self.fold for m in members}
         hidden = sorted(k for k in self.keep if k in folded)
         if hidden:
