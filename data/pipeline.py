@@ -11,8 +11,9 @@ Three passes, each resumable shard by shard (a shard is skipped when its stats f
   2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json` (with
      `--dedup-against RUN`, also against the documents another run kept: a held-out set against its training set);
   3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
-Every tier holds `shard-NNNNN.array_record` (one JSON document per record) and `shard-NNNNN.stats.json`
-(per stage: documents and bytes in/out, drops by reason with the ids of the first three), and `stats.json` summed
+Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `shard-NNNNN.stats.json`
+(per stage: documents and bytes in/out, drops by reason with the ids of the first three), `shard-NNNNN.drops.jsonl`
+(every dropped record: id, stage, reason), and `stats.json` summed
 over shards (`python -m data.report OUT` prints it). Memory is
 bounded by one document per worker plus one shard's signatures (and, in pass 2, the LSH index).
 
@@ -28,6 +29,7 @@ import concurrent.futures as cf
 import copy
 import dataclasses
 import hashlib
+import json
 import multiprocessing
 import os
 import pathlib
@@ -130,6 +132,15 @@ def _stats_path(out: pathlib.Path, tier: str, i: int) -> pathlib.Path:
 
 
 def _write_tier_stats(out, tier, i, stages: list[StageStats]):
+    """The shard's stats file (written last: it marks the shard done) and its drop log, `shard-NNNNN.drops.jsonl`:
+    one line {"id", "stage", "reason"} per record this tier's stages dropped (the stats name only three per
+    reason; `python -m data.report OUT --drops REASON` lists them all)."""
+    log = out / tier / f"{shard_name(i)}.drops.jsonl"
+    with open(f"{log}.tmp", "w", encoding="utf-8") as f:
+        for st in stages:
+            for record_id, reason in st.log:
+                f.write(json.dumps({"id": record_id, "stage": st.name, "reason": reason}, ensure_ascii=False) + "\n")
+    os.replace(f"{log}.tmp", log)
     write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages]})
 
 

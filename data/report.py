@@ -1,13 +1,16 @@
 """The funnel of a cleaning run: per stage documents/bytes in and out, drops by reason, language mix.
 
-    python -m data.report DIR        # exits 1 if any count fails to reconcile
+    python -m data.report DIR                    # exits 1 if any count fails to reconcile
+    python -m data.report DIR --drops too_short  # every record dropped for that reason (or "all"): id, tier, stage
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
+from collections.abc import Iterator
 
 from data.shards import TIERS, read_json
 from data.stages import StageStats
@@ -27,6 +30,25 @@ def funnel(out_dir) -> list[tuple[str, StageStats]]:
                                     "`python -m data.pipeline` with the same inputs and --out to resume it")
         rows += [(tier, StageStats.from_json(s)) for s in read_json(path)["stages"]]
     return rows
+
+
+def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
+    """Every record the run dropped, `{"id", "tier", "stage", "reason"}`, tier by tier and shard by shard (from each
+    shard's `drops.jsonl` log); only those of `reason` when given. Ids are the records' `id` or where they were
+    (`path:line`)."""
+    out = pathlib.Path(out_dir)
+    funnel(out)  # a finished run, or the error saying what is missing
+    for tier in TIERS:
+        for stats in sorted((out / tier).glob("shard-*.stats.json")):
+            log = stats.with_name(stats.name.replace(".stats.json", ".drops.jsonl"))
+            if not log.exists():
+                raise FileNotFoundError(f"{log} is missing: the run under {out} predates drop logs; clean into a "
+                                        "new --out to have every drop listed (its stats.json still counts them)")
+            with open(log, encoding="utf-8") as f:
+                for line in f:
+                    row = json.loads(line)
+                    if reason is None or row["reason"] == reason:
+                        yield {"id": row["id"], "tier": tier, "stage": row["stage"], "reason": row["reason"]}
 
 
 def reconcile(rows) -> list[str]:
@@ -97,8 +119,14 @@ def report(out_dir) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the --out directory of a cleaning run")
+    ap.add_argument("--drops", metavar="REASON", default=None,
+                    help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason")
     args = ap.parse_args(argv)
     try:
+        if args.drops is not None:
+            for row in drops(args.dir, None if args.drops == "all" else args.drops):
+                print(f"{row['id']}\t{row['tier']}/{row['stage']}\t{row['reason']}")
+            return
         print(report(args.dir))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None

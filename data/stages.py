@@ -46,6 +46,8 @@ class StageStats:
     dropped_bytes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     counters: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: dict = dataclasses.field(default_factory=dict)
+    # every drop as (id, reason), for the per-shard drop logs the pipeline writes (not part of the stats file)
+    log: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def take(self, n: int):
         self.docs_in += 1
@@ -58,6 +60,7 @@ class StageStats:
     def drop(self, reason: str, n: int, record_id: str | None = None):
         self.dropped[reason] += 1
         self.dropped_bytes[reason] += n
+        self.log.append((None if record_id is None else str(record_id), reason))
         ids = self.examples.setdefault(reason, [])
         if record_id is not None and len(ids) < EXAMPLES:
             ids.append(str(record_id))

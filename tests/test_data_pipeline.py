@@ -718,3 +718,22 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
         dedup_stage(tmp_path / "held2", dedup_against=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"other settings \(num_perm: 128 there, 64 here\)"):
         dedup_stage(tmp_path / "held3", dedup_against=str(tmp_path / "clean"), dedup=DedupConfig(num_perm=64))
+
+
+def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
+    """The stats name three ids per reason; a user had to rebuild which documents went, and why, from set
+    differences between tiers. Each shard's drops.jsonl lists every one: as many as the stats count, per stage and
+    reason, beginning with the stats' examples; `python -m data.report OUT --drops REASON` prints them."""
+    import collections
+
+    out, _ = cleaned
+    rows = list(report_mod.drops(out))
+    counted = collections.Counter((r["stage"], r["reason"]) for r in rows)
+    want = collections.Counter({(s.name, r): n for _, s in report_mod.funnel(out) for r, n in s.dropped.items()})
+    assert counted == want and sum(want.values()) == sum(sum(d.values()) for d in EXPECTED_DROPS.values())
+    for _, s in report_mod.funnel(out):
+        for reason, ids in s.examples.items():
+            assert [r["id"] for r in rows if (r["stage"], r["reason"]) == (s.name, reason)][:len(ids)] == ids
+    report_mod.main([str(out), "--drops", "empty"])
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == want[("ingest", "empty")] and all(ln.endswith("\traw/ingest\tempty") for ln in printed)
