@@ -216,7 +216,10 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
             rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
         if rs.kind == "yarn":
             rope.update(original_max_position_embeddings=rs.original_max_position_embeddings,
-                        **{f: getattr(rs, f) for f in _YARN_FIELDS if getattr(rs, f) not in (None, True)})
+                        # every field set, truncate only when off (its default); `not in (None, True)` also
+                        # dropped mscale / attention_factor / betas of 1.0 (1.0 == True), changing the scale
+                        **{f: getattr(rs, f) for f in _YARN_FIELDS
+                           if getattr(rs, f) is not None and not (f == "truncate" and rs.truncate is True)})
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,

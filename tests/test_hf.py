@@ -247,13 +247,18 @@ ROUND_TRIP = {
 }
 ROUND_TRIP["llama_yarn"] = dataclasses.replace(ROUND_TRIP["llama"], rope_scaling=RopeScaling(
     "yarn", 4.0, original_max_position_embeddings=16, beta_fast=8.0, attention_factor=1.2, truncate=False))
+# DeepSeek-style mscale / mscale_all_dim with a field at 1.0: export dropped it (1.0 == True), so transformers read
+# 0.1·ln(4) + 1 = 1.139 for an attention factor of 0.707 / 1.0 (logits 4.7 off)
+ROUND_TRIP["llama_yarn_mscale"] = dataclasses.replace(ROUND_TRIP["llama"], rope_scaling=RopeScaling(
+    "yarn", 4.0, original_max_position_embeddings=16, mscale=0.707, mscale_all_dim=1.0, beta_slow=1.0))
 ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3, attn_pattern="2:1")  # Gemma 3 style
 ROUND_TRIP["qwen2_sliding"] = dataclasses.replace(ROUND_TRIP["qwen2"], attn_pattern="local", sliding_window=5)
 ROUND_TRIP["qwen2_upper_swa"] = dataclasses.replace(ROUND_TRIP["qwen2"], n_layers=3, attn_pattern="GLL",
                                                     sliding_window=5)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
-        "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM"}
+        "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
+        "llama_yarn_mscale": "LlamaForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
