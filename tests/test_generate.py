@@ -233,6 +233,12 @@ def test_eos_generation_inside_your_own_jit(model):
     full = np.asarray(generate(model, prompt, 10, eos_id=eos, pad_id=0, trim=False))
     assert full.shape == free.shape and np.array_equal(full[:, :trimmed.shape[1]], trimmed)
     assert not full[:, trimmed.shape[1]:].any() and (trimmed[0, 8:] == 0).all()  # pad after the stop
+    # no pad_id: the first eos id pads, as transformers does (every other test passed one: a default of 0 passed)
+    assert (np.asarray(generate(model, prompt, 10, eos_id=eos, trim=False))[0, 8:] == eos).all()
+    # an eos as a row's first new token ends it there
+    first = int(free[1, 4])
+    out = np.asarray(generate(model, prompt, 10, eos_id=first, pad_id=0, trim=False))
+    assert out[1, 4] == first and not out[1, 5:].any()
     graphdef, state = nnx.split(model)
     run = lambda trim: jax.jit(lambda s, p: generate(nnx.merge(graphdef, s), p, 10, eos_id=eos, pad_id=0,  # noqa: E731
                                                      trim=trim))(state, prompt)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -260,16 +261,46 @@ def test_a_diverging_run_logs_strict_json_and_finishes(tmp_path):
     assert all(r["ppl"] is None or abs(np.log(r["ppl"]) - r["loss"]) < 1e-6 for r in rows if "ppl" in r)
 
 
-def test_nonfinite_state_is_never_saved(runs, tmp_path):
+@pytest.mark.parametrize("where", ["params", "opt_state"])
+def test_nonfinite_state_is_never_saved(runs, tmp_path, where):
+    """A NaN / Inf anywhere in the state: the parameters, or an optimizer moment (the check skipping opt_state
+    passed when only params were poisoned)."""
     state, _ = restore(runs[0])
-    norm = state["params"]["final_norm"]
-    norm[...] = norm[...].at[0].set(np.inf)
+    if where == "params":
+        norm = state["params"]["final_norm"]
+        norm[...] = norm[...].at[0].set(np.inf)
+    else:  # AdamW's second moment of the LM head (the last float leaf: after it comes the int step count)
+        leaves, tree = jax.tree.flatten(state["opt_state"])
+        k = max(i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating))
+        leaves[k] = jax.device_put(leaves[k].reshape(-1).at[0].set(jnp.inf).reshape(leaves[k].shape),
+                                   leaves[k].sharding)
+        state = dict(state, opt_state=jax.tree.unflatten(tree, leaves))
     ckpt = Checkpoints(tmp_path / "ckpt")
     with pytest.raises(NonFiniteState, match="refusing to save step 13"):
         ckpt.save(13, state, {})
     ckpt.close()
     time.sleep(0.1)
     assert ckpt.steps() == [] and not any(p.name.startswith("13") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_resume_after_a_skipped_step_keeps_its_count(tmp_path):
+    """The schedule runs at step - skipped: a resume that reset the skipped count (never tested: the kill -9 runs
+    skip nothing) would train on with learning rates one update off. Resumed from step 4 after step 3 was skipped:
+    the count and the parameters at step 6 are the uninterrupted run's."""
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.save_every=1", "--set",
+            "train.keep=10", "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=skip", "--set",
+            "train.eval_every=100", "--set", "train.progress=false"]
+    train_lm.main(args)
+    ref6, _ = restore(out, step=6)
+    ref6 = jax.device_get(ref6)
+    for s in (5, 6):
+        shutil.rmtree(out / "ckpt" / str(s))
+    result = train_lm.main(args)
+    assert result["skipped"] == 1
+    got6, _ = restore(out, step=6)
+    assert int(got6["skipped"]) == 1
+    assert_trees_equal(ref6["params"], got6["params"])
 
 
 def test_other_model_config_is_refused_before_restoring_and_kept(runs, tmp_path):
