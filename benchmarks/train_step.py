@@ -105,8 +105,10 @@ def profile_phases(cfg, batch, seq, rounds):
 
 
 def hf_step(cfg, batch, seq, attn, compile_=False, bf16=False):
-    """HF LlamaForCausalLM of the same shape, eager or torch.compile'd, AdamW with the same settings. bf16: the
-    forward under `torch.autocast` to bfloat16 (float32 params, as our bf16-compute step)."""
+    """HF LlamaForCausalLM of the same shape, eager or torch.compile'd, torch's AdamW with the same betas, eps,
+    weight decay and gradient clipping, at a constant LR (ours warms up and decays, and spares the norm scales from
+    decay: the same work per step, as the LR is read at run time). bf16: the forward under `torch.autocast` to
+    bfloat16 (float32 params, as our bf16-compute step)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -216,6 +218,7 @@ def main(argv=None):
     for name in wall:
         res[name] = r = {"tokens_per_s": med(tokens / t for t in wall[name]), "step_ms": 1e3 * med(wall[name]),
                          "cpu_s_per_step": med(cpu[name]), "step_ms_per_round": [1e3 * t for t in wall[name]],
+                         "cpu_s_per_round": list(cpu[name]),
                          "gflops": step_flops / 1e9 / med(wall[name])}
         # against the float32 matmul's peak: the bf16 contenders' fractions can pass 1 (a bf16 product runs faster
         # on AVX512-BF16 / AMX machines), so read them as speed, not as a share of their own peak
@@ -233,7 +236,9 @@ def main(argv=None):
                       "params": CFG.param_count(), "flops_per_token": flops_per_token,
                       "xla_flags": os.environ.get("XLA_FLAGS", "")},
            "xla_matmul_peak": {"gflops_best": max(peak["wall"]), "gflops_median": med(peak["wall"]),
-                               "gflop_per_cpu_s_median": med(peak["cpu"])},
+                               "gflop_per_cpu_s_median": med(peak["cpu"]),
+                               # per round, so the paired measures can be recomputed from this file
+                               "gflops_per_round": list(peak["wall"]), "gflop_per_cpu_s_per_round": list(peak["cpu"])},
            "results": res, "failed": failed}
     if not args.no_torch:
         import torch
