@@ -8,7 +8,8 @@ from models import TransformerConfig
 CFG = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, mlp_dim=256, max_seq_len=64)
 
 
-@pytest.mark.parametrize("mesh", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}])
+@pytest.mark.parametrize("mesh", [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2},
+                                  {"fsdp": -1}])  # -1: the CLI's default, filled in before the estimate
 def test_aot_state_bytes_match_the_estimate(mesh):
     r = compile_report(CFG, mesh, batch=8, seq_len=64)
     batch_bytes = 2 * 8 * 64 * 4 // 8 if "data" not in mesh else 2 * 8 * 64 * 4 // 4
@@ -41,3 +42,13 @@ def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatc
     with pytest.raises(Compiled):
         aot.main(["--devices", str(len(cpu)), "--mesh", f"fsdp={len(cpu)}"])
     assert seen == [cpu]
+    # every --mesh is compiled, each its own (reporting the first mesh for all passed)
+    meshes = []
+
+    def report(cfg, mesh, batch, seq_len, devices=None):
+        meshes.append(dict(mesh))
+        return aot.AotReport(dict(mesh), 0, 0, 0, 0, type("E", (), {"state": 0, "total": 0})())
+
+    monkeypatch.setattr(aot, "compile_report", report)
+    aot.main(["--devices", "8", "--seq", "64", "--mesh", "fsdp=8", "--mesh", "fsdp=4,tensor=2"])
+    assert meshes == [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}]

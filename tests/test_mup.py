@@ -127,6 +127,15 @@ def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
     assert got == pytest.approx(np.mean(losses), rel=1e-5)
 
 
+def test_the_transfer_sweep_models_are_mup_at_base_width_64():
+    """The sweep's μP models scale by width / 64 and its SP ones not at all (a base width equal to each model's own
+    width, a multiplier of 1 everywhere, passed every other test: they build their own configs)."""
+    from experiments.mup_transfer import config
+
+    assert config(256, True, 64).width_mult == 4.0 and config(64, True, 64).width_mult == 1.0
+    assert config(256, False, 64).mup_base_width is None
+
+
 @pytest.mark.parametrize("width", ["48", "16", "0"])
 def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width, capsys):
     """--widths 48 trained attention 32 wide in a 48-wide model; 16 failed on n_heads, a field never given."""

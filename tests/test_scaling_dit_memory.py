@@ -122,3 +122,24 @@ def test_flash_kernel_keeps_no_scores():
     assert dense.working - flash.working >= 2 * 2 * 4 * BASE.n_heads * big.tokens * (big.tokens + TEXT)  # dP, dS
     with pytest.raises(ValueError, match="kernel='splash'"):
         dit_memory_per_device(big, {}, 2, TEXT, kernel="splash")
+
+
+def test_per_caption_token_and_per_clip_terms_by_difference():
+    """Exact differences, written out from the model: the bands of the cost / memory analysis tests (1.15-1.25x) let
+    a dropped term pass (the cross-attention scores and PV, the factorized blocks' 3 extra adaLN rows of D², their 12
+    saved adaLN vectors per clip): one more caption token adds its scores / PV (4·NH per video token) and its K, V
+    projections (4·e·NH); factorized attention adds a second self-attention and 2·3·D² per block; one more clip saves
+    per block its caption K / V and its 12 adaLN vectors."""
+    from scaling.dit import dit_forward_flops, dit_saved_bytes_per_token, dit_shape
+
+    fact = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=128,
+                     attention="factorized", text_dim=32, time_freq_dim=32)
+    full = dataclasses.replace(fact, attention="full")
+    sf, su, L = dit_shape(fact), dit_shape(full), 8
+    d, nh, S, n, e = 64, 4 * sf.hd, sf.tokens, 2, 32
+    assert dit_forward_flops(fact, L + 1) - dit_forward_flops(fact, L) == n * (S * 4 * nh + 4 * e * nh)
+    want = n * (S * (8 * d * nh + 4 * nh * (sf.self_attention_keys() - su.self_attention_keys())) + 2 * 3 * d * d)
+    assert dit_forward_flops(fact, L) - dit_forward_flops(full, L) == want
+    acts = lambda B: dit_memory_per_device(fact, {}, B, L, remat="save_dots").activations  # noqa: E731
+    per_token = dit_saved_bytes_per_token(fact, "save_dots", L)
+    assert acts(2) - acts(1) == round(n * (S * per_token + 4 * (L * 2 * nh + 12 * d)))
