@@ -88,7 +88,8 @@ def _stdlib_files(max_files: int | None = None) -> list[pathlib.Path]:
 
 def _docstrings(source: str, module: str) -> str | None:
     """The module's docstrings as one prose document: module docstring, then `name: docstring` per
-    class / function (their API documentation, in source order)."""
+    class / function (their API documentation), breadth first as `ast.walk` goes: top-level definitions, then
+    methods (the corpus's cached order)."""
     import ast
 
     try:
