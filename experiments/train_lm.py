@@ -53,12 +53,16 @@ def sample_prompt(data, train) -> str:
     noise)."""
     if train.sample_prompt is not None:
         return train.sample_prompt
-    if data.train_dir is None:
-        return "def __init__(self"
-    from data.shards import iter_docs, tier_shards
+    if data.train_dir is not None:
+        import itertools
 
-    first = next(iter_docs(tier_shards(corpus_tiers(data)[1])[0]), {"text": ""})
-    return " ".join(first["text"].split()[:5])
+        from data.shards import iter_docs, tier_shards
+
+        docs = itertools.chain.from_iterable(map(iter_docs, tier_shards(corpus_tiers(data)[1])))  # (shard 0 may
+        words = next(docs, {"text": ""})["text"].split()[:5]  # be empty: a cleaning shard that kept nothing)
+        if words:
+            return " ".join(words)
+    return "def __init__(self"
 
 
 def corpus_tiers(spec) -> tuple[str, str]:

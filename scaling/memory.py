@@ -436,11 +436,11 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # the embedding lookup's gradient is built whole ([V, D], models.embed._lookup_bwd) before the reduce-scatter to
     # the table's shards, and a tied LM head's [D, V] gradient lives beside it until the two are summed (vocab-heavy
     # models: XLA was 1.24x this estimate on {fsdp: 8} untied, 1.49-1.57x tied)
-    VD = s.vocab_size * s.d_model
-    emb = next((p for p in table if tuple(p.axes) == ("vocab", "embed")), None)  # the table (analytic or real)
-    whole = VD / shard_factor((None, "act_embed"), (s.vocab_size, s.d_model), mesh, rules)
-    share = VD / shard_factor(emb.axes, emb.shape, mesh, rules) if emb is not None else whole
-    embed_grads = gb * (max(whole - share, 0.0) + (whole if s.tie_embeddings else 0.0))
+    V, D = s.vocab_size, s.d_model
+    vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the table's rows over tensor: XLA keeps that
+    embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
+    head = V * D / _act_split("act_vocab", mesh, V, rules) if s.tie_embeddings else 0.0
+    embed_grads = gb * (V * D / vocab_split * (1 - 1 / embed_split) + head)
     update = update_bytes(elems, gb, update_buffers)
     return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),

@@ -374,6 +374,15 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     assert train_lm.sample_prompt(load(TINY).data, load(TINY).train) == "def __init__(self"
     mine = load([*TINY, *data, "--set", "train.sample_prompt=Once upon"])
     assert train_lm.sample_prompt(mine.data, mine.train) == "Once upon"
+    # a held-out tier whose first shard kept nothing: the first document of the next (the prompt was '')
+    import types
+
+    DocWriter(tmp_path / "held2" / "shard-00000.array_record").commit()
+    w = DocWriter(tmp_path / "held2" / "shard-00001.array_record")
+    w.write({"id": "h", "text": "The quick brown fox jumps over"})
+    w.commit()
+    spec = types.SimpleNamespace(train_dir=str(tmp_path / "train"), eval_dir=str(tmp_path / "held2"))
+    assert train_lm.sample_prompt(spec, own.train) == "The quick brown fox jumps"
     # more evaluation batches than the held-out tier fills: named (the loader repeated it, counting text twice)
     with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batches"):
         train_lm.main([*TINY, "--out", str(tmp_path / "run2"), "--set", "data.eval_batches=99", *data])
