@@ -778,3 +778,34 @@ def test_layouts_without_a_hf_architecture_are_named():
         config_to_hf(TransformerConfig(**base))
     with pytest.raises(ValueError, match=r"windows \(8, None\): Mixtral takes the same window"):
         config_to_hf(TransformerConfig(**base, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=32)))
+
+
+@pytest.mark.parametrize("rs", [
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=64),
+    RopeScaling("yarn", 8.0, original_max_position_embeddings=256, beta_fast=16.0, beta_slow=2.0),
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=64, mscale=0.707),  # no mscale_all_dim: get_mscale
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.5),
+    RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=65536),  # the ramp's top past dim / 2, clipped
+], ids=["yarn", "yarn_betas", "yarn_mscale_only", "yarn_mscale_ratio", "llama3", "yarn_long_original"])
+def test_rope_frequencies_and_scale_equal_transformers(rs):
+    """inv_frequencies and attention_scale against transformers' own ROPE_INIT_FUNCTIONS, settings the model tests
+    never reach (their original contexts are 16: a ramp clipped at dim / 2 - 1 instead of dim - 1 passed, and
+    mscale without mscale_all_dim raised)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.rope import attention_scale, inv_frequencies
+
+    hd, theta = 64, 1e4
+    p = dict(rope_type=rs.kind, rope_theta=theta, factor=rs.factor,
+             original_max_position_embeddings=rs.original_max_position_embeddings)
+    if rs.kind == "llama3":
+        p.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+    else:
+        p.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
+        p.update({k: getattr(rs, k) for k in ("mscale", "mscale_all_dim") if getattr(rs, k) is not None})
+    hf = transformers.LlamaConfig(hidden_size=2 * hd, num_attention_heads=2, head_dim=hd,
+                                  max_position_embeddings=262144, rope_parameters=p)
+    inv, scale = ROPE_INIT_FUNCTIONS[rs.kind](hf, "cpu")
+    np.testing.assert_allclose(inv_frequencies(hd, theta, rs), inv.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(attention_scale(rs), scale, rtol=1e-6)

@@ -22,6 +22,10 @@ def test_rules_errors_and_fallbacks():
         logical_to_spec(("embed", "mlp"), mesh, shape=(32, 6))
     # MQA: one kv head cannot be split over 4 tensor ranks, so K/V are replicated instead
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, shape=(32, 1, 8)) == jax.P(None, None, None)
+    # ... and the axis it could not take stays free for a later dim (a replicated dim used it up: both untested)
+    assert logical_to_spec(("act_kv_heads", "act_heads"), mesh, shape=(1, 8)) == jax.P(None, "tensor")
+    # a size-1 axis drops out of the spec, as documented
+    assert logical_to_spec(("batch", "vocab"), make_mesh({"data": 8, "tensor": 1})) == jax.P("data", None)
     # axes absent from the mesh drop out: fsdp is not in this mesh
     assert logical_to_spec(("embed", "vocab"), mesh) == jax.P(None, "tensor")
     # overrides: a misspelt logical name or mesh axis raises instead of changing nothing / replicating
