@@ -26,9 +26,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxscale-test-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    # a size limit turns on jax's file lock around reads and writes (without one, a worker could read an entry
-    # another is still writing: a warning, which tests that turn warnings into errors would fail on)
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**40)
+    # (no size limit: one turns on jax's file lock, but also a scan of every entry on every write, which made the
+    # suite slower than without the cache; a worker reading an entry another is still writing gets a warning and
+    # compiles again)
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # made here: the xdist controller or a plain run
 else:
     _OWN_CACHE = None
