@@ -27,8 +27,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     # (no size limit: one turns on jax's file lock, but also a scan of every entry on every write, which made the
-    # suite slower than without the cache; a worker reading an entry another is still writing gets a warning and
-    # compiles again)
+    # suite slower than without the cache; without the lock a worker could read an entry another is still writing,
+    # so the workers write each entry whole, below)
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]  # made here: the xdist controller or a plain run
 else:
     _OWN_CACHE = None
@@ -36,6 +36,34 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _atomic_cache_writes():
+    """jax's unlocked cache (no size limit) writes an entry in place, so a worker compiling the same program could
+    read it half-written: a warning and a recompile, or a failure in a test that turns warnings into errors. Write
+    it beside, then rename (atomic on one filesystem). Trainers that tests start in subprocesses still write in
+    place (their programs are their own)."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:  # another jax layout: keep its own writes
+        return
+    put = lru_cache.LRUCache.put
+
+    def atomic_put(self, key, value):
+        if self.eviction_enabled or not key:
+            return put(self, key, value)
+        path = os.fspath(self.path / f"{key}{lru_cache._CACHE_SUFFIX}")
+        if not os.path.exists(path):
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(value)
+            os.replace(tmp, path)
+
+    atomic_put.atomic = True
+    lru_cache.LRUCache.put = atomic_put
+
+
+_atomic_cache_writes()
 
 
 def pytest_unconfigure(config):
