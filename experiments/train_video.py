@@ -444,8 +444,16 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         ap.error(f"argument --scales: write comma-separated finite numbers, e.g. 1,2,4, got {args.scales!r}")
+    if min(scales) < 1:  # the targets are judged at the largest; below 1 guidance pushes away from the caption
+        ap.error(f"argument --scales: CFG scales are >= 1 (1: the conditional model alone; the table's null-prompt "
+                 f"row is the unconditional one), got {args.scales!r}")
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
+    try:  # the models' dimensions against the mesh, on shapes only (nothing compiled)
+        for build in (lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0))):
+            abstract_sharded(build, mesh)
+    except ValueError as e:
+        ap.error(f"argument --mesh: {e} (in the {args.preset!r} preset's models)")
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
     if out.exists() and not out.is_dir():
         ap.error(f"argument --out: {out} is a file; pass a directory")
