@@ -347,6 +347,33 @@ def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # numpy floats too
 
 
+_SCALARS = {"int": (_is_int, int, "an int"), "float": (_is_real, float, "a finite number"),
+            "bool": (lambda v: isinstance(v, bool | np.bool_), bool, "True or False")}
+
+
+def check_field_types(cfg, need) -> None:
+    """Each field of a frozen dataclass config against its annotation (int, float, bool, a tuple of ints; each
+    optionally `| None`), before its checks of values; others (str, Literal, nested configs) are left to those.
+    A float size from JSON (d_model=32.0) failed deep inside JAX, a string flag ('no' is truthy) built what it
+    meant to switch off, a list made the config unhashable (a jit static argument). Accepted values are
+    normalised: numpy numbers and ints given for floats to Python's types, lists of ints to tuples.
+    need(cond, field, message) raises the config's error."""
+    for f in dataclasses.fields(cfg):
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        kind, v = kind.removesuffix("|None"), getattr(cfg, f.name)
+        if v is None and optional:
+            continue
+        if kind in _SCALARS:
+            ok, cast, what = _SCALARS[kind]
+            need(ok(v), f.name, f"must be {what}{' or None' if optional else ''}, got {v!r}")
+            object.__setattr__(cfg, f.name, cast(v))
+        elif kind.startswith("tuple[int"):
+            need(isinstance(v, tuple | list) and all(_is_int(x) for x in v), f.name,
+                 f"must be a tuple of ints{' or None' if optional else ''}, got {v!r}")
+            object.__setattr__(cfg, f.name, tuple(int(x) for x in v))
+
+
 def dtype_name(v):
     """A dtype given as an object (jnp.bfloat16, np.float32) as its name; anything else unchanged (then refused
     by the config's check)."""

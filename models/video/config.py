@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from models.config import TransformerConfig, _is_int, _is_real as _real, dtype_name
+from models.config import TransformerConfig, _is_int, _is_real as _real, check_field_types, dtype_name
 
 Attention = Literal["factorized", "full"]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -72,6 +72,7 @@ class VAEConfig:
 
     def __post_init__(self):
         need = _need("VAEConfig")
+        check_field_types(self, need)
         need(_pos_int(self.in_channels), "in_channels", f"must be a positive int, got {self.in_channels!r}")
         need(_real(self.kl_weight) and self.kl_weight >= 0, "kl_weight", f"must be >= 0, got {self.kl_weight!r}")
         need(_real(self.norm_eps) and self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps!r}")
@@ -211,6 +212,7 @@ class DiTConfig:
 
     def __post_init__(self):
         need = _need("DiTConfig")
+        check_field_types(self, need)
         need(len(self.latent_shape) == 3 and all(_pos_int(n) for n in self.latent_shape), "latent_shape",
              f"need positive ints (T, H, W), got {self.latent_shape}" + (
                  "; VAEConfig.latent_shape(...) gives (T, H, W, Z): pass its [:3] here and Z as latent_channels"
@@ -310,6 +312,7 @@ class AlignConfig:
 
     def __post_init__(self):
         need = _need("AlignConfig")
+        check_field_types(self, need)
         for f in ("d_model", "n_layers", "n_heads", "mlp_dim", "embed_dim"):
             need(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
         need(self.d_model % self.n_heads == 0, "n_heads", f"must divide d_model={self.d_model}")
@@ -346,6 +349,7 @@ class DiffusionConfig:
 
     def __post_init__(self):
         need = _need("DiffusionConfig")
+        check_field_types(self, need)
         need(self.kind in ("flow", "ddpm"), "kind", f"{self.kind!r}: use 'flow' or 'ddpm'")
         if self.prediction is None:  # kind="ddpm" alone was refused: the default belonged to flow
             object.__setattr__(self, "prediction", "velocity" if self.kind == "flow" else "eps")
@@ -382,6 +386,7 @@ class TextToVideoConfig:
 
     def __post_init__(self):
         need = _need("TextToVideoConfig")
+        check_field_types(self, need)
         need(self.dit.text_dim == self.text.d_model, "dit",
              f"dit.text_dim={self.dit.text_dim} must equal text.d_model={self.text.d_model}")
         need(0 <= self.caption_dropout < 1, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
