@@ -10,17 +10,22 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel.rules import logical_to_spec
+from parallel.rules import _check_overrides, current_rules, logical_to_spec
 
 
 def logical_shardings(abstract_state, mesh, rules=None):
-    """NamedSharding per variable, from each variable's `out_sharding` logical names and shape."""
-
-    def one(v):
-        names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
-        return NamedSharding(mesh, logical_to_spec(names, mesh, v.shape, rules))
-
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    """NamedSharding per variable, from each variable's `out_sharding` logical names and shape. A `rules` name
+    neither in the table nor on any variable raises: it would change nothing (`rules={'vocabulary': None}`)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    names_of = lambda v: v.get_metadata().get("out_sharding") or (None,) * len(v.shape)  # noqa: E731
+    if rules:
+        _check_overrides(rules)  # misspelt targets and near misses of table names first, with their hints
+        used = {n for v in jax.tree.leaves(abstract_state, is_leaf=is_var) if is_var(v) for n in names_of(v) if n}
+        if unknown := sorted(set(rules) - set(current_rules()) - used):
+            raise ValueError(f"rules: no logical axis {unknown} in the rules table or on this state's variables "
+                             f"(theirs: {sorted(used)}); a name nothing carries would change nothing")
+    return jax.tree.map(lambda v: NamedSharding(mesh, logical_to_spec(names_of(v), mesh, v.shape, rules)),
+                        abstract_state, is_leaf=is_var)
 
 
 def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):

@@ -100,6 +100,17 @@ def test_rules_arguments_override_the_table_in_effect():
             create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules=bad)
         with pytest.raises(ValueError, match=says):
             memory_per_device(CFG, {"fsdp": 8}, 8, 64, rules=bad)
+    # a name neither in the table nor on the model's parameters changed nothing (only near misses were caught)
+    with pytest.raises(ValueError, match=r"rules: no logical axis \['vocabulary'\] in the rules table or on this"):
+        create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules={"vocabulary": None})
+
+    class Own(nnx.Module):  # a module of your own naming its own axis: its rule places it
+        def __init__(self):
+            init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("my_axis", "embed"))
+            self.w = nnx.Param(init(jax.random.key(0), (4, 8)))
+
+    _, own = create_sharded(Own, mesh, rules={"my_axis": "tensor"})
+    assert own["w"][...].sharding.spec == jax.P("tensor", "fsdp")
     assert logical_to_spec(("my_axis",), mesh, rules={"my_axis": "tensor"}) == jax.P("tensor")
     with pytest.raises(ValueError, match=r"'my_axis' has no rule in the table; map it for this call with rules="):
         logical_to_spec(("my_axis",), mesh)  # a KeyError that said to edit the library's table
