@@ -113,7 +113,24 @@ def report(out_dir) -> str:
     lines.append("")
     lines.append("counts reconcile: " + ("yes (every stage: in = out + dropped; out feeds the next stage)"
                                         if not problems else "NO\n  " + "\n  ".join(problems)))
+    lines += unread_warning(rows)
     return "\n".join(lines)
+
+
+def unread_warning(rows) -> list[str]:
+    """Lines warning of input files not read to their end: each counts as one drop, but how many records it held
+    past the damage is unknown, so they are in no count (empty when every file was read whole)."""
+    rest = sum(s.dropped.get("unreadable_rest", 0) for _, s in rows)
+    whole = sum(s.dropped.get("unreadable_file", 0) for _, s in rows)
+    if not rest + whole:
+        return []
+    parts = [f"{rest:,} read only up to damage or truncation (unreadable_rest)"] if rest else []
+    parts += [f"{whole:,} not readable at all (unreadable_file)"] if whole else []
+    reasons = " / ".join(r for r, n in (("unreadable_rest", rest), ("unreadable_file", whole)) if n)
+    return ["", f"WARNING: input files not read to their end: {'; '.join(parts)}. Each counts as one dropped record; "
+            f"the records they held past the damage are in no count. `python -m data.report DIR --drops "
+            f"{reasons.split(' / ')[0]}` lists them (with where reading stopped); re-fetch or repair them and clean "
+            "again."]
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "dec
            ".arrow": "write it as Parquet", ".feather": "write it as Parquet", ".avro": "convert it to Parquet",
            ".orc": "convert it to Parquet", ".tfrecord": "convert it to JSON Lines",
            ".array_record": "it is already a tier (data.loader.Source reads it)"}
-# what a damaged file raises mid-read: one counted `unreadable_file`, never a crash
+# what a damaged file raises mid-read: one counted `unreadable_file` / `unreadable_rest`, never a crash
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
@@ -278,7 +278,7 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
         try:
             batch = next(batches, None)
         except Exception:  # noqa: BLE001 - a corrupt page: the rest of the file is one counted drop
-            yield None, "unreadable_file", 0
+            yield None, "unreadable_rest" if row else "unreadable_file", 0
             return
         if batch is None:
             return
@@ -345,12 +345,13 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
     one too, and the path alone for a whole file dropped at once.
 
     Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json, not_an_object (a JSON
-    line that is an array, a number, ...), missing_text, bad_text_type (a number, list or object), unreadable_file.
-    An I/O error mid-file ends that file with one `unreadable_file` drop.
+    line that is an array, a number, ...), missing_text, bad_text_type (a number, list or object), unreadable_file
+    (nothing of it read), unreadable_rest (a truncated or damaged file, read up to the damage: the records after it
+    are in no count, as their number is unknown; `data.report` warns of both). Its id is where reading stopped.
     """
     readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for path in files:
-        kind = _kind(path)
+        kind, k = _kind(path), -1
         try:
             for k, (doc, reason, n) in enumerate(readers[kind](path, cfg, ncfg)):
                 if not with_ids:
@@ -360,4 +361,7 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
                 where = f"{path}:{k + 1 if kind == 'jsonl' else k}"  # a JSONL line from 1, a Parquet row from 0
                 yield doc, reason, n, doc["id"] if doc is not None else path if whole else where
         except _READ_ERRORS:
-            yield (None, "unreadable_file", 0) + ((path,) if with_ids else ())
+            if k < 0:
+                yield (None, "unreadable_file", 0) + ((path,) if with_ids else ())
+            else:  # the line after the last one read (a text file is one record: read whole or not at all)
+                yield (None, "unreadable_rest", 0) + ((f"{path}:{k + 2}",) if with_ids else ())
