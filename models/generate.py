@@ -106,9 +106,14 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     prompt_mask=mask)`, as a Hugging Face tokenizer with padding_side='left' gives input_ids and attention_mask.
     length: pad to P = length instead (at least the longest): every batch then runs generate's one compiled program
     (each new prompt length compiles it again)."""
-    rows = [list(np.asarray(p).reshape(-1)) for p in prompts]
-    if not rows or any(not r for r in rows):
+    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    if not rows or any(not r.size for r in rows):
         raise ValueError("left_pad: prompts must be a non-empty list of non-empty token-id lists")
+    for b, r in enumerate(rows):  # a float id was truncated (1.7 -> 1) without a word
+        if not np.issubdtype(r.dtype, np.integer) or (r < 0).any():
+            raise ValueError(f"left_pad: prompt {b} must hold token ids (ints >= 0), got {r.dtype} {r[:8].tolist()}")
+    if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"left_pad: pad_id={pad_id!r} must be a token id (an int >= 0)")
     P = max(map(len, rows))
     if length is not None:
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < P:

@@ -278,3 +278,10 @@ def test_prompt_mask_must_be_left_padding(model):
         left_pad([[1, 2], []])
     with pytest.raises(ValueError, match=r"length=2 must be an int >= the longest prompt \(3 tokens\)"):
         left_pad([[1, 2, 3]], length=2)
+    with pytest.raises(ValueError, match=r"prompt 0 must hold token ids \(ints >= 0\), got float64 \[1.7, 2.2\]"):
+        left_pad([[1.7, 2.2], [3]])  # truncated to [1, 2] without a word
+    with pytest.raises(ValueError, match="prompt 1 must hold token ids"):
+        left_pad([[1], [-3]])
+    with pytest.raises(ValueError, match="pad_id=0.5 must be a token id"):
+        left_pad([[1], [2, 3]], pad_id=0.5)
+    assert left_pad([np.array([4, 5], np.int64), jnp.array([6])])[0].tolist() == [[4, 5], [0, 6]]
