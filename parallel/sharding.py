@@ -28,6 +28,13 @@ def logical_shardings(abstract_state, mesh, rules=None):
                         abstract_state, is_leaf=is_var)
 
 
+def _check_builder(model_fn, where: str) -> None:
+    if isinstance(model_fn, nnx.Module) or not callable(model_fn):  # a module is callable: its forward pass ran
+        raise TypeError(f"{where}(model_fn, mesh): model_fn builds the model, e.g. `lambda: Transformer(cfg, "
+                        f"rngs=nnx.Rngs(0))`; got {type(model_fn).__name__} (a built module is already whole on one "
+                        "device: place it with shard_state(nnx.split(model)[1], mesh))")
+
+
 def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     """Build `model_fn()` directly sharded on `mesh`: abstract init, then a jitted init whose
     `out_shardings` come from the rules table, so no device ever holds the full model.
@@ -40,6 +47,7 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     (one device, e.g. a reference) flax reads the logical names as mesh axes and fails, so create its parameters
     inside `with nnx.use_eager_sharding(False):` in `__init__`, as models/ does (or build it under that context).
     """
+    _check_builder(model_fn, "create_sharded")
     # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
     # variable is created (so a module of your own that does not turn eager sharding off still builds)
     with nnx.use_eager_sharding(False):
@@ -56,6 +64,7 @@ def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     """(graphdef, state) of `model_fn()` with every variable a ShapeDtypeStruct carrying the sharding the rules give
     it on `mesh`: nothing is allocated or compiled. The target to restore a checkpoint onto (a random state built
     only to be overwritten costs an init compile and the model's memory once more)."""
+    _check_builder(model_fn, "abstract_sharded")
     with nnx.use_eager_sharding(False):
         graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
     shardings = logical_shardings(abs_state, mesh, rules)
@@ -83,14 +92,21 @@ def shard_batch(batch, mesh, rules=None):
     """Place a host batch (a pytree of [B, T, ...] or [B] arrays, identical on every process) on the mesh; a B or T
     the mesh axes they map to do not divide raises a ValueError naming them."""
 
-    def put(x):
-        x = jnp.asarray(x)
+    def put(path, x):
+        where = f"batch{jax.tree_util.keystr(path)}"
+        try:
+            x = jnp.asarray(x)
+        except TypeError:
+            raise TypeError(f"shard_batch: {where} is a {type(x).__name__}, not an array of numbers") from None
+        if x.ndim == 0:  # a Python list is a pytree of its items to jax: [1, 2, 3] gave three scalars
+            raise ValueError(f"shard_batch: {where} is a scalar; a batch holds arrays with a leading batch dim "
+                             "[B, ...] (a Python list of rows is a pytree of its items to jax: pass np.asarray(rows))")
         try:
             return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, x.shape))
         except ValueError as e:
-            raise ValueError(f"shard_batch: an array {x.shape}: {e}") from None
+            raise ValueError(f"shard_batch: {where}, an array {x.shape}: {e}") from None
 
-    return jax.tree.map(put, batch)
+    return jax.tree_util.tree_map_with_path(put, batch)
 
 
 def replicated(mesh) -> NamedSharding:

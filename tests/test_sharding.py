@@ -406,6 +406,17 @@ def test_parallel_helpers_name_their_misuse():
         gpipe(lambda p, x, c: x, {"w": np.zeros((2, 8))}, x, n_microbatches=0)
     # 'layers' on an axis the activations use: the model pipelined over fsdp and failed inside shard_map
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, mlp_dim=64)
+    # a built module ran its forward pass ("missing 1 required positional argument: 'tokens_BT'"); a list was four
+    # scalars to jax ("an array (): ..."); a string failed in jnp.asarray
+    with nnx.use_eager_sharding(False):
+        built = Transformer(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"create_sharded\(model_fn, mesh\): model_fn builds the model, .* got "
+                                        r"Transformer .* shard_state"):
+        create_sharded(built, mesh)
+    with pytest.raises(ValueError, match=r"shard_batch: batch\['a'\]\[0\] is a scalar; .* np.asarray\(rows\)"):
+        shard_batch({"a": [1, 2, 3, 4]}, mesh)
+    with pytest.raises(TypeError, match=r"shard_batch: batch\['a'\] is a str, not an array"):
+        shard_batch({"a": "hello"}, mesh)
     with use_rules(layers="fsdp"):
         gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
         tok = shard_batch(np.zeros((8, 8), np.int32), mesh)
