@@ -234,7 +234,11 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             want = shapes[ours][(layers is not None) + ("{e}" in name):]  # one layer's (and expert's) shape
 
             def tensor(n, fix=fix, want=want, ours=ours):
-                a = fix(get(n))
+                a = get(n)
+                if a.dtype.kind in "iub":  # int8 / packed weights cast to float are noise (bf16 is kind V)
+                    raise ValueError(f"tensor {n!r} is {a.dtype}, not floating point: a quantized or packed "
+                                     "checkpoint (its scales are not read); load the unquantized model")
+                a = fix(a)
                 if a.shape != want:  # named here: a stack of mismatched layers fails without the name
                     raise ValueError(f"tensor {n!r} gives {ours} a slice of shape {a.shape}, expected {want} from "
                                      f"{cfg}; is config.json right for these weights?")

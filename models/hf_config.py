@@ -7,6 +7,9 @@ not our own default. Features we do not implement are refused with the field's n
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+
 from models.config import RopeScaling, TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -136,6 +139,17 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if q := hf.get("quantization_config"):
         raise _unsupported("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,
                            "quantized checkpoints (their scale tensors) are not read; load the unquantized model")
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window", "num_local_experts",
+              "num_experts_per_tok"):  # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"
+        v = hf.get(f)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"HF config field {f}={v!r} must be an integer; fix config.json")
+    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}):
+        near = {u: difflib.get_close_matches(u, [f.name for f in dataclasses.fields(TransformerConfig)], n=1)
+                for u in unknown}
+        raise ValueError(f"config overrides {unknown} are not TransformerConfig fields"
+                         + "".join(f"; {u!r}: did you mean {m[0]!r}?" for u, m in near.items() if m))
     try:
         theta, scaling = _rope_from_hf(hf)
         n_heads = hf["num_attention_heads"]
@@ -178,11 +192,17 @@ def _moe_from_hf(hf: dict, mlp_act: str):
 
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
     m = cfg.moe
-    if not (cfg.moe_every == 1 and m.router == "softmax" and m.renormalize and m.n_shared_experts == 0
-            and m.mlp_act == "silu" and not cfg.qkv_bias and m.dispatch == "dropless"):
-        raise ValueError("TransformerConfig.moe: a Mixtral export needs MoE on every layer (moe_every=1), "
-                         "router='softmax', renormalize=True, no shared experts, silu, no qkv_bias and "
-                         "dispatch='dropless' (Mixtral drops no token; set it to compare the same model)")
+    wrong = [f"{field}={value!r} (set {want})" for field, value, want, ok in (
+        ("TransformerConfig.moe_every", cfg.moe_every, "1: MoE on every layer", cfg.moe_every == 1),
+        ("MoEConfig.router", m.router, "'softmax'", m.router == "softmax"),
+        ("MoEConfig.renormalize", m.renormalize, "True", m.renormalize),
+        ("MoEConfig.n_shared_experts", m.n_shared_experts, "0", m.n_shared_experts == 0),
+        ("MoEConfig.mlp_act", m.mlp_act, "'silu'", m.mlp_act == "silu"),
+        ("TransformerConfig.qkv_bias", cfg.qkv_bias, "False", not cfg.qkv_bias),
+        ("MoEConfig.dispatch", m.dispatch, "'dropless': Mixtral drops no token", m.dispatch == "dropless"))
+        if not ok]
+    if wrong:  # the one that fails, not the whole list
+        raise ValueError(f"a Mixtral export needs {'; '.join(wrong)}")
     if len(set(windows)) != 1:
         raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Mixtral takes the same window (or "
                          "none) on every layer; no Hugging Face MoE layout here mixes local and global layers")

@@ -299,6 +299,18 @@ def test_gemma2_with_moe_is_refused(tmp_path):
         save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
 
 
+def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
+    """The refusal listed all seven conditions and blamed TransformerConfig.moe whichever failed."""
+    mix = ROUND_TRIP["mixtral"]
+    for cfg, says in ((dataclasses.replace(mix, moe_every=2, n_layers=2), r"TransformerConfig.moe_every=2 \(set 1"),
+                      (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, dispatch="capacity")),
+                       r"MoEConfig.dispatch='capacity' \(set 'dropless'"),
+                      (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, renormalize=False)),
+                       r"MoEConfig.renormalize=False \(set True\)")):
+        with pytest.raises(ValueError, match=r"^a Mixtral export needs " + says + r"[^;]*$"):
+            config_to_hf(cfg)
+
+
 def test_a_moe_with_a_selection_bias_is_not_exported(tmp_path):
     """Mixtral has no router bias: one non-zero entry would change which experts the HF model picks (a guard that
     needed every entry non-zero passed the tests, which never set one)."""
@@ -501,10 +513,32 @@ def test_pickle_only_folder_is_refused(tmp_path):
     # transformers builds the model of model_type: a Mistral one (its window) under a Llama architecture name
     (dict(architectures=["LlamaForCausalLM"], model_type="mistral"), "model_type=.mistral.*make the two agree"),
     (dict(quantization_config=dict(quant_method="fp8")), "quantization_config='fp8'"),
+    # a TypeError from '//' ("unsupported operand type(s)"), naming no field
+    (dict(num_attention_heads="2"), "HF config field num_attention_heads='2' must be an integer"),
+    (dict(intermediate_size=64.0), "HF config field intermediate_size=64.0 must be an integer"),
 ])
 def test_unsupported_config_raises(patch, field):
     with pytest.raises(ValueError, match=field):
         config_from_hf(_hf_dict() | patch)
+
+
+def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
+    """from_pretrained(path, n_layer=3) was a bare TypeError from the dataclass; int8 weights were cast to float."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    with pytest.raises(ValueError, match=r"overrides \['n_layer'\] are not TransformerConfig fields; 'n_layer': "
+                                         r"did you mean 'n_layers'"):
+        config_from_hf(_hf_dict(), n_layer=3)
+    folder = tmp_path / "int8"
+    shutil.copytree(hf_ckpt("llama_gqa")[0], folder)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is int8, not floating point: a quantized"):
+        from_pretrained(folder)
 
 
 def test_window_and_gemma2_configs(hf_ckpt):
@@ -687,7 +721,7 @@ def test_folder_edge_cases_load_what_transformers_loads_or_name_the_tensor(tmp_p
     # capacity dispatch drops tokens, Mixtral does not: not the same model, so not exported as one
     capacity = dataclasses.replace(ROUND_TRIP["mixtral"], moe=dataclasses.replace(
         ROUND_TRIP["mixtral"].moe, dispatch="capacity"))
-    with pytest.raises(ValueError, match="dispatch='dropless'"):
+    with pytest.raises(ValueError, match="MoEConfig.dispatch='capacity' \\(set 'dropless'"):
         save_pretrained(Transformer(capacity, rngs=nnx.Rngs(0)), tmp_path / "c")
 
 
