@@ -180,6 +180,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     _check_top_k(top_k)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if temperature == 0 and (top_k is not None or top_p is not None):  # as transformers' generate warns
+        warnings.warn(f"generate: temperature=0 is greedy decoding, so top_k={top_k} / top_p={top_p} change nothing; "
+                      "pass temperature > 0 (and rng) to sample with them", stacklevel=2)
     if (total := prompt_BP.shape[1] + max_new_tokens) > model.cfg.max_seq_len:
         warnings.warn(f"generate: {total} tokens (prompt {prompt_BP.shape[1]} + {max_new_tokens} new) exceed the "
                       f"model's max_seq_len={model.cfg.max_seq_len}, the context it was trained for; positions past "

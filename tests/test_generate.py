@@ -64,6 +64,11 @@ def test_top_k_off_and_clamped_as_in_hf(model):
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="top_k"):
             generate(model, prompt, 2, temperature=1.0, top_k=bad, rng=jax.random.key(0))
+    # greedy decoding ignores the filters: said, as transformers does (it was silent)
+    for kw in (dict(top_k=5), dict(top_p=0.5)):
+        with pytest.warns(UserWarning, match=r"temperature=0 is greedy decoding, so top_k=.* change nothing"):
+            got = generate(model, prompt, 4, **kw)
+        np.testing.assert_array_equal(got, generate(model, prompt, 4))
 
 
 
