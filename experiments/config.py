@@ -476,6 +476,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(d.corpus == DataSpec.corpus, "data.corpus", f"{d.corpus!r}: this version builds {DataSpec.corpus!r} only")
     need(d.max_files is None or d.max_files >= 1, "data.max_files",
          f"must be None (all modules) or >= 1, got {d.max_files}")
+    need(t.eval_target is None or t.eval_target > 0, "train.eval_target",
+         f"an eval loss (cross-entropy, > 0) to reach, or none; got {t.eval_target} (never reached)")
     need(t.sample_tokens >= 0 and t.kill_at >= 0, "train.sample_tokens/kill_at",
          f"must be >= 0, got {t.sample_tokens}, {t.kill_at}")
     need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
