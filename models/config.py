@@ -322,8 +322,9 @@ class TransformerConfig:
         counts the full T×T score matrix, which is what a dense masked kernel executes.
         Against XLA's `compiled.cost_analysis()['flops']`, compile with `scan_layers=False` and a dense MLP or
         capacity dispatch: XLA does not multiply a loop's body by its trip count, so a scanned layer stack counts
-        less (0.56-0.6x for 4 layers) and the dropless MoE kernel's dynamic tile loops do not compare (tests/test_flops.py;
-        scaling.flops.forward_flops_per_token(cfg, T, kernel='executed') counts what the kernels run).
+        less (0.56-0.6x for 4 layers) and the dropless MoE kernel's dynamic tile loops do not compare
+        (tests/test_flops.py; scaling.flops.forward_flops_per_token(cfg, T, kernel='executed') counts what the
+        kernels run).
         """
         from scaling.flops import forward_flops_per_token
 
