@@ -325,6 +325,21 @@ def test_process_rows_are_contiguous_equal_shares(monkeypatch):
         process_rows(10)
 
 
+def test_batch_layout_across_processes_is_checked_before_anything_runs():
+    """Two processes of 4 devices each: a mesh whose outermost axis is not a batch axis (stage, tensor) gives each
+    process's devices the whole batch while it loads half; the loader's first step failed (a traceback)."""
+    from parallel.distributed import check_batch_layout
+
+    first = jax.devices()[:4]
+    for shape in ({"fsdp": 8}, {"data": 2, "stage": 2, "fsdp": 2}, {"fsdp": 4, "tensor": 2}, {"stage": 2, "data": 4}):
+        check_batch_layout(make_mesh(shape), 8, 16, n_processes=2, local_devices=first)
+    for shape in ({"stage": 2, "fsdp": 4}, {"sequence": 2, "tensor": 4}):
+        with pytest.raises(ValueError, match=r"this process's devices hold rows \[0, 8\) of the global batch of 8.*"
+                                             r"but it loads 4 contiguous rows"):
+            check_batch_layout(make_mesh(shape), 8, 16, n_processes=2, local_devices=first)
+    check_batch_layout(make_mesh({"stage": 2, "fsdp": 4}), 8, 16)  # one process: nothing to check
+
+
 def test_any_process_raises_the_flag_on_every_process_when_one_raises_it(monkeypatch):
     """The SIGTERM stop: a flag raised on any process stops all of them at the same step (a process that went on
     would wait forever in a collective); only one raised must do. The all-gather is faked: one real process."""

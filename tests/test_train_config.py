@@ -146,6 +146,27 @@ def test_cli_exits_before_compiling_with_the_line(monkeypatch):
     assert str(e.value).startswith("config error: train.batch: 12 rows") and not compiled
 
 
+def test_cli_refuses_a_mesh_whose_batch_rows_do_not_split_over_the_processes(monkeypatch):
+    """Two processes (faked: the first 4 devices this one's) with a stage axis outermost: each process's devices
+    hold the whole batch; the loader failed in the first step with advice (make_mesh's dcn=) the CLI has not."""
+    from parallel import distributed
+
+    compiled = []
+    monkeypatch.setattr(train_lm, "train", lambda *a: compiled.append(a))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_devices", lambda: jax.devices()[:4])
+    monkeypatch.setattr(distributed, "initialize", lambda: None)
+    monkeypatch.setattr(distributed, "check_same_settings", lambda *a: None)
+    with pytest.raises(SystemExit) as e:
+        train_lm.main(["--preset", "tiny", "--mesh", "stage=2,fsdp=4", "--set", "model.n_layers=4"])
+    assert str(e.value).startswith("config error: mesh {'stage': 2, 'fsdp': 4}: this process's devices hold rows "
+                                   "[0, 8)")
+    assert "the outermost axis must split the batch" in str(e.value) and "--mesh data=2," in str(e.value)
+    assert not compiled
+    train_lm.main(["--preset", "tiny", "--mesh", "data=2,stage=2,fsdp=2", "--set", "model.n_layers=4"])
+    assert len(compiled) == 1
+
+
 def test_presets_and_overrides_compose():
     cfg = load(["--preset", "demo", "--set", "train.steps=50", "--lr", "1e-3", "--set", "model.moe.n_experts=8",
                 "--mesh", "data=1,fsdp=-1", "--set", "train.poison_steps=3"])
