@@ -171,14 +171,14 @@ def _tiny() -> RunConfig:
                                out="runs/tiny", sample_tokens=8, progress=False))
 
 
-def _llama7b() -> RunConfig:  # shapes for AOT / validation checks only
+def _llama7b() -> RunConfig:  # full-size shapes for validation checks only (its mesh: 256 devices)
     model = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                               mlp_dim=11008, max_seq_len=4096, remat="full", dtype="bfloat16")
     return RunConfig(model, {"data": 8, "fsdp": 32}, DataSpec(), OptimSpec(lr=3e-4, warmup_steps=2000),
                      TrainSpec(steps=250_000, batch=1024, seq=4096, out="runs/llama7b"))
 
 
-def _mixtral8x7b() -> RunConfig:  # shapes for AOT / validation checks only
+def _mixtral8x7b() -> RunConfig:  # full-size shapes for validation checks only (its mesh: 512 devices)
     model = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                               mlp_dim=14336, max_seq_len=32768, rope_theta=1e6, remat="full", dtype="bfloat16",
                               moe=MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=14336))

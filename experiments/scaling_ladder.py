@@ -16,7 +16,7 @@ resumes after them; --fresh starts over).
 Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
 whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
 (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations",
-show this matches a cosine schedule per budget). Four budgets then cost 1.15x the largest one.
+show this matches a cosine schedule per budget). Four budgets then cost 1.18x the largest one (602 steps for 512).
 The learning rate is 3e-3 up to d_model 64 and 3e-3·64/d above (Adam's optimal rate for hidden
 matrices falls like 1/width; a constant 3e-3 made d=96 worse than d=64 at every budget — see
 docs/scaling.md). N is the non-embedding parameter count (Kaplan et al. 2020: cleaner laws at small sizes, where the
