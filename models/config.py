@@ -258,7 +258,12 @@ class TransformerConfig:
                 raise ValueError(f"TransformerConfig.attn_pattern={p!r} names {len(p)} layers for n_layers={L}; "
                                  "give one letter (L local, G global) per layer")
             return tuple(c == "L" for c in p)
-        raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}; use 'global', 'local', "
+        why = ""
+        if sep and n.isdigit() and one.isdigit():  # '0:1', '2:2': the ratio form with what it cannot say
+            why = (" (N:1 with N >= 1: N local layers then one global; 0 local layers is 'global')" if one == "1"
+                   else f" (the ratio form takes one global layer per period: for {n} local then {one} global layers "
+                        "spell the period with letters, e.g. 'LLGG' per layer)")
+        raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}{why}; use 'global', 'local', "
                          "'alternating', 'N:1' (N local layers, then one global) or one letter per layer (L local, "
                          "G global), e.g. 'GGLL'")
 

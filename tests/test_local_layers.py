@@ -47,6 +47,11 @@ def test_a_pattern_spelled_layer_by_layer_is_the_named_one():
         dataclasses.replace(CFG, attn_pattern="GLL")
     with pytest.raises(ValueError, match=r"unknown 'GLxL'.*one letter per layer"):
         dataclasses.replace(CFG, attn_pattern="GLxL")
+    # the ratio form's near misses say why (they only listed the valid forms)
+    with pytest.raises(ValueError, match=r"unknown '0:1' \(N:1 with N >= 1: .* 0 local layers is 'global'\)"):
+        dataclasses.replace(CFG, attn_pattern="0:1")
+    with pytest.raises(ValueError, match=r"unknown '2:2' \(the ratio form takes one global layer per period: .*'LLGG'"):
+        dataclasses.replace(CFG, attn_pattern="2:2")
 
 
 def test_receptive_field_is_layers_times_window():
