@@ -4,7 +4,8 @@
 
 Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel normalised) and trains
 the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
-checkpoint with orbax under <out>/ckpt and resume from there. The evaluation generates clips for every
+checkpoint with orbax under <out>/ckpt and resume from there; their losses go to <out>/metrics.jsonl (kind 'vae' /
+'t2v', every 25 steps and the last) and <out>/tb (TensorBoard). The evaluation generates clips for every
 caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour, direction and shape back from the
 pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png and per-prompt GIFs and
 grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code. On CPU it runs on
@@ -21,6 +22,7 @@ import difflib
 import functools
 import json
 import math
+import numbers
 import os
 import pathlib
 import re
@@ -38,6 +40,7 @@ from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_capt
 from experiments.checkpoint import fingerprint
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
+from experiments.run_log import Logger
 from experiments.video_eval import (
     chance_row,
     run_eval,
@@ -152,7 +155,16 @@ PRESETS = {
 
 # what a run directory holds (written by main); --fresh refuses to delete a directory holding anything else
 RUN_FILES = frozenset({"ckpt", "latents.npz", "latents.npz.tmp.npz", "latent_stats.json", "results.json",
-                       "results.md", "overview.png", "samples"})
+                       "results.md", "overview.png", "samples", "metrics.jsonl", "tb"})
+
+
+def remove_media(out: pathlib.Path) -> list[str]:
+    """Delete a run's overview.png and samples/ (an evaluation with --no-media would leave an earlier model's
+    beside its own results); the names it removed."""
+    stale = [n for n in ("overview.png", "samples") if (out / n).exists()]
+    for n in stale:
+        shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
+    return stale
 
 
 def check_batch(batch: int, mesh, what: str):
@@ -250,16 +262,17 @@ def _warmup(steps: int) -> int:
     return min(max(1, steps // 20), max(steps - 2, 0))
 
 
-def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
-    """Stage 1: train the VAE to `p.vae_steps` (resuming from out/ckpt/vae); returns (graphdef, params)."""
+def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, log=None):
+    """Stage 1: train the VAE to `p.vae_steps` (resuming from out/ckpt/vae); returns (graphdef, params). log: a
+    run_log.Logger for its metrics (None: none written)."""
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=_warmup(p.vae_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
     start = 0
     if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
-        start, trees, _ = r
+        start, trees, meta = r
         params, opt_state = trees["params"], trees["opt_state"]
-        print(f"vae: resumed at step {start}")
+        print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps"))
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     bar = tqdm(range(start + 1, p.vae_steps + 1), desc="vae", unit="step", initial=start, total=p.vae_steps)
@@ -269,11 +282,27 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params):
         if step % 25 == 0 or step == p.vae_steps:
             _check_finite("vae", step, m)
             bar.set_postfix(psnr=f"{float(m['psnr']):.1f}", kl=f"{float(m['kl']):.2f}")
+            if log is not None:
+                log.write({"kind": "vae", "step": step, **{k: float(v) for k, v in jax.device_get(m).items()}})
         if step % p.ckpt_every == 0 or step == p.vae_steps:
             _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
-                 {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"]})
+                 {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
+                  "total_steps": p.vae_steps})
+            if log is not None:
+                log.flush()
     return graphdef, params
+
+
+def _stretched(meta: dict, total: int, flag: str) -> str:
+    """A note when a stage resumes toward another step count than its checkpoint was trained toward: the
+    learning-rate schedule is rebuilt for the new total, so the run differs from an uninterrupted one."""
+    was = meta.get("total_steps")
+    if was is None or was == total:
+        return ""
+    return (f"; note: trained so far toward {was} steps, now {flag} {total}: the learning-rate schedule is rebuilt "
+            f"for {total} (its warmup and decay stretched from here on), so this run differs from an uninterrupted "
+            f"{total}-step one")
 
 
 def latents_made_by(p: Preset) -> str:
@@ -309,7 +338,7 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
     return lat, tok, combo
 
 
-def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo):
+def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo, log=None):
     """Stage 2: train the DiT (+ aligner) on latents z with their caption tokens, keeping an EMA of the weights
     (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes)."""
     null = null_tokens(p.data.max_caption_len)
@@ -319,9 +348,9 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     mgr = manager(out / "ckpt" / "t2v")
     start = 0
     if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
-        start, trees, _ = r
+        start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
-        print(f"t2v: resumed at step {start}")
+        print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps"))
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
@@ -335,11 +364,21 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             _check_finite("t2v", step, m)
             avg = m if avg is None else {k: 0.8 * avg[k] + 0.2 * m[k] for k in m}
             bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
+            if log is not None:
+                log.write({"kind": "t2v", "step": step, **{k: float(v) for k, v in m.items()}})
         if step % p.ckpt_every == 0 or step == p.dit_steps:
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
-                 {"step": step, "settings": stage_settings(p, seed)["t2v"]})
+                 {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps})
+            if log is not None:
+                log.flush()
     return graphdef, ema_cast(ema, params)
+
+
+# settings of how a stage trained, not of the model it made: load_video_model does not ask for them ('latents': the
+# VAE settings the DiT's training latents came from, compared field by field in the VAE's own stage)
+TRAINING_ONLY = frozenset({"vae_batch", "vae_lr", "vae.kl_weight", "dit_batch", "dit_lr", "ema_decay",
+                           "t2v.caption_dropout", "t2v.align_weight", "latents"})
 
 
 def load_video_model(out, preset: str | Preset = "default"):
@@ -347,10 +386,10 @@ def load_video_model(out, preset: str | Preset = "default"):
     [N, frames, size, size, 3] from the DiT's EMA weights and the VAE's newest checkpoint, on one device.
 
     preset: the name or `Preset` the run was trained with (with --attention / --shift overrides as its fields;
-    step counts are the run's own, read from its checkpoints); checkpoints made under other settings are refused
-    naming the fields that differ. Captions use the MovingShapes vocabulary, e.g. "a red circle moving up" (also
-    held-out combinations); "" is the null caption. `sample(..., steps=n)`: n sampler steps instead of the preset's
-    sample_steps.
+    step counts and how it trained, e.g. --dit-lr, are the run's own, read from its checkpoints); checkpoints of
+    another model are refused naming the fields that differ. Captions use the MovingShapes vocabulary, e.g. "a
+    red circle moving up" (also held-out combinations); "" is the null caption. `sample(..., steps=n)`: n sampler
+    steps instead of the preset's sample_steps.
 
         sample, p = load_video_model("runs/video/default")
         videos = sample(["a red circle moving up", "a blue square moving left"])
@@ -368,7 +407,9 @@ def load_video_model(out, preset: str | Preset = "default"):
     if made and isinstance(made.get("vae_steps"), int):  # a step count, not the model: --vae-steps N is not asked
         p = dataclasses.replace(p, vae_steps=made["vae_steps"])
     for stage, now in stage_settings(p, seed).items():
-        if metas[stage] and (changed := _changed(metas[stage], now, p)):
+        # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
+        keep = lambda d: {k: v for k, v in d.items() if k not in TRAINING_ONLY}  # noqa: E731
+        if metas[stage] and (changed := _changed(keep(metas[stage]), keep(now), p)):
             raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
                              f"({'; '.join(changed)}); pass the preset (and overrides) the run used")
     stats_path = out / "latent_stats.json"
@@ -395,6 +436,9 @@ def load_video_model(out, preset: str | Preset = "default"):
         if isinstance(captions, str) or not len(captions):
             raise ValueError(f"sample: captions must be a non-empty list of strings (\"\" is the null caption), got "
                              f"{captions!r}")
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
+            raise ValueError(f"sample: cfg_scale={cfg_scale!r} must be a finite number (1.0: no guidance); NaN or inf "
+                             "gave all-black videos")
         tok = jnp.asarray(np.stack([encode_caption(c, p.data.max_caption_len) for c in captions]))
         with jax.set_mesh(mesh):
             return to_uint8(np.asarray(_sample(tok, jax.random.key(seed), jnp.float32(cfg_scale), steps)))
@@ -469,12 +513,15 @@ def main(argv=None):
           f"VAE {p.vae.param_count():,} params; text+DiT+aligner {p.t2v.param_count():,} params "
           f"(DiT {p.t2v.dit.param_count():,}, {p.t2v.dit.tokens} tokens, {p.t2v.dit.attention} attention)")
     timings, t0 = {}, time.time()
+    # each stage's metrics where the progress bar updates (every 25 steps and the last), as train_lm's: JSONL
+    # (kind 'vae' / 't2v'; a resume logs the steps after its checkpoint again: read each step's last record) + tb/
+    log = Logger(out, primary=True)
 
     # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly
     vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
     t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
     with jax.set_mesh(mesh):
-        vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params)
+        vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log)
         timings["vae_s"] = time.time() - t0
 
         # one compiled encoder and decoder (batch eval_batch) serve every later stage
@@ -497,7 +544,8 @@ def main(argv=None):
         print(f"vae: held-out PSNR {vae_psnr:.2f} dB")
 
         t2 = time.time()
-        gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo)
+        gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log)
+        log.close()
         timings["dit_s"] = time.time() - t2
 
         t3 = time.time()
@@ -539,6 +587,8 @@ def main(argv=None):
         write_overview(out / "overview.png", videos, sets, p.data, max(scales))
         paths = write_prompt_media(out / "samples", videos, sets, p.data, scales)
         print(f"wrote {out / 'overview.png'} and {len(paths)} GIFs + grids under {out / 'samples'}")
+    elif stale := remove_media(out):  # an earlier model's samples beside this model's results
+        print(f"--no-media: removed {' and '.join(stale)} of an earlier evaluation (results.json is this model's)")
     return {"results": results, "psnr": vae_psnr, "real": real_row, "timings": timings}
 
 

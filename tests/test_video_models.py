@@ -145,7 +145,7 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
         generate(model, tok[0], null, key)
     with pytest.raises(ValueError, match=r"TextEncoder: tokens must be a batch \[B, L\]"):
         model.text(tok[0])
-    for bad in (float("nan"), float("inf")):  # NaN latents, silently
+    for bad in (float("nan"), float("inf"), jnp.float32("nan"), np.float32("inf")):  # NaN latents, silently
         with pytest.raises(ValueError, match=r"cfg_scale=(nan|inf) must be a finite number"):
             generate(model, tok, null, key, cfg_scale=bad)
 

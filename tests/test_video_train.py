@@ -28,6 +28,11 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     assert "| null prompt | seen |" in (out / "results.md").read_text()
     for stage, steps in (("vae", 3), ("t2v", 3)):
         assert manager(out / "ckpt" / stage).latest_step() == steps
+    # each stage's losses on disk (only a progress bar showed them), and the totals its checkpoints trained toward
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("vae", 3), ("t2v", 3)]
+    assert np.isfinite(records[0]["psnr"]) and np.isfinite(records[1]["diffusion"]) and (out / "tb").is_dir()
+    assert train_video.latest_meta(manager(out / "ckpt" / "t2v"))[1]["total_steps"] == 3
     gifs = sorted((out / "samples").glob("*.gif"))
     assert len(gifs) == 48 and (out / "overview.png").stat().st_size > 0
     assert (out / "samples" / "a_red_circle_moving_up.png").exists()  # a held-out caption
@@ -43,6 +48,12 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     assert np.array_equal(a, sample(["a red circle moving up", ""], cfg_scale=2.0)) and not np.array_equal(a, b)
     with pytest.raises(ValueError, match="captions must be a non-empty list of strings"):
         sample([])  # (numpy's 'need at least one array to stack')
+    for bad in (float("nan"), float("inf")):  # all-black videos
+        with pytest.raises(ValueError, match=r"sample: cfg_scale=(nan|inf) must be a finite number"):
+            sample(["a red circle moving up"], cfg_scale=bad)
+    # media of an earlier evaluation are removed when one runs with --no-media (they showed the older model)
+    assert train_video.remove_media(out) == ["overview.png", "samples"] and not (out / "samples").exists()
+    assert train_video.remove_media(out) == []
     import dataclasses
 
     full = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, attention="full")))
@@ -144,13 +155,22 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     # load_video_model takes the run's own step counts: the settings pass, and the missing stats are what it names
     with pytest.raises(FileNotFoundError, match="latent_stats.json is missing"):
         train_video.load_video_model(tmp_path, more_vae)
+    # ... and not how the run trained (a run trained with --dit-lr could not be loaded by its preset)
+    with pytest.raises(FileNotFoundError, match="latent_stats.json is missing"):
+        train_video.load_video_model(tmp_path, dataclasses.replace(p, dit_lr=p.dit_lr / 2, vae_lr=p.vae_lr / 2,
+                                                                  dit_batch=2 * p.dit_batch))
     other_shift = dataclasses.replace(p, t2v=dataclasses.replace(
         p.t2v, diffusion=dataclasses.replace(p.t2v.diffusion, shift=2.0)))
     shift = p.t2v.diffusion.shift
     with pytest.raises(SystemExit, match=rf"t2v: .*\(t2v.diffusion.shift: {shift} -> 2.0\); rerun with the settings"):
         train_video.check_resume(other_shift, tmp_path, 0)
+    with pytest.raises(ValueError, match=rf"load_video_model: .*\(t2v.diffusion.shift: {shift} -> 2.0\)"):
+        train_video.load_video_model(tmp_path, other_shift)  # the model it samples with: still checked
     with pytest.raises(SystemExit, match=r"vae: .*\(seed: 0 -> 1\)"):
         train_video.check_resume(p, tmp_path, 1)
+    # training on to more steps rebuilds the LR schedule for the new total: said at the resume (it was silent)
+    assert "rebuilt for 5" in train_video._stretched({"total_steps": 3}, 5, "--dit-steps")
+    assert train_video._stretched({"total_steps": 5}, 5, "--dit-steps") == train_video._stretched({}, 5, "x") == ""
     # settings saved as whole-config reprs (before they were saved field by field) still check
     legacy = {k: v for k, v in train_video.stage_settings(p, 0)["t2v"].items() if not k.startswith("t2v.")}
     save(manager(tmp_path / "legacy" / "ckpt" / "t2v"), 3, tree, {"step": 3, "settings": legacy | {"t2v": repr(p.t2v)}})

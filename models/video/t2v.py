@@ -10,10 +10,10 @@ Shapes: B batch, L caption tokens, T/H/W/C latents.
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.video.align import Aligner, info_nce
@@ -92,7 +92,8 @@ def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0,
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
     _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL)
-    if isinstance(cfg_scale, numbers.Real) and not math.isfinite(cfg_scale):  # NaN latents, silently, otherwise
+    concrete = not isinstance(cfg_scale, jax.core.Tracer) and np.ndim(cfg_scale) == 0  # a number or a 0-d array
+    if concrete and not math.isfinite(float(cfg_scale)):  # NaN latents (all-black videos), silently, otherwise
         raise ValueError(f"generate: cfg_scale={cfg_scale} must be a finite number (1.0: no guidance)")
     cfg = model.cfg
     B = tokens_BL.shape[0]
