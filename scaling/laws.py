@@ -225,7 +225,11 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
         if (k := _levels(x)) < 3:  # E + A/N^alpha at k levels: k numbers for 3 unknowns, any alpha fits exactly
             raise ValueError(f"{name} takes {k} distinct value{'s' * (k != 1)} over the runs; fitting "
                              f"{'A/N^alpha' if name == 'N' else 'B/D^beta'} beside E needs >= 3 {what}")
-    if (r := _log_corr(n, d)) > MAX_LOG_CORR:
+    if (r := _log_corr(n, d)) > MAX_LOG_CORR and np.ptp(np.log(n * d)) < 0.05:  # one IsoFLOP profile
+        raise ValueError(f"every run has the same FLOP budget (6·N·D within 5%, so log N and log D are collinear: "
+                         f"|corr| = {r:.4f}); the fit needs runs at >= 2 budgets (several model sizes at each: one "
+                         "IsoFLOP profile per budget), as isoflop_envelope does")
+    if r > MAX_LOG_CORR:
         raise ValueError(f"N and D are nearly collinear over the runs (|corr(log N, log D)| = {r:.4f} > "
                          f"{MAX_LOG_CORR}; e.g. a fixed tokens-per-parameter sweep), so the fit cannot tell "
                          "A/N^alpha from B/D^beta. Vary D/N across runs (several token counts per model size, "

@@ -370,16 +370,19 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     `make_optimizer`'s global-norm clipping; 0 for an update XLA fuses leaf by leaf).
     grad_accum: `lm_step`'s A (micro_batch is then B / A): above 1 its float32 running sum of the gradients, one
     float32 copy of the local parameters, is live through every microbatch's backward (`accum`).
-    kernel=None: each layer's kernel as models.Transformer runs it on CPU (`scaling.flops.model_kernel`: the
-    block-causal kernel of `attn_block` rows, or dense masked, for global layers; 'blocked' with block =
-    cfg.swa_block for windowed ones), its executed scores counted in the saved residuals and the working set; pass
-    'flash' for fused GPU/TPU kernels. (Until the twenty-ninth session the saved residuals counted global layers'
-    scores dense: at long sequences, 16 query blocks executing ~53% of them, XLA kept 0.66x of that estimate at
-    T = 2048 under remat 'none'; now 0.94x.)
+    kernel=None: 'flash' (no scores stored) when cfg.attn_impl is 'cudnn' (without an attention soft-cap, which
+    runs 'xla'), as `scaling.dit` does; otherwise each layer's kernel as models.Transformer runs it with 'xla'
+    (`scaling.flops.model_kernel`: the block-causal kernel of `attn_block` rows, or dense masked, for global
+    layers; 'blocked' with block = cfg.swa_block for windowed ones), its executed scores counted in the saved
+    residuals and the working set; pass 'flash' for other fused GPU/TPU kernels. (Until the twenty-ninth session
+    the saved residuals counted global layers' scores dense: at long sequences, 16 query blocks executing ~53% of
+    them, XLA kept 0.66x of that estimate at T = 2048 under remat 'none'; now 0.94x.)
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
                   update_buffers=(update_buffers, 0), grad_accum=(grad_accum, 1))
+    if kernel is None and getattr(cfg, "attn_impl", "xla") == "cudnn" and not getattr(cfg, "attn_logit_softcap", None):
+        kernel = "flash"  # (counted as the CPU kernel's float32 scores: 4.6x a 7B model's estimate at T = 8192)
     s = lm_shape(cfg, windows=windows, moe=moe)
     remat = remat or getattr(cfg, "remat", "none")
     pdt = param_dtype or getattr(cfg, "param_dtype", "float32")

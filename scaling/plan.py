@@ -88,27 +88,27 @@ class MeshChoice:
 def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, seqs_per_chip: int = 1,
                  remat: str = "save_dots_no_batch", param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                  kernel: str = "flash", headroom: float = 0.9, skipped: list[str] | None = None) -> MeshChoice | None:
-    """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp in powers of two, data the
-    rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if nothing fits.
-    skipped: a list that receives why layouts could not be used at all (a dimension they do not divide)."""
+    """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp over each divisor of the rest,
+    smallest first (24 chips: 1, 2, 3, 4, 6, 8, 12, 24; powers of two only missed fsdp 24 and reported a model that
+    fits there as not fitting), data the rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if
+    nothing fits. skipped: a list that receives why layouts could not be used at all (a dimension they do not
+    divide)."""
     for t in (1, 2, 4, 8):
         if chips % t:
             continue
-        f = 1
-        while f * t <= chips:
-            if chips % (f * t) == 0:
-                mesh = {"data": chips // (f * t), "fsdp": f, "tensor": t}
-                mb = seqs_per_chip * mesh["data"] * f
-                try:
-                    mem = memory_per_device(shape, mesh, mb, seq_len, remat=remat, param_dtype=param_dtype,
-                                            compute_dtype=compute_dtype, kernel=kernel)
-                except ValueError as e:  # a dimension does not divide this mesh
-                    mem = None
-                    if skipped is not None and str(e) not in skipped:
-                        skipped.append(str(e))
-                if mem is not None and mem.total <= headroom * hbm_bytes:
-                    return MeshChoice(mesh, mb, mem)
-            f *= 2
+        rest = chips // t
+        for f in (d for d in range(1, rest + 1) if rest % d == 0):
+            mesh = {"data": rest // f, "fsdp": f, "tensor": t}
+            mb = seqs_per_chip * mesh["data"] * f
+            try:
+                mem = memory_per_device(shape, mesh, mb, seq_len, remat=remat, param_dtype=param_dtype,
+                                        compute_dtype=compute_dtype, kernel=kernel)
+            except ValueError as e:  # a dimension does not divide this mesh
+                mem = None
+                if skipped is not None and str(e) not in skipped:
+                    skipped.append(str(e))
+            if mem is not None and mem.total <= headroom * hbm_bytes:
+                return MeshChoice(mesh, mb, mem)
     return None
 
 

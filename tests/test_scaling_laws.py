@@ -51,8 +51,8 @@ def test_collinear_runs_are_refused_and_exponents_bounded():
     loss = CHINCHILLA_APPROACH3.loss(n, d) * np.exp(np.random.default_rng(1).normal(0, 0.005, n.shape))
     with pytest.raises(ValueError, match=r"collinear.*Vary D/N across runs.*isoflop_envelope"):
         fit_law(n, d, loss)
-    c = 1e20  # one IsoFLOP budget is a line in (log N, log D) too
-    with pytest.raises(ValueError, match="collinear"):
+    c = 1e20  # one IsoFLOP budget is a line in (log N, log D) too: its advice was to vary D/N, as it did
+    with pytest.raises(ValueError, match=r"every run has the same FLOP budget .* collinear.* runs at >= 2 budgets"):
         fit_law(n, c / (6 * n), CHINCHILLA_APPROACH3.loss(n, c / (6 * n)))
     # a law steeper than any LM fit is clamped to the bound, and says so
     steep = ScalingLaw(E=1.8, A=3e17, B=500.0, alpha=2.5, beta=0.29)

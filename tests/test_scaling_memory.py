@@ -259,3 +259,16 @@ def test_gradient_accumulation_is_counted(remat="save_dots_no_batch"):
     assert ours.accum == 4 * cfg.param_count()
     assert 0.78 * ours.temp <= xla <= 1.12 * ours.temp, xla / ours.temp
     assert xla > 1.12 * memory_per_device(cfg, {"data": 1}, 2, 64).temp  # the test has teeth
+
+
+def test_a_cudnn_model_is_counted_with_a_fused_kernel():
+    """attn_impl='cudnn' stores no scores (cuDNN's fused kernel): counted as the CPU kernel's float32 scores, a 7B
+    model at T = 8192 came out 4.6x over (scaling.dit already switched); a soft-capped model runs 'xla' and keeps
+    them."""
+    cfg = TransformerConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, mlp_dim=11008, max_seq_len=8192,
+                            remat="save_dots", dtype="bfloat16")
+    mem = lambda c, **kw: memory_per_device(c, {"fsdp": 8}, 8, 8192, **kw).total  # noqa: E731
+    cudnn = dataclasses.replace(cfg, attn_impl="cudnn")
+    assert mem(cudnn) == mem(cfg, kernel="flash") < mem(cfg) / 3
+    capped = dataclasses.replace(cudnn, attn_logit_softcap=50.0)
+    assert mem(capped) == mem(dataclasses.replace(cfg, attn_logit_softcap=50.0)) > mem(cudnn)

@@ -178,6 +178,11 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     line = next(x for x in odd.text.splitlines() if x.startswith("memory"))
     assert "fsdp over 1 of 7" in line, line
     assert line.endswith("add chips (fsdp can split d_model=4096 over only 1 of 7)"), line
+    # 24 chips (3 nodes of 8): fsdp was searched over powers of two only (at most 8 here), so a 70B model that fits
+    # with fsdp 12 (108.5 GiB of 118) was reported 'does not fit' beside its own 56.5 GiB at fsdp 24
+    nodes = make_plan(params=70e9, hardware="h200", chips=24, remat="full")
+    assert nodes.mesh is not None and nodes.mesh.mesh == {"data": 2, "fsdp": 12, "tensor": 1}
+    assert nodes.mesh.memory.total <= 0.9 * 141e9
 
 
 @pytest.mark.parametrize("argv, message", [
