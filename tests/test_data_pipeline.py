@@ -614,9 +614,18 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
     got = list(read_records([str(tmp_path / "cut" / "cut.jsonl.gz")], with_ids=True))
     assert [r for _, r, _, _ in got[:-1]] == [None] * (len(got) - 1) and 0 < len(got) - 1 < 20 * len(texts)
     assert got[-1][1:] == ("unreadable_rest", 0, f"{tmp_path / 'cut' / 'cut.jsonl.gz'}:{len(got)}")
+    # damaged right after its first line: that line counts, the rest is unreadable_rest from line 2
+    one = gzip.compress((json.dumps({"text": texts[0]}) + "\n" + "x" * 400_000).encode())
+    (tmp_path / "one.jsonl.gz").write_bytes(one[: len(one) - 200])
+    got_one = list(read_records([str(tmp_path / "one.jsonl.gz")], with_ids=True))
+    assert [r for _, r, _, _ in got_one] == [None, "unreadable_rest"]
+    assert got_one[1][3] == f"{tmp_path / 'one.jsonl.gz'}:2"
+    (tmp_path / "cut" / "junk.jsonl.gz").write_bytes(b"not gzip at all" * 10)  # nothing of it readable
     run([tmp_path / "cut"], tmp_path / "out", PipelineConfig(workers=1))
     text = report_mod.report(tmp_path / "out")
-    assert "WARNING: input files not read to their end: 1 read only up to damage or truncation" in text
+    assert ("WARNING: input files not read to their end: 1 read only up to damage or truncation (unreadable_rest); "
+            "1 not readable at all (unreadable_file).") in text
+    assert "`python -m data.report DIR --drops unreadable_rest` lists them" in text
     assert [d["id"] for d in report_mod.drops(tmp_path / "out", "unreadable_rest")] == [got[-1][3]]
     # a byte-order mark does not cost the first record; a lone surrogate in metadata is replaced, not fatal
     (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"title": "\ud83d cut", "text": texts[0]},

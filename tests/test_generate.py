@@ -287,6 +287,7 @@ def test_prompt_mask_must_be_left_padding(model):
         left_pad([[1.7, 2.2], [3]])  # truncated to [1, 2] without a word
     with pytest.raises(ValueError, match="prompt 1 must hold token ids"):
         left_pad([[1], [-3]])
-    with pytest.raises(ValueError, match="pad_id=0.5 must be a token id"):
-        left_pad([[1], [2, 3]], pad_id=0.5)
+    for bad in (0.5, True, -1):
+        with pytest.raises(ValueError, match=f"pad_id={bad} must be a token id"):
+            left_pad([[1], [2, 3]], pad_id=bad)
     assert left_pad([np.array([4, 5], np.int64), jnp.array([6])])[0].tolist() == [[4, 5], [0, 6]]

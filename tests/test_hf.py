@@ -306,7 +306,8 @@ def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
                       (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, dispatch="capacity")),
                        r"MoEConfig.dispatch='capacity' \(set 'dropless'"),
                       (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, renormalize=False)),
-                       r"MoEConfig.renormalize=False \(set True\)")):
+                       r"MoEConfig.renormalize=False \(set True\)"),
+                      (dataclasses.replace(mix, qkv_bias=True), r"TransformerConfig.qkv_bias=True \(set False\)")):
         with pytest.raises(ValueError, match=r"^a Mixtral export needs " + says + r"[^;]*$"):
             config_to_hf(cfg)
 
@@ -516,6 +517,8 @@ def test_pickle_only_folder_is_refused(tmp_path):
     # a TypeError from '//' ("unsupported operand type(s)"), naming no field
     (dict(num_attention_heads="2"), "HF config field num_attention_heads='2' must be an integer"),
     (dict(intermediate_size=64.0), "HF config field intermediate_size=64.0 must be an integer"),
+    (dict(num_hidden_layers=True), "HF config field num_hidden_layers=True must be an integer"),
+    (dict(head_dim="8"), "HF config field head_dim='8' must be an integer"),
 ])
 def test_unsupported_config_raises(patch, field):
     with pytest.raises(ValueError, match=field):
@@ -531,6 +534,8 @@ def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
     with pytest.raises(ValueError, match=r"overrides \['n_layer'\] are not TransformerConfig fields; 'n_layer': "
                                          r"did you mean 'n_layers'"):
         config_from_hf(_hf_dict(), n_layer=3)
+    with pytest.raises(ValueError, match=r"overrides \['num_hidden_layers'\] are not TransformerConfig fields"):
+        config_from_hf(_hf_dict(), num_hidden_layers=3)  # HF's name, not ours
     folder = tmp_path / "int8"
     shutil.copytree(hf_ckpt("llama_gqa")[0], folder)
     tensors = load_file(folder / "model.safetensors")
@@ -538,6 +543,10 @@ def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
     tensors[name] = np.clip(np.round(tensors[name] * 100), -127, 127).astype(np.int8)
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=rf"tensor '{name}' is int8, not floating point: a quantized"):
+        from_pretrained(folder)
+    tensors[name] = tensors[name].astype(np.uint8)  # packed 4-bit weights come as uint8
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor '{name}' is uint8, not floating point"):
         from_pretrained(folder)
 
 

@@ -393,7 +393,7 @@ def test_parallel_helpers_name_their_misuse():
     from flax import nnx
 
     from models import Transformer
-    from parallel import create_sharded, shard_batch
+    from parallel import abstract_sharded, create_sharded, shard_batch
     from parallel.distributed import global_batch_from_local, process_rows
     from parallel.pipeline import gpipe
 
@@ -428,6 +428,8 @@ def test_parallel_helpers_name_their_misuse():
     with pytest.raises(TypeError, match=r"create_sharded\(model_fn, mesh\): model_fn builds the model, .* got "
                                         r"Transformer .* shard_state"):
         create_sharded(built, mesh)
+    with pytest.raises(TypeError, match=r"abstract_sharded\(model_fn, mesh\): model_fn builds the model"):
+        abstract_sharded(built, mesh)
     with pytest.raises(ValueError, match=r"shard_batch: batch\['a'\]\[0\] is a scalar; .* np.asarray\(rows\)"):
         shard_batch({"a": [1, 2, 3, 4]}, mesh)
     with pytest.raises(TypeError, match=r"shard_batch: batch\['a'\] is a str, not an array"):

@@ -92,6 +92,7 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "data.max_files=5"], 8, "data.max_files: 5 modules hold none out for evaluation"),
     (["--preset", "tiny", "--set", "optim.lr=1e400"], 8, "optim.lr: expected a number (float), got '1e400'"),
     (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
+    (["--preset", "tiny", "--set", "train.eval_target=0"], 8, "train.eval_target: an eval loss (cross-entropy, > 0)"),
     (["--preset", "tiny", "--set", "train.eval_target=-1"], 8,
      "train.eval_target: an eval loss (cross-entropy, > 0) to reach, or none; got -1.0 (never reached)"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),

@@ -32,7 +32,9 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in records] == [("vae", 3), ("t2v", 3)]
     assert np.isfinite(records[0]["psnr"]) and np.isfinite(records[1]["diffusion"]) and (out / "tb").is_dir()
-    assert train_video.latest_meta(manager(out / "ckpt" / "t2v"))[1]["total_steps"] == 3
+    for stage in ("vae", "t2v"):
+        assert train_video.latest_meta(manager(out / "ckpt" / stage))[1]["total_steps"] == 3
+    assert sum(f.stat().st_size for f in (out / "tb").iterdir()) > 0  # the events written and closed
     gifs = sorted((out / "samples").glob("*.gif"))
     assert len(gifs) == 48 and (out / "overview.png").stat().st_size > 0
     assert (out / "samples" / "a_red_circle_moving_up.png").exists()  # a held-out caption
@@ -170,6 +172,7 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
         train_video.check_resume(p, tmp_path, 1)
     # training on to more steps rebuilds the LR schedule for the new total: said at the resume (it was silent)
     assert "rebuilt for 5" in train_video._stretched({"total_steps": 3}, 5, "--dit-steps")
+    assert "rebuilt for 3" in train_video._stretched({"total_steps": 5}, 3, "--dit-steps")
     assert train_video._stretched({"total_steps": 5}, 5, "--dit-steps") == train_video._stretched({}, 5, "x") == ""
     # settings saved as whole-config reprs (before they were saved field by field) still check
     legacy = {k: v for k, v in train_video.stage_settings(p, 0)["t2v"].items() if not k.startswith("t2v.")}
@@ -191,7 +194,7 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     (run / "ckpt" / "kept").write_text("trained")
     for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"],
                 ["--shift", "0"], ["--shift", "inf"], ["--dit-lr", "inf"], ["--scales", "nan,1"],  # inf: NaN runs
-                ["--scales", "-1,0"],  # the targets were judged on unguided samples
+                ["--scales", "-1,0"], ["--scales", "0.5,4"],  # the targets were judged on unguided samples
                 ["--mesh", "tensor=8"]):  # the DiT's 2 heads: found by create_sharded, after the deletion
         with pytest.raises(SystemExit):
             train_video.main(["--preset", "tiny", "--out", str(run), "--fresh", *bad])
