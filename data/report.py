@@ -126,11 +126,10 @@ def unread_warning(rows) -> list[str]:
         return []
     parts = [f"{rest:,} read only up to damage or truncation (unreadable_rest)"] if rest else []
     parts += [f"{whole:,} not readable at all (unreadable_file)"] if whole else []
-    reasons = " / ".join(r for r, n in (("unreadable_rest", rest), ("unreadable_file", whole)) if n)
+    first = "unreadable_rest" if rest else "unreadable_file"
     return ["", f"WARNING: input files not read to their end: {'; '.join(parts)}. Each counts as one dropped record; "
-            f"the records they held past the damage are in no count. `python -m data.report DIR --drops "
-            f"{reasons.split(' / ')[0]}` lists them (with where reading stopped); re-fetch or repair them and clean "
-            "again."]
+            f"the records they held past the damage are in no count. `python -m data.report DIR --drops {first}` "
+            "lists them (with where reading stopped); re-fetch or repair them and clean again."]
 
 
 def main(argv=None):

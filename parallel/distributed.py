@@ -161,18 +161,20 @@ def global_batch_from_local(local_batch, mesh, rules=None):
     return jax.tree.map(one, local_batch)
 
 
-def check_batch_layout(mesh, global_batch: int, seq: int, n_processes: int | None = None, local_devices=None) -> None:
+def check_batch_layout(mesh, global_batch: int, seq: int, n_processes: int | None = None, local_devices=None,
+                       hint: str | None = None) -> None:
     """Before anything compiles: raise (as `check_process_share`) unless this process's devices of `mesh` hold a
     contiguous 1/n of a [global_batch, seq] batch's rows, the rows it loads itself (a `stage` or `tensor` axis
     outside the batch axes across processes fails in the loader's first step otherwise). n_processes /
-    local_devices: this job's (default), or a layout to check."""
+    local_devices: this job's (default), or a layout to check; hint: the fix the error suggests (default: make_mesh's
+    dcn=)."""
     n = jax.process_count() if n_processes is None else n_processes
     if n == 1:
         return
     local = set(jax.local_devices() if local_devices is None else local_devices)
     shape = (global_batch, seq)
     indices = [ix for d, ix in batch_sharding(mesh, 2, shape=shape).devices_indices_map(shape).items() if d in local]
-    check_process_share(indices, shape, global_batch // n, dict(mesh.shape))
+    check_process_share(indices, shape, global_batch // n, dict(mesh.shape), hint)
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,9 +184,13 @@ def _check_sharding_share(sharding, global_shape: tuple, rows: int) -> None:
                         dict(sharding.mesh.shape))
 
 
-def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> None:
+_SHARE_HINT = ("put the processes on the outermost batch axis (make_mesh(..., dcn={'data': n_processes})) and keep "
+               "'tensor' / 'sequence' within a process")
+
+
+def check_process_share(indices, global_shape, rows: int, mesh_shape: dict, hint: str | None = None) -> None:
     """Raise unless the index slices this process's devices hold span exactly `rows` rows and every other dim
-    whole: the share of a [B, T, ...] batch that one process's local rows can fill."""
+    whole: the share of a [B, T, ...] batch that one process's local rows can fill (hint: the fix to suggest)."""
     def span(sl, size):
         return (sl.start or 0, size if sl.stop is None else sl.stop)
 
@@ -200,6 +206,5 @@ def check_process_share(indices, global_shape, rows: int, mesh_shape: dict) -> N
         # boxes that cover every other dim but not their rows' bounding box: rows with gaps between them
         what = "" if whole else " and only part of T" if not rest_whole else ", not contiguously"
         raise ValueError(f"mesh {mesh_shape}: this process's devices hold rows [{lo}, {hi}) of the global batch "
-                         f"of {global_shape[0]}{what}, but it loads {rows} contiguous rows of its own: put the "
-                         "processes on the outermost batch axis (make_mesh(..., dcn={'data': n_processes})) and keep "
-                         "'tensor' / 'sequence' within a process")
+                         f"of {global_shape[0]}{what}, but it loads {rows} contiguous rows of its own: "
+                         f"{hint or _SHARE_HINT}")
