@@ -50,6 +50,8 @@ def encode_caption(text: str, max_len: int = 8) -> np.ndarray:
     unknown = [w for w in words if w not in WORD_ID]
     if unknown:
         raise ValueError(f"caption words {unknown} are not in the MovingShapes vocabulary {VOCAB}")
+    if special := [w for w in words if w in VOCAB[:2]]:  # '<pad> <pad>' was an all-padding caption, never trained
+        raise ValueError(f"caption {text!r}: {special} are special tokens, not words; \"\" is the null caption")
     ids = [WORD_ID[w] for w in words] or [NULL]
     return np.asarray(ids + [PAD] * (max_len - len(ids)), np.int32)
 

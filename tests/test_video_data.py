@@ -75,6 +75,9 @@ def test_captions_and_config_errors():
     assert encode_caption("").tolist() == [NULL] + [PAD] * 7
     with pytest.raises(ValueError, match="not in the MovingShapes vocabulary"):
         encode_caption("a purple square moving left")
+    for special in ("<pad> <pad>", "a red <null> circle"):  # an untrained all-padding caption, or a null mid-caption
+        with pytest.raises(ValueError, match=r"special tokens, not words; \"\" is the null caption"):
+            encode_caption(special)
     with pytest.raises(ValueError, match="MovingShapesConfig.size: .* does not fit"):
         MovingShapesConfig(size=16)
     with pytest.raises(ValueError, match="MovingShapesConfig.held_out"):
