@@ -406,9 +406,9 @@ def load_video_model(out, preset: str | Preset = "default"):
     made = _json_dict(metas["t2v"].get("latents"))
     if made and isinstance(made.get("vae_steps"), int):  # a step count, not the model: --vae-steps N is not asked
         p = dataclasses.replace(p, vae_steps=made["vae_steps"])
+    # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
+    keep = lambda d: {k: v for k, v in d.items() if k not in TRAINING_ONLY}  # noqa: E731
     for stage, now in stage_settings(p, seed).items():
-        # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
-        keep = lambda d: {k: v for k, v in d.items() if k not in TRAINING_ONLY}  # noqa: E731
         if metas[stage] and (changed := _changed(keep(metas[stage]), keep(now), p)):
             raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
                              f"({'; '.join(changed)}); pass the preset (and overrides) the run used")

@@ -145,9 +145,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         v = hf.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"HF config field {f}={v!r} must be an integer; fix config.json")
-    if unknown := sorted(set(overrides) - {f.name for f in dataclasses.fields(TransformerConfig)}):
-        near = {u: difflib.get_close_matches(u, [f.name for f in dataclasses.fields(TransformerConfig)], n=1)
-                for u in unknown}
+    fields = [f.name for f in dataclasses.fields(TransformerConfig)]
+    if unknown := sorted(set(overrides) - set(fields)):
+        near = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
         raise ValueError(f"config overrides {unknown} are not TransformerConfig fields"
                          + "".join(f"; {u!r}: did you mean {m[0]!r}?" for u, m in near.items() if m))
     try:
