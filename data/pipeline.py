@@ -19,7 +19,8 @@ bounded by one document per worker plus one shard's signatures (and, in pass 2, 
 
 From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
 which import your script again, so call it under `if __name__ == "__main__":`. Inputs changed since a run began
-(size or modification time) are refused on resume, as are other settings.
+(size or modification time) are refused on resume, as are other settings and a `dedup_against` run cleaned
+again since.
 """
 
 from __future__ import annotations
@@ -247,7 +248,22 @@ def check_reference(ref: pathlib.Path, cfg: PipelineConfig) -> int:
         raise ValueError(f"PipelineConfig.dedup_against={str(ref)!r} was deduplicated with other settings "
                          f"({', '.join(f'{k}: {saved.get(k)!r} there, {want[k]!r} here' for k in differ)}); its "
                          "signatures would not compare: use the same DedupConfig.num_perm / shingle / seed")
+    # a run without near dedup saved empty signatures: pass 2 crashed on them ("num_perm must be positive")
+    if cfg.dedup.near and saved is not None and not saved.get("near", True):
+        raise ValueError(f"PipelineConfig.dedup_against={str(ref)!r} was deduplicated with DedupConfig.near=False, "
+                         "so it holds no MinHash signatures to find near duplicates of its documents by; clean it "
+                         "again with near=True, or set near=False here to drop exact duplicates of it only")
     return len(read_json(ref / "manifest.json")["shards"])
+
+
+def _reference_stamp(ref: pathlib.Path) -> str | None:
+    """A hash of a reference run's manifest and dedup decisions (None: it has neither): a held-out run resumed after
+    the training run was cleaned again kept its old decisions, and the training documents new to it, silently."""
+    try:
+        raw = (ref / "manifest.json").read_bytes() + (ref / "cleaned" / "dedup.json").read_bytes()
+    except FileNotFoundError:
+        return None
+    return hashlib.sha1(raw).hexdigest()[:16]
 
 
 def _reference_survivors(ref: pathlib.Path, cfg: PipelineConfig):
@@ -337,15 +353,21 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     if not shards:
         raise ValueError(f"no input files under {list(map(str, inputs))}")
     manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint(), "files": file_stamps(shards)}
+    if cfg.dedup_against is not None:  # the reference as it is: cleaned again since, it keeps other documents
+        manifest["reference"] = _reference_stamp(pathlib.Path(cfg.dedup_against))
     mpath = out / "manifest.json"
     if mpath.exists():
         old = read_json(mpath)
         old.setdefault("files", manifest["files"])  # (runs begun before files were stamped)
+        if "reference" in manifest:
+            old.setdefault("reference", manifest["reference"])  # (runs begun before references were stamped)
         if old != manifest:
             changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'].get(f)})"
                        for f, v in old["files"].items() if v != manifest["files"].get(f)]
             what = ("inputs" if old["shards"] != manifest["shards"] else
-                    "settings" if old["config"] != manifest["config"] else "inputs: " + ", ".join(changed[:3]))
+                    "settings" if old["config"] != manifest["config"] else
+                    "dedup_against: it was cleaned again since (its dedup decisions here are stale)"
+                    if old.get("reference") != manifest.get("reference") else "inputs: " + ", ".join(changed[:3]))
             raise ValueError(f"{out} holds a cleaning run with different {what}; use a new --out directory "
                              "(or delete it) rather than mixing two runs")
     else:
@@ -361,8 +383,8 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
         drops = _pass2(out, len(shards), cfg, progress)["drops"]
         _map_shards(_pass3, [(i, out, cfg, drops[str(i)]) for i in range(len(shards))], pool, "label", progress)
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if pool is not None:  # on Ctrl-C or a failed shard, stop: the queued shards ran to the end of the pass first
+            pool.shutdown(cancel_futures=True)
     return {tier: _aggregate(out, tier, len(shards)) for tier in ("raw", "filtered", "cleaned", "labeled", "augmented")}
 
 

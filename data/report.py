@@ -2,6 +2,7 @@
 
     python -m data.report DIR                    # exits 1 if any count fails to reconcile
     python -m data.report DIR --drops too_short  # every record dropped for that reason (or "all"): id, tier, stage
+                                                 # (none: exits 1, naming the reasons the run has)
 """
 
 from __future__ import annotations
@@ -140,8 +141,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.drops is not None:
+            listed = 0
             for row in drops(args.dir, None if args.drops == "all" else args.drops):
                 print(f"{row['id']}\t{row['tier']}/{row['stage']}\t{row['reason']}")
+                listed += 1
+            if not listed and args.drops != "all":  # a mistyped reason printed nothing and exited 0, like a clean one
+                reasons = sorted({r for _, s in funnel(args.dir) for r in s.dropped})
+                raise SystemExit(f"error: no record of {args.dir} was dropped for {args.drops!r}; its drop reasons: "
+                                 f"{', '.join(reasons) or 'none'} (or 'all')")
             return
         print(report(args.dir))
     except FileNotFoundError as e:

@@ -31,7 +31,8 @@ _OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compression
 # formats read as one text document each (a .zst shard was one `binary` drop, a CSV one document): refused up front
 _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "decompress it (zstd -d)",
            ".lz4": "decompress it (lz4 -d)", ".snappy": "decompress it", ".br": "decompress it (brotli -d)",
-           ".zip": "unpack it", ".tar": "unpack it", ".tgz": "unpack it", ".7z": "unpack it",
+           ".zip": "unpack it", ".tar": "unpack it", ".tgz": "unpack it", ".tbz2": "unpack it", ".txz": "unpack it",
+           ".7z": "unpack it",
            ".csv": "convert it to JSON Lines or Parquet", ".tsv": "convert it to JSON Lines or Parquet",
            ".arrow": "write it as Parquet", ".feather": "write it as Parquet", ".avro": "convert it to Parquet",
            ".orc": "convert it to Parquet", ".tfrecord": "convert it to JSON Lines",
@@ -90,6 +91,9 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
         p = pathlib.Path(p)
+        if p.is_dir() and skip is not None and p.resolve().is_relative_to(skip):  # all of it skipped: "no input files"
+            raise ValueError(f"input {p} is the run's output directory {skip} or inside it; write the run elsewhere, "
+                             f"e.g. --out {p.resolve().parent / (p.resolve().name + '-clean')}")
         if p.is_dir():
             found = [f for f in p.rglob("*") if not _side_file(f.relative_to(p))
                      and not (skip is not None and f.resolve().is_relative_to(skip))]
@@ -107,8 +111,7 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
             files.append(str(p))
         else:
             raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
-    unread = [f"{f} ({_UNREAD[os.path.splitext(f.lower())[1]]})" for f in files
-              if os.path.splitext(f.lower())[1] in _UNREAD]
+    unread = [f"{f} ({why})" for f in files if (why := _unread(f))]
     unread += [f"{f} ({why})" for f in files if _kind(f) == "jsonl" and (why := _not_json_lines(f))]
     if unread:
         raise ValueError(f"{len(unread)} input files are in a format this pipeline would misread: "
@@ -126,6 +129,14 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     if texts:
         shards.append(tuple(texts))
     return shards
+
+
+def _unread(path: str) -> str | None:
+    """What to do with a file of a format read wrongly (None: it is read right). The suffix under .gz / .bz2 / .xz
+    counts too: a corpus.tar.gz or table.csv.gz was read as one text document (a `binary` drop for a tar)."""
+    p = path.lower()
+    inner = os.path.splitext(os.path.splitext(p)[0])[1] if _opener(p) is not open else ""
+    return _UNREAD.get(os.path.splitext(p)[1]) or _UNREAD.get(inner)
 
 
 def _not_json_lines(path: str) -> str | None:
@@ -150,7 +161,8 @@ def file_stamps(shards: Sequence[tuple[str, ...]]) -> dict[str, list[int]]:
 
 def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: int = 100) -> None:
     """Raise a ValueError when the first JSON Lines / Parquet input has `cfg.text_field` in none of its first `n`
-    records (a wrong field drops every record as `missing_text`: named before any work, with the fields seen)."""
+    records (a wrong field drops every record as `missing_text`: named before any work, with the fields seen), or,
+    with another text_field, a field named `text` (the tiers' text field) in any of them."""
     path = next((f for files in shards for f in files if _kind(f) != "text"), None)
     if path is None:
         return
@@ -180,6 +192,11 @@ def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: in
         seen = sorted(set().union(*fields))[:12]
         raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is in none of the first {len(fields)} records of "
                          f"{path} (they have {seen}); pass the field that holds the text (--text-field)")
+    # the tiers hold the document's text under "text": a record's own "text" (a title, a summary) was replaced by it
+    if cfg.text_field != "text" and (clash := sum("text" in k for k in fields)):
+        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r}: {clash} of the first {len(fields)} records of "
+                         f"{path} also have a 'text' field, which the cleaned documents hold their text under (it "
+                         "would be lost); rename that field first, e.g. jq -c '.title = .text | del(.text)'")
 
 
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
@@ -232,8 +249,8 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
 def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     with _opener(path)(path, "rb") as f:
         for lineno, (line, n) in enumerate(_lines(f, cfg.max_doc_bytes)):
-            if lineno == 0 and line is not None and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the first record
+            if line is not None and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is
+                line = line[3:]  # no part of a record: on any line, as `cat a.jsonl b.jsonl` puts b's mid-file
             if line is None:
                 yield None, "too_large", n
                 continue
@@ -256,8 +273,10 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
                 yield None, "missing_text", n
                 continue
             text = obj.pop(cfg.text_field)
-            # the path as discovered (en/part-0 and zh/part-0 differ) and the line as editors and `grep -n` number it
-            obj.setdefault("id", f"{path}:{lineno + 1}")
+            # the path as discovered (en/part-0 and zh/part-0 differ) and the line as editors and `grep -n` number it;
+            # also for "id": null, which the drop logs listed as None
+            if obj.get("id") is None:
+                obj["id"] = f"{path}:{lineno + 1}"
             doc, reason = _text_doc(text, obj, cfg, ncfg)
             yield doc, reason, n
 
@@ -270,8 +289,10 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     except Exception:  # noqa: BLE001 - any unreadable file is one counted drop, not a crash
         yield None, "unreadable_file", os.path.getsize(path)
         return
-    if cfg.text_field not in pf.schema_arrow.names:
-        yield None, "missing_text", os.path.getsize(path)
+    if cfg.text_field not in pf.schema_arrow.names:  # one drop per row (the footer counts them), the file's bytes
+        rows, size = pf.metadata.num_rows, os.path.getsize(path)  # shared out: one drop for all hid the rows lost
+        for row in range(rows):
+            yield None, "missing_text", size // rows + (row < size % rows)
         return
     row, batches = 0, pf.iter_batches(batch_size=256)
     while True:
@@ -287,7 +308,8 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
                  len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
             obj = {k: _jsonable(v) for k, v in obj.items()}
-            obj.setdefault("id", f"{path}:{row}")
+            if obj.get("id") is None:  # (a null in an id column too)
+                obj["id"] = f"{path}:{row}"
             row += 1
             if n > cfg.max_doc_bytes:
                 yield None, "too_large", n
@@ -357,7 +379,7 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
                 if not with_ids:
                     yield doc, reason, n
                     continue
-                whole = kind == "text" or reason == "unreadable_file" or (kind, reason) == ("parquet", "missing_text")
+                whole = kind == "text" or reason == "unreadable_file"
                 where = f"{path}:{k + 1 if kind == 'jsonl' else k}"  # a JSONL line from 1, a Parquet row from 0
                 yield doc, reason, n, doc["id"] if doc is not None else path if whole else where
         except _READ_ERRORS:

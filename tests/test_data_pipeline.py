@@ -2,6 +2,7 @@
 reason, counts reconcile tier by tier, tiers readable, resumable per shard, independent of worker count."""
 
 import dataclasses
+import gzip
 import json
 import os
 import pathlib
@@ -330,10 +331,12 @@ def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
     (tmp_path / "ok.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     cases = {"part-0.jsonl.zst": b"\x28\xb5\x2f\xfd" + bytes(40), "dump.json": json.dumps(recs).encode(),
              "pretty.json": json.dumps(recs[0], indent=1).encode(), "table.csv": b"text,url\nhello,u\n",
-             "bom.json": b"\xef\xbb\xbf" + json.dumps(recs).encode()}  # a Windows tool's array, byte-order mark first
+             "bom.json": b"\xef\xbb\xbf" + json.dumps(recs).encode(),  # a Windows tool's array, byte-order mark first
+             # compressed archives and tables: a whole .tar.gz was one `binary` drop, a .csv.gz one document
+             "docs.tar.gz": gzip.compress(b"docs/a.txt" + bytes(502)), "table.csv.gz": gzip.compress(b"text\nhi\n")}
     for name, raw in cases.items():
         (tmp_path / name).write_bytes(raw)
-        with pytest.raises(ValueError, match=re.escape(name) + r" \((decompress|a JSON array|a pretty-printed|conv)"):
+        with pytest.raises(ValueError, match=re.escape(name) + r" \((decompress|a JSON array|a pretty-p|conv|unp)"):
             run([tmp_path / "ok.jsonl", tmp_path / name], tmp_path / f"out-{name}", PipelineConfig(workers=1),
                 progress=False)
         assert not (tmp_path / f"out-{name}").exists()
@@ -465,6 +468,11 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
                    "content"])
     ingest = next(s for _, s in report_mod.funnel(tmp_path / "out") if s.name == "ingest")
     assert ingest.dropped == {} and ingest.docs_out == 3, ingest
+    # a record's own "text" field (here a title) was silently replaced by the document's text: refused up front
+    (tmp_path / "titled.jsonl").write_text(json.dumps({"content": en_text(rng, 300), "text": "A title"}) + "\n")
+    with pytest.raises(SystemExit, match=r"text_field='content': 1 of the first 1 records of .*titled.jsonl also "
+                                         r"have a 'text' field"):
+        pipeline.main([str(tmp_path / "titled.jsonl"), "--out", str(tmp_path / "out3"), "--text-field", "content"])
     # without the flag every record would drop as missing_text: refused before any work, naming the fields there
     # are, and the directory is not claimed (the corrected command then ran into "different settings")
     with pytest.raises(SystemExit, match=r"text_field='text' is in none of the first 3 records of .*in.jsonl "
@@ -522,6 +530,12 @@ def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_pat
     got = list(read_records([str(tmp_path / "late.parquet")], with_ids=True))
     assert [r for _, r, _, _ in got[:-1]] == [None] * (len(got) - 1) and 0 < len(got) - 1 < 400
     assert got[-1][1:] == ("unreadable_rest", 0, f"{tmp_path / 'late.parquet'}:{len(got) - 1}")  # first row not read
+    # a file without the text column: every row is a counted drop (it was one record, whatever its rows), its bytes
+    # shared out, each with its row as the id
+    pq.write_table(pa.table({"content": ["a", "b", "c"]}), tmp_path / "other.parquet")
+    got = list(read_records([str(tmp_path / "other.parquet")], with_ids=True))
+    assert [(r, i) for _, r, _, i in got] == [("missing_text", f"{tmp_path / 'other.parquet'}:{k}") for k in range(3)]
+    assert sum(n for _, _, n, _ in got) == os.path.getsize(tmp_path / "other.parquet")
 
 
 def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata(tmp_path):
@@ -632,6 +646,9 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
                                                                 ensure_ascii=True) + "\n" + lines)
     out = list(read_records([str(tmp_path / "bom.jsonl")]))
     assert [r for _, r, _ in out] == [None] * 6
+    # nor does one mid-file, where concatenating such files puts it (that record was a malformed_json drop)
+    (tmp_path / "cat.jsonl").write_bytes((tmp_path / "bom.jsonl").read_bytes() * 2)
+    assert [r for _, r, _ in read_records([str(tmp_path / "cat.jsonl")])] == [None] * 12
     # a compressed text file is sized decompressed: over max_doc_bytes it is too_large, never cut to that size and
     # kept (reading max_doc_bytes instead of one byte more passed every test); at exactly the limit it is whole
     from data.sources import SourceConfig
@@ -715,6 +732,10 @@ def test_discover_refuses_an_earlier_runs_output_and_broken_links(tmp_path):
     (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
     with pytest.raises(FileNotFoundError, match=r"1 inputs under .* broken symbolic links: .*gone.txt"):
         discover([tmp_path], skip=tmp_path / "clean")
+    # the input folder as the run's --out (or inside it): every file was skipped, and the run said "no input files"
+    for out in (tmp_path, tmp_path.parent):
+        with pytest.raises(ValueError, match=r"is the run's output directory .* or inside it; write the run elsewhere"):
+            discover([tmp_path], skip=out)
 
 
 def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
@@ -745,6 +766,22 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
         dedup_stage(tmp_path / "held2", dedup_against=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"other settings \(num_perm: 128 there, 64 here\)"):
         dedup_stage(tmp_path / "held3", dedup_against=str(tmp_path / "clean"), dedup=DedupConfig(num_perm=64))
+    # the training run cleaned again, now with a held-out document: resuming the held-out run kept its stale
+    # decisions (that document stayed, exit 0); it is refused, and a new --out drops the document
+    import shutil
+
+    shutil.rmtree(tmp_path / "clean")
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": held[2]}) + "\n")
+    run([tmp_path / "train.jsonl", tmp_path / "more.jsonl"], tmp_path / "clean", cfg, progress=False)
+    with pytest.raises(ValueError, match=r"different dedup_against: it was cleaned again since"):
+        dedup_stage(tmp_path / "held", dedup_against=str(tmp_path / "clean"))
+    assert dedup_stage(tmp_path / "held5", dedup_against=str(tmp_path / "clean")).docs_out == 1
+    # a training run without near dedup has no signatures: named before any work (pass 2 crashed on them)
+    run([tmp_path / "train.jsonl"], tmp_path / "clean_exact", dataclasses.replace(cfg, dedup=DedupConfig(near=False)),
+        progress=False)
+    with pytest.raises(ValueError, match=r"dedup_against=.*DedupConfig.near=False"):
+        dedup_stage(tmp_path / "held4", dedup_against=str(tmp_path / "clean_exact"))
+    assert not (tmp_path / "held4").exists()
 
 
 def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
@@ -764,3 +801,45 @@ def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
     report_mod.main([str(out), "--drops", "empty"])
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == want[("ingest", "empty")] and all(ln.endswith("\traw/ingest\tempty") for ln in printed)
+    with pytest.raises(SystemExit, match=r"dropped for 'near_dups'; its drop reasons: .*near_dup"):  # a typo
+        report_mod.main([str(out), "--drops", "near_dups"])  # printed nothing and exited 0
+
+
+def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
+    """An "id": null (a JSONL export, a Parquet id column with nulls) counts as no id: `--drops` listed None."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"text": "Too short.", "id": None}) + "\n"
+                    + json.dumps({"text": en_text(rng, 120), "id": None}) + "\n")
+    pq.write_table(pa.table({"text": ["Short.", en_text(rng, 120)], "id": pa.array([None, "b"], pa.string())}),
+                   tmp_path / "in.parquet")
+    run([tmp_path], tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    assert [r["id"] for r in report_mod.drops(tmp_path / "out")] == [f"{path}:1", f"{tmp_path / 'in.parquet'}:0"]
+    kept = [d["id"] for p in tier_shards(tmp_path / "out" / "raw") for d in iter_docs(p)]
+    assert sorted(kept) == sorted([f"{path}:1", f"{path}:2", f"{tmp_path / 'in.parquet'}:0", "b"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowOrFail:
+    """A filter stage (module level: worker processes import it) failing on 'boom', slow on anything else."""
+
+    name: str = "slow_or_fail"
+
+    def __call__(self, doc):
+        if doc["text"] == "boom":
+            raise RuntimeError("boom")
+        import time
+
+        time.sleep(0.3)
+        return doc, None
+
+
+def test_a_failing_shard_stops_the_run_without_cleaning_the_rest(tmp_path):
+    """A failed shard (or Ctrl-C) ended the run only after the pool had cleaned every queued shard (hours, on a
+    corpus): the error waited for the whole pass. Queued shards are cancelled; the running ones finish."""
+    (tmp_path / "in").mkdir()
+    for i in range(16):
+        (tmp_path / "in" / f"p{i:02d}.jsonl").write_text(json.dumps({"text": "boom" if i == 0 else f"doc {i}"}) + "\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        run([tmp_path / "in"], tmp_path / "out", PipelineConfig(workers=2, filters=(SlowOrFail(),)), progress=False)
+    assert len(list((tmp_path / "out" / "filtered").glob("*.stats.json"))) <= 8
