@@ -212,10 +212,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block, logit_softcap)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
-    if is_causal:
-        if q_BTNH.shape[1] != k_BSKH.shape[1]:
-            raise ValueError(f"is_causal needs T == S (got {q_BTNH.shape[1]} queries, {k_BSKH.shape[1]} keys)")
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True,
-                                            implementation=impl)
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=impl)
+    if is_causal and q_BTNH.shape[1] != k_BSKH.shape[1]:
+        raise ValueError(f"is_causal needs T == S (got {q_BTNH.shape[1]} queries, {k_BSKH.shape[1]} keys)")
+    kw = dict(is_causal=True) if is_causal else dict(mask=mask_B1TS)
+    try:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kw)
+    except RuntimeError as e:  # jax's bare 'cuDNN is not detected.' off NVIDIA GPUs (as swa_impl='cudnn' says)
+        if "cudnn" not in str(e).lower():
+            raise
+        raise ValueError(f"attn_impl='cudnn' is cuDNN's fused kernel for NVIDIA GPUs (bf16 / fp16), and this is a "
+                         f"{jax.default_backend()} backend ({e}); use attn_impl='xla'") from None

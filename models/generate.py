@@ -26,6 +26,12 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     float32 cumulative sum reaches 1 before the tail: 336 of 32000 tokens would go). Unlike Hugging Face, the
     top-p cutoff is a logit value: every token tied with the last one kept stays (order-independent)."""
     _check_top_k(top_k)
+    # checked here too, for decoding loops that call this directly: top_p <= 0 or a NaN temperature masked every
+    # token, and categorical then returned token 0 whatever the logits (a negative temperature sampled the argmax)
+    if not (math.isfinite(float(temperature)) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_p is not None and not isinstance(top_p, jax.core.Tracer) and not 0 < float(top_p) <= 1:
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     # shifted by the row max first: the distribution is the same, and a tiny temperature cannot overflow to inf or
@@ -106,7 +112,12 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     prompt_mask=mask)`, as a Hugging Face tokenizer with padding_side='left' gives input_ids and attention_mask.
     length: pad to P = length instead (at least the longest): every batch then runs generate's one compiled program
     (each new prompt length compiles it again)."""
-    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    arrays = [np.asarray(p) for p in prompts]
+    for b, a in enumerate(arrays):  # one prompt's ids (left_pad([5, 9, 2])) made one-token prompts, a [2, n] entry one
+        if a.ndim == 0 or a.shape[:-1] != (1,) * (a.ndim - 1):  # prompt of both rows; [1, n] is one prompt
+            raise ValueError(f"left_pad: prompt {b} has shape {list(a.shape)}, not one token-id list; pass a list of "
+                             "prompts, e.g. left_pad([ids]) for one")
+    rows = [a.reshape(-1) for a in arrays]
     if not rows or any(not r.size for r in rows):
         raise ValueError("left_pad: prompts must be a non-empty list of non-empty token-id lists")
     for b, r in enumerate(rows):  # a float id was truncated (1.7 -> 1) without a word
@@ -140,7 +151,7 @@ def _left_padding(prompt_mask, shape) -> jax.Array:
         if not lefty.all():
             raise ValueError(f"prompt_mask row {int(np.argmin(lefty.all(1)))} is not left padding (zeros, then "
                              "ones): generation continues each prompt from the last column, so pad on the left "
-                             "(models.generate.left_pad, or a tokenizer's padding_side='left')")
+                             "(models.left_pad, or a tokenizer's padding_side='left')")
         if not m.any(1).all():
             raise ValueError(f"prompt_mask row {int(np.argmin(m.any(1)))} has no real token; give every row one")
     return start_B
@@ -183,8 +194,12 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     if temperature == 0 and (top_k is not None or top_p is not None):  # as transformers' generate warns
         warnings.warn(f"generate: temperature=0 is greedy decoding, so top_k={top_k} / top_p={top_p} change nothing; "
                       "pass temperature > 0 (and rng) to sample with them", stacklevel=2)
-    if (total := prompt_BP.shape[1] + max_new_tokens) > model.cfg.max_seq_len:
-        warnings.warn(f"generate: {total} tokens (prompt {prompt_BP.shape[1]} + {max_new_tokens} new) exceed the "
+    start_B = None if prompt_mask is None else _left_padding(prompt_mask, prompt_BP.shape)
+    longest = prompt_BP.shape[1]  # left padding takes no position: the longest real prompt counts (traced: all P)
+    if start_B is not None and not isinstance(start_B, jax.core.Tracer):
+        longest -= int(start_B.min())
+    if (total := longest + max_new_tokens) > model.cfg.max_seq_len:
+        warnings.warn(f"generate: {total} tokens (prompt {longest} + {max_new_tokens} new) exceed the "
                       f"model's max_seq_len={model.cfg.max_seq_len}, the context it was trained for; positions past "
                       "it are extrapolated", stacklevel=2)
     eos_ids = _token_ids("eos_id", eos_id, model.cfg.vocab_size)
@@ -194,7 +209,6 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         if not isinstance(pad_id, numbers.Integral):
             raise ValueError(f"pad_id must be one token id, got {pad_id!r}")
         _token_ids("pad_id", pad_id, model.cfg.vocab_size)
-    start_B = None if prompt_mask is None else _left_padding(prompt_mask, prompt_BP.shape)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
     sampling = (int(max_new_tokens), float(temperature), int(top_k or 0) or None,

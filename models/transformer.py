@@ -154,6 +154,10 @@ class KVCache(NamedTuple):
             if start.shape != (batch,) or not jnp.issubdtype(start.dtype, jnp.integer):
                 raise ValueError(f"KVCache.zeros(start=...) must be [batch] = [{batch}] ints (each row's first real "
                                  f"slot), got {start.dtype}{list(start.shape)}")
+            if not isinstance(start, jax.core.Tracer) and start.size and not (
+                    0 <= int(start.min()) and int(start.max()) < max_len):  # else silently shifted / empty rows
+                raise ValueError(f"KVCache.zeros(start=...): each row's first real slot must lie in [0, max_len="
+                                 f"{max_len}), got {np.asarray(start).tolist()}")
             start = start.astype(jnp.int32)
         return cls(tuple(jnp.zeros(shape(s), dtype) for s in slots), tuple(jnp.zeros(shape(s), dtype) for s in slots),
                    tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32), start)

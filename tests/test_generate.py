@@ -1,6 +1,7 @@
 """KV-cache generation: greedy equals recomputation; sampling honours top-k / top-p."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,66 @@ def test_prompt_mask_must_be_left_padding(model):
         with pytest.raises(ValueError, match=f"pad_id={bad} must be a token id"):
             left_pad([[1], [2, 3]], pad_id=bad)
     assert left_pad([np.array([4, 5], np.int64), jnp.array([6])])[0].tolist() == [[4, 5], [0, 6]]
+
+
+def test_sample_logits_refuses_the_settings_generate_refuses():
+    """Called directly (a custom decoding loop), top_p=0 or a NaN temperature masked every token and
+    categorical returned token 0, the least likely here, for every row; a negative temperature sampled the argmax."""
+    logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]] * 8))
+    for kw, words in [(dict(top_p=0.0), "top_p must be None or a number in"), (dict(top_p=-0.5), "top_p must be"),
+                      (dict(top_p=float("nan")), "top_p must be"), (dict(temperature=float("nan")), "temperature must"),
+                      (dict(temperature=-1.0), "temperature must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=words):
+            sample_logits(logits, jax.random.key(0), **(dict(temperature=1.0, top_k=None, top_p=None) | kw))
+
+
+def test_left_padding_does_not_count_toward_max_seq_len(model):
+    """left_pad(length=...) pads every batch to one shape: the padding takes no position, so 3 + 4 tokens within
+    max_seq_len=16 are not 'past it' (the warning counted the 16 padded columns)."""
+    import warnings
+
+    m = Transformer(dataclasses.replace(CFG, max_seq_len=16), rngs=nnx.Rngs(0))
+    tokens, mask = left_pad([[1, 2, 3], [4, 5]], length=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(m, tokens, 4, prompt_mask=mask).shape == (2, 20)
+    with pytest.warns(UserWarning, match=r"17 tokens \(prompt 3 \+ 14 new\) exceed the model's max_seq_len=16"):
+        generate(m, tokens, 14, prompt_mask=mask)
+
+
+def test_left_pad_refuses_entries_that_are_not_one_prompt(model):
+    """left_pad([5, 9, 2]) (one prompt, the outer list forgotten) gave three one-token prompts, and a [2, n] entry
+    one prompt of both rows; a tokenizer's [1, n] row is one prompt."""
+    import models
+
+    for bad in ([5, 9, 2], [np.array([[1, 2], [3, 4]]), [7]]):
+        with pytest.raises(ValueError, match=r"left_pad: prompt 0 has shape .* e.g. left_pad\(\[ids\]\)"):
+            left_pad(bad)
+    assert left_pad([np.array([[4, 5]]), [6]])[0].tolist() == [[4, 5], [0, 6]]
+    # the fix the layout error names resolves ('models.generate' is the function: models.generate.left_pad failed)
+    with pytest.raises(ValueError, match=r"\(models\.left_pad, or") as e:
+        generate(model, jnp.zeros((2, 4), jnp.int32), 2, prompt_mask=np.array([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert callable(eval(re.search(r"\((models\.\w+),", str(e.value)).group(1), {"models": models}))
+
+
+def test_cudnn_attention_off_a_gpu_names_the_setting():
+    """attn_impl='cudnn' on the CPU surfaced jax's bare RuntimeError 'cuDNN is not detected.' from generate and the
+    forward (swa_impl='cudnn' already named itself and the fix)."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN is there")
+    m = Transformer(dataclasses.replace(CFG, dtype="bfloat16", attn_impl="cudnn"), rngs=nnx.Rngs(0))
+    words = r"attn_impl='cudnn' is cuDNN's fused kernel for NVIDIA GPUs .* a cpu backend .* use attn_impl='xla'"
+    for run in (lambda: generate(m, jnp.zeros((1, 4), jnp.int32), 3), lambda: m(jnp.zeros((1, 4), jnp.int32))):
+        with pytest.raises(ValueError, match=words):
+            run()
+
+
+def test_cache_start_outside_the_cache_is_refused():
+    """start=-2 shifted the row's RoPE positions by 2 and start=9 of 8 slots left a row nothing to attend, both
+    without a word (finite logits)."""
+    from models import KVCache
+
+    for start in ([0, 9], [-2, 0], [0, 8]):
+        with pytest.raises(ValueError, match=r"first real slot must lie in \[0, max_len=8\), got \[.*\]"):
+            KVCache.zeros(CFG, 2, 8, start=jnp.asarray(start))
+    assert KVCache.zeros(CFG, 2, 8, start=jnp.asarray([0, 7])).start.tolist() == [0, 7]
