@@ -109,7 +109,8 @@ def test_soft_capped_scores_asked_of_cudnn_run_the_xla_kernel():
     np.testing.assert_array_equal(run("cudnn"), run("xla"))
 
 
-@pytest.mark.parametrize("T,block,n_blocks", [(256, 64, 4), (2048, 64, 16), (4096, 512, 8)])
+# 4100 = 16·256 + 4: T / 16 rounded down (256 rows) would make 17 blocks; rounded up (257), 16
+@pytest.mark.parametrize("T,block,n_blocks", [(256, 64, 4), (2048, 64, 16), (4096, 512, 8), (4100, 64, 16)])
 def test_long_sequences_run_at_most_16_query_blocks_and_scaling_counts_them(T, block, n_blocks):
     """Each block is unrolled in the program: at T = 8192, 128 blocks of 64 compiled in 60 s (16 of 512: 13 s) and ran
     1.12x slower. The kernel's QK^T products (one per block) give the blocks and the keys each scores, which

@@ -181,3 +181,18 @@ def test_documents_without_words_are_not_all_one_duplicate():
     assert exact_key(a) != exact_key(b) and exact_key(a) != exact_key("") and jaccard(signature(a), signature(b)) < 0.5
     assert exact_key(a) == exact_key("  ★★★\n☆☆☆   ♥♥♥ ") and jaccard(signature(a), signature(a + " ")) == 1.0
     assert exact_key("Hello, world!") == exact_key("hello world")  # texts with words: as before
+
+
+def test_every_shingle_of_a_long_document_reaches_the_minhash(monkeypatch):
+    """signature() feeds the shingles in batches of 8192 (update_batch materialises [batch, num_perm]): a document
+    of more shingles than a batch must still hash each one exactly once. A batch one short dropped a shingle per
+    batch and passed every test (their documents are a few hundred words, and a lost shingle rarely holds a minimum,
+    so comparing signatures would not see it)."""
+    from datasketch import MinHash
+
+    fed = []
+    update_batch = MinHash.update_batch
+    monkeypatch.setattr(MinHash, "update_batch", lambda self, b: (fed.extend(b), update_batch(self, b))[1])
+    text = " ".join(f"w{i}" for i in range(20_000))  # 19,996 distinct 5-word shingles: three batches
+    signature(text)
+    assert sorted(fed) == sorted(shingles(text, DedupConfig().shingle))

@@ -337,3 +337,31 @@ def test_scaled_ngrams_round_half_up():
     ws = list("abcdefg") + ["x"] + list("abcdefg") + ["y"]  # a 7-gram repeats, no 8-gram does
     assert ngram_signals(ws, [], [5], scale=1.4)["dup_5gram"] == pytest.approx(14 / 16)  # 7 tokens
     assert ngram_signals(ws, [], [5], scale=1.5)["dup_5gram"] == 0.0  # 8 tokens
+
+
+def test_length_limits_are_inclusive(rng):
+    """min_chars, min_words and max_words pass at their limit and fail just past it, by their own name (the loop
+    above covers the ratio rules only: a '<' turned '<=' or a '>' turned '>=' here passed every test)."""
+    base = analyze(en_text(rng, 300), CFG)
+    assert CFG.check(base) is None
+    assert CFG.check({**base, "chars": CFG.min_chars}) is None
+    assert CFG.check({**base, "chars": CFG.min_chars - 1}) == "too_short"
+    assert CFG.check({**base, "words": CFG.min_words}) is None
+    assert CFG.check({**base, "words": CFG.min_words - 1}) == "too_few_words"
+    assert CFG.check({**base, "words": CFG.max_words}) is None
+    assert CFG.check({**base, "words": CFG.max_words + 1}) == "too_many_words"
+
+
+def test_mixed_text_ngrams_scale_by_the_cjk_share_of_the_words():
+    """In mixed text an n-gram spans 1 + (cjk_chars_per_word - 1)·(CJK share of the words) tokens per word (module
+    doc): the share counted from the text's parts, and the signals are ngram_signals at that scale. Scaling by the
+    full cjk_chars_per_word whenever any CJK is present passed every test (pure zh and pure en only)."""
+    en = [f"word{i}" for i in range(60)]  # 60 distinct latin words
+    zh = list("国家统计局新闻发言人表示今年经济运行总体平稳")  # 20 CJK characters, one word each
+    text = " ".join(en[:30]) + "。" + "".join(zh) + "。" + " ".join(en[30:]) + " " + " ".join(en[:10])
+    n_latin, n_cjk = 70, len(zh)
+    s = analyze(text, CFG)
+    want = 1 + (CFG.cjk_chars_per_word - 1) * n_cjk / (n_latin + n_cjk)
+    assert s["ngram_scale"] == pytest.approx(want)
+    ref = ngram_signals(words(text), [n for n, _ in CFG.top_ngram_max], [n for n, _ in CFG.dup_ngram_max], want)
+    assert {k: s[k] for k in ref} == pytest.approx(ref)

@@ -448,6 +448,24 @@ def test_jitter_only_with_rng_and_bf16_close_to_f32():
     assert err < 2e-2, err
 
 
+def test_jitter_multiplies_the_router_input_by_a_factor_centred_on_one():
+    """Switch jitter draws the router input's factor from U(1 - j, 1 + j), so it pushes a token either way. Routing
+    that ties at factor 1 (router [1, -1] on a 1-d input of 1, a bias cancelling expert 0's lead) sends a token to
+    expert 0 exactly when its factor is above 1: about half of them. A factor drawn from [1, 1 + j) sent all of them
+    there and passed every test (they only asked that the jitter changes the output)."""
+    cfg = MoEConfig(n_experts=2, top_k=1, expert_mlp_dim=4, renormalize=False, router_jitter=0.3)
+
+    def fn():
+        m = MoE(1, cfg, rngs=nnx.Rngs(0))
+        m.router[...] = jnp.array([[1.0, -1.0]])
+        m.router_bias[...] = jnp.array([jax.nn.sigmoid(-2.0) - jax.nn.sigmoid(2.0), 0.0])
+        return m
+
+    m = build(fn)
+    _, aux = jitted(m, rng=jax.random.key(0))(jnp.ones((1, 4000, 1)))
+    assert abs(float(aux["load"][0]) - 0.5) < 0.05, aux["load"]
+
+
 def test_stacked_layers_under_scan_and_remat_equal_unrolled():
     """The integration pattern: a vmap-created stack of MoE layers run by lax.scan under jax.checkpoint."""
     L, cfg = 2, dataclasses.replace(CFG, dropless_impl="gmm")

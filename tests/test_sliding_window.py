@@ -48,6 +48,7 @@ GRID = [  # (T, W, block, N, K, layout, soft-cap)
     (33, 64, 8, 4, 4, "none", None),  # W >= T: plain causal
     (40, 12, 64, 6, 3, "random", None),  # block > T
     (50, 7, 16, 4, 2, "packed", 1.5),  # soft-capped scores (Gemma 2), tanh bending them
+    (45, 10, 8, 4, 2, "none", None),  # W - 1 = C + 1: the oldest visible key one block further back
 ]
 
 

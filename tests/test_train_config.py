@@ -637,3 +637,21 @@ def test_trainer_keeps_padding_out_of_moe_routing():
     for k in ("lb_loss", "z_loss", "dropped_frac", "load"):
         np.testing.assert_allclose(aux[k], masked[k], atol=1e-6)
     assert np.abs(np.asarray(unmasked["load"]) - np.asarray(masked["load"])).max() > 0.05  # the test has teeth
+
+
+def test_a_softmax_router_keeps_its_selection_bias():
+    """Aux-loss-free balancing moves a sigmoid router's bias only (DeepSeek-V3); a softmax (Mixtral) router's bias
+    stays 0 although bias_update_rate defaults to 0.001 (moving it for any router passed every test: they all
+    used sigmoid routers)."""
+    moe = MoEConfig(4, 2, 16, router="softmax", bias_update_rate=0.05)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    bias = np.asarray(params["moe_blocks"]["moe"]["router_bias"][...])
+    tok = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    opt = optax.sgd(1e-2)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    new, m = make_state_step(graphdef, opt, None, moe, 1)(jax.tree.map(jnp.copy, state), batch)
+    assert np.ptp(np.asarray(m["load"])) > 0  # an uneven load: a sigmoid router's bias would move
+    np.testing.assert_array_equal(new["params"]["moe_blocks"]["moe"]["router_bias"][...], bias)
