@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 
@@ -252,7 +253,9 @@ class Checkpoints:
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
         meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss,
                     loader_saved=loader is not None)
-        metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+        # only a finite eval loss competes for best: orbax's BestN sorted a NaN one (a diverged model whose
+        # parameters are still finite) as the best and deleted the real best step
+        metrics = None if eval_loss is None or not math.isfinite(eval_loss) else {"eval_loss": float(eval_loss)}
         items = dict(state=ocp.args.PyTreeSave(pure), meta=ocp.args.JsonSave(meta))
         if loader is not None:
             items["loader"] = grain.checkpoint.CheckpointSave(_LoaderItem(loader))

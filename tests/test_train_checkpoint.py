@@ -44,6 +44,19 @@ def test_keeps_the_latest_and_the_lowest_eval_loss(tmp_path, keep_best, restart_
         ckpt.close()
 
 
+def test_a_nan_eval_loss_never_replaces_the_best_step(tmp_path):
+    """A diverged model can have finite parameters and a NaN eval loss: orbax's BestN sorted NaN as the best, so the
+    step of the lowest loss (the one keep_best is there for) was deleted at the NaN step's save."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=True, async_save=False, log=lambda *a: None)
+    try:
+        for step, ev in [(1, 3.0), (2, 1.0), (3, float("nan")), (4, float("nan")), (5, 2.0), (6, float("inf"))]:
+            ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=ev)
+            assert ckpt.steps() == sorted({min(step, 2), step}), (step, ckpt.steps())  # the newest + the best
+        assert ckpt.mgr.best_step() == 2
+    finally:
+        ckpt.close()
+
+
 def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
     """numpy / Python leaves failed with AttributeErrors ('no attribute sharding' / 'shape'); a float checkpoint
     restored into an int template was silently truncated."""
