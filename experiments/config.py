@@ -481,6 +481,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(t.sample_tokens >= 0 and t.kill_at >= 0, "train.sample_tokens/kill_at",
          f"must be >= 0, got {t.sample_tokens}, {t.kill_at}")
     need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
+    # an empty prompt is no tokens without a BOS: generate refused it after the whole run (no loss.png, no sample)
+    need(t.sample_prompt != "" or t.sample_tokens == 0 or d.bos_token is not None, "train.sample_prompt",
+         "is empty: the sample continues at least one token; give some text, none for the default, or "
+         "train.sample_tokens=0 for no sample")
     need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
          f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2, "data.eval_every_nth", f"hold out every n-th module with n >= 2, got "
@@ -490,14 +494,18 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
 
     need(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}] (the loader shuffles each source with "
          f"seed·1000 in grain's 32 bits), got {t.seed}")
-    need(not os.path.exists(t.out) or os.path.isdir(t.out), "train.out",
-         f"{t.out!r} is a file; name a directory for the run")
-    parent = os.path.abspath(t.out)  # the nearest existing folder must be a directory we may write in
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    need(os.path.isdir(parent) and os.access(parent, os.W_OK), "train.out",
-         f"{t.out!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
-         "name a directory you can write")
+    # the directories the run writes (the built-in corpus is cached on its first use): a file in the way failed
+    # with a traceback naming no setting once the run had started
+    for path, field in ((t.out, "train.out"), (d.cache_dir if d.train_dir is None else None, "data.cache_dir")):
+        if path is None:
+            continue
+        need(not os.path.exists(path) or os.path.isdir(path), field, f"{path!r} is a file; name a directory")
+        parent = os.path.abspath(path)  # the nearest existing folder must be a directory we may write in
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        need(os.path.isdir(parent) and os.access(parent, os.W_OK), field,
+             f"{path!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
+             "name a directory you can write")
     if t.init_from is not None:  # before compiling: the folder, and a model that its weights fit
         folder = str(t.init_from)
         need(any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),

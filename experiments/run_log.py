@@ -123,8 +123,9 @@ def read_curves(path: pathlib.Path):
     return curves
 
 
-def plot_losses(out: pathlib.Path) -> pathlib.Path:
-    """Train and held-out loss curves from out/metrics.jsonl, saved as out/loss.png (returned)."""
+def plot_losses(out: pathlib.Path, unit: str = "byte") -> pathlib.Path:
+    """Train and held-out loss curves from out/metrics.jsonl, saved as out/loss.png (returned). unit: what a loss
+    is per ('byte' for bytes + EOS, 'token' for a BPE)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +139,7 @@ def plot_losses(out: pathlib.Path) -> pathlib.Path:
             loss = [math.nan if r["loss"] is None else r["loss"] for _, r in pts]  # null: a non-finite loss
             ax.plot([s for s, _ in pts], loss, "-" if kind == "train" else "o-", label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
+    ax.set_ylabel(f"loss (nats / {unit})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -179,6 +179,8 @@ RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches fr
                    ("model.", "the model computes differently from here on (capacity dispatch drops the tokens past "
                               "an expert's capacity; bf16 compute rounds)"),
                    ("train.eval_target", "the time to reach the target is measured afresh (against the run's start)"),
+                   ("train.init_from", "the run continues from its checkpoint, not from these weights (a new --out "
+                                       "starts from them)"),
                    ("", "the LR schedule / optimizer differ from the saved run's from here on"))
 
 
@@ -199,7 +201,8 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """Compare a checkpoint's run config (RunConfig JSON) with this run's: (refused, warned), as lines
     'field: saved X, now Y'. Refused: model fields (other parameters) and the fields that define the data stream
     (the saved loader state would continue another stream). Warned: train.steps and optim.* (the LR schedule
-    and optimizer change from the resumed step on, which may be intended, e.g. to train longer), and
+    and optimizer change from the resumed step on, which may be intended, e.g. to train longer), train.init_from
+    (another Hugging Face folder's weights are not loaded into a resumed run), and
     data.eval_batches / data.eval_dir (evaluations before and after average over different held-out batches)."""
     def line(*keys):
         was = _get(saved, *keys, default=SAVED_BEFORE_FIELD.get(keys))
@@ -213,6 +216,9 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
                if _get(saved, "model", *k) is not None and _get(saved, "model", *k) != _get(current, "model", *k)]
     if _get(saved, "train", "eval_target") != _get(current, "train", "eval_target"):  # its crossing time restarts
         warned.append(line("train", "eval_target"))
+    # weights are read only in a fresh run: a resumed one never sees another folder's (same architecture) weights
+    if _get(saved, "train", "init_from") != _get(current, "train", "init_from"):
+        warned.append(line("train", "init_from"))
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
     # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages
     warned += [line("data", k) for k in ("eval_batches", "eval_dir") if _get(saved, "data", k, default=None) != _get(
@@ -285,7 +291,10 @@ def init_from_hf(cfg, mesh, optimizer, shardings):
     from models.hf import from_pretrained
 
     m = cfg.model
-    model = from_pretrained(cfg.train.init_from, mesh=mesh, **{k: getattr(m, k) for k in KEPT_FROM_PRESET})
+    try:  # weights validate() cannot see without reading them (a truncated file, a non-zero o_proj bias)
+        model = from_pretrained(cfg.train.init_from, mesh=mesh, **{k: getattr(m, k) for k in KEPT_FROM_PRESET})
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"config error: train.init_from: {e}") from None
     if model.cfg != m:  # validate() compared the configs; this is the model the weights built
         raise SystemExit(f"config error: train.init_from: {cfg.train.init_from} built another model than "
                          f"model ({model.cfg} vs {m})")
@@ -538,6 +547,7 @@ def train(cfg, mesh_shape: dict) -> dict:
         loader.close()
         log.close()
 
+    unit = "byte" if cfg.data.tokenizer is None else "token"  # the plot's loss unit (a BPE's were labelled bytes)
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
               "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start}
     if halted is not None:
@@ -546,7 +556,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                          f"{good[-1] if good else 'none'} in {out / 'ckpt'}")
     if stop.signal is not None or step < t.steps or t.sample_tokens < 1:
         if primary and step >= t.steps:
-            say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot_losses(out).name}")
+            say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot_losses(out, unit).name}")
         return result
 
     # generated sample from the final parameters, on one device (gathered from every process: device_get cannot
@@ -564,7 +574,7 @@ def train(cfg, mesh_shape: dict) -> dict:
     result["sample"] = sample
     if primary:
         (out / "sample.txt").write_text(sample)
-        plot = plot_losses(out)
+        plot = plot_losses(out, unit)
         say("sample:\n" + sample)
         if first_eval is not None:
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "

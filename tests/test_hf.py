@@ -812,6 +812,23 @@ def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path, monkeypatch):
         train_lm.main([*args, "--set", "model.n_layers=3", "--out", str(tmp_path / "run2")])
 
 
+def test_the_trainer_names_unreadable_hf_weights_as_a_config_error(tmp_path):
+    """Weights validate() cannot judge without reading them (a truncated download): the run exited with a
+    ValueError traceback from models.hf; it is the one-line config error of train.init_from, as for config.json."""
+    from experiments import train_lm
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / "hf"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as f:  # a download cut off half-way
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(SystemExit, match=r"^config error: train.init_from: .*model.safetensors: cannot read it"):
+        train_lm.main(["--preset", "tiny", "--init-from", str(folder), "--out", str(tmp_path / "run"), "--steps",
+                       "4", "--set", "train.sample_tokens=0"])
+
+
 def test_layouts_without_a_hf_architecture_are_named():
     """save_pretrained of the demo's alternating windows said 'Mistral needs the same window on every layer', as if
     Mistral were the goal; the message now says no supported layout has them, and which would."""

@@ -96,10 +96,16 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.eval_target=-1"], 8,
      "train.eval_target: an eval loss (cross-entropy, > 0) to reach, or none; got -1.0 (never reached)"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
+    # an empty sample prompt (bytes: no BOS) failed in generate after the whole run, before loss.png was drawn
+    (["--preset", "tiny", "--set", "train.sample_prompt="], 8, "train.sample_prompt: is empty"),
     (["--preset", "tiny", "--set", f"train.out={os.devnull}"], 8, f"train.out: {os.devnull!r} is a file"),
     # below a file: a NotADirectoryError traceback from mkdir before
     (["--preset", "tiny", "--set", f"train.out={os.devnull}/run"], 8,
      f"train.out: {os.devnull + '/run'!r} cannot be created: {os.devnull!r} is a file"),
+    # the corpus cache: a NotADirectoryError traceback from the corpus build before, after the run had started
+    (["--preset", "tiny", "--set", f"data.cache_dir={os.devnull}"], 8, f"data.cache_dir: {os.devnull!r} is a file"),
+    (["--preset", "tiny", "--set", f"data.cache_dir={os.devnull}/c"], 8,
+     f"data.cache_dir: {os.devnull + '/c'!r} cannot be created: {os.devnull!r} is a file"),
     # 0 was reported as data.eval_every_nth's; grain refused seeds past 32 bits (x1000) deep in the loader
     (["--preset", "tiny", "--set", "data.eval_batches=0"], 8, "data.eval_batches: must be >= 1"),
     (["--preset", "tiny", "--seed", "-1"], 8, "train.seed: must be in [0, 4294966]"),
@@ -431,6 +437,17 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     older = json.loads(json.dumps(saved))
     del older["data"]["corpus"]
     assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
+
+
+def test_resume_warns_that_another_init_from_folder_is_not_loaded():
+    """A run resumes from its checkpoint whatever --init-from says: another Hugging Face folder of the same
+    architecture (its weights never loaded) resumed in silence, as if fine-tuning it."""
+    saved = json.loads(load(["--preset", "tiny", "--set", "train.init_from=hf/a"]).to_json())
+    other = json.loads(load(["--preset", "tiny", "--set", "train.init_from=hf/b"]).to_json())
+    refused, warned = train_lm.resume_mismatch(saved, other)
+    assert refused == [] and warned == ["train.init_from: saved 'hf/a', now 'hf/b'"]
+    assert "not from these weights" in next(v for k, v in train_lm.RESUME_WARNINGS if warned[0].startswith(k))
+    assert train_lm.resume_mismatch(saved, saved) == ([], [])
 
 
 def test_a_tokenizer_whose_eos_is_not_endoftext(tmp_path):

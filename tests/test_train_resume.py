@@ -365,8 +365,14 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
         real_init(self, sources, tokenizer, *a, **kw)
 
     monkeypatch.setattr(loader_mod.LMLoader, "__init__", spy)
+    import matplotlib.axes
+
+    labels, real_label = [], matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, s, *a, **k: (labels.append(s),
+                                                                                     real_label(ax, s, *a, **k))[1])
     result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", *data])
     assert seen == [([str(tmp_path / "train")], 300), ([str(tmp_path / "eval")], 300)]
+    assert labels == ["loss (nats / token)"]  # loss.png: a BPE's losses are per token (they were labelled bytes)
     assert result["step"] == 4 and np.isfinite(result["last_eval"])
     # the final sample continues your held-out text, not the built-in corpus's 'def __init__(self' (a user study)
     own = load([*TINY, *data])
