@@ -214,16 +214,19 @@ class Checkpoints:
     def _set_aside_unreadable_metrics(self):
         """A step whose metrics file does not parse (zero-length after a power loss) stopped every restart: orbax
         reads all of them when the manager opens. The file is moved aside; the step stays restorable, but without
-        its eval loss it no longer counts as the best."""
+        its eval loss it no longer counts as the best. So is a NaN eval loss (saved before `save` kept non-finite
+        ones out): BestN ranked it best and deleted the real best step."""
         if jax.process_index() == 0 and self.dir.is_dir():
             for f in sorted(self.dir.glob("*/metrics/metrics")):
                 try:
-                    ok = isinstance(json.loads(f.read_text()), dict)
+                    m = json.loads(f.read_text())
+                    ok = isinstance(m, dict) and not (isinstance(m.get("eval_loss"), float) and math.isnan(
+                        m["eval_loss"]))
                 except (ValueError, OSError):
                     ok = False
                 if not ok:
                     step, dst = f.parent.parent.name, self._corrupt_path(f"{f.parent.parent.name}-metrics")
-                    self.log(f"checkpoint: step {step}'s saved eval metrics are unreadable; set aside in {dst} "
+                    self.log(f"checkpoint: step {step}'s saved eval metrics are unreadable or NaN; set aside in {dst} "
                              "(the step stays restorable, no longer as best)")
                     os.replace(f.parent, dst)
         if jax.process_count() > 1:

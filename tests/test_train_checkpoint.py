@@ -55,6 +55,18 @@ def test_a_nan_eval_loss_never_replaces_the_best_step(tmp_path):
         assert ckpt.mgr.best_step() == 2
     finally:
         ckpt.close()
+    # a NaN eval loss on disk (saved before this was fixed) is set aside when the manager opens, so the next save
+    # keeps the best step (orbax ranked the NaN step best and deleted step 2)
+    (tmp_path / "ckpt" / "6" / "metrics").mkdir(exist_ok=True)  # (step 6's inf was saved without metrics)
+    (tmp_path / "ckpt" / "6" / "metrics" / "metrics").write_text('{"eval_loss": NaN}')
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=True, async_save=False, log=lines.append)
+    try:
+        assert "step 6's saved eval metrics are unreadable or NaN" in lines[0]
+        ckpt.save(7, state_at(7), {"config": "{}"}, eval_loss=5.0)
+        assert ckpt.steps() == [2, 7] and ckpt.mgr.best_step() == 2
+    finally:
+        ckpt.close()
 
 
 def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
@@ -362,7 +374,7 @@ def test_a_missing_loader_state_or_unreadable_metrics_do_not_stop_a_restart(tmp_
     lines = []
     ckpt = Checkpoints(tmp_path / "ckpt", keep=3, async_save=False, log=lines.append)
     try:
-        assert "step 12's saved eval metrics are unreadable" in lines[0]
+        assert "step 12's saved eval metrics are unreadable or NaN" in lines[0]
         state, meta = ckpt.restore(state_at(0))
         assert meta["step"] == 12 and float(state["params"]["w"][0, 0]) == 12.0
     finally:
