@@ -129,6 +129,9 @@ def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if abstract_ok and isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
             continue
+        if abstract_ok and isinstance(x, jax.ShapeDtypeStruct):  # jax.eval_shape's: no mesh to restore onto
+            raise TypeError(f"Checkpoints {what}: {_path_name(path)} is a ShapeDtypeStruct without a sharding; give "
+                            "each one its sharding (parallel.abstract_sharded builds a model's), or pass arrays")
         if not isinstance(x, jax.Array):
             raise TypeError(f"Checkpoints {what}: leaves must be jax.Arrays (the state as placed on the mesh, e.g. "
                             f"jax.device_put(x)); got {type(x).__name__} at {_path_name(path)}")
@@ -406,6 +409,11 @@ def _check_fits(saved, abstract, where) -> None:
                for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]
                if _path_name(p) in kinds and jnp.issubdtype(kinds[_path_name(p)], jnp.floating)
                and not jnp.issubdtype(v.dtype, jnp.inexact)]
+    strip = lambda names: {k.removesuffix("/value") for k in names}  # noqa: E731  (an nnx.Variable's own step)
+    if differ and set(have) != set(want) and strip(have) == strip(want):
+        raise CheckpointMismatch(f"{where} holds the same arrays as this template, but one of them is a built model "
+                                 "(nnx.Module / Variables) and the other its state: save and restore the same kind, "
+                                 "e.g. nnx.state(model) (restore(nnx.state(model)) for a model saved as its state)")
     if differ:
         raise CheckpointMismatch(f"{where} does not fit this run's state ({len(differ)} arrays differ, e.g. "
                                  f"{'; '.join(differ[:3])}); use another checkpoint directory (train.out in "

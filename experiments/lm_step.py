@@ -6,6 +6,9 @@ rng raw uint32 key data) so that orbax saves and restores it as one tree; `init_
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,7 +18,7 @@ from models.config import MUP_HIDDEN, MUP_OUTPUT
 from models.losses import cross_entropy
 from models.moe import update_router_bias
 from parallel.host import step_compiler_options
-from parallel.rules import constrain
+from parallel.rules import constrain, logical_to_spec
 
 BIASES = ("bq", "bk", "bv")  # models.transformer.Block's q/k/v biases
 
@@ -189,6 +192,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
+        raise ValueError(f"make_state_step: grad_accum={grad_accum!r} must be an int >= 1 (microbatches per step)")
+
     def grads_of(params, mb, rng):
         def f(p):
             mean, n, aux = lm_loss_parts(graphdef, p, mb, rng)
@@ -209,7 +215,18 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
             g, (nll, n, aux) = grads_of(params, batch, model_rng)
         else:
             def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch k = rows k::A
+                if x.shape[0] % grad_accum:
+                    raise ValueError(f"make_state_step: grad_accum={grad_accum} must divide the batch's {x.shape[0]} "
+                                     f"rows (an array {tuple(x.shape)}); use a batch size that is a multiple of it")
                 x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+                mesh = jax.sharding.get_abstract_mesh()
+                axes = () if mesh.empty else logical_to_spec(("batch",), mesh)[0] or ()
+                n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+                if x.shape[1] % n:  # constrain would name the microbatch's rows as if they were the whole batch
+                    raise ValueError(f"make_state_step: grad_accum={grad_accum} leaves {x.shape[1]} of the batch's "
+                                     f"{x.shape[0] * x.shape[1]} rows per microbatch, which the batch's mesh axes "
+                                     f"{axes!r} (size {n}) do not divide; use a batch that is a multiple of "
+                                     f"{grad_accum * n} (grad_accum x {n}), or a smaller grad_accum")
                 return constrain(x, (None, "batch", "act_seq") + (None,) * (x.ndim - 3))
 
             def body(carry, xs):

@@ -9,11 +9,18 @@ import jax.numpy as jnp
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     """Mean next-token cross-entropy over weighted positions (float32). Returns (loss, Σ weights); no weight: (0, 0).
 
-    logits [B, T, V], targets [B, T] int, weights [B, T] (None: all 1). A negative target (Hugging Face's ignore
-    index -100) is ignored: weight 0. Positions of weight 0 are selected out, not multiplied by 0, so whatever their
-    target or loss (NaN included) they change neither the value nor its gradient (for finite logits). A target
-    ≥ V at a weighted position makes the loss NaN: a vocabulary mismatch must not train silently.
+    logits [B, T, V], targets [B, T] int, weights [B, T] (None: all 1); other shapes raise (a [B] of per-row weights
+    would broadcast over T). A negative target (Hugging Face's ignore index -100) is ignored: weight 0. Positions of
+    weight 0 are selected out, not multiplied by 0, so whatever their target or loss (NaN included) they change
+    neither the value nor its gradient (for finite logits). A target ≥ V at a weighted position makes the loss NaN:
+    a vocabulary mismatch must not train silently.
     """
+    if jnp.shape(targets_BT) != jnp.shape(logits_BTV)[:-1]:
+        raise ValueError(f"cross_entropy: targets {jnp.shape(targets_BT)} must be the logits' [B, T] "
+                         f"{jnp.shape(logits_BTV)[:-1]} (inputs and targets of one length, targets shifted by one)")
+    if weights_BT is not None and jnp.shape(weights_BT) != jnp.shape(targets_BT):  # [B] broadcast over T silently
+        raise ValueError(f"cross_entropy: weights {jnp.shape(weights_BT)} must be [B, T] like the targets "
+                         f"{jnp.shape(targets_BT)}; per-row weights w [B]: np.repeat(w[:, None], T, axis=1)")
     w_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
     w_BT = jnp.where(targets_BT < 0, 0.0, w_BT)
     used_BT = w_BT != 0

@@ -119,6 +119,9 @@ def init_optimizer(optimizer, params):
     parameter and the rest (step counts) replicated. A plain `jax.jit(optimizer.init)` would
     replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
     """
+    if isinstance(params, nnx.Module):  # a pytree to jax too: Adam's moments became modules the step cannot read
+        raise TypeError(f"init_optimizer: params is a built {type(params).__name__}; pass its parameter state, "
+                        "nnx.split(model)[1] (or create_sharded's state)")
     leaves = jax.tree.leaves(params)
     if not leaves:  # an empty filter (e.g. nnx.split with a type nothing carries) would train nothing
         raise ValueError("init_optimizer: params holds no arrays; pass the model's parameter state, e.g. "

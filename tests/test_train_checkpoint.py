@@ -88,6 +88,35 @@ def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
         ckpt.close()
 
 
+
+def test_a_model_restored_into_its_state_or_back_and_an_unsharded_abstract_template_are_named(tmp_path):
+    """A model saved as nnx.state(model) and restored with the built model as template (or the reverse) was told to
+    'use another checkpoint directory' (its paths differ by the Variables' /value); a template from jax.eval_shape
+    (no shardings) was told its leaves must be jax.Arrays, though sharded ShapeDtypeStructs are accepted."""
+    from flax import nnx
+
+    from experiments.checkpoint import CheckpointMismatch
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Param(jax.random.normal(rngs.params(), (2, 3)))
+
+    model = Tiny(nnx.Rngs(0))
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(1, nnx.state(model), {"config": "{}"})
+        ckpt.save(2, model, {"config": "{}"})
+        with pytest.raises(CheckpointMismatch, match=r"one of them is a built model .* e.g. nnx.state\(model\)"):
+            ckpt.restore(Tiny(nnx.Rngs(1)), step=1)
+        with pytest.raises(CheckpointMismatch, match=r"one of them is a built model"):
+            ckpt.restore(nnx.state(Tiny(nnx.Rngs(1))), step=2)
+        with pytest.raises(TypeError, match=r"w is a ShapeDtypeStruct without a sharding; .*abstract_sharded"):
+            ckpt.restore(jax.eval_shape(lambda: nnx.state(model)), step=1)
+        state, _ = ckpt.restore(nnx.state(Tiny(nnx.Rngs(1))), step=1)  # the same kind restores, bit for bit
+        np.testing.assert_array_equal(np.asarray(state["w"][...]), np.asarray(model.w[...]))
+    finally:
+        ckpt.close()
+
 def test_single_device_scalars_of_a_template_are_restored_onto_its_mesh(tmp_path):
     """A template whose step counter was jnp.zeros(()) beside parameters on a mesh restored that counter committed
     to device 0, and the next jitted step refused the mix of devices; init_train_state places them right."""

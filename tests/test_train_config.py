@@ -672,3 +672,30 @@ def test_a_softmax_router_keeps_its_selection_bias():
     new, m = make_state_step(graphdef, opt, None, moe, 1)(jax.tree.map(jnp.copy, state), batch)
     assert np.ptp(np.asarray(m["load"])) > 0  # an uneven load: a sigmoid router's bias would move
     np.testing.assert_array_equal(new["params"]["moe_blocks"]["moe"]["router_bias"][...], bias)
+
+
+def test_state_step_and_init_optimizer_name_the_misuse():
+    """A grad_accum that does not divide the batch failed in a reshape ('cannot reshape array of shape (8, 8)'); a
+    built module given as params made an optimizer state the step could not read ('Incorrect number of leaves')."""
+    from experiments.lm_step import init_train_state
+    from parallel import init_optimizer
+
+    model = Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32),
+                        rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    opt = optax.sgd(0.1)
+    tok = jnp.zeros((8, 8), jnp.int32)
+    with pytest.raises(ValueError, match="grad_accum=3 must divide the batch's 8 rows"):
+        make_state_step(graphdef, opt, grad_accum=3)(init_train_state(params, opt), {"inputs": tok, "targets": tok})
+    with pytest.raises(ValueError, match="grad_accum=0 must be an int >= 1"):
+        make_state_step(graphdef, opt, grad_accum=0)
+    # on {data: 8} a batch of 8 is fine, but 2 microbatches of 4 rows are not: the error named the batch size as 4
+    mesh = make_mesh({"data": 8})
+    rows = jax.device_put(tok, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"grad_accum=2 leaves 4 of the batch's 8 rows per "
+                                                             r"microbatch, .* 'data' \(size 8\) .* multiple of 16"):
+        make_state_step(graphdef, opt, grad_accum=2)(init_train_state(params, opt), {"inputs": rows, "targets": rows})
+    with pytest.raises(TypeError, match=r"params is a built Transformer; pass its parameter state, nnx.split"):
+        init_train_state(model, opt)
+    with pytest.raises(TypeError, match="params is a built Transformer"):
+        init_optimizer(opt, model)

@@ -304,6 +304,23 @@ def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
     assert (float(loss), float(n)) == (0.0, 0.0)
 
 
+
+def test_cross_entropy_refuses_weights_or_targets_not_shaped_like_the_logits():
+    """Per-row weights [B] broadcast over T when B == T: a silently wrong loss (rows' weights applied to columns);
+    targets one token short failed inside the computation with a bare broadcasting error."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(4, 4, 7)).astype(np.float32))
+    targets = jnp.asarray(rng.integers(0, 7, (4, 4)))
+    with pytest.raises(ValueError, match=r"weights \(4,\) must be \[B, T\].*np.repeat"):
+        cross_entropy(logits, targets, jnp.asarray([1.0, 1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"targets \(4, 3\) must be the logits' \[B, T\] \(4, 4\)"):
+        cross_entropy(logits, targets[:, :3])
+    # the repeat the message names gives the per-row mean: rows 0 and 1 alone
+    loss, n = cross_entropy(logits, targets, jnp.asarray(np.repeat(np.array([1.0, 1.0, 0.0, 0.0])[:, None], 4, 1)))
+    want, _ = cross_entropy(logits[:2], targets[:2])
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    assert float(n) == 8
+
 def test_bf16_compute_close_to_f32(tokens):
     model = make(dataclasses.replace(CFG, final_logit_softcap=None))
     f32 = model(tokens)
