@@ -60,6 +60,32 @@ def test_long_documents_are_sampled_from_start_middle_end(det):
     assert det._id.classify(text[:det.cfg.sample_chars])[0] == "fr" and det.detect(text)[0] == "en"
 
 
+
+def test_the_identifier_never_reads_more_than_sample_chars_and_the_confidence_floor_is_inclusive(det, monkeypatch):
+    """Any text longer than sample_chars is cut to its start, middle and end (sample_chars in all, + the two joining
+    spaces), 1.5x as long as a 3x one alike; min_confidence is a floor: a text at exactly that confidence keeps its
+    language ('below it the language is und')."""
+    from data.synthetic import en_text
+
+    n = det.cfg.sample_chars
+    seen, identifier = [], det._id
+
+    class Recording:  # what the model is handed
+        def rank(self, t):
+            seen.append(len(t))
+            return identifier.rank(t)
+
+    monkeypatch.setattr(det, "_id", Recording())
+    for length in (n + 1, 3 * n // 2, 3 * n, 10 * n):
+        text = en_text(np.random.default_rng(length), length)[:length]
+        assert len(text) == length
+        det.detect(text)
+        assert seen[-1] <= n + 2, (length, seen[-1])
+    monkeypatch.undo()
+    text = "The committee will publish its final report next spring."
+    lang, conf = det.detect(text)
+    assert LangID(LangIDConfig(min_confidence=conf)).detect(text) == (lang, conf)
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="keep"):
         LangIDConfig(keep="en")
@@ -68,6 +94,9 @@ def test_config_errors_name_the_field():
         LangIDConfig(keep=("en", "english"))
     with pytest.raises(ValueError, match="min_confidence"):
         LangIDConfig(min_confidence=2)
+    with pytest.raises(ValueError, match="sample_chars=99 is too small"):  # a few words cannot tell a language
+        LangIDConfig(sample_chars=99)
+    assert LangIDConfig(sample_chars=100).sample_chars == 100
     # a list or set is the tuple it means (a list crashed the workers: unhashable; and fingerprinted otherwise)
     assert LangIDConfig(keep=["zh", "en"]) == LangIDConfig(keep=("zh", "en"))
     assert hash(LangIDConfig(keep={"zh", "en"})) == hash(LangIDConfig(keep=("en", "zh")))

@@ -161,6 +161,41 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
         LMLoader([Source(str(bad))], tok, cfg, process_index=0, process_count=1)
 
 
+
+def test_pretokenized_ids_are_checked_by_eos_id_and_an_interrupted_pretokenize_leaves_no_meta(corpus, tmp_path):
+    """A tokenizer without a fingerprint (any duck-typed one) is checked by vocab size *and* EOS id: another EOS id
+    packs documents apart at another token. A pretokenize run that dies part-way over an earlier run's output must not
+    leave that run's tokenizer.json beside its shards, some of which now hold the new tokenizer's ids."""
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4)
+    pre = pretokenize(path, EOS_BYTES, tmp_path / "pre", progress=False)
+
+    class OtherEos:  # the byte ids, EOS at 0, no fingerprint
+        vocab_size, eos_id, bos_id = 257, 0, None
+        encode, decode = EOS_BYTES.encode, EOS_BYTES.decode
+
+    with pytest.raises(ValueError, match="pre-tokenized with vocab_size=257, eos_id=256"):
+        LMLoader([Source(pre)], OtherEos(), cfg, process_index=0, process_count=1)
+
+    from data.shards import iter_docs, tier_shards
+
+    first = len(list(iter_docs(tier_shards(path)[0])))
+
+    class DiesOnTheSecondShard(OtherEos):
+        fingerprint, calls = "dies", 0
+
+        def encode(self, text):
+            self.calls += 1
+            if self.calls > first:  # the first shard is rewritten with these ids, then the run dies
+                raise KeyboardInterrupt
+            return EOS_BYTES.encode(text)
+
+    with pytest.raises(KeyboardInterrupt):
+        pretokenize(path, DiesOnTheSecondShard(), tmp_path / "pre", batch=8, progress=False)
+    assert not (tmp_path / "pre" / "tokenizer.json").exists()
+    with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
+        LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
+
 def test_processes_and_sources_shuffle_independently(tmp_path):
     """Every process shuffled its slice [p::n] with one seed and grain shuffles epoch e with seed + e: the processes
     read neighbouring documents in lockstep (process 1's j-th = process 0's + 1), and in a mixture source 0's epoch
@@ -423,7 +458,7 @@ def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
                       process_count=1))
 
 
-def test_small_helpers_refuse_nonsense_inputs():
+def test_small_helpers_refuse_nonsense_inputs(tmp_path):
     """Each was accepted: ByteWindows(seq_len=0) gave empty rows and batch_size=0 a numpy stacking error; a
     zh_fraction of 1.5 made every document Chinese; a glossary's domains given as one string matched nothing."""
     from data.augment import DomainGlossary
@@ -434,6 +469,11 @@ def test_small_helpers_refuse_nonsense_inputs():
     for kw in (dict(seq_len=0, batch_size=4), dict(seq_len=-5, batch_size=4), dict(seq_len=8, batch_size=0)):
         with pytest.raises(ValueError, match=r"ByteWindows (seq_len|batch_size)=-?\d+ must be an int >= 1"):
             ByteWindows(tokens, **kw)
+    # process_index == process_count read the slice [n::n]: process 0's documents from the n-th on, a second time
+    tier = Source(write_tier(tmp_path, ["some text"] * 4))
+    for p, n in ((2, 2), (-1, 2), (1, 1)):
+        with pytest.raises(ValueError, match=rf"process_index={p} must be in \[0, process_count={n}\)"):
+            documents([tier], EOS_BYTES, process_index=p, process_count=n)
     with pytest.raises(ValueError, match="zh_fraction=1.5 must be a fraction"):
         synthetic_documents(3, zh_fraction=1.5)
     with pytest.raises(ValueError, match=r"doc\['domains'\]='code' must be a list of tags"):

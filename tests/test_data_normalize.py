@@ -51,6 +51,17 @@ def test_line_breaks_and_whitespace():
     assert normalize_text("a\n\nb") == "a\n\nb"
 
 
+
+@pytest.mark.parametrize("form", ["NFKC", "NFC"])
+def test_a_text_of_whitespace_only_becomes_empty(form):
+    """Every character Python calls whitespace, alone and all together: nothing is left (the pipeline then drops
+    the record as empty). The trailing-space pass takes spaces and tabs only, so Unicode spaces that NFKC keeps
+    (U+1680 ogham space mark) or that NFC keeps (U+3000, NBSP, U+2000-U+200A) came through as the document."""
+    cfg = NormalizeConfig(form=form)
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    for text in spaces + ["".join(spaces), "\u3000\n\u00a0 \u1680\n\n"]:
+        assert normalize_text(text, cfg) == "", (form, [hex(ord(c)) for c in text][:8])
+
 def test_lone_surrogates_become_replacement_characters():
     assert normalize_text("ok\ud800x") == "ok\ufffdx"
 
@@ -73,6 +84,9 @@ def test_decode_valid_repaired_rejected_binary():
     # binary: NUL bytes or many control bytes
     assert decode(b"PK\x03\x04\x00\x00binary") == (None, "binary")
     assert decode(bytes(range(1, 32)) * 10) == (None, "binary")
+    # one NUL is enough, however long the text around it (0.1% control bytes here, far under the 5% limit)
+    assert decode(b"a" * 500 + b"\x00" + b"b" * 500) == (None, "binary")
+    assert decode(b"a" * 500 + b"\x01" + b"b" * 500) == ("a" * 500 + "\x01" + "b" * 500, None)
     # a genuine U+FFFD in valid input is not counted as damage
     assert decode("valid \ufffd".encode()) == ("valid \ufffd", None)
     # the limit counts bad bytes, not U+FFFD characters: 6 characters cut after 2 of their 3 bytes are 12 bad bytes
@@ -91,6 +105,10 @@ def test_config_errors_name_the_field():
         NormalizeConfig(invalid_utf8="ignore")
     with pytest.raises(ValueError, match="max_invalid_fraction"):
         NormalizeConfig(max_invalid_fraction=2.0)
+    # -1 made the blank-line pass replace every newline by nothing: the lines of a document ran together
+    with pytest.raises(ValueError, match="max_blank_lines=-1 must be >= 0"):
+        NormalizeConfig(max_blank_lines=-1)
+    assert normalize_text("a\n\nb", NormalizeConfig(max_blank_lines=0)) == "a\nb"
 
 
 def test_trailing_whitespace_goes_line_by_line_in_linear_time():

@@ -429,6 +429,10 @@ def test_config_round_trip(cfg):
     assert config_from_hf(hf) == cfg
     # transformers 4.x ignores rope_parameters: its own fields (rope_theta, rope_scaling) must say the same
     assert config_from_hf({k: v for k, v in hf.items() if k != "rope_parameters"}) == cfg
+    if "max_window_layers" in hf:  # Qwen2 in transformers 4.x reads its sliding layers from max_window_layers alone
+        without = {k: v for k, v in hf.items() if k != "layer_types"}
+        assert transformers.Qwen2Config(**without).layer_types == hf["layer_types"]
+        assert config_from_hf(without) == cfg
 
 
 def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
@@ -453,6 +457,33 @@ def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
                                                                  dtype=torch.float32)
     assert np.abs(our_logits(other) - hf_logits(hf_other.eval())).max() < 1e-4
 
+
+
+def test_shards_are_cut_where_huggingface_hub_cuts_them(tmp_path):
+    """Tensors fill a shard up to max_shard_size inclusive, as huggingface_hub's splitter (what transformers'
+    save_pretrained uses) does: a limit equal to the bytes of the first tensors holds them together. Checked at
+    prefix sums of the tensors' bytes, exactly where a `>=` in place of `>` would cut one tensor early."""
+    from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
+    from safetensors.numpy import load_file
+
+    ours = _random_model(ROUND_TRIP["llama"], seed=5)
+    save_pretrained(ours, tmp_path / "one_each", max_shard_size=1)  # the tensors in the writer's order
+    order = json.loads((tmp_path / "one_each" / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {name: load_file(tmp_path / "one_each" / f)[name] for name, f in order.items()}
+    sizes = np.cumsum([a.nbytes for a in tensors.values()])
+    # limits no tensor exceeds (the hub gives a larger one a shard of its own, out of order: not compared here)
+    limits = [int(x) for x in sizes if x >= max(a.nbytes for a in tensors.values())]
+    assert len(limits) > 3
+    for limit in limits[:3] + limits[len(limits) // 2:][:1]:
+        save_pretrained(ours, tmp_path / str(limit), max_shard_size=limit)
+        index = json.loads((tmp_path / str(limit) / "model.safetensors.index.json").read_text())["weight_map"]
+        got = {}
+        for name, f in index.items():
+            got.setdefault(f, []).append(name)
+        want = split_state_dict_into_shards_factory(tensors, get_storage_size=lambda a: a.nbytes,
+                                                    filename_pattern="model{suffix}.safetensors",
+                                                    max_shard_size=limit).filename_to_tensors
+        assert list(got.values()) == [list(v) for v in want.values()], limit
 
 def test_shard_sizes_read_as_transformers_reads_them():
     """max_shard_size "40KB" is 40,000 bytes and "3KiB" 3,072 in transformers; KB as 1024 passed the sharding test
@@ -645,6 +676,10 @@ def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
             back.generation_config.pad_token_id) == (1, 2, 0)
     with pytest.raises(ValueError, match="unknown key 'eos'"):
         save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos": 2})
+    # a bool is no token id (JSON true, which transformers reads as id 1), alone or in a list
+    for bad in (True, [2, False], -1, []):
+        with pytest.raises(ValueError, match=r"token_ids\['eos_token_id'\]="):
+            save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos_token_id": bad})
     # Llama 3 Instruct style: one eos in config.json, a list in generation_config.json, which transformers' generate
     # uses (config.json read last passed above, where both files agree)
     gen = json.loads((src / "generation_config.json").read_text()) | {"eos_token_id": [2, 7]}
@@ -702,6 +737,19 @@ def test_mixtral_fused_5x_names_load(hf_ckpt, tmp_path):
     shutil.copy(folder / "config.json", tmp_path / "config.json")
     np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(from_pretrained(folder)))
 
+
+
+def test_weights_the_config_has_no_place_for_are_refused_by_name(hf_ckpt, tmp_path):
+    """A config.json of fewer layers than the weights (a truncated edit, a config of another model size): the
+    layers past it were dropped without a word, and the model loaded as a different network."""
+    import shutil
+
+    folder, _ = hf_ckpt("llama_gqa")
+    hf = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"num_hidden_layers": 1}))
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"has tensors our Transformer has no place for: \['model\.layers\.1\."):
+        from_pretrained(tmp_path)
 
 def test_mixtral_balancing_weight_keeps_the_hf_objective(hf_ckpt):
     """HF's Mixtral balancing loss is k × ours (tests/test_moe.py), so the weight scales by k both ways."""

@@ -163,6 +163,16 @@ def test_weights_in_their_own_shapes_equal_the_reshaped_product(impl, x_shape, w
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
+def test_x_whose_last_dims_are_the_contracted_ones_in_another_order_is_refused(impl):
+    """x [..., 5, 4] against w [4, 5, F] (contract=2): the sizes multiply to the same K, so the transposed-gradient
+    path's reshape to [M, 20] ran and returned a product of mismatched features without a word."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 5, 7))
+    with pytest.raises(ValueError, match=r"does not end in the weight's contracted dims \(4, 5\)"):
+        linear(x, w, impl, contract=2)
+
+
 def test_out_dtype_on_a_weight_in_its_own_shape_is_refused_not_ignored():
     """The n-D path had no out_dtype: bf16 operands asking for float32 output silently got bf16."""
     x, w = jnp.ones((6, 5), jnp.bfloat16), jnp.ones((5, 2, 3), jnp.bfloat16)

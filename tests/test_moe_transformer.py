@@ -215,6 +215,27 @@ def test_router_jitter_only_with_a_key():
     assert not np.allclose(jittered[0], jittered[1])  # drawn from the caller's key, not a fixed one
 
 
+
+def test_every_moe_layer_draws_its_own_router_jitter():
+    """Two MoE layers in one pattern period (alternating windows, MoE on every layer): each of the L layers gets its
+    own key, not one per scanned group (the group's layers then jittered their routers with the same noise)."""
+    from unittest import mock
+
+    from models.moe import MoE
+
+    cfg = dataclasses.replace(CFG, moe_every=1, scan_layers=False,
+                              moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    keys, call = [], MoE.__call__
+
+    def recording(self, x, **kw):
+        keys.append(tuple(np.asarray(jax.random.key_data(kw["rng"])).ravel()))
+        return call(self, x, **kw)
+
+    with mock.patch.object(MoE, "__call__", recording):
+        model(tokens(B=2, T=8), rng=jax.random.key(3))
+    assert len(keys) == cfg.n_layers and len(set(keys)) == cfg.n_layers, keys
+
 @pytest.mark.parametrize("shape", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],
                          ids=["data_expert", "fsdp_expert_tensor"])
 def test_expert_parallel_model_equals_single_device(shape):

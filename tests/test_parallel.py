@@ -183,7 +183,10 @@ def test_pipeline_microbatches_take_rows_from_every_data_shard():
                           (mesh, ({}, x, None), "params holds no arrays"),
                           (mesh, ({"a": W, "b": W[:2]}, x, None), r"one leading dim L \(the first leaf has 4\); these "
                            r"differ: \{\"\['b'\]\": \(2, 16, 16\)\}"),  # a scan error from inside before
-                          (mesh, (W, x, {"pos": jax.numpy.zeros((4, 4))}), "each needs the batch's leading dim 8")):
+                          (mesh, (W, x, {"pos": jax.numpy.zeros((4, 4))}), "each needs the batch's leading dim 8"),
+                          # 3 layers over 2 stages, 7 rows in 2 microbatches: jax's shard_map / reshape errors before
+                          (mesh, (W[:3], x, None), r"n_layers=3 must be divisible by the 'stage' mesh axis \(2 "),
+                          (mesh, (W, x[:7], None), "batch 7 must be divisible by n_microbatches=2")):
         with jax.set_mesh(m), pytest.raises(ValueError, match=says):
             gpipe(layer, *args, n_microbatches=2)
 

@@ -67,6 +67,34 @@ def test_param_counts_and_table_match_real_tree(cfg):
     assert pc.total == pc.embedding + pc.non_embedding
 
 
+
+def test_param_table_dtypes_match_a_bf16_moe_tree():
+    """Under param_dtype='bfloat16' every parameter of the table has the real tree's dtype, the MoE selection bias's
+    float32 (kept so whatever the params) included: memory_per_device counts its bytes from these dtypes."""
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, param_dtype="bfloat16",
+                            dtype="bfloat16", moe=MoEConfig(4, 2, 16))
+    real = param_table_from_state(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))
+    ours = {p.path: (p.shape, p.dtype) for p in lm_param_table(cfg)}
+    assert ours == {p.path: (p.shape, p.dtype) for p in real}
+    assert {p.dtype for p in real} == {"bfloat16", "float32"}
+
+
+def test_moe_layers_are_the_ones_the_model_makes_moe():
+    """lm_shape's MoE layers are models.TransformerConfig.moe_layers() for every layer count and moe_every (4 layers,
+    moe_every=2 has as many MoE layers whichever two they are: an off-by-one placement passed the tree comparison);
+    with 5 layers the counts follow the real tree too."""
+    moe = MoEConfig(4, 2, 16)
+    for L in range(1, 7):
+        for every in range(1, min(L, 3) + 1):
+            cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=L, n_heads=4, mlp_dim=64, moe=moe,
+                                    moe_every=every)
+            s = lm_shape(cfg)
+            assert [s.is_moe_layer(i) for i in range(L)] == list(cfg.moe_layers()), (L, every)
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=4, mlp_dim=64, moe=moe, moe_every=2)
+    real = param_table_from_state(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))))
+    assert sum(p.size for p in real) == param_counts(cfg).total
+    assert {p.path: p.shape for p in lm_param_table(cfg)} == {p.path: p.shape for p in real}
+
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_train_flops_match_cost_analysis(cfg):
     B, T = 2, 128
@@ -292,6 +320,35 @@ def test_decode_flops_of_a_window_that_reaches_the_cache():
     assert (flops[S][1] - flops[S - 1][1]) / key == 1
     assert 1 <= (flops[S][0] - flops[S - 1][0]) / key < 2
 
+
+
+@pytest.mark.parametrize("pattern", [{}, {"attn_pattern": "alternating", "sliding_window": 8},
+                                     {"attn_pattern": "local", "sliding_window": 64}],
+                         ids=["global", "alternating", "window-reaches-cache"])
+def test_decode_attention_flops_are_the_keys_each_layer_scores(pattern):
+    """Exactly 4·N·H per key the model's attention is handed for one decoded token, summed over the layers (read
+    from the keys each layer's attention call receives; the XLA comparisons above allow 10%, inside which a local
+    layer counted with W keys instead of its W-slot buffer plus the new token passed)."""
+    from unittest import mock
+
+    import models.transformer as transformer
+
+    cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
+    B, S = 1, 64
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    keys, attention = [], transformer.attention
+
+    def counting(q, k, *args, **kw):
+        keys.append(k.shape[1])
+        return attention(q, k, *args, **kw)
+
+    _, cache = model(jnp.zeros((B, 30), jnp.int32), cache=KVCache.zeros(cfg, B, S))
+    with mock.patch.object(transformer, "attention", counting):
+        model(jnp.zeros((B, 1), jnp.int32), cache=cache)
+    assert len(keys) == cfg.n_layers
+    per_key = 4 * cfg.n_heads * cfg.hd
+    got = decode_flops_per_token(cfg, 30, cache_len=S) - matmul_flops_per_token(cfg)
+    assert got == per_key * sum(keys), (got / per_key, keys)
 
 WINDOWS = dict(spatial_window=3, temporal_window=2)
 

@@ -228,6 +228,48 @@ def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
     assert "no older checkpoint: starting fresh" in lines[0] and fresh.position == 0
 
 
+
+def test_a_step_corrupted_twice_keeps_both_copies_and_loader_states_of_another_process_count_are_refused(tmp_path):
+    """Quarantine never replaces an earlier copy of the same step (`<dir>-corrupt/<step>-1`, ...); a step whose loader
+    states were written by another number of processes is a CheckpointMismatch, left in place (each process
+    reads its own documents: the states cannot be shared out again)."""
+    import os
+
+    from experiments.checkpoint import CheckpointMismatch
+
+    def corrupt(step):
+        meta_file = tmp_path / "ckpt" / str(step) / "meta" / "metadata"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "fingerprint": "0" * 16}))
+
+    for k in range(3):
+        ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+        ckpt.save(4, state_at(4 + k), {"config": "{}"}, eval_loss=1.0)
+        ckpt.close()
+        corrupt(4)
+        ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+        try:
+            assert ckpt.restore(state_at(0)) is None
+        finally:
+            ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt-corrupt").iterdir()) == ["4", "4-1", "4-2"]
+    kept = sorted(json.loads((tmp_path / "ckpt-corrupt" / n / "meta" / "metadata").read_text())["step"]
+                  for n in ("4", "4-1", "4-2"))
+    assert kept == [4, 4, 4]
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    ckpt.save(6, state_at(6), {"config": "{}"}, eval_loss=1.0, loader=PositionLoader(60))
+    ckpt.close()
+    states = list((tmp_path / "ckpt" / "6" / "loader").glob("process_*.json"))
+    assert [p.name for p in states] == ["process_0-of-1.json"]
+    os.replace(states[0], states[0].with_name("process_0-of-2.json"))
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    try:
+        with pytest.raises(CheckpointMismatch, match="saved by 2 processes, this run has 1"):
+            ckpt.restore(state_at(0), loader=PositionLoader(0))
+    finally:
+        ckpt.close()
+    assert (tmp_path / "ckpt" / "6").is_dir()
+
 def test_a_checkpoint_of_another_data_stream_is_refused_not_quarantined(tmp_path):
     """A good checkpoint whose loader state belongs to another stream (the corpus changed) was taken for a corrupt
     one: every step moved aside and training restarted from step 0, exit 0."""
