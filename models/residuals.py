@@ -4,8 +4,9 @@ A `lax.scan` over layers stacks what each layer's backward needs into [L, ...] a
 iteration (a dynamic-update-slice per residual). XLA:CPU has no bf16 kernel for that update: it converts the
 *whole* stack to float32, writes the slice and converts the stack back, in every iteration, so the cost grows as L²
 and the float32 copies take memory. (f16 stacks are not converted with jax 0.10.2: 0 whole-stack converts in the
-compiled gradient of a 3-layer model, against 36 for bf16; they are packed too, as a bitcast costs nothing.) Kept as uint16 bits, the update is a plain integer copy: the scanned bf16
-reference train step ran 0.87x / 0.80x / 0.72x the time at 4 / 8 / 16 layers (temp memory 1025 → 657 MiB at 16;
+compiled gradient of a 3-layer model, against 36 for bf16; they are packed too, as a bitcast costs nothing.)
+Kept as uint16 bits, the update is a plain integer copy: the scanned bf16 reference train step ran 0.87x / 0.80x /
+0.72x the time at 4 / 8 / 16 layers (temp memory 1025 → 657 MiB at 16;
 `python -m benchmarks.scan_residuals`, docs/benchmarks.md). The same holds for any loop that slices or updates bf16
 arrays (`to_bits` / `from_bits`: the MoE's tile loops).
 """
