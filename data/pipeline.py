@@ -35,6 +35,8 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -312,6 +314,17 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
     return writers["augmented"].count
 
 
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Pool initializer: end this worker once its parent is gone (a SIGKILLed parent cannot shut the pool down,
+    and a worker would otherwise clean its shard to the end, writing into a run nobody is watching)."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _map_shards(fn, jobs: list[tuple], pool, desc: str, progress: bool) -> list:
     """Run `fn(*job)` for every job, in `pool` (None: in this process), with a progress bar."""
     bar = tqdm(total=len(jobs), desc=desc, unit="shard", disable=not progress)
@@ -377,7 +390,8 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
         write_json(mpath, manifest)
     workers = min(cfg.workers, len(shards))
     # spawned, not forked: the parent may hold JAX's threads; one pool serves both parallel passes
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = (cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_exit_with_parent, initargs=(os.getpid(),)) if workers > 1 else None)
     try:
         _map_shards(_pass1, [(i, files, out, cfg) for i, files in enumerate(shards)], pool, "clean", progress)
         drops = _pass2(out, len(shards), cfg, progress)["drops"]

@@ -843,3 +843,65 @@ def test_a_failing_shard_stops_the_run_without_cleaning_the_rest(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run([tmp_path / "in"], tmp_path / "out", PipelineConfig(workers=2, filters=(SlowOrFail(),)), progress=False)
     assert len(list((tmp_path / "out" / "filtered").glob("*.stats.json"))) <= 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordPidThenSleep:
+    """A filter stage (module level: worker processes import it) that writes its worker's pid, then sleeps."""
+
+    pid_dir: str
+    name: str = "record_pid_then_sleep"
+
+    def __call__(self, doc):
+        import time
+
+        (pathlib.Path(self.pid_dir) / str(os.getpid())).touch()
+        time.sleep(60)
+        return doc, None
+
+
+def _alive(pid: int) -> bool:
+    try:  # reparented workers may linger as zombies where nothing reaps them: those have exited
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_end_when_the_pipeline_process_is_killed(tmp_path):
+    """A SIGKILLed run cannot shut its pool down: its workers went on cleaning their shards (into a run nobody was
+    watching) until each shard ended. They now exit within a second of their parent."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"p{i}.jsonl").write_text(json.dumps({"text": f"doc {i}"}) + "\n")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = ("from data.pipeline import PipelineConfig, run\n"
+              "from tests.test_data_pipeline import RecordPidThenSleep\n"
+              f"run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
+              f"PipelineConfig(workers=2, filters=(RecordPidThenSleep({str(pids)!r}),)), progress=False)\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None, "the workers never started"
+            time.sleep(0.1)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert all(_alive(w) for w in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"
