@@ -333,13 +333,18 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_to_host(a[ix]).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
-    shards, size = [[]], 0
+    shards, current, size = [], [], 0  # cut as huggingface_hub cuts (transformers' save_pretrained): same files
     for entry in plan:
-        if shards[-1] and size + entry[1] > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
+        if entry[1] > limit:  # a shard of its own, placed now; the current shard keeps filling
+            shards.append([entry])
+            continue
+        if current and size + entry[1] > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
         size += entry[1]
+    if current or not shards:
+        shards.append(current)
     folder, primary = Path(path), jax.process_index() == 0
     if primary:
         folder.mkdir(parents=True, exist_ok=True)

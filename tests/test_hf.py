@@ -462,7 +462,9 @@ def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
 def test_shards_are_cut_where_huggingface_hub_cuts_them(tmp_path):
     """Tensors fill a shard up to max_shard_size inclusive, as huggingface_hub's splitter (what transformers'
     save_pretrained uses) does: a limit equal to the bytes of the first tensors holds them together. Checked at
-    prefix sums of the tensors' bytes, exactly where a `>=` in place of `>` would cut one tensor early."""
+    prefix sums of the tensors' bytes, exactly where a `>=` in place of `>` would cut one tensor early, and at limits
+    below the largest tensors, which the hub writes to shards of their own while the current shard keeps filling
+    (we had closed the current shard first: other files than transformers writes)."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
     from safetensors.numpy import load_file
 
@@ -471,10 +473,12 @@ def test_shards_are_cut_where_huggingface_hub_cuts_them(tmp_path):
     order = json.loads((tmp_path / "one_each" / "model.safetensors.index.json").read_text())["weight_map"]
     tensors = {name: load_file(tmp_path / "one_each" / f)[name] for name, f in order.items()}
     sizes = np.cumsum([a.nbytes for a in tensors.values()])
-    # limits no tensor exceeds (the hub gives a larger one a shard of its own, out of order: not compared here)
-    limits = [int(x) for x in sizes if x >= max(a.nbytes for a in tensors.values())]
+    largest = max(a.nbytes for a in tensors.values())
+    limits = [int(x) for x in sizes if x >= largest]
     assert len(limits) > 3
-    for limit in limits[:3] + limits[len(limits) // 2:][:1]:
+    smaller = sorted({a.nbytes for a in tensors.values()})  # limits some tensors exceed: shards of their own
+    assert largest > smaller[-2] + smaller[0]
+    for limit in limits[:3] + limits[len(limits) // 2:][:1] + [smaller[-2] + smaller[0]]:
         save_pretrained(ours, tmp_path / str(limit), max_shard_size=limit)
         index = json.loads((tmp_path / str(limit) / "model.safetensors.index.json").read_text())["weight_map"]
         got = {}
