@@ -35,7 +35,8 @@ def _unsupported(field, value, what_to_do):
 def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters") or {}
-    if params and "rope_type" not in params and "rope_theta" not in params:
+    # nested per layer type: dicts under layer-type keys (a flat one with 4.x's `type` key is read as transformers does)
+    if any(isinstance(v, dict) for v in params.values()):
         raise _unsupported("rope_parameters", params, "per-layer-type RoPE is not supported (Llama, Mistral "
                            "and Qwen2 use one rope_type/rope_theta for all layers)")
     # A non-null rope_scaling wins over rope_parameters in both versions (4.x reads only rope_scaling; 5.x takes
@@ -102,6 +103,8 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     elif arch == "qwen2":
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
                                           else "full_attention" for i in range(L)]
+    elif arch == "mistral":  # with layer_types, transformers' AutoConfig builds a Ministral model: windows per layer
+        types = hf.get("layer_types") or ["sliding_attention"] * L
     else:
         types = ["sliding_attention"] * L
     if len(types) != L:  # transformers refuses it too
@@ -131,17 +134,19 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
                            "only causal decoders are supported; load a causal checkpoint (false or null)")
-    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    act_field = "hidden_activation" if arch == "gemma2" else "hidden_act"  # the one its MLP reads; others ignored
+    act = hf.get(act_field, "silu")
     if act not in ("silu", "gelu_pytorch_tanh"):
-        raise _unsupported("hidden_act", act, "our gated MLP uses silu or gelu_pytorch_tanh")
+        raise _unsupported(act_field, act, "our gated MLP uses silu or gelu_pytorch_tanh")
     if hf.get("mlp_bias", False):
         raise _unsupported("mlp_bias", True, "our MLP has no biases")
     if q := hf.get("quantization_config"):
         raise _unsupported("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,
                            "quantized checkpoints (their scale tensors) are not read; load the unquantized model")
+    # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window", "num_local_experts",
-              "num_experts_per_tok"):  # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"
+              "num_experts", "num_experts_per_tok"):
         v = hf.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"HF config field {f}={v!r} must be an integer; fix config.json")
@@ -185,7 +190,9 @@ def _moe_from_hf(hf: dict, mlp_act: str):
     # transformers' Mixtral balancing loss is k × ours per layer (tests/test_moe.py): keep its objective's weight.
     # (HF pools the router statistics of all layers before the product, we average per-layer losses: equal for
     # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
-    return MoEConfig(n_experts=hf.get("num_local_experts", 8), top_k=k, expert_mlp_dim=hf["intermediate_size"],
+    # transformers' MixtralConfig maps `num_experts` onto num_local_experts (attribute_map), and it wins over it
+    n = hf["num_experts"] if hf.get("num_experts") is not None else hf.get("num_local_experts", 8)
+    return MoEConfig(n_experts=n, top_k=k, expert_mlp_dim=hf["intermediate_size"],
                      router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
                      z_loss_weight=0.0, mlp_act=mlp_act)
 
@@ -215,7 +222,8 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
 def config_to_hf(cfg: TransformerConfig) -> dict:
     """HF config.json dict (5.x layout) that transformers loads into the same model.
 
-    Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias), LlamaForCausalLM otherwise.
+    Gemma2ForCausalLM for its block, MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no
+    o_proj bias), MistralForCausalLM with windows or a d_model that n_heads does not divide, LlamaForCausalLM otherwise.
     """
     if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
         if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
@@ -260,7 +268,9 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
         return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
                     sliding_window=None, max_window_layers=cfg.n_layers,
                     layer_types=["full_attention"] * cfg.n_layers, **hf)
-    if any(w is not None for w in windows):  # Mistral: one window on every layer
+    # Mistral: one window on every layer. Without one it is Llama's model, and the form transformers 5.x loads when
+    # d_model is not a multiple of n_heads (an explicit head_dim): its LlamaConfig refuses that, MistralConfig does not
+    if any(w is not None for w in windows) or cfg.d_model % cfg.n_heads:
         if len(set(windows)) != 1:
             raise ValueError(f"TransformerConfig.attn_pattern: windows {windows} have no Hugging Face layout here: "
                              "Mistral (and Mixtral, Qwen2 with qkv_bias) take one window on every layer "
@@ -283,6 +293,9 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
             and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
         raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
                          "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias, no rope_scaling and no moe")
+    if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
+        raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
+                         "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")
     local = [w for w in windows if w is not None]
     if len(set(local)) > 1:
         raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 has one window, got {sorted(set(local))}")

@@ -255,10 +255,13 @@ ROUND_TRIP["gemma2_2to1"] = dataclasses.replace(ROUND_TRIP["gemma2"], n_layers=3
 ROUND_TRIP["qwen2_sliding"] = dataclasses.replace(ROUND_TRIP["qwen2"], attn_pattern="local", sliding_window=5)
 ROUND_TRIP["qwen2_upper_swa"] = dataclasses.replace(ROUND_TRIP["qwen2"], n_layers=3, attn_pattern="GLL",
                                                     sliding_window=5)
+# d_model not a multiple of n_heads (head_dim given): written as Llama, transformers 5.x refused to load it
+ROUND_TRIP["llama_heads_not_dividing"] = dataclasses.replace(ROUND_TRIP["llama"], d_model=72, n_heads=5, n_kv_heads=1,
+                                                             head_dim=16)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
-        "llama_yarn_mscale": "LlamaForCausalLM"}
+        "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -297,6 +300,18 @@ def test_gemma2_with_moe_is_refused(tmp_path):
     cfg = dataclasses.replace(ROUND_TRIP["gemma2"], moe=MoEConfig(4, 2, 32, mlp_act="gelu_tanh"))
     with pytest.raises(ValueError, match="no moe"):
         save_pretrained(Transformer(cfg, rngs=nnx.Rngs(0)), tmp_path)
+
+
+def test_gemma2_export_needs_heads_dividing_d_model(tmp_path):
+    """transformers' Gemma2Config refuses hidden_size % num_attention_heads != 0: the export it could not load is
+    refused before anything is written."""
+    cfg = dataclasses.replace(ROUND_TRIP["gemma2"], d_model=72, n_heads=5, n_kv_heads=1, head_dim=16)
+    with pytest.raises(Exception, match=r"hidden size \(72\) is not a multiple of the number of attention heads"):
+        transformers.Gemma2Config(**{k: v for k, v in config_to_hf(ROUND_TRIP["gemma2"]).items()
+                                     if k != "architectures"} | dict(hidden_size=72, num_attention_heads=5))
+    with pytest.raises(ValueError, match=r"d_model=72 is not a multiple of n_heads=5.*Gemma 2"):
+        save_pretrained(_random_model(cfg, seed=3), tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
@@ -398,6 +413,25 @@ def test_rope_fields_read_as_transformers_reads_them():
     assert config_from_hf(raw(theirs)).rope_scaling.original_max_position_embeddings == theirs
     with pytest.raises(ValueError, match="original_max_position_embeddings=8 .*top-level field and uses 64"):
         config_from_hf(raw(8))
+
+
+@pytest.mark.parametrize("rope", [dict(type="linear", factor=3.0), dict(factor=3.0)])
+def test_rope_parameters_without_rope_type_read_as_transformers_reads_them(rope):
+    """rope_parameters with 4.x's `type` key (or no type: default RoPE) were refused as per-layer-type RoPE, which
+    transformers 5.x reads as one flat setting (a dict nested per layer type is refused: test_unsupported_config)."""
+    raw = _hf_dict() | {"rope_parameters": rope}
+    ours = config_from_hf(raw)  # first: transformers fills rope_type / rope_theta into the dict it is given
+    theirs = transformers.LlamaConfig.from_dict(raw).rope_parameters
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert ours.rope_scaling == (RopeScaling("linear", theirs["factor"]) if theirs["rope_type"] == "linear" else None)
+
+
+@pytest.mark.parametrize("experts", [dict(num_experts=4), dict(num_experts=4, num_local_experts=6)])
+def test_mixtral_num_experts_alias_read_as_transformers_reads_it(experts):
+    """MixtralConfig's attribute_map reads `num_experts` as num_local_experts (and over it); we kept the default 8,
+    and the load failed on a gate weight's shape naming no field."""
+    raw = {k: v for k, v in config_to_hf(ROUND_TRIP["mixtral"]).items() if k != "num_local_experts"} | experts
+    assert config_from_hf(raw).moe.n_experts == transformers.MixtralConfig.from_dict(raw).num_local_experts == 4
 
 
 def test_tied_config_with_its_own_head_tensor(tmp_path):
@@ -546,6 +580,11 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(hidden_act="gelu"), "hidden_act"),
+    # a dict nested per layer type beside a flat key (it was read as flat default RoPE, its nested settings ignored)
+    (dict(rope_parameters={"full_attention": dict(rope_type="linear", factor=2.0), "rope_theta": 1e4}),
+     "per-layer-type RoPE is not supported"),
+    # Llama's MLP reads hidden_act alone: Gemma's hidden_activation was read first, a tanh GELU for an exact one
+    (dict(hidden_act="gelu", hidden_activation="gelu_pytorch_tanh"), "hidden_act='gelu'"),
     # transformers builds the model of model_type: a Mistral one (its window) under a Llama architecture name
     (dict(architectures=["LlamaForCausalLM"], model_type="mistral"), "model_type=.mistral.*make the two agree"),
     (dict(quantization_config=dict(quant_method="fp8")), "quantization_config='fp8'"),
@@ -583,6 +622,26 @@ def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
     save_file(tensors, folder / "model.safetensors")
     with pytest.raises(ValueError, match=rf"tensor '{name}' is uint8, not floating point"):
         from_pretrained(folder)
+
+
+@pytest.mark.parametrize("types", [["full_attention", "sliding_attention"], ["full_attention"] * 2])
+def test_a_mistral_config_with_layer_types_loads_as_transformers_ministral(hf_ckpt, tmp_path, types):
+    """transformers' AutoConfig builds a Mistral config.json with layer_types as Ministral, whose layers slide only
+    where layer_types says; we slid every layer (logits ~4 off)."""
+    import shutil
+
+    folder, mistral = hf_ckpt("mistral_swa")
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    hf = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hf | {"layer_types": types}))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                 dtype=torch.float32).eval()
+    assert type(hf_model).__name__ == "MinistralForCausalLM"
+    ref = hf_logits(hf_model)
+    assert np.abs(ref - hf_logits(mistral)).max() > 1e-2  # the layer types change the model
+    ours = from_pretrained(tmp_path)
+    assert ours.cfg.layer_windows() == tuple(7 if t == "sliding_attention" else None for t in types)
+    assert np.abs(our_logits(ours) - ref).max() < 1e-4
 
 
 def test_window_and_gemma2_configs(hf_ckpt):
