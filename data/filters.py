@@ -222,15 +222,29 @@ def words(text: str) -> list[str]:
 
 def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     """Remove lines matching any `cfg.boilerplate` rule (case-insensitive) → `(text, lines_removed,
-    non-blank lines)`: blank lines do not count, so a page reads the same with single or double line breaks."""
+    non-blank lines)`: blank lines do not count, so a page reads the same with single or double line breaks.
+    The blank lines around a removed one shrink to the longer run of them, and go at the text's ends, so
+    normalised text stays normalised."""
     low = text.lower()
     hit = [rx for lit, rx in cfg._boilerplate_re if lit in low and rx.search(low)]
     lines = text.split("\n")
     n_lines = sum(bool(ln.strip()) for ln in lines)
     if not hit:
         return text, 0, n_lines
-    kept = [ln for ln in lines if not any(rx.search(ln.lower()) for rx in hit)]
-    return "\n".join(kept), len(lines) - len(kept), n_lines
+    # a removed footer left its blank line(s) behind: a text ending in '\n', or 3 line breaks in a row
+    kept, run, gap, cut, removed = [], [], [], False, 0
+    for ln in lines:
+        if any(rx.search(ln.lower()) for rx in hit):
+            removed += 1
+            cut, gap, run = True, max(gap, run, key=len), []
+        elif not ln.strip():
+            run.append(ln)
+        else:
+            kept += (max(gap, run, key=len) if kept else []) if cut else run
+            kept.append(ln)
+            run, gap, cut = [], [], False
+    kept += [] if cut else run
+    return "\n".join(kept), removed, n_lines
 
 
 def _nonspace(text: str) -> int:

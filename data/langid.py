@@ -73,6 +73,10 @@ class LangID:
         if len(text) > n:
             third, mid = n // 3, len(text) // 2
             text = " ".join((text[:third], text[mid - third // 2:mid + third // 2], text[-third:]))
+        # the model knows lower-case n-grams; py3langid lower-cases only text without a lower-case letter, so an
+        # all-caps article ending in one 'ok' or a URL was Nigerian Pidgin (pcm) at 0.05
+        if sum(map(str.isupper, text)) > sum(map(str.islower, text)):
+            text = text.lower()
         ranked = self._id.rank(text)
         if ranked[0][1] <= 2.0 / len(ranked):  # no evidence (no letters, 'ok'): near-flat probabilities, where the
             return "und", float(ranked[0][1])   # zh fold (3 members) would win with 3x the flat share

@@ -52,6 +52,10 @@ from data.shards import DocWriter, iter_docs, read_json, shard_name, write_json
 from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
 
+# Bumped when the code changes what a setting produces (a resumed run would mix shards of both versions, and a
+# cached corpus would keep the old texts): 2 = boilerplate removal keeps text normalised, quality signals all kept.
+OUTPUT_VERSION = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -120,7 +124,7 @@ class PipelineConfig:
                      if getattr(self, k) is not None}}
         for k, v in stable.items():
             object.__setattr__(same, k, v)
-        return hashlib.sha1(repr(same).encode()).hexdigest()[:16]
+        return hashlib.sha1(f"{repr(same)} v{OUTPUT_VERSION}".encode()).hexdigest()[:16]
 
 
 def _stable(obj):
@@ -378,7 +382,7 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
             changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'].get(f)})"
                        for f, v in old["files"].items() if v != manifest["files"].get(f)]
             what = ("inputs" if old["shards"] != manifest["shards"] else
-                    "settings" if old["config"] != manifest["config"] else
+                    "settings (or cleaning-code version)" if old["config"] != manifest["config"] else
                     "dedup_against: it was cleaned again since (its dedup decisions here are stale)"
                     if old.get("reference") != manifest.get("reference") else "inputs: " + ", ".join(changed[:3]))
             raise ValueError(f"{out} holds a cleaning run with different {what}; use a new --out directory "

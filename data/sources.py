@@ -5,10 +5,10 @@ with bounded memory.
 text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). `discover` refuses, before any
-work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, zstd / lz4 / archive
-files, CSV and Arrow-family files. Directory walks skip Hadoop / Spark side files
-(names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no
-records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its document as
+work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 or
+with bare-CR line ends, zstd / lz4 / archive files, CSV and Arrow-family files. Directory walks skip Hadoop / Spark
+side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which
+hold no records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its document as
 metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`, `augmented`), which
 they overwrite, as the document's text overwrites a `text` field (so with another `--text-field`, inputs whose first
 records have one are refused before any work: `check_text_field`).
@@ -89,7 +89,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
              skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
     """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output)
     grouped into shards. Raises a ValueError naming files of a format that would be misread (compressed with
-    zstd / lz4, archives, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file)."""
+    zstd / lz4, archives, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file, JSON Lines
+    in UTF-16 or with bare-CR line ends)."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -149,6 +150,14 @@ def _not_json_lines(path: str) -> str | None:
             head = f.read(1 << 12)
     except _READ_ERRORS:
         return None  # counted as `unreadable_file` when read
+    # UTF-16 (PowerShell 5's `>`, Windows "Unicode"): every line was a `binary` drop, and a character whose code
+    # holds a 0x0A byte (上 is 0A 4E) split a record in two, so even the count was wrong
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2] in (b"{\x00", b"\x00{"):
+        enc = "UTF-16LE" if head[:2] in (b"\xff\xfe", b"{\x00") else "UTF-16BE"
+        return f"{enc} text, not UTF-8: convert it, e.g. iconv -f {enc} -t UTF-8 IN > OUT.jsonl"
+    # classic Mac line ends: all its records were one malformed_json drop (a CR last in the head may be a CRLF's)
+    if b"\r" in head[:-1] and b"\n" not in head:
+        return "lines end in a bare CR, so it reads as one line: convert them, e.g. tr '\\r' '\\n' < IN > OUT.jsonl"
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"["):
         return "a JSON array, not one object per line: convert it, e.g. jq -c '.[]' IN > OUT.jsonl"

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 
 from data.filters import QualityConfig, quality_filter
-from data.label import LabelConfig, domain_tags, quality_score
+from data.label import REPETITION_FAMILIES, SCORED_SIGNALS, LabelConfig, domain_tags, quality_score
 from data.langid import LangID, LangIDConfig
 from data.normalize import NormalizeConfig, normalize_text
 
@@ -169,7 +169,12 @@ class QualityFilter:
 
     def __call__(self, doc):
         text, reason, signals = quality_filter(doc["text"], self.cfg)
-        kept = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in signals.items() if k in KEPT_SIGNALS}
+        # and every signal the labelling stage's quality_score reads: with dup_paragraph_chars, top_3gram ... missing,
+        # the labelled tier's score of a document with a repeated passage was up to 0.06 above quality_score's
+        scored = {n for n, _ in SCORED_SIGNALS} | {p.format(n=n) for p, f in REPETITION_FAMILIES
+                                                    for n, _ in getattr(self.cfg, f)}
+        kept = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in signals.items()
+                if k in KEPT_SIGNALS or k in scored}
         return {**doc, "text": text, "signals": kept}, reason
 
     def count(self, st, doc, dropped):

@@ -365,3 +365,20 @@ def test_mixed_text_ngrams_scale_by_the_cjk_share_of_the_words():
     assert s["ngram_scale"] == pytest.approx(want)
     ref = ngram_signals(words(text), [n for n, _ in CFG.top_ngram_max], [n for n, _ in CFG.dup_ngram_max], want)
     assert {k: s[k] for k in ref} == pytest.approx(ref)
+
+
+def test_removed_boilerplate_lines_leave_normalised_text(rng):
+    """A removed header or footer took only its own line: the text it left began or ended with a line break, and a
+    removed line between paragraphs left 2 blank lines (normalize_text keeps at most max_blank_lines=1)."""
+    from data.normalize import normalize_text
+
+    a, b = en_text(rng, 40), en_text(rng, 40)
+    for page, n in (("Privacy Policy\n\n" + a + "\n\nShare on Facebook\n\n" + b + "\n\nAll rights reserved.", 3),
+                    (a + "\n\nShare on Facebook\nFollow us on X\n\n" + b + "\nCookie policy", 3),
+                    ("Privacy policy\n" + a + "\n\n" + b, 1)):
+        assert page == normalize_text(page)
+        out, removed, _ = strip_boilerplate(page, CFG)
+        assert (out, removed) == (a + "\n\n" + b, n) and out == normalize_text(out)
+    # the longer blank run stays (not their sum): the text's own spacing, as normalised with max_blank_lines=2
+    assert strip_boilerplate(a + "\n\nShare on Facebook\n\n\n" + b, CFG)[0] == a + "\n\n\n" + b
+    assert strip_boilerplate(a + "\n\n" + b + "\n", CFG) == (a + "\n\n" + b + "\n", 0, 2)  # nothing removed: as is

@@ -160,3 +160,23 @@ def test_quality_score_ranks_clean_chinese_and_english_alike():
     assert analyze("word$ " * 5)["special_char_ratio"] == pytest.approx(1 / 5)
     assert analyze("好的，好的。" * 5)["special_char_ratio"] == 0.0
     assert analyze("好的😀好的。" * 5)["special_char_ratio"] == pytest.approx(1 / 6)
+
+
+def test_the_labelled_tier_scores_a_document_as_quality_score_does():
+    """The label stage scores the signals the quality stage kept on the document: those must be every one
+    quality_score reads (without dup_paragraph_chars, top_3gram ... this one, a passage repeated, scored 0.84, not
+    0.81)."""
+    import numpy as np
+
+    from data.filters import QualityConfig, analyze
+    from data.label import quality_score
+    from data.stages import Label, QualityFilter
+    from data.synthetic import en_text
+
+    rng = np.random.default_rng(0)
+    parts, passage = [en_text(rng, 60) for _ in range(6)], en_text(rng, 12)
+    for q in (QualityConfig(), QualityConfig(top_ngram_max=((3, 0.2),), dup_ngram_max=((7, 0.15), (12, 0.1)))):
+        doc, reason = QualityFilter(q)({"text": "\n\n".join(parts[:2] + [passage] + parts[2:] + [passage])})
+        assert reason is None
+        want = quality_score(analyze(doc["text"], q), q)
+        assert want < 0.9 and Label(quality=q)(doc)[0]["quality"] == pytest.approx(want, abs=1e-3)

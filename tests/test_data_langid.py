@@ -125,3 +125,17 @@ def test_a_language_only_at_the_start_middle_or_end_of_a_long_document_is_found(
     assert det.detect(pad)[0] == "und" and len(pad) > 2 * det.cfg.sample_chars
     for text in (fr + pad, pad[:1500] + fr + pad[1500:], pad + fr):
         assert det.detect(text)[0] == "fr"
+
+
+def test_mostly_upper_case_text_is_judged_as_its_lower_case(det):
+    """An all-caps article with a few lower-case letters (a URL, a closing 'Thanks.') is read as the model's
+    lower-case n-grams: py3langid lower-cases only text with none, and such English was pcm at 0.05, dropped."""
+    from data.langid_samples import EN_LONG
+
+    text = " ".join(EN_LONG[:6]).upper()
+    assert det.detect(text)[0] == "en"
+    for tail in (" see www.example.com", " Thanks.", " ok"):
+        lang, conf = det.detect(text + tail)
+        assert (lang, conf) == det.detect((text + tail).lower()) and lang == "en", tail
+    zh = "今天天气很好，我们一起去公园散步吧。" * 3 + " NASA AND THE ESA SAID SO."
+    assert det.detect(zh)[0] == "zh"

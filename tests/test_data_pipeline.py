@@ -151,6 +151,28 @@ def test_a_utf16_text_file_is_read_as_text(tmp_path):
     assert list(read_records([str(tmp_path / "odd.txt")])) == [(None, "binary", 4)]
 
 
+def test_a_utf16_json_lines_file_or_one_with_bare_cr_line_ends_is_refused_before_any_work(tmp_path):
+    """PowerShell 5's `>` writes UTF-16: its 2 records were 4 `binary` drops (上 is the bytes 0A 4E, a line break);
+    with classic Mac line ends (CR alone) they were one `malformed_json` drop."""
+    from data.sources import discover
+
+    text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in ("上海 report", "a second one"))
+    for enc, name in (("utf-16", "UTF-16LE"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE")):
+        path = tmp_path / f"{enc}.jsonl"
+        path.write_bytes(text.encode(enc))  # utf-16: a byte-order mark first; the others none
+        with pytest.raises(ValueError, match=re.escape(f"{path} ({name} text, not UTF-8: convert it, e.g. iconv -f "
+                                                       f"{name} -t UTF-8")):
+            discover([path])
+    (tmp_path / "cr.jsonl").write_bytes(text.replace("\r\n", "\r").encode())
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cr.jsonl'} (lines end in a bare CR")):
+        discover([tmp_path / "cr.jsonl"])
+    (tmp_path / "ok.jsonl").write_text(text, encoding="utf-8")  # CRLF: JSON whitespace, read record by record
+    assert discover([tmp_path / "ok.jsonl"]) == [(str(tmp_path / "ok.jsonl"),)]
+    line = json.dumps({"text": "x" * 4083})  # 4095 bytes: its CR is the last byte of the 4 KiB read, its LF after
+    (tmp_path / "long.jsonl").write_bytes((line + "\r\n" + line + "\r\n").encode())
+    assert len(line) == 4095 and discover([tmp_path / "long.jsonl"]) == [(str(tmp_path / "long.jsonl"),)]
+
+
 def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(tmp_path):
     """Past one read chunk (256 records) and with more than ten shards, created out of order."""
     from data.shards import DocWriter, shard_name
@@ -298,6 +320,21 @@ def test_a_directory_of_another_run_is_refused(cleaned, corpus):
         run(inputs, out, PipelineConfig(workers=1, augment=None), progress=False)
     with pytest.raises(ValueError, match="different inputs"):
         run(inputs[:1], out, PipelineConfig(workers=1), progress=False)
+
+
+def test_a_run_begun_by_another_version_of_the_cleaning_code_is_refused_on_resume(tmp_path, monkeypatch):
+    """The fingerprint covers the settings and OUTPUT_VERSION: a run begun before a change to what the stages
+    produce resumed, mixing shards of both versions (and the demo's cached corpus kept the old texts)."""
+    from data import pipeline
+
+    inputs = small_corpus(tmp_path)
+    before = PipelineConfig(workers=1).fingerprint()
+    monkeypatch.setattr(pipeline, "OUTPUT_VERSION", pipeline.OUTPUT_VERSION - 1)
+    assert PipelineConfig(workers=1).fingerprint() != before
+    run(inputs, tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"different settings \(or cleaning-code version\)"):
+        run(inputs, tmp_path / "out", PipelineConfig(workers=1), progress=False)
 
 
 def test_inputs_changed_since_the_run_began_are_refused_on_resume(tmp_path):
