@@ -24,28 +24,34 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     """logits [B, V] → tokens [B] int32. Greedy when temperature == 0; otherwise temperature, then top-k, then
     nucleus (top-p). As in Hugging Face, top_k None or 0 is off, top_k > V keeps all V and top_p 1 is off (a
     float32 cumulative sum reaches 1 before the tail: 336 of 32000 tokens would go). Unlike Hugging Face, the
-    top-p cutoff is a logit value: every token tied with the last one kept stays (order-independent)."""
+    top-p cutoff is a logit value: every token tied with the last one kept stays (order-independent).
+    temperature and top_p may be traced scalars (one compiled program for all their values; a traced temperature
+    always samples, 0 as the smallest one); top_k fixes the program's shapes, so it is a Python int."""
     _check_top_k(top_k)
+    traced_t, traced_p = isinstance(temperature, jax.core.Tracer), isinstance(top_p, jax.core.Tracer)
     # checked here too, for decoding loops that call this directly: top_p <= 0 or a NaN temperature masked every
     # token, and categorical then returned token 0 whatever the logits (a negative temperature sampled the argmax)
-    if not (math.isfinite(float(temperature)) and temperature >= 0):
+    if not traced_t and not (math.isfinite(float(temperature)) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_p is not None and not isinstance(top_p, jax.core.Tracer) and not 0 < float(top_p) <= 1:
+    if top_p is not None and not traced_p and not 0 < float(top_p) <= 1:
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if temperature == 0.0:
+    if not traced_t and temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     # shifted by the row max first: the distribution is the same, and a tiny temperature cannot overflow to inf or
     # make 0/0 (which picked an arbitrary token below 1e-38)
-    logits_BV = (logits_BV - logits_BV.max(-1, keepdims=True)) / max(float(temperature), 1e-30)
+    scale = jnp.maximum(temperature, 1e-30) if traced_t else max(float(temperature), 1e-30)
+    logits_BV = (logits_BV - logits_BV.max(-1, keepdims=True)) / scale
     if top_k:
         kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (traced_p or top_p < 1.0):
         sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
         cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        if traced_p:  # a traced 1 is off too
+            cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
 
@@ -59,9 +65,12 @@ def _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k,
     return sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p), cache, rng
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _generate(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p):
+# max_new_tokens, greedy (temperature == 0) and top_k are static: they fix the program's shapes; the temperature,
+# top_p and the eos / pad ids are traced, so a new value of one does not compile it again
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _generate(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, greedy, top_k, temperature, top_p):
     model = nnx.merge(graphdef, state)
+    temperature = 0.0 if greedy else temperature
     first_B, cache, rng = _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p)
 
     def step(carry, _):
@@ -75,12 +84,14 @@ def _generate(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, temperat
     return jnp.concatenate([toks_NB.T, last_B[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9, 10))
-def _generate_until(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p, eos_ids,
-                    pad_id):
-    """As `_generate`, stopping once every row has produced one of `eos_ids`: → (tokens [B, max_new_tokens],
-    how many columns were generated). A finished row continues with `pad_id` (as Hugging Face pads)."""
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _generate_until(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, greedy, top_k, temperature, top_p,
+                    eos_ids, pad_id):
+    """As `_generate`, stopping once every row has produced one of `eos_ids` [n_eos]: → (tokens [B,
+    max_new_tokens], how many columns were generated). A finished row continues with `pad_id` (as Hugging Face
+    pads)."""
     model = nnx.merge(graphdef, state)
+    temperature = 0.0 if greedy else temperature
     tok_B, cache, rng = _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p)
     eos = jnp.asarray(eos_ids, jnp.int32)
     toks_BN = jnp.full((prompt_BP.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
@@ -172,6 +183,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     and generation stops once every row has, so the result may be shorter, [B, P + n] with n <= max_new_tokens
     (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`). trim=False keeps [B, P + max_new_tokens] (the
     columns after the stop are pad_id): one shape, for calling it inside your own `jax.jit`.
+    Compiles once per prompt shape, max_new_tokens, top_k and greedy or not (`left_pad(length=...)` fixes the
+    prompt's): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
     """
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size).astype(jnp.int32)  # ints in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
@@ -211,13 +224,14 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         _token_ids("pad_id", pad_id, model.cfg.vocab_size)
     rng = jax.random.key(0) if rng is None else rng
     graphdef, state = nnx.split(model)
-    sampling = (int(max_new_tokens), float(temperature), int(top_k or 0) or None,
-                None if top_p is None else float(top_p))
+    greedy = temperature == 0  # top_k / top_p change nothing then (warned above): not in the program either
+    sampling = (int(max_new_tokens), greedy, None if greedy else int(top_k or 0) or None, np.float32(temperature),
+                None if greedy or top_p is None or top_p >= 1 else np.float32(top_p))  # top_p 1 is off: no sort
     if not eos_ids:
         new = _generate(graphdef, state, prompt_BP, start_B, rng, *sampling)
     else:
-        new, n = _generate_until(graphdef, state, prompt_BP, start_B, rng, *sampling, eos_ids,
-                                 eos_ids[0] if pad_id is None else int(pad_id))
+        new, n = _generate_until(graphdef, state, prompt_BP, start_B, rng, *sampling, np.asarray(eos_ids, np.int32),
+                                 np.int32(eos_ids[0] if pad_id is None else pad_id))
         if trim:
             if isinstance(n, jax.core.Tracer):
                 raise ValueError("generate(eos_id=...) under jax.jit: the trimmed length depends on the tokens; pass "

@@ -14,8 +14,9 @@ from parallel.rules import _check_overrides, current_rules, logical_to_spec
 
 
 def logical_shardings(abstract_state, mesh, rules=None):
-    """NamedSharding per variable, from each variable's `out_sharding` logical names and shape. A `rules` name
-    neither in the table nor on any variable raises: it would change nothing (`rules={'vocabulary': None}`)."""
+    """NamedSharding per variable, from each variable's `out_sharding` logical names and shape (its spec without
+    trailing Nones, as jax.jit returns arrays). A `rules` name neither in the table nor on any variable raises: it
+    would change nothing (`rules={'vocabulary': None}`)."""
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     names_of = lambda v: v.get_metadata().get("out_sharding") or (None,) * len(v.shape)  # noqa: E731
     if rules:
@@ -24,8 +25,17 @@ def logical_shardings(abstract_state, mesh, rules=None):
         if unknown := sorted(set(rules) - set(current_rules()) - used):
             raise ValueError(f"rules: no logical axis {unknown} in the rules table or on this state's variables "
                              f"(theirs: {sorted(used)}); a name nothing carries would change nothing")
-    return jax.tree.map(lambda v: NamedSharding(mesh, logical_to_spec(names_of(v), mesh, v.shape, rules)),
+    return jax.tree.map(lambda v: NamedSharding(mesh, _trimmed(logical_to_spec(names_of(v), mesh, v.shape, rules))),
                         abstract_state, is_leaf=is_var)
+
+
+def _trimmed(spec: P) -> P:
+    """`spec` without trailing Nones: the same layout, spelt as jax.jit spells its outputs'. A state placed with
+    P(None, 'fsdp', None) came back from a train step as P(None, 'fsdp'), a new cache key: the step compiled twice."""
+    parts = list(spec)
+    while parts and parts[-1] is None:
+        parts.pop()
+    return P(*parts)
 
 
 def _check_builder(model_fn, where: str) -> None:

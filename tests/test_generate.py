@@ -1,6 +1,7 @@
 """KV-cache generation: greedy equals recomputation; sampling honours top-k / top-p."""
 
 import dataclasses
+import importlib
 import re
 
 import jax
@@ -211,6 +212,35 @@ def test_a_tiny_temperature_samples_the_argmax():
     for t in (1e-30, 1e-38, 1e-300):
         got = sample_logits(logits, jax.random.key(0), t, None, None)
         assert (got == 1).all(), (t, got)
+
+
+def test_new_sampling_values_do_not_compile_generate_again(model):
+    """temperature, top_p, eos_id and pad_id were static arguments of the jitted decoder: each new value compiled
+    it again (here 7: 3 temperature / top_p pairs with and without eos, and greedy with a top_k). Traced now; greedy
+    ignores top_k / top_p, so they do not make another greedy program either."""
+    gen = importlib.import_module("models.generate")
+    compiled = lambda: (gen._generate._cache_size(), gen._generate_until._cache_size())  # noqa: E731
+    prompt = jnp.zeros((3, 7), jnp.int32)
+    generate(model, prompt, 3, temperature=0.5, top_p=0.9, rng=jax.random.key(0))
+    generate(model, prompt, 3, temperature=0.5, top_p=0.9, rng=jax.random.key(0), eos_id=1)
+    generate(model, prompt, 3)
+    before = compiled()
+    for t, p in ((0.7, 0.8), (1.3, 0.95), (2.0, 0.5)):
+        generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.key(1))
+        generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.key(1), eos_id=2, pad_id=5)
+    with pytest.warns(UserWarning, match="temperature=0 is greedy decoding"):
+        generate(model, prompt, 3, top_k=4, top_p=0.5)
+    assert compiled() == before
+
+
+def test_sample_logits_takes_a_traced_temperature_and_top_p():
+    """A decoding loop's own jax.jit over sample_logits with the temperature / top_p as arguments (one program for
+    every value) failed on float(tracer)."""
+    logits = jax.random.normal(jax.random.key(0), (4, 500)) * 3
+    key = jax.random.key(1)
+    traced = jax.jit(lambda t, p: sample_logits(logits, key, t, 5, p))
+    for t, p in ((0.7, 0.9), (1.5, 0.3)):
+        np.testing.assert_array_equal(traced(t, p), sample_logits(logits, key, t, 5, p))
 
 
 def test_generating_past_max_seq_len_warns_and_runs(model):

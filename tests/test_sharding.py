@@ -55,13 +55,13 @@ def test_rules_errors_and_fallbacks():
     gqa = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=64)
     _, state = create_sharded(lambda: Transformer(gqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
     for name in ("wk", "wv"):
-        assert state["blocks"][name][...].sharding.spec == jax.P(None, None, "tensor", None), name  # [L, D, K, H]
+        assert state["blocks"][name][...].sharding.spec == jax.P(None, None, "tensor"), name  # [L, D, K, H]
     # MQA: the parameters too replicate their one kv head (create_sharded placed them by names alone, without the
     # shapes: JAX's IndivisibleError)
     mqa = dataclasses.replace(gqa, n_kv_heads=1)
     _, state = create_sharded(lambda: Transformer(mqa, rngs=nnx.Rngs(0)), make_mesh({"tensor": 4, "data": 2}))
-    assert state["blocks"]["wk"][...].sharding.spec == jax.P(None, None, None, None)
-    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor", None)
+    assert state["blocks"]["wk"][...].sharding.spec == jax.P()
+    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor")
     # a researcher's own module, annotated with logical names and without our modules' use_eager_sharding(False):
     # flax read 'embed' as a mesh axis at creation and create_sharded raised
     class Mine(nnx.Module):
@@ -86,8 +86,8 @@ def test_rules_arguments_override_the_table_in_effect():
     mesh = make_mesh({"fsdp": 4, "tensor": 2})
     assert logical_to_spec(("embed", "vocab"), mesh, rules={"embed": None}) == jax.P(None, "tensor")
     _, state = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh, rules={"embed": None})
-    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor", None)  # [L, D, N, H]
-    assert state["embed"][...].sharding.spec == jax.P("tensor", None)
+    assert state["blocks"]["wq"][...].sharding.spec == jax.P(None, None, "tensor")  # [L, D, N, H]
+    assert state["embed"][...].sharding.spec == jax.P("tensor")
     default = memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64)
     assert memory_per_device(CFG, {"fsdp": 4, "tensor": 2}, 8, 64, rules={"embed": None}).params > default.params
     # a misspelt mesh axis replicated the embedding silently, a misspelt name changed nothing; a new name passes

@@ -604,6 +604,30 @@ def test_the_trainer_step_updates_its_donated_state_in_place():
                  {k: v for k, v in before.items() if k not in ("step", "skipped")})
 
 
+def test_a_sharded_state_steps_with_one_compilation():
+    """create_sharded placed parameters as P(None, 'fsdp', None) and the step returned them as P(None, 'fsdp') (the
+    same layout, as jax.jit spells it): another cache key, so a loop of your own (no state_shardings) compiled
+    make_state_step's and make_train_step's step twice."""
+    from experiments.lm_step import init_train_state, make_train_step
+    from parallel import create_sharded, shard_batch
+    from parallel.sharding import init_optimizer
+
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, max_seq_len=16)
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    opt = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+    tok = np.random.default_rng(0).integers(0, 64, (8, 17), dtype=np.int32)
+    batch = shard_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    params2 = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)[1]
+    step, plain = make_state_step(graphdef, opt), make_train_step(graphdef, opt)
+    with jax.set_mesh(mesh):
+        state, p, o = init_train_state(params, opt), params2, init_optimizer(opt, params2)
+        for _ in range(3):
+            state, _ = step(state, batch)
+            p, o, _ = plain(p, o, batch)
+    assert (step._cache_size(), plain._cache_size()) == (1, 1)
+
+
 def test_throughput_window_without_steps_reports_none():
     clock = iter([0.0, 1.0, 5.0, 6.0]).__next__
     w = run_log.Throughput(clock)
