@@ -53,7 +53,8 @@ from data.sources import SourceConfig, check_text_field, discover, file_stamps, 
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
 
 # Bumped when the code changes what a setting produces (a resumed run would mix shards of both versions, and a
-# cached corpus would keep the old texts): 2 = boilerplate removal keeps text normalised, quality signals all kept.
+# cached corpus would keep the old texts): 2 = boilerplate removal keeps text normalised, quality signals all kept,
+# a record's own `augmented` field dropped.
 OUTPUT_VERSION = 2
 
 

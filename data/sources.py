@@ -10,8 +10,9 @@ with bare-CR line ends, zstd / lz4 / archive files, CSV and Arrow-family files. 
 side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which
 hold no records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its document as
 metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`, `augmented`), which
-they overwrite, as the document's text overwrites a `text` field (so with another `--text-field`, inputs whose first
-records have one are refused before any work: `check_text_field`).
+they overwrite (without a langid stage, labelling keeps a record's own `lang` and `lang_score`), as the document's
+text overwrites a `text` field (so with another `--text-field`, inputs whose first records have one are refused
+before any work: `check_text_field`).
 """
 
 from __future__ import annotations

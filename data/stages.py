@@ -184,7 +184,8 @@ class QualityFilter:
 
 @dataclasses.dataclass(frozen=True)
 class Label:
-    """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the langid stage did not run, `lang`."""
+    """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the document has no `lang` (the langid stage did
+    not run, and the record had none of its own), `lang`."""
 
     cfg: LabelConfig = LabelConfig()
     quality: QualityConfig = QualityConfig()
@@ -212,6 +213,9 @@ class Augment:
     name: str = "augment"
 
     def __call__(self, doc):
+        # `augmented` says what this stage added: a record's own field (its source's metadata) stayed on documents
+        # the hook left alone, and `count` took them for augmented ones
+        doc = {k: v for k, v in doc.items() if k != "augmented"} if "augmented" in doc else doc
         if self.hook is None:
             return doc, None
         out = self.hook(doc)

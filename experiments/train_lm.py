@@ -49,19 +49,24 @@ def _setup_platform():
 
 def sample_prompt(data, train) -> str:
     """The text the final sample continues: `train.sample_prompt`, else the built-in corpus's 'def __init__(self', else
-    (your own tiers) the first five words of the first held-out document (a code prompt for any corpus read as
-    noise)."""
+    (your own tiers) the first five words of the first held-out document, a CJK character one word (a code prompt
+    for any corpus read as noise)."""
     if train.sample_prompt is not None:
         return train.sample_prompt
     if data.train_dir is not None:
         import itertools
 
+        from data.filters import tokens
         from data.shards import iter_docs, tier_shards
 
         docs = itertools.chain.from_iterable(map(iter_docs, tier_shards(corpus_tiers(data)[1])))  # (shard 0 may
-        words = next(docs, {"text": ""})["text"].split()[:5]  # be empty: a cleaning shard that kept nothing)
-        if words:
-            return " ".join(words)
+        text, end = next(docs, {"text": ""})["text"], 0  # be empty: a cleaning shard that kept nothing)
+        # CJK-aware words from the first 4096 characters: split()'s first word was a whole Chinese document, a
+        # prompt thousands of tokens past max_seq_len (the sample was that document, then one token)
+        for w in tokens(text[:4096])[:5]:
+            end = text.index(w, end) + len(w)
+        if end:
+            return " ".join(text[:end].split())
     return "def __init__(self"
 
 

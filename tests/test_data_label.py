@@ -180,3 +180,21 @@ def test_the_labelled_tier_scores_a_document_as_quality_score_does():
         assert reason is None
         want = quality_score(analyze(doc["text"], q), q)
         assert want < 0.9 and Label(quality=q)(doc)[0]["quality"] == pytest.approx(want, abs=1e-3)
+
+
+def test_a_records_own_augmented_field_is_not_taken_for_the_augment_stages():
+    """`augmented` names what the augment stage added: a record's own field (its source's metadata) stayed on the
+    documents the glossary left alone, and the stage counted them as augmented_docs (2 here, for 1 augmented)."""
+    from data.augment import DomainGlossary
+    from data.stages import Augment, StageStats, run_stages
+
+    docs = [{"text": "Iterators wrap decorators.", "domains": ["code"], "augmented": True, "id": 1},
+            {"text": "Nothing to explain here.", "domains": ["code"], "augmented": ["iterator"], "id": 2}]
+    for hook in (DomainGlossary(), None):
+        stage = Augment(hook)
+        st = StageStats(stage.name)
+        out = [run_stages(dict(d), [stage], [st]) for d in docs]
+        changed = [o["text"] != d["text"] for o, d in zip(out, docs)]
+        assert changed == ([True, False] if hook else [False, False])
+        assert [o.get("augmented") for o in out] == ([["iterator", "decorator"], None] if hook else [None, None])
+        assert st.counters["augmented_docs"] == sum(changed) and [o["id"] for o in out] == [1, 2]

@@ -411,6 +411,29 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
             validate(load([*TINY, *data, *(x for kv in sets for x in ("--set", kv))]), 8)
 
 
+def test_the_default_sample_prompt_is_five_words_of_a_chinese_document_not_all_of_it(tmp_path):
+    """Your own tiers' default prompt is the first five words of the first held-out document, CJK-aware: split()
+    took a whole Chinese document (no spaces) for its first word, and the sample was that document, past
+    max_seq_len (a warning), then one token."""
+    import types
+
+    from data.filters import tokens
+    from data.shards import DocWriter
+    from data.synthetic import zh_text
+
+    zh = zh_text(np.random.default_rng(0), 300)
+    got, texts = {}, {"zh": zh, "mixed": "我们用 Python\n写代码，很快。", "en": "The quick  brown\nfox jumps over"}
+    for name, text in texts.items():
+        w = DocWriter(tmp_path / name / "shard-00000.array_record")
+        w.write({"id": name, "text": text})
+        w.commit()
+        spec = types.SimpleNamespace(train_dir=str(tmp_path / name), eval_dir=str(tmp_path / name))
+        got[name] = train_lm.sample_prompt(spec, load(TINY).train)
+    assert len(zh) > 300 and got["zh"] == zh[:5] and tokens(got["zh"]) == tokens(zh)[:5]
+    assert got["mixed"] == "我们用 Python 写"
+    assert got["en"] == "The quick brown fox jumps"  # as before: the words split() gives, one space apart
+
+
 def test_load_model_gives_the_checkpoints_model_for_inference(runs, monkeypatch):
     """A finished run's model, rebuilt from the config saved in its checkpoint (there was no way back from
     runs/x/ckpt to a Transformer), equals the checkpoint's params and samples; configs survive the JSON round trip.
