@@ -1,4 +1,5 @@
-"""Hugging Face interop: load and save Llama / Mistral / Qwen2 / Gemma 2 / Mixtral checkpoints as `Transformer`s.
+"""Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Gemma 2 / Mixtral checkpoints as
+`Transformer`s.
 
 config.json maps to `TransformerConfig` in models/hf_config.py (`config_from_hf`, `config_to_hf`).
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
@@ -13,7 +14,8 @@ Layout (HF `nn.Linear.weight` is [out, in]; ours is [in, out] split by heads). P
 Both use the half-split (rotate_half) RoPE, so q/k need no permutation. Gemma 2 renames the norms:
   input_layernorm / post_attention_layernorm <-> attn_norm / post_attn_norm (attention in, out)
   pre_feedforward_layernorm / post_feedforward_layernorm <-> mlp_norm / post_mlp_norm (MLP in, out)
-Sliding windows (Mistral, Qwen2 `use_sliding_window`, Gemma 2 alternation) map to `attn_pattern`.
+Sliding windows (Mistral, Ministral `layer_types`, Qwen2 `use_sliding_window`, Gemma 2 alternation) map to
+`attn_pattern`.
 Mixtral (every layer MoE, softmax top-k renormalised; its attention and norms live in `moe_blocks`):
   block_sparse_moe.gate.weight [E, D] <-> moe.router[i] [D, E]
   block_sparse_moe.experts.e.w1 / w3 [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   w2 [D, F] <-> moe.w_down[i, e]

@@ -1,4 +1,5 @@
-"""Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Qwen2, Gemma 2, Mixtral).
+"""Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Ministral, Qwen2, Gemma 2,
+Mixtral).
 
 Reads both layouts found on published checkpoints: `rope_theta` / `rope_scaling` as transformers 4.x writes them and
 `rope_parameters` as 5.x does; fields a config.json leaves out take the value transformers assumes (`HF_DEFAULTS`),
@@ -13,11 +14,12 @@ import difflib
 from models.config import RopeScaling, TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral"}
+                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral"}
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 HF_DEFAULTS = {
     "mistral": dict(sliding_window=4096, num_key_value_heads=8),
+    "ministral": dict(sliding_window=4096, num_key_value_heads=8),  # Mistral with a window per layer (layer_types)
     "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001, num_key_value_heads=8),
     "qwen2": dict(sliding_window=4096, max_window_layers=28, num_key_value_heads=32),
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
@@ -103,7 +105,7 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     elif arch == "qwen2":
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
                                           else "full_attention" for i in range(L)]
-    elif arch == "mistral":  # with layer_types, transformers' AutoConfig builds a Ministral model: windows per layer
+    elif arch in ("mistral", "ministral"):  # with layer_types, AutoConfig builds a Mistral one as Ministral
         types = hf.get("layer_types") or ["sliding_attention"] * L
     else:
         types = ["sliding_attention"] * L
@@ -223,7 +225,8 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     """HF config.json dict (5.x layout) that transformers loads into the same model.
 
     Gemma2ForCausalLM for its block, MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no
-    o_proj bias), MistralForCausalLM with windows or a d_model that n_heads does not divide, LlamaForCausalLM otherwise.
+    o_proj bias), MistralForCausalLM with a window on every layer or a d_model that n_heads does not divide,
+    MinistralForCausalLM with one window on some layers, LlamaForCausalLM otherwise.
     """
     if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
         if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
@@ -271,11 +274,15 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     # Mistral: one window on every layer. Without one it is Llama's model, and the form transformers 5.x loads when
     # d_model is not a multiple of n_heads (an explicit head_dim): its LlamaConfig refuses that, MistralConfig does not
     if any(w is not None for w in windows) or cfg.d_model % cfg.n_heads:
-        if len(set(windows)) != 1:
+        local = {w for w in windows if w is not None}
+        if len(local) > 1:
             raise ValueError(f"TransformerConfig.attn_pattern: windows {windows} have no Hugging Face layout here: "
                              "Mistral (and Mixtral, Qwen2 with qkv_bias) take one window on every layer "
-                             "(attn_pattern='local'); Gemma 2 alternates, with its block (post_norms, norm_offset=1, "
-                             "embed_scale)")
+                             "(attn_pattern='local'), Ministral one window on the layers layer_types names; Gemma 2 "
+                             "alternates, with its block (post_norms, norm_offset=1, embed_scale)")
+        if len(set(windows)) != 1:  # some layers global: Ministral (what transformers builds of Mistral + layer_types)
+            return dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=local.pop(),
+                        layer_types=["sliding_attention" if w else "full_attention" for w in windows], **hf)
         return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
 

@@ -258,10 +258,14 @@ ROUND_TRIP["qwen2_upper_swa"] = dataclasses.replace(ROUND_TRIP["qwen2"], n_layer
 # d_model not a multiple of n_heads (head_dim given): written as Llama, transformers 5.x refused to load it
 ROUND_TRIP["llama_heads_not_dividing"] = dataclasses.replace(ROUND_TRIP["llama"], d_model=72, n_heads=5, n_kv_heads=1,
                                                              head_dim=16)
+# one window on some layers (as the demo's alternating pattern): Ministral, as transformers builds Mistral +
+# layer_types; save_pretrained refused it, though from_pretrained loads it
+ROUND_TRIP["ministral"] = dataclasses.replace(ROUND_TRIP["mistral"], n_layers=3, attn_pattern="LGG")
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
-        "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM"}
+        "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM",
+        "ministral": "MinistralForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -941,12 +945,15 @@ def test_the_trainer_names_unreadable_hf_weights_as_a_config_error(tmp_path):
 
 
 def test_layouts_without_a_hf_architecture_are_named():
-    """save_pretrained of the demo's alternating windows said 'Mistral needs the same window on every layer', as if
-    Mistral were the goal; the message now says no supported layout has them, and which would."""
+    """save_pretrained of two windows said 'Mistral needs the same window on every layer', as if Mistral were the
+    goal; the message now says no supported layout has them, and which would (one window on some layers is
+    Ministral's: ROUND_TRIP)."""
     base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_dim=64, attn_pattern="alternating",
                 sliding_window=8)
-    with pytest.raises(ValueError, match=r"windows \(8, None\) have no Hugging Face layout here: Mistral .*Gemma 2"):
-        config_to_hf(TransformerConfig(**base))
+    two = dict(base, n_layers=4, sliding_window=(8, 4))
+    with pytest.raises(ValueError, match=r"windows \(8, None, 4, None\) have no Hugging Face layout here: Mistral "
+                       r".*Ministral one window on the layers layer_types names.*Gemma 2"):
+        config_to_hf(TransformerConfig(**two))
     with pytest.raises(ValueError, match=r"windows \(8, None\): Mixtral takes the same window"):
         config_to_hf(TransformerConfig(**base, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=32)))
 
