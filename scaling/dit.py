@@ -148,7 +148,8 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
       save_dots           : the above + c·(n + 1)·NH (PV outputs) + 4·N·(K_s + L) (float32 scores)
       none                : every sublayer's input, normalised input, modulated input and output (4·c·D each), per
                             self-attention c·(5 + 2q)·NH (q, k before QK-norm, models.attention's q, k, v, output
-                            and the out-projection's input), cross-attention c·(3 + q)·NH + NH (its padding mask),
+                            (float32 or flash only: c·(4 + 2q)·NH in bf16) and the out-projection's input),
+                            cross-attention c·(3 + q)·NH + NH (its padding mask; c·(2 + q)·NH in bf16),
                             the MLP's gate and up, and models.attention's float32 weights and row sums,
                             4·N·(K_s + L) + 4·N·(n + 1).
     kernel='flash' (default when cfg.attn_impl is 'cudnn'): a fused kernel keeps no scores, only a float32
@@ -175,7 +176,8 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
     if remat == "save_dots":
         return dots + c * (n + 1) * NH + scores
     mask = NH  # the cross-attention's one-byte padding mask, broadcast over heads (its `jnp.where`)
-    return (c * (4 * D * (n + 2) + n * (5 + 2 * q) * NH + (3 + q) * NH + 2 * F) + mask
+    o = 0 if c < 4 and not flash else 1  # models.attention keeps a float32 output for its backward, not a bf16 one
+    return (c * (4 * D * (n + 2) + n * (4 + o + 2 * q) * NH + (2 + o + q) * NH + 2 * F) + mask
             + (scores if flash else scores + 4 * N * (n + 1)))
 
 

@@ -281,8 +281,9 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); attention's
                             c·NH + 4·N·S + 4·N: `models.attention`'s softmax VJP (under 'dense', 'causal_blocked'
                             and the 'blocked' sliding-window kernel, soft-capped or not) keeps the float32
-                            unnormalised weights E, their row sums and its output in its own [B, K, G, T, H]
-                            layout (attn_impl='reference', autodiff, keeps ~3-4x those score bytes).
+                            unnormalised weights E, their row sums and (float32 only: not c·NH in bf16) its
+                            output in its own [B, K, G, T, H] layout (attn_impl='reference', autodiff, keeps ~3-4x
+                            those score bytes).
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
     per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
     routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
@@ -320,7 +321,7 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
         return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
     # models.attention's softmax VJP; a flash kernel keeps its output (the o-projection's input too) and `lse`
-    attn = 0.0 if flash else c * NH + 4 * N * S + 4 * N
+    attn = 0.0 if flash else (c * NH if c >= 4 else 0.0) + 4 * N * S + 4 * N  # a bf16 output is not kept
     return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
 
 
