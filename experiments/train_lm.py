@@ -131,29 +131,39 @@ def main(argv=None) -> dict:
     from experiments.config import ConfigError, load, validate
 
     try:
-        cfg = load(argv, __doc__)
+        cfg, refused = load(argv, __doc__), None
     except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+        cfg, refused = None, f"config error: {e}"
+    except SystemExit as e:  # argparse's: a bad flag (its usage is printed), or --help
+        if not e.code:
+            raise
+        cfg, refused = None, e.code
     _setup_platform()
     import jax
 
     from parallel import AXES, make_mesh
-    from parallel.distributed import check_batch_layout, check_same_settings, initialize
+    from parallel.distributed import any_process, check_batch_layout, check_same_settings, initialize
 
     try:
-        initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
+        several = initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
     except ValueError as e:
-        raise SystemExit(f"config error: {e}") from None
+        raise SystemExit(refused or f"config error: {e}") from None
+    # a command line one process refuses: the others waited in jax.distributed.initialize for it (300 s), or, a
+    # setting validate() refuses, in the settings comparison (a Gloo time-out after 30 s): all exit together
+    if (several and any_process(refused is not None)) or refused is not None:
+        raise SystemExit(refused or "config error: another process refused its command line (its log names the "
+                                    "field); start every process with the same command line")
     try:
+        # compared before validate(): one process refusing a setting of its own left the others in a collective
+        flat = {f"{section}.{k}": json.dumps(v, sort_keys=True)
+                for section, fields in json.loads(cfg.to_json()).items() for k, v in fields.items()
+                if f"{section}.{k}" not in PER_PROCESS_FIELDS}
+        check_same_settings(flat, "settings")
         mesh_shape = validate(cfg, jax.device_count())
         n = jax.process_count()  # the command line has no make_mesh(dcn=): its axes nest in AXES's order
         check_batch_layout(make_mesh(mesh_shape), cfg.train.batch, cfg.train.seq,
                            hint=f"across {n} processes the outermost axis must split the batch (--mesh axes nest as "
                                 f"{', '.join(AXES)}, outermost first), e.g. --mesh data={n},...")
-        flat = {f"{section}.{k}": json.dumps(v, sort_keys=True)
-                for section, fields in json.loads(cfg.to_json()).items() for k, v in fields.items()
-                if f"{section}.{k}" not in PER_PROCESS_FIELDS}
-        check_same_settings({**flat, "mesh": json.dumps(mesh_shape, sort_keys=True)}, "settings")
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"config error: {e}") from None
     return train(cfg, mesh_shape)
@@ -375,7 +385,7 @@ def train(cfg, mesh_shape: dict) -> dict:
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
     from parallel import make_mesh
-    from parallel.distributed import any_process, is_primary
+    from parallel.distributed import any_process, check_shared_dir, is_primary
     from scaling.flops import train_flops_per_token
 
     t_start = time.time()
@@ -384,6 +394,10 @@ def train(cfg, mesh_shape: dict) -> dict:
     out = pathlib.Path(t.out).absolute()
     if primary:
         out.mkdir(parents=True, exist_ok=True)
+    try:  # checkpoints are written by every process into one directory
+        check_shared_dir(out, "train.out")
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
     say = print if primary else (lambda *a, **k: None)
     mesh = make_mesh(mesh_shape)
     tok = load_tokenizer(cfg.data)

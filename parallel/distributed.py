@@ -126,6 +126,32 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def check_shared_dir(path, what: str = "directory") -> None:
+    """Every process must see `path` as one directory (orbax writes each process's shards into the checkpoint
+    directory process 0 creates and commits; on a host's own disk the first save failed on the others and every
+    process hung in it): a ValueError on every process naming the ones that do not see process 0's file there.
+    Process 0 writes a file of a fresh random name (no host has a cached lookup of it) and removes it again; every
+    process must call it at the same point, after process 0 created `path`."""
+    if jax.process_count() == 1:
+        return
+    import secrets
+
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    probe = os.path.join(path, f".jaxscale-shared-{token}")
+    if is_primary():
+        with open(probe, "w"):
+            pass
+    multihost_utils.sync_global_devices(f"shared-dir-{token}")
+    every = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))  # once all have looked
+    if is_primary():
+        os.remove(probe)
+    if missing := [p for p in range(every.shape[0]) if not every[p]]:
+        raise ValueError(f"{what} {path}: processes {missing} do not see process 0's files there; every process "
+                         "must write into one directory (a shared filesystem: NFS, Lustre, a bucket mount)")
+
+
 def process_rows(global_batch: int) -> slice:
     """This process's rows of a global batch (contiguous, equal shares)."""
     n, i = jax.process_count(), jax.process_index()

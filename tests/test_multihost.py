@@ -77,18 +77,26 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
-def run_trainers(tmp_path, argv_of):
-    """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)`, its own
-    data cache, one --out): (processes, their (stdout, stderr)) once both have exited."""
+def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None):
+    """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in
+    `cwd_of(pid)`, its own data cache, one --out): (processes, their (stdout, stderr)) once both have exited (within
+    `timeout` s each)."""
     port, procs = portpicker.pick_unused_port(), []
     for pid in range(2):
         env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
                "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
                "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
-        argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}", "--out", str(tmp_path / "run")]
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=ROOT, env=env,
+        argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",
+                "--out", out or str(tmp_path / "run")]
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=cwd_of(pid), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs, [p.communicate(timeout=300) for p in procs]
+    try:
+        return procs, [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:  # one left waiting (the test failed): not past the test
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
 
 
 def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
@@ -116,3 +124,36 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
         assert ("config error: processes [1] were started with other settings than process 0: optim.lr differ; "
                 "start every process with the same command line") in err, err[-2000:]
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_a_command_line_one_process_refuses_stops_every_process(tmp_path):
+    """A setting only one process's command line has, which that process refuses: the other exits too, at once,
+    naming it. A misspelt field (refused before jax.distributed starts) left process 0 waiting 300 s in
+    jax.distributed.initialize; a value validate() refuses (a batch the mesh cannot split) left it in the settings
+    comparison, dying after 30 s with a Gloo time-out traceback."""
+    for extra, want in ((["--set", "train.batchh=8"], ("another process refused its command line", "train.batchh:")),
+                        (["--set", "train.batch=7"], ("train.batch differ",) * 2)):
+        t0 = time.time()
+        procs, outs = run_trainers(tmp_path, lambda pid: [
+            "--preset", "tiny", "--steps", "4", *(extra if pid == 1 else [])], timeout=90)
+        for p, (_, err), w in zip(procs, outs, want):
+            assert p.returncode == 1 and "config error: " in err and w in err, err[-2000:]
+        assert time.time() - t0 < 60
+    assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_an_output_directory_the_processes_do_not_share_is_refused(tmp_path):
+    """--out on each host's own disk (here: one relative --out from two working directories): process 1's first
+    checkpoint save failed (FileNotFoundError in orbax) and both processes hung in it (> 200 s, heartbeats still
+    flowing). Now every process exits 1 before anything compiles, naming train.out and the processes that do not
+    share it."""
+    for pid in range(2):
+        (tmp_path / f"host{pid}").mkdir()
+    procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "4"], timeout=120,
+                               cwd_of=lambda pid: tmp_path / f"host{pid}", out="run")
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 1, err[-2000:]
+        assert (f"config error: train.out {tmp_path / 'host0' / 'run'}" in err or
+                f"config error: train.out {tmp_path / 'host1' / 'run'}" in err), err[-2000:]
+        assert "processes [1] do not see process 0's files there" in err, err[-2000:]
+    assert [p.name for p in (tmp_path / "host0" / "run").iterdir()] == []  # the probe is removed again
