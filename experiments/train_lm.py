@@ -558,6 +558,18 @@ def train(cfg, mesh_shape: dict) -> dict:
     except NonFiniteState as e:
         say(str(e))
         halted = step
+    except Exception:
+        if jax.process_count() > 1:
+            # the others wait in a collective this process will not join, and its cleanup below (closing the
+            # checkpoint manager) waits for them: both hung, heartbeats flowing. Ending now, the others' collective
+            # fails (or their heartbeat check stops them); resume from the newest checkpoint as after a crash.
+            import traceback
+
+            traceback.print_exc()
+            print(f"process {jax.process_index()}: exiting at once so the job's other processes stop too",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
     finally:
         bar.close()
         stop.restore()

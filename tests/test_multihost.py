@@ -77,7 +77,8 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
-def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None):
+def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
+                 entry=("-m", "experiments.train_lm")):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in
     `cwd_of(pid)`, its own data cache, one --out): (processes, their (stdout, stderr)) once both have exited (within
     `timeout` s each)."""
@@ -88,7 +89,7 @@ def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=No
                "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
         argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",
                 "--out", out or str(tmp_path / "run")]
-        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.train_lm", *argv], cwd=cwd_of(pid), env=env,
+        procs.append(subprocess.Popen([sys.executable, *entry, *argv], cwd=cwd_of(pid), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         return procs, [p.communicate(timeout=timeout) for p in procs]
@@ -157,3 +158,46 @@ def test_an_output_directory_the_processes_do_not_share_is_refused(tmp_path):
                 f"config error: train.out {tmp_path / 'host1' / 'run'}" in err), err[-2000:]
         assert "processes [1] do not see process 0's files there" in err, err[-2000:]
     assert [p.name for p in (tmp_path / "host0" / "run").iterdir()] == []  # the probe is removed again
+
+
+FAIL_ON_PROCESS_1 = """
+import sys
+
+import jax
+
+import experiments.lm_step as lm_step
+from experiments import train_lm
+
+make = lm_step.make_state_step
+
+
+def failing(*args, **kwargs):  # the step raises on process 1 at its third call
+    step, calls = make(*args, **kwargs), [0]
+
+    def fn(state, batch):
+        calls[0] += 1
+        if jax.process_index() == 1 and calls[0] == 3:
+            raise RuntimeError("injected failure on process 1")
+        return step(state, batch)
+    return fn
+
+
+lm_step.make_state_step = failing
+train_lm.main(sys.argv[1:])
+"""
+
+
+def test_an_error_on_one_process_mid_training_ends_every_process(tmp_path):
+    """An exception on one process during training (here its step raising) hung both processes for good (> 180 s):
+    its cleanup waited in the checkpoint manager's close for the other, which waited in the next step's collective,
+    heartbeats flowing. The failing process now exits at once, and the other's collective fails with it."""
+    wrapper = tmp_path / "fail_on_1.py"
+    wrapper.write_text(FAIL_ON_PROCESS_1)
+    t0 = time.time()
+    procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "8"], timeout=150,
+                               entry=(str(wrapper),))
+    # process 0 ends by its own failed collective (or, at worst, its heartbeat check): nonzero either way
+    assert procs[1].returncode == 1 and procs[0].returncode != 0, [err[-2000:] for _, err in outs]
+    assert "RuntimeError: injected failure on process 1" in outs[1][1], outs[1][1][-2000:]
+    assert "process 1: exiting at once so the job's other processes stop too" in outs[1][1], outs[1][1][-2000:]
+    assert time.time() - t0 < 100
