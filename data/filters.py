@@ -240,10 +240,12 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
         elif not ln.strip():
             run.append(ln)
         else:
-            kept += (max(gap, run, key=len) if kept else []) if cut else run
-            kept.append(ln)
+            if cut:  # the blank runs around removed lines: the longer of them, none at the text's start
+                run = max(gap, run, key=len) if kept else []
+            kept += [*run, ln]
             run, gap, cut = [], [], False
-    kept += [] if cut else run
+    if not cut:  # (and none at its end after a removed line)
+        kept += run
     return "\n".join(kept), removed, n_lines
 
 

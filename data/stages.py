@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 from data.filters import QualityConfig, quality_filter
 from data.label import REPETITION_FAMILIES, SCORED_SIGNALS, LabelConfig, domain_tags, quality_score
@@ -160,21 +161,25 @@ def _langid(cfg: LangIDConfig) -> LangID:
     return _LANGID_CACHE[cfg]
 
 
+@functools.cache
+def _kept_signals(cfg: QualityConfig) -> frozenset:
+    """KEPT_SIGNALS and every signal the labelling stage's quality_score reads under `cfg` (with dup_paragraph_chars,
+    top_3gram ... missing, the labelled tier scored a document with a repeated passage up to 0.06 too high)."""
+    return frozenset(KEPT_SIGNALS) | {n for n, _ in SCORED_SIGNALS} | {
+        p.format(n=n) for p, f in REPETITION_FAMILIES for n, _ in getattr(cfg, f)}
+
+
 @dataclasses.dataclass(frozen=True)
 class QualityFilter:
-    """Strips boilerplate lines, then applies every `QualityConfig` rule; keeps a few signals on the doc."""
+    """Strips boilerplate lines, then applies every `QualityConfig` rule; keeps the signals labelling reads."""
 
     cfg: QualityConfig = QualityConfig()
     name: str = "quality"
 
     def __call__(self, doc):
         text, reason, signals = quality_filter(doc["text"], self.cfg)
-        # and every signal the labelling stage's quality_score reads: with dup_paragraph_chars, top_3gram ... missing,
-        # the labelled tier's score of a document with a repeated passage was up to 0.06 above quality_score's
-        scored = {n for n, _ in SCORED_SIGNALS} | {p.format(n=n) for p, f in REPETITION_FAMILIES
-                                                    for n, _ in getattr(self.cfg, f)}
-        kept = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in signals.items()
-                if k in KEPT_SIGNALS or k in scored}
+        keep = _kept_signals(self.cfg)
+        kept = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in signals.items() if k in keep}
         return {**doc, "text": text, "signals": kept}, reason
 
     def count(self, st, doc, dropped):
