@@ -184,8 +184,9 @@ class MoE(nnx.Module):
             weights_BTK = jnp.where(valid_BT[..., None], weights_BTK, 0.0)
         flat_probs_NE, flat_experts_NK = probs_BTE.reshape(B * T, -1), experts_BTK.reshape(B * T, K)
         valid_N = None if valid_BT is None else valid_BT.reshape(B * T)
-        if cfg.router == "sigmoid":  # balance the normalised scores (DeepSeek-V3's sequence-wise loss does too)
-            flat_probs_NE = flat_probs_NE / flat_probs_NE.sum(-1, keepdims=True)
+        if cfg.router == "sigmoid":  # balance the normalised scores (DeepSeek-V3's sequence-wise loss does too);
+            # s / Σ s as a softmax of log σ: σ underflows to 0 for every expert below ~-88 and 0 / 0 is NaN
+            flat_probs_NE = jax.nn.softmax(jax.nn.log_sigmoid(logits_BTE.reshape(B * T, -1)), axis=-1)
         aux = {"lb_loss": load_balancing_loss(flat_probs_NE, flat_experts_NK, cfg.n_experts, valid_N),
                "z_loss": router_z_loss(logits_BTE.reshape(B * T, -1), valid_N),
                "load": expert_load(flat_experts_NK, cfg.n_experts, valid_N)}

@@ -383,6 +383,31 @@ def test_sigmoid_router_balances_its_normalised_scores():
     np.testing.assert_allclose(aux["lb_loss"], cfg.n_experts * np.sum(load / cfg.n_experts), rtol=1e-6)  # = 1
 
 
+def test_sigmoid_router_balancing_loss_is_finite_for_very_negative_logits():
+    """A diverged sigmoid router (every expert's logit of a token below ~-88) underflows σ to 0 in float32: the
+    normalised scores were 0 / 0 and the balancing loss NaN. Normalised in log space now, equal to the float64
+    formula s / Σ s, and its gradient is finite."""
+    cfg = dataclasses.replace(CFG, router="sigmoid")
+    m, x = make(cfg), jnp.abs(tokens())
+    graphdef, state = nnx.split(m)
+    far = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+    far.router[...] = far.router[...] - 20.0  # x >= 0: every logit is about -20 · Σ_d x_d
+    logits = np.asarray(x.reshape(-1, D), np.float64) @ np.asarray(far.router[...], np.float64)
+    assert logits.max() < -110 and np.all(np.asarray(jax.nn.sigmoid(jnp.asarray(logits, jnp.float32))) == 0)
+    _, aux = jitted(far)(x)
+    sel = np.asarray(route(jnp.asarray(logits, jnp.float32), far.router_bias[...], cfg.top_k, "sigmoid")[1])
+    f = np.bincount(sel.reshape(-1), minlength=cfg.n_experts) / sel.size
+    log_s = -np.logaddexp(0, -logits)  # log σ in float64: exact where σ itself underflows
+    p = np.exp(log_s - log_s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(aux["lb_loss"], cfg.n_experts * np.sum(f * p), rtol=1e-5)
+
+    graphdef, state = nnx.split(far)
+
+    g = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(x)[1]["lb_loss"]))(state)["router"][...]
+    assert np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).max() > 0
+
+
 def test_mixtral_lb_loss_is_k_times_hf_and_layer_matches_hf():
     """Hugging Face Mixtral: our layer equals MixtralSparseMoeBlock on the same weights, and HF's
     load_balancing_loss_func is K × ours (the documented anchor difference)."""
