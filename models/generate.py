@@ -222,7 +222,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         if not isinstance(pad_id, numbers.Integral):
             raise ValueError(f"pad_id must be one token id, got {pad_id!r}")
         _token_ids("pad_id", pad_id, model.cfg.vocab_size)
-    rng = jax.random.key(0) if rng is None else rng
+    if rng is None:
+        rng = jax.random.key(0)
+    elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw PRNGKey: the typed key of the same bits (the
+        rng = jax.random.wrap_key_data(rng)  # same samples), so both kinds share one compiled program
     graphdef, state = nnx.split(model)
     greedy = temperature == 0  # top_k / top_p change nothing then (warned above): not in the program either
     sampling = (int(max_new_tokens), greedy, None if greedy else int(top_k or 0) or None, np.float32(temperature),

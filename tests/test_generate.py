@@ -217,7 +217,8 @@ def test_a_tiny_temperature_samples_the_argmax():
 def test_new_sampling_values_do_not_compile_generate_again(model):
     """temperature, top_p, eos_id and pad_id were static arguments of the jitted decoder: each new value compiled
     it again (here 7: 3 temperature / top_p pairs with and without eos, and greedy with a top_k). Traced now; greedy
-    ignores top_k / top_p, so they do not make another greedy program either."""
+    ignores top_k / top_p, so they do not make another greedy program either. A raw jax.random.PRNGKey made a
+    program of its own beside a typed key's (the same samples)."""
     gen = importlib.import_module("models.generate")
     compiled = lambda: (gen._generate._cache_size(), gen._generate_until._cache_size())  # noqa: E731
     prompt = jnp.zeros((3, 7), jnp.int32)
@@ -226,8 +227,10 @@ def test_new_sampling_values_do_not_compile_generate_again(model):
     generate(model, prompt, 3)
     before = compiled()
     for t, p in ((0.7, 0.8), (1.3, 0.95), (2.0, 0.5)):
-        generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.key(1))
+        typed = generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.key(1))
         generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.key(1), eos_id=2, pad_id=5)
+        raw = generate(model, prompt, 3, temperature=t, top_p=p, rng=jax.random.PRNGKey(1))  # compiled its own
+        np.testing.assert_array_equal(raw, typed)
     with pytest.warns(UserWarning, match="temperature=0 is greedy decoding"):
         generate(model, prompt, 3, top_k=4, top_p=0.5)
     assert compiled() == before
