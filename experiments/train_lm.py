@@ -434,7 +434,8 @@ def train(cfg, mesh_shape: dict) -> dict:
             say(f"warning: resuming step {meta['step']} with a changed {w}: {why}")
 
     try:
-        restored = ckpt.restore(state, check=check, loader=loader)
+        with jax.set_mesh(mesh):  # as the saves are: the checksum's jit is keyed on the mesh context (one program)
+            restored = ckpt.restore(state, check=check, loader=loader)
     except CheckpointMismatch as e:
         ckpt.close()
         loader.close()
