@@ -49,6 +49,9 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
+        # and the top token always (Hugging Face's min_tokens_to_keep=1): a top_p below float32's normal range was
+        # flushed to 0, every token masked, and categorical returned token 0 whatever the logits
+        keep_BV = keep_BV.at[:, 0].set(True)
         cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         if traced_p:  # a traced 1 is off too
             cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)

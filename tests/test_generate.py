@@ -214,6 +214,20 @@ def test_a_tiny_temperature_samples_the_argmax():
         assert (got == 1).all(), (t, got)
 
 
+def test_a_tiny_top_p_keeps_the_top_token(model):
+    """top_p in (0, 1] is valid, but one below float32's normal range (~1.2e-38) flushed to 0: no token was kept,
+    and every row sampled token 0 whatever its logits. The top token is always kept: greedy's tokens."""
+    logits = jnp.asarray([[0.5, 2.0, 1.0, 0.0, -1.0]] * 64)
+    for p in (1e-3, 1e-39, 1e-50):
+        got = sample_logits(logits, jax.random.key(0), 1.0, None, p)
+        assert (got == 1).all(), (p, got)
+        traced = jax.jit(lambda t, q: sample_logits(logits, jax.random.key(0), t, None, q))(1.0, p)
+        assert (traced == 1).all(), (p, traced)
+    prompt = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    np.testing.assert_array_equal(generate(model, prompt, 6, temperature=1.0, top_p=1e-40, rng=jax.random.key(1)),
+                                  generate(model, prompt, 6))
+
+
 def test_new_sampling_values_do_not_compile_generate_again(model):
     """temperature, top_p, eos_id and pad_id were static arguments of the jitted decoder: each new value compiled
     it again (here 7: 3 temperature / top_p pairs with and without eos, and greedy with a top_k). Traced now; greedy
