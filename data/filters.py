@@ -123,6 +123,12 @@ class QualityConfig:
         if not self.cjk_chars_per_word >= 1:
             raise ValueError(f"QualityConfig.cjk_chars_per_word={self.cjk_chars_per_word} must be >= 1 "
                              "(1 counts each CJK character as a word; Chinese words average about 2)")
+        # stored as tuples, as LangIDConfig: a list (valid above) is unhashable in the quality stage's kept-signal
+        # cache, and the run's fingerprint must not depend on which container held the same rules
+        for name in ("boilerplate", "promo_phrases", "blocklist"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("top_ngram_max", "dup_ngram_max"):
+            object.__setattr__(self, name, tuple(map(tuple, getattr(self, name))))
         for p in self.boilerplate:
             try:
                 re.compile(p)

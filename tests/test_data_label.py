@@ -198,3 +198,25 @@ def test_a_records_own_augmented_field_is_not_taken_for_the_augment_stages():
         assert changed == ([True, False] if hook else [False, False])
         assert [o.get("augmented") for o in out] == ([["iterator", "decorator"], None] if hook else [None, None])
         assert st.counters["augmented_docs"] == sum(changed) and [o["id"] for o in out] == [1, 2]
+
+
+def test_a_quality_config_of_lists_labels_as_its_tuples_do():
+    """QualityConfig validates lists for its rules (as JSON gives them), but the quality stage's kept-signal cache
+    hashed the config: every document raised TypeError: unhashable type: 'list'. Stored as tuples now, the same
+    config as the tuples' (its fingerprint too)."""
+    import numpy as np
+
+    from data.filters import QualityConfig
+    from data.pipeline import PipelineConfig
+    from data.stages import Label, QualityFilter
+    from data.synthetic import en_text
+
+    fields = ("boilerplate", "promo_phrases", "blocklist", "top_ngram_max", "dup_ngram_max")
+    tuples = QualityConfig(top_ngram_max=((3, 0.2),), dup_ngram_max=((7, 0.15), (12, 0.1)))
+    lists = QualityConfig(**{f: [list(x) if isinstance(x, tuple) else x for x in getattr(tuples, f)] for f in fields})
+    rng = np.random.default_rng(0)
+    for text in (en_text(rng, 300), "Home | News\n" + en_text(rng, 200) + "\nAll rights reserved."):
+        want = Label(quality=tuples)(QualityFilter(tuples)({"text": text})[0])[0]
+        assert Label(quality=lists)(QualityFilter(lists)({"text": text})[0])[0] == want
+    assert lists == tuples
+    assert PipelineConfig(quality=lists).fingerprint() == PipelineConfig(quality=tuples).fingerprint()
