@@ -569,6 +569,7 @@ def train(cfg, mesh_shape: dict) -> dict:
             traceback.print_exc()
             print(f"process {jax.process_index()}: exiting at once so the job's other processes stop too",
                   file=sys.stderr, flush=True)
+            sys.stdout.flush()  # os._exit skips it: a job's log file (block-buffered) lost up to 8 KiB of log
             os._exit(1)
         raise
     finally:

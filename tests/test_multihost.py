@@ -78,13 +78,14 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
 
 
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
-                 entry=("-m", "experiments.train_lm")):
+                 entry=("-m", "experiments.train_lm"), buffered=False):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in
     `cwd_of(pid)`, its own data cache, one --out): (processes, their (stdout, stderr)) once both have exited (within
-    `timeout` s each)."""
+    `timeout` s each). buffered: stdout block-buffered, as a job's log file (PYTHONUNBUFFERED unset)."""
     port, procs = portpicker.pick_unused_port(), []
+    base = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
     for pid in range(2):
-        env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+        env = {**base, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
                "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
                "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
         argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",
@@ -195,9 +196,12 @@ def test_an_error_on_one_process_mid_training_ends_every_process(tmp_path):
     wrapper.write_text(FAIL_ON_PROCESS_1)
     t0 = time.time()
     procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "8"], timeout=150,
-                               entry=(str(wrapper),))
+                               entry=(str(wrapper),), buffered=True)
     # process 0 ends by its own failed collective (or, at worst, its heartbeat check): nonzero either way
     assert procs[1].returncode == 1 and procs[0].returncode != 0, [err[-2000:] for _, err in outs]
+    # its log (block-buffered in a job's log file) is kept: os._exit skipped the flush, and the job's log was empty
+    if procs[0].returncode == 1:
+        assert "step 0: eval loss" in outs[0][0], (outs[0][0][-2000:], outs[0][1][-2000:])
     assert "RuntimeError: injected failure on process 1" in outs[1][1], outs[1][1][-2000:]
     assert "process 1: exiting at once so the job's other processes stop too" in outs[1][1], outs[1][1][-2000:]
     assert time.time() - t0 < 100
