@@ -245,24 +245,34 @@ class _MixUntilExhausted(grain.MapDataset):
 
     def __init__(self, parents, weights):
         super().__init__(parents)
-        w = np.asarray(weights, np.float64) / float(sum(weights))
-        sizes, taken, order = [len(p) for p in parents], np.zeros(len(parents), np.int64), []
+        # the order cannot change (saved loader states index into it), and no sort key gives it: each pick depends on
+        # the picks before. Python floats do the same float64 arithmetic as an np.argmax per document, ~10x faster;
+        # the (source, position) pairs as two arrays, not a list of tuples (800k documents: 6.4 s and 80 MiB before)
+        w = (np.asarray(weights, np.float64) / float(sum(weights))).tolist()
+        sizes, taken, picks, t = [len(p) for p in parents], [0] * len(parents), [], 0
         while True:
-            i = int(np.argmax((len(order) + 1) * w - taken))
+            t += 1
+            i, best = 0, t * w[0] - taken[0]
+            for k in range(1, len(w)):  # the first of equal deficits, as np.argmax
+                if (d := t * w[k] - taken[k]) > best:
+                    i, best = k, d
             if taken[i] == sizes[i]:
                 break
-            order.append((i, int(taken[i])))
+            picks.append(i)
             taken[i] += 1
-        self._order = order
+        self._source = np.array(picks, np.int32)
+        self._position = np.zeros(len(picks), np.int64)
+        for k in range(len(w)):
+            mine = self._source == k
+            self._position[mine] = np.arange(taken[k])
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._source)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        i, j = self._order[index]
-        return self._parents[i][j]
+        return self._parents[int(self._source[index])][int(self._position[index])]
 
 
 def _as_list(record) -> list:
