@@ -37,7 +37,8 @@ DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("ma
 class DomainGlossary:
     """Append `header` and up to `max_terms` `- term: definition` lines for glossary terms of the
     document's domains (`doc["domains"]`, set by the labelling stage) found in its text. Records the
-    terms in `doc["augmented"]`; documents with no matching term pass unchanged."""
+    terms in `doc["augmented"]`; documents with no matching term pass unchanged. Idempotent: a glossary block
+    this hook appended is replaced, not appended to (re-cleaning an augmented tier glossed it twice)."""
 
     glossaries: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = DEFAULT_GLOSSARIES
     max_terms: int = 5
@@ -59,9 +60,16 @@ class DomainGlossary:
                  re.compile(rf"\b{re.escape(term.lower())}s?\b" if term.isascii() else re.escape(term)))
                 for term, definition in terms)
         object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_lines", frozenset(f"- {t}: {d}" for _, terms in self.glossaries for t, d in terms))
+
+    def _body(self, text: str) -> str:
+        """`text` without a trailing glossary block of this hook's (its definitions name terms the text may not)."""
+        body, sep, block = text.rpartition(f"\n\n{self.header}\n")
+        return body if sep and all(ln in self._lines for ln in block.split("\n")) else text
 
     def __call__(self, doc: dict) -> dict:
-        found, seen, low = [], set(), doc["text"].lower()
+        body = self._body(doc["text"])
+        found, seen, low = [], set(), body.lower()
         domains = doc.get("domains", ())
         if isinstance(domains, str):  # iterated letter by letter, it matched nothing, silently
             raise ValueError(f"DomainGlossary: doc['domains']={domains!r} must be a list of tags, e.g. [{domains!r}]")
@@ -73,6 +81,6 @@ class DomainGlossary:
                     found.append((term, definition))
         found = found[:self.max_terms]
         if not found:
-            return doc
+            return doc if body is doc["text"] else {**doc, "text": body}
         gloss = "\n".join(f"- {t}: {d}" for t, d in found)
-        return {**doc, "text": f"{doc['text']}\n\n{self.header}\n{gloss}", "augmented": [t for t, _ in found]}
+        return {**doc, "text": f"{body}\n\n{self.header}\n{gloss}", "augmented": [t for t, _ in found]}

@@ -86,20 +86,20 @@ class DedupConfig:
 def _no_words(text: str) -> str:
     """A text without word characters (symbols, emoji) with only its whitespace folded: folding its punctuation too
     would make every such document the empty string, all duplicates of each other."""
-    return "\x00" + " ".join(text.lower().split())
+    return "\x00" + " ".join(text.casefold().split())
 
 
 def exact_key(text: str) -> bytes:
     """16-byte hash of the text with case, punctuation and whitespace folded away (whitespace only for a text
-    with no word characters)."""
-    folded = _not_word().sub(" ", text.lower()).strip()
+    with no word characters). Case folds by str.casefold: str.lower left 'Straße' apart from 'STRASSE'."""
+    folded = _not_word().sub(" ", text.casefold()).strip()
     return hashlib.blake2b((folded or _no_words(text)).encode(), digest_size=16).digest()
 
 
 def shingles(text: str, n: int) -> set[bytes]:
-    """Lower-cased CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n; of the
+    """Case-folded CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n; of the
     whitespace-folded text when it has no word)."""
-    toks = tokens(_not_word().sub(" ", text.lower()))
+    toks = tokens(_not_word().sub(" ", text.casefold()))
     if not toks:
         return {_no_words(text).encode()}
     if len(toks) <= n:

@@ -307,8 +307,9 @@ def ngram_signals(ws: list[str], top_ns, dup_ns, scale: float = 1.0) -> dict[str
                 k = int(counts.argmax())
                 out[f"top_{name_of[n]}gram"] = int(counts[k]) * int(lens[first[k]:first[k] + n].sum()) / total
             if n in dup_ns:
-                dup = (counts[inv] > 1).astype(np.int8)
-                covered = np.convolve(dup, np.ones(n, np.int8))[:len(ws)] > 0
+                # int32: int8 sums wrapped from n = 128 (a passage repeated measured 0.60, not 0.94)
+                dup = (counts[inv] > 1).astype(np.int32)
+                covered = np.convolve(dup, np.ones(n, np.int32))[:len(ws)] > 0
                 out[f"dup_{name_of[n]}gram"] = int(lens[covered].sum()) / total
     return out
 

@@ -30,7 +30,8 @@ REPETITION_FAMILIES = (("top_{n}gram", "top_ngram_max"), ("dup_{n}gram", "dup_ng
 # "import tariffs" mid-sentence is not). A substring keyword that starts with a letter starts a word ("self." is
 # not in "himself."). Counting is one word count plus a few `str.count` scans (and a regex confirming those), so
 # it costs far less than a regex per tag. `docs` means API documentation: docstring sections and field lists, not
-# the English words they use ("returns", "default" and "raises" are finance news as often).
+# the English words they use ("returns", "default" and "raises" are finance news as often). A CJK keyword needs no
+# word start: Chinese has no spaces ("勾股定理" holds "定理").
 DEFAULT_DOMAINS = (
     ("code", ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nreturn ", "self.", "#include", "=>", "function(",
               "();", "\nelif ")),
@@ -67,13 +68,15 @@ class LabelConfig:
         if self.min_hits < 1:
             raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
-                       tuple((k.lower(), re.compile(rf"(?<!\w){re.escape(k.lower())}") if k[:1].isalnum() else None)
+                       tuple((k.lower(), re.compile(rf"(?<!\w){re.escape(k.lower())}")
+                              if k[:1].isalnum() and not _CJK_START.match(k) else None)
                              for k in kws if not _PLAIN_WORD.fullmatch(k)))
                       for tag, kws in self.domains)
         object.__setattr__(self, "_split", split)
 
 
 _PLAIN_WORD = re.compile(r"[a-z0-9]+", re.I)
+_CJK_START = re.compile(rf"[{CJK_RANGES}]")
 # letters and digits of one script run; CJK characters split runs ("定理theorem" holds "theorem")
 _WORD_PART = re.compile(rf"[^\W_{CJK_RANGES}]+")
 _DEFAULT_QUALITY = QualityConfig()

@@ -54,8 +54,10 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 
 # Bumped when the code changes what a setting produces (a resumed run would mix shards of both versions, and a
 # cached corpus would keep the old texts): 2 = boilerplate removal keeps text normalised, quality signals all kept,
-# a record's own `augmented` field dropped.
-OUTPUT_VERSION = 2
+# a record's own `augmented` field dropped; 3 = dedup folds case with str.casefold, the labelled tier scores quality
+# under the quality filter that ran, a glossary block is not appended twice, CJK domain keywords count mid-text,
+# dup_{n}gram right for n >= 128.
+OUTPUT_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +111,10 @@ class PipelineConfig:
         return list(self.filters if self.filters is not None else self.default_filters())
 
     def label_stages(self):
-        return list(self.labelers if self.labelers is not None else (Label(self.label, self.quality),))
+        # scored under the limits of the quality filter that ran (a custom one in `filters`; the last one sets the
+        # signals), not `quality`'s: with a custom filter the labelled tier scored against limits nothing checked
+        ran = [s.cfg for s in self.filter_stages() if isinstance(s, QualityFilter)]
+        return list(self.labelers if self.labelers is not None else (Label(self.label, (ran or [self.quality])[-1]),))
 
     def augment_stages(self):
         return [Augment(self.augment)]

@@ -25,6 +25,17 @@ def test_exact_key_folds_case_punctuation_whitespace():
     assert exact_key("hello world") != exact_key("hello word")
 
 
+def test_case_folds_by_casefold_in_exact_and_near_dedup():
+    """str.lower keeps 'ß' where upper case writes 'SS': a German page and its upper-cased copy got two exact keys
+    and none of their 9 shingles, so both were kept."""
+    a = "Die Straße ist lang, die Maße sind groß und der Fluss fließt weiter"
+    b = a.upper()  # DIE STRASSE ... GROSS ... FLIESST
+    assert a.casefold() == b.casefold() and a.lower() != b.lower()  # Unicode caseless matching: the same text
+    assert exact_key(a) == exact_key(b)
+    assert shingles(a, 5) == shingles(b, 5) and jaccard(signature(a), signature(b)) == 1.0
+    assert exact_key("Οδός") == exact_key("ΟΔΌΣ")  # (final sigma: lower() already folded it)
+
+
 
 def test_combining_marks_are_part_of_words_not_punctuation():
     """Vowel signs are combining marks (not \\w): folding them as punctuation made 'the boy ... goes' and 'the girl

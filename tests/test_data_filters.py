@@ -1,5 +1,6 @@
 """Every quality / repetition / spam rule on crafted documents that must fail it, next to ones that must pass."""
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -156,6 +157,23 @@ def test_ngram_signals_match_definition():
     assert ngram_signals("a b c d".split(), [2], [3]) == {"top_2gram": 0.0, "dup_3gram": 0.0}
     # scale 2: the "2-gram" is 4 tokens ('a b c a' once, every 4-gram once) and the "1-gram" 2 tokens
     assert ngram_signals(ws, [2, 1], [], scale=2.0) == {"top_2gram": 0.0, "top_1gram": pytest.approx(4 / 8)}
+
+
+def test_duplicate_ngrams_longer_than_127_words_cover_their_words():
+    """dup_{n}gram counted the n-grams covering each word in int8: from n = 128 the counts wrapped negative, and a
+    page of one 400-word passage twice (and 40 words more) measured dup_128gram 0.60 (it passed a 0.7 limit), not
+    0.94."""
+    passage = [f"w{i}" for i in np.random.default_rng(0).permutation(400)]
+    ws = passage + passage + [f"end{i}" for i in range(40)]
+
+    def reference(ws, n):  # characters of the words inside an n-gram that occurs twice or more
+        grams = collections.Counter(tuple(ws[i:i + n]) for i in range(len(ws) - n + 1))
+        covered = {j for i in range(len(ws) - n + 1) if grams[tuple(ws[i:i + n])] > 1 for j in range(i, i + n)}
+        return sum(len(ws[j]) for j in covered) / sum(map(len, ws))
+
+    for n in (5, 127, 128, 200, 400):
+        assert ngram_signals(ws, [], [n])[f"dup_{n}gram"] == pytest.approx(reference(ws, n)), n
+    assert reference(ws, 400) > 0.9
 
 
 def test_spam_signals(rng):

@@ -32,6 +32,17 @@ def test_code_and_math_tags_need_code_and_math():
     assert "code" in domain_tags(py)
 
 
+def test_cjk_keywords_count_inside_running_chinese_text():
+    """A keyword starting with a letter had to start a word ('self.' is not in 'himself.'), and CJK characters are
+    letters: '定理' after another character ('勾股定理', '这个定理') never counted, nor '报道' in '据记者报道', so only
+    keywords after punctuation or a space tagged Chinese text."""
+    math = "我们证明了勾股定理，这个定理说明直角三角形的两条直角边的平方和等于斜边的平方。这是一个重要的定理。"
+    news = "据记者报道，该国政府今天宣布了新的政策。据报道，该国政府官员表示反对。"
+    assert math.count("定理") == 3 and "math" in domain_tags(math)
+    assert news.count("报道") + news.count("记者") + news.count("政府") == 5 and "news" in domain_tags(news)
+    assert domain_tags("The farmer saw himself. He hid itself. She found herself.") == []  # latin: still whole
+
+
 def test_prose_is_neither_code_nor_docs_and_gets_no_glossary():
     """'self.' matched inside 'himself.', and 'returns', 'raises', 'default' made bond-market news API docs: both
     then had Python glossary definitions appended by the augmentation stage."""
@@ -70,6 +81,33 @@ def test_glossary_appends_the_terms_of_the_documents_domains_up_to_max_terms():
     assert gloss(plain) is plain and gloss({"text": text}) == {"text": text}
     with pytest.raises(ValueError, match="DomainGlossary.glossaries"):
         DomainGlossary(glossaries=(("code", ("iterator", "yields items")),))  # one tuple level missing
+
+
+def test_cleaning_an_augmented_tier_again_glosses_it_once():
+    """Re-cleaning an augmented tier appended the glossary a second time (its own definitions even name terms, e.g.
+    'iterator' in the generator's, that the text did not): the glossary hook is idempotent on its own output."""
+    import numpy as np
+
+    from data.augment import PYTHON_GLOSSARY, DomainGlossary
+    from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, run_stages
+    from data.synthetic import en_text
+
+    rng = np.random.default_rng(0)
+    text = (en_text(rng, 80) + "\n\nA generator function returns one; a decorator wraps it.\n"
+            "def numbers(n):\n    for i in range(n):\n        yield i\n\nclass Box:\n    def get(self):\n"
+            "        return self.value\n\n" + en_text(rng, 40))
+    stages = [Normalize(), QualityFilter(), LanguageFilter(), Label(), Augment(DomainGlossary())]
+    once = run_stages({"text": text, "id": 1}, stages, [StageStats(s.name) for s in stages])
+    defs = dict(PYTHON_GLOSSARY)
+    assert once["augmented"][:2] == ["generator", "decorator"] and "iterator" not in once["augmented"]
+    block = "\n\nGlossary:\n" + "\n".join(f"- {t}: {defs[t]}" for t in once["augmented"])
+    assert once["text"].endswith(block) and once["text"].count("Glossary:") == 1
+    twice = run_stages(dict(once), stages, [StageStats(s.name) for s in stages])
+    assert twice["text"] == once["text"] and twice["augmented"] == once["augmented"]
+    # a block whose terms the text's domains no longer have is stale: removed; the text's own lines stay
+    assert DomainGlossary()({"text": once["text"], "domains": []})["text"] == once["text"][:-len(block)]
+    mine = text + "\n\nGlossary:\n- generator: my own definition"
+    assert DomainGlossary()({"text": mine, "domains": []})["text"] == mine
 
 
 def test_quality_score_is_the_mean_headroom_under_the_limits():

@@ -409,6 +409,29 @@ def test_custom_stages_compose_and_are_counted(corpus, tmp_path):
     assert not any("bridge" in d["text"].lower() for d in all_docs(tmp_path / "out" / "augmented"))
 
 
+def test_the_labelled_tier_scores_quality_under_the_quality_filter_that_ran(tmp_path):
+    """A custom QualityFilter in `filters` checked its own limits, but the labelled tier scored the documents under
+    PipelineConfig.quality's (0.986 here, where the filter that ran gives them 0.959)."""
+    from data.filters import QualityConfig, analyze
+    from data.label import quality_score
+    from data.stages import LanguageFilter, Normalize, QualityFilter
+
+    q = QualityConfig(max_symbol_ratio=0.1, max_digit_ratio=0.05, max_dup_lines=0.1, top_ngram_max=((2, 0.05),),
+                      dup_ngram_max=((5, 0.1),))
+    cfg = PipelineConfig(workers=1, filters=(Normalize(), QualityFilter(q), LanguageFilter()))
+    rng = np.random.default_rng(0)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"{en_text(rng, 120)}\nIn 2024 the rate rose 3.{i}% "
+                                                                   f"to ${i + 1},250 (see #{i})."}) + "\n"
+                                               for i in range(4)))
+    run([str(tmp_path / "in.jsonl")], tmp_path / "out", cfg, progress=False)
+    docs = all_docs(tmp_path / "out" / "labeled")
+    assert len(docs) == 4
+    for d in docs:
+        want = quality_score(analyze(d["text"], q), q)
+        assert d["quality"] == pytest.approx(want, abs=1e-3)
+        assert abs(want - quality_score(analyze(d["text"]))) > 0.02  # the default limits score them apart
+
+
 @dataclasses.dataclass(frozen=True)
 class DropOdd:
     """A custom labeler that drops every other document."""
