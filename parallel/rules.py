@@ -132,6 +132,24 @@ def _mesh_axes(mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
 
 
+def _check_mesh(mesh, sizes: dict[str, int]) -> None:
+    """The table places arrays on the Auto axes named in parallel.mesh.AXES (make_mesh's meshes). A mesh from
+    `jax.make_mesh((2, 4), ('dp', 'mp'))` replicated every parameter and batch over axes no rule can name, silently,
+    and its Explicit axes (jax.make_mesh's default) failed inside the model in a ShardingTypeError naming neither."""
+    from jax.sharding import AxisType
+
+    from parallel.mesh import AXES
+
+    if unknown := [a for a, n in sizes.items() if n > 1 and a not in AXES]:
+        raise ValueError(f"mesh axes {unknown} are none of the axes the rules table maps to, {AXES}: every array "
+                         "would be replicated over them; build the mesh with parallel.make_mesh({'data': 2, ...}) or "
+                         "name its axes from those")
+    if explicit := [a for a, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if t == AxisType.Explicit]:
+        raise ValueError(f"mesh axes {explicit} are Explicit (jax.make_mesh's default); the rules place arrays by "
+                         "sharding constraints that need Auto axes: build the mesh with parallel.make_mesh, or "
+                         "jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)")
+
+
 def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: bool = False) -> P:
     """Map a tuple of logical names to a PartitionSpec for `mesh`.
 
@@ -140,6 +158,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
     replicates that dimension instead, as REPLICATE_IF_INDIVISIBLE names always do).
     rules: overrides of the table in effect, e.g. {'embed': None} (every `rules=` argument of parallel/ and
     scaling/ means this; a whole table works too). A partial dict used to replace the table (KeyError 'vocab').
+    A mesh with axes of other names than parallel.mesh.AXES, or Explicit axes, raises (`_check_mesh`).
     """
     if isinstance(names, str):  # one name would be read letter by letter ("logical axis 'e' has no rule")
         raise ValueError(f"logical_to_spec: names={names!r} must be a tuple of logical names, e.g. ({names!r},)")
@@ -150,6 +169,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
         _check_overrides(rules)
     rules = {**_current(), **rules} if rules else _current()
     sizes = _mesh_axes(mesh)
+    _check_mesh(mesh, sizes)
     used: set[str] = set()
     out = []
     for i, name in enumerate(names):

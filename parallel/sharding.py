@@ -19,6 +19,12 @@ def logical_shardings(abstract_state, mesh, rules=None):
     would change nothing (`rules={'vocabulary': None}`)."""
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     names_of = lambda v: v.get_metadata().get("out_sharding") or (None,) * len(v.shape)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_state, is_leaf=is_var)
+    if plain := [(jax.tree_util.keystr(k), v) for k, v in leaves if not is_var(v)]:  # an AttributeError before
+        more = f" (and {len(plain) - 1} more leaves)" if len(plain) > 1 else ""
+        raise TypeError(f"the rules place nnx Variables by their logical names, but state{plain[0][0]}{more} is a "
+                        f"plain {type(plain[0][1]).__name__}: pass the model's state, nnx.split(model)[1] or "
+                        "nnx.state(model), not a pure dict of arrays")
     if rules:
         _check_overrides(rules)  # misspelt targets and near misses of table names first, with their hints
         used = {n for v in jax.tree.leaves(abstract_state, is_leaf=is_var) if is_var(v) for n in names_of(v) if n}

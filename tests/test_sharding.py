@@ -440,3 +440,48 @@ def test_parallel_helpers_name_their_misuse():
         with pytest.raises(ValueError, match=r"'layers' maps to mesh axis 'fsdp', which \[.*'embed'.*\] use too"), \
                 jax.set_mesh(mesh):
             jax.jit(lambda p, t: nnx.merge(gd, p)(t))(p, tok)
+
+
+def test_meshes_the_rules_cannot_place_on_are_refused_by_name():
+    """A mesh from jax.make_mesh: axes named 'dp' / 'mp' (no rule can name them) placed every parameter and batch
+    replicated, silently, and Explicit axes (jax.make_mesh's default) failed in the first step with a
+    ShardingTypeError from inside the embedding gather. Both are named before anything compiles."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded, shard_batch
+
+    Auto, Explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
+    tok = np.zeros((8, 16), np.int32)
+    foreign = jax.make_mesh((2, 4), ("dp", "mp"), axis_types=(Auto, Auto))
+    with pytest.raises(ValueError, match=r"mesh axes \['dp', 'mp'\] are none of the axes the rules table maps to"):
+        create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), foreign)
+    with pytest.raises(ValueError, match=r"shard_batch: batch, an array \(8, 16\): mesh axes \['dp', 'mp'\]"):
+        shard_batch(tok, foreign)
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(Explicit,))
+    with pytest.raises(ValueError, match=r"mesh axes \['data'\] are Explicit .* parallel.make_mesh"):
+        create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), explicit)
+    with pytest.raises(ValueError, match=r"mesh axes \['data'\] are Explicit"):
+        shard_batch(tok, explicit)
+    # a size-1 axis of another name changes no placement (and make_mesh's own meshes place as the table says)
+    one = jax.make_mesh((8, 1), ("data", "dp"), axis_types=(Auto, Auto))
+    assert shard_batch(tok, one).sharding.spec == shard_batch(tok, make_mesh({"data": 8})).sharding.spec == \
+        jax.P("data", None)
+
+
+def test_shard_state_of_plain_arrays_names_the_leaf_and_the_fix():
+    """A pure dict of arrays (nnx.to_pure_dict, a loaded checkpoint) has no logical names to place it by: an
+    AttributeError ('numpy.ndarray' object has no attribute 'get_metadata') named neither the leaf nor the fix."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import shard_state
+
+    mesh = make_mesh({"fsdp": 8})
+    with nnx.use_eager_sharding(False):
+        state = nnx.state(Transformer(CFG, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=r"state\['blocks'\]\['attn_norm'\] \(and 14 more leaves\) is a plain "
+                                        r"ndarray: pass the model's state, nnx.split\(model\)\[1\]"):
+        shard_state(jax.tree.map(np.asarray, nnx.to_pure_dict(state)), mesh)
+    placed = shard_state(state, mesh)  # the same arrays as Variables: placed by their names, as the table says
+    assert placed["embed"][...].sharding.spec == jax.P(None, "fsdp")  # [V, D]: ('vocab', 'embed')
