@@ -170,12 +170,14 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     for w in windows:
         if w is not None and w < 1:
             raise ValueError(f"attention window must be >= 1 or None, got {w}")
+    # the 'reference' kernel (models.attention's autodiff oracle) ignores attn_block: dense masked scores
+    attn_block = None if getattr(cfg, "attn_impl", "xla") == "reference" else getattr(cfg, "attn_block", None)
     return LMShape(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=L, n_heads=cfg.n_heads, kv_heads=kv,
                    head_dim=hd, mlp_dim=getattr(cfg, "mlp_dim", 4 * cfg.d_model),
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
-                   attn_block=getattr(cfg, "attn_block", None), swa_block=int(getattr(cfg, "swa_block", 256)))
+                   attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)))
 
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -294,6 +296,12 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     raise ValueError(f"kernel={kernel!r}: use 'dense', 'causal_blocked', 'ideal', 'flash' or 'blocked'")
 
 
+def model_window(window: int | None, seq_len: int) -> int | None:
+    """The window a layer runs with on `seq_len`-token rows: one that spans the row (W >= T) masks nothing, and
+    models.Transformer runs such a layer with the global causal kernel (`Block._attend`): None."""
+    return None if window is None or window >= seq_len else window
+
+
 def model_kernel(s: LMShape, window: int | None, swa_block: int) -> tuple[str, int]:
     """(kernel, block) that models.Transformer runs for a layer on CPU: block-causal (or dense masked when
     `attn_block` is None) for global layers, the blocked sliding-window kernel for local ones."""
@@ -357,14 +365,15 @@ def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block
     kernel='ideal' counts attended keys (causal, per-layer window): the model FLOPs for MFU;
     'dense' / 'causal_blocked' / 'blocked' / 'flash' count what that kernel executes (see
     `executed_keys`); 'executed': what models.Transformer runs (`model_kernel`: the config's attn_block for global
-    layers; windowed ones in query blocks of `block`, default the config's swa_block).
+    layers, and for windowed ones whose window spans seq_len (`model_window`); the others in query blocks of
+    `block`, default the config's swa_block).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Real) or not seq_len >= 1:
         raise ValueError(f"seq_len={seq_len!r}: the sequence length must be a number of tokens >= 1")
     s = lm_shape(cfg, windows=windows, moe=moe)
     block = s.swa_block if block is None else block
     kern = lambda w: model_kernel(s, w, block) if kernel == "executed" else (kernel, block)  # noqa: E731
-    keys = sum(executed_keys(seq_len, w, *kern(w)) for w in s.windows)
+    keys = sum(executed_keys(seq_len, w, *kern(w)) for w in (model_window(w, seq_len) for w in s.windows))
     return 4.0 * s.n_heads * s.head_dim * keys
 
 

@@ -40,7 +40,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from scaling.flops import executed_keys, executed_slots, lm_shape, model_kernel
+from scaling.flops import executed_keys, executed_slots, lm_shape, model_kernel, model_window
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "fp8": 1, "bf16": 2, "f32": 4,
                "fp16": 2, "fp32": 4, "f16": 2}
@@ -264,8 +264,8 @@ class MemoryBreakdown:
 
 def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str | None = None,
                           mesh: Mapping[str, int] | None = None, window: int | None = None, kernel: str = "dense",
-                          block: int = 256, rules=None, windows=None, moe=None, moe_layer: bool | None = None
-                          ) -> float:
+                          block: int = 256, rules=None, windows=None, moe=None, moe_layer: bool | None = None,
+                          backend: str | None = None) -> float:
     """Bytes one layer keeps per local token for the backward pass under `remat`. moe_layer: whether the layer
     is an MoE one (None: any MoE config makes it one; `memory_per_device` passes each layer's kind).
 
@@ -292,6 +292,8 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     Pallas flash attention) stores no scores, only a float32 log-sum-exp per query and head (S·N·bytes -> 4·N);
     'dense' stores all T scores; 'blocked' (models.sliding_window) its (R + 1)·C, and under none also its windowed
     K / V copies (2·c·KH·S / C).
+    Under save_dots / save_dots_no_batch the projections' outputs (q, k, v, attention-out, gate, up) are saved as
+    the dots produce them: `projection_bytes` each (float32 for a bf16 / f16 model on the CPU `backend`).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
@@ -315,14 +317,23 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     lse = 4 * N if flash and remat != "full" else 0.0
     if remat == "full":
         return c * D
+    dots = c * D + projection_bytes(c, backend) * (D + NH + 2 * KH + 2 * F2)  # the layer input + the projections
     if remat == "save_dots_no_batch":
-        return c * (2 * D + NH + 2 * KH + 2 * F2)
+        return dots
     if remat == "save_dots":
-        return c * (2 * D + 2 * NH + 2 * KH + 2 * (F2 + routed)) + moe_saved + 4 * N * S + lse
+        return dots + c * (NH + 2 * routed) + moe_saved + 4 * N * S + lse
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
     # models.attention's softmax VJP; a flash kernel keeps its output (the o-projection's input too) and `lse`
     attn = 0.0 if flash else (c * NH if c >= 4 else 0.0) + 4 * N * S + 4 * N  # a bf16 output is not kept
     return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
+
+
+def projection_bytes(compute_bytes: int, backend: str | None = None) -> int:
+    """Bytes per element of a projection's output as a dot-saving remat policy keeps it: the compute dtype's on an
+    accelerator (`backend` None, 'gpu', 'tpu', ...); on 'cpu' (jax.default_backend()'s name) a bf16 / f16 product
+    accumulates into a float32 dot rounded afterwards (models.linear._dot), and the policy saves the float32 dot
+    (XLA kept 1.92x the bf16 count under save_dots_no_batch)."""
+    return 4 if compute_bytes < 4 and str(backend).lower() == "cpu" else compute_bytes
 
 
 def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
@@ -356,7 +367,8 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                       param_dtype: str | None = None, compute_dtype: str | None = None, grad_dtype: str | None = None,
                       optimizer_moments: int = 2, opt_dtype: str | None = None, kernel: str | None = None,
                       block: int | None = None, params: list[ParamEntry] | None = None, rules=None, windows=None,
-                      moe=None, update_buffers: int = 1, grad_accum: int = 1) -> MemoryBreakdown:
+                      moe=None, update_buffers: int = 1, grad_accum: int = 1, backend: str | None = None
+                      ) -> MemoryBreakdown:
     """Modelled peak bytes per device of a training step (see the module docstring).
 
     mesh: axis sizes, e.g. {"data": 2, "fsdp": 4, "tensor": 2} (or a jax Mesh); micro_batch:
@@ -374,10 +386,13 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     kernel=None: 'flash' (no scores stored) when cfg.attn_impl is 'cudnn' (without an attention soft-cap, which
     runs 'xla'), as `scaling.dit` does; otherwise each layer's kernel as models.Transformer runs it with 'xla'
     (`scaling.flops.model_kernel`: the block-causal kernel of `attn_block` rows, or dense masked, for global
-    layers; 'blocked' with block = cfg.swa_block for windowed ones), its executed scores counted in the saved
-    residuals and the working set; pass 'flash' for other fused GPU/TPU kernels. (Until the twenty-ninth session
-    the saved residuals counted global layers' scores dense: at long sequences, 16 query blocks executing ~53% of
-    them, XLA kept 0.66x of that estimate at T = 2048 under remat 'none'; now 0.94x.)
+    layers and windows that span seq_len; 'blocked' with block = cfg.swa_block for the other windowed ones), its
+    executed scores counted in the saved residuals and the working set; pass 'flash' for other fused GPU/TPU
+    kernels. (Until the twenty-ninth session the saved residuals counted global layers' scores dense: at long
+    sequences, 16 query blocks executing ~53% of them, XLA kept 0.66x of that estimate at T = 2048 under remat
+    'none'; now 0.94x.)
+    backend: where the step runs ('cpu', 'gpu', 'tpu'; None: an accelerator), which sets the bytes of the
+    projections a dot-saving remat policy keeps (`projection_bytes`: float32 ones for a bf16 model on 'cpu').
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
@@ -403,8 +418,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # each layer's kernel as models.Transformer runs it (`kernel` given: that one for every layer)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     layers = [(w, s.is_moe_layer(i)) for i, w in enumerate(s.windows)]
+    # what each layer runs on these rows: one whose window spans them runs the global kernel (`model_window`)
+    runs = [(model_window(w, seq_len), m) for w, m in layers]
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=ws(w)[0],
-                                   block=ws(w)[1], rules=rules, moe_layer=m) for w, m in layers]
+                                   block=ws(w)[1], rules=rules, moe_layer=m, backend=backend) for w, m in runs]
     acts = local_tokens * sum(saved) / stage
     # GPipe (parallel.pipeline): each stage runs its layers on B/M rows at each of M + S - 1 ticks (S - 1 of them
     # bubble ticks on real rows) and autodiff keeps every tick's residuals; one tick's working set is B/M rows
@@ -422,7 +439,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
                 + 2 * cb * (_dense_mlp_width(s, mesh, rules, m) + (_buffered_expert_width(s, seq_len, mesh, rules)
                                                                    if m else 0.0))
-                + 2 * 4 * n_local * scores(w) for w, m in layers[:P])
+                + 2 * 4 * n_local * scores(w) for w, m in runs[:P])
     v_local = s.vocab_size / _act_split("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 

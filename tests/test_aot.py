@@ -4,6 +4,7 @@ import pytest
 
 from experiments.aot import compile_report
 from models import TransformerConfig
+from scaling.memory import memory_per_device
 
 CFG = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, mlp_dim=256, max_seq_len=64)
 
@@ -19,6 +20,17 @@ def test_aot_state_bytes_match_the_estimate(mesh):
     # the step donates its state: every output but the scalar metrics is written into an input, so the peak is
     # the inputs plus temporaries (a peak that counted the aliased outputs again passed the bound above)
     assert r.alias_bytes >= r.estimate.state and r.peak_bytes <= r.argument_bytes + r.temp_bytes + 1024, r
+
+
+def test_aot_estimate_of_a_bf16_model_saving_dots_matches_the_cpu_compile():
+    """A bf16 model under save_dots_no_batch compiled on the fake CPU devices keeps its projections' float32 dots
+    (models.linear): the estimate next to XLA's bytes counts them so (counted in bf16, XLA's temp was 1.23x it)."""
+    cfg = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=8, mlp_dim=512, max_seq_len=128,
+                            dtype="bfloat16", remat="save_dots_no_batch")
+    r = compile_report(cfg, {"data": 4, "tensor": 2}, batch=8, seq_len=128)
+    assert 0.9 * r.estimate.temp <= r.temp_bytes <= 1.1 * r.estimate.temp, r.temp_bytes / r.estimate.temp
+    accelerator = memory_per_device(cfg, {"data": 4, "tensor": 2}, 8, 128)  # bf16 dots: fewer activation bytes
+    assert accelerator.activations < 0.6 * r.estimate.activations
 
 
 def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatch, capsys):

@@ -199,6 +199,35 @@ def test_windowed_model_flops_match_cost_analysis():
     assert train_flops_per_token(cfg, T) < ours  # model FLOPs count only the attended keys
 
 
+def test_a_window_that_spans_the_rows_runs_the_global_kernel():
+    """A local layer whose window covers the whole row (W >= T: Mistral's 4096 at a shorter training length)
+    runs the block-causal global kernel (models.transformer.Block._attend), not the blocked one: counted as blocked,
+    XLA executed 0.92x the count here at W = T and W = 2T (0.82x with every layer local)."""
+    B, T = 2, 256
+    for W in (T, 2 * T):
+        cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_pattern="1:1",
+                                sliding_window=W, swa_block=128, attn_block=32, scan_layers=False)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+        tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state,
+                        tok)
+        ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
+        assert ours <= xla <= 1.06 * ours, (W, xla / ours)
+
+
+def test_the_reference_attention_is_counted_dense():
+    """attn_impl='reference' (models.attention's autodiff oracle) ignores attn_block and scores all T keys: counted
+    as the block-causal kernel, XLA executed 1.40x the count."""
+    B, T = 2, 256
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_block=32,
+                            attn_impl="reference", scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
+    ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
+    assert ours <= xla <= 1.1 * ours, xla / ours
+
+
 @pytest.mark.parametrize("T,W", [(40, 1), (40, 7), (40, 40), (40, 100), (1, 5)])
 def test_attended_keys_counts_the_mask(T, W):
     mask = np.tril(np.ones((T, T), bool)) & (np.arange(T)[:, None] - np.arange(T)[None] < W)
