@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -278,6 +279,7 @@ class Bootstrap:
 
     def interval(self, fn, level: float = 0.9) -> tuple[float, float, float]:
         """(point, low, high): `fn(law)` at the full-data fit and its central `level` percentile interval."""
+        _check_level(level)
         vals = np.array([fn(law) for law in self.laws], float)
         lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
         return float(fn(self.fit.law)), float(lo), float(hi)
@@ -286,6 +288,7 @@ class Bootstrap:
         """Like `interval`, for the loss of *one new run*: each bootstrap law's prediction times
         exp(a residual drawn from the full fit), so run-to-run scatter (seed, data order, LR fit) widens
         the interval beyond the parameter uncertainty of `interval`."""
+        _check_level(level)
         rng = np.random.default_rng(seed)
         r = np.asarray(self.residuals, float) if self.residuals else np.zeros(1)
         vals = np.array([fn(law) for law in self.laws], float) * np.exp(rng.choice(r, len(self.laws)))
@@ -294,6 +297,11 @@ class Bootstrap:
 
     def param_intervals(self, level: float = 0.9) -> dict[str, tuple[float, float, float]]:
         return {k: self.interval(lambda law, k=k: getattr(law, k), level) for k in ("E", "A", "B", "alpha", "beta")}
+
+
+def _check_level(level) -> None:
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        raise ValueError(f"level={level!r} must be a fraction in (0, 1), e.g. 0.9 for a 90% interval")
 
 
 def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_starts: int = 1, progress: bool = False,

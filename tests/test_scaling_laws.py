@@ -150,6 +150,11 @@ def test_interval_covers_its_level_of_the_bootstrap_laws():
         assert point == TRUE.E
         assert np.mean((vals >= lo) & (vals <= hi)) == pytest.approx(level, abs=0.002)
         assert np.mean(vals < lo) == pytest.approx((1 - level) / 2, abs=0.002)
+    for level in (90, 0, 1.0, True):  # a percent raised numpy's "Percentiles must be in the range [0, 100]"
+        with pytest.raises(ValueError, match=rf"level={level!r} must be a fraction in \(0, 1\)"):
+            bs.interval(lambda law: law.E, level)
+        with pytest.raises(ValueError, match="level=.* must be a fraction"):
+            bs.prediction_interval(lambda law: law.E, level)
 
 
 def test_isoflop_envelope_recovers_optimal_exponent():
