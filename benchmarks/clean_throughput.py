@@ -5,7 +5,8 @@
 Input: the stdlib corpus (module sources + docstrings) and seeded synthetic en/zh documents, as JSONL
 shards. Both sides run with the same number of worker processes over the same shards:
 
-  ours       ingest → NFKC normalise → boilerplate lines + Gopher quality/repetition + spam rules →
+  ours       ingest → mojibake repair + NFKC normalise → boilerplate lines + Gopher quality/repetition + HTML markup
+             and mojibake + spam rules →
              py3langid (keep en, zh) → exact + MinHash-LSH near dedup → label → augment, ArrayRecord tiers
   datatrove  JsonlReader → the same normalise function (as a formatter) → C4QualityFilter (line-level
              boilerplate) → GopherRepetitionFilter → GopherQualityFilter → py3langid (LambdaFilter:

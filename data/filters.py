@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html.entities
 import re
 import sys
 import unicodedata
 
 import numpy as np
+
+from data.normalize import MOJIBAKE, undo_mojibake
 
 CJK_RANGES = ("\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
               "\uf900-\ufaff\U00020000-\U0002fa1f")
@@ -33,6 +36,31 @@ _HAS_LETTER = re.compile(r"[^\W\d_]")  # a letter (CJK included); per word, not 
 _BULLET = re.compile(r"^\s*(?:[-*•●◦▪‣]|\d+[.)])\s")
 # ASCII plus CJK/full-width punctuation that NFKC leaves alone
 PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~" + "，。、；：？！“”‘’（）《》〈〉【】「」『』…—·～")
+# HTML left in extracted text: script / style elements with their contents and comments (`_MARKUP_BLOCK`, to their
+# end: found by str.find, as a lazy regex scanned to the text's end for each unclosed one), doctypes, tags of HTML
+# elements (by name, every attribute with a value: `vector<int>`, `#include <stdio.h>` and `a<b and c>d` are not tags),
+# named (HTML 4) and numeric character references (`&amp;`, `&#39;`; not `&x;` in C), and CSS rule bodies
+# (`{color: #333; margin: 0}`: a CSS property first)
+_HTML_ELEMENTS = ("a abbr article aside b blockquote body br button caption center cite code col dd div dl dt em "
+                  "fieldset figcaption figure font footer form h1 h2 h3 h4 h5 h6 head header hr html i iframe img "
+                  "input label legend li link main meta nav noscript ol option p path picture pre q s script section "
+                  "select small source span strong style sub sup svg table tbody td textarea tfoot th thead title tr u "
+                  "ul video")
+_CSS_PROPERTIES = ("align-items background background-color border border-bottom border-radius border-top bottom "
+                   "box-shadow box-sizing clear color cursor display flex float font font-family font-size font-weight "
+                   "height justify-content left letter-spacing line-height list-style margin margin-bottom margin-left "
+                   "margin-right margin-top max-width min-height min-width opacity overflow padding padding-bottom "
+                   "padding-left padding-right padding-top position right text-align text-decoration text-transform "
+                   "top transform transition vertical-align visibility white-space width z-index")
+_MARKUP_BLOCK = re.compile(r"<(script|style)\b[^<>]*>|<!--", re.I)
+# names matched generically and looked up (an alternation of 250 entity names cost 9 us a '&')
+_MARKUP = re.compile(
+    r"<!doctype[^<>]{0,200}>"
+    r"""|</?(?P<tag>[a-z][a-z0-9]*)(?:\s+[\w:.-]+\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'<>=]+))*\s*/?>"""
+    r"|&(?:#[0-9]{1,7}|#x[0-9a-f]{1,6}|(?P<entity>[a-z][a-z0-9]{1,31}));"
+    r"|\{\s*(?:-(?:webkit|moz|ms|o)-)?(?P<css>[a-z][a-z-]*)\s*:[^{}]{0,2000}\}", re.I)
+_MARKUP_NAMES = {"tag": frozenset(_HTML_ELEMENTS.split()), "css": frozenset(_CSS_PROPERTIES.split()),
+                 "entity": frozenset(html.entities.name2codepoint)}
 
 # Lower-case regexes matched against lower-cased lines. A rule that starts with a literal is only run when
 # `literal in text` (a C-speed scan) finds it; most documents match no rule and cost a few substring tests.
@@ -65,6 +93,10 @@ class QualityConfig:
     `max_boilerplate_lines` of its lines *and* more than `max_boilerplate_chars` of its non-space characters is
     dropped (by lines alone, an article with a three-line footer was dropped whole: web extractions put a paragraph
     on a line). `promo_phrases` / `blocklist` match case-insensitively (whole words for latin phrases).
+    `max_markup_ratio`: of the non-space characters, those in HTML left by text extraction (tags, comments, entities,
+    script / style elements, CSS rules; see `markup_chars`); `max_mojibake_rate`: mojibake sequences per word (CJK
+    counted in words, as for promo density) that normalisation left, not repairing them safely (UTF-8 read as cp1252 /
+    latin-1: "Ð¿Ñ€Ð¸" for Russian; see `data.normalize`).
     """
 
     min_chars: int = 100
@@ -78,6 +110,8 @@ class QualityConfig:
     max_hash_ellipsis_ratio: float = 0.1
     max_bullet_lines: float = 0.9
     max_ellipsis_lines: float = 0.3
+    max_markup_ratio: float = 0.05
+    max_mojibake_rate: float = 0.05
     boilerplate: tuple[str, ...] = DEFAULT_BOILERPLATE
     max_boilerplate_lines: float = 0.5
     max_boilerplate_chars: float = 0.2
@@ -143,6 +177,12 @@ class QualityConfig:
         """The first rule `signals` (from `analyze`) fails, or None if the document passes."""
         if s["chars"] < self.min_chars:
             return "too_short"
+        # before the word rules, which they also fail: a URL in a tag is a 40-letter word, Chinese read as cp1252 one
+        # word a line
+        if s["markup_ratio"] > self.max_markup_ratio:
+            return "markup"
+        if s["mojibake_rate"] > self.max_mojibake_rate:
+            return "mojibake"
         if s["words"] < self.min_words:
             return "too_few_words"
         if s["words"] > self.max_words:
@@ -255,6 +295,40 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     return "\n".join(kept), removed, n_lines
 
 
+def markup_chars(text: str) -> int:
+    """Non-space characters of HTML markup in `text`: script / style elements (contents too), comments, doctypes,
+    tags of HTML elements, character references and CSS rule bodies."""
+    if "<" not in text and "&" not in text and "{" not in text:
+        return 0
+    parts, n, pos, at, unclosed = [], 0, 0, 0, set()
+    if "<" in text:
+        low = text.lower()
+        while m := _MARKUP_BLOCK.search(text, at):
+            close = f"</{m.group(1).lower()}" if m.group(1) else "-->"
+            end = -1 if close in unclosed else low.find(close, m.end())
+            if end < 0:  # a mention ("never echo input into <script>"): its tag alone is markup; none later closes
+                unclosed.add(close)
+                at = m.end()
+                continue
+            end = low.find(">", end) + 1 or len(text)
+            parts.append(text[pos:m.start()])
+            n, pos, at = n + _nonspace(text[m.start():end]), end, end
+    rest = "".join(parts) + text[pos:]
+    for m in _MARKUP.finditer(rest):
+        kind = m.lastgroup
+        if kind is None or (m.group(kind).lower() if kind != "entity" else m.group(kind)) in _MARKUP_NAMES[kind]:
+            n += _nonspace(m.group())
+    return n
+
+
+def mojibake_sequences(text: str) -> int:
+    """UTF-8 sequences in `text` read as cp1252 / latin-1 ("Ã©", "â€™"): `data.normalize.MOJIBAKE` matches whose
+    bytes are valid UTF-8."""
+    if text.isascii():
+        return 0
+    return sum(undo_mojibake(m.group()) is not None for m in MOJIBAKE.finditer(text))
+
+
 def _nonspace(text: str) -> int:
     return len(text) - sum(text.count(c) for c in " \n\t")
 
@@ -351,6 +425,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
         "ellipsis_lines": sum(ln.endswith(("...", "…")) for ln in nonblank) / max(len(nonblank), 1),
         "dup_lines": dup_l, "dup_line_chars": dup_lc, "dup_paragraphs": dup_p, "dup_paragraph_chars": dup_pc,
         "url_density": len(_URL.findall(text)) / max(n_words, 1) if "http" in low or "www." in low else 0.0,
+        "markup_ratio": markup_chars(text) / max(nonspace, 1),
     }
     s["ngram_scale"] = 1 + (cfg.cjk_chars_per_word - 1) * (n_words - len(latin)) / max(n_words, 1)
     s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max],
@@ -359,7 +434,9 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     s["promo_hits"] = sum(promo.values())
     # per word, CJK text counted in words too (cjk_chars_per_word characters each): per character, a Chinese
     # document's density was half an English one's for the same phrases and length
-    s["promo_density"] = s["promo_hits"] / max(len(latin) + (n_words - len(latin)) / cfg.cjk_chars_per_word, 1)
+    word_units = max(len(latin) + (n_words - len(latin)) / cfg.cjk_chars_per_word, 1)
+    s["promo_density"] = s["promo_hits"] / word_units
+    s["mojibake_rate"] = mojibake_sequences(text) / word_units  # per word, for the same reason
     s["promo_max_repeat"] = max(promo.values(), default=0)
     s["blocklist_hits"] = sum(phrase_counts(low, cfg._block_re).values())
     return s

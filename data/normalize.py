@@ -9,6 +9,10 @@ circled digits lose their meaning (`mc²` → `mc2`, `½` → `1⁄2`, `①` →
 becomes ASCII; runs of spaces between words become one, so column-aligned code and tables lose their
 alignment (`x = 1    # note` → `x = 1 # note`). Tabs are never collapsed: tab runs in TSV are empty
 columns, and leading indentation is kept.
+
+Mojibake (UTF-8 read as cp1252 or latin-1: "CafÃ©", "donâ€™t", "ä¸­æ–‡") is repaired first (`fix_mojibake`), as
+the exact bytes it came from still decode: NFKC and the control-character pass would destroy them ("Ã³" → "Ã3",
+"Ã­" loses its soft hyphen), after which no repair is possible.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class NormalizeConfig:
     collapse_spaces: collapse runs of spaces *between* words to one; leading indentation is kept
         because code and verse depend on it, and tabs because a run of them in TSV is empty columns.
     max_blank_lines: longer runs of blank lines shrink to this many.
+    repair_mojibake: undo UTF-8 read as cp1252 / latin-1 where it is certain (see `fix_mojibake`); what is left
+        is measured by the quality stage's `mojibake_rate`.
     """
 
     form: str = "NFKC"
@@ -53,6 +59,7 @@ class NormalizeConfig:
     max_control_fraction: float = 0.05
     collapse_spaces: bool = True
     max_blank_lines: int = 1
+    repair_mojibake: bool = True
 
     def __post_init__(self):
         if self.form not in FORMS:
@@ -103,14 +110,69 @@ def replace_surrogates(text: str) -> str:
     return _SURROGATES.sub("\ufffd", text)
 
 
+# cp1252 as browsers decode it (its 5 undefined bytes as the latin-1 controls), and latin-1's C1 controls: each
+# character a UTF-8 continuation byte (0x80-0xbf) can become, mapped back to that byte
+_CP1252 = "".join(bytes([b]).decode("cp1252", "ignore") or chr(b) for b in range(256))
+_BYTE_OF = {c: b for b, c in enumerate(_CP1252)} | {chr(b): b for b in range(0x80, 0xA0)}
+_CONT = "[" + re.escape("".join(c for c, b in _BYTE_OF.items() if 0x80 <= b < 0xC0)) + "]"
+# a whole UTF-8 multi-byte sequence seen through cp1252: lead byte (Â-ß, à-ï, ð-ô are the same in both) + continuations
+MOJIBAKE = re.compile(f"[\u00c2-\u00df]{_CONT}|[\u00e0-\u00ef]{_CONT}{{2}}|[\u00f0-\u00f4]{_CONT}{{3}}")
+
+
+def undo_mojibake(seq: str) -> str | None:
+    """The character a `MOJIBAKE` match stood for, or None when its bytes are not valid UTF-8."""
+    try:
+        return bytes(_BYTE_OF[c] for c in seq).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _certain(seq: str) -> bool:
+    """A sequence ordinary text never holds: 3-4 bytes ("â€™": an accented small letter and two cp1252 symbols), or
+    Ã / Â and a symbol ("Ã©", "Â°"). Other pairs end a capitalised word in quotes as often as they are mojibake:
+    "“ESPAÑA”" is not "ESPAє", "“IRMÔ" (Portuguese) not "IRMÔ"."""
+    return len(seq) > 2 or (seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0")
+
+
+def fix_mojibake(text: str) -> tuple[str, int]:
+    """UTF-8 decoded as cp1252 / latin-1, decoded right → `(text, sequences repaired)`. Only in a text holding at
+    least one sequence that is certainly mojibake (see `_certain`) and valid UTF-8, and only sequences whose bytes
+    are valid UTF-8 (the round trip is exact); repeated for text mis-decoded twice ("ÃƒÂ©" → "Ã©" → "é")."""
+    fixed = 0
+    while not text.isascii():
+        seqs = [(m.group(), u) for m in MOJIBAKE.finditer(text) if (u := undo_mojibake(m.group())) is not None]
+        if not any(_certain(seq) for seq, _ in seqs):
+            break
+        table = dict(seqs)
+        text = MOJIBAKE.sub(lambda m: table.get(m.group(), m.group()), text)
+        fixed += len(seqs)
+    return text, fixed
+
+
 def normalize_text(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:
     """Unicode normal form, one line-break convention, no control/invisible characters, tidy whitespace.
 
-    Lone surrogates become U+FFFD (they cannot be stored as UTF-8). Idempotent:
-    `normalize_text(normalize_text(t)) == normalize_text(t)`.
+    Lone surrogates become U+FFFD (they cannot be stored as UTF-8); mojibake is repaired (`fix_mojibake`, with
+    `cfg.repair_mojibake`). Idempotent: `normalize_text(normalize_text(t)) == normalize_text(t)`.
     """
+    return normalize_counted(text, cfg)[0]
+
+
+def normalize_counted(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str, int]:
+    """`normalize_text` → `(text, mojibake sequences repaired)`."""
+    text, fixed = _normalize(text, cfg)
+    for _ in range(3):  # a deleted invisible character or NFKC joined a sequence ("Â\ufeff©" → "Â©"): once more
+        if not (cfg.repair_mojibake and fix_mojibake(text)[1]):
+            break
+        text, more = _normalize(text, cfg)
+        fixed += more
+    return text, fixed
+
+
+def _normalize(text: str, cfg: NormalizeConfig) -> tuple[str, int]:
     if _SURROGATES.search(text):
         text = _SURROGATES.sub("\ufffd", text)
+    text, fixed = fix_mojibake(text) if cfg.repair_mojibake else (text, 0)
     text = _LINE_BREAKS.sub("\n", text)
     text = text.translate(_DROP_CHARS)
     if not unicodedata.is_normalized(cfg.form, text):
@@ -122,4 +184,4 @@ def normalize_text(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:
         text = _INNER_SPACES.sub(" ", text)
     text = _TRAILING_SPACES.sub("", text)
     text = re.sub(f"\n{{{cfg.max_blank_lines + 2},}}", "\n" * (cfg.max_blank_lines + 1), text)
-    return text.strip("\n") if text.strip() else ""
+    return (text.strip("\n") if text.strip() else ""), fixed

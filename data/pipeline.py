@@ -56,7 +56,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # cached corpus would keep the old texts): 2 = boilerplate removal keeps text normalised, quality signals all kept,
 # a record's own `augmented` field dropped; 3 = dedup folds case with str.casefold, the labelled tier scores quality
 # under the quality filter that ran, a glossary block is not appended twice, CJK domain keywords count mid-text,
-# dup_{n}gram right for n >= 128.
+# dup_{n}gram right for n >= 128, mojibake repaired in normalisation, HTML markup and unrepaired mojibake dropped
+# (`markup`, `mojibake`).
 OUTPUT_VERSION = 3
 
 

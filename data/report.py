@@ -97,6 +97,9 @@ def report(out_dir) -> str:
                  f"({_size(last.bytes_out)} of {_size(first.bytes_in)})")
     by_name = {s.name: s for _, s in rows}
     lines.append("")
+    if by_name.get("normalize") and (fixed := by_name["normalize"].counters["mojibake_repaired_docs"]):
+        lines.append(f"mojibake repaired in {fixed:,} documents "
+                     f"({by_name['normalize'].counters['mojibake_repaired_sequences']:,} sequences; kept, not dropped)")
     if "langid" in by_name:
         lines.append("languages kept by langid:    " + _mix(by_name["langid"].counters, "lang"))
         lines.append("languages dropped by langid: " + _mix(by_name["langid"].counters, "dropped_lang"))

@@ -16,12 +16,12 @@ import functools
 from data.filters import QualityConfig, quality_filter
 from data.label import REPETITION_FAMILIES, SCORED_SIGNALS, LabelConfig, domain_tags, quality_score
 from data.langid import LangID, LangIDConfig
-from data.normalize import NormalizeConfig, normalize_text
+from data.normalize import NormalizeConfig, normalize_counted
 
 # signals kept on the document for the labelling stage (the full set is ~30 floats)
 KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "special_char_ratio", "digit_ratio",
                 "hash_ellipsis_ratio", "dup_lines", "dup_line_chars", "dup_paragraphs", "url_density", "top_2gram",
-                "dup_5gram", "boilerplate_lines")
+                "dup_5gram", "boilerplate_lines", "markup_ratio", "mojibake_rate")
 
 
 def nbytes(doc: dict) -> int:
@@ -117,19 +117,24 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
 
 @dataclasses.dataclass(frozen=True)
 class Normalize:
-    """Pipeline stage: `normalize_text` (Unicode form, line breaks, invisible characters, whitespace); drops
-    documents left empty (reason 'empty') and counts those carrying U+FFFD."""
+    """Pipeline stage: `normalize_text` (mojibake, Unicode form, line breaks, invisible characters, whitespace); drops
+    documents left empty (reason 'empty'); counts those carrying U+FFFD, and those with mojibake repaired (and the
+    sequences repaired)."""
 
     cfg: NormalizeConfig = NormalizeConfig()
     name: str = "normalize"
 
     def __call__(self, doc):
-        text = normalize_text(doc["text"], self.cfg)
+        text, fixed = normalize_counted(doc["text"], self.cfg)
         if not text:
             return doc, "empty"
-        return {**doc, "text": text}, None
+        # the count travels to `count` on the document, which takes it off before the next stage sees it
+        return {**doc, "text": text, **({"_mojibake_repaired": fixed} if fixed else {})}, None
 
     def count(self, st, doc, dropped):
+        if fixed := doc.pop("_mojibake_repaired", 0):
+            st.counters["mojibake_repaired_docs"] += 1
+            st.counters["mojibake_repaired_sequences"] += fixed
         if not dropped and "\ufffd" in doc["text"]:
             st.counters["with_replacement_char"] += 1
 
