@@ -267,7 +267,12 @@ def test_configs_name_the_field_and_fix():
                        (lambda: DiffusionConfig(shift=float("inf")), "DiffusionConfig.shift: must be a finite number"),
                        (lambda: DiffusionConfig(shift=1e300), "DiffusionConfig.shift"),
                        (lambda: DiffusionConfig(logit_mean=float("nan")), "DiffusionConfig.logit_mean"),
-                       (lambda: DiffusionConfig(logit_std=float("inf")), "DiffusionConfig.logit_std")]:
+                       (lambda: DiffusionConfig(logit_std=float("inf")), "DiffusionConfig.logit_std"),
+                       # a cap <= 0 was reported as 'AlignConfig.init_temperature' (the default 0.07, a fine value)
+                       (lambda: AlignConfig(max_logit_scale=0.0), "AlignConfig.max_logit_scale: must be positive"),
+                       (lambda: AlignConfig(max_logit_scale=-5.0), "AlignConfig.max_logit_scale: must be positive"),
+                       (lambda: AlignConfig(init_temperature=0.005), r"AlignConfig.init_temperature: must be >= "
+                                                                     r"1/max_logit_scale = 0.01, got 0.005")]:
         with pytest.raises(ValueError, match=match):
             bad()
 

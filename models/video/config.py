@@ -320,8 +320,11 @@ class AlignConfig:
         need(hd % 2 == 0 and min(default_rope_split(hd)) >= 2, "n_heads",
              f"head dim d_model={self.d_model} / n_heads={self.n_heads} = {hd} must be even and >= 6 (3D RoPE "
              "rotates channel pairs over t, h and w); use fewer heads or a wider d_model")
+        # checked first: a cap <= 0 was reported as a bad init_temperature, naming a field that was fine
+        need(self.max_logit_scale > 0, "max_logit_scale",
+             f"must be positive (100 is usual), got {self.max_logit_scale}")
         need(0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale, "init_temperature",
-             f"must be in (1/max_logit_scale, inf), got {self.init_temperature}")
+             f"must be >= 1/max_logit_scale = {1 / self.max_logit_scale:g}, got {self.init_temperature}")
 
     def param_count(self, dit: DiTConfig) -> int:
         """The aligner's parameters: its patch embedding (`dit`'s patches), encoder blocks and both projections."""
