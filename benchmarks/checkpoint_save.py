@@ -48,10 +48,24 @@ def child(handler: str, mesh_text: str, directory: str) -> dict:
     return row
 
 
+def eight_device_mesh(text: str) -> str:
+    """--mesh: checked here, as the children make it on 8 devices (their error was lost in a CalledProcessError)."""
+    from experiments.config import ConfigError, parse_mesh, resolved_mesh
+
+    try:
+        resolved_mesh(parse_mesh(text), 8)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("mesh: ")) from None
+    return text
+
+
 def main(argv=None):
+    from experiments.config import at_least
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="the demo state's mesh (8 devices)")
+    ap.add_argument("--rounds", type=at_least(1), default=3)
+    ap.add_argument("--mesh", type=eight_device_mesh, default="data=2,fsdp=2,tensor=2",
+                    help="the demo state's mesh (8 devices)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)

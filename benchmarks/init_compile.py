@@ -17,8 +17,10 @@ import time
 
 
 def main(argv=None):
+    from experiments.config import at_least
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=at_least(1), default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     import jax

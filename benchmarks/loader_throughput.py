@@ -13,6 +13,7 @@ mesh (all local devices, batch sharding). Tokens counted are real targets
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import tempfile
 import time
@@ -32,10 +33,18 @@ def measure(loader, steps: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def positive_rate(text: str) -> float:
+    """--consumed: a finite rate > 0 (0 divided the first table row, after the BPE and the pre-tokenized copy)."""
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (tokens/s), got {text}")
+    return value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=at_least(1), default=400)
-    ap.add_argument("--consumed", type=float, default=40_000, help="tokens/s the training config eats")
+    ap.add_argument("--consumed", type=positive_rate, default=40_000, help="tokens/s the training config eats")
     args = ap.parse_args(argv)
     import jax
 

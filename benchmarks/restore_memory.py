@@ -60,11 +60,13 @@ def child(way: str, args) -> dict:
 
 
 def main(argv=None):
+    from experiments.config import ConfigError, at_least
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--rounds", type=at_least(1), default=2)
+    ap.add_argument("--d-model", type=at_least(1), default=512)
+    ap.add_argument("--layers", type=at_least(1), default=8)
+    ap.add_argument("--vocab", type=at_least(1), default=32000)
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
@@ -74,6 +76,10 @@ def main(argv=None):
         jax.config.update("jax_num_cpu_devices", 8)
         print(json.dumps(child(args.child, args)))
         return None
+    try:  # before the children, which failed on it with a CalledProcessError that named no flag
+        _cfg(args)
+    except ConfigError as e:
+        ap.error(f"argument --d-model / --layers / --vocab: {e}")
     from tqdm import tqdm
 
     shape = ["--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab", str(args.vocab)]

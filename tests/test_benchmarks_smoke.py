@@ -71,6 +71,14 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
     ("benchmarks.batched_dots", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.train_step", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
+    ("benchmarks.checkpoint_save", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.checkpoint_save", ["--mesh", "dta=8"], "argument --mesh: mesh axes ['dta'] are unknown"),
+    ("benchmarks.checkpoint_save", ["--mesh", "data=4"], "argument --mesh: mesh {'data': 4} needs 4 devices"),
+    ("benchmarks.init_compile", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.loader_throughput", ["--consumed", "0"], "argument --consumed: must be a finite number > 0"),
+    ("benchmarks.restore_memory", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.restore_memory", ["--d-model", "12"], "argument --d-model / --layers / --vocab: model.head_dim: "
+     "d_model=12 is not divisible by n_heads=8"),
     ("benchmarks.scan_residuals", ["--layers", "4,0"], "argument --layers: must be an integer >= 1, got 0"),
     ("benchmarks.scan_residuals", ["--layers", "4,x"], "argument --layers: invalid comma-separated integers >= 1"),
     ("benchmarks.train_step_gpu", ["--tiny", "--steps", "x"], "argument --steps: invalid integer >= 1 value: 'x'"),
@@ -81,7 +89,8 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
 ])
 def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
     """A count below its floor stops at argument parsing, naming the flag (benchmarks failed on an empty median
-    after the timed runs; train_video took --vae-steps 0 and --dit-lr 0 for "use the preset's", and its own
+    after the timed runs, or, where each run is a child process, on a CalledProcessError that hid the child's
+    message; train_video took --vae-steps 0 and --dit-lr 0 for "use the preset's", and its own
     --mesh parser failed on a bad value with a bare unpacking error)."""
     import importlib
 
