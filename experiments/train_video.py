@@ -394,6 +394,8 @@ def load_video_model(out, preset: str | Preset = "default"):
         sample, p = load_video_model("runs/video/default")
         videos = sample(["a red circle moving up", "a blue square moving left"])
     """
+    if isinstance(preset, str) and preset not in PRESETS:
+        raise ValueError(f"load_video_model: preset={preset!r} is not one of {sorted(PRESETS)}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     out = pathlib.Path(out)
     metas = {}
@@ -404,14 +406,24 @@ def load_video_model(out, preset: str | Preset = "default"):
         metas[stage] = latest[1].get("settings", {})
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
     made = _json_dict(metas["t2v"].get("latents"))
-    if made and isinstance(made.get("vae_steps"), int):  # a step count, not the model: --vae-steps N is not asked
-        p = dataclasses.replace(p, vae_steps=made["vae_steps"])
     # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
     keep = lambda d: {k: v for k, v in d.items() if k not in TRAINING_ONLY}  # noqa: E731
-    for stage, now in stage_settings(p, seed).items():
-        if metas[stage] and (changed := _changed(keep(metas[stage]), keep(now), p)):
-            raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
-                             f"({'; '.join(changed)}); pass the preset (and overrides) the run used")
+
+    def differs(q: Preset) -> tuple[Preset, str | None, list[str]]:
+        if made and isinstance(made.get("vae_steps"), int):  # a step count, not the model: --vae-steps N is not asked
+            q = dataclasses.replace(q, vae_steps=made["vae_steps"])
+        for stage, now in stage_settings(q, seed).items():
+            if metas[stage] and (changed := _changed(keep(metas[stage]), keep(now), q)):
+                return q, stage, changed
+        return q, None, []
+
+    p, stage, changed = differs(p)
+    if changed:  # the default preset on a --preset tiny run named no preset: say which one the run matches
+        fits = [name for name, q in PRESETS.items() if differs(q)[1] is None]
+        hint = (f"pass preset={fits[0]!r} (the preset they match)" if fits else
+                "pass the preset (and overrides) the run used")
+        raise ValueError(f"load_video_model: {out / 'ckpt' / stage} was trained with other settings "
+                         f"({'; '.join(changed)}); {hint}")
     stats_path = out / "latent_stats.json"
     if not stats_path.exists():
         raise FileNotFoundError(f"{stats_path} is missing: the run stopped before encoding its latents")

@@ -210,8 +210,8 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
         ("TransformerConfig.qkv_bias", cfg.qkv_bias, "False", not cfg.qkv_bias),
         ("MoEConfig.dispatch", m.dispatch, "'dropless': Mixtral drops no token", m.dispatch == "dropless"))
         if not ok]
-    if wrong:  # the one that fails, not the whole list
-        raise ValueError(f"a Mixtral export needs {'; '.join(wrong)}")
+    if wrong:  # the one that fails, not the whole list ("needs moe_every=2 (set 1 ...)" read as asking for the 2)
+        raise ValueError(f"a Mixtral export has no form for {'; '.join(wrong)}")
     if len(set(windows)) != 1:
         raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Mixtral takes the same window (or "
                          "none) on every layer; no Hugging Face MoE layout here mixes local and global layers")

@@ -319,7 +319,8 @@ def test_gemma2_export_needs_heads_dividing_d_model(tmp_path):
 
 
 def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
-    """The refusal listed all seven conditions and blamed TransformerConfig.moe whichever failed."""
+    """The refusal listed all seven conditions and blamed TransformerConfig.moe whichever failed; then it said "a
+    Mixtral export needs TransformerConfig.moe_every=2 (set 1 ...)" of the demo's model, as if 2 were the fix."""
     mix = ROUND_TRIP["mixtral"]
     for cfg, says in ((dataclasses.replace(mix, moe_every=2, n_layers=2), r"TransformerConfig.moe_every=2 \(set 1"),
                       (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, dispatch="capacity")),
@@ -327,7 +328,7 @@ def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
                       (dataclasses.replace(mix, moe=dataclasses.replace(mix.moe, renormalize=False)),
                        r"MoEConfig.renormalize=False \(set True\)"),
                       (dataclasses.replace(mix, qkv_bias=True), r"TransformerConfig.qkv_bias=True \(set False\)")):
-        with pytest.raises(ValueError, match=r"^a Mixtral export needs " + says + r"[^;]*$"):
+        with pytest.raises(ValueError, match=r"^a Mixtral export has no form for " + says + r"[^;]*$"):
             config_to_hf(cfg)
 
 

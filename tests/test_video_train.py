@@ -148,6 +148,12 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
         meta = {"step": 3, "settings": train_video.stage_settings(p, 0)[stage]}
         save(manager(tmp_path / "ckpt" / stage), 3, tree, meta)
     train_video.check_resume(p, tmp_path, 0)  # same settings
+    # a --preset tiny run loaded as the docstring shows, with the default preset: the error names the preset the run
+    # matches (it said "pass the preset (and overrides) the run used", naming neither the argument nor the preset)
+    with pytest.raises(ValueError, match=r"other settings \(data.frames: 5 -> 9; .*\); pass preset='tiny' \(the"):
+        train_video.load_video_model(tmp_path)
+    with pytest.raises(ValueError, match=r"preset='tinyy' is not one of \['default', 'tiny'\]"):  # was a KeyError
+        train_video.load_video_model(tmp_path, "tinyy")
     train_video.check_resume(dataclasses.replace(p, dit_steps=9), tmp_path, 0)  # training on is fine
     with pytest.raises(SystemExit, match="t2v: .* is at step 3, past --dit-steps 2"):  # fewer steps: not that model
         train_video.check_resume(dataclasses.replace(p, dit_steps=2), tmp_path, 0)
