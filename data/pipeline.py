@@ -125,13 +125,39 @@ class PipelineConfig:
         that is not a dataclass is named by its qualified name (its repr holds a memory address, which
         differs in every process, so a resumed run would look like a different one); its settings are
         then not compared — make it a frozen dataclass to have them checked."""
+        return hashlib.sha1(f"{repr(self._stable_copy())} v{OUTPUT_VERSION}".encode()).hexdigest()[:16]
+
+    def settings(self) -> dict[str, str]:
+        """The fingerprinted settings, flat: {'quality.max_markup_ratio': '0.05', ...} (values as repr), so that a
+        refused resume can name what changed."""
+        return _flat(self._stable_copy(), "")
+
+    def _stable_copy(self) -> PipelineConfig:
         same = copy.copy(self)  # not dataclasses.replace: __post_init__ would refuse a name as the hook
         stable = {"workers": 1, "augment": _stable(self.augment),
                   **{k: tuple(map(_stable, getattr(self, k))) for k in ("filters", "labelers")
                      if getattr(self, k) is not None}}
         for k, v in stable.items():
             object.__setattr__(same, k, v)
-        return hashlib.sha1(f"{repr(same)} v{OUTPUT_VERSION}".encode()).hexdigest()[:16]
+        return same
+
+
+def _flat(obj, prefix: str) -> dict[str, str]:
+    out = {}
+    for f in (f for f in dataclasses.fields(obj) if f.repr):  # what the fingerprint's repr holds
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out.update(_flat(v, f"{prefix}{f.name}."))
+        elif f.name != "workers" or prefix:
+            out[prefix + f.name] = repr(v)
+    return out
+
+
+def _setting_changes(old: dict, new: dict) -> list[str]:
+    """'name: old → new' for each setting that differs (present in either)."""
+    short = lambda v: v if len(v) <= 60 else v[:57] + "..."  # noqa: E731  (a glossary's repr runs to 2,000 chars)
+    return [f"{k}: {short(old.get(k, '(absent)'))} → {short(new.get(k, '(absent)'))}"
+            for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 def _stable(obj):
@@ -376,19 +402,29 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     shards = discover(inputs, cfg.source, skip=out)
     if not shards:
         raise ValueError(f"no input files under {list(map(str, inputs))}")
-    manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint(), "files": file_stamps(shards)}
+    manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint(), "files": file_stamps(shards),
+                "version": OUTPUT_VERSION, "settings": cfg.settings()}  # (these two: to name what changed)
     if cfg.dedup_against is not None:  # the reference as it is: cleaned again since, it keeps other documents
         manifest["reference"] = _reference_stamp(pathlib.Path(cfg.dedup_against))
     mpath = out / "manifest.json"
     if mpath.exists():
         old = read_json(mpath)
         old.setdefault("files", manifest["files"])  # (runs begun before files were stamped)
+        named = "settings" in old  # runs begun before settings were stored name no setting
+        for k in ("version", "settings"):
+            old.setdefault(k, manifest[k])
         if "reference" in manifest:
             old.setdefault("reference", manifest["reference"])  # (runs begun before references were stamped)
         if old != manifest:
             changed = [f"{f} changed since the run began (size, mtime {v} → {manifest['files'].get(f)})"
                        for f, v in old["files"].items() if v != manifest["files"].get(f)]
+            diff = _setting_changes(old["settings"], manifest["settings"]) if named else []
+            if old["version"] != manifest["version"]:
+                diff.append(f"cleaning-code version (data.pipeline.OUTPUT_VERSION): {old['version']} → "
+                            f"{manifest['version']}")
             what = ("inputs" if old["shards"] != manifest["shards"] else
+                    f"settings ({'; '.join(diff[:5])}{'; ...' if len(diff) > 5 else ''})"
+                    if old["config"] != manifest["config"] and diff else
                     "settings (or cleaning-code version)" if old["config"] != manifest["config"] else
                     "dedup_against: it was cleaned again since (its dedup decisions here are stale)"
                     if old.get("reference") != manifest.get("reference") else "inputs: " + ", ".join(changed[:3]))

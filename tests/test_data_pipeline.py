@@ -316,7 +316,7 @@ def test_parallel_workers_give_identical_tiers(cleaned, corpus):
 def test_a_directory_of_another_run_is_refused(cleaned, corpus):
     out, _ = cleaned
     _, inputs = corpus
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"different settings \(augment: \(absent\) → None; augment.glossaries: "):
         run(inputs, out, PipelineConfig(workers=1, augment=None), progress=False)
     with pytest.raises(ValueError, match="different inputs"):
         run(inputs[:1], out, PipelineConfig(workers=1), progress=False)
@@ -333,8 +333,36 @@ def test_a_run_begun_by_another_version_of_the_cleaning_code_is_refused_on_resum
     assert PipelineConfig(workers=1).fingerprint() != before
     run(inputs, tmp_path / "out", PipelineConfig(workers=1), progress=False)
     monkeypatch.undo()
-    with pytest.raises(ValueError, match=r"different settings \(or cleaning-code version\)"):
+    v = pipeline.OUTPUT_VERSION
+    with pytest.raises(ValueError, match=rf"different settings \(cleaning-code version \(data.pipeline.OUTPUT_VERSION\)"
+                                         rf": {v - 1} → {v}\)"):
         run(inputs, tmp_path / "out", PipelineConfig(workers=1), progress=False)
+
+
+def test_a_refused_resume_names_the_settings_that_changed(tmp_path):
+    """'holds a cleaning run with different settings' named none of them (the manifest held only their hash): the
+    manifest keeps the settings too, and the refusal names each change. A manifest written before that resumes as
+    it did, and a change to it gets the old, general refusal."""
+    from data.dedup import DedupConfig
+    from data.filters import QualityConfig
+
+    inputs = small_corpus(tmp_path)
+    out = tmp_path / "out"
+    cfg = PipelineConfig(workers=1)
+    run(inputs, out, cfg, progress=False)
+    changed = PipelineConfig(workers=1, quality=QualityConfig(max_markup_ratio=0.1),
+                             dedup=dataclasses.replace(cfg.dedup, threshold=0.7))
+    assert isinstance(cfg.dedup, DedupConfig)
+    with pytest.raises(ValueError, match=r"different settings \(dedup.threshold: 0.8 → 0.7; "
+                                         r"quality.max_markup_ratio: 0.05 → 0.1\); use a new --out"):
+        run(inputs, out, changed, progress=False)
+    run(inputs, out, PipelineConfig(workers=2), progress=False)  # workers is no setting of the output: resumes
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"], manifest["version"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    run(inputs, out, cfg, progress=False)  # an older run's manifest: resumes
+    with pytest.raises(ValueError, match=r"different settings \(or cleaning-code version\); use a new --out"):
+        run(inputs, out, changed, progress=False)
 
 
 def test_inputs_changed_since_the_run_began_are_refused_on_resume(tmp_path):
