@@ -37,6 +37,7 @@ import pathlib
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -274,7 +275,7 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
 REF = "reference:"  # the keys of a reference run's documents: `reference:shard:index`
 
 
-def check_reference(ref: pathlib.Path, cfg: PipelineConfig) -> int:
+def check_reference(ref: pathlib.Path, cfg: PipelineConfig, warn: bool = False) -> int:
     """The number of shards of `ref`, a finished cleaning run made with the same dedup settings; a ValueError
     naming `dedup_against` and what is wrong otherwise."""
     done = ref / "cleaned" / "dedup.json"
@@ -292,7 +293,12 @@ def check_reference(ref: pathlib.Path, cfg: PipelineConfig) -> int:
         raise ValueError(f"PipelineConfig.dedup_against={str(ref)!r} was deduplicated with DedupConfig.near=False, "
                          "so it holds no MinHash signatures to find near duplicates of its documents by; clean it "
                          "again with near=True, or set near=False here to drop exact duplicates of it only")
-    return len(read_json(ref / "manifest.json")["shards"])
+    manifest = read_json(ref / "manifest.json")
+    if warn and manifest.get("version", 2) < 3:  # (runs before version 3 stored no version)
+        warnings.warn(f"PipelineConfig.dedup_against={str(ref)!r} was cleaned by an older cleaning code (its exact "
+                      "keys and shingles fold case with str.lower, these with str.casefold): copies that differ in "
+                      "such letters (Straße / STRASSE) go unnoticed; clean it again to compare them all", stacklevel=3)
+    return len(manifest["shards"])
 
 
 def _reference_stamp(ref: pathlib.Path) -> str | None:
@@ -433,7 +439,7 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     else:
         check_text_field(shards, cfg.source)
         if cfg.dedup_against is not None:
-            check_reference(pathlib.Path(cfg.dedup_against), cfg)
+            check_reference(pathlib.Path(cfg.dedup_against), cfg, warn=True)
         write_json(mpath, manifest)
     workers = min(cfg.workers, len(shards))
     # spawned, not forked: the parent may hold JAX's threads; one pool serves both parallel passes

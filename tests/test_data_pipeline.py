@@ -870,6 +870,13 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
     with pytest.raises(ValueError, match=r"dedup_against=.*DedupConfig.near=False"):
         dedup_stage(tmp_path / "held4", dedup_against=str(tmp_path / "clean_exact"))
     assert not (tmp_path / "held4").exists()
+    # a training run cleaned before dedup folded case by str.casefold (its manifest has no version): warned, once
+    manifest = json.loads((tmp_path / "clean" / "manifest.json").read_text())
+    del manifest["version"]
+    (tmp_path / "clean" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"dedup_against=.*older cleaning code .*str.casefold") as caught:
+        dedup_stage(tmp_path / "held6", dedup_against=str(tmp_path / "clean"))
+    assert sum("older cleaning code" in str(w.message) for w in caught) == 1
 
 
 def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
