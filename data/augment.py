@@ -70,7 +70,7 @@ class DomainGlossary:
     def __call__(self, doc: dict) -> dict:
         body = self._body(doc["text"])
         found, seen, low = [], set(), body.lower()
-        domains = doc.get("domains", ())
+        domains = doc.get("domains") or ()  # None (a custom labeler's "no tags"): no glossary, not a TypeError
         if isinstance(domains, str):  # iterated letter by letter, it matched nothing, silently
             raise ValueError(f"DomainGlossary: doc['domains']={domains!r} must be a list of tags, e.g. [{domains!r}]")
         for domain in domains:

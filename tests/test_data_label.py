@@ -57,6 +57,8 @@ def test_prose_is_neither_code_nor_docs_and_gets_no_glossary():
     for text in (farm, bonds):
         doc = {"text": text, "domains": domain_tags(text)}
         assert DomainGlossary()(doc) is doc
+    no_tags = {"text": farm, "domains": None}  # a custom labeler's "none": a TypeError that named nothing
+    assert DomainGlossary()(no_tags) is no_tags
     docstring = ('def f(x, y=1):\n    """Add.\n\n    Args:\n        x: first\n\n    Returns:\n        the sum\n\n'
                  '    Raises:\n        ValueError: never\n    """\n    return x + y\n')
     assert domain_tags(docstring) == ["code", "docs"]
