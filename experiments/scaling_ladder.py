@@ -234,8 +234,12 @@ def replot(out: pathlib.Path, level: float, docs: bool):
     rows = res["comparison"]
     bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
+    wrote = [out / "scaling_fit.png"]
     if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
         shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
+        wrote.append(DOCS / "scaling_fit.png")
+    print(f"--replot: refitted {len(fit_runs)} runs ({pred['n_boot']} resamples); wrote "
+          f"{' and '.join(map(str, wrote))}")
     return res
 
 

@@ -1,6 +1,8 @@
 """The scaling ladder's schedule and branched cooldowns (experiments/scaling_ladder.py): a cooldown branch is the run
 a fresh model trained on that budget's schedule would have been, and branching leaves the main run untouched."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -75,7 +77,7 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
 
 
-def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkeypatch):
+def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkeypatch, capsys):
     """A killed ladder (10 min) started over; now each finished rung is kept and a rerun with the same settings
     trains only the rest, with the result of an uninterrupted run. Training is stubbed by a known law."""
     import json
@@ -118,6 +120,14 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
         assert resumed[key] == whole[key]
     with pytest.raises(SystemExit):  # other settings do not mix with those rungs; a finished ladder is not resumed
         sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
+    # --replot of the finished ladder redraws its figure and says what it wrote (it printed nothing)
+    (tmp_path / "whole" / "scaling_fit.png").unlink()
+    capsys.readouterr()
+    again = sl.main(["--replot", "--out", str(tmp_path / "whole"), "--no-docs"])
+    assert again["prediction"] == json.loads(json.dumps(whole["prediction"]))  # (as read back: lists, not tuples)
+    assert (tmp_path / "whole" / "scaling_fit.png").is_file()
+    assert re.search(r"--replot: refitted \d+ runs \(4 resamples\); wrote .*whole/scaling_fit.png\n$",
+                     capsys.readouterr().out)
 
 
 def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tmp_path, monkeypatch):
