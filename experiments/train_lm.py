@@ -54,13 +54,21 @@ def sample_prompt(data, train) -> str:
     if train.sample_prompt is not None:
         return train.sample_prompt
     if data.train_dir is not None:
-        import itertools
+        import numpy as np
 
         from data.filters import tokens
-        from data.shards import iter_docs, tier_shards
+        from data.loader import Source
+        from data.shards import decode_doc, tier_shards
+        from data.tokenizer import TOKENS_MAGIC
+        from experiments.config import load_tokenizer
 
-        docs = itertools.chain.from_iterable(map(iter_docs, tier_shards(corpus_tiers(data)[1])))  # (shard 0 may
-        text, end = next(docs, {"text": ""})["text"], 0  # be empty: a cleaning shard that kept nothing)
+        # shard 0 may be empty (a cleaning shard that kept nothing)
+        first = next(filter(None, (Source(f).first_record() for f in tier_shards(corpus_tiers(data)[1]))), None)
+        if first is not None and first.startswith(TOKENS_MAGIC):  # a pretokenize output: ids, read back as text
+            text = load_tokenizer(data).decode(np.frombuffer(first, np.int32, offset=len(TOKENS_MAGIC)))
+        else:
+            text = "" if first is None else decode_doc(first)["text"]
+        end = 0
         # CJK-aware words from the first 4096 characters: split()'s first word was a whole Chinese document, a
         # prompt thousands of tokens past max_seq_len (the sample was that document, then one token)
         for w in tokens(text[:4096])[:5]:
@@ -481,6 +489,15 @@ def train(cfg, mesh_shape: dict) -> dict:
         t_start = time.time() - meta.get("wall_s", time.time() - t_start)
     halted = None
     window = Throughput()
+
+    def target_crossed(at: int, loss: float) -> str:  # the eval target's first crossing: logged, and said
+        nonlocal target_time
+        if t.eval_target is None or target_time is not None or not loss <= t.eval_target:  # (NaN: not crossed)
+            return ""
+        target_time = time.time() - t_start
+        log.write({"kind": "target", "step": at, "eval_target": t.eval_target, "wall_s": target_time})
+        return f"; reached eval target {t.eval_target} after {target_time:.0f} s"
+
     step = start
     try:
         with jax.set_mesh(mesh):
@@ -489,7 +506,9 @@ def train(cfg, mesh_shape: dict) -> dict:
                     first_eval = last_eval = evaluate(state["params"])
                 log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": perplexity(last_eval),
                            "wall_s": time.time() - t_start})
-                say(f"step 0: eval loss {last_eval:.3f} (ppl {perplexity(last_eval):.4g})")
+                # a fine-tuned checkpoint may start past the target: its crossing is step 0, not the next eval's
+                say(f"step 0: eval loss {last_eval:.3f} (ppl {perplexity(last_eval):.4g})"
+                    + target_crossed(0, last_eval))
             for step in range(start + 1, t.steps + 1):
                 batch = next(loader)
                 if step in t.poison_steps:  # test hook: a NaN batch weight poisons loss and gradients
@@ -531,11 +550,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                     log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": perplexity(eval_loss),
                                "wall_s": time.time() - t_start})
                     msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {perplexity(eval_loss):.4g})"
-                    if t.eval_target is not None and eval_loss <= t.eval_target and target_time is None:
-                        target_time = time.time() - t_start
-                        msg += f"; reached eval target {t.eval_target} after {target_time:.0f} s"
-                        log.write({"kind": "target", "step": step, "eval_target": t.eval_target,
-                                   "wall_s": target_time})
+                    msg += target_crossed(step, eval_loss)
                     if primary:
                         tqdm.write(msg)
                 # SIGTERM may reach the processes of a job at different steps: all stop at the same one, or the

@@ -261,6 +261,20 @@ def test_a_diverging_run_logs_strict_json_and_finishes(tmp_path):
     assert all(r["ppl"] is None or abs(np.log(r["ppl"]) - r["loss"]) < 1e-6 for r in rows if "ppl" in r)
 
 
+def test_an_eval_target_the_start_already_meets_is_crossed_at_step_0(tmp_path):
+    """A run whose first evaluation is already at the target (a fine-tuned checkpoint, a loose target) crossed it at
+    step 0, before any training: it was logged at the next evaluation, its time counting the first compilation."""
+    out = tmp_path / "met"
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.eval_every=4",
+                            "--set", "train.eval_target=100"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in rows if r["kind"] == "eval")
+    targets = [r for r in rows if r["kind"] == "target"]
+    assert first_eval["step"] == 0 and first_eval["loss"] <= 100
+    assert [r["step"] for r in targets] == [0] and result["target_time_s"] == targets[0]["wall_s"]
+    assert targets[0]["wall_s"] < min(r["wall_s"] for r in rows if r["kind"] == "train")  # before any step
+
+
 @pytest.mark.parametrize("where", ["params", "opt_state"])
 def test_nonfinite_state_is_never_saved(runs, tmp_path, where):
     """A NaN / Inf anywhere in the state: the parameters, or an optimizer moment (the check skipping opt_state
@@ -434,6 +448,29 @@ def test_the_default_sample_prompt_is_five_words_of_a_chinese_document_not_all_o
     assert len(zh) > 300 and got["zh"] == zh[:5] and tokens(got["zh"]) == tokens(zh)[:5]
     assert got["mixed"] == "我们用 Python 写"
     assert got["en"] == "The quick brown fox jumps"  # as before: the words split() gives, one space apart
+
+
+def test_the_default_sample_prompt_reads_a_pretokenized_held_out_tier(tmp_path):
+    """data.eval_dir may be a data.tokenizer.pretokenize output (DataSpec says so; the run trains and evaluates on
+    it): its default prompt is the same five words as its cleaned tier's, read back with the run's tokenizer. It
+    raised 'the record holds token ids ... pass the cleaned tier' after the whole run: no sample, no loss.png."""
+    from data.shards import DocWriter
+    from data.synthetic import en_text
+    from data.tokenizer import BPETokenizer, pretokenize, train_bpe
+
+    texts = [en_text(np.random.default_rng(0), 60) for _ in range(3)]
+    w = DocWriter(tmp_path / "held" / "shard-00000.array_record")
+    for i, t in enumerate(texts):
+        w.write({"id": f"h{i}", "text": t})
+    w.commit()
+    train_bpe(texts, vocab_size=300, show_progress=False).save(tmp_path / "tok.json")
+    pretokenize(tmp_path / "held", BPETokenizer.load(tmp_path / "tok.json"), tmp_path / "pre", progress=False)
+    got = {}
+    for tier in ("held", "pre"):
+        cfg = load([*TINY, "--set", f"data.train_dir={tmp_path / 'held'}", "--set", f"data.eval_dir={tmp_path / tier}",
+                    "--set", f"data.tokenizer={tmp_path / 'tok.json'}"])
+        got[tier] = train_lm.sample_prompt(cfg.data, cfg.train)
+    assert got["pre"] == got["held"] == " ".join(texts[0].split()[:5])
 
 
 def test_load_model_gives_the_checkpoints_model_for_inference(runs, monkeypatch):
