@@ -172,6 +172,9 @@ class MoE(nnx.Module):
         The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
         """
         cfg, (B, T, _), K = self.cfg, x_BTD.shape, self.cfg.top_k
+        if valid_BT is not None and jnp.shape(valid_BT) != (B, T):  # else a reshape or broadcast failed, unnamed
+            raise ValueError(f"MoE valid_BT: shape {jnp.shape(valid_BT)}, but x [B, T, D] is {tuple(x_BTD.shape)}; "
+                             f"pass one bool per token, [B, T] = ({B}, {T}), True for real tokens")
         valid_BT = None if valid_BT is None else jnp.asarray(valid_BT).astype(bool)  # 0/1 ints: `&`, `~` stay logical
         x_BTD = x_BTD.astype(compute_dtype)
         xr_BTD = x_BTD.astype(jnp.float32)
@@ -221,8 +224,10 @@ def route(logits_TE, bias_E, top_k: int, router: str = "softmax", renormalize: b
     probs_TE = jax.nn.softmax(logits_TE, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits_TE)
     experts_TK = top_k_indices(jax.lax.stop_gradient(probs_TE) + bias_E, top_k)
     weights_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
-    if renormalize:
-        weights_TK = weights_TK / (weights_TK.sum(-1, keepdims=True) + 1e-20)
+    if renormalize:  # p / Σ p as a softmax of the chosen log p: a diverged sigmoid router's scores (every chosen
+        # logit below ~-41) fell under p / (Σ p + 1e-20)'s epsilon, shrinking the weights, to 0 below ~-88
+        log_TE = jax.nn.log_softmax(logits_TE, axis=-1) if router == "softmax" else jax.nn.log_sigmoid(logits_TE)
+        weights_TK = jax.nn.softmax(jnp.take_along_axis(log_TE, experts_TK, axis=-1), axis=-1)
     return weights_TK, experts_TK.astype(jnp.int32), probs_TE
 
 

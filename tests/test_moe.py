@@ -323,6 +323,16 @@ def test_dropless_padding_tokens_output_zero_and_real_tokens_are_unchanged(impl)
     np.testing.assert_allclose(yp[:, 4:], y, rtol=1e-5, atol=1e-6)
 
 
+def test_padding_mask_of_the_wrong_shape_is_refused_by_name():
+    """valid_BT must be [B, T]: a [T] or [B, T + 1] mask failed in a reshape or a broadcast that named neither the
+    argument nor the shape it needs ('cannot reshape array of shape (6,) into shape 12')."""
+    m, x = make(CFG), tokens(B=2, T=6)
+    for shape in ((6,), (2, 7), (1, 6), (2, 6, 1)):
+        want = re.escape(f"MoE valid_BT: shape {shape}") + ".*" + re.escape("[B, T] = (2, 6)")
+        with pytest.raises(ValueError, match=want):
+            m(x, valid_BT=jnp.ones(shape, bool))
+
+
 def test_aux_losses_equal_their_formulas():
     E, K, T = 4, 2, 8
     # perfect balance: uniform probabilities, every expert chosen equally often -> the documented minimum, 1
@@ -406,6 +416,20 @@ def test_sigmoid_router_balancing_loss_is_finite_for_very_negative_logits():
 
     g = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(x)[1]["lb_loss"]))(state)["router"][...]
     assert np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).max() > 0
+
+
+def test_sigmoid_router_weights_sum_to_one_for_very_negative_logits():
+    """Renormalised sigmoid weights s_k / Σ s (float64, in log space) for a router whose every logit is far below 0:
+    s / (Σ s + 1e-20) shrank them once Σ s neared the epsilon (logits ~-45: 0.67 + 0.25) and zeroed them below ~-88
+    (the token lost its routed output and the router its task gradient)."""
+    logits = np.array([[0.5, -1.0, 2.0, -3.0, 1.0]]) + np.array([[0.0], [-30.0], [-45.0], [-60.0], [-100.0]])
+    w, sel, _ = route(jnp.asarray(logits, jnp.float32), jnp.zeros(5), 3, "sigmoid")
+    log_s = np.take_along_axis(-np.logaddexp(0, -logits), np.asarray(sel), -1)
+    want = np.exp(log_s - log_s.max(-1, keepdims=True))
+    np.testing.assert_allclose(w, want / want.sum(-1, keepdims=True), rtol=1e-5)
+    g = jax.grad(lambda lg: jnp.sum(route(lg, jnp.zeros(5), 3, "sigmoid")[0] * jnp.arange(3.0)))(
+        jnp.asarray(logits, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g))) and np.all(np.abs(np.asarray(g)).max(-1) > 0.1)  # every token learns
 
 
 def test_mixtral_lb_loss_is_k_times_hf_and_layer_matches_hf():
