@@ -98,6 +98,16 @@ def _check_shapes(cfg: TransformerConfig, tokens_BT, cache=None, **per_token):
                              f"pattern position) but this model and batch need {P} of [{cfg.n_layers // P}, {B}, "
                              f"slots, {cfg.kv_heads}, {cfg.hd}]; allocate KVCache.zeros(cfg, batch, max_len) for "
                              "this model and batch")
+        # one max_len must explain every slot count: a cache allocated for other windows passed the check above and
+        # gave wrong logits (a longer window's ring read as a global layer) or a misleading overflow error
+        windows, slots = cfg.layer_windows()[:P], [g[2] for g in got]
+        lens = {s for s, w in zip(slots, windows) if w is None or s < w}
+        max_len = lens.pop() if len(lens) == 1 else None if lens else max(windows)
+        if max_len is None or slots != [cache_slots(w, max_len) for w in windows]:
+            raise ValueError(f"KVCache holds {slots} slots per pattern position, but this model's windows "
+                             f"{list(windows)} need one max_len's slots (the window's ring for local layers, max_len "
+                             "for the others): a cache allocated for another sliding_window; allocate "
+                             "KVCache.zeros(cfg, batch, max_len) with this model's cfg")
 
 
 def pattern_period(cfg: TransformerConfig) -> int:

@@ -86,6 +86,22 @@ def test_local_cache_memory_does_not_grow_with_length():
             assert cfg.kv_cache_bytes(3, max_len) == sum(x.nbytes for x in cache.k + cache.v)
 
 
+def test_a_cache_allocated_for_another_window_is_refused():
+    """KVCache.zeros of a window-5 config fed to a window-3 model gave a 12-token prompt logits 0.26 off the full
+    forward (its 5-slot ring was read as a global layer); a window-2 one said its 'full-attention layers hold 2
+    tokens' though max_len was 20. Caches of this config, also for a max_len shorter than the window, still decode."""
+    m = model_with()
+    tok = jax.random.randint(jax.random.key(1), (2, 6), 0, CFG.vocab_size)
+    for w in (5, 2):
+        with pytest.raises(ValueError, match=r"slots per pattern position.*another sliding_window"):
+            m(tok, cache=KVCache.zeros(dataclasses.replace(CFG, sliding_window=w), 2, 20))
+    per_layer = dataclasses.replace(CFG, attn_pattern="local", sliding_window=(2, 3, 4, 5))
+    for cfg, max_len in ((CFG, 6), (CFG, 2), (per_layer, 4), (per_layer, 6)):
+        m = Transformer(cfg, rngs=nnx.Rngs(0))
+        logits, _ = m(tok[:, :max_len], cache=KVCache.zeros(cfg, 2, max_len))
+        np.testing.assert_allclose(logits, m(tok[:, :max_len]), atol=1e-5)
+
+
 def test_per_layer_windows_go_to_the_local_layers_in_order():
     """A tuple of windows is read in layer order (reversed, every test still passed: both sides of each comparison
     used the same mapping)."""
