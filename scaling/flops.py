@@ -93,6 +93,7 @@ class LMShape:
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
     swa_block: int = 256  # query block of the blocked sliding-window kernel (the `block` the functions default to)
+    swa_dense: bool = False  # local layers on the dense masked oracle (swa_impl='dense'), not the blocked kernel
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim"):
@@ -177,7 +178,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
-                   attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)))
+                   attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)),
+                   swa_dense=getattr(cfg, "swa_impl", "auto") == "dense")
 
 
 # ---- parameters ---------------------------------------------------------------------------------
@@ -304,9 +306,10 @@ def model_window(window: int | None, seq_len: int) -> int | None:
 
 def model_kernel(s: LMShape, window: int | None, swa_block: int) -> tuple[str, int]:
     """(kernel, block) that models.Transformer runs for a layer on CPU: block-causal (or dense masked when
-    `attn_block` is None) for global layers, the blocked sliding-window kernel for local ones."""
+    `attn_block` is None) for global layers, the blocked sliding-window kernel for local ones (dense masked under
+    swa_impl='dense', the oracle)."""
     if window is not None:
-        return "blocked", swa_block
+        return ("dense" if s.swa_dense else "blocked"), swa_block
     return ("causal_blocked", s.attn_block) if s.attn_block else ("dense", swa_block)
 
 

@@ -228,6 +228,19 @@ def test_the_reference_attention_is_counted_dense():
     assert ours <= xla <= 1.1 * ours, xla / ours
 
 
+def test_the_dense_sliding_window_oracle_is_counted_dense():
+    """swa_impl='dense' (the local layers' oracle) scores all T keys under a window mask: counted as the blocked
+    kernel, XLA executed 1.77x the count."""
+    B, T = 2, 256
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_pattern="local",
+                            sliding_window=16, swa_block=32, swa_impl="dense", scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
+    ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
+    assert ours <= xla <= 1.1 * ours, xla / ours
+
+
 @pytest.mark.parametrize("T,W", [(40, 1), (40, 7), (40, 40), (40, 100), (1, 5)])
 def test_attended_keys_counts_the_mask(T, W):
     mask = np.tril(np.ones((T, T), bool)) & (np.arange(T)[:, None] - np.arange(T)[None] < W)
