@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import jax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
+
+from parallel.mesh import AXES
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -136,10 +138,6 @@ def _check_mesh(mesh, sizes: dict[str, int]) -> None:
     """The table places arrays on the Auto axes named in parallel.mesh.AXES (make_mesh's meshes). A mesh from
     `jax.make_mesh((2, 4), ('dp', 'mp'))` replicated every parameter and batch over axes no rule can name, silently,
     and its Explicit axes (jax.make_mesh's default) failed inside the model in a ShardingTypeError naming neither."""
-    from jax.sharding import AxisType
-
-    from parallel.mesh import AXES
-
     if unknown := [a for a, n in sizes.items() if n > 1 and a not in AXES]:
         raise ValueError(f"mesh axes {unknown} are none of the axes the rules table maps to, {AXES}: every array "
                          "would be replicated over them; build the mesh with parallel.make_mesh({'data': 2, ...}) or "
