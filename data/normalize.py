@@ -127,11 +127,19 @@ def undo_mojibake(seq: str) -> str | None:
         return None
 
 
+# punctuation (and the no-break space) that sits beside a word: after an accented small letter it is ordinary text
+_BESIDE_WORDS = frozenset("’‘”“„…–—«»‹›\xa0")
+
+
 def _certain(seq: str) -> bool:
-    """A sequence ordinary text never holds: 3-4 bytes ("â€™": an accented small letter and two cp1252 symbols), or
-    Ã / Â and a symbol ("Ã©", "Â°"). Other pairs end a capitalised word in quotes as often as they are mojibake:
+    """A sequence ordinary text never holds: 3-4 bytes ("â€™": an accented small letter and two cp1252 symbols) not
+    all of whose symbols are punctuation beside a word, or Ã / Â and a symbol ("Ã©", "Â°"). A word's accented last
+    letter before two such marks is ordinary text, French "allé\xa0»" (a no-break space before »: "all頻"), "café”…"
+    and "café—“" valid UTF-8 too; and other pairs end a capitalised word in quotes as often as they are mojibake:
     "“ESPAÑA”" is not "ESPAє", "“IRMÔ" (Portuguese) not "IRMÔ"."""
-    return len(seq) > 2 or (seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0")
+    if len(seq) > 2:
+        return not _BESIDE_WORDS.issuperset(seq[1:])
+    return seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0"
 
 
 def fix_mojibake(text: str) -> tuple[str, int]:

@@ -58,8 +58,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # a record's own `augmented` field dropped; 3 = dedup folds case with str.casefold, the labelled tier scores quality
 # under the quality filter that ran, a glossary block is not appended twice, CJK domain keywords count mid-text,
 # dup_{n}gram right for n >= 128, mojibake repaired in normalisation, HTML markup and unrepaired mojibake dropped
-# (`markup`, `mojibake`).
-OUTPUT_VERSION = 3
+# (`markup`, `mojibake`); 4 = an accented letter before two marks beside a word ("allé\xa0»") is not repaired as
+# mojibake, generics' type parameters and struct / object literals are not markup.
+OUTPUT_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
