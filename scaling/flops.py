@@ -179,7 +179,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
                    attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)),
-                   swa_dense=getattr(cfg, "swa_impl", "auto") == "dense")
+                   # an LMShape carries it as swa_dense (rebuilt for a `windows=` / `moe=` override, it was lost)
+                   swa_dense=bool(getattr(cfg, "swa_dense", False)) or getattr(cfg, "swa_impl", "auto") == "dense")
 
 
 # ---- parameters ---------------------------------------------------------------------------------

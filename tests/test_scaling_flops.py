@@ -22,6 +22,7 @@ from scaling.dit import dit_forward_flops, dit_param_count, dit_sampling_flops, 
 from scaling.flops import (
     MoESpec,
     attended_keys,
+    attention_flops_per_token,
     decode_flops_per_token,
     executed_keys,
     lm_shape,
@@ -239,6 +240,19 @@ def test_the_dense_sliding_window_oracle_is_counted_dense():
     xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
     ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
     assert ours <= xla <= 1.1 * ours, xla / ours
+
+
+def test_an_lm_shape_keeps_the_dense_sliding_window_oracle_under_overrides():
+    """lm_shape(cfg) of a swa_impl='dense' config, passed on with a `windows=` (or `moe=`) override, is rebuilt from
+    its fields: swa_dense was read from `swa_impl` alone, so the rebuilt shape counted the blocked kernel (attention
+    FLOPs 16384 a token, 1/8 of the dense 131072 here)."""
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_pattern="local",
+                            sliding_window=8, swa_block=16, swa_impl="dense")
+    s = lm_shape(cfg)
+    want = attention_flops_per_token(cfg, 256, kernel="executed")
+    assert want == 4.0 * 4 * 16 * 256 * 2  # every layer scores all T keys
+    assert lm_shape(s, windows=s.windows) == s
+    assert attention_flops_per_token(s, 256, kernel="executed", windows=s.windows) == want
 
 
 @pytest.mark.parametrize("T,W", [(40, 1), (40, 7), (40, 40), (40, 100), (1, 5)])
