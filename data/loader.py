@@ -74,13 +74,14 @@ class Source:
 
     def _check_folder(self, folder: str, files: list[str], tokenizer) -> None:
         meta_path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(meta_path):
+        meta = read_json(meta_path) if os.path.isfile(meta_path) else None
+        # pretokenize's meta, not a `tokenizers` JSON of the same name saved beside the text (its vocab_size a KeyError)
+        if not (isinstance(meta, dict) and {"vocab_size", "eos_id"} <= meta.keys()):
             if any((_first_record(f) or b"").startswith(TOKENS_MAGIC) for f in files):
                 raise ValueError(f"Source {self.path!r} holds pre-tokenized ids but no {meta_path} says which "
-                                 "tokenizer made them (an unfinished data.tokenizer.pretokenize run?); pretokenize "
-                                 "again, or read the cleaned tier it came from")
+                                 "tokenizer made them (an unfinished data.tokenizer.pretokenize run, or a tokenizer "
+                                 "saved over it?); pretokenize again, or read the cleaned tier it came from")
         else:
-            meta = read_json(meta_path)
             if (meta["vocab_size"], meta["eos_id"]) != (tokenizer.vocab_size, tokenizer.eos_id):
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with vocab_size={meta['vocab_size']}, "
                                  f"eos_id={meta['eos_id']}; pass that tokenizer, or pretokenize again")
@@ -457,7 +458,8 @@ class LMLoader:
     def get_state(self) -> dict:
         """{"grain": the iterator's position, "stream": what made the batch sequence (sources, tokenizer, the
         LoaderConfig fields that order or cut it, the process)}: `set_state` refuses a state of another stream."""
-        return {"grain": _jsonable(self._it.get_state()), "stream": self._stream}
+        # (the stream through _jsonable too: LoaderConfig takes numpy ints, which json.dumps refuses)
+        return {"grain": _jsonable(self._it.get_state()), "stream": _jsonable(self._stream)}
 
     def set_state(self, state: dict) -> None:
         """Resume at a `get_state()` position; a state of another stream (or that does not fit this loader) raises
@@ -545,8 +547,8 @@ def _jsonable(x):
         return {"__tuple__": [_jsonable(v) for v in x]}
     if isinstance(x, list):
         return [_jsonable(v) for v in x]
-    if isinstance(x, np.integer):
-        return int(x)
+    if isinstance(x, np.generic):  # numpy ints and bools (an np.int64 seq_len) as Python ones
+        return x.item()
     if isinstance(x, bytes):
         return {"__bytes__": x.hex()}
     return x

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.normalize import replace_surrogates
 
@@ -66,6 +66,10 @@ class BPETokenizer:
         # add_special_tokens=False only stops *adding* specials; this stops matching them inside the text.
         # It is not saved in the JSON, so it is set on every construction (train, load, unpickle).
         tok.encode_special_tokens = True
+        # a tokenizer.json saved with truncation / padding on (sentence-transformers, pipeline exports) cut every
+        # document to max_length and padded a batch's shorter ones with pad ids: the loader packs whole documents
+        tok.no_truncation()
+        tok.no_padding()
         self.vocab_size = tok.get_vocab_size()
         specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
         name = eos_token if eos_token is not None else (EOS if tok.token_to_id(EOS) is not None else None)
@@ -82,6 +86,7 @@ class BPETokenizer:
                              f"{specials}")
         self.bos_token = bos_token
         self.bos_id = None if bos_token is None else tok.token_to_id(bos_token)
+        _make_special(tok, [t for t in (name, bos_token) if t is not None])
         # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
         extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
@@ -120,6 +125,17 @@ class BPETokenizer:
 
     def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
         return _bpe_from_json, (self.tok.to_str(), self.eos_token, self.bos_token)
+
+
+def _make_special(tok: Tokenizer, names: list[str]) -> None:
+    """Mark the named EOS / BOS special where the tokenizer.json holds them as ordinary added tokens
+    (special=false): `encode_special_tokens` stops matching special tokens only, so a document's text "</s>"
+    encoded to the EOS id. Same id, same other settings."""
+    added = {t.content: t for t in tok.get_added_tokens_decoder().values()}
+    plain = [added[n] for n in names if n in added and not added[n].special]
+    if plain:
+        tok.add_special_tokens([AddedToken(t.content, single_word=t.single_word, lstrip=t.lstrip, rstrip=t.rstrip,
+                                           normalized=t.normalized, special=True) for t in plain])
 
 
 def _bpe_from_json(s: str, eos_token: str | None = None, bos_token: str | None = None) -> BPETokenizer:
@@ -196,7 +212,8 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
                 batch: int = 64, progress: bool = True) -> str:
     """Tokenize a cleaning tier once into ArrayRecord shards of int32 ids (`TOKENS_MAGIC` + ids), so the
     loader reads ids instead of running the tokenizer every epoch. Shard names and record order follow
-    the tier; `tokenizer.json` (the meta the loader checks against) is written last. Returns `out_dir`."""
+    the tier; `tokenizer.json` (the meta the loader checks against) is written last (an out_dir holding a saved
+    tokenizer under that name is refused). Returns `out_dir`."""
     import json
     import pathlib
 
@@ -209,11 +226,15 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     if out.resolve() == pathlib.Path(tier_dir).resolve():  # each shard would be replaced by its ids
         raise ValueError(f"pretokenize out_dir={str(out_dir)!r} is tier_dir: the cleaned text would be overwritten; "
                          "write the ids to another directory")
+    meta_path = out / "tokenizer.json"
+    if meta_path.is_file() and _is_tokenizer_file(meta_path):  # saved under the HF name: the meta would replace it
+        raise ValueError(f"pretokenize out_dir={str(out_dir)!r} holds {meta_path}, a saved tokenizer, not "
+                         "pretokenize's meta: it would be overwritten; write the ids to another directory")
     for doc in iter_docs(shards[0]):  # a wrong field named before anything is deleted or written
         _field(doc, field, shards[0])
         break
     # the loader trusts the meta beside the shards: a run that dies part-way must not leave an older one there
-    (out / "tokenizer.json").unlink(missing_ok=True)
+    meta_path.unlink(missing_ok=True)
     names = {pathlib.Path(p).name for p in shards}
     for old in out.glob("shard-*.array_record"):  # an earlier run's extra shards would be read as this tier's
         if old.name not in names:
@@ -240,5 +261,17 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir)}
-    (out / "tokenizer.json").write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(meta))
     return str(out)
+
+
+def _is_tokenizer_file(path) -> bool:
+    """Whether the file at `path` is a `tokenizers` JSON (its `model`), not a `pretokenize` meta."""
+    import json
+    import pathlib
+
+    try:
+        obj = json.loads(pathlib.Path(path).read_bytes())
+    except ValueError:  # (JSONDecodeError, UnicodeDecodeError): neither
+        return False
+    return isinstance(obj, dict) and "model" in obj

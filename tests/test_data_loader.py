@@ -196,6 +196,26 @@ def test_pretokenized_ids_are_checked_by_eos_id_and_an_interrupted_pretokenize_l
     with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
         LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
 
+def test_a_tokenizer_saved_beside_the_text_is_not_read_as_pretokenize_meta(corpus, tmp_path):
+    """`tok.save(tier / "tokenizer.json")` (the Hugging Face name, next to the text it was trained on): the loader read
+    that file as pretokenize's meta of the same name and raised a bare KeyError: 'vocab_size'. Beside pre-tokenized
+    ids it says nothing of them either, and is refused as no meta."""
+    import shutil
+
+    path, texts = corpus
+    tok = train_bpe(texts, vocab_size=400, show_progress=False)
+    tier = shutil.copytree(path, tmp_path / "tier")
+    tok.save(tier / "tokenizer.json")
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1)
+    got = next(LMLoader([Source(str(tier))], tok, cfg, process_index=0, process_count=1))
+    want = next(LMLoader([Source(path)], tok, cfg, process_index=0, process_count=1))
+    np.testing.assert_array_equal(got["inputs"], want["inputs"])
+    pre = pathlib.Path(pretokenize(path, tok, tmp_path / "pre", progress=False))
+    tok.save(pre / "tokenizer.json")  # over the meta
+    with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
+        LMLoader([Source(str(pre))], tok, cfg, process_index=0, process_count=1)
+
+
 def test_processes_and_sources_shuffle_independently(tmp_path):
     """Every process shuffled its slice [p::n] with one seed and grain shuffles epoch e with seed + e: the processes
     read neighbouring documents in lockstep (process 1's j-th = process 0's + 1), and in a mixture source 0's epoch
@@ -292,6 +312,23 @@ def test_state_restores_identical_batches(corpus, tmp_path):
     state = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=2).get_state()
     with pytest.raises(ValueError, match="over another stream .*process: saved 0 of 2, now 1 of 2"):
         LMLoader([Source(path)], EOS_BYTES, cfg, process_index=1, process_count=2).set_state(state)
+
+
+def test_a_config_of_numpy_numbers_saves_a_json_state(corpus):
+    """LoaderConfig accepts numpy ints (numbers.Integral: a sweep over np.arange, values read from an array), but
+    they went raw into get_state()'s "stream": experiments/checkpoint.py's json.dumps raised TypeError at the first
+    checkpoint save."""
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=np.int64(32), global_batch_size=np.int64(4), seed=np.int64(3), num_epochs=np.int64(2),
+                       shuffle=np.bool_(True))
+    a = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    next(a)
+    state = json.loads(json.dumps(a.get_state()))
+    expected = next(a)
+    b = LMLoader([Source(path)], EOS_BYTES, LoaderConfig(seq_len=32, global_batch_size=4, seed=3, num_epochs=2),
+                 process_index=0, process_count=1)  # the same stream written with Python ints
+    b.set_state(state)
+    np.testing.assert_array_equal(next(b)["inputs"], expected["inputs"])
 
 
 def test_two_processes_cover_the_data_exactly_once(corpus):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.synthetic import en_text, zh_text
-from data.tokenizer import EOS, BPETokenizer, ByteTokenizer, train_bpe
+from data.tokenizer import EOS, BPETokenizer, ByteTokenizer, pretokenize, train_bpe
 
 SAMPLES = ["", "hello world", "  leading and trailing  ", "你好，世界！今天天气很好。", "ＡＢＣ　全角",
            "emoji 👍🏽 👨‍👩‍👧",
@@ -146,6 +146,62 @@ def test_an_end_of_sequence_token_of_another_name(tmp_path):
     assert other.eos_id != back.eos_id and other.fingerprint != back.fingerprint
     with pytest.raises(ValueError, match="eos_token='<eos>' is not in the vocabulary"):
         BPETokenizer.load(tmp_path / "tok.json", eos_token="<eos>")
+
+
+def test_an_eos_or_bos_that_is_an_ordinary_added_token_cannot_be_written_by_a_document(tmp_path):
+    """A tokenizer.json may hold '</s>' / '<s>' as added tokens with special=false: named as eos_token / bos_token,
+    the characters "</s>" in a text encoded to the EOS id (`encode_special_tokens` covers special tokens only), so a
+    document could end itself mid-text. Naming them makes them special."""
+    from tokenizers import AddedToken
+
+    tok = train_bpe(["hello world foo bar"] * 20, vocab_size=260, special_tokens=(), show_progress=False)
+    tok.tok.add_tokens([AddedToken("</s>", special=False), AddedToken("<s>", special=False)])
+    tok.save(tmp_path / "tok.json")
+    loaded = BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>", bos_token="<s>")
+    text = "a </s> b <s> c"
+    for t in (loaded, pickle.loads(pickle.dumps(loaded))):
+        ids = t.encode(text).tolist()
+        assert t.eos_id not in ids and t.bos_id not in ids
+        assert t.decode(ids) == text
+    assert (loaded.eos_id, loaded.bos_id) == (tok.tok.token_to_id("</s>"), tok.tok.token_to_id("<s>"))
+
+
+def test_a_tokenizer_json_that_truncates_or_pads_encodes_whole_documents(tmp_path):
+    """A tokenizer.json saved with truncation / padding enabled (sentence-transformers and pipeline exports do):
+    loaded as is, every document was cut to max_length tokens and a batch's shorter ones padded with pad ids (here
+    the EOS id, trained on as targets), silently. The loader packs whole documents itself."""
+    texts = ["hello world foo bar baz"] * 20
+    tok = train_bpe(texts, vocab_size=270, show_progress=False)
+    whole = [tok.encode(t).tolist() for t in ("hello", " ".join(texts[:4]))]
+    tok.tok.enable_truncation(8)
+    tok.tok.enable_padding(pad_id=tok.eos_id, pad_token=EOS)
+    tok.save(tmp_path / "tok.json")
+    loaded = BPETokenizer.load(tmp_path / "tok.json")
+    for t in (loaded, pickle.loads(pickle.dumps(loaded))):
+        assert [x.tolist() for x in t.encode_batch(["hello", " ".join(texts[:4])])] == whole
+        assert t.decode(t.encode(" ".join(texts[:4]))) == " ".join(texts[:4])
+    assert loaded.fingerprint == train_bpe(texts, vocab_size=270, show_progress=False).fingerprint
+
+
+def test_pretokenize_does_not_overwrite_a_saved_tokenizer(bpe, tmp_path):
+    """pretokenize writes its meta as out_dir/tokenizer.json: into a run directory holding the tokenizer saved under
+    that (Hugging Face) name, it deleted the tokenizer and left a file BPETokenizer.load refuses. Its own meta, from
+    an earlier run, is still replaced."""
+    from data.shards import DocWriter
+
+    tier = tmp_path / "tier"
+    w = DocWriter(tier / "shard-00000.array_record")
+    w.write({"id": "0", "text": "hello world"})
+    w.commit()
+    run = tmp_path / "run"
+    run.mkdir()
+    bpe.save(run / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"holds .*tokenizer.json, a saved tokenizer, not pretokenize's meta"):
+        pretokenize(tier, bpe, run, progress=False)
+    assert BPETokenizer.load(run / "tokenizer.json").fingerprint == bpe.fingerprint
+    assert not list(run.glob("shard-*"))
+    pretokenize(tier, bpe, tmp_path / "pre", progress=False)
+    pretokenize(tier, ByteTokenizer(add_eos=True), tmp_path / "pre", progress=False)  # over its own meta: fine
 
 
 def test_a_beginning_of_document_token_starts_every_document(tmp_path):
