@@ -26,6 +26,7 @@ HF_DEFAULTS = {
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
                    num_key_value_heads=4),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
+_HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> HF hidden_act / hidden_activation
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -46,8 +47,11 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     params = dict(hf.get("rope_scaling") or params)
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported("partial_rotary_factor", params["partial_rotary_factor"], "only full-width RoPE (1.0)")
+    # a top-level one (the 4.x layout) counts as well: 5.x moves it into rope_parameters when they lack it, and it was
+    # refused from there but ignored at the top level. null means full width, as in transformers.
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial is not None and partial != 1.0:
+        raise _unsupported("partial_rotary_factor", partial, "only full-width RoPE (1.0)")
     if kind == "default":
         return theta, None
     if kind == "linear":
@@ -206,7 +210,6 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
         ("MoEConfig.router", m.router, "'softmax'", m.router == "softmax"),
         ("MoEConfig.renormalize", m.renormalize, "True", m.renormalize),
         ("MoEConfig.n_shared_experts", m.n_shared_experts, "0", m.n_shared_experts == 0),
-        ("MoEConfig.mlp_act", m.mlp_act, "'silu'", m.mlp_act == "silu"),
         ("TransformerConfig.qkv_bias", cfg.qkv_bias, "False", not cfg.qkv_bias),
         ("MoEConfig.dispatch", m.dispatch, "'dropless': Mixtral drops no token", m.dispatch == "dropless"))
         if not ok]
@@ -235,9 +238,9 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     if cfg.final_logit_softcap is not None or cfg.attn_logit_softcap is not None:
         raise ValueError("TransformerConfig soft-capping has no Llama/Mistral/Qwen2 equivalent; set it to None "
                          "(or use the Gemma 2 block: post_norms, norm_offset=1, embed_scale)")
-    if cfg.mlp_act != "silu" or cfg.query_pre_attn_scalar is not None:
-        raise ValueError("TransformerConfig.mlp_act / query_pre_attn_scalar: Llama/Mistral/Qwen2 need silu and "
-                         "the default 1/sqrt(head_dim) query scale")
+    if cfg.query_pre_attn_scalar is not None:
+        raise ValueError("TransformerConfig.query_pre_attn_scalar: Llama/Mistral/Qwen2 use the default "
+                         "1/sqrt(head_dim) query scale; set it to None (or use the Gemma 2 block)")
     windows = cfg.layer_windows()
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
@@ -254,7 +257,8 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-              hidden_act="silu", tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
+              # their MLPs (Mixtral's experts too) run hidden_act, as config_from_hf reads it: both activations
+              hidden_act=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
               **_rope_4x(rope),
               bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
     if cfg.moe is not None:

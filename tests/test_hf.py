@@ -261,11 +261,16 @@ ROUND_TRIP["llama_heads_not_dividing"] = dataclasses.replace(ROUND_TRIP["llama"]
 # one window on some layers (as the demo's alternating pattern): Ministral, as transformers builds Mistral +
 # layer_types; save_pretrained refused it, though from_pretrained loads it
 ROUND_TRIP["ministral"] = dataclasses.replace(ROUND_TRIP["mistral"], n_layers=3, attn_pattern="LGG")
+# a tanh-GELU MLP, which transformers' Llama / Mixtral run from hidden_act and from_pretrained loads: the export was
+# refused ("Llama/Mistral/Qwen2 need silu"), so a loaded checkpoint could not be written back
+ROUND_TRIP["llama_gelu"] = dataclasses.replace(ROUND_TRIP["llama"], mlp_act="gelu_tanh")
+ROUND_TRIP["mixtral_gelu"] = dataclasses.replace(
+    ROUND_TRIP["mixtral"], mlp_act="gelu_tanh", moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, mlp_act="gelu_tanh"))
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
         "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM",
-        "ministral": "MinistralForCausalLM"}
+        "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -429,6 +434,23 @@ def test_rope_parameters_without_rope_type_read_as_transformers_reads_them(rope)
     theirs = transformers.LlamaConfig.from_dict(raw).rope_parameters
     assert ours.rope_theta == theirs["rope_theta"]
     assert ours.rope_scaling == (RopeScaling("linear", theirs["factor"]) if theirs["rope_type"] == "linear" else None)
+
+
+@pytest.mark.parametrize("layout", ["top_level", "rope_parameters"])
+def test_partial_rotary_factor_refused_in_either_layout(layout):
+    """A top-level partial_rotary_factor (4.x's place; 5.x moves it into rope_parameters) was ignored, the same
+    value inside rope_parameters refused: one checkpoint, loaded or refused by the transformers version that saved
+    it. A null one means full width, as in transformers (it was refused as partial_rotary_factor=None)."""
+    linear = {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    raw = _hf_dict() | {"rope_parameters": linear | ({"partial_rotary_factor": 0.5} if layout != "top_level" else {})}
+    if layout == "top_level":
+        raw["partial_rotary_factor"] = 0.5
+    with pytest.raises(ValueError, match=r"partial_rotary_factor=0.5 is not supported: only full-width RoPE"):
+        config_from_hf(raw)  # first: transformers writes the top-level value into the dict it is given
+    assert transformers.LlamaConfig.from_dict(raw).rope_parameters["partial_rotary_factor"] == 0.5  # read by both
+    for full in (1.0, None):
+        raw = _hf_dict() | {"rope_parameters": linear | {"partial_rotary_factor": full}, "partial_rotary_factor": full}
+        assert config_from_hf(raw).rope_scaling == RopeScaling("linear", 2.0)
 
 
 @pytest.mark.parametrize("experts", [dict(num_experts=4), dict(num_experts=4, num_local_experts=6)])
