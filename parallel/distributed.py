@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 
 import jax
@@ -91,8 +92,8 @@ def _check_port_free(coordinator: str) -> None:
 def check_same_settings(settings: dict[str, str], what: str = "settings") -> None:
     """Every process must be started with the same `settings` (name -> canonical text, e.g. a run config's fields):
     a ValueError on every process naming the ones that differ. Otherwise another mesh on one process hangs in the
-    first collective, and another batch or learning rate trains on silently with each process's own. Each
-    field's 4-byte hash is all-gathered once (every process calls it at the same point, with the same names)."""
+    first collective, and another batch or learning rate trains on silently with each process's own. The field
+    counts are all-gathered first, then each field's 4-byte hash (every process calls it at the same point)."""
     if jax.process_count() == 1:
         return
     import hashlib
@@ -100,15 +101,23 @@ def check_same_settings(settings: dict[str, str], what: str = "settings") -> Non
     from jax.experimental import multihost_utils
 
     names = sorted(settings)
+    # the counts first: an all-gather of hash arrays of other lengths (another version of the code on one host)
+    # aborted the process in Gloo ("Received data size doesn't match expected size") instead of raising
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(names))))  # [processes]
+    if (counts != counts[0]).any():
+        others = [p for p in range(counts.shape[0]) if counts[p] != counts[0]]
+        raise ValueError(f"processes {others} were started with other {what} than process 0: their field lists "
+                         f"differ ({', '.join(f'process {p} has {int(c)} fields' for p, c in enumerate(counts))}); "
+                         "start every process with the same command line and the same version of the code")
+    if not names:  # (on every process: the counts agree) nothing to compare, and no empty all-gather
+        return
     mine = np.array([int.from_bytes(hashlib.blake2b(f"{k}={settings[k]}".encode(), digest_size=4).digest(), "little",
-                                    signed=True) for k in names] + [len(names)], np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, fields + 1]
-    differ = [k for j, k in enumerate(names) if (every[:, j] != every[0, j]).any()]
-    if differ or (every[:, -1] != every[0, -1]).any():
+                                    signed=True) for k in names], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, fields]
+    if differ := [k for j, k in enumerate(names) if (every[:, j] != every[0, j]).any()]:
         others = [p for p in range(every.shape[0]) if (every[p] != every[0]).any()]
         raise ValueError(f"processes {others} were started with other {what} than process 0: "
-                         f"{', '.join(differ[:8]) or 'their field lists'} differ; start every process with the same "
-                         "command line")
+                         f"{', '.join(differ[:8])} differ; start every process with the same command line")
 
 
 def is_primary() -> bool:
@@ -155,8 +164,10 @@ def check_shared_dir(path, what: str = "directory") -> None:
 def process_rows(global_batch: int) -> slice:
     """This process's rows of a global batch (contiguous, equal shares)."""
     n, i = jax.process_count(), jax.process_index()
-    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+    # numbers.Integral: a size computed with numpy (np.int64) is an int here, as make_mesh's axis sizes are
+    if isinstance(global_batch, bool) or not isinstance(global_batch, numbers.Integral) or global_batch < 1:
         raise ValueError(f"process_rows: global_batch={global_batch!r} must be an int >= 1")
+    global_batch = int(global_batch)
     if global_batch % n:
         raise ValueError(f"global batch {global_batch} must be divisible by the process count {n}")
     per = global_batch // n
@@ -169,6 +180,9 @@ def global_batch_from_local(local_batch, mesh, rules=None):
     The mesh must give every process a slice of its own along the batch axes and all of T (processes on the
     batch axes, e.g. `make_mesh(..., dcn={'data': n})`); otherwise, e.g. with 'tensor' or 'sequence' across
     processes, the processes' different rows would be replicated or concatenated along T: a ValueError says so.
+    Every process must pass as many rows (one global shape); nothing here compares them (that takes a collective).
+    With other counts (a partial last batch on one process) the processes build arrays of other global shapes:
+    measured, a wrong sum on one process, then a Gloo abort or time-out in the next collective.
     """
     n = jax.process_count()
 

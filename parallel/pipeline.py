@@ -10,6 +10,7 @@ from autodiff through scan and ppermute (the backward pass runs the pipeline in 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -30,8 +31,10 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     leading B axis (positions, masks) that travel with their microbatch; None if unused.
     Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step).
     """
-    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, int) or n_microbatches < 1:
+    # numbers.Integral: a count computed with numpy (np.int64) is an int here, as make_mesh's axis sizes are
+    if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, numbers.Integral) or n_microbatches < 1:
         raise ValueError(f"gpipe: n_microbatches={n_microbatches!r} must be an int >= 1")
+    n_microbatches = int(n_microbatches)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         raise ValueError("gpipe runs under a mesh: call it inside `with jax.set_mesh(mesh):` (e.g. in a jitted step)")

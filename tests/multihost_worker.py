@@ -72,6 +72,16 @@ def finite_epoch_loader(directory, mesh, pid):
 def main():
     port, pid, mode, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     assert initialize(f"127.0.0.1:{port}", 2, pid, heartbeat_timeout_s=5, init_timeout_s=60)
+    if mode == "settings":  # process 1 has one field more (another version of the code on its host)
+        from parallel.distributed import check_same_settings
+
+        check_same_settings({})  # nothing to compare: passes on both
+        try:
+            check_same_settings({"a": "1", "b": "2", **({"c": "3"} if pid == 1 else {})})
+            print(json.dumps({"pid": pid, "error": None}), flush=True)
+        except ValueError as e:
+            print(json.dumps({"pid": pid, "error": str(e)}), flush=True)
+        return
     from flax import nnx
 
     from experiments.lm_step import lm_loss

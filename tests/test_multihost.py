@@ -77,6 +77,21 @@ def test_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert time.time() - t0 < 120
 
 
+def test_processes_with_other_setting_fields_are_refused_on_every_process(tmp_path):
+    """Process 1 with one setting more than process 0 (another version of the code on its host): the all-gather of
+    the fields' hashes had another length on each process, so process 0 aborted in Gloo ("Received data size doesn't
+    match expected size", SIGABRT) while process 1 named fields that were equal ("b, c differ"). Now the field counts
+    are compared first and every process raises, naming both counts."""
+    procs = launch("settings", tmp_path)
+    outs = [p.communicate(timeout=60) for p in procs]
+    for pid, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err[-2000:]
+        error = next(json.loads(x) for x in out.splitlines() if x.startswith("{"))["error"]  # (Gloo logs there too)
+        assert error == ("processes [1] were started with other settings than process 0: their field lists differ "
+                         "(process 0 has 2 fields, process 1 has 3 fields); start every process with the same "
+                         "command line and the same version of the code"), (pid, error)
+
+
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
                  entry=("-m", "experiments.train_lm"), buffered=False):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in

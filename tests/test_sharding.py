@@ -325,6 +325,22 @@ def test_process_rows_are_contiguous_equal_shares(monkeypatch):
         process_rows(10)
 
 
+def test_numpy_integer_sizes_are_ints_to_process_rows_and_gpipe():
+    """A batch or microbatch count computed with numpy (np.int64(8)) was refused as 'must be an int >= 1', while
+    make_mesh takes numpy sizes; a bool or a float is still refused."""
+    from parallel.distributed import process_rows
+    from parallel.pipeline import gpipe
+
+    assert process_rows(np.int64(8)) == slice(0, 8)
+    x = np.arange(16, dtype=np.float32).reshape(4, 1, 4)
+    with jax.set_mesh(make_mesh({"stage": 2}, devices=jax.devices()[:2])):
+        out = jax.jit(lambda w, x: gpipe(lambda p, h, c: h + p, w, x, n_microbatches=np.int64(2)))(np.ones((2, 4)), x)
+    np.testing.assert_array_equal(np.asarray(out), x + 2)
+    for bad in (True, 8.0):
+        with pytest.raises(ValueError, match="process_rows: global_batch"):
+            process_rows(bad)
+
+
 def test_batch_layout_across_processes_is_checked_before_anything_runs():
     """Two processes of 4 devices each: a mesh whose outermost axis is not a batch axis (stage, tensor) gives each
     process's devices the whole batch while it loads half; the loader's first step failed (a traceback)."""
