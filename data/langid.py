@@ -24,9 +24,9 @@ class LangIDConfig:
     """keep: ISO 639-1 codes to keep. min_confidence: below it the language is `und` (dropped unless
     `und` is in keep). sample_chars: long documents are judged on their start, middle and end, this many
     characters in all (the model's cost is linear in length; a few kB decide it). fold: `(code, members)`
-    pairs reported as `code`: the model separates Cantonese (yue) and Wu (wuu) from Mandarin, which
-    written text cannot reliably do (it calls 你好 Cantonese, and en/zh code-switching Wu); ISO 639-1
-    `zh` is the macrolanguage that contains them."""
+    pairs reported as `code` (members: codes the model knows; `code` may be a new one, which `keep` may name):
+    the model separates Cantonese (yue) and Wu (wuu) from Mandarin, which written text cannot reliably do (it
+    calls 你好 Cantonese, and en/zh code-switching Wu); ISO 639-1 `zh` is the macrolanguage that contains them."""
 
     keep: tuple[str, ...] = ("en", "zh")
     min_confidence: float = 0.0
@@ -41,7 +41,13 @@ class LangIDConfig:
         object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)
                                                else self.keep))
         object.__setattr__(self, "fold", tuple((code, tuple(members)) for code, members in self.fold))
-        known = set(_identifier().labels) | {"und"}
+        labels = set(_identifier().labels)
+        # a member the model lacks (a typo) folded nothing, silently: its language was then reported unfolded
+        if bad := sorted({m for _, members in self.fold for m in members} - labels):
+            raise ValueError(f"LangIDConfig.fold has unknown language codes {bad}; its members must be codes the "
+                             f"model reports, e.g. ('zh', ('yue', 'wuu'))")
+        # a fold's code is what detect reports, a label of the model or not (e.g. 'sh' for sr / hr / bs)
+        known = labels | {"und"} | {code for code, _ in self.fold}
         unknown = set(self.keep) - known
         if unknown:
             raise ValueError(f"LangIDConfig.keep has unknown language codes {sorted(unknown)}; "
@@ -81,10 +87,14 @@ class LangID:
         if ranked[0][1] <= 2.0 / len(ranked):  # no evidence (no letters, 'ok'): near-flat probabilities, where the
             return "und", float(ranked[0][1])   # zh fold (3 members) would win with 3x the flat share
         probs: dict[str, float] = {}
+        members: dict[str, int] = {}
         for lang, p in ranked:  # a folded group's confidence is its members' summed probability
             code = self._fold.get(lang, lang)
             probs[code] = probs.get(code, 0.0) + float(p)
+            members[code] = members.get(code, 0) + 1
         lang, conf = max(probs.items(), key=lambda kv: kv[1])
+        if conf <= 2.0 * members[lang] / len(ranked):  # the same test for a fold, against its members' flat share:
+            return "und", conf  # near-flat, zh (3 members) won dates and symbols ('2024-01-01 12:00:00') at ~0.02
         if conf < self.cfg.min_confidence:
             return "und", conf
         return lang, conf

@@ -59,7 +59,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # under the quality filter that ran, a glossary block is not appended twice, CJK domain keywords count mid-text,
 # dup_{n}gram right for n >= 128, mojibake repaired in normalisation, HTML markup and unrepaired mojibake dropped
 # (`markup`, `mojibake`); 4 = an accented letter before two marks beside a word ("allé\xa0»") is not repaired as
-# mojibake, generics' type parameters and struct / object literals are not markup.
+# mojibake, generics' type parameters and struct / object literals are not markup, a folded language (zh) does not
+# win on no evidence (dates, numbers, symbols: `und`).
 OUTPUT_VERSION = 4
 
 
