@@ -188,13 +188,14 @@ class Checkpoints:
         if read_only:
             if not self.dir.is_dir():
                 raise FileNotFoundError(f"{self.dir} does not exist: pass a run's --out directory")
-            # (not orbax's read_only=True, which logs two warnings at every open: this never saves or deletes)
+            # (not orbax's read_only=True, which logs two warnings at every open: this never saves or deletes).
+            # lightweight: no metrics are read at the open (a reader keeps no best step), so a metrics file a power
+            # loss left empty, which a reader may not set aside, does not stop it with a JSONDecodeError
             opts = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False,
-                                                enable_async_checkpointing=False)
+                                                enable_async_checkpointing=False, lightweight_initialize=True)
             self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
             return
-        if keep_best:
-            self._set_aside_unreadable_metrics()
+        self._set_aside_unreadable_metrics()  # with keep_best or not: orbax reads every metrics file at the open
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         if keep_best:
             policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
@@ -211,8 +212,9 @@ class Checkpoints:
     def _report_incomplete(self):
         if jax.process_index() == 0 and self.dir.is_dir():
             tmp = sorted(p.name for p in self.dir.iterdir() if ".orbax-checkpoint-tmp" in p.name)
-            if tmp:
-                self.log(f"checkpoint: ignoring incomplete save(s) {', '.join(tmp)} (interrupted while writing)")
+            if tmp:  # a reader runs beside a writer: there it is usually the writer's save in progress
+                why = "the run's save in progress, or one cut short" if self.read_only else "interrupted while writing"
+                self.log(f"checkpoint: ignoring incomplete save(s) {', '.join(tmp)} ({why})")
 
     def _set_aside_unreadable_metrics(self):
         """A step whose metrics file does not parse (zero-length after a power loss) stopped every restart: orbax
@@ -253,6 +255,8 @@ class Checkpoints:
         then donate them) and the loader state is written."""
         if self.read_only:
             raise PermissionError(f"checkpoint: {self.dir} was opened read_only; open it without to save")
+        # a jax / numpy scalar (a hand-written loop's eval loss) as a number: orbax's JSON writer refused it
+        eval_loss = None if eval_loss is None else float(eval_loss)
         pure = to_pure(state)
         _jax_leaves(pure, "save state")
         if not bool(all_finite(state)):

@@ -428,15 +428,15 @@ def train(cfg, mesh_shape: dict) -> dict:
     ckpt = Checkpoints(out / "ckpt", keep=t.keep, keep_best=t.keep_best, async_save=t.async_save, log=say)
 
     def check(meta):  # runs on the saved meta before any array is read
+        refused, warned = resume_mismatch(json.loads(meta["config"]), json.loads(cfg.to_json()))
+        if refused:  # before the step count: another preset's run dir is past it too, and more steps would not do
+            raise CheckpointMismatch(
+                f"train.out: {out / 'ckpt'} (step {meta['step']}) was saved with other settings ({'; '.join(refused)})"
+                "; use a new --out, or the settings it was saved with")
         if int(meta["step"]) > t.steps:  # it would report a longer-trained model under this run's name
             raise CheckpointMismatch(
                 f"train.steps: {out / 'ckpt'} is at step {meta['step']}, past train.steps={t.steps}; pass "
                 f"--set train.steps={meta['step']} (or more) to resume it, or a new --out")
-        refused, warned = resume_mismatch(json.loads(meta["config"]), json.loads(cfg.to_json()))
-        if refused:
-            raise CheckpointMismatch(
-                f"train.out: {out / 'ckpt'} (step {meta['step']}) was saved with other settings ({'; '.join(refused)})"
-                "; use a new --out, or the settings it was saved with")
         for w in warned:
             why = next(v for k, v in RESUME_WARNINGS if w.startswith(k))
             say(f"warning: resuming step {meta['step']} with a changed {w}: {why}")

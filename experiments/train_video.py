@@ -233,6 +233,13 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
         if (latest := latest_meta(manager(out / "ckpt" / stage))) is None:
             continue
         step, saved = latest
+        # other settings before the step count: another preset's run is past it too, and more steps would not do
+        changed = _changed(saved["settings"], now, p) if "settings" in saved else []
+        if changed:
+            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}) was trained with other settings "
+                             f"({'; '.join(changed)}); "
+                             f"rerun with the settings it was made with, pass --fresh to start over, or delete "
+                             f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
         asked = {"vae": p.vae_steps, "t2v": p.dit_steps}[stage]
         if step > asked:  # evaluating it would report a longer-trained model under the shorter run's name
             flag = {"vae": "--vae-steps", "t2v": "--dit-steps"}[stage]
@@ -240,13 +247,6 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
                              f"{flag} >= {step}, a fresh --out, or --fresh")
         if "settings" not in saved:
             print(f"{stage}: checkpoint {step} predates saved settings; resuming it unchecked")
-            continue
-        changed = _changed(saved["settings"], now, p)
-        if changed:
-            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}) was trained with other settings "
-                             f"({'; '.join(changed)}); "
-                             f"rerun with the settings it was made with, pass --fresh to start over, or delete "
-                             f"{out / 'ckpt' / stage} (and later stages) to retrain from there")
 
 
 def _check_finite(stage: str, step: int, metrics: dict):
@@ -400,8 +400,9 @@ def load_video_model(out, preset: str | Preset = "default"):
     out = pathlib.Path(out)
     metas = {}
     for stage in ("vae", "t2v"):
-        mgr = manager(out / "ckpt" / stage)
-        if (latest := latest_meta(mgr)) is None:
+        # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
+        latest = latest_meta(manager(out / "ckpt" / stage)) if (out / "ckpt" / stage).is_dir() else None
+        if latest is None:
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
         metas[stage] = latest[1].get("settings", {})
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller

@@ -196,6 +196,43 @@ def test_keep_below_one_is_refused(tmp_path, keep):
         Checkpoints(tmp_path, keep=keep)
 
 
+@pytest.mark.parametrize("to_array", [jnp.float32, np.float32, jnp.asarray],
+                         ids=["jnp.float32", "np.float32", "jnp.asarray"])
+def test_an_eval_loss_given_as_an_array_scalar_is_saved_as_a_number(tmp_path, to_array):
+    """A hand-written loop's eval loss is a jax / numpy scalar: the save failed in orbax's JSON writer ('Object of
+    type ArrayImpl is not JSON serializable', naming no field) and left only a temporary directory, no step."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(1, state_at(1), {"config": "{}"}, eval_loss=to_array(2.5))
+        ckpt.save(2, state_at(2), {"config": "{}"}, eval_loss=to_array(3.5))
+        assert ckpt.steps() == [1, 2] and ckpt.mgr.best_step() == 1  # the newest, and the best kept as a metric
+        meta = ckpt.restore(state_at(0))[1]
+        assert meta["eval_loss"] == 3.5 and type(meta["eval_loss"]) is float
+    finally:
+        ckpt.close()
+
+
+def test_a_reader_beside_a_training_job_does_not_call_its_save_in_progress_interrupted(tmp_path):
+    """read_only is for readers beside a running job (load_model): the temporary directory there is usually the
+    writer's save in progress, which the reader leaves alone; it was reported as 'interrupted while writing'."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    ckpt.save(1, state_at(1), {"config": "{}"})
+    ckpt.close()
+    (tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-1700000000").mkdir()  # as a writer's save of step 2 looks
+    lines = []
+    reader = Checkpoints(tmp_path / "ckpt", keep_best=False, async_save=False, log=lines.append, read_only=True)
+    try:
+        assert reader.steps() == [1]
+    finally:
+        reader.close()
+    assert len(lines) == 1 and "2.orbax-checkpoint-tmp-1700000000" in lines[0], lines
+    assert "interrupted while writing" not in lines[0] and "save in progress" in lines[0], lines
+    assert (tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-1700000000").is_dir()  # left to its writer
+    lines = []  # a writer opening the directory: nobody else writes there, so it was a save cut short
+    Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lines.append).close()
+    assert len(lines) == 1 and "(interrupted while writing)" in lines[0], lines
+
+
 class PositionLoader:
     """Stands for data.loader.LMLoader: just a position to save and restore."""
 
@@ -448,6 +485,37 @@ def test_a_missing_loader_state_or_unreadable_metrics_do_not_stop_a_restart(tmp_
         assert "step 12's saved eval metrics are unreadable or NaN" in lines[0]
         state, meta = ckpt.restore(state_at(0))
         assert meta["step"] == 12 and float(state["params"]["w"][0, 0]) == 12.0
+    finally:
+        ckpt.close()
+
+
+def test_unreadable_metrics_stop_neither_a_run_without_keep_best_nor_a_reader(tmp_path):
+    """orbax reads every step's metrics file when a manager opens, whatever the policies: a zero-length one (a power
+    loss) was set aside only with keep_best, so `train.keep_best=False` and load_model (read_only) stopped on a bare
+    JSONDecodeError. A writer sets it aside; a reader, which moves nothing, opens without reading them, and (orbax
+    reads them with a step's metadata too) reports that step and restores the one before, as for any step that
+    does not read back."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, async_save=False, log=lambda *a: None)
+    for step in (4, 8):
+        ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=1.0 / step)
+    ckpt.close()
+    (tmp_path / "ckpt" / "8" / "metrics" / "metrics").write_text("")
+    lines = []
+    reader = Checkpoints(tmp_path / "ckpt", keep_best=False, async_save=False, log=lines.append, read_only=True)
+    try:
+        assert reader.steps() == [4, 8] and reader.restore(state_at(0))[1]["step"] == 4
+    finally:
+        reader.close()
+    assert len(lines) == 1 and lines[0].startswith("checkpoint: step 8 is corrupt") and "left in place" in lines[0]
+    assert (tmp_path / "ckpt" / "8" / "metrics" / "metrics").exists() and not (tmp_path / "ckpt-corrupt").exists()
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lines.append)
+    try:
+        assert "step 8's saved eval metrics are unreadable or NaN" in lines[0]
+        state, meta = ckpt.restore(state_at(0))
+        assert meta["step"] == 8 and float(state["params"]["w"][0, 0]) == 8.0
+        ckpt.save(12, state_at(12), {"config": "{}"})
+        assert ckpt.steps() == [4, 8, 12]
     finally:
         ckpt.close()
 

@@ -332,6 +332,21 @@ def test_other_model_config_is_refused_before_restoring_and_kept(runs, tmp_path)
     assert not (tmp_path / "run" / "ckpt-corrupt").exists()
 
 
+def test_a_run_dir_of_another_model_and_more_steps_names_the_model_not_the_step_count(tmp_path):
+    """Another preset's run dir is usually both past this run's train.steps and of another model: the refusal told
+    the user to pass --set train.steps=12, which then failed again on the model. The settings that can never resume
+    come first; the step count is named only for a run dir this run could continue."""
+    other = load([*TINY, "--set", "model.d_model=64"])  # saved at step 12 of 12; the arrays are never read
+    ckpt = Checkpoints(tmp_path / "run" / "ckpt", async_save=False, log=lambda *a: None)
+    ckpt.save(12, {"w": jnp.ones(2)}, {"config": other.to_json()})
+    ckpt.close()
+    with pytest.raises(SystemExit) as e:
+        train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4"])
+    msg = str(e.value)
+    assert msg.startswith("config error: train.out: ") and "model.d_model: saved 64, now 32" in msg, msg
+    assert "train.steps=12" not in msg, msg
+
+
 def test_shape_mismatch_is_a_config_error_and_quarantine_keeps_earlier_copies(tmp_path):
     def state(width):
         return {"opt_state": {"mu": jax.numpy.ones((4, width))}, "params": {"w": jax.numpy.ones((4, width))},

@@ -157,6 +157,10 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     train_video.check_resume(dataclasses.replace(p, dit_steps=9), tmp_path, 0)  # training on is fine
     with pytest.raises(SystemExit, match="t2v: .* is at step 3, past --dit-steps 2"):  # fewer steps: not that model
         train_video.check_resume(dataclasses.replace(p, dit_steps=2), tmp_path, 0)
+    # fewer steps *and* other settings (another preset's run): the settings, which more steps would not fix (it said
+    # to pass --dit-steps >= 3, and that run then failed on the settings)
+    with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(dit_lr: "):
+        train_video.check_resume(dataclasses.replace(p, dit_steps=2, dit_lr=p.dit_lr / 2), tmp_path, 0)
     more_vae = dataclasses.replace(p, vae_steps=6)  # new latents: the DiT was trained on the old ones
     with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(latents.vae_steps: 3 -> 6\)"):
         train_video.check_resume(more_vae, tmp_path, 0)  # (it said '(latents)', naming no field)
@@ -189,6 +193,14 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     save(manager(tmp_path / "old" / "ckpt" / "t2v"), 3, tree, {"step": 3})  # written before settings were saved
     train_video.check_resume(more_vae, tmp_path / "old", 0)
     assert "predates saved settings" in capsys.readouterr().out
+
+
+def test_load_video_model_of_a_mistyped_run_folder_creates_nothing(tmp_path):
+    """It opened each stage's orbax manager with create=True: a typo left <typo>/ckpt/vae behind (then said it held
+    no checkpoint)."""
+    with pytest.raises(FileNotFoundError, match=r"typo/ckpt/vae holds no checkpoint: pass a train_video run's --out"):
+        train_video.load_video_model(tmp_path / "typo", "tiny")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys):
@@ -314,6 +326,8 @@ def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeyp
     got = []
     monkeypatch.setattr(train_video, "denormalize", lambda z, stats: got.append([np.asarray(s) for s in stats]) or z)
     (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [1.0, 2.0, 3.0, 4.0], "std": [5.0, 6.0, 7.0, 8.0]}))
+    for stage in ("vae", "t2v"):  # a run's checkpoint folders (their contents are the mocks above)
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
     sample, _ = train_video.load_video_model(tmp_path, "tiny")
     sample(["a red circle moving up"])
     np.testing.assert_array_equal(got[0][0], [1, 2, 3, 4])
