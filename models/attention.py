@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
     """Boolean [B, 1, T, S]: causal by slot, same segment, key valid (not padding / filled)."""
+    if (q_seg_BT is None) != (k_seg_BS is None):
+        raise ValueError("make_mask: pass segment ids for both queries and keys (q_seg_BT and k_seg_BS; the same "
+                         "array in self-attention), or neither")
     mask = k_idx_BS[:, None, :] <= q_idx_BT[:, :, None]
     if q_seg_BT is not None:
         mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
@@ -63,6 +66,20 @@ def causal_block_rows(T: int, causal_block: int) -> int:
     return max(causal_block, -(-T // MAX_CAUSAL_BLOCKS))
 
 
+def static_scale(q, scale, softcap=None):
+    """(q, scale) for the custom-VJP kernels, whose scale and soft-cap are static (nondiff) arguments: a traced scale
+    (jit argument, learned temperature) is folded into q [..., H] (multiplied in float32, back in q's dtype: one more
+    bf16 rounding), so autodiff differentiates it, and the kernel gets 1.0. Without this jax raised
+    UnexpectedTracerError about custom_vjp's nondiff_argnums. A traced soft-cap cannot be folded: a ValueError names it.
+    """
+    if isinstance(softcap, jax.core.Tracer):
+        raise ValueError("logit_softcap must be a Python number (a static config value), got a traced value; pass it "
+                         "as a constant, or use impl='reference' to differentiate it")
+    if isinstance(scale, jax.core.Tracer):
+        return (q.astype(_acc(q)) * scale).astype(q.dtype), 1.0
+    return q, scale
+
+
 def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block: int | None = None,
                   softcap: float | None = None):
     """`jax.nn.dot_product_attention(implementation='xla')` semantics, laid out and differentiated for speed.
@@ -78,6 +95,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     of the dense work for Q = T / C blocks.
     softcap: Gemma-2 style cap·tanh(s / cap) on the scaled scores, before masking.
     """
+    q_BTNH, scale = static_scale(q_BTNH, scale, softcap)
     B, T, N, H = q_BTNH.shape
     S, K = k_BSKH.shape[1:3]
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
@@ -219,7 +237,11 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     'cudnn' then runs its causal mask type, which skips the blocks above the diagonal; given a mask
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
-    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
+    (N, H), (S, K, Hk) = q_BTNH.shape[2:], k_BSKH.shape[1:]  # (a bare reshape error deep in the kernel otherwise)
+    if N % K or H != Hk or v_BSKH.shape[1:3] != (S, K):
+        raise ValueError(f"attention: q [B, T, N={N}, H={H}], k {tuple(k_BSKH.shape)}, v {tuple(v_BSKH.shape)}: the "
+                         "query heads N must be a multiple of the kv heads K, and k / v share [B, S, K] and q's H")
+    scale = H ** -0.5 if scale is None else scale
     if impl == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)
     if impl == "xla" or (impl == "cudnn" and logit_softcap is not None):  # cuDNN's fused kernel has no soft-cap

@@ -18,7 +18,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from models.attention import softmax_attention
+from models.attention import softmax_attention, static_scale
 
 
 def num_key_blocks(window: int, block: int, n_blocks: int) -> int:
@@ -50,6 +50,7 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     if N % K:
         raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
     scale = H ** -0.5 if scale is None else scale
+    q_BTNH, scale = static_scale(q_BTNH, scale, logit_softcap)
     C = max(1, min(block, T))
     Q = math.ceil(T / C)
     nk = num_key_blocks(window, C, Q)

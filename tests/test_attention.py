@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.attention import attention
+from models.attention import attention, make_mask
 from models.sliding_window import dense_window_mask
 from tests.test_sliding_window import jaxpr_dots, qkv, segments
 
@@ -172,3 +172,43 @@ def test_causal_block_with_fewer_queries_than_keys_runs_dense():
     mask = make_mask(q_pos, jnp.broadcast_to(jnp.arange(S), (B, S)))
     want = attention(q, k, v, mask, impl="reference")
     np.testing.assert_allclose(attention(q, k, v, mask, causal_block=4), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl,block", [("xla", None), ("xla", 4), ("swa", 4)])
+def test_a_traced_scale_is_taken_and_differentiated(impl, block):
+    """A scale that is a jit argument or a learned temperature is a tracer. The custom-VJP kernels took it as a static
+    (nondiff) argument and jax raised UnexpectedTracerError (about custom_vjp's nondiff_argnums) where 'reference'
+    ran; it is now folded into q, and d/dscale matches the float64 reference's. A traced soft-cap names itself."""
+    from models.sliding_window import local_attention
+
+    B, T, N, K, H, W = 2, 12, 4, 2, 8, 5
+    with jax.enable_x64(True):
+        q, k, v = qkv(B, T, N, K, H, jnp.float64, seed=5)
+        seg = segments("packed", B, T)
+        mask = dense_window_mask(T, W if impl == "swa" else None, seg)
+
+        def loss(scale, q, impl):
+            if impl == "swa":
+                o = local_attention(q, k, v, W, segment_ids_BT=seg, scale=scale, block=block, impl="blocked")
+            else:
+                o = attention(q, k, v, mask, impl=impl, scale=scale, causal_block=block)
+            return (o * jnp.cos(jnp.arange(H))).sum()
+
+        g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(0.4, q, impl)
+        g_ref = jax.grad(loss, argnums=(0, 1))(0.4, q, "reference")
+        np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-10)
+        np.testing.assert_allclose(g[1], g_ref[1], atol=1e-12)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        jax.jit(lambda c: attention(q, k, v, mask, logit_softcap=c))(5.0)
+
+
+def test_head_counts_and_one_sided_segments_are_refused_by_name():
+    """6 query heads over 4 kv heads failed in a bare reshape deep in the kernel; segment ids on one side of
+    make_mask in a TypeError (None == array)."""
+    q, k, v = qkv(1, 4, 6, 4, 8, jnp.float32)
+    mask = make_mask(jnp.arange(4)[None], jnp.arange(4)[None])
+    for impl in ("xla", "reference"):
+        with pytest.raises(ValueError, match="query heads N must be a multiple of the kv heads K"):
+            attention(q, k, v, mask, impl=impl)
+    with pytest.raises(ValueError, match="make_mask: pass segment ids for both"):
+        make_mask(jnp.arange(4)[None], jnp.arange(4)[None], q_seg_BT=jnp.zeros((1, 4), jnp.int32))
