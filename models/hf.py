@@ -320,6 +320,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if cfg.mup_base_width:  # μP's readout multiplier 1/m folded into the head: HF has no such factor
         ours["lm_head"] = ours["lm_head"] / cfg.width_mult
+    _check_representable(cfg, ours, out_dtype)
     if cfg.moe is not None and np.any(_to_host(ours["moe_blocks.moe.router_bias"]) != 0):
         raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
                          "so this model cannot be exported exactly")
@@ -367,6 +368,33 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if jax.process_count() > 1:  # nobody reads the folder before it is complete
         multihost_utils.sync_global_devices(f"save_pretrained {folder}")
+
+
+def _check_representable(cfg: TransformerConfig, ours: dict, out_dtype: np.dtype) -> None:
+    """Refuse, before anything is written, a storage dtype that turns finite weights into inf: float16 tops out at
+    65504, and the cast wrote inf in their place without a word (bfloat16 reaches 3.4e38, as float32 does).
+
+    ours: flat {key: array}, stacked [L, ...] (and [L, E, ...] for experts) as `_hf_layout` lists them. The maxima
+    are taken where the arrays live (one number per HF tensor comes to the host), and cast as the export casts."""
+    bad = []
+    for key, (name, _, _) in _hf_layout(cfg).items():
+        arr = ours[key]
+        if jnp.finfo(arr.dtype).max <= jnp.finfo(out_dtype).max:  # it fits whatever it holds (float32 -> float32)
+            continue
+        layers = _layers_of(cfg, key)
+        lead = (layers is not None) + ("{e}" in name)  # the leading axes index HF tensors (layer, expert)
+        peak = _to_host(jnp.max(jnp.abs(arr), axis=tuple(range(lead, arr.ndim))))
+        with np.errstate(over="ignore"):  # the overflow is what we look for
+            over = np.isinf(peak.astype(out_dtype)) & np.isfinite(peak)
+        for ix in zip(*np.nonzero(over)) if lead else ([()] if over else []):
+            i = layers[ix[0]] if layers is not None else None
+            e = ix[1] if len(ix) > 1 else None
+            bad.append(f"{name.format(i=i, e=e)} (max |value| {float(peak[ix]):.6g})")
+    if bad:
+        top = float(jnp.finfo(out_dtype).max)
+        raise ValueError(f"save_pretrained dtype={out_dtype.name!r}: {len(bad)} tensor(s) hold values beyond its "
+                         f"largest, {top:.6g}, which would be written as inf: {', '.join(bad[:5])}"
+                         f"{' ...' if len(bad) > 5 else ''}; save as 'bfloat16' or 'float32'")
 
 
 def _to_host(a) -> np.ndarray:

@@ -17,14 +17,18 @@ ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "
                  "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral"}
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
+# max_position_embeddings too: it was "lacks required field", and it is the default original length of llama3 / YaRN.
 HF_DEFAULTS = {
-    "mistral": dict(sliding_window=4096, num_key_value_heads=8),
-    "ministral": dict(sliding_window=4096, num_key_value_heads=8),  # Mistral with a window per layer (layer_types)
-    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001, num_key_value_heads=8),
-    "qwen2": dict(sliding_window=4096, max_window_layers=28, num_key_value_heads=32),
+    "llama": dict(max_position_embeddings=2048),
+    "mistral": dict(sliding_window=4096, num_key_value_heads=8, max_position_embeddings=131072),
+    # Mistral with a window per layer (layer_types)
+    "ministral": dict(sliding_window=4096, num_key_value_heads=8, max_position_embeddings=131072),
+    "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001, num_key_value_heads=8,
+                    max_position_embeddings=131072),
+    "qwen2": dict(sliding_window=4096, max_window_layers=28, num_key_value_heads=32, max_position_embeddings=32768),
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
-                   num_key_value_heads=4),
+                   num_key_value_heads=4, max_position_embeddings=8192),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
 _HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> HF hidden_act / hidden_activation
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -300,10 +304,11 @@ def _rope_4x(rope: dict) -> dict:
 
 def _gemma2_config(cfg: TransformerConfig) -> dict:
     windows = cfg.layer_windows()
-    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.mlp_act == "gelu_tanh"
-            and cfg.tie_embeddings and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
+    # any mlp_act: its MLP runs hidden_activation, as config_from_hf reads it (a loaded silu Gemma 2 was refused)
+    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.tie_embeddings
+            and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
         raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
-                         "mlp_act='gelu_tanh', tie_embeddings, no qkv_bias, no rope_scaling and no moe")
+                         "tie_embeddings, no qkv_bias, no rope_scaling and no moe")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
                          "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")
@@ -314,7 +319,7 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                hidden_activation=_HF_ACT[cfg.mlp_act], tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
                 **_rope_4x({"rope_type": "default", "rope_theta": cfg.rope_theta}),
                 query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int

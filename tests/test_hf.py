@@ -266,11 +266,15 @@ ROUND_TRIP["ministral"] = dataclasses.replace(ROUND_TRIP["mistral"], n_layers=3,
 ROUND_TRIP["llama_gelu"] = dataclasses.replace(ROUND_TRIP["llama"], mlp_act="gelu_tanh")
 ROUND_TRIP["mixtral_gelu"] = dataclasses.replace(
     ROUND_TRIP["mixtral"], mlp_act="gelu_tanh", moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, mlp_act="gelu_tanh"))
+# Gemma 2 with hidden_activation silu (transformers' Gemma 2 MLP runs it; from_pretrained loads it): the export was
+# refused ("needs mlp_act='gelu_tanh'"), or would have written gelu_pytorch_tanh for a silu model
+ROUND_TRIP["gemma2_silu"] = dataclasses.replace(ROUND_TRIP["gemma2"], mlp_act="silu")
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
         "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM",
-        "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM"}
+        "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM",
+        "gemma2_silu": "Gemma2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -738,6 +742,24 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
         assert ours.moe.lb_loss_weight == pytest.approx(hf.num_experts_per_tok * hf.router_aux_loss_coef)
 
 
+@pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "MinistralConfig", "Qwen2Config", "Gemma2Config",
+                                 "MixtralConfig"])
+def test_absent_max_position_embeddings_takes_the_transformers_default(cls, tmp_path):
+    """Without max_position_embeddings, transformers takes its class default (Llama 2048, Qwen2 32768, ...); we
+    refused the config ("lacks required field"). It is also llama3's default original length."""
+    raw = {k: v for k, v in MINIMAL.items() if k != "max_position_embeddings"} | {
+        "architectures": [cls.replace("Config", "ForCausalLM")], "model_type": getattr(transformers, cls).model_type}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(hf).__name__ == cls
+    assert config_from_hf(raw).max_seq_len == hf.max_position_embeddings
+    if cls == "LlamaConfig":
+        rope = dict(rope_type="llama3", rope_theta=1e4, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0)
+        (tmp_path / "config.json").write_text(json.dumps(raw | {"rope_parameters": rope}))
+        want = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters["original_max_position_embeddings"]
+        assert config_from_hf(raw | {"rope_parameters": rope}).rope_scaling.original_max_position_embeddings == want
+
+
 @pytest.mark.parametrize("cls, fields", [("LlamaConfig", {}), ("MistralConfig", {}), ("MixtralConfig", {}),
                                          ("Gemma2Config", dict(head_dim=8)),
                                          ("Qwen2Config", dict(hidden_size=128, num_attention_heads=64))])
@@ -1010,3 +1032,25 @@ def test_rope_frequencies_and_scale_equal_transformers(rs):
     inv, scale = ROPE_INIT_FUNCTIONS[rs.kind](hf, "cpu")
     np.testing.assert_allclose(inv_frequencies(hd, theta, rs), inv.numpy(), rtol=1e-6)
     np.testing.assert_allclose(attention_scale(rs), scale, rtol=1e-6)
+
+
+def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path):
+    """float16 tops out at 65504: a float32 weight of 7e4 was written as inf, with no word of which tensor."""
+    ours = _random_model(ROUND_TRIP["mixtral"], seed=6)
+    save_pretrained(ours, tmp_path)  # an earlier export, which a refusal must leave in place
+    w = np.array(ours.moe_blocks.moe.w_down[...])
+    w[1, 2, 0, 3] = -7e4  # layer 1, expert 2
+    w[0, 0, 0, 0] = 65510.0  # rounds to 65504, not to inf: written as is
+    ours.moe_blocks.moe.w_down[...] = jnp.asarray(w)
+    with pytest.raises(ValueError, match=r"dtype='float16'.* model\.layers\.1\.block_sparse_moe\.experts\.2\.w2\."
+                                         r"weight \(max \|value\| 70000\); save as 'bfloat16'"):
+        save_pretrained(ours, tmp_path, dtype="float16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"  # nothing was written
+    save_pretrained(ours, tmp_path, dtype="bfloat16")  # bf16 has float32's range
+    back = from_pretrained(tmp_path, param_dtype="float32")
+    assert np.isfinite(np.asarray(back.moe_blocks.moe.w_down[...])).all()
+    assert float(back.moe_blocks.moe.w_down[1, 2, 0, 3]) == -70144.0  # bf16's nearest
+    w[1, 2, 0, 3] = 0.0
+    ours.moe_blocks.moe.w_down[...] = jnp.asarray(w)
+    save_pretrained(ours, tmp_path, dtype="float16")
+    assert float(from_pretrained(tmp_path).moe_blocks.moe.w_down[0, 0, 0, 0]) == 65504.0
