@@ -15,7 +15,10 @@ Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `sha
 (per stage: documents and bytes in/out, drops by reason with the ids of the first three), `shard-NNNNN.drops.jsonl`
 (every dropped record: id, stage, reason), and `stats.json` summed
 over shards (`python -m data.report OUT` prints it). Memory is
-bounded by one document per worker plus one shard's signatures (and, in pass 2, the LSH index).
+bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every document's exact
+key (about 150 B per document pass 1 kept, the reference run's survivors included; all that exact-only dedup holds),
+the LSH index of the near-dup cluster representatives (about 6 kB each at the default 128 permutations) and the
+decisions (about 0.2 kB per duplicate).
 
 From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
 which import your script again, so call it under `if __name__ == "__main__":`. Inputs changed since a run began
@@ -60,8 +63,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # dup_{n}gram right for n >= 128, mojibake repaired in normalisation, HTML markup and unrepaired mojibake dropped
 # (`markup`, `mojibake`); 4 = an accented letter before two marks beside a word ("allé\xa0»") is not repaired as
 # mojibake, generics' type parameters and struct / object literals are not markup, a folded language (zh) does not
-# win on no evidence (dates, numbers, symbols: `und`).
-OUTPUT_VERSION = 4
+# win on no evidence (dates, numbers, symbols: `und`); 5 = the labelling stage identifies a document without `lang`
+# under PipelineConfig.langid (it used the defaults), dedup_against skips what the reference run's labelers dropped.
+OUTPUT_VERSION = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +81,9 @@ class PipelineConfig:
     `fingerprint` (a plain class is known by its name).
 
     dedup_against: a finished cleaning run's directory (e.g. the training set's, when cleaning its held-out set):
-    documents duplicating one that run kept drop as `exact_dup_reference` / `near_dup_reference` (the same dedup
-    settings are required: the signatures must be comparable). Without it, separate runs never compare.
+    documents duplicating one that run kept (in its labelled tier: neither a duplicate nor dropped by its labelers)
+    drop as `exact_dup_reference` / `near_dup_reference` (the same dedup settings are required: the signatures must
+    be comparable). Without it, separate runs never compare.
     """
 
     source: SourceConfig = SourceConfig()
@@ -116,9 +121,11 @@ class PipelineConfig:
 
     def label_stages(self):
         # scored under the limits of the quality filter that ran (a custom one in `filters`; the last one sets the
-        # signals), not `quality`'s: with a custom filter the labelled tier scored against limits nothing checked
+        # signals), not `quality`'s: with a custom filter the labelled tier scored against limits nothing checked.
+        # A document without `lang` (no langid stage ran) is identified under `langid`, not the default settings.
         ran = [s.cfg for s in self.filter_stages() if isinstance(s, QualityFilter)]
-        return list(self.labelers if self.labelers is not None else (Label(self.label, (ran or [self.quality])[-1]),))
+        return list(self.labelers if self.labelers is not None
+                    else (Label(self.label, (ran or [self.quality])[-1], langid=self.langid),))
 
     def augment_stages(self):
         return [Augment(self.augment)]
@@ -174,17 +181,17 @@ def _stats_path(out: pathlib.Path, tier: str, i: int) -> pathlib.Path:
     return out / tier / f"{shard_name(i)}.stats.json"
 
 
-def _write_tier_stats(out, tier, i, stages: list[StageStats]):
+def _write_tier_stats(out, tier, i, stages: list[StageStats], **extra):
     """The shard's stats file (written last: it marks the shard done) and its drop log, `shard-NNNNN.drops.jsonl`:
     one line {"id", "stage", "reason"} per record this tier's stages dropped (the stats name only three per
-    reason; `python -m data.report OUT --drops REASON` lists them all)."""
+    reason; `python -m data.report OUT --drops REASON` lists them all). `extra`: more top-level fields."""
     log = out / tier / f"{shard_name(i)}.drops.jsonl"
     with open(f"{log}.tmp", "w", encoding="utf-8") as f:
         for st in stages:
             for record_id, reason in st.log:
                 f.write(json.dumps({"id": record_id, "stage": st.name, "reason": reason}, ensure_ascii=False) + "\n")
     os.replace(f"{log}.tmp", log)
-    write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages]})
+    write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages], **extra})
 
 
 def _docs_out(out: pathlib.Path, i: int, *tiers: str) -> int:
@@ -314,11 +321,16 @@ def _reference_stamp(ref: pathlib.Path) -> str | None:
 
 
 def _reference_survivors(ref: pathlib.Path, cfg: PipelineConfig):
-    """(key, exact key, signature) of every document the reference run kept, in its shard order."""
+    """(key, exact key, signature) of every document the reference run kept, in its shard order: neither a duplicate
+    nor dropped by its labelers (those were compared too, so a held-out copy of a document the training set does not
+    hold was dropped). A shard whose labelled tier is unfinished, or written before its drops were recorded there,
+    counts what its dedup kept."""
     drops = read_json(ref / "cleaned" / "dedup.json")["drops"]
     for i in range(check_reference(ref, cfg)):
         z = np.load(ref / "filtered" / f"{shard_name(i)}.dedup.npz")
-        gone = drops.get(str(i), {})
+        gone = set(drops.get(str(i), {}))
+        if (labeled := _stats_path(ref, "labeled", i)).exists():
+            gone |= {str(j) for j in read_json(labeled).get("dropped", [])}
         for j in range(len(z["keys"])):
             if str(j) not in gone:
                 yield f"{REF}{i}:{j}", bytes(z["keys"][j]), z["sigs"][j]
@@ -333,6 +345,7 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
     dedup = StageStats("dedup")
     lab_stages, aug_stages = cfg.label_stages(), cfg.augment_stages()
     lab_stats, aug_stats = [StageStats(s.name) for s in lab_stages], [StageStats(s.name) for s in aug_stages]
+    lab_dropped = []  # positions in `filtered` (and dedup.npz): a run deduplicating against this one skips them
     for j, doc in enumerate(iter_docs(out / "filtered" / f"{name}.array_record")):
         n = nbytes(doc)
         dedup.take(n)
@@ -345,6 +358,7 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
         # stage and reason, and it goes no further
         doc = run_stages(doc, lab_stages, lab_stats)
         if doc is None:
+            lab_dropped.append(j)
             continue
         writers["labeled"].write(doc)
         doc = run_stages(doc, aug_stages, aug_stats)
@@ -354,7 +368,7 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
     for w in writers.values():
         w.commit()
     _write_tier_stats(out, "cleaned", i, [dedup])
-    _write_tier_stats(out, "labeled", i, lab_stats)
+    _write_tier_stats(out, "labeled", i, lab_stats, dropped=lab_dropped)
     _write_tier_stats(out, "augmented", i, aug_stats)  # last: marks the shard done
     return writers["augmented"].count
 

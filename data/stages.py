@@ -195,17 +195,19 @@ class QualityFilter:
 @dataclasses.dataclass(frozen=True)
 class Label:
     """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the document has no `lang` (the langid stage did
-    not run, and the record had none of its own), `lang`."""
+    not run, and the record had none of its own), `lang`, detected under `langid` (the pipeline passes its
+    PipelineConfig.langid: its fold and min_confidence, not the defaults)."""
 
     cfg: LabelConfig = LabelConfig()
     quality: QualityConfig = QualityConfig()
     name: str = "label"
+    langid: LangIDConfig = LangIDConfig()
 
     def __call__(self, doc):
         out = {**doc, "quality": quality_score(doc.get("signals", {}), self.quality),
                "domains": domain_tags(doc["text"], self.cfg)}
         if "lang" not in out:
-            out["lang"], _ = _langid(LangIDConfig()).detect(doc["text"])
+            out["lang"], _ = _langid(self.langid).detect(doc["text"])
         return out, None
 
     def count(self, st, doc, dropped):

@@ -260,3 +260,19 @@ def test_a_quality_config_of_lists_labels_as_its_tuples_do():
         assert Label(quality=lists)(QualityFilter(lists)({"text": text})[0])[0] == want
     assert lists == tuples
     assert PipelineConfig(quality=lists).fingerprint() == PipelineConfig(quality=tuples).fingerprint()
+
+
+def test_the_labelling_stage_identifies_a_language_under_the_pipelines_langid_settings():
+    """Without a langid stage, the labelling stage detects `lang` itself: it did so under the default LangIDConfig, so
+    PipelineConfig.langid's fold (here Serbo-Croatian 'sh' for sr / hr / bs) was not applied and the tier said 'hr'."""
+    from data.langid import LangIDConfig
+    from data.pipeline import PipelineConfig
+    from data.stages import Normalize, QualityFilter
+
+    sh = LangIDConfig(keep=("en", "sh"), fold=(("sh", ("sr", "hr", "bs")),))
+    cfg = PipelineConfig(workers=1, langid=sh, filters=(Normalize(), QualityFilter()))
+    text = ("Vlada je u utorak objavila da će novi zakon o obrazovanju stupiti na snagu sljedeće godine, nakon što ga "
+            "usvoji parlament.")
+    (label,) = cfg.label_stages()
+    assert label({"text": text})[0]["lang"] == "sh"
+    assert PipelineConfig(workers=1).label_stages()[0]({"text": text})[0]["lang"] == "hr"  # the default: no fold

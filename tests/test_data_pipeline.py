@@ -879,6 +879,24 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
     assert sum("older cleaning code" in str(w.message) for w in caught) == 1
 
 
+def test_held_out_data_is_not_deduplicated_against_what_the_training_runs_labelers_dropped(tmp_path):
+    """dedup_against compares with the documents the reference run kept; its labelers' drops (lines 1 and 3 here)
+    are not in its training set, but they were compared too: a held-out copy of line 1 dropped as
+    exact_dup_reference, pointing to a document the training run does not hold."""
+    from data.stages import Label
+
+    train = small_corpus(tmp_path)
+    run(train, tmp_path / "clean", PipelineConfig(workers=1, labelers=(Label(), DropOdd())), progress=False)
+    lines = pathlib.Path(train[0]).read_text().splitlines()
+    (tmp_path / "held.jsonl").write_text(f"{lines[0]}\n{lines[1]}\n")  # line 1: dropped there; line 2: kept there
+    out = tmp_path / "held"
+    run([tmp_path / "held.jsonl"], out, PipelineConfig(workers=1, dedup_against=str(tmp_path / "clean")),
+        progress=False)
+    dedup = next(s for _, s in report_mod.funnel(out) if s.name == "dedup")
+    assert dict(dedup.dropped) == {"exact_dup_reference": 1}
+    assert [d["text"] for d in all_docs(out / "cleaned")] == [json.loads(lines[0])["text"]]
+
+
 def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
     """The stats name three ids per reason; a user had to rebuild which documents went, and why, from set
     differences between tiers. Each shard's drops.jsonl lists every one: as many as the stats count, per stage and
