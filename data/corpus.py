@@ -5,6 +5,8 @@ Byte-level tokens (0..255) need no tokenizer training, so the demo and tests run
 
 from __future__ import annotations
 
+import fractions
+import math
 import pathlib
 import sysconfig
 
@@ -70,10 +72,13 @@ class ByteWindows:
 
 
 def train_eval_split(tokens: np.ndarray, eval_fraction: float = 0.05):
-    """(train, eval) token arrays: the last `eval_fraction` of the stream is held out, in one piece."""
+    """(train, eval) token arrays: the last `eval_fraction` of the stream is held out, in one piece: its last
+    ceil(n · eval_fraction) tokens of n (at least one)."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"train_eval_split: eval_fraction={eval_fraction} must be in (0, 1)")
-    cut = int(len(tokens) * (1 - eval_fraction))
+    # the fraction as written (0.07 is 7/100): in floats int(1000 * (1 - 0.07)) is 929, one token too many held out
+    held = math.ceil(len(tokens) * fractions.Fraction(str(float(eval_fraction))))
+    cut = len(tokens) - held
     return tokens[:cut], tokens[cut:]
 
 

@@ -1,7 +1,7 @@
 """grain pipelines for language modelling: cleaned ArrayRecord tiers → packed, sharded device batches.
 
     source (ArrayRecord) → this process's documents → seeded shuffle (reshuffled each epoch) → weighted mix
-    → tokenize → [worker processes] → concat-then-split packing (grain) → LM rows → batch → device arrays
+    (of documents) → tokenize → [worker processes] → concat-then-split packing (grain) → LM rows → batch → device arrays
 
 Rows follow the trainer's batch format (experiments/lm_step.py), all [B, T]: `inputs`, `targets` int32,
 `segment_ids` int32 (1, 2, ... per document in the row, 0 = padding), `positions` int32 (restart at 0 with
@@ -38,7 +38,12 @@ from data.tokenizer import TOKENS_MAGIC
 @dataclasses.dataclass(frozen=True)
 class Source:
     """A cleaned tier directory (or explicit ArrayRecord files, or a `data.tokenizer.pretokenize` output)
-    and its mixture weight."""
+    and its mixture weight.
+
+    Weights are shares of documents, not of tokens: sources of weights 1 and 1 give as many documents each,
+    whatever their lengths (9-byte and 99-byte documents: the short source has 50 % of the documents and 9 % of
+    the tokens, 10 of 110 with their EOS). For a token share r_k, give each source weight r_k / (its mean tokens
+    per document)."""
 
     path: str | tuple[str, ...]
     weight: float = 1.0
@@ -148,14 +153,15 @@ def _shuffle_seed(seed: int, k: int, p: int, n: int, n_sources: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """seq_len: T of every row. global_batch_size: rows per step over all processes. num_epochs: None
-    repeats forever (a mixture's weights then to about 1 %: grain's mix scales them to integers, the smallest to 100;
-    with a finite count the weights are exact, and it ends when the next document would come from a source already
-    read to its end: that source whole, the others in proportion to the weights). With several processes a
-    finite count yields a different number of batches per process (each packs its own documents into rows);
-    `LMLoader` stops every process at the first that runs out and counts what the others leave unread, so to read
-    every document bound the run by steps with num_epochs=None, as experiments/train_lm.py does. worker_count:
-    grain worker processes for reading and tokenizing (0 = in this process). drop_remainder: drop a last
-    partial batch (False: keep it; an `LMLoader` on a mesh pads it with rows of weight 0 to the full batch)."""
+    repeats forever (a mixture's weights, shares of documents, not tokens: see `Source`, then to about 1 %:
+    grain's mix scales them to integers, the smallest to 100; with a finite count the weights are exact, and it
+    ends when the next document would come from a source already read to its end: that source whole, the others
+    in proportion to the weights). With several processes a finite count yields a different number of batches
+    per process (each packs its own documents into rows); `LMLoader` stops every process at the first that runs
+    out and counts what the others leave unread, so to read every document bound the run by steps with
+    num_epochs=None, as experiments/train_lm.py does. worker_count: grain worker processes for reading and
+    tokenizing (0 = in this process). drop_remainder: drop a last partial batch (`LMLoader` counts it in
+    `dropped`; False: keep it; an `LMLoader` on a mesh pads it with rows of weight 0 to the full batch)."""
 
     seq_len: int = 256
     global_batch_size: int = 8
@@ -282,13 +288,43 @@ def _as_list(record) -> list:
 
 class _Unbatch(FlatMapTransform):
     """Tokenized lists back to single documents; a document of < 2 tokens has no target and is skipped
-    (the cleaning pipeline's min_chars makes that impossible for cleaned tiers)."""
+    (the cleaning pipeline's min_chars makes that impossible for cleaned tiers). With `no_targets` (no EOS, no
+    epoch limit), `stall_after` documents skipped in a row call it once: if no document has a target, it raises
+    (grain would otherwise read the sources forever without a batch)."""
 
-    def __init__(self, max_fan_out: int):
-        self.max_fan_out = max_fan_out
+    def __init__(self, max_fan_out: int, no_targets=None, stall_after: int = 0):
+        self.max_fan_out, self._no_targets, self._stall_after, self._skipped = max_fan_out, no_targets, stall_after, 0
 
     def flat_map(self, docs):
-        return [d for d in docs if len(d["targets"])]
+        kept = [d for d in docs if len(d["targets"])]
+        if self._no_targets is not None:
+            self._skipped = 0 if kept else self._skipped + len(docs)
+            if self._skipped >= self._stall_after:
+                self._no_targets()
+                self._no_targets = None  # some source has targets: they come, however rarely
+        return kept
+
+
+class _NoTargets:
+    """Raises naming the sources when none of this process's documents of any has 2 tokens or more (one
+    tokenize pass over them, only when a whole stream's worth were skipped in a row)."""
+
+    def __init__(self, sources, tokenizer, cfg: LoaderConfig, p: int, n: int):
+        self.sources, self.tokenize, self.cfg, self.p, self.n = sources, Tokenize(tokenizer, cfg.text_field), cfg, p, n
+
+    def __call__(self):
+        empty = []
+        for src in self.sources:
+            ds = grain.MapDataset.source(_data_source(src.files()))[self.p::self.n]
+            step = self.cfg.tokenize_batch
+            if any(len(d["targets"]) for i in range(0, len(ds), step)
+                   for d in self.tokenize([ds[j] for j in range(i, min(i + step, len(ds)))])):
+                return
+            empty.append(f"{src.path!r} ({len(ds)} documents)")
+        raise ValueError(f"Source {', '.join(empty)}: every document has fewer than 2 tokens, so none has a target "
+                         "(a tokenizer without EOS trains on tokens 2..n of each), and num_epochs=None would read "
+                         "them forever without a batch; use a tokenizer with an EOS (ByteTokenizer(add_eos=True)), "
+                         "or longer documents (data.pipeline's min_chars)")
 
 
 def _lm_row(packed: dict) -> dict[str, np.ndarray]:
@@ -320,7 +356,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         raise TypeError(f"tokenizer {type(tokenizer).__name__} has no {missing}; pass a data.tokenizer.BPETokenizer "
                         "(BPETokenizer.load(path), not its .tok) or ByteTokenizer")
     p, n = _process(process_index, process_count)
-    parts = []
+    parts, sizes = [], []  # sizes: this process's documents of each source
     for k, src in enumerate(sources):
         src.check_tokenizer(tokenizer)
         _check_text_field(src, cfg.text_field)
@@ -329,6 +365,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
             raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than the {n} processes that "
                              "each read their own share" if len(ds) else f"Source {src.path!r} holds no documents")
         ds = ds[p::n]
+        sizes.append(len(ds))
         if cfg.shuffle:
             ds = ds.shuffle(seed=_shuffle_seed(cfg.seed, k, p, n, len(sources)))  # the same permutation every run
         parts.append(ds.repeat(cfg.num_epochs))
@@ -348,7 +385,9 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         # the worker count (grain hands worker outputs back in index order)
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
-    return FlatMapIterDataset(ds, _Unbatch(cfg.tokenize_batch))
+    stall = None if cfg.num_epochs is not None or tokenizer.eos_id is not None else _NoTargets(
+        sources, tokenizer, cfg, p, n)  # with an EOS every document has a target; with an epoch limit the stream ends
+    return FlatMapIterDataset(ds, _Unbatch(cfg.tokenize_batch, stall, sum(sizes)))
 
 
 def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
@@ -388,6 +427,10 @@ class LMLoader:
     out a step or more before the others: every step the processes agree whether all still have a batch, and
     all stop together at the first that does not (instead of the others waiting forever in a collective).
     What the others had left is counted in `unread` (batches, rows and real tokens) and warned about.
+
+    With `drop_remainder=True` and a finite `num_epochs` the last, partial batch is dropped; it is counted in
+    `dropped` (batches, rows, real tokens, and the documents with a target in it: one continued from the batch
+    before counts too; without an EOS or BOS, which tell a document's start, each piece counts) and warned about.
     """
 
     def __init__(self, sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(), mesh=None,
@@ -413,18 +456,28 @@ class LMLoader:
                 raise ValueError("LoaderConfig.drop_remainder=False on several processes: each process's last "
                                  "batch would have its own size, and their collectives would not match; use "
                                  "drop_remainder=True (or bound the run by steps)")
-        self.dataset = lm_dataset(sources, tokenizer, cfg, process_index, process_count)
-        self._it = iter(self.dataset)
         self._p, n = _process(process_index, process_count)
+        # a finite stream ends in a partial batch: grain would drop it uncounted, so it is kept here and dropped in
+        # __next__, counted (the same batches: grain's batch state is its parent's, whatever drop_remainder)
+        self._drop_last = cfg.drop_remainder and cfg.num_epochs is not None
+        self.dataset = lm_dataset(sources, tokenizer, dataclasses.replace(cfg, drop_remainder=False)
+                                  if self._drop_last else cfg, process_index, process_count)
+        self._it = iter(self.dataset)
+        self._rows = cfg.global_batch_size // n  # this process's rows per step (n: the JAX processes, with a mesh)
+        self._starts = {i for i in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)) if i is not None}
         self._stream = _stream(sources, tokenizer, cfg, self._p, n)
         self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
         self.unread = {"batches": 0, "rows": 0, "tokens": 0}
+        self.dropped = {"batches": 0, "rows": 0, "tokens": 0, "documents": 0}
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self._it, None)
+        if self._drop_last and batch is not None and len(batch["weights"]) < self._rows:
+            self._count_dropped(batch)
+            batch = None
         if self._agree:
             from parallel.distributed import any_process
 
@@ -443,13 +496,31 @@ class LMLoader:
                      batch.items()}
         return to_device(batch, self.mesh)
 
+    def _count_dropped(self, batch, stacklevel: int = 3):
+        """Count the dropped last batch [rows, T]: its documents are its pieces (segments) less those that go on
+        from the row before inside it (a piece continues a document when it does not start with an EOS / BOS)."""
+        import warnings
+
+        seg, first = batch["segment_ids"], batch["inputs"][:, 0]
+        pieces = int(seg.max(axis=1).sum())
+        go_on = sum(int(s[0] > 0 and f not in self._starts) for s, f in zip(seg[1:], first[1:])) if self._starts else 0
+        self.dropped = {"batches": 1, "rows": len(seg), "tokens": int(batch["weights"].sum()),
+                        "documents": pieces - go_on}
+        warnings.warn(f"LMLoader: process {self._p} drops the last, partial batch (drop_remainder=True): "
+                      f"{self.dropped['rows']} rows, {self.dropped['tokens']} tokens of {self.dropped['documents']} "
+                      "documents in 1 batch, counted in LMLoader.dropped; drop_remainder=False keeps it",
+                      stacklevel=stacklevel)
+
     def _count_unread(self, batch):
         import warnings
 
         while batch is not None:
-            self.unread["batches"] += 1
-            self.unread["rows"] += len(batch["weights"])
-            self.unread["tokens"] += int(batch["weights"].sum())
+            if self._drop_last and len(batch["weights"]) < self._rows:  # the remainder: dropped, not left unread
+                self._count_dropped(batch, stacklevel=4)
+            else:
+                self.unread["batches"] += 1
+                self.unread["rows"] += len(batch["weights"])
+                self.unread["tokens"] += int(batch["weights"].sum())
             batch = next(self._it, None)
         warnings.warn(f"LMLoader: process {self._p} stops with {self.unread} unread, because another process's "
                       "loader ran out first (finite num_epochs: each process packs its own documents). Bound the "

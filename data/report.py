@@ -35,8 +35,8 @@ def funnel(out_dir) -> list[tuple[str, StageStats]]:
 
 def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
     """Every record the run dropped, `{"id", "tier", "stage", "reason"}`, tier by tier and shard by shard (from each
-    shard's `drops.jsonl` log); only those of `reason` when given. Ids are the records' `id` or where they were
-    (`path:line`)."""
+    shard's `drops.jsonl` log); only those of `reason` when given. Ids are the records' `id`, except a record
+    dropped as it was read (tier raw, stage ingest), named by where it was (`path:line`) even if it has one."""
     out = pathlib.Path(out_dir)
     funnel(out)  # a finished run, or the error saying what is missing
     for tier in TIERS:

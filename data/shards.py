@@ -92,7 +92,8 @@ def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
 
     Raises a FileNotFoundError naming the directory when it holds none."""
     d = pathlib.Path(tier_dir)
-    files = sorted(str(p) for p in d.glob("shard-*.array_record"))
+    # by length, then name: shard_name pads to 5 digits, so past shard-99999 a name sort misplaces the longer names
+    files = sorted((str(p) for p in d.glob("shard-*.array_record")), key=lambda f: (len(f), f))
     if not files:
         raise FileNotFoundError(f"no shard-*.array_record files in {d}; run the cleaning pipeline "
                                 "(python -m data.pipeline IN... --out DIR) and point at one of its tiers "

@@ -375,9 +375,11 @@ _DEFAULT_NORMALIZE = NormalizeConfig()
 def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
                  ncfg: NormalizeConfig = _DEFAULT_NORMALIZE, with_ids: bool = False) -> Iterator[tuple]:
     """Every record of a shard's files: `(doc, None, nbytes)` or `(None, drop_reason, nbytes)`; with `with_ids`,
-    a fourth item says where the record was: its `id` (`path:line`, lines numbered from 1 as editors and `grep -n`
-    do, / `path:row`, rows from 0 as pyarrow does, unless the record has one; a text file's path), for a dropped
-    one too, and the path alone for a whole file dropped at once.
+    a fourth item names the record. A kept one by its `id`: the record's own, else `path:line` (lines numbered from
+    1 as editors and `grep -n` do) / `path:row` (rows from 0 as pyarrow does), a text file's path. A dropped one by
+    where it was, `path:line` / `path:row`, even when it has an id of its own (most drops, e.g. malformed_json or
+    too_large, have none to read, and the place finds it in the input); the path alone for a whole file dropped
+    at once.
 
     Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json, not_an_object (a JSON
     line that is an array, a number, ...), missing_text, bad_text_type (a number, list or object), unreadable_file

@@ -476,6 +476,110 @@ def test_a_process_stopped_by_another_counts_what_it_leaves_unread(corpus, monke
                              "tokens": int(sum(b["weights"].sum() for b in rest))}
 
 
+def _documents_in(batches, last, eos_id):
+    """Brute force: the documents (cut at EOS in the stream of real targets) with a target in batch `last`."""
+    hit, touched = set(), 0
+    for k, b in enumerate(batches):
+        for tgt, w in zip(b["targets"], b["weights"]):
+            for t in tgt[w > 0]:
+                if k == last:
+                    hit.add(touched)
+                touched += t == eos_id
+    return len(hit)
+
+
+def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
+    """drop_remainder=True with finite epochs dropped the last partial batch (as documented) but counted it nowhere:
+    its rows, real tokens and documents are now in `dropped`, and warned about; the batches do not change."""
+    path, _ = corpus
+    keep = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=2, seed=1, drop_remainder=False)
+    every = list(LMLoader([Source(path)], EOS_BYTES, keep, process_index=0, process_count=1))
+    last = every[-1]
+    assert len(last["weights"]) < 4  # a partial last batch
+    loader = LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(keep, drop_remainder=True), process_index=0,
+                      process_count=1)
+    with pytest.warns(UserWarning, match=r"drop_remainder=True.*1 batch"):
+        got = list(loader)
+    assert len(got) == len(every) - 1
+    for a, b in zip(got, every):
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+    assert loader.dropped == {"batches": 1, "rows": len(last["weights"]), "tokens": int(last["weights"].sum()),
+                              "documents": _documents_in(every, len(every) - 1, EOS_BYTES.eos_id)}
+    # 13 documents of 7 targets in order, rows of 16: the dropped batch holds the targets 64..90, of the documents
+    # 9 (from the batch before), 10, 11 (over its two rows) and 12
+    path = write_tier(tmp_path / "t", [f"doc {i:02d}" for i in range(13)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=4, num_epochs=1, shuffle=False)
+    loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    with pytest.warns(UserWarning, match="2 rows, 27 tokens of 4 documents"):
+        assert sum(b["weights"].sum() for b in loader) == 64
+    assert loader.dropped == {"batches": 1, "rows": 2, "tokens": 27, "documents": 4}
+
+
+def test_a_process_stopped_by_another_counts_its_remainder_as_dropped(corpus, monkeypatch):
+    """drop_remainder=True on 2 processes: the full batches left are `unread`, the partial last one `dropped` (it
+    would have been dropped anyway; before, it was counted nowhere)."""
+    import parallel.distributed
+    from data import loader as loader_mod
+    from data.loader import lm_dataset
+
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1, seed=2, drop_remainder=False)
+    every = list(lm_dataset([Source(path)], EOS_BYTES, cfg, 0, 2))
+    assert len(every[-1]["weights"]) < 2 and len(every) > 4
+    calls = []
+    monkeypatch.setattr(loader_mod, "_jax_process_count", lambda: 2)
+    monkeypatch.setattr(parallel.distributed, "any_process", lambda flag: calls.append(flag) or len(calls) > 2)
+    loader = LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, drop_remainder=True), process_index=0,
+                      process_count=2)
+    with pytest.warns(UserWarning) as caught:
+        assert len(list(loader)) == 2
+    said = " ".join(str(w.message) for w in caught)
+    assert "another process's loader ran out first" in said and "drops the last, partial batch" in said
+    rest, last = every[2:-1], every[-1]
+    assert loader.unread == {"batches": len(rest), "rows": 2 * len(rest),
+                             "tokens": int(sum(b["weights"].sum() for b in rest))}
+    assert loader.dropped == {"batches": 1, "rows": 1, "tokens": int(last["weights"].sum()),
+                              "documents": _documents_in(every, len(every) - 1, EOS_BYTES.eos_id)}
+
+
+def test_a_source_without_any_target_is_refused_instead_of_read_forever(tmp_path):
+    """No EOS and every document under 2 tokens: none has a target, and with num_epochs=None next() looped over the
+    source forever, printing nothing; now it names the source (a source with one usable document still reads)."""
+    import threading
+
+    short = write_tier(tmp_path / "short", ["a", "b", "", "c"] * 3, shards=2)
+    cfg = LoaderConfig(seq_len=8, global_batch_size=2, tokenize_batch=2)
+    got = {}
+
+    def first_batch():
+        try:
+            got["batch"] = next(LMLoader([Source(short)], ByteTokenizer(), cfg, process_index=0, process_count=1))
+        except Exception as e:  # noqa: BLE001 - the test looks at it below
+            got["error"] = e
+
+    reader = threading.Thread(target=first_batch, daemon=True)  # (before the fix it never returned)
+    reader.start()
+    reader.join(30)
+    assert "error" in got, "next() did not return"
+    assert isinstance(got["error"], ValueError) and "short" in str(got["error"])
+    assert "fewer than 2 tokens" in str(got["error"]) and "add_eos=True" in str(got["error"])
+    ok = write_tier(tmp_path / "ok", ["a"] * 30 + ["ok"], shards=1)
+    b = next(LMLoader([Source(ok)], ByteTokenizer(), cfg, process_index=0, process_count=1))
+    assert b["weights"].all() and (b["targets"] == ord("k")).all()  # "ok", read over and over
+
+
+def test_tier_shards_keep_shard_order_past_99999(tmp_path):
+    """shard_name pads to 5 digits, so from shard 100000 on the names are longer: a string sort put shard-100000
+    between shard-10000 and shard-10001 (a tier of one shard per input file, 100k+ files), against 'in shard order'
+    (and a shuffle=False read, or pretokenize's progress, went in that order)."""
+    from data.shards import tier_shards
+
+    ids = [3, 9999, 10000, 10001, 99999, 100000, 100001, 123456, 1000000]
+    for i in reversed(ids):
+        (tmp_path / f"{shard_name(i)}.array_record").touch()
+    assert [pathlib.Path(f).name for f in tier_shards(tmp_path)] == [f"{shard_name(i)}.array_record" for i in ids]
+
+
 def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
     """tier_texts / pretokenize pointed at pretokenize's output said 'JSONDecodeError: Expecting value'; a text
     field holding a number said 'expected string or bytes-like object', naming neither field nor document."""
