@@ -231,6 +231,20 @@ def test_embedding_lookup_gathers_in_the_compute_dtype_and_sums_its_gradient_in_
         np.testing.assert_array_equal(g, np.broadcast_to(counts[:, None], (64, 32)))
 
 
+def test_embedding_gradient_of_a_bf16_table_is_summed_in_float32():
+    """param_dtype='bfloat16': a token seen 4096 times with cotangents of 1e-3 gets ~4.096 (the float32 sum rounded
+    to bf16), not the 0.5 where a bf16 scatter-add stalls; the gradient keeps the table's dtype."""
+    from models.embed import embed_lookup
+
+    table = jax.numpy.ones((8, 4), jax.numpy.bfloat16)
+    tok = np.zeros((1, 4096), np.int32)
+    g = jax.grad(lambda t: (embed_lookup(t, tok, jax.numpy.bfloat16).astype(jax.numpy.float32) * 1e-3).sum())(table)
+    assert g.dtype == jax.numpy.bfloat16
+    want = float(jax.numpy.bfloat16(1e-3)) * 4096  # the bf16 cotangent, summed exactly
+    np.testing.assert_allclose(np.asarray(g[0], np.float32), want, rtol=2 ** -8)
+    assert float(jax.numpy.abs(g[1:]).max()) == 0.0
+
+
 _FSDP_BF16_GATHERS = """
 import glob, re, sys, jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
