@@ -1,9 +1,10 @@
-"""Orbax checkpoints of the LM trainer: async saves, keep-last-N + best-by-eval-loss, verified restore.
+"""Orbax checkpoints of the LM trainer (and the video trainer's stages): async saves, keep-last-N +
+best-by-eval-loss, verified restore.
 
 One checkpoint = `ocp.args.Composite(state=PyTreeSave(train state), meta=JsonSave({step, config, fingerprint,
-eval_loss}), loader=grain.checkpoint.CheckpointSave(data iterator))` under `<dir>/<step>`. grain's handler writes
-one `process_<i>-of-<n>.json` per process: every process reads its own documents, so each needs its own state.
-The train state is the dict of `experiments.lm_step` (params, opt_state, step, skipped, rng); nnx.State
+part_fingerprints, eval_loss}), loader=grain.checkpoint.CheckpointSave(data iterator))` under `<dir>/<step>`. grain's
+handler writes one `process_<i>-of-<n>.json` per process: every process reads its own documents, so each needs its
+own state. The train state is the dict of `experiments.lm_step` (params, opt_state, step, skipped, rng); nnx.State
 nodes are stored as pure dicts.
 
 Integrity: orbax finalises a step directory atomically (a save killed half-way leaves only an
@@ -117,10 +118,27 @@ def _leaf_sums(leaves):
     return [one(x) for x in leaves]
 
 
+def _sums(tree) -> np.ndarray:
+    return np.asarray(per_device_set(_leaf_sums, jax.tree.leaves(tree)), dtype=np.uint32).reshape(-1)
+
+
 def fingerprint(tree) -> str:
     """Bitwise checksum of every array leaf (sum of the raw bits mod 2^32 per leaf, then sha256 over leaves)."""
-    sums = np.asarray(per_device_set(_leaf_sums, jax.tree.leaves(tree)), dtype=np.uint32)
-    return hashlib.sha256(sums.tobytes()).hexdigest()[:16]
+    return hashlib.sha256(_sums(tree).tobytes()).hexdigest()[:16]
+
+
+def part_fingerprints(tree) -> tuple[str, dict[str, str] | None]:
+    """(fingerprint(tree), the fingerprint of each top-level entry of a dict tree, or None): one pass over the
+    leaves (a dict flattens entry by entry in sorted key order), so that a part restored alone can be verified."""
+    sums = _sums(tree)
+    whole = hashlib.sha256(sums.tobytes()).hexdigest()[:16]
+    if not isinstance(tree, dict):
+        return whole, None
+    parts, i = {}, 0
+    for k in sorted(tree):
+        n = len(jax.tree.leaves(tree[k]))
+        parts[k], i = hashlib.sha256(sums[i:i + n].tobytes()).hexdigest()[:16], i + n
+    return whole, parts
 
 
 def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
@@ -140,6 +158,18 @@ def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
                             "save; store its raw data, jax.random.key_data(key) (wrap_key_data when used)")
 
 
+def _global_leaves(tree, what: str) -> None:
+    """With several processes, every leaf an array over all of them: orbax refuses one on this process's devices
+    only (a scalar made with jnp.int32, say) deep in its writer, naming neither the leaf nor how to place it."""
+    if jax.process_count() == 1:
+        return
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if x.is_fully_addressable:
+            raise TypeError(f"Checkpoints {what}: {_path_name(path)} is on this process's devices only "
+                            f"({type(x.sharding).__name__}), but {jax.process_count()} processes save one checkpoint; "
+                            "place it on the mesh, replicated: jax.device_put(x, NamedSharding(mesh, P()))")
+
+
 def array_tree_handler() -> ocp.PyTreeCheckpointHandler:
     """orbax's pytree handler (what StandardSave writes), each array shard written whole by one replica except on TPU.
 
@@ -154,9 +184,11 @@ def array_tree_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-def tree_restore_args(abstract) -> ocp.args.PyTreeRestore:
-    """Restore args reading a saved pytree onto the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs)."""
-    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+def tree_restore_args(abstract, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restore args reading a saved pytree onto the shapes, dtypes and shardings of `abstract` (ShapeDtypeStructs);
+    partial: `abstract` holds only some of the saved entries, the others are not read."""
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=partial)
 
 
 def abstract_of(tree):
@@ -259,9 +291,11 @@ class Checkpoints:
         eval_loss = None if eval_loss is None else float(eval_loss)
         pure = to_pure(state)
         _jax_leaves(pure, "save state")
+        _global_leaves(pure, "save state")
         if not bool(all_finite(state)):
             raise NonFiniteState(f"checkpoint: refusing to save step {step}: the state has NaN/Inf values")
-        meta = dict(meta, step=int(step), fingerprint=fingerprint(pure), eval_loss=eval_loss,
+        whole, parts = part_fingerprints(pure)
+        meta = dict(meta, step=int(step), fingerprint=whole, part_fingerprints=parts, eval_loss=eval_loss,
                     loader_saved=loader is not None)
         # only a finite eval loss competes for best: orbax's BestN sorted a NaN one (a diverged model whose
         # parameters are still finite) as the best and deleted the real best step
@@ -281,12 +315,17 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())
 
+    def latest_step(self) -> int | None:
+        return self.mgr.latest_step()
+
     # ---- restore ---------------------------------------------------------------------------------------------
     def restore(self, template, step: int | None = None, check=None, loader=None, quarantine: bool = True):
         """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the state on the current
         mesh, any device count: freshly initialised arrays, or ShapeDtypeStructs with shardings, so that no
         throwaway state is allocated beside the restored one). Returns (state, meta) or None.
 
+        A dict template may hold only some of the saved state's top-level entries (a model's params without its
+        optimizer state, say): only those are read, each verified by its own checksum.
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
         loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
@@ -308,6 +347,10 @@ class Checkpoints:
                 continue
             if check is not None:
                 check(meta)
+            partial = (isinstance(abstract, dict) and isinstance(saved, dict) and set(abstract) < set(saved)
+                       and isinstance(meta.get("part_fingerprints"), dict))
+            if partial:
+                saved = {k: saved[k] for k in abstract}
             _check_fits(saved, abstract, self.dir / str(s))
             if loader is not None and not has_loader and "loader" not in meta:  # (older: the state in meta)
                 if meta.get("loader_saved") is False:
@@ -320,10 +363,12 @@ class Checkpoints:
                 self._check_processes(s)
             try:
                 out = self.mgr.restore(s, args=ocp.args.Composite(
-                    state=tree_restore_args(_with_saved_dtypes(abstract, saved))))
-                got = fingerprint(out["state"])
-                if meta.get("fingerprint") != got or meta.get("step") != s:
-                    raise ValueError(f"checksum {got} != saved {meta.get('fingerprint')}")
+                    state=tree_restore_args(_with_saved_dtypes(abstract, saved), partial=partial)))
+                whole, parts = part_fingerprints(out["state"])
+                got, want = (parts, {k: meta["part_fingerprints"].get(k) for k in parts}) if partial else (
+                    whole, meta.get("fingerprint"))
+                if got != want or meta.get("step") != s:
+                    raise ValueError(f"checksum {got} != saved {want}")
                 out = {"state": jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
                                              out["state"], abstract)}
                 # the loader only once the state is known good: a bad step must not move the data stream

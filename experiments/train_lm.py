@@ -204,6 +204,10 @@ RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches fr
                    ("train.eval_target", "the time to reach the target is measured afresh (against the run's start)"),
                    ("train.init_from", "the run continues from its checkpoint, not from these weights (a new --out "
                                        "starts from them)"),
+                   # the same global batch in other micro-batches: not another optimizer (lm_step.make_state_step)
+                   ("optim.grad_accum", "the same batch is cut into other micro-batches from here on: the updates "
+                                        "differ by float rounding (and, with MoE, by the load-balancing loss, "
+                                        "computed per micro-batch)"),
                    ("", "the LR schedule / optimizer differ from the saved run's from here on"))
 
 
@@ -437,9 +441,12 @@ def train(cfg, mesh_shape: dict) -> dict:
             raise CheckpointMismatch(
                 f"train.steps: {out / 'ckpt'} is at step {meta['step']}, past train.steps={t.steps}; pass "
                 f"--set train.steps={meta['step']} (or more) to resume it, or a new --out")
-        for w in warned:
-            why = next(v for k, v in RESUME_WARNINGS if w.startswith(k))
-            say(f"warning: resuming step {meta['step']} with a changed {w}: {why}")
+        # said once the step is restored: a newest step found corrupt after this check falls back to an older one,
+        # whose check printed every warning a second time
+        warnings[int(meta["step"])] = [f"warning: resuming step {meta['step']} with a changed {w}: "
+                                       f"{next(v for k, v in RESUME_WARNINGS if w.startswith(k))}" for w in warned]
+
+    warnings: dict[int, list[str]] = {}
 
     try:
         with jax.set_mesh(mesh):  # as the saves are: the checksum's jit is keyed on the mesh context (one program)
@@ -452,6 +459,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
+        for w in warnings.get(start, []):
+            say(w)
         say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")
     elif t.init_from is not None:
         state = init_from_hf(cfg, mesh, optimizer, shardings)

@@ -4,14 +4,15 @@
 
 Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel normalised) and trains
 the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
-checkpoint with orbax under <out>/ckpt and resume from there; their losses go to <out>/metrics.jsonl (kind 'vae' /
-'t2v', every 25 steps and the last) and <out>/tb (TensorBoard). The evaluation generates clips for every
-caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour, direction and shape back from the
-pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png and per-prompt GIFs and
-grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code. On CPU it runs on
-one device; for a mesh of fake CPU devices set JAX_NUM_CPU_DEVICES=8 first (e.g. `--mesh data=2,fsdp=2,tensor=2`).
-Afterwards, your own captions: `sample, p = load_video_model("runs/video/default"); sample(["a red circle moving
-up"])` (uint8 videos).
+checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
+read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
+losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb (TensorBoard).
+The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour,
+direction and shape back from the pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png
+and per-prompt GIFs and grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code.
+On CPU it runs on one device; for a mesh of fake CPU devices set JAX_NUM_CPU_DEVICES=8 first (e.g. `--mesh
+data=2,fsdp=2,tensor=2`). Afterwards, your own captions: `sample, p = load_video_model("runs/video/default");
+sample(["a red circle moving up"])` (uint8 videos).
 """
 
 from __future__ import annotations
@@ -401,7 +402,7 @@ def load_video_model(out, preset: str | Preset = "default"):
     metas = {}
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
-        latest = latest_meta(manager(out / "ckpt" / stage)) if (out / "ckpt" / stage).is_dir() else None
+        latest = latest_meta(manager(out / "ckpt" / stage, read_only=True)) if (out / "ckpt" / stage).is_dir() else None
         if latest is None:
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
         metas[stage] = latest[1].get("settings", {})
@@ -435,8 +436,9 @@ def load_video_model(out, preset: str | Preset = "default"):
     t2v_gd, t2v_abstract = abstract_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
     ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), t2v_abstract)
     with jax.set_mesh(mesh):
-        vae_params = restore(manager(out / "ckpt" / "vae"), {"params": vae_abstract})[1]["params"]
-        ema = restore(manager(out / "ckpt" / "t2v"), {"ema": ema_abstract})[1]["ema"]
+        # read only (a training job may be writing beside): a corrupt newest step is left in place and skipped
+        vae_params = restore(manager(out / "ckpt" / "vae", read_only=True), {"params": vae_abstract})[1]["params"]
+        ema = restore(manager(out / "ckpt" / "t2v", read_only=True), {"ema": ema_abstract})[1]["ema"]
     weights = ema_cast(ema, t2v_abstract)
     null = null_tokens(p.data.max_caption_len)
 

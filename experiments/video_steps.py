@@ -1,12 +1,10 @@
 """Train steps and checkpoints of the video experiment: plain `jax.jit` over `nnx.split` state.
 
-Both steps donate (params, opt_state[, ema]) and return metrics as float32 scalars. Checkpoints use the
-orbax v0 `CheckpointManager` with a `Composite` of pytrees (`checkpoint.array_tree_handler`) and a JSON record.
+Both steps donate (params, opt_state[, ema]) and return metrics as float32 scalars. Checkpoints are the LM
+trainer's (`experiments.checkpoint.Checkpoints`): the trees as one state with a checksum, and a JSON record.
 """
 
 from __future__ import annotations
-
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from experiments.checkpoint import (
+    Checkpoints,
     NonFiniteState,
     array_tree_handler,
     from_pure as _unpure,
@@ -114,44 +113,66 @@ def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema
 TREES = ("params", "opt_state", "ema")  # the pytrees a stage may save
 
 
-def manager(directory) -> ocp.CheckpointManager:
-    """An orbax CheckpointManager for one stage's checkpoints under `directory` (the last 2 kept)."""
-    path = pathlib.Path(directory).absolute()
-    handlers = {k: array_tree_handler() for k in TREES} | {"meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-                                 item_handlers=handlers)
+def manager(directory, read_only: bool = False) -> Checkpoints:
+    """One stage's checkpoints under `directory` (the last 2 kept), through the LM trainer's `Checkpoints`: a save
+    carries a checksum, and a restore that fails to read or verify sets that step aside in `<directory>-corrupt/`
+    and falls back to the one before (a corrupt newest step stopped the video trainer with an orbax error).
+    read_only: for readers (load_video_model): nothing is created or moved."""
+    return Checkpoints(directory, keep=2, keep_best=False, async_save=False, read_only=read_only)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, trees: dict, meta: dict):
+def save(ckpt: Checkpoints, step: int, trees: dict, meta: dict):
     """Save pytrees (nnx.State is stored as a pure dict) and a JSON record under `step`; waits for it. Raises
     NonFiniteState instead of saving NaN / Inf (a later run would resume from it, and sample noise)."""
     if unknown := set(trees) - set(TREES):
         raise ValueError(f"video checkpoint trees {sorted(unknown)}: a stage saves only {TREES}")
     if bad := [k for k, v in trees.items() if not all_finite(v)]:
-        raise NonFiniteState(f"{mgr.directory}: refusing to save step {step}: {bad} hold NaN / Inf values")
-    args = {k: ocp.args.PyTreeSave(_pure(v)) for k, v in trees.items()}
-    mgr.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)), force=True)
-    mgr.wait_until_finished()
+        raise NonFiniteState(f"{ckpt.dir}: refusing to save step {step}: {bad} hold NaN / Inf values")
+    ckpt.save(step, trees, meta)
+    ckpt.wait()
 
 
-def latest_meta(mgr: ocp.CheckpointManager) -> tuple[int, dict] | None:
-    """(step, JSON record) of the newest checkpoint, reading no array; None when there is none."""
-    step = mgr.latest_step()
-    if step is None:
-        return None
-    return step, dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+def latest_meta(ckpt: Checkpoints) -> tuple[int, dict] | None:
+    """(step, JSON record) of the newest checkpoint whose record reads, reading no array; None when there is none
+    (a step whose record does not read is set aside by the restore that follows)."""
+    for step in reversed(ckpt.steps()):
+        try:
+            return step, dict(ckpt.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception:  # noqa: BLE001 - an unreadable record: not a checkpoint to compare settings with
+            continue
+    return None
 
 
-def restore(mgr: ocp.CheckpointManager, targets: dict, step: int | None = None):
-    """Restore the latest (or given) step into `targets` (trees of arrays giving shape, dtype and sharding).
+def restore(ckpt: Checkpoints, targets: dict, step: int | None = None, check=None):
+    """Restore the newest good (or given) step into `targets` (trees of arrays, or ShapeDtypeStructs with shardings,
+    giving shape, dtype and sharding; some of the saved trees, e.g. only 'params'), falling back past a corrupt one.
+    check(meta): as `Checkpoints.restore`'s, before any array is read.
 
     Returns (step, trees, meta) or None when there is no checkpoint.
     """
-    step = mgr.latest_step() if step is None else step
-    if step is None:
+    if (legacy := _legacy_step(ckpt, step)) is not None:
+        return _restore_legacy(ckpt, targets, legacy)
+    if (r := ckpt.restore(targets, step, check=check)) is None:
         return None
+    trees, meta = r
+    return int(meta["step"]), trees, meta
+
+
+# --- checkpoints written before the video trainer used `Checkpoints`: one orbax item per tree, no checksum ------
+
+
+def _legacy_step(ckpt: Checkpoints, step: int | None) -> int | None:
+    """The step to read as an older checkpoint (its trees as items beside the record), if that is what it is."""
+    step = (ckpt.steps() or [None])[-1] if step is None else step
+    d = ckpt.dir / str(step)
+    return step if step is not None and not (d / "state").exists() and any((d / k).is_dir() for k in TREES) else None
+
+
+def _restore_legacy(ckpt: Checkpoints, targets: dict, step: int):
     abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(v)) for k, v in targets.items()}
+    handlers = {k: array_tree_handler() for k in TREES} | {"meta": ocp.JsonCheckpointHandler()}
+    mgr = ocp.CheckpointManager(ckpt.dir, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
     args = {k: tree_restore_args(v) for k, v in abstract.items()}
     out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
-    trees = {k: _unpure(targets[k], out[k]) for k in targets}
-    return step, trees, dict(out["meta"])
+    print(f"checkpoint: {ckpt.dir / str(step)} predates checksummed video checkpoints; restored unverified")
+    return step, {k: _unpure(targets[k], out[k]) for k in targets}, dict(out["meta"])

@@ -82,6 +82,23 @@ def main():
         except ValueError as e:
             print(json.dumps({"pid": pid, "error": str(e)}), flush=True)
         return
+    if mode == "local_leaf":  # a scalar made with jnp.int32 (on this process's first device) beside a global array
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from experiments.checkpoint import Checkpoints
+        from parallel import make_mesh
+
+        mesh = make_mesh({"fsdp": 2}, dcn={"data": 2})
+        state = {"w": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P(("data", "fsdp")))), "n": jnp.int32(7)}
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), async_save=False, log=lambda *a: None)
+        try:
+            ckpt.save(1, state, {})
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads which one
+            error = f"{type(e).__name__}: {e}"
+        print(json.dumps({"pid": pid, "error": error, "steps": ckpt.steps()}), flush=True)
+        return
     from flax import nnx
 
     from experiments.lm_step import lm_loss

@@ -92,6 +92,18 @@ def test_processes_with_other_setting_fields_are_refused_on_every_process(tmp_pa
                          "command line and the same version of the code"), (pid, error)
 
 
+def test_a_single_device_leaf_is_refused_by_name_before_a_multiprocess_save(tmp_path):
+    """A scalar made with jnp.int32(7) beside parameters on a mesh over both processes: orbax failed inside its
+    writer ('Cannot serialize host local jax.Array'), naming neither the leaf nor how to place it."""
+    procs = launch("local_leaf", tmp_path)
+    outs = [p.communicate(timeout=60) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        r = next(json.loads(x) for x in out.splitlines() if x.startswith("{"))  # (Gloo logs there too)
+        assert r["error"].startswith("TypeError: Checkpoints save state: n is on this process's devices only"), r
+        assert "NamedSharding(mesh, P())" in r["error"] and r["steps"] == [], r
+
+
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
                  entry=("-m", "experiments.train_lm"), buffered=False):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in

@@ -454,6 +454,27 @@ def test_a_leaf_whose_dtype_changed_since_the_save_restores_and_verifies(tmp_pat
     np.testing.assert_array_equal(state["bias"], bias.astype(jnp.float32))
 
 
+def test_some_entries_of_a_saved_state_restore_alone_each_verified_by_its_own_checksum(tmp_path):
+    """A sampler needs a video stage's params or EMA, not its optimizer state: a dict template holding some of the
+    saved entries reads only those, and a checksum that fails for one of them falls back like a whole state's."""
+    ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False, log=lambda *a: None)
+    for step in (1, 2):
+        ckpt.save(step, {"params": {"w": jnp.full(3, float(step))}, "opt_state": {"mu": jnp.zeros(3)},
+                         "ema": {"w": jnp.full(3, step / 2)}}, {})
+    meta = tmp_path / "2" / "meta" / "metadata"  # bit rot in step 2's EMA (its params are intact)
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"part_fingerprints": {
+        **json.loads(meta.read_text())["part_fingerprints"], "ema": "0" * 16}}))
+    state, meta = ckpt.restore({"params": {"w": jnp.zeros(3)}})
+    assert meta["step"] == 2 and set(state) == {"params"}
+    np.testing.assert_array_equal(state["params"]["w"], 2.0)
+    lines = []
+    ckpt.log = lines.append
+    state, meta = ckpt.restore({"ema": {"w": jnp.zeros(3)}})
+    assert meta["step"] == 1 and lines[0].startswith("checkpoint: step 2 is corrupt") and ckpt.steps() == [1]
+    np.testing.assert_array_equal(state["ema"]["w"], 0.5)
+    ckpt.close()
+
+
 def test_a_missing_loader_state_or_unreadable_metrics_do_not_stop_a_restart(tmp_path):
     """A step whose loader folder is gone is corrupt (it was saved with one): the previous step is used, with its
     loader position. A step saved without a loader is refused by name when a loader asks for one. A zero-length

@@ -319,6 +319,23 @@ def test_resume_after_a_skipped_step_keeps_its_count(tmp_path):
     assert_trees_equal(ref6["params"], got6["params"])
 
 
+def test_resume_warnings_are_said_once_for_the_step_resumed_and_grad_accum_is_not_another_optimizer(runs, tmp_path,
+                                                                                                       capsys):
+    """With the newest step corrupt, the check ran on it and again on the fallback step: every warning was printed
+    twice (once naming the step not resumed). grad_accum's warning said the LR schedule / optimizer differ."""
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    meta = out / "ckpt" / "12" / "meta" / "metadata"  # bit rot in the arrays: their checksum fails after the check
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"fingerprint": "0" * 16}))
+    train_lm.main([*TINY, "--out", str(out), "--mesh", "fsdp=4,tensor=2", "--set", "optim.grad_accum=2",
+                   "--set", "optim.clip_norm=2.0"])  # (4 rows a micro-batch: fsdp 4)
+    warned = [x for x in capsys.readouterr().out.splitlines() if x.startswith("warning: resuming")]
+    assert len(warned) == 2 and all(x.startswith("warning: resuming step 8 with") for x in warned), warned
+    accum = next(x for x in warned if "optim.grad_accum" in x)
+    assert "optimizer differ" not in accum and "micro-batches" in accum, accum
+    assert "the LR schedule / optimizer differ" in next(x for x in warned if "optim.clip_norm" in x)
+
+
 def test_other_model_config_is_refused_before_restoring_and_kept(runs, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(runs[0], out)

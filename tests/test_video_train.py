@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
     save(manager(tmp_path), 7, {"params": params, "opt_state": opt_state}, {"psnr": 12.5})
     blank = jax.tree.map(jnp.zeros_like, {"params": params, "opt_state": opt_state})
     step, trees, meta = restore(manager(tmp_path), blank)
-    assert step == 7 and meta == {"psnr": 12.5}
+    assert step == 7 and meta["psnr"] == 12.5 and meta["step"] == 7
     assert isinstance(trees["params"], nnx.State)
     assert int(trees["opt_state"][0].count) == 1 and float(jnp.abs(trees["opt_state"][0].mu["encoder"]["conv_in"]["w"][
         ...]).max()) > 0
@@ -286,13 +286,9 @@ def test_vae_and_t2v_steps_fit_a_fixed_batch():
     assert gap(state[2], init) > 0 and gap(state[2], state[0]) > 0  # the average moved, and lags the params
 
 
-def test_t2v_training_warms_its_ema_up_by_step_and_samples_with_it(tmp_path, monkeypatch):
-    """train_t2v hands the step function each 1-based step (the EMA warm-up reads it) and returns the EMA's weights
-    for sampling, not the raw parameters (either bug passed every test but the tiny preset's, which checks ranges)."""
-    from parallel import make_mesh
-
-    seen = []
-
+def _fake_t2v_step(seen):
+    """Stands for make_t2v_step: each step adds 1 to the params and halves the EMA's gap to them; `seen` gets each
+    step number."""
     def fake_make(graphdef, opt, null, decay, shardings=None):
         def step(params, opt_state, ema, batch, key, n):
             seen.append(int(n))
@@ -301,7 +297,16 @@ def test_t2v_training_warms_its_ema_up_by_step_and_samples_with_it(tmp_path, mon
                 "diffusion": jnp.float32(0.1)}
         return step
 
-    monkeypatch.setattr(train_video, "make_t2v_step", fake_make)
+    return fake_make
+
+
+def test_t2v_training_warms_its_ema_up_by_step_and_samples_with_it(tmp_path, monkeypatch):
+    """train_t2v hands the step function each 1-based step (the EMA warm-up reads it) and returns the EMA's weights
+    for sampling, not the raw parameters (either bug passed every test but the tiny preset's, which checks ranges)."""
+    from parallel import make_mesh
+
+    seen = []
+    monkeypatch.setattr(train_video, "make_t2v_step", _fake_t2v_step(seen))
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     z = np.zeros((16, 2, 4, 4, 4), np.float32)
     with jax.set_mesh(mesh):
@@ -312,13 +317,76 @@ def test_t2v_training_warms_its_ema_up_by_step_and_samples_with_it(tmp_path, mon
     np.testing.assert_allclose(np.asarray(w["w"]), 2.125)  # e += (p - e) / 2 for p = 1, 2, 3; the params are 3
 
 
+def test_a_corrupt_newest_video_checkpoint_falls_back_to_the_previous_step(tmp_path, monkeypatch, capsys):
+    """Bit rot in the newest step stopped train_video with an orbax error (its checkpoints had no checksum and no
+    fallback, unlike train_lm's): now the step is reported, set aside in ckpt/t2v-corrupt and the stage resumes from
+    the step before; a reader (load_video_model) skips it but leaves it in place."""
+    import dataclasses
+
+    from parallel import make_mesh
+
+    seen = []
+    monkeypatch.setattr(train_video, "make_t2v_step", _fake_t2v_step(seen))
+    p = dataclasses.replace(train_video.PRESETS["tiny"], dit_steps=6)  # saves at 3 and 6
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    z, tok, combo = np.zeros((16, 2, 4, 4, 4), np.float32), np.zeros((16, 8), np.int32), np.zeros(16, np.int32)
+
+    def train():
+        with jax.set_mesh(mesh):
+            return train_video.train_t2v(p, tmp_path, mesh, 0, None, {"w": jnp.zeros((4,), jnp.float32)}, z, tok,
+                                         combo)[1]["w"]
+
+    stage = tmp_path / "ckpt" / "t2v"
+
+    def rot():  # flip the bits of step 6's array data, keeping every file's size
+        files = [f for f in (stage / "6").rglob("*") if f.is_file() and f.parent.name == "d"]
+        for f in files:
+            f.write_bytes(bytes(255 - b for b in f.read_bytes()))
+        assert files
+
+    w6 = np.asarray(train())
+    assert seen == [1, 2, 3, 4, 5, 6]
+    rot()
+    capsys.readouterr()
+    np.testing.assert_array_equal(train(), w6)  # resumed from 3, and steps 4-6 again make the same EMA
+    assert seen[6:] == [4, 5, 6]
+    printed = capsys.readouterr().out
+    assert "checkpoint: step 6 is corrupt or incomplete" in printed and "falling back to step 3" in printed, printed
+    assert (tmp_path / "ckpt" / "t2v-corrupt" / "6").is_dir() and train_video.manager(stage).steps() == [3, 6]
+    rot()
+    got = train_video.restore(train_video.manager(stage, read_only=True), {"ema": {"w": jnp.zeros(4)}})
+    assert got[0] == 3 and (stage / "6").is_dir()  # a reader (load_video_model): skipped, left in place
+
+
+def test_a_video_checkpoint_of_one_item_per_tree_still_restores(tmp_path, capsys):
+    """Written before the video trainer used `Checkpoints` (params / opt_state / ema as orbax items beside the
+    record, no checksum): resumed and sampled as before, never set aside as corrupt."""
+    import orbax.checkpoint as ocp
+
+    from experiments.checkpoint import array_tree_handler
+
+    handlers = {k: array_tree_handler() for k in ("params", "opt_state", "ema")} | {"meta": ocp.JsonCheckpointHandler()}
+    old = ocp.CheckpointManager(tmp_path.absolute(), options=ocp.CheckpointManagerOptions(create=True),
+                                item_handlers=handlers)
+    old.save(3, args=ocp.args.Composite(params=ocp.args.PyTreeSave({"w": jnp.arange(3.0)}),
+                                        ema=ocp.args.PyTreeSave({"w": jnp.ones(3)}),
+                                        meta=ocp.args.JsonSave({"step": 3, "total_steps": 3})))
+    old.wait_until_finished()
+    assert train_video.latest_meta(manager(tmp_path))[1]["total_steps"] == 3
+    step, trees, meta = restore(manager(tmp_path), {"params": {"w": jnp.zeros(3)}, "ema": {"w": jnp.zeros(3)}})
+    assert step == 3 and meta["step"] == 3 and "predates checksummed video checkpoints" in capsys.readouterr().out
+    np.testing.assert_array_equal(trees["params"]["w"], [0, 1, 2])
+    assert restore(manager(tmp_path, read_only=True), {"ema": {"w": jnp.zeros(3)}})[1]["ema"]["w"].sum() == 3
+    assert not (tmp_path.parent / f"{tmp_path.name}-corrupt").exists()
+
+
 def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeypatch):
     """load_video_model denormalises with latent_stats.json's (mean, std), in that order (swapped, every test but the
     tiny preset's passed; it only checks ranges)."""
     p = train_video.PRESETS["tiny"]
     settings = train_video.stage_settings(p, 0)
     monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
-        3, {"settings": settings["vae" if "vae" in str(mgr.directory) else "t2v"]}))
+        3, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"]}))
     monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
         3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
     monkeypatch.setattr(train_video, "generate", lambda model, tok, null, key, scale, steps: jnp.zeros(
