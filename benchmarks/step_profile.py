@@ -22,14 +22,13 @@ import collections
 import glob
 import json
 import math
-import os
 import re
 import tempfile
 import time
 
 import jax
 
-from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, setup
+from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, schedulable_cores, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -194,7 +193,7 @@ def profile_torch_compile(steps: int, mm_gflop: float) -> dict:
 
     from benchmarks.train_step import hf_step
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(schedulable_cores())
     call = hf_step(CFG, 8, 256, "sdpa", compile_=True)
     for _ in range(3):
         call()

@@ -97,3 +97,44 @@ def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("broken", ["ours_jax", "xla_matmul_2048"])
+def test_train_step_reraises_when_our_step_or_the_matmul_fails_in_warm_up(monkeypatch, broken):
+    """Every figure is relative to our step and the matmul peak: a failure there (e.g. a compile error) was recorded
+    as for an optional contender (torch.compile) and the run went on to a bare KeyError naming the contender."""
+    from benchmarks import train_step
+
+    def fails():
+        raise RuntimeError(f"{broken} failed to compile")
+
+    runs = lambda: None  # noqa: E731
+    monkeypatch.setattr(train_step, "jax_matmul", lambda: fails if broken == "xla_matmul_2048" else runs)
+    monkeypatch.setattr(train_step, "jax_step",  # the ablations run
+                        lambda cfg, batch, seq: fails if broken == "ours_jax" and cfg == train_step.CFG else runs)
+    argv = ["--rounds", "1", "--steps", "1", "--warmup", "1", "--no-torch", "--ablate"]
+    with pytest.raises(RuntimeError, match=f"{broken} failed to compile"):
+        train_step.main(argv)
+
+
+def test_train_step_gives_torch_the_cores_the_process_may_run_on(monkeypatch):
+    """Under taskset / a cpuset, torch got os.cpu_count() threads (the machine's) on fewer CPUs, while XLA sizes its
+    pool by the CPUs it may run on: oversubscribed OpenMP threads slowed HF (5% at 2 threads on 1 CPU, measured)."""
+    import os
+
+    import torch
+
+    from benchmarks import train_step
+
+    runs = lambda *a, **k: (lambda: None)  # noqa: E731
+    for name in ("jax_matmul", "jax_step", "hf_step"):
+        monkeypatch.setattr(train_step, name, runs)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    before = torch.get_num_threads()
+    try:
+        out = train_step.main(["--rounds", "1", "--steps", "1", "--warmup", "1", "--no-compile"])
+    finally:
+        torch.set_num_threads(before)
+    assert out["machine"]["cores"] == 1 and out["machine"]["torch_threads"] == 1
