@@ -340,10 +340,10 @@ def test_line_signals_match_a_direct_count():
     assert (s["dup_lines"], s["dup_line_chars"]) == (pytest.approx(2 / 5), pytest.approx(6 / 13))
     s = analyze("first para\n\nsecond one\n\nfirst para")
     assert (s["dup_paragraphs"], s["dup_paragraph_chars"]) == (pytest.approx(1 / 3), pytest.approx(10 / 30))
-    s = analyze("one line ends…\ntwo lines end...\nthree does not\n# tag")
+    s = analyze("one line ends…\ntwo lines end...\nthree does not\n#tag")  # a hashtag ('# tag' is a heading)
     assert s["ellipsis_lines"] == pytest.approx(2 / 4)
     assert s["hash_ellipsis_ratio"] == pytest.approx(3 / len(words("one line ends…\ntwo lines end...\nthree does "
-                                                                      "not\n# tag")))
+                                                                      "not\n#tag")))
     assert analyze("alpha\tbeta\t\tgamma\ndelta\tepsilon")["symbol_ratio"] == 0.0
     # mean word length needs 10 words with a letter (it is None for fewer)
     assert analyze(" ".join(["word"] * 10))["mean_word_len"] == 4.0
@@ -400,3 +400,83 @@ def test_removed_boilerplate_lines_leave_normalised_text(rng):
     # the longer blank run stays (not their sum): the text's own spacing, as normalised with max_blank_lines=2
     assert strip_boilerplate(a + "\n\nShare on Facebook\n\n\n" + b, CFG)[0] == a + "\n\n\n" + b
     assert strip_boilerplate(a + "\n\n" + b + "\n", CFG) == (a + "\n\n" + b + "\n", 0, 2)  # nothing removed: as is
+
+
+def test_headings_comments_and_directives_are_not_hashtags():
+    """`hash_ellipsis` is Gopher's hashtag / truncation signal, but it counted every '#': a Markdown README with `###`
+    headings measured 0.11, a Python config with a comment per setting 0.20 and a C header of #defines 0.19, all
+    dropped (limit 0.1). Heading and comment markers (a '#' run before a space) and directives opening a line are
+    not hashtags; hashtags still count, one per line too."""
+    readme = "\n\n".join(f"{'#' * (1 + i % 3)} Section {i}\n\n{en_text(np.random.default_rng(i), 12)}"
+                         for i in range(6))
+    config = "\n".join(f"# {en_text(np.random.default_rng(i), 4)[:-1].lower()}\nSETTING_{i} = {i}" for i in range(20))
+    header = "#ifndef CONFIG_H\n#define CONFIG_H\n" + "\n".join(f"#define LIMIT_{i} {i * 8}" for i in range(16)) + (
+        "\n#include <stdint.h>\n  #  if DEBUG\n#endif\n#!/bin/sh\n" + en_text(np.random.default_rng(0), 20))
+    for text in (readme, config, header):
+        s = analyze(text)
+        assert s["hash_ellipsis_ratio"] == 0.0 and reason(text) != "hash_ellipsis", (text[:60], s)
+    assert reason(readme) is None and reason(config) is None
+    body = en_text(np.random.default_rng(1), 60)
+    tags = [f"#summer{i}" for i in range(30)]
+    for spam, n in ((body + "\n" + "\n".join(tags), 30), (body + "\n" + " ".join(tags), 30),
+                    (body + " C# ## #tag #include", 2)):  # mid-line '#include' is a hashtag, 'C# ' is not
+        assert analyze(spam)["hash_ellipsis_ratio"] == pytest.approx(n / len(words(spam)))
+    assert reason(body + "\n" + "\n".join(tags)) == "hash_ellipsis"
+    assert analyze("#" * 200_000 + "x")["hash_ellipsis_ratio"] == 200_000  # linear: a run is tried once, not per '#'
+
+
+def test_breadcrumb_rule_leaves_code_comparing_names_ending_in_home():
+    """The breadcrumb rule `home ?[|>»] ?\\w+` matched `if score_home > score_away:` and deleted that line of code
+    silently (the function was left without its test); breadcrumbs are still removed."""
+    code = ("def winner(score_home, score_away):\n    if score_home > score_away:\n        return 'home'\n"
+            "    x = self.home > limit\n    return None")
+    assert strip_boilerplate(code, CFG) == (code, 0, 5)
+    body = en_text(np.random.default_rng(0), 30)
+    for crumb in ("Home > News > Sports", "HOME|Docs", "You are here: Home » Blog"):
+        assert strip_boilerplate(f"{crumb}\n{body}", CFG) == (body, 1, 2), crumb
+
+
+def test_full_width_letters_and_digits_are_words_under_nfc():
+    """Normalised with form="NFC" (NFKC folds them to ASCII), full-width digits and letters stay; they were split one
+    character a token like full-width punctuation, and a Chinese news text naming ＧＤＰ and ２０２３年 measured mean
+    word length 1.0 and was dropped. Half-width katakana are kana (CJK), not latin one-letter words."""
+    from data.normalize import NormalizeConfig, normalize_text
+
+    zh = ("据统计，２０２３年全国ＧＤＰ同比增长５．２％，其中第三产业增加值占ＧＤＰ比重为５４．６％。"
+          "ＩＢＭ、ＡＭＤ等外资企业继续加大在华投资，ＡＩ相关产业发展迅速。专家指出，随着５Ｇ网络的普及，"
+          "数字经济将成为推动经济增长的重要引擎。报告还显示，全年社会消费品零售总额比上年增长７．２％，"
+          "最终消费支出对经济增长的贡献率达到８２．５％，比上年提高４３．１个百分点。")
+    for form in ("NFC", "NFKC"):
+        _, r, s = quality_filter(normalize_text(zh, NormalizeConfig(form=form)))
+        assert r is None, (form, s)
+    assert tokens("２０２３年ＧＤＰ增长５％。") == ["２０２３", "年", "ＧＤＰ", "增", "长", "５", "％", "。"]
+    ja = "ｺﾝﾋﾟｭｰﾀｰの性能は毎年向上しています。最新のﾌﾟﾛｾｯｻｰは高速で、消費電力も少ない。" * 3
+    s = analyze(ja)
+    assert s["mean_word_len"] is None and s["cjk_chars"] == len(words(ja))
+
+
+def test_placeholder_lorem_ipsum_pages_are_dropped_whole():
+    """A boilerplate line rule, "lorem ipsum" removed the one line naming it and kept the page's other placeholder
+    lines ("Sed do eiusmod tempor..."); the page goes, as in C4."""
+    page = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit.\n"
+            "Sed do eiusmod tempor incididunt ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud "
+            "exercitation ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in "
+            "reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. Excepteur sint occaecat "
+            "cupidatat non proident, sunt in culpa qui officia deserunt mollit anim id est laborum.")
+    assert reason(page) == "blocklist"
+
+
+def test_an_ellipsis_weighs_the_same_in_symbol_ratio_under_nfkc_and_nfc():
+    """NFKC writes "…" as "...": a Chinese novel's dialogue, full of "……", measured symbol_ratio 0.40 under the default
+    normalisation (dropped, limit 0.35) and 0.33 under NFC; its English translation 0.17."""
+    from data.normalize import NormalizeConfig, normalize_text
+
+    novel = ("“你……你说什么？”\n“我说，我要走了。”\n“去哪儿？”\n“南方。”\n“什么时候回来？”\n"
+             "“不知道……也许明年，也许……再也不回来了。”\n她愣住了，手里的茶杯差点掉在地上。\n“为什么？”\n"
+             "“这里……已经没有我要等的人了。”\n“那我呢？”\n他没有回答，只是转过身，慢慢地走出了院子。\n"
+             "“你等等！”她追了出去，“你把话说清楚！”\n“说什么？该说的……我都说过了。”")
+    nfkc, nfc = (normalize_text(novel, NormalizeConfig(form=f)) for f in ("NFKC", "NFC"))
+    assert "......" in nfkc and "……" in nfc
+    assert analyze(nfkc)["symbol_ratio"] == pytest.approx(analyze(nfc)["symbol_ratio"])
+    assert reason(nfkc) is None and reason(nfc) is None
+    assert analyze("word... " * 5)["symbol_ratio"] == pytest.approx(analyze("word… " * 5)["symbol_ratio"]) == 0.2
