@@ -562,9 +562,12 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         for f in ("train_dir", "eval_dir"):
             _check_tier(getattr(d, f), f"data.{f}", tokenizer)
     vocab = tokenizer.vocab_size
+    # under init_from the vocabulary is config.json's (a --set model.vocab_size is refused above): its tokenizer fits
     need(m.vocab_size >= vocab, "model.vocab_size",
          f"{m.vocab_size} < the tokenizer's {vocab} ids ({'bytes + EOS' if d.tokenizer is None else d.tokenizer})"
-         "; raise model.vocab_size")
+         + ("; raise model.vocab_size" if t.init_from is None else
+            f" (vocab_size of {str(t.init_from)!r}'s config.json); train with the checkpoint's own tokenizer: "
+            f"--set data.tokenizer={os.path.join(str(t.init_from), 'tokenizer.json')}"))
     # batch rows are split over every batch mesh axis, per microbatch
     from parallel.rules import ACTIVATION_RULES
 
@@ -574,7 +577,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(micro % shards == 0, "train.batch",
          f"{t.batch} rows / grad_accum {o.grad_accum} = {micro} per microbatch is not divisible by the batch "
          f"mesh axes {batch_axes} (= {shards}); use a multiple of {shards}")
-    need(t.seq <= m.max_seq_len, "train.seq", f"{t.seq} > model.max_seq_len={m.max_seq_len}; raise max_seq_len")
+    # under init_from the model is config.json's (a --set model.max_seq_len is refused above): shorten the rows
+    need(t.seq <= m.max_seq_len, "train.seq", f"{t.seq} > model.max_seq_len={m.max_seq_len}; raise max_seq_len"
+         if t.init_from is None else f"{t.seq} > model.max_seq_len={m.max_seq_len} (max_position_embeddings of "
+         f"{str(t.init_from)!r}'s config.json); use --seq {m.max_seq_len} or less")
     need(t.seq % mesh.get("sequence", 1) == 0, "train.seq",
          f"{t.seq} is not divisible by the sequence axis ({mesh.get('sequence')})")
     windows = [w for w in m.layer_windows() if w is not None]

@@ -989,6 +989,38 @@ def test_the_trainer_names_unreadable_hf_weights_as_a_config_error(tmp_path):
                        "4", "--set", "train.sample_tokens=0"])
 
 
+def test_init_from_a_checkpoint_shorter_than_train_seq_names_the_fix_that_works(tmp_path):
+    """--init-from a checkpoint whose max_position_embeddings (16) is below the preset's train.seq (32): the error
+    said 'raise max_seq_len', and `--set model.max_seq_len=32` was then refused (the architecture comes from
+    config.json); the fix that works is a shorter train.seq."""
+    from experiments.config import ConfigError, load, validate
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=16)
+    folder = tmp_path / "hf"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"^train.seq: 32 > model.max_seq_len=16 \(max_position_embeddings of "
+                                          r".*hf''s config.json\); use --seq 16 or less$"):
+        validate(load(["--preset", "tiny", "--init-from", str(folder)]), 8)
+    validate(load(["--preset", "tiny", "--init-from", str(folder), "--seq", "16"]), 8)  # the fix named works
+
+
+def test_init_from_a_checkpoint_with_a_smaller_vocab_than_the_tokenizer_names_its_tokenizer(tmp_path):
+    """--init-from a checkpoint of 200 ids with the default byte tokenizer (257 ids): the error said 'raise
+    model.vocab_size', which init_from then refuses (the embedding is config.json's); it names the checkpoint's
+    own tokenizer instead."""
+    from experiments.config import ConfigError, load, validate
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path / "hf"
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: 200 < the tokenizer's 257 ids \(bytes \+ EOS\) "
+                                          r"\(vocab_size of .*hf''s config.json\); train with the checkpoint's own "
+                                          r"tokenizer: --set data.tokenizer=.*hf/tokenizer.json$"):
+        validate(load(["--preset", "tiny", "--init-from", str(folder)]), 8)
+
+
 def test_layouts_without_a_hf_architecture_are_named():
     """save_pretrained of two windows said 'Mistral needs the same window on every layer', as if Mistral were the
     goal; the message now says no supported layout has them, and which would (one window on some layers is
