@@ -64,10 +64,10 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # (`markup`, `mojibake`); 4 = an accented letter before two marks beside a word ("allé\xa0»") is not repaired as
 # mojibake, generics' type parameters and struct / object literals are not markup, a folded language (zh) does not
 # win on no evidence (dates, numbers, symbols: `und`); 5 = the labelling stage identifies a document without `lang`
-# under PipelineConfig.langid (it used the defaults), dedup_against skips what the reference run's labelers dropped,
-# headings / comments / directives are not hashtags, the breadcrumb rule spares code (`score_home > x`), full-width
-# letters and digits are words, an ellipsis is one symbol, "lorem ipsum" drops the page (blocklist).
-OUTPUT_VERSION = 5
+# under PipelineConfig.langid (it used the defaults), dedup_against skips what the reference run's labelers dropped;
+# 6 = headings / comments / directives are not hashtags, the breadcrumb rule spares code (`score_home > x`),
+# full-width letters and digits are words, an ellipsis is one symbol, "lorem ipsum" drops the page (blocklist).
+OUTPUT_VERSION = 6
 
 
 @dataclasses.dataclass(frozen=True)
