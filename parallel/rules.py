@@ -223,6 +223,30 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
                                                                 replicate_indivisible=_lenient.value))
 
 
+def constrain_merged(x: jax.Array, outer: tuple[str, int], inner: tuple[str, int]) -> jax.Array:
+    """Constrain dim 0 of x, two logical dims merged (outer size × inner size, outer major: a reshape of
+    [B, Q, ...] to [B·Q, ...]), to both names' mesh axes; the other dims are left to XLA. GSPMD does not carry a
+    sharding of Q through such a reshape (it replicated it). A no-op outside a mesh, with no mesh axis for the inner
+    name, or when the inner size is not a multiple of its axes' (the dim then stays replicated over them)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+
+    def axes(spec):
+        return tuple(a for e in spec for a in ((e,) if isinstance(e, str) else (e or ())))
+
+    (o_name, o_size), (i_name, i_size) = outer, inner
+    o_axes = axes(logical_to_spec((o_name,), mesh, (o_size,), replicate_indivisible=True))
+    i_axes = tuple(a for a in axes(logical_to_spec((i_name,), mesh)) if a not in o_axes)  # (rules may share one)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    n = 1
+    for a in i_axes:
+        n *= sizes[a]
+    if not i_axes or i_size % n:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(o_axes + i_axes, *(P.UNCONSTRAINED,) * (x.ndim - 1)))
+
+
 def sharing_axis(name: str, axis: str) -> list[str]:
     """The other logical names whose current rule maps to mesh `axis` besides `name`."""
     def axes(target):
