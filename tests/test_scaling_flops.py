@@ -216,25 +216,15 @@ def test_a_window_that_spans_the_rows_runs_the_global_kernel():
         assert ours <= xla <= 1.06 * ours, (W, xla / ours)
 
 
-def test_the_reference_attention_is_counted_dense():
-    """attn_impl='reference' (models.attention's autodiff oracle) ignores attn_block and scores all T keys: counted
-    as the block-causal kernel, XLA executed 1.40x the count."""
+@pytest.mark.parametrize("oracle", [dict(attn_block=32, attn_impl="reference"),
+                                    dict(attn_pattern="local", sliding_window=16, swa_block=32, swa_impl="dense")],
+                         ids=["attn_impl=reference", "swa_impl=dense"])
+def test_the_attention_oracles_are_counted_dense(oracle):
+    """attn_impl='reference' (models.attention's autodiff oracle) ignores attn_block, and swa_impl='dense' (the local
+    layers' oracle) scores all T keys under a window mask: counted as the blocked kernels, XLA executed 1.40x and
+    1.77x the count."""
     B, T = 2, 256
-    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_block=32,
-                            attn_impl="reference", scan_layers=False)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
-    xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
-    ours = train_flops_per_token(cfg, T, kernel="executed") * B * T
-    assert ours <= xla <= 1.1 * ours, xla / ours
-
-
-def test_the_dense_sliding_window_oracle_is_counted_dense():
-    """swa_impl='dense' (the local layers' oracle) scores all T keys under a window mask: counted as the blocked
-    kernel, XLA executed 1.77x the count."""
-    B, T = 2, 256
-    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, attn_pattern="local",
-                            sliding_window=16, swa_block=32, swa_impl="dense", scan_layers=False)
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=64, scan_layers=False, **oracle)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     tok = jax.ShapeDtypeStruct((B, T), jnp.int32)
     xla = xla_flops(jax.value_and_grad(lambda s, t: lm_loss(graphdef, s, {"inputs": t, "targets": t})), state, tok)
