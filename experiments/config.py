@@ -542,7 +542,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         path = getattr(d, f)
         need(path is None or os.path.isdir(path), f"data.{f}", f"{path!r} is not a directory; pass a tier of "
              "`python -m data.pipeline` (e.g. RUN/augmented) or a data.tokenizer.pretokenize output")
+    in_folder = d.tokenizer is not None and os.path.isfile(os.path.join(d.tokenizer, "tokenizer.json"))
     need(d.tokenizer is None or os.path.isfile(d.tokenizer), "data.tokenizer",
+         f"{d.tokenizer!r} is a folder; pass its tokenizer.json: "  # a Hugging Face checkpoint's folder
+         f"--set data.tokenizer={os.path.join(d.tokenizer, 'tokenizer.json')}" if in_folder else
          f"{d.tokenizer!r} is not a file; save one with data.tokenizer.train_bpe(texts, vocab).save(path)")
     for f in ("eos_token", "bos_token"):
         need(getattr(d, f) is None or d.tokenizer is not None, f"data.{f}",

@@ -467,6 +467,19 @@ def test_a_tokenizer_whose_eos_is_not_endoftext(tmp_path):
         validate(load(["--preset", "tiny", "--set", "data.eos_token=</s>"]), 8)
 
 
+def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
+    """`--set data.tokenizer=HF_FOLDER` (a checkpoint's folder, as --init-from takes) said only "is not a file"; it
+    names the folder's tokenizer.json, which the option wants. A missing path keeps the other advice."""
+    from data.tokenizer import train_bpe
+
+    train_bpe(["one two three four"] * 20, vocab_size=300, show_progress=False).save(tmp_path / "tokenizer.json")
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: .* is a folder; pass its tokenizer.json: --set "
+                                          r"data.tokenizer=.*/tokenizer.json$"):
+        validate(load(["--preset", "tiny", "--set", f"data.tokenizer={tmp_path}"]), 8)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: .* is not a file; save one with"):
+        validate(load(["--preset", "tiny", "--set", f"data.tokenizer={tmp_path / 'nope.json'}"]), 8)
+
+
 def test_a_fresh_start_sets_earlier_logs_aside(tmp_path):
     """A run killed before its first save left metrics.jsonl and tb/; the next fresh run in that --out appended to
     them, and the plot joined two runs' curves."""
