@@ -95,6 +95,9 @@ def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
     # by length, then name: shard_name pads to 5 digits, so past shard-99999 a name sort misplaces the longer names
     files = sorted((str(p) for p in d.glob("shard-*.array_record")), key=lambda f: (len(f), f))
     if not files:
+        if (d / TIERS[-1]).is_dir():  # a cleaning run's own directory, not one of its tiers
+            raise FileNotFoundError(f"{d} is a cleaning run, not a tier: pass one of its tiers, e.g. "
+                                    f"{d / TIERS[-1]} (the training tier; tiers {TIERS})")
         raise FileNotFoundError(f"no shard-*.array_record files in {d}; run the cleaning pipeline "
                                 "(python -m data.pipeline IN... --out DIR) and point at one of its tiers "
                                 f"{TIERS}")

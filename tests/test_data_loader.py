@@ -677,3 +677,18 @@ def test_the_finite_mixture_keeps_its_order_on_random_configurations():
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 4 * 2**20, peak  # 75k documents mixed: 1.8 MiB (a list of (source, position) tuples: 6.9 MiB)
+
+
+def test_a_cleaning_run_directory_is_named_as_one_not_a_tier(tmp_path):
+    """tier_texts / Source / data.train_dir given the run's --out (`clean`) rather than a tier said only 'no shard
+    files'; it names the training tier to pass instead. An empty directory keeps the general advice."""
+    from data.shards import tier_shards
+    from data.tokenizer import tier_texts
+
+    write_tier(tmp_path / "clean" / "augmented", ["a document"], shards=1)
+    with pytest.raises(FileNotFoundError, match=r"clean is a cleaning run, not a tier: pass one of its tiers, e\.g\. "
+                                                r".*clean/augmented"):
+        next(tier_texts(tmp_path / "clean"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no shard-\*\.array_record files in .*empty; run the cleaning"):
+        tier_shards(tmp_path / "empty")
