@@ -166,11 +166,15 @@ class MoE(nnx.Module):
         tokens are not routed: no capacity slot, routed output 0 (shared experts still run on them), and they count in
         none of the aux values. The capacity C is still computed from T, pads included (shapes are static).
         aux: 'lb_loss' and 'z_loss' (scalars, unweighted: the trainer multiplies by cfg.lb_loss_weight and
-        cfg.z_loss_weight), 'load' [E] (fraction of the routed assignments of real tokens per expert, sums to 1:
-        feed it to update_router_bias and log it as tokens per expert), 'dropped_frac' (fraction of those
-        assignments dropped by capacity dispatch; 0 when dropless). rng: a key, used for router jitter only.
-        The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
+        cfg.z_loss_weight), 'load' [E] (fraction of the routed assignments of real tokens per expert, sums to 1, or
+        all 0 if no token is real: feed it to update_router_bias and log it as tokens per expert), 'dropped_frac'
+        (fraction of those assignments dropped by capacity dispatch; 0 when dropless). rng: a key, used for router
+        jitter only. The router runs in float32 (ST-MoE: bf16 routers are unstable); experts run in compute_dtype.
         """
+        d = self.router.shape[0]
+        if jnp.ndim(x_BTD) != 3 or x_BTD.shape[-1] != d:  # else a tuple unpack or the router's dot failed, unnamed
+            raise ValueError(f"MoE x: shape {tuple(jnp.shape(x_BTD))}; pass [B, T, D] with D = d_model = {d} "
+                             f"(a [N, D] batch of tokens as x[None])")
         cfg, (B, T, _), K = self.cfg, x_BTD.shape, self.cfg.top_k
         if valid_BT is not None and jnp.shape(valid_BT) != (B, T):  # else a reshape or broadcast failed, unnamed
             raise ValueError(f"MoE valid_BT: shape {jnp.shape(valid_BT)}, but x [B, T, D] is {tuple(x_BTD.shape)}; "
@@ -252,7 +256,8 @@ def _token_weights(valid_T, n: int):
 
 
 def expert_load(experts_TK, n_experts: int, valid_T=None):
-    """Fraction of the routed assignments of real tokens (valid_T [T] bool; None: all) per expert: [E], sums to 1."""
+    """Fraction of the routed assignments of real tokens (valid_T [T] bool; None: all) per expert: [E], sums to 1
+    (all 0 when no token is real)."""
     v_T, n = _token_weights(valid_T, experts_TK.shape[0])
     counts_E = jnp.zeros(n_experts, jnp.float32).at[experts_TK.reshape(-1)].add(
         jnp.repeat(v_T, experts_TK.shape[-1]))

@@ -333,6 +333,34 @@ def test_padding_mask_of_the_wrong_shape_is_refused_by_name():
             m(x, valid_BT=jnp.ones(shape, bool))
 
 
+def test_input_of_the_wrong_rank_or_width_is_refused_by_name():
+    """x must be [B, T, D] with D = d_model: a [N, D] batch of tokens failed with 'not enough values to unpack
+    (expected 3, got 2)', a wrong width with a dot_general shape error naming neither."""
+    m = make(CFG)
+    for shape in ((6, D), (2, 6, D + 2), (1, 2, 6, D)):
+        want = re.escape(f"MoE x: shape {shape}") + ".*" + re.escape(f"[B, T, D] with D = d_model = {D}")
+        with pytest.raises(ValueError, match=want):
+            m(jnp.ones(shape))
+
+
+def test_padding_only_batch_gives_zero_aux_and_finite_gradients():
+    """valid_BT all False (a batch of padding only): routed output 0, every aux value 0 (load too: no assignment to
+    share out), and finite gradients for both dispatches; a 0 / 0 in a per-real-token mean would be NaN."""
+    x, valid = tokens(B=2, T=6), jnp.zeros((2, 6), bool)
+    for cfg in (CFG, dataclasses.replace(CFG, dispatch="capacity", capacity_factor=0.5, router="sigmoid")):
+        graphdef, state = nnx.split(make(cfg))
+
+        def f(st, x):
+            y, aux = nnx.merge(graphdef, st)(x, valid_BT=valid)
+            return probe(y) + aux["lb_loss"] + aux["z_loss"], (y, aux)
+
+        (loss, (y, aux)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(state, x)
+        np.testing.assert_array_equal(y, 0.0)
+        assert float(loss) == 0.0
+        jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0.0), aux)
+        assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
 def test_aux_losses_equal_their_formulas():
     E, K, T = 4, 2, 8
     # perfect balance: uniform probabilities, every expert chosen equally often -> the documented minimum, 1
