@@ -28,6 +28,7 @@ from data.moving_shapes import (
     encode_caption,
     labels_of,
     measure,
+    null_tokens,
 )
 
 ATTRS = ("colour", "direction", "shape")
@@ -76,12 +77,19 @@ def pad_to(x, n):
 def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scales=(1.0, 2.0, 4.0),
              per_seen: int = 2, per_held: int = 4, batch: int = 64, seed: int = 0, null_L=None):
     """gen_fn(tokens [b, L], key, scale) -> latents; decode_fn(latents) -> videos [-1, 1];
-    embed_fn(latents) -> R@1 candidates' similarity argmax (combo index) or None.
+    embed_fn(latents) -> R@1 candidates' similarity argmax (combo index) or None; null_L: the null caption's
+    tokens [L] for the null-prompt control (None: `null_tokens(data_cfg.max_caption_len)`).
 
-    Returns (results, videos) where results[(condition, split)] = scores and videos[(scale, split)] =
-    decoded clips aligned with prompt_set(split).
+    Returns (results, videos, sets) where results[(condition, split)] = scores, videos[(condition, split)] =
+    decoded clips aligned with prompt_set(split) (condition: 'cfg <scale>' or 'null prompt') and sets[split] =
+    prompt_set(...) ('seen', 'held-out').
     """
     results, videos = {}, {}
+    # None crashed the null-prompt condition (an object array into gen_fn), after every guided one had run
+    null_L = null_tokens(data_cfg.max_caption_len) if null_L is None else np.asarray(null_L)
+    if null_L.shape != (data_cfg.max_caption_len,):  # else a numpy broadcast error, after the guided conditions
+        raise ValueError(f"run_eval: null_L must be the null caption's tokens [max_caption_len="
+                         f"{data_cfg.max_caption_len}] (null_tokens(max_caption_len)), got shape {list(null_L.shape)}")
     sets = {"seen": prompt_set(data_cfg, "train", per_seen), "held-out": prompt_set(data_cfg, "heldout", per_held)}
     key = jax.random.key(seed)
     conditions = [(f"cfg {s:g}", s, split) for s in scales for split in sets]

@@ -126,3 +126,13 @@ def test_recall_at_1_picks_each_clips_own_caption_among_more_candidates():
     video = captions[target] + 0.1 * captions[jnp.asarray([0, 1, 2])]  # near each target, nudged elsewhere
     assert float(recall_at_1(video, captions, target)) == 1.0
     assert float(recall_at_1(video, captions, jnp.asarray([3, 1, 2]))) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 4, 8, 3), (2, 2, 8, 8, 3), (2, 3, 8, 8, 4), (3, 8, 8, 3)])
+def test_embed_video_names_latents_of_another_shape(shape):
+    """The video tower rotates tokens by the DiT's grid: latents [2, 6, 4, 8, 3] (as many tokens as (3, 8, 8)) were
+    embedded with every token at another position, silently; other shapes failed inside RoPE or a dot."""
+    align = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=32), DIT, rngs=nnx.Rngs(0))
+    assert align.embed_video(jnp.zeros((2, 3, 8, 8, 3))).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"Aligner.embed_video: latents .* DiTConfig.latent_shape=\(3, 8, 8\)"):
+        align.embed_video(jnp.zeros(shape))

@@ -123,3 +123,24 @@ def test_eval_harness_scores_real_clips_of_each_prompt_near_perfect():
     assert "note:" not in table(results, real)
     weak = {k: dict(v, colour=0.146) for k, v in real.items()}  # a user study's tiny run: every row looked alike
     assert "note: real clips read back through the VAE score 14.6% on colour (chance 25.0%)" in table(results, weak)
+
+
+def test_eval_harness_defaults_to_the_null_caption():
+    """run_eval(..., null_L=None), its default, crashed in the last condition (the null prompt) with a JAX TypeError
+    on an object array, after every guided condition had been generated; the default is the dataset's null caption."""
+    from data.moving_shapes import null_tokens
+    from experiments.video_eval import run_eval
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    seen = []
+
+    def gen_fn(tokens, key, scale):
+        seen.append(np.asarray(tokens))
+        return np.zeros((len(tokens), 5, 16, 16, 3), np.float32)
+
+    results, _, _ = run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8)
+    assert ("null prompt", "seen") in results
+    assert (seen[-1] == null_tokens(cfg.max_caption_len)[None]).all()
+    with pytest.raises(ValueError, match=r"null_L must be the null caption's tokens \[max_caption_len=8\]"):
+        run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8,
+                 null_L=null_tokens(5))

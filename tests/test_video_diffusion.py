@@ -193,3 +193,14 @@ def test_diffusion_loss_against_oracle_and_zero_predictors(cfg):
     # the check can fail: the expectation with target ε instead (1) is many σ away, for every objective here
     if cfg.prediction != "eps":
         assert abs(1.0 - mean) > 10 * sigma
+
+
+def test_samplers_take_numpy_step_counts_and_refuse_zero():
+    """np.int64 steps (from np.arange, a config array) were refused as 'steps must be an int >= 1', though
+    DiffusionConfig takes numpy ints; euler_sample(..., steps=0), exported beside them, returned the noise unchanged."""
+    noise, pred = jnp.ones((2, 3)), lambda x, t: -x  # dx/dt = -x from t = 1 to 0: x grows by (1 + 1/n)^n
+    for cfg in (DiffusionConfig(), DiffusionConfig(kind="ddpm")):
+        np.testing.assert_array_equal(sample(pred, noise, cfg, np.int64(4)), sample(pred, noise, cfg, 4))
+    np.testing.assert_allclose(euler_sample(pred, noise, np.int64(4)), (1 + 1 / 4) ** 4 * noise, rtol=1e-6)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        euler_sample(pred, noise, 0)

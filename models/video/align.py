@@ -61,6 +61,13 @@ class Aligner(nnx.Module):
 
     def embed_video(self, z_BTHWC):
         """Latent video [B, T, H, W, C] → unit-norm joint embedding [B, J] (patchify, encoder blocks, mean pool)."""
+        # tokens are placed by the DiT's grid: latents of another shape with as many tokens were embedded silently
+        # with every token at another position (other shapes failed inside RoPE or a dot)
+        want = (*self.dit.latent_shape, self.dit.latent_channels)
+        if jnp.ndim(z_BTHWC) != 5 or tuple(z_BTHWC.shape[1:]) != want:
+            raise ValueError(f"Aligner.embed_video: latents must be [B, T, H, W, C] with (T, H, W) = "
+                             f"DiTConfig.latent_shape={self.dit.latent_shape} and C = latent_channels="
+                             f"{self.dit.latent_channels}, got {list(jnp.shape(z_BTHWC))}")
         p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
         B, S, P = p_BSP.shape
         x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from models.config import _is_int
 from models.video.config import DiffusionConfig
 
 PredFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -92,6 +93,7 @@ def flow_times(steps: int, shift: float):
 
 def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
     """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) with Euler steps."""
+    _check_steps(steps, none_ok=False)  # 0 steps returned the noise unchanged
     ts = flow_times(steps, shift)
 
     def step(x, i):
@@ -107,8 +109,14 @@ def _check_sampler_args(cfg, steps) -> None:
     if not isinstance(cfg, DiffusionConfig):
         raise TypeError(f"cfg must be a DiffusionConfig, got {type(cfg).__name__} (sample takes (pred_fn, noise, cfg, "
                         "steps), ddim_sample (pred_fn, noise, steps, cfg))")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be an int >= 1 (or None: cfg.sample_steps), got {steps!r}")
+    _check_steps(steps)
+
+
+def _check_steps(steps, none_ok: bool = True) -> None:
+    """A step count: an int >= 1, numpy ints too (np.int64 from np.arange was refused as not an int)."""
+    if not ((none_ok and steps is None) or (_is_int(steps) and steps >= 1)):
+        raise ValueError(f"steps must be an int >= 1{' (or None: cfg.sample_steps)' if none_ok else ''}, "
+                         f"got {steps!r}")
 
 
 def ddim_sample(pred_fn: PredFn, noise, steps: int, cfg: DiffusionConfig):
