@@ -197,6 +197,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(temperature, jax.core.Tracer):  # (it read as not a finite number)
+        raise ValueError("generate's temperature must be a Python number (it chooses greedy or sampling, and the "
+                         "program, when called), not a traced value: call generate outside jax.jit, or decode with "
+                         "sample_logits, which takes a traced temperature")
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and math.isfinite(temperature)
             and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")

@@ -413,3 +413,12 @@ def test_half_precision_logits_sample_as_their_float32_values():
     for t, k, p in ((1.0, None, 0.95), (0.7, 50, 0.9), (1.3, None, None)):
         np.testing.assert_array_equal(sample_logits(logits, key, t, k, p),
                                       sample_logits(logits.astype(jnp.float32), key, t, k, p))
+
+
+def test_a_traced_temperature_in_generate_is_named_as_such(model):
+    """generate under jax.jit with a traced temperature said 'temperature must be a finite number >= 0, got
+    Traced<...>' (it is one); generate chooses greedy or sampling by it, so it names the Python number it needs
+    and sample_logits, which takes a traced one."""
+    prompt = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"generate's temperature must be a Python number .* sample_logits"):
+        jax.jit(lambda t: generate(model, prompt, 2, temperature=t, rng=jax.random.key(0)))(0.5)

@@ -339,7 +339,7 @@ class DiffusionConfig:
     """kind='flow': rectified flow, x_t = (1 - t)·x0 + t·ε, the model predicts the velocity ε - x0; t is
     logit-normal(logit_mean, logit_std) then shifted, t ← shift·t / (1 + (shift - 1)·t) (shift > 1 spends
     more training and sampling steps at high noise). kind='ddpm': cosine ᾱ(t), x_t = √ᾱ·x0 + √(1-ᾱ)·ε,
-    t ~ U(0, 1), prediction 'eps' (ε) or 'v' (√ᾱ·ε - √(1-ᾱ)·x0). Samplers: Euler (flow), DDIM (ddpm)."""
+    t ~ U(1e-3, 1), prediction 'eps' (ε) or 'v' (√ᾱ·ε - √(1-ᾱ)·x0). Samplers: Euler (flow), DDIM (ddpm)."""
 
     kind: Literal["flow", "ddpm"] = "flow"
     prediction: Literal["velocity", "eps", "v"] | None = None  # None: 'velocity' for flow, 'eps' for ddpm

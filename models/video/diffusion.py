@@ -5,7 +5,7 @@ classifier-free-guided one. Time runs from t = 0 (data) to t = 1 (noise) for bot
 
 - Rectified flow: x_t = (1 - t)·x0 + t·ε, target velocity v = ε - x0; training t is logit-normal, then
   shifted t ← s·t / (1 + (s - 1)·t); Euler sampling from t = 1 to 0 on the same shifted grid.
-- DDPM (cosine ᾱ): x_t = √ᾱ·x0 + √(1-ᾱ)·ε, target ε ('eps') or v = √ᾱ·ε - √(1-ᾱ)·x0 ('v'); t ~ U(0, 1);
+- DDPM (cosine ᾱ): x_t = √ᾱ·x0 + √(1-ᾱ)·ε, target ε ('eps') or v = √ᾱ·ε - √(1-ᾱ)·x0 ('v'); t ~ U(1e-3, 1);
   deterministic DDIM sampling.
 """
 
