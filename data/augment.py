@@ -56,8 +56,10 @@ class DomainGlossary:
                                  f"got {entry!r:.120}")
         for domain, terms in self.glossaries:
             compiled.setdefault(domain, []).extend(
+                # whole words by lookarounds, not \b: a \b next to a term's own '+' / '#' / '.' needs a letter
+                # there, so 'C++', 'C#' and '.NET' never matched
                 (term, term.lower(), definition,
-                 re.compile(rf"\b{re.escape(term.lower())}s?\b" if term.isascii() else re.escape(term)))
+                 re.compile(rf"(?<!\w){re.escape(term.lower())}s?(?!\w)" if term.isascii() else re.escape(term)))
                 for term, definition in terms)
         object.__setattr__(self, "_compiled", compiled)
         object.__setattr__(self, "_lines", frozenset(f"- {t}: {d}" for _, terms in self.glossaries for t, d in terms))

@@ -34,6 +34,14 @@ def _not_word() -> re.Pattern:
     return re.compile(rf"(?:[^\w{''.join(ranges)}]|_)+")
 
 
+# Invisible default-ignorable characters that NFKC and data.normalize keep: U+034F combining grapheme joiner, ZWNJ /
+# ZWJ, Mongolian variation selectors, variation selectors (VS16 makes '❤' the emoji '❤️'), tags and VS supplement.
+# Deleted before folding: as marks, a VS16 after a folded symbol was a one-character word, so '❤️ ❤️' and '☺️ ☺️'
+# had one exact key (a duplicate dropped) while '❤️' and '❤' did not; as separators, a ZWJ split the word it sat in.
+# (A regex: str.translate with a table cost ~40 ns a character, this ~4.)
+_IGNORABLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0000-\U000e0fff]")
+
+
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     """exact: drop documents whose normalised text (case, punctuation, whitespace folded) hashes equal.
@@ -43,7 +51,7 @@ class DedupConfig:
         is confirmed when its estimated Jaccard is within `confirm_sigmas` standard errors of `threshold`
         (the estimate of a pair at the threshold falls below it half the time). The default favours recall:
         at 0.8 and 128 permutations the cut is 0.73 (`confirm_at()`), so pairs of true Jaccard 0.70-0.80 are
-        removed too (measured: ~11% at 0.65-0.70, ~55% at 0.70-0.75, ~80% at 0.75-0.80, 98% at 0.80-0.85);
+        removed too (measured: ~10% at 0.65-0.70, ~45% at 0.70-0.75, ~85% at 0.75-0.80, 99% at 0.80-0.85);
         confirm_sigmas=0 cuts at the threshold itself, with errors both ways.
     """
 
@@ -91,14 +99,18 @@ def _no_words(text: str) -> str:
 
 def exact_key(text: str) -> bytes:
     """16-byte hash of the text with case, punctuation and whitespace folded away (whitespace only for a text
-    with no word characters). Case folds by str.casefold: str.lower left 'Straße' apart from 'STRASSE'."""
+    with no word characters). Case folds by str.casefold: str.lower left 'Straße' apart from 'STRASSE'. Invisible
+    joiners and variation selectors (`_IGNORABLE`) are deleted."""
+    text = _IGNORABLE.sub("", text)
     folded = _not_word().sub(" ", text.casefold()).strip()
     return hashlib.blake2b((folded or _no_words(text)).encode(), digest_size=16).digest()
 
 
 def shingles(text: str, n: int) -> set[bytes]:
     """Case-folded CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n; of the
-    whitespace-folded text when it has no word)."""
+    whitespace-folded text when it has no word); invisible joiners and variation selectors
+    deleted as in `exact_key`."""
+    text = _IGNORABLE.sub("", text)
     toks = tokens(_not_word().sub(" ", text.casefold()))
     if not toks:
         return {_no_words(text).encode()}

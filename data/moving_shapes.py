@@ -159,6 +159,10 @@ class MovingShapesSource:
     def __init__(self, cfg: MovingShapesConfig, split: str = "train", num_records: int = 100_000):
         self.cfg, self.split, self.num_records = cfg, split, num_records
         self.combos = cfg.split_combos(split)
+        if not self.combos:  # (held_out=() trains on every triple) a record read failed as `i % 0` inside grain
+            raise ValueError(f"split={split!r} holds no combinations: MovingShapesConfig.held_out holds "
+                             f"{len(cfg.held_out)} of {len(cfg.combos())}; hold some out (the default HELD_OUT) "
+                             "and keep some for training, or read split='all'")
         self.all_combos = cfg.combos()
 
     def __len__(self) -> int:

@@ -66,8 +66,10 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # win on no evidence (dates, numbers, symbols: `und`); 5 = the labelling stage identifies a document without `lang`
 # under PipelineConfig.langid (it used the defaults), dedup_against skips what the reference run's labelers dropped;
 # 6 = headings / comments / directives are not hashtags, the breadcrumb rule spares code (`score_home > x`),
-# full-width letters and digits are words, an ellipsis is one symbol, "lorem ipsum" drops the page (blocklist).
-OUTPUT_VERSION = 6
+# full-width letters and digits are words, an ellipsis is one symbol, "lorem ipsum" drops the page (blocklist);
+# 7 = dedup keys and shingles delete variation selectors and invisible joiners (emoji-only posts were one duplicate),
+# glossary terms beginning or ending in punctuation match ('C++', 'C#', '.NET').
+OUTPUT_VERSION = 7
 
 
 @dataclasses.dataclass(frozen=True)

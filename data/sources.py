@@ -276,7 +276,9 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
                 continue
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, RecursionError):
+            # ValueError, not only JSONDecodeError: an integer of over 4,300 digits is valid JSON that Python's int
+            # conversion limit refuses with a plain ValueError, and one such line stopped the run
+            except (ValueError, RecursionError):
                 yield None, "malformed_json", n
                 continue
             if not isinstance(obj, dict):  # valid JSON, but no field to read the text from

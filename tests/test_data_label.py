@@ -276,3 +276,18 @@ def test_the_labelling_stage_identifies_a_language_under_the_pipelines_langid_se
     (label,) = cfg.label_stages()
     assert label({"text": text})[0]["lang"] == "sh"
     assert PipelineConfig(workers=1).label_stages()[0]({"text": text})[0]["lang"] == "hr"  # the default: no fold
+
+
+def test_glossary_terms_that_begin_or_end_in_punctuation_match():
+    """An ASCII term matched as `\\bterm s?\\b`: after a final '+' or '#' (or before a leading '.') a word boundary
+    needs a letter next to it, so 'C++', 'C#' and '.NET' matched no text at all, silently."""
+    from data.augment import DomainGlossary
+
+    gloss = DomainGlossary(glossaries=(("code", (("C++", "a language"), ("C#", "another"), (".NET", "a runtime"),
+                                                 ("iterator", "yields items"))),))
+    for text, term in (("I write C++ daily.", "C++"), ("Learn C# now", "C#"), ("The .NET runtime", ".NET"),
+                       ("(C++)", "C++"), ("iterators!", "iterator")):
+        assert gloss({"text": text, "domains": ["code"]}).get("augmented") == [term], text
+    for text in ("abc# x", "foo.NETWORK", "a preiterator", "CC++"):  # still whole terms only
+        plain = {"text": text, "domains": ["code"]}
+        assert gloss(plain) is plain, text

@@ -1018,3 +1018,16 @@ def test_workers_end_when_the_pipeline_process_is_killed(tmp_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, f"workers {left} outlived their killed parent"
+
+
+def test_a_json_line_python_refuses_to_parse_is_a_counted_drop_not_a_crash(tmp_path):
+    """An integer of more than 4,300 digits is valid JSON, but json.loads raises a plain ValueError on it (Python's
+    int/str conversion limit), not a JSONDecodeError: one such line stopped the whole run."""
+    from data.sources import read_records
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ({"text": "first one"}, {"text": "x", "n": 10**500},
+                                                            {"text": "last one"})).replace("1" + "0" * 500, "7" * 5000))
+    got = list(read_records([str(path)], with_ids=True))
+    assert [r for _, r, _, _ in got] == [None, "malformed_json", None] and got[1][3] == f"{path}:2"
+    assert got[1][2] == len(path.read_bytes().split(b"\n")[1]) + 1  # its bytes counted

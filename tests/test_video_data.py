@@ -144,3 +144,12 @@ def test_eval_harness_defaults_to_the_null_caption():
     with pytest.raises(ValueError, match=r"null_L must be the null caption's tokens \[max_caption_len=8\]"):
         run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8,
                  null_L=null_tokens(5))
+
+
+def test_an_empty_held_out_split_is_named_when_the_source_is_made():
+    """held_out=() (train on every triple) is a valid config, but its 'heldout' source failed only when a record was
+    read, inside grain, as ZeroDivisionError: integer modulo by zero."""
+    cfg = MovingShapesConfig(held_out=())
+    assert len(MovingShapesSource(cfg, "train", 8).combos) == 48
+    with pytest.raises(ValueError, match=r"split=.heldout. holds no combinations: MovingShapesConfig.held_out holds 0"):
+        dataset(cfg, "heldout", batch=4)
