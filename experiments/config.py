@@ -487,8 +487,9 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(t.sample_prompt != "" or t.sample_tokens == 0 or d.bos_token is not None, "train.sample_prompt",
          "is empty: the sample continues at least one token; give some text, none for the default, or "
          "train.sample_tokens=0 for no sample")
-    need(o.grad_accum >= 1 and t.batch % o.grad_accum == 0, "optim.grad_accum",
-         f"{o.grad_accum} must divide train.batch={t.batch}")
+    # a count first: 0 and -2 were told they "must divide train.batch=8" (-2 does)
+    need(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1 (microbatches per step; 1: none), got {o.grad_accum}")
+    need(t.batch % o.grad_accum == 0, "optim.grad_accum", f"{o.grad_accum} must divide train.batch={t.batch}")
     need(d.eval_every_nth >= 2, "data.eval_every_nth", f"hold out every n-th module with n >= 2, got "
          f"{d.eval_every_nth}")
     need(d.eval_batches >= 1, "data.eval_batches", f"must be >= 1 (batches per evaluation), got {d.eval_batches}")
@@ -577,9 +578,11 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     batch_axes = {a: mesh.get(a, 1) for a in ACTIVATION_RULES["batch"] if mesh.get(a, 1) > 1}
     shards = math.prod(batch_axes.values())
     micro = t.batch // o.grad_accum
+    # the batch must be a multiple of grad_accum × shards (it said "a multiple of 8" to a batch of 8 at grad_accum 2)
     need(micro % shards == 0, "train.batch",
          f"{t.batch} rows / grad_accum {o.grad_accum} = {micro} per microbatch is not divisible by the batch "
-         f"mesh axes {batch_axes} (= {shards}); use a multiple of {shards}")
+         f"mesh axes {batch_axes} (= {shards}); use a multiple of {o.grad_accum * shards}"
+         + (f" (grad_accum {o.grad_accum} × {shards}), or a smaller optim.grad_accum" if o.grad_accum > 1 else ""))
     # under init_from the model is config.json's (a --set model.max_seq_len is refused above): shorten the rows
     need(t.seq <= m.max_seq_len, "train.seq", f"{t.seq} > model.max_seq_len={m.max_seq_len}; raise max_seq_len"
          if t.init_from is None else f"{t.seq} > model.max_seq_len={m.max_seq_len} (max_position_embeddings of "

@@ -423,6 +423,11 @@ def train(cfg, mesh_shape: dict) -> dict:
     held.close()
     if len(eval_batches) < cfg.data.eval_batches:  # a repeating loader would count part of the held-out text twice
         loader.close()
+        if not eval_batches:  # "use at most 0" named a value validate() refuses: the batch is what must shrink
+            raise SystemExit(f"config error: train.batch: the held-out tier {eval_dir} fills {held.dropped['rows']} "
+                             f"rows of {t.seq} tokens, less than one batch of {t.batch}×{t.seq} (evaluation needs "
+                             "one); use a smaller train.batch or train.seq, or more held-out text (data.eval_dir, "
+                             "or a lower data.eval_every_nth)")
         raise SystemExit(f"config error: data.eval_batches={cfg.data.eval_batches}: the held-out tier {eval_dir} "
                          f"fills only {len(eval_batches)} batches of {t.batch}×{t.seq}; use at most that many")
 

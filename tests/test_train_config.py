@@ -27,8 +27,14 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--mesh", "data=2,fsdp=2"], 8, "mesh: mesh {'data': 2, 'fsdp': 2} needs 4 devices"),
     (["--preset", "tiny", "--mesh", "pipeline=8"], 8, "mesh: mesh axes ['pipeline'] are unknown"),
     (["--preset", "tiny", "--batch", "12"], 8, "train.batch: 12 rows / grad_accum 1 = 12 per microbatch"),
-    (["--preset", "tiny", "--set", "optim.grad_accum=2"], 8, "train.batch: 8 rows / grad_accum 2 = 4"),
+    # the fix names grad_accum × the batch axes (it said "use a multiple of 8" to this batch of 8)
+    (["--preset", "tiny", "--set", "optim.grad_accum=2"], 8, "train.batch: 8 rows / grad_accum 2 = 4 per microbatch "
+     "is not divisible by the batch mesh axes {'fsdp': 8} (= 8); use a multiple of 16 (grad_accum 2 × 8), or a "
+     "smaller optim.grad_accum"),
     (["--preset", "tiny", "--set", "optim.grad_accum=3"], 8, "optim.grad_accum: 3 must divide train.batch=8"),
+    # a count first: 0 and -2 (which divides 8) were told they "must divide train.batch=8"
+    (["--preset", "tiny", "--set", "optim.grad_accum=0"], 8, "optim.grad_accum: must be >= 1 (microbatches per step"),
+    (["--preset", "tiny", "--set", "optim.grad_accum=-2"], 8, "optim.grad_accum: must be >= 1 (microbatches per step"),
     (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.head_dim=8", "--set", "model.n_heads=3",
       "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2)"),
     (["--preset", "tiny", "--set", "model.sliding_window=32"], 8, "model.sliding_window: window 32 >= train.seq=32"),
@@ -465,6 +471,25 @@ def test_a_tokenizer_whose_eos_is_not_endoftext(tmp_path):
     assert load_tokenizer(load([*base, "--set", "data.eos_token=</s>"]).data).eos_id == 1
     with pytest.raises(ConfigError, match="^data.eos_token: names a token of data.tokenizer, which is not set"):
         validate(load(["--preset", "tiny", "--set", "data.eos_token=</s>"]), 8)
+
+
+def test_a_held_out_tier_shorter_than_one_batch_names_the_batch(tmp_path):
+    """A held-out tier that fills no whole batch: the error said "fills only 0 batches ...; use at most that many",
+    i.e. data.eval_batches=0, which validate refuses. It names train.batch and what to change instead."""
+    from data.shards import DocWriter
+
+    for tier, texts in (("train", ["some training text " * 40] * 4), ("held", ["a short held-out text"])):
+        w = DocWriter(tmp_path / tier / "shard-00000.array_record")
+        for i, text in enumerate(texts):
+            w.write({"id": f"{tier}{i}", "text": text})
+        w.commit()
+    argv = ["--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.train_dir={tmp_path / 'train'}",
+            "--set", f"data.eval_dir={tmp_path / 'held'}"]
+    with pytest.raises(SystemExit) as e:
+        train_lm.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("config error: train.batch: the held-out tier") and "less than one batch of 8×32" in msg, msg
+    assert "use at most" not in msg
 
 
 def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
