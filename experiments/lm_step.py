@@ -111,7 +111,8 @@ def lm_loss_parts(graphdef, params, batch, rng=None):
     """Mean next-token NLL over weighted targets, the weight total, and the model's aux dict
     ({} for dense; MoE: lb_loss, z_loss, dropped_frac scalars and load [L_moe, E]).
 
-    batch = {inputs, targets [B, T] int32, optional positions, segment_ids [B, T] int32, weights [B, T] f32}."""
+    batch = {inputs, targets [B, T] int32, optional positions, segment_ids [B, T] int32, weights [B, T] f32}; without
+    weights every target is scored, except segment 0 (padding) when segment_ids are given."""
     model = nnx.merge(graphdef, params)
     seg = batch.get("segment_ids")
     # MoE layers must know the padding (segment 0) to keep it out of expert capacity, the aux losses and the
@@ -119,7 +120,10 @@ def lm_loss_parts(graphdef, params, batch, rng=None):
     padding = seg > 0 if seg is not None and model.cfg.moe is not None else None
     logits_BTV, aux = model(batch["inputs"], positions_BT=batch.get("positions"), segment_ids_BT=seg,
                             padding_mask_BT=padding, return_aux=True, rng=rng)
-    mean, n = cross_entropy(logits_BTV, batch["targets"], batch.get("weights"))
+    weights = batch.get("weights")
+    if weights is None and seg is not None:  # segment 0 is padding here as for MoE: never scored
+        weights = (seg > 0).astype(jnp.float32)
+    mean, n = cross_entropy(logits_BTV, batch["targets"], weights)
     return mean, n, aux
 
 

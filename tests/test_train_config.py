@@ -718,6 +718,25 @@ def test_trainer_keeps_padding_out_of_moe_routing():
     assert np.abs(np.asarray(unmasked["load"]) - np.asarray(masked["load"])).max() > 0.05  # the test has teeth
 
 
+def test_a_batch_without_weights_does_not_score_its_padding():
+    """A batch with segment_ids (0 = padding, as the loader packs) but no weights scored the padding's targets too:
+    the loss of a half-padded row moved with whatever token the padding held."""
+    from experiments.lm_step import lm_loss_parts
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, mlp_dim=64)
+    gd, p = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    B, T = 2, 12
+    seg = np.ones((B, T), np.int32)
+    seg[:, 7:] = 0
+    tok = np.random.default_rng(0).integers(1, 64, (B, T)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(tok), "targets": jnp.asarray(tok), "segment_ids": jnp.asarray(seg)}
+    loss, n, _ = lm_loss_parts(gd, p, batch)
+    want, want_n, _ = lm_loss_parts(gd, p, {**batch, "weights": jnp.asarray((seg > 0).astype(np.float32))})
+    assert float(n) == float(want_n) == 14 and np.isclose(float(loss), float(want), rtol=1e-6)
+    moved = {**batch, "targets": jnp.asarray(np.where(seg > 0, tok, 5).astype(np.int32))}
+    assert np.isclose(float(lm_loss_parts(gd, p, moved)[0]), float(loss), rtol=1e-6)  # padding targets unseen
+
+
 def test_a_softmax_router_keeps_its_selection_bias():
     """Aux-loss-free balancing moves a sigmoid router's bias only (DeepSeek-V3); a softmax (Mixtral) router's bias
     stays 0 although bias_update_rate defaults to 0.001 (moving it for any router passed every test: they all
