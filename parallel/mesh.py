@@ -65,8 +65,9 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
     processes elsewhere); `shape` is then the per-granule (ICI / NVLink) part. Unknown names,
     several -1s, or a product that does not match the device count raise a ValueError.
     """
-    if isinstance(shape, str):  # dict("data=8") fails naming nothing
-        raise ValueError(f"make_mesh: shape={shape!r} is a string; pass a dict, e.g. parse_mesh({shape!r})")
+    for name, given in (("shape", shape), ("dcn", dcn)):  # dict("data=8") fails naming nothing
+        if isinstance(given, str):
+            raise ValueError(f"make_mesh: {name}={given!r} is a string; pass a dict, e.g. parse_mesh({given!r})")
     devices = list(devices if devices is not None else jax.devices())
     if not devices:
         raise ValueError("make_mesh: devices is empty; pass the devices to span (default: jax.devices())")

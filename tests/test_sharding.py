@@ -172,6 +172,9 @@ def test_mesh_fill():
     # dcn: an axis named only across granules (processes here: one) is an axis of the mesh too, ordered by AXES
     hybrid = make_mesh({"tensor": 2, "fsdp": -1}, dcn={"data": 1})
     assert hybrid.axis_names == ("data", "fsdp", "tensor") and dict(hybrid.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    # a command line's string for dcn= too ("dictionary update sequence element #0 has length 1" before)
+    with pytest.raises(ValueError, match=r"make_mesh: dcn='data=1' is a string; pass a dict, e.g. parse_mesh"):
+        make_mesh({"tensor": 2, "fsdp": -1}, dcn="data=1")
     # Auto axes, as the issue asks: the model leaves shardings to GSPMD propagation from the rules' constraints
     # (nothing checked the types)
     for m in (mesh, hybrid):
