@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     """Idle fraction of a GPipe schedule: (S - 1) / (M + S - 1)."""
+    if n_stages < 1 or n_microbatches < 1:  # (1, 0) divided by zero, (4, 0) said 1.0
+        raise ValueError(f"bubble_fraction: n_stages={n_stages} and n_microbatches={n_microbatches} must be >= 1")
     return (n_stages - 1) / (n_microbatches + n_stages - 1)
 
 

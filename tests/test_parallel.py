@@ -155,6 +155,9 @@ def test_bubble_fraction_counts_the_idle_ticks_of_the_schedule():
         ticks = M + S - 1
         idle = sum(not 0 <= t - s < M for t in range(ticks) for s in range(S))
         assert bubble_fraction(S, M) == pytest.approx(idle / (ticks * S)), (S, M)
+    for S, M in ((1, 0), (4, 0), (0, 4)):  # no schedule: (1, 0) divided by zero, (4, 0) said 1.0
+        with pytest.raises(ValueError, match="must be >= 1"):
+            bubble_fraction(S, M)
 
 
 def test_pipeline_microbatches_take_rows_from_every_data_shard():
