@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 GB, GIB, T = 1e9, 2**30, 1e12
 
 
@@ -77,9 +79,18 @@ PEAK_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "fl
                       "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
 
 
-def peak_dtype(dtype: str) -> str:
-    """'bfloat16' → 'bf16' (the peak tables' names); a name already short, or unknown, comes back as it is."""
-    return PEAK_DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower()) if isinstance(dtype, str) else dtype
+def peak_dtype(dtype) -> str:
+    """'bfloat16' → 'bf16' (the peak tables' names); a name already short, or unknown, comes back as it is. A dtype
+    object (jnp.bfloat16, np.dtype('float16')) is read by its name: jnp.bfloat16 had failed the lookup (peak_flops)
+    or fallen through to the TF32 peak (device_peak: half the bf16 one, MFU doubled)."""
+    if dtype is None:  # (np.dtype(None) would be float64)
+        return dtype
+    if not isinstance(dtype, str):
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            return dtype  # not a dtype either: the caller's error names it
+    return PEAK_DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
 
 
 def peak_flops(kind: str, dtype: str = "bf16") -> float:
@@ -99,9 +110,10 @@ _DEVICE_KINDS = (("h200 nvl", None), ("h200", "h200"), ("h100 pcie", None), ("h1
                  ("tpu v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"), ("tpu v6 lite", "tpu-v6e"), ("tpu v6e", "tpu-v6e"))
 
 
-def device_peak(device_kind: str, compute_dtype: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
+def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = None) -> tuple[float | None, str]:
     """(dense peak FLOP/s, chip key) of one accelerator as jax names it (`jax.devices()[0].device_kind`), for
-    the matmul precision a model computing in `compute_dtype` gets; (None, device_kind) when unknown.
+    the matmul precision a model computing in `compute_dtype` ('bfloat16', 'bf16' or a dtype such as jnp.bfloat16)
+    gets; (None, device_kind) when unknown.
 
     TPUs: the bf16 peak (their MXUs multiply float32 in bf16 passes). NVIDIA: bf16 / fp16 as named; float32 runs
     on TF32 tensor cores unless `matmul_precision` (jax's `jax_default_matmul_precision`) asks for full float32
@@ -111,9 +123,10 @@ def device_peak(device_kind: str, compute_dtype: str, matmul_precision: str | No
     key = next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
     if key is None:
         return None, device_kind
-    if key.startswith("tpu") or compute_dtype == "bfloat16" or str(matmul_precision).lower() == "bfloat16":
+    compute = peak_dtype(compute_dtype)  # 'bfloat16', 'bf16' and jnp.bfloat16 alike (the last two got the TF32 peak)
+    if key.startswith("tpu") or compute == "bf16" or str(matmul_precision).lower() == "bfloat16":
         dt = "bf16"
-    elif compute_dtype == "float16":
+    elif compute == "fp16":
         dt = "fp16"
     else:
         dt = "fp32" if str(matmul_precision).lower() in ("highest", "float32", "precision.highest") else "tf32"

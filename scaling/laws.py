@@ -187,8 +187,10 @@ def _check_runs(n, d, loss):
     if len(n) < 5:
         raise ValueError(f"fitting 5 parameters needs at least 5 runs, got {len(n)}")
     for name, x in (("N", n), ("D", d), ("loss", loss)):
-        if not np.all(np.isfinite(x) & (x > 0)):
-            raise ValueError(f"{name} must be finite and positive for every run")
+        bad = np.flatnonzero(~(np.isfinite(x) & (x > 0)))
+        if bad.size:  # as isoflop_envelope: say which runs (a diverged run's NaN loss), and what to do
+            raise ValueError(f"{name} must be finite and positive for every run; runs {bad[:5].tolist()} are not "
+                             "(drop diverged runs, or rerun them)")
     return n, d, loss
 
 
@@ -210,9 +212,10 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
             init: ScalingLaw | None = None) -> FitResult:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (arrays of N, D, final loss), paper Approach 3.
 
-    delta: Huber threshold on log-loss residuals (paper: 1e-3). grid: initialisation grid
-    (default `PAPER_GRID`, 4500 points). n_starts: L-BFGS-B runs from the best grid points (and from
-    `init`, e.g. the full-data fit when bootstrapping). Returns the best optimum found; alpha and beta
+    delta: Huber threshold on log-loss residuals (paper: 1e-3; inf: least squares). grid: initialisation
+    grid, values per axis a, b, e (log A, log B, log E), alpha, beta; axes it leaves out keep `PAPER_GRID`'s
+    (4500 points in all). n_starts: L-BFGS-B runs from the best grid points (and from `init`, e.g. the
+    full-data fit when bootstrapping). Returns the best optimum found; alpha and beta
     are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound).
 
     Raises ValueError when log N and log D are nearly collinear (|corr| > `MAX_LOG_CORR`), e.g. every
@@ -220,6 +223,11 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     term is arbitrary.
     """
     n, d, lv = _check_runs(n_params, n_tokens, loss)
+    # delta <= 0 (or NaN) makes every Huber term 0 (or negative): the "fit" was the grid's first point, E = e^-1,
+    # A = B = 1, alpha = beta = 0, with no error. inf is allowed: plain least squares on log L
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta > 0:
+        raise ValueError(f"delta={delta!r}: the Huber threshold on log-loss residuals must be > 0 (the paper's "
+                         "1e-3; float('inf') for least squares)")
     if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < (0 if init is not None else 1):
         raise ValueError(f"n_starts must be an int >= 1 (>= 0 with init), got {n_starts!r}")
     for name, x, what in (("N", n, "model sizes"), ("D", d, "token counts")):
@@ -236,7 +244,11 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
                          "A/N^alpha from B/D^beta. Vary D/N across runs (several token counts per model size, "
                          "or several model sizes per FLOP budget), or fit the allocation with isoflop_envelope")
     logn, logd, logl = np.log(n), np.log(d), np.log(lv)
-    g = grid or PAPER_GRID
+    # a grid names the axes it changes; the others keep the paper's values (a partial grid raised KeyError: 'a')
+    if unknown := set(grid or {}) - set(_ORDER):
+        raise ValueError(f"grid has unknown keys {sorted(unknown)}; its axes are {list(_ORDER)} (log A, log B, log E, "
+                         "alpha, beta)")
+    g = {**PAPER_GRID, **(grid or {})}
     thetas = np.array(list(itertools.product(*(g[k] for k in _ORDER))))  # [G, 5]
     # vectorised screening of every grid point
     terms = np.stack([thetas[:, None, 0] - thetas[:, None, 3] * logn, thetas[:, None, 1] - thetas[:, None, 4] * logd,

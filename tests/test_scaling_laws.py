@@ -246,3 +246,32 @@ def test_bootstrap_without_a_fit_is_an_error():
     n = np.geomspace(1e7, 1e9, 10)
     with pytest.raises(ValueError, match="n_boot must be an int >= 1"):
         bootstrap(n, 20 * n * np.linspace(1, 3, 10), TRUE.loss(n, 20 * n * np.linspace(1, 3, 10)), n_boot=0)
+
+
+@pytest.mark.parametrize("delta", [0.0, -1e-3, float("nan")])
+def test_fit_refuses_a_huber_threshold_that_is_not_positive(delta):
+    # delta = 0 made every Huber term 0: fit_law returned the grid's first point (E = 0.37, A = B = 1,
+    # alpha = beta = 0) as the law; a negative delta gave A = B = inf
+    n, d, loss = synthetic(0.0)
+    with pytest.raises(ValueError, match="delta=.*must be > 0"):
+        fit_law(n, d, loss, delta=delta)
+
+
+def test_fit_with_infinite_delta_is_least_squares_and_names_bad_runs():
+    n, d, loss = synthetic(0.0)
+    law = fit_law(n, d, loss, delta=float("inf")).law
+    assert law.alpha == pytest.approx(TRUE.alpha, rel=1e-3) and law.beta == pytest.approx(TRUE.beta, rel=1e-3)
+    loss = loss.copy()
+    loss[[3, 7]] = np.nan  # diverged runs
+    with pytest.raises(ValueError, match=r"loss must be finite and positive for every run; runs \[3, 7\]"):
+        fit_law(n, d, loss)
+
+
+def test_fit_takes_a_partial_grid_and_names_unknown_axes():
+    # a grid of only alpha and beta raised KeyError: 'a'; the other axes keep the paper's grid
+    n, d, loss = synthetic(0.0)
+    fine = dict(alpha=np.arange(0.0, 1.01, 0.1), beta=np.arange(0.0, 1.01, 0.1))
+    law = fit_law(n, d, loss, grid=fine).law
+    assert law.alpha == pytest.approx(TRUE.alpha, rel=1e-3) and law.beta == pytest.approx(TRUE.beta, rel=1e-3)
+    with pytest.raises(ValueError, match=r"grid has unknown keys \['Alpha'\]"):
+        fit_law(n, d, loss, grid=dict(Alpha=[0.3]))

@@ -197,3 +197,16 @@ def test_cli_errors_name_the_flag_not_the_keyword(argv, message):
     with pytest.raises(SystemExit) as e:
         main(["--params", "7e9", *argv])
     assert str(e.value).startswith(message), e.value
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "BF16", "jnp.bfloat16", "np.dtype"])
+def test_device_peak_reads_dtype_objects_and_short_names(dtype):
+    # jnp.bfloat16 and 'bf16' fell through to the TF32 peak on an H100 (half the bf16 one: MFU reported 2x), and
+    # peak_flops('h100', jnp.bfloat16) said the H100 had no such peak
+    import jax.numpy as jnp
+
+    dtype = {"jnp.bfloat16": jnp.bfloat16, "np.dtype": jnp.dtype("bfloat16")}.get(dtype, dtype)
+    assert device_peak("NVIDIA H100 80GB HBM3", dtype) == (989.4e12, "h100 bf16")
+    assert peak_flops("h100", dtype) == 989.4e12
+    assert device_peak("NVIDIA H100 80GB HBM3", np.dtype("float16"))[1] == "h100 fp16"
+    assert device_peak("NVIDIA H100 80GB HBM3", jnp.float32)[1] == "h100 tf32"
