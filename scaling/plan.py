@@ -35,7 +35,10 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     multiple of head_dim), MHA with `head_dim`-wide heads, SwiGLU width 8/3·d rounded up to
     `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008.
     Eight or more heads come in a multiple of 8, so that any tensor axis up to 8 divides them: where the closest
-    depth has another count (75 at L=75), a nearby depth or d_model within 10% of n_params is taken instead."""
+    depth has another count (75 at L=75), a nearby depth (±8) or d_model (within 1.5x of aspect·L) within 10% of
+    n_params is taken instead. Where none exists (at head_dim 128: ~2.5e8-6e8 parameters, 9-13 heads, and ~1.5e9-
+    1.8e9, 19-20 heads) the closest shape keeps its count, and only tensor axes that divide it fit; a smaller
+    head_dim gives more heads."""
     if not (math.isfinite(n_params) and n_params > 0):
         raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
 
