@@ -54,7 +54,8 @@ class LangIDConfig:
                              f"use codes the model knows: ISO 639-1 where a language has one, e.g. "
                              f"{sorted(k for k in known if len(k) == 2)[:12]}..., ISO 639-3 otherwise")
         folded = {m: code for code, members in self.fold for m in members}
-        hidden = sorted(k for k in self.keep if k in folded)
+        # a fold may list its own code among its members (('zh', ('zh', 'yue', 'wuu'))): that code is reported
+        hidden = sorted(k for k in self.keep if folded.get(k, k) != k)
         if hidden:
             raise ValueError(f"LangIDConfig.keep has {hidden}, which fold into {sorted({folded[k] for k in hidden})}"
                              f" (LangIDConfig.fold) and are never reported: keep the folded code, or set fold=()")

@@ -319,7 +319,8 @@ class Checkpoints:
         return self.mgr.latest_step()
 
     # ---- restore ---------------------------------------------------------------------------------------------
-    def restore(self, template, step: int | None = None, check=None, loader=None, quarantine: bool = True):
+    def restore(self, template, step: int | None = None, check=None, loader=None, quarantine: bool = True,
+                other=None):
         """Restore the newest good checkpoint (or `step`) onto the shardings of `template` (the state on the current
         mesh, any device count: freshly initialised arrays, or ShapeDtypeStructs with shardings, so that no
         throwaway state is allocated beside the restored one). Returns (state, meta) or None.
@@ -331,13 +332,18 @@ class Checkpoints:
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
         False: a reader beside a running job must not move its files), and the previous one is tried; a readable
-        one that does not fit raises CheckpointMismatch and stays where it is."""
+        one that does not fit raises CheckpointMismatch and stays where it is.
+        other(step): reads a step saved in an older layout this class does not (the video trainer's one item per
+        tree), returning (state, meta), or None for a step of this layout; such a step is tried in its turn (a
+        fallback from a corrupt newer step reaches it) and never set aside."""
         quarantine = quarantine and not self.read_only
         abstract = _onto_one_mesh(abstract_of(to_pure(template)))
         if step is not None and step not in self.mgr.all_steps():
             return None
         candidates = [step] if step is not None else sorted(self.mgr.all_steps(), reverse=True)
         for s in candidates:
+            if other is not None and (got := other(s)) is not None:
+                return got
             try:
                 meta = dict(self.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
                 saved = self.mgr.item_metadata(s)["state"].tree

@@ -150,9 +150,13 @@ def restore(ckpt: Checkpoints, targets: dict, step: int | None = None, check=Non
 
     Returns (step, trees, meta) or None when there is no checkpoint.
     """
-    if (legacy := _legacy_step(ckpt, step)) is not None:
-        return _restore_legacy(ckpt, targets, legacy)
-    if (r := ckpt.restore(targets, step, check=check)) is None:
+    def legacy(s):  # (asked step by step: a corrupt newer step falls back to an older-layout one, not past it)
+        if not _is_legacy(ckpt, s):
+            return None
+        s, trees, meta = _restore_legacy(ckpt, targets, s)
+        return trees, {**meta, "step": s}
+
+    if (r := ckpt.restore(targets, step, check=check, other=legacy)) is None:
         return None
     trees, meta = r
     return int(meta["step"]), trees, meta
@@ -161,11 +165,10 @@ def restore(ckpt: Checkpoints, targets: dict, step: int | None = None, check=Non
 # --- checkpoints written before the video trainer used `Checkpoints`: one orbax item per tree, no checksum ------
 
 
-def _legacy_step(ckpt: Checkpoints, step: int | None) -> int | None:
-    """The step to read as an older checkpoint (its trees as items beside the record), if that is what it is."""
-    step = (ckpt.steps() or [None])[-1] if step is None else step
+def _is_legacy(ckpt: Checkpoints, step: int) -> bool:
+    """Whether `step` is an older checkpoint (its trees as items beside the record)."""
     d = ckpt.dir / str(step)
-    return step if step is not None and not (d / "state").exists() and any((d / k).is_dir() for k in TREES) else None
+    return not (d / "state").exists() and any((d / k).is_dir() for k in TREES)
 
 
 def _restore_legacy(ckpt: Checkpoints, targets: dict, step: int):

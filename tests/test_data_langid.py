@@ -168,3 +168,13 @@ def test_a_folded_code_may_be_kept_and_fold_members_must_be_known():
     assert lang == "sh" and LangID(cfg).keeps(lang)
     with pytest.raises(ValueError, match=r"LangIDConfig.fold.*unknown language codes \['yeu'\]"):
         LangIDConfig(fold=(("zh", ("yeu", "wuu")),))
+
+
+def test_a_fold_listing_its_own_code_may_be_kept():
+    """('zh', ('zh', 'yue', 'wuu')) spells the fold out, its own code among the members, and detects as the default
+    fold does; keep=('zh',) was refused as 'keep has ['zh'], which fold into ['zh'] and are never reported'."""
+    cfg = LangIDConfig(keep=("en", "zh"), fold=(("zh", ("zh", "yue", "wuu")),))
+    text = "你好，今天天气很好，我们一起去公园散步吧。"
+    assert LangID(cfg).detect(text) == LangID().detect(text) and LangID(cfg).detect(text)[0] == "zh"
+    with pytest.raises(ValueError, match=r"keep has \['yue'\], which fold into \['zh'\]"):
+        LangIDConfig(keep=("yue",), fold=(("zh", ("zh", "yue", "wuu")),))

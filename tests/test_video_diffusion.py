@@ -204,3 +204,10 @@ def test_samplers_take_numpy_step_counts_and_refuse_zero():
     np.testing.assert_allclose(euler_sample(pred, noise, np.int64(4)), (1 + 1 / 4) ** 4 * noise, rtol=1e-6)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         euler_sample(pred, noise, 0)
+
+
+def test_ddim_sample_takes_none_steps_as_the_config_s():
+    """steps=None passed ddim_sample's check, whose message offers 'None: cfg.sample_steps', then failed building the
+    grid ('unsupported operand type(s) for +: NoneType and int'); it is cfg.sample_steps, as in `sample`."""
+    cfg, noise, pred = DiffusionConfig(kind="ddpm", sample_steps=5), jnp.ones((2, 3)), lambda x, t: 0.1 * x
+    np.testing.assert_array_equal(ddim_sample(pred, noise, None, cfg), ddim_sample(pred, noise, 5, cfg))

@@ -380,6 +380,33 @@ def test_a_video_checkpoint_of_one_item_per_tree_still_restores(tmp_path, capsys
     assert not (tmp_path.parent / f"{tmp_path.name}-corrupt").exists()
 
 
+def test_a_corrupt_new_step_falls_back_to_an_older_layout_step_not_past_it(tmp_path, capsys):
+    """A run resumed from a one-item-per-tree checkpoint (step 3) saves step 6 in the new layout; with step 6 corrupt,
+    the fallback reached step 3 through `Checkpoints.restore`, which could not read its layout ('Unknown key:
+    state'), set the good step aside as corrupt too and started the stage fresh (a reader got None)."""
+    import orbax.checkpoint as ocp
+
+    from experiments.checkpoint import array_tree_handler
+
+    handlers = {k: array_tree_handler() for k in ("params", "opt_state", "ema")} | {"meta": ocp.JsonCheckpointHandler()}
+    old = ocp.CheckpointManager(tmp_path.absolute(), options=ocp.CheckpointManagerOptions(create=True),
+                                item_handlers=handlers)
+    old.save(3, args=ocp.args.Composite(params=ocp.args.PyTreeSave({"w": jnp.arange(3.0)}),
+                                        ema=ocp.args.PyTreeSave({"w": jnp.ones(3)}),
+                                        meta=ocp.args.JsonSave({"step": 3})))
+    old.wait_until_finished()
+    save(manager(tmp_path), 6, {"params": {"w": jnp.arange(3.0) + 6}, "ema": {"w": jnp.full(3, 6.0)}}, {})
+    for f in [f for f in (tmp_path / "6").rglob("*") if f.is_file() and f.parent.name == "d"]:
+        f.write_bytes(bytes(255 - b for b in f.read_bytes()))  # bit rot in step 6's arrays
+    template = {"params": {"w": jnp.zeros(3)}, "ema": {"w": jnp.zeros(3)}}
+    assert restore(manager(tmp_path, read_only=True), template)[0] == 3  # a reader: skipped, left in place
+    step, trees, meta = restore(manager(tmp_path), template)
+    assert step == 3 and meta["step"] == 3 and "falling back to step 3" in capsys.readouterr().out
+    np.testing.assert_array_equal(trees["params"]["w"], [0, 1, 2])
+    assert manager(tmp_path).steps() == [3]
+    assert sorted(p.name for p in (tmp_path.parent / f"{tmp_path.name}-corrupt").iterdir()) == ["6"]
+
+
 def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeypatch):
     """load_video_model denormalises with latent_stats.json's (mean, std), in that order (swapped, every test but the
     tiny preset's passed; it only checks ranges)."""

@@ -119,9 +119,11 @@ def _check_steps(steps, none_ok: bool = True) -> None:
                          f"got {steps!r}")
 
 
-def ddim_sample(pred_fn: PredFn, noise, steps: int, cfg: DiffusionConfig):
-    """Deterministic DDIM (η = 0) from t = 1 to 0 on a uniform grid, for ε- or v-prediction."""
+def ddim_sample(pred_fn: PredFn, noise, steps: int | None, cfg: DiffusionConfig):
+    """Deterministic DDIM (η = 0) from t = 1 to 0 on a uniform grid, for ε- or v-prediction (steps None:
+    cfg.sample_steps, as the check's message offers; it was a bare TypeError in the grid)."""
     _check_sampler_args(cfg, steps)
+    steps = cfg.sample_steps if steps is None else steps
     ts = jnp.linspace(1.0, 0.0, steps + 1)
 
     def step(x, i):
