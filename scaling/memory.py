@@ -24,8 +24,9 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   float32; the step's temp peak is the larger phase (with remat 'full' and large layers the update's: XLA
   measured 2.0x the backward model's with bfloat16 gradients).
 Under pipeline parallelism (a `stage` axis, M = `cfg.pipeline_microbatches`) activations are those of the M + S - 1
-ticks of B_l/M rows each, and the working set's group residuals those of one tick; XLA's fragmentation is not
-modelled.
+ticks of B_l/M rows each, and the working set's group residuals those of one tick; with more than one scan group
+per stage, each tick's gradient of the stage's layer stacks beside the ticks' running sum (`stage_grads`); XLA's
+fragmentation is not modelled.
 
 The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores its
 experts' rows per token (capacity buffers: E·C/T, `routed_slots_per_token`) and a blocked sliding-window kernel
@@ -221,13 +222,15 @@ class MemoryBreakdown:
     update: int = 0  # beside the gradients, during the optimizer update (after the backward pass)
     accum: int = 0  # gradient accumulation's float32 running sum, live through every microbatch's backward
     embed_grads: int = 0  # the lookup's whole [V, D] gradient beside its shard (FSDP), a tied head's beside it
+    stage_grads: int = 0  # a pipeline tick's gradient of the stage's layer stacks beside the ticks' running sum
 
 
     @property
     def backward_peak(self) -> int:
         """Gradients + activations + working set + gathered weights (+ the accumulated gradients, the embedding
-        gradients' temporaries): the backward pass's live bytes."""
-        return self.grads + self.activations + self.working + self.transient_weights + self.accum + self.embed_grads
+        gradients' temporaries, a pipeline tick's stage gradients): the backward pass's live bytes."""
+        return (self.grads + self.activations + self.working + self.transient_weights + self.accum + self.embed_grads
+                + self.stage_grads)
 
     @property
     def update_peak(self) -> int:
@@ -256,8 +259,9 @@ class MemoryBreakdown:
                 ("gathered weights (FSDP)", self.transient_weights),
                 ("accumulated gradients (grad_accum > 1)", self.accum),
                 ("embedding gradients before their reduction", self.embed_grads),
+                ("a pipeline tick's stage gradients", self.stage_grads),
                 ("optimizer update (after the backward)", self.update), ("total", self.total)]
-        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "embedding"))]
+        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "embedding", "a pipeline"))]
         peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
@@ -378,11 +382,13 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     dtypes default to `cfg.param_dtype` / `cfg.dtype`, grads to the param dtype, optimizer moments to float32
     (`experiments.lm_step.make_optimizer` keeps them in float32 whatever the params); optimizer_moments: 2 for
     AdamW, 1 for momentum SGD, 0 for plain SGD; kernel: how attention scores are stored (`executed_keys`);
-    params: a real parameter table (`param_table_from_state`) instead of the analytic one.
+    params: a real parameter table (`param_table_from_state`) instead of the analytic one; parameter bytes are
+    counted at each entry's dtype (the analytic table's: param_dtype, but the MoE router bias float32 always).
     update_buffers: float32 gradient-sized buffers the optimizer update holds beside the gradients (1:
     `make_optimizer`'s global-norm clipping; 0 for an update XLA fuses leaf by leaf).
     grad_accum: `lm_step`'s A (micro_batch is then B / A): above 1 its float32 running sum of the gradients, one
-    float32 copy of the local parameters, is live through every microbatch's backward (`accum`).
+    float32 copy of the local parameters, is live through every microbatch's backward (`accum`), and with gradients
+    narrower than float32 through the optimizer update too (in `update`).
     kernel=None: 'flash' (no scores stored) when cfg.attn_impl is 'cudnn' (without an attention soft-cap, which
     runs 'xla'), as `scaling.dit` does; otherwise each layer's kernel as models.Transformer runs it with 'xla'
     (`scaling.flops.model_kernel`: the block-causal kernel of `attn_block` rows, or dense masked, for global
@@ -403,11 +409,13 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     remat = remat or getattr(cfg, "remat", "none")
     pdt = param_dtype or getattr(cfg, "param_dtype", "float32")
     cdt = compute_dtype or getattr(cfg, "dtype", "float32")
-    pb, cb = dtype_bytes(pdt), dtype_bytes(cdt)
+    cb = dtype_bytes(cdt)
     gb, ob = dtype_bytes(grad_dtype or pdt), dtype_bytes(opt_dtype or "float32")
     table = params if params is not None else lm_param_table(s, param_dtype=pdt)
 
     elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table)
+    # each entry at its own dtype (pb · elems missed a float32 router bias of a bf16 model, and a real table's dtypes)
+    pbytes = sum(p.size * dtype_bytes(p.dtype) / shard_factor(p.axes, p.shape, mesh, rules) for p in table)
     bshards = input_shards("micro_batch", "batch", micro_batch, mesh, rules)
     sshards = input_shards("seq_len", "act_seq", seq_len, mesh, rules)
     local_tokens = (micro_batch // bshards) * (seq_len // sshards)
@@ -462,11 +470,25 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
     head = V * D / _act_split("act_vocab", mesh, V, rules) if s.tie_embeddings else 0.0
     embed_grads = gb * (V * D / vocab_split * (1 - 1 / embed_split) + head)
+    # GPipe's tick loop sums the stage's layer gradients over ticks (the stacks are loop-invariant), and with more than
+    # one scan group per stage each tick's layer scan writes its own stacked gradient before the sum takes it: one
+    # more gradient copy of the local layer stacks, live through the backward (XLA's buffer assignment; uncounted,
+    # XLA was 1.45x this estimate on {stage: 2, data: 4}, 2 layers per stage, remat 'full'; one group per stage
+    # compiles the inner scan away and keeps none)
+    stage_grads = 0.0
+    if stage > 1 and layers_local // P > 1:
+        stage_grads = gb * sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table
+                               if p.axes and p.axes[0] == "layers")
     update = update_bytes(elems, gb, update_buffers)
-    return MemoryBreakdown(params=int(pb * elems), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
+    if grad_accum > 1 and gb < 4:
+        # lm_step casts the float32 running sum down to the gradients' dtype for the update, and the sum stays live
+        # beside its cast and the update's float32 copies (uncounted, bfloat16 parameters, A = 4: XLA 1.46x this)
+        update += 4 * elems
+    return MemoryBreakdown(params=int(pbytes), grads=int(gb * elems), opt_state=int(optimizer_moments * ob * elems),
                            activations=int(acts), working=int(working), transient_weights=int(transient),
                            local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update),
-                           accum=int(4 * elems) if grad_accum > 1 else 0, embed_grads=int(embed_grads))
+                           accum=int(4 * elems) if grad_accum > 1 else 0, embed_grads=int(embed_grads),
+                           stage_grads=int(stage_grads))
 
 
 def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> float:
