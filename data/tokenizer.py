@@ -36,6 +36,7 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """str → int32 [n_bytes]."""
+        _check_str(text, "ByteTokenizer.encode")  # bytes said "'bytes' object has no attribute 'encode'"
         try:
             raw = text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates
@@ -46,6 +47,13 @@ class ByteTokenizer:
         """Ids → str; special ids are skipped, so decode(encode(t)) == t."""
         ids = np.asarray(ids)
         return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def _check_str(text, who: str) -> None:
+    """A TypeError naming the fix for a text that is not a str (bytes from a file opened 'rb', a JSON null)."""
+    if not isinstance(text, str):
+        hint = "; decode it first: text.decode('utf-8')" if isinstance(text, bytes | bytearray) else ""
+        raise TypeError(f"{who}: a text must be str, got {type(text).__name__}{hint}")
 
 
 class BPETokenizer:
@@ -70,7 +78,9 @@ class BPETokenizer:
         # document to max_length and padded a batch's shorter ones with pad ids: the loader packs whole documents
         tok.no_truncation()
         tok.no_padding()
-        self.vocab_size = tok.get_vocab_size()
+        # the id bound, not the token count: a tokenizer.json's vocabulary may skip ids, and the count let ids past it
+        # through the model's vocab_size check (into the embedding) while decode dropped them
+        self.vocab_size = 1 + max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
         specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
         name = eos_token if eos_token is not None else (EOS if tok.token_to_id(EOS) is not None else None)
         if name is not None and tok.token_to_id(name) is None:
@@ -99,6 +109,9 @@ class BPETokenizer:
         try:
             enc = self.tok.encode_batch(texts, add_special_tokens=False)
         except TypeError:  # `tokenizers` refuses a str with lone surrogates as "not a str"
+            texts = list(texts)
+            for t in texts:  # bytes or None said "cannot use a string pattern on a bytes-like object" (the regex's)
+                _check_str(t, "BPETokenizer.encode")
             enc = self.tok.encode_batch([replace_surrogates(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in enc]
 
@@ -155,10 +168,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
               show_progress: bool = True, eos_token: str | None = None) -> BPETokenizer:
     """Train a byte-level BPE on `texts` (any iterable of str, streamed) with `tokenizers`' BpeTrainer.
 
-    `vocab_size` counts the 256 byte symbols and the special tokens; it must exceed their number.
-    `length` (the number of texts, if known) sizes the progress bar. eos_token: which of `special_tokens` ends a
-    document (None: `EOS`, which special tokens without it must then name).
+    `vocab_size` counts the 256 byte symbols and the special tokens; it must exceed their number. Ids: the
+    special tokens first (0..k-1, in the order given: the default EOS is 0), then the 256 byte symbols (k..k+255),
+    then the merges in the order learned. `length` (the number of texts, if known) sizes the progress bar.
+    eos_token: which of `special_tokens` ends a document (None: `EOS`, which special tokens without it must then
+    name). Lone surrogates in a text are trained on as U+FFFD, as `encode` reads them.
     """
+    if isinstance(special_tokens, str):  # `EOS in "<|endoftext|>"` passes, and each character became a special token
+        raise TypeError(f"train_bpe special_tokens={special_tokens!r}: pass a tuple of tokens, e.g. "
+                        f"({special_tokens!r},)")
     if (special_tokens or eos_token) and (eos_token or EOS) not in special_tokens:  # before training, not after
         raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
                          "pass eos_token= the one that ends a document")
@@ -172,7 +190,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if first is None:  # `tokenizers` would return the bare byte alphabet: a tokenizer that learned nothing
         raise ValueError("train_bpe texts: no documents; an empty tier? (`python -m data.report DIR` shows what "
                          "each cleaning stage dropped)")
-    texts = itertools.chain([first], it)
+    texts = _train_texts(itertools.chain([first], it))
     floor = 256 + len(special_tokens)
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "
@@ -187,6 +205,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
                       f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
                       "tokenizer's vocab_size", stacklevel=2)
     return BPETokenizer(tok, eos_token)
+
+
+def _train_texts(texts: Iterable[str]):
+    """`texts` as `tokenizers` can read them: it raised UnicodeEncodeError on a lone surrogate (a raw JSON "\\ud800"
+    escape) that `encode` reads as U+FFFD, and a bare "'NoneType' object is not iterable" on a non-str past the
+    first."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"train_bpe texts: item {i} is {type(text).__name__}, not str; pass the texts only")
+        yield replace_surrogates(text)
 
 
 def tier_texts(tier_dir: str | os.PathLike, field: str = "text"):

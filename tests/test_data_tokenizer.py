@@ -267,3 +267,61 @@ def test_corpus_byte_codec_round_trips_and_skips_ids_outside_the_bytes():
         assert ids.dtype == np.int32 and bytes(ids.astype(np.uint8)) == text.encode()
         assert decode_bytes(ids) == text
         assert decode_bytes([-1, 256, *ids, 300, -7]) == text
+
+
+def test_train_bpe_reads_lone_surrogates_as_encode_does():
+    """Raw JSON text ("\\ud800" escapes, not yet through data.normalize) raised UnicodeEncodeError in training, though
+    `encode` reads a lone surrogate as U+FFFD; a non-str past the first text raised "'NoneType' object is not
+    iterable"."""
+    texts = ["hello \ud800 world", "hello \ufffd world"] * 10
+    tok = train_bpe(texts, vocab_size=262, show_progress=False)
+    clean = train_bpe([t.replace("\ud800", "\ufffd") for t in texts], vocab_size=262, show_progress=False)
+    assert tok.fingerprint == clean.fingerprint
+    assert tok.decode(tok.encode(texts[0])) == texts[1]
+    with pytest.raises(TypeError, match="texts: item 2 is NoneType, not str"):
+        train_bpe(["a b", "c d", None], vocab_size=262, show_progress=False)
+
+
+def test_train_bpe_ids_follow_the_documented_layout_and_special_tokens_must_be_a_tuple():
+    """Special tokens 0..k-1 in the order given, the 256 byte symbols k..k+255, then merges. A str special_tokens
+    trained a tokenizer whose special tokens were its characters ('e', 'n', 'd', ...: decode skipped every such
+    letter) and only then raised an error about '<|endoftext|>' naming BPETokenizer.load."""
+    from tokenizers import pre_tokenizers
+
+    tok = train_bpe(["hello world"] * 5, vocab_size=262, special_tokens=("<pad>", EOS), show_progress=False)
+    assert [tok.tok.token_to_id(t) for t in ("<pad>", EOS)] == [0, 1] and tok.eos_id == 1
+    assert sorted(tok.tok.token_to_id(c) for c in pre_tokenizers.ByteLevel.alphabet()) == list(range(2, 258))
+    with pytest.raises(TypeError, match=r"special_tokens='<\|endoftext\|>': pass a tuple of tokens"):
+        train_bpe(["hello world"] * 5, vocab_size=270, special_tokens=EOS, show_progress=False)
+
+
+def test_vocab_size_bounds_the_ids_of_a_vocabulary_with_gaps(tmp_path):
+    """A tokenizer.json whose ids skip some (here 'hello', id 269, moved to 400): vocab_size was the token count, 270,
+    so encode gave id 400 >= vocab_size (a model of that vocabulary passed the config check) and decode dropped it:
+    'hello world foo bar' read back as ' world foo bar'."""
+    import json
+
+    tok = train_bpe(["hello world foo bar"] * 20, vocab_size=270, show_progress=False)
+    spec = json.loads(tok.tok.to_str())
+    assert spec["model"]["vocab"]["hello"] == 269
+    spec["model"]["vocab"]["hello"] = 400
+    (tmp_path / "tok.json").write_text(json.dumps(spec))
+    loaded = BPETokenizer.load(tmp_path / "tok.json")
+    ids = loaded.encode("hello world foo bar")
+    assert 400 in ids.tolist() and loaded.vocab_size == 401
+    assert loaded.decode(ids) == "hello world foo bar"
+    assert tok.vocab_size == 270  # a trained one has no gaps: the count, as asked
+
+
+@pytest.mark.parametrize("tok_name", ["bpe", "bytes"])
+def test_a_text_that_is_not_str_is_named(tok_name, bpe):
+    """bytes (a file read 'rb') or None (a JSON null) said "cannot use a string pattern on a bytes-like object" (the
+    BPE's surrogate regex) or "'bytes' object has no attribute 'encode'"."""
+    tok = bpe if tok_name == "bpe" else ByteTokenizer(add_eos=True)
+    with pytest.raises(TypeError, match=r"encode: a text must be str, got bytes; decode it first: text.decode"):
+        tok.encode(b"hello")
+    with pytest.raises(TypeError, match="encode: a text must be str, got NoneType$"):
+        tok.encode(None)
+    if hasattr(tok, "encode_batch"):  # a generator (not a list) is fine
+        assert [x.tolist() for x in tok.encode_batch(t for t in ["a", "b\ud800"])] == [
+            tok.encode("a").tolist(), tok.encode("b\ufffd").tolist()]
