@@ -733,3 +733,12 @@ def test_vae_kl_matches_numerical_integration():
         q, p = stats.norm(mu, math.exp(0.5 * logvar)), stats.norm(0.0, 1.0)
         ref, _ = integrate.quad(lambda z, q=q, p=p: q.pdf(z) * (q.logpdf(z) - p.logpdf(z)), -40, 40, limit=200)
         assert float(kl_divergence(jnp.float32(mu), jnp.float32(logvar))) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+
+
+def test_vae_encodes_and_decodes_an_empty_batch():
+    """An empty batch (the tail of a sliced list of clips) gives empty latents and videos, as the DiT and the text
+    encoder do; the resamplers' reshape(*lead, -1) of zero rows raised ZeroDivisionError('integer modulo by zero')."""
+    vae = VideoVAE(VAE, rngs=nnx.Rngs(0))
+    mean, logvar = vae.encode(jnp.zeros((0, 9, 16, 16, 3)))
+    assert mean.shape == logvar.shape == (0, 3, 4, 4, 4)
+    assert vae.decode(mean).shape == (0, 9, 16, 16, 3)

@@ -124,7 +124,9 @@ class Resample(nnx.Module):
             x = time_fold(x) if self.time else x
             x = space_to_depth(x) if self.space else x
         lead = x.shape[:-1]  # a 2-D matmul: its weight gradient is a plain dot on XLA:CPU
-        x = (x.reshape(-1, x.shape[-1]) @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)).reshape(*lead, -1)
+        # the output width spelled out: reshape(*lead, -1) of an empty batch divided by zero (ZeroDivisionError)
+        x = (x.reshape(-1, x.shape[-1]) @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)).reshape(
+            *lead, self.w.shape[1])
         if self.up:
             x = depth_to_space(x) if self.space else x
             x = time_unfold(x) if self.time else x
