@@ -136,3 +136,21 @@ def test_embed_video_names_latents_of_another_shape(shape):
     assert align.embed_video(jnp.zeros((2, 3, 8, 8, 3))).shape == (2, 32)
     with pytest.raises(ValueError, match=r"Aligner.embed_video: latents .* DiTConfig.latent_shape=\(3, 8, 8\)"):
         align.embed_video(jnp.zeros(shape))
+
+
+def test_a_logit_scale_past_its_cap_can_come_back():
+    """min(exp(s), cap) had a zero gradient past the cap: a log-scale that overshot it stayed there whatever the loss
+    wanted. Past the cap the scale is still the cap, and a loss that grows with the scale still lowers it (not one
+    that would raise it further); below the cap the gradient is exp(s), as autodiff's."""
+    from models.video.align import capped_exp
+
+    cap = 100.0
+    up = jnp.float32(np.log(150.0))
+    assert float(capped_exp(up, cap)) == cap
+    assert float(jax.grad(lambda s: capped_exp(s, cap))(up)) == pytest.approx(cap)  # lowering it lowers the loss
+    assert float(jax.grad(lambda s: -capped_exp(s, cap))(up)) == 0.0  # raising it would not change the value
+    s = jnp.float32(np.log(20.0))
+    assert float(jax.grad(lambda s: 3 * capped_exp(s, cap))(s)) == pytest.approx(3 * 20.0, rel=1e-6)
+    for _ in range(5):  # descent on a loss preferring a small scale gets back under the cap
+        up = up - 0.2 * jnp.sign(jax.grad(lambda s: capped_exp(s, cap))(up))
+    assert float(jnp.exp(up)) < cap

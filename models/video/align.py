@@ -80,7 +80,32 @@ class Aligner(nnx.Module):
         return _unit(pooled_BE.astype(jnp.float32) @ self.text_proj[...])
 
     def logit_scale(self):
-        return jnp.minimum(jnp.exp(self.log_scale[...]), self.cfg.max_logit_scale)
+        return capped_exp(self.log_scale[...], self.cfg.max_logit_scale)
+
+
+@jax.custom_vjp
+def capped_exp(log_scale, cap: float):
+    """min(exp(log_scale), cap), whose gradient past the cap still lowers the scale when the loss asks for less.
+
+    Plain `minimum` has a zero gradient past the cap: a log-scale that overshot it (Adam's steps are ~lr whatever
+    the gradient) never came back, however much the loss wanted a lower scale. CLIP clamps the parameter after each
+    step instead; this keeps the clamp inside the model."""
+    return jnp.minimum(jnp.exp(log_scale), cap)
+
+
+def _capped_exp_fwd(log_scale, cap):
+    return capped_exp(log_scale, cap), (log_scale, cap)
+
+
+def _capped_exp_bwd(res, g):
+    log_scale, cap = res
+    scale = jnp.exp(log_scale)
+    # past the cap only a positive cotangent (the loss grows with the scale: descent lowers it) gets through
+    d = jnp.where(scale <= cap, g * scale, jnp.maximum(g, 0.0) * cap)
+    return d.astype(log_scale.dtype), jnp.zeros_like(cap)
+
+
+capped_exp.defvjp(_capped_exp_fwd, _capped_exp_bwd)
 
 
 def _unit(x):
