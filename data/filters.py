@@ -23,7 +23,7 @@ import unicodedata
 
 import numpy as np
 
-from data.normalize import MOJIBAKE, undo_mojibake
+from data.normalize import MOJIBAKE, ordinary_text, undo_mojibake
 
 CJK_RANGES = ("\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
               "\uf900-\ufaff\uff66-\uff9f\uffa1-\uffdc\U00020000-\U0002fa1f")  # (half-width kana and hangul too)
@@ -354,10 +354,12 @@ def _type_parameter(text: str, m: re.Match) -> bool:
 
 def mojibake_sequences(text: str) -> int:
     """UTF-8 sequences in `text` read as cp1252 / latin-1 ("Ã©", "â€™"): `data.normalize.MOJIBAKE` matches whose
-    bytes are valid UTF-8."""
+    bytes are valid UTF-8, less a word's accented last letter before marks beside it (`ordinary_text`: French
+    dialogue under NFC, "annulé\xa0»", measured 0.083 a word and was dropped, German "Spaß“" 0.058)."""
     if text.isascii():
         return 0
-    return sum(undo_mojibake(m.group()) is not None for m in MOJIBAKE.finditer(text))
+    return sum(undo_mojibake(m.group()) is not None and not ordinary_text(m.group(), text[m.end():m.end() + 1])
+               for m in MOJIBAKE.finditer(text))
 
 
 def _hashtag_marks(text: str) -> int:

@@ -142,6 +142,22 @@ def _certain(seq: str) -> bool:
     return seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0"
 
 
+# a word's last letter, Latin (not Â / Ã, the leads of Latin-1 read as cp1252, nor Ð Ñ Î Ï, Cyrillic's and Greek's),
+# before a closing quote or a no-break space: valid UTF-8 as a pair, and ordinary German / French text
+_LAST_LETTERS = frozenset("ÄÅÆÇÈÉÊËÌÍÒÓÔÕÖØÙÚÛÜÝÞß")
+_CLOSING = frozenset("“”‘’»\xa0")
+
+
+def ordinary_text(seq: str, after: str) -> bool:
+    """Whether a `MOJIBAKE` match `seq`, followed by the character `after` ("" at the end), is a word's accented last
+    letter before marks beside a word, which `mojibake_rate` must not count: 3-4 bytes all of whose symbols are such
+    marks (French "allé\xa0»", kept under NFC, "café”…"; `_certain` does not repair them either), or a Latin capital /
+    ß ending a word before a closing quote or no-break space (German "Spaß“", "„MÜ“", French "«\xa0CAFÉ\xa0»")."""
+    if len(seq) > 2:
+        return _BESIDE_WORDS.issuperset(seq[1:])
+    return seq[0] in _LAST_LETTERS and seq[1] in _CLOSING and not after.isalnum()
+
+
 def fix_mojibake(text: str) -> tuple[str, int]:
     """UTF-8 decoded as cp1252 / latin-1, decoded right → `(text, sequences repaired)`. Only in a text holding at
     least one sequence that is certainly mojibake (see `_certain`) and valid UTF-8, and only sequences whose bytes

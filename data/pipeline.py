@@ -68,8 +68,10 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # 6 = headings / comments / directives are not hashtags, the breadcrumb rule spares code (`score_home > x`),
 # full-width letters and digits are words, an ellipsis is one symbol, "lorem ipsum" drops the page (blocklist);
 # 7 = dedup keys and shingles delete variation selectors and invisible joiners (emoji-only posts were one duplicate),
-# glossary terms beginning or ending in punctuation match ('C++', 'C#', '.NET').
-OUTPUT_VERSION = 7
+# glossary terms beginning or ending in punctuation match ('C++', 'C#', '.NET'); 8 = mojibake_rate does not count a
+# word's accented last letter before marks beside it (French "allé\xa0»" under NFC, German "Spaß“" were dropped as
+# `mojibake`).
+OUTPUT_VERSION = 8
 
 
 @dataclasses.dataclass(frozen=True)

@@ -371,6 +371,42 @@ def test_accented_last_letter_before_punctuation_is_not_repaired():
     assert normalize_text(cp1252(ZH[0])) == normalize_text(ZH[0])
 
 
+FR_DIALOGUE = ("«\xa0Tu es rentré\xa0?\xa0» demanda-t-elle. «\xa0Oui, tout était fermé\xa0», répondit Paul. «\xa0Et le "
+               "train\xa0?\xa0» «\xa0Il est annulé\xa0», dit-il, «\xa0comme hier, c’est réglé\xa0». Elle a tout "
+               "noté\xa0— l’heure, le quai\xa0— et le panneau «\xa0FERMÉ\xa0», puis elle a regardé par la fenêtre en "
+               "pensant qu’il faudrait partir plus tôt demain matin.")
+DE_DIALOGUE = ("„Das macht doch keinen Spaß“, sagte sie. „Ich finde es auch nicht so groß“, meinte er leise, „und "
+               "außerdem ist es draußen viel zu heiß“. Sie lachten beide und gingen trotzdem los, weil der Bus gleich "
+               "kommen sollte und sie den ganzen Nachmittag schon geplant hatten, mit Freunden am See zu sein.")
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFKC"])
+def test_accented_last_letter_before_punctuation_is_not_counted_as_mojibake(form):
+    """What the repair leaves as ordinary text is not measured as mojibake either: French dialogue kept under NFC
+    (no-break spaces before » and around —: "annulé\xa0»" measured 5 sequences in 60 words, 0.083, and was dropped)
+    and German closing quotes after ß ("Spaß“", under NFKC too: 3 in 52 words, 0.058, dropped). Real mojibake still
+    counts: Cyrillic / Greek misread as cp1252 are dropped (and Chinese with the repair off), and French / German
+    text misread with the repair off still measures one sequence per non-ASCII character."""
+    from data.filters import mojibake_sequences
+
+    cfg = NormalizeConfig(form=form)
+    for text in (FR_DIALOGUE, DE_DIALOGUE, "«\xa0CAFÉ\xa0»", "„GRÜẞE AUS MÜ“", "¿Qué? ¡Olé! «\xa0Sí\xa0»"):
+        doc = normalize_text(text, cfg)
+        assert mojibake_sequences(doc) == 0, (form, doc)
+    for text in (FR_DIALOGUE, DE_DIALOGUE):
+        assert quality_filter(normalize_text(text, cfg))[1] is None
+    off = NormalizeConfig(form="NFC", repair_mojibake=False)  # NFKC rewrites some sequences ("Ã\xa0" → "Ã ")
+    for text in ("Il était une fois un élève très doué, né à Genève, qui rêvait de l’été.",
+                 "Die Straße war nass, die Bäume verloren ihre Blätter, und er aß ein Stück Käse.",
+                 "«\xa0Olé\xa0», dit-il"):
+        assert mojibake_sequences(normalize_text(cp1252(text), off)) == sum(not c.isascii() for c in text), text
+    for text in OTHER:  # not repaired
+        assert quality_filter(normalize_text(cp1252(text + " " + text.replace(".", ";")), cfg))[1] == "mojibake"
+    for i in range(len(ZH)):
+        bad = normalize_text(cp1252(pair(ZH, i, 5)), NormalizeConfig(form=form, repair_mojibake=False))
+        assert quality_filter(bad)[1] == "mojibake", i
+
+
 def test_mojibake_left_unrepaired_is_dropped_as_mojibake():
     """Cyrillic and Greek read as cp1252 are pairs like "Ñ€" only (no Ã, no 3-byte sequence): not repaired, and
     dropped as `mojibake` (1.3-2.3 sequences a word); so is every Chinese pair misread with the repair switched off.
