@@ -4,7 +4,7 @@
   prefill / decode FLOPs per token, `mfu`.
 - `scaling.memory`: parameter, gradient, optimizer-state and activation bytes per device for a mesh,
   micro-batch and remat policy (placement from parallel.rules).
-- `scaling.dit`: the video DiT's parameters and FLOPs.
+- `scaling.dit`: the video DiT's parameters, FLOPs and memory per device (`dit_memory_per_device`).
 - `scaling.hardware`: peak FLOP/s, HBM and power per chip kind (datasheets), measured CPU peak.
 - `scaling.laws`: Chinchilla fits (Approach 3 with bootstrap, IsoFLOP envelope), compute-optimal allocation.
 - `scaling.plan`: `python -m scaling.plan --params 7e9 --hardware h100 --chips 256`.
