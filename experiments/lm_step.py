@@ -84,6 +84,12 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
     lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr.
     The optimizer works in float32 whatever the parameters' dtype (`float32_state`): Adam's moments, clipping and
     the updates, which `optax.apply_updates` adds to the parameters before rounding to their dtype."""
+    # 0 failed as a bare ZeroDivisionError; a negative or NaN multiplier was taken: hidden matrices then stepped
+    # up the gradient (or to NaN) while everything else trained
+    if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real) or not (
+            math.isfinite(width_mult) and width_mult > 0):  # numpy floats are numbers.Real too
+        raise ValueError(f"make_optimizer: width_mult={width_mult!r} must be a positive number, the μP width "
+                         "multiplier d_model / mup_base_width (pass TransformerConfig.width_mult; 1.0 without μP)")
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     parts = [optax.clip_by_global_norm(clip_norm),
              optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]

@@ -76,6 +76,9 @@ def plot(res, widths, path):
             curve = res[name][str(w)]
             xs = sorted(int(k) for k in curve)
             ys = [curve[str(x)] if np.isfinite(curve[str(x)]) else np.nan for x in xs]
+            if np.all(np.isnan(ys)):  # nanargmin raised here, after the whole sweep, losing the figure
+                ax.plot([], [], "o-", ms=3, label=f"width {w} (diverged at every rate)")
+                continue
             best = xs[int(np.nanargmin(ys))]
             ax.plot(xs, ys, "o-", ms=3, label=f"width {w} (best 2^{best})")
         ax.set_title(title)
@@ -83,7 +86,7 @@ def plot(res, widths, path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("train loss, last 10 steps (nats/byte)")
-    lo = min(v for r in res.values() for c in r.values() for v in c.values() if np.isfinite(v))
+    lo = min((v for r in res.values() for c in r.values() for v in c.values() if np.isfinite(v)), default=2.0)
     axes[0].set_ylim(lo - 0.1, lo + 1.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -147,3 +147,27 @@ def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width
     with pytest.raises(SystemExit):  # a plot path in no directory failed after the whole sweep, losing it
         mup_transfer.main(["--steps", "1", "--widths", "32", "--json", "/nonexistent/r.json"])
     assert "argument --json: the directory of /nonexistent/r.json does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width_mult", [0, -2.0, float("nan"), True])
+def test_make_optimizer_refuses_a_width_mult_that_is_not_positive(width_mult):
+    """0 failed as a bare 'float division by zero'; -2 and NaN were taken, stepping the hidden matrices up the
+    gradient (or to NaN) while the embeddings and the readout trained normally."""
+    with pytest.raises(ValueError, match="width_mult=.* must be a positive number"):
+        make_optimizer(1e-3, total_steps=10, warmup_steps=1, width_mult=width_mult)
+    make_optimizer(1e-3, total_steps=10, warmup_steps=1, width_mult=np.float32(2.0))  # a numpy scalar is fine
+
+
+def test_the_transfer_plot_survives_a_width_that_diverged_at_every_rate(tmp_path):
+    """A width whose every rate diverged (loss inf) raised 'All-NaN slice encountered' in the plot, after the
+    whole sweep; it is now drawn as such in the legend."""
+    from experiments.mup_transfer import plot
+
+    inf = float("inf")
+    res = {"sp": {"64": {"-5": 2.0, "-4": inf}, "128": {"-5": inf, "-4": inf}},
+           "mup": {"64": {"-5": 2.0, "-4": 2.1}, "128": {"-5": 2.0, "-4": 2.2}}}
+    plot(res, [64, 128], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    all_inf = {name: {w: dict.fromkeys(c, inf) for w, c in r.items()} for name, r in res.items()}
+    plot(all_inf, [64, 128], tmp_path / "q.png")  # nothing finite at all: still a figure
+    assert (tmp_path / "q.png").stat().st_size > 0
