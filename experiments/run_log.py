@@ -70,6 +70,19 @@ class Logger:
 
         self.tb.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, float(value))))
 
+    def resume(self, step: int):
+        """Mark a run resumed from its checkpoint of `step`: a SessionLog START event at step + 1. The steps after
+        the checkpoint are trained and logged again, and the interrupted attempt's events for them may be on disk
+        (the events file is written out as its buffer fills, not only at flush). TensorBoard's Python loader
+        (--load_fast=false, and scripts that read tb/ with its EventAccumulator) drops earlier events at steps >=
+        this one only on such an event, else it shows both attempts at those steps; its Rust loader keeps a tag's
+        last value per step either way."""
+        if self.primary:
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            self.tb.write_event(Event(wall_time=time.time(), step=int(step) + 1,
+                                      session_log=SessionLog(status=SessionLog.START)))
+
     def flush(self):
         """Flushed with every checkpoint: a killed run loses no event that its checkpoint covers (those steps are
         never replayed)."""

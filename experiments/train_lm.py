@@ -486,6 +486,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     if restored is None and primary and (stamp := set_aside_logs(out)):  # a run that never saved: not ours to extend
         say(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     log = Logger(out, primary)
+    if restored is not None:  # the steps after the checkpoint replay: their earlier events are stale
+        log.resume(start)
 
     def evaluate(params):
         sums = [eval_fn(params, b) for b in eval_batches]

@@ -3,6 +3,7 @@ newest steps plus the one with the lowest eval loss (also across a restart), and
 saved with it; a corrupt state never moves the data loader."""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +362,52 @@ def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     assert [(t, s) for t, s, _ in got if t == "train/loss"] == [("train/loss", s) for s in range(1, 5)]
     assert ("eval/loss", 4, 0.5) in got and ("moe/load_expert1", 4, 0.75) in got
     log.close()
+
+
+def tb_as_python_loader_reads(directory):
+    """{tag: [(step, value)]} as TensorBoard's Python loader (EventAccumulator) keeps them: event files in name order,
+    and a SessionLog START event at step s drops every event read before it at a step >= s (its purge of orphaned
+    data, the only one it does for 'brain.Event:2' files). A record cut by a kill ends its file."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    kept: dict[str, list] = {}
+    for f in sorted(directory.iterdir()):
+        buf, i = f.read_bytes(), 0
+        while i + 12 <= len(buf):
+            (n,) = struct.unpack("<Q", buf[i:i + 8])
+            if i + 12 + n + 4 > len(buf):
+                break
+            ev = Event.FromString(buf[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if ev.HasField("session_log") and ev.session_log.status == SessionLog.START:
+                kept = {tag: [(s, v) for s, v in pts if s < ev.step] for tag, pts in kept.items()}
+            for v in ev.summary.value:
+                kept.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return kept
+
+
+def test_a_resume_drops_the_interrupted_attempts_events_past_the_checkpoint(tmp_path):
+    """A run saved at step 4 and killed after step 6, its events for 5 and 6 already on disk (the events file is
+    written out as its buffer fills), replays 5 and 6 on resume: TensorBoard's Python loader showed both attempts
+    at those steps (train/loss 5, 6, 5, 6, ... in file order). The resumed Logger marks the restart, so it keeps
+    the replay only."""
+    from experiments.run_log import Logger
+
+    first = Logger(tmp_path, primary=True)
+    for step in range(1, 7):
+        first.write({"kind": "train", "step": step, "loss": 10.0 + step})
+    first.flush()  # the buffer written out past the checkpoint of step 4; then a kill (no close)
+    time.sleep(0.01)  # the next events file's name sorts after this one's
+    resumed = Logger(tmp_path, primary=True)
+    resumed.resume(4)
+    for step in (5, 6, 7):
+        resumed.write({"kind": "train", "step": step, "loss": 20.0 + step})
+    resumed.close()
+    first.close()
+    assert tb_as_python_loader_reads(tmp_path / "tb")["train/loss"] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0),
+                                                                         (5, 25.0), (6, 26.0), (7, 27.0)]
 
 
 def test_a_metrics_line_torn_by_a_kill_neither_breaks_the_plot_nor_the_next_record(tmp_path):

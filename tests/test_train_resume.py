@@ -121,6 +121,35 @@ def test_kill9_and_resume_is_bit_identical(runs):
     assert meta["target_time_s"] == targets[1][0]["wall_s"] and meta["first_eval"] == ref_meta["first_eval"]
 
 
+def test_each_resume_marks_its_restart_in_tensorboard(runs):
+    """Every resumed attempt's events file starts with a SessionLog START at its checkpoint's step + 1, so that
+    TensorBoard's Python loader drops the killed attempt's events past the checkpoint (the Rust one keeps each step's
+    last value anyway): read that way, the crashed run's curves are the reference run's, each step once."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    from tests.test_train_checkpoint import tb_as_python_loader_reads
+
+    ref, crashed, logs, _ = runs
+    resumed = [int(log.split("resumed from step ")[1].split()[0]) for _, log in logs[1:]]
+    starts = []
+    for f in sorted((crashed / "tb").iterdir()):
+        buf, n = f.read_bytes(), 0
+        events = []
+        while n + 12 <= len(buf) and len(events) < 2:  # file_version, then the first event the run wrote
+            size = int.from_bytes(buf[n:n + 8], "little")
+            events.append(Event.FromString(buf[n + 12:n + 12 + size]))
+            n += 12 + size + 4
+        first = events[-1]
+        starts.append(first.step if first.session_log.status == SessionLog.START else None)
+    assert starts == [None] + [s + 1 for s in resumed], (starts, resumed)
+    want, got = tb_as_python_loader_reads(ref / "tb"), tb_as_python_loader_reads(crashed / "tb")
+    assert want.keys() == got.keys() and want["train/loss"] == got["train/loss"]  # replays are bit-identical
+    for tag in want:  # a resume's first step compiles: it has no throughput (no tokens_per_s, step_time_s, mfu)
+        steps = [s for s, _ in got[tag]]
+        assert steps == sorted(set(steps)), tag
+        assert tag.split("/")[1] in ("tokens_per_s", "step_time_s", "mfu") or steps == [s for s, _ in want[tag]], tag
+
+
 def test_sigterm_finishes_the_step_saves_and_exits_0(runs):
     out, p = runs[3]
     deadline = time.time() + 240
