@@ -61,6 +61,16 @@ class RopeScaling:
                                         and self.original_max_position_embeddings >= 1):
             raise ValueError("RopeScaling: yarn needs beta_fast > 0, beta_slow > 0 and original_max_position_embeddings"
                              f" >= 1, got {self.beta_fast}, {self.beta_slow}, {self.original_max_position_embeddings}")
+        # YaRN's alone: llama3 / linear scalings never read them, so a scale set there was silently dropped
+        # (attention_scale(...) is 1.0 for RopeScaling(kind='linear', attention_factor=2.0))
+        for f in ("mscale", "mscale_all_dim", "attention_factor"):
+            if self.kind != "yarn" and getattr(self, f) is not None:
+                raise ValueError(f"RopeScaling.{f}: only kind='yarn' uses it; kind={self.kind!r} would ignore "
+                                 f"{f}={getattr(self, f)}; use kind='yarn' or leave {f}=None")
+        if self.kind == "yarn" and self.beta_fast < self.beta_slow:  # swapped: interpolates the fast dims instead
+            raise ValueError(f"RopeScaling.beta_fast: must be >= beta_slow (YaRN keeps the dims rotating more than "
+                             f"beta_fast times and interpolates those under beta_slow; 32 and 1 are usual), got "
+                             f"beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: swap them")
         if self.attention_factor is not None and not self.attention_factor > 0:
             raise ValueError(f"RopeScaling.attention_factor: must be positive, got {self.attention_factor}")
         if self.kind == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor
@@ -176,6 +186,9 @@ class TransformerConfig:
              "rope_scaling dict, build RopeScaling(kind=..., factor=..., ...) or load with models.hf)")
         need(self.moe is None or type(self.moe).__name__ == "MoEConfig", "moe",
              f"must be a models.moe.MoEConfig or None, got {type(self.moe).__name__}")
+        need(isinstance(self.attn_pattern, str), "attn_pattern",  # None or 2 failed in str methods, unnamed
+             f"must be a string ('global', 'local', 'alternating', 'N:1' or one L / G per layer), got "
+             f"{self.attn_pattern!r}")
         need(self.sliding_window is None or _is_int(self.sliding_window) or isinstance(self.sliding_window, tuple),
              "sliding_window", f"must be an int, a tuple of ints (one per local layer; not bools) or None, got "
              f"{self.sliding_window!r}")

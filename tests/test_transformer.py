@@ -385,6 +385,8 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("attn_logit_softcap", "5", "attn_logit_softcap: must be a number or None"),
     ("init_std", -1.0, "init_std: must be positive"), ("qkv_bias", "no", "qkv_bias: must be True or False"),
     ("tie_embeddings", "no", "tie_embeddings: must be True or False"),
+    # None / an int failed inside str methods (AttributeError, no field named)
+    ("attn_pattern", None, "attn_pattern: must be a string"), ("attn_pattern", 2, "attn_pattern: must be a string"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
@@ -412,6 +414,10 @@ def test_dtype_objects_are_kept_as_their_names():
     (dict(low_freq_factor=4.0, high_freq_factor=1.0), "low_freq_factor < high_freq_factor"),
     (dict(original_max_position_embeddings=0), "original_max_position_embeddings >= 1"),
     (dict(factor="8"), "RopeScaling.factor: must be a number"),
+    # YaRN-only scales on another kind were dropped (attention_scale 1.0); swapped betas interpolated the fast dims
+    (dict(kind="linear", attention_factor=2.0), "RopeScaling.attention_factor: only kind='yarn' uses it"),
+    (dict(kind="llama3", mscale=0.707, mscale_all_dim=1.0), "RopeScaling.mscale: only kind='yarn' uses it"),
+    (dict(kind="yarn", beta_fast=1.0, beta_slow=32.0), "RopeScaling.beta_fast: must be >= beta_slow"),
 ])
 def test_rope_scaling_errors_name_the_field(kw, words):
     from models.config import RopeScaling

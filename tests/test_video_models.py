@@ -263,6 +263,9 @@ def test_configs_name_the_field_and_fix():
                        (lambda: VAEConfig(in_channels=0), "VAEConfig.in_channels"),
                        (lambda: VAEConfig(kl_weight=-1.0), "VAEConfig.kl_weight"),
                        (lambda: DiffusionConfig(logit_std=0.0), "DiffusionConfig.logit_std"),
+                       # the flow never reads the cosine schedule: a tuned one was dropped unannounced
+                       (lambda: DiffusionConfig(cosine_s=0.02), "DiffusionConfig.cosine_s: .*kind='flow' ignores it"),
+                       (lambda: DiffusionConfig(alpha_bar_min=1e-3), "DiffusionConfig.alpha_bar_min: .*kind='ddpm'"),
                        # non-finite (or float32-overflowing) time settings made every time NaN: a NaN run
                        (lambda: DiffusionConfig(shift=float("inf")), "DiffusionConfig.shift: must be a finite number"),
                        (lambda: DiffusionConfig(shift=1e300), "DiffusionConfig.shift"),
@@ -293,7 +296,18 @@ def test_configs_check_each_field_against_its_type():
                        (lambda: VAEConfig(latent_channels=4.0), "VAEConfig.latent_channels"),
                        (lambda: AlignConfig(d_model="64"), "AlignConfig.d_model"),
                        (lambda: TextToVideoConfig(dit=DIT, text=TEXT, align_weight="0.1"),
-                        "TextToVideoConfig.align_weight: must be a finite number")]:
+                        "TextToVideoConfig.align_weight: must be a finite number"),
+                       # nested configs as dicts (JSON): an AttributeError naming no field, or (align, diffusion)
+                       # accepted and failing only once training ran
+                       (lambda: TextToVideoConfig(dit=DIT, text=dataclasses.asdict(TEXT)),
+                        "TextToVideoConfig.text: must be a models.TransformerConfig, got dict"),
+                       (lambda: TextToVideoConfig(dit=DIT, text=TEXT, align={"d_model": 64}),
+                        "TextToVideoConfig.align: must be a models.video.AlignConfig or None, got dict"),
+                       (lambda: TextToVideoConfig(dit=DIT, text=TEXT, diffusion={"kind": "ddpm"}),
+                        "TextToVideoConfig.diffusion: must be a models.video.DiffusionConfig, got dict"),
+                       # as TransformerConfig: cuDNN's kernel takes no float32 and failed at trace time on the GPU
+                       (lambda: dataclasses.replace(DIT, attn_impl="cudnn", dtype="float32"),
+                        "DiTConfig.attn_impl: 'cudnn' .* takes bfloat16 or float16")]:
         with pytest.raises(ValueError, match=match):
             bad()
     ok = dataclasses.replace(DIT, latent_shape=list(DIT.latent_shape), d_model=np.int64(DIT.d_model), rope_theta=100)

@@ -254,6 +254,10 @@ class DiTConfig:
             object.__setattr__(self, f, dtype_name(getattr(self, f)))
             need(isinstance(getattr(self, f), str) and getattr(self, f) in DTYPES, f,
                  f"unsupported {getattr(self, f)!r}; use one of the names {DTYPES}")
+        # as TransformerConfig.attn_impl: cuDNN's kernel otherwise failed at trace time on the GPU, naming no field
+        need(self.attn_impl != "cudnn" or self.dtype in ("bfloat16", "float16"), "attn_impl",
+             f"'cudnn' (cuDNN's fused attention) takes bfloat16 or float16, not dtype={self.dtype!r}; use "
+             "dtype='bfloat16' or attn_impl='xla'")
 
     @property
     def hd(self) -> int:
@@ -368,6 +372,11 @@ class DiffusionConfig:
         need(self.kind == "flow" or (self.shift, self.logit_mean, self.logit_std) == (1.0, 0.0, 1.0), "shift",
              "shift / logit_mean / logit_std shape the flow's time distribution; kind='ddpm' trains on uniform t "
              "and samples a uniform DDIM grid, so leave them at their defaults (1, 0, 1)")
+        # and the reverse: the flow never reads the cosine schedule, so a tuned one was dropped unannounced
+        for f in ("cosine_s", "alpha_bar_min"):
+            need(self.kind == "ddpm" or getattr(self, f) == getattr(DiffusionConfig, f), f,
+                 f"{getattr(self, f)} shapes the cosine schedule of kind='ddpm'; kind='flow' ignores it: set "
+                 f"kind='ddpm' or leave {f} at its default ({getattr(DiffusionConfig, f)})")
         need(0 < self.alpha_bar_min < 1, "alpha_bar_min", "must be in (0, 1)")
         need(fin(self.cosine_s) and self.cosine_s >= 0, "cosine_s",
              f"must be >= 0 and finite (a negative offset bends the cosine schedule away from "
@@ -390,6 +399,13 @@ class TextToVideoConfig:
     def __post_init__(self):
         need = _need("TextToVideoConfig")
         check_field_types(self, need)
+        # a dict (from JSON) failed with an AttributeError naming no field, or (align, diffusion) only in training
+        for f, cls, mod in (("dit", DiTConfig, "models.video"), ("text", TransformerConfig, "models"),
+                            ("align", AlignConfig, "models.video"), ("diffusion", DiffusionConfig, "models.video")):
+            v = getattr(self, f)
+            need(isinstance(v, cls) or (f == "align" and v is None), f,
+                 f"must be a {mod}.{cls.__name__}{' or None' if f == 'align' else ''}, got {type(v).__name__} "
+                 f"(build {cls.__name__}(**fields) from a dict)")
         need(self.dit.text_dim == self.text.d_model, "dit",
              f"dit.text_dim={self.dit.text_dim} must equal text.d_model={self.text.d_model}")
         need(0 <= self.caption_dropout < 1, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
