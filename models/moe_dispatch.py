@@ -22,8 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.glu import glu
-from models.linear import transposed
+from models.glu import glu, glu_linear
+from models.linear import linear, transposed
 from models.residuals import from_bits, packs, to_bits
 from parallel.rules import constrain, logical_to_spec
 
@@ -32,8 +32,13 @@ CPU_DROPLESS_IMPL = "gmm"  # fastest measured on CPU (docs/benchmarks.md, Mixtur
 
 
 def swiglu(x_ND, w_gate_DF, w_up_DF, w_down_FD, act=jax.nn.silu):
-    """Dense SwiGLU on rows x [..., D] (the shared experts, and the dense baseline)."""
-    return glu(x_ND @ w_gate_DF, x_ND @ w_up_DF, act) @ w_down_FD
+    """Dense SwiGLU on rows x [..., D] → [..., D] (the shared experts, and the dense baseline), through
+    models.linear as the dense block's MLP: plain `@` products of bf16 operands (bf16 output) ran as float32 dots
+    on XLA:CPU, forward and backward. 2-D rows [N, D] take 'auto' products; other shapes (the sequence sharded)
+    plain ones."""
+    flat = x_ND.ndim == 2
+    gate, up = (linear(x_ND, w, "auto", flatten=flat) for w in (w_gate_DF, w_up_DF))
+    return glu_linear(gate, up, w_down_FD, act, "auto", flatten=flat)
 
 
 def expert_swiglu(x_ErD, w, act):

@@ -203,6 +203,28 @@ def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():
     assert len(rows_both(False)) >= 3  # gate, up and down, per expert and tile size unless XLA merges them
 
 
+def test_bf16_shared_experts_keep_their_products_in_bf16_on_cpu():
+    """dtype bf16: the shared experts' products go through models.linear like the dense MLP's, so XLA:CPU runs them
+    as bf16 dots (plain `@` products of bf16 operands ran as float32 dots, forward and backward: 9 of them). The
+    float32 dots left are the router's (float32 by design): forward (contracting D), dw (the rows) and dx (E; XLA
+    may make it a reduction)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the CPU backend's dot lowering")
+    from tests.test_linear import dots_of
+
+    cfg = MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=24, n_shared_experts=1, dropless_impl="gmm")
+    graphdef, state = nnx.split(build(lambda: MoE(D, cfg, rngs=nnx.Rngs(0))))
+    x = jax.random.normal(jax.random.key(1), (2, 20, D))
+
+    def loss(s, x):
+        return jnp.sum(nnx.merge(graphdef, s)(x, compute_dtype=jnp.bfloat16)[0].astype(jnp.float32) ** 2)
+
+    dots = dots_of(jax.jit(jax.grad(loss)).lower(state, x).compile().as_text())
+    f32 = sorted(d[2] for d in dots if d[:2] != ("bf16", "bf16") and not d[3])
+    assert len(f32) <= 3 and set(f32) <= {D, cfg.n_experts, 2 * 20}, sorted(set(dots))
+    assert sum(d[:2] == ("bf16", "bf16") for d in dots) >= 9  # the shared experts' 3 forward + 6 backward products
+
+
 def test_top_k_indices_is_a_stable_descending_sort():
     """Iterative argmax (k ≤ 4) and the sort (k > 4) both pick the largest scores first, lower index on ties."""
     rng = np.random.default_rng(0)
