@@ -24,7 +24,8 @@ Parallelism is GSPMD with logical names only. Capacity buffers are constrained t
 mesh with an `expert` axis exchanges tokens with one all-to-all each way while expert weights stay sharded. Dropless
 sorts within groups of rows that live on one device (one group per `batch` shard), so the sort never crosses
 devices; with experts sharded it runs as capacity dispatch with C = T (nothing can drop: fixed-size buffers, since
-ragged all-to-all is unavailable on CPU), which costs E/K× the expert FLOPs.
+ragged all-to-all is unavailable on CPU), which costs E/K× the expert FLOPs. That is dropless_impl='auto'; an explicit
+sorted or dense implementation gathers every expert onto each device instead (and warns).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,15 @@ def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int, va
 
 
 def resolve_dropless_impl(impl: str) -> str:
-    """'auto' → 'capacity' (C = T) when experts are sharded, ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU."""
+    """'auto' → 'capacity' (C = T) when experts are sharded, ragged_dot on GPU/TPU, CPU_DROPLESS_IMPL on CPU.
+    An explicit choice is kept; a sorted or dense one with experts sharded over `expert` warns, since it gathers
+    every expert's weights onto each device (see dropless_dispatch)."""
     if impl != "auto":
+        if impl != "capacity" and (n := mesh_shards("expert")) > 1:
+            warnings.warn(f"MoEConfig.dropless_impl={impl!r} with the experts split {n} ways over the `expert` mesh "
+                          "axis: every device all-gathers all experts' weights for each layer (no expert "
+                          "parallelism, n× their memory); use dropless_impl='auto' or 'capacity' (all-to-all, C = T), "
+                          "or a mesh without an `expert` axis", stacklevel=2)
         return impl
     if mesh_shards("expert") > 1:
         return "capacity"

@@ -191,8 +191,9 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                 else:
                     hint = (" (a vocabulary is usually padded to a multiple of 64 or 128 rows for this; or "
                             "replicate it with use_rules(vocab=None, act_vocab=None))") if "vocab" in name else ""
-                    # the batch and sequence come from the caller's data, not the model
-                    what = {"batch": "batch size", "act_seq": "sequence length"}.get(name, "model dimension")
+                    # the batch and sequence come from the caller's data, not the model; the experts from MoEConfig
+                    what = {"batch": "batch size", "act_seq": "sequence length",
+                            "expert": "MoEConfig.n_experts"}.get(name, "model dimension")
                     raise ValueError(
                         f"dimension {name!r} of size {shape[i]} does not divide mesh axes {axes} "
                         f"(size {n}); use a {what} that is a multiple of {n}, or change the mesh{hint}")

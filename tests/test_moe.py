@@ -765,6 +765,27 @@ def test_auto_dropless_takes_ragged_dot_on_accelerators_gmm_on_cpu_and_capacity_
             assert resolve_dropless_impl("auto") == want, backend
 
 
+def test_explicit_dropless_impl_with_sharded_experts_warns_that_it_gathers_every_expert():
+    """docs/parallelism.md said dropless dispatch with sharded experts runs as capacity dispatch (all-to-all, experts
+    stay sharded); that is 'auto' only. An explicit 'gmm' (the benchmarks' CPU pick) on {data: 2, expert: 4} kept
+    each device's 2 experts as arguments but all-gathered all 8 per layer ([8, 16, 24] per weight, no all-to-all),
+    silently: it now warns, naming the field and the fix. 'auto' and 'capacity' stay silent."""
+    mesh = make_mesh({"data": 2, "expert": 4})
+    for impl, warns in (("gmm", True), ("auto", False), ("capacity", False)):
+        graphdef, state = nnx.split(make(dataclasses.replace(CFG, dropless_impl=impl)))
+        state = shard_state(state, mesh)
+        with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hlo = jax.jit(lambda st, x, g=graphdef: nnx.merge(g, st)(x)[0]).lower(
+                state, shard_batch(tokens(B=8), mesh)).compile().as_text()
+        said = [str(w.message) for w in caught if "dropless_impl" in str(w.message)]
+        assert bool(said) == warns, (impl, said)
+        gathered = re.findall(r"f32\[8,16,24\][^ ]* all-gather\(", hlo)  # every expert's gate or up weight
+        assert bool(gathered) == warns, (impl, gathered)
+        if warns:
+            assert "'auto'" in said[0] and "expert" in said[0]
+
+
 def test_capacity_is_the_exact_ceiling_of_k_t_cf_over_e():
     """ceil(K·T·CF / E) in floats took a slot more whenever the product was whole: 1·100·1.1 / 2 = 55.000000000000007
     gave 56 (a review swept 311 such cases). Against exact fractions, and the accounting uses the same count."""

@@ -44,6 +44,9 @@ def test_rules_errors_and_fallbacks():
     with pytest.raises(ValueError, match=r"'batch' of size 6 does not divide mesh axes \('data', 'fsdp'\) \(size 8\)"):
         logical_to_spec(("batch",), dp, shape=(6,))
     assert logical_to_spec(("batch",), dp, shape=(6,), replicate_indivisible=True) == jax.P(None)
+    # experts that the expert axis does not divide: the error names the config field (it said "model dimension")
+    with pytest.raises(ValueError, match=r"'expert' of size 6 .* use a MoEConfig.n_experts that is a multiple of 4"):
+        logical_to_spec(("expert", "embed", "mlp"), make_mesh({"expert": 4, "data": 2}), shape=(6, 16, 8))
     # ... and a dim that divides is split over all of them (the first alone left the rows whole on every fsdp device)
     assert logical_to_spec(("batch", "act_seq"), dp, shape=(8, 16)) == jax.P(("data", "fsdp"), None)
     # K / V weights split over tensor with their heads (replicating them changes no value, so only specs show it)
