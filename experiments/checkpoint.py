@@ -19,6 +19,7 @@ Multi-process: every process calls save/restore (orbax coordinates the writes); 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -170,8 +171,39 @@ def _global_leaves(tree, what: str) -> None:
                             "place it on the mesh, replicated: jax.device_put(x, NamedSharding(mesh, P()))")
 
 
+async def _settled(coro):
+    """Await `coro`; if it raises, first wait for the tasks it started that are still running, then re-raise.
+
+    orbax reads a tree's arrays (their metadata, then their data) all at once, asyncio.gather over tensorstore
+    futures, in an event loop of its own that it closes as soon as the read raises; gather leaves the other reads
+    running. A corrupt step fails one of them, and each read still in flight completes later into the closed loop:
+    tensorstore prints a 'RuntimeError: Event loop is closed' traceback per array (from its own thread, at any time
+    after), and reads that failed meanwhile log 'Task exception was never retrieved': 80-550 lines around the
+    one-line fallback warning. Waited for here, while the loop still runs, each completes normally."""
+    before = asyncio.all_tasks()
+    try:
+        return await coro
+    except BaseException:
+        # waited for, not cancelled: a cancelled tensorstore read may still be posting its result from its own
+        # thread after the task is done; none waits on the failed one (orbax frees its byte budget in `finally`).
+        # return_exceptions: their errors are read here, not logged as never retrieved
+        await asyncio.gather(*(asyncio.all_tasks() - before), return_exceptions=True)
+        raise
+
+
+class _SettlingArrayHandler(ocp.type_handlers.ArrayHandler):
+    """orbax's ArrayHandler whose failed reads (a corrupt step) leave no read of theirs running: `_settled`."""
+
+    async def metadata(self, infos):
+        return await _settled(super().metadata(infos))
+
+    async def deserialize(self, infos, args=None):
+        return await _settled(super().deserialize(infos, args))
+
+
 def array_tree_handler() -> ocp.PyTreeCheckpointHandler:
-    """orbax's pytree handler (what StandardSave writes), each array shard written whole by one replica except on TPU.
+    """orbax's pytree handler (what StandardSave writes), each array shard written whole by one replica except on TPU;
+    a failed read of a damaged step leaves none of its other reads running (`_settled`).
 
     orbax's default splits every replicated shard among its replicas and slices it on the device, one eager op per
     piece: on a CPU mesh of 8 devices that took 19 s before the first save of a 60-array tree (0.15 s written
@@ -180,7 +212,8 @@ def array_tree_handler() -> ocp.PyTreeCheckpointHandler:
     th, scalar = ocp.type_handlers, ocp.type_handlers.ScalarHandler()
     registry = th.create_type_handler_registry(
         (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar), (np.ndarray, th.NumpyHandler()),
-        (jax.Array, th.ArrayHandler(use_replica_parallel=jax.default_backend() == "tpu")), (str, th.StringHandler()))
+        (jax.Array, _SettlingArrayHandler(use_replica_parallel=jax.default_backend() == "tpu")),
+        (str, th.StringHandler()))
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
@@ -406,6 +439,8 @@ class Checkpoints:
         older = [x for x in candidates if x < s]
         nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
         nxt = nxt if quarantine else "left in place"
+        while e.__cause__ is not None:  # orbax wraps a failed chunk read in an Exception naming only a slice
+            e = e.__cause__  # ('... See full TensorStore details: <bound method ...'): tensorstore's error names both
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         self.log(f"checkpoint: step {s} is corrupt or incomplete ({type(e).__name__}: {msg}); {nxt}")
         if quarantine:
