@@ -221,8 +221,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     longest = prompt_BP.shape[1]  # left padding takes no position: the longest real prompt counts (traced: all P)
     if start_B is not None and not isinstance(start_B, jax.core.Tracer):
         longest -= int(start_B.min())
-    if (total := longest + max_new_tokens) > model.cfg.max_seq_len:
-        warnings.warn(f"generate: {total} tokens (prompt {longest} + {max_new_tokens} new) exceed the "
+    # the last new token is sampled, never fed back: positions 0 .. longest + max_new_tokens - 2 run through the
+    # model (a prompt of max_seq_len and one new token stays in the trained context, as training's last target)
+    if (last := longest + max_new_tokens - 2) >= model.cfg.max_seq_len:
+        warnings.warn(f"generate: prompt {longest} + {max_new_tokens} new tokens run positions up to {last}, past the "
                       f"model's max_seq_len={model.cfg.max_seq_len}, the context it was trained for; positions past "
                       "it are extrapolated", stacklevel=2)
     eos_ids = _token_ids("eos_id", eos_id, model.cfg.vocab_size)

@@ -271,9 +271,22 @@ def test_generating_past_max_seq_len_warns_and_runs(model):
     nnx.update(m, nnx.state(model))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert generate(m, prompt, 4).shape == (1, 8)  # exactly max_seq_len: no warning
-    with pytest.warns(UserWarning, match=r"9 tokens \(prompt 4 \+ 5 new\) exceed the model's max_seq_len=8"):
+        # the last new token is sampled, never fed: 4 + 5 tokens run positions 0..7, all within max_seq_len=8
         assert generate(m, prompt, 5).shape == (1, 9)
+    with pytest.warns(UserWarning, match=r"prompt 4 \+ 6 new tokens run positions up to 8, past the model's "
+                                         r"max_seq_len=8"):
+        assert generate(m, prompt, 6).shape == (1, 10)
+
+
+def test_a_prompt_of_max_seq_len_scores_its_next_token_without_a_warning(model):
+    """A prompt of exactly max_seq_len tokens and max_new_tokens=1 runs positions 0..max_seq_len-1 only (training's
+    last target is that token too): the warning said 'positions past it are extrapolated' where none was."""
+    import warnings
+
+    m = Transformer(dataclasses.replace(CFG, max_seq_len=8), rngs=nnx.Rngs(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(m, jnp.zeros((1, 8), jnp.int32), 1).shape == (1, 9)
 
 
 def test_eos_generation_inside_your_own_jit(model):
@@ -362,8 +375,9 @@ def test_left_padding_does_not_count_toward_max_seq_len(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generate(m, tokens, 4, prompt_mask=mask).shape == (2, 20)
-    with pytest.warns(UserWarning, match=r"17 tokens \(prompt 3 \+ 14 new\) exceed the model's max_seq_len=16"):
-        generate(m, tokens, 14, prompt_mask=mask)
+    with pytest.warns(UserWarning, match=r"prompt 3 \+ 15 new tokens run positions up to 16, past the model's "
+                                         r"max_seq_len=16"):
+        generate(m, tokens, 15, prompt_mask=mask)
 
 
 def test_left_pad_refuses_entries_that_are_not_one_prompt(model):
