@@ -250,51 +250,45 @@ def test_a_gathered_fsdp_layer_is_not_split_by_the_stage_axis():
         assert got == 4 * V * D * want, (mesh, tied)
 
 
-def test_gradient_accumulation_is_counted(remat="save_dots_no_batch"):
-    """The trainer's step with grad_accum = 4 (experiments.lm_step.make_state_step) keeps a float32 running sum of
-    the gradients through every microbatch's backward: `memory_per_device(micro_batch=B/A, grad_accum=A)` counts it
-    within the whole-step band (left out, XLA was 1.52x the model here, 1.31x under remat 'full': a user study's
-    finding)."""
+def _accum_step_temp(cfg, seq: int, grad_accum: int = 4) -> int:
+    """XLA's temp bytes of the trainer's step (experiments.lm_step.make_state_step) at batch 8 x `seq`, one device."""
     from experiments.lm_step import make_state_step
 
-    cfg = dataclasses.replace(BASE, mlp_dim=2048, max_seq_len=128, remat=remat)  # parameter-heavy: accum shows
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     opt = make_optimizer()
     graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt, mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     state = {"params": params, "opt_state": opt_state, "step": scalar, "skipped": scalar,
              "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    tok = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=batch_sharding(mesh))
+    tok = jax.ShapeDtypeStruct((8, seq), jnp.int32, sharding=batch_sharding(mesh))
     with jax.set_mesh(mesh):
-        step = make_state_step(graphdef, opt, grad_accum=4)
-        xla = step.lower(state, {"inputs": tok, "targets": tok}).compile().memory_analysis().temp_size_in_bytes
+        step = make_state_step(graphdef, opt, grad_accum=grad_accum)
+        return step.lower(state, {"inputs": tok, "targets": tok}).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_gradient_accumulation_is_counted(remat="save_dots_no_batch"):
+    """The trainer's step with grad_accum = 4 (experiments.lm_step.make_state_step) keeps a float32 running sum of
+    the gradients through every microbatch's backward: `memory_per_device(micro_batch=B/A, grad_accum=A)` counts it
+    within the whole-step band (left out, XLA was 1.52x the model here, 1.31x under remat 'full': a user study's
+    finding)."""
+    cfg = dataclasses.replace(BASE, mlp_dim=2048, max_seq_len=128, remat=remat)  # parameter-heavy: accum shows
+    xla = _accum_step_temp(cfg, 64)
     ours = memory_per_device(cfg, {"data": 1}, 2, 64, grad_accum=4)
     assert ours.accum == 4 * cfg.param_count()
     assert 0.78 * ours.temp <= xla <= 1.12 * ours.temp, xla / ours.temp
     assert xla > 1.12 * memory_per_device(cfg, {"data": 1}, 2, 64).temp  # the test has teeth
 
 
-
 def test_gradient_accumulation_of_bf16_parameters_is_counted_in_the_update():
     """With bfloat16 parameters lm_step casts the float32 running sum down to bfloat16 for the update, and the sum
     stays live beside that cast and the update's float32 copies: left out, XLA was 1.46x the model under remat 'full'
     (A = 4; 1.27x on {data: 8}), the update being the step's peak."""
-    from experiments.lm_step import make_state_step
-
     cfg = dataclasses.replace(BASE, mlp_dim=2048, max_seq_len=128, remat="full", param_dtype="bfloat16")
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    opt = make_optimizer()
-    graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt, mesh)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = {"params": params, "opt_state": opt_state, "step": scalar, "skipped": scalar,
-             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    tok = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=batch_sharding(mesh))
-    with jax.set_mesh(mesh):
-        step = make_state_step(graphdef, opt, grad_accum=4)
-        xla = step.lower(state, {"inputs": tok, "targets": tok}).compile().memory_analysis().temp_size_in_bytes
+    xla = _accum_step_temp(cfg, 128)
     ours = memory_per_device(cfg, {"data": 1}, 2, 128, grad_accum=4)
     assert ours.update_peak > ours.backward_peak
     assert 0.78 * ours.temp <= xla <= 1.12 * ours.temp, xla / ours.temp
+
 
 def test_a_cudnn_model_is_counted_with_a_fused_kernel():
     """attn_impl='cudnn' stores no scores (cuDNN's fused kernel): counted as the CPU kernel's float32 scores, a 7B
