@@ -12,13 +12,13 @@ Three passes, each resumable shard by shard (a shard is skipped when its stats f
      `--dedup-against RUN`, also against the documents another run kept: a held-out set against its training set);
   3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
 Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `shard-NNNNN.stats.json`
-(per stage: documents and bytes in/out, drops by reason with the ids of the first three), `shard-NNNNN.drops.jsonl`
-(every dropped record: id, stage, reason), and `stats.json` summed
-over shards (`python -m data.report OUT` prints it). Memory is
-bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every document's exact
-key (about 150 B per document pass 1 kept, the reference run's survivors included; all that exact-only dedup holds),
-the LSH index of the near-dup cluster representatives (about 6 kB each at the default 128 permutations) and the
-decisions (about 0.2 kB per duplicate).
+(per stage: documents and their text's bytes in/out, drops by reason with the ids of the first three; ingest counts
+a dropped record's bytes as it was in the input, and all it read as `input_bytes`), `shard-NNNNN.drops.jsonl`
+(every dropped record: id, stage, reason), and `stats.json` summed over shards (`python -m data.report OUT` prints
+it). Memory is bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every
+document's exact key (about 150 B per document pass 1 kept, the reference run's survivors included; all that
+exact-only dedup holds), the LSH index of the near-dup cluster representatives (about 6 kB each at the default 128
+permutations) and the decisions (about 0.2 kB per duplicate).
 
 From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
 which import your script again, so call it under `if __name__ == "__main__":`. Inputs changed since a run began
@@ -225,10 +225,15 @@ def _pass1(i: int, files: Sequence[str], out: pathlib.Path, cfg: PipelineConfig)
     stats = [StageStats(s.name) for s in stages]
     keys, sigs = [], []
     for doc, reason, n, record_id in read_records(files, cfg.source, cfg.normalize, with_ids=True):
-        ingest.take(n)
+        # bytes in and out are the text's, like every other stage's: a JSON Lines line's metadata is no loss (its
+        # whole line counted in, its text out, made a run that kept everything look like it lost two thirds). A drop
+        # counts what it took up in the input (its text is unknown); `input_bytes` is all that was read
+        ingest.counters["input_bytes"] += n
         if doc is None:
+            ingest.take(n)
             ingest.drop(reason, n, record_id)
             continue
+        ingest.take(nbytes(doc))
         ingest.keep(nbytes(doc))
         raw_w.write(doc)
         doc = run_stages(doc, stages, stats)

@@ -82,7 +82,8 @@ def _mix(counters, prefix: str) -> str:
 
 def report(out_dir) -> str:
     """A cleaning run's funnel as a printable table: per tier and stage, documents and bytes in / out and the
-    drop reasons."""
+    drop reasons. Bytes are the documents' text, in UTF-8, in every column (a record ingest dropped counts its size
+    in the input: its text is unknown); the input's own size, metadata included, is on a line of its own."""
     rows = funnel(out_dir)
     lines = [f"cleaning run {out_dir}", "",
              f"{'tier':<10} {'stage':<10} {'docs in':>10} {'docs out':>10} {'kept':>7} {'bytes in':>10} "
@@ -93,8 +94,15 @@ def report(out_dir) -> str:
         lines.append(f"{tier:<10} {s.name:<10} {s.docs_in:>10,} {s.docs_out:>10,} {kept:>7.1%} "
                      f"{_size(s.bytes_in):>10} {_size(s.bytes_out):>10}  {drops}")
     first, last = rows[0][1], rows[-1][1]
+    # text against text: the records read, and those dropped as read at their size in the input. (Runs before
+    # `input_bytes` counted ingest's bytes in as the input's, metadata included: this sum holds for both.)
+    read = first.bytes_out + sum(first.dropped_bytes.values())
     lines.append(f"overall: {last.docs_out:,} of {first.docs_in:,} records kept "
-                 f"({_size(last.bytes_out)} of {_size(first.bytes_in)})")
+                 f"({_size(last.bytes_out)} of {_size(read)} of text)")
+    if "input_bytes" in first.counters:
+        lines.append(f"input read: {_size(first.counters['input_bytes'])} (JSON Lines records whole, metadata "
+                     "included; compressed files decompressed; Parquet: the text column)")
+    lines.append("bytes: the documents' text (UTF-8); a record dropped by ingest, as it was in the input")
     by_name = {s.name: s for _, s in rows}
     lines.append("")
     if by_name.get("normalize") and (fixed := by_name["normalize"].counters["mojibake_repaired_docs"]):

@@ -6,9 +6,10 @@ text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, 
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). `discover` refuses, before any
 work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 or
-with bare-CR line ends, zstd / lz4 / archive files, CSV and Arrow-family files. Directory walks skip Hadoop / Spark
-side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which
-hold no records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its document as
+with bare-CR line ends, zstd / lz4 / archive files, Parquet compressed whole (`.parquet.gz`), CSV and Arrow-family
+files, and files whose names are not UTF-8. Directory walks skip Hadoop / Spark side files (names starting with `_`
+or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no records; a file named
+explicitly is read. A JSONL / Parquet record's other fields travel with its document as
 metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`, `augmented`), which
 they overwrite (without a langid stage, labelling keeps a record's own `lang` and `lang_score`), as the document's
 text overwrites a `text` field (so with another `--text-field`, inputs whose first records have one are refused
@@ -41,6 +42,9 @@ _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "dec
            ".arrow": "write it as Parquet", ".feather": "write it as Parquet", ".avro": "convert it to Parquet",
            ".orc": "convert it to Parquet", ".tfrecord": "convert it to JSON Lines",
            ".array_record": "it is already a tier (data.loader.Source reads it)"}
+# compressors of whole files, by suffix (Parquet compresses its own pages, so it is never read through them)
+_WHOLE_FILE = {".gz": "gzip -d", ".bz2": "bzip2 -d", ".xz": "xz -d", ".zst": "zstd -d", ".zstd": "zstd -d",
+               ".lz4": "lz4 -d", ".br": "brotli -d"}
 # what a damaged file raises mid-read: one counted `unreadable_file` / `unreadable_rest`, never a crash
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -90,8 +94,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
              skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
     """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output)
     grouped into shards. Raises a ValueError naming files of a format that would be misread (compressed with
-    zstd / lz4, archives, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file, JSON Lines
-    in UTF-16 or with bare-CR line ends)."""
+    zstd / lz4, archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a
+    JSON Lines file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -116,6 +120,13 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
             files.append(str(p))
         else:
             raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
+    # a name that is not UTF-8 (latin-1 bytes: Python holds them as lone surrogates) cannot be written to the
+    # manifest, ids or drop logs: the run crashed after the walk with a UnicodeEncodeError naming no file
+    undecodable = [os.fsencode(f).decode("utf-8", "backslashreplace") for f in files if _not_utf8(f)]
+    if undecodable:
+        raise ValueError(f"{len(undecodable)} input file names are not UTF-8: {', '.join(undecodable[:5])}"
+                         f"{' ...' if len(undecodable) > 5 else ''}; rename them, e.g. convmv -f latin1 -t utf8 "
+                         "--notest -r DIR (or mv each)")
     unread = [f"{f} ({why})" for f in files if (why := _unread(f))]
     unread += [f"{f} ({why})" for f in files if _kind(f) == "jsonl" and (why := _not_json_lines(f))]
     if unread:
@@ -140,8 +151,20 @@ def _unread(path: str) -> str | None:
     """What to do with a file of a format read wrongly (None: it is read right). The suffix under .gz / .bz2 / .xz
     counts too: a corpus.tar.gz or table.csv.gz was read as one text document (a `binary` drop for a tar)."""
     p = path.lower()
-    inner = os.path.splitext(os.path.splitext(p)[0])[1] if _opener(p) is not open else ""
-    return _UNREAD.get(os.path.splitext(p)[1]) or _UNREAD.get(inner)
+    stem, ext = os.path.splitext(p)
+    # pyarrow reads no whole-file compression: a .parquet.gz was one `unreadable_file` drop, however many rows
+    if stem.endswith(PARQUET_SUFFIXES) and ext in _WHOLE_FILE:
+        return f"Parquet compressed whole, which pyarrow cannot read: decompress it ({_WHOLE_FILE[ext]})"
+    inner = os.path.splitext(stem)[1] if _opener(p) is not open else ""
+    return _UNREAD.get(ext) or _UNREAD.get(inner)
+
+
+def _not_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _not_json_lines(path: str) -> str | None:

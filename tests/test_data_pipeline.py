@@ -1031,3 +1031,68 @@ def test_a_json_line_python_refuses_to_parse_is_a_counted_drop_not_a_crash(tmp_p
     got = list(read_records([str(path)], with_ids=True))
     assert [r for _, r, _, _ in got] == [None, "malformed_json", None] and got[1][3] == f"{path}:2"
     assert got[1][2] == len(path.read_bytes().split(b"\n")[1]) + 1  # its bytes counted
+
+
+def test_the_funnel_counts_text_bytes_in_and_out_and_the_input_bytes_apart(tmp_path, capsys):
+    """A JSON Lines record's metadata is no loss: ingest counted its whole line in and its text out, so a run that
+    kept every document (one 10-byte malformed line dropped) reported 'overall ... (16.0 kB of 51.6 kB)'."""
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 120) for _ in range(6)]
+    meta = {"url": "https://example.com/" + "p" * 200, "html": "<div>" + "m" * 1500 + "</div>"}
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t, **meta}) + "\n" for t in texts) + "{bad json\n")
+    stats = run([path], tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    ingest, last = stats["raw"]["stages"][0], stats["augmented"]["stages"][-1]
+    text = sum(len(t.encode()) for t in texts)
+    assert last["docs_out"] == 6 and last["bytes_out"] == text
+    # in = the text of the records read + what the dropped ones took up in the input (their text is unknown)
+    assert ingest["dropped_bytes"] == {"malformed_json": 10} and ingest["bytes_in"] == text + 10
+    assert ingest["bytes_out"] == text and ingest["counters"]["input_bytes"] == path.stat().st_size
+    print(report_mod.report(tmp_path / "out"))
+    out = capsys.readouterr().out
+    size = report_mod._size
+    assert f"overall: 6 of 7 records kept ({size(text)} of {size(text + 10)} of text" in out
+    assert f"input read: {size(path.stat().st_size)}" in out
+
+
+def test_input_file_names_that_are_not_utf8_are_refused_by_name(tmp_path):
+    """A file named in latin-1 (café.jsonl as the bytes caf\\xe9) crashed writing the manifest, after the walk:
+    UnicodeEncodeError: 'utf-8' codec can't encode character '\\udce9', naming no file."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "ok.jsonl").write_text(json.dumps({"text": en_text(rng, 50)}) + "\n")
+    bad = os.fsdecode(os.fsencode(str(tmp_path / "in")) + b"/caf\xe9.jsonl")
+    try:
+        with open(bad, "w") as f:
+            f.write(json.dumps({"text": en_text(rng, 50)}) + "\n")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    from data import pipeline
+
+    for inputs in ([tmp_path / "in"], [bad]):
+        with pytest.raises(ValueError, match=r"not UTF-8: .*caf\\xe9\.jsonl.*rename") as e:
+            run(inputs, tmp_path / "out", PipelineConfig(workers=1), progress=False)
+        str(e.value).encode("utf-8")  # printable: the message holds no lone surrogate
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match=r"^error: .*caf\\xe9\.jsonl"):
+        pipeline.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_a_parquet_file_compressed_whole_is_refused_before_any_work(tmp_path, suffix):
+    """pyarrow reads no .parquet.gz: its rows were one `unreadable_file` drop (a .parquet.zst was refused, with the
+    hint to recompress it as .gz)."""
+    import bz2
+    import lzma
+
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"text": [en_text(rng, 50) for _ in range(3)]}), tmp_path / "t.parquet")
+    raw = (tmp_path / "t.parquet").read_bytes()
+    comp = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": lambda b: b"\x28\xb5\x2f\xfd"}
+    name = f"part-0.parquet{suffix}"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / name).write_bytes(comp[suffix](raw))
+    with pytest.raises(ValueError, match=re.escape(name) + r" \(Parquet compressed whole.*decompress it") as e:
+        run([tmp_path / "in"], tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    assert "recompress" not in str(e.value)
+    assert not (tmp_path / "out").exists()
