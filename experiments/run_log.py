@@ -26,9 +26,10 @@ def set_aside_logs(out: pathlib.Path) -> str | None:
 
 
 class Logger:
-    """JSONL + TensorBoard + console, on the primary process only."""
+    """JSONL + TensorBoard + console, on the primary process only. tb: the events' directory under `out` (one
+    TensorBoard run: its own step axis, which `resume` marks)."""
 
-    def __init__(self, out: pathlib.Path, primary: bool):
+    def __init__(self, out: pathlib.Path, primary: bool, tb: str = "tb"):
         self.primary = primary
         if primary:
             path = out / "metrics.jsonl"
@@ -45,8 +46,8 @@ class Logger:
             # flush() does not drain that queue, so a killed run lost events its checkpoint covered
             from tensorboardX.event_file_writer import EventsWriter
 
-            (out / "tb").mkdir(parents=True, exist_ok=True)
-            self.tb = EventsWriter(str(out / "tb" / "events"), f".{time.time_ns()}")  # a resume never reuses a name
+            (out / tb).mkdir(parents=True, exist_ok=True)
+            self.tb = EventsWriter(str(out / tb / "events"), f".{time.time_ns()}")  # a resume never reuses a name
 
     def write(self, record: dict):
         """One record {"kind": "train" | "eval" | ..., "step": int, ...}: a JSONL line, and each finite number as a

@@ -410,7 +410,9 @@ def train(cfg, mesh_shape: dict) -> dict:
         check_shared_dir(out, "train.out")
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
-    say = print if primary else (lambda *a, **k: None)
+    # tqdm.write: a message printed while the progress bar is drawn lands on the bar's line (tqdm.write clears the
+    # bar, writes the line, redraws the bar; with no bar open it prints)
+    say = tqdm.write if primary else (lambda *a, **k: None)
     mesh = make_mesh(mesh_shape)
     tok = load_tokenizer(cfg.data)
 
@@ -566,9 +568,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                     log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": perplexity(eval_loss),
                                "wall_s": time.time() - t_start})
                     msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {perplexity(eval_loss):.4g})"
-                    msg += target_crossed(step, eval_loss)
-                    if primary:
-                        tqdm.write(msg)
+                    say(msg + target_crossed(step, eval_loss))
                 # SIGTERM may reach the processes of a job at different steps: all stop at the same one, or the
                 # ones still stepping would wait forever in a collective for those saving
                 stopping = any_process(stop.signal is not None)
@@ -614,13 +614,15 @@ def train(cfg, mesh_shape: dict) -> dict:
     unit = "byte" if cfg.data.tokenizer is None else "token"  # the plot's loss unit (a BPE's were labelled bytes)
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
               "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start}
+    if primary:  # every exit with metrics on disk plots them: a halted or stopped run's curve is the one to look at
+        plot = plot_losses(out, unit)
     if halted is not None:
         good = saved_steps
         raise SystemExit(f"halted at step {halted} (nan_policy=halt); newest good checkpoint: "
                          f"{good[-1] if good else 'none'} in {out / 'ckpt'}")
     if stop.signal is not None or step < t.steps or t.sample_tokens < 1:
-        if primary and step >= t.steps:
-            say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot_losses(out, unit).name}")
+        if primary:
+            say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot.name}")
         return result
 
     # generated sample from the final parameters, on one device (gathered from every process: device_get cannot
@@ -638,7 +640,6 @@ def train(cfg, mesh_shape: dict) -> dict:
     result["sample"] = sample
     if primary:
         (out / "sample.txt").write_text(sample)
-        plot = plot_losses(out, unit)
         say("sample:\n" + sample)
         if first_eval is not None:
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "

@@ -6,7 +6,8 @@ Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel 
 the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
-losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb (TensorBoard).
+losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
+(TensorBoard: a run per stage, each stage counting its steps from 1).
 The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour,
 direction and shape back from the pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png
 and per-prompt GIFs and grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code.
@@ -276,6 +277,9 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
         print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps"))
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
+    # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
+    if log is not None:
+        log.resume(start)
     bar = tqdm(range(start + 1, p.vae_steps + 1), desc="vae", unit="step", initial=start, total=p.vae_steps)
     for step in bar:
         video = shard(ds[step - 1]["video"], mesh)
@@ -293,6 +297,13 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             if log is not None:
                 log.flush()
     return graphdef, params
+
+
+def stage_logger(out: pathlib.Path, stage: str) -> Logger:
+    """A stage's Logger: metrics.jsonl (shared, records of kind `stage`) and its own TensorBoard run, tb/<stage>.
+    The stages share step numbers (each counts from 1): in one run, the restart marker of a resumed stage (which
+    drops every earlier event at its step or later, whatever the tag) dropped the other stage's events too."""
+    return Logger(out, primary=True, tb=f"tb/{stage}")
 
 
 def _stretched(meta: dict, total: int, flag: str) -> str:
@@ -354,6 +365,8 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps"))
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
+    if log is not None:  # (as train_vae's)
+        log.resume(start)
     bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
     avg = None
     for step in bar:
@@ -530,13 +543,14 @@ def main(argv=None):
     timings, t0 = {}, time.time()
     # each stage's metrics where the progress bar updates (every 25 steps and the last), as train_lm's: JSONL
     # (kind 'vae' / 't2v'; a resume logs the steps after its checkpoint again: read each step's last record) + tb/
-    log = Logger(out, primary=True)
+    log = stage_logger(out, "vae")
 
     # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly
     vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
     t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
     with jax.set_mesh(mesh):
         vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log)
+        log.close()
         timings["vae_s"] = time.time() - t0
 
         # one compiled encoder and decoder (batch eval_batch) serve every later stage
@@ -559,6 +573,7 @@ def main(argv=None):
         print(f"vae: held-out PSNR {vae_psnr:.2f} dB")
 
         t2 = time.time()
+        log = stage_logger(out, "t2v")
         gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log)
         log.close()
         timings["dit_s"] = time.time() - t2

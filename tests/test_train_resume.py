@@ -590,3 +590,54 @@ def test_load_model_reads_without_moving_anything(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: pass a run's --out directory"):
         train_lm.load_model(tmp_path / "no_such_run")
     assert not (tmp_path / "no_such_run").exists()
+
+
+def _console(monkeypatch):
+    """stdout and stderr as one stream, as a terminal shows them (the bar is on stderr, messages on stdout)."""
+    import io
+
+    console = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", console)
+    monkeypatch.setattr(sys, "stderr", console)
+    return console
+
+
+def _own_line(console, message):
+    """The message starts a line of its own: printed while the bar was drawn, it landed after the bar's text."""
+    import re
+
+    return any(seg.startswith(message) for seg in re.split(r"[\r\n]", console.getvalue()))
+
+
+def test_a_halted_run_says_why_on_its_own_line_and_plots_its_curve(tmp_path, monkeypatch):
+    """With the progress bar on, 'step 0: eval loss' and 'step 3: non-finite ...' were printed onto the bar's line
+    ('train:  40%|...| 2/5 [...]step 3: non-finite'), and the halted run wrote no loss.png though metrics.jsonl
+    held its curve."""
+    out = tmp_path / "halt"
+    console = _console(monkeypatch)
+    with pytest.raises(SystemExit, match="halted at step 3"):
+        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.progress=True",
+                       "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=halt"])
+    assert _own_line(console, "step 0: eval loss") and _own_line(console, "step 3: non-finite"), console.getvalue()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sigterm_stopped_run_says_so_on_its_own_line_and_plots_its_curve(tmp_path, monkeypatch):
+    """SIGTERM during step 2: the run saves step 3 and exits; its message was printed onto the bar's line, and it
+    wrote no loss.png (only a run that reached train.steps did)."""
+    from parallel import distributed
+
+    real, calls = distributed.any_process, []
+
+    def any_process(flag):  # the loop asks once per step: the signal arrives during step 2, seen after step 3
+        calls.append(flag)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(flag)
+
+    monkeypatch.setattr(distributed, "any_process", any_process)
+    out = tmp_path / "term"
+    console = _console(monkeypatch)
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.progress=True", "--set", "train.eval_every=100"])
+    assert result["step"] == 3 and _own_line(console, "SIGTERM: saved step 3; exiting"), console.getvalue()
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,7 @@
 """The video experiment end to end on its tiny preset, sharded over 8 fake devices, and its checkpoints."""
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,8 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     assert np.isfinite(records[0]["psnr"]) and np.isfinite(records[1]["diffusion"]) and (out / "tb").is_dir()
     for stage in ("vae", "t2v"):
         assert train_video.latest_meta(manager(out / "ckpt" / stage))[1]["total_steps"] == 3
-    assert sum(f.stat().st_size for f in (out / "tb").iterdir()) > 0  # the events written and closed
+    for stage in ("vae", "t2v"):  # the events written and closed, a TensorBoard run per stage
+        assert sum(f.stat().st_size for f in (out / "tb" / stage).iterdir()) > 0
     gifs = sorted((out / "samples").glob("*.gif"))
     assert len(gifs) == 48 and (out / "overview.png").stat().st_size > 0
     assert (out / "samples" / "a_red_circle_moving_up.png").exists()  # a held-out caption
@@ -446,3 +448,36 @@ def test_evaluation_draws_new_noise_per_chunk_and_the_same_at_every_scale():
              null_L=null_tokens(cfg.max_caption_len))
     assert len(keys[2.0]) > 1 and len(set(keys[2.0])) == len(keys[2.0])
     assert keys[1.0][:len(keys[2.0])] == keys[2.0]
+
+
+def test_a_resumed_stage_drops_its_interrupted_attempts_events_but_not_the_other_stages(tmp_path):
+    """Killed after logging VAE step 2 but before saving it, a run resumes the VAE at step 1 and logs step 2 again:
+    TensorBoard's Python loader showed both attempts at step 2. A restart marker (SessionLog START) at the
+    resumed step + 1 drops every earlier event at that step or later on its step axis: the stages share none (tb/vae,
+    tb/t2v), so the DiT's marker cannot drop the VAE's events of the same step numbers."""
+    import dataclasses
+
+    from experiments.lm_step import make_optimizer
+    from parallel import create_sharded, init_optimizer, make_mesh
+    from tests.test_train_checkpoint import tb_as_python_loader_reads
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=2, ckpt_every=1)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    gd, params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
+    opt_state = init_optimizer(make_optimizer(p.vae_lr, total_steps=2, warmup_steps=0, weight_decay=0.0), params)
+    save(manager(tmp_path / "ckpt" / "vae"), 1, {"params": params, "opt_state": opt_state}, {"step": 1})
+    killed = train_video.stage_logger(tmp_path, "vae")  # the interrupted attempt: step 2 logged, not saved
+    killed.write({"kind": "vae", "step": 1, "psnr": 4.0})
+    killed.write({"kind": "vae", "step": 2, "psnr": -1.0})
+    killed.flush()
+    dit = train_video.stage_logger(tmp_path, "t2v")  # the other stage's events at the same step numbers
+    dit.write({"kind": "t2v", "step": 2, "diffusion": 0.5})
+    dit.close()
+    time.sleep(0.01)  # the resumed attempt's events file sorts after the killed one's
+    with jax.set_mesh(mesh):
+        train_video.train_vae(p, tmp_path, mesh, 0, gd, params, log := train_video.stage_logger(tmp_path, "vae"))
+    log.close()
+    killed.close()
+    vae = tb_as_python_loader_reads(tmp_path / "tb" / "vae")["vae/psnr"]
+    assert [s for s, _ in vae] == [1, 2] and vae[0][1] == 4.0 and vae[1][1] != -1.0, vae
+    assert tb_as_python_loader_reads(tmp_path / "tb" / "t2v") == {"t2v/diffusion": [(2, 0.5)]}
