@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,4 +29,21 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None) -> nnx.P
     (std=None). Each call takes one key from `rngs.params` whatever it draws, so the keys of later parameters do
     not depend on which earlier ones are constant."""
     init = nnx.initializers.ones if std is None else nnx.initializers.zeros if std == 0 else _normal(std)
-    return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+    p = nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+    _check_not_built_under_a_mesh(p[...])
+    return p
+
+
+def _check_not_built_under_a_mesh(value) -> None:
+    """Warn when a module is built eagerly inside `jax.set_mesh` (flax's own idiom for sharded init). Our modules
+    turn flax's eager sharding off (logical names are not mesh axes), so every parameter came out replicated on
+    every device of the mesh, silently: on {fsdp 8} each device held the whole model, 8x create_sharded's share.
+    create_sharded's jitted init builds under the mesh too, but traced: no warning there."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or isinstance(value, jax.core.Tracer):
+        return
+    warnings.warn(f"a model built inside jax.set_mesh({dict(zip(mesh.axis_names, mesh.axis_sizes))}) has every "
+                  "parameter replicated on every device (the logical-axis rules are not applied at a plain build): "
+                  "build it with `graphdef, state = parallel.create_sharded(lambda: Model(cfg, rngs=...), mesh)`, "
+                  "outside the mesh context, or place a built one with parallel.shard_state(nnx.state(model), mesh)",
+                  stacklevel=1)  # (here: one warning per process, not one per parameter-creating line)
