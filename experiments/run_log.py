@@ -1,5 +1,5 @@
 """A training run's bookkeeping: metrics to JSONL + TensorBoard, the loss plot, throughput windows, and a clean stop
-on SIGTERM / SIGINT (used by experiments.train_lm)."""
+on SIGTERM / SIGINT (used by experiments.train_lm and experiments.train_video)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ the text encoder + video DiT (rectified flow, caption dropout, alignment loss, E
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
 losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
-(TensorBoard: a run per stage, each stage counting its steps from 1).
+(TensorBoard: a run per stage, each stage counting its steps from 1). SIGTERM or SIGINT (Ctrl-C) during a stage
+finishes its step, saves it and exits 0 (as train_lm; a second signal does not cut the save short), skipping the
+later stages and the evaluation: rerun the same command to resume.
 The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour,
 direction and shape back from the pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png
 and per-prompt GIFs and grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code.
@@ -42,7 +44,7 @@ from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_capt
 from experiments.checkpoint import fingerprint
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
-from experiments.run_log import Logger
+from experiments.run_log import Logger, Stop
 from experiments.video_eval import (
     chance_row,
     run_eval,
@@ -264,9 +266,10 @@ def _warmup(steps: int) -> int:
     return min(max(1, steps // 20), max(steps - 2, 0))
 
 
-def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, log=None):
+def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, log=None, stop=None):
     """Stage 1: train the VAE to `p.vae_steps` (resuming from out/ckpt/vae); returns (graphdef, params). log: a
-    run_log.Logger for its metrics (None: none written)."""
+    run_log.Logger for its metrics (None: none written). stop: a run_log.Stop; once it has caught SIGTERM / SIGINT,
+    the stage saves the step it is on and returns early (the caller reads stop.signal)."""
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=_warmup(p.vae_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
@@ -281,6 +284,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
     if log is not None:
         log.resume(start)
     bar = tqdm(range(start + 1, p.vae_steps + 1), desc="vae", unit="step", initial=start, total=p.vae_steps)
+    step = start
     for step in bar:
         video = shard(ds[step - 1]["video"], mesh)
         params, opt_state, m = step_fn(params, opt_state, video, jax.random.fold_in(key, step))
@@ -289,13 +293,17 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             bar.set_postfix(psnr=f"{float(m['psnr']):.1f}", kl=f"{float(m['kl']):.2f}")
             if log is not None:
                 log.write({"kind": "vae", "step": step, **{k: float(v) for k, v in jax.device_get(m).items()}})
-        if step % p.ckpt_every == 0 or step == p.vae_steps:
+        stopping = stop is not None and stop.signal is not None
+        if step % p.ckpt_every == 0 or step == p.vae_steps or stopping:
             _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
                   "total_steps": p.vae_steps})
             if log is not None:
                 log.flush()
+        if stopping:
+            break
+    _say_stopped(stop, "vae", step)
     return graphdef, params
 
 
@@ -350,9 +358,10 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
     return lat, tok, combo
 
 
-def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo, log=None):
+def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo, log=None,
+              stop=None):
     """Stage 2: train the DiT (+ aligner) on latents z with their caption tokens, keeping an EMA of the weights
-    (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes)."""
+    (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes). stop: as train_vae's."""
     null = null_tokens(p.data.max_caption_len)
     opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=_warmup(p.dit_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
@@ -368,7 +377,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     if log is not None:  # (as train_vae's)
         log.resume(start)
     bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
-    avg = None
+    avg, step = None, start
     for step in bar:
         idx = np.random.default_rng((seed, step)).integers(0, len(z), p.dit_batch)
         batch = shard({"latents": z[idx], "tokens": tokens[idx], "caption_id": combo[idx]}, mesh)
@@ -380,13 +389,26 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
             if log is not None:
                 log.write({"kind": "t2v", "step": step, **{k: float(v) for k, v in m.items()}})
-        if step % p.ckpt_every == 0 or step == p.dit_steps:
+        stopping = stop is not None and stop.signal is not None
+        if step % p.ckpt_every == 0 or step == p.dit_steps or stopping:
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps})
             if log is not None:
                 log.flush()
+        if stopping:
+            break
+    _say_stopped(stop, "t2v", step)
     return graphdef, ema_cast(ema, params)
+
+
+def _say_stopped(stop, stage: str, step: int):
+    """After a stage's loop: if `stop` caught a signal, the one line saying so, through tqdm.write (the stage's bar
+    may be open). `step` is saved whichever way the loop ended: the stop's save, the last step's, or (no step
+    left to train) the checkpoint it resumed from."""
+    if stop is not None and stop.signal is not None:
+        tqdm.write(f"{stop.signal}: saved {stage} step {step}; exiting (later stages and the evaluation skipped; "
+                   "rerun the same command to resume)")
 
 
 # settings of how a stage trained, not of the model it made: load_video_model does not ask for them ('latents': the
@@ -549,9 +571,17 @@ def main(argv=None):
     vae_gd, vae_params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(args.seed)), mesh)
     t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
     with jax.set_mesh(mesh):
-        vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log)
+        # SIGTERM / SIGINT during a stage: it saves the step it is on and the run returns (exit 0), as train_lm's.
+        # Caught only inside the stages: while encoding or evaluating there is nothing to save, and they end at once
+        stop = Stop()
+        try:
+            vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log, stop)
+        finally:
+            stop.restore()
         log.close()
         timings["vae_s"] = time.time() - t0
+        if stop.signal is not None:
+            return {"stopped": stop.signal, "timings": timings}
 
         # one compiled encoder and decoder (batch eval_batch) serve every later stage
         enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
@@ -574,9 +604,15 @@ def main(argv=None):
 
         t2 = time.time()
         log = stage_logger(out, "t2v")
-        gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log)
+        stop = Stop()
+        try:
+            gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log, stop)
+        finally:
+            stop.restore()
         log.close()
         timings["dit_s"] = time.time() - t2
+        if stop.signal is not None:
+            return {"stopped": stop.signal, "timings": timings}
 
         t3 = time.time()
         null = null_tokens(p.data.max_caption_len)

@@ -481,3 +481,103 @@ def test_a_resumed_stage_drops_its_interrupted_attempts_events_but_not_the_other
     vae = tb_as_python_loader_reads(tmp_path / "tb" / "vae")["vae/psnr"]
     assert [s for s, _ in vae] == [1, 2] and vae[0][1] == 4.0 and vae[1][1] != -1.0, vae
     assert tb_as_python_loader_reads(tmp_path / "tb" / "t2v") == {"t2v/diffusion": [(2, 0.5)]}
+
+
+def _signalled_at(make, at: int, sig=None):
+    """Wraps make_vae_step / make_t2v_step: the step function raises `sig` (SIGTERM) at its `at`-th call, as a
+    preemption arriving mid-step would, after dispatching that step."""
+    import signal
+
+    def wrapped(*a, **k):
+        step, calls = make(*a, **k), []
+
+        def signalled(*args):
+            out = step(*args)
+            calls.append(1)
+            if len(calls) == at:
+                signal.raise_signal(sig or signal.SIGTERM)
+            return out
+        return signalled
+
+    return wrapped
+
+
+def _fake_vae_step(graphdef, opt, shardings=None):
+    """Stands for make_vae_step: each step adds the clip batch's mean to the params (so a step's data shows)."""
+    def step(params, opt_state, video, key):
+        metrics = {"psnr": jnp.float32(20.0), "kl": jnp.float32(1.0)}
+        return jax.tree.map(lambda x: x + jnp.mean(video), params), opt_state, metrics
+
+    return step
+
+
+def test_sigterm_in_either_stage_saves_that_step_and_a_rerun_ends_bit_identical(tmp_path, monkeypatch, capsys):
+    """SIGTERM / Ctrl-C killed the video trainer at once: a preempted job lost every step since the last checkpoint
+    (up to ckpt_every - 1 = 499 with the default preset). Now a stage caught by run_log.Stop finishes its step,
+    saves it in the usual checkpoint and returns; the rerun resumes there and ends as an uninterrupted run (the DiT
+    with its real step; the VAE's stands in for its)."""
+    import dataclasses
+    import signal
+
+    from experiments.run_log import Stop
+    from models.video import TextToVideo
+    from parallel import create_sharded, make_mesh
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=3, dit_steps=3, ckpt_every=100)  # saves: the last
+    monkeypatch.setattr(train_video, "make_vae_step", _fake_vae_step)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    t2v_gd, t2v0 = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((16, *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)).astype(np.float32)
+    tok = np.stack([train_video.encode_caption(train_video.caption(*c), p.data.max_caption_len)
+                    for c in p.data.combos()[:16]])
+    combo = np.arange(16, dtype=np.int32)
+
+    def run(stage, out, stop=None):  # one stage; the steps donate their inputs: each run starts from copies
+        with jax.set_mesh(mesh):
+            if stage == "vae":
+                return train_video.train_vae(p, out, mesh, 0, None, {"w": jnp.zeros(4)}, stop=stop)[1]
+            return train_video.train_t2v(p, out, mesh, 0, t2v_gd, jax.tree.map(jnp.copy, t2v0), z, tok, combo,
+                                         stop=stop)[1]
+
+    for stage, sig in (("t2v", signal.SIGTERM), ("vae", signal.SIGINT)):
+        want, out = run(stage, tmp_path / "ref"), tmp_path / stage
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        make = {"vae": "make_vae_step", "t2v": "make_t2v_step"}[stage]
+        with monkeypatch.context() as m:
+            m.setattr(train_video, make, _signalled_at(getattr(train_video, make), 2, sig))
+            stop = Stop()
+            try:
+                run(stage, out, stop)
+            finally:
+                stop.restore()
+        assert {s: signal.getsignal(s) for s in before} == before
+        assert stop.signal == sig.name
+        assert f"{sig.name}: saved {stage} step 2; exiting" in capsys.readouterr().out
+        assert manager(out / "ckpt" / stage).steps() == [2]  # the step it was on (no regular save before 3)
+        got = run(stage, out)  # the rerun: resumes at 2
+        printed = capsys.readouterr().out
+        assert f"{stage}: resumed at step 2" in printed, printed
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation(tmp_path, monkeypatch):
+    """main returns (exit 0, as train_lm) once a stage was stopped: no encoding, no DiT, no evaluation; the
+    handlers are the previous ones again, so a signal while encoding or evaluating (nothing to save) ends the run."""
+    import signal
+
+    def vae_stopped(p, out, mesh, seed, graphdef, params, log=None, stop=None):
+        signal.raise_signal(signal.SIGTERM)  # caught by main's Stop, or this test process ends
+        return graphdef, params
+
+    def never(*a, **k):
+        raise AssertionError("a later stage ran after the stop")
+
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr(train_video, "train_vae", vae_stopped)
+    monkeypatch.setattr(train_video, "encode_latents", never)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    res = train_video.main(["--preset", "tiny", "--out", str(tmp_path)])
+    assert res["stopped"] == "SIGTERM" and "results" not in res
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert not (tmp_path / "results.json").exists()
