@@ -35,11 +35,13 @@ def _not_word() -> re.Pattern:
 
 
 # Invisible default-ignorable characters that NFKC and data.normalize keep: U+034F combining grapheme joiner, ZWNJ /
-# ZWJ, Mongolian variation selectors, variation selectors (VS16 makes '❤' the emoji '❤️'), tags and VS supplement.
+# ZWJ, Mongolian variation selectors, variation selectors (VS16 makes '❤' the emoji '❤️') and their supplement.
 # Deleted before folding: as marks, a VS16 after a folded symbol was a one-character word, so '❤️ ❤️' and '☺️ ☺️'
 # had one exact key (a duplicate dropped) while '❤️' and '❤' did not; as separators, a ZWJ split the word it sat in.
-# (A regex: str.translate with a table cost ~40 ns a character, this ~4.)
-_IGNORABLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0000-\U000e0fff]")
+# Not the tags (U+E0000-E007F): they spell which flag a black flag is (Scotland's, England's, Wales's), and deleted,
+# emoji-only posts of different flags had one key. (A regex: str.translate with a table cost ~40 ns a character,
+# this ~4.)
+_IGNORABLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 
 
 @dataclasses.dataclass(frozen=True)

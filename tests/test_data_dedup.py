@@ -224,6 +224,18 @@ def test_variation_selectors_and_joiners_are_folded_not_words():
     assert exact_key(boy) != exact_key(girl)  # vowel signs are still part of their words
 
 
+def test_subdivision_flags_are_not_one_duplicate():
+    """Scotland's, England's and Wales's flags are one black flag followed by tag characters (U+E0020-E007F) that
+    spell the region: deleted with the variation selectors, emoji-only posts of different flags (and of a bare black
+    flag) had one exact key and one signature, the very merge deleting VS16 was to undo."""
+    tag = lambda region: "\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in region) + "\U000e007f"  # noqa: E731
+    flags = [f"{tag(r)} {tag(r)} {tag(r)}" for r in ("gbsct", "gbeng", "gbwls")] + ["\U0001f3f4 \U0001f3f4 \U0001f3f4"]
+    assert len({exact_key(f) for f in flags}) == 4
+    assert all(jaccard(signature(a), signature(b)) < 0.5 for i, a in enumerate(flags) for b in flags[i + 1:])
+    # in a text with words a flag is punctuation, as before: a tag never split or joined a word
+    assert exact_key(f"go team {tag('gbsct')}!") == exact_key(f"go team {tag('gbeng')}!")
+
+
 def test_documented_removal_rates_below_the_threshold_are_measured_ones():
     """DedupConfig's docstring states the share of pairs removed per band of true Jaccard under the default cut (0.73):
     it said ~55% at 0.70-0.75 and ~80% at 0.75-0.80, where 250 pairs per band measure 46% and 84% (and the binomial
