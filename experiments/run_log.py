@@ -194,13 +194,18 @@ class Throughput:
 
 
 class Stop:
-    """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0."""
+    """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0. A second Ctrl-C (SIGINT after
+    either) raises KeyboardInterrupt at once: the one way out of a save that hangs (orbax writes to a temporary
+    folder and renames it when done, so no half-written step is left to restore). A second SIGTERM is remembered
+    like the first: a scheduler may send several before its kill."""
 
     def __init__(self):
         self.signal = None
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt(f"a second signal (SIGINT after {self.signal}): stopping without the save")
         self.signal = signal.Signals(signum).name
 
     def restore(self):

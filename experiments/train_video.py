@@ -8,7 +8,7 @@ checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkp
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
 losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
 (TensorBoard: a run per stage, each stage counting its steps from 1). SIGTERM or SIGINT (Ctrl-C) during a stage
-finishes its step, saves it and exits 0 (as train_lm; a second signal does not cut the save short), skipping the
+finishes its step, saves it and exits 0 (as train_lm; a second Ctrl-C aborts at once), skipping the
 later stages and the evaluation: rerun the same command to resume.
 The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour,
 direction and shape back from the pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png

@@ -695,6 +695,12 @@ def test_sigint_like_sigterm_is_remembered_for_the_loop_and_the_handlers_come_ba
         except KeyboardInterrupt:  # fail this test, not interrupt the whole session
             pytest.fail("SIGINT interrupted the step instead of asking the loop to stop")
         assert stop.signal == "SIGINT"
+        signal.raise_signal(signal.SIGTERM)  # a scheduler's repeated SIGTERM: still the save-and-exit path
+        assert stop.signal == "SIGTERM"
+        # a second Ctrl-C is the user's way out of a hanging save: it was remembered like the first, so nothing
+        # short of SIGKILL stopped the run
+        with pytest.raises(KeyboardInterrupt, match="a second signal"):
+            signal.raise_signal(signal.SIGINT)
     finally:
         stop.restore()
     assert {s: signal.getsignal(s) for s in before} == before
