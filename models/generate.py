@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.keys import key_error
 from models.transformer import KVCache, check_token_ids
 
 
@@ -115,14 +116,6 @@ def _generate_until(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, gr
     return toks_BN, n
 
 
-def _one_key(rng) -> bool:
-    """A typed key of shape [] or a raw uint32[2] key (jax.random.PRNGKey)."""
-    dtype, shape = getattr(rng, "dtype", None), tuple(getattr(rng, "shape", (None,)))
-    if dtype is None:
-        return False
-    return (jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()) or (dtype == jnp.uint32 and shape == (2,))
-
-
 def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     """Prompts of different lengths (a list of token-id lists) → (tokens int32 [B, P], mask bool [B, P]), each row
     left-padded with `pad_id` to the longest, mask True on real tokens: `generate(model, tokens, n,
@@ -208,9 +201,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(seed)")
     if isinstance(rng, numbers.Number):
         raise ValueError(f"rng must be a key, jax.random.key({rng!r}), not a bare {type(rng).__name__}")
-    if rng is not None and not _one_key(rng):
-        raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), got "
-                         f"{getattr(rng, 'dtype', type(rng).__name__)}{list(getattr(rng, 'shape', ()))}")
+    if rng is not None and (why := key_error(rng)) is not None:  # raw keys: those of the default PRNG (rbg: [4])
+        raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), {why}")
     _check_top_k(top_k)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")

@@ -436,3 +436,24 @@ def test_a_traced_temperature_in_generate_is_named_as_such(model):
     prompt = jnp.ones((1, 3), jnp.int32)
     with pytest.raises(ValueError, match=r"generate's temperature must be a Python number .* sample_logits"):
         jax.jit(lambda t: generate(model, prompt, 2, temperature=t, rng=jax.random.key(0)))(0.5)
+
+
+def test_generate_takes_raw_keys_of_the_default_prng_and_names_other_keys(model):
+    """A raw key is read with the default PRNG implementation: jax.random.PRNGKey is uint32[4] under
+    jax_default_prng_impl='rbg' (faster on TPU) and was refused as 'not one key', while a threefry uint32[2] there
+    passed the check and failed inside jax; an rbg key's raw data under threefry was refused as not a key at all."""
+    prompt = jnp.ones((2, 3), jnp.int32)
+    with jax.default_prng_impl("rbg"):
+        typed = generate(model, prompt, 3, temperature=1.0, rng=jax.random.key(3))
+        np.testing.assert_array_equal(generate(model, prompt, 3, temperature=1.0, rng=jax.random.PRNGKey(3)), typed)
+        raw_fry = jax.random.key_data(jax.random.key(3, impl="threefry2x32"))
+        with pytest.raises(ValueError, match=r"rng .* uint32\[2\], .*wrap_key_data.*impl=\.\.\.\) .*'threefry2x32'"):
+            generate(model, prompt, 3, temperature=1.0, rng=raw_fry)
+    raw_rbg = jax.random.key_data(jax.random.key(3, impl="rbg"))
+    with pytest.raises(ValueError, match=r"rng .* uint32\[4\], .*wrap_key_data\(data, impl=\.\.\.\) .*'rbg'"):
+        generate(model, prompt, 3, temperature=1.0, rng=raw_rbg)
+    wrapped = generate(model, prompt, 3, temperature=1.0, rng=jax.random.wrap_key_data(raw_rbg, impl="rbg"))
+    typed = generate(model, prompt, 3, temperature=1.0, rng=jax.random.key(3, impl="rbg"))
+    np.testing.assert_array_equal(wrapped, typed)
+    with pytest.raises(ValueError, match=r"rng .*a batch of 2 raw keys"):
+        generate(model, prompt, 3, temperature=1.0, rng=jax.random.key_data(jax.random.split(jax.random.key(0))))

@@ -150,6 +150,28 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
             generate(model, tok, null, key, cfg_scale=bad)
 
 
+def test_t2v_takes_raw_keys_of_the_default_prng_and_names_other_keys():
+    """jax.random.PRNGKey is uint32[4] under jax_default_prng_impl='rbg': it was refused as 'were key and null_L
+    swapped?', as were an rbg key's raw data under threefry and a batch of raw keys (not swaps: the fix is another)."""
+    from models.video import TextToVideo, generate, t2v_loss
+
+    model = TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT), rngs=nnx.Rngs(0))
+    null, tok = jnp.zeros((8,), jnp.int32), jnp.ones((2, 8), jnp.int32)
+    batch = {"tokens": tok, "latents": jnp.zeros((2, *DIT.latent_shape, DIT.latent_channels))}
+    with jax.default_prng_impl("rbg"):
+        np.testing.assert_array_equal(generate(model, tok, null, jax.random.PRNGKey(3), steps=1),
+                                      generate(model, tok, null, jax.random.key(3), steps=1))
+        assert t2v_loss(model, batch, jax.random.PRNGKey(3), null)[0] == t2v_loss(model, batch, jax.random.key(3),
+                                                                                 null)[0]
+    raw_rbg = jax.random.key_data(jax.random.key(3, impl="rbg"))
+    with pytest.raises(TypeError, match=r"t2v_loss\(.*key .*uint32\[4\], .*wrap_key_data\(data, impl=\.\.\.\) .*'rbg'"):
+        t2v_loss(model, batch, raw_rbg, null)
+    raw_batch = jax.random.key_data(jax.random.split(jax.random.key(0)))
+    for bad in (raw_batch, jax.random.split(jax.random.key(0))):  # a typed batch failed inside jax.random
+        with pytest.raises(TypeError, match=r"generate\(.*key .*a batch of 2 (raw )?keys"):
+            generate(model, tok, null, bad)
+
+
 def test_t2v_drops_captions_for_the_dit_only_and_guidance_zero_is_the_null_caption():
     """t2v_loss: the DiT sees the dropped captions (here all, at caption_dropout 0.999), the aligner the real ones;
     generate at CFG scale 0 is the unconditional model, i.e. the null caption at scale 1. The DiT trained on

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.keys import key_error
 from models.video.align import Aligner, info_nce
 from models.video.config import TextToVideoConfig
 from models.video.diffusion import diffusion_loss, guided, sample
@@ -44,12 +45,10 @@ def _check_key_and_null(key, null_L, where: str, tokens_BL=None) -> None:
     """The two orders differ (`t2v_loss(..., key, null_L)`, `generate(..., null_L, key)`): a swap is named here,
     not deep inside jax.random or the text encoder; so are captions that are not a batch [B, L] and a null caption
     of another length L (broadcasting errors inside jax before)."""
-    dt = getattr(key, "dtype", None)
-    is_key = dt is not None and (jnp.issubdtype(dt, jax.dtypes.prng_key) or (dt == jnp.uint32 and key.shape == (2,)))
-    if not is_key:
-        raise TypeError(f"{where}: key must be a PRNG key (jax.random.key(0)), got "
-                        f"{getattr(key, 'dtype', type(key).__name__)}{list(getattr(key, 'shape', []))}; "
-                        f"were key and null_L swapped?")
+    # one key: typed, or raw data of the default PRNG (uint32[4] under rbg); a batch or another PRNG's raw data
+    # is named as such, not as a swap
+    if (why := key_error(key, "; were key and null_L swapped?")) is not None:
+        raise TypeError(f"{where}: key must be a PRNG key (jax.random.key(0)), {why}")
     if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or jnp.ndim(null_L) != 1:
         raise TypeError(f"{where}: null_L must be the null caption's token ids [L] (data.moving_shapes.null_tokens), "
                         f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(jnp.shape(null_L))}")
