@@ -133,7 +133,8 @@ def _windows_of(cfg, n_layers: int) -> tuple[int | None, ...]:
     if w is None:
         return (None,) * n_layers
     every = getattr(cfg, "global_every", None)
-    return tuple(None if every and (i + 1) % every == 0 else int(w) for i in range(n_layers))
+    w = _window(w)  # int() floored a fractional window
+    return tuple(None if every and (i + 1) % every == 0 else w for i in range(n_layers))
 
 
 def _moe_of(cfg) -> MoESpec | None:
@@ -168,9 +169,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     windows = tuple(windows) if windows is not None else _windows_of(cfg, L)
     if len(windows) != L:
         raise ValueError(f"windows has {len(windows)} entries for n_layers={L}; give one per layer (None = global)")
-    for w in windows:
-        if w is not None and w < 1:
-            raise ValueError(f"attention window must be >= 1 or None, got {w}")
+    windows = tuple(_window(w) for w in windows)
     # the 'reference' kernel (models.attention's autodiff oracle) ignores attn_block: dense masked scores
     attn_block = None if getattr(cfg, "attn_impl", "xla") == "reference" else getattr(cfg, "attn_block", None)
     return LMShape(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=L, n_heads=cfg.n_heads, kv_heads=kv,
@@ -243,22 +242,34 @@ def param_counts(cfg, **kw) -> ParamCounts:
 # ---- attention keys -----------------------------------------------------------------------------
 
 
+def _whole(name: str, v, low: int = 1) -> int:
+    """`v` as an int >= `low`: lengths and counts are whole numbers (16.0 is taken); int() floored 16.7 to 16 in
+    some functions while others refused it, and a bool passed as 1."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer() or v < low:
+        raise ValueError(f"{name}={v!r} must be a whole number >= {low}")
+    return int(v)
+
+
+def _window(w) -> int | None:
+    """An attention window: None (global) or a whole number of keys >= 1."""
+    if w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Real) or not float(w).is_integer()
+                          or w < 1):
+        raise ValueError(f"attention window must be >= 1 or None (a whole number of keys), got {w!r}")
+    return None if w is None else int(w)
+
+
 def attended_keys(seq_len: int, window: int | None = None, causal: bool = True) -> float:
     """Mean number of keys a query attends to in a length-`seq_len` sequence.
 
     Causal: query at position p sees min(window, p + 1) keys (window None = p + 1), averaged over
     p = 0..T-1, i.e. (T + 1) / 2 for global attention. Non-causal (bidirectional, e.g. DiT): T.
     """
-    T = int(seq_len)
-    if T < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    T = _whole("seq_len", seq_len)
     if not causal:
         if window is not None:
             raise ValueError("windowed bidirectional attention is not modelled; pass window=None or causal=True")
         return float(T)
-    if window is not None and window < 1:
-        raise ValueError(f"attention window must be >= 1 or None, got {window}")
-    W = T if window is None else min(int(window), T)
+    W = T if window is None else min(_window(window), T)
     # sum_{p<W} (p + 1) + (T - W) * W, divided by T
     return (W * (W + 1) / 2 + (T - W) * W) / T
 
@@ -274,13 +285,8 @@ def executed_keys(seq_len: int, window: int | None = None, kernel: str = "dense"
     causal 'xla' kernel with `causal_block=C` (models.attention; C at least T / 16): the block of queries
     [lo, hi) scores keys [0, hi), no padding.
     """
-    if isinstance(seq_len, bool) or not float(seq_len).is_integer():  # int() would count 16.7 as 16 here only
-        raise ValueError(f"seq_len={seq_len!r} must be a whole number of tokens")
-    T = int(seq_len)
-    if T < 1 or block < 1:
-        raise ValueError(f"executed_keys: seq_len ({seq_len}) and block ({block}) must be >= 1")
-    if window is not None and window < 1:
-        raise ValueError(f"attention window must be >= 1 or None, got {window}")
+    T, block = _whole("seq_len", seq_len), _whole("block", block)
+    window = _window(window)
     if kernel == "dense":
         return float(T)
     if kernel == "causal_blocked":
@@ -342,12 +348,14 @@ def executed_slots(m: MoESpec, seq_len: int | None, expert_shards: int = 1) -> f
         return float(m.n_experts if through_buffers else m.top_k)
     if seq_len is None:
         return min(m.top_k * m.capacity_factor, m.n_experts)
+    seq_len = _whole("seq_len", seq_len)
     return m.n_experts * capacity_slots(m.top_k, seq_len, m.capacity_factor, m.n_experts) / seq_len
 
 
 def capacity_slots(top_k: int, tokens: int, capacity_factor: float, n_experts: int) -> int:
     """Capacity dispatch's slots per expert per row: ceil(K·T·CF / E) in exact arithmetic (the capacity factor as
     written: 1.1 is 11/10; in floats 100·1.1 = 110.00000000000001 took one slot more), between 1 and T."""
+    top_k, tokens, n_experts = _whole("top_k", top_k), _whole("tokens", tokens), _whole("n_experts", n_experts)
     exact = Fraction(top_k * tokens) * Fraction(repr(float(capacity_factor))) / n_experts
     return max(1, min(tokens, math.ceil(exact)))
 
@@ -446,6 +454,9 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
     then score `cache_len` keys, local ones their rolling buffer of min(W, cache_len) slots plus the new token (a
     layer with W >= cache_len keeps cache_len slots but still attends as a rolling buffer: cache_len + 1).
     """
+    _whole("context_len", context_len, 0)
+    if cache_len is not None:
+        _whole("cache_len", cache_len)
     if context_len < 0 or (cache_len is not None and cache_len < context_len + 1):
         raise ValueError(f"decode_flops_per_token: context_len={context_len} must be >= 0 and cache_len={cache_len} "
                          "(None or the cache's size) must hold the context and the new token")
@@ -477,8 +488,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_
     for name, v in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token)):
         if not v >= 0:
             raise ValueError(f"mfu: {name} must be >= 0, got {v}")
-    if n_devices < 1:
-        raise ValueError(f"mfu: n_devices must be >= 1, got {n_devices}")
+    _whole("mfu: n_devices", n_devices)
     if not peak_flops_per_device > 0:
         raise ValueError(f"mfu: peak_flops_per_device must be > 0 FLOP/s, got {peak_flops_per_device}")
     u = tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)

@@ -72,11 +72,25 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     if abs(got - n_params) > 0.1 * n_params:  # every FLOP, hour and joule of the plan would be off by as much
         d = shape(*best).d_model
         embed = vocab_size * d
-        raise ValueError(f"no Llama-style shape (head_dim {head_dim}, d_model ≈ {aspect}·L, vocab {vocab_size}) has "
-                         f"about {n_params:.3g} parameters: the closest, L={best[0]}, d={d}, has {got:.3g}"
-                         + ("; its embedding alone is most of that: lower the vocabulary (--vocab) or raise the "
-                            "budget" if embed > n_params / 2 else ""))
+        # the one-layer shape without its (untied) embedding: a vocabulary of v adds 2·v·d to it
+        d1 = shape(1).d_model
+        vocab_fits = int((n_params - (total(1) - 2 * vocab_size * d1)) / (2 * d1))
+        raise NoShapeError(f"no Llama-style shape (head_dim {head_dim}, d_model ≈ {aspect}·L, vocab {vocab_size}) "
+                           f"has about {n_params:.3g} parameters: the closest, L={best[0]}, d={d}, has {got:.3g}"
+                           + (f"; its embedding alone is most of that: lower the vocabulary (--vocab) to about "
+                              f"{vocab_fits:,}" if embed > n_params / 2 and vocab_fits >= 1 else ""), got)
     return shape(*best)
+
+
+class NoShapeError(ValueError):
+    """`suggest_shape` found no shape within 10% of the size asked for; `closest` is the nearest one's size."""
+
+    def __init__(self, msg: str, closest: float):
+        super().__init__(msg)
+        self.closest = closest
+
+
+HEADROOM = 0.9  # the share of a chip's HBM a plan fills (the rest: XLA's buffers, fragmentation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +104,8 @@ class MeshChoice:
 
 def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, seqs_per_chip: int = 1,
                  remat: str = "save_dots_no_batch", param_dtype: str = "float32", compute_dtype: str = "bfloat16",
-                 kernel: str = "flash", headroom: float = 0.9, skipped: list[str] | None = None) -> MeshChoice | None:
+                 kernel: str = "flash", headroom: float = HEADROOM,
+                 skipped: list[str] | None = None) -> MeshChoice | None:
     """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp over each divisor of the rest,
     smallest first (24 chips: 1, 2, 3, 4, 6, 8, 12, 24; powers of two only missed fsdp 24 and reported a model that
     fits there as not fitting), data the rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if
@@ -115,10 +130,10 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
     return None
 
 
-def _num(x: float) -> str:
-    """Whole numbers with thousands separators from 10 up; three significant figures below (a small run's 2.45
-    chip-hours printed as '2')."""
-    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+def _num(x: float, places: int = 0) -> str:
+    """`places` decimals with thousands separators while that keeps two significant figures (from 10 up for whole
+    numbers); three significant figures below (a small run's 2.45 chip-hours printed as '2', 0.000177 as '0.00')."""
+    return f"{x:,.{places}f}" if abs(x) >= 10 ** (1 - places) else f"{x:.3g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +209,19 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         n = float(alloc.optimal_params(flops))
         d = float(alloc.optimal_tokens(flops))
         how = "compute-optimal for the budget"
-    shape = suggest_shape(n, vocab_size=vocab_size)
+    try:
+        shape = suggest_shape(n, vocab_size=vocab_size)
+    except NoShapeError as e:  # name the inputs that reach the closest size (the vocabulary alone rarely can)
+        if e.closest < n:
+            raise
+        if params is not None:
+            fix = f"raise params (--params) to about {e.closest:.3g}"
+        elif tokens is not None:  # N = C / 6D: a larger budget or fewer tokens
+            fix = (f"the budget leaves N = C / 6D = {n:.3g}: raise flops (--flops) to about "
+                   f"{6 * d * e.closest:.3g} or lower tokens (--tokens) to about {flops / (6 * e.closest):.3g}")
+        else:
+            fix = f"raise flops (--flops) to about {float(alloc.optimal_flops_for_params(e.closest)):.3g}"
+        raise ValueError(f"{e}; {'or ' if 'vocabulary' in str(e) else ''}{fix}") from None
     fpt = train_flops_per_token(shape, seq_len)
     c6 = 6.0 * n * d
     cm = fpt * d
@@ -222,15 +249,15 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         f"  energy     : {power:g} W per chip{' (datasheet max TDP)' if chip_power_w is None else ' (given)'} "
         f"x PUE {pue:g}; grid {grid_g_per_kwh:g} gCO2e/kWh; chips only (hosts, network, idle not counted)",
         f"  memory     : f32 params + f32 grads + AdamW (2 x f32), bf16 compute, remat {remat}, fused (flash) "
-        f"attention, {seqs_per_chip} sequence(s) of {seq_len} per data/fsdp rank, 90% of HBM usable",
+        f"attention, {seqs_per_chip} sequence(s) of {seq_len} per data/fsdp rank, {HEADROOM:.0%} of HBM usable",
         "",
         f"model     : N = {n:.4g} params; suggested shape L={shape.n_layers}, d={shape.d_model}, "
         f"heads={shape.n_heads}x{shape.head_dim}, mlp={shape.mlp_dim}, vocab={shape.vocab_size} "
         f"({pc.total:.4g} params)",
         f"tokens    : D = {d:.4g} ({how}; {d / n:.1f} tokens/param)",
         f"compute   : 6ND = {c6:.4g} FLOPs; model FLOPs = {fpt:.4g}/token x D = {cm:.4g} FLOPs",
-        f"wall-clock: {cm:.4g} / ({chips} x {peak:.4g} x {mfu:g}) = {seconds:,.0f} s = {seconds / 3600:,.1f} h "
-        f"= {seconds / 86400:,.2f} days ({chip_hours:,.{0 if chip_hours >= 10 else 2}f} chip-hours)",
+        f"wall-clock: {cm:.4g} / ({chips} x {peak:.4g} x {mfu:g}) = {_num(seconds)} s = {_num(seconds / 3600, 1)} h "
+        f"= {_num(seconds / 86400, 2)} days ({_num(chip_hours)} chip-hours)",
     ]
     if mesh is None:
         # what the most sharded layout (fsdp over as many chips as divide the shape, data over the rest) still
@@ -245,7 +272,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
             except ValueError:
                 continue
         state = None if least is None else least.params + least.grads + least.opt_state
-        if state is None or state < 0.9 * c.hbm_bytes:  # the state alone fits: activations are what overflows,
+        if state is None or state < HEADROOM * c.hbm_bytes:  # the state alone fits: activations are what overflows,
             # and more chips bring more sequences (one per data / fsdp rank), not fewer per chip
             fixes = ([] if remat == "full" else ["use remat='full'"]) + [
                 "lower seq_len", "split each sequence over a 'sequence' mesh axis (this planner does not search it)"]
@@ -254,14 +281,16 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
                      f"{fsdp} of {chips})"]
         need = "" if least is None else (f" (fsdp over {fsdp} of {chips}: {least.total / 2**30:.1f} GiB per chip, of "
                                          f"which parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
-        lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB with tensor <= 8 at this "
-                     f"micro-batch{need}; {', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
+        lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB ({HEADROOM:.0%} usable) with "
+                     f"tensor <= 8 at this micro-batch{need}; "
+                     f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
                      + "".join(f"\n            layouts not tried: {why}" for why in skipped))
     else:
         lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "
-                  f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB:", mesh.memory.table()]
+                  f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB "
+                  f"({HEADROOM:.0%} usable: {HEADROOM * c.hbm_bytes / 2**30:.1f} GiB):", mesh.memory.table()]
     lines += [f"energy    : {_num(chip_hours)} chip-h x {power:g} W x PUE {pue:g} = {_num(kwh)} kWh",
-              f"CO2e      : {_num(kwh)} kWh x {grid_g_per_kwh:g} g/kWh = {_num(co2)} kg ({co2 / 1000:,.2f} t)"]
+              f"CO2e      : {_num(kwh)} kWh x {grid_g_per_kwh:g} g/kWh = {_num(co2)} kg ({_num(co2 / 1000, 2)} t)"]
     return Plan(n, d, c6, cm, fpt, seconds, chip_hours, kwh, co2, shape, mesh, "\n".join(lines))
 
 

@@ -23,6 +23,7 @@ from scaling.flops import (
     MoESpec,
     attended_keys,
     attention_flops_per_token,
+    capacity_slots,
     decode_flops_per_token,
     executed_keys,
     lm_shape,
@@ -456,6 +457,38 @@ def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
     with pytest.raises(ValueError, match="context_len=-5"):
         decode_flops_per_token(SimpleNamespace(**base), -5)
     assert param_counts(SimpleNamespace(**base)).total > 0  # the same config, well formed, is counted
+
+
+def test_fractional_lengths_and_counts_are_refused_everywhere():
+    """attended_keys(16.7) counted T = 16 (int()) while executed_keys refused 16.7; decode, MoE slots and mfu took
+    fractions, a bool or 0 (a ZeroDivisionError) the same way."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
+    moe = MoESpec(n_experts=4, top_k=2, expert_mlp_dim=32)
+    for call, match in [(lambda: attended_keys(16.7), r"seq_len=16.7 must be a whole number >= 1"),
+                        (lambda: attended_keys(16.7, causal=False), "seq_len=16.7"),
+                        (lambda: attended_keys(True), "seq_len=True"),
+                        (lambda: attended_keys(16, 2.5), r"window must be >= 1 or None \(a whole number of keys\)"),
+                        (lambda: executed_keys(16, 2.5, "blocked", 4), "window must be >= 1"),
+                        (lambda: executed_keys(16, True, "flash"), "window must be >= 1"),
+                        (lambda: executed_keys(16, None, "blocked", 2.5), "block=2.5"),
+                        (lambda: train_flops_per_token(cfg, 16, windows=(2.5, None)), "window must be >= 1"),
+                        (lambda: param_counts(SimpleNamespace(**vars(cfg), sliding_window=4.5)), "got 4.5"),
+                        (lambda: decode_flops_per_token(cfg, 2.5), "context_len=2.5"),
+                        (lambda: decode_flops_per_token(cfg, 2, cache_len=10.5), "cache_len=10.5"),
+                        (lambda: matmul_flops_per_token(cfg, executed=True, seq_len=0, moe=moe), "seq_len=0"),
+                        (lambda: matmul_flops_per_token(cfg, executed=True, seq_len=-4, moe=moe), "seq_len=-4"),
+                        (lambda: matmul_flops_per_token(cfg, executed=True, seq_len=16.7, moe=moe), "seq_len=16.7"),
+                        (lambda: capacity_slots(2, 16.7, 1.0, 4), "tokens=16.7"),
+                        (lambda: capacity_slots(2.5, 16, 1.0, 4), "top_k=2.5"),
+                        (lambda: capacity_slots(2, 16, 1.0, 0), "n_experts=0"),
+                        (lambda: mfu(1.0, 1.0, 2.5, 1e12), "n_devices=2.5")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # whole numbers of any type are counted as before
+    assert attended_keys(16.0) == attended_keys(np.int64(16)) == 8.5
+    assert decode_flops_per_token(cfg, 2.0) == decode_flops_per_token(cfg, 2)
 
 
 def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():

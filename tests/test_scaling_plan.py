@@ -96,12 +96,49 @@ def test_planner_errors_name_the_fix():
                       (dict(flops=-1e20), "flops"), (dict(params=1e9, chips=0), "chips"),
                       (dict(params=1e9, chips=-8), "chips"), (dict(params=1e9, pue=-1.0), "pue"),
                       (dict(params=1e9, chip_power_w=-700.0), "chip_power_w"),
-                      (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "lower the vocab"),
+                      (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "raise flops"),
                       # a remat typo was reported as 'does not fit', a string mfu a TypeError
                       (dict(params=7e9, remat="bogus"), "remat='bogus': use one of"),
                       (dict(params=1e9, mfu="0.4"), "mfu must be a number")]:
         with pytest.raises(ValueError, match=field):
             make_plan(**kw)
+
+
+def test_a_tiny_run_prints_significant_figures():
+    """The wall-clock line printed '0.0 h = 0.00 days (0.00 chip-hours)' beside the energy line's 0.00292 chip-h."""
+    plan = make_plan(params=1e8, tokens=1e7, chips=1, seq_len=512)
+    assert plan.chip_hours == pytest.approx(0.00292, rel=1e-2)
+    assert f"= 11 s = {plan.seconds / 3600:.3g} h = {plan.seconds / 86400:.3g} days ({plan.chip_hours:.3g} " \
+           "chip-hours)" in plan.text
+    assert f"energy    : {plan.chip_hours:.3g} chip-h" in plan.text and "(9e-07 t)" in plan.text
+    assert "0.00 " not in plan.text and "0.0 h" not in plan.text
+
+
+def test_a_model_too_small_for_any_shape_names_what_reaches_one():
+    """--flops C --tokens D with D far above C/6 gave N < 1 and advised lowering the vocabulary, which no
+    vocabulary can fix: the error names the budget and token count that reach the smallest shape (8.45e6 at vocab
+    32000), and those values plan."""
+    with pytest.raises(ValueError, match=r"N = C / 6D = 0.167: raise flops \(--flops\) to about 5.07e\+25 or lower "
+                       r"tokens \(--tokens\) to about 1.97e\+10$") as e:
+        make_plan(flops=1e18, tokens=1e18)
+    assert "vocabulary" not in str(e.value)
+    assert make_plan(flops=1e18, tokens=1.97e10).shape.n_layers == 1
+    with pytest.raises(ValueError, match=r"raise flops \(--flops\) to about 9.17e\+15$"):  # compute-optimal N 8.8e3
+        make_plan(flops=1e10)
+    make_plan(flops=9.17e15)
+    # the vocabulary is named only where one exists that reaches the size, and the one it names does
+    with pytest.raises(ValueError, match=r"lower the vocabulary \(--vocab\) to about 2,880; or raise params"):
+        make_plan(params=1e6)
+    assert make_plan(params=1e6, vocab_size=2880).shape.vocab_size == 2880
+    with pytest.raises(ValueError, match=r"has 8.45e\+06; raise params \(--params\) to about 8.45e\+06$"):
+        make_plan(params=1e3)
+
+
+def test_the_memory_line_says_what_share_of_the_chip_the_plan_fills():
+    """It printed '63.9 GiB of 74.5 GiB' while fitting against 90% of the 74.5 GiB."""
+    text = make_plan(params=7e9).text
+    assert "per chip 63.9 GiB of 74.5 GiB (90% usable: 67.1 GiB):" in text
+    assert "does not fit 8 x 80 GB (90% usable)" in make_plan(params=4e11, chips=8).text
 
 
 def test_peak_table():
