@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import pathlib
 import signal
 import time
@@ -137,30 +138,55 @@ def read_curves(path: pathlib.Path):
     return curves
 
 
-def plot_losses(out: pathlib.Path, unit: str = "byte") -> pathlib.Path:
-    """Train and held-out loss curves from out/metrics.jsonl, saved as out/loss.png (returned). unit: what a loss
-    is per ('byte' for bytes + EOS, 'token' for a BPE)."""
+# (kind, key, label, line style) of each curve train_lm plots: its train loss and the held-out loss at eval steps
+LM_CURVES = (("train", "loss", "train loss", "-"), ("eval", "loss", "held-out loss", "o-"))
+
+
+def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: str = "loss.png",
+                ylabel: str | None = None, log_y: bool = False) -> pathlib.Path:
+    """Loss curves from out/metrics.jsonl, saved as out/<name> (returned): for each (kind, key, label, style) of
+    `curves`, the `key` of every record of that kind against its step (a step logged twice: its last record; a
+    curve with no such record is left out). The default: train_lm's train and held-out loss. unit: what a loss is
+    per ('byte' for bytes + EOS, 'token' for a BPE), in the default ylabel. Written to a temporary file and renamed,
+    so a kill mid-write leaves the previous plot, not a truncated one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = read_curves(out / "metrics.jsonl")
+    records = read_curves(out / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, label in (("train", "train loss"), ("eval", "held-out loss")):
-        pts = sorted(curves.get(kind, {}).items())
+    for kind, key, label, style in curves:
+        pts = [(s, r[key]) for s, r in sorted(records.get(kind, {}).items()) if key in r]
         if pts:
-            loss = [math.nan if r["loss"] is None else r["loss"] for _, r in pts]  # null: a non-finite loss
-            ax.plot([s for s, _ in pts], loss, "-" if kind == "train" else "o-", label=label)
+            ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],  # null: a non-finite loss
+                    style, label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"loss (nats / {unit})")
+    ax.set_ylabel(ylabel or f"loss (nats / {unit})")
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # (legend() warns when there is nothing to label: a run stopped before its first record)
+        ax.legend()
     fig.tight_layout()
-    path = out / "loss.png"
-    fig.savefig(path, dpi=110)
+    path = write_atomically(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def write_atomically(path: pathlib.Path, write) -> pathlib.Path:
+    """write(tmp) to `<path>.tmp` beside `path`, then rename it over `path` (atomic on POSIX): a kill mid-write
+    leaves the previous file (or none), never a truncated one that a resume or a reader then reads. Returns path."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomically(path: pathlib.Path, text: str) -> pathlib.Path:
+    """`path.write_text(text)` through `write_atomically`."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 class Throughput:

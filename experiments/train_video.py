@@ -7,7 +7,8 @@ the text encoder + video DiT (rectified flow, caption dropout, alignment loss, E
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
 losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
-(TensorBoard: a run per stage, each stage counting its steps from 1). SIGTERM or SIGINT (Ctrl-C) during a stage
+(TensorBoard: a run per stage, each stage counting its steps from 1), plotted in <out>/loss_vae.png and
+<out>/loss_t2v.png as each stage ends (also when stopped or diverged). SIGTERM or SIGINT (Ctrl-C) during a stage
 finishes its step, saves it and exits 0 (as train_lm; a second Ctrl-C aborts at once), skipping the
 later stages and the evaluation: rerun the same command to resume.
 The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-prompt control, reads colour,
@@ -44,7 +45,7 @@ from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_capt
 from experiments.checkpoint import fingerprint
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
-from experiments.run_log import Logger, Stop
+from experiments.run_log import Logger, Stop, plot_losses, set_aside_logs, write_text_atomically
 from experiments.video_eval import (
     chance_row,
     run_eval,
@@ -159,7 +160,29 @@ PRESETS = {
 
 # what a run directory holds (written by main); --fresh refuses to delete a directory holding anything else
 RUN_FILES = frozenset({"ckpt", "latents.npz", "latents.npz.tmp.npz", "latent_stats.json", "results.json",
-                       "results.md", "overview.png", "samples", "metrics.jsonl", "tb"})
+                       "results.md", "overview.png", "samples", "metrics.jsonl", "tb", "loss_vae.png", "loss_t2v.png"})
+
+
+def run_file(name: str) -> bool:
+    """Whether `name` is one of RUN_FILES, the temporary file one is written to (`<name>.tmp`, left by a kill), or
+    logs set aside by run_log.set_aside_logs (`<name>.prev-<time>`)."""
+    return name in RUN_FILES or name.removesuffix(".tmp") in RUN_FILES or name.split(".prev-")[0] in RUN_FILES
+
+
+# each stage's loss plot (run_log.plot_losses): (kind, key, label, style) of the losses its metrics.jsonl records
+# hold; no held-out loss is measured during either stage
+STAGE_CURVES = {
+    "vae": (("vae", "loss", "loss (mse + kl_weight·kl)", ".-"), ("vae", "mse", "reconstruction mse", ".--"),
+            ("vae", "kl", "kl", ".:")),
+    "t2v": (("t2v", "loss", "loss (diffusion + align_weight·align)", ".-"), ("t2v", "diffusion", "diffusion", ".--"),
+            ("t2v", "align", "align (InfoNCE)", ".:")),
+}
+
+
+def plot_stage(out: pathlib.Path, stage: str) -> pathlib.Path:
+    """out/loss_<stage>.png: the stage's losses from out/metrics.jsonl against its steps (log scale: the VAE's mse
+    falls by orders of magnitude beside its kl)."""
+    return plot_losses(out, curves=STAGE_CURVES[stage], name=f"loss_{stage}.png", ylabel=f"{stage} loss", log_y=True)
 
 
 def remove_media(out: pathlib.Path) -> list[str]:
@@ -277,7 +300,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
     if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
         start, trees, meta = r
         params, opt_state = trees["params"], trees["opt_state"]
-        print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps"))
+        print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps") + _other_mesh(meta, mesh))
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
@@ -298,7 +321,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
-                  "total_steps": p.vae_steps})
+                  "total_steps": p.vae_steps, "mesh": mesh_axes(mesh)})
             if log is not None:
                 log.flush()
         if stopping:
@@ -323,6 +346,23 @@ def _stretched(meta: dict, total: int, flag: str) -> str:
     return (f"; note: trained so far toward {was} steps, now {flag} {total}: the learning-rate schedule is rebuilt "
             f"for {total} (its warmup and decay stretched from here on), so this run differs from an uninterrupted "
             f"{total}-step one")
+
+
+def mesh_axes(mesh) -> dict[str, int]:
+    """The mesh's axis sizes, those of 1 left out (they split nothing), as saved in a stage's checkpoint record."""
+    return {k: int(v) for k, v in mesh.shape.items() if v > 1}
+
+
+def _other_mesh(meta: dict, mesh) -> str:
+    """A note when a stage resumes on another mesh (device count or axis sizes) than its checkpoint was saved on:
+    the sharded sums reduce in another order, so the run goes on differing from an uninterrupted one in the last
+    float32 digits (a checkpoint saved before the mesh was recorded: no note)."""
+    was, now = meta.get("mesh"), mesh_axes(mesh)
+    if was is None or dict(was) == now:
+        return ""
+    return (f"; note: saved on mesh {dict(was) or '(one device)'} ({math.prod(was.values())} devices), resumed on "
+            f"{now or '(one device)'} ({math.prod(now.values())} devices): sums over the sharded axes reduce in "
+            "another order, so from here on this run differs from an uninterrupted one in the last float32 digits")
 
 
 def latents_made_by(p: Preset) -> str:
@@ -371,7 +411,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
         start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
-        print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps"))
+        print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps") + _other_mesh(meta, mesh))
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
@@ -393,7 +433,8 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         if step % p.ckpt_every == 0 or step == p.dit_steps or stopping:
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
-                 {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps})
+                 {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps,
+                  "mesh": mesh_axes(mesh)})
             if log is not None:
                 log.flush()
         if stopping:
@@ -496,6 +537,31 @@ def load_video_model(out, preset: str | Preset = "default"):
     return sample, p
 
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """--scales: comma-separated CFG scales >= 1, each once (a repeated one is dropped, with a note: it was generated
+    again and reported once). Raises ValueError naming the fix."""
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+        if not all(map(math.isfinite, scales)):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"write comma-separated finite numbers, e.g. 1,2,4, got {text!r}") from None
+    if min(scales) < 1:  # the targets are judged at the largest; below 1 guidance pushes away from the caption
+        raise ValueError(f"CFG scales are >= 1 (1: the conditional model alone; the table's null-prompt row is the "
+                         f"unconditional one), got {text!r}")
+    names = {}  # a condition's name, 'cfg <scale:g>' -> the scales of that name
+    for s in scales:
+        names.setdefault(f"{s:g}", set()).add(s)
+    if clash := [sorted(v) for v in names.values() if len(v) > 1]:  # one name: one's results overwrote the other's
+        a, b = clash[0][:2]
+        raise ValueError(f"{a:.10g} and {b:.10g} are both reported as 'cfg {a:g}' (6 significant digits); pass "
+                         f"scales that differ there, got {text!r}")
+    if len(set(scales)) < len(scales):
+        scales = tuple(dict.fromkeys(scales))
+        print(f"--scales: {text!r} repeats a scale; evaluating {', '.join(f'{s:g}' for s in scales)} once each")
+    return scales
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
@@ -533,14 +599,9 @@ def main(argv=None):
     except (ConfigError, ValueError) as e:
         ap.error(f"argument --mesh: {str(e).removeprefix('mesh: ')}")
     try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-        if not all(map(math.isfinite, scales)):
-            raise ValueError
-    except ValueError:
-        ap.error(f"argument --scales: write comma-separated finite numbers, e.g. 1,2,4, got {args.scales!r}")
-    if min(scales) < 1:  # the targets are judged at the largest; below 1 guidance pushes away from the caption
-        ap.error(f"argument --scales: CFG scales are >= 1 (1: the conditional model alone; the table's null-prompt "
-                 f"row is the unconditional one), got {args.scales!r}")
+        scales = parse_scales(args.scales)
+    except ValueError as e:
+        ap.error(f"argument --scales: {e}")
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
     try:  # the models' dimensions against the mesh, on shapes only (nothing compiled)
@@ -552,12 +613,16 @@ def main(argv=None):
     if out.exists() and not out.is_dir():
         ap.error(f"argument --out: {out} is a file; pass a directory")
     if args.fresh and out.exists():
-        if foreign := sorted(c.name for c in out.iterdir() if c.name not in RUN_FILES):
+        if foreign := sorted(c.name for c in out.iterdir() if not run_file(c.name)):
             ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "
                      f"--fresh deletes only a video run's own directory: pass another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     check_resume(p, out, args.seed)
+    # a run that never saved (killed before its first checkpoint): its logs are not ours to extend, as train_lm's;
+    # appended to, steps only it logged stayed in this run's curves and loss plots
+    if all(latest_meta(manager(out / "ckpt" / s)) is None for s in ("vae", "t2v")) and (stamp := set_aside_logs(out)):
+        print(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     frames, size = p.data.frames, p.data.size
     print(f"mesh {dict(mesh.shape)}; clips {frames}×{size}×{size} → latents {p.vae.latent_shape(frames, size, size)}; "
           f"VAE {p.vae.param_count():,} params; text+DiT+aligner {p.t2v.param_count():,} params "
@@ -576,9 +641,10 @@ def main(argv=None):
         stop = Stop()
         try:
             vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log, stop)
-        finally:
+        finally:  # plotted however the stage ended (done, stopped, diverged): a halted run's curve is the one to see
             stop.restore()
-        log.close()
+            log.close()
+            print(f"vae: wrote {plot_stage(out, 'vae')}")
         timings["vae_s"] = time.time() - t0
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}
@@ -591,7 +657,9 @@ def main(argv=None):
                                             fingerprint(vae_params))
         stats = latent_stats(lat)
         z = np.asarray(normalize(lat, stats))
-        (out / "latent_stats.json").write_text(json.dumps({"mean": stats[0].tolist(), "std": stats[1].tolist()}))
+        # whole or not at all: load_video_model reads it, and a kill mid-write left it truncated
+        write_text_atomically(out / "latent_stats.json", json.dumps({"mean": stats[0].tolist(),
+                                                                     "std": stats[1].tolist()}))
         timings["encode_s"] = time.time() - t1
 
         # held-out reconstructions: the VAE's PSNR and the evaluator's accuracy on real clips it decoded
@@ -607,9 +675,10 @@ def main(argv=None):
         stop = Stop()
         try:
             gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log, stop)
-        finally:
+        finally:  # (as the VAE's)
             stop.restore()
-        log.close()
+            log.close()
+            print(f"t2v: wrote {plot_stage(out, 't2v')}")
         timings["dit_s"] = time.time() - t2
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}
@@ -645,7 +714,7 @@ def main(argv=None):
     save_results(out / "results.json", results, {"vae_psnr_heldout_db": vae_psnr, "real_clips_vae": real_row,
                                                  "chance": chance_row(), "targets_met": targets, "timings": timings,
                                                  "vae_steps": p.vae_steps, "dit_steps": p.dit_steps, "seed": args.seed})
-    (out / "results.md").write_text(md + "\n")
+    write_text_atomically(out / "results.md", md + "\n")
     print(md)
     print(f"targets at CFG {max(scales):g}: {targets}; null prompt colour {100 * null_row['colour']:.1f}% "
           f"(chance 25%); timings {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")

@@ -30,6 +30,7 @@ from data.moving_shapes import (
     measure,
     null_tokens,
 )
+from experiments.run_log import write_text_atomically
 
 ATTRS = ("colour", "direction", "shape")
 
@@ -84,6 +85,10 @@ def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scale
     decoded clips aligned with prompt_set(split) (condition: 'cfg <scale>' or 'null prompt') and sets[split] =
     prompt_set(...) ('seen', 'held-out').
     """
+    names = [f"cfg {s:g}" for s in scales]  # a condition's name in results and videos
+    if dup := sorted({n for n in names if names.count(n) > 1}):  # generated again, then overwriting the first
+        raise ValueError(f"run_eval: scales={tuple(scales)} name {', '.join(map(repr, dup))} more than once (names "
+                         "keep 6 significant digits); pass each scale once")
     results, videos = {}, {}
     # None crashed the null-prompt condition (an object array into gen_fn), after every guided one had run
     null_L = null_tokens(data_cfg.max_caption_len) if null_L is None else np.asarray(null_L)
@@ -145,9 +150,10 @@ def table(results: dict, real: dict | None = None) -> str:
 
 
 def save_results(path, results: dict, extra: dict):
-    """The eval results keyed '<name> / <split>', plus `extra`, as indented JSON at `path`."""
+    """The eval results keyed '<name> / <split>', plus `extra`, as indented JSON at `path` (written whole or not at
+    all: a kill mid-write left a truncated file)."""
     out = {f"{name} / {split}": r for (name, split), r in results.items()} | extra
-    pathlib.Path(path).write_text(json.dumps(out, indent=2))
+    write_text_atomically(pathlib.Path(path), json.dumps(out, indent=2))
 
 
 # --- media ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from models.video import VAEConfig, VideoVAE
 @pytest.mark.slow
 def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    lines = _plotted(monkeypatch)
     res = train_video.main(["--preset", "tiny", "--out", str(out), "--mesh", "data=2,fsdp=2,tensor=2"])
     results = json.loads((out / "results.json").read_text())
     for cond in ("cfg 1", "cfg 2", "cfg 4"):
@@ -35,6 +36,16 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     assert np.isfinite(records[0]["psnr"]) and np.isfinite(records[1]["diffusion"]) and (out / "tb").is_dir()
     for stage in ("vae", "t2v"):
         assert train_video.latest_meta(manager(out / "ckpt" / stage))[1]["total_steps"] == 3
+    # each stage's loss plot, from the losses it logged
+    from PIL import Image
+
+    for stage in ("vae", "t2v"):
+        with Image.open(out / f"loss_{stage}.png") as im:
+            assert im.format == "PNG"
+    for label, (i, key) in {"loss (mse + kl_weight·kl)": (0, "loss"), "reconstruction mse": (0, "mse"), "kl": (0, "kl"),
+                            "loss (diffusion + align_weight·align)": (1, "loss"), "diffusion": (1, "diffusion"),
+                            "align (InfoNCE)": (1, "align")}.items():
+        assert lines[label] == ([3], [records[i][key]]), label
     for stage in ("vae", "t2v"):  # the events written and closed, a TensorBoard run per stage
         assert sum(f.stat().st_size for f in (out / "tb" / stage).iterdir()) > 0
     gifs = sorted((out / "samples").glob("*.gif"))
@@ -581,3 +592,196 @@ def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation
     assert res["stopped"] == "SIGTERM" and "results" not in res
     assert {s: signal.getsignal(s) for s in before} == before
     assert not (tmp_path / "results.json").exists()
+
+
+def _plotted(monkeypatch):
+    """{label: (steps, values)} of every line the plots draw from here on (the data a plot is made from)."""
+    from matplotlib.axes import Axes
+
+    lines, plot = {}, Axes.plot
+
+    def record(self, x, y, *args, label=None, **kw):
+        lines[label] = (list(x), list(y))
+        return plot(self, x, y, *args, label=label, **kw)
+
+    monkeypatch.setattr(Axes, "plot", record)
+    return lines
+
+
+def test_each_stage_plots_its_losses_when_it_ends_stops_or_diverges(tmp_path, monkeypatch):
+    """train_lm plots loss.png on every exit; the video trainer plotted nothing. Each stage now writes
+    loss_<stage>.png from its metrics.jsonl records as it ends: done, stopped by SIGTERM, or diverged (its halt)."""
+    import math
+    import signal
+
+    from PIL import Image
+
+    records = [{"step": 1, "loss": 1.5, "mse": 1.25, "kl": 2.5}, {"step": 2, "loss": 0.75, "mse": 0.5, "kl": 2.5}]
+
+    def vae_logged(then):
+        def train_vae(p, out, mesh, seed, graphdef, params, log=None, stop=None):
+            for r in records:
+                log.write({"kind": "vae", **r})
+            then()
+            return graphdef, params
+
+        return train_vae
+
+    def diverged():
+        raise SystemExit("error: vae diverged")
+
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    for name, then in (("stopped", lambda: signal.raise_signal(signal.SIGTERM)), ("diverged", diverged)):
+        lines, out = _plotted(monkeypatch), tmp_path / name
+        monkeypatch.setattr(train_video, "train_vae", vae_logged(then))
+        if name == "stopped":
+            assert train_video.main(["--preset", "tiny", "--out", str(out)])["stopped"] == "SIGTERM"
+        else:
+            with pytest.raises(SystemExit, match="vae diverged"):
+                train_video.main(["--preset", "tiny", "--out", str(out)])
+        with Image.open(out / "loss_vae.png") as im:
+            assert im.format == "PNG" and im.size[0] > 0
+        assert lines == {"loss (mse + kl_weight·kl)": ([1, 2], [1.5, 0.75]),
+                         "reconstruction mse": ([1, 2], [1.25, 0.5]), "kl": ([1, 2], [2.5, 2.5])}, name
+        assert not (out / "loss_t2v.png").exists()  # the DiT's stage never started
+    # the DiT's: a step replayed after a resume plots its last record, a non-finite loss (null) as a gap
+    out = tmp_path / "t2v"
+    out.mkdir()
+    log = train_video.stage_logger(out, "t2v")
+    for step, loss in ((25, 3.0), (50, 2.0), (50, 1.75), (75, float("nan"))):
+        log.write({"kind": "t2v", "step": step, "loss": loss, "diffusion": loss - 0.5, "align": 2.0, "grad_norm": 1.0})
+    log.close()
+    lines = _plotted(monkeypatch)
+    with Image.open(train_video.plot_stage(out, "t2v")) as im:
+        assert im.format == "PNG"
+    steps, loss = lines["loss (diffusion + align_weight·align)"]
+    assert steps == [25, 50, 75] and loss[:2] == [3.0, 1.75] and math.isnan(loss[2])
+    assert lines["diffusion"][1][:2] == [2.5, 1.25] and lines["align (InfoNCE)"] == ([25, 50, 75], [2.0] * 3)
+
+
+def test_run_files_are_written_whole_and_fresh_removes_a_leftover_temporary(tmp_path, monkeypatch, capsys):
+    """latent_stats.json (read by load_video_model) and results.json were written in place: a kill mid-write left
+    a truncated file. They go to '<name>.tmp' and are renamed over the old one; --fresh deletes such a leftover."""
+    import pathlib
+
+    from experiments.video_eval import save_results
+
+    write_text = pathlib.Path.write_text
+
+    def killed_mid_write(self, text, *a, **k):  # half the text reaches the disk, then the process is killed
+        write_text(self, text[: len(text) // 2], *a, **k)
+        raise KeyboardInterrupt("killed")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latent_stats.json").write_text(json.dumps({"mean": [0.0], "std": [1.0]}))
+    (out / "results.json").write_text(json.dumps({"cfg 4 / seen": {"colour": 1.0}}))
+    p = train_video.PRESETS["tiny"]
+    lat = np.random.default_rng(0).standard_normal((4, *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels))
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr(train_video, "train_vae", lambda p, out, mesh, seed, gd, params, log, stop: (gd, params))
+    monkeypatch.setattr(train_video, "encode_latents", lambda *a: (lat.astype(np.float32), None, None))
+    monkeypatch.setattr(pathlib.Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):  # killed while writing the new latent_stats.json
+        train_video.main(["--preset", "tiny", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        save_results(out / "results.json", {("cfg 4", "seen"): {"colour": 0.5}}, {"seed": 0})
+    monkeypatch.undo()
+    assert json.loads((out / "latent_stats.json").read_text()) == {"mean": [0.0], "std": [1.0]}
+    assert json.loads((out / "results.json").read_text()) == {"cfg 4 / seen": {"colour": 1.0}}
+    assert (out / "latent_stats.json.tmp").exists()  # the cut write's leftover: --fresh takes it as the run's own
+    def stop_here(*a, **k):
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(train_video, "train_vae", stop_here)
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    with pytest.raises(SystemExit, match="stop here"):
+        train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
+    assert not (out / "latent_stats.json.tmp").exists() and not (out / "results.json").exists()
+
+
+def test_a_repeated_cfg_scale_is_evaluated_once(capsys):
+    """--scales 1,2,2 generated every clip at CFG 2 twice (and the GIFs and grids showed its rows twice); two scales
+    of one name ('cfg 2' for 2 and 2.0000001) were both generated and one's results overwrote the other's."""
+    from data.moving_shapes import MovingShapesConfig
+    from experiments.video_eval import run_eval
+
+    assert train_video.parse_scales("1,2,2,4,1.0") == (1.0, 2.0, 4.0)
+    assert "--scales: '1,2,2,4,1.0' repeats a scale; evaluating 1, 2, 4 once each" in capsys.readouterr().out
+    assert train_video.parse_scales("4,1") == (4.0, 1.0) and capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match=r"2 and 2.0000001 are both reported as 'cfg 2'"):
+        train_video.parse_scales("1,2,2.0000001")
+    calls = []
+
+    def gen_fn(tok, key, scale):
+        calls.append(scale)
+        return np.zeros((len(tok), 5, 16, 16, 3), np.float32)
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    with pytest.raises(ValueError, match=r"run_eval: scales=\(2.0, 2.0\) name 'cfg 2' more than once"):
+        run_eval(gen_fn, lambda x: x, None, cfg, scales=(2.0, 2.0), per_seen=1, per_held=1, batch=16)
+    assert calls == []  # refused before generating anything
+
+
+def test_a_stage_resumed_on_another_mesh_says_so(tmp_path, capsys, monkeypatch):
+    """A stage resumed on another mesh (device count or axis sizes) goes on differing from an uninterrupted run in
+    the last float32 digits (its sharded sums reduce in another order); nothing said so. Its checkpoint records the
+    mesh, and the resume line notes the change (none on the same mesh)."""
+    import dataclasses
+    import math
+
+    from parallel import make_mesh
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=2, ckpt_every=100)
+    monkeypatch.setattr(train_video, "make_vae_step", _fake_vae_step)
+
+    def run(shape, steps):
+        mesh = make_mesh(shape, devices=jax.devices()[:math.prod(shape.values())])
+        with jax.set_mesh(mesh):
+            train_video.train_vae(dataclasses.replace(p, vae_steps=steps), tmp_path, mesh, 0, None,
+                                  {"w": jnp.zeros(4)})
+        return capsys.readouterr().out
+
+    run({"data": 2, "fsdp": 2}, 2)
+    assert train_video.latest_meta(manager(tmp_path / "ckpt" / "vae"))[1]["mesh"] == {"data": 2, "fsdp": 2}
+    printed = run({"data": 2, "fsdp": 2}, 3)
+    assert "vae: resumed at step 2" in printed and "note: saved on mesh" not in printed
+    printed = run({"data": 8}, 4)
+    assert "vae: resumed at step 3" in printed and ("note: saved on mesh {'data': 2, 'fsdp': 2} (4 devices), resumed "
+                                                    "on {'data': 8} (8 devices): sums over the sharded axes reduce in "
+                                                    "another order") in printed, printed
+    assert "last float32 digits" in printed
+
+
+def test_a_run_with_no_checkpoint_sets_aside_the_logs_it_would_mix_with(tmp_path, monkeypatch, capsys):
+    """Killed before its first checkpoint (step 500 of the default preset's 600 VAE steps), a run left metrics.jsonl
+    behind; a rerun appended to it, and the steps only the first run logged stayed in the curves (its loss plot
+    showed both runs). As train_lm's: moved aside to *.prev-<time>, which --fresh deletes as the run's own."""
+    import signal
+
+    out = tmp_path / "run"
+    (out / "tb" / "vae").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"kind": "vae", "step": s, "loss": 9.0}) + "\n"
+                                               for s in (25, 50, 75)))
+
+    def vae_stopped(p, out, mesh, seed, graphdef, params, log=None, stop=None):
+        log.write({"kind": "vae", "step": 25, "loss": 1.0, "mse": 1.0, "kl": 0.5})
+        signal.raise_signal(signal.SIGTERM)
+        return graphdef, params
+
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr(train_video, "train_vae", vae_stopped)
+    lines = _plotted(monkeypatch)
+    assert train_video.main(["--preset", "tiny", "--out", str(out)])["stopped"] == "SIGTERM"
+    assert "held the logs of a run with no checkpoint; moved aside as *.prev-" in capsys.readouterr().out
+    assert lines["loss (mse + kl_weight·kl)"] == ([25], [1.0])
+    aside = sorted(c.name for c in out.iterdir() if ".prev-" in c.name)
+    assert [n.split(".prev-")[0] for n in aside] == ["metrics.jsonl", "tb"]
+    assert len((out / aside[0]).read_text().splitlines()) == 3
+    def stop_here(*a, **k):
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(train_video, "train_vae", stop_here)
+    with pytest.raises(SystemExit, match="stop here"):  # --fresh takes them as the run's own
+        train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
+    assert not any(".prev-" in c.name for c in out.iterdir())
