@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 
 import grain
 import numpy as np
@@ -182,9 +183,13 @@ class MovingShapesSource:
 
 def dataset(cfg: MovingShapesConfig, split: str = "train", batch: int = 16, seed: int = 0,
             num_records: int = 100_000) -> grain.MapDataset:
-    """Shuffled, repeated, batched grain MapDataset (index it, or iterate `.to_iter_dataset()`)."""
+    """Shuffled, repeated, batched grain MapDataset (index it, or iterate `.to_iter_dataset()`).
+    seed: the shuffle's, an int in [0, 2**32) (numpy ints too)."""
+    # grain's shuffle read seed=1.5 (or True) as 1, silently: another run's order under the seed it logged
+    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"dataset seed={seed!r} must be an int in [0, 2**32) (a numpy int too), not a float or bool")
     src = MovingShapesSource(cfg, split, num_records)
-    return grain.MapDataset.source(src).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
+    return grain.MapDataset.source(src).shuffle(seed=int(seed)).repeat().batch(batch, drop_remainder=True)
 
 
 # --- evaluation without a learned judge --------------------------------------------------------------------

@@ -64,13 +64,17 @@ class BPETokenizer:
     decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
     two BPEs of equal vocab size are told apart."""
 
-    def __init__(self, tok: Tokenizer, eos_token: str | None = None, bos_token: str | None = None):
+    def __init__(self, tok: Tokenizer, eos_token: str | None = None, bos_token: str | None = None, *,
+                 _copy: bool = True):
         """eos_token: the special token that ends a document (None: `EOS` if the vocabulary has it; a tokenizer with
         other special tokens but not that one must name it, e.g. '</s>', or the loader would pack documents with no
         separator). A tokenizer without special tokens has eos_id None. bos_token: one that starts every document
         (Llama's '<s>', Gemma's '<bos>': the models fine-tuned from those checkpoints saw it first; None: documents
-        start after the previous one's EOS)."""
-        self.tok = tok
+        start after the previous one's EOS). `tok` itself is left as it is: the settings below go on a copy."""
+        # a copy: the settings below (no truncation / padding, specials not read from text, EOS / BOS made special)
+        # changed the caller's Tokenizer, which then encoded its own batches otherwise
+        # (_copy=False: a Tokenizer this module just made, loaded or unpickled: parsing a 128k vocabulary took 1 s)
+        self.tok = tok = Tokenizer.from_str(tok.to_str()) if _copy else tok
         # add_special_tokens=False only stops *adding* specials; this stops matching them inside the text.
         # It is not saved in the JSON, so it is set on every construction (train, load, unpickle).
         tok.encode_special_tokens = True
@@ -134,7 +138,7 @@ class BPETokenizer:
         except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception that names no file
             raise ValueError(f"{path} is not a `tokenizers` JSON file ({e}); pass the file that "
                              "BPETokenizer.save (or a Hugging Face tokenizer.json) wrote") from None
-        return cls(tok, eos_token, bos_token)
+        return cls(tok, eos_token, bos_token, _copy=False)
 
     def __reduce__(self):  # grain worker processes receive the tokenizer by pickling
         return _bpe_from_json, (self.tok.to_str(), self.eos_token, self.bos_token)
@@ -152,7 +156,7 @@ def _make_special(tok: Tokenizer, names: list[str]) -> None:
 
 
 def _bpe_from_json(s: str, eos_token: str | None = None, bos_token: str | None = None) -> BPETokenizer:
-    return BPETokenizer(Tokenizer.from_str(s), eos_token, bos_token)
+    return BPETokenizer(Tokenizer.from_str(s), eos_token, bos_token, _copy=False)
 
 
 def _empty_bpe() -> Tokenizer:
@@ -204,7 +208,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
         warnings.warn(f"train_bpe: vocab_size={vocab_size} asked, the corpus gave {tok.get_vocab_size()} (no more "
                       f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
                       "tokenizer's vocab_size", stacklevel=2)
-    return BPETokenizer(tok, eos_token)
+    return BPETokenizer(tok, eos_token, _copy=False)
 
 
 def _train_texts(texts: Iterable[str]):

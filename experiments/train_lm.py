@@ -303,8 +303,11 @@ def abstract_train_state(cfg, mesh):
     optimizer, schedule = _optimizer(cfg)
     graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)), optimizer, mesh)
     scalar = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, P()))  # noqa: E731
+    # init_train_state's; the raw key data of the default PRNG: uint32[2] threefry, [4] rbg (a fixed [2] refused to
+    # resume every run under jax_default_prng_impl='rbg', as "does not fit: rng saved (4,), now (2,)")
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     state = {"params": params, "opt_state": opt_state, "step": scalar((), jnp.int32),
-             "skipped": scalar((), jnp.int32), "rng": scalar((2,), jnp.uint32)}  # init_train_state's
+             "skipped": scalar((), jnp.int32), "rng": scalar(rng.shape, rng.dtype)}
     return graphdef, optimizer, schedule, state
 
 
@@ -328,6 +331,28 @@ def init_from_hf(cfg, mesh, optimizer, shardings):
     with jax.set_mesh(mesh):
         state = init_train_state(nnx.split(model)[1], optimizer, cfg.train.seed)
     return jax.device_put(state, shardings)
+
+
+def prng_mismatch(saved_impl: str | None, saved_shape) -> str | None:
+    """Why a checkpoint's raw key data (state["rng"]) cannot resume under this process's jax_default_prng_impl, or
+    None. A train step reads it with the default implementation: threefry data under rbg failed in the first step
+    with jax's bare "invalid PRNG key data". saved_impl: the meta's name (None before it was saved: then
+    `saved_shape()`, the saved data's shape, tells threefry's [2] from rbg's [4]; None: no key saved)."""
+    import jax
+
+    now = jax.config.jax_default_prng_impl
+    if saved_impl is None:
+        shape = saved_shape()
+        if shape is None or tuple(shape) == jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape:
+            return None
+        saved_impl = {(2,): "threefry2x32", (4,): "rbg"}.get(tuple(shape))
+        if saved_impl is None:
+            return f"its random key data is uint32{list(shape)}, of no jax PRNG implementation this run knows"
+    if saved_impl == now:
+        return None
+    return (f"it was saved under jax_default_prng_impl={saved_impl!r}, this run's is {now!r} (its random key data "
+            f"is of the saved implementation); resume under the saved one: JAX_DEFAULT_PRNG_IMPL={saved_impl} in the "
+            f"environment, or jax.config.update('jax_default_prng_impl', {saved_impl!r}) before training")
 
 
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
@@ -371,6 +396,12 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
                 log(f"load_model: step {s}'s meta does not read ({type(e).__name__}: {e}); trying an older step")
                 continue
             graphdef, _, _, template = abstract_train_state(cfg, mesh)
+            try:  # the key is dropped: read as saved, whichever jax_default_prng_impl saved it ([4] under rbg)
+                saved_rng = ckpt.mgr.item_metadata(s)["state"].tree["rng"]
+                template["rng"] = jax.ShapeDtypeStruct(tuple(saved_rng.shape), template["rng"].dtype,
+                                                       sharding=template["rng"].sharding)
+            except Exception:  # noqa: BLE001 - unreadable: the restore below reports it and tries an older step
+                pass
             restored = ckpt.restore(template, s, quarantine=False)
             if restored is not None:
                 if s != steps[0]:
@@ -448,6 +479,9 @@ def train(cfg, mesh_shape: dict) -> dict:
             raise CheckpointMismatch(
                 f"train.steps: {out / 'ckpt'} is at step {meta['step']}, past train.steps={t.steps}; pass "
                 f"--set train.steps={meta['step']} (or more) to resume it, or a new --out")
+        if why := prng_mismatch(meta.get("prng_impl"), lambda: getattr(
+                ckpt.mgr.item_metadata(int(meta["step"]))["state"].tree.get("rng"), "shape", None)):
+            raise CheckpointMismatch(f"train.out: {out / 'ckpt'} (step {meta['step']}): {why}")
         # said once the step is restored: a newest step found corrupt after this check falls back to an older one,
         # whose check printed every warning a second time
         warnings[int(meta["step"])] = [f"warning: resuming step {meta['step']} with a changed {w}: "
@@ -577,7 +611,8 @@ def train(cfg, mesh_shape: dict) -> dict:
                         log.flush()
                         # the run's clock and first results travel with it, so a resumed run does not restart them
                         ckpt.save(step, state, {"config": cfg.to_json(), "wall_s": time.time() - t_start,
-                                                "first_eval": first_eval, "target_time_s": target_time},
+                                                "first_eval": first_eval, "target_time_s": target_time,
+                                                "prng_impl": jax.config.jax_default_prng_impl},
                                   eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)

@@ -178,7 +178,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     row generates what it would alone (Hugging Face's generate with attention_mask). None: no padding.
     Greedy when `temperature == 0`; sampling otherwise needs `rng` (a `jax.random.key`).
     top_k: None or 0 off, larger than the vocabulary keeps it all (as in Hugging Face); top_p in (0, 1] or None.
-    eos_id: an end token (or several): a row that emits one continues with `pad_id` (default: the first eos_id),
+    eos_id: an end token (or several; ints, numpy or jax integer arrays): a row that emits one continues with `pad_id`
+    (one id, an int or an integer scalar array; default: the first eos_id),
     and generation stops once every row has, so the result may be shorter, [B, P + n] with n <= max_new_tokens
     (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`). trim=False keeps [B, P + max_new_tokens] (the
     columns after the stop are pad_id): one shape, for calling it inside your own `jax.jit`.
@@ -223,9 +224,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     if pad_id is not None:
         if not eos_ids:
             raise ValueError("pad_id fills the rows that have ended: it needs eos_id")
-        if not isinstance(pad_id, numbers.Integral):
+        if isinstance(pad_id, list | tuple) or getattr(pad_id, "ndim", 0) != 0:  # a jax / numpy scalar is one id
             raise ValueError(f"pad_id must be one token id, got {pad_id!r}")
-        _token_ids("pad_id", pad_id, model.cfg.vocab_size)
+        pad_id, = _token_ids("pad_id", pad_id, model.cfg.vocab_size)
     if rng is None:
         rng = jax.random.key(0)
     elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw PRNGKey: the typed key of the same bits (the
@@ -251,6 +252,10 @@ def _token_ids(name: str, v, vocab_size: int) -> tuple[int, ...]:
     """None → (); an int or a sequence of ints in [0, vocab_size) → a tuple; else a ValueError naming `name`."""
     if v is None:
         return ()
+    if isinstance(v, jax.core.Tracer):  # (.item() failed with jax's ConcretizationTypeError)
+        raise ValueError(f"{name} must be concrete token ids (ints, or numpy / jax arrays made outside jax.jit), not a "
+                         "traced value; pass it from outside the jitted function (it is an argument of generate's "
+                         "compiled program: a new value does not compile it again)")
     if hasattr(v, "ndim") and getattr(v, "ndim", None) in (0, 1):  # numpy / jax arrays of ids
         v = v.tolist() if v.ndim else v.item()
     ids = (v,) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, list | tuple) else None

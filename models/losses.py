@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
@@ -13,7 +14,9 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     would broadcast over T). A negative target (Hugging Face's ignore index -100) is ignored: weight 0. Positions of
     weight 0 are selected out, not multiplied by 0, so whatever their target or loss (NaN included) they change
     neither the value nor its gradient (for finite logits). A target ≥ V at a weighted position makes the loss NaN:
-    a vocabulary mismatch must not train silently.
+    a vocabulary mismatch must not train silently. Weights must be >= 0 (at positions not ignored): a negative
+    one is a ValueError for concrete weights and makes the loss NaN under jit (it ascended that position's loss,
+    and weights summing to 0 returned a negative "mean").
     """
     if jnp.shape(targets_BT) != jnp.shape(logits_BTV)[:-1]:
         raise ValueError(f"cross_entropy: targets {jnp.shape(targets_BT)} must be the logits' [B, T] "
@@ -23,10 +26,16 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
                          f"{jnp.shape(targets_BT)}; per-row weights w [B]: np.repeat(w[:, None], T, axis=1)")
     w_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
     w_BT = jnp.where(targets_BT < 0, 0.0, w_BT)
+    if not isinstance(w_BT, jax.core.Tracer) and not bool((w_BT >= 0).all()):  # NaN included
+        bad = np.argwhere(~np.asarray(w_BT >= 0))[0].tolist()
+        raise ValueError(f"cross_entropy: weights_BT must be >= 0 (0 drops a position), got "
+                         f"{float(w_BT[tuple(bad)])} at [b, t] = {bad}; a loss to push up is a separate term, not a "
+                         "negative weight")
     used_BT = w_BT != 0
     safe_BT = jnp.where(used_BT, targets_BT, 0)  # an ignored position's index stays in range
     logz_BT = jax.nn.logsumexp(logits_BTV.astype(jnp.float32), axis=-1)
     tgt_BT = jnp.take_along_axis(logits_BTV, safe_BT[..., None], axis=-1)[..., 0].astype(jnp.float32)
     nll_BT = jnp.where(used_BT, (logz_BT - tgt_BT) * w_BT, 0.0)
     n = w_BT.sum()
-    return nll_BT.sum() / jnp.where(n > 0, n, 1.0), n
+    loss = nll_BT.sum() / jnp.where(n > 0, n, 1.0)
+    return jnp.where((w_BT < 0).any(), jnp.nan, loss), n  # (traced weights: no error possible, so NaN)

@@ -183,6 +183,28 @@ def test_a_tokenizer_json_that_truncates_or_pads_encodes_whole_documents(tmp_pat
     assert loaded.fingerprint == train_bpe(texts, vocab_size=270, show_progress=False).fingerprint
 
 
+def test_wrapping_a_tokenizer_leaves_the_callers_object_as_it_was(bpe):
+    """BPETokenizer(tok) turned off the caller's truncation and padding, set it to encode special-token text as
+    plain bytes and made its '</s>' special: the caller's own `tok.encode_batch` then gave other ids (a batch
+    truncated to 4 tokens came back whole). The wrapper works on a copy."""
+    from tokenizers import AddedToken, Tokenizer
+
+    raw = Tokenizer.from_str(bpe.tok.to_str())
+    raw.add_tokens([AddedToken("</s>", special=False)])
+    raw.enable_truncation(4)
+    raw.enable_padding(pad_id=bpe.eos_id, pad_token=EOS)
+    texts = [f"hello </s> {EOS} world", "hi"]
+
+    def state(t):
+        return t.to_str(), [e.ids for e in t.encode_batch(texts)], t.encode_special_tokens
+
+    before = state(raw)
+    wrapped = BPETokenizer(raw, eos_token="</s>")
+    assert state(raw) == before
+    assert wrapped.eos_id == raw.token_to_id("</s>") and wrapped.eos_id not in wrapped.encode(texts[0]).tolist()
+    assert wrapped.decode(wrapped.encode(texts[0])) == texts[0]  # the wrapper's settings hold on its copy
+
+
 def test_pretokenize_does_not_overwrite_a_saved_tokenizer(bpe, tmp_path):
     """pretokenize writes its meta as out_dir/tokenizer.json: into a run directory holding the tokenizer saved under
     that (Hugging Face) name, it deleted the tokenizer and left a file BPETokenizer.load refuses. Its own meta, from

@@ -313,6 +313,23 @@ def test_eos_generation_inside_your_own_jit(model):
         run(True)
 
 
+def test_pad_id_takes_integer_scalar_arrays_and_names_traced_ids(model):
+    """eos_id took numpy / jax arrays but pad_id=jnp.int32(0) (e.g. a tokenizer's id kept as an array) was refused as
+    'not one token id'; traced eos / pad ids failed with jax's bare ConcretizationTypeError."""
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 4)), jnp.int32)
+    eos = int(np.asarray(generate(model, prompt, 6))[0, 4 + 2])
+    want = np.asarray(generate(model, prompt, 6, eos_id=eos, pad_id=7, trim=False))
+    for pad in (jnp.int32(7), np.int64(7), jnp.asarray(7, jnp.uint8)):
+        np.testing.assert_array_equal(generate(model, prompt, 6, eos_id=jnp.int32(eos), pad_id=pad, trim=False), want)
+    for bad in (jnp.float32(7), 7.0, jnp.asarray([7]), [7], jnp.bool_(True), CFG.vocab_size):
+        with pytest.raises(ValueError, match="pad_id must be"):
+            generate(model, prompt, 6, eos_id=eos, pad_id=bad)
+    for kw in ({"eos_id": eos, "pad_id": None}, {"eos_id": None}):
+        name = "eos_id" if kw["eos_id"] is None else "pad_id"
+        with pytest.raises(ValueError, match=f"{name} must be concrete token ids .* not a traced value"):
+            jax.jit(lambda i: generate(model, prompt, 6, trim=False, **{**kw, name: i}))(jnp.int32(7))  # noqa: B023
+
+
 def test_left_padded_rows_generate_what_they_would_alone(model):
     """A batch of prompts of different lengths (left_pad + prompt_mask) continues each row as that prompt alone:
     padding is never attended and positions count from each row's first token; with eos_id too."""

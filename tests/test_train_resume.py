@@ -641,3 +641,27 @@ def test_a_sigterm_stopped_run_says_so_on_its_own_line_and_plots_its_curve(tmp_p
     result = train_lm.main([*TINY, "--out", str(out), "--set", "train.progress=True", "--set", "train.eval_every=100"])
     assert result["step"] == 3 and _own_line(console, "SIGTERM: saved step 3; exiting"), console.getvalue()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_resumes_under_its_own_prng_implementation_and_another_is_named(tmp_path):
+    """Under jax_default_prng_impl='rbg' the raw key in the train state is uint32[4]: the restore template's fixed
+    [2] refused every such run as "does not fit: rng saved (4,), now (2,)"; a threefry checkpoint resumed under rbg
+    failed in its first step with jax's bare "invalid PRNG key data". Another implementation is now named, with the
+    setting that resumes it (also for checkpoints saved before the meta held the name: by the key's shape)."""
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--set", "train.save_every=1", "--set", "train.eval_every=100",
+            "--set", "train.progress=false", "--set", "optim.warmup_steps=0"]
+    with jax.default_prng_impl("rbg"):
+        train_lm.main([*args, "--set", "train.steps=1"])
+    meta = out / "ckpt" / "1" / "meta" / "metadata"
+    assert json.loads(meta.read_text())["prng_impl"] == "rbg"
+    for saved in ("rbg", None):  # None: a checkpoint from before the name was saved
+        if saved is None:
+            meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "prng_impl"}))
+        with pytest.raises(SystemExit, match=r"saved under jax_default_prng_impl='rbg', this run's is 'threefry2x32'.*"
+                                             r"JAX_DEFAULT_PRNG_IMPL=rbg"):
+            train_lm.main([*args, "--set", "train.steps=2"])
+    model, _ = train_lm.load_model(out)  # (the key is dropped: any implementation reads the weights)
+    assert model.cfg == load(TINY).model
+    with jax.default_prng_impl("rbg"):
+        assert train_lm.main([*args, "--set", "train.steps=2"])["step"] == 2

@@ -56,6 +56,15 @@ def test_grain_dataset_batches():
     assert not set(np.concatenate([ds[i]["combo"] for i in range(5)]).tolist()) & held
 
 
+def test_dataset_seed_must_be_a_whole_number():
+    """dataset(seed=1.5) (or True) shuffled as seed 1, silently: a run logged under seed 1.5 had seed 1's order."""
+    for bad in (1.5, np.float64(1.0), True, -1, 2**32, "1"):
+        with pytest.raises(ValueError, match=r"dataset seed=.* must be an int in \[0, 2\*\*32\)"):
+            dataset(CFG, "train", batch=2, seed=bad, num_records=16)
+    ds = dataset(CFG, "train", batch=2, seed=np.int64(1), num_records=16)  # numpy ints are ints
+    np.testing.assert_array_equal(ds[0]["combo"], dataset(CFG, "train", batch=2, seed=1, num_records=16)[0]["combo"])
+
+
 def test_measure_reads_back_every_attribute():
     src = MovingShapesSource(CFG, "all", 240)
     recs = [src[i] for i in range(240)]  # five of each combination
