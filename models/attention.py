@@ -230,6 +230,9 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
               logit_softcap: float | None = None, causal_block: int | None = None, is_causal: bool = False):
     """Multi-head attention with GQA/MQA (K divides N). Returns [B, T, N, H] in q's dtype.
 
+    mask_B1TS: bool, True where query t may attend key s ('xla' and 'reference' also read 0/1 ints); a float mask
+    (an additive bias) is refused.
+
     impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
     `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16; soft-capped scores run 'xla'); 'reference' is the
     einsum oracle.
@@ -243,6 +246,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     if N % K or H != Hk or v_BSKH.shape[1:3] != (S, K):
         raise ValueError(f"attention: q [B, T, N={N}, H={H}], k {tuple(k_BSKH.shape)}, v {tuple(v_BSKH.shape)}: the "
                          "query heads N must be a multiple of the kv heads K, and k / v share [B, S, K] and q's H")
+    if jnp.issubdtype(mask_B1TS.dtype, jnp.floating):  # the kernels read a mask by its truthiness
+        raise ValueError(f"attention: mask_B1TS must be bool (True = attend), got "
+                         f"{mask_B1TS.dtype}: an additive bias (0 attended, -inf masked) would be read inverted; "
+                         "pass `bias == 0`")
     scale = H ** -0.5 if scale is None else scale
     if impl == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)

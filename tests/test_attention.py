@@ -212,3 +212,16 @@ def test_head_counts_and_one_sided_segments_are_refused_by_name():
             attention(q, k, v, mask, impl=impl)
     with pytest.raises(ValueError, match="make_mask: pass segment ids for both"):
         make_mask(jnp.arange(4)[None], jnp.arange(4)[None], q_seg_BT=jnp.zeros((1, 4), jnp.int32))
+
+
+def test_a_float_mask_is_refused_not_read_inverted():
+    """An additive float mask (0 where attended, -inf where not, as Hugging Face builds them) was read by its
+    truthiness, i.e. inverted: every kernel attended exactly the masked keys (outputs 1.99 off the bool mask's).
+    jax.nn.dot_product_attention refuses it; so does `attention` now, naming the fix. Bool and 0/1 int masks run."""
+    q, k, v = qkv(1, 6, 2, 2, 8, seed=2)
+    causal = dense_window_mask(6, None)
+    want = attention(q, k, v, causal, impl="reference")
+    for impl in ("xla", "reference"):
+        np.testing.assert_allclose(attention(q, k, v, causal.astype(jnp.int32), impl=impl), want, atol=1e-6)
+        with pytest.raises(ValueError, match=r"mask_B1TS must be bool .* got float32.*bias == 0"):
+            attention(q, k, v, jnp.where(causal, 0.0, -jnp.inf), impl=impl)
