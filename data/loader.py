@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
-from grain.experimental import ConcatThenSplitIterDataset, FlatMapIterDataset, FlatMapTransform
+from grain.experimental import ConcatThenSplitIterDataset
 
 from data.shards import decode_doc, read_json, tier_shards
 from data.tokenizer import TOKENS_MAGIC
@@ -248,7 +248,8 @@ class Tokenize:
 class _MixUntilExhausted(grain.MapDataset):
     """Finite sources interleaved by weight (at each index the source furthest behind its share) until the next
     document would come from a source already read to its end: that source is read whole, the others in
-    proportion (grain's MapDataset.mix stops up to a round earlier)."""
+    proportion (grain's MapDataset.mix stops up to a round earlier). `unread`: each source's documents (epochs
+    included) the mixture ends before."""
 
     def __init__(self, parents, weights):
         super().__init__(parents)
@@ -268,6 +269,7 @@ class _MixUntilExhausted(grain.MapDataset):
             picks.append(i)
             taken[i] += 1
         self._source = np.array(picks, np.int32)
+        self.unread = [size - t for size, t in zip(sizes, taken)]
         self._position = np.zeros(len(picks), np.int64)
         for k in range(len(w)):
             mine = self._source == k
@@ -286,16 +288,17 @@ def _as_list(record) -> list:
     return [record]
 
 
-class _Unbatch(FlatMapTransform):
-    """Tokenized lists back to single documents; a document of < 2 tokens has no target and is skipped
-    (the cleaning pipeline's min_chars makes that impossible for cleaned tiers). With `no_targets` (no EOS, no
-    epoch limit), `stall_after` documents skipped in a row call it once: if no document has a target, it raises
-    (grain would otherwise read the sources forever without a batch)."""
+class _Unbatch:
+    """Tokenized lists back to single documents; a document of < 2 tokens has no target and is skipped (the cleaning
+    pipeline's min_chars makes that impossible for cleaned tiers; a tokenizer without EOS meets it on one-token
+    documents), counted by `_UnbatchIterator`. With `no_targets` (no EOS, no epoch limit), `stall_after` documents
+    skipped in a row call it once: if no document has a target, it raises (grain would otherwise read the sources
+    forever without a batch)."""
 
-    def __init__(self, max_fan_out: int, no_targets=None, stall_after: int = 0):
-        self.max_fan_out, self._no_targets, self._stall_after, self._skipped = max_fan_out, no_targets, stall_after, 0
+    def __init__(self, no_targets=None, stall_after: int = 0):
+        self._no_targets, self._stall_after, self._skipped = no_targets, stall_after, 0
 
-    def flat_map(self, docs):
+    def __call__(self, docs: list[dict]) -> list[dict]:
         kept = [d for d in docs if len(d["targets"])]
         if self._no_targets is not None:
             self._skipped = 0 if kept else self._skipped + len(docs)
@@ -303,6 +306,53 @@ class _Unbatch(FlatMapTransform):
                 self._no_targets()
                 self._no_targets = None  # some source has targets: they come, however rarely
         return kept
+
+
+class _UnbatchIterDataset(grain.IterDataset):
+    """grain's FlatMapIterDataset with a count of the documents `_Unbatch` skips, kept in the iterator's state: the
+    packer checkpoints its parent's state and replays from it on restore, so a count held outside the state would
+    count the replayed documents twice (or lose those before a restore)."""
+
+    def __init__(self, parent: grain.IterDataset, unbatch: _Unbatch):
+        super().__init__(parent)
+        self._unbatch = unbatch
+
+    def __iter__(self):
+        return _UnbatchIterator(self._parent.__iter__(), self._unbatch)
+
+
+class _UnbatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, unbatch: _Unbatch):
+        super().__init__(parent)
+        self._unbatch, self._buffer, self._next_index = unbatch, [], 0
+        self.skipped = 0  # documents without a target read so far
+        # the state: the parent's before the buffered list, the skips before it, the index in it (as grain's flat map)
+        self._last_parent_state, self._skipped_before = self._parent.get_state(), 0
+
+    def __next__(self):
+        while self._next_index >= len(self._buffer):
+            self._last_parent_state, self._skipped_before = self._parent.get_state(), self.skipped
+            docs = next(self._parent)  # raises StopIteration at the end
+            self._buffer, self._next_index = self._unbatch(docs), 0
+            self.skipped += len(docs) - len(self._buffer)
+        self._next_index += 1
+        return self._buffer[self._next_index - 1]
+
+    def get_state(self) -> dict:
+        return {"parent": self._last_parent_state, "next_index_in_buffer": self._next_index,
+                "skipped": self._skipped_before}
+
+    def set_state(self, state: dict) -> None:
+        # (a state saved before the count has none: it counts from the restore on)
+        self._last_parent_state, self._next_index = state["parent"], state["next_index_in_buffer"]
+        self.skipped = self._skipped_before = state.get("skipped", 0)
+        self._parent.set_state(state["parent"])
+        try:  # the buffered list again, counted again (its skips are not in "skipped")
+            docs = next(self._parent)
+            self._buffer = self._unbatch(docs)
+            self.skipped += len(docs) - len(self._buffer)
+        except StopIteration:  # restored at the end
+            self._buffer, self._next_index = [], 0
 
 
 class _NoTargets:
@@ -387,7 +437,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
     stall = None if cfg.num_epochs is not None or tokenizer.eos_id is not None else _NoTargets(
         sources, tokenizer, cfg, p, n)  # with an EOS every document has a target; with an epoch limit the stream ends
-    return FlatMapIterDataset(ds, _Unbatch(cfg.tokenize_batch, stall, sum(sizes)))
+    return _UnbatchIterDataset(ds, _Unbatch(stall, sum(sizes)))
 
 
 def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
@@ -431,6 +481,11 @@ class LMLoader:
     With `drop_remainder=True` and a finite `num_epochs` the last, partial batch is dropped; it is counted in
     `dropped` (batches, rows, real tokens, and the documents with a target in it: one continued from the batch
     before counts too; without an EOS or BOS, which tell a document's start, each piece counts) and warned about.
+
+    `skipped` counts this process's documents that no batch holds, by reason: "no_target", those of fewer than 2
+    tokens (one-token documents with a tokenizer without EOS), read so far (from the start of the stream, across
+    `set_state`), warned about at the first; "mixture_end", those a finite mixture ends before (the sources not read
+    to their end: see `LoaderConfig`), known and warned about at the start.
     """
 
     def __init__(self, sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(), mesh=None,
@@ -463,6 +518,18 @@ class LMLoader:
         self.dataset = lm_dataset(sources, tokenizer, dataclasses.replace(cfg, drop_remainder=False)
                                   if self._drop_last else cfg, process_index, process_count)
         self._it = iter(self.dataset)
+        self._unbatched = _find_iterator(self._it, _UnbatchIterator)  # counts the skipped documents
+        self._warned_skip = False
+        mix = _find_dataset(self.dataset, _MixUntilExhausted)
+        self._mixture_end = sum(mix.unread) if mix is not None else 0
+        if self._mixture_end:
+            import warnings
+
+            left = ", ".join(f"{n} of {src.path!r}" for src, n in zip(sources, mix.unread) if n)
+            warnings.warn(f"LMLoader: process {self._p}'s finite mixture (num_epochs={cfg.num_epochs}) ends when its "
+                          f"first source is read to its end, leaving {left} documents unread (the weights are shares "
+                          "of documents), counted in LMLoader.skipped['mixture_end']; num_epochs=None and a bound on "
+                          "steps reads on", stacklevel=2)
         self._rows = cfg.global_batch_size // n  # this process's rows per step (n: the JAX processes, with a mesh)
         self._starts = {i for i in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)) if i is not None}
         self._stream = _stream(sources, tokenizer, cfg, self._p, n)
@@ -473,8 +540,22 @@ class LMLoader:
     def __iter__(self):
         return self
 
+    @property
+    def skipped(self) -> dict:
+        """{"no_target": documents of fewer than 2 tokens read so far, "mixture_end": documents a finite mixture
+        leaves unread}, this process's."""
+        return {"no_target": self._unbatched.skipped, "mixture_end": self._mixture_end}
+
     def __next__(self):
         batch = next(self._it, None)
+        if self._unbatched.skipped and not self._warned_skip:
+            import warnings
+
+            self._warned_skip = True
+            warnings.warn(f"LMLoader: process {self._p} skips documents of fewer than 2 tokens (no target: a "
+                          "tokenizer without EOS, one-token documents), counted in LMLoader.skipped "
+                          f"({self._unbatched.skipped} so far); ByteTokenizer(add_eos=True) or data.pipeline's "
+                          "min_chars keeps every document", stacklevel=2)
         if self._drop_last and batch is not None and len(batch["weights"]) < self._rows:
             self._count_dropped(batch)
             batch = None
@@ -609,6 +690,28 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
     from parallel.distributed import global_batch_from_local
 
     return global_batch_from_local(batch, mesh)  # checks that each process owns its rows
+
+
+def _find_iterator(it, cls):
+    """The iterator of class `cls` in grain's iterator tree under `it`."""
+    todo = [it]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, cls):
+            return node
+        todo.extend(getattr(node, "_parents", ()))
+    raise TypeError(f"no {cls.__name__} under {it}")  # (a grain that renamed _parents)
+
+
+def _find_dataset(ds, cls):
+    """The dataset of class `cls` in grain's dataset graph under `ds` (None: there is none)."""
+    todo = [ds]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, cls):
+            return node
+        todo.extend(node.parents)
+    return None
 
 
 def _jsonable(x):

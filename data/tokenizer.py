@@ -245,7 +245,9 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     """Tokenize a cleaning tier once into ArrayRecord shards of int32 ids (`TOKENS_MAGIC` + ids), so the
     loader reads ids instead of running the tokenizer every epoch. Shard names and record order follow
     the tier; `tokenizer.json` (the meta the loader checks against) is written last (an out_dir holding a saved
-    tokenizer under that name is refused). Returns `out_dir`."""
+    tokenizer under that name is refused). It records the counts too: `documents_in` (read from the tier),
+    `documents` (records written), `dropped` (reason → documents; none is dropped: every document, an empty one
+    included, is written) and `tokens` (ids written, without the EOS / BOS the loader adds). Returns `out_dir`."""
     import json
     import pathlib
 
@@ -271,6 +273,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     for old in out.glob("shard-*.array_record"):  # an earlier run's extra shards would be read as this tier's
         if old.name not in names:
             old.unlink()
+    counts = {"documents_in": 0, "documents": 0, "dropped": {}, "tokens": 0}
     for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
         writer = DocWriter(out / pathlib.Path(path).name)
         texts = []
@@ -278,12 +281,16 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
         def flush():
             ids = tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts)
             for x in ids:
-                writer.write_record(TOKENS_MAGIC + np.asarray(x, dtype=np.int32).tobytes())
+                x = np.asarray(x, dtype=np.int32)
+                writer.write_record(TOKENS_MAGIC + x.tobytes())
+                counts["documents"] += 1
+                counts["tokens"] += len(x)
             texts.clear()
 
         try:
             for doc in iter_docs(path):
                 texts.append(_field(doc, field, path))
+                counts["documents_in"] += 1
                 if len(texts) == batch:
                     flush()
             flush()
@@ -292,7 +299,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
             raise
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir)}
+            "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir), **counts}
     meta_path.write_text(json.dumps(meta))
     return str(out)
 

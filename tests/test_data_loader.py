@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import json
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -101,14 +102,46 @@ def test_without_eos_every_document_of_two_tokens_or_more_is_trained_on(tmp_path
     texts = ["ab", "c", "hello"]
     path = write_tier(tmp_path / "short", texts, shards=1)
     cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1, drop_remainder=False, shuffle=False)
-    batches = list(LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1))
+    loader = LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1)
+    with pytest.warns(UserWarning, match="skips documents of fewer than 2 tokens"):
+        batches = list(loader)
     assert sum(b["weights"].sum() for b in batches) == (2 - 1) + (5 - 1)
+    assert loader.skipped == {"no_target": 1, "mixture_end": 0}
     # another text field: a bare KeyError from inside grain's iterator at the first next(); now named at once
     with pytest.raises(ValueError, match=r"text_field='body' is not a field of .* \(they have \['id', 'text'\]\)"):
         LMLoader([Source(path)], ByteTokenizer(), dataclasses.replace(cfg, text_field="body"), process_index=0,
                  process_count=1)
     with pytest.raises(ValueError, match=r"text_field='body' is not a field of the documents"):
         Tokenize(ByteTokenizer(), "body")([encode_doc({"id": "x", "text": "t"})])
+
+
+def test_documents_without_a_target_are_counted_as_skipped_across_a_resume(tmp_path):
+    """No EOS: a one-token (or empty) document has no target and is skipped; with usable documents beside it the skip
+    was counted nowhere (data lost silently). `LMLoader.skipped` counts it, warned about, and the count survives
+    get_state / set_state (the packer replays from its own checkpoint: a count outside grain's state doubled)."""
+    texts = [f"document number {i}" if i % 3 else "xyz"[i % 9 // 3] for i in range(27)] + ["", "q"]
+    path = write_tier(tmp_path / "short", texts, shards=2)
+    short = sum(len(t) < 2 for t in texts)
+    assert short == 11
+    for epochs, tb in ((1, 4), (2, 1)):
+        cfg = LoaderConfig(seq_len=16, global_batch_size=2, num_epochs=epochs, drop_remainder=False, tokenize_batch=tb)
+        loader = LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1)
+        with pytest.warns(UserWarning, match=r"skips documents of fewer than 2 tokens .*LMLoader.skipped"):
+            batches = list(loader)
+        assert loader.skipped == {"no_target": epochs * short, "mixture_end": 0}
+        assert sum(b["weights"].sum() for b in batches) == epochs * sum(len(t) - 1 for t in texts if len(t) >= 2)
+        for cut in (1, len(batches) // 2, len(batches) - 1):  # resumed: the same batches and the same count
+            first = LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                [next(first) for _ in range(cut)]
+                state = json.loads(json.dumps(first.get_state()))
+                resumed = LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=0, process_count=1)
+                resumed.set_state(state)
+                rest = list(resumed)
+            assert len(rest) == len(batches) - cut
+            assert all(np.array_equal(a[k], b[k]) for a, b in zip(rest, batches[cut:]) for k in a)
+            assert resumed.skipped == loader.skipped, (epochs, tb, cut)
 
 
 def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
@@ -638,6 +671,27 @@ def test_a_finite_mixture_reads_the_source_that_ends_whole(tmp_path, weights):
     assert counts[whole] == {"a": 10, "b": 5}[whole], counts
     other = "b" if whole == "a" else "a"
     assert abs(counts[other] - len(docs) * share[other]) <= 1, counts  # the rest in proportion
+
+
+def test_the_documents_a_finite_mixture_leaves_unread_are_counted(tmp_path):
+    """num_epochs=1 over sources of 30 and 5 documents at weights 1:1: the mixture ends when the small one is read
+    (as documented), and the large one's other 25 documents were counted nowhere. Now skipped['mixture_end'], warned
+    about; batches' documents + dropped + skipped == the input, on each of 2 processes."""
+    a = write_tier(tmp_path / "a", [f"alpha {i:02d}" for i in range(30)], shards=2)
+    b = write_tier(tmp_path / "b", [f"bravo {i:02d}" for i in range(5)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, num_epochs=1, seed=2)
+    total = 0
+    for p, (n_a, n_b) in enumerate(((15, 3), (15, 2))):  # process p reads documents [p::2]
+        with pytest.warns(UserWarning, match=rf"leaving {n_a - n_b - 1} of .*a' documents unread .*'mixture_end'"):
+            loader = LMLoader([Source(a), Source(b)], EOS_BYTES, cfg, process_index=p, process_count=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            batches = list(loader)
+        n_kept = sum(int((b["targets"] == EOS_BYTES.eos_id).sum()) for b in batches)  # each closing EOS once
+        assert loader.skipped == {"no_target": 0, "mixture_end": n_a - n_b - 1}  # b whole, a one more (ties: a first)
+        assert n_kept + loader.dropped["documents"] + loader.skipped["mixture_end"] == n_a + n_b
+        total += n_kept + loader.dropped["documents"] + sum(loader.skipped.values())
+    assert total == 35
 
 
 def _mix_order_reference(sizes, weights):

@@ -226,6 +226,38 @@ def test_pretokenize_does_not_overwrite_a_saved_tokenizer(bpe, tmp_path):
     pretokenize(tier, ByteTokenizer(add_eos=True), tmp_path / "pre", progress=False)  # over its own meta: fine
 
 
+def test_pretokenize_meta_counts_what_it_wrote(bpe, tmp_path):
+    """The meta recorded no counts: nothing said how many documents and tokens a pretokenized tier holds, nor that
+    none was dropped. Recounted from the shards: documents in == written (empty ones included), tokens == ids."""
+    import json
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data.shards import DocWriter
+    from data.tokenizer import TOKENS_MAGIC
+
+    texts = [en_text(np.random.default_rng(i), i % 7) for i in range(23)] + ["", "字"]
+    for i in range(3):
+        w = DocWriter(tmp_path / "tier" / f"shard-0000{i}.array_record")
+        for t in texts[i::3]:
+            w.write({"id": t, "text": t})
+        w.commit()
+    out = tmp_path / "pre"
+    pretokenize(tmp_path / "tier", bpe, out, batch=4, progress=False)
+    meta = json.loads((out / "tokenizer.json").read_text())
+    records = []
+    for f in sorted(out.glob("shard-*.array_record")):
+        r = ArrayRecordReader(str(f))
+        records += r.read(list(range(r.num_records())))
+        r.close()
+    assert all(x.startswith(TOKENS_MAGIC) for x in records)
+    tokens = sum((len(x) - len(TOKENS_MAGIC)) // 4 for x in records)
+    assert tokens == sum(len(bpe.encode(t)) for t in texts)
+    assert {k: meta[k] for k in ("documents_in", "documents", "dropped", "tokens")} == {
+        "documents_in": len(texts), "documents": len(records), "dropped": {}, "tokens": tokens}
+    assert len(records) == len(texts)
+
+
 def test_a_beginning_of_document_token_starts_every_document(tmp_path):
     """bos_token (Llama's '<s>'): documents are [bos] text [eos], not [eos] text [eos]: a checkpoint fine-tuned with
     its own tokenizer saw BOS first in pretraining. The choice is part of the fingerprint (another stream)."""
