@@ -31,6 +31,9 @@ HF_DEFAULTS = {
                    num_key_value_heads=4, max_position_embeddings=8192),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
 _HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> HF hidden_act / hidden_activation
+# HF hidden_act -> our mlp_act: transformers' ACT2FN runs 'swish' as SiLU and 'gelu_new' as the same tanh GELU
+# as 'gelu_pytorch_tanh' (published checkpoints use all four; they were refused)
+_ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -146,8 +149,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                            "only causal decoders are supported; load a causal checkpoint (false or null)")
     act_field = "hidden_activation" if arch == "gemma2" else "hidden_act"  # the one its MLP reads; others ignored
     act = hf.get(act_field, "silu")
-    if act not in ("silu", "gelu_pytorch_tanh"):
-        raise _unsupported(act_field, act, "our gated MLP uses silu or gelu_pytorch_tanh")
+    if act not in _ACT_FROM_HF:
+        raise _unsupported(act_field, act, f"our gated MLP runs one of {sorted(_ACT_FROM_HF)} (silu, or GELU's tanh "
+                                           "approximation)")
     if hf.get("mlp_bias", False):
         raise _unsupported("mlp_bias", True, "our MLP has no biases")
     if q := hf.get("quantization_config"):
@@ -179,7 +183,7 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   # attention has no biases whatever the flag says (transformers ignores it there too).
                   qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2") and bool(hf.get("attention_bias", False))),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
-                  mlp_act="silu" if act == "silu" else "gelu_tanh", **_attention_pattern(hf, arch))
+                  mlp_act=_ACT_FROM_HF[act], **_attention_pattern(hf, arch))
         if arch == "mixtral":
             kw.update(moe=_moe_from_hf(hf, kw["mlp_act"]), moe_every=1)
         if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps

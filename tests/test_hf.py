@@ -41,6 +41,9 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     # the experts' activation follows hidden_act (it was refused: 'moe.mlp_act=silu differs from mlp_act')
     "mixtral_gelu": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                            hidden_act="gelu_pytorch_tanh")),
+    # transformers' other names for the same activations (they were refused)
+    "llama_swish": ("LlamaConfig", dict(hidden_act="swish")),
+    "qwen2_gelu_new": ("Qwen2Config", dict(hidden_act="gelu_new")),
     # YaRN (it was refused: 'supported RoPE types are default, linear and llama3'): the defaults (beta 32 / 1,
     # attention factor 0.1 ln(factor) + 1), and DeepSeek's mscale ratio with an untruncated ramp
     "llama_yarn": ("LlamaConfig", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
