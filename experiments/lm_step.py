@@ -49,7 +49,12 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str
     last, w = max(total_steps - 1, 1), max(warmup_steps, 0)
     if kind == "cosine" and w and w >= last:
         raise ValueError(f"warmup_steps={warmup_steps} leaves no update of the {total_steps} for the cosine decay; "
-                         f"use at most {max(total_steps - 2, 0)} (or the 'wsd' schedule)")
+                         f"use at most {max(total_steps - 2, 0)}"
+                         + (" (or the 'wsd' schedule)" if w < total_steps else ""))
+    # a warmup through the last update never reached the peak nor min_lr_ratio·lr (it ended at w/total of the ramp)
+    if kind == "wsd" and w and w >= total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} leaves no update of the {total_steps} for the wsd decay (the "
+                         f"run would end mid-warmup); use at most {max(total_steps - 1, 0)}")
 
     def with_warmup(schedules, starts):  # starts: the counts at which schedules[1:] take over
         if w:

@@ -92,6 +92,13 @@ def plot(res, widths, path):
     fig.savefig(path, dpi=110)
 
 
+def plot_formats() -> set[str]:
+    """The file extensions `plot` can write (matplotlib's Agg canvas: png, pdf, svg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return set(FigureCanvasAgg.get_supported_filetypes())
+
+
 def multiple_of_32(text: str) -> int:
     """--widths: a positive multiple of 32 (the sweep's heads are 32 wide: heads = width / 32)."""
     w = at_least(1)(text)
@@ -117,6 +124,16 @@ def main(argv=None):
     for flag, path in (("--out", args.out), ("--json", args.json)):  # before the sweep, not after it
         if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
             ap.error(f"argument {flag}: the directory of {path} does not exist")
+    if args.json is not None and pathlib.Path(args.json).is_dir():  # open() failed after the sweep, losing the plot
+        ap.error(f"argument --json: {args.json} is a directory; name the results file, e.g. "
+                 f"{pathlib.Path(args.json) / 'mup_transfer.json'}")
+    # matplotlib names the file by its extension: a directory or a name without one (--out runs/mup) was written
+    # to runs/mup.png while 'plot: runs/mup' was printed; an extension it cannot write failed after the sweep
+    out = pathlib.Path(args.out)
+    if out.is_dir() or out.suffix[1:].lower() not in plot_formats():
+        ap.error(f"argument --out: {args.out} is {'a directory' if out.is_dir() else 'not an image file name'}; "
+                 f"name the plot's file, e.g. {out / 'mup_transfer.png' if out.is_dir() else out.with_suffix('.png')}"
+                 f" ({', '.join(sorted(plot_formats()))})")
     data = ByteWindows(encode_bytes(stdlib_text(1_000_000)), args.seq, args.batch, 0)
     batches = [{k: jnp.asarray(v) for k, v in data.batch(i).items()} for i in range(args.steps)]
     res = {"sp": {}, "mup": {}}

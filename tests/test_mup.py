@@ -149,6 +149,27 @@ def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width
     assert "argument --json: the directory of /nonexistent/r.json does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["", "mup", "mup.txt"])
+def test_the_transfer_sweep_refuses_a_plot_path_matplotlib_would_not_write_as_named(name, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """--out DIR (or runs/mup) printed 'plot: DIR' while matplotlib wrote DIR.png beside it; --out mup.txt failed in
+    savefig after the whole sweep, and --json DIR in open(). All are refused before it, naming a file that works."""
+    from experiments import mup_transfer
+
+    def ran(*a, **k):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(mup_transfer, "sweep", ran)
+    with pytest.raises(SystemExit):
+        mup_transfer.main(["--steps", "1", "--widths", "32", "--out", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert "argument --out:" in err and ".png" in err
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):  # open() of a directory failed after the sweep, before the plot was drawn
+        mup_transfer.main(["--steps", "1", "--widths", "32", "--out", str(tmp_path / "p.png"), "--json", str(tmp_path)])
+    assert f"argument --json: {tmp_path} is a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("width_mult", [0, -2.0, float("nan"), True])
 def test_make_optimizer_refuses_a_width_mult_that_is_not_positive(width_mult):
     """0 failed as a bare 'float division by zero'; -2 and NaN were taken, stepping the hidden matrices up the

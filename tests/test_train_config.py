@@ -309,6 +309,18 @@ def test_schedules():
         make_schedule(1.0, 35, 34, "cosine", 0.1)
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_by_wsd_too():
+    """make_schedule(1, 10, 20, 'wsd') (the schedule cosine's refusal suggested) ramped to 0.45·lr at the last update,
+    never reaching the peak nor min_lr_ratio·lr; warmup 10 of 10 ended at 0.9·lr. Both are refused as cosine's is;
+    the longest warmup that still ends on min_lr_ratio·lr (total - 1) is kept."""
+    for warm in (10, 20):
+        with pytest.raises(ValueError, match=f"warmup_steps={warm} leaves no update of the 10 .*use at most 9"):
+            make_schedule(1.0, 10, warm, "wsd", 0.1)
+        with pytest.raises(ValueError, match=f"warmup_steps={warm} .*use at most 8\\)?$"):  # wsd takes no more
+            make_schedule(1.0, 10, warm, "cosine", 0.1)
+    assert float(make_schedule(1.0, 10, 9, "wsd", 0.1)(9)) == pytest.approx(0.1)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
     mesh = make_mesh({"fsdp": -1})
