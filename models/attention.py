@@ -242,14 +242,21 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     'cudnn' then runs its causal mask type, which skips the blocks above the diagonal; given a mask
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
-    (N, H), (S, K, Hk) = q_BTNH.shape[2:], k_BSKH.shape[1:]  # (a bare reshape error deep in the kernel otherwise)
-    if N % K or H != Hk or v_BSKH.shape[1:3] != (S, K):
+    (B, T, N, H), (S, K, Hk) = q_BTNH.shape, k_BSKH.shape[1:]  # (a bare reshape error deep in the kernel otherwise)
+    if N % K or H != Hk or v_BSKH.shape[1:] != (S, K, H):
         raise ValueError(f"attention: q [B, T, N={N}, H={H}], k {tuple(k_BSKH.shape)}, v {tuple(v_BSKH.shape)}: the "
                          "query heads N must be a multiple of the kv heads K, and k / v share [B, S, K] and q's H")
     if jnp.issubdtype(mask_B1TS.dtype, jnp.floating):  # the kernels read a mask by its truthiness
         raise ValueError(f"attention: mask_B1TS must be bool (True = attend), got "
                          f"{mask_B1TS.dtype}: an additive bias (0 attended, -inf masked) would be read inverted; "
                          "pass `bias == 0`")
+    # a [B, T, S] mask (no head axis) broadcast against the kernels' [B, K, G, T, S] scores: at T = 1 with B == K
+    # it masked kv head b with row b's keys, silently; size-1 axes broadcast as documented
+    m = jnp.shape(mask_B1TS)
+    if len(m) != 4 or m[1] != 1 or any(d not in (1, n) for d, n in zip((m[0], m[2], m[3]), (B, T, S))):
+        raise ValueError(f"attention: mask_B1TS: shape {m}, for q [B={B}, T={T}, ...] and keys S={S}; pass a bool "
+                         "[B, 1, T, S] (B, T or S may be 1 to broadcast), e.g. models.attention.make_mask's, or "
+                         "mask[:, None] for a [B, T, S] one")
     scale = H ** -0.5 if scale is None else scale
     if impl == "reference":
         return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, logit_softcap)

@@ -13,7 +13,8 @@ from models.config import RopeScaling
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """[head_dim // 2] inverse frequencies, computed in float64 then rounded to float32.
 
-    transformers computes them in float32, so up to a third of the entries differ from its by one float32 ulp.
+    transformers computes them in float32, so up to a third of the entries differ from its by one float32 ulp (up
+    to 3 ulps with llama3 scaling, whose ramp it also computes in float32: theta 5e5, head_dim 128, factor 8).
     That is below float32's own rounding of the angle position·freq at long positions, but it shows there: logits
     agree with transformers to ~2e-6 at short positions and drift with the position and the weights' scale (a tiny
     Llama with weights of std 0.2, |logits| ~ 10, theta 5e5 + llama3 scaling: 1.9e-2 at 30K, 7e-2 at 100K). Both

@@ -225,3 +225,19 @@ def test_a_float_mask_is_refused_not_read_inverted():
         np.testing.assert_allclose(attention(q, k, v, causal.astype(jnp.int32), impl=impl), want, atol=1e-6)
         with pytest.raises(ValueError, match=r"mask_B1TS must be bool .* got float32.*bias == 0"):
             attention(q, k, v, jnp.where(causal, 0.0, -jnp.inf), impl=impl)
+
+
+def test_mask_and_value_shapes_are_checked_by_name():
+    """A [B, T, S] mask (no head axis) at a decode step (T = 1) with B == K broadcast row b's mask onto kv head b:
+    wrong outputs, no error (1.44 off the [B, 1, T, S] result); with T > 1 it failed in a bare broadcast error.
+    A value head dim other than q's failed in a bare reshape, though the message named it."""
+    B, S, N, K, H = 2, 6, 4, 2, 8
+    q, _, _ = qkv(B, 1, N, K, H, jnp.float32)
+    _, k, v = qkv(B, S, N, K, H, jnp.float32, seed=1)
+    valid = np.arange(S)[None] >= np.array([[3], [0]])  # row 0 left-padded
+    for impl in ("xla", "reference"):
+        attention(q, k, v, jnp.asarray(valid[:, None, None, :]), impl=impl)  # [B, 1, 1, S] is fine
+        with pytest.raises(ValueError, match=r"mask_B1TS: shape \(2, 1, 6\)"):
+            attention(q, k, v, jnp.asarray(valid[:, None, :]), impl=impl)
+        with pytest.raises(ValueError, match="query heads N must be a multiple of the kv heads K"):
+            attention(q, k, jnp.concatenate([v, v], -1), jnp.asarray(valid[:, None, None, :]), impl=impl)
