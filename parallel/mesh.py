@@ -62,13 +62,16 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
 
     Axes are laid out in the canonical order of `AXES` (tensor innermost, on the fastest links).
     `dcn` gives the inter-slice / inter-node factor of each axis (granules are TPU slices, or
-    processes elsewhere); `shape` is then the per-granule (ICI / NVLink) part. Unknown names,
+    processes elsewhere); `shape` is then the per-granule (ICI / NVLink) part. `devices` may be a list or a grid
+    (e.g. another mesh's `.devices`): they are taken in its flat order. Unknown names,
     several -1s, or a product that does not match the device count raise a ValueError.
     """
     for name, given in (("shape", shape), ("dcn", dcn)):  # dict("data=8") fails naming nothing
         if isinstance(given, str):
             raise ValueError(f"make_mesh: {name}={given!r} is a string; pass a dict, e.g. parse_mesh({given!r})")
-    devices = list(devices if devices is not None else jax.devices())
+    # flat: a device grid (mesh_utils.create_device_mesh, mesh.devices) was read row by row, "needs 8 devices but 2
+    # are available"; make_mesh lays the devices out itself
+    devices = list(np.asarray(devices, dtype=object).flat) if devices is not None else jax.devices()
     if not devices:
         raise ValueError("make_mesh: devices is empty; pass the devices to span (default: jax.devices())")
     if not dcn:

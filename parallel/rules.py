@@ -4,7 +4,8 @@ Models name only logical axes (`embed`, `heads`, `batch`, ...). Parameters and a
 separate tables so that a strategy is a rule, not a code change: FSDP is `embed -> fsdp` for
 parameters while activations keep `embed` replicated; tensor parallelism is `heads/mlp/vocab ->
 tensor` (Megatron column-then-row); sequence parallelism is `act_seq -> sequence`.
-A mesh axis absent from the mesh (or of size 1) simply drops out, so one table serves every mesh.
+A mesh axis absent from the mesh (or of size 1) simply drops out, so one table serves every mesh; an override
+(`use_rules`, `rules=`) that changes a table name's rule to mesh axes none of which the mesh has raises instead.
 """
 
 from __future__ import annotations
@@ -73,14 +74,23 @@ def _current() -> Mapping[str, MeshAxes]:
 @contextlib.contextmanager
 def use_rules(new_names: Mapping[str, MeshAxes] | None = None, /, **overrides: MeshAxes):
     """Temporarily override rules, e.g. `use_rules(layers='stage', act_seq=None)`. A misspelt logical name or
-    mesh axis raises (it would silently change nothing, or replicate); logical names your own modules add go in
-    `new_names`, e.g. `use_rules({'my_axis': 'tensor'})`. A jitted function called inside traces again for the
-    new rules (they are part of jax.jit's cache key)."""
+    mesh axis raises (it would silently change nothing, or replicate), and so does, where the rules are applied, an
+    override to mesh axes the mesh lacks; logical names your own modules add go in `new_names`, e.g.
+    `use_rules({'my_axis': 'tensor'})` (one a letter off a table name, {'kv_head': ...}, raises as a typo). A
+    jitted function called inside traces again for the new rules (they are part of jax.jit's cache key)."""
     current = _current()
     unknown = sorted(set(overrides) - set(current))
     if unknown:
-        raise ValueError(f"use_rules: no logical axis {unknown} in the rules table (known: {sorted(current)}); "
-                         "pass names your own modules add as use_rules({'name': axes})")
+        near = {n: _near(n, current) for n in unknown}
+        hint = "; ".join(f"{n!r}: did you mean {m}?" for n, m in near.items() if m)
+        raise ValueError(f"use_rules: no logical axis {unknown} in the rules table{' (' + hint + ')' if hint else ''} "
+                         f"(known: {sorted(current)}); pass names your own modules add as use_rules({{'name': axes}})")
+    # a new name one letter off a table name ({'kv_head': None}) is a typo: it was registered as a new name and
+    # changed nothing, silently (only one-letter slips: difflib's fuzzier matches would refuse real new names)
+    if typos := {n: m for n in (new_names or {}) if n not in current and (m := _near(n, current, fuzzy=False))}:
+        raise ValueError(f"use_rules: no logical axis {sorted(typos)} in the rules table; did you mean "
+                         f"{'; '.join(f'{m} for {n!r}' for n, m in typos.items())}? (a name of your own modules: "
+                         "pick one that is not one letter off a table name)")
     check_targets({**(new_names or {}), **overrides}, "use_rules")
     new = {k: tuple(v) if isinstance(v, list) else v for k, v in {**(new_names or {}), **overrides}.items()}
     with _overrides(tuple(sorted({**dict(_overrides.value), **new}.items(), key=lambda kv: kv[0]))):
@@ -109,10 +119,15 @@ def _check_overrides(rules: Mapping[str, MeshAxes]) -> None:
     check_targets(rules, "rules")
     table = _current()
     for name in rules:
-        if name not in table and (near := [t for t in table if _one_edit(name, t)]
-                                  or difflib.get_close_matches(name, table, n=1, cutoff=0.8)):
+        if name not in table and (near := _near(name, table)):
             raise ValueError(f"rules: no logical axis {name!r} in the rules table; did you mean {near[0]!r}? "
                              f"(a name of your own modules: register it with use_rules({{{name!r}: ...}}))")
+
+
+def _near(name: str, table, fuzzy: bool = True) -> list[str]:
+    """Table names `name` is probably a misspelling of: one edit away, else (fuzzy) difflib's closest at >= 0.8."""
+    near = [t for t in table if _one_edit(name, t)]
+    return near or (difflib.get_close_matches(name, table, n=1, cutoff=0.8) if fuzzy else [])
 
 
 def _one_edit(a: str, b: str) -> bool:
@@ -166,6 +181,7 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                          f"{tuple(shape)}; give one name (or None) per dimension")
     if rules:
         _check_overrides(rules)
+    changed = {**dict(_overrides.value), **(rules or {})}  # the overrides in effect here, to check against the mesh
     rules = {**_current(), **rules} if rules else _current()
     sizes = _mesh_axes(mesh)
     _check_mesh(mesh, sizes)
@@ -181,6 +197,8 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                              "...})")
         target = rules[name]
         axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if name in changed:
+            _check_override_on_mesh(name, axes, sizes)
         axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
         if shape is not None and axes:
             n = 1
@@ -201,6 +219,20 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
+
+
+def _check_override_on_mesh(name: str, axes: tuple[str, ...], sizes: dict[str, int]) -> None:
+    """An override (use_rules / rules=) that changes a table name's rule to mesh axes none of which this mesh has
+    replicated the dimension, silently (`use_rules(heads='expert')` on {data, tensor}: heads whole on every device).
+    Absent axes of the default table drop out as documented (one table serves every mesh), and so do some of a
+    tuple's; your own modules' names are not checked (their rules, like the table's, serve every mesh)."""
+    default = _DEFAULT_RULES.get(name, axes)
+    if (not axes or any(a in sizes for a in axes)
+            or axes == ((default,) if isinstance(default, str) else tuple(default or ()))):
+        return
+    raise ValueError(f"rules: {name}={axes[0] if len(axes) == 1 else axes!r} overrides the table with mesh axes "
+                     f"this mesh does not have (its axes: {dict(sizes)}), which would replicate {name!r} silently; "
+                     f"name an axis of this mesh, None to replicate, or add {list(axes)} to the mesh")
 
 
 _lenient = jax.make_user_context(default_value=False)  # part of jax.jit's cache key, as the rules are

@@ -132,7 +132,8 @@ def replicated(mesh) -> NamedSharding:
 
 def init_optimizer(optimizer, params):
     """`optimizer.init(params)` with every param-shaped leaf (Adam's mu, nu, ...) sharded like its
-    parameter and the rest (step counts) replicated. A plain `jax.jit(optimizer.init)` would
+    parameter and the rest (step counts; leaves of another shape than their parameter, like Adafactor's
+    factored v_row / v_col) replicated. A plain `jax.jit(optimizer.init)` would
     replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
     """
     if isinstance(params, nnx.Module):  # a pytree to jax too: Adam's moments became modules the step cannot read
@@ -147,6 +148,16 @@ def init_optimizer(optimizer, params):
     if not isinstance(getattr(first, "sharding", None), NamedSharding):  # unsharded (one device): nothing to follow
         return jax.jit(optimizer.init)(params)
     mesh = first.sharding.mesh
-    shardings = optax.tree_utils.tree_map_params(
-        optimizer, lambda _, p: p.sharding, abstract, params, transform_non_params=lambda _: replicated(mesh))
+
+    def like(state, p):
+        # a param-structured leaf of another shape (Adafactor's factored v_row / v_col: the raw pjit error
+        # "incompatible with its sharding annotation") is replicated; masked-out leaves (optax.masked, Muon's
+        # partition) hold no array
+        if isinstance(state, optax.MaskedNode):
+            return state
+        return p.sharding if state.shape == p.shape else replicated(mesh)
+
+    shardings = optax.tree_utils.tree_map_params(optimizer, like, abstract, params,
+                                                 transform_non_params=lambda _: replicated(mesh),
+                                                 is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     return jax.jit(optimizer.init, out_shardings=shardings)(params)

@@ -159,6 +159,39 @@ def test_an_inner_use_rules_overrides_the_outer_one_for_the_same_name():
     assert logical_to_spec(("embed", "vocab"), mesh) == jax.P("fsdp", None)
 
 
+def test_use_rules_refuses_a_registered_typo_of_a_table_name():
+    """`use_rules({'kv_head': None})` registered a new logical name one letter off 'kv_heads' and changed nothing:
+    K/V stayed split over tensor, silently. Keyword typos raised but did not name the close match."""
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    for typo, meant in (("kv_head", "kv_heads"), ("heds", "heads"), ("act_embd", "act_embed")):
+        with pytest.raises(ValueError, match=rf"no logical axis \['{typo}'\] .*did you mean \['{meant}'\]"):
+            with use_rules({typo: None}):
+                pass
+    with pytest.raises(ValueError, match=r"no logical axis \['kv_head'\] .*'kv_head': did you mean \['kv_heads'\]"):
+        with use_rules(kv_head=None):
+            pass
+    with use_rules({"hidden": "tensor", "kv_heads": None}):  # a name of the user's own, and a real table name
+        assert logical_to_spec(("hidden", "kv_heads"), mesh) == jax.P("tensor", None)
+
+
+def test_an_override_to_mesh_axes_the_mesh_lacks_is_refused_by_name():
+    """`use_rules(heads='expert')` (or rules={'heads': 'expert'}) on a {data, tensor} mesh replicated the heads,
+    silently: the override was dropped with the absent axis, as the default table's axes are."""
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    says = r"rules: heads='expert' overrides the table with mesh axes this mesh does not have \(its axes: \{'data': 2"
+    with pytest.raises(ValueError, match=says), use_rules(heads="expert"):
+        logical_to_spec(("embed", "heads"), mesh, (8, 8))
+    with pytest.raises(ValueError, match=says):
+        logical_to_spec(("embed", "heads"), mesh, (8, 8), rules={"heads": "expert"})
+    # still fine: the default table's absent axes (embed -> fsdp), an override naming one present axis of a tuple,
+    # an override equal to the default, a size-1 axis, and a name of the user's own
+    with use_rules(batch=("data", "fsdp"), embed="fsdp", act_seq=None):
+        assert logical_to_spec(("batch", "embed", "heads"), mesh) == jax.P("data", None, "tensor")
+    assert logical_to_spec(("heads",), make_mesh({"data": 8, "expert": 1}), rules={"heads": "expert"}) == jax.P(None)
+    with use_rules({"my_axis": "sequence"}):
+        assert logical_to_spec(("my_axis",), mesh) == jax.P(None)
+
+
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),
                                          ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown")])
 def test_mesh_errors(shape, words):
@@ -169,6 +202,9 @@ def test_mesh_errors(shape, words):
 def test_mesh_fill():
     mesh = make_mesh({"tensor": 2, "data": -1})
     assert dict(mesh.shape) == {"data": 4, "tensor": 2}
+    # devices as a grid (another mesh's .devices): read row by row, "needs 8 devices but 4 are available"
+    assert dict(make_mesh({"fsdp": -1}, devices=mesh.devices).shape) == {"fsdp": 8}
+    assert make_mesh({"data": 2}, devices=np.asarray(jax.devices()[:2])).devices.tolist() == jax.devices()[:2]
     with pytest.raises(ValueError, match=r"mesh axes \['data'\] need int sizes, got \['2'\]"):
         make_mesh({"data": "2", "fsdp": 4})  # a TypeError comparing str with int before
     assert dict(make_mesh({"data": np.int64(2), "fsdp": -1}).shape) == {"data": 2, "fsdp": 4}
@@ -563,3 +599,43 @@ def test_a_model_built_eagerly_inside_jax_set_mesh_warns_that_it_is_replicated()
         with nnx.use_eager_sharding(False):
             Transformer(CFG, rngs=nnx.Rngs(0))
     assert state["embed"][...].sharding.spec == jax.P(None, "fsdp")
+
+
+def test_init_optimizer_shards_factored_and_masked_optimizer_states():
+    """Adafactor's factored v_row / v_col follow the parameters' tree but not their shapes, and Muon's state holds
+    masked-out leaves: init_optimizer failed on both inside pjit ("incompatible with its sharding annotation", a
+    pytree structure error naming MaskedNode)."""
+    import optax
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded, init_optimizer
+
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    _, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    wq = params["blocks"]["wq"][...]
+    for opt in (optax.adafactor(1e-3), optax.contrib.muon(1e-3)):
+        state = init_optimizer(opt, params)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state,
+                     jax.jit(opt.init)(params))
+        # the param-shaped leaves (Adafactor's v for unfactored dims, Muon's momentum) are split like their parameter
+        like_wq = [x for x in jax.tree.leaves(state) if x.shape == wq.shape]
+        assert like_wq and all(x.sharding.spec == wq.sharding.spec for x in like_wq), opt
+
+
+def test_models_param_builds_in_a_module_of_your_own_without_turning_eager_sharding_off():
+    """models.params.param annotates logical names; called in a researcher's module built plainly (no
+    `nnx.use_eager_sharding(False)`), flax read 'embed' as a mesh axis and raised "An auto mesh context or metadata
+    is required". The rules still place it: create_sharded splits it as the table says."""
+    from flax import nnx
+
+    from models.params import param
+    from parallel import create_sharded
+
+    class Mine(nnx.Module):
+        def __init__(self, rngs):
+            self.w = param(rngs, (16, 8), ("embed", "mlp"), jnp.float32, 0.02)
+
+    assert Mine(nnx.Rngs(0)).w[...].shape == (16, 8)
+    _, state = create_sharded(lambda: Mine(nnx.Rngs(0)), make_mesh({"fsdp": 4, "tensor": 2}))
+    assert state["w"][...].sharding.spec == jax.P("fsdp", "tensor")
