@@ -12,6 +12,8 @@ import sysconfig
 
 import numpy as np
 
+from data.seeds import check_seed
+
 BYTE_VOCAB = 256
 
 
@@ -20,7 +22,7 @@ def stdlib_text(max_bytes: int = 4_000_000, seed: int = 0) -> str:
     name is historical: a few non-ASCII characters make the UTF-8 a little longer, 4,000,102 bytes by default)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.is_file())
-    np.random.default_rng(seed).shuffle(files)
+    np.random.default_rng(check_seed(seed, "stdlib_text seed")).shuffle(files)  # seed=True ran as 1
     parts, total = [], 0
     for p in files:
         try:
@@ -61,7 +63,8 @@ class ByteWindows:
         if len(tokens) < seq_len + 1:
             raise ValueError(f"corpus of {len(tokens)} tokens is shorter than one window of seq_len + 1 = "
                              f"{seq_len + 1}")
-        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed = check_seed(seed, "ByteWindows seed")  # seed=True ran as 1, a float failed at the first batch
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token."""

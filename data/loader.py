@@ -492,15 +492,19 @@ class LMLoader:
                  process_index: int | None = None, process_count: int | None = None):
         self.cfg, self.mesh = cfg, mesh
         if mesh is not None:  # at the first next() this was jax's IndivisibleError, naming no setting
+            import jax
+
             from parallel.sharding import batch_sharding
+
+            if not isinstance(mesh, jax.sharding.Mesh):  # an AttributeError in parallel/rules.py followed
+                raise TypeError(f"LMLoader: mesh must be a jax Mesh or None, got {mesh!r}; LMLoader(sources, "
+                                "tokenizer, cfg, 0, 1) puts 0 here: pass process_index=0, process_count=1 by keyword")
 
             try:
                 batch_sharding(mesh, 2, shape=(cfg.global_batch_size, cfg.seq_len))
             except ValueError as e:
                 raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} / seq_len={cfg.seq_len} "
                                  f"do not split over the mesh: {e}") from None
-            import jax
-
             jp = (jax.process_index(), jax.process_count())
             if (process_index is not None and process_index != jp[0]) or (
                     process_count is not None and process_count != jp[1]):  # rows would be global, or duplicated

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 
 import grain
 import numpy as np
+
+from data.seeds import check_seed
 
 COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.15, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("square", "circle", "triangle")
@@ -96,8 +97,8 @@ class MovingShapesConfig:
         longest = max(len(caption(*c).split()) for c in self.combos())
         need(self.max_caption_len >= longest, "max_caption_len",
              f"{self.max_caption_len} is shorter than the longest caption ({longest} words)")
-        need(not isinstance(self.seed, bool) and isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed",
-             f"must be an int in [0, 2**32), got {self.seed!r}")
+        # a numpy int (from a sweep) was refused; stored as a plain int
+        object.__setattr__(self, "seed", check_seed(self.seed, "MovingShapesConfig.seed", 2**32))
 
     @staticmethod
     def combos() -> list[tuple[str, str, str]]:
@@ -185,11 +186,9 @@ def dataset(cfg: MovingShapesConfig, split: str = "train", batch: int = 16, seed
             num_records: int = 100_000) -> grain.MapDataset:
     """Shuffled, repeated, batched grain MapDataset (index it, or iterate `.to_iter_dataset()`).
     seed: the shuffle's, an int in [0, 2**32) (numpy ints too)."""
-    # grain's shuffle read seed=1.5 (or True) as 1, silently: another run's order under the seed it logged
-    if isinstance(seed, bool | np.bool_) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
-        raise ValueError(f"dataset seed={seed!r} must be an int in [0, 2**32) (a numpy int too), not a float or bool")
+    seed = check_seed(seed, "dataset seed", 2**32)  # grain's shuffle read seed=1.5 (or True) as 1, silently
     src = MovingShapesSource(cfg, split, num_records)
-    return grain.MapDataset.source(src).shuffle(seed=int(seed)).repeat().batch(batch, drop_remainder=True)
+    return grain.MapDataset.source(src).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
 
 
 # --- evaluation without a learned judge --------------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from data.langid_samples import EN_LONG, ZH_LONG
+from data.seeds import check_seed
 
 EN_VOCAB = sorted({w.lower() for s in EN_LONG for w in re.findall(r"[A-Za-z]+", s)})
 ZH_CHARS = sorted({c for s in ZH_LONG for c in s if "\u4e00" <= c <= "\u9fff"})
@@ -30,7 +31,7 @@ def documents(n: int, seed: int = 0, zh_fraction: float = 0.3) -> list[dict]:
     """`n` clean documents, about `zh_fraction` of them Chinese, with `id` and `lang` metadata."""
     if not 0 <= zh_fraction <= 1:
         raise ValueError(f"zh_fraction={zh_fraction} must be a fraction in [0, 1]")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed, "documents seed"))  # seed=True ran as 1
     out = []
     for i in range(n):
         if rng.random() < zh_fraction:

@@ -84,6 +84,7 @@ PRESETS = {  # Llama-2 shapes
 def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> str | None:
     """What stops `shape` from sharding this train step (None: nothing), checked before any compile: a bad mesh
     among several otherwise fails only after the earlier ones compiled (minutes each at 70B)."""
+    from experiments.config import expert_axis_problem
     from parallel.mesh import _fill
     from parallel.rules import ACTIVATION_RULES
 
@@ -91,6 +92,8 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
         mesh = _fill(dict(shape), n_devices, "devices")
     except ValueError as e:
         return f"{str(e).removeprefix('mesh: ')} (--devices {n_devices})"
+    if problem := expert_axis_problem(cfg, mesh):  # train_lm refuses it: a dense model's expert axis
+        return problem
     rows = math.prod(mesh.get(a, 1) for a in ACTIVATION_RULES["batch"])
     tp, sp = mesh.get("tensor", 1), mesh.get("sequence", 1)
     for value, what, n, axes in ((batch, "--batch", rows, "batch axes"), (seq_len, "--seq", sp, "sequence axis"),

@@ -84,7 +84,8 @@ class TrainSpec:
     eval_target: eval loss whose first crossing is logged with its wall time (None: no target). sample_tokens:
     tokens generated after the run, at most what fits in model.max_seq_len after the prompt (the trained context).
     sample_prompt: the text that sample continues (None: 'def __init__(self' on the built-in corpus; with your own
-    tiers, data.train_dir, the first words of the first held-out document).
+    tiers, data.train_dir, the first words of the first held-out document); one longer than model.max_seq_len keeps
+    its last tokens.
 
     Test hooks (never set in real runs): poison_steps: steps whose batch weights are NaN; kill_at: SIGKILL
     this process after that step; kill_in_save: the kill comes right after an async save was issued."""
@@ -449,6 +450,14 @@ def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
         raise ConfigError(f"mesh: {e}") from None
 
 
+def expert_axis_problem(model: TransformerConfig, mesh: dict[str, int]) -> str | None:
+    """Why `mesh` (resolved sizes) cannot have its expert axis for `model` (None: it can); experiments.aot asks too."""
+    ep = mesh.get("expert", 1)
+    if ep > 1 and (model.moe is None or model.moe.n_experts % ep):
+        return f"expert axis {ep} needs model.moe with a multiple of {ep} experts"
+    return None
+
+
 def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     """Check everything that would otherwise fail deep inside compilation; returns the resolved mesh shape."""
 
@@ -605,10 +614,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         for f in ("expert_mlp_dim", "shared_mlp_dim"):
             width = getattr(m.moe, f, 0) or 0
             need(width % tp == 0, f"model.moe.{f}", f"{width} is not divisible by the tensor axis ({tp})")
-    ep = mesh.get("expert", 1)
-    if ep > 1:
-        need(m.moe is not None and m.moe.n_experts % ep == 0, "mesh.expert",
-             f"expert axis {ep} needs model.moe with a multiple of {ep} experts")
+    need((problem := expert_axis_problem(m, mesh)) is None, "mesh.expert", problem)
     stages = mesh.get("stage", 1)
     if stages > 1:  # the pipeline runs whole pattern periods (e.g. local + global layer) per stage
         from models.transformer import pattern_period

@@ -1,7 +1,7 @@
 """Progressive scaling: validate a small model before scaling up.
 
     python -m experiments.scaling_ladder            # ~10 min on 2 busy CPU cores
-    python -m experiments.scaling_ladder --quick    # smoke test, ~1 min
+    python -m experiments.scaling_ladder --quick    # smoke test, 1-3.5 min on 2 busy CPU cores
 
 Trains a ladder of five tiny byte-level LMs (6.7k ... 201k non-embedding parameters) on the
 embedded corpus (stdlib sources) at four token budgets each (131k ... 1.05M tokens); fits

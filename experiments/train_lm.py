@@ -78,6 +78,19 @@ def sample_prompt(data, train) -> str:
     return "def __init__(self"
 
 
+def sample_ids(tok, text: str, sample_tokens: int, max_seq_len: int):
+    """(prompt ids [P], new tokens n, prompt tokens cut) for the final sample: P + n - 1 positions stay within
+    max_seq_len (the trained context). A prompt longer than that keeps its BOS and its last tokens (it ran past the
+    context, and generate warned of positions past it)."""
+    import numpy as np
+
+    bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
+    head, body = ([] if bos is None else [bos]), tok.encode(text)
+    cut = max(0, len(head) + len(body) - max_seq_len)
+    ids = np.concatenate([head, body[cut:]]).astype(np.int32)
+    return ids, max(1, min(sample_tokens, max_seq_len - len(ids))), cut
+
+
 def corpus_tiers(spec) -> tuple[str, str]:
     """(train, held-out) tier directories: `spec.train_dir` / `spec.eval_dir` when given; else the embedded corpus
     as two ArrayRecord tiers (held-out: every n-th *module*, its source and its docstrings together: the
@@ -333,11 +346,13 @@ def init_from_hf(cfg, mesh, optimizer, shardings):
     return jax.device_put(state, shardings)
 
 
-def prng_mismatch(saved_impl: str | None, saved_shape) -> str | None:
+def prng_mismatch(saved_impl: str | None, saved_shape,
+                  what: str = "its random key data is of the saved implementation") -> str | None:
     """Why a checkpoint's raw key data (state["rng"]) cannot resume under this process's jax_default_prng_impl, or
     None. A train step reads it with the default implementation: threefry data under rbg failed in the first step
     with jax's bare "invalid PRNG key data". saved_impl: the meta's name (None before it was saved: then
-    `saved_shape()`, the saved data's shape, tells threefry's [2] from rbg's [4]; None: no key saved)."""
+    `saved_shape()`, the saved data's shape, tells threefry's [2] from rbg's [4]; None: no key saved). what: why
+    the implementation matters to this checkpoint (experiments.train_video saves no key: its stream would differ)."""
     import jax
 
     now = jax.config.jax_default_prng_impl
@@ -350,9 +365,9 @@ def prng_mismatch(saved_impl: str | None, saved_shape) -> str | None:
             return f"its random key data is uint32{list(shape)}, of no jax PRNG implementation this run knows"
     if saved_impl == now:
         return None
-    return (f"it was saved under jax_default_prng_impl={saved_impl!r}, this run's is {now!r} (its random key data "
-            f"is of the saved implementation); resume under the saved one: JAX_DEFAULT_PRNG_IMPL={saved_impl} in the "
-            f"environment, or jax.config.update('jax_default_prng_impl', {saved_impl!r}) before training")
+    return (f"it was saved under jax_default_prng_impl={saved_impl!r}, this run's is {now!r} ({what}); resume under "
+            f"the saved one: JAX_DEFAULT_PRNG_IMPL={saved_impl} in the environment, or "
+            f"jax.config.update('jax_default_prng_impl', {saved_impl!r}) before training")
 
 
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
@@ -665,10 +680,10 @@ def train(cfg, mesh_shape: dict) -> dict:
     from jax.experimental import multihost_utils
 
     model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
-    bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
-    prompt_ids = np.concatenate([[] if bos is None else [bos], tok.encode(sample_prompt(cfg.data, t))])
+    prompt_ids, n_new, cut = sample_ids(tok, sample_prompt(cfg.data, t), t.sample_tokens, m.max_seq_len)
+    if cut:
+        say(f"sample: the prompt is longer than model.max_seq_len={m.max_seq_len}: its first {cut} tokens are cut")
     prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
-    n_new = max(1, min(t.sample_tokens, m.max_seq_len - prompt.shape[1]))  # within the context it was trained for
     ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed),
                    eos_id=tok.eos_id)  # a document ends there
     sample = tok.decode(np.asarray(ids[0]))

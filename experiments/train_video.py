@@ -46,6 +46,7 @@ from experiments.checkpoint import fingerprint
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
 from experiments.run_log import Logger, Stop, plot_losses, set_aside_logs, write_text_atomically
+from experiments.train_lm import prng_mismatch
 from experiments.video_eval import (
     chance_row,
     run_eval,
@@ -272,6 +273,10 @@ def check_resume(p: Preset, out: pathlib.Path, seed: int):
             flag = {"vae": "--vae-steps", "t2v": "--dit-steps"}[stage]
             raise SystemExit(f"{stage}: {out / 'ckpt' / stage} is at step {step}, past {flag} {asked}; pass "
                              f"{flag} >= {step}, a fresh --out, or --fresh")
+        # its keys are made from the seed by the default implementation: under another, another random stream
+        if why := prng_mismatch(saved.get("prng_impl"), lambda: None,
+                                "its keys, made from the seed, would draw another random stream"):
+            raise SystemExit(f"{stage}: {out / 'ckpt' / stage} (step {step}): {why}")
         if "settings" not in saved:
             print(f"{stage}: checkpoint {step} predates saved settings; resuming it unchecked")
 
@@ -321,7 +326,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
-                  "total_steps": p.vae_steps, "mesh": mesh_axes(mesh)})
+                  "total_steps": p.vae_steps, "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl})
             if log is not None:
                 log.flush()
         if stopping:
@@ -434,7 +439,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps,
-                  "mesh": mesh_axes(mesh)})
+                  "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl})
             if log is not None:
                 log.flush()
         if stopping:

@@ -143,6 +143,7 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     transformers' defaults (HF_DEFAULTS); an explicit null keeps its HF meaning (e.g. no soft-capping).
     """
     arch = _architecture(hf)
+    defaulted = set(HF_DEFAULTS.get(arch, {})) - set(hf)  # fields transformers' default fills in
     hf = {**HF_DEFAULTS.get(arch, {}), **hf}
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
@@ -194,6 +195,11 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     except KeyError as e:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
     kw.update(overrides)
+    kv = kw["n_kv_heads"]
+    if "num_key_value_heads" in defaulted and "n_kv_heads" not in overrides and kw["n_heads"] % kv:
+        # TransformerConfig would blame n_kv_heads, a field of ours that is in no config.json
+        raise ValueError(f"HF config has no num_key_value_heads: transformers' default for {arch} is {kv}, which does "
+                         f"not divide num_attention_heads={kw['n_heads']}; set num_key_value_heads in config.json")
     return TransformerConfig(**kw)
 
 

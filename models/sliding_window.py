@@ -37,6 +37,21 @@ def _windows(x_BQC, nk: int, fill):
     return win.reshape((B, Q, nk * C) + x_BQC.shape[3:])
 
 
+def _check_window(window):
+    """Refuses what is not an int >= 1 (numpy ints pass; bools and fractions, which would run as a rounded window,
+    do not)."""
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"sliding window must be an int >= 1, got {window!r}")  # 'dense' gave zeros at 0
+
+
+def _check_valid(valid_BT):
+    """Refuses a padding mask that is not bool: a float one failed inside jnp's `&` naming neither, and an int one
+    of 2s was padding to the blocked kernel (2 & True == 0) but valid to the dense one."""
+    if valid_BT is not None and jnp.asarray(valid_BT).dtype != jnp.bool_:
+        raise ValueError(f"valid_BT must be a bool mask (True = a real token), got dtype "
+                         f"{jnp.asarray(valid_BT).dtype}; turn a 0/1 mask into one with `mask > 0`")
+
+
 def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None, valid_BT=None,
                              block: int = 256, scale: float | None = None, logit_softcap: float | None = None):
     """Blocked causal sliding-window attention; returns [B, T, N, H] in q's dtype.
@@ -45,8 +60,8 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     within their id. valid: False marks padding keys. block: queries per block (C); any T works,
     the tail is padded. logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scores.
     """
-    if window < 1:
-        raise ValueError(f"sliding window must be >= 1, got {window}")
+    _check_window(window)
+    _check_valid(valid_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     if N % K:
@@ -167,8 +182,8 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     padding mask and T a multiple of 128, so 'auto' picks 'blocked' otherwise), 'dense' (a masked T×T reference:
     quadratic, for tests and benchmarks), or 'auto'.
     """
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-        raise ValueError(f"sliding window must be an int >= 1, got {window!r}")  # 'dense' gave zeros at 0
+    _check_window(window)
+    _check_valid(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
                        has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])
     B, T, N, H = q_BTNH.shape

@@ -746,3 +746,13 @@ def test_a_cleaning_run_directory_is_named_as_one_not_a_tier(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no shard-\*\.array_record files in .*empty; run the cleaning"):
         tier_shards(tmp_path / "empty")
+
+
+def test_process_index_passed_positionally_is_refused_as_a_mesh(corpus):
+    # LMLoader(srcs, tok, cfg, 0, 1) put 0 into `mesh`: an AttributeError deep in parallel/rules.py followed
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=2, num_epochs=1)
+    for bad in (0, "data"):
+        with pytest.raises(TypeError, match=r"LMLoader: mesh must be a jax Mesh or None, got .*process_index=0, "
+                                            r"process_count=1 by keyword"):
+            LMLoader([Source(path)], ByteTokenizer(), cfg, bad, 1)

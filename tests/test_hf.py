@@ -775,6 +775,23 @@ def test_absent_kv_heads_take_the_transformers_default(cls, fields):
         hf.num_key_value_heads
 
 
+@pytest.mark.parametrize("cls, default", [("Qwen2Config", 32), ("MistralConfig", 8), ("MixtralConfig", 8),
+                                          ("MinistralConfig", 8)])
+def test_absent_kv_heads_whose_default_does_not_divide_the_heads_names_the_hf_field(cls, default):
+    """12 heads and no num_key_value_heads: transformers' default (Qwen2 32, Mistral 8) does not divide them; the error
+    blamed our own field (`n_kv_heads=32`), which is in no config.json. Llama's default is num_attention_heads."""
+    assert getattr(transformers, cls)(num_attention_heads=12, hidden_size=96).num_key_value_heads == default
+    raw = {k: v for k, v in MINIMAL.items() if k != "num_key_value_heads"} | dict(hidden_size=96,
+                                                                                  num_attention_heads=12)
+    arch = {"architectures": [cls.replace("Config", "ForCausalLM")]}
+    with pytest.raises(ValueError, match=rf"HF config has no num_key_value_heads: transformers' default for .* is "
+                                         rf"{default}, which does not divide num_attention_heads=12; set "
+                                         r"num_key_value_heads in config.json"):
+        config_from_hf(raw | arch)
+    assert config_from_hf(raw | arch, n_kv_heads=4).kv_heads == 4  # an override is ours to answer for
+    assert config_from_hf(raw | {"architectures": ["LlamaForCausalLM"]}).kv_heads == 12
+
+
 def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
     """save_pretrained wrote null bos / eos / pad ids: transformers' generate then never stopped at EOS."""
     from models.hf import read_token_ids

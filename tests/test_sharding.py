@@ -261,6 +261,12 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
         deep, {"stage": 3}, 3, 3, 8)
     assert "--dtype float32" in aot.mesh_problem(deep, {"stage": 2, "fsdp": 4}, 8, 8, 8)
     assert aot.mesh_problem(deep, {"stage": 2}, 2, 2, 8) is None
+    # an expert axis on a dense model: train_lm refuses it (mesh.expert), aot compiled it (a replicated axis)
+    assert "expert axis 2 needs model.moe with a multiple of 2 experts" in aot.mesh_problem(
+        deep, {"expert": 2, "fsdp": -1}, 8, 8, 8)
+    with pytest.raises(SystemExit):
+        aot.main(["--mesh", "expert=2,fsdp=-1"])
+    assert "argument --mesh {'expert': 2, 'fsdp': -1}: expert axis 2 needs model.moe" in capsys.readouterr().err
     piped = dataclasses.replace(deep, pipeline_microbatches=4)  # aot compiled every pipeline with 1 microbatch
     assert aot.mesh_problem(piped, {"stage": 2}, 2, 8, 8) is None
     assert "--batch=6 does not split into --microbatches=4" in aot.mesh_problem(piped, {"stage": 2}, 2, 6, 8)

@@ -112,6 +112,23 @@ def test_bad_window():
     q, k, v = qkv(1, 8, 2, 2, 4)
     with pytest.raises(ValueError, match="window"):
         sliding_window_attention(q, k, v, 0)
+    # a fractional window ran as its ceiling (2.5 gave W = 3's output), where local_attention refused it
+    for w in (2.5, True, 3.0):
+        with pytest.raises(ValueError, match="sliding window must be an int >= 1"):
+            sliding_window_attention(q, k, v, w)
+    np.testing.assert_array_equal(sliding_window_attention(q, k, v, np.int64(3)), sliding_window_attention(q, k, v, 3))
+
+
+def test_non_bool_padding_mask_is_refused_by_name():
+    # a float 0/1 mask failed inside jnp's `&` with a TypeError naming neither valid_BT nor the fix; an int mask
+    # of 2s was silently 'padding' in the blocked kernel (2 & True == 0) and 'valid' in the dense one
+    q, k, v = qkv(1, 8, 2, 2, 4)
+    for impl in ("blocked", "dense"):
+        for valid in (jnp.ones((1, 8), jnp.float32), jnp.full((1, 8), 2, jnp.int32)):
+            with pytest.raises(ValueError, match=r"valid_BT must be a bool mask.*mask > 0"):
+                local_attention(q, k, v, 3, valid_BT=valid, impl=impl)
+    with pytest.raises(ValueError, match="valid_BT must be a bool mask"):
+        sliding_window_attention(q, k, v, 3, valid_BT=np.ones((1, 8)))
 
 
 def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):

@@ -534,6 +534,32 @@ def test_the_default_sample_prompt_reads_a_pretokenized_held_out_tier(tmp_path):
     assert got["pre"] == got["held"] == " ".join(texts[0].split()[:5])
 
 
+def test_a_sample_prompt_longer_than_the_context_keeps_its_bos_and_last_tokens():
+    """train.sample_tokens is 'at most what fits in model.max_seq_len after the prompt': a prompt past max_seq_len
+    still got one new token, and generate warned of positions past the trained context (37 + 1 on the tiny model)."""
+    import types
+    import warnings
+
+    from flax import nnx
+
+    from data.tokenizer import ByteTokenizer
+    from models import Transformer
+    from models.generate import generate
+
+    m = load(TINY).model
+    tok = ByteTokenizer(add_eos=True)
+    ids, n, cut = train_lm.sample_ids(tok, "x" * 30 + "yz" * 3, 8, m.max_seq_len)
+    assert (len(ids), n, cut) == (m.max_seq_len, 1, 36 - m.max_seq_len) and tok.decode(ids).endswith("yzyzyz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # generate warns of positions past max_seq_len
+        generate(Transformer(m, rngs=nnx.Rngs(0)), jnp.asarray(ids)[None], n, rng=jax.random.key(0))
+    with_bos = types.SimpleNamespace(bos_id=7, encode=lambda s: [ord(c) for c in s])
+    ids, n, cut = train_lm.sample_ids(with_bos, "abcdef", 8, 4)
+    assert (ids.tolist(), n, cut) == ([7, ord("d"), ord("e"), ord("f")], 1, 3)
+    ids, n, cut = train_lm.sample_ids(with_bos, "ab", 8, 32)  # a short one is whole, and n what fits
+    assert (ids.tolist(), n, cut) == ([7, ord("a"), ord("b")], 8, 0)
+
+
 def test_load_model_gives_the_checkpoints_model_for_inference(runs, monkeypatch):
     """A finished run's model, rebuilt from the config saved in its checkpoint (there was no way back from
     runs/x/ckpt to a Transformer), equals the checkpoint's params and samples; configs survive the JSON round trip.

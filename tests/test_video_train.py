@@ -785,3 +785,28 @@ def test_a_run_with_no_checkpoint_sets_aside_the_logs_it_would_mix_with(tmp_path
     with pytest.raises(SystemExit, match="stop here"):  # --fresh takes them as the run's own
         train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
     assert not any(".prev-" in c.name for c in out.iterdir())
+
+
+def test_a_stage_resumes_only_under_the_prng_implementation_it_was_trained_with(tmp_path, monkeypatch):
+    """The stages' keys are made from the seed and none is saved: resumed under another jax_default_prng_impl, a stage
+    went on silently with another random stream (noise, timesteps). Each stage's meta records the implementation, and
+    a resume under another is refused by name, as train_lm's is."""
+    import dataclasses
+
+    from experiments.video_steps import latest_meta
+    from parallel import create_sharded, make_mesh
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=1, ckpt_every=100)
+    monkeypatch.setattr(train_video, "make_vae_step", _fake_vae_step)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    gd, params = create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
+    train_video.train_vae(p, tmp_path, mesh, 0, gd, params)
+    now = jax.config.jax_default_prng_impl
+    assert latest_meta(manager(tmp_path / "ckpt" / "vae"))[1]["prng_impl"] == now
+    train_video.check_resume(p, tmp_path, 0)
+    other = "rbg" if now != "rbg" else "threefry2x32"
+    meta = {"step": 3, "settings": train_video.stage_settings(p, 0)["t2v"], "prng_impl": other}
+    save(manager(tmp_path / "ckpt" / "t2v"), 3, {"params": {"w": jnp.ones((2,))}}, meta)
+    with pytest.raises(SystemExit, match=rf"t2v: .*t2v \(step 3\): it was saved under jax_default_prng_impl="
+                                         rf"'{other}', this run's is '{now}' \(.*JAX_DEFAULT_PRNG_IMPL={other}"):
+        train_video.check_resume(p, tmp_path, 0)
