@@ -195,6 +195,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError("generate's temperature must be a Python number (it chooses greedy or sampling, and the "
                          "program, when called), not a traced value: call generate outside jax.jit, or decode with "
                          "sample_logits, which takes a traced temperature")
+    # a concrete 0-d float array (jnp.float32(0.7), a value from jnp.linspace) is that number: it was refused as
+    # 'must be a finite number >= 0', which it is (sample_logits, pad_id and eos_id take scalar arrays)
+    temperature, top_p = _real_scalar(temperature), _real_scalar(top_p)
     if not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and math.isfinite(temperature)
             and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
@@ -205,6 +208,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     if rng is not None and (why := key_error(rng)) is not None:  # raw keys: those of the default PRNG (rbg: [4])
         raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), {why}")
     _check_top_k(top_k)
+    if isinstance(top_p, jax.core.Tracer):  # (it read as 'must be a number in (0, 1], got JitTracer(~float32[])')
+        raise ValueError("generate's top_p must be a Python number (it chooses whether the program sorts), not a "
+                         "traced value: call generate outside jax.jit (a new top_p does not compile it again), or "
+                         "decode with sample_logits, which takes a traced top_p")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if temperature == 0 and (top_k is not None or top_p is not None):  # as transformers' generate warns
@@ -246,6 +253,16 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
                                  "trim=False for [B, P + max_new_tokens] (pad_id after the stop)")
             new = new[:, :int(n)]
     return jnp.concatenate([prompt_BP, new], axis=1)
+
+
+def _real_scalar(v):
+    """A concrete 0-d numpy / jax array of a real (not bool) dtype → its Python float; anything else as given (for
+    the caller's check to name)."""
+    dtype = getattr(v, "dtype", None)
+    if (getattr(v, "ndim", None) == 0 and not isinstance(v, jax.core.Tracer | numbers.Number) and dtype is not None
+            and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))):
+        return float(v)
+    return v
 
 
 def _token_ids(name: str, v, vocab_size: int) -> tuple[int, ...]:

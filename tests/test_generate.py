@@ -453,6 +453,9 @@ def test_a_traced_temperature_in_generate_is_named_as_such(model):
     prompt = jnp.ones((1, 3), jnp.int32)
     with pytest.raises(ValueError, match=r"generate's temperature must be a Python number .* sample_logits"):
         jax.jit(lambda t: generate(model, prompt, 2, temperature=t, rng=jax.random.key(0)))(0.5)
+    # top_p likewise said 'top_p must be None or a number in (0, 1], got JitTracer(~float32[])'
+    with pytest.raises(ValueError, match=r"generate's top_p must be a Python number .* sample_logits"):
+        jax.jit(lambda p: generate(model, prompt, 2, temperature=1.0, top_p=p, rng=jax.random.key(0)))(0.9)
 
 
 def test_generate_takes_raw_keys_of_the_default_prng_and_names_other_keys(model):
@@ -474,3 +477,20 @@ def test_generate_takes_raw_keys_of_the_default_prng_and_names_other_keys(model)
     np.testing.assert_array_equal(wrapped, typed)
     with pytest.raises(ValueError, match=r"rng .*a batch of 2 raw keys"):
         generate(model, prompt, 3, temperature=1.0, rng=jax.random.key_data(jax.random.split(jax.random.key(0))))
+
+
+def test_temperature_and_top_p_take_concrete_scalar_arrays(model):
+    """temperature=jnp.float32(0.7) (or a value of jnp.linspace, np.array(0.7)) was refused as 'temperature must be a
+    finite number >= 0, got Array(0.7)', which it is, and top_p likewise; sample_logits, pad_id and eos_id take such
+    arrays. They sample as the Python numbers do; bool / non-scalar arrays are still refused by name."""
+    prompt = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    want = generate(model, prompt, 4, temperature=0.7, top_p=0.9, rng=jax.random.key(3))
+    for t, p in ((jnp.float32(0.7), jnp.float32(0.9)), (np.array(0.7), np.array(0.9)), (jnp.asarray(0.7), 0.9)):
+        np.testing.assert_array_equal(generate(model, prompt, 4, temperature=t, top_p=p, rng=jax.random.key(3)), want)
+    np.testing.assert_array_equal(generate(model, prompt, 4, temperature=jnp.float32(0)), generate(model, prompt, 4))
+    for kw, words in [(dict(temperature=jnp.asarray([0.7])), "temperature must be"),
+                      (dict(temperature=jnp.bool_(True)), "temperature must be"),
+                      (dict(temperature=jnp.float32(-1.0)), "temperature must be a finite number >= 0"),
+                      (dict(temperature=1.0, top_p=jnp.float32(1.5)), "top_p must be None or a number in")]:
+        with pytest.raises(ValueError, match=words):
+            generate(model, prompt, 2, rng=jax.random.key(0), **kw)
