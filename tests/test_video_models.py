@@ -759,6 +759,17 @@ def test_patchify_unpatchify_invert_on_a_non_square_grid():
         np.testing.assert_array_equal(tokens[0, 5], block.reshape(-1))
 
 
+def test_patchify_and_unpatchify_name_a_patch_that_does_not_tile():
+    """A patch that did not divide (T, H, W) (or tokens of another grid) failed inside reshape with a TypeError naming
+    an 8-D shape, not the patch or the axis."""
+    from models.video.layers import patchify, unpatchify
+
+    with pytest.raises(ValueError, match=r"patch \(2, 2, 2\) does not divide .*\(T, H, W\)=\(3, 4, 4\)"):
+        patchify(jnp.zeros((1, 3, 4, 4, 2)), (2, 2, 2))
+    with pytest.raises(ValueError, match=r"unpatchify: tokens \[1, 4, 16\] do not match grid \(1, 2, 3\)"):
+        unpatchify(jnp.zeros((1, 4, 16)), (1, 2, 2), (1, 2, 3), 4)
+
+
 def test_vae_kl_matches_numerical_integration():
     """KL(N(μ, σ²) ‖ N(0, 1)) per element, against ∫ q log(q / p) by quadrature in float64."""
     from scipy import integrate, stats

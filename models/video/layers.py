@@ -26,6 +26,9 @@ def patchify(x_BTHWC, patch):
     """[B, T, H, W, C] → [B, S, pt·ph·pw·C] with S = (T/pt)(H/ph)(W/pw), tokens in (t, h, w) order."""
     B, T, H, W, C = x_BTHWC.shape
     pt, ph, pw = patch
+    if T % pt or H % ph or W % pw:  # reshape's own error named an 8-D shape, not the patch or the axis
+        raise ValueError(f"patchify: patch {tuple(patch)} does not divide the latents' (T, H, W)=({T}, {H}, {W}); "
+                         "crop or pad them to multiples of the patch (DiTConfig.latent_shape)")
     x = x_BTHWC.reshape(B, T // pt, pt, H // ph, ph, W // pw, pw, C)
     x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)  # b t h w | pt ph pw c
     return x.reshape(B, (T // pt) * (H // ph) * (W // pw), pt * ph * pw * C)
@@ -35,6 +38,9 @@ def unpatchify(x_BSP, patch, grid, channels):
     """Inverse of `patchify`: [B, S, pt·ph·pw·C] → [B, T, H, W, C]."""
     B = x_BSP.shape[0]
     (pt, ph, pw), (t, h, w) = patch, grid
+    if tuple(x_BSP.shape[1:]) != (t * h * w, pt * ph * pw * channels):
+        raise ValueError(f"unpatchify: tokens {list(x_BSP.shape)} do not match grid {tuple(grid)}, patch "
+                         f"{tuple(patch)} and {channels} channels: need [B, {t * h * w}, {pt * ph * pw * channels}]")
     x = x_BSP.reshape(B, t, h, w, pt, ph, pw, channels).transpose(0, 1, 4, 2, 5, 3, 6, 7)
     return x.reshape(B, t * pt, h * ph, w * pw, channels)
 
