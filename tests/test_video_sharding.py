@@ -94,3 +94,16 @@ def test_sequence_parallel_dit_splits_its_projections():
         ca = c.cost_analysis()
         flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
     assert flops["sp"] <= 1.3 * flops["dp"], flops
+
+
+def test_fsdp_shards_every_large_video_parameter():
+    """ZeRO-3 keeps 1/N of the weights per device: the cross-attention's text-side wk / wv were annotated (None,
+    heads, head_dim) and sat whole on every fsdp device (device 0 held 0.168 of the default preset's T2V bytes on
+    {fsdp: 8}, not 0.125), as was the timestep MLP's first weight. Every weight of >= 256 elements (biases and norms
+    aside) is split over fsdp. (The VAE's first convolutions, RGB / latent-channel sized, stay whole by design.)"""
+    _, state = random_params(lambda: TextToVideo(T2V, rngs=nnx.Rngs(0)))
+    sstate = shard_state(state, make_mesh({"fsdp": 8}))
+    whole = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(sstate)
+             if v.size >= 256 and v.sharding.is_fully_replicated
+             and not any(w in jax.tree_util.keystr(p) for w in ("bias", "norm"))]
+    assert not whole, whole

@@ -123,7 +123,7 @@ class VideoDiT(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.patch_embed = param(rngs, (p, d), ("patch", "embed"), pd, std)
             self.patch_bias = param(rngs, (d,), ("embed",), pd, ZERO)
-            self.time_w1 = param(rngs, (cfg.time_freq_dim, d), (None, "mlp"), pd, std)
+            self.time_w1 = param(rngs, (cfg.time_freq_dim, d), ("embed", "mlp"), pd, std)  # FSDP splits it
             self.time_b1 = param(rngs, (d,), ("mlp",), pd, ZERO)
             self.time_w2 = param(rngs, (d, d), ("mlp", "embed"), pd, std)
             self.time_b2 = param(rngs, (d,), ("embed",), pd, ZERO)

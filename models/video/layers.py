@@ -177,8 +177,9 @@ class CrossAttention(nnx.Module):
                  dtype, rngs):
         d, e, n, k = d_model, text_dim, n_heads, head_dim
         self.wq = param(rngs, (d, n, k), ("embed", "heads", "head_dim"), dtype, std)
-        self.wk = param(rngs, (e, n, k), (None, "heads", "head_dim"), dtype, std)
-        self.wv = param(rngs, (e, n, k), (None, "heads", "head_dim"), dtype, std)
+        # the text width is an embedding dim too: FSDP shards it (None replicated both on every fsdp device)
+        self.wk = param(rngs, (e, n, k), ("embed", "heads", "head_dim"), dtype, std)
+        self.wv = param(rngs, (e, n, k), ("embed", "heads", "head_dim"), dtype, std)
         self.wo = param(rngs, (n, k, d), ("heads", "head_dim", "embed"), dtype, std)
         self.qk_norm = qk_norm
         if qk_norm:
