@@ -203,7 +203,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     statistics) and weighted by each microbatch's token weight (so are the step's reported routing metrics and the
     load that moves a sigmoid router's bias), so with them A changes the objective slightly
     (measured: gradients within ~3e-4 of the one-batch ones at lb 0.01, z 0.001; 1e-7 without aux losses).
-    A non-finite loss or gradient leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes on.
+    A non-finite loss or gradient norm leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes
+    on. The norm is optax's float32 sum of squares, so finite gradients with a norm over ~1.8e19 count too
+    (optax.clip_by_global_norm, computing the same norm, would zero their update).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 

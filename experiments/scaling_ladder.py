@@ -150,6 +150,18 @@ def train_rung(rung: Rung, budgets: tuple[int, ...], train: ByteWindows, eval_ba
     return dict(runs=runs, seconds=time.time() - t0)
 
 
+def split_diverged(runs) -> tuple[list, list]:
+    """(runs with a finite eval loss, the diverged rest): one NaN / inf loss made the law's fit raise after the
+    smaller rungs' ~8 minutes of training, naming a run by its index in a list the ladder never showed."""
+    return ([r for r in runs if math.isfinite(r["eval_loss"])],
+            [r for r in runs if not math.isfinite(r["eval_loss"])])
+
+
+def _diverged_note(diverged, of: int) -> str:
+    return (f"{len(diverged)} of {of} runs diverged (eval loss not finite) and are left out of the fit: "
+            + ", ".join(f"{r['rung']} D={r['tokens']:,} ({r['eval_loss']})" for r in diverged))
+
+
 def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float = 0.9, seed: int = 0):
     """Bootstrap the law over `fit_runs`; returns (bootstrap, prediction intervals of one new run's loss at
     `target_n` parameters for each of `target_tokens`, the fitted law's own `level` intervals there)."""
@@ -194,6 +206,9 @@ def plot(path, all_runs, bs, target, preds, level):
     ax1.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax1.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)",
             title=f"L = {law.E:.2f} + {law.A:.3g}/N^{law.alpha:.2f} + {law.B:.3g}/D^{law.beta:.2f}")
+    if diverged := split_diverged([r for r in all_runs if r["rung"] != target])[1]:  # not drawn (NaN): say so
+        ax1.plot([], [], "x", color="k", label=f"{len(diverged)} diverged run(s), not fitted: "
+                 + ", ".join(f"{r['rung']} D={r['tokens'] / 1e3:.0f}k" for r in diverged))
     ax1.legend(fontsize=7)
     tk = [p["tokens"] for p in preds]
     # a bootstrap interval need not contain the point fit (few resamples, a skewed fit): clip the bars at it
@@ -230,7 +245,7 @@ def replot(out: pathlib.Path, level: float, docs: bool):
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
     res = json.loads((out / "results.json").read_text())
     pred = res["prediction"]
-    fit_runs = [r for r in res["runs"] if r["rung"] != pred["target"]]
+    fit_runs = split_diverged([r for r in res["runs"] if r["rung"] != pred["target"]])[0]  # as the ladder fitted
     rows = res["comparison"]
     bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
@@ -329,17 +344,27 @@ def main(argv=None):
     target = ladder[-1]
     target_n = param_counts(target.config()).non_embedding
     target_tokens = [b * TOKENS_PER_STEP for b in sorted(budgets)]
-    bs, preds, fit_ci = predict(all_runs, target_n, target_tokens, n_boot, args.level)
+    fit_runs, diverged = split_diverged(all_runs)
+    if diverged:
+        print(f"note: {_diverged_note(diverged, len(all_runs))}")
+    try:
+        bs, preds, fit_ci = predict(fit_runs, target_n, target_tokens, n_boot, args.level)
+    except ValueError as e:
+        if not diverged:
+            raise
+        note = _diverged_note(diverged, len(all_runs))
+        raise SystemExit(f"cannot fit the law on the {len(fit_runs)} runs left: {e}. {note}; rerun with a lower --lr "
+                         "(and --fresh)") from e
     law = bs.fit.law
     pred_rows = [dict(tokens=t, predicted=p, low=lo, high=hi, fit_low=flo, fit_high=fhi)
                  for t, (p, lo, hi), (flo, fhi) in zip(target_tokens, preds, fit_ci)]
     prediction = dict(created=time.strftime("%Y-%m-%d %H:%M:%S"), target=target.name, n_params=target_n,
-                      fit=law.as_dict(), fit_runs=len(all_runs), n_boot=n_boot, n_boot_fitted=len(bs.laws),
-                      level=args.level,
+                      fit=law.as_dict(), fit_runs=len(fit_runs), n_boot=n_boot, n_boot_fitted=len(bs.laws),
+                      level=args.level, diverged=[dict(rung=r["rung"], tokens=r["tokens"]) for r in diverged],
                       param_intervals=bs.param_intervals(args.level), residual_rms=float(np.sqrt(np.mean(
                           np.square(bs.residuals)))), predictions=pred_rows)
     (out / "prediction.json").write_text(json.dumps(prediction, indent=1))
-    print(f"fit on {len(all_runs)} runs: E={law.E:.3f} A={law.A:.4g} alpha={law.alpha:.3f} B={law.B:.4g} "
+    print(f"fit on {len(fit_runs)} runs: E={law.E:.3f} A={law.A:.4g} alpha={law.alpha:.3f} B={law.B:.4g} "
           f"beta={law.beta:.3f}; predictions for {target.name} (N={target_n:,}) written before training it:")
     for r in pred_rows:
         print(f"  D={r['tokens']:>9,}: {r['predicted']:.4f}  [{r['low']:.4f}, {r['high']:.4f}] (fit only: "
@@ -353,6 +378,7 @@ def main(argv=None):
         r["actual"] = actual[r["tokens"]]
         r["error"] = r["actual"] - r["predicted"]
         r["inside"] = bool(r["low"] <= r["actual"] <= r["high"])
+        r["diverged"] = not math.isfinite(r["actual"])  # a NaN is no miss of the prediction: the run failed
     results = dict(prediction=prediction, target_runs=res["runs"], comparison=pred_rows, seconds=seconds,
                    total_seconds=time.time() - t_start, runs=all_runs, quick=args.quick)
     (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
@@ -366,7 +392,7 @@ def main(argv=None):
     for r in pred_rows:
         print(f"  D={r['tokens']:>9,}: predicted {r['predicted']:.4f} [{r['low']:.4f}, {r['high']:.4f}]  actual "
               f"{r['actual']:.4f}  error {r['error']:+.4f} ({100 * r['error'] / r['actual']:+.1f}%)"
-              f"{'' if r['inside'] else '  OUTSIDE'}")
+              f"{'  DIVERGED' if r['diverged'] else '' if r['inside'] else '  OUTSIDE'}")
     print(f"total {time.time() - t_start:.0f}s; results in {out}/")
     return results
 

@@ -590,7 +590,10 @@ def train(cfg, mesh_shape: dict) -> dict:
                 bar.update(1)
                 if not mt["finite"]:
                     skipped = int(state["skipped"])
-                    say(f"step {step}: non-finite loss/gradients ({mt['loss']}); "
+                    # the norm is optax's float32 sum of squares (clip_by_global_norm's, which zeroes such an
+                    # update): finite gradients with a norm over ~1.8e19 overflow it to inf and are skipped too
+                    say(f"step {step}: non-finite loss ({mt['loss']}) or gradient norm ({mt['grad_norm']}; a norm "
+                        "over ~1.8e19 overflows float32); "
                         f"{'halting' if t.nan_policy == 'halt' else 'step skipped'} ({skipped} skipped so far)")
                     log.write({"kind": "nonfinite", "step": step, "policy": t.nan_policy, "skipped": skipped})
                     if t.nan_policy == "halt":

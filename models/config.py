@@ -210,6 +210,12 @@ class TransformerConfig:
             need(isinstance(getattr(self, f), str) and getattr(self, f) in ("float32", "bfloat16", "float16"), f,
                  f"unsupported {getattr(self, f)!r}; use the name 'float32', 'bfloat16' or 'float16'")
         need(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta}")
+        # YaRN's ramp finds the dimension of a wavelength through log(theta) (HF's find_correction_dim divides by
+        # 2·log(base) too): theta = 1 divided by zero on the first forward, theta < 1 (frequencies rising with the
+        # dimension) put the ramp's ends below dimension 0 and interpolated the wrong dims without an error
+        need(self.rope_scaling is None or self.rope_scaling.kind != "yarn" or self.rope_theta > 1, "rope_theta",
+             f"{self.rope_theta} with rope_scaling kind='yarn': YaRN needs rope_theta > 1 (its ramp divides by "
+             "log(rope_theta)); use the model's base, e.g. 10000")
         need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
         need(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
         need(self.sliding_window is None or any(self.local_layers()), "sliding_window",

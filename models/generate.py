@@ -149,10 +149,11 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
 
 def _left_padding(prompt_mask, shape) -> jax.Array:
     """A left-padding mask [B, P] (bool or 0/1; True on real tokens) → each row's padding length [B] int32."""
+    given = getattr(prompt_mask, "dtype", None)  # a float64 mask reads as float32 after jnp.asarray with x64 off
     mask = jnp.asarray(prompt_mask)
     if mask.shape != shape or not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise ValueError(f"prompt_mask must be bool or 0/1 ints of the prompt's shape {shape}, got "
-                         f"{mask.dtype}{list(mask.shape)}")
+                         f"{mask.dtype if given is None else given}{list(mask.shape)}")
     mask = mask != 0
     start_B = (shape[1] - mask.sum(1)).astype(jnp.int32)
     if not isinstance(mask, jax.core.Tracer):  # concrete: check the layout generate relies on
@@ -186,7 +187,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     Compiles once per prompt shape, max_new_tokens, top_k and greedy or not (`left_pad(length=...)` fixes the
     prompt's): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
     """
-    prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size).astype(jnp.int32)  # ints in [0, V)
+    prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size, "prompt_tokens").astype(jnp.int32)  # in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:

@@ -42,6 +42,9 @@ def rope_tables(positions_BT, inv_freq_F):
     """(cos, sin), each [B, T, 1, F] float32. NumPy positions give NumPy tables, i.e. constants of the
     compiled program: XLA fuses cos/sin computed in the graph into every rotation and evaluates them
     per head element (at B·T = 2048, 4 heads of 64: ~2.4 ms of a 33 ms CPU layer)."""
+    if np.ndim(positions_BT) != 2:  # [T] failed in the [:, :, None, :] below with a bare IndexError
+        raise ValueError(f"positions_BT must be [batch, length] (or [1, length] for every row), got shape "
+                         f"{tuple(np.shape(positions_BT))}; one sequence's positions are positions[None]")
     xp = np if isinstance(positions_BT, np.ndarray) else jnp
     ang_BTF = positions_BT[..., None].astype(np.float32) * xp.asarray(inv_freq_F, np.float32)
     return xp.cos(ang_BTF)[:, :, None, :], xp.sin(ang_BTF)[:, :, None, :]
@@ -55,7 +58,14 @@ def rotate(x_BTNH, cos_BT1F, sin_BT1F):
 
 
 def apply_rope(x_BTNH, positions_BT, inv_freq_F):
-    """Rotate pairs (i, i + H/2) by angle position·freq; computed in float32, returned in x's dtype."""
+    """Rotate pairs (i, i + H/2) by angle position·freq; computed in float32, returned in x's dtype.
+
+    x_BTNH [B, T, N, H]; positions_BT [B, T] or [1, T] (shared by every row); inv_freq_F [H // 2]."""
+    pos_shape = tuple(np.shape(positions_BT))
+    if len(pos_shape) != 2 or pos_shape[0] not in (1, x_BTNH.shape[0]) or pos_shape[1] != x_BTNH.shape[1]:
+        raise ValueError(f"positions_BT must be [batch, length] = {tuple(x_BTNH.shape[:2])} or [1, length] like "
+                         f"x_BTNH {tuple(x_BTNH.shape)}, got shape {pos_shape}"
+                         + ("; one sequence's positions are positions[None]" if len(pos_shape) == 1 else ""))
     return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_F))
 
 

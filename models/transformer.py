@@ -65,17 +65,20 @@ def _rms_norm_bwd(eps, offset, res, g):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
-def check_token_ids(tokens_BT, vocab_size: int):
+def check_token_ids(tokens_BT, vocab_size: int, name: str = "tokens"):
     """tokens_BT as given, after checking it holds integer ids in [0, vocab_size) when its values are known
-    (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error."""
+    (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error. `name`: the
+    caller's argument, for the errors."""
+    given = getattr(tokens_BT, "dtype", None)  # a float64 array reads as float32 after jnp.asarray with x64 off
     tokens_BT = jnp.asarray(tokens_BT)
     if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integer ids, got dtype {tokens_BT.dtype}; cast with .astype(jnp.int32)")
+        raise ValueError(f"{name} must be integer ids, got dtype {tokens_BT.dtype if given is None else given}; "
+                         "cast with .astype(jnp.int32)")
     if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
         with jax.ensure_compile_time_eval():  # a concrete batch closed over by a jitted function: still concrete
             lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
         if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
+            raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
                              "ignore index such as -100 belongs in the targets' weights, not in the inputs)")
     return tokens_BT
 

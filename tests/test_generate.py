@@ -357,6 +357,14 @@ def test_prompt_mask_must_be_left_padding(model):
         generate(model, tokens, 2, prompt_mask=np.array([[0, 0, 0, 0], [1, 1, 1, 1]]))
     with pytest.raises(ValueError, match=r"prompt_mask must be bool or 0/1 ints of the prompt's shape \(2, 4\)"):
         generate(model, tokens, 2, prompt_mask=np.ones((2, 3), bool))
+    # the errors name the argument and dtype the caller passed: a float64 mask read "float32" (jnp.asarray, x64 off)
+    # and a float prompt "tokens must be integer ids"
+    with pytest.raises(ValueError, match=r"prompt_mask must be bool or 0/1 ints .*, got float64\[2, 4\]"):
+        generate(model, tokens, 2, prompt_mask=np.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"^prompt_tokens must be integer ids, got dtype float64"):
+        generate(model, np.zeros((2, 4)), 2)
+    with pytest.raises(ValueError, match=r"^prompt_tokens must hold token ids in \[0, vocab_size="):
+        generate(model, -tokens - 1, 2)
     with pytest.raises(ValueError, match="non-empty list of non-empty token-id lists"):
         left_pad([[1, 2], []])
     with pytest.raises(ValueError, match=r"length=2 must be an int >= the longest prompt \(3 tokens\)"):

@@ -180,3 +180,51 @@ def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tm
         assert abs(c["error"]) < 0.01, c
     for a, b in zip(res[0.0]["comparison"], res[0.5]["comparison"]):
         assert b["actual"] - a["actual"] == pytest.approx(0.5) and not b["inside"]
+
+
+def test_a_diverged_run_is_left_out_of_the_fit_and_said_or_the_ladder_stops_by_name(tmp_path, monkeypatch, capsys):
+    """One NaN eval loss among the smaller rungs made the fit raise 'runs [5] are not (drop diverged runs ...)' after
+    all their training, the index into a list the ladder never showed, and a resumed ladder raised it again. Now
+    such runs are left out, counted and named (printed, in prediction.json, in the figure's legend); with too few
+    left the ladder stops naming them; a diverged target run is DIVERGED, not a missed prediction."""
+    import json
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    names = [r.name for r in sl.QUICK_LADDER]
+
+    def fake(diverged):
+        def train(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):  # L = 1 + 40/N^0.4 + 300/D^0.3 + noise
+            n = param_counts(rung.config()).non_embedding
+            rng = np.random.default_rng(list(rung.name.encode()))
+            runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0, flops=0.0,
+                         eval_loss=float("nan") if (rung.name, b) in diverged or rung.name in diverged else
+                         1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3 + 1e-3 * rng.standard_normal())
+                    for b in budgets]
+            return dict(runs=runs, seconds=0.0)
+        return train
+
+    argv = ["--quick", "--no-docs", "--n-boot", "4"]
+    last = max(sl.QUICK_STEPS)
+    monkeypatch.setattr(sl, "train_rung", fake({(names[1], last), (names[-1], last)}))
+    res = sl.main([*argv, "--out", str(tmp_path / "one")])
+    out = capsys.readouterr().out
+    tokens = f"{last * sl.TOKENS_PER_STEP:,}"
+    assert (f"note: 1 of {4 * len(sl.QUICK_STEPS)} runs diverged (eval loss not finite) and are left out of the fit: "
+            f"{names[1]} D={tokens} (nan)") in out
+    assert res["prediction"]["fit_runs"] == 4 * len(sl.QUICK_STEPS) - 1
+    assert res["prediction"]["diverged"] == [dict(rung=names[1], tokens=last * sl.TOKENS_PER_STEP)]
+    assert json.loads((tmp_path / "one" / "prediction.json").read_text())["diverged"] == res["prediction"]["diverged"]
+    assert all(np.isfinite(v) for v in res["prediction"]["fit"].values())
+    *fine, bad = res["comparison"]
+    assert bad["diverged"] and not any(c["diverged"] for c in fine) and all(abs(c["error"]) < 0.01 for c in fine)
+    assert re.search(rf"D=\s*{tokens}: predicted .* actual nan .*  DIVERGED\n", out)
+    again = sl.main(["--replot", "--out", str(tmp_path / "one"), "--no-docs"])  # the same runs fitted again
+    assert again["prediction"]["fit"] == res["prediction"]["fit"]
+    assert re.search(rf"refitted {4 * len(sl.QUICK_STEPS) - 1} runs", capsys.readouterr().out)
+    # two whole rungs diverged: two model sizes are left, too few for A/N^alpha
+    monkeypatch.setattr(sl, "train_rung", fake({names[1], names[2]}))
+    with pytest.raises(SystemExit, match=r"cannot fit the law on the 6 runs left: N takes 2 distinct values.* 6 of 12 "
+                                         rf"runs diverged .*: {names[1]} D=.*; rerun with a lower --lr"):
+        sl.main([*argv, "--out", str(tmp_path / "two")])

@@ -6,6 +6,7 @@ checkpoint of another model config is refused with a config error and left where
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -241,12 +242,16 @@ def test_restore_saved_on_8_devices_onto_fewer(runs, n):
     assert_trees_equal(state8, state)
 
 
-def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path):
+def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path, capsys):
     out = tmp_path / "skip"
     result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=1",
                             "--set", "train.keep=10", "--set", "train.poison_steps=(3,)",
                             "--set", "train.nan_policy=skip"])
     assert result["skipped"] == 1 and result["step"] == 5
+    # finite gradients whose float32 norm overflows are skipped too (test_train_config): the line says so (it read
+    # "non-finite loss/gradients" to a run whose every gradient was finite)
+    assert re.search(r"step 3: non-finite loss \(nan\) or gradient norm \(nan; a norm over ~1.8e19 overflows "
+                     r"float32\); step skipped \(1 skipped so far\)", capsys.readouterr().out)
     s2, s3, s4 = (restore(out, step=s)[0] for s in (2, 3, 4))
     assert_trees_equal(s2["params"], s3["params"])  # the poisoned step changed nothing...
     assert_trees_equal(s2["opt_state"], s3["opt_state"])

@@ -442,6 +442,37 @@ def test_rope_scaling_errors_name_the_field(kw, words):
         RopeScaling(**kw)
 
 
+@pytest.mark.parametrize("theta", [1.0, 0.5])
+def test_a_rope_theta_yarn_cannot_use_is_refused(theta):
+    """YaRN's ramp divides by log(rope_theta) (as transformers' does): theta 1 raised ZeroDivisionError on the first
+    forward, theta 0.5 interpolated the wrong dimensions silently. Other kinds take any finite theta > 0."""
+    from models.config import RopeScaling
+    from models.rope import inv_frequencies
+
+    yarn = RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=64)
+    with pytest.raises(ValueError, match=f"TransformerConfig.rope_theta: {theta} with rope_scaling kind='yarn': YaRN "
+                                         "needs rope_theta > 1"):
+        dataclasses.replace(CFG, rope_theta=theta, rope_scaling=yarn)
+    for other in ("linear", "llama3"):  # finite frequencies at theta 0.5: accepted
+        s = RopeScaling(kind=other, factor=4.0, original_max_position_embeddings=64)
+        cfg = dataclasses.replace(CFG, rope_theta=0.5, rope_scaling=s)
+        assert np.isfinite(inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)).all()
+
+
+def test_apply_rope_names_positions_of_the_wrong_shape():
+    """positions [T] (one sequence's) failed with a bare IndexError inside the table's indexing; [1, T] is shared
+    by every row, as the video model passes it."""
+    from models.rope import apply_rope, inv_frequencies
+
+    x = jnp.ones((2, 5, 3, 8))
+    inv = inv_frequencies(8, 1e4)
+    for bad in (np.arange(5), jnp.arange(5), np.zeros((2, 5, 1)), np.zeros((3, 5)), np.zeros((2, 4))):
+        with pytest.raises(ValueError, match=r"positions_BT must be \[batch, length\] = \(2, 5\) or \[1, length\]"):
+            apply_rope(x, bad, inv)
+    shared = apply_rope(x, np.arange(5)[None], inv)
+    np.testing.assert_array_equal(shared, apply_rope(x, np.broadcast_to(np.arange(5), (2, 5)), inv))
+
+
 @pytest.mark.parametrize("window", [True, (3, False)])
 def test_bool_sliding_window_is_refused(window):
     """True is an int in Python: it must not become a window of 1."""
