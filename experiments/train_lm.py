@@ -186,8 +186,34 @@ def main(argv=None) -> dict:
                            hint=f"across {n} processes the outermost axis must split the batch (--mesh axes nest as "
                                 f"{', '.join(AXES)}, outermost first), e.g. --mesh data={n},...")
     except (ConfigError, ValueError) as e:
-        raise SystemExit(f"config error: {e}") from None
-    return train(cfg, mesh_shape)
+        refused = f"config error: {e}"
+    # validate() reads each host's own disk (data.cache_dir, train.out, data.train_dir, train.init_from): one process
+    # refusing its path left the others in their first collective, and itself in jax's shutdown, for good
+    if (several and any_process(refused is not None)) or refused is not None:
+        raise SystemExit(refused or "config error: another process refused its settings (its log names the field); "
+                                    "every process needs the same settings and the paths they name")
+    try:
+        return train(cfg, mesh_shape)
+    except Exception:
+        if several:  # raised before (or after) the training loop on one process: it hung both, as in the loop
+            _exit_at_once()
+        raise
+
+
+def _exit_at_once() -> None:
+    """End this process of a multi-process job now, its traceback printed: the others wait in a collective it will
+    not join, and an orderly exit (closing the checkpoint manager, jax.distributed's shutdown) waits for them: both
+    hung, heartbeats flowing. Ending now, the others' collective fails (or their heartbeat check stops them);
+    resume from the newest checkpoint as after a crash."""
+    import traceback
+
+    import jax
+
+    traceback.print_exc()
+    print(f"process {jax.process_index()}: exiting at once so the job's other processes stop too",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()  # os._exit skips it: a job's log file (block-buffered) lost up to 8 KiB of log
+    os._exit(1)
 
 
 # Settings each process of a multi-process run may have its own of (a host's local cache, its progress bar); every
@@ -644,17 +670,8 @@ def train(cfg, mesh_shape: dict) -> dict:
         say(str(e))
         halted = step
     except Exception:
-        if jax.process_count() > 1:
-            # the others wait in a collective this process will not join, and its cleanup below (closing the
-            # checkpoint manager) waits for them: both hung, heartbeats flowing. Ending now, the others' collective
-            # fails (or their heartbeat check stops them); resume from the newest checkpoint as after a crash.
-            import traceback
-
-            traceback.print_exc()
-            print(f"process {jax.process_index()}: exiting at once so the job's other processes stop too",
-                  file=sys.stderr, flush=True)
-            sys.stdout.flush()  # os._exit skips it: a job's log file (block-buffered) lost up to 8 KiB of log
-            os._exit(1)
+        if jax.process_count() > 1:  # before the cleanup below, which would wait for the others
+            _exit_at_once()
         raise
     finally:
         bar.close()

@@ -161,8 +161,13 @@ def check_shared_dir(path, what: str = "directory") -> None:
                          "must write into one directory (a shared filesystem: NFS, Lustre, a bucket mount)")
 
 
-def process_rows(global_batch: int) -> slice:
-    """This process's rows of a global batch (contiguous, equal shares)."""
+def process_rows(global_batch: int, mesh=None, rules=None, local_devices=None) -> slice:
+    """This process's rows of a global batch (contiguous, equal shares): with `mesh`, the rows its devices hold of
+    a [global_batch, ...] batch (what `global_batch_from_local` puts them at); without, rows [i·B/n, (i+1)·B/n) of
+    process i, the same only where the mesh orders the processes by index along the batch axes (make_mesh's dcn=
+    does; a mesh over devices in another order, or a TPU pod's physical layout, need not: the global batch is then
+    a silent permutation of the host batch, its rows no longer beside the host's labels or prompts).
+    local_devices: this process's (default), or a layout to check."""
     n, i = jax.process_count(), jax.process_index()
     # numbers.Integral: a size computed with numpy (np.int64) is an int here, as make_mesh's axis sizes are
     if isinstance(global_batch, bool) or not isinstance(global_batch, numbers.Integral) or global_batch < 1:
@@ -171,7 +176,14 @@ def process_rows(global_batch: int) -> slice:
     if global_batch % n:
         raise ValueError(f"global batch {global_batch} must be divisible by the process count {n}")
     per = global_batch // n
-    return slice(i * per, (i + 1) * per)
+    if mesh is None:
+        return slice(i * per, (i + 1) * per)
+    local = set(jax.local_devices() if local_devices is None else local_devices)
+    indices = [ix for d, ix in batch_sharding(mesh, 1, rules, shape=(global_batch,)).devices_indices_map(
+        (global_batch,)).items() if d in local]
+    check_process_share(indices, (global_batch,), per, dict(mesh.shape))  # contiguous, exactly `per` rows
+    start = min(ix[0].start or 0 for ix in indices)
+    return slice(start, start + per)
 
 
 def global_batch_from_local(local_batch, mesh, rules=None):

@@ -232,3 +232,53 @@ def test_an_error_on_one_process_mid_training_ends_every_process(tmp_path):
     assert "RuntimeError: injected failure on process 1" in outs[1][1], outs[1][1][-2000:]
     assert "process 1: exiting at once so the job's other processes stop too" in outs[1][1], outs[1][1][-2000:]
     assert time.time() - t0 < 100
+
+
+def test_a_host_path_one_process_refuses_stops_every_process(tmp_path):
+    """data.cache_dir (a host's own, so not compared across processes) that validate() refuses on process 1 only:
+    process 1 printed its config error and then waited in jax's shutdown, process 0 in its first collective, both
+    for good (killed after 90 s). Now the refusal is agreed: every process exits 1 at once, naming it or it."""
+    (tmp_path / "cache_1").write_text("not a directory")  # run_trainers' data.cache_dir of process 1
+    t0 = time.time()
+    procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "4"], timeout=90)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 1, err[-2000:]
+    assert f"config error: data.cache_dir: '{tmp_path / 'cache_1'}' is a file; name a directory" in outs[1][1]
+    assert "config error: another process refused its settings" in outs[0][1], outs[0][1][-2000:]
+    assert time.time() - t0 < 60
+
+
+FAIL_BEFORE_TRAINING_ON_PROCESS_1 = """
+import sys
+
+import jax
+
+from experiments import train_lm
+
+tiers = train_lm.corpus_tiers
+
+
+def failing(spec):  # building the data cache fails on process 1 only (its own disk)
+    if jax.process_index() == 1:
+        raise OSError(28, "No space left on device (injected on process 1)")
+    return tiers(spec)
+
+
+train_lm.corpus_tiers = failing
+train_lm.main(sys.argv[1:])
+"""
+
+
+def test_an_error_on_one_process_before_training_ends_every_process(tmp_path):
+    """An exception on one process before the training loop (here its corpus cache failing) hung both processes for
+    good (killed after 200 s): it exited in order, waiting in jax's shutdown for the other, which waited in its first
+    collective. The failing process now exits at once, as in the loop, and the other's collective fails with it."""
+    wrapper = tmp_path / "fail_on_1.py"
+    wrapper.write_text(FAIL_BEFORE_TRAINING_ON_PROCESS_1)
+    t0 = time.time()
+    procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "4"], timeout=90,
+                               entry=(str(wrapper),))
+    assert procs[1].returncode == 1 and procs[0].returncode != 0, [err[-2000:] for _, err in outs]
+    assert "OSError: [Errno 28] No space left on device (injected on process 1)" in outs[1][1], outs[1][1][-2000:]
+    assert "process 1: exiting at once so the job's other processes stop too" in outs[1][1], outs[1][1][-2000:]
+    assert time.time() - t0 < 60

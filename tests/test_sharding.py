@@ -373,6 +373,24 @@ def test_process_rows_are_contiguous_equal_shares(monkeypatch):
         process_rows(10)
 
 
+def test_process_rows_of_a_mesh_are_the_rows_its_devices_hold(monkeypatch):
+    """Process 0 of 2 on a mesh over the devices in reverse order (make_mesh(devices=...), or a TPU pod's physical
+    layout) holds rows [4, 8) of 8; process_rows(8) gave [0, 4), so the global batch global_batch_from_local built
+    was the host batch with the processes' halves swapped (measured with two processes: rows 4..7, then 0..3),
+    silently. With the mesh it gives the rows the devices hold; a mesh that gives the process no contiguous share
+    is refused."""
+    from parallel.distributed import process_rows
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    first = jax.devices()[:4]  # process 0's devices
+    assert process_rows(8, make_mesh({"data": 2, "fsdp": 4}), local_devices=first) == slice(0, 4)
+    assert process_rows(8, make_mesh({"data": 8}, devices=jax.devices()[::-1]), local_devices=first) == slice(4, 8)
+    assert process_rows(8) == slice(0, 4)  # without a mesh: the process-index order
+    with pytest.raises(ValueError, match=r"hold rows \[0, 8\) of the global batch of 8, but it loads 4 contiguous"):
+        process_rows(8, make_mesh({"stage": 2, "fsdp": 4}), local_devices=first)
+
+
 def test_numpy_integer_sizes_are_ints_to_process_rows_and_gpipe():
     """A batch or microbatch count computed with numpy (np.int64(8)) was refused as 'must be an int >= 1', while
     make_mesh takes numpy sizes; a bool or a float is still refused."""
