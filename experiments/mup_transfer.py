@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
+from experiments.run_log import _finite_or_null
 from models import Transformer, TransformerConfig
 
 LOG2_LRS = tuple(range(-12, -3))
@@ -42,7 +43,7 @@ def config(width: int, mup: bool, seq: int) -> TransformerConfig:
 
 
 def sweep(cfg: TransformerConfig, batches, steps: int, log2_lrs) -> dict[int, float]:
-    """{log2 lr: mean train loss of the last 10 steps} (inf when the run diverged)."""
+    """{log2 lr: mean train loss of the last 10 steps} (inf when the run diverged; null in --json)."""
     graphdef, params0 = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     opt = make_optimizer(1.0, total_steps=steps, warmup_steps=steps // 10, width_mult=cfg.width_mult)
 
@@ -148,8 +149,8 @@ def main(argv=None):
             print(f"{name:4s} width {w:4d}: best log2 lr {best:>4s}, loss {curve[best]:.3f}   "
                   + " ".join(f"{float(v):.2f}" for v in curve.values()))
     if args.json:  # the numbers first: they are what the sweep cost
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        with open(args.json, "w") as f:  # a diverged rate (inf) as null: bare Infinity is no JSON to strict readers
+            json.dump(_finite_or_null(res), f, indent=1, allow_nan=False)
     plot(res, args.widths, args.out)
     print("plot:", args.out)
     return res

@@ -11,7 +11,7 @@ for the largest model to disk *before* training it, then trains it and reports p
 Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written
 before the largest model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png
 unless --no-docs), rungs.json (each finished rung: rerun with the same settings after an interruption and it
-resumes after them; --fresh starts over).
+resumes after them; --fresh starts over). A diverged run's loss is null in these JSON files (strict JSON: no NaN).
 
 Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
 whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
@@ -46,6 +46,7 @@ from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, trai
 from data.shards import write_json
 from experiments.config import at_least
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
+from experiments.run_log import _finite_or_null
 from models import Transformer, TransformerConfig
 from scaling.flops import param_counts, train_flops_per_token
 from scaling.laws import bootstrap
@@ -157,6 +158,17 @@ def split_diverged(runs) -> tuple[list, list]:
             [r for r in runs if not math.isfinite(r["eval_loss"])])
 
 
+def _dumps(obj) -> str:
+    """`obj` as JSON text with null for a NaN / inf number (a diverged run's loss): Python wrote bare NaN, which
+    strict readers (JavaScript, jq) refuse; metrics.jsonl writes null too. `_loads` reads null back as NaN."""
+    return json.dumps(_finite_or_null(obj), indent=1, allow_nan=False)
+
+
+def _loads(text: str):
+    """The ladder's own JSON with null read back as NaN (the ladder writes null only for a non-finite number)."""
+    return json.loads(text, object_hook=lambda d: {k: math.nan if v is None else v for k, v in d.items()})
+
+
 def _diverged_note(diverged, of: int) -> str:
     return (f"{len(diverged)} of {of} runs diverged (eval loss not finite) and are left out of the fit: "
             + ", ".join(f"{r['rung']} D={r['tokens']:,} ({r['eval_loss']})" for r in diverged))
@@ -216,8 +228,13 @@ def plot(path, all_runs, bs, target, preds, level):
                  [max(0.0, p["high"] - p["predicted"]) for p in preds]], fmt="o", capsize=4,
                  label="predicted (before training)")
     ax2.plot(tk, [p["actual"] for p in preds], "*", ms=12, color="C3", label="actual")
-    ax2.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)",
-            title=f"{target}: prediction from the 4 smaller models")
+    fitted, left_out = split_diverged([r for r in all_runs if r["rung"] != target])
+    n_models = len({r["rung"] for r in fitted})
+    title = f"{target}: prediction from the {n_models} smaller models"
+    if left_out:  # the fit saw fewer runs (maybe fewer models) than the ladder trained: say which
+        title = (f"{target}: prediction from {len(fitted)} runs of {'the ' * (n_models == len(names) - 1)}"
+                 f"{n_models} smaller models\n({len(left_out)} diverged run{'s' * (len(left_out) > 1)} left out)")
+    ax2.set(xlabel="training tokens D", ylabel="held-out loss (nats/byte)", title=title)
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -234,7 +251,7 @@ def _resumable(out: pathlib.Path, settings: dict) -> dict | None:
     there, a finished one, or other settings)."""
     if not (out / RUNGS).is_file() or (out / "results.json").exists():
         return None
-    saved = json.loads((out / RUNGS).read_text())
+    saved = _loads((out / RUNGS).read_text())
     return saved["done"] if saved.get("settings") == settings else None
 
 
@@ -243,7 +260,7 @@ def replot(out: pathlib.Path, level: float, docs: bool):
     ladder. (Ladders before 2026-12-01 stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
     if not (out / "results.json").is_file():
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
-    res = json.loads((out / "results.json").read_text())
+    res = _loads((out / "results.json").read_text())
     pred = res["prediction"]
     fit_runs = split_diverged([r for r in res["runs"] if r["rung"] != pred["target"]])[0]  # as the ladder fitted
     rows = res["comparison"]
@@ -330,7 +347,7 @@ def main(argv=None):
         if rung.name not in done:
             done[rung.name] = train_rung(rung, budgets, train, eval_batches, peak_lr=rung_lr(args.lr, rung),
                                          warmup=warmup)
-            write_json(out / RUNGS, {"settings": settings, "done": done})
+            write_json(out / RUNGS, _finite_or_null({"settings": settings, "done": done}))  # NaN: null
         return done[rung.name]
 
     for rung in ladder[:-1]:
@@ -339,7 +356,7 @@ def main(argv=None):
         seconds[rung.name] = res["seconds"]
         tqdm.write(f"{rung.name}: " + "  ".join(f"D={r['tokens']:,}: {r['eval_loss']:.4f}" for r in res["runs"])
                    + f"  ({res['seconds']:.0f}s)")
-        (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
+        (out / "ladder.json").write_text(_dumps(all_runs))
 
     target = ladder[-1]
     target_n = param_counts(target.config()).non_embedding
@@ -363,7 +380,7 @@ def main(argv=None):
                       level=args.level, diverged=[dict(rung=r["rung"], tokens=r["tokens"]) for r in diverged],
                       param_intervals=bs.param_intervals(args.level), residual_rms=float(np.sqrt(np.mean(
                           np.square(bs.residuals)))), predictions=pred_rows)
-    (out / "prediction.json").write_text(json.dumps(prediction, indent=1))
+    (out / "prediction.json").write_text(_dumps(prediction))
     print(f"fit on {len(fit_runs)} runs: E={law.E:.3f} A={law.A:.4g} alpha={law.alpha:.3f} B={law.B:.4g} "
           f"beta={law.beta:.3f}; predictions for {target.name} (N={target_n:,}) written before training it:")
     for r in pred_rows:
@@ -381,8 +398,8 @@ def main(argv=None):
         r["diverged"] = not math.isfinite(r["actual"])  # a NaN is no miss of the prediction: the run failed
     results = dict(prediction=prediction, target_runs=res["runs"], comparison=pred_rows, seconds=seconds,
                    total_seconds=time.time() - t_start, runs=all_runs, quick=args.quick)
-    (out / "ladder.json").write_text(json.dumps(all_runs, indent=1))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "ladder.json").write_text(_dumps(all_runs))
+    (out / "results.json").write_text(_dumps(results))
     plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
     if not args.no_docs and not args.quick:
         shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")

@@ -192,3 +192,22 @@ def test_the_transfer_plot_survives_a_width_that_diverged_at_every_rate(tmp_path
     all_inf = {name: {w: dict.fromkeys(c, inf) for w, c in r.items()} for name, r in res.items()}
     plot(all_inf, [64, 128], tmp_path / "q.png")  # nothing finite at all: still a figure
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_the_transfer_json_writes_a_diverged_rate_as_null(tmp_path, monkeypatch):
+    """--json wrote a diverged rate's loss (inf) as bare Infinity, which strict readers (JavaScript, jq) refuse; it
+    is null now, as metrics.jsonl writes a non-finite loss."""
+    import json
+
+    from experiments import mup_transfer
+
+    monkeypatch.setattr(mup_transfer, "sweep", lambda cfg, batches, steps, lrs: {-6: 2.5, -5: float("inf")})
+    res = mup_transfer.main(["--steps", "1", "--widths", "32", "--out", str(tmp_path / "p.png"),
+                             "--json", str(tmp_path / "r.json")])
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} is not JSON")
+
+    saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert saved == {name: {"32": {"-6": 2.5, "-5": None}} for name in ("sp", "mup")}
+    assert res["sp"]["32"]["-5"] == float("inf")  # the returned results keep inf (the plot reads it as diverged)

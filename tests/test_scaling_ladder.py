@@ -228,3 +228,87 @@ def test_a_diverged_run_is_left_out_of_the_fit_and_said_or_the_ladder_stops_by_n
     with pytest.raises(SystemExit, match=r"cannot fit the law on the 6 runs left: N takes 2 distinct values.* 6 of 12 "
                                          rf"runs diverged .*: {names[1]} D=.*; rerun with a lower --lr"):
         sl.main([*argv, "--out", str(tmp_path / "two")])
+
+
+def _strict_json(path):
+    """The JSON at `path` as a strict reader (JavaScript's JSON.parse, jq) sees it: bare NaN / Infinity refused."""
+    import json
+
+    def refuse(name):
+        raise AssertionError(f"{path.name}: bare {name} is not JSON (strict readers refuse the file)")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverged_loss_is_written_as_null_and_read_back_as_nan(tmp_path, monkeypatch):
+    """ladder.json, rungs.json, prediction.json and results.json held a diverged run's loss as bare NaN, which
+    JavaScript and jq refuse; it is null now (metrics.jsonl's convention), and the ladder's own readers (resume,
+    --replot) take null back as NaN: a resumed ladder and a replot fit the runs the first one did."""
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    names, last = [r.name for r in sl.QUICK_LADDER], max(sl.QUICK_STEPS)
+    bad = {(names[1], last), (names[-1], last)}  # one smaller run and one target run diverge
+
+    def fake(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):  # L = 1 + 40/N^0.4 + 300/D^0.3 + noise
+        if rung.name == names[3] and not (tmp_path / "done").exists():
+            (tmp_path / "done").touch()
+            raise KeyboardInterrupt  # the first attempt is killed after two rungs, the diverged one among them
+        n = param_counts(rung.config()).non_embedding
+        rng = np.random.default_rng(list(rung.name.encode()))
+        runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=float("nan"),
+                     flops=0.0, eval_loss=float("nan") if (rung.name, b) in bad else
+                     1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3 + 1e-3 * rng.standard_normal())
+                for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    monkeypatch.setattr(sl, "train_rung", fake)
+    out, argv = tmp_path / "ladder", ["--quick", "--no-docs", "--n-boot", "4", "--out", str(tmp_path / "ladder")]
+    with pytest.raises(KeyboardInterrupt):
+        sl.main(argv)
+    saved = _strict_json(out / "rungs.json")["done"][names[1]]["runs"]
+    assert [r["eval_loss"] is None for r in saved] == [r["steps"] == last for r in saved]
+    res = sl.main(argv)  # resumed from rungs.json: the diverged run is left out again, not a TypeError on None
+    assert res["prediction"]["fit_runs"] == 4 * len(sl.QUICK_STEPS) - 1
+    ladder = _strict_json(out / "ladder.json")
+    assert sum(r["eval_loss"] is None for r in ladder) == 2 and all(r["train_loss"] is None for r in ladder)
+    _strict_json(out / "prediction.json")
+    results = _strict_json(out / "results.json")
+    assert [c["actual"] is None and c["diverged"] for c in results["comparison"]] == [False] * (
+        len(sl.QUICK_STEPS) - 1) + [True]
+    again = sl.main(["--replot", "--out", str(out), "--no-docs"])
+    assert again["prediction"]["fit"] == res["prediction"]["fit"]
+    assert np.isnan(again["comparison"][-1]["actual"]) and np.isnan(again["runs"][0]["train_loss"])
+
+
+def test_the_figure_says_what_the_prediction_was_fitted_on(tmp_path, monkeypatch):
+    """The prediction panel's title said "from the 4 smaller models" also when diverged runs were left out of the
+    fit; it now counts the runs fitted and the diverged ones left out."""
+    import matplotlib.pyplot as plt
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    names, last = [r.name for r in sl.QUICK_LADDER], max(sl.QUICK_STEPS)
+
+    def fake(bad):
+        def train(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):
+            n = param_counts(rung.config()).non_embedding
+            runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0,
+                         flops=0.0, eval_loss=float("nan") if (rung.name, b) in bad or rung.name in bad else
+                         1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3)
+                    for b in budgets]
+            return dict(runs=runs, seconds=0.0)
+        return train
+
+    titles, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (titles.append(fig.axes[1].get_title()), close(fig)))
+    n_runs = len(sl.QUICK_STEPS)
+    for i, bad in enumerate(({}, {(names[1], last)}, {names[0]})):
+        monkeypatch.setattr(sl, "train_rung", fake(bad))
+        sl.main(["--quick", "--no-docs", "--n-boot", "4", "--out", str(tmp_path / str(i))])
+    assert titles == [f"{names[-1]}: prediction from the 4 smaller models",
+                      f"{names[-1]}: prediction from {4 * n_runs - 1} runs of the 4 smaller models\n"
+                      f"(1 diverged run left out)",
+                      f"{names[-1]}: prediction from {3 * n_runs} runs of 3 smaller models\n"
+                      f"({n_runs} diverged runs left out)"]

@@ -217,9 +217,18 @@ class VideoVAE(nnx.Module):
         return self.decoder(constrain(z_BTHWZ.astype(dtype_of(self.cfg.dtype)), BATCH))
 
 
+def _exp_minus_1_minus(x):
+    """exp(x) - 1 - x, elementwise, to float32 precision also near x = 0, where it is ~x²/2: exp(x) - 1 - x
+    cancelled (x = 1e-3: exp(x)'s ulp of 1.2e-7 against 5e-7, a KL off by a few %) and expm1(x) - x still did."""
+    small = jnp.abs(x) < 0.1
+    t = jnp.where(small, x, 0.0)  # the series' branch sees no large x (and so no inf in its gradient)
+    series = t * t * (1 / 2 + t * (1 / 6 + t * (1 / 24 + t * (1 / 120 + t / 720))))  # next term < 4e-9 relative
+    return jnp.where(small, series, jnp.expm1(x) - x)
+
+
 def kl_divergence(mean, logvar):
-    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element (float32)."""
-    return 0.5 * (mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element (float32): 0.5·(mean² + exp(logvar) - 1 - logvar)."""
+    return 0.5 * (mean ** 2 + _exp_minus_1_minus(logvar))
 
 
 def vae_loss(vae: VideoVAE, x_BTHWC, key):
