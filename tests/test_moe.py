@@ -802,3 +802,45 @@ def test_capacity_is_the_exact_ceiling_of_k_t_cf_over_e():
                               moe=MoEConfig(n_experts=2, top_k=1, expert_mlp_dim=8, capacity_factor=1.1,
                                             dispatch="capacity"))
     assert executed_slots(lm_shape(dense).moe, 100) == 2 * 55 / 100
+
+
+def test_router_bias_update_moves_each_layer_against_its_own_mean_load():
+    """update_router_bias on the trainer's per-layer loads [L_moe, E]: each layer's bias moves by the sign of its own
+    mean load minus each expert's (numpy, per row). A mean over all layers passed every test (one MoE layer there),
+    yet moves an expert of a layer whose loads all sit above the global mean down, everyone, never balancing it."""
+    load = np.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]], np.float32)  # layer means 0.25 and 0.25
+    load[1] *= 2  # layer 1 summed over 2 microbatches: mean 0.5, above every load of layer 0
+    bias = np.array([[0.0, 0.1, -0.1, 0.2], [0.3, 0.0, 0.0, -0.3]], np.float32)
+    want = bias + 0.01 * np.sign(load.mean(-1, keepdims=True) - load)
+    np.testing.assert_allclose(update_router_bias(jnp.asarray(bias), jnp.asarray(load), 0.01), want, atol=1e-7)
+
+
+def test_top_k_equal_to_n_experts_is_a_valid_config_that_routes_every_expert():
+    """top_k = n_experts (every expert on every token, weighted by the router: a soft mixture) is allowed, as the
+    check's message says ("pick at most E"); only its refusal of top_k > E was tested. Against the float64 formula."""
+    cfg = MoEConfig(n_experts=4, top_k=4, expert_mlp_dim=8, dropless_impl="dense")
+    m, x = make(cfg), tokens(B=1, T=5)
+    y, aux = jitted(m)(x)
+    p = {k: np.asarray(v, np.float64) for k, v in nnx.to_pure_dict(nnx.state(m)).items()}
+    xs = np.asarray(x, np.float64)[0]
+    logits = xs @ p["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # renormalised over all E: the softmax itself
+    h = lambda e: (xs @ p["w_gate"][e]) / (1 + np.exp(-(xs @ p["w_gate"][e]))) * (xs @ p["w_up"][e])  # noqa: E731
+    want = sum(probs[:, e, None] * (h(e) @ p["w_down"][e]) for e in range(4))
+    np.testing.assert_allclose(y[0], want, atol=1e-5)
+    np.testing.assert_allclose(aux["load"], np.full(4, 0.25), rtol=1e-6)
+
+
+def test_z_loss_gradient_reaches_the_router_as_its_formula():
+    """aux['z_loss'] = mean_n lse(x_n W)² must train the router: its gradient is (2 / N) Σ_n lse_n · x_n ⊗ softmax_n
+    (float64 numpy). Only its value was tested: a z-loss read through stop_gradient (no gradient at all, the
+    ST-MoE stabiliser silently off) passed every test."""
+    m, x = make(CFG), tokens(B=2, T=6)
+    graphdef, state = nnx.split(m)
+    g = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(x)[1]["z_loss"]))(state)["router"][...]
+    xs = np.asarray(x, np.float64).reshape(-1, D)
+    logits = xs @ np.asarray(m.router[...], np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = 2 / len(xs) * xs.T @ (lse[:, None] * np.exp(logits - lse[:, None]))
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
