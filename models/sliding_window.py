@@ -18,6 +18,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.attention import softmax_attention, static_scale
 from parallel.rules import constrain_merged
@@ -44,12 +45,20 @@ def _check_window(window):
         raise ValueError(f"sliding window must be an int >= 1, got {window!r}")  # 'dense' gave zeros at 0
 
 
-def _check_valid(valid_BT):
-    """Refuses a padding mask that is not bool: a float one failed inside jnp's `&` naming neither, and an int one
-    of 2s was padding to the blocked kernel (2 & True == 0) but valid to the dense one."""
-    if valid_BT is not None and jnp.asarray(valid_BT).dtype != jnp.bool_:
-        raise ValueError(f"valid_BT must be a bool mask (True = a real token), got dtype "
-                         f"{jnp.asarray(valid_BT).dtype}; turn a 0/1 mask into one with `mask > 0`")
+def _valid_mask(valid_BT):
+    """The padding mask [B, T] as bool (None stays None): an integer one reads != 0, as Transformer's padding_mask_BT
+    and attention()'s masks do (a tokenizer's 0/1 attention_mask; an int mask of 2s was padding to the blocked kernel,
+    2 & True == 0, but valid to the dense one); any other dtype is refused: a float one failed inside jnp's `&`
+    naming neither valid_BT nor the fix."""
+    if valid_BT is None:
+        return None
+    dtype = valid_BT.dtype if hasattr(valid_BT, "dtype") else np.asarray(valid_BT).dtype  # (no device transfer)
+    if dtype == jnp.bool_:
+        return valid_BT
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(valid_BT) != 0
+    raise ValueError(f"valid_BT must be a bool mask (True = a real token) or 0/1 ints, got dtype {dtype}; turn a "
+                     "float 0/1 mask into one with `mask > 0`")
 
 
 def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None, valid_BT=None,
@@ -61,7 +70,7 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     the tail is padded. logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scores.
     """
     _check_window(window)
-    _check_valid(valid_BT)
+    valid_BT = _valid_mask(valid_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     if N % K:
@@ -183,7 +192,7 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     quadratic, for tests and benchmarks), or 'auto'.
     """
     _check_window(window)
-    _check_valid(valid_BT)
+    valid_BT = _valid_mask(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
                        has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])
     B, T, N, H = q_BTNH.shape

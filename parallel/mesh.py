@@ -70,7 +70,10 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
         if isinstance(given, str):
             raise ValueError(f"make_mesh: {name}={given!r} is a string; pass a dict, e.g. parse_mesh({given!r})")
     # flat: a device grid (mesh_utils.create_device_mesh, mesh.devices) was read row by row, "needs 8 devices but 2
-    # are available"; make_mesh lays the devices out itself
+    # are available"; make_mesh lays the devices out itself. Other iterables (a generator, filter, set) are listed
+    # first: np.asarray made each one 0-d object array, an AttributeError ("no attribute 'device_kind'") in jax
+    if devices is not None and not isinstance(devices, np.ndarray | list | tuple):
+        devices = list(devices)
     devices = list(np.asarray(devices, dtype=object).flat) if devices is not None else jax.devices()
     if not devices:
         raise ValueError("make_mesh: devices is empty; pass the devices to span (default: jax.devices())")

@@ -5,7 +5,8 @@ separate tables so that a strategy is a rule, not a code change: FSDP is `embed 
 parameters while activations keep `embed` replicated; tensor parallelism is `heads/mlp/vocab ->
 tensor` (Megatron column-then-row); sequence parallelism is `act_seq -> sequence`.
 A mesh axis absent from the mesh (or of size 1) simply drops out, so one table serves every mesh; an override
-(`use_rules`, `rules=`) that changes a table name's rule to mesh axes none of which the mesh has raises instead.
+(`use_rules`, `rules=`) that changes a table name's rule to mesh axes none of which the mesh has, where the
+table's own rule would split that dimension, raises instead.
 """
 
 from __future__ import annotations
@@ -225,10 +226,13 @@ def _check_override_on_mesh(name: str, axes: tuple[str, ...], sizes: dict[str, i
     """An override (use_rules / rules=) that changes a table name's rule to mesh axes none of which this mesh has
     replicated the dimension, silently (`use_rules(heads='expert')` on {data, tensor}: heads whole on every device).
     Absent axes of the default table drop out as documented (one table serves every mesh), and so do some of a
-    tuple's; your own modules' names are not checked (their rules, like the table's, serve every mesh)."""
+    tuple's; your own modules' names are not checked (their rules, like the table's, serve every mesh). Nor is an
+    override where the default splits nothing either (embed=('fsdp', 'data') on {sequence, tensor}): the dimension is
+    replicated either way, and one override serves every mesh, as the table does (memory_per_device's sweeps)."""
     default = _DEFAULT_RULES.get(name, axes)
-    if (not axes or any(a in sizes for a in axes)
-            or axes == ((default,) if isinstance(default, str) else tuple(default or ()))):
+    default = (default,) if isinstance(default, str) else tuple(default or ())
+    if (not axes or any(a in sizes for a in axes) or axes == default
+            or not any(sizes.get(a, 1) > 1 for a in default)):
         return
     raise ValueError(f"rules: {name}={axes[0] if len(axes) == 1 else axes!r} overrides the table with mesh axes "
                      f"this mesh does not have (its axes: {dict(sizes)}), which would replicate {name!r} silently; "

@@ -192,11 +192,38 @@ def test_an_override_to_mesh_axes_the_mesh_lacks_is_refused_by_name():
         assert logical_to_spec(("my_axis",), mesh) == jax.P(None)
 
 
+def test_an_override_on_a_mesh_the_default_does_not_split_either_is_not_refused():
+    """The check above is for an override that loses a split the default rule makes on this mesh. On a mesh where the
+    default names no axis either, the dimension is replicated either way: rules={'embed': ('fsdp', 'data')} on
+    {sequence, tensor} (memory_per_device over candidate meshes; a debug mesh) raised 'would replicate silently'."""
+    cfg = TransformerConfig(vocab_size=96, d_model=64, n_layers=1, n_heads=4, mlp_dim=128)
+    for rules, mesh in (({"embed": ("fsdp", "data")}, {"sequence": 2, "tensor": 2}),
+                        ({"batch": ("data", "fsdp")}, {"sequence": 2, "tensor": 2}),
+                        ({"heads": "expert"}, {"data": 4})):
+        assert memory_per_device(cfg, mesh, 8, 64, rules=rules) == memory_per_device(cfg, mesh, 8, 64), rules
+    real = make_mesh({"data": 2, "sequence": -1})
+    with use_rules(heads="expert"):
+        assert logical_to_spec(("batch", "heads"), real, (8, 8)) == jax.P("data", None)
+    # where the default splits the dimension the override still raises (heads -> tensor on {sequence, tensor})
+    with pytest.raises(ValueError, match="rules: heads='expert' overrides the table"):
+        memory_per_device(cfg, {"sequence": 2, "tensor": 2}, 8, 64, rules={"heads": "expert"})
+
+
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),
                                          ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown")])
 def test_mesh_errors(shape, words):
     with pytest.raises(ValueError, match=words):
         make_mesh(shape)
+
+
+def test_make_mesh_takes_any_iterable_of_devices():
+    """Reading a device grid in its flat order (np.asarray(devices).flat) made a generator, filter, iterator or set one
+    0-d object array: AttributeError: 'generator' object has no attribute 'device_kind' (list(devices) took them)."""
+    first_two = jax.devices()[:2]
+    for given in ((d for d in first_two), filter(None, first_two), iter(first_two), {d: 0 for d in first_two}.keys()):
+        assert make_mesh({"data": -1}, devices=given).devices.tolist() == first_two
+    assert sorted(make_mesh({"data": -1}, devices=set(first_two)).devices.tolist(), key=lambda d: d.id) == first_two
+    assert make_mesh({"data": -1}, devices=[first_two]).devices.tolist() == first_two  # a nested list: a grid
 
 
 def test_mesh_fill():

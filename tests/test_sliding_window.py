@@ -120,15 +120,27 @@ def test_bad_window():
 
 
 def test_non_bool_padding_mask_is_refused_by_name():
-    # a float 0/1 mask failed inside jnp's `&` with a TypeError naming neither valid_BT nor the fix; an int mask
-    # of 2s was silently 'padding' in the blocked kernel (2 & True == 0) and 'valid' in the dense one
+    # a float 0/1 mask failed inside jnp's `&` with a TypeError naming neither valid_BT nor the fix
     q, k, v = qkv(1, 8, 2, 2, 4)
     for impl in ("blocked", "dense"):
-        for valid in (jnp.ones((1, 8), jnp.float32), jnp.full((1, 8), 2, jnp.int32)):
-            with pytest.raises(ValueError, match=r"valid_BT must be a bool mask.*mask > 0"):
-                local_attention(q, k, v, 3, valid_BT=valid, impl=impl)
+        with pytest.raises(ValueError, match=r"valid_BT must be a bool mask.*mask > 0"):
+            local_attention(q, k, v, 3, valid_BT=jnp.ones((1, 8), jnp.float32), impl=impl)
     with pytest.raises(ValueError, match="valid_BT must be a bool mask"):
         sliding_window_attention(q, k, v, 3, valid_BT=np.ones((1, 8)))
+
+
+def test_an_integer_padding_mask_reads_nonzero_as_real_in_both_kernels():
+    """A tokenizer's 0/1 attention_mask (int) ran exactly as the bool mask in both kernels, then was refused as not
+    bool; Transformer and attention() read int masks as != 0. An int mask of 2s was 'padding' in the blocked kernel
+    (2 & True == 0) and 'valid' in the dense one: != 0 in both now."""
+    q, k, v = qkv(2, 12, 2, 2, 4)
+    valid = np.arange(12)[None] < np.array([[12], [7]])
+    for impl in ("blocked", "dense"):
+        want = local_attention(q, k, v, 3, valid_BT=jnp.asarray(valid), impl=impl, block=4)
+        for as_int in (valid.astype(np.int32), jnp.asarray(valid, jnp.int8) * 2):
+            np.testing.assert_array_equal(local_attention(q, k, v, 3, valid_BT=as_int, impl=impl, block=4), want)
+    got = jax.jit(lambda m: sliding_window_attention(q, k, v, 3, valid_BT=m, block=4))(valid.astype(np.int32))
+    np.testing.assert_allclose(got, sliding_window_attention(q, k, v, 3, valid_BT=valid, block=4), atol=1e-6)  # jit
 
 
 def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):
