@@ -16,6 +16,9 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup;
+- with an explicit sorted / dense MoE `dropless_impl` on a mesh splitting the experts: one MoE layer's whole
+  experts all-gathered in compute dtype and their whole gradient before its reduce-scatter (`experts_gathered`);
+  with dropless_impl='blocks', each block's copy of its expert's weights and its cotangent;
 - embedding gradients = the lookup's [V, D] gradient, built whole before its reduce-scatter to the table's
   shards (with FSDP), and a tied LM head's gradient beside it until the two are summed;
 - the optimizer update, a second phase once the backward pass is done: the gradients + `update_buffers`
@@ -462,6 +465,28 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
         transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
+    if s.moe is not None and experts_gathered(s.moe, mesh, rules):
+        # an explicit sorted / dense dropless_impl with experts split over `expert`: models.moe_dispatch's
+        # dropless_dispatch all-gathers each MoE layer's whole experts (still split over tensor) in compute dtype, and
+        # its backward builds their whole gradient before the reduce-scatter back to the expert shards (uncounted, XLA
+        # was 1.3-2.2x this estimate with 'gmm' on {expert: 4 or 8} / {data: 2, expert: 4}, as the model's warning says)
+        no_expert = {a: n for a, n in mesh.items() if a not in ("expert", "fsdp")}
+        whole = sum(p.size / p.shape[0] / (shard_factor(p.axes[1:], p.shape[1:], no_expert, rules) if no_expert else 1)
+                    for p in table if p.axes[:2] == ("layers", "expert"))
+        transient += (cb + gb) * whole
+    if s.moe is not None and s.moe.dispatch == "dropless" and s.moe.dropless_impl == "blocks":
+        # models.moe_dispatch.sorted_blocks gathers its expert's weights for each of a layer's nb blocks ([nb, D, F]
+        # copies in compute dtype) and their cotangents before the scatter-add (uncounted, XLA was 1.7-5.1x this
+        # estimate: 39 blocks x 3 D F per MoE layer on {expert: 2..8}, {data: 2, expert: 4}; now 0.79-1.16x)
+        from models.moe_dispatch import default_block_rows
+
+        rows = local_tokens * s.moe.top_k  # one dispatch group per device: its own tokens' assignments
+        nb = -(-rows // default_block_rows(rows, s.moe.n_experts)) + s.moe.n_experts - 1
+        F = s.moe.expert_mlp_dim  # the weights as dropless_dispatch constrains them: whole but for act_mlp
+        per_expert = 3 * s.d_model * F / _act_split("act_mlp", mesh, F, rules)
+        # remat 'none' keeps every local MoE layer's copies as residuals (XLA 1.44x without: 1.10x with)
+        copies = s.n_moe_layers / stage if remat == "none" else 1
+        transient += (copies + 1) * cb * nb * per_expert
     # the embedding lookup's gradient is built whole ([V, D], models.embed._lookup_bwd) before the reduce-scatter to
     # the table's shards, and a tied LM head's [D, V] gradient lives beside it until the two are summed (vocab-heavy
     # models: XLA was 1.24x this estimate on {fsdp: 8} untied, 1.49-1.57x tied)
@@ -497,6 +522,14 @@ def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> floa
     in float32, `float32_state`, and the cast copy lives on beside the clipped one: bfloat16 parameters, remat
     'full': XLA 68.1 MB, this 66.2 MB)."""
     return 4 * elems * (update_buffers + (grad_bytes < 4))
+
+
+def experts_gathered(m, mesh: Mapping[str, int], rules=None) -> bool:
+    """Whether an MoE layer all-gathers every expert's weights onto each device: an explicit sorted or dense
+    `dropless_impl` with the experts split over devices (`models.moe_dispatch.resolve_dropless_impl` warns of it;
+    'auto' and 'capacity' exchange tokens instead)."""
+    explicit = m.dispatch == "dropless" and m.dropless_impl not in ("auto", "capacity")
+    return explicit and _axis_product("expert", mesh, m.n_experts, rules) > 1
 
 
 def gathered_split(p: ParamEntry, mesh, rules) -> int:
