@@ -522,9 +522,11 @@ class LMLoader:
         self.dataset = lm_dataset(sources, tokenizer, dataclasses.replace(cfg, drop_remainder=False)
                                   if self._drop_last else cfg, process_index, process_count)
         self._it = iter(self.dataset)
-        self._unbatched = _find_iterator(self._it, _UnbatchIterator)  # counts the skipped documents
+        self._unbatched = _find(self._it, _UnbatchIterator, lambda n: getattr(n, "_parents", ()))  # counts the skips
+        if self._unbatched is None:  # (a grain that renamed _parents)
+            raise TypeError(f"LMLoader: no _UnbatchIterator under {self._it}")
         self._warned_skip = False
-        mix = _find_dataset(self.dataset, _MixUntilExhausted)
+        mix = _find(self.dataset, _MixUntilExhausted, lambda n: n.parents)
         self._mixture_end = sum(mix.unread) if mix is not None else 0
         if self._mixture_end:
             import warnings
@@ -696,25 +698,15 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
     return global_batch_from_local(batch, mesh)  # checks that each process owns its rows
 
 
-def _find_iterator(it, cls):
-    """The iterator of class `cls` in grain's iterator tree under `it`."""
-    todo = [it]
+def _find(root, cls, children):
+    """The node of class `cls` in the graph under `root` (grain's iterators: children = their `_parents`; datasets:
+    `.parents`), or None."""
+    todo = [root]
     while todo:
         node = todo.pop()
         if isinstance(node, cls):
             return node
-        todo.extend(getattr(node, "_parents", ()))
-    raise TypeError(f"no {cls.__name__} under {it}")  # (a grain that renamed _parents)
-
-
-def _find_dataset(ds, cls):
-    """The dataset of class `cls` in grain's dataset graph under `ds` (None: there is none)."""
-    todo = [ds]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, cls):
-            return node
-        todo.extend(node.parents)
+        todo.extend(children(node))
     return None
 
 
