@@ -514,3 +514,21 @@ def read_meta(directory, step: int) -> dict:
     """The JSON meta of a saved step, without restoring arrays (for tools and tests)."""
     path = pathlib.Path(directory) / str(step) / "meta" / "metadata"
     return json.loads(path.read_text())
+
+
+def mesh_axes(mesh) -> dict[str, int]:
+    """The mesh's axis sizes, those of 1 left out (they split nothing), as the trainers record it in a checkpoint's
+    meta."""
+    return {k: int(v) for k, v in mesh.shape.items() if v > 1}
+
+
+def other_mesh_note(meta: dict, mesh) -> str:
+    """A note when a run resumes on another mesh (device count or axis sizes) than its checkpoint was saved on:
+    the sharded sums reduce in another order, so the run goes on differing from an uninterrupted one in the last
+    float32 digits (a checkpoint saved before the mesh was recorded: no note)."""
+    was, now = meta.get("mesh"), mesh_axes(mesh)
+    if was is None or dict(was) == now:
+        return ""
+    return (f"; note: saved on mesh {dict(was) or '(one device)'} ({math.prod(was.values())} devices), resumed on "
+            f"{now or '(one device)'} ({math.prod(now.values())} devices): sums over the sharded axes reduce in "
+            "another order, so from here on this run differs from an uninterrupted one in the last float32 digits")

@@ -464,7 +464,7 @@ def train(cfg, mesh_shape: dict) -> dict:
     from tqdm import tqdm
 
     from data.loader import LMLoader, LoaderConfig, Source
-    from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState
+    from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState, mesh_axes, other_mesh_note
     from experiments.config import load_tokenizer
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
@@ -543,7 +543,7 @@ def train(cfg, mesh_shape: dict) -> dict:
         start = int(meta["step"])
         for w in warnings.get(start, []):
             say(w)
-        say(f"resumed from step {start} ({out / 'ckpt' / str(start)})")
+        say(f"resumed from step {start} ({out / 'ckpt' / str(start)})" + other_mesh_note(meta, mesh))
     elif t.init_from is not None:
         state = init_from_hf(cfg, mesh, optimizer, shardings)
         say(f"initialised from {t.init_from} (Hugging Face weights)")
@@ -656,7 +656,8 @@ def train(cfg, mesh_shape: dict) -> dict:
                         # the run's clock and first results travel with it, so a resumed run does not restart them
                         ckpt.save(step, state, {"config": cfg.to_json(), "wall_s": time.time() - t_start,
                                                 "first_eval": first_eval, "target_time_s": target_time,
-                                                "prng_impl": jax.config.jax_default_prng_impl},
+                                                "prng_impl": jax.config.jax_default_prng_impl,
+                                                "mesh": mesh_axes(mesh)},
                                   eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)

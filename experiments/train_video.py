@@ -42,7 +42,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
-from experiments.checkpoint import fingerprint
+from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
 from experiments.run_log import Logger, Stop, plot_losses, set_aside_logs, write_text_atomically
@@ -305,7 +305,8 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
     if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
         start, trees, meta = r
         params, opt_state = trees["params"], trees["opt_state"]
-        print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps") + _other_mesh(meta, mesh))
+        print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps")
+              + other_mesh_note(meta, mesh))
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
@@ -351,23 +352,6 @@ def _stretched(meta: dict, total: int, flag: str) -> str:
     return (f"; note: trained so far toward {was} steps, now {flag} {total}: the learning-rate schedule is rebuilt "
             f"for {total} (its warmup and decay stretched from here on), so this run differs from an uninterrupted "
             f"{total}-step one")
-
-
-def mesh_axes(mesh) -> dict[str, int]:
-    """The mesh's axis sizes, those of 1 left out (they split nothing), as saved in a stage's checkpoint record."""
-    return {k: int(v) for k, v in mesh.shape.items() if v > 1}
-
-
-def _other_mesh(meta: dict, mesh) -> str:
-    """A note when a stage resumes on another mesh (device count or axis sizes) than its checkpoint was saved on:
-    the sharded sums reduce in another order, so the run goes on differing from an uninterrupted one in the last
-    float32 digits (a checkpoint saved before the mesh was recorded: no note)."""
-    was, now = meta.get("mesh"), mesh_axes(mesh)
-    if was is None or dict(was) == now:
-        return ""
-    return (f"; note: saved on mesh {dict(was) or '(one device)'} ({math.prod(was.values())} devices), resumed on "
-            f"{now or '(one device)'} ({math.prod(now.values())} devices): sums over the sharded axes reduce in "
-            "another order, so from here on this run differs from an uninterrupted one in the last float32 digits")
 
 
 def latents_made_by(p: Preset) -> str:
@@ -416,7 +400,8 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
         start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
-        print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps") + _other_mesh(meta, mesh))
+        print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps")
+              + other_mesh_note(meta, mesh))
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
