@@ -360,6 +360,9 @@ class Checkpoints:
 
         A dict template may hold only some of the saved state's top-level entries (a model's params without its
         optimizer state, say): only those are read, each verified by its own checksum.
+        Dtypes: arrays are read and verified as saved, then cast to the template's (bf16 saved, float32 template: exact;
+        float32 saved, bf16 template: rounded); a cast that would turn finite values into inf (float32 beyond 65504
+        into float16) raises CheckpointMismatch naming the array, and the checkpoint stays where it is.
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
         loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
@@ -408,10 +411,11 @@ class Checkpoints:
                     whole, meta.get("fingerprint"))
                 if got != want or meta.get("step") != s:
                     raise ValueError(f"checksum {got} != saved {want}")
+                overflow = _overflowing_casts(out["state"], abstract)
                 out = {"state": jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
                                              out["state"], abstract)}
                 # the loader only once the state is known good: a bad step must not move the data stream
-                if loader is not None and has_loader:
+                if loader is not None and has_loader and not overflow:
                     self.mgr.restore(s, args=ocp.args.Composite(
                         loader=grain.checkpoint.CheckpointRestore(_LoaderItem(loader))))
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
@@ -419,6 +423,10 @@ class Checkpoints:
                     raise CheckpointMismatch(f"{self.dir / str(s)}: {mismatch}") from None
                 self._corrupt(s, candidates, e, quarantine)
                 continue
+            if overflow:  # a good checkpoint that this template's dtypes cannot hold: the caller's error, kept
+                raise CheckpointMismatch(f"{self.dir / str(s)}: restoring into this template's dtypes would turn "
+                                         f"finite values into inf: {'; '.join(overflow[:3])}; restore into a template "
+                                         "of the saved dtypes (or bfloat16, of float32's range)")
             if loader is not None and not has_loader:
                 try:
                     loader.set_state(meta["loader"])  # written before per-process loader states (one process)
@@ -463,6 +471,31 @@ class Checkpoints:
 def _path_name(path) -> str:
     # paths as plain names: orbax stores namedtuples (optax states) as dicts and may stringify int keys
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+@jax.jit
+def _leaf_peaks(leaves):
+    return [jnp.max(jnp.abs(x)) for x in leaves]
+
+
+def _overflowing_casts(restored, abstract) -> list[str]:
+    """'path: saved dtype (max |value|), now dtype ...' for each restored floating array whose cast to the template's
+    narrower-ranged dtype (float32 -> float16) would turn a finite value into inf; [] when none. The maxima are taken
+    where the arrays live; one number per such array comes to the host."""
+    pairs = [(_path_name(p), x, a.dtype) for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                                             jax.tree.leaves(abstract))
+             if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(a.dtype, jnp.floating) and x.size
+             and jnp.finfo(x.dtype).max > jnp.finfo(a.dtype).max]
+    if not pairs:
+        return []
+    peaks = per_device_set(_leaf_peaks, [x for _, x, _ in pairs])
+    bad = []
+    for (name, x, to), peak in zip(pairs, peaks):
+        with np.errstate(over="ignore"):  # the overflow is what we look for
+            if np.isfinite(peak) and np.isinf(np.asarray(peak).astype(to)):
+                bad.append(f"{name}: saved {x.dtype} (max |value| {float(peak):.6g}), now {jnp.dtype(to).name}, "
+                           f"whose largest is {float(jnp.finfo(to).max):.6g}")
+    return bad
 
 
 def _with_saved_dtypes(abstract, saved):

@@ -211,6 +211,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     else:
         place = lambda a, name: jnp.asarray(a)  # noqa: E731
     pd, values = np.dtype(jnp.dtype(cfg.param_dtype)), {}
+    # weights are stored in param_dtype and cast to dtype for the products: both must hold them
+    narrow = min((np.dtype(jnp.dtype(d)) for d in (cfg.param_dtype, cfg.dtype)), key=lambda d: jnp.finfo(d).max)
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(_opened(f)) for f in set(where.values())}
 
@@ -241,6 +243,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                     raise ValueError(f"tensor {n!r} is {a.dtype}, not floating point: a quantized or packed "
                                      "checkpoint (its scales are not read); load the unquantized model")
                 a = fix(a)
+                _check_fits_dtype(a, narrow, n, cfg)
                 if a.shape != want:  # named here: a stack of mismatched layers fails without the name
                     raise ValueError(f"tensor {n!r} gives {ours} a slice of shape {a.shape}, expected {want} from "
                                      f"{cfg}; is config.json right for these weights?")
@@ -265,6 +268,22 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                                                      "moe_blocks.moe.router_bias")
     nnx.replace_by_pure_dict(abstract, _unflatten(values))
     return nnx.merge(graphdef, abstract)
+
+
+def _check_fits_dtype(a: np.ndarray, narrow: np.dtype, name: str, cfg: TransformerConfig) -> None:
+    """Refuse tensor `name` (a, as read) when the narrower-ranged of cfg's param_dtype and dtype (`narrow`) would turn
+    finite values into inf: float16 tops out at 65504, and a float32 / bf16 weight beyond it loaded as inf (or was
+    cast to inf in every float16 product) without a word; save_pretrained's `_check_representable` refuses the same."""
+    if jnp.finfo(a.dtype).max <= jnp.finfo(narrow).max or not a.size:  # it fits whatever it holds
+        return
+    peak = np.max(np.abs(a)).astype(np.float32)
+    with np.errstate(over="ignore"):  # the overflow is what we look for
+        over = bool(np.isinf(peak.astype(narrow)) and np.isfinite(peak))
+    if over:
+        raise ValueError(f"from_pretrained(dtype={cfg.dtype!r}, param_dtype={cfg.param_dtype!r}): tensor {name!r} "
+                         f"(max |value| {float(peak):.6g}) holds values beyond {narrow.name}'s largest, "
+                         f"{float(jnp.finfo(narrow).max):.6g}, which would be inf; load with dtype='bfloat16' "
+                         "(bf16 has float32's range) or 'float32'")
 
 
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -159,6 +159,10 @@ class KVCache(NamedTuple):
         dtype: the cache's storage dtype (None: cfg.dtype). start: [batch] ints, each row's left padding (its first
         real slot; max_len counts the padding), or None for none."""
         dtype = dtype or dtype_of(cfg.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
+            raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
+                             "stores keys and values as they are (no quantisation scales), so integers truncate them; "
+                             "use 'bfloat16', 'float16' or 'float32' (None: the compute dtype)")
         P = pattern_period(cfg)
         slots = [cache_slots(w, max_len) for w in cfg.layer_windows()[:P]]
         shape = lambda s: (cfg.n_layers // P, batch, s, cfg.kv_heads, cfg.hd)

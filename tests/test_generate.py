@@ -443,6 +443,23 @@ def test_cache_start_outside_the_cache_is_refused():
     assert KVCache.zeros(CFG, 2, 8, start=jnp.asarray([0, 7])).start.tolist() == [0, 7]
 
 
+def test_a_cache_of_an_integer_dtype_is_refused_and_narrow_floats_decode_close(model):
+    """KVCache.zeros(dtype=jnp.int8) stored keys and values truncated to integers (no quantisation scales) without a
+    word: logits 0.25 off at |logits| 0.38. Now refused by name; float16 / bfloat16 caches stay within their
+    rounding (3e-4 / 3e-3 here; measured 6e-5 / 6e-4)."""
+    from models import KVCache
+
+    for dt in (jnp.int8, "int32", jnp.bool_):
+        with pytest.raises(ValueError, match=r"KVCache.zeros\(dtype=.*\): a floating dtype is needed.*no quantisation"):
+            KVCache.zeros(CFG, 2, 16, dtype=dt)
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size)
+    ref = model(tokens)
+    for dt, tol in ((jnp.float16, 3e-4), ("bfloat16", 3e-3)):
+        logits, cache = model(tokens, cache=KVCache.zeros(CFG, 2, 16, dtype=dt))
+        assert cache.k[0].dtype == jnp.dtype(dt)
+        np.testing.assert_allclose(logits, ref, atol=tol)
+
+
 def test_half_precision_logits_sample_as_their_float32_values():
     """sample_logits on bfloat16 logits (a custom decoding loop) ran the top-p cumulative sum in bfloat16: it stalls,
     and the nucleus came out wrong (128256 tokens, top_p 0.9: 28223 kept of 30223, mass 0.891 < top_p). Now the

@@ -1106,3 +1106,25 @@ def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path):
     ours.moe_blocks.moe.w_down[...] = jnp.asarray(w)
     save_pretrained(ours, tmp_path, dtype="float16")
     assert float(from_pretrained(tmp_path).moe_blocks.moe.w_down[0, 0, 0, 0]) == 65504.0
+
+
+def test_a_float16_load_refuses_weights_beyond_its_range(tmp_path):
+    """from_pretrained(dtype='float16') cast a float32 / bf16 weight of 7e4 to inf without a word, as the float16
+    export once did (test above); float16 compute over float32 weights cast it to inf in every product. The load
+    now names the tensor. A weight that rounds to 65504 loads as it."""
+    ours = _random_model(ROUND_TRIP["llama"], seed=7)
+    w = np.array(ours.blocks.w_down[...])
+    w[1, 3, 0] = 7e4  # layer 1
+    w[0, 0, 0] = 65510.0
+    ours.blocks.w_down[...] = jnp.asarray(w)
+    save_pretrained(ours, tmp_path)
+    for pd in (None, "float32"):  # float16 weights, or float16 products of float32 ones
+        with pytest.raises(ValueError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' \(max \|value\| "
+                                             r"70000\) holds values beyond float16's largest, 65504.*dtype='bfloat16'"):
+            from_pretrained(tmp_path, dtype="float16", param_dtype=pd)
+    back = from_pretrained(tmp_path, dtype="bfloat16", param_dtype="float32")
+    assert float(back.blocks.w_down[1, 3, 0]) == 70000.0
+    w[1, 3, 0] = 0.0
+    ours.blocks.w_down[...] = jnp.asarray(w)
+    save_pretrained(ours, tmp_path)
+    assert float(from_pretrained(tmp_path, dtype="float16").blocks.w_down[0, 0, 0]) == 65504.0  # rounds, no inf

@@ -720,3 +720,22 @@ def test_moe_train_record_averages_expert_load_over_the_moe_layers():
     assert (rec["lb_loss"], rec["z_loss"], rec["dropped_frac"]) == (1.25, 0.5, 0.125)
     json.dumps(rec)  # plain floats: the record goes to metrics.jsonl as it is
     assert moe_record({"loss": jnp.float32(2.0)}) == {}
+
+
+def test_a_float32_state_restored_into_a_float16_template_refuses_values_beyond_its_range(tmp_path):
+    """A float32 weight of 7e4 restored into a float16 template became inf without a word (the checksum is over the
+    saved bits); the run then skipped every step and refused every save. The restore names the array instead, leaves
+    the checkpoint in place, and a narrowing cast that fits (bf16, or float16 within 65504) still restores."""
+    w = jnp.asarray([[1.0, 7e4, 0.5], [65510.0, -2.0, 3.0]])
+    ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False)
+    ckpt.save(5, {"params": {"w": w}, "step": jnp.asarray(5, jnp.int32)}, {})
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path, keep_best=False)
+    f16 = {"params": {"w": jnp.zeros((2, 3), jnp.float16)}, "step": jnp.asarray(0, jnp.int32)}
+    with pytest.raises(ValueError, match=r"would turn finite values into inf: params/w: saved float32 \(max "
+                                         r"\|value\| 70000\), now float16, whose largest is 65504"):
+        ckpt.restore(f16)
+    assert ckpt.mgr.all_steps() == [5]  # refused, not quarantined as corrupt
+    state, _ = ckpt.restore({"params": {"w": jnp.zeros((2, 3), jnp.bfloat16)}, "step": jnp.asarray(0, jnp.int32)})
+    assert state["params"]["w"].dtype == jnp.bfloat16 and float(state["params"]["w"][0, 1]) == 70144.0
+    ckpt.close()
