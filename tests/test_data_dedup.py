@@ -130,6 +130,7 @@ def test_config_errors_name_the_field():
         DedupConfig(threshold=1.5)
     with pytest.raises(ValueError, match="num_perm"):
         DedupConfig(num_perm=4)
+    assert DedupConfig(num_perm=16).num_perm == 16  # the fewest the error allows (">= 16")
 
 
 

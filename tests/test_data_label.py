@@ -276,6 +276,8 @@ def test_the_labelling_stage_identifies_a_language_under_the_pipelines_langid_se
     (label,) = cfg.label_stages()
     assert label({"text": text})[0]["lang"] == "sh"
     assert PipelineConfig(workers=1).label_stages()[0]({"text": text})[0]["lang"] == "hr"  # the default: no fold
+    # a `lang` the document has (from the langid stage, or the record's own) is kept, not detected again
+    assert label({"text": text, "lang": "bs"})[0]["lang"] == "bs"
 
 
 def test_glossary_terms_that_begin_or_end_in_punctuation_match():

@@ -407,6 +407,19 @@ def test_accented_last_letter_before_punctuation_is_not_counted_as_mojibake(form
         assert quality_filter(bad)[1] == "mojibake", i
 
 
+def test_a_circumflex_before_a_symbol_is_repaired_and_a_pair_inside_a_word_counts():
+    """'Â' before a symbol is as certain as 'Ã' ("100Â°C" is the degree sign misread: repaired), and a Latin capital
+    before a closing quote is a word's last letter only where a word ends: Latvian "ēdiens" misread ("Ä“diens") is
+    one sequence of mojibake, "zemē" misread at a word's end ("zemÄ“") is not counted."""
+    from data.filters import mojibake_sequences
+    from data.normalize import fix_mojibake
+
+    assert fix_mojibake(cp1252("Water boils at 100°C.")) == ("Water boils at 100°C.", 1)
+    assert cp1252("ēdiens") == "Ä“diens"
+    assert mojibake_sequences(cp1252("ēdiens un maize")) == 1
+    assert mojibake_sequences(cp1252("uz zemē un")) == 0
+
+
 def test_mojibake_left_unrepaired_is_dropped_as_mojibake():
     """Cyrillic and Greek read as cp1252 are pairs like "Ñ€" only (no Ã, no 3-byte sequence): not repaired, and
     dropped as `mojibake` (1.3-2.3 sequences a word); so is every Chinese pair misread with the repair switched off.

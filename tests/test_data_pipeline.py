@@ -185,6 +185,11 @@ def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(t
     shards = tier_shards(tmp_path)
     assert [pathlib.Path(p).name for p in shards] == [f"{shard_name(i)}.array_record" for i in range(12)]
     assert [d["id"] for d in iter_docs(shards[0])] == [f"0.{j}" for j in range(300)]
+    # past shard-99999 the names grow a digit: still in number order (a name sort put shard-100000 before shard-99999)
+    for i in (100000, 99999):
+        (tmp_path / f"{shard_name(i)}.array_record").touch()
+    assert [pathlib.Path(p).name for p in tier_shards(tmp_path)[-3:]] == [
+        f"{shard_name(i)}.array_record" for i in (11, 99999, 100000)]
 
 
 def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
@@ -239,6 +244,10 @@ def test_stage_stats_merge_field_by_field():
     assert m.counters == C(boilerplate=3) and m.reconciles()
     a.examples, b.examples = {"short": ["a:1", "a:2"], "spam": ["a:3"]}, {"short": ["b:1", "b:2"]}
     assert a.merge(b).examples == {"short": ["a:1", "a:2", "b:1"], "spam": ["a:3"]}  # in shard order, 3 at most
+    c = StageStats("quality")
+    for k in range(5):
+        c.drop("short", 10, f"c:{k}")
+    assert c.examples == {"short": ["c:0", "c:1", "c:2"]} and len(c.log) == 5  # one shard's first 3; every drop logged
 
 
 def test_report_prints_funnel_and_language_mix(cleaned, capsys):
@@ -303,6 +312,38 @@ def test_resume_redoes_only_missing_shards_and_matches(cleaned, corpus):
         assert kept_shard.stat().st_mtime_ns == mtime  # finished shards are not redone
         assert {t: all_docs(out / t) for t in before} == before
         assert report_mod.reconcile(report_mod.funnel(out)) == []
+    # and a crash in pass 1 after shard 2's raw tier was done, before its filtered one (so pass 2 never ran): the raw
+    # tier's stats are no resume marker for the filtered tier
+    for tier in ("filtered", "cleaned", "labeled", "augmented"):
+        for suffix in (".array_record", ".stats.json"):
+            (out / tier / f"shard-00002{suffix}").unlink()
+    (out / "filtered" / "shard-00002.dedup.npz").unlink()
+    (out / "cleaned" / "dedup.json").unlink()
+    run(inputs, out, PipelineConfig(workers=1), progress=False)
+    assert {t: all_docs(out / t) for t in before} == before
+
+
+def test_a_crash_between_a_shards_raw_and_filtered_stats_is_redone_on_resume(tmp_path, monkeypatch):
+    """The filtered tier's stats mark pass 1 of a shard done, so they are written after the raw tier's: the other way
+    round, a crash between the two left a shard counted done whose raw stats were missing."""
+    from data import pipeline
+
+    inputs, out, real = small_corpus(tmp_path), tmp_path / "out", pipeline._write_tier_stats
+    calls = []
+
+    def crash_on_the_second(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "_write_tier_stats", crash_on_the_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(inputs, out, PipelineConfig(workers=1), progress=False)
+    monkeypatch.setattr(pipeline, "_write_tier_stats", real)
+    run(inputs, out, PipelineConfig(workers=1), progress=False)
+    rows = report_mod.funnel(out)
+    assert report_mod.reconcile(rows) == [] and rows[0][1].docs_in == 4
 
 
 def test_parallel_workers_give_identical_tiers(cleaned, corpus):
@@ -656,6 +697,13 @@ def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata
         out = tmp_path / f"out_exact{dedup_cfg.exact}"
         run([str(path)], out, PipelineConfig(workers=1, dedup=dedup_cfg), progress=False)
         assert next(s for _, s in report_mod.funnel(out) if s.name == "dedup").dropped == want, dedup_cfg
+    # a representative is named `shard:index`: a's copy in the second shard duplicates the first shard's record 1
+    two = [tmp_path / "pair-0.jsonl", tmp_path / "pair-1.jsonl"]
+    two[0].write_text("".join(json.dumps({"text": t}) + "\n" for t in (en_text(rng, 300), a)))
+    two[1].write_text(json.dumps({"text": a}) + "\n")
+    run(list(map(str, two)), tmp_path / "out_two", PipelineConfig(workers=1), progress=False)
+    assert json.loads((tmp_path / "out_two" / "cleaned" / "dedup.json").read_text())["drops"] == {
+        "0": {}, "1": {"0": ["exact_dup", "0:1"]}}
     # Parquet metadata of any type and depth is kept as JSON (a list of timestamps crashed the run)
     pq.write_table(pa.table({"text": [a], "when": [[datetime.datetime(2026, 1, 2)]], "raw": [b"\x00\xff"]}),
                    tmp_path / "m.parquet")
@@ -748,6 +796,10 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
         (doc, reason, n), = read_records([str(tmp_path / f"t{size}.txt.gz")], cfg)
         assert (reason, n) == (("too_large", 1500) if size > 1000 else (None, 1000))
         assert size > 1000 or len(doc["text"].encode()) == 1000
+    # a JSON Lines record at exactly the limit is whole too (its line end not counted), the last line without one too
+    at, over = json.dumps({"text": "w" * 988}), json.dumps({"text": "w" * 989})  # 1000 and 1001 bytes
+    (tmp_path / "edge.jsonl").write_text(f"{at}\n{over}\n{at}")
+    assert [r for _, r, _ in read_records([str(tmp_path / "edge.jsonl")], cfg)] == [None, "too_large", None]
     assert out[0][0]["title"] == "\ufffd cut" and encode_doc(out[0][0])
 
 
@@ -802,6 +854,8 @@ def test_quality_counts_boilerplate_lines_of_kept_documents_only():
     assert run_stages(kept, [QualityFilter()], stats)["signals"]["boilerplate_lines"] == 1
     assert run_stages(dropped, [QualityFilter()], stats) is None
     assert stats[0].dropped == {"boilerplate": 1} and stats[0].counters == {"boilerplate_lines_removed": 1}
+    # a drop counts the bytes the stage was given, not those of the text it stripped: in = out + dropped
+    assert stats[0].dropped_bytes == {"boilerplate": len(dropped["text"].encode())}
 
 
 def test_discover_refuses_an_earlier_runs_output_and_broken_links(tmp_path):
