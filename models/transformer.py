@@ -401,6 +401,9 @@ class Transformer(nnx.Module):
         generated text without a cache then gives the logits `generate` sampled from.
         With a cache, activation dimensions that do not divide their mesh axes (T = 1 under 'sequence', one
         prompt under 'data') are replicated, so decoding works on the training mesh.
+        Speed: called eagerly, the layer scan compiles again on every call (~0.5 CPU-s even for a 2-layer toy
+        model); a loop of calls, e.g. a hand-written decode loop with a KVCache, belongs under `jax.jit` over
+        `nnx.split` state (as `generate` and the trainers do), where it compiles once per shape.
         """
         with replicate_indivisible(cache is not None):
             return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng,
