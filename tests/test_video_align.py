@@ -154,3 +154,22 @@ def test_a_logit_scale_past_its_cap_can_come_back():
     for _ in range(5):  # descent on a loss preferring a small scale gets back under the cap
         up = up - 0.2 * jnp.sign(jax.grad(lambda s: capped_exp(s, cap))(up))
     assert float(jnp.exp(up)) < cap
+
+
+def test_embed_video_mean_pools_the_normed_tokens_then_projects_to_a_unit_vector():
+    """embed_video = unit(mean_s(rms(x_s)·final_norm) @ video_proj), x the encoder blocks' tokens (run here as
+    modules, patchify pinned in test_video_models): a max-pool in place of the documented mean passed every test."""
+    from models.video.layers import matmul, patchify
+
+    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
+    nnx.update(al, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
+                                nnx.state(al, nnx.Param)))
+    z = jax.random.normal(jax.random.key(2), (2, 3, 8, 8, 3))
+    x = matmul(patchify(z, DIT.patch), al.patch_embed, jnp.float32) + al.patch_bias[...]
+    for blk in al.blocks:
+        x = blk(x, DIT.grid, al.rope_split)
+    x = np.asarray(x, np.float64)
+    pooled = (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * np.asarray(al.final_norm[...])).mean(1)
+    want = pooled @ np.asarray(al.video_proj[...], np.float64)
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(al.embed_video(z), np.float64), want, atol=1e-5)

@@ -130,6 +130,7 @@ def test_logit_normal_time_sampling_with_shift():
     assert 0 < t.min() and t.max() < 1
     # the median of sigmoid(N(0, 1)) is 1/2, and the shift is monotone
     assert abs(np.median(t) - float(shift_time(0.5, 3.0))) < 0.01
+    assert abs(np.median(t) - 0.75) < 0.01  # 3·0.5 / (1 + 2·0.5): towards noise, not shift_time's inverse (0.25)
     assert np.median(np.asarray(sample_time(jax.random.key(0), 100_000, DiffusionConfig()))) == pytest.approx(
         0.5, abs=0.01)
 
@@ -145,13 +146,15 @@ def test_logit_normal_time_sampling_takes_its_mean_and_std():
 
 def test_the_objectives_sampler_steps_on_its_shifted_grid():
     """sample() for flow integrates on cfg.shift's grid (ignoring it passed: the Euler tests call euler_sample with
-    their own shift). With v(x, t) = t, the result is noise + Σ (t_{i+1} - t_i)·t_i over that grid (numpy)."""
+    their own shift). With v(x, t) = t², the result is noise + Σ (t_{i+1} - t_i)·t_i² over that grid (numpy). Not
+    v = t: its Euler sum is the same on the grid mirrored about t = 1/2, and so on the inverse shift's grid
+    (t / (s - (s - 1)·t) = 1 - shift(1 - t)), which passed with the median test below, itself shift_time-based."""
     noise = jnp.zeros((2, 3))
-    pred = lambda x, t_B: jnp.broadcast_to(t_B[:, None], x.shape)  # noqa: E731
+    pred = lambda x, t_B: jnp.broadcast_to(t_B[:, None] ** 2, x.shape)  # noqa: E731
     for shift in (1.0, 3.0):
         t = np.linspace(1.0, 0.0, 5)
         t = shift * t / (1 + (shift - 1) * t)
-        want = np.sum((t[1:] - t[:-1]) * t[:-1])
+        want = np.sum((t[1:] - t[:-1]) * t[:-1] ** 2)
         np.testing.assert_allclose(sample(pred, noise, DiffusionConfig(shift=shift), steps=4), want, rtol=1e-6)
 
 
