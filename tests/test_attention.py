@@ -131,6 +131,20 @@ def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block):
     assert float(jnp.abs(dv).max()) > 0.0
 
 
+@pytest.mark.parametrize("impl,block", [("xla", None), ("xla", 4), ("reference", None)])
+def test_masked_keys_get_no_weight_however_low_the_visible_scores(impl, block):
+    """Every visible score at -5e4 (q = -2.5·k): each query still averages its visible values only. A
+    masked score of -1e4 (a common constant) would outweigh them and attend the future; the tests above, with
+    scores of |s| <~ 1e3, passed it."""
+    T, H = 8, 4
+    k = jnp.full((1, T, 1, H), 100.0)
+    q = -k * 2.5  # every score: -250 · 100 · H / sqrt(H) = -5e4
+    v = jnp.arange(T, dtype=jnp.float32)[None, :, None, None] * jnp.ones((1, T, 1, H))
+    out = attention(q, k, v, dense_window_mask(T, None), impl=impl, causal_block=block)
+    want = np.cumsum(np.arange(T)) / np.arange(1, T + 1)  # the mean of v over keys 0..t
+    np.testing.assert_allclose(np.asarray(out)[0, :, 0, 0], want, rtol=1e-6)
+
+
 def test_soft_capped_scores_asked_of_cudnn_run_the_xla_kernel():
     """cuDNN's fused kernel has no soft-cap: the request runs our 'xla' kernel (block skipping, its own backward),
     not the einsum reference. Runs on CPU: the soft-capped path never reaches cuDNN."""

@@ -157,6 +157,18 @@ def test_packed_documents_with_local_layers():
     np.testing.assert_allclose(out[:, 9:], m(b), atol=1e-5)
 
 
+def test_left_padding_is_never_attended_by_local_layers():
+    """Padding inside a local layer's window is masked: a left-padded row gives the logits of its real tokens alone.
+    The model's padding tests ran global layers only; local layers ignoring padding_mask_BT passed them all."""
+    m = model_with()
+    real = jax.random.randint(jax.random.key(6), (2, 8), 0, CFG.vocab_size)
+    junk = jax.random.randint(jax.random.key(7), (2, 4), 0, CFG.vocab_size)
+    valid = jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12))
+    pos = jnp.broadcast_to(jnp.maximum(jnp.arange(12) - 4, 0), (2, 12))
+    out = m(jnp.concatenate([junk, real], 1), positions_BT=pos, padding_mask_BT=valid)
+    np.testing.assert_allclose(out[:, 4:], m(real), atol=1e-5)
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(attn_pattern="local", sliding_window=None), "sliding_window"),
     (dict(attn_pattern="2:2"), "attn_pattern"),

@@ -530,3 +530,33 @@ def test_accounting_inputs_are_checked():
         cfg.kv_cache_bytes(1, 16, 3)
     assert kv_cache_bytes(cfg, 1, 16) == cfg.kv_cache_bytes(1, 16) == cfg.kv_cache_bytes(1, 16, "float32")
     assert memory_per_device(cfg, {"fsdp": np.int64(2)}, 2, 16) == memory_per_device(cfg, {"fsdp": 2}, 2, 16)
+
+
+def test_capacity_slots_and_chinchilla_flops_are_the_documented_formulas():
+    """capacity_slots = ceil(K·T·CF / E) clamped to [1, T], worked by hand where K·T·CF / E is not whole (every
+    cross-check with models.moe shares this function, so a floor passed them all); C = 6·N·D."""
+    from scaling.flops import chinchilla_flops
+
+    assert capacity_slots(2, 30, 1.25, 8) == 10  # 9.375 -> 10
+    assert capacity_slots(1, 30, 1.0, 7) == 5  # 4.29 -> 5
+    assert capacity_slots(1, 100, 1.1, 1) == 100  # 110 clamped to T
+    assert capacity_slots(1, 100, 1.1, 2) == 55  # exactly 55 (100 x 1.1 / 2 = 55.00000000000001 in floats)
+    assert capacity_slots(1, 4, 0.1, 8) == 1  # 0.05 -> at least one slot
+    assert chinchilla_flops(7e9, 1.4e11) == 6 * 7e9 * 1.4e11
+
+
+def test_the_dense_dropless_kernel_runs_every_expert_for_every_token():
+    """dropless_impl='dense' runs all E experts on every token (E rows per token, not top_k): XLA's count of the
+    layer's forward lies in [ours, 1.07 x ours] (the mutation counting K rows for it was not caught)."""
+    import models.moe as moe
+
+    d, T, E, K, F = 32, 32, 8, 2, 48
+    mc = moe.MoEConfig(n_experts=E, top_k=K, expert_mlp_dim=F, dispatch="dropless", dropless_impl="dense")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(d, mc, rngs=nnx.Rngs(0))))
+    cfg = dataclasses.make_dataclass("Cfg", ["vocab_size", "d_model", "n_layers", "n_heads", "mlp_dim", "moe"])(
+        64, d, 1, 4, F, mc)
+    extra = matmul_flops_per_token(cfg, executed=True, seq_len=T) - matmul_flops_per_token(cfg)
+    assert extra == 2 * 3 * d * F * (E - K)
+    executed = (2 * param_counts(cfg).mlp_active + extra) * 2 * T
+    xla = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jax.ShapeDtypeStruct((2, T, d), jnp.float32))
+    assert executed <= xla <= 1.07 * executed, xla / executed

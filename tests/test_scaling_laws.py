@@ -101,7 +101,10 @@ def test_bootstrap_counts_resamples_it_cannot_fit():
 def test_bootstrap_interval_covers_truth_and_shrinks_with_noise():
     widths = []
     for noise in (0.01, 0.002):
-        bs = bootstrap(*synthetic(noise, seed=1), n_boot=12, seed=0)
+        runs = synthetic(noise, seed=1)
+        bs = bootstrap(*runs, n_boot=12, seed=0)
+        n, d, loss = (np.asarray(x, float) for x in runs)  # residuals are log L - log L_pred (sign: observed over fit)
+        np.testing.assert_allclose(bs.residuals, np.log(loss) - np.log(bs.fit.law.loss(n, d)), rtol=1e-12)
         point, lo, hi = bs.interval(lambda law: float(law.loss(1e10, 1e12)))
         assert lo <= point <= hi
         widths.append(hi - lo)
@@ -166,6 +169,9 @@ def test_isoflop_envelope_recovers_optimal_exponent():
     a, b = TRUE.exponents
     assert iso.a == pytest.approx(a, abs=0.02) and iso.b == pytest.approx(b, abs=0.02)
     assert iso.optimal_params(1e20) == pytest.approx(TRUE.optimal_params(1e20), rel=0.1)
+    # with C = 6ND, D_opt = C / 6N_opt (a D_opt of C / N_opt had passed: the exponent b does not see a constant)
+    np.testing.assert_allclose(iso.d_opt, np.asarray(iso.flops) / (6 * np.asarray(iso.n_opt)), rtol=1e-12)
+    assert iso.optimal_tokens(1e20) == pytest.approx(TRUE.optimal_tokens(1e20), rel=0.1)
     with pytest.raises(ValueError, match="FLOP budgets"):
         isoflop_envelope(n[:7], d[:7], TRUE.loss(n[:7], d[:7]))
     # budgets counted another way than 6ND (here 12ND, as attention and embeddings add): D_opt is the tokens the
@@ -275,3 +281,17 @@ def test_fit_takes_a_partial_grid_and_names_unknown_axes():
     assert law.alpha == pytest.approx(TRUE.alpha, rel=1e-3) and law.beta == pytest.approx(TRUE.beta, rel=1e-3)
     with pytest.raises(ValueError, match=r"grid has unknown keys \['Alpha'\]"):
         fit_law(n, d, loss, grid=dict(Alpha=[0.3]))
+
+
+def test_runs_just_past_the_collinearity_threshold_are_refused():
+    """|corr(log N, log D)| = 0.995 (D/N = 20 x e^±0.15, alternating, over 100x in N) is above MAX_LOG_CORR = 0.99:
+    refused with the measured correlation; at 0.98 (e^±0.3) the fit runs."""
+    n = np.geomspace(1e7, 1e9, 8)
+    sign = np.array([1, -1] * 4)
+    d = 20 * n * np.exp(0.15 * sign)
+    with pytest.raises(ValueError, match=r"nearly collinear .* = 0\.9951 > 0\.99"):
+        fit_law(n, d, TRUE.loss(n, d))
+    d = 20 * n * np.exp(0.3 * sign)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an exponent may sit on its bound with so few runs
+        assert fit_law(n, d, TRUE.loss(n, d)).n_points == 8

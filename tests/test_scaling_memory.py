@@ -347,3 +347,16 @@ def test_explicit_dropless_gathers_every_expert():
     for remat, copies in (("full", 2), ("save_dots", 2), ("none", 3)):
         got = memory_per_device(blocks, {"data": 8}, 16, 64, remat=remat).transient_weights
         assert got == copies * 4 * 39 * 3 * D * F, remat
+
+
+def test_saved_projections_of_grouped_query_attention_are_kv_wide():
+    """Under save_dots_no_batch a layer keeps c·(2D + NH + 2KH + 2F) per token (docstring): with GQA the k and v
+    projections are kv_heads wide, not n_heads (counting them n_heads wide passed the whole-step comparisons)."""
+    from types import SimpleNamespace
+
+    from scaling.memory import saved_bytes_per_token
+
+    cfg = SimpleNamespace(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=96)
+    D, NH, KH, F = 64, 8 * 16, 2 * 16, 96
+    assert saved_bytes_per_token(cfg, "save_dots_no_batch", 32, compute_dtype="float32") == 4 * (2 * D + NH + 2 * KH
+                                                                                                  + 2 * F)

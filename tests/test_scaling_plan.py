@@ -247,3 +247,32 @@ def test_device_peak_reads_dtype_objects_and_short_names(dtype):
     assert peak_flops("h100", dtype) == 989.4e12
     assert device_peak("NVIDIA H100 80GB HBM3", np.dtype("float16"))[1] == "h100 fp16"
     assert device_peak("NVIDIA H100 80GB HBM3", jnp.float32)[1] == "h100 tf32"
+
+
+def test_chip_memory_and_the_cpu_peak_are_in_the_units_they_state(monkeypatch):
+    """HBM as the datasheets print it (GB = 1e9, TPU v4's GiB), and measure_cpu_peak's 2·n³ FLOPs per matmul over
+    the best time (a clock that advances 0.5 s per call: every repeat takes 0.5 s)."""
+    import scaling.hardware as hw
+
+    hbm = {"tpu-v4": 32 * 2**30, "tpu-v5e": 16e9, "tpu-v5p": 95e9, "tpu-v6e": 32e9, "a100": 80e9, "h100": 80e9,
+           "h200": 141e9}
+    assert {k: c.hbm_bytes for k, c in CHIPS.items()} == hbm
+    assert peak_flops("tpu-v5p") == 459e12 and peak_flops("v4") == 275e12  # Google prints dense bf16 peaks
+    clock = iter(0.5 * i for i in range(100))
+    monkeypatch.setattr(hw.time, "perf_counter", lambda: next(clock))
+    assert hw.measure_cpu_peak(n=64, repeats=2) == 2 * 64**3 / 0.5
+
+
+def test_suggest_mesh_fills_only_the_headroom_share_of_hbm():
+    """A layout that needs 95% of a chip's HBM is not taken (HEADROOM = 0.9 of it is usable): the next, more
+    sharded one is, and it fits in 90%."""
+    from scaling.memory import memory_per_device
+    from scaling.plan import HEADROOM, suggest_mesh, suggest_shape
+
+    shape = suggest_shape(1e8)
+    first = memory_per_device(shape, {"data": 4, "fsdp": 1, "tensor": 1}, 4, 512, remat="save_dots_no_batch",
+                              param_dtype="float32", compute_dtype="bfloat16", kernel="flash").total
+    hbm = first / 0.95
+    got = suggest_mesh(shape, 4, hbm, seq_len=512)
+    assert got.mesh != {"data": 4, "fsdp": 1, "tensor": 1} and got.memory.total <= HEADROOM * hbm
+    assert suggest_mesh(shape, 4, hbm, seq_len=512, headroom=1.0).mesh == {"data": 4, "fsdp": 1, "tensor": 1}

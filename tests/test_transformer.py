@@ -191,6 +191,18 @@ def test_packed_equals_separate(model):
     np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
 
 
+def test_segment_ids_are_matched_by_equality_in_any_order(model):
+    """Documents numbered 2 then 1 in a row attend only within themselves. Ids that rise along the row (as above)
+    cannot tell `==` from `q_seg <= k_seg`: every key a causal query sees is earlier, so its id is never larger."""
+    a = jax.random.randint(jax.random.key(3), (1, 5), 0, CFG.vocab_size)
+    b = jax.random.randint(jax.random.key(4), (1, 7), 0, CFG.vocab_size)
+    seg = jnp.array([[2] * 5 + [1] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    out = model(jnp.concatenate([a, b], axis=1), positions_BT=pos, segment_ids_BT=seg)
+    np.testing.assert_allclose(out[:, :5], model(a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
+
+
 def test_padding_is_never_attended(model, tokens):
     real = tokens[:, :8]
     junk = jax.random.randint(jax.random.key(5), (2, 4), 0, CFG.vocab_size)
