@@ -249,6 +249,10 @@ def check_process_share(indices, global_shape, rows: int, mesh_shape: dict, hint
     # distinct boxes (replicas repeat one); a sharding's boxes tile a grid, so they fill their bounding box
     # [lo, hi) x every other dim whole exactly when their volumes add up to its volume
     boxes = {tuple(span(sl, size) for sl, size in zip(ix, global_shape)) for ix in indices}
+    if not boxes:  # a mesh over other processes' devices only: min() of nothing below ("empty sequence")
+        raise ValueError(f"none of this process's devices is in the mesh {mesh_shape}, so it holds no rows of the "
+                         f"global batch of {global_shape[0]}, but it loads {rows} rows of its own: build the mesh over "
+                         "every process's devices (make_mesh(..., devices=None) spans jax.devices())")
     lo, hi = min(b[0][0] for b in boxes), max(b[0][1] for b in boxes)
     volume = sum(math.prod(e - s for s, e in b) for b in boxes)
     rest_whole = all(min(b[d][0] for b in boxes) == 0 and max(b[d][1] for b in boxes) == size

@@ -210,7 +210,9 @@ def test_an_override_on_a_mesh_the_default_does_not_split_either_is_not_refused(
 
 
 @pytest.mark.parametrize("shape,words", [({"data": 3}, "needs 3 devices"), ({"data": -1, "tensor": 3}, "not divisible"),
-                                         ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown")])
+                                         ({"data": -1, "tensor": -1}, "only one"), ({"batch": 8}, "unknown"),
+                                         ({"data": 0, "fsdp": -1}, r"\['data'\] must be >= 1"),  # not n % 0
+                                         ({"data": True, "fsdp": -1}, r"\['data'\] need int sizes")])  # not 1
 def test_mesh_errors(shape, words):
     with pytest.raises(ValueError, match=words):
         make_mesh(shape)
@@ -494,6 +496,8 @@ def test_process_share_names_rows_with_gaps():
         check_process_share(gaps, (8, 16), 4, {"data": 2, "fsdp": 2})
     with pytest.raises(ValueError, match=r"and only part of T, but"):
         check_process_share([(slice(0, 2), slice(0, 8))] * 2, (4, 16), 2, {"sequence": 2})
+    with pytest.raises(ValueError, match=r"and only part of T, but"):  # the second half of T: part of it too
+        check_process_share([(slice(0, 2), slice(8, 16))] * 2, (4, 16), 2, {"sequence": 2})
 
 
 def test_parallel_helpers_name_their_misuse():
@@ -672,6 +676,10 @@ def test_init_optimizer_shards_factored_and_masked_optimizer_states():
         # the param-shaped leaves (Adafactor's v for unfactored dims, Muon's momentum) are split like their parameter
         like_wq = [x for x in jax.tree.leaves(state) if x.shape == wq.shape]
         assert like_wq and all(x.sharding.spec == wq.sharding.spec for x in like_wq), opt
+        # and the rest (step counts, factored moments) replicated on the mesh, not left on one device as jax.jit's
+        # init puts them (SingleDeviceSharding beside parameters on 8 devices)
+        assert all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+                   for x in jax.tree.leaves(state)), opt
 
 
 def test_models_param_builds_in_a_module_of_your_own_without_turning_eager_sharding_off():
@@ -690,3 +698,154 @@ def test_models_param_builds_in_a_module_of_your_own_without_turning_eager_shard
     assert Mine(nnx.Rngs(0)).w[...].shape == (16, 8)
     _, state = create_sharded(lambda: Mine(nnx.Rngs(0)), make_mesh({"fsdp": 4, "tensor": 2}))
     assert state["w"][...].sharding.spec == jax.P("fsdp", "tensor")
+
+
+def test_the_rules_table_places_each_name_on_the_mesh_axes_it_names():
+    """The table read by hand, name by name, on meshes where every axis it names has size 2: a rule mapped to
+    another axis (or to None) changed no value anywhere and no other test looked at batch over `expert`, the MoE
+    capacity slots over `sequence`, or the video rules (conv_out, modulation)."""
+    from parallel.rules import mesh_axis_for, sharing_axis
+
+    expected = {  # logical name -> the mesh axes it splits over, from the module docstring and comments
+        "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "head_dim": None, "mlp": "tensor",
+        "layers": "stage", "expert": "expert", "norm": None, "conv_kernel": None, "conv_in": "fsdp",
+        "conv_out": "tensor", "patch": None, "modulation": "tensor", "batch": ("data", "fsdp", "expert"),
+        "act_seq": "sequence", "act_embed": None, "act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor",
+        "act_vocab": "tensor", "act_head_dim": None, "act_capacity": "sequence"}
+    for shape in ({"data": 2, "fsdp": 2, "expert": 2}, {"stage": 2, "sequence": 2, "tensor": 2}):
+        mesh = make_mesh(shape)
+        for name, axes in expected.items():
+            want = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in shape)
+            got = logical_to_spec((name,), mesh, (8,))[0]
+            assert got == (None if not want else want[0] if len(want) == 1 else want), (name, shape, got)
+    # what models ask of the table: the mesh axis (and its size) of a name, and the names sharing an axis with it
+    with jax.set_mesh(make_mesh({"stage": 2, "fsdp": 4})):
+        assert mesh_axis_for("layers") == ("stage", 2) and mesh_axis_for("embed") == ("fsdp", 4)
+        assert mesh_axis_for("act_seq") == (None, 1)
+    assert sharing_axis("layers", "stage") == [] and sharing_axis("embed", "fsdp") == ["batch", "conv_in"]
+    with use_rules(layers="fsdp"):
+        assert "layers" not in sharing_axis("layers", "fsdp") and "embed" in sharing_axis("layers", "fsdp")
+
+
+def test_shard_state_and_abstract_sharded_place_by_the_rules_argument():
+    """`rules=` of shard_state and abstract_sharded (the restore target) overrides the table as create_sharded's does:
+    only create_sharded's was tested, so either could ignore it and place by the table (a checkpoint restored with
+    another layout than the run's)."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import abstract_sharded, create_sharded, shard_state
+
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    build = lambda: Transformer(CFG, rngs=nnx.Rngs(0))  # noqa: E731
+    _, made = create_sharded(build, mesh, rules={"embed": None})
+    _, target = abstract_sharded(build, mesh, rules={"embed": None})
+    with nnx.use_eager_sharding(False):
+        placed = shard_state(nnx.state(build()), mesh, rules={"embed": None})
+    for state in (made, target, placed):  # (abstract_sharded's are ShapeDtypeStructs)
+        assert state["blocks"]["wq"].get_value().sharding.spec == jax.P(None, None, "tensor")  # [L, D, N, H]: D whole
+        assert state["embed"].get_value().sharding.spec == jax.P("tensor")  # [V, D]
+    _, default = abstract_sharded(build, mesh)
+    assert default["embed"].get_value().sharding.spec == jax.P("tensor", "fsdp")
+    # the batch helpers too: T = 6 whole on every sequence device, as rules= says (the table's split raises)
+    from parallel import shard_batch
+    from parallel.distributed import global_batch_from_local, process_rows
+
+    sp = make_mesh({"data": 2, "sequence": 4})
+    tok = np.arange(12, dtype=np.int32).reshape(2, 6)
+    whole_t = {"act_seq": None}
+    for x in (shard_batch(tok, sp, rules=whole_t), global_batch_from_local(tok, sp, rules=whole_t)):
+        assert x.sharding.spec == jax.P("data", None) and np.array_equal(np.asarray(x), tok)
+    assert process_rows(6, sp, rules={"batch": None}) == slice(0, 6)  # 6 rows the data axis would not divide
+
+
+def test_a_mesh_without_this_process_s_devices_is_named():
+    """A mesh over other processes' devices only (make_mesh(devices=...) over a subset, e.g. process 0's) gives this
+    process no rows: process_rows, check_batch_layout and global_batch_from_local failed with "min() arg is an empty
+    sequence"."""
+    from parallel.distributed import check_batch_layout, check_process_share, process_rows
+
+    others = make_mesh({"data": 4}, devices=jax.devices()[4:])
+    says = r"none of this process's devices is in the mesh \{'data': 4\}.*devices=None"
+    with pytest.raises(ValueError, match=says):
+        process_rows(8, others, local_devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match=says):
+        check_batch_layout(others, 8, 16, n_processes=2, local_devices=jax.devices()[:4])
+    with pytest.raises(ValueError, match=r"none of this process's devices is in the mesh"):
+        check_process_share([], (8, 16), 4, {"data": 4})
+
+
+def test_check_same_settings_names_the_fields_that_differ(monkeypatch):
+    """Each field is compared by its own hash across processes (only the two-process tests covered it): a field
+    that differs on one process is named, and only that one; the same fields on every process pass. The
+    all-gather is faked (one real process): process 1's hashes are those a first call with its settings gathers."""
+    from jax.experimental import multihost_utils
+
+    from parallel.distributed import check_same_settings
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+
+    def gathered(settings):  # what process 1 contributes: its field count, then its fields' hashes
+        sent = []
+        monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: sent.append(x) or np.stack([x, x]))
+        check_same_settings(settings)
+        return sent
+
+    mine = {"a": "1", "b": "2", "c": "3"}
+    for other, differ in (({**mine, "b": "5"}, "b"), ({**mine, "c": "0"}, "c"), ({**mine, "a": "0", "c": "0"}, "a, c"),
+                          (mine, None)):
+        theirs = iter(gathered(other))
+        monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, theirs=theirs: np.stack([x, next(theirs)]))
+        if differ is None:
+            check_same_settings(mine)
+        else:
+            with pytest.raises(ValueError, match=rf"processes \[1\] were started with other settings than process 0: "
+                                                 rf"{differ} differ; start every process"):
+                check_same_settings(mine)
+    theirs = iter(gathered({**mine, "d": "4"}))
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([x, next(theirs)]))
+    with pytest.raises(ValueError, match=r"process 0 has 3 fields, process 1 has 4 fields"):
+        check_same_settings(mine)
+
+
+def test_initialize_with_a_coordinator_and_one_process_starts_nothing(monkeypatch):
+    """One process named with a coordinator (a launcher's single-node run) is not a distributed job: nothing starts
+    and process 0's port is not probed (only the refusals around it were tested)."""
+    from parallel import distributed
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: pytest.fail("must not start"))
+    monkeypatch.setattr(distributed, "_check_port_free", lambda c: pytest.fail("no port to serve"))
+    assert distributed.initialize("127.0.0.1:1", 1, 0) is False
+    # ... while a process id past 0 without a coordinator is a process of a larger job: refused, not run alone
+    with pytest.raises(ValueError, match=r"num_processes=None, process_id=1 given without a coordinator"):
+        distributed.initialize(process_id=1)
+
+
+def test_global_batch_from_local_stacks_the_processes_rows(monkeypatch):
+    """Each process's [b, T] rows are a 1/n share of a [n·b, T] global batch (not [b, n·T], nor [b, T]), and a mesh
+    that gives this process's devices more than its share is refused (one real process: the count is faked, so this
+    process's devices hold all 8 rows while it loads 4)."""
+    from parallel.distributed import global_batch_from_local
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    mesh = make_mesh({"data": 4, "sequence": 2})
+    with pytest.raises(ValueError, match=r"a local array \(3, 8\) \(2 processes\): dimension 'batch' of size 6 does"):
+        global_batch_from_local(np.zeros((3, 8), np.int32), mesh)
+    with pytest.raises(ValueError, match=r"this process's devices hold rows \[0, 8\) of the global batch of 8, but it "
+                                         r"loads 4 contiguous rows"):
+        global_batch_from_local(np.zeros((4, 8), np.int32), mesh)
+
+
+def test_constrain_merged_splits_merged_rows_outer_axes_first():
+    """[B·Q, ...] rows (B outer) go to the batch axes, then the sequence axes within each: P(('data', 'sequence')),
+    so each data shard's rows, which a device holds already, are only subdivided. A Q its axes do not divide is left
+    alone (splitting B·Q anyway would cut blocks across devices). Only a FLOP count and values tested it: both are
+    the same with the axes swapped, or without the check."""
+    from parallel.rules import constrain_merged
+
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    x = jnp.arange(32 * 3, dtype=jnp.float32).reshape(32, 3)
+    with jax.set_mesh(mesh):
+        for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P())):
+            y = jax.jit(lambda x, b=b, q=q: constrain_merged(x, ("batch", b), ("act_seq", q)))(x)
+            assert y.sharding.spec == spec and np.array_equal(np.asarray(y), np.asarray(x)), (b, q, y.sharding.spec)
