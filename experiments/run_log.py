@@ -108,8 +108,11 @@ def _finite_or_null(x):
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), inf where that overflows a float (a diverging run's loss passes ~709 nats), NaN for NaN."""
-    return math.exp(loss) if loss < 700.0 else (loss if math.isnan(loss) else math.inf)
+    """exp(loss), inf where that overflows a float (a diverging run's loss passes ~709.78 nats), NaN for NaN."""
+    try:  # (a cut at 700 called losses of 700..709.78 nats, whose exp a float holds, inf)
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def moe_record(metrics) -> dict:

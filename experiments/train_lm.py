@@ -712,7 +712,8 @@ def train(cfg, mesh_shape: dict) -> dict:
     if primary:
         (out / "sample.txt").write_text(sample)
         say("sample:\n" + sample)
-        if first_eval is not None:
+        # a run resumed at its last step from a save between evaluations (no eval loss) evaluated nothing
+        if first_eval is not None and last_eval is not None:
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "
                 f"{perplexity(last_eval):.4g}) in {result['wall_s']:.0f} s")
         say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {out / 'tb'}), ckpt/ (steps "

@@ -70,6 +70,24 @@ def test_a_nan_eval_loss_never_replaces_the_best_step(tmp_path):
         ckpt.close()
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_state_with_one_non_finite_value_is_never_saved(tmp_path, bad):
+    """One Inf / NaN in one leaf (the others finite) refuses the save and writes no step: the only fast check of
+    the save's finiteness guard (an any() for all() over the leaves, or no check, passed every test of this file)."""
+    from experiments.checkpoint import NonFiniteState
+
+    state = state_at(1)
+    state["params"]["v"] = jnp.ones(4).at[2].set(bad)  # beside the finite w
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, log=lambda *a: None)
+    try:
+        with pytest.raises(NonFiniteState, match="refusing to save step 1: the state has NaN/Inf"):
+            ckpt.save(1, state, {"config": "{}"})
+        ckpt.save(2, state_at(2), {"config": "{}"})  # a finite state still saves
+        assert ckpt.steps() == [2]
+    finally:
+        ckpt.close()
+
+
 def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
     """numpy / Python leaves failed with AttributeErrors ('no attribute sharding' / 'shape'); a float checkpoint
     restored into an int template was silently truncated."""
@@ -728,14 +746,18 @@ def test_a_float32_state_restored_into_a_float16_template_refuses_values_beyond_
     the checkpoint in place, and a narrowing cast that fits (bf16, or float16 within 65504) still restores."""
     w = jnp.asarray([[1.0, 7e4, 0.5], [65510.0, -2.0, 3.0]])
     ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False)
-    ckpt.save(5, {"params": {"w": w}, "step": jnp.asarray(5, jnp.int32)}, {})
+    ckpt.save(5, {"params": {"w": w}, "step": jnp.asarray(5, jnp.int32)}, {}, loader=PositionLoader(40))
     ckpt.close()
     ckpt = Checkpoints(tmp_path, keep_best=False)
     f16 = {"params": {"w": jnp.zeros((2, 3), jnp.float16)}, "step": jnp.asarray(0, jnp.int32)}
+    loader = PositionLoader(0)
     with pytest.raises(ValueError, match=r"would turn finite values into inf: params/w: saved float32 \(max "
                                          r"\|value\| 70000\), now float16, whose largest is 65504"):
-        ckpt.restore(f16)
+        ckpt.restore(f16, loader=loader)
     assert ckpt.mgr.all_steps() == [5]  # refused, not quarantined as corrupt
-    state, _ = ckpt.restore({"params": {"w": jnp.zeros((2, 3), jnp.bfloat16)}, "step": jnp.asarray(0, jnp.int32)})
+    assert loader.position == 0  # a refused restore leaves the data stream where it was
+    state, _ = ckpt.restore({"params": {"w": jnp.zeros((2, 3), jnp.bfloat16)}, "step": jnp.asarray(0, jnp.int32)},
+                            loader=loader)
+    assert loader.position == 40
     assert state["params"]["w"].dtype == jnp.bfloat16 and float(state["params"]["w"][0, 1]) == 70144.0
     ckpt.close()

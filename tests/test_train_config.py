@@ -93,6 +93,12 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "optim.warmup_steps: 11 must be in [0, 10] for train.steps=12 (the cosine decay"),
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
+    # each bound at its edge (a bound loosened to it passed): Adam divides by 1 - b^t, a decay over 0 % of the run
+    (["--preset", "tiny", "--set", "optim.b1=1"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
+    (["--preset", "tiny", "--set", "optim.decay_frac=0"], 8, "optim.decay_frac: must be in (0, 1], got 0"),
+    (["--preset", "tiny", "--set", "optim.lr=0"], 8, "optim.lr: must be positive, got 0"),
+    # orbax's LatestN(0) deletes every save: Checkpoints refused it with a traceback once the data was loaded
+    (["--preset", "tiny", "--set", "train.keep=0"], 8, "train.keep: must be >= 1, got 0"),
     (["--preset", "tiny", "--set", "data.max_files=-5"], 8, "data.max_files: must be None (all modules) or >= 1"),
     # fewer modules than every n-th held out: an empty eval split crashed the loader after the run dir was made
     (["--preset", "tiny", "--set", "data.max_files=5"], 8, "data.max_files: 5 modules hold none out for evaluation"),
@@ -149,6 +155,15 @@ def test_bad_config_fails_with_one_line_naming_the_field(argv, n_devices, expect
         validate(load(argv), n_devices)
     line = str(e.value)
     assert "\n" not in line and line.startswith(expected), line
+
+
+def test_the_edges_of_each_documented_range_validate():
+    """The closed ends of the ranges validate() documents: a constant lr after warmup (min_lr_ratio 1), no weight
+    decay, b1 0 (RMSProp-like), a decay over the whole run, and exactly one held-out module (max_files ==
+    eval_every_nth): a bound tightened by one refused them."""
+    for sets in (["optim.min_lr_ratio=1", "optim.weight_decay=0", "optim.b1=0", "optim.b2=0"],
+                 ["optim.schedule=wsd", "optim.decay_frac=1"], ["data.max_files=10", "data.eval_every_nth=10"]):
+        validate(load(["--preset", "tiny", *(x for kv in sets for x in ("--set", kv))]), 8)
 
 
 def test_cli_exits_before_compiling_with_the_line(monkeypatch):
@@ -307,6 +322,27 @@ def test_schedules():
         assert float(overlap(warm - 1)) < 1.0 and float(overlap(total - 1)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="leaves no update"):  # cosine after a warmup up to the last update
         make_schedule(1.0, 35, 34, "cosine", 0.1)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_the_trainers_optimizer_steps_at_the_lr_it_logs(kind):
+    """train_lm builds the optimizer and the schedule it logs separately: the optimizer's lr must be that schedule's
+    at every update. Adam's step on a constant gradient is lr·sign(g) (m̂ = g, v̂ = g²) and a norm scale takes no
+    decay, so the update's size is the lr the optimizer used (a total or a kind passed to only one of the two
+    went unnoticed: the logged-lr test recomputes the formula, never the optimizer's step)."""
+    cfg = load(["--preset", "tiny", "--set", "train.steps=12", "--set", f"optim.schedule={kind}"])
+    o, t = cfg.optim, cfg.train
+    opt, sched = train_lm._optimizer(cfg)
+    params = {"attn_norm": jnp.ones(3)}
+    state = opt.init(params)
+    grads = {"attn_norm": jnp.asarray([1e-3, -2e-3, 5e-4])}  # below clip_norm: unclipped
+    for c in range(t.steps):
+        updates, state = opt.update(grads, state, params)
+        want = o.lr * c / o.warmup_steps if c < o.warmup_steps else float(sched(c))
+        np.testing.assert_allclose(-np.asarray(updates["attn_norm"]) / np.sign(np.asarray(grads["attn_norm"])),
+                                   float(sched(c)), rtol=1e-4, atol=1e-9, err_msg=f"update {c}")
+        assert float(sched(c)) == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert float(sched(t.steps - 1)) == pytest.approx(o.lr * o.min_lr_ratio)  # the last update ends the decay
 
 
 def test_a_warmup_as_long_as_the_run_is_refused_by_wsd_too():
@@ -676,6 +712,15 @@ def test_a_sharded_state_steps_with_one_compilation():
             state, _ = step(state, batch)
             p, o, _ = plain(p, o, batch)
     assert (step._cache_size(), plain._cache_size()) == (1, 1)
+
+
+def test_perplexity_is_exp_of_the_loss_up_to_float_overflow():
+    """exp(loss) wherever a float holds it: losses of 700..709.78 nats were reported as inf perplexity (a cut at 700
+    where the docstring promises inf only on overflow); inf past that, NaN for NaN."""
+    for loss in (-1.0, 0.0, 3.5, 699.9, 700.0, 705.0, 709.78):
+        assert run_log.perplexity(loss) == pytest.approx(np.exp(np.float64(loss)), rel=1e-12), loss
+    assert run_log.perplexity(709.79) == run_log.perplexity(1e4) == math.inf
+    assert math.isnan(run_log.perplexity(math.nan))
 
 
 def test_throughput_window_without_steps_reports_none():

@@ -300,9 +300,14 @@ def test_an_eval_target_the_start_already_meets_is_crossed_at_step_0(tmp_path):
     """A run whose first evaluation is already at the target (a fine-tuned checkpoint, a loose target) crossed it at
     step 0, before any training: it was logged at the next evaluation, its time counting the first compilation."""
     out = tmp_path / "met"
-    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.eval_every=4",
-                            "--set", "train.eval_target=100"])
+    # intervals of 3 in a run of 4: the last step is logged, evaluated and saved off the interval too
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.eval_every=3",
+                            "--set", "train.eval_target=100", "--set", "train.save_every=3",
+                            "--set", "train.log_every=3"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 4]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 3, 4] and result["last_eval"] == rows[-1]["loss"]
+    assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [3, 4]
     first_eval = next(r for r in rows if r["kind"] == "eval")
     targets = [r for r in rows if r["kind"] == "target"]
     assert first_eval["step"] == 0 and first_eval["loss"] <= 100
@@ -628,6 +633,21 @@ def test_load_model_reads_without_moving_anything(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist: pass a run's --out directory"):
         train_lm.load_model(tmp_path / "no_such_run")
     assert not (tmp_path / "no_such_run").exists()
+
+
+def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_finishes(runs, tmp_path):
+    """A checkpoint saved between evaluations (save_every off eval_every, a SIGTERM save) carries no eval loss; a
+    rerun with train.steps at that step (what the 'past train.steps' error suggests) trains nothing and then
+    crashed on its summary line formatting last_eval None (TypeError) after writing the sample."""
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    shutil.rmtree(out / "ckpt" / "12")
+    meta = out / "ckpt" / "8" / "meta" / "metadata"  # step 8 as saved between evaluations (the arrays' checksum
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), eval_loss=None)))  # is not over the meta)
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=8", "--set", "train.sample_tokens=2",
+                            "--set", "train.progress=false"])
+    assert result["step"] == 8 and result["last_eval"] is None and result["first_eval"] is not None
+    assert (out / "sample.txt").exists()
 
 
 def _console(monkeypatch):
