@@ -165,7 +165,7 @@ def to_uint8(video):
 
 
 def tile(clips_RCTHW3, gap: int = 2):
-    """[R, C, T, H, W, 3] uint8 → [T, R·(H+gap), C·(W+gap), 3] (grey gaps)."""
+    """[R, C, T, H, W, 3] uint8 → [T, R·(H+gap) - gap, C·(W+gap) - gap, 3] (grey gaps between clips only)."""
     R, C, T, H, W, _ = clips_RCTHW3.shape
     out = np.full((T, R * (H + gap) - gap, C * (W + gap) - gap, 3), 64, np.uint8)
     for r in range(R):

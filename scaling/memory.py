@@ -160,6 +160,8 @@ def check_counts(**values: tuple[int, int]):
 
 
 def check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
+    """`mesh` (axis sizes, or a jax Mesh) as a plain {axis: int} dict; a ValueError for an axis name not in
+    parallel.mesh.AXES or a size that is not a positive int (resolve a -1 first)."""
     if hasattr(mesh, "axis_names"):  # a real jax Mesh
         mesh = dict(zip(mesh.axis_names, mesh.axis_sizes))
     mesh = dict(mesh)
