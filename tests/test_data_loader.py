@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from data.loader import LMLoader, LoaderConfig, Source, Tokenize, documents
-from data.shards import DocWriter, encode_doc, shard_name
+from data.shards import DocWriter, decode_doc, encode_doc, shard_name
 from data.synthetic import en_text, zh_text
 from data.tokenizer import ByteTokenizer, pretokenize, train_bpe
 
@@ -267,6 +267,40 @@ def test_processes_and_sources_shuffle_independently(tmp_path):
     mix = order([Source(a), Source(b)], k=4 * n_docs)
     ma, mb = [x[1:] for x in mix if x[0] == "a"], [x[1:] for x in mix if x[0] == "b"]
     assert ma[n_docs:2 * n_docs] != mb[:n_docs]
+
+
+def test_one_source_on_one_process_keeps_the_seed_times_1000_order(tmp_path):
+    """States saved before the per-process seeds resume only if one source on one process still shuffles as grain
+    does with seed·1000 (`_shuffle_seed`, MAX_SEED): any other seed reorders every epoch of those runs silently."""
+    import grain
+
+    from data.loader import _data_source
+
+    tok, n_docs = ByteTokenizer(add_eos=True), 20
+    a = write_tier(tmp_path / "a", [f"a{i:02d}" for i in range(n_docs)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, seed=3, tokenize_batch=1)
+    got = [tok.decode(d["targets"])[:3] for d, _ in zip(documents([Source(a)], tok, cfg, 0, 1), range(2 * n_docs))]
+    ds = grain.MapDataset.source(_data_source(Source(a).files())).shuffle(seed=3000).repeat(2)
+    want = [decode_doc(ds[i])["text"] for i in range(2 * n_docs)]
+    assert got == want
+
+
+def test_a_mixture_state_of_the_old_shared_seed_order_is_another_stream(tmp_path):
+    """A mixture on one process shuffles with per-source seeds now (it was seed·1000 + k): a state saved before, with
+    no "order" in its stream key, points into another order and is refused; one source on one process kept its
+    order, so its key has no "order" and its old states resume."""
+    from data.loader import StreamMismatch
+
+    a = write_tier(tmp_path / "a", [f"a{i:02d}" for i in range(12)], shards=1)
+    b = write_tier(tmp_path / "b", [f"b{i:02d}" for i in range(12)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, seed=1)
+    one = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    assert "order" not in one.get_state()["stream"]
+    mix = LMLoader([Source(a), Source(b)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    old = mix.get_state()
+    old["stream"].pop("order")
+    with pytest.raises(StreamMismatch, match="order: saved None, now per-process seeds"):
+        LMLoader([Source(a), Source(b)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(old)
 
 
 def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):

@@ -89,6 +89,19 @@ def test_top_p_one_is_off_as_in_hf(model):
         generate(model, prompt, 2, temperature=True, rng=jax.random.key(0))
 
 
+def test_top_p_keeps_no_token_past_a_prefix_that_reaches_it_exactly():
+    """Probabilities 1/2, 1/4, 1/8, 1/8 (exact in float32), top_p 0.5: the first token alone reaches it, so it alone
+    is kept, as Hugging Face's TopPLogitsWarper keeps it (a `<=` on the mass before a token also kept the 1/4)."""
+    l2 = float(np.log(2))
+    logits = jnp.array([[0.0, -l2, -2 * l2, -2 * l2]], jnp.float32)
+    assert np.asarray(jax.nn.softmax(logits)).tolist() == [[0.5, 0.25, 0.125, 0.125]]
+    keys = jax.random.split(jax.random.key(0), 500)
+    toks = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, None, 0.5))(keys))
+    assert (toks == 0).all()
+    toks = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, None, 0.75))(keys))
+    assert set(np.unique(toks)) == {0, 1}  # 1/2 + 1/4 reach 0.75: the two 1/8 are out
+
+
 def test_sampled_generate_is_seeded(model):
     prompt = jnp.zeros((1, 3), jnp.int32)
     a = generate(model, prompt, 6, temperature=1.0, top_k=8, rng=jax.random.key(7))
