@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from data.seeds import check_field_types
+
 PYTHON_GLOSSARY = (
     ("iterator", "an object with __next__ that yields items one at a time and raises StopIteration at the end"),
     ("generator", "a function containing yield; calling it returns an iterator that runs the body lazily"),
@@ -45,6 +47,7 @@ class DomainGlossary:
     header: str = "Glossary:"
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not x < lo`, 1.5 is no count
         if self.max_terms < 1:
             raise ValueError(f"DomainGlossary.max_terms={self.max_terms} must be >= 1")
         compiled = {}

@@ -18,6 +18,7 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 from data.filters import _marks, tokens
+from data.seeds import check_field_types
 
 
 @functools.cache
@@ -67,6 +68,7 @@ class DedupConfig:
     seed: int = 1
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not lo <= x`, 'no' is truthy
         if not 0 < self.threshold <= 1:
             raise ValueError(f"DedupConfig.threshold={self.threshold} must be a Jaccard similarity in (0, 1]")
         if self.num_perm < 16:

@@ -24,6 +24,7 @@ import unicodedata
 import numpy as np
 
 from data.normalize import MOJIBAKE, ordinary_text, undo_mojibake
+from data.seeds import check_field_types
 
 CJK_RANGES = ("\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
               "\uf900-\ufaff\uff66-\uff9f\uffa1-\uffdc\U00020000-\U0002fa1f")  # (half-width kana and hangul too)
@@ -149,6 +150,7 @@ class QualityConfig:
     blocklist: tuple[str, ...] = DEFAULT_BLOCKLIST
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not lo <= x`, 'no' is truthy
         fractions = [f.name for f in dataclasses.fields(self) if f.name.startswith(("max_", "min_"))
                      and f.type == "float" and "word_len" not in f.name]
         for name in fractions:

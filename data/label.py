@@ -13,6 +13,7 @@ import dataclasses
 import re
 
 from data.filters import CJK_RANGES, QualityConfig, words
+from data.seeds import check_field_types
 
 # (signal, QualityConfig field holding its limit); symbols without punctuation, which would rank Chinese prose
 # below English of the same quality
@@ -61,6 +62,7 @@ class LabelConfig:
     min_hits_per_1k_words: float = 1.0
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not x < lo`, 1.5 is no count
         for tag, keywords in self.domains:
             if isinstance(keywords, str) or not keywords:
                 raise ValueError(f"LabelConfig.domains[{tag!r}] must be a non-empty tuple of keywords, "

@@ -31,6 +31,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from grain.experimental import ConcatThenSplitIterDataset
 
+from data.seeds import check_field_types
 from data.shards import decode_doc, read_json, tier_shards
 from data.tokenizer import TOKENS_MAGIC
 
@@ -196,6 +197,7 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.tokenize_batch={self.tokenize_batch} must be >= 1")
         if not 0 <= self.seed <= MAX_SEED:  # one source on one process shuffles with seed·1000; grain takes 32 bits
             raise ValueError(f"LoaderConfig.seed={self.seed} must be in [0, {MAX_SEED}]")
+        check_field_types(self)  # the flags: shuffle='no' shuffled, drop_remainder=None kept a partial batch
 
 
 def _check_text_field(src: Source, field: str) -> None:

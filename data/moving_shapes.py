@@ -21,7 +21,7 @@ import itertools
 import grain
 import numpy as np
 
-from data.seeds import check_seed
+from data.seeds import check_field_types, check_seed
 
 COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.9, 0.2), "blue": (0.15, 0.35, 1.0), "yellow": (1.0, 0.9, 0.1)}
 SHAPES = ("square", "circle", "triangle")
@@ -82,6 +82,9 @@ class MovingShapesConfig:
             if not cond:
                 raise ValueError(f"MovingShapesConfig.{field}: {msg}")
 
+        # a numpy int (from a sweep) was refused; stored as a plain int
+        object.__setattr__(self, "seed", check_seed(self.seed, "MovingShapesConfig.seed", 2**32))
+        check_field_types(self)  # a float count failed inside numpy or str, a bare int in unpacking
         need(self.frames >= 2, "frames", f"a clip needs >= 2 frames to show motion, got {self.frames}")
         lo, hi = self.object_size
         need(2 <= lo <= hi, "object_size", f"need 2 <= min <= max, got {self.object_size}")
@@ -97,8 +100,6 @@ class MovingShapesConfig:
         longest = max(len(caption(*c).split()) for c in self.combos())
         need(self.max_caption_len >= longest, "max_caption_len",
              f"{self.max_caption_len} is shorter than the longest caption ({longest} words)")
-        # a numpy int (from a sweep) was refused; stored as a plain int
-        object.__setattr__(self, "seed", check_seed(self.seed, "MovingShapesConfig.seed", 2**32))
 
     @staticmethod
     def combos() -> list[tuple[str, str, str]]:

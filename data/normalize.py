@@ -21,6 +21,8 @@ import dataclasses
 import re
 import unicodedata
 
+from data.seeds import check_field_types
+
 FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 INVALID_UTF8 = ("repair", "reject")
 
@@ -62,6 +64,7 @@ class NormalizeConfig:
     repair_mojibake: bool = True
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not lo <= x`, 'no' is truthy
         if self.form not in FORMS:
             raise ValueError(f"NormalizeConfig.form={self.form!r} is not a Unicode normal form; use one of {FORMS}")
         if self.invalid_utf8 not in INVALID_UTF8:

@@ -1,7 +1,10 @@
-"""One check for the seeds of the data generators: an int (numpy ints too), never a bool or a fraction."""
+"""One check for the seeds of the data generators: an int (numpy ints too), never a bool or a fraction; and one
+for the types of the data configs' fields."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import numbers
 
 import numpy as np
@@ -16,3 +19,48 @@ def check_seed(seed, where: str, below: int | None = None) -> int:
         span = "an int >= 0" if below is None else f"an int in [0, {'2**32' if below == 2**32 else below})"
         raise ValueError(f"{where}={seed!r} must be {span} (a numpy int too), not a float or bool")
     return int(seed)
+
+
+def _int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v)
+
+
+_SCALARS = {"int": (_int, int, "an int"), "float": (_real, float, "a finite number"),
+            "bool": (lambda v: isinstance(v, bool | np.bool_), bool, "True or False")}
+
+
+def check_field_types(cfg) -> None:
+    """Each int / float / bool field of a frozen data config (each optionally `| None`, and fixed pairs such as
+    tuple[int, int]) against its annotation, before the config's checks of values; others are left to those. A
+    ValueError names Class.field. Without it a NaN threshold passed every range check and switched its filter off
+    (QualityConfig(min_chars=nan) kept a 10-character document), the string 'no' switched a flag on
+    (NormalizeConfig(collapse_spaces='no') collapsed spaces), and a float count failed inside str or numpy
+    (max_caption_len=8.0, max_blank_lines=2.0). Accepted numpy numbers become Python's (configs go to JSON and into
+    fingerprints); Python's stay as given. models.config.check_field_types does the same for the model configs; this one
+    keeps jax out of the data workers."""
+    where = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        kind = str(f.type).replace(" ", "")
+        optional = kind.endswith("|None")
+        kind, v = kind.removesuffix("|None"), getattr(cfg, f.name)
+        if v is None and optional:
+            continue
+        if kind in _SCALARS:
+            ok, cast, what = _SCALARS[kind]
+            if not ok(v):
+                raise ValueError(f"{where}.{f.name}={v!r} must be {what}{' or None' if optional else ''}")
+            if type(v) not in (int, float, bool):  # numpy numbers as Python's (JSON, fingerprints); Python's
+                object.__setattr__(cfg, f.name, cast(v))  # as given: an int threshold keeps its fingerprint
+        elif kind.startswith("tuple[") and "..." not in kind and kind[6:-1] and all(
+                k in ("int", "float") for k in kind[6:-1].split(",")):  # a fixed pair: (min, max)
+            kinds = kind[6:-1].split(",")
+            if not (isinstance(v, tuple | list) and len(v) == len(kinds)
+                    and all(_SCALARS[k][0](x) for k, x in zip(kinds, v))):
+                raise ValueError(f"{where}.{f.name}={v!r} must be a tuple of {len(kinds)} "
+                                 f"{'ints' if set(kinds) == {'int'} else 'finite numbers'}")
+            object.__setattr__(cfg, f.name, tuple(x if type(x) in (int, float) else _SCALARS[k][1](x)
+                                                  for k, x in zip(kinds, v)))

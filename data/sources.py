@@ -29,6 +29,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 
 from data.normalize import NormalizeConfig, count_surrogates, decode, replace_surrogates
+from data.seeds import check_field_types
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -60,6 +61,7 @@ class SourceConfig:
     text_files_per_shard: int = 64
 
     def __post_init__(self):
+        check_field_types(self)  # before the range checks: NaN passes `not x < lo`, 1.5 is no count
         if not self.text_field:
             raise ValueError("SourceConfig.text_field must name the field that holds the text, e.g. 'text'")
         if self.max_doc_bytes < 1:

@@ -29,6 +29,30 @@ class ConfigError(ValueError):
     """A bad run configuration; `str(e)` is the one line to print (it names the field)."""
 
 
+def _check_spec(spec, section: str) -> None:
+    """A DataSpec / OptimSpec / TrainSpec's fields against their annotations (`models.config.check_field_types`;
+    str fields: a string, a path as its str), named as --set keys (`train.eval_every`). `--set` converts its text to
+    the declared types, but specs built in Python reached `validate`, which compared them as numbers only:
+    TrainSpec(eval_every=2.5) evaluated at steps 5, 10, ... only, keep_best='no' kept the best, steps=12.5 failed
+    in range() after compiling, OptimSpec(lr=inf) was accepted, a numpy int or a pathlib.Path failed to_json at
+    the first checkpoint."""
+    from models.config import check_field_types
+
+    def need(cond, field, msg):
+        if not cond:
+            raise ConfigError(f"{section}.{field}: {msg}")
+
+    check_field_types(spec, need)
+    for f in dataclasses.fields(spec):
+        kind, v = str(f.type).replace(" ", ""), getattr(spec, f.name)
+        if kind not in ("str", "str|None") or (v is None and kind == "str|None"):
+            continue
+        if isinstance(v, os.PathLike):
+            v = os.fspath(v)
+            object.__setattr__(spec, f.name, v)
+        need(isinstance(v, str), f.name, f"must be a string{' or None' if kind == 'str|None' else ''}, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What the trainer reads through data.loader: by default the embedded stdlib corpus (module sources +
@@ -57,6 +81,9 @@ class DataSpec:
     eos_token: str | None = None
     bos_token: str | None = None
 
+    def __post_init__(self):
+        _check_spec(self, "data")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimSpec:
@@ -73,6 +100,9 @@ class OptimSpec:
     b1: float = 0.9
     b2: float = 0.95
     grad_accum: int = 1
+
+    def __post_init__(self):
+        _check_spec(self, "optim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +140,9 @@ class TrainSpec:
     poison_steps: tuple[int, ...] = ()
     kill_at: int = 0
     kill_in_save: bool = False
+
+    def __post_init__(self):
+        _check_spec(self, "train")
 
 
 @dataclasses.dataclass(frozen=True)

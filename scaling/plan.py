@@ -164,6 +164,14 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     plan stays on the budget). See the module docstring."""
     if (params is None) == (flops is None):
         raise ValueError("give exactly one of params= (a model size) or flops= (a training budget)")
+    # named before math.isfinite: a string ('7e9' from a command line or YAML) raised "must be real number, not
+    # str", naming no argument, and True counted as 1 (tokens=True planned a run of one token)
+    for name, v in (("params", params), ("flops", flops), ("tokens", tokens), ("pue", pue),
+                    ("grid_g_per_kwh", grid_g_per_kwh), ("chip_power_w", chip_power_w)):
+        optional = name in ("params", "flops", "tokens", "chip_power_w")
+        if not (v is None and optional) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            raise ValueError(f"{name} must be a number, got {v!r}" + (f" (a {type(v).__name__}; e.g. float({v!r}))"
+                                                                      if isinstance(v, str) else ""))
     for name, v in (("params", params), ("flops", flops), ("tokens", tokens)):
         if v is not None and not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v}")

@@ -276,3 +276,16 @@ def test_suggest_mesh_fills_only_the_headroom_share_of_hbm():
     got = suggest_mesh(shape, 4, hbm, seq_len=512)
     assert got.mesh != {"data": 4, "fsdp": 1, "tensor": 1} and got.memory.total <= HEADROOM * hbm
     assert suggest_mesh(shape, 4, hbm, seq_len=512, headroom=1.0).mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+
+
+def test_make_plan_names_a_string_or_bool_number():
+    """A string ('7e9', read from a command line or YAML) raised "must be real number, not str", naming no argument;
+    tokens=True planned a run of one token."""
+    for kw, says in ((dict(params="7e9"), r"params must be a number, got '7e9' \(a str; e.g. float\('7e9'\)\)"),
+                     (dict(flops="1e21"), r"flops must be a number, got '1e21'"),
+                     (dict(params=1e9, tokens=True), r"tokens must be a number, got True"),
+                     (dict(params=1e9, pue="1.1"), r"pue must be a number, got '1.1'"),
+                     (dict(params=1e9, grid_g_per_kwh=None), r"grid_g_per_kwh must be a number, got None"),
+                     (dict(params=1e9, chip_power_w="700"), r"chip_power_w must be a number, got '700'")):
+        with pytest.raises(ValueError, match=says):
+            make_plan(**kw)

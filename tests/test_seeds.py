@@ -1,11 +1,18 @@
 """The data generators' seeds are ints, numpy ints too; a bool or a fraction is refused by name (seed=True ran as 1:
-another run's data under the seed it logged)."""
+another run's data under the seed it logged). The data configs' other int / float / bool fields likewise."""
 
 import numpy as np
 import pytest
 
+from data.augment import DomainGlossary
 from data.corpus import ByteWindows, stdlib_text
+from data.dedup import DedupConfig
+from data.filters import QualityConfig
+from data.label import LabelConfig
+from data.loader import LoaderConfig
 from data.moving_shapes import MovingShapesConfig
+from data.normalize import NormalizeConfig
+from data.sources import SourceConfig
 from data.synthetic import documents
 
 
@@ -31,3 +38,39 @@ def test_numpy_ints_are_seeds():
     tokens = np.arange(64, dtype=np.int32)
     np.testing.assert_array_equal(ByteWindows(tokens, 8, 2, seed=np.int32(5)).batch(1)["inputs"],
                                   ByteWindows(tokens, 8, 2, seed=5).batch(1)["inputs"])
+
+
+@pytest.mark.parametrize("make,says", [
+    # a NaN threshold passed every range check and switched its filter off: a 10-character document was kept
+    (lambda: QualityConfig(min_chars=float("nan"), min_words=0), r"QualityConfig.min_chars=nan must be an int"),
+    (lambda: QualityConfig(min_mean_word_len=float("nan")), r"QualityConfig.min_mean_word_len=nan must be a finite"),
+    # 'no' is truthy: spaces were collapsed, exact duplicates dropped, rows shuffled
+    (lambda: NormalizeConfig(collapse_spaces="no"), r"NormalizeConfig.collapse_spaces='no' must be True or False"),
+    (lambda: DedupConfig(exact="no"), r"DedupConfig.exact='no' must be True or False"),
+    (lambda: LoaderConfig(shuffle="no"), r"LoaderConfig.shuffle='no' must be True or False"),
+    (lambda: LoaderConfig(drop_remainder=None), r"LoaderConfig.drop_remainder=None must be True or False"),
+    # float counts failed inside str / range / numpy, naming no field
+    (lambda: NormalizeConfig(max_blank_lines=2.0), r"NormalizeConfig.max_blank_lines=2.0 must be an int"),
+    (lambda: DedupConfig(num_perm=128.0), r"DedupConfig.num_perm=128.0 must be an int"),
+    (lambda: MovingShapesConfig(max_caption_len=8.0), r"MovingShapesConfig.max_caption_len=8.0 must be an int"),
+    (lambda: MovingShapesConfig(object_size=12), r"MovingShapesConfig.object_size=12 must be a tuple of 2 ints"),
+    (lambda: MovingShapesConfig(speed=(1.0, float("inf"))), r"MovingShapesConfig.speed=.* must be a tuple of 2 finite"),
+    # a NaN rate tagged no document ('code' lost from a Python file); 1e6 bytes failed in readline on the first file
+    (lambda: LabelConfig(min_hits_per_1k_words=float("nan")), r"LabelConfig.min_hits_per_1k_words=nan must be a"),
+    (lambda: SourceConfig(max_doc_bytes=1e6), r"SourceConfig.max_doc_bytes=1000000.0 must be an int"),
+    (lambda: DomainGlossary(max_terms=2.5), r"DomainGlossary.max_terms=2.5 must be an int"),
+])
+def test_data_configs_refuse_wrong_types_by_name(make, says):
+    with pytest.raises(ValueError, match=says):
+        make()
+
+
+def test_data_configs_keep_numpy_numbers_as_python_types():
+    cfg = MovingShapesConfig(frames=np.int64(5), size=16, object_size=[5, 6], speed=(1, np.float32(1.2)))
+    assert (cfg.frames, cfg.object_size, cfg.speed) == (5, (5, 6), (1.0, float(np.float32(1.2))))
+    # configs go to JSON and into fingerprints: numpy numbers become Python's; Python's stay as given (an int
+    # threshold keeps the fingerprint a cleaning run in progress was started with)
+    assert type(cfg.frames) is int and type(cfg.speed[0]) is int and type(cfg.speed[1]) is float
+    q = QualityConfig(min_words=np.int32(3), max_symbol_ratio=np.float64(0.5), min_mean_word_len=2)
+    assert (type(q.min_words), type(q.max_symbol_ratio), type(q.min_mean_word_len)) == (int, float, int)
+    assert repr(q) == repr(QualityConfig(min_words=3, max_symbol_ratio=0.5, min_mean_word_len=2))  # (fingerprints)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,35 @@ def test_set_converts_to_the_declared_type():
                "--set", "model.rope_scaling.factor=2"])
     assert (on.model.moe.n_experts, on.model.moe.expert_mlp_dim, on.model.moe.top_k) == (4, 32, MoEConfig().top_k)
     assert on.model.rope_scaling.factor == 2.0 and on.model.rope_scaling.kind == "llama3"
+
+
+def test_specs_built_in_python_are_checked_against_their_types():
+    """--set converts to the declared types, but a DataSpec / OptimSpec / TrainSpec built in Python went to validate,
+    which compared its fields as numbers only: eval_every=2.5 evaluated at steps 5, 10, ... only, keep_best='no'
+    kept the best, steps=12.5 failed in range() after compiling, lr=inf trained to NaN."""
+    import pathlib
+
+    from experiments.config import DataSpec, OptimSpec, TrainSpec, preset
+
+    for spec, kw, says in ((TrainSpec, dict(eval_every=2.5), "train.eval_every: must be an int, got 2.5"),
+                           (TrainSpec, dict(steps=12.5), "train.steps: must be an int"),
+                           (TrainSpec, dict(keep_best="no"), "train.keep_best: must be True or False, got 'no'"),
+                           (TrainSpec, dict(out=None), "train.out: must be a string, got None"),
+                           (TrainSpec, dict(eval_target=math.inf), "train.eval_target: must be a finite number or"),
+                           (OptimSpec, dict(lr=math.inf), "optim.lr: must be a finite number, got inf"),
+                           (OptimSpec, dict(grad_accum=True), "optim.grad_accum: must be an int, got True"),
+                           (DataSpec, dict(eval_batches=1.5), "data.eval_batches: must be an int"),
+                           (DataSpec, dict(cache_dir=0), "data.cache_dir: must be a string or None, got 0")):
+        with pytest.raises(ConfigError, match="^" + re.escape(says)):
+            spec(**kw)
+    # numpy numbers and paths are kept, as Python's types: the config goes to JSON with every checkpoint
+    t = TrainSpec(steps=np.int64(12), out=pathlib.Path("runs/x"), eval_target=np.float32(3.5))
+    assert (t.steps, t.out, t.eval_target) == (12, "runs/x", 3.5) and type(t.steps) is int
+    cfg = dataclasses.replace(preset("tiny"), train=t, optim=OptimSpec(lr=1))
+    assert json.loads(cfg.to_json())["train"]["steps"] == 12 and type(cfg.optim.lr) is float
+    # --set names the same key
+    with pytest.raises(ConfigError, match=r"^train\.keep_best: expected true or false"):
+        load(["--preset", "tiny", "--set", "train.keep_best=no"])
 
 
 def test_decay_mask_by_name_not_ndim():
