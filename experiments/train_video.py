@@ -495,7 +495,11 @@ def load_video_model(out, preset: str | Preset = "default"):
     stats_path = out / "latent_stats.json"
     if not stats_path.exists():
         raise FileNotFoundError(f"{stats_path} is missing: the run stopped before encoding its latents")
-    stats = tuple(jnp.asarray(v, jnp.float32) for v in json.loads(stats_path.read_text()).values())
+    saved = json.loads(stats_path.read_text())  # by name: read in the file's key order, a 'std'-first file was swapped
+    if not isinstance(saved, dict) or {"mean", "std"} - set(saved):
+        raise ValueError(f"{stats_path} must hold the latents' per-channel {{\"mean\": [...], \"std\": [...]}} as "
+                         "train_video writes it; rerun the run's train_video command (it rewrites the file)")
+    stats = tuple(jnp.asarray(saved[k], jnp.float32) for k in ("mean", "std"))
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     # restored onto shapes only: a random init would compile and allocate both models just to be overwritten
     vae_gd, vae_abstract = abstract_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)

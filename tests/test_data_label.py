@@ -110,6 +110,9 @@ def test_cleaning_an_augmented_tier_again_glosses_it_once():
     assert DomainGlossary()({"text": once["text"], "domains": []})["text"] == once["text"][:-len(block)]
     mine = text + "\n\nGlossary:\n- generator: my own definition"
     assert DomainGlossary()({"text": mine, "domains": []})["text"] == mine
+    # only a block made wholly of the hook's own lines is its: one of the user's lines keeps the whole block
+    mixed = text + f"\n\nGlossary:\n- generator: {defs['generator']}\n- widget: my own definition"
+    assert DomainGlossary()({"text": mixed, "domains": []})["text"] == mixed
 
 
 def test_quality_score_is_the_mean_headroom_under_the_limits():

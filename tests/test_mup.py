@@ -104,7 +104,7 @@ def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
     run's (an unscaled update, every rate trained at lr 1, passed)."""
     from experiments.mup_transfer import sweep
 
-    c, steps, e = cfg(64, True), 4, -6
+    c, steps, e = cfg(64, True), 12, -6  # > 10 steps: the reported loss is the last 10's mean, after a 1-step warmup
     rng = np.random.default_rng(1)
     batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]}
                for t in (jnp.asarray(rng.integers(0, 64, (4, 33)), jnp.int32) for _ in range(steps))]
@@ -124,7 +124,7 @@ def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
     for b in batches:
         params, state, loss = step(params, state, b)
         losses.append(float(loss))
-    assert got == pytest.approx(np.mean(losses), rel=1e-5)
+    assert got == pytest.approx(np.mean(losses[-10:]), rel=1e-5)
 
 
 def test_the_transfer_sweep_models_are_mup_at_base_width_64():
@@ -134,6 +134,9 @@ def test_the_transfer_sweep_models_are_mup_at_base_width_64():
 
     assert config(256, True, 64).width_mult == 4.0 and config(64, True, 64).width_mult == 1.0
     assert config(256, False, 64).mup_base_width is None
+    # the docstring's model: heads of 32, SwiGLU 4·d, 2 layers, untied
+    c = config(128, True, 64)
+    assert (c.d_model, c.n_heads, c.head_dim, c.mlp_dim, c.n_layers, c.tie_embeddings) == (128, 4, 32, 512, 2, False)
 
 
 @pytest.mark.parametrize("width", ["48", "16", "0"])
@@ -211,3 +214,15 @@ def test_the_transfer_json_writes_a_diverged_rate_as_null(tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
     assert saved == {name: {"32": {"-6": 2.5, "-5": None}} for name in ("sp", "mup")}
     assert res["sp"]["32"]["-5"] == float("inf")  # the returned results keep inf (the plot reads it as diverged)
+
+
+def test_a_diverged_rate_is_reported_as_inf():
+    """sweep's docstring: inf when the run diverged (a NaN loss was kept as NaN, which min() and the printed best
+    rate read as a value)."""
+    from experiments.mup_transfer import sweep
+
+    rng = np.random.default_rng(1)
+    batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]}
+               for t in (jnp.asarray(rng.integers(0, 64, (4, 33)), jnp.int32) for _ in range(3))]
+    res = sweep(cfg(32, False), batches, 3, (-6, 40))  # 2^40: the first update overflows the weights
+    assert np.isfinite(res[-6]) and res[40] == float("inf")

@@ -38,6 +38,27 @@ def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_
     assert alone10 != alone20
 
 
+def test_a_rungs_rows_count_its_tokens_non_embedding_params_and_each_loss_in_its_column():
+    """Each row of train_rung is what the law is fitted on (the main tests stub train_rung): D = steps·SEQ·BATCH,
+    N the non-embedding count (the module's docstring; the total passed), and eval_loss the held-out batches' loss:
+    other eval batches change eval_loss only (train and eval columns swapped passed)."""
+    from experiments.scaling_ladder import BATCH, SEQ
+    from scaling.flops import param_counts, train_flops_per_token
+
+    tokens = np.random.default_rng(0).integers(0, 256, 50_000).astype(np.int32)
+    train = ByteWindows(tokens, SEQ, BATCH, seed=0)
+    rung, kw = Rung(16, 1, 2), dict(peak_lr=3e-3, warmup=1)
+    runs = {name: train_rung(rung, (4, 6), train, [ByteWindows(data, SEQ, 4, seed=1).batch(0)], **kw)["runs"]
+            for name, data in (("random", tokens), ("zeros", np.zeros(1000, np.int32)))}
+    cfg, pc = rung.config(), param_counts(rung.config())
+    assert pc.non_embedding != pc.total
+    for a, b in zip(runs["random"], runs["zeros"]):
+        assert a["tokens"] == a["steps"] * 128 * 16 and a["steps"] in (4, 6)
+        assert (a["n_params"], a["n_params_total"]) == (pc.non_embedding, pc.total)
+        assert a["flops"] == pytest.approx(train_flops_per_token(cfg, 128) * a["tokens"])
+        assert a["train_loss"] == b["train_loss"] and a["eval_loss"] != b["eval_loss"]
+
+
 def test_byte_windows_and_split_edges():
     """A corpus of exactly one window serves it (was refused as 'shorter than' its own length); a shorter one and
     an eval fraction outside (0, 1) (1.5 split 50/50, silently) are refused by name."""
@@ -124,6 +145,11 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         sl.main([*argv, "--out", str(tmp_path / "cut")])
     assert sorted(json.loads((tmp_path / "cut" / "rungs.json").read_text())["done"]) == sorted(names[:2])
+    # other settings do not resume those rungs (they would mix two learning rates in one fit): refused, untrained
+    monkeypatch.setattr(sl, "train_rung", fake)
+    with pytest.raises(SystemExit):
+        sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
+    assert calls == names[:2]
     monkeypatch.setattr(sl, "train_rung", fake)
     calls.clear()
     resumed = sl.main([*argv, "--out", str(tmp_path / "cut")])
@@ -180,6 +206,7 @@ def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tm
         assert abs(c["error"]) < 0.01, c
     for a, b in zip(res[0.0]["comparison"], res[0.5]["comparison"]):
         assert b["actual"] - a["actual"] == pytest.approx(0.5) and not b["inside"]
+        assert b["error"] == pytest.approx(0.5, abs=0.02)  # actual - predicted: the target ran 0.5 worse
 
 
 def test_a_diverged_run_is_left_out_of_the_fit_and_said_or_the_ladder_stops_by_name(tmp_path, monkeypatch, capsys):
@@ -312,3 +339,24 @@ def test_the_figure_says_what_the_prediction_was_fitted_on(tmp_path, monkeypatch
                       f"(1 diverged run left out)",
                       f"{names[-1]}: prediction from {3 * n_runs} runs of 3 smaller models\n"
                       f"({n_runs} diverged runs left out)"]
+
+
+def test_the_ladder_trains_each_rung_at_its_peak_lr_after_a_warmup_of_at_most_half_the_shortest_budget(tmp_path,
+                                                                                                     monkeypatch):
+    """main's clamp: --warmup 16 under --quick (budgets 8, 12, 16 steps) is 8 // 2 = 4 steps (a clamp by the longest
+    budget, 8, warmed up through every cooldown branch); each rung at rung_lr(--lr)."""
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    seen = []
+
+    def fake(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):
+        seen.append((rung.name, peak_lr, warmup, tuple(budgets)))
+        n = param_counts(rung.config()).non_embedding
+        runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0, flops=0.0,
+                     eval_loss=1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3) for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    monkeypatch.setattr(sl, "train_rung", fake)
+    sl.main(["--quick", "--no-docs", "--n-boot", "4", "--lr", "2e-3", "--out", str(tmp_path / "q")])
+    assert seen == [(r.name, sl.rung_lr(2e-3, r), 4, sl.QUICK_STEPS) for r in sl.QUICK_LADDER]

@@ -162,3 +162,65 @@ def test_an_empty_held_out_split_is_named_when_the_source_is_made():
     assert len(MovingShapesSource(cfg, "train", 8).combos) == 48
     with pytest.raises(ValueError, match=r"split=.heldout. holds no combinations: MovingShapesConfig.held_out holds 0"):
         dataset(cfg, "heldout", batch=4)
+
+
+def test_clips_move_at_their_speed_inside_the_frame_at_their_brightness():
+    """Recomputed from the pixels, per clip of every combination: the centroid's least-squares slope is the caption's
+    direction at a speed in cfg.speed (a renderer that ignored speed, or moved objects 1 px / frame, passed), the
+    object stays whole in every frame (start positions from the wrong axis or side let it leave the frame), and its
+    RGB is the palette colour scaled by U(1 - colour_jitter, 1) (brighter read past 1)."""
+    src = MovingShapesSource(CFG, "all", 96)
+    yy, xx = np.mgrid[0:CFG.size, 0:CFG.size] + 0.5
+    t = np.arange(CFG.frames)
+    speeds = []
+    for i in range(96):
+        r = src[i]
+        combo = CFG.combos()[int(r["combo"])]
+        fg = (r["video"] > -1).any(-1)  # [T, S, S]
+        area = fg.sum((1, 2))
+        # rasterising a 12-15 px shape at sub-pixel offsets changes its area by at most a row and a column
+        assert area.min() >= 0.75 * area.max(), (combo, area)
+        cx, cy = (fg * xx).sum((1, 2)) / area, (fg * yy).sum((1, 2)) / area
+        sx, sy = np.polyfit(t, cx, 1)[0], np.polyfit(t, cy, 1)[0]
+        dx, dy = DIRECTIONS[combo[2]]
+        speeds.append(sx * dx + sy * dy)
+        assert abs(sx * dy) + abs(sy * dx) < 0.05, (combo, sx, sy)  # no motion across the caption's axis
+        scale = (r["video"][fg] + 1) / 2 / np.asarray(COLOURS[combo[0]])
+        assert np.allclose(scale, scale.mean(), atol=1e-5) and 1 - CFG.colour_jitter - 1e-6 <= scale.mean() <= 1
+    # measured speeds (rasterised) sit within 0.05 px / frame of cfg.speed and spread across it
+    assert CFG.speed[0] - 0.05 <= min(speeds) and max(speeds) <= CFG.speed[1] + 0.05, (min(speeds), max(speeds))
+    assert max(speeds) - min(speeds) > 0.6 * (CFG.speed[1] - CFG.speed[0])
+
+
+def test_splits_captions_and_records_are_as_documented():
+    """Pinned against literals: the docstring's caption word order, split 'all' is every combination (the
+    evaluator reads it), and the clips of one combination differ from cycle to cycle (a record's randomness keyed by
+    its combination repeated one clip per combination)."""
+    assert caption("red", "square", "left") == "a red square moving left"
+    assert [VOCAB[i] for i in encode_caption("a red square moving left")[:5]] == "a red square moving left".split()
+    assert CFG.split_combos("all") == CFG.combos() and len(CFG.combos()) == 48
+    src = MovingShapesSource(CFG, "train", 200)
+    n = len(src.combos)
+    assert n == 40 and int(src[3]["combo"]) == int(src[3 + n]["combo"])
+    assert not np.array_equal(src[3]["video"], src[3 + n]["video"])
+
+
+def test_measure_cuts_a_hazy_clip_at_half_maximum_and_needs_two_frames_of_object():
+    """The docstring's foreground rule: brightest channel > max(rel_threshold·peak, min_threshold). A clip under a
+    uniform haze at 0.3 (in [0, 1]: above min_threshold 0.25, below half the object's peak) still reads back (the
+    smaller of the two took the haze for the object); an object seen in one frame only has no direction: -1."""
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    clean = np.stack([r["video"] for r in recs])
+    hazy = np.maximum(clean, 2 * 0.3 - 1)  # background -1 -> 0.3 in [0, 1] units; the object (>= 0.78) is unchanged
+    found = measure(hazy)
+    for attr in ("colour", "shape", "direction"):
+        assert (found[attr] == np.asarray([r[attr] for r in recs])).mean() >= 0.95, attr
+    once = -np.ones_like(clean[:1])
+    once[0, 4] = clean[0, 4]  # the object in frame 4 only
+    assert measure(once)["direction"][0] == -1 and measure(clean[:1])["direction"][0] == recs[0]["direction"]
+
+
+def test_a_shape_that_does_not_move_is_refused():
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.speed: need 0 < min <= max"):
+        MovingShapesConfig(speed=(0.0, 1.0))

@@ -133,6 +133,13 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     cache.write_bytes(cache.read_bytes()[:100])
     assert train_video.encode_latents(p2, encode, cache, "another-vae")[0].min() == 7 and len(calls) == 8
     assert sorted(f.name for f in tmp_path.iterdir()) == ["latents.npz"]  # written through a renamed temp file
+    # other data (here its seed) under the same VAE: other clips, encoded again (the key lacked the data: stale latents)
+    p3 = dataclasses.replace(p2, data=dataclasses.replace(p.data, seed=5))
+    _, _, combo = train_video.encode_latents(p3, encode, cache, "another-vae")
+    assert len(calls) == 10
+    # the DiT trains on the training split only: a held-out combination in its latents makes the held-out eval seen
+    train_ids = {p.data.combos().index(c) for c in p.data.split_combos("train")}
+    assert len(combo) == p.n_latents and set(combo.tolist()) <= train_ids
 
 
 def test_bf16_ema_tracks_the_float32_average():
@@ -440,6 +447,15 @@ def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeyp
     sample(["a red circle moving up"])
     np.testing.assert_array_equal(got[0][0], [1, 2, 3, 4])
     np.testing.assert_array_equal(got[0][1], [5, 6, 7, 8])
+    # read by name, not by the order of the file's keys (a file written 'std' first was denormalised swapped)
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"std": [5.0, 6.0, 7.0, 8.0], "mean": [1.0, 2.0, 3.0, 4.0]}))
+    got.clear()
+    train_video.load_video_model(tmp_path, "tiny")[0](["a red circle moving up"])
+    np.testing.assert_array_equal(got[0][0], [1, 2, 3, 4])
+    np.testing.assert_array_equal(got[0][1], [5, 6, 7, 8])
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [1.0, 2.0, 3.0, 4.0]}))
+    with pytest.raises(ValueError, match=r"latent_stats.json must hold the latents' per-channel \{\"mean\""):
+        train_video.load_video_model(tmp_path, "tiny")
 
 
 def test_evaluation_draws_new_noise_per_chunk_and_the_same_at_every_scale():
@@ -709,6 +725,7 @@ def test_a_repeated_cfg_scale_is_evaluated_once(capsys):
     assert train_video.parse_scales("1,2,2,4,1.0") == (1.0, 2.0, 4.0)
     assert "--scales: '1,2,2,4,1.0' repeats a scale; evaluating 1, 2, 4 once each" in capsys.readouterr().out
     assert train_video.parse_scales("4,1") == (4.0, 1.0) and capsys.readouterr().out == ""
+    assert train_video.parse_scales("4,1,4") == (4.0, 1.0)  # a repeat dropped in place: the order given is kept
     with pytest.raises(ValueError, match=r"2 and 2.0000001 are both reported as 'cfg 2'"):
         train_video.parse_scales("1,2,2.0000001")
     calls = []
@@ -810,3 +827,23 @@ def test_a_stage_resumes_only_under_the_prng_implementation_it_was_trained_with(
     with pytest.raises(SystemExit, match=rf"t2v: .*t2v \(step 3\): it was saved under jax_default_prng_impl="
                                          rf"'{other}', this run's is '{now}' \(.*JAX_DEFAULT_PRNG_IMPL={other}"):
         train_video.check_resume(p, tmp_path, 0)
+
+
+def test_stage_warmup_and_batch_check_are_as_documented():
+    """_warmup is 5% of the steps (at least 1), leaving >= 1 decay update (none for 1-2 steps); check_batch divides by
+    every batch axis, fsdp included (a batch fsdp does not divide failed in the first step, after the VAE's build)."""
+    import types
+
+    assert [train_video._warmup(n) for n in (1, 2, 3, 19, 20, 100, 600, 1000)] == [0, 0, 1, 1, 1, 5, 30, 50]
+    train_video.check_batch(8, types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2}), "dit_batch")
+    for shape in ({"data": 1, "fsdp": 4}, {"data": 2, "expert": 2}, {"data": 4, "tensor": 2}):
+        with pytest.raises(SystemExit, match=r"dit_batch=6 must be divisible by the batch mesh axes"):
+            train_video.check_batch(6, types.SimpleNamespace(shape=shape), "dit_batch")
+
+
+def test_a_stage_resumed_toward_another_step_count_says_its_schedule_was_stretched():
+    """The note appears only when the checkpoint was trained toward another total (inverted, every resume said so)."""
+    assert train_video._stretched({"total_steps": 10}, 10, "--dit-steps") == ""
+    assert train_video._stretched({}, 10, "--dit-steps") == ""  # a checkpoint from before totals were saved
+    assert "trained so far toward 10 steps, now --dit-steps 20" in train_video._stretched({"total_steps": 10}, 20,
+                                                                                          "--dit-steps")
