@@ -158,7 +158,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=7, help="interleaved measurement rounds")
     ap.add_argument("--steps", type=at_least(1), default=3, help="timed calls per contender per round")
-    ap.add_argument("--warmup", type=at_least(0), default=2, help="untimed calls per contender (compilation)")
+    # at least 1: the first call compiles (jax.jit, torch.compile); with 0, round 1 timed the compilation
+    ap.add_argument("--warmup", type=at_least(1), default=2, help="untimed calls per contender (compilation)")
     ap.add_argument("--batch", type=at_least(1), default=8)
     ap.add_argument("--seq", type=at_least(1), default=256)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch contenders")

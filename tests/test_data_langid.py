@@ -1,4 +1,4 @@
-"""Language ID on the hand-labelled set (short, long, mixed en/zh, code, 16 languages) and the keep set."""
+"""Language ID on the hand-labelled set (short, long, mixed en/zh, code, 17 languages) and the keep set."""
 
 import numpy as np
 import pytest
@@ -178,3 +178,20 @@ def test_a_fold_listing_its_own_code_may_be_kept():
     assert LangID(cfg).detect(text) == LangID().detect(text) and LangID(cfg).detect(text)[0] == "zh"
     with pytest.raises(ValueError, match=r"keep has \['yue'\], which fold into \['zh'\]"):
         LangIDConfig(keep=("yue",), fold=(("zh", ("zh", "yue", "wuu")),))
+
+
+def test_the_benchmark_docs_describe_the_labelled_set_as_it_is():
+    """docs/benchmarks.md (and data/langid.py) said 16 languages; the set labels 17 (en, zh and 15 others)."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    text = " ".join(doc.split("### Language identification", 1)[1].split("| detector |", 1)[0].split())
+    data = samples()
+    kinds = {k: sum(x[2] == k for x in data) for k in ("long", "short", "mixed", "code")}
+    said = re.search(r"(\d+) hand-labelled samples .*?: (\d+) long, (\d+) short .*?(\d+) en/zh code-switched .*?"
+                     r"(\d+) Python snippets .*?(\d+) languages", text)
+    assert said, "docs/benchmarks.md's description of the language-ID set changed: update this test"
+    langs = {lang for _, label, _ in data for lang in label.split("+")}
+    assert [int(n) for n in said.groups()] == [len(data), kinds["long"], kinds["short"], kinds["mixed"],
+                                                kinds["code"], len(langs)]
