@@ -78,7 +78,7 @@ _CODE_FIELDS = re.compile(r",\s*[a-z_][\w-]*\s*:(?!:)|:\s*(?:number|string|boole
 _MARKUP_NAMES = {"tag": frozenset(_HTML_ELEMENTS.split()), "css": frozenset(_CSS_PROPERTIES.split()),
                  "entity": frozenset(html.entities.name2codepoint)}
 
-# Lower-case regexes matched against lower-cased lines. A rule that starts with a literal is only run when
+# Regexes matched case-insensitively against lower-cased lines. A rule that starts with a literal is only run when
 # `literal in text` (a C-speed scan) finds it; most documents match no rule and cost a few substring tests.
 # The breadcrumb's `home` (Home > News) is not the end of a name: `if score_home > score_away:` or `self.home |`
 # matched, and that line of code was deleted.
@@ -108,11 +108,11 @@ class QualityConfig:
     (Rae et al. 2021, table A1): duplicated lines/paragraphs (by count and by characters), the share of
     characters in the most frequent 2-4-gram, and the share of characters in duplicated 5-10-grams.
     `top_ngram_max` / `dup_ngram_max` are `((n, max_fraction), ...)` with n in words; in CJK text an n-gram
-    is `round(n · cjk_chars_per_word)` characters (see module doc). `boilerplate` rules are regexes
-    searched case-insensitively in lines; matching lines are removed, and a document that loses more than
-    `max_boilerplate_lines` of its lines *and* more than `max_boilerplate_chars` of its non-space characters is
-    dropped (by lines alone, an article with a three-line footer was dropped whole: web extractions put a paragraph
-    on a line). `promo_phrases` / `blocklist` match case-insensitively (whole words for latin phrases).
+    is `round(n · cjk_chars_per_word)` characters (see module doc). `boilerplate` rules are regexes searched
+    case-insensitively in lines (`^` / `$` anchor at a line's ends); matching lines are removed, and a document that
+    loses more than `max_boilerplate_lines` of its lines *and* more than `max_boilerplate_chars` of its non-space
+    characters is dropped (by lines alone, an article with a three-line footer was dropped whole: web extractions put a
+    paragraph on a line). `promo_phrases` / `blocklist` match case-insensitively (whole words for latin phrases).
     `max_markup_ratio`: of the non-space characters, those in HTML left by text extraction (tags, comments, entities,
     script / style elements, CSS rules; see `markup_chars`); `max_mojibake_rate`: mojibake sequences per word (CJK
     counted in words, as for promo density) that normalisation left, not repairing them safely (UTF-8 read as cp1252 /
@@ -190,8 +190,10 @@ class QualityConfig:
             except re.error as e:
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} is not a regex: {e}") from e
         # case-insensitive, as documented: lines are searched lower-cased, and a rule written with a capital
-        # ("Read more at") never matched, silently
-        object.__setattr__(self, "_boilerplate_re", tuple((_leading_literal(p).lower(), re.compile(p, re.I))
+        # ("Read more at") never matched, silently. MULTILINE: the whole text is searched first (to skip the
+        # line loop), and without it '^' / '$' matched only at the text's ends, so an anchored rule never ran
+        # on a page's other lines; a lone line reads the same either way
+        object.__setattr__(self, "_boilerplate_re", tuple((_leading_literal(p).lower(), re.compile(p, re.I | re.M))
                                                           for p in self.boilerplate))
         object.__setattr__(self, "_promo_re", _phrase_regexes(self.promo_phrases))
         object.__setattr__(self, "_block_re", _phrase_regexes(self.blocklist))

@@ -71,7 +71,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # glossary terms beginning or ending in punctuation match ('C++', 'C#', '.NET'); 8 = mojibake_rate does not count a
 # word's accented last letter before marks beside it (French "allé\xa0»" under NFC, German "Spaß“" were dropped as
 # `mojibake`); 9 = top_{n}gram of n-grams tied for most frequent measures the longest (it took the first in hash
-# order: reordered paragraphs measured 0.034-0.096), a boilerplate rule written with capitals matches (it never did).
+# order: reordered paragraphs measured 0.034-0.096), a boilerplate rule written with capitals matches (it never did),
+# and one anchored with ^ / $ matches at every line's ends (only at the text's, before).
 OUTPUT_VERSION = 9
 
 

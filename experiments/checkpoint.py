@@ -362,7 +362,8 @@ class Checkpoints:
         optimizer state, say): only those are read, each verified by its own checksum.
         Dtypes: arrays are read and verified as saved, then cast to the template's (bf16 saved, float32 template: exact;
         float32 saved, bf16 template: rounded); a cast that would turn finite values into inf (float32 beyond 65504
-        into float16) raises CheckpointMismatch naming the array, and the checkpoint stays where it is.
+        into float16; NaN in float8_e4m3fn, which has no inf) raises CheckpointMismatch naming the array, and the
+        checkpoint stays where it is.
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
         loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
@@ -480,8 +481,8 @@ def _leaf_peaks(leaves):
 
 def _overflowing_casts(restored, abstract) -> list[str]:
     """'path: saved dtype (max |value|), now dtype ...' for each restored floating array whose cast to the template's
-    narrower-ranged dtype (float32 -> float16) would turn a finite value into inf; [] when none. The maxima are taken
-    where the arrays live; one number per such array comes to the host."""
+    narrower-ranged dtype (float32 -> float16) would turn a finite value into inf (NaN in a float8 without inf); []
+    when none. The maxima are taken where the arrays live; one number per such array comes to the host."""
     pairs = [(_path_name(p), x, a.dtype) for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
                                                              jax.tree.leaves(abstract))
              if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(a.dtype, jnp.floating) and x.size
@@ -491,8 +492,9 @@ def _overflowing_casts(restored, abstract) -> list[str]:
     peaks = per_device_set(_leaf_peaks, [x for _, x, _ in pairs])
     bad = []
     for (name, x, to), peak in zip(pairs, peaks):
-        with np.errstate(over="ignore"):  # the overflow is what we look for
-            if np.isfinite(peak) and np.isinf(np.asarray(peak).astype(to)):
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what we look for
+            # not isinf: float8_e4m3fn has no inf, and a value beyond its 448 became NaN, silently
+            if np.isfinite(peak) and not np.isfinite(np.asarray(peak).astype(to)):
                 bad.append(f"{name}: saved {x.dtype} (max |value| {float(peak):.6g}), now {jnp.dtype(to).name}, "
                            f"whose largest is {float(jnp.finfo(to).max):.6g}")
     return bad

@@ -322,6 +322,19 @@ def test_boilerplate_rules_match_wherever_their_regex_does():
         assert strip_boilerplate(f"{line}\n{body}", cfg) == (body, 1, 2), (rules, line)
 
 
+def test_anchored_boilerplate_rules_match_at_each_line():
+    """Rules are searched in lines, so ^ / $ anchor at a line's ends: the whole-text prefilter searched without
+    MULTILINE, so '^\\d+ comments$' matched only a one-line page and a footer rule anchored at its start never ran
+    on a page's later lines (each kept silently)."""
+    body = en_text(np.random.default_rng(0), 30)
+    for rule in (r"^\d+ comments$", r"^share this:?$", r"comments$"):
+        cfg = dataclasses.replace(CFG, boilerplate=(rule,))
+        line = "Share this:" if "share" in rule else "12 Comments"
+        assert strip_boilerplate(f"{body}\n{line}\n{body}", cfg) == (f"{body}\n{body}", 1, 3), rule
+    cfg = dataclasses.replace(CFG, boilerplate=(r"^\d+ comments$",))
+    assert strip_boilerplate(f"{body}\nread 12 comments here\n{body}", cfg)[1] == 0  # anchored: whole lines only
+
+
 def test_boilerplate_limit_is_inclusive():
     """Half the non-blank lines boilerplate (the default line limit, 0.5) is kept, more is dropped as `boilerplate`
     (the character limit out of the way); the same at the character limit: exactly 20% of the non-space characters

@@ -761,3 +761,19 @@ def test_a_float32_state_restored_into_a_float16_template_refuses_values_beyond_
     assert loader.position == 40
     assert state["params"]["w"].dtype == jnp.bfloat16 and float(state["params"]["w"][0, 1]) == 70144.0
     ckpt.close()
+
+
+def test_a_narrowing_restore_into_a_float8_without_inf_refuses_values_beyond_its_range(tmp_path):
+    """float8_e4m3fn has no inf: a float32 weight of 500 (its largest is 448) restored into it became NaN, and the
+    range check, which looked for inf, let it through silently. A weight within range still restores."""
+    ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False)
+    ckpt.save(5, {"w": jnp.asarray([1.0, 500.0, -2.0])}, {})
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path, keep_best=False)
+    with pytest.raises(ValueError, match=r"w: saved float32 \(max \|value\| 500\), now float8_e4m3fn, whose largest "
+                                         r"is 448"):
+        ckpt.restore({"w": jnp.zeros(3, jnp.float8_e4m3fn)})
+    assert ckpt.mgr.all_steps() == [5]  # refused, not quarantined as corrupt
+    state, _ = ckpt.restore({"w": jnp.zeros(3, jnp.float8_e5m2)})  # e5m2 holds 500 (as 512)
+    assert state["w"].astype(jnp.float32).tolist() == [1.0, 512.0, -2.0]
+    ckpt.close()
