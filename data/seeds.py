@@ -29,7 +29,11 @@ def _real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v)
 
 
-_SCALARS = {"int": (_int, int, "an int"), "float": (_real, float, "a finite number"),
+def _threshold(v) -> bool:  # inf is a bound that never binds (max_mean_word_len=inf: no upper limit); NaN fails all
+    return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and not math.isnan(v)
+
+
+_SCALARS = {"int": (_int, int, "an int"), "float": (_threshold, float, "a number, not NaN"),
             "bool": (lambda v: isinstance(v, bool | np.bool_), bool, "True or False")}
 
 
@@ -59,7 +63,7 @@ def check_field_types(cfg) -> None:
                 k in ("int", "float") for k in kind[6:-1].split(",")):  # a fixed pair: (min, max)
             kinds = kind[6:-1].split(",")
             if not (isinstance(v, tuple | list) and len(v) == len(kinds)
-                    and all(_SCALARS[k][0](x) for k, x in zip(kinds, v))):
+                    and all((_int if k == 'int' else _real)(x) for k, x in zip(kinds, v))):
                 raise ValueError(f"{where}.{f.name}={v!r} must be a tuple of {len(kinds)} "
                                  f"{'ints' if set(kinds) == {'int'} else 'finite numbers'}")
             object.__setattr__(cfg, f.name, tuple(x if type(x) in (int, float) else _SCALARS[k][1](x)

@@ -43,7 +43,8 @@ def test_numpy_ints_are_seeds():
 @pytest.mark.parametrize("make,says", [
     # a NaN threshold passed every range check and switched its filter off: a 10-character document was kept
     (lambda: QualityConfig(min_chars=float("nan"), min_words=0), r"QualityConfig.min_chars=nan must be an int"),
-    (lambda: QualityConfig(min_mean_word_len=float("nan")), r"QualityConfig.min_mean_word_len=nan must be a finite"),
+    (lambda: QualityConfig(min_mean_word_len=float("nan")), r"QualityConfig.min_mean_word_len=nan must be a number, "
+                                                             r"not NaN"),
     # 'no' is truthy: spaces were collapsed, exact duplicates dropped, rows shuffled
     (lambda: NormalizeConfig(collapse_spaces="no"), r"NormalizeConfig.collapse_spaces='no' must be True or False"),
     (lambda: DedupConfig(exact="no"), r"DedupConfig.exact='no' must be True or False"),
@@ -63,6 +64,18 @@ def test_numpy_ints_are_seeds():
 def test_data_configs_refuse_wrong_types_by_name(make, says):
     with pytest.raises(ValueError, match=says):
         make()
+
+
+def test_an_infinite_threshold_is_a_bound_that_never_binds():
+    """NaN is refused (it passed every range check and switched its filter off); inf is a legitimate "no limit"
+    (it was accepted before the type checks), so a float threshold keeps it."""
+    from data.filters import quality_filter
+
+    q = QualityConfig(min_words=0, max_mean_word_len=float("inf"))
+    text = " ".join(f"{w}ation" * 3 for w in ("inform", "transform", "realis", "organis") * 8)  # ~20 letters a word
+    assert q.max_mean_word_len == float("inf")
+    assert quality_filter(text, QualityConfig(min_words=0))[1] == "mean_word_len"  # the default bound, 10, drops it
+    assert quality_filter(text, q)[1] != "mean_word_len"
 
 
 def test_data_configs_keep_numpy_numbers_as_python_types():
