@@ -203,7 +203,11 @@ class LoaderConfig:
 def _check_text_field(src: Source, field: str) -> None:
     """The first document of `src` has `field` (before the iterator starts: inside it, a KeyError names nothing)."""
     first = src.first_record()
-    if first is not None and not first.startswith(TOKENS_MAGIC) and field not in (doc := decode_doc(first)):
+    try:
+        doc = None if first is None or first.startswith(TOKENS_MAGIC) else decode_doc(first)
+    except ValueError as e:  # (decode_doc names no file)
+        raise ValueError(f"Source {src.path!r}: {e}") from None
+    if doc is not None and field not in doc:
         raise ValueError(f"LoaderConfig.text_field={field!r} is not a field of {src.path!r}'s documents (they have "
                          f"{sorted(doc)}); set text_field to the one holding the text")
 
@@ -399,7 +403,9 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
               process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-    """This process's tokenized documents in loader order (before packing): `{"inputs", "targets"}` int32 [n]."""
+    """This process's tokenized documents in loader order (before packing): `{"inputs", "targets"}` int32 [n].
+    What it leaves out is counted by `LMLoader.skipped` only (documents of fewer than 2 tokens, which have no target;
+    those a finite mixture ends before)."""
     if isinstance(sources, Source | str | os.PathLike) or not all(isinstance(x, Source) for x in sources):
         raise ValueError(f"sources must be a list of data.loader.Source, e.g. [Source(tier_dir)], got {sources!r}")
     if not sources:
@@ -444,7 +450,9 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
 
 def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),
                process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
-    """Packed, batched host rows for this process: dicts of [global_batch_size // process_count, seq_len]."""
+    """Packed, batched host rows for this process: dicts of [global_batch_size // process_count, seq_len]. What it
+    leaves out is counted by `LMLoader` only (`skipped`, and `dropped`: here drop_remainder drops a finite stream's
+    last, partial batch uncounted)."""
     p, n = _process(process_index, process_count)
     if cfg.global_batch_size % n:
         raise ValueError(f"LoaderConfig.global_batch_size={cfg.global_batch_size} is not divisible by "

@@ -29,17 +29,27 @@ def encode_doc(doc: dict) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
+_NOT_A_DOC = ("shards hold one JSON object per record (DocWriter.write({'text': ...}), a cleaning run's tiers); "
+              "raw text goes through the cleaning pipeline first (python -m data.pipeline IN --out DIR)")
+
+
 def decode_doc(record: bytes) -> dict:
-    """The inverse of `encode_doc`."""
+    """The inverse of `encode_doc`. A record that is not a JSON object is refused: raw text (another tool's shards)
+    said a bare 'Expecting value', and a JSON string (`write(text)`) was read as a document whose fields were its
+    letters."""
     try:
-        return json.loads(record)
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        doc = json.loads(record)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         from data.tokenizer import TOKENS_MAGIC
 
         if record.startswith(TOKENS_MAGIC):
             raise ValueError("the record holds token ids (data.tokenizer.pretokenize's output), not a document; "
                              "pass the cleaned tier it was made from") from None
-        raise
+        raise ValueError(f"a record is not a document (not JSON: {e}; {bytes(record[:40])!r}); {_NOT_A_DOC}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"a record is a JSON {type(doc).__name__}, not a document (a JSON object): "
+                         f"{bytes(record[:40])!r}; {_NOT_A_DOC}")
+    return doc
 
 
 class DocWriter:
@@ -54,6 +64,9 @@ class DocWriter:
 
     def write(self, doc: dict) -> int:
         """Append one document; returns its serialised size in bytes."""
+        if not isinstance(doc, dict):  # a str was written as a JSON string, which no reader takes for a document
+            raise TypeError(f"DocWriter.write: a document must be a dict, e.g. {{'text': text}}, got "
+                            f"{type(doc).__name__}")
         return self.write_record(encode_doc(doc))
 
     def write_record(self, rec: bytes) -> int:

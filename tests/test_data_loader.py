@@ -790,3 +790,25 @@ def test_process_index_passed_positionally_is_refused_as_a_mesh(corpus):
         with pytest.raises(TypeError, match=r"LMLoader: mesh must be a jax Mesh or None, got .*process_index=0, "
                                             r"process_count=1 by keyword"):
             LMLoader([Source(path)], ByteTokenizer(), cfg, bad, 1)
+
+
+def test_records_that_are_not_documents_are_named(tmp_path):
+    """A shard of raw text records (another tool's ArrayRecord files) said a bare 'JSONDecodeError: Expecting value',
+    naming no file; records that are JSON strings (`DocWriter.write(text)` for `write({"text": text})`) were read as
+    documents whose fields are the text's letters: 'is not a field ... (they have ['e', 'h', 'l', 'l', 'o']); set
+    text_field', or, when the first text held the word 'text', a TypeError from inside grain. Now the source and the
+    fix are named, and DocWriter.write refuses a non-dict."""
+    cfg = LoaderConfig(seq_len=8, global_batch_size=1, num_epochs=1)
+    for name, records in (("raw", [b"hello world", b"second"]), ("strings", [b'"my text here"', b'"other"'])):
+        w = DocWriter(tmp_path / name / "shard-00000.array_record")
+        for r in records:
+            w.write_record(r)
+        w.commit()
+        with pytest.raises(ValueError, match=rf"Source '.*{name}': .*not a document\b.*DocWriter.write\(\{{'text'"):
+            LMLoader([Source(str(tmp_path / name))], EOS_BYTES, cfg, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match=r"a JSON str, not a document"):  # a later record: named inside the stream
+        Tokenize(EOS_BYTES)([encode_doc({"text": "fine"}), b'"my text here"'])
+    w = DocWriter(tmp_path / "w" / "shard-00000.array_record")
+    with pytest.raises(TypeError, match=r"DocWriter.write: a document must be a dict\b.*got str"):
+        w.write("hello")
+    w.abort()
