@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 
 import grain
 import numpy as np
@@ -160,7 +161,9 @@ class MovingShapesSource:
     """
 
     def __init__(self, cfg: MovingShapesConfig, split: str = "train", num_records: int = 100_000):
-        self.cfg, self.split, self.num_records = cfg, split, num_records
+        if not _count(num_records):  # 0 failed as a ZeroDivisionError inside grain's repeat
+            raise ValueError(f"MovingShapesSource: num_records={num_records!r} must be an int >= 1")
+        self.cfg, self.split, self.num_records = cfg, split, int(num_records)
         self.combos = cfg.split_combos(split)
         if not self.combos:  # (held_out=() trains on every triple) a record read failed as `i % 0` inside grain
             raise ValueError(f"split={split!r} holds no combinations: MovingShapesConfig.held_out holds "
@@ -188,8 +191,15 @@ def dataset(cfg: MovingShapesConfig, split: str = "train", batch: int = 16, seed
     """Shuffled, repeated, batched grain MapDataset (index it, or iterate `.to_iter_dataset()`).
     seed: the shuffle's, an int in [0, 2**32) (numpy ints too)."""
     seed = check_seed(seed, "dataset seed", 2**32)  # grain's shuffle read seed=1.5 (or True) as 1, silently
+    if not _count(batch):  # 2.5 failed as a bare TypeError inside grain
+        raise ValueError(f"dataset: batch={batch!r} must be an int >= 1")
     src = MovingShapesSource(cfg, split, num_records)
-    return grain.MapDataset.source(src).shuffle(seed=seed).repeat().batch(batch, drop_remainder=True)
+    return grain.MapDataset.source(src).shuffle(seed=seed).repeat().batch(int(batch), drop_remainder=True)
+
+
+def _count(n) -> bool:
+    """An int >= 1 (numpy ints too), not a bool or a float."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool | np.bool_) and n >= 1
 
 
 # --- evaluation without a learned judge --------------------------------------------------------------------
@@ -209,6 +219,11 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
     loses its corners first (~0.91 after the VAE).
     """
+    videos_BTHWC = np.asarray(videos_BTHWC)
+    if videos_BTHWC.dtype.kind in "biu":  # min_threshold is in [0, 1] units: with uint8 [0, 255] a black clip read
+        # as an object, not as none (bfloat16, numpy kind 'V', is a float)
+        raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
+                         "load_video_model's sample: pass videos / 127.5 - 1)")
     v = (np.asarray(videos_BTHWC, np.float32) + 1) / 2
     B, T, S = v.shape[:3]
     bright_BTSS = v.max(-1)

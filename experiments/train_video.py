@@ -7,7 +7,8 @@ the text encoder + video DiT (rectified flow, caption dropout, alignment loss, E
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
 losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
-(TensorBoard: a run per stage, each stage counting its steps from 1), plotted in <out>/loss_vae.png and
+(TensorBoard: a run per stage, each stage counting its steps from 1; a stage resumed or retrained first drops its
+records past the step it starts from), plotted in <out>/loss_vae.png and
 <out>/loss_t2v.png as each stage ends (also when stopped or diverged). SIGTERM or SIGINT (Ctrl-C) during a stage
 finishes its step, saves it and exits 0 (as train_lm; a second Ctrl-C aborts at once), skipping the
 later stages and the evaluation: rerun the same command to resume.
@@ -312,6 +313,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
     if log is not None:
         log.resume(start)
+        drop_records_after(log, "vae", start)
     bar = tqdm(range(start + 1, p.vae_steps + 1), desc="vae", unit="step", initial=start, total=p.vae_steps)
     step = start
     for step in bar:
@@ -341,6 +343,31 @@ def stage_logger(out: pathlib.Path, stage: str) -> Logger:
     The stages share step numbers (each counts from 1): in one run, the restart marker of a resumed stage (which
     drops every earlier event at its step or later, whatever the tag) dropped the other stage's events too."""
     return Logger(out, primary=True, tb=f"tb/{stage}")
+
+
+def drop_records_after(log: Logger, kind: str, step: int):
+    """Remove the records of `kind` past `step` from the Logger's metrics.jsonl (the other stage's stay): a stage
+    starting at `step` (0: retrained from scratch, its checkpoint deleted) logs those steps again or not at all. Kept,
+    a retrain to fewer steps showed the old run's tail in its curves and loss plot, and a resume left the interrupted
+    attempt's duplicates beside the new records. Rewritten whole (run_log.write_text_atomically): a kill mid-write
+    keeps the old file."""
+    if log.jsonl is None:  # not the primary process: nothing written
+        return
+    path = pathlib.Path(log.jsonl.name)
+    lines = path.read_text().splitlines(keepends=True)
+
+    def stale(line: str) -> bool:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(r, dict) and r.get("kind") == kind and isinstance(r.get("step"), int) and r["step"] > step
+
+    keep = [line for line in lines if not stale(line)]
+    if len(keep) < len(lines):
+        log.jsonl.close()  # appends go on to the new file, not the replaced one
+        write_text_atomically(path, "".join(keep))
+        log.jsonl = path.open("a")
 
 
 def _stretched(meta: dict, total: int, flag: str) -> str:
@@ -387,6 +414,37 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
     return lat, tok, combo
 
 
+def prepare_latents(p: Preset, encode, out: pathlib.Path, vae_fingerprint: str = ""):
+    """Stage 2's inputs: `encode_latents` (cached in out/latents.npz), normalised per channel by `latent_stats` of
+    all n_latents latents (every encoded batch, not one), which go to out/latent_stats.json for load_video_model.
+    Returns (z [n_latents, T, H, W, Z] float32 normalised, tokens [n_latents, L], combo [n_latents],
+    (mean [Z], std [Z]))."""
+    lat, tokens, combo = encode_latents(p, encode, out / "latents.npz", vae_fingerprint)
+    stats = latent_stats(lat)
+    # whole or not at all: load_video_model reads it, and a kill mid-write left it truncated
+    write_text_atomically(out / "latent_stats.json", json.dumps({"mean": stats[0].tolist(),
+                                                                 "std": stats[1].tolist()}))
+    return np.asarray(normalize(lat, stats)), tokens, combo, stats
+
+
+def heldout_reconstruction(p: Preset, encode, decode):
+    """The VAE on real clips of held-out combinations: one batch of `eval_batch` (the 'heldout' split, shuffle
+    seed 123) encoded to posterior means and decoded. encode: clips [eval_batch, T, H, W, 3] → latents; decode:
+    the inverse. Returns (that batch, its latents, the PSNR in dB of the mean squared error over all its pixels
+    (decoded values unclipped), the evaluator's scores (`score(measure(...))`) of the reconstructions)."""
+    real = dataset(p.data, "heldout", p.eval_batch, seed=123)[0]
+    z_real = np.asarray(encode(real["video"]))
+    recon = np.asarray(decode(z_real))
+    vae_psnr = float(psnr(np.mean((recon - real["video"]) ** 2)))
+    return real, z_real, vae_psnr, score(measure(recon), {a: real[a] for a in ("colour", "direction", "shape")})
+
+
+def targets_met(results: dict, scales) -> dict[str, bool]:
+    """The run's targets, judged on the seen captions at the largest CFG scale (whatever order --scales gave)."""
+    seen = results[(f"cfg {max(scales):g}", "seen")]
+    return {"colour >= 0.90 (seen)": seen["colour"] >= 0.90, "direction >= 0.80 (seen)": seen["direction"] >= 0.80}
+
+
 def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo, log=None,
               stop=None):
     """Stage 2: train the DiT (+ aligner) on latents z with their caption tokens, keeping an EMA of the weights
@@ -406,6 +464,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
         log.resume(start)
+        drop_records_after(log, "t2v", start)
     bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
     avg, step = None, start
     for step in bar:
@@ -623,7 +682,7 @@ def main(argv=None):
           f"(DiT {p.t2v.dit.param_count():,}, {p.t2v.dit.tokens} tokens, {p.t2v.dit.attention} attention)")
     timings, t0 = {}, time.time()
     # each stage's metrics where the progress bar updates (every 25 steps and the last), as train_lm's: JSONL
-    # (kind 'vae' / 't2v'; a resume logs the steps after its checkpoint again: read each step's last record) + tb/
+    # (kind 'vae' / 't2v'; a stage drops its records past the step it starts from, which it logs again) + tb/
     log = stage_logger(out, "vae")
 
     # built before entering the mesh context: logical names are resolved by create_sharded, not eagerly
@@ -647,21 +706,12 @@ def main(argv=None):
         enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
         dec = jax.jit(lambda vp, z: nnx.merge(vae_gd, vp).decode(z))
         t1 = time.time()
-        lat, tokens, combo = encode_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out / "latents.npz",
-                                            fingerprint(vae_params))
-        stats = latent_stats(lat)
-        z = np.asarray(normalize(lat, stats))
-        # whole or not at all: load_video_model reads it, and a kill mid-write left it truncated
-        write_text_atomically(out / "latent_stats.json", json.dumps({"mean": stats[0].tolist(),
-                                                                     "std": stats[1].tolist()}))
+        z, tokens, combo, stats = prepare_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out,
+                                                  fingerprint(vae_params))
         timings["encode_s"] = time.time() - t1
 
-        # held-out reconstructions: the VAE's PSNR and the evaluator's accuracy on real clips it decoded
-        real = dataset(p.data, "heldout", p.eval_batch, seed=123)[0]
-        z_real = np.asarray(enc(vae_params, shard(real["video"], mesh)))
-        recon = np.asarray(dec(vae_params, shard(z_real, mesh)))
-        vae_psnr = float(psnr(np.mean((recon - real["video"]) ** 2)))
-        real_row = score(measure(recon), {a: real[a] for a in ("colour", "direction", "shape")})
+        real, z_real, vae_psnr, real_row = heldout_reconstruction(
+            p, lambda x: enc(vae_params, shard(x, mesh)), lambda zz: dec(vae_params, shard(zz, mesh)))
         print(f"vae: held-out PSNR {vae_psnr:.2f} dB")
 
         t2 = time.time()
@@ -701,8 +751,7 @@ def main(argv=None):
         timings["eval_s"] = time.time() - t3
 
     md = table(results, {("real clips → VAE", "held-out"): real_row})
-    seen = results[(f"cfg {max(scales):g}", "seen")]
-    targets = {"colour >= 0.90 (seen)": seen["colour"] >= 0.90, "direction >= 0.80 (seen)": seen["direction"] >= 0.80}
+    targets = targets_met(results, scales)
     null_row = results[("null prompt", "seen")]
     timings["total_s"] = time.time() - t0
     save_results(out / "results.json", results, {"vae_psnr_heldout_db": vae_psnr, "real_clips_vae": real_row,

@@ -30,7 +30,7 @@ from data.moving_shapes import (
     measure,
     null_tokens,
 )
-from experiments.run_log import write_text_atomically
+from experiments.run_log import write_atomically, write_text_atomically
 
 ATTRS = ("colour", "direction", "shape")
 
@@ -175,13 +175,17 @@ def tile(clips_RCTHW3, gap: int = 2):
 
 
 def write_gif(path, frames_THW3, scale: int = 2, ms: int = 120):
-    """uint8 frames [T, H, W, 3] as a looping GIF, upscaled `scale`× (nearest), `ms` per frame."""
+    """uint8 frames [T, H, W, 3] as a looping GIF, upscaled `scale`× (nearest), `ms` per frame. Written to
+    `<path>.tmp` and renamed (run_log.write_atomically): a viewer or a kill mid-write never sees a partial GIF."""
     imgs = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames_THW3]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=ms, loop=0, optimize=True)
+    write_atomically(pathlib.Path(path), lambda tmp: imgs[0].save(tmp, format="GIF", save_all=True,
+                                                                  append_images=imgs[1:], duration=ms, loop=0,
+                                                                  optimize=True))
 
 
 def write_grid(path, rows_RTHW3, labels, title: str, scale: int = 2):
-    """One row per clip, frames left to right, a label on each row and a title line."""
+    """One row per clip, frames left to right, a label on each row and a title line: a PNG at `path`, written whole
+    (as write_gif's)."""
     R, T, H, W, _ = rows_RTHW3.shape
     strip = tile(rows_RTHW3[:, :, None], gap=1)  # R rows × T columns, a single 'frame'
     img = Image.fromarray(strip[0]).resize((strip.shape[2] * scale, strip.shape[1] * scale), Image.NEAREST)
@@ -192,7 +196,7 @@ def write_grid(path, rows_RTHW3, labels, title: str, scale: int = 2):
     draw.text((2, 1), title, fill=(0, 0, 0))
     for r, lab in enumerate(labels):
         draw.text((2, pad_t + r * (H + 1) * scale + H * scale // 2 - 5), lab, fill=(0, 0, 0))
-    canvas.save(path, optimize=True)
+    write_atomically(pathlib.Path(path), lambda tmp: canvas.save(tmp, format="PNG", optimize=True))
 
 
 def write_prompt_media(out_dir, videos: dict, sets: dict, data_cfg: MovingShapesConfig, scales, per_gif: int = 2):
@@ -217,7 +221,7 @@ def write_prompt_media(out_dir, videos: dict, sets: dict, data_cfg: MovingShapes
 
 def write_overview(path, videos: dict, sets: dict, data_cfg: MovingShapesConfig, scale: float, null=True):
     """One image: for every caption its first generated clip at `scale` (first, middle, last frame), held-out
-    captions marked, and a row of null-prompt clips."""
+    captions marked, and a row of null-prompt clips. A PNG at `path`, written whole (as write_gif's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,5 +249,5 @@ def write_overview(path, videos: dict, sets: dict, data_cfg: MovingShapesConfig,
     fig.suptitle(f"first / middle / last frame at CFG {scale:g}; red = held-out combination, grey = null prompt",
                  fontsize=8)
     fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.97))  # room for the title
-    fig.savefig(path, dpi=110)
+    write_atomically(pathlib.Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)

@@ -224,3 +224,23 @@ def test_measure_cuts_a_hazy_clip_at_half_maximum_and_needs_two_frames_of_object
 def test_a_shape_that_does_not_move_is_refused():
     with pytest.raises(ValueError, match=r"MovingShapesConfig.speed: need 0 < min <= max"):
         MovingShapesConfig(speed=(0.0, 1.0))
+
+
+def test_measure_refuses_integer_videos():
+    """load_video_model's sample returns uint8 videos; measure (for clips in [-1, 1]) read them anyway, and its
+    absolute floor (min_threshold, in [0, 1] units) no longer held: a black uint8 clip read as an object (colour 3)
+    instead of none (-1), so failed generations scored at chance instead of as empty."""
+    black = np.zeros((1, 9, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"measure: videos must be floats in \[-1, 1\], got uint8.*/ 127.5 - 1"):
+        measure(black)
+    assert measure(black / 127.5 - 1)["colour"][0] == -1
+
+
+def test_dataset_counts_are_named():
+    """num_records=0 failed as a ZeroDivisionError inside grain and batch=2.5 as a bare TypeError, naming neither."""
+    with pytest.raises(ValueError, match=r"MovingShapesSource: num_records=0 must be an int >= 1"):
+        dataset(CFG, "train", batch=2, num_records=0)
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=r"dataset: batch=.* must be an int >= 1"):
+            dataset(CFG, "train", batch=bad, num_records=16)
+    assert dataset(CFG, "train", batch=np.int64(2), num_records=16)[0]["video"].shape[0] == 2

@@ -847,3 +847,135 @@ def test_a_stage_resumed_toward_another_step_count_says_its_schedule_was_stretch
     assert train_video._stretched({}, 10, "--dit-steps") == ""  # a checkpoint from before totals were saved
     assert "trained so far toward 10 steps, now --dit-steps 20" in train_video._stretched({"total_steps": 10}, 20,
                                                                                           "--dit-steps")
+
+
+def test_a_retrained_or_resumed_stage_drops_its_records_past_where_it_starts(tmp_path, monkeypatch):
+    """Retraining a stage (its checkpoint deleted, as check_resume suggests) to fewer steps kept the old run's records
+    in the shared metrics.jsonl: 100 VAE steps, then 50 again, read back steps 25..100 and plotted the old tail. A
+    stage now drops its records past the step it starts from (the other stage's stay); a resume logs exactly what an
+    uninterrupted run does (the interrupted attempt's unsaved step is not left beside its replay)."""
+    import dataclasses
+    import shutil
+
+    from experiments.run_log import read_curves
+    from parallel import make_mesh
+
+    monkeypatch.setattr(train_video, "make_vae_step", _fake_vae_step)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def run(out, steps, before=()):  # `before`: records a killed attempt logged first
+        p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=steps, ckpt_every=50)
+        log = train_video.stage_logger(out, "vae")
+        for r in before:
+            log.write(r)
+        with jax.set_mesh(mesh):
+            train_video.train_vae(p, out, mesh, 0, None, {"w": jnp.zeros(4)}, log)
+        log.close()
+        return [(r["kind"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+    out = tmp_path / "retrain"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"kind": "t2v", "step": 75, "diffusion": 0.5}) + "\n")
+    assert run(out, 100) == [("t2v", 75), ("vae", 25), ("vae", 50), ("vae", 75), ("vae", 100)]
+    shutil.rmtree(out / "ckpt" / "vae")
+    assert run(out, 50) == [("t2v", 75), ("vae", 25), ("vae", 50)]
+    assert sorted(read_curves(out / "metrics.jsonl")["vae"]) == [25, 50]
+    # resumed at its step-50 checkpoint after an attempt that logged step 75 and was killed before saving it
+    killed = [{"kind": "vae", "step": 75, "psnr": -1.0, "kl": 1.0}]
+    assert run(out, 100, killed) == [("t2v", 75), ("vae", 25), ("vae", 50), ("vae", 75), ("vae", 100)]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    run(whole, 100)
+    recs = lambda o: [r for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                      if r["kind"] == "vae"]
+    assert recs(out) == recs(whole)
+
+
+def test_samples_and_overview_are_written_whole(tmp_path, monkeypatch):
+    """The per-prompt GIFs and grids and overview.png were written in place: a viewer (or a kill) mid-write saw a
+    truncated image where the previous evaluation's had been. They go to '<name>.tmp' and are renamed over it."""
+    import pathlib
+
+    from PIL import Image
+
+    from data.moving_shapes import MovingShapesConfig
+    from experiments import video_eval
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    sets = {"seen": video_eval.prompt_set(cfg, "train", 1)[:2] + (np.asarray([0]),)}
+    clip = np.random.default_rng(0).uniform(-1, 1, (1, 5, 16, 16, 3)).astype(np.float32)
+    videos = {("cfg 1", "seen"): clip, ("null prompt", "seen"): -clip}
+    gif = video_eval.write_prompt_media(tmp_path / "samples", videos, sets, cfg, (1.0,))[0]
+    video_eval.write_overview(tmp_path / "overview.png", videos, sets, cfg, 1.0)
+    files = [gif, gif.with_suffix(".png"), tmp_path / "overview.png"]
+    before = {f: f.read_bytes() for f in files}
+    with Image.open(gif) as im:
+        assert im.format == "GIF" and im.n_frames == 5
+
+    def killed(self_or_fig, fp, *a, **k):  # a few bytes reach the disk, then the process is killed
+        pathlib.Path(fp).write_bytes(b"\x89PNG")
+        raise KeyboardInterrupt("killed")
+
+    import matplotlib.figure
+
+    monkeypatch.setattr(Image.Image, "save", killed)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", killed)
+    for write in (lambda: video_eval.write_prompt_media(tmp_path / "samples", videos, sets, cfg, (1.0,)),
+                  lambda: video_eval.write_grid(gif.with_suffix(".png"), np.zeros((1, 5, 16, 16, 3), np.uint8),
+                                                ["cfg 1"], "t"),
+                  lambda: video_eval.write_overview(tmp_path / "overview.png", videos, sets, cfg, 1.0)):
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    monkeypatch.undo()
+    assert {f: f.read_bytes() for f in files} == before
+
+
+def test_latent_stats_cover_every_encoded_batch(tmp_path):
+    """Stage 2's latents are normalised by the per-channel mean and std of all n_latents clips (every encoded batch,
+    the last cut short), as latent_stats.json records them; one batch's stats would shift the DiT's inputs."""
+    import dataclasses
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=100, eval_batch=48)  # batches 48, 48, 4 of 48
+    shape = (*p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)
+    calls = []
+
+    def encode(video):  # each batch its own offset and scale per channel: one batch's stats differ from all's
+        i = len(calls)
+        calls.append(len(video))
+        base = np.random.default_rng(i).standard_normal((len(video), *shape))
+        return (base * (1 + i) + 3.0 * i + np.arange(shape[-1])).astype(np.float32)
+
+    z, tokens, combo, (mean, std) = train_video.prepare_latents(p, encode, tmp_path)
+    assert calls == [48, 48, 48] and z.shape == (100, *shape) and tokens.shape == (100, 8) and combo.shape == (100,)
+    rows = np.concatenate([(np.random.default_rng(i).standard_normal((48, *shape)) * (1 + i) + 3.0 * i
+                            + np.arange(shape[-1])).astype(np.float32) for i in range(3)])[:100].astype(np.float64)
+    flat = rows.reshape(-1, shape[-1])
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-6)
+    zf = z.reshape(-1, shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(zf.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(zf.std(0), 1, atol=1e-5)
+    assert json.loads((tmp_path / "latent_stats.json").read_text()) == {"mean": mean.tolist(), "std": std.tolist()}
+
+
+def test_heldout_psnr_is_over_one_batch_of_heldout_clips_and_targets_are_judged_at_the_largest_scale():
+    """main's held-out PSNR: the mean squared error over every pixel of eval_batch clips of held-out combinations
+    (decoded values unclipped), as 10·log10(4 / mse); its targets: the seen captions at the largest CFG scale,
+    whatever the order of --scales."""
+    p = train_video.PRESETS["tiny"]
+    held = {p.data.combos().index(c) for c in p.data.held_out}
+    noise = np.random.default_rng(0).normal(0, 0.05, (p.eval_batch, p.data.frames, p.data.size, p.data.size, 3))
+    real, z_real, db, row = train_video.heldout_reconstruction(p, lambda x: x * 2, lambda z: z / 2 + noise)
+    assert len(real["video"]) == p.eval_batch and set(real["combo"].tolist()) <= held
+    np.testing.assert_array_equal(z_real, real["video"] * 2)
+    recon = real["video"].astype(np.float64) + noise
+    assert abs(db - 10 * np.log10(4 / np.mean((recon - real["video"]) ** 2))) < 1e-3, db
+    assert row["n"] == p.eval_batch and 0 <= row["colour"] <= 1
+
+    results = {("cfg 4", "seen"): {"colour": 0.95, "direction": 0.85}, ("cfg 4", "held-out"): {"colour": 0.0,
+               "direction": 0.0}, ("cfg 1", "seen"): {"colour": 0.5, "direction": 0.9}}
+    assert train_video.targets_met(results, (4.0, 1.0)) == {"colour >= 0.90 (seen)": True,
+                                                            "direction >= 0.80 (seen)": True}
+    results[("cfg 4", "seen")]["direction"] = 0.79
+    assert train_video.targets_met(results, (1.0, 4.0)) == {"colour >= 0.90 (seen)": True,
+                                                            "direction >= 0.80 (seen)": False}

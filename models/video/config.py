@@ -304,7 +304,10 @@ class DiTConfig:
 class AlignConfig:
     """Dual encoder for the cross-modal alignment loss: a small video Transformer over latent patches
     (mean-pooled) and a projection of the pooled caption, both into `embed_dim`; symmetric InfoNCE with
-    a learnable temperature (initialised to `init_temperature`, floored at 1 / max_logit_scale)."""
+    a learnable temperature (initialised to `init_temperature`, floored at 1 / max_logit_scale). The video tower
+    takes only the DiT's latent geometry (latent_shape, latent_channels, patch, text_dim); its attention is its own:
+    float32, RoPE θ = 100 over its head dim's default split, RMSNorm eps 1e-6, whatever the DiT's rope_theta,
+    rope_split, norm_eps or dtype."""
 
     d_model: int = 64
     n_layers: int = 1
