@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
+from collections.abc import Iterable
 
 from data.filters import CJK_RANGES, QualityConfig, words
 from data.seeds import check_field_types
@@ -63,9 +64,15 @@ class LabelConfig:
 
     def __post_init__(self):
         check_field_types(self)  # before the range checks: NaN passes `not x < lo`, 1.5 is no count
-        for tag, keywords in self.domains:
-            if isinstance(keywords, str) or not keywords:
-                raise ValueError(f"LabelConfig.domains[{tag!r}] must be a non-empty tuple of keywords, "
+        for entry in self.domains:  # a bare (tag, keywords) pair or a string failed in unpacking, naming no field
+            if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], str)):
+                raise ValueError(f"LabelConfig.domains entry {entry!r:.120} must be a (tag, (keyword, ...)) pair, e.g. "
+                                 "(('code', ('def ', 'import ')),) for one domain")
+            tag, keywords = entry
+            # an empty keyword is found in every text (it tagged every document), a number failed in str methods
+            if isinstance(keywords, str) or not isinstance(keywords, Iterable) or not keywords or not all(
+                    isinstance(k, str) and k for k in keywords):
+                raise ValueError(f"LabelConfig.domains[{tag!r}] must be a non-empty tuple of non-empty keywords, "
                                  f"not {keywords!r}")
         if self.min_hits < 1:
             raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")

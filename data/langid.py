@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,8 +35,15 @@ class LangIDConfig:
     fold: tuple[tuple[str, tuple[str, ...]], ...] = (("zh", ("yue", "wuu")),)
 
     def __post_init__(self):
-        if isinstance(self.keep, str):
+        if isinstance(self.keep, str) or not isinstance(self.keep, Iterable):  # None: a TypeError naming no field
             raise ValueError(f"LangIDConfig.keep={self.keep!r} must be a tuple of codes, e.g. ('en', 'zh')")
+        # each fold (code, members): a string of members was read letter by letter ("unknown language codes
+        # ['e', 'u', 'y']" for ('zh', 'yue')), and a bare pair or None failed in unpacking, naming no field
+        if isinstance(self.fold, str) or not isinstance(self.fold, Iterable) or not all(
+                isinstance(e, tuple | list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], Iterable)
+                and not isinstance(e[1], str) and all(isinstance(m, str) for m in e[1]) for e in self.fold):
+            raise ValueError(f"LangIDConfig.fold={self.fold!r:.120} must be a tuple of (code, (member, ...)) pairs, "
+                             "e.g. (('zh', ('yue', 'wuu')),), or () to fold nothing")
         # stored as tuples (a set sorted): a list is unhashable in the workers' identifier cache, and the run's
         # fingerprint must not depend on which container held the same codes
         object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)

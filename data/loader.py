@@ -24,7 +24,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import grain
 import numpy as np
@@ -53,6 +53,8 @@ class Source:
         if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not (
                 0 < self.weight < math.inf):
             raise ValueError(f"Source.weight={self.weight!r} for {self.path!r} must be a positive finite number")
+        if not isinstance(self.path, str | os.PathLike | Iterable):  # None failed in iteration, naming nothing
+            raise ValueError(f"Source.path={self.path!r} must be a tier directory or a tuple of shard files")
         if not isinstance(self.path, str | os.PathLike):
             dirs = [str(f) for f in self.path if os.path.isdir(f)]
             if dirs:

@@ -109,6 +109,15 @@ class PipelineConfig:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"PipelineConfig.workers={self.workers} must be >= 1 (1 runs in this process)")
+        # one stage, or a name, in place of a tuple of stages failed mid-run naming no field ("'Normalize' object is
+        # not iterable"; filters='normalize' ran the stages 'n', 'o', ...)
+        for k in ("filters", "labelers"):
+            v = getattr(self, k)
+            if v is not None and not (isinstance(v, tuple | list) and all(callable(s) and hasattr(s, "name")
+                                                                           for s in v)):
+                raise ValueError(f"PipelineConfig.{k}={v!r:.120} must be a tuple of stages (objects with a `name` and "
+                                 "`__call__(doc) -> (doc, reason)`), e.g. (Normalize(),) for one, () for none, or "
+                                 "None for the defaults")
         if self.augment is not None and not callable(self.augment):  # None: the tier copies `labeled`
             raise ValueError(f"PipelineConfig.augment={self.augment!r} must be a callable doc -> doc, or None")
         if self.workers > 1:  # worker processes receive the hooks pickled: a lambda failed only with 2+ shards

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -39,7 +40,8 @@ _SCALARS = {"int": (_int, int, "an int"), "float": (_threshold, float, "a number
 
 def check_field_types(cfg) -> None:
     """Each int / float / bool field of a frozen data config (each optionally `| None`, and fixed pairs such as
-    tuple[int, int]) against its annotation, before the config's checks of values; others are left to those. A
+    tuple[int, int]; of a tuple[X, ...] of entries, that it is a collection, not a string, None or a number)
+    against its annotation, before the config's checks of values; others (the entries) are left to those. A
     ValueError names Class.field. Without it a NaN threshold passed every range check and switched its filter off
     (QualityConfig(min_chars=nan) kept a 10-character document), the string 'no' switched a flag on
     (NormalizeConfig(collapse_spaces='no') collapsed spaces), and a float count failed inside str or numpy
@@ -68,3 +70,10 @@ def check_field_types(cfg) -> None:
                                  f"{'ints' if set(kinds) == {'int'} else 'finite numbers'}")
             object.__setattr__(cfg, f.name, tuple(x if type(x) in (int, float) else _SCALARS[k][1](x)
                                                   for k, x in zip(kinds, v)))
+        elif kind.startswith("tuple[") and kind.endswith(",...]") and (
+                isinstance(v, str | bytes) or not isinstance(v, Iterable)):  # entries: phrases, (tag, words) pairs
+            # None or a number failed in iteration ("'NoneType' object is not iterable", naming no field), and one
+            # string in place of a tuple of phrases was read letter by letter
+            one = f", ({v!r},) for one entry (a string alone is read letter by letter)" if isinstance(v, str) else ""
+            raise ValueError(f"{where}.{f.name}={v!r:.120} must be a tuple{' or None' if optional else ''}: () for "
+                             f"none{one}")

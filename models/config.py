@@ -218,7 +218,7 @@ class TransformerConfig:
              "log(rope_theta)); use the model's base, e.g. 10000")
         need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
         need(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
-        need(self.sliding_window is None or any(self.local_layers()), "sliding_window",
+        need(self.sliding_window is None or self._n_local() > 0, "sliding_window",
              f"is set but attn_pattern={self.attn_pattern!r} has no local layer, so no window would apply; use "
              "attn_pattern='local' (every layer), 'alternating' or 'N:1', or sliding_window=None")
         for f in ("final_logit_softcap", "attn_logit_softcap", "query_pre_attn_scalar"):
@@ -246,7 +246,7 @@ class TransformerConfig:
              f"{self.moe_every} > n_layers={self.n_layers}: no layer would be MoE; lower it or set moe=None")
         need(self.moe is None or self.moe.mlp_act == self.mlp_act, "moe",
              f"moe.mlp_act={getattr(self.moe, 'mlp_act', None)!r} differs from mlp_act={self.mlp_act!r}; use one")
-        self.layer_windows()  # validates attn_pattern and sliding_window together
+        self._check_windows(self._n_local())  # attn_pattern and sliding_window together, O(1) in n_layers
 
     @property
     def kv_heads(self) -> int:
@@ -258,25 +258,34 @@ class TransformerConfig:
 
     def local_layers(self) -> tuple[bool, ...]:
         """Which layers use sliding-window attention, from `attn_pattern`."""
+        run = self._local_run()
+        if isinstance(run, str):
+            return tuple(c == "L" for c in run)
+        n, period = run
+        return tuple(i % period < n for i in range(self.n_layers))
+
+    def _local_run(self) -> tuple[int, int] | str:
+        """attn_pattern validated against n_layers: (n, period) when every `period` layers start with n local ones
+        ('global' (0, 1), 'local' (1, 1), 'alternating' (1, 2), 'N:1' (N, N + 1)); a per-layer 'GGLL' as given."""
         p, L = self.attn_pattern, self.n_layers
         if p in ("global", "local"):
-            return (p == "local",) * L
+            return int(p == "local"), 1
         if p == "alternating":
             if L < 2:  # as '1:1' (the same pattern) is refused
                 raise ValueError(f"TransformerConfig.attn_pattern='alternating' with n_layers={L} has no global "
                                  "layer (the first would be layer 2); use 'local'")
-            return tuple(i % 2 == 0 for i in range(L))
+            return 1, 2
         n, sep, one = p.partition(":")
         if sep and n.isdigit() and one == "1" and int(n) > 0:
             if int(n) >= L:  # the first global layer would be layer n + 1
                 raise ValueError(f"TransformerConfig.attn_pattern={p!r} with n_layers={L} has no global layer (the "
                                  f"first would be layer {int(n) + 1}); use N < n_layers, or 'local'")
-            return tuple(i % (int(n) + 1) != int(n) for i in range(L))
+            return int(n), int(n) + 1
         if p and set(p) <= {"L", "G"}:
             if len(p) != L:
                 raise ValueError(f"TransformerConfig.attn_pattern={p!r} names {len(p)} layers for n_layers={L}; "
                                  "give one letter (L local, G global) per layer")
-            return tuple(c == "L" for c in p)
+            return p
         why = ""
         if sep and n.isdigit() and one.isdigit():  # '0:1', '2:2': the ratio form with what it cannot say
             why = (" (N:1 with N >= 1: N local layers then one global; 0 local layers is 'global')" if one == "1"
@@ -286,24 +295,40 @@ class TransformerConfig:
                          "'alternating', 'N:1' (N local layers, then one global) or one letter per layer (L local, "
                          "G global), e.g. 'GGLL'")
 
+    def _n_local(self) -> int:
+        """How many layers are local, counted per period: __post_init__ validates with this, since building the
+        per-layer tuples (local_layers, layer_windows) took minutes to hours for n_layers=10**9..10**12, or all the
+        memory, before any check could refuse anything."""
+        run, L = self._local_run(), self.n_layers
+        if isinstance(run, str):
+            return run.count("L")
+        n, period = run
+        return L // period * n + min(L % period, n)
+
     def layer_windows(self) -> tuple[int | None, ...]:
         """Per-layer attention window (None: global causal attention)."""
         local = self.local_layers()
         n_local = sum(local)
+        self._check_windows(n_local)
+        w = self.sliding_window
+        it = iter((w,) * n_local if _is_int(w) else w or ())
+        return tuple(next(it) if is_local else None for is_local in local)
+
+    def _check_windows(self, n_local: int) -> None:
+        """sliding_window against n_local local layers: one int, or one window per local layer (none needed when
+        there is no local layer); checked without building a tuple per layer."""
         w = self.sliding_window
         if n_local == 0:
-            return (None,) * self.n_layers
+            return
         if w is None:
             raise ValueError(f"TransformerConfig.sliding_window: attn_pattern={self.attn_pattern!r} has "
                              f"{n_local} local layers; set sliding_window to their window size")
-        ws = (w,) * n_local if _is_int(w) or isinstance(w, bool) else tuple(w)  # a bool: rejected below
-        if len(ws) != n_local:
+        ws = (w,) if _is_int(w) or isinstance(w, bool) else tuple(w)  # a bool: rejected below
+        if not (_is_int(w) or isinstance(w, bool)) and len(ws) != n_local:
             raise ValueError(f"TransformerConfig.sliding_window: got {len(ws)} windows for {n_local} local layers; "
                              "give one int, or one window per local layer")
         if any(not _is_int(x) or x < 1 for x in ws):
             raise ValueError(f"TransformerConfig.sliding_window: windows must be integers >= 1 (not bools), got {w!r}")
-        it = iter(ws)
-        return tuple(next(it) if is_local else None for is_local in local)
 
     @property
     def width_mult(self) -> float:

@@ -214,18 +214,20 @@ def global_batch_from_local(local_batch, mesh, rules=None):
 
 
 def check_batch_layout(mesh, global_batch: int, seq: int, n_processes: int | None = None, local_devices=None,
-                       hint: str | None = None) -> None:
+                       hint: str | None = None, rules=None) -> None:
     """Before anything compiles: raise (as `check_process_share`) unless this process's devices of `mesh` hold a
     contiguous 1/n of a [global_batch, seq] batch's rows, the rows it loads itself (a `stage` or `tensor` axis
     outside the batch axes across processes fails in the loader's first step otherwise). n_processes /
     local_devices: this job's (default), or a layout to check; hint: the fix the error suggests (default: make_mesh's
-    dcn=)."""
+    dcn=); rules: the overrides the batch is placed with, as process_rows' / global_batch_from_local's (without
+    them, a table that maps 'batch' elsewhere was checked against the default layout: a false pass or refusal)."""
     n = jax.process_count() if n_processes is None else n_processes
     if n == 1:
         return
     local = set(jax.local_devices() if local_devices is None else local_devices)
     shape = (global_batch, seq)
-    indices = [ix for d, ix in batch_sharding(mesh, 2, shape=shape).devices_indices_map(shape).items() if d in local]
+    sharding = batch_sharding(mesh, 2, rules, shape=shape)
+    indices = [ix for d, ix in sharding.devices_indices_map(shape).items() if d in local]
     check_process_share(indices, shape, global_batch // n, dict(mesh.shape), hint)
 
 

@@ -20,7 +20,8 @@ AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")  # outermost (s
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (the command lines' mesh form); ValueError naming the form."""
+    """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (the command lines' mesh form); ValueError naming the form, or
+    naming an axis that is not in AXES (as make_mesh would, but before anything is built or compiled)."""
     try:
         pairs = [(k.strip(), int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())]
     except ValueError:
@@ -28,13 +29,17 @@ def parse_mesh(text: str) -> dict[str, int]:
     twice = sorted({k for k, _ in pairs if [a for a, _ in pairs].count(k) > 1})
     if twice:
         raise ValueError(f"mesh: {text!r} names {twice} more than once; give each axis one size")
+    _check_names(dict(pairs), "mesh: ")  # 'dat=2' parsed, and failed only in make_mesh, after the config was accepted
     return dict(pairs)
 
 
+def _check_names(shape: dict, prefix: str = "") -> None:
+    if unknown := set(shape) - set(AXES):
+        raise ValueError(f"{prefix}mesh axes {sorted(unknown)} are unknown; use names from {AXES}")
+
+
 def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:
-    unknown = set(shape) - set(AXES)
-    if unknown:
-        raise ValueError(f"mesh axes {sorted(unknown)} are unknown; use names from {AXES}")
+    _check_names(shape)
     typed = [a for a, s in shape.items() if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
     if typed:
         raise ValueError(f"mesh axes {typed} need int sizes, got {[shape[a] for a in typed]} (e.g. {{'data': 2}})")

@@ -9,10 +9,13 @@ from data.corpus import ByteWindows, stdlib_text
 from data.dedup import DedupConfig
 from data.filters import QualityConfig
 from data.label import LabelConfig
-from data.loader import LoaderConfig
+from data.langid import LangIDConfig
+from data.loader import LoaderConfig, Source
 from data.moving_shapes import MovingShapesConfig
 from data.normalize import NormalizeConfig
+from data.pipeline import PipelineConfig
 from data.sources import SourceConfig
+from data.stages import Normalize
 from data.synthetic import documents
 
 
@@ -87,3 +90,44 @@ def test_data_configs_keep_numpy_numbers_as_python_types():
     q = QualityConfig(min_words=np.int32(3), max_symbol_ratio=np.float64(0.5), min_mean_word_len=2)
     assert (type(q.min_words), type(q.max_symbol_ratio), type(q.min_mean_word_len)) == (int, float, int)
     assert repr(q) == repr(QualityConfig(min_words=3, max_symbol_ratio=0.5, min_mean_word_len=2))  # (fingerprints)
+
+
+@pytest.mark.parametrize("make, says", [
+    # None or a number where a tuple of entries is meant: "'NoneType' object is not iterable", naming no field
+    (lambda: QualityConfig(blocklist=None), r"QualityConfig.blocklist=None must be a tuple: \(\) for none"),
+    (lambda: QualityConfig(top_ngram_max=3), r"QualityConfig.top_ngram_max=3 must be a tuple"),
+    (lambda: LabelConfig(domains=None), r"LabelConfig.domains=None must be a tuple"),
+    (lambda: DomainGlossary(glossaries=None), r"DomainGlossary.glossaries=None must be a tuple"),
+    (lambda: MovingShapesConfig(held_out=None), r"MovingShapesConfig.held_out=None must be a tuple"),
+    (lambda: LabelConfig(domains="code"), r"LabelConfig.domains='code' must be a tuple: \(\) for none, \('code',\)"),
+    # a bare pair, or a tag that is no string: "too many values to unpack (expected 2)"
+    (lambda: LabelConfig(domains=("code", ("def", "import"))), r"LabelConfig.domains entry 'code' must be a \(tag"),
+    (lambda: LabelConfig(domains=((1, ("a",)),)), r"LabelConfig.domains entry \(1, \('a',\)\) must be a \(tag"),
+    # a number among the keywords: "expected string or bytes-like object"
+    (lambda: LabelConfig(domains=(("x", ("a", 3)),)), r"LabelConfig.domains\['x'\] must be a non-empty tuple of "),
+    # one string of members was read letter by letter: "unknown language codes ['e', 'u', 'y']"
+    (lambda: LangIDConfig(fold=(("zh", "yue"),)), r"LangIDConfig.fold=.* must be a tuple of \(code, \(member, "),
+    (lambda: LangIDConfig(fold="zh"), r"LangIDConfig.fold='zh' must be a tuple of \(code"),
+    (lambda: LangIDConfig(keep=None), r"LangIDConfig.keep=None must be a tuple of codes"),
+    # one stage in place of a tuple failed mid-run ("'Normalize' object is not iterable"); a name ran stages 'n', 'o'
+    (lambda: PipelineConfig(workers=1, filters=Normalize()), r"PipelineConfig.filters=Normalize\(.* must be a tuple"),
+    (lambda: PipelineConfig(workers=1, labelers="label"), r"PipelineConfig.labelers='label' must be a tuple of st"),
+    (lambda: Source(None), r"Source.path=None must be a tier directory or a tuple of shard files"),
+])
+def test_data_configs_refuse_a_string_none_or_a_bare_entry_where_a_tuple_is_meant(make, says):
+    with pytest.raises(ValueError, match=says):
+        make()
+
+
+def test_an_empty_keyword_is_refused_it_tagged_every_document():
+    """'' is in every text: LabelConfig(domains=(('code', ('def', 'import', '')),)) tagged a poem 'code' (a keyword
+    list read from a CSV with a trailing comma). The tuples that were accepted still are, lists included."""
+    from data.label import domain_tags
+
+    with pytest.raises(ValueError, match=r"LabelConfig.domains\['code'\] must be a non-empty tuple of non-empty"):
+        LabelConfig(domains=(("code", ("def", "import", "")),))
+    cfg = LabelConfig(domains=[["code", ["def", "import"]]], min_hits=1)
+    assert domain_tags("A quiet poem about the sea.", cfg) == [] and domain_tags("import os", cfg) == ["code"]
+    assert LangIDConfig(keep={"zh", "en"}, fold=[["zh", ["yue", "wuu"]]]).fold == (("zh", ("yue", "wuu")),)
+    assert QualityConfig(blocklist=["casino"], top_ngram_max=[[2, 0.2]]).blocklist == ("casino",)
+    assert PipelineConfig(workers=1, filters=[Normalize()], labelers=()).labelers == ()

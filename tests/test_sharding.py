@@ -849,3 +849,37 @@ def test_constrain_merged_splits_merged_rows_outer_axes_first():
         for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P())):
             y = jax.jit(lambda x, b=b, q=q: constrain_merged(x, ("batch", b), ("act_seq", q)))(x)
             assert y.sharding.spec == spec and np.array_equal(np.asarray(y), np.asarray(x)), (b, q, y.sharding.spec)
+
+
+def test_parse_mesh_refuses_unknown_axis_names_as_make_mesh_does():
+    """parse_mesh('dat=2') returned {'dat': 2}: the misspelt axis was accepted with the rest of the config and
+    refused only when make_mesh built the mesh. It is refused at parse time, with make_mesh's message."""
+    from parallel.mesh import parse_mesh
+
+    for text, bad in (("dat=2", "dat"), ("data=2,Tensor=4", "Tensor"), ("=2", "")):
+        with pytest.raises(ValueError, match=rf"mesh: mesh axes \['{bad}'\] are unknown; use names from \('data',"):
+            parse_mesh(text)
+    with pytest.raises(ValueError, match=r"^mesh axes \['dat'\] are unknown; use names from \('data',"):
+        make_mesh({"dat": 2})
+    assert parse_mesh("stage=2, fsdp=-1,tensor=1") == {"stage": 2, "fsdp": -1, "tensor": 1}
+
+
+def test_check_batch_layout_takes_the_rules_process_rows_uses(monkeypatch):
+    """check_batch_layout took no rules= while process_rows / global_batch_from_local do: with rules={'batch': None}
+    on {data 2, fsdp 4} over 2 processes it passed the layout that process_rows then refused (each process holds all
+    8 rows), and with rules={'batch': 'sequence', 'act_seq': None} on {sequence 2, tensor 4} it refused the layout
+    process_rows accepts (rows [0, 4) per process). With the same rules the two agree."""
+    from parallel.distributed import check_batch_layout, process_rows
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    first = jax.devices()[:4]
+    replicated, by_sequence = {"batch": None}, {"batch": "sequence", "act_seq": None}
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    for check in (lambda: process_rows(8, mesh, rules=replicated, local_devices=first),
+                  lambda: check_batch_layout(mesh, 8, 16, n_processes=2, local_devices=first, rules=replicated)):
+        with pytest.raises(ValueError, match=r"hold rows \[0, 8\) of the global batch of 8, but it loads 4"):
+            check()
+    mesh = make_mesh({"sequence": 2, "tensor": 4})
+    assert process_rows(8, mesh, rules=by_sequence, local_devices=first) == slice(0, 4)
+    check_batch_layout(mesh, 8, 16, n_processes=2, local_devices=first, rules=by_sequence)

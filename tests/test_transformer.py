@@ -580,3 +580,27 @@ def test_params_drawn_flat_on_cpu_are_the_bits_of_a_draw_in_their_shape(partitio
             after.append(param(rngs, (3,), (None,), jnp.float32, 1.0)[...])
         np.testing.assert_array_equal(after[0], after[1])
         np.testing.assert_array_equal(after[0], after[2])
+
+
+def test_config_with_a_huge_layer_count_is_checked_without_a_tuple_per_layer():
+    """__post_init__ built the per-layer pattern to validate it: TransformerConfig(n_layers=10**12) raised a
+    MemoryError, and with attn_pattern='alternating' (a generator per layer) it ran for hours (5.9 s at 10**7
+    layers, linear). The checks now count local layers per period, so a size sweep's configs are instant, and the
+    count agrees with the per-layer tuple."""
+    import time
+
+    t0 = time.perf_counter()
+    for pattern, window, n_local in (("global", None, 0), ("alternating", 4096, 5 * 10**11), ("5:1", 8, 833333333334),
+                                     ("999999999999:1", 8, 999999999999)):
+        cfg = TransformerConfig(n_layers=10**12, attn_pattern=pattern, sliding_window=window)
+        assert cfg._n_local() == n_local
+    with pytest.raises(ValueError, match="got 1 windows for 833333333334 local layers"):
+        TransformerConfig(n_layers=10**12, attn_pattern="5:1", sliding_window=(8,))
+    assert time.perf_counter() - t0 < 1.0
+    for n_layers in range(1, 9):
+        for pattern in ("global", "local", "alternating", "1:1", "2:1", "3:1"):
+            try:
+                cfg = TransformerConfig(n_layers=n_layers, attn_pattern=pattern, sliding_window=4)
+            except ValueError:
+                continue
+            assert cfg._n_local() == sum(cfg.local_layers()) == sum(w is not None for w in cfg.layer_windows())
