@@ -428,9 +428,11 @@ class Checkpoints:
                 self._corrupt(s, candidates, e, quarantine)
                 continue
             if overflow:  # a good checkpoint that this template's dtypes cannot hold: the caller's error, kept
+                # what the casts make: inf (float16), NaN (float8_e4m3fn, which has no inf), or both
+                made = " or ".join(w for w in ("inf", "NaN") if any(b.endswith(f"be {w})") for b in overflow))
                 raise CheckpointMismatch(f"{self.dir / str(s)}: restoring into this template's dtypes would turn "
-                                         f"finite values into inf: {'; '.join(overflow[:3])}; restore into a template "
-                                         "of the saved dtypes (or bfloat16, of float32's range)")
+                                         f"finite values into {made}: {'; '.join(overflow[:3])}; restore into a "
+                                         "template of the saved dtypes (or bfloat16, of float32's range)")
             if loader is not None and not has_loader:
                 try:
                     loader.set_state(meta["loader"])  # written before per-process loader states (one process)
@@ -497,9 +499,10 @@ def _overflowing_casts(restored, abstract) -> list[str]:
     for (name, x, to), peak in zip(pairs, peaks):
         with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what we look for
             # not isinf: float8_e4m3fn has no inf, and a value beyond its 448 became NaN, silently
-            if np.isfinite(peak) and not np.isfinite(np.asarray(peak).astype(to)):
+            if np.isfinite(peak) and not np.isfinite(cast := np.asarray(peak).astype(to)):
                 bad.append(f"{name}: saved {x.dtype} (max |value| {float(peak):.6g}), now {jnp.dtype(to).name}, "
-                           f"whose largest is {float(jnp.finfo(to).max):.6g}")
+                           f"whose largest is {float(jnp.finfo(to).max):.6g} (it would be "
+                           f"{'inf' if np.isinf(cast) else 'NaN'})")
     return bad
 
 

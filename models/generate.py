@@ -190,6 +190,12 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size, "prompt_tokens").astype(jnp.int32)  # in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
+    if isinstance(max_new_tokens, jax.core.Tracer):  # (it read as 'must be an int >= 1, got JitTracer(~int32[])')
+        raise ValueError("generate's max_new_tokens must be a Python int (it fixes the output's shape), not a traced "
+                         "value: pass it from outside jax.jit (a static argument)")
+    if (getattr(max_new_tokens, "ndim", None) == 0 and not isinstance(max_new_tokens, numbers.Number)
+            and jnp.issubdtype(max_new_tokens.dtype, jnp.integer)):  # a concrete jnp.int32(16) is that int
+        max_new_tokens = int(max_new_tokens)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if isinstance(temperature, jax.core.Tracer):  # (it read as not a finite number)

@@ -276,14 +276,18 @@ def _check_fits_dtype(a: np.ndarray, narrow: np.dtype, name: str, cfg: Transform
     cast to inf in every float16 product) without a word; save_pretrained's `_check_representable` refuses the same."""
     if jnp.finfo(a.dtype).max <= jnp.finfo(narrow).max or not a.size:  # it fits whatever it holds
         return
-    peak = np.max(np.abs(a)).astype(np.float32)
+    # float64 holds every source dtype's values (a float64 tensor's 1e39 was cast to float32 first: inf, which
+    # looked like a source inf and passed, then loaded as inf)
+    peak = np.float64(np.max(np.abs(a)))
     with np.errstate(over="ignore"):  # the overflow is what we look for
         over = bool(np.isinf(peak.astype(narrow)) and np.isfinite(peak))
     if over:
+        in_f32 = peak <= jnp.finfo(jnp.float32).max
+        fix = ("load with dtype='bfloat16' (bf16 has float32's range) or 'float32'" if in_f32 else
+               "no dtype we load into holds it (float32 is the widest); fix the checkpoint's tensor")
         raise ValueError(f"from_pretrained(dtype={cfg.dtype!r}, param_dtype={cfg.param_dtype!r}): tensor {name!r} "
                          f"(max |value| {float(peak):.6g}) holds values beyond {narrow.name}'s largest, "
-                         f"{float(jnp.finfo(narrow).max):.6g}, which would be inf; load with dtype='bfloat16' "
-                         "(bf16 has float32's range) or 'float32'")
+                         f"{float(jnp.finfo(narrow).max):.6g}, which would be inf; {fix}")
 
 
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -70,13 +70,19 @@ def check_token_ids(tokens_BT, vocab_size: int, name: str = "tokens"):
     (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error. `name`: the
     caller's argument, for the errors."""
     given = getattr(tokens_BT, "dtype", None)  # a float64 array reads as float32 after jnp.asarray with x64 off
+    span = None
+    if isinstance(tokens_BT, np.ndarray | np.generic) and tokens_BT.dtype.kind in "iu" and tokens_BT.size:
+        # read before jnp.asarray, which wraps int64 ids to int32 with x64 off: 2**32 + 5 became 5, a valid id
+        span = int(tokens_BT.min()), int(tokens_BT.max())
     tokens_BT = jnp.asarray(tokens_BT)
     if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
         raise ValueError(f"{name} must be integer ids, got dtype {tokens_BT.dtype if given is None else given}; "
                          "cast with .astype(jnp.int32)")
-    if not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+    if span is None and not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
         with jax.ensure_compile_time_eval():  # a concrete batch closed over by a jitted function: still concrete
-            lo, hi = int(tokens_BT.min()), int(tokens_BT.max())
+            span = int(tokens_BT.min()), int(tokens_BT.max())
+    if span is not None:
+        lo, hi = span
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), got min {lo}, max {hi} (an "
                              "ignore index such as -100 belongs in the targets' weights, not in the inputs)")
@@ -163,6 +169,11 @@ class KVCache(NamedTuple):
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
                              "stores keys and values as they are (no quantisation scales), so integers truncate them; "
                              "use 'bfloat16', 'float16' or 'float32' (None: the compute dtype)")
+        if jnp.finfo(dtype).bits < 16:  # unscaled float8: e4m3fn turned keys beyond 448 into NaN (greedy tokens all 0)
+            raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): float8 caches are not supported; the "
+                             "cache stores keys and values as they are (no scales), so float8_e4m3fn makes NaN of "
+                             "those beyond 448 and 2-3 mantissa bits change greedy tokens; use 'bfloat16', 'float16' "
+                             "or 'float32' (None: the compute dtype)")
         P = pattern_period(cfg)
         slots = [cache_slots(w, max_len) for w in cfg.layer_windows()[:P]]
         shape = lambda s: (cfg.n_layers // P, batch, s, cfg.kv_heads, cfg.hd)

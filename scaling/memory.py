@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from collections.abc import Mapping
 
 from scaling.flops import executed_keys, executed_slots, lm_shape, model_kernel, model_window
@@ -53,18 +54,37 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 
 def dtype_bytes(name) -> int:
     """Bytes per element of a dtype name ('float32', 'bf16', ...), a dtype, or a scalar type (np.float32,
-    jnp.bfloat16)."""
+    jnp.bfloat16). numpy's type codes are refused: their digit counts bytes ('f8' is float64, 'i8' int64) where this
+    table's counts bits ('f16', 'f32'), so 'f8' for fp8 was read as 8 bytes. So are sub-byte dtypes (int4, fp4:
+    numpy stores them in a byte, packed storage in half of one) and dtypes that are not numbers ('S', 'U': 0 bytes)."""
     if isinstance(name, str) and name in DTYPE_BYTES:
         return DTYPE_BYTES[name]
     if name is None or isinstance(name, numbers.Number):  # np.dtype(None) would be float64
         raise ValueError(f"dtype {name!r}: give a dtype name such as 'bfloat16', or a numpy / jax dtype")
-    try:
-        import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy)
-        import numpy as np
+    import ml_dtypes
+    import numpy as np
 
-        return int(np.dtype(name).itemsize)
+    names = f"a numpy / jax dtype name ('float64', 'int8') or one of {sorted(DTYPE_BYTES)}"
+    try:
+        dt = np.dtype(name)
     except TypeError:
-        raise ValueError(f"unknown dtype {name!r}; use a numpy / jax dtype or one of {sorted(DTYPE_BYTES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; use {names}") from None
+    if isinstance(name, str) and re.fullmatch(r"[a-zA-Z?]\d*", name):  # 'f8', 'i8', 'e', 'd': numpy's type codes
+        raise ValueError(f"dtype {name!r} is ambiguous: numpy reads it as a type code ({dt}: its digit counts bytes), "
+                         f"this table's 'f16' / 'f32' count bits; spell it out, as {names}")
+    bits = None
+    for info in (ml_dtypes.finfo, ml_dtypes.iinfo):  # ml_dtypes' types (bfloat16, float8_*, int4) are of kind 'V'
+        try:
+            bits = info(dt).bits
+            break
+        except (TypeError, ValueError):
+            pass
+    if bits is None and dt.kind != "b":  # strings ('S', 'U': 0 bytes), objects, structured or raw bytes
+        raise ValueError(f"dtype {name!r} ({dt}) is not a numeric dtype; use {names}")
+    if bits is not None and bits < 8:
+        raise ValueError(f"dtype {name!r} has {bits} bits: stored packed it takes less than the byte per element that "
+                         "this estimate counts; count it as 'int8' / 'fp8' (an upper bound)")
+    return int(dt.itemsize)
 
 
 @dataclasses.dataclass(frozen=True)

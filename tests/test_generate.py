@@ -532,3 +532,43 @@ def test_temperature_and_top_p_take_concrete_scalar_arrays(model):
                       (dict(temperature=1.0, top_p=jnp.float32(1.5)), "top_p must be None or a number in")]:
         with pytest.raises(ValueError, match=words):
             generate(model, prompt, 2, rng=jax.random.key(0), **kw)
+
+
+def test_a_float8_cache_is_refused_by_name():
+    """KVCache.zeros(dtype=jnp.float8_e4m3fn) stored keys and values as they are (no scales): on this model with its
+    matrices scaled by 300 (|k| up to 3.5e4) 888 cache entries became NaN and greedy decoding emitted token 0 eight
+    times of eight (0 of 8 agreeing with a float32 cache); even at |k| < 0.31, e4m3fn changed 1 token of 16 and
+    e5m2 at |k| ~ 350 changed 5 of 8. Both are refused by name, with the dtypes to use."""
+    from models import KVCache
+
+    for dt in (jnp.float8_e4m3fn, "float8_e5m2"):
+        with pytest.raises(ValueError, match=r"KVCache.zeros\(dtype=float8_e[45]m[23]\w*\): float8 caches are not "
+                                             r"supported.*use 'bfloat16', 'float16' or 'float32'"):
+            KVCache.zeros(CFG, 2, 16, dtype=dt)
+
+
+def test_max_new_tokens_takes_concrete_integer_scalar_arrays_and_names_traced_ones(model):
+    """max_new_tokens=jnp.int32(4) (a count computed with jnp) was refused as 'must be an int >= 1, got Array(4)';
+    numpy's int64 passed. A concrete integer scalar is that int; a traced one fixes no shape, and is named as such
+    (it read 'must be an int >= 1, got JitTracer(~int32[])'); bool / float / non-scalar arrays stay refused."""
+    prompt = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    want = generate(model, prompt, 4)
+    for n in (jnp.int32(4), jnp.asarray(4), np.array(4, np.int64), jnp.asarray(4, jnp.uint8)):
+        np.testing.assert_array_equal(generate(model, prompt, n), want)
+    for bad in (jnp.float32(4), jnp.asarray([4]), jnp.bool_(True), jnp.int32(0)):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+            generate(model, prompt, bad)
+    with pytest.raises(ValueError, match=r"generate's max_new_tokens must be a Python int .* not a traced value"):
+        jax.jit(lambda n: generate(model, prompt, n))(4)
+
+
+def test_int64_prompt_ids_beyond_int32_are_refused_not_wrapped(model):
+    """With x64 off jnp.asarray wraps an int64 array to int32: a prompt id of 2**32 + 5 (a corrupt id, an offset
+    gone wrong) was read as 5, a valid id, and generated from without a word (-2**32 + 5 likewise). Its range is now
+    checked on the values given; uint8 / int64 ids within range generate as int32 ones do."""
+    want = generate(model, jnp.asarray([[5, 3]], jnp.int32), 2)
+    for ids in ([[2**32 + 5, 3]], [[-2**32 + 5, 3]]):
+        with pytest.raises(ValueError, match=r"prompt_tokens must hold token ids in \[0, vocab_size=64\), got min"):
+            generate(model, np.asarray(ids, np.int64), 2)
+    for dt in (np.int64, np.uint8, np.uint64):
+        np.testing.assert_array_equal(generate(model, np.asarray([[5, 3]], dt), 2), want)

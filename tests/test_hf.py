@@ -1128,3 +1128,26 @@ def test_a_float16_load_refuses_weights_beyond_its_range(tmp_path):
     ours.blocks.w_down[...] = jnp.asarray(w)
     save_pretrained(ours, tmp_path)
     assert float(from_pretrained(tmp_path, dtype="float16").blocks.w_down[0, 0, 0]) == 65504.0  # rounds, no inf
+
+
+def test_a_float64_tensor_beyond_float32s_range_is_refused_by_name(tmp_path):
+    """A float64 tensor holding 1e39 (beyond float32's 3.4e38) loaded as inf without a word: the range check cast
+    its peak to float32 first, and an inf peak read as a source inf. Now named, with no dtype to load into that
+    holds it; float64 tensors within range load as their float32 roundings."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=8), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = tensors[name].astype(np.float64)
+    tensors[name] = w
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    back = from_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(back.blocks.w_down[1]), w.astype(np.float32).T)
+    w[3, 0] = -1e39
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    for dt in ("float32", "bfloat16"):
+        with pytest.raises(ValueError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' \(max \|value\| "
+                                             r"1e\+39\) holds values beyond (float32|bfloat16)'s largest.*no dtype we "
+                                             r"load into holds it"):
+            from_pretrained(tmp_path, dtype=dt)

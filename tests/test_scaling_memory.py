@@ -360,3 +360,24 @@ def test_saved_projections_of_grouped_query_attention_are_kv_wide():
     D, NH, KH, F = 64, 8 * 16, 2 * 16, 96
     assert saved_bytes_per_token(cfg, "save_dots_no_batch", 32, compute_dtype="float32") == 4 * (2 * D + NH + 2 * KH
                                                                                                   + 2 * F)
+
+
+def test_dtype_bytes_refuses_numpy_type_codes_and_sub_byte_dtypes():
+    """dtype_bytes('f8') was numpy's float64, 8 bytes, beside this table's 'f16' / 'f32' (bits): fp8 weights
+    written 'f8' were counted 8x ('i8', int64, likewise for int8). 'int4' / 'float4_e2m1fn' counted a byte (numpy
+    stores them so; packed they take half of one) and 'S' / 'U' 0 bytes. All are refused with the accepted names;
+    the spelled-out names and dtype objects are as before."""
+    import numpy as np
+
+    from scaling.memory import dtype_bytes
+    for code in ("f8", "i8", "f4", "u1", "e", "d"):
+        with pytest.raises(ValueError, match=rf"dtype '{code}' is ambiguous: numpy reads it as a type code .* 'fp8'"):
+            dtype_bytes(code)
+    for sub in ("int4", jnp.int4, "float4_e2m1fn", "uint2"):
+        with pytest.raises(ValueError, match=r"has [24] bits: stored packed .* count it as 'int8' / 'fp8'"):
+            dtype_bytes(sub)
+    for other in ("str", "object", np.dtype([("a", "f4")])):
+        with pytest.raises(ValueError, match=r"is not a numeric dtype; use a numpy / jax dtype name"):
+            dtype_bytes(other)
+    assert [dtype_bytes(x) for x in ("float64", "fp8", "float8_e4m3fn", "f16", "int8", "bool", jnp.float8_e5m2,
+                                     np.int64, "uint8")] == [8, 1, 1, 2, 1, 1, 1, 8, 1]

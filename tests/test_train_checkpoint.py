@@ -777,3 +777,18 @@ def test_a_narrowing_restore_into_a_float8_without_inf_refuses_values_beyond_its
     state, _ = ckpt.restore({"w": jnp.zeros(3, jnp.float8_e5m2)})  # e5m2 holds 500 (as 512)
     assert state["w"].astype(jnp.float32).tolist() == [1.0, 512.0, -2.0]
     ckpt.close()
+
+
+def test_a_narrowing_restore_says_what_each_overflowing_cast_would_make(tmp_path):
+    """The refusal said 'would turn finite values into inf' for a float8_e4m3fn template too, where the cast makes
+    NaN (it has no inf). Each array now says what it would become: NaN in float8_e4m3fn, inf in float16."""
+    ckpt = Checkpoints(tmp_path, async_save=False, keep_best=False)
+    ckpt.save(5, {"a": jnp.asarray([1.0, 500.0]), "b": jnp.asarray([7e4, 0.0])}, {})
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path, keep_best=False)
+    with pytest.raises(ValueError, match=r"finite values into inf or NaN: a: saved float32 \(max \|value\| 500\), now "
+                                         r"float8_e4m3fn, whose largest is 448 \(it would be NaN\); b: saved float32 "
+                                         r"\(max \|value\| 70000\), now float16, whose largest is 65504 \(it would be "
+                                         r"inf\)"):
+        ckpt.restore({"a": jnp.zeros(2, jnp.float8_e4m3fn), "b": jnp.zeros(2, jnp.float16)})
+    ckpt.close()
