@@ -232,6 +232,13 @@ class Stop:
         self.signal = None
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    def reinstall(self):
+        """Install the handler again (what `restore` puts back stays the first install's): jax.distributed.initialize
+        starts a preemption notifier that takes SIGTERM over below Python (signal.getsignal still names this
+        handler), and a SIGTERM then never reached it: the run trained on to its end."""
+        for s in self._old:
+            signal.signal(s, self._handle)
+
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signal is not None:
             raise KeyboardInterrupt(f"a second signal (SIGINT after {self.signal}): stopping without the save")

@@ -7,7 +7,8 @@ The `demo` preset: a 4-layer Transformer with alternating sliding-window / globa
 trained on the standard library's sources and docstrings (byte tokens + EOS) through the grain loader, on 8
 fake CPU devices (data 2 × fsdp 4) when running on CPU. Writes under `train.out`: metrics.jsonl, tb/
 (TensorBoard), ckpt/ (orbax: params, optimizer, step, RNG, loader state, config), loss.png, sample.txt.
-Rerunning the same command resumes from the newest good checkpoint; SIGTERM / SIGINT save and exit 0.
+Rerunning the same command resumes from the newest good checkpoint; SIGTERM / SIGINT save and exit 0 (before
+the first step: nothing new to save).
 Bad configuration exits with status 1 and one line naming the field, before anything compiles.
 """
 
@@ -149,6 +150,17 @@ def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
 
 def main(argv=None) -> dict:
     """The command line (module docstring): parse and validate the config (exit 1 naming a bad field), then train."""
+    # the SIGTERM / SIGINT handler first: installed just before the loop, a signal during the startup (importing
+    # JAX, reading the data, restoring, building the model: ~6 s of the tiny preset) killed the run (status 143)
+    # instead of stopping it in order; remembered from here, it stops the run before its first step (train)
+    stop = Stop()
+    try:
+        return _main(argv, stop)
+    finally:
+        stop.restore()
+
+
+def _main(argv, stop) -> dict:
     from experiments.config import ConfigError, load, validate
 
     try:
@@ -169,6 +181,7 @@ def main(argv=None) -> dict:
         several = initialize()  # multi-process jobs (TPU pods, SLURM, JAXSCALE_* env); a no-op for one process
     except ValueError as e:
         raise SystemExit(refused or f"config error: {e}") from None
+    stop.reinstall()  # jax.distributed's preemption notifier took SIGTERM over (Stop.reinstall)
     # a command line one process refuses: the others waited in jax.distributed.initialize for it (300 s), or, a
     # setting validate() refuses, in the settings comparison (a Gloo time-out after 30 s): all exit together
     if (several and any_process(refused is not None)) or refused is not None:
@@ -193,7 +206,7 @@ def main(argv=None) -> dict:
         raise SystemExit(refused or "config error: another process refused its settings (its log names the field); "
                                     "every process needs the same settings and the paths they name")
     try:
-        return train(cfg, mesh_shape)
+        return train(cfg, mesh_shape, stop)
     except Exception:
         if several:  # raised before (or after) the training loop on one process: it hung both, as in the loop
             _exit_at_once()
@@ -454,9 +467,13 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
                             f"{pathlib.Path(out) / 'ckpt'}")
 
 
-def train(cfg, mesh_shape: dict) -> dict:
+def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     """Train `cfg` (a validated RunConfig) on a mesh of `mesh_shape`, resuming from its newest good checkpoint;
-    returns a summary: out dir, step, first / last eval loss, wall time, a generated sample, ..."""
+    returns a summary: out dir, step, first / last eval loss, wall time, a generated sample, ... stop: the
+    SIGTERM / SIGINT handler (`run_log.Stop`, installed by main before anything else; restored on return): a
+    signal before the first step stops the run there, one later after the step it arrives in (saved); None:
+    one installed here."""
+    stop = Stop() if stop is None else stop
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -570,7 +587,6 @@ def train(cfg, mesh_shape: dict) -> dict:
         sums = [eval_fn(params, b) for b in eval_batches]
         return float(sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums))
 
-    stop = Stop()
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not (t.progress and primary),
                dynamic_ncols=True)
     first_eval = last_eval = target_time = None
@@ -591,18 +607,31 @@ def train(cfg, mesh_shape: dict) -> dict:
         log.write({"kind": "target", "step": at, "eval_target": t.eval_target, "wall_s": target_time})
         return f"; reached eval target {t.eval_target} after {target_time:.0f} s"
 
-    step = start
+    def evaluated(at: int) -> float:  # the held-out loss of the current parameters at step `at`: logged and said
+        with window.exclude():  # evaluation time is not training throughput
+            loss = evaluate(state["params"])
+        log.write({"kind": "eval", "step": at, "loss": loss, "ppl": perplexity(loss), "wall_s": time.time() - t_start})
+        say(f"step {at}: eval loss {loss:.3f} (ppl {perplexity(loss):.4g})" + target_crossed(at, loss))
+        return loss
+
+    step, stopped = start, False
     try:
         with jax.set_mesh(mesh):
-            if start == 0:
-                with window.exclude():
-                    first_eval = last_eval = evaluate(state["params"])
-                log.write({"kind": "eval", "step": 0, "loss": last_eval, "ppl": perplexity(last_eval),
-                           "wall_s": time.time() - t_start})
+            # a signal during the startup (main installs the handler first): stop before training, with nothing new
+            # to save; every process at once (they agree here, as after each step)
+            if any_process(stop.signal is not None):
+                stopped = True
+                say(f"{stop.signal or 'SIGTERM on another process'} before the first step: nothing new to save "
+                    f"({f'the run resumes from step {start}' if start else 'nothing trained'}); exiting")
+            elif start == 0:
                 # a fine-tuned checkpoint may start past the target: its crossing is step 0, not the next eval's
-                say(f"step 0: eval loss {last_eval:.3f} (ppl {perplexity(last_eval):.4g})"
-                    + target_crossed(0, last_eval))
-            for step in range(start + 1, t.steps + 1):
+                first_eval = last_eval = evaluated(0)
+            elif start == t.steps and last_eval is None:
+                # resumed at its last step from a save made between evaluations (a SIGTERM stop; save_every off
+                # eval_every), rerun with train.steps at that step: the evaluation at train.steps that ends every
+                # other run was never made, and the summary had no eval loss
+                last_eval = evaluated(start)
+            for step in (() if stopped else range(start + 1, t.steps + 1)):
                 batch = next(loader)
                 if step in t.poison_steps:  # test hook: a NaN batch weight poisons loss and gradients
                     batch = dict(batch, weights=batch["weights"] * jnp.nan)
@@ -641,12 +670,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                                     tok_s="-" if tps is None else f"{tps:,.0f}")
                 eval_loss = None
                 if step % t.eval_every == 0 or step == t.steps:
-                    with window.exclude():  # evaluation time is not training throughput
-                        eval_loss = last_eval = evaluate(state["params"])
-                    log.write({"kind": "eval", "step": step, "loss": eval_loss, "ppl": perplexity(eval_loss),
-                               "wall_s": time.time() - t_start})
-                    msg = f"step {step}: eval loss {eval_loss:.3f} (ppl {perplexity(eval_loss):.4g})"
-                    say(msg + target_crossed(step, eval_loss))
+                    eval_loss = last_eval = evaluated(step)
                 # SIGTERM may reach the processes of a job at different steps: all stop at the same one, or the
                 # ones still stepping would wait forever in a collective for those saving
                 stopping = any_process(stop.signal is not None)
@@ -666,6 +690,7 @@ def train(cfg, mesh_shape: dict) -> dict:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if stopping:
                     say(f"{stop.signal or 'SIGTERM on another process'}: saved step {step}; exiting")
+                    stopped = True
                     break
     except NonFiniteState as e:
         say(str(e))
@@ -691,7 +716,9 @@ def train(cfg, mesh_shape: dict) -> dict:
         good = saved_steps
         raise SystemExit(f"halted at step {halted} (nan_policy=halt); newest good checkpoint: "
                          f"{good[-1] if good else 'none'} in {out / 'ckpt'}")
-    if stop.signal is not None or step < t.steps or t.sample_tokens < 1:
+    # `stopped`, not this process's signal: a process stopped by another's signal at train.steps went on to the
+    # sample's gather, which the signalled one never joined
+    if stopped or step < t.steps or t.sample_tokens < 1:
         if primary:
             say(f"outputs in {out}: metrics.jsonl, tb/, ckpt/ (steps {saved_steps}), {plot.name}")
         return result
@@ -712,8 +739,7 @@ def train(cfg, mesh_shape: dict) -> dict:
     if primary:
         (out / "sample.txt").write_text(sample)
         say("sample:\n" + sample)
-        # a run resumed at its last step from a save between evaluations (no eval loss) evaluated nothing
-        if first_eval is not None and last_eval is not None:
+        if first_eval is not None and last_eval is not None:  # (None: a checkpoint saved before first_eval was)
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "
                 f"{perplexity(last_eval):.4g}) in {result['wall_s']:.0f} s")
         say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {out / 'tb'}), ckpt/ (steps "

@@ -282,3 +282,46 @@ def test_an_error_on_one_process_before_training_ends_every_process(tmp_path):
     assert "OSError: [Errno 28] No space left on device (injected on process 1)" in outs[1][1], outs[1][1][-2000:]
     assert "process 1: exiting at once so the job's other processes stop too" in outs[1][1], outs[1][1][-2000:]
     assert time.time() - t0 < 60
+
+
+SIGTERM_ON_PROCESS_1 = """
+import os
+import signal
+import sys
+
+import jax
+
+import experiments.lm_step as lm_step
+from experiments import train_lm
+
+make = lm_step.make_state_step
+
+
+def signalled(*args, **kwargs):  # process 1 gets a SIGTERM during its second step
+    step, calls = make(*args, **kwargs), [0]
+
+    def fn(state, batch):
+        calls[0] += 1
+        if jax.process_index() == 1 and calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, batch)
+    return fn
+
+
+lm_step.make_state_step = signalled
+train_lm.main(sys.argv[1:])
+"""
+
+
+def test_a_sigterm_on_one_process_mid_training_stops_every_process_at_one_saved_step(tmp_path):
+    """jax.distributed.initialize starts a preemption notifier that takes SIGTERM over below Python: with the
+    trainer's handler installed before it (first thing in main, for a SIGTERM during the startup), the signal went
+    to the notifier and the job trained on to its end. Both processes stop after step 2, saved, status 0."""
+    wrapper = tmp_path / "sigterm_on_1.py"
+    wrapper.write_text(SIGTERM_ON_PROCESS_1)
+    procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "8",
+                                                      "--set", "train.sample_tokens=0"], timeout=150,
+                               entry=(str(wrapper),))
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert "SIGTERM on another process: saved step 2; exiting" in outs[0][0], outs[0][0][-2000:]
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "ckpt").iterdir() if p.name.isdigit()) == [2]

@@ -635,18 +635,26 @@ def test_load_model_reads_without_moving_anything(runs, tmp_path):
     assert not (tmp_path / "no_such_run").exists()
 
 
-def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_finishes(runs, tmp_path):
+def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_ends_with_its_eval(runs, tmp_path):
     """A checkpoint saved between evaluations (save_every off eval_every, a SIGTERM save) carries no eval loss; a
-    rerun with train.steps at that step (what the 'past train.steps' error suggests) trains nothing and then
-    crashed on its summary line formatting last_eval None (TypeError) after writing the sample."""
-    out = tmp_path / "run"
-    shutil.copytree(runs[0], out)
+    rerun with train.steps at that step (what the 'past train.steps' error suggests) trains nothing. It crashed on
+    its summary line (last_eval None), then finished with no eval loss at all (None in the summary, no final eval
+    record), where a fresh run always ends with one: it evaluates its final parameters, as the uninterrupted run
+    did at that step."""
+    ref, out = runs[0], tmp_path / "run"
+    shutil.copytree(ref, out)
     shutil.rmtree(out / "ckpt" / "12")
     meta = out / "ckpt" / "8" / "meta" / "metadata"  # step 8 as saved between evaluations (the arrays' checksum
     meta.write_text(json.dumps(dict(json.loads(meta.read_text()), eval_loss=None)))  # is not over the meta)
     result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=8", "--set", "train.sample_tokens=2",
                             "--set", "train.progress=false"])
-    assert result["step"] == 8 and result["last_eval"] is None and result["first_eval"] is not None
+    evals = {r["step"]: r["loss"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "eval"}
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["step"] == 8 and result["first_eval"] == evals[0], result
+    # the same parameters and held-out batches as the uninterrupted run's evaluation at step 8 (float32 sums)
+    assert (final["kind"], final["step"]) == ("eval", 8) and final["loss"] == result["last_eval"]
+    np.testing.assert_allclose(result["last_eval"], evals[8], rtol=1e-6)
     assert (out / "sample.txt").exists()
 
 
@@ -687,9 +695,9 @@ def test_a_sigterm_stopped_run_says_so_on_its_own_line_and_plots_its_curve(tmp_p
 
     real, calls = distributed.any_process, []
 
-    def any_process(flag):  # the loop asks once per step: the signal arrives during step 2, seen after step 3
-        calls.append(flag)
-        if len(calls) == 2:
+    def any_process(flag):  # asked before the first step, then once per step: the signal arrives during step 2,
+        calls.append(flag)  # seen after step 3
+        if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(flag)
 
@@ -723,3 +731,36 @@ def test_a_run_resumes_under_its_own_prng_implementation_and_another_is_named(tm
     assert model.cfg == load(TINY).model
     with jax.default_prng_impl("rbg"):
         assert train_lm.main([*args, "--set", "train.steps=2"])["step"] == 2
+
+
+def test_sigterm_during_the_startup_stops_the_run_in_order(runs, tmp_path, monkeypatch, capsys):
+    """The handler was installed just before the loop, after JAX's import, the corpus, the restore and the model
+    (6 s of the tiny preset): a SIGTERM in those seconds killed the run (status 143, -15 here). Installed first in
+    main, the signal is remembered and the run stops before its first step: nothing trained, nothing new saved,
+    status 0; the caller's handler is back afterwards."""
+    from experiments import config
+
+    real = config.load
+
+    def load_then_signal(*a, **k):  # the signal arrives while the command line is read, before JAX is set up
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    def caller(signum, frame):
+        raise AssertionError("SIGTERM reached the caller's handler: the run had none installed")
+
+    monkeypatch.setattr(config, "load", load_then_signal)
+    old = signal.signal(signal.SIGTERM, caller)
+    try:
+        fresh = train_lm.main([*TINY, "--out", str(tmp_path / "fresh")])
+        resumed = tmp_path / "resumed"
+        shutil.copytree(runs[0], resumed)
+        again = train_lm.main([*TINY, "--out", str(resumed), "--set", "train.steps=16"])
+        assert signal.getsignal(signal.SIGTERM) is caller
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    log = capsys.readouterr().out
+    assert fresh["step"] == 0 and fresh["first_eval"] is None and not any((tmp_path / "fresh" / "ckpt").glob("[0-9]*"))
+    assert "SIGTERM before the first step: nothing new to save (nothing trained); exiting" in log, log
+    assert again["step"] == 12 and restore(resumed)[1]["step"] == 12  # the newest checkpoint is still step 12
+    assert "SIGTERM before the first step: nothing new to save (the run resumes from step 12); exiting" in log, log
