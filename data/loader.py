@@ -627,28 +627,38 @@ class LMLoader:
 
     def get_state(self) -> dict:
         """{"grain": the iterator's position, "stream": what made the batch sequence (sources, tokenizer, the
-        LoaderConfig fields that order or cut it, the process)}: `set_state` refuses a state of another stream."""
+        LoaderConfig fields that order or cut it, the process), and, once a finite stream has ended, "counts": its
+        `dropped` and `unread`}: `set_state` refuses a state of another stream."""
         # (the stream through _jsonable too: LoaderConfig takes numpy ints, which json.dumps refuses)
-        return {"grain": _jsonable(self._it.get_state()), "stream": _jsonable(self._stream)}
+        state = {"grain": _jsonable(self._it.get_state()), "stream": _jsonable(self._stream)}
+        # counted at the next() that ended the stream, which a restored iterator never replays: a state saved after
+        # the end restored a loader that reported nothing dropped (or unread)
+        if any(self.dropped.values()) or any(self.unread.values()):
+            state["counts"] = {"dropped": dict(self.dropped), "unread": dict(self.unread)}
+        return state
 
     def set_state(self, state: dict) -> None:
         """Resume at a `get_state()` position; a state of another stream (or that does not fit this loader) raises
         StreamMismatch, naming what differs. The batches do not depend on worker_count, but grain's state does:
         resume with the worker_count it was saved with (0 and > 0 differ, and fewer workers than saved fail)."""
-        if isinstance(state, dict) and set(state) == {"grain", "stream"}:  # (older states: grain's alone)
+        counts = None
+        if isinstance(state, dict) and set(state) in ({"grain", "stream"}, {"grain", "stream", "counts"}):
+            # (older states: grain's alone)
             if differ := [k for k in self._stream if not _same_stream(k, state["stream"].get(k), self._stream[k])]:
                 raise StreamMismatch("LMLoader.set_state: the state was saved by a loader over another stream ("
                                  + "; ".join(f"{k}: saved {state['stream'].get(k)}, now {self._stream[k]}"
                                              for k in differ)
                                  + "); its position would point elsewhere in this one. Restore with the sources, "
                                    "tokenizer and LoaderConfig it was saved with, or start this loader fresh")
-            state = state["grain"]
+            state, counts = state["grain"], state.get("counts")
         try:
             self._it.set_state(_restore_tuples(state))
         except (KeyError, TypeError, IndexError) as e:
             raise StreamMismatch(f"LMLoader.set_state: the state does not fit this loader ({type(e).__name__}: {e}); "
                              "it was saved by a loader with another LoaderConfig (worker_count, tokenize_batch) "
                              "or other sources: restore with the config it was saved with") from e
+        self.dropped = dict(counts["dropped"]) if counts else {"batches": 0, "rows": 0, "tokens": 0, "documents": 0}
+        self.unread = dict(counts["unread"]) if counts else {"batches": 0, "rows": 0, "tokens": 0}
 
     def close(self):
         if hasattr(self._it, "close"):

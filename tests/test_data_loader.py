@@ -582,6 +582,23 @@ def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
     assert loader.dropped == {"batches": 1, "rows": 2, "tokens": 27, "documents": 4}
 
 
+def test_a_state_saved_after_the_end_keeps_the_dropped_count(tmp_path):
+    """A finite stream's last, partial batch is dropped (and counted) at the next() that ends it: a state saved after
+    that (a custom loop's final checkpoint) restored a loader that reported nothing dropped, where the run left alone
+    reported 1 batch of 2 rows, 27 tokens, 4 documents."""
+    path = write_tier(tmp_path / "t", [f"doc {i:02d}" for i in range(13)], shards=1)
+    cfg = LoaderConfig(seq_len=16, global_batch_size=4, num_epochs=1, shuffle=False)
+    loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    with pytest.warns(UserWarning, match="drop_remainder=True"):
+        list(loader)
+    state = json.loads(json.dumps(loader.get_state()))
+    resumed = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    resumed.set_state(state)
+    assert list(resumed) == []
+    assert resumed.dropped == loader.dropped == {"batches": 1, "rows": 2, "tokens": 27, "documents": 4}
+    assert resumed.unread == loader.unread
+
+
 def test_a_process_stopped_by_another_counts_its_remainder_as_dropped(corpus, monkeypatch):
     """drop_remainder=True on 2 processes: the full batches left are `unread`, the partial last one `dropped` (it
     would have been dropped anyway; before, it was counted nowhere)."""
