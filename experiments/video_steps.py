@@ -32,13 +32,18 @@ def shard(batch, mesh):
     """Rows along the batch axes: captions [B, L] as `parallel.shard_batch` does (L over 'sequence'); clips and
     latents [B, T, ...] and per-example vectors [B] on the batch axes only (their frame axis, 1 + 4k long, is
     not a token axis: the DiT shards its own tokens)."""
-    def one(x):
+    def one(path, x):
         x = jnp.asarray(x)
         if x.ndim == 2:
             return shard_batch(x, mesh)
-        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh)))
+        # with the shape, a B the batch axes do not divide is named with the fix (jax's IndivisibleError named neither)
+        try:
+            spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh, x.shape)
+        except ValueError as e:
+            raise ValueError(f"shard: batch{jax.tree_util.keystr(path)}, an array {x.shape}: {e}") from None
+        return jax.device_put(x, NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, batch)
+    return jax.tree_util.tree_map_with_path(one, batch)
 
 
 def shardings_of(tree):

@@ -114,6 +114,17 @@ def test_dit_shapes_dtypes_and_param_count(attention, dtype):
         assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-2
 
 
+def test_dit_names_a_float_caption_mask_without_offering_an_inverting_fix():
+    """A 1.0 / 0.0 caption mask reached `attention`, whose message (an additive bias: pass `bias == 0`) would have
+    inverted it; integer masks keep working."""
+    cfg = dataclasses.replace(DIT, latent_shape=(1, 2, 2), patch=(1, 1, 1), n_layers=1)
+    model = VideoDiT(cfg, rngs=nnx.Rngs(0))
+    x, t = jnp.zeros((1, 1, 2, 2, 4)), jnp.asarray([0.5])
+    text, valid, pooled = text_inputs(1, E=cfg.text_dim)
+    with pytest.raises(ValueError, match=r"text_valid_BL must be a bool mask .*got float32.*text_valid_BL > 0"):
+        model(x, t, text, valid.astype(jnp.float32), pooled)
+    np.testing.assert_array_equal(model(x, t, text, valid.astype(jnp.int32), pooled), model(x, t, text, valid, pooled))
+
 @pytest.mark.parametrize("changes", [dict(), dict(attention="full"), dict(pooled_text=False, qk_norm=False),
                                      dict(patch=(3, 2, 2), head_dim=24)])
 def test_t2v_param_count_matches_modules(changes):
@@ -396,6 +407,15 @@ def test_vae_flops_match_cost_analysis():
         assert _valid_taps(k, n) == sum(sum(0 <= i + d < n for d in range(-(k // 2), k // 2 + 1)) for i in range(n))
 
 
+
+@pytest.mark.parametrize("frames,size,field", [(8, 16, "temporal_factor"), (9, 18, "spatial_factor"),
+                                               (0, 16, "latent_shape")])
+def test_vae_flops_refuse_a_clip_the_vae_refuses(frames, size, field):
+    """flops_per_clip(8, 16, 16) counted 58.4 MFLOP (and 9×18×18 82.8) for clips `encode` refuses."""
+    with pytest.raises(ValueError, match=f"VAEConfig.{field}"):
+        VAE.flops_per_clip(frames, size, size)
+    assert VAE.flops_per_clip(1, 16, 16) > 0  # a single frame (an image) is a clip
+
 # ---- invariants -------------------------------------------------------------------------------------------
 
 
@@ -623,6 +643,14 @@ def test_text_encoder_is_bidirectional_and_ignores_padding():
     np.testing.assert_allclose(short.pooled_BE, out.pooled_BE, atol=1e-5)
 
 
+
+def test_text_encoder_names_the_field_and_fix_for_captions_past_max_seq_len():
+    """Captions of 1 token encode; 9 tokens on max_seq_len=8 were refused naming neither the config field nor a fix."""
+    enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))
+    assert enc(jnp.asarray([[5]])).tokens_BLE.shape == (1, 1, 16)
+    with pytest.raises(ValueError, match=r"9 tokens exceed .*TransformerConfig.max_seq_len=8.*truncate"):
+        enc(jnp.ones((1, 9), jnp.int32))
+
 def test_caption_dropout_rate_and_null():
     tok = jnp.tile(jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]]), (4000, 1))
     null = jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0])
@@ -687,6 +715,18 @@ def test_video_batches_shard_rows_not_frames_under_a_sequence_axis():
     assert tuple(out["tokens"].sharding.spec) == ("data", "sequence")
     assert tuple(out["caption_id"].sharding.spec) == ("data",)
 
+
+
+def test_video_batches_name_an_array_whose_batch_the_mesh_does_not_divide():
+    """Clips, latents and caption ids raised jax's IndivisibleError, naming neither the array nor the fix."""
+    from experiments.video_steps import shard
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 4, "sequence": 2})
+    for key, shape in (("latents", (2, 3, 8, 8, 8)), ("caption_id", (6,))):
+        with pytest.raises(ValueError, match=rf"shard: batch\['{key}'\].*'batch' of size {shape[0]} does not divide "
+                                             r"mesh axes.*multiple of 4"):
+            shard({key: np.zeros(shape, np.float32)}, mesh)
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])
 def test_bf16_dit_gradient_keeps_its_products_in_bf16_on_cpu(attention):

@@ -158,6 +158,8 @@ class VAEConfig:
         """Multiply-add FLOPs of encoder + decoder for one clip (norms and activations excluded). Spatial
         taps that fall on 'same' padding are not counted (sum over rows of the taps inside the map, p = kh // 2);
         causal temporal taps on the repeated first frame are real work and are counted."""
+        # a clip `encode` refuses (8 frames, 18×18) was counted as if the halvings divided it
+        self.latent_shape(frames, height, width)
         total = 0
         for T, H, W, k, fi, fo in self._layers(frames, height, width):
             if k is None:

@@ -109,6 +109,11 @@ def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) ->
     need(text_valid_BL is not None and shape(text_valid_BL) == shape(text_BLE)[:2],
          f"text_valid_BL must be a [B, L]={list(shape(text_BLE)[:2])} mask of the caption tokens, got "
          f"{None if text_valid_BL is None else list(shape(text_valid_BL))}")
+    # a float 1 / 0 mask reached `attention`, whose fix for an additive bias (`bias == 0`) would invert this one
+    dt = jnp.result_type(text_valid_BL)
+    need(dt == jnp.bool_ or jnp.issubdtype(dt, jnp.integer),
+         f"text_valid_BL must be a bool mask (True = a caption token, False = padding), got {dt}; pass "
+         "text_valid_BL > 0")
     need(pooled_BE is None or shape(pooled_BE) == (B, cfg.text_dim),
          f"pooled_BE must be [B={B}, DiTConfig.text_dim={cfg.text_dim}], got {list(shape(pooled_BE))}")
 

@@ -72,7 +72,9 @@ class TextEncoder(nnx.Module):
         B, L = tokens_BL.shape
         tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)  # out-of-range ids would gather NaN rows
         if L > cfg.max_seq_len:
-            raise ValueError(f"captions of {L} tokens exceed the text encoder's max_seq_len={cfg.max_seq_len}")
+            raise ValueError(f"captions of {L} tokens exceed the text encoder's TransformerConfig.max_seq_len="
+                             f"{cfg.max_seq_len} (TextToVideoConfig.text): truncate the captions to {cfg.max_seq_len} "
+                             "tokens or raise max_seq_len")
         valid_BL = tokens_BL != self.pad_id
         positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         ctx = _Ctx(cfg, positions_BL, None, valid_BL, inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling),
