@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.config import at_least  # noqa: E402
+from experiments.run_log import read_curves  # noqa: E402
 
 
 def rss() -> int:
@@ -169,10 +171,12 @@ def demo_run(out):
     p = subprocess.run([sys.executable, "-m", "experiments.train_lm", "--out", out, "--set", "train.progress=False"],
                        capture_output=True, text=True)
     wall = time.time() - t0
-    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    target = [r for r in rows if r["kind"] == "target"]
-    hit = target[0] if target else {}
+    # the last record of a step (run_log.read_curves): a step replayed after a resume is logged again, and its last
+    # record is the one the checkpoint kept; of the target records the last written (a run killed after crossing
+    # the target, before its next save, crosses it again when resumed: the first was the killed attempt's time)
+    evals = [r for _, r in sorted(read_curves(pathlib.Path(out) / "metrics.jsonl").get("eval", {}).items())]
+    target = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "target"]
+    hit = target[-1] if target else {}
     row = {"state": "demo run", "returncode": p.returncode, "wall_s": wall, "eval_target": hit.get("eval_target"),
            "target_wall_s": hit.get("wall_s"), "target_step": hit.get("step"),
            "eval_first": evals[0]["loss"], "eval_last": evals[-1]["loss"]}

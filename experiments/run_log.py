@@ -159,21 +159,23 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
 
     records = read_curves(out / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, key, label, style in curves:
-        pts = [(s, r[key]) for s, r in sorted(records.get(kind, {}).items()) if key in r]
-        if pts:
-            ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],  # null: a non-finite loss
-                    style, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel or f"loss (nats / {unit})")
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.lines:  # (legend() warns when there is nothing to label: a run stopped before its first record)
-        ax.legend()
-    fig.tight_layout()
-    path = write_atomically(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    try:  # closed however the save ends (as video_eval.write_overview): pyplot keeps every open figure
+        for kind, key, label, style in curves:
+            pts = [(s, r[key]) for s, r in sorted(records.get(kind, {}).items()) if key in r]
+            if pts:
+                ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],  # null: a non-finite loss
+                        style, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel or f"loss (nats / {unit})")
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.lines:  # (legend() warns when there is nothing to label: a run stopped before its first record)
+            ax.legend()
+        fig.tight_layout()
+        path = write_atomically(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -305,6 +305,41 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
+def best_given_up(ckpt_dir, keep: int) -> tuple[int, float] | None:
+    """(step, eval loss) of the best checkpoint in `ckpt_dir` (the lowest eval loss orbax recorded while keep_best
+    was on) if a run resumed with keep_best off deletes it at its next save: that save keeps only the newest `keep`
+    steps, itself and the newest keep - 1 already there. None when no step was ranked, or the best is kept."""
+    ckpt_dir = pathlib.Path(ckpt_dir)
+    steps = sorted(int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()) if ckpt_dir.is_dir() else []
+    scored = []
+    for s in steps:
+        try:
+            loss = json.loads((ckpt_dir / str(s) / "metrics" / "metrics").read_text())["eval_loss"]
+        except (OSError, ValueError, KeyError, TypeError):  # no metrics (a save between evaluations): not ranked
+            continue
+        if isinstance(loss, int | float) and loss == loss:
+            scored.append((loss, s))
+    if not scored:
+        return None
+    loss, best = min(scored)
+    return None if best in steps[max(0, len(steps) - (keep - 1)):] else (best, float(loss))
+
+
+def skipped_line(skipped: dict[str, dict[str, int]]) -> str:
+    """The run summary's line on documents the loaders left out (LMLoader.skipped of the train and held-out
+    loaders, this process's), or "" when none was: 'no_target' ones (fewer than 2 tokens: a tokenizer without EOS,
+    one-token documents) are in no batch, 'mixture_end' ones a finite mixture left unread."""
+    why = {"no_target": "of fewer than 2 tokens, in no batch (no target: a tokenizer without EOS, one-token "
+                        "documents; ByteTokenizer(add_eos=True) or data.pipeline's min_chars keeps every document)",
+           "mixture_end": "left unread at a finite mixture's end"}
+    reasons = dict.fromkeys(k for counts in skipped.values() for k in counts)
+    parts = [f"{' and '.join(f'{c[k]:,} {split}' for split, c in skipped.items() if c.get(k))} documents "
+             f"{why.get(k, k)}" for k in reasons if any(c.get(k) for c in skipped.values())]
+    if not parts:
+        return ""
+    return f"data: skipped {'; '.join(parts)}"
+
+
 def _get(d, *keys, default=None):
     for k in keys:
         if not isinstance(d, dict) or k not in d:
@@ -512,6 +547,7 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
                                                           num_epochs=1), mesh=mesh)
     eval_batches = list(itertools.islice(held, cfg.data.eval_batches))  # the same held-out rows every time
     held.close()
+    held_skipped = held.skipped  # documents of the held-out text read that no eval batch holds (said at the end)
     if len(eval_batches) < cfg.data.eval_batches:  # a repeating loader would count part of the held-out text twice
         loader.close()
         if not eval_batches:  # "use at most 0" named a value validate() refuses: the batch is what must shrink
@@ -544,6 +580,14 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
         # whose check printed every warning a second time
         warnings[int(meta["step"])] = [f"warning: resuming step {meta['step']} with a changed {w}: "
                                        f"{next(v for k, v in RESUME_WARNINGS if w.startswith(k))}" for w in warned]
+        # keep_best turned off: LatestN alone deletes the step BestN kept, at the next save, silently
+        if json.loads(meta["config"])["train"].get("keep_best", True) and not t.keep_best and (
+                lost := best_given_up(out / "ckpt", t.keep)):
+            warnings[int(meta["step"])].append(
+                f"warning: resuming step {meta['step']} with train.keep_best off (saved on): the best checkpoint, "
+                f"step {lost[0]} (eval loss {lost[1]:.4f}), is deleted at the next save (train.keep={t.keep}: only "
+                f"the newest {t.keep} are kept); --set train.keep_best=True keeps it, or copy "
+                f"{out / 'ckpt' / str(lost[0])} aside first")
 
     warnings: dict[int, list[str]] = {}
 
@@ -704,14 +748,18 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
         stop.restore()
         ckpt.close()
         saved_steps = ckpt.steps()
+        skipped_docs = {"train": loader.skipped, "held-out": held_skipped}
         loader.close()
         log.close()
 
     unit = "byte" if cfg.data.tokenizer is None else "token"  # the plot's loss unit (a BPE's were labelled bytes)
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
-              "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start}
+              "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start,
+              "documents_skipped": skipped_docs}
     if primary:  # every exit with metrics on disk plots them: a halted or stopped run's curve is the one to look at
         plot = plot_losses(out, unit)
+        if line := skipped_line(skipped_docs):  # the loader's warning went by once, among the startup's lines
+            say(line)
     if halted is not None:
         good = saved_steps
         raise SystemExit(f"halted at step {halted} (nan_policy=halt); newest good checkpoint: "

@@ -5,7 +5,8 @@
 Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel normalised) and trains
 the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
-read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used); their
+read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used; a DiT
+checkpoint records the fingerprint of the VAE whose latents it trained on, and is not resumed on another); their
 losses go to <out>/metrics.jsonl (kind 'vae' / 't2v', every 25 steps and the last) and <out>/tb/vae, <out>/tb/t2v
 (TensorBoard: a run per stage, each stage counting its steps from 1; a stage resumed or retrained first drops its
 records past the step it starts from), plotted in <out>/loss_vae.png and
@@ -189,8 +190,8 @@ def plot_stage(out: pathlib.Path, stage: str) -> pathlib.Path:
 
 def remove_media(out: pathlib.Path) -> list[str]:
     """Delete a run's overview.png and samples/ (an evaluation with --no-media would leave an earlier model's
-    beside its own results); the names it removed."""
-    stale = [n for n in ("overview.png", "samples") if (out / n).exists()]
+    beside its own results), and overview.png.tmp (a write cut short by a kill); the names it removed."""
+    stale = [n for n in ("overview.png", "overview.png.tmp", "samples") if (out / n).exists()]
     for n in stale:
         shutil.rmtree(out / n) if (out / n).is_dir() else (out / n).unlink()
     return stale
@@ -446,16 +447,28 @@ def targets_met(results: dict, scales) -> dict[str, bool]:
 
 
 def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z, tokens, combo, log=None,
-              stop=None):
+              stop=None, vae_fingerprint: str | None = None):
     """Stage 2: train the DiT (+ aligner) on latents z with their caption tokens, keeping an EMA of the weights
-    (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes). stop: as train_vae's."""
+    (resuming from out/ckpt/t2v); returns (graphdef, the EMA weights in the params' dtypes). stop: as train_vae's.
+    vae_fingerprint: `fingerprint` of the VAE whose latents z are, saved with each checkpoint; a checkpoint saved
+    with another one is refused (SystemExit naming the fix), one saved before it was recorded resumes (None: no
+    check, nothing recorded)."""
     null = null_tokens(p.data.max_caption_len)
     opt = make_optimizer(p.dit_lr, total_steps=p.dit_steps, warmup_steps=_warmup(p.dit_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     ema = ema_init(params)  # float32 whatever param_dtype; restored as float32 too
     mgr = manager(out / "ckpt" / "t2v")
+
+    def same_vae(meta):  # the settings match (check_resume), but a VAE retrained (ckpt/vae deleted) is another one
+        was = meta.get("vae_fingerprint")
+        if vae_fingerprint is not None and was is not None and was != vae_fingerprint:
+            raise SystemExit(f"t2v: {out / 'ckpt' / 't2v'} (step {meta.get('step')}) was trained on the latents of "
+                             f"another VAE (fingerprint {was}, this run's {out / 'ckpt' / 'vae'} is {vae_fingerprint}:"
+                             f" retrained since); delete {out / 'ckpt' / 't2v'} to train the DiT on this VAE's "
+                             "latents, or pass --fresh to start over")
+
     start = 0
-    if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema})) is not None:
+    if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema}, check=same_vae)) is not None:
         start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
         print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps")
@@ -483,7 +496,8 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps,
-                  "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl})
+                  "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl,
+                  **({} if vae_fingerprint is None else {"vae_fingerprint": vae_fingerprint})})
             if log is not None:
                 log.flush()
         if stopping:
@@ -524,13 +538,14 @@ def load_video_model(out, preset: str | Preset = "default"):
         raise ValueError(f"load_video_model: preset={preset!r} is not one of {sorted(PRESETS)}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     out = pathlib.Path(out)
-    metas = {}
+    metas, dit_vae = {}, None
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
         latest = latest_meta(manager(out / "ckpt" / stage, read_only=True)) if (out / "ckpt" / stage).is_dir() else None
         if latest is None:
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
         metas[stage] = latest[1].get("settings", {})
+        dit_vae = latest[1].get("vae_fingerprint") if stage == "t2v" else dit_vae
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
     made = _json_dict(metas["t2v"].get("latents"))
     # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
@@ -568,6 +583,10 @@ def load_video_model(out, preset: str | Preset = "default"):
         # read only (a training job may be writing beside): a corrupt newest step is left in place and skipped
         vae_params = restore(manager(out / "ckpt" / "vae", read_only=True), {"params": vae_abstract})[1]["params"]
         ema = restore(manager(out / "ckpt" / "t2v", read_only=True), {"ema": ema_abstract})[1]["ema"]
+    if dit_vae is not None and dit_vae != (now := fingerprint(vae_params)):  # a VAE retrained after the DiT
+        raise ValueError(f"load_video_model: {out / 'ckpt' / 't2v'} was trained on the latents of another VAE "
+                         f"(fingerprint {dit_vae}) than {out / 'ckpt' / 'vae'} holds ({now}); rerun the run's "
+                         f"train_video command after deleting {out / 'ckpt' / 't2v'} to train a DiT on this VAE")
     weights = ema_cast(ema, t2v_abstract)
     null = null_tokens(p.data.max_caption_len)
 
@@ -706,8 +725,8 @@ def main(argv=None):
         enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
         dec = jax.jit(lambda vp, z: nnx.merge(vae_gd, vp).decode(z))
         t1 = time.time()
-        z, tokens, combo, stats = prepare_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out,
-                                                  fingerprint(vae_params))
+        vae_print = fingerprint(vae_params)  # the latents' VAE: the cache and the DiT's checkpoints are checked by it
+        z, tokens, combo, stats = prepare_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out, vae_print)
         timings["encode_s"] = time.time() - t1
 
         real, z_real, vae_psnr, real_row = heldout_reconstruction(
@@ -718,7 +737,8 @@ def main(argv=None):
         log = stage_logger(out, "t2v")
         stop = Stop()
         try:
-            gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log, stop)
+            gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log, stop,
+                                vae_fingerprint=vae_print)
         finally:  # (as the VAE's)
             stop.restore()
             log.close()

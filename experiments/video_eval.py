@@ -238,16 +238,18 @@ def write_overview(path, videos: dict, sets: dict, data_cfg: MovingShapesConfig,
     cols = 8
     rows = math.ceil(len(items) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, rows * 0.95))
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (text, split, clip) in zip(axes.ravel(), items):
-        T = clip.shape[0]
-        strip = np.concatenate([to_uint8(clip[i]) for i in (0, T // 2, T - 1)], axis=1)
-        ax.imshow(strip, interpolation="nearest")
-        ax.set_title(text.replace("moving ", "→ "), fontsize=6.5, color={"seen": "black", "held-out": "red"}.get(
-            split, "grey"))
-    fig.suptitle(f"first / middle / last frame at CFG {scale:g}; red = held-out combination, grey = null prompt",
-                 fontsize=8)
-    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.97))  # room for the title
-    write_atomically(pathlib.Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    try:  # closed however the save ends: pyplot keeps every open figure (a failed save leaked one per call)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, (text, split, clip) in zip(axes.ravel(), items):
+            T = clip.shape[0]
+            strip = np.concatenate([to_uint8(clip[i]) for i in (0, T // 2, T - 1)], axis=1)
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_title(text.replace("moving ", "→ "), fontsize=6.5, color={"seen": "black", "held-out": "red"}.get(
+                split, "grey"))
+        fig.suptitle(f"first / middle / last frame at CFG {scale:g}; red = held-out combination, grey = null prompt",
+                     fontsize=8)
+        fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.97))  # room for the title
+        write_atomically(pathlib.Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

@@ -140,3 +140,34 @@ def test_train_step_gives_torch_the_cores_the_process_may_run_on(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert out["machine"]["cores"] == 1 and out["machine"]["torch_threads"] == 1
+
+
+def test_ckpt_overhead_demo_reads_the_target_record_its_checkpoint_kept(tmp_path, monkeypatch):
+    """A demo run killed after it first reached its eval target but before its next save logs the crossing twice
+    at one step (the resumed attempt replays it): the killed attempt's wall time first, then the resumed one's,
+    which the checkpoint keeps (measured: 6.6 s, then 11.6 s in target_time_s). demo_run took the first."""
+    import json
+    import subprocess
+
+    import jax
+
+    from experiments.run_log import Logger
+
+    jax.devices()  # (the backend is up: the import's device-count setting must leave it alone)
+    from benchmarks import ckpt_overhead
+
+    def fake_run(cmd, **kw):  # the demo run's metrics.jsonl as the killed-and-resumed run above left it
+        log = Logger(tmp_path, True)
+        for r in ({"kind": "eval", "step": 0, "loss": 5.7}, {"kind": "eval", "step": 4, "loss": 4.9},
+                  {"kind": "target", "step": 4, "eval_target": 5.3, "wall_s": 6.6},
+                  {"kind": "eval", "step": 4, "loss": 4.9},
+                  {"kind": "target", "step": 4, "eval_target": 5.3, "wall_s": 11.6},
+                  {"kind": "eval", "step": 12, "loss": 4.1}):
+            log.write(r)
+        log.close()
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ckpt_overhead.subprocess, "run", fake_run)
+    row = ckpt_overhead.demo_run(str(tmp_path))
+    assert (row["target_wall_s"], row["target_step"], row["eval_first"], row["eval_last"]) == (11.6, 4, 5.7, 4.1)
+    json.dumps(row)

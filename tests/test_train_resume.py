@@ -764,3 +764,46 @@ def test_sigterm_during_the_startup_stops_the_run_in_order(runs, tmp_path, monke
     assert "SIGTERM before the first step: nothing new to save (nothing trained); exiting" in log, log
     assert again["step"] == 12 and restore(resumed)[1]["step"] == 12  # the newest checkpoint is still step 12
     assert "SIGTERM before the first step: nothing new to save (the run resumes from step 12); exiting" in log, log
+
+
+def test_turning_keep_best_off_on_resume_warns_which_best_step_is_given_up(tmp_path, capsys):
+    """A run resumed with train.keep_best off lost its best checkpoint at the next save (keep-last-N alone deletes
+    it) with no word, while other changed settings are warned of on resume. The warning names the step and its
+    eval loss; with keep_best left on nothing is said."""
+    short = [*TINY, "--out", str(tmp_path), "--set", "train.keep=1", "--set", "train.save_every=1",
+             "--set", "optim.warmup_steps=0", "--set", "train.progress=False"]
+    train_lm.main([*short, "--set", "train.steps=2"])  # saves 1 (no eval), 2 (evaluated: the best)
+    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [2]
+    capsys.readouterr()
+    train_lm.main([*short, "--set", "train.steps=3", "--set", "train.keep_best=False"])
+    printed = capsys.readouterr().out
+    assert ("warning: resuming step 2 with train.keep_best off (saved on): the best checkpoint, step 2 (eval loss "
+            in printed and "is deleted at the next save (train.keep=1: only the newest 1 are kept)" in printed), printed
+    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [3]  # as it said
+    assert train_lm.best_given_up(tmp_path / "ckpt", 1) is None  # nothing ranked any more: nothing to warn of
+
+
+def test_documents_the_loader_skips_are_said_in_the_run_summary(tmp_path, capsys):
+    """Documents of fewer than 2 tokens (a tokenizer without EOS, one-token documents) are in no batch; the loader
+    counts them (LMLoader.skipped) but the run never reported the counts. The summary says them, and returns them."""
+    from data.shards import DocWriter
+    from data.tokenizer import train_bpe
+
+    for tier, texts in (("train", ["some training text " * 40] * 8 + ["a"] * 3),
+                        ("held", ["held-out text " * 60] * 4 + ["a"])):
+        w = DocWriter(tmp_path / tier / "shard-00000.array_record")
+        for i, text in enumerate(texts):
+            w.write({"id": f"{tier}{i}", "text": text})
+        w.commit()
+    with pytest.warns(UserWarning):  # (the corpus is too small for 300 ids; the loader's own one-off warning)
+        train_bpe(["some training text held-out a"] * 20, vocab_size=300, special_tokens=(),
+                  show_progress=False).save(tmp_path / "tok.json")  # no EOS: "a" is one token
+        result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", f"data.train_dir={tmp_path / 'train'}",
+                                "--set", f"data.eval_dir={tmp_path / 'held'}", "--set",
+                                f"data.tokenizer={tmp_path / 'tok.json'}", "--set", "train.steps=2", "--set",
+                                "optim.warmup_steps=0", "--set", "train.progress=False"])
+    assert result["documents_skipped"] == {"train": {"no_target": 3, "mixture_end": 0},
+                                           "held-out": {"no_target": 1, "mixture_end": 0}}
+    said = capsys.readouterr().out
+    assert "data: skipped 3 train and 1 held-out documents of fewer than 2 tokens, in no batch" in said, said
+    assert train_lm.skipped_line({"train": {"no_target": 0, "mixture_end": 0}}) == ""

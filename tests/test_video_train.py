@@ -979,3 +979,100 @@ def test_heldout_psnr_is_over_one_batch_of_heldout_clips_and_targets_are_judged_
     results[("cfg 4", "seen")]["direction"] = 0.79
     assert train_video.targets_met(results, (1.0, 4.0)) == {"colour >= 0.90 (seen)": True,
                                                             "direction >= 0.80 (seen)": False}
+
+
+def test_a_dit_checkpoint_resumes_only_on_the_vae_it_was_trained_on(tmp_path, monkeypatch, capsys):
+    """With only ckpt/vae deleted (the VAE retrained: another mesh, another machine), the old DiT checkpoint was
+    resumed on the new VAE's latents: the check compared settings only. Its checkpoints record the VAE's fingerprint
+    (as the latents cache does) and one of another VAE is refused, naming the fix; one saved before the fingerprint
+    was recorded still resumes."""
+    import dataclasses
+
+    from parallel import make_mesh
+
+    monkeypatch.setattr(train_video, "make_t2v_step", _fake_t2v_step([]))
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    z, tok, combo = np.zeros((16, 2, 4, 4, 4), np.float32), np.zeros((16, 8), np.int32), np.zeros(16, np.int32)
+
+    def run(steps, vae, out=tmp_path):
+        p = dataclasses.replace(train_video.PRESETS["tiny"], dit_steps=steps)
+        with jax.set_mesh(mesh):
+            train_video.train_t2v(p, out, mesh, 0, None, {"w": jnp.zeros((4,), jnp.float32)}, z, tok, combo,
+                                  vae_fingerprint=vae)
+        return capsys.readouterr().out
+
+    run(3, "vae-a")
+    assert train_video.latest_meta(manager(tmp_path / "ckpt" / "t2v"))[1]["vae_fingerprint"] == "vae-a"
+    with pytest.raises(SystemExit, match=r"t2v: .*ckpt/t2v \(step 3\) was trained on the latents of another VAE "
+                                         r"\(fingerprint vae-a, this run's .*ckpt/vae is vae-b: retrained since\); "
+                                         r"delete .*ckpt/t2v to train the DiT on this VAE's latents"):
+        run(4, "vae-b")
+    assert train_video.latest_meta(manager(tmp_path / "ckpt" / "t2v"))[0] == 3  # refused before any step
+    assert "t2v: resumed at step 3" in run(4, "vae-a")
+    run(3, None, tmp_path / "old")  # a checkpoint saved before the fingerprint was recorded
+    assert "vae_fingerprint" not in train_video.latest_meta(manager(tmp_path / "old" / "ckpt" / "t2v"))[1]
+    assert "t2v: resumed at step 3" in run(4, "vae-b", tmp_path / "old")
+
+
+def test_load_video_model_refuses_a_dit_of_another_vae(tmp_path, monkeypatch):
+    """load_video_model paired the newest VAE with a DiT trained on another VAE's latents (ckpt/vae retrained after
+    the DiT): its samples decode another latent space. The DiT's recorded VAE fingerprint is compared."""
+    from experiments.checkpoint import fingerprint
+
+    p = train_video.PRESETS["tiny"]
+    settings = train_video.stage_settings(p, 0)
+    recorded = {}
+    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (3, {"settings": settings["vae"]} if "vae" in str(
+        mgr.dir) else {"settings": settings["t2v"], **recorded}))
+    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
+        3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    for stage in ("vae", "t2v"):
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+    train_video.load_video_model(tmp_path, "tiny")  # no fingerprint recorded (an older checkpoint): loaded
+    recorded["vae_fingerprint"] = "0123456789abcdef"
+    with pytest.raises(ValueError, match=r"ckpt/t2v was trained on the latents of another VAE \(fingerprint "
+                                         r"0123456789abcdef\) than .*ckpt/vae holds"):
+        train_video.load_video_model(tmp_path, "tiny")
+    from parallel import abstract_sharded, make_mesh
+
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    vae = abstract_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)[1]
+    recorded["vae_fingerprint"] = fingerprint(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), vae))
+    train_video.load_video_model(tmp_path, "tiny")  # the VAE it was trained on
+
+
+def test_no_media_removes_a_leftover_overview_temporary_and_failed_plots_close_their_figures(tmp_path, monkeypatch):
+    """--no-media removed an earlier overview.png and samples/ but left overview.png.tmp (a write cut short by a
+    kill; only --fresh removed it). write_overview and plot_losses left their figure open in pyplot when the save
+    failed (a full disk): one more figure per call."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    from data.moving_shapes import MovingShapesConfig
+    from experiments import run_log, video_eval
+
+    for name in ("overview.png", "overview.png.tmp"):
+        (tmp_path / name).write_bytes(b"\x89PNG")
+    (tmp_path / "samples").mkdir()
+    assert train_video.remove_media(tmp_path) == ["overview.png", "overview.png.tmp", "samples"]
+    assert not any(tmp_path.iterdir())
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    sets = {"seen": video_eval.prompt_set(cfg, "train", 1)[:2] + (np.asarray([0]),)}
+    clip = np.zeros((1, 5, 16, 16, 3), np.float32)
+    videos = {("cfg 1", "seen"): clip, ("null prompt", "seen"): clip}
+
+    def full_disk(self, fp, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    before = plt.get_fignums()
+    with pytest.raises(OSError, match="No space left"):
+        video_eval.write_overview(tmp_path / "overview.png", videos, sets, cfg, 1.0)
+    with pytest.raises(OSError, match="No space left"):
+        run_log.plot_losses(tmp_path)
+    assert plt.get_fignums() == before
