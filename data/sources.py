@@ -94,10 +94,11 @@ def _side_file(rel: pathlib.Path) -> bool:
 
 def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig(),
              skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
-    """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output)
-    grouped into shards. Raises a ValueError naming files of a format that would be misread (compressed with
-    zstd / lz4, archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a
-    JSON Lines file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8."""
+    """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output; a file
+    named twice, or linked to, read once, where it first appears) grouped into shards. Raises a ValueError naming
+    files of a format that would be misread (compressed with zstd / lz4, archives, Parquet compressed whole, CSV,
+    Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file, JSON Lines in UTF-16 or with bare-CR
+    line ends), or whose names are not UTF-8."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -122,6 +123,12 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
             files.append(str(p))
         else:
             raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
+    # a file named twice (a folder and a file in it, or a link to another input) was read twice: its records counted
+    # twice in ingest and, without exact dedup, kept twice; each file is read once, where it first appears
+    first: dict[str, str] = {}
+    for f in files:
+        first.setdefault(os.path.realpath(f), f)
+    files = list(first.values())
     # a name that is not UTF-8 (latin-1 bytes: Python holds them as lone surrogates) cannot be written to the
     # manifest, ids or drop logs: the run crashed after the walk with a UnicodeEncodeError naming no file
     undecodable = [os.fsencode(f).decode("utf-8", "backslashreplace") for f in files if _not_utf8(f)]
@@ -218,7 +225,8 @@ def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: in
                 for line, _ in _lines(f, cfg.max_doc_bytes):
                     try:
                         obj = json.loads(line.removeprefix(b"\xef\xbb\xbf")) if line and line.strip() else None
-                    except ValueError:
+                    # as the reader: a line nested too deep to parse is one malformed_json drop, not a failed run
+                    except (ValueError, RecursionError):
                         continue
                     if isinstance(obj, dict):
                         fields.append(set(obj))
@@ -281,7 +289,11 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
         text = replace_surrogates(text)
     if not text.strip():
         return None, "empty"
-    return {**_clean_meta(meta), "text": text}, None
+    try:
+        meta = _clean_meta(meta)
+    except RecursionError:  # metadata nested past Python's recursion limit (JSON 500 deep): not written, not crashing
+        return None, "malformed_json"  # the reader's reason for a line nested too deep to parse
+    return {**meta, "text": text}, None
 
 
 def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
@@ -343,7 +355,7 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             return
         if batch is None:
             return
-        for obj in batch.to_pylist():
+        for obj in _pylist(batch, cfg.text_field):
             text = obj.pop(cfg.text_field)
             n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
                  len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
@@ -356,6 +368,62 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
                 continue
             doc, reason = _text_doc(text, obj, cfg, ncfg)
             yield doc, reason, n
+
+
+def _pylist(batch, text_field: str) -> list[dict]:
+    """`batch.to_pylist()`, but a string column holding invalid UTF-8 (pyarrow does not check it when reading, nor do
+    all writers when writing) read as bytes: the text field's bad values stay bytes, decoded as a JSON line's are
+    (repaired, or dropped as `invalid_utf8` / `binary`), a metadata field's get U+FFFD. to_pylist raised
+    UnicodeDecodeError, and one such value ended the run."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    import pyarrow as pa
+
+    cols = {}
+    for name, col in zip(batch.schema.names, batch.columns):
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            cols[name] = [v if v is None else _utf8(v, keep_bytes=name == text_field)
+                          for v in col.cast(pa.large_binary()).to_pylist()]
+            continue
+        try:
+            cols[name] = col.to_pylist()
+        except UnicodeDecodeError:  # strings in a list / struct / map: read as bytes, a bad one's with U+FFFD
+            cols[name] = _utf8_nested(col.cast(_as_binary(col.type)).to_pylist())
+    return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def _as_binary(t):
+    """Arrow type `t` with every string type in it made binary (read without a UTF-8 check)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return (pa.list_ if pa.types.is_list(t) else pa.large_list)(t.value_field.with_type(_as_binary(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_as_binary(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(_as_binary(t.key_type), _as_binary(t.item_type))
+    return t
+
+
+def _utf8_nested(v):
+    if isinstance(v, bytes):
+        return _utf8(v, keep_bytes=False)
+    if isinstance(v, list | tuple):
+        return [_utf8_nested(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _utf8_nested(x) for k, x in v.items()}
+    return v
+
+
+def _utf8(v: bytes, keep_bytes: bool) -> str | bytes:
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        return v if keep_bytes else v.decode("utf-8", "replace")
 
 
 def _jsonable(v):
@@ -408,10 +476,11 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
     too_large, have none to read, and the place finds it in the input); the path alone for a whole file dropped
     at once.
 
-    Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json, not_an_object (a JSON
-    line that is an array, a number, ...), missing_text, bad_text_type (a number, list or object), unreadable_file
-    (nothing of it read), unreadable_rest (a truncated or damaged file, read up to the damage: the records after it
-    are in no count, as their number is unknown; `data.report` warns of both). Its id is where reading stopped.
+    Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json (also nested too deep to
+    read), not_an_object (a JSON line that is an array, a number, ...), missing_text, bad_text_type (a number, list
+    or object), unreadable_file (nothing of it read), unreadable_rest (a truncated or damaged file, read up to the
+    damage: the records after it are in no count, as their number is unknown; `data.report` warns of both). Its id
+    is where reading stopped.
     """
     readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for path in files:

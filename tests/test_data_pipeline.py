@@ -1150,3 +1150,58 @@ def test_a_parquet_file_compressed_whole_is_refused_before_any_work(tmp_path, su
         run([tmp_path / "in"], tmp_path / "out", PipelineConfig(workers=1), progress=False)
     assert "recompress" not in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_json_nested_too_deep_is_one_counted_drop_not_a_failed_run(tmp_path):
+    """A record whose metadata nests 500-980 deep parses (json's C scanner goes deeper than Python recursion) but
+    crashed the run in the metadata clean-up (RecursionError); 1,000+ deep as the first record crashed the text-field
+    check before any work. Both are now one `malformed_json` drop, as a line too deep to parse always was."""
+    rng = np.random.default_rng(0)
+    good = [json.dumps({"text": en_text(rng, 100)}) for _ in range(2)]
+    for depth in (600, 2000):
+        path = tmp_path / f"d{depth}.jsonl"
+        path.write_text("\n".join([f'{{"text": "deep", "m": {"[" * depth}{"]" * depth}}}', *good]) + "\n")
+        stats = run([str(path)], tmp_path / f"out{depth}", PipelineConfig(workers=1), progress=False)
+        ingest = stats["raw"]["stages"][0]
+        assert (ingest["docs_in"], ingest["docs_out"], ingest["dropped"]) == (3, 2, {"malformed_json": 1}), depth
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """A folder and a file in it (or a link to another input) named together read the file twice: its records were
+    counted twice in ingest (32 in for 31 records) and, with exact dedup off, kept twice in every tier."""
+    from data.sources import discover
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "in" / f"{name}.jsonl").write_text(json.dumps({"text": en_text(rng, 100)}) + "\n")
+    os.symlink(tmp_path / "in" / "a.jsonl", tmp_path / "in" / "c.jsonl")
+    a = str(tmp_path / "in" / "a.jsonl")
+    assert discover([a, str(tmp_path / "in"), a]) == [(a,), (str(tmp_path / "in" / "b.jsonl"),)]
+    cfg = PipelineConfig(workers=1, dedup=DedupConfig(exact=False, near=False))
+    stats = run([a, str(tmp_path / "in")], tmp_path / "out", cfg, progress=False)
+    assert stats["raw"]["stages"][0]["docs_in"] == 2 and stats["augmented"]["stages"][-1]["docs_out"] == 2
+
+
+def test_parquet_strings_holding_invalid_utf8_are_decoded_like_json_lines(tmp_path):
+    """pyarrow does not check UTF-8 when reading a string column (nor do all writers when writing): one invalid byte
+    in a Parquet file's text or metadata (a list of strings too) raised UnicodeDecodeError and ended the run. The
+    text's are repaired or dropped as a JSON line's are (invalid_utf8), a metadata value's get U+FFFD."""
+    from data.sources import read_records
+
+    def strings(vals):  # a string column of raw bytes, unvalidated, as another writer may leave it
+        offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
+        return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
+                                                              pa.py_buffer(b"".join(vals))])
+
+    rng = np.random.default_rng(0)
+    good = en_text(rng, 60).encode()
+    texts = [good, good[:200] + b"\xff" + good[200:], b"\xed\xa0\x80 lone"]
+    path = tmp_path / "bad.parquet"
+    tags = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), strings([b"a", b"b\xe9", b"c"]))
+    pq.write_table(pa.table({"text": strings(texts), "title": strings([b"ok", b"caf\xe9", b"x"]), "tags": tags}), path)
+    got = list(read_records([str(path)]))
+    assert [r for _, r, _ in got] == [None, None, "invalid_utf8"]
+    assert [n for _, _, n in got] == [len(t) for t in texts]
+    assert got[1][0]["text"] == good[:200].decode() + "\ufffd" + good[200:].decode()
+    assert (got[1][0]["title"], got[1][0]["tags"], got[0][0]["tags"]) == ("caf\ufffd", ["b\ufffd"], ["a"])
