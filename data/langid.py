@@ -11,6 +11,8 @@ import dataclasses
 import functools
 from collections.abc import Iterable
 
+from data.seeds import read_once
+
 
 @functools.lru_cache(maxsize=1)
 def _identifier():
@@ -35,6 +37,9 @@ class LangIDConfig:
     fold: tuple[tuple[str, tuple[str, ...]], ...] = (("zh", ("yue", "wuu")),)
 
     def __post_init__(self):
+        # a generator of folds was used up by the check below and stored empty: nothing folded, silently
+        object.__setattr__(self, "keep", read_once(self.keep))
+        object.__setattr__(self, "fold", read_once(self.fold))
         if isinstance(self.keep, str) or not isinstance(self.keep, Iterable):  # None: a TypeError naming no field
             raise ValueError(f"LangIDConfig.keep={self.keep!r} must be a tuple of codes, e.g. ('en', 'zh')")
         # each fold (code, members): a string of members was read letter by letter ("unknown language codes

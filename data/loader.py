@@ -31,7 +31,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from grain.experimental import ConcatThenSplitIterDataset
 
-from data.seeds import check_field_types
+from data.seeds import check_field_types, read_once
 from data.shards import decode_doc, read_json, tier_shards
 from data.tokenizer import TOKENS_MAGIC
 
@@ -50,6 +50,8 @@ class Source:
     weight: float = 1.0
 
     def __post_init__(self):
+        # files given as a generator were used up by the checks below and stored empty: a source of no shards
+        object.__setattr__(self, "path", read_once(self.path))
         if isinstance(self.weight, bool) or not isinstance(self.weight, numbers.Real) or not (
                 0 < self.weight < math.inf):
             raise ValueError(f"Source.weight={self.weight!r} for {self.path!r} must be a positive finite number")

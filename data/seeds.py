@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 
@@ -38,6 +38,23 @@ _SCALARS = {"int": (_int, int, "an int"), "float": (_threshold, float, "a number
             "bool": (lambda v: isinstance(v, bool | np.bool_), bool, "True or False")}
 
 
+def read_once(v):
+    """`v` with each one-shot iterable in it (a generator, an iterator, a map; at any depth of tuples and lists)
+    read into a tuple; anything else as given (the same object where nothing changed). A config's checks iterate
+    its entries before storing them: a generator passed them and was stored used up, so a filter's phrases, a
+    label's keywords or a held-out split were silently empty (QualityConfig(blocklist=(w for w in words)) kept
+    every blocked document)."""
+    if isinstance(v, str | bytes) or not isinstance(v, Iterable):
+        return v
+    if not isinstance(v, Collection):  # a Collection (tuple, list, set, dict) can be iterated again
+        v = tuple(v)
+    if isinstance(v, tuple | list):
+        items = [read_once(x) for x in v]
+        if any(a is not b for a, b in zip(items, v)):
+            return type(v)(items) if type(v) in (tuple, list) else tuple(items)
+    return v
+
+
 def check_field_types(cfg) -> None:
     """Each int / float / bool field of a frozen data config (each optionally `| None`, and fixed pairs such as
     tuple[int, int]; of a tuple[X, ...] of entries, that it is a collection, not a string, None or a number)
@@ -46,13 +63,17 @@ def check_field_types(cfg) -> None:
     (QualityConfig(min_chars=nan) kept a 10-character document), the string 'no' switched a flag on
     (NormalizeConfig(collapse_spaces='no') collapsed spaces), and a float count failed inside str or numpy
     (max_caption_len=8.0, max_blank_lines=2.0). Accepted numpy numbers become Python's (configs go to JSON and into
-    fingerprints); Python's stay as given. models.config.check_field_types does the same for the model configs; this one
-    keeps jax out of the data workers."""
+    fingerprints); Python's stay as given. A one-shot iterable given for a tuple field is read into a tuple first
+    (`read_once`). models.config.check_field_types does the same for the model configs; this one keeps jax out of the
+    data workers."""
     where = type(cfg).__name__
     for f in dataclasses.fields(cfg):
         kind = str(f.type).replace(" ", "")
         optional = kind.endswith("|None")
         kind, v = kind.removesuffix("|None"), getattr(cfg, f.name)
+        if "tuple[" in kind and (once := read_once(v)) is not v:  # before any check iterates (and uses up) it
+            object.__setattr__(cfg, f.name, once)
+            v = once
         if v is None and optional:
             continue
         if kind in _SCALARS:

@@ -380,17 +380,36 @@ class TransformerConfig:
         return (3 if training else 1) * forward_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
     def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str | int | None = None) -> int:
-        """Bytes of `KVCache.zeros(cfg, batch, seq_len)`: local layers keep only their window's slots; dtype
-        defaults to the compute dtype, as the cache does (an int: bytes per element, as this argument once was)."""
-        from scaling.memory import kv_cache_bytes
+        """Bytes of `KVCache.zeros(cfg, batch, seq_len, dtype)`: local layers keep only their window's slots; dtype
+        defaults to the compute dtype, as the cache does (an int: bytes per element, as this argument once was).
+        Only dtypes the cache can be built in are counted (floats of 16 bits or more; float64 is stored as float32
+        unless jax_enable_x64, as jnp.zeros does): dtype=1 was counted as an int8 cache KVCache.zeros refuses. For
+        another system's int8 / fp8 cache, use `scaling.memory.kv_cache_bytes`, which takes any dtype."""
+        from scaling.memory import DTYPE_BYTES, dtype_bytes, kv_cache_bytes
 
         if isinstance(dtype, numbers.Integral) and not isinstance(dtype, bool):
-            by_size = {1: "int8", 2: "bfloat16", 4: "float32", 8: "float64"}
+            by_size = {2: "bfloat16", 4: "float32", 8: "float64"}
             if int(dtype) not in by_size:
                 raise ValueError(f"kv_cache_bytes(dtype={dtype!r}): an int is bytes per element, one of "
-                                 f"{sorted(by_size)}; or pass a dtype name such as 'bfloat16'")
+                                 f"{sorted(by_size)} (KVCache.zeros builds no 1-byte cache); or pass a dtype name "
+                                 "such as 'bfloat16'")
             dtype = by_size[int(dtype)]
-        return kv_cache_bytes(self, batch, seq_len, dtype=dtype or self.dtype)
+        dtype = given = dtype or self.dtype
+        nbytes = dtype_bytes(dtype)  # an unknown name is named there
+        if isinstance(dtype, str) and dtype in DTYPE_BYTES:  # its aliases ('bf16', 'fp8'): floats but int8
+            floating = dtype != "int8"
+        else:
+            import jax
+            import jax.numpy as jnp
+
+            floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+            dtype = jax.dtypes.canonicalize_dtype(jnp.dtype(dtype))  # what jnp.zeros stores (float64: float32)
+            nbytes = dtype_bytes(dtype)
+        if not floating or nbytes < 2:
+            raise ValueError(f"kv_cache_bytes(dtype={dtype_name(given)!r}): KVCache.zeros builds no such cache (it "
+                             "stores keys and values unscaled: 'bfloat16', 'float16' or 'float32'); for another "
+                             "system's int8 / fp8 cache use scaling.memory.kv_cache_bytes(cfg, ..., dtype=...)")
+        return kv_cache_bytes(self, batch, seq_len, dtype=dtype)
 
 
 def _is_int(v) -> bool:
@@ -430,8 +449,9 @@ def check_field_types(cfg, need) -> None:
 
 def dtype_name(v):
     """A dtype given as an object (jnp.bfloat16, np.float32) as its name; anything else unchanged (then refused
-    by the config's check)."""
-    if isinstance(v, str):
+    by the config's check). None stays None: np.dtype(None) is float64, so dtype=None was refused as "unsupported
+    'float64'", a dtype nobody gave."""
+    if v is None or isinstance(v, str):
         return v
     try:
         return np.dtype(v).name

@@ -164,14 +164,18 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     """Transformer from a local HF Llama / Mistral / Qwen2 / Gemma 2 / Mixtral folder (config.json + safetensors,
     sharded or not).
 
-    dtype: compute dtype; param_dtype: storage dtype of the parameters (None: same as dtype, so dtype="bfloat16"
-    keeps bf16 weights, as for inference; for training pass param_dtype="float32").
+    dtype: compute dtype, a name ('float32', 'bfloat16', 'float16'; not None: the weights' own dtype is not read,
+    a float64 checkpoint loads in any of them); param_dtype: storage dtype of the parameters (None: same as dtype,
+    so dtype="bfloat16" keeps bf16 weights, as for inference; for training pass param_dtype="float32").
     mesh: place every parameter straight onto it, sharded by the logical-axis rules (`rules`: overrides, as
     `parallel.create_sharded` takes; they place the parameters only, so run the model inside `use_rules(...)` with
     the same overrides), one tensor in host memory at a time: no device ever holds the whole model.
     None: the default device.
     Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
     """
+    if dtype is None:  # not "the checkpoint's dtype": failed as "unsupported 'float64'" whatever the weights were
+        raise ValueError("from_pretrained(dtype=None): dtype is the compute dtype, a name: 'float32' (the default), "
+                         "'bfloat16' or 'float16' (param_dtype=None then stores the weights in it)")
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")

@@ -74,13 +74,18 @@ def check_token_ids(tokens_BT, vocab_size: int, name: str = "tokens"):
     if isinstance(tokens_BT, np.ndarray | np.generic) and tokens_BT.dtype.kind in "iu" and tokens_BT.size:
         # read before jnp.asarray, which wraps int64 ids to int32 with x64 off: 2**32 + 5 became 5, a valid id
         span = int(tokens_BT.min()), int(tokens_BT.max())
-    tokens_BT = jnp.asarray(tokens_BT)
-    if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
-        raise ValueError(f"{name} must be integer ids, got dtype {tokens_BT.dtype if given is None else given}; "
-                         "cast with .astype(jnp.int32)")
-    if span is None and not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
-        with jax.ensure_compile_time_eval():  # a concrete batch closed over by a jitted function: still concrete
-            span = int(tokens_BT.min()), int(tokens_BT.max())
+    try:
+        tokens_BT = jnp.asarray(tokens_BT)
+    except OverflowError:  # a Python list with ids beyond int32: jax's bare "out of bounds for int32", naming nothing
+        ids = np.asarray(tokens_BT, dtype=object).ravel()
+        span = min(ids), max(ids)
+    else:
+        if not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integer ids, got dtype {tokens_BT.dtype if given is None else given}; "
+                             "cast with .astype(jnp.int32)")
+        if span is None and not isinstance(tokens_BT, jax.core.Tracer) and tokens_BT.size:
+            with jax.ensure_compile_time_eval():  # a concrete batch closed over by a jitted function: still concrete
+                span = int(tokens_BT.min()), int(tokens_BT.max())
     if span is not None:
         lo, hi = span
         if lo < 0 or hi >= vocab_size:
@@ -162,8 +167,11 @@ class KVCache(NamedTuple):
     def zeros(cls, cfg: TransformerConfig, batch: int, max_len: int, dtype=None, start=None):
         """An empty cache for `batch` rows of up to `max_len` tokens: per pattern slot j, k / v [L/P, B, S_j, K, H]
         zeros (S_j = max_len for global layers, the window's ring for local ones), pos [S_j] = -1 (empty), length 0.
-        dtype: the cache's storage dtype (None: cfg.dtype). start: [batch] ints, each row's left padding (its first
-        real slot; max_len counts the padding), or None for none."""
+        dtype: the cache's storage dtype (None: cfg.dtype). Keys and values are cast to it unscaled, so a float16
+        cache under float32 (or bfloat16) compute holds only |x| <= 65504: a key beyond becomes inf and the logits
+        NaN, with no error (keys of 1.1e5 gave greedy token 0 where float32 gave 31); bfloat16 has float32's range.
+        start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
+        for none."""
         dtype = dtype or dtype_of(cfg.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "

@@ -22,6 +22,10 @@ AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")  # outermost (s
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=2,fsdp=-1' → {'data': 2, 'fsdp': -1} (the command lines' mesh form); ValueError naming the form, or
     naming an axis that is not in AXES (as make_mesh would, but before anything is built or compiled)."""
+    if not isinstance(text, str):  # None (an unset --mesh) or a dict failed in text.split, naming nothing
+        hint = "; a dict is already parsed: pass it to make_mesh" if isinstance(text, dict) else ""
+        raise ValueError(f"mesh: parse_mesh takes a string like 'data=2,fsdp=4', got {type(text).__name__} "
+                         f"{text!r:.80}{hint}")
     try:
         pairs = [(k.strip(), int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())]
     except ValueError:

@@ -110,8 +110,8 @@ class LMShape:
         return self.moe is not None and (i + 1) % self.moe.moe_every == 0
 
     @property
-    def n_moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+    def n_moe_layers(self) -> int:  # layers k-1, 2k-1, ... (is_moe_layer); counted, not looped: O(1) in n_layers
+        return 0 if self.moe is None else self.n_layers // self.moe.moe_every
 
 
 def _first(cfg, names, default=None):
@@ -169,7 +169,11 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     windows = tuple(windows) if windows is not None else _windows_of(cfg, L)
     if len(windows) != L:
         raise ValueError(f"windows has {len(windows)} entries for n_layers={L}; give one per layer (None = global)")
-    windows = tuple(_window(w) for w in windows)
+    # each distinct window checked once (keyed by type too: True == 1 and 4.0 == 4 must each be checked): a call
+    # per layer made flops_per_token take seconds at n_layers=10**6
+    checked = {}
+    windows = tuple(checked[k] if (k := (type(w), w)) in checked else checked.setdefault(k, _window(w))
+                    for w in windows)
     # the 'reference' kernel (models.attention's autodiff oracle) ignores attn_block: dense masked scores
     attn_block = None if getattr(cfg, "attn_impl", "xla") == "reference" else getattr(cfg, "attn_block", None)
     return LMShape(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=L, n_heads=cfg.n_heads, kv_heads=kv,
@@ -229,8 +233,12 @@ def param_counts(cfg, **kw) -> ParamCounts:
     s = lm_shape(cfg, **kw)
     d, v, L = s.d_model, s.vocab_size, s.n_layers
     attn = L * _attn_params(s)
-    mlp = [_mlp_params(s, i) for i in range(L)]
-    mlp_total, mlp_active = sum(t for t, _ in mlp), sum(a for _, a in mlp)
+    # per kind of layer times its count (integers: the per-layer sum's value), not a loop over n_layers
+    n_moe = s.n_moe_layers
+    moe_layer = _mlp_params(s, s.moe.moe_every - 1) if n_moe else (0, 0)
+    dense_layer = (3 * d * s.mlp_dim,) * 2
+    mlp_total = n_moe * moe_layer[0] + (L - n_moe) * dense_layer[0]
+    mlp_active = n_moe * moe_layer[1] + (L - n_moe) * dense_layer[1]
     norms = (4 if s.post_norms else 2) * d * L + d
     head = 0 if s.tie_embeddings else v * d
     emb = v * d + head
@@ -385,7 +393,11 @@ def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block
     s = lm_shape(cfg, windows=windows, moe=moe)
     block = s.swa_block if block is None else block
     kern = lambda w: model_kernel(s, w, block) if kernel == "executed" else (kernel, block)  # noqa: E731
-    keys = sum(executed_keys(seq_len, w, *kern(w)) for w in (model_window(w, seq_len) for w in s.windows))
+    per_window = {}  # each distinct window's keys computed once, then summed per layer in order: the same floats
+    for w in set(s.windows):  # added as before (bit-identical), without a kernel model per layer
+        mw = model_window(w, seq_len)
+        per_window[w] = executed_keys(seq_len, mw, *kern(mw))
+    keys = sum(per_window[w] for w in s.windows)
     return 4.0 * s.n_heads * s.head_dim * keys
 
 
@@ -419,7 +431,8 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     routed = _routed_forward(s, seq_len, kernel == "executed", expert_shards)
     if remat == "full":
         d = s.d_model
-        down = sum(d * (_shared_width(s.moe) if s.is_moe_layer(i) else s.mlp_dim) for i in range(s.n_layers))
+        n_moe = s.n_moe_layers  # integers: counted per kind of layer, not looped over n_layers
+        down = n_moe * d * (_shared_width(s.moe) if n_moe else 0) + (s.n_layers - n_moe) * d * s.mlp_dim
         rest = param_counts(s).matmul_active - s.vocab_size * d - down  # routed experts: replaced by `routed`
         return 2.0 * rest - _routed_forward(s, seq_len, False) + routed + attn
     return attn + routed if remat == "save_dots_no_batch" else 0.0

@@ -564,7 +564,9 @@ def gathered_split(p: ParamEntry, mesh, rules) -> int:
 def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str | None = None, windows=None) -> int:
     """KV-cache bytes for inference (global): a windowed layer needs only min(window, seq_len) slots. dtype: the
     cache's (default: the config's compute dtype, as `models.KVCache.zeros` stores it; bfloat16 for a config
-    without one)."""
+    without one). Any dtype is counted, int8 / fp8 too, for planning another system's quantised cache: this
+    library's `KVCache.zeros` builds only bfloat16 / float16 / float32 caches (`TransformerConfig.kv_cache_bytes`
+    refuses the rest)."""
     check_counts(batch=(batch, 1), seq_len=(seq_len, 1))
     dtype = dtype or getattr(cfg, "dtype", None) or "bfloat16"
     s = lm_shape(cfg, windows=windows)

@@ -547,6 +547,22 @@ def test_a_float8_cache_is_refused_by_name():
             KVCache.zeros(CFG, 2, 16, dtype=dt)
 
 
+def test_a_float16_cache_works_at_normal_scale_and_its_overflow_is_documented():
+    """A float16 cache under float32 compute is kept (at normal scale it decodes as float32 does), but keys beyond
+    float16's 65504 become inf and the logits NaN without an error (wk scaled by 3e5: |k| 1.1e5, greedy token 0
+    where float32 gives 31): KVCache.zeros's docstring says so."""
+    from models import KVCache
+
+    prompt = jnp.asarray([[1, 5, 9, 3]])
+    m = Transformer(CFG, rngs=nnx.Rngs(0))
+    logits = {dt: m(prompt, cache=KVCache.zeros(CFG, 1, 8, dtype=dt))[0] for dt in (jnp.float32, jnp.float16)}
+    assert int(jnp.argmax(logits[jnp.float16][0, -1])) == int(jnp.argmax(logits[jnp.float32][0, -1]))
+    m.blocks.wk[...] = m.blocks.wk[...] * 3e5
+    logits, cache = m(prompt, cache=KVCache.zeros(CFG, 1, 8, dtype=jnp.float16))
+    assert bool(jnp.isinf(cache.k[0]).any()) and bool(jnp.isnan(logits).any())  # the documented failure
+    assert "65504" in KVCache.zeros.__doc__ and "NaN" in KVCache.zeros.__doc__
+
+
 def test_max_new_tokens_takes_concrete_integer_scalar_arrays_and_names_traced_ones(model):
     """max_new_tokens=jnp.int32(4) (a count computed with jnp) was refused as 'must be an int >= 1, got Array(4)';
     numpy's int64 passed. A concrete integer scalar is that int; a traced one fixes no shape, and is named as such
@@ -572,3 +588,18 @@ def test_int64_prompt_ids_beyond_int32_are_refused_not_wrapped(model):
             generate(model, np.asarray(ids, np.int64), 2)
     for dt in (np.int64, np.uint8, np.uint64):
         np.testing.assert_array_equal(generate(model, np.asarray([[5, 3]], dt), 2), want)
+
+
+def test_list_prompt_ids_beyond_int32_get_the_named_range_error(model):
+    """The same ids as a Python list raised jax's bare OverflowError ("Python integer 2147483648 out of bounds for
+    int32"), naming neither the argument nor the vocabulary; a model call likewise. Lists within range still run."""
+    from models.transformer import check_token_ids
+
+    for ids, span in (([[2**31, 3]], "min 3, max 2147483648"), ([[-2**40, 3]], "min -1099511627776, max 3"),
+                      ([[5, 2**64]], "min 5, max 18446744073709551616")):
+        with pytest.raises(ValueError, match=rf"prompt_tokens must hold token ids in \[0, vocab_size=64\), got {span}"):
+            generate(model, ids, 2)
+        with pytest.raises(ValueError, match=r"^tokens must hold token ids in \[0, vocab_size=64\)"):
+            model(ids)
+    assert check_token_ids([[5, 3]], 64).dtype == jnp.int32
+    np.testing.assert_array_equal(generate(model, [[5, 3]], 2), generate(model, jnp.asarray([[5, 3]], jnp.int32), 2))

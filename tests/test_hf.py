@@ -1130,6 +1130,22 @@ def test_a_float16_load_refuses_weights_beyond_its_range(tmp_path):
     assert float(from_pretrained(tmp_path, dtype="float16").blocks.w_down[0, 0, 0]) == 65504.0  # rounds, no inf
 
 
+def test_dtype_none_is_refused_by_name_not_as_float64(tmp_path):
+    """from_pretrained(path, dtype=None) failed with "TransformerConfig.param_dtype: unsupported 'float64'" on any
+    checkpoint (np.dtype(None) is float64), as if the weights' dtype were wrong; TransformerConfig(dtype=None) said the
+    same. A float64 checkpoint loads under the default dtype."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=8), tmp_path)
+    tensors = {k: v.astype(np.float64) for k, v in load_file(tmp_path / "model.safetensors").items()}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"from_pretrained\(dtype=None\): dtype is the compute dtype, a name"):
+        from_pretrained(tmp_path, dtype=None)
+    with pytest.raises(ValueError, match=r"TransformerConfig.dtype: unsupported None; use the name 'float32'"):
+        TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, dtype=None)
+    assert from_pretrained(tmp_path).cfg.param_dtype == "float32"
+
+
 def test_a_float64_tensor_beyond_float32s_range_is_refused_by_name(tmp_path):
     """A float64 tensor holding 1e39 (beyond float32's 3.4e38) loaded as inf without a word: the range check cast
     its peak to float32 first, and an inf peak read as a source inf. Now named, with no dtype to load into that

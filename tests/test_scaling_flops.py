@@ -525,11 +525,32 @@ def test_accounting_inputs_are_checked():
     for bad in ("4096", 0):
         with pytest.raises(ValueError, match=rf"seq_len={bad!r}: the sequence length must be a number of tokens"):
             cfg.flops_per_token(bad)
-    assert cfg.kv_cache_bytes(1, 16, 8) == 2 * cfg.kv_cache_bytes(1, 16, 4)
+    # float64 is stored as float32 unless jax_enable_x64 (as KVCache.zeros builds it)
+    assert cfg.kv_cache_bytes(1, 16, 8) == (2 if jax.config.jax_enable_x64 else 1) * cfg.kv_cache_bytes(1, 16, 4)
     with pytest.raises(ValueError, match=r"kv_cache_bytes\(dtype=3\): an int is bytes per element, one of"):
         cfg.kv_cache_bytes(1, 16, 3)
     assert kv_cache_bytes(cfg, 1, 16) == cfg.kv_cache_bytes(1, 16) == cfg.kv_cache_bytes(1, 16, "float32")
     assert memory_per_device(cfg, {"fsdp": np.int64(2)}, 2, 16) == memory_per_device(cfg, {"fsdp": 2}, 2, 16)
+
+
+def test_config_kv_cache_bytes_counts_only_caches_kv_cache_zeros_builds():
+    """TransformerConfig.kv_cache_bytes says it is the bytes of KVCache.zeros(cfg, ...): dtype=1 was read as int8 and
+    counted 2048 bytes for a cache KVCache.zeros refuses (int8, int32, float8 likewise); float64 counted 16384 where
+    jnp.zeros stores 8192 (float32, x64 off). scaling.memory.kv_cache_bytes still plans any dtype (int8 / fp8
+    caches of other systems)."""
+    from scaling.memory import kv_cache_bytes
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64)
+    with pytest.raises(ValueError, match=r"kv_cache_bytes\(dtype=1\): an int is bytes per element, one of \[2, 4, 8\]"):
+        cfg.kv_cache_bytes(1, 16, 1)
+    for bad in ("int8", "fp8", "float8_e4m3fn", "int32", jnp.int8):
+        with pytest.raises(ValueError, match=r"kv_cache_bytes\(dtype=.*\): KVCache.zeros builds no such cache"):
+            cfg.kv_cache_bytes(1, 16, bad)
+        assert kv_cache_bytes(cfg, 1, 16, dtype=bad) > 0
+    for ok in (2, 4, 8, "bf16", "float16", "float32", "float64", jnp.bfloat16, None):
+        cache = KVCache.zeros(cfg, 1, 16, dtype=None if ok is None else jnp.dtype(
+            {2: "bfloat16", 4: "float32", 8: "float64", "bf16": "bfloat16"}.get(ok, ok)))
+        assert cfg.kv_cache_bytes(1, 16, ok) == sum(x.nbytes for x in cache.k + cache.v), ok
 
 
 def test_capacity_slots_and_chinchilla_flops_are_the_documented_formulas():
@@ -560,3 +581,50 @@ def test_the_dense_dropless_kernel_runs_every_expert_for_every_token():
     executed = (2 * param_counts(cfg).mlp_active + extra) * 2 * T
     xla = xla_flops(lambda s, x: nnx.merge(graphdef, s)(x)[0], state, jax.ShapeDtypeStruct((2, T, d), jnp.float32))
     assert executed <= xla <= 1.07 * executed, xla / executed
+
+
+
+def test_counts_are_per_kind_of_layer_and_equal_the_per_layer_sums():
+    """flops_per_token / param_count ran kernel models and parameter counts once per layer (3.4 s / 0.87 s at
+    n_layers=10**6): each distinct window's keys and each kind of MLP are now counted once, and the results are
+    the per-layer sums exactly (the same floats added in the same order; integers)."""
+    import itertools
+
+    import scaling.flops as F
+
+    def per_layer(cfg, T, kernel):  # the loops this replaced
+        s = F.lm_shape(cfg)
+        block = s.swa_block
+        kern = (lambda w: F.model_kernel(s, w, block)) if kernel == "executed" else (lambda w: (kernel, block))
+        keys = sum(F.executed_keys(T, w, *kern(w)) for w in (F.model_window(w, T) for w in s.windows))
+        mlp = [F._mlp_params(s, i) for i in range(s.n_layers)]
+        return (4.0 * s.n_heads * s.head_dim * keys, sum(t for t, _ in mlp), sum(a for _, a in mlp),
+                sum(s.is_moe_layer(i) for i in range(s.n_layers)))
+
+    n = 0
+    for L, pattern, moe, every, kernel, T in itertools.product(
+            (1, 5, 12), ("global", "alternating", "3:1", "LGGL" * 3), (None, MoEConfig(8, 2, 16, n_shared_experts=1)),
+            (1, 3), ("ideal", "executed", "blocked"), (7, 1000)):
+        if ((pattern == "alternating" and L < 2) or (pattern == "3:1" and L < 4) or (pattern[0] == "L" and L != 12)
+                or every > L):
+            continue
+        windows = None if pattern == "global" else (3, 300)[L % 2]
+        cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=L, n_heads=4, n_kv_heads=2, attn_pattern=pattern,
+                                sliding_window=windows, moe=moe, moe_every=every)
+        attn, mlp_total, mlp_active, n_moe = per_layer(cfg, T, kernel)
+        counts = F.param_counts(cfg)
+        assert F.attention_flops_per_token(cfg, T, kernel=kernel) == attn, (L, pattern, kernel, T)
+        assert (counts.mlp_total, counts.mlp_active, F.lm_shape(cfg).n_moe_layers) == (mlp_total, mlp_active, n_moe)
+        n += 1
+    assert n > 50
+    calls = []
+    real = F.executed_keys
+    F_keys = lambda *a: calls.append(a) or real(*a)  # noqa: E731
+    big = TransformerConfig(vocab_size=64, d_model=32, n_layers=10**5, n_heads=4, attn_pattern="3:1",
+                            sliding_window=8, moe=MoEConfig(4, 2, 16), moe_every=3)
+    try:
+        F.executed_keys = F_keys
+        big.flops_per_token(128)
+    finally:
+        F.executed_keys = real
+    assert len(calls) == 2  # one per distinct window (8 and global), not one per layer

@@ -131,3 +131,31 @@ def test_an_empty_keyword_is_refused_it_tagged_every_document():
     assert LangIDConfig(keep={"zh", "en"}, fold=[["zh", ["yue", "wuu"]]]).fold == (("zh", ("yue", "wuu")),)
     assert QualityConfig(blocklist=["casino"], top_ngram_max=[[2, 0.2]]).blocklist == ("casino",)
     assert PipelineConfig(workers=1, filters=[Normalize()], labelers=()).labelers == ()
+
+
+def test_a_generator_for_a_tuple_field_is_stored_whole_not_used_up_by_the_checks(tmp_path):
+    """The configs' checks iterate their entries before storing them: a generator passed them and was stored used
+    up, switching a filter off silently (QualityConfig(blocklist=(w for w in ...)) had blocklist=(), a LangIDConfig
+    fold of a generator folded nothing, held-out combos went back to training, a Source of files read none)."""
+    import random
+
+    from data.filters import quality_filter
+
+    vocab = "river stone garden window paper music silver orange bridge candle forest letter market".split()
+    rng = random.Random(0)
+    text = " ".join(rng.choice(vocab) for _ in range(80)) + ". casino."  # passes every rule but the blocklist
+    words = ["casino"]
+    assert quality_filter(text, QualityConfig(blocklist=tuple(words)))[1] == "blocklist"
+    assert quality_filter(text, QualityConfig(blocklist=()))[1] is None
+    cfg = QualityConfig(blocklist=(w for w in words), promo_phrases=iter(["buy now"]),
+                        top_ngram_max=((n, 0.9) for n in (2, 3)))
+    assert (cfg.blocklist, cfg.promo_phrases, cfg.top_ngram_max) == (("casino",), ("buy now",), ((2, 0.9), (3, 0.9)))
+    assert quality_filter(text, cfg)[1] == "blocklist"
+    assert LabelConfig(domains=(("code", (k for k in ("def", "import"))),)).domains == (("code", ("def", "import")),)
+    assert len(DomainGlossary(glossaries=(g for g in DomainGlossary().glossaries)).glossaries) == 3
+    held = MovingShapesConfig().held_out
+    assert MovingShapesConfig(held_out=(c for c in held)).held_out == held
+    assert LangIDConfig(fold=(f for f in [("zh", ("yue", "wuu"))])).fold == (("zh", ("yue", "wuu")),)
+    shard = tmp_path / "shard-0.array_record"
+    shard.touch()
+    assert Source(path=(str(p) for p in [shard])).files() == [str(shard)]

@@ -864,6 +864,21 @@ def test_parse_mesh_refuses_unknown_axis_names_as_make_mesh_does():
     assert parse_mesh("stage=2, fsdp=-1,tensor=1") == {"stage": 2, "fsdp": -1, "tensor": 1}
 
 
+def test_parse_mesh_names_a_value_that_is_not_a_string():
+    """parse_mesh(None) (an unset --mesh) and parse_mesh({'data': 2}) failed with AttributeError: 'NoneType' object
+    has no attribute 'split', naming neither the mesh nor the form; experiments' ConfigError wrapper let it through."""
+    from experiments.config import ConfigError, parse_mesh as parse_spec_mesh
+    from parallel.mesh import parse_mesh
+
+    for bad in (None, 2, ["data=2"]):
+        with pytest.raises(ValueError, match=r"mesh: parse_mesh takes a string like 'data=2,fsdp=4', got "):
+            parse_mesh(bad)
+    with pytest.raises(ValueError, match=r"got dict \{'data': 2\}; a dict is already parsed: pass it to make_mesh"):
+        parse_mesh({"data": 2})
+    with pytest.raises(ConfigError, match=r"mesh: parse_mesh takes a string"):
+        parse_spec_mesh(None)
+
+
 def test_check_batch_layout_takes_the_rules_process_rows_uses(monkeypatch):
     """check_batch_layout took no rules= while process_rows / global_batch_from_local do: with rules={'batch': None}
     on {data 2, fsdp 4} over 2 processes it passed the layout that process_rows then refused (each process holds all
