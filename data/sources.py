@@ -383,7 +383,8 @@ def _pylist(batch, text_field: str) -> list[dict]:
 
     cols = {}
     for name, col in zip(batch.schema.names, batch.columns):
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        # string, large / view, dictionary-encoded (a category); a binary column stays bytes (as _jsonable takes it)
+        if not pa.types.is_large_binary(col.type) and _as_binary(col.type) == pa.large_binary():
             cols[name] = [v if v is None else _utf8(v, keep_bytes=name == text_field)
                           for v in col.cast(pa.large_binary()).to_pylist()]
             continue
@@ -398,8 +399,10 @@ def _as_binary(t):
     """Arrow type `t` with every string type in it made binary (read without a UTF-8 check)."""
     import pyarrow as pa
 
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.large_binary()
+    if pa.types.is_dictionary(t):  # (pandas categories, pyarrow's own dictionaries): to_pylist failed on these too
+        return _as_binary(t.value_type)
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return (pa.list_ if pa.types.is_list(t) else pa.large_list)(t.value_field.with_type(_as_binary(t.value_type)))
     if pa.types.is_struct(t):

@@ -169,11 +169,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     windows = tuple(windows) if windows is not None else _windows_of(cfg, L)
     if len(windows) != L:
         raise ValueError(f"windows has {len(windows)} entries for n_layers={L}; give one per layer (None = global)")
-    # each distinct window checked once (keyed by type too: True == 1 and 4.0 == 4 must each be checked): a call
-    # per layer made flops_per_token take seconds at n_layers=10**6
-    checked = {}
-    windows = tuple(checked[k] if (k := (type(w), w)) in checked else checked.setdefault(k, _window(w))
-                    for w in windows)
+    windows = _checked_windows(windows)
     # the 'reference' kernel (models.attention's autodiff oracle) ignores attn_block: dense masked scores
     attn_block = None if getattr(cfg, "attn_impl", "xla") == "reference" else getattr(cfg, "attn_block", None)
     return LMShape(vocab_size=cfg.vocab_size, d_model=cfg.d_model, n_layers=L, n_heads=cfg.n_heads, kv_heads=kv,
@@ -256,6 +252,18 @@ def _whole(name: str, v, low: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer() or v < low:
         raise ValueError(f"{name}={v!r} must be a whole number >= {low}")
     return int(v)
+
+
+def _checked_windows(windows) -> tuple[int | None, ...]:
+    """`_window` of each entry, each distinct one checked once (keyed by type too: True == 1 and 4.0 == 4 must each
+    be checked): a call per layer made flops_per_token take seconds at n_layers=10**6."""
+    checked, out = {}, []
+    for w in windows:
+        try:
+            out.append(checked[k] if (k := (type(w), w)) in checked else checked.setdefault(k, _window(w)))
+        except TypeError:  # unhashable (a list, an array): _window names it, not a bare "unhashable type"
+            out.append(_window(w))
+    return tuple(out)
 
 
 def _window(w) -> int | None:

@@ -1205,3 +1205,27 @@ def test_parquet_strings_holding_invalid_utf8_are_decoded_like_json_lines(tmp_pa
     assert [n for _, _, n in got] == [len(t) for t in texts]
     assert got[1][0]["text"] == good[:200].decode() + "\ufffd" + good[200:].decode()
     assert (got[1][0]["title"], got[1][0]["tags"], got[0][0]["tags"]) == ("caf\ufffd", ["b\ufffd"], ["a"])
+
+
+def test_dictionary_encoded_parquet_strings_holding_invalid_utf8_are_decoded_too(tmp_path):
+    """A dictionary-encoded string column (a pandas category; pyarrow reads it back as one) holding invalid UTF-8
+    still raised UnicodeDecodeError and ended the run after the plain-string fix: its type is not `string`, so it
+    was cast to itself and read again. Its text is judged as a JSON line's, its metadata gets U+FFFD."""
+    from data.sources import read_records
+
+    def strings(vals):  # a string column of raw bytes, unvalidated, as another writer may leave it
+        offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
+        return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
+                                                              pa.py_buffer(b"".join(vals))])
+
+    rng = np.random.default_rng(0)
+    good = en_text(rng, 60).encode()
+    codes = pa.array([0, 1, 0], pa.int32())
+    text = pa.DictionaryArray.from_arrays(codes, strings([good, b"\xed\xa0\x80 lone"]))
+    lang = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), strings([b"en", b"caf\xe9"]))
+    path = tmp_path / "cat.parquet"
+    pq.write_table(pa.table({"text": text, "lang": lang}), path)
+    got = list(read_records([str(path)]))
+    assert [r for _, r, _ in got] == [None, "invalid_utf8", None]
+    assert [d["text"] for d, _, _ in got if d] == [good.decode()] * 2
+    assert [d["lang"] for d, _, _ in got if d] == ["caf\ufffd"] * 2

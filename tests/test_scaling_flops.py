@@ -628,3 +628,13 @@ def test_counts_are_per_kind_of_layer_and_equal_the_per_layer_sums():
     finally:
         F.executed_keys = real
     assert len(calls) == 2  # one per distinct window (8 and global), not one per layer
+
+
+@pytest.mark.parametrize("bad", [[16], np.array([16]), np.array(16), {}])
+def test_an_unhashable_window_given_by_hand_is_named_not_a_bare_type_error(bad):
+    """Windows checked once per distinct value (a dict keyed by them) turned a list / array entry into a bare
+    "TypeError: unhashable type: 'list'" naming nothing; it is the window's ValueError again, as before."""
+    cfg = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+    with pytest.raises(ValueError, match="attention window must be >= 1 or None"):
+        lm_shape(cfg, windows=[None, bad])
+    assert lm_shape(cfg, windows=[None, np.int64(16)]).windows == (None, 16)
