@@ -508,7 +508,12 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     SIGTERM / SIGINT handler (`run_log.Stop`, installed by main before anything else; restored on return): a
     signal before the first step stops the run there, one later after the step it arrives in (saved); None:
     one installed here."""
-    stop = Stop() if stop is None else stop
+    if stop is None:  # restored however train ends: a refusal before the loop (whose `finally` restores it too)
+        stop = Stop()  # left it installed, and a first Ctrl-C in the caller's session was only remembered
+        try:
+            return train(cfg, mesh_shape, stop)
+        finally:
+            stop.restore()
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -807,3 +807,14 @@ def test_documents_the_loader_skips_are_said_in_the_run_summary(tmp_path, capsys
     said = capsys.readouterr().out
     assert "data: skipped 3 train and 1 held-out documents of fewer than 2 tokens, in no batch" in said, said
     assert train_lm.skipped_line({"train": {"no_target": 0, "mixture_end": 0}}) == ""
+
+
+def test_train_called_alone_puts_the_callers_handlers_back_when_it_refuses_early(tmp_path):
+    """train(cfg, mesh_shape) without main installs its own SIGTERM / SIGINT handler (stop=None) at its start; a
+    run refused before the loop (here more eval batches than the held-out tier fills) left it installed: in the
+    caller's session a first Ctrl-C was then only remembered, never raised KeyboardInterrupt."""
+    cfg = load([*TINY, "--out", str(tmp_path / "run"), "--set", "data.eval_batches=99999"])
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(SystemExit, match="data.eval_batches=99999"):
+        train_lm.train(cfg, {"fsdp": 8})
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
