@@ -256,18 +256,7 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
         raise ValueError("TransformerConfig.query_pre_attn_scalar: Llama/Mistral/Qwen2 use the default "
                          "1/sqrt(head_dim) query scale; set it to None (or use the Gemma 2 block)")
     windows = cfg.layer_windows()
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        rs = cfg.rope_scaling
-        rope.update(rope_type=rs.kind, factor=rs.factor)
-        if rs.kind == "llama3":
-            rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
-        if rs.kind == "yarn":
-            rope.update(original_max_position_embeddings=rs.original_max_position_embeddings,
-                        # every field set, truncate only when off (its default); `not in (None, True)` also
-                        # dropped mscale / attention_factor / betas of 1.0 (1.0 == True), changing the scale
-                        **{f: getattr(rs, f) for f in _YARN_FIELDS
-                           if getattr(rs, f) is not None and not (f == "truncate" and rs.truncate is True)})
+    rope = _rope_to_hf(cfg)
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
@@ -305,6 +294,23 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
 
 
+def _rope_to_hf(cfg: TransformerConfig) -> dict:
+    """cfg's RoPE as a 5.x rope_parameters dict (rope_type, rope_theta and the scaling's fields)."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope.update(rope_type=rs.kind, factor=rs.factor)
+        if rs.kind == "llama3":
+            rope.update({f: getattr(rs, f) for f in _LLAMA3_FIELDS[1:]})
+        if rs.kind == "yarn":
+            rope.update(original_max_position_embeddings=rs.original_max_position_embeddings,
+                        # every field set, truncate only when off (its default); `not in (None, True)` also
+                        # dropped mscale / attention_factor / betas of 1.0 (1.0 == True), changing the scale
+                        **{f: getattr(rs, f) for f in _YARN_FIELDS
+                           if getattr(rs, f) is not None and not (f == "truncate" and rs.truncate is True)})
+    return rope
+
+
 def _rope_4x(rope: dict) -> dict:
     """The same RoPE in transformers 4.x's fields (it ignores rope_parameters and would silently use theta 1e4);
     5.x reads rope_scaling as rope_parameters and rope_theta as its default theta, so both agree."""
@@ -314,11 +320,12 @@ def _rope_4x(rope: dict) -> dict:
 
 def _gemma2_config(cfg: TransformerConfig) -> dict:
     windows = cfg.layer_windows()
-    # any mlp_act: its MLP runs hidden_activation, as config_from_hf reads it (a loaded silu Gemma 2 was refused)
-    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.tie_embeddings
-            and not cfg.qkv_bias and cfg.rope_scaling is None and cfg.moe is None):
+    # any mlp_act: its MLP runs hidden_activation, as config_from_hf reads it (a loaded silu Gemma 2 was refused);
+    # tied or not: Gemma2Config takes tie_word_embeddings=false; any rope_scaling: its rotary embedding reads
+    # rope_parameters as Llama's does (both loaded, and were refused here)
+    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and not cfg.qkv_bias and cfg.moe is None):
         raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
-                         "tie_embeddings, no qkv_bias, no rope_scaling and no moe")
+                         "no qkv_bias and no moe")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
                          "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")
@@ -329,9 +336,8 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                hidden_activation=_HF_ACT[cfg.mlp_act], tie_word_embeddings=True,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                **_rope_4x({"rope_type": "default", "rope_theta": cfg.rope_theta}),
+                hidden_activation=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings,
+                rope_parameters=_rope_to_hf(cfg), **_rope_4x(_rope_to_hf(cfg)),
                 query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
                 sliding_window=local[0] if local else cfg.max_seq_len,
                 layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],

@@ -272,12 +272,22 @@ ROUND_TRIP["mixtral_gelu"] = dataclasses.replace(
 # Gemma 2 with hidden_activation silu (transformers' Gemma 2 MLP runs it; from_pretrained loads it): the export was
 # refused ("needs mlp_act='gelu_tanh'"), or would have written gelu_pytorch_tanh for a silu model
 ROUND_TRIP["gemma2_silu"] = dataclasses.replace(ROUND_TRIP["gemma2"], mlp_act="silu")
+# Gemma 2 with its own head (tie_word_embeddings=false, which Gemma2Config takes and from_pretrained loads): the
+# export was refused ("needs ... tie_embeddings"), so such a loaded checkpoint could not be written back
+ROUND_TRIP["gemma2_untied"] = dataclasses.replace(ROUND_TRIP["gemma2"], tie_embeddings=False)
+# Gemma 2 with scaled RoPE (its rotary embedding reads rope_parameters as Llama's does; from_pretrained loads it):
+# the export was refused ("needs ... no rope_scaling")
+ROUND_TRIP["gemma2_linear_rope"] = dataclasses.replace(ROUND_TRIP["gemma2"],
+                                                       rope_scaling=RopeScaling("linear", 2.0))
+ROUND_TRIP["gemma2_yarn"] = dataclasses.replace(ROUND_TRIP["gemma2"],
+                                                rope_scaling=ROUND_TRIP["llama_yarn"].rope_scaling)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
         "llama_yarn_mscale": "LlamaForCausalLM", "llama_heads_not_dividing": "MistralForCausalLM",
         "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM",
-        "gemma2_silu": "Gemma2ForCausalLM"}
+        "gemma2_silu": "Gemma2ForCausalLM", "gemma2_untied": "Gemma2ForCausalLM",
+        "gemma2_linear_rope": "Gemma2ForCausalLM", "gemma2_yarn": "Gemma2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
