@@ -176,7 +176,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     special tokens first (0..k-1, in the order given: the default EOS is 0), then the 256 byte symbols (k..k+255),
     then the merges in the order learned. `length` (the number of texts, if known) sizes the progress bar.
     eos_token: which of `special_tokens` ends a document (None: `EOS`, which special tokens without it must then
-    name). Lone surrogates in a text are trained on as U+FFFD, as `encode` reads them.
+    name). Lone surrogates in a text are trained on as U+FFFD, as `encode` reads them. A special token the BPE
+    can also build from text (a single character, a plain word of the corpus) is refused: name them with
+    delimiters, as '<|endoftext|>'.
     """
     if isinstance(special_tokens, str):  # `EOS in "<|endoftext|>"` passes, and each character became a special token
         raise TypeError(f"train_bpe special_tokens={special_tokens!r}: pass a tuple of tokens, e.g. "
@@ -208,7 +210,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
         warnings.warn(f"train_bpe: vocab_size={vocab_size} asked, the corpus gave {tok.get_vocab_size()} (no more "
                       f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
                       "tokenizer's vocab_size", stacklevel=2)
-    return BPETokenizer(tok, eos_token, _copy=False)
+    bpe = BPETokenizer(tok, eos_token, _copy=False)
+    _check_specials_not_spelled(bpe, special_tokens)
+    return bpe
+
+
+def _check_specials_not_spelled(bpe: BPETokenizer, special_tokens) -> None:
+    """A special token that is also a symbol the BPE builds from text (a byte symbol like 'a', a merged word like
+    'hello') has one id for both: the text encoded to the special id, which decode skips ("hello world" read back
+    as " world") and which, as EOS, ended a document mid-text. Encoding the token's own characters tells."""
+    ids = {bpe.tok.token_to_id(s) for s in special_tokens}
+    for s in special_tokens:
+        if ids & set(bpe.encode(s).tolist()):
+            raise ValueError(f"train_bpe: special token {s!r} is also text the BPE encodes to its id (a character "
+                             "or a word of the corpus), so documents holding it would lose it; name special tokens "
+                             "with delimiters the byte-level pre-tokenizer splits, e.g. '<|pad|>'")
 
 
 def _train_texts(texts: Iterable[str]):

@@ -379,3 +379,13 @@ def test_a_text_that_is_not_str_is_named(tok_name, bpe):
     if hasattr(tok, "encode_batch"):  # a generator (not a list) is fine
         assert [x.tolist() for x in tok.encode_batch(t for t in ["a", "b\ud800"])] == [
             tok.encode("a").tolist(), tok.encode("b\ufffd").tolist()]
+
+
+@pytest.mark.parametrize("special", ["hello", "a"])
+def test_a_special_token_the_bpe_can_spell_from_text_is_refused(special):
+    """A special token whose characters the trained BPE produces from text (a word it merged, a single byte symbol)
+    shares the model's id: "hello world" encoded to [<hello>, ' world'] and decoded to ' world' (with 'a': every 'a'
+    of every document), and an EOS of that kind ended documents mid-text. Named at training."""
+    with pytest.raises(ValueError, match=f"special token {special!r} is also text the BPE encodes to its id"):
+        train_bpe(["hello world foo bar baz qux"] * 50, vocab_size=275, special_tokens=(EOS, special),
+                  show_progress=False)
