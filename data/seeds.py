@@ -43,9 +43,17 @@ def read_once(v):
     read into a tuple; anything else as given (the same object where nothing changed). A config's checks iterate
     its entries before storing them: a generator passed them and was stored used up, so a filter's phrases, a
     label's keywords or a held-out split were silently empty (QualityConfig(blocklist=(w for w in words)) kept
-    every blocked document)."""
+    every blocked document). A set (or frozenset) becomes a sorted tuple: iterated, it runs in hash order, which
+    differs between processes (PYTHONHASHSEED), so the cleaning run's fingerprint did too and a resume was refused
+    (and a set of shard files was read in another order)."""
     if isinstance(v, str | bytes) or not isinstance(v, Iterable):
         return v
+    if isinstance(v, set | frozenset):
+        items = [read_once(x) for x in v]
+        try:
+            return tuple(sorted(items))
+        except TypeError:  # mixed kinds ({'a', 1}): still one order in every process; the field's check names it
+            return tuple(sorted(items, key=repr))
     if not isinstance(v, Collection):  # a Collection (tuple, list, set, dict) can be iterated again
         v = tuple(v)
     if isinstance(v, tuple | list):

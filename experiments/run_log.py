@@ -9,6 +9,7 @@ import math
 import os
 import pathlib
 import signal
+import threading
 import time
 
 
@@ -228,10 +229,18 @@ class Stop:
     """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0. A second Ctrl-C (SIGINT after
     either) raises KeyboardInterrupt at once: the one way out of a save that hangs (orbax writes to a temporary
     folder and renames it when done, so no half-written step is left to restore). A second SIGTERM is remembered
-    like the first: a scheduler may send several before its kill."""
+    like the first: a scheduler may send several before its kill.
+
+    Off the main thread (a trainer's main() run in a thread: a notebook's worker, a job runner) Python refuses
+    signal handlers ("signal only works in main thread"), which failed even `--help`: no handler is installed
+    there (one line says so) and the run trains on, a signal acting as it would without this class."""
 
     def __init__(self):
         self.signal = None
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            print("note: not the main thread, so no SIGTERM / SIGINT handler: a signal will not stop the run in order")
+            return
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def reinstall(self):

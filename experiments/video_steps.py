@@ -24,7 +24,7 @@ from experiments.checkpoint import (
 from experiments.lm_step import all_finite
 from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
-from parallel import logical_to_spec, shard_batch
+from parallel import batch_sharding, logical_to_spec
 from parallel.host import step_compiler_options
 
 
@@ -33,15 +33,20 @@ def shard(batch, mesh):
     latents [B, T, ...] and per-example vectors [B] on the batch axes only (their frame axis, 1 + 4k long, is
     not a token axis: the DiT shards its own tokens)."""
     def one(path, x):
-        x = jnp.asarray(x)
-        if x.ndim == 2:
-            return shard_batch(x, mesh)
-        # with the shape, a B the batch axes do not divide is named with the fix (jax's IndivisibleError named neither)
+        where = f"batch{jax.tree_util.keystr(path)}"
         try:
-            spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh, x.shape)
+            x = jnp.asarray(x)
+        except TypeError:  # captions as strings: jax's "Value 'a' with dtype <U1 is not a valid JAX array type"
+            raise TypeError(f"shard: {where} is a {type(x).__name__}, not an array of numbers (captions: tokenize "
+                            "them first, data.moving_shapes.encode_caption)") from None
+        # with the shape, a B (or a caption length L) the mesh axes do not divide is named with the key and the fix
+        # (jax's IndivisibleError named neither; shard_batch given the captions alone named 'batch', not the key)
+        try:
+            sharding = (batch_sharding(mesh, 2, shape=x.shape) if x.ndim == 2 else
+                        NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (x.ndim - 1), mesh, x.shape)))
         except ValueError as e:
-            raise ValueError(f"shard: batch{jax.tree_util.keystr(path)}, an array {x.shape}: {e}") from None
-        return jax.device_put(x, NamedSharding(mesh, spec))
+            raise ValueError(f"shard: {where}, an array {x.shape}: {e}") from None
+        return jax.device_put(x, sharding)
 
     return jax.tree_util.tree_map_with_path(one, batch)
 

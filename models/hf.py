@@ -261,12 +261,20 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                                  f"from {cfg}")
             values[ours] = place(arr, ours)
             del arr  # one stacked tensor in host memory at a time
-        # Llama attention_bias=True also adds an o_proj bias we do not have: exact only when it is zero.
+        # Llama attention_bias=True also adds an o_proj bias we do not have: exact only when it is zero. A config
+        # without attention_bias (or another architecture) has none either: transformers drops the tensor as an
+        # unexpected key, so config.json and the weights disagree
+        flag = bool(hf.get("attention_bias", False)) and cfg.qkv_bias
         for i in range(cfg.n_layers):
             name = f"model.layers.{i}.self_attn.o_proj.bias"
             if name in where and np.any(get(name) != 0):
                 raise ValueError(f"{name} is non-zero but our Transformer has no o_proj bias (attention_bias="
-                                 "True); only checkpoints whose o_proj biases are zero can be loaded")
+                                 "True); only checkpoints whose o_proj biases are zero can be loaded" if flag else
+                                 f"{name} is non-zero but config.json says attention_bias="
+                                 f"{str(hf.get('attention_bias')).lower() if 'attention_bias' in hf else 'absent'}"
+                                 f" (model_type {hf.get('model_type')!r}): neither transformers nor our Transformer "
+                                 "has an o_proj bias then (transformers drops the tensor unread); is config.json "
+                                 "right for these weights?")
     if cfg.moe is not None:  # Mixtral routes without a selection bias
         values["moe_blocks.moe.router_bias"] = place(np.zeros(shapes["moe_blocks.moe.router_bias"], np.float32),
                                                      "moe_blocks.moe.router_bias")

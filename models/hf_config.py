@@ -207,6 +207,11 @@ def _moe_from_hf(hf: dict, mlp_act: str):
     from models.moe import MoEConfig
 
     k = hf.get("num_experts_per_tok", 2)
+    # null (transformers stores it as given; its router's top-k then fails) was a bare TypeError in the product below
+    for field, v in (("num_experts_per_tok", k), ("router_aux_loss_coef", hf.get("router_aux_loss_coef", 0.0))):
+        if v is None:
+            raise ValueError(f"HF config field {field}=null: a Mixtral config needs a value (transformers' default "
+                             f"is {2 if field == 'num_experts_per_tok' else 0.001}); fix config.json")
     # transformers' Mixtral balancing loss is k × ours per layer (tests/test_moe.py): keep its objective's weight.
     # (HF pools the router statistics of all layers before the product, we average per-layer losses: equal for
     # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.

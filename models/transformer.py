@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -65,10 +66,31 @@ def _rms_norm_bwd(eps, offset, res, g):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+def _listed_ids(ids, name: str):
+    """Ids given as Python values (a nested list, or a numpy object array) checked one by one: jnp.asarray read a
+    bool among ints as id 1 ([[True, 2]] ran as [[1, 2]]), an empty list as float32 (refused as 'dtype float32'),
+    and an object array failed inside jax naming nothing. Returns a nested list of the ints, or an empty int32
+    array of the list's shape (no ids: as an empty int array)."""
+    arr = np.asarray(ids, dtype=object)  # a ragged batch: a 1-d array of its rows, refused below as not ints
+    if not arr.size:
+        return np.zeros(arr.shape, np.int32)
+    for x in arr.ravel():
+        kind = getattr(getattr(x, "dtype", None), "kind", None)  # numpy / jax scalars and 0-d arrays: ints too
+        if isinstance(x, bool | np.bool_) or kind == "b":
+            raise ValueError(f"{name} must be integer ids, got {bool(x)} (bool; a bool is not a token id); pass a "
+                             "[batch, length] int array, e.g. jnp.asarray(ids, jnp.int32)")
+        if not (isinstance(x, numbers.Integral) or (kind in ("i", "u") and getattr(x, "ndim", None) == 0)):
+            raise ValueError(f"{name} must be integer ids, got {x!r:.60} ({type(x).__name__}; rows of one length, of "
+                             "ints); pass a [batch, length] int array, e.g. jnp.asarray(ids, jnp.int32)")
+    return arr.tolist() if isinstance(ids, np.ndarray) else ids
+
+
 def check_token_ids(tokens_BT, vocab_size: int, name: str = "tokens"):
     """tokens_BT as given, after checking it holds integer ids in [0, vocab_size) when its values are known
     (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error. `name`: the
     caller's argument, for the errors."""
+    if isinstance(tokens_BT, list | tuple) or (isinstance(tokens_BT, np.ndarray) and tokens_BT.dtype == object):
+        tokens_BT = _listed_ids(tokens_BT, name)
     given = getattr(tokens_BT, "dtype", None)  # a float64 array reads as float32 after jnp.asarray with x64 off
     span = None
     if isinstance(tokens_BT, np.ndarray | np.generic) and tokens_BT.dtype.kind in "iu" and tokens_BT.size:

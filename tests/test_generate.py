@@ -603,3 +603,31 @@ def test_list_prompt_ids_beyond_int32_get_the_named_range_error(model):
             model(ids)
     assert check_token_ids([[5, 3]], 64).dtype == jnp.int32
     np.testing.assert_array_equal(generate(model, [[5, 3]], 2), generate(model, jnp.asarray([[5, 3]], jnp.int32), 2))
+
+
+def test_python_ids_are_checked_one_by_one_a_bool_an_empty_list_and_an_object_array_named(model):
+    """jnp.asarray read a bool among ints as id 1 ([[True, 2]] ran as [[1, 2]]), an empty list as float32 (refused
+    as 'dtype float32', which the caller never gave), and a numpy object array failed inside jax ('Error
+    interpreting argument to stage'), naming nothing. Each is named now; an empty list reads as an empty int batch,
+    and an object array of ints runs as the ints."""
+    from models.transformer import check_token_ids
+
+    for ids in ([[True, 2]], [[5, np.bool_(False)]], np.array([[True, 2]], dtype=object)):
+        with pytest.raises(ValueError, match=r"^prompt_tokens must be integer ids, got (True|False) \(bool; a bool is"):
+            generate(model, ids, 2)
+        with pytest.raises(ValueError, match=r"^tokens must be integer ids, got (True|False) \(bool"):
+            model(ids)
+    with pytest.raises(ValueError, match=r"^prompt_tokens must be integer ids, got 'a' \(str"):
+        generate(model, np.array([[1, "a"]], dtype=object), 2)
+    with pytest.raises(ValueError, match=r"^prompt_tokens must be integer ids, got \[1, 2\] \(list; rows of one"):
+        generate(model, [[1, 2], [3]], 2)
+    empty = check_token_ids([[]], 64)
+    assert (empty.shape, empty.dtype) == ((1, 0), jnp.int32)
+    with pytest.raises(ValueError, match=r"prompt_tokens must be \[batch, length >= 1\], got shape \(1, 0\)"):
+        generate(model, [[]], 2)
+    want = generate(model, jnp.asarray([[5, 3]], jnp.int32), 2)
+    np.testing.assert_array_equal(generate(model, np.array([[5, 3]], dtype=object), 2), want)
+    np.testing.assert_array_equal(generate(model, [[np.int64(5), 3]], 2), want)
+    np.testing.assert_array_equal(generate(model, [[jnp.int32(5), 3]], 2), want)  # jax scalars are ints too
+    with pytest.raises(ValueError, match=r"got True \(bool"):
+        generate(model, [[jnp.bool_(True), 3]], 2)

@@ -478,6 +478,36 @@ def test_mixtral_num_experts_alias_read_as_transformers_reads_it(experts):
     assert config_from_hf(raw).moe.n_experts == transformers.MixtralConfig.from_dict(raw).num_local_experts == 4
 
 
+@pytest.mark.parametrize("field", ["num_experts_per_tok", "router_aux_loss_coef"])
+def test_a_null_mixtral_routing_field_is_named(field):
+    """num_experts_per_tok (or router_aux_loss_coef) null in config.json failed as a bare TypeError ("unsupported
+    operand type(s) for *") in the balancing weight, naming no field."""
+    raw = config_to_hf(ROUND_TRIP["mixtral"]) | {field: None}
+    with pytest.raises(ValueError, match=rf"^HF config field {field}=null: a Mixtral config needs a value"):
+        config_from_hf(raw)
+
+
+def test_an_o_proj_bias_the_config_does_not_declare_is_named_as_such(tmp_path):
+    """A Llama checkpoint whose config.json says attention_bias=false but whose weights carry a non-zero o_proj.bias
+    was refused "(attention_bias=True)", a setting the config does not have: transformers drops the tensor unread,
+    so the config and the weights disagree. A zero one still loads (exact either way)."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=1), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_bias"] is False
+    tensors = load_file(tmp_path / "model.safetensors")
+    w = tensors["model.layers.0.self_attn.o_proj.weight"]
+    for value in (0.0, 0.5):
+        bias = {"model.layers.0.self_attn.o_proj.bias": np.full(w.shape[0], value, w.dtype)}
+        save_file(tensors | bias, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        if value:
+            with pytest.raises(ValueError, match=r"o_proj\.bias is non-zero but config\.json says attention_bias="
+                                                 r"false \(model_type 'llama'\): neither transformers nor"):
+                from_pretrained(tmp_path)
+        else:
+            assert not from_pretrained(tmp_path).cfg.qkv_bias
+
+
 def test_tied_config_with_its_own_head_tensor(tmp_path):
     """tie_word_embeddings with an lm_head.weight in the file: equal to the embedding, or the only copy (then
     transformers ties the embedding to it) loads; a different one is refused (5.x unties it, 4.x ties it)."""

@@ -159,3 +159,34 @@ def test_a_generator_for_a_tuple_field_is_stored_whole_not_used_up_by_the_checks
     shard = tmp_path / "shard-0.array_record"
     shard.touch()
     assert Source(path=(str(p) for p in [shard])).files() == [str(shard)]
+
+
+_SET_FINGERPRINT = """
+from data.filters import QualityConfig
+from data.label import LabelConfig
+from data.langid import LangIDConfig
+from data.pipeline import PipelineConfig
+words = set("alpha beta gamma delta epsilon zeta eta theta".split())
+print(PipelineConfig(quality=QualityConfig(blocklist=words, promo_phrases=frozenset(words)),
+                     label=LabelConfig(domains=(("code", words),)),
+                     langid=LangIDConfig(fold=(("zh", {"yue", "wuu"}),))).fingerprint())
+"""
+
+
+def test_a_set_for_a_tuple_field_is_stored_sorted_so_the_fingerprint_is_one_in_every_process(tmp_path):
+    """A set iterates in hash order, which differs between processes (PYTHONHASHSEED): stored as given, the cleaning
+    run's fingerprint differed from the run it resumed (and a resume was refused), and a set of shard files was read
+    in another order. Sets are stored as sorted tuples, at any depth (LangIDConfig.keep already was)."""
+    import os
+    import subprocess
+    import sys
+
+    words = {"gamma", "alpha", "beta"}
+    assert QualityConfig(blocklist=words).blocklist == ("alpha", "beta", "gamma")
+    assert LabelConfig(domains=(("code", frozenset(words)),)).domains == (("code", ("alpha", "beta", "gamma")),)
+    assert Source(path={"/b.array_record", "/a.array_record"}).path == ("/a.array_record", "/b.array_record")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", _SET_FINGERPRINT], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, cwd=root, check=True).stdout.strip()
+            for seed in (1, 2)}
+    assert len(outs) == 1, outs

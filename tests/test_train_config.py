@@ -175,6 +175,39 @@ def test_cli_exits_before_compiling_with_the_line(monkeypatch):
     assert str(e.value).startswith("config error: train.batch: 12 rows") and not compiled
 
 
+def test_cli_runs_off_the_main_thread_without_a_signal_handler(monkeypatch, capsys):
+    """main() installs its SIGTERM / SIGINT handler (run_log.Stop) before parsing the arguments, and Python refuses
+    handlers off the main thread: run from a thread (a notebook's worker, a job runner) even --help or a config error
+    failed with 'signal only works in main thread'. There Stop installs none (one line says so) and main runs."""
+    import signal
+    import threading
+
+    compiled, got = [], {}
+    monkeypatch.setattr(train_lm, "train", lambda *a: compiled.append(a))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def run(key, argv):
+        try:
+            train_lm.main(argv)
+        except BaseException as e:  # noqa: BLE001  (SystemExit included: what the thread ended with)
+            got[key] = e
+
+    for key, argv in (("help", ["--help"]), ("bad", ["--preset", "tiny", "--batch", "12"])):
+        t = threading.Thread(target=run, args=(key, argv))
+        t.start()
+        t.join()
+    assert isinstance(got["help"], SystemExit) and got["help"].code == 0, got["help"]
+    assert isinstance(got["bad"], SystemExit) and str(got["bad"]).startswith("config error: train.batch: 12 rows"), \
+        got["bad"]
+    assert not compiled and {s: signal.getsignal(s) for s in before} == before
+    assert "not the main thread, so no SIGTERM / SIGINT handler" in capsys.readouterr().out
+    stop = run_log.Stop()  # on the main thread it installs its handler, as before
+    try:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    finally:
+        stop.restore()
+
+
 def test_cli_refuses_a_mesh_whose_batch_rows_do_not_split_over_the_processes(monkeypatch):
     """Two processes (faked: the first 4 devices this one's) with a stage axis outermost: each process's devices
     hold the whole batch; the loader failed in the first step with advice (make_mesh's dcn=) the CLI has not."""

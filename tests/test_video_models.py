@@ -3,6 +3,7 @@ T = 1, windowed spacetime attention vs a dense reference, the text encoder, and 
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -408,6 +409,17 @@ def test_vae_flops_match_cost_analysis():
 
 
 
+def test_a_frame_count_the_temporal_factor_refuses_names_the_nearest_valid_counts():
+    """'clips need 1 + 4·k frames, got 7' left the arithmetic to the reader: the refusal names the counts to crop
+    or pad to (below and above)."""
+    cfg = dataclasses.replace(VAE, channels=(8, 16, 16), temporal_factor=4)
+    for frames, near in ((7, "5 or 9"), (2, "1 or 5"), (12, "9 or 13")):
+        with pytest.raises(ValueError, match=rf"VAEConfig.temporal_factor: clips need 1 \+ 4·k frames, got {frames}: "
+                                             f"crop or pad to {near}$"):
+            cfg.latent_shape(frames, 16, 16)
+    assert cfg.latent_shape(9, 16, 16)[0] == 3
+
+
 @pytest.mark.parametrize("frames,size,field", [(8, 16, "temporal_factor"), (9, 18, "spatial_factor"),
                                                (0, 16, "latent_shape")])
 def test_vae_flops_refuse_a_clip_the_vae_refuses(frames, size, field):
@@ -727,6 +739,21 @@ def test_video_batches_name_an_array_whose_batch_the_mesh_does_not_divide():
         with pytest.raises(ValueError, match=rf"shard: batch\['{key}'\].*'batch' of size {shape[0]} does not divide "
                                              r"mesh axes.*multiple of 4"):
             shard({key: np.zeros(shape, np.float32)}, mesh)
+
+
+def test_video_batches_name_the_captions_key_when_the_mesh_does_not_divide_them():
+    """Captions [B, L] went through parallel.shard_batch alone, whose error named 'batch', not the dict key (the
+    other arrays' errors did); strings failed inside jax ("dtype <U1 is not a valid JAX array type")."""
+    from experiments.video_steps import shard
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 4, "sequence": 2})
+    for shape, says in (((2, 8), "dimension 'batch' of size 2 does not divide mesh axes ('data',)"),
+                        ((8, 7), "dimension 'act_seq' of size 7 does not divide mesh axes ('sequence',)")):
+        with pytest.raises(ValueError, match="^" + re.escape(f"shard: batch['tokens'], an array {shape}: {says}")):
+            shard({"tokens": np.zeros(shape, np.int32)}, mesh)
+    with pytest.raises(TypeError, match=r"^shard: batch\['tokens'\] is a ndarray, not an array of numbers"):
+        shard({"tokens": np.array([["a red circle"]])}, mesh)
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])
 def test_bf16_dit_gradient_keeps_its_products_in_bf16_on_cpu(attention):

@@ -117,8 +117,9 @@ class VAEConfig:
         need = _need("VAEConfig")
         need(frames >= 1 and height >= 1 and width >= 1, "latent_shape", f"a clip needs frames, height and width >= 1, "
              f"got {frames}×{height}×{width}")
-        need((frames - 1) % self.temporal_factor == 0, "temporal_factor",
-             f"clips need 1 + {self.temporal_factor}·k frames, got {frames}")
+        tf, below = self.temporal_factor, 1 + (frames - 1) // self.temporal_factor * self.temporal_factor
+        need((frames - 1) % tf == 0, "temporal_factor",  # the nearest valid counts: what to crop or pad to
+             f"clips need 1 + {tf}·k frames, got {frames}: crop or pad to {below} or {below + tf}")
         need(height % self.spatial_factor == 0 and width % self.spatial_factor == 0, "spatial_factor",
              f"frame size {height}×{width} is not divisible by {self.spatial_factor}")
         return (1 + (frames - 1) // self.temporal_factor, height // self.spatial_factor,
@@ -183,8 +184,11 @@ class DiTConfig:
 
     attention='factorized': each block attends spatially within each frame, then temporally over
     each position; 'full': one attention over all T'·H'·W' tokens. spatial_window (odd, in patches):
-    a token sees the window×window neighbourhood of its frame; temporal_window: a frame sees itself and
-    the window - 1 frames before it (causal, the sliding-window LM kernel). None: no window.
+    a token sees the window×window neighbourhood of its frame; temporal_window (in patch frames, pt latent frames
+    each): a patch frame sees itself and the window - 1 patch frames before it (causal between patch frames, the
+    sliding-window LM kernel). With a temporal patch pt > 1 the pt latent frames of one patch share its tokens, so
+    they see each other (the first latent frame's output depends on the second's): causal between latent frames
+    only with pt=1. None: no window.
     """
 
     latent_shape: tuple[int, int, int] = (3, 8, 8)  # (T, H, W) of the latents
