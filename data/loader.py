@@ -481,6 +481,11 @@ def _absl_flags_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
+def _no_counts() -> tuple[dict, dict]:
+    """LMLoader's `dropped` and `unread` before a finite stream ends."""
+    return {"batches": 0, "rows": 0, "tokens": 0, "documents": 0}, {"batches": 0, "rows": 0, "tokens": 0}
+
+
 class LMLoader:
     """Iterator of LM batches; with a `mesh`, global device arrays sharded by `parallel.batch_sharding`.
 
@@ -554,8 +559,7 @@ class LMLoader:
         self._starts = {i for i in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)) if i is not None}
         self._stream = _stream(sources, tokenizer, cfg, self._p, n)
         self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
-        self.unread = {"batches": 0, "rows": 0, "tokens": 0}
-        self.dropped = {"batches": 0, "rows": 0, "tokens": 0, "documents": 0}
+        self.dropped, self.unread = _no_counts()
 
     def __iter__(self):
         return self
@@ -659,8 +663,7 @@ class LMLoader:
             raise StreamMismatch(f"LMLoader.set_state: the state does not fit this loader ({type(e).__name__}: {e}); "
                              "it was saved by a loader with another LoaderConfig (worker_count, tokenize_batch) "
                              "or other sources: restore with the config it was saved with") from e
-        self.dropped = dict(counts["dropped"]) if counts else {"batches": 0, "rows": 0, "tokens": 0, "documents": 0}
-        self.unread = dict(counts["unread"]) if counts else {"batches": 0, "rows": 0, "tokens": 0}
+        self.dropped, self.unread = (dict(counts["dropped"]), dict(counts["unread"])) if counts else _no_counts()
 
     def close(self):
         if hasattr(self._it, "close"):
