@@ -70,8 +70,12 @@ def _listed_ids(ids, name: str):
     """Ids given as Python values (a nested list, or a numpy object array) checked one by one: jnp.asarray read a
     bool among ints as id 1 ([[True, 2]] ran as [[1, 2]]), an empty list as float32 (refused as 'dtype float32'),
     and an object array failed inside jax naming nothing. Returns a nested list of the ints, or an empty int32
-    array of the list's shape (no ids: as an empty int array)."""
-    arr = np.asarray(ids, dtype=object)  # a ragged batch: a 1-d array of its rows, refused below as not ints
+    array of the list's shape (no ids: as an empty int array). Ids holding traced values (a list of rows under
+    jit) are returned as given: numpy cannot read them, and jnp.asarray checks their dtype."""
+    try:
+        arr = np.asarray(ids, dtype=object)  # a ragged batch: a 1-d array of its rows, refused below as not ints
+    except jax.errors.TracerArrayConversionError:  # [row_a, row_b] of tracers: stacked by jnp.asarray as before
+        return ids
     if not arr.size:
         return np.zeros(arr.shape, np.int32)
     for x in arr.ravel():

@@ -631,3 +631,17 @@ def test_python_ids_are_checked_one_by_one_a_bool_an_empty_list_and_an_object_ar
     np.testing.assert_array_equal(generate(model, [[jnp.int32(5), 3]], 2), want)  # jax scalars are ints too
     with pytest.raises(ValueError, match=r"got True \(bool"):
         generate(model, [[jnp.bool_(True), 3]], 2)
+
+
+def test_python_lists_of_traced_rows_still_run_under_jit(model):
+    """The per-element check of Python ids (a bool, an empty list) called np.asarray on the list, which a list of
+    tracers refuses (TracerArrayConversionError): `model([row_a, row_b])` or a list of scalars inside a jitted
+    function failed where jnp.asarray stacked them before. They are stacked as before."""
+    from models.transformer import check_token_ids
+
+    rows = jnp.asarray([[5, 3], [7, 1]], jnp.int32)
+    stacked = jax.jit(lambda a, b: check_token_ids([a, b], 64))(rows[0], rows[1])
+    np.testing.assert_array_equal(stacked, rows)
+    scalars = jax.jit(lambda a, b: check_token_ids([[a, b]], 64))(rows[0, 0], rows[0, 1])
+    np.testing.assert_array_equal(scalars, rows[:1])
+    np.testing.assert_array_equal(jax.jit(lambda a, b: model([a, b]))(rows[0], rows[1]), model(rows))
