@@ -208,6 +208,11 @@ def _levels(x) -> int:
     return len(np.unique(np.round(np.log(x), 9)))
 
 
+def _distinct_runs(n, d) -> int:
+    """Distinct (N, D) configurations (equal up to rounding): repeats of one (seeds) add no equation to the fit."""
+    return len(np.unique(np.round(np.stack([np.log(n), np.log(d)], 1), 9), axis=0))
+
+
 def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None = None, n_starts: int = 4,
             init: ScalingLaw | None = None) -> FitResult:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta to runs (arrays of N, D, final loss), paper Approach 3.
@@ -234,6 +239,9 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
         if (k := _levels(x)) < 3:  # E + A/N^alpha at k levels: k numbers for 3 unknowns, any alpha fits exactly
             raise ValueError(f"{name} takes {k} distinct value{'s' * (k != 1)} over the runs; fitting "
                              f"{'A/N^alpha' if name == 'N' else 'B/D^beta'} beside E needs >= 3 {what}")
+    if (k := _distinct_runs(n, d)) < 5:  # 4 configurations + a repeated seed: 4 equations, 5 unknowns (E -> 1e-87)
+        raise ValueError(f"{k} distinct (N, D) runs among the {len(n)} given (repeats of one configuration, e.g. "
+                         "seeds, add no equation); fitting 5 parameters needs >= 5 distinct (N, D)")
     if (r := _log_corr(n, d)) > MAX_LOG_CORR and np.ptp(np.log(n * d)) < 0.05:  # one IsoFLOP profile
         raise ValueError(f"every run has the same FLOP budget (6·N·D within 5%, so log N and log D are collinear: "
                          f"|corr| = {r:.4f}); the fit needs runs at >= 2 budgets (several model sizes at each: one "
@@ -281,7 +289,7 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
 class Bootstrap:
     """Refits on resampled runs. `laws[i]` is the fit to resample i; `residuals` are the full fit's
     log-loss residuals log L - log L_pred (the scatter of single runs around the law). `skipped` counts
-    resamples that could not identify the 5 parameters (< 5 distinct runs, < 3 values of N or D, or collinear N
+    resamples that could not identify the 5 parameters (< 5 distinct (N, D) runs, < 3 values of N or D, or collinear N
     and D)."""
 
     fit: FitResult
@@ -333,14 +341,14 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
     laws, skipped = [], 0
     for _ in it:
         idx = rng.integers(0, len(n), len(n))
-        if (len(np.unique(idx)) < 5 or min(_levels(n[idx]), _levels(d[idx])) < 3
+        if (_distinct_runs(n[idx], d[idx]) < 5 or min(_levels(n[idx]), _levels(d[idx])) < 3
                 or _log_corr(n[idx], d[idx]) > MAX_LOG_CORR):
             skipped += 1
             continue
         laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
     if not laws:
-        raise ValueError(f"bootstrap: all {n_boot} resamples were skipped (< 5 distinct runs, or N and D collinear); "
-                         "give more runs that vary N and D independently")
+        raise ValueError(f"bootstrap: all {n_boot} resamples were skipped (< 5 distinct (N, D) runs, or N and D "
+                         "collinear); give more runs that vary N and D independently")
     resid = np.log(lv) - np.log(full.law.loss(n, d))
     return Bootstrap(fit=full, laws=tuple(laws), residuals=tuple(float(x) for x in resid), skipped=skipped)
 

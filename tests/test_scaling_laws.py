@@ -295,3 +295,22 @@ def test_runs_just_past_the_collinearity_threshold_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an exponent may sit on its bound with so few runs
         assert fit_law(n, d, TRUE.loss(n, d)).n_points == 8
+
+
+def test_fit_counts_distinct_runs_not_repeats():
+    """Five runs of which two repeat one (N, D) (a second seed) are four equations for five unknowns: the fit was
+    accepted and returned E = 3.6e-87 with no error. Refused by name; the bootstrap skips such resamples too."""
+    law = CHINCHILLA_APPROACH3
+    n, d = np.array([1e7, 3e7, 1e8, 3e8]), np.array([1e10, 3e9, 3e10, 1e9])
+    n5, d5 = np.r_[n, n[0]], np.r_[d, d[0]]
+    with pytest.raises(ValueError, match=r"4 distinct \(N, D\) runs.*needs >= 5"):
+        fit_law(n5, d5, law.loss(n5, d5) * np.r_[1, 1, 1, 1, 1.01])
+    # repeats beside 5 distinct runs are fine, and a bootstrap over runs with repeats does not raise
+    n, d, loss = synthetic(0.01)
+    n2, d2, loss2 = np.r_[n, n[:6]], np.r_[d, d[:6]], np.r_[loss, loss[:6] * 1.01]
+    assert fit_law(n2, d2, loss2).n_points == 42
+    sub = np.r_[0, 8, 13, 21, 30, 0, 0, 8]  # 5 distinct runs, three of them repeated: resamples often have < 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bs = bootstrap(n2[sub], d2[sub], loss2[sub] * np.r_[1, 1, 1, 1, 1, 1.01, 0.99, 1.01], n_boot=20, seed=0)
+    assert bs.skipped > 0 and len(bs.laws) + bs.skipped == 20
