@@ -1183,23 +1183,26 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     assert stats["raw"]["stages"][0]["docs_in"] == 2 and stats["augmented"]["stages"][-1]["docs_out"] == 2
 
 
+def _raw_strings(vals):
+    """A Parquet string column of raw bytes, unvalidated, as another writer may leave it."""
+    offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
+                                                          pa.py_buffer(b"".join(vals))])
+
+
 def test_parquet_strings_holding_invalid_utf8_are_decoded_like_json_lines(tmp_path):
     """pyarrow does not check UTF-8 when reading a string column (nor do all writers when writing): one invalid byte
     in a Parquet file's text or metadata (a list of strings too) raised UnicodeDecodeError and ended the run. The
     text's are repaired or dropped as a JSON line's are (invalid_utf8), a metadata value's get U+FFFD."""
     from data.sources import read_records
 
-    def strings(vals):  # a string column of raw bytes, unvalidated, as another writer may leave it
-        offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
-        return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
-                                                              pa.py_buffer(b"".join(vals))])
-
     rng = np.random.default_rng(0)
     good = en_text(rng, 60).encode()
     texts = [good, good[:200] + b"\xff" + good[200:], b"\xed\xa0\x80 lone"]
     path = tmp_path / "bad.parquet"
-    tags = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), strings([b"a", b"b\xe9", b"c"]))
-    pq.write_table(pa.table({"text": strings(texts), "title": strings([b"ok", b"caf\xe9", b"x"]), "tags": tags}), path)
+    tags = pa.ListArray.from_arrays(pa.array([0, 1, 2, 3], pa.int32()), _raw_strings([b"a", b"b\xe9", b"c"]))
+    title = _raw_strings([b"ok", b"caf\xe9", b"x"])
+    pq.write_table(pa.table({"text": _raw_strings(texts), "title": title, "tags": tags}), path)
     got = list(read_records([str(path)]))
     assert [r for _, r, _ in got] == [None, None, "invalid_utf8"]
     assert [n for _, _, n in got] == [len(t) for t in texts]
@@ -1213,16 +1216,11 @@ def test_dictionary_encoded_parquet_strings_holding_invalid_utf8_are_decoded_too
     was cast to itself and read again. Its text is judged as a JSON line's, its metadata gets U+FFFD."""
     from data.sources import read_records
 
-    def strings(vals):  # a string column of raw bytes, unvalidated, as another writer may leave it
-        offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
-        return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
-                                                              pa.py_buffer(b"".join(vals))])
-
     rng = np.random.default_rng(0)
     good = en_text(rng, 60).encode()
     codes = pa.array([0, 1, 0], pa.int32())
-    text = pa.DictionaryArray.from_arrays(codes, strings([good, b"\xed\xa0\x80 lone"]))
-    lang = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), strings([b"en", b"caf\xe9"]))
+    text = pa.DictionaryArray.from_arrays(codes, _raw_strings([good, b"\xed\xa0\x80 lone"]))
+    lang = pa.DictionaryArray.from_arrays(pa.array([1, 0, 1], pa.int32()), _raw_strings([b"en", b"caf\xe9"]))
     path = tmp_path / "cat.parquet"
     pq.write_table(pa.table({"text": text, "lang": lang}), path)
     got = list(read_records([str(path)]))
