@@ -9,6 +9,7 @@ Bandwidths in bytes/s, memory in bytes (GB = 1e9, GiB = 2^30 as the datasheet st
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 
 import numpy as np
@@ -32,8 +33,8 @@ CHIPS: dict[str, Chip] = {
     # https://cloud.google.com/tpu/docs/v4 (System architecture): 275 TFLOPs bf16/int8, 32 GiB HBM2, 1200 GBps
     "tpu-v4": Chip("TPU v4", {"bf16": 275 * T, "int8": 275 * T}, 32 * GIB, 1200 * GB, None,
                    "https://cloud.google.com/tpu/docs/v4"),
-    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 394 TOPs int8, 16 GB HBM2, 819 GBps
-    "tpu-v5e": Chip("TPU v5e", {"bf16": 197 * T, "int8": 394 * T}, 16 * GB, 819 * GB, None,
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 393 TOPs int8 (not 2 x 197), 16 GB HBM2, 819 GBps
+    "tpu-v5e": Chip("TPU v5e", {"bf16": 197 * T, "int8": 393 * T}, 16 * GB, 819 * GB, None,
                     "https://cloud.google.com/tpu/docs/v5e"),
     # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 918 TOPs int8, 95 GB HBM2e, 2765 GBps
     "tpu-v5p": Chip("TPU v5p", {"bf16": 459 * T, "int8": 918 * T}, 95 * GB, 2765 * GB, None,
@@ -138,6 +139,9 @@ def measure_cpu_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) ->
 
     A practical peak for MFU on CPU: the best a large square matmul achieves, not a vendor number.
     """
+    for name, v in (("n", n), ("repeats", repeats)):  # 0 timed nothing and returned a peak of 0.0 FLOP/s
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"measure_cpu_peak: {name} must be an int >= 1, got {v!r}")
     import jax
     import jax.numpy as jnp
 
@@ -154,7 +158,9 @@ def measure_cpu_peak(n: int = 1024, dtype: str = "float32", repeats: int = 5) ->
 
 
 def peak_table(dtypes=("bf16", "fp8")) -> str:
-    """Markdown table of the registry (dense peaks in TFLOP/s)."""
+    """Markdown table of the registry (dense peaks in TFLOP/s); `dtypes` as peak_flops takes them ('bfloat16' or
+    jnp.bfloat16 printed '—' for every chip)."""
+    dtypes = [peak_dtype(d) for d in dtypes]
     rows = ["| kind | chip | " + " | ".join(f"{d} TFLOP/s" for d in dtypes) + " | HBM | HBM BW | power | source |",
             "|---" * (len(dtypes) + 6) + "|"]
     for k, c in CHIPS.items():

@@ -36,7 +36,7 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008.
     Eight or more heads come in a multiple of 8, so that any tensor axis up to 8 divides them: where the closest
     depth has another count (75 at L=75), a nearby depth (±8) or d_model (within 1.5x of aspect·L) within 10% of
-    n_params is taken instead. Where none exists (at head_dim 128: ~2.5e8-6e8 parameters, 9-13 heads, and ~1.5e9-
+    n_params is taken instead. Where none exists (at head_dim 128: ~2.4e8-6.3e8 parameters, 9-14 heads, and ~1.5e9-
     1.8e9, 19-20 heads) the closest shape keeps its count, and only tensor axes that divide it fit; a smaller
     head_dim gives more heads."""
     if not (math.isfinite(n_params) and n_params > 0):
@@ -72,13 +72,15 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     if abs(got - n_params) > 0.1 * n_params:  # every FLOP, hour and joule of the plan would be off by as much
         d = shape(*best).d_model
         embed = vocab_size * d
-        # the one-layer shape without its (untied) embedding: a vocabulary of v adds 2·v·d to it
-        d1 = shape(1).d_model
-        vocab_fits = int((n_params - (total(1) - 2 * vocab_size * d1)) / (2 * d1))
+        # the closest shape without its (untied) embedding: a vocabulary of v adds 2·v·d to it. Only a closest
+        # shape above the size is advised a vocabulary (a smaller one); the one-layer d=128 shape's vocabulary
+        # had told 1.32e7 (closest 1.72e7 at d=256) to 'lower' 32000 to 50,537
+        vocab_fits = int((n_params - (got - 2 * vocab_size * d)) / (2 * d))
         raise NoShapeError(f"no Llama-style shape (head_dim {head_dim}, d_model ≈ {aspect}·L, vocab {vocab_size}) "
                            f"has about {n_params:.3g} parameters: the closest, L={best[0]}, d={d}, has {got:.3g}"
                            + (f"; its embedding alone is most of that: lower the vocabulary (--vocab) to about "
-                              f"{vocab_fits:,}" if embed > n_params / 2 and vocab_fits >= 1 else ""), got)
+                              f"{vocab_fits:,}" if got > n_params and embed > n_params / 2 and vocab_fits >= 1
+                              else ""), got)
     return shape(*best)
 
 
@@ -105,12 +107,12 @@ class MeshChoice:
 def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, seqs_per_chip: int = 1,
                  remat: str = "save_dots_no_batch", param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                  kernel: str = "flash", headroom: float = HEADROOM,
-                 skipped: list[str] | None = None) -> MeshChoice | None:
+                 skipped: list[str] | None = None, tried: list[MeshChoice] | None = None) -> MeshChoice | None:
     """The least-sharded layout that fits: tensor in (1, 2, 4, 8) then fsdp over each divisor of the rest,
     smallest first (24 chips: 1, 2, 3, 4, 6, 8, 12, 24; powers of two only missed fsdp 24 and reported a model that
     fits there as not fitting), data the rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if
     nothing fits. skipped: a list that receives why layouts could not be used at all (a dimension they do not
-    divide)."""
+    divide); tried: a list that receives every layout evaluated, with its memory (the closest, when none fits)."""
     for t in (1, 2, 4, 8):
         if chips % t:
             continue
@@ -125,6 +127,8 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
                 mem = None
                 if skipped is not None and str(e) not in skipped:
                     skipped.append(str(e))
+            if mem is not None and tried is not None:
+                tried.append(MeshChoice(mesh, mb, mem))
             if mem is not None and mem.total <= headroom * hbm_bytes:
                 return MeshChoice(mesh, mb, mem)
     return None
@@ -220,15 +224,17 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     try:
         shape = suggest_shape(n, vocab_size=vocab_size)
     except NoShapeError as e:  # name the inputs that reach the closest size (the vocabulary alone rarely can)
-        if e.closest < n:
-            raise
+        # a closest shape below N (N in a gap of the family, 1.1e7, or past its deepest shape, 1e17) is reached by
+        # lowering the input: that case had re-raised the bare error, naming no input (and no flag on the CLI)
+        up = e.closest > n
+        more, less = ("raise", "lower") if up else ("lower", "raise")
         if params is not None:
-            fix = f"raise params (--params) to about {e.closest:.3g}"
-        elif tokens is not None:  # N = C / 6D: a larger budget or fewer tokens
-            fix = (f"the budget leaves N = C / 6D = {n:.3g}: raise flops (--flops) to about "
-                   f"{6 * d * e.closest:.3g} or lower tokens (--tokens) to about {flops / (6 * e.closest):.3g}")
+            fix = f"{more} params (--params) to about {e.closest:.3g}"
+        elif tokens is not None:  # N = C / 6D: a larger budget or fewer tokens, or the reverse
+            fix = (f"the budget leaves N = C / 6D = {n:.3g}: {more} flops (--flops) to about "
+                   f"{6 * d * e.closest:.3g} or {less} tokens (--tokens) to about {flops / (6 * e.closest):.3g}")
         else:
-            fix = f"raise flops (--flops) to about {float(alloc.optimal_flops_for_params(e.closest)):.3g}"
+            fix = f"{more} flops (--flops) to about {float(alloc.optimal_flops_for_params(e.closest)):.3g}"
         raise ValueError(f"{e}; {'or ' if 'vocabulary' in str(e) else ''}{fix}") from None
     fpt = train_flops_per_token(shape, seq_len)
     c6 = 6.0 * n * d
@@ -238,8 +244,9 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     kwh = chip_hours * power / 1000 * pue
     co2 = kwh * grid_g_per_kwh / 1000
     skipped: list[str] = []
+    tried: list[MeshChoice] = []
     mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat,
-                        skipped=skipped)
+                        skipped=skipped, tried=tried)
 
     law_txt = {"approach1": "Chinchilla Approach 1: N_opt ∝ C^0.50, anchored at 67B params for Gopher's 5.76e23 FLOPs "
                             f"({float(alloc.optimal_tokens_for_params(1e9)) / 1e9:.1f} tokens/param)",
@@ -280,15 +287,28 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
             except ValueError:
                 continue
         state = None if least is None else least.params + least.grads + least.opt_state
-        if state is None or state < HEADROOM * c.hbm_bytes:  # the state alone fits: activations are what overflows,
+        # what no sequence length or remat lowers: the state and the optimizer update's buffers (7B on 3 H200s peaks
+        # there, 125.5 GiB of 118.2, and was told to 'lower seq_len' at seq 128)
+        fixed = None if least is None else least.state + least.update_peak
+        if fixed is None or fixed < HEADROOM * c.hbm_bytes:  # the state fits: activations are what overflows,
             # and more chips bring more sequences (one per data / fsdp rank), not fewer per chip
             fixes = ([] if remat == "full" else ["use remat='full'"]) + [
                 "lower seq_len", "split each sequence over a 'sequence' mesh axis (this planner does not search it)"]
         else:
             fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "
                      f"{fsdp} of {chips})"]
-        need = "" if least is None else (f" (fsdp over {fsdp} of {chips}: {least.total / 2**30:.1f} GiB per chip, of "
-                                         f"which parameters + gradients + optimizer state {state / 2**30:.1f} GiB)")
+        # the closest layout tried (tensor shards activations too): printed alone, the fsdp-only probe read as the
+        # best it could do (400B on 256 H100s: 202.7 GiB per chip, where tensor 8 x fsdp 32 needs 74.4 GiB)
+        closest = min(tried, key=lambda m: m.memory.total, default=None)
+        if closest is not None and least is not None and closest.memory.total >= least.total:
+            closest = None  # the probe's own layout: said once
+        need = [] if closest is None else [f"closest tried: mesh {closest.mesh}, "
+                                           f"{closest.memory.total / 2**30:.1f} GiB per chip"]
+        if least is not None:
+            need.append(f"fsdp over {fsdp} of {chips}: {least.total / 2**30:.1f} GiB per chip, of which parameters + "
+                        f"gradients + optimizer state {state / 2**30:.1f} GiB, with the optimizer update "
+                        f"{fixed / 2**30:.1f} GiB")
+        need = f" ({'; '.join(need)})" if need else ""
         lines.append(f"memory    : does not fit {chips} x {c.hbm_bytes / 1e9:g} GB ({HEADROOM:.0%} usable) with "
                      f"tensor <= 8 at this micro-batch{need}; "
                      f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"

@@ -289,3 +289,101 @@ def test_make_plan_names_a_string_or_bool_number():
                      (dict(params=1e9, chip_power_w="700"), r"chip_power_w must be a number, got '700'")):
         with pytest.raises(ValueError, match=says):
             make_plan(**kw)
+
+
+def test_a_size_between_shapes_or_past_the_deepest_names_the_input_to_lower():
+    """Sizes in a gap of the shape family (1.1e7, 2.3e7 at vocab 32000) or past its deepest shape (1e17) raised
+    'no Llama-style shape ...' naming no input (the CLI printed no flag), and 1.32e7 was told to 'lower the
+    vocabulary (--vocab) to about 50,537' from 32000. Each named value now plans."""
+    def named(pattern, **kw):
+        with pytest.raises(ValueError) as e:
+            make_plan(**kw)
+        m = re.search(pattern, str(e.value))
+        assert m, str(e.value)
+        return float(m.group(1).replace(",", ""))
+
+    for n in (1.1e7, 2.3e7, 1e17):
+        closest = named(r"lower params \(--params\) to about ([0-9.e+]+)$", params=n)
+        assert closest < n and (n == 1e17 or make_plan(params=closest).n_params == closest)  # (3e16 plans in 15 s)
+    flops = named(r"lower flops \(--flops\) to about ([0-9.e+]+)$", flops=1.55e16)  # compute-optimal N = 1.1e7
+    assert flops < 1.55e16 and make_plan(flops=flops).n_params < 1.1e7
+    # a budget with a token count: N = C / 6D = 1.1e7 lies in the gap; fewer FLOPs or more tokens reach a shape
+    flops = named(r"lower flops \(--flops\) to about ([0-9.e+]+) or raise tokens", flops=6.6e16, tokens=1e9)
+    tokens = named(r"raise tokens \(--tokens\) to about ([0-9.e+]+)$", flops=6.6e16, tokens=1e9)
+    make_plan(flops=flops, tokens=1e9)
+    make_plan(flops=6.6e16, tokens=tokens)
+    vocab = named(r"lower the vocabulary \(--vocab\) to about ([0-9,]+);", params=1.32e7)
+    assert vocab < 32000 and make_plan(params=1.32e7, vocab_size=int(vocab)).shape.vocab_size == int(vocab)
+    with pytest.raises(SystemExit, match=r"lower params \(--params\)"):
+        main(["--params", "2.3e7"])
+
+
+def test_peak_table_reads_the_dtype_spellings_peak_flops_reads():
+    """peak_table(('bfloat16',)) printed '—' (no peak) for every chip, though peak_flops takes 'bfloat16'; and the
+    v5e int8 peak was 394 TOPs (2 x 197) where Google's v5e page prints 393."""
+    import jax.numpy as jnp
+
+    for spelling in ("bfloat16", jnp.bfloat16):
+        rows = peak_table((spelling,)).splitlines()[2:]
+        assert len(rows) == len(CHIPS) and "—" not in "".join(rows)
+        assert all(f"| {peak_flops(k, 'bf16') / 1e12:g} |" in r for k, r in zip(CHIPS, rows))
+    assert peak_table(("bf16",)).splitlines()[0].startswith("| kind | chip | bf16 TFLOP/s |")
+    assert peak_flops("tpu-v5e", "int8") == 393e12
+
+
+def test_a_plan_that_fits_nowhere_reports_the_closest_layout_it_tried():
+    """400B on 256 H100s printed only 'fsdp over 256 of 256: 202.7 GiB per chip' (2.7x the 80 GB chip), though the
+    tensor 8 x fsdp 32 layout it also tried needs 74.4 GiB, 11% over the 67.1 GiB usable."""
+    from scaling.plan import suggest_mesh
+
+    plan = make_plan(params=4e11, chips=256)
+    line = next(x for x in plan.text.splitlines() if x.startswith("memory"))
+    tried = []
+    assert suggest_mesh(plan.shape, 256, 80e9, seq_len=4096, tried=tried) is None and len(tried) > 1
+    for t in (1, 2, 4, 8):  # every layout the planner may pick, recomputed
+        for f in (f for f in range(1, 256 // t + 1) if 256 // t % f == 0):
+            mesh = {"data": 256 // t // f, "fsdp": f, "tensor": t}
+            try:
+                mem = memory_per_device(plan.shape, mesh, 256 // t, 4096, remat="save_dots_no_batch",
+                                        param_dtype="float32", compute_dtype="bfloat16", kernel="flash")
+            except ValueError:
+                continue
+            assert min(c.memory.total for c in tried) <= mem.total
+            assert any(c.mesh == mesh and c.memory.total == mem.total for c in tried)
+    best = min(tried, key=lambda c: c.memory.total)
+    assert best.mesh["tensor"] == 8 and best.memory.total < 0.9 * 90e9
+    assert f"closest tried: mesh {best.mesh}, {best.memory.total / 2**30:.1f} GiB per chip" in line, line
+
+
+def test_suggest_shape_docstring_names_every_head_count_no_tensor_axis_divides():
+    """Its docstring said 9-13 heads up to ~6e8 parameters; 6.07e8-6.33e8 get 14."""
+    counts = set()
+    for pair in re.findall(r"(\d+)-(\d+) heads", suggest_shape.__doc__):
+        counts |= set(range(int(pair[0]), int(pair[1]) + 1))
+    seen = {s.n_heads for s in map(suggest_shape, np.geomspace(1e8, 4e9, 300).tolist())
+            if s.n_heads >= 8 and s.n_heads % 8}
+    assert seen and seen <= counts, (sorted(seen), sorted(counts))
+
+
+def test_a_plan_bound_by_the_optimizer_update_is_not_told_to_shorten_its_sequences():
+    """7B on 3 H200s (fsdp 3 divides no dimension: the state unsharded) peaks in the optimizer update, 125.5 GiB
+    of 118.2 usable, at any sequence length; at remat 'full' and seq 128 it was still told to 'lower seq_len'."""
+    from scaling.plan import HEADROOM
+
+    plan = make_plan(params=7e9, hardware="h200", chips=3, remat="full", seq_len=128)
+    shortest = memory_per_device(plan.shape, {"data": 3, "fsdp": 1, "tensor": 1}, 3, 1, remat="full",
+                                 param_dtype="float32", compute_dtype="bfloat16", kernel="flash")
+    assert plan.mesh is None and shortest.total > HEADROOM * 141e9  # no activation-side change can fit it
+    line = next(x for x in plan.text.splitlines() if x.startswith("memory"))
+    assert "seq_len" not in line and line.endswith("add chips (fsdp can split d_model=4096 over only 1 of 3)"), line
+    assert f"with the optimizer update {shortest.total / 2**30:.1f} GiB" in line, line
+    assert make_plan(params=7e9, hardware="h200", chips=4, remat="full", seq_len=128).mesh is not None
+
+
+@pytest.mark.parametrize("kw, field", [(dict(repeats=0), "repeats"), (dict(n=0), "n"), (dict(n=-4), "n"),
+                                       (dict(n=64.5), "n")])
+def test_measure_cpu_peak_refuses_a_size_or_count_that_measures_nothing(kw, field):
+    """repeats=0 and n=0 returned a peak of 0.0 FLOP/s (no matmul timed: 2·n³ over inf, or 0 over a time), which
+    mfu() then refused naming its own argument; n=-4 a jax TypeError about broadcast_in_dim."""
+    with pytest.raises(ValueError, match=f"measure_cpu_peak: {field} must be an int >= 1"):
+        measure_cpu_peak(**{"n": 64, **kw})
