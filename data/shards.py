@@ -67,7 +67,14 @@ class DocWriter:
         if not isinstance(doc, dict):  # a str was written as a JSON string, which no reader takes for a document
             raise TypeError(f"DocWriter.write: a document must be a dict, e.g. {{'text': text}}, got "
                             f"{type(doc).__name__}")
-        return self.write_record(encode_doc(doc))
+        try:
+            rec = encode_doc(doc)
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" from a JSON escape): it named no record or field
+            where = _surrogate_at(doc) or "?"
+            raise ValueError(f"DocWriter.write: record {self.count} (id {doc.get('id')!r}) of {self.path}: field "
+                             f"{where} holds a lone UTF-16 surrogate, which UTF-8 cannot store; replace them with "
+                             "data.normalize.replace_surrogates (the cleaning pipeline does)") from None
+        return self.write_record(rec)
 
     def write_record(self, rec: bytes) -> int:
         self._w.write(rec)
@@ -82,6 +89,23 @@ class DocWriter:
         """Close and delete the partial file (a failed shard leaves nothing behind)."""
         self._w.close()
         self._tmp.unlink(missing_ok=True)
+
+
+def _surrogate_at(v, where: str = "") -> str | None:
+    """The path (e.g. "['meta']['title']") of the first key or string in `v` holding a lone surrogate, else None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list | tuple) else ()
+    for k, x in items:
+        if isinstance(k, str) and _surrogate_at(k) is not None:
+            return f"{where}[{k!r}] (the key)"
+        if (found := _surrogate_at(x, f"{where}[{k!r}]")) is not None:
+            return found
+    return None
 
 
 def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
@@ -122,7 +146,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True))
+    text = json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True)
+    try:
+        tmp.write_text(text)
+    except BaseException:  # a write that raised (a full disk) left its partial `.tmp` in the tier for good
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

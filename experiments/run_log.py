@@ -185,7 +185,11 @@ def write_atomically(path: pathlib.Path, write) -> pathlib.Path:
     leaves the previous file (or none), never a truncated one that a resume or a reader then reads. Returns path."""
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:  # a write that raised (a full disk) left its partial `.tmp` beside the file for good
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
 

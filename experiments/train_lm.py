@@ -25,7 +25,16 @@ import signal
 import sys
 import time
 
-from experiments.run_log import Logger, Stop, Throughput, moe_record, perplexity, plot_losses, set_aside_logs
+from experiments.run_log import (
+    Logger,
+    Stop,
+    Throughput,
+    moe_record,
+    perplexity,
+    plot_losses,
+    set_aside_logs,
+    write_text_atomically,
+)
 
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
@@ -790,7 +799,7 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     sample = tok.decode(np.asarray(ids[0]))
     result["sample"] = sample
     if primary:
-        (out / "sample.txt").write_text(sample)
+        write_text_atomically(out / "sample.txt", sample)  # as every other output: a cut write leaves none
         say("sample:\n" + sample)
         if first_eval is not None and last_eval is not None:  # (None: a checkpoint saved before first_eval was)
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "

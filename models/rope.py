@@ -66,6 +66,10 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_F):
         raise ValueError(f"positions_BT must be [batch, length] = {tuple(x_BTNH.shape[:2])} or [1, length] like "
                          f"x_BTNH {tuple(x_BTNH.shape)}, got shape {pos_shape}"
                          + ("; one sequence's positions are positions[None]" if len(pos_shape) == 1 else ""))
+    H, F = x_BTNH.shape[-1], np.shape(inv_freq_F)[-1]
+    if H != 2 * F:  # an odd H failed as "array split does not result in an equal division", a mismatch in a broadcast
+        raise ValueError(f"x_BTNH's head dim {H} must be 2 x len(inv_freq_F) = {2 * F}: RoPE rotates pairs of an even "
+                         "head dim; pass inv_frequencies(head_dim, theta) for the head dim of x")
     return rotate(x_BTNH, *rope_tables(positions_BT, inv_freq_F))
 
 

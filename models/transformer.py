@@ -125,6 +125,9 @@ def _check_shapes(cfg: TransformerConfig, tokens_BT, cache=None, **per_token):
     in RoPE, a reshape in the attention mask, a broadcast inside the cache's scan)."""
     if tokens_BT.ndim != 2:
         raise ValueError(f"tokens must be [batch, length], got shape {tokens_BT.shape}; one sequence is tokens[None]")
+    if tokens_BT.shape[1] == 0:  # failed inside attention as "zero-size array to reduction operation max"
+        raise ValueError(f"tokens must hold at least one token per row, got shape {tokens_BT.shape} (length 0); "
+                         "call the model only on non-empty sequences")
     for name, a in per_token.items():
         if a is not None and tuple(jnp.shape(a)) != tokens_BT.shape:
             raise ValueError(f"{name} must be [batch, length] = {tokens_BT.shape} like the tokens, got shape "

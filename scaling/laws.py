@@ -51,6 +51,18 @@ CHINCHILLA_TABLE3 = (
 GOPHER_FLOPS = 5.76e23
 
 
+def _positive(x, name: str) -> np.ndarray:
+    """`x` (a number or an array) as float64, refused naming `name` unless every entry is finite and > 0: a NaN, inf,
+    zero or negative budget or size came back as a NaN / inf / 0 allocation, with at most a RuntimeWarning."""
+    a = np.asarray(x, float)
+    ok = np.isfinite(a) & (a > 0)
+    if not ok.all():
+        got = f"{a[~ok][:5].tolist()} (entries {np.flatnonzero(~ok.ravel())[:5].tolist()} of {a.size})" if a.ndim \
+            else f"{float(a)}"
+        raise ValueError(f"{name} must be finite and > 0, got {got}")
+    return a
+
+
 @dataclasses.dataclass(frozen=True)
 class ScalingLaw:
     """L(N, D) = E + A / N^alpha + B / D^beta (loss in nats per token)."""
@@ -83,16 +95,16 @@ class ScalingLaw:
     def optimal_params(self, flops):
         """N_opt(C) that minimises L on the budget 6·N·D = C (paper eq. 4)."""
         a, _ = self.exponents
-        return self.G * (np.asarray(flops, float) / 6.0) ** a
+        return self.G * (_positive(flops, "flops") / 6.0) ** a
 
     def optimal_tokens(self, flops):
         _, b = self.exponents
-        return (np.asarray(flops, float) / 6.0) ** b / self.G
+        return (_positive(flops, "flops") / 6.0) ** b / self.G
 
     def optimal_flops_for_params(self, n_params):
         """The budget C for which `n_params` is compute-optimal (inverse of `optimal_params`)."""
         a, _ = self.exponents
-        return 6.0 * (np.asarray(n_params, float) / self.G) ** (1.0 / a)
+        return 6.0 * (_positive(n_params, "n_params") / self.G) ** (1.0 / a)
 
     def optimal_tokens_for_params(self, n_params):
         return self.optimal_flops_for_params(n_params) / (6.0 * np.asarray(n_params, float))
@@ -114,13 +126,13 @@ class PowerLawAllocation:
         return cls(a=a, k=n_params / flops ** a)
 
     def optimal_params(self, flops):
-        return self.k * np.asarray(flops, float) ** self.a
+        return self.k * _positive(flops, "flops") ** self.a
 
     def optimal_tokens(self, flops):
         return np.asarray(flops, float) / (6.0 * self.optimal_params(flops))
 
     def optimal_flops_for_params(self, n_params):
-        return (np.asarray(n_params, float) / self.k) ** (1.0 / self.a)
+        return (_positive(n_params, "n_params") / self.k) ** (1.0 / self.a)
 
     def optimal_tokens_for_params(self, n_params):
         return self.optimal_flops_for_params(n_params) / (6.0 * np.asarray(n_params, float))
@@ -371,10 +383,10 @@ class IsoFlop:
     skipped: tuple[tuple[float, str], ...] = ()  # (budget, why) of every budget left out of the fit
 
     def optimal_params(self, flops):
-        return self.k_n * np.asarray(flops, float) ** self.a
+        return self.k_n * _positive(flops, "flops") ** self.a
 
     def optimal_tokens(self, flops):
-        return self.k_d * np.asarray(flops, float) ** self.b
+        return self.k_d * _positive(flops, "flops") ** self.b
 
 
 def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05) -> IsoFlop:

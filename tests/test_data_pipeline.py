@@ -192,6 +192,43 @@ def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(t
         f"{shard_name(i)}.array_record" for i in (11, 99999, 100000)]
 
 
+def test_a_document_with_a_lone_surrogate_is_refused_naming_the_record_and_field(tmp_path):
+    """DocWriter.write of a document holding a lone surrogate (a JSON "\\ud800" escape, written without the cleaning
+    pipeline) raised a bare UnicodeEncodeError naming neither the record nor the field; the shard stays writable."""
+    from data.shards import DocWriter
+
+    w = DocWriter(tmp_path / "shard-00000.array_record")
+    w.write({"id": "a", "text": "fine"})
+    for doc, field in [({"id": "b", "text": "x \ud800 y"}, r"\['text'\]"),
+                       ({"id": "c", "text": "ok", "meta": {"tags": ["t", "\udfff"]}}, r"\['meta'\]\['tags'\]\[1\]")]:
+        with pytest.raises(ValueError, match=rf"record 1 \(id '{doc['id']}'\) of .*shard-00000.array_record: field "
+                                             rf"{field} holds a lone UTF-16 surrogate.*replace_surrogates"):
+            w.write(doc)
+    w.write({"id": "d", "text": "also fine"})
+    w.commit()
+    assert [d["id"] for d in iter_docs(tmp_path / "shard-00000.array_record")] == ["a", "d"]
+
+
+def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """data.shards.write_json (shard stats, the mark of a finished shard): a write that raised part-way (a full
+    disk) kept the previous file but left its partial `<name>.tmp` in the tier for good."""
+    from data.shards import read_json, write_json
+
+    path = tmp_path / "shard-00000.stats.json"
+    write_json(path, {"docs": 1})
+
+    def half_then_full(self, text, *a, **k):
+        with open(self, "w") as f:
+            f.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_json(path, {"docs": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name] and read_json(path) == {"docs": 1}
+
+
 def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
     """Which records survive, by id (file:line, file:row), from make_corpus's own comments: the counts alone did not
     show dedup dropping the record after each duplicate's position (the mixed en/zh line 9 lost, the near duplicate

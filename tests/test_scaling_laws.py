@@ -1,6 +1,7 @@
 """scaling.laws: the fit recovers a known law from noisy synthetic runs; IsoFLOP envelope; allocation;
 the Chinchilla paper's Table 3."""
 
+import re
 import warnings
 
 import numpy as np
@@ -86,6 +87,30 @@ def test_runs_that_cannot_pin_a_term_are_refused():
                  ScalingLaw(E=1.8, A=300.0, B=500.0, alpha=0.0, beta=0.3)):
         with pytest.raises(ValueError, match="compute-optimal allocation needs both > 0"):
             flat.optimal_params(1e21)
+
+
+def test_allocation_of_a_nan_inf_or_negative_budget_is_refused_naming_the_argument():
+    """optimal_params / optimal_tokens of a NaN or inf budget returned NaN / inf, and of a negative one NaN with only
+    a RuntimeWarning (PowerLawAllocation's optimal_tokens(0) too: 0 / 0); make_plan checks its own flops, these did
+    not. Arrays name the entries; good budgets are unchanged (paper eq. 4, by hand)."""
+    budgets = np.geomspace(1e18, 1e21, 4)
+    n = np.concatenate([TRUE.optimal_params(c) * np.geomspace(0.25, 4, 7) for c in budgets])
+    d = np.repeat(budgets, 7) / (6 * n)
+    iso = isoflop_envelope(n, d, TRUE.loss(n, d))
+    for alloc in (CHINCHILLA_APPROACH1, CHINCHILLA_APPROACH3, iso):
+        for bad in (float("nan"), float("inf"), -1e20, 0.0):
+            for fn in (alloc.optimal_params, alloc.optimal_tokens):
+                with pytest.raises(ValueError, match=rf"^flops must be finite and > 0, got {re.escape(str(bad))}$"):
+                    fn(bad)
+        with pytest.raises(ValueError, match=r"flops must be finite and > 0, got \[nan\] \(entries \[1\] of 3\)"):
+            alloc.optimal_params([1e20, np.nan, 1e21])
+    for alloc in (CHINCHILLA_APPROACH1, CHINCHILLA_APPROACH3):
+        with pytest.raises(ValueError, match=r"^n_params must be finite and > 0, got inf$"):
+            alloc.optimal_tokens_for_params(np.inf)
+    a, b = TRUE.exponents
+    G = (TRUE.alpha * TRUE.A / (TRUE.beta * TRUE.B)) ** (1 / (TRUE.alpha + TRUE.beta))
+    np.testing.assert_allclose(TRUE.optimal_params([6e20, 6e22]), G * np.array([1e20, 1e22]) ** a, rtol=1e-12)
+    np.testing.assert_allclose(TRUE.optimal_tokens([6e20, 6e22]), np.array([1e20, 1e22]) ** b / G, rtol=1e-12)
 
 
 def test_bootstrap_counts_resamples_it_cannot_fit():

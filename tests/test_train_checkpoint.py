@@ -366,6 +366,24 @@ def _tb_scalars(directory):
     return out
 
 
+def test_an_atomic_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    """run_log.write_atomically: a write that raised part-way (a full disk under savefig or write_text) kept the
+    previous file, as promised, but left its partial `<name>.tmp` beside it for good."""
+    from experiments.run_log import write_atomically, write_text_atomically
+
+    path = tmp_path / "results.md"
+    write_text_atomically(path, "old")
+
+    def half_then_full(tmp):
+        tmp.write_text("hal")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, half_then_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"] and path.read_text() == "old"
+    assert write_text_atomically(path, "new") == path and path.read_text() == "new"
+
+
 def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     """The trainer flushes at each checkpoint and never replays the steps it covers: after flush() (and no close,
     as when the process is then killed) every event must be in the file. SummaryWriter's flush left queued ones."""

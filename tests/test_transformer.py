@@ -485,6 +485,28 @@ def test_apply_rope_names_positions_of_the_wrong_shape():
     np.testing.assert_array_equal(shared, apply_rope(x, np.broadcast_to(np.arange(5), (2, 5)), inv))
 
 
+def test_apply_rope_names_a_head_dim_its_frequencies_do_not_fit():
+    """An odd head dim failed with "array split does not result in an equal division", frequencies of another head
+    dim with a broadcasting TypeError; neither named the head dim (TransformerConfig refuses an odd one)."""
+    from models.rope import apply_rope, inv_frequencies
+
+    pos = np.arange(5)[None]
+    for h, inv_h in ((5, 5), (8, 6), (8, 16)):
+        with pytest.raises(ValueError, match=rf"x_BTNH's head dim {h} must be 2 x len\(inv_freq_F\) = "
+                                             rf"{2 * len(inv_frequencies(inv_h, 1e4))}"):
+            apply_rope(jnp.ones((1, 5, 2, h)), pos, inv_frequencies(inv_h, 1e4))
+    assert apply_rope(jnp.ones((1, 5, 2, 8)), pos, inv_frequencies(8, 1e4)).shape == (1, 5, 2, 8)
+
+
+def test_tokens_of_length_zero_are_refused_by_name():
+    """tokens [B, 0] failed inside attention with "zero-size array to reduction operation max" (generate refuses an
+    empty prompt by name); an empty batch [0, T] still runs."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"tokens must hold at least one token per row, got shape \(2, 0\)"):
+        model(jnp.zeros((2, 0), jnp.int32))
+    assert model(jnp.zeros((0, 3), jnp.int32)).shape == (0, 3, CFG.vocab_size)
+
+
 @pytest.mark.parametrize("window", [True, (3, False)])
 def test_bool_sliding_window_is_refused(window):
     """True is an int in Python: it must not become a window of 1."""
