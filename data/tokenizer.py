@@ -264,12 +264,11 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     tokenizer under that name is refused). It records the counts too: `documents_in` (read from the tier),
     `documents` (records written), `dropped` (reason → documents; none is dropped: every document, an empty one
     included, is written) and `tokens` (ids written, without the EOS / BOS the loader adds). Returns `out_dir`."""
-    import json
     import pathlib
 
     from tqdm import tqdm
 
-    from data.shards import DocWriter, iter_docs, tier_shards
+    from data.shards import DocWriter, iter_docs, tier_shards, write_json
 
     out = pathlib.Path(out_dir)
     shards = tier_shards(tier_dir)
@@ -316,7 +315,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir), **counts}
-    meta_path.write_text(json.dumps(meta))
+    write_json(meta_path, meta)  # atomic: a cut write must not leave a truncated meta the loader then trusts
     return str(out)
 
 
