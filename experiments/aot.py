@@ -173,8 +173,8 @@ def main(argv=None):
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
     print("est.: scaling.memory's model, the larger of the backward pass and the optimizer update (gradients + "
-          "their clipped float32 copy, docs/scaling.md)" + ("; with every MoE expert on one CPU device XLA keeps "
-                                                            "12-24% more" if cfg.moe is not None else ""))
+          "their clipped float32 copy, docs/scaling.md)" + ("; with sorted dropless MoE experts on one CPU device "
+                                                            "XLA keeps 12-24% more" if cfg.moe is not None else ""))
 
 
 if __name__ == "__main__":
