@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from importlib.metadata import version
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite is compile-bound (thousands of small programs, each run a few times), so it compiles for speed of
 # compiling. Neither flag changes semantics (XLA's HLO passes, fusion, buffer assignment and cost / memory analyses
@@ -69,3 +71,23 @@ _atomic_cache_writes()
 def pytest_unconfigure(config):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(prefix): from then on, pathlib.Path.write_text of a file whose name starts with `prefix` writes its
+    first 3 characters, then raises ENOSPC, as a disk that fills up mid-write; other files are written as usual."""
+    import pathlib
+
+    real = pathlib.Path.write_text
+
+    def arm(prefix: str):
+        def write_text(self, text, *a, **k):
+            if self.name.startswith(prefix):
+                real(self, text[:3], *a, **k)
+                raise OSError(28, "No space left on device")
+            return real(self, text, *a, **k)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+
+    return arm

@@ -229,20 +229,10 @@ def test_pretokenized_ids_are_checked_by_eos_id_and_an_interrupted_pretokenize_l
     with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
         LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
 
-def test_a_pretokenize_meta_write_cut_short_leaves_no_meta(corpus, tmp_path, monkeypatch):
+def test_a_pretokenize_meta_write_cut_short_leaves_no_meta(corpus, tmp_path, full_disk):
     """tokenizer.json (the meta the loader trusts beside the ids) was written in place: a write cut short (a full
     disk) left a truncated meta there instead of none, which then failed as a bare JSON error."""
-    import pathlib
-
-    real = pathlib.Path.write_text
-
-    def full_disk(self, text, *a, **k):
-        if self.name.startswith("tokenizer.json"):
-            real(self, text[:5], *a, **k)
-            raise OSError(28, "No space left on device")
-        return real(self, text, *a, **k)
-
-    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    full_disk("tokenizer.json")
     with pytest.raises(OSError, match="No space left"):
         pretokenize(corpus[0], EOS_BYTES, tmp_path / "pre", progress=False)
     assert not [p.name for p in (tmp_path / "pre").iterdir() if p.name.startswith("tokenizer.json")]

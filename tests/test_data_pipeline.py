@@ -209,7 +209,7 @@ def test_a_document_with_a_lone_surrogate_is_refused_naming_the_record_and_field
     assert [d["id"] for d in iter_docs(tmp_path / "shard-00000.array_record")] == ["a", "d"]
 
 
-def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tmp_path, full_disk):
     """data.shards.write_json (shard stats, the mark of a finished shard): a write that raised part-way (a full
     disk) kept the previous file but left its partial `<name>.tmp` in the tier for good."""
     from data.shards import read_json, write_json
@@ -217,15 +217,9 @@ def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tm
     path = tmp_path / "shard-00000.stats.json"
     write_json(path, {"docs": 1})
 
-    def half_then_full(self, text, *a, **k):
-        with open(self, "w") as f:
-            f.write(text[:3])
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
+    full_disk(path.name)
     with pytest.raises(OSError, match="No space left"):
         write_json(path, {"docs": 2})
-    monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name] and read_json(path) == {"docs": 1}
 
 

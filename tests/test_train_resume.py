@@ -658,20 +658,10 @@ def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_ends_wit
     assert (out / "sample.txt").exists()
 
 
-def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, monkeypatch):
+def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, full_disk):
     """sample.txt was the one output written in place (metrics, plots, results go through run_log.write_atomically):
     a write cut short (a full disk) left a truncated sample.txt that reads as the run's whole sample."""
-    import pathlib
-
-    real = pathlib.Path.write_text
-
-    def full_disk(self, text, *a, **k):
-        if self.name.startswith("sample.txt"):
-            real(self, text[:3], *a, **k)
-            raise OSError(28, "No space left on device")
-        return real(self, text, *a, **k)
-
-    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    full_disk("sample.txt")
     out = tmp_path / "run"
     with pytest.raises(OSError, match="No space left"):
         train_lm.main(["--preset", "tiny", "--out", str(out), "--set", "train.steps=1", "--set", "optim.warmup_steps=0",
