@@ -174,6 +174,11 @@ def _diverged_note(diverged, of: int) -> str:
             + ", ".join(f"{r['rung']} D={r['tokens']:,} ({r['eval_loss']})" for r in diverged))
 
 
+def _percent(level: float) -> str:
+    """A level as a percentage, e.g. '58%': int(0.58 * 100) truncated 57.99999999999999 to 57."""
+    return f"{100 * level:g}%"
+
+
 def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float = 0.9, seed: int = 0):
     """Bootstrap the law over `fit_runs`; returns (bootstrap, prediction intervals of one new run's loss at
     `target_n` parameters for each of `target_tokens`, the fitted law's own `level` intervals there)."""
@@ -208,7 +213,7 @@ def plot(path, all_runs, bs, target, preds, level):
         if held:
             band = np.array([bs.prediction_interval(lambda lw, t=t: float(lw.loss(n, t)), level)[1:] for t in dd])
             ax1.fill_between(dd, band[:, 0], band[:, 1], color=c, alpha=0.2,
-                             label=f"{int(level * 100)}% prediction interval")
+                             label=f"{_percent(level)} prediction interval")
     from matplotlib.ticker import FormatStrFormatter
 
     for ax in (ax1, ax2):
@@ -255,16 +260,20 @@ def _resumable(out: pathlib.Path, settings: dict) -> dict | None:
     return saved["done"] if saved.get("settings") == settings else None
 
 
-def replot(out: pathlib.Path, level: float, docs: bool):
+def replot(out: pathlib.Path, level: float | None, docs: bool):
     """Re-fit (deterministic: same runs, same bootstrap seed and resample count) and redraw the figure of a finished
-    ladder. (Ladders before 2026-12-01 stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
+    ladder, its intervals at `level` (None: the ladder's own). (Ladders before 2026-12-01 stored the count of
+    resamples that fitted as `n_boot`: fewer are drawn.)"""
     if not (out / "results.json").is_file():
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
     res = _loads((out / "results.json").read_text())
     pred = res["prediction"]
+    level = pred.get("level", 0.9) if level is None else level
     fit_runs = split_diverged([r for r in res["runs"] if r["rung"] != pred["target"]])[0]  # as the ladder fitted
     rows = res["comparison"]
-    bs, _, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
+    bs, intervals, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
+    # the bars at the band's level: results.json holds them at the ladder's level (one figure drew two levels)
+    rows = [dict(r, low=lo, high=hi) for r, (_, lo, hi) in zip(rows, intervals)]
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
     wrote = [out / "scaling_fit.png"]
     if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
@@ -296,7 +305,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=_positive, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
     ap.add_argument("--warmup", type=at_least(0), default=16)
     ap.add_argument("--n-boot", type=at_least(1), default=100)
-    ap.add_argument("--level", type=_fraction, default=0.9, help="interval level in (0, 1), e.g. 0.9")
+    ap.add_argument("--level", type=_fraction, default=None,
+                    help="interval level in (0, 1) (default 0.9; with --replot, the ladder's own)")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
     ap.add_argument("--replot", action="store_true", help="redo fit + plot from --out/results.json (no training)")
     ap.add_argument("--fresh", action="store_true", help="replace the ladder files already in --out")
@@ -304,6 +314,7 @@ def main(argv=None):
     args.out = args.out or ("runs/scaling-quick" if args.quick else "runs/scaling")
     if args.replot:
         return replot(pathlib.Path(args.out), args.level, not args.no_docs)
+    args.level = 0.9 if args.level is None else args.level
 
     ladder, budgets = (QUICK_LADDER, QUICK_STEPS) if args.quick else (LADDER, BUDGET_STEPS)
     warmup = min(args.warmup, min(budgets) // 2)
@@ -404,7 +415,7 @@ def main(argv=None):
     if not args.no_docs and not args.quick:
         shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
 
-    print(f"{target.name} (N={target_n:,}): predicted vs actual held-out loss, {int(args.level * 100)}% bootstrap "
+    print(f"{target.name} (N={target_n:,}): predicted vs actual held-out loss, {_percent(args.level)} bootstrap "
           "prediction interval:")
     for r in pred_rows:
         print(f"  D={r['tokens']:>9,}: predicted {r['predicted']:.4f} [{r['low']:.4f}, {r['high']:.4f}]  actual "

@@ -360,3 +360,39 @@ def test_the_ladder_trains_each_rung_at_its_peak_lr_after_a_warmup_of_at_most_ha
     monkeypatch.setattr(sl, "train_rung", fake)
     sl.main(["--quick", "--no-docs", "--n-boot", "4", "--lr", "2e-3", "--out", str(tmp_path / "q")])
     assert seen == [(r.name, sl.rung_lr(2e-3, r), 4, sl.QUICK_STEPS) for r in sl.QUICK_LADDER]
+
+
+def test_the_interval_is_named_at_its_level_and_a_replot_draws_one_level(tmp_path, monkeypatch, capsys):
+    """--level 0.58 was printed and drawn as a '57%' interval (int(0.58 * 100) = 57). --replot drew the refitted band
+    at its --level (0.9 unless given) beside the bars of results.json at the ladder's own level: a 0.58 ladder's
+    figure showed a 90% band and 58% bars. A replot now draws the ladder's level unless told, bars and band alike."""
+    import matplotlib.pyplot as plt
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    def fake(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):  # L = 1 + 40/N^0.4 + 300/D^0.3 + noise
+        n = param_counts(rung.config()).non_embedding
+        rng = np.random.default_rng(list(rung.name.encode()))
+        runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0, flops=0.0,
+                     eval_loss=1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3 + 1e-2 * rng.standard_normal())
+                for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    legends, close, drawn, draw = [], plt.close, [], sl.plot
+    monkeypatch.setattr(plt, "close", lambda fig: (legends.append([t.get_text() for t in fig.axes[0].get_legend()
+                                                                    .get_texts()]), close(fig)))
+    monkeypatch.setattr(sl, "plot", lambda *a: (drawn.append(a), draw(*a)))
+    monkeypatch.setattr(sl, "train_rung", fake)
+    out = tmp_path / "q"
+    res = sl.main(["--quick", "--no-docs", "--n-boot", "8", "--level", "0.58", "--out", str(out)])
+    assert "58% bootstrap prediction interval" in capsys.readouterr().out
+    assert "58% prediction interval" in legends[-1]
+    n = res["prediction"]["n_params"]
+    for argv, level in (([], 0.58), (["--level", "0.9"], 0.9)):
+        sl.main(["--replot", "--out", str(out), "--no-docs", *argv])
+        _, _, bs, _, rows, drawn_level = drawn[-1]
+        assert drawn_level == level and f"{round(100 * level)}% prediction interval" in legends[-1]
+        for r in rows:  # the bars: one new run's interval at the level of the band
+            assert (r["low"], r["high"]) == pytest.approx(
+                bs.prediction_interval(lambda law, t=r["tokens"]: float(law.loss(n, t)), level)[1:])
