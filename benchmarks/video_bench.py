@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from data.moving_shapes import dataset, null_tokens
+from experiments.checkpoint import CheckpointMismatch
 from experiments.config import at_least
 from experiments.train_video import PRESETS
 from experiments.video_steps import make_t2v_step, manager, restore
@@ -106,8 +107,12 @@ def bench_sampling(p, n_batches: int):
 
 
 def bench_psnr(p, run: pathlib.Path, clips: int = 256):
+    """VAE reconstruction PSNR of `run`'s VAE checkpoint on `clips` held-out clips (None: no checkpoint there).
+    Raises CheckpointMismatch when the checkpoint is not preset `p`'s VAE (e.g. a `--preset tiny` run)."""
+    if not (run / "ckpt" / "vae").is_dir():  # read only: a writing manager created a mistyped --run's ckpt/vae
+        return None
     graphdef, params = nnx.split(VideoVAE(p.vae, rngs=nnx.Rngs(0)))
-    mgr = manager(run / "ckpt" / "vae")
+    mgr = manager(run / "ckpt" / "vae", read_only=True)  # and never sets a step of the run aside
     if mgr.latest_step() is None:
         return None
     step, trees, _ = restore(mgr, {"params": params})  # the optimizer state stays on disk
@@ -124,8 +129,13 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     p = PRESETS["default"]
-    out = {"train_step": bench_train_steps(p, args.steps),
-           "sampling": bench_sampling(p, 3), "vae": bench_psnr(p, pathlib.Path(args.run))}
+    try:  # first: a run of another preset failed only after the timed benchmarks (minutes)
+        vae = bench_psnr(p, pathlib.Path(args.run))
+    except CheckpointMismatch as e:
+        shapes = str(e).split("; use another checkpoint")[0]  # (its advice is the LM trainer's train.out)
+        ap.error(f"argument --run: {args.run} is not a run of experiments.train_video's default preset, which this "
+                 f"benchmark measures (a --preset tiny run?): {shapes}")
+    out = {"train_step": bench_train_steps(p, args.steps), "sampling": bench_sampling(p, 3), "vae": vae}
     print("| attention | batch | tokens | params | DiT GFLOP/step | wall s/step | CPU s/step |")
     print("|---|---|---|---|---|---|---|")
     for r in out["train_step"]:

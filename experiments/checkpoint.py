@@ -548,7 +548,8 @@ def _check_fits(saved, abstract, where) -> None:
     if differ:
         raise CheckpointMismatch(f"{where} does not fit this run's state ({len(differ)} arrays differ, e.g. "
                                  f"{'; '.join(differ[:3])}); use another checkpoint directory (train.out in "
-                                 "experiments.train_lm), or the settings it was saved with")
+                                 "experiments.train_lm, --out in experiments.train_video), or the settings it was "
+                                 "saved with")
 
 
 def read_meta(directory, step: int) -> dict:

@@ -171,3 +171,41 @@ def test_ckpt_overhead_demo_reads_the_target_record_its_checkpoint_kept(tmp_path
     row = ckpt_overhead.demo_run(str(tmp_path))
     assert (row["target_wall_s"], row["target_step"], row["eval_first"], row["eval_last"]) == (11.6, 4, 5.7, 4.1)
     json.dumps(row)
+
+
+def test_video_bench_checks_its_run_before_the_timed_benchmarks(tmp_path, monkeypatch, capsys):
+    """A `--preset tiny` run given as --run (its VAE is not the default preset's) failed only after the train-step
+    and sampling benchmarks had run (about 2 minutes on 2 cores), with a CheckpointMismatch traceback pointing at
+    experiments.train_lm's train.out; it is now refused first, naming --run."""
+    from flax import nnx
+
+    from benchmarks import video_bench
+    from experiments.train_video import PRESETS
+    from experiments.video_steps import manager, save
+    from models.video import VideoVAE
+
+    tiny_vae = nnx.state(VideoVAE(PRESETS["tiny"].vae, rngs=nnx.Rngs(0)))
+    save(manager(tmp_path / "ckpt" / "vae"), 1, {"params": tiny_vae}, {"stage": "vae"})
+
+    def timed_bench(*_):
+        raise AssertionError("a timed benchmark ran before --run was checked")
+
+    monkeypatch.setattr(video_bench, "bench_train_steps", timed_bench)
+    monkeypatch.setattr(video_bench, "bench_sampling", timed_bench)
+    with pytest.raises(SystemExit) as exit_info:
+        video_bench.main(["--run", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --run" in err and "default preset" in err
+
+
+def test_video_bench_leaves_a_missing_run_directory_alone(tmp_path):
+    """--run names a directory to read: a mistyped one was created (holding an empty ckpt/vae) by the
+    checkpoint manager the PSNR benchmark opened for writing."""
+    import pathlib
+
+    from benchmarks import video_bench
+    from experiments.train_video import PRESETS
+
+    typo = pathlib.Path(tmp_path) / "runs" / "vidoe"
+    assert video_bench.bench_psnr(PRESETS["default"], typo) is None
+    assert not typo.exists()
