@@ -28,8 +28,9 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   measured 2.0x the backward model's with bfloat16 gradients).
 Under pipeline parallelism (a `stage` axis, M = `cfg.pipeline_microbatches`) activations are those of the M + S - 1
 ticks of B_l/M rows each, and the working set's group residuals those of one tick; with more than one scan group
-per stage, each tick's gradient of the stage's layer stacks beside the ticks' running sum (`stage_grads`); XLA's
-fragmentation is not modelled.
+per stage, each tick's gradient of the stage's layer stacks beside the ticks' running sum (`stage_grads`), and the
+backward's copy of one tick's residuals (counted in the activations: M + S ticks); XLA's fragmentation is not
+modelled.
 
 The activation model is that of `models.Transformer` (pre-norm SwiGLU blocks): an MoE layer stores its
 experts' rows per token (capacity buffers: E·C/T, `routed_slots_per_token`) and a blocked sliding-window kernel
@@ -473,6 +474,14 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
     P = next(p for p in range(1, len(layers) + 1)
              if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
+    # with more than one scan group per stage, the backward of each tick slices that tick's residuals of the stage's
+    # layer scan ([groups, B_l/M, T, ...]) out of the ticks' stack into buffers of their own, the inner scan's
+    # operands: one tick's residuals more (XLA's buffer assignment: 4.46 MB of dynamic-slice values, one tick's
+    # saved bytes to the byte, {stage: 2, data: 4}, 2 layers per stage, save_dots; uncounted, XLA was 1.13-1.24x this
+    # estimate under none / save_dots*; one group per stage compiles the inner scan away and slices nothing)
+    inner_scan = stage > 1 and layers_local // P > 1
+    if inner_scan:
+        acts *= (M + stage) / (M + stage - 1)
     # + the MLP backward's two MLP-wide gradient temporaries beside its residuals (gate, up), and attention's
     # float32 dP and dS (one score each per executed key and head); routed experts run through [E, C] buffers keep
     # BUFFERED_EXPERT_TEMPS row-wide ones (`_buffered_expert_width`)
@@ -533,7 +542,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # XLA was 1.45x this estimate on {stage: 2, data: 4}, 2 layers per stage, remat 'full'; one group per stage
     # compiles the inner scan away and keeps none)
     stage_grads = 0.0
-    if stage > 1 and layers_local // P > 1:
+    if inner_scan:
         stage_grads = gb * sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table
                                if p.axes and p.axes[0] == "layers")
     update = update_bytes(elems, gb, update_buffers)

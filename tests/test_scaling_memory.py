@@ -116,6 +116,12 @@ def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
     # ... with two layers per stage: each tick's layer scan writes the stage's stacked gradient beside the tick loop's
     # running sum of it (one stage per layer compiles that scan away); uncounted, XLA = 1.45x ours
     (dataclasses.replace(BASE, remat="full", pipeline_microbatches=2), {"stage": 2, "data": 4}, 8, 128),
+    # ... and each tick's backward slices that tick's residuals of the stage's layer scan out of the ticks' stack into
+    # buffers of their own: one tick more (uncounted, XLA = 1.23x / 1.17x / 1.13x ours; one layer per stage 0.86-1.00x)
+    (dataclasses.replace(BASE, remat="save_dots", pipeline_microbatches=2), {"stage": 2, "tensor": 4}, 16, 128),
+    (dataclasses.replace(BASE, remat="none", pipeline_microbatches=2), {"stage": 2, "data": 4}, 16, 128),
+    (dataclasses.replace(BASE, remat="save_dots_no_batch", pipeline_microbatches=2),
+     {"stage": 2, "tensor": 2, "data": 2}, 16, 128),
     # wide replicated layers under remat 'full': the optimizer update's peak (gradients + their clipped float32
     # copy; + a float32 cast of bfloat16 gradients) passes the backward's (XLA = 1.17x / 2.00x ours without it)
     (dataclasses.replace(BASE, mlp_dim=4096, remat="full"), {"data": 8}, 16, 128),
