@@ -104,8 +104,9 @@ def multiple_of_32(text: str) -> int:
     """--widths: a positive multiple of 32 (the sweep's heads are 32 wide: heads = width / 32)."""
     w = at_least(1)(text)
     if w % 32:
+        near = sorted({max(32, w // 32 * 32), (w // 32 + 1) * 32})  # below 32 both were 32: 'use e.g. 32 or 32'
         raise argparse.ArgumentTypeError(f"{w} is not a multiple of 32 (heads of 32: heads = width / 32); "
-                                         f"use e.g. {max(32, w // 32 * 32)} or {(w // 32 + 1) * 32}")
+                                         f"use e.g. {' or '.join(map(str, near))}")
     return w
 
 
@@ -118,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="the plot (default: see above)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if twice := sorted({w for w in args.widths if args.widths.count(w) > 1}):  # trained and drawn twice
+        ap.error(f"argument --widths: {', '.join(map(str, twice))} given more than once; name each width once")
     if args.out is None:
         documented = all(getattr(args, k) == ap.get_default(k) for k in ("steps", "widths", "batch", "seq"))
         args.out = str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "mup_transfer.png") if documented \

@@ -10,8 +10,10 @@ Huber on log-loss, L-BFGS from a grid) with a bootstrap prediction interval, wri
 for the largest model to disk *before* training it, then trains it and reports predicted vs actual.
 Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written
 before the largest model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png
-unless --no-docs), rungs.json (each finished rung: rerun with the same settings after an interruption and it
-resumes after them; --fresh starts over). A diverged run's loss is null in these JSON files (strict JSON: no NaN).
+unless --no-docs), rungs.json (each finished rung: rerun with the same training settings after an interruption and
+it resumes after them, whatever --n-boot / --level, which only the fit uses; --fresh starts over). --replot redoes
+a finished ladder's fit and figure (at another --n-boot / --level if given) without training. A diverged run's
+loss is null in these JSON files (strict JSON: no NaN).
 
 Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
 whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
@@ -249,29 +251,43 @@ def plot(path, all_runs, bs, target, preds, level):
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the documented figure, whatever the cwd
 RUNGS = "rungs.json"  # {settings, done: {rung: train_rung's result}}, rewritten as each rung finishes
 LADDER_FILES = ("ladder.json", "prediction.json", "results.json", "scaling_fit.png")
+TRAINING = ("ladder", "budgets", "lr", "warmup")  # the settings a rung's training depends on (not n_boot, level)
+
+
+def _same_training(out: pathlib.Path, settings: dict) -> dict | None:
+    """The rungs saved in `out`/rungs.json when they were trained with `settings`' TRAINING values, else None. The
+    fit's settings (n_boot, level) do not count: a changed --n-boot demanded --fresh, which retrained every rung."""
+    if not (out / RUNGS).is_file():
+        return None
+    saved = _loads((out / RUNGS).read_text())
+    same = all(saved.get("settings", {}).get(k) == settings[k] for k in TRAINING)
+    return saved["done"] if same else None
 
 
 def _resumable(out: pathlib.Path, settings: dict) -> dict | None:
-    """The finished rungs of an interrupted ladder in `out` made with `settings` (None: nothing to resume: no ladder
-    there, a finished one, or other settings)."""
-    if not (out / RUNGS).is_file() or (out / "results.json").exists():
-        return None
-    saved = _loads((out / RUNGS).read_text())
-    return saved["done"] if saved.get("settings") == settings else None
+    """The finished rungs of an interrupted ladder in `out` trained as `settings` say (None: nothing to resume: no
+    ladder there, a finished one, or other training settings)."""
+    return None if (out / "results.json").exists() else _same_training(out, settings)
 
 
-def replot(out: pathlib.Path, level: float | None, docs: bool):
-    """Re-fit (deterministic: same runs, same bootstrap seed and resample count) and redraw the figure of a finished
-    ladder, its intervals at `level` (None: the ladder's own). (Ladders before 2026-12-01 stored the count of
-    resamples that fitted as `n_boot`: fewer are drawn.)"""
+def replot(out: pathlib.Path, level: float | None, docs: bool, n_boot: int | None = None):
+    """Re-fit (deterministic: same runs, same bootstrap seed) and redraw the figure of a finished ladder with
+    `n_boot` resamples, its intervals at `level` (None: the ladder's own for either). (Ladders before 2026-12-01
+    stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
     if not (out / "results.json").is_file():
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
-    res = _loads((out / "results.json").read_text())
-    pred = res["prediction"]
+    try:
+        res = _loads((out / "results.json").read_text())
+        pred = res["prediction"]
+        _ = res["runs"], res["comparison"]
+    except (ValueError, KeyError, TypeError) as e:  # '{}' was a bare KeyError: 'prediction'
+        raise SystemExit(f"--replot: {out / 'results.json'} is not a finished ladder's results ({e!r}); pass the "
+                         "--out of a finished ladder (an interrupted one resumes when rerun without --replot)") from e
     level = pred.get("level", 0.9) if level is None else level
     fit_runs = split_diverged([r for r in res["runs"] if r["rung"] != pred["target"]])[0]  # as the ladder fitted
     rows = res["comparison"]
-    bs, intervals, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], pred["n_boot"], level)
+    n_boot = pred["n_boot"] if n_boot is None else n_boot  # --n-boot was ignored here: the ladder's count was drawn
+    bs, intervals, _ = predict(fit_runs, pred["n_params"], [r["tokens"] for r in rows], n_boot, level)
     # the bars at the band's level: results.json holds them at the ladder's level (one figure drew two levels)
     rows = [dict(r, low=lo, high=hi) for r, (_, lo, hi) in zip(rows, intervals)]
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
@@ -279,7 +295,7 @@ def replot(out: pathlib.Path, level: float | None, docs: bool):
     if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
         shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
         wrote.append(DOCS / "scaling_fit.png")
-    print(f"--replot: refitted {len(fit_runs)} runs ({pred['n_boot']} resamples); wrote "
+    print(f"--replot: refitted {len(fit_runs)} runs ({n_boot} resamples); wrote "
           f"{' and '.join(map(str, wrote))}")
     return res
 
@@ -304,7 +320,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
     ap.add_argument("--lr", type=_positive, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
     ap.add_argument("--warmup", type=at_least(0), default=16)
-    ap.add_argument("--n-boot", type=at_least(1), default=100)
+    ap.add_argument("--n-boot", type=at_least(1), default=None,
+                    help="bootstrap resamples (default 100; with --replot, the ladder's own)")
     ap.add_argument("--level", type=_fraction, default=None,
                     help="interval level in (0, 1) (default 0.9; with --replot, the ladder's own)")
     ap.add_argument("--no-docs", action="store_true", help="do not copy the plot to docs/scaling_fit.png")
@@ -313,15 +330,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.out = args.out or ("runs/scaling-quick" if args.quick else "runs/scaling")
     if args.replot:
-        return replot(pathlib.Path(args.out), args.level, not args.no_docs)
+        return replot(pathlib.Path(args.out), args.level, not args.no_docs, args.n_boot)
     args.level = 0.9 if args.level is None else args.level
+    args.n_boot = 100 if args.n_boot is None else args.n_boot
 
     ladder, budgets = (QUICK_LADDER, QUICK_STEPS) if args.quick else (LADDER, BUDGET_STEPS)
     warmup = min(args.warmup, min(budgets) // 2)
     n_boot = min(args.n_boot, 20) if args.quick else args.n_boot
-    if (warmup, n_boot) != (args.warmup, args.n_boot):
-        print(f"note: warmup {args.warmup} → {warmup} steps (at most half the shortest budget, {min(budgets)} steps)"
-              f", bootstrap resamples {args.n_boot} → {n_boot}{' (--quick: at most 20)' if args.quick else ''}")
+    clamped = ([f"warmup {args.warmup} → {warmup} steps (at most half the shortest budget, {min(budgets)} steps)"]
+               * (warmup != args.warmup) + [f"bootstrap resamples {args.n_boot} → {n_boot} (--quick: at most 20)"]
+               * (n_boot != args.n_boot))  # only what changed: 'warmup 2 → 2 steps' was printed beside n_boot's
+    if clamped:
+        print(f"note: {', '.join(clamped)}")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         ap.error(f"argument --out: {out} is a file; pass a directory")
@@ -330,15 +350,17 @@ def main(argv=None):
     done = _resumable(out, settings)
     old = [f for f in (*LADDER_FILES, RUNGS) if (out / f).exists()]
     if old and done is None and not args.fresh:  # a rerun rewrote ladder.json beside the last run's results
+        refit = (out / "results.json").is_file() and _same_training(out, settings) is not None
         ap.error(f"argument --out: {out} holds another (or a finished) ladder's {', '.join(old)}; pass --fresh to "
-                 "replace them, or another --out")
+                 "replace them, or another --out" + ("; --replot (with --n-boot / --level) redoes this finished "
+                                                     "ladder's fit and figure without training" if refit else ""))
     if args.fresh:
         for f in old:
             (out / f).unlink()
         done = None
     done = done or {}
     if done:
-        print(f"resuming {out}: rungs {', '.join(done)} are done (same settings); training the rest")
+        print(f"resuming {out}: rungs {', '.join(done)} are done (same training settings); training the rest")
     out.mkdir(parents=True, exist_ok=True)
     tokens = encode_bytes(stdlib_text(4_000_000))
     train_tok, eval_tok = train_eval_split(tokens)

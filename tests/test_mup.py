@@ -146,10 +146,26 @@ def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width
 
     with pytest.raises(SystemExit):
         mup_transfer.main(["--widths", "64", width])
-    assert "--widths" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--widths" in err and "32 or 32" not in err  # 16 offered 'use e.g. 32 or 32'
+    if width != "0":  # (0 is refused as below 1)
+        assert "use e.g. " + {"48": "32 or 64", "16": "32"}[width] in err
     with pytest.raises(SystemExit):  # a plot path in no directory failed after the whole sweep, losing it
         mup_transfer.main(["--steps", "1", "--widths", "32", "--json", "/nonexistent/r.json"])
     assert "argument --json: the directory of /nonexistent/r.json does not exist" in capsys.readouterr().err
+
+
+def test_the_transfer_sweep_refuses_a_width_given_twice(monkeypatch, capsys):
+    """--widths 64 64 trained the same width twice and drew it twice; refused before the sweep, naming it."""
+    from experiments import mup_transfer
+
+    def ran(*a, **k):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(mup_transfer, "sweep", ran)
+    with pytest.raises(SystemExit):
+        mup_transfer.main(["--steps", "1", "--widths", "64", "32", "64"])
+    assert "argument --widths: 64 given more than once" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["", "mup", "mup.txt"])
@@ -226,3 +242,34 @@ def test_a_diverged_rate_is_reported_as_inf():
                for t in (jnp.asarray(rng.integers(0, 64, (4, 33)), jnp.int32) for _ in range(3))]
     res = sweep(cfg(32, False), batches, 3, (-6, 40))  # 2^40: the first update overflows the weights
     assert np.isfinite(res[-6]) and res[40] == float("inf")
+
+
+def test_the_zero_readout_starves_the_body_of_gradient_not_of_adam_steps():
+    """docs/scaling.md said the zero readout 'passes no gradient to the body until the readout has grown'. Its body
+    gradient is exactly zero for two updates (the first at warmup's lr 0 leaves the readout at zero), then far smaller
+    than under a random readout; Adam normalises it, so the body's third step is about as large."""
+    c = cfg(64, True)
+    graphdef, zero = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))
+    rand = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))[1]  # the same body, the standard parametrisation's readout
+    rand["lm_head"].set_value(nnx.split(Transformer(cfg(64, False), rngs=nnx.Rngs(0)))[1]["lm_head"].get_value())
+    opt = make_optimizer(2e-3, total_steps=100, warmup_steps=1, weight_decay=0.0, width_mult=c.width_mult)
+    mask = jax.tree.leaves(mup_hidden_mask(zero))
+
+    def body_rms(tree):
+        xs = [x for x, m in zip(jax.tree.leaves(tree), mask) if m]
+        return float(jnp.sqrt(sum(jnp.sum(x**2) for x in xs) / sum(x.size for x in xs)))
+
+    def steps(params, n=3):
+        state, out = opt.init(params), []
+        for _ in range(n):
+            g = jax.grad(lambda p: lm_loss(graphdef, p, BATCH))(params)
+            u, state = opt.update(g, state, params)
+            params = optax.apply_updates(params, u)
+            out.append((body_rms(g), body_rms(u)))
+        return out
+
+    (z1, _), (z2, zu2), (z3, zu3) = steps(zero)
+    _, (r2, ru2), (r3, ru3) = steps(rand)
+    assert z1 == z2 == zu2 == 0.0 and r2 > 0 and ru2 > 0
+    assert 0 < z3 < r3 / 5  # a far smaller gradient (7x here) ...
+    assert 0.5 < zu3 / ru3 < 1.5  # ... but a step about as large (0.69x)

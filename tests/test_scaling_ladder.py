@@ -108,6 +108,31 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
     assert (tmp_path / "results.json").read_text() == "{}"
     with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
+    # a results.json that is no finished ladder's was a bare KeyError: 'prediction'
+    for text in ("{}", '{"prediction": {}}', "[]", "not json"):
+        (tmp_path / "results.json").write_text(text)
+        with pytest.raises(SystemExit, match=rf"--replot: {re.escape(str(tmp_path / 'results.json'))} is not a "
+                                             r"finished ladder's results .*; pass the --out of a finished ladder"):
+            scaling_ladder.main(["--replot", "--out", str(tmp_path), "--no-docs"])
+
+
+@pytest.mark.parametrize("argv, note", [(["--n-boot", "50", "--warmup", "2"], "bootstrap resamples 50 → 20"),
+                                        (["--warmup", "6", "--n-boot", "3"], "warmup 6 → 4 steps"),
+                                        (["--n-boot", "3"], "warmup 16 → 4 steps"),
+                                        (["--warmup", "4", "--n-boot", "20"], None)])
+def test_the_quick_clamp_note_names_only_what_it_changed(argv, note, tmp_path, capsys):
+    """--quick --n-boot 50 --warmup 2 printed 'warmup 2 → 2 steps' beside the resamples it did clamp. (The run stops
+    at once: --out is a file.)"""
+    from experiments import scaling_ladder
+
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        scaling_ladder.main(["--quick", "--no-docs", "--out", str(tmp_path / "f"), *argv])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ([] if note is None else [notes[0]]) and (note is None or note in notes[0])
+    assert all(" → ".join([a] * 2) not in n for n in notes for a in argv)  # nothing left as it was
+    if note is not None:
+        assert ("warmup" in notes[0]) == ("warmup" in note) and ("resamples" in notes[0]) == ("resamples" in note)
 
 
 def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkeypatch, capsys):
@@ -142,8 +167,8 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
         return fake(*a, **k)
 
     monkeypatch.setattr(sl, "train_rung", dies_at_third)
-    with pytest.raises(KeyboardInterrupt):
-        sl.main([*argv, "--out", str(tmp_path / "cut")])
+    with pytest.raises(KeyboardInterrupt):  # other fit settings than the resumed run's: only the fit uses them
+        sl.main([*argv, "--out", str(tmp_path / "cut"), "--n-boot", "5", "--level", "0.8"])
     assert sorted(json.loads((tmp_path / "cut" / "rungs.json").read_text())["done"]) == sorted(names[:2])
     # other settings do not resume those rungs (they would mix two learning rates in one fit): refused, untrained
     monkeypatch.setattr(sl, "train_rung", fake)
@@ -153,11 +178,19 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     monkeypatch.setattr(sl, "train_rung", fake)
     calls.clear()
     resumed = sl.main([*argv, "--out", str(tmp_path / "cut")])
-    assert calls == names[2:]
+    assert calls == names[2:]  # another --n-boot / --level demanded --fresh, which retrained every rung
     for key in ("runs", "comparison"):
         assert resumed[key] == whole[key]
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # other settings do not mix with those rungs; a finished ladder is not resumed
         sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
+    assert "redoes this finished ladder" not in capsys.readouterr().err  # training changes: no refit offered
+    with pytest.raises(SystemExit):  # only the fit's settings changed: the refusal names the way without training
+        sl.main([*argv, "--out", str(tmp_path / "cut"), "--n-boot", "5"])
+    assert "--replot (with --n-boot / --level) redoes this finished ladder's fit" in capsys.readouterr().err
+    assert calls == names[2:]
+    sl.main(["--replot", "--out", str(tmp_path / "cut"), "--no-docs", "--n-boot", "5"])  # --n-boot was ignored
+    assert "(5 resamples)" in capsys.readouterr().out
     # --replot of the finished ladder redraws its figure and says what it wrote (it printed nothing)
     (tmp_path / "whole" / "scaling_fit.png").unlink()
     capsys.readouterr()
