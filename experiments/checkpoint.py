@@ -251,8 +251,8 @@ class Checkpoints:
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.read_only = read_only
         self._report_incomplete()
-        handlers = {"state": array_tree_handler(), "meta": ocp.JsonCheckpointHandler(),
-                    "loader": grain.checkpoint.CheckpointHandler()}
+        self._handlers = handlers = {"state": array_tree_handler(), "meta": ocp.JsonCheckpointHandler(),
+                                     "loader": grain.checkpoint.CheckpointHandler()}
         if read_only:
             if not self.dir.is_dir():
                 raise FileNotFoundError(f"{self.dir} does not exist: pass a run's --out directory")
@@ -408,8 +408,8 @@ class Checkpoints:
             if loader is not None and has_loader:
                 self._check_processes(s)
             try:
-                out = self.mgr.restore(s, args=ocp.args.Composite(
-                    state=tree_restore_args(_with_saved_dtypes(abstract, saved), partial=partial)))
+                out = {"state": self._read_agreed(s, "state", tree_restore_args(_with_saved_dtypes(abstract, saved),
+                                                                                 partial=partial))}
                 whole, parts = part_fingerprints(out["state"])
                 got, want = (parts, {k: meta["part_fingerprints"].get(k) for k in parts}) if partial else (
                     whole, meta.get("fingerprint"))
@@ -420,8 +420,12 @@ class Checkpoints:
                                              out["state"], abstract)}
                 # the loader only once the state is known good: a bad step must not move the data stream
                 if loader is not None and has_loader and not overflow:
-                    self.mgr.restore(s, args=ocp.args.Composite(
-                        loader=grain.checkpoint.CheckpointRestore(_LoaderItem(loader))))
+                    before = loader.get_state()
+                    try:
+                        self._read_agreed(s, "loader", grain.checkpoint.CheckpointRestore(_LoaderItem(loader)))
+                    except Exception:
+                        loader.set_state(before)  # moved here, but another process's file failed: not this step's
+                        raise
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
                 if mismatch := _stream_mismatch(e):  # a good checkpoint of another data stream: the run's error
                     raise CheckpointMismatch(f"{self.dir / str(s)}: {mismatch}") from None
@@ -440,6 +444,28 @@ class Checkpoints:
                     raise CheckpointMismatch(f"{self.dir / str(s)}: {e}") from None
             return from_pure(template, out["state"]), meta
         return None
+
+    def _read_agreed(self, step: int, item: str, args):
+        """Read `item` of `step` with its handler, then agree across processes that every one read its part.
+        Each process reads only its own shards (and its own loader file), so one damaged file fails one process's
+        read: through the manager (whose restore ends in a barrier) that process went on to `_quarantine`'s barrier
+        while the others waited in orbax's, both hung for good (measured: > 200 s). The handler has no barrier:
+        the processes agree here, and all fall back together (this process's error, or one naming the others)."""
+        error = None
+        try:
+            got = self._handlers[item].restore(self.dir / str(step) / item, args=args)
+        except Exception as e:  # noqa: BLE001 - raised below, once every process knows
+            error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))  # [processes]
+            if error is None and failed.any():
+                error = OSError(f"{item}: the read failed on processes {np.flatnonzero(failed).tolist()} (their own "
+                                "files; every process falls back with them)")
+        if error is not None:
+            raise error
+        return got
 
     def _check_processes(self, step: int):
         n = jax.process_count()

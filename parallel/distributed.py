@@ -40,6 +40,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             raise ValueError(f"{name}={env[name]!r} must be an integer") from None
 
     explicit = {"num_processes": num_processes, "process_id": process_id}
+    explicit_coordinator = coordinator or None
     coordinator = coordinator or env.get("JAXSCALE_COORDINATOR")
     num_processes = from_env("JAXSCALE_NUM_PROCESSES") if num_processes is None else num_processes
     process_id = from_env("JAXSCALE_PROCESS_ID") if process_id is None else process_id
@@ -59,8 +60,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                              "0 .. N-1, each once)")
         if num_processes == 1:
             return False
+        # on every process: process 1 of 'host' (no port) died in jax with an IndexError, and of 'host:abc' /
+        # 'host:0' / 'host:70000' waited init_timeout_s (300 s) for a service process 0 never started
+        port = _coordinator_port(coordinator, "JAXSCALE_COORDINATOR" if explicit_coordinator is None else "coordinator")
         if process_id == 0:  # jax's 'Failed to start RPC server' names no port; the others would wait 300 s
-            _check_port_free(coordinator)
+            _check_port_free(coordinator, port)
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
     slurm = all(v in env for v in _SLURM_STEP)
@@ -73,17 +77,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return False
 
 
-def _check_port_free(coordinator: str) -> None:
-    """Process 0 serves the coordinator on `coordinator`'s port: a ValueError naming it if it is taken here."""
+def _coordinator_port(coordinator: str, name: str) -> int:
+    """The port of `coordinator` ('host:port', the value of `name`): a ValueError unless it is one in 1..65535
+    (port 0 would let process 0's OS pick one that no other process knows)."""
+    _, sep, port = coordinator.rpartition(":")
+    if not (sep and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{name}={coordinator!r}: give the coordinator as host:port, a port in 1..65535 "
+                         "(JAXSCALE_COORDINATOR=host0:1234)")
+    return int(port)
+
+
+def _check_port_free(coordinator: str, port: int) -> None:
+    """Process 0 serves the coordinator on `port`: a ValueError naming it if it is taken here."""
     import socket
 
-    port = coordinator.rsplit(":", 1)[-1]
-    if not port.isdigit():
-        raise ValueError(f"coordinator {coordinator!r}: give it as host:port (JAXSCALE_COORDINATOR=host0:1234)")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("", int(port)))
+            sock.bind(("", port))
         except OSError as e:
             raise ValueError(f"coordinator {coordinator!r}: port {port} is in use on process 0's host ({e.strerror}: "
                              "another job, or an earlier run still exiting); choose another port") from None

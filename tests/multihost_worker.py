@@ -99,6 +99,42 @@ def main():
             error = f"{type(e).__name__}: {e}"
         print(json.dumps({"pid": pid, "error": error, "steps": ckpt.steps()}), flush=True)
         return
+    if mode == "damaged_shard":  # one process's own shard file damaged: every process must fall back together
+        import glob
+
+        import jax.numpy as jnp
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from experiments.checkpoint import Checkpoints
+        from parallel import make_mesh
+
+        mesh = make_mesh({"fsdp": 2}, dcn={"data": 2})  # rows [0, 2048) on process 0's devices, the rest on 1's
+        state = {"w": jax.device_put(jnp.arange(4096 * 6, dtype=jnp.float32).reshape(4096, 6),
+                                     NamedSharding(mesh, P(("data", "fsdp"))))}
+        logs = []
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), async_save=False, log=logs.append)
+        ckpt.save(1, state, {})
+        ckpt.close()
+        if pid == 0:  # process 1's data file (its rows, only it reads them) cut short
+            data = max(glob.glob(os.path.join(workdir, "ckpt", "1", "state", "ocdbt.process_1", "d", "*")),
+                       key=os.path.getsize)
+            os.truncate(data, os.path.getsize(data) // 2)
+        multihost_utils.sync_global_devices("damaged")
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), log=logs.append)
+        restored = [ckpt.restore(jax.tree.map(jnp.zeros_like, state)) is not None]
+        ckpt.save(2, state, {}, loader=FakeLoader(100 + pid))  # then process 1's own loader file emptied
+        ckpt.close()
+        if pid == 0:
+            open(os.path.join(workdir, "ckpt", "2", "loader", "process_1-of-2.json"), "w").close()
+        multihost_utils.sync_global_devices("damaged-loader")
+        fresh = FakeLoader(7)
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), log=logs.append)
+        restored.append(ckpt.restore(jax.tree.map(jnp.zeros_like, state), loader=fresh) is not None)
+        print(json.dumps({"pid": pid, "restored": restored, "steps": ckpt.steps(), "logs": logs,
+                          "loader_position": fresh.position}), flush=True)
+        ckpt.close()
+        return
     from flax import nnx
 
     from experiments.lm_step import lm_loss

@@ -104,6 +104,31 @@ def test_a_single_device_leaf_is_refused_by_name_before_a_multiprocess_save(tmp_
         assert "NamedSharding(mesh, P())" in r["error"] and r["steps"] == [], r
 
 
+def test_a_shard_file_damaged_on_one_process_falls_back_on_every_process(tmp_path):
+    """Each process reads only its own shards and loader file: with process 1's data file cut short, its read failed
+    and it went on to set the step aside (a barrier) while process 0 waited in orbax's restore barrier: both hung for
+    good (killed after 200 s). Now the processes agree after each read: the step is set aside once, both start fresh,
+    and a loader already set from process 0's own (good) file is put back."""
+    procs = launch("damaged_shard", tmp_path)
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:  # hung (the bug): not past the test
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    rows = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        rows.append(next(json.loads(x) for x in out.splitlines() if x.startswith("{")))  # (Gloo logs there too)
+    assert [(r["restored"], r["steps"]) for r in rows] == [([False, False], [])] * 2
+    assert "step 1 is corrupt or incomplete" in rows[0]["logs"][0] and "processes [1]" in rows[0]["logs"][0], rows
+    # process 1's loader file emptied: process 0's loader, set from its own file, is put back (the run starts fresh)
+    assert "step 2 is corrupt or incomplete" in rows[0]["logs"][1] and "loader" in rows[0]["logs"][1], rows
+    assert [r["loader_position"] for r in rows] == [7, 7]
+    assert sorted(x.name for x in (tmp_path / "ckpt-corrupt").iterdir()) == ["1", "2"]
+
+
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
                  entry=("-m", "experiments.train_lm"), buffered=False):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in

@@ -814,11 +814,30 @@ def test_initialize_with_a_coordinator_and_one_process_starts_nothing(monkeypatc
     from parallel import distributed
 
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: pytest.fail("must not start"))
-    monkeypatch.setattr(distributed, "_check_port_free", lambda c: pytest.fail("no port to serve"))
+    monkeypatch.setattr(distributed, "_check_port_free", lambda *a: pytest.fail("no port to serve"))
     assert distributed.initialize("127.0.0.1:1", 1, 0) is False
     # ... while a process id past 0 without a coordinator is a process of a larger job: refused, not run alone
     with pytest.raises(ValueError, match=r"num_processes=None, process_id=1 given without a coordinator"):
         distributed.initialize(process_id=1)
+
+
+def test_a_coordinator_without_a_usable_port_is_refused_on_every_process(monkeypatch):
+    """Only process 0 checked the coordinator's port: process 1 of '127.0.0.1' died in jax with 'IndexError: list
+    index out of range', of '127.0.0.1:abc' or ':0' waited init_timeout_s (300 s) and aborted with DEADLINE_EXCEEDED,
+    and process 0 of ':70000' raised OverflowError ('bind(): port must be 0-65535'). Every process now names it."""
+    from parallel import distributed
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: pytest.fail("must not start"))
+    for bad in ("127.0.0.1", "127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:70000"):
+        for pid in (0, 1):
+            with pytest.raises(ValueError, match=rf"coordinator={bad!r}: give the coordinator as host:port, a port"):
+                distributed.initialize(bad, 2, pid)
+    monkeypatch.setenv("JAXSCALE_COORDINATOR", "host0")  # named by where it came from
+    with pytest.raises(ValueError, match=r"JAXSCALE_COORDINATOR='host0': give the coordinator as host:port"):
+        distributed.initialize(None, 2, 1)
+    started = []  # an IPv6 address with its port, on a process past 0 (no port probed): started as given
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: started.append(a))
+    assert distributed.initialize("[::1]:1234", 2, 1) is True and started == [("[::1]:1234", 2, 1)]
 
 
 def test_global_batch_from_local_stacks_the_processes_rows(monkeypatch):
