@@ -52,7 +52,7 @@ from data.filters import QualityConfig
 from data.label import LabelConfig
 from data.langid import LangIDConfig
 from data.normalize import NormalizeConfig
-from data.shards import DocWriter, iter_docs, read_json, shard_name, write_json
+from data.shards import DocWriter, aborting, iter_docs, read_json, shard_name, write_atomically, write_json
 from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
 
@@ -202,12 +202,14 @@ def _write_tier_stats(out, tier, i, stages: list[StageStats], **extra):
     """The shard's stats file (written last: it marks the shard done) and its drop log, `shard-NNNNN.drops.jsonl`:
     one line {"id", "stage", "reason"} per record this tier's stages dropped (the stats name only three per
     reason; `python -m data.report OUT --drops REASON` lists them all). `extra`: more top-level fields."""
-    log = out / tier / f"{shard_name(i)}.drops.jsonl"
-    with open(f"{log}.tmp", "w", encoding="utf-8") as f:
-        for st in stages:
-            for record_id, reason in st.log:
-                f.write(json.dumps({"id": record_id, "stage": st.name, "reason": reason}, ensure_ascii=False) + "\n")
-    os.replace(f"{log}.tmp", log)
+    def write_log(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for st in stages:
+                for record_id, reason in st.log:
+                    row = {"id": record_id, "stage": st.name, "reason": reason}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_atomically(out / tier / f"{shard_name(i)}.drops.jsonl", write_log)
     write_json(_stats_path(out, tier, i), {"tier": tier, "shard": i, "stages": [s.to_json() for s in stages], **extra})
 
 
@@ -235,30 +237,32 @@ def _pass1(i: int, files: Sequence[str], out: pathlib.Path, cfg: PipelineConfig)
     stages = cfg.filter_stages()
     stats = [StageStats(s.name) for s in stages]
     keys, sigs = [], []
-    for doc, reason, n, record_id in read_records(files, cfg.source, cfg.normalize, with_ids=True):
-        # bytes in and out are the text's, like every other stage's: a JSON Lines line's metadata is no loss (its
-        # whole line counted in, its text out, made a run that kept everything look like it lost two thirds). A drop
-        # counts what it took up in the input (its text is unknown); `input_bytes` is all that was read
-        ingest.counters["input_bytes"] += n
-        if doc is None:
-            ingest.take(n)
-            ingest.drop(reason, n, record_id)
-            continue
-        ingest.take(nbytes(doc))
-        ingest.keep(nbytes(doc))
-        raw_w.write(doc)
-        doc = run_stages(doc, stages, stats)
-        if doc is None:
-            continue
-        filt_w.write(doc)
-        keys.append(exact_key(doc["text"]))
-        sigs.append(signature(doc["text"], cfg.dedup) if cfg.dedup.near else np.zeros(0, np.uint32))
-    raw_w.commit()
-    filt_w.commit()
+    with aborting(raw_w, filt_w):  # a stage or a write that raised left both shards' .tmp in the tiers for good
+        for doc, reason, n, record_id in read_records(files, cfg.source, cfg.normalize, with_ids=True):
+            # bytes in and out are the text's, like every other stage's: a JSON Lines line's metadata is no loss (its
+            # whole line counted in, its text out, made a run that kept everything look like it lost two thirds). A drop
+            # counts what it took up in the input (its text is unknown); `input_bytes` is all that was read
+            ingest.counters["input_bytes"] += n
+            if doc is None:
+                ingest.take(n)
+                ingest.drop(reason, n, record_id)
+                continue
+            ingest.take(nbytes(doc))
+            ingest.keep(nbytes(doc))
+            raw_w.write(doc)
+            doc = run_stages(doc, stages, stats)
+            if doc is None:
+                continue
+            filt_w.write(doc)
+            keys.append(exact_key(doc["text"]))
+            sigs.append(signature(doc["text"], cfg.dedup) if cfg.dedup.near else np.zeros(0, np.uint32))
+        raw_w.commit()
+        filt_w.commit()
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.dedup.num_perm), np.uint32)
-    tmp = out / "filtered" / f"{name}.dedup.tmp.npz"
-    np.savez(tmp, keys=np.array(keys, dtype="S16").reshape(-1), sigs=sig_arr)
-    os.replace(tmp, out / "filtered" / f"{name}.dedup.npz")
+    # (the tmp name ends in .npz: savez appends one to a name without it)
+    write_atomically(out / "filtered" / f"{name}.dedup.npz",
+                     lambda tmp: np.savez(tmp, keys=np.array(keys, dtype="S16").reshape(-1), sigs=sig_arr),
+                     tmp=out / "filtered" / f"{name}.dedup.tmp.npz")
     _write_tier_stats(out, "raw", i, [ingest])
     _write_tier_stats(out, "filtered", i, stats)  # last: marks the shard done
     return filt_w.count
@@ -368,27 +372,28 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
     lab_stages, aug_stages = cfg.label_stages(), cfg.augment_stages()
     lab_stats, aug_stats = [StageStats(s.name) for s in lab_stages], [StageStats(s.name) for s in aug_stages]
     lab_dropped = []  # positions in `filtered` (and dedup.npz): a run deduplicating against this one skips them
-    for j, doc in enumerate(iter_docs(out / "filtered" / f"{name}.array_record")):
-        n = nbytes(doc)
-        dedup.take(n)
-        if str(j) in drops:
-            dedup.drop(drops[str(j)][0], n, doc.get("id"))
-            continue
-        dedup.keep(n)
-        writers["cleaned"].write(doc)
-        # a custom labeler (or augmentation stage) may drop a document: run_stages has counted it under its
-        # stage and reason, and it goes no further
-        doc = run_stages(doc, lab_stages, lab_stats)
-        if doc is None:
-            lab_dropped.append(j)
-            continue
-        writers["labeled"].write(doc)
-        doc = run_stages(doc, aug_stages, aug_stats)
-        if doc is None:
-            continue
-        writers["augmented"].write(doc)
-    for w in writers.values():
-        w.commit()
+    with aborting(*writers.values()):  # (as in _pass1)
+        for j, doc in enumerate(iter_docs(out / "filtered" / f"{name}.array_record")):
+            n = nbytes(doc)
+            dedup.take(n)
+            if str(j) in drops:
+                dedup.drop(drops[str(j)][0], n, doc.get("id"))
+                continue
+            dedup.keep(n)
+            writers["cleaned"].write(doc)
+            # a custom labeler (or augmentation stage) may drop a document: run_stages has counted it under its
+            # stage and reason, and it goes no further
+            doc = run_stages(doc, lab_stages, lab_stats)
+            if doc is None:
+                lab_dropped.append(j)
+                continue
+            writers["labeled"].write(doc)
+            doc = run_stages(doc, aug_stages, aug_stats)
+            if doc is None:
+                continue
+            writers["augmented"].write(doc)
+        for w in writers.values():
+            w.commit()
     _write_tier_stats(out, "cleaned", i, [dedup])
     _write_tier_stats(out, "labeled", i, lab_stats, dropped=lab_dropped)
     _write_tier_stats(out, "augmented", i, aug_stats)  # last: marks the shard done

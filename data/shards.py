@@ -1,4 +1,5 @@
-"""Documents in ArrayRecord shards: one JSON object (UTF-8) per record, written atomically.
+"""Documents in ArrayRecord shards: one JSON object (UTF-8, standard JSON: no NaN / Infinity) per record, written
+atomically.
 
 A tier directory holds `shard-00000.array_record` + `shard-00000.stats.json` per input shard; a shard
 counts as done once its stats file exists, because the stats are written last (after the data files
@@ -7,11 +8,14 @@ were renamed into place).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import pathlib
 from collections.abc import Iterator
 
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 # one record per chunk: grain reads records at random, and larger groups would decode a whole group per read
@@ -25,8 +29,47 @@ def shard_name(i: int) -> str:
 
 
 def encode_doc(doc: dict) -> bytes:
-    """One document as a compact UTF-8 JSON record."""
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """One document as a compact UTF-8 JSON record. Values JSON has no form for are stored as portable ones: a NaN /
+    ±inf float (a Parquet float column's missing value) as null (Python wrote NaN / Infinity, which strict JSON
+    readers and other languages refuse), numpy scalars and arrays as the numbers / lists they hold. Any other value
+    (a set, bytes, a datetime) raises a TypeError naming its field."""
+    try:  # the common case at full speed: only a document that fails this is walked
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):  # a value JSON cannot hold (json named no field), or a NaN / inf
+        try:
+            portable = _portable(doc)
+        except RecursionError:  # a document that holds itself: json's "Circular reference detected"
+            raise ValueError("the document is nested too deep or holds itself (a circular reference)") from None
+        text = json.dumps(portable, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+_FIXES = {set: "convert it to a list (sorted(...))", frozenset: "convert it to a list (sorted(...))",
+          bytes: "decode it to text (.decode('utf-8'), or .hex())"}
+
+
+def _portable(v, where: str = ""):
+    """`v` with non-finite floats as None and numpy values as Python ones, at any depth; a TypeError naming the
+    field (e.g. "['meta']['tags']") of any value JSON cannot hold."""
+    if isinstance(v, float):  # (np.float64 too)
+        return float(v) if math.isfinite(v) else None
+    if v is None or isinstance(v, str | int):  # (bool is an int)
+        return v
+    if isinstance(v, np.generic | np.ndarray):  # np.int64 / float32 / bool_ and arrays: json refused every one
+        return _portable(v.tolist(), where)
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            k = k.item() if isinstance(k, np.generic) else k
+            if not (k is None or isinstance(k, str | int) or isinstance(k, float) and math.isfinite(k)):
+                raise TypeError(f"field {where}[{k!r}] (the key) is a {type(k).__name__}, which a JSON key cannot be; "
+                                "use a str key")
+            out[k] = _portable(x, f"{where}[{k!r}]")
+        return out
+    if isinstance(v, list | tuple):
+        return [_portable(x, f"{where}[{i}]") for i, x in enumerate(v)]
+    fix = next((f for t, f in _FIXES.items() if isinstance(v, t)), "store a str, number, bool, None, list or dict")
+    raise TypeError(f"field {where} holds a {type(v).__name__} ({v!r:.60}), which JSON cannot hold; {fix}")
 
 
 _NOT_A_DOC = ("shards hold one JSON object per record (DocWriter.write({'text': ...}), a cleaning run's tiers); "
@@ -63,7 +106,8 @@ class DocWriter:
         self.count = 0
 
     def write(self, doc: dict) -> int:
-        """Append one document; returns its serialised size in bytes."""
+        """Append one document; returns its serialised size in bytes. A value JSON cannot hold (`encode_doc`) is
+        refused naming this record and the field; the shard stays writable."""
         if not isinstance(doc, dict):  # a str was written as a JSON string, which no reader takes for a document
             raise TypeError(f"DocWriter.write: a document must be a dict, e.g. {{'text': text}}, got "
                             f"{type(doc).__name__}")
@@ -74,6 +118,8 @@ class DocWriter:
             raise ValueError(f"DocWriter.write: record {self.count} (id {doc.get('id')!r}) of {self.path}: field "
                              f"{where} holds a lone UTF-16 surrogate, which UTF-8 cannot store; replace them with "
                              "data.normalize.replace_surrogates (the cleaning pipeline does)") from None
+        except (TypeError, ValueError) as e:  # json's "Object of type set is not JSON serializable" named neither
+            raise type(e)(f"DocWriter.write: record {self.count} (id {doc.get('id')!r}) of {self.path}: {e}") from None
         return self.write_record(rec)
 
     def write_record(self, rec: bytes) -> int:
@@ -89,6 +135,19 @@ class DocWriter:
         """Close and delete the partial file (a failed shard leaves nothing behind)."""
         self._w.close()
         self._tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def aborting(*writers: DocWriter):
+    """Abort every writer (deleting its partial `.tmp`) if the block raises, then re-raise: a shard that failed part-way
+    (a stage raising, Ctrl-C) left its `.tmp` files beside the tier's shards for good. Safe after a `commit()` (its
+    `.tmp` is gone by then)."""
+    try:
+        yield
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
 
 
 def _surrogate_at(v, where: str = "") -> str | None:
@@ -141,18 +200,25 @@ def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
     return files
 
 
+def write_atomically(path: str | os.PathLike, write, tmp: str | os.PathLike | None = None) -> None:
+    """write(tmp) to `tmp` (default `<path>.tmp`), then rename it over `path`: a kill leaves the old file or none.
+    A write that raised (a full disk, Ctrl-C) has its partial `tmp` removed: it was left in the tier for good."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp") if tmp is None else pathlib.Path(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Atomic JSON write (tmp + rename)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     text = json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True)
-    try:
-        tmp.write_text(text)
-    except BaseException:  # a write that raised (a full disk) left its partial `.tmp` in the tier for good
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: str | os.PathLike):

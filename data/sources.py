@@ -327,7 +327,7 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             text = obj.pop(cfg.text_field)
             # the path as discovered (en/part-0 and zh/part-0 differ) and the line as editors and `grep -n` number it;
             # also for "id": null, which the drop logs listed as None
-            if obj.get("id") is None:
+            if _no_id(obj.get("id")):
                 obj["id"] = f"{path}:{lineno + 1}"
             doc, reason = _text_doc(text, obj, cfg, ncfg)
             yield doc, reason, n
@@ -360,7 +360,7 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
                  len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
             obj = {k: _jsonable(v) for k, v in obj.items()}
-            if obj.get("id") is None:  # (a null in an id column too)
+            if _no_id(obj.get("id")):  # (a null in an id column too)
                 obj["id"] = f"{path}:{row}"
             row += 1
             if n > cfg.max_doc_bytes:
@@ -427,6 +427,12 @@ def _utf8(v: bytes, keep_bytes: bool) -> str | bytes:
         return v.decode("utf-8")
     except UnicodeDecodeError:
         return v if keep_bytes else v.decode("utf-8", "replace")
+
+
+def _no_id(v) -> bool:
+    """Whether a record's `id` is missing: None, or NaN (pandas writes an integer id column with gaps as floats with
+    NaN for each gap; such records were all stored with id null, and named 'nan' when dropped)."""
+    return v is None or isinstance(v, float) and v != v
 
 
 def _jsonable(v):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import pathlib
 import signal
 import threading
@@ -182,16 +181,12 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
 
 def write_atomically(path: pathlib.Path, write) -> pathlib.Path:
     """write(tmp) to `<path>.tmp` beside `path`, then rename it over `path` (atomic on POSIX): a kill mid-write
-    leaves the previous file (or none), never a truncated one that a resume or a reader then reads. Returns path."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-    except BaseException:  # a write that raised (a full disk) left its partial `.tmp` beside the file for good
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
+    leaves the previous file (or none), never a truncated one that a resume or a reader then reads; a write that
+    raised leaves no `.tmp` (`data.shards.write_atomically`). Returns path."""
+    from data.shards import write_atomically as write_then_rename
+
+    write_then_rename(path, write)
+    return pathlib.Path(path)
 
 
 def write_text_atomically(path: pathlib.Path, text: str) -> pathlib.Path:

@@ -120,16 +120,22 @@ def corpus_tiers(spec) -> tuple[str, str]:
                    "eval": [DocWriter(tmp / "eval" / f"{shard_name(0)}.array_record")]}
         n = {"train": 0, "eval": 0}
         module = -1
-        for doc in stdlib_documents(spec.max_files):
-            module += doc["kind"] == "code"  # each module: its source, then (if any) its docstrings
-            split = "eval" if module % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
-            ws = writers[split]
-            ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
-            n[split] += 1
-        for ws in writers.values():
-            for w in ws:
-                w.commit()
-        (tmp / "done").write_text(json.dumps(n))
+        try:
+            for doc in stdlib_documents(spec.max_files):
+                module += doc["kind"] == "code"  # each module: its source, then (if any) its docstrings
+                split = "eval" if module % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
+                ws = writers[split]
+                ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
+                n[split] += 1
+            for ws in writers.values():
+                for w in ws:
+                    w.commit()
+            (tmp / "done").write_text(json.dumps(n))
+        except BaseException:  # the next attempt builds under its own pid: a failed one's directory was never removed
+            for w in (w for ws in writers.values() for w in ws):
+                w.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, root)
         except OSError:  # another process finished first

@@ -30,7 +30,6 @@ import functools
 import json
 import math
 import numbers
-import os
 import pathlib
 import re
 import shutil
@@ -44,6 +43,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
+from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, parse_mesh
 from experiments.lm_step import make_optimizer
@@ -410,8 +410,9 @@ def encode_latents(p: Preset, encode, cache: pathlib.Path, vae_fingerprint: str 
         combo.append(b["combo"])
     lat, tok, combo = (np.concatenate(x)[: p.n_latents] for x in (lat, tok, combo))
     tmp = cache.with_name(cache.name + ".tmp.npz")  # written whole, then renamed: a kill leaves the old cache or none
-    np.savez(tmp, latents=lat, tokens=tok, combo=combo, made_by=np.array(made_by))
-    os.replace(tmp, cache)
+    # (a write that raised, a full disk or Ctrl-C, left its partial tmp in the run for good: now removed)
+    write_atomically(cache, lambda t: np.savez(t, latents=lat, tokens=tok, combo=combo, made_by=np.array(made_by)),
+                     tmp=tmp)
     return lat, tok, combo
 
 

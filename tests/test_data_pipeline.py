@@ -223,6 +223,102 @@ def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name] and read_json(path) == {"docs": 1}
 
 
+def test_documents_with_values_json_has_no_form_for_are_stored_portably_or_refused_by_record_and_field(tmp_path):
+    """A Parquet float column's NaN / inf was written as the non-standard NaN / Infinity tokens strict JSON readers
+    refuse; a labeler's numpy int64 crashed the run with a bare "Object of type int64 is not JSON serializable"
+    (and a set or bytes the same, naming no record or field). NaN / inf are stored as null, numpy values as the numbers
+    and lists they hold; a value JSON has no form for is refused naming the record and the field."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data.shards import DocWriter
+
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"text": [en_text(rng, 120) for _ in range(3)], "score": [float("nan"), -np.inf, 0.5]}),
+                   tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    run([str(tmp_path / "in.parquet")], out, PipelineConfig(workers=1, labelers=(NumpyLabel(),)), progress=False)
+    reader = ArrayRecordReader(str(out / "augmented" / "shard-00000.array_record"))
+
+    def strict(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    docs = [json.loads(r, parse_constant=strict) for r in reader.read_all()]
+    reader.close()
+    assert [d["score"] for d in docs] == [None, None, 0.5]
+    n_words = [len(d["text"].split()) for d in docs]
+    assert [(d["n_words"], d["ratio"], d["long"], d["sizes"]) for d in docs] == [
+        (n, pytest.approx(n / 120), n > 10, [n, 1]) for n in n_words]
+    assert all(type(d["n_words"]) is int and type(d["long"]) is bool for d in docs)
+
+    w = DocWriter(tmp_path / "w" / "shard-00000.array_record")
+    w.write({"id": "a", "text": "fine", "x": np.float32("nan"), "y": np.arange(2)})
+    for doc, field, fix in [({"id": "b", "text": "t", "meta": {"tags": {"x"}}}, r"\['meta'\]\['tags'\]", "set.*list"),
+                            ({"id": "c", "text": "t", "raw": [b"\x00"]}, r"\['raw'\]\[0\]", "bytes.*decode"),
+                            ({"id": "d", "text": "t", (1, 2): 1}, r"\[\(1, 2\)\] \(the key\)", "str key")]:
+        with pytest.raises(TypeError, match=rf"DocWriter.write: record 1 \(id '{doc['id']}'\) of .*shard-00000"
+                                            rf".array_record: field {field} .*{fix}"):
+            w.write(doc)
+    w.commit()
+    assert list(iter_docs(tmp_path / "w" / "shard-00000.array_record")) == [
+        {"id": "a", "text": "fine", "x": None, "y": [0, 1]}]
+
+
+class NumpyLabel:
+    """A labeler computing with numpy, as one would: its values are numpy scalars and arrays."""
+
+    name = "numpy_label"
+
+    def __call__(self, doc):
+        n = np.int64(len(doc["text"].split()))
+        return {**doc, "n_words": n, "ratio": np.float32(n / 120), "long": n > 10, "sizes": np.array([n, 1])}, None
+
+
+def test_a_shard_that_fails_part_way_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """A stage that raised mid-shard (or Ctrl-C) left the shard's `.array_record.tmp` in every tier it was writing,
+    and a write that raised (a full disk) left `.dedup.tmp.npz` / `.drops.jsonl.tmp`, all for good (only a rerun of
+    the same shard overwrote them). Every one is removed; the run then resumes to the same tiers as a clean one."""
+    from data import pipeline
+
+    inputs = small_corpus(tmp_path)
+    leftovers = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*tmp*"))  # noqa: E731
+    with pytest.raises(RuntimeError, match="boom"):  # pass 1 (raw + filtered)
+        run(inputs, tmp_path / "a", PipelineConfig(workers=1, filters=(FailOnThird(),)), progress=False)
+    with pytest.raises(RuntimeError, match="boom"):  # pass 3 (cleaned + labeled + augmented)
+        run(inputs, tmp_path / "b", PipelineConfig(workers=1, labelers=(FailOnThird(),)), progress=False)
+
+    def half_then_full(file, *a, **k):
+        pathlib.Path(file).write_bytes(b"PK")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        run(inputs, tmp_path / "c", PipelineConfig(workers=1), progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(pipeline, "open", half_then_full, raising=False)  # the drop log's (builtins' for the rest)
+    with pytest.raises(OSError, match="No space"):
+        run(inputs, tmp_path / "d", PipelineConfig(workers=1), progress=False)
+    monkeypatch.undo()
+    assert {d: leftovers(tmp_path / d) for d in "abcd"} == {d: [] for d in "abcd"}
+    run(inputs, tmp_path / "d", PipelineConfig(workers=1), progress=False)
+    run(inputs, tmp_path / "e", PipelineConfig(workers=1), progress=False)
+    assert all_docs(tmp_path / "d" / "augmented") == all_docs(tmp_path / "e" / "augmented") != []
+
+
+class FailOnThird:
+    """A stage that raises on the third document it sees."""
+
+    name = "fail_on_third"
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, doc):
+        self.seen += 1
+        if self.seen == 3:
+            raise RuntimeError("boom")
+        return doc, None
+
+
 def test_the_cleaned_tier_keeps_the_right_documents_by_id(cleaned):
     """Which records survive, by id (file:line, file:row), from make_corpus's own comments: the counts alone did not
     show dedup dropping the record after each duplicate's position (the mixed en/zh line 9 lost, the near duplicate
@@ -1015,6 +1111,14 @@ def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
     assert [r["id"] for r in report_mod.drops(tmp_path / "out")] == [f"{path}:1", f"{tmp_path / 'in.parquet'}:0"]
     kept = [d["id"] for p in tier_shards(tmp_path / "out" / "raw") for d in iter_docs(p)]
     assert sorted(kept) == sorted([f"{path}:1", f"{path}:2", f"{tmp_path / 'in.parquet'}:0", "b"])
+    # pandas writes an integer id column with gaps as floats, NaN in each gap: those records had id null (NaN as
+    # JSON could not hold it) and a dropped one was named 'nan'
+    pq.write_table(pa.table({"text": ["Short.", en_text(rng, 120), en_text(rng, 120)], "id": [np.nan, np.nan, 2.0]}),
+                   tmp_path / "in.parquet")
+    run([tmp_path / "in.parquet"], tmp_path / "out2", PipelineConfig(workers=1), progress=False)
+    assert [r["id"] for r in report_mod.drops(tmp_path / "out2")] == [f"{tmp_path / 'in.parquet'}:0"]
+    assert [d["id"] for p in tier_shards(tmp_path / "out2" / "raw") for d in iter_docs(p)] == [
+        f"{tmp_path / 'in.parquet'}:{i}" for i in range(2)] + [2.0]
 
 
 @dataclasses.dataclass(frozen=True)

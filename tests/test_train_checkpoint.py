@@ -3,6 +3,7 @@ newest steps plus the one with the lowest eval loss (also across a restart), and
 saved with it; a corrupt state never moves the data loader."""
 
 import json
+import pathlib
 import time
 
 import jax
@@ -596,6 +597,31 @@ def test_corpus_holds_out_whole_modules(tmp_path):
     modules = {split: {i.split("#")[0] for i in v} for split, v in ids.items()}
     assert modules["eval"] and modules["train"] and not modules["eval"] & modules["train"]
     assert any(i.endswith("#docs") for i in ids["eval"]) and len(modules["eval"]) == 30 // 5
+
+
+def test_a_corpus_build_that_fails_part_way_leaves_no_directory_behind(tmp_path, monkeypatch):
+    """The embedded corpus is built in `<root>.tmp<pid>`, a new name per process: a build that raised (a full disk,
+    Ctrl-C) was never reused nor removed, so every failed attempt left its partial corpus in the cache for good."""
+    from data import corpus
+    from experiments.config import DataSpec
+    from experiments.train_lm import corpus_tiers
+
+    real = corpus.stdlib_documents
+
+    def fail_part_way(max_files):
+        docs = real(max_files)
+        for _ in range(5):
+            yield next(docs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(corpus, "stdlib_documents", fail_part_way)
+    spec = DataSpec(max_files=10, eval_every_nth=5, cache_dir=str(tmp_path))
+    with pytest.raises(OSError, match="No space"):
+        corpus_tiers(spec)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    train, held = corpus_tiers(spec)  # the next attempt builds it whole
+    assert [p.name for p in tmp_path.iterdir()] == [pathlib.Path(train).parent.name]
 
 
 def test_a_leaf_whose_dtype_changed_since_the_save_restores_and_verifies(tmp_path):

@@ -142,6 +142,23 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     assert len(combo) == p.n_latents and set(combo.tolist()) <= train_ids
 
 
+def test_a_latent_cache_write_that_raises_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """encode_latents writes latents.npz through latents.npz.tmp.npz: a write that raised part-way (a full disk,
+    Ctrl-C) left the partial temporary in the run directory for good."""
+    import dataclasses
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=train_video.PRESETS["tiny"].eval_batch)
+
+    def half_then_full(file, *a, **k):
+        file.write_bytes(b"PK")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        train_video.encode_latents(p, lambda video: np.zeros((len(video), 1), np.float32), tmp_path / "latents.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bf16_ema_tracks_the_float32_average():
     # with decay near 1, (1 - decay)·(p - e) is below half an ulp of a bfloat16 e: an EMA kept in bf16 freezes
     params = {"w": jnp.asarray([0.5, 0.52, 0.6, 1.0], jnp.bfloat16)}
@@ -705,7 +722,10 @@ def test_run_files_are_written_whole_and_fresh_removes_a_leftover_temporary(tmp_
     monkeypatch.undo()
     assert json.loads((out / "latent_stats.json").read_text()) == {"mean": [0.0], "std": [1.0]}
     assert json.loads((out / "results.json").read_text()) == {"cfg 4 / seen": {"colour": 1.0}}
-    assert (out / "latent_stats.json.tmp").exists()  # the cut write's leftover: --fresh takes it as the run's own
+    # a write that raised removes its partial .tmp (run_log.write_atomically); only a kill (SIGKILL: no handler
+    # runs) leaves one, as here: --fresh takes it as the run's own
+    assert not (out / "latent_stats.json.tmp").exists() and not (out / "results.json.tmp").exists()
+    (out / "latent_stats.json.tmp").write_text('{"mean": [0.')
     def stop_here(*a, **k):
         raise SystemExit("stop here")
 
