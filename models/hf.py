@@ -371,6 +371,12 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_to_host(a[ix]).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
+    if hf["model_type"] == "gemma2" and cfg.qkv_bias:
+        # its attention_bias also adds an o_proj bias, which our model has not: written as zeros (from_pretrained
+        # loads a Gemma 2 only when they are zero); left out, transformers would initialise them itself
+        zeros = lambda: np.zeros(cfg.d_model, out_dtype)  # noqa: E731
+        plan += [(f"model.layers.{i}.self_attn.o_proj.bias", cfg.d_model * out_dtype.itemsize, zeros)
+                 for i in range(cfg.n_layers)]
     shards, current, size = [], [], 0  # cut as huggingface_hub cuts (transformers' save_pretrained): same files
     for entry in plan:
         if entry[1] > limit:  # a shard of its own, placed now; the current shard keeps filling

@@ -246,7 +246,8 @@ def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
 def config_to_hf(cfg: TransformerConfig) -> dict:
     """HF config.json dict (5.x layout) that transformers loads into the same model.
 
-    Gemma2ForCausalLM for its block, MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no
+    Gemma2ForCausalLM for its block (attention_bias when cfg.qkv_bias; save_pretrained writes its o_proj biases as
+    zeros), MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no
     o_proj bias), MistralForCausalLM with a window on every layer or a d_model that n_heads does not divide,
     MinistralForCausalLM with one window on some layers, LlamaForCausalLM otherwise.
     """
@@ -328,9 +329,10 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     # any mlp_act: its MLP runs hidden_activation, as config_from_hf reads it (a loaded silu Gemma 2 was refused);
     # tied or not: Gemma2Config takes tie_word_embeddings=false; any rope_scaling: its rotary embedding reads
     # rope_parameters as Llama's does (both loaded, and were refused here)
-    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and not cfg.qkv_bias and cfg.moe is None):
-        raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale, "
-                         "no qkv_bias and no moe")
+    # qkv_bias: attention_bias=true, as config_from_hf reads it (a loaded Gemma 2 with q/k/v biases was refused);
+    # save_pretrained writes the o_proj biases that flag adds as zeros
+    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.moe is None):
+        raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale and no moe")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
                          "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")
@@ -347,5 +349,5 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
                 sliding_window=local[0] if local else cfg.max_seq_len,
                 layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],
                 attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap,
-                attention_bias=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                attention_bias=cfg.qkv_bias, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                 dtype=cfg.param_dtype)

@@ -199,6 +199,8 @@ class KVCache(NamedTuple):
         dtype: the cache's storage dtype (None: cfg.dtype). Keys and values are cast to it unscaled, so a float16
         cache under float32 (or bfloat16) compute holds only |x| <= 65504: a key beyond becomes inf and the logits
         NaN, with no error (keys of 1.1e5 gave greedy token 0 where float32 gave 31); bfloat16 has float32's range.
+        float64 is stored as float64 only under jax_enable_x64: without it jnp.zeros stores float32 (jax warns
+        "will be truncated to dtype float32"), as cfg.kv_cache_bytes counts it.
         start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
         for none."""
         dtype = dtype or dtype_of(cfg.dtype)

@@ -61,6 +61,16 @@ ACTIVATION_RULES: dict[str, MeshAxes] = {
 # mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
 REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads", "act_capacity"})
 
+# What a refusal asks the user to change for a dimension the mesh does not divide: the config field that sizes it
+# (the same names in TransformerConfig, DiTConfig and AlignConfig); "dimension 'heads' of size 3" named no field.
+# The batch and sequence come from the caller's data, not the model.
+_FIELD_OF = {"batch": "batch size", "act_seq": "sequence length", "expert": "MoEConfig.n_experts",
+             "heads": "config n_heads", "act_heads": "config n_heads", "embed": "config d_model",
+             "mlp": "config mlp_dim (an MoE's moe.expert_mlp_dim / shared_mlp_dim)", "act_mlp": "config mlp_dim",
+             "vocab": "config vocab_size", "act_vocab": "config vocab_size", "layers": "config n_layers",
+             "modulation": "config d_model", "conv_in": "VAEConfig channel count",
+             "conv_out": "VAEConfig channel count"}
+
 _DEFAULT_RULES = MappingProxyType({**PARAM_RULES, **ACTIVATION_RULES})
 # The overrides in effect, as sorted (name, axes) pairs: a jax user context, so that they are part of jax.jit's
 # cache key (a function traced before `use_rules` would otherwise keep the constraints of its first trace)
@@ -211,12 +221,10 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                 else:
                     hint = (" (a vocabulary is usually padded to a multiple of 64 or 128 rows for this; or "
                             "replicate it with use_rules(vocab=None, act_vocab=None))") if "vocab" in name else ""
-                    # the batch and sequence come from the caller's data, not the model; the experts from MoEConfig
-                    what = {"batch": "batch size", "act_seq": "sequence length",
-                            "expert": "MoEConfig.n_experts"}.get(name, "model dimension")
                     raise ValueError(
                         f"dimension {name!r} of size {shape[i]} does not divide mesh axes {axes} "
-                        f"(size {n}); use a {what} that is a multiple of {n}, or change the mesh{hint}")
+                        f"(size {n}); use a {_FIELD_OF.get(name, 'model dimension')} that is a multiple of {n}, "
+                        f"or change the mesh{hint}")
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)

@@ -91,7 +91,9 @@ def peak_dtype(dtype) -> str:
             dtype = np.dtype(dtype).name
         except TypeError:
             return dtype  # not a dtype either: the caller's error names it
-    return PEAK_DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    dtype = dtype.lower()
+    # every float8 variant (e4m3, e4m3fnuz, e5m2fnuz, ...): the datasheets give one fp8 peak
+    return "fp8" if dtype.startswith("float8") else PEAK_DTYPE_ALIASES.get(dtype, dtype)
 
 
 def peak_flops(kind: str, dtype: str = "bf16") -> float:
@@ -118,14 +120,20 @@ def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = 
 
     TPUs: the bf16 peak (their MXUs multiply float32 in bf16 passes). NVIDIA: bf16 / fp16 as named; float32 runs
     on TF32 tensor cores unless `matmul_precision` (jax's `jax_default_matmul_precision`) asks for full float32
-    ('highest' / 'float32'), which gets the plain FP32 peak.
+    ('highest' / 'float32'), which gets the plain FP32 peak. fp8 (any float8_* dtype) and int8 get the chip's
+    own fp8 / int8 peak (TPUs too, where published); (None, device_kind) for one that has none (an A100's fp8, a
+    float64 model): no peak is better than the TF32 one, which is a quarter of an H100's fp8 peak.
     """
     kind = device_kind.lower()
     key = next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
     if key is None:
         return None, device_kind
     compute = peak_dtype(compute_dtype)  # 'bfloat16', 'bf16' and jnp.bfloat16 alike (the last two got the TF32 peak)
-    if key.startswith("tpu") or compute == "bf16" or str(matmul_precision).lower() == "bfloat16":
+    if compute in ("fp8", "int8") and compute in CHIPS[key].peak_flops:  # they fell through to TF32 (4x MFU)
+        dt = compute
+    elif compute in ("fp8", "int8", "float64") and not key.startswith("tpu"):  # a peak the registry does not have
+        return None, device_kind
+    elif key.startswith("tpu") or compute == "bf16" or str(matmul_precision).lower() == "bfloat16":
         dt = "bf16"
     elif compute == "fp16":
         dt = "fp16"

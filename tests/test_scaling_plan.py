@@ -166,6 +166,15 @@ def test_peak_table():
     ("NVIDIA H200 NVL", "bfloat16", None, None),  # (it took the SXM part's 989 TFLOP/s)
     ("TPU v4 lite", "bfloat16", None, None),
     ("Tesla V100-SXM2-16GB", "float32", None, None),
+    # fp8 / int8 got the TF32 peak (494.7 TFLOP/s on an H100, a quarter of its fp8 1978.9: MFU 4x); an A100 has no
+    # fp8 peak and a float64 model none in the registry: no peak rather than TF32's
+    ("NVIDIA H100 80GB HBM3", "float8_e4m3fn", None, ("h100", "fp8")),
+    ("NVIDIA H200", "float8_e5m2", "highest", ("h200", "fp8")),
+    ("NVIDIA H100 80GB HBM3", "int8", None, ("h100", "int8")),
+    ("TPU v5p", "int8", None, ("tpu-v5p", "int8")),
+    ("TPU v5p", "float8_e4m3fn", None, ("tpu-v5p", "bf16")),  # no fp8 MXU: bf16 passes, as for float32
+    ("NVIDIA A100-SXM4-80GB", "float8_e4m3fn", None, None),
+    ("NVIDIA H100 80GB HBM3", "float64", None, None),
 ])
 def test_device_peak_for_mfu(kind, dtype, precision, expected):
     peak, label = device_peak(kind, dtype, precision)
@@ -247,6 +256,7 @@ def test_device_peak_reads_dtype_objects_and_short_names(dtype):
     assert peak_flops("h100", dtype) == 989.4e12
     assert device_peak("NVIDIA H100 80GB HBM3", np.dtype("float16"))[1] == "h100 fp16"
     assert device_peak("NVIDIA H100 80GB HBM3", jnp.float32)[1] == "h100 tf32"
+    assert device_peak("NVIDIA H100 80GB HBM3", jnp.float8_e4m3fn) == (1978.9e12, "h100 fp8")
 
 
 def test_chip_memory_and_the_cpu_peak_are_in_the_units_they_state(monkeypatch):

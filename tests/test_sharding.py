@@ -78,6 +78,24 @@ def test_rules_errors_and_fallbacks():
     assert make_mesh({"tensor": 2, "data": -1}).axis_names == ("data", "tensor")
 
 
+def test_a_model_dimension_the_mesh_does_not_divide_names_the_config_field():
+    """3 heads on tensor 2: the refusal said "use a model dimension that is a multiple of 2", naming the logical
+    'heads' but not n_heads, the field a researcher changes (likewise mlp_dim, d_model, vocab_size)."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded
+
+    cfg = TransformerConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=3, n_kv_heads=1, mlp_dim=64)
+    with pytest.raises(ValueError, match=r"'heads' of size 3 .* use a config n_heads that is a multiple of 2"):
+        create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), make_mesh({"tensor": 2, "data": 4}))
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    for names, shape, field in ((("embed", "mlp"), (6, 8), "d_model"), (("embed", "mlp"), (8, 7), "mlp_dim"),
+                                (("vocab", "embed"), (65, 8), "vocab_size")):
+        with pytest.raises(ValueError, match=rf"use a config {field} "):
+            logical_to_spec(names, mesh, shape=shape)
+
+
 def test_rules_arguments_override_the_table_in_effect():
     """`rules=` (create_sharded, shard_state, from_pretrained, scaling.memory) is overrides, as documented: a
     partial dict replaced the whole table (KeyError 'vocab'), and no test passed one."""
