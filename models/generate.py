@@ -1,4 +1,5 @@
-"""Autoregressive generation: one prefill over the prompt, then one-token decode steps in a scan."""
+"""Autoregressive generation: a prefill over the prompt (logits of its last token only), then one-token decode
+steps in a scan."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def _check_top_k(top_k):
 
 
 def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: float | None):
-    """logits [B, V] → tokens [B] int32. Greedy when temperature == 0; otherwise temperature, then top-k, then
-    nucleus (top-p). As in Hugging Face, top_k None or 0 is off, top_k > V keeps all V and top_p 1 is off (a
-    float32 cumulative sum reaches 1 before the tail: 336 of 32000 tokens would go). Unlike Hugging Face, the
-    top-p cutoff is a logit value: every token tied with the last one kept stays (order-independent).
+    """logits [..., V] ([B, V] in a decode loop, [V] for one row) → tokens [...] int32, each row over its own V.
+    Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p). As in Hugging Face,
+    top_k None or 0 is off, top_k > V keeps all V and top_p 1 is off (a float32 cumulative sum reaches 1 before the
+    tail: 336 of 32000 tokens would go). Unlike Hugging Face, the top-p cutoff is a logit value: every token tied
+    with the last one kept stays (order-independent).
     temperature and top_p may be traced scalars (one compiled program for all their values; a traced temperature
     always samples, 0 as the smallest one); top_k fixes the program's shapes, so it is a Python int."""
     _check_top_k(top_k)
@@ -46,16 +48,18 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     logits_BV = logits_BV.astype(jnp.float32)
     logits_BV = (logits_BV - logits_BV.max(-1, keepdims=True)) / scale
     if top_k:
-        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][:, -1:]
+        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][..., -1:]
         logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
     if top_p is not None and (traced_p or top_p < 1.0):
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        # [..., ::-1], not [:, ::-1]: the latter reversed the rows of [B, T, V] logits, not the vocabulary (top_p
+        # then filtered nothing), and refused [V] ones
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
         # and the top token always (Hugging Face's min_tokens_to_keep=1): a top_p below float32's normal range was
         # flushed to 0, every token masked, and categorical returned token 0 whatever the logits
-        keep_BV = keep_BV.at[:, 0].set(True)
+        keep_BV = keep_BV.at[..., 0].set(True)
         cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
         if traced_p:  # a traced 1 is off too
             cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)
@@ -67,9 +71,14 @@ def _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k,
     """The prompt through a fresh cache of P + max_new_tokens slots → (first new token [B], cache, rng).
     start_B: each row's left padding, or None."""
     B, P = prompt_BP.shape
-    logits_BPV, cache = model(prompt_BP, cache=KVCache.zeros(model.cfg, B, P + max_new_tokens, start=start_B))
+    cache = KVCache.zeros(model.cfg, B, P + max_new_tokens, start=start_B)
+    if P > 1:  # all but the last token fill the cache, their logits unused (so not computed): one call over the
+        # prompt made [B, P, V] float32 logits for the last row's sake (B 4, P 512, V 32000: 263 MB of temporaries,
+        # now 37 MB; HF's generate keeps the last position only too, logits_to_keep=1)
+        _, cache = model(prompt_BP[:, :-1], cache=cache)
+    logits_B1V, cache = model(prompt_BP[:, -1:], cache=cache)
     rng, sub = jax.random.split(rng)
-    return sample_logits(logits_BPV[:, -1], sub, temperature, top_k, top_p), cache, rng
+    return sample_logits(logits_B1V[:, 0], sub, temperature, top_k, top_p), cache, rng
 
 
 # max_new_tokens, greedy (temperature == 0) and top_k are static: they fix the program's shapes; the temperature,
@@ -184,8 +193,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     and generation stops once every row has, so the result may be shorter, [B, P + n] with n <= max_new_tokens
     (Hugging Face's `generate(eos_token_id=..., pad_token_id=...)`). trim=False keeps [B, P + max_new_tokens] (the
     columns after the stop are pad_id): one shape, for calling it inside your own `jax.jit`.
-    Compiles once per prompt shape, max_new_tokens, top_k and greedy or not (`left_pad(length=...)` fixes the
-    prompt's): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
+    Compiles once per prompt shape, max_new_tokens, top_k, greedy or not (`left_pad(length=...)` fixes the
+    prompt's) and whether top_p (< 1), prompt_mask and eos_id are given at all (each turns on a part of the
+    program): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
     """
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size, "prompt_tokens").astype(jnp.int32)  # in [0, V)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:

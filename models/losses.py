@@ -14,9 +14,9 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     would broadcast over T). A negative target (Hugging Face's ignore index -100) is ignored: weight 0. Positions of
     weight 0 are selected out, not multiplied by 0, so whatever their target or loss (NaN included) they change
     neither the value nor its gradient (for finite logits). A target ≥ V at a weighted position makes the loss NaN:
-    a vocabulary mismatch must not train silently. Weights must be >= 0 (at positions not ignored): a negative
-    one is a ValueError for concrete weights and makes the loss NaN under jit (it ascended that position's loss,
-    and weights summing to 0 returned a negative "mean").
+    a vocabulary mismatch must not train silently. Weights must be finite and >= 0 (at positions not ignored): a
+    negative or infinite one is a ValueError for concrete weights and makes the loss NaN under jit (a negative one
+    ascended that position's loss, and weights summing to 0 returned a negative "mean").
     """
     if jnp.shape(targets_BT) != jnp.shape(logits_BTV)[:-1]:
         raise ValueError(f"cross_entropy: targets {jnp.shape(targets_BT)} must be the logits' [B, T] "
@@ -24,11 +24,14 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     if weights_BT is not None and jnp.shape(weights_BT) != jnp.shape(targets_BT):  # [B] broadcast over T silently
         raise ValueError(f"cross_entropy: weights {jnp.shape(weights_BT)} must be [B, T] like the targets "
                          f"{jnp.shape(targets_BT)}; per-row weights w [B]: np.repeat(w[:, None], T, axis=1)")
+    if not jnp.issubdtype(jnp.result_type(targets_BT), jnp.integer):  # (take_along_axis: 'indices must be ...')
+        raise ValueError(f"cross_entropy: targets_BT must be integer token ids, got {jnp.result_type(targets_BT)}")
     w_BT = jnp.ones(targets_BT.shape, jnp.float32) if weights_BT is None else weights_BT.astype(jnp.float32)
     w_BT = jnp.where(targets_BT < 0, 0.0, w_BT)
-    if not isinstance(w_BT, jax.core.Tracer) and not bool((w_BT >= 0).all()):  # NaN included
-        bad = np.argwhere(~np.asarray(w_BT >= 0))[0].tolist()
-        raise ValueError(f"cross_entropy: weights_BT must be >= 0 (0 drops a position), got "
+    # NaN and inf included: an inf weight made the loss inf / inf = NaN without a word
+    if not isinstance(w_BT, jax.core.Tracer) and not bool(((w_BT >= 0) & jnp.isfinite(w_BT)).all()):
+        bad = np.argwhere(~np.asarray((w_BT >= 0) & jnp.isfinite(w_BT)))[0].tolist()
+        raise ValueError(f"cross_entropy: weights_BT must be >= 0 and finite (0 drops a position), got "
                          f"{float(w_BT[tuple(bad)])} at [b, t] = {bad}; a loss to push up is a separate term, not a "
                          "negative weight")
     used_BT = w_BT != 0

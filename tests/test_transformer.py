@@ -319,18 +319,21 @@ def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
 
 def test_cross_entropy_refuses_negative_weights():
     """Weights (1, -1) returned the loss difference, -0.397, as the "mean" with Σ weights 0, and (2, -1) a positive
-    but meaningless 0.313, silently. Concrete weights: a ValueError naming the position; under jit: NaN. A negative
-    weight at an ignored position (target < 0) is no weight."""
+    but meaningless 0.313, silently; an inf weight gave inf / inf = NaN without a word. Concrete weights: a
+    ValueError naming the position; under jit: NaN. A negative weight at an ignored position (target < 0) is no
+    weight. Float targets raised take_along_axis's 'indices must be of integer type', naming neither argument."""
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.normal(size=(1, 3, 5)).astype(np.float32))
     targets = jnp.asarray([[1, 2, -100]])
-    for w in ([[1.0, -1.0, 0.0]], [[2.0, -1.0, 0.0]], [[1.0, np.nan, 1.0]]):
+    for w in ([[1.0, -1.0, 0.0]], [[2.0, -1.0, 0.0]], [[1.0, np.nan, 1.0]], [[1.0, np.inf, 1.0]]):
         with pytest.raises(ValueError, match=r"weights_BT must be >= 0 .* at \[b, t\] = \[0, 1\]"):
             cross_entropy(logits, targets, jnp.asarray(w))
         assert np.isnan(float(jax.jit(cross_entropy)(logits, targets, jnp.asarray(w))[0]))
     ok = cross_entropy(logits, targets, jnp.asarray([[1.0, 1.0, -1.0]]))  # -1 at an ignored position
     np.testing.assert_array_equal(ok, cross_entropy(logits, targets))
     np.testing.assert_array_equal(jax.jit(cross_entropy)(logits, targets, jnp.asarray([[1.0, 1.0, -1.0]])), ok)
+    with pytest.raises(ValueError, match=r"targets_BT must be integer token ids, got float32"):
+        cross_entropy(logits, targets.astype(jnp.float32))
 
 
 def test_cross_entropy_refuses_weights_or_targets_not_shaped_like_the_logits():
