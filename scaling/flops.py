@@ -416,7 +416,14 @@ def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: 
     return matmul_flops_per_token(s) + attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
 
 
-prefill_flops_per_token = forward_flops_per_token
+def prefill_flops_per_token(cfg, prompt_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
+                            moe=None) -> float:
+    """`models.generate`'s prefill per prompt token: a forward pass over `prompt_len` tokens whose LM head
+    (2·d_model·vocab) runs on the last token only (the others' logits are never used): the forward's count less
+    (prompt_len - 1) / prompt_len of the head (it was counted for every prompt token)."""
+    s = lm_shape(cfg, windows=windows, moe=moe)
+    head = 2.0 * s.d_model * s.vocab_size
+    return forward_flops_per_token(s, prompt_len, kernel=kernel, block=block) - head * (prompt_len - 1) / prompt_len
 
 
 def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int | None = None,

@@ -349,6 +349,28 @@ def test_decode_flops_match_cost_analysis(pattern):
         assert decode_flops_per_token(dense, c) == decode_flops_per_token(dense, c, cache_len=c + 1)
 
 
+def test_prefill_flops_count_the_lm_head_once_per_prompt():
+    """models.generate's prefill runs the LM head on the last prompt token only; prefill_flops_per_token (an alias of
+    forward_flops_per_token) counted it for every prompt token. Measured where XLA sees it: what a larger vocabulary
+    adds to the compiled prefill (unrolled layers: cost_analysis counts a scan's body once; XLA also drops the last
+    layer's work that feeds no K/V, which a scanned stack cannot, so whole-program counts are not compared)."""
+    from models.generate import _prefill
+    from scaling.flops import forward_flops_per_token, prefill_flops_per_token
+
+    B, P = 2, 64
+    xla, ours = {}, {}
+    for V in (512, 1024):
+        cfg = dataclasses.replace(CONFIGS[0], vocab_size=V, scan_layers=False)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0))))
+        prefill = lambda s, p, g=graphdef: _prefill(nnx.merge(g, s), p, None, jax.random.key(0), 1, 0.0, None, None)  # noqa: E731
+        xla[V] = xla_flops(lambda s, p, f=prefill: f(s, p)[:2], state, jax.ShapeDtypeStruct((B, P), jnp.int32))
+        ours[V] = prefill_flops_per_token(cfg, P) * B * P
+    head = 2 * CONFIGS[0].d_model * 512 * B  # the extra 512 vocabulary rows, once per prompt row
+    assert ours[1024] - ours[512] == pytest.approx(head)
+    assert head <= xla[1024] - xla[512] <= 1.1 * head, (xla[1024] - xla[512]) / head
+    assert prefill_flops_per_token(CONFIGS[0], 1) == forward_flops_per_token(CONFIGS[0], 1)
+
+
 def test_decode_flops_of_a_window_that_reaches_the_cache():
     """A local layer with W >= max_len keeps max_len slots, and still attends as a rolling buffer: those slots plus
     the new token (models.transformer), max_len + 1 keys, which was counted as max_len. From W = S - 1 to W = S
