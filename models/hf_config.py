@@ -42,6 +42,16 @@ def _unsupported(field, value, what_to_do):
     return ValueError(f"HF config field {field}={value!r} is not supported: {what_to_do}")
 
 
+def _number(field: str, value, whole: bool = False) -> float | int:
+    """value as a float (an int when `whole`), or an error naming the HF field: null was a bare TypeError from
+    float(), and int() cut a fractional original length (512.5 -> 512) that transformers uses as is."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (whole and not float(value).is_integer()):
+        raise ValueError(f"HF config field {field}={value!r} must be a {'whole number' if whole else 'number'}; "
+                         "fix config.json")
+    return int(value) if whole else float(value)
+
+
 def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters") or {}
@@ -51,8 +61,10 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
                            "and Qwen2 use one rope_type/rope_theta for all layers)")
     # A non-null rope_scaling wins over rope_parameters in both versions (4.x reads only rope_scaling; 5.x takes
     # `rope_scaling or rope_parameters`); theta then comes from it or the top-level rope_theta.
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # the dict the fields come from
     params = dict(hf.get("rope_scaling") or params)
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    theta = _number(f"{where}.rope_theta" if "rope_theta" in params else "rope_theta",
+                    params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     # a top-level one (the 4.x layout) counts as well: 5.x moves it into rope_parameters when they lack it, and it was
     # refused from there but ignored at the top level. null means full width, as in transformers.
@@ -62,31 +74,33 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     if kind == "default":
         return theta, None
     if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+        return theta, RopeScaling(kind="linear", factor=_number(f"{where}.factor", params["factor"]))
     if kind in ("llama3", "yarn"):
         # transformers 5.x defaults an absent inner original_max_position_embeddings to max_position_embeddings: the
         # config classes of these models never read a top-level one (only those declaring it, as Phi-3's, do), and
         # 4.x reads only the inner one. A top-level one that differs says something the model will not do.
+        field = f"{where}.original_max_position_embeddings"
         if params.get("original_max_position_embeddings") is None:
+            field = f"max_position_embeddings (the default of {field})"
             params["original_max_position_embeddings"] = hf.get("max_position_embeddings")
-        top, used = hf.get("original_max_position_embeddings"), params["original_max_position_embeddings"]
-        if top is not None and used is not None and int(top) != int(used):
+        used = _number(field, params["original_max_position_embeddings"], whole=True)
+        top = hf.get("original_max_position_embeddings")
+        if top is not None and int(top) != used:
             raise _unsupported("original_max_position_embeddings", top, f"transformers ignores this top-level "
                                f"field and uses {used} (rope_scaling's, else max_position_embeddings); keep one value")
         if kind == "yarn":
             if params.get("factor") is None:  # DeepSeek's layout: the ratio of the two lengths, as transformers takes
-                params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
+                params["factor"] = hf["max_position_embeddings"] / used
             opt = {f: params[f] for f in _YARN_FIELDS if params.get(f) is not None}
-            return theta, RopeScaling(kind="yarn", factor=float(params["factor"]),
-                                      original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-                                      **opt)
+            if "truncate" in params:  # transformers tests it for truth: null (or 0) leaves the ramp's ends unrounded
+                opt["truncate"] = bool(params["truncate"])
+            return theta, RopeScaling(kind="yarn", factor=_number(f"{where}.factor", params["factor"]),
+                                      original_max_position_embeddings=used, **opt)
         missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
         if missing:
             raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
-        return theta, RopeScaling(kind="llama3", factor=float(params["factor"]),
-                                  low_freq_factor=float(params["low_freq_factor"]),
-                                  high_freq_factor=float(params["high_freq_factor"]),
-                                  original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+        return theta, RopeScaling(kind="llama3", **{f: _number(f"{where}.{f}", params[f]) for f in _LLAMA3_FIELDS[:3]},
+                                  original_max_position_embeddings=used)
     raise _unsupported("rope_type", kind, "supported RoPE types are default, linear, llama3 and yarn")
 
 

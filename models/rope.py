@@ -13,10 +13,13 @@ from models.config import RopeScaling
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
     """[head_dim // 2] inverse frequencies, computed in float64 then rounded to float32.
 
-    transformers computes them in float32, so up to a third of the entries differ from its by one float32 ulp (up
-    to 3 ulps with llama3 scaling, whose ramp it also computes in float32: theta 5e5, head_dim 128, factor 8).
-    That is below float32's own rounding of the angle position·freq at long positions, but it shows there: logits
-    agree with transformers to ~2e-6 at short positions and drift with the position and the weights' scale (a tiny
+    transformers computes them in float32, so entries differ from its by float32 ulps (theta 1e4-1e7): with head
+    dims that are powers of two (16-256) a quarter to half of them, by 1 ulp (up to 4 with llama3 scaling, whose
+    ramp it also computes in float32; 2 with YaRN, 27 with YaRN's untruncated ramp); with head dims 80 and 96, whose
+    i / head_dim float32 cannot hold exactly, up to 4/5 of them by up to 6 ulps (14 with llama3).
+    A few ulps are the size of float32's own rounding of the angle position·freq (YaRN's untruncated 27 are more),
+    small, but it shows at long positions: logits agree with transformers to ~2e-6 at short positions and drift
+    with the position and the weights' scale (a tiny
     Llama with weights of std 0.2, |logits| ~ 10, theta 5e5 + llama3 scaling: 1.9e-2 at 30K, 7e-2 at 100K). Both
     are float32-angle errors of the same size: against angles in float64, ours and transformers' logits are off
     by 3.4e-2 / 3.6e-2 at ~100K and 0.17 / 0.17 at ~450K (means over 30 windows; twenty-third-session audit)."""

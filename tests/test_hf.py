@@ -671,6 +671,18 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (dict(intermediate_size=64.0), "HF config field intermediate_size=64.0 must be an integer"),
     (dict(num_hidden_layers=True), "HF config field num_hidden_layers=True must be an integer"),
     (dict(head_dim="8"), "HF config field head_dim='8' must be an integer"),
+    # null RoPE numbers were bare TypeErrors from float() ("argument must be a string or a real number"), and a
+    # fractional original length was cut to a whole one (512.5 -> 512: llama3's frequencies 0.2% off transformers')
+    (dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=None)),
+     r"HF config field rope_parameters.factor=None must be a number"),
+    (dict(rope_parameters=dict(rope_type="default", rope_theta=None)),
+     r"HF config field rope_parameters.rope_theta=None must be a number"),
+    (dict(rope_parameters=None, rope_theta=None, rope_scaling=dict(type="linear", factor=2.0)),
+     r"HF config field rope_theta=None must be a number"),
+    (dict(rope_parameters=LLAMA3 | dict(original_max_position_embeddings=16.5)),
+     r"rope_parameters.original_max_position_embeddings=16.5 must be a whole number"),
+    (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings="16")),
+     r"rope_parameters.original_max_position_embeddings='16' must be a whole number"),
 ])
 def test_unsupported_config_raises(patch, field):
     with pytest.raises(ValueError, match=field):
@@ -1128,6 +1140,22 @@ def test_rope_frequencies_and_scale_equal_transformers(rs):
     inv, scale = ROPE_INIT_FUNCTIONS[rs.kind](hf, "cpu")
     np.testing.assert_allclose(inv_frequencies(hd, theta, rs), inv.numpy(), rtol=1e-6)
     np.testing.assert_allclose(attention_scale(rs), scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("truncate", [None, False, 0, True])
+def test_yarn_truncate_read_as_transformers_reads_it(truncate):
+    """transformers tests `truncate` for truth (rope_parameters.get("truncate", True)): a null one leaves the ramp's
+    ends unrounded. It was read as absent, i.e. truncated: frequencies up to 15% off transformers' (head_dim 64)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.rope import inv_frequencies
+
+    rope = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=512, truncate=truncate)
+    raw = _hf_dict(head_dim=64) | {"rope_parameters": rope}
+    ours = config_from_hf(json.loads(json.dumps(raw)))
+    theirs, _ = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig.from_dict(raw), "cpu")
+    np.testing.assert_allclose(inv_frequencies(ours.hd, ours.rope_theta, ours.rope_scaling), theirs.numpy(), rtol=1e-5)
+    assert ours.rope_scaling.truncate is bool(truncate)
 
 
 def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path):
