@@ -376,15 +376,17 @@ def _dense_mlp_width(s, mesh, rules, moe_layer) -> float:
 # not derived. A dense MLP's backward (models.glu.glu_linear's VJP) makes 2 (gate, up); the batched-over-E einsums
 # (models.moe_dispatch.expert_swiglu) keep ~4 more: per-token slope over the batch of XLA's temp bytes, remat full,
 # {data: 2, expert: 4}, E 8, F 256 / 512, C = T or capacity_factor 2: 3.7-4.1 X·F beyond the 2 (XLA 1.31-1.54x the
-# whole step's estimate with 2 counted; 0.81-1.10x with 6, on expert meshes and one device alike).
+# whole step's estimate with 2 counted; 0.81-1.10x with 6, on expert meshes and one device alike). They come from
+# recomputing the expert einsums in the backward: under remat 'none' / 'save_dots' their products are saved residuals
+# (`saved_bytes_per_token`) and XLA keeps a dense MLP's 2 (6 counted there put XLA at 0.89-0.93x; 2: 1.00-1.06x).
 BUFFERED_EXPERT_TEMPS = 6
 
 
 def _buffered_expert_width(s, seq_len, mesh, rules) -> float:
     """Per token, the width of the routed experts' rows when they run through [E, C] buffers (capacity dispatch,
-    or dropless with C = T), whose einsum backward makes BUFFERED_EXPERT_TEMPS temporaries that wide (a dense MLP's
-    makes 2); the sorted dropless kernels differentiate tile by tile (`models.moe_dispatch.grouped_swiglu`) and
-    make none."""
+    or dropless with C = T), whose einsum backward makes BUFFERED_EXPERT_TEMPS temporaries that wide where it
+    recomputes the einsums (remat full / save_dots_no_batch; else 2, as a dense MLP's); the sorted dropless kernels
+    differentiate tile by tile (`models.moe_dispatch.grouped_swiglu`) and make none."""
     m = s.moe
     shards = _axis_product("expert", mesh, m.n_experts, rules)
     if m.dispatch == "dropless" and executed_slots(m, seq_len, shards) == m.top_k:
@@ -484,13 +486,14 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
         acts *= (M + stage) / (M + stage - 1)
     # + the MLP backward's two MLP-wide gradient temporaries beside its residuals (gate, up), and attention's
     # float32 dP and dS (one score each per executed key and head); routed experts run through [E, C] buffers keep
-    # BUFFERED_EXPERT_TEMPS row-wide ones (`_buffered_expert_width`)
+    # BUFFERED_EXPERT_TEMPS row-wide ones (`_buffered_expert_width`) where the backward recomputes them, 2 otherwise
+    expert_temps = BUFFERED_EXPERT_TEMPS if remat in ("full", "save_dots_no_batch") else 2
     n_local = s.n_heads / _act_split("act_heads", mesh, s.n_heads, rules)
     scores = lambda w: 0.0 if ws(w)[0] == "flash" else executed_keys(seq_len, w, *ws(w))  # noqa: E731
     group = sum(saved_bytes_per_token(s, "none", seq_len, compute_dtype=cdt, mesh=mesh, window=w,
                                       kernel=ws(w)[0], block=ws(w)[1], rules=rules, moe_layer=m)
                 + 2 * cb * _dense_mlp_width(s, mesh, rules, m)
-                + (BUFFERED_EXPERT_TEMPS * cb * _buffered_expert_width(s, seq_len, mesh, rules) if m else 0.0)
+                + (expert_temps * cb * _buffered_expert_width(s, seq_len, mesh, rules) if m else 0.0)
                 + 2 * 4 * n_local * scores(w) for w, m in runs[:P])
     v_local = s.vocab_size / _act_split("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)

@@ -229,6 +229,7 @@ def test_pretokenized_ids_are_checked_by_eos_id_and_an_interrupted_pretokenize_l
     with pytest.raises(ValueError, match="holds pre-tokenized ids but no .*tokenizer.json"):
         LMLoader([Source(pre)], EOS_BYTES, cfg, process_index=0, process_count=1)
 
+
 def test_a_pretokenize_meta_write_cut_short_leaves_no_meta(corpus, tmp_path, full_disk):
     """tokenizer.json (the meta the loader trusts beside the ids) was written in place: a write cut short (a full
     disk) left a truncated meta there instead of none, which then failed as a bare JSON error."""
