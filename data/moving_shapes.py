@@ -206,11 +206,14 @@ def _count(n) -> bool:
 
 
 def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold: float = 0.25,
-            square_fill: float = 0.87, triangle_taper: float = 0.6) -> dict[str, np.ndarray]:
+            square_fill: float = 0.87, triangle_taper: float = 0.6, max_area: float = 0.5) -> dict[str, np.ndarray]:
     """Decode (colour, shape, direction) indices from clips in [-1, 1]; -1 where a clip shows no object.
 
     Foreground: pixels whose brightest channel exceeds rel_threshold × the clip's peak (at least
-    min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum.
+    min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum. A frame shows the
+    object where at least 3 of its pixels are foreground, unless they reach all four edges and cover more than
+    max_area of it (a uniform wash, e.g. a collapsed generator's grey: no drawn object reaches two opposite edges),
+    and a clip where at least 2 frames do.
     Colour: the palette colour closest in direction (cosine) to the mean foreground RGB, so brightness
     does not matter. Direction: least-squares slope of the centroid over frames; the larger of |dx/dt|,
     |dy/dt| and its sign. Shape, per frame then the median over frames: the apex-up triangle narrows
@@ -218,19 +221,30 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     drawn, ~0.4 decoded), otherwise the fill ratio (area / bounding box) tells square (1) from circle
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
     loses its corners first (~0.91 after the VAE).
+
+    videos_BTHWC: [B, T, H, W, 3] floats. Returns colour, shape, direction [B] ints; fill, taper [B]; rgb [B, 3].
     """
     videos_BTHWC = np.asarray(videos_BTHWC)
+    if videos_BTHWC.ndim != 5 or videos_BTHWC.shape[-1] != 3:  # one clip [T, H, W, 3] failed in a numpy broadcast
+        raise ValueError(f"measure: videos_BTHWC must be [B, T, H, W, 3], got {list(videos_BTHWC.shape)} (one clip: "
+                         "pass clip[None])")
     if videos_BTHWC.dtype.kind in "biu":  # min_threshold is in [0, 1] units: with uint8 [0, 255] a black clip read
         # as an object, not as none (bfloat16, numpy kind 'V', is a float)
         raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
                          "load_video_model's sample: pass videos / 127.5 - 1)")
     v = (np.asarray(videos_BTHWC, np.float32) + 1) / 2
-    B, T, S = v.shape[:3]
+    B, T, H, W = v.shape[:4]
     bright_BTSS = v.max(-1)
     peak_B = bright_BTSS.reshape(B, -1).max(1)
     fg_BTSS = bright_BTSS > np.maximum(rel_threshold * peak_B, min_threshold)[:, None, None, None]
     count_BT = fg_BTSS.sum((2, 3))
-    seen_BT = count_BT >= 3
+    # a uniform frame (a collapsed generator's grey) passes the cut everywhere: it read as a square moving right
+    # no drawn object reaches two opposite edges (it moves inside the frame), and a large one is still no wash
+    edges_BT = fg_BTSS.any(3)[..., [0, -1]].all(-1) & fg_BTSS.any(2)[..., [0, -1]].all(-1)
+    washed_BT = edges_BT & (count_BT > max_area * H * W)
+    seen_BT = (count_BT >= 3) & ~washed_BT
+    fg_BTSS = fg_BTSS & ~washed_BT[:, :, None, None]  # nor does a washed frame's colour count in the clip's
+    count_BT = np.where(washed_BT, 0, count_BT)
     valid_B = seen_BT.sum(1) >= 2
 
     rgb_B3 = (v * fg_BTSS[..., None]).sum((1, 2, 3)) / np.maximum(count_BT.sum(1), 1)[:, None]
@@ -238,7 +252,7 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)  # noqa: E731
     colour_B = np.argmax(unit(rgb_B3) @ unit(pal_K3).T, axis=1)
 
-    yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     cnt = np.maximum(count_BT, 1)
     cx_BT = (fg_BTSS * xx).sum((2, 3)) / cnt
     cy_BT = (fg_BTSS * yy).sum((2, 3)) / cnt

@@ -36,7 +36,12 @@ ATTRS = ("colour", "direction", "shape")
 
 
 def score(found: dict, labels: dict) -> dict:
-    """Per-attribute and joint accuracy of decoded attributes against labels (arrays of indices)."""
+    """Per-attribute and joint accuracy of decoded attributes against labels (arrays of indices [N], -1 in `found`
+    for no object)."""
+    for a in ATTRS:  # labels of length 1 broadcast over every clip (a score, silently); other lengths as numpy's error
+        if np.shape(labels[a]) != np.shape(found[a]):
+            raise ValueError(f"score: labels[{a!r}] has shape {list(np.shape(labels[a]))}, found[{a!r}] "
+                             f"{list(np.shape(found[a]))}: pass one label per measured clip")
     hits = {a: np.asarray(found[a]) == np.asarray(labels[a]) for a in ATTRS}
     out = {a: float(hits[a].mean()) for a in ATTRS}
     out["joint"] = float(np.logical_and.reduce([hits[a] for a in ATTRS]).mean())

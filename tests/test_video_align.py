@@ -173,3 +173,24 @@ def test_embed_video_mean_pools_the_normed_tokens_then_projects_to_a_unit_vector
     want = pooled @ np.asarray(al.video_proj[...], np.float64)
     want /= np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(al.embed_video(z), np.float64), want, atol=1e-5)
+
+
+def test_info_nce_and_recall_at_1_name_inputs_of_another_shape():
+    """Clip i pairs with caption i: text of one row (or labels of one, or labels [B, 1]) broadcast against the batch
+    and gave a loss silently (24.4, 109.7 and 15.2 on these); a recall target [B, 1] compared every clip with every
+    target (0.25 here) and one of length 1 broadcast. Each now names the argument and the shape it needs."""
+    v = jax.random.normal(jax.random.key(0), (4, 8))
+    t = jax.random.normal(jax.random.key(1), (4, 8))
+    for text, labels, name in ((t[:1], None, "text_BJ"), (t[:3], None, "text_BJ"), (t[0], None, "text_BJ"),
+                               (t, jnp.asarray([0]), "labels_B"), (t, jnp.arange(4)[:, None], "labels_B")):
+        with pytest.raises(ValueError, match=rf"info_nce: .*{name}"):
+            info_nce(v, text, 10.0, labels)
+    with pytest.raises(ValueError, match=r"info_nce: video_BJ and text_BJ must be \[B, J\]"):
+        info_nce(v[0], t[0], 10.0)
+    for target in (jnp.arange(4)[:, None], jnp.arange(1)):
+        with pytest.raises(ValueError, match=r"recall_at_1: target_B must be \[B=4\]"):
+            recall_at_1(v, t, target)
+    # legitimate inputs are unchanged: one pair (its loss is 0) and K != B candidates under jit
+    assert float(info_nce(v[:1], t[:1], 10.0)) == 0.0
+    assert float(jax.jit(info_nce)(v, t, 10.0, jnp.asarray([0, 1, 1, 2]))) > 0
+    assert 0.0 <= float(jax.jit(recall_at_1)(v, t[:3], jnp.asarray([0, 2, 1, 0]))) <= 1.0

@@ -244,3 +244,56 @@ def test_dataset_counts_are_named():
         with pytest.raises(ValueError, match=r"dataset: batch=.* must be an int >= 1"):
             dataset(CFG, "train", batch=bad, num_records=16)
     assert dataset(CFG, "train", batch=np.int64(2), num_records=16)[0]["video"].shape[0] == 2
+
+
+def test_score_names_labels_of_another_length():
+    """score compared found and label arrays elementwise: labels of length 1 broadcast over 48 clips (a row of
+    chance-like accuracies, n=48, silently) and labels of length 10 failed as a bare numpy broadcast error."""
+    from experiments.video_eval import score
+
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    found = measure(np.stack([r["video"] for r in recs]))
+    labels = {a: np.asarray([r[a] for r in recs]) for a in ("colour", "direction", "shape")}
+    assert score(found, labels)["joint"] == 1.0 and score(found, labels)["n"] == 48
+    for n in (1, 10):
+        with pytest.raises(ValueError, match=rf"score: labels\['colour'\] has shape \[{n}\], found\['colour'\] \[48\]"):
+            score(found, {a: v[:n] for a, v in labels.items()})
+
+
+def test_measure_reads_a_uniform_clip_as_no_object():
+    """A clip of one uniform colour (a collapsed generator's grey, or a full-frame wash) shows no object, but every
+    pixel passed the foreground cut: mid-grey read as a 'yellow square moving right', scored on those prompts and
+    not counted under no_object. No drawn object reaches two opposite edges, however large (one covering 77% of its
+    frame reads back)."""
+    for value in (0.0, 0.5, [1.0, -0.7, -0.8]):
+        clip = np.broadcast_to(np.asarray(value, np.float32), (2, 9, 32, 32, 3))
+        found = measure(clip)
+        for attr in ("colour", "shape", "direction"):
+            assert (found[attr] == -1).all(), (value, attr, found[attr])
+    # a real clip on a background hazed to 0.3 (under half its peak) still reads back, as in the half-maximum test
+    rec = MovingShapesSource(CFG, "all", 1)[0]
+    found = measure(np.maximum(rec["video"], 2 * 0.3 - 1)[None])
+    assert [found[a][0] for a in ("colour", "shape", "direction")] == [rec[a] for a in ("colour", "shape", "direction")]
+    big = MovingShapesConfig(frames=3, size=16, object_size=(14, 14), speed=(0.5, 0.5))  # a 14 px square in 16 px
+    recs = [MovingShapesSource(big, "all", 48)[i] for i in range(48)]
+    found = measure(np.stack([r["video"] for r in recs]))
+    for attr in ("colour", "direction"):
+        assert (found[attr] == np.asarray([r[attr] for r in recs])).all(), attr
+
+
+def test_measure_names_videos_of_another_rank_and_reads_non_square_frames():
+    """One clip [T, S, S, 3] without its batch axis failed as a bare numpy broadcast error, and so did frames of
+    another width (nothing in the read-back needs square frames): padding a clip with black columns must not change
+    what it shows."""
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    video = np.stack([r["video"] for r in recs])
+    with pytest.raises(ValueError, match=r"measure: videos_BTHWC must be \[B, T, H, W, 3\], got \[9, 32, 32, 3\]"):
+        measure(video[0])
+    with pytest.raises(ValueError, match=r"measure: videos_BTHWC must be \[B, T, H, W, 3\], got \[48, 9, 32, 32, 4\]"):
+        measure(np.concatenate([video, video[..., :1]], -1))
+    wide = np.concatenate([video, -np.ones_like(video[:, :, :, :12])], axis=3)  # [48, 9, 32, 44, 3]
+    want, got = measure(video), measure(wide)
+    for attr in ("colour", "shape", "direction", "fill", "taper", "rgb"):
+        np.testing.assert_allclose(got[attr], want[attr], err_msg=attr)

@@ -1010,6 +1010,9 @@ def test_vae_loss_is_mse_plus_weighted_kl_with_logvar_clipped():
     assert kl > 0.01 and mse > 0.01
     assert float(loss) == pytest.approx(mse + 0.25 * kl, rel=1e-5)
     assert float(m["psnr"]) == pytest.approx(10 * np.log10(4.0 / mse), rel=1e-5)
+    from models.video.vae import psnr
+
+    assert float(psnr(0.0)) == pytest.approx(10 * np.log10(4e12), rel=1e-6)  # identical videos: the documented cap
     for bias, clipped in ((50.0, 10.0), (-50.0, -20.0)):
         vae.encoder.conv_out.b[...] = vae.encoder.conv_out.b[...].at[Z:].set(bias)
         np.testing.assert_array_equal(vae.encode(x)[1], clipped)

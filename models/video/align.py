@@ -117,7 +117,15 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
 
     With `labels_B` (e.g. caption ids), every pair with equal labels is a positive and the target spreads
     evenly over them: a batch drawn from few captions holds duplicates, which are not negatives.
+    video_BJ, text_BJ: [B, J] (clip i pairs with caption i); labels_B: [B] or None. Returns a scalar.
     """
+    # a text of one row or labels of another shape broadcast against the batch: a loss, silently, of other pairs
+    if jnp.ndim(video_BJ) != 2 or jnp.shape(text_BJ) != jnp.shape(video_BJ):
+        raise ValueError(f"info_nce: video_BJ and text_BJ must be [B, J] of one shape (clip i pairs with caption i), "
+                         f"got video_BJ {list(jnp.shape(video_BJ))} and text_BJ {list(jnp.shape(text_BJ))}")
+    if labels_B is not None and jnp.shape(labels_B) != jnp.shape(video_BJ)[:1]:
+        raise ValueError(f"info_nce: labels_B must be [B={jnp.shape(video_BJ)[0]}] (one caption id per pair) or "
+                         f"None, got {list(jnp.shape(labels_B))}")
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
@@ -128,5 +136,10 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
 
 
 def recall_at_1(video_BJ, captions_KJ, target_B):
-    """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B)."""
+    """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B).
+    video_BJ [B, J], captions_KJ [K, J], target_B [B] ints in [0, K). Returns a scalar."""
+    B = jnp.shape(video_BJ)[0]
+    if jnp.shape(target_B) != (B,):  # [B, 1] compared every clip with every target; length 1 broadcast
+        raise ValueError(f"recall_at_1: target_B must be [B={B}] (each clip's caption index), "
+                         f"got {list(jnp.shape(target_B))}")
     return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)
