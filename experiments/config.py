@@ -307,7 +307,9 @@ def _typed(text: str, annotation: str, key: str, namespace: dict) -> Any:
     if any(o[:1].isupper() and o != "None" for o in options):
         raise ConfigError(f"{key}: is a nested config ({annotation}); set its fields (e.g. {key}.<field>=...)"
                           + (" or none to turn it off" if "None" in options else ""))
-    want = {"int": "an integer", "float": "a number", "bool": "true or false", "None": "none"}
+    want = {"int": "an integer", "float": "a number", "bool": "true or false", "None": "none",
+            # it said "expected tuple[int, ...] (tuple[int, ...])": no form to write
+            "tuple[int, ...]": "integers separated by commas (e.g. 3,5)"}
     raise ConfigError(f"{key}: expected {' or '.join(want.get(o, o) for o in options)} ({annotation}), "
                       f"got {text!r}")
 
@@ -336,6 +338,19 @@ def _default_nested(annotation: str, namespace: dict):
     return None
 
 
+def _close_setting(key: str, cfg: RunConfig) -> str | None:
+    """The `section.field` key a misspelt section (`trian.steps`) or a field without its section (`steps`, `lr`)
+    most likely meant, as a misspelt field is matched against its config's fields; None: nothing close."""
+    keys = [f"{sec}.{f.name}" for sec in ("model", "data", "optim", "train")
+            for f in dataclasses.fields(getattr(cfg, sec))] + [f"mesh.{a}" for a in cfg.mesh] + ["mesh"]
+    if "." in key:
+        return next(iter(difflib.get_close_matches(key, keys, n=1)), None)
+    bare = {}  # field name -> its first key (data.seed is not a field: train.seed)
+    for k in keys:
+        bare.setdefault(k.split(".", 1)[-1], k)
+    return bare.get(next(iter(difflib.get_close_matches(key, bare, n=1)), None))
+
+
 def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
     """`section.field=value` overrides (`model.moe.top_k=1` reaches nested configs; the last of a key wins), each
     config rebuilt once with all of its fields."""
@@ -353,7 +368,9 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
                 from None
     for key in sets:
         if key.split(".")[0] not in ("model", "data", "optim", "train") or "." not in key:
-            raise ConfigError(f"{key}: unknown setting; use model.*, mesh[.axis], data.*, optim.* or train.*")
+            close = _close_setting(key, cfg)
+            hint = f"did you mean {close}? " if close else ""
+            raise ConfigError(f"{key}: unknown setting; {hint}use model.*, mesh[.axis], data.*, optim.* or train.*")
 
     def go(obj, path: str, sub: dict[str, str]):
         fields = {f.name: f.type for f in dataclasses.fields(obj)}
@@ -412,7 +429,7 @@ def load(argv=None, description: str | None = None) -> RunConfig:
     sets = {}
     for kv in args.set:
         key, sep, text = kv.partition("=")
-        if not sep:
+        if not sep or not key.strip():  # '=5' named the setting '' (": unknown setting")
             raise ConfigError(f"--set {kv!r}: write KEY=VALUE, e.g. train.steps=50")
         sets.pop(key.strip(), None)  # the last of a key wins
         sets[key.strip()] = text.strip()
@@ -491,6 +508,38 @@ def expert_axis_problem(model: TransformerConfig, mesh: dict[str, int]) -> str |
     return None
 
 
+def _divisible_fix(n: int, mesh: dict[str, int], axis: str) -> str:
+    """What to pass when `n` is not divisible by the (resolved) mesh `axis`: a multiple of the axis size, or the
+    largest axis size below it that divides `n` with the remaining devices moved to another axis. The sharding
+    refusals named the field and the axis but no value that would pass."""
+    size = mesh.get(axis, 1)
+    if n % size == 0:  # (validate's messages are built before their check)
+        return ""
+    smaller = max(d for d in range(1, size) if n % d == 0 and size % d == 0)
+    rest = {a: s for a, s in mesh.items() if a != axis}
+    other = next((a for a in ("fsdp", "data") if a != axis), "data")
+    shape = {**rest, other: rest.get(other, 1) * size // smaller, axis: smaller}
+    from parallel.mesh import AXES
+
+    mesh_arg = ",".join(f"{a}={shape[a]}" for a in AXES if shape.get(a, 1) > 1) or f"{other}=1"
+    return f"use a multiple of {size}, or a smaller {axis} axis (e.g. --mesh {mesh_arg})"
+
+
+def dir_problem(path) -> str | None:
+    """Why `path` cannot be (or be made) a directory this process writes in (None: it can); train_lm's validate and
+    train_video's --out ask (a file in the way failed in mkdir with a traceback naming no setting)."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path!r} is a file; name a directory"
+    parent = os.path.abspath(path)  # the nearest existing folder must be a directory we may write in
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        return (f"{path!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
+                "name a directory you can write")
+    return None
+
+
 def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     """Check everything that would otherwise fail deep inside compilation; returns the resolved mesh shape."""
 
@@ -513,7 +562,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          + f"; for a short run add e.g. --set optim.warmup_steps={min(hi, t.steps // 10)}")
     need(0 < o.decay_frac <= 1, "optim.decay_frac", f"must be in (0, 1], got {o.decay_frac}")
     need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
-    need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", f"Adam's betas must be in [0, 1), got {o.b1}, {o.b2}")
+    for f in ("b1", "b2"):  # each by its --set key ("optim.b1/b2" was no key)
+        need(0 <= getattr(o, f) < 1, f"optim.{f}", f"Adam's betas must be in [0, 1), got {getattr(o, f)}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio",
          f"must be in [0, 1] (the schedule decays to min_lr_ratio·lr), got {o.min_lr_ratio}")
@@ -522,8 +572,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"must be None (all modules) or >= 1, got {d.max_files}")
     need(t.eval_target is None or t.eval_target > 0, "train.eval_target",
          f"an eval loss (cross-entropy, > 0) to reach, or none; got {t.eval_target} (never reached)")
-    need(t.sample_tokens >= 0 and t.kill_at >= 0, "train.sample_tokens/kill_at",
-         f"must be >= 0, got {t.sample_tokens}, {t.kill_at}")
+    need(t.sample_tokens >= 0, "train.sample_tokens", f"must be >= 0 (0: no sample), got {t.sample_tokens}")
+    need(t.kill_at >= 0, "train.kill_at", f"must be >= 0 (a test hook; 0: off), got {t.kill_at}")
     need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
     # an empty prompt is no tokens without a BOS: generate refused it after the whole run (no loss.png, no sample)
     need(t.sample_prompt != "" or t.sample_tokens == 0 or d.bos_token is not None, "train.sample_prompt",
@@ -544,13 +594,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     for path, field in ((t.out, "train.out"), (d.cache_dir if d.train_dir is None else None, "data.cache_dir")):
         if path is None:
             continue
-        need(not os.path.exists(path) or os.path.isdir(path), field, f"{path!r} is a file; name a directory")
-        parent = os.path.abspath(path)  # the nearest existing folder must be a directory we may write in
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        need(os.path.isdir(parent) and os.access(parent, os.W_OK), field,
-             f"{path!r} cannot be created: {parent!r} is {'not writable' if os.path.isdir(parent) else 'a file'}; "
-             "name a directory you can write")
+        need((problem := dir_problem(path)) is None, field, problem)
     if t.init_from is not None:  # before compiling: the folder, and a model that its weights fit
         folder = str(t.init_from)
         need(any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),
@@ -592,7 +636,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"{d.tokenizer!r} is not a file; save one with data.tokenizer.train_bpe(texts, vocab).save(path)")
     for f in ("eos_token", "bos_token"):
         need(getattr(d, f) is None or d.tokenizer is not None, f"data.{f}",
-             "names a token of data.tokenizer, which is not set (bytes + EOS have their own)")
+             "names a token of data.tokenizer, which is not set (bytes + EOS have their own); pass its tokenizer "
+             f"too (--set data.tokenizer=PATH/tokenizer.json) or drop data.{f} (--set data.{f}=none)")
     try:
         tokenizer = load_tokenizer(d)
     except ValueError as e:
@@ -630,7 +675,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          if t.init_from is None else f"{t.seq} > model.max_seq_len={m.max_seq_len} (max_position_embeddings of "
          f"{str(t.init_from)!r}'s config.json); use --seq {m.max_seq_len} or less")
     need(t.seq % mesh.get("sequence", 1) == 0, "train.seq",
-         f"{t.seq} is not divisible by the sequence axis ({mesh.get('sequence')})")
+         f"{t.seq} is not divisible by the sequence axis ({mesh.get('sequence')}); "
+         f"{_divisible_fix(t.seq, mesh, 'sequence')}")
     windows = [w for w in m.layer_windows() if w is not None]
     # a model designed here with a window as long as its rows has no local layer in effect: likely a slip. A
     # checkpoint's window (init_from: Mistral's or Gemma 2's 4096) binds only past train.seq, as it did in pretraining
@@ -638,15 +684,20 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"window {max(windows, default=0)} >= train.seq={t.seq}: the local layers would be global; use a window "
          "below the sequence length (or attn_pattern='global' with sliding_window=None)")
     tp = mesh.get("tensor", 1)
-    need(m.n_heads % tp == 0, "model.n_heads", f"{m.n_heads} heads are not divisible by the tensor axis ({tp})")
-    need(m.mlp_dim % tp == 0, "model.mlp_dim", f"{m.mlp_dim} is not divisible by the tensor axis ({tp})")
-    need(m.vocab_size % tp == 0, "model.vocab_size", f"{m.vocab_size} is not divisible by the tensor axis ({tp})")
+    need(m.n_heads % tp == 0, "model.n_heads",
+         f"{m.n_heads} heads are not divisible by the tensor axis ({tp}); {_divisible_fix(m.n_heads, mesh, 'tensor')}")
+    need(m.mlp_dim % tp == 0, "model.mlp_dim",
+         f"{m.mlp_dim} is not divisible by the tensor axis ({tp}); {_divisible_fix(m.mlp_dim, mesh, 'tensor')}")
+    need(m.vocab_size % tp == 0, "model.vocab_size", f"{m.vocab_size} is not divisible by the tensor axis ({tp}); "
+         f"{_divisible_fix(m.vocab_size, mesh, 'tensor')}")
     fsdp = mesh.get("fsdp", 1)
-    need(m.d_model % fsdp == 0, "model.d_model", f"{m.d_model} is not divisible by the fsdp axis ({fsdp})")
+    need(m.d_model % fsdp == 0, "model.d_model",
+         f"{m.d_model} is not divisible by the fsdp axis ({fsdp}); {_divisible_fix(m.d_model, mesh, 'fsdp')}")
     if m.moe is not None:
         for f in ("expert_mlp_dim", "shared_mlp_dim"):
             width = getattr(m.moe, f, 0) or 0
-            need(width % tp == 0, f"model.moe.{f}", f"{width} is not divisible by the tensor axis ({tp})")
+            need(width % tp == 0, f"model.moe.{f}",
+                 f"{width} is not divisible by the tensor axis ({tp}); {_divisible_fix(width, mesh, 'tensor')}")
     need((problem := expert_axis_problem(m, mesh)) is None, "mesh.expert", problem)
     stages = mesh.get("stage", 1)
     if stages > 1:  # the pipeline runs whole pattern periods (e.g. local + global layer) per stage

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
-from experiments.config import ConfigError, at_least, parse_mesh
+from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
 from experiments.lm_step import make_optimizer
 from experiments.run_log import Logger, Stop, plot_losses, set_aside_logs, write_text_atomically
 from experiments.train_lm import prng_mismatch
@@ -683,8 +683,8 @@ def main(argv=None):
     except ValueError as e:
         ap.error(f"argument --mesh: {e} (in the {args.preset!r} preset's models)")
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
-    if out.exists() and not out.is_dir():
-        ap.error(f"argument --out: {out} is a file; pass a directory")
+    if problem := dir_problem(out):  # a file in the way, below it or an unwritable parent: before --fresh
+        ap.error(f"argument --out: {problem}")
     if args.fresh and out.exists():
         if foreign := sorted(c.name for c in out.iterdir() if not run_file(c.name)):
             ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "

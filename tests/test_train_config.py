@@ -37,7 +37,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "optim.grad_accum=0"], 8, "optim.grad_accum: must be >= 1 (microbatches per step"),
     (["--preset", "tiny", "--set", "optim.grad_accum=-2"], 8, "optim.grad_accum: must be >= 1 (microbatches per step"),
     (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.head_dim=8", "--set", "model.n_heads=3",
-      "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2)"),
+      "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2); use a "
+     "multiple of 2, or a smaller tensor axis (e.g. --mesh fsdp=8)"),
     (["--preset", "tiny", "--set", "model.sliding_window=32"], 8, "model.sliding_window: window 32 >= train.seq=32"),
     (["--preset", "tiny", "--seq", "64"], 8, "train.seq: 64 > model.max_seq_len=32"),
     (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "model.n_kv_heads: n_heads=2 must be"),
@@ -74,10 +75,13 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.swa_impl=cudnn"], 8, "model.swa_impl: 'cudnn' (cuDNN's fused attention) "
      "takes bfloat16"),
     (["--preset", "tiny", "--set", "train.steps"], 8, "--set 'train.steps': write KEY=VALUE"),
-    (["--preset", "tiny", "--set", "data.bos_token=<s>"], 8, "data.bos_token: names a token of data.tokenizer"),
+    (["--preset", "tiny", "--set", "data.bos_token=<s>"], 8, "data.bos_token: names a token of data.tokenizer, "
+     "which is not set (bytes + EOS have their own); pass its tokenizer too (--set data.tokenizer=PATH/tokenizer.json) "
+     "or drop data.bos_token (--set data.bos_token=none)"),
     (["--preset", "tiny", "--mesh", "fsdp=-1,expert=2"], 8, "mesh.expert: expert axis 2 needs model.moe"),
     (["--preset", "tiny", "--mesh", "fsdp=-1", "--batch", "12"], 3,
-     "model.d_model: 32 is not divisible by the fsdp axis (3)"),
+     "model.d_model: 32 is not divisible by the fsdp axis (3); use a multiple of 3, or a smaller fsdp axis (e.g. "
+     "--mesh data=3)"),
     (["--preset", "llama7b"], 8, "mesh: mesh {'data': 8, 'fsdp': 32} needs 256 devices but 8"),
     (["--preset", "demo", "--set", "model.moe.top_k=9"], 8, "model.moe.top_k: 9 > n_experts=4"),
     # --set values are checked against the field's declared type
@@ -89,13 +93,13 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "mesh.data=x"], 8, "mesh.data: expected an integer axis size"),
     (["--preset", "demo", "--set", "model.moe=3"], 8, "model.moe: is a nested config (MoEConfig | None)"),
     # optimizer, data and output values that would train without complaint, but wrongly
-    (["--preset", "tiny", "--set", "optim.b2=1.5"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
+    (["--preset", "tiny", "--set", "optim.b2=1.5"], 8, "optim.b2: Adam's betas must be in [0, 1), got 1.5"),
     (["--preset", "tiny", "--steps", "12", "--set", "optim.warmup_steps=11"], 8,
      "optim.warmup_steps: 11 must be in [0, 10] for train.steps=12 (the cosine decay"),
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
     # each bound at its edge (a bound loosened to it passed): Adam divides by 1 - b^t, a decay over 0 % of the run
-    (["--preset", "tiny", "--set", "optim.b1=1"], 8, "optim.b1/b2: Adam's betas must be in [0, 1)"),
+    (["--preset", "tiny", "--set", "optim.b1=1"], 8, "optim.b1: Adam's betas must be in [0, 1), got 1"),
     (["--preset", "tiny", "--set", "optim.decay_frac=0"], 8, "optim.decay_frac: must be in (0, 1], got 0"),
     (["--preset", "tiny", "--set", "optim.lr=0"], 8, "optim.lr: must be positive, got 0"),
     # orbax's LatestN(0) deletes every save: Checkpoints refused it with a traceback once the data was loaded
@@ -104,7 +108,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     # fewer modules than every n-th held out: an empty eval split crashed the loader after the run dir was made
     (["--preset", "tiny", "--set", "data.max_files=5"], 8, "data.max_files: 5 modules hold none out for evaluation"),
     (["--preset", "tiny", "--set", "optim.lr=1e400"], 8, "optim.lr: expected a number (float), got '1e400'"),
-    (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens/kill_at: must be >= 0"),
+    (["--preset", "tiny", "--set", "train.sample_tokens=-1"], 8, "train.sample_tokens: must be >= 0 (0: no sample)"),
+    (["--preset", "tiny", "--set", "train.kill_at=-1"], 8, "train.kill_at: must be >= 0"),
     (["--preset", "tiny", "--set", "train.eval_target=0"], 8, "train.eval_target: an eval loss (cross-entropy, > 0)"),
     (["--preset", "tiny", "--set", "train.eval_target=-1"], 8,
      "train.eval_target: an eval loss (cross-entropy, > 0) to reach, or none; got -1.0 (never reached)"),
@@ -139,14 +144,26 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
       "model.dtype=bfloat16", "--mesh", "stage=2,fsdp=4"], 8, "model.dtype: bfloat16 pipeline parallelism"),
     (["--preset", "demo", "--set", "model.moe.expert_mlp_dim=191", "--mesh",
-      "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2)"),
+      "fsdp=4,tensor=2"], 8, "model.moe.expert_mlp_dim: 191 is not divisible by the tensor axis (2); use a multiple "
+     "of 2, or a smaller tensor axis (e.g. --mesh fsdp=8)"),
     # what the sharded arrays need, named before compiling (a check on the wrong axis, or none, passed)
     (["--preset", "tiny", "--mesh", "sequence=4,fsdp=2", "--seq", "30"], 8,
-     "train.seq: 30 is not divisible by the sequence axis (4)"),
+     "train.seq: 30 is not divisible by the sequence axis (4); use a multiple of 4, or a smaller sequence axis (e.g. "
+     "--mesh fsdp=4,sequence=2)"),
     (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.mlp_dim=65"], 8,
-     "model.mlp_dim: 65 is not divisible by the tensor axis (2)"),
+     "model.mlp_dim: 65 is not divisible by the tensor axis (2); use a multiple of 2, or a smaller tensor axis"),
+    (["--preset", "demo", "--mesh", "fsdp=2,tensor=4", "--set", "model.mlp_dim=6"], 8,
+     "model.mlp_dim: 6 is not divisible by the tensor axis (4); use a multiple of 4, or a smaller tensor axis (e.g. "
+     "--mesh fsdp=4,tensor=2)"),
     (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.vocab_size=321"], 8,
-     "model.vocab_size: 321 is not divisible by the tensor axis (2)"),
+     "model.vocab_size: 321 is not divisible by the tensor axis (2); use a multiple of 2, or a smaller tensor axis"),
+    # a misspelt section, a field without its section, an empty key: the close key, as for a misspelt field
+    (["--preset", "tiny", "--set", "trian.steps=5"], 8, "trian.steps: unknown setting; did you mean train.steps? use "
+     "model.*, mesh[.axis], data.*, optim.* or train.*"),
+    (["--preset", "tiny", "--set", "lr=1e-3"], 8, "lr: unknown setting; did you mean optim.lr? use model.*"),
+    (["--preset", "tiny", "--set", "=5"], 8, "--set '=5': write KEY=VALUE"),
+    (["--preset", "tiny", "--set", "train.poison_steps=1.5"], 8, "train.poison_steps: expected integers separated by "
+     "commas (e.g. 3,5) (tuple[int, ...]), got '1.5'"),
 ]
 
 
@@ -792,6 +809,16 @@ def test_throughput_window_without_steps_reports_none():
     with w.exclude():  # a first step that compiles: left out entirely
         pass
     assert w.report(clock()) == (None, None)
+
+
+@pytest.mark.parametrize("argv,n_devices,expected", [b for b in BAD if "(e.g. --mesh " in b[2]])
+def test_the_mesh_a_sharding_refusal_suggests_validates(argv, n_devices, expected):
+    """The sharding refusals named the field and the axis, but no value that would pass; the mesh they now suggest
+    does (appended: the last --mesh wins)."""
+    with pytest.raises(ConfigError) as e:
+        validate(load(argv), n_devices)
+    suggested = re.search(r"\(e\.g\. --mesh (\S+)\)", str(e.value)).group(1)
+    assert math.prod(validate(load([*argv, "--mesh", suggested]), n_devices).values()) == n_devices
 
 
 @pytest.mark.parametrize("preset, mesh", [("demo", "data=2,fsdp=2,tensor=2"), ("demo", "fsdp=2,tensor=4"),

@@ -1,6 +1,7 @@
 """The video experiment end to end on its tiny preset, sharded over 8 fake devices, and its checkpoints."""
 
 import json
+import re
 import time
 
 import jax
@@ -238,6 +239,16 @@ def test_load_video_model_of_a_mistyped_run_folder_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"typo/ckpt/vae holds no checkpoint: pass a train_video run's --out"):
         train_video.load_video_model(tmp_path / "typo", "tiny")
     assert not (tmp_path / "typo").exists()
+
+
+def test_an_out_that_cannot_be_a_directory_is_refused_naming_the_flag(tmp_path, capsys):
+    """--out below a file failed in mkdir with a NotADirectoryError traceback (train_lm's validate named
+    train.out): refused as argument --out before anything is built."""
+    (tmp_path / "f").write_text("a file")
+    for out, why in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "run", "cannot be created: .* is a file")):
+        with pytest.raises(SystemExit):
+            train_video.main(["--preset", "tiny", "--out", str(out)])
+        assert re.search(f"argument --out: .*{why}; name a directory", capsys.readouterr().err), out
 
 
 def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys):
