@@ -45,6 +45,21 @@ def _check_window(window):
         raise ValueError(f"sliding window must be an int >= 1, got {window!r}")  # 'dense' gave zeros at 0
 
 
+def _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, valid_BT=None):
+    """Named errors for inputs the blocked kernel tripped over in a bare reshape (keys of another length or batch,
+    another head dim, per-token arrays not [B, T]); the per-token arrays' batch may be 1 (broadcast), as before."""
+    (B, T, N, H), K = q_BTNH.shape, k_BTKH.shape[2]
+    if N % K or tuple(k_BTKH.shape) != (B, T, K, H) or tuple(v_BTKH.shape) != (B, T, K, H):
+        raise ValueError(f"sliding-window attention: q [B, T, N, H] = {tuple(q_BTNH.shape)}, k {tuple(k_BTKH.shape)}, "
+                         f"v {tuple(v_BTKH.shape)}: k and v must be [B, T, K, H] with q's B, T (self-attention) and H, "
+                         "and the query heads N a multiple of the kv heads K")
+    for name, a in (("segment_ids_BT", segment_ids_BT), ("valid_BT", valid_BT)):
+        m = jnp.shape(a)
+        if a is not None and (len(m) != 2 or m[0] not in (1, B) or m[1] != T):
+            raise ValueError(f"sliding-window attention: {name} must be [B, T] = ({B}, {T}) like q (B may be 1), "
+                             f"got shape {m}")
+
+
 def _valid_mask(valid_BT):
     """The padding mask [B, T] as bool (None stays None): an integer one reads != 0, as Transformer's padding_mask_BT
     and attention()'s masks do (a tokenizer's 0/1 attention_mask; an int mask of 2s was padding to the blocked kernel,
@@ -70,11 +85,11 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     the tail is padded. logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scores.
     """
     _check_window(window)
+    _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
     valid_BT = _valid_mask(valid_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
-    if N % K:
-        raise ValueError(f"query heads {N} must be a multiple of kv heads {K}")
+    window = min(int(window), T)  # W >= T is causal; an int32 slot difference against W >= 2**31 wrapped or overflowed
     scale = H ** -0.5 if scale is None else scale
     q_BTNH, scale = static_scale(q_BTNH, scale, logit_softcap)
     C = max(1, min(block, T))
@@ -130,7 +145,7 @@ def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=
     """Boolean [B or 1, 1, T, T] mask with the same semantics, for dense reference paths."""
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
-    mask = (j <= i) if window is None else (j <= i) & (i - j < window)
+    mask = (j <= i) if window is None else (j <= i) & (i - j < min(int(window), T))  # (W >= 2**31 overflowed)
     mask = mask[None]
     if segment_ids_BT is not None:
         mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
@@ -192,6 +207,8 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     quadratic, for tests and benchmarks), or 'auto'.
     """
     _check_window(window)
+    _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
+    window = min(int(window), q_BTNH.shape[1])  # the same attention for W >= T; an int32 one for every kernel
     valid_BT = _valid_mask(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
                        has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])

@@ -365,7 +365,8 @@ class Block(nnx.Module):
             k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
             pos_att = jnp.concatenate([pos_S, new_T])
         diff_TS = new_T[:, None] - pos_att[None, :]
-        mask_TS = (pos_att[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < (window or jnp.iinfo(jnp.int32).max))
+        w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
+        mask_TS = (pos_att[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < min(window or w_max, w_max))
         if ctx.start is None:
             mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
         else:  # left padding: a row never attends to the slots before its first real one

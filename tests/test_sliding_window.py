@@ -249,3 +249,33 @@ def test_gpu_and_tpu_kernels_asked_of_the_cpu_say_so():
         local_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 3, impl="cudnn")
     with pytest.raises(ValueError, match=r"divisible by 128, got 8, and a TPU \(this is a cpu backend\)"):
         local_attention(q, k, v, 3, impl="splash")
+
+
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
+def test_windows_past_the_int32_range_are_plain_causal_attention(impl):
+    """W >= T is plain causal attention (the docstring), but the masks compare int32 slot differences with W: a numpy
+    int64 window of 2**32 + 1 wrapped to 1 (outputs 2.8 off causal attention), a Python 2**31 raised OverflowError."""
+    q, k, v = qkv(2, 12, 4, 2, 8)
+    want = local_attention(q, k, v, 12, impl=impl, block=4)
+    for w in (np.int64(2**32 + 1), 2**31, 10**12):
+        np.testing.assert_allclose(local_attention(q, k, v, w, impl=impl, block=4), want, atol=1e-6)
+        np.testing.assert_allclose(sliding_window_attention(q, k, v, w, block=4), want, atol=1e-6)
+    np.testing.assert_array_equal(dense_window_mask(12, 2**40), dense_window_mask(12, None))
+
+
+def test_keys_and_per_token_arrays_of_the_wrong_shape_are_refused_by_name():
+    """Keys of another length or batch, another head dim, and segment ids / padding masks not [B, T] failed in a bare
+    reshape (or jnp.pad) error deep in the blocked kernel, naming no argument; a [1, T] one broadcasts, as before."""
+    q, k, v = qkv(2, 12, 4, 2, 8)
+    for impl in ("blocked", "dense"):
+        run = lambda *a, **kw: local_attention(*a, 3, impl=impl, block=4, **kw)  # noqa: E731
+        for kk, vv in ((k[:, :6], v[:, :6]), (k[:1], v[:1]), (k[..., :4], v[..., :4]), (k, v[..., :4]),
+                       (k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(3, 2))):
+            with pytest.raises(ValueError, match=r"k and v must be \[B, T, K, H\] with q's B, T"):
+                run(q, kk, vv)
+        with pytest.raises(ValueError, match=r"segment_ids_BT must be \[B, T\] = \(2, 12\).*got shape \(12,\)"):
+            run(q, k, v, segment_ids_BT=jnp.ones(12, jnp.int32))
+        with pytest.raises(ValueError, match=r"valid_BT must be \[B, T\] = \(2, 12\).*got shape \(2, 11\)"):
+            run(q, k, v, valid_BT=jnp.ones((2, 11), bool))
+        np.testing.assert_allclose(run(q, k, v, segment_ids_BT=jnp.ones((1, 12), jnp.int32),
+                                       valid_BT=jnp.ones((1, 12), bool)), run(q, k, v), atol=1e-6)

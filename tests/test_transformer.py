@@ -264,6 +264,19 @@ def test_rolling_buffers_decode_past_max_len():
 
 
 
+def test_a_window_past_the_int32_range_decodes_as_causal_attention():
+    """W >= T is causal attention; the no-cache forward ran it, but cached decoding compared the int32 position
+    differences with W = 2**31 and raised OverflowError ("An overflow was encountered while parsing an argument")."""
+    m = make(dataclasses.replace(CFG, attn_pattern="local", sliding_window=2**31))
+    tok = jax.random.randint(jax.random.key(2), (1, 8), 0, CFG.vocab_size)
+    full = with_cfg(m, attn_pattern="global", sliding_window=None)(tok)
+    cache, outs = KVCache.zeros(m.cfg, 1, 8), []
+    for t0, t1 in ((0, 5), (5, 6), (6, 8)):
+        logits, cache = m(tok[:, t0:t1], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
 def test_rope_at_long_positions_equals_a_float64_rotation():
     """apply_rope against the half-split rotation computed in float64, at positions up to 4095: the HF parity tests
     stop at 40, where positions cast to bf16 (exact up to 256) passed them. NumPy positions (constant tables) and
