@@ -450,19 +450,26 @@ class Checkpoints:
         Each process reads only its own shards (and its own loader file), so one damaged file fails one process's
         read: through the manager (whose restore ends in a barrier) that process went on to `_quarantine`'s barrier
         while the others waited in orbax's, both hung for good (measured: > 200 s). The handler has no barrier:
-        the processes agree here, and all fall back together (this process's error, or one naming the others)."""
+        the processes agree here by all-gathering each one's error text, and every process raises the same error: a
+        StreamMismatch if any process's loader state is another stream's (a config error: the others had fallen
+        back, set the good step aside and hung in `_quarantine`'s barrier), else a _ReadFailed naming each failing
+        process and why (the primary logs it; a process's own reason was logged nowhere)."""
         error = None
         try:
             got = self._handlers[item].restore(self.dir / str(step) / item, args=args)
         except Exception as e:  # noqa: BLE001 - raised below, once every process knows
             error = e
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+            from parallel.distributed import process_texts
 
-            failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))  # [processes]
-            if error is None and failed.any():
-                error = OSError(f"{item}: the read failed on processes {np.flatnonzero(failed).tolist()} (their own "
-                                "files; every process falls back with them)")
+            mismatch = _stream_mismatch(error)
+            # "" read; "M<text>" another stream; "E<reason>" a failed read
+            texts = process_texts("" if error is None else f"M{mismatch}" if mismatch else f"E{_reason(error)}")
+            if mismatched := [p for p, t in enumerate(texts) if t.startswith("M")]:
+                raise StreamMismatch(f"process {mismatched[0]}: {texts[mismatched[0]][1:]}")
+            if failed := [p for p, t in enumerate(texts) if t]:
+                raise _ReadFailed(f"{item}: the read failed on processes {failed} (" + "; ".join(
+                    f"process {p}: {texts[p][1:]}" for p in failed) + "); every process falls back with them")
         if error is not None:
             raise error
         return got
@@ -479,10 +486,9 @@ class Checkpoints:
         older = [x for x in candidates if x < s]
         nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
         nxt = nxt if quarantine else "left in place"
-        while e.__cause__ is not None:  # orbax wraps a failed chunk read in an Exception naming only a slice
-            e = e.__cause__  # ('... See full TensorStore details: <bound method ...'): tensorstore's error names both
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        self.log(f"checkpoint: step {s} is corrupt or incomplete ({type(e).__name__}: {msg}); {nxt}")
+        # an agreed error is already each process's short reason (not cut again: the later ones were lost)
+        why = f"OSError: {e}" if isinstance(e, _ReadFailed) else _reason(e)
+        self.log(f"checkpoint: step {s} is corrupt or incomplete ({why}); {nxt}")
         if quarantine:
             self._quarantine(s)
 
@@ -498,6 +504,18 @@ class Checkpoints:
 
             multihost_utils.sync_global_devices(f"quarantine-{step}")
         self.mgr.reload()
+
+
+class _ReadFailed(OSError):
+    """A read that failed on some processes, agreed on every process (`Checkpoints._read_agreed`)."""
+
+
+def _reason(e: BaseException) -> str:
+    """'Type: first line' of the innermost cause of `e`, at most 160 characters of text."""
+    while e.__cause__ is not None:  # orbax wraps a failed chunk read in an Exception naming only a slice
+        e = e.__cause__  # ('... See full TensorStore details: <bound method ...'): tensorstore's error names both
+    msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"
 
 
 def _path_name(path) -> str:

@@ -68,7 +68,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
     slurm = all(v in env for v in _SLURM_STEP)
-    if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and int(env.get("SLURM_NTASKS", "2")) > 1:
+    # from_env: a SLURM_NTASKS that is no integer named (int() raised a bare "invalid literal for int()")
+    if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and (from_env("SLURM_NTASKS") or 2) > 1:
         jax.distributed.initialize(**timeouts)  # JAX detects TPU pods, SLURM and Open MPI itself
         return True
     if (num_processes or 1) > 1 or (process_id or 0) > 0:  # every process would train alone, each "primary"
@@ -104,7 +105,8 @@ def check_same_settings(settings: dict[str, str], what: str = "settings") -> Non
     """Every process must be started with the same `settings` (name -> canonical text, e.g. a run config's fields):
     a ValueError on every process naming the ones that differ. Otherwise another mesh on one process hangs in the
     first collective, and another batch or learning rate trains on silently with each process's own. The field
-    counts are all-gathered first, then each field's 4-byte hash (every process calls it at the same point)."""
+    counts are all-gathered first, then each field's and each name's 4-byte hash, and the names themselves only
+    where those differ (every process calls it at the same point)."""
     if jax.process_count() == 1:
         return
     import hashlib
@@ -122,11 +124,24 @@ def check_same_settings(settings: dict[str, str], what: str = "settings") -> Non
                          "start every process with the same command line and the same version of the code")
     if not names:  # (on every process: the counts agree) nothing to compare, and no empty all-gather
         return
-    mine = np.array([int.from_bytes(hashlib.blake2b(f"{k}={settings[k]}".encode(), digest_size=4).digest(), "little",
-                                    signed=True) for k in names], np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, fields]
+
+    def digest(text):
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little", signed=True)
+
+    # each field's name=value, then its name: names of their own on each process (a renamed field) named each only
+    # its own ("b differ" on process 0, "c differ" on process 1)
+    mine = np.array([digest(f"{k}={settings[k]}") for k in names] + [digest(k) for k in names], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, 2 * fields]
+    if (every[:, len(names):] != every[0, len(names):]).any():  # (every process gathered the same: all come here)
+        lists = [set(t.split("\n")) for t in process_texts("\n".join(names), limit=None)]
+        common = set.intersection(*lists)
+        others = [p for p in range(len(lists)) if lists[p] != lists[0]]
+        raise ValueError(f"processes {others} were started with other {what} than process 0: their field names "
+                         "differ (" + "; ".join(f"process {p} has {', '.join(sorted(x - common)[:8])}"
+                                                for p, x in enumerate(lists) if x - common)
+                         + "); start every process with the same command line and the same version of the code")
     if differ := [k for j, k in enumerate(names) if (every[:, j] != every[0, j]).any()]:
-        others = [p for p in range(every.shape[0]) if (every[p] != every[0]).any()]
+        others = [p for p in range(every.shape[0]) if (every[p, :len(names)] != every[0, :len(names)]).any()]
         raise ValueError(f"processes {others} were started with other {what} than process 0: "
                          f"{', '.join(differ[:8])} differ; start every process with the same command line")
 
@@ -144,6 +159,25 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def process_texts(text: str, limit: int | None = 4000) -> list[str]:
+    """Every process's `text` (its first `limit` UTF-8 bytes; None: all), in process order, on every process: one
+    all-gather of the lengths, then one of the bytes padded to the longest (none when every text is empty). Every
+    process must call it at the same point."""
+    data = text.encode()[:limit]
+    if jax.process_count() == 1:
+        return [data.decode(errors="ignore")]
+    from jax.experimental import multihost_utils
+
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(len(data))))  # [processes]
+    if not lengths.any():
+        return [""] * lengths.shape[0]
+    mine = np.zeros(int(lengths.max()), np.uint8)  # one shape on every process: Gloo aborts on others
+    mine[:len(data)] = np.frombuffer(data, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, longest]
+    # errors="ignore": a character cut by `limit` is dropped, not a UnicodeDecodeError
+    return [bytes(row[:n]).decode(errors="ignore") for row, n in zip(every, lengths)]
 
 
 def check_shared_dir(path, what: str = "directory") -> None:

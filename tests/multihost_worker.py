@@ -32,6 +32,24 @@ class FakeLoader:
         self.position = state["position"]
 
 
+class StreamLoader(FakeLoader):
+    """A FakeLoader whose state names its data stream: another stream's state is refused as LMLoader's is."""
+
+    def __init__(self, position, stream):
+        super().__init__(position)
+        self.stream = stream
+
+    def get_state(self):
+        return {"position": self.position, "stream": self.stream}
+
+    def set_state(self, state):
+        from data.loader import StreamMismatch
+
+        if state["stream"] != self.stream:
+            raise StreamMismatch(f"saved over stream {state['stream']!r}, this loader reads {self.stream!r}")
+        super().set_state(state)
+
+
 def checkpoint_round_trip(directory, state, pid):
     """Save at step 1 with a per-process loader state, restore into a fresh loader: each gets its own back."""
     from experiments.checkpoint import Checkpoints
@@ -76,11 +94,17 @@ def main():
         from parallel.distributed import check_same_settings
 
         check_same_settings({})  # nothing to compare: passes on both
-        try:
-            check_same_settings({"a": "1", "b": "2", **({"c": "3"} if pid == 1 else {})})
-            print(json.dumps({"pid": pid, "error": None}), flush=True)
-        except ValueError as e:
-            print(json.dumps({"pid": pid, "error": str(e)}), flush=True)
+        errors = []
+        # process 1 with one field more (another version of the code on its host), then with as many fields but
+        # one of another name (a renamed field)
+        for settings in ({"a": "1", "b": "2", **({"c": "3"} if pid == 1 else {})},
+                         {"a": "1", ("c" if pid == 1 else "b"): "2"}):
+            try:
+                check_same_settings(settings)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        print(json.dumps({"pid": pid, "errors": errors}), flush=True)
         return
     if mode == "local_leaf":  # a scalar made with jnp.int32 (on this process's first device) beside a global array
         import jax.numpy as jnp
@@ -98,6 +122,33 @@ def main():
         except Exception as e:  # noqa: BLE001 - the test reads which one
             error = f"{type(e).__name__}: {e}"
         print(json.dumps({"pid": pid, "error": error, "steps": ckpt.steps()}), flush=True)
+        return
+    if mode == "loader_mismatch":  # process 1's loader now reads another stream (its host's own data changed)
+        import time
+
+        import jax.numpy as jnp
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from experiments.checkpoint import Checkpoints
+        from parallel import make_mesh
+
+        mesh = make_mesh({"fsdp": 2}, dcn={"data": 2})
+        state = {"w": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P(("data", "fsdp"))))}
+        logs = []
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), async_save=False, log=logs.append)
+        ckpt.save(1, state, {}, loader=StreamLoader(100 + pid, "a"))
+        ckpt.close()
+        multihost_utils.sync_global_devices("saved")
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), log=logs.append)
+        fresh, t0 = StreamLoader(7, "b" if pid == 1 else "a"), time.time()
+        try:
+            ckpt.restore(jax.tree.map(jnp.zeros_like, state), loader=fresh)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads which one
+            error = f"{type(e).__name__}: {e}"
+        print(json.dumps({"pid": pid, "error": error, "seconds": time.time() - t0, "steps": ckpt.steps(),
+                          "logs": logs, "loader_position": fresh.position}), flush=True)
         return
     if mode == "damaged_shard":  # one process's own shard file damaged: every process must fall back together
         import glob

@@ -386,6 +386,15 @@ def test_initialize_refuses_several_processes_without_a_coordinator(monkeypatch)
     monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAXSCALE_NUM_PROCESSES='two' must be an integer"):
         distributed.initialize()
+    for k in ("JAXSCALE_NUM_PROCESSES", "JAXSCALE_PROCESS_ID"):  # an srun job step whose task count is no integer
+        monkeypatch.delenv(k)
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2(x2)", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=r"SLURM_NTASKS='2\(x2\)' must be an integer"):  # a bare int() error
+        distributed.initialize()
+    for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(k)
     # the environment's names when it gave them (the message named the Python arguments); process 0's port taken:
     # named before jax's 'Failed to start RPC server', which the other processes waited 300 s on
     monkeypatch.setenv("JAXSCALE_COORDINATOR", "127.0.0.1:1")
