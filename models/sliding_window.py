@@ -54,8 +54,8 @@ def _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, valid_BT=None):
                          f"v {tuple(v_BTKH.shape)}: k and v must be [B, T, K, H] with q's B, T (self-attention) and H, "
                          "and the query heads N a multiple of the kv heads K")
     for name, a in (("segment_ids_BT", segment_ids_BT), ("valid_BT", valid_BT)):
-        m = jnp.shape(a)
-        if a is not None and (len(m) != 2 or m[0] not in (1, B) or m[1] != T):
+        m = None if a is None else jnp.shape(a)  # (jnp.shape(None) is deprecated: a warning, an error in tests)
+        if m is not None and (len(m) != 2 or m[0] not in (1, B) or m[1] != T):
             raise ValueError(f"sliding-window attention: {name} must be [B, T] = ({B}, {T}) like q (B may be 1), "
                              f"got shape {m}")
 
