@@ -39,7 +39,8 @@ DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("ma
 class DomainGlossary:
     """Append `header` and up to `max_terms` `- term: definition` lines for glossary terms of the
     document's domains (`doc["domains"]`, set by the labelling stage) found in its text. Records the
-    terms in `doc["augmented"]`; documents with no matching term pass unchanged. Idempotent: a glossary block
+    terms in `doc["augmented"]`; documents with no matching term pass unchanged (but for a block of this hook's
+    own definitions at their end, which is stale then and removed). Idempotent: a glossary block
     this hook appended is replaced, not appended to (re-cleaning an augmented tier glossed it twice)."""
 
     glossaries: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = DEFAULT_GLOSSARIES
@@ -53,10 +54,11 @@ class DomainGlossary:
         compiled = {}
         for entry in self.glossaries:
             ok = isinstance(entry, tuple | list) and len(entry) == 2 and not isinstance(entry[1], str)
+            # an empty term matched every text: each document of the domain was glossed "- : definition"
             if not ok or not all(isinstance(t, tuple | list) and len(t) == 2 and all(isinstance(x, str) for x in t)
-                                 for t in entry[1]):
-                raise ValueError(f"DomainGlossary.glossaries: each entry is (domain, ((term, definition), ...)), "
-                                 f"got {entry!r:.120}")
+                                 and t[0].strip() for t in entry[1]):
+                raise ValueError(f"DomainGlossary.glossaries: each entry is (domain, ((term, definition), ...)) with "
+                                 f"non-empty terms, got {entry!r:.120}")
         for domain, terms in self.glossaries:
             compiled.setdefault(domain, []).extend(
                 # whole words by lookarounds, not \b: a \b next to a term's own '+' / '#' / '.' needs a letter
@@ -65,7 +67,9 @@ class DomainGlossary:
                  re.compile(rf"(?<!\w){re.escape(term.lower())}s?(?!\w)" if term.isascii() else re.escape(term)))
                 for term, definition in terms)
         object.__setattr__(self, "_compiled", compiled)
-        object.__setattr__(self, "_lines", frozenset(f"- {t}: {d}" for _, terms in self.glossaries for t, d in terms))
+        # by line, as `_body` reads a block: a definition running over two lines was not recognised, and glossed twice
+        object.__setattr__(self, "_lines", frozenset(ln for _, terms in self.glossaries for t, d in terms
+                                                     for ln in f"- {t}: {d}".split("\n")))
 
     def _body(self, text: str) -> str:
         """`text` without a trailing glossary block of this hook's (its definitions name terms the text may not)."""

@@ -74,8 +74,15 @@ class LabelConfig:
                     isinstance(k, str) and k for k in keywords):
                 raise ValueError(f"LabelConfig.domains[{tag!r}] must be a non-empty tuple of non-empty keywords, "
                                  f"not {keywords!r}")
+        # a tag given twice was added twice to a document (and counted twice in the report's domain tags)
+        if dup := sorted({t for t, _ in self.domains if [u for u, _ in self.domains].count(t) > 1}):
+            raise ValueError(f"LabelConfig.domains names the tags {dup} more than once; give each tag one entry with "
+                             "all its keywords")
         if self.min_hits < 1:
             raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")
+        if self.min_hits_per_1k_words < 0:
+            raise ValueError(f"LabelConfig.min_hits_per_1k_words={self.min_hits_per_1k_words} must be >= 0 "
+                             "(0: min_hits alone decides)")
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
                        tuple((k.lower(), re.compile(rf"(?<!\w){re.escape(k.lower())}")
                               if k[:1].isalnum() and not _CJK_START.match(k) else None)

@@ -72,8 +72,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # word's accented last letter before marks beside it (French "allé\xa0»" under NFC, German "Spaß“" were dropped as
 # `mojibake`); 9 = top_{n}gram of n-grams tied for most frequent measures the longest (it took the first in hash
 # order: reordered paragraphs measured 0.034-0.096), a boilerplate rule written with capitals matches (it never did),
-# and one anchored with ^ / $ matches at every line's ends (only at the text's, before).
-OUTPUT_VERSION = 9
+# and one anchored with ^ / $ matches at every line's ends (only at the text's, before); 10 = a record's "lang": null
+# is identified by the labelling stage (it stayed null), the augment stage counts the final tier's languages and tags.
+OUTPUT_VERSION = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,11 @@ class PipelineConfig:
                 raise ValueError(f"PipelineConfig.{k}={v!r:.120} must be a tuple of stages (objects with a `name` and "
                                  "`__call__(doc) -> (doc, reason)`), e.g. (Normalize(),) for one, () for none, or "
                                  "None for the defaults")
+            # a stage named None (or 3) ran the whole corpus, then `data.report` failed formatting its name
+            for st in v or ():
+                if not (isinstance(st.name, str) and st.name):
+                    raise ValueError(f"PipelineConfig.{k}: stage {st!r:.80} has name={st.name!r}; a stage's name must "
+                                     "be a non-empty str (it names the stage's row in the report and its drops)")
         if self.augment is not None and not callable(self.augment):  # None: the tier copies `labeled`
             raise ValueError(f"PipelineConfig.augment={self.augment!r} must be a callable doc -> doc, or None")
         if self.workers > 1:  # worker processes receive the hooks pickled: a lambda failed only with 2+ shards

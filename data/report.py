@@ -112,8 +112,13 @@ def report(out_dir) -> str:
         lines.append("languages kept by langid:    " + _mix(by_name["langid"].counters, "lang"))
         lines.append("languages dropped by langid: " + _mix(by_name["langid"].counters, "dropped_lang"))
     if "label" in by_name:
-        lines.append("language mix of the final corpus: " + _mix(by_name["label"].counters, "lang"))
-        tags = {k[7:]: v for k, v in by_name["label"].counters.items() if k.startswith("domain:")}
+        # the last stage counts what the final tier holds; a run (or shards) from before it did, or a last stage
+        # that counts no languages, falls back to the label stage's counts, named as such
+        final = last if sum(v for k, v in last.counters.items() if k.startswith("lang:")) == last.docs_out else None
+        counted = final or by_name["label"]
+        lines.append(("language mix of the final corpus: " if final else "language mix labelled (the label stage's "
+                      "documents, before later stages): ") + _mix(counted.counters, "lang"))
+        tags = {k[7:]: v for k, v in counted.counters.items() if k.startswith("domain:")}
         lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in sorted(tags.items(), key=lambda kv: -kv[1]))
                                         or "none"))
     examples = [f"  {tier}/{s.name} {r}: {', '.join(ids)}" for tier, s in rows for r, ids in sorted(s.examples.items())

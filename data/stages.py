@@ -98,21 +98,39 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
     n = nbytes(doc)
     for stage, st in zip(stages, stats):
         st.take(n)
-        res = stage(doc)
-        if not (isinstance(res, tuple) and len(res) == 2) or (res[0] is None and res[1] is None):
-            raise TypeError(f"stage {stage.name!r} returned {res!r}; a stage returns (doc, None) to keep a "
-                            "document or (doc, 'reason') to drop it, so every drop is counted by reason")
-        out, reason = res
-        if reason is not None:
-            st.drop(reason, n, doc.get("id"))
+        try:
+            res = stage(doc)
+            out, reason = _checked(stage, res)
+            if reason is not None:
+                st.drop(reason, n, doc.get("id"))
+                if hasattr(stage, "count"):
+                    stage.count(st, out if out is not None else doc, dropped=True)
+                return None
+            doc, n = out, nbytes(out)
+            st.keep(n)
             if hasattr(stage, "count"):
-                stage.count(st, out if out is not None else doc, dropped=True)
-            return None
-        doc, n = out, nbytes(out)
-        st.keep(n)
-        if hasattr(stage, "count"):
-            stage.count(st, doc, dropped=False)
+                stage.count(st, doc, dropped=False)
+        except Exception as e:  # a custom stage's KeyError('meta') named neither the stage nor the record
+            e.add_note(f"in stage {stage.name!r} on record {doc.get('id')!r} (data.stages.run_stages)")
+            raise
     return doc
+
+
+def _checked(stage, res) -> tuple[dict | None, str | None]:
+    """`res` as (doc, reason), or a TypeError naming the stage: (doc, False) dropped every document as reason
+    False (logged as false, counted as 'false', so `--drops` found neither), and a kept str or a dict without
+    'text' failed later as "string indices must be integers" / KeyError('text')."""
+    fix = ("a stage returns (doc, None) to keep a document or (doc, 'reason') to drop it, so every drop is counted "
+           "by reason")
+    if not (isinstance(res, tuple) and len(res) == 2) or (res[0] is None and res[1] is None):
+        raise TypeError(f"stage {stage.name!r} returned {res!r:.200}; {fix}")
+    out, reason = res
+    if reason is not None and not (isinstance(reason, str) and reason):
+        raise TypeError(f"stage {stage.name!r} returned the reason {reason!r}: it must be None (keep) or a "
+                        f"non-empty str (drop); {fix}")
+    if reason is None and not (isinstance(out, dict) and isinstance(out.get("text"), str)):
+        raise TypeError(f"stage {stage.name!r} kept {out!r:.200}, not a document dict with a str 'text'; {fix}")
+    return out, reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +213,7 @@ class QualityFilter:
 @dataclasses.dataclass(frozen=True)
 class Label:
     """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the document has no `lang` (the langid stage did
-    not run, and the record had none of its own), `lang`, detected under `langid` (the pipeline passes its
+    not run, and the record had none of its own, or null), `lang`, detected under `langid` (the pipeline passes its
     PipelineConfig.langid: its fold and min_confidence, not the defaults)."""
 
     cfg: LabelConfig = LabelConfig()
@@ -206,7 +224,7 @@ class Label:
     def __call__(self, doc):
         out = {**doc, "quality": quality_score(doc.get("signals", {}), self.quality),
                "domains": domain_tags(doc["text"], self.cfg)}
-        if "lang" not in out:
+        if out.get("lang") is None:  # a record's "lang": null (a JSONL export's missing value) is no language either
             out["lang"], _ = _langid(self.langid).detect(doc["text"])
         return out, None
 
@@ -219,7 +237,8 @@ class Label:
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Runs an augmentation hook (`doc -> doc`, see data.augment; None passes documents through); never drops."""
+    """Runs an augmentation hook (`doc -> doc`, see data.augment; None passes documents through); never drops. Counts
+    the documents the hook augmented, and the final tier's languages (documents, bytes) and domain tags."""
 
     hook: object = None
     name: str = "augment"
@@ -238,3 +257,11 @@ class Augment:
     def count(self, st, doc, dropped):
         if doc.get("augmented"):
             st.counters["augmented_docs"] += 1
+        # the final corpus's language mix and tags (the report's): the label stage's counted documents a later
+        # labeler dropped, and their bytes before the glossary this stage appends
+        if isinstance(lang := doc.get("lang"), str):
+            st.counters[f"lang:{lang}"] += 1
+            st.counters[f"lang_bytes:{lang}"] += nbytes(doc)
+        if isinstance(tags := doc.get("domains"), list | tuple):
+            for tag in tags:
+                st.counters[f"domain:{tag}"] += 1

@@ -281,6 +281,8 @@ def test_the_labelling_stage_identifies_a_language_under_the_pipelines_langid_se
     assert PipelineConfig(workers=1).label_stages()[0]({"text": text})[0]["lang"] == "hr"  # the default: no fold
     # a `lang` the document has (from the langid stage, or the record's own) is kept, not detected again
     assert label({"text": text, "lang": "bs"})[0]["lang"] == "bs"
+    # a record's "lang": null is none: it was kept, and the tier and the report's language mix said None
+    assert label({"text": text, "lang": None})[0]["lang"] == "sh"
 
 
 def test_glossary_terms_that_begin_or_end_in_punctuation_match():
@@ -296,3 +298,28 @@ def test_glossary_terms_that_begin_or_end_in_punctuation_match():
     for text in ("abc# x", "foo.NETWORK", "a preiterator", "CC++"):  # still whole terms only
         plain = {"text": text, "domains": ["code"]}
         assert gloss(plain) is plain, text
+
+
+def test_label_and_glossary_settings_that_would_mislabel_are_refused_by_field():
+    """A tag given twice tagged a document twice (['code', 'code']: the report counted it twice); a negative density
+    was accepted; an empty glossary term matched every text ('- : definition' appended to each document)."""
+    from data.augment import DomainGlossary
+
+    with pytest.raises(ValueError, match=r"LabelConfig.domains names the tags \['code'\] more than once"):
+        LabelConfig(domains=(("code", ("\ndef ",)), ("code", ("\nclass ",))))
+    with pytest.raises(ValueError, match="LabelConfig.min_hits_per_1k_words=-1.0 must be >= 0"):
+        LabelConfig(min_hits_per_1k_words=-1.0)
+    with pytest.raises(ValueError, match="DomainGlossary.glossaries: .* non-empty terms"):
+        DomainGlossary(glossaries=(("math", (("", "nothing"), ("theorem", "a statement"))),))
+    assert LabelConfig(min_hits_per_1k_words=0.0).min_hits_per_1k_words == 0.0  # 0: min_hits alone decides
+
+
+def test_a_definition_over_two_lines_is_glossed_once():
+    """The hook knew its own block by whole `- term: definition` entries but read the block line by line: a definition
+    with a line break was not recognised, and re-cleaning appended the glossary a second time."""
+    from data.augment import DomainGlossary
+
+    gloss = DomainGlossary(glossaries=(("math", (("theorem", "a statement proved\nfrom axioms"),)),))
+    once = gloss({"text": "A theorem here.", "domains": ["math"]})
+    assert once["text"] == "A theorem here.\n\nGlossary:\n- theorem: a statement proved\nfrom axioms"
+    assert gloss(once)["text"] == once["text"]

@@ -668,6 +668,88 @@ class Lost:
         return None
 
 
+class Raises:
+    name = "raises"
+
+    def __call__(self, doc):
+        return doc["meta"], None  # a record without `meta`: KeyError('meta')
+
+
+class FalseReason:
+    name = "flag"
+
+    def __call__(self, doc):
+        return doc, False  # "not dropped", as a flag would say it
+
+
+class KeepsText:
+    name = "keeps_text"
+
+    def __call__(self, doc):
+        return doc["text"], None
+
+
+class Unnamed:
+    name = None
+
+    def __call__(self, doc):
+        return doc, None
+
+
+def test_a_custom_stage_that_raises_or_returns_a_wrong_type_is_named(tmp_path):
+    """A stage's own KeyError('meta') named neither the stage nor the record; (doc, False) dropped every document for
+    the reason False (counted 'false', logged false: `--drops false` found none of them); a kept str failed as
+    'string indices must be integers'; a stage named None ran the whole corpus, then the report failed formatting
+    its name."""
+    from data.stages import StageStats, run_stages
+
+    doc = {"text": "Some text.", "id": "in.jsonl:3"}
+    with pytest.raises(KeyError, match="meta") as e:  # the stage's own error, with where it happened
+        run_stages(dict(doc), [Raises()], [StageStats("raises")])
+    assert "in stage 'raises' on record 'in.jsonl:3'" in "\n".join(e.value.__notes__)
+    with pytest.raises(TypeError, match="stage 'flag' returned the reason False: it must be None"):
+        run(small_corpus(tmp_path), tmp_path / "out", PipelineConfig(workers=1, labelers=(FalseReason(),)),
+            progress=False)
+    with pytest.raises(TypeError, match="stage 'keeps_text' kept 'Some text.', not a document dict"):
+        run_stages(dict(doc), [KeepsText()], [StageStats("keeps_text")])
+    with pytest.raises(ValueError, match="PipelineConfig.filters: stage .* has name=None"):
+        PipelineConfig(workers=1, filters=(Unnamed(),))
+
+
+def test_the_report_gives_the_language_mix_and_tags_of_the_final_tier(tmp_path):
+    """The 'final corpus' line counted the label stage's documents: those a later labeler dropped stayed in it (en 4,
+    zh 2 here, for en 2, zh 1 kept), and its bytes were the text before the glossary appended definitions."""
+    import collections
+
+    from data.stages import Label, nbytes
+
+    rng = np.random.default_rng(0)
+    code = "import os\nfrom x import y\nclass A:\n    def f(self):\n        return self.x\n"
+    texts = [en_text(rng, 120), zh_text(rng, 300), zh_text(rng, 300), code + en_text(rng, 80) + " iterator generator.",
+             en_text(rng, 120), en_text(rng, 120)]  # DropOdd keeps lines 2, 4 and 6: zh, en (glossed), en
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    out = tmp_path / "out"
+    run([str(path)], out, PipelineConfig(workers=1, labelers=(Label(), DropOdd())), progress=False)
+    final = all_docs(out / "augmented")
+    assert sorted(d["lang"] for d in final) == ["en", "en", "zh"] and any(d.get("augmented") for d in final)
+    mix = collections.Counter()
+    for d in final:
+        mix[f"lang:{d['lang']}"] += 1
+        mix[f"lang_bytes:{d['lang']}"] += nbytes(d)
+    tags = collections.Counter(t for d in final for t in d["domains"])
+    lines = report_mod.report(out).splitlines()
+    assert "language mix of the final corpus: " + report_mod._mix(mix, "lang") in lines
+    (tag_line,) = [ln.removeprefix("domain tags: ") for ln in lines if ln.startswith("domain tags: ")]
+    assert {t: int(n) for t, n in (p.rsplit(" ", 1) for p in tag_line.split(", "))} == tags and tags
+    # a run from before the last stage counted languages: the label stage's counts, named as what they are
+    stats = json.loads((out / "augmented" / "stats.json").read_text())
+    stats["stages"][-1]["counters"] = {}
+    (out / "augmented" / "stats.json").write_text(json.dumps(stats))
+    labelled = "language mix labelled (the label stage's documents, before later stages): en 4 docs"
+    assert labelled in report_mod.report(out)
+
+
 class PlainStage:
     """A custom stage that is a plain class: its default repr holds a memory address."""
 
