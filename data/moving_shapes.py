@@ -206,8 +206,11 @@ def _count(n) -> bool:
 
 
 def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold: float = 0.25,
-            square_fill: float = 0.87, triangle_taper: float = 0.6, max_area: float = 0.5) -> dict[str, np.ndarray]:
-    """Decode (colour, shape, direction) indices from clips in [-1, 1]; -1 where a clip shows no object.
+            square_fill: float = 0.87, triangle_taper: float = 0.6, max_area: float = 0.5, min_speed: float = 0.2,
+            value_range: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+    """Decode (colour, shape, direction) indices from clips in [-1, 1]; -1 where a clip shows no object, and a
+    direction of -1 where it shows one that does not move (the centroid's slope is under min_speed pixels per frame
+    on both axes; the renderer draws >= MovingShapesConfig.speed[0], 1.25 by default: lower it for slower configs).
 
     Foreground: pixels whose brightest channel exceeds rel_threshold × the clip's peak (at least
     min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum. A frame shows the
@@ -222,7 +225,11 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
     loses its corners first (~0.91 after the VAE).
 
-    videos_BTHWC: [B, T, H, W, 3] floats. Returns colour, shape, direction [B] ints; fill, taper [B]; rgb [B, 3].
+    value_range: the clips' (black, white), e.g. (0, 1) for frames / 255; None: (-1, 1), refused for a batch with no
+    pixel below 0 (frames in [0, 1] read with [-1, 1]'s black at 0.5 as a wash: every clip 'no object') unless it is
+    one uniform value (no object in either range). Decoder overshoot past either end is read as it is.
+    videos_BTHWC: [B, T, H, W, 3] floats (B may be 0). Returns colour, shape, direction [B] ints; fill, taper [B];
+    rgb [B, 3].
     """
     videos_BTHWC = np.asarray(videos_BTHWC)
     if videos_BTHWC.ndim != 5 or videos_BTHWC.shape[-1] != 3:  # one clip [T, H, W, 3] failed in a numpy broadcast
@@ -232,8 +239,25 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
         # as an object, not as none (bfloat16, numpy kind 'V', is a float)
         raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
                          "load_video_model's sample: pass videos / 127.5 - 1)")
-    v = (np.asarray(videos_BTHWC, np.float32) + 1) / 2
-    B, T, H, W = v.shape[:4]
+    B, T, H, W = videos_BTHWC.shape[:4]
+    if B == 0:  # an empty batch failed in a reshape: nothing to read
+        return {"colour": np.zeros(0, int), "shape": np.zeros(0, int), "direction": np.zeros(0, int),
+                "fill": np.zeros(0), "taper": np.zeros(0), "rgb": np.zeros((0, 3), np.float32)}
+    if min(T, H, W) == 0:  # failed as a bare numpy "zero-size array to reduction" error
+        raise ValueError(f"measure: clips of shape [T, H, W] = {[T, H, W]} hold no pixels")
+    x = np.asarray(videos_BTHWC, np.float32)
+    if value_range is None:
+        lo, hi = float(x.min()), float(x.max())
+        if lo >= 0 and hi > lo:
+            raise ValueError(f"measure: no pixel of these clips is below 0 (values in [{lo:.3g}, {hi:.3g}]): clips in "
+                             "[0, 1] read as [-1, 1] put black at mid-grey and every clip reads as no object; pass "
+                             "value_range=(0, 1) for them, or value_range=(-1, 1) if they really are in [-1, 1]")
+        value_range = (-1.0, 1.0)
+    black, white = value_range
+    if not (np.isfinite(black) and np.isfinite(white) and black < white):
+        raise ValueError(f"measure: value_range={value_range!r} must be finite (black, white) with black < white, "
+                         "e.g. (-1, 1) or (0, 1)")
+    v = (x - black) / (white - black)
     bright_BTSS = v.max(-1)
     peak_B = bright_BTSS.reshape(B, -1).max(1)
     fg_BTSS = bright_BTSS > np.maximum(rel_threshold * peak_B, min_threshold)[:, None, None, None]
@@ -272,6 +296,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     horizontal = np.abs(sx) >= np.abs(sy)
     direction_B = np.where(horizontal, np.where(sx < 0, names.index("left"), names.index("right")),
                            np.where(sy < 0, names.index("up"), names.index("down")))
+    # a clip whose object stays put has no direction: a zero slope read as 'right', a hit for 'moving right' prompts
+    direction_B = np.where(np.maximum(np.abs(sx), np.abs(sy)) < min_speed, -1, direction_B)
 
     fill_BT = np.full((B, T), np.nan)
     taper_BT = np.full((B, T), np.nan)

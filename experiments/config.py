@@ -24,6 +24,8 @@ from typing import Any, Literal
 from models import TransformerConfig
 from models.moe import MoEConfig
 
+INT32_MAX = 2**31 - 1  # the largest train.steps: the train state's step and optax's count are int32
+
 
 class ConfigError(ValueError):
     """A bad run configuration; `str(e)` is the one line to print (it names the field)."""
@@ -551,6 +553,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     mesh = resolved_mesh(cfg.mesh, n_devices)
     for f in ("steps", "batch", "seq", "log_every", "eval_every", "save_every", "keep"):
         need(getattr(t, f) >= 1, f"train.{f}", f"must be >= 1, got {getattr(t, f)}")
+    # train.steps=1e30 (or 3e9) validated, then the wsd schedule failed with a bare OverflowError building the
+    # optimizer, and a cosine run's int32 counters would wrap
+    need(t.steps <= INT32_MAX, "train.steps", f"must be at most {INT32_MAX} (the step counters are int32), got "
+         f"{t.steps}")
     need(t.nan_policy in ("skip", "halt"), "train.nan_policy", f"unknown {t.nan_policy!r}; use skip or halt")
     need(o.schedule in ("cosine", "wsd"), "optim.schedule", f"unknown {o.schedule!r}; use cosine or wsd")
     need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")

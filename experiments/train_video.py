@@ -438,7 +438,8 @@ def heldout_reconstruction(p: Preset, encode, decode):
     z_real = np.asarray(encode(real["video"]))
     recon = np.asarray(decode(z_real))
     vae_psnr = float(psnr(np.mean((recon - real["video"]) ** 2)))
-    return real, z_real, vae_psnr, score(measure(recon), {a: real[a] for a in ("colour", "direction", "shape")})
+    return real, z_real, vae_psnr, score(measure(recon, value_range=(-1, 1)),
+                                               {a: real[a] for a in ("colour", "direction", "shape")})
 
 
 def targets_met(results: dict, scales) -> dict[str, bool]:

@@ -37,16 +37,20 @@ ATTRS = ("colour", "direction", "shape")
 
 def score(found: dict, labels: dict) -> dict:
     """Per-attribute and joint accuracy of decoded attributes against labels (arrays of indices [N], -1 in `found`
-    for no object)."""
+    for no object), n, and the fractions of clips with no object and with an object that does not move (direction
+    -1, colour read)."""
     for a in ATTRS:  # labels of length 1 broadcast over every clip (a score, silently); other lengths as numpy's error
         if np.shape(labels[a]) != np.shape(found[a]):
             raise ValueError(f"score: labels[{a!r}] has shape {list(np.shape(labels[a]))}, found[{a!r}] "
                              f"{list(np.shape(found[a]))}: pass one label per measured clip")
+    if np.size(found["colour"]) == 0:  # every accuracy was NaN (numpy's mean of nothing), with a warning only
+        raise ValueError("score: no clips to score (found and labels are empty); measure at least one clip")
     hits = {a: np.asarray(found[a]) == np.asarray(labels[a]) for a in ATTRS}
     out = {a: float(hits[a].mean()) for a in ATTRS}
     out["joint"] = float(np.logical_and.reduce([hits[a] for a in ATTRS]).mean())
     out["n"] = int(len(hits["colour"]))
     out["no_object"] = float((np.asarray(found["colour"]) < 0).mean())
+    out["static"] = float(((np.asarray(found["direction"]) < 0) & (np.asarray(found["colour"]) >= 0)).mean())
     return out
 
 
@@ -119,7 +123,7 @@ def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scale
         lat = chunked(gen, n, batch)
         vid = chunked(lambda s, e, lat=lat: np.asarray(decode_fn(jnp.asarray(pad_to(lat[s:e], batch))))[: e - s],
                       n, batch)
-        row = score(measure(vid), labels)
+        row = score(measure(vid, value_range=(-1, 1)), labels)  # the decoder's range: a grey wash is no object
         if embed_fn is not None:
             retrieved = chunked(lambda s, e, lat=lat: np.asarray(embed_fn(jnp.asarray(pad_to(lat[s:e], batch))))[
                 : e - s], n, batch)

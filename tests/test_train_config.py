@@ -162,6 +162,11 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "model.*, mesh[.axis], data.*, optim.* or train.*"),
     (["--preset", "tiny", "--set", "lr=1e-3"], 8, "lr: unknown setting; did you mean optim.lr? use model.*"),
     (["--preset", "tiny", "--set", "=5"], 8, "--set '=5': write KEY=VALUE"),
+    # int32 step counters: 1e30 validated, then the wsd schedule failed building the optimizer (a bare OverflowError)
+    (["--preset", "tiny", "--set", "train.steps=1e30"], 8, "train.steps: must be at most 2147483647 (the step "
+     "counters are int32), got 1000000000000000019884624838656"),
+    (["--preset", "tiny", "--set", "optim.schedule=wsd", "--steps", "2147483648"], 8,
+     "train.steps: must be at most 2147483647"),
     (["--preset", "tiny", "--set", "train.poison_steps=1.5"], 8, "train.poison_steps: expected integers separated by "
      "commas (e.g. 3,5) (tuple[int, ...]), got '1.5'"),
 ]
@@ -180,7 +185,8 @@ def test_the_edges_of_each_documented_range_validate():
     decay, b1 0 (RMSProp-like), a decay over the whole run, and exactly one held-out module (max_files ==
     eval_every_nth): a bound tightened by one refused them."""
     for sets in (["optim.min_lr_ratio=1", "optim.weight_decay=0", "optim.b1=0", "optim.b2=0"],
-                 ["optim.schedule=wsd", "optim.decay_frac=1"], ["data.max_files=10", "data.eval_every_nth=10"]):
+                 ["optim.schedule=wsd", "optim.decay_frac=1"], ["data.max_files=10", "data.eval_every_nth=10"],
+                 ["train.steps=2147483647", "optim.schedule=wsd"]):  # the int32 step counters' largest
         validate(load(["--preset", "tiny", *(x for kv in sets for x in ("--set", kv))]), 8)
 
 

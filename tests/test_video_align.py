@@ -1,6 +1,8 @@
 """Cross-modal alignment: after a few steps on MovingShapes the InfoNCE loss of matched (clip, caption)
 pairs is far below that of shuffled pairs, and the dual encoder retrieves clips' own captions above chance (R@1)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,3 +196,14 @@ def test_info_nce_and_recall_at_1_name_inputs_of_another_shape():
     assert float(info_nce(v[:1], t[:1], 10.0)) == 0.0
     assert float(jax.jit(info_nce)(v, t, 10.0, jnp.asarray([0, 1, 1, 2]))) > 0
     assert 0.0 <= float(jax.jit(recall_at_1)(v, t[:3], jnp.asarray([0, 2, 1, 0]))) <= 1.0
+
+
+@pytest.mark.parametrize("shape", [(3, 33), (32,), (2, 3, 32)])
+def test_embed_text_names_captions_of_another_shape(shape):
+    """A pooled caption of another width failed as a bare dot_general TypeError naming neither the argument nor
+    text_dim; one caption [E] came back as [J] and a [2, 3, E] stack as [2, 3, J], not a batch of embeddings."""
+    align = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
+    assert align.embed_text(jnp.ones((3, DIT.text_dim))).shape == (3, 16)
+    with pytest.raises(ValueError, match=r"Aligner.embed_text: pooled_BE must be \[B, E\] with E = "
+                                         r"DiTConfig.text_dim=32 .*, got " + re.escape(str(list(shape)))):
+        align.embed_text(jnp.ones(shape))

@@ -297,3 +297,56 @@ def test_measure_names_videos_of_another_rank_and_reads_non_square_frames():
     want, got = measure(video), measure(wide)
     for attr in ("colour", "shape", "direction", "fill", "taper", "rgb"):
         np.testing.assert_allclose(got[attr], want[attr], err_msg=attr)
+
+
+def test_measure_refuses_clips_in_0_1_unless_told_and_takes_overshoot():
+    """Clips in [0, 1] (frames / 255) were read as [-1, 1]: black became mid-grey, every clip a wash, and all 48 read
+    as 'no object' (accuracy 0.0 on every attribute), silently. Without value_range a batch with no pixel below 0 is
+    refused; value_range=(0, 1) reads them back, and a decoder's overshoot past [-1, 1] is still read as it is."""
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    video = np.stack([r["video"] for r in recs])
+    truth = {a: np.asarray([r[a] for r in recs]) for a in ("colour", "shape", "direction")}
+    with pytest.raises(ValueError, match=r"measure: no pixel of these clips is below 0 .* value_range=\(0, 1\)"):
+        measure((video + 1) / 2)
+    for clips, value_range in (((video + 1) / 2, (0, 1)), ((video + 1) * 127.5, (0, 255)), (video, (-1, 1)),
+                               (1.2 * video, None)):  # 1.2×: background -1.2, the object past 1
+        found = measure(clips, value_range=value_range)
+        for attr, want in truth.items():
+            np.testing.assert_array_equal(found[attr], want, err_msg=f"{attr} {value_range}")
+    for bad in ((1, 0), (0, np.inf)):
+        with pytest.raises(ValueError, match=r"measure: value_range=.* must be finite \(black, white\)"):
+            measure(video, value_range=bad)
+
+
+def test_measure_gives_a_still_object_no_direction():
+    """An object that does not move had a centroid slope of 0, read as 'right': a hit on every 'moving right' prompt.
+    Its colour and shape still read; its direction is -1 and score counts it under 'static'."""
+    from experiments.video_eval import score
+
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    video = np.stack([r["video"] for r in recs])
+    still = np.repeat(video[:, :1], CFG.frames, axis=1)  # every frame is the first
+    found = measure(still)
+    assert (found["direction"] == -1).all()
+    for attr in ("colour", "shape"):
+        np.testing.assert_array_equal(found[attr], [r[attr] for r in recs], err_msg=attr)
+    labels = {a: np.asarray([r[a] for r in recs]) for a in ("colour", "direction", "shape")}
+    row = score(found, labels)
+    assert row["direction"] == 0.0 and row["static"] == 1.0 and row["no_object"] == 0.0
+    assert score(measure(video), labels)["static"] == 0.0
+
+
+def test_measure_and_score_of_an_empty_batch():
+    """measure of no clips failed in a numpy reshape; score of no clips returned NaN for every accuracy (a warning
+    only), which a results table printed as 'nan'."""
+    from experiments.video_eval import score
+
+    found = measure(np.zeros((0, 9, 32, 32, 3), np.float32))
+    assert all(found[a].shape == (0,) for a in ("colour", "shape", "direction", "fill", "taper"))
+    assert found["rgb"].shape == (0, 3)
+    with pytest.raises(ValueError, match="score: no clips to score"):
+        score(found, {a: np.zeros(0, int) for a in ("colour", "direction", "shape")})
+    with pytest.raises(ValueError, match=r"measure: clips of shape \[T, H, W\] = \[0, 32, 32\] hold no pixels"):
+        measure(np.zeros((2, 0, 32, 32, 3), np.float32))

@@ -77,6 +77,13 @@ class Aligner(nnx.Module):
         return _unit(pooled @ self.video_proj[...])
 
     def embed_text(self, pooled_BE):
+        """Pooled captions [B, E] (E = DiTConfig.text_dim, `TextOut.pooled_BE`) → unit-norm joint embedding [B, J]."""
+        # another width failed as a bare dot_general TypeError; one caption [E] came back as [J], not a batch
+        if jnp.ndim(pooled_BE) != 2 or jnp.shape(pooled_BE)[1] != self.dit.text_dim:
+            raise ValueError(f"Aligner.embed_text: pooled_BE must be [B, E] with E = DiTConfig.text_dim="
+                             f"{self.dit.text_dim} (the text encoder's pooled output, TextOut.pooled_BE), got "
+                             f"{list(jnp.shape(pooled_BE))}" + (" (one caption: pooled[None])"
+                                                                 if jnp.ndim(pooled_BE) == 1 else ""))
         return _unit(pooled_BE.astype(jnp.float32) @ self.text_proj[...])
 
     def logit_scale(self):
