@@ -39,14 +39,33 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: not no_decay((param_names(path) or [""])[-1]), params)
 
 
+def _need(who: str, name: str, x, ok, want: str, integral: bool = False):
+    """A ValueError naming the argument unless `x` is a real number (an int when `integral`; numpy's too) for
+    which ok(x) holds; NaN fails every comparison, so it is refused too."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(x, bool) or not isinstance(x, kind) or not ok(x):
+        raise ValueError(f"{who}: {name}={x!r} must be {want}")
+
+
+def _check_schedule(who, lr, total_steps, warmup_steps, min_lr_ratio, decay_frac):
+    # each was taken silently: a negative lr or floor ascended the loss, warmup -3 ran as 0, a floor of 2 doubled
+    # the lr, decay_frac 0 or 1.5 ran as 1 update or 1.0 (the run config refuses them; direct callers did not)
+    _need(who, "lr", lr, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (the peak learning rate)")
+    _need(who, "total_steps", total_steps, lambda v: v >= 1, "an int >= 1 (optimizer updates)", integral=True)
+    _need(who, "warmup_steps", warmup_steps, lambda v: v >= 0, "an int >= 0 (0: no warmup)", integral=True)
+    _need(who, "min_lr_ratio", min_lr_ratio, lambda v: 0 <= v <= 1, "in [0, 1] (the schedule ends at it times lr)")
+    _need(who, "decay_frac", decay_frac, lambda v: 0 < v <= 1, "in (0, 1] (wsd's share of updates that decay)")
+
+
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str = "cosine",
                   min_lr_ratio: float = 0.1, decay_frac: float = 0.2):
     """LR by optimizer count (0 = the first update, total_steps - 1 = the last). warmup_steps updates ramp
     linearly from 0 (none when 0: the first update gets the full lr). 'cosine': then cosine down to
     min_lr_ratio·lr at the last update. 'wsd' (warmup-stable-decay, MiniCPM): then constant lr, and a linear
     decay over the last round(decay_frac·total_steps) updates (at least 1; fewer when the warmup reaches into
-    them, so that it still ends on the last update), ending at min_lr_ratio·lr."""
-    last, w = max(total_steps - 1, 1), max(warmup_steps, 0)
+    them, so that it still ends on the last update), ending at min_lr_ratio·lr. Bad values raise a ValueError."""
+    _check_schedule("make_schedule", lr, total_steps, warmup_steps, min_lr_ratio, decay_frac)
+    last, w = max(total_steps - 1, 1), warmup_steps
     if kind == "cosine" and w and w >= last:
         raise ValueError(f"warmup_steps={warmup_steps} leaves no update of the {total_steps} for the cosine decay; "
                          f"use at most {max(total_steps - 2, 0)}"
@@ -88,13 +107,23 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
     width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices and the MoE router take steps of
     lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr.
     The optimizer works in float32 whatever the parameters' dtype (`float32_state`): Adam's moments, clipping and
-    the updates, which `optax.apply_updates` adds to the parameters before rounding to their dtype."""
+    the updates, which `optax.apply_updates` adds to the parameters before rounding to their dtype.
+    Bad settings (a negative lr, clip_norm <= 0, a beta outside [0, 1), ...) raise a ValueError naming them."""
     # 0 failed as a bare ZeroDivisionError; a negative or NaN multiplier was taken: hidden matrices then stepped
     # up the gradient (or to NaN) while everything else trained
     if isinstance(width_mult, bool) or not isinstance(width_mult, numbers.Real) or not (
             math.isfinite(width_mult) and width_mult > 0):  # numpy floats are numbers.Real too
         raise ValueError(f"make_optimizer: width_mult={width_mult!r} must be a positive number, the μP width "
                          "multiplier d_model / mup_base_width (pass TransformerConfig.width_mult; 1.0 without μP)")
+    _check_schedule("make_optimizer", lr, total_steps, warmup_steps, min_lr_ratio, decay_frac)
+    # clip_norm 0 (read as "off") zeroed every gradient and a negative one flipped it; None failed inside jit;
+    # a beta of 1 divides by 1 - 1 in Adam's bias correction: NaN weights after the first update
+    _need("make_optimizer", "clip_norm", clip_norm, lambda v: v > 0,
+          "a positive number (the global gradient norm to clip to; math.inf: no clipping)")
+    for name, b in (("b1", b1), ("b2", b2)):
+        _need("make_optimizer", name, b, lambda v: 0 <= v < 1, "in [0, 1) (Adam's moment decay)")
+    _need("make_optimizer", "weight_decay", weight_decay, lambda v: math.isfinite(v) and v >= 0,
+          "a finite number >= 0 (0: no decay)")
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     parts = [optax.clip_by_global_norm(clip_norm),
              optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
@@ -206,13 +235,15 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     A non-finite loss or gradient norm leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes
     on. The norm is optax's float32 sum of squares, so finite gradients with a norm over ~1.8e19 count too
     (optax.clip_by_global_norm, computing the same norm, would zero their update).
+    moe_cfg: the MoEConfig whose aux-loss weights, router jitter and bias rate the step applies; None: the model's
+    own (`cfg.moe`; None for a dense model).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
         raise ValueError(f"make_state_step: grad_accum={grad_accum!r} must be an int >= 1 (microbatches per step)")
 
-    def grads_of(params, mb, rng):
+    def grads_of(params, mb, rng, moe_cfg):
         def f(p):
             mean, n, aux = lm_loss_parts(graphdef, p, mb, rng)
             nll = mean * n  # sums, so that microbatches combine into the exact step mean
@@ -222,14 +253,17 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
 
     def step(state, batch):
         params, step_i = state["params"], state["step"]
+        # None trained a MoE model on cross-entropy alone (no lb / z gradients, a frozen router bias) while its
+        # metrics reported lb_loss: the model's own config, read at trace time
+        moe = moe_cfg if moe_cfg is not None else nnx.merge(graphdef, params).cfg.moe
         if jnp.issubdtype(state["rng"].dtype, jax.dtypes.prng_key):  # orbax saves raw key data, not typed keys
             raise ValueError("state['rng'] is a typed key; store raw key data, jax.random.key_data(jax.random.key("
                              "seed)), as init_train_state does")
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step_i)
         # router jitter is the only randomness in the model; pass a key only when it is used
-        model_rng = rng if moe_cfg is not None and moe_cfg.router_jitter > 0 else None
+        model_rng = rng if moe is not None and moe.router_jitter > 0 else None
         if grad_accum == 1:
-            g, (nll, n, aux) = grads_of(params, batch, model_rng)
+            g, (nll, n, aux) = grads_of(params, batch, model_rng, moe)
         else:
             def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch k = rows k::A
                 if x.shape[0] % grad_accum:
@@ -249,7 +283,7 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
             def body(carry, xs):
                 mb, k = xs
                 key = None if model_rng is None else jax.random.fold_in(model_rng, k)
-                g, (nll, n, aux) = grads_of(params, mb, key)
+                g, (nll, n, aux) = grads_of(params, mb, key, moe)
                 acc = jax.tree.map(jnp.add, carry, (g, nll, n))
                 return acc, (aux, n)
 
@@ -271,8 +305,8 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        if moe_cfg is not None and aux and moe_cfg.router == "sigmoid" and moe_cfg.bias_update_rate > 0:
-            new_params = _update_router_bias(new_params, aux["load"], moe_cfg)
+        if moe is not None and aux and moe.router == "sigmoid" and moe.bias_update_rate > 0:
+            new_params = _update_router_bias(new_params, aux["load"], moe)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),

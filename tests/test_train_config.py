@@ -443,6 +443,42 @@ def test_a_warmup_as_long_as_the_run_is_refused_by_wsd_too():
     assert float(make_schedule(1.0, 10, 9, "wsd", 0.1)(9)) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kw, says", [
+    # clip_norm=0 (read as "no clipping") zeroed every gradient: only the weight decay moved the weights
+    (dict(clip_norm=0.0), "clip_norm=0.0 must be a positive number"),
+    (dict(clip_norm=-1.0), "clip_norm=-1.0 must be a positive number"),  # flipped the gradient: ascent
+    (dict(clip_norm=None), "clip_norm=None must be a positive number"),  # a TypeError inside jit at the first update
+    (dict(b2=1.0), "b2=1.0 must be in [0, 1)"),  # bias correction 1 / (1 - b2^t): NaN weights after the first update
+    (dict(b1=-0.1), "b1=-0.1 must be in [0, 1)"),
+    (dict(lr=-1e-3), "lr=-0.001 must be a finite number >= 0"),  # gradient ascent at every step
+    (dict(lr=math.nan), "lr=nan must be a finite number >= 0"),
+    (dict(min_lr_ratio=-0.5), "min_lr_ratio=-0.5 must be in [0, 1]"),  # a negative lr (ascent) at the end
+    (dict(min_lr_ratio=2.0), "min_lr_ratio=2.0 must be in [0, 1]"),  # the "decay" doubled the lr
+    (dict(decay_frac=0.0, schedule="wsd"), "decay_frac=0.0 must be in (0, 1]"),
+    (dict(decay_frac=1.5, schedule="wsd"), "decay_frac=1.5 must be in (0, 1]"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1 must be a finite number >= 0"),  # weights grew
+    (dict(total_steps=0), "total_steps=0 must be an int >= 1"),
+    (dict(total_steps=10.5), "total_steps=10.5 must be an int >= 1"),
+    (dict(warmup_steps=-3), "warmup_steps=-3 must be an int >= 0"),  # taken as 0
+    (dict(warmup_steps=2.5), "warmup_steps=2.5 must be an int >= 0"),
+])
+def test_make_optimizer_refuses_bad_settings_naming_the_argument(kw, says):
+    """make_optimizer / make_schedule called directly (benchmarks, mup_transfer, train_video, your own loop) took
+    each of these silently (run config validation guards train_lm only): gradient ascent, no learning, NaN weights
+    after the first update, or another schedule than the one asked for."""
+    args = dict(lr=1e-2, total_steps=10, warmup_steps=1)
+    args.update(kw)
+    with pytest.raises(ValueError, match="^make_optimizer: " + re.escape(says)):
+        make_optimizer(**args)
+    # the bounds themselves and numpy numbers are kept: no clipping (inf), lr 0, betas 0, a floor of 0 or 1
+    for ok in (dict(clip_norm=math.inf), dict(lr=0.0), dict(b1=0.0, b2=np.float32(0.999)), dict(min_lr_ratio=0.0),
+               dict(min_lr_ratio=1.0), dict(decay_frac=1.0, schedule="wsd"), dict(total_steps=np.int64(1),
+                                                                                  warmup_steps=0)):
+        make_optimizer(**{**dict(lr=1e-2, total_steps=10, warmup_steps=1), **ok})
+    with pytest.raises(ValueError, match=r"^make_schedule: lr=-1 must be a finite number >= 0"):
+        make_schedule(-1, 10, 1)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
     mesh = make_mesh({"fsdp": -1})
@@ -723,6 +759,26 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
     np.testing.assert_allclose(new_bias, want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(new_bias, update_router_bias(bias[...], load, moe.bias_update_rate), rtol=0, atol=1e-7)
+
+
+def test_moe_state_step_without_moe_cfg_trains_the_models_own_aux_losses():
+    """make_state_step(graphdef, opt) of a MoE model (moe_cfg left at None) dropped the load-balancing and z-loss
+    gradients and never moved a sigmoid router's bias (measured: the router's update differed by 0.0222 of 0.0222,
+    the bias moved 0 instead of 0.05), while its metrics still reported lb_loss: it steps as with the model's own
+    MoEConfig now."""
+    moe = MoEConfig(4, 2, 16, router="sigmoid", lb_loss_weight=0.5, z_loss_weight=0.1, bias_update_rate=0.05)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = optax.sgd(1.0)
+    tok = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    given, default = (make_state_step(graphdef, opt, None, mc)(jax.tree.map(jnp.copy, state), batch)[0]["params"]
+                      for mc in (moe, None))
+    bias = lambda p: np.asarray(p["moe_blocks"]["moe"]["router_bias"][...])  # noqa: E731
+    assert np.abs(bias(given) - bias(params)).max() > 0  # the load is uneven: the given config moves the bias
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), default, given)
 
 
 def test_router_jitter_draws_new_noise_every_step_and_every_microbatch():
