@@ -31,6 +31,24 @@ def launch(mode, workdir):
             for i in range(2)]
 
 
+def worker_rows(mode, workdir, timeout):
+    """Launch `mode` on two processes; each one's JSON result row, in process order. A process still running after
+    `timeout` s (a hang: the bugs these modes catch) is killed, and the test fails on its return code."""
+    procs = launch(mode, workdir)
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    rows = []
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        rows.append(next(json.loads(x) for x in out.splitlines() if x.startswith("{")))  # (Gloo logs there too)
+    return rows
+
+
 def test_two_processes_match_single_process(tmp_path):
     procs = launch("ok", tmp_path)
     outs = [p.communicate(timeout=240) for p in procs]
@@ -115,18 +133,7 @@ def test_a_shard_file_damaged_on_one_process_falls_back_on_every_process(tmp_pat
     good (killed after 200 s). Now the processes agree after each read: the step is set aside once, both start fresh,
     and a loader already set from process 0's own (good) file is put back. The primary's line names process 1's
     own error (it named only the process: no process logged why)."""
-    procs = launch("damaged_shard", tmp_path)
-    try:
-        outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:  # hung (the bug): not past the test
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    rows = []
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-        rows.append(next(json.loads(x) for x in out.splitlines() if x.startswith("{")))  # (Gloo logs there too)
+    rows = worker_rows("damaged_shard", tmp_path, 90)
     assert [(r["restored"], r["steps"]) for r in rows] == [([False, False], [])] * 2
     # the primary's line says why process 1's read failed (its own error was logged nowhere): tensorstore's short
     # read of its data file, then its empty loader file
@@ -144,18 +151,7 @@ def test_a_loader_state_one_process_refuses_stops_every_process_alike(tmp_path):
     CheckpointMismatch while process 0, told only that process 1's read failed, took the step for corrupt, moved
     the good checkpoint to ckpt-corrupt and waited in the quarantine barrier (killed after 60 s). Now every process
     raises the same CheckpointMismatch at once, naming process 1's reason, and the step stays."""
-    procs = launch("loader_mismatch", tmp_path)
-    try:
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:  # hung (the bug): not past the test
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    rows = []
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-2000:]
-        rows.append(next(json.loads(x) for x in out.splitlines() if x.startswith("{")))  # (Gloo logs there too)
+    rows = worker_rows("loader_mismatch", tmp_path, 60)
     want = (f"CheckpointMismatch: {tmp_path / 'ckpt' / '1'}: process 1: saved over stream 'a', this loader reads "
             "'b'")
     assert [(r["error"], r["steps"], r["logs"], r["loader_position"]) for r in rows] == [(want, [1], [], 7)] * 2
