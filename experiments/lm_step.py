@@ -41,7 +41,11 @@ def decay_mask(params):
 
 def _need(who: str, name: str, x, ok, want: str, integral: bool = False):
     """A ValueError naming the argument unless `x` is a real number (an int when `integral`; numpy's too) for
-    which ok(x) holds; NaN fails every comparison, so it is refused too."""
+    which ok(x) holds; NaN fails every comparison, so it is refused too. A concrete 0-d array (jnp.float32(1e-3))
+    is read as its number: optax takes one, and it trained before these checks."""
+    # (getattr, not jnp.ndim: jnp.ndim(None) is a DeprecationWarning, an error where tests escalate warnings)
+    if getattr(x, "ndim", None) == 0 and not isinstance(x, numbers.Number | jax.core.Tracer):
+        x = x.item()  # a bool array stays a bool (refused below); a float one is no int
     kind = numbers.Integral if integral else numbers.Real
     if isinstance(x, bool) or not isinstance(x, kind) or not ok(x):
         raise ValueError(f"{who}: {name}={x!r} must be {want}")

@@ -479,6 +479,22 @@ def test_make_optimizer_refuses_bad_settings_naming_the_argument(kw, says):
         make_schedule(-1, 10, 1)
 
 
+def test_make_optimizer_takes_a_jax_scalar_lr_as_before():
+    """make_optimizer's argument checks refused lr=jnp.float32(1e-3) (a 0-d jax array, not a numbers.Real) as
+    "must be a finite number >= 0", where it trained before them: a 0-d array is its number; others stay refused."""
+    p = {"w": jnp.ones(3)}
+    want, got = (make_optimizer(lr, total_steps=10, warmup_steps=0, weight_decay=0.0, clip_norm=jnp.float32(1.0))
+                 for lr in (1e-2, jnp.float32(1e-2)))
+    u_want, u_got = (o.update({"w": jnp.full(3, 0.5)}, o.init(p), p)[0]["w"] for o in (want, got))
+    np.testing.assert_allclose(u_got, u_want, rtol=1e-6)
+    assert float(make_schedule(jnp.asarray(1.0), np.int32(10), jnp.int32(2))(5)) == pytest.approx(
+        float(make_schedule(1.0, 10, 2)(5)))
+    for bad in (jnp.ones(2), jnp.asarray(True), jnp.float32(-1.0)):
+        with pytest.raises(ValueError, match="^make_optimizer: lr="):
+            make_optimizer(bad, total_steps=10, warmup_steps=1)
+    with pytest.raises(ValueError, match="^make_optimizer: total_steps="):
+        make_optimizer(1e-3, total_steps=jnp.float32(10.0), warmup_steps=1)
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
     mesh = make_mesh({"fsdp": -1})
