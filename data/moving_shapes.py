@@ -235,10 +235,10 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     if videos_BTHWC.ndim != 5 or videos_BTHWC.shape[-1] != 3:  # one clip [T, H, W, 3] failed in a numpy broadcast
         raise ValueError(f"measure: videos_BTHWC must be [B, T, H, W, 3], got {list(videos_BTHWC.shape)} (one clip: "
                          "pass clip[None])")
-    if videos_BTHWC.dtype.kind in "biu":  # min_threshold is in [0, 1] units: with uint8 [0, 255] a black clip read
-        # as an object, not as none (bfloat16, numpy kind 'V', is a float)
+    if videos_BTHWC.dtype.kind in "biu" and value_range is None:  # min_threshold is in [0, 1] units: with uint8
+        # [0, 255] read as [-1, 1] a black clip read as an object, not as none (bfloat16, numpy kind 'V', is a float)
         raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
-                         "load_video_model's sample: pass videos / 127.5 - 1)")
+                         "load_video_model's sample: pass videos / 127.5 - 1, or value_range=(0, 255))")
     B, T, H, W = videos_BTHWC.shape[:4]
     if B == 0:  # an empty batch failed in a reshape: nothing to read
         return {"colour": np.zeros(0, int), "shape": np.zeros(0, int), "direction": np.zeros(0, int),

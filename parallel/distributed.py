@@ -69,7 +69,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return True
     slurm = all(v in env for v in _SLURM_STEP)
     # from_env: a SLURM_NTASKS that is no integer named (int() raised a bare "invalid literal for int()")
-    if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and (from_env("SLURM_NTASKS") or 2) > 1:
+    ntasks = from_env("SLURM_NTASKS")  # (absent: the other cluster markers, which name no count)
+    if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and (2 if ntasks is None else ntasks) > 1:
         jax.distributed.initialize(**timeouts)  # JAX detects TPU pods, SLURM and Open MPI itself
         return True
     if (num_processes or 1) > 1 or (process_id or 0) > 0:  # every process would train alone, each "primary"

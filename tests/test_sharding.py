@@ -346,6 +346,8 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # a shell inside an allocation (salloc / sbatch, no srun)
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
       "SLURM_LOCALID": "0"}, False),  # srun with one task
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "0", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, False),  # no tasks counted is no multi-process job ('0 or 2' read it as two)
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
       "SLURM_LOCALID": "0"}, True),  # an srun job step: JAX's SLURM detection takes it from here
     # no SLURM_NTASKS to count tasks: Open MPI and TPU pods are multi-process jobs (each host trained alone if not)

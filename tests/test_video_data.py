@@ -231,9 +231,17 @@ def test_measure_refuses_integer_videos():
     absolute floor (min_threshold, in [0, 1] units) no longer held: a black uint8 clip read as an object (colour 3)
     instead of none (-1), so failed generations scored at chance instead of as empty."""
     black = np.zeros((1, 9, 32, 32, 3), np.uint8)
-    with pytest.raises(ValueError, match=r"measure: videos must be floats in \[-1, 1\], got uint8.*/ 127.5 - 1"):
+    with pytest.raises(ValueError, match=r"measure: videos must be floats in \[-1, 1\], got uint8.*/ 127.5 - 1, "
+                                         r"or value_range=\(0, 255\)"):
         measure(black)
     assert measure(black / 127.5 - 1)["colour"][0] == -1
+    # with value_range saying so, uint8 clips are read in their own units (they were refused whatever it said)
+    assert measure(black, value_range=(0, 255))["colour"][0] == -1
+    src = MovingShapesSource(CFG, "all", 8)
+    video = np.stack([src[i]["video"] for i in range(8)])
+    u8 = np.round((video + 1) * 127.5).astype(np.uint8)
+    for attr in ("colour", "shape", "direction"):
+        np.testing.assert_array_equal(measure(u8, value_range=(0, 255))[attr], measure(video)[attr], err_msg=attr)
 
 
 def test_dataset_counts_are_named():
