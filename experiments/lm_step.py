@@ -67,7 +67,8 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 50, kind: str
     linearly from 0 (none when 0: the first update gets the full lr). 'cosine': then cosine down to
     min_lr_ratio·lr at the last update. 'wsd' (warmup-stable-decay, MiniCPM): then constant lr, and a linear
     decay over the last round(decay_frac·total_steps) updates (at least 1; fewer when the warmup reaches into
-    them, so that it still ends on the last update), ending at min_lr_ratio·lr. Bad values raise a ValueError."""
+    them, so that it still ends on the last update), ending at min_lr_ratio·lr. A run of one update is the
+    exception: cosine gives it lr, wsd min_lr_ratio·lr (its decay). Bad values raise a ValueError."""
     _check_schedule("make_schedule", lr, total_steps, warmup_steps, min_lr_ratio, decay_frac)
     last, w = max(total_steps - 1, 1), warmup_steps
     if kind == "cosine" and w and w >= last:
