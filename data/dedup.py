@@ -17,8 +17,8 @@ import zlib
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from data.filters import _marks, tokens
-from data.seeds import check_field_types
+from data.filters import CJK_RANGES, _marks, tokens
+from data.seeds import check_field_types, check_seed
 
 
 @functools.cache
@@ -43,6 +43,11 @@ def _not_word() -> re.Pattern:
 # emoji-only posts of different flags had one key. (A regex: str.translate with a table cost ~40 ns a character,
 # this ~4.)
 _IGNORABLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+
+# A space beside a Han / kana / bopomofo character (CJK_RANGES less hangul: Korean spaces its words) is layout: those
+# scripts put none between words, so a hard-wrapped Chinese article and its unwrapped copy had two exact keys
+_UNSPACED = CJK_RANGES.replace("\uac00-\ud7af", "").replace("\uffa1-\uffdc", "")
+_UNSPACED_GAP = re.compile(rf"(?<=[{_UNSPACED}]) | (?=[{_UNSPACED}])")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,8 @@ class DedupConfig:
 
     def __post_init__(self):
         check_field_types(self)  # before the range checks: NaN passes `not lo <= x`, 'no' is truthy
+        # datasketch seeds numpy's RandomState with it: another seed failed in every worker's first signature
+        object.__setattr__(self, "seed", check_seed(self.seed, "DedupConfig.seed", 2**32))
         if not 0 < self.threshold <= 1:
             raise ValueError(f"DedupConfig.threshold={self.threshold} must be a Jaccard similarity in (0, 1]")
         if self.num_perm < 16:
@@ -104,9 +111,12 @@ def _no_words(text: str) -> str:
 def exact_key(text: str) -> bytes:
     """16-byte hash of the text with case, punctuation and whitespace folded away (whitespace only for a text
     with no word characters). Case folds by str.casefold: str.lower left 'Straße' apart from 'STRASSE'. Invisible
-    joiners and variation selectors (`_IGNORABLE`) are deleted."""
+    joiners and variation selectors (`_IGNORABLE`) are deleted, and so are spaces and line breaks beside Chinese or
+    Japanese characters (`_UNSPACED_GAP`; as the shingles, one token a character, ignore them)."""
     text = _IGNORABLE.sub("", text)
     folded = _not_word().sub(" ", text.casefold()).strip()
+    if not folded.isascii():
+        folded = _UNSPACED_GAP.sub("", folded)
     return hashlib.blake2b((folded or _no_words(text)).encode(), digest_size=16).digest()
 
 

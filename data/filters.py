@@ -175,8 +175,8 @@ class QualityConfig:
                              f"max_mean_word_len={self.max_mean_word_len}; swap them")
         if self.min_words > self.max_words:
             raise ValueError(f"QualityConfig.min_words={self.min_words} exceeds max_words={self.max_words}")
-        if not self.cjk_chars_per_word >= 1:
-            raise ValueError(f"QualityConfig.cjk_chars_per_word={self.cjk_chars_per_word} must be >= 1 "
+        if not 1 <= self.cjk_chars_per_word < float("inf"):  # inf: a NaN n-gram scale, analyze failed on all text
+            raise ValueError(f"QualityConfig.cjk_chars_per_word={self.cjk_chars_per_word} must be finite and >= 1 "
                              "(1 counts each CJK character as a word; Chinese words average about 2)")
         # stored as tuples, as LangIDConfig: a list (valid above) is unhashable in the quality stage's kept-signal
         # cache, and the run's fingerprint must not depend on which container held the same rules
@@ -186,9 +186,14 @@ class QualityConfig:
             object.__setattr__(self, name, tuple(map(tuple, getattr(self, name))))
         for p in self.boilerplate:
             try:
-                re.compile(p)
+                rx = re.compile(p, re.I | re.M)
             except re.error as e:
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} is not a regex: {e}") from e
+            # one with an empty match in a line of prose matches every line: the whole corpus dropped as boilerplate
+            if any(not m.group() for m in rx.finditer("a line of text")):
+                raise ValueError(f"QualityConfig.boilerplate pattern {p!r} matches an empty string, so every line is "
+                                 "boilerplate and every document dropped; make each alternative match some text (no "
+                                 "empty '|' branch, no optional part alone)")
         # case-insensitive, as documented: lines are searched lower-cased, and a rule written with a capital
         # ("Read more at") never matched, silently. MULTILINE: the whole text is searched first (to skip the
         # line loop), and without it '^' / '$' matched only at the text's ends, so an anchored rule never ran

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from collections.abc import Iterable
 
-from data.seeds import read_once
+from data.seeds import check_field_types, read_once
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +49,9 @@ class LangIDConfig:
                 and not isinstance(e[1], str) and all(isinstance(m, str) for m in e[1]) for e in self.fold):
             raise ValueError(f"LangIDConfig.fold={self.fold!r:.120} must be a tuple of (code, (member, ...)) pairs, "
                              "e.g. (('zh', ('yue', 'wuu')),), or () to fold nothing")
+        # min_confidence / sample_chars: a float count was accepted and failed in every worker's detect ("slice
+        # indices must be integers"), a str in the range checks below, naming no field
+        check_field_types(self)
         # stored as tuples (a set sorted): a list is unhashable in the workers' identifier cache, and the run's
         # fingerprint must not depend on which container held the same codes
         object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)

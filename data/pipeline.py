@@ -73,8 +73,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # `mojibake`); 9 = top_{n}gram of n-grams tied for most frequent measures the longest (it took the first in hash
 # order: reordered paragraphs measured 0.034-0.096), a boilerplate rule written with capitals matches (it never did),
 # and one anchored with ^ / $ matches at every line's ends (only at the text's, before); 10 = a record's "lang": null
-# is identified by the labelling stage (it stayed null), the augment stage counts the final tier's languages and tags.
-OUTPUT_VERSION = 10
+# is identified by the labelling stage (it stayed null), the augment stage counts the final tier's languages and tags;
+# 11 = exact dedup keys fold spaces and line breaks beside Chinese / Japanese characters (a hard-wrapped copy differed).
+OUTPUT_VERSION = 11
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,24 @@ def test_exact_key_folds_case_punctuation_whitespace():
     assert exact_key("hello world") != exact_key("hello word")
 
 
+def test_exact_key_folds_line_wraps_and_spaces_in_chinese_and_japanese():
+    """Chinese and Japanese put no space between words: a break between two characters is layout, as at a space in
+    English. A Chinese article hard-wrapped at 40 characters had another exact key than its unwrapped copy (their
+    shingles, one per character, were identical), so exact-only dedup kept both; English wrapped stays one key."""
+    import textwrap
+
+    zh = zh_text(np.random.default_rng(0), 300)
+    assert exact_key("\n".join(textwrap.wrap(zh, 40))) == exact_key(zh)
+    assert exact_key("你好，世界") == exact_key("你好世界") == exact_key("你好 世界")
+    assert exact_key("我用 Python 写代码") == exact_key("我用Python写代码")
+    assert exact_key("これは ペン です") == exact_key("これはペンです")
+    # spaces between Latin words, and Korean's between words, still separate them
+    assert exact_key("hello world 你好") != exact_key("helloworld 你好")
+    assert exact_key("아버지가 방에 들어가신다") != exact_key("아버지가방에 들어가신다")
+    en = en_text(np.random.default_rng(0), 60)
+    assert exact_key("\n".join(textwrap.wrap(en, 40))) == exact_key(en)
+
+
 def test_case_folds_by_casefold_in_exact_and_near_dedup():
     """str.lower keeps 'ß' where upper case writes 'SS': a German page and its upper-cased copy got two exact keys
     and none of their 9 shingles, so both were kept."""
@@ -131,6 +149,12 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="num_perm"):
         DedupConfig(num_perm=4)
     assert DedupConfig(num_perm=16).num_perm == 16  # the fewest the error allows (">= 16")
+    # datasketch seeds numpy's RandomState: another seed was accepted, then every worker failed in its first
+    # signature with "Seed must be between 0 and 2**32 - 1", naming no field
+    for seed in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"DedupConfig.seed=.* must be an int in \[0, 2\*\*32\)"):
+            DedupConfig(seed=seed)
+    assert signature("a b c d e f", DedupConfig(seed=2**32 - 1)).shape == (128,)
 
 
 

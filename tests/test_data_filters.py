@@ -144,8 +144,10 @@ def test_cjk_ngrams_span_words_not_characters():
     assert reason(ZH_SPAM) == "top_2gram"
     # English is measured per word as before
     assert analyze("The quick brown fox jumps over the lazy dog. " * 3)["ngram_scale"] == 1.0
-    with pytest.raises(ValueError, match="cjk_chars_per_word"):
-        QualityConfig(cjk_chars_per_word=0.5)
+    # inf was accepted, then analyze failed on every document (NaN n-gram scale in English, inf in Chinese)
+    for bad in (0.5, float("inf")):
+        with pytest.raises(ValueError, match="cjk_chars_per_word"):
+            QualityConfig(cjk_chars_per_word=bad)
 
 
 def test_ngram_signals_match_definition():
@@ -217,6 +219,12 @@ def test_config_errors_name_the_field():
         QualityConfig(min_mean_word_len=12.0)
     with pytest.raises(ValueError, match="boilerplate"):
         QualityConfig(boilerplate=("([unclosed",))
+    # a rule that matches an empty string (an empty alternative, an optional group alone) matched every line, so the
+    # whole corpus was dropped as `boilerplate`; anchored rules for blank or punctuation-only lines are rules
+    for rule in ("footer|", "(share this)?", "x*", "^", r"\s*"):
+        with pytest.raises(ValueError, match=r"QualityConfig.boilerplate pattern .* matches an empty string"):
+            QualityConfig(boilerplate=(*CFG.boilerplate, rule))
+    assert QualityConfig(boilerplate=(r"^\W*$", r"^$", r"read more\s*$")).boilerplate[0] == r"^\W*$"
     # a bare string where a tuple of phrases belongs made every character a rule (and dropped every document)
     for field in ("blocklist", "promo_phrases", "boilerplate"):
         with pytest.raises(ValueError, match=rf"QualityConfig.{field}=.*\(\'x y\',\)"):

@@ -63,6 +63,9 @@ def test_numpy_ints_are_seeds():
     (lambda: LabelConfig(min_hits_per_1k_words=float("nan")), r"LabelConfig.min_hits_per_1k_words=nan must be a"),
     (lambda: SourceConfig(max_doc_bytes=1e6), r"SourceConfig.max_doc_bytes=1000000.0 must be an int"),
     (lambda: DomainGlossary(max_terms=2.5), r"DomainGlossary.max_terms=2.5 must be an int"),
+    # accepted, then every worker failed in detect: "slice indices must be integers"; a str failed in '<', unnamed
+    (lambda: LangIDConfig(sample_chars=500.5), r"LangIDConfig.sample_chars=500.5 must be an int"),
+    (lambda: LangIDConfig(min_confidence="0.5"), r"LangIDConfig.min_confidence='0.5' must be a number"),
 ])
 def test_data_configs_refuse_wrong_types_by_name(make, says):
     with pytest.raises(ValueError, match=says):
@@ -90,6 +93,8 @@ def test_data_configs_keep_numpy_numbers_as_python_types():
     q = QualityConfig(min_words=np.int32(3), max_symbol_ratio=np.float64(0.5), min_mean_word_len=2)
     assert (type(q.min_words), type(q.max_symbol_ratio), type(q.min_mean_word_len)) == (int, float, int)
     assert repr(q) == repr(QualityConfig(min_words=3, max_symbol_ratio=0.5, min_mean_word_len=2))  # (fingerprints)
+    lid = LangIDConfig(sample_chars=np.int64(500), min_confidence=np.float32(0.5))
+    assert (type(lid.sample_chars), type(lid.min_confidence)) == (int, float)
 
 
 @pytest.mark.parametrize("make, says", [
