@@ -169,18 +169,39 @@ def _surrogate_at(v, where: str = "") -> str | None:
 
 def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
     """Stream the documents of one shard in order, `chunk` records in memory at a time."""
-    reader = ArrayRecordReader(str(path))
+    reader = _open_shard(path)
     try:
         n = reader.num_records()
         for start in range(0, n, chunk):
-            for rec in reader.read(start, min(start + chunk, n)):
+            try:
+                recs = reader.read(start, min(start + chunk, n))
+            except (RuntimeError, OSError) as e:  # a chunk damaged past a readable footer
+                raise _damaged(path, e) from None
+            for rec in recs:
                 try:
                     doc = decode_doc(rec)
                 except ValueError as e:
                     raise ValueError(f"{path}: {e}") from None
                 yield doc
     finally:
-        reader.close()
+        try:
+            reader.close()
+        except (RuntimeError, OSError) as e:  # where a reader of a damaged file says so, even after reading
+            raise _damaged(path, e) from None
+
+
+def _open_shard(path) -> ArrayRecordReader:
+    try:
+        return ArrayRecordReader(str(path))
+    except (RuntimeError, OSError) as e:
+        raise _damaged(path, e) from None
+
+
+def _damaged(path, e: Exception) -> ValueError:
+    """array_record's errors ('ArrayRecord file should be at least 64KB big', 'Invalid Riegeli/records file') name no
+    file: in a tier of thousands of shards, the truncated copy or stray file was not found."""
+    return ValueError(f"{path} is not a readable ArrayRecord shard ({e}); a truncated copy or another tool's file? "
+                      "copy it again, or clean its input again (python -m data.pipeline IN --out DIR)")
 
 
 def tier_shards(tier_dir: str | os.PathLike) -> list[str]:

@@ -839,3 +839,30 @@ def test_records_that_are_not_documents_are_named(tmp_path):
     with pytest.raises(TypeError, match=r"DocWriter.write: a document must be a dict\b.*got str"):
         w.write("hello")
     w.abort()
+
+
+def test_a_damaged_shard_is_named_where_its_documents_are_read(corpus, tmp_path):
+    """A truncated or foreign shard in a tier read by tier_texts (train_bpe's input) or pretokenize said only
+    'ArrayRecord file should be at least 64KB big' or 'Invalid Riegeli/records file: ...', naming no file of the
+    tier's thousands (the loader's Source named it)."""
+    from data.shards import iter_docs
+    from data.tokenizer import tier_texts
+
+    path, _ = corpus
+    tier = tmp_path / "tier"
+    tier.mkdir()
+    good = pathlib.Path(path) / "shard-00000.array_record"
+    (tier / good.name).write_bytes(good.read_bytes())
+    big = tier / "shard-00001.array_record"
+    w = DocWriter(big)
+    for i in range(2000):  # past the first 64 KiB block, so the cut leaves a header that reads
+        w.write({"id": str(i), "text": f"document {i} " * 20})
+    w.commit()
+    for raw in (big.read_bytes()[:len(big.read_bytes()) // 2], b"not a shard"):
+        big.write_bytes(raw)
+        with pytest.raises(ValueError, match=r"shard-00001.array_record is not a readable ArrayRecord shard .*clean"):
+            list(tier_texts(tier))
+        with pytest.raises(ValueError, match=r"shard-00001.array_record is not a readable ArrayRecord shard"):
+            pretokenize(tier, EOS_BYTES, tmp_path / "ids", progress=False)
+    with pytest.raises(ValueError, match=r"missing.array_record is not a readable ArrayRecord shard"):
+        next(iter_docs(tmp_path / "missing.array_record"))

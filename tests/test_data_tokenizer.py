@@ -389,3 +389,18 @@ def test_a_special_token_the_bpe_can_spell_from_text_is_refused(special):
     with pytest.raises(ValueError, match=f"special token {special!r} is also text the BPE encodes to its id"):
         train_bpe(["hello world foo bar baz qux"] * 50, vocab_size=275, special_tokens=(EOS, special),
                   show_progress=False)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(vocab_size=300.0), r"vocab_size=300.0 must be an int"),  # 'float' object cannot be interpreted as an integer
+    (dict(vocab_size=True), r"vocab_size=True must be an int"),
+    (dict(min_frequency=-1), r"min_frequency=-1 must be an int >= 0"),  # can't convert negative int to unsigned
+    (dict(min_frequency=1.5), r"min_frequency=1.5 must be an int >= 0"),
+    # `tokenizers` reserves vocab_size entries up front: the interpreter died of SIGABRT, no traceback
+    (dict(vocab_size=2**32), r"vocab_size=4294967296 must be .* int32"),
+])
+def test_train_bpe_sizes_are_checked_naming_the_argument(kw, message):
+    with pytest.raises(ValueError, match=message):
+        train_bpe(["hello world"] * 3, **{"vocab_size": 300, **kw}, show_progress=False)
+    assert train_bpe(["hello world"] * 3, vocab_size=np.int64(260), min_frequency=np.int64(0),
+                     show_progress=False).vocab_size == 260  # numpy ints, and min_frequency 0, as `tokenizers` takes
