@@ -18,8 +18,17 @@ from models.transformer import KVCache, check_token_ids
 
 
 def _check_top_k(top_k):
+    """top_k as given, a concrete 0-d integer array as its int (jnp.int32(8) was refused as not 'a positive int', as
+    max_new_tokens once was); else a ValueError naming it."""
+    if isinstance(top_k, jax.core.Tracer):
+        raise ValueError("top_k must be a Python int (it fixes the program's shapes), not a traced value: pass it from "
+                         "outside jax.jit (a static argument)")
+    if (getattr(top_k, "ndim", None) == 0 and not isinstance(top_k, numbers.Number)
+            and jnp.issubdtype(top_k.dtype, jnp.integer)):
+        top_k = int(top_k)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be None or 0 (off) or a positive int, got {top_k!r}")
+    return top_k
 
 
 def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: float | None):
@@ -30,13 +39,15 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     with the last one kept stays (order-independent).
     temperature and top_p may be traced scalars (one compiled program for all their values; a traced temperature
     always samples, 0 as the smallest one); top_k fixes the program's shapes, so it is a Python int."""
-    _check_top_k(top_k)
+    top_k = _check_top_k(top_k)
     traced_t, traced_p = isinstance(temperature, jax.core.Tracer), isinstance(top_p, jax.core.Tracer)
     # checked here too, for decoding loops that call this directly: top_p <= 0 or a NaN temperature masked every
     # token, and categorical then returned token 0 whatever the logits (a negative temperature sampled the argmax)
-    if not traced_t and not (math.isfinite(float(temperature)) and temperature >= 0):
+    # (None or a string failed in float() or a comparison, naming neither)
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if not traced_t and not (real(t := _real_scalar(temperature)) and math.isfinite(t) and t >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_p is not None and not traced_p and not 0 < float(top_p) <= 1:
+    if top_p is not None and not traced_p and not (real(p := _real_scalar(top_p)) and 0 < p <= 1):
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if not traced_t and temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -139,11 +150,14 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     rows = [a.reshape(-1) for a in arrays]
     if not rows or any(not r.size for r in rows):
         raise ValueError("left_pad: prompts must be a non-empty list of non-empty token-id lists")
+    top = np.iinfo(np.int32).max  # the int32 tokens below wrapped larger ids: 2**32 + 5 became a valid 5
     for b, r in enumerate(rows):  # a float id was truncated (1.7 -> 1) without a word
-        if not np.issubdtype(r.dtype, np.integer) or (r < 0).any():
-            raise ValueError(f"left_pad: prompt {b} must hold token ids (ints >= 0), got {r.dtype} {r[:8].tolist()}")
-    if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or pad_id < 0:
-        raise ValueError(f"left_pad: pad_id={pad_id!r} must be a token id (an int >= 0)")
+        if not np.issubdtype(r.dtype, np.integer) or (r < 0).any() or (r > top).any():
+            span = f" (min {r.min()}, max {r.max()})" if np.issubdtype(r.dtype, np.integer) else ""
+            raise ValueError(f"left_pad: prompt {b} must hold token ids (ints in [0, 2**31)), got {r.dtype} "
+                             f"{r[:8].tolist()}{span}")
+    if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or not 0 <= pad_id <= top:
+        raise ValueError(f"left_pad: pad_id={pad_id!r} must be a token id (an int in [0, 2**31))")
     P = max(map(len, rows))
     if length is not None:
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < P:
@@ -224,7 +238,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
         raise ValueError(f"rng must be a key, jax.random.key({rng!r}), not a bare {type(rng).__name__}")
     if rng is not None and (why := key_error(rng)) is not None:  # raw keys: those of the default PRNG (rbg: [4])
         raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), {why}")
-    _check_top_k(top_k)
+    top_k = _check_top_k(top_k)
     if isinstance(top_p, jax.core.Tracer):  # (it read as 'must be a number in (0, 1], got JitTracer(~float32[])')
         raise ValueError("generate's top_p must be a Python number (it chooses whether the program sorts), not a "
                          "traced value: call generate outside jax.jit (a new top_p does not compile it again), or "

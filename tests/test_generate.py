@@ -420,7 +420,7 @@ def test_prompt_mask_must_be_left_padding(model):
         left_pad([[1, 2], []])
     with pytest.raises(ValueError, match=r"length=2 must be an int >= the longest prompt \(3 tokens\)"):
         left_pad([[1, 2, 3]], length=2)
-    with pytest.raises(ValueError, match=r"prompt 0 must hold token ids \(ints >= 0\), got float64 \[1.7, 2.2\]"):
+    with pytest.raises(ValueError, match=r"prompt 0 must hold token ids \(ints in \[0, 2\*\*31\)\), got float64 \[1.7"):
         left_pad([[1.7, 2.2], [3]])  # truncated to [1, 2] without a word
     with pytest.raises(ValueError, match="prompt 1 must hold token ids"):
         left_pad([[1], [-3]])
@@ -436,7 +436,10 @@ def test_sample_logits_refuses_the_settings_generate_refuses():
     logits = jnp.log(jnp.array([[0.1, 0.6, 0.3]] * 8))
     for kw, words in [(dict(top_p=0.0), "top_p must be None or a number in"), (dict(top_p=-0.5), "top_p must be"),
                       (dict(top_p=float("nan")), "top_p must be"), (dict(temperature=float("nan")), "temperature must"),
-                      (dict(temperature=-1.0), "temperature must be a finite number >= 0")]:
+                      (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+                      # a TypeError from float() or a comparison, naming neither
+                      (dict(temperature=None), "temperature must be a finite number >= 0, got None"),
+                      (dict(temperature="0.5"), "temperature must be"), (dict(top_p="0.5"), "top_p must be")]:
         with pytest.raises(ValueError, match=words):
             sample_logits(logits, jax.random.key(0), **(dict(temperature=1.0, top_k=None, top_p=None) | kw))
 
@@ -601,6 +604,23 @@ def test_a_float16_cache_works_at_normal_scale_and_its_overflow_is_documented():
     assert "65504" in KVCache.zeros.__doc__ and "NaN" in KVCache.zeros.__doc__
 
 
+def test_top_k_takes_concrete_integer_scalar_arrays_and_names_traced_ones(model):
+    """A concrete jnp.int32(3) top_k was refused as not 'a positive int' (np.int32(3) passed): it is that int, in
+    generate and sample_logits alike; a traced one is named as such, a bool / float array still refused."""
+    prompt, key = jnp.zeros((1, 3), jnp.int32), jax.random.key(7)
+    want = generate(model, prompt, 4, temperature=1.0, top_k=3, rng=key)
+    for k in (jnp.int32(3), np.asarray(3)):
+        np.testing.assert_array_equal(generate(model, prompt, 4, temperature=1.0, top_k=k, rng=key), want)
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.1, 0.06, 0.04]] * 64))
+    np.testing.assert_array_equal(sample_logits(logits, key, 1.0, jnp.int32(2), None),
+                                  sample_logits(logits, key, 1.0, 2, None))
+    for bad in (jnp.float32(3), jnp.bool_(True), jnp.array([3])):
+        with pytest.raises(ValueError, match="top_k must be None or 0"):
+            sample_logits(logits, key, 1.0, bad, None)
+    with pytest.raises(ValueError, match=r"top_k must be a Python int .* not a traced value"):
+        jax.jit(lambda k: sample_logits(logits, key, 1.0, k, None))(2)
+
+
 def test_max_new_tokens_takes_concrete_integer_scalar_arrays_and_names_traced_ones(model):
     """max_new_tokens=jnp.int32(4) (a count computed with jnp) was refused as 'must be an int >= 1, got Array(4)';
     numpy's int64 passed. A concrete integer scalar is that int; a traced one fixes no shape, and is named as such
@@ -626,6 +646,21 @@ def test_int64_prompt_ids_beyond_int32_are_refused_not_wrapped(model):
             generate(model, np.asarray(ids, np.int64), 2)
     for dt in (np.int64, np.uint8, np.uint64):
         np.testing.assert_array_equal(generate(model, np.asarray([[5, 3]], dt), 2), want)
+
+
+def test_left_pad_refuses_ids_beyond_int32_instead_of_wrapping_them():
+    """left_pad writes int32 tokens: an int64 / uint64 id of 2**32 + 5 (or pad_id) was stored as 5, a valid id, so
+    generate's own range check never saw it. Now refused, naming the prompt and its range; int32's largest id passes."""
+    for ids, span in ((np.array([2**32 + 5, 7], np.int64), "max 4294967301"),
+                      (np.array([2**63], np.uint64), "max 9223372036854775808")):
+        with pytest.raises(ValueError, match=rf"left_pad: prompt 1 must hold token ids \(ints in \[0, 2\*\*31\)\), "
+                                             rf"got .*\(min .*{span}\)"):
+            left_pad([[1], ids])
+    for pad in (2**32, np.uint64(2**32 + 2)):
+        with pytest.raises(ValueError, match=r"pad_id=.* must be a token id \(an int in \[0, 2\*\*31\)\)"):
+            left_pad([[1], [2, 3]], pad_id=pad)
+    top = np.iinfo(np.int32).max
+    assert left_pad([np.array([top], np.int64), [3, 4]], pad_id=top)[0].tolist() == [[top, top], [3, 4]]
 
 
 def test_list_prompt_ids_beyond_int32_get_the_named_range_error(model):
