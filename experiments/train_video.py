@@ -672,6 +672,12 @@ def main(argv=None):
         mesh = make_mesh(parse_mesh(args.mesh))
     except (ConfigError, ValueError) as e:
         ap.error(f"argument --mesh: {str(e).removeprefix('mesh: ')}")
+    if (stages := mesh.shape.get("stage", 1)) > 1:  # 'stage' is no batch axis: every stage device ran the same rows
+        ap.error(f"argument --mesh: the video models have no pipeline, so stage={stages} would only split their layer "
+                 f"stacks while each of the {stages} stage devices runs the same rows ({stages}x the work per device); "
+                 "put those devices on data or fsdp, e.g. --mesh " + ",".join(
+                     f"{a}={n * stages if a == 'data' else n}" for a, n in {"data": 1, **mesh.shape}.items()
+                     if a != "stage" and (n > 1 or a == "data")))
     try:
         scales = parse_scales(args.scales)
     except ValueError as e:

@@ -289,6 +289,20 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
                                                                                        param_dtype="bfloat16")))
 
 
+def test_a_stage_mesh_axis_is_refused_since_the_video_models_do_not_pipeline(tmp_path, capsys, monkeypatch):
+    """The video models have no pipeline: a 'stage' axis only split their layer stacks while every stage device ran
+    the same rows (the t2v gradient on {stage 2, data 4}: 4.57e6 FLOPs per device, as {data 4}; {data 8} 2.29e6).
+    The default preset's stacks divide stage=2, so it was accepted and trained at 2x the per-device work; the tiny
+    preset's one-layer stacks were refused with 'use a config n_layers that is a multiple of 2', advice that led
+    there. Refused by name before anything is built or deleted."""
+    monkeypatch.setattr(train_video, "check_resume", lambda *a: pytest.fail("--mesh stage=2 passed the checks"))
+    for preset in ("default", "tiny"):
+        with pytest.raises(SystemExit):
+            train_video.main(["--preset", preset, "--out", str(tmp_path / "run"), "--mesh", "stage=2,data=4"])
+        err = capsys.readouterr().err
+        assert re.search(r"argument --mesh: .*no pipeline.*stage=2.*e\.g\. --mesh data=8", err), err
+
+
 def test_vae_and_t2v_steps_fit_a_fixed_batch():
     """The two training steps, on one fixed batch of the tiny preset: the loss falls (a sign or wiring bug in either
     step's loss, gradient or update would not), and the EMA follows the params."""
