@@ -111,6 +111,11 @@ def from_pure(target, pure):
 @jax.jit
 def _leaf_sums(leaves):
     def one(x):
+        # bitcast refuses bool and complex, which a state may hold (optax.apply_if_finite's last_finite is a bool)
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        elif jnp.issubdtype(x.dtype, jnp.complexfloating):
+            x = jnp.stack([x.real, x.imag])
         # 8-byte leaves (jax_enable_x64) as two 32-bit words each: a cast to uint32 kept only the low word
         bits = {8: jnp.uint32, 4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
         u = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)

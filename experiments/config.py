@@ -355,8 +355,10 @@ def _close_setting(key: str, cfg: RunConfig) -> str | None:
 
 def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
     """`section.field=value` overrides (`model.moe.top_k=1` reaches nested configs; the last of a key wins), each
-    config rebuilt once with all of its fields."""
-    sets = dict(sets)
+    config rebuilt once with all of its fields. `sets` is in command-line order: a whole config set after some of its
+    fields (`model.moe.top_k=1` then `model.moe=none`) replaces them, as a later `mesh=` replaces `mesh.<axis>`."""
+    keys = list(sets)
+    sets = {k: v for i, (k, v) in enumerate(sets.items()) if not any(k.startswith(f"{p}.") for p in keys[i + 1:])}
     for key in [k for k in sets if k == "mesh" or k.startswith("mesh.")]:
         text = sets.pop(key)
         if key == "mesh":
@@ -601,6 +603,11 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         if path is None:
             continue
         need((problem := dir_problem(path)) is None, field, problem)
+    # a run's ckpt/ itself (--out runs/x/ckpt, meaning to resume runs/x): a fresh run started inside it, silently
+    steps = sorted((n for n in (os.listdir(t.out) if os.path.isdir(t.out) else ())
+                    if n.isdigit() and os.path.isdir(os.path.join(t.out, n, "meta"))), key=int)
+    need(not steps, "train.out", f"{t.out!r} holds checkpoint steps ({', '.join(steps[-3:])}): it is a run's ckpt/ "
+         f"directory; pass the run's own directory, {os.path.dirname(os.path.abspath(t.out))!r}, to resume it")
     if t.init_from is not None:  # before compiling: the folder, and a model that its weights fit
         folder = str(t.init_from)
         need(any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),

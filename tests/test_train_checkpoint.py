@@ -740,6 +740,30 @@ def test_the_checksum_sees_both_words_of_8_byte_leaves():
             assert fingerprint({"x": jnp.asarray(hi)}) != base != fingerprint({"x": jnp.asarray(lo)})
 
 
+def test_a_state_with_bool_and_complex_leaves_saves_restores_and_is_checksummed(tmp_path):
+    """optax.apply_if_finite keeps a bool in its state: the checksum's bitcast refused bool (and complex) leaves,
+    so save() failed with a TypeError from inside jit that named neither the leaf nor a fix."""
+    import optax
+
+    from experiments.checkpoint import fingerprint
+
+    opt_state = optax.apply_if_finite(optax.adam(1e-3), 3).init({"w": jnp.ones(3)})
+    state = {"opt_state": opt_state, "z": jnp.array([1 + 2j, 3j], jnp.complex64)}
+    flipped = jax.tree.map(lambda x: ~x if x.dtype == jnp.bool_ else x, state)
+    other_z = {**state, "z": jnp.array([1 + 2j, 4j], jnp.complex64)}
+    assert len({fingerprint(state), fingerprint(flipped), fingerprint(other_z)}) == 3
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(1, state, {"config": "{}"})
+        restored, meta = ckpt.restore(state)
+    finally:
+        ckpt.close()
+    assert meta["step"] == 1
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 def test_sigint_like_sigterm_is_remembered_for_the_loop_and_the_handlers_come_back():
     """Ctrl-C (SIGINT) must reach the trainer's save-and-exit path as SIGTERM does (the kill test sends SIGTERM
     only, end to end): no KeyboardInterrupt mid-step, the signal's name for the exit line, the previous handlers

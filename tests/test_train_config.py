@@ -265,6 +265,18 @@ def test_presets_and_overrides_compose():
     assert abs(load(["--preset", "mixtral8x7b"]).model.param_count() / 46.7e9 - 1) < 0.01
 
 
+def test_an_out_that_is_a_runs_checkpoint_directory_is_refused(tmp_path):
+    """--out runs/x/ckpt (meaning to resume runs/x) started a fresh run inside the checkpoint directory, silently."""
+    run = tmp_path / "run"
+    for step in (4, 8, 12):
+        (run / "ckpt" / str(step) / "meta").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=re.escape(f"train.out: '{run / 'ckpt'}' holds checkpoint steps (4, 8, 12): "
+                                                    f"it is a run's ckpt/ directory; pass the run's own directory, "
+                                                    f"'{run}'")):
+        validate(load(["--preset", "tiny", "--out", str(run / "ckpt")]), 8)
+    assert validate(load(["--preset", "tiny", "--out", str(run)]), 8)  # the run's directory: resumed
+
+
 def test_short_flags_and_set_apply_in_command_line_order():
     """--mesh / --steps are --set mesh= / train.steps=: the last of a key wins across both forms, and a --set of one
     mesh axis after --mesh adds to it (the short flags were applied after every --set, dropping mesh.tensor=2)."""
@@ -272,6 +284,11 @@ def test_short_flags_and_set_apply_in_command_line_order():
     assert load(["--preset", "tiny", "--set", "mesh.tensor=2", "--mesh", "fsdp=-1"]).mesh == {"fsdp": -1}
     assert load(["--preset", "tiny", "--steps", "10", "--set", "train.steps=50"]).train.steps == 50
     assert load(["--preset", "tiny", "--set", "train.steps=50", "--steps", "10"]).train.steps == 10
+    # so is a nested config turned off after some of its fields: the later none wins, as the later --mesh does
+    # (the fields were applied to MoEConfig's defaults: the "dense" run trained 8 experts)
+    off = ["--preset", "demo", "--set", "model.moe.top_k=1"]
+    assert load([*off, "--set", "model.moe=none"]).model.moe is None
+    assert load([*off, "--set", "model.moe=none", "--set", "model.moe.top_k=1"]).model.moe.top_k == 1
 
 
 def test_set_converts_to_the_declared_type():
