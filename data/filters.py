@@ -100,6 +100,10 @@ DEFAULT_BLOCKLIST = ("viagra", "cialis", "online casino", "replica watches", "pa
                      "博彩", "代开发票", "六合彩")
 
 
+# unlike lines of prose: a boilerplate rule with an empty match in each matches every line (QualityConfig refuses it)
+_PROSE_LINES = ("a line of text", "Another, much longer Line with the digits 42 that ends in a full stop.")
+
+
 @dataclasses.dataclass(frozen=True)
 class QualityConfig:
     """Thresholds of every quality rule; a document failing any one is dropped with that rule's name.
@@ -189,8 +193,10 @@ class QualityConfig:
                 rx = re.compile(p, re.I | re.M)
             except re.error as e:
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} is not a regex: {e}") from e
-            # one with an empty match in a line of prose matches every line: the whole corpus dropped as boilerplate
-            if any(not m.group() for m in rx.finditer("a line of text")):
+            # a rule matching an empty string whatever the line removes every line: the corpus dropped. Judged on two
+            # lines, not one: a zero-width rule that tests the line (C4's "no terminal punctuation", ^(?!.*[.!?]$);
+            # short lines, ^(?=.{0,20}$)) matches "a line of text" and removes only the lines it describes
+            if all(any(not m.group() for m in rx.finditer(line)) for line in _PROSE_LINES):
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} matches an empty string, so every line is "
                                  "boilerplate and every document dropped; make each alternative match some text (no "
                                  "empty '|' branch, no optional part alone)")

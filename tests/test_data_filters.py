@@ -343,6 +343,18 @@ def test_anchored_boilerplate_rules_match_at_each_line():
     assert strip_boilerplate(f"{body}\nread 12 comments here\n{body}", cfg)[1] == 0  # anchored: whole lines only
 
 
+def test_zero_width_boilerplate_rules_that_test_the_line_are_rules():
+    """A rule matching an empty string is refused as matching every line, but one judged on "a line of text" alone
+    refused zero-width rules that test the line (accepted before, removing only their lines): C4's "no terminal
+    punctuation" as a lookahead, and short lines."""
+    body = en_text(np.random.default_rng(0), 30) + "."
+    for rule in (r"^(?!.*[.!?\"']\s*$)", r"^(?=.{0,20}$)"):
+        cfg = dataclasses.replace(CFG, boilerplate=(rule,))
+        assert strip_boilerplate(f"{body}\nShare\n{body}\nMenu\n{body}", cfg) == (f"{body}\n{body}\n{body}", 2, 5)
+    with pytest.raises(ValueError, match="matches an empty string"):  # empty wherever: still refused
+        QualityConfig(boilerplate=(r"^(?!.*[.!?]$)|\d*",))
+
+
 def test_boilerplate_limit_is_inclusive():
     """Half the non-blank lines boilerplate (the default line limit, 0.5) is kept, more is dropped as `boilerplate`
     (the character limit out of the way); the same at the character limit: exactly 20% of the non-space characters

@@ -1140,6 +1140,12 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
     with pytest.warns(UserWarning, match=r"dedup_against=.*older cleaning code .*str.casefold") as caught:
         dedup_stage(tmp_path / "held6", dedup_against=str(tmp_path / "clean"))
     assert sum("older cleaning code" in str(w.message) for w in caught) == 1
+    # one cleaned before exact keys folded the spaces beside Chinese / Japanese (version 11): every such text had
+    # another key, so with near=False no exact copy of one was dropped, silently
+    manifest["version"] = 10
+    (tmp_path / "clean" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match=r"dedup_against=.*older cleaning code \(version 10; .*Chinese / Japanese"):
+        dedup_stage(tmp_path / "held7", dedup_against=str(tmp_path / "clean"))
 
 
 def test_held_out_data_is_not_deduplicated_against_what_the_training_runs_labelers_dropped(tmp_path):
