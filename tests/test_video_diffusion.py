@@ -96,6 +96,17 @@ def test_classifier_free_guidance_combines_the_fields():
     assert (strong < -0.5).mean() < 1e-3 and strong.mean() > 1.5
 
 
+def test_guidance_refuses_a_scale_per_example():
+    """A [B] of scales broadcast against the prediction's last (channel) axis: with B = C the channels were scaled,
+    not the examples, silently; traced scales too."""
+    model = lambda x, t, c: x + c  # noqa: E731
+    x, t, c = jnp.zeros((4, 3, 4)), jnp.zeros(4), jnp.ones((4, 1, 1))
+    for run in (lambda s: guided(model, c, 0 * c, s)(x, t), jax.jit(lambda s: guided(model, c, 0 * c, s)(x, t))):
+        with pytest.raises(ValueError, match=r"guided: scale must be one number \(0-d\), got shape \[4\]"):
+            run(jnp.arange(4.0))
+    np.testing.assert_array_equal(guided(model, c, 0 * c, jnp.float32(2.0))(x, t), 2.0)  # 0-d arrays still run
+
+
 def test_noisy_targets_lead_back_to_the_data():
     x0 = jax.random.normal(jax.random.key(1), (64, 3, 4, 4, 2))
     eps = jax.random.normal(jax.random.key(2), x0.shape)

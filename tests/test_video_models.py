@@ -125,6 +125,8 @@ def test_dit_names_a_float_caption_mask_without_offering_an_inverting_fix():
     with pytest.raises(ValueError, match=r"text_valid_BL must be a bool mask .*got float32.*text_valid_BL > 0"):
         model(x, t, text, valid.astype(jnp.float32), pooled)
     np.testing.assert_array_equal(model(x, t, text, valid.astype(jnp.int32), pooled), model(x, t, text, valid, pooled))
+    with pytest.raises(ValueError, match=r"text_BLE has no caption tokens \(L = 0\); pass at least one"):
+        model(x, t, text[:, :0], valid[:, :0], pooled)
 
 @pytest.mark.parametrize("changes", [dict(), dict(attention="full"), dict(pooled_text=False, qk_norm=False),
                                      dict(patch=(3, 2, 2), head_dim=24)])
@@ -363,6 +365,26 @@ def test_all_padding_caption_adds_nothing_for_every_attn_impl():
     for impl in ("xla", "reference"):
         cut = cross(h[:1], text[:1, :2], jnp.ones((1, 2), bool), cd=jnp.float32, impl=impl)
         np.testing.assert_allclose(out[impl][:1], cut, atol=1e-6)
+
+def test_cross_attention_gives_cudnn_a_bool_mask_for_the_int_one_the_dit_accepts(monkeypatch):
+    """VideoDiT takes a 0/1 int caption mask ('xla' and 'reference' read its truthiness), but cuDNN's kernel refuses
+    any non-bool mask: attn_impl='cudnn' failed on a GPU with jax's 'mask dtype should be bool, but got int32'."""
+    with nnx.use_eager_sharding(False):
+        cross = CrossAttention(32, 16, 2, 16, qk_norm=True, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    text = jax.random.normal(jax.random.key(1), (2, 4, 16))
+    valid = jnp.asarray([[1, 1, 0, 0], [1, 0, 0, 0]], jnp.int32)
+    seen = []
+
+    def fake_cudnn(q, k, v, *, mask, **kw):  # stands in for the GPU kernel: records what it was handed
+        seen.append(mask.dtype)
+        return jnp.zeros_like(q)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    cross(h.astype(jnp.bfloat16), text.astype(jnp.bfloat16), valid, cd=jnp.bfloat16, impl="cudnn")
+    assert seen == [jnp.dtype(bool)]
+    np.testing.assert_array_equal(cross(h, text, valid, cd=jnp.float32), cross(h, text, valid > 0, cd=jnp.float32))
+
 
 def test_rope_needs_a_channel_pair_per_axis():
     # head_dim 4 splits (2, 0, 2): rows would get no position and the DiT would not tell them apart
@@ -662,6 +684,8 @@ def test_text_encoder_names_the_field_and_fix_for_captions_past_max_seq_len():
     assert enc(jnp.asarray([[5]])).tokens_BLE.shape == (1, 1, 16)
     with pytest.raises(ValueError, match=r"9 tokens exceed .*TransformerConfig.max_seq_len=8.*truncate"):
         enc(jnp.ones((1, 9), jnp.int32))
+    with pytest.raises(ValueError, match=r"TextEncoder: captions of 0 tokens; pad them to at least one"):
+        enc(jnp.ones((1, 0), jnp.int32))  # failed inside the attention kernel, naming a reduction
 
 def test_caption_dropout_rate_and_null():
     tok = jnp.tile(jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]]), (4000, 1))

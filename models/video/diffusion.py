@@ -74,6 +74,9 @@ def guided(model_fn: Callable, cond, uncond, scale: float) -> PredFn:
     plain conditional model (one call, when `scale` is a Python number); scale == 0 the unconditional one.
     A traced `scale` always runs both halves, so one compiled sampler serves every scale.
     """
+    if jnp.ndim(scale) != 0:  # a [B] of per-example scales broadcast against the last (channel) axis, silently
+        raise ValueError(f"guided: scale must be one number (0-d), got shape {list(jnp.shape(scale))}; run one "
+                         "sampler per guidance scale")
     if isinstance(scale, int | float) and scale == 1.0:
         return lambda x, t: model_fn(x, t, cond)
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)

@@ -106,6 +106,9 @@ def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) ->
          f"t_B must be float times in [0, 1] of shape [B]=({B},), got {jnp.result_type(t_B)}{list(shape(t_B))}")
     need(len(shape(text_BLE)) == 3 and shape(text_BLE)[0] == B and shape(text_BLE)[2] == cfg.text_dim,
          f"text_BLE must be [B={B}, L, DiTConfig.text_dim={cfg.text_dim}], got {list(shape(text_BLE))}")
+    # L = 0 failed inside the attention kernel ('zero-size array to reduction operation max')
+    need(shape(text_BLE)[1] >= 1, "text_BLE has no caption tokens (L = 0); pass at least one, e.g. a padding token "
+         "with text_valid_BL False: an all-padding caption adds nothing")
     need(text_valid_BL is not None and shape(text_valid_BL) == shape(text_BLE)[:2],
          f"text_valid_BL must be a [B, L]={list(shape(text_BLE)[:2])} mask of the caption tokens, got "
          f"{None if text_valid_BL is None else list(shape(text_valid_BL))}")

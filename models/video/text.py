@@ -70,6 +70,9 @@ class TextEncoder(nnx.Module):
             raise ValueError(f"TextEncoder: tokens must be a batch [B, L], got shape {list(jnp.shape(tokens_BL))}; one "
                              "caption is tokens[None]")
         B, L = tokens_BL.shape
+        if L == 0:  # failed inside the attention kernel ('zero-size array to reduction operation max')
+            raise ValueError("TextEncoder: captions of 0 tokens; pad them to at least one (the null caption is "
+                             "data.moving_shapes.null_tokens)")
         tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)  # out-of-range ids would gather NaN rows
         if L > cfg.max_seq_len:
             raise ValueError(f"captions of {L} tokens exceed the text encoder's TransformerConfig.max_seq_len="
