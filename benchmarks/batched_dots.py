@@ -75,14 +75,14 @@ def measure(rounds: int) -> dict[str, float]:
 
 
 def main(argv=None):
-    from benchmarks.rounds import save
+    from benchmarks.rounds import out_path, save
     from experiments.config import at_least
     from parallel.host import tune_cpu_allocator
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child: pinned, prints JSON
-    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
     tune_cpu_allocator()  # as the train step's benchmark: an elementwise pass's fresh output is otherwise page-faulted
     if args.one_core:

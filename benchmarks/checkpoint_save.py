@@ -60,13 +60,14 @@ def eight_device_mesh(text: str) -> str:
 
 
 def main(argv=None):
+    from benchmarks.rounds import out_path
     from experiments.config import at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=3)
     ap.add_argument("--mesh", type=eight_device_mesh, default="data=2,fsdp=2,tensor=2",
                     help="the demo state's mesh (8 devices)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=out_path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -32,6 +32,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.rounds import out_path, write_json  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from experiments.run_log import read_curves  # noqa: E402
 
@@ -191,7 +192,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=at_least(1), default=5)
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32", "none"])
     ap.add_argument("--demo", action="store_true", help="also time the demo run to its eval target")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=out_path, default=None)
     args = ap.parse_args(argv)
     from experiments.config import preset
 
@@ -209,9 +210,7 @@ def main(argv=None):
             del big
         if args.demo:
             rows.append(demo_run(os.path.join(tmp, "demo-run")))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return rows
 
 

@@ -17,11 +17,12 @@ import time
 
 
 def main(argv=None):
+    from benchmarks.rounds import out_path, write_json
     from experiments.config import at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=3)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=out_path, default=None)
     args = ap.parse_args(argv)
     import jax
     from flax import nnx
@@ -53,10 +54,8 @@ def main(argv=None):
         rows.append({"model": m, "shaped_s": round(shaped, 2), "flat_s": round(flat, 2),
                      "ratio": round(shaped / flat, 2)})
         print(json.dumps(rows[-1]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rounds": args.rounds, "rows": rows, "times": {f"{m} / {k}": v for (m, k), v in times.items()}},
-                      f, indent=1)
+    write_json(args.json, {"rounds": args.rounds, "rows": rows,
+                           "times": {f"{m} / {k}": v for (m, k), v in times.items()}})
     return rows
 
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import models.glu as glu_mod
 import models.linear as ml
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved, pair_row, save
+from benchmarks.rounds import interleaved, out_path, pair_row, save
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -114,7 +114,7 @@ def dit_contender(before: str | None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=10, help="interleaved measurement rounds")
-    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
     tune_cpu_allocator()
     variants = {

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
 
@@ -31,6 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks.rounds import out_path, plot_path, write_json
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
@@ -145,8 +145,13 @@ def main(argv=None):
     ap.add_argument("--balance-steps", type=at_least(0), default=150)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--plot", default="docs/moe_load.png")
-    ap.add_argument("--json")
+    ap.add_argument("--json", type=out_path)
     args = ap.parse_args(argv)
+    if args.balance_steps:  # the plot is drawn only after both parts (minutes): its file name checked first
+        try:
+            plot_path(args.plot)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"argument --plot: {e}")
     res = {}
     if not args.skip_speed:
         res["speed"] = speed(args.rounds, args.steps)
@@ -157,11 +162,10 @@ def main(argv=None):
         res["balance"] = balance(args.balance_steps)
         for n, r in res["balance"].items():
             print(f"{n:34s} max/mean load {r['max_over_mean']:.2f}  cv {r['cv']:.2f}  loss {r['final_loss']:.3f}")
+    write_json(args.json, res)  # before the plot: a plot that fails must not take the results with it
+    if args.balance_steps:
         plot(res["balance"], args.plot)
         print("plot:", args.plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
     return res
 
 

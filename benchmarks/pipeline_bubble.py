@@ -70,6 +70,8 @@ def main(argv=None):
     ap.add_argument("--mb", type=at_least(1), default=8, help="examples per microbatch")
     ap.add_argument("--reps", type=at_least(1), default=5)
     args = ap.parse_args(argv)
+    if args.stages > len(jax.devices()):  # else refused by make_mesh after the reference had run, naming no flag
+        ap.error(f"argument --stages: {args.stages} stages need as many devices, {len(jax.devices())} here")
     S, Ms, L = args.stages, args.micro, 2 * args.stages
     ref = reference(args.mb, 64, 256, L, args.reps)
     t = {M: pipelined(S, M, args.mb, 64, 256, L, args.reps) for M in tqdm(Ms, desc="microbatch counts")}

@@ -60,6 +60,7 @@ def child(way: str, args) -> dict:
 
 
 def main(argv=None):
+    from benchmarks.rounds import out_path
     from experiments.config import ConfigError, at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,7 +68,7 @@ def main(argv=None):
     ap.add_argument("--d-model", type=at_least(1), default=512)
     ap.add_argument("--layers", type=at_least(1), default=8)
     ap.add_argument("--vocab", type=at_least(1), default=32000)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", type=out_path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -3,7 +3,9 @@ load change on a shared machine hits all of them alike."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
 import time
 
@@ -36,17 +38,53 @@ def pair_row(times: dict, extra: dict, name, base: str, new: str) -> dict:
             f"temp_mib_{base}": extra[(name, base)], f"temp_mib_{new}": extra[(name, new)]}
 
 
+def out_path(text: str) -> str:
+    """argparse type of an output file (--json, --plot): its directory must exist and be writable, checked before the
+    run; a mistyped directory failed only when the results were written, after minutes of timing, and lost them."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the directory of {text} does not exist; create it or name another file")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the directory of {text} is not writable; name another file")
+    return text
+
+
+out_path.__name__ = "output file"
+
+
+def plot_path(text: str) -> str:
+    """argparse type of --plot: an `out_path` whose extension matplotlib writes; savefig refused 'load.pnj' only after
+    the run (moe_train lost its --json with it, written after the plot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if os.path.splitext(text)[1][1:].lower() not in formats:
+        raise argparse.ArgumentTypeError(f"{text} is not an image file name; end it in one of {sorted(formats)}")
+    return out_path(text)
+
+
+plot_path.__name__ = "image file"
+
+
+def write_json(path: str | None, obj, indent: int = 1) -> None:
+    """Write `obj` as JSON to `path` (None: nothing) through a temporary file renamed over it: `open(path, "w")`
+    emptied a previous result file (a committed docs/*.json) before a dump that then failed part-way."""
+    if path:
+        from data.shards import write_atomically
+
+        text = json.dumps(obj, indent=indent)  # a value JSON cannot hold raises here, before any file is touched
+        write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def save(path: str | None, rounds: int, rows: dict) -> None:
     """Write {rounds, results: rows} as JSON to `path` (None: nothing)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump({"rounds": rounds, "results": rows}, f, indent=1)
+    write_json(path, {"rounds": rounds, "results": rows})
 
 
 def report(path: str | None, rows: list, summary: dict) -> dict:
     """Print `summary` and write {rows, summary} as JSON to `path` (None: print only); returns `summary`."""
     print(json.dumps(summary, indent=1))
-    if path:
-        with open(path, "w") as f:
-            json.dump({"rows": rows, "summary": summary}, f, indent=1)
+    write_json(path, {"rows": rows, "summary": summary})
     return summary

@@ -23,7 +23,7 @@ from unittest import mock
 import jax
 
 from benchmarks.moe_train import MOE
-from benchmarks.rounds import interleaved, pair_row, save
+from benchmarks.rounds import interleaved, out_path, pair_row, save
 from benchmarks.train_step import CFG, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -61,7 +61,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least(1), default=8, help="interleaved measurement rounds")
     ap.add_argument("--layers", type=layer_counts, default=[4, 8, 16], help="layer counts, comma-separated")
-    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
     tune_cpu_allocator()
     bf16 = dataclasses.replace(CFG, dtype="bfloat16")

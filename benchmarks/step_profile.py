@@ -20,7 +20,6 @@ import argparse
 import bisect
 import collections
 import glob
-import json
 import math
 import re
 import tempfile
@@ -28,6 +27,7 @@ import time
 
 import jax
 
+from benchmarks.rounds import out_path, write_json
 from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, schedulable_cores, setup
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
@@ -216,7 +216,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=at_least(1), default=3, help="traced steps, one trace each (the median is shown)")
     ap.add_argument("--torch", action="store_true", help="also profile HF Llama under torch.compile")
-    ap.add_argument("--json", metavar="OUT", help="write the breakdown here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the breakdown here")
     args = ap.parse_args(argv)
     mm = jax_matmul()
     for _ in range(3):
@@ -248,8 +248,7 @@ def main(argv=None):
         for k, v in t["by_op_ms"].items():
             print(f"    {v:7.2f}  {k}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"xla_matmul_gflops": peak} | r, f, indent=2)
+        write_json(args.json, {"xla_matmul_gflops": peak} | r, indent=2)
     return r
 
 

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.rounds import out_path, plot_path, write_json
 from experiments.config import at_least
 from models.sliding_window import sliding_window_attention
 from parallel.host import tune_cpu_allocator
@@ -88,8 +89,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=at_least(1), default=3)
     ap.add_argument("--max-gb", type=float, default=8.0)
     ap.add_argument("--dense-max", type=at_least(1), default=8192, help="longest sequence the quadratic kernels run at")
-    ap.add_argument("--plot", default=None)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", type=plot_path, default=None)
+    ap.add_argument("--json", type=out_path, default=None)
     ap.add_argument("--train-step", action="store_true")
     args = ap.parse_args(argv)
 
@@ -129,8 +130,7 @@ def main(argv=None):
         out["train_step_32k"] = train_step_32k()
         print("train step at 32K tokens:", json.dumps(out["train_step_32k"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     if args.plot:
         import matplotlib
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks.rounds import out_path, write_json
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
@@ -169,9 +169,11 @@ def main(argv=None):
                     "(scan_unroll=1), with the dense masked attention kernel, with a Python layer loop, and with "
                     "plain x @ w weight gradients (matmul_impl='plain'), and with bf16 compute (f32 params), "
                     "unrolled and scanned; and HF under torch.compile with bf16 autocast")
-    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
     args = ap.parse_args(argv)
+    if args.profile and args.json:  # the phases are printed only: the file was silently never written
+        ap.error("argument --json: --profile only prints its phase table; drop --json, or --profile for a JSON")
     if args.profile:
         return profile_phases(CFG, args.batch, args.seq, args.rounds)
 
@@ -276,9 +278,7 @@ def main(argv=None):
               f"{r['gflops']:8.1f} {pct:>15s}  {rel}")
     for name, why in failed.items():
         print(f"FAILED {name}: {why}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out, indent=2)
     return out
 
 

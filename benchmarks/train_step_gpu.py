@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from benchmarks.rounds import out_path, write_json
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
@@ -76,7 +76,7 @@ def main(argv=None):
                     help="attention kernel of the 1B config: cuDNN's fused one, or the 'xla' fallback")
     ap.add_argument("--tiny", action="store_true", help="the 1B config shrunk (bf16 compute, heads of 128); "
                     "'xla' attention off a GPU: a CPU smoke run")
-    ap.add_argument("--json", metavar="OUT", help="write the results here")
+    ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
     if not args.tiny and not gpu:
@@ -107,8 +107,7 @@ def main(argv=None):
           f"{res['tokens_per_s']:,.0f} tokens/s ({res['step_ms']:.0f} ms/step), MFU {100 * out['mfu']:.1f}% of "
           f"{chip} bf16 peak {peak / 1e12:.0f} TFLOP/s; warm-up {res['warmup_s']:.0f} s; loss {res['loss']:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
     return out
 
 

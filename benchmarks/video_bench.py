@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from benchmarks.rounds import out_path, write_json
 from data.moving_shapes import dataset, null_tokens
 from experiments.checkpoint import CheckpointMismatch
 from experiments.config import at_least
@@ -126,7 +126,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/video/default", help="a train_video run directory (for the VAE PSNR)")
     ap.add_argument("--steps", type=at_least(1), default=20, help="timed train steps per variant")
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", type=out_path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     p = PRESETS["default"]
     try:  # first: a run of another preset failed only after the timed benchmarks (minutes)
@@ -151,7 +151,7 @@ def main(argv=None):
         v = out["vae"]
         print(f"\nVAE reconstruction PSNR on {v['clips']} held-out clips (step {v['vae_step']}): {v['psnr_db']:.2f} dB")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+        write_json(args.json, out, indent=2)
     return out
 
 

@@ -57,19 +57,27 @@ def _option(text: str) -> tuple[str, object]:
     return name, int(value) if value.lstrip("-").isdigit() else value
 
 
+def option_set(text: str) -> tuple[str, dict]:
+    """argparse type of --option: 'a=1;b=x' -> (text, {a: 1, b: 'x'}); a part without '=' failed with a bare
+    unpacking ValueError."""
+    parts = text.split(";")
+    if bad := [p for p in parts if "=" not in p]:
+        raise argparse.ArgumentTypeError(f"{bad} have no '='; write NAME=VALUE, e.g. xla_cpu_use_onednn=true")
+    opts = dict(_option(p) for p in parts)
+    if bad := [o for o in opts if not o.startswith("xla_")]:
+        raise argparse.ArgumentTypeError(f"{bad} are not XLA options (names start with xla_)")
+    return text, opts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--option", action="append", metavar="NAME=VALUE[;NAME=VALUE]",
+    ap.add_argument("--option", type=option_set, action="append", metavar="NAME=VALUE[;NAME=VALUE]",
                     help=f"an option set to compare with the defaults (default: {DEFAULT_SETS})")
     ap.add_argument("--rounds", type=at_least(1), default=16)
     ap.add_argument("--batch", type=at_least(1), default=8)
     ap.add_argument("--seq", type=at_least(1), default=256)
     args = ap.parse_args(argv)
-    sets = {"default": {}} | {s: dict(_option(o) for o in s.split(";")) for s in (args.option or DEFAULT_SETS)}
-    for name, opts in sets.items():
-        bad = [o for o in opts if not o.startswith("xla_")]
-        if bad:
-            raise SystemExit(f"--option {name!r}: {bad} are not XLA options (names start with xla_)")
+    sets = {"default": {}} | dict(args.option or map(option_set, DEFAULT_SETS))
     for prog, (lowered, xs) in programs(args.batch, args.seq).items():
         calls = {}
         for name, opts in tqdm(sets.items(), desc=f"{prog}: compile"):

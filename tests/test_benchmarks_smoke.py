@@ -73,6 +73,8 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
     # the first call compiles (jax.jit, torch.compile): with no untimed call, round 1 timed ours at 6142 ms, not 86
     ("benchmarks.train_step", ["--warmup", "0"], "argument --warmup: must be an integer >= 1, got 0"),
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
+    # a KeyError after the shapes before it had been timed (minutes)
+    ("benchmarks.moe_dispatch", ["--shapes", "mixtral,fien"], "argument --shapes: unknown shape 'fien'; choose from"),
     ("benchmarks.checkpoint_save", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.checkpoint_save", ["--mesh", "dta=8"], "argument --mesh: mesh axes ['dta'] are unknown"),
     ("benchmarks.checkpoint_save", ["--mesh", "data=4"], "argument --mesh: mesh {'data': 4} needs 4 devices"),
@@ -209,3 +211,75 @@ def test_video_bench_leaves_a_missing_run_directory_alone(tmp_path):
     typo = pathlib.Path(tmp_path) / "runs" / "vidoe"
     assert video_bench.bench_psnr(PRESETS["default"], typo) is None
     assert not typo.exists()
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("benchmarks.batched_dots", []), ("benchmarks.checkpoint_save", []), ("benchmarks.ckpt_overhead", []),
+    ("benchmarks.init_compile", []), ("benchmarks.loop_products", []), ("benchmarks.moe_dispatch", []),
+    ("benchmarks.moe_train", []), ("benchmarks.restore_memory", []), ("benchmarks.scan_residuals", []),
+    ("benchmarks.step_profile", []), ("benchmarks.swa", []), ("benchmarks.train_step", []),
+    ("benchmarks.train_step_gpu", ["--tiny"]), ("benchmarks.video_bench", []),
+])
+def test_a_json_file_in_a_missing_directory_is_refused_before_any_work(module, argv, tmp_path, capsys):
+    """--json was opened only after the run: `init_compile --rounds 1 --json nodir/x.json` timed its inits for 19 s,
+    then died on FileNotFoundError, the results lost (train_step's 9 rounds: minutes)."""
+    import importlib
+
+    out = tmp_path / "nodir" / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([*argv, "--json", str(out)])
+    assert exit_info.value.code == 2
+    assert f"argument --json: the directory of {out} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("benchmarks.swa", ["--plot", "{missing}/swa.png"], "argument --plot: the directory of {missing}/swa.png does"),
+    ("benchmarks.moe_train", ["--plot", "{missing}/m.png"], "argument --plot: the directory of {missing}/m.png does"),
+    # savefig refused the name after the run; moe_train's --json, written after the plot, was lost with it
+    ("benchmarks.swa", ["--plot", "{tmp}/swa.pnj"], "argument --plot: {tmp}/swa.pnj is not an image file name"),
+    ("benchmarks.moe_train", ["--plot", "{tmp}/load"], "argument --plot: {tmp}/load is not an image file name"),
+    ("benchmarks.train_step", ["--json", "{tmp}", "--rounds", "1"], "argument --json: {tmp} is a directory"),
+    # --profile prints its phase table only: the file was silently never written
+    ("benchmarks.train_step", ["--profile", "--json", "{tmp}/p.json"], "argument --json: --profile only prints"),
+    # a bare unpacking ValueError
+    ("benchmarks.xla_options", ["--option", "xla_cpu_use_onednn"], "argument --option: ['xla_cpu_use_onednn'] have no"),
+    ("benchmarks.xla_options", ["--option", "cpu_use_onednn=1"], "argument --option: ['cpu_use_onednn'] are not XLA"),
+    # make_mesh refused it after the reference had been timed, naming no flag
+    ("benchmarks.pipeline_bubble", ["--stages", "9"], "argument --stages: 9 stages need as many devices, 8 here"),
+])
+def test_bad_flags_are_refused_before_any_work(module, argv, message, tmp_path, capsys):
+    import importlib
+
+    fill = dict(missing=tmp_path / "nodir", tmp=tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([a.format(**fill) for a in argv])
+    assert exit_info.value.code == 2 and message.format(**fill) in capsys.readouterr().err
+
+
+def test_a_results_file_survives_a_dump_that_fails(tmp_path):
+    """The scripts wrote --json with open(path, "w") then json.dump: a value JSON cannot hold left the committed
+    file cut off mid-object ('{"a": 1, "b": '); now the old file stays whole and no temporary is left beside it."""
+    from benchmarks.rounds import report, save
+
+    path = tmp_path / "train_step_session1.json"
+    save(str(path), 3, {"ours": {"ms": 1.0}})
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        save(str(path), 3, {"ours": {"ms": {1.0}}})
+    with pytest.raises(TypeError):
+        report(str(path), [], {"ratio": {2.0}})
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_moe_dispatch_quartiles_lie_within_the_rounds(monkeypatch):
+    """statistics.quantiles' default method extrapolates past the data for few rounds: 2 rounds of paired ratios
+    0.42 and 2.98 printed the quartiles -0.22-3.62 (a negative time ratio)."""
+    from benchmarks import moe_dispatch
+
+    monkeypatch.setattr(moe_dispatch, "dense_contender", lambda cfg, x, g: lambda: None)
+    monkeypatch.setattr(moe_dispatch, "contenders", lambda cfg, x, g: {"gmm": lambda: None})
+    seconds = iter([1.0, 0.42, 1.0, 2.98])  # each round: the dense baseline, then gmm
+    monkeypatch.setattr(moe_dispatch, "timed", lambda call, steps: (next(seconds),) * 2)
+    r = moe_dispatch.main(["--rounds", "2", "--shapes", "mixtral"])["shapes"]["mixtral"]["results"]["gmm"]
+    assert r["vs_dense_mlp"] == pytest.approx(1.70)
+    assert r["vs_dense_mlp_quartiles"] == r["cpu_vs_dense_mlp_quartiles"] == pytest.approx([1.06, 2.34])
