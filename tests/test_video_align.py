@@ -130,6 +130,19 @@ def test_recall_at_1_picks_each_clips_own_caption_among_more_candidates():
     assert float(recall_at_1(video, captions, jnp.asarray([3, 1, 2]))) == pytest.approx(1 / 3)
 
 
+def test_recall_at_1_names_targets_outside_the_candidates_and_candidates_of_another_width():
+    """A target outside [0, K) matched no caption and counted as a miss, silently (1-based ids: 2 / 3 here where all
+    three clips find their caption); candidates of another width failed as a bare dot_general TypeError."""
+    captions = jnp.eye(3, 4)
+    for target in (jnp.asarray([1, 2, 3]), np.asarray([0, 1, -1])):
+        with pytest.raises(ValueError, match=r"recall_at_1: target_B must hold caption indices in \[0, K=3\)"):
+            recall_at_1(captions, captions, target)
+    with pytest.raises(ValueError, match=r"recall_at_1: captions_KJ must be \[K, J=4\] .*, got \[3, 5\]"):
+        recall_at_1(captions, jnp.eye(3, 5), jnp.arange(3))
+    assert float(recall_at_1(captions, captions, jnp.arange(3))) == 1.0
+    assert float(jax.jit(recall_at_1)(captions, captions, jnp.asarray([1, 2, 3]))) == 0.0  # traced: not checked
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 4, 8, 3), (2, 2, 8, 8, 3), (2, 3, 8, 8, 4), (3, 8, 8, 3)])
 def test_embed_video_names_latents_of_another_shape(shape):
     """The video tower rotates tokens by the DiT's grid: latents [2, 6, 4, 8, 3] (as many tokens as (3, 8, 8)) were

@@ -164,6 +164,24 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
             generate(model, tok, null, key, cfg_scale=bad)
 
 
+def test_t2v_loss_and_generate_name_a_null_caption_outside_the_vocabulary():
+    """Under jit the text encoder cannot check the ids it embeds: a null caption with an id past the vocabulary
+    embedded as NaN, so every dropped caption gave a NaN loss and every guided sample NaN latents, silently. The
+    null caption is a constant (closed over, as train_video's), checked at trace time; eagerly the error named the
+    captions ('tokens'), not null_L."""
+    from models.video import TextToVideo, generate, t2v_loss
+
+    model = nnx.eval_shape(lambda: TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT), rngs=nnx.Rngs(0)))
+    key, tok = jax.random.key(0), jnp.ones((2, 8), jnp.int32)
+    batch = {"tokens": tok, "latents": jnp.zeros((2, *DIT.latent_shape, DIT.latent_channels))}
+    for bad in (np.array([TEXT.vocab_size] + [0] * 7, np.int32), np.array([1, -1] + [0] * 6)):
+        with pytest.raises(ValueError, match=r"t2v_loss\(.*\): null_L \(the null caption\) must hold token ids in "
+                                             r"\[0, vocab_size=16\)"):
+            jax.jit(lambda b, bad=bad: t2v_loss(model, b, key, bad)[0])(batch)
+        with pytest.raises(ValueError, match=r"generate\(.*\): null_L \(the null caption\) must hold token ids"):
+            jax.jit(lambda t, bad=bad: generate(model, t, bad, key, 2.0, steps=1))(tok)
+
+
 def test_t2v_takes_raw_keys_of_the_default_prng_and_names_other_keys():
     """jax.random.PRNGKey is uint32[4] under jax_default_prng_impl='rbg': it was refused as 'were key and null_L
     swapped?', as were an rbg key's raw data under threefry and a batch of raw keys (not swaps: the fix is another)."""

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.params import param
@@ -149,4 +150,12 @@ def recall_at_1(video_BJ, captions_KJ, target_B):
     if jnp.shape(target_B) != (B,):  # [B, 1] compared every clip with every target; length 1 broadcast
         raise ValueError(f"recall_at_1: target_B must be [B={B}] (each clip's caption index), "
                          f"got {list(jnp.shape(target_B))}")
+    if jnp.ndim(captions_KJ) != 2 or jnp.shape(captions_KJ)[1] != jnp.shape(video_BJ)[1]:  # a bare dot_general error
+        raise ValueError(f"recall_at_1: captions_KJ must be [K, J={jnp.shape(video_BJ)[1]}] (the candidates, embedded "
+                         f"like video_BJ), got {list(jnp.shape(captions_KJ))}")
+    K = jnp.shape(captions_KJ)[0]
+    # a target outside [0, K) (a 1-based caption id, a -1) matched no caption: a miss, counted silently
+    if not isinstance(target_B, jax.core.Tracer) and B and not 0 <= np.min(target_B) <= np.max(target_B) < K:
+        raise ValueError(f"recall_at_1: target_B must hold caption indices in [0, K={K}), got min "
+                         f"{np.min(target_B)}, max {np.max(target_B)}")
     return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from models.keys import key_error
+from models.transformer import check_token_ids
 from models.video.align import Aligner, info_nce
 from models.video.config import TextToVideoConfig
 from models.video.diffusion import diffusion_loss, guided, sample
@@ -41,10 +42,10 @@ class TextToVideo(nnx.Module):
         return self.dit(x_BTHWC, t_B, text.tokens_BLE, text.valid_BL, text.pooled_BE)
 
 
-def _check_key_and_null(key, null_L, where: str, tokens_BL=None) -> None:
+def _check_key_and_null(key, null_L, where: str, tokens_BL, vocab_size: int) -> None:
     """The two orders differ (`t2v_loss(..., key, null_L)`, `generate(..., null_L, key)`): a swap is named here,
-    not deep inside jax.random or the text encoder; so are captions that are not a batch [B, L] and a null caption
-    of another length L (broadcasting errors inside jax before)."""
+    not deep inside jax.random or the text encoder; so are captions that are not a batch [B, L], a null caption
+    of another length L (broadcasting errors inside jax before) and one with ids outside the text vocabulary."""
     # one key: typed, or raw data of the default PRNG (uint32[4] under rbg); a batch or another PRNG's raw data
     # is named as such, not as a swap
     if (why := key_error(key, "; were key and null_L swapped?")) is not None:
@@ -52,13 +53,15 @@ def _check_key_and_null(key, null_L, where: str, tokens_BL=None) -> None:
     if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or jnp.ndim(null_L) != 1:
         raise TypeError(f"{where}: null_L must be the null caption's token ids [L] (data.moving_shapes.null_tokens), "
                         f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(jnp.shape(null_L))}")
-    if tokens_BL is not None:
-        if jnp.ndim(tokens_BL) != 2:
-            raise ValueError(f"{where}: captions must be a batch of token ids [B, L], got shape "
-                             f"{list(jnp.shape(tokens_BL))}; one caption is tokens[None]")
-        if jnp.shape(null_L)[0] != jnp.shape(tokens_BL)[1]:
-            raise ValueError(f"{where}: null_L has {jnp.shape(null_L)[0]} tokens, the captions "
-                             f"{jnp.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
+    # under jit the text encoder cannot check the ids it embeds, and an id past the vocabulary embeds as NaN: every
+    # dropped caption (and every guided sample) was NaN; the null caption is usually a constant, checked here
+    check_token_ids(null_L, vocab_size, f"{where}: null_L (the null caption)")
+    if jnp.ndim(tokens_BL) != 2:
+        raise ValueError(f"{where}: captions must be a batch of token ids [B, L], got shape "
+                         f"{list(jnp.shape(tokens_BL))}; one caption is tokens[None]")
+    if jnp.shape(null_L)[0] != jnp.shape(tokens_BL)[1]:
+        raise ValueError(f"{where}: null_L has {jnp.shape(null_L)[0]} tokens, the captions "
+                         f"{jnp.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
 
 
 def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
@@ -67,7 +70,8 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     Diffusion loss on captions dropped to `null_L` with probability cfg.caption_dropout, plus
     align_weight × InfoNCE between the clean latents and the undropped captions. Returns (loss, metrics).
     """
-    _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)", batch["tokens"])
+    _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)", batch["tokens"],
+                        model.cfg.text.vocab_size)
     cfg = model.cfg
     k_drop, k_diff = jax.random.split(key)
     tokens = batch["tokens"]
@@ -90,7 +94,7 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
 def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0, steps: int | None = None):
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
-    _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL)
+    _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL, model.cfg.text.vocab_size)
     concrete = not isinstance(cfg_scale, jax.core.Tracer) and np.ndim(cfg_scale) == 0  # a number or a 0-d array
     if concrete and not math.isfinite(float(cfg_scale)):  # NaN latents (all-black videos), silently, otherwise
         raise ValueError(f"generate: cfg_scale={cfg_scale} must be a finite number (1.0: no guidance)")
