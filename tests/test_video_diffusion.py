@@ -225,3 +225,25 @@ def test_ddim_sample_takes_none_steps_as_the_config_s():
     grid ('unsupported operand type(s) for +: NoneType and int'); it is cfg.sample_steps, as in `sample`."""
     cfg, noise, pred = DiffusionConfig(kind="ddpm", sample_steps=5), jnp.ones((2, 3)), lambda x, t: 0.1 * x
     np.testing.assert_array_equal(ddim_sample(pred, noise, None, cfg), ddim_sample(pred, noise, 5, cfg))
+
+
+def test_ddim_sample_refuses_a_flow_config():
+    """ddim_sample(pred, noise, steps, DiffusionConfig()) took the flow's velocity for v on the cosine schedule:
+    with the exact velocity of the mixture it returned samples, silently off, instead of naming the sampler."""
+    with pytest.raises(ValueError, match=r"ddim_sample needs a DiffusionConfig\(kind='ddpm'\), got kind='flow'"):
+        ddim_sample(flow_velocity, NOISE, 10, DiffusionConfig())
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.0, float("nan"), float("inf"), None])
+def test_euler_sample_refuses_a_shift_outside_the_configs_range(shift):
+    """euler_sample's shift, unlike DiffusionConfig.shift, was not checked: 0, -1, NaN and inf made the grid's
+    first time NaN and returned all-NaN samples."""
+    with pytest.raises(ValueError, match=r"euler_sample: shift=.* must be a number in \(0, 1e6\]"):
+        euler_sample(flow_velocity, NOISE, 4, shift)
+
+
+def test_euler_sample_takes_array_and_traced_shifts():
+    want = euler_sample(flow_velocity, NOISE[:8], 4, 3.0)
+    np.testing.assert_array_equal(euler_sample(flow_velocity, NOISE[:8], 4, jnp.float32(3.0)), want)
+    traced = jax.jit(lambda s: euler_sample(flow_velocity, NOISE[:8], 4, s))(jnp.float32(3.0))
+    np.testing.assert_allclose(traced, want, rtol=1e-6, atol=1e-6)

@@ -468,6 +468,14 @@ def test_vae_flops_refuse_a_clip_the_vae_refuses(frames, size, field):
         VAE.flops_per_clip(frames, size, size)
     assert VAE.flops_per_clip(1, 16, 16) > 0  # a single frame (an image) is a clip
 
+
+@pytest.mark.parametrize("text_len", [-3, 2.5, None])
+def test_dit_flops_refuse_a_caption_length_that_is_not_a_count(text_len):
+    """flops_per_clip(-3) counted 369.7 MFLOP (fewer than with no caption) and 2.5 a fraction, silently."""
+    with pytest.raises(ValueError, match=r"DiTConfig.flops_per_clip: text_len must be an int >= 0"):
+        DIT.flops_per_clip(text_len)
+    assert DIT.flops_per_clip(np.int64(8)) == DIT.flops_per_clip(8) > DIT.flops_per_clip(0) > 0
+
 # ---- invariants -------------------------------------------------------------------------------------------
 
 

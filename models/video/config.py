@@ -303,6 +303,9 @@ class DiTConfig:
         cost the same."""
         from scaling.dit import dit_forward_flops
 
+        # a negative or fractional count was subtracted from (or added to) the cross-attention FLOPs, silently
+        _need("DiTConfig")(_is_int(text_len) and text_len >= 0, "flops_per_clip",
+                           f"text_len must be an int >= 0 (caption tokens per clip), got {text_len!r}")
         return (3 if training else 1) * dit_forward_flops(self, text_len)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.config import _is_int
 from models.video.config import DiffusionConfig
@@ -97,6 +98,10 @@ def flow_times(steps: int, shift: float):
 def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
     """Integrate dx/dt = v(x, t) from t = 1 (noise) to t = 0 (data) with Euler steps."""
     _check_steps(steps, none_ok=False)  # 0 steps returned the noise unchanged
+    # as DiffusionConfig.shift: 0, a negative, NaN or inf shift made the grid's first time NaN, and every sample NaN
+    if not isinstance(shift, jax.core.Tracer) and not _shift_ok(shift):
+        raise ValueError(f"euler_sample: shift={shift!r} must be a number in (0, 1e6] (1: the plain grid; "
+                         "DiffusionConfig.shift)")
     ts = flow_times(steps, shift)
 
     def step(x, i):
@@ -105,6 +110,14 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
         return x + (t_next - t) * v.astype(x.dtype), None
 
     return jax.lax.scan(step, noise, jnp.arange(steps))[0]
+
+
+def _shift_ok(shift) -> bool:
+    """A concrete shift in (0, 1e6], DiffusionConfig.shift's range (0-d arrays too)."""
+    try:
+        return np.ndim(shift) == 0 and 0 < float(shift) <= 1e6
+    except (TypeError, ValueError):  # None, a string
+        return False
 
 
 def _check_sampler_args(cfg, steps) -> None:
@@ -126,6 +139,9 @@ def ddim_sample(pred_fn: PredFn, noise, steps: int | None, cfg: DiffusionConfig)
     """Deterministic DDIM (η = 0) from t = 1 to 0 on a uniform grid, for ε- or v-prediction (steps None:
     cfg.sample_steps, as the check's message offers; it was a bare TypeError in the grid)."""
     _check_sampler_args(cfg, steps)
+    if cfg.kind != "ddpm":  # a flow's velocity was taken for v on the cosine schedule: wrong samples, silently
+        raise ValueError(f"ddim_sample needs a DiffusionConfig(kind='ddpm'), got kind={cfg.kind!r}; sample a flow "
+                         "model with sample(pred_fn, noise, cfg) or euler_sample")
     steps = cfg.sample_steps if steps is None else steps
     ts = jnp.linspace(1.0, 0.0, steps + 1)
 
