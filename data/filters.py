@@ -100,8 +100,10 @@ DEFAULT_BLOCKLIST = ("viagra", "cialis", "online casino", "replica watches", "pa
                      "博彩", "代开发票", "六合彩")
 
 
-# unlike lines of prose: a boilerplate rule with an empty match in each matches every line (QualityConfig refuses it)
-_PROSE_LINES = ("a line of text", "Another, much longer Line with the digits 42 that ends in a full stop.")
+# unlike lines of prose: a boilerplate rule with an empty match in each matches every line (QualityConfig refuses it).
+# One of a paragraph's length: short-line rules (under 80 characters, 15 words) are rules
+_PROSE_LINES = ("a line of text", "Another, much longer Line with the digits 42 that ends in a full stop.",
+                " ".join(["A paragraph of web text runs on, sentence after sentence, for a hundred words or so."] * 8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,7 +319,7 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     kept, run, gap, cut, removed = [], [], [], False, 0
     for ln in lines:
         if any(rx.search(ln.lower()) for rx in hit):
-            removed += 1
+            removed += bool(ln.strip())  # a blank line a rule matches (^$, C4's no end punctuation) goes uncounted
             cut, gap, run = True, max(gap, run, key=len), []
         elif not ln.strip():
             run.append(ln)

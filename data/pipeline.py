@@ -74,7 +74,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # order: reordered paragraphs measured 0.034-0.096), a boilerplate rule written with capitals matches (it never did),
 # and one anchored with ^ / $ matches at every line's ends (only at the text's, before); 10 = a record's "lang": null
 # is identified by the labelling stage (it stayed null), the augment stage counts the final tier's languages and tags;
-# 11 = exact dedup keys fold spaces and line breaks beside Chinese / Japanese characters (a hard-wrapped copy differed).
+# 11 = exact dedup keys fold spaces and line breaks beside Chinese / Japanese characters (a hard-wrapped copy differed),
+# and blank lines a boilerplate rule matches (^$, C4's "no end punctuation") are not counted as boilerplate lines.
 OUTPUT_VERSION = 11
 
 
@@ -337,12 +338,15 @@ def check_reference(ref: pathlib.Path, cfg: PipelineConfig, warn: bool = False) 
                          "again with near=True, or set near=False here to drop exact duplicates of it only")
     manifest = read_json(ref / "manifest.json")
     version = manifest.get("version", 2)  # (runs before version 3 stored no version)
-    # the versions that changed its exact keys: 3 (casefold), 11 (spaces beside Chinese / Japanese). Before 11 each
-    # Chinese or Japanese text with a space or punctuation had another key than here, so with near=False none of its
-    # exact copies was dropped (measured: 52 of 52 keys differed)
+    # the versions that changed its exact keys: 3 (casefold), 7 (variation selectors, joiners), 11 (spaces beside
+    # Chinese / Japanese). Before 11 each Chinese or Japanese text with a space or punctuation had another key than
+    # here, so with near=False none of its exact copies was dropped (measured: 52 of 52 keys differed)
     if warn and version < 11:
         why = ["its exact keys keep the spaces and line breaks beside Chinese / Japanese characters, these fold them: "
                "exact copies of such documents go unnoticed unless near dedup finds them"]
+        if version < 7:
+            why.insert(0, "its exact keys and shingles keep the variation selectors and invisible joiners of emoji "
+                          "('❤️' / '❤'), these delete them: copies that differ in such marks go unnoticed")
         if version < 3:
             why.insert(0, "its exact keys and shingles fold case with str.lower, these with str.casefold: copies "
                           "that differ in such letters (Straße / STRASSE) go unnoticed")

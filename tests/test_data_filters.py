@@ -346,13 +346,29 @@ def test_anchored_boilerplate_rules_match_at_each_line():
 def test_zero_width_boilerplate_rules_that_test_the_line_are_rules():
     """A rule matching an empty string is refused as matching every line, but one judged on "a line of text" alone
     refused zero-width rules that test the line (accepted before, removing only their lines): C4's "no terminal
-    punctuation" as a lookahead, and short lines."""
+    punctuation" as a lookahead, and short lines: under 80 characters or 15 words as under 20 characters (judged
+    on two lines of 14 and 70 characters, those were still refused)."""
     body = en_text(np.random.default_rng(0), 30) + "."
-    for rule in (r"^(?!.*[.!?\"']\s*$)", r"^(?=.{0,20}$)"):
+    for rule in (r"^(?!.*[.!?\"']\s*$)", r"^(?=.{0,20}$)", r"^(?=.{0,80}$)", r"^(?!.{100})", r"^(?!(?:\S+ +){14}\S)"):
         cfg = dataclasses.replace(CFG, boilerplate=(rule,))
         assert strip_boilerplate(f"{body}\nShare\n{body}\nMenu\n{body}", cfg) == (f"{body}\n{body}\n{body}", 2, 5)
     with pytest.raises(ValueError, match="matches an empty string"):  # empty wherever: still refused
         QualityConfig(boilerplate=(r"^(?!.*[.!?]$)|\d*",))
+
+
+def test_blank_lines_a_boilerplate_rule_matches_do_not_count_as_boilerplate_lines():
+    """A rule that matches blank lines (C4's "no terminal punctuation", ^$) removed them and counted them against the
+    non-blank lines: a page with paragraphs between blank lines lost 7 "lines" of 6 and was dropped as
+    `boilerplate`, the same page with single line breaks 2 of 6 and kept. Blank lines do not count either way."""
+    body = "This is a long enough sentence of ordinary prose that ends properly and has many words in it."
+    nav = "Home About Contact Blog Careers Press Privacy Terms Cookies Sitemap Login Register Help Shop"
+    cfg = dataclasses.replace(CFG, boilerplate=(r"^(?!.*[.!?\"']\s*$)",))
+    page = [f"Part one. {body}", nav, f"Part two. {body}", f"Part three. {body}", nav, f"Part four. {body}"]
+    pages = ["\n".join(page), "\n\n".join(page)]
+    assert [strip_boilerplate(p, cfg)[1:] for p in pages] == [(2, 6), (2, 6)]
+    assert [quality_filter(p, cfg)[1] == "boilerplate" for p in pages] == [False, False]
+    assert strip_boilerplate(f"{body}\n\n{body}", dataclasses.replace(CFG, boilerplate=(r"^$",))) == (
+        f"{body}\n{body}", 0, 2)  # still removed: the rule says so
 
 
 def test_boilerplate_limit_is_inclusive():
