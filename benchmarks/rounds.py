@@ -41,9 +41,13 @@ def pair_row(times: dict, extra: dict, name, base: str, new: str) -> dict:
 def out_path(text: str) -> str:
     """argparse type of an output file (--json, --plot): its directory must exist and be writable, checked before the
     run; a mistyped directory failed only when the results were written, after minutes of timing, and lost them."""
-    folder = os.path.dirname(os.path.abspath(text))
+    folder = os.path.dirname(os.path.realpath(text))  # a symlink's target is what `write_json` replaces
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it")
+    if not text or text.endswith(("/", os.sep)):  # '' was never written; 'res/' wrote a file named res
+        raise argparse.ArgumentTypeError(f"{text!r} names no file; name one, e.g. out.json")
+    if os.path.exists(text) and not os.path.isfile(text) and os.access(text, os.W_OK):
+        return text  # /dev/stdout, a FIFO: `write_json` writes through it, its directory need not be writable
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the directory of {text} does not exist; create it or name another file")
     if not os.access(folder, os.W_OK):
@@ -70,12 +74,18 @@ plot_path.__name__ = "image file"
 
 def write_json(path: str | None, obj, indent: int = 1) -> None:
     """Write `obj` as JSON to `path` (None: nothing) through a temporary file renamed over it: `open(path, "w")`
-    emptied a previous result file (a committed docs/*.json) before a dump that then failed part-way."""
+    emptied a previous result file (a committed docs/*.json) before a dump that then failed part-way. A path that
+    is no regular file (/dev/stdout, a FIFO) is written through, not renamed over."""
     if path:
         from data.shards import write_atomically
 
         text = json.dumps(obj, indent=indent)  # a value JSON cannot hold raises here, before any file is touched
-        write_atomically(path, lambda tmp: tmp.write_text(text))
+        if os.path.exists(path) and not os.path.isfile(path):  # --json /dev/stdout: renamed over, the device was lost
+            with open(path, "w") as f:
+                f.write(text)
+            return
+        # a symlink keeps pointing at its (replaced) target; renamed over, it became a copy the target never saw
+        write_atomically(os.path.realpath(path), lambda tmp: tmp.write_text(text))
 
 
 def save(path: str | None, rounds: int, rows: dict) -> None:

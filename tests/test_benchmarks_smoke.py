@@ -246,6 +246,9 @@ def test_a_json_file_in_a_missing_directory_is_refused_before_any_work(module, a
     ("benchmarks.xla_options", ["--option", "cpu_use_onednn=1"], "argument --option: ['cpu_use_onednn'] are not XLA"),
     # make_mesh refused it after the reference had been timed, naming no flag
     ("benchmarks.pipeline_bubble", ["--stages", "9"], "argument --stages: 9 stages need as many devices, 8 here"),
+    # '' (an unset `--json "$OUT"`) ran and wrote nothing; 'nodir/' ran, then wrote a file named nodir
+    ("benchmarks.train_step_gpu", ["--tiny", "--json", ""], "argument --json: '' names no file"),
+    ("benchmarks.train_step_gpu", ["--tiny", "--json", "{missing}/"], "argument --json: '{missing}/' names no file"),
 ])
 def test_bad_flags_are_refused_before_any_work(module, argv, message, tmp_path, capsys):
     import importlib
@@ -283,3 +286,27 @@ def test_moe_dispatch_quartiles_lie_within_the_rounds(monkeypatch):
     r = moe_dispatch.main(["--rounds", "2", "--shapes", "mixtral"])["shapes"]["mixtral"]["results"]["gmm"]
     assert r["vs_dense_mlp"] == pytest.approx(1.70)
     assert r["vs_dense_mlp_quartiles"] == r["cpu_vs_dense_mlp_quartiles"] == pytest.approx([1.06, 2.34])
+
+
+def test_a_results_file_is_written_through_a_symlink_or_a_pipe(tmp_path):
+    """write_json renamed its temporary over the path: a symlink to a results file became a copy its target never
+    saw, and `--json /dev/stdout` (a link to the terminal or a pipe) had /dev/stdout itself replaced by a file."""
+    import json
+    import os
+    import threading
+
+    from benchmarks.rounds import out_path, write_json
+
+    (tmp_path / "runs").mkdir()
+    target, link = tmp_path / "runs" / "latest.json", tmp_path / "latest.json"
+    link.symlink_to(target)
+    write_json(out_path(str(link)), {"ms": 1.0})
+    assert link.is_symlink() and json.loads(target.read_text()) == {"ms": 1.0}
+    fifo, got = tmp_path / "stdout", []
+    os.mkfifo(fifo)
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)  # as a shell pipe's reader
+    reader.start()
+    write_json(out_path(str(fifo)), {"ms": 2.0})
+    reader.join(timeout=10)
+    assert got == ['{\n "ms": 2.0\n}'] and fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest.json", "runs", "stdout"]

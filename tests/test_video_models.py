@@ -404,6 +404,19 @@ def test_cross_attention_gives_cudnn_a_bool_mask_for_the_int_one_the_dit_accepts
     np.testing.assert_array_equal(cross(h, text, valid, cd=jnp.float32), cross(h, text, valid > 0, cd=jnp.float32))
 
 
+def test_cross_attention_names_a_float_mask_rather_than_reading_it_by_truthiness():
+    """The bool cast for cuDNN read an additive bias (0 attended, -inf masked) as True where masked: the output was
+    that of the inverted mask, silently; `attention` names a float mask (VideoDiT checks its own, CrossAttention alone
+    did not)."""
+    with nnx.use_eager_sharding(False):
+        cross = CrossAttention(32, 16, 2, 16, qk_norm=True, std=0.02, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(0), (2, 5, 32))
+    text = jax.random.normal(jax.random.key(1), (2, 4, 16))
+    bias = jnp.where(jnp.asarray([[True, True, False, False], [True, False, False, False]]), 0.0, -jnp.inf)
+    with pytest.raises(ValueError, match=r"attention: mask_B1TS must be bool \(True = attend\), got float32"):
+        cross(h, text, bias, cd=jnp.float32)
+
+
 def test_rope_needs_a_channel_pair_per_axis():
     # head_dim 4 splits (2, 0, 2): rows would get no position and the DiT would not tell them apart
     with pytest.raises(ValueError, match=r"DiTConfig.head_dim: head_dim=4 \(d_model=8 / n_heads=2\).*head_dim >= 6"):

@@ -195,7 +195,8 @@ class CrossAttention(nnx.Module):
         v = matmul(text_BLE, self.wv, cd).reshape(B, L, N, K)
         if self.qk_norm:
             q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
-        text_valid_BL = text_valid_BL.astype(bool)  # 0/1 ints are accepted; cuDNN's kernel refused any non-bool mask
+        if jnp.issubdtype(text_valid_BL.dtype, jnp.integer):  # 0/1 ints are accepted; cuDNN's kernel refuses them
+            text_valid_BL = text_valid_BL.astype(bool)  # (a float mask goes on to `attention`, which names it)
         mask = jnp.broadcast_to(text_valid_BL[:, None, None, :], (B, 1, S, L))
         o = attention(q, k, v, mask, impl=impl)
         # a caption with no real token (an all-padding null caption) adds nothing, whatever attn_impl: 'xla'
