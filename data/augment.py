@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from data.filters import CJK_RANGES
 from data.seeds import check_field_types
 
 PYTHON_GLOSSARY = (
@@ -33,6 +34,16 @@ MATH_GLOSSARY = (
     ("定理", "由公理和已证明的命题推导出的数学命题"),
 )
 DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("math", MATH_GLOSSARY))
+_CJK = re.compile(rf"[{CJK_RANGES}]")
+
+
+def _term_pattern(term_low: str) -> re.Pattern:
+    """A lower-cased term as a whole word (plural too) searched in lower-cased text: by lookarounds, not \\b (a \\b
+    next to a term's own '+' / '#' / '.' needs a letter there, so 'C++', 'C#' and '.NET' never matched), and none
+    on a side where the term has a CJK character (Chinese has no spaces: "勾股定理" holds "定理")."""
+    start = "" if _CJK.match(term_low[0]) else r"(?<!\w)"
+    end = "" if _CJK.match(term_low[-1]) else r"s?(?!\w)"
+    return re.compile(start + re.escape(term_low) + end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +72,7 @@ class DomainGlossary:
                                  f"non-empty terms, got {entry!r:.120}")
         for domain, terms in self.glossaries:
             compiled.setdefault(domain, []).extend(
-                # whole words by lookarounds, not \b: a \b next to a term's own '+' / '#' / '.' needs a letter
-                # there, so 'C++', 'C#' and '.NET' never matched
-                (term, term.lower(), definition,
-                 re.compile(rf"(?<!\w){re.escape(term.lower())}s?(?!\w)" if term.isascii() else re.escape(term)))
-                for term, definition in terms)
+                (term, term.lower(), definition, _term_pattern(term.lower())) for term, definition in terms)
         object.__setattr__(self, "_compiled", compiled)
         # by line, as `_body` reads a block: a definition running over two lines was not recognised, and glossed twice
         object.__setattr__(self, "_lines", frozenset(ln for _, terms in self.glossaries for t, d in terms

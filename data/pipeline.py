@@ -75,7 +75,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # and one anchored with ^ / $ matches at every line's ends (only at the text's, before); 10 = a record's "lang": null
 # is identified by the labelling stage (it stayed null), the augment stage counts the final tier's languages and tags;
 # 11 = exact dedup keys fold spaces and line breaks beside Chinese / Japanese characters (a hard-wrapped copy differed),
-# and blank lines a boilerplate rule matches (^$, C4's "no end punctuation") are not counted as boilerplate lines.
+# blank lines a boilerplate rule matches (^$, C4's "no end punctuation") are not counted as boilerplate lines, and a
+# glossary term outside ASCII matches lower-cased and as a whole word ('Ökonomie' never matched, 'énergie' matched in
+# 'bioénergie').
 OUTPUT_VERSION = 11
 
 

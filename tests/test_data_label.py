@@ -323,3 +323,18 @@ def test_a_definition_over_two_lines_is_glossed_once():
     once = gloss({"text": "A theorem here.", "domains": ["math"]})
     assert once["text"] == "A theorem here.\n\nGlossary:\n- theorem: a statement proved\nfrom axioms"
     assert gloss(once)["text"] == once["text"]
+
+
+def test_glossary_terms_with_accented_capitals_match_as_whole_words():
+    """A term outside ASCII was searched unlowered in the lower-cased text, so 'Schrödinger equation' or 'Ökonomie'
+    never matched (silently), and without word boundaries, so 'énergie' matched inside 'bioénergies'. Latin terms
+    match whole words; a Chinese term still matches mid-text (Chinese has no spaces)."""
+    from data.augment import DomainGlossary
+
+    gloss = DomainGlossary(glossaries=(("science", (("Schrödinger equation", "quantum"), ("Ökonomie", "economics"),
+                                                    ("énergie", "energy"), ("定理", "theorem"))),))
+    for text, found in (("We solve the Schrödinger equation.", ["Schrödinger equation"]),
+                        ("Die ökonomie wächst", ["Ökonomie"]), ("Die Agrarökonomie", None),
+                        ("l'énergie et les énergies", ["énergie"]), ("la bioénergie", None),
+                        ("勾股定理是", ["定理"])):
+        assert gloss({"text": text, "domains": ["science"]}).get("augmented") == found, text
