@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 from tqdm import tqdm
@@ -46,7 +47,7 @@ def out_path(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it")
     if not text or text.endswith(("/", os.sep)):  # '' was never written; 'res/' wrote a file named res
         raise argparse.ArgumentTypeError(f"{text!r} names no file; name one, e.g. out.json")
-    if os.path.exists(text) and not os.path.isfile(text) and os.access(text, os.W_OK):
+    if _std_stream(text) or os.path.exists(text) and not os.path.isfile(text) and os.access(text, os.W_OK):
         return text  # /dev/stdout, a FIFO: `write_json` writes through it, its directory need not be writable
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the directory of {text} does not exist; create it or name another file")
@@ -72,6 +73,18 @@ def plot_path(text: str) -> str:
 plot_path.__name__ = "image file"
 
 
+def _std_stream(path: str):
+    """sys.stdout / sys.stderr where `path` is the file, pipe or terminal it writes to (/dev/stdout, /dev/fd/2), else
+    None. /dev/stdout redirected to a log is a regular file: renamed over, the log was lost."""
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            if stream is not None and os.path.samestat(os.stat(path), os.fstat(fd)):
+                return stream
+        except OSError:  # no such path, or the descriptor is closed
+            pass
+    return None
+
+
 def write_json(path: str | None, obj, indent: int = 1) -> None:
     """Write `obj` as JSON to `path` (None: nothing) through a temporary file renamed over it: `open(path, "w")`
     emptied a previous result file (a committed docs/*.json) before a dump that then failed part-way. A path that
@@ -80,6 +93,10 @@ def write_json(path: str | None, obj, indent: int = 1) -> None:
         from data.shards import write_atomically
 
         text = json.dumps(obj, indent=indent)  # a value JSON cannot hold raises here, before any file is touched
+        if stream := _std_stream(path):  # opened anew, `> log` was truncated and buffered prints came after the JSON
+            stream.write(text)
+            stream.flush()
+            return
         if os.path.exists(path) and not os.path.isfile(path):  # --json /dev/stdout: renamed over, the device was lost
             with open(path, "w") as f:
                 f.write(text)

@@ -195,9 +195,9 @@ class QualityConfig:
                 rx = re.compile(p, re.I | re.M)
             except re.error as e:
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} is not a regex: {e}") from e
-            # a rule matching an empty string whatever the line removes every line: the corpus dropped. Judged on two
-            # lines, not one: a zero-width rule that tests the line (C4's "no terminal punctuation", ^(?!.*[.!?]$);
-            # short lines, ^(?=.{0,20}$)) matches "a line of text" and removes only the lines it describes
+            # a rule matching an empty string whatever the line removes every line: the corpus dropped. Judged on
+            # three lines, not one: a zero-width rule that tests the line (C4's "no terminal punctuation",
+            # ^(?!.*[.!?]$); short lines, ^(?=.{0,80}$)) matches "a line of text" and removes only the lines it names
             if all(any(not m.group() for m in rx.finditer(line)) for line in _PROSE_LINES):
                 raise ValueError(f"QualityConfig.boilerplate pattern {p!r} matches an empty string, so every line is "
                                  "boilerplate and every document dropped; make each alternative match some text (no "

@@ -310,3 +310,27 @@ def test_a_results_file_is_written_through_a_symlink_or_a_pipe(tmp_path):
     reader.join(timeout=10)
     assert got == ['{\n "ms": 2.0\n}'] and fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == [
         "latest.json", "runs", "stdout"]
+
+
+@pytest.mark.parametrize("redirect", [">", ">>"])
+def test_json_to_dev_stdout_redirected_to_a_file_keeps_the_log(redirect, tmp_path):
+    """`--json /dev/stdout >> run.log`: /dev/stdout resolved to run.log, a regular file, so write_json renamed its
+    temporary over it: the earlier log and every line the run printed were lost, the JSON alone left (and in a pipe
+    the JSON overtook the summary still in stdout's buffer). It goes through the stream, after what was printed."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    log = tmp_path / "run.log"
+    log.write_text("earlier run\n")
+    code = ("import sys; from benchmarks.rounds import out_path, report; "
+            "report(out_path('/dev/stdout'), [], {'ms': 1.0}); print(); print('after')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as for a user
+    root = pathlib.Path(__file__).parent.parent
+    subprocess.run(f"{sys.executable} -c \"{code}\" {redirect} {log}", shell=True, check=True, cwd=root,
+                   env={**env, "PYTHONPATH": str(root)})
+    summary, result = json.dumps({"ms": 1.0}, indent=1), json.dumps({"rows": [], "summary": {"ms": 1.0}}, indent=1)
+    earlier = "earlier run\n" if redirect == ">>" else ""
+    assert log.read_text() == f"{earlier}{summary}\n{result}\nafter\n"

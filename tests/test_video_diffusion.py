@@ -234,10 +234,11 @@ def test_ddim_sample_refuses_a_flow_config():
         ddim_sample(flow_velocity, NOISE, 10, DiffusionConfig())
 
 
-@pytest.mark.parametrize("shift", [0.0, -1.0, float("nan"), float("inf"), None])
+@pytest.mark.parametrize("shift", [0.0, -1.0, float("nan"), float("inf"), None, "3"])
 def test_euler_sample_refuses_a_shift_outside_the_configs_range(shift):
     """euler_sample's shift, unlike DiffusionConfig.shift, was not checked: 0, -1, NaN and inf made the grid's
-    first time NaN and returned all-NaN samples."""
+    first time NaN and returned all-NaN samples; a string ('3' from a command line) passed float() and failed in
+    the grid ("Only integer scalar arrays can be converted to a scalar index")."""
     with pytest.raises(ValueError, match=r"euler_sample: shift=.* must be a number in \(0, 1e6\]"):
         euler_sample(flow_velocity, NOISE, 4, shift)
 

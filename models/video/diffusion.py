@@ -115,8 +115,8 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
 def _shift_ok(shift) -> bool:
     """A concrete shift in (0, 1e6], DiffusionConfig.shift's range (0-d arrays too)."""
     try:
-        return np.ndim(shift) == 0 and 0 < float(shift) <= 1e6
-    except (TypeError, ValueError):  # None, a string
+        return not isinstance(shift, str) and np.ndim(shift) == 0 and 0 < float(shift) <= 1e6  # float('3') is 3.0
+    except (TypeError, ValueError):  # None
         return False
 
 
