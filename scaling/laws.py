@@ -90,6 +90,10 @@ class ScalingLaw:
     @property
     def G(self) -> float:
         self.exponents  # noqa: B018 - the same check
+        for name, v in (("A", self.A), ("B", self.B)):  # (a negative one made N_opt complex, 0 made it 0 or inf)
+            if not v > 0:
+                raise ValueError(f"ScalingLaw {name}={v:g}: the compute-optimal allocation needs A and B > 0 (a loss "
+                                 "term that does not fall with N or D has no optimum)")
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def optimal_params(self, flops):
@@ -399,6 +403,10 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
     parabola opens downwards, or when its minimum lies outside the model sizes it trained: a parabola
     extrapolated past its runs puts N_opt far off and drags the exponent with it (runs at 0.02-0.2x the
     optimum give half the true N_opt). Train sizes on both sides of each budget's optimum."""
+    # < 0 or NaN put every run in a budget of its own ('need >= 2 FLOP budgets' naming nothing), inf all in one
+    if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol < math.inf:
+        raise ValueError(f"isoflop_envelope: rtol={rtol!r} must be a finite number >= 0 (budgets within that relative "
+                         "distance of a group's smallest are one group; default 0.05)")
     n, d, lv = (np.asarray(x, float).ravel() for x in (n_params, n_tokens, loss))
     c = 6 * n * d if flops is None else np.asarray(flops, float).ravel()
     if not (len(n) == len(d) == len(lv) == len(c)) or len(n) == 0:

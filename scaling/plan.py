@@ -41,6 +41,8 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     head_dim gives more heads."""
     if not (math.isfinite(n_params) and n_params > 0):
         raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
+    # (head_dim 0 raised a bare ZeroDivisionError, aspect 0 gave a 3780-layer shape 128 wide)
+    _check_ints(head_dim=head_dim, aspect=aspect, mlp_multiple=mlp_multiple)
 
     def shape(L: int, d: int | None = None) -> LMShape:
         d = d or max(head_dim, int(round(aspect * L / head_dim)) * head_dim)
@@ -84,6 +86,12 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     return shape(*best)
 
 
+def _check_ints(**values):
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
 class NoShapeError(ValueError):
     """`suggest_shape` found no shape within 10% of the size asked for; `closest` is the nearest one's size."""
 
@@ -112,7 +120,15 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
     smallest first (24 chips: 1, 2, 3, 4, 6, 8, 12, 24; powers of two only missed fsdp 24 and reported a model that
     fits there as not fitting), data the rest; `seqs_per_chip` sequences of `seq_len` per data/fsdp rank. None if
     nothing fits. skipped: a list that receives why layouts could not be used at all (a dimension they do not
-    divide); tried: a list that receives every layout evaluated, with its memory (the closest, when none fits)."""
+    divide); tried: a list that receives every layout evaluated, with its memory (the closest, when none fits).
+    Bad inputs raise, naming the field (caught per layout below, a remat typo or seq_len 0 came back as None)."""
+    _check_ints(chips=chips, seqs_per_chip=seqs_per_chip)
+    for name, v, top in (("hbm_bytes", hbm_bytes, math.inf), ("headroom", headroom, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= top:
+            raise ValueError(f"{name} must be a number in (0, {top:g}], got {v!r}")
+    # on one device nothing has to divide, so a ValueError here is the inputs' own (remat, kernel, dtypes, seq_len)
+    memory_per_device(shape, {"data": 1}, seqs_per_chip, seq_len, remat=remat, param_dtype=param_dtype,
+                      compute_dtype=compute_dtype, kernel=kernel)
     for t in (1, 2, 4, 8):
         if chips % t:
             continue

@@ -1,6 +1,7 @@
 """scaling.laws: the fit recovers a known law from noisy synthetic runs; IsoFLOP envelope; allocation;
 the Chinchilla paper's Table 3."""
 
+import dataclasses
 import re
 import warnings
 
@@ -111,6 +112,17 @@ def test_allocation_of_a_nan_inf_or_negative_budget_is_refused_naming_the_argume
     G = (TRUE.alpha * TRUE.A / (TRUE.beta * TRUE.B)) ** (1 / (TRUE.alpha + TRUE.beta))
     np.testing.assert_allclose(TRUE.optimal_params([6e20, 6e22]), G * np.array([1e20, 1e22]) ** a, rtol=1e-12)
     np.testing.assert_allclose(TRUE.optimal_tokens([6e20, 6e22]), np.array([1e20, 1e22]) ** b / G, rtol=1e-12)
+
+
+@pytest.mark.parametrize("field", ["A", "B"])
+def test_allocation_of_a_law_with_a_coefficient_that_is_not_positive_is_refused(field):
+    """A hand-entered law with A or B <= 0 has no optimum: optimal_params returned a complex number for a negative
+    one ((6.45e9-1.12e10j) at 1e21 FLOPs), 0 or inf parameters and tokens for zero."""
+    for bad in (-TRUE.A, 0.0):
+        law = dataclasses.replace(TRUE, **{field: bad})
+        for fn in (law.optimal_params, law.optimal_tokens, law.optimal_flops_for_params):
+            with pytest.raises(ValueError, match=f"{field}={bad:g}"):
+                fn(1e21)
 
 
 def test_bootstrap_counts_resamples_it_cannot_fit():
@@ -271,6 +283,18 @@ def test_isoflop_envelope_refuses_empty_or_ragged_input():
         args = {"n": n, "d": d, "loss": [3.0, 2.9, 3.1, 2.5, 2.4, 2.6]} | bad
         with pytest.raises(ValueError, match=f"{name} must be finite and positive for every run; runs"):
             isoflop_envelope(args["n"], args["d"], args["loss"])
+
+
+@pytest.mark.parametrize("rtol", [-0.05, float("nan"), float("inf"), "0.05"])
+def test_isoflop_envelope_names_a_grouping_tolerance_that_groups_nothing(rtol):
+    """rtol < 0 or NaN put every run in a budget of its own: 'need >= 2 FLOP budgets with >= 3 runs' for runs that
+    have 3 at each of 2 budgets, naming no argument (inf merged every budget into one, a string raised a TypeError)."""
+    n = np.array([1e6, 2e6, 4e6, 1e6, 2e6, 4e6])
+    d = np.array([4e9, 2e9, 1e9, 4e10, 2e10, 1e10])
+    loss = [3.0, 2.9, 3.1, 2.5, 2.4, 2.6]
+    assert len(isoflop_envelope(n, d, loss).n_opt) == 2  # 3 runs at each of 2 budgets
+    with pytest.raises(ValueError, match="rtol="):
+        isoflop_envelope(n, d, loss, rtol=rtol)
 
 
 def test_bootstrap_without_a_fit_is_an_error():

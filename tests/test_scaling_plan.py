@@ -397,3 +397,28 @@ def test_measure_cpu_peak_refuses_a_size_or_count_that_measures_nothing(kw, fiel
     mfu() then refused naming its own argument; n=-4 a jax TypeError about broadcast_in_dim."""
     with pytest.raises(ValueError, match=f"measure_cpu_peak: {field} must be an int >= 1"):
         measure_cpu_peak(**{"n": 64, **kw})
+
+
+@pytest.mark.parametrize("kw, field", [(dict(remat="ful"), "remat='ful'"), (dict(kernel="flsh"), "kernel='flsh'"),
+                                       (dict(compute_dtype="bf16x"), "unknown dtype 'bf16x'"),
+                                       (dict(seq_len=0), "seq_len"), (dict(seqs_per_chip=0), "seqs_per_chip"),
+                                       (dict(chips=0), "chips"), (dict(chips=2.0), "chips"),
+                                       (dict(hbm_bytes=-80e9), "hbm_bytes"),
+                                       (dict(hbm_bytes=float("nan")), "hbm_bytes"),
+                                       (dict(headroom=0), "headroom"), (dict(headroom=90), "headroom")])
+def test_suggest_mesh_names_a_bad_input_instead_of_reporting_that_nothing_fits(kw, field):
+    """suggest_mesh caught every ValueError of memory_per_device as 'this layout does not divide': a remat or
+    kernel typo, seq_len 0, chips 0 or a negative HBM size returned None, read as 'the model does not fit'."""
+    from scaling.plan import suggest_mesh
+
+    args = {"chips": 4, "hbm_bytes": 80e9, "seq_len": 512, **kw}
+    with pytest.raises(ValueError, match=re.escape(field)):
+        suggest_mesh(suggest_shape(1e8), args.pop("chips"), args.pop("hbm_bytes"), **args)
+
+
+@pytest.mark.parametrize("field", ["head_dim", "aspect", "mlp_multiple"])
+def test_suggest_shape_names_a_width_that_is_not_a_positive_int(field):
+    """head_dim=0 raised a bare ZeroDivisionError; aspect=0 returned a 3780-layer, 128-wide 'Llama-style' shape."""
+    for bad in (0, -128, 64.5):
+        with pytest.raises(ValueError, match=f"{field} must be an int >= 1, got {bad}"):
+            suggest_shape(1e9, **{field: bad})
