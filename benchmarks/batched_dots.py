@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -75,7 +74,7 @@ def measure(rounds: int) -> dict[str, float]:
 
 
 def main(argv=None):
-    from benchmarks.rounds import out_path, save
+    from benchmarks.rounds import out_path, run_child, save
     from experiments.config import at_least
     from parallel.host import tune_cpu_allocator
 
@@ -90,9 +89,8 @@ def main(argv=None):
         print(json.dumps(measure(args.rounds)))
         return None
     cores = len(os.sched_getaffinity(0))
-    child = subprocess.run([sys.executable, "-m", "benchmarks.batched_dots", "--one-core", "--rounds",
-                            str(args.rounds)], capture_output=True, text=True, check=True,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    child = run_child([sys.executable, "-m", "benchmarks.batched_dots", "--one-core", "--rounds", str(args.rounds)],
+                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
     one = json.loads(child.stdout.strip().splitlines()[-1])
     every = measure(args.rounds)
     print(f"best of {args.rounds}: {cores} cores | 1 core | speed-up   (products: GFLOP/s; elementwise passes: GB/s)")

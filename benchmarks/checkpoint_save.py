@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -60,7 +59,7 @@ def eight_device_mesh(text: str) -> str:
 
 
 def main(argv=None):
-    from benchmarks.rounds import out_path
+    from benchmarks.rounds import out_path, run_child
     from experiments.config import at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,9 +79,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(r, h) for r in range(args.rounds) for h in (("ours", "default") if r % 2 else ("default", "ours"))]
         for r, h in tqdm(runs, desc="saves", unit="process"):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.checkpoint_save", "--child", h, "--mesh",
-                                  args.mesh, "--dir", os.path.join(tmp, f"{h}{r}")],
-                                 capture_output=True, text=True, check=True)
+            out = run_child([sys.executable, "-m", "benchmarks.checkpoint_save", "--child", h, "--mesh", args.mesh,
+                             "--dir", os.path.join(tmp, f"{h}{r}")])
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {h: {k: statistics.median(x[k] for x in rows if x["handler"] == h) for k in ("first_s", "second_s")}
            for h in ("default", "ours")}

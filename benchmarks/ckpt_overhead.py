@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.rounds import out_path, write_json  # noqa: E402
+from benchmarks.rounds import out_path, run_child, write_json  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from experiments.run_log import read_curves  # noqa: E402
 
@@ -169,8 +168,8 @@ def big_state(dtype: str):
 
 def demo_run(out):
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "experiments.train_lm", "--out", out, "--set", "train.progress=False"],
-                       capture_output=True, text=True)
+    # a failed run raises with its stderr: it went on to a FileNotFoundError on metrics.jsonl, the cause unseen
+    p = run_child([sys.executable, "-m", "experiments.train_lm", "--out", out, "--set", "train.progress=False"])
     wall = time.time() - t0
     # the last record of a step (run_log.read_curves): a step replayed after a resume is logged again, and its last
     # record is the one the checkpoint kept; of the target records the last written (a run killed after crossing

@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -33,7 +32,7 @@ def _cfg(args):
     return load(["--preset", "tiny", *[x for s in sets for x in ("--set", s)]])
 
 
-def _rss_mb() -> float:
+def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -50,17 +49,17 @@ def child(way: str, args) -> dict:
         ckpt.save(1, state, {"config": cfg.to_json()})
         ckpt.close()
         n = sum(x.size for x in jax.tree.leaves(state["params"]))
-        return {"params": int(n), "state_mb": sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20}
-    base = _rss_mb()
+        return {"params": int(n), "state_mib": sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20}
+    base = _rss_mib()
     template = (init_state if way == "random" else abstract_train_state)(cfg, mesh)[3]
     state, _ = ckpt.restore(template)
     jax.block_until_ready(state)
     ckpt.close()
-    return {"way": way, "peak_extra_mb": _rss_mb() - base}
+    return {"way": way, "peak_extra_mib": _rss_mib() - base}
 
 
 def main(argv=None):
-    from benchmarks.rounds import out_path
+    from benchmarks.rounds import out_path, run_child
     from experiments.config import ConfigError, at_least
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,17 +83,17 @@ def main(argv=None):
     from tqdm import tqdm
 
     shape = ["--d-model", str(args.d_model), "--layers", str(args.layers), "--vocab", str(args.vocab)]
-    run = lambda way, d: json.loads(subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "benchmarks.restore_memory", "--child", way, "--dir", d, *shape],
-        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    run = lambda way, d: json.loads(run_child(  # noqa: E731
+        [sys.executable, "-m", "benchmarks.restore_memory", "--child", way, "--dir", d, *shape]
+    ).stdout.strip().splitlines()[-1])
     with tempfile.TemporaryDirectory() as tmp:
         saved = run("save", tmp)
         order = (("random", "abstract"), ("abstract", "random"))
         ways = [w for r in range(args.rounds) for w in order[r % 2]]
         rows = [run(w, tmp) for w in tqdm(ways, desc="restores", unit="process")]
-    med = {w: statistics.median(r["peak_extra_mb"] for r in rows if r["way"] == w) for w in ("random", "abstract")}
-    summary = {**saved, "rounds": args.rounds, "median_peak_extra_mb": med, "random_over_abstract": med["random"] /
-               med["abstract"], "saved_mb_per_state": (med["random"] - med["abstract"]) / saved["state_mb"]}
+    med = {w: statistics.median(r["peak_extra_mib"] for r in rows if r["way"] == w) for w in ("random", "abstract")}
+    summary = {**saved, "rounds": args.rounds, "median_peak_extra_mib": med, "random_over_abstract": med["random"] /
+               med["abstract"], "saved_mib_per_state_mib": (med["random"] - med["abstract"]) / saved["state_mib"]}
     from benchmarks.rounds import report
 
     return report(args.json, rows, summary)

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -37,6 +38,22 @@ def pair_row(times: dict, extra: dict, name, base: str, new: str) -> dict:
     return {f"{base}_ms": 1e3 * statistics.median(a), f"{new}_ms": 1e3 * statistics.median(b),
             "ratio": statistics.median(y / x for x, y in zip(a, b)),
             f"temp_mib_{base}": extra[(name, base)], f"temp_mib_{new}": extra[(name, new)]}
+
+
+class ChildFailed(subprocess.CalledProcessError):
+    """A benchmark's child process exited non-zero; its message ends with the tail of the child's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} The end of its stderr:\n{self.stderr[-4000:]}"
+
+
+def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with stdout and stderr captured as text; a child that fails raises `ChildFailed`. With
+    check=True the CalledProcessError named only the exit status: the child's traceback was captured and dropped."""
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode:
+        raise ChildFailed(p.returncode, cmd, p.stdout, p.stderr)
+    return p
 
 
 def out_path(text: str) -> str:

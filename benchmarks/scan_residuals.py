@@ -50,8 +50,12 @@ def contender(cfg, unpacked: str | None):
 
 
 def layer_counts(text: str) -> list[int]:
-    """'4,8,16' → [4, 8, 16]; each an integer >= 1 (argparse names the flag on error)."""
-    return [at_least(1)(n) for n in text.split(",")]
+    """'4,8,16' → [4, 8, 16]; each an integer >= 1 (argparse names the flag on error), none repeated: the results
+    are keyed by count, so '4,4' ran and reported L=4 once."""
+    counts = [at_least(1)(n) for n in text.split(",")]
+    if len(set(counts)) < len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a layer count; list each once")
+    return counts
 
 
 layer_counts.__name__ = "comma-separated integers >= 1"

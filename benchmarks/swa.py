@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import jax
@@ -55,6 +56,18 @@ def measure(fn, T, reps, max_gb):
     return float(np.median(times)), gb
 
 
+def memory_cap(text: str) -> float:
+    """--max-gb: a number >= 0 (0: footprints only, nothing run; inf: no cap). `gb > nan` is False, so nan ran every
+    kernel whatever its footprint, and a negative cap ran none, as 0 does, without saying so."""
+    value = float(text)
+    if not (value >= 0 and not math.isnan(value)):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (GiB; 0 runs nothing), got {text}")
+    return value
+
+
+memory_cap.__name__ = "number >= 0"
+
+
 def train_step_32k(window=1024, T=32768):
     """One AdamW step of a 4-layer, all-local Transformer on a single 32K-token row."""
     from flax import nnx
@@ -87,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=at_least(1), nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--windows", type=at_least(1), nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=at_least(1), default=3)
-    ap.add_argument("--max-gb", type=float, default=8.0)
+    ap.add_argument("--max-gb", type=memory_cap, default=8.0)
     ap.add_argument("--dense-max", type=at_least(1), default=8192, help="longest sequence the quadratic kernels run at")
     ap.add_argument("--plot", type=plot_path, default=None)
     ap.add_argument("--json", type=out_path, default=None)

@@ -104,6 +104,58 @@ def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
 
 
 
+@pytest.mark.parametrize("module, work, argv, message", [
+    # `gb > nan` is False: every kernel ran whatever its footprint; a negative cap ran none, as 0 does, unsaid
+    ("benchmarks.swa", "measure", ["--max-gb", "nan"], "argument --max-gb: must be a number >= 0 (GiB; 0 runs "
+     "nothing), got nan"),
+    ("benchmarks.swa", "measure", ["--max-gb", "-1"], "argument --max-gb: must be a number >= 0"),
+    # the results are keyed by count: '4,8,4' timed and reported L=4 once
+    ("benchmarks.scan_residuals", "interleaved", ["--layers", "4,8,4"], "argument --layers: '4,8,4' repeats a layer "
+     "count; list each once"),
+])
+def test_bad_values_are_refused_before_the_benchmark_runs(module, work, argv, message, monkeypatch, capsys):
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, "tune_cpu_allocator", lambda: False)
+    monkeypatch.setattr(mod, work, lambda *a, **k: pytest.fail(f"{module} {argv} ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module, call", [
+    ("benchmarks.restore_memory", lambda m, tmp: m.main(["--rounds", "1"])),
+    ("benchmarks.checkpoint_save", lambda m, tmp: m.main(["--rounds", "1"])),
+    ("benchmarks.batched_dots", lambda m, tmp: m.main(["--rounds", "1"])),
+    ("benchmarks.ckpt_overhead", lambda m, tmp: m.demo_run(str(tmp / "demo"))),
+])
+def test_a_child_process_that_fails_shows_its_stderr(module, call, tmp_path, monkeypatch):
+    """The children ran with capture_output: a crash raised a CalledProcessError naming only the exit status (the
+    demo run, unchecked, a FileNotFoundError on its metrics.jsonl), the child's traceback never shown."""
+    import importlib
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ValueError: the reason the child failed' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setattr("parallel.host.tune_cpu_allocator", lambda: False)  # batched_dots imports it in main
+    with pytest.raises(Exception, match="(?s)exit status 3.*ValueError: the reason the child failed"):
+        call(mod, tmp_path)
+
+
+def test_restore_memory_reports_mib(tmp_path):
+    """Its sizes are bytes / 2**20 and ru_maxrss / 1024 KiB, i.e. MiB, but were keyed _mb: the 759 'MB' train state
+    of docs/restore_memory.json is 796 MB."""
+    import argparse
+
+    from benchmarks import restore_memory
+
+    out = restore_memory.child("save", argparse.Namespace(d_model=64, layers=1, vocab=320, dir=str(tmp_path)))
+    assert out["state_mib"] == pytest.approx(12 * out["params"] / 2**20, rel=1e-3)  # float32 params + AdamW m, v
+
 @pytest.mark.parametrize("broken", ["ours_jax", "xla_matmul_2048"])
 def test_train_step_reraises_when_our_step_or_the_matmul_fails_in_warm_up(monkeypatch, broken):
     """Every figure is relative to our step and the matmul peak: a failure there (e.g. a compile error) was recorded
@@ -169,7 +221,7 @@ def test_ckpt_overhead_demo_reads_the_target_record_its_checkpoint_kept(tmp_path
         log.close()
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(ckpt_overhead.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     row = ckpt_overhead.demo_run(str(tmp_path))
     assert (row["target_wall_s"], row["target_step"], row["eval_first"], row["eval_last"]) == (11.6, 4, 5.7, 4.1)
     json.dumps(row)
