@@ -239,6 +239,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     if rng is not None and (why := key_error(rng)) is not None:  # raw keys: those of the default PRNG (rbg: [4])
         raise ValueError(f"rng must be one key, jax.random.key(seed) (one for the whole batch), {why}")
     top_k = _check_top_k(top_k)
+    if not isinstance(trim, bool | np.bool_):  # read by truthiness, trim="no" trimmed
+        raise ValueError(f"generate: trim must be True or False, got {trim!r}")
     if isinstance(top_p, jax.core.Tracer):  # (it read as 'must be a number in (0, 1], got JitTracer(~float32[])')
         raise ValueError("generate's top_p must be a Python number (it chooses whether the program sorts), not a "
                          "traced value: call generate outside jax.jit (a new top_p does not compile it again), or "

@@ -17,7 +17,10 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT=None):
     a vocabulary mismatch must not train silently. Weights must be finite and >= 0 (at positions not ignored): a
     negative or infinite one is a ValueError for concrete weights and makes the loss NaN under jit (a negative one
     ascended that position's loss, and weights summing to 0 returned a negative "mean").
+    Targets and weights may be any array-like (a list, numpy).
     """
+    targets_BT = jnp.asarray(targets_BT)  # a list or numpy array too: `.astype` / `.shape` below
+    weights_BT = None if weights_BT is None else jnp.asarray(weights_BT)
     if jnp.shape(targets_BT) != jnp.shape(logits_BTV)[:-1]:
         raise ValueError(f"cross_entropy: targets {jnp.shape(targets_BT)} must be the logits' [B, T] "
                          f"{jnp.shape(logits_BTV)[:-1]} (inputs and targets of one length, targets shifted by one)")

@@ -65,12 +65,15 @@ class MoESpec:
     def __post_init__(self):
         if self.dispatch not in ("capacity", "dropless"):
             raise ValueError(f"MoESpec.dispatch must be 'capacity' or 'dropless', got {self.dispatch!r}")
-        if self.n_experts < 1:
-            raise ValueError(f"MoESpec.n_experts must be >= 1, got {self.n_experts}")
+        # whole numbers, named: an expert of width 0 counted 0 FLOPs, a string count raised a bare TypeError
+        for f, low in (("n_experts", 1), ("top_k", 1), ("expert_mlp_dim", 1), ("n_shared_experts", 0),
+                       ("shared_mlp_dim", 0), ("moe_every", 1)):
+            if f != "shared_mlp_dim" or self.shared_mlp_dim is not None:  # None: n_shared x expert_mlp_dim
+                object.__setattr__(self, f, _whole(f"MoESpec.{f}", getattr(self, f), low))
+        if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, numbers.Real):
+            raise ValueError(f"MoESpec.capacity_factor must be a positive number, got {self.capacity_factor!r}")
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError(f"MoESpec.top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        if self.moe_every < 1:
-            raise ValueError(f"MoESpec.moe_every must be >= 1, got {self.moe_every}")
         if not self.capacity_factor > 0:
             raise ValueError(f"MoESpec.capacity_factor must be positive, got {self.capacity_factor}")
 
@@ -499,7 +502,12 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
 
 
 def chinchilla_flops(n_params: float, n_tokens: float) -> float:
-    """C = 6·N·D, the approximation Hoffmann et al. 2022 (and `scaling.laws`) use."""
+    """C = 6·N·D, the approximation Hoffmann et al. 2022 (and `scaling.laws`) use; numbers or arrays, finite and > 0
+    (a negative N gave a negative compute)."""
+    from scaling.laws import _positive  # (scipy: not imported with scaling.flops)
+
+    _positive(n_params, "chinchilla_flops: n_params")
+    _positive(n_tokens, "chinchilla_flops: n_tokens")
     return 6.0 * n_params * n_tokens
 
 
@@ -514,11 +522,11 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_
     HFU); peak_flops_per_device: FLOP/s per device, e.g. `scaling.hardware.peak_flops('h100', 'bf16')`.
     """
     for name, v in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token)):
-        if not v >= 0:
-            raise ValueError(f"mfu: {name} must be >= 0, got {v}")
+        if not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"mfu: {name} must be finite and >= 0, got {v}")
     _whole("mfu: n_devices", n_devices)
-    if not peak_flops_per_device > 0:
-        raise ValueError(f"mfu: peak_flops_per_device must be > 0 FLOP/s, got {peak_flops_per_device}")
+    if not (peak_flops_per_device > 0 and math.isfinite(peak_flops_per_device)):  # inf: an MFU of 0, silently
+        raise ValueError(f"mfu: peak_flops_per_device must be finite and > 0 FLOP/s, got {peak_flops_per_device}")
     u = tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)
     if u > 1.0 + 1e-6:  # above the peak: a unit slip (TFLOP/s given for FLOP/s) or a per-device / global mix-up
         raise ValueError(f"mfu: {u:.3g} > 1, above the devices' peak; peak_flops_per_device is in FLOP/s (e.g. "

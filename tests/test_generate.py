@@ -364,6 +364,17 @@ def test_eos_generation_inside_your_own_jit(model):
         run(True)
 
 
+def test_trim_must_be_a_bool(model):
+    """trim="no" (or 0.0, a string from a CLI flag) was read by truthiness: "no" trimmed. A numpy bool is a bool."""
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 4)), jnp.int32)
+    eos = int(np.asarray(generate(model, prompt, 6))[0, 4 + 2])
+    for bad in ("no", "False", 0, None):
+        with pytest.raises(ValueError, match=f"trim must be True or False, got {re.escape(repr(bad))}"):
+            generate(model, prompt, 6, eos_id=eos, trim=bad)
+    np.testing.assert_array_equal(generate(model, prompt, 6, eos_id=eos, trim=np.bool_(False)),
+                                  generate(model, prompt, 6, eos_id=eos, trim=False))
+
+
 def test_pad_id_takes_integer_scalar_arrays_and_names_traced_ids(model):
     """eos_id took numpy / jax arrays but pad_id=jnp.int32(0) (e.g. a tokenizer's id kept as an array) was refused as
     'not one token id'; traced eos / pad ids failed with jax's bare ConcretizationTypeError."""

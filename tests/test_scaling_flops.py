@@ -513,6 +513,33 @@ def test_fractional_lengths_and_counts_are_refused_everywhere():
     assert decode_flops_per_token(cfg, 2.0) == decode_flops_per_token(cfg, 2)
 
 
+def test_mfu_chinchilla_and_moe_spec_refuse_nonsense_naming_the_field():
+    """mfu with an infinite peak returned 0.0; chinchilla_flops(-1e9, D) a negative compute; MoESpec took experts of
+    width 0 or -4 (0 or negative FLOPs) and 8.5 experts, and a string count raised a bare TypeError ('<' between
+    str and int)."""
+    from scaling.flops import chinchilla_flops
+
+    for call, match in [(lambda: mfu(1e5, 1e9, 8, float("inf")), "peak_flops_per_device must be finite and > 0"),
+                        (lambda: mfu(float("inf"), 1e9, 8, 1e15), "tokens_per_s must be finite and >= 0"),
+                        (lambda: chinchilla_flops(-1e9, 1e12), "n_params must be finite and > 0"),
+                        (lambda: chinchilla_flops(1e9, float("nan")), "n_tokens must be finite and > 0"),
+                        (lambda: chinchilla_flops(np.array([1e9, -1.0]), 1e12), "n_params must be finite"),
+                        (lambda: MoESpec(8, 2, 0), "MoESpec.expert_mlp_dim=0 must be a whole number >= 1"),
+                        (lambda: MoESpec(8, 2, -4), "MoESpec.expert_mlp_dim=-4"),
+                        (lambda: MoESpec("8", 2, 64), "MoESpec.n_experts='8' must be a whole number >= 1"),
+                        (lambda: MoESpec(8.5, 2, 64), "MoESpec.n_experts=8.5"),
+                        (lambda: MoESpec(8, "2", 64), "MoESpec.top_k='2'"),
+                        (lambda: MoESpec(8, 2, 64, n_shared_experts=-1), "MoESpec.n_shared_experts=-1"),
+                        (lambda: MoESpec(8, 2, 64, shared_mlp_dim=-8), "MoESpec.shared_mlp_dim=-8"),
+                        (lambda: MoESpec(8, 2, 64, moe_every="2"), "MoESpec.moe_every='2'"),
+                        (lambda: MoESpec(8, 2, 64, capacity_factor="1.25"), "MoESpec.capacity_factor must be")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # whole numbers of any type, no shared experts (width 0) and array budgets are taken as before
+    assert MoESpec(np.int64(8), 2.0, 64, shared_mlp_dim=0) == MoESpec(8, 2, 64, shared_mlp_dim=0)
+    np.testing.assert_array_equal(chinchilla_flops(np.array([1e9, 2e9]), 1e12), [6e21, 1.2e22])
+
+
 def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():
     """With experts sharded, dropless runs as capacity buffers with C = T (models.moe): E rows per token, not K.
     Without `expert_shards` the executed count was 1/3 of XLA's here."""

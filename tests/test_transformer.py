@@ -365,6 +365,15 @@ def test_cross_entropy_refuses_weights_or_targets_not_shaped_like_the_logits():
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
     assert float(n) == 8
 
+
+def test_cross_entropy_takes_array_likes():
+    """Weights (or targets) as a plain list raised AttributeError: 'list' object has no attribute 'astype'."""
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(1, 3, 5)).astype(np.float32))
+    want = cross_entropy(logits, jnp.asarray([[1, 2, 3]]), jnp.asarray([[1.0, 1.0, 0.0]]))
+    np.testing.assert_array_equal(cross_entropy(logits, [[1, 2, 3]], [[1.0, 1.0, 0.0]]), want)
+    np.testing.assert_array_equal(cross_entropy(logits, np.array([[1, 2, 3]]), [[True, True, False]]), want)
+
+
 def test_bf16_compute_close_to_f32(tokens):
     model = make(dataclasses.replace(CFG, final_logit_softcap=None))
     f32 = model(tokens)
