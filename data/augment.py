@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from data.filters import CJK_RANGES
+from data.filters import _CJK
 from data.seeds import check_field_types
 
 PYTHON_GLOSSARY = (
@@ -34,7 +34,6 @@ MATH_GLOSSARY = (
     ("定理", "由公理和已证明的命题推导出的数学命题"),
 )
 DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("math", MATH_GLOSSARY))
-_CJK = re.compile(rf"[{CJK_RANGES}]")
 
 
 def _term_pattern(term_low: str) -> re.Pattern:
