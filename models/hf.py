@@ -38,9 +38,11 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from models.config import TransformerConfig
+from models.config import TransformerConfig, dtype_name
 from models.hf_config import config_from_hf, config_to_hf
 from models.transformer import Transformer
+
+_DTYPES = ("float32", "bfloat16", "float16")  # what we load into and save as
 
 
 def _hf_layout(cfg: TransformerConfig) -> dict:
@@ -144,7 +146,13 @@ def _open_weights(folder: Path) -> dict:
     names = {}
     for f in files:
         with _opened(f) as sf:
-            names.update(dict.fromkeys(sf.keys(), f))
+            for name in sf.keys():
+                # two exports' shards side by side: the last file sorted won each tensor, a mix of both models
+                if name in names:
+                    raise ValueError(f"{folder}: tensor {name!r} is in both {names[name].name} and {f.name}, and no "
+                                     "model.safetensors.index.json says which to read; remove the other export's "
+                                     "files, or restore the index")
+                names[name] = f
     return names
 
 
@@ -176,6 +184,9 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     if dtype is None:  # not "the checkpoint's dtype": failed as "unsupported 'float64'" whatever the weights were
         raise ValueError("from_pretrained(dtype=None): dtype is the compute dtype, a name: 'float32' (the default), "
                          "'bfloat16' or 'float16' (param_dtype=None then stores the weights in it)")
+    for arg, v in (("dtype", dtype), ("param_dtype", param_dtype)):  # else blamed on TransformerConfig.param_dtype
+        if v is not None and dtype_name(v) not in _DTYPES:
+            raise ValueError(f"from_pretrained({arg}={v!r}): use 'float32', 'bfloat16' or 'float16'")
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
@@ -193,6 +204,10 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
         else:
             with _opened(where["lm_head.weight"]) as a, _opened(where["model.embed_tokens.weight"]) as b:
                 if not np.array_equal(a.get_tensor("lm_head.weight"), b.get_tensor("model.embed_tokens.weight")):
+                    if "tie_embeddings" in config_overrides:  # not config.json's doing
+                        raise ValueError(f"{folder}: from_pretrained(tie_embeddings=True) ties lm_head to the "
+                                         "embedding, but lm_head.weight differs from model.embed_tokens.weight; "
+                                         "load it untied (leave tie_embeddings out)")
                     raise ValueError(
                         f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
                         "model.embed_tokens.weight (transformers 5.x then loads them untied, 4.x ties them); set "
@@ -347,9 +362,10 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     """
     cfg = model.cfg
     hf = config_to_hf(cfg) | _check_token_ids(token_ids)
-    out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
-    if out_dtype.name not in ("float32", "bfloat16", "float16"):  # a cast to int8 / fp8 silently destroys weights
+    # a cast to int8 / fp8 silently destroys weights; 'bf16' was numpy's bare "data type 'bf16' not understood"
+    if dtype_name(dtype or cfg.param_dtype) not in _DTYPES:
         raise ValueError(f"save_pretrained dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
+    out_dtype = np.dtype(jnp.dtype(dtype_name(dtype or cfg.param_dtype)))
     hf["dtype"] = hf["torch_dtype"] = jnp.dtype(out_dtype).name  # a name, however given; 4.x reads torch_dtype
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 
 from models.config import RopeScaling, TransformerConfig
 
@@ -34,6 +35,13 @@ _HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> H
 # HF hidden_act -> our mlp_act: transformers' ACT2FN runs 'swish' as SiLU and 'gelu_new' as the same tanh GELU
 # as 'gelu_pytorch_tanh' (published checkpoints use all four; they were refused)
 _ACT_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# our field -> the config.json fields config_from_hf reads it from, to name them in TransformerConfig's errors
+_HF_FIELDS = {"vocab_size": ("vocab_size",), "d_model": ("hidden_size",), "n_layers": ("num_hidden_layers",),
+              "n_heads": ("num_attention_heads",), "n_kv_heads": ("num_attention_heads", "num_key_value_heads"),
+              "head_dim": ("head_dim", "hidden_size", "num_attention_heads"), "mlp_dim": ("intermediate_size",),
+              "max_seq_len": ("max_position_embeddings",), "norm_eps": ("rms_norm_eps",),
+              "sliding_window": ("sliding_window",), "attn_logit_softcap": ("attn_logit_softcapping",),
+              "final_logit_softcap": ("final_logit_softcapping",), "query_pre_attn_scalar": ("query_pre_attn_scalar",)}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -137,6 +145,10 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     if len(types) != L:  # transformers refuses it too
         raise ValueError(f"HF config field layer_types has {len(types)} entries for num_hidden_layers={L}; give one "
                          "per layer")
+    # any other type (Llama 4's chunked_attention, a typo) read as full attention; transformers fails only in forward
+    for i, t in enumerate(types):
+        if t not in ("sliding_attention", "full_attention"):
+            raise _unsupported(f"layer_types[{i}]", t, f"{arch} layers are 'sliding_attention' or 'full_attention'")
     local = tuple(t == "sliding_attention" for t in types)
     if not any(local):
         return {}
@@ -159,6 +171,12 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     arch = _architecture(hf)
     defaulted = set(HF_DEFAULTS.get(arch, {})) - set(hf)  # fields transformers' default fills in
     hf = {**HF_DEFAULTS.get(arch, {}), **hf}
+    # a string "false" was read as true (a tied head, q/k/v biases, Qwen2's windows): transformers 5.x refuses it,
+    # 4.x reads it as true. null stays false and 0 / 1 are taken, as 4.x reads them
+    for f in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention"):
+        v = hf.get(f)
+        if v is not None and (not isinstance(v, int) or v not in (0, 1)):
+            raise ValueError(f"HF config field {f}={v!r} must be true, false or null; fix config.json")
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
                            "only causal decoders are supported; load a causal checkpoint (false or null)")
@@ -214,7 +232,15 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         # TransformerConfig would blame n_kv_heads, a field of ours that is in no config.json
         raise ValueError(f"HF config has no num_key_value_heads: transformers' default for {arch} is {kv}, which does "
                          f"not divide num_attention_heads={kw['n_heads']}; set num_key_value_heads in config.json")
-    return TransformerConfig(**kw)
+    try:
+        return TransformerConfig(**kw)
+    except ValueError as e:  # it names a field of ours, which no config.json has: add the HF ones it came from
+        ours = re.match(r"TransformerConfig\.(\w+):", str(e))
+        names = _HF_FIELDS.get(ours[1], ()) if ours and ours[1] not in overrides else ()
+        if not names:
+            raise
+        read = ", ".join(f"{n}={hf.get(n)!r}" for n in names)
+        raise ValueError(f"{e} (read from HF config field{'s' * (len(names) > 1)} {read}; fix config.json)") from None
 
 
 def _moe_from_hf(hf: dict, mlp_act: str):

@@ -1239,3 +1239,86 @@ def test_a_float64_tensor_beyond_float32s_range_is_refused_by_name(tmp_path):
                                              r"1e\+39\) holds values beyond (float32|bfloat16)'s largest.*no dtype we "
                                              r"load into holds it"):
             from_pretrained(tmp_path, dtype=dt)
+
+
+def test_dtype_names_that_are_no_dtype_are_refused_by_name(tmp_path):
+    """save_pretrained(dtype='bf16') failed as numpy's bare "data type 'bf16' not understood"; from_pretrained(
+    dtype='bf16') blamed TransformerConfig.param_dtype, an argument nobody passed."""
+    ours = _random_model(ROUND_TRIP["llama"], seed=9)
+    with pytest.raises(ValueError, match=r"save_pretrained dtype='bf16': use 'float32', 'bfloat16' or 'float16'"):
+        save_pretrained(ours, tmp_path, dtype="bf16")
+    assert not (tmp_path / "config.json").exists()
+    save_pretrained(ours, tmp_path, dtype=jnp.bfloat16)  # a dtype object, as the model's own dtypes may be
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    for kw in (dict(dtype="bf16"), dict(param_dtype="int8"), dict(dtype="float64")):
+        (arg, value), = kw.items()
+        with pytest.raises(ValueError, match=rf"from_pretrained\({arg}={value!r}\): use 'float32', 'bfloat16'"):
+            from_pretrained(tmp_path, **kw)
+    assert from_pretrained(tmp_path, dtype=jnp.bfloat16).cfg.dtype == "bfloat16"
+
+
+def test_shards_without_an_index_holding_a_tensor_twice_are_refused(tmp_path):
+    """Without an index every *.safetensors is read: the shards of two exports side by side (e.g. 9 and 11 shards)
+    loaded as whichever file sorted last held each tensor, a mix of both models, without a word."""
+    old, new = _random_model(ROUND_TRIP["llama"], seed=5), _random_model(ROUND_TRIP["llama"], seed=6)
+    save_pretrained(old, tmp_path / "old", max_shard_size="40KB")
+    save_pretrained(new, tmp_path, max_shard_size="60KB")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    for f in (tmp_path / "old").glob("model-*.safetensors"):
+        f.rename(tmp_path / f.name)
+    with pytest.raises(ValueError, match=r"tensor 'model\.\S+' is in both model-00001-of-00009\.safetensors and "
+                                         r"model-00001-of-00011\.safetensors.*restore the index"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("cls, kw", [
+    ("MinistralConfig", dict(sliding_window=7, layer_types=["full_attention", "chunked_attention"])),
+    ("Qwen2Config", dict(use_sliding_window=True, sliding_window=7, layer_types=["sliding", "full_attention"])),
+    ("Gemma2Config", dict(layer_types=["sliding_attention", "global"])),
+])
+def test_layer_types_we_do_not_know_are_refused_by_name(cls, kw):
+    """A layer type other than sliding_attention / full_attention was read as full attention without a word
+    (transformers fails on it only at the forward pass, with an unrelated TypeError / AttributeError)."""
+    hf = _hf_dict(cls) | kw
+    with pytest.raises(ValueError, match=r"HF config field layer_types\[1\]='(chunked_attention|global)'|"
+                                         r"layer_types\[0\]='sliding'.*sliding_attention.*full_attention"):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("cls, field", [("LlamaConfig", "tie_word_embeddings"), ("LlamaConfig", "attention_bias"),
+                                        ("LlamaConfig", "mlp_bias"), ("Qwen2Config", "use_sliding_window")])
+def test_flags_written_as_strings_are_refused_by_name(cls, field):
+    """"false" (a string) was read as true: Qwen2 slid every layer past max_window_layers, a Llama looked for q/k/v
+    biases it has not, or tied its head to the embedding (transformers 5.x refuses these configs)."""
+    hf = _hf_dict(cls) | ({"sliding_window": 7, "max_window_layers": 0, "layer_types": None} if cls == "Qwen2Config"
+                          else {})
+    with pytest.raises(ValueError, match=rf"HF config field {field}='false' must be true, false or null"):
+        config_from_hf(hf | {field: "false"})
+    config_from_hf(hf | {field: False})  # a real boolean loads
+    config_from_hf(hf | {field: None})  # null too, read as false (transformers 4.x reads it so)
+
+
+def test_a_tie_asked_for_by_an_override_is_named_as_such(tmp_path):
+    """from_pretrained(path, tie_embeddings=True) of an untied checkpoint said 'config.json says
+    tie_word_embeddings=true', which it does not."""
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path)
+    with pytest.raises(ValueError, match=r"from_pretrained\(tie_embeddings=True\) ties lm_head to the embedding, but "
+                                         r"lm_head\.weight differs"):
+        from_pretrained(tmp_path, tie_embeddings=True)
+
+
+@pytest.mark.parametrize("patch, names", [
+    (dict(num_hidden_layers=0), r"TransformerConfig\.n_layers: .*\(read from HF config field num_hidden_layers=0; "),
+    (dict(num_key_value_heads=3), r"n_kv_heads=3.*\(read from HF config fields num_attention_heads=4, "
+                                  r"num_key_value_heads=3; fix config\.json\)"),
+    (dict(max_position_embeddings=None), r"max_seq_len: .*HF config field max_position_embeddings=None"),
+    (dict(rms_norm_eps="1e-5"), r"norm_eps: .*HF config field rms_norm_eps='1e-5'"),
+    (dict(hidden_size=60, head_dim=None), r"head_dim: .*fields head_dim=None, hidden_size=60, num_attention_heads=4"),
+])
+def test_values_our_config_refuses_name_the_hf_field_they_came_from(patch, names):
+    """num_hidden_layers=0 in config.json was refused as 'TransformerConfig.n_layers: must be a positive int', a
+    field of ours no config.json has; an override keeps our name alone."""
+    with pytest.raises(ValueError, match=names):
+        config_from_hf(_hf_dict() | patch)
+    with pytest.raises(ValueError, match=r"TransformerConfig\.n_layers: must be a positive int, got 0$"):
+        config_from_hf(_hf_dict(), n_layers=0)
