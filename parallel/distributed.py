@@ -25,7 +25,9 @@ _SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PRO
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                *, heartbeat_timeout_s: int = 60, init_timeout_s: int = 300) -> bool:
-    """Start `jax.distributed` when this job has several processes; returns True if it did.
+    """Start `jax.distributed` when this job has several processes; returns True if it did. Called again once it
+    runs (train_lm.main twice in one job, or after the caller's own jax.distributed.initialize): starts nothing,
+    returns whether the job has several processes, and raises if num_processes / process_id are not the running ones.
 
     Must run before any other JAX call. If a peer dies, JAX's coordination service notices the
     missing heartbeats within `heartbeat_timeout_s` and terminates this process with a message
@@ -50,14 +52,19 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if missing:
             raise ValueError(f"coordinator {coordinator!r} given without {missing}; pass them or set "
                              "JAXSCALE_NUM_PROCESSES / JAXSCALE_PROCESS_ID")
-        if not (isinstance(num_processes, int) and num_processes >= 1 and isinstance(process_id, int)
-                and 0 <= process_id < num_processes):
+        # numbers.Integral: a count computed with numpy (np.int64) was refused as if it were < 1; a bool is no count
+        if not (all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (num_processes, process_id))
+                and num_processes >= 1 and 0 <= process_id < num_processes):
             # each value by where it came from: an argument, or the environment's variable
             given = ", ".join(f"{arg if explicit[arg] is not None else var}={value!r}" for arg, var, value in (
                 ("num_processes", "JAXSCALE_NUM_PROCESSES", num_processes),
                 ("process_id", "JAXSCALE_PROCESS_ID", process_id)))
-            raise ValueError(f"{given}: need num_processes >= 1 and 0 <= process_id < num_processes (process ids "
-                             "0 .. N-1, each once)")
+            raise ValueError(f"{given}: need ints with num_processes >= 1 and 0 <= process_id < num_processes "
+                             "(process ids 0 .. N-1, each once)")
+        num_processes, process_id = int(num_processes), int(process_id)
+    if jax.distributed.is_initialized():  # a second call (train_lm.main run twice in one job, or after jax's own)
+        return _started_as(num_processes, process_id)
+    if coordinator is not None:
         if num_processes == 1:
             return False
         # on every process: process 1 of 'host' (no port) died in jax with an IndexError, and of 'host:abc' /
@@ -77,6 +84,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"num_processes={num_processes}, process_id={process_id} given without a coordinator; "
                          "pass coordinator='host:port' or set JAXSCALE_COORDINATOR (the address of process 0)")
     return False
+
+
+def _started_as(num_processes: int | None, process_id: int | None) -> bool:
+    """jax.distributed already runs in this process: whether it is a job of several processes, or a ValueError
+    if it is not the one asked for. Started again, process 0 named its own coordinator's port as taken ("another
+    job"), the others failed in jax ("should only be called once")."""
+    for name, asked, running in (("num_processes", num_processes, jax.process_count()),
+                                 ("process_id", process_id, jax.process_index())):
+        if asked is not None and asked != running:
+            raise ValueError(f"{name}={asked}, but jax.distributed already runs here with {name}={running} (started "
+                             "earlier in this process); pass the values it was started with")
+    return jax.process_count() > 1
 
 
 def _coordinator_port(coordinator: str, name: str) -> int:

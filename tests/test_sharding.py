@@ -869,6 +869,51 @@ def test_a_coordinator_without_a_usable_port_is_refused_on_every_process(monkeyp
     assert distributed.initialize("[::1]:1234", 2, 1) is True and started == [("[::1]:1234", 2, 1)]
 
 
+def test_initialize_takes_numpy_counts_and_refuses_bools(monkeypatch):
+    """np.int64(2) processes (a count computed with numpy) was refused as 'need num_processes >= 1', and
+    num_processes=True read as one process: nothing started, silently."""
+    from parallel import distributed
+
+    started = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: started.append(a))
+    monkeypatch.setattr(distributed, "_check_port_free", lambda *a: None)
+    assert distributed.initialize("127.0.0.1:1234", np.int64(2), np.int64(1)) is True
+    assert started == [("127.0.0.1:1234", 2, 1)] and all(type(v) is int for v in started[0][1:])
+    for n, i in ((True, False), (2, True), (2.0, 1)):
+        with pytest.raises(ValueError, match=rf"num_processes={n!r}, process_id={i!r}: need ints with"):
+            distributed.initialize("127.0.0.1:1234", n, i)
+    assert len(started) == 1
+
+
+def test_initialize_again_once_jax_distributed_runs_starts_nothing(monkeypatch):
+    """A second initialize() in a running job (train_lm.main called twice by one script, or after the caller's own
+    jax.distributed.initialize): process 0 refused its own coordinator's port as 'in use (another job)', the others
+    failed in jax ('should only be called once'). It now starts nothing and says whether the job has several
+    processes; values that are not the running job's are refused by name."""
+    import socket
+
+    from parallel import distributed
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "JAXSCALE_", "OMPI_", "TPU_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: pytest.fail("already running"))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    with socket.socket() as coordinator:  # the running coordinator holds its port
+        coordinator.bind(("", 0))
+        coordinator.listen()
+        address = f"127.0.0.1:{coordinator.getsockname()[1]}"
+        assert distributed.initialize(address, 2, 0) is True
+        assert distributed.initialize() is True  # no arguments: the job that runs
+        monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "2")  # a count without a coordinator: the running job's
+        assert distributed.initialize() is True
+        with pytest.raises(ValueError, match=r"process_id=1, but jax.distributed already runs here with process_id=0"):
+            distributed.initialize(address, 2, 1)
+        with pytest.raises(ValueError, match=r"num_processes=1, but jax.distributed already runs here with num_proc"):
+            distributed.initialize(address, 1, 0)
+
+
 def test_global_batch_from_local_stacks_the_processes_rows(monkeypatch):
     """Each process's [b, T] rows are a 1/n share of a [n·b, T] global batch (not [b, n·T], nor [b, T]), and a mesh
     that gives this process's devices more than its share is refused (one real process: the count is faked, so this
