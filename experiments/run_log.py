@@ -97,6 +97,33 @@ class Logger:
             self.tb.close()
 
 
+def drop_records_after(log: Logger, kind: str | None, step: int):
+    """Remove the records of `kind` (None: of every kind) past `step` from the Logger's metrics.jsonl: a run or
+    stage starting at `step` (a resume; 0: retrained from scratch, its checkpoint deleted) logs those steps again
+    or not at all. Kept, a resume to fewer steps showed the interrupted attempt's tail in the curves and loss plot
+    (TensorBoard's restart marker, `Logger.resume`, drops it there), and every resume left that attempt's
+    duplicates beside the new records. Rewritten whole (`write_text_atomically`): a kill mid-write keeps the old
+    file."""
+    if log.jsonl is None:  # not the primary process: nothing written
+        return
+    path = pathlib.Path(log.jsonl.name)
+    lines = path.read_text().splitlines(keepends=True)
+
+    def stale(line: str) -> bool:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            return False
+        return (isinstance(r, dict) and kind in (None, r.get("kind")) and isinstance(r.get("step"), int)
+                and r["step"] > step)
+
+    keep = [line for line in lines if not stale(line)]
+    if len(keep) < len(lines):
+        log.jsonl.close()  # appends go on to the new file, not the replaced one
+        write_text_atomically(path, "".join(keep))
+        log.jsonl = path.open("a")
+
+
 def _finite_or_null(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None

@@ -29,6 +29,7 @@ from experiments.run_log import (
     Logger,
     Stop,
     Throughput,
+    drop_records_after,
     moe_record,
     perplexity,
     plot_losses,
@@ -644,8 +645,9 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     if restored is None and primary and (stamp := set_aside_logs(out)):  # a run that never saved: not ours to extend
         say(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     log = Logger(out, primary)
-    if restored is not None:  # the steps after the checkpoint replay: their earlier events are stale
+    if restored is not None:  # the steps after the checkpoint replay: their earlier events and records are stale
         log.resume(start)
+        drop_records_after(log, None, start)
 
     def evaluate(params):
         sums = [eval_fn(params, b) for b in eval_batches]

@@ -47,7 +47,7 @@ from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
 from experiments.lm_step import make_optimizer
-from experiments.run_log import Logger, Stop, plot_losses, set_aside_logs, write_text_atomically
+from experiments.run_log import Logger, Stop, drop_records_after, plot_losses, set_aside_logs, write_text_atomically
 from experiments.train_lm import prng_mismatch
 from experiments.video_eval import (
     chance_row,
@@ -344,31 +344,6 @@ def stage_logger(out: pathlib.Path, stage: str) -> Logger:
     The stages share step numbers (each counts from 1): in one run, the restart marker of a resumed stage (which
     drops every earlier event at its step or later, whatever the tag) dropped the other stage's events too."""
     return Logger(out, primary=True, tb=f"tb/{stage}")
-
-
-def drop_records_after(log: Logger, kind: str, step: int):
-    """Remove the records of `kind` past `step` from the Logger's metrics.jsonl (the other stage's stay): a stage
-    starting at `step` (0: retrained from scratch, its checkpoint deleted) logs those steps again or not at all. Kept,
-    a retrain to fewer steps showed the old run's tail in its curves and loss plot, and a resume left the interrupted
-    attempt's duplicates beside the new records. Rewritten whole (run_log.write_text_atomically): a kill mid-write
-    keeps the old file."""
-    if log.jsonl is None:  # not the primary process: nothing written
-        return
-    path = pathlib.Path(log.jsonl.name)
-    lines = path.read_text().splitlines(keepends=True)
-
-    def stale(line: str) -> bool:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            return False
-        return isinstance(r, dict) and r.get("kind") == kind and isinstance(r.get("step"), int) and r["step"] > step
-
-    keep = [line for line in lines if not stale(line)]
-    if len(keep) < len(lines):
-        log.jsonl.close()  # appends go on to the new file, not the replaced one
-        write_text_atomically(path, "".join(keep))
-        log.jsonl = path.open("a")
 
 
 def _stretched(meta: dict, total: int, flag: str) -> str:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpoint, train_lm
+from experiments import checkpoint, run_log, train_lm
 from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState
 from experiments.config import load
 from parallel import make_mesh
@@ -105,11 +105,9 @@ def test_kill9_and_resume_is_bit_identical(runs):
     want = train_records(ref)
     got = train_records(crashed)
     assert [s for s, *_ in want] == list(range(1, 13))
-    assert len(got) > len(want)  # steps after the last checkpoint were replayed...
-    by_step = dict((s, (loss, g)) for s, loss, g in want)
-    for s, loss, g in got:  # ...and every replay, like every other step, matches the reference bit for bit
-        assert (loss, g) == by_step[s], s
-    assert {s for s, *_ in got} == set(by_step)
+    # the steps after each checkpoint were replayed, their interrupted attempt's records dropped: every step logged
+    # once, and every replay, like every other step, matches the reference bit for bit
+    assert got == want
     (ref_state, ref_meta), (state, meta) = restore(ref), restore(crashed)
     assert ref_meta["step"] == meta["step"] == 12 and int(state["step"]) == 12
     assert_trees_equal(ref_state, state)
@@ -656,6 +654,22 @@ def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_ends_wit
     assert (final["kind"], final["step"]) == ("eval", 8) and final["loss"] == result["last_eval"]
     np.testing.assert_allclose(result["last_eval"], evals[8], rtol=1e-6)
     assert (out / "sample.txt").exists()
+
+
+def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its_checkpoint(runs, tmp_path):
+    """A run killed past its checkpoint (here: after step 12 with only step 4 saved) and resumed to train.steps=6
+    kept the killed attempt's records of steps 7..12 in metrics.jsonl: its loss.png plotted them past the run's end
+    (TensorBoard's restart marker dropped them there). The resumed run drops every record past its checkpoint, as
+    train_video's stages do: the log reads as an uninterrupted 6-step run's."""
+    ref, out = runs[0], tmp_path / "run"
+    shutil.copytree(ref, out)
+    for s in (8, 12):
+        shutil.rmtree(out / "ckpt" / str(s))
+    train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), *(("train", s) for s in range(1, 5)), ("eval", 4),
+                                                      ("target", 4), ("train", 5), ("train", 6), ("eval", 6)]
+    assert max(run_log.read_curves(out / "metrics.jsonl")["train"]) == 6  # what loss.png plots
 
 
 def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, full_disk):
