@@ -18,6 +18,7 @@ small JSON-serialisable dict; restoring it reproduces the following batches exac
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -67,6 +68,15 @@ class Source:
         if others:
             raise ValueError(f"Source.path: {others} are not ArrayRecord shards; clean raw text first (python -m "
                              "data.pipeline IN --out DIR) and pass one of its tiers, e.g. DIR/augmented")
+        if not paths:  # (a glob that matched nothing) an IndexError in the first record's check followed
+            raise ValueError(f"Source.path={self.path!r} names no shard files; pass a tier directory or its "
+                             "shard-*.array_record files")
+        # a shard named twice (or once more through a link) was read twice per epoch, its documents trained on twice
+        real = [os.path.realpath(f) for f in paths]
+        seen = collections.Counter(real)
+        if twice := sorted({str(f) for f, r in zip(paths, real) if seen[r] > 1}):
+            raise ValueError(f"Source.path: {twice} name the same shard more than once; list each file once (to "
+                             "read some shards more often, give them a Source of their own with a larger weight)")
 
     def check_tokenizer(self, tokenizer) -> None:
         """A pre-tokenized source (data.tokenizer.pretokenize) must be read with the tokenizer that made it: its

@@ -517,12 +517,19 @@ def test_misused_sources_and_configs_are_named(tmp_path):
     """Each was an error from inside grain or array_record (or a bare TypeError) naming neither argument nor fix."""
     path = write_tier(tmp_path / "t", ["some text"], shards=1)
     (tmp_path / "raw.jsonl").write_text('{"text": "x"}\n')
+    # a shard named twice was read twice per epoch (no shards: an IndexError)
+    shard, link = f"{path}/{shard_name(0)}.array_record", tmp_path / "link.array_record"
+    link.symlink_to(shard)
     for make, says in ((lambda: LoaderConfig(seq_len=16.5), "LoaderConfig.seq_len=16.5 must be an int"),
                        (lambda: LoaderConfig(global_batch_size="2"), "LoaderConfig.global_batch_size='2' must be"),
                        (lambda: Source(path, float("inf")), "Source.weight=inf .* positive finite number"),
                        (lambda: Source(path, "2"), "Source.weight='2'"),
                        (lambda: Source(str(tmp_path / "raw.jsonl")), r"raw.jsonl'\] are not ArrayRecord shards; clean"),
                        (lambda: Source((path,)), r"is a directory; pass a tier directory as Source\(path\)"),
+                       (lambda: Source(()), r"Source.path=\(\) names no shard files"),
+                       (lambda: Source(f for f in ()), r"Source.path=\(\) names no shard files"),
+                       (lambda: Source((shard, shard)), "name the same shard more than once"),
+                       (lambda: Source((shard, str(link))), r"shard-00000.array_record'\] name the same shard"),
                        (lambda: documents(Source(path), ByteTokenizer()), "sources must be a list of data.loader"),
                        (lambda: documents([path], ByteTokenizer()), "sources must be a list")):
         with pytest.raises(ValueError, match=says):
