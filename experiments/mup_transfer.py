@@ -102,7 +102,10 @@ def plot_formats() -> set[str]:
 
 def multiple_of_32(text: str) -> int:
     """--widths: a positive multiple of 32 (the sweep's heads are 32 wide: heads = width / 32)."""
-    w = at_least(1)(text)
+    try:
+        w = at_least(1)(text)
+    except ValueError:  # not an int: argparse said "invalid multiple_of_32 value", naming this function, no fix
+        raise argparse.ArgumentTypeError(f"must be a whole multiple of 32, e.g. 64, got {text}") from None
     if w % 32:
         near = sorted({max(32, w // 32 * 32), (w // 32 + 1) * 32})  # below 32 both were 32: 'use e.g. 32 or 32'
         raise argparse.ArgumentTypeError(f"{w} is not a multiple of 32 (heads of 32: heads = width / 32); "

@@ -300,18 +300,24 @@ def replot(out: pathlib.Path, level: float | None, docs: bool, n_boot: int | Non
     return res
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), e.g. 0.9, got {value}")
+def _number(text: str, ok, want: str) -> float:
+    """`text` as a float for which `ok` holds, else argparse's error saying `want` (a word such as 'abc' was
+    "invalid _fraction value: 'abc'", naming a private function and no fix)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, lambda v: 0 < v < 1, "in (0, 1), e.g. 0.9")
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, e.g. 3e-3, got {text}")
-    return value
+    return _number(text, lambda v: v > 0 and math.isfinite(v), "a positive number, e.g. 3e-3")
 
 
 def main(argv=None):

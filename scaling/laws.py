@@ -249,8 +249,14 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not delta > 0:
         raise ValueError(f"delta={delta!r}: the Huber threshold on log-loss residuals must be > 0 (the paper's "
                          "1e-3; float('inf') for least squares)")
-    if isinstance(n_starts, bool) or not isinstance(n_starts, int) or n_starts < (0 if init is not None else 1):
+    if isinstance(n_starts, bool) or not isinstance(n_starts, numbers.Integral) or n_starts < (
+            0 if init is not None else 1):  # numpy ints too
         raise ValueError(f"n_starts must be an int >= 1 (>= 0 with init), got {n_starts!r}")
+    if init is not None:  # the start is (log A, log B, log E): 0 or a negative one was a bare 'math domain error'
+        for name in ("E", "A", "B"):
+            if not (math.isfinite(v := getattr(init, name)) and v > 0):
+                raise ValueError(f"init: {name}={v:g} must be finite and > 0 (L-BFGS-B starts from its log); pass a "
+                                 "fitted law, or init=None to start from the grid alone")
     for name, x, what in (("N", n, "model sizes"), ("D", d, "token counts")):
         if (k := _levels(x)) < 3:  # E + A/N^alpha at k levels: k numbers for 3 unknowns, any alpha fits exactly
             raise ValueError(f"{name} takes {k} distinct value{'s' * (k != 1)} over the runs; fitting "
@@ -273,6 +279,11 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
         raise ValueError(f"grid has unknown keys {sorted(unknown)}; its axes are {list(_ORDER)} (log A, log B, log E, "
                          "alpha, beta)")
     g = {**PAPER_GRID, **(grid or {})}
+    for k in _ORDER:  # a NaN start made L-BFGS-B return alpha = nan as the law; [] was a bare IndexError
+        a = np.asarray(g[k])
+        if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iuf" or not np.isfinite(a).all():
+            raise ValueError(f"grid[{k!r}] must be a non-empty list of finite numbers (start values of that axis), "
+                             f"got {g[k]!r}")
     thetas = np.array(list(itertools.product(*(g[k] for k in _ORDER))))  # [G, 5]
     # vectorised screening of every grid point
     terms = np.stack([thetas[:, None, 0] - thetas[:, None, 3] * logn, thetas[:, None, 1] - thetas[:, None, 4] * logd,
@@ -344,7 +355,7 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
               **fit_kw) -> Bootstrap:
     """Case-resampling bootstrap of `fit_law`: resample runs with replacement `n_boot` times and refit
     (each refit starts from the full-data optimum and the best `n_starts` grid points)."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:  # numpy ints too
         raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
     n, d, lv = _check_runs(n_params, n_tokens, loss)
     full = fit_law(n, d, lv, **fit_kw)

@@ -139,17 +139,20 @@ def test_the_transfer_sweep_models_are_mup_at_base_width_64():
     assert (c.d_model, c.n_heads, c.head_dim, c.mlp_dim, c.n_layers, c.tie_embeddings) == (128, 4, 32, 512, 2, False)
 
 
-@pytest.mark.parametrize("width", ["48", "16", "0"])
+@pytest.mark.parametrize("width", ["48", "16", "0", "64.5", "abc"])
 def test_the_transfer_sweep_refuses_widths_its_32_wide_heads_do_not_divide(width, capsys):
-    """--widths 48 trained attention 32 wide in a 48-wide model; 16 failed on n_heads, a field never given."""
+    """--widths 48 trained attention 32 wide in a 48-wide model; 16 failed on n_heads, a field never given; a word
+    was "invalid multiple_of_32 value: 'abc'", naming a function and no fix."""
     from experiments import mup_transfer
 
     with pytest.raises(SystemExit):
         mup_transfer.main(["--widths", "64", width])
     err = capsys.readouterr().err
     assert "--widths" in err and "32 or 32" not in err  # 16 offered 'use e.g. 32 or 32'
-    if width != "0":  # (0 is refused as below 1)
+    if width in ("48", "16"):  # (0 is refused as below 1)
         assert "use e.g. " + {"48": "32 or 64", "16": "32"}[width] in err
+    if width in ("64.5", "abc"):
+        assert f"argument --widths: must be a whole multiple of 32, e.g. 64, got {width}" in err
     with pytest.raises(SystemExit):  # a plot path in no directory failed after the whole sweep, losing it
         mup_transfer.main(["--steps", "1", "--widths", "32", "--json", "/nonexistent/r.json"])
     assert "argument --json: the directory of /nonexistent/r.json does not exist" in capsys.readouterr().err

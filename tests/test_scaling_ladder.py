@@ -97,10 +97,14 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
 
     from experiments import scaling_ladder
 
-    for lr in ("-1", "0", "nan"):
+    for lr in ("-1", "0", "nan", "abc"):  # a word was "invalid _positive value: 'abc'", naming no fix
         with pytest.raises(SystemExit):
             scaling_ladder.main(["--quick", "--lr", lr, "--out", str(tmp_path), "--no-docs"])
-        assert "argument --lr: must be a positive number" in capsys.readouterr().err
+        assert f"argument --lr: must be a positive number, e.g. 3e-3, got {lr}" in capsys.readouterr().err
+    for level in ("1", "nan", "90%"):
+        with pytest.raises(SystemExit):
+            scaling_ladder.main(["--quick", "--level", level, "--out", str(tmp_path), "--no-docs"])
+        assert f"argument --level: must be in (0, 1), e.g. 0.9, got {level}" in capsys.readouterr().err
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(SystemExit):
         scaling_ladder.main(["--quick", "--out", str(tmp_path), "--no-docs"])

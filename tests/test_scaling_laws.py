@@ -363,3 +363,33 @@ def test_fit_counts_distinct_runs_not_repeats():
         warnings.simplefilter("ignore")
         bs = bootstrap(n2[sub], d2[sub], loss2[sub] * np.r_[1, 1, 1, 1, 1, 1.01, 0.99, 1.01], n_boot=20, seed=0)
     assert bs.skipped > 0 and len(bs.laws) + bs.skipped == 20
+
+
+def test_fit_and_bootstrap_take_numpy_int_counts():
+    """n_starts=np.int64(2) and n_boot=np.int64(3) (a count from a numpy array or sweep) were refused as 'must be an
+    int' although they are ints; bools and floats still are."""
+    n, d, loss = synthetic(0.0)
+    assert fit_law(n, d, loss, n_starts=np.int64(2)).starts == 2
+    assert len(bootstrap(n, d, loss, n_boot=np.int64(3), n_starts=np.int32(1)).laws) == 3
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match="n_starts must be an int"):
+            fit_law(n, d, loss, n_starts=bad)
+        with pytest.raises(ValueError, match="n_boot must be an int"):
+            bootstrap(n, d, loss, n_boot=bad)
+
+
+@pytest.mark.parametrize("axis", [[np.nan], [], 0.5, [0.5, np.inf], ["0.5"]])
+def test_fit_names_a_grid_axis_that_is_not_finite_numbers(axis):
+    """grid={'alpha': [nan]} returned a law with alpha = nan and no error (L-BFGS-B started from the NaN point); an
+    empty axis was a bare IndexError and a scalar one a bare TypeError."""
+    n, d, loss = synthetic(0.0)
+    with pytest.raises(ValueError, match=r"grid\['alpha'\] must be a non-empty list of finite numbers"):
+        fit_law(n, d, loss, grid=dict(alpha=axis))
+
+
+@pytest.mark.parametrize("field", ["E", "A", "B"])
+def test_fit_names_an_init_law_it_cannot_start_from(field):
+    """init=ScalingLaw(E=0, ...) (or A, B <= 0) failed as a bare 'math domain error' (the start is their logs)."""
+    n, d, loss = synthetic(0.0)
+    with pytest.raises(ValueError, match=rf"init: {field}=0 must be finite and > 0"):
+        fit_law(n, d, loss, init=dataclasses.replace(TRUE, **{field: 0.0}))
