@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from data.filters import _CJK
+from data.filters import CJK_RANGES
 from data.seeds import check_field_types
 
 PYTHON_GLOSSARY = (
@@ -36,12 +36,21 @@ MATH_GLOSSARY = (
 DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("math", MATH_GLOSSARY))
 
 
+# Scripts whose words run into their neighbours: Chinese, Japanese, Thai, Lao, Myanmar, Khmer (no spaces), and
+# hangul (Korean attaches particles: "정리는", "Python으로"). A term is a whole word where no word character of
+# another script touches it
+_UNSPACED_RANGES = CJK_RANGES + "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+_UNSPACED = re.compile(f"[{_UNSPACED_RANGES}]")
+_SPACED_WORD = f"[^\\W{_UNSPACED_RANGES}]"
+
+
 def _term_pattern(term_low: str) -> re.Pattern:
     """A lower-cased term as a whole word (plural too) searched in lower-cased text: by lookarounds, not \\b (a \\b
     next to a term's own '+' / '#' / '.' needs a letter there, so 'C++', 'C#' and '.NET' never matched), and none
-    on a side where the term has a CJK character (Chinese has no spaces: "勾股定理" holds "定理")."""
-    start = "" if _CJK.match(term_low[0]) else r"(?<!\w)"
-    end = "" if _CJK.match(term_low[-1]) else r"s?(?!\w)"
+    on a side where the term has a character of a script without spaces ("勾股定理" holds "定理", "แก้สมการนี้"
+    "สมการ"); a neighbour in such a script is no word of the term's ("我用Python写代码" holds "Python")."""
+    start = "" if _UNSPACED.match(term_low[0]) else f"(?<!{_SPACED_WORD})"
+    end = "" if _UNSPACED.match(term_low[-1]) else f"s?(?!{_SPACED_WORD})"
     return re.compile(start + re.escape(term_low) + end)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import numbers
+import operator
 import os
 import warnings
 from collections.abc import Iterable
@@ -187,10 +187,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if (special_tokens or eos_token) and (eos_token or EOS) not in special_tokens:  # before training, not after
         raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
                          "pass eos_token= the one that ends a document")
+    sizes = {}
     for name, v in (("vocab_size", vocab_size), ("min_frequency", min_frequency)):  # `tokenizers` named neither
-        if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) or v < 0:
+        # by __index__, as `tokenizers` reads them: a 0-d integer jax array (jnp.int32(8192)) is one too
+        is_bool = isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b"
+        n = None if is_bool else _index(v)
+        if n is None or n < 0:
             raise ValueError(f"train_bpe {name}={v!r} must be an int >= 0 (a numpy int too), e.g. "
                              f"{name}={dict(vocab_size=8192, min_frequency=2)[name]}")
+        sizes[name] = n
+    vocab_size, min_frequency = sizes["vocab_size"], sizes["min_frequency"]
     if vocab_size > 2**31:  # `tokenizers` reserves vocab_size entries up front: past the memory, SIGABRT, no traceback
         raise ValueError(f"train_bpe vocab_size={vocab_size} must be <= 2**31: ids are int32; use e.g. 8192")
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
@@ -220,6 +226,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     bpe = BPETokenizer(tok, eos_token, _copy=False)
     _check_specials_not_spelled(bpe, special_tokens)
     return bpe
+
+
+def _index(v) -> int | None:
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def _check_specials_not_spelled(bpe: BPETokenizer, special_tokens) -> None:

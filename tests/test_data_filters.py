@@ -356,6 +356,15 @@ def test_zero_width_boilerplate_rules_that_test_the_line_are_rules():
         QualityConfig(boilerplate=(r"^(?!.*[.!?]$)|\d*",))
 
 
+def test_zero_width_rules_for_lines_without_a_script_are_rules():
+    """Judged on English lines alone, a rule for lines without Chinese (a Chinese corpus's English menus), hangul or
+    Cyrillic matched empty in each, and was refused as matching every line (accepted before, removing only those)."""
+    for rule in (r"^(?!.*[\u4e00-\u9fff])", r"^(?!.*[가-힣])", r"^(?=[^а-я]*$)"):
+        assert QualityConfig(boilerplate=(rule,)).boilerplate == (rule,)
+    cfg = dataclasses.replace(CFG, boilerplate=(r"^(?!.*[\u4e00-\u9fff])",))
+    assert strip_boilerplate(f"{ZH_NEWS}\nHome | News | About\n{ZH_NEWS}", cfg) == (f"{ZH_NEWS}\n{ZH_NEWS}", 1, 3)
+
+
 def test_blank_lines_a_boilerplate_rule_matches_do_not_count_as_boilerplate_lines():
     """A rule that matches blank lines (C4's "no terminal punctuation", ^$) removed them and counted them against the
     non-blank lines: a page with paragraphs between blank lines lost 7 "lines" of 6 and was dropped as

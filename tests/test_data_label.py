@@ -338,3 +338,18 @@ def test_glossary_terms_with_accented_capitals_match_as_whole_words():
                         ("l'énergie et les énergies", ["énergie"]), ("la bioénergie", None),
                         ("勾股定理是", ["定理"])):
         assert gloss({"text": text, "domains": ["science"]}).get("augmented") == found, text
+
+
+def test_glossary_terms_match_in_scripts_written_without_spaces():
+    """Whole words by lookarounds for every term outside CJK: a Thai, Lao, Khmer or Burmese term (scripts without
+    spaces) then never matched inside a sentence (it did before, as a substring), and a Latin term next to Chinese
+    written without spaces ("我用Python写代码") did not either. Inside a Latin word a term still does not match."""
+    from data.augment import DomainGlossary
+
+    terms = (("สมการ", "equation"), ("ສົມຜົນ", "equation"), ("សមីការ", "equation"), ("ညီမျှခြင်း", "equation"),
+             ("Python", "a language"), ("정리", "theorem"))
+    gloss = DomainGlossary(glossaries=(("code", terms),))
+    for text, found in (("แก้สมการนี้ให้ได้", ["สมการ"]), ("ແກ້ສົມຜົນນີ້", ["ສົມຜົນ"]), ("ដោះស្រាយសមីការនេះ", ["សមីការ"]),
+                        ("ဒီညီမျှခြင်းကို", ["ညီမျှခြင်း"]), ("我用Python写代码", ["Python"]),
+                        ("Python으로 이 정리는", ["Python", "정리"]), ("CPython3 and pythonic", None)):
+        assert gloss({"text": text, "domains": ["code"]}).get("augmented") == found, text

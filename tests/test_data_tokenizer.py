@@ -404,3 +404,15 @@ def test_train_bpe_sizes_are_checked_naming_the_argument(kw, message):
         train_bpe(["hello world"] * 3, **{"vocab_size": 300, **kw}, show_progress=False)
     assert train_bpe(["hello world"] * 3, vocab_size=np.int64(260), min_frequency=np.int64(0),
                      show_progress=False).vocab_size == 260  # numpy ints, and min_frequency 0, as `tokenizers` takes
+
+
+def test_train_bpe_takes_a_jax_integer_scalar_as_a_size():
+    """`tokenizers` takes any integer with __index__, so jnp.int32(260) trained before the sizes were checked by
+    numbers.Integral (which jax arrays are not); a float array is still no size."""
+    import jax.numpy as jnp
+
+    bpe = train_bpe(["hello world"] * 3, vocab_size=jnp.int32(260), min_frequency=jnp.array(0), show_progress=False)
+    assert bpe.vocab_size == 260
+    for bad in (jnp.float32(260), jnp.array(True), jnp.array([260])):
+        with pytest.raises(ValueError, match=r"train_bpe vocab_size=.* must be an int >= 0"):
+            train_bpe(["hello world"] * 3, vocab_size=bad, show_progress=False)
