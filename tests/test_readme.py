@@ -70,3 +70,20 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
         got = jax.tree.leaves(nnx.state(loaded, nnx.Param))
         assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
         np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(ref), atol=tol, rtol=0)
+
+
+# cited in docs/benchmarks.md as removed (its sentence says so), not as a test to run
+REMOVED_TESTS = {"test_a_looped_layer_stack_takes_plain_products_and_an_unrolled_one_the_transposed_gradient"}
+
+
+def test_the_tests_the_docs_cite_exist():
+    """Every test name README.md and docs/*.md point a reader to is defined in tests/ (a name ending in '_' is a prefix:
+    `test_scaling_*.py`, `test_sequence_parallel_dispatch_...`): merging or renaming tests left dead names behind."""
+    tests = README.parent / "tests"
+    names = {f.stem for f in tests.glob("test_*.py")}
+    names |= {n for f in tests.glob("test_*.py") for n in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    docs = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    cited = {(n, d.name) for d in docs for n in re.findall(r"\btest_\w+", d.read_text())}
+    dead = sorted((n, doc) for n, doc in cited if n not in REMOVED_TESTS
+                  and not (any(m.startswith(n) for m in names) if n.endswith("_") else n in names))
+    assert not dead, f"docs cite tests that do not exist (renamed or merged?): {dead}"
