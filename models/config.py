@@ -71,6 +71,10 @@ class RopeScaling:
             raise ValueError(f"RopeScaling.beta_fast: must be >= beta_slow (YaRN keeps the dims rotating more than "
                              f"beta_fast times and interpolates those under beta_slow; 32 and 1 are usual), got "
                              f"beta_fast={self.beta_fast}, beta_slow={self.beta_slow}: swap them")
+        for f in ("mscale", "mscale_all_dim"):  # a negative one made the attention factor negative, or 1 / 0
+            if getattr(self, f) is not None and getattr(self, f) < 0:
+                raise ValueError(f"RopeScaling.{f}: must be >= 0 (0 or None: unset, the attention factor then "
+                                 f"0.1·ln(factor) + 1), got {getattr(self, f)}")
         if self.attention_factor is not None and not self.attention_factor > 0:
             raise ValueError(f"RopeScaling.attention_factor: must be positive, got {self.attention_factor}")
         if self.kind == "llama3" and not (0 < self.low_freq_factor < self.high_freq_factor

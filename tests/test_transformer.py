@@ -471,6 +471,10 @@ def test_dtype_objects_are_kept_as_their_names():
     (dict(kind="linear", attention_factor=2.0), "RopeScaling.attention_factor: only kind='yarn' uses it"),
     (dict(kind="llama3", mscale=0.707, mscale_all_dim=1.0), "RopeScaling.mscale: only kind='yarn' uses it"),
     (dict(kind="yarn", beta_fast=1.0, beta_slow=32.0), "RopeScaling.beta_fast: must be >= beta_slow"),
+    # a negative mscale made the attention factor negative (scores x 925 at mscale_all_dim=-5, factor 8) or divided
+    # by zero on the first forward (mscale_all_dim=-10, factor e)
+    (dict(kind="yarn", factor=8.0, mscale=1.0, mscale_all_dim=-5.0), "RopeScaling.mscale_all_dim: must be >= 0"),
+    (dict(kind="yarn", factor=8.0, mscale=-20.0, mscale_all_dim=1.0), "RopeScaling.mscale: must be >= 0"),
 ])
 def test_rope_scaling_errors_name_the_field(kw, words):
     from models.config import RopeScaling
