@@ -198,6 +198,16 @@ def _setting_changes(old: dict, new: dict) -> list[str]:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
+def _input_changes(old: list, new: list) -> str:
+    """Which files a run's inputs lost or gained: the same files named another way (an absolute path, from another
+    directory) said only "different inputs"."""
+    was, now = ({f for files in shards for f in files} for shards in (old, new))
+    listed = lambda fs: ", ".join(sorted(fs)[:3]) + (f" and {len(fs) - 3} more" if len(fs) > 3 else "")  # noqa: E731
+    changes = ([f"not among these inputs: {listed(was - now)}"] if was - now else []) + (
+        [f"new to it: {listed(now - was)}"] if now - was else [])
+    return "; ".join(changes) or "the same files, in another order or grouping into shards"
+
+
 def _stable(obj):
     """`obj` if its repr is its settings (a dataclass instance, or None), else its qualified name."""
     if obj is None or (dataclasses.is_dataclass(obj) and not isinstance(obj, type)):
@@ -493,7 +503,8 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
             if old["version"] != manifest["version"]:
                 diff.append(f"cleaning-code version (data.pipeline.OUTPUT_VERSION): {old['version']} → "
                             f"{manifest['version']}")
-            what = ("inputs" if old["shards"] != manifest["shards"] else
+            what = (f"inputs ({_input_changes(old['shards'], manifest['shards'])})"
+                    if old["shards"] != manifest["shards"] else
                     f"settings ({'; '.join(diff[:5])}{'; ...' if len(diff) > 5 else ''})"
                     if old["config"] != manifest["config"] and diff else
                     "settings (or cleaning-code version)" if old["config"] != manifest["config"] else
@@ -555,8 +566,9 @@ def main(argv=None):
         ap.error(f"argument --out: {args.out} is a file; name a directory for the run")
     try:  # bad inputs as one line, like the trainer's config errors
         stats = run(args.inputs, args.out, cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, FileNotFoundError) as e:  # a check made only now (--dedup-against's run) names its flag too
+        flag = next((f for field, f in FLAGS.items() if str(e).startswith(field)), None)
+        raise SystemExit(f"error: {f'argument {flag}: ' if flag else ''}{e}") from None
     from data.report import report
 
     print(report(args.out))

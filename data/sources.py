@@ -92,13 +92,29 @@ def _side_file(rel: pathlib.Path) -> bool:
     return name.startswith(("_", ".")) or any(d.startswith(".") or d == "_temporary" for d in dirs)
 
 
+def _walk(root: pathlib.Path) -> list[pathlib.Path]:
+    """Every non-directory under `root`, following links to directories (pathlib's rglob does not: the files under
+    `corpus/wiki -> /mnt/wiki` went unread and in no count); a directory reached twice (a link back up) is walked
+    once. Unreadable directories are passed over, as rglob did."""
+    found, seen = [], {os.path.realpath(root)}
+    for d, dirs, names in os.walk(root, followlinks=True):
+        walk = []
+        for name in dirs:
+            if (real := os.path.realpath(os.path.join(d, name))) not in seen:
+                seen.add(real)
+                walk.append(name)
+        dirs[:] = walk
+        found += [pathlib.Path(d, name) for name in names]
+    return found
+
+
 def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfig(),
              skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
-    """Files under `paths` (directories walked recursively, sorted; nothing under `skip`, the run's own output; a file
-    named twice, or linked to, read once, where it first appears) grouped into shards. Raises a ValueError naming
-    files of a format that would be misread (compressed with zstd / lz4, archives, Parquet compressed whole, CSV,
-    Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines file, JSON Lines in UTF-16 or with bare-CR
-    line ends), or whose names are not UTF-8."""
+    """Files under `paths` (directories walked recursively, links to directories followed, sorted; nothing under
+    `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
+    shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4,
+    archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
+    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -107,7 +123,7 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
             raise ValueError(f"input {p} is the run's output directory {skip} or inside it; write the run elsewhere, "
                              f"e.g. --out {p.resolve().parent / (p.resolve().name + '-clean')}")
         if p.is_dir():
-            found = [f for f in p.rglob("*") if not _side_file(f.relative_to(p))
+            found = [f for f in _walk(p) if not _side_file(f.relative_to(p))
                      and not (skip is not None and f.resolve().is_relative_to(skip))]
             runs = sorted({str(f.parent) for f in found if f.name == "manifest.json" and (f.parent / "raw").is_dir()})
             if runs:

@@ -133,6 +133,10 @@ def _checked(stage, res) -> tuple[dict | None, str | None]:
     return out, reason
 
 
+# Normalize's repair count on its way to `count`: not a str, so no record's own field (JSON keys are str) is it
+_REPAIRED = ("normalize", "mojibake_repaired")
+
+
 @dataclasses.dataclass(frozen=True)
 class Normalize:
     """Pipeline stage: `normalize_text` (mojibake, Unicode form, line breaks, invisible characters, whitespace); drops
@@ -147,10 +151,10 @@ class Normalize:
         if not text:
             return doc, "empty"
         # the count travels to `count` on the document, which takes it off before the next stage sees it
-        return {**doc, "text": text, **({"_mojibake_repaired": fixed} if fixed else {})}, None
+        return {**doc, "text": text, **({_REPAIRED: fixed} if fixed else {})}, None
 
     def count(self, st, doc, dropped):
-        if fixed := doc.pop("_mojibake_repaired", 0):
+        if fixed := doc.pop(_REPAIRED, 0):
             st.counters["mojibake_repaired_docs"] += 1
             st.counters["mojibake_repaired_sequences"] += fixed
         if not dropped and "\ufffd" in doc["text"]:

@@ -486,7 +486,8 @@ def test_a_directory_of_another_run_is_refused(cleaned, corpus):
     _, inputs = corpus
     with pytest.raises(ValueError, match=r"different settings \(augment: \(absent\) → None; augment.glossaries: "):
         run(inputs, out, PipelineConfig(workers=1, augment=None), progress=False)
-    with pytest.raises(ValueError, match="different inputs"):
+    # which files: the same files spelled another way (an absolute path, another cwd) said only "different inputs"
+    with pytest.raises(ValueError, match=r"different inputs \(not among these inputs: .*\)"):
         run(inputs[:1], out, PipelineConfig(workers=1), progress=False)
 
 
@@ -827,6 +828,11 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": en_text(rng, 5)}) + "\n" for _ in range(2)))
     with pytest.raises(SystemExit, match=r"^error: all 2 records read were dropped .*the tiers are empty"):
         pipeline.main([str(tmp_path / "short.jsonl"), "--out", str(tmp_path / "out5"), "--workers", "1"])
+    # a run-time check of a flag's value names the flag too, not only PipelineConfig.dedup_against
+    with pytest.raises(SystemExit, match=r"^error: argument --dedup-against: PipelineConfig.dedup_against=.* is not "
+                                         r"a finished cleaning run"):
+        pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out6"), "--text-field", "content",
+                       "--dedup-against", str(tmp_path / "nowhere")])
     # settings name the flag they came from, not the config field; an --out that is a file is named
     for bad, says in ((["--workers", "0"], "argument --workers: PipelineConfig.workers"),
                       (["--near-dup-threshold", "80"], "argument --near-dup-threshold: DedupConfig.threshold"),
@@ -1410,6 +1416,35 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     cfg = PipelineConfig(workers=1, dedup=DedupConfig(exact=False, near=False))
     stats = run([a, str(tmp_path / "in")], tmp_path / "out", cfg, progress=False)
     assert stats["raw"]["stages"][0]["docs_in"] == 2 and stats["augmented"]["stages"][-1]["docs_out"] == 2
+
+
+def test_a_record_field_named_like_normalizes_repair_count_stays_metadata():
+    """Normalize handed its mojibake repair count to its `count` as a field '_mojibake_repaired': a record's own field
+    of that name was taken for it (a str ended the run with a TypeError, a number went into the counters and the field
+    was deleted)."""
+    from data.stages import Normalize, StageStats, run_stages
+
+    for own, text, counted in (("yes", "plain text", {}), (3, "plain text", {}),
+                               ("yes", "caf\u00c3\u00a9 au lait", {"mojibake_repaired_docs": 1,
+                                                                "mojibake_repaired_sequences": 1})):
+        stats = [StageStats("normalize")]
+        doc = run_stages({"text": text, "_mojibake_repaired": own}, [Normalize()], stats)
+        assert doc == {"text": text.replace("\u00c3\u00a9", "\u00e9"), "_mojibake_repaired": own}, own
+        assert stats[0].counters == counted, own
+
+
+def test_discover_walks_linked_directories(tmp_path):
+    """A link to a directory inside an input directory (`corpus/wiki -> /mnt/wiki`) was not walked (pathlib's rglob
+    does not follow them): its files went unread and in no count. A link back up is walked once, not in a loop."""
+    from data.sources import discover
+
+    for d in ("in", "ext"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / f"{d}.jsonl").write_text(json.dumps({"text": d}) + "\n")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "ext")
+    (tmp_path / "in" / "up").symlink_to(tmp_path / "in")
+    assert discover([tmp_path / "in"]) == [(str(tmp_path / "in" / "in.jsonl"),),
+                                           (str(tmp_path / "in" / "linked" / "ext.jsonl"),)]
 
 
 def _raw_strings(vals):
