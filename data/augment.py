@@ -8,7 +8,9 @@ it appends the definitions of that domain's glossary terms that occur in the tex
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import unicodedata
 
 from data.filters import CJK_RANGES
 from data.seeds import check_field_types
@@ -41,7 +43,22 @@ DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("ma
 # another script touches it
 _UNSPACED_RANGES = CJK_RANGES + "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
 _UNSPACED = re.compile(f"[{_UNSPACED_RANGES}]")
-_SPACED_WORD = f"[^\\W{_UNSPACED_RANGES}]"
+
+
+@functools.cache
+def _spaced_word() -> str:
+    """A character of a word in a spaced script, as a lookaround's class: \\w, less the unspaced scripts, plus the
+    combining marks, which re's \\w leaves out (Devanagari's vowel signs, a decomposed accent): 'गणित' matched in
+    'गणितीय'. Not Thai's marks: 'ใช้Python' holds 'Python'. Built on first use (a scan of two planes, 0.1 s)."""
+    marks = [c for c in range(0x20000) if unicodedata.category(chr(c)).startswith("M") and not _UNSPACED.match(chr(c))]
+    runs = [[marks[0], marks[0]]]
+    for c in marks[1:]:
+        if c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    mark_class = "".join(f"{chr(a)}-{chr(b)}" for a, b in runs)
+    return f"(?:[^\\W{_UNSPACED_RANGES}]|[{mark_class}])"
 
 
 def _term_pattern(term_low: str) -> re.Pattern:
@@ -49,8 +66,8 @@ def _term_pattern(term_low: str) -> re.Pattern:
     next to a term's own '+' / '#' / '.' needs a letter there, so 'C++', 'C#' and '.NET' never matched), and none
     on a side where the term has a character of a script without spaces ("勾股定理" holds "定理", "แก้สมการนี้"
     "สมการ"); a neighbour in such a script is no word of the term's ("我用Python写代码" holds "Python")."""
-    start = "" if _UNSPACED.match(term_low[0]) else f"(?<!{_SPACED_WORD})"
-    end = "" if _UNSPACED.match(term_low[-1]) else f"s?(?!{_SPACED_WORD})"
+    start = "" if _UNSPACED.match(term_low[0]) else f"(?<!{_spaced_word()})"
+    end = "" if _UNSPACED.match(term_low[-1]) else f"s?(?!{_spaced_word()})"
     return re.compile(start + re.escape(term_low) + end)
 
 

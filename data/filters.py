@@ -101,11 +101,13 @@ DEFAULT_BLOCKLIST = ("viagra", "cialis", "online casino", "replica watches", "pa
 
 
 # unlike lines of prose: a boilerplate rule with an empty match in each matches every line (QualityConfig refuses it).
-# One of a paragraph's length: short-line rules (under 80 characters, 15 words) are rules; one in other scripts: a
-# rule for lines without Chinese (a Chinese corpus's English menus), hangul or Cyrillic is a rule
+# One of a paragraph's length: short-line rules (under 80 characters, 15 words) are rules; two in other scripts: a
+# rule for lines without Chinese (a Chinese corpus's English menus), hangul, Cyrillic, Greek, Hebrew, ... is a rule
 _PROSE_LINES = ("a line of text", "Another, much longer Line with the digits 42 that ends in a full stop.",
                 " ".join(["A paragraph of web text runs on, sentence after sentence, for a hundred words or so."] * 8),
-                "中文网页的一行，日本語の文、한국어 문장, русский текст, النص العربي, हिंदी पाठ, ข้อความภาษาไทย")
+                "中文网页的一行，日本語の文、한국어 문장, русский текст, النص العربي, हिंदी पाठ, ข้อความภาษาไทย",
+                "ελληνικό κείμενο, עברית, հայերեն, ქართული, বাংলা, தமிழ், తెలుగు, ગુજરાતી, ਪੰਜਾਬੀ, ಕನ್ನಡ, മലയാളം, සිංහල, "
+                "አማርኛ, ខ្មែរ, ພາສາລາວ, မြန်မာ, བོད་ཡིག, ଓଡ଼ିଆ")
 
 
 @dataclasses.dataclass(frozen=True)

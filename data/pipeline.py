@@ -78,7 +78,7 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # blank lines a boilerplate rule matches (^$, C4's "no end punctuation") are not counted as boilerplate lines, and a
 # glossary term outside ASCII matches lower-cased and as a whole word ('Ökonomie' never matched, 'énergie' matched in
 # 'bioénergie'); 12 = a glossary term matches beside text in scripts written without spaces ('我用Python写代码',
-# Thai 'สมการ' in 'แก้สมการนี้').
+# Thai 'สมการ' in 'แก้สมการนี้'), and not inside a word that goes on in a combining mark ('गणित' in 'गणितीय').
 OUTPUT_VERSION = 12
 
 

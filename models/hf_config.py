@@ -236,8 +236,11 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         return TransformerConfig(**kw)
     except ValueError as e:  # it names a field of ours, which no config.json has: add the HF ones it came from
         ours = re.match(r"TransformerConfig\.(\w+):", str(e))
-        names = _HF_FIELDS.get(ours[1], ()) if ours and ours[1] not in overrides else ()
-        if not names:
+        names = _HF_FIELDS.get(ours[1], ()) if ours else ()
+        # an override behind the value (n_heads against config.json's kv heads, a d_model giving an odd head_dim,
+        # attn_pattern='local' without a window) is the user's to fix, not config.json's
+        if not names or any(o == ours[1] or set(_HF_FIELDS.get(o, ())) & set(names) or re.search(rf"\b{o}=", str(e))
+                            for o in overrides):
             raise
         read = ", ".join(f"{n}={hf.get(n)!r}" for n in names)
         raise ValueError(f"{e} (read from HF config field{'s' * (len(names) > 1)} {read}; fix config.json)") from None

@@ -365,6 +365,16 @@ def test_zero_width_rules_for_lines_without_a_script_are_rules():
     assert strip_boilerplate(f"{ZH_NEWS}\nHome | News | About\n{ZH_NEWS}", cfg) == (f"{ZH_NEWS}\n{ZH_NEWS}", 1, 3)
 
 
+@pytest.mark.parametrize("script", ["\u0370-\u03ff", "\u0590-\u05ff", "\u0530-\u058f", "\u10a0-\u10ff",
+                                    "\u0980-\u09ff", "\u0b80-\u0bff", "\u0c00-\u0c7f", "\u0a80-\u0aff",
+                                    "\u0d00-\u0d7f", "\u1200-\u137f", "\u1780-\u17ff", "\u1000-\u109f"])
+def test_rules_for_lines_without_greek_hebrew_or_other_scripts_are_rules(script):
+    """Rules for lines without Greek, Hebrew, Armenian, Georgian, Bengali, Tamil, Telugu, Gujarati, Malayalam,
+    Ethiopic, Khmer or Myanmar (a menu in English on those corpora's pages) matched empty in every line the check
+    tried, and were refused as rules matching every line."""
+    assert QualityConfig(boilerplate=(f"^(?!.*[{script}])",)).boilerplate == (f"^(?!.*[{script}])",)
+
+
 def test_blank_lines_a_boilerplate_rule_matches_do_not_count_as_boilerplate_lines():
     """A rule that matches blank lines (C4's "no terminal punctuation", ^$) removed them and counted them against the
     non-blank lines: a page with paragraphs between blank lines lost 7 "lines" of 6 and was dropped as

@@ -353,3 +353,17 @@ def test_glossary_terms_match_in_scripts_written_without_spaces():
                         ("ဒီညီမျှခြင်းကို", ["ညီမျှခြင်း"]), ("我用Python写代码", ["Python"]),
                         ("Python으로 이 정리는", ["Python", "정리"]), ("CPython3 and pythonic", None)):
         assert gloss({"text": text, "domains": ["code"]}).get("augmented") == found, text
+
+
+def test_glossary_terms_do_not_match_inside_words_that_go_on_in_a_combining_mark():
+    """re's \\w is no combining mark: Devanagari's vowel signs (ी in 'गणितीय', ि in 'परिगणित'), Bengali's or a
+    decomposed accent (e + U+0301) ended a word for the lookarounds, so 'गणित' (mathematics) matched inside
+    'गणितीय' (mathematical) and 'परिगणित', and 'cafe' inside a decomposed 'café'."""
+    from data.augment import DomainGlossary
+
+    terms = (("गणित", "mathematics"), ("সংখ্যা", "number"), ("cafe", "a coffee house"), ("Python", "a language"))
+    gloss = DomainGlossary(glossaries=(("math", terms),))
+    for text, found in (("यह गणित है", ["गणित"]), ("गणितीय मॉडल", None), ("परिगणित संख्या", None),
+                        ("সংখ্যা এবং সংখ্যাটি", ["সংখ্যা"]), ("সংখ্যাগুলি", None), ("un cafe\u0301 noir", None),
+                        ("le cafe, noir", ["cafe"]), ("ใช้Pythonเขียน", ["Python"])):  # (a Thai mark before it)
+        assert gloss({"text": text, "domains": ["math"]}).get("augmented") == found, text

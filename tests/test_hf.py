@@ -1322,3 +1322,16 @@ def test_values_our_config_refuses_name_the_hf_field_they_came_from(patch, names
         config_from_hf(_hf_dict() | patch)
     with pytest.raises(ValueError, match=r"TransformerConfig\.n_layers: must be a positive int, got 0$"):
         config_from_hf(_hf_dict(), n_layers=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_heads=3), r"n_heads=3 must be a multiple of n_kv_heads=2; pick a divisor of n_heads \(1 for MQA\)$"),
+    (dict(d_model=60), r"RoPE needs an even head_dim, got 15$"),
+    (dict(attn_pattern="local"), r"set sliding_window to their window size$"),
+])
+def test_values_an_override_made_wrong_are_not_blamed_on_config_json(overrides, message):
+    """n_heads / d_model / attn_pattern overridden: the field our config refuses is another one, but the value it
+    refuses came from the override, and the note 'read from HF config field num_attention_heads=4; fix config.json'
+    sent the user to a config.json that is right."""
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(_hf_dict(), **overrides)
