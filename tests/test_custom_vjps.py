@@ -88,6 +88,31 @@ def test_a_scanned_layer_stack_saves_four_model_wide_and_two_mlp_wide_rows_per_l
     assert stacked((L, 3, 16, F), (L, rows, F)) == 2, saved
 
 
+def test_each_remat_policy_saves_what_it_names_in_a_scanned_layer_stack():
+    """The default (rolled) layer scan under each remat policy, by the [L, ...] activations it saves: 'full' only each
+    layer's input, 'save_dots' the products (the attention scores' batched dot among them) and no elementwise
+    result, 'save_dots_no_batch' the same less the batched dots, 'none' more than any. Checked by value only (remat
+    vs none equal), a policy that saved everything or nothing passed, and so did remat switched off in a rolled
+    scan (the unrolled one is checked by FLOPs in test_transformer)."""
+    D, L = 24, 5
+    saved = {}
+    for remat in ("none", "full", "save_dots", "save_dots_no_batch"):
+        cfg = TransformerConfig(vocab_size=64, d_model=D, n_layers=L, n_heads=4, head_dim=8, mlp_dim=40,
+                                max_seq_len=16, scan_unroll=1, remat=remat)
+        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        tok = np.zeros((3, 16), np.int32)
+        loss = lambda p, g=graphdef: lm_loss(g, p, {"inputs": tok, "targets": tok})  # noqa: E731
+        # the per-layer activations the scan stacks, not the stacked weights it reads in place
+        saved[remat] = [a.shape for a, why in saved_residuals(loss, params) if a.shape[:1] == (L,)
+                        and "argument" not in why]
+    assert saved["full"] == [(L, 3, 16, D)], saved["full"]
+    batched = lambda shapes: [s for s in shapes if len(s) > 4]  # noqa: E731  [L, B, K, G, T, S]: attention's scores
+    rowwise = lambda shapes: [s for s in shapes if s[-1] == 1]  # noqa: E731  1 / RMS, softmax row sums: elementwise
+    assert batched(saved["save_dots"]) and not rowwise(saved["save_dots"]), saved["save_dots"]
+    assert not batched(saved["save_dots_no_batch"]) and not rowwise(saved["save_dots_no_batch"]), saved
+    assert len(saved["none"]) > len(saved["save_dots"]) > len(saved["save_dots_no_batch"]) > 1, saved
+
+
 def test_block_causal_attention_saves_keys_and_values_once():
     """One VJP over all query blocks: the backward keeps k and v whole, not each block's key prefix (which made
     (T/C + 1)/2 copies: remat 'none' at T = 2048, C = 64 kept 227 MB of temp where it now keeps 163)."""

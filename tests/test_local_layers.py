@@ -169,6 +169,21 @@ def test_left_padding_is_never_attended_by_local_layers():
     np.testing.assert_allclose(out[:, 4:], m(real), atol=1e-5)
 
 
+def test_left_padded_cache_decodes_each_row_as_alone():
+    """KVCache start=: a row left-padded by 6 slots, through a prefill chunk longer than the 3-slot ring (the blocked
+    kernel over buffer + chunk) and single-token steps (the ring itself), gives the logits of its real tokens alone.
+    Only test_hf's Mistral generation (greedy tokens) saw local layers attend that padding; these tests passed it."""
+    m = model_with()
+    tok = jax.random.randint(jax.random.key(8), (2, 9), 0, CFG.vocab_size)  # row 1: 6 pad slots, then 3 real
+    cache, outs = KVCache.zeros(CFG, 2, 9, start=jnp.array([0, 6])), []
+    for lo, hi in ((0, 7), (7, 8), (8, 9)):  # at slot 7 the ring holds pad slot 5
+        logits, cache = m(tok[:, lo:hi], cache=cache)
+        outs.append(logits)
+    outs = jnp.concatenate(outs, 1)
+    np.testing.assert_allclose(outs[0], m(tok[:1])[0], atol=1e-5)
+    np.testing.assert_allclose(outs[1, 6:], m(tok[1:, 6:])[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(attn_pattern="local", sliding_window=None), "sliding_window"),
     (dict(attn_pattern="2:2"), "attn_pattern"),

@@ -203,6 +203,17 @@ def test_segment_ids_are_matched_by_equality_in_any_order(model):
     np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
 
 
+def test_logits_depend_on_positions_through_their_differences_only(model, tokens):
+    """RoPE rotates q and k by their positions, so a score sees only their difference: every position shifted by 1000
+    gives the same logits, spread out (doubled) it does not. The other tests compare the model with itself at the
+    same positions, and passed with k not rotated at all (queries alone carrying absolute positions)."""
+    B, T = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    base = model(tokens)
+    np.testing.assert_allclose(model(tokens, positions_BT=pos + 1000), base, atol=2e-5)  # measured 1.5e-6
+    assert np.abs(model(tokens, positions_BT=2 * pos) - base).max() > 0.1  # measured 0.40
+
+
 def test_padding_is_never_attended(model, tokens):
     real = tokens[:, :8]
     junk = jax.random.randint(jax.random.key(5), (2, 4), 0, CFG.vocab_size)
