@@ -629,6 +629,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.dit_lr is not None and not (math.isfinite(args.dit_lr) and args.dit_lr > 0):
         ap.error(f"argument --dit-lr: must be a finite number > 0, got {args.dit_lr}")
+    if args.seed >= 2**32:  # MovingShapes' shuffle takes 32-bit seeds: it failed after --fresh and both models' init
+        ap.error(f"argument --seed: must be an integer < 2**32 (the data's shuffle seed), got {args.seed}")
 
     p = PRESETS[args.preset]
     t2v = p.t2v

@@ -261,7 +261,8 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     for bad in (["--mesh", "data=two"], ["--mesh", "data=3"], ["--scales", "1,,2"], ["--seed", "-1"],
                 ["--shift", "0"], ["--shift", "inf"], ["--dit-lr", "inf"], ["--scales", "nan,1"],  # inf: NaN runs
                 ["--scales", "-1,0"], ["--scales", "0.5,4"],  # the targets were judged on unguided samples
-                ["--mesh", "tensor=8"]):  # the DiT's 2 heads: found by create_sharded, after the deletion
+                ["--mesh", "tensor=8"],  # the DiT's 2 heads: found by create_sharded, after the deletion
+                ["--seed", str(2**32)], ["--seed", str(2**64)]):  # the data's 32-bit shuffle, after both models' init
         with pytest.raises(SystemExit):
             train_video.main(["--preset", "tiny", "--out", str(run), "--fresh", *bad])
         assert (run / "ckpt" / "kept").exists(), bad
