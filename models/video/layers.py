@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -89,22 +90,27 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
     if layout == "full":
         mask = window_mask(grid, spatial_window, temporal_window)
         return attention(q_BSNK, k_BSNK, v_BSNK, mask, impl=impl)
+    # Each frame (spatial) or each position (temporal) is an attention problem of its own, vmapped over its axis of
+    # a [B, T, H·W, N, K] view rather than merged into the batch: XLA did not carry a sequence split of T or H·W
+    # through such a merge, and gathered q, k and v whole on every sequence device.
+    view = lambda x: x.reshape(B, T, H * W, N, K)  # noqa: E731
     if layout == "spatial":
-        frames = lambda x: x.reshape(B * T, H * W, N, K)  # noqa: E731
         mask = window_mask((1, H, W), spatial_window, None)
-        return attention(frames(q_BSNK), frames(k_BSNK), frames(v_BSNK), mask, impl=impl).reshape(B, S, N, K)
+        o = jax.vmap(lambda q, k, v: attention(q, k, v, mask, impl=impl), in_axes=1, out_axes=1)(
+            view(q_BSNK), view(k_BSNK), view(v_BSNK))
+        return o.reshape(B, S, N, K)
     if layout != "temporal":
         raise ValueError(f"layout={layout!r}: use 'full', 'spatial' or 'temporal'")
 
-    def columns(x):  # [B, T·H·W, N, K] → [B·H·W, T, N, K]
-        return x.reshape(B, T, H * W, N, K).transpose(0, 2, 1, 3, 4).reshape(B * H * W, T, N, K)
-
-    q, k, v = columns(q_BSNK), columns(k_BSNK), columns(v_BSNK)
+    # Under sequence parallelism the tokens arrive split by frame and a position needs all T of them: the split
+    # moves to the H·W positions (an all-to-all each way, Ulysses-style).
+    columns = ("batch", None, "act_frame_pos", "act_heads", None)
     if temporal_window is not None:
-        o = sliding_window_attention(q, k, v, temporal_window, block=T)
+        attend = lambda q, k, v: sliding_window_attention(q, k, v, temporal_window, block=T)  # noqa: E731
     else:
-        o = attention(q, k, v, jnp.ones((1, 1, T, T), bool), impl=impl)
-    return o.reshape(B, H * W, T, N, K).transpose(0, 2, 1, 3, 4).reshape(B, S, N, K)
+        attend = lambda q, k, v: attention(q, k, v, jnp.ones((1, 1, T, T), bool), impl=impl)  # noqa: E731
+    o = jax.vmap(attend, in_axes=2, out_axes=2)(*(constrain(view(x), columns) for x in (q_BSNK, k_BSNK, v_BSNK)))
+    return constrain(o, columns).reshape(B, S, N, K)
 
 
 def matmul(x, w, cd, contract: int = 1):
