@@ -67,13 +67,15 @@ def test_combining_marks_are_part_of_words_not_punctuation():
 
 
 def test_band_choice_reaches_recall_target():
-    cfg = DedupConfig()
-    b, r = cfg.bands()
-    assert b * r <= cfg.num_perm
-    assert 1 - (1 - cfg.threshold**r) ** b >= cfg.recall_target
-    # and it is the tightest such banding: one more row per band misses the target
-    r2 = r + 1
-    assert 1 - (1 - cfg.threshold**r2) ** (cfg.num_perm // r2) < cfg.recall_target
+    # several configs: at the default one a cut loosened or tightened by a few percent picks the same banding
+    for cfg in (DedupConfig(), DedupConfig(threshold=0.5, num_perm=64), DedupConfig(threshold=0.9, num_perm=256),
+                DedupConfig(threshold=0.7, recall_target=0.99)):
+        b, r = cfg.bands()
+        assert b == cfg.num_perm // r
+        assert 1 - (1 - cfg.threshold**r) ** b >= cfg.recall_target
+        # and it is the tightest such banding: one more row per band misses the target
+        r2 = r + 1
+        assert 1 - (1 - cfg.threshold**r2) ** (cfg.num_perm // r2) < cfg.recall_target, cfg
 
 
 def test_minhash_recall_at_jaccard_08_and_above():
@@ -157,6 +159,19 @@ def test_config_errors_name_the_field():
     assert signature("a b c d e f", DedupConfig(seed=2**32 - 1)).shape == (128,)
 
 
+def test_signatures_follow_the_shingle_size_and_seed_of_their_config():
+    """signature() hashes `cfg.shingle`-word shingles with `cfg.seed`'s permutations: with either ignored (a fixed 5,
+    the default seed) every test still passed, since they all ran the defaults. Word order is invisible to 1-word
+    shingles and not to 5-word ones."""
+    text = en_text(np.random.default_rng(7), 200)
+    ws = text.split()
+    shuffled = " ".join(ws[::2] + ws[1::2])
+    one = DedupConfig(shingle=1)
+    assert jaccard(signature(text, one), signature(shuffled, one)) == 1.0
+    assert jaccard(signature(text), signature(shuffled)) < 0.5
+    assert jaccard(signature(text), signature(text, DedupConfig(seed=2))) < 0.1
+
+
 
 _TIE = """
 import numpy as np
@@ -207,6 +222,29 @@ def test_a_pair_exactly_at_the_confirm_cut_is_a_near_duplicate():
         index = NearDupIndex(cfg)
         assert index.add("a", a) is None
         assert (index.add("b", b) == "a") is dup, same
+
+
+def test_the_index_bands_as_configured_and_confirms_the_most_similar_candidate():
+    """A pair agreeing in one band only (the last) is an LSH candidate: an index of one band fewer than `bands()`
+    never looked there, and passed (the recall test's pairs share most bands). Among the candidates the most similar
+    is confirmed, not the first indexed: a false candidate indexed first (one band shared, estimate 7/128) hid a near
+    duplicate behind it, and the document was kept."""
+    cfg = DedupConfig()
+    b, r = cfg.bands()
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, cfg.num_perm, dtype=np.uint64).astype(np.uint32)
+    last_only = a.copy()
+    last_only[np.arange(b - 1) * r] ^= 1  # one position off in every band but the last: estimate 111/128
+    index = NearDupIndex(cfg)
+    assert index.add("a", a) is None and index.add("b", last_only) == "a"
+    c = rng.integers(0, 2**32, cfg.num_perm, dtype=np.uint64).astype(np.uint32)
+    far = c ^ 1
+    far[:r] = c[:r]  # shares band 0 with c, nothing else
+    near = c.copy()
+    near[0] ^= 1  # c but for one position of band 0: a candidate through every other band
+    index = NearDupIndex(cfg)
+    assert index.add("far", far) is None and index.add("near", near) is None
+    assert index.add("c", c) == "near"
 
 
 def test_documents_without_words_are_not_all_one_duplicate():

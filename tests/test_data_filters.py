@@ -300,7 +300,10 @@ def test_each_rule_passes_at_its_limit_and_fails_just_over_it_by_its_own_name(rn
              ("dup_line_chars", "dup_line_chars", CFG.max_dup_line_chars, 1e-6),
              ("dup_paragraph_chars", "dup_paragraph_chars", CFG.max_dup_paragraph_chars, 1e-6),
              ("url_density", "url_density", CFG.max_url_density, 1e-6),
-             ("promo_spam", "promo_max_repeat", CFG.max_promo_repeats, 1)]
+             ("promo_spam", "promo_max_repeat", CFG.max_promo_repeats, 1),
+             ("promo_spam", "promo_density", CFG.max_promo_density, 1e-6),
+             ("markup", "markup_ratio", CFG.max_markup_ratio, 1e-6),
+             ("mojibake", "mojibake_rate", CFG.max_mojibake_rate, 1e-6)]
     rules += [(f"top_{n}gram", f"top_{n}gram", m, 1e-6) for n, m in CFG.top_ngram_max]
     rules += [(f"dup_{n}gram", f"dup_{n}gram", m, 1e-6) for n, m in CFG.dup_ngram_max]
     for name, signal, limit, step in rules:

@@ -597,6 +597,14 @@ def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
     with pytest.warns(UserWarning, match="2 rows, 27 tokens of 4 documents"):
         assert sum(b["weights"].sum() for b in loader) == 64
     assert loader.dropped == {"batches": 1, "rows": 2, "tokens": 27, "documents": 4}
+    # a tokenizer with a BOS starts its documents with it: 13 documents of 8 targets, two to a row, so the dropped
+    # batch's rows 2 and 3 begin with a document's BOS (counted as continued from the row before, only 3 of its 5)
+    bos = ByteTokenizer(add_eos=True)
+    bos.bos_id = 0  # NUL: in no document
+    path = write_tier(tmp_path / "b", [f"doc {i:03d}" for i in range(13)], shards=1)
+    loader = LMLoader([Source(path)], bos, cfg, process_index=0, process_count=1)
+    with pytest.warns(UserWarning, match="3 rows, 40 tokens of 5 documents"):
+        assert sum(b["weights"].sum() for b in loader) == 64
 
 
 def test_a_state_saved_after_the_end_keeps_the_dropped_count(tmp_path):

@@ -184,6 +184,13 @@ def test_causal_blocked_keys_follow_the_kernels_block_cap():
     ours = {C: 4 * N * H * executed_keys(T, None, "causal_blocked", C) * B * T for C in (32, 64)}
     assert ours[32] == ours[64]
     assert ours[64] <= xla[64] <= 1.15 * ours[64], xla[64] / ours[64]
+    # lengths that are no multiple of 16: the blocks the kernel cuts (causal_block_rows, rounded up), by hand
+    from models.attention import causal_block_rows
+
+    for T, C in ((1000, 32), (1030, 64), (4100, 256)):
+        rows = causal_block_rows(T, C)
+        assert rows > C and executed_keys(T, None, "causal_blocked", C) == sum(
+            (min(lo + rows, T) - lo) * min(lo + rows, T) for lo in range(0, T, rows)) / T, (T, C)
 
 
 def test_windowed_model_flops_match_cost_analysis():
@@ -613,6 +620,12 @@ def test_capacity_slots_and_chinchilla_flops_are_the_documented_formulas():
     assert capacity_slots(1, 100, 1.1, 2) == 55  # exactly 55 (100 x 1.1 / 2 = 55.00000000000001 in floats)
     assert capacity_slots(1, 4, 0.1, 8) == 1  # 0.05 -> at least one slot
     assert chinchilla_flops(7e9, 1.4e11) == 6 * 7e9 * 1.4e11
+    # without seq_len, the large-T limit K·CF rows per token, at most E (every test's K·CF was under E: unclamped,
+    # K = 2 at CF = 4 over 4 experts counted 8 rows a token)
+    from scaling.flops import MoESpec, executed_slots
+
+    assert executed_slots(MoESpec(n_experts=8, top_k=2, expert_mlp_dim=4, capacity_factor=1.25), None) == 2.5
+    assert executed_slots(MoESpec(n_experts=4, top_k=2, expert_mlp_dim=4, capacity_factor=4.0), None) == 4
 
 
 def test_the_dense_dropless_kernel_runs_every_expert_for_every_token():
