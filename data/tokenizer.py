@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import operator
 import os
 import warnings
@@ -178,8 +179,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     then the merges in the order learned. `length` (the number of texts, if known) sizes the progress bar.
     eos_token: which of `special_tokens` ends a document (None: `EOS`, which special tokens without it must then
     name). Lone surrogates in a text are trained on as U+FFFD, as `encode` reads them. A special token the BPE
-    can also build from text (a single character, a plain word of the corpus) is refused: name them with
-    delimiters, as '<|endoftext|>'.
+    can also build from text (a byte symbol such as 'a' or 'Ġ', a plain word of the corpus) is refused: name them
+    with delimiters, as '<|endoftext|>'.
     """
     if isinstance(special_tokens, str):  # `EOS in "<|endoftext|>"` passes, and each character became a special token
         raise TypeError(f"train_bpe special_tokens={special_tokens!r}: pass a tuple of tokens, e.g. "
@@ -238,13 +239,18 @@ def _index(v) -> int | None:
 def _check_specials_not_spelled(bpe: BPETokenizer, special_tokens) -> None:
     """A special token that is also a symbol the BPE builds from text (a byte symbol like 'a', a merged word like
     'hello') has one id for both: the text encoded to the special id, which decode skips ("hello world" read back
-    as " world") and which, as EOS, ended a document mid-text. Encoding the token's own characters tells."""
-    ids = {bpe.tok.token_to_id(s) for s in special_tokens}
+    as " world") and which, as EOS, ended a document mid-text. The symbols are the byte-level alphabet and the merges'
+    results: encoding the token's own characters missed byte symbols that stand for other bytes ('Ġ' is ' ', 'Ċ'
+    is '\\n', '¶' is byte 0xB6 of 'ö' and '綶', while the text '¶' is 0xC2 0xB6, often merged to 'Â¶')."""
+    merges = json.loads(bpe.tok.to_str())["model"]["merges"]
+    # [a, b] pairs; `tokenizers` < 0.20 wrote "a b" (byte-level symbols hold no space: ' ' is 'Ġ')
+    symbols = set(pre_tokenizers.ByteLevel.alphabet()) | {"".join(m.split(" ") if isinstance(m, str) else m)
+                                                          for m in merges}
     for s in special_tokens:
-        if ids & set(bpe.encode(s).tolist()):
-            raise ValueError(f"train_bpe: special token {s!r} is also text the BPE encodes to its id (a character "
-                             "or a word of the corpus), so documents holding it would lose it; name special tokens "
-                             "with delimiters the byte-level pre-tokenizer splits, e.g. '<|pad|>'")
+        if s in symbols:
+            raise ValueError(f"train_bpe: special token {s!r} is also text the BPE encodes to its id (a byte symbol of "
+                             "the byte-level alphabet or a word of the corpus), so documents holding it would lose it; "
+                             "name special tokens with delimiters the byte-level pre-tokenizer splits, e.g. '<|pad|>'")
 
 
 def _train_texts(texts: Iterable[str]):
@@ -341,7 +347,6 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
 
 def _is_tokenizer_file(path) -> bool:
     """Whether the file at `path` is a `tokenizers` JSON (its `model`), not a `pretokenize` meta."""
-    import json
     import pathlib
 
     try:

@@ -381,14 +381,19 @@ def test_a_text_that_is_not_str_is_named(tok_name, bpe):
             tok.encode("a").tolist(), tok.encode("b\ufffd").tolist()]
 
 
-@pytest.mark.parametrize("special", ["hello", "a"])
-def test_a_special_token_the_bpe_can_spell_from_text_is_refused(special):
+@pytest.mark.parametrize("special, texts", [
+    ("hello", ["hello world foo bar baz qux"] * 50), ("a", ["hello world foo bar baz qux"] * 50),
+    # byte-level symbols whose own characters encode to other bytes: passed, and 'a  b' decoded to 'a b' (the
+    # second space is a lone 'Ġ'), 'x\n\ny' to 'xy' ('Ċ' is '\n'), 'Ķ綶' to '\ufffd\ufffd' (byte 0xB6 is '¶'; the
+    # corpus's '¶' merged to 'Â¶', so encoding '¶' itself never showed the byte symbol)
+    ("Ġ", ["hello world foo bar baz qux"] * 50), ("Ċ", ["hello world\nfoo bar"] * 50),
+    ("¶", ["¶ 1. Köln, ¶ 2. Zürich"] * 50)])
+def test_a_special_token_the_bpe_can_spell_from_text_is_refused(special, texts):
     """A special token whose characters the trained BPE produces from text (a word it merged, a single byte symbol)
     shares the model's id: "hello world" encoded to [<hello>, ' world'] and decoded to ' world' (with 'a': every 'a'
     of every document), and an EOS of that kind ended documents mid-text. Named at training."""
     with pytest.raises(ValueError, match=f"special token {special!r} is also text the BPE encodes to its id"):
-        train_bpe(["hello world foo bar baz qux"] * 50, vocab_size=275, special_tokens=(EOS, special),
-                  show_progress=False)
+        train_bpe(texts, vocab_size=275, special_tokens=(EOS, special), show_progress=False)
 
 
 @pytest.mark.parametrize("kw, message", [
