@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import unicodedata
 from collections.abc import Iterable
 
 from data.seeds import check_field_types, read_once
@@ -62,6 +63,11 @@ class LangIDConfig:
         if bad := sorted({m for _, members in self.fold for m in members} - labels):
             raise ValueError(f"LangIDConfig.fold has unknown language codes {bad}; its members must be codes the "
                              f"model reports, e.g. ('zh', ('yue', 'wuu'))")
+        # a member of two folds was reported as the last one's code, silently (the first one's was dropped)
+        for m in sorted({m for _, members in self.fold for m in members}):
+            if len(codes := sorted({code for code, members in self.fold if m in members})) > 1:
+                raise ValueError(f"LangIDConfig.fold puts {m!r} in more than one fold: {codes}; a language is "
+                                 f"reported as one code, so list it in one fold")
         # a fold's code is what detect reports, a label of the model or not (e.g. 'sh' for sr / hr / bs)
         known = labels | {"und"} | {code for code, _ in self.fold}
         unknown = set(self.keep) - known
@@ -96,6 +102,10 @@ class LangID:
         if len(text) > n:
             third, mid = n // 3, len(text) // 2
             text = " ".join((text[:third], text[mid - third // 2:mid + third // 2], text[-third:]))
+        # the model knows NFKC text (the pipeline's default form): kept full-width (NormalizeConfig(form="NFC")),
+        # English was Chinese at 0.6-0.85
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
         # the model knows lower-case n-grams; py3langid lower-cases only text without a lower-case letter, so an
         # all-caps article ending in one 'ok' or a URL was Nigerian Pidgin (pcm) at 0.05
         if sum(map(str.isupper, text)) > sum(map(str.islower, text)):

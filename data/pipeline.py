@@ -78,8 +78,11 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # blank lines a boilerplate rule matches (^$, C4's "no end punctuation") are not counted as boilerplate lines, and a
 # glossary term outside ASCII matches lower-cased and as a whole word ('Ökonomie' never matched, 'énergie' matched in
 # 'bioénergie'); 12 = a glossary term matches beside text in scripts written without spaces ('我用Python写代码',
-# Thai 'สมการ' in 'แก้สมการนี้'), and not inside a word that goes on in a combining mark ('गणित' in 'गणितीय').
-OUTPUT_VERSION = 12
+# Thai 'สมการ' in 'แก้สมการนี้'), and not inside a word that goes on in a combining mark ('गणित' in 'गणितीय'); 13 = an
+# accented letter before a closing mark and Spanish ¡ / ¿ ("está…¡") is not repaired as mojibake nor counted as it,
+# normalisation deletes the Arabic letter mark U+061C (a bidi control), language ID judges text's NFKC folding
+# (full-width English kept by form="NFC" was zh).
+OUTPUT_VERSION = 13
 
 
 @dataclasses.dataclass(frozen=True)

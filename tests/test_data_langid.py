@@ -141,6 +141,26 @@ def test_mostly_upper_case_text_is_judged_as_its_lower_case(det):
     assert det.detect(zh)[0] == "zh"
 
 
+def test_full_width_text_is_judged_as_its_compatibility_folding(det):
+    """The model knows NFKC text (the pipeline's default form); under NormalizeConfig(form="NFC") full-width Latin and
+    ideographic spaces stay, and English written so was Chinese (all 12 EN_LONG full-width: zh at 0.59-0.85, kept as
+    Chinese). Judged on the sample's NFKC folding, the stored text untouched; NFKC text is judged as before."""
+    from data.langid_samples import EN_LONG
+    from data.normalize import NormalizeConfig, normalize_text
+    from data.stages import LanguageFilter
+
+    def full_width(s):
+        return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" if c == " " else c for c in s)
+
+    nfc = NormalizeConfig(form="NFC")
+    for text in EN_LONG:
+        wide = normalize_text(full_width(text), nfc)
+        assert det.detect(wide) == det.detect(text), text
+        doc, reason = LanguageFilter()({"text": wide})
+        assert (doc["lang"], reason, doc["text"]) == ("en", None, wide)
+    assert det.detect("你好，世界！")[0] == "zh" and det.detect("ｶﾀｶﾅのﾃｷｽﾄです")[0] == "ja"
+
+
 def test_a_fold_does_not_win_on_no_evidence(det):
     """A folded code sums its members, so on near-flat probabilities (no language evidence) it has 3x the flat share
     of any one language: dates, numbers and symbols were zh at ~0.02 (flat 1/140) and kept as Chinese (148 of 3,000
@@ -168,6 +188,16 @@ def test_a_folded_code_may_be_kept_and_fold_members_must_be_known():
     assert lang == "sh" and LangID(cfg).keeps(lang)
     with pytest.raises(ValueError, match=r"LangIDConfig.fold.*unknown language codes \['yeu'\]"):
         LangIDConfig(fold=(("zh", ("yeu", "wuu")),))
+
+
+def test_a_language_in_two_folds_is_refused():
+    """A member listed in two folds was reported as the last one's code, silently: with ('zh', ('yue', 'wuu')) and
+    ('wu', ('wuu',)), Shanghainese '阿拉今朝去白相。' was 'wu' (0.73) and dropped as lang_other, not zh (0.999)."""
+    with pytest.raises(ValueError, match=r"LangIDConfig.fold puts 'wuu' in more than one fold: \['wu', 'zh'\]"):
+        LangIDConfig(fold=(("zh", ("yue", "wuu")), ("wu", ("wuu",))))
+    # the same member twice under one code is the same fold
+    twice = (("zh", ("yue", "wuu")), ("zh", ("wuu",)))
+    assert LangIDConfig(fold=twice).fold == twice
 
 
 def test_a_fold_listing_its_own_code_may_be_kept():

@@ -371,6 +371,21 @@ def test_accented_last_letter_before_punctuation_is_not_repaired():
     assert normalize_text(cp1252(ZH[0])) == normalize_text(ZH[0])
 
 
+def test_spanish_opening_marks_after_an_accented_letter_are_not_repaired():
+    """¡ and ¿ open a Spanish sentence right after a closing mark: "está…¡" and "mamá—¿" are valid UTF-8 as cp1252
+    (U+1161, U+15FF) and were 'repaired', two visible marks and the letter silently replaced by a Hangul jamo or a
+    Canadian syllable, and counted as mojibake; 240 of 256 accented-letter / closing-mark / opener triples were.
+    Real mojibake beside them is still repaired."""
+    from data.filters import mojibake_sequences
+    from data.normalize import fix_mojibake
+
+    legit = "Ya está…¡vámonos! —¿Y mamá—¿dónde está? Café—¿sí? Llegó tarde—¡qué pena!"
+    assert fix_mojibake(legit) == (legit, 0)
+    assert normalize_text(legit) == normalize_text(legit, NormalizeConfig(repair_mojibake=False))
+    assert mojibake_sequences(legit) == 0
+    assert normalize_text(cp1252(ZH[0])) == normalize_text(ZH[0])
+
+
 FR_DIALOGUE = ("«\xa0Tu es rentré\xa0?\xa0» demanda-t-elle. «\xa0Oui, tout était fermé\xa0», répondit Paul. «\xa0Et le "
                "train\xa0?\xa0» «\xa0Il est annulé\xa0», dit-il, «\xa0comme hier, c’est réglé\xa0». Elle a tout "
                "noté\xa0— l’heure, le quai\xa0— et le panneau «\xa0FERMÉ\xa0», puis elle a regardé par la fenêtre en "

@@ -136,6 +136,16 @@ def test_every_control_character_goes_except_tab_and_line_breaks():
         assert normalize_text(f"a{c}b") == want, hex(cp)
 
 
+def test_every_bidi_control_goes():
+    """The documented 'bidi controls' are Unicode's Bidi_Control set (PropList.txt: U+061C, U+200E-U+200F,
+    U+202A-U+202E, U+2066-U+2069): the Arabic letter mark U+061C, which phones insert beside numbers in Arabic
+    text, was kept, so 'a\u061cb' and 'ab' stayed two texts to matching and dedup."""
+    bidi = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    for cp in bidi:
+        assert normalize_text(f"a{chr(cp)}b") == "ab", hex(cp)
+    assert normalize_text("السعر ؜50 درهم") == "السعر 50 درهم"
+
+
 def test_first_line_indentation_is_kept():
     """Leading indentation is kept on every line, the first too: only blank lines are stripped from the ends (a
     strip of all whitespace dedented a snippet's first line, and passed: every tested text began unindented)."""
