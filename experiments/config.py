@@ -22,6 +22,7 @@ import sys
 from typing import Any, Literal
 
 from models import TransformerConfig
+from models.config import _is_int
 from models.moe import MoEConfig
 
 INT32_MAX = 2**31 - 1  # the largest train.steps: the train state's step and optax's count are int32
@@ -157,6 +158,12 @@ class RunConfig:
     data: DataSpec = DataSpec()
     optim: OptimSpec = OptimSpec()
     train: TrainSpec = TrainSpec()
+
+    def __post_init__(self):
+        # numpy ints as Python's (a sweep's 8 // np.int64(2)): validate took them, then to_json failed at the first
+        # checkpoint; anything else is left for validate to refuse by name
+        if isinstance(self.mesh, dict):
+            object.__setattr__(self, "mesh", {a: int(n) if _is_int(n) else n for a, n in self.mesh.items()})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -299,7 +306,7 @@ def _typed(text: str, annotation: str, key: str, namespace: dict) -> Any:
             if opt.startswith("tuple["):
                 v = _literal(text if text.strip() else "()")
                 return tuple(_int(x) for x in (v if isinstance(v, tuple | list) else (v,)))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # (float(10**400): an integer past float's range)
             continue
     strings = [o for o in options if o == "str" or o.startswith("Literal[")
                or getattr(namespace.get(o), "__origin__", None) is Literal]
@@ -713,6 +720,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
                  f"{width} is not divisible by the tensor axis ({tp}); {_divisible_fix(width, mesh, 'tensor')}")
     need((problem := expert_axis_problem(m, mesh)) is None, "mesh.expert", problem)
     stages = mesh.get("stage", 1)
+    # (read by the pipeline only: without one they were ignored in silence, where experiments.aot refuses them)
+    need(stages > 1 or m.pipeline_microbatches == 1, "model.pipeline_microbatches",
+         f"{m.pipeline_microbatches} microbatches need a pipeline, a mesh with a 'stage' axis (e.g. --mesh "
+         "stage=2,...); without one use 1 (optim.grad_accum splits a step's batch into microbatches)")
     if stages > 1:  # the pipeline runs whole pattern periods (e.g. local + global layer) per stage
         from models.transformer import pattern_period
 

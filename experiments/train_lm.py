@@ -281,12 +281,14 @@ RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches fr
 
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
     """Model fields (as in `TransformerConfig` JSON) whose saved value differs from the current one. Execution
-    settings do not count, nor do fields added since the checkpoint was written (their defaults apply)."""
+    settings do not count, nor do fields added since the checkpoint was written (their defaults apply), in the
+    nested configs (moe, rope_scaling) too."""
     out = []
     for k, v in saved.items():
         cur = current.get(k, v)
-        if k == "moe" and isinstance(v, dict) and isinstance(cur, dict):
-            out += [f"moe.{f}" for f, x in v.items() if f not in MOE_EXECUTION_FIELDS and cur.get(f, x) != x]
+        if isinstance(v, dict) and isinstance(cur, dict):  # field by field: a rope_scaling saved before YaRN's fields
+            skip = MOE_EXECUTION_FIELDS if k == "moe" else ()  # existed was refused whole
+            out += [f"{k}.{f}" for f, x in v.items() if f not in skip and cur.get(f, x) != x]
         elif k not in EXECUTION_FIELDS and cur != v:
             out.append(k)
     return sorted(out)

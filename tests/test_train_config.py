@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from experiments import run_log, train_lm
-from experiments.config import ConfigError, load, load_tokenizer, validate
+from experiments.config import ConfigError, RunConfig, load, load_tokenizer, validate
 from experiments.lm_step import decay_mask, make_optimizer, make_schedule, make_state_step
 from models import Transformer, TransformerConfig
 from models.losses import cross_entropy
@@ -138,6 +138,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
       "model.pipeline_microbatches=4", "--mesh",
       "stage=2,data=4", "--batch", "8"], 8, "model.pipeline_microbatches: 4 pipeline microbatches of 8 rows give 2"),
+    # without a stage axis there is no pipeline: they were ignored in silence (experiments.aot refuses them)
+    (["--preset", "tiny", "--set", "model.pipeline_microbatches=4", "--mesh", "data=8"], 8,
+     "model.pipeline_microbatches: 4 microbatches need a pipeline"),
     (["--preset", "tiny", "--set", "model.sliding_window=none", "--set", "model.attn_pattern=global", "--set",
       "model.scan_layers=false", "--mesh",
       "stage=2,fsdp=4"], 8, "model.scan_layers: must be true under pipeline parallelism"),
@@ -167,6 +170,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "counters are int32), got 1000000000000000019884624838656"),
     (["--preset", "tiny", "--set", "optim.schedule=wsd", "--steps", "2147483648"], 8,
      "train.steps: must be at most 2147483647"),
+    # an integer past float's range: an OverflowError traceback named no setting
+    (["--preset", "tiny", "--set", "optim.lr=1" + "0" * 400], 8, "optim.lr: expected a number (float), got '1000"),
     (["--preset", "tiny", "--set", "train.poison_steps=1.5"], 8, "train.poison_steps: expected integers separated by "
      "commas (e.g. 3,5) (tuple[int, ...]), got '1.5'"),
 ]
@@ -335,6 +340,10 @@ def test_specs_built_in_python_are_checked_against_their_types():
     assert (t.steps, t.out, t.eval_target) == (12, "runs/x", 3.5) and type(t.steps) is int
     cfg = dataclasses.replace(preset("tiny"), train=t, optim=OptimSpec(lr=1))
     assert json.loads(cfg.to_json())["train"]["steps"] == 12 and type(cfg.optim.lr) is float
+    # the mesh too (8 // np.int64(2) in a sweep): it validated, then to_json failed at the first checkpoint
+    cfg = dataclasses.replace(preset("tiny"), mesh={"data": np.int64(2), "fsdp": 8 // np.int64(2)})
+    assert validate(cfg, 8) == {"data": 2, "fsdp": 4} and json.loads(cfg.to_json())["mesh"] == {"data": 2, "fsdp": 4}
+    assert RunConfig.from_json(cfg.to_json()) == cfg
     # --set names the same key
     with pytest.raises(ConfigError, match=r"^train\.keep_best: expected true or false"):
         load(["--preset", "tiny", "--set", "train.keep_best=no"])
@@ -610,6 +619,23 @@ def test_resume_compares_the_model_not_how_it_is_executed():
     assert train_lm.model_config_mismatch(moe, other_kernels) == []
     other_kernels["moe"]["n_experts"] = 8
     assert train_lm.model_config_mismatch(moe, other_kernels) == ["moe.n_experts"]
+
+
+def test_resume_ignores_rope_scaling_fields_added_since_the_save():
+    """A nested config is compared field by field (as moe is): a rope_scaling saved before YaRN's fields existed
+    (beta_fast ... truncate) was refused whole ("model.rope_scaling: saved {...}, now {...}"), so such a run never
+    resumed, though from_json reads it back as the same config."""
+    cfg = load(["--preset", "tiny", "--set", "model.rope_scaling.kind=llama3"])
+    now = json.loads(cfg.to_json())
+    saved = json.loads(cfg.to_json())
+    for f in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate"):
+        del saved["model"]["rope_scaling"][f]  # as a checkpoint written before they existed holds it
+    assert RunConfig.from_json(json.dumps(saved)) == cfg
+    assert train_lm.resume_mismatch(saved, now) == ([], [])
+    now["model"]["rope_scaling"]["factor"] = 4.0  # a field both have: still refused, by its own key
+    assert train_lm.resume_mismatch(saved, now)[0] == ["model.rope_scaling.factor: saved 8.0, now 4.0"]
+    now["model"]["rope_scaling"] = None
+    assert train_lm.resume_mismatch(saved, now)[0][0].startswith("model.rope_scaling: saved {")
 
 
 def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
