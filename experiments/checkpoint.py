@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import pathlib
+import threading
+import weakref
 
 import grain.checkpoint
 import jax
@@ -281,6 +283,8 @@ class Checkpoints:
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
         self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
+        if async_save:
+            _finish_at_exit(self)
 
     def _report_incomplete(self):
         if jax.process_index() == 0 and self.dir.is_dir():
@@ -386,15 +390,18 @@ class Checkpoints:
         if step is not None and step not in self.mgr.all_steps():
             return None
         candidates = [step] if step is not None else sorted(self.mgr.all_steps(), reverse=True)
+        fallback = None if step is not None else candidates  # a step asked for by number: no other is tried
         for s in candidates:
             if other is not None and (got := other(s)) is not None:
                 return got
             try:
                 meta = dict(self.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-                saved = self.mgr.item_metadata(s)["state"].tree
+                if (item := self.mgr.item_metadata(s)["state"]) is None:  # orbax's for a state/ without _METADATA
+                    raise FileNotFoundError(f"{self.dir / str(s) / 'state'} has no readable array metadata")
+                saved = item.tree
                 has_loader = (self.dir / str(s) / "loader").is_dir()
             except Exception as e:  # noqa: BLE001 - no readable meta or metadata: not a checkpoint to use
-                self._corrupt(s, candidates, e, quarantine)
+                self._corrupt(s, fallback, e, quarantine)
                 continue
             if check is not None:
                 check(meta)
@@ -407,7 +414,7 @@ class Checkpoints:
                 if meta.get("loader_saved") is False:
                     raise CheckpointMismatch(f"{self.dir / str(s)} was saved without a data loader state; restore "
                                              "it with loader=None (and position the loader yourself)")
-                self._corrupt(s, candidates, FileNotFoundError(f"{self.dir / str(s) / 'loader'} is missing"),
+                self._corrupt(s, fallback, FileNotFoundError(f"{self.dir / str(s) / 'loader'} is missing"),
                               quarantine)
                 continue
             if loader is not None and has_loader:
@@ -434,7 +441,7 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: do not use it
                 if mismatch := _stream_mismatch(e):  # a good checkpoint of another data stream: the run's error
                     raise CheckpointMismatch(f"{self.dir / str(s)}: {mismatch}") from None
-                self._corrupt(s, candidates, e, quarantine)
+                self._corrupt(s, fallback, e, quarantine)
                 continue
             if overflow:  # a good checkpoint that this template's dtypes cannot hold: the caller's error, kept
                 # what the casts make: inf (float16), NaN (float8_e4m3fn, which has no inf), or both
@@ -487,9 +494,12 @@ class Checkpoints:
                 f"{self.dir / str(step)}: the data loader states were saved by {names[0].split('-of-')[1][:-5]} "
                 f"processes, this run has {n}; resume with the same number of processes")
 
-    def _corrupt(self, s: int, candidates: list[int], e: Exception, quarantine: bool = True):
-        older = [x for x in candidates if x < s]
-        nxt = f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh"
+    def _corrupt(self, s: int, candidates: list[int] | None, e: Exception, quarantine: bool = True):
+        """Report (and unless `quarantine` is off, set aside) bad step `s`; candidates: the steps restore tries
+        in turn, None for a step asked for by number."""
+        older = [x for x in candidates or [] if x < s]
+        nxt = ("not restored (the step asked for: no other step is tried)" if candidates is None else
+               f"falling back to step {older[0]}" if older else "no older checkpoint: starting fresh")
         nxt = nxt if quarantine else "left in place"
         # an agreed error is already each process's short reason (not cut again: the later ones were lost)
         why = f"OSError: {e}" if isinstance(e, _ReadFailed) else _reason(e)
@@ -509,6 +519,21 @@ class Checkpoints:
 
             multihost_utils.sync_global_devices(f"quarantine-{step}")
         self.mgr.reload()
+
+
+def _finish_at_exit(ckpt: Checkpoints) -> None:
+    """Wait for `ckpt`'s async save still writing when the interpreter shuts down (a script that never called
+    close()): orbax's writer thread then failed with 'cannot schedule new futures after interpreter shutdown' and the
+    step was lost, left as `<step>.orbax-checkpoint-tmp`. atexit runs too late (after concurrent.futures stops
+    taking work); threading's own exit hooks run before, newest first. Held weakly: a closed or dropped manager is
+    not kept alive."""
+    ref = weakref.ref(ckpt)
+
+    def finish():
+        if (c := ref()) is not None:
+            c.mgr.wait_until_finished()
+
+    getattr(threading, "_register_atexit", lambda fn: None)(finish)
 
 
 class _ReadFailed(OSError):

@@ -108,6 +108,11 @@ class Preset:
     ckpt_every: int = 500
 
     def __post_init__(self):  # the DiT is trained on the VAE's latents: a mismatch failed after the VAE's stage
+        # 0 failed as 'integer modulo by zero' after the first step, a negative one saved as its absolute value
+        every = self.ckpt_every
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(f"Preset: ckpt_every={every!r}: must be an int >= 1 (steps between "
+                             "checkpoints; each stage's last step is always saved)")
         got = self.vae.latent_shape(self.data.frames, self.data.size, self.data.size)
         want = (*self.t2v.dit.latent_shape, self.t2v.dit.latent_channels)
         if tuple(got) != tuple(want):
@@ -556,10 +561,21 @@ def load_video_model(out, preset: str | Preset = "default"):
     vae_gd, vae_abstract = abstract_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)
     t2v_gd, t2v_abstract = abstract_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
     ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), t2v_abstract)
-    with jax.set_mesh(mesh):
+
+    def restored(stage: str, targets: dict) -> dict:
         # read only (a training job may be writing beside): a corrupt newest step is left in place and skipped
-        vae_params = restore(manager(out / "ckpt" / "vae", read_only=True), {"params": vae_abstract})[1]["params"]
-        ema = restore(manager(out / "ckpt" / "t2v", read_only=True), {"ema": ema_abstract})[1]["ema"]
+        ckpt = manager(out / "ckpt" / stage, read_only=True)
+        if (r := restore(ckpt, targets)) is None:  # a record read (latest_meta); no step's arrays read and verified
+            steps = ckpt.steps()
+            raise FileNotFoundError(
+                f"{out / 'ckpt' / stage} holds no readable checkpoint (step{'s' * (len(steps) > 1)} "
+                f"{', '.join(map(str, steps))} failed to read or verify); rerun the run's train_video command (it "
+                "sets unreadable steps aside and trains the stage again from its newest good one)")
+        return r[1]
+
+    with jax.set_mesh(mesh):
+        vae_params = restored("vae", {"params": vae_abstract})["params"]
+        ema = restored("t2v", {"ema": ema_abstract})["ema"]
     if dit_vae is not None and dit_vae != (now := fingerprint(vae_params)):  # a VAE retrained after the DiT
         raise ValueError(f"load_video_model: {out / 'ckpt' / 't2v'} was trained on the latents of another VAE "
                          f"(fingerprint {dit_vae}) than {out / 'ckpt' / 'vae'} holds ({now}); rerun the run's "

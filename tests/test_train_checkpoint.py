@@ -510,6 +510,26 @@ def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_th
     assert lines and lines[0].startswith("checkpoint: step 8 is corrupt") and "falling back to step 4" in lines[0]
 
 
+def test_a_corrupt_step_asked_for_by_number_does_not_say_it_starts_fresh(tmp_path):
+    """restore(step=8) of a corrupt step 8 tries no other step, but its line said "no older checkpoint: starting
+    fresh" beside a good step 4 (the caller decides what to do with None)."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lambda *a: None)
+    for step in (4, 8):
+        ckpt.save(step, state_at(step), {"config": "{}"})
+    ckpt.close()
+    meta_file = tmp_path / "ckpt" / "8" / "meta" / "metadata"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "fingerprint": "0" * 16}))
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lines.append)
+    try:
+        assert ckpt.restore(state_at(0), step=8) is None
+        assert ckpt.steps() == [4] and ckpt.restore(state_at(0))[1]["step"] == 4
+    finally:
+        ckpt.close()
+    assert len(lines) == 1 and lines[0].startswith("checkpoint: step 8 is corrupt or incomplete (ValueError: checksum")
+    assert lines[0].endswith("; not restored (the step asked for: no other step is tried)"), lines
+
+
 @pytest.mark.parametrize("damage", ["metadata", "data"])
 def test_a_corrupt_step_is_reported_in_one_line_without_orbax_or_asyncio_noise(tmp_path, damage, capfd, caplog,
                                                                                monkeypatch):
@@ -583,6 +603,34 @@ def test_a_damaged_chunk_is_reported_by_its_array_and_cause(tmp_path):
         ckpt.close()
     assert len(lines) == 1 and lines[0].startswith("checkpoint: step 8 is corrupt or incomplete (ValueError: "), lines
     assert 'Error reading "params.w/' in lines[0] and "bound method" not in lines[0], lines
+
+
+@pytest.mark.parametrize("damage", ["no_metadata_file", "empty_state"])
+def test_a_step_whose_state_has_no_array_metadata_names_it(tmp_path, damage):
+    """A state/ item without its _METADATA (an emptied or half-copied step): orbax's item_metadata is None, and the
+    fallback line said only "AttributeError: 'NoneType' object has no attribute 'tree'"."""
+    import shutil
+
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lambda *a: None)
+    for step in (4, 8):
+        ckpt.save(step, state_at(step), {"config": "{}"})
+    ckpt.close()
+    item = tmp_path / "ckpt" / "8" / "state"
+    if damage == "no_metadata_file":
+        (item / "_METADATA").unlink()
+    else:
+        shutil.rmtree(item)
+        item.mkdir()
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lines.append)
+    try:
+        state, meta = ckpt.restore(state_at(0))
+    finally:
+        ckpt.close()
+    assert meta["step"] == 4 and float(state["params"]["w"][0, 0]) == 4.0
+    assert len(lines) == 1 and lines[0].startswith("checkpoint: step 8 is corrupt or incomplete (FileNotFoundError: "
+                                                   ) and "falling back to step 4" in lines[0], lines
+    assert f"{item} has no readable array metadata" in lines[0] and "NoneType" not in lines[0], lines
 
 
 def test_corpus_holds_out_whole_modules(tmp_path):
@@ -860,3 +908,29 @@ def test_a_narrowing_restore_says_what_each_overflowing_cast_would_make(tmp_path
                                          r"inf\)"):
         ckpt.restore({"a": jnp.zeros(2, jnp.float8_e4m3fn), "b": jnp.zeros(2, jnp.float16)})
     ckpt.close()
+
+
+def test_async_saves_still_writing_when_the_process_exits_are_finished_not_lost(tmp_path):
+    """A script that saves asynchronously and ends without close(): the newest save was still writing in the
+    background when the interpreter shut down, failed with 'cannot schedule new futures after interpreter
+    shutdown' and left only `<step>.orbax-checkpoint-tmp` (measured: 9 of 10 steps on disk). It is finished first."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from experiments.checkpoint import Checkpoints\n"
+        "ck = Checkpoints(sys.argv[1], keep=5, keep_best=False, async_save=True, log=lambda *a: None)\n"
+        "for step in (1, 2, 3):\n"
+        "    ck.save(step, {'w': jnp.full((512, 256), float(step))}, {'config': '{}'})\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpt")], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2", "3"], done.stderr[-2000:]
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=5, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        state, meta = ckpt.restore({"w": jnp.zeros((512, 256))})
+    finally:
+        ckpt.close()
+    assert meta["step"] == 3 and float(state["w"][0, 0]) == 3.0

@@ -233,6 +233,30 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     assert "predates saved settings" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("stage", ["vae", "t2v"])
+def test_load_video_model_of_a_run_whose_only_checkpoint_is_damaged_names_the_stage(tmp_path, stage):
+    """Each stage's record reads but its arrays do not: the read-only restore skipped the step (left in place) and
+    returned None, which load_video_model indexed: "TypeError: 'NoneType' object is not subscriptable"."""
+    from models.video import TextToVideo
+    from parallel import create_sharded, make_mesh
+
+    p = train_video.PRESETS["tiny"]
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    trees = {"vae": {"params": create_sharded(lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), mesh)[1]},
+             "t2v": {"ema": ema_init(create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)[1])}}
+    for s, tree in trees.items():
+        save(manager(tmp_path / "ckpt" / s), 3, tree, {"step": 3, "settings": train_video.stage_settings(p, 0)[s]})
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    for f in (tmp_path / "ckpt" / stage / "3" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # every array's data and b-tree nodes
+            data = f.read_bytes()
+            f.write_bytes(data[:64] + bytes(255 - b for b in data[64:]))
+    with pytest.raises(FileNotFoundError, match=rf"ckpt/{stage} holds no readable checkpoint \(step 3 failed to "
+                                                r"read or verify\); rerun the run's train_video command"):
+        train_video.load_video_model(tmp_path, "tiny")
+    assert (tmp_path / "ckpt" / stage / "3").is_dir()  # a reader moves nothing
+
+
 def test_load_video_model_of_a_mistyped_run_folder_creates_nothing(tmp_path):
     """It opened each stage's orbax manager with create=True: a typo left <typo>/ckpt/vae behind (then said it held
     no checkpoint)."""
@@ -1122,3 +1146,13 @@ def test_no_media_removes_a_leftover_overview_temporary_and_failed_plots_close_t
     with pytest.raises(OSError, match="No space left"):
         run_log.plot_losses(tmp_path)
     assert plt.get_fignums() == before
+
+
+@pytest.mark.parametrize("every", [0, -3, 2.5, True])
+def test_a_checkpoint_interval_below_one_is_refused_when_the_preset_is_built(every):
+    """ckpt_every=0 built, then failed with a bare ZeroDivisionError ('integer modulo by zero') after the first
+    VAE step had compiled and run (35 s on the tiny preset); -3 saved every 3rd step as if it were 3."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=rf"Preset: ckpt_every={every!r}: must be an int >= 1"):
+        dataclasses.replace(train_video.PRESETS["tiny"], ckpt_every=every)
