@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 RECOMPUTE_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+# models.moe_dispatch.DROPLESS_IMPLS, spelt out so that this module imports no jax (tests pin the two equal)
+DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,11 @@ class MoESpec:
     def __post_init__(self):
         if self.dispatch not in ("capacity", "dropless"):
             raise ValueError(f"MoESpec.dispatch must be 'capacity' or 'dropless', got {self.dispatch!r}")
+        # a misspelt one ('capcity', 'Auto') was read as an explicit sorted kernel: K rows per token where C = T
+        # buffers run E on an expert mesh, and every expert counted as gathered onto each device
+        if self.dropless_impl not in DROPLESS_IMPLS:
+            raise ValueError(f"MoESpec.dropless_impl must be one of {DROPLESS_IMPLS} (models.moe's), got "
+                             f"{self.dropless_impl!r}")
         # whole numbers, named: an expert of width 0 counted 0 FLOPs, a string count raised a bare TypeError
         for f, low in (("n_experts", 1), ("top_k", 1), ("expert_mlp_dim", 1), ("n_shared_experts", 0),
                        ("shared_mlp_dim", 0), ("moe_every", 1)):
@@ -99,12 +106,10 @@ class LMShape:
     swa_dense: bool = False  # local layers on the dense masked oracle (swa_impl='dense'), not the blocked kernel
 
     def __post_init__(self):
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"LM shape: {f} must be an int >= 1, got {v!r}")
-        if self.mlp_dim < 0:
-            raise ValueError(f"LM shape: mlp_dim must be >= 0, got {self.mlp_dim}")
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim", "mlp_dim"):
+            v, low = getattr(self, f), 0 if f == "mlp_dim" else 1  # (a float mlp_dim gave float parameter counts)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                raise ValueError(f"LM shape: {f} must be an int >= {low}, got {v!r}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LM shape: n_heads={self.n_heads} is not a multiple of kv_heads={self.kv_heads}; "
                              "grouped-query attention shares each KV head among n_heads / kv_heads query heads")
@@ -148,13 +153,14 @@ def _moe_of(cfg) -> MoESpec | None:
         return None
     f = int(_first(src, ("expert_mlp_dim", "moe_mlp_dim", "mlp_dim")))
     shared = int(_first(src, ("n_shared_experts", "num_shared_experts"), 0))
-    capacity = getattr(src, "dispatch", "capacity") == "capacity"
+    dispatch = _first(src, ("dispatch",), "capacity")  # as given: MoESpec names a misspelt one (read as dropless)
+    capacity = dispatch == "capacity"
     return MoESpec(
         n_experts=int(n), top_k=int(_first(src, ("top_k", "experts_per_token", "num_experts_per_tok"), 1)),
         expert_mlp_dim=f, n_shared_experts=shared, shared_mlp_dim=_first(src, ("shared_mlp_dim",)),
         moe_every=int(_first(cfg, ("moe_every",), _first(src, ("moe_every",), 1))),
         capacity_factor=float(_first(src, ("capacity_factor",), 1.0)) if capacity else 1.0,
-        dispatch="capacity" if capacity else "dropless", dropless_impl=str(getattr(src, "dropless_impl", "auto")))
+        dispatch=dispatch, dropless_impl=_first(src, ("dropless_impl",), "auto"))
 
 
 def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec | None = None) -> LMShape:
@@ -164,8 +170,10 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     for f in ("vocab_size", "d_model", "n_layers", "n_heads"):
         if getattr(cfg, f, None) is None:
             raise ValueError(f"config has no {f!r}; scaling.flops needs vocab_size, d_model, n_layers, n_heads")
-    if not cfg.n_heads >= 1:  # before d_model // n_heads; LMShape checks the rest
-        raise ValueError(f"LM shape: n_heads must be an int >= 1, got {cfg.n_heads!r}")
+    for f in ("n_heads", "n_layers"):  # before d_model // n_heads and (None,) * n_layers (a bare TypeError for 2.0)
+        v = getattr(cfg, f)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"LM shape: {f} must be an int >= 1, got {v!r}")
     L = cfg.n_layers
     kv = _first(cfg, ("kv_heads", "n_kv_heads"), cfg.n_heads)
     hd = _first(cfg, ("hd", "head_dim"), cfg.d_model // cfg.n_heads)
@@ -506,12 +514,25 @@ def chinchilla_flops(n_params: float, n_tokens: float) -> float:
     (a negative N gave a negative compute)."""
     from scaling.laws import _positive  # (scipy: not imported with scaling.flops)
 
-    _positive(n_params, "chinchilla_flops: n_params")
-    _positive(n_tokens, "chinchilla_flops: n_tokens")
+    for name, v in (("n_params", n_params), ("n_tokens", n_tokens)):  # _positive reads '1e9' as a number, 6 * did not
+        if isinstance(v, str | bytes):
+            raise ValueError(f"chinchilla_flops: {name} must be a number or an array, got {v!r}")
+        _positive(v, f"chinchilla_flops: {name}")
     return 6.0 * n_params * n_tokens
 
 
 # ---- MFU ----------------------------------------------------------------------------------------
+
+
+def _finite_number(v, above: bool) -> bool:
+    """Whether `v` (a number, numpy / jax scalar included) is finite and > 0 (`above`) or >= 0; a string, bool or None
+    is not (a string raised a bare TypeError, '>=' between str and int)."""
+    if isinstance(v, str | bytes | bool) or v is None:
+        return False
+    try:
+        return bool((v > 0 if above else v >= 0) and math.isfinite(v))
+    except (TypeError, ValueError):  # another object, or an array of several values (ambiguous truth)
+        return False
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_per_device: float) -> float:
@@ -522,11 +543,11 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_flops_
     HFU); peak_flops_per_device: FLOP/s per device, e.g. `scaling.hardware.peak_flops('h100', 'bf16')`.
     """
     for name, v in (("tokens_per_s", tokens_per_s), ("flops_per_token", flops_per_token)):
-        if not (v >= 0 and math.isfinite(v)):
-            raise ValueError(f"mfu: {name} must be finite and >= 0, got {v}")
+        if not _finite_number(v, above=False):
+            raise ValueError(f"mfu: {name} must be finite and >= 0, got {v!r}")
     _whole("mfu: n_devices", n_devices)
-    if not (peak_flops_per_device > 0 and math.isfinite(peak_flops_per_device)):  # inf: an MFU of 0, silently
-        raise ValueError(f"mfu: peak_flops_per_device must be finite and > 0 FLOP/s, got {peak_flops_per_device}")
+    if not _finite_number(peak_flops_per_device, above=True):  # inf: an MFU of 0, silently
+        raise ValueError(f"mfu: peak_flops_per_device must be finite and > 0 FLOP/s, got {peak_flops_per_device!r}")
     u = tokens_per_s * flops_per_token / (n_devices * peak_flops_per_device)
     if u > 1.0 + 1e-6:  # above the peak: a unit slip (TFLOP/s given for FLOP/s) or a per-device / global mix-up
         raise ValueError(f"mfu: {u:.3g} > 1, above the devices' peak; peak_flops_per_device is in FLOP/s (e.g. "

@@ -23,7 +23,7 @@ import math
 import numbers
 import re
 
-from scaling.flops import LMShape, param_counts, train_flops_per_token
+from scaling.flops import LMShape, _finite_number, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip, peak_dtype
 from scaling.laws import ALLOCATIONS
 from scaling.memory import REMAT_POLICIES, MemoryBreakdown, memory_per_device
@@ -39,8 +39,9 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     n_params is taken instead. Where none exists (at head_dim 128: ~2.4e8-6.3e8 parameters, 9-14 heads, and ~1.5e9-
     1.8e9, 19-20 heads) the closest shape keeps its count, and only tensor axes that divide it fit; a smaller
     head_dim gives more heads."""
-    if not (math.isfinite(n_params) and n_params > 0):
-        raise ValueError(f"n_params must be a finite number > 0, got {n_params}")
+    if not _finite_number(n_params, above=True):  # ('1e9' raised a bare TypeError, True planned 1 parameter)
+        raise ValueError(f"n_params must be a finite number > 0, got {n_params!r}")
+    n_params = float(n_params)  # a jax scalar made the size arithmetic below jax's (an int32 overflow)
     # (head_dim 0 raised a bare ZeroDivisionError, aspect 0 gave a 3780-layer shape 128 wide)
     _check_ints(head_dim=head_dim, aspect=aspect, mlp_multiple=mlp_multiple)
 

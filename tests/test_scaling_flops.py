@@ -7,6 +7,7 @@ body once, so models are compiled with scan_layers=False.
 """
 
 import dataclasses
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -453,6 +454,38 @@ def test_dit_accounting_matches_models_video(attention, latent, windows):
     assert dit_sampling_flops(cfg, L, steps=50) == 100 * dit_forward_flops(cfg, L)
 
 
+
+def test_dit_accounting_refuses_nonsense_naming_the_field_and_takes_numpy_ints():
+    """scaling.dit counted a negative or fractional caption length, batch or step count (-5 caption tokens: fewer
+    FLOPs; batch=-1: a negative count), cfg_guidance='no' as guided, a duck-typed shape with d_model=0 (16
+    parameters), n_layers=-1 (a negative count) or d_model % n_heads != 0 (head_dim floored), and n_heads=0 raised
+    a bare ZeroDivisionError; a sweep's numpy-int patch was refused."""
+    from scaling.dit import DiTShape, dit_saved_bytes_per_token
+
+    base = dict(latent_shape=(3, 8, 8), latent_channels=4, d_model=64, n_layers=2, n_heads=4, mlp_dim=96, text_dim=32,
+                time_freq_dim=32)
+    s = DiTShape(**base)
+    for call, match in [(lambda: dit_forward_flops(s, -5), "text_len must be an int >= 0, got -5"),
+                        (lambda: dit_forward_flops(s, 2.5), "text_len must be an int >= 0, got 2.5"),
+                        (lambda: dit_train_flops(s, 8, batch=-1), "batch must be an int >= 1, got -1"),
+                        (lambda: dit_sampling_flops(s, 8, steps=0), "steps must be an int >= 1, got 0"),
+                        (lambda: dit_sampling_flops(s, 8, steps=2.5), "steps must be an int >= 1"),
+                        (lambda: dit_sampling_flops(s, 8, steps=2, cfg_guidance="no"), "cfg_guidance must be True"),
+                        (lambda: dit_saved_bytes_per_token(s, "none", -8), "text_len must be an int >= 0"),
+                        (lambda: DiTShape(**{**base, "d_model": 0}), "DiTShape.d_model must be an int >= 1, got 0"),
+                        (lambda: DiTShape(**{**base, "n_layers": -1}), "DiTShape.n_layers must be an int >= 1"),
+                        (lambda: DiTShape(**{**base, "n_heads": 0}), "DiTShape.n_heads must be an int >= 1"),
+                        (lambda: DiTShape(**{**base, "d_model": 50}), "DiTShape.head_dim: d_model=50 is not divisible"),
+                        (lambda: DiTShape(**{**base, "latent_shape": (0, 8, 8)}), "DiTShape.latent_shape"),
+                        (lambda: DiTShape(**{**base, "qk_norm": "no"}), "DiTShape.qk_norm must be True or False")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    i = np.int64
+    sweep = DiTShape(**{**base, "patch": (i(1), i(2), i(2)), "d_model": i(64), "latent_shape": (i(3), 8, 8)})
+    assert sweep == s and type(sweep.d_model) is int and type(sweep.patch[1]) is int
+    assert dit_forward_flops(s, i(8), batch=i(2)) == 2 * dit_forward_flops(s, 8)
+    assert dit_sampling_flops(s, 0, steps=i(3), cfg_guidance=np.bool_(False)) == 3 * dit_forward_flops(s, 0)
+
 def test_mfu():
     assert mfu(1e5, 6e9, 8, 1e15) == pytest.approx(0.075)
     cfg = CONFIGS[0]
@@ -547,6 +580,33 @@ def test_mfu_chinchilla_and_moe_spec_refuse_nonsense_naming_the_field():
     np.testing.assert_array_equal(chinchilla_flops(np.array([1e9, 2e9]), 1e12), [6e21, 1.2e22])
 
 
+
+def test_non_numbers_are_named_not_a_bare_type_error():
+    """mfu('1e5', ...) raised "'>=' not supported between 'str' and 'int'", chinchilla_flops('1e9', D) "can't multiply
+    sequence by non-int" (its check read the string as a number), a duck-typed n_layers=2.0 "can't multiply sequence"
+    and a fractional mlp_dim gave float parameter counts (1504.0)."""
+    import jax.numpy as jnp
+
+    from scaling.flops import chinchilla_flops
+
+    cfg = dict(vocab_size=10, d_model=8, n_layers=2, n_heads=2, mlp_dim=16)
+    for call, match in [(lambda: mfu("1e5", 6e9, 8, 1e15), "mfu: tokens_per_s must be finite and >= 0, got '1e5'"),
+                        (lambda: mfu(1e5, None, 8, 1e15), "mfu: flops_per_token must be finite and >= 0, got None"),
+                        (lambda: mfu(np.ones(2), 6e9, 8, 1e15), "mfu: tokens_per_s"),
+                        (lambda: mfu(1e5, 6e9, 8, "1e15"), "mfu: peak_flops_per_device must be finite and > 0"),
+                        (lambda: chinchilla_flops("1e9", 1e10), "chinchilla_flops: n_params must be a number"),
+                        (lambda: chinchilla_flops(1e9, "2e10"), "chinchilla_flops: n_tokens must be a number"),
+                        (lambda: param_counts(SimpleNamespace(**{**cfg, "n_layers": 2.0})),
+                         "LM shape: n_layers must be an int >= 1, got 2.0"),
+                        (lambda: param_counts(SimpleNamespace(**{**cfg, "mlp_dim": 16.5})),
+                         "LM shape: mlp_dim must be an int >= 0, got 16.5")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    # numbers of any kind are taken as before: numpy and jax scalars, 0-d arrays
+    assert mfu(np.array(1e5), jnp.float32(6e9), np.int64(8), np.float64(1e15)) == pytest.approx(0.075)
+    assert param_counts(SimpleNamespace(**{**cfg, "mlp_dim": np.int64(16), "n_layers": np.int32(2)})).total == \
+        param_counts(SimpleNamespace(**cfg)).total
+
 def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():
     """With experts sharded, dropless runs as capacity buffers with C = T (models.moe): E rows per token, not K.
     Without `expert_shards` the executed count was 1/3 of XLA's here."""
@@ -568,6 +628,30 @@ def test_dropless_moe_on_an_expert_sharded_mesh_counts_the_rows_it_runs():
     # sorted dropless: K rows per token (this compared a per-token count with the batch's, so it could not fail)
     assert train_flops_per_token(cfg, T, kernel="executed") * B * T < 0.5 * ours
 
+
+
+def test_a_misspelt_moe_dispatch_or_dropless_impl_is_named_not_counted_as_another():
+    """MoESpec took any dropless_impl: 'capcity' was read as an explicit sorted kernel, K rows per token where the C = T
+    buffers run E on an expert mesh (0.37x the executed FLOPs here) and every expert counted as gathered onto each
+    device; a duck-typed config's dispatch='capcity' was read as dropless, its capacity factor dropped."""
+    from types import SimpleNamespace
+
+    from models.moe_dispatch import DROPLESS_IMPLS
+    from scaling.flops import DROPLESS_IMPLS as COUNTED
+
+    assert COUNTED == DROPLESS_IMPLS  # every kernel models.moe runs is counted, and nothing else
+    for impl in DROPLESS_IMPLS:
+        MoESpec(8, 2, 64, dispatch="dropless", dropless_impl=impl)
+    for impl in ("capcity", "Auto", None):
+        with pytest.raises(ValueError, match=f"MoESpec.dropless_impl must be one of .*, got {impl!r}"):
+            MoESpec(8, 2, 64, dispatch="dropless", dropless_impl=impl)
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, n_experts=8, top_k=2)
+    with pytest.raises(ValueError, match="MoESpec.dispatch must be 'capacity' or 'dropless', got 'capcity'"):
+        lm_shape(SimpleNamespace(**base, dispatch="capcity", capacity_factor=1.25))
+    # spelt right, a duck-typed config is read as before (no dispatch: capacity)
+    assert lm_shape(SimpleNamespace(**base, capacity_factor=1.25)).moe.capacity_factor == 1.25
+    got = lm_shape(SimpleNamespace(**base, dispatch="dropless", dropless_impl="dense")).moe
+    assert (got.dispatch, got.dropless_impl, got.capacity_factor) == ("dropless", "dense", 1.0)
 
 def test_accounting_inputs_are_checked():
     """A user study's list: a string seq_len was taken, seq_len 0 blamed an internal function's `block`, an int dtype

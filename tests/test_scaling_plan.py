@@ -422,3 +422,12 @@ def test_suggest_shape_names_a_width_that_is_not_a_positive_int(field):
     for bad in (0, -128, 64.5):
         with pytest.raises(ValueError, match=f"{field} must be an int >= 1, got {bad}"):
             suggest_shape(1e9, **{field: bad})
+
+
+def test_suggest_shape_names_a_size_that_is_not_a_number():
+    """suggest_shape('1e9') raised a bare TypeError ('must be real number, not str'), True planned a 1-parameter
+    model; numpy numbers are taken."""
+    for bad in ("1e9", True, None):
+        with pytest.raises(ValueError, match=re.escape(f"n_params must be a finite number > 0, got {bad!r}")):
+            suggest_shape(bad)
+    assert suggest_shape(np.float32(7e9)) == suggest_shape(np.array(7e9)) == suggest_shape(7e9)
