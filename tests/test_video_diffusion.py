@@ -220,6 +220,17 @@ def test_samplers_take_numpy_step_counts_and_refuse_zero():
         euler_sample(pred, noise, 0)
 
 
+def test_samplers_take_bf16_noise_integrate_in_float32_and_return_its_dtype():
+    """bf16 noise (a bf16 model's latents) failed in both samplers with a bare scan TypeError ('carry input and carry
+    output must have equal types'): the float32 time grid promoted the bf16 carry. They integrate in float32 and
+    return the noise's dtype."""
+    noise, pred = NOISE[:8].astype(jnp.bfloat16), lambda x, t: -x
+    for cfg in (DiffusionConfig(), DiffusionConfig(kind="ddpm"), DiffusionConfig(kind="ddpm", prediction="v")):
+        got = sample(pred, noise, cfg, 4)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got, sample(pred, noise.astype(jnp.float32), cfg, 4).astype(jnp.bfloat16))
+
+
 def test_ddim_sample_takes_none_steps_as_the_config_s():
     """steps=None passed ddim_sample's check, whose message offers 'None: cfg.sample_steps', then failed building the
     grid ('unsupported operand type(s) for +: NoneType and int'); it is cfg.sample_steps, as in `sample`."""

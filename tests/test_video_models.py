@@ -717,6 +717,18 @@ def test_text_encoder_is_bidirectional_and_ignores_padding():
 
 
 
+def test_text_encoder_and_generate_take_lists_of_ids_as_the_lm_does():
+    """check_token_ids reads lists of ids (the LM takes them); TextEncoder and generate read `tokens.shape` before it:
+    an AttributeError ('list' object has no attribute 'shape') naming nothing."""
+    from models.video import TextToVideo, generate
+
+    model = TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT, align=None), rngs=nnx.Rngs(0))
+    ids, null = [[2, 4, 8, 3, 11, 0, 0, 0]], [1, 0, 0, 0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(model.text(ids).tokens_BLE, model.text(jnp.asarray(ids)).tokens_BLE)
+    np.testing.assert_array_equal(generate(model, ids, null, jax.random.key(0), 2.0, steps=1),
+                                  generate(model, jnp.asarray(ids), null, jax.random.key(0), 2.0, steps=1))
+
+
 def test_text_encoder_names_the_field_and_fix_for_captions_past_max_seq_len():
     """Captions of 1 token encode; 9 tokens on max_seq_len=8 were refused naming neither the config field nor a fix."""
     enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))

@@ -109,7 +109,15 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
         v = pred_fn(x, jnp.full((x.shape[0],), t, jnp.float32))
         return x + (t_next - t) * v.astype(x.dtype), None
 
-    return jax.lax.scan(step, noise, jnp.arange(steps))[0]
+    return _integrate(step, noise, steps)
+
+
+def _integrate(step, noise, steps: int):
+    """`steps` sampler steps from `noise`, in float32 at least, returned in the noise's dtype: bf16 noise was a bf16
+    carry that the float32 time grid promoted, a bare scan carry-type TypeError (and bf16 steps round at each step)."""
+    dtype = jnp.result_type(noise)  # a float64 numpy array: float32, as jax reads it with x64 off
+    x = jnp.asarray(noise, jnp.promote_types(dtype, jnp.float32))
+    return jax.lax.scan(step, x, jnp.arange(steps))[0].astype(dtype)
 
 
 def _shift_ok(shift) -> bool:
@@ -156,7 +164,7 @@ def ddim_sample(pred_fn: PredFn, noise, steps: int | None, cfg: DiffusionConfig)
             x0, eps = a * x - b * p, b * x + a * p
         return jnp.sqrt(ab_next) * x0 + jnp.sqrt(1 - ab_next) * eps, None
 
-    return jax.lax.scan(step, noise, jnp.arange(steps))[0]
+    return _integrate(step, noise, steps)
 
 
 def sample(pred_fn: PredFn, noise, cfg: DiffusionConfig, steps: int | None = None):

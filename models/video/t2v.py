@@ -50,18 +50,19 @@ def _check_key_and_null(key, null_L, where: str, tokens_BL, vocab_size: int) -> 
     # is named as such, not as a swap
     if (why := key_error(key, "; were key and null_L swapped?")) is not None:
         raise TypeError(f"{where}: key must be a PRNG key (jax.random.key(0)), {why}")
-    if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or jnp.ndim(null_L) != 1:
+    # np.ndim / np.shape: they read lists of ids (as generate takes them) without jax's deprecation of list inputs
+    if not jnp.issubdtype(getattr(null_L, "dtype", jnp.asarray(null_L).dtype), jnp.integer) or np.ndim(null_L) != 1:
         raise TypeError(f"{where}: null_L must be the null caption's token ids [L] (data.moving_shapes.null_tokens), "
-                        f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(jnp.shape(null_L))}")
+                        f"got {getattr(null_L, 'dtype', type(null_L).__name__)}{list(np.shape(null_L))}")
     # under jit the text encoder cannot check the ids it embeds, and an id past the vocabulary embeds as NaN: every
     # dropped caption (and every guided sample) was NaN; the null caption is usually a constant, checked here
     check_token_ids(null_L, vocab_size, f"{where}: null_L (the null caption)")
-    if jnp.ndim(tokens_BL) != 2:
+    if np.ndim(tokens_BL) != 2:
         raise ValueError(f"{where}: captions must be a batch of token ids [B, L], got shape "
-                         f"{list(jnp.shape(tokens_BL))}; one caption is tokens[None]")
-    if jnp.shape(null_L)[0] != jnp.shape(tokens_BL)[1]:
-        raise ValueError(f"{where}: null_L has {jnp.shape(null_L)[0]} tokens, the captions "
-                         f"{jnp.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
+                         f"{list(np.shape(tokens_BL))}; one caption is tokens[None]")
+    if np.shape(null_L)[0] != np.shape(tokens_BL)[1]:
+        raise ValueError(f"{where}: null_L has {np.shape(null_L)[0]} tokens, the captions "
+                         f"{np.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
 
 
 def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
@@ -99,6 +100,7 @@ def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0,
     if concrete and not math.isfinite(float(cfg_scale)):  # NaN latents (all-black videos), silently, otherwise
         raise ValueError(f"generate: cfg_scale={cfg_scale} must be a finite number (1.0: no guidance)")
     cfg = model.cfg
+    tokens_BL = check_token_ids(tokens_BL, cfg.text.vocab_size, "generate: tokens_BL")  # a list failed at `.shape`
     B = tokens_BL.shape[0]
     cond = model.text(tokens_BL)
     uncond = model.text(jnp.broadcast_to(jnp.asarray(null_L, tokens_BL.dtype), tokens_BL.shape))

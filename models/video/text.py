@@ -66,6 +66,8 @@ class TextEncoder(nnx.Module):
 
     def __call__(self, tokens_BL) -> TextOut:
         cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        # first: it reads lists of ids as the LM does (they failed at `.shape`); out-of-range ids would gather NaN rows
+        tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)
         if jnp.ndim(tokens_BL) != 2:
             raise ValueError(f"TextEncoder: tokens must be a batch [B, L], got shape {list(jnp.shape(tokens_BL))}; one "
                              "caption is tokens[None]")
@@ -73,7 +75,6 @@ class TextEncoder(nnx.Module):
         if L == 0:  # failed inside the attention kernel ('zero-size array to reduction operation max')
             raise ValueError("TextEncoder: captions of 0 tokens; pad them to at least one (the null caption is "
                              "data.moving_shapes.null_tokens)")
-        tokens_BL = check_token_ids(tokens_BL, cfg.vocab_size)  # out-of-range ids would gather NaN rows
         if L > cfg.max_seq_len:
             raise ValueError(f"captions of {L} tokens exceed the text encoder's TransformerConfig.max_seq_len="
                              f"{cfg.max_seq_len} (TextToVideoConfig.text): truncate the captions to {cfg.max_seq_len} "
