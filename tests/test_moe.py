@@ -844,3 +844,33 @@ def test_z_loss_gradient_reaches_the_router_as_its_formula():
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     want = 2 / len(xs) * xs.T @ (lse[:, None] * np.exp(logits - lse[:, None]))
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_lb_loss_gradient_reaches_the_router_as_its_float64_finite_difference(router):
+    """aux['lb_loss'] = E · Σ_e f_e · P_e trains the router through P_e (mean of the per-token normalised scores) only;
+    f_e (the routing counts) is piecewise constant. Against central differences of the float64 formula in the
+    router weights, the selection held fixed. Only the sigmoid gradient's finiteness was tested: the softmax
+    router's balancing loss read through stop_gradient (no balancing at all, the layer free to collapse) passed the
+    other 51 tests."""
+    cfg = dataclasses.replace(CFG, router=router)
+    m, x = make(cfg), tokens(B=2, T=6)
+    graphdef, state = nnx.split(m)
+    g = jax.jit(jax.grad(lambda st: nnx.merge(graphdef, st)(x)[1]["lb_loss"]))(state)["router"][...]
+    xs = np.asarray(x, np.float64).reshape(-1, D)
+    sel = np.asarray(route(jnp.asarray(x.reshape(-1, D) @ m.router[...]), m.router_bias[...], cfg.top_k, router)[1])
+    f = np.bincount(sel.reshape(-1), minlength=cfg.n_experts) / sel.size
+
+    def lb(w):
+        logits = xs @ w
+        s = np.exp(logits - logits.max(-1, keepdims=True)) if router == "softmax" else 1 / (1 + np.exp(-logits))
+        return cfg.n_experts * np.sum(f * (s / s.sum(-1, keepdims=True)).mean(0))
+
+    w0, eps = np.asarray(m.router[...], np.float64), 1e-6
+    want = np.zeros_like(w0)
+    for i in np.ndindex(w0.shape):
+        step = np.zeros_like(w0)
+        step[i] = eps
+        want[i] = (lb(w0 + step) - lb(w0 - step)) / (2 * eps)
+    assert np.abs(want).max() > 1e-2  # the routing is unbalanced: a real gradient to match
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
