@@ -124,7 +124,7 @@ def main(argv=None):
             if not cells:
                 continue
             fmt = lambda r: f"{r['seconds']:.2f} s / {r['peak_gb']:.2f} GB" if r["seconds"] is not None \
-                else f"not run ({r['peak_gb']:.0f} GB)"
+                else f"not run ({r['peak_gb']:.2f} GB)"  # as precise as a run cell: '.0f' printed 0.06 GB as 0
             print(f"| {w} | {name} | " + " | ".join(fmt(r) for r in cells) + " |")
     for w in args.windows:
         t = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "swa_blocked"}

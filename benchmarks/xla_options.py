@@ -78,6 +78,13 @@ def main(argv=None):
     ap.add_argument("--seq", type=at_least(1), default=256)
     args = ap.parse_args(argv)
     sets = {"default": {}} | dict(args.option or map(option_set, DEFAULT_SETS))
+    for name, opts in sets.items():
+        # XLA checks option names and values only when it compiles: a bad one failed after the train step had been
+        # lowered and compiled with the defaults, naming no flag; a scalar program checks them in ~0.1 s
+        try:
+            jax.jit(lambda x: x + 1).lower(0.0).compile(compiler_options=opts or None)
+        except jax.errors.JaxRuntimeError as e:
+            ap.error(f"argument --option: {name}: {e}")
     for prog, (lowered, xs) in programs(args.batch, args.seq).items():
         calls = {}
         for name, opts in tqdm(sets.items(), desc=f"{prog}: compile"):

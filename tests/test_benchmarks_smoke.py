@@ -112,6 +112,12 @@ def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
     # the results are keyed by count: '4,8,4' timed and reported L=4 once
     ("benchmarks.scan_residuals", "interleaved", ["--layers", "4,8,4"], "argument --layers: '4,8,4' repeats a layer "
      "count; list each once"),
+    # XLA reads the options only when it compiles: a JaxRuntimeError naming no flag, after the default train step had
+    # been lowered and compiled (33 s at --batch 1 --seq 16 on the loaded 2-core machine)
+    ("benchmarks.xla_options", "programs", ["--option", "xla_cpu_no_such_option=true"], "argument --option: "
+     "xla_cpu_no_such_option=true: INVALID_ARGUMENT: No such compile option: 'xla_cpu_no_such_option'"),
+    ("benchmarks.xla_options", "programs", ["--option", "xla_cpu_use_onednn=maybe"], "argument --option: "
+     "xla_cpu_use_onednn=maybe: INVALID_ARGUMENT: While setting option xla_cpu_use_onednn, 'maybe' is not a valid"),
 ])
 def test_bad_values_are_refused_before_the_benchmark_runs(module, work, argv, message, monkeypatch, capsys):
     import importlib
@@ -227,6 +233,47 @@ def test_ckpt_overhead_demo_reads_the_target_record_its_checkpoint_kept(tmp_path
     json.dumps(row)
 
 
+def test_ckpt_overhead_counts_a_write_still_running_after_its_chunk(monkeypatch):
+    """A save whose write outlasts its chunk (measured: --chunk 1, writes running 0.09-0.24 s past it) slowed the next
+    chunk, the 'without' one in half the pairs, or ran in the untimed wait between pairs: --chunk 1 --pairs 2 read
+    -0.02 s per save (-0.09 %). A one-core clock: a pending write delays the next step; each save costs 0.1 + 2 s."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    jax.devices()  # (the backend is up: the import's device-count setting must leave it alone)
+    from benchmarks import ckpt_overhead
+
+    clock = types.SimpleNamespace(now=0.0, pending=0.0)
+
+    def run_pending():
+        clock.now, clock.pending = clock.now + clock.pending, 0.0
+
+    class FakeCheckpoints:
+        def __init__(self, *a, **k):
+            pass
+
+        def save(self, *a):
+            clock.now, clock.pending = clock.now + 0.1, 2.0
+
+        wait = close = lambda self: run_pending()
+
+    def step(state, batch):
+        run_pending()
+        clock.now += 1.0
+        return state, {"loss": jnp.zeros(())}
+
+    monkeypatch.setattr(ckpt_overhead, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr("experiments.checkpoint.Checkpoints", FakeCheckpoints)
+    monkeypatch.setattr("experiments.train_lm.init_state", lambda cfg, mesh: (None, None, None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr("experiments.lm_step.make_state_step", lambda *a: step)
+    from experiments.config import preset
+
+    row, _ = ckpt_overhead.overhead(preset("demo"), 2, 1, None)
+    assert row["extra_s_per_save"] == pytest.approx(2.1) and row["step_s"] == pytest.approx(1.0)
+
+
 def test_video_bench_checks_its_run_before_the_timed_benchmarks(tmp_path, monkeypatch, capsys):
     """A `--preset tiny` run given as --run (its VAE is not the default preset's) failed only after the train-step
     and sampling benchmarks had run (about 2 minutes on 2 cores), with a CheckpointMismatch traceback pointing at
@@ -309,6 +356,17 @@ def test_bad_flags_are_refused_before_any_work(module, argv, message, tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(module).main([a.format(**fill) for a in argv])
     assert exit_info.value.code == 2 and message.format(**fill) in capsys.readouterr().err
+
+
+def test_swa_prints_the_footprint_of_a_kernel_it_did_not_run(monkeypatch, capsys):
+    """A kernel over --dense-max is compiled, not run, and reported with its compiled footprint: rounded to whole GB,
+    a short run's 0.06 GB read 'not run (0 GB)' beside cells of '0.06 GB'."""
+    from benchmarks import swa
+
+    monkeypatch.setattr(swa, "measure", lambda fn, T, reps, max_gb: (None, 0.06) if max_gb == 0 else (0.01, 0.02))
+    swa.main(["--lengths", "512", "1024", "--windows", "128", "--dense-max", "512"])
+    out = capsys.readouterr().out
+    assert "| 128 | dense_masked | 0.01 s / 0.02 GB | not run (0.06 GB) |" in out
 
 
 def test_a_results_file_survives_a_dump_that_fails(tmp_path):
