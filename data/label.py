@@ -30,10 +30,10 @@ REPETITION_FAMILIES = (("top_{n}gram", "top_ngram_max"), ("dup_{n}gram", "dup_ng
 # "lemma," count); anything else (CJK, punctuation such as "self.") matches as a substring, and a keyword that
 # starts with a newline matches at the start of a line, after its indentation ("\nimport " is a statement,
 # "import tariffs" mid-sentence is not). A substring keyword that starts with a letter starts a word ("self." is
-# not in "himself."). Counting is one word count plus a few `str.count` scans (and a regex confirming those), so
-# it costs far less than a regex per tag. `docs` means API documentation: docstring sections and field lists, not
-# the English words they use ("returns", "default" and "raises" are finance news as often). A CJK keyword needs no
-# word start: Chinese has no spaces ("勾股定理" holds "定理").
+# not in "himself." nor "my_self.", but is in "调用self.fit()"). Counting is one word count plus a few `str.count`
+# scans (and a regex confirming those), so it costs far less than a regex per tag. `docs` means API documentation:
+# docstring sections and field lists, not the English words they use ("returns", "default" and "raises" are finance
+# news as often). A CJK keyword needs no word start: Chinese has no spaces ("勾股定理" holds "定理").
 DEFAULT_DOMAINS = (
     ("code", ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nreturn ", "self.", "#include", "=>", "function(",
               "();", "\nelif ")),
@@ -84,7 +84,7 @@ class LabelConfig:
             raise ValueError(f"LabelConfig.min_hits_per_1k_words={self.min_hits_per_1k_words} must be >= 0 "
                              "(0: min_hits alone decides)")
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
-                       tuple((k.lower(), re.compile(rf"(?<!\w){re.escape(k.lower())}")
+                       tuple((k.lower(), re.compile(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(k.lower())}")
                               if k[:1].isalnum() and not _CJK_START.match(k) else None)
                              for k in kws if not _PLAIN_WORD.fullmatch(k)))
                       for tag, kws in self.domains)
@@ -95,6 +95,8 @@ _PLAIN_WORD = re.compile(r"[a-z0-9]+", re.I)
 _CJK_START = re.compile(rf"[{CJK_RANGES}]")
 # letters and digits of one script run; CJK characters split runs ("定理theorem" holds "theorem")
 _WORD_PART = re.compile(rf"[^\W_{CJK_RANGES}]+")
+# what a latin keyword must not follow to start a word: '_' joins identifiers ("my_self."), CJK characters do not
+_LATIN_WORD_CHAR = rf"[^\W{CJK_RANGES}]"
 _DEFAULT_QUALITY = QualityConfig()
 _DEFAULT_LABEL = LabelConfig()
 

@@ -213,7 +213,9 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     on both axes; the renderer draws >= MovingShapesConfig.speed[0], 1.25 by default: lower it for slower configs).
 
     Foreground: pixels whose brightest channel exceeds rel_threshold × the clip's peak (at least
-    min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum. A frame shows the
+    min_threshold, in [0, 1] units), so dim or soft-edged generations are cut at half maximum (the renderer's dimmest
+    object, green, peaks at 0.9 × (1 - MovingShapesConfig.colour_jitter): lower min_threshold for a jitter over 0.7,
+    or the dimmest clean clips read as no object). A frame shows the
     object where at least 3 of its pixels are foreground, unless they reach all four edges and cover more than
     max_area of it (a uniform wash, e.g. a collapsed generator's grey: no drawn object reaches two opposite edges),
     and a clip where at least 2 frames do.
@@ -223,7 +225,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     upwards (mean row width of the top third / bottom third of its bounding box < triangle_taper, ~0.2
     drawn, ~0.4 decoded), otherwise the fill ratio (area / bounding box) tells square (1) from circle
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
-    loses its corners first (~0.91 after the VAE).
+    loses its corners first (~0.91 after the VAE). Objects under ~9 px are too coarse for it: a rasterised circle of
+    5-6 px fills up to 0.9 of its box and reads as a square (14% of clean circles of the 'tiny' preset's 5-6 px).
 
     value_range: the clips' (black, white), e.g. (0, 1) for frames / 255; None: (-1, 1), refused for a batch with no
     pixel below 0 (frames in [0, 1] read with [-1, 1]'s black at 0.5 as a wash: every clip 'no object') unless it is
@@ -321,5 +324,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
 
 
 def chance(attribute: str) -> float:
-    """Accuracy of guessing one attribute uniformly at random."""
-    return 1.0 / {"colour": len(COLOURS), "shape": len(SHAPES), "direction": len(DIRECTIONS)}[attribute]
+    """Accuracy of guessing one attribute uniformly at random (1 / its number of values, whatever the label mix)."""
+    sizes = {"colour": len(COLOURS), "shape": len(SHAPES), "direction": len(DIRECTIONS)}
+    if attribute not in sizes:  # 'color' was a bare KeyError
+        raise ValueError(f"chance: attribute={attribute!r} must be one of {tuple(sizes)}")
+    return 1.0 / sizes[attribute]

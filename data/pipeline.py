@@ -81,7 +81,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # Thai 'สมการ' in 'แก้สมการนี้'), and not inside a word that goes on in a combining mark ('गणित' in 'गणितीय'); 13 = an
 # accented letter before a closing mark and Spanish ¡ / ¿ ("está…¡") is not repaired as mojibake nor counted as it,
 # normalisation deletes the Arabic letter mark U+061C (a bidi control), language ID judges text's NFKC folding
-# (full-width English kept by form="NFC" was zh).
+# (full-width English kept by form="NFC" was zh), a domain keyword starting with a letter counts right after CJK
+# text ("调用self.fit()").
 OUTPUT_VERSION = 13
 
 

@@ -28,7 +28,8 @@ def zh_text(rng: np.random.Generator, n_chars: int = 240, sentence: int = 16) ->
 
 
 def documents(n: int, seed: int = 0, zh_fraction: float = 0.3) -> list[dict]:
-    """`n` clean documents, about `zh_fraction` of them Chinese, with `id` and `lang` metadata."""
+    """`n` clean documents, about `zh_fraction` of them Chinese, with `id` and `lang_true` metadata (the language
+    they were written in, to check language ID against)."""
     if not 0 <= zh_fraction <= 1:
         raise ValueError(f"zh_fraction={zh_fraction} must be a fraction in [0, 1]")
     rng = np.random.default_rng(check_seed(seed, "documents seed"))  # seed=True ran as 1

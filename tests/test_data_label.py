@@ -43,6 +43,15 @@ def test_cjk_keywords_count_inside_running_chinese_text():
     assert domain_tags("The farmer saw himself. He hid itself. She found herself.") == []  # latin: still whole
 
 
+def test_latin_keywords_right_after_chinese_text_start_a_word():
+    """CJK characters split words for plain keywords ('定理theorem' holds 'theorem'), but a substring keyword starting
+    with a letter had to follow a non-word character, and CJK characters are word characters: 'self.' and
+    'function(' after '调用' ('调用self.fit()', common in Chinese tutorials) never counted. Latin and '_' still join."""
+    tutorial = "我们调用self.fit()训练模型，然后用self.predict()预测，最后调用function(x)。"
+    assert "code" in domain_tags(tutorial)
+    assert domain_tags("模型my_self.fit()和his_self.x，还有herself.") == []
+
+
 def test_prose_is_neither_code_nor_docs_and_gets_no_glossary():
     """'self.' matched inside 'himself.', and 'returns', 'raises', 'default' made bond-market news API docs: both
     then had Python glossary definitions appended by the augmentation stage."""

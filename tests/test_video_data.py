@@ -19,6 +19,7 @@ from data.moving_shapes import (
     chance,
     dataset,
     encode_caption,
+    labels_of,
     measure,
 )
 
@@ -78,6 +79,18 @@ def test_measure_reads_back_every_attribute():
         assert abs((found[attr] == wrong).mean() - chance(attr)) < 0.1, attr
     # an empty clip has no object to read
     assert measure(-np.ones((1, 9, 32, 32, 3), np.float32))["colour"][0] == -1
+
+
+def test_chance_is_uniform_guessing_and_names_an_unknown_attribute():
+    """Uniform guessing scores 1/K whatever the label mix (checked on the held-out split, whose shapes are uneven);
+    chance('color'), the American spelling, was a bare KeyError."""
+    held = [labels_of(c) for c in CFG.split_combos("heldout")]
+    for i, (attr, k) in enumerate((("colour", len(COLOURS)), ("shape", len(SHAPES)), ("direction", len(DIRECTIONS)))):
+        labels = np.asarray([h[i] for h in held])
+        expected = np.mean([(labels == g).mean() for g in range(k)])  # the mean over every guess
+        assert chance(attr) == pytest.approx(expected) == pytest.approx(1 / k), attr
+    with pytest.raises(ValueError, match=r"chance: attribute='color' must be one of \('colour', 'shape', "):
+        chance("color")
 
 
 def test_captions_and_config_errors():
