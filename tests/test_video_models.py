@@ -426,6 +426,10 @@ def test_rope_needs_a_channel_pair_per_axis():
     with pytest.raises(ValueError, match=r"DiTConfig.rope_split: \(0, 8, 8\) leaves axis t"):
         dataclasses.replace(DIT, rope_split=(0, 8, 8))
     assert dataclasses.replace(DIT, latent_shape=(1, 8, 8), rope_split=(0, 8, 8)).rope_dims == (0, 8, 8)  # one frame
+    # two sizes left w unrotated (the DiT equivariant to permuting columns), four failed with an IndexError in the call
+    for split in ((8, 8), (4, 4, 4, 4)):
+        with pytest.raises(ValueError, match=rf"DiTConfig.rope_split: {re.escape(str(split))} must be three even"):
+            dataclasses.replace(DIT, rope_split=split)
     for d_model, n_heads in ((20, 4), (8, 2)):  # head dims 5 (odd) and 4 (no pair for h)
         with pytest.raises(ValueError, match=f"AlignConfig.n_heads: head dim d_model={d_model} / n_heads={n_heads}"):
             AlignConfig(d_model=d_model, n_heads=n_heads)

@@ -245,7 +245,8 @@ class DiTConfig:
              f"head_dim={self.hd}{src} gives RoPE split {split}, but 3D RoPE needs an even head dim with a "
              f"channel pair for every axis of grid {self.grid}; use an even head_dim >= 6 (fewer heads or a wider "
              "d_model) or set rope_split")
-        need(sum(split) == self.hd and all(d >= 0 and d % 2 == 0 for d in split), "rope_split",
+        # two sizes left w unrotated (no position along it), a fourth indexed an axis the grid does not have
+        need(len(split) == 3 and sum(split) == self.hd and all(d >= 0 and d % 2 == 0 for d in split), "rope_split",
              f"{split} must be three even numbers summing to head_dim={self.hd}")
         need(not bare, "rope_split", f"{split} leaves axis {bare} (grid {self.grid}) without a rotation pair; "
              "give every axis longer than 1 at least 2 channels")
