@@ -55,7 +55,9 @@ def _key_windows_fwd(x_BQC, nk):
 def _key_windows_bwd(nk, _, g_BQS):
     acc = jnp.promote_types(g_BQS.dtype, jnp.float32)
     B, Q, S = g_BQS.shape[:3]
-    _, vjp = jax.vjp(lambda x: _windows(x, nk, 0), jnp.zeros((B, Q, S // nk) + g_BQS.shape[3:], acc))
+    # zeros_like of g's first C slots, not jnp.zeros: the primal must vary over the manual mesh axes g varies over
+    # (inside gpipe's shard_map over `stage`, jax.vjp refused a g typed float32[...]{V:stage} for an unvarying primal)
+    _, vjp = jax.vjp(lambda x: _windows(x, nk, 0), jnp.zeros_like(g_BQS[:, :, :S // nk], acc))
     return (vjp(g_BQS.astype(acc))[0].astype(g_BQS.dtype),)
 
 

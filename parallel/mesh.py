@@ -8,6 +8,7 @@ factors cross slice (or node) boundaries.
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 
@@ -86,6 +87,14 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None,
     devices = list(np.asarray(devices, dtype=object).flat) if devices is not None else jax.devices()
     if not devices:
         raise ValueError("make_mesh: devices is empty; pass the devices to span (default: jax.devices())")
+    # both built a mesh: device ids failed in jax naming no argument ("'int' object has no attribute 'device_kind'"),
+    # a device listed twice at the first device_put, in a bare AssertionError
+    if not_devices := [d for d in devices if not isinstance(d, jax.Device)]:
+        raise ValueError(f"make_mesh: devices holds {type(not_devices[0]).__name__} {not_devices[0]!r}, not a jax "
+                         "Device; pass jax.devices() or some of them (by id: [jax.devices()[i] for i in ids])")
+    if len(set(devices)) < len(devices):
+        twice = sorted(d.id for d, n in collections.Counter(devices).items() if n > 1)
+        raise ValueError(f"make_mesh: devices lists {twice} more than once (by id); a mesh holds each device once")
     if not dcn:
         shape = _fill(dict(shape or {"data": -1}), len(devices), "devices")
         names = tuple(a for a in AXES if a in shape)

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel.rules import _check_overrides, current_rules, logical_to_spec
+from parallel.rules import _check_mesh, _check_overrides, _mesh_axes, current_rules, logical_to_spec
 
 
 def logical_shardings(abstract_state, mesh, rules=None):
@@ -31,8 +31,15 @@ def logical_shardings(abstract_state, mesh, rules=None):
         if unknown := sorted(set(rules) - set(current_rules()) - used):
             raise ValueError(f"rules: no logical axis {unknown} in the rules table or on this state's variables "
                              f"(theirs: {sorted(used)}); a name nothing carries would change nothing")
-    return jax.tree.map(lambda v: NamedSharding(mesh, _trimmed(logical_to_spec(names_of(v), mesh, v.shape, rules))),
-                        abstract_state, is_leaf=is_var)
+    _check_mesh(mesh, _mesh_axes(mesh))  # about the mesh, not the first variable: named as such below
+
+    def place(path, v):
+        try:
+            return NamedSharding(mesh, _trimmed(logical_to_spec(names_of(v), mesh, v.shape, rules)))
+        except ValueError as e:  # "dimension 'mlp' of size 10" alone left the weight to guess (dense or expert)
+            raise ValueError(f"state{jax.tree_util.keystr(path)}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(place, abstract_state, is_leaf=is_var)
 
 
 def _trimmed(spec: P) -> P:

@@ -584,6 +584,45 @@ def test_parallel_helpers_name_their_misuse():
             jax.jit(lambda p, t: nnx.merge(gd, p)(t))(p, tok)
 
 
+def test_make_mesh_names_devices_given_twice_or_that_are_no_devices():
+    """make_mesh({'data': 2}, devices=[d0, d0]) built a mesh, and its first use failed in jax's device_put with a bare
+    AssertionError; device ids ([0, 1, 2, 3]) failed with "'int' object has no attribute 'device_kind'"."""
+    d = jax.devices()
+    with pytest.raises(ValueError, match=r"make_mesh: devices lists \[0, 1\] more than once"):
+        make_mesh({"data": 2, "fsdp": 4}, devices=d[:2] * 2 + d[2:6])
+    with pytest.raises(ValueError, match=r"make_mesh: devices holds int 0, not a jax Device; .*jax.devices\(\)\[i\]"):
+        make_mesh({"data": 4}, devices=[0, 1, 2, 3])
+
+
+def test_a_variable_the_rules_cannot_place_is_named_by_its_path():
+    """logical_shardings' refusals named a logical dimension but not the variable: in an MoE model whose
+    expert_mlp_dim the tensor axis does not divide, "dimension 'mlp' of size 10 ... use a config mlp_dim (an MoE's
+    moe.expert_mlp_dim / shared_mlp_dim)" left the weight to guess, and a module's names of the wrong length
+    ("1 names ('embed',) for a shape of 2 dims") pointed at no parameter."""
+    from flax import nnx
+
+    from models import Transformer
+    from models.moe import MoEConfig
+    from parallel import abstract_sharded
+
+    moe = dataclasses.replace(CFG, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=10), moe_every=2)
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    with pytest.raises(ValueError, match=r"^state\['moe_blocks'\]\['moe'\]\['w_down'\]: dimension 'mlp' of size 10"):
+        abstract_sharded(lambda: Transformer(moe, rngs=nnx.Rngs(0)), mesh)
+
+    class Mine(nnx.Module):
+        def __init__(self, rngs):
+            with nnx.use_eager_sharding(False):
+                self.w = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(rngs.params(), (8, 8)))
+
+    with pytest.raises(ValueError, match=r"^state\['w'\]: logical_to_spec: 1 names \('embed',\) for a shape of 2"):
+        abstract_sharded(lambda: Mine(nnx.Rngs(0)), mesh)
+    # a mesh the rules cannot place on is about the mesh, not the first variable: named as before
+    foreign = jax.make_mesh((2, 4), ("dp", "mp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with pytest.raises(ValueError, match=r"^mesh axes \['dp', 'mp'\] are none of the axes"):
+        abstract_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), foreign)
+
+
 def test_meshes_the_rules_cannot_place_on_are_refused_by_name():
     """A mesh from jax.make_mesh: axes named 'dp' / 'mp' (no rule can name them) placed every parameter and batch
     replicated, silently, and Explicit axes (jax.make_mesh's default) failed in the first step with a
