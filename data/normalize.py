@@ -132,8 +132,16 @@ def undo_mojibake(seq: str) -> str | None:
 
 
 # punctuation (and the no-break space) that sits beside a word: after an accented small letter it is ordinary text.
-# Spanish ¡ ¿ open a sentence right after a closing mark ("está…¡", "mamá—¿": valid UTF-8 as cp1252, U+1161, U+15FF)
-_BESIDE_WORDS = frozenset("’‘”“„…–—«»‹›¡¿\xa0")
+# Spanish ¡ ¿ open a sentence right after a closing mark ("está…¡", "mamá—¿": valid UTF-8 as cp1252, U+1161, U+15FF),
+# so they count only last: anywhere they were the continuation bytes of 62 common Chinese characters, and mojibake
+# such as "å¿…é¡»" (必须) was no longer repaired
+_BESIDE_WORDS = frozenset("’‘”“„…–—«»‹›\xa0")
+_OPENERS = frozenset("¡¿")
+
+
+def _beside_words(seq: str) -> bool:
+    """Whether the symbols after `seq`'s lead are all punctuation beside a word (an opener only after another)."""
+    return _BESIDE_WORDS.issuperset(seq[1:-1]) and (seq[-1] in _BESIDE_WORDS or len(seq) > 2 and seq[-1] in _OPENERS)
 
 
 def _certain(seq: str) -> bool:
@@ -143,7 +151,7 @@ def _certain(seq: str) -> bool:
     and "café—“" valid UTF-8 too; and other pairs end a capitalised word in quotes as often as they are mojibake:
     "“ESPAÑA”" is not "ESPAє", "“IRMÔ" (Portuguese) not "IRMÔ"."""
     if len(seq) > 2:
-        return not _BESIDE_WORDS.issuperset(seq[1:])
+        return not _beside_words(seq)
     return seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0"
 
 
@@ -159,7 +167,7 @@ def ordinary_text(seq: str, after: str) -> bool:
     marks (French "allé\xa0»", kept under NFC, "café”…"; `_certain` does not repair them either), or a Latin capital /
     ß ending a word before a closing quote or no-break space (German "Spaß“", "„MÜ“", French "«\xa0CAFÉ\xa0»")."""
     if len(seq) > 2:
-        return _BESIDE_WORDS.issuperset(seq[1:])
+        return _beside_words(seq)
     return seq[0] in _LAST_LETTERS and seq[1] in _CLOSING and not after.isalnum()
 
 

@@ -215,6 +215,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if vocab_size <= floor:
         raise ValueError(f"vocab_size={vocab_size} must exceed 256 byte symbols + {len(special_tokens)} special "
                          f"tokens = {floor}; use e.g. 8192")
+    _check_specials_not_spelled(special_tokens)  # a byte symbol: before training, not after
     tok = _empty_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=list(special_tokens), show_progress=show_progress,
@@ -225,7 +226,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
                       f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
                       "tokenizer's vocab_size", stacklevel=2)
     bpe = BPETokenizer(tok, eos_token, _copy=False)
-    _check_specials_not_spelled(bpe, special_tokens)
+    _check_specials_not_spelled(special_tokens, bpe)
     return bpe
 
 
@@ -236,16 +237,18 @@ def _index(v) -> int | None:
         return None
 
 
-def _check_specials_not_spelled(bpe: BPETokenizer, special_tokens) -> None:
+def _check_specials_not_spelled(special_tokens, bpe: BPETokenizer | None = None) -> None:
     """A special token that is also a symbol the BPE builds from text (a byte symbol like 'a', a merged word like
     'hello') has one id for both: the text encoded to the special id, which decode skips ("hello world" read back
     as " world") and which, as EOS, ended a document mid-text. The symbols are the byte-level alphabet and the merges'
     results: encoding the token's own characters missed byte symbols that stand for other bytes ('Ġ' is ' ', 'Ċ'
-    is '\\n', '¶' is byte 0xB6 of 'ö' and '綶', while the text '¶' is 0xC2 0xB6, often merged to 'Â¶')."""
-    merges = json.loads(bpe.tok.to_str())["model"]["merges"]
-    # [a, b] pairs; `tokenizers` < 0.20 wrote "a b" (byte-level symbols hold no space: ' ' is 'Ġ')
-    symbols = set(pre_tokenizers.ByteLevel.alphabet()) | {"".join(m.split(" ") if isinstance(m, str) else m)
-                                                          for m in merges}
+    is '\\n', '¶' is byte 0xB6 of 'ö' and '綶', while the text '¶' is 0xC2 0xB6, often merged to 'Â¶').
+    bpe None: the alphabet only, known before training (a 32k-vocab training ran to its end to refuse 'Ġ')."""
+    symbols = set(pre_tokenizers.ByteLevel.alphabet())
+    if bpe is not None:
+        merges = json.loads(bpe.tok.to_str())["model"]["merges"]
+        # [a, b] pairs; `tokenizers` < 0.20 wrote "a b" (byte-level symbols hold no space: ' ' is 'Ġ')
+        symbols |= {"".join(m.split(" ") if isinstance(m, str) else m) for m in merges}
     for s in special_tokens:
         if s in symbols:
             raise ValueError(f"train_bpe: special token {s!r} is also text the BPE encodes to its id (a byte symbol of "

@@ -525,13 +525,18 @@ def _finish_at_exit(ckpt: Checkpoints) -> None:
     """Wait for `ckpt`'s async save still writing when the interpreter shuts down (a script that never called
     close()): orbax's writer thread then failed with 'cannot schedule new futures after interpreter shutdown' and the
     step was lost, left as `<step>.orbax-checkpoint-tmp`. atexit runs too late (after concurrent.futures stops
-    taking work); threading's own exit hooks run before, newest first. Held weakly: a closed or dropped manager is
-    not kept alive."""
-    ref = weakref.ref(ckpt)
+    taking work); threading's own exit hooks run before, newest first. Holds the orbax manager weakly, not `ckpt`:
+    its writer keeps it alive while a save is in flight, also after a `Checkpoints` dropped without close(); a closed
+    one is not kept alive. A failed save is reported, not raised: that ended threading's exit hooks, and the
+    saves of the managers made before it were lost."""
+    ref, log, where = weakref.ref(ckpt.mgr), ckpt.log, ckpt.dir
 
     def finish():
-        if (c := ref()) is not None:
-            c.mgr.wait_until_finished()
+        if (mgr := ref()) is not None:
+            try:
+                mgr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - the other managers' hooks must still run
+                log(f"checkpoint: the save still writing in {where} at exit failed ({_reason(e)})")
 
     getattr(threading, "_register_atexit", lambda fn: None)(finish)
 

@@ -386,6 +386,19 @@ def test_spanish_opening_marks_after_an_accented_letter_are_not_repaired():
     assert normalize_text(cp1252(ZH[0])) == normalize_text(ZH[0])
 
 
+
+@pytest.mark.parametrize("word", ["必须", "信", "快"])
+def test_chinese_whose_bytes_hold_the_spanish_openers_is_still_repaired(word):
+    """¡ (0xA1) and ¿ (0xBF) are continuation bytes of common Chinese characters: counted as Spanish openers in any
+    place, "必须" mis-decoded ("å¿…é¡»") was no longer repaired nor counted as mojibake. An opener counts only last,
+    after a closing mark, where Spanish puts it."""
+    from data.filters import mojibake_sequences
+    from data.normalize import fix_mojibake
+
+    text = f"The word {word} is common."
+    assert fix_mojibake(cp1252(text)) == (text, len(word))
+    assert normalize_text(cp1252(text)) == text and mojibake_sequences(cp1252(text)) == len(word)
+
 FR_DIALOGUE = ("«\xa0Tu es rentré\xa0?\xa0» demanda-t-elle. «\xa0Oui, tout était fermé\xa0», répondit Paul. «\xa0Et le "
                "train\xa0?\xa0» «\xa0Il est annulé\xa0», dit-il, «\xa0comme hier, c’est réglé\xa0». Elle a tout "
                "noté\xa0— l’heure, le quai\xa0— et le panneau «\xa0FERMÉ\xa0», puis elle a regardé par la fenêtre en "

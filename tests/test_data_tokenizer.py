@@ -396,6 +396,20 @@ def test_a_special_token_the_bpe_can_spell_from_text_is_refused(special, texts):
         train_bpe(texts, vocab_size=275, special_tokens=(EOS, special), show_progress=False)
 
 
+
+@pytest.mark.parametrize("special", ["Ġ", "a"])
+def test_a_special_token_of_the_byte_alphabet_is_refused_before_training(special, monkeypatch):
+    """A byte symbol is a symbol of every byte-level BPE: known before training, but refused only after it (a 32k-vocab
+    training on the whole corpus ran to its end first)."""
+    from data import tokenizer
+
+    def no_training():
+        raise AssertionError("trained before refusing the special token")
+
+    monkeypatch.setattr(tokenizer, "_empty_bpe", no_training)
+    with pytest.raises(ValueError, match=f"special token {special!r} is also text the BPE encodes to its id"):
+        train_bpe(["hello world"] * 5, vocab_size=300, special_tokens=(EOS, special), show_progress=False)
+
 @pytest.mark.parametrize("kw, message", [
     (dict(vocab_size=300.0), r"vocab_size=300.0 must be an int"),  # 'float' object cannot be interpreted as an integer
     (dict(vocab_size=True), r"vocab_size=True must be an int"),
