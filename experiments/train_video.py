@@ -109,10 +109,15 @@ class Preset:
 
     def __post_init__(self):  # the DiT is trained on the VAE's latents: a mismatch failed after the VAE's stage
         # 0 failed as 'integer modulo by zero' after the first step, a negative one saved as its absolute value
-        every = self.ckpt_every
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(f"Preset: ckpt_every={every!r}: must be an int >= 1 (steps between "
-                             "checkpoints; each stage's last step is always saved)")
+        # eval_per_* of 0 trained both stages, then the evaluation failed as numpy's 'need at least one array to
+        # stack'; eval_batch=0 passed check_batch and failed after the VAE stage, encoding the latents
+        for name, what in (("ckpt_every", "steps between checkpoints; each stage's last step is always saved"),
+                           ("eval_per_seen", "clips generated per seen caption"),
+                           ("eval_per_held", "clips generated per held-out caption"),
+                           ("eval_batch", "clips per evaluation batch")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"Preset: {name}={v!r}: must be an int >= 1 ({what})")
         got = self.vae.latent_shape(self.data.frames, self.data.size, self.data.size)
         want = (*self.t2v.dit.latent_shape, self.t2v.dit.latent_channels)
         if tuple(got) != tuple(want):

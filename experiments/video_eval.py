@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import pathlib
 
 import jax
@@ -94,6 +95,9 @@ def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scale
     decoded clips aligned with prompt_set(split) (condition: 'cfg <scale>' or 'null prompt') and sets[split] =
     prompt_set(...) ('seen', 'held-out').
     """
+    for name, v in (("per_seen", per_seen), ("per_held", per_held), ("batch", batch)):  # 0 failed in np.stack / range
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"run_eval: {name}={v!r} must be an int >= 1 (clips per caption, or per generation batch)")
     names = [f"cfg {s:g}" for s in scales]  # a condition's name in results and videos
     if dup := sorted({n for n in names if names.count(n) > 1}):  # generated again, then overwriting the first
         raise ValueError(f"run_eval: scales={tuple(scales)} name {', '.join(map(repr, dup))} more than once (names "

@@ -1156,3 +1156,21 @@ def test_a_checkpoint_interval_below_one_is_refused_when_the_preset_is_built(eve
 
     with pytest.raises(ValueError, match=rf"Preset: ckpt_every={every!r}: must be an int >= 1"):
         dataclasses.replace(train_video.PRESETS["tiny"], ckpt_every=every)
+
+
+@pytest.mark.parametrize("field", ["eval_per_seen", "eval_per_held", "eval_batch"])
+def test_an_evaluation_count_below_one_is_refused_before_any_training(field):
+    """eval_per_seen=0 (or eval_per_held) built, trained both stages, then the evaluation failed as numpy's 'need at
+    least one array to stack'; eval_batch=0 passed check_batch and failed after the VAE stage. run_eval, called
+    directly, named neither."""
+    import dataclasses
+
+    from experiments.video_eval import run_eval
+
+    with pytest.raises(ValueError, match=rf"Preset: {field}=0: must be an int >= 1"):
+        dataclasses.replace(train_video.PRESETS["tiny"], **{field: 0})
+    calls = []
+    kw = {"per_seen": 1, "per_held": 1, "batch": 8, field.removeprefix("eval_"): 0}
+    with pytest.raises(ValueError, match=rf"run_eval: {field.removeprefix('eval_')}=0 must be an int >= 1"):
+        run_eval(lambda *a: calls.append(a), lambda x: x, None, train_video.PRESETS["tiny"].data, scales=(1.0,), **kw)
+    assert calls == []  # refused before generating anything
