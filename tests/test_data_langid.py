@@ -32,7 +32,8 @@ def test_keep_set_and_confidence(det):
     assert det.detect("The committee will publish its final report next spring.")[0] == "en"
     lang, conf = det.detect("Le comité publiera son rapport final sur le projet au printemps prochain.")
     assert lang == "fr" and 0 < conf <= 1 and not det.keeps(lang)
-    assert det.keeps("zh") and det.keeps("en")
+    assert det.keeps("zh") and det.keeps("en") and not det.keeps("und")  # und is dropped unless kept
+    assert LangID(LangIDConfig(keep=("en", "und"))).keeps("und")
     fr_only = LangID(LangIDConfig(keep=("fr",)))
     assert fr_only.keeps("fr") and not fr_only.keeps("en")
     strict = LangID(LangIDConfig(min_confidence=0.999999))

@@ -1118,7 +1118,10 @@ def test_layouts_without_a_hf_architecture_are_named():
     RopeScaling("yarn", 4.0, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.5),
     RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
     RopeScaling("yarn", 4.0, original_max_position_embeddings=65536),  # the ramp's top past dim / 2, clipped
-], ids=["yarn", "yarn_betas", "yarn_mscale_only", "yarn_mscale_ratio", "llama3", "yarn_long_original"])
+    # both ramp ends clipped to dimension 0 (low = high): a ramp of width 0 divided by 0 without its 0.001
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=11.0),
+], ids=["yarn", "yarn_betas", "yarn_mscale_only", "yarn_mscale_ratio", "llama3", "yarn_long_original",
+        "yarn_flat_ramp"])
 def test_rope_frequencies_and_scale_equal_transformers(rs):
     """inv_frequencies and attention_scale against transformers' own ROPE_INIT_FUNCTIONS, settings the model tests
     never reach (their original contexts are 16: a ramp clipped at dim / 2 - 1 instead of dim - 1 passed, and

@@ -55,6 +55,24 @@ def test_any_function_keeps_its_values_and_gradients():
 
 
 @needs_cpu
+def test_only_bf16_and_f16_are_packed_and_their_bits_round_trip():
+    """bf16 and f16 travel as their own uint16 bits (bit-exact both ways); any other compute dtype leaves the body
+    itself, not a custom-VJP wrapper around it (the module's contract: float32 models keep plain autodiff)."""
+    from models.residuals import from_bits, packs, to_bits
+
+    body = lambda c, x: (c + x, None)  # noqa: E731
+    assert bits_residuals(body, jnp.float32) is body and not packs(jnp.float32) and not packs(jnp.int32)
+    x = jnp.asarray([1.0, -2.5, 3e-3, np.inf], jnp.float32)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        assert packs(dtype) and bits_residuals(body, dtype) is not body
+        bits = to_bits(x.astype(dtype))
+        assert bits.dtype == jnp.uint16
+        np.testing.assert_array_equal(bits, np.asarray(x.astype(dtype)).view(np.uint16))
+        np.testing.assert_array_equal(from_bits(bits, dtype), x.astype(dtype))
+    assert to_bits(x) is x and from_bits(x, jnp.float32) is x
+
+
+@needs_cpu
 def test_float32_residuals_are_kept_bit_for_bit():
     """A float32 body has no bf16 rounding to excuse: its gradients equal autodiff's to float32 rounding (the 2 %
     band above let a packing that rounded float32 residuals to bf16 pass: 1.2e-2 off here)."""

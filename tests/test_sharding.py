@@ -532,12 +532,14 @@ def test_process_share_names_rows_with_gaps():
 def test_parallel_helpers_name_their_misuse():
     """Each was a raw traceback from inside JAX / shard_map / numpy (IndexError, ZeroDivisionError, ...)."""
     import numpy as np
+    import optax
     from flax import nnx
 
     from models import Transformer
     from parallel import abstract_sharded, create_sharded, shard_batch
     from parallel.distributed import global_batch_from_local, process_rows
     from parallel.pipeline import gpipe
+    from parallel.sharding import batch_sharding, init_optimizer
 
     mesh = make_mesh({"data": 2, "fsdp": 4})
     with pytest.raises(ValueError, match=r"names='embed' must be a tuple of logical names, e.g. \('embed',\)"):
@@ -551,6 +553,10 @@ def test_parallel_helpers_name_their_misuse():
     with pytest.raises(ValueError, match=r"batch=\('data', 'data'\) names a mesh axis twice"), \
             use_rules(batch=("data", "data")):  # jax's DuplicateSpecError at the first use before
         pass
+    with pytest.raises(ValueError, match=r"a batch array needs a leading batch dim \[B, ...\]; got 0 dims"):
+        batch_sharding(mesh, 0)  # replicated a "batch" without a word
+    with pytest.raises(ValueError, match=r"init_optimizer: params holds no arrays"):
+        init_optimizer(optax.adam(1e-3), {})  # an optimizer of nothing: a model that never trains
     with pytest.raises(ValueError, match="make_mesh: devices is empty"):
         make_mesh({"data": -1}, devices=[])
     for bad in (0, -4, 2.0):

@@ -304,6 +304,10 @@ def test_rope_at_long_positions_equals_a_float64_rotation():
     for p in (pos, jnp.asarray(pos)):
         # float32 angles: position·freq rounds by up to 2.4e-4 rad at 4095
         np.testing.assert_allclose(apply_rope(jnp.asarray(x, jnp.float32), p, inv), want, atol=2e-3)
+    from models.rope import rope_tables
+
+    # float32 tables from int64 NumPy positions too (NumPy promotes int64 · float32 to float64), as transformers'
+    assert all(t.dtype == np.float32 for t in rope_tables(pos, inv))
 
 
 def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
@@ -339,6 +343,21 @@ def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
     loss, n = cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 5)))
     assert (float(loss), float(n)) == (0.0, 0.0)
 
+
+
+def test_cross_entropy_of_bf16_logits_is_summed_in_float32():
+    """bf16 logits (as a bf16 LM head gives): the log-partition is taken in float32 on the bf16 values, so the loss
+    equals a float64 reference of those values to float32 rounding; a logsumexp in bf16 was 2e-3 off here (11.1569
+    for 11.1591)."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(2, 6, 1000)) * 3, jnp.bfloat16)
+    targets = rng.integers(0, 1000, (2, 6))
+    l64 = np.asarray(logits, np.float64)
+    logz = np.log(np.exp(l64 - l64.max(-1, keepdims=True)).sum(-1)) + l64.max(-1)
+    want = (logz - np.take_along_axis(l64, targets[..., None], -1)[..., 0]).mean()
+    loss, _ = cross_entropy(logits, jnp.asarray(targets))
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), want, rtol=1e-6)
 
 
 def test_cross_entropy_refuses_negative_weights():
