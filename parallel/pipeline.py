@@ -60,13 +60,16 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     if B % M:
         raise ValueError(f"batch {B} must be divisible by n_microbatches={M}")
     others = {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a != axis and n > 1}
-    if (others and jax.default_backend() == "cpu"
-            and any(getattr(a, "dtype", None) == jnp.bfloat16 for a in jax.tree.leaves((params, x_BTD)))):
+    # which are bfloat16: "compute in float32" alone misled bf16 parameters already computing in float32
+    low = [what for what, tree in (("parameters (TransformerConfig.param_dtype)", params),
+                                   ("activations (TransformerConfig.dtype)", x_BTD))
+           if any(getattr(a, "dtype", None) == jnp.bfloat16 for a in jax.tree.leaves(tree))]
+    if others and jax.default_backend() == "cpu" and low:
         # XLA:CPU aborts the process ("Invalid binary instruction opcode copy") on a bfloat16 all-reduce in a
         # shard_map manual over some axes only; float16 / float32, or 'stage' alone, compile fine
         raise ValueError(f"bfloat16 pipeline parallelism with other mesh axes {others} is not supported on "
-                         "XLA:CPU (it aborts the process); compute in float32 on CPU, or pipeline over 'stage' "
-                         "alone. GPUs and TPUs are not affected")
+                         f"XLA:CPU (it aborts the process): bfloat16 {' and '.join(low)}; use float32 on CPU, or "
+                         "pipeline over 'stage' alone. GPUs and TPUs are not affected")
 
     def micro(a):  # [B, ...] -> [M, B/M, ...], microbatch m = rows m::M
         # strided, not contiguous: the batch is sharded over data axes in contiguous blocks, so rows m::M take

@@ -161,14 +161,20 @@ def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
     gd, sharded = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
     gd16 = nnx.graphdef(nnx.eval_shape(lambda: Transformer(bf16, rngs=nnx.Rngs(0))))
+    gdp = nnx.graphdef(nnx.eval_shape(lambda: Transformer(dataclasses.replace(cfg, param_dtype="bfloat16"),
+                                                          rngs=nnx.Rngs(0))))
     with jax.set_mesh(mesh):
         loss, grads = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))(sharded, shard_batch(b, mesh))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5), grads,
                      ref_grads)
-        # bfloat16 with other mesh axes would abort the process in XLA:CPU: a Python error instead
-        with pytest.raises(ValueError, match="bfloat16 pipeline parallelism with other mesh axes"):
-            jax.jit(lambda p, b: lm_loss(gd16, p, b)).lower(sharded, shard_batch(b, mesh))
+        # bfloat16 with other mesh axes would abort the process in XLA:CPU: a Python error instead, naming which
+        # setting is bfloat16 (it told bf16 parameters under float32 compute to "compute in float32")
+        p16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding), sharded)
+        for g, p, says in ((gd16, sharded, r"bfloat16 activations \(TransformerConfig.dtype\)"),
+                           (gdp, p16, r"bfloat16 parameters \(TransformerConfig.param_dtype\)")):
+            with pytest.raises(ValueError, match="bfloat16 pipeline parallelism with other mesh axes.*" + says):
+                jax.jit(lambda p, b, g=g: lm_loss(g, p, b)).lower(p, shard_batch(b, mesh))
 
 
 def test_bubble_fraction_counts_the_idle_ticks_of_the_schedule():
