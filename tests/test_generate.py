@@ -28,11 +28,17 @@ def test_greedy_generate_equals_full_recompute(model, scan_unroll):
     prompt = jax.random.randint(jax.random.key(0), (2, 5), 0, CFG.vocab_size)
     out = generate(model, prompt, 8)
     assert out.shape == (2, 13)
-    seq = prompt
-    fwd = jax.jit(lambda t: model(t))
-    for _ in range(8):
-        seq = jnp.concatenate([seq, jnp.argmax(fwd(seq)[:, -1], -1)[:, None].astype(seq.dtype)], axis=1)
-    np.testing.assert_array_equal(out, seq)
+    assert_greedy_continuation(model, prompt, out)
+
+
+def assert_greedy_continuation(model, prompt_BP, out_BS):
+    """out [B, S] is prompt [B, P] then greedy decoding: each new token is the argmax of a full forward over
+    the tokens before it. The model is causal, so one forward of out[:, :-1] holds every such prefix's last logits
+    (the first wrong token is the first mismatch, its prefix being the recompute's): one compile, not S - P."""
+    P = prompt_BP.shape[1]
+    np.testing.assert_array_equal(out_BS[:, :P], prompt_BP)
+    logits_BTV = jax.jit(lambda t: model(t))(out_BS[:, :-1])
+    np.testing.assert_array_equal(out_BS[:, P:], jnp.argmax(logits_BTV[:, P - 1:], -1))
 
 
 def test_sampling_stays_in_top_k_and_top_p():
@@ -145,14 +151,16 @@ def test_sampled_generate_equals_full_recompute_with_reference_sampler(temperatu
     prompt = jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size)
     n_new = 6
     out = generate(model, prompt, n_new, temperature=temperature, top_k=top_k, top_p=top_p, rng=jax.random.key(11))
-    fwd = jax.jit(lambda t: model(t))
-    seq, rng = prompt, jax.random.key(11)
-    for _ in range(n_new):
+    assert out.shape == (2, 5 + n_new)
+    np.testing.assert_array_equal(out[:, :5], prompt)
+    # causal: one forward of out's tokens holds the logits each step's recompute saw (up to the first wrong token)
+    logits_BTV = jax.jit(lambda t: model(t))(out[:, :-1])
+    rng = jax.random.key(11)
+    for i in range(n_new):
         rng, sub = jax.random.split(rng)
-        masked = _reference_filter(fwd(seq)[:, -1], temperature, top_k, top_p).astype(np.float32)
-        tok = jax.random.categorical(sub, jnp.asarray(masked), axis=-1).astype(seq.dtype)
-        seq = jnp.concatenate([seq, tok[:, None]], axis=1)
-    np.testing.assert_array_equal(out, seq)
+        masked = _reference_filter(logits_BTV[:, 5 - 1 + i], temperature, top_k, top_p).astype(np.float32)
+        tok = jax.random.categorical(sub, jnp.asarray(masked), axis=-1).astype(out.dtype)
+        np.testing.assert_array_equal(out[:, 5 + i], tok)
     greedy = generate(model, prompt, n_new)  # sampling at these temperatures is not the greedy continuation
     assert not np.array_equal(out, greedy)
 
@@ -206,8 +214,9 @@ def test_capacity_moe_decodes_dropless_whatever_the_chunking():
     tok = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     whole, _ = model(tok, cache=KVCache.zeros(cfg, 2, 16))
     cache, steps = KVCache.zeros(cfg, 2, 16), []
+    step = jax.jit(lambda t, c: model(t, cache=c))  # one compile for the 12 steps (eager calls trace each one)
     for t in range(12):
-        out, cache = model(tok[:, t:t + 1], cache=cache)
+        out, cache = step(tok[:, t:t + 1], cache)
         steps.append(out)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), whole, atol=1e-4)
     graphdef, state = nnx.split(model)
@@ -295,10 +304,7 @@ def test_prefill_runs_the_lm_head_on_the_last_prompt_token_only(model):
                                    None, np.float32(0), None).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < B * P * V * 4 / 2  # half of those logits alone
     seq = jnp.asarray([[5], [9]], jnp.int32)  # a one-token prompt: no prefix to prefill, its logits only
-    out = generate(model, seq, 4)
-    for _ in range(4):
-        seq = jnp.concatenate([seq, jnp.argmax(model(seq)[:, -1], -1)[:, None].astype(jnp.int32)], axis=1)
-    np.testing.assert_array_equal(out, seq)
+    assert_greedy_continuation(model, seq, generate(model, seq, 4))
 
 
 def test_sample_logits_takes_a_traced_temperature_and_top_p():
@@ -529,7 +535,8 @@ def test_half_precision_logits_sample_as_their_float32_values():
     """sample_logits on bfloat16 logits (a custom decoding loop) ran the top-p cumulative sum in bfloat16: it stalls,
     and the nucleus came out wrong (128256 tokens, top_p 0.9: 28223 kept of 30223, mass 0.891 < top_p). Now the
     filters run in float32: the samples of the float32 values of the same logits."""
-    logits = (jax.random.normal(jax.random.key(0), (64, 32000)) * 3).astype(jnp.bfloat16)
+    # 8 rows: filtering in bfloat16 samples another token in 8 / 5 / 8 of them for the three settings below
+    logits = (jax.random.normal(jax.random.key(0), (8, 32000)) * 3).astype(jnp.bfloat16)
     key = jax.random.key(1)
     for t, k, p in ((1.0, None, 0.95), (0.7, 50, 0.9), (1.3, None, None)):
         np.testing.assert_array_equal(sample_logits(logits, key, t, k, p),

@@ -303,35 +303,49 @@ def test_embedding_gradient_of_a_bf16_table_is_summed_in_float32():
 
 
 _FSDP_BF16_GATHERS = """
-import glob, re, sys, jax, numpy as np
+import os, shutil, sys, jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
 from flax import nnx
 from experiments.lm_step import lm_loss
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, make_mesh
-cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, dtype="bfloat16",
-                        tie_embeddings=sys.argv[1] == "tied")
 mesh = make_mesh({"fsdp": 8})
-gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
 b = {"inputs": np.zeros((8, 16), np.int32), "targets": np.zeros((8, 16), np.int32)}
-with jax.set_mesh(mesh):
-    jax.jit(jax.value_and_grad(lambda p: lm_loss(gd, p, b))).lower(p).compile()
+for embeddings in ("untied", "tied"):
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, dtype="bfloat16",
+                            tie_embeddings=embeddings == "tied")
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        jax.jit(jax.value_and_grad(lambda p: lm_loss(gd, p, b))).lower(p).compile()
+    dump = sys.argv[1]  # this compile's dumps into a folder of their own
+    os.makedirs(os.path.join(dump, embeddings))
+    for f in os.listdir(dump):
+        if os.path.isfile(os.path.join(dump, f)):
+            shutil.move(os.path.join(dump, f), os.path.join(dump, embeddings, f))
 """
 
 
-@pytest.mark.parametrize("embeddings", ["untied", "tied"])
-def test_fsdp_all_gathers_every_weight_in_bf16_under_bf16_compute(tmp_path, embeddings):
-    """Read after XLA's SPMD partitioner (a dump): the CPU backend later widens bf16 collectives to f32, so the
-    compiled HLO cannot show what a GPU or TPU would move. Before `models.embed`, the embedding table's all-gather
-    was float32 (the partitioner gathered the f32 parameter, then cast it)."""
+@pytest.fixture(scope="module")
+def fsdp_bf16_dumps(tmp_path_factory):
+    """One subprocess (one jax start-up) compiles both variants: dumps/untied, dumps/tied."""
     import os
     import subprocess
     import sys
 
+    dump = tmp_path_factory.mktemp("dumps")
     env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
-           f" --xla_dump_to={tmp_path} --xla_dump_hlo_pass_re=spmd-partitioning"}
-    subprocess.run([sys.executable, "-c", _FSDP_BF16_GATHERS, embeddings], env=env, check=True, timeout=300,
+           f" --xla_dump_to={dump} --xla_dump_hlo_pass_re=spmd-partitioning"}
+    subprocess.run([sys.executable, "-c", _FSDP_BF16_GATHERS, str(dump)], env=env, check=True, timeout=300,
                    cwd=os.path.dirname(os.path.dirname(__file__)))
+    return dump
+
+
+@pytest.mark.parametrize("embeddings", ["untied", "tied"])
+def test_fsdp_all_gathers_every_weight_in_bf16_under_bf16_compute(fsdp_bf16_dumps, embeddings):
+    """Read after XLA's SPMD partitioner (a dump): the CPU backend later widens bf16 collectives to f32, so the
+    compiled HLO cannot show what a GPU or TPU would move. Before `models.embed`, the embedding table's all-gather
+    was float32 (the partitioner gathered the f32 parameter, then cast it)."""
+    tmp_path = fsdp_bf16_dumps / embeddings
     dumps = [f for f in tmp_path.iterdir() if "jit__lambda" in f.name and "after_spmd-partitioning" in f.name]
     gathers = [m.group(1) for f in dumps for m in re.finditer(r"= (\S+) all-gather\(", f.read_text())]
     # one per weight of the 2 scanned layers' forward and backward, the LM head / embedding: not a handful
