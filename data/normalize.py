@@ -133,15 +133,19 @@ def undo_mojibake(seq: str) -> str | None:
 
 # punctuation (and the no-break space) that sits beside a word: after an accented small letter it is ordinary text.
 # Spanish ¡ ¿ open a sentence right after a closing mark ("está…¡", "mamá—¿": valid UTF-8 as cp1252, U+1161, U+15FF),
-# so they count only last: anywhere they were the continuation bytes of 62 common Chinese characters, and mojibake
-# such as "å¿…é¡»" (必须) was no longer repaired
+# so they count only last, and only after Spanish's accented letters that lead 3 bytes (á é í; ó ñ lead 4, ú none).
+# Anywhere, they were the continuation bytes of 62 common Chinese characters ("å¿…é¡»", 必须, no longer repaired);
+# last after any lead, of 23 more of GB2312's 3755 commonest (政 "æ”¿", 儿; 4 remain) and of the UTF-8 byte order
+# mark "ï»¿", the commonest mojibake of all
 _BESIDE_WORDS = frozenset("’‘”“„…–—«»‹›\xa0")
 _OPENERS = frozenset("¡¿")
 
 
 def _beside_words(seq: str) -> bool:
-    """Whether the symbols after `seq`'s lead are all punctuation beside a word (an opener only after another)."""
-    return _BESIDE_WORDS.issuperset(seq[1:-1]) and (seq[-1] in _BESIDE_WORDS or len(seq) > 2 and seq[-1] in _OPENERS)
+    """Whether the symbols after `seq`'s lead are all punctuation beside a word (an opener only last, after another
+    and a Spanish accented letter)."""
+    return _BESIDE_WORDS.issuperset(seq[1:-1]) and (
+        seq[-1] in _BESIDE_WORDS or len(seq) > 2 and seq[-1] in _OPENERS and seq[0] in "áéí")
 
 
 def _certain(seq: str) -> bool:

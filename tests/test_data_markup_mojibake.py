@@ -387,7 +387,7 @@ def test_spanish_opening_marks_after_an_accented_letter_are_not_repaired():
 
 
 
-@pytest.mark.parametrize("word", ["必须", "信", "快"])
+@pytest.mark.parametrize("word", ["必须", "信", "快", "政", "儿"])
 def test_chinese_whose_bytes_hold_the_spanish_openers_is_still_repaired(word):
     """¡ (0xA1) and ¿ (0xBF) are continuation bytes of common Chinese characters: counted as Spanish openers in any
     place, "必须" mis-decoded ("å¿…é¡»") was no longer repaired nor counted as mojibake. An opener counts only last,
@@ -398,6 +398,20 @@ def test_chinese_whose_bytes_hold_the_spanish_openers_is_still_repaired(word):
     text = f"The word {word} is common."
     assert fix_mojibake(cp1252(text)) == (text, len(word))
     assert normalize_text(cp1252(text)) == text and mojibake_sequences(cp1252(text)) == len(word)
+
+
+def test_a_byte_order_mark_misread_is_repaired_and_counted():
+    """The UTF-8 BOM misread ("ï»¿", bytes EF BB BF: the commonest mojibake, a file's first characters) ends in ¿ after
+    », which counted as a Spanish opener after a closing mark: neither repaired nor counted, in ASCII text it stayed
+    as the file's first three letters. Openers count only after Spanish's accented letters á é í."""
+    from data.filters import mojibake_sequences
+    from data.normalize import fix_mojibake
+
+    for text in ("\ufeffname,age\nAnn,3", "\ufeffimport os"):
+        for misread in (cp1252, latin1):
+            assert fix_mojibake(misread(text)) == (text, 1)
+            assert normalize_text(misread(text)) == text[1:] and mojibake_sequences(misread(text)) == 1
+
 
 FR_DIALOGUE = ("«\xa0Tu es rentré\xa0?\xa0» demanda-t-elle. «\xa0Oui, tout était fermé\xa0», répondit Paul. «\xa0Et le "
                "train\xa0?\xa0» «\xa0Il est annulé\xa0», dit-il, «\xa0comme hier, c’est réglé\xa0». Elle a tout "
