@@ -284,7 +284,10 @@ def test_sequence_parallel_dispatch_equals_single_device_and_splits_the_expert_w
     one device, and per device about the FLOPs of {data: 8}. Before, every sequence device ran all of its rows'
     expert products (capacity 2.1x those FLOPs with MoE in every layer; dropless, grouped by batch shard only,
     1.8x)."""
-    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch), moe_every=1, n_layers=2)
+    # one gmm tile size: the default four each add a tile loop per expert, forward and backward (2x the compile);
+    # the grouping under test is the same for any tiles (test_moe covers the tile sizes)
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, gmm_tile_rows=(8,)), moe_every=1,
+                              n_layers=2)
     assert cfg.moe.capacity(32) % 4 == 0  # C = 20 slots per expert and row: divisible by sequence = 4
     tok = tokens(T=33)
     b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}  # 32 positions: divisible by sequence = 4
