@@ -82,7 +82,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # accented letter before a closing mark and Spanish ¡ / ¿ ("está…¡") is not repaired as mojibake nor counted as it,
 # normalisation deletes the Arabic letter mark U+061C (a bidi control), language ID judges text's NFKC folding
 # (full-width English kept by form="NFC" was zh), a domain keyword starting with a letter counts right after CJK
-# text ("调用self.fit()").
+# text ("调用self.fit()"), a JSON line's invalid UTF-8 is judged in its text alone (as Parquet's), and a directory
+# reached also through a link is named by its first name in sorted order.
 OUTPUT_VERSION = 13
 
 

@@ -95,11 +95,12 @@ def _side_file(rel: pathlib.Path) -> bool:
 def _walk(root: pathlib.Path) -> list[pathlib.Path]:
     """Every non-directory under `root`, following links to directories (pathlib's rglob does not: the files under
     `corpus/wiki -> /mnt/wiki` went unread and in no count); a directory reached twice (a link back up) is walked
-    once. Unreadable directories are passed over, as rglob did."""
+    once, under its first name in sorted order (in listing order, `aa/` or its link `zz/` named the files by how the
+    file system listed them). Unreadable directories are passed over, as rglob did."""
     found, seen = [], {os.path.realpath(root)}
     for d, dirs, names in os.walk(root, followlinks=True):
         walk = []
-        for name in dirs:
+        for name in sorted(dirs):
             if (real := os.path.realpath(os.path.join(d, name))) not in seen:
                 seen.add(real)
                 walk.append(name)
@@ -153,7 +154,7 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
                          f"{' ...' if len(undecodable) > 5 else ''}; rename them, e.g. convmv -f latin1 -t utf8 "
                          "--notest -r DIR (or mv each)")
     unread = [f"{f} ({why})" for f in files if (why := _unread(f))]
-    unread += [f"{f} ({why})" for f in files if _kind(f) == "jsonl" and (why := _not_json_lines(f))]
+    unread += [f"{f} ({why})" for f in files if _kind(f) == "jsonl" and (why := _not_json_lines(f, cfg.max_doc_bytes))]
     if unread:
         raise ValueError(f"{len(unread)} input files are in a format this pipeline would misread: "
                          f"{'; '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}. Inputs are JSON Lines, "
@@ -192,11 +193,20 @@ def _not_utf8(path: str) -> bool:
     return False
 
 
-def _not_json_lines(path: str) -> str | None:
-    """Why a `.json(l)` file is not JSON Lines, from its first bytes (None: it may be)."""
+def _not_json_lines(path: str, limit: int) -> str | None:
+    """Why a `.json(l)` file is not JSON Lines, from its first bytes, read on to the first LF (at most past `limit`,
+    the longest line read; None: it may be)."""
     try:
         with _opener(path)(path, "rb") as f:
             head = f.read(1 << 12)
+            # a first record past the head (most documents) hid a file's bare-CR line ends: all its records were one
+            # malformed_json drop. A CR before the first LF may be JSON whitespace: only one with no LF after it counts
+            chunk, n, cr = head, len(head), False
+            while chunk and b"\n" not in chunk and n <= limit:
+                cr = cr or b"\r" in chunk
+                chunk = f.read(1 << 16)
+                n += len(chunk)
+            bare_cr = b"\n" not in chunk and (cr or b"\r" in chunk)
     except _READ_ERRORS:
         return None  # counted as `unreadable_file` when read
     # UTF-16 (PowerShell 5's `>`, Windows "Unicode"): every line was a `binary` drop, and a character whose code
@@ -204,8 +214,8 @@ def _not_json_lines(path: str) -> str | None:
     if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2] in (b"{\x00", b"\x00{"):
         enc = "UTF-16LE" if head[:2] in (b"\xff\xfe", b"{\x00") else "UTF-16BE"
         return f"{enc} text, not UTF-8: convert it, e.g. iconv -f {enc} -t UTF-8 IN > OUT.jsonl"
-    # classic Mac line ends: all its records were one malformed_json drop (a CR last in the head may be a CRLF's)
-    if b"\r" in head[:-1] and b"\n" not in head:
+    # classic Mac line ends: all its records were one malformed_json drop
+    if bare_cr:
         return "lines end in a bare CR, so it reads as one line: convert them, e.g. tr '\\r' '\\n' < IN > OUT.jsonl"
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"["):
@@ -313,6 +323,9 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
 
 
 def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
+    # bad bytes are judged in the text alone, as a Parquet value's are (over the whole line, one in a short record's
+    # title dropped its text, and long metadata let a text past the limit): the line is only checked for binary here
+    line_cfg = dataclasses.replace(ncfg, invalid_utf8="reject")
     with _opener(path)(path, "rb") as f:
         for lineno, (line, n) in enumerate(_lines(f, cfg.max_doc_bytes)):
             if line is not None and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is
@@ -323,7 +336,9 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             if not line.strip():
                 yield None, "empty", n
                 continue
-            raw, reason = decode(line, ncfg)
+            raw, reason = decode(line, line_cfg)
+            if bad_bytes := reason == "invalid_utf8":  # each bad byte a lone surrogate, kept apart from the rest
+                raw, reason = line.decode("utf-8", "surrogateescape"), None
             if reason:
                 yield None, reason, n
                 continue
@@ -341,6 +356,11 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
                 yield None, "missing_text", n
                 continue
             text = obj.pop(cfg.text_field)
+            if bad_bytes and isinstance(text, str) and count_surrogates(text):
+                try:  # back to its bytes, for decode() to repair or drop; a metadata value's get U+FFFD (_clean_meta)
+                    text = text.encode("utf-8", "surrogateescape")
+                except UnicodeEncodeError:  # it also holds a lone surrogate escape: judged with them by _text_doc
+                    pass
             # the path as discovered (en/part-0 and zh/part-0 differ) and the line as editors and `grep -n` number it;
             # also for "id": null, which the drop logs listed as None
             if _no_id(obj.get("id")):

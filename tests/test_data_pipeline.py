@@ -173,6 +173,22 @@ def test_a_utf16_json_lines_file_or_one_with_bare_cr_line_ends_is_refused_before
     assert len(line) == 4095 and discover([tmp_path / "long.jsonl"]) == [(str(tmp_path / "long.jsonl"),)]
 
 
+def test_bare_cr_line_ends_are_refused_when_the_first_record_is_past_4_kib(tmp_path):
+    """Only the first 4 KiB were looked at: with a first record longer (most web documents), a file of bare-CR line
+    ends passed and all its records were one `malformed_json` drop. The line end is read on to; an LF file with a
+    long first record, or a CR as JSON whitespace before its LF, still passes."""
+    from data.sources import discover
+
+    lines = [json.dumps({"text": "x" * 5000})] + [json.dumps({"text": f"record {i}"}) for i in range(9)]
+    (tmp_path / "cr.jsonl.gz").write_bytes(gzip.compress("\r".join(lines).encode() + b"\r"))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'cr.jsonl.gz'} (lines end in a bare CR")):
+        discover([tmp_path / "cr.jsonl.gz"])
+    (tmp_path / "lf.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ws.jsonl").write_bytes(b'{"id": 1,\r"text": "' + b"x" * 5000 + b'"}\n')
+    for ok in ("lf.jsonl", "ws.jsonl"):
+        assert discover([tmp_path / ok]) == [(str(tmp_path / ok),)]
+
+
 def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(tmp_path):
     """Past one read chunk (256 records) and with more than ten shards, created out of order."""
     from data.shards import DocWriter, shard_name
@@ -1491,3 +1507,68 @@ def test_dictionary_encoded_parquet_strings_holding_invalid_utf8_are_decoded_too
     assert [r for _, r, _ in got] == [None, "invalid_utf8", None]
     assert [d["text"] for d, _, _ in got if d] == [good.decode()] * 2
     assert [d["lang"] for d, _, _ in got if d] == ["caf\ufffd"] * 2
+
+
+def test_discover_names_linked_directories_independently_of_listing_order(tmp_path, monkeypatch):
+    """A directory reachable both as itself and through a link (`aa/` and `zz -> aa`) was walked under whichever
+    name the file system listed first: its files' names (their ids, drop-log places), and with them the shard
+    order, changed with a copy of the corpus. The name first in sorted order is walked, however they are listed."""
+    from data.sources import discover
+
+    (tmp_path / "aa").mkdir()
+    (tmp_path / "aa" / "x.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    (tmp_path / "mm.jsonl").write_text(json.dumps({"text": "m"}) + "\n")
+    (tmp_path / "zz").symlink_to(tmp_path / "aa")
+    scandir = os.scandir
+
+    class Listing(list):  # os.walk uses its scandir as an iterator and a context manager
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def __next__(self):
+            if not self:
+                raise StopIteration
+            return self.pop(0)
+
+    def listed(reverse):
+        def listing(path="."):
+            with scandir(path) as entries:
+                return Listing(sorted(entries, key=lambda e: e.name, reverse=reverse))
+        return listing
+
+    got = []
+    for reverse in (False, True):
+        monkeypatch.setattr(os, "scandir", listed(reverse))
+        got.append(discover([tmp_path]))
+    assert got == [[(str(tmp_path / "aa" / "x.jsonl"),), (str(tmp_path / "mm.jsonl"),)]] * 2
+
+
+def test_invalid_utf8_in_json_lines_is_judged_in_the_text_alone_as_in_parquet(tmp_path):
+    """A JSON line's bad bytes were judged over the whole line: one latin-1 byte in a short record's title dropped
+    its well-formed text as `invalid_utf8` (under 'reject' in any record), where the same record from Parquet is
+    kept with U+FFFD in the title; and a text over the limit passed when long metadata padded the line. Now the
+    text is judged alone, as Parquet's is; a metadata value gets U+FFFD."""
+    from data.normalize import NormalizeConfig
+    from data.sources import read_records
+
+    text = en_text(np.random.default_rng(0), 20).encode()
+    records = [(b"A short, well-formed text.", b"caf\xe9"),  # a bad byte in the title only: kept
+               (text[:50] + b"\xff" + text[50:], b"ok"),  # one bad byte in 100+ of text: repaired, kept
+               (b"short \xff text", b"x" * 500),  # 1 bad byte in 12: dropped, however long the line
+               (b"\xff\xfe" * 20, b"ok")]
+    lines = [b'{"text": "' + t + b'", "title": "' + title + b'"}\n' for t, title in records]
+    (tmp_path / "m.jsonl").write_bytes(b"".join(lines))
+    pq.write_table(pa.table({"text": _raw_strings([t for t, _ in records]),
+                             "title": _raw_strings([title for _, title in records])}), tmp_path / "m.parquet")
+    for mode, kept in (("repair", [True, True, False, False]), ("reject", [True, False, False, False])):
+        ncfg = NormalizeConfig(invalid_utf8=mode)
+        got = {f: list(read_records([str(tmp_path / f)], ncfg=ncfg)) for f in ("m.jsonl", "m.parquet")}
+        for recs in got.values():
+            assert [r is None for _, r, _ in recs] == kept, mode
+            assert [r for _, r, _ in recs if r] == ["invalid_utf8"] * kept.count(False), mode
+        strip = lambda d: {k: v for k, v in d.items() if k != "id"}  # noqa: E731
+        assert [strip(d) for d, _, _ in got["m.jsonl"] if d] == [strip(d) for d, _, _ in got["m.parquet"] if d]
+    assert got["m.jsonl"][0][0]["title"] == "caf\ufffd"
