@@ -351,6 +351,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     dtype: storage dtype of the tensors (None: the model's param_dtype).
     token_ids: {bos,eos,pad}_token_id for config.json (`read_token_ids(source_folder)` carries a loaded checkpoint's
       over); without them they are null, and transformers' `generate` then never stops at an end-of-sequence token.
+      A generation_config.json already in the folder (which generate reads first) gets them too, its other settings
+      kept.
     max_shard_size: bytes per file (an int, or "5GB" / "500MiB" as transformers spells it). A model larger than
       that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
       memory at a time (parameters move to the host one layer at a time).
@@ -409,10 +411,13 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     if primary:
         folder.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(hf, indent=2) + "\n"  # before anything is deleted: a failure leaves the old export
+        gen_text = _generation_config_text(folder, token_ids)
         for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
                     folder / "model.safetensors.index.json"]:
             old.unlink(missing_ok=True)
         (folder / "config.json").write_text(config_text)
+        if gen_text is not None:
+            (folder / "generation_config.json").write_text(gen_text)
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     for file, shard in zip(files, shards, strict=True):
@@ -425,6 +430,24 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if jax.process_count() > 1:  # nobody reads the folder before it is complete
         multihost_utils.sync_global_devices(f"save_pretrained {folder}")
+
+
+def _generation_config_text(folder: Path, token_ids: dict | None) -> str | None:
+    """The folder's generation_config.json with the given token ids written into it (None: nothing to change).
+    Both transformers' generate and `read_token_ids` prefer it to config.json, so a stale one left by an earlier
+    export would silently override the ids just saved; its other settings (sampling, ...) are kept."""
+    path = folder / "generation_config.json"
+    if not token_ids or not path.exists():
+        return None
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); save_pretrained writes token_ids into it, since "
+                         "transformers' generate reads them from there first: fix or remove it") from None
+    if not isinstance(gen, dict):
+        raise ValueError(f"{path} is not a JSON object; save_pretrained writes token_ids into it, since "
+                         "transformers' generate reads them from there first: fix or remove it")
+    return json.dumps(gen | _check_token_ids(token_ids), indent=2) + "\n"
 
 
 def _check_representable(cfg: TransformerConfig, ours: dict, out_dtype: np.dtype) -> None:

@@ -1161,6 +1161,24 @@ def test_yarn_truncate_read_as_transformers_reads_it(truncate):
     assert ours.rope_scaling.truncate is bool(truncate)
 
 
+def test_token_ids_saved_over_a_folder_with_a_generation_config_reach_generate(tmp_path):
+    """Saved over a HF folder (its generation_config.json says eos 2), token_ids eos 5 went to config.json alone:
+    transformers' generate and read_token_ids both read the stale generation config, which wins, and stopped at 2."""
+    from models.hf import read_token_ids
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, bos_token_id=1, eos_token_id=2))
+    hf.generation_config.do_sample, hf.generation_config.temperature = True, 0.5  # its own settings stay
+    hf.save_pretrained(tmp_path)
+    save_pretrained(from_pretrained(tmp_path), tmp_path, token_ids={"eos_token_id": [5, 6]})
+    assert read_token_ids(tmp_path) == dict(bos_token_id=1, eos_token_id=[5, 6], pad_token_id=None)
+    gen = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.temperature) == (1, [5, 6], 0.5)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"generation_config\.json is not valid JSON.*fix or remove it"):
+        save_pretrained(from_pretrained(tmp_path), tmp_path, token_ids={"eos_token_id": 5})
+    assert (tmp_path / "model.safetensors").exists()  # refused before the old export was touched
+
+
 def test_a_float16_export_refuses_weights_beyond_its_range(tmp_path):
     """float16 tops out at 65504: a float32 weight of 7e4 was written as inf, with no word of which tensor."""
     ours = _random_model(ROUND_TRIP["mixtral"], seed=6)
