@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
+
+from scaling.flops import int_at_least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,13 +53,16 @@ class DiTShape:
         for f in ("latent_channels", "d_model", "n_layers", "n_heads", "mlp_dim", "text_dim", "time_freq_dim",
                   "head_dim"):
             if f != "head_dim" or self.head_dim is not None:  # None: d_model // n_heads
-                object.__setattr__(self, f, _count(f"DiTShape.{f}", getattr(self, f), 1))
+                object.__setattr__(self, f, int_at_least(f"DiTShape.{f}", getattr(self, f), 1))
         for f in ("latent_shape", "patch"):
             v = getattr(self, f)
-            if not isinstance(v, tuple | list) or len(v) != 3 or not all(_is_count(x, 1) for x in v):
+            try:
+                if not isinstance(v, tuple | list) or len(v) != 3:
+                    raise ValueError
+                object.__setattr__(self, f, tuple(int_at_least(f, x, 1) for x in v))
+            except ValueError:
                 raise ValueError(f"DiTShape.{f} must be ({'pt, ph, pw' if f == 'patch' else 'T, H, W'}) of ints >= 1, "
-                                 f"got {v}")
-            object.__setattr__(self, f, tuple(int(x) for x in v))
+                                 f"got {v}") from None
         for f in ("pooled_text", "qk_norm"):  # 'no' is truthy: it counted the layers it meant to leave out
             if not isinstance(getattr(self, f), bool | np.bool_):
                 raise ValueError(f"DiTShape.{f} must be True or False, got {getattr(self, f)!r}")
@@ -101,17 +105,6 @@ class DiTShape:
         return H * W + (T if self.temporal else 0)
 
 
-def _is_count(v, low: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
-
-
-def _count(name: str, v, low: int) -> int:
-    """`v` as an int >= `low` (numpy ints too), or a ValueError naming it."""
-    if not _is_count(v, low):
-        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    return int(v)
-
-
 def dit_shape(cfg) -> DiTShape:
     """A DiTShape from a `models.video.DiTConfig` or any object with the same field names."""
     if isinstance(cfg, DiTShape):
@@ -138,7 +131,7 @@ def dit_param_count(cfg) -> int:
 def dit_forward_flops(cfg, text_len: int, batch: int = 1) -> float:
     """FLOPs of one denoiser forward pass on `batch` clips with `text_len` caption tokens (0: none)."""
     # a negative or fractional caption length, or a batch of -1 clips, was counted (a negative FLOP count)
-    text_len, batch = _count("text_len", text_len, 0), _count("batch", batch, 1)
+    text_len, batch = int_at_least("text_len", text_len, 0), int_at_least("batch", batch, 1)
     s = dit_shape(cfg)
     d, nh, e, p, S, L = s.d_model, s.n_heads * s.hd, s.text_dim, s.patch_dim, s.tokens, text_len
     n_self = 2 if s.temporal else 1
@@ -157,7 +150,7 @@ def dit_train_flops(cfg, text_len: int, batch: int = 1) -> float:
 
 def dit_sampling_flops(cfg, text_len: int, steps: int, cfg_guidance: bool = True, batch: int = 1) -> float:
     """Generating `batch` clips with `steps` denoiser evaluations (x2 for classifier-free guidance)."""
-    steps = _count("steps", steps, 1)
+    steps = int_at_least("steps", steps, 1)
     if not isinstance(cfg_guidance, bool | np.bool_):  # 'no' is truthy: it doubled the count
         raise ValueError(f"cfg_guidance must be True or False, got {cfg_guidance!r}")
     return steps * (2 if cfg_guidance else 1) * dit_forward_flops(cfg, text_len, batch)
@@ -196,7 +189,7 @@ def dit_saved_bytes_per_token(cfg, remat: str, text_len: int, *, compute_dtype: 
 
     if remat not in REMAT_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {REMAT_POLICIES}")
-    text_len = _count("text_len", text_len, 0)
+    text_len = int_at_least("text_len", text_len, 0)
     s, mesh = dit_shape(cfg), check_mesh(mesh or {})
     c = dtype_bytes(compute_dtype or getattr(cfg, "dtype", "float32"))
     t = shard_factor(("act_heads",), (s.n_heads,), mesh, rules)

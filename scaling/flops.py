@@ -107,9 +107,8 @@ class LMShape:
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim", "mlp_dim"):
-            v, low = getattr(self, f), 0 if f == "mlp_dim" else 1  # (a float mlp_dim gave float parameter counts)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise ValueError(f"LM shape: {f} must be an int >= {low}, got {v!r}")
+            # (a float mlp_dim gave float parameter counts)
+            int_at_least(f"LM shape: {f}", getattr(self, f), 0 if f == "mlp_dim" else 1)
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LM shape: n_heads={self.n_heads} is not a multiple of kv_heads={self.kv_heads}; "
                              "grouped-query attention shares each KV head among n_heads / kv_heads query heads")
@@ -171,9 +170,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
         if getattr(cfg, f, None) is None:
             raise ValueError(f"config has no {f!r}; scaling.flops needs vocab_size, d_model, n_layers, n_heads")
     for f in ("n_heads", "n_layers"):  # before d_model // n_heads and (None,) * n_layers (a bare TypeError for 2.0)
-        v = getattr(cfg, f)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-            raise ValueError(f"LM shape: {f} must be an int >= 1, got {v!r}")
+        int_at_least(f"LM shape: {f}", getattr(cfg, f), 1)
     L = cfg.n_layers
     kv = _first(cfg, ("kv_heads", "n_kv_heads"), cfg.n_heads)
     hd = _first(cfg, ("hd", "head_dim"), cfg.d_model // cfg.n_heads)
@@ -255,6 +252,13 @@ def param_counts(cfg, **kw) -> ParamCounts:
 
 
 # ---- attention keys -----------------------------------------------------------------------------
+
+
+def int_at_least(name: str, v, low: int) -> int:
+    """`v` as an int >= `low` (numpy ints too; not a bool, a float or a string), or a ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return int(v)
 
 
 def _whole(name: str, v, low: int = 1) -> int:
