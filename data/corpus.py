@@ -169,7 +169,10 @@ def default_corpus(work_dir=None, num_shards: int = 4, max_files: int | None = N
     import sys
 
     from data.pipeline import run
+    from data.shards import TIERS
 
+    if tier not in TIERS:  # a misspelt tier cleaned the whole corpus, then named a directory no run writes
+        raise ValueError(f"default_corpus: tier={tier!r} is not a tier of the cleaning run; use one of {TIERS}")
     cfg = stdlib_config(workers=workers)
     # the cache key holds the settings' fingerprint: changed filters never reuse a stale run
     work = pathlib.Path(work_dir or pathlib.Path.home() / ".cache" / "jaxscale" /

@@ -52,6 +52,7 @@ from data.filters import QualityConfig
 from data.label import LabelConfig
 from data.langid import LangIDConfig
 from data.normalize import NormalizeConfig
+from data.seeds import check_field_types
 from data.shards import DocWriter, aborting, iter_docs, read_json, shard_name, write_atomically, write_json
 from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
@@ -87,6 +88,12 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 OUTPUT_VERSION = 13
 
 
+# how to switch off what a settings group configures (None is no setting)
+_SWITCH_OFF = {"normalize": "; filters=() runs no filter stage", "quality": "; filters=() runs no filter stage",
+               "dedup": "; DedupConfig(exact=False, near=False) drops no duplicate",
+               "label": "; labelers=() runs no labelling stage"}
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Every knob of the cleaning run. `augment` is the augmentation hook (picklable `doc -> doc`, or None
@@ -118,6 +125,15 @@ class PipelineConfig:
     dedup_against: str | None = None
 
     def __post_init__(self):
+        # workers=2.5 failed starting the pool, after the manifest was written; True ran as 1
+        check_field_types(self)
+        # None for a settings group (as augment=None switches augmenting off) failed once the run had begun, `label`
+        # after passes 1 and 2 had cleaned and deduplicated every shard, as "'NoneType' object has no attribute ..."
+        for k, kind in (("source", SourceConfig), ("normalize", NormalizeConfig), ("langid", LangIDConfig),
+                        ("quality", QualityConfig), ("dedup", DedupConfig), ("label", LabelConfig)):
+            if not isinstance(v := getattr(self, k), kind):
+                raise ValueError(f"PipelineConfig.{k}={v!r:.80} must be a {kind.__name__} ({kind.__name__}() for the "
+                                 f"defaults){_SWITCH_OFF.get(k, '')}")
         if self.workers < 1:
             raise ValueError(f"PipelineConfig.workers={self.workers} must be >= 1 (1 runs in this process)")
         # one stage, or a name, in place of a tuple of stages failed mid-run naming no field ("'Normalize' object is

@@ -598,6 +598,24 @@ def test_hooks_that_cannot_reach_worker_processes_are_named():
     assert PipelineConfig(augment=lambda d: d, workers=1).workers == 1
 
 
+def test_a_settings_group_or_worker_count_of_the_wrong_type_is_named_before_any_work():
+    """dedup=None (as augment=None switches augmenting off) failed at the first document, the manifest written,
+    label=None only after passes 1 and 2 had run over every shard, as "'NoneType' object has no attribute ...";
+    workers=2.5 failed starting the pool, after the manifest was written, naming no field; workers=True ran as 1."""
+    for k in ("source", "normalize", "langid", "quality", "dedup", "label"):
+        with pytest.raises(ValueError, match=rf"PipelineConfig\.{k}=None must be a \w+Config"):
+            PipelineConfig(**{k: None})
+    with pytest.raises(ValueError, match=r"PipelineConfig\.dedup=.*DedupConfig\(exact=False, near=False\)"):
+        PipelineConfig(dedup=None)
+    with pytest.raises(ValueError, match=r"PipelineConfig\.label=.*labelers=\(\)"):
+        PipelineConfig(label=None)
+    for bad in (2.5, True, "2", None):
+        with pytest.raises(ValueError, match=r"PipelineConfig\.workers=.* must be an int"):
+            PipelineConfig(workers=bad)
+    assert PipelineConfig(workers=np.int64(3)).workers == 3  # a numpy count stays accepted, as a plain int
+    assert type(PipelineConfig(workers=np.int64(3)).workers) is int
+
+
 @dataclasses.dataclass(frozen=True)
 class DropMentions:
     """A custom stage: drops documents that mention `word`."""
@@ -870,6 +888,16 @@ def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
     assert docs and {d["kind"] for d in docs} <= {"code", "docs"} and all(d["lang"] == "en" for d in docs)
     # a second call reuses the finished run
     assert default_corpus(tmp_path, num_shards=2, max_files=6, workers=1, progress=False) == tier
+
+
+def test_the_embedded_corpus_names_an_unknown_tier_before_any_work(tmp_path):
+    """tier='augumented' cleaned the whole corpus, then returned a directory no run writes (the loader failed on it
+    later, naming no tier)."""
+    from data.corpus import default_corpus
+
+    with pytest.raises(ValueError, match=r"default_corpus: tier='augumented' .*'augmented'"):
+        default_corpus(tmp_path / "run", max_files=2, workers=1, progress=False, tier="augumented")
+    assert not (tmp_path / "run").exists()
 
 
 def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_path):
