@@ -581,3 +581,59 @@ def test_an_ellipsis_weighs_the_same_in_symbol_ratio_under_nfkc_and_nfc():
     assert analyze(nfkc)["symbol_ratio"] == pytest.approx(analyze(nfc)["symbol_ratio"])
     assert reason(nfkc) is None and reason(nfc) is None
     assert analyze("word... " * 5)["symbol_ratio"] == pytest.approx(analyze("word… " * 5)["symbol_ratio"]) == 0.2
+
+
+def test_top_ngram_counts_overlapping_occurrences_once():
+    """top_{n}gram is the share of the characters its occurrences cover (Gopher: "characters contained within the most
+    frequently-occurring n-gram"): counted once per occurrence, overlapping ones ("ha ha ha" holds "ha ha" twice) made
+    80 copies of one number measure 1.98, and this post, laughing 哈 12 times, 0.29 (dropped as top_2gram)."""
+    ws = "ha ha ha x ha ha y".split()  # 'ha ha' at 0, 1, 4 covers words 0-5: 10 of 12 characters
+    assert ngram_signals(ws, [2], [])["top_2gram"] == pytest.approx(10 / 12)
+    assert ngram_signals(["12345"] * 80, [2, 3, 4], []) == {"top_2gram": 1.0, "top_3gram": 1.0, "top_4gram": 1.0}
+    post = ("今天终于把毕业论文交上去了，导师看完只说了一句还行吧，我在办公室门口站了五分钟才反应过来这是表扬。"
+            "回宿舍的路上买了两杯奶茶庆祝，结果室友说她也刚交完，我们俩对着笑了半天哈哈哈哈哈哈哈哈哈哈哈哈。"
+            "晚上打算早点睡，明天还要去实验室收拾东西，下周就要搬出去了，想想还有点舍不得。")
+    _, r, s = quality_filter(post)
+    assert r is None and s["top_2gram"] == pytest.approx(12 / len(words(post)))  # the 12 哈, as 4-character grams
+
+    def reference(ws, n):  # brute force: the most frequent n-gram's occurrences, each word's characters once
+        grams = collections.defaultdict(list)
+        for i in range(len(ws) - n + 1):
+            grams[tuple(ws[i:i + n])].append(i)
+        top = max(map(len, grams.values()))
+        covered = [{j for i in at for j in range(i, i + n)} for at in grams.values() if len(at) == top]
+        return 0.0 if top < 2 else max(sum(len(ws[j]) for j in c) for c in covered) / sum(map(len, ws))
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ws = list(rng.choice(["a", "bb", "ccc", "dd"], int(rng.integers(2, 40))))
+        got = ngram_signals(ws, [2, 3, 4], [])
+        for n in (2, 3, 4):
+            assert got[f"top_{n}gram"] == pytest.approx(reference(ws, n) if len(ws) >= n else 0.0), (ws, n)
+
+
+def test_spaces_kept_by_nfc_are_whitespace_not_words_or_symbols():
+    """form="NFC" keeps the ideographic space U+3000 and the no-break spaces (NFKC writes them as ' '): U+3000 was a
+    word without a letter, and both were symbols, so this notice, padding two-character names to three as Chinese
+    lists do, measured alpha_word_fraction 0.75 under NFC (dropped) and 0.98 under NFKC, and the French article's
+    symbol_ratio 0.084 against 0.057."""
+    from data.normalize import NormalizeConfig, normalize_text
+
+    notice = ("关于公布2024年度优秀学生奖学金获奖名单的通知\n"
+              "经学院评审委员会审核，并在全院范围内公示五个工作日无异议，现将获奖名单公布如下：\n"
+              "一等奖：张　伟　王　芳　李　娜　刘　洋　陈　静　杨　帆　赵　磊　黄　敏\n"
+              "二等奖：周晓明　吴　昊　徐　婷　孙志强　马　超　朱　琳　胡　军　郭　丽　何　鹏　林　倩\n"
+              "三等奖：高　翔　罗　宁　郑　洁　梁　斌　谢　雨　宋　佳　唐　杰　许　颖　韩　冰　冯　雪\n"
+              "希望获奖同学再接再厉，也希望全体同学以他们为榜样，勤奋学习，全面发展。\n"
+              "学生工作办公室\n2024年12月1日")
+    fr = ("Le ministre a déclaré mardi\u00a0: «\u00a0Nous allons présenter le projet de loi au printemps\u00a0». "
+          "Interrogé sur le calendrier, il a ajouté\u202f: «\u00a0Rien n’est encore décidé\u00a0; nous écoutons les "
+          "syndicats\u00a0». Les représentants du personnel, reçus le matin même, se sont dits «\u00a0prudents\u00a0» "
+          "mais ouverts au dialogue. Une nouvelle réunion est prévue la semaine prochaine\u202f; d’ici là, les "
+          "négociations se poursuivent dans chaque région, où les attentes restent très fortes\u00a0!")
+    for text in (notice, fr):
+        nfkc, nfc = (quality_filter(normalize_text(text, NormalizeConfig(form=f))) for f in ("NFKC", "NFC"))
+        assert "\u3000" in nfc[0] or "\u00a0" in nfc[0]
+        assert nfc[1] is None and nfkc[1] is None
+        assert nfc[2] == pytest.approx(nfkc[2])
+    assert tokens("张　伟") == ["张", "伟"]
