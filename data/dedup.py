@@ -162,7 +162,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 class NearDupIndex:
     """Streaming near-dup index: `add(key, sig)` returns the key of an earlier near duplicate, or None
-    (then the document is indexed as a new cluster representative)."""
+    (then the document is indexed as a new cluster representative); `insert(key, sig)` indexes one unasked."""
 
     def __init__(self, cfg: DedupConfig = DedupConfig()):
         self.cfg = cfg
@@ -184,10 +184,18 @@ class NearDupIndex:
                 best, best_j = other, j
         if best is not None and best_j >= self._cut:
             return best
-        self._lsh.insert(key, m)
-        self._sigs[key] = sig
-        self._order[key] = len(self._order)
+        self._insert(key, m, sig)
         return None
+
+    def insert(self, key, sig: np.ndarray):
+        """Index `key` as a representative whatever it is similar to (a document kept elsewhere, e.g. by the run a
+        held-out set is deduplicated against, under its own threshold). sig: [num_perm] (`signature`)."""
+        self._insert(key, _minhash(self.cfg, sig.astype(np.uint64)), sig)
+
+    def _insert(self, key, m: MinHash, sig: np.ndarray):
+        self._lsh.insert(key, m)
+        self._sigs[key] = sig.copy()  # a row of a shard's signatures kept the whole shard's alive
+        self._order[key] = len(self._order)
 
     def __len__(self):
         return len(self._sigs)

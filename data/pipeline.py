@@ -86,7 +86,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # text ("调用self.fit()"), a JSON line's invalid UTF-8 is judged in its text alone (as Parquet's), and a directory
 # reached also through a link is named by its first name in sorted order; 14 = top_{n}gram counts overlapping
 # occurrences' characters once (a post laughing 哈 12 times measured 0.29 and was dropped; a "fraction" reached 1.98),
-# and the ideographic space and no-break spaces that form="NFC" keeps are whitespace, not words or symbols.
+# the ideographic space and no-break spaces that form="NFC" keeps are whitespace, not words or symbols, and a
+# held-out run (dedup_against) indexes every document the training run kept (one near another under a lower threshold
+# here was left out, and a held-out near copy of it kept).
 OUTPUT_VERSION = 14
 
 
@@ -322,8 +324,10 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
     if cfg.dedup_against is not None:  # the reference run's survivors come first: "earlier" than any of ours
         for key, k, sig in _reference_survivors(pathlib.Path(cfg.dedup_against), cfg):
             seen.setdefault(k, key)
+            # inserted, not added: `add` left out a survivor near an earlier one under a lower threshold here, and a
+            # held-out near copy of it alone was kept
             if index is not None:
-                index.add(key, sig)
+                index.insert(key, sig)
     ref = lambda rep, reason: f"{reason}_reference" if rep.startswith(REF) else reason  # noqa: E731
     drops: dict[str, dict[str, list]] = {}
     total = sum(_filtered_count(out, i) for i in range(n_shards))
@@ -408,13 +412,15 @@ def _reference_survivors(ref: pathlib.Path, cfg: PipelineConfig):
     counts what its dedup kept."""
     drops = read_json(ref / "cleaned" / "dedup.json")["drops"]
     for i in range(check_reference(ref, cfg)):
+        # each z[name] reads the member from the archive again: once a shard, not once a document (quadratic)
         z = np.load(ref / "filtered" / f"{shard_name(i)}.dedup.npz")
+        keys, sigs = z["keys"], z["sigs"]
         gone = set(drops.get(str(i), {}))
         if (labeled := _stats_path(ref, "labeled", i)).exists():
             gone |= {str(j) for j in read_json(labeled).get("dropped", [])}
-        for j in range(len(z["keys"])):
+        for j in range(len(keys)):
             if str(j) not in gone:
-                yield f"{REF}{i}:{j}", bytes(z["keys"][j]), z["sigs"][j]
+                yield f"{REF}{i}:{j}", bytes(keys[j]), sigs[j]
 
 
 def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:

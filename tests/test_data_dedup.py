@@ -247,6 +247,24 @@ def test_the_index_bands_as_configured_and_confirms_the_most_similar_candidate()
     assert index.add("c", c) == "near"
 
 
+def test_the_index_holds_its_representatives_signatures_not_their_shards():
+    """Pass 2 adds each row of a shard's [docs, num_perm] signature array; holding the row kept the whole array alive,
+    duplicates' rows too: 512 B per document beyond the documented ~150 B (measured: 20 shards of 1,000 documents,
+    4,015 representatives, 34.8 MB against 26.6 MB)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(0)
+    sigs_ND = rng.integers(0, 2**32, (4, 128), dtype=np.uint64).astype(np.uint32)
+    index = NearDupIndex(DedupConfig())
+    assert index.add("0:0", sigs_ND[0]) is None
+    index.insert("0:1", sigs_ND[1])
+    shard = weakref.ref(sigs_ND)
+    del sigs_ND
+    gc.collect()
+    assert shard() is None
+
+
 def test_documents_without_words_are_not_all_one_duplicate():
     """Folding punctuation made every text without word characters the empty string: '★★★ ☆☆☆' and '→ ← ↑' shared
     an exact key and a MinHash signature, so dedup kept one of them (a review's finding). Their whitespace and case
