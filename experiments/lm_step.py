@@ -109,8 +109,9 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
                    width_mult: float = 1.0) -> optax.GradientTransformation:
     """AdamW (decay masked by `decay_mask`) after global-norm clipping, on a warmup + cosine / WSD schedule.
 
-    width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices and the MoE router take steps of
-    lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr.
+    width_mult: `TransformerConfig.width_mult` of a μP model: hidden matrices and the MoE router take Adam steps of
+    lr / width_mult (μP for Adam), embeddings, norms, biases and the readout keep lr; weight decay shrinks every
+    decayed weight by lr·weight_decay per update at any width (the `mup` package's MuAdamW: lr / m, decay · m).
     The optimizer works in float32 whatever the parameters' dtype (`float32_state`): Adam's moments, clipping and
     the updates, which `optax.apply_updates` adds to the parameters before rounding to their dtype.
     Bad settings (a negative lr, clip_norm <= 0, a beta outside [0, 1), ...) raise a ValueError naming them."""
@@ -130,11 +131,14 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
     _need("make_optimizer", "weight_decay", weight_decay, lambda v: math.isfinite(v) and v >= 0,
           "a finite number >= 0 (0: no decay)")
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
-    parts = [optax.clip_by_global_norm(clip_norm),
-             optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)]
-    if width_mult != 1.0:
-        parts.append(optax.masked(optax.scale(1.0 / width_mult), mup_hidden_mask))
-    return float32_state(optax.chain(*parts))
+    if width_mult == 1.0:
+        adamw = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    else:  # optax.adamw with the 1/m on Adam's step alone: the decay stays lr·wd per update at every width, as
+        # MuAdamW's lr / m with weight_decay · m (the 1/m applied after adamw made it m times weaker)
+        adamw = optax.chain(optax.scale_by_adam(b1=b1, b2=b2),
+                            optax.masked(optax.scale(1.0 / width_mult), mup_hidden_mask),
+                            optax.add_decayed_weights(weight_decay, decay_mask), optax.scale_by_learning_rate(sched))
+    return float32_state(optax.chain(optax.clip_by_global_norm(clip_norm), adamw))
 
 
 def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:

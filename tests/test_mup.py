@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments.lm_step import lm_loss, make_optimizer, mup_hidden_mask
+from experiments.lm_step import decay_mask, lm_loss, make_optimizer, mup_hidden_mask
 from models import Transformer, TransformerConfig
 
 TOK = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 33)), jnp.int32)
@@ -96,6 +96,72 @@ def test_make_optimizer_gives_hidden_matrices_lr_over_width_mult():
         want = lr / c.width_mult if h else lr
         # the median: after clipping a few tiny gradient entries feel Adam's eps
         assert np.median(np.abs(np.asarray(u))) == pytest.approx(want, rel=1e-3), jax.tree_util.keystr(path)
+
+
+def test_mup_at_its_base_width_is_the_standard_parametrisation_but_for_the_zero_readout():
+    """At m = 1 μP changes nothing but the readout's zero init (docs/scaling.md): every other parameter draws the
+    same, and with the standard head the losses and the weights after AdamW updates (decay on) are identical."""
+    runs = []
+    for mup in (False, True):
+        c = cfg(32, mup)
+        graphdef, params = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))
+        runs.append((c, graphdef, params, nnx.to_pure_dict(params)))
+    (_, _, sp, sp_init), (_, _, mp, mp_init) = runs
+    assert not np.any(mp_init["lm_head"])
+    mp_init.pop("lm_head")
+    jax.tree.map(np.testing.assert_array_equal, mp_init, {k: v for k, v in sp_init.items() if k != "lm_head"})
+    mp["lm_head"][...] = sp["lm_head"][...]
+    out = []
+    for c, graphdef, params, _ in runs:
+        assert c.width_mult == 1.0
+        opt = make_optimizer(1e-2, total_steps=10, warmup_steps=0, width_mult=c.width_mult)
+
+        @jax.jit
+        def run(params, graphdef=graphdef, opt=opt):
+            def step(carry, _):
+                p, s = carry
+                loss, g = jax.value_and_grad(lambda p: lm_loss(graphdef, p, BATCH))(p)
+                u, s = opt.update(g, s, p)
+                return (optax.apply_updates(p, u), s), loss
+
+            (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=2)
+            return losses, params
+
+        out.append(run(params))
+    jax.tree.map(np.testing.assert_array_equal, out[0], out[1])  # the losses, then the weights
+
+
+def test_make_optimizer_is_mu_adamw_with_weight_decay():
+    """Two updates equal torch's AdamW with the `mup` package's MuAdamW groups: hidden matrices (and the router)
+    at lr / m with weight_decay · m, so decoupled decay shrinks every decayed weight by lr·wd per update at any
+    width. The 1/m scaled the decay too: at m = 4 the hidden matrices decayed 0.25·lr·wd per update, the
+    embedding lr·wd, and a weight_decay tuned at the base width did not transfer."""
+    torch = pytest.importorskip("torch")
+    c = cfg(128, True)
+    params = nnx.state(Transformer(c, rngs=nnx.Rngs(0)))
+    leaves, treedef = jax.tree.flatten(params)
+    grads = [[np.asarray(jax.random.normal(jax.random.key(10 * s + i), x.shape)) for i, x in enumerate(leaves)]
+             for s in range(2)]
+    lr, wd, m = 1e-2, 0.1, c.width_mult
+    opt = make_optimizer(lr, total_steps=100, warmup_steps=0, weight_decay=wd, clip_norm=float("inf"),
+                         schedule="wsd", width_mult=m)  # wsd: lr constant over these updates
+    state, p = opt.init(params), params
+    for g in grads:
+        u, state = opt.update(jax.tree.unflatten(treedef, g), state, p)
+        p = optax.apply_updates(p, u)
+
+    ts = [torch.tensor(np.asarray(x), requires_grad=True) for x in leaves]
+    hidden, decayed = jax.tree.leaves(mup_hidden_mask(params)), jax.tree.leaves(decay_mask(params))
+    groups = [{"params": [t], "lr": lr / m if h else lr, "weight_decay": (wd * m if h else wd) if d else 0.0}
+              for t, h, d in zip(ts, hidden, decayed, strict=True)]
+    ref = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    for g in grads:
+        for t, gi in zip(ts, g, strict=True):
+            t.grad = torch.tensor(gi)
+        ref.step()
+    for (path, got), t in zip(jax.tree_util.tree_leaves_with_path(p), ts, strict=True):
+        np.testing.assert_allclose(np.asarray(got), t.detach().numpy(), rtol=1e-5, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
