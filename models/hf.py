@@ -169,8 +169,8 @@ def _opened(f: Path):
 
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
                     **config_overrides) -> Transformer:
-    """Transformer from a local HF Llama / Mistral / Qwen2 / Gemma 2 / Mixtral folder (config.json + safetensors,
-    sharded or not).
+    """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Gemma 2 / Mixtral folder (config.json +
+    safetensors, sharded or not).
 
     dtype: compute dtype, a name ('float32', 'bfloat16', 'float16'; not None: the weights' own dtype is not read,
     a float64 checkpoint loads in any of them); param_dtype: storage dtype of the parameters (None: same as dtype,
