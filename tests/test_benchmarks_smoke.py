@@ -444,3 +444,21 @@ def test_json_to_dev_stdout_redirected_to_a_file_keeps_the_log(redirect, tmp_pat
     summary, result = json.dumps({"ms": 1.0}, indent=1), json.dumps({"rows": [], "summary": {"ms": 1.0}}, indent=1)
     earlier = "earlier run\n" if redirect == ">>" else ""
     assert log.read_text() == f"{earlier}{summary}\n{result}\nafter\n"
+
+
+def test_moe_train_plots_into_docs_only_for_the_documented_run(tmp_path, monkeypatch):
+    """--plot defaulted to docs/moe_load.png, so a 2-step smoke run replaced the committed figure; only the documented
+    run (--balance-steps 150, the default) writes it now, others plot moe_load.png in the working directory."""
+    import pathlib
+
+    from benchmarks import moe_train
+
+    plotted = []
+    monkeypatch.setattr(moe_train, "balance", lambda steps: {"x": {"max_over_mean": 1.0, "cv": 0.0, "final_loss": 1.0}})
+    monkeypatch.setattr(moe_train, "plot", lambda res, path: plotted.append(pathlib.Path(path)))
+    monkeypatch.chdir(tmp_path)
+    moe_train.main(["--skip-speed", "--balance-steps", "2"])
+    moe_train.main(["--skip-speed"])
+    moe_train.main(["--skip-speed", "--balance-steps", "2", "--plot", str(tmp_path / "mine.png")])
+    docs = pathlib.Path(moe_train.__file__).resolve().parents[1] / "docs" / "moe_load.png"
+    assert plotted == [pathlib.Path("moe_load.png"), docs, tmp_path / "mine.png"]
