@@ -406,14 +406,15 @@ class IsoFlop:
 
 def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05) -> IsoFlop:
     """Approach 2: group runs by budget (C = 6ND unless `flops` is given; budgets within `rtol` are one
-    group), fit loss = p2·x² + p1·x + p0 with x = log N per group (>= 3 runs), take N_opt = exp(-p1 / 2p2),
+    group), fit loss = p2·x² + p1·x + p0 with x = log N per group (>= 3 model sizes), take N_opt = exp(-p1 / 2p2),
     then least-squares lines log N_opt = a·log C + log k_n and log D_opt = b·log C + log k_d. D_opt is C / 6N_opt,
     or with `flops` given (a FLOP count other than 6ND) the tokens of the budget's runs interpolated to N_opt.
 
-    A budget is left out (listed in `skipped` and in one warning) when it has < 3 runs, when its
-    parabola opens downwards, or when its minimum lies outside the model sizes it trained: a parabola
-    extrapolated past its runs puts N_opt far off and drags the exponent with it (runs at 0.02-0.2x the
-    optimum give half the true N_opt). Train sizes on both sides of each budget's optimum."""
+    A budget is left out (listed in `skipped` and in one warning) when it has < 3 distinct model sizes (repeats
+    of a size, e.g. seeds, count once), when its parabola opens downwards, or when its minimum lies outside the
+    model sizes it trained: a parabola extrapolated past its runs puts N_opt far off and drags the exponent with
+    it (runs at 0.02-0.2x the optimum give half the true N_opt). Train sizes on both sides of each budget's
+    optimum."""
     # < 0 or NaN put every run in a budget of its own ('need >= 2 FLOP budgets' naming nothing), inf all in one
     if isinstance(rtol, bool) or not isinstance(rtol, numbers.Real) or not 0 <= rtol < math.inf:
         raise ValueError(f"isoflop_envelope: rtol={rtol!r} must be a finite number >= 0 (budgets within that relative "
@@ -442,6 +443,9 @@ def isoflop_envelope(n_params, n_tokens, loss, flops=None, *, rtol: float = 0.05
         budget = float(np.exp(np.mean(np.log(c[g]))))
         if len(g) < 3:
             skipped.append((budget, f"{len(g)} run(s), need 3"))
+            continue
+        if (k := _levels(n[g])) < 3:  # repeats of a size (seeds) add no point: a parabola through 2 is any parabola
+            skipped.append((budget, f"{k} distinct model size{'s' * (k != 1)} among its {len(g)} runs, need 3"))
             continue
         x = np.log(n[g])
         p2, p1, p0 = np.polyfit(x, lv[g], 2)

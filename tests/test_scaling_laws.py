@@ -235,6 +235,24 @@ def test_isoflop_leaves_out_budgets_whose_runs_miss_the_minimum():
         isoflop_envelope(n[3:], d[3:], TRUE.loss(n[3:], d[3:]))
 
 
+def test_isoflop_names_a_budget_with_fewer_than_three_distinct_sizes():
+    """Three runs at two sizes (a size repeated with another seed) give polyfit a rank-deficient parabola: the budget
+    was left out as 'loss is not convex in log N', with numpy's RankWarning, for runs whose loss is convex. Repeats
+    count once, as in fit_law; the other budgets' fit is unchanged."""
+    rows = [(f * TRUE.optimal_params(c), c) for c in (1e19, 1e20, 1e21) for f in (0.5, 1, 2)]
+    rows += [(f * TRUE.optimal_params(1e22), 1e22) for f in (0.5, 0.5, 2)]
+    n, c = map(np.array, zip(*rows))
+    d = c / (6 * n)
+    loss = TRUE.loss(n, d) * np.r_[np.ones(10), 1.002, 1.0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        iso = isoflop_envelope(n, d, loss)
+    assert [str(w.message) for w in caught] == [
+        "isoflop_envelope: 1 of 4 budgets left out; C=1e+22: 2 distinct model sizes among its 3 runs, need 3"]
+    assert iso.flops == pytest.approx([1e19, 1e20, 1e21])
+    assert iso.a == pytest.approx(isoflop_envelope(n[:9], d[:9], loss[:9]).a, rel=1e-12)
+
+
 @pytest.mark.parametrize("flops", [1e19, 5.76e23, 1e26])
 def test_allocation_minimises_loss_on_the_budget(flops):
     law = CHINCHILLA_APPROACH3
