@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.checkpoint import Checkpoints
+from experiments.checkpoint import Checkpoints, mesh_axes, other_mesh_note
 
 EVALS = [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0), (5, None), (6, 0.5), (7, 4.0)]  # (step, eval loss or None)
 
@@ -393,6 +393,7 @@ def test_tensorboard_events_are_on_disk_after_a_flush(tmp_path):
     log = Logger(tmp_path, primary=True)
     for step in range(1, 5):
         log.write({"kind": "train", "step": step, "loss": 1.0 / step})
+    log.write({"kind": "train", "step": 5, "loss": float("nan")})  # a skipped step: null in the JSONL, no scalar
     log.write({"kind": "eval", "step": 4, "loss": 0.5, "expert_load": [0.25, 0.75]})
     log.flush()
     got = _tb_scalars(tmp_path / "tb")
@@ -973,3 +974,11 @@ def test_a_save_failing_at_exit_does_not_lose_the_other_managers_saves(tmp_path)
     assert "Exception ignored" not in err, err[-2000:]
     assert f"checkpoint: the save still writing in {tmp_path / 'failing'} at exit failed (OSError: No space left on " \
            "device)" in err, err[-2000:]
+
+
+def test_the_recorded_mesh_leaves_out_axes_of_size_one():
+    """A checkpoint's meta records the axes that split something: a mesh with a size-1 axis (jax.make_mesh keeps it,
+    parallel.make_mesh drops it) is the same mesh, and a resume across the two gets no note."""
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    assert mesh_axes(mesh) == {"data": 2, "fsdp": 4}
+    assert other_mesh_note({"mesh": {"data": 2, "fsdp": 4}}, mesh) == ""

@@ -413,6 +413,17 @@ def test_bf16_params_get_the_float32_params_optimizer():
     np.testing.assert_array_equal(runs[jnp.bfloat16], runs[jnp.float32])
 
 
+def test_weight_decay_of_bf16_params_is_that_of_their_float32_values():
+    """float32_state feeds the optimizer float32 copies of bf16 parameters too, not only of the gradients: AdamW's
+    decay term wd·p then is that of the float32 values (fed as bf16, wd·p was rounded to bf16: updates 2e-5 off)."""
+    opt = make_optimizer(1e-2, total_steps=20, warmup_steps=0, weight_decay=0.1, clip_norm=1e9)
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(3 * rng.standard_normal((8, 8)), jnp.bfloat16)
+    g = {"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.bfloat16)}
+    u16, u32 = (opt.update(g, opt.init(p), p)[0]["w"] for p in ({"w": w}, {"w": w.astype(jnp.float32)}))
+    np.testing.assert_array_equal(u16, u32)
+
+
 def test_schedules():
     """By optimizer count: 0 is the first update, 99 the last of 100; the last one gets min_lr_ratio·lr."""
     cos = make_schedule(1.0, 100, 10, "cosine", 0.1)
@@ -427,6 +438,9 @@ def test_schedules():
         assert float(s(0)) == pytest.approx(1.0) and float(s(99)) == pytest.approx(0.1)
     short = make_schedule(1.0, 9, 2, "wsd", 0.1, decay_frac=0.1)  # round(0.9) = 1 update of decay: still reached
     assert [float(short(s)) for s in (1, 7, 8)] == pytest.approx([0.5, 1.0, 0.1])
+    # round(13 · 0.2) = round(2.6) = 3 updates of decay (10, 11, 12), not int(2.6) = 2
+    odd = make_schedule(1.0, 13, 0, "wsd", 0.1, decay_frac=0.2)
+    assert [float(odd(s)) for s in (9, 10, 11, 12)] == pytest.approx([1.0, 1.0, 0.55, 0.1])
     # a warmup reaching into the decay window: the decay shortens and still ends on the last update (it ended
     # mid-decay: lr 0.4 at the last of 35 updates with warmup 30)
     for total, warm in ((35, 30), (100, 90), (10, 9)):
@@ -734,7 +748,7 @@ def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
         validate(load(["--preset", "tiny", "--set", f"data.tokenizer={tmp_path / 'nope.json'}"]), 8)
 
 
-def test_a_fresh_start_sets_earlier_logs_aside(tmp_path):
+def test_a_fresh_start_sets_earlier_logs_aside(tmp_path, monkeypatch):
     """A run killed before its first save left metrics.jsonl and tb/; the next fresh run in that --out appended to
     them, and the plot joined two runs' curves."""
     a = run_log.Logger(tmp_path, True)
@@ -748,6 +762,15 @@ def test_a_fresh_start_sets_earlier_logs_aside(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1] and len(list((tmp_path / "tb").iterdir())) == 1
     assert run_log.set_aside_logs(tmp_path / "empty") is None
+    # fresh starts within one second: each earlier run keeps its own name (a rename over one replaced its file)
+    monkeypatch.setattr(run_log.time, "strftime", lambda fmt: "20260101-000000")
+    for step in (7, 8, 9):
+        log = run_log.Logger(tmp_path, True)
+        log.write({"kind": "train", "step": step, "loss": 1.0})
+        log.close()
+        run_log.set_aside_logs(tmp_path)
+    kept = sorted(f.read_text() for f in tmp_path.glob("metrics.jsonl.prev-*"))
+    assert len(kept) == 4 and sum('"step": 9' in t for t in kept) == 1 and sum('"step": 7' in t for t in kept) == 1
 
 
 def test_throughput_window_leaves_out_eval_and_save_time():
@@ -907,12 +930,19 @@ def test_a_sharded_state_steps_with_one_compilation():
     graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     params2 = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)[1]
     step, plain = make_state_step(graphdef, opt), make_train_step(graphdef, opt)
+    # train.seed seeds the state's rng (the router jitter's key): the raw data of jax.random.key(seed)
+    np.testing.assert_array_equal(init_train_state(params, opt, seed=3)["rng"], jax.random.key_data(jax.random.key(3)))
     with jax.set_mesh(mesh):
         state, p, o = init_train_state(params, opt), params2, init_optimizer(opt, params2)
         for _ in range(3):
-            state, _ = step(state, batch)
-            p, o, _ = plain(p, o, batch)
+            state, m = step(state, batch)
+            p, o, m_plain = plain(p, o, batch)
     assert (step._cache_size(), plain._cache_size()) == (1, 1)
+    # the plain step is the trainer's without its bookkeeping: the same loss, gradient norm and update
+    assert [float(m_plain[k]) for k in ("loss", "grad_norm")] == pytest.approx([float(m[k]) for k in ("loss",
+                                                                                                   "grad_norm")])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jax.device_get(p),
+                 jax.device_get(state["params"]))
 
 
 def test_perplexity_is_exp_of_the_loss_up_to_float_overflow():
