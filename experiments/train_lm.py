@@ -480,7 +480,7 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from experiments.checkpoint import Checkpoints
+    from experiments.checkpoint import CheckpointMismatch, Checkpoints
     from experiments.config import RunConfig
     from parallel import make_mesh
 
@@ -509,7 +509,11 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
                                                        sharding=template["rng"].sharding)
             except Exception:  # noqa: BLE001 - unreadable: the restore below reports it and tries an older step
                 pass
-            restored = ckpt.restore(template, s, quarantine=False)
+            try:
+                restored = ckpt.restore(template, s, quarantine=False)
+            except CheckpointMismatch:  # the optimizer state, read only to be verified, has another layout (a μP
+                # run saved before the weight decay fix of 2026-12-04): its model is intact, and read alone
+                restored = ckpt.restore({"params": template["params"]}, s, quarantine=False)
             if restored is not None:
                 if s != steps[0]:
                     log(f"load_model: using step {s} of {pathlib.Path(out) / 'ckpt'}")
@@ -596,6 +600,13 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
             raise CheckpointMismatch(
                 f"train.steps: {out / 'ckpt'} is at step {meta['step']}, past train.steps={t.steps}; pass "
                 f"--set train.steps={meta['step']} (or more) to resume it, or a new --out")
+        # μP's 1/m moved inside AdamW (make_optimizer): the state saved before has the layout [clip, adamw, 1/m]
+        if m.width_mult != 1.0 and len(ckpt.mgr.item_metadata(int(meta["step"]))["state"].tree["opt_state"]) == 3:
+            raise CheckpointMismatch(
+                f"train.out: {out / 'ckpt'} (step {meta['step']}) holds a μP optimizer state saved before the weight "
+                "decay fix of 2026-12-04 (hidden matrices now decay lr·weight_decay per update, were "
+                "lr·weight_decay/m), whose layout this code does not read; use a new --out (load_model still reads "
+                "its model)")
         if why := prng_mismatch(meta.get("prng_impl"), lambda: getattr(
                 ckpt.mgr.item_metadata(int(meta["step"]))["state"].tree.get("rng"), "shape", None)):
             raise CheckpointMismatch(f"train.out: {out / 'ckpt'} (step {meta['step']}): {why}")

@@ -342,3 +342,29 @@ def test_the_zero_readout_starves_the_body_of_gradient_not_of_adam_steps():
     assert z1 == z2 == zu2 == 0.0 and r2 > 0 and ru2 > 0
     assert 0 < z3 < r3 / 5  # a far smaller gradient (7x here) ...
     assert 0.5 < zu3 / ru3 < 1.5  # ... but a step about as large (0.69x)
+
+
+def test_a_mup_run_saved_before_the_weight_decay_fix_still_loads_its_model(tmp_path, monkeypatch):
+    """The fix moved Adam's 1/m inside AdamW, so a μP run's optimizer state has another layout: load_model, which
+    reads the optimizer state only to verify it, refused every μP run saved before ("opt_state/1/2/count: saved (),
+    now missing") though its params are intact. They load; resuming such a run is refused naming the fix."""
+    from experiments import lm_step, train_lm
+
+    def before_the_fix(lr, total_steps, warmup_steps, weight_decay, clip_norm, b1, b2, schedule, min_lr_ratio,
+                       decay_frac, width_mult):  # make_optimizer as it was: the 1/m after adamw
+        sched = lm_step.make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
+        return lm_step.float32_state(optax.chain(
+            optax.clip_by_global_norm(clip_norm),
+            optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask),
+            optax.masked(optax.scale(1.0 / width_mult), mup_hidden_mask)))
+
+    args = ["--preset", "tiny", "--set", "train.sample_tokens=0", "--set", "model.mup_base_width=16", "--set",
+            "train.steps=4", "--set", "train.eval_every=4", "--out", str(tmp_path / "run")]
+    with monkeypatch.context() as mp:
+        mp.setattr(lm_step, "make_optimizer", before_the_fix)
+        train_lm.main(args)
+    model, cfg = train_lm.load_model(tmp_path / "run")
+    assert cfg.model.width_mult == 2.0
+    assert np.any(np.asarray(model.lm_head[...]))  # the trained readout (μP's starts at zero)
+    with pytest.raises(SystemExit, match=r"train.out: .* μP .* weight decay fix.*new --out"):
+        train_lm.main([*args[:-4], "--set", "train.steps=8", "--out", str(tmp_path / "run")])
