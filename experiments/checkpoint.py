@@ -11,9 +11,10 @@ Integrity: orbax finalises a step directory atomically (a save killed half-way l
 `*.orbax-checkpoint-tmp-*` directory, never a step), and `meta.fingerprint` holds a bitwise checksum of every
 leaf taken at save time. A restore that fails to read or whose checksum differs is reported in one line, the
 step is moved to `<dir>-corrupt/<step>[-n]` (never over an earlier one), and the previous step is tried. A readable
-step that does not fit the run (another model config, array shapes or tree structure, process count) is not
-corruption: `CheckpointMismatch` is raised before any array is read and the directory is left alone. Only finite
-states are ever saved.
+step that does not fit the run (another model config, array paths or shapes, process count) is not
+corruption: `CheckpointMismatch` is raised before any array is read and the directory is left alone. Arrays are read
+by path: a tree holding the same arrays with its empty nodes elsewhere (a regrouped optax chain) restores into the
+template's. Only finite states are ever saved.
 Multi-process: every process calls save/restore (orbax coordinates the writes); logs come from process 0.
 """
 
@@ -135,18 +136,21 @@ def fingerprint(tree) -> str:
     return hashlib.sha256(_sums(tree).tobytes()).hexdigest()[:16]
 
 
-def part_fingerprints(tree) -> tuple[str, dict[str, str] | None]:
+def part_fingerprints(tree, order: list[str] | None = None) -> tuple[str, dict[str, str] | None]:
     """(fingerprint(tree), the fingerprint of each top-level entry of a dict tree, or None): one pass over the
-    leaves (a dict flattens entry by entry in sorted key order), so that a part restored alone can be verified."""
-    sums = _sums(tree)
+    leaves, so that a part restored alone can be verified. order: the leaves' path names in the order the checksum
+    was taken (the saved tree's, which may flatten otherwise than `tree`: a namedtuple's fields reordered since);
+    by default the tree's own."""
+    flat, sums = jax.tree_util.tree_flatten_with_path(tree)[0], _sums(tree)
+    if order is not None:
+        at = {_path_name(path): i for i, (path, _) in enumerate(flat)}
+        pick = [at[name] for name in order]
+        flat, sums = [flat[i] for i in pick], sums[pick]
     whole = hashlib.sha256(sums.tobytes()).hexdigest()[:16]
     if not isinstance(tree, dict):
         return whole, None
-    parts, i = {}, 0
-    for k in sorted(tree):
-        n = len(jax.tree.leaves(tree[k]))
-        parts[k], i = hashlib.sha256(sums[i:i + n].tobytes()).hexdigest()[:16], i + n
-    return whole, parts
+    return whole, {k: hashlib.sha256(sums[[i for i, (path, _) in enumerate(flat) if path[0].key == k]].tobytes())
+                   .hexdigest()[:16] for k in sorted(tree)}
 
 
 def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
@@ -381,7 +385,9 @@ class Checkpoints:
         saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
         False: a reader beside a running job must not move its files), and the previous one is tried; a readable
-        one that does not fit raises CheckpointMismatch and stays where it is.
+        one that does not fit (other array paths or shapes) raises CheckpointMismatch and stays where it is. The
+        arrays are placed by path: a saved tree whose empty nodes (optax's EmptyState, MaskedState of one, None)
+        sit elsewhere, or whose namedtuple fields come in another order, restores into `template`'s tree.
         other(step): reads a step saved in an older layout this class does not (the video trainer's one item per
         tree), returning (state, meta), or None for a step of this layout; such a step is tried in its turn (a
         fallback from a corrupt newer step reaches it) and never set aside."""
@@ -420,9 +426,12 @@ class Checkpoints:
             if loader is not None and has_loader:
                 self._check_processes(s)
             try:
-                out = {"state": self._read_agreed(s, "state", tree_restore_args(_with_saved_dtypes(abstract, saved),
-                                                                                 partial=partial))}
-                whole, parts = part_fingerprints(out["state"])
+                # read in the saved tree's own structure, then placed by path: orbax refuses a template whose empty
+                # nodes (EmptyState, MaskedState of one, None) sit elsewhere, a regrouped optax chain of the same arrays
+                item = _by_paths(_with_saved_dtypes(abstract, saved), saved)
+                out = {"state": _by_paths(self._read_agreed(s, "state", tree_restore_args(item, partial=partial)),
+                                          abstract)}
+                whole, parts = part_fingerprints(out["state"], _saved_order(self.dir / str(s) / "state", abstract))
                 got, want = (parts, {k: meta["part_fingerprints"].get(k) for k in parts}) if partial else (
                     whole, meta.get("fingerprint"))
                 if got != want or meta.get("step") != s:
@@ -583,6 +592,27 @@ def _overflowing_casts(restored, abstract) -> list[str]:
                            f"whose largest is {float(jnp.finfo(to).max):.6g} (it would be "
                            f"{'inf' if np.isinf(cast) else 'NaN'})")
     return bad
+
+
+def _by_paths(tree, like):
+    """`like`'s tree (its empty nodes included) holding the leaves of `tree` of the same path names."""
+    got = {_path_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return jax.tree_util.tree_map_with_path(lambda path, _: got[_path_name(path)], like)
+
+
+def _saved_order(state_dir: pathlib.Path, abstract) -> list[str]:
+    """The path names of `abstract`'s leaves in the order the saved tree flattened (its checksum's order). orbax's
+    array metadata is a tree of dicts, sorted; its `_METADATA` lists the saved keys in order. `abstract`'s own order
+    when that does not name exactly these arrays."""
+    names = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+    try:
+        saved = ["/".join(str(k["key"]) for k in v["key_metadata"])
+                 for v in json.loads((state_dir / "_METADATA").read_text())["tree_metadata"].values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return names
+    want = set(names)
+    order = [n for n in saved if n in want]
+    return order if sorted(order) == sorted(names) else names
 
 
 def _with_saved_dtypes(abstract, saved):

@@ -789,6 +789,57 @@ def test_the_checksum_sees_both_words_of_8_byte_leaves():
             assert fingerprint({"x": jnp.asarray(hi)}) != base != fingerprint({"x": jnp.asarray(lo)})
 
 
+def test_a_state_whose_empty_nodes_or_field_order_changed_restores_by_its_arrays_still_verified(tmp_path):
+    """The same arrays at the same paths in another tree: AdamW as a regrouped optax chain (its EmptyState /
+    MaskedState nodes elsewhere) and a namedtuple whose fields were reordered. orbax's restore refused the first ("tree
+    structures do not match") and the second failed the checksum, taken over the leaves in the saved order: both were
+    taken for corruption, every step set aside and the run started again from step 0. They restore by path into the
+    template's tree, verified against the checksum in the saved order, which still sets a damaged step aside."""
+    import collections
+
+    import optax
+
+    old, new = collections.namedtuple("Old", ["z", "a"]), collections.namedtuple("New", ["a", "z"])
+    params = {"b": jnp.zeros(3), "w": jnp.ones((2, 3))}
+    mask, lr = {"b": False, "w": True}, optax.linear_schedule(1e-3, 0.0, 10)
+    adamw = optax.adamw(lr, weight_decay=0.1, mask=mask)  # chain(adam, masked(decay), lr schedule)
+    regrouped = optax.chain(optax.scale_by_adam(), optax.chain(optax.add_decayed_weights(0.1, mask)),
+                            optax.scale_by_learning_rate(lr), optax.identity())
+    assert jax.tree.structure(adamw.init(params)) != jax.tree.structure(regrouped.init(params))
+
+    def saved_at(step):
+        opt = jax.tree.map(lambda x: x + step, adamw.init(params))
+        return {"opt_state": opt, "params": params, "pair": old(jnp.full(2, step), jnp.arange(3.0) * step)}
+
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, keep_best=False, log=lambda *a: None)
+    for step in (1, 2):
+        ckpt.save(step, saved_at(step), {})
+    ckpt.close()
+    template = {"opt_state": regrouped.init(params), "params": params, "pair": new(jnp.zeros(3), jnp.zeros(2))}
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep_best=False, log=lines.append)
+    try:
+        state, meta = ckpt.restore(template)
+        assert meta["step"] == 2 and not lines and ckpt.steps() == [1, 2]
+        assert jax.tree.structure(state) == jax.tree.structure(template)
+        want = saved_at(2)
+        np.testing.assert_array_equal(state["opt_state"][0].nu["w"], want["opt_state"][0].nu["w"])
+        np.testing.assert_array_equal(state["opt_state"][2].count, want["opt_state"][2].count)
+        np.testing.assert_array_equal(state["pair"].a, want["pair"].a)
+        np.testing.assert_array_equal(state["pair"].z, want["pair"].z)
+        state, meta = ckpt.restore({"pair": template["pair"]})  # one entry alone, by its own checksum
+        assert meta["step"] == 2 and not lines
+        np.testing.assert_array_equal(state["pair"].a, want["pair"].a)
+        meta_file = tmp_path / "ckpt" / "2" / "meta" / "metadata"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "fingerprint": "0" * 16}))
+        state, meta = ckpt.restore(template)
+        assert meta["step"] == 1 and ckpt.steps() == [1] and (tmp_path / "ckpt-corrupt" / "2").is_dir()
+        assert len(lines) == 1 and "checksum" in lines[0] and "falling back to step 1" in lines[0], lines
+        np.testing.assert_array_equal(state["opt_state"][0].mu["b"], saved_at(1)["opt_state"][0].mu["b"])
+    finally:
+        ckpt.close()
+
+
 def test_a_state_with_bool_and_complex_leaves_saves_restores_and_is_checksummed(tmp_path):
     """optax.apply_if_finite keeps a bool in its state: the checksum's bitcast refused bool (and complex) leaves,
     so save() failed with a TypeError from inside jit that named neither the leaf nor a fix."""

@@ -357,6 +357,34 @@ def test_resume_after_a_skipped_step_keeps_its_count(tmp_path):
     assert_trees_equal(ref6["params"], got6["params"])
 
 
+def test_a_run_saved_with_its_optimizer_chain_grouped_otherwise_resumes_not_from_step_0(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The same AdamW written as a nested optax chain: the same arrays at the same paths, its empty states elsewhere.
+    orbax refused that tree ("tree structures do not match"), the step was set aside as corrupt and the run trained
+    again from step 0 after one log line. It resumes."""
+    import optax
+
+    from experiments import lm_step
+
+    def regrouped(lr, total_steps, warmup_steps, weight_decay, clip_norm, b1, b2, schedule, min_lr_ratio,
+                  decay_frac, width_mult):  # make_optimizer's AdamW, its weight decay in a chain of its own
+        sched = lm_step.make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
+        return lm_step.float32_state(optax.chain(optax.clip_by_global_norm(clip_norm), optax.chain(
+            optax.scale_by_adam(b1=b1, b2=b2), optax.chain(optax.add_decayed_weights(weight_decay, lm_step.decay_mask)),
+            optax.scale_by_learning_rate(sched))))
+
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--set", "train.eval_every=100", "--set", "train.progress=false"]
+    with monkeypatch.context() as mp:
+        mp.setattr(lm_step, "make_optimizer", regrouped)
+        train_lm.main([*args, "--set", "train.steps=4"])
+    capsys.readouterr()
+    train_lm.main([*args, "--set", "train.steps=5"])
+    printed = capsys.readouterr().out
+    assert "resumed from step 4" in printed and "corrupt" not in printed, printed
+    assert not (out / "ckpt-corrupt").exists() and (out / "ckpt" / "4").is_dir()
+
+
 def test_resume_warnings_are_said_once_for_the_step_resumed_and_grad_accum_is_not_another_optimizer(runs, tmp_path,
                                                                                                        capsys):
     """With the newest step corrupt, the check ran on it and again on the fallback step: every warning was printed
