@@ -286,6 +286,24 @@ def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
 
 
 
+def test_an_older_checkpoint_with_the_loader_state_in_its_meta_positions_the_loader(tmp_path):
+    """Checkpoints written before per-process loader folders kept the (one process's) loader state in meta["loader"]
+    and had no loader_saved flag: restore(loader=) sets the loader from it."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    ckpt.save(4, state_at(4), {"config": "{}", "loader": {"position": 40}})
+    ckpt.close()
+    meta_file = tmp_path / "ckpt" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "loader_saved"}))
+    loader = PositionLoader(0)
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, async_save=False, log=lambda *a: None)
+    try:
+        state, meta = ckpt.restore(state_at(0), loader=loader)
+    finally:
+        ckpt.close()
+    assert meta["step"] == 4 and float(state["params"]["w"][0, 0]) == 4.0 and loader.position == 40
+
+
 def test_a_step_corrupted_twice_keeps_both_copies_and_loader_states_of_another_process_count_are_refused(tmp_path):
     """Quarantine never replaces an earlier copy of the same step (`<dir>-corrupt/<step>-1`, ...); a step whose loader
     states were written by another number of processes is a CheckpointMismatch, left in place (each process
@@ -525,6 +543,7 @@ def test_a_corrupt_step_asked_for_by_number_does_not_say_it_starts_fresh(tmp_pat
     try:
         assert ckpt.restore(state_at(0), step=8) is None
         assert ckpt.steps() == [4] and ckpt.restore(state_at(0))[1]["step"] == 4
+        assert ckpt.restore(state_at(0), step=6) is None  # never saved: None, and no line calling it corrupt
     finally:
         ckpt.close()
     assert len(lines) == 1 and lines[0].startswith("checkpoint: step 8 is corrupt or incomplete (ValueError: checksum")
@@ -838,6 +857,17 @@ def test_a_state_whose_empty_nodes_or_field_order_changed_restores_by_its_arrays
         np.testing.assert_array_equal(state["opt_state"][0].mu["b"], saved_at(1)["opt_state"][0].mu["b"])
     finally:
         ckpt.close()
+
+
+def test_each_part_fingerprint_is_that_of_its_entry_in_any_key_order():
+    """Each top-level entry's part fingerprint is its own leaves' checksum whatever order the dict was built in
+    (init_train_state's {params, opt_state, ...} is not sorted); walking the entries in insertion order over the
+    sorted leaf sums gave each entry another's, and a part restored alone then failed its checksum."""
+    from experiments.checkpoint import fingerprint, part_fingerprints
+
+    tree = {"params": {"w": jnp.arange(3.0)}, "opt_state": (jnp.ones(2), jnp.zeros(4)), "step": jnp.int32(7)}
+    whole, parts = part_fingerprints(tree)
+    assert whole == fingerprint(tree) and parts == {k: fingerprint(v) for k, v in tree.items()}
 
 
 def test_a_state_with_bool_and_complex_leaves_saves_restores_and_is_checksummed(tmp_path):

@@ -187,11 +187,13 @@ def test_bad_config_fails_with_one_line_naming_the_field(argv, n_devices, expect
 
 def test_the_edges_of_each_documented_range_validate():
     """The closed ends of the ranges validate() documents: a constant lr after warmup (min_lr_ratio 1), no weight
-    decay, b1 0 (RMSProp-like), a decay over the whole run, and exactly one held-out module (max_files ==
-    eval_every_nth): a bound tightened by one refused them."""
+    decay, b1 0 (RMSProp-like), a decay over the whole run, exactly one held-out module (max_files ==
+    eval_every_nth), the largest seed and no sample: a bound tightened by one refused them."""
     for sets in (["optim.min_lr_ratio=1", "optim.weight_decay=0", "optim.b1=0", "optim.b2=0"],
                  ["optim.schedule=wsd", "optim.decay_frac=1"], ["data.max_files=10", "data.eval_every_nth=10"],
-                 ["train.steps=2147483647", "optim.schedule=wsd"]):  # the int32 step counters' largest
+                 ["train.steps=2147483647", "optim.schedule=wsd"],  # the int32 step counters' largest
+                 ["train.seed=4294966"],  # (2**32 - 1) // 1000 - 1: the loader's seed·1000 still fits 32 bits
+                 ["train.sample_tokens=0"]):  # no sample: what the sample_prompt error tells the user to set
         validate(load(["--preset", "tiny", *(x for kv in sets for x in ("--set", kv))]), 8)
 
 
@@ -300,10 +302,12 @@ def test_set_converts_to_the_declared_type():
     cfg = load(["--preset", "tiny", "--set", "train.keep_best=false", "--set", "train.async_save=FALSE",
                 "--set", "train.steps=1e3", "--set", "optim.grad_accum=2.0", "--set", "train.eval_target=none",
                 "--set", "data.max_files=None", "--set", "train.out=123", "--set", "optim.lr=1", "--set",
-                "model.remat=none", "--set", "train.poison_steps=[3, 5]", "--set", "model.scan_unroll=true"])
+                "model.remat=none", "--set", "train.poison_steps=[3, 5]", "--set", "model.scan_unroll=true",
+                "--set", "data.cache_dir=null"])
     assert cfg.train.keep_best is False and cfg.train.async_save is False  # not the truthy string 'false'
     assert cfg.train.steps == 1000 and type(cfg.train.steps) is int and cfg.optim.grad_accum == 2
-    assert cfg.train.eval_target is None and cfg.data.max_files is None
+    # null, as the saved config.json spells None (a str | None field took it as the directory 'null')
+    assert cfg.train.eval_target is None and cfg.data.max_files is None and cfg.data.cache_dir is None
     assert cfg.train.out == "123" and cfg.optim.lr == 1.0 and type(cfg.optim.lr) is float
     assert cfg.model.remat == "none"  # a Literal value, not None: the field is not optional
     assert cfg.train.poison_steps == (3, 5) and cfg.model.scan_unroll is True
