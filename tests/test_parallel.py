@@ -211,6 +211,9 @@ def test_pipeline_microbatches_take_rows_from_every_data_shard():
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)  # rows come back in order
     # per device and tick: 4 rows / 4 data shards = 1 row x T=4 positions
     assert set(re.findall(r"= (f32\[[0-9,]+\])[^ ]* dot\(", hlo)) == {"f32[4,16]"}, hlo
+    # activations only move forward, stage 0 -> 1 (device 2d -> 2d + 1, stage inner): a ring back to stage 0 (whose
+    # input is the batch) gave the same values and sent every tick's output over the links for nothing
+    assert re.findall(r"source_target_pairs=(\{\S*\})", hlo) == ["{{0,1},{2,3},{4,5},{6,7}}"], hlo
     # misuse named (jax's shard_map axis error, IndexError, a reshape TypeError before)
     layer = lambda wl, h, c: jax.numpy.tanh(h @ wl)  # noqa: E731
     for m, args, says in ((make_mesh({"data": 8}), (W, x, None), "has no 'stage' axis to pipeline over"),

@@ -24,6 +24,12 @@ def test_rules_errors_and_fallbacks():
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, shape=(32, 1, 8)) == jax.P(None, None, None)
     # ... and the axis it could not take stays free for a later dim (a replicated dim used it up: both untested)
     assert logical_to_spec(("act_kv_heads", "act_heads"), mesh, shape=(1, 8)) == jax.P(None, "tensor")
+    # MoE capacity slots and the DiT's in-frame positions too: C = 3 slots or H·W = 6 positions on 4 sequence devices
+    # stay whole (the capacity follows the routing, not a config field a user could round)
+    sp = make_mesh({"data": 2, "sequence": 4})
+    for name in ("act_capacity", "act_frame_pos"):
+        assert logical_to_spec(("batch", name), sp, shape=(2, 6)) == jax.P("data", None), name
+        assert logical_to_spec(("batch", name), sp, shape=(2, 8)) == jax.P("data", "sequence"), name
     # a size-1 axis drops out of the spec, as documented
     assert logical_to_spec(("batch", "vocab"), make_mesh({"data": 8, "tensor": 1})) == jax.P("data", None)
     # axes absent from the mesh drop out: fsdp is not in this mesh
@@ -164,6 +170,9 @@ def test_a_jitted_function_traces_again_under_other_rules():
             f(jnp.ones((6, 4)))
         with replicate_indivisible():
             assert f(jnp.ones((6, 4))).sharding.spec in (jax.P(), jax.P(None, None))
+            # replicate_indivisible(False), the model's training call (no KV cache), turns it off again: still an error
+            with replicate_indivisible(False), pytest.raises(ValueError, match="'batch' of size 6 does not divide"):
+                f(jnp.ones((6, 4)))
 
 
 def test_an_inner_use_rules_overrides_the_outer_one_for_the_same_name():
@@ -190,6 +199,9 @@ def test_use_rules_refuses_a_registered_typo_of_a_table_name():
             pass
     with use_rules({"hidden": "tensor", "kv_heads": None}):  # a name of the user's own, and a real table name
         assert logical_to_spec(("hidden", "kv_heads"), mesh) == jax.P("tensor", None)
+    # more than one letter off is a name of its own, however alike ('act_mlp_in' is difflib-close to 'act_mlp')
+    with use_rules({"act_mlp_in": "tensor"}):
+        assert logical_to_spec(("act_mlp_in",), mesh) == jax.P("tensor")
 
 
 def test_an_override_to_mesh_axes_the_mesh_lacks_is_refused_by_name():
@@ -249,6 +261,7 @@ def test_make_mesh_takes_any_iterable_of_devices():
 def test_mesh_fill():
     mesh = make_mesh({"tensor": 2, "data": -1})
     assert dict(mesh.shape) == {"data": 4, "tensor": 2}
+    assert dict(make_mesh().shape) == {"data": 8}  # no shape: data parallel over every device
     # devices as a grid (another mesh's .devices): read row by row, "needs 8 devices but 4 are available"
     assert dict(make_mesh({"fsdp": -1}, devices=mesh.devices).shape) == {"fsdp": 8}
     assert make_mesh({"data": 2}, devices=np.asarray(jax.devices()[:2])).devices.tolist() == jax.devices()[:2]
@@ -463,6 +476,13 @@ def test_numpy_integer_sizes_are_ints_to_process_rows_and_gpipe():
     for bad in (True, 8.0):
         with pytest.raises(ValueError, match="process_rows: global_batch"):
             process_rows(bad)
+        with pytest.raises(ValueError, match=f"gpipe: n_microbatches={bad!r} must be an int"):  # True ran as 1
+            gpipe(lambda p, h, c: h + p, np.ones((2, 4)), x, n_microbatches=bad)
+    # bfloat16 on a mesh of 'stage' alone compiles on XLA:CPU (the abort needs other mesh axes too): not refused
+    with jax.set_mesh(make_mesh({"stage": 2}, devices=jax.devices()[:2])):
+        out = jax.jit(lambda w, x: gpipe(lambda p, h, c: h + p, w, x, n_microbatches=2))(
+            jnp.ones((2, 4), jnp.bfloat16), x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16 and np.array_equal(np.asarray(out, np.float32), x + 2)
 
 
 def test_batch_layout_across_processes_is_checked_before_anything_runs():
@@ -987,6 +1007,10 @@ def test_constrain_merged_splits_merged_rows_outer_axes_first():
         for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P())):
             y = jax.jit(lambda x, b=b, q=q: constrain_merged(x, ("batch", b), ("act_seq", q)))(x)
             assert y.sharding.spec == spec and np.array_equal(np.asarray(y), np.asarray(x)), (b, q, y.sharding.spec)
+        # an inner rule naming the outer's axis too: that axis counts once (('data', 'data', ...) raised in jax)
+        with use_rules(act_seq=("data", "sequence")):
+            y = jax.jit(lambda x: constrain_merged(x, ("batch", 8), ("act_seq", 4)))(x)
+        assert y.sharding.spec == jax.P(("data", "sequence")), y.sharding.spec
 
 
 def test_parse_mesh_refuses_unknown_axis_names_as_make_mesh_does():
