@@ -359,6 +359,32 @@ def test_measure_gives_a_still_object_no_direction():
     assert score(measure(video), labels)["static"] == 0.0
 
 
+def test_score_counts_a_clip_without_an_object_as_empty_not_static():
+    """score's 'static' is a clip whose object reads but does not move (direction -1, colour >= 0); a clip with no
+    object (colour -1, direction -1) is 'no_object' only, and colour 0 is a colour. Hand-counted over three clips: a
+    'static' that counted empty clips too, or a 'no_object' that counted colour 0, passed the still-clip test."""
+    from experiments.video_eval import score
+
+    found = {"colour": np.asarray([-1, 0, 1]), "direction": np.asarray([-1, -1, 0]), "shape": np.asarray([-1, 0, 1])}
+    labels = {"colour": np.asarray([0, 0, 1]), "direction": np.asarray([0, 1, 0]), "shape": np.asarray([0, 0, 1])}
+    row = score(found, labels)
+    assert row == pytest.approx({"colour": 2 / 3, "direction": 1 / 3, "shape": 2 / 3, "joint": 1 / 3, "n": 3,
+                                 "no_object": 1 / 3, "static": 1 / 3})
+
+
+def test_chance_row_and_to_uint8_by_hand():
+    """The results table's chance row: joint = the product of the three attributes' chances (a sum passed); to_uint8
+    maps [-1, 1] onto [0, 255], rounding, and clips outside it (a map of [0, 2] passed: no test read a pixel)."""
+    from experiments.video_eval import chance_row, to_uint8
+
+    row = chance_row()
+    assert row["joint"] == pytest.approx(1 / (len(COLOURS) * len(SHAPES) * len(DIRECTIONS)))
+    assert row["colour"] == pytest.approx(1 / len(COLOURS))
+    got = to_uint8(np.asarray([-3.0, -1.0, 0.0, 0.5, 1.0, 2.0]))
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, [0, 0, 128, 191, 255, 255])
+
+
 def test_measure_and_score_of_an_empty_batch():
     """measure of no clips failed in a numpy reshape; score of no clips returned NaN for every accuracy (a warning
     only), which a results table printed as 'nan'."""

@@ -155,6 +155,15 @@ def test_logit_normal_time_sampling_takes_its_mean_and_std():
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 0.5) < 0.01
 
 
+def test_ddpm_training_times_are_uniform_from_1e_3_to_1():
+    """kind='ddpm' trains on t ~ U(1e-3, 1) (DiffusionConfig's docstring), not U(0, 1): near t = 0 the noise is
+    invisible in x_t and an ε target is unlearnable. A sampler from U(0, 1) passed every test (the flow's were
+    checked, the DDPM branch only through the oracle loss, which is exact at any t)."""
+    t = np.asarray(sample_time(jax.random.key(0), 100_000, DiffusionConfig(kind="ddpm")), np.float64)
+    assert 1e-3 <= t.min() < 1.1e-3 and t.max() < 1  # U(0, 1) puts ~100 of 100k draws below 1e-3
+    assert t.mean() == pytest.approx((1 + 1e-3) / 2, abs=3e-3)
+
+
 def test_the_objectives_sampler_steps_on_its_shifted_grid():
     """sample() for flow integrates on cfg.shift's grid (ignoring it passed: the Euler tests call euler_sample with
     their own shift). With v(x, t) = t², the result is noise + Σ (t_{i+1} - t_i)·t_i² over that grid (numpy). Not
