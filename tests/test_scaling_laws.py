@@ -18,6 +18,8 @@ from scaling.laws import (
     Bootstrap,
     FitResult,
     ScalingLaw,
+    _huber,
+    _objective,
     bootstrap,
     fit_law,
     isoflop_envelope,
@@ -235,6 +237,19 @@ def test_isoflop_leaves_out_budgets_whose_runs_miss_the_minimum():
         isoflop_envelope(n[3:], d[3:], TRUE.loss(n[3:], d[3:]))
 
 
+def test_isoflop_groups_budgets_within_rtol_of_the_groups_smallest():
+    """A group holds the budgets within rtol of its *smallest* (the docstring), not a chain of neighbours each within
+    rtol of the last: 1.00, 1.04, 1.08 x 1e20 at rtol 0.05 are two groups (1.08 is 8% past 1.00), so that budget's
+    runs (one per size) are left out; chained, the three merged into one budget 8% wide."""
+    rows = [(f * TRUE.optimal_params(c), c) for c in (1e19, 1e21) for f in (0.5, 1, 2)]
+    rows += [(f * TRUE.optimal_params(1e20), c) for f, c in ((0.5, 1e20), (1, 1.04e20), (2, 1.08e20))]
+    n, c = map(np.array, zip(*rows))
+    d = c / (6 * n)
+    with pytest.warns(UserWarning, match=r"2 of 4 budgets left out"):
+        iso = isoflop_envelope(n, d, TRUE.loss(n, d))
+    assert iso.flops == pytest.approx([1e19, 1e21])
+
+
 def test_isoflop_names_a_budget_with_fewer_than_three_distinct_sizes():
     """Three runs at two sizes (a size repeated with another seed) give polyfit a rank-deficient parabola: the budget
     was left out as 'loss is not convex in log N', with numpy's RankWarning, for runs whose loss is convex. Repeats
@@ -273,6 +288,10 @@ def test_chinchilla_table3():
         pred = CHINCHILLA_APPROACH1.optimal_tokens_for_params(n)
         assert pred == pytest.approx(tokens, rel=0.015 if n >= 175e9 else 0.07), n
         assert 6 * n * tokens == pytest.approx(flops, rel=0.05 if n == 67e9 else 0.01)
+        # from the budget (make_plan --flops): the same allocation, on the budget (6·N·D = C)
+        n_c, d_c = CHINCHILLA_APPROACH1.optimal_params(flops), CHINCHILLA_APPROACH1.optimal_tokens(flops)
+        assert 6 * n_c * d_c == pytest.approx(flops, rel=1e-12)
+        assert d_c == pytest.approx(CHINCHILLA_APPROACH1.optimal_tokens_for_params(n_c), rel=1e-12)
         # going from the budget instead of the size lands on the same row
         assert CHINCHILLA_APPROACH1.optimal_params(flops) == pytest.approx(n, rel=0.05 if n == 67e9 else 0.04)
     # Approach 3 with the published (rounded) constants: N_opt ∝ C^0.45, 14.5B tokens for 400M (Table 3: 8.0B),
@@ -328,6 +347,26 @@ def test_fit_refuses_a_huber_threshold_that_is_not_positive(delta):
     n, d, loss = synthetic(0.0)
     with pytest.raises(ValueError, match="delta=.*must be > 0"):
         fit_law(n, d, loss, delta=delta)
+
+
+def test_fit_objective_is_the_papers_huber_loss_by_default():
+    """The default threshold is the paper's delta = 1e-3: the objective fit_law reports is the Huber loss of its law's
+    log-loss residuals, recomputed here by hand (noise 0.01 puts most residuals past 1e-3, where deltas differ)."""
+    n, d, loss = synthetic(0.01, seed=2)
+    fit = fit_law(n, d, loss)
+    r = np.abs(np.log(fit.law.loss(n, d)) - np.log(loss))
+    huber = np.where(r <= 1e-3, 0.5 * r**2, 1e-3 * (r - 0.5e-3)).sum()
+    assert fit.objective == pytest.approx(huber, rel=1e-6)
+
+
+def test_grid_screening_scores_with_the_objective_l_bfgs_minimises():
+    """fit_law ranks its grid by `_huber` and refines with `_objective`: the two are one Huber loss (continuous at
+    |r| = delta), so the best-screened starts are the best by the objective too."""
+    n, d, loss = synthetic(0.01, seed=2)
+    theta = np.array([np.log(300.0), np.log(500.0), np.log(1.8), 0.3, 0.3])
+    r = np.logaddexp(np.logaddexp(theta[0] - theta[3] * np.log(n), theta[1] - theta[4] * np.log(d)), theta[2])
+    r = r - np.log(loss)
+    assert _huber(r, 1e-3).sum() == pytest.approx(_objective(theta, np.log(n), np.log(d), np.log(loss), 1e-3)[0])
 
 
 def test_fit_with_infinite_delta_is_least_squares_and_names_bad_runs():

@@ -304,6 +304,7 @@ def test_gradient_accumulation_is_counted(remat="save_dots_no_batch"):
     xla = _accum_step_temp(cfg, 64)
     ours = memory_per_device(cfg, {"data": 1}, 2, 64, grad_accum=4)
     assert ours.accum == 4 * cfg.param_count()
+    assert memory_per_device(cfg, {"data": 1}, 2, 64, grad_accum=2).accum == ours.accum  # any A > 1 keeps the sum
     assert 0.78 * ours.temp <= xla <= 1.12 * ours.temp, xla / ours.temp
     assert xla > 1.12 * memory_per_device(cfg, {"data": 1}, 2, 64).temp  # the test has teeth
 

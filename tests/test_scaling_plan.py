@@ -95,6 +95,8 @@ def test_planner_errors_name_the_fix():
     for kw, field in [(dict(flops=float("nan")), "flops"), (dict(params=float("inf")), "params"),
                       (dict(flops=-1e20), "flops"), (dict(params=1e9, chips=0), "chips"),
                       (dict(params=1e9, chips=-8), "chips"), (dict(params=1e9, pue=-1.0), "pue"),
+                      # PUE = facility / IT energy >= 1: 0.9 would report less energy than the chips draw
+                      (dict(params=1e9, pue=0.9), r"pue must be >= 1"),
                       (dict(params=1e9, chip_power_w=-700.0), "chip_power_w"),
                       (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "raise flops"),
                       # a remat typo was reported as 'does not fit', a string mfu a TypeError
@@ -257,6 +259,8 @@ def test_device_peak_reads_dtype_objects_and_short_names(dtype):
     assert device_peak("NVIDIA H100 80GB HBM3", np.dtype("float16"))[1] == "h100 fp16"
     assert device_peak("NVIDIA H100 80GB HBM3", jnp.float32)[1] == "h100 tf32"
     assert device_peak("NVIDIA H100 80GB HBM3", jnp.float8_e4m3fn) == (1978.9e12, "h100 fp8")
+    # any float8_* dtype, not only the two spelt out in the alias table (one fell through to the TF32 peak: 4x MFU)
+    assert device_peak("NVIDIA H100 80GB HBM3", jnp.float8_e4m3fnuz) == (1978.9e12, "h100 fp8")
 
 
 def test_chip_memory_and_the_cpu_peak_are_in_the_units_they_state(monkeypatch):
