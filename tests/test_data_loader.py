@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from data.loader import LMLoader, LoaderConfig, Source, Tokenize, documents
+from data.loader import MAX_SEED, LMLoader, LoaderConfig, Source, Tokenize, documents
 from data.shards import DocWriter, decode_doc, encode_doc, shard_name
 from data.synthetic import en_text, zh_text
 from data.tokenizer import ByteTokenizer, pretokenize, train_bpe
@@ -162,6 +162,9 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     assert (other.vocab_size, other.eos_id) == (tok.vocab_size, tok.eos_id)
     with pytest.raises(ValueError, match="another tokenizer"):
         LMLoader([Source(pre)], other, cfg, process_index=0, process_count=1)
+    # a state of the text read with one of them does not resume with the other (the ids would differ)
+    with pytest.raises(ValueError, match=f"over another stream .*tokenizer: saved {tok.fingerprint}"):
+        LMLoader([Source(path)], other, cfg, process_index=0, process_count=1).set_state(live.get_state())
     with pytest.raises(TypeError, match=r"tokenizer Tokenizer has no \['vocab_size', 'eos_id'\]; .*not its .tok"):
         LMLoader([Source(path)], tok.tok, cfg, process_index=0, process_count=1)  # an AttributeError deep inside
     # pretokenizing a smaller tier into the same folder: the earlier run's extra shards were read as this tier's
@@ -311,6 +314,12 @@ def test_a_mixture_state_of_the_old_shared_seed_order_is_another_stream(tmp_path
     old["stream"].pop("order")
     with pytest.raises(StreamMismatch, match="order: saved None, now per-process seeds"):
         LMLoader([Source(a), Source(b)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(old)
+    # one source on several processes shuffled with seed·1000 on each too: its old states are refused as well
+    two = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=2)
+    old = two.get_state()
+    assert old["stream"].pop("order") == "per-process seeds"
+    with pytest.raises(StreamMismatch, match="order: saved None, now per-process seeds"):
+        two.set_state(old)
 
 
 def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
@@ -331,6 +340,11 @@ def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
     c = write_tier(tmp_path / "c" / "augmented", texts[1:31])
     with pytest.raises(StreamMismatch, match="sources: saved .*records 30 ends"):
         LMLoader([Source(c)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+    # ... and by its last record where the first is the same
+    d = write_tier(tmp_path / "d" / "augmented", texts[:29] + [texts[40]])
+    assert sizes(d) == sizes(a)
+    with pytest.raises(StreamMismatch, match="sources: saved .*records 30 ends"):
+        LMLoader([Source(d)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
     # an int weight and the same float are one stream
     for w, v in ((2, 2.0), (2.0, 2)):
         one = LMLoader([Source(a, w)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
@@ -386,6 +400,15 @@ def test_state_restores_identical_batches(corpus, tmp_path):
         with pytest.raises(ValueError, match=f"over another stream .*config: saved .*'{next(iter(change))}'"):
             LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, **change), process_index=0,
                      process_count=1).set_state(state)
+    # the field read as text: another field of the same tier is another stream
+    two = DocWriter(tmp_path / "two" / "shard-00000.array_record")
+    for t in texts:
+        two.write({"text": t, "title": t[:5]})
+    two.commit()
+    state = LMLoader([Source(str(tmp_path / "two"))], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
+    with pytest.raises(ValueError, match="over another stream .*config: saved .*'text_field': 'text'"):
+        LMLoader([Source(str(tmp_path / "two"))], EOS_BYTES, dataclasses.replace(cfg, text_field="title"),
+                 process_index=0, process_count=1).set_state(state)
     state = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=2).get_state()
     with pytest.raises(ValueError, match="over another stream .*process: saved 0 of 2, now 1 of 2"):
         LMLoader([Source(path)], EOS_BYTES, cfg, process_index=1, process_count=2).set_state(state)
@@ -422,6 +445,19 @@ def test_two_processes_cover_the_data_exactly_once(corpus):
     # epochs are reshuffled
     half = len(per_process[0]) // 2
     assert per_process[0][:half] != per_process[0][half:]
+
+
+def test_without_shuffle_documents_come_in_tier_order_split_by_process(tmp_path):
+    """shuffle=False reads the tier in shard order, process p the documents [p::n] of it (a loader that shuffled
+    anyway passed every test: their counts do not depend on the order)."""
+    from data.shards import iter_docs, tier_shards
+
+    path = write_tier(tmp_path / "t", [f"doc {i:02d}" for i in range(11)], shards=3)
+    want = [d["text"] for f in tier_shards(path) for d in iter_docs(f)]
+    cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1, shuffle=False)
+    for p, n in ((0, 1), (0, 2), (1, 2)):
+        got = [EOS_BYTES.decode(d["targets"]) for d in documents([Source(path)], EOS_BYTES, cfg, p, n)]
+        assert got == want[p::n], (p, n)
 
 
 def test_mixture_follows_weights(corpus, tmp_path):
@@ -506,6 +542,11 @@ def test_config_errors_name_the_field(corpus, tmp_path):
         LMLoader([Source(path)], EOS_BYTES, LoaderConfig(global_batch_size=3), process_index=0, process_count=2)
     with pytest.raises(ValueError, match="seq_len"):
         LoaderConfig(seq_len=0)
+    # each bound, at the first value past it (the smallest accepted values were tested only through defaults)
+    for field, bad in (("global_batch_size", 0), ("num_epochs", 0), ("worker_count", -1), ("worker_buffer_size", 0),
+                       ("tokenize_batch", 0), ("seed", -1), ("seed", MAX_SEED + 1)):
+        with pytest.raises(ValueError, match=rf"LoaderConfig.{field}={bad} must be"):
+            LoaderConfig(**{field: bad})
     with pytest.raises(ValueError, match="weight"):
         Source(path, weight=0)
     with pytest.raises(FileNotFoundError, match="shard-"):
@@ -558,6 +599,10 @@ def test_a_process_stopped_by_another_counts_what_it_leaves_unread(corpus, monke
     rest = every[2:]
     assert loader.unread == {"batches": len(rest), "rows": sum(len(b["weights"]) for b in rest),
                              "tokens": int(sum(b["weights"].sum() for b in rest))}
+    # a state saved after the stop (the final checkpoint) keeps the count, as it keeps `dropped`
+    resumed = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=2)
+    resumed.set_state(json.loads(json.dumps(loader.get_state())))
+    assert resumed.unread == loader.unread
 
 
 def _documents_in(batches, last, eos_id):
@@ -587,6 +632,10 @@ def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
     assert len(got) == len(every) - 1
     for a, b in zip(got, every):
         assert all(np.array_equal(a[k], b[k]) for k in b)
+    from data.loader import lm_dataset  # which drops it uncounted, as documented
+
+    assert [len(b["weights"]) for b in lm_dataset([Source(path)], EOS_BYTES, dataclasses.replace(
+        keep, drop_remainder=True), 0, 1)] == [4] * len(got)
     assert loader.dropped == {"batches": 1, "rows": len(last["weights"]), "tokens": int(last["weights"].sum()),
                               "documents": _documents_in(every, len(every) - 1, EOS_BYTES.eos_id)}
     # 13 documents of 7 targets in order, rows of 16: the dropped batch holds the targets 64..90, of the documents
@@ -658,20 +707,29 @@ def test_a_source_without_any_target_is_refused_instead_of_read_forever(tmp_path
 
     short = write_tier(tmp_path / "short", ["a", "b", "", "c"] * 3, shards=2)
     cfg = LoaderConfig(seq_len=8, global_batch_size=2, tokenize_batch=2)
-    got = {}
 
-    def first_batch():
-        try:
-            got["batch"] = next(LMLoader([Source(short)], ByteTokenizer(), cfg, process_index=0, process_count=1))
-        except Exception as e:  # noqa: BLE001 - the test looks at it below
-            got["error"] = e
+    def first_batch(path, p=0, n=1):
+        got = {}
 
-    reader = threading.Thread(target=first_batch, daemon=True)  # (before the fix it never returned)
-    reader.start()
-    reader.join(30)
-    assert "error" in got, "next() did not return"
-    assert isinstance(got["error"], ValueError) and "short" in str(got["error"])
+        def read():
+            try:
+                got["batch"] = next(LMLoader([Source(path)], ByteTokenizer(), cfg, process_index=p, process_count=n))
+            except Exception as e:  # noqa: BLE001 - the test looks at it below
+                got["error"] = e
+
+        reader = threading.Thread(target=read, daemon=True)  # (before the fix it never returned)
+        reader.start()
+        reader.join(30)
+        assert got, "next() did not return"
+        return got
+
+    got = first_batch(short)
+    assert isinstance(got.get("error"), ValueError) and "short" in str(got["error"])
     assert "fewer than 2 tokens" in str(got["error"]) and "add_eos=True" in str(got["error"])
+    # per process: process 0's share [0::2] has no target, though process 1's has (it would read forever alone)
+    half = write_tier(tmp_path / "half", ["a", "ok"] * 6, shards=1)
+    assert "fewer than 2 tokens" in str(first_batch(half, 0, 2).get("error"))
+    assert first_batch(half, 1, 2)["batch"]["weights"].all()
     ok = write_tier(tmp_path / "ok", ["a"] * 30 + ["ok"], shards=1)
     b = next(LMLoader([Source(ok)], ByteTokenizer(), cfg, process_index=0, process_count=1))
     assert b["weights"].all() and (b["targets"] == ord("k")).all()  # "ok", read over and over
@@ -687,6 +745,17 @@ def test_tier_shards_keep_shard_order_past_99999(tmp_path):
     for i in reversed(ids):
         (tmp_path / f"{shard_name(i)}.array_record").touch()
     assert [pathlib.Path(f).name for f in tier_shards(tmp_path)] == [f"{shard_name(i)}.array_record" for i in ids]
+
+
+def test_iter_docs_reads_every_record_in_order_across_chunks(tmp_path):
+    """iter_docs holds `chunk` records in memory at a time: a shard of more than one chunk is read whole and in order
+    (every shard the tests read held fewer than the default 256, so a chunk boundary was never crossed)."""
+    from data.shards import iter_docs
+
+    path = write_tier(tmp_path, [f"doc {i}" for i in range(10)], shards=1)
+    for chunk in (1, 3, 10, 11):
+        assert [d["text"] for d in iter_docs(f"{path}/{shard_name(0)}.array_record", chunk=chunk)] == [
+            f"doc {i}" for i in range(10)], chunk
 
 
 def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):

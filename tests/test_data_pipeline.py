@@ -275,9 +275,10 @@ def test_documents_with_values_json_has_no_form_for_are_stored_portably_or_refus
         with pytest.raises(TypeError, match=rf"DocWriter.write: record 1 \(id '{doc['id']}'\) of .*shard-00000"
                                             rf".array_record: field {field} .*{fix}"):
             w.write(doc)
+    w.write({"id": "e", "text": "t", "x": float("nan"), "y": [float("-inf")]})  # Python floats only: json's own path
     w.commit()
     assert list(iter_docs(tmp_path / "w" / "shard-00000.array_record")) == [
-        {"id": "a", "text": "fine", "x": None, "y": [0, 1]}]
+        {"id": "a", "text": "fine", "x": None, "y": [0, 1]}, {"id": "e", "text": "t", "x": None, "y": [None]}]
 
 
 class NumpyLabel:

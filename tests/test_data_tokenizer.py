@@ -263,16 +263,23 @@ def test_a_beginning_of_document_token_starts_every_document(tmp_path):
     its own tokenizer saw BOS first in pretraining. The choice is part of the fingerprint (another stream)."""
     import pickle
 
+    from tokenizers import Tokenizer, processors
+
     from data.loader import Tokenize
     from data.shards import encode_doc
 
     texts = ["first document here", "second document there"] * 10
     tok = train_bpe(texts, vocab_size=300, special_tokens=("<s>", "</s>"), eos_token="</s>", show_progress=False)
+    # as Llama's tokenizer.json: a post-processor adding <s> ... </s>; the loader adds its own, so encode must not
+    tok.tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
+                                                                                                  ("</s>", 1)])
     tok.save(tmp_path / "tok.json")
     bos = BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>", bos_token="<s>")
     assert (bos.bos_id, bos.eos_id, tok.bos_id) == (0, 1, None) and bos.fingerprint != tok.fingerprint
     assert pickle.loads(pickle.dumps(bos)).bos_id == 0  # grain workers get it pickled
     ids = bos.encode(texts[0])
+    assert ids.tolist() == Tokenizer.from_file(str(tmp_path / "tok.json")).encode(texts[0],
+                                                                                   add_special_tokens=False).ids
     [with_bos], [without] = (Tokenize(t)([encode_doc({"text": texts[0]})]) for t in (bos, tok))
     np.testing.assert_array_equal(with_bos["inputs"], [0, *ids])
     np.testing.assert_array_equal(with_bos["targets"], [*ids, 1])
