@@ -366,11 +366,15 @@ grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
 
 def dense_experts(x_ND, weights_NK, experts_NK, w, act):
     """Every expert on every token, gated by the (zero for unselected) combine weights: E/K× the useful FLOPs but
-    three large 2-D matmuls, [N, D] @ [D, E·F] and [N, E·F] @ [E·F, D]."""
+    three large 2-D matmuls, [N, D] @ [D, E·F] and [N, E·F] @ [E·F, D]. With F split (tensor parallel) the merged
+    dimension is F·E instead, F outer, so the split survives the reshapes (E·F all-gathered every expert's weights
+    onto each device); unsplit, E·F spares w_down a transpose."""
     (N, D), (w_gate_EDF, w_up_EDF, w_down_EFD) = x_ND.shape, w
     E, F = w_gate_EDF.shape[0], w_gate_EDF.shape[-1]
     gate_NE = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], experts_NK].add(weights_NK)
-    to_2d = lambda p: p.transpose(1, 0, 2).reshape(D, E * F)
-    h_NEF = glu(x_ND @ to_2d(w_gate_EDF), x_ND @ to_2d(w_up_EDF), act).reshape(N, E, F)
-    h_NEF = h_NEF * gate_NE.astype(h_NEF.dtype)[..., None]
-    return h_NEF.reshape(N, E * F) @ w_down_EFD.reshape(E * F, D)
+    fe = mesh_shards("act_mlp") > 1
+    to_2d = lambda p: p.transpose((1, 2, 0) if fe else (1, 0, 2)).reshape(D, E * F)
+    h_NH = glu(x_ND @ to_2d(w_gate_EDF), x_ND @ to_2d(w_up_EDF), act)  # H: the merged E·F (or F·E)
+    h_NH = (h_NH.reshape(N, F, E) * gate_NE.astype(h_NH.dtype)[:, None, :] if fe else
+            h_NH.reshape(N, E, F) * gate_NE.astype(h_NH.dtype)[..., None]).reshape(N, E * F)
+    return h_NH @ (w_down_EFD.transpose(1, 0, 2) if fe else w_down_EFD).reshape(E * F, D)

@@ -1,6 +1,7 @@
 """MoE layer: every dispatch path equals a dense reference (values and gradients), capacity drops exactly the
 predicted tokens, auxiliary losses match their formulas, bias balancing works, expert parallel == single device."""
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -184,7 +185,8 @@ def _check_grouped_swiglu(act):
 
 def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():
     """On CPU no dot of the grouped SwiGLU's gradient contracts the rows of both operands (XLA:CPU runs that form on
-    Eigen, and in bf16 as a float32 dot); formed from row tiles, its weight gradients all do."""
+    Eigen, and in bf16 as a float32 dot); formed from row tiles, its weight gradients all do. The default (no patch)
+    is the columns form: only the two patched forms were checked, so a CPU default of row tiles passed."""
     if jax.default_backend() != "cpu":
         pytest.skip("the CPU backend's dot lowering")
     sizes, run_E = (32, 8), jnp.array([40, 0, 24])
@@ -193,13 +195,14 @@ def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():
     w = (jax.random.normal(ks[1], (3, 16, 24)), jax.random.normal(ks[2], (3, 16, 24)),
          jax.random.normal(ks[3], (3, 24, 16)))
 
-    def rows_both(columns):
-        with mock.patch("models.moe_dispatch.weight_grad_columns", lambda: columns):
+    def rows_both(columns):  # columns None: the backend's default
+        patch = mock.patch("models.moe_dispatch.weight_grad_columns", lambda: columns)
+        with patch if columns is not None else contextlib.nullcontext():
             f = jax.jit(jax.grad(lambda x, w: grouped_swiglu(x, w, run_E, sizes, jax.nn.silu).sum(), argnums=(0, 1)))
             hlo = f.lower(x, w).compile().as_text()
         return re.findall(r" dot\([^\n]*lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{0\}", hlo)
 
-    assert rows_both(True) == []
+    assert rows_both(True) == [] and rows_both(None) == []
     assert len(rows_both(False)) >= 3  # gate, up and down, per expert and tile size unless XLA merges them
 
 
@@ -717,7 +720,7 @@ def test_dropless_paths_at_the_padded_rows_bound():
     """Every expert's run one row past a tile boundary (9, 1, 1, 1 rows in tiles of 8) fills the static bound
     (ceil(A / b) + E - 1)·b exactly; random routing never got there, and a bound one tile short passed every test
     (the last rows were dropped: errors of ~50)."""
-    from models.moe_dispatch import default_block_rows, dense_experts, sorted_blocks, sorted_gmm
+    from models.moe_dispatch import block_layout, default_block_rows, dense_experts, sorted_blocks, sorted_gmm
 
     E, D, F = 4, 8, 16
     keys = jax.random.split(jax.random.key(0), 4)
@@ -731,6 +734,10 @@ def test_dropless_paths_at_the_padded_rows_bound():
                                atol=1e-5)
     assert default_block_rows(12, E) == 8  # the same layout for the block-sparse path
     np.testing.assert_allclose(sorted_blocks(x_ND, weights_NK, experts_NK, w, jax.nn.silu), want, atol=1e-5)
+    # a run of whole blocks or of none takes ceil(size / b) blocks: one block more each is padding computed for nothing
+    sizes_E = np.array([8, 0, 3, 0])
+    blocks_E = block_layout(jnp.asarray(np.repeat(np.arange(E), sizes_E), jnp.int32)[:, None], E, 8)[2]
+    np.testing.assert_array_equal(blocks_E, -(-sizes_E // 8))
 
 
 def test_top1_router_learns_from_the_task_loss_only_without_renormalising():
@@ -771,7 +778,9 @@ def test_explicit_dropless_impl_with_sharded_experts_warns_that_it_gathers_every
     """docs/parallelism.md said dropless dispatch with sharded experts runs as capacity dispatch (all-to-all, experts
     stay sharded); that is 'auto' only. An explicit 'gmm' (the benchmarks' CPU pick) on {data: 2, expert: 4} kept
     each device's 2 experts as arguments but all-gathered all 8 per layer ([8, 16, 24] per weight, no all-to-all),
-    silently: it now warns, naming the field and the fix. 'auto' and 'capacity' stay silent."""
+    silently: it now warns, naming the field and the fix. 'auto' and 'capacity' stay silent. Experts whole with their
+    mlp dimension split ({data: 2, tensor: 4}): 'gmm' and 'dense' gather no weight ('dense' all-gathered all three
+    expert weights per layer: its [D, E·F] reshape, F inner, lost the split)."""
     mesh = make_mesh({"data": 2, "expert": 4})
     for impl, warns in (("gmm", True), ("auto", False), ("capacity", False)):
         graphdef, state = nnx.split(make(dataclasses.replace(CFG, dropless_impl=impl)))
@@ -786,6 +795,32 @@ def test_explicit_dropless_impl_with_sharded_experts_warns_that_it_gathers_every
         assert bool(gathered) == warns, (impl, gathered)
         if warns:
             assert "'auto'" in said[0] and "expert" in said[0]
+    # experts split over `tensor` (their mlp dimension) stay split through dropless dispatch: nothing is gathered
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    for impl in ("gmm", "dense"):
+        m = make(dataclasses.replace(CFG, dropless_impl=impl))
+        graphdef, state = nnx.split(m)
+        state = shard_state(state, mesh)
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(lambda st, x, g=graphdef: nnx.merge(g, st)(x)[0]).lower(
+                state, xs := shard_batch(tokens(B=8), mesh)).compile()
+            np.testing.assert_allclose(compiled(state, xs), jitted(m)(tokens(B=8))[0], atol=1e-5, err_msg=impl)
+        assert state["w_gate"][...].sharding.spec == jax.P(None, None, "tensor")
+        assert re.findall(r"\S+ all-gather\(", compiled.as_text()) == [], impl
+
+
+def test_dropless_rows_the_mesh_cannot_split_run_as_one_group_in_decode():
+    """Decoding under `replicate_indivisible` (the Transformer's KV-cache path): B = 1 on {data: 8}, and T = 3 on
+    {data: 2, sequence: 4}, do not divide their mesh axes, so dropless dispatch groups those rows whole (one group;
+    two batch groups) instead of reshaping B = 1 into 8 groups of 0 rows. Equal to one device."""
+    from parallel.rules import replicate_indivisible
+
+    m = make(CFG)
+    for shape, (B, T) in (({"data": 8}, (1, 12)), ({"data": 2, "sequence": 4}, (2, 3))):
+        x = tokens(B=B, T=T)
+        want = jitted(m)(x)[0]
+        with jax.set_mesh(make_mesh(shape)), replicate_indivisible():
+            np.testing.assert_allclose(jitted(m)(x)[0], want, atol=1e-6, err_msg=str(shape))
 
 
 def test_capacity_is_the_exact_ceiling_of_k_t_cf_over_e():
