@@ -514,9 +514,10 @@ def load_video_model(out, preset: str | Preset = "default"):
 
     preset: the name or `Preset` the run was trained with (with --attention / --shift overrides as its fields;
     step counts and how it trained, e.g. --dit-lr, are the run's own, read from its checkpoints); checkpoints of
-    another model are refused naming the fields that differ. Captions use the MovingShapes vocabulary, e.g. "a
-    red circle moving up" (also held-out combinations); "" is the null caption. `sample(..., steps=n)`: n sampler
-    steps instead of the preset's sample_steps.
+    another model are refused naming the fields that differ. The Preset returned carries the run's vae_steps and
+    dit_steps. A run stopped mid-DiT samples its newest checkpoint's EMA, and says so. Captions use the
+    MovingShapes vocabulary, e.g. "a red circle moving up" (also held-out combinations); "" is the null caption.
+    `sample(..., steps=n)`: n sampler steps instead of the preset's sample_steps.
 
         sample, p = load_video_model("runs/video/default")
         videos = sample(["a red circle moving up", "a blue square moving left"])
@@ -529,10 +530,17 @@ def load_video_model(out, preset: str | Preset = "default"):
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
         latest = latest_meta(manager(out / "ckpt" / stage, read_only=True)) if (out / "ckpt" / stage).is_dir() else None
-        if latest is None:
-            raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: pass a train_video run's --out")
+        if latest is None:  # a VAE without a DiT: a run stopped in stage 1 (it said to pass a run's --out: it is one)
+            raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: " + (
+                "the run stopped before its DiT stage saved a step; rerun its train_video command to train it"
+                if stage == "t2v" else "pass a train_video run's --out"))
         metas[stage] = latest[1].get("settings", {})
         dit_vae = latest[1].get("vae_fingerprint") if stage == "t2v" else dit_vae
+    dit_step, dit_total = latest[0], latest[1].get("total_steps")
+    if isinstance(dit_total, int) and dit_step < dit_total:  # stopped mid-stage: sampled in silence before
+        print(f"load_video_model: {out / 'ckpt' / 't2v'} is at step {dit_step} of the run's {dit_total} (stopped "
+              f"before the DiT finished): sampling its EMA as of step {dit_step}; rerun its train_video command to "
+              "finish it")
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
     made = _json_dict(metas["t2v"].get("latents"))
     # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
@@ -547,6 +555,8 @@ def load_video_model(out, preset: str | Preset = "default"):
         return q, None, []
 
     p, stage, changed = differs(p)
+    if isinstance(dit_total, int):  # the run's own, as vae_steps (the preset's gave another run's length)
+        p = dataclasses.replace(p, dit_steps=dit_total)
     if changed:  # the default preset on a --preset tiny run named no preset: say which one the run matches
         fits = [name for name, q in PRESETS.items() if differs(q)[1] is None]
         hint = (f"pass preset={fits[0]!r} (the preset they match)" if fits else

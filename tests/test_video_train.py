@@ -1174,3 +1174,24 @@ def test_an_evaluation_count_below_one_is_refused_before_any_training(field):
     with pytest.raises(ValueError, match=rf"run_eval: {field.removeprefix('eval_')}=0 must be an int >= 1"):
         run_eval(lambda *a: calls.append(a), lambda x: x, None, train_video.PRESETS["tiny"].data, scales=(1.0,), **kw)
     assert calls == []  # refused before generating anything
+
+
+def test_load_video_model_of_a_stopped_run_says_which_stage_is_missing_or_unfinished(tmp_path, monkeypatch, capsys):
+    """A run stopped in the VAE stage (SIGTERM, or killed before the DiT's first save) was refused with "pass a
+    train_video run's --out", though it was one; a run stopped mid-DiT sampled its partly trained EMA in silence, and
+    the Preset returned gave the preset's dit_steps, not the run's."""
+    p = train_video.PRESETS["tiny"]
+    settings = train_video.stage_settings(p, 0)
+    (tmp_path / "ckpt" / "vae").mkdir(parents=True)
+    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
+        2, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"], "step": 2, "total_steps": 5}))
+    with pytest.raises(FileNotFoundError, match=r"ckpt/t2v holds no checkpoint: the run stopped before its DiT "
+                                                r"stage saved a step; rerun its train_video command"):
+        train_video.load_video_model(tmp_path, "tiny")
+    (tmp_path / "ckpt" / "t2v").mkdir()
+    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
+        2, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    _, got = train_video.load_video_model(tmp_path, "tiny")
+    assert "ckpt/t2v is at step 2 of the run's 5" in capsys.readouterr().out
+    assert got.dit_steps == 5
