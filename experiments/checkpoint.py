@@ -136,21 +136,24 @@ def fingerprint(tree) -> str:
     return hashlib.sha256(_sums(tree).tobytes()).hexdigest()[:16]
 
 
-def part_fingerprints(tree, order: list[str] | None = None) -> tuple[str, dict[str, str] | None]:
+def part_fingerprints(tree, order: list[tuple[str, ...]] | None = None) -> tuple[str, dict[str, str] | None]:
     """(fingerprint(tree), the fingerprint of each top-level entry of a dict tree, or None): one pass over the
-    leaves, so that a part restored alone can be verified. order: the leaves' path names in the order the checksum
-    was taken (the saved tree's, which may flatten otherwise than `tree`: a namedtuple's fields reordered since);
-    by default the tree's own."""
+    leaves, so that a part restored alone can be verified. order: the leaves' paths (`_path_keys`) in the order the
+    checksum was taken (the saved tree's, which may flatten otherwise than `tree`: a namedtuple's fields reordered
+    since); by default the tree's own."""
     flat, sums = jax.tree_util.tree_flatten_with_path(tree)[0], _sums(tree)
     if order is not None:
-        at = {_path_name(path): i for i, (path, _) in enumerate(flat)}
+        at = {_path_keys(path): i for i, (path, _) in enumerate(flat)}
         pick = [at[name] for name in order]
         flat, sums = [flat[i] for i in pick], sums[pick]
     whole = hashlib.sha256(sums.tobytes()).hexdigest()[:16]
     if not isinstance(tree, dict):
         return whole, None
-    return whole, {k: hashlib.sha256(sums[[i for i, (path, _) in enumerate(flat) if path[0].key == k]].tobytes())
-                   .hexdigest()[:16] for k in sorted(tree)}
+    part = {k: [] for k in tree}  # each entry's positions in one pass: a scan per entry was quadratic in their count
+    for i, (path, _) in enumerate(flat):
+        part[path[0].key].append(i)
+    return whole, {k: hashlib.sha256(sums[np.asarray(part[k], dtype=np.intp)].tobytes()).hexdigest()[:16]
+                   for k in sorted(tree)}
 
 
 def _jax_leaves(tree, what: str, abstract_ok: bool = False) -> None:
@@ -562,9 +565,14 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
+def _path_keys(path) -> tuple[str, ...]:
+    # each key as text: orbax stores namedtuples (optax states) as dicts and may stringify int keys. Not joined: a key
+    # "a/b" beside {"a": {"b": ...}} made one name, and their arrays were swapped or the checksum failed
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def _path_name(path) -> str:
-    # paths as plain names: orbax stores namedtuples (optax states) as dicts and may stringify int keys
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return "/".join(_path_keys(path))
 
 
 @jax.jit
@@ -595,18 +603,18 @@ def _overflowing_casts(restored, abstract) -> list[str]:
 
 
 def _by_paths(tree, like):
-    """`like`'s tree (its empty nodes included) holding the leaves of `tree` of the same path names."""
-    got = {_path_name(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    return jax.tree_util.tree_map_with_path(lambda path, _: got[_path_name(path)], like)
+    """`like`'s tree (its empty nodes included) holding the leaves of `tree` at the same paths."""
+    got = {_path_keys(path): x for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return jax.tree_util.tree_map_with_path(lambda path, _: got[_path_keys(path)], like)
 
 
-def _saved_order(state_dir: pathlib.Path, abstract) -> list[str]:
-    """The path names of `abstract`'s leaves in the order the saved tree flattened (its checksum's order). orbax's
-    array metadata is a tree of dicts, sorted; its `_METADATA` lists the saved keys in order. `abstract`'s own order
-    when that does not name exactly these arrays."""
-    names = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+def _saved_order(state_dir: pathlib.Path, abstract) -> list[tuple[str, ...]]:
+    """The paths (`_path_keys`) of `abstract`'s leaves in the order the saved tree flattened (its checksum's order).
+    orbax's array metadata is a tree of dicts, sorted; its `_METADATA` lists the saved keys in order. `abstract`'s own
+    order when that does not name exactly these arrays."""
+    names = [_path_keys(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
     try:
-        saved = ["/".join(str(k["key"]) for k in v["key_metadata"])
+        saved = [tuple(str(k["key"]) for k in v["key_metadata"])
                  for v in json.loads((state_dir / "_METADATA").read_text())["tree_metadata"].values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return names

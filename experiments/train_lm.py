@@ -479,6 +479,7 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from experiments.checkpoint import CheckpointMismatch, Checkpoints
     from experiments.config import RunConfig
@@ -512,8 +513,13 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
             try:
                 restored = ckpt.restore(template, s, quarantine=False)
             except CheckpointMismatch:  # the optimizer state, read only to be verified, has another layout (a μP
-                # run saved before the weight decay fix of 2026-12-04): its model is intact, and read alone
-                restored = ckpt.restore({"params": template["params"]}, s, quarantine=False)
+                # run saved before the weight decay fix of 2026-12-04): read in its saved layout, replicated, and
+                # verified with the model (params alone could not be: runs saved before 2026-12-03 have no checksum
+                # of each part, and were refused naming arrays such as rng "now missing")
+                rep = NamedSharding(mesh, P())
+                template["opt_state"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(
+                    tuple(v.shape), v.dtype, sharding=rep), ckpt.mgr.item_metadata(s)["state"].tree["opt_state"])
+                restored = ckpt.restore(template, s, quarantine=False)
             if restored is not None:
                 if s != steps[0]:
                     log(f"load_model: using step {s} of {pathlib.Path(out) / 'ckpt'}")

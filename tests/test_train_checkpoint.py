@@ -859,6 +859,23 @@ def test_a_state_whose_empty_nodes_or_field_order_changed_restores_by_its_arrays
         ckpt.close()
 
 
+
+def test_a_key_holding_a_slash_beside_the_nested_path_it_spells_restores_its_own_array(tmp_path):
+    """Arrays are placed and the checksum ordered by path: with paths joined by '/', {"a/b": x} and {"a": {"b": y}}
+    were one name, so a good step failed its checksum, was set aside, and the run started again from step 0."""
+    state = {"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}, "c": {"d/e": jnp.full(3, 2.0), "d": {"e": jnp.arange(3.0)}}}
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep_best=False, async_save=False, log=lines.append)
+    try:
+        ckpt.save(1, state, {})
+        got, meta = ckpt.restore(jax.tree.map(jnp.zeros_like, state))
+        assert meta["step"] == 1 and not lines and ckpt.steps() == [1]
+        jax.tree.map(np.testing.assert_array_equal, got, state)
+        got, _ = ckpt.restore({"c": jax.tree.map(jnp.zeros_like, state["c"])})  # the part alone, by its own checksum
+        jax.tree.map(np.testing.assert_array_equal, got["c"], state["c"])
+    finally:
+        ckpt.close()
+
 def test_each_part_fingerprint_is_that_of_its_entry_in_any_key_order():
     """Each top-level entry's part fingerprint is its own leaves' checksum whatever order the dict was built in
     (init_train_state's {params, opt_state, ...} is not sorted); walking the entries in insertion order over the
@@ -868,6 +885,23 @@ def test_each_part_fingerprint_is_that_of_its_entry_in_any_key_order():
     tree = {"params": {"w": jnp.arange(3.0)}, "opt_state": (jnp.ones(2), jnp.zeros(4)), "step": jnp.int32(7)}
     whole, parts = part_fingerprints(tree)
     assert whole == fingerprint(tree) and parts == {k: fingerprint(v) for k, v in tree.items()}
+
+
+def test_part_fingerprints_of_many_entries_are_each_entrys_own(monkeypatch):
+    """Each entry's checksum over its own leaves, in the tree's order or a given one, for a flat dict of 8,000 arrays
+    (found by a scan over all the leaves once per entry, they took 11 s at every save and restore; one pass: 0.02 s,
+    measured, not asserted here)."""
+    import hashlib
+
+    from experiments import checkpoint
+
+    # each leaf's sum is its value: no 8,000-leaf program to compile, and each part's checksum is known
+    monkeypatch.setattr(checkpoint, "_sums", lambda tree: np.asarray(jax.tree.leaves(tree), np.uint32).reshape(-1))
+    tree = {f"w{i:04d}": np.uint32(i) for i in range(8000)} | {"empty": {}}
+    _, parts = checkpoint.part_fingerprints(tree)
+    _, reordered = checkpoint.part_fingerprints(tree, order=[(k,) for k in sorted(tree)[::-1] if k != "empty"])
+    assert parts == reordered and parts["empty"] == hashlib.sha256(b"").hexdigest()[:16]
+    assert parts["w0123"] == hashlib.sha256(np.uint32(123).tobytes()).hexdigest()[:16]
 
 
 def test_a_state_with_bool_and_complex_leaves_saves_restores_and_is_checksummed(tmp_path):
