@@ -736,3 +736,37 @@ def test_python_lists_of_traced_rows_still_run_under_jit(model):
     scalars = jax.jit(lambda a, b: check_token_ids([[a, b]], 64))(rows[0, 0], rows[0, 1])
     np.testing.assert_array_equal(scalars, rows[:1])
     np.testing.assert_array_equal(jax.jit(lambda a, b: model([a, b]))(rows[0], rows[1]), model(rows))
+
+
+def test_a_traced_top_p_of_one_is_off_as_a_concrete_one_is(monkeypatch):
+    """A decoding loop's own jit with top_p as an argument: top_p=1 filters nothing, as top_p=1.0 and None do (a
+    float32 cumulative sum reaches 1 before the tail: 2800 of row 0's 32000 tokens went when a traced 1 was not off)."""
+    logits = jax.random.normal(jax.random.key(0), (2, 32000)) * 4
+    # categorical replaced by the count of tokens it would choose from (the ones not filtered to -inf)
+    monkeypatch.setattr(jax.random, "categorical", lambda key, x, axis: jnp.isfinite(x).sum(axis))
+    kept = jax.jit(lambda x, p: sample_logits(x, jax.random.key(0), 1.0, None, p))  # x an argument: not folded
+    assert kept(logits, 1.0).tolist() == [32000, 32000]
+    assert (kept(logits, 0.999) < 32000).all()  # (the count sees the filter)
+
+
+def test_pad_defaults_to_the_first_of_several_eos_ids(model):
+    """eos_id=(a, b) without pad_id pads ended rows with a, as transformers' generate sets pad_token_id to
+    eos_token_id[0] (every other test passes one eos id, where first and last are the same); a row that has not
+    ended keeps generating while another has."""
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 4)), jnp.int32)
+    free = np.asarray(generate(model, prompt, 8))
+    first = int(free[0, 4 + 4])  # row 0 ends at its fifth new token, row 1 not at all
+    other = next(t for t in range(CFG.vocab_size) if t not in free)
+    assert first not in free[1] and first not in free[0, 4:8]
+    out = np.asarray(generate(model, prompt, 8, eos_id=(first, other), trim=False))
+    np.testing.assert_array_equal(out[0], np.r_[free[0, :9], [first] * 3])
+    np.testing.assert_array_equal(out[1], free[1])
+
+
+def test_an_eos_that_never_comes_changes_nothing(model):
+    """eos ids no row emits: the tokens of generate without them, every column (a while loop running one step past
+    max_new_tokens wrote an extra token over the last column, clamped there)."""
+    prompt = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 4)), jnp.int32)
+    free = np.asarray(generate(model, prompt, 8))
+    never = [t for t in range(CFG.vocab_size) if t not in free][:2]
+    np.testing.assert_array_equal(generate(model, prompt, 8, eos_id=never, trim=False), free)

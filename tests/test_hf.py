@@ -1,5 +1,6 @@
 """Hugging Face interop: tiny random HF models built locally must match ours, both ways."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -568,6 +569,10 @@ def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
     hf_other = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
                                                                  dtype=torch.float32)
     assert np.abs(our_logits(other) - hf_logits(hf_other.eval())).max() < 1e-4
+    # and back to shards: a model.safetensors left behind would be loaded instead of them (transformers prefers it)
+    save_pretrained(ours, tmp_path, max_shard_size="40KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    np.testing.assert_array_equal(from_pretrained(tmp_path).embed[...], ours.embed[...])
 
 
 
@@ -590,7 +595,8 @@ def test_shards_are_cut_where_huggingface_hub_cuts_them(tmp_path):
     assert len(limits) > 3
     smaller = sorted({a.nbytes for a in tensors.values()})  # limits some tensors exceed: shards of their own
     assert largest > smaller[-2] + smaller[0]
-    for limit in limits[:3] + limits[len(limits) // 2:][:1] + [smaller[-2] + smaller[0]]:
+    # largest: a tensor of exactly the limit fits it (the hub's `>`), so it does not get a shard of its own
+    for limit in limits[:3] + limits[len(limits) // 2:][:1] + [smaller[-2] + smaller[0], largest]:
         save_pretrained(ours, tmp_path / str(limit), max_shard_size=limit)
         index = json.loads((tmp_path / str(limit) / "model.safetensors.index.json").read_text())["weight_map"]
         got = {}
@@ -778,7 +784,9 @@ MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention
     ("MixtralConfig", {}),  # rope_theta 1e6, eps 1e-5
     ("MixtralConfig", dict(sliding_window=7)),  # every layer slides (no fixture had a Mixtral window)
     ("LlamaConfig", {}),
-], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama"])
+    ("Qwen2Config", dict(max_window_layers=0)),  # use_sliding_window absent: false, no layer slides
+], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama",
+        "qwen2_no_use_sliding_window"])
 def test_absent_fields_take_the_transformers_defaults(cls, fields):
     """A config.json without optional fields means what the installed transformers' config class makes of it."""
     raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
@@ -1356,3 +1364,32 @@ def test_values_an_override_made_wrong_are_not_blamed_on_config_json(overrides, 
     sent the user to a config.json that is right."""
     with pytest.raises(ValueError, match=message):
         config_from_hf(_hf_dict(), **overrides)
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_parameters=dict(rope_type="default", rope_theta=500.0), rope_theta=1e4),  # a stale top-level theta
+    dict(rope_scaling=dict(rope_type="linear", factor=2.0, rope_theta=500.0), rope_theta=1e4),
+    dict(rope_scaling=dict(type="linear", rope_type="default", factor=2.0))])  # 4.x's `type` beside rope_type
+def test_a_rope_dicts_own_fields_win_as_transformers_reads_them(rope):
+    """The rope dict's rope_theta wins over a top-level one and its rope_type over a `type` key, as in transformers;
+    configs we write give both the same value, so only a hand-edited or converted config.json tells them apart."""
+    raw = _hf_dict() | rope
+    ours = config_from_hf(copy.deepcopy(raw))
+    theirs = transformers.LlamaConfig.from_dict(copy.deepcopy(raw)).rope_parameters
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert ours.rope_scaling == (None if theirs["rope_type"] == "default" else RopeScaling("linear", theirs["factor"]))
+
+
+def test_a_null_yarn_factor_is_the_ratio_of_the_lengths_as_in_transformers():
+    """DeepSeek's layout, YaRN factor null: transformers' YaRN takes max_position_embeddings over the original
+    length (64 / 16 = 4, not its inverse), for the frequencies and the attention scale."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.rope import attention_scale, inv_frequencies
+
+    raw = _hf_dict(hidden_size=64, num_attention_heads=2) | dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=1e4, original_max_position_embeddings=16, factor=None))
+    ours = config_from_hf(copy.deepcopy(raw)).rope_scaling
+    inv, scale = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig.from_dict(copy.deepcopy(raw)), "cpu")
+    assert ours.factor == 4.0 and attention_scale(ours) == pytest.approx(scale, rel=1e-6)
+    np.testing.assert_allclose(inv_frequencies(32, 1e4, ours), inv.numpy(), rtol=1e-6)
