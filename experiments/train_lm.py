@@ -462,6 +462,14 @@ def prng_mismatch(saved_impl: str | None, saved_shape,
             f"jax.config.update('jax_default_prng_impl', {saved_impl!r}) before training")
 
 
+def _spread(shape, mesh):
+    """A sharding of `shape` over all of `mesh`'s devices: its first dimension they divide, else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    i = next((i for i, n in enumerate(shape) if n % mesh.size == 0), None)
+    return NamedSharding(mesh, P() if i is None else P(*[None] * i, mesh.axis_names))
+
+
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
     """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
     `models.hf.save_pretrained` (for the layouts a HF architecture has). Read-only: a checkpoint that does not read
@@ -479,7 +487,6 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
     from experiments.checkpoint import CheckpointMismatch, Checkpoints
     from experiments.config import RunConfig
@@ -513,13 +520,16 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
             try:
                 restored = ckpt.restore(template, s, quarantine=False)
             except CheckpointMismatch:  # the optimizer state, read only to be verified, has another layout (a μP
-                # run saved before the weight decay fix of 2026-12-04): read in its saved layout, replicated, and
-                # verified with the model (params alone could not be: runs saved before 2026-12-03 have no checksum
-                # of each part, and were refused naming arrays such as rng "now missing")
-                rep = NamedSharding(mesh, P())
-                template["opt_state"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(
-                    tuple(v.shape), v.dtype, sharding=rep), ckpt.mgr.item_metadata(s)["state"].tree["opt_state"])
-                restored = ckpt.restore(template, s, quarantine=False)
+                # run saved before the weight decay fix of 2026-12-04): the params alone, by their own checksum
+                if isinstance(meta.get("part_fingerprints"), dict):
+                    restored = ckpt.restore({"params": template["params"]}, s, quarantine=False)
+                else:  # saved before part checksums (2026-12-03): the whole state is verified, the optimizer
+                    # state read in its saved layout, each array split over every device (replicated, each held
+                    # the whole Adam state, 2x the params in float32)
+                    template["opt_state"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(
+                        tuple(v.shape), v.dtype, sharding=_spread(v.shape, mesh)),
+                        ckpt.mgr.item_metadata(s)["state"].tree["opt_state"])
+                    restored = ckpt.restore(template, s, quarantine=False)
             if restored is not None:
                 if s != steps[0]:
                     log(f"load_model: using step {s} of {pathlib.Path(out) / 'ckpt'}")

@@ -536,11 +536,7 @@ def load_video_model(out, preset: str | Preset = "default"):
                 if stage == "t2v" else "pass a train_video run's --out"))
         metas[stage] = latest[1].get("settings", {})
         dit_vae = latest[1].get("vae_fingerprint") if stage == "t2v" else dit_vae
-    dit_step, dit_total = latest[0], latest[1].get("total_steps")
-    if isinstance(dit_total, int) and dit_step < dit_total:  # stopped mid-stage: sampled in silence before
-        print(f"load_video_model: {out / 'ckpt' / 't2v'} is at step {dit_step} of the run's {dit_total} (stopped "
-              f"before the DiT finished): sampling its EMA as of step {dit_step}; rerun its train_video command to "
-              "finish it")
+    dit_total = latest[1].get("total_steps")
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
     made = _json_dict(metas["t2v"].get("latents"))
     # how it was trained (learning rates, batches, loss weights) does not change the model a sample runs
@@ -577,7 +573,7 @@ def load_video_model(out, preset: str | Preset = "default"):
     t2v_gd, t2v_abstract = abstract_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0)), mesh)
     ema_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), t2v_abstract)
 
-    def restored(stage: str, targets: dict) -> dict:
+    def restored(stage: str, targets: dict) -> tuple[int, dict]:
         # read only (a training job may be writing beside): a corrupt newest step is left in place and skipped
         ckpt = manager(out / "ckpt" / stage, read_only=True)
         if (r := restore(ckpt, targets)) is None:  # a record read (latest_meta); no step's arrays read and verified
@@ -586,15 +582,21 @@ def load_video_model(out, preset: str | Preset = "default"):
                 f"{out / 'ckpt' / stage} holds no readable checkpoint (step{'s' * (len(steps) > 1)} "
                 f"{', '.join(map(str, steps))} failed to read or verify); rerun the run's train_video command (it "
                 "sets unreadable steps aside and trains the stage again from its newest good one)")
-        return r[1]
+        return r[:2]
 
     with jax.set_mesh(mesh):
-        vae_params = restored("vae", {"params": vae_abstract})["params"]
-        ema = restored("t2v", {"ema": ema_abstract})["ema"]
+        vae_params = restored("vae", {"params": vae_abstract})[1]["params"]
+        # the step read, not the newest record's: a newest step that fails to verify is skipped for an older one
+        dit_step, dit = restored("t2v", {"ema": ema_abstract})
+    ema = dit["ema"]
     if dit_vae is not None and dit_vae != (now := fingerprint(vae_params)):  # a VAE retrained after the DiT
         raise ValueError(f"load_video_model: {out / 'ckpt' / 't2v'} was trained on the latents of another VAE "
                          f"(fingerprint {dit_vae}) than {out / 'ckpt' / 'vae'} holds ({now}); rerun the run's "
                          f"train_video command after deleting {out / 'ckpt' / 't2v'} to train a DiT on this VAE")
+    if isinstance(dit_total, int) and dit_step < dit_total:  # stopped mid-stage: sampled in silence before
+        print(f"load_video_model: {out / 'ckpt' / 't2v'} is at step {dit_step} of the run's {dit_total} (stopped "
+              f"before the DiT finished, or its newer steps do not read): sampling its EMA as of step {dit_step}; "
+              "rerun its train_video command to finish it")
     weights = ema_cast(ema, t2v_abstract)
     null = null_tokens(p.data.max_caption_len)
 

@@ -365,8 +365,21 @@ def test_a_mup_run_saved_before_the_weight_decay_fix_still_loads_its_model(tmp_p
     with monkeypatch.context() as mp:
         mp.setattr(lm_step, "make_optimizer", before_the_fix)
         train_lm.main(args)
-    model, cfg = train_lm.load_model(tmp_path / "run")
+    from experiments.checkpoint import Checkpoints
+
+    read, restore = [], Checkpoints.restore
+
+    def spy(self, template, *a, **k):  # per restored entry, the most bytes one device holds
+        if (got := restore(self, template, *a, **k)) is not None:
+            read.append({name: max(sum(s.data.nbytes for x in jax.tree.leaves(v) for s in x.addressable_shards
+                                       if s.device == d) for d in jax.devices()[:8]) for name, v in got[0].items()})
+        return got
+
+    monkeypatch.setattr(Checkpoints, "restore", spy)
+    model, cfg = train_lm.load_model(tmp_path / "run", mesh_shape={"fsdp": 8})
     assert cfg.model.width_mult == 2.0
+    # the params alone, by their own checksum: the old optimizer state was read replicated, 2x the params on each device
+    assert list(read.pop()) == ["params"]
     assert np.any(np.asarray(model.lm_head[...]))  # the trained readout (μP's starts at zero)
     with pytest.raises(SystemExit, match=r"train.out: .* μP .* weight decay fix.*new --out"):
         train_lm.main([*args[:-4], "--set", "train.steps=8", "--out", str(tmp_path / "run")])
@@ -374,5 +387,7 @@ def test_a_mup_run_saved_before_the_weight_decay_fix_still_loads_its_model(tmp_p
     # missing"); the whole state is read, its optimizer state in the saved layout, and verified
     for meta in (tmp_path / "run" / "ckpt").glob("*/meta/metadata"):
         meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "part_fingerprints"}))
-    older, _ = train_lm.load_model(tmp_path / "run")
+    older, _ = train_lm.load_model(tmp_path / "run", mesh_shape={"fsdp": 8})
     np.testing.assert_array_equal(older.lm_head[...], model.lm_head[...])
+    opt_bytes = 2 * sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # Adam's mu and nu
+    assert read[-1]["opt_state"] < opt_bytes / 4  # split over the 8 devices, not whole on each

@@ -1195,3 +1195,12 @@ def test_load_video_model_of_a_stopped_run_says_which_stage_is_missing_or_unfini
     _, got = train_video.load_video_model(tmp_path, "tiny")
     assert "ckpt/t2v is at step 2 of the run's 5" in capsys.readouterr().out
     assert got.dit_steps == 5
+    # a finished run (step 5 of 5) says nothing; one whose step 5 does not verify samples step 3 (the reader skips
+    # it) and says so: the message named the newest record's step, or said nothing when that was the last one
+    for read, said in ((5, ""), (3, "ckpt/t2v is at step 3 of the run's 5")):
+        monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
+            5, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"], "step": 5, "total_steps": 5}))
+        monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None, s=read: (
+            s, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
+        train_video.load_video_model(tmp_path, "tiny")
+        assert said in (printed := capsys.readouterr().out) and bool(said) == ("load_video_model" in printed), printed
