@@ -76,6 +76,8 @@ def test_band_choice_reaches_recall_target():
         # and it is the tightest such banding: one more row per band misses the target
         r2 = r + 1
         assert 1 - (1 - cfg.threshold**r2) ** (cfg.num_perm // r2) < cfg.recall_target, cfg
+    # reaching the target exactly counts: 4 bands of 4 rows at t=1/2 reach 1 - (15/16)^4 (exact in binary)
+    assert DedupConfig(threshold=0.5, num_perm=16, recall_target=1 - (15 / 16) ** 4).bands() == (4, 4)
 
 
 def test_minhash_recall_at_jaccard_08_and_above():

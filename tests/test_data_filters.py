@@ -415,6 +415,9 @@ def test_line_signals_match_a_direct_count():
     assert (s["dup_lines"], s["dup_line_chars"]) == (pytest.approx(2 / 5), pytest.approx(6 / 13))
     s = analyze("first para\n\nsecond one\n\nfirst para")
     assert (s["dup_paragraphs"], s["dup_paragraph_chars"]) == (pytest.approx(1 / 3), pytest.approx(10 / 30))
+    # a line of whitespace alone parts paragraphs too (form="NFC" keeps an ideographic space)
+    s = analyze("first para\n\u3000\nsecond one\n \nfirst para")
+    assert (s["dup_paragraphs"], s["dup_paragraph_chars"]) == (pytest.approx(1 / 3), pytest.approx(10 / 30))
     s = analyze("one line ends…\ntwo lines end...\nthree does not\n#tag")  # a hashtag ('# tag' is a heading)
     assert s["ellipsis_lines"] == pytest.approx(2 / 4)
     assert s["hash_ellipsis_ratio"] == pytest.approx(3 / len(words("one line ends…\ntwo lines end...\nthree does "
@@ -501,6 +504,8 @@ def test_removed_boilerplate_lines_leave_normalised_text(rng):
     # the longer blank run stays (not their sum): the text's own spacing, as normalised with max_blank_lines=2
     assert strip_boilerplate(a + "\n\nShare on Facebook\n\n\n" + b, CFG)[0] == a + "\n\n\n" + b
     assert strip_boilerplate(a + "\n\n" + b + "\n", CFG) == (a + "\n\n" + b + "\n", 0, 2)  # nothing removed: as is
+    # a footer on the last line of a file (its line break read too): none of the blank lines after it stay
+    assert strip_boilerplate(a + "\nAll rights reserved.\n\n", CFG) == (a, 1, 2)
 
 
 def test_headings_comments_and_directives_are_not_hashtags():

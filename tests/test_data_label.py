@@ -16,6 +16,9 @@ def test_density_threshold_still_applies():
     long = "theorem lemma " + "word " * 5000
     assert domain_tags(long) == []
     assert domain_tags(long, LabelConfig(min_hits_per_1k_words=0.1)) == ["math"]
+    # "at least" per thousand words: 2 hits in 2,000 words is 1.0 exactly, and tags
+    assert domain_tags("theorem lemma " + "word " * 1998) == ["math"]
+    assert domain_tags("theorem lemma " + "word " * 1999) == []
 
 
 def test_code_and_math_tags_need_code_and_math():

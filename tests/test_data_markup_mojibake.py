@@ -356,6 +356,15 @@ def test_mojibake_is_repaired_exactly(paras):
             assert quality_filter(normalize_text(bad))[1] is None
 
 
+def test_a_four_byte_character_misread_is_repaired():
+    """An emoji or a supplementary-plane Han character is 4 UTF-8 bytes: lead ð-ô and three continuations."""
+    from data.normalize import fix_mojibake
+
+    for clean in ("👍 great", "𠮷 opens", "a 😀 b 🎉"):
+        for misread in (cp1252, latin1):
+            assert fix_mojibake(misread(clean)) == (clean, sum(not c.isascii() for c in clean)), misread(clean)
+
+
 def test_accented_last_letter_before_punctuation_is_not_repaired():
     """A word's accented last letter before two marks that sit beside words is valid UTF-8 as cp1252 (3 bytes) but
     ordinary text: French's no-break space before » ("allé\xa0»" became "all頻"), a closing quote and an ellipsis,
@@ -460,6 +469,12 @@ def test_a_circumflex_before_a_symbol_is_repaired_and_a_pair_inside_a_word_count
     assert cp1252("ēdiens") == "Ä“diens"
     assert mojibake_sequences(cp1252("ēdiens un maize")) == 1
     assert mojibake_sequences(cp1252("uz zemē un")) == 0
+    # the shape of a 3-byte sequence whose bytes are no UTF-8 (E0 80 80 overlong, ED A1 80 a surrogate): not counted
+    for seq in ("à€€", "í¡€"):
+        with pytest.raises(UnicodeDecodeError):
+            seq.encode("cp1252").decode("utf-8")
+        assert mojibake_sequences(f"word {seq} word") == 0
+    assert mojibake_sequences("word Ã© word") == 1
 
 
 def test_mojibake_left_unrepaired_is_dropped_as_mojibake():

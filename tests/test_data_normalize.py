@@ -1,5 +1,7 @@
 """Decoding and normalisation: NFKC on full-width text, control/invisible characters, whitespace, bad bytes."""
 
+import unicodedata
+
 import pytest
 
 from data.normalize import NormalizeConfig, decode, normalize_text
@@ -19,6 +21,13 @@ def test_nfc_form_keeps_full_width():
     assert normalize_text("ＡＢＣ", NormalizeConfig(form="NFC")) == "ＡＢＣ"
     # but still composes combining sequences
     assert normalize_text("e\u0301", NormalizeConfig(form="NFC")) == "é"
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFD", "NFKC", "NFKD"])
+def test_each_form_is_the_one_unicodedata_gives(form):
+    # a combining sequence beside compatibility characters: in no form already, so every form rewrites it its own way
+    text = "cafe\u0301 ＡＢＣ ﬁle é ½"
+    assert normalize_text(text, NormalizeConfig(form=form)) == unicodedata.normalize(form, text)
 
 
 def test_control_and_invisible_characters_removed_newlines_and_tabs_kept():

@@ -903,10 +903,18 @@ def test_the_embedded_corpus_names_an_unknown_tier_before_any_work(tmp_path):
 
 
 def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_path):
-    from data.sources import read_records
+    from data.sources import SourceConfig, read_records
 
     pq.write_table(pa.table({"text": pa.array([1, 2, 3], pa.int64())}), tmp_path / "ints.parquet")
     assert [r for _, r, _ in read_records([str(tmp_path / "ints.parquet")])] == ["bad_text_type"] * 3
+    # max_doc_bytes is the largest text kept (inclusive, as for a JSON Lines line or a text file)
+    pq.write_table(pa.table({"text": ["é" * 100, "é" * 100 + "x"]}), tmp_path / "sizes.parquet")
+    got = [(r, n) for _, r, n in read_records([str(tmp_path / "sizes.parquet")], SourceConfig(max_doc_bytes=200))]
+    assert got == [(None, 200), ("too_large", 201)]
+    for k, reason in ((199, None), (200, None), (201, "too_large")):  # a plain text file of that size too
+        (tmp_path / "doc.txt").write_text("é" + "x" * (k - 2))
+        assert [(r, n) for _, r, n in read_records([str(tmp_path / "doc.txt")], SourceConfig(max_doc_bytes=200))] == [
+            (reason, k)]
     pq.write_table(pa.table({"text": [en_text(np.random.default_rng(i), 40) for i in range(400)]}),
                    tmp_path / "ok.parquet", row_group_size=100)
     data = bytearray((tmp_path / "ok.parquet").read_bytes())
@@ -921,11 +929,12 @@ def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_pat
     assert [r for _, r, _, _ in got[:-1]] == [None] * (len(got) - 1) and 0 < len(got) - 1 < 400
     assert got[-1][1:] == ("unreadable_rest", 0, f"{tmp_path / 'late.parquet'}:{len(got) - 1}")  # first row not read
     # a file without the text column: every row is a counted drop (it was one record, whatever its rows), its bytes
-    # shared out, each with its row as the id
-    pq.write_table(pa.table({"content": ["a", "b", "c"]}), tmp_path / "other.parquet")
+    # shared out, each with its row as the id (7 rows: the 3-row file's size split evenly, hiding a lost remainder)
+    pq.write_table(pa.table({"content": list("abcdefg")}), tmp_path / "other.parquet")
     got = list(read_records([str(tmp_path / "other.parquet")], with_ids=True))
-    assert [(r, i) for _, r, _, i in got] == [("missing_text", f"{tmp_path / 'other.parquet'}:{k}") for k in range(3)]
-    assert sum(n for _, _, n, _ in got) == os.path.getsize(tmp_path / "other.parquet")
+    assert [(r, i) for _, r, _, i in got] == [("missing_text", f"{tmp_path / 'other.parquet'}:{k}") for k in range(7)]
+    sizes = [n for _, _, n, _ in got]
+    assert sum(sizes) == os.path.getsize(tmp_path / "other.parquet") and max(sizes) - min(sizes) <= 1
 
 
 def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata(tmp_path):
@@ -1017,6 +1026,9 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
     (tmp_path / "bad.jsonl.gz").write_bytes(bytes(raw))
     reasons = [r for _, r, _ in read_records([str(tmp_path / "bad.jsonl.gz")])]
     assert reasons == ["unreadable_file"]  # damaged before its first line ends
+    # xz's own error (lzma.LZMAError, neither an OSError nor an EOFError) too
+    (tmp_path / "bad.jsonl.xz").write_bytes(b"not xz at all" * 10)
+    assert [r for _, r, _ in read_records([str(tmp_path / "bad.jsonl.xz")])] == ["unreadable_file"]
     # a truncated file: what was read counts; the rest is one `unreadable_rest` drop at the first line not read,
     # which the report warns of (a download cut in half read as 94 % kept, nothing said)
     (tmp_path / "cut").mkdir()
@@ -1037,6 +1049,14 @@ def test_exporters_file_layouts_are_read_record_by_record(tmp_path):
     assert ("WARNING: input files not read to their end: 1 read only up to damage or truncation (unreadable_rest); "
             "1 not readable at all (unreadable_file).") in text
     assert "`python -m data.report DIR --drops unreadable_rest` lists them" in text
+    # a file not readable at all, alone, is warned of too (pointing at its own reason)
+    from data.stages import StageStats
+
+    ingest = StageStats("ingest", docs_in=1)
+    ingest.drop("unreadable_file", 0)
+    warning = "\n".join(report_mod.unread_warning([("raw", ingest)]))
+    assert "WARNING: input files not read to their end: 1 not readable at all (unreadable_file)." in warning
+    assert "--drops unreadable_file` lists them" in warning
     assert [d["id"] for d in report_mod.drops(tmp_path / "out", "unreadable_rest")] == [got[-1][3]]
     # a byte-order mark does not cost the first record; a lone surrogate in metadata is replaced, not fatal
     (tmp_path / "bom.jsonl").write_text("\ufeff" + json.dumps({"title": "\ud83d cut", "text": texts[0]},
@@ -1090,6 +1110,13 @@ def test_reject_policy_drops_lone_surrogates_too(tmp_path):
     assert reject == ["invalid_utf8", None]
     (doc, r, _), _ = read_records([str(path)], SourceConfig(), NormalizeConfig())
     assert r is None and doc["text"] == text + " \ufffd end."
+    # the limit is inclusive, as decode's for bad bytes: 1 lone surrogate in 100 characters is 0.01, repaired
+    path.write_text("".join(json.dumps({"text": "\ud800" + "x" * k}) + "\n" for k in (99, 98)))
+    assert [r for _, r, _ in read_records([str(path)])] == [None, "invalid_utf8"]
+    # in a metadata key too: repaired, so the record can be written as UTF-8
+    path.write_text(json.dumps({"text": text, "k\ud800": 1}) + "\n")
+    (doc, r, _), = read_records([str(path)])
+    assert r is None and "k\ufffd" in doc and json.dumps(doc, ensure_ascii=False).encode()
 
 
 def test_stdlib_documents_are_written_round_robin(tmp_path):
@@ -1425,18 +1452,19 @@ def test_the_funnel_counts_text_bytes_in_and_out_and_the_input_bytes_apart(tmp_p
     texts = [en_text(rng, 120) for _ in range(6)]
     meta = {"url": "https://example.com/" + "p" * 200, "html": "<div>" + "m" * 1500 + "</div>"}
     path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({"text": t, **meta}) + "\n" for t in texts) + "{bad json\n")
+    bad = "{bad json" + "x" * 990 + "\n"  # 1 kB: the report's sizes, to 0.1 kB, show it
+    path.write_text("".join(json.dumps({"text": t, **meta}) + "\n" for t in texts) + bad)
     stats = run([path], tmp_path / "out", PipelineConfig(workers=1), progress=False)
     ingest, last = stats["raw"]["stages"][0], stats["augmented"]["stages"][-1]
     text = sum(len(t.encode()) for t in texts)
     assert last["docs_out"] == 6 and last["bytes_out"] == text
     # in = the text of the records read + what the dropped ones took up in the input (their text is unknown)
-    assert ingest["dropped_bytes"] == {"malformed_json": 10} and ingest["bytes_in"] == text + 10
+    assert ingest["dropped_bytes"] == {"malformed_json": 1000} and ingest["bytes_in"] == text + 1000
     assert ingest["bytes_out"] == text and ingest["counters"]["input_bytes"] == path.stat().st_size
     print(report_mod.report(tmp_path / "out"))
     out = capsys.readouterr().out
     size = report_mod._size
-    assert f"overall: 6 of 7 records kept ({size(text)} of {size(text + 10)} of text" in out
+    assert f"overall: 6 of 7 records kept ({size(text)} of {size(text + 1000)} of text" in out
     assert f"input read: {size(path.stat().st_size)}" in out
 
 
@@ -1509,6 +1537,9 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     os.symlink(tmp_path / "in" / "a.jsonl", tmp_path / "in" / "c.jsonl")
     a = str(tmp_path / "in" / "a.jsonl")
     assert discover([a, str(tmp_path / "in"), a]) == [(a,), (str(tmp_path / "in" / "b.jsonl"),)]
+    # under the name it first appears by: the folder's a.jsonl, not the link to it named after
+    link = str(tmp_path / "in" / "c.jsonl")
+    assert discover([str(tmp_path / "in"), link]) == [(a,), (str(tmp_path / "in" / "b.jsonl"),)]
     cfg = PipelineConfig(workers=1, dedup=DedupConfig(exact=False, near=False))
     stats = run([a, str(tmp_path / "in")], tmp_path / "out", cfg, progress=False)
     assert stats["raw"]["stages"][0]["docs_in"] == 2 and stats["augmented"]["stages"][-1]["docs_out"] == 2
