@@ -67,15 +67,16 @@ def test_layout_counts_and_aux_shapes():
         32 * 4 + 3 * 32 * (2 * 24 + 24) - 3 * 32 * 48)
 
 
-def test_aux_z_loss_is_the_mean_over_the_moe_layers():
-    """return_aux's 'z_loss' is the layers' mean (the docstring; the trainer weights it once by z_loss_weight): with
-    zero router weights every layer's router logits are 0, its z-loss is ln(E)² exactly, and so is the mean. A sum
-    over the 2 MoE layers (2·ln(E)²) passed every other test."""
+def test_aux_losses_are_the_means_over_the_moe_layers():
+    """return_aux's 'z_loss' and 'lb_loss' are the layers' means (the docstring; the trainer weights each once): with
+    zero router weights every layer's router logits are 0, its z-loss is ln(E)² exactly and its balancing loss
+    E·Σ f_e·(1/E) = 1, and so are the means. A sum over the 2 MoE layers (2·ln(E)², 2.0) passed every other test."""
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     router = model.moe_blocks.moe.router
     router[...] = jnp.zeros_like(router[...])
     _, aux = model(tokens(B=2, T=8), return_aux=True)
     np.testing.assert_allclose(float(aux["z_loss"]), np.log(CFG.moe.n_experts) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(float(aux["lb_loss"]), 1.0, rtol=1e-6)
 
 
 def test_single_expert_moe_equals_dense_model_with_the_same_weights():

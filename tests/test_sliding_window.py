@@ -78,6 +78,19 @@ def test_blocked_equals_dense_float64(T, W, C, N, K, layout, cap):
             np.testing.assert_allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("pad", [0, 4])
+def test_blocked_equals_dense_on_every_row_with_or_without_padding(pad):
+    """Without a padding mask or segment ids (the grid above always passes one) the first blocks' front-filled key
+    slots are masked by their slot alone; with left padding, a query whose window holds only padding sees no key and
+    outputs 0 in both kernels (not the dense one's uniform weights over the whole row, future keys included)."""
+    B, T, W = 2, 20, 3
+    q, k, v = qkv(B, T, 4, 2, 8, seed=1)
+    valid = jnp.arange(T)[None].repeat(B, 0) >= pad if pad else None
+    blocked, dense = (local_attention(q, k, v, W, valid_BT=valid, impl=impl, block=8) for impl in ("blocked", "dense"))
+    np.testing.assert_allclose(blocked, dense, atol=1e-6)
+    assert not np.asarray(dense)[:, :pad].any()
+
+
 def test_keys_outside_every_window_change_nothing():
     B, T, N, K, H, W = 1, 48, 2, 1, 8, 6
     q, k, v = qkv(B, T, N, K, H)
