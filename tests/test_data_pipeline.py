@@ -614,6 +614,8 @@ def test_a_settings_group_or_worker_count_of_the_wrong_type_is_named_before_any_
     for bad in (2.5, True, "2", None):
         with pytest.raises(ValueError, match=r"PipelineConfig\.workers=.* must be an int"):
             PipelineConfig(workers=bad)
+    with pytest.raises(ValueError, match=r"PipelineConfig\.workers=0 must be >= 1"):  # 0 would run as 1, silently
+        PipelineConfig(workers=0)
     assert PipelineConfig(workers=np.int64(3)).workers == 3  # a numpy count stays accepted, as a plain int
     assert type(PipelineConfig(workers=np.int64(3)).workers) is int
 
@@ -1196,6 +1198,8 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
         dedup_stage(tmp_path / "held2", dedup_against=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"other settings \(num_perm: 128 there, 64 here\)"):
         dedup_stage(tmp_path / "held3", dedup_against=str(tmp_path / "clean"), dedup=DedupConfig(num_perm=64))
+    with pytest.raises(ValueError, match=r"other settings \(seed: 1 there, 2 here\)"):  # other hash functions
+        dedup_stage(tmp_path / "held3", dedup_against=str(tmp_path / "clean"), dedup=DedupConfig(seed=2))
     # the training run cleaned again, now with a held-out document: resuming the held-out run kept its stale
     # decisions (that document stayed, exit 0); it is refused, and a new --out drops the document
     import shutil

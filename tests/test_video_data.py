@@ -110,6 +110,12 @@ def test_captions_and_config_errors():
     for seed in (-1, 1.5, True):
         with pytest.raises(ValueError, match="MovingShapesConfig.seed"):
             MovingShapesConfig(seed=seed)
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.frames: a clip needs >= 2 frames"):
+        MovingShapesConfig(frames=1)
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.held_out: cannot hold out every combination"):
+        MovingShapesConfig(held_out=tuple(CFG.combos()))
+    # the limit itself fits: a 15 px object moving 1.75 px over 8 frames ends at 15 + 14 = 29 px
+    assert MovingShapesConfig(size=29).size == 29
 
 
 def test_eval_harness_scores_real_clips_of_each_prompt_near_perfect():
@@ -216,6 +222,91 @@ def test_splits_captions_and_records_are_as_documented():
     n = len(src.combos)
     assert n == 40 and int(src[3]["combo"]) == int(src[3 + n]["combo"])
     assert not np.array_equal(src[3]["video"], src[3 + n]["video"])
+    # combinations cycle through the split in order, and a record's clip is drawn per split too
+    assert [int(src[i]["combo"]) for i in range(n + 2)] == [CFG.combos().index(c) for c in src.combos + src.combos[:2]]
+    held = MovingShapesSource(CFG, "heldout", 8)
+    assert not np.array_equal(src[0]["video"] != -1, held[0]["video"] != -1)
+
+
+def test_a_clip_is_the_shape_drawn_by_hand_at_its_drawn_position():
+    """Redrawn pixel by pixel from the record's own random draws (size, speed, start, brightness, in render's order):
+    a pixel is lit where its centre lies within side / 2 of the object's centre at frame t, centre0 + speed·t·(dx, dy)
+    (a start one frame on, or pixel corners for centres, moved every object by up to a pixel and passed)."""
+    src = MovingShapesSource(CFG, "all", 48)
+    S = CFG.size
+    for i in (0, 1, 2, 3, 4, 7):  # red square left, right, up, down; red circle left, down
+        r = src[i]
+        colour, shape, direction = CFG.combos()[int(r["combo"])]
+        rng = np.random.default_rng((CFG.seed, 2, i))  # split 'all' is SPLITS[2]
+        side = int(rng.integers(CFG.object_size[0], CFG.object_size[1] + 1))
+        speed = rng.uniform(*CFG.speed)
+        dx, dy = DIRECTIONS[direction]
+        travel, half = speed * (CFG.frames - 1), side / 2
+        cx0 = rng.uniform(half + max(0, -dx) * travel, S - half - max(0, dx) * travel)
+        cy0 = rng.uniform(half + max(0, -dy) * travel, S - half - max(0, dy) * travel)
+        bright = rng.uniform(1 - CFG.colour_jitter, 1.0)
+        want = np.full((CFG.frames, S, S, 3), -1.0, np.float32)
+        for t in range(CFG.frames):
+            cx, cy = cx0 + dx * speed * t, cy0 + dy * speed * t
+            for row in range(S):
+                for col in range(S):
+                    ox, oy = col + 0.5 - cx, row + 0.5 - cy
+                    if (max(abs(ox), abs(oy)) <= half if shape == "square" else ox * ox + oy * oy <= half * half):
+                        want[t, row, col] = 2 * np.float32(bright) * np.asarray(COLOURS[colour], np.float32) - 1
+        assert (r["video"] != -1).any(-1).sum() > 0 and np.allclose(r["video"], want, atol=1e-6), (i, shape, direction)
+
+
+def _clip(frames=9, size=16):
+    return -np.ones((1, frames, size, size, 3), np.float32)
+
+
+def test_measure_by_hand_drawn_clips():
+    """Small clips drawn by hand against the docstring's rules: 3 foreground pixels show an object, 2 do not; a pixel
+    at exactly half the peak is not foreground ('exceeds'); the shape's taper / fill of a stepped triangle; rgb in
+    [0, 1] units; the slope over the frames that show the object only; a washed frame's colour left out; and a bar
+    reaching two opposite edges only is an object, not a wash (a wash reaches all four)."""
+    red = np.asarray(COLOURS["red"], np.float32)
+    three, two = _clip(), _clip()
+    for t in range(9):  # an L of 3 pixels moving right 1 px / frame; the same less one pixel
+        for row, col in ((5, 2 + t), (5, 3 + t), (6, 2 + t)):
+            three[0, t, row, col] = 2 * red - 1
+        two[0, t] = three[0, t]
+        two[0, t, 6, 2 + t] = -1
+    got = measure(three)
+    assert (got["colour"][0], got["direction"][0]) == (0, list(DIRECTIONS).index("right"))
+    assert np.allclose(got["rgb"][0], red)  # the mean foreground RGB in [0, 1] units
+    assert measure(two)["direction"][0] == -1
+    once = _clip()
+    once[0, 4] = three[0, 4]  # one frame of object is no clip of one: every attribute -1, not only the direction
+    assert [int(measure(once)[k][0]) for k in ("colour", "shape", "direction")] == [-1, -1, -1]
+    at_half = three.copy()
+    at_half[0, :, 12, 12] = 0.0  # 0.5 in [0, 1] units: exactly half the red's peak 1.0, not above it
+    assert np.allclose(measure(at_half)["rgb"][0], red)
+    dim = 0.45 * (three + 1) - 1  # a dim generation peaking at 0.45: cut at half its own peak, not at a fixed 0.5
+    assert measure(dim)["direction"][0] == list(DIRECTIONS).index("right")
+    assert np.allclose(measure(dim)["rgb"][0], 0.45 * red)
+    # a stepped triangle, apex up, rows 1, 3, ..., 11 wide: taper = mean(1, 3) / mean(9, 11) over thirds of its
+    # 6 rows, fill = 36 / (6 * 11)
+    tri = _clip()
+    for t in range(9):
+        for k, w in enumerate((1, 3, 5, 7, 9, 11)):
+            tri[0, t, 2 + t // 2 + k, 7 - w // 2:7 + w // 2 + 1] = 2 * red - 1
+    got = measure(tri)
+    assert np.isclose(got["taper"][0], 0.2) and np.isclose(got["fill"][0], 36 / 66) and got["shape"][0] == 2
+    assert got["direction"][0] == list(DIRECTIONS).index("down")
+    # an object moving right that has left the frame in the last two frames: still 'right'
+    gone = three.copy()
+    gone[0, 7:] = -1
+    assert measure(gone)["direction"][0] == list(DIRECTIONS).index("right")
+    # a white washed frame does not colour the clip (it read red as another colour)
+    washed = three.copy()
+    washed[0, 4] = 1.0
+    assert measure(washed)["colour"][0] == 0 and np.allclose(measure(washed)["rgb"][0], red)
+    # a red bar across the whole width, 12 of 16 rows (75% of the frame), moving down: an object
+    bar = _clip(frames=3)
+    for t in range(3):
+        bar[0, t, t:t + 12] = 2 * red - 1
+    assert measure(bar)["direction"][0] == list(DIRECTIONS).index("down")
 
 
 def test_measure_cuts_a_hazy_clip_at_half_maximum_and_needs_two_frames_of_object():
