@@ -64,3 +64,7 @@ def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatc
     monkeypatch.setattr(aot, "compile_report", report)
     aot.main(["--devices", "8", "--seq", "64", "--mesh", "fsdp=8", "--mesh", "fsdp=4,tensor=2"])
     assert meshes == [{"fsdp": 8}, {"fsdp": 4, "tensor": 2}]
+    # microbatches are refused only without a pipeline: a 2-stage one, the smallest, takes them
+    meshes.clear()
+    aot.main(["--devices", "8", "--seq", "64", "--dtype", "float32", "--microbatches", "2", "--mesh", "stage=2,fsdp=4"])
+    assert meshes == [{"stage": 2, "fsdp": 4}]

@@ -330,6 +330,10 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     piped = dataclasses.replace(deep, pipeline_microbatches=4)  # aot compiled every pipeline with 1 microbatch
     assert aot.mesh_problem(piped, {"stage": 2}, 2, 8, 8) is None
     assert "--batch=6 does not split into --microbatches=4" in aot.mesh_problem(piped, {"stage": 2}, 2, 6, 8)
+    # each microbatch's rows, not the batch's, must divide the batch axes: the model refuses 8 rows in 4
+    # microbatches of 2 over data=4 (test_parallel's pipeline test), so the check before any compile must too
+    assert "--batch=8 does not split into --microbatches=4" in aot.mesh_problem(
+        dataclasses.replace(piped, dtype="float32"), {"stage": 2, "data": 4}, 8, 8, 8)
     with pytest.raises(SystemExit):
         aot.main(["--microbatches", "0"])
     assert "pipeline_microbatches" in capsys.readouterr().err
@@ -512,6 +516,26 @@ def test_any_process_raises_the_flag_on_every_process_when_one_raises_it(monkeyp
         monkeypatch.setattr(multihost_utils, "process_allgather",
                             lambda x, other=other: np.stack([np.int32(x), np.int32(other)]))
         assert any_process(mine) is (mine or other), (mine, other)
+
+
+def test_process_texts_are_each_process_s_own_text_without_the_padding(monkeypatch):
+    """Texts of other lengths travel padded to the longest: each comes back as its process sent it, the shorter
+    without NUL padding (check_same_settings compares the field names it returns). The all-gather is faked."""
+    from jax.experimental import multihost_utils
+
+    from parallel.distributed import process_texts
+
+    other = "é, a longer text".encode()
+
+    def allgather(x):
+        x = np.asarray(x)
+        if x.ndim == 0:  # the lengths
+            return np.stack([x, np.int32(len(other))])
+        return np.stack([x, np.frombuffer(other.ljust(x.shape[0], b"\0"), np.uint8)])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert process_texts("short") == ["short", "é, a longer text"]
 
 
 @pytest.mark.parametrize("indices,ok", [

@@ -693,11 +693,26 @@ def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its
     shutil.copytree(ref, out)
     for s in (8, 12):
         shutil.rmtree(out / "ckpt" / str(s))
-    train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
+    # the run's clock travels with its checkpoint (not under the arrays' checksum): a resumed run continues it
+    meta = out / "ckpt" / "4" / "meta" / "metadata"
+    meta.write_text(json.dumps(dict(json.loads(meta.read_text()), wall_s=1e6)))
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), *(("train", s) for s in range(1, 5)), ("eval", 4),
                                                       ("target", 4), ("train", 5), ("train", 6), ("eval", 6)]
     assert max(run_log.read_curves(out / "metrics.jsonl")["train"]) == 6  # what loss.png plots
+    assert all(r["wall_s"] > 1e6 for r in rows if r["step"] > 4) and result["wall_s"] > 1e6, rows
+    # the resumed process's first step compiles, as a fresh run's first: no throughput is reported for either
+    assert [r["tokens_per_s"] is None for r in rows if r["kind"] == "train"] == [True, False, False, False, True, False]
+
+
+def test_only_the_newest_keep_checkpoints_stay_on_disk(tmp_path):
+    """The tiny preset saves 3 times and keeps 3: a trainer keeping one too many passed every other test. Saves at
+    2, 4 and 5 (the last, off the interval) with train.keep=2 and no best kept: the newest two stay."""
+    out = tmp_path / "run"
+    train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=2",
+                   "--set", "train.keep=2", "--set", "train.keep_best=False", "--set", "train.progress=false"])
+    assert sorted(int(d.name) for d in (out / "ckpt").iterdir() if d.name.isdigit()) == [4, 5]
 
 
 def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, full_disk):
@@ -809,6 +824,8 @@ def test_sigterm_during_the_startup_stops_the_run_in_order(runs, tmp_path, monke
         resumed = tmp_path / "resumed"
         shutil.copytree(runs[0], resumed)
         again = train_lm.main([*TINY, "--out", str(resumed), "--set", "train.steps=16"])
+        # at its last step (train.steps=12) a stopped run exits too: the sample after the last step is not made
+        last = train_lm.main([*TINY, "--out", str(resumed), "--set", "train.sample_tokens=2"])
         assert signal.getsignal(signal.SIGTERM) is caller
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -817,6 +834,7 @@ def test_sigterm_during_the_startup_stops_the_run_in_order(runs, tmp_path, monke
     assert "SIGTERM before the first step: nothing new to save (nothing trained); exiting" in log, log
     assert again["step"] == 12 and restore(resumed)[1]["step"] == 12  # the newest checkpoint is still step 12
     assert "SIGTERM before the first step: nothing new to save (the run resumes from step 12); exiting" in log, log
+    assert last["step"] == 12 and "sample" not in last and not (resumed / "sample.txt").exists(), last
 
 
 def test_turning_keep_best_off_on_resume_warns_which_best_step_is_given_up(tmp_path, capsys):
