@@ -90,9 +90,9 @@ def sample_prompt(data, train) -> str:
 
 
 def sample_ids(tok, text: str, sample_tokens: int, max_seq_len: int):
-    """(prompt ids [P], new tokens n, prompt tokens cut) for the final sample: P + n - 1 positions stay within
-    max_seq_len (the trained context). A prompt longer than that keeps its BOS and its last tokens (it ran past the
-    context, and generate warned of positions past it)."""
+    """(prompt ids [P], new tokens n, prompt tokens cut) for the final sample: P + n <= max_seq_len (the trained
+    context; one position to spare, as the last new token is never fed back). A prompt longer than that keeps its
+    BOS and its last tokens (it ran past the context, and generate warned of positions past it)."""
     import numpy as np
 
     bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
