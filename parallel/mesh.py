@@ -58,7 +58,8 @@ def _fill(shape: dict[str, int], n: int, what: str) -> dict[str, int]:
     out = dict(shape)
     if fills:
         if n % fixed:
-            raise ValueError(f"mesh {shape}: {n} {what} are not divisible by {fixed}")
+            raise ValueError(f"mesh {shape}: {n} {what} are not divisible by {fixed}, the product of the axes other "
+                             f"than {fills[0]!r}; make that product a divisor of {n}")
         out[fills[0]] = n // fixed
     if math.prod(out.values()) != n:
         raise ValueError(f"mesh {shape} needs {math.prod(out.values())} {what} but {n} are available; "

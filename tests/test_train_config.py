@@ -26,6 +26,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "gpt5"], 8, "preset: unknown 'gpt5'"),
     (["--preset", "tiny", "--mesh", "data=3"], 8, "mesh: mesh {'data': 3} needs 3 devices but 8 are available"),
     (["--preset", "tiny", "--mesh", "data=2,fsdp=2"], 8, "mesh: mesh {'data': 2, 'fsdp': 2} needs 4 devices"),
+    # the -1 axis cannot fill the devices: it named the sizes but no fix
+    (["--preset", "tiny", "--mesh", "data=3,fsdp=-1"], 8, "mesh: mesh {'data': 3, 'fsdp': -1}: 8 devices are not "
+     "divisible by 3, the product of the axes other than 'fsdp'; make that product a divisor of 8"),
     (["--preset", "tiny", "--mesh", "pipeline=8"], 8, "mesh: mesh axes ['pipeline'] are unknown"),
     (["--preset", "tiny", "--batch", "12"], 8, "train.batch: 12 rows / grad_accum 1 = 12 per microbatch"),
     # the fix names grad_accum × the batch axes (it said "use a multiple of 8" to this batch of 8)
