@@ -688,6 +688,8 @@ def other_mesh_note(meta: dict, mesh) -> str:
     was, now = meta.get("mesh"), mesh_axes(mesh)
     if was is None or dict(was) == now:
         return ""
-    return (f"; note: saved on mesh {dict(was) or '(one device)'} ({math.prod(was.values())} devices), resumed on "
-            f"{now or '(one device)'} ({math.prod(now.values())} devices): sums over the sharded axes reduce in "
-            "another order, so from here on this run differs from an uninterrupted one in the last float32 digits")
+    def words(axes: dict) -> str:
+        return f"{axes} ({math.prod(axes.values())} devices)" if axes else "one device"
+    return (f"; note: saved on {'mesh ' * bool(was)}{words(dict(was))}, resumed on {words(now)}: sums over the sharded "
+            "axes reduce in another order, so from here on this run differs from an uninterrupted one in the last "
+            "float32 digits")

@@ -1097,3 +1097,9 @@ def test_the_recorded_mesh_leaves_out_axes_of_size_one():
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"))
     assert mesh_axes(mesh) == {"data": 2, "fsdp": 4}
     assert other_mesh_note({"mesh": {"data": 2, "fsdp": 4}}, mesh) == ""
+    # a resume onto (or from) one device says so once: it read "(one device) (1 devices)"
+    one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    assert other_mesh_note({"mesh": {"fsdp": 8}}, one).startswith("; note: saved on mesh {'fsdp': 8} (8 devices), "
+                                                                  "resumed on one device: sums")
+    assert other_mesh_note({"mesh": {}}, mesh).startswith("; note: saved on one device, resumed on {'data': 2, "
+                                                          "'fsdp': 4} (8 devices): sums")
