@@ -9,8 +9,9 @@ seq 2048, float32 parameters with bfloat16 compute, cuDNN attention on a GPU ('x
 (`TransformerConfig.flops_per_token(seq, causal=True)`) × tokens/s over `scaling.hardware.peak_flops(chip, 'bf16')`.
 Results go beside the CPU numbers in docs/benchmarks.md ("Transformer train step"). Not yet run on a GPU (no
 GPU was lent to the sessions so far): the cuDNN path is unverified. The H200 image has its own JAX (0.11.2, CUDA 13,
-seen 2026-11) and no grain / tensorboardX / torch requirement here: this module imports none of them, and `--tiny`
-runs under jax 0.11.2 + flax 0.12.12. One device call that falls back to the 'xla' kernel if cuDNN's fails:
+seen 2026-11) and no grain / tensorboardX / torch requirement here: this module imports none of them (nor grain's
+array_record, its --json included), and `--tiny` runs under jax 0.11.2 + flax 0.12.12. One device call that falls
+back to the 'xla' kernel if cuDNN's fails:
 
     python3 -m benchmarks.train_step_gpu --json $OUT/h200.json || \
         python3 -m benchmarks.train_step_gpu --attn xla --json $OUT/h200_xla.json

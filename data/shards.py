@@ -14,9 +14,15 @@ import math
 import os
 import pathlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+if TYPE_CHECKING:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+# array_record is imported where a shard is opened: write_atomically here is also the benchmarks' result write, and
+# the H200 image that benchmarks/train_step_gpu.py runs on has neither grain nor array_record
 
 # one record per chunk: grain reads records at random, and larger groups would decode a whole group per read
 WRITER_OPTIONS = "group_size:1"
@@ -102,6 +108,8 @@ class DocWriter:
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
+        from array_record.python.array_record_module import ArrayRecordWriter
+
         self._w = ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
         self.count = 0
 
@@ -191,6 +199,8 @@ def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
 
 
 def _open_shard(path) -> ArrayRecordReader:
+    from array_record.python.array_record_module import ArrayRecordReader
+
     try:
         return ArrayRecordReader(str(path))
     except (RuntimeError, OSError) as e:
