@@ -576,6 +576,20 @@ def test_generate_takes_raw_keys_of_the_default_prng_and_names_other_keys(model)
         generate(model, prompt, 3, temperature=1.0, rng=jax.random.key_data(jax.random.split(jax.random.key(0))))
 
 
+def test_key_error_names_what_is_not_one_key():
+    """key_error itself, on what generate's and t2v's tests do not pass: raw data of the default shape that is not
+    uint32 (jax.random refuses it later with "expected key_data.dtype = uint32"), batches of 3 (the count is the
+    leading dim, not a key's 2 words) and uint32 of no implementation's shape (the caller's hint kept)."""
+    from models.keys import key_error
+
+    assert key_error(jax.random.PRNGKey(0)) is None and key_error(jax.random.key(0)) is None
+    for bad in (np.zeros(2, np.int32), np.zeros(2, np.float32)):
+        assert key_error(bad, "; swapped?") == f"got {bad.dtype}[2]; swapped?"
+    assert "a batch of 3 raw keys" in key_error(jax.random.key_data(jax.random.split(jax.random.key(0), 3)))
+    assert "a batch of 3 keys" in key_error(jax.random.split(jax.random.key(0), 3))
+    assert key_error(np.zeros(3, np.uint32), "; swapped?") == "got uint32[3]; swapped?"
+
+
 def test_temperature_and_top_p_take_concrete_scalar_arrays(model):
     """temperature=jnp.float32(0.7) (or a value of jnp.linspace, np.array(0.7)) was refused as 'temperature must be a
     finite number >= 0, got Array(0.7)', which it is, and top_p likewise; sample_logits, pad_id and eos_id take such

@@ -1128,8 +1128,9 @@ def test_layouts_without_a_hf_architecture_are_named():
     RopeScaling("yarn", 4.0, original_max_position_embeddings=65536),  # the ramp's top past dim / 2, clipped
     # both ramp ends clipped to dimension 0 (low = high): a ramp of width 0 divided by 0 without its 0.001
     RopeScaling("yarn", 4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=11.0),
+    RopeScaling("yarn", 4.0, original_max_position_embeddings=64, attention_factor=1.3),  # given: no mscale formula
 ], ids=["yarn", "yarn_betas", "yarn_mscale_only", "yarn_mscale_ratio", "llama3", "yarn_long_original",
-        "yarn_flat_ramp"])
+        "yarn_flat_ramp", "yarn_attention_factor"])
 def test_rope_frequencies_and_scale_equal_transformers(rs):
     """inv_frequencies and attention_scale against transformers' own ROPE_INIT_FUNCTIONS, settings the model tests
     never reach (their original contexts are 16: a ramp clipped at dim / 2 - 1 instead of dim - 1 passed, and
@@ -1145,7 +1146,8 @@ def test_rope_frequencies_and_scale_equal_transformers(rs):
         p.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
     else:
         p.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, truncate=rs.truncate)
-        p.update({k: getattr(rs, k) for k in ("mscale", "mscale_all_dim") if getattr(rs, k) is not None})
+        p.update({k: getattr(rs, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
+                  if getattr(rs, k) is not None})
     hf = transformers.LlamaConfig(hidden_size=2 * hd, num_attention_heads=2, head_dim=hd,
                                   max_position_embeddings=262144, rope_parameters=p)
     inv, scale = ROPE_INIT_FUNCTIONS[rs.kind](hf, "cpu")

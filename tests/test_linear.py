@@ -199,12 +199,14 @@ def test_a_dots_saving_remat_policy_saves_the_product(dtype, out_dtype):
 
 @pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
 @pytest.mark.parametrize("x_dtype, w_dtype", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)])
-def test_mixed_operand_dtypes_get_gradients_in_their_own_dtypes(impl, x_dtype, w_dtype):
+@pytest.mark.parametrize("D, F", [(16, 40), (40, 16)], ids=["x-transposed", "g-transposed"])
+def test_mixed_operand_dtypes_get_gradients_in_their_own_dtypes(impl, x_dtype, w_dtype, D, F):
     """x @ w of a float32 and a bf16 operand is float32; autodiff gives each operand its cotangent in its own
-    dtype. dx in the weight's dtype (or dw in x's) went unseen: every other test has operands of one dtype."""
+    dtype. dx in the weight's dtype (or dw in x's) went unseen: every other test has operands of one dtype.
+    Both transposed operands: the narrower cotangent's branch rounding dw to w's dtype went unchecked."""
     kx, kw, kg = jax.random.split(jax.random.key(3), 3)
-    x, w = jax.random.normal(kx, (24, 16)).astype(x_dtype), jax.random.normal(kw, (16, 40)).astype(w_dtype)
-    g = jax.random.normal(kg, (24, 40))
+    x, w = jax.random.normal(kx, (24, D)).astype(x_dtype), jax.random.normal(kw, (D, F)).astype(w_dtype)
+    g = jax.random.normal(kg, (24, F))
     y, pull = jax.vjp(lambda x, w: linear(x, w, impl), x, w)
     y_ref, pull_ref = jax.vjp(lambda x, w: x @ w, x, w)
     assert y.dtype == y_ref.dtype == jnp.float32

@@ -313,10 +313,44 @@ def test_rope_at_long_positions_equals_a_float64_rotation():
     for p in (pos, jnp.asarray(pos)):
         # float32 angles: position·freq rounds by up to 2.4e-4 rad at 4095
         np.testing.assert_allclose(apply_rope(jnp.asarray(x, jnp.float32), p, inv), want, atol=2e-3)
+    # bf16 q / k rotated in float32 and returned in bf16, as documented (a float32 result passed every other test)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    x1, x2 = np.split(np.asarray(x16, np.float64), 2, -1)
+    want16 = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+    out16 = apply_rope(x16, pos, inv)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float64), want16, rtol=2 ** -8, atol=2e-3)
     from models.rope import rope_tables
 
     # float32 tables from int64 NumPy positions too (NumPy promotes int64 · float32 to float64), as transformers'
     assert all(t.dtype == np.float32 for t in rope_tables(pos, inv))
+
+
+def test_rope_frequencies_are_float64_values_rounded_once():
+    """inv_frequencies promises float64 values rounded once to float32 (transformers' float32 ones are a few ulps
+    off, so its parity test's rtol=1e-6 passed frequencies computed in float32 too): Llama 3.1's own settings
+    (head dim 128, theta 5e5, llama3 x8 over 8192) and plain / linear ones against Meta's scalar reference in
+    Python floats, to half a float32 ulp."""
+    import math
+
+    from models import RopeScaling
+    from models.rope import inv_frequencies
+
+    def llama31(freq, factor=8.0, low=1.0, high=4.0, old=8192):  # Meta's apply_scaling, one frequency
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            return freq
+        if wavelen > old / low:
+            return freq / factor
+        smooth = (old / wavelen - low) / (high - low)
+        return (1 - smooth) * freq / factor + smooth * freq
+
+    for hd, theta, scaling, f in [(128, 5e5, RopeScaling("llama3"), llama31), (80, 1e4, None, lambda v: v),
+                                  (96, 1e6, RopeScaling("linear", 3.0), lambda v: v / 3.0)]:
+        want = np.array([f(1.0 / theta ** (i / hd)) for i in range(0, hd, 2)])
+        got = inv_frequencies(hd, theta, scaling)
+        assert got.dtype == np.float32
+        assert (np.abs(got - want) <= np.spacing(got) / 2).all(), (hd, np.abs(got - want) / np.spacing(got))
 
 
 def test_cross_entropy_ignores_negative_targets_like_a_float64_reference():
@@ -664,9 +698,10 @@ def test_params_drawn_flat_on_cpu_are_the_bits_of_a_draw_in_their_shape(partitio
             assert got.dtype == want.dtype and got.shape == shape
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
         after = []
-        for std in (0.02, 0, None):
+        for std, const in ((0.02, None), (0, 0.0), (None, 1.0)):  # std 0: zeros, None: ones (biases, norm scales)
             rngs = nnx.Rngs(params=0)
-            param(rngs, (4, 4), (None, None), jnp.float32, std)
+            p = param(rngs, (4, 4), (None, None), jnp.float32, std)[...]
+            assert const is None or (p == const).all(), (std, p)
             after.append(param(rngs, (3,), (None,), jnp.float32, 1.0)[...])
         np.testing.assert_array_equal(after[0], after[1])
         np.testing.assert_array_equal(after[0], after[2])
