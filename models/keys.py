@@ -7,6 +7,8 @@ threefry2x32, [4] under jax_default_prng_impl='rbg' or 'unsafe_rbg'.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -24,17 +26,24 @@ def key_error(key, hint: str = "") -> str | None:
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():
             return None
-        return f"{got}, a batch of {shape[0]} keys; pass one (keys[0]), or jax.vmap the call over them"
+        return f"{got}, a batch of {math.prod(shape)} keys; pass one ({_first(shape)}), or jax.vmap the call over them"
     if dtype != jnp.uint32 or not shape:
         return got + hint
     raw = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape  # the default impl's key data shape
     if shape == raw:
         return None
     if shape[-len(raw):] == raw:
-        return f"{got}, a batch of {shape[0]} raw keys; pass one (keys[0]), or jax.vmap the call over them"
+        batch = shape[:-len(raw)]
+        return (f"{got}, a batch of {math.prod(batch)} raw keys; pass one ({_first(batch)}), or jax.vmap the call over "
+                "them")
     if (impls := _IMPLS_OF_SHAPE.get(shape[-1:])) is not None:
         return (f"{got}, raw key data of another PRNG implementation than the default "
                 f"{jax.config.jax_default_prng_impl} (whose raw keys are uint32{list(raw)}, and jax.random reads raw "
                 f"keys with it); pass the typed key, jax.random.wrap_key_data(data, impl=...) with the implementation "
                 f"that made it ({impls})")
     return got + hint
+
+
+def _first(batch: tuple[int, ...]) -> str:
+    """The index that picks one key of a batch of this shape: keys[0], keys[0, 0], ..."""
+    return f"keys[{', '.join('0' * len(batch))}]"

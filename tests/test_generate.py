@@ -588,6 +588,10 @@ def test_key_error_names_what_is_not_one_key():
     assert "a batch of 3 raw keys" in key_error(jax.random.key_data(jax.random.split(jax.random.key(0), 3)))
     assert "a batch of 3 keys" in key_error(jax.random.split(jax.random.key(0), 3))
     assert key_error(np.zeros(3, np.uint32), "; swapped?") == "got uint32[3]; swapped?"
+    # a [2, 3] batch: keys[0] is still a batch of 3, the fix names one key
+    grid = jax.random.split(jax.random.key(0), 6).reshape(2, 3)
+    assert "a batch of 6 keys; pass one (keys[0, 0])" in key_error(grid)
+    assert "a batch of 6 raw keys; pass one (keys[0, 0])" in key_error(jax.random.key_data(grid))
 
 
 def test_temperature_and_top_p_take_concrete_scalar_arrays(model):
