@@ -79,8 +79,9 @@ def train_eval_split(tokens: np.ndarray, eval_fraction: float = 0.05):
     ceil(n · eval_fraction) tokens of n (at least one)."""
     if not 0 < eval_fraction < 1:
         raise ValueError(f"train_eval_split: eval_fraction={eval_fraction} must be in (0, 1)")
-    # the fraction as written (0.07 is 7/100): in floats int(1000 * (1 - 0.07)) is 929, one token too many held out
-    held = math.ceil(len(tokens) * fractions.Fraction(str(float(eval_fraction))))
+    # the fraction as written (0.07 is 7/100): in floats int(1000 * (1 - 0.07)) is 929, one token too many held out;
+    # by its own digits, not a double's: np.float32(0.1) is 0.100000001 as a double, and held out 101 of 1,000
+    held = math.ceil(len(tokens) * fractions.Fraction(str(eval_fraction)))
     cut = len(tokens) - held
     return tokens[:cut], tokens[cut:]
 

@@ -253,6 +253,9 @@ def test_a_records_own_augmented_field_is_not_taken_for_the_augment_stages():
         assert changed == ([True, False] if hook else [False, False])
         assert [o.get("augmented") for o in out] == ([["iterator", "decorator"], None] if hook else [None, None])
         assert st.counters["augmented_docs"] == sum(changed) and [o["id"] for o in out] == [1, 2]
+    # a hook that loses the text is named where it runs, not later by the writer or the loader
+    with pytest.raises(TypeError, match="augmentation hook .* must return the document dict with a str 'text'"):
+        Augment(lambda d: {**d, "text": None})(dict(docs[0]))
 
 
 def test_a_quality_config_of_lists_labels_as_its_tuples_do():
@@ -323,6 +326,8 @@ def test_label_and_glossary_settings_that_would_mislabel_are_refused_by_field():
         LabelConfig(min_hits_per_1k_words=-1.0)
     with pytest.raises(ValueError, match="DomainGlossary.glossaries: .* non-empty terms"):
         DomainGlossary(glossaries=(("math", (("", "nothing"), ("theorem", "a statement"))),))
+    with pytest.raises(ValueError, match="DomainGlossary.max_terms=0 must be >= 1"):  # glossed nothing, silently
+        DomainGlossary(max_terms=0)
     assert LabelConfig(min_hits_per_1k_words=0.0).min_hits_per_1k_words == 0.0  # 0: min_hits alone decides
 
 
@@ -334,6 +339,12 @@ def test_a_definition_over_two_lines_is_glossed_once():
     gloss = DomainGlossary(glossaries=(("math", (("theorem", "a statement proved\nfrom axioms"),)),))
     once = gloss({"text": "A theorem here.", "domains": ["math"]})
     assert once["text"] == "A theorem here.\n\nGlossary:\n- theorem: a statement proved\nfrom axioms"
+    assert gloss(once)["text"] == once["text"]
+    # a document with a section of its own under the same header: the hook's block is the last one, so it is that
+    # block that is replaced (read from the first header, the block held the document's text and was glossed twice)
+    own = {"text": "Notes.\n\nGlossary:\nour own terms\n\nA theorem here.", "domains": ["math"]}
+    once = gloss(own)
+    assert once["text"] == own["text"] + "\n\nGlossary:\n- theorem: a statement proved\nfrom axioms"
     assert gloss(once)["text"] == once["text"]
 
 
@@ -373,9 +384,13 @@ def test_glossary_terms_do_not_match_inside_words_that_go_on_in_a_combining_mark
     'गणितीय' (mathematical) and 'परिगणित', and 'cafe' inside a decomposed 'café'."""
     from data.augment import DomainGlossary
 
-    terms = (("गणित", "mathematics"), ("সংখ্যা", "number"), ("cafe", "a coffee house"), ("Python", "a language"))
+    terms = (("गणित", "mathematics"), ("সংখ্যা", "number"), ("cafe", "a coffee house"), ("Python", "a language"),
+             ("\U00011025\U0001102B", "a word in Brahmi"))
     gloss = DomainGlossary(glossaries=(("math", terms),))
     for text, found in (("यह गणित है", ["गणित"]), ("गणितीय मॉडल", None), ("परिगणित संख्या", None),
                         ("সংখ্যা এবং সংখ্যাটি", ["সংখ্যা"]), ("সংখ্যাগুলি", None), ("un cafe\u0301 noir", None),
-                        ("le cafe, noir", ["cafe"]), ("ใช้Pythonเขียน", ["Python"])):  # (a Thai mark before it)
+                        ("le cafe, noir", ["cafe"]), ("ใช้Pythonเขียน", ["Python"]),  # (a Thai mark before it)
+                        # marks beyond the first plane too: Brahmi 'dhama' going on in its vowel sign aa (U+11038)
+                        ("\U00011025\U0001102B \U0001102B", ["\U00011025\U0001102B"]),
+                        ("\U00011025\U0001102B\U00011038 \U0001102B", None)):
         assert gloss({"text": text, "domains": ["math"]}).get("augmented") == found, text

@@ -27,6 +27,15 @@ def test_accuracy_on_labelled_set(det):
     assert keep >= 0.97
 
 
+def test_the_scoring_rules_of_the_labelled_set_on_hand_made_cases():
+    """Mixed text is right as either of its languages, and is to be kept when any of them is (only the default keep
+    set, holding both, was ever scored: a rule wanting all of them passed)."""
+    assert is_correct("en+zh", "zh") and is_correct("en", "en") and not is_correct("en+zh", "fr")
+    assert not is_correct("en", None)
+    assert keep_correct("en+zh", "en", keep=("en",)) and not keep_correct("en+zh", "fr", keep=("en",))
+    assert keep_correct("fr", "de") and not keep_correct("fr", "en") and keep_correct("en", "zh")
+
+
 def test_keep_set_and_confidence(det):
     assert det.detect("今天天气很好，我们一起去公园散步吧。")[0] == "zh"
     assert det.detect("The committee will publish its final report next spring.")[0] == "en"
@@ -41,9 +50,11 @@ def test_keep_set_and_confidence(det):
     # text with no evidence (flat probabilities) is und: the 3-member zh fold made '', emoji and 'ok' Chinese
     for text in ("", "   ", "😀😀😀", "ok"):
         assert det.detect(text)[0] == "und", text
-    # zh's confidence sums its folded members (yue, wuu): 你好 is yue 0.65 + zh 0.32 + wuu 0.02, not 0.65 alone
+    # ... reported with the top language's share, not a fold's summed flat shares (zh: 3x that)
     from data.langid import _identifier
 
+    assert det.detect("😀😀😀") == ("und", _identifier().rank("😀😀😀")[0][1])
+    # zh's confidence sums its folded members (yue, wuu): 你好 is yue 0.65 + zh 0.32 + wuu 0.02, not 0.65 alone
     ranked = dict(_identifier().rank("你好"))
     lang, conf = LangID(LangIDConfig(min_confidence=0.7)).detect("你好")
     assert lang == "zh" and conf > 0.7 and conf == pytest.approx(ranked["zh"] + ranked["yue"] + ranked["wuu"], rel=1e-6)
@@ -73,15 +84,23 @@ def test_the_identifier_never_reads_more_than_sample_chars_and_the_confidence_fl
 
     class Recording:  # what the model is handed
         def rank(self, t):
-            seen.append(len(t))
+            seen.append(t)
             return identifier.rank(t)
 
     monkeypatch.setattr(det, "_id", Recording())
-    for length in (n + 1, 3 * n // 2, 3 * n, 10 * n):
+    for length in (n + 1, n + 3, 3 * n // 2, 3 * n, 10 * n):  # (n + 3: a text a few characters over is cut too)
         text = en_text(np.random.default_rng(length), length)[:length]
         assert len(text) == length
         det.detect(text)
-        assert seen[-1] <= n + 2, (length, seen[-1])
+        assert len(seen[-1]) <= n + 2, (length, len(seen[-1]))
+    # the three parts by hand: the first and last n // 3 characters, and n // 3 centred on the middle (distinct
+    # ideographs, so each character says where it came from; an end one short or a middle starting at it passed)
+    text = "".join(chr(0x4E00 + i) for i in range(5 * n))
+    det.detect(text)
+    third, mid = n // 3, len(text) // 2
+    assert seen[-1] == f"{text[:third]} {text[mid - third // 2:mid + third // 2]} {text[-third:]}"
+    det.detect("ABcd efGH")  # as many capitals as small letters: not mostly upper case, judged as written
+    assert seen[-1] == "ABcd efGH"
     monkeypatch.undo()
     text = "The committee will publish its final report next spring."
     lang, conf = det.detect(text)
@@ -98,6 +117,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="sample_chars=99 is too small"):  # a few words cannot tell a language
         LangIDConfig(sample_chars=99)
     assert LangIDConfig(sample_chars=100).sample_chars == 100
+    assert LangIDConfig(min_confidence=1.0).min_confidence == 1.0  # [0, 1]: both ends are floors one may set
     # a list or set is the tuple it means (a list crashed the workers: unhashable; and fingerprinted otherwise)
     assert LangIDConfig(keep=["zh", "en"]) == LangIDConfig(keep=("zh", "en"))
     assert hash(LangIDConfig(keep={"zh", "en"})) == hash(LangIDConfig(keep=("en", "zh")))
@@ -115,6 +135,8 @@ def test_the_language_stage_drops_what_the_keep_set_lacks_und_included():
     assert LanguageFilter(LangIDConfig(keep=("en", "und")))({"text": "😀😀😀"})[1] is None
     doc, reason = LanguageFilter()({"text": "The committee will publish its final report next spring."})
     assert (doc["lang"], reason) == ("en", None) and 0 < doc["lang_score"] <= 1
+    text = "Where is the station?"  # the detector's confidence to 4 places (0.9892; 2 places passed, 0.99)
+    assert LanguageFilter()({"text": text})[0]["lang_score"] == pytest.approx(LangID().detect(text)[1], abs=5e-5)
     assert LanguageFilter(LangIDConfig(keep=("zh",)))(doc)[1] == "lang_other"
 
 
@@ -226,3 +248,25 @@ def test_the_benchmark_docs_describe_the_labelled_set_as_it_is():
     langs = {lang for _, label, _ in data for lang in label.split("+")}
     assert [int(n) for n in said.groups()] == [len(data), kinds["long"], kinds["short"], kinds["mixed"],
                                                 kinds["code"], len(langs)]
+
+
+def test_synthetic_documents_are_written_in_the_language_they_claim_at_the_share_asked(det):
+    """data.synthetic's documents carry `lang_true` to check language ID against: each is that language, Chinese at
+    about zh_fraction (binomial), English and Chinese text in sentences of the words / characters asked for."""
+    from data.synthetic import EN_VOCAB, documents, en_text, zh_text
+
+    docs = documents(400, seed=3)
+    assert [d["id"] for d in docs] == [f"syn-{i}" for i in range(400)]
+    zh = sum(d["lang_true"] == "zh" for d in docs)
+    assert abs(zh - 400 * 0.3) < 4 * (400 * 0.3 * 0.7) ** 0.5, zh  # 4 sigma of Binomial(400, 0.3): 120 +- 37
+    assert all(det.detect(d["text"])[0] == d["lang_true"] for d in docs[:40])
+    assert {d["lang_true"] for d in documents(20, zh_fraction=0.0)} == {"en"}  # both ends of [0, 1] allowed
+    assert {d["lang_true"] for d in documents(20, zh_fraction=1.0)} == {"zh"}
+    rng = np.random.default_rng(0)
+    en = en_text(rng, 30, sentence=12)  # 30 words: sentences of 12, 12 and 6, capitalised, each ending in '.'
+    sentences = en.removesuffix(".").split(". ")
+    assert [len(s.split()) for s in sentences] == [12, 12, 6]
+    assert all(s[0].isupper() and s[1:].islower() and set(s.lower().split()) <= set(EN_VOCAB) for s in sentences)
+    assert all(w.islower() for w in EN_VOCAB)  # one entry per word: 'The' and 'the' drew 'the' twice as often
+    chars = zh_text(rng, 40, sentence=16)  # 40 characters: 16, 16 and 8, each sentence ending in '。'
+    assert chars.endswith("。") and [len(s) for s in chars.removesuffix("。").split("。")] == [16, 16, 8]

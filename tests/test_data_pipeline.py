@@ -387,12 +387,17 @@ def test_stage_stats_merge_field_by_field():
     assert (m.docs_in, m.docs_out, m.bytes_in, m.bytes_out) == (15, 11, 1400, 1000)
     assert m.dropped == C(short=3, spam=1) and m.dropped_bytes == C(short=150, spam=250)
     assert m.counters == C(boilerplate=3) and m.reconciles()
+    with pytest.raises(ValueError, match="cannot merge stats of stage 'langid' into 'quality'"):
+        a.merge(StageStats("langid"))
     a.examples, b.examples = {"short": ["a:1", "a:2"], "spam": ["a:3"]}, {"short": ["b:1", "b:2"]}
     assert a.merge(b).examples == {"short": ["a:1", "a:2", "b:1"], "spam": ["a:3"]}  # in shard order, 3 at most
+    assert b.merge(a).examples == {"short": ["b:1", "b:2", "a:1"], "spam": ["a:3"]}  # a reason only the 2nd shard has
     c = StageStats("quality")
     for k in range(5):
         c.drop("short", 10, f"c:{k}")
     assert c.examples == {"short": ["c:0", "c:1", "c:2"]} and len(c.log) == 5  # one shard's first 3; every drop logged
+    c.drop("binary", 10)  # a record without an id: logged, but no example, and no empty list in the stats file
+    assert c.log[-1] == (None, "binary") and c.to_json()["examples"] == {"short": ["c:0", "c:1", "c:2"]}
 
 
 def test_report_prints_funnel_and_language_mix(cleaned, capsys):
@@ -751,6 +756,15 @@ def test_a_custom_stage_that_raises_or_returns_a_wrong_type_is_named(tmp_path):
             progress=False)
     with pytest.raises(TypeError, match="stage 'keeps_text' kept 'Some text.', not a document dict"):
         run_stages(dict(doc), [KeepsText()], [StageStats("keeps_text")])
+
+    class EmptyReason:  # '' is no reason either: counted and logged as '', which no `--drops` names
+        name = "empty_reason"
+
+        def __call__(self, doc):
+            return doc, ""
+
+    with pytest.raises(TypeError, match="stage 'empty_reason' returned the reason '': it must be None"):
+        run_stages(dict(doc), [EmptyReason()], [StageStats("empty_reason")])
     with pytest.raises(ValueError, match="PipelineConfig.filters: stage .* has name=None"):
         PipelineConfig(workers=1, filters=(Unnamed(),))
 
@@ -1132,6 +1146,20 @@ def test_stdlib_documents_are_written_round_robin(tmp_path):
         assert [json.loads(line) for line in pathlib.Path(p).read_text(encoding="utf-8").splitlines()] == docs[k::3]
 
 
+def test_a_modules_docs_document_is_its_docstrings_breadth_first():
+    """The module docstring, then `module.name: docstring` per class and (async) function, top level first; a module
+    that does not parse, or has no docstring, gives no docs document (only its code one)."""
+    from data.corpus import _docstrings, stdlib_documents
+
+    src = ('"""Module doc."""\nclass A:\n    """Class doc."""\n    def f(self):\n        """Method doc."""\n'
+           'async def g():\n    """Coroutine doc."""\ndef h():\n    pass\n')
+    assert _docstrings(src, "m") == "Module doc.\n\nm.A: Class doc.\n\nm.g: Coroutine doc.\n\nm.f: Method doc."
+    assert _docstrings("def h():\n    pass\n", "m") is None and _docstrings("def (:", "m") is None
+    docs = list(stdlib_documents(3))
+    assert all(d["kind"] == ("docs" if d["id"].endswith("#docs") else "code") for d in docs)
+    assert {d["kind"] for d in docs} == {"code", "docs"}
+
+
 def test_quality_counts_boilerplate_lines_of_kept_documents_only():
     """`boilerplate_lines_removed` counts lines removed from documents that go on; a page dropped as `boilerplate`
     is counted as that drop, its lines not added."""
@@ -1146,6 +1174,8 @@ def test_quality_counts_boilerplate_lines_of_kept_documents_only():
     assert stats[0].dropped == {"boilerplate": 1} and stats[0].counters == {"boilerplate_lines_removed": 1}
     # a drop counts the bytes the stage was given, not those of the text it stripped: in = out + dropped
     assert stats[0].dropped_bytes == {"boilerplate": len(dropped["text"].encode())}
+    # the kept signals are stored to 4 places (the labelled score reads them so)
+    assert all(v == round(v, 4) for v in run_stages(kept, [QualityFilter()], stats)["signals"].values())
 
 
 def test_discover_refuses_an_earlier_runs_output_and_broken_links(tmp_path):

@@ -328,6 +328,7 @@ def test_corpus_byte_codec_round_trips_and_skips_ids_outside_the_bytes():
         assert ids.dtype == np.int32 and bytes(ids.astype(np.uint8)) == text.encode()
         assert decode_bytes(ids) == text
         assert decode_bytes([-1, 256, *ids, 300, -7]) == text
+    assert decode_bytes(encode_bytes("中")[:2]) == "\ufffd"  # a cut character is U+FFFD, as documented, not nothing
 
 
 def test_train_bpe_reads_lone_surrogates_as_encode_does():

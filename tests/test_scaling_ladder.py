@@ -73,9 +73,27 @@ def test_byte_windows_and_split_edges():
     for bad in (1.5, -0.1, 0.0):
         with pytest.raises(ValueError, match="eval_fraction"):
             train_eval_split(np.arange(100), bad)
+    # starts are drawn from [0, len - seq_len - 1), as the class documents: of 11 tokens and seq_len 8 only 0 and 1
+    eleven = ByteWindows(np.arange(11, dtype=np.int32), 8, 8)
+    assert {int(row[0]) for step in range(20) for row in eleven.batch(step)["inputs"]} == {0, 1}
+    # (seed, step) name independent streams: seed 0's step 1 was seed 1's step 0 under a seed + step (the ladder draws
+    # its training windows under seed 0, its held-out ones under seed 1)
+    tokens = np.arange(10_000, dtype=np.int32)
+    assert not np.array_equal(ByteWindows(tokens, 8, 4, seed=0).batch(1)["inputs"],
+                              ByteWindows(tokens, 8, 4, seed=1).batch(0)["inputs"])
     train, held = train_eval_split(np.arange(100), 0.05)  # the last 5% held out in one piece (a cut at 5% passed)
     np.testing.assert_array_equal(train, np.arange(95))
     np.testing.assert_array_equal(held, np.arange(95, 100))
+
+
+def test_the_embedded_text_is_max_bytes_characters_of_files_in_a_seeded_order():
+    """`stdlib_text(max_bytes, seed)`: exactly max_bytes characters (the last file was not cut), and the seed orders
+    the files (one ignored gave every seed the same text)."""
+    from data.corpus import stdlib_text
+
+    texts = [stdlib_text(3000, seed=s) for s in range(4)]
+    assert [len(t) for t in texts] == [3000] * 4 and len(set(texts)) == 4
+    assert stdlib_text(3000, seed=2) == texts[2]
 
 
 def test_the_held_out_share_is_not_rounded_up_by_float_error():
@@ -88,6 +106,9 @@ def test_the_held_out_share_is_not_rounded_up_by_float_error():
         train, held = train_eval_split(np.arange(n), f)
         assert (len(train), len(held)) == (n - want, want), (n, f)
         np.testing.assert_array_equal(np.concatenate([train, held]), np.arange(n))
+    # a numpy float is the fraction its digits say too: np.float32(0.1) is 0.100000001 as a double, and held out 101
+    for f, want in ((np.float32(0.1), 100), (np.float32(0.07), 70), (np.float64(0.07), 70), (np.float16(0.5), 500)):
+        assert len(train_eval_split(np.arange(1000), f)[1]) == want, f
 
 
 def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):

@@ -41,6 +41,11 @@ def test_numpy_ints_are_seeds():
     tokens = np.arange(64, dtype=np.int32)
     np.testing.assert_array_equal(ByteWindows(tokens, 8, 2, seed=np.int32(5)).batch(1)["inputs"],
                                   ByteWindows(tokens, 8, 2, seed=5).batch(1)["inputs"])
+    assert type(ByteWindows(tokens, 8, 2, seed=np.int32(5)).seed) is int  # kept as Python's (it goes to JSON)
+    # below=2**32 (grain's shuffle): its last seed is taken, 2**32 itself refused by name
+    assert MovingShapesConfig(seed=2**32 - 1).seed == 2**32 - 1
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.seed=4294967296 must be an int in \[0, 2\*\*32\)"):
+        MovingShapesConfig(seed=2**32)
 
 
 @pytest.mark.parametrize("make,says", [
@@ -190,6 +195,9 @@ def test_a_set_for_a_tuple_field_is_stored_sorted_so_the_fingerprint_is_one_in_e
     assert QualityConfig(blocklist=words).blocklist == ("alpha", "beta", "gamma")
     assert LabelConfig(domains=(("code", frozenset(words)),)).domains == (("code", ("alpha", "beta", "gamma")),)
     assert Source(path={"/b.array_record", "/a.array_record"}).path == ("/a.array_record", "/b.array_record")
+    from data.seeds import read_once  # mixed kinds, which sorted() refuses, in their reprs' order (in every process)
+
+    assert read_once({"d", 3, "b", 1, "c", "a", 2}) == ("a", "b", "c", "d", 1, 2, 3)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs = {subprocess.run([sys.executable, "-c", _SET_FINGERPRINT], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, cwd=root, check=True).stdout.strip()
