@@ -50,6 +50,11 @@ class LangIDConfig:
                 and not isinstance(e[1], str) and all(isinstance(m, str) for m in e[1]) for e in self.fold):
             raise ValueError(f"LangIDConfig.fold={self.fold!r:.120} must be a tuple of (code, (member, ...)) pairs, "
                              "e.g. (('zh', ('yue', 'wuu')),), or () to fold nothing")
+        # keep=() dropped every document as lang_other: a run that keeps nothing is a mistake, not a setting
+        if not self.keep:
+            raise ValueError("LangIDConfig.keep=() keeps no language, so every document would be dropped; name "
+                             "the codes to keep, e.g. ('en', 'zh'), or leave the langid stage out of "
+                             "PipelineConfig.filters")
         # min_confidence / sample_chars: a float count was accepted and failed in every worker's detect ("slice
         # indices must be integers"), a str in the range checks below, naming no field
         check_field_types(self)

@@ -112,6 +112,10 @@ def test_config_errors_name_the_field():
     # the examples are two-letter codes (the first dozen of all were 639-3 ones: 'ace', 'ary', ...)
     with pytest.raises(ValueError, match=r"unknown language codes \['english'\].*ISO 639-1 .*e\.g\. \['\w\w', "):
         LangIDConfig(keep=("en", "english"))
+    # keep=() kept no language: every document dropped as lang_other (counted, but never what a run means)
+    for nothing in ((), [], set()):
+        with pytest.raises(ValueError, match=r"LangIDConfig.keep=\(\) keeps no language.*e\.g\. \('en', 'zh'\)"):
+            LangIDConfig(keep=nothing)
     with pytest.raises(ValueError, match="min_confidence"):
         LangIDConfig(min_confidence=2)
     with pytest.raises(ValueError, match="sample_chars=99 is too small"):  # a few words cannot tell a language
