@@ -74,7 +74,9 @@ class ScalingLaw:
     beta: float
 
     def loss(self, n_params, n_tokens):
-        n, d = np.asarray(n_params, float), np.asarray(n_tokens, float)
+        """L at parameters N and tokens D (numbers or arrays that broadcast); each finite and > 0 (0 gave inf, a
+        negative one NaN, with at most a RuntimeWarning)."""
+        n, d = _positive(n_params, "n_params"), _positive(n_tokens, "n_tokens")
         return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
     @property

@@ -43,6 +43,9 @@ def test_fit_recovers_known_law():
     assert law.E == pytest.approx(TRUE.E, abs=0.05)
     # extrapolation 10x beyond the largest run in both N and D
     assert law.loss(3e10, 3e12) == pytest.approx(TRUE.loss(3e10, 3e12), rel=0.01)
+    for bad, name in (((0, 1e9), "n_params"), ((1e9, -1.0), "n_tokens"), ((np.array([1e9, np.nan]), 1e9), "n_params")):
+        with pytest.raises(ValueError, match=f"{name} must be finite and > 0"):
+            TRUE.loss(*bad)  # was inf / NaN with at most a RuntimeWarning
     # noise-free data is fitted exactly
     exact = fit_law(n, d, TRUE.loss(n, d)).law
     for k in ("E", "alpha", "beta"):
