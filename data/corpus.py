@@ -67,7 +67,9 @@ class ByteWindows:
         self.seed = check_seed(seed, "ByteWindows seed")  # seed=True ran as 1, a float failed at the first batch
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token."""
+        """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token; step >= 0."""
+        if step < 0:  # numpy's seed said "expected non-negative integer", naming nothing
+            raise ValueError(f"ByteWindows.batch: step={step} must be >= 0 (a batch is named by its step from 0)")
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, max(1, len(self.tokens) - self.seq_len - 1), size=self.batch_size)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])

@@ -75,6 +75,8 @@ def test_byte_windows_and_split_edges():
             train_eval_split(np.arange(100), bad)
     # starts are drawn from [0, len - seq_len - 1), as the class documents: of 11 tokens and seq_len 8 only 0 and 1
     eleven = ByteWindows(np.arange(11, dtype=np.int32), 8, 8)
+    with pytest.raises(ValueError, match="ByteWindows.batch: step=-1 must be >= 0"):
+        eleven.batch(-1)
     assert {int(row[0]) for step in range(20) for row in eleven.batch(step)["inputs"]} == {0, 1}
     # (seed, step) name independent streams: seed 0's step 1 was seed 1's step 0 under a seed + step (the ladder draws
     # its training windows under seed 0, its held-out ones under seed 1)
