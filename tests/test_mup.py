@@ -176,7 +176,7 @@ def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
     rng = np.random.default_rng(1)
     batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]}
                for t in (jnp.asarray(rng.integers(0, 64, (4, 33)), jnp.int32) for _ in range(steps))]
-    res = sweep(c, batches, steps, (e, -3))
+    res = sweep(c, batches, steps, (-3, e))  # e second: each rate starts from the initial model and optimizer
     got = res[e]
     assert abs(res[-3] - got) > 1e-3  # the rate matters over these steps
     graphdef, params = nnx.split(Transformer(c, rngs=nnx.Rngs(0)))
@@ -193,6 +193,34 @@ def test_the_sweep_at_a_rate_is_adamw_at_that_rate():
         params, state, loss = step(params, state, b)
         losses.append(float(loss))
     assert got == pytest.approx(np.mean(losses[-10:]), rel=1e-5)
+
+
+def test_the_transfer_cli_sweeps_the_documented_rates_per_parametrisation_and_reports_the_lowest_loss(
+        tmp_path, monkeypatch, capsys):
+    """main's own wiring, with `sweep` stubbed: each parametrisation gets its models (μP or standard; swapped passed),
+    --steps batches, the rates 2^-12 ... 2^-4 of the docstring; the best rate printed and drawn is the lowest loss's
+    (max for min passed); a sweep that differs in any setting writes ./mup_transfer.png, not docs/'s figure."""
+    from matplotlib.axes import Axes
+
+    from experiments import mup_transfer
+
+    seen, labels, plot = [], [], Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, label=None, **k: (labels.append(label),
+                                                                           plot(self, *a, label=label, **k))[1])
+
+    def sweep(cfg, batches, steps, lrs):
+        seen.append((cfg.mup_base_width, cfg.d_model, len(batches[:steps]), tuple(lrs)))
+        return {e: (e + 7) ** 2 + 2.0 for e in lrs}  # lowest at 2^-7
+
+    paths, draw = [], mup_transfer.plot  # drawn into tmp_path whatever the path: a failing run must not write docs/
+    monkeypatch.setattr(mup_transfer, "sweep", sweep)
+    monkeypatch.setattr(mup_transfer, "plot", lambda res, widths, path: (paths.append(path),
+                                                                         draw(res, widths, tmp_path / "p.png")))
+    mup_transfer.main(["--steps", "3", "--widths", "32", "--seq", "8"])  # --batch as documented, the rest not
+    rates = tuple(range(-12, -3))
+    assert seen == [(None, 32, 3, rates), (64, 32, 3, rates)]
+    assert capsys.readouterr().out.count("best log2 lr   -7, loss 2.000") == 2
+    assert labels.count("width 32 (best 2^-7)") == 2 and paths == ["mup_transfer.png"]
 
 
 def test_the_transfer_sweep_models_are_mup_at_base_width_64():

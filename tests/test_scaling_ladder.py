@@ -20,7 +20,8 @@ def test_peak_lr_is_the_base_up_to_width_64_then_falls_as_one_over_width():
 def test_wsd_schedule():
     peak = 1e-3
     assert [wsd_lr(s, peak, 4) for s in range(4)] == pytest.approx([peak * (s + 1) / 4 for s in range(4)])
-    assert wsd_lr(10, peak, 4) == peak  # stable without a decay
+    assert [wsd_lr(s, peak, 4) for s in (4, 10)] == [peak, peak]  # stable from the warmup's end without a decay
+    # (step <= warmup ran step 4 at 1.25x the peak)
     assert [wsd_lr(s, peak, 2, 8, 12) for s in (7, 8, 10, 11, 12)] == pytest.approx(
         [peak, peak, peak / 2, peak / 4, 0.0])
 
@@ -31,11 +32,13 @@ def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_
     evals = [ByteWindows(tokens, 128, 4, seed=1).batch(0)]
     rung = Rung(16, 1, 2)
     kw = dict(peak_lr=3e-3, warmup=2)
-    both = {r["steps"]: r["eval_loss"] for r in train_rung(rung, (10, 20), train, evals, **kw)["runs"]}
-    alone10 = train_rung(rung, (10,), train, evals, **kw)["runs"][0]["eval_loss"]  # cools down over steps 8-9
-    alone20 = train_rung(rung, (20,), train, evals, **kw)["runs"][0]["eval_loss"]
-    assert both == {10: alone10, 20: alone20}  # bit-identical: same programs on the same data
-    assert alone10 != alone20
+    # 80% of 11 steps is 8.8: both cool down over steps 9-10 (budgets 10 and 20, whose 80% are whole, passed a branch
+    # at int(8.8) = 8)
+    both = {r["steps"]: r["eval_loss"] for r in train_rung(rung, (11, 22), train, evals, **kw)["runs"]}
+    alone11 = train_rung(rung, (11,), train, evals, **kw)["runs"][0]["eval_loss"]
+    alone22 = train_rung(rung, (22,), train, evals, **kw)["runs"][0]["eval_loss"]
+    assert both == {11: alone11, 22: alone22}  # bit-identical: same programs on the same data
+    assert alone11 != alone22
 
 
 def test_a_rungs_rows_count_its_tokens_non_embedding_params_and_each_loss_in_its_column():
@@ -166,6 +169,7 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     """A killed ladder (10 min) started over; now each finished rung is kept and a rerun with the same settings
     trains only the rest, with the result of an uninterrupted run. Training is stubbed by a known law."""
     import json
+    import shutil
 
     from experiments import scaling_ladder as sl
     from scaling.flops import param_counts
@@ -197,10 +201,13 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):  # other fit settings than the resumed run's: only the fit uses them
         sl.main([*argv, "--out", str(tmp_path / "cut"), "--n-boot", "5", "--level", "0.8"])
     assert sorted(json.loads((tmp_path / "cut" / "rungs.json").read_text())["done"]) == sorted(names[:2])
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut2")  # resumable as well: --fresh below retrains its rungs
     # other settings do not resume those rungs (they would mix two learning rates in one fit): refused, untrained
     monkeypatch.setattr(sl, "train_rung", fake)
     with pytest.raises(SystemExit):
         sl.main([*argv, "--out", str(tmp_path / "cut"), "--lr", "1e-3"])
+    with pytest.raises(SystemExit):  # nor another warmup (a training setting, as the learning rate)
+        sl.main([*argv, "--out", str(tmp_path / "cut"), "--warmup", "2"])
     assert calls == names[:2]
     monkeypatch.setattr(sl, "train_rung", fake)
     calls.clear()
@@ -221,11 +228,17 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     # --replot of the finished ladder redraws its figure and says what it wrote (it printed nothing)
     (tmp_path / "whole" / "scaling_fit.png").unlink()
     capsys.readouterr()
+    saved = json.loads((tmp_path / "whole" / "results.json").read_text())  # a resample that failed to fit: the
+    saved["prediction"]["n_boot_fitted"] = 3  # count drawn again is n_boot's, not the count that fitted
+    (tmp_path / "whole" / "results.json").write_text(json.dumps(saved))
     again = sl.main(["--replot", "--out", str(tmp_path / "whole"), "--no-docs"])
-    assert again["prediction"] == json.loads(json.dumps(whole["prediction"]))  # (as read back: lists, not tuples)
+    assert again["prediction"] == saved["prediction"]
     assert (tmp_path / "whole" / "scaling_fit.png").is_file()
     assert re.search(r"--replot: refitted \d+ runs \(4 resamples\); wrote .*whole/scaling_fit.png\n$",
                      capsys.readouterr().out)
+    calls.clear()
+    sl.main([*argv, "--out", str(tmp_path / "cut2"), "--fresh"])  # --fresh: no rung of the cut ladder resumed
+    assert calls == names
 
 
 def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tmp_path, monkeypatch):
@@ -259,6 +272,7 @@ def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tm
     smaller = len(sl.QUICK_LADDER) - 1
     for r in res.values():
         assert r["prediction"]["fit_runs"] == smaller * len(sl.QUICK_STEPS)
+        assert [c["tokens"] for c in r["comparison"]] == [b * sl.TOKENS_PER_STEP for b in sl.QUICK_STEPS]  # all budgets
         on_disk = json.loads((tmp_path / "off0.0" / "prediction.json").read_text())["predictions"]
         assert [c["predicted"] for c in r["comparison"]] == [p["predicted"] for p in on_disk]
     # the known law predicts the unshifted target; the shifted one lands 0.5 above, outside the interval
@@ -404,7 +418,8 @@ def test_the_figure_says_what_the_prediction_was_fitted_on(tmp_path, monkeypatch
 def test_the_ladder_trains_each_rung_at_its_peak_lr_after_a_warmup_of_at_most_half_the_shortest_budget(tmp_path,
                                                                                                      monkeypatch):
     """main's clamp: --warmup 16 under --quick (budgets 8, 12, 16 steps) is 8 // 2 = 4 steps (a clamp by the longest
-    budget, 8, warmed up through every cooldown branch); each rung at rung_lr(--lr)."""
+    budget, 8, warmed up through every cooldown branch); each rung at rung_lr(--lr), trained on the corpus's training
+    part and evaluated on its held-out part (the training part passed: the other tests stub train_rung)."""
     from experiments import scaling_ladder as sl
     from scaling.flops import param_counts
 
@@ -417,9 +432,13 @@ def test_the_ladder_trains_each_rung_at_its_peak_lr_after_a_warmup_of_at_most_ha
                      eval_loss=1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3) for b in budgets]
         return dict(runs=runs, seconds=0.0)
 
+    made, windows = [], sl.ByteWindows
+    monkeypatch.setattr(sl, "ByteWindows", lambda tokens, *a, **k: made.append(tokens) or windows(tokens, *a, **k))
     monkeypatch.setattr(sl, "train_rung", fake)
     sl.main(["--quick", "--no-docs", "--n-boot", "4", "--lr", "2e-3", "--out", str(tmp_path / "q")])
     assert seen == [(r.name, sl.rung_lr(2e-3, r), 4, sl.QUICK_STEPS) for r in sl.QUICK_LADDER]
+    parts = sl.train_eval_split(sl.encode_bytes(sl.stdlib_text(4_000_000)))
+    assert len(made) == 2 and all(np.array_equal(m, t) for m, t in zip(made, parts))
 
 
 def test_the_interval_is_named_at_its_level_and_a_replot_draws_one_level(tmp_path, monkeypatch, capsys):

@@ -199,6 +199,8 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     # to pass --dit-steps >= 3, and that run then failed on the settings)
     with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(dit_lr: "):
         train_video.check_resume(dataclasses.replace(p, dit_steps=2, dit_lr=p.dit_lr / 2), tmp_path, 0)
+    with pytest.raises(SystemExit, match=r"t2v: .* other settings \(ema_decay: 0.999 -> 0.99\)"):  # weights of two
+        train_video.check_resume(dataclasses.replace(p, ema_decay=0.99), tmp_path, 0)  # averages in one EMA
     more_vae = dataclasses.replace(p, vae_steps=6)  # new latents: the DiT was trained on the old ones
     with pytest.raises(SystemExit, match=r"t2v: .* was trained with other settings \(latents.vae_steps: 3 -> 6\)"):
         train_video.check_resume(more_vae, tmp_path, 0)  # (it said '(latents)', naming no field)
@@ -305,10 +307,13 @@ def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys)
     # longer than its max_seq_len failed only after the VAE's stage
     text = lambda **kw: dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, text=dataclasses.replace(  # noqa: E731
         p.t2v.text, **kw)))
-    with pytest.raises(ValueError, match=r"Preset: t2v.text.vocab_size=8 < the 15 caption token ids"):
-        text(vocab_size=8)
-    with pytest.raises(ValueError, match=r"Preset: t2v.text.max_seq_len=4 < data.max_caption_len=8"):
-        text(max_seq_len=4)
+    for vocab in (8, 14):  # 14: the last id (14) past the table
+        with pytest.raises(ValueError, match=rf"Preset: t2v.text.vocab_size={vocab} < the 15 caption token ids"):
+            text(vocab_size=vocab)
+    text(vocab_size=15)
+    with pytest.raises(ValueError, match=r"Preset: t2v.text.max_seq_len=7 < data.max_caption_len=8"):
+        text(max_seq_len=7)
+    text(max_seq_len=8)
     with pytest.raises(ValueError, match=r"Preset: t2v.dit.param_dtype='bfloat16': Adam's updates smaller"):
         dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit,
                                                                                        param_dtype="bfloat16")))
@@ -660,7 +665,10 @@ def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation
     handlers are the previous ones again, so a signal while encoding or evaluating (nothing to save) ends the run."""
     import signal
 
+    seeds = []
+
     def vae_stopped(p, out, mesh, seed, graphdef, params, log=None, stop=None):
+        seeds.append(seed)
         signal.raise_signal(signal.SIGTERM)  # caught by main's Stop, or this test process ends
         return graphdef, params
 
@@ -671,8 +679,8 @@ def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation
     monkeypatch.setattr(train_video, "train_vae", vae_stopped)
     monkeypatch.setattr(train_video, "encode_latents", never)
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    res = train_video.main(["--preset", "tiny", "--out", str(tmp_path)])
-    assert res["stopped"] == "SIGTERM" and "results" not in res
+    res = train_video.main(["--preset", "tiny", "--out", str(tmp_path), "--seed", "3"])
+    assert res["stopped"] == "SIGTERM" and "results" not in res and seeds == [3]
     assert {s: signal.getsignal(s) for s in before} == before
     assert not (tmp_path / "results.json").exists()
 
@@ -872,6 +880,12 @@ def test_a_run_with_no_checkpoint_sets_aside_the_logs_it_would_mix_with(tmp_path
     with pytest.raises(SystemExit, match="stop here"):  # --fresh takes them as the run's own
         train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
     assert not any(".prev-" in c.name for c in out.iterdir())
+    # a run with a checkpoint of one stage (stopped before the DiT's first save) is extended, not set aside
+    monkeypatch.setattr(train_video, "train_vae", vae_stopped)
+    save(manager(out / "ckpt" / "vae"), 3, {"params": {"w": jnp.ones(2)}},
+         {"step": 3, "settings": train_video.stage_settings(train_video.PRESETS["tiny"], 0)["vae"]})
+    assert train_video.main(["--preset", "tiny", "--out", str(out)])["stopped"] == "SIGTERM"
+    assert not any(".prev-" in c.name for c in out.iterdir()) and "moved aside" not in capsys.readouterr().out
 
 
 def test_a_stage_resumes_only_under_the_prng_implementation_it_was_trained_with(tmp_path, monkeypatch):
@@ -1204,3 +1218,86 @@ def test_load_video_model_of_a_stopped_run_says_which_stage_is_missing_or_unfini
             s, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
         train_video.load_video_model(tmp_path, "tiny")
         assert said in (printed := capsys.readouterr().out) and bool(said) == ("load_video_model" in printed), printed
+
+
+def test_each_stage_draws_its_own_batch_and_key_per_step_and_the_dit_logs_and_saves_its_last_step(tmp_path,
+                                                                                                   monkeypatch):
+    """Wiring only the stage loops own, checked with recording steps: the DiT's EMA decay is the preset's (1 - decay
+    passed every test: they build make_t2v_step themselves or fake it), each stage's schedule is its own learning rate,
+    step count and warmup (the stages' equal counts in the tiny preset hid a swap), every step of either stage gets its
+    own key and the DiT its own batch (one key, or one batch, for every step passed), and the DiT logs the 25th and
+    the last step under their numbers and saves the last, dropping only its own stale records (the tiny preset's 3
+    steps ending on a checkpoint multiple hid all of it)."""
+    import dataclasses
+
+    from parallel import make_mesh
+
+    decays, keys, batches = [], {"vae": [], "t2v": []}, []
+
+    def vae_make(graphdef, opt, shardings=None):
+        def step(params, opt_state, video, key):
+            keys["vae"].append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+            return params, opt_state, {"psnr": jnp.float32(20.0), "kl": jnp.float32(1.0)}
+        return step
+
+    def t2v_make(graphdef, opt, null, decay, shardings=None):
+        decays.append(decay)
+
+        def step(params, opt_state, ema, batch, key, n):
+            keys["t2v"].append(tuple(np.asarray(jax.random.key_data(key)).ravel()))
+            batches.append(tuple(np.asarray(batch["caption_id"]).tolist()))
+            return params, opt_state, ema, {"diffusion": jnp.float32(0.5)}
+        return step
+
+    schedules, make_optimizer = [], train_video.make_optimizer
+    monkeypatch.setattr(train_video, "make_vae_step", vae_make)
+    monkeypatch.setattr(train_video, "make_t2v_step", t2v_make)
+    monkeypatch.setattr(train_video, "make_optimizer", lambda lr, **k: schedules.append((lr, k["total_steps"], k[
+        "warmup_steps"])) or make_optimizer(lr, **k))
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=2, dit_steps=26, ckpt_every=10, vae_lr=0.5)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"kind": "vae", "step": 25, "loss": 1.0}, {"kind": "t2v", "step": 50, "diffusion": 9.0})))
+    with jax.set_mesh(mesh):
+        train_video.train_vae(p, tmp_path, mesh, 0, None, {"w": jnp.zeros(4)})
+        log = train_video.stage_logger(tmp_path, "t2v")
+        train_video.train_t2v(p, tmp_path, mesh, 0, None, {"w": jnp.zeros(4)}, np.zeros((64, 2, 4, 4, 4), np.float32),
+                              np.zeros((64, 8), np.int32), np.arange(64, dtype=np.int32), log)
+        log.close()
+    assert decays == [p.ema_decay] and schedules == [(0.5, 2, 0), (p.dit_lr, 26, 1)]  # warmup: _warmup's
+    assert len(set(keys["vae"])) == 2 and len(set(keys["t2v"])) == 26 and len(set(batches)) == 26
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [("vae", 25), ("t2v", 25), ("t2v", 26)]
+    assert manager(tmp_path / "ckpt" / "t2v").steps() == [20, 26]  # (the newest two are kept)
+
+
+def test_load_video_model_of_a_run_with_its_own_seed_and_vae_steps_samples_with_the_callers_seed(tmp_path, monkeypatch):
+    """A run trained with --seed 3 --vae-steps 7 loads under its preset (its seed and step counts are its own: a
+    seed-0 check refused it, as 'seed: 3 -> 0'), the Preset returned carries its vae_steps, and `sample` draws with
+    the seed and the documented default cfg_scale=4.0 it is given (a fixed key, or another default, passed: the
+    tiny preset's run compared two samples differing in cfg_scale too)."""
+    import dataclasses
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=7)
+    settings = train_video.stage_settings(p, 3)
+    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
+        3, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"], "step": 3, "total_steps": 3}))
+    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
+        3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
+    drawn = []
+
+    def generate(model, tok, null, key, scale, steps):
+        drawn.append((key, scale))
+        return jnp.zeros((tok.shape[0], *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels))
+
+    monkeypatch.setattr(train_video, "generate", generate)
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    for stage in ("vae", "t2v"):
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+    monkeypatch.setattr(jax, "jit", lambda f, **k: f)  # sampled eagerly: generate sees the key and scale, not tracers
+    sample, got = train_video.load_video_model(tmp_path, "tiny")
+    assert (got.vae_steps, got.dit_steps) == (7, 3)
+    sample(["a red circle moving up"], seed=5)
+    key, scale = drawn[-1]
+    assert float(scale) == 4.0
+    np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(5)))
