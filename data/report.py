@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Iterator
@@ -156,6 +157,14 @@ def main(argv=None):
                     help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason")
     args = ap.parse_args(argv)
     try:
+        _main(args)
+    except BrokenPipeError:  # `--drops all | head`: the reader has gone, so has the rest of the listing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        sys.exit(1)
+
+
+def _main(args):
+    try:
         if args.drops is not None:
             listed = 0
             for row in drops(args.dir, None if args.drops == "all" else args.drops):
@@ -165,8 +174,9 @@ def main(argv=None):
                 reasons = sorted({r for _, s in funnel(args.dir) for r in s.dropped})
                 raise SystemExit(f"error: no record of {args.dir} was dropped for {args.drops!r}; its drop reasons: "
                                  f"{', '.join(reasons) or 'none'} (or 'all')")
+            sys.stdout.flush()  # a closed pipe fails here, in main's try, not in the interpreter's exit
             return
-        print(report(args.dir))
+        print(report(args.dir), flush=True)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     sys.exit(1 if reconcile(funnel(args.dir)) else 0)

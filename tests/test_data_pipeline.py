@@ -1354,6 +1354,16 @@ def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
     assert len(printed) == want[("ingest", "empty")] and all(ln.endswith("\traw/ingest\tempty") for ln in printed)
     with pytest.raises(SystemExit, match=r"dropped for 'near_dups'; its drop reasons: .*near_dup"):  # a typo
         report_mod.main([str(out), "--drops", "near_dups"])  # printed nothing and exited 0
+    # `--drops all | head`: the reader gone, the listing ends quietly (a BrokenPipeError traceback ended it)
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "data.report", str(out), "--drops", "all"], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)})
+    proc.stdout.close()  # before it writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
