@@ -226,6 +226,10 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                       final_logit_softcap=hf["final_logit_softcapping"])
     except KeyError as e:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
+    except ValueError as e:  # MoEConfig / RopeScaling (built from config.json alone) name fields of ours
+        if not (read := _moe_rope_source(str(e), hf)):
+            raise
+        raise ValueError(f"{e} (read from HF config field {read}; fix config.json)") from None
     kw.update(overrides)
     kv = kw["n_kv_heads"]
     if "num_key_value_heads" in defaulted and "n_kv_heads" not in overrides and kw["n_heads"] % kv:
@@ -244,6 +248,22 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
             raise
         read = ", ".join(f"{n}={hf.get(n)!r}" for n in names)
         raise ValueError(f"{e} (read from HF config field{'s' * (len(names) > 1)} {read}; fix config.json)") from None
+
+
+def _moe_rope_source(message: str, hf: dict) -> str | None:
+    """'field=value' of the config.json field behind a MoEConfig / RopeScaling error, or None: 'MoEConfig.top_k: 3 >
+    n_experts=2' said nothing of num_experts_per_tok."""
+    m = re.match(r"(MoEConfig|RopeScaling)\.(\w+):", message)
+    if not m:
+        return None
+    if m[1] == "RopeScaling":  # the dict _rope_from_hf read it from
+        where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+        params = hf.get(where) or {}
+        return f"{where}.{m[2]}={params[m[2]]!r}" if m[2] in params else None
+    experts = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"  # as _moe_from_hf reads
+    name = {"n_experts": experts, "top_k": "num_experts_per_tok", "expert_mlp_dim": "intermediate_size",
+            "lb_loss_weight": "router_aux_loss_coef"}.get(m[2])
+    return f"{name}={hf.get(name)!r}" if name else None
 
 
 def _moe_from_hf(hf: dict, mlp_act: str):
