@@ -50,11 +50,6 @@ class LangIDConfig:
                 and not isinstance(e[1], str) and all(isinstance(m, str) for m in e[1]) for e in self.fold):
             raise ValueError(f"LangIDConfig.fold={self.fold!r:.120} must be a tuple of (code, (member, ...)) pairs, "
                              "e.g. (('zh', ('yue', 'wuu')),), or () to fold nothing")
-        # keep=() dropped every document as lang_other: a run that keeps nothing is a mistake, not a setting
-        if not self.keep:
-            raise ValueError("LangIDConfig.keep=() keeps no language, so every document would be dropped; name "
-                             "the codes to keep, e.g. ('en', 'zh'), or leave the langid stage out of "
-                             "PipelineConfig.filters")
         # min_confidence / sample_chars: a float count was accepted and failed in every worker's detect ("slice
         # indices must be integers"), a str in the range checks below, naming no field
         check_field_types(self)
@@ -62,6 +57,11 @@ class LangIDConfig:
         # fingerprint must not depend on which container held the same codes
         object.__setattr__(self, "keep", tuple(sorted(self.keep) if isinstance(self.keep, set | frozenset)
                                                else self.keep))
+        # keep=() dropped every document as lang_other: a run that keeps nothing is a mistake, not a setting
+        if not self.keep:  # a tuple by now: an array of codes has no truth value
+            raise ValueError("LangIDConfig.keep=() keeps no language, so every document would be dropped; name "
+                             "the codes to keep, e.g. ('en', 'zh'), or leave the langid stage out of "
+                             "PipelineConfig.filters")
         object.__setattr__(self, "fold", tuple((code, tuple(members)) for code, members in self.fold))
         labels = set(_identifier().labels)
         # a member the model lacks (a typo) folded nothing, silently: its language was then reported unfolded

@@ -113,7 +113,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"unknown language codes \['english'\].*ISO 639-1 .*e\.g\. \['\w\w', "):
         LangIDConfig(keep=("en", "english"))
     # keep=() kept no language: every document dropped as lang_other (counted, but never what a run means)
-    for nothing in ((), [], set()):
+    for nothing in ((), [], set(), np.array([], str)):
         with pytest.raises(ValueError, match=r"LangIDConfig.keep=\(\) keeps no language.*e\.g\. \('en', 'zh'\)"):
             LangIDConfig(keep=nothing)
     with pytest.raises(ValueError, match="min_confidence"):
@@ -124,6 +124,8 @@ def test_config_errors_name_the_field():
     assert LangIDConfig(min_confidence=1.0).min_confidence == 1.0  # [0, 1]: both ends are floors one may set
     # a list or set is the tuple it means (a list crashed the workers: unhashable; and fingerprinted otherwise)
     assert LangIDConfig(keep=["zh", "en"]) == LangIDConfig(keep=("zh", "en"))
+    # an array of codes (e.g. a column's unique values) as well: the empty-keep check asked it for a truth value
+    assert LangIDConfig(keep=np.array(["zh", "en"])) == LangIDConfig(keep=("zh", "en"))
     assert hash(LangIDConfig(keep={"zh", "en"})) == hash(LangIDConfig(keep=("en", "zh")))
     with pytest.raises(ValueError, match=r"keep has \['yue'\], which fold into \['zh'\]"):  # never reported
         LangIDConfig(keep=("yue",))
