@@ -15,12 +15,13 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   such as local + global or dense + MoE, live while its backward runs or is rematerialised, + the
   logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
-  prefetch) in compute dtype, and the embedding table gathered for the lookup;
+  prefetch) in compute dtype (the embedding table gathered for the lookup is a forward-only buffer: its VJP keeps
+  the tokens alone);
 - with an explicit sorted / dense MoE `dropless_impl` on a mesh splitting the experts: one MoE layer's whole
   experts all-gathered in compute dtype and their whole gradient before its reduce-scatter (`experts_gathered`);
   with dropless_impl='blocks', each block's copy of its expert's weights and its cotangent;
-- embedding gradients = the lookup's [V, D] gradient, built whole before its reduce-scatter to the table's
-  shards (with FSDP), and a tied LM head's gradient beside it until the two are summed;
+- embedding gradients = the LM head's [D, V] gradient, built whole over `embed` before its reduce-scatter to the
+  fsdp shards (the lookup's own is scatter-added into the table's shards, `models.embed`, never whole);
 - the optimizer update, a second phase once the backward pass is done: the gradients + `update_buffers`
   float32 gradient-sized buffers (`experiments.lm_step.make_optimizer`'s clipped gradients, which XLA:CPU
   materialises for every leaf before the first moment update: 1) + a float32 copy of gradients narrower than
@@ -247,7 +248,7 @@ class MemoryBreakdown:
     layers_local: int
     update: int = 0  # beside the gradients, during the optimizer update (after the backward pass)
     accum: int = 0  # gradient accumulation's float32 running sum, live through every microbatch's backward
-    embed_grads: int = 0  # the lookup's whole [V, D] gradient beside its shard (FSDP), a tied head's beside it
+    embed_grads: int = 0  # the LM head's [D, V] gradient, whole over `embed` before its reduce-scatter (FSDP)
     stage_grads: int = 0  # a pipeline tick's gradient of the stage's layer stacks beside the ticks' running sum
 
 
@@ -284,10 +285,10 @@ class MemoryBreakdown:
                 ("working set (a scan group's backward)", self.working),
                 ("gathered weights (FSDP)", self.transient_weights),
                 ("accumulated gradients (grad_accum > 1)", self.accum),
-                ("embedding gradients before their reduction", self.embed_grads),
+                ("LM head gradient before its reduction", self.embed_grads),
                 ("a pipeline tick's stage gradients", self.stage_grads),
                 ("optimizer update (after the backward)", self.update), ("total", self.total)]
-        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "embedding", "a pipeline"))]
+        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "LM head", "a pipeline"))]
         peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
@@ -508,7 +509,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stack = p.path.split(".")[0]
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
-        transient = 2 * cb * gathered + cb * s.vocab_size * s.d_model
+        transient = 2 * cb * gathered
     if s.moe is not None and experts_gathered(s.moe, mesh, rules):
         # an explicit sorted / dense dropless_impl with experts split over `expert`: models.moe_dispatch's
         # dropless_dispatch all-gathers each MoE layer's whole experts (still split over tensor) in compute dtype, and
@@ -531,14 +532,17 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
         # remat 'none' keeps every local MoE layer's copies as residuals (XLA 1.44x without: 1.10x with)
         copies = s.n_moe_layers / stage if remat == "none" else 1
         transient += (copies + 1) * cb * nb * per_expert
-    # the embedding lookup's gradient is built whole ([V, D], models.embed._lookup_bwd) before the reduce-scatter to
-    # the table's shards, and a tied LM head's [D, V] gradient lives beside it until the two are summed (vocab-heavy
-    # models: XLA was 1.24x this estimate on {fsdp: 8} untied, 1.49-1.57x tied)
+    # the LM head's [D, V] gradient (a tied table's head side too) is built whole over `embed` on each device before
+    # its reduce-scatter to the fsdp shards. The lookup's own gradient is no [V, D] temporary: models.embed constrains
+    # it to the table's layout, and the partitioner moves each device's cotangent rows to the devices holding their
+    # columns (an all-to-all) and scatter-adds into the shard (it builds the whole gradient only when a device's tokens
+    # rival V: from 2V tokens on {fsdp: 8} and {fsdp: 4, tensor: 2}, V/4 on {data: 2, fsdp: 4} at V = 256, where that
+    # [V, D] is small next to the activations). Counting the lookup's whole gradient and the table it gathers put XLA
+    # at 0.59-0.92x this estimate on the vocabulary-heavy cases of tests/test_scaling_memory.py.
     V, D = s.vocab_size, s.d_model
-    vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the table's rows over tensor: XLA keeps that
+    vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the head's columns over tensor: XLA keeps that
     embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
-    head = V * D / _act_split("act_vocab", mesh, V, rules) if s.tie_embeddings else 0.0
-    embed_grads = gb * (V * D / vocab_split * (1 - 1 / embed_split) + head)
+    embed_grads = gb * V * D / vocab_split * (1 - 1 / embed_split)
     # GPipe's tick loop sums the stage's layer gradients over ticks (the stacks are loop-invariant), and with more than
     # one scan group per stage each tick's layer scan writes its own stacked gradient before the sum takes it: one
     # more gradient copy of the local layer stacks, live through the backward (XLA's buffer assignment; uncounted,

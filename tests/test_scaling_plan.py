@@ -139,7 +139,7 @@ def test_a_model_too_small_for_any_shape_names_what_reaches_one():
 def test_the_memory_line_says_what_share_of_the_chip_the_plan_fills():
     """It printed '63.9 GiB of 74.5 GiB' while fitting against 90% of the 74.5 GiB."""
     text = make_plan(params=7e9).text
-    assert "per chip 63.9 GiB of 74.5 GiB (90% usable: 67.1 GiB):" in text
+    assert "per chip 63.7 GiB of 74.5 GiB (90% usable: 67.1 GiB):" in text
     assert "does not fit 8 x 80 GB (90% usable)" in make_plan(params=4e11, chips=8).text
 
 
