@@ -252,6 +252,17 @@ class TransformerConfig:
              f"moe.mlp_act={getattr(self.moe, 'mlp_act', None)!r} differs from mlp_act={self.mlp_act!r}; use one")
         self._check_windows(self._n_local())  # attn_pattern and sliding_window together, O(1) in n_layers
 
+    # scan_unroll True (every layer) and 1 (a rolled scan) build different programs, but the generated __eq__ /
+    # __hash__ compared them equal (True == 1): jit caches keyed on a config (generate's) ran one's for the other
+    def _key(self) -> tuple:
+        return (*(getattr(self, f.name) for f in dataclasses.fields(self)), type(self.scan_unroll))
+
+    def __eq__(self, other):
+        return self._key() == other._key() if other.__class__ is self.__class__ else NotImplemented
+
+    def __hash__(self):
+        return hash(self._key())
+
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads

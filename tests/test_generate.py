@@ -272,6 +272,21 @@ def test_new_sampling_values_do_not_compile_generate_again(model):
     assert compiled() == before
 
 
+def test_scan_unroll_true_and_1_each_compile_their_own_generate_program(model):
+    """scan_unroll=True (every layer unrolled) and 1 (a rolled layer scan) built configs that compared and hashed
+    equal (True == 1 in Python), so generate's compiled program, keyed on the model's graphdef, was shared: a model
+    with scan_unroll=True decoded with the rolled loop of an earlier scan_unroll=1 model (and the other way round),
+    and the unrolled case of test_greedy_generate_equals_full_recompute ran the rolled program again."""
+    gen = importlib.import_module("models.generate")
+    unrolled = Transformer(dataclasses.replace(CFG, scan_unroll=True), rngs=nnx.Rngs(0))
+    assert unrolled.cfg != model.cfg and hash(unrolled.cfg) != hash(model.cfg)
+    prompt = jax.random.randint(jax.random.key(3), (2, 11), 0, CFG.vocab_size)
+    rolled_out = generate(model, prompt, 5)
+    before = gen._generate._cache_size()
+    np.testing.assert_array_equal(generate(unrolled, prompt, 5), rolled_out)  # the same weights (Rngs(0))
+    assert gen._generate._cache_size() == before + 1
+
+
 def test_sample_logits_filters_each_row_of_any_leading_shape_over_its_vocabulary():
     """logits [B, T, V] (every position of a forward pass) are sampled as their [B·T, V] rows: top_p reversed the T
     axis instead of sorting the vocabulary, so it filtered nothing (top_p 0.7 sampled tokens of 10 % mass), and
