@@ -15,8 +15,8 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   such as local + global or dense + MoE, live while its backward runs or is rematerialised, + the
   logits/loss buffers);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
-  prefetch) in compute dtype (the embedding table gathered for the lookup is a forward-only buffer: its VJP keeps
-  the tokens alone);
+  prefetch) in compute dtype, and the embedding table gathered for the lookup, a forward buffer (its VJP keeps the
+  tokens alone), by what it exceeds the backward's working set (the peak holds the larger);
 - with an explicit sorted / dense MoE `dropless_impl` on a mesh splitting the experts: one MoE layer's whole
   experts all-gathered in compute dtype and their whole gradient before its reduce-scatter (`experts_gathered`);
   with dropless_impl='blocks', each block's copy of its expert's weights and its cotangent;
@@ -509,7 +509,10 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stack = p.path.split(".")[0]
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
-        transient = 2 * cb * gathered
+        # + the table the lookup gathers whole, a forward buffer: it sets the peak where it outweighs the backward's
+        # working set (uncounted: XLA 1.34x this estimate at V 32768, D 256, 32 tokens a device on {fsdp: 8};
+        # counted whole, XLA 0.62x at V 16384, D 64, whose logits buffers outweigh it)
+        transient = 2 * cb * gathered + max(0.0, cb * s.vocab_size * s.d_model - working)
     if s.moe is not None and experts_gathered(s.moe, mesh, rules):
         # an explicit sorted / dense dropless_impl with experts split over `expert`: models.moe_dispatch's
         # dropless_dispatch all-gathers each MoE layer's whole experts (still split over tensor) in compute dtype, and
@@ -537,8 +540,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # it to the table's layout, and the partitioner moves each device's cotangent rows to the devices holding their
     # columns (an all-to-all) and scatter-adds into the shard (it builds the whole gradient only when a device's tokens
     # rival V: from 2V tokens on {fsdp: 8} and {fsdp: 4, tensor: 2}, V/4 on {data: 2, fsdp: 4} at V = 256, where that
-    # [V, D] is small next to the activations). Counting the lookup's whole gradient and the table it gathers put XLA
-    # at 0.59-0.92x this estimate on the vocabulary-heavy cases of tests/test_scaling_memory.py.
+    # [V, D] is small next to the activations).
     V, D = s.vocab_size, s.d_model
     vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the head's columns over tensor: XLA keeps that
     embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)

@@ -315,7 +315,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
             fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "
                      f"{fsdp} of {chips})"]
         # the closest layout tried (tensor shards activations too): printed alone, the fsdp-only probe read as the
-        # best it could do (400B on 256 H100s: 202.7 GiB per chip, where tensor 8 x fsdp 32 needs 74.4 GiB)
+        # best it could do (400B on 256 H100s: 201.7 GiB per chip, where tensor 8 x fsdp 32 needs 73.5 GiB)
         closest = min(tried, key=lambda m: m.memory.total, default=None)
         if closest is not None and least is not None and closest.memory.total >= least.total:
             closest = None  # the probe's own layout: said once
