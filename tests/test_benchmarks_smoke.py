@@ -83,6 +83,21 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
     assert phase_time_alone(evs, kernels, dots) == {"backward": 10, "forward": 30}  # [10, 40) once, not 20 + 20
 
 
+def test_decode_benchmark_tiny_runs_both_side_by_side():
+    """benchmarks.decode at toy size: ours and HF's generate give the same greedy tokens, and every batch, shape and
+    cache position has its row."""
+    from benchmarks import decode
+
+    res = decode.main(["--batches", "1", "2", "--gens", "3x4", "--positions", "2", "5", "--rounds", "1",
+                       "--d-model", "32", "--layers", "2", "--heads", "2", "--kv-heads", "1", "--mlp", "64",
+                       "--vocab", "128"])
+    assert [(r["batch"], r["prompt"], r["new"]) for r in res["generate"]] == [(1, 3, 4), (2, 3, 4)]
+    assert all(r["tokens_equal"] == 1.0 and r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in res["generate"])
+    assert [(r["batch"], r["position"], r["slots"]) for r in res["step"]] == [(1, 2, 15), (1, 5, 15), (2, 2, 15),
+                                                                              (2, 5, 15)]
+    assert all(r["ours_ms"] > 0 and r["hf_ms"] > 0 for r in res["step"])
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("benchmarks.loop_products", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.batched_dots", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
@@ -96,6 +111,9 @@ def test_step_profile_counts_a_phase_once_while_two_of_its_kernels_run_at_once()
     ("benchmarks.checkpoint_save", ["--mesh", "dta=8"], "argument --mesh: mesh axes ['dta'] are unknown"),
     ("benchmarks.checkpoint_save", ["--mesh", "data=4"], "argument --mesh: mesh {'data': 4} needs 4 devices"),
     ("benchmarks.init_compile", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.decode", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
+    ("benchmarks.decode", ["--gens", "32"], "argument --gens: '32' is not PxN (prompt tokens x new tokens)"),
+    ("benchmarks.decode", ["--heads", "3"], "--heads 3 must divide --d-model 256 and be a multiple of --kv-heads 2"),
     ("benchmarks.loader_throughput", ["--consumed", "0"], "argument --consumed: must be a finite number > 0"),
     ("benchmarks.restore_memory", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.restore_memory", ["--d-model", "12"], "argument --d-model / --layers / --vocab: model.head_dim: "

@@ -76,8 +76,8 @@ def test_local_cache_memory_does_not_grow_with_length():
     short, long = KVCache.zeros(CFG, 1, 64), KVCache.zeros(CFG, 1, 4096)
     windows = CFG.layer_windows()[:2]  # (3, None): period 2
     assert windows == (3, None)
-    assert short.k[0].shape == long.k[0].shape == (2, 1, 3, 2, 8)  # local: W slots, whatever the length
-    assert (short.k[1].shape[2], long.k[1].shape[2]) == (64, 4096)  # global: grows
+    assert short.k[0].shape == long.k[0].shape == (2, 1, 2, 3, 8)  # local: W slots, whatever the length
+    assert (short.k[1].shape[3], long.k[1].shape[3]) == (64, 4096)  # global: grows
     for cfg in (CFG, dataclasses.replace(CFG, dtype="bfloat16")):  # the config's own count: slots and dtype
         for max_len in (64, 2):  # 2 < the window: a local layer keeps max_len slots, not W
             cache = KVCache.zeros(cfg, 3, max_len)
