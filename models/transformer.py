@@ -370,7 +370,10 @@ class Block(nnx.Module):
             return jax.lax.dynamic_update_slice(buf_GBKSH, rows, (g, 0, 0, 0, 0))
 
         new_cache = (write(k_GBKSH, k_BTKH), write(v_GBKSH, v_BTKH), pos_S.at[slots].set(new_T[T - keep:]))
-        if window is None or S > window:  # global layer (S = max_len): attend over the written cache
+        # global layer (S = max_len), or one token: attend over the written cache. The slot a token overwrites held
+        # position p - S, outside its window (S = W) or past the capacity (S = max_len < W); reading a rolling
+        # buffer's old slots before the in-place write made XLA copy the layer stack every step (all-local: 1.6x)
+        if window is None or S > window or T == 1:
             k_att, v_att, pos_att = layer(new_cache[0]), layer(new_cache[1]), new_cache[2]
         elif T > S:  # a chunk longer than the window (a prompt's prefill): the O(T·W) kernel, not T × (S + T) scores
             return self._attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, (layer(k_GBKSH), layer(v_GBKSH), pos_S),
