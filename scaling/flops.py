@@ -494,8 +494,8 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
 
     Each layer attends to min(window, context_len + 1) keys. A fixed-size cache kernel that scores
     every slot (models.generate) executes more: pass its `cache_len` (KVCache.zeros' max_len). Global layers
-    then score `cache_len` keys, local ones their rolling buffer of min(W, cache_len) slots plus the new token (a
-    layer with W >= cache_len keeps cache_len slots but still attends as a rolling buffer: cache_len + 1).
+    then score `cache_len` keys, local ones their rolling buffer of min(W, cache_len) slots, the new token written
+    into it first (the slot it overwrites is outside its window).
     """
     _whole("context_len", context_len, 0)
     if cache_len is not None:
@@ -509,7 +509,7 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
         if cache_len is None:
             keys += context_len + 1 if w is None else min(w, context_len + 1)
         else:
-            keys += cache_len if w is None else min(w, cache_len) + 1
+            keys += cache_len if w is None else min(w, cache_len)
     return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
 
 
