@@ -359,7 +359,7 @@ def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
 
 @pytest.mark.parametrize("pattern", [{}, {"attn_pattern": "alternating", "sliding_window": 8}])
 def test_decode_flops_match_cost_analysis(pattern):
-    """Global layers score all S slots; local ones their W-slot rolling buffer plus the new token."""
+    """Global layers score all S slots; local ones their W-slot rolling buffer (the new token written into it)."""
     cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
     B, S = 2, 256
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -399,9 +399,9 @@ def test_prefill_flops_count_the_lm_head_once_per_prompt():
 
 
 def test_decode_flops_of_a_window_that_reaches_the_cache():
-    """A local layer with W >= max_len keeps max_len slots, and still attends as a rolling buffer: those slots plus
-    the new token (models.transformer), max_len + 1 keys, which was counted as max_len. From W = S - 1 to W = S
-    XLA's count grows by about one key per local layer (1.56 with the mask's elementwise work); ours must too."""
+    """A local layer keeps min(W, max_len) slots and scores them, the new token written into its slot first
+    (models.transformer). From W = S - 1 to W = S XLA's count grows by about one key per local layer (with the
+    mask's elementwise work); ours must too."""
     B, S = 2, 64
     flops = {}
     for W in (S - 1, S):
@@ -424,7 +424,7 @@ def test_decode_flops_of_a_window_that_reaches_the_cache():
 def test_decode_attention_flops_are_the_keys_each_layer_scores(pattern):
     """Exactly 4·N·H per key the model's attention is handed for one decoded token, summed over the layers (read
     from the keys each layer's attention call receives; the XLA comparisons above allow 10%, inside which a local
-    layer counted with W keys instead of its W-slot buffer plus the new token passed)."""
+    layer counted with one key more or fewer than its attention receives passed)."""
     from unittest import mock
 
     import models.transformer as transformer
