@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from data.cli import run_main
+
 # (name, batch, M, K, N): out[b] = x[b] [M, K] @ y[b] [K, N]; batch 1: a plain 2-D product
 SHAPES = (
     ("attention QKᵀ, one 64-row block against 256 keys", 32, 64, 64, 256),
@@ -102,4 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -17,6 +17,8 @@ import statistics
 import sys
 import tempfile
 
+from data.cli import run_main
+
 
 def child(handler: str, mesh_text: str, directory: str) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -93,4 +95,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.rounds import out_path, run_child, write_json  # noqa: E402
+from data.cli import run_main  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from experiments.run_log import read_curves  # noqa: E402
 
@@ -216,4 +217,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

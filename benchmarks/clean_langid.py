@@ -12,6 +12,7 @@ import argparse
 import collections
 import time
 
+from data.cli import run_main
 from data.langid_samples import is_correct, keep_correct, samples
 
 
@@ -108,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 
+from data.cli import run_main
 from data.corpus import stdlib_documents
 from data.filters import DEFAULT_BLOCKLIST, tokens
 from data.normalize import normalize_text
@@ -161,8 +162,9 @@ def main(argv=None):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="clean-bench-"))
     try:
         inputs, n_docs, n_bytes = write_input(tmp / "in", args.synthetic, args.shards)
-        print(f"input: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB in {args.shards} JSONL shards; "
-              f"{args.workers} worker processes")
+        print(f"input: {n_docs:,} documents, {n_bytes / 1e6:.1f} MB in {args.shards} JSONL "
+              f"shard{'s' * (args.shards != 1)}; "
+              f"{args.workers} worker process{'es' * (args.workers != 1)}")
         print("| pipeline | wall s | docs/s | MB/s | CPU s | MB per CPU-s | docs kept |")
         print("|---|---|---|---|---|---|---|")
         sides = [("data.pipeline (ours)", lambda: run_ours(inputs, tmp / "ours", args.workers))]
@@ -183,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

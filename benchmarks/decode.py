@@ -22,6 +22,7 @@ import tempfile
 
 import numpy as np
 
+from data.cli import run_main
 from parallel.host import tune_cpu_allocator
 
 STEPS = 8  # decode steps per timed call of the step timings
@@ -177,7 +178,8 @@ def main(argv=None):
 
     tune_cpu_allocator()
     ours, hf = build(args)
-    print(f"torch threads {torch.get_num_threads()}; model d_model {args.d_model}, {args.layers} layers, float32")
+    print(f"torch threads {torch.get_num_threads()}; model d_model {args.d_model}, {args.layers} "
+          f"layer{'s' * (args.layers != 1)}, float32")
     res = {"torch_threads": torch.get_num_threads(), "rounds": args.rounds,
            "generate": generations(ours, hf, args.batches, args.gens, args.rounds),
            "step": steps(ours, hf, args.batches, args.positions, args.rounds)}
@@ -186,4 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,6 +15,8 @@ import json
 import statistics
 import time
 
+from data.cli import run_main
+
 
 def main(argv=None):
     from benchmarks.rounds import out_path, write_json
@@ -60,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

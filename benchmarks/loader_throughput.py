@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 
+from data.cli import run_main
 from data.corpus import default_corpus
 from data.loader import LMLoader, LoaderConfig, Source
 from data.tokenizer import ByteTokenizer, pretokenize, tier_texts, train_bpe
@@ -81,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

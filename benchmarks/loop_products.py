@@ -35,6 +35,7 @@ import models.linear as ml
 from benchmarks.moe_train import MOE
 from benchmarks.rounds import interleaved, out_path, pair_row, save
 from benchmarks.train_step import CFG, setup
+from data.cli import run_main
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -141,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.rounds import out_path, write_json
+from data.cli import run_main
 from experiments.config import at_least
 from models import moe_dispatch
 from models.moe import MoE, MoEConfig
@@ -158,4 +159,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

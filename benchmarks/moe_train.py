@@ -33,6 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, plot_path, write_json
+from data.cli import run_main
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
@@ -177,4 +178,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data.cli import run_main  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
@@ -85,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

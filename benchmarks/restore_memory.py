@@ -22,6 +22,8 @@ import tempfile
 
 import jax
 
+from data.cli import run_main
+
 
 def _cfg(args):
     from experiments.config import load
@@ -100,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -29,6 +29,7 @@ import jax
 
 from benchmarks.rounds import out_path, write_json
 from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, schedulable_cores, setup
+from data.cli import run_main
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -254,4 +255,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, plot_path, write_json
+from data.cli import run_main
 from experiments.config import at_least
 from models.sliding_window import sliding_window_attention
 from parallel.host import tune_cpu_allocator
@@ -170,4 +171,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

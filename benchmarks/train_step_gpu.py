@@ -29,6 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, write_json
+from data.cli import run_main
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
@@ -113,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

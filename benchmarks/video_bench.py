@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from benchmarks.rounds import out_path, write_json
+from data.cli import run_main
 from data.moving_shapes import dataset, null_tokens
 from experiments.checkpoint import CheckpointMismatch
 from experiments.config import at_least
@@ -157,4 +158,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

@@ -20,6 +20,7 @@ import optax
 from tqdm import tqdm
 
 from benchmarks.train_step import CFG, setup
+from data.cli import run_main
 from experiments.config import at_least
 from experiments.lm_step import lm_loss
 from models.attention import attention
@@ -61,11 +62,13 @@ def option_set(text: str) -> tuple[str, dict]:
     """argparse type of --option: 'a=1;b=x' -> (text, {a: 1, b: 'x'}); a part without '=' failed with a bare
     unpacking ValueError."""
     parts = text.split(";")
-    if bad := [p for p in parts if "=" not in p]:
-        raise argparse.ArgumentTypeError(f"{bad} have no '='; write NAME=VALUE, e.g. xla_cpu_use_onednn=true")
+    if bad := [p for p in parts if "=" not in p]:  # one is named alone: "['a'] have no '='" read as a list's fault
+        raise argparse.ArgumentTypeError((f"{bad[0]!r} has no '='" if len(bad) == 1 else f"{bad} have no '='")
+                                         + "; write NAME=VALUE, e.g. xla_cpu_use_onednn=true")
     opts = dict(_option(p) for p in parts)
     if bad := [o for o in opts if not o.startswith("xla_")]:
-        raise argparse.ArgumentTypeError(f"{bad} are not XLA options (names start with xla_)")
+        raise argparse.ArgumentTypeError((f"{bad[0]!r} is not an XLA option" if len(bad) == 1 else
+                                          f"{bad} are not XLA options") + " (names start with xla_)")
     return text, opts
 
 
@@ -105,4 +108,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tune_cpu_allocator()  # before the first JAX computation (parallel/host.py)
-    main()
+    run_main(main)

@@ -61,8 +61,8 @@ class ByteWindows:
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
                 raise ValueError(f"ByteWindows {name}={v!r} must be an int >= 1")
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"corpus of {len(tokens)} tokens is shorter than one window of seq_len + 1 = "
-                             f"{seq_len + 1}")
+            raise ValueError(f"corpus of {len(tokens)} token{'s' * (len(tokens) != 1)} is shorter than one window "
+                             f"of seq_len + 1 = {seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed = check_seed(seed, "ByteWindows seed")  # seed=True ran as 1, a float failed at the first batch
 

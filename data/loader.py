@@ -434,8 +434,9 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
         _check_text_field(src, cfg.text_field)
         ds = grain.MapDataset.source(_data_source(src.files()))
         if len(ds) < n:
-            raise ValueError(f"Source {src.path!r} has {len(ds)} documents, fewer than the {n} processes that "
-                             "each read their own share" if len(ds) else f"Source {src.path!r} holds no documents")
+            raise ValueError(f"Source {src.path!r} has {len(ds)} document{'s' * (len(ds) != 1)}, fewer than the {n} "
+                             "processes that each read their own share" if len(ds)
+                             else f"Source {src.path!r} holds no documents")
         ds = ds[p::n]
         sizes.append(len(ds))
         if cfg.shuffle:
@@ -621,9 +622,11 @@ class LMLoader:
         go_on = sum(int(s[0] > 0 and f not in self._starts) for s, f in zip(seg[1:], first[1:])) if self._starts else 0
         self.dropped = {"batches": 1, "rows": len(seg), "tokens": int(batch["weights"].sum()),
                         "documents": pieces - go_on}
-        warnings.warn(f"LMLoader: process {self._p} drops the last, partial batch (drop_remainder=True): "
-                      f"{self.dropped['rows']} rows, {self.dropped['tokens']} tokens of {self.dropped['documents']} "
-                      "documents in 1 batch, counted in LMLoader.dropped; drop_remainder=False keeps it",
+        rows, tokens, docs = self.dropped["rows"], self.dropped["tokens"], self.dropped["documents"]
+        warnings.warn(f"LMLoader: process {self._p} drops the last, partial batch (drop_remainder=True): {rows} "
+                      f"row{'s' * (rows != 1)}, {tokens} token{'s' * (tokens != 1)} of {docs} "
+                      f"document{'s' * (docs != 1)} in 1 batch, counted in LMLoader.dropped; drop_remainder=False "
+                      "keeps it",
                       stacklevel=stacklevel)
 
     def _count_unread(self, batch):

@@ -47,6 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.augment import DomainGlossary
+from data.cli import run_main
 from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
 from data.filters import QualityConfig
 from data.label import LabelConfig
@@ -608,7 +609,9 @@ def main(argv=None):
                          + (f"; is {args.text_field!r} the field holding the text? (--text-field)"
                             if ingest["dropped"].get("missing_text") else ""))
     if stats["augmented"]["stages"][-1]["docs_out"] == 0:  # records read, none kept: nothing to train on
-        raise SystemExit(f"error: all {ingest['docs_out']:,} records read were dropped (the stages above say why); "
+        n = ingest["docs_out"]
+        raise SystemExit(f"error: {f'all {n:,} records read were' if n != 1 else 'the 1 record read was'} dropped "
+                         "(the stages above say why); "
                          "the tiers are empty")
 
 
@@ -620,4 +623,4 @@ FLAGS = {"PipelineConfig.workers": "--workers", "SourceConfig.text_field": "--te
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Iterator
 
+from data.cli import run_main
 from data.shards import TIERS, read_json
 from data.stages import StageStats
 
@@ -77,7 +77,7 @@ def _mix(counters, prefix: str) -> str:
     docs = {k[len(prefix) + 1:]: v for k, v in counters.items() if k.startswith(prefix + ":")}
     byts = {k[len(prefix) + 7:]: v for k, v in counters.items() if k.startswith(prefix + "_bytes:")}
     total = sum(docs.values()) or 1
-    return ", ".join(f"{lang} {n:,} docs ({n / total:.1%}, {_size(byts.get(lang, 0))})"
+    return ", ".join(f"{lang} {n:,} doc{'s' * (n != 1)} ({n / total:.1%}, {_size(byts.get(lang, 0))})"
                      for lang, n in sorted(docs.items(), key=lambda kv: -kv[1])) or "none"
 
 
@@ -107,8 +107,9 @@ def report(out_dir) -> str:
     by_name = {s.name: s for _, s in rows}
     lines.append("")
     if by_name.get("normalize") and (fixed := by_name["normalize"].counters["mojibake_repaired_docs"]):
-        lines.append(f"mojibake repaired in {fixed:,} documents "
-                     f"({by_name['normalize'].counters['mojibake_repaired_sequences']:,} sequences; kept, not dropped)")
+        seqs = by_name["normalize"].counters["mojibake_repaired_sequences"]
+        lines.append(f"mojibake repaired in {fixed:,} document{'s' * (fixed != 1)} "
+                     f"({seqs:,} sequence{'s' * (seqs != 1)}; kept, not dropped)")
     if "langid" in by_name:
         lines.append("languages kept by langid:    " + _mix(by_name["langid"].counters, "lang"))
         lines.append("languages dropped by langid: " + _mix(by_name["langid"].counters, "dropped_lang"))
@@ -157,14 +158,6 @@ def main(argv=None):
                     help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason")
     args = ap.parse_args(argv)
     try:
-        _main(args)
-    except BrokenPipeError:  # `--drops all | head`: the reader has gone, so has the rest of the listing
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
-        sys.exit(1)
-
-
-def _main(args):
-    try:
         if args.drops is not None:
             listed = 0
             for row in drops(args.dir, None if args.drops == "all" else args.drops):
@@ -174,13 +167,12 @@ def _main(args):
                 reasons = sorted({r for _, s in funnel(args.dir) for r in s.dropped})
                 raise SystemExit(f"error: no record of {args.dir} was dropped for {args.drops!r}; its drop reasons: "
                                  f"{', '.join(reasons) or 'none'} (or 'all')")
-            sys.stdout.flush()  # a closed pipe fails here, in main's try, not in the interpreter's exit
             return
-        print(report(args.dir), flush=True)
+        print(report(args.dir))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     sys.exit(1 if reconcile(funnel(args.dir)) else 0)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

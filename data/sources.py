@@ -260,15 +260,19 @@ def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: in
                             break
         except _READ_ERRORS:
             return
+    one = len(fields) == 1  # (it read "none of the first 1 records", "1 of the first 1 records ... also have")
+    first = "the first record" if one else f"the first {len(fields)} records"
     if fields and not any(cfg.text_field in k for k in fields):
         seen = sorted(set().union(*fields))[:12]
-        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is in none of the first {len(fields)} records of "
-                         f"{path} (they have {seen}); pass the field that holds the text (--text-field)")
+        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is {'not in' if one else 'in none of'} {first} "
+                         f"of {path} ({'it has' if one else 'they have'} {seen}); pass the field that holds the text "
+                         "(--text-field)")
     # the tiers hold the document's text under "text": a record's own "text" (a title, a summary) was replaced by it
     if cfg.text_field != "text" and (clash := sum("text" in k for k in fields)):
-        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r}: {clash} of the first {len(fields)} records of "
-                         f"{path} also have a 'text' field, which the cleaned documents hold their text under (it "
-                         "would be lost); rename that field first, e.g. jq -c '.title = .text | del(.text)'")
+        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r}: {first if one else f'{clash} of {first}'} of "
+                         f"{path} also ha{'s' if clash == 1 else 've'} a 'text' field, which the cleaned documents "
+                         "hold their text under (it would be lost); rename that field first, e.g. jq -c '.title = "
+                         ".text | del(.text)'")
 
 
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from data.cli import run_main
 from parallel.mesh import make_mesh, parse_mesh
 from parallel.sharding import abstract_sharded, batch_sharding, replicated
 
@@ -121,6 +122,10 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
     return None
 
 
+# the TransformerConfig field each flag sets
+FLAGS = {"remat": "--remat", "dtype": "--dtype", "pipeline_microbatches": "--microbatches"}
+
+
 def _mesh_arg(text: str) -> dict[str, int]:
     try:
         return parse_mesh(text)
@@ -153,8 +158,9 @@ def main(argv=None):
     try:  # --remat / --dtype / --microbatches are config fields: their errors name the flag, before any compile
         cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype,
                                 pipeline_microbatches=args.microbatches)
-    except ValueError as e:
-        ap.error(str(e))
+    except ValueError as e:  # the config names its field (TransformerConfig.remat: ...); name the flag too
+        flag = next((f for field, f in FLAGS.items() if str(e).startswith(f"TransformerConfig.{field}")), None)
+        ap.error(f"argument {flag}: {e}" if flag else str(e))
     batch = args.batch or args.devices
     meshes = args.mesh or [{"fsdp": -1}]
     for shape in meshes:
@@ -165,7 +171,7 @@ def main(argv=None):
                  "axis (e.g. --mesh stage=4,fsdp=2); without one they would be ignored")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
-          f"compute {args.dtype}, {args.devices} devices")
+          f"compute {args.dtype}, {args.devices} device{'s' * (args.devices != 1)}")
     print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
     print("|---|---|---|---|---|---|")
     for shape in meshes:
@@ -178,4 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

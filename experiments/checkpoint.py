@@ -689,7 +689,8 @@ def other_mesh_note(meta: dict, mesh) -> str:
     if was is None or dict(was) == now:
         return ""
     def words(axes: dict) -> str:
-        return f"{axes} ({math.prod(axes.values())} devices)" if axes else "one device"
+        n = math.prod(axes.values())
+        return f"{axes} ({n} device{'s' * (n != 1)})" if axes else "one device"
     return (f"; note: saved on {'mesh ' * bool(was)}{words(dict(was))}, resumed on {words(now)}: sums over the sharded "
             "axes reduce in another order, so from here on this run differs from an uninterrupted one in the last "
             "float32 digits")

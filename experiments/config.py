@@ -705,7 +705,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          "below the sequence length (or attn_pattern='global' with sliding_window=None)")
     tp = mesh.get("tensor", 1)
     need(m.n_heads % tp == 0, "model.n_heads",
-         f"{m.n_heads} heads are not divisible by the tensor axis ({tp}); {_divisible_fix(m.n_heads, mesh, 'tensor')}")
+         f"{m.n_heads} head{'s are' if m.n_heads != 1 else ' is'} not divisible by the tensor axis ({tp}); "
+         f"{_divisible_fix(m.n_heads, mesh, 'tensor')}")
     need(m.mlp_dim % tp == 0, "model.mlp_dim",
          f"{m.mlp_dim} is not divisible by the tensor axis ({tp}); {_divisible_fix(m.mlp_dim, mesh, 'tensor')}")
     need(m.vocab_size % tp == 0, "model.vocab_size", f"{m.vocab_size} is not divisible by the tensor axis ({tp}); "

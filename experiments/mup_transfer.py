@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from data.cli import run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
@@ -163,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

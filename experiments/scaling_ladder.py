@@ -44,6 +44,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from data.cli import run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from data.shards import write_json
 from experiments.config import at_least
@@ -324,8 +325,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
     ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
-    ap.add_argument("--lr", type=_positive, default=3e-3, help="peak LR at d_model <= 64 (scaled by 64/d above)")
-    ap.add_argument("--warmup", type=at_least(0), default=16)
+    ap.add_argument("--lr", type=_positive, default=None,
+                    help="peak LR at d_model <= 64 (scaled by 64/d above; default 3e-3)")
+    ap.add_argument("--warmup", type=at_least(0), default=None, help="warmup steps (default 16)")
     ap.add_argument("--n-boot", type=at_least(1), default=None,
                     help="bootstrap resamples (default 100; with --replot, the ladder's own)")
     ap.add_argument("--level", type=_fraction, default=None,
@@ -335,8 +337,15 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="replace the ladder files already in --out")
     args = ap.parse_args(argv)
     args.out = args.out or ("runs/scaling-quick" if args.quick else "runs/scaling")
+    # training settings beside --replot were ignored in silence (--fresh too: the ladder it refits was kept)
+    if args.replot and (flag := next((f for f, v in (("--fresh", args.fresh), ("--lr", args.lr),
+                                                     ("--warmup", args.warmup)) if v not in (None, False)), None)):
+        ap.error(f"argument {flag}: not allowed with --replot, which refits the finished ladder in --out without "
+                 f"training; drop {flag}, or --replot to {'start over' if flag == '--fresh' else 'train'}")
     if args.replot:
         return replot(pathlib.Path(args.out), args.level, not args.no_docs, args.n_boot)
+    args.lr = 3e-3 if args.lr is None else args.lr
+    args.warmup = 16 if args.warmup is None else args.warmup
     args.level = 0.9 if args.level is None else args.level
     args.n_boot = 100 if args.n_boot is None else args.n_boot
 
@@ -454,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 
+from data.cli import run_main
 from experiments.run_log import (
     Logger,
     Stop,
@@ -594,12 +595,14 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     if len(eval_batches) < cfg.data.eval_batches:  # a repeating loader would count part of the held-out text twice
         loader.close()
         if not eval_batches:  # "use at most 0" named a value validate() refuses: the batch is what must shrink
-            raise SystemExit(f"config error: train.batch: the held-out tier {eval_dir} fills {held.dropped['rows']} "
-                             f"rows of {t.seq} tokens, less than one batch of {t.batch}×{t.seq} (evaluation needs "
-                             "one); use a smaller train.batch or train.seq, or more held-out text (data.eval_dir, "
-                             "or a lower data.eval_every_nth)")
+            rows = held.dropped["rows"]
+            raise SystemExit(f"config error: train.batch: the held-out tier {eval_dir} fills {rows} "
+                             f"row{'s' * (rows != 1)} of {t.seq} tokens, less than one batch of {t.batch}×{t.seq} "
+                             "(evaluation needs one); use a smaller train.batch or train.seq, or more held-out text "
+                             "(data.eval_dir, or a lower data.eval_every_nth)")
         raise SystemExit(f"config error: data.eval_batches={cfg.data.eval_batches}: the held-out tier {eval_dir} "
-                         f"fills only {len(eval_batches)} batches of {t.batch}×{t.seq}; use at most that many")
+                         f"fills only {len(eval_batches)} batch{'es' * (len(eval_batches) != 1)} of {t.batch}×{t.seq}; "
+                         "use at most that many")
 
     graphdef, optimizer, schedule, state = abstract_train_state(cfg, mesh)  # allocated below, once we know how
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -829,7 +832,8 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
     model = nnx.merge(graphdef, multihost_utils.process_allgather(state["params"], tiled=True))
     prompt_ids, n_new, cut = sample_ids(tok, sample_prompt(cfg.data, t), t.sample_tokens, m.max_seq_len)
     if cut:
-        say(f"sample: the prompt is longer than model.max_seq_len={m.max_seq_len}: its first {cut} tokens are cut")
+        say(f"sample: the prompt is longer than model.max_seq_len={m.max_seq_len}: its first {cut} "
+            f"token{'s are' if cut != 1 else ' is'} cut")
     prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     ids = generate(model, prompt, n_new, temperature=0.7, top_p=0.95, rng=jax.random.key(t.seed),
                    eos_id=tok.eos_id)  # a document ends there
@@ -847,4 +851,4 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

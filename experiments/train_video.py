@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from data.cli import run_main
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
@@ -362,7 +363,8 @@ def _stretched(meta: dict, total: int, flag: str) -> str:
     was = meta.get("total_steps")
     if was is None or was == total:
         return ""
-    return (f"; note: trained so far toward {was} steps, now {flag} {total}: the learning-rate schedule is rebuilt "
+    return (f"; note: trained so far toward {was} step{'s' * (was != 1)}, now {flag} {total}: the learning-rate "
+            "schedule is rebuilt "
             f"for {total} (its warmup and decay stretched from here on), so this run differs from an uninterrupted "
             f"{total}-step one")
 
@@ -809,4 +811,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

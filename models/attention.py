@@ -265,7 +265,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
     if is_causal and q_BTNH.shape[1] != k_BSKH.shape[1]:
-        raise ValueError(f"is_causal needs T == S (got {q_BTNH.shape[1]} queries, {k_BSKH.shape[1]} keys)")
+        T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+        raise ValueError(f"is_causal needs T == S (got {T} quer{'ies' if T != 1 else 'y'}, {S} key{'s' * (S != 1)})")
     kw = dict(is_causal=True) if is_causal else dict(mask=mask_B1TS)
     try:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kw)

@@ -298,8 +298,8 @@ class TransformerConfig:
             return int(n), int(n) + 1
         if p and set(p) <= {"L", "G"}:
             if len(p) != L:
-                raise ValueError(f"TransformerConfig.attn_pattern={p!r} names {len(p)} layers for n_layers={L}; "
-                                 "give one letter (L local, G global) per layer")
+                raise ValueError(f"TransformerConfig.attn_pattern={p!r} names {len(p)} layer{'s' * (len(p) != 1)} "
+                                 f"for n_layers={L}; give one letter (L local, G global) per layer")
             return p
         why = ""
         if sep and n.isdigit() and one.isdigit():  # '0:1', '2:2': the ratio form with what it cannot say

@@ -161,7 +161,8 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
     P = max(map(len, rows))
     if length is not None:
         if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < P:
-            raise ValueError(f"left_pad: length={length!r} must be an int >= the longest prompt ({P} tokens)")
+            raise ValueError(f"left_pad: length={length!r} must be an int >= the longest prompt "
+                             f"({P} token{'s' * (P != 1)})")
         P = int(length)
     tokens = np.full((len(rows), P), pad_id, np.int32)
     mask = np.zeros((len(rows), P), bool)

@@ -143,8 +143,8 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     else:
         types = ["sliding_attention"] * L
     if len(types) != L:  # transformers refuses it too
-        raise ValueError(f"HF config field layer_types has {len(types)} entries for num_hidden_layers={L}; give one "
-                         "per layer")
+        raise ValueError(f"HF config field layer_types has {len(types)} entr{'ies' if len(types) != 1 else 'y'} for "
+                         f"num_hidden_layers={L}; give one per layer")
     # any other type (Llama 4's chunked_attention, a typo) read as full attention; transformers fails only in forward
     for i, t in enumerate(types):
         if t not in ("sliding_attention", "full_attention"):

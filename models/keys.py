@@ -26,22 +26,30 @@ def key_error(key, hint: str = "") -> str | None:
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():
             return None
-        return f"{got}, a batch of {math.prod(shape)} keys; pass one ({_first(shape)}), or jax.vmap the call over them"
+        return _batch_fix(got, shape, "keys")
     if dtype != jnp.uint32 or not shape:
         return got + hint
     raw = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape  # the default impl's key data shape
     if shape == raw:
         return None
     if shape[-len(raw):] == raw:
-        batch = shape[:-len(raw)]
-        return (f"{got}, a batch of {math.prod(batch)} raw keys; pass one ({_first(batch)}), or jax.vmap the call over "
-                "them")
+        return _batch_fix(got, shape[:-len(raw)], "raw keys")
     if (impls := _IMPLS_OF_SHAPE.get(shape[-1:])) is not None:
         return (f"{got}, raw key data of another PRNG implementation than the default "
                 f"{jax.config.jax_default_prng_impl} (whose raw keys are uint32{list(raw)}, and jax.random reads raw "
                 f"keys with it); pass the typed key, jax.random.wrap_key_data(data, impl=...) with the implementation "
                 f"that made it ({impls})")
     return got + hint
+
+
+def _batch_fix(got: str, batch: tuple[int, ...], what: str) -> str:
+    """The error for a batch of keys of shape `batch` where one key was due: pick one by the index that does it
+    (keys[0], keys[0, 0], ...), or vmap over several. An empty batch has no key to pick (keys[0] raised IndexError)."""
+    n = math.prod(batch)
+    if n == 0:
+        return f"{got}, an empty batch of {what}; pass one key, e.g. jax.random.key(0)"
+    one = f"pass it ({_first(batch)})" if n == 1 else f"pass one ({_first(batch)}), or jax.vmap the call over them"
+    return f"{got}, a batch of {n} {what[:-1] if n == 1 else what}; {one}"
 
 
 def _first(batch: tuple[int, ...]) -> str:

@@ -511,10 +511,10 @@ class Transformer(nnx.Module):
         length_traced = isinstance(length, jax.core.Tracer)
         if capacity is not None and (T > capacity or (not length_traced and int(length) + T > capacity)):
             seen = "?" if length_traced else int(length)
-            raise ValueError(f"KVCache overflow: its full-attention layers hold {capacity} tokens (the max_len of "
-                             f"KVCache.zeros), but this call of {T} tokens after {seen} would go past them and wrap "
-                             "into a sliding window; allocate KVCache.zeros(cfg, batch, max_len) with max_len >= "
-                             "prompt + generated tokens")
+            raise ValueError(f"KVCache overflow: its full-attention layers hold {capacity} "
+                             f"token{'s' * (capacity != 1)} (the max_len of KVCache.zeros), but this call of {T} "
+                             f"token{'s' * (T != 1)} after {seen} would go past them and wrap into a sliding window; "
+                             "allocate KVCache.zeros(cfg, batch, max_len) with max_len >= prompt + generated tokens")
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows(),
                    bool(dropless), start, attention_scale(cfg.rope_scaling))
 
@@ -628,7 +628,7 @@ class Transformer(nnx.Module):
             if rows % M or (rows // M) % shards:  # else XLA fails on the microbatch without naming the setting
                 raise ValueError(f"pipeline_microbatches={M}: a batch of {rows} rows must split into {M} microbatches "
                                  f"whose rows divide the batch mesh axes ({shards}); use a divisor of "
-                                 f"{rows // shards} microbatches")
+                                 f"{rows // shards} as the microbatch count")
             x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
                           n_microbatches=M, axis=stage_axis)
             return x_BTD, None, None

@@ -134,7 +134,8 @@ def _windows_of(cfg, n_layers: int) -> tuple[int | None, ...]:
     if lw is not None:
         lw = tuple(lw() if callable(lw) else lw)
         if len(lw) != n_layers:
-            raise ValueError(f"cfg.layer_windows has {len(lw)} entries for n_layers={n_layers}; give one per layer")
+            raise ValueError(f"cfg.layer_windows has {len(lw)} entr{'ies' if len(lw) != 1 else 'y'} for "
+                             f"n_layers={n_layers}; give one per layer")
         return lw
     w = _first(cfg, ("sliding_window", "window"))
     if w is None:
@@ -176,7 +177,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     hd = _first(cfg, ("hd", "head_dim"), cfg.d_model // cfg.n_heads)
     windows = tuple(windows) if windows is not None else _windows_of(cfg, L)
     if len(windows) != L:
-        raise ValueError(f"windows has {len(windows)} entries for n_layers={L}; give one per layer (None = global)")
+        raise ValueError(f"windows has {len(windows)} entr{'ies' if len(windows) != 1 else 'y'} for n_layers={L}; "
+                         "give one per layer (None = global)")
     windows = _checked_windows(windows)
     # the 'reference' kernel (models.attention's autodiff oracle) ignores attn_block: dense masked scores
     attn_block = None if getattr(cfg, "attn_impl", "xla") == "reference" else getattr(cfg, "attn_block", None)

@@ -281,7 +281,8 @@ class MemoryBreakdown:
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer state", self.opt_state),
-                (f"activations ({self.layers_local} layers x {self.local_tokens} tokens)", self.activations),
+                (f"activations ({self.layers_local} layer{'s' * (self.layers_local != 1)} x {self.local_tokens} "
+                 f"token{'s' * (self.local_tokens != 1)})", self.activations),
                 ("working set (a scan group's backward)", self.working),
                 ("gathered weights (FSDP)", self.transient_weights),
                 ("accumulated gradients (grad_accum > 1)", self.accum),

@@ -23,6 +23,7 @@ import math
 import numbers
 import re
 
+from data.cli import run_main
 from scaling.flops import LMShape, _finite_number, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip, peak_dtype
 from scaling.laws import ALLOCATIONS
@@ -331,7 +332,8 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
                      f"{', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
                      + "".join(f"\n            layouts not tried: {why}" for why in skipped))
     else:
-        lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} tokens, per chip "
+        lines += [f"memory    : mesh {mesh.mesh}, micro-batch {mesh.micro_batch} x {seq_len} "
+                  f"token{'s' * (seq_len != 1)}, per chip "
                   f"{mesh.memory.total / 2**30:.1f} GiB of {c.hbm_bytes / 2**30:.1f} GiB "
                   f"({HEADROOM:.0%} usable: {HEADROOM * c.hbm_bytes / 2**30:.1f} GiB):", mesh.memory.table()]
     lines += [f"energy    : {_num(chip_hours)} chip-h x {power:g} W x PUE {pue:g} = {_num(kwh)} kWh",
@@ -382,4 +384,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

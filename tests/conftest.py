@@ -91,3 +91,23 @@ def full_disk(monkeypatch):
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
 
     return arm
+
+
+@pytest.fixture
+def closed_stdout():
+    """closed_stdout(module, *args) -> (exit status, stderr) of `python -m module args` whose reader closed its stdout
+    before it printed a line (`... | head -1`)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def run(module: str, *args: str):
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)})
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        return proc.wait(), err
+
+    return run

@@ -68,3 +68,25 @@ def test_cli_compiles_for_the_fake_cpu_devices_on_an_accelerator_host(monkeypatc
     meshes.clear()
     aot.main(["--devices", "8", "--seq", "64", "--dtype", "float32", "--microbatches", "2", "--mesh", "stage=2,fsdp=4"])
     assert meshes == [{"stage": 2, "fsdp": 4}]
+
+
+def test_cli_output_and_errors(monkeypatch, capsys, closed_stdout):
+    """One device reads "1 device" (it read "1 devices"); a bad config flag is named as the flag, not only as the
+    config field; `| head -1` ends the run quietly (a BrokenPipeError traceback ended it)."""
+    import jax
+
+    from experiments import aot
+
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test's backend already runs, on 8 devices
+    monkeypatch.setattr(aot, "compile_report", lambda cfg, mesh, batch, seq_len, devices=None: aot.AotReport(
+        dict(mesh), 0, 0, 0, 0, type("E", (), {"state": 0, "total": 0})()))
+    aot.main(["--devices", "1", "--seq", "64"])
+    assert capsys.readouterr().out.splitlines()[0].endswith("compute bfloat16, 1 device")
+    for argv, message in ((["--remat", "ful"], "argument --remat: TransformerConfig.remat: unknown 'ful'"),
+                          (["--dtype", "foo"], "argument --dtype: TransformerConfig.dtype"),
+                          (["--microbatches", "0"], "argument --microbatches: TransformerConfig.pipeline_")):
+        with pytest.raises(SystemExit):
+            aot.main(["--devices", "8", *argv])
+        assert message in capsys.readouterr().err, argv
+    rc, err = closed_stdout("experiments.aot", "--devices", "1", "--seq", "64")
+    assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err

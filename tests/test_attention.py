@@ -154,6 +154,13 @@ def test_soft_capped_scores_asked_of_cudnn_run_the_xla_kernel():
     np.testing.assert_array_equal(run("cudnn"), run("xla"))
 
 
+def test_is_causal_with_one_query_is_refused_in_the_singular():
+    """A decode step (one query) under is_causal: refused before cuDNN (so on CPU too), reading "1 query"."""
+    q, k, v = qkv(1, 4, 2, 2, 8)
+    with pytest.raises(ValueError, match=r"is_causal needs T == S \(got 1 query, 4 keys\)$"):  # "1 queries"
+        attention(q[:, :1], k, v, jnp.ones((1, 1, 1, 4), bool), impl="cudnn", is_causal=True)
+
+
 # 4100 = 16·256 + 4: T / 16 rounded down (256 rows) would make 17 blocks; rounded up (257), 16
 @pytest.mark.parametrize("T,block,n_blocks", [(256, 64, 4), (2048, 64, 16), (4096, 512, 8), (4100, 64, 16)])
 def test_long_sequences_run_at_most_16_query_blocks_and_scaling_counts_them(T, block, n_blocks):

@@ -375,9 +375,15 @@ def test_a_json_file_in_a_missing_directory_is_refused_before_any_work(module, a
     ("benchmarks.train_step", ["--json", "{tmp}", "--rounds", "1"], "argument --json: {tmp} is a directory"),
     # --profile prints its phase table only: the file was silently never written
     ("benchmarks.train_step", ["--profile", "--json", "{tmp}/p.json"], "argument --json: --profile only prints"),
-    # a bare unpacking ValueError
-    ("benchmarks.xla_options", ["--option", "xla_cpu_use_onednn"], "argument --option: ['xla_cpu_use_onednn'] have no"),
-    ("benchmarks.xla_options", ["--option", "cpu_use_onednn=1"], "argument --option: ['cpu_use_onednn'] are not XLA"),
+    # a bare unpacking ValueError; one part is named alone, in the singular (it read "['cpu_use_onednn'] are not
+    # XLA options"), several as a list
+    ("benchmarks.xla_options", ["--option", "xla_cpu_use_onednn"],
+     "argument --option: 'xla_cpu_use_onednn' has no '='; write NAME=VALUE"),
+    ("benchmarks.xla_options", ["--option", "a;b=1"], "argument --option: 'a' has no '='"),
+    ("benchmarks.xla_options", ["--option", "a;b"], "argument --option: ['a', 'b'] have no '='; write NAME=VALUE"),
+    ("benchmarks.xla_options", ["--option", "cpu_use_onednn=1"], "argument --option: 'cpu_use_onednn' is not an XLA "
+     "option (names start with xla_)"),
+    ("benchmarks.xla_options", ["--option", "a=1;b=2"], "argument --option: ['a', 'b'] are not XLA options"),
     # make_mesh refused it after the reference had been timed, naming no flag
     ("benchmarks.pipeline_bubble", ["--stages", "9"], "argument --stages: 9 stages need as many devices, 8 here"),
     # '' (an unset `--json "$OUT"`) ran and wrote nothing; 'nodir/' ran, then wrote a file named nodir

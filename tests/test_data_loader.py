@@ -646,6 +646,10 @@ def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
     with pytest.warns(UserWarning, match="2 rows, 27 tokens of 4 documents"):
         assert sum(b["weights"].sum() for b in loader) == 64
     assert loader.dropped == {"batches": 1, "rows": 2, "tokens": 27, "documents": 4}
+    # 10 such documents leave one row of one document: "1 row, 6 tokens of 1 document" ("1 rows ... 1 documents")
+    path = write_tier(tmp_path / "one", [f"doc {i:02d}" for i in range(10)], shards=1)
+    with pytest.warns(UserWarning, match="drops the last, partial batch .*: 1 row, 6 tokens of 1 document in 1 batch"):
+        list(LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1))
     # a tokenizer with a BOS starts its documents with it: 13 documents of 8 targets, two to a row, so the dropped
     # batch's rows 2 and 3 begin with a document's BOS (counted as continued from the row before, only 3 of its 5)
     bos = ByteTokenizer(add_eos=True)

@@ -408,7 +408,7 @@ def test_report_prints_funnel_and_language_mix(cleaned, capsys):
     text = capsys.readouterr().out
     assert "malformed_json 1" in text and "not_an_object 1" in text and "near_dup 1" in text and "lang_other 1" in text
     assert "languages kept by langid:" in text and "zh " in text and "en " in text
-    assert "languages dropped by langid: fr 1 docs" in text
+    assert "languages dropped by langid: fr 1 doc (" in text  # "1 docs"
     # each kept language's documents and bytes, as the filtered tier holds them
     docs = all_docs(out / "filtered")
     for lang in ("en", "zh"):
@@ -793,6 +793,7 @@ def test_the_report_gives_the_language_mix_and_tags_of_the_final_tier(tmp_path):
     tags = collections.Counter(t for d in final for t in d["domains"])
     lines = report_mod.report(out).splitlines()
     assert "language mix of the final corpus: " + report_mod._mix(mix, "lang") in lines
+    assert "zh 1 doc (33.3%" in report_mod._mix(mix, "lang")  # "zh 1 docs"
     (tag_line,) = [ln.removeprefix("domain tags: ") for ln in lines if ln.startswith("domain tags: ")]
     assert {t: int(n) for t, n in (p.rsplit(" ", 1) for p in tag_line.split(", "))} == tags and tags
     # a run from before the last stage counted languages: the label stage's counts, named as what they are
@@ -861,8 +862,8 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
     assert ingest.dropped == {} and ingest.docs_out == 3, ingest
     # a record's own "text" field (here a title) was silently replaced by the document's text: refused up front
     (tmp_path / "titled.jsonl").write_text(json.dumps({"content": en_text(rng, 300), "text": "A title"}) + "\n")
-    with pytest.raises(SystemExit, match=r"text_field='content': 1 of the first 1 records of .*titled.jsonl also "
-                                         r"have a 'text' field"):
+    with pytest.raises(SystemExit, match=r"text_field='content': the first record of .*titled.jsonl also "
+                                         r"has a 'text' field"):  # it read "1 of the first 1 records ... have"
         pipeline.main([str(tmp_path / "titled.jsonl"), "--out", str(tmp_path / "out3"), "--text-field", "content"])
     # without the flag every record would drop as missing_text: refused before any work, naming the fields there
     # are, and the directory is not claimed (the corrected command then ran into "different settings")
@@ -872,6 +873,10 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
     assert not (tmp_path / "out2" / "manifest.json").exists()
     pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out2"), "--workers", "1", "--text-field",
                    "content"])
+    (tmp_path / "one.jsonl").write_text(json.dumps({"content": en_text(rng, 300)}) + "\n")
+    with pytest.raises(SystemExit, match=r"text_field='text' is not in the first record of .*one.jsonl "
+                                         r"\(it has \['content'\]\)"):  # "in none of the first 1 records"
+        pipeline.main([str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "out8"), "--workers", "1"])
     # nothing readable at all: exit 1 with the reasons, not "0 of 2 records kept" and exit 0
     (tmp_path / "bad.jsonl").write_text('{"text": "unterminated\n\n')
     with pytest.raises(SystemExit, match=r"^error: no record was read \(empty 1, malformed_json 1\)"):
@@ -880,6 +885,9 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": en_text(rng, 5)}) + "\n" for _ in range(2)))
     with pytest.raises(SystemExit, match=r"^error: all 2 records read were dropped .*the tiers are empty"):
         pipeline.main([str(tmp_path / "short.jsonl"), "--out", str(tmp_path / "out5"), "--workers", "1"])
+    (tmp_path / "short1.jsonl").write_text(json.dumps({"text": en_text(rng, 5)}) + "\n")  # "all 1 records ... were"
+    with pytest.raises(SystemExit, match=r"^error: the 1 record read was dropped .*the tiers are empty"):
+        pipeline.main([str(tmp_path / "short1.jsonl"), "--out", str(tmp_path / "out7"), "--workers", "1"])
     # a run-time check of a flag's value names the flag too, not only PipelineConfig.dedup_against
     with pytest.raises(SystemExit, match=r"^error: argument --dedup-against: PipelineConfig.dedup_against=.* is not "
                                          r"a finished cleaning run"):
@@ -1335,7 +1343,7 @@ def test_held_out_data_is_not_deduplicated_against_what_the_training_runs_labele
     assert [d["text"] for d in all_docs(out / "cleaned")] == [json.loads(lines[0])["text"]]
 
 
-def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
+def test_every_drop_is_logged_with_its_id_stage_and_reason(corpus, cleaned, capsys, closed_stdout):
     """The stats name three ids per reason; a user had to rebuild which documents went, and why, from set
     differences between tiers. Each shard's drops.jsonl lists every one: as many as the stats count, per stage and
     reason, beginning with the stats' examples; `python -m data.report OUT --drops REASON` prints them."""
@@ -1355,15 +1363,11 @@ def test_every_drop_is_logged_with_its_id_stage_and_reason(cleaned, capsys):
     with pytest.raises(SystemExit, match=r"dropped for 'near_dups'; its drop reasons: .*near_dup"):  # a typo
         report_mod.main([str(out), "--drops", "near_dups"])  # printed nothing and exited 0
     # `--drops all | head`: the reader gone, the listing ends quietly (a BrokenPipeError traceback ended it)
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "data.report", str(out), "--drops", "all"], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(root)})
-    proc.stdout.close()  # before it writes a line
-    err = proc.stderr.read().decode()
-    assert proc.wait() == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+    rc, err = closed_stdout("data.report", str(out), "--drops", "all")
+    assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+    # the pipeline prints the same report when it finishes (here: resumes a finished run), to the same end
+    rc, err = closed_stdout("data.pipeline", *corpus[1], "--out", str(out), "--workers", "1")
+    assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
 def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):

@@ -452,6 +452,8 @@ def test_prompt_mask_must_be_left_padding(model):
         left_pad([[1, 2], []])
     with pytest.raises(ValueError, match=r"length=2 must be an int >= the longest prompt \(3 tokens\)"):
         left_pad([[1, 2, 3]], length=2)
+    with pytest.raises(ValueError, match=r"length=0 must be an int >= the longest prompt \(1 token\)"):  # "1 tokens"
+        left_pad([[7]], length=0)
     with pytest.raises(ValueError, match=r"prompt 0 must hold token ids \(ints in \[0, 2\*\*31\)\), got float64 \[1.7"):
         left_pad([[1.7, 2.2], [3]])  # truncated to [1, 2] without a word
     with pytest.raises(ValueError, match="prompt 1 must hold token ids"):
@@ -607,6 +609,14 @@ def test_key_error_names_what_is_not_one_key():
     grid = jax.random.split(jax.random.key(0), 6).reshape(2, 3)
     assert "a batch of 6 keys; pass one (keys[0, 0])" in key_error(grid)
     assert "a batch of 6 raw keys; pass one (keys[0, 0])" in key_error(jax.random.key_data(grid))
+    # an empty batch has no keys[0] to pass (it raises IndexError): the fix makes one; one key reads "1 key"
+    keys = jax.random.split(jax.random.key(0), 3)
+    for empty in (keys[:0], jax.random.key_data(keys[:0]), grid[:, :0]):
+        why = key_error(empty)
+        assert "an empty batch of" in why and why.endswith("pass one key, e.g. jax.random.key(0)"), why
+        assert "keys[" not in why, why
+    assert key_error(keys[:1]).endswith("a batch of 1 key; pass it (keys[0])")
+    assert key_error(jax.random.key_data(keys[:1])).endswith("a batch of 1 raw key; pass it (keys[0])")
 
 
 def test_temperature_and_top_p_take_concrete_scalar_arrays(model):

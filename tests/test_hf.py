@@ -765,7 +765,7 @@ def test_sliding_window_layouts():
     local = config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True, max_window_layers=0))
     assert local.layer_windows() == (16, 16)
     # a layer_types list of another length than the layers (transformers refuses it too) loaded as all-local
-    with pytest.raises(ValueError, match="layer_types has 1 entries for num_hidden_layers=2"):
+    with pytest.raises(ValueError, match="layer_types has 1 entry for num_hidden_layers=2"):
         config_from_hf(_hf_dict("Qwen2Config", sliding_window=16, use_sliding_window=True)
                        | dict(layer_types=["sliding_attention"]))
 

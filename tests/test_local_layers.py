@@ -46,6 +46,8 @@ def test_a_pattern_spelled_layer_by_layer_is_the_named_one():
     assert dataclasses.replace(CFG, attn_pattern="GGLL").layer_windows() == (None, None, 3, 3)
     with pytest.raises(ValueError, match=r"attn_pattern='GLL' names 3 layers for n_layers=4; give one letter"):
         dataclasses.replace(CFG, attn_pattern="GLL")
+    with pytest.raises(ValueError, match=r"attn_pattern='G' names 1 layer for n_layers=4"):  # "1 layers"
+        dataclasses.replace(CFG, attn_pattern="G")
     with pytest.raises(ValueError, match=r"unknown 'GLxL'.*one letter per layer"):
         dataclasses.replace(CFG, attn_pattern="GLxL")
     # the ratio form's near misses say why (they only listed the valid forms)

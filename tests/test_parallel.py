@@ -127,6 +127,9 @@ def test_init_optimizer_on_unsharded_params_and_no_scan_pipeline_refused():
     gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="pipeline_microbatches=4: a batch of 8 rows"):
         jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
+    # 4 rows over data=4: the fix read "use a divisor of 1 microbatches"
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"axes \(4\); use a divisor of 1 as the microbatch count"):
+        jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((4, 16), jax.numpy.int32))
 
 
 def collectives(hlo: str):

@@ -138,6 +138,11 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
     assert (tmp_path / "results.json").read_text() == "{}"
     with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
+    # training settings beside --replot were ignored in silence (--fresh's files were kept, --lr changed nothing)
+    for flag, value in (("--fresh", []), ("--lr", ["1e-3"]), ("--warmup", ["4"])):
+        with pytest.raises(SystemExit):
+            scaling_ladder.main(["--replot", flag, *value, "--out", str(tmp_path / "none"), "--no-docs"])
+        assert f"argument {flag}: not allowed with --replot, which refits" in capsys.readouterr().err
     # a results.json that is no finished ladder's was a bare KeyError: 'prediction'
     for text in ("{}", '{"prediction": {}}', "[]", "not json"):
         (tmp_path / "results.json").write_text(text)

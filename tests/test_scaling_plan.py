@@ -444,3 +444,16 @@ def test_suggest_shape_names_a_size_that_is_not_a_number():
         with pytest.raises(ValueError, match=re.escape(f"n_params must be a finite number > 0, got {bad!r}")):
             suggest_shape(bad)
     assert suggest_shape(np.float32(7e9)) == suggest_shape(np.array(7e9)) == suggest_shape(7e9)
+
+
+def test_one_layer_and_one_token_read_singular(capsys):
+    # a one-layer shape at seq 1 printed "micro-batch 1 x 1 tokens" and "activations (1 layers x 1 tokens)"
+    main(["--params", "8.45e6", "--chips", "1", "--seq-len", "1"])
+    out = capsys.readouterr().out
+    assert "micro-batch 1 x 1 token, per chip" in out and "activations (1 layer x 1 token)" in out, out
+
+
+def test_cli_piped_into_head_ends_quietly(closed_stdout):
+    # `python -m scaling.plan ... | head -1` ended in a BrokenPipeError traceback
+    rc, err = closed_stdout("scaling.plan", "--params", "7e9")
+    assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err

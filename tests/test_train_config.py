@@ -42,6 +42,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.head_dim=8", "--set", "model.n_heads=3",
       "--set", "model.n_kv_heads=1"], 8, "model.n_heads: 3 heads are not divisible by the tensor axis (2); use a "
      "multiple of 2, or a smaller tensor axis (e.g. --mesh fsdp=8)"),
+    (["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--set", "model.n_heads=1", "--set", "model.n_kv_heads=1"], 8,
+     "model.n_heads: 1 head is not divisible by the tensor axis (2)"),  # "1 heads are"
     (["--preset", "tiny", "--set", "model.sliding_window=32"], 8, "model.sliding_window: window 32 >= train.seq=32"),
     (["--preset", "tiny", "--seq", "64"], 8, "train.seq: 64 > model.max_seq_len=32"),
     (["--preset", "tiny", "--set", "model.n_kv_heads=3"], 8, "model.n_kv_heads: n_heads=2 must be"),

@@ -510,7 +510,7 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     spec = types.SimpleNamespace(train_dir=str(tmp_path / "train"), eval_dir=str(tmp_path / "held2"))
     assert train_lm.sample_prompt(spec, own.train) == "The quick brown fox jumps"
     # more evaluation batches than the held-out tier fills: named (the loader repeated it, counting text twice)
-    with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batches"):
+    with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batch"):
         train_lm.main([*TINY, "--out", str(tmp_path / "run2"), "--set", "data.eval_batches=99", *data])
     with pytest.raises(ConfigError, match="data.train_dir: give both"):
         validate(load([*TINY, *data[:2]]), 8)

@@ -275,6 +275,9 @@ def test_cache_overflow_raises_when_static_and_gives_nan_when_traced(model, toke
     _, cache = model(tokens[:, :6], cache=KVCache.zeros(CFG, 2, 8))
     with pytest.raises(ValueError, match="KVCache overflow"):  # concrete length 6 + 4 > 8
         model(tokens[:, 6:10], cache=cache)
+    _, full_cache = model(tokens[:, :8], cache=KVCache.zeros(CFG, 2, 8))
+    with pytest.raises(ValueError, match="hold 8 tokens .* this call of 1 token after 8 "):  # a decode step: "1 tokens"
+        model(tokens[:, 8:9], cache=full_cache)
     # filling it exactly is no overflow (a bound of >= passed: every call stopped short of max_len or went past)
     full = model(tokens)
     np.testing.assert_allclose(model(tokens[:, 6:8], cache=cache)[0], full[:, 6:8], atol=1e-5)

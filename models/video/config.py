@@ -84,7 +84,8 @@ class VAEConfig:
              f"{self.spatial_factor} unsupported; use 2, 4, 8 or 16 (the stem folds 2×2 pixels)")
         need(self.temporal_factor in (1, 2, 4, 8), "temporal_factor", f"{self.temporal_factor}: use 1, 2, 4 or 8")
         need(self.n_down >= max(self.n_space_down, self.n_time_down), "channels",
-             f"{len(self.channels)} stages allow {self.n_down} downsamplers, but spatial_factor="
+             f"{len(self.channels)} stage{'s' * (len(self.channels) != 1)} allow{'s' * (len(self.channels) == 1)} "
+             f"{self.n_down} downsampler{'s' * (self.n_down != 1)}, but spatial_factor="
              f"{self.spatial_factor} and temporal_factor={self.temporal_factor} need "
              f"{max(self.n_space_down, self.n_time_down)}; add stages")
         need(self.latent_channels > 0, "latent_channels", f"must be positive, got {self.latent_channels}")

@@ -61,8 +61,9 @@ def _check_key_and_null(key, null_L, where: str, tokens_BL, vocab_size: int) -> 
         raise ValueError(f"{where}: captions must be a batch of token ids [B, L], got shape "
                          f"{list(np.shape(tokens_BL))}; one caption is tokens[None]")
     if np.shape(null_L)[0] != np.shape(tokens_BL)[1]:
-        raise ValueError(f"{where}: null_L has {np.shape(null_L)[0]} tokens, the captions "
-                         f"{np.shape(tokens_BL)[1]}; pad both to one length, e.g. null_tokens(max_caption_len)")
+        n = np.shape(null_L)[0]
+        raise ValueError(f"{where}: null_L has {n} token{'s' * (n != 1)}, the captions {np.shape(tokens_BL)[1]}; pad "
+                         "both to one length, e.g. null_tokens(max_caption_len)")
 
 
 def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
