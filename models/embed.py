@@ -16,6 +16,12 @@ constrained replicated. Measured on 8 CPU devices (V 32768, D 512, 2 layers, B 8
 operand bytes 286 -> 222, 305 -> 257, 272 -> 208 MiB, step time 0.82x; identical gradients and update ({data: 8}:
 the same program). Where a device's tokens rival V (from 2V on {fsdp: 8} at V 256) the partitioner's cost model
 all-reduces the whole gradient again, as before.
+
+The cotangent is laid out for that scatter first (`_in_table_columns`): its D split as the table's columns, its rows
+over the batch axes left (`data`). Left to the partitioner, a cotangent whose rows were split over {data, fsdp}
+could not reach D over `fsdp` but by gathering all of it on every device ("Involuntary full rematerialization" on
+every {data, fsdp} mesh: the demo's, at V 320 and at V 32768); now one all-to-all over `fsdp` moves it, and each
+device's partial [V, D/fsdp] sum is all-reduced over `data`.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from parallel.rules import constrain
+from parallel.rules import constrain, logical_to_spec
 
 
 def embed_lookup(table_VD, tokens_BT, dtype):
@@ -56,9 +63,26 @@ def _lookup_bwd(dtype, table_type, tokens_BT, g_BTD):
     # cotangents of 1e-3 on one token summed to 0.5, not 4.096), as every other weight's gradient, a dot with
     # float32 accumulation, does not
     acc = jnp.promote_types(table_dtype, jnp.float32)
+    tokens_BT, g_BTD = _in_table_columns(shape, tokens_BT, g_BTD)
     g_VD = jnp.zeros(shape, acc).at[tokens_BT].add(g_BTD.astype(acc)).astype(table_dtype)
     # the table's own layout: the partitioner then scatter-adds into each shard, no device holds a whole [V, D] sum
     return constrain(g_VD, ("vocab", "embed")), None
+
+
+def _in_table_columns(shape, tokens_BT, g_BTD):
+    """tokens [B, T], cotangent [B, T, D] (any leading dims) → the same, constrained for a scatter-add into a
+    ('vocab', 'embed') table of `shape` [V, D]: D split as the table's columns, B and T as `batch` and `act_seq`
+    less the table's mesh axes. Each device then adds its rows into its own columns (partial sums over the axes
+    left, all-reduced as [V, D/fsdp]); a no-op outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return tokens_BT, g_BTD
+    lead = (("batch", "act_seq") + (None,) * tokens_BT.ndim)[:tokens_BT.ndim]
+    # the table's names first: logical_to_spec names a mesh axis once, so B and T go without the table's axes
+    _, d, *bt = logical_to_spec(("vocab", "embed", *lead), mesh, (*shape, *tokens_BT.shape),
+                                replicate_indivisible=True)
+    return (jax.lax.with_sharding_constraint(tokens_BT, P(*bt)),
+            jax.lax.with_sharding_constraint(g_BTD, P(*bt, d)))
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)

@@ -328,7 +328,51 @@ def test_embedding_gradient_is_summed_into_the_table_shards(shape):
     # (a combined all-reduce's result is a tuple of shapes, which `collectives` does not read)
     whole = [s for s in re.findall(r"= (\([^)]*\)|\S+) all-reduce(?:-start)?\(", hlo) if "f32[512,32]" in s]
     assert whole == [], whole
+    # nor is the cotangent gathered whole to be split along D: on {data, fsdp} the partitioner could not move its
+    # rows' split to D's but by gathering every row on every device (it warned "Involuntary full rematerialization")
+    gathered = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith("f32[8,16,32]")]
+    assert gathered == [], gathered
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+_NO_REMATERIALIZATION = """
+import sys, jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_enable_compilation_cache", False)  # a cached program is not partitioned again: no warning
+from flax import nnx
+from experiments.lm_step import make_optimizer, make_train_step
+from models import Transformer, TransformerConfig
+from models.moe import MoEConfig
+from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
+OPT = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                        attn_pattern="alternating", sliding_window=8, moe=MoEConfig(n_experts=4, top_k=2,
+                        expert_mlp_dim=32), moe_every=2)
+tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+for shape in ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 2, "expert": 4}):
+    print("mesh", shape, file=sys.stderr, flush=True)
+    mesh = make_mesh(shape)
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        b = shard_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
+        make_train_step(gd, OPT).lower(p, init_optimizer(OPT, p), b).compile()
+"""
+
+
+def test_train_step_has_no_involuntary_full_rematerialization():
+    """An MoE / sliding-window train step (the demo's model, small) on the meshes that mix fsdp with data, tensor or
+    expert compiles without XLA's "Involuntary full rematerialization" (a tensor it cannot reshard efficiently,
+    replicated whole on every device, then split). It warned on each, for the embedding's gradient (`models.embed`).
+    The warning is XLA's, on stderr: a subprocess's, with jax's compilation cache off."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _NO_REMATERIALIZATION], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("mesh {") == 3, run.stderr[-3000:]
+    assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
 
 
 _FSDP_BF16_GATHERS = """
