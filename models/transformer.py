@@ -374,7 +374,7 @@ class Block(nnx.Module):
         # position p - S, outside its window (S = W) or past the capacity (S = max_len < W); reading a rolling
         # buffer's old slots before the in-place write made XLA copy the layer stack every step (all-local: 1.6x)
         if window is None or S > window or T == 1:
-            k_att, v_att, pos_att = layer(new_cache[0]), layer(new_cache[1]), new_cache[2]
+            return self._attend_prefix(q_BTNH, new_cache, g, new_T, ctx, window, kw), new_cache
         elif T > S:  # a chunk longer than the window (a prompt's prefill): the O(T·W) kernel, not T × (S + T) scores
             return self._attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, (layer(k_GBKSH), layer(v_GBKSH), pos_S),
                                            ctx.length, window, cfg, scale, ctx.start), new_cache
@@ -391,6 +391,42 @@ class Block(nnx.Module):
             mask = (mask_TS[None] & (pos_att[None, None, :] >= ctx.start[:, None, None]))[:, None]
         cd = q_BTNH.dtype
         return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
+
+    @staticmethod
+    def _attend_prefix(q_BTNH, cache, g, new_T, ctx: _Ctx, window, kw):
+        """Attention over the slots written so far only: the first min(length + T, S) of layer g's cache (slots fill
+        in order; a rolling buffer wraps once full), rounded up to a static bucket (`prefix_buckets`), the bucket
+        chosen at run time by lax.switch when the length is traced. Scoring every allocated slot, masked, made a
+        decode step early in a long generation read and score the whole cache (B 8, 10 of 1010 slots used)."""
+        k_GBKSH, v_GBKSH, pos_S = cache
+        B, T = q_BTNH.shape[:2]
+        S, cd = pos_S.shape[0], q_BTNH.dtype
+        w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
+        sizes = prefix_buckets(S)
+
+        def first(n):
+            def run(q_BTNH, k_GBKSH, v_GBKSH, pos_S, g, new_T, start_B):
+                # layer g's first n slots as attention takes them; the transpose cancels the kernel's own
+                part = lambda buf: jax.lax.dynamic_slice(  # noqa: E731
+                    buf, (g, 0, 0, 0, 0), (1,) + buf.shape[1:3] + (n, buf.shape[4]))[0].transpose(0, 2, 1, 3)
+                pos_n = pos_S[:n]
+                diff_TS = new_T[:, None] - pos_n[None, :]
+                mask_TS = (pos_n[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < min(window or w_max, w_max))
+                if start_B is None:
+                    mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
+                else:  # left padding: a row never attends to the slots before its first real one
+                    mask = (mask_TS[None] & (pos_n[None, None, :] >= start_B[:, None, None]))[:, None]
+                return attention(q_BTNH, part(k_GBKSH).astype(cd), part(v_GBKSH).astype(cd), mask, **kw)
+            return run
+
+        args = (q_BTNH, k_GBKSH, v_GBKSH, pos_S, g, new_T, ctx.start)
+        if len(sizes) == 1:
+            return first(S)(*args)
+        if not isinstance(ctx.length, jax.core.Tracer):  # a concrete length (an eager call): the bucket is known now
+            return first(next(n for n in sizes if n >= min(int(ctx.length) + T, S)))(*args)
+        used = jnp.minimum(ctx.length + T, S)
+        which = jnp.sum(used > jnp.asarray(sizes[:-1], jnp.int32))
+        return jax.lax.switch(which, [first(n) for n in sizes], *args)
 
     @staticmethod
     def _attend_long_chunk(q_BTNH, k_BTKH, v_BTKH, cache, length, window, cfg, scale, start_B=None):
@@ -414,6 +450,15 @@ class Block(nnx.Module):
         out = local_attention(q, k, v, window, valid_BT=valid_BT, impl="blocked", block=cfg.swa_block, scale=scale,
                               logit_softcap=cfg.attn_logit_softcap)
         return out[:, S:]
+
+
+PREFIX_MIN = 64  # the smallest bucket of cache slots a cached attention scores
+
+
+def prefix_buckets(S: int) -> list[int]:
+    """The static key counts a cached attention over S slots may score: PREFIX_MIN doubling below S, then S."""
+    sizes = [n for n in (PREFIX_MIN << i for i in range(max(S, 1).bit_length())) if n < S]
+    return sizes + [S]
 
 
 REMAT_POLICIES = {

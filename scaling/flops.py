@@ -494,10 +494,10 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
                            moe=None) -> float:
     """Inference FLOPs to generate one token with `context_len` tokens already in the KV cache.
 
-    Each layer attends to min(window, context_len + 1) keys. A fixed-size cache kernel that scores
-    every slot (models.generate) executes more: pass its `cache_len` (KVCache.zeros' max_len). Global layers
-    then score `cache_len` keys, local ones their rolling buffer of min(W, cache_len) slots, the new token written
-    into it first (the slot it overwrites is outside its window).
+    Each layer attends to min(window, context_len + 1) keys. models.generate's fixed-size cache executes more:
+    pass its `cache_len` (KVCache.zeros' max_len). A layer of S slots (cache_len for global layers, a rolling
+    buffer of min(W, cache_len) for local ones, the new token written into it first) then scores its written
+    slots, min(context_len + 1, S), rounded up to a bucket (`prefix_keys`).
     """
     _whole("context_len", context_len, 0)
     if cache_len is not None:
@@ -511,8 +511,21 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
         if cache_len is None:
             keys += context_len + 1 if w is None else min(w, context_len + 1)
         else:
-            keys += cache_len if w is None else min(w, cache_len)
+            slots = cache_len if w is None else min(w, cache_len)
+            keys += prefix_keys(min(context_len + 1, slots), slots)
     return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
+
+
+PREFIX_MIN = 64  # models.transformer.PREFIX_MIN, spelt out so that this module imports no jax (a test pins them)
+
+
+def prefix_keys(used: int, slots: int) -> int:
+    """Keys a cached attention (models.transformer) scores with `used` of a layer's `slots` cache slots written: the
+    smallest of PREFIX_MIN, 2·PREFIX_MIN, ... (below `slots`) and `slots` that holds them."""
+    n = PREFIX_MIN
+    while n < used:
+        n *= 2
+    return min(n, slots)
 
 
 def chinchilla_flops(n_params: float, n_tokens: float) -> float:

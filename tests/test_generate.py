@@ -431,6 +431,23 @@ def test_left_padded_rows_generate_what_they_would_alone(model):
     assert (ended[1, 5:8] == alone[1][:3]).all() and (ended[1, 8:] == 0).all()
 
 
+def test_decoding_across_the_prefix_buckets_equals_full_recompute():
+    """A decode step scores only the cache slots written so far, rounded up to a bucket (64, 128, then all 150 of a
+    global layer; 64, then the 80-slot ring of a local one) chosen at run time: crossing them, with local and global
+    layers, soft-capped scores and left padding, every row continues as a full forward over its tokens alone."""
+    cfg = dataclasses.replace(CFG, n_layers=4, attn_pattern="alternating", sliding_window=80, attn_logit_softcap=5.0,
+                              max_seq_len=256)
+    model = Transformer(cfg, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in (60, 45)]
+    tokens, mask = left_pad(prompts)
+    batch = np.asarray(generate(model, tokens, 90, prompt_mask=mask))
+    for b, p in enumerate(prompts):
+        alone = generate(model, p[None], 90)
+        assert_greedy_continuation(model, p[None], alone)
+        np.testing.assert_array_equal(batch[b, 60:], np.asarray(alone)[0, len(p):])
+
+
 def test_prompt_mask_must_be_left_padding(model):
     tokens = jnp.zeros((2, 4), jnp.int32)
     right = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])

@@ -359,15 +359,21 @@ def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
 
 @pytest.mark.parametrize("pattern", [{}, {"attn_pattern": "alternating", "sliding_window": 8}])
 def test_decode_flops_match_cost_analysis(pattern):
-    """Global layers score all S slots; local ones their W-slot rolling buffer (the new token written into it)."""
+    """Global layers score the written slots rounded up to a bucket (128 of 256 here); local ones their W-slot
+    rolling buffer (the new token written into it). The length is concrete here: a traced one picks the bucket at
+    run time (lax.switch)."""
     cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
     B, S = 2, 256
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     cache = jax.eval_shape(lambda: KVCache.zeros(cfg, B, S))
     tok = jax.ShapeDtypeStruct((B, 1), jnp.int32)
-    xla = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c), state, tok, cache)
+    xla = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c._replace(length=100)), state, tok, cache)
     ours = decode_flops_per_token(cfg, 100, cache_len=S) * B
     assert ours <= xla <= 1.1 * ours, xla / ours
+    # a traced length: cost_analysis counts lax.switch's largest branch, every slot scored (a full cache's count)
+    traced = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c), state, tok, cache)
+    full = decode_flops_per_token(cfg, S - 1, cache_len=S) * B
+    assert full <= traced <= 1.1 * full, traced / full
     assert decode_flops_per_token(cfg, 100) < decode_flops_per_token(cfg, 100, cache_len=S)
     # the exact count (no cache_len): a cache of just context + 1 slots, which the comparison above checks against
     # XLA, for a model of global layers (an off-by-one in the exact count passed: it was only compared by "<")
@@ -430,21 +436,32 @@ def test_decode_attention_flops_are_the_keys_each_layer_scores(pattern):
     import models.transformer as transformer
 
     cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
-    B, S = 1, 64
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    keys, attention = [], transformer.attention
-
-    def counting(q, k, *args, **kw):
-        keys.append(k.shape[1])
-        return attention(q, k, *args, **kw)
-
-    _, cache = model(jnp.zeros((B, 30), jnp.int32), cache=KVCache.zeros(cfg, B, S))
-    with mock.patch.object(transformer, "attention", counting):
-        model(jnp.zeros((B, 1), jnp.int32), cache=cache)
-    assert len(keys) == cfg.n_layers
     per_key = 4 * cfg.n_heads * cfg.hd
-    got = decode_flops_per_token(cfg, 30, cache_len=S) - matmul_flops_per_token(cfg)
-    assert got == per_key * sum(keys), (got / per_key, keys)
+    for S, context in ((64, 30), (256, 30), (256, 100), (256, 255)):  # buckets of a 256-slot cache: 64, 128, 256
+        keys, attention = [], transformer.attention
+
+        def counting(q, k, *args, **kw):
+            keys.append(k.shape[1])
+            return attention(q, k, *args, **kw)
+
+        _, cache = model(jnp.zeros((1, context), jnp.int32), cache=KVCache.zeros(cfg, 1, S))
+        with mock.patch.object(transformer, "attention", counting):
+            model(jnp.zeros((1, 1), jnp.int32), cache=cache)
+        assert len(keys) == cfg.n_layers
+        got = decode_flops_per_token(cfg, context, cache_len=S) - matmul_flops_per_token(cfg)
+        assert got == per_key * sum(keys), (S, context, got / per_key, keys)
+
+
+def test_prefix_keys_are_the_models_prefix_buckets():
+    """scaling.flops spells out models.transformer's bucket rule (it imports no jax): the two agree."""
+    from models.transformer import PREFIX_MIN, prefix_buckets
+    from scaling.flops import PREFIX_MIN as FLOPS_PREFIX_MIN, prefix_keys
+
+    assert FLOPS_PREFIX_MIN == PREFIX_MIN
+    for S in (1, 63, 64, 65, 128, 129, 1010, 4096):
+        for used in sorted({1, 2, 63, 64, 65, 127, 128, 129, 500, 513, S // 2 + 1, S - 1, S} & set(range(1, S + 1))):
+            assert prefix_keys(used, S) == next(n for n in prefix_buckets(S) if n >= used), (S, used)
 
 WINDOWS = dict(spatial_window=3, temporal_window=2)
 
