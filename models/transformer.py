@@ -24,7 +24,7 @@ from flax import nnx
 
 from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
-from models.embed import embed_lookup
+from models.embed import embed_lookup, gathered_head
 from models.glu import glu_linear
 from models.linear import flat_rows, linear
 from models.moe import MoE
@@ -571,9 +571,9 @@ class Transformer(nnx.Module):
         x_BTD, new_cache, moe_aux = self._run_blocks(x_BTD, ctx, cache, rng)
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
-        head_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        head_DV = gathered_head(self.embed[...].T if cfg.tie_embeddings else self.lm_head[...], cd)  # one gather
         # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
-        logits_BTV = linear(x_BTD, head_DV.astype(cd), cfg.matmul_impl, out_dtype=jnp.float32, flatten=ctx.flat_rows)
+        logits_BTV = linear(x_BTD, head_DV, cfg.matmul_impl, out_dtype=jnp.float32, flatten=ctx.flat_rows)
         if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
             logits_BTV = logits_BTV / cfg.width_mult
         if cfg.final_logit_softcap is not None:

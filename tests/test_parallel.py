@@ -375,6 +375,32 @@ def test_train_step_has_no_involuntary_full_rematerialization():
     assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("shape", [{"fsdp": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2}])
+def test_lm_head_is_gathered_once(shape, tied):
+    """The LM head [D, V] is all-gathered over `embed` once, for the forward's product and the backward's: on
+    {fsdp: 4, tensor: 2} the partitioner gathered it for each (the same [D, V/2], CSE missed it), both copies live
+    from before the lookup into the backward. Its gradient still reaches the parameter's shards (the single-device
+    values)."""
+    cfg = TransformerConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=4, mlp_dim=64, tie_embeddings=tied)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
+    mesh = make_mesh(shape)
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
+        sb = shard_batch(b, mesh)
+        hlo = grad.lower(p, sb).compile().as_text()
+        got = grad(p, sb)
+    head = f"f32[32,{512 // mesh.shape.get('tensor', 1)}]"
+    gathers = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith(head)]
+    assert gathers == [head + "{1,0}"], gathers
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                 got, want)
+
+
 _FSDP_BF16_GATHERS = """
 import os, shutil, sys, jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
