@@ -174,6 +174,11 @@ class NearDupIndex:
     def add(self, key, sig: np.ndarray):
         """The key of the most similar earlier representative at or above the confirm cut, or None (then `key`
         becomes a representative). sig: the document's MinHash signature [num_perm] (`signature`)."""
+        return self.add_scored(key, sig)[0]
+
+    def add_scored(self, key, sig: np.ndarray) -> tuple:
+        """`add`'s answer and the estimated Jaccard similarity to that representative (None with None): the audit
+        trail names how similar a dropped near duplicate was, at no cost (the comparison made it)."""
         m = _minhash(self.cfg, sig.astype(np.uint64))
         best, best_j = None, -1.0
         # the LSH answers in set order (it varies with PYTHONHASHSEED): candidates in insertion order, so a tie
@@ -183,9 +188,9 @@ class NearDupIndex:
             if j > best_j:
                 best, best_j = other, j
         if best is not None and best_j >= self._cut:
-            return best
+            return best, best_j
         self._insert(key, m, sig)
-        return None
+        return None, None
 
     def insert(self, key, sig: np.ndarray):
         """Index `key` as a representative whatever it is similar to (a document kept elsewhere, e.g. by the run a

@@ -15,10 +15,14 @@ Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `sha
 (per stage: documents and their text's bytes in/out, drops by reason with the ids of the first three; ingest counts
 a dropped record's bytes as it was in the input, and all it read as `input_bytes`), `shard-NNNNN.drops.jsonl`
 (every dropped record: id, stage, reason), and `stats.json` summed over shards (`python -m data.report OUT` prints
-it). Memory is bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every
+it). A duplicate's line (`exact_dup`, `near_dup`, `exact_dup_reference`, `near_dup_reference`) also names the copy
+kept: `duplicate_of`, its id; `duplicate_at`, "filtered/shard-NNNNN.array_record:ROW" (from 0), where it is in its
+run's filtered tier (the dedup_against run's for `..._reference`), as ids may repeat, or be where a record without
+one was; `jaccard`, the MinHash-estimated similarity, when MinHash found it (an exact copy of a near duplicate too).
+Memory is bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every
 document's exact key (about 150 B per document pass 1 kept, the reference run's survivors included; all that
 exact-only dedup holds), the LSH index of the near-dup cluster representatives (about 6 kB each at the default 128
-permutations) and the decisions (about 0.2 kB per duplicate).
+permutations) and the decisions (about 0.2 kB per duplicate, and the id of each survivor one names).
 
 From Python, `run(inputs, out_dir, PipelineConfig(...))`: with workers > 1 the passes run in spawned processes,
 which import your script again, so call it under `if __name__ == "__main__":`. Inputs changed since a run began
@@ -54,7 +58,7 @@ from data.label import LabelConfig
 from data.langid import LangIDConfig
 from data.normalize import NormalizeConfig
 from data.seeds import check_field_types
-from data.shards import DocWriter, aborting, iter_docs, read_json, shard_name, write_atomically, write_json
+from data.shards import DocWriter, aborting, iter_docs, read_docs, read_json, shard_name, write_atomically, write_json
 from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
 from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter, StageStats, nbytes, run_stages
 
@@ -90,6 +94,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # the ideographic space and no-break spaces that form="NFC" keeps are whitespace, not words or symbols, and a
 # held-out run (dedup_against) indexes every document the training run kept (one near another under a lower threshold
 # here was left out, and a held-out near copy of it kept).
+# Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
+# `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left).
 OUTPUT_VERSION = 14
 
 
@@ -248,12 +254,13 @@ def _stats_path(out: pathlib.Path, tier: str, i: int) -> pathlib.Path:
 def _write_tier_stats(out, tier, i, stages: list[StageStats], **extra):
     """The shard's stats file (written last: it marks the shard done) and its drop log, `shard-NNNNN.drops.jsonl`:
     one line {"id", "stage", "reason"} per record this tier's stages dropped (the stats name only three per
-    reason; `python -m data.report OUT --drops REASON` lists them all). `extra`: more top-level fields."""
+    reason; `python -m data.report OUT --drops REASON` lists them all), a duplicate's with the fields naming the
+    copy kept (the module docstring). `extra`: more top-level fields."""
     def write_log(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             for st in stages:
-                for record_id, reason in st.log:
-                    row = {"id": record_id, "stage": st.name, "reason": reason}
+                for record_id, reason, *detail in st.log:
+                    row = {"id": record_id, "stage": st.name, "reason": reason, **(detail[0] if detail else {})}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     write_atomically(out / tier / f"{shard_name(i)}.drops.jsonl", write_log)
@@ -341,22 +348,53 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
             key = f"{i}:{j}"
             k = bytes(keys[j])
             if cfg.dedup.exact and k in seen:
-                shard_drops[str(j)] = [ref(seen[k], "exact_dup"), seen[k]]
-            elif index is not None and (rep := index.add(key, sigs[j])) is not None:
-                shard_drops[str(j)] = [ref(rep, "near_dup"), rep]
-                seen.setdefault(k, rep)  # a later byte-identical copy is an exact duplicate of the same survivor
+                rep, *sim = seen[k] if isinstance(seen[k], tuple) else (seen[k],)
+                shard_drops[str(j)] = [ref(rep, "exact_dup"), rep, *sim]
+            elif index is not None and (found := index.add_scored(key, sigs[j]))[0] is not None:
+                rep, sim = found[0], round(found[1], 4)
+                shard_drops[str(j)] = [ref(rep, "near_dup"), rep, sim]
+                # a later byte-identical copy is an exact duplicate of the same survivor, as similar to it (its
+                # text is not that survivor's: the audit trail says so with the similarity)
+                seen.setdefault(k, (rep, sim))
             else:
                 seen.setdefault(k, key)
             bar.update()
         drops[str(i)] = shard_drops
     bar.close()
     result = {"drops": drops, "representatives": len(index) if index is not None else None,
-              "dedup": dataclasses.asdict(cfg.dedup)}  # what a later run deduplicating against this one needs
+              "dedup": dataclasses.asdict(cfg.dedup),  # what a later run deduplicating against this one needs
+              "survivors": _survivor_ids(out, drops, cfg)}
     write_json(path, result)
     return result
 
 
 REF = "reference:"  # the keys of a reference run's documents: `reference:shard:index`
+
+
+def _survivor_ids(out: pathlib.Path, drops: dict, cfg: PipelineConfig) -> dict[str, str]:
+    """{survivor's key: its record's id, as the drop logs write ids} for every document a duplicate in `drops` (pass
+    2's decisions) names, read from its run's filtered tier (the reference run's for `reference:` keys). Only those
+    records are read (the shards are read at random): no per-document table, one entry per survivor named."""
+    rows: dict[tuple[str, int], list[int]] = {}
+    for shard in drops.values():
+        for _, rep, *_ in shard.values():
+            i, j = map(int, rep.removeprefix(REF).split(":"))
+            rows.setdefault((rep[:len(REF)] if rep.startswith(REF) else "", i), []).append(j)
+    ids = {}
+    for (prefix, i), js in sorted(rows.items()):
+        run_dir = pathlib.Path(cfg.dedup_against) if prefix else out
+        js = sorted(set(js))
+        for j, doc in zip(js, read_docs(run_dir / "filtered" / f"{shard_name(i)}.array_record", js)):
+            ids[f"{prefix}{i}:{j}"] = None if doc.get("id") is None else str(doc["id"])  # (as StageStats.drop)
+    return ids
+
+
+def _duplicate_of(decision: list, survivors: dict) -> dict:
+    """A dedup drop's audit fields (see the module docstring) from its decision [reason, survivor key, Jaccard?]."""
+    _, rep, *sim = decision
+    i, j = rep.removeprefix(REF).split(":")
+    return {"duplicate_of": survivors[rep], "duplicate_at": f"filtered/{shard_name(int(i))}.array_record:{j}",
+            **({"jaccard": sim[0]} if sim else {})}
 
 
 def check_reference(ref: pathlib.Path, cfg: PipelineConfig, warn: bool = False) -> int:
@@ -424,8 +462,9 @@ def _reference_survivors(ref: pathlib.Path, cfg: PipelineConfig):
                 yield f"{REF}{i}:{j}", bytes(keys[j]), sigs[j]
 
 
-def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
-    """Dedup, label and augment one shard; returns documents in the augmented tier."""
+def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict, survivors: dict) -> int:
+    """Dedup, label and augment one shard; returns documents in the augmented tier. drops: pass 2's decisions for
+    this shard; survivors: the ids of the documents they name (`_survivor_ids`)."""
     if _stats_path(out, "augmented", i).exists():
         return _docs_out(out, i, "augmented", "labeled", "cleaned")
     name = shard_name(i)
@@ -438,8 +477,8 @@ def _pass3(i: int, out: pathlib.Path, cfg: PipelineConfig, drops: dict) -> int:
         for j, doc in enumerate(iter_docs(out / "filtered" / f"{name}.array_record")):
             n = nbytes(doc)
             dedup.take(n)
-            if str(j) in drops:
-                dedup.drop(drops[str(j)][0], n, doc.get("id"))
+            if (decision := drops.get(str(j))) is not None:
+                dedup.drop(decision[0], n, doc.get("id"), **_duplicate_of(decision, survivors))
                 continue
             dedup.keep(n)
             writers["cleaned"].write(doc)
@@ -553,8 +592,13 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
                                    initializer=_exit_with_parent, initargs=(os.getpid(),)) if workers > 1 else None)
     try:
         _map_shards(_pass1, [(i, files, out, cfg) for i, files in enumerate(shards)], pool, "clean", progress)
-        drops = _pass2(out, len(shards), cfg, progress)["drops"]
-        _map_shards(_pass3, [(i, out, cfg, drops[str(i)]) for i in range(len(shards))], pool, "label", progress)
+        decided = _pass2(out, len(shards), cfg, progress)
+        drops = decided["drops"]
+        # (a run whose pass 2 ran before survivors were recorded: read now, the decisions are the same)
+        survivors = decided["survivors"] if "survivors" in decided else _survivor_ids(out, drops, cfg)
+        jobs = [(i, out, cfg, drops[str(i)], {d[1]: survivors[d[1]] for d in drops[str(i)].values()})
+                for i in range(len(shards))]
+        _map_shards(_pass3, jobs, pool, "label", progress)
     finally:
         if pool is not None:  # on Ctrl-C or a failed shard, stop: the queued shards ran to the end of the pass first
             pool.shutdown(cancel_futures=True)

@@ -2,7 +2,8 @@
 
     python -m data.report DIR                    # exits 1 if any count fails to reconcile
     python -m data.report DIR --drops too_short  # every record dropped for that reason (or "all"): id, tier, stage
-                                                 # (none: exits 1, naming the reasons the run has)
+                                                 # (none: exits 1, naming the reasons the run has); a duplicate
+                                                 # also names the document kept in its place
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def funnel(out_dir) -> list[tuple[str, StageStats]]:
 def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
     """Every record the run dropped, `{"id", "tier", "stage", "reason"}`, tier by tier and shard by shard (from each
     shard's `drops.jsonl` log); only those of `reason` when given. Ids are the records' `id`, except a record
-    dropped as it was read (tier raw, stage ingest), named by where it was (`path:line`) even if it has one."""
+    dropped as it was read (tier raw, stage ingest), named by where it was (`path:line`) even if it has one. A
+    duplicate (`exact_dup`, `near_dup`, and `..._reference`) also has the kept document's `duplicate_of` (its id),
+    `duplicate_at` (where it is in the filtered tier of its run: the dedup_against run for `..._reference`) and, if
+    the survivor was found by MinHash, `jaccard` (the estimated similarity); a run from before they were logged
+    has none."""
     out = pathlib.Path(out_dir)
     funnel(out)  # a finished run, or the error saying what is missing
     for tier in TIERS:
@@ -50,7 +55,16 @@ def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
                 for line in f:
                     row = json.loads(line)
                     if reason is None or row["reason"] == reason:
-                        yield {"id": row["id"], "tier": tier, "stage": row["stage"], "reason": row["reason"]}
+                        yield {"id": row["id"], "tier": tier, **row}
+
+
+def _kept_instead(row: dict) -> str:
+    """A duplicate's listing column naming its survivor: id, where it is (in which run), similarity."""
+    if "duplicate_of" not in row:
+        return ""
+    run = "the dedup_against run's " if row["reason"].endswith("_reference") else ""
+    sim = f", Jaccard ~{row['jaccard']:.2f}" if "jaccard" in row else ""
+    return f"\tduplicate of {row['duplicate_of']} ({run}{row['duplicate_at']}{sim})"
 
 
 def reconcile(rows) -> list[str]:
@@ -155,13 +169,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", help="the --out directory of a cleaning run")
     ap.add_argument("--drops", metavar="REASON", default=None,
-                    help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason")
+                    help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason (and for "
+                         "a duplicate, the copy kept: its id, where it is, the estimated Jaccard similarity)")
     args = ap.parse_args(argv)
     try:
         if args.drops is not None:
             listed = 0
             for row in drops(args.dir, None if args.drops == "all" else args.drops):
-                print(f"{row['id']}\t{row['tier']}/{row['stage']}\t{row['reason']}")
+                print(f"{row['id']}\t{row['tier']}/{row['stage']}\t{row['reason']}{_kept_instead(row)}")
                 listed += 1
             if not listed and args.drops != "all":  # a mistyped reason printed nothing and exited 0, like a clean one
                 reasons = sorted({r for _, s in funnel(args.dir) for r in s.dropped})

@@ -198,11 +198,32 @@ def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
             raise _damaged(path, e) from None
 
 
-def _open_shard(path) -> ArrayRecordReader:
+def read_docs(path: str | os.PathLike, indices: list[int], chunk: int = 256) -> Iterator[dict]:
+    """The documents at `indices` (positions in the shard, in the order given) of one shard, read at random
+    (records are stored one a chunk), `chunk` in memory at a time."""
+    # array_record's options for random access (its defaults read ahead 16 MB a thread, for sequential reads)
+    reader = _open_shard(path, "readahead_buffer_size:0,max_parallelism:0")
+    try:
+        for start in range(0, len(indices), chunk):
+            try:
+                recs = reader.read(list(indices[start:start + chunk]))
+            except (RuntimeError, OSError, IndexError) as e:  # damaged, or shorter than the run's decisions say
+                raise _damaged(path, e) from None
+            for rec in recs:
+                try:
+                    doc = decode_doc(rec)
+                except ValueError as e:
+                    raise ValueError(f"{path}: {e}") from None
+                yield doc
+    finally:
+        reader.close()
+
+
+def _open_shard(path, options: str = "") -> ArrayRecordReader:
     from array_record.python.array_record_module import ArrayRecordReader
 
     try:
-        return ArrayRecordReader(str(path))
+        return ArrayRecordReader(str(path), options)
     except (RuntimeError, OSError) as e:
         raise _damaged(path, e) from None
 

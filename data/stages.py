@@ -58,10 +58,11 @@ class StageStats:
         self.docs_out += 1
         self.bytes_out += n
 
-    def drop(self, reason: str, n: int, record_id: str | None = None):
+    def drop(self, reason: str, n: int, record_id: str | None = None, **detail):
+        """detail: more fields for the drop's line in the log (a duplicate's survivor)."""
         self.dropped[reason] += 1
         self.dropped_bytes[reason] += n
-        self.log.append((None if record_id is None else str(record_id), reason))
+        self.log.append((None if record_id is None else str(record_id), reason) + ((detail,) if detail else ()))
         ids = self.examples.setdefault(reason, [])
         if record_id is not None and len(ids) < EXAMPLES:
             ids.append(str(record_id))

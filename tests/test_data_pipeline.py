@@ -502,6 +502,7 @@ def test_parallel_workers_give_identical_tiers(cleaned, corpus):
     run(inputs, root / "out2", PipelineConfig(workers=2), progress=False)
     for tier in ("raw", "filtered", "cleaned", "augmented"):
         assert all_docs(root / "out2" / tier) == all_docs(out1 / tier), tier
+    assert list(report_mod.drops(root / "out2")) == list(report_mod.drops(out1))  # and name the same survivors
 
 
 def test_a_directory_of_another_run_is_refused(cleaned, corpus):
@@ -982,10 +983,10 @@ def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata
         assert report_mod.reconcile(rows) == []
         dedup = next(s for _, s in rows if s.name == "dedup")
         # b is a near duplicate of a; its byte-identical copy is an exact duplicate (it was reported near_dup) of the
-        # survivor a, not of the dropped b
+        # survivor a, not of the dropped b, as similar to it as b (125 of 128 MinHash values agree)
         assert dedup.dropped == {"near_dup": 1, "exact_dup": 1}, dedup.dropped
         assert json.loads((out / "cleaned" / "dedup.json").read_text())["drops"] == {
-            "0": {"1": ["near_dup", "0:0"], "2": ["exact_dup", "0:0"]}}
+            "0": {"1": ["near_dup", "0:0", 0.9766], "2": ["exact_dup", "0:0", 0.9766]}}
     # each kind of dedup alone: without exact keys the copy is a near duplicate too; without MinHash b is kept
     for dedup_cfg, want in ((DedupConfig(exact=False), {"near_dup": 2}), (DedupConfig(near=False), {"exact_dup": 1})):
         out = tmp_path / f"out_exact{dedup_cfg.exact}"
@@ -1368,6 +1369,67 @@ def test_every_drop_is_logged_with_its_id_stage_and_reason(corpus, cleaned, caps
     # the pipeline prints the same report when it finishes (here: resumes a finished run), to the same end
     rc, err = closed_stdout("data.pipeline", *corpus[1], "--out", str(out), "--workers", "1")
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys):
+    """A drop logged as exact_dup / near_dup said which document went, not which copy was kept (dedup.json held only
+    the survivor's internal `shard:row`): an audit of the corpus could not answer "duplicate of what?". Each such
+    line names the survivor's id and, as ids may be repeated (two records "x" here) or made up from where a record
+    was (none given), its place in its run's filtered tier; a near duplicate also its estimated Jaccard similarity.
+    A held-out run's `..._reference` drops name the training run's document."""
+    rng = np.random.default_rng(0)
+    a, b, c = (en_text(rng, 120) for _ in range(3))
+    ws = b.split()
+    ws[60] = "changed"
+    near_b = " ".join(ws)
+    ws = c.split()
+    ws[30] = "changed"
+    line = lambda text, **meta: json.dumps({"text": text, **meta}) + "\n"  # noqa: E731
+    (tmp_path / "in").mkdir()
+    first, second = tmp_path / "in" / "0.jsonl", tmp_path / "in" / "1.jsonl"
+    first.write_text(line(a, id="x") + line(b, id="x") + line(c) + line("  " + a.upper() + " ", id="copy_a")
+                     + line(near_b, id="near_b") + line(near_b, id="copy_of_near_b"))
+    second.write_text(line(c, id="x"))  # an exact copy of the record without id, under a repeated id
+    cfg = PipelineConfig(workers=1, filters=(), labelers=(), augment=None)
+    run([tmp_path / "in"], tmp_path / "clean", cfg, progress=False)
+    logged = {(r["id"], r["reason"]): {k: v for k, v in r.items() if k.startswith(("duplicate", "jaccard"))}
+              for r in report_mod.drops(tmp_path / "clean")}
+    at = lambda shard, row: f"filtered/shard-{shard:05d}.array_record:{row}"  # noqa: E731
+    (j_near,) = {logged[("near_b", "near_dup")]["jaccard"]}
+    assert 0.9 < j_near < 1
+    assert logged == {("copy_a", "exact_dup"): {"duplicate_of": "x", "duplicate_at": at(0, 0)},
+                      ("near_b", "near_dup"): {"duplicate_of": "x", "duplicate_at": at(0, 1), "jaccard": j_near},
+                      # an exact copy of a near duplicate is as similar to the survivor: not its text
+                      ("copy_of_near_b", "exact_dup"): {"duplicate_of": "x", "duplicate_at": at(0, 1),
+                                                        "jaccard": j_near},
+                      ("x", "exact_dup"): {"duplicate_of": f"{first}:3", "duplicate_at": at(0, 2)}}
+    # the place names the survivor: its filtered record is the cleaned tier's copy
+    filtered = list(iter_docs(tier_shards(tmp_path / "clean" / "filtered")[0]))
+    assert [filtered[k]["text"] for k in (0, 1, 2)] == [a, b, c]
+    report_mod.main([str(tmp_path / "clean"), "--drops", "near_dup"])
+    assert capsys.readouterr().out == (f"near_b\tcleaned/dedup\tnear_dup\tduplicate of x ({at(0, 1)}, Jaccard "
+                                       f"~{j_near:.2f})\n")
+    # h3: a near copy of b (the training run dropped its own copy of near_b)
+    (tmp_path / "held.jsonl").write_text(line(a, id="h1") + line(" ".join(ws), id="h2") + line(near_b, id="h3"))
+    run([tmp_path / "held.jsonl"], tmp_path / "held", dataclasses.replace(cfg, dedup_against=str(tmp_path / "clean")),
+        progress=False)
+    held = {r["id"]: r for r in report_mod.drops(tmp_path / "held")}
+    assert {k: (r["reason"], r["duplicate_of"], r["duplicate_at"]) for k, r in held.items()} == {
+        "h1": ("exact_dup_reference", "x", at(0, 0)), "h2": ("near_dup_reference", f"{first}:3", at(0, 2)),
+        "h3": ("near_dup_reference", "x", at(0, 1))}
+    assert "jaccard" not in held["h1"] and 0.9 < held["h2"]["jaccard"] < 1 and held["h3"]["jaccard"] == j_near
+    report_mod.main([str(tmp_path / "held"), "--drops", "exact_dup_reference"])
+    assert capsys.readouterr().out.endswith(f"\tduplicate of x (the dedup_against run's {at(0, 0)})\n")
+    # a run whose pass 2 ran before survivors were recorded, resumed: its shards still left name them (read now)
+    dedup_json = tmp_path / "clean" / "cleaned" / "dedup.json"
+    decided = json.loads(dedup_json.read_text())
+    dedup_json.write_text(json.dumps({k: v for k, v in decided.items() if k != "survivors"}))
+    for tier in ("cleaned", "labeled", "augmented"):
+        (tmp_path / "clean" / tier / "shard-00001.stats.json").unlink()
+    run([tmp_path / "in"], tmp_path / "clean", cfg, progress=False)
+    assert [r for r in report_mod.drops(tmp_path / "clean") if r["id"] == "x"] == [
+        {"id": "x", "tier": "cleaned", "stage": "dedup", "reason": "exact_dup", "duplicate_of": f"{first}:3",
+         "duplicate_at": at(0, 2)}]
 
 
 def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
