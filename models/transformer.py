@@ -402,7 +402,9 @@ class Block(nnx.Module):
         B, T = q_BTNH.shape[:2]
         S, cd = pos_S.shape[0], q_BTNH.dtype
         w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
-        sizes = prefix_buckets(S)
+        # T new tokens fill at least min(T, S) slots: a smaller bucket is never chosen (a jitted chunk step, the
+        # cache's length passed in, compiled a dead [T, n] attention for each)
+        sizes = [n for n in prefix_buckets(S) if n >= min(T, S)]
 
         def first(n):
             def run(q_BTNH, k_GBKSH, v_GBKSH, pos_S, g, new_T, start_B):

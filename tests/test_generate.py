@@ -3,6 +3,7 @@
 import dataclasses
 import importlib
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -446,6 +447,28 @@ def test_decoding_across_the_prefix_buckets_equals_full_recompute():
         alone = generate(model, p[None], 90)
         assert_greedy_continuation(model, p[None], alone)
         np.testing.assert_array_equal(batch[b, 60:], np.asarray(alone)[0, len(p):])
+
+
+def test_a_traced_chunk_compiles_no_bucket_smaller_than_itself():
+    """A chunk of T tokens fills at least min(T, S) slots, so the buckets below that are never chosen: a jitted
+    chunk step (the cache's length traced, as in a chunked prefill) compiled a dead [T, n] attention for each (T 512,
+    S 8192: 24 dots where 18 do; T 1024, S 4096: 22 where 14 do)."""
+    import models.transformer as transformer
+    from models import KVCache
+
+    model = Transformer(dataclasses.replace(CFG, max_seq_len=512), rngs=nnx.Rngs(0))
+    scored, attention = [], transformer.attention
+
+    def counting(q, k, *args, **kw):
+        scored.append((q.shape[1], k.shape[1]))
+        return attention(q, k, *args, **kw)
+
+    step = jax.jit(lambda t, c: model(t, cache=c))
+    with mock.patch.object(transformer, "attention", counting):
+        for T in (300, 100, 1):
+            step.lower(jnp.zeros((1, T), jnp.int32), KVCache.zeros(model.cfg, 1, 500))
+    assert sorted(set(scored)) == [(1, 64), (1, 128), (1, 256), (1, 500), (100, 128), (100, 256), (100, 500),
+                                   (300, 500)], scored
 
 
 def test_prompt_mask_must_be_left_padding(model):
