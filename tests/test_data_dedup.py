@@ -245,8 +245,8 @@ def test_the_index_bands_as_configured_and_confirms_the_most_similar_candidate()
     near = c.copy()
     near[0] ^= 1  # c but for one position of band 0: a candidate through every other band
     index = NearDupIndex(cfg)
-    assert index.add("far", far) is None and index.add("near", near) is None
-    assert index.add("c", c) == "near"
+    assert index.add_scored("far", far) == (None, None) and index.add("near", near) is None
+    assert index.add_scored("c", c) == ("near", 127 / 128)  # the confirmed one's estimate, for the audit trail
 
 
 def test_the_index_holds_its_representatives_signatures_not_their_shards():

@@ -1371,6 +1371,32 @@ def test_every_drop_is_logged_with_its_id_stage_and_reason(corpus, cleaned, caps
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_run_main_ends_quietly_only_when_the_reader_has_gone():
+    """Every other ending passes through run_main unchanged: main's value, its error message, its exception."""
+    import sys
+
+    from data.cli import run_main
+
+    assert run_main(lambda a, b: a - b, 3, 1) == 2
+    with pytest.raises(SystemExit, match="^error: bad$"):
+        run_main(lambda: sys.exit("error: bad"))
+    with pytest.raises(ValueError):
+        run_main(lambda: int("x"))
+
+
+def test_report_reads_one_mojibake_repair_in_the_singular(cleaned, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(cleaned[0], out)
+    path = out / "filtered" / "stats.json"
+    stats = json.loads(path.read_text())
+    next(s for s in stats["stages"] if s["name"] == "normalize")["counters"].update(
+        mojibake_repaired_docs=1, mojibake_repaired_sequences=1)
+    path.write_text(json.dumps(stats))
+    assert "mojibake repaired in 1 document (1 sequence; kept, not dropped)" in report_mod.report(out)
+
+
 def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys):
     """A drop logged as exact_dup / near_dup said which document went, not which copy was kept (dedup.json held only
     the survivor's internal `shard:row`): an audit of the corpus could not answer "duplicate of what?". Each such
@@ -1378,7 +1404,7 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
     was (none given), its place in its run's filtered tier; a near duplicate also its estimated Jaccard similarity.
     A held-out run's `..._reference` drops name the training run's document."""
     rng = np.random.default_rng(0)
-    a, b, c = (en_text(rng, 120) for _ in range(3))
+    a, b, c, d = (en_text(rng, 120) for _ in range(4))
     ws = b.split()
     ws[60] = "changed"
     near_b = " ".join(ws)
@@ -1389,7 +1415,8 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
     first, second = tmp_path / "in" / "0.jsonl", tmp_path / "in" / "1.jsonl"
     first.write_text(line(a, id="x") + line(b, id="x") + line(c) + line("  " + a.upper() + " ", id="copy_a")
                      + line(near_b, id="near_b") + line(near_b, id="copy_of_near_b"))
-    second.write_text(line(c, id="x"))  # an exact copy of the record without id, under a repeated id
+    # an exact copy of the record without id, under a repeated id; a survivor in another shard, with an int id
+    second.write_text(line(c, id="x") + line(d, id=7) + line(d, id="copy_d"))
     cfg = PipelineConfig(workers=1, filters=(), labelers=(), augment=None)
     run([tmp_path / "in"], tmp_path / "clean", cfg, progress=False)
     logged = {(r["id"], r["reason"]): {k: v for k, v in r.items() if k.startswith(("duplicate", "jaccard"))}
@@ -1402,7 +1429,8 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
                       # an exact copy of a near duplicate is as similar to the survivor: not its text
                       ("copy_of_near_b", "exact_dup"): {"duplicate_of": "x", "duplicate_at": at(0, 1),
                                                         "jaccard": j_near},
-                      ("x", "exact_dup"): {"duplicate_of": f"{first}:3", "duplicate_at": at(0, 2)}}
+                      ("x", "exact_dup"): {"duplicate_of": f"{first}:3", "duplicate_at": at(0, 2)},
+                      ("copy_d", "exact_dup"): {"duplicate_of": "7", "duplicate_at": at(1, 1)}}  # as ids are logged
     # the place names the survivor: its filtered record is the cleaned tier's copy
     filtered = list(iter_docs(tier_shards(tmp_path / "clean" / "filtered")[0]))
     assert [filtered[k]["text"] for k in (0, 1, 2)] == [a, b, c]

@@ -332,6 +332,10 @@ def test_embedding_gradient_is_summed_into_the_table_shards(shape):
     # rows' split to D's but by gathering every row on every device (it warned "Involuntary full rematerialization")
     gathered = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith("f32[8,16,32]")]
     assert gathered == [], gathered
+    # the token ids are laid out with their cotangent rows: gathered once (left unconstrained, {fsdp: 4, tensor: 2}
+    # gathered them twice and permuted them)
+    ids = [s for s, op in collectives(hlo) if s.startswith("s32[")]
+    assert len(ids) == 1, ids
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
 
 
