@@ -295,7 +295,7 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     assert "argument --mesh: cannot parse 'fsdp'; write axis=size pairs" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a traceback from the config before
         aot.main(["--remat", "fulll"])
-    assert "error: TransformerConfig.remat: unknown 'fulll'" in capsys.readouterr().err
+    assert "error: argument --remat: TransformerConfig.remat: unknown 'fulll'" in capsys.readouterr().err
     # every mesh is checked before the first compiles (a 70B compile takes minutes): devices, batch, seq, heads
     for bad, says in ((["--mesh", "fsdp=8", "--mesh", "fsdp=3"], "needs 3 devices but 8"),
                       (["--mesh", "fsdpp=-1"], "unknown"),
