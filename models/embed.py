@@ -3,11 +3,13 @@ gather (`gathered_head`).
 
 Under FSDP the table is sharded along `embed` and all-gathered (the sharding constraint below) before the
 lookup: casting first makes that all-gather move compute-dtype bytes (half of float32 for bf16), as every other
-weight's does. Autodiff of `take(table.astype(bf16))` would then scatter-add the gradient in bf16, where a token
-seen thousands of times in a batch loses most of its gradient to rounding; the backward here scatter-adds the
-cotangent in float32 (the table's dtype when wider) and rounds the sum to the table's dtype once: for a float32
-table exactly the gradient of `take(table).astype(bf16)`, for a bf16 table (param_dtype='bfloat16') that sum
-rounded, where autodiff's bf16 scatter-add stalls.
+weight's does. (Not on XLA:CPU, whose float normalization runs a bf16 all-gather as convert, float32 all-gather,
+convert: the values are the bf16 ones, the bytes float32's; scaling.memory counts that for backend 'cpu'.)
+Autodiff of `take(table.astype(bf16))` would then scatter-add the gradient in bf16, where a token seen thousands
+of times in a batch loses most of its gradient to rounding; the backward here scatter-adds the cotangent in float32
+(the table's dtype when wider) and rounds the sum to the table's dtype once: for a float32 table exactly the gradient
+of `take(table).astype(bf16)`, for a bf16 table (param_dtype='bfloat16') that sum rounded, where autodiff's bf16
+scatter-add stalls.
 
 The gradient is constrained to the table's own ('vocab', 'embed') layout, so that the partitioner scatter-adds into
 each device's shard: it moves each device's cotangent rows to the devices holding their columns (an all-to-all of the
@@ -38,11 +40,13 @@ from parallel.rules import constrain, logical_to_spec
 
 def embed_lookup(table_VD, tokens_BT, dtype):
     """table [V, D] (any dtype), int tokens [...] → rows [..., D] in `dtype`; the gradient to `table` is in
-    the table's dtype, in the table's layout. The table is constrained to (None, 'act_embed') first: gathered whole
-    for the lookup. (A gather from the vocab-sharded table does not replicate the activation on this jax: the
-    partitioner masks a local gather and all-reduces the [B/n, T, D] rows over `tensor`, which moves less than
-    gathering the table while a device's tokens are under V/2, more above: at V 32768, D 512 on {fsdp: 4, tensor: 2},
-    temp 173 -> 114 MiB and 0.71x the step time; at V 256, D 128 with 1024 tokens a device, 7% more bytes moved.)"""
+    the table's dtype, in the table's layout. The table is gathered over `embed` (fsdp) in `dtype`; over `vocab`
+    (tensor) it is gathered whole only where that moves fewer bytes than the alternative (`_vocab_split_lookup`): a
+    device's tokens at least V/2. Below that the rows are looked up in each device's vocab shard (the partitioner
+    masks a local gather and all-reduces the [B/n, T, D] rows over `tensor`), and no device holds the whole table:
+    at V 131072, D 256, 64 tokens a device on {fsdp: 4, tensor: 2} (8 CPU devices), an AdamW step's temp 272.8 ->
+    161.0 MiB, all-gather bytes 259.5 -> 131.5 MiB (all-reduce +0.1 MiB), 0.83x the step time; at V 32768, D 512,
+    temp 138.0 -> 81.3 MiB. (At V 256, D 128 with 1024 tokens a device it moved 7% more bytes: gathered there.)"""
     return _lookup(table_VD, tokens_BT, jnp.dtype(dtype), (table_VD.shape, table_VD.dtype))
 
 
@@ -51,7 +55,24 @@ def _lookup(table_VD, tokens_BT, dtype, table_type):
     # cast where the table lies (its own sharding), then gather it: else propagation moves the all-gather
     # in front of the cast
     table_VD = constrain(table_VD.astype(dtype), ("vocab", "embed"))
-    return jnp.take(constrain(table_VD, (None, "act_embed")), tokens_BT, axis=0)
+    vocab = "vocab" if _vocab_split_lookup(table_VD.shape[0], tokens_BT) else None
+    return jnp.take(constrain(table_VD, (vocab, "act_embed")), tokens_BT, axis=0)
+
+
+def _vocab_split_lookup(V, tokens_BT) -> bool:
+    """Whether to look tokens [B, T] up in the vocab shards of a [V, D] table (each device's partial rows all-reduced
+    over the `vocab` axes: ~2·N·D elements moved for a device's N tokens) rather than gather the table over them
+    (~V·D): where 2·N < V. Shapes only: static under jit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    lead = (("batch", "act_seq") + (None,) * tokens_BT.ndim)[:tokens_BT.ndim]
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    split = 1
+    for entry in logical_to_spec(lead, mesh, tokens_BT.shape, replicate_indivisible=True):
+        for a in (entry,) if isinstance(entry, str) else (entry or ()):
+            split *= sizes[a]
+    return 2 * tokens_BT.size // split < V
 
 
 def _lookup_fwd(table_VD, tokens_BT, dtype, table_type):

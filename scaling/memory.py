@@ -22,6 +22,11 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   with dropless_impl='blocks', each block's copy of its expert's weights and its cotangent;
 - embedding gradients = the LM head's [D, V] gradient, built whole over `embed` before its reduce-scatter to the
   fsdp shards (the lookup's own is scatter-added into the table's shards, `models.embed`, never whole);
+- on backend 'cpu', a forward phase at the lookup (`forward`): XLA:CPU gathers the table there (over the vocab axes
+  too only where a device's tokens reach V/2, `models.embed`) beside the LM head, whose gather its scheduler hoists
+  to the step's start, each in float32 (its bf16 collectives run in float32): the step's peak at vocabulary-heavy
+  sizes (V 131072, D 256: 1.00-1.01x XLA's temp on {fsdp: 8}, {fsdp: 4, tensor: 2}, bf16 too; counted in the
+  backward, XLA was 1.04-2.08x);
 - the optimizer update, a second phase once the backward pass is done: the gradients + `update_buffers`
   float32 gradient-sized buffers (`experiments.lm_step.make_optimizer`'s clipped gradients, which XLA:CPU
   materialises for every leaf before the first moment update: 1) + a float32 copy of gradients narrower than
@@ -250,6 +255,7 @@ class MemoryBreakdown:
     accum: int = 0  # gradient accumulation's float32 running sum, live through every microbatch's backward
     embed_grads: int = 0  # the LM head's [D, V] gradient, whole over `embed` before its reduce-scatter (FSDP)
     stage_grads: int = 0  # a pipeline tick's gradient of the stage's layer stacks beside the ticks' running sum
+    forward: int = 0  # backend 'cpu': the forward pass's live bytes at the lookup (gathered table and head)
 
 
     @property
@@ -276,7 +282,7 @@ class MemoryBreakdown:
 
     @property
     def total(self) -> int:
-        return self.state + max(self.backward_peak, self.update_peak)
+        return self.state + max(self.forward, self.backward_peak, self.update_peak)
 
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:9.3f} GiB"  # noqa: E731
@@ -288,9 +294,11 @@ class MemoryBreakdown:
                 ("accumulated gradients (grad_accum > 1)", self.accum),
                 ("LM head gradient before its reduction", self.embed_grads),
                 ("a pipeline tick's stage gradients", self.stage_grads),
-                ("optimizer update (after the backward)", self.update), ("total", self.total)]
-        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "LM head", "a pipeline"))]
-        peak = "backward pass" if self.backward_peak >= self.update_peak else "optimizer update"
+                ("optimizer update (after the backward)", self.update),
+                ("forward pass at the lookup (XLA:CPU)", self.forward), ("total", self.total)]
+        rows = [r for r in rows if r[1] or not r[0].startswith(("accumulated", "LM head", "a pipeline", "forward"))]
+        peak = max([("backward pass", self.backward_peak), ("optimizer update", self.update_peak),
+                    ("forward pass", self.forward)], key=lambda r: r[1])[0]
         return "\n".join(f"  {name:<44}{gib(b)}" for name, b in rows) + f"\n  (the step's peak: the {peak})"
 
 
@@ -437,7 +445,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     sequences, 16 query blocks executing ~53% of them, XLA kept 0.66x of that estimate at T = 2048 under remat
     'none'; now 0.94x.)
     backend: where the step runs ('cpu', 'gpu', 'tpu'; None: an accelerator), which sets the bytes of the
-    projections a dot-saving remat policy keeps (`projection_bytes`: float32 ones for a bf16 model on 'cpu').
+    projections a dot-saving remat policy keeps (`projection_bytes`: float32 ones for a bf16 model on 'cpu'), and on
+    'cpu' the forward phase at the lookup (`MemoryBreakdown.forward`: XLA:CPU's hoisted LM-head gather and float32
+    collectives of bf16 arrays).
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
@@ -500,6 +510,26 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     v_local = s.vocab_size / _act_split("act_vocab", mesh, s.vocab_size, rules)
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 
+    # models.embed's lookup reads each device's vocab shard where its tokens are under V/2 (`_vocab_split_lookup`:
+    # the rows all-reduced over the vocab axes), else gathers the table whole
+    V, D = s.vocab_size, s.d_model
+    vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the head's columns over tensor: XLA keeps that
+    embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
+    lookup_split = vocab_split if 2 * local_tokens < V else 1
+    cpu = str(backend).lower() == "cpu"
+    forward = 0.0
+    if cpu and vocab_split * embed_split > lookup_split:
+        # XLA:CPU's peak at vocabulary-heavy sizes is in the forward, at the lookup: the table as gathered for it, the
+        # LM head gathered over `embed` (its scheduler hoists that gather to the step's start: live through the whole
+        # forward), the shard a gather reads (a transposing or converting copy) and, untied, the lookup gradient's
+        # float32 zeros (hoisted too). Its collectives of bf16 arrays run in float32 (FloatNormalization: convert,
+        # all-gather float32, convert) and float16 ones are converted to float32 once gathered, so each gathered copy
+        # is float32. Measured to 1-3% (8 devices, V 131072 / 32768, D 256): {fsdp: 8} 288 / 72 MiB, {fsdp: 4,
+        # tensor: 2} 160 / 40, float32, bf16 and f16 alike; the backward model missed it: XLA 1.04-2.22x.
+        cc = max(cb, 4)
+        shard = V * D / (vocab_split * embed_split)
+        head = cc * V * D / vocab_split if embed_split > 1 else 0.0
+        forward = cc * V * D / lookup_split + head + (cc + 4 * (not s.tie_embeddings)) * shard
     transient = 0.0
     if mesh.get("fsdp", 1) > 1:
         # a layer's weights all-gathered over fsdp (still split over tensor), two in flight
@@ -510,10 +540,12 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 stack = p.path.split(".")[0]
                 stacks[stack] = stacks.get(stack, 0.0) + p.size / p.shape[0] / gathered_split(p, mesh, rules)
         gathered = max(stacks.values(), default=0.0)
-        # + the table the lookup gathers whole, a forward buffer: it sets the peak where it outweighs the backward's
-        # working set (uncounted: XLA 1.34x this estimate at V 32768, D 256, 32 tokens a device on {fsdp: 8};
-        # counted whole, XLA 0.62x at V 16384, D 64, whose logits buffers outweigh it)
-        transient = 2 * cb * gathered + max(0.0, cb * s.vocab_size * s.d_model - working)
+        transient = 2 * cb * gathered
+        if not cpu:
+            # + the table the lookup gathers, a forward buffer: it sets the peak where it outweighs the backward's
+            # working set (uncounted: XLA:CPU 1.34x this estimate at V 32768, D 256, 32 tokens a device on {fsdp: 8};
+            # counted whole, XLA:CPU 0.62x at V 16384, D 64, whose logits buffers outweigh it; on 'cpu', `forward`)
+            transient += max(0.0, cb * V * D / lookup_split - working)
     if s.moe is not None and experts_gathered(s.moe, mesh, rules):
         # an explicit sorted / dense dropless_impl with experts split over `expert`: models.moe_dispatch's
         # dropless_dispatch all-gathers each MoE layer's whole experts (still split over tensor) in compute dtype, and
@@ -542,9 +574,6 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # columns (an all-to-all) and scatter-adds into the shard (it builds the whole gradient only when a device's tokens
     # rival V: from 2V tokens on {fsdp: 8} and {fsdp: 4, tensor: 2}, V/4 on {data: 2, fsdp: 4} at V = 256, where that
     # [V, D] is small next to the activations).
-    V, D = s.vocab_size, s.d_model
-    vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the head's columns over tensor: XLA keeps that
-    embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
     embed_grads = gb * V * D / vocab_split * (1 - 1 / embed_split)
     # GPipe's tick loop sums the stage's layer gradients over ticks (the stacks are loop-invariant), and with more than
     # one scan group per stage each tick's layer scan writes its own stacked gradient before the sum takes it: one
@@ -564,7 +593,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                            activations=int(acts), working=int(working), transient_weights=int(transient),
                            local_tokens=int(local_tokens), layers_local=int(layers_local), update=int(update),
                            accum=int(4 * elems) if grad_accum > 1 else 0, embed_grads=int(embed_grads),
-                           stage_grads=int(stage_grads))
+                           stage_grads=int(stage_grads), forward=int(forward))
 
 
 def update_bytes(elems: float, grad_bytes: int, update_buffers: int = 1) -> float:

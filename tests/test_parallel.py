@@ -405,6 +405,30 @@ def test_lm_head_is_gathered_once(shape, tied):
                  got, want)
 
 
+@pytest.mark.parametrize("vocab,split", [(512, True), (64, False)])
+@pytest.mark.parametrize("shape", [{"fsdp": 4, "tensor": 2}, {"data": 4, "tensor": 2}])
+def test_lookup_gathers_the_table_over_tensor_only_for_many_tokens(shape, vocab, split):
+    """With a device's tokens (32 here) under V/2, the lookup reads each device's vocab shard and all-reduces the rows:
+    no device gathers the whole [V, D] table (it did, beside the fsdp-gathered [V/2, D] it was built from: the step's
+    peak at V 131072); above, the table is gathered whole (fewer bytes moved). Gradients: the single-device ones."""
+    cfg = TransformerConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=4, mlp_dim=64)
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
+    mesh = make_mesh(shape)
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
+        sb = shard_batch(b, mesh)
+        hlo = grad.lower(p, sb).compile().as_text()
+        got = grad(p, sb)
+    whole = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith(f"f32[{vocab},32]")]
+    assert bool(whole) != split, whole
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+                 got, want)
+
+
 _FSDP_BF16_GATHERS = """
 import os, shutil, sys, jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
