@@ -185,12 +185,7 @@ def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
                 recs = reader.read(start, min(start + chunk, n))
             except (RuntimeError, OSError) as e:  # a chunk damaged past a readable footer
                 raise _damaged(path, e) from None
-            for rec in recs:
-                try:
-                    doc = decode_doc(rec)
-                except ValueError as e:
-                    raise ValueError(f"{path}: {e}") from None
-                yield doc
+            yield from _decoded(path, recs)
     finally:
         try:
             reader.close()
@@ -209,14 +204,18 @@ def read_docs(path: str | os.PathLike, indices: list[int], chunk: int = 256) -> 
                 recs = reader.read(list(indices[start:start + chunk]))
             except (RuntimeError, OSError, IndexError) as e:  # damaged, or shorter than the run's decisions say
                 raise _damaged(path, e) from None
-            for rec in recs:
-                try:
-                    doc = decode_doc(rec)
-                except ValueError as e:
-                    raise ValueError(f"{path}: {e}") from None
-                yield doc
+            yield from _decoded(path, recs)
     finally:
         reader.close()
+
+
+def _decoded(path, recs) -> Iterator[dict]:
+    """The documents of a shard's raw records, a bad one's error naming the shard."""
+    for rec in recs:
+        try:
+            yield decode_doc(rec)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _open_shard(path, options: str = "") -> ArrayRecordReader:

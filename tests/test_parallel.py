@@ -308,23 +308,28 @@ def test_embedding_gradient_of_a_bf16_table_is_summed_in_float32():
     assert float(jax.numpy.abs(g[1:]).max()) == 0.0
 
 
+def _sharded_lm_grad(cfg, shape):
+    """(compiled HLO, gradient on a `shape` mesh, single-device gradient) of lm_loss on a fixed [8, 16] batch."""
+    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
+    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
+    mesh = make_mesh(shape)
+    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
+        sb = shard_batch(b, mesh)
+        return grad.lower(p, sb).compile().as_text(), grad(p, sb), want
+
+
 @pytest.mark.parametrize("shape", [{"fsdp": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2}])
 def test_embedding_gradient_is_summed_into_the_table_shards(shape):
     """The lookup's gradient is scatter-added into each device's shard of the table (an all-to-all of the cotangent
     rows), not all-reduced whole: constrained replicated, every device held and all-reduced a float32 [V, D] (2 GiB a
     device at V 128K, D 4096). The values are the single-device gradient's."""
     cfg = TransformerConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=4, mlp_dim=64)
-    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
-    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)["embed"][...]
-    mesh = make_mesh(shape)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
-    with jax.set_mesh(mesh):
-        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
-        sb = shard_batch(b, mesh)
-        hlo = grad.lower(p, sb).compile().as_text()
-        got = grad(p, sb)["embed"][...]
+    hlo, got, want = _sharded_lm_grad(cfg, shape)
+    got, want = got["embed"][...], want["embed"][...]
     # (a combined all-reduce's result is a tuple of shapes, which `collectives` does not read)
     whole = [s for s in re.findall(r"= (\([^)]*\)|\S+) all-reduce(?:-start)?\(", hlo) if "f32[512,32]" in s]
     assert whole == [], whole
@@ -387,18 +392,8 @@ def test_lm_head_is_gathered_once(shape, tied):
     from before the lookup into the backward. Its gradient still reaches the parameter's shards (the single-device
     values)."""
     cfg = TransformerConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=4, mlp_dim=64, tie_embeddings=tied)
-    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
-    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
-    mesh = make_mesh(shape)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
-    with jax.set_mesh(mesh):
-        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
-        sb = shard_batch(b, mesh)
-        hlo = grad.lower(p, sb).compile().as_text()
-        got = grad(p, sb)
-    head = f"f32[32,{512 // mesh.shape.get('tensor', 1)}]"
+    hlo, got, want = _sharded_lm_grad(cfg, shape)
+    head = f"f32[32,{512 // shape.get('tensor', 1)}]"
     gathers = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith(head)]
     assert gathers == [head + "{1,0}"], gathers
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
@@ -412,17 +407,7 @@ def test_lookup_gathers_the_table_over_tensor_only_for_many_tokens(shape, vocab,
     no device gathers the whole [V, D] table (it did, beside the fsdp-gathered [V/2, D] it was built from: the step's
     peak at V 131072); above, the table is gathered whole (fewer bytes moved). Gradients: the single-device ones."""
     cfg = TransformerConfig(vocab_size=vocab, d_model=32, n_layers=1, n_heads=4, mlp_dim=64)
-    tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
-    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
-    mesh = make_mesh(shape)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
-    with jax.set_mesh(mesh):
-        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
-        sb = shard_batch(b, mesh)
-        hlo = grad.lower(p, sb).compile().as_text()
-        got = grad(p, sb)
+    hlo, got, want = _sharded_lm_grad(cfg, shape)
     whole = [s for s, op in collectives(hlo) if op == "all-gather" and s.startswith(f"f32[{vocab},32]")]
     assert bool(whole) != split, whole
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
