@@ -66,13 +66,18 @@ def _vocab_split_lookup(V, tokens_BT) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return False
-    lead = (("batch", "act_seq") + (None,) * tokens_BT.ndim)[:tokens_BT.ndim]
+    lead = _token_axes(tokens_BT)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     split = 1
     for entry in logical_to_spec(lead, mesh, tokens_BT.shape, replicate_indivisible=True):
         for a in (entry,) if isinstance(entry, str) else (entry or ()):
             split *= sizes[a]
     return 2 * tokens_BT.size // split < V
+
+
+def _token_axes(tokens_BT) -> tuple:
+    """The logical axes of tokens [B, T] (any rank: a decode step's [B], a batch of [B, T])."""
+    return (("batch", "act_seq") + (None,) * tokens_BT.ndim)[:tokens_BT.ndim]
 
 
 def _lookup_fwd(table_VD, tokens_BT, dtype, table_type):
@@ -99,7 +104,7 @@ def _in_table_columns(shape, tokens_BT, g_BTD):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return tokens_BT, g_BTD
-    lead = (("batch", "act_seq") + (None,) * tokens_BT.ndim)[:tokens_BT.ndim]
+    lead = _token_axes(tokens_BT)
     # the table's names first: logical_to_spec names a mesh axis once, so B and T go without the table's axes
     _, d, *bt = logical_to_spec(("vocab", "embed", *lead), mesh, (*shape, *tokens_BT.shape),
                                 replicate_indivisible=True)
