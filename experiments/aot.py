@@ -178,9 +178,9 @@ def main(argv=None):
         r = compile_report(cfg, shape, batch, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
-    print("est.: scaling.memory's model, the larger of the backward pass and the optimizer update (gradients + "
-          "their clipped float32 copy, docs/scaling.md)" + ("; with sorted dropless MoE experts on one CPU device "
-                                                            "XLA keeps 12-24% more" if cfg.moe is not None else ""))
+    moe = "; with sorted dropless MoE experts on one CPU device XLA keeps 12-24% more" if cfg.moe is not None else ""
+    print("est.: scaling.memory's model, the largest of the backward pass, the optimizer update (gradients + their "
+          "clipped float32 copy) and, on XLA:CPU, the forward pass at the token lookup (docs/scaling.md)" + moe)
 
 
 if __name__ == "__main__":
