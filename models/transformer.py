@@ -382,13 +382,7 @@ class Block(nnx.Module):
             k_BSKH, v_BSKH = layer(k_GBKSH), layer(v_GBKSH)
             k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
             pos_att = jnp.concatenate([pos_S, new_T])
-        diff_TS = new_T[:, None] - pos_att[None, :]
-        w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
-        mask_TS = (pos_att[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < min(window or w_max, w_max))
-        if ctx.start is None:
-            mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
-        else:  # left padding: a row never attends to the slots before its first real one
-            mask = (mask_TS[None] & (pos_att[None, None, :] >= ctx.start[:, None, None]))[:, None]
+        mask = _cache_mask(new_T, pos_att, window, ctx.start, B)
         cd = q_BTNH.dtype
         return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
 
@@ -401,7 +395,6 @@ class Block(nnx.Module):
         k_GBKSH, v_GBKSH, pos_S = cache
         B, T = q_BTNH.shape[:2]
         S, cd = pos_S.shape[0], q_BTNH.dtype
-        w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
         # T new tokens fill at least min(T, S) slots: a smaller bucket is never chosen (a jitted chunk step, the
         # cache's length passed in, compiled a dead [T, n] attention for each)
         sizes = [n for n in prefix_buckets(S) if n >= min(T, S)]
@@ -411,13 +404,7 @@ class Block(nnx.Module):
                 # layer g's first n slots as attention takes them; the transpose cancels the kernel's own
                 part = lambda buf: jax.lax.dynamic_slice(  # noqa: E731
                     buf, (g, 0, 0, 0, 0), (1,) + buf.shape[1:3] + (n, buf.shape[4]))[0].transpose(0, 2, 1, 3)
-                pos_n = pos_S[:n]
-                diff_TS = new_T[:, None] - pos_n[None, :]
-                mask_TS = (pos_n[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < min(window or w_max, w_max))
-                if start_B is None:
-                    mask = jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
-                else:  # left padding: a row never attends to the slots before its first real one
-                    mask = (mask_TS[None] & (pos_n[None, None, :] >= start_B[:, None, None]))[:, None]
+                mask = _cache_mask(new_T, pos_S[:n], window, start_B, B)
                 return attention(q_BTNH, part(k_GBKSH).astype(cd), part(v_GBKSH).astype(cd), mask, **kw)
             return run
 
@@ -452,6 +439,18 @@ class Block(nnx.Module):
         out = local_attention(q, k, v, window, valid_BT=valid_BT, impl="blocked", block=cfg.swa_block, scale=scale,
                               logit_softcap=cfg.attn_logit_softcap)
         return out[:, S:]
+
+
+def _cache_mask(new_T, pos_S, window, start_B, B: int):
+    """Which cached slots the new tokens attend: new positions [T], slot positions [S] (-1: empty), a row's first
+    real position [B] or None → mask [B, 1, T, S]: causal, within the window, a row never before its first real
+    slot (left padding)."""
+    w_max = jnp.iinfo(jnp.int32).max  # a window >= 2**31 (the int32 positions' range) overflowed the compare
+    diff_TS = new_T[:, None] - pos_S[None, :]
+    mask_TS = (pos_S[None, :] >= 0) & (diff_TS >= 0) & (diff_TS < min(window or w_max, w_max))
+    if start_B is None:
+        return jnp.broadcast_to(mask_TS, (B, 1) + mask_TS.shape)
+    return (mask_TS[None] & (pos_S[None, None, :] >= start_B[:, None, None]))[:, None]
 
 
 PREFIX_MIN = 64  # the smallest bucket of cache slots a cached attention scores
