@@ -96,9 +96,11 @@ def _walk(root: pathlib.Path) -> list[pathlib.Path]:
     """Every non-directory under `root`, following links to directories (pathlib's rglob does not: the files under
     `corpus/wiki -> /mnt/wiki` went unread and in no count); a directory reached twice (a link back up) is walked
     once, under its first name in sorted order (in listing order, `aa/` or its link `zz/` named the files by how the
-    file system listed them). Unreadable directories are passed over, as rglob did."""
-    found, seen = [], {os.path.realpath(root)}
-    for d, dirs, names in os.walk(root, followlinks=True):
+    file system listed them). A directory that cannot be listed raises a ValueError naming it: passed over (as rglob
+    does), its files were in no count. Hidden / Spark side directories, whose files are not read, are let be."""
+    found, seen, unlisted = [], {os.path.realpath(root)}, []
+    side = lambda e: _side_file(pathlib.Path(e.filename).relative_to(root) / "f")  # noqa: E731
+    for d, dirs, names in os.walk(root, followlinks=True, onerror=lambda e: side(e) or unlisted.append(e)):
         walk = []
         for name in sorted(dirs):
             if (real := os.path.realpath(os.path.join(d, name))) not in seen:
@@ -106,6 +108,13 @@ def _walk(root: pathlib.Path) -> list[pathlib.Path]:
                 walk.append(name)
         dirs[:] = walk
         found += [pathlib.Path(d, name) for name in names]
+    if unlisted:
+        n = len(unlisted)
+        raise ValueError(f"{n} director{'y' if n == 1 else 'ies'} under {root} could not be listed "
+                         f"({unlisted[0].strerror}): "
+                         f"{', '.join(e.filename for e in unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; their "
+                         "files would be in no count: make them readable (e.g. chmod -R a+rX DIR), or pass the "
+                         "readable files / folders themselves")
     return found
 
 
@@ -115,7 +124,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
     shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4,
     archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
-    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8."""
+    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8, and directories it cannot
+    list."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -326,38 +336,64 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
     return {**meta, "text": text}, None
 
 
+def _cr_records(line: bytes | None, n: int) -> list[tuple[bytes | None, int]]:
+    """A JSON Lines line's records: the line, or, where it parses only split at its bare CRs, the pieces, with the
+    line's `n` bytes shared out. Classic Mac line ends after LF-ended lines (`cat unix.jsonl mac.jsonl`) pass the
+    bare-CR check, which reads a file's first line: all the Mac part's records were one malformed_json drop. A JSON
+    string holds no raw CR, so a line whose pieces all parse is those records; any other stays one."""
+    body = b"" if line is None else line.removesuffix(b"\n").removesuffix(b"\r")
+    if b"\r" not in body:
+        return [(line, n)]
+    pieces = body.split(b"\r")
+    if _parses(line) or not all(_parses(p) for p in pieces if p.strip()):  # (CRs as JSON whitespace: one record)
+        return [(line, n)]
+    sizes = [len(p) + 1 for p in pieces]  # each piece and its CR; the last, what ends the line
+    sizes[-1] = n - sum(sizes[:-1])
+    return list(zip(pieces, sizes))
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     # bad bytes are judged in the text alone, as a Parquet value's are (over the whole line, one in a short record's
     # title dropped its text, and long metadata let a text past the limit): the line is only checked for binary here
     line_cfg = dataclasses.replace(ncfg, invalid_utf8="reject")
     with _opener(path)(path, "rb") as f:
-        for lineno, (line, n) in enumerate(_lines(f, cfg.max_doc_bytes)):
+        # (a line of records joined by bare CRs yields each, under the line's number)
+        for lineno, line, n in ((k, *r) for k, rec in enumerate(_lines(f, cfg.max_doc_bytes))
+                                for r in _cr_records(*rec)):
             if line is not None and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is
                 line = line[3:]  # no part of a record: on any line, as `cat a.jsonl b.jsonl` puts b's mid-file
             if line is None:
-                yield None, "too_large", n
+                yield None, "too_large", n, lineno + 1
                 continue
             if not line.strip():
-                yield None, "empty", n
+                yield None, "empty", n, lineno + 1
                 continue
             raw, reason = decode(line, line_cfg)
             if bad_bytes := reason == "invalid_utf8":  # each bad byte a lone surrogate, kept apart from the rest
                 raw, reason = line.decode("utf-8", "surrogateescape"), None
             if reason:
-                yield None, reason, n
+                yield None, reason, n, lineno + 1
                 continue
             try:
                 obj = json.loads(raw)
             # ValueError, not only JSONDecodeError: an integer of over 4,300 digits is valid JSON that Python's int
             # conversion limit refuses with a plain ValueError, and one such line stopped the run
             except (ValueError, RecursionError):
-                yield None, "malformed_json", n
+                yield None, "malformed_json", n, lineno + 1
                 continue
             if not isinstance(obj, dict):  # valid JSON, but no field to read the text from
-                yield None, "not_an_object", n
+                yield None, "not_an_object", n, lineno + 1
                 continue
             if cfg.text_field not in obj:
-                yield None, "missing_text", n
+                yield None, "missing_text", n, lineno + 1
                 continue
             text = obj.pop(cfg.text_field)
             if bad_bytes and isinstance(text, str) and count_surrogates(text):
@@ -370,7 +406,7 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             if _no_id(obj.get("id")):
                 obj["id"] = f"{path}:{lineno + 1}"
             doc, reason = _text_doc(text, obj, cfg, ncfg)
-            yield doc, reason, n
+            yield doc, reason, n, lineno + 1
 
 
 def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
@@ -470,9 +506,10 @@ def _utf8(v: bytes, keep_bytes: bool) -> str | bytes:
 
 
 def _no_id(v) -> bool:
-    """Whether a record's `id` is missing: None, or NaN (pandas writes an integer id column with gaps as floats with
-    NaN for each gap; such records were all stored with id null, and named 'nan' when dropped)."""
-    return v is None or isinstance(v, float) and v != v
+    """Whether a record's `id` is missing: None, NaN (pandas writes an integer id column with gaps as floats with
+    NaN for each gap; such records were all stored with id null, and named 'nan' when dropped), or a blank str (an
+    export's missing string: a later stage's drop was logged with id "", which names nothing)."""
+    return v is None or isinstance(v, float) and v != v or isinstance(v, str) and not v.strip()
 
 
 def _jsonable(v):
@@ -535,15 +572,16 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
     for path in files:
         kind, k = _kind(path), -1
         try:
-            for k, (doc, reason, n) in enumerate(readers[kind](path, cfg, ncfg)):
+            # a JSONL line from 1 (the reader's: a line of records joined by bare CRs is one), a Parquet row from 0
+            for k, (doc, reason, n, *line) in enumerate(readers[kind](path, cfg, ncfg)):
                 if not with_ids:
                     yield doc, reason, n
                     continue
                 whole = kind == "text" or reason == "unreadable_file"
-                where = f"{path}:{k + 1 if kind == 'jsonl' else k}"  # a JSONL line from 1, a Parquet row from 0
+                where = f"{path}:{line[0] if line else k}"
                 yield doc, reason, n, doc["id"] if doc is not None else path if whole else where
         except _READ_ERRORS:
             if k < 0:
                 yield (None, "unreadable_file", 0) + ((path,) if with_ids else ())
             else:  # the line after the last one read (a text file is one record: read whole or not at all)
-                yield (None, "unreadable_rest", 0) + ((f"{path}:{k + 2}",) if with_ids else ())
+                yield (None, "unreadable_rest", 0) + ((f"{path}:{line[0] + 1 if line else k + 2}",) if with_ids else ())

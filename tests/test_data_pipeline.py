@@ -1821,3 +1821,75 @@ def test_invalid_utf8_in_json_lines_is_judged_in_the_text_alone_as_in_parquet(tm
         strip = lambda d: {k: v for k, v in d.items() if k != "id"}  # noqa: E731
         assert [strip(d) for d, _, _ in got["m.jsonl"] if d] == [strip(d) for d, _, _ in got["m.parquet"] if d]
     assert got["m.jsonl"][0][0]["title"] == "caf\ufffd"
+
+
+def test_a_directory_that_cannot_be_listed_is_refused_naming_it(tmp_path, monkeypatch):
+    """An input folder os.walk could not list (no read permission, a stale mount) was passed over: its files were
+    in no count, and the run finished as if they did not exist. Hidden / Spark side folders are skipped anyway."""
+    from data import pipeline
+    from data.sources import discover
+
+    for d in ("in/ok", "in/locked", "in/.cache"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "a.jsonl").write_text(json.dumps({"text": d}) + "\n")
+    scandir = os.scandir
+
+    def denied(path="."):  # chmod 000 as any user but root, who may list it anyway
+        if os.path.basename(os.fsdecode(path)) in ("locked", ".cache"):
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(ValueError, match=r"1 directory under .*in could not be listed \(Permission denied\): "
+                                         r".*in/locked; .*chmod"):
+        discover([tmp_path / "in"])
+    with pytest.raises(SystemExit, match=r"^error: 1 directory under .*in/locked"):
+        pipeline.main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert discover([tmp_path / "in" / "ok"]) == [(str(tmp_path / "in" / "ok" / "a.jsonl"),)]
+
+
+def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys):
+    """`--out` under a file (or where the user may not write) ended in a NotADirectoryError / PermissionError
+    traceback from mkdir, after the inputs had been walked."""
+    from data import pipeline
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "file" / "run" / "1"), "--workers", "1"])
+    assert re.search(r"argument --out: cannot make the directory .*file/run/1: .*file is a file; name a directory",
+                     capsys.readouterr().err)
+
+
+def test_records_ending_in_a_bare_cr_after_lf_ended_ones_are_read_one_by_one(tmp_path):
+    """`cat unix.jsonl mac.jsonl`: the first line ends in LF, so the bare-CR check passes the file, and the classic-Mac
+    part was one line: its 4 records were one malformed_json drop, and 3 of them in no count. JSON strings hold no
+    raw CR, so a line that parses only split at its CRs is those records; one that does not is one drop still."""
+    from data.sources import read_records
+
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 300) for _ in range(4)]
+    path = tmp_path / "cat.jsonl"
+    raw = (json.dumps({"id": "u", "text": texts[0]}) + "\n"
+           + "".join(json.dumps({"id": f"m{i}", "text": t}) + "\r" for i, t in enumerate(texts[1:])) + "[1]\r\n"
+           + '{"text": "a\rb"}\n{bad\n').encode()
+    path.write_bytes(raw)
+    got = list(read_records([str(path)], with_ids=True))
+    assert [d["id"] for d, *_ in got if d] == ["u", "m0", "m1", "m2"]
+    # drops keep their line numbers (grep -n's: a line of records joined by CRs is one), after it too
+    assert [(r, rid) for d, r, _, rid in got if d is None] == [
+        ("not_an_object", f"{path}:2"), ("malformed_json", f"{path}:3"), ("malformed_json", f"{path}:4")]
+    assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
+
+
+def test_records_with_an_empty_id_are_named_by_where_they_were(tmp_path):
+    """An "id": "" (an export that writes missing strings empty: pandas after fillna('')) counts as no id, as null
+    does: a record dropped past ingest was logged with id "", which names nothing `--drops` can find."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n"
+                            for t, i in (("Too short.", ""), (en_text(rng, 120), " "), (en_text(rng, 120), "c"))))
+    run([path], tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    assert [r["id"] for r in report_mod.drops(tmp_path / "out")] == [f"{path}:1"]
+    assert [d["id"] for p in tier_shards(tmp_path / "out" / "raw") for d in iter_docs(p)] == [
+        f"{path}:1", f"{path}:2", "c"]
