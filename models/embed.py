@@ -55,6 +55,10 @@ def _lookup(table_VD, tokens_BT, dtype, table_type):
     # cast where the table lies (its own sharding), then gather it: else propagation moves the all-gather
     # in front of the cast
     table_VD = constrain(table_VD.astype(dtype), ("vocab", "embed"))
+    # ids laid out as a batch whatever the caller's layout: the backward (`_in_table_columns`) reaches its layout
+    # from this one cheaply, but from ids the partitioner had split along T over the batch axes (t2v's concatenated
+    # captions) only by replicating them: XLA's "Involuntary full rematerialization" on {data, fsdp} meshes
+    tokens_BT = constrain(tokens_BT, _token_axes(tokens_BT))
     vocab = "vocab" if _vocab_split_lookup(table_VD.shape[0], tokens_BT) else None
     return jnp.take(constrain(table_VD, (vocab, "act_embed")), tokens_BT, axis=0)
 

@@ -156,3 +156,43 @@ def test_fsdp_shards_every_large_video_parameter():
              if v.size >= 256 and v.sharding.is_fully_replicated
              and not any(w in jax.tree_util.keystr(p) for w in ("bias", "norm"))]
     assert not whole, whole
+
+
+_T2V_NO_REMATERIALIZATION = """
+import sys, jax
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_enable_compilation_cache", False)  # a cached program is not partitioned again: no warning
+from flax import nnx
+from experiments.video_steps import shard
+from models.video import TextToVideo, t2v_loss
+from parallel import logical_shardings, make_mesh
+from tests.test_video_sharding import NULL, T2V
+batch = {"latents": jax.numpy.zeros((8, 3, 4, 4, 4)), "tokens": jax.numpy.ones((8, 8), "int32"),
+         "caption_id": jax.numpy.arange(8) % 3}
+graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TextToVideo(T2V, rngs=nnx.Rngs(0))))
+for shape in ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    print("mesh", shape, file=sys.stderr, flush=True)
+    mesh = make_mesh(shape)
+    state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                         logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    loss = lambda s, b: t2v_loss(nnx.merge(graphdef, s), b, jax.random.key(0), NULL)[0]
+    with jax.set_mesh(mesh):
+        jax.jit(jax.grad(loss)).lower(state, shard(batch, mesh)).compile()
+"""
+
+
+def test_t2v_gradient_has_no_involuntary_full_rematerialization():
+    """The t2v gradient on the {data, fsdp} meshes (`train_video --mesh data=2,fsdp=2,tensor=2`, as its docstring
+    suggests) compiles without XLA's "Involuntary full rematerialization": the captions concatenated for the text
+    encoder's one pass were split along L over the batch axes, and the embedding's backward, which lays its ids out
+    over `data` alone, could only reach that by replicating them. XLA's warning is on stderr: a subprocess's, with
+    jax's compilation cache off (as tests/test_parallel.py's LM step)."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _T2V_NO_REMATERIALIZATION], capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("mesh {") == 2, run.stderr[-3000:]
+    assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
