@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 
 # (name, batch, M, K, N): out[b] = x[b] [M, K] @ y[b] [K, N]; batch 1: a plain 2-D product
 SHAPES = (
@@ -80,7 +80,7 @@ def main(argv=None):
     from experiments.config import at_least
     from parallel.host import tune_cpu_allocator
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)  # the child: pinned, prints JSON
     ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")

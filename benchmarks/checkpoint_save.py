@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 
 
 def child(handler: str, mesh_text: str, directory: str) -> dict:
@@ -64,7 +64,7 @@ def main(argv=None):
     from benchmarks.rounds import out_path, run_child
     from experiments.config import at_least
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=3)
     ap.add_argument("--mesh", type=eight_device_mesh, default="data=2,fsdp=2,tensor=2",
                     help="the demo state's mesh (8 devices)")

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -34,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.rounds import out_path, run_child, write_json  # noqa: E402
-from data.cli import run_main  # noqa: E402
+from data.cli import cli_parser, run_main  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from experiments.run_log import read_curves  # noqa: E402
 
@@ -189,7 +188,7 @@ def demo_run(out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--pairs", type=at_least(1), default=8)
     ap.add_argument("--chunk", type=at_least(1), default=5)
     ap.add_argument("--big-dtype", default="bfloat16", choices=["bfloat16", "float32", "none"])

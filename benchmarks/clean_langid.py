@@ -8,11 +8,10 @@ Candidates that are not installed are reported as such (they are pinned in the `
 
 from __future__ import annotations
 
-import argparse
 import collections
 import time
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.langid_samples import is_correct, keep_correct, samples
 
 
@@ -78,7 +77,7 @@ CANDIDATES = {"lingua (high accuracy)": _lingua, "lingua (low accuracy)": _lingu
 
 
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    cli_parser(__doc__, __spec__).parse_args(argv)
     data = samples()
     kinds = sorted({k for _, _, k in data})
     print(f"{len(data)} samples: " + ", ".join(f"{k} {sum(x[2] == k for x in data)}" for k in kinds))

@@ -21,7 +21,6 @@ does strictly more work per document. Prints one markdown table row per side.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import pathlib
@@ -30,7 +29,7 @@ import shutil
 import tempfile
 import time
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.corpus import stdlib_documents
 from data.filters import DEFAULT_BLOCKLIST, tokens
 from data.normalize import normalize_text
@@ -154,7 +153,7 @@ def run_datatrove(in_dir, out, workers, shards):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--synthetic", type=at_least(0), default=4000, help="synthetic en/zh documents added to the stdlib")
     ap.add_argument("--workers", type=at_least(1), default=2)
     ap.add_argument("--shards", type=at_least(1), default=8)

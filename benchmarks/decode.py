@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from parallel.host import tune_cpu_allocator
 
 STEPS = 8  # decode steps per timed call of the step timings
@@ -156,7 +156,7 @@ def main(argv=None):
     from benchmarks.rounds import out_path, write_json
     from experiments.config import at_least
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 8])
     ap.add_argument("--gens", type=gen_shape, nargs="+", default=[(32, 64), (10, 1000)],
                     help="generations, PxN: P prompt tokens, N new ones")

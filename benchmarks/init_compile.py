@@ -10,19 +10,18 @@ Each init is a fresh `jax.jit` (a new compile each time: the model function is r
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 
 
 def main(argv=None):
     from benchmarks.rounds import out_path, write_json
     from experiments.config import at_least
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=3)
     ap.add_argument("--json", type=out_path, default=None)
     args = ap.parse_args(argv)

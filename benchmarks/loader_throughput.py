@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.corpus import default_corpus
 from data.loader import LMLoader, LoaderConfig, Source
 from data.tokenizer import ByteTokenizer, pretokenize, tier_texts, train_bpe
@@ -45,7 +45,7 @@ def positive_rate(text: str) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--steps", type=at_least(1), default=400)
     ap.add_argument("--consumed", type=positive_rate, default=40_000, help="tokens/s the training config eats")
     args = ap.parse_args(argv)

@@ -21,7 +21,6 @@ Rounds interleave every contender; a ratio is the median over rounds of new / be
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -35,7 +34,7 @@ import models.linear as ml
 from benchmarks.moe_train import MOE
 from benchmarks.rounds import interleaved, out_path, pair_row, save
 from benchmarks.train_step import CFG, setup
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -113,7 +112,7 @@ def dit_contender(before: str | None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=10, help="interleaved measurement rounds")
     ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
     args = ap.parse_args(argv)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.rounds import out_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from models import moe_dispatch
 from models.moe import MoE, MoEConfig
@@ -101,7 +101,7 @@ def timed(call, steps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(2), default=9, help="at least 2: the results give quartiles")
     ap.add_argument("--steps", type=at_least(1), default=1, help="timed calls per measurement")
     ap.add_argument("--shapes", type=shape_names, default="mixtral,fine", help=f"comma-separated, from {list(SHAPES)}")

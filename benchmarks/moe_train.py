@@ -33,7 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, plot_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
@@ -142,7 +142,7 @@ def plot(res, path):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=7)
     ap.add_argument("--steps", type=at_least(1), default=2)
     ap.add_argument("--balance-steps", type=at_least(0), default=150)

@@ -13,7 +13,6 @@ measured bubble = 1 - reference / pipelined, which also counts ppermute and sche
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.cli import run_main  # noqa: E402
+from data.cli import cli_parser, run_main  # noqa: E402
 from experiments.config import at_least  # noqa: E402
 from parallel import make_mesh  # noqa: E402
 from parallel.pipeline import bubble_fraction, gpipe  # noqa: E402
@@ -65,7 +64,7 @@ def reference(mb: int, T: int, D: int, L: int, reps: int) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--stages", type=at_least(1), default=4)
     ap.add_argument("--micro", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--mb", type=at_least(1), default=8, help="examples per microbatch")

@@ -22,7 +22,7 @@ import tempfile
 
 import jax
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 
 
 def _cfg(args):
@@ -64,7 +64,7 @@ def main(argv=None):
     from benchmarks.rounds import out_path, run_child
     from experiments.config import ConfigError, at_least
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=2)
     ap.add_argument("--d-model", type=at_least(1), default=512)
     ap.add_argument("--layers", type=at_least(1), default=8)

@@ -25,7 +25,7 @@ import jax
 from benchmarks.moe_train import MOE
 from benchmarks.rounds import interleaved, out_path, pair_row, save
 from benchmarks.train_step import CFG, setup
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -63,7 +63,7 @@ layer_counts.__name__ = "comma-separated integers >= 1"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=8, help="interleaved measurement rounds")
     ap.add_argument("--layers", type=layer_counts, default=[4, 8, 16], help="layer counts, comma-separated")
     ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")

@@ -16,7 +16,6 @@ kernel's start (a lower bound; the reference step has no such dot since models.l
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import collections
 import glob
@@ -29,7 +28,7 @@ import jax
 
 from benchmarks.rounds import out_path, write_json
 from benchmarks.train_step import CFG, MATMUL_N, jax_matmul, schedulable_cores, setup
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_train_step
 from parallel.host import tune_cpu_allocator
@@ -214,7 +213,7 @@ def profile_torch_compile(steps: int, mm_gflop: float) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--steps", type=at_least(1), default=3, help="traced steps, one trace each (the median is shown)")
     ap.add_argument("--torch", action="store_true", help="also profile HF Llama under torch.compile")
     ap.add_argument("--json", type=out_path, metavar="OUT", help="write the breakdown here")

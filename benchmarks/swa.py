@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, plot_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from models.sliding_window import sliding_window_attention
 from parallel.host import tune_cpu_allocator
@@ -97,7 +97,7 @@ def train_step_32k(window=1024, T=32768):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--lengths", type=at_least(1), nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--windows", type=at_least(1), nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=at_least(1), default=3)

@@ -11,7 +11,6 @@ per-round ratios. Reference shape: d_model 256, 4 layers, 4 heads of 64, SwiGLU 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -26,7 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
@@ -156,7 +155,7 @@ def cpu_model() -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--rounds", type=at_least(1), default=7, help="interleaved measurement rounds")
     ap.add_argument("--steps", type=at_least(1), default=3, help="timed calls per contender per round")
     # at least 1: the first call compiles (jax.jit, torch.compile); with 0, round 1 timed the compilation

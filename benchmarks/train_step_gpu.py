@@ -19,7 +19,6 @@ back to the 'xla' kernel if cuDNN's fails:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
@@ -29,7 +28,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
@@ -68,7 +67,7 @@ def run(cfg: TransformerConfig, batch: int, seq: int, steps: int, warmup: int = 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--chip", default=None, help="scaling.hardware kind whose bf16 peak MFU is taken against "
                     "(default: the device's own, from jax's device_kind; h200 for --tiny on a CPU)")
     ap.add_argument("--batch", type=at_least(1), default=None, help="default 8 (--tiny: 2)")

@@ -14,7 +14,6 @@ load-independent figure (XLA's threads on 2 cores: wall ≈ CPU / 2 when the mac
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import time
@@ -26,7 +25,7 @@ import optax
 from flax import nnx
 
 from benchmarks.rounds import out_path, write_json
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.moving_shapes import dataset, null_tokens
 from experiments.checkpoint import CheckpointMismatch
 from experiments.config import at_least
@@ -124,7 +123,7 @@ def bench_psnr(p, run: pathlib.Path, clips: int = 256):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--run", default="runs/video/default", help="a train_video run directory (for the VAE PSNR)")
     ap.add_argument("--steps", type=at_least(1), default=20, help="timed train steps per variant")
     ap.add_argument("--json", type=out_path, default=None, help="also write the results here")

@@ -20,7 +20,7 @@ import optax
 from tqdm import tqdm
 
 from benchmarks.train_step import CFG, setup
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from experiments.config import at_least
 from experiments.lm_step import lm_loss
 from models.attention import attention
@@ -73,7 +73,7 @@ def option_set(text: str) -> tuple[str, dict]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--option", type=option_set, action="append", metavar="NAME=VALUE[;NAME=VALUE]",
                     help=f"an option set to compare with the defaults (default: {DEFAULT_SETS})")
     ap.add_argument("--rounds", type=at_least(1), default=16)

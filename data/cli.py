@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -19,3 +20,11 @@ def run_main(main, *args):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         sys.exit(1)
+
+
+def cli_parser(doc: str | None, spec) -> argparse.ArgumentParser:
+    """An ArgumentParser for a `python -m` entry point (`spec`: the module's `__spec__`): its usage line and errors
+    name the command a user types (`python -m experiments.aot`, where argparse's default is `aot.py`, which does not
+    run from the repository root), and its description is the module's docstring as written."""
+    prog = f"python -m {spec.name}" if spec is not None else None
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

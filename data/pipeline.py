@@ -32,7 +32,6 @@ again since.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import copy
 import dataclasses
@@ -51,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.augment import DomainGlossary
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
 from data.filters import QualityConfig
 from data.label import LabelConfig
@@ -608,7 +607,7 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("inputs", nargs="+",
                     help="JSON Lines / Parquet / text files (JSONL and text may be .gz, .bz2, .xz) or directories")
     ap.add_argument("--out", required=True)

@@ -8,13 +8,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 from collections.abc import Iterator
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.shards import TIERS, read_json
 from data.stages import StageStats
 
@@ -166,7 +165,7 @@ def unread_warning(rows) -> list[str]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("dir", help="the --out directory of a cleaning run")
     ap.add_argument("--drops", metavar="REASON", default=None,
                     help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason (and for "

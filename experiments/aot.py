@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from parallel.mesh import make_mesh, parse_mesh
 from parallel.sharding import abstract_sharded, batch_sharding, replicated
 
@@ -134,7 +134,7 @@ def _mesh_arg(text: str) -> dict[str, int]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--model", choices=sorted(PRESETS), default="7b")
     ap.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for")
     ap.add_argument("--mesh", action="append", type=_mesh_arg,

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
@@ -115,7 +115,7 @@ def multiple_of_32(text: str) -> int:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--steps", type=at_least(1), default=150)
     ap.add_argument("--widths", type=multiple_of_32, nargs="+", default=[64, 128, 256])
     ap.add_argument("--batch", type=at_least(1), default=16)

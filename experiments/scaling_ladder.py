@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from data.shards import write_json
 from experiments.config import at_least
@@ -322,7 +322,7 @@ def _positive(text: str) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
     ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
     ap.add_argument("--lr", type=_positive, default=None,

@@ -23,7 +23,6 @@ sample(["a red circle moving up"])` (uint8 videos).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import functools
@@ -42,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
@@ -647,7 +646,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--out", default=None, help="run directory (default runs/video/<preset>)")
     ap.add_argument("--mesh", default="data=-1",

@@ -16,14 +16,13 @@ seq 4096, PUE 1.1, 400 gCO2e/kWh -> 1.497e11 tokens, 6.42e21 model FLOPs, ~17.6 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import numbers
 import re
 
-from data.cli import run_main
+from data.cli import cli_parser, run_main
 from scaling.flops import LMShape, _finite_number, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip, peak_dtype
 from scaling.laws import ALLOCATIONS
@@ -349,7 +348,7 @@ FLAGS = {"params": "--params", "n_params": "--params", "flops": "--flops", "toke
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli_parser(__doc__, __spec__)
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--params", type=float, help="model size N (parameters)")
     g.add_argument("--flops", type=float, help="training budget C (FLOPs)")

@@ -87,6 +87,8 @@ def test_cli_output_and_errors(monkeypatch, capsys, closed_stdout):
                           (["--microbatches", "0"], "argument --microbatches: TransformerConfig.pipeline_")):
         with pytest.raises(SystemExit):
             aot.main(["--devices", "8", *argv])
-        assert message in capsys.readouterr().err, argv
+        err = capsys.readouterr().err
+        # the usage line names what a user types (argparse's default, `aot.py`, does not run from the repo root)
+        assert message in err and err.startswith("usage: python -m experiments.aot [-h]"), argv
     rc, err = closed_stdout("experiments.aot", "--devices", "1", "--seq", "64")
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err

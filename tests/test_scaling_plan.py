@@ -457,3 +457,5 @@ def test_cli_piped_into_head_ends_quietly(closed_stdout):
     # `python -m scaling.plan ... | head -1` ended in a BrokenPipeError traceback
     rc, err = closed_stdout("scaling.plan", "--params", "7e9")
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+    rc, err = closed_stdout("scaling.plan")  # usage and errors name the command typed, not argparse's `plan.py`
+    assert rc == 2 and err.startswith("usage: python -m scaling.plan [-h]") and "python -m scaling.plan: error:" in err
