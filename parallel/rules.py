@@ -58,11 +58,14 @@ ACTIVATION_RULES: dict[str, MeshAxes] = {
     # the video DiT's temporal attention [B, T, H·W, ...]: the tokens' split moves from frames to in-frame positions
     # (replicated when the sequence devices do not divide H·W: each then runs every position, as XLA did unasked)
     "act_frame_pos": "sequence",
+    # the video VAE's frame rows [B, T, H, W, C]: each sequence device convolves a band of them, exchanging halo rows
+    # (models.video.vae.Conv); replicated when the sequence devices do not divide H (each then runs every row)
+    "act_height": "sequence",
 }
 
 # Axes that fall back to replication instead of raising when the dimension does not divide the
 # mesh axis (MQA/GQA with fewer kv heads than tensor-parallel ranks: replicating K/V is standard).
-REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads", "act_capacity", "act_frame_pos"})
+REPLICATE_IF_INDIVISIBLE = frozenset({"kv_heads", "act_kv_heads", "act_capacity", "act_frame_pos", "act_height"})
 
 # What a refusal asks the user to change for a dimension the mesh does not divide: the config field that sizes it
 # (the same names in TransformerConfig, DiTConfig and AlignConfig); "dimension 'heads' of size 3" named no field.

@@ -463,3 +463,55 @@ def test_fsdp_all_gathers_every_weight_in_bf16_under_bf16_compute(fsdp_bf16_dump
     # one per weight of the 2 scanned layers' forward and backward, the LM head / embedding: not a handful
     assert len(gathers) >= 10, gathers
     assert all(s.startswith("bf16[") for s in gathers), gathers
+
+
+@pytest.mark.parametrize("rows,kernel", [(8, 3), (4, 5), (4, 9)], ids=["band>=halo", "2-hop", "taller-than-image"])
+def test_halo_map_convolves_bands_like_one_device(rows, kernel):
+    """parallel.halo.halo_map on {data 2, sequence 4}: a 'same' convolution of a [B, H, W, C] image split over
+    `sequence` along H equals one device's, forward and backward (bands of 2 rows with halo 1; of 1 row with halo 2,
+    fetched from two neighbours; halo 4 on a 4-row image, the farthest hops all padding)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel.halo import halo_map
+
+    def conv(x, w, pad):  # 'valid' over x padded with `pad` zero rows (halo_map's contract)
+        return jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (1, 1)],
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, rows, 3, 4)).astype(np.float32)
+    w = rng.normal(size=(kernel, 3, 4, 5)).astype(np.float32)
+    ct = rng.normal(size=(2, rows, 3, 5)).astype(np.float32)
+
+    def vjp(f, x, w):
+        y, back = jax.vjp(f, x, w)
+        return y, *back(ct)
+
+    ref = jax.jit(lambda x, w: vjp(lambda x, w: conv(x, w, kernel // 2), x, w))(x, w)
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "sequence")))
+        out = jax.jit(lambda x, w: vjp(lambda x, w: halo_map(conv, x, w, axis="sequence", dim=1, halo=kernel // 2),
+                                       x, w))(xs, w)
+    for got, want in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_halo_axis_splits_only_what_it_can():
+    """halo_axis: the axis when it divides the dim; None for an indivisible dim, a mesh without the axis, and bfloat16
+    on XLA:CPU beside other mesh axes (a bfloat16 all-reduce in a shard_map manual over some axes only aborts the
+    process there; the VAE's {data 2, sequence 4} bf16 gradient did)."""
+    import jax.numpy as jnp
+
+    from parallel.halo import halo_axis
+
+    with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})):
+        assert halo_axis("act_height", 8, jnp.float32) == ("sequence", 4)
+        assert halo_axis("act_height", 6, jnp.float32) == (None, 1)
+        assert halo_axis("act_height", 8, jnp.bfloat16) == ((None, 1) if jax.default_backend() == "cpu"
+                                                            else ("sequence", 4))
+    with jax.set_mesh(make_mesh({"sequence": 8})):
+        assert halo_axis("act_height", 8, jnp.bfloat16) == ("sequence", 8)
+    with jax.set_mesh(make_mesh({"data": 8})):
+        assert halo_axis("act_height", 8, jnp.float32) == (None, 1)
+    assert halo_axis("act_height", 8) == (None, 1)  # no mesh

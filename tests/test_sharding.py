@@ -24,10 +24,10 @@ def test_rules_errors_and_fallbacks():
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), mesh, shape=(32, 1, 8)) == jax.P(None, None, None)
     # ... and the axis it could not take stays free for a later dim (a replicated dim used it up: both untested)
     assert logical_to_spec(("act_kv_heads", "act_heads"), mesh, shape=(1, 8)) == jax.P(None, "tensor")
-    # MoE capacity slots and the DiT's in-frame positions too: C = 3 slots or H·W = 6 positions on 4 sequence devices
-    # stay whole (the capacity follows the routing, not a config field a user could round)
+    # MoE capacity slots, the DiT's in-frame positions and the VAE's rows too: C = 3 slots, H·W = 6 positions or 6 rows
+    # on 4 sequence devices stay whole (the capacity follows the routing, not a config field a user could round)
     sp = make_mesh({"data": 2, "sequence": 4})
-    for name in ("act_capacity", "act_frame_pos"):
+    for name in ("act_capacity", "act_frame_pos", "act_height"):
         assert logical_to_spec(("batch", name), sp, shape=(2, 6)) == jax.P("data", None), name
         assert logical_to_spec(("batch", name), sp, shape=(2, 8)) == jax.P("data", "sequence"), name
     # a size-1 axis drops out of the spec, as documented

@@ -22,27 +22,48 @@ from models.config import dtype_of
 from models.params import param
 from models.transformer import rms_norm
 from models.video.config import VAEConfig
+from parallel.halo import halo_axis, halo_map, whole
 from parallel.rules import constrain
 
 BATCH = ("batch", None, None, None, None)
+# Rows over `sequence` (`act_height`) where it divides them: each sequence device runs its band of every frame, the
+# convolutions exchanging halo rows (`Conv`). Height, not time: T = 1 + tf·k is odd at every level, and the causal
+# front padding and time_fold's lone frame 0 make the first frames special, whereas a height is H / 2^k at every
+# level, zero-padded alike at both ends.
+ROWS = ("batch", None, "act_height", None, None)
 
 
-def causal_conv3d(x_BTHWC, w_thwIO, b_O=None):
+def _row_axis(x_BTHWC):
+    """The mesh axis x's rows are split over (parallel.halo.halo_axis), or None: whole rows."""
+    return halo_axis("act_height", x_BTHWC.shape[2], x_BTHWC.dtype)[0]
+
+
+def _constrain(x_BTHWC):
+    """Batch over the batch axes; rows split only where the convolutions split them: a convolution is never left
+    to XLA with split rows (docs/parallelism.md)."""
+    return constrain(x_BTHWC, BATCH if _row_axis(x_BTHWC) is None else ROWS)
+
+
+def causal_conv3d(x_BTHWC, w_thwIO, b_O=None, *, pad: int | None = None):
     """3D convolution, causal in time ('same' in space). w: [kt, kh, kw, I, O].
 
     The kt temporal taps are stacked into channels and one 2D convolution runs over all B·T frames:
     the same arithmetic as a 3D convolution, but XLA:CPU runs it 3-8× faster than its conv3d.
+    pad: zero rows padded at the top and bottom (None: kh // 2, 'same'); the output has H + 2·pad - kh + 1 rows
+    (`parallel.halo.halo_map`'s bands arrive with their neighbours' rows: pad=0).
     """
     B, T, H, W, C = x_BTHWC.shape
     kt, kh, kw, _, n_out = w_thwIO.shape
+    pad = kh // 2 if pad is None else pad
     if kt > 1:
         front = jnp.repeat(x_BTHWC[:, :1], kt - 1, axis=1)
         xp = jnp.concatenate([front, x_BTHWC], axis=1)
         x_BTHWC = jnp.concatenate([xp[:, i:i + T] for i in range(kt)], axis=-1)  # tap i = frame t - (kt-1) + i
     w = w_thwIO.transpose(1, 2, 0, 3, 4).reshape(kh, kw, kt * C, n_out)
-    y = jax.lax.conv_general_dilated(x_BTHWC.reshape(B * T, H, W, kt * C), w.astype(x_BTHWC.dtype), (1, 1), "SAME",
+    y = jax.lax.conv_general_dilated(x_BTHWC.reshape(B * T, H, W, kt * C), w.astype(x_BTHWC.dtype), (1, 1),
+                                     [(pad, pad), (kw // 2, kw // 2)],
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = y.reshape(B, T, H, W, n_out)
+    y = y.reshape(B, T, y.shape[1], W, n_out)
     return y if b_O is None else y + b_O.astype(y.dtype)
 
 
@@ -78,7 +99,9 @@ def time_unfold(x_BTHWC):
 
 class Conv(nnx.Module):
     """Causal 3D convolution with bias. `in_axis`/`out_axis`: logical names of the channel dims (None for
-    RGB-sized dims that no mesh axis divides)."""
+    RGB-sized dims that no mesh axis divides). Where `act_height`'s mesh axis divides H, each device convolves
+    its band of rows in a shard_map over that axis alone (`parallel.halo.halo_map`): left to XLA, a split height
+    gave wrong gradients where fsdp also split the kernel's input channels (docs/parallelism.md)."""
 
     def __init__(self, cin, cout, kernel, *, rngs, dtype, std=None, in_axis="conv_in", out_axis="conv_out"):
         fan_in = cin * math.prod(kernel)
@@ -88,7 +111,10 @@ class Conv(nnx.Module):
         self.b = param(rngs, (cout,), (out_axis,), dtype, 0.0)
 
     def __call__(self, x):
-        return causal_conv3d(x, self.w[...], self.b[...])
+        axis = _row_axis(x)
+        if axis is None:  # whole rows, also where x comes from a split of twice its height
+            return causal_conv3d(whole(x, "act_height", 2), self.w[...], self.b[...])
+        return halo_map(causal_conv3d, x, self.w[...], self.b[...], axis=axis, dim=2, halo=self.w.shape[1] // 2)
 
 
 class ResBlock(nnx.Module):
@@ -105,7 +131,7 @@ class ResBlock(nnx.Module):
     def __call__(self, x):
         h = self.conv1(jax.nn.silu(rms_norm(x, self.norm1[...], self.eps)))
         h = self.conv2(jax.nn.silu(rms_norm(h, self.norm2[...], self.eps)))
-        return constrain(x + h, BATCH)
+        return _constrain(x + h)
 
 
 class Resample(nnx.Module):
@@ -123,10 +149,13 @@ class Resample(nnx.Module):
         if not self.up:
             x = time_fold(x) if self.time else x
             x = space_to_depth(x) if self.space else x
-        lead = x.shape[:-1]  # a 2-D matmul: its weight gradient is a plain dot on XLA:CPU
-        # the output width spelled out: reshape(*lead, -1) of an empty batch divided by zero (ZeroDivisionError)
-        x = (x.reshape(-1, x.shape[-1]) @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)).reshape(
-            *lead, self.w.shape[1])
+        w, b = self.w[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        if _row_axis(x) is None:
+            lead = x.shape[:-1]  # a 2-D matmul: its weight gradient is a plain dot on XLA:CPU
+            # the output width spelled out: reshape(*lead, -1) of an empty batch divided by zero (ZeroDivisionError)
+            x = (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*lead, self.w.shape[1])
+        else:  # rows split over devices are no per-device block of B·T·H·W flat rows: XLA gathered H (4x its FLOPs)
+            x = x @ w + b
         if self.up:
             x = depth_to_space(x) if self.space else x
             x = time_unfold(x) if self.time else x
@@ -154,7 +183,7 @@ class Encoder(nnx.Module):
             for blk in blocks:
                 x = blk(x)
             if i < len(self.down):
-                x = constrain(self.down[i](x), BATCH)
+                x = _constrain(self.down[i](x))
         x = self.conv_out(jax.nn.silu(rms_norm(x, self.norm_out[...], self.cfg.norm_eps)))
         mean, logvar = jnp.split(x.astype(jnp.float32), 2, axis=-1)
         return mean, jnp.clip(logvar, -20.0, 10.0)
@@ -183,7 +212,7 @@ class Decoder(nnx.Module):
             for blk in self.res[i]:
                 x = blk(x)
             if i > 0:
-                x = constrain(self.up[i - 1](x), BATCH)
+                x = _constrain(self.up[i - 1](x))
         x = self.conv_out(jax.nn.silu(rms_norm(x, self.norm_out[...], self.cfg.norm_eps)))
         return depth_to_space(x).astype(jnp.float32)
 
@@ -207,14 +236,14 @@ class VideoVAE(nnx.Module):
             raise ValueError(f"VideoVAE.encode: video must be floats in [-1, 1], got {x_BTHWC.dtype}; convert 8-bit "
                              "frames with x / 127.5 - 1")
         self.cfg.latent_shape(*x_BTHWC.shape[1:4])  # raises a ValueError naming the factor that does not divide
-        return self.encoder(constrain(x_BTHWC.astype(dtype_of(self.cfg.dtype)), BATCH))
+        return self.encoder(_constrain(x_BTHWC.astype(dtype_of(self.cfg.dtype))))
 
     def decode(self, z_BTHWZ):
         """[B, 1 + k, h, w, Z] → [B, 1 + tf·k, sf·h, sf·w, C] float32."""
         if z_BTHWZ.ndim != 5 or z_BTHWZ.shape[-1] != self.cfg.latent_channels:
             raise ValueError(f"VideoVAE.decode: latents must be [B, T, h, w, Z] with Z = VAEConfig.latent_channels="
                              f"{self.cfg.latent_channels}, got {list(z_BTHWZ.shape)}")
-        return self.decoder(constrain(z_BTHWZ.astype(dtype_of(self.cfg.dtype)), BATCH))
+        return self.decoder(_constrain(z_BTHWZ.astype(dtype_of(self.cfg.dtype))))
 
 
 def _exp_minus_1_minus(x):
