@@ -382,9 +382,9 @@ class Block(nnx.Module):
             k_BSKH, v_BSKH = layer(k_GBKSH), layer(v_GBKSH)
             k_att, v_att = (jnp.concatenate([c, n.astype(c.dtype)], 1) for c, n in ((k_BSKH, k_BTKH), (v_BSKH, v_BTKH)))
             pos_att = jnp.concatenate([pos_S, new_T])
-        mask = _cache_mask(new_T, pos_att, window, ctx.start, B)
         cd = q_BTNH.dtype
-        return attention(q_BTNH, k_att.astype(cd), v_att.astype(cd), mask, **kw), new_cache
+        return _cached_attention(q_BTNH, lambda: (k_att.astype(cd), v_att.astype(cd)), new_T, pos_att, window,
+                                 ctx.start, kw), new_cache
 
     @staticmethod
     def _attend_prefix(q_BTNH, cache, g, new_T, ctx: _Ctx, window, kw):
@@ -393,7 +393,7 @@ class Block(nnx.Module):
         chosen at run time by lax.switch when the length is traced. Scoring every allocated slot, masked, made a
         decode step early in a long generation read and score the whole cache (B 8, 10 of 1010 slots used)."""
         k_GBKSH, v_GBKSH, pos_S = cache
-        B, T = q_BTNH.shape[:2]
+        T = q_BTNH.shape[1]
         S, cd = pos_S.shape[0], q_BTNH.dtype
         # T new tokens fill at least min(T, S) slots: a smaller bucket is never chosen (a jitted chunk step, the
         # cache's length passed in, compiled a dead [T, n] attention for each)
@@ -404,8 +404,8 @@ class Block(nnx.Module):
                 # layer g's first n slots as attention takes them; the transpose cancels the kernel's own
                 part = lambda buf: jax.lax.dynamic_slice(  # noqa: E731
                     buf, (g, 0, 0, 0, 0), (1,) + buf.shape[1:3] + (n, buf.shape[4]))[0].transpose(0, 2, 1, 3)
-                mask = _cache_mask(new_T, pos_S[:n], window, start_B, B)
-                return attention(q_BTNH, part(k_GBKSH).astype(cd), part(v_GBKSH).astype(cd), mask, **kw)
+                return _cached_attention(q_BTNH, lambda: (part(k_GBKSH).astype(cd), part(v_GBKSH).astype(cd)), new_T,
+                                         pos_S[:n], window, start_B, kw)
             return run
 
         args = (q_BTNH, k_GBKSH, v_GBKSH, pos_S, g, new_T, ctx.start)
@@ -439,6 +439,45 @@ class Block(nnx.Module):
         out = local_attention(q, k, v, window, valid_BT=valid_BT, impl="blocked", block=cfg.swa_block, scale=scale,
                               logit_softcap=cfg.attn_logit_softcap)
         return out[:, S:]
+
+
+CACHED_QUERY_BLOCK = 128  # CPU: query rows per block of a multi-token cached attention
+CPU_CACHED_SCORE_BYTES = 8 << 20  # the float32 scores one cached attention may hold before it is tiled: CPU
+CACHED_SCORE_BYTES = 1 << 30  # other backends
+
+
+def cached_query_blocks(B: int, T: int, N: int, S: int, backend: str | None = None) -> int:
+    """How many query blocks, run in sequence, a T-token cached attention over S keys (N heads) is split into; 1 is
+    one kernel. On CPU, one [B, K, G, T, S] float32 score tensor (its exponentials too) past 8 MiB fell out of the
+    caches: T 1024 over S 1024 ran 3x slower than in 128-query blocks, a 512-token chunk over 4096 slots 2-3x
+    (generate, prompts of 2048-4096 tokens: 0.65-0.76x the CPU time in blocks); at 1-4 MiB the blocks cost 5-10%. A
+    GPU or TPU runs a block faster the larger it is, and a lax.map serialises the blocks, so there they only bound the
+    scores' memory (B 8, 32 heads, T 2048, S 8192: 17 GB), each at most 1 GiB. backend: None is jax's default."""
+    cpu = (backend or jax.default_backend()) == "cpu"
+    limit, scores = CPU_CACHED_SCORE_BYTES if cpu else CACHED_SCORE_BYTES, B * N * T * S * 4
+    if T == 1 or scores <= limit:
+        return 1
+    return -(-T // CACHED_QUERY_BLOCK) if cpu else min(T, -(-scores // limit))
+
+
+def _cached_attention(q_BTNH, kv, new_T, pos_S, window, start_B, kw):
+    """A cached attention (`_cache_mask`'s mask over slot positions pos_S [S], the new tokens at new_T [T]; kv() →
+    k, v [B, S, K, H]) in query blocks (`cached_query_blocks`) of equal size C, the last padded (its extra rows
+    dropped): the scores held at once are [B, K, G, C, S]. Each row's keys, mask and arithmetic are those of the one
+    kernel. → [B, T, N, H]."""
+    B, T, N, H = q_BTNH.shape
+    Q = cached_query_blocks(B, T, N, pos_S.shape[0])
+    if Q == 1:  # one-token decode always: its program as before the blocks (the mask built first)
+        mask = _cache_mask(new_T, pos_S, window, start_B, B)
+        return attention(q_BTNH, *kv(), mask, **kw)
+    k_BSKH, v_BSKH = kv()
+    C = -(-T // Q)
+    pad = Q * C - T
+    q_QBCNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, Q, C, N, H).transpose(1, 0, 2, 3, 4)
+    t_QC = jnp.pad(new_T, (0, pad), mode="edge").reshape(Q, C)  # a padding row: the last token's mask (no NaN)
+    o_QBCNH = jax.lax.map(lambda a: attention(a[0], k_BSKH, v_BSKH, _cache_mask(a[1], pos_S, window, start_B, B),
+                                              **kw), (q_QBCNH, t_QC))
+    return o_QBCNH.transpose(1, 0, 2, 3, 4).reshape(B, Q * C, N, H)[:, :T]
 
 
 def _cache_mask(new_T, pos_S, window, start_B, B: int):

@@ -853,3 +853,90 @@ def test_an_eos_that_never_comes_changes_nothing(model):
     free = np.asarray(generate(model, prompt, 8))
     never = [t for t in range(CFG.vocab_size) if t not in free][:2]
     np.testing.assert_array_equal(generate(model, prompt, 8, eos_id=never, trim=False), free)
+
+
+def test_cached_query_blocks_tile_for_the_cpu_caches_elsewhere_for_memory_only():
+    from models.transformer import CACHED_QUERY_BLOCK, cached_query_blocks
+
+    assert CACHED_QUERY_BLOCK == 128
+    assert [cached_query_blocks(4, T, 32, 8192, "cpu") for T in (1, 127, 128, 129, 512)] == [1, 1, 1, 2, 4]
+    # on CPU, scores that fit in 8 MiB stay one kernel (the blocks cost 5-10% there)
+    assert cached_query_blocks(1, 256, 4, 2048, "cpu") == 1 and cached_query_blocks(1, 1024, 4, 1024, "cpu") == 8
+    # elsewhere a lax.map serialises the blocks: one kernel until its float32 scores pass 1 GiB (decode: always)
+    assert cached_query_blocks(1, 512, 32, 8192, "gpu") == 1  # 512 MiB of scores
+    assert cached_query_blocks(1, 4096, 32, 8192, "gpu") == 4  # 4 GiB
+    assert cached_query_blocks(2, 4096, 32, 8192, "gpu") == 8 and cached_query_blocks(8, 2048, 32, 8192, "tpu") == 16
+    assert cached_query_blocks(64, 1, 64, 1 << 20, "gpu") == cached_query_blocks(64, 1, 64, 1 << 20) == 1  # decode
+
+
+def test_a_long_cached_chunk_holds_one_query_blocks_scores_not_the_chunks():
+    """A T-token call with a cache (a prompt's prefill, a chunk of one) scored all T queries against the cache's
+    slots at once: one [B, K, G, T, S] float32 tensor (B 8, 32 heads, T 2048, S 8192: 17 GB), which on CPU also fell
+    out of the caches (T 1024 over 1024 slots: 3x slower). On CPU it now goes in 128-query blocks, with the one
+    kernel's logits."""
+    import models.transformer as transformer
+    from models import KVCache
+
+    cfg = dataclasses.replace(CFG, max_seq_len=1024)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    B, T, S = 1, 1024, 1024  # 16 MiB of scores
+    tok = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
+    step = jax.jit(lambda t, c: model(t, cache=c))
+    scores = B * cfg.n_heads * T * S * 4
+    temp = step.lower(tok, KVCache.zeros(cfg, B, S)).compile().memory_analysis().temp_size_in_bytes
+    # the one kernel held the scores and their exponentials (2x scores); 128-query blocks, an eighth of that
+    assert temp < scores, (temp, scores)
+    tiled, _ = step(tok, KVCache.zeros(cfg, B, S))
+    with mock.patch.object(transformer, "cached_query_blocks", lambda *a: 1):
+        one, _ = jax.jit(lambda t, c: model(t, cache=c))(tok, KVCache.zeros(cfg, B, S))
+    np.testing.assert_allclose(tiled, one, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(tiled, model(tok), atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(attn_pattern="alternating", sliding_window=200),
+                                dict(n_layers=3, attn_pattern="2:1", sliding_window=150, attn_logit_softcap=5.0),
+                                dict(moe_every=2, scan_layers=False, attn_pattern="alternating", sliding_window=300),
+                                dict(dtype="bfloat16")],
+                         ids=["global", "alternating", "period3_softcap", "moe_unscanned", "bf16"])
+def test_chunks_around_the_query_block_equal_a_full_forward(kw, monkeypatch):
+    """Chunks shorter than, equal to and longer than the 128-query block and not a multiple of it (the blocks
+    balanced, the last padded), through a jitted step (the cache's length traced: the prefix buckets' lax.switch),
+    past a wrapped rolling buffer, with a left-padded row: each row's logits are a full forward's over its tokens."""
+    import models.transformer as transformer
+    from models import KVCache
+
+    monkeypatch.setattr(transformer, "CPU_CACHED_SCORE_BYTES", 0)  # blocks at this small model's scores too
+
+    cfg = dataclasses.replace(CFG, max_seq_len=600, **kw)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    chunks, pad = (1, 128, 129, 200, 70), 37
+    tok = jax.random.randint(jax.random.key(1), (2, sum(chunks)), 0, cfg.vocab_size)
+    cache, outs, lo = KVCache.zeros(cfg, 2, 600, start=jnp.array([0, pad])), [], 0
+    step = jax.jit(lambda t, c: model(t, cache=c))
+    for T in chunks:
+        logits, cache = step(tok[:, lo:lo + T], cache)
+        outs.append(logits.astype(jnp.float32))
+        lo += T
+    outs = jnp.concatenate(outs, 1)
+    atol = 5e-2 if cfg.dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(outs[0], model(tok[:1])[0].astype(jnp.float32), atol=atol)
+    np.testing.assert_allclose(outs[1, pad:], model(tok[1:, pad:])[0].astype(jnp.float32), atol=atol)
+
+
+def test_generate_with_a_tiled_prefill_on_a_tensor_mesh_equals_one_device(monkeypatch):
+    """A prompt longer than the 128-query block (its prefill's cached attention tiled by lax.map) with the heads
+    split over 'tensor': the tokens equal one device's, and greedy decoding's."""
+    import models.transformer as transformer
+    from parallel import create_sharded, make_mesh
+
+    monkeypatch.setattr(transformer, "CPU_CACHED_SCORE_BYTES", 0)
+
+    cfg = dataclasses.replace(CFG, n_kv_heads=2, max_seq_len=256)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(4), (4, 150), 0, cfg.vocab_size)
+    ref = generate(model, prompt, 4)
+    assert_greedy_continuation(model, prompt, ref)
+    mesh = make_mesh({"tensor": 2, "data": 4})
+    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh):
+        np.testing.assert_array_equal(generate(nnx.merge(graphdef, params), prompt, 4), ref)
