@@ -94,7 +94,7 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # held-out run (dedup_against) indexes every document the training run kept (one near another under a lower threshold
 # here was left out, and a held-out near copy of it kept); 15 = a JSON Lines line of records joined by bare CRs (Mac
 # line ends after LF-ended lines: `cat unix.jsonl mac.jsonl`) is read record by record (it was one malformed_json
-# drop), and a blank id is no id (named path:line, as null is).
+# drop; and, past --max-doc-bytes in all, one too_large drop), and a blank id is no id (named path:line, as null is).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left).
 OUTPUT_VERSION = 15
@@ -642,11 +642,13 @@ def main(argv=None):
     # checked, not made (a refused run leaves no directory): mkdir's NotADirectoryError / PermissionError was a
     # traceback once the inputs had been walked
     there = pathlib.Path(os.path.abspath(args.out))
-    while not there.exists():
+    while not there.exists() and not there.is_symlink():  # (a link to nothing stops it: mkdir's FileExistsError)
         there = there.parent
     if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
-        ap.error(f"argument --out: cannot make the directory {args.out}: {there} is "
-                 f"{'a file' if not there.is_dir() else 'not writable'}; name a directory you can write")
+        what = (f"a link to {os.readlink(there)}, which does not exist" if not there.exists() else
+                "a file" if not there.is_dir() else "not writable")
+        ap.error(f"argument --out: cannot make the directory {args.out}: {there} is {what}; name a directory you "
+                 "can write")
     try:  # bad inputs as one line, like the trainer's config errors
         stats = run(args.inputs, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:  # a check made only now (--dedup-against's run) names its flag too

@@ -352,6 +352,46 @@ def _cr_records(line: bytes | None, n: int) -> list[tuple[bytes | None, int]]:
     return list(zip(pieces, sizes))
 
 
+def _jsonl_records(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line index from 0, record or None where longer than `limit`, its bytes) of a JSON Lines file: each line's
+    records (`_cr_records`), or, for a line longer than `limit`, its CR-ended pieces each held and judged alone
+    (`_long_line`): a Mac part of 1.6 MB whose records each fit was one too_large drop. (Such a line is split at
+    every CR, unlike a shorter one, which splits only where all its pieces parse: it cannot be held whole to tell,
+    and whole it would be one too_large drop.)"""
+    for k, line in enumerate(iter(lambda: f.readline(limit + 1), b"")):
+        long = len(line) > limit and not line.endswith(b"\n")
+        yield from ((k, *r) for r in (_long_line(f, line, limit) if long else _cr_records(line, len(line))))
+
+
+def _long_line(f, buf: bytes, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """The pieces of a line longer than `limit` whose first bytes `buf` are, split after each bare CR (records joined
+    by classic Mac line ends), at most `limit` bytes held: (piece, size), or (None, size) for a piece longer than
+    `limit`, passed over unread; a line with no CR is one (None, size), as `_lines` skips it. A CR LF ends the line
+    (its last piece's end, no piece of its own)."""
+    skip = 0  # bytes of the current piece passed over: it is longer than `limit`
+    while True:
+        cut = buf.find(b"\r") + 1
+        if cut == len(buf) > 0:  # a CR last: whether an LF follows it is in the next byte
+            buf += f.read(1)
+        if cut:
+            cut += buf[cut:cut + 1] == b"\n"
+            piece, buf = buf[:cut], buf[cut:]
+            yield (None, skip + cut) if skip or cut > limit else (piece, cut)
+            skip = 0
+            if piece.endswith(b"\n"):
+                return
+            continue
+        end = buf.endswith(b"\n")
+        if len(buf) > limit:
+            skip, buf = skip + len(buf), b""
+        more = b"" if end else f.readline(1 << 20 if skip else limit + 1 - len(buf))
+        if not more:  # the line's (or the file's) end
+            if buf or skip:
+                yield (None, skip + len(buf)) if skip or len(buf) > limit else (buf, len(buf))
+            return
+        buf += more
+
+
 def _parses(raw: bytes) -> bool:
     try:
         json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape"))
@@ -366,8 +406,7 @@ def _read_jsonl(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     line_cfg = dataclasses.replace(ncfg, invalid_utf8="reject")
     with _opener(path)(path, "rb") as f:
         # (a line of records joined by bare CRs yields each, under the line's number)
-        for lineno, line, n in ((k, *r) for k, rec in enumerate(_lines(f, cfg.max_doc_bytes))
-                                for r in _cr_records(*rec)):
+        for lineno, line, n in _jsonl_records(f, cfg.max_doc_bytes):
             if line is not None and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is
                 line = line[3:]  # no part of a record: on any line, as `cat a.jsonl b.jsonl` puts b's mid-file
             if line is None:

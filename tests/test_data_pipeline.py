@@ -1861,6 +1861,21 @@ def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, cap
                      capsys.readouterr().err)
 
 
+
+def test_an_out_through_a_dangling_link_is_named_in_one_line(tmp_path, capsys):
+    """`--out` that is, or lies under, a link to nothing (a moved scratch disk) passed the check (it stopped at the
+    first path that exists, the link's folder) and ended in mkdir's FileExistsError traceback."""
+    from data import pipeline
+
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (tmp_path / "scratch").symlink_to(tmp_path / "gone")
+    for out in ("scratch", "scratch/run"):
+        with pytest.raises(SystemExit):
+            pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / out), "--workers", "1"])
+        assert re.search(r"argument --out: cannot make the directory .*scratch.*: .*scratch is a link to .*gone, "
+                         r"which does not exist; name a directory", capsys.readouterr().err), out
+
+
 def test_records_ending_in_a_bare_cr_after_lf_ended_ones_are_read_one_by_one(tmp_path):
     """`cat unix.jsonl mac.jsonl`: the first line ends in LF, so the bare-CR check passes the file, and the classic-Mac
     part was one line: its 4 records were one malformed_json drop, and 3 of them in no count. JSON strings hold no
@@ -1879,6 +1894,30 @@ def test_records_ending_in_a_bare_cr_after_lf_ended_ones_are_read_one_by_one(tmp
     # drops keep their line numbers (grep -n's: a line of records joined by CRs is one), after it too
     assert [(r, rid) for d, r, _, rid in got if d is None] == [
         ("not_an_object", f"{path}:2"), ("malformed_json", f"{path}:3"), ("malformed_json", f"{path}:4")]
+    assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
+
+
+
+def test_records_joined_by_bare_crs_past_max_doc_bytes_are_read_one_by_one(tmp_path):
+    """A classic-Mac part (after LF-ended lines) longer than max_doc_bytes in all, whose records each fit, was one
+    too_large drop: 3,000 records of 527 bytes (1.6 MB, the default limit 1 MB) were 1 drop, 2,999 in no count. Each
+    CR-ended piece of such a line is held and judged alone: one too large itself is too_large, one that does not
+    parse malformed_json, under the line's number; its CR LF end makes no empty record."""
+    from data.sources import SourceConfig, read_records
+
+    rng = np.random.default_rng(0)
+    recs = [json.dumps({"id": f"m{i}", "text": en_text(rng, 300)}) for i in range(6)]
+    limit = max(map(len, recs)) + 2
+    big = json.dumps({"id": "big", "text": en_text(rng, 3 * limit)})
+    path = tmp_path / "cat.jsonl"
+    line = lambda i: json.dumps({"id": i, "text": en_text(rng, 300)}) + "\n"  # noqa: E731
+    raw = (line("u") + "\r".join([*recs[:3], big, "{bad", *recs[3:]]) + "\r\n" + line("v") + "x" * 3 * limit + "\n"
+           + line("w")).encode()
+    path.write_bytes(raw)
+    got = list(read_records([str(path)], SourceConfig(max_doc_bytes=limit), with_ids=True))
+    assert [d["id"] for d, *_ in got if d] == ["u", *(f"m{i}" for i in range(6)), "v", "w"]
+    assert [(r, rid) for d, r, _, rid in got if d is None] == [
+        ("too_large", f"{path}:2"), ("malformed_json", f"{path}:2"), ("too_large", f"{path}:4")]
     assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
 
 
