@@ -105,24 +105,33 @@ def test_sequence_parallel_vae_equals_single_device(mesh_shape, frames, height, 
             lambda state, mesh: None, mesh_shape)
 
 
+def per_device_cost(make, loss_fn, batch):
+    """({'dp': FLOPs, 'sp': ...}, {'dp': temp bytes, ...}), the last compiled program: per device, jax.grad of
+    loss_fn(model, batch) compiled (not run: abstract parameters laid out by the rules table) on {data 8} ('dp')
+    and {data 2, sequence 4} ('sp')."""
+    flops, temp = {}, {}
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    loss = lambda s, b: loss_fn(nnx.merge(graphdef, s), b)  # noqa: E731
+    for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
+        mesh = make_mesh(shape)
+        state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
+                             logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
+        with jax.set_mesh(mesh):
+            c = jax.jit(jax.grad(loss)).lower(state, shard(batch, mesh)).compile()
+        ca = c.cost_analysis()
+        flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
+        temp[name] = c.memory_analysis().temp_size_in_bytes
+    return (flops, temp), c
+
+
 def test_sequence_parallel_vae_splits_its_rows():
     """Per device, the VAE's compiled loss gradient on {data 2, sequence 4} stays near {data 8}'s FLOPs and temp
     bytes: every sequence device ran its batch shard's whole encoder and decoder, 3.9x the FLOPs and 3.7x the temp
     bytes; now 1.12x / 1.5x (the halo rows of 2-row bands: XLA counts no FLOPs for a single device's zero padding,
     and each band's convolution input is stored with its halo rows). No activation is gathered."""
     video = jax.random.uniform(jax.random.key(0), (8, 5, 16, 16, 3), minval=-1, maxval=1)
-    flops, temp = {}, {}
-    for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
-        mesh = make_mesh(shape)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: VideoVAE(VAE, rngs=nnx.Rngs(0))))
-        state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
-                             logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
-        loss = lambda s, x: vae_loss(nnx.merge(graphdef, s), x, jax.random.key(1))[0]  # noqa: E731
-        with jax.set_mesh(mesh):
-            c = jax.jit(jax.grad(loss)).lower(state, shard(video, mesh)).compile()
-        ca = c.cost_analysis()
-        flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
-        temp[name] = c.memory_analysis().temp_size_in_bytes
+    (flops, temp), c = per_device_cost(lambda: VideoVAE(VAE, rngs=nnx.Rngs(0)),
+                                       lambda m, x: vae_loss(m, x, jax.random.key(1))[0], video)
     assert " all-gather(" not in c.as_text()
     assert flops["sp"] <= 1.15 * flops["dp"], flops
     assert temp["sp"] <= 1.6 * temp["dp"], temp
@@ -138,18 +147,8 @@ def test_sequence_parallel_dit_splits_its_projections():
     cfg = dataclasses.replace(T2V, dit=dataclasses.replace(T2V.dit, latent_shape=(4, 8, 8)))
     batch = {"latents": jax.random.normal(jax.random.key(1), (8, 4, 8, 8, 4)),
              "tokens": jax.random.randint(jax.random.key(0), (8, 8), 2, 16), "caption_id": jnp.arange(8) % 3}
-    flops, temp = {}, {}
-    for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
-        mesh = make_mesh(shape)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0))))
-        state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abstract,
-                             logical_shardings(abstract, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable))
-        loss = lambda s, b: t2v_loss(nnx.merge(graphdef, s), b, jax.random.key(0), NULL)[0]  # noqa: E731
-        with jax.set_mesh(mesh):  # compiled only: no parameter values needed
-            c = jax.jit(jax.grad(loss)).lower(state, shard(batch, mesh)).compile()
-        ca = c.cost_analysis()
-        flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
-        temp[name] = c.memory_analysis().temp_size_in_bytes
+    (flops, temp), _ = per_device_cost(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)),
+                                       lambda m, b: t2v_loss(m, b, jax.random.key(0), NULL)[0], batch)
     assert flops["sp"] <= 1.1 * flops["dp"], flops
     assert temp["sp"] <= 1.15 * temp["dp"], temp
 
