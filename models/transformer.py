@@ -462,9 +462,9 @@ def cached_query_blocks(B: int, T: int, N: int, S: int, backend: str | None = No
 
 def _cached_attention(q_BTNH, kv, new_T, pos_S, window, start_B, kw):
     """A cached attention (`_cache_mask`'s mask over slot positions pos_S [S], the new tokens at new_T [T]; kv() →
-    k, v [B, S, K, H]) in query blocks (`cached_query_blocks`) of equal size C, the last padded (its extra rows
-    dropped): the scores held at once are [B, K, G, C, S]. Each row's keys, mask and arithmetic are those of the one
-    kernel. → [B, T, N, H]."""
+    k, v [B, S, K, H]) in query blocks of equal size C = ceil(T / Q) (Q: `cached_query_blocks`), ceil(T / C) of them,
+    the last padded (its extra rows dropped): the scores held at once are [B, K, G, C, S]. Each row's keys, mask and
+    arithmetic are those of the one kernel. → [B, T, N, H]."""
     B, T, N, H = q_BTNH.shape
     Q = cached_query_blocks(B, T, N, pos_S.shape[0])
     if Q == 1:  # one-token decode always: its program as before the blocks (the mask built first)
@@ -472,6 +472,7 @@ def _cached_attention(q_BTNH, kv, new_T, pos_S, window, start_B, kw):
         return attention(q_BTNH, *kv(), mask, **kw)
     k_BSKH, v_BSKH = kv()
     C = -(-T // Q)
+    Q = -(-T // C)  # no block all padding: Q 5 of T 7 (C 2) ran 10 rows, Q 6 of 7 ran 12 (the non-CPU rule's Q ~ T)
     pad = Q * C - T
     q_QBCNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, Q, C, N, H).transpose(1, 0, 2, 3, 4)
     t_QC = jnp.pad(new_T, (0, pad), mode="edge").reshape(Q, C)  # a padding row: the last token's mask (no NaN)

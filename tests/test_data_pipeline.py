@@ -1848,7 +1848,7 @@ def test_a_directory_that_cannot_be_listed_is_refused_naming_it(tmp_path, monkey
     assert discover([tmp_path / "in" / "ok"]) == [(str(tmp_path / "in" / "ok" / "a.jsonl"),)]
 
 
-def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys):
+def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys, monkeypatch):
     """`--out` under a file (or where the user may not write) ended in a NotADirectoryError / PermissionError
     traceback from mkdir, after the inputs had been walked."""
     from data import pipeline
@@ -1859,6 +1859,11 @@ def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, cap
         pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "file" / "run" / "1"), "--workers", "1"])
     assert re.search(r"argument --out: cannot make the directory .*file/run/1: .*file is a file; name a directory",
                      capsys.readouterr().err)
+    # a directory one may write in but not enter (-w-: mkdir under it fails); root passes os.access, so it is faked
+    monkeypatch.setattr(pipeline.os, "access", lambda path, mode: not mode & os.X_OK)
+    with pytest.raises(SystemExit):
+        pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "run"), "--workers", "1"])
+    assert re.search(r"argument --out: cannot make the directory .*run: .* is not writable", capsys.readouterr().err)
 
 
 
@@ -1895,6 +1900,14 @@ def test_records_ending_in_a_bare_cr_after_lf_ended_ones_are_read_one_by_one(tmp
     assert [(r, rid) for d, r, _, rid in got if d is None] == [
         ("not_an_object", f"{path}:2"), ("malformed_json", f"{path}:3"), ("malformed_json", f"{path}:4")]
     assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
+    # each piece counts its own bytes and its CR; a line that parses whole (CR and blanks as JSON whitespace) is one
+    # record, with no empty piece after it; one whose pieces do not all parse is one drop, its good pieces too
+    lines = [b'{"id": "a", "text": "x"}\r{"id": "b", "text": "yz"}\n', b'{"id": "c", "text": "w"}\r \n',
+             b'{"id": "d", "text": "v"}\r{bad\n']
+    (tmp_path / "pieces.jsonl").write_bytes(b"".join(lines))
+    got = [(d and d["id"], r, n) for d, r, n, _ in read_records([str(tmp_path / "pieces.jsonl")], with_ids=True)]
+    assert got == [("a", None, 25), ("b", None, 26), ("c", None, len(lines[1])),
+                   (None, "malformed_json", len(lines[2]))]
 
 
 

@@ -866,6 +866,8 @@ def test_cached_query_blocks_tile_for_the_cpu_caches_elsewhere_for_memory_only()
     assert cached_query_blocks(1, 512, 32, 8192, "gpu") == 1  # 512 MiB of scores
     assert cached_query_blocks(1, 4096, 32, 8192, "gpu") == 4  # 4 GiB
     assert cached_query_blocks(2, 4096, 32, 8192, "gpu") == 8 and cached_query_blocks(8, 2048, 32, 8192, "tpu") == 16
+    assert cached_query_blocks(1, 1536, 32, 8192, "gpu") == 2  # 1.5 GiB: no block over 1 GiB
+    assert cached_query_blocks(1, 2, 64, 1 << 23, "gpu") == 2  # 2 GiB a row: a row a block, no more blocks than rows
     assert cached_query_blocks(64, 1, 64, 1 << 20, "gpu") == cached_query_blocks(64, 1, 64, 1 << 20) == 1  # decode
 
 
@@ -940,3 +942,28 @@ def test_generate_with_a_tiled_prefill_on_a_tensor_mesh_equals_one_device(monkey
     graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh):
         np.testing.assert_array_equal(generate(nnx.merge(graphdef, params), prompt, 4), ref)
+
+
+@pytest.mark.parametrize("T,Q", [(7, 5), (7, 6), (255, 254), (129, 2), (300, 7)])
+def test_cached_query_blocks_leave_no_block_all_padding(T, Q, monkeypatch):
+    """Q blocks of C = ceil(T / Q) rows: where the rule's Q nears T (the non-CPU rule, rows of ~1 GiB of scores)
+    whole blocks were padding (T 7, Q 5: 10 rows scored, T 255, Q 254: 508). Blocks stay at most C rows (the memory
+    bound); padding is less than one block, and the rows are the one kernel's."""
+    import models.transformer as transformer
+
+    monkeypatch.setattr(transformer, "cached_query_blocks", lambda *a: Q)
+    B, N, K, H, S = 2, 4, 2, 8, 40
+    q_BTNH = jax.random.normal(jax.random.key(0), (B, T, N, H))
+    kv = lambda: tuple(jax.random.normal(jax.random.key(i), (B, S, K, H)) for i in (1, 2))  # noqa: E731
+    new_T, pos_S, start_B = 30 + jnp.arange(T), jnp.arange(S) - 3, jnp.array([0, 4])
+    run = lambda q: transformer._cached_attention(q, kv, new_T, pos_S, None, start_B, {})  # noqa: E731
+    scans = [e for e in jax.make_jaxpr(run)(q_BTNH).jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    blocks, C = scans[0].params["length"], -(-T // Q)
+    assert scans[0].invars[-1].aval.shape[1] == C  # the new positions' block [Q, C]: the rows held at once
+    assert 0 <= blocks * C - T < C, (blocks, C)
+    tiled = run(q_BTNH)
+    monkeypatch.setattr(transformer, "cached_query_blocks", lambda *a: 1)
+    np.testing.assert_allclose(tiled, run(q_BTNH), atol=1e-6)
+    # one block is the one kernel, no loop around it (a decode step's program as before the blocks)
+    assert not [e for e in jax.make_jaxpr(lambda q: run(q))(q_BTNH).jaxpr.eqns if e.primitive.name == "scan"]
