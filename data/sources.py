@@ -112,7 +112,7 @@ def _walk(root: pathlib.Path) -> list[pathlib.Path]:
         n = len(unlisted)
         raise ValueError(f"{n} director{'y' if n == 1 else 'ies'} under {root} could not be listed "
                          f"({unlisted[0].strerror}): "
-                         f"{', '.join(e.filename for e in unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}; their "
+                         f"{', '.join(e.filename for e in unlisted[:5])}{' ...' if n > 5 else ''}; their "
                          "files would be in no count: make them readable (e.g. chmod -R a+rX DIR), or pass the "
                          "readable files / folders themselves")
     return found
