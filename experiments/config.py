@@ -7,6 +7,9 @@ CLI overrides and validation before anything compiles.
 Overrides are `--set section.field=value` (the value converted to the field's declared type: true/false for bool,
 none for optional fields, integral numbers for int, `1,2` or `(1, 2)` for tuples; `mesh=data=2,fsdp=4`) or the flat
 flags `--steps --batch --seq --lr --mesh --out --seed`, applied in command-line order (the last of a key wins).
+A nested config that is off (model.moe, model.rope_scaling: none) is turned on by setting its defining field
+(`TURNS_ON`: model.moe.n_experts; rope_scaling.kind or .factor), its other fields taking their defaults; another of
+its fields alone is refused.
 """
 
 from __future__ import annotations
@@ -347,6 +350,24 @@ def _default_nested(annotation: str, namespace: dict):
     return None
 
 
+# The fields that turn an optional nested config that is off on from its defaults; any other alone is refused.
+# model.moe.lb_loss_weight=0.02 (or dispatch=capacity) on a dense preset made it MoEConfig's 8 experts of width 512
+# in every layer (tiny: 39k -> 814k parameters), silently; rope_scaling.beta_fast=16 turned on llama3 scaling x8.
+TURNS_ON = {"model.moe": ("n_experts",), "model.rope_scaling": ("kind", "factor")}
+
+
+def _check_turned_on(key: str, default, deeper: dict[str, str]) -> None:
+    """Refuse `deeper` (`{field: text}` under `key`, a nested config that is None) unless it names a TURNS_ON field."""
+    on = TURNS_ON.get(key)
+    if on is None or default is None or any(k.split(".")[0] in on for k in deeper):
+        return
+    first = next(iter(deeper))
+    raise ConfigError(f"{key}.{first}: {key} is none (off), so this would turn it on with {type(default).__name__}'s "
+                      f"defaults ({', '.join(f'{f}={getattr(default, f)!r}' for f in on)}, ...); to turn it on set "
+                      f"{' or '.join(f'{key}.{f}' for f in on)} as well (e.g. --set {key}.{on[0]}="
+                      f"{getattr(default, on[0])}), or drop the override")
+
+
 def _close_setting(key: str, cfg: RunConfig) -> str | None:
     """The `section.field` key a misspelt section (`trian.steps`) or a field without its section (`steps`, `lr`)
     most likely meant, as a misspelt field is matched against its config's fields; None: nothing close."""
@@ -378,6 +399,8 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
             raise ConfigError(f"{key}: expected an integer axis size (-1: the remaining devices), got {text!r}") \
                 from None
     for key in sets:
+        if key in ("model", "data", "optim", "train"):  # (the close key below was e.g. model.d_model)
+            raise ConfigError(f"{key}: is a section, not a setting; set its fields, e.g. --set {key}.<field>=...")
         if key.split(".")[0] not in ("model", "data", "optim", "train") or "." not in key:
             close = _close_setting(key, cfg)
             hint = f"did you mean {close}? " if close else ""
@@ -399,6 +422,7 @@ def apply_overrides(cfg: RunConfig, sets: dict[str, str]) -> RunConfig:
                 child = changes.get(name, getattr(obj, name, None))
                 if child is None:  # an optional nested config that is off (moe, rope_scaling): start from defaults
                     child = _default_nested(str(fields[name]), vars(sys.modules[type(obj).__module__]))
+                    _check_turned_on(key, child, deeper)
                 if not dataclasses.is_dataclass(child):
                     raise ConfigError(f"{key}.{next(iter(deeper))}: {name} is not a nested config")
                 changes[name] = go(child, key + ".", deeper)

@@ -31,6 +31,9 @@ def parse_mesh(text: str) -> dict[str, int]:
         pairs = [(k.strip(), int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())]
     except ValueError:
         raise ValueError(f"mesh: cannot parse {text!r}; write axis=size pairs like data=2,fsdp=4") from None
+    if not pairs:  # '' (an unset shell variable) was {}: make_mesh took it for data=-1, train_lm for 1 device
+        raise ValueError(f"mesh: {text!r} names no axis; write axis=size pairs like data=2,fsdp=4 (data=-1: every "
+                         "device on data)")
     twice = sorted({k for k, _ in pairs if [a for a, _ in pairs].count(k) > 1})
     if twice:
         raise ValueError(f"mesh: {text!r} names {twice} more than once; give each axis one size")

@@ -58,6 +58,24 @@ def _check_builder(model_fn, where: str) -> None:
                         "device: place it with shard_state(nnx.split(model)[1], mesh))")
 
 
+def _check_moe_pipeline(model, mesh, rules) -> None:
+    """A model with MoE layers (a models.Transformer: `cfg.moe_layers()`) on a mesh whose axis for 'layers' splits its
+    layer stack: MoE layers do not pipeline, which its forward says by name, but placement came first and, for stacks
+    that did not divide the axis, advised 'use a config n_layers that is a multiple of 2', a count that then placed
+    only for the forward to refuse the model."""
+    moe_layers = getattr(getattr(model, "cfg", None), "moe_layers", None)
+    if not callable(moe_layers) or not any(moe_layers()):
+        return
+    axes = logical_to_spec(("layers",), mesh, rules=rules)[0]
+    if axes is None:
+        return
+    sizes, n = _mesh_axes(mesh), sum(moe_layers())
+    named = " × ".join(f"{a!r} ({sizes[a]})" for a in ((axes,) if isinstance(axes, str) else axes))
+    raise ValueError(f"MoE layers under pipeline parallelism are not supported (their auxiliary losses do not cross "
+                     f"stages yet): this model has {n} MoE layer{'s' * (n != 1)} and mesh axis {named} splits the "
+                     "layer stack; use a mesh without a 'stage' axis, or a config without MoE (moe=None)")
+
+
 def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     """Build `model_fn()` directly sharded on `mesh`: abstract init, then a jitted init whose
     `out_shardings` come from the rules table, so no device ever holds the full model.
@@ -69,6 +87,7 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     A module of your own with `nnx.with_partitioning(init, logical_names)` builds here as it is; built plainly
     (one device, e.g. a reference) flax reads the logical names as mesh axes and fails, so create its parameters
     inside `with nnx.use_eager_sharding(False):` in `__init__`, as models/ does (or build it under that context).
+    A Transformer with MoE layers on a mesh whose 'stage' axis splits the layer stack raises: they do not pipeline.
     """
     _check_builder(model_fn, "create_sharded")
     # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
@@ -76,6 +95,7 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(model_fn)
         graphdef, abs_state = nnx.split(abstract)
+        _check_moe_pipeline(abstract, mesh, rules)
         shardings = logical_shardings(abs_state, mesh, rules)
         init = jax.jit(lambda: nnx.split(model_fn())[1], out_shardings=shardings)
         with jax.set_mesh(mesh):
@@ -89,7 +109,9 @@ def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     only to be overwritten costs an init compile and the model's memory once more)."""
     _check_builder(model_fn, "abstract_sharded")
     with nnx.use_eager_sharding(False):
-        graphdef, abs_state = nnx.split(nnx.eval_shape(model_fn))
+        abstract = nnx.eval_shape(model_fn)
+        graphdef, abs_state = nnx.split(abstract)
+    _check_moe_pipeline(abstract, mesh, rules)
     shardings = logical_shardings(abs_state, mesh, rules)
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,
                          shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))

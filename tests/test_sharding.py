@@ -845,6 +845,31 @@ def test_the_rules_table_places_each_name_on_the_mesh_axes_it_names():
         assert "layers" not in sharing_axis("layers", "fsdp") and "embed" in sharing_axis("layers", "fsdp")
 
 
+def test_an_moe_model_on_a_stage_mesh_is_refused_for_its_moe_layers_not_its_layer_count():
+    """MoE layers do not pipeline (the model's forward refuses them by name), but placement came first: a 2-layer
+    model with one MoE layer was told 'use a config n_layers that is a multiple of 2' (its 1-layer stacks), and 4
+    layers then placed, only for the forward to refuse. A dense model keeps the rules' count advice; rules that
+    keep the layer stack whole (layers=None) place the MoE model as before."""
+    from flax import nnx
+
+    from models import Transformer
+    from models.moe import MoEConfig
+    from parallel import abstract_sharded, create_sharded
+
+    mesh = make_mesh({"stage": 2, "fsdp": 4})
+    moe = dataclasses.replace(CFG, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=32), moe_every=2)
+    for n_layers in (2, 4):
+        cfg = dataclasses.replace(moe, n_layers=n_layers)
+        for place in (create_sharded, abstract_sharded):
+            with pytest.raises(ValueError, match=r"^MoE layers under pipeline parallelism are not supported .*mesh "
+                                                 r"axis 'stage' \(2\) splits the layer stack.*without a 'stage' axis"):
+                place(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    with pytest.raises(ValueError, match="use a config n_layers that is a multiple of 2"):  # dense: as before
+        abstract_sharded(lambda: Transformer(dataclasses.replace(CFG, n_layers=1), rngs=nnx.Rngs(0)), mesh)
+    _, state = abstract_sharded(lambda: Transformer(moe, rngs=nnx.Rngs(0)), mesh, rules={"layers": None})
+    assert state["moe_blocks"]["attn_norm"].get_value().sharding.spec == jax.P()
+
+
 def test_shard_state_and_abstract_sharded_place_by_the_rules_argument():
     """`rules=` of shard_state and abstract_sharded (the restore target) overrides the table as create_sharded's does:
     only create_sharded's was tested, so either could ignore it and place by the table (a checkpoint restored with
@@ -1048,6 +1073,21 @@ def test_parse_mesh_refuses_unknown_axis_names_as_make_mesh_does():
     with pytest.raises(ValueError, match=r"^mesh axes \['dat'\] are unknown; use names from \('data',"):
         make_mesh({"dat": 2})
     assert parse_mesh("stage=2, fsdp=-1,tensor=1") == {"stage": 2, "fsdp": -1, "tensor": 1}
+
+
+def test_parse_mesh_refuses_a_mesh_with_no_axes():
+    """--mesh '' (an unset shell variable) parsed to {}: train_video's make_mesh({}) then put every device on data,
+    silently, while train_lm refused it as "mesh {} needs 1 devices but 8 are available"."""
+    from experiments.config import ConfigError, load, validate
+    from parallel.mesh import parse_mesh
+
+    for text in ("", " ", ",", " , "):
+        with pytest.raises(ValueError, match=r"^mesh: .* names no axis; write axis=size pairs like data=2,fsdp=4 "
+                                             r"\(data=-1: every device on data\)"):
+            parse_mesh(text)
+    with pytest.raises(ConfigError, match=r"^mesh: '' names no axis"):
+        validate(load(["--preset", "tiny", "--mesh", ""]), 8)
+    assert parse_mesh("data=2,") == {"data": 2}  # a trailing comma, as before
 
 
 def test_parse_mesh_names_a_value_that_is_not_a_string():

@@ -134,6 +134,16 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--seed", "-1"], 8, "train.seed: must be in [0, 4294966]"),
     (["--preset", "tiny", "--seed", "5000000"], 8, "train.seed: must be in [0, 4294966]"),
     (["--preset", "tiny", "--set", "model.moe.n_experts=0"], 8, "model.moe.n_experts: "),
+    # a field of a nested config that is off, without the one that turns it on: tiny silently became MoEConfig's 8
+    # experts of width 512 in every layer (39k -> 814k parameters); rope_scaling turned on llama3 scaling x8
+    (["--preset", "tiny", "--set", "model.moe.lb_loss_weight=0.02"], 8, "model.moe.lb_loss_weight: model.moe is none "
+     "(off), so this would turn it on with MoEConfig's defaults (n_experts=8, ...); to turn it on set "
+     "model.moe.n_experts as well (e.g. --set model.moe.n_experts=8), or drop the override"),
+    (["--preset", "demo", "--set", "model.moe=none", "--set", "model.moe.dispatch=capacity"], 8,
+     "model.moe.dispatch: model.moe is none (off), so this would turn it on"),
+    (["--preset", "tiny", "--set", "model.rope_scaling.beta_fast=16"], 8, "model.rope_scaling.beta_fast: "
+     "model.rope_scaling is none (off), so this would turn it on with RopeScaling's defaults (kind='llama3', "
+     "factor=8.0, ...); to turn it on set model.rope_scaling.kind or model.rope_scaling.factor as well"),
     # pipeline stages run whole pattern periods, without MoE
     (["--preset", "tiny", "--mesh", "stage=2,fsdp=4"], 8,
      "mesh.stage: model.n_layers=2 (pattern period 2) does not split into 2 stages; use a multiple of 4 layers"),
@@ -170,6 +180,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "model.*, mesh[.axis], data.*, optim.* or train.*"),
     (["--preset", "tiny", "--set", "lr=1e-3"], 8, "lr: unknown setting; did you mean optim.lr? use model.*"),
     (["--preset", "tiny", "--set", "=5"], 8, "--set '=5': write KEY=VALUE"),
+    # a section as a key: it suggested model.d_model
+    (["--preset", "tiny", "--set", "model=none"], 8, "model: is a section, not a setting; set its fields, e.g. "
+     "--set model.<field>=..."),
     # int32 step counters: 1e30 validated, then the wsd schedule failed building the optimizer (a bare OverflowError)
     (["--preset", "tiny", "--set", "train.steps=1e30"], 8, "train.steps: must be at most 2147483647 (the step "
      "counters are int32), got 1000000000000000019884624838656"),
@@ -300,7 +313,8 @@ def test_short_flags_and_set_apply_in_command_line_order():
     # (the fields were applied to MoEConfig's defaults: the "dense" run trained 8 experts)
     off = ["--preset", "demo", "--set", "model.moe.top_k=1"]
     assert load([*off, "--set", "model.moe=none"]).model.moe is None
-    assert load([*off, "--set", "model.moe=none", "--set", "model.moe.top_k=1"]).model.moe.top_k == 1
+    on = load([*off, "--set", "model.moe=none", "--set", "model.moe.n_experts=2", "--set", "model.moe.top_k=1"])
+    assert (on.model.moe.n_experts, on.model.moe.top_k) == (2, 1)
 
 
 def test_set_converts_to_the_declared_type():
