@@ -51,8 +51,9 @@ class MoESpec:
     n_experts] and a selection bias [n_experts] (no FLOPs). `moe_every=k`: layers k-1, 2k-1, ... are
     MoE, the rest dense. `capacity_factor` (> 1 only for capacity dispatch) scales the *executed*
     routed-expert FLOPs (`matmul_flops_per_token(executed=True)`); model FLOPs never include it.
-    `dispatch` ('capacity' | 'dropless') and `dropless_impl` (models.moe's) only change the memory model: dropless
-    through capacity buffers (impl 'capacity', or 'auto' with experts sharded) runs C = T slots per expert."""
+    `dispatch` ('capacity' | 'dropless') and `dropless_impl` (models.moe's) change what the kernels run, never the
+    model FLOPs: the executed FLOPs (`executed_slots`) and the memory model. Dropless through capacity buffers (impl
+    'capacity', or 'auto' with experts sharded) runs C = T slots per expert."""
 
     n_experts: int
     top_k: int

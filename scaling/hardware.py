@@ -121,8 +121,9 @@ def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = 
     TPUs: the bf16 peak (their MXUs multiply float32 in bf16 passes). NVIDIA: bf16 / fp16 as named; float32 runs
     on TF32 tensor cores unless `matmul_precision` (jax's `jax_default_matmul_precision`) asks for full float32
     ('highest' / 'float32'), which gets the plain FP32 peak. fp8 (any float8_* dtype) and int8 get the chip's
-    own fp8 / int8 peak (TPUs too, where published); (None, device_kind) for one that has none (an A100's fp8, a
-    float64 model): no peak is better than the TF32 one, which is a quarter of an H100's fp8 peak.
+    own fp8 / int8 peak (TPUs too, where published); (None, device_kind) for an NVIDIA chip that has none (an
+    A100's fp8, a float64 model): no peak is better than the TF32 one, which is a quarter of an H100's fp8 peak. A
+    TPU without one (v5e's fp8, any float64 model) gets its bf16 peak.
     """
     kind = device_kind.lower()
     key = next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
