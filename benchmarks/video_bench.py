@@ -6,7 +6,8 @@
    variants' steps interleaved.
 2. Sampling time per clip: Euler with classifier-free guidance (two DiT passes per step), batch 64,
    plus VAE decoding.
-3. VAE reconstruction PSNR on held-out clips, from the run's checkpoint (--run; skipped without one).
+3. VAE reconstruction PSNR on held-out clips, from the run's checkpoint (--run, refused without one; without
+   --run, runs/video/default's, skipped without one).
 
 Wall-clock and process CPU-seconds are both reported: on a shared machine the CPU-seconds are the
 load-independent figure (XLA's threads on 2 cores: wall ≈ CPU / 2 when the machine is quiet).
@@ -124,16 +125,22 @@ def bench_psnr(p, run: pathlib.Path, clips: int = 256):
 
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
-    ap.add_argument("--run", default="runs/video/default", help="a train_video run directory (for the VAE PSNR)")
+    ap.add_argument("--run", default=None, help="a train_video run directory, for the VAE PSNR (default "
+                    "runs/video/default, skipped if it has no checkpoint)")
     ap.add_argument("--steps", type=at_least(1), default=20, help="timed train steps per variant")
     ap.add_argument("--json", type=out_path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     p = PRESETS["default"]
+    run = pathlib.Path("runs/video/default" if args.run is None else args.run)
+    # a run named that is none (a typo) was found out after the timed benchmarks, and exited 0
+    if args.run is not None and not (run / "ckpt" / "vae").is_dir():
+        ap.error(f"argument --run: {args.run} holds no train_video run (no {run / 'ckpt' / 'vae'}); name the --out of "
+                 "python -m experiments.train_video, or leave --run out")
     try:  # first: a run of another preset failed only after the timed benchmarks (minutes)
-        vae = bench_psnr(p, pathlib.Path(args.run))
+        vae = bench_psnr(p, run)
     except CheckpointMismatch as e:
         shapes = str(e).split("; use another checkpoint")[0]  # (its advice is the LM trainer's train.out)
-        ap.error(f"argument --run: {args.run} is not a run of experiments.train_video's default preset, which this "
+        ap.error(f"argument --run: {run} is not a run of experiments.train_video's default preset, which this "
                  f"benchmark measures (a --preset tiny run?): {shapes}")
     out = {"train_step": bench_train_steps(p, args.steps), "sampling": bench_sampling(p, 3), "vae": vae}
     print("| attention | batch | tokens | params | DiT GFLOP/step | wall s/step | CPU s/step |")
@@ -146,7 +153,7 @@ def main(argv=None):
           f"wall, {s['sample_cpu_ms_per_clip']:.1f} CPU-ms/clip; VAE decode {s['decode_wall_ms_per_clip']:.1f} ms/clip "
           f"wall, {s['decode_cpu_ms_per_clip']:.1f} CPU-ms/clip")
     if out["vae"] is None:
-        print(f"\nVAE PSNR: no checkpoint under {args.run}/ckpt/vae; run `python -m experiments.train_video` first")
+        print(f"\nVAE PSNR: no checkpoint under {run}/ckpt/vae; run `python -m experiments.train_video` first")
     else:
         v = out["vae"]
         print(f"\nVAE reconstruction PSNR on {v['clips']} held-out clips (step {v['vae_step']}): {v['psnr_db']:.2f} dB")

@@ -33,7 +33,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from grain.experimental import ConcatThenSplitIterDataset
 
 from data.seeds import check_field_types, read_once
-from data.shards import decode_doc, read_json, tier_shards
+from data.shards import decode_doc, id_text, read_json, tier_shards
 from data.tokenizer import TOKENS_MAGIC
 
 
@@ -246,9 +246,10 @@ class Tokenize:
                                  f"(one has {sorted(missing)}); set text_field to the one holding the text")
             texts = [d[self.text_field] for d in docs]
             if bad := next((d for d, t in zip(docs, texts) if not isinstance(t, str)), None):
-                raise ValueError(f"LoaderConfig.text_field={self.text_field!r}: a document (id {bad.get('id')!r}) "
-                                 f"holds {type(bad[self.text_field]).__name__} there, not text; clean the tier with "
-                                 "data.pipeline (it drops such records as bad_text_type) or fix the field")
+                raise ValueError(f"LoaderConfig.text_field={self.text_field!r}: a document (id "
+                                 f"{id_text(bad.get('id'))!r}) holds {type(bad[self.text_field]).__name__} there, "
+                                 "not text; clean the tier with data.pipeline (it drops such records as bad_text_type) "
+                                 "or fix the field")
             if hasattr(self.tokenizer, "encode_batch"):
                 encoded = self.tokenizer.encode_batch(texts)
             else:

@@ -96,7 +96,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # line ends after LF-ended lines: `cat unix.jsonl mac.jsonl`) is read record by record (it was one malformed_json
 # drop; and, past --max-doc-bytes in all, one too_large drop), and a blank id is no id (named path:line, as null is).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
-# `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left).
+# `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
+# the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
 OUTPUT_VERSION = 15
 
 
@@ -386,7 +387,7 @@ def _survivor_ids(out: pathlib.Path, drops: dict, cfg: PipelineConfig) -> dict[s
         run_dir = pathlib.Path(cfg.dedup_against) if prefix else out
         js = sorted(set(js))
         for j, doc in zip(js, read_docs(run_dir / "filtered" / f"{shard_name(i)}.array_record", js)):
-            ids[f"{prefix}{i}:{j}"] = None if doc.get("id") is None else str(doc["id"])  # (as StageStats.drop)
+            ids[f"{prefix}{i}:{j}"] = doc.get("id")  # (read back from JSON: as StageStats.drop logs it)
     return ids
 
 
@@ -649,6 +650,17 @@ def main(argv=None):
                 "a file" if not there.is_dir() else "not writable")
         ap.error(f"argument --out: cannot make the directory {args.out}: {there} is {what}; name a directory you "
                  "can write")
+    # where mkdir fails anyway (as root: /sys, /proc), a directory made and removed: the first the run makes (or,
+    # the directory there, one in it, as the run makes its tiers)
+    want = pathlib.Path(os.path.abspath(args.out))
+    probe = there / want.relative_to(there).parts[0] if there != want else want / f".probe-{os.getpid()}"
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        what = f"make directories in {args.out}" if there == want else f"make the directory {args.out}"
+        where = f"{probe}: " if there != want and probe != want else ""
+        ap.error(f"argument --out: cannot {what}: {where}{e.strerror}; name a directory you can write")
     try:  # bad inputs as one line, like the trainer's config errors
         stats = run(args.inputs, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:  # a check made only now (--dedup-against's run) names its flag too

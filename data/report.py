@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 
 from data.cli import cli_parser, run_main
-from data.shards import TIERS, read_json
+from data.shards import TIERS, id_text, read_json
 from data.stages import StageStats
 
 
@@ -63,7 +63,7 @@ def _kept_instead(row: dict) -> str:
         return ""
     run = "the dedup_against run's " if row["reason"].endswith("_reference") else ""
     sim = f", Jaccard ~{row['jaccard']:.2f}" if "jaccard" in row else ""
-    return f"\tduplicate of {row['duplicate_of']} ({run}{row['duplicate_at']}{sim})"
+    return f"\tduplicate of {id_text(row['duplicate_of'])} ({run}{row['duplicate_at']}{sim})"
 
 
 def reconcile(rows) -> list[str]:
@@ -136,8 +136,8 @@ def report(out_dir) -> str:
         tags = {k[7:]: v for k, v in counted.counters.items() if k.startswith("domain:")}
         lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in sorted(tags.items(), key=lambda kv: -kv[1]))
                                         or "none"))
-    examples = [f"  {tier}/{s.name} {r}: {', '.join(ids)}" for tier, s in rows for r, ids in sorted(s.examples.items())
-                if ids]
+    examples = [f"  {tier}/{s.name} {r}: {', '.join(map(id_text, ids))}" for tier, s in rows
+                for r, ids in sorted(s.examples.items()) if ids]
     if examples:
         lines += ["", "dropped records, the first few per reason (ids: path:line, path:row, or a text file's path):",
                   *examples]
@@ -175,7 +175,7 @@ def main(argv=None):
         if args.drops is not None:
             listed = 0
             for row in drops(args.dir, None if args.drops == "all" else args.drops):
-                print(f"{row['id']}\t{row['tier']}/{row['stage']}\t{row['reason']}{_kept_instead(row)}")
+                print(f"{id_text(row['id'])}\t{row['tier']}/{row['stage']}\t{row['reason']}{_kept_instead(row)}")
                 listed += 1
             if not listed and args.drops != "all":  # a mistyped reason printed nothing and exited 0, like a clean one
                 reasons = sorted({r for _, s in funnel(args.dir) for r in s.dropped})

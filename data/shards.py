@@ -78,6 +78,24 @@ def _portable(v, where: str = ""):
     raise TypeError(f"field {where} holds a {type(v).__name__} ({v!r:.60}), which JSON cannot hold; {fix}")
 
 
+def loggable_id(record_id):
+    """A record's id as the drop logs and stats hold it: the JSON value itself, so a list / dict / number / bool id
+    reads back as the input had it (str() logged "['a', 1]" and "True", which no JSON reader takes back and the input
+    does not hold); one JSON cannot hold (a custom stage's numpy int is its number) as its str."""
+    if record_id is None or isinstance(record_id, str):
+        return record_id
+    try:
+        return _portable(record_id)
+    except (TypeError, ValueError, RecursionError):
+        return str(record_id)
+
+
+def id_text(record_id) -> str:
+    """A record's id as listings and messages print it: a str as itself, any other id as JSON (["a", 1], true)."""
+    v = loggable_id(record_id)
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+
+
 _NOT_A_DOC = ("shards hold one JSON object per record (DocWriter.write({'text': ...}), a cleaning run's tiers); "
               "raw text goes through the cleaning pipeline first (python -m data.pipeline IN --out DIR)")
 
@@ -119,15 +137,16 @@ class DocWriter:
         if not isinstance(doc, dict):  # a str was written as a JSON string, which no reader takes for a document
             raise TypeError(f"DocWriter.write: a document must be a dict, e.g. {{'text': text}}, got "
                             f"{type(doc).__name__}")
+        rid = id_text(doc.get("id"))  # (as the drop logs print it)
         try:
             rec = encode_doc(doc)
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" from a JSON escape): it named no record or field
             where = _surrogate_at(doc) or "?"
-            raise ValueError(f"DocWriter.write: record {self.count} (id {doc.get('id')!r}) of {self.path}: field "
+            raise ValueError(f"DocWriter.write: record {self.count} (id {rid!r}) of {self.path}: field "
                              f"{where} holds a lone UTF-16 surrogate, which UTF-8 cannot store; replace them with "
                              "data.normalize.replace_surrogates (the cleaning pipeline does)") from None
         except (TypeError, ValueError) as e:  # json's "Object of type set is not JSON serializable" named neither
-            raise type(e)(f"DocWriter.write: record {self.count} (id {doc.get('id')!r}) of {self.path}: {e}") from None
+            raise type(e)(f"DocWriter.write: record {self.count} (id {rid!r}) of {self.path}: {e}") from None
         return self.write_record(rec)
 
     def write_record(self, rec: bytes) -> int:

@@ -25,6 +25,7 @@ import json
 import lzma
 import os
 import pathlib
+import stat
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -124,8 +125,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
     shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4,
     archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
-    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8, and directories it cannot
-    list."""
+    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8, inputs that are not regular
+    files (a FIFO, a socket, a device), and directories it cannot list."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -145,9 +146,18 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
             if broken:
                 raise FileNotFoundError(f"{len(broken)} inputs under {p} are broken symbolic links: "
                                         f"{', '.join(broken[:5])}; fix or remove them")
+            # a FIFO, a socket or a device was passed over, in no count (reading a FIFO waits for a writer)
+            special = sorted(f"{f} ({what})" for f in found if (what := _special(f)))
+            if special:
+                raise ValueError(f"{len(special)} inputs under {p} are not regular files: {', '.join(special[:5])}"
+                                 f"{' ...' if len(special) > 5 else ''}; the pipeline reads files (each more than "
+                                 "once): remove them, or pass the files / folders themselves")
             files += sorted(str(f) for f in found if f.is_file())  # (as strings: shard order of earlier runs)
         elif p.is_file():
             files.append(str(p))
+        elif what := _special(p):  # (`<(zcat a.jsonl.gz)`, said not to exist)
+            raise ValueError(f"input {p} is {what}, not a regular file; the pipeline reads each input more than once "
+                             "(and stamps its size to resume): write it to a file first, e.g. cat IN > in.jsonl")
         else:
             raise FileNotFoundError(f"input {p} does not exist; pass JSONL/Parquet/text files or directories")
     # a file named twice (a folder and a file in it, or a link to another input) was read twice: its records counted
@@ -181,6 +191,18 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     if texts:
         shards.append(tuple(texts))
     return shards
+
+
+def _special(path: pathlib.Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a directory (links followed): 'a FIFO', ..."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # (gone, or a broken link: named elsewhere)
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
 
 
 def _unread(path: str) -> str | None:
@@ -229,10 +251,39 @@ def _not_json_lines(path: str, limit: int) -> str | None:
         return "lines end in a bare CR, so it reads as one line: convert them, e.g. tr '\\r' '\\n' < IN > OUT.jsonl"
     head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"["):
-        return "a JSON array, not one object per line: convert it, e.g. jq -c '.[]' IN > OUT.jsonl"
+        return _array_fix(path, limit)
     if head.split(b"\n", 1)[0].strip() == b"{":
         return "a pretty-printed JSON document, not one object per line: write it with jq -c"
     return None
+
+
+def _array_fix(path: str, limit: int) -> str:
+    """How to convert a `.json(l)` file that begins with a JSON array: one big array of records splits with jq -c
+    '.[]', but that split a file of one array per line (a table's rows) into its cells, none of them a record."""
+    try:
+        with _opener(path)(path, "rb") as f:
+            lines = (line for line in iter(lambda: f.readline(limit + 1), b"") if line.strip())
+            first, second = next(lines, b""), next(lines, b"")
+        rows = json.loads(first.removeprefix(b"\xef\xbb\xbf"))
+    except (*_READ_ERRORS, ValueError, RecursionError):  # a pretty-printed array (its first line "["): one big one
+        rows = None
+    per_line = isinstance(rows, list) and second.lstrip().startswith(b"[")
+    one = rows[0] if isinstance(rows, list) and rows else None
+    # where the text is in a row: its longest string, a guess the advice names as one
+    at = lambda row: max(range(len(row)), key=lambda k: len(row[k]) if isinstance(row[k], str) else -1)  # noqa: E731
+    if per_line and one is not None and not isinstance(one, dict):
+        k = at(rows)
+        return (f"one JSON array per line (a table's rows), not one object: make each an object with its text in a "
+                f"field, e.g. jq -c '{{text: .[{k}]}}' IN > OUT.jsonl (.[{k}]: where the text is in each row; add the "
+                "columns you keep, e.g. id: .[0])")
+    if per_line:
+        return "one JSON array per line, not one object: convert them, e.g. jq -c '.[]' IN > OUT.jsonl"
+    if isinstance(one, str):
+        return "a JSON array of texts, not one object per line: convert it, e.g. jq -c '.[] | {text: .}' IN > OUT.jsonl"
+    if isinstance(one, list) and one:
+        return (f"a JSON array of rows, not one object per line: convert it, e.g. jq -c '.[] | {{text: .[{at(one)}]}}' "
+                "IN > OUT.jsonl (where the text is in each row)")
+    return "a JSON array, not one object per line: convert it, e.g. jq -c '.[]' IN > OUT.jsonl"
 
 
 def file_stamps(shards: Sequence[tuple[str, ...]]) -> dict[str, list[int]]:

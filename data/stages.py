@@ -17,6 +17,7 @@ from data.filters import QualityConfig, quality_filter
 from data.label import REPETITION_FAMILIES, SCORED_SIGNALS, LabelConfig, domain_tags, quality_score
 from data.langid import LangID, LangIDConfig
 from data.normalize import NormalizeConfig, normalize_counted
+from data.shards import id_text, loggable_id
 
 # signals kept on the document for the labelling stage (the full set is ~30 floats)
 KEPT_SIGNALS = ("words", "cjk_chars", "mean_word_len", "symbol_ratio", "special_char_ratio", "digit_ratio",
@@ -58,14 +59,16 @@ class StageStats:
         self.docs_out += 1
         self.bytes_out += n
 
-    def drop(self, reason: str, n: int, record_id: str | None = None, **detail):
-        """detail: more fields for the drop's line in the log (a duplicate's survivor)."""
+    def drop(self, reason: str, n: int, record_id=None, **detail):
+        """record_id: logged as the JSON value it is (`loggable_id`). detail: more fields for the drop's line in the
+        log (a duplicate's survivor)."""
         self.dropped[reason] += 1
         self.dropped_bytes[reason] += n
-        self.log.append((None if record_id is None else str(record_id), reason) + ((detail,) if detail else ()))
+        record_id = loggable_id(record_id)
+        self.log.append((record_id, reason) + ((detail,) if detail else ()))
         ids = self.examples.setdefault(reason, [])
         if record_id is not None and len(ids) < EXAMPLES:
-            ids.append(str(record_id))
+            ids.append(record_id)
 
     def reconciles(self) -> bool:
         return self.docs_in == self.docs_out + sum(self.dropped.values())
@@ -112,7 +115,7 @@ def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:
             if hasattr(stage, "count"):
                 stage.count(st, doc, dropped=False)
         except Exception as e:  # a custom stage's KeyError('meta') named neither the stage nor the record
-            e.add_note(f"in stage {stage.name!r} on record {doc.get('id')!r} (data.stages.run_stages)")
+            e.add_note(f"in stage {stage.name!r} on record {id_text(doc.get('id'))!r} (data.stages.run_stages)")
             raise
     return doc
 

@@ -334,6 +334,24 @@ def test_video_bench_checks_its_run_before_the_timed_benchmarks(tmp_path, monkey
     assert exit_info.value.code == 2 and "argument --run" in err and "default preset" in err
 
 
+def test_video_bench_refuses_a_named_run_that_is_no_run(tmp_path, monkeypatch, capsys):
+    """`--run bogus` (a typo, the LM run's folder) ran the timed benchmarks (about 2 minutes), then said no checkpoint
+    was there and exited 0. A --run named is refused first; without --run, a missing default run skips the PSNR."""
+    from benchmarks import video_bench
+
+    def timed_bench(*_):
+        raise AssertionError("a timed benchmark ran before --run was checked")
+
+    monkeypatch.setattr(video_bench, "bench_train_steps", timed_bench)
+    monkeypatch.setattr(video_bench, "bench_sampling", timed_bench)
+    for run in (tmp_path / "bogus", tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            video_bench.main(["--run", str(run), "--steps", "1"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"argument --run: {run} holds no train_video run" in err, err
+    assert not (tmp_path / "bogus").exists()
+
+
 def test_video_bench_leaves_a_missing_run_directory_alone(tmp_path):
     """--run names a directory to read: a mistyped one was created (holding an empty ckpt/vae) by the
     checkpoint manager the PSNR benchmark opened for writing."""

@@ -600,6 +600,24 @@ def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
         assert not (tmp_path / f"out-{name}").exists()
 
 
+def test_a_json_lines_file_of_arrays_is_refused_with_the_conversion_that_fits_it(tmp_path):
+    """Every array was refused with jq -c '.[]', right for one big array of records, wrong for a file of one array per
+    line (a table's rows): it split each row into its cells, one a line, none of them a record."""
+    from data.sources import discover
+
+    recs = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}]
+    cases = {"big.json": (json.dumps(recs), "jq -c '.[]' IN"),
+             "pretty.json": (json.dumps(recs, indent=1), "jq -c '.[]' IN"),
+             "texts.json": (json.dumps(["one", "two"]), "jq -c '.[] | {text: .}' IN"),
+             "table.json": (json.dumps([["a", "some text"], ["b", "more"]]), "jq -c '.[] | {text: .[1]}' IN"),
+             "rows.jsonl": ('["a", "some text", 3]\n["b", "more text", 4]\n', "jq -c '{text: .[1]}' IN"),
+             "batches.jsonl": (f"{json.dumps(recs)}\n{json.dumps(recs)}\n", "jq -c '.[]' IN")}
+    for name, (raw, fix) in cases.items():
+        (tmp_path / name).write_text(raw)
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} (") + r"[^)]*JSON array.*" + re.escape(fix)):
+            discover([tmp_path / name])
+
+
 def test_hooks_that_cannot_reach_worker_processes_are_named():
     with pytest.raises(ValueError, match="PipelineConfig.augment cannot be sent to worker processes"):
         PipelineConfig(augment=lambda d: d, workers=2)
@@ -1430,7 +1448,7 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
                       ("copy_of_near_b", "exact_dup"): {"duplicate_of": "x", "duplicate_at": at(0, 1),
                                                         "jaccard": j_near},
                       ("x", "exact_dup"): {"duplicate_of": f"{first}:3", "duplicate_at": at(0, 2)},
-                      ("copy_d", "exact_dup"): {"duplicate_of": "7", "duplicate_at": at(1, 1)}}  # as ids are logged
+                      ("copy_d", "exact_dup"): {"duplicate_of": 7, "duplicate_at": at(1, 1)}}  # the input's int
     # the place names the survivor: its filtered record is the cleaned tier's copy
     filtered = list(iter_docs(tier_shards(tmp_path / "clean" / "filtered")[0]))
     assert [filtered[k]["text"] for k in (0, 1, 2)] == [a, b, c]
@@ -1458,6 +1476,28 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
     assert [r for r in report_mod.drops(tmp_path / "clean") if r["id"] == "x"] == [
         {"id": "x", "tier": "cleaned", "stage": "dedup", "reason": "exact_dup", "duplicate_of": f"{first}:3",
          "duplicate_at": at(0, 2)}]
+
+
+def test_ids_of_any_json_type_are_logged_and_listed_as_json(tmp_path, capsys):
+    """A list / dict / bool id was logged as Python's str of it ("['a', 1]", "True"), in drops.jsonl, the stats'
+    examples, a duplicate's duplicate_of and `--drops`: no JSON reader (jq) takes it back, and the input holds no
+    such text to grep for. The logs hold the id itself, and listings and messages print it as JSON."""
+    from data.stages import QualityFilter, StageStats, run_stages
+
+    text = en_text(np.random.default_rng(0), 120)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for t, i in
+                            [("Too short.", ["a", 1]), (text, {"k": "ü"}), (text, True), ("Short.", 7)]))
+    run([path], tmp_path / "out", PipelineConfig(workers=1, filters=(QualityFilter(),), labelers=(), augment=None),
+        progress=False)
+    assert [(r["id"], r["reason"], r.get("duplicate_of")) for r in report_mod.drops(tmp_path / "out")] == [
+        (["a", 1], "too_short", None), (7, "too_short", None), (True, "exact_dup", {"k": "ü"})]
+    report_mod.main([str(tmp_path / "out"), "--drops", "all"])
+    assert [ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()] == ['["a", 1]', "7", "true"]
+    assert 'quality too_short: ["a", 1], 7' in report_mod.report(tmp_path / "out")
+    with pytest.raises(KeyError) as e:  # a failing stage's note names the record as the input has it
+        run_stages({"text": "x", "id": ["a", 1]}, [Raises()], [StageStats("raises")])
+    assert """on record '["a", 1]'""" in "\n".join(e.value.__notes__)
 
 
 def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
@@ -1848,6 +1888,31 @@ def test_a_directory_that_cannot_be_listed_is_refused_naming_it(tmp_path, monkey
     assert discover([tmp_path / "in" / "ok"]) == [(str(tmp_path / "in" / "ok" / "a.jsonl"),)]
 
 
+def test_inputs_that_are_not_regular_files_are_refused_naming_them(tmp_path):
+    """A FIFO or a socket in an input folder was passed over: in no count, named nowhere (a broken link or a folder
+    that cannot be listed is refused). Named as an input, a FIFO (`<(zcat a.jsonl.gz)`) was said not to exist."""
+    import socket
+
+    from data import pipeline
+    from data.sources import discover
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    os.mkfifo(tmp_path / "in" / "pipe.jsonl")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "in" / "sock"))
+        with pytest.raises(ValueError, match=r"2 inputs under .*in are not regular files: .*in/pipe.jsonl \(a FIFO\), "
+                                             r".*in/sock \(a socket\); .*remove them"):
+            discover([tmp_path / "in"])
+    with pytest.raises(ValueError, match=r"input .*pipe.jsonl is a FIFO, not a regular file; .*write it to a file"):
+        discover([tmp_path / "in" / "pipe.jsonl"])
+    with pytest.raises(SystemExit, match=r"^error: input .*pipe.jsonl is a FIFO"):
+        pipeline.main([str(tmp_path / "in" / "pipe.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    (tmp_path / "in" / "pipe.jsonl").unlink()
+    (tmp_path / "in" / "sock").unlink()
+    assert discover([tmp_path / "in"]) == [(str(tmp_path / "in" / "a.jsonl"),)]
+
+
 def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, capsys, monkeypatch):
     """`--out` under a file (or where the user may not write) ended in a NotADirectoryError / PermissionError
     traceback from mkdir, after the inputs had been walked."""
@@ -1864,6 +1929,30 @@ def test_an_out_directory_that_cannot_be_made_is_named_in_one_line(tmp_path, cap
     with pytest.raises(SystemExit):
         pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "run"), "--workers", "1"])
     assert re.search(r"argument --out: cannot make the directory .*run: .* is not writable", capsys.readouterr().err)
+    monkeypatch.undo()
+    # a folder where even root may not make one (/sys, /proc): os.access says yes, and mkdir's PermissionError was a
+    # traceback once the inputs had been walked
+    mkdir = os.mkdir
+
+    def refused(path, *args, **kwargs):
+        if "sysfs" in pathlib.Path(path).parts:
+            raise PermissionError(1, "Operation not permitted", os.fsdecode(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", refused)
+    with pytest.raises(SystemExit):
+        pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "sysfs" / "run"), "--workers", "1"])
+    assert re.search(r"argument --out: cannot make the directory .*sysfs/run: .*sysfs: Operation not permitted; "
+                     "name a directory", capsys.readouterr().err)
+    mkdir(tmp_path / "sysfs")  # one there already, in which none may be made (the run makes its tiers in it)
+    with pytest.raises(SystemExit):
+        pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "sysfs"), "--workers", "1"])
+    assert re.search(r"argument --out: cannot make directories in .*sysfs: Operation not permitted; name a directory",
+                     capsys.readouterr().err)
+    # the probe leaves nothing behind: a run refused for its inputs still leaves no directory
+    with pytest.raises(SystemExit, match="does not exist"):
+        pipeline.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "new" / "run"), "--workers", "1"])
+    assert not (tmp_path / "new").exists()
 
 
 
