@@ -132,16 +132,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     p = PRESETS["default"]
     run = pathlib.Path("runs/video/default" if args.run is None else args.run)
-    # a run named that is none (a typo) was found out after the timed benchmarks, and exited 0
-    if args.run is not None and not (run / "ckpt" / "vae").is_dir():
-        ap.error(f"argument --run: {args.run} holds no train_video run (no {run / 'ckpt' / 'vae'}); name the --out of "
-                 "python -m experiments.train_video, or leave --run out")
     try:  # first: a run of another preset failed only after the timed benchmarks (minutes)
         vae = bench_psnr(p, run)
     except CheckpointMismatch as e:
         shapes = str(e).split("; use another checkpoint")[0]  # (its advice is the LM trainer's train.out)
         ap.error(f"argument --run: {run} is not a run of experiments.train_video's default preset, which this "
                  f"benchmark measures (a --preset tiny run?): {shapes}")
+    # a run named that holds no VAE checkpoint (a typo; a run stopped before its first save, whose ckpt/vae the
+    # manager had made) was found out after the timed benchmarks, and exited 0
+    if vae is None and args.run is not None:
+        ap.error(f"argument --run: {args.run} holds no train_video VAE checkpoint (none saved in {run / 'ckpt' / 'vae'}"
+                 "); name the --out of python -m experiments.train_video once its VAE stage has saved, or leave --run "
+                 "out")
     out = {"train_step": bench_train_steps(p, args.steps), "sampling": bench_sampling(p, 3), "vae": vae}
     print("| attention | batch | tokens | params | DiT GFLOP/step | wall s/step | CPU s/step |")
     print("|---|---|---|---|---|---|---|")

@@ -137,16 +137,16 @@ class DocWriter:
         if not isinstance(doc, dict):  # a str was written as a JSON string, which no reader takes for a document
             raise TypeError(f"DocWriter.write: a document must be a dict, e.g. {{'text': text}}, got "
                             f"{type(doc).__name__}")
-        rid = id_text(doc.get("id"))  # (as the drop logs print it)
         try:
             rec = encode_doc(doc)
         except UnicodeEncodeError:  # a lone surrogate ("\ud800" from a JSON escape): it named no record or field
             where = _surrogate_at(doc) or "?"
-            raise ValueError(f"DocWriter.write: record {self.count} (id {rid!r}) of {self.path}: field "
-                             f"{where} holds a lone UTF-16 surrogate, which UTF-8 cannot store; replace them with "
-                             "data.normalize.replace_surrogates (the cleaning pipeline does)") from None
+            raise ValueError(f"DocWriter.write: record {self.count} (id {id_text(doc.get('id'))!r}) of {self.path}: "
+                             f"field {where} holds a lone UTF-16 surrogate, which UTF-8 cannot store; replace them "
+                             "with data.normalize.replace_surrogates (the cleaning pipeline does)") from None
         except (TypeError, ValueError) as e:  # json's "Object of type set is not JSON serializable" named neither
-            raise type(e)(f"DocWriter.write: record {self.count} (id {rid!r}) of {self.path}: {e}") from None
+            raise type(e)(f"DocWriter.write: record {self.count} (id {id_text(doc.get('id'))!r}) of {self.path}: "
+                          f"{e}") from None
         return self.write_record(rec)
 
     def write_record(self, rec: bytes) -> int:

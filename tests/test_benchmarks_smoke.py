@@ -336,19 +336,23 @@ def test_video_bench_checks_its_run_before_the_timed_benchmarks(tmp_path, monkey
 
 def test_video_bench_refuses_a_named_run_that_is_no_run(tmp_path, monkeypatch, capsys):
     """`--run bogus` (a typo, the LM run's folder) ran the timed benchmarks (about 2 minutes), then said no checkpoint
-    was there and exited 0. A --run named is refused first; without --run, a missing default run skips the PSNR."""
+    was there and exited 0. A --run named is refused first; without --run, a missing default run skips the PSNR. So
+    is a run stopped before its VAE stage saved a step: its ckpt/vae, made by the manager at the start, is empty."""
     from benchmarks import video_bench
+    from experiments.video_steps import manager
+
+    manager(tmp_path / "stopped" / "ckpt" / "vae")  # as train_vae opens it (a run killed before step ckpt_every)
 
     def timed_bench(*_):
         raise AssertionError("a timed benchmark ran before --run was checked")
 
     monkeypatch.setattr(video_bench, "bench_train_steps", timed_bench)
     monkeypatch.setattr(video_bench, "bench_sampling", timed_bench)
-    for run in (tmp_path / "bogus", tmp_path):
+    for run in (tmp_path / "bogus", tmp_path, tmp_path / "stopped"):
         with pytest.raises(SystemExit) as exit_info:
             video_bench.main(["--run", str(run), "--steps", "1"])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and f"argument --run: {run} holds no train_video run" in err, err
+        assert exit_info.value.code == 2 and f"argument --run: {run} holds no train_video VAE checkpoint" in err, err
     assert not (tmp_path / "bogus").exists()
 
 

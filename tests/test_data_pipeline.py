@@ -226,6 +226,21 @@ def test_a_document_with_a_lone_surrogate_is_refused_naming_the_record_and_field
     assert [d["id"] for d in iter_docs(tmp_path / "shard-00000.array_record")] == ["a", "d"]
 
 
+def test_a_document_written_formats_its_id_only_for_an_error(tmp_path, monkeypatch):
+    """DocWriter.write formatted every record's id for its error messages, written or not: for an int id 2 us of a
+    write's 9 (CPU, 50k documents of 400 words), in every tier a document reaches."""
+    from data import shards
+
+    def formatted(record_id):
+        raise AssertionError(f"id {record_id!r} formatted for a document written")
+
+    monkeypatch.setattr(shards, "id_text", formatted)
+    w = shards.DocWriter(tmp_path / "shard-00000.array_record")
+    w.write({"id": 7, "text": "fine", "x": np.int64(1)})  # (a numpy value too: encode_doc's slow path)
+    w.commit()
+    assert list(iter_docs(tmp_path / "shard-00000.array_record")) == [{"id": 7, "text": "fine", "x": 1}]
+
+
 def test_a_stats_write_that_raises_keeps_the_old_file_and_leaves_no_temporary(tmp_path, full_disk):
     """data.shards.write_json (shard stats, the mark of a finished shard): a write that raised part-way (a full
     disk) kept the previous file but left its partial `<name>.tmp` in the tier for good."""
