@@ -373,7 +373,7 @@ def _pass2(out: pathlib.Path, n_shards: int, cfg: PipelineConfig, progress: bool
 REF = "reference:"  # the keys of a reference run's documents: `reference:shard:index`
 
 
-def _survivor_ids(out: pathlib.Path, drops: dict, cfg: PipelineConfig) -> dict[str, str]:
+def _survivor_ids(out: pathlib.Path, drops: dict, cfg: PipelineConfig) -> dict[str, object]:
     """{survivor's key: its record's id, as the drop logs write ids} for every document a duplicate in `drops` (pass
     2's decisions) names, read from its run's filtered tier (the reference run's for `reference:` keys). Only those
     records are read (the shards are read at random): no per-document table, one entry per survivor named."""
