@@ -225,9 +225,22 @@ def _not_utf8(path: str) -> bool:
     return False
 
 
+_DECOMPRESS = {".gz": "gzip -dc", ".bz2": "bzip2 -dc", ".xz": "xz -dc"}  # (the _OPENERS', as shell commands)
+
+
 def _not_json_lines(path: str, limit: int) -> str | None:
     """Why a `.json(l)` file is not JSON Lines, from its first bytes, read on to the first LF (at most past `limit`,
-    the longest line read; None: it may be)."""
+    the longest line read; None: it may be), with a command that converts it (IN: the file, read through its
+    decompressor when compressed: iconv / tr / jq read no .gz)."""
+    why = _why_not_json_lines(path, limit)
+    dec = _DECOMPRESS.get(os.path.splitext(path.lower())[1])
+    if why is None or dec is None or "e.g. " not in why:
+        return why
+    head, cmd = why.split("e.g. ", 1)
+    return f"{head}e.g. {dec} IN | " + cmd.replace(" < IN > ", " > ").replace(" IN > ", " > ", 1)
+
+
+def _why_not_json_lines(path: str, limit: int) -> str | None:
     try:
         with _opener(path)(path, "rb") as f:
             head = f.read(1 << 12)

@@ -633,6 +633,39 @@ def test_a_json_lines_file_of_arrays_is_refused_with_the_conversion_that_fits_it
             discover([tmp_path / name])
 
 
+def test_the_conversion_of_a_compressed_file_reads_it_through_its_decompressor(tmp_path):
+    """The advice for a .gz / .bz2 / .xz file that is not JSON Lines read IN directly (jq -c '.[]' IN > OUT.jsonl),
+    which jq, tr and iconv cannot do: it reads the file through its decompressor, and the command works."""
+    import bz2
+    import gzip
+    import lzma
+    import shutil
+    import subprocess
+
+    from data.sources import discover
+
+    recs = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}]
+    raw = {"array": json.dumps(recs).encode(), "cr": "".join(json.dumps(r) + "\r" for r in recs).encode(),
+           "utf16": "".join(json.dumps(r) + "\n" for r in recs).encode("utf-16")}
+    fixes = {"array": "jq -c '.[]' > OUT.jsonl", "cr": "tr '\\r' '\\n' > OUT.jsonl",
+             "utf16": "iconv -f UTF-16LE -t UTF-8 > OUT.jsonl"}
+    for suffix, (compress, dec) in {".gz": (gzip.compress, "gzip -dc"), ".bz2": (bz2.compress, "bzip2 -dc"),
+                                    ".xz": (lzma.compress, "xz -dc")}.items():
+        for what, data in raw.items():
+            path = tmp_path / f"{what}.jsonl{suffix}"
+            path.write_bytes(compress(data))
+            with pytest.raises(ValueError) as e:
+                discover([path])
+            cmd = re.search(r"e\.g\. (.*?> OUT\.jsonl)", str(e.value)).group(1)
+            assert cmd == f"{dec} IN | {fixes[what]}", str(e.value)
+            if all(shutil.which(tool) for tool in (dec.split()[0], cmd.split("| ")[1].split()[0])):
+                out = tmp_path / f"{what}{suffix}.jsonl"
+                subprocess.run(["bash", "-c", cmd.replace("IN", str(path)).replace("OUT.jsonl", str(out))],
+                               check=True)
+                assert discover([out]) == [(str(out),)]
+                assert [json.loads(line) for line in out.read_text("utf-8-sig").splitlines()] == recs  # (BOM: read)
+
+
 def test_hooks_that_cannot_reach_worker_processes_are_named():
     with pytest.raises(ValueError, match="PipelineConfig.augment cannot be sent to worker processes"):
         PipelineConfig(augment=lambda d: d, workers=2)
