@@ -1,6 +1,7 @@
 """Cross-modal alignment: after a few steps on MovingShapes the InfoNCE loss of matched (clip, caption)
 pairs is far below that of shuffled pairs, and the dual encoder retrieves clips' own captions above chance (R@1)."""
 
+import math
 import re
 
 import jax
@@ -220,3 +221,37 @@ def test_embed_text_names_captions_of_another_shape(shape):
     with pytest.raises(ValueError, match=r"Aligner.embed_text: pooled_BE must be \[B, E\] with E = "
                                          r"DiTConfig.text_dim=32 .*, got " + re.escape(str(list(shape)))):
         align.embed_text(jnp.ones(shape))
+
+
+def test_logit_scale_starts_at_the_inverse_temperature_and_is_capped():
+    """logit_scale() is 1 / init_temperature at init and max_logit_scale past it (AlignConfig's docstring). Only
+    capped_exp itself was tested: an Aligner reading exp(log_scale) uncapped passed every test, and one initialised
+    at the temperature itself (scale 0.07, logits ~200x too flat) passed all but the slow training test."""
+    cfg = AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16, init_temperature=0.05, max_logit_scale=50.0)
+    align = Aligner(cfg, DIT, rngs=nnx.Rngs(0))
+    assert float(align.logit_scale()) == pytest.approx(1 / 0.05, rel=1e-6)
+    align.log_scale[...] = jnp.float32(np.log(80.0))
+    assert float(align.logit_scale()) == 50.0
+
+
+def test_the_video_tower_attends_across_every_frame_and_position():
+    """The tower's blocks are full 3D attention (the module docstring): one token changed at frame 0 moves every token
+    of every frame after one block. Spatial-only attention (no frame sees another) passed every test."""
+    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
+    nnx.update(al, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
+                                nnx.state(al, nnx.Param)))  # attention weights past their 0.02 init: no flat softmax
+    blk = al.blocks[0]
+    x = jax.random.normal(jax.random.key(0), (1, math.prod(DIT.grid), 32))
+    moved = jnp.abs(blk(x.at[:, 0].add(3.0), DIT.grid, al.rope_split) - blk(x, DIT.grid, al.rope_split)).max(-1)[0]
+    assert float(moved.min()) > 1e-4, moved.reshape(DIT.grid)
+
+
+def test_embed_text_projects_the_pooled_caption_to_a_unit_vector():
+    """embed_text = unit(pooled @ text_proj) (float64 here): without the normalisation each caption's embedding norm
+    scaled its logits, a temperature of its own per caption; the video side's test could not see it, and every
+    alignment test passed."""
+    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
+    pooled = 3.0 * jax.random.normal(jax.random.key(0), (4, DIT.text_dim))
+    want = np.asarray(pooled, np.float64) @ np.asarray(al.text_proj[...], np.float64)
+    want /= np.linalg.norm(want, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(al.embed_text(pooled), np.float64), want, atol=1e-6)
