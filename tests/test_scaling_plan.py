@@ -158,6 +158,61 @@ def test_peak_table():
     assert 1e8 < cpu < 1e13
 
 
+def test_the_nvidia_peaks_are_the_datasheets_dense_figures():
+    """Dense = the datasheet's sparse figure / 2 where it prints one with an asterisk (A100: TF32 156 of 312*, INT8
+    624 of 1248*; H100 SXM: TF32 494.7 of 989*), FP32 as printed (no sparsity): an A100's TF32 at 312 would halve
+    the MFU of every float32 model on it (device_peak's default for float32)."""
+    assert {k: v / 1e12 for k, v in CHIPS["a100"].peak_flops.items()} == {"bf16": 312, "fp16": 312, "tf32": 156,
+                                                                         "fp32": 19.5, "int8": 624}
+    assert peak_flops("h100", "tf32") == pytest.approx(989e12 / 2, rel=1e-3) and peak_flops("h100", "fp32") == 67e12
+    assert device_peak("NVIDIA A100-SXM4-80GB", "float32") == (156e12, "a100 tf32")
+
+
+def test_chip_aliases_name_the_chip_their_vendor_means():
+    """Google's Trillium is the TPU v6e (https://cloud.google.com/tpu/docs/v6e), v5p / v5e / v4 their own chips;
+    the GPU aliases name the SXM parts whose datasheets the registry copies."""
+    from scaling.hardware import ALIASES, chip
+
+    names = {k: chip(k).name for k in ALIASES}
+    assert names == {"v4": "TPU v4", "v5e": "TPU v5e", "v5p": "TPU v5p", "v6e": "TPU v6e (Trillium)",
+                     "trillium": "TPU v6e (Trillium)", "a100-80gb": "NVIDIA A100 SXM4 80GB",
+                     "h100-sxm": "NVIDIA H100 SXM", "h200-sxm": "NVIDIA H200 SXM"}
+    assert peak_flops("trillium") == 918e12
+
+
+def test_a_given_chip_power_replaces_the_datasheets():
+    """--chip-power-w overrides the datasheet TDP for GPUs too (a power-capped H100 at 350 W): half the 700 W plan's
+    energy and CO2, the same hours, and the energy line says the power was given."""
+    base, capped = make_plan(params=7e9), make_plan(params=7e9, chip_power_w=350.0)
+    assert capped.seconds == base.seconds and capped.energy_kwh == pytest.approx(base.energy_kwh / 2)
+    assert capped.co2_kg == pytest.approx(base.co2_kg / 2)
+    assert "350 W per chip (given)" in capped.text and "700 W per chip (datasheet max TDP)" in base.text
+
+
+@pytest.mark.parametrize("mfu", [1.5, 40, 0.0, -0.4, float("nan")])
+def test_an_mfu_outside_zero_to_one_is_refused(mfu):
+    """MFU is a fraction of the peak: 40 (a percent) planned a run 100x too fast, 1.5 one faster than the chips."""
+    with pytest.raises(ValueError, match=r"mfu must be a number in \(0, 1\]"):
+        make_plan(params=1e9, mfu=mfu)
+    assert make_plan(params=1e9, mfu=1).seconds == pytest.approx(make_plan(params=1e9, mfu=0.5).seconds / 2)
+
+
+def test_a_shape_off_the_aspect_family_stays_within_1_5x_of_it():
+    """Between the d = 128·L family's depths suggest_shape takes a d_model off it, within 1.5x of aspect·L either way
+    (the docstring; upwards rounded up to a multiple of head_dim: L=1 takes d=256): a 4-layer model is no narrower
+    than 512 / 1.5 (341, so 384), and a size that no such shape reaches within 10% (2.14e7) is refused, not given a
+    4-layer d=256 one."""
+    for n in np.geomspace(1e7, 1e9, 120):
+        try:
+            s = suggest_shape(float(n))
+        except ValueError:
+            continue
+        L, d = s.n_layers, s.d_model
+        assert 128 * L / 1.5 <= d <= -(-1.5 * 128 * L // 128) * 128, (n, L, d)
+    with pytest.raises(ValueError, match="no Llama-style shape"):
+        suggest_shape(2.14e7)
+
+
 @pytest.mark.parametrize("kind, dtype, precision, expected", [
     ("TPU v5", "float32", None, ("tpu-v5p", "bf16")),  # what jax calls a v5p
     ("TPU v5 lite", "bfloat16", None, ("tpu-v5e", "bf16")),
@@ -205,6 +260,9 @@ def test_suggested_heads_divide_any_tensor_axis_and_unusable_layouts_are_named()
     # a vocabulary no tensor axis divides: the plan says which layouts it could not try, and why
     odd = make_plan(params=7e10, chips=8, vocab_size=50257)
     assert odd.mesh is None and "layouts not tried" in odd.text and "50257" in odd.text, odd.text
+    # only the fsdp-only layouts could be tried, the probe's among them: its memory is said once, not again as the
+    # 'closest tried'
+    assert "closest tried" not in odd.text and odd.text.count("fsdp over 8 of 8") == 1, odd.text
 
 
 def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
