@@ -35,10 +35,10 @@ def suggest_shape(n_params: float, *, vocab_size: int = 32_000, aspect: int = 12
     multiple of head_dim), MHA with `head_dim`-wide heads, SwiGLU width 8/3·d rounded up to
     `mlp_multiple`; L is the integer whose total is closest to n_params. 7e9 -> L=32, d=4096, F=11008.
     Eight or more heads come in a multiple of 8, so that any tensor axis up to 8 divides them: where the closest
-    depth has another count (75 at L=75), a nearby depth (±8) or d_model (within 1.5x of aspect·L) within 10% of
-    n_params is taken instead. Where none exists (at head_dim 128: ~2.4e8-6.3e8 parameters, 9-14 heads, and ~1.5e9-
-    1.8e9, 19-20 heads) the closest shape keeps its count, and only tensor axes that divide it fit; a smaller
-    head_dim gives more heads."""
+    depth has another count (75 at L=75), a nearby depth (±8) or d_model (within 1.5x of aspect·L, upwards to the
+    next multiple of head_dim: L=1 may take d=256) within 10% of n_params is taken instead. Where none exists (at
+    head_dim 128: ~2.4e8-6.3e8 parameters, 9-14 heads, and ~1.5e9-1.8e9, 19-20 heads) the closest shape keeps its
+    count, and only tensor axes that divide it fit; a smaller head_dim gives more heads."""
     if not _finite_number(n_params, above=True):  # ('1e9' raised a bare TypeError, True planned 1 parameter)
         raise ValueError(f"n_params must be a finite number > 0, got {n_params!r}")
     n_params = float(n_params)  # a jax scalar made the size arithmetic below jax's (an int32 overflow)
