@@ -88,9 +88,11 @@ class DedupConfig:
             raise ValueError(f"DedupConfig.recall_target={self.recall_target} must be in (0, 1)")
 
     def bands(self) -> tuple[int, int]:
-        """(bands b, rows r): the largest r whose S-curve 1-(1-t^r)^b reaches recall_target at t=threshold."""
+        """(bands b, rows r): the largest r whose S-curve 1-(1-t^r)^b reaches recall_target at t=threshold, of at
+        least 2 bands: datasketch's LSH refuses one, and thresholds from ~0.9993 (128 permutations) to the documented
+        1 failed in NearDupIndex ("The number of bands are too small"), naming no field."""
         best = (self.num_perm, 1)
-        for r in range(1, self.num_perm + 1):
+        for r in range(1, self.num_perm // 2 + 1):
             b = self.num_perm // r
             if b and 1 - (1 - self.threshold ** r) ** b >= self.recall_target:
                 best = (b, r)

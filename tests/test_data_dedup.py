@@ -159,6 +159,27 @@ def test_config_errors_name_the_field():
         with pytest.raises(ValueError, match=r"DedupConfig.seed=.* must be an int in \[0, 2\*\*32\)"):
             DedupConfig(seed=seed)
     assert signature("a b c d e f", DedupConfig(seed=2**32 - 1)).shape == (128,)
+    # shingle=0 made every document the one empty shingle: all near duplicates of the first, all but one dropped
+    for field, bad in (("shingle", 0), ("confirm_sigmas", -1.0), ("recall_target", 1.0), ("recall_target", 0.0)):
+        with pytest.raises(ValueError, match=rf"DedupConfig.{field}="):
+            DedupConfig(**{field: bad})
+
+
+def test_threshold_one_is_accepted_and_confirms_identical_signatures_only():
+    """threshold=1, the top of its documented range (0, 1], banded as one band of all 128 rows, which datasketch's LSH
+    refuses: NearDupIndex failed ("The number of bands are too small (b < 2)"), as from ~0.9993. Two bands of 64 rows
+    and a cut at 1: a pair one position apart (a candidate through the first band) is kept."""
+    for t in (1.0, 0.9995):
+        assert DedupConfig(threshold=t).bands() == (2, 64), t
+    assert DedupConfig(threshold=0.9995, num_perm=16).bands() == (2, 8)
+    cfg = DedupConfig(threshold=1.0)
+    assert cfg.confirm_at() == 1.0
+    a = np.random.default_rng(0).integers(0, 2**32, cfg.num_perm, dtype=np.uint64).astype(np.uint32)
+    index = NearDupIndex(cfg)
+    assert index.add("a", a) is None and index.add("same", a.copy()) == "a"
+    b = a.copy()
+    b[-1] ^= 1
+    assert index.add("b", b) is None
 
 
 def test_signatures_follow_the_shingle_size_and_seed_of_their_config():
@@ -275,6 +296,8 @@ def test_documents_without_words_are_not_all_one_duplicate():
     assert exact_key(a) != exact_key(b) and exact_key(a) != exact_key("") and jaccard(signature(a), signature(b)) < 0.5
     assert exact_key(a) == exact_key("  ★★★\n☆☆☆   ♥♥♥ ") and jaccard(signature(a), signature(a + " ")) == 1.0
     assert exact_key("Hello, world!") == exact_key("hello world")  # texts with words: as before
+    # circled letters are symbols (not \w) with a case: folded, as a word's (NFC keeps them; NFKC makes them letters)
+    assert exact_key("ⒶⒷⒸ ⒹⒺ") == exact_key("ⓐⓑⓒ ⓓⓔ") != exact_key("ⓐⓑⓒ ⓓⓕ")
 
 
 def test_every_shingle_of_a_long_document_reaches_the_minhash(monkeypatch):

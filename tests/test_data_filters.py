@@ -192,6 +192,9 @@ def test_spam_signals(rng):
     assert reason(zh_text(rng, 200) + "限时优惠！限时优惠！限时优惠！") == "promo_spam"
     assert reason(body + " Cheap viagra here.") == "blocklist"
     assert reason(body + " Visit Viagrafalls park.") is None  # whole words only for latin terms
+    # at their start too: 'contact now' holds 'act now', 'border now' 'order now'
+    assert analyze(body + " Contact now, by the border now.", CFG)["promo_hits"] == 0
+    assert analyze(body + " Act now, order now.", CFG)["promo_hits"] == 2
     # phrases that begin or end with punctuation: `\b` around them never matched
     cfg = dataclasses.replace(CFG, blocklist=("$$$", "#gambling", "xxx!"))
     for hit in ("Win $$$ today.", "Try #gambling now.", "Hot xxx! here."):
@@ -459,6 +462,10 @@ def test_scaled_ngrams_round_half_up():
     ws = list("abcdefg") + ["x"] + list("abcdefg") + ["y"]  # a 7-gram repeats, no 8-gram does
     assert ngram_signals(ws, [], [5], scale=1.4)["dup_5gram"] == pytest.approx(14 / 16)  # 7 tokens
     assert ngram_signals(ws, [], [5], scale=1.5)["dup_5gram"] == 0.0  # 8 tokens
+    # and half up at an even floor too (6.5 → 7): Python's round() goes to even, 6, and 7.5 → 8 could not tell
+    ws = list("abcdef") + ["x"] + list("abcdef") + ["y"]  # a 6-gram repeats, no 7-gram does
+    assert ngram_signals(ws, [], [5], scale=1.2)["dup_5gram"] == pytest.approx(12 / 14)  # 6 tokens
+    assert ngram_signals(ws, [], [5], scale=1.3)["dup_5gram"] == 0.0  # 6.5: 7 tokens
 
 
 def test_length_limits_are_inclusive(rng):

@@ -101,6 +101,8 @@ def test_the_identifier_never_reads_more_than_sample_chars_and_the_confidence_fl
     assert seen[-1] == f"{text[:third]} {text[mid - third // 2:mid + third // 2]} {text[-third:]}"
     det.detect("ABcd efGH")  # as many capitals as small letters: not mostly upper case, judged as written
     assert seen[-1] == "ABcd efGH"
+    det.detect("ABcd efGHI")  # one capital more: mostly upper case, judged lower-cased
+    assert seen[-1] == "abcd efghi"
     monkeypatch.undo()
     text = "The committee will publish its final report next spring."
     lang, conf = det.detect(text)

@@ -658,6 +658,15 @@ def test_the_last_partial_batch_dropped_is_counted(corpus, tmp_path):
     loader = LMLoader([Source(path)], bos, cfg, process_index=0, process_count=1)
     with pytest.warns(UserWarning, match="3 rows, 40 tokens of 5 documents"):
         assert sum(b["weights"].sum() for b in loader) == 64
+    # 9 documents of 24 targets, rows of 16: the dropped batch's first row starts the last document, its second goes
+    # on with it; each row is judged by its own first token (by the row before's, the count was 2)
+    path = write_tier(tmp_path / "long", ["x" * 23] * 9, shards=1)
+    every = list(LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, drop_remainder=False), process_index=0,
+                          process_count=1))
+    loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    with pytest.warns(UserWarning, match="drops the last, partial batch"):
+        list(loader)
+    assert loader.dropped["documents"] == _documents_in(every, len(every) - 1, EOS_BYTES.eos_id) == 1
 
 
 def test_a_state_saved_after_the_end_keeps_the_dropped_count(tmp_path):
