@@ -27,11 +27,12 @@ FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 INVALID_UTF8 = ("repair", "reject")
 
 # C0/C1 controls except tab and newline (\r, form feed and vertical tab are line breaks first), plus invisible format
-# characters that only break tokenisation and matching: zero-width space/joiners, BOM, soft hyphen,
+# characters that only break tokenisation and matching: zero-width space, word joiner, BOM, soft hyphen,
 # bidi controls (Unicode's Bidi_Control set, the Arabic letter mark U+061C too). ZWJ (U+200D) stays: it is part of
-# emoji sequences.
+# emoji sequences; so does ZWNJ (U+200C): Persian and Indic scripts spell words with it ('می‌خواهم' lost it, a
+# misspelling). data.dedup's keys ignore both.
 _DROP_CHARS = {c: None for c in [*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
-                                 0x00AD, 0x061C, 0x200B, 0x200C, 0x200E, 0x200F, 0x2060, 0xFEFF,
+                                 0x00AD, 0x061C, 0x200B, 0x200E, 0x200F, 0x2060, 0xFEFF,
                                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 # a form feed is a page break in text extracted from PDFs: deleted, it glued the last word of a page to the next

@@ -36,6 +36,11 @@ def test_control_and_invisible_characters_removed_newlines_and_tabs_kept():
     # emoji ZWJ sequences survive (U+200D is not removed)
     family = "👨\u200d👩\u200d👧"
     assert normalize_text(family) == family
+    # ZWNJ spells Persian and Indic words (deleted, 'می‌خواهم' was misspelt); dedup's keys fold it away
+    from data.dedup import exact_key
+
+    for word in ("می\u200cخواهم", "क्\u200cष"):
+        assert normalize_text(word) == word and exact_key(word) == exact_key(word.replace("\u200c", ""))
 
 
 def test_line_breaks_and_whitespace():
