@@ -164,6 +164,11 @@ def test_sampled_generate_equals_full_recompute_with_reference_sampler(temperatu
         np.testing.assert_array_equal(out[:, 5 + i], tok)
     greedy = generate(model, prompt, n_new)  # sampling at these temperatures is not the greedy continuation
     assert not np.array_equal(out, greedy)
+    # eos_id runs another program (a while loop): with eos ids that never come it must sample the same tokens from
+    # the same keys (a loop that drew every step from one key passed, every eos test being greedy)
+    never = [t for t in range(CFG.vocab_size) if t not in np.asarray(out)][:2]
+    np.testing.assert_array_equal(generate(model, prompt, n_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           rng=jax.random.key(11), eos_id=never, trim=False), out)
 
 
 # (2.0, None, 0.6): the tempered nucleus holds 3 tokens where T = 1's holds 2 (at (1.5, 0.8) both hold 4, so

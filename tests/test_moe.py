@@ -568,6 +568,22 @@ def test_jitter_multiplies_the_router_input_by_a_factor_centred_on_one():
     assert abs(float(aux["load"][0]) - 0.5) < 0.05, aux["load"]
 
 
+def test_jitter_draws_a_factor_per_router_input_element():
+    """Switch (and transformers' Switch / Mixtral jitter_noise) multiply the router input elementwise by
+    U(1 - j, 1 + j). Router = identity on a 2-d input [1, 1]: logits (u0, u1) tie without jitter, so a token goes to
+    expert 0 exactly when u0 > u1: half of them. One factor per token (u, u) keeps the tie (expert 0 always) and
+    passed every jitter test."""
+    cfg = MoEConfig(n_experts=2, top_k=1, expert_mlp_dim=4, renormalize=False, router_jitter=0.3)
+
+    def fn():
+        m = MoE(2, cfg, rngs=nnx.Rngs(0))
+        m.router[...] = jnp.eye(2)
+        return m
+
+    _, aux = jitted(build(fn), rng=jax.random.key(0))(jnp.ones((1, 4000, 2)))
+    assert abs(float(aux["load"][0]) - 0.5) < 0.05, aux["load"]
+
+
 def test_stacked_layers_under_scan_and_remat_equal_unrolled():
     """The integration pattern: a vmap-created stack of MoE layers run by lax.scan under jax.checkpoint."""
     # 4 experts, not CFG's 8: gmm unrolls its loop over experts (and its tile loops) in every layer, forward and
