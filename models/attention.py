@@ -12,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from parallel.autodiff import custom_vjp
+
 
 def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
     """Boolean [B, 1, T, S]: causal by slot, same segment, key valid (not padding / filled)."""
@@ -113,7 +115,7 @@ def _bounds(T: int, C: int):
     return [(lo, min(lo + C, T)) for lo in range(0, T, C)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(custom_vjp, nondiff_argnums=(4, 5, 6))
 def _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap=None):
     """Query blocks of C, block i against keys [0, (i + 1)·C). One VJP for all blocks, so that the backward keeps
     q, k, v once: per-block VJPs would each keep their key prefix k[:, :, :(i + 1)·C], (T / C + 1) / 2 copies of
@@ -211,7 +213,7 @@ def _core_bwd(scale, softcap, res, do_BKGTH, out_dtype=None):
     return cast(dq_BKGTH, q_BKGTH), cast(dk_BKSH, k_BKSH), cast(dv_BKSH, v_BKSH), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(custom_vjp, nondiff_argnums=(4, 5))
 def _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap=None):
     return _core_fwd(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)[0]
 

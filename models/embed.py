@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from parallel.autodiff import custom_vjp
 from parallel.rules import constrain, logical_to_spec
 
 
@@ -50,7 +51,7 @@ def embed_lookup(table_VD, tokens_BT, dtype):
     return _lookup(table_VD, tokens_BT, jnp.dtype(dtype), (table_VD.shape, table_VD.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(custom_vjp, nondiff_argnums=(2, 3))
 def _lookup(table_VD, tokens_BT, dtype, table_type):
     # cast where the table lies (its own sharding), then gather it: else propagation moves the all-gather
     # in front of the cast
@@ -134,7 +135,7 @@ def gathered_head(head_DV, dtype):
     return _head(head_DV, jnp.dtype(dtype), head_DV.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+@functools.partial(custom_vjp, nondiff_argnums=(1, 2))
 def _head(head_DV, dtype, head_dtype):
     # cast before the gather (its bytes in `dtype`), as for the lookup's table
     head_DV = constrain(head_DV.astype(dtype), ("embed", "vocab"))

@@ -22,11 +22,12 @@ import functools
 import jax
 
 from models.linear import product, product_grads, resolve_impl
+from parallel.autodiff import custom_vjp
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(custom_vjp, nondiff_argnums=(2,))
 def glu(g_MF, u_MF, act="silu"):
     """act(g) * u for g, u [..., F] of one dtype; act: 'silu' (SwiGLU), 'gelu_tanh' (GeGLU) or an elementwise
     function."""
@@ -71,7 +72,7 @@ def glu_linear(g_MF, u_MF, w_FD, act="silu", impl: str = "auto", flatten: bool =
     return _glu_linear(g_MF, u_MF, w_FD, act, tg)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(custom_vjp, nondiff_argnums=(3, 4))
 def _glu_linear(g_MF, u_MF, w_FD, act, tg: bool):
     return product(_fn(act)(g_MF) * u_MF, w_FD)
 

@@ -30,6 +30,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from parallel.autodiff import custom_vjp
+
 _LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 
@@ -125,7 +127,7 @@ def _as_2d(w, contract: int):
     return w.reshape(math.prod(w.shape[:contract]), -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(custom_vjp, nondiff_argnums=(2,))
 def _linear_tg(x_MK, w, contract: int):
     """x [M, K] @ w [C..., F...] (prod C = K) → [M, prod F]; the backward keeps w in its own shape."""
     return product(x_MK, _as_2d(w, contract))
@@ -141,7 +143,7 @@ def _linear_tg_bwd(contract, res, g_MF):
 _linear_tg.defvjp(lambda x_MK, w, contract: (product(x_MK, _as_2d(w, contract)), (x_MK, w)), _linear_tg_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(custom_vjp, nondiff_argnums=(2, 3))
 def _linear_out(x_MD, w_DF, transposed_grad: bool, out_dtype):
     return jnp.matmul(x_MD, w_DF, preferred_element_type=out_dtype)
 

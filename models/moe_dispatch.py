@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from models.glu import glu, glu_linear
 from models.linear import linear, transposed
 from models.residuals import from_bits, packs, to_bits
+from parallel.autodiff import custom_vjp
 from parallel.rules import constrain, logical_to_spec
 
 DROPLESS_IMPLS = ("auto", "gmm", "blocks", "ragged_dot", "dense", "capacity")
@@ -299,7 +300,23 @@ def _swiglu_tiles(x_RD, w, run_E, sizes, act, save: bool):
     return tuple(dec(c) for c in _over_experts(expert, zeros, w, run_E)[0])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _plain_grouped_swiglu(x_RD, w, run_E, sizes, act):
+    """`grouped_swiglu`'s values by ops JAX differentiates in both modes, for `parallel.autodiff.plain_autodiff`:
+    the tile loops' data-dependent trip counts are while loops, which reverse mode refuses. Each expert's SwiGLU
+    runs on every row and is kept on its run's rows (E× the FLOPs), with the tiles' float32 products and roundings."""
+    dt = x_RD.dtype
+    end_E = jnp.cumsum(run_E)
+    expert_R = jnp.searchsorted(end_E, jnp.arange(x_RD.shape[0]), side="right")  # E past the runs: rows stay 0
+
+    def expert(y_RD, xs):
+        w_gate_DF, w_up_DF, w_down_FD, e = xs
+        a_RF, b_RF = _dot(x_RD, w_gate_DF).astype(dt), _dot(x_RD, w_up_DF).astype(dt)
+        return jnp.where((expert_R == e)[:, None], _dot(act(a_RF) * b_RF, w_down_FD).astype(dt), y_RD), None
+
+    return jax.lax.scan(expert, jnp.zeros_like(x_RD), (*w, jnp.arange(run_E.shape[0])))[0]
+
+
+@functools.partial(custom_vjp, nondiff_argnums=(3, 4), plain=_plain_grouped_swiglu)
 def grouped_swiglu(x_RD, w, run_E, sizes, act):
     """Expert SwiGLU over expert-sorted rows: x [R, D], w = (gate [E, D, F], up [E, D, F], down [E, F, D]),
     run_E [E] rows of each expert (consecutive runs from row 0, each a multiple of sizes[-1]) → [R, D]; rows

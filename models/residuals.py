@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from parallel.autodiff import custom_vjp
+
 _LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -43,7 +45,7 @@ def bits_residuals(fn, compute_dtype):
         return fn
     layouts = {}  # the packed residuals' avals → (the VJP's treedef, the residuals' dtypes), recorded by fwd
 
-    @jax.custom_vjp
+    @custom_vjp
     def packed(*args):
         return fn(*args)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention import softmax_attention, static_scale
+from parallel.autodiff import custom_vjp
 from parallel.rules import constrain_merged
 
 
@@ -38,7 +39,7 @@ def _windows(x_BQC, nk: int, fill):
     return win.reshape((B, Q, nk * C) + x_BQC.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(custom_vjp, nondiff_argnums=(1,))
 def _key_windows(x_BQC, nk: int):
     """`_windows(x, nk, 0)` for keys / values, whose backward sums each key's nk window cotangents in float32 (at
     least) and rounds once, as the global kernel sums its blocks' dk / dv (`models.attention._blocked_bwd`). Autodiff

@@ -33,11 +33,12 @@ from models.params import param
 from models.residuals import bits_residuals
 from models.rope import attention_scale, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
+from parallel.autodiff import custom_vjp
 from parallel.pipeline import gpipe
 from parallel.rules import constrain, mesh_axis_for, replicate_indivisible, sharing_axis
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(custom_vjp, nondiff_argnums=(2, 3))
 def rms_norm(x, scale, eps, offset: float = 0.0):
     """RMSNorm in float32 over x [..., D]; multiplies by (offset + scale [D]) (Gemma stores scale - 1 with
     offset 1). Its backward keeps x and the [..., 1] inverse RMS only (autodiff would also keep the float32

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from parallel.autodiff import custom_vjp
 from parallel.rules import mesh_axis_for
 
 
@@ -80,7 +81,7 @@ def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
     # Autodiff of fn(with_halo(x)) computes the input gradient of all b + 2·halo rows of the extended band and
     # sends the halos' back: 2x a stencil's data-gradient FLOPs on 2-row bands. Exchanging the output gradient's
     # halos instead computes exactly the band's b rows.
-    @jax.custom_vjp
+    @custom_vjp
     def local(x_band, *args):
         return fn(_with_halo(x_band, halo, dim, axis, n), *args, pad=0)
 

@@ -1,5 +1,6 @@
 """The hand-written backward passes of the layer pieces (RMSNorm, the gated MLP's act(g)·u) against autodiff of
-their plain formulas in float64, and what they buy: the residuals a scanned layer stack saves per layer."""
+their plain formulas in float64, and what they buy: the residuals a scanned layer stack saves per layer; forward-mode
+autodiff through the models under `models.plain_autodiff`."""
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,9 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from experiments.lm_step import lm_loss
-from models import Transformer, TransformerConfig
+from models import Transformer, TransformerConfig, plain_autodiff
 from models.glu import ACTIVATIONS, glu
+from models.moe import MoEConfig
 from models.transformer import rms_norm
 
 
@@ -247,3 +249,112 @@ def test_glu_linear_equals_autodiff_in_float64(impl, F, D):
     for got, want in zip((plain, out, *vjp(f32(np.asarray(ct)))), (ref, ref, *grads_ref)):
         want = np.asarray(want)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# --- forward mode under models.plain_autodiff ---------------------------------------------------------------------
+
+JVP_ERROR = r"can't apply forward-mode autodiff \(jvp\) to a custom_vjp function"
+
+
+def random_direction(params, seed=0, scale=0.05):
+    """A tangent of params' structure, N(0, scale²) per element (params' dtypes)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params)
+
+
+def directional_fd(loss, params, v, h):
+    """d loss(params + t·v) / dt at 0 from float32 losses: central differences at h and h/2, Richardson-extrapolated
+    (truncation O(h⁴)). The models compute in float32 whatever the inputs: no float64 difference is to be had."""
+    at = jax.jit(lambda t: loss(jax.tree.map(lambda p, d: p + t * d, params, v)))
+    diff = lambda h: (at(h) - at(-h)) / (2 * h)  # noqa: E731
+    return float((4 * diff(h / 2) - diff(h)) / 3)
+
+
+def check_forward_mode(loss, params, seed=0, fd_rtol=1e-3, grad_rtol=1e-5, grads_too=True):
+    """Under plain_autodiff: jax.jvp of `loss` along a random direction v equals the finite difference and <∇, v> of
+    the default path's gradient; loss and (grads_too) gradient equal the default path's. v is tilted towards the
+    gradient (half its norm along it), so that the slope stands well above the difference's float32 noise (a random
+    direction alone can be nearly orthogonal to the gradient: slope 3e-3, noise 1.4e-5). The difference steps by h
+    with h·slope = 0.01: float32 losses of O(1) round at ~1e-6, ~2e-4 of that move, and truncation stays below it
+    (measured 1e-5 to 1.2e-4 off; at 3-10x the step 4e-3 to 1e-2 off, at a tenth 2e-3). Returns v."""
+    want, grads = jax.jit(jax.value_and_grad(loss))(params)
+    v = random_direction(params, seed)
+    norm = lambda t: np.sqrt(sum(float(jnp.vdot(x, x)) for x in jax.tree.leaves(t)))  # noqa: E731
+    v = jax.tree.map(lambda d, g: d + 0.5 * norm(v) / norm(grads) * g, v, grads)
+    with plain_autodiff():
+        value, slope = jax.jit(lambda p, v: jax.jvp(loss, (p,), (v,)))(params, v)
+        plain = jax.jit(jax.value_and_grad(loss))(params) if grads_too else (value, grads)
+    along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(plain[0]), float(want), rtol=1e-6)
+    np.testing.assert_allclose(float(slope), along, rtol=1e-5)
+    np.testing.assert_allclose(float(slope), directional_fd(loss, params, v, 1e-2 / abs(along)), rtol=fd_rtol)
+    for got, g in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, g, rtol=0, atol=grad_rtol * float(np.abs(g).max()) + 1e-12)
+    return v
+
+
+FWD = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=16, attn_block=4)
+FWD_CFGS = {
+    "gqa-bias-softcap": TransformerConfig(**FWD, qkv_bias=True, attn_logit_softcap=5.0, final_logit_softcap=30.0),
+    "sliding-global": TransformerConfig(**FWD, attn_pattern="alternating", sliding_window=4, swa_block=4),
+    # every token on all 4 experts: top-2 routing flipped within the finite difference's step (7% off at h = 1e-3);
+    # with K = E the routing and capacity's drops (queue position = token index: tokens 8.. dropped) are fixed
+    "moe-capacity": TransformerConfig(**FWD, moe=MoEConfig(n_experts=4, top_k=4, expert_mlp_dim=32,
+                                                           dispatch="capacity", capacity_factor=0.5)),
+    "moe-dropless": TransformerConfig(**FWD, moe=MoEConfig(n_experts=4, top_k=4, expert_mlp_dim=32,
+                                                           gmm_tile_rows=(8, 4))),
+}
+
+
+def lm_problem(cfg, seed=0):
+    """(loss of params, params): the LM loss on a fixed random batch, parameters perturbed off their init."""
+    rng = np.random.default_rng(seed)
+    tok = lambda: jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)  # noqa: E731
+    batch = {"inputs": tok(), "targets": tok()}
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(lambda p: p + jnp.asarray(0.05 * rng.standard_normal(p.shape), p.dtype), params)
+    return lambda p: lm_loss(graphdef, p, batch), params
+
+
+@pytest.mark.parametrize("name", list(FWD_CFGS))
+def test_plain_autodiff_gives_forward_mode_the_default_values_and_gradients(name):
+    """jax.jvp of a Transformer's loss (every custom VJP on its path: rms_norm, projections, blocked and sliding-window
+    attention, embedding and head, glu, capacity and dropless 'gmm' experts) against a finite difference; value and
+    gradient as the custom VJPs give them. Without the switch each raised JAX's jvp-of-custom_vjp TypeError."""
+    check_forward_mode(*lm_problem(FWD_CFGS[name]))
+
+
+@pytest.mark.parametrize("name", ["gqa-bias-softcap", "moe-capacity"])
+def test_a_hessian_vector_product_by_jvp_of_grad_equals_reverse_over_reverse(name):
+    """HVP as forward-over-reverse under the switch against reverse-over-reverse (∇<∇L, v>) through the custom VJPs.
+    (Reverse-over-reverse through the dropless 'gmm' experts' custom VJP fails: its backward's tile loops are while
+    loops; under the switch it works.)"""
+    loss, params = lm_problem(FWD_CFGS[name])
+    v = random_direction(params, seed=1)
+    with plain_autodiff():
+        hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params, v)
+    dot = lambda p, v: sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(jax.grad(loss)(p)), jax.tree.leaves(v)))
+    want = jax.jit(jax.grad(dot))(params, v)
+    for got, w in zip(jax.tree.leaves(hvp), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, w, rtol=0, atol=2e-5 * float(np.abs(w).max()) + 1e-12)
+
+
+def test_forward_mode_without_the_switch_is_jaxs_error_and_the_switch_is_part_of_jits_cache_key():
+    """The default path keeps its custom VJPs (jvp raises JAX's own TypeError, unchanged); a function jitted and
+    traced outside the switch is traced again inside it, and its gradient's program outside is the default one
+    before and after (the forward programs are the same either way: a custom VJP's primal is the plain function)."""
+    loss, params = lm_problem(FWD_CFGS["gqa-bias-softcap"])
+    f, grad = jax.jit(loss), jax.jit(jax.grad(loss))
+    before = grad.lower(params).as_text()
+    v = random_direction(params)
+    f(params)
+    with pytest.raises(TypeError, match=JVP_ERROR):
+        jax.jvp(f, (params,), (v,))
+    with plain_autodiff():
+        slope = jax.jvp(f, (params,), (v,))[1]
+        assert grad.lower(params).as_text() != before
+    assert grad.lower(params).as_text() == before
+    with pytest.raises(TypeError, match=JVP_ERROR):
+        jax.jvp(f, (params,), (v,))
+    assert np.isfinite(float(slope))

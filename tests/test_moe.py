@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from models import plain_autodiff
 from models.moe import (
     ACTIVATIONS,
     MoE,
@@ -161,8 +162,9 @@ def test_grouped_swiglu_tiles_cover_every_run_and_match_a_per_row_reference(act,
         _check_grouped_swiglu(act)
 
 
-def _check_grouped_swiglu(act):
-    sizes, R, act = (32, 8, 2), 64, ACTIVATIONS[act]
+def _grouped_problem(act):
+    """(sizes, run_E, x, cotangent g, w, per_row reference) for grouped_swiglu: runs of 0, 42, 6 and 10 rows of 64."""
+    sizes, R = (32, 8, 2), 64
     run_E = jnp.array([0, 42, 6, 10])
     expert_R = np.array([1] * 42 + [2] * 6 + [3] * 10 + [-1] * 6)  # -1: rows past the runs stay 0
     ks = jax.random.split(jax.random.key(0), 5)
@@ -174,6 +176,12 @@ def _check_grouped_swiglu(act):
         h = act(jnp.einsum("ri,rio->ro", x, w[0][e])) * jnp.einsum("ri,rio->ro", x, w[1][e])
         return jnp.einsum("rf,rfd->rd", h, w[2][e]) * (expert_R >= 0)[:, None]
 
+    return sizes, run_E, x, g, w, per_row
+
+
+def _check_grouped_swiglu(act):
+    act = ACTIVATIONS[act]
+    sizes, run_E, x, g, w, per_row = _grouped_problem(act)
     (y0, g0), (y1, g1) = [jax.jit(jax.value_and_grad(lambda x, w, f=f: jnp.vdot(f(x, w), g), argnums=(0, 1)))(x, w)
                           for f in (per_row, lambda x, w: grouped_swiglu(x, w, run_E, sizes, act))]
     np.testing.assert_allclose(y1, y0, rtol=1e-5)
@@ -181,6 +189,27 @@ def _check_grouped_swiglu(act):
                                per_row(x, w), atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5), g1, g0)
     assert not any(np.any(d[0]) for d in g1[1]), "expert 0 has no rows: no weight gradient"
+
+
+def test_grouped_swiglu_under_plain_autodiff_is_the_per_row_reference_in_both_modes():
+    """models.plain_autodiff's form of grouped_swiglu (each expert on every row, kept on its run's rows: the tile
+    loops' while loops refuse reverse mode, so jvp-of-grad failed) gives the tiled values, 0 past the runs, and its
+    jvp and gradient are the per-row reference's."""
+    act = ACTIVATIONS["silu"]
+    sizes, run_E, x, g, w, per_row = _grouped_problem(act)
+    tiled = jax.jit(grouped_swiglu, static_argnums=(3, 4))(x, w, run_E, sizes, act)
+    f = lambda x, w: jnp.vdot(grouped_swiglu(x, w, run_E, sizes, act), g)  # noqa: E731
+    ref = lambda x, w: jnp.vdot(per_row(x, w), g)  # noqa: E731
+    tangents = jax.tree.map(lambda a: jnp.cos(a), (x, w))
+    with plain_autodiff():
+        plain = jax.jit(grouped_swiglu, static_argnums=(3, 4))(x, w, run_E, sizes, act)
+        slope = jax.jvp(f, (x, w), tangents)[1]
+        grads = jax.grad(f, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(plain, tiled, rtol=1e-6, atol=1e-6)
+    assert not np.any(plain[58:])
+    np.testing.assert_allclose(slope, jax.jvp(ref, (x, w), tangents)[1], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5), grads,
+                 jax.grad(ref, argnums=(0, 1))(x, w))
 
 
 def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():

@@ -12,6 +12,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -48,6 +49,11 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     sharded = ns["logits"]
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(ref), atol=tol, rtol=0)
+
+    # forward mode through the model under plain_autodiff; without it, JAX's jvp-of-custom_vjp TypeError
+    assert np.isfinite(float(ns["slope"])) and ns["slope"].shape == ()
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(lambda p: nnx.merge(ns["g"], p)(tokens).mean(), (ns["p"],), (ns["p"],))
 
     assert ns["tokens"].shape == (1, 4 + 16) and jnp.issubdtype(ns["tokens"].dtype, jnp.integer)
     # "each row as alone (exactly in float32, bf16 rounds per batch)": the snippet's bf16 model gives the shape and

@@ -12,8 +12,11 @@ import pytest
 from flax import nnx
 
 from data.moving_shapes import MovingShapesConfig, MovingShapesSource, dataset
+from models import plain_autodiff
 from models.config import TransformerConfig
 from models.video import AlignConfig, Aligner, DiTConfig, TextEncoder, info_nce, recall_at_1
+from models.video.align import capped_exp
+from tests.test_custom_vjps import check_forward_mode
 
 DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=3, patch=(1, 2, 2), d_model=32, n_layers=1, n_heads=2,
                 mlp_dim=64, text_dim=32)
@@ -255,3 +258,28 @@ def test_embed_text_projects_the_pooled_caption_to_a_unit_vector():
     want = np.asarray(pooled, np.float64) @ np.asarray(al.text_proj[...], np.float64)
     want /= np.linalg.norm(want, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(al.embed_text(pooled), np.float64), want, atol=1e-6)
+
+
+def test_alignment_loss_takes_forward_mode_under_plain_autodiff():
+    """jax.jvp of the dual encoder's InfoNCE (rms_norm, attention, glu_linear, capped_exp on its path) under
+    models.plain_autodiff against a finite difference and the default path's value and gradient."""
+    model = DualEncoder(nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    z = jax.random.normal(jax.random.key(0), (3, 3, 8, 8, 3))
+    tokens = jax.random.randint(jax.random.key(1), (3, 8), 1, 16)
+
+    def loss(p):
+        m = nnx.merge(graphdef, p)
+        return info_nce(*m.embed(z, tokens), m.align.logit_scale())
+
+    check_forward_mode(loss, params)
+
+
+def test_capped_exp_under_plain_autodiff_has_the_plain_gradient_past_its_cap():
+    """The one custom VJP whose gradient is not its function's (documented in models.plain_autodiff): below the cap
+    both give exp(s); past it the custom one lets a positive cotangent lower the scale, the plain min() gives 0."""
+    for s, want_default, want_plain in ((1.0, np.exp(1.0), np.exp(1.0)), (3.0, 10.0, 0.0)):
+        got = jax.grad(capped_exp)(s, 10.0)
+        with plain_autodiff():
+            plain = jax.grad(capped_exp)(s, 10.0)
+        np.testing.assert_allclose([got, plain], [want_default, want_plain], rtol=1e-6)

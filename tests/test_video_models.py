@@ -28,6 +28,7 @@ from models.video import (
 )
 from models.video.dit import _Ctx
 from models.video.layers import CrossAttention, grid_positions, spacetime_attention
+from tests.test_custom_vjps import check_forward_mode
 
 DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
                 mlp_dim=64, text_dim=16)
@@ -1149,3 +1150,26 @@ def test_t2v_loss_passes_caption_ids_to_the_alignment_loss_and_weights_it():
     # and the total is diffusion + align_weight·InfoNCE (the weight dropped passed too)
     assert float(loss) == pytest.approx(float(m["diffusion"]) + cfg.align_weight * float(m["align"]), rel=1e-6)
     assert float(m["align"]) > 0.1
+
+
+@pytest.mark.parametrize("which", ["vae", "dit"])
+def test_vae_and_dit_losses_take_forward_mode_under_plain_autodiff(which):
+    """jax.jvp of the VAE loss and of the DiT's diffusion loss (rms_norm, glu_linear, projections, attention on its
+    path) under models.plain_autodiff against a finite difference and the default gradient; without the switch both
+    raised JAX's jvp-of-custom_vjp TypeError."""
+    from models.video import vae_loss
+    from models.video.diffusion import diffusion_loss
+
+    if which == "vae":
+        cfg = VAEConfig(channels=(8, 16), latent_channels=4, temporal_factor=2)
+        graphdef, params = nnx.split(randomize(VideoVAE(cfg, rngs=nnx.Rngs(0))))
+        video = jax.random.uniform(jax.random.key(0), (1, 5, 8, 8, 3), minval=-1, maxval=1)
+        loss = lambda p: vae_loss(nnx.merge(graphdef, p), video, jax.random.key(1))[0]  # noqa: E731
+        check_forward_mode(loss, params, grads_too=False)
+    else:
+        graphdef, params = nnx.split(randomize(VideoDiT(DIT, rngs=nnx.Rngs(0))))
+        text, valid, pooled = text_inputs(2)
+        x0 = jax.random.normal(jax.random.key(2), (2, *DIT.latent_shape, DIT.latent_channels))
+        pred = lambda p: lambda x, t: nnx.merge(graphdef, p)(x, t, text, valid, pooled)  # noqa: E731
+        loss = lambda p: diffusion_loss(pred(p), x0, jax.random.key(3), DiffusionConfig())[0]  # noqa: E731
+        check_forward_mode(loss, params, grads_too=False)

@@ -105,6 +105,19 @@ def test_sequence_parallel_vae_equals_single_device(mesh_shape, frames, height, 
             lambda state, mesh: None, mesh_shape)
 
 
+def test_sequence_parallel_vae_takes_forward_mode_under_plain_autodiff():
+    """The VAE with its rows split over `sequence` (halo_map's shard_map and its custom VJP): jax.jvp of the loss under
+    models.plain_autodiff equals a finite difference and the default path's gradient along the direction."""
+    from tests.test_custom_vjps import check_forward_mode
+
+    graphdef, state = random_params(lambda: VideoVAE(VAE, rngs=nnx.Rngs(0)))
+    video = jax.random.uniform(jax.random.key(0), (2, 5, 16, 8, 3), minval=-1, maxval=1)
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with jax.set_mesh(mesh):
+        check_forward_mode(lambda s: vae_loss(nnx.merge(graphdef, s), shard(video, mesh), jax.random.key(1))[0],
+                           shard_state(state, mesh), grads_too=False)
+
+
 def per_device_cost(make, loss_fn, batch):
     """({'dp': FLOPs, 'sp': ...}, {'dp': temp bytes, ...}), the last compiled program: per device, jax.grad of
     loss_fn(model, batch) compiled (not run: abstract parameters laid out by the rules table) on {data 8} ('dp')

@@ -23,6 +23,7 @@ from models.params import param
 from models.transformer import rms_norm
 from models.video.config import AlignConfig, DiTConfig, default_rope_split
 from models.video.layers import SelfAttention, SwiGLU, matmul, patchify
+from parallel.autodiff import custom_vjp
 from parallel.rules import constrain
 
 
@@ -91,13 +92,14 @@ class Aligner(nnx.Module):
         return capped_exp(self.log_scale[...], self.cfg.max_logit_scale)
 
 
-@jax.custom_vjp
+@custom_vjp
 def capped_exp(log_scale, cap: float):
     """min(exp(log_scale), cap), whose gradient past the cap still lowers the scale when the loss asks for less.
 
     Plain `minimum` has a zero gradient past the cap: a log-scale that overshot it (Adam's steps are ~lr whatever
     the gradient) never came back, however much the loss wanted a lower scale. CLIP clamps the parameter after each
-    step instead; this keeps the clamp inside the model."""
+    step instead; this keeps the clamp inside the model. (Under `models.plain_autodiff` it is plain min(): no
+    gradient past the cap.)"""
     return jnp.minimum(jnp.exp(log_scale), cap)
 
 
