@@ -286,6 +286,27 @@ def test_a_corrupt_state_does_not_move_the_data_loader(tmp_path):
 
 
 
+def test_each_fallback_line_names_the_older_step_tried_next(tmp_path):
+    """Three corrupt steps: each line names the next older step restore tries, and the oldest says it starts fresh
+    (`older` taken as every other candidate passed each test: a second fallback then said "falling back to step 3",
+    the step just set aside)."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lambda *a: None)
+    for step in (1, 2, 3):
+        ckpt.save(step, state_at(step), {"config": "{}"})
+    ckpt.close()
+    for step in (1, 2, 3):  # the arrays no longer match their checksum
+        meta_file = tmp_path / "ckpt" / str(step) / "meta" / "metadata"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "fingerprint": "0" * 16}))
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lines.append)
+    try:
+        assert ckpt.restore(state_at(0)) is None
+    finally:
+        ckpt.close()
+    assert [(x.split()[2], x.split("; ")[-1]) for x in lines] == [
+        ("3", "falling back to step 2"), ("2", "falling back to step 1"), ("1", "no older checkpoint: starting fresh")]
+
+
 def test_an_older_checkpoint_with_the_loader_state_in_its_meta_positions_the_loader(tmp_path):
     """Checkpoints written before per-process loader folders kept the (one process's) loader state in meta["loader"]
     and had no loader_saved flag: restore(loader=) sets the loader from it."""

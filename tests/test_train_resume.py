@@ -357,6 +357,44 @@ def test_resume_after_a_skipped_step_keeps_its_count(tmp_path):
     assert_trees_equal(ref6["params"], got6["params"])
 
 
+def test_only_an_evaluated_step_carries_an_eval_loss_and_a_rerun_at_its_end_evaluates_nothing(tmp_path):
+    """A step saved between evaluations holds parameters nobody evaluated: it carries no eval loss (the last one
+    logged, another step's, would let keep_best keep it as the best checkpoint); an evaluated step carries the loss
+    logged at it. A rerun at the last step resumes that eval loss: it trains and evaluates nothing (a resume that
+    dropped it evaluated the final step again and logged it twice). Neither was tested: every other run saves on
+    its evaluation steps."""
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--set", "train.steps=3", "--set", "train.eval_every=2", "--set",
+            "train.save_every=1", "--set", "train.keep=10", "--set", "optim.warmup_steps=0", "--set",
+            "train.progress=false"]
+    train_lm.main(args)
+    rows = lambda: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    evals = {r["step"]: r["loss"] for r in rows() if r["kind"] == "eval"}
+    assert sorted(evals) == [0, 2, 3]
+    assert {s: checkpoint.read_meta(out / "ckpt", s)["eval_loss"] for s in (1, 2, 3)} == {
+        1: None, 2: evals[2], 3: evals[3]}
+    before = rows()
+    result = train_lm.main(args)
+    assert result["step"] == 3 and result["last_eval"] == evals[3] and rows() == before
+
+
+def test_a_resume_keeps_its_eval_targets_crossing_only_for_the_same_target(tmp_path):
+    """The wall time of the eval target's first crossing travels with the checkpoint; resumed with another
+    train.eval_target it is dropped (that target was never crossed), with the same one it is kept and not logged
+    again (the reset for another target was untested: dropping the check reported 100's crossing as 0.01's)."""
+    out = tmp_path / "run"
+    args = [*TINY, "--out", str(out), "--set", "train.eval_every=2", "--set", "train.save_every=2", "--set",
+            "optim.warmup_steps=0", "--set", "train.progress=false"]
+    first = train_lm.main([*args, "--set", "train.steps=2", "--set", "train.eval_target=100"])
+    assert first["target_time_s"] is not None  # crossed at step 0
+    same = train_lm.main([*args, "--set", "train.steps=4", "--set", "train.eval_target=100"])
+    assert same["target_time_s"] == first["target_time_s"]
+    other = train_lm.main([*args, "--set", "train.steps=6", "--set", "train.eval_target=0.01"])
+    assert other["target_time_s"] is None
+    targets = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"target"' in x]
+    assert [(r["step"], r["eval_target"]) for r in targets] == [(0, 100)]
+
+
 def test_a_run_saved_with_its_optimizer_chain_grouped_otherwise_resumes_not_from_step_0(tmp_path, monkeypatch,
                                                                                         capsys):
     """The same AdamW written as a nested optax chain: the same arrays at the same paths, its empty states elsewhere.
