@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from parallel.autodiff import custom_vjp
+from parallel.autodiff import custom_vjp, plain
 
 
 def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None):
@@ -266,6 +266,9 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
         return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale, causal_block, logit_softcap)
     if impl != "cudnn":
         raise ValueError(f"attn_impl={impl!r}: use 'xla', 'cudnn' or 'reference'")
+    if plain():  # at trace time: JAX's TypeError came at jvp time and named no field
+        raise ValueError("attn_impl='cudnn' is cuDNN's fused kernel, whose own custom VJP refuses forward mode (jvp) "
+                         "under models.plain_autodiff; use attn_impl='xla'")
     if is_causal and q_BTNH.shape[1] != k_BSKH.shape[1]:
         T, S = q_BTNH.shape[1], k_BSKH.shape[1]
         raise ValueError(f"is_causal needs T == S (got {T} quer{'ies' if T != 1 else 'y'}, {S} key{'s' * (S != 1)})")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention import softmax_attention, static_scale
-from parallel.autodiff import custom_vjp
+from parallel.autodiff import custom_vjp, plain
 from parallel.rules import constrain_merged
 
 
@@ -195,12 +195,19 @@ SPLASH_BLOCK = 128  # the splash kernel's default q / kv block: it must divide t
 
 def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding: bool = False,
                 backend: str | None = None, seq_len: int | None = None) -> str:
-    """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once."""
+    """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once. Under
+    `models.plain_autodiff` (forward mode) 'auto' is 'blocked', and 'cudnn' / 'splash' are refused: JAX's fused
+    kernels keep their own custom VJPs, which jvp refuses."""
     backend = backend or jax.default_backend()
     if impl != "auto":
+        if impl in ("cudnn", "splash") and plain():
+            raise ValueError(f"swa_impl={impl!r} is JAX's fused kernel, whose own custom VJP refuses forward mode "
+                             "(jvp) under models.plain_autodiff; use swa_impl='auto' or 'blocked'")
         _log_once(impl, "set in the config")
         return impl
-    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
+    if plain():
+        choice, why = "blocked", "models.plain_autodiff: forward mode, which the cuDNN / splash kernels refuse"
+    elif backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
         choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
     elif (backend == "tpu" and not has_padding and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
           and _splash() is not None):

@@ -36,8 +36,9 @@ def plain_autodiff():
     It costs what the custom VJPs save: memory (the residuals a scanned layer stack keeps per layer) and time. The
     dropless 'gmm' experts run each expert on every row (E× their FLOPs): their tile loops, of data-dependent length,
     are while loops, which reverse mode refuses (so reverse-over-reverse through them fails by default, works here).
-    JAX's own fused kernels keep their custom VJPs: attn_impl / swa_impl 'cudnn' and swa_impl 'splash' ('auto' picks
-    them for sliding windows on GPU / TPU); use 'xla' / 'blocked' for forward mode there.
+    JAX's own fused kernels keep their custom VJPs, which forward mode refuses: under the switch swa_impl 'auto' takes
+    the blocked kernel (not cuDNN / splash on GPU / TPU), and attn_impl / swa_impl 'cudnn' and swa_impl 'splash' are
+    ValueErrors naming the field, at trace time (use 'xla' / 'blocked').
 
     Read when a function is traced, and part of `jax.jit`'s cache key: a function jitted and traced outside is traced
     again inside (its default program stays cached for calls outside). A program already lowered or compiled

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models import plain_autodiff
 from models.attention import attention, make_mask
 from models.sliding_window import dense_window_mask
 from tests.test_sliding_window import jaxpr_dots, qkv, segments
@@ -262,3 +263,16 @@ def test_mask_and_value_shapes_are_checked_by_name():
             attention(q, k, v, jnp.asarray(valid[:, None, :]), impl=impl)
         with pytest.raises(ValueError, match="query heads N must be a multiple of the kv heads K"):
             attention(q, k, jnp.concatenate([v, v], -1), jnp.asarray(valid[:, None, None, :]), impl=impl)
+
+
+def test_cudnn_under_plain_autodiff_is_refused_naming_the_field():
+    """cuDNN's fused kernel keeps JAX's own custom VJP, which forward mode refuses: under models.plain_autodiff
+    attn_impl='cudnn' is a ValueError naming the field and the fix at trace time (JAX's TypeError came at jvp time,
+    naming no field). Soft-capped scores run 'xla' whatever attn_impl, so those still differentiate both ways."""
+    q, k, v = qkv(1, 8, 2, 2, 8, dtype=jnp.bfloat16)
+    mask = make_mask(jnp.arange(8)[None], jnp.arange(8)[None])
+    with plain_autodiff():
+        with pytest.raises(ValueError, match="attn_impl='cudnn'.*plain_autodiff.*attn_impl='xla'"):
+            attention(q, k, v, mask, impl="cudnn")
+        f = lambda impl: lambda q: attention(q, k, v, mask, impl=impl, logit_softcap=5.0).astype(float).sum()  # noqa
+        np.testing.assert_array_equal(jax.jvp(f("cudnn"), (q,), (k,)), jax.jvp(f("xla"), (q,), (k,)))

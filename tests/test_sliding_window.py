@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models import plain_autodiff
 from models.attention import reference_attention
 from models.sliding_window import choose_impl, dense_window_mask, local_attention, sliding_window_attention
 
@@ -228,6 +229,32 @@ def test_splash_on_tpu_equals_the_blocked_kernel_and_takes_only_lengths_its_bloc
     np.testing.assert_allclose(out, sliding_window_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17), atol=1e-6)
     with pytest.raises(ValueError, match="swa_impl='splash' needs a sequence length divisible by 128, got 255"):
         local_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17, impl="splash")
+
+
+def test_under_plain_autodiff_auto_takes_the_blocked_kernel_and_fused_ones_are_refused(monkeypatch):
+    """cuDNN's and splash's kernels keep JAX's own custom VJPs, which refuse forward mode: under models.plain_autodiff
+    'auto' picked splash on a TPU (cuDNN on a GPU) and jax.jvp failed with JAX's TypeError; it takes the blocked
+    kernel there now, and an explicit 'cudnn' / 'splash' is a ValueError naming swa_impl at trace time. Outside the
+    switch the choice is unchanged."""
+    import functools
+
+    from models import sliding_window as sw
+
+    sk, _ = sw._splash()
+    monkeypatch.setattr(sk, "make_splash_mha", functools.partial(sk.make_splash_mha, interpret=True))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q, k, v = qkv(1, 128, 2, 2, 16)
+    slope = lambda impl: jax.jvp(lambda q: local_attention(q, k, v, 17, impl=impl).sum(), (q,), (k,))  # noqa: E731
+    assert choose_impl("auto", jnp.float32, False, False, seq_len=128) == "splash"
+    assert choose_impl("auto", jnp.bfloat16, False, False, backend="gpu") == "cudnn"
+    with plain_autodiff():
+        np.testing.assert_allclose(slope("auto"), slope("blocked"), rtol=0)
+        assert choose_impl("auto", jnp.float32, False, False, seq_len=128) == "blocked"
+        assert choose_impl("auto", jnp.bfloat16, False, False, backend="gpu") == "blocked"
+        for impl in ("cudnn", "splash"):
+            with pytest.raises(ValueError, match=f"swa_impl='{impl}'.*plain_autodiff.*swa_impl='auto' or 'blocked'"):
+                local_attention(q.astype(jnp.bfloat16), k, v, 17, impl=impl)
+    assert choose_impl("auto", jnp.float32, False, False, seq_len=128) == "splash"
 
 
 def test_scores_are_float32_products_of_bf16_operands():
