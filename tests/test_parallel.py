@@ -465,18 +465,21 @@ def test_fsdp_all_gathers_every_weight_in_bf16_under_bf16_compute(fsdp_bf16_dump
     assert all(s.startswith("bf16[") for s in gathers), gathers
 
 
-@pytest.mark.parametrize("rows,kernel", [(8, 3), (4, 5), (4, 9)], ids=["band>=halo", "2-hop", "taller-than-image"])
+def halo_conv(x, w, pad):
+    """A 'same' convolution of [B, H, W, C] along H for halo_map: 'valid' over x padded with `pad` zero rows."""
+    return jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (1, 1)], dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("rows,kernel", [(8, 3), (4, 5), (8, 7), (4, 9)],
+                         ids=["band>=halo", "2-hop", "partial-hop", "taller-than-image"])
 def test_halo_map_convolves_bands_like_one_device(rows, kernel):
     """parallel.halo.halo_map on {data 2, sequence 4}: a 'same' convolution of a [B, H, W, C] image split over
     `sequence` along H equals one device's, forward and backward (bands of 2 rows with halo 1; of 1 row with halo 2,
-    fetched from two neighbours; halo 4 on a 4-row image, the farthest hops all padding)."""
+    fetched from two neighbours; of 2 rows with halo 3, the second neighbour giving only 1 of its rows; halo 4 on a
+    4-row image, the farthest hops all padding)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from parallel.halo import halo_map
-
-    def conv(x, w, pad):  # 'valid' over x padded with `pad` zero rows (halo_map's contract)
-        return jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad), (1, 1)],
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, rows, 3, 4)).astype(np.float32)
@@ -487,14 +490,37 @@ def test_halo_map_convolves_bands_like_one_device(rows, kernel):
         y, back = jax.vjp(f, x, w)
         return y, *back(ct)
 
-    ref = jax.jit(lambda x, w: vjp(lambda x, w: conv(x, w, kernel // 2), x, w))(x, w)
+    ref = jax.jit(lambda x, w: vjp(lambda x, w: halo_conv(x, w, kernel // 2), x, w))(x, w)
     mesh = make_mesh({"data": 2, "sequence": 4})
     with jax.set_mesh(mesh):
         xs = jax.device_put(x, NamedSharding(mesh, P("data", "sequence")))
-        out = jax.jit(lambda x, w: vjp(lambda x, w: halo_map(conv, x, w, axis="sequence", dim=1, halo=kernel // 2),
-                                       x, w))(xs, w)
+        sharded = lambda x, w: halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=kernel // 2)  # noqa: E731
+        out = jax.jit(lambda x, w: vjp(sharded, x, w))(xs, w)
     for got, want in zip(out, ref):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_halo_map_gradient_computes_only_the_band_s_rows():
+    """halo_map's custom VJP exchanges the output gradient's halo rows, so the data-gradient convolution on each device
+    outputs its band's 2 rows; autodiff through the input's halo exchange computed all 2 + 2·halo rows of the extended
+    band (2x on 2-row bands) and sent the halos back. Values and XLA's FLOP count (it counts no padding taps) are the
+    same either way: the convolutions' shapes in the compiled gradient tell them apart."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel.halo import halo_map
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 3, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+    ct = rng.normal(size=(2, 8, 3, 5)).astype(np.float32)
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P("data", "sequence")))
+        loss = lambda x, w: (halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1) * ct).sum()  # noqa: E731
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(xs, w).compile().as_text()
+    # per device: 1 row of B, the band's 2 of H's 8 rows, 4 input channels (the weight gradient is [3, 3, 4, 5])
+    dx = [s for s in re.findall(r"= f32\[([0-9,]+)\][^ ]* convolution\(", hlo) if s.endswith(",4")]
+    assert dx == ["1,2,3,4"], dx
 
 
 def test_halo_axis_splits_only_what_it_can():

@@ -1046,14 +1046,16 @@ def test_global_batch_from_local_stacks_the_processes_rows(monkeypatch):
 def test_constrain_merged_splits_merged_rows_outer_axes_first():
     """[B·Q, ...] rows (B outer) go to the batch axes, then the sequence axes within each: P(('data', 'sequence')),
     so each data shard's rows, which a device holds already, are only subdivided. A Q its axes do not divide is left
-    alone (splitting B·Q anyway would cut blocks across devices). Only a FLOP count and values tested it: both are
-    the same with the axes swapped, or without the check."""
+    alone (splitting B·Q anyway would cut blocks across devices); a B the batch axes do not divide is replicated over
+    them, not refused. Only a FLOP count and values tested it: both are the same with the axes swapped, or without the
+    check."""
     from parallel.rules import constrain_merged
 
     mesh = make_mesh({"data": 2, "sequence": 4})
     x = jnp.arange(32 * 3, dtype=jnp.float32).reshape(32, 3)
     with jax.set_mesh(mesh):
-        for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P())):
+        # one prompt on a data mesh: B = 1 replicated over data, its Q still split over sequence
+        for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P()), ((1, 32), jax.P("sequence"))):
             y = jax.jit(lambda x, b=b, q=q: constrain_merged(x, ("batch", b), ("act_seq", q)))(x)
             assert y.sharding.spec == spec and np.array_equal(np.asarray(y), np.asarray(x)), (b, q, y.sharding.spec)
         # an inner rule naming the outer's axis too: that axis counts once (('data', 'data', ...) raised in jax)
