@@ -512,7 +512,9 @@ REMAT_POLICIES = {
 
 class Transformer(nnx.Module):
     """`logits_BTV = model(tokens_BT)`; with a `KVCache`, returns `(logits, new_cache)`; with
-    `return_aux=True`, the MoE auxiliary outputs are appended: `(logits[, cache], aux)`."""
+    `return_aux=True`, the MoE auxiliary outputs are appended: `(logits[, cache], aux)`.
+    `model.hidden_states(tokens_BT)`: the final normed hidden states [B, T, D] (every layer's with all_layers=True),
+    whose `model.unembed` is the logits."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -565,8 +567,52 @@ class Transformer(nnx.Module):
             return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng,
                                  dropless)
 
+    def hidden_states(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
+                      all_layers: bool = False, rng=None, dropless: bool = False, cache=None):
+        """tokens [B, T] int → the final hidden states [B, T, D] (after the final RMSNorm) in cfg.dtype, without the
+        LM head: for probes, reward / value heads, embeddings. `unembed` of them is `__call__`'s logits.
+
+        all_layers=True: [L + 1, B, T, D], laid out as Hugging Face's `output_hidden_states=True` tuple: entry 0 the
+        embeddings' output (Gemma's sqrt(D) scaling included), entry i the output of layer i (1-based), the last entry
+        after the final norm (HF replaces layer L's raw output with it). The layers' outputs come out of the layer
+        scan as its ys ([L, B, T, D] in cfg.dtype, kept whatever cfg.remat), copied into the result with the final
+        entry: about 2·L·B·T·D more memory than the final states at the end (measured: temp + output bytes). Not
+        under pipeline parallelism (a mesh with a 'stage' axis), whose stages keep their layers' outputs: the final
+        hidden states only there.
+        The other arguments are `__call__`'s. No KV cache: a decode step's states are those of the full forward
+        of the tokens so far."""
+        if cache is not None:
+            raise ValueError("hidden_states takes no KV cache: call it on the whole sequence (it runs as the full "
+                             "forward does), or decode with the model's __call__")
+        with replicate_indivisible(False):
+            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, None, False, rng,
+                                 dropless, hidden="all" if all_layers else "final")
+
+    def unembed(self, h_BTD):
+        """Final hidden states [..., B, T, D] (`hidden_states`) → logits [..., B, T, V] float32: the LM head, μP's
+        readout multiplier and the final soft-cap, as `__call__` applies them (for the logit lens, put a layer's
+        output through `rms_norm(h, model.final_norm[...], cfg.norm_eps, cfg.norm_offset)` first)."""
+        h_BTD = jnp.asarray(h_BTD)
+        if h_BTD.ndim < 3 or h_BTD.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"unembed takes hidden states [batch, length, d_model={self.cfg.d_model}] (any leading "
+                             f"dims before), got shape {h_BTD.shape}")
+        lead = (None,) * (h_BTD.ndim - 3)
+        return constrain(self._unembed(h_BTD, flat_rows()), lead + ("batch", "act_seq", "act_vocab"))
+
+    def _unembed(self, x_BTD, flat: bool):
+        cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
+        head_DV = gathered_head(self.embed[...].T if cfg.tie_embeddings else self.lm_head[...], cd)  # one gather
+        # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
+        logits_BTV = linear(x_BTD, head_DV, cfg.matmul_impl, out_dtype=jnp.float32, flatten=flat)
+        if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
+            logits_BTV = logits_BTV / cfg.width_mult
+        if cfg.final_logit_softcap is not None:
+            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+        return logits_BTV
+
     def _forward(self, tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, cache, return_aux, rng,
-                 dropless=False):
+                 dropless=False, hidden: str | None = None):
+        """hidden: None for the logits (`__call__`), 'final' / 'all' for `hidden_states`."""
         cfg = self.cfg
         tokens_BT = check_token_ids(tokens_BT, cfg.vocab_size)
         _check_shapes(cfg, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
@@ -610,16 +656,14 @@ class Transformer(nnx.Module):
         if cfg.embed_scale:
             x_BTD = x_BTD * jnp.asarray(cfg.d_model ** 0.5, cd)
         x_BTD = constrain(x_BTD, ("batch", "act_seq", "act_embed"))
-        x_BTD, new_cache, moe_aux = self._run_blocks(x_BTD, ctx, cache, rng)
+        x_BTD, new_cache, moe_aux, inputs_LBTD = self._run_blocks(x_BTD, ctx, cache, rng, hidden == "all")
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
-        head_DV = gathered_head(self.embed[...].T if cfg.tie_embeddings else self.lm_head[...], cd)  # one gather
-        # float32 accumulation and output: bf16 logits would be quantised to 8 mantissa bits (config: dtype)
-        logits_BTV = linear(x_BTD, head_DV, cfg.matmul_impl, out_dtype=jnp.float32, flatten=ctx.flat_rows)
-        if cfg.mup_base_width:  # μP readout multiplier 1 / m: logits stay O(1) as the width grows
-            logits_BTV = logits_BTV / cfg.width_mult
-        if cfg.final_logit_softcap is not None:
-            logits_BTV = cfg.final_logit_softcap * jnp.tanh(logits_BTV / cfg.final_logit_softcap)
+        if hidden == "all":  # layer l's input is layer l - 1's output; the final norm's output replaces layer L's
+            return constrain(jnp.concatenate([inputs_LBTD, x_BTD[None]]), (None, "batch", "act_seq", "act_embed"))
+        if hidden is not None:
+            return constrain(x_BTD, ("batch", "act_seq", "act_embed"))
+        logits_BTV = self._unembed(x_BTD, ctx.flat_rows)
         if capacity is not None and length_traced:  # unknown until run time: poison the wrapped positions
             fits_T = length + jnp.arange(T) < capacity
             logits_BTV = jnp.where(fits_T[None, :, None], logits_BTV, jnp.nan)
@@ -632,9 +676,9 @@ class Transformer(nnx.Module):
             out = out + (aux,)
         return out[0] if len(out) == 1 else out
 
-    def _run_blocks(self, x_BTD, ctx: _Ctx, cache: KVCache | None, rng=None):
+    def _run_blocks(self, x_BTD, ctx: _Ctx, cache: KVCache | None, rng=None, keep_inputs: bool = False):
         """Run the L layers; returns (x, (k, v, pos) tuples of the new cache or None, MoE aux stacked
-        over the MoE layers [L_moe, ...] or None)."""
+        over the MoE layers [L_moe, ...] or None, each layer's input [L, B, T, D] when `keep_inputs` else None)."""
         cfg = self.cfg
         L, P = cfg.n_layers, pattern_period(cfg)
         windows, kinds = cfg.layer_windows()[:P], cfg.moe_layers()[:P]
@@ -667,14 +711,16 @@ class Transformer(nnx.Module):
 
         def group(gst, x, arrays, cs=None, key=None):
             """The P layers of one group: gst[kind] holds [layers of that kind per group, ...] (that axis absent
-            for a kind with one layer per group)."""
-            caches, auxes = [], []
+            for a kind with one layer per group). Also returns the layers' inputs [P, B, T, D] if `keep_inputs`."""
+            caches, auxes, ins = [], [], []
             for j in range(P):
+                ins.append(x)
                 x, c, aux = one_layer(j, gst[kinds[j]], x, arrays, None if cs is None else cs[j], key)
                 caches.append(c)
                 if aux is not None:
                     auxes.append(aux)
-            return x, caches, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None)
+            return (x, caches, (jax.tree.map(lambda *a: jnp.stack(a), *auxes) if auxes else None),
+                    jnp.stack(ins) if keep_inputs else None)
 
         flat_aux = lambda a: None if a is None else jax.tree.map(  # noqa: E731  [L/P, Pm, ...] -> [L_moe, ...]
             lambda t: t.reshape((-1,) + t.shape[2:]), a)
@@ -690,17 +736,24 @@ class Transformer(nnx.Module):
                                  "runs the scanned layer stack; set scan_layers=True or use a mesh without a "
                                  "'stage' axis")
             ks, vs, auxes = (None, None, []) if cache is None else (cache.k, cache.v, [])
+            ins = []
             for g in range(L // P):
                 cs = None if cache is None else [(ks[j], vs[j], cache.pos[j], g) for j in range(P)]
-                x_BTD, cg, aux = group(jax.tree.map(lambda a, g=g: a[g], grouped), x_BTD, ctx.arrays(), cs,
-                                       None if keys is None else keys[g])
+                x_BTD, cg, aux, ins_g = group(jax.tree.map(lambda a, g=g: a[g], grouped), x_BTD, ctx.arrays(), cs,
+                                              None if keys is None else keys[g])
                 if cache is not None:
                     ks, vs, pos = zip(*cg)
                 auxes.append(aux)
+                ins.append(ins_g)
             aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-            return x_BTD, (None if cache is None else (ks, vs, pos)), flat_aux(aux)
+            return (x_BTD, (None if cache is None else (ks, vs, pos)), flat_aux(aux),
+                    jnp.concatenate(ins) if keep_inputs else None)
 
         if n_stages > 1:
+            if keep_inputs:  # gpipe returns the last stage's output only
+                raise ValueError("hidden_states(all_layers=True) under pipeline parallelism is not supported: each "
+                                 "stage keeps its layers' outputs; use all_layers=False (the final hidden states) or a "
+                                 "mesh without a 'stage' axis")
             if cache is not None:
                 raise ValueError("KV-cache decoding under pipeline parallelism is not supported; decode on a "
                                  "mesh without a 'stage' axis")
@@ -718,26 +771,27 @@ class Transformer(nnx.Module):
                                  f"{rows // shards} as the microbatch count")
             x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
                           n_microbatches=M, axis=stage_axis)
-            return x_BTD, None, None
+            return x_BTD, None, None, None
 
         if cache is None:
             def body(x, xs):
-                x, _, aux = group(xs[0], x, ctx.arrays(), None, xs[1])
-                return x, aux
+                x, _, aux, ins = group(xs[0], x, ctx.arrays(), None, xs[1])
+                return x, (aux if ins is None else (aux, ins))
 
             body = bits_residuals(body, cfg.dtype)  # bf16 on CPU: see models.residuals
-            x_BTD, aux = jax.lax.scan(body, x_BTD, (grouped, keys), unroll=cfg.scan_unroll)
-            return x_BTD, None, flat_aux(aux)
+            x_BTD, ys = jax.lax.scan(body, x_BTD, (grouped, keys), unroll=cfg.scan_unroll)
+            aux, ins = ys if keep_inputs else (ys, None)  # ins [L/P, P, B, T, D]
+            return x_BTD, None, flat_aux(aux), None if ins is None else ins.reshape((L,) + ins.shape[2:])
 
         # the cache stacks ride in the carry, each layer writing its new slots in place: as scanned xs / ys, every
         # decode step copied each layer's k / v out and back into a fresh stack (B 8, P 10, N 1000: 2.4x HF's time)
         def step(carry, xs):
             x, ks, vs = carry
             gst, g = xs
-            x, out, aux = group(gst, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j], g) for j in range(P)])
+            x, out, aux, _ = group(gst, x, ctx.arrays(), [(ks[j], vs[j], cache.pos[j], g) for j in range(P)])
             ks, vs, pos = zip(*out)
             return (x, ks, vs), (pos, aux)
 
         (x_BTD, ks, vs), (pos, aux) = jax.lax.scan(step, (x_BTD, cache.k, cache.v),
                                                    (grouped, jnp.arange(L // P)), unroll=cfg.scan_unroll)
-        return x_BTD, (ks, vs, tuple(p[0] for p in pos)), flat_aux(aux)  # every group writes the same positions
+        return x_BTD, (ks, vs, tuple(p[0] for p in pos)), flat_aux(aux), None  # every group: the same positions

@@ -121,6 +121,24 @@ def test_explicit_positions_match_hf_position_ids(hf_ckpt):
     assert np.abs(ref - hf_logits(hf_model)).max() > 1e-2  # the positions change the logits
 
 
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gemma2", "mixtral"])
+def test_hidden_states_match_hf_output_hidden_states(hf_ckpt, name):
+    """all_layers=True is transformers' output_hidden_states tuple stacked: the embeddings (Gemma's scaled), each
+    layer's output, the final norm's output last; Qwen2 with its q/k/v biases, Gemma 2's local layers, Mixtral's
+    experts."""
+    folder, hf_model = hf_ckpt(name)
+    with torch.no_grad():
+        ref = np.stack([h.numpy() for h in hf_model(torch.as_tensor(TOKENS), output_hidden_states=True).hidden_states])
+    ours = from_pretrained(folder)
+    run = nnx.jit(lambda m, t: (m.hidden_states(t, all_layers=True), m.hidden_states(t)))
+    every, final = run(ours, jnp.asarray(TOKENS, jnp.int32))
+    assert every.shape == ref.shape == (TINY["num_hidden_layers"] + 1, *TOKENS.shape, TINY["hidden_size"])
+    diff = np.abs(np.asarray(every) - ref).max(axis=(1, 2, 3))
+    assert diff.max() < 1e-4, f"{name}: max |hidden diff| per entry = {diff}"
+    np.testing.assert_array_equal(final, every[-1])
+    assert np.abs(ref).max(axis=(1, 2, 3)).min() > 0.3  # no entry compares near-zero numbers (1e-4 above)
+
+
 def test_variants_map_to_expected_config(hf_ckpt):
     cfg = lambda name: from_pretrained(hf_ckpt(name)[0]).cfg
     assert (cfg("llama_gqa").kv_heads, cfg("llama_mqa").kv_heads) == (2, 1)

@@ -43,6 +43,9 @@ def test_readme_snippet_runs_and_its_comments_hold(tmp_path):
     tokens = jnp.zeros((8, 16), jnp.int32)
     ref = plain(tokens)
     assert ref.shape == (8, 16, cfg.vocab_size) and ref.dtype == jnp.float32  # "[B, T, V] float32"
+    hs = ns["hs"]  # "[L + 1, B, T, D]", the last entry the one the LM head reads
+    assert hs.shape == (cfg.n_layers + 1, 2, 16, cfg.d_model)
+    np.testing.assert_array_equal(plain.unembed(hs[-1]), plain(jnp.zeros((2, 16), jnp.int32)))
     # bf16 compute: within the stated bf16 tolerance of test_transformer.py, 5% of the logit scale
     tol = 0.05 * float(jnp.abs(ref).max())
     # the sharded model is the plain one: same seed, so the same weights and the same logits

@@ -146,6 +146,102 @@ def test_remat_recomputes_when_the_layers_are_unrolled(model, tokens, layers):
     assert flops["full"] > 1.1 * flops["none"], flops
 
 
+def hidden_and_probe_grads(model, tokens):
+    """hidden_states(all_layers=True) [L + 1, B, T, D] and the gradient of a fixed probe of every entry."""
+    graphdef, state = nnx.split(model)
+
+    def probe(st):
+        h = nnx.merge(graphdef, st).hidden_states(tokens, all_layers=True)
+        return jnp.sum(jnp.sin(h.astype(jnp.float32))), h
+
+    (_, h), g = jax.jit(jax.value_and_grad(probe, has_aux=True))(state)
+    return h, g
+
+
+def test_unembed_of_the_hidden_states_is_the_logits(model, tokens):
+    """The LM head of hidden_states() (here the head by hand: untied, soft-capped at 30) is __call__'s logits, and
+    the layer stack's last entry is the final hidden states."""
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, t: (lambda m: (m(t), m.hidden_states(t), m.hidden_states(t, all_layers=True),
+                                             m.unembed(m.hidden_states(t))))(nnx.merge(graphdef, st)))
+    logits, h_BTD, every, unembedded = run(state, tokens)
+    assert h_BTD.shape == tokens.shape + (CFG.d_model,) and every.shape == (CFG.n_layers + 1,) + h_BTD.shape
+    np.testing.assert_array_equal(every[-1], h_BTD)
+    np.testing.assert_array_equal(unembedded, logits)
+    by_hand = 30.0 * np.tanh(np.asarray(h_BTD, np.float64) @ np.asarray(model.lm_head[...], np.float64) / 30.0)
+    np.testing.assert_allclose(logits, by_hand, atol=1e-5)
+    embed = np.asarray(model.embed[...])[np.asarray(tokens)]  # entry 0: the embeddings, as HF's hidden_states[0]
+    np.testing.assert_array_equal(every[0], embed)
+    with pytest.raises(ValueError, match="takes no KV cache"):
+        model.hidden_states(tokens, cache=KVCache.zeros(CFG, 2, 16))
+    with pytest.raises(ValueError, match=r"unembed takes hidden states \[batch, length, d_model=32\]"):
+        model.unembed(h_BTD[0])
+
+
+@pytest.mark.parametrize("change", [dict(scan_layers=False), dict(scan_unroll=True), dict(remat="full"),
+                                    dict(remat="save_dots"), dict(remat="save_dots_no_batch"), dict(dtype="bfloat16")])
+def test_all_hidden_states_and_their_gradients_equal_across_scan_and_remat(model, tokens, change):
+    """The layers' outputs are the layer scan's ys (the unscanned loop's stack), and remat recomputes them
+    equal. bf16 (on CPU the scan's residuals kept as bits, models.residuals) against float32, to bf16's rounding:
+    scanned and unscanned bf16 differ by an ulp there too, as their logits do (0.012 of 1.8, fused differently)."""
+    h1, g1 = hidden_and_probe_grads(model, tokens)
+    h2, g2 = hidden_and_probe_grads(with_cfg(model, **change), tokens)
+    if "dtype" in change:
+        np.testing.assert_allclose(np.asarray(h2, np.float32), h1, atol=0.05)  # measured 0.023
+        rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+        assert max(jax.tree.leaves(jax.tree.map(rel, g2, g1))) < 0.03
+        return
+    np.testing.assert_allclose(h1, h2, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g1, g2)  # |g| up to ~100
+
+
+@pytest.mark.parametrize("cfg", [
+    dataclasses.replace(CFG, n_layers=4, moe_every=2, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=16)),
+    dataclasses.replace(CFG, n_layers=4, attn_pattern="alternating", sliding_window=4),  # window < T: it binds
+], ids=["moe", "sliding_window"])
+def test_hidden_states_of_moe_and_local_layers(cfg, tokens):
+    """Pattern period 2 (dense / MoE stacks, local / global layers): the layers' outputs come out in layer order;
+    layer l's output is layer l + 1's input, checked against the scan-free loop over the same stacked parameters."""
+    model = make(cfg)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda st, t: (lambda m: (m(t), m.unembed(m.hidden_states(t)), m.hidden_states(t, all_layers=True)))
+                  (nnx.merge(graphdef, st)))
+    logits, unembedded, every = run(state, tokens)
+    np.testing.assert_array_equal(unembedded, logits)
+    assert every.shape == (cfg.n_layers + 1,) + tokens.shape + (cfg.d_model,)
+    unscanned = nnx.jit(lambda m, t: m.hidden_states(t, all_layers=True))(with_cfg(model, scan_layers=False), tokens)
+    np.testing.assert_allclose(every, unscanned, atol=1e-5)
+    assert np.abs(np.diff(np.asarray(every), axis=0)).max(axis=(1, 2, 3)).min() > 1e-2  # every entry its own
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "sequence": 4},
+                                   {"stage": 2, "data": 4}], ids=["dp_fsdp_tp", "sp", "pp"])
+def test_hidden_states_on_a_mesh_equal_one_device(shape):
+    """Sharded as activations (batch over data / fsdp, sequence over 'sequence'); under a pipeline the final
+    hidden states only: all_layers=True is refused by name (gpipe hands back the last stage's output)."""
+    from parallel import create_sharded, make_mesh, shard_batch
+
+    cfg = dataclasses.replace(CFG, pipeline_microbatches=2)
+    tok = jax.random.randint(jax.random.key(7), (8, 12), 0, CFG.vocab_size)
+    graphdef, params = nnx.split(make(cfg))
+    fn = lambda every: jax.jit(lambda p, t: nnx.merge(graphdef, p).hidden_states(t, all_layers=every))  # noqa: E731
+    want = {every: fn(every)(params, tok) for every in (False, True)}
+    mesh = make_mesh(shape)
+    _, placed = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)  # the rules' shardings
+    sharded = jax.tree.map(lambda p, s: jax.device_put(p, s.sharding), params, placed)
+    with jax.set_mesh(mesh):
+        tok = shard_batch(tok, mesh)
+        for every in (False, True) if "stage" not in shape else (False,):
+            got = fn(every)(sharded, tok)
+            np.testing.assert_allclose(got, want[every], atol=2e-6)
+            spec = tuple(got.sharding.spec) + (None,) * (got.ndim - len(got.sharding.spec))
+            batch_axes = ("data", "fsdp") if "fsdp" in shape else "data"
+            assert spec == (None,) * every + (batch_axes, "sequence" if "sequence" in shape else None, None)
+        if "stage" in shape:
+            with pytest.raises(ValueError, match=r"all_layers=True\) under pipeline parallelism"):
+                fn(True)(sharded, tok)
+
+
 def test_jit_equals_eager_and_reference_attention(model, tokens):
     graphdef, state = nnx.split(model)
     eager = model(tokens)
