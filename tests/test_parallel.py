@@ -294,6 +294,24 @@ def test_embedding_lookup_gathers_in_the_compute_dtype_and_sums_its_gradient_in_
         np.testing.assert_array_equal(g, np.broadcast_to(counts[:, None], (64, 32)))
 
 
+def test_the_gathered_head_is_cast_to_the_compute_dtype_and_its_gradient_comes_back_in_the_heads():
+    """gathered_head equals `head.astype(dtype)`, values and gradient: a float32 head under bf16 compute gets a
+    float32 gradient (the bf16 cotangent cast up), as every other float32 weight does. Left in bf16 (the cast
+    dropped), it passed the tests of untied models; tied, adding it to the lookup's float32 gradient failed."""
+    from models.embed import gathered_head
+
+    head = jax.random.normal(jax.random.key(0), (32, 64))
+    ct = jax.random.normal(jax.random.key(1), (32, 64))
+    for dtype in (jax.numpy.float32, jax.numpy.bfloat16):
+        ref, ref_vjp = jax.vjp(lambda h: h.astype(dtype), head)
+        out, vjp = jax.vjp(lambda h: gathered_head(h, dtype), head)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out, ref)
+        (g,), (g_ref,) = vjp(ct.astype(dtype)), ref_vjp(ct.astype(dtype))
+        assert g.dtype == jax.numpy.float32
+        np.testing.assert_array_equal(g, g_ref)
+
+
 def test_embedding_gradient_of_a_bf16_table_is_summed_in_float32():
     """param_dtype='bfloat16': a token seen 4096 times with cotangents of 1e-3 gets ~4.096 (the float32 sum rounded
     to bf16), not the 0.5 where a bf16 scatter-add stalls; the gradient keeps the table's dtype."""

@@ -387,6 +387,38 @@ def test_cache_overflow_raises_when_static_and_gives_nan_when_traced(model, toke
     assert bool(jnp.isnan(outs[:, 2:]).all())
 
 
+def test_eager_cached_calls_crossing_a_prefix_bucket_score_every_written_slot(model):
+    """A cached call with a concrete length (eager) picks its bucket of slots now: the smallest holding length + T.
+    A chunk or a decode step that ends one slot past a bucket (65 of 64) must score that slot, its own last token;
+    the decoding tests run traced lengths (lax.switch), which choose the bucket another way."""
+    tok = jax.random.randint(jax.random.key(3), (1, 66), 0, CFG.vocab_size)
+    full = model(tok)
+    for cuts in ((0, 60, 65, 66), (0, 64, 65)):
+        cache, outs = KVCache.zeros(CFG, 1, 130), []  # buckets of 64, 128, then all 130 slots
+        for lo, hi in zip(cuts, cuts[1:]):
+            logits, cache = model(tok[:, lo:hi], cache=cache)
+            outs.append(logits)
+        np.testing.assert_allclose(jnp.concatenate(outs, 1), full[:, :cuts[-1]], atol=1e-5)
+
+
+def test_cached_decoding_soft_caps_its_scores():
+    """Every cached path (a decode step's prefix of slots, a short chunk over the ring plus itself, a chunk longer
+    than the window) applies attn_logit_softcap as the full forward does. At the default init_std this cap moves the
+    logits by 2e-6, and the soft-capped decoding tests elsewhere passed with it dropped from a decode step; at
+    init_std 0.3 it moves them by 5.4."""
+    cfg = dataclasses.replace(CFG, attn_pattern="alternating", sliding_window=4, attn_logit_softcap=1.0, init_std=0.3)
+    m = Transformer(cfg, rngs=nnx.Rngs(0))
+    tok = jax.random.randint(jax.random.key(4), (2, 14), 0, CFG.vocab_size)
+    full = m(tok)
+    assert float(jnp.abs(full - with_cfg(m, attn_logit_softcap=None)(tok)).max()) > 1.0  # the cap has teeth
+    step = jax.jit(lambda t, c: m(t, cache=c))
+    cache, outs = KVCache.zeros(cfg, 2, 16), []
+    for lo, hi in ((0, 6), (6, 7), (7, 10), (10, 11), (11, 14)):  # T > W, decode steps, 1 < T <= W
+        logits, cache = step(tok[:, lo:hi], cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-4)
+
+
 def test_rolling_buffers_decode_past_max_len():
     """Local layers with W slots never overflow: decoding 12 tokens with max_len 4 equals the full forward."""
     m = make(dataclasses.replace(CFG, attn_pattern="local", sliding_window=3))
