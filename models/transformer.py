@@ -568,7 +568,8 @@ class Transformer(nnx.Module):
                                  dropless)
 
     def hidden_states(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
-                      all_layers: bool = False, rng=None, dropless: bool = False, cache=None):
+                      all_layers: bool = False, return_aux: bool = False, rng=None, dropless: bool = False,
+                      cache=None):
         """tokens [B, T] int → the final hidden states [B, T, D] (after the final RMSNorm) in cfg.dtype, without the
         LM head: for probes, reward / value heads, embeddings. `unembed` of them is `__call__`'s logits.
 
@@ -579,13 +580,14 @@ class Transformer(nnx.Module):
         entry: about 2·L·B·T·D more memory than the final states at the end (measured: temp + output bytes). Not
         under pipeline parallelism (a mesh with a 'stage' axis), whose stages keep their layers' outputs: the final
         hidden states only there.
-        The other arguments are `__call__`'s. No KV cache: a decode step's states are those of the full forward
-        of the tokens so far."""
+        return_aux: `(states, aux)`, the MoE aux dict as `__call__` returns it (for a head trained jointly with an
+        MoE backbone). The other arguments are `__call__`'s. No KV cache: a decode step's states are those of the
+        full forward of the tokens so far."""
         if cache is not None:
             raise ValueError("hidden_states takes no KV cache: call it on the whole sequence (it runs as the full "
                              "forward does), or decode with the model's __call__")
         with replicate_indivisible(False):
-            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, None, False, rng,
+            return self._forward(tokens_BT, positions_BT, segment_ids_BT, padding_mask_BT, None, return_aux, rng,
                                  dropless, hidden="all" if all_layers else "final")
 
     def unembed(self, h_BTD):
@@ -659,16 +661,16 @@ class Transformer(nnx.Module):
         x_BTD, new_cache, moe_aux, inputs_LBTD = self._run_blocks(x_BTD, ctx, cache, rng, hidden == "all")
 
         x_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps, cfg.norm_offset)
-        if hidden == "all":  # layer l's input is layer l - 1's output; the final norm's output replaces layer L's
-            return constrain(jnp.concatenate([inputs_LBTD, x_BTD[None]]), (None, "batch", "act_seq", "act_embed"))
-        if hidden is not None:
-            return constrain(x_BTD, ("batch", "act_seq", "act_embed"))
-        logits_BTV = self._unembed(x_BTD, ctx.flat_rows)
-        if capacity is not None and length_traced:  # unknown until run time: poison the wrapped positions
-            fits_T = length + jnp.arange(T) < capacity
-            logits_BTV = jnp.where(fits_T[None, :, None], logits_BTV, jnp.nan)
-        logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
-        out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T, start))
+        if hidden is not None:  # layer l's input is layer l - 1's output; the final norm's output replaces layer L's
+            h = jnp.concatenate([inputs_LBTD, x_BTD[None]]) if hidden == "all" else x_BTD
+            out = (constrain(h, (None,) * (h.ndim - 3) + ("batch", "act_seq", "act_embed")),)
+        else:
+            logits_BTV = self._unembed(x_BTD, ctx.flat_rows)
+            if capacity is not None and length_traced:  # unknown until run time: poison the wrapped positions
+                fits_T = length + jnp.arange(T) < capacity
+                logits_BTV = jnp.where(fits_T[None, :, None], logits_BTV, jnp.nan)
+            logits_BTV = constrain(logits_BTV, ("batch", "act_seq", "act_vocab"))
+            out = (logits_BTV,) if cache is None else (logits_BTV, KVCache(*new_cache, length + T, start))
         if return_aux:
             aux = {} if moe_aux is None else {
                 "lb_loss": moe_aux["lb_loss"].mean(), "z_loss": moe_aux["z_loss"].mean(),

@@ -212,6 +212,12 @@ def test_hidden_states_of_moe_and_local_layers(cfg, tokens):
     unscanned = nnx.jit(lambda m, t: m.hidden_states(t, all_layers=True))(with_cfg(model, scan_layers=False), tokens)
     np.testing.assert_allclose(every, unscanned, atol=1e-5)
     assert np.abs(np.diff(np.asarray(every), axis=0)).max(axis=(1, 2, 3)).min() > 1e-2  # every entry its own
+    # return_aux: the MoE aux dict __call__ returns (a head trained with an MoE backbone needs its losses)
+    (h, aux), (_, want) = jax.jit(lambda st, t: (lambda m: (m.hidden_states(t, return_aux=True), m(t, return_aux=True)))
+                                  (nnx.merge(graphdef, st)))(state, tokens)
+    np.testing.assert_array_equal(h, every[-1])
+    assert jax.tree.structure(aux) == jax.tree.structure(want) and (aux != {}) == (cfg.moe is not None)
+    jax.tree.map(np.testing.assert_array_equal, aux, want)
 
 
 @pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "sequence": 4},
