@@ -1738,12 +1738,25 @@ def test_a_parquet_file_compressed_whole_is_refused_before_any_work(tmp_path, su
 
 
 def test_json_nested_too_deep_is_one_counted_drop_not_a_failed_run(tmp_path):
-    """A record whose metadata nests 500-980 deep parses (json's C scanner goes deeper than Python recursion) but
-    crashed the run in the metadata clean-up (RecursionError); 1,000+ deep as the first record crashed the text-field
-    check before any work. Both are now one `malformed_json` drop, as a line too deep to parse always was."""
+    """A record whose metadata nests deep enough to parse (json's C scanner goes deeper than Python recursion) but
+    not to clean crashed the run in the metadata clean-up (RecursionError); one too deep to parse as the first record
+    crashed the text-field check before any work. Both are now one `malformed_json` drop, as a line too deep to parse
+    always was. The first window is the interpreter's: 500-990 deep on Python 3.11, 1,000-1,490 on 3.12 (its
+    comprehensions take no frame of their own, and its scanner counts C recursion), so it is measured here."""
+    from data.sources import _clean_meta
+
+    def fails(f, depth):
+        try:
+            f(json.loads("[" * depth + "]" * depth))
+        except RecursionError:
+            return True
+        return False
+
+    window = [d for d in range(100, 4000, 50) if not fails(lambda x: x, d) and fails(_clean_meta, d)]
+    assert window, "no depth parses but fails the metadata clean-up: the first case is unreachable here"
     rng = np.random.default_rng(0)
     good = [json.dumps({"text": en_text(rng, 100)}) for _ in range(2)]
-    for depth in (600, 2000):
+    for depth in (window[len(window) // 2], 2000):
         path = tmp_path / f"d{depth}.jsonl"
         path.write_text("\n".join([f'{{"text": "deep", "m": {"[" * depth}{"]" * depth}}}', *good]) + "\n")
         stats = run([str(path)], tmp_path / f"out{depth}", PipelineConfig(workers=1), progress=False)
