@@ -282,8 +282,10 @@ def _array_fix(path: str, limit: int) -> str:
         rows = None
     per_line = isinstance(rows, list) and second.lstrip().startswith(b"[")
     one = rows[0] if isinstance(rows, list) and rows else None
-    # where the text is in a row: its longest string, a guess the advice names as one
-    at = lambda row: max(range(len(row)), key=lambda k: len(row[k]) if isinstance(row[k], str) else -1)  # noqa: E731
+
+    def at(row: list) -> int:  # where the text is in a row: its longest string, a guess the advice names as one
+        return max(range(len(row)), key=lambda k: len(row[k]) if isinstance(row[k], str) else -1)
+
     if per_line and one is not None and not isinstance(one, dict):
         k = at(rows)
         return (f"one JSON array per line (a table's rows), not one object: make each an object with its text in a "
