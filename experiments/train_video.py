@@ -267,10 +267,17 @@ def _json_dict(text) -> dict | None:
     return d if isinstance(d, dict) else None
 
 
+def _newest_meta(directory: pathlib.Path) -> tuple[int, dict] | None:
+    """`latest_meta` of a stage's checkpoints, read without a writer (None when there are none): a writable manager
+    makes the directory and starts orbax's clean-up of unfinished saves in the background, which can delete the save
+    in progress of the next manager there (a save right after check_resume failed: 'Failed to rename ... _sharding')."""
+    return latest_meta(manager(directory, read_only=True)) if directory.is_dir() else None
+
+
 def check_resume(p: Preset, out: pathlib.Path, seed: int):
     """Before any compute: each stage's newest checkpoint must have been made with this run's settings."""
     for stage, now in stage_settings(p, seed).items():
-        if (latest := latest_meta(manager(out / "ckpt" / stage))) is None:
+        if (latest := _newest_meta(out / "ckpt" / stage)) is None:
             continue
         step, saved = latest
         # other settings before the step count: another preset's run is past it too, and more steps would not do
@@ -530,7 +537,7 @@ def load_video_model(out, preset: str | Preset = "default"):
     metas, dit_vae = {}, None
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
-        latest = latest_meta(manager(out / "ckpt" / stage, read_only=True)) if (out / "ckpt" / stage).is_dir() else None
+        latest = _newest_meta(out / "ckpt" / stage)
         if latest is None:  # a VAE without a DiT: a run stopped in stage 1 (it said to pass a run's --out: it is one)
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: " + (
                 "the run stopped before its DiT stage saved a step; rerun its train_video command to train it"
@@ -712,7 +719,7 @@ def main(argv=None):
     check_resume(p, out, args.seed)
     # a run that never saved (killed before its first checkpoint): its logs are not ours to extend, as train_lm's;
     # appended to, steps only it logged stayed in this run's curves and loss plots
-    if all(latest_meta(manager(out / "ckpt" / s)) is None for s in ("vae", "t2v")) and (stamp := set_aside_logs(out)):
+    if all(_newest_meta(out / "ckpt" / s) is None for s in ("vae", "t2v")) and (stamp := set_aside_logs(out)):
         print(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     frames, size = p.data.frames, p.data.size
     print(f"mesh {dict(mesh.shape)}; clips {frames}×{size}×{size} → latents {p.vae.latent_shape(frames, size, size)}; "

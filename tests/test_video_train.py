@@ -1301,3 +1301,23 @@ def test_load_video_model_of_a_run_with_its_own_seed_and_vae_steps_samples_with_
     key, scale = drawn[-1]
     assert float(scale) == 4.0
     np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(5)))
+
+
+def test_check_resume_reads_the_stages_without_a_writer(tmp_path, monkeypatch):
+    """check_resume only reads, but it opened a writable manager per stage: that made ckpt/vae and ckpt/t2v and started
+    orbax's background clean-up of unfinished saves, free to delete the next manager's save in progress there (a
+    save right after check_resume failed once in CI: 'Failed to rename ... _sharding')."""
+    import orbax.checkpoint as ocp
+
+    cleans, real = [], ocp.CheckpointManager
+    monkeypatch.setattr(ocp, "CheckpointManager", lambda d, options, **kw: (
+        cleans.append(options.cleanup_tmp_directories) or real(d, options=options, **kw)))
+    p = train_video.PRESETS["tiny"]
+    train_video.check_resume(p, tmp_path, 0)
+    assert not (tmp_path / "ckpt").exists() and cleans == []
+    meta = {"step": 1, "settings": train_video.stage_settings(p, 0)["vae"],
+            "prng_impl": jax.config.jax_default_prng_impl}
+    save(manager(tmp_path / "ckpt" / "vae"), 1, {"params": {"w": jnp.ones((2,))}}, meta)
+    cleans.clear()
+    train_video.check_resume(p, tmp_path, 0)
+    assert cleans == [False]  # one reader, for the stage that has a checkpoint
