@@ -108,8 +108,12 @@ class LMShape:
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_heads", "head_dim", "mlp_dim"):
-            # (a float mlp_dim gave float parameter counts)
-            int_at_least(f"LM shape: {f}", getattr(self, f), 0 if f == "mlp_dim" else 1)
+            # (a float mlp_dim gave float parameter counts); stored as Python ints: numpy int32 ones (a sweep's)
+            # wrapped every product past 2**31 (Llama 3 70B counted 1.8e9 parameters, its KV cache 0 bytes)
+            object.__setattr__(self, f, int_at_least(f"LM shape: {f}", getattr(self, f), 0 if f == "mlp_dim" else 1))
+        for f in ("attn_block", "swa_block"):  # block sizes multiply key counts (checked where they are used)
+            if isinstance(getattr(self, f), numbers.Integral) and not isinstance(getattr(self, f), bool):
+                object.__setattr__(self, f, int(getattr(self, f)))
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LM shape: n_heads={self.n_heads} is not a multiple of kv_heads={self.kv_heads}; "
                              "grouped-query attention shares each KV head among n_heads / kv_heads query heads")

@@ -626,6 +626,8 @@ def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str | None = None, w
     library's `KVCache.zeros` builds only bfloat16 / float16 / float32 caches (`TransformerConfig.kv_cache_bytes`
     refuses the rest)."""
     check_counts(batch=(batch, 1), seq_len=(seq_len, 1))
+    # Python ints: numpy int32 ones (a sweep's) wrapped the product below (Llama 3 70B at 128K: 0 bytes)
+    batch, seq_len = int(batch), int(seq_len)
     dtype = dtype or getattr(cfg, "dtype", None) or "bfloat16"
     s = lm_shape(cfg, windows=windows)
     slots = sum(seq_len if w is None else min(w, seq_len) for w in s.windows)

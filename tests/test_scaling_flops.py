@@ -21,6 +21,7 @@ from models.moe import MoEConfig
 from models.sliding_window import sliding_window_attention
 from scaling.dit import dit_forward_flops, dit_param_count, dit_sampling_flops, dit_train_flops
 from scaling.flops import (
+    LMShape,
     MoESpec,
     attended_keys,
     attention_flops_per_token,
@@ -930,3 +931,37 @@ def test_an_unhashable_window_given_by_hand_is_named_not_a_bare_type_error(bad):
     with pytest.raises(ValueError, match="attention window must be >= 1 or None"):
         lm_shape(cfg, windows=[None, bad])
     assert lm_shape(cfg, windows=[None, np.int64(16)]).windows == (None, 16)
+
+
+def test_numpy_int32_shapes_count_like_python_ints():
+    """LMShape checked its sizes as ints but kept numpy ones as given: a sweep's np.int32 fields (int32 arrays, a
+    .npy grid) made every product numpy int32, wrapping silently past 2**31. Llama 3 70B counted 1.83e9
+    parameters (a 410B shape, d 16384, V 256000: 2.0e9 with a negative embedding), its train FLOPs per token at 8K
+    were 12x low and its KV cache 0 bytes.
+    The fields are now stored as Python ints, as TransformerConfig, MoESpec and DiTShape store them."""
+    from scaling.memory import kv_cache_bytes, memory_per_device
+
+    i = np.int32
+    dims = dict(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, kv_heads=8, head_dim=128, mlp_dim=28672)
+    ref = LMShape(**dims, windows=(None,) * 80)
+    sweep = LMShape(**{k: i(v) for k, v in dims.items()}, windows=(None,) * 80, attn_block=i(64), swa_block=i(256))
+    assert sweep == dataclasses.replace(ref, attn_block=64)
+    assert all(type(getattr(sweep, f)) is int for f in (*dims, "attn_block", "swa_block"))
+    assert param_counts(sweep) == param_counts(ref) and param_counts(ref).total == 70_553_706_496  # Llama 3 70B
+    assert train_flops_per_token(sweep, 8192) == train_flops_per_token(dataclasses.replace(ref, attn_block=64), 8192)
+    assert kv_cache_bytes(sweep, 8, 131072) == 2 * 80 * 8 * 131072 * 8 * 128 * 2  # K and V [L, B, T, K, H] bf16
+    assert memory_per_device(sweep, {"fsdp": 64}, 64, 8192) == memory_per_device(
+        dataclasses.replace(ref, attn_block=64), {"fsdp": 64}, 64, 8192)
+    # a duck-typed config of numpy ints (lm_shape passes its fields to LMShape) counts the same too
+    duck = SimpleNamespace(**{k: i(v) for k, v in dims.items() if k != "kv_heads"}, n_kv_heads=i(8))
+    assert param_counts(duck) == param_counts(ref)
+
+
+def test_kv_cache_bytes_of_numpy_int32_lengths_do_not_wrap():
+    """kv_cache_bytes multiplied a numpy int32 batch / seq_len through the layers' slots: Llama 3 70B's bfloat16
+    cache of 8 x 128K tokens (2 x 8 x 80 x 131072 x 8 x 128 x 2 bytes, 344 GB) came back 0."""
+    cfg = TransformerConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_dim=28672,
+                            max_seq_len=131072, dtype="bfloat16")
+    want = 2 * 8 * 80 * 131072 * 8 * 128 * 2  # K and V, [B, L, T, K, H], 2 bytes
+    assert cfg.kv_cache_bytes(8, 131072) == want
+    assert cfg.kv_cache_bytes(np.int32(8), np.int32(131072)) == want
