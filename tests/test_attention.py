@@ -115,10 +115,12 @@ def test_dense_xla_attention_equals_jax_on_every_row(N, K):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [None, 8])
-def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block):
+@pytest.mark.parametrize("block,cap", [(None, None), (8, None), (None, 1.5), (8, 1.5)])
+def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block, cap):
     """A fully masked row's output is a constant mix of v (its scores are constants), so a loss on it moves
-    v only: dq and dk are exactly zero, dense and block-causal alike."""
+    v only: dq and dk are exactly zero, dense and block-causal alike. Under a soft-cap too, where the backward's
+    tanh factor 1 - (s / c)² of such a row's masked score (-0.7 · float32 max) is -inf: only a select of the live
+    rows keeps it out of dq / dk (with a product by the row mask instead, both soft-capped cases get NaN)."""
     B, T, N, K, H = 2, 32, 4, 2, 8
     q, k, v = qkv(B, T, N, K, H, seed=4)
     valid = jnp.arange(T)[None].repeat(B, 0) < T - 5
@@ -126,7 +128,7 @@ def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block):
     dead = ~np.asarray(mask.any(-1)[:, 0])  # [B, T]: the 5 padding queries
     assert dead.sum() == 2 * 5
     ct = jnp.where(dead[..., None, None], jax.random.normal(jax.random.key(6), q.shape), 0.0)
-    loss = lambda q, k, v: (attention(q, k, v, mask, causal_block=block) * ct).sum()  # noqa: E731
+    loss = lambda q, k, v: (attention(q, k, v, mask, causal_block=block, logit_softcap=cap) * ct).sum()  # noqa: E731
     dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert float(jnp.abs(dq).max()) == 0.0 and float(jnp.abs(dk).max()) == 0.0
     assert float(jnp.abs(dv).max()) > 0.0
