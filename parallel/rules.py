@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import jax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from parallel.mesh import AXES
 
@@ -283,6 +283,21 @@ def _check_mesh_set(x) -> None:
                       "jax.tree.leaves(nnx.state(model))[0].sharding.mesh)", stacklevel=2)
 
 
+def _onto_mesh(x):
+    """An eager (not traced) array on one device, e.g. `jnp.asarray(tokens)` or a plain model's activation, copied
+    onto the mesh `jax.set_mesh` set: jax's eager `with_sharding_constraint` takes only mesh-sharded arrays ("The
+    sharding on the input must be a `NamedSharding`"), so `model(tokens)` called eagerly inside `jax.set_mesh`
+    failed unless its tokens came through `shard_batch` (NumPy ones passed)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not isinstance(x.sharding, NamedSharding):
+        try:
+            mesh = jax.sharding.get_mesh()
+        except ValueError:  # inside jax.jit (a constant it captured): the staged constraint takes it as it is
+            return x
+        if not mesh.empty:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+    return x
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op outside a mesh context (with a warning when x is sharded
     over several devices: `jax.set_mesh` was forgotten, see `_check_mesh_set`)."""
@@ -290,7 +305,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         _check_mesh_set(x)
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, mesh, x.shape,
+    return jax.lax.with_sharding_constraint(_onto_mesh(x), logical_to_spec(names, mesh, x.shape,
                                                                 replicate_indivisible=_lenient.value))
 
 
@@ -316,7 +331,7 @@ def constrain_merged(x: jax.Array, outer: tuple[str, int], inner: tuple[str, int
         n *= sizes[a]
     if not i_axes or i_size % n:
         return x
-    return jax.lax.with_sharding_constraint(x, P(o_axes + i_axes, *(P.UNCONSTRAINED,) * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(_onto_mesh(x), P(o_axes + i_axes, *(P.UNCONSTRAINED,) * (x.ndim - 1)))
 
 
 def sharing_axis(name: str, axis: str) -> list[str]:

@@ -749,6 +749,37 @@ def test_a_sharded_model_run_without_jax_set_mesh_warns_with_the_fix():
     np.testing.assert_allclose(np.asarray(forgot), np.asarray(plain), atol=1e-5)  # the values were always right
 
 
+def test_a_model_called_eagerly_inside_jax_set_mesh_takes_tokens_on_one_device():
+    """`with jax.set_mesh(mesh): model(jnp.asarray(tokens))`, called eagerly (no jax.jit), raised jax's bare "The
+    sharding on the input must be a `NamedSharding`" from the first activation constraint unless the tokens came
+    through shard_batch (NumPy tokens passed), and a plain one-device model always did: eager
+    with_sharding_constraint takes only mesh-sharded arrays. The logits (and a sliding-window model's, whose
+    blocked kernel constrains merged rows) are the plain model's outside the mesh, laid out on the mesh."""
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16)), jnp.int32)  # on one device
+    for cfg in (CFG, dataclasses.replace(CFG, attn_pattern="local", sliding_window=4)):
+        with nnx.use_eager_sharding(False):
+            plain = Transformer(cfg, rngs=nnx.Rngs(0))
+        want, want_h = np.asarray(plain(tok)), np.asarray(plain.hidden_states(tok))
+        gd, state = create_sharded(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        with jax.set_mesh(mesh):
+            sharded = nnx.merge(gd, state)(tok)
+            np.testing.assert_allclose(np.asarray(plain(tok)), want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(plain.hidden_states(tok)), want_h, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sharded), want, rtol=1e-5, atol=1e-5)
+        assert sharded.sharding.spec[0] == ("data", "fsdp")  # the batch rows on the mesh's batch axes
+    from parallel.rules import constrain
+
+    with jax.set_mesh(mesh):  # an array on one device that a jitted function captures is constrained as before
+        rows = jax.jit(lambda x: constrain(tok, ("batch", None)) + x)(jnp.zeros_like(tok))
+    assert rows.sharding.spec[0] == ("data", "fsdp") and np.array_equal(np.asarray(rows), np.asarray(tok))
+
+
 def test_a_model_built_eagerly_inside_jax_set_mesh_warns_that_it_is_replicated():
     """flax's idiom for a sharded init, `with jax.set_mesh(mesh): model = Model(...)`, gave every parameter P() on
     every device (our modules turn eager sharding off: logical names are not mesh axes), silently: on {fsdp 8}
