@@ -11,8 +11,9 @@ latent_channels, patch (pt, ph, pw), d_model, n_layers, n_heads, head_dim, mlp_d
   'factorized': spatial attention then temporal attention (its own projections and a d -> 3d
   modulation), the temporal one skipped when there is a single latent frame; cross-attention keys /
   values are projected from text_dim-wide caption tokens.
-Windows (spatial_window / temporal_window) are masks over dense scores in models.video, so they do
-not change the executed FLOPs counted here.
+Windows (spatial_window / temporal_window) do not change the executed FLOPs counted here: models.video
+applies them as masks over dense scores, except a temporal window under 'factorized', which runs the blocked
+sliding-window kernel with one block spanning all T' frames (every score still computed).
 
 FLOPs are 2 per multiply-add for *one clip* (one latent video); per-clip conditioning work (adaLN,
 timestep MLP, caption K/V projections) is counted once per clip. Training = 3 x forward; sampling =

@@ -7,7 +7,8 @@ that implements it; activations follow the activation rules (batch over data/fsd
 over `sequence`, heads / mlp / vocab over `tensor`).
 
 Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one micro-batch):
-- params, grads (same sharding, `grad_dtype`), optimizer state (`moments` per parameter: AdamW 2; float32);
+- params, grads (same sharding, `grad_dtype`), optimizer state (`optimizer_moments` per parameter: AdamW 2;
+  float32 unless `opt_dtype`);
 - activations = L_local · B_l·T_l · saved_per_token(layer, remat) — what the backward pass needs,
   per remat policy (`saved_bytes_per_token`: an upper bound that XLA meets to 75-103% for the
   dot-saving policies; tests/test_scaling_memory.py states every tolerance);
