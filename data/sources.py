@@ -266,7 +266,8 @@ def _why_not_json_lines(path: str, limit: int) -> str | None:
     if head.startswith(b"["):
         return _array_fix(path, limit)
     if head.split(b"\n", 1)[0].strip() == b"{":
-        return "a pretty-printed JSON document, not one object per line: write it with jq -c"
+        return ("a pretty-printed JSON document, not one object per line: write it with jq -c, e.g. jq -c . IN > "
+                "OUT.jsonl")
     return None
 
 

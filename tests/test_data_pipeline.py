@@ -618,6 +618,9 @@ def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
 def test_a_json_lines_file_of_arrays_is_refused_with_the_conversion_that_fits_it(tmp_path):
     """Every array was refused with jq -c '.[]', right for one big array of records, wrong for a file of one array per
     line (a table's rows): it split each row into its cells, one a line, none of them a record."""
+    import shutil
+    import subprocess
+
     from data.sources import discover
 
     recs = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}]
@@ -626,11 +629,20 @@ def test_a_json_lines_file_of_arrays_is_refused_with_the_conversion_that_fits_it
              "texts.json": (json.dumps(["one", "two"]), "jq -c '.[] | {text: .}' IN"),
              "table.json": (json.dumps([["a", "some text"], ["b", "more"]]), "jq -c '.[] | {text: .[1]}' IN"),
              "rows.jsonl": ('["a", "some text", 3]\n["b", "more text", 4]\n', "jq -c '{text: .[1]}' IN"),
-             "batches.jsonl": (f"{json.dumps(recs)}\n{json.dumps(recs)}\n", "jq -c '.[]' IN")}
+             "batches.jsonl": (f"{json.dumps(recs)}\n{json.dumps(recs)}\n", "jq -c '.[]' IN"),
+             # the text elsewhere than .[1] (the rows' longest string), and rows with nothing in them
+             "last.jsonl": ('[7, "a", "the text of a row"]\n[8, "b", "more text"]\n', "jq -c '{text: .[2]}' IN"),
+             "first.json": (json.dumps([["the text of a row", "a", 7]]), "jq -c '.[] | {text: .[0]}' IN"),
+             "empty.json": ("[[], []]", "jq -c '.[]' IN")}
     for name, (raw, fix) in cases.items():
         (tmp_path / name).write_text(raw)
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} (") + r"[^)]*JSON array.*" + re.escape(fix)):
             discover([tmp_path / name])
+    if shutil.which("jq"):  # the advised command makes records of the rows' texts
+        for name in ("last.jsonl", "first.json"):
+            out = tmp_path / f"{name}.out.jsonl"
+            subprocess.run(["bash", "-c", f"{cases[name][1].replace('IN', str(tmp_path / name))} > {out}"], check=True)
+            assert [json.loads(line)["text"] for line in out.read_text().splitlines()][0] == "the text of a row"
 
 
 def test_the_conversion_of_a_compressed_file_reads_it_through_its_decompressor(tmp_path):
@@ -646,11 +658,13 @@ def test_the_conversion_of_a_compressed_file_reads_it_through_its_decompressor(t
 
     recs = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}]
     raw = {"array": json.dumps(recs).encode(), "cr": "".join(json.dumps(r) + "\r" for r in recs).encode(),
-           "utf16": "".join(json.dumps(r) + "\n" for r in recs).encode("utf-16")}
+           "utf16": "".join(json.dumps(r) + "\n" for r in recs).encode("utf-16"),
+           "pretty": "\n".join(json.dumps(r, indent=1) for r in recs).encode()}
     fixes = {"array": "jq -c '.[]' > OUT.jsonl", "cr": "tr '\\r' '\\n' > OUT.jsonl",
-             "utf16": "iconv -f UTF-16LE -t UTF-8 > OUT.jsonl"}
+             "utf16": "iconv -f UTF-16LE -t UTF-8 > OUT.jsonl", "pretty": "jq -c . > OUT.jsonl"}
+    # (an upper-case suffix is decompressed when read, as _opener lower-cases it)
     for suffix, (compress, dec) in {".gz": (gzip.compress, "gzip -dc"), ".bz2": (bz2.compress, "bzip2 -dc"),
-                                    ".xz": (lzma.compress, "xz -dc")}.items():
+                                    ".xz": (lzma.compress, "xz -dc"), ".GZ": (gzip.compress, "gzip -dc")}.items():
         for what, data in raw.items():
             path = tmp_path / f"{what}.jsonl{suffix}"
             path.write_bytes(compress(data))
@@ -1541,11 +1555,27 @@ def test_ids_of_any_json_type_are_logged_and_listed_as_json(tmp_path, capsys):
     assert [(r["id"], r["reason"], r.get("duplicate_of")) for r in report_mod.drops(tmp_path / "out")] == [
         (["a", 1], "too_short", None), (7, "too_short", None), (True, "exact_dup", {"k": "ü"})]
     report_mod.main([str(tmp_path / "out"), "--drops", "all"])
-    assert [ln.split("\t")[0] for ln in capsys.readouterr().out.splitlines()] == ['["a", 1]', "7", "true"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == ['["a", 1]', "7", "true"]
+    assert 'duplicate of {"k": "ü"} (' in lines[2]  # as the input spells it (not {"k": "\u00fc"})
     assert 'quality too_short: ["a", 1], 7' in report_mod.report(tmp_path / "out")
     with pytest.raises(KeyError) as e:  # a failing stage's note names the record as the input has it
         run_stages({"text": "x", "id": ["a", 1]}, [Raises()], [StageStats("raises")])
     assert """on record '["a", 1]'""" in "\n".join(e.value.__notes__)
+
+
+def test_ids_json_cannot_hold_are_logged_as_json_values_or_their_str():
+    """StageStats.drop logs an id as loggable_id's docstring says: a numpy number (a custom stage's) as its number, a
+    tuple as its list, and one JSON has no form for (a set) as its str, so every log line is JSON again."""
+    from data.shards import id_text
+    from data.stages import StageStats
+
+    stats = StageStats("custom")
+    for rid in (np.int64(7), ("a", np.float32(0.5)), {3}):
+        stats.drop("r", 1, rid)
+    assert stats.log == [(7, "r"), (["a", 0.5], "r"), ("{3}", "r")]
+    assert json.loads(json.dumps(stats.log)) == [[7, "r"], [["a", 0.5], "r"], ["{3}", "r"]]
+    assert [id_text(r) for r in (np.int64(7), ("a", np.float32(0.5)), {3})] == ["7", '["a", 0.5]', "{3}"]
 
 
 def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
@@ -1969,6 +1999,9 @@ def test_inputs_that_are_not_regular_files_are_refused_naming_them(tmp_path):
         discover([tmp_path / "in" / "pipe.jsonl"])
     with pytest.raises(SystemExit, match=r"^error: input .*pipe.jsonl is a FIFO"):
         pipeline.main([str(tmp_path / "in" / "pipe.jsonl"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    if os.path.exists("/dev/null"):  # a character device
+        with pytest.raises(ValueError, match=r"^input /dev/null is a device, not a regular file"):
+            discover(["/dev/null"])
     (tmp_path / "in" / "pipe.jsonl").unlink()
     (tmp_path / "in" / "sock").unlink()
     assert discover([tmp_path / "in"]) == [(str(tmp_path / "in" / "a.jsonl"),)]

@@ -212,6 +212,20 @@ def test_grouped_swiglu_under_plain_autodiff_is_the_per_row_reference_in_both_mo
                  jax.grad(ref, argnums=(0, 1))(x, w))
 
 
+def test_grouped_swiglu_under_plain_autodiff_rounds_as_the_tiles_do_in_bf16():
+    """bf16 rows and weights: the plain form rounds the gate / up products and the output to bf16 where the tiles do
+    (float32 products, bf16 results), so its values are the tiled kernel's bit for bit (the float32 test above cannot
+    tell: unrounded gate / up products were 0.5 off at outputs of ~100)."""
+    act = ACTIVATIONS["silu"]
+    sizes, run_E, x, _, w, _ = _grouped_problem(act)
+    x, w = x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), w)
+    run = jax.jit(grouped_swiglu, static_argnums=(3, 4))
+    tiled = run(x, w, run_E, sizes, act)
+    with plain_autodiff():
+        plain = run(x, w, run_E, sizes, act)
+    assert plain.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(tiled, np.float32))
+
 def test_grouped_swiglu_weight_gradients_are_row_major_products_on_cpu():
     """On CPU no dot of the grouped SwiGLU's gradient contracts the rows of both operands (XLA:CPU runs that form on
     Eigen, and in bf16 as a float32 dot); formed from row tiles, its weight gradients all do. The default (no patch)

@@ -143,7 +143,8 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
      "model.moe.dispatch: model.moe is none (off), so this would turn it on"),
     (["--preset", "tiny", "--set", "model.rope_scaling.beta_fast=16"], 8, "model.rope_scaling.beta_fast: "
      "model.rope_scaling is none (off), so this would turn it on with RopeScaling's defaults (kind='llama3', "
-     "factor=8.0, ...); to turn it on set model.rope_scaling.kind or model.rope_scaling.factor as well"),
+     "factor=8.0, ...); to turn it on set model.rope_scaling.kind or model.rope_scaling.factor as well (e.g. --set "
+     "model.rope_scaling.kind=llama3), or drop the override"),
     # pipeline stages run whole pattern periods, without MoE
     (["--preset", "tiny", "--mesh", "stage=2,fsdp=4"], 8,
      "mesh.stage: model.n_layers=2 (pattern period 2) does not split into 2 stages; use a multiple of 4 layers"),

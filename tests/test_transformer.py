@@ -176,6 +176,9 @@ def test_unembed_of_the_hidden_states_is_the_logits(model, tokens):
         model.hidden_states(tokens, cache=KVCache.zeros(CFG, 2, 16))
     with pytest.raises(ValueError, match=r"unembed takes hidden states \[batch, length, d_model=32\]"):
         model.unembed(h_BTD[0])
+    with pytest.raises(ValueError, match=r"unembed takes hidden states \[batch, length, d_model=32\].*got shape "
+                                         r"\(2, \d+, 31\)"):  # (not the LM head's matmul error)
+        model.unembed(jnp.zeros(h_BTD.shape[:-1] + (31,)))
 
 
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(scan_unroll=True), dict(remat="full"),
@@ -243,6 +246,13 @@ def test_hidden_states_on_a_mesh_equal_one_device(shape):
             spec = tuple(got.sharding.spec) + (None,) * (got.ndim - len(got.sharding.spec))
             batch_axes = ("data", "fsdp") if "fsdp" in shape else "data"
             assert spec == (None,) * every + (batch_axes, "sequence" if "sequence" in shape else None, None)
+            if every:  # the LM head of every layer's states (the logit lens): [L + 1, B, T, V], sharded as they are
+                lens = jax.jit(lambda p, h: nnx.merge(graphdef, p).unembed(h))
+                np.testing.assert_allclose(lens(sharded, got), lens(params, want[True]), atol=1e-5)
+        if "stage" not in shape:  # a batch the mesh does not divide: __call__'s error (replicated only to decode)
+            for run in (lambda m, t: m(t), lambda m, t: m.hidden_states(t)):
+                with pytest.raises(ValueError, match="dimension 'batch' of size 3 does not divide mesh axes"):
+                    jax.jit(lambda p, t, run=run: run(nnx.merge(graphdef, p), t))(sharded, tok[:3])
         if "stage" in shape:
             with pytest.raises(ValueError, match=r"all_layers=True\) under pipeline parallelism"):
                 fn(True)(sharded, tok)
