@@ -358,11 +358,14 @@ def test_the_zero_readout_starves_the_body_of_gradient_not_of_adam_steps():
         xs = [x for x, m in zip(jax.tree.leaves(tree), mask) if m]
         return float(jnp.sqrt(sum(jnp.sum(x**2) for x in xs) / sum(x.size for x in xs)))
 
+    # jitted (eagerly each op compiled on its own); both readouts share the two programs
+    grad, update = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, BATCH))), jax.jit(opt.update)
+
     def steps(params, n=3):
         state, out = opt.init(params), []
         for _ in range(n):
-            g = jax.grad(lambda p: lm_loss(graphdef, p, BATCH))(params)
-            u, state = opt.update(g, state, params)
+            g = grad(params)
+            u, state = update(g, state, params)
             params = optax.apply_updates(params, u)
             out.append((body_rms(g), body_rms(u)))
         return out

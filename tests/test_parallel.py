@@ -34,7 +34,8 @@ def batch():
 def two_steps(graphdef, params, b):
     """(loss, grads, params after two AdamW steps on b: the second reads the moments the first left)."""
     loss, grads = jax.jit(jax.value_and_grad(lambda p: lm_loss(graphdef, p, b)))(params)
-    opt_state = jax.jit(OPT.init)(params)
+    # sharded like the params, as the step returns it (a replicated state compiled the step again for the second)
+    opt_state = init_optimizer(OPT, params)
     step = make_train_step(graphdef, OPT)
     new_params, opt_state, _ = step(jax.tree.map(lambda x: x.copy(), params), opt_state, b)
     new_params, _, _ = step(new_params, opt_state, b)
