@@ -127,7 +127,7 @@ def steps(ours, hf, batches, positions, rounds):
             held = {"cache": prefill(state, jnp.asarray(ids[:, :p]), KVCache.zeros(ours.cfg, B, slots))}
             tok_j, tok_t = jnp.asarray(ids[:, p:]), torch.from_numpy(ids[:, p:].astype(np.int64))
             with torch.inference_mode():
-                past = hf(torch.from_numpy(ids[:, :p].astype(np.int64)), use_cache=True).past_key_values
+                past = hf(torch.from_numpy(ids[:, :p].astype(np.int64)), use_cache=True).cache
 
             def steps_ours():
                 tok, cache = loop(state, tok_j, held["cache"])
@@ -138,7 +138,7 @@ def steps(ours, hf, batches, positions, rounds):
                 tok = tok_t
                 with torch.inference_mode():
                     for _ in range(STEPS):
-                        tok = hf(tok, past_key_values=past, use_cache=True).logits[:, -1:].argmax(-1)
+                        tok = hf(tok, cache=past, use_cache=True).logits[:, -1:].argmax(-1)
                 past.crop(-STEPS)  # back to p tokens: every round steps from the same position
 
             times, _ = interleaved({"ours": lambda: (steps_ours, None), "hf": lambda: (steps_hf, None)}, rounds)
