@@ -25,6 +25,7 @@ import math
 import numbers
 import os
 import re
+import types
 from collections.abc import Iterable, Sequence
 
 import grain
@@ -680,8 +681,26 @@ class LMLoader:
         self.dropped, self.unread = (dict(counts["dropped"]), dict(counts["unread"])) if counts else _no_counts()
 
     def close(self):
-        if hasattr(self._it, "close"):
-            self._it.close()
+        """Stops grain's worker processes (worker_count > 0) and lets go of the batches they had in flight: shared
+        memory that was otherwise held until the loader is collected (at interpreter exit: grain's "Exception
+        ignored in SharedMemoryArray.__del__" errors and a "leaked shared_memory" warning). `skipped`, `dropped`
+        and `unread` stay readable; reading on raises."""
+        it, self._it = self._it, _Closed()
+        self._unbatched = types.SimpleNamespace(skipped=self._unbatched.skipped)
+        if hasattr(it, "close"):
+            it.close()
+
+
+class _Closed:
+    """A closed LMLoader's iterator."""
+
+    def _refuse(self, *_):
+        raise ValueError("LMLoader is closed (LMLoader.close() was called): make a new LMLoader to read on")
+
+    __next__ = get_state = set_state = _refuse
+
+    def close(self):
+        pass
 
 
 STREAM_FIELDS = ("seq_len", "global_batch_size", "seed", "num_epochs", "shuffle", "text_field", "tokenize_batch",

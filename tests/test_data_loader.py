@@ -3,12 +3,14 @@ processes split the data exactly once, mixtures follow their weights, batches la
 
 import collections
 import dataclasses
+import gc
 import json
 import pathlib
 import warnings
 
 import numpy as np
 import pytest
+from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
 from data.loader import MAX_SEED, LMLoader, LoaderConfig, Source, Tokenize, documents
 from data.shards import DocWriter, decode_doc, encode_doc, shard_name
@@ -477,6 +479,8 @@ def test_worker_processes_give_the_same_batches(corpus):
     cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=1)
     ref = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
     expected = [next(ref) for _ in range(12)]
+    shm_arrays = lambda: sum(isinstance(o, SharedMemoryArray) for o in gc.get_objects())  # noqa: E731
+    before = shm_arrays()
     par = LMLoader([Source(path)], EOS_BYTES, LoaderConfig(seq_len=32, global_batch_size=4, seed=1, worker_count=2),
                    process_index=0, process_count=1)
     try:
@@ -484,8 +488,15 @@ def test_worker_processes_give_the_same_batches(corpus):
             np.testing.assert_array_equal(e["inputs"], g["inputs"])
             np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
         saved = json.loads(json.dumps(par.get_state()))
+        assert shm_arrays() > before  # the workers' batches in flight
     finally:
         par.close()
+    # close() lets go of them (they were held until the loader was collected: at a script's exit, grain's
+    # "Exception ignored in SharedMemoryArray.__del__" errors and a leaked-shared_memory warning)
+    gc.collect()
+    assert shm_arrays() == before and par.skipped["no_target"] == 0
+    with pytest.raises(ValueError, match="LMLoader is closed"):
+        next(par)
     with pytest.raises(ValueError, match="worker_count"):  # a worker state restored without workers
         LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(saved)
     # tokenizing one document at a time gives the same batches too (grain's batch of 1 overflowed)
