@@ -220,10 +220,11 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     if extra:
         raise ValueError(f"checkpoint {folder} has tensors our Transformer has no place for: {extra[:5]}"
                          f"{' ...' if len(extra) > 5 else ''}; is config.json right for these weights?")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    from parallel.sharding import abstract_model, logical_shardings
+
+    graphdef, abstract = nnx.split(abstract_model(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     shapes = {k: v.shape for k, v in _flatten(nnx.to_pure_dict(abstract)).items()}
     if mesh is not None:
-        from parallel.sharding import logical_shardings
 
         where_to = _flatten(nnx.to_pure_dict(logical_shardings(abstract, mesh, rules)))
         place = lambda a, name: jax.device_put(a, where_to[name])  # noqa: E731

@@ -48,5 +48,5 @@ def _check_not_built_under_a_mesh(value) -> None:
     warnings.warn(f"a model built inside jax.set_mesh({dict(zip(mesh.axis_names, mesh.axis_sizes))}) has every "
                   "parameter replicated on every device (the logical-axis rules are not applied at a plain build): "
                   "build it with `graphdef, state = parallel.create_sharded(lambda: Model(cfg, rngs=...), mesh)`, "
-                  "outside the mesh context, or place a built one with parallel.shard_state(nnx.state(model), mesh)",
+                  "or place a built one with parallel.shard_state(nnx.state(model), mesh)",
                   stacklevel=1)  # (here: one warning per process, not one per parameter-creating line)

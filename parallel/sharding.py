@@ -51,6 +51,16 @@ def _trimmed(spec: P) -> P:
     return P(*parts)
 
 
+def abstract_model(model_fn: Callable[[], nnx.Module]) -> nnx.Module:
+    """`model_fn()`'s module with every variable a ShapeDtypeStruct (nothing allocated), whatever mesh is set.
+
+    flax's `nnx.eval_shape` gives each abstract variable a sharding on the mesh in effect, reading its logical names
+    (`layers`, `embed`) as mesh axes: inside `with jax.set_mesh(mesh):` it failed ("Resource axis: layers ... is
+    not found in mesh"). The rules table places the variables instead, so the shapes are taken with no mesh."""
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), nnx.use_eager_sharding(False):
+        return nnx.eval_shape(model_fn)
+
+
 def _check_builder(model_fn, where: str) -> None:
     if isinstance(model_fn, nnx.Module) or not callable(model_fn):  # a module is callable: its forward pass ran
         raise TypeError(f"{where}(model_fn, mesh): model_fn builds the model, e.g. `lambda: Transformer(cfg, "
@@ -92,10 +102,10 @@ def create_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     _check_builder(model_fn, "create_sharded")
     # logical names are resolved here, by the rules table: flax would otherwise read them as mesh axes the moment a
     # variable is created (so a module of your own that does not turn eager sharding off still builds)
+    abstract = abstract_model(model_fn)
+    graphdef, abs_state = nnx.split(abstract)
+    _check_moe_pipeline(abstract, mesh, rules)
     with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(model_fn)
-        graphdef, abs_state = nnx.split(abstract)
-        _check_moe_pipeline(abstract, mesh, rules)
         shardings = logical_shardings(abs_state, mesh, rules)
         init = jax.jit(lambda: nnx.split(model_fn())[1], out_shardings=shardings)
         with jax.set_mesh(mesh):
@@ -108,9 +118,7 @@ def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
     it on `mesh`: nothing is allocated or compiled. The target to restore a checkpoint onto (a random state built
     only to be overwritten costs an init compile and the model's memory once more)."""
     _check_builder(model_fn, "abstract_sharded")
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(model_fn)
-        graphdef, abs_state = nnx.split(abstract)
+    graphdef, abs_state = nnx.split(abstract := abstract_model(model_fn))
     _check_moe_pipeline(abstract, mesh, rules)
     shardings = logical_shardings(abs_state, mesh, rules)
     state = jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)), abs_state,

@@ -232,6 +232,7 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     from flax import nnx
 
     from models.video import VideoDiT
+    from parallel.sharding import abstract_model
     from scaling.memory import (
         MemoryBreakdown,
         check_counts,
@@ -255,7 +256,7 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
         raise ValueError(f"mesh {mesh}: the rules split VideoDiT's block stack {stages} ways ('layers' -> 'stage'), "
                          "but the DiT does not pipeline its blocks; put those devices on 'fsdp' (or 'data') instead")
     if params is None:
-        params = param_table_from_state(nnx.state(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))))
+        params = param_table_from_state(nnx.state(abstract_model(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)))))
     cdt = compute_dtype or cfg.dtype
     c, gb, ob = dtype_bytes(cdt), dtype_bytes(grad_dtype or cfg.param_dtype), dtype_bytes(opt_dtype or "float32")
     elems = sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in params)

@@ -1032,12 +1032,14 @@ def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
 
     folder, hf_model = hf_ckpt(name)
     mesh = make_mesh({"fsdp": 2, "tensor": 2, "data": 2} if name == "llama_gqa" else {"expert": 2, "fsdp": 4})
-    model = from_pretrained(folder, mesh=mesh)
+    with jax.set_mesh(mesh):  # loaded where it will run (it raised there: flax read 'layers' as a mesh axis)
+        model = from_pretrained(folder, mesh=mesh)
+    logits = our_logits(model)  # (2 rows, which {data 2, fsdp 2} under the mesh would refuse to split)
     _, fresh = create_sharded(lambda: Transformer(model.cfg, rngs=nnx.Rngs(0)), mesh)
     got = jax.tree.leaves(nnx.state(model))
     assert [x.sharding for x in got] == [x.sharding for x in jax.tree.leaves(fresh)]
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in got)
-    assert np.abs(our_logits(model) - hf_logits(hf_model)).max() < 1e-4
+    assert np.abs(logits - hf_logits(hf_model)).max() < 1e-4
 
 
 def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path, monkeypatch):

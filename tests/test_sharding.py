@@ -84,6 +84,33 @@ def test_rules_errors_and_fallbacks():
     assert make_mesh({"tensor": 2, "data": -1}).axis_names == ("data", "tensor")
 
 
+def test_models_are_shaped_and_placed_inside_a_set_mesh_as_outside():
+    """Inside `with jax.set_mesh(mesh):` (where the model is then run) create_sharded, abstract_sharded,
+    from_pretrained (tests/test_hf.py) and dit_memory_per_device raised flax's "Resource axis: layers of
+    P('layers', 'norm') is not found in mesh": its nnx.eval_shape read the logical names as mesh axes there."""
+    from flax import nnx
+
+    from models import Transformer
+    from models.video import DiTConfig
+    from parallel import abstract_sharded, create_sharded
+    from scaling.dit import dit_memory_per_device
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    build = lambda: Transformer(CFG, rngs=nnx.Rngs(0))  # noqa: E731
+    dit = DiTConfig(latent_shape=(2, 4, 4), d_model=32, n_heads=2, mlp_dim=64, n_layers=2)
+    each = lambda: (create_sharded(build, mesh)[1], abstract_sharded(build, mesh)[1],  # noqa: E731
+                    dit_memory_per_device(dit, mesh, 4, 4))
+    outside = each()
+    with jax.set_mesh(mesh):
+        inside = each()
+    for a, b in zip(jax.tree.leaves(outside[0]), jax.tree.leaves(inside[0])):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(a, b)
+    assert [x.sharding for x in jax.tree.leaves(outside[1])] == [x.sharding for x in jax.tree.leaves(inside[1])]
+    assert [x.sharding for x in jax.tree.leaves(inside[1])] == [x.sharding for x in jax.tree.leaves(inside[0])]
+    assert outside[2] == inside[2]
+
+
 def test_a_model_dimension_the_mesh_does_not_divide_names_the_config_field():
     """3 heads on tensor 2: the refusal said "use a model dimension that is a multiple of 2", naming the logical
     'heads' but not n_heads, the field a researcher changes (likewise mlp_dim, d_model, vocab_size)."""
