@@ -115,11 +115,11 @@ def write_json(path: str | None, obj, indent: int = 1) -> None:
             stream.flush()
             return
         if os.path.exists(path) and not os.path.isfile(path):  # --json /dev/stdout: renamed over, the device was lost
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
             return
         # a symlink keeps pointing at its (replaced) target; renamed over, it became a copy the target never saw
-        write_atomically(os.path.realpath(path), lambda tmp: tmp.write_text(text))
+        write_atomically(os.path.realpath(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def save(path: str | None, rounds: int, rows: dict) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 
@@ -11,7 +12,11 @@ import sys
 def run_main(main, *args):
     """`main(*args)`, ended quietly with exit status 1 when the reader of stdout has gone (`... | head -1`): a
     BrokenPipeError traceback ended it, from a print or from Python's own flush at exit (the rest of the output has
-    nowhere to go either way). Other exits, SystemExit included, pass through unchanged."""
+    nowhere to go either way). Other exits, SystemExit included, pass through unchanged. A stdout that is not UTF-8
+    (LC_ALL=C with PYTHONUTF8=0) prints what it cannot encode as escapes, as Python's stderr does: the trainer's
+    first line ('16×128') or a Chinese sample raised UnicodeEncodeError there."""
+    if hasattr(sys.stdout, "reconfigure") and codecs.lookup(sys.stdout.encoding).name != "utf-8":
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         try:
             return main(*args)
@@ -20,6 +25,22 @@ def run_main(main, *args):
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail too
         sys.exit(1)
+
+
+def undecoded(text: str) -> str | None:
+    """Why `text` (a command-line value, an absolute path) cannot be used, or None: under a C / POSIX locale with
+    PYTHONUTF8=0 Python reads the command line and file names as ASCII, holding each other byte as a lone surrogate,
+    which tensorstore, ArrayRecord and the tokenizers take for no string (a traceback, after the work) and a sampler
+    turns into U+FFFD's."""
+    if codecs.lookup(sys.getfilesystemencoding()).name == "utf-8":
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return (f"{text!r} holds bytes this Python could not decode: it reads the command line and file names as "
+                f"{sys.getfilesystemencoding()} (a C / POSIX locale with PYTHONUTF8=0); run it with PYTHONUTF8=1 or "
+                "under a UTF-8 locale (LC_ALL=C.UTF-8)")
+    return None
 
 
 def cli_parser(doc: str | None, spec) -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.augment import DomainGlossary
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, run_main, undecoded
 from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
 from data.filters import QualityConfig
 from data.label import LabelConfig
@@ -639,6 +639,9 @@ def main(argv=None):
         msg = str(e)
         flag = next((f for field, f in FLAGS.items() if msg.startswith(field)), None)
         ap.error(f"argument {flag}: {msg}" if flag else msg)
+    for flag, path in (("--out", args.out), ("--dedup-against", args.dedup_against)):
+        if path is not None and (problem := undecoded(os.path.abspath(path))):  # ArrayRecord's traceback, later
+            ap.error(f"argument {flag}: {problem}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         ap.error(f"argument --out: {args.out} is a file; name a directory for the run")
     # checked, not made (a refused run leaves no directory): mkdir's NotADirectoryError / PermissionError was a

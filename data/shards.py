@@ -288,9 +288,9 @@ def write_json(path: str | os.PathLike, obj) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True)
-    write_atomically(path, lambda tmp: tmp.write_text(text))
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_json(path: str | os.PathLike):
     """The JSON value in the file at `path`."""
-    return json.loads(pathlib.Path(path).read_text())
+    return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ before any work: `check_text_field`).
 from __future__ import annotations
 
 import bz2
+import codecs
 import dataclasses
 import gzip
 import json
@@ -26,6 +27,7 @@ import lzma
 import os
 import pathlib
 import stat
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -169,6 +171,13 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     # a name that is not UTF-8 (latin-1 bytes: Python holds them as lone surrogates) cannot be written to the
     # manifest, ids or drop logs: the run crashed after the walk with a UnicodeEncodeError naming no file
     undecodable = [os.fsencode(f).decode("utf-8", "backslashreplace") for f in files if _not_utf8(f)]
+    if undecodable and codecs.lookup(sys.getfilesystemencoding()).name != "utf-8":
+        # this Python decodes every non-ASCII name, UTF-8 ones too, as lone surrogates: re-encoding them from
+        # latin-1, as below advises, would garble names that were right
+        raise ValueError(f"{len(undecodable)} input file names are not ASCII and this Python reads file names as "
+                         f"{sys.getfilesystemencoding()} (a C / POSIX locale with PYTHONUTF8=0): run it with "
+                         f"PYTHONUTF8=1 or under a UTF-8 locale (LC_ALL=C.UTF-8); {', '.join(undecodable[:5])}"
+                         f"{' ...' if len(undecodable) > 5 else ''}")
     if undecodable:
         raise ValueError(f"{len(undecodable)} input file names are not UTF-8: {', '.join(undecodable[:5])}"
                          f"{' ...' if len(undecodable) > 5 else ''}; rename them, e.g. convmv -f latin1 -t utf8 "

@@ -308,7 +308,7 @@ class Checkpoints:
         if jax.process_index() == 0 and self.dir.is_dir():
             for f in sorted(self.dir.glob("*/metrics/metrics")):
                 try:
-                    m = json.loads(f.read_text())
+                    m = json.loads(f.read_text(encoding="utf-8"))
                     ok = isinstance(m, dict) and not (isinstance(m.get("eval_loss"), float) and math.isnan(
                         m["eval_loss"]))
                 except (ValueError, OSError):
@@ -615,7 +615,7 @@ def _saved_order(state_dir: pathlib.Path, abstract) -> list[tuple[str, ...]]:
     names = [_path_keys(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
     try:
         saved = [tuple(str(k["key"]) for k in v["key_metadata"])
-                 for v in json.loads((state_dir / "_METADATA").read_text())["tree_metadata"].values()]
+                 for v in json.loads((state_dir / "_METADATA").read_text(encoding="utf-8"))["tree_metadata"].values()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return names
     want = set(names)
@@ -672,7 +672,7 @@ def _check_fits(saved, abstract, where) -> None:
 def read_meta(directory, step: int) -> dict:
     """The JSON meta of a saved step, without restoring arrays (for tools and tests)."""
     path = pathlib.Path(directory) / str(step) / "meta" / "metadata"
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def mesh_axes(mesh) -> dict[str, int]:

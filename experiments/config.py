@@ -484,7 +484,7 @@ def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
 
     path = os.path.join(folder, "config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             hf = json.load(f)
         return config_from_hf(hf, **{k: getattr(base, k) for k in KEPT_FROM_PRESET})
     except (OSError, ValueError) as e:
@@ -575,6 +575,15 @@ def dir_problem(path) -> str | None:
     return None
 
 
+def cache_root(d: DataSpec) -> str:
+    """Where the built-in corpus is cached: `data.cache_dir`, else ~/.cache/jaxscale."""
+    return d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxscale")
+
+
+# the run's fields that name files or directories (relative ones below the working directory)
+_PATH_FIELDS = ("data.cache_dir", "data.train_dir", "data.eval_dir", "data.tokenizer", "train.out", "train.init_from")
+
+
 def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     """Check everything that would otherwise fail deep inside compilation; returns the resolved mesh shape."""
 
@@ -628,9 +637,19 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
 
     need(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, {MAX_SEED}] (the loader shuffles each source with "
          f"seed·1000 in grain's 32 bits), got {t.seed}")
+    # Under a C / POSIX locale with PYTHONUTF8=0: a Chinese train.sample_prompt was sampled as U+FFFD's, and a
+    # train.out in a non-ASCII directory failed in orbax's first save, after the steps it was to keep
+    from data.cli import undecoded
+
+    for sec, spec in (("data", d), ("train", t)):
+        for f in dataclasses.fields(spec):
+            v, field = getattr(spec, f.name), f"{sec}.{f.name}"
+            if isinstance(v, str):
+                need((problem := undecoded(os.path.abspath(v) if field in _PATH_FIELDS else v)) is None, field, problem)
     # the directories the run writes (the built-in corpus is cached on its first use): a file in the way failed
     # with a traceback naming no setting once the run had started
-    for path, field in ((t.out, "train.out"), (d.cache_dir if d.train_dir is None else None, "data.cache_dir")):
+    # (the default cache under $HOME too: an unwritable home failed in mkdir with a traceback naming no setting)
+    for path, field in ((t.out, "train.out"), (cache_root(d) if d.train_dir is None else None, "data.cache_dir")):
         if path is None:
             continue
         need((problem := dir_problem(path)) is None, field, problem)

@@ -156,7 +156,8 @@ def main(argv=None):
             print(f"{name:4s} width {w:4d}: best log2 lr {best:>4s}, loss {curve[best]:.3f}   "
                   + " ".join(f"{float(v):.2f}" for v in curve.values()))
     if args.json:  # the numbers first: they are what the sweep cost
-        with open(args.json, "w") as f:  # a diverged rate (inf) as null: bare Infinity is no JSON to strict readers
+        # a diverged rate (inf) as null: bare Infinity is no JSON to strict readers
+        with open(args.json, "w", encoding="utf-8") as f:
             json.dump(_finite_or_null(res), f, indent=1, allow_nan=False)
     plot(res, args.widths, args.out)
     print("plot:", args.out)

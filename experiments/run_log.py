@@ -41,7 +41,7 @@ class Logger:
                         f.seek(0)
                         data = f.read()
                         f.truncate(data.rfind(b"\n") + 1)
-        self.jsonl = (out / "metrics.jsonl").open("a") if primary else None
+        self.jsonl = (out / "metrics.jsonl").open("a", encoding="utf-8") if primary else None
         if primary:
             # tensorboardX's EventsWriter, written synchronously: SummaryWriter queues events for a thread, and its
             # flush() does not drain that queue, so a killed run lost events its checkpoint covered
@@ -107,7 +107,7 @@ def drop_records_after(log: Logger, kind: str | None, step: int):
     if log.jsonl is None:  # not the primary process: nothing written
         return
     path = pathlib.Path(log.jsonl.name)
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
 
     def stale(line: str) -> bool:
         try:
@@ -121,7 +121,7 @@ def drop_records_after(log: Logger, kind: str | None, step: int):
     if len(keep) < len(lines):
         log.jsonl.close()  # appends go on to the new file, not the replaced one
         write_text_atomically(path, "".join(keep))
-        log.jsonl = path.open("a")
+        log.jsonl = path.open("a", encoding="utf-8")
 
 
 def _finite_or_null(x):
@@ -159,7 +159,7 @@ def read_curves(path: pathlib.Path):
     """{kind: {step: record}} from metrics.jsonl; a step logged twice (replayed after a resume) keeps the last."""
     curves: dict[str, dict[int, dict]] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 r = json.loads(line)
             except ValueError:  # a line torn by a kill (the Logger cuts it when the run resumes)
@@ -217,8 +217,8 @@ def write_atomically(path: pathlib.Path, write) -> pathlib.Path:
 
 
 def write_text_atomically(path: pathlib.Path, text: str) -> pathlib.Path:
-    """`path.write_text(text)` through `write_atomically`."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text))
+    """`path.write_text(text)` (UTF-8, whatever the locale) through `write_atomically`."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class Throughput:

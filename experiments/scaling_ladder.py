@@ -260,7 +260,7 @@ def _same_training(out: pathlib.Path, settings: dict) -> dict | None:
     fit's settings (n_boot, level) do not count: a changed --n-boot demanded --fresh, which retrained every rung."""
     if not (out / RUNGS).is_file():
         return None
-    saved = _loads((out / RUNGS).read_text())
+    saved = _loads((out / RUNGS).read_text(encoding="utf-8"))
     same = all(saved.get("settings", {}).get(k) == settings[k] for k in TRAINING)
     return saved["done"] if same else None
 
@@ -278,7 +278,7 @@ def replot(out: pathlib.Path, level: float | None, docs: bool, n_boot: int | Non
     if not (out / "results.json").is_file():
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
     try:
-        res = _loads((out / "results.json").read_text())
+        res = _loads((out / "results.json").read_text(encoding="utf-8"))
         pred = res["prediction"]
         _ = res["runs"], res["comparison"]
     except (ValueError, KeyError, TypeError) as e:  # '{}' was a bare KeyError: 'prediction'
@@ -404,7 +404,7 @@ def main(argv=None):
         seconds[rung.name] = res["seconds"]
         tqdm.write(f"{rung.name}: " + "  ".join(f"D={r['tokens']:,}: {r['eval_loss']:.4f}" for r in res["runs"])
                    + f"  ({res['seconds']:.0f}s)")
-        (out / "ladder.json").write_text(_dumps(all_runs))
+        (out / "ladder.json").write_text(_dumps(all_runs), encoding="utf-8")
 
     target = ladder[-1]
     target_n = param_counts(target.config()).non_embedding
@@ -428,7 +428,7 @@ def main(argv=None):
                       level=args.level, diverged=[dict(rung=r["rung"], tokens=r["tokens"]) for r in diverged],
                       param_intervals=bs.param_intervals(args.level), residual_rms=float(np.sqrt(np.mean(
                           np.square(bs.residuals)))), predictions=pred_rows)
-    (out / "prediction.json").write_text(_dumps(prediction))
+    (out / "prediction.json").write_text(_dumps(prediction), encoding="utf-8")
     print(f"fit on {len(fit_runs)} runs: E={law.E:.3f} A={law.A:.4g} alpha={law.alpha:.3f} B={law.B:.4g} "
           f"beta={law.beta:.3f}; predictions for {target.name} (N={target_n:,}) written before training it:")
     for r in pred_rows:
@@ -446,8 +446,8 @@ def main(argv=None):
         r["diverged"] = not math.isfinite(r["actual"])  # a NaN is no miss of the prediction: the run failed
     results = dict(prediction=prediction, target_runs=res["runs"], comparison=pred_rows, seconds=seconds,
                    total_seconds=time.time() - t_start, runs=all_runs, quick=args.quick)
-    (out / "ladder.json").write_text(_dumps(all_runs))
-    (out / "results.json").write_text(_dumps(results))
+    (out / "ladder.json").write_text(_dumps(all_runs), encoding="utf-8")
+    (out / "results.json").write_text(_dumps(results), encoding="utf-8")
     plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
     if not args.no_docs and not args.quick:
         shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import sys
@@ -111,8 +112,9 @@ def corpus_tiers(spec) -> tuple[str, str]:
         return spec.train_dir, spec.eval_dir
     from data.corpus import stdlib_documents
     from data.shards import DocWriter, shard_name
+    from experiments.config import cache_root
 
-    root = pathlib.Path(spec.cache_dir or pathlib.Path.home() / ".cache" / "jaxscale") / (
+    root = pathlib.Path(cache_root(spec)) / (
         f"lm-corpus-v2-py{sys.version_info.major}{sys.version_info.minor}-{spec.max_files or 'all'}-"
         f"{spec.eval_every_nth}")  # v2: split by module (v1 split a module's source from its docstrings)
     if not (root / "done").exists():
@@ -132,7 +134,7 @@ def corpus_tiers(spec) -> tuple[str, str]:
             for ws in writers.values():
                 for w in ws:
                     w.commit()
-            (tmp / "done").write_text(json.dumps(n))
+            (tmp / "done").write_text(json.dumps(n), encoding="utf-8")
         except BaseException:  # the next attempt builds under its own pid: a failed one's directory was never removed
             for w in (w for ws in writers.values() for w in ws):
                 w.abort()
@@ -333,7 +335,7 @@ def best_given_up(ckpt_dir, keep: int) -> tuple[int, float] | None:
     scored = []
     for s in steps:
         try:
-            loss = json.loads((ckpt_dir / str(s) / "metrics" / "metrics").read_text())["eval_loss"]
+            loss = json.loads((ckpt_dir / str(s) / "metrics" / "metrics").read_text(encoding="utf-8"))["eval_loss"]
         except (OSError, ValueError, KeyError, TypeError):  # no metrics (a save between evaluations): not ranked
             continue
         if isinstance(loss, int | float) and loss == loss:
@@ -845,7 +847,7 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
         if first_eval is not None and last_eval is not None:  # (None: a checkpoint saved before first_eval was)
             say(f"eval loss {first_eval:.3f} → {last_eval:.3f} (ppl {perplexity(first_eval):.4g} → "
                 f"{perplexity(last_eval):.4g}) in {result['wall_s']:.0f} s")
-        say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {out / 'tb'}), ckpt/ (steps "
+        say(f"outputs in {out}: metrics.jsonl, tb/ (tensorboard --logdir {shlex.quote(str(out / 'tb'))}), ckpt/ (steps "
             f"{saved_steps}), {plot.name}, sample.txt")
     return result
 

@@ -570,7 +570,8 @@ def load_video_model(out, preset: str | Preset = "default"):
     stats_path = out / "latent_stats.json"
     if not stats_path.exists():
         raise FileNotFoundError(f"{stats_path} is missing: the run stopped before encoding its latents")
-    saved = json.loads(stats_path.read_text())  # by name: read in the file's key order, a 'std'-first file was swapped
+    # by name: read in the file's key order, a 'std'-first file was swapped
+    saved = json.loads(stats_path.read_text(encoding="utf-8"))
     if not isinstance(saved, dict) or {"mean", "std"} - set(saved):
         raise ValueError(f"{stats_path} must hold the latents' per-channel {{\"mean\": [...], \"std\": [...]}} as "
                          "train_video writes it; rerun the run's train_video command (it rewrites the file)")

@@ -130,7 +130,7 @@ def _open_weights(folder: Path) -> dict:
     index = folder / "model.safetensors.index.json"
     if index.exists() and not (folder / "model.safetensors").exists():  # transformers prefers the single file too
         try:
-            return {name: folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+            return {name: folder / f for name, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor name "
                              f"-> file; {type(e).__name__}: {e}); download it again") from None
@@ -191,7 +191,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
     try:
-        hf = json.loads((folder / "config.json").read_text())
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
@@ -328,7 +328,8 @@ def read_token_ids(path) -> dict:
     folder, ids = Path(path), {}
     for name in ("config.json", "generation_config.json"):  # the generation config wins, as in transformers
         if (folder / name).exists():
-            ids.update({k: v for k, v in json.loads((folder / name).read_text()).items() if k in TOKEN_ID_FIELDS})
+            saved = json.loads((folder / name).read_text(encoding="utf-8"))
+            ids.update({k: v for k, v in saved.items() if k in TOKEN_ID_FIELDS})
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
     return ids
@@ -416,9 +417,9 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
                     folder / "model.safetensors.index.json"]:
             old.unlink(missing_ok=True)
-        (folder / "config.json").write_text(config_text)
+        (folder / "config.json").write_text(config_text, encoding="utf-8")
         if gen_text is not None:
-            (folder / "generation_config.json").write_text(gen_text)
+            (folder / "generation_config.json").write_text(gen_text, encoding="utf-8")
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     for file, shard in zip(files, shards, strict=True):
@@ -428,7 +429,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     if primary and len(shards) > 1:
         index = {"metadata": {"total_size": sum(b for _, b, _ in plan)},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     if jax.process_count() > 1:  # nobody reads the folder before it is complete
         multihost_utils.sync_global_devices(f"save_pretrained {folder}")
 
@@ -441,7 +442,7 @@ def _generation_config_text(folder: Path, token_ids: dict | None) -> str | None:
     if not token_ids or not path.exists():
         return None
     try:
-        gen = json.loads(path.read_text())
+        gen = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); save_pretrained writes token_ids into it, since "
                          "transformers' generate reads them from there first: fix or remove it") from None

@@ -2128,3 +2128,91 @@ def test_records_with_an_empty_id_are_named_by_where_they_were(tmp_path):
     assert [r["id"] for r in report_mod.drops(tmp_path / "out")] == [f"{path}:1"]
     assert [d["id"] for p in tier_shards(tmp_path / "out" / "raw") for d in iter_docs(p)] == [
         f"{path}:1", f"{path}:2", "c"]
+
+
+def _ascii_locale(*paths):
+    """The environment of a shell whose locale is plain C with Python's UTF-8 mode off (a container or cron job
+    without LANG, PYTHONUTF8=0): stdio, open() and file names all ASCII. Skips the test where the checkout, the
+    interpreter or `paths` are not ASCII: there that Python cannot even import jax (nor use those paths)."""
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    if not all(str(p).isascii() for p in (root, sys.executable, *paths)):
+        pytest.skip("a non-ASCII checkout, interpreter or temporary directory: unusable under an ASCII locale")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    return {**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(root)}
+
+
+def test_cli_cleans_chinese_text_under_an_ascii_locale(tmp_path):
+    """Under LC_ALL=C PYTHONUTF8=0 the run wrote its manifest with open()'s ASCII default and ended in 'error:
+    'ascii' codec can't encode characters'; every file of a run is UTF-8 whatever the locale, and what stdout
+    cannot encode is printed as escapes."""
+    import subprocess
+    import sys
+
+    from data.synthetic import documents
+
+    docs = [{**d, "id": f"文档-{i}"} for i, d in enumerate(documents(6, seed=1, zh_fraction=0.5))]
+    docs.append({"id": "副本", "text": docs[0]["text"]})  # a duplicate: the report below names the copy kept
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
+                                                encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "data.pipeline", str(tmp_path / "in"), "--out", str(out),
+                           "--workers", "1"], env=_ascii_locale(tmp_path), capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    kept = {d["id"]: d["text"] for p in tier_shards(out / "raw") for d in iter_docs(p)}
+    assert kept == {d["id"]: d["text"] for d in docs}
+    proc = subprocess.run([sys.executable, "-m", "data.report", str(out), "--drops", "exact_dup"],
+                          env=_ascii_locale(tmp_path), capture_output=True)
+    assert proc.returncode == 0 and "\\u6587\\u6863-0" in proc.stdout.decode("ascii"), proc
+
+
+def test_utf8_file_names_under_an_ascii_locale_ask_for_utf8_mode(tmp_path):
+    """A UTF-8 name read by a Python whose file names are ASCII (LC_ALL=C PYTHONUTF8=0) was called 'not UTF-8', with
+    advice to re-encode it from latin-1 (which would garble it); the fix is Python's UTF-8 mode. So for --out."""
+    import subprocess
+    import sys
+
+    for name in ("zh/中文.txt", "en/a.txt"):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_text("你好，世界。" * 40, encoding="utf-8")
+    zh = str(tmp_path / "zh")
+    proc = subprocess.run([sys.executable, "-c", f"from data.sources import discover; discover([{zh!r}])"],
+                          env=_ascii_locale(tmp_path), capture_output=True, text=True, encoding="utf-8")
+    assert "PYTHONUTF8=1" in proc.stderr and "convmv" not in proc.stderr, proc.stderr
+    # an --out there: ArrayRecord took the name for no string, a traceback after the walk
+    out = os.fsencode(tmp_path) + b"/\xc3\xbc"
+    proc = subprocess.run([sys.executable, "-m", "data.pipeline", str(tmp_path / "en"), "--out", out],
+                          env=_ascii_locale(tmp_path), capture_output=True, text=True, errors="replace")
+    assert proc.returncode == 2 and "argument --out: " in proc.stderr and "PYTHONUTF8=1" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["en", "zh"]
+
+
+def test_run_main_prints_what_an_ascii_stdout_cannot_encode_as_escapes():
+    """The trainer's first line ('batch 16×128') raised UnicodeEncodeError under LC_ALL=C PYTHONUTF8=0, before any
+    step; so would a Chinese sample."""
+    import subprocess
+    import sys
+
+    script = "from data.cli import run_main; run_main(print, '16\\xd7128 \\u4e2d\\u6587')"  # (an ASCII -c: see below)
+    proc = subprocess.run([sys.executable, "-c", script], env=_ascii_locale(), capture_output=True)
+    assert (proc.returncode, proc.stdout) == (0, b"16\\xd7128 \\u4e2d\\u6587\n"), proc.stderr.decode()
+
+
+def test_run_files_are_utf8_under_an_ascii_locale(tmp_path):
+    """sample.txt and the tiers' JSON are UTF-8 whatever the locale (open()'s default is the locale's encoding)."""
+    import subprocess
+    import sys
+
+    # (the command line ASCII too: Python cannot read a non-ASCII -c under this locale)
+    script = ("import sys, pathlib; from data.shards import read_json, write_json; "
+              "from experiments.run_log import write_text_atomically; p = pathlib.Path(sys.argv[1]); "
+              "write_json(p / 'a.json', {'id': '\\u6587\\u6863'}); "
+              "assert read_json(p / 'a.json') == {'id': '\\u6587\\u6863'}; "
+              "write_text_atomically(p / 'sample.txt', '\\u4e2d\\u6587\\u6837\\u672c')")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=_ascii_locale(tmp_path),
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (tmp_path / "sample.txt").read_bytes() == "中文样本".encode()
+    assert json.loads((tmp_path / "a.json").read_bytes()) == {"id": "文档"}

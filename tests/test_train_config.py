@@ -1155,3 +1155,34 @@ def test_state_step_and_init_optimizer_name_the_misuse():
         init_train_state(model, opt)
     with pytest.raises(TypeError, match="params is a built Transformer"):
         init_optimizer(opt, model)
+
+
+@pytest.mark.parametrize("arg, field", [(b"train.sample_prompt=\xe4\xb8\xad\xe6\x96\x87", "train.sample_prompt"),
+                                        (b"train.out=runs/\xc3\xbc", "train.out")])
+def test_text_an_ascii_locale_could_not_decode_is_a_config_error(arg, field, tmp_path):
+    """Under LC_ALL=C PYTHONUTF8=0 Python reads argv as ASCII: a Chinese sample prompt was sampled as U+FFFD's at the
+    end of the run, and a non-ASCII train.out failed in orbax's first save, after the steps it was to keep."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not all(p.isascii() for p in (root, sys.executable, str(tmp_path))):  # no jax import under this locale there
+        pytest.skip("a non-ASCII checkout, interpreter or temporary directory: unusable under an ASCII locale")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    cmd = [sys.executable, "-m", "experiments.train_lm", "--preset", "tiny", "--steps", "3", "--set", arg]
+    proc = subprocess.run(cmd + ["--set", "optim.warmup_steps=0"],
+                          env={**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": root}, cwd=tmp_path,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and f"config error: {field}: " in out and "PYTHONUTF8=1" in out, out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_home_is_a_config_error_naming_the_cache(tmp_path, monkeypatch):
+    """The built-in corpus is cached under ~/.cache/jaxscale by default: a home where it cannot be made failed in
+    mkdir with a traceback naming no setting; data.cache_dir elsewhere (or data.train_dir) avoids it."""
+    (tmp_path / ".cache").write_text("")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^data\.cache_dir: .*\.cache/jaxscale.* is a file"):
+        validate(load(["--preset", "tiny", "--out", str(tmp_path / "run")]), 8)
+    validate(load(["--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={tmp_path}/c"]), 8)

@@ -722,6 +722,17 @@ def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_ends_wit
     assert (out / "sample.txt").exists()
 
 
+def test_the_printed_tensorboard_command_runs_from_a_path_with_spaces(runs, tmp_path, capsys):
+    """The last line's `tensorboard --logdir DIR` is a command to paste: under 'my runs/' it named two arguments."""
+    import shlex
+
+    out = tmp_path / "my run ü"
+    shutil.copytree(runs[0], out)  # finished at train.steps: the rerun trains nothing, then samples
+    train_lm.main([*TINY, "--out", str(out), "--set", "train.sample_tokens=2", "--set", "train.progress=false"])
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("outputs in")][-1]
+    assert shlex.split(re.search(r"\(tensorboard --logdir (.*)\), ckpt/", line).group(1)) == [str(out / "tb")], line
+
+
 def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its_checkpoint(runs, tmp_path):
     """A run killed past its checkpoint (here: after step 12 with only step 4 saved) and resumed to train.steps=6
     kept the killed attempt's records of steps 7..12 in metrics.jsonl: its loss.png plotted them past the run's end
