@@ -39,7 +39,7 @@ from experiments.run_log import read_curves  # noqa: E402
 
 
 def rss() -> int:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="utf-8") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -177,7 +177,8 @@ def demo_run(out):
     # record is the one the checkpoint kept; of the target records the last written (a run killed after crossing
     # the target, before its next save, crosses it again when resumed: the first was the killed attempt's time)
     evals = [r for _, r in sorted(read_curves(pathlib.Path(out) / "metrics.jsonl").get("eval", {}).items())]
-    target = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "target"]
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        target = [r for r in map(json.loads, f) if r["kind"] == "target"]
     hit = target[-1] if target else {}
     row = {"state": "demo run", "returncode": p.returncode, "wall_s": wall, "eval_target": hit.get("eval_target"),
            "target_wall_s": hit.get("wall_s"), "target_step": hit.get("step"),

@@ -149,7 +149,7 @@ def run_datatrove(in_dir, out, workers, shards):
         # spawned workers are children of this process, so their CPU time is counted like ours
         LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=f"{out}/logs/{k}",
                               skip_completed=False, start_method="spawn").run()
-    return sum(1 for p in pathlib.Path(out, "final").glob("*.jsonl") for _ in open(p))
+    return sum(1 for p in pathlib.Path(out, "final").glob("*.jsonl") for _ in open(p, encoding="utf-8"))
 
 
 def main(argv=None):

@@ -215,7 +215,7 @@ def check_shared_dir(path, what: str = "directory") -> None:
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     probe = os.path.join(path, f".jaxscale-shared-{token}")
     if is_primary():
-        with open(probe, "w"):
+        with open(probe, "w", encoding="utf-8"):
             pass
     multihost_utils.sync_global_devices(f"shared-dir-{token}")
     every = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))  # once all have looked

@@ -179,7 +179,7 @@ def main():
         ckpt.save(2, state, {}, loader=FakeLoader(100 + pid))  # then process 1's own loader file emptied
         ckpt.close()
         if pid == 0:
-            open(os.path.join(workdir, "ckpt", "2", "loader", "process_1-of-2.json"), "w").close()
+            open(os.path.join(workdir, "ckpt", "2", "loader", "process_1-of-2.json"), "w", encoding="utf-8").close()
         multihost_utils.sync_global_devices("damaged-loader")
         fresh = FakeLoader(7)
         ckpt = Checkpoints(os.path.join(workdir, "ckpt"), log=logs.append)

@@ -581,7 +581,7 @@ def test_inputs_changed_since_the_run_began_are_refused_on_resume(tmp_path):
     cfg = PipelineConfig(workers=1)
     run([src], tmp_path / "out", cfg, progress=False)
     run([src], tmp_path / "out", cfg, progress=False)  # unchanged: resumes
-    with open(src, "a") as f:
+    with open(src, "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": en_text(rng, 120)}) + "\n")
     with pytest.raises(ValueError, match=r"different inputs: .*in.jsonl changed since the run began"):
         run([src], tmp_path / "out", cfg, progress=False)
@@ -1414,7 +1414,7 @@ def test_held_out_data_is_not_deduplicated_against_what_the_training_runs_labele
 
     train = small_corpus(tmp_path)
     run(train, tmp_path / "clean", PipelineConfig(workers=1, labelers=(Label(), DropOdd())), progress=False)
-    lines = pathlib.Path(train[0]).read_text().splitlines()
+    lines = pathlib.Path(train[0]).read_text(encoding="utf-8").splitlines()
     (tmp_path / "held.jsonl").write_text(f"{lines[0]}\n{lines[1]}\n")  # line 1: dropped there; line 2: kept there
     out = tmp_path / "held"
     run([tmp_path / "held.jsonl"], out, PipelineConfig(workers=1, dedup_against=str(tmp_path / "clean")),
@@ -1643,7 +1643,7 @@ class RecordPidThenSleep:
 
 def _alive(pid: int) -> bool:
     try:  # reparented workers may linger as zombies where nothing reaps them: those have exited
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return pathlib.Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
 
@@ -1732,7 +1732,7 @@ def test_input_file_names_that_are_not_utf8_are_refused_by_name(tmp_path):
     (tmp_path / "in" / "ok.jsonl").write_text(json.dumps({"text": en_text(rng, 50)}) + "\n")
     bad = os.fsdecode(os.fsencode(str(tmp_path / "in")) + b"/caf\xe9.jsonl")
     try:
-        with open(bad, "w") as f:
+        with open(bad, "w", encoding="utf-8") as f:
             f.write(json.dumps({"text": en_text(rng, 50)}) + "\n")
     except (OSError, UnicodeEncodeError):
         pytest.skip("this file system refuses names that are not UTF-8")
