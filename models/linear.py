@@ -92,6 +92,16 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     return product(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
 
 
+def add_bias(x, b):
+    """x [..., F] + b [F] (any leading dims; b broadcast over them) in float32, returned in x's dtype.
+
+    Under bf16 compute the bias's gradient is a sum of the cotangent over every token: written x + b.astype(bf16),
+    autodiff sums it in bf16 and casts that up to the float32 parameter's gradient (0.6-1.7% of the largest entry over
+    4K-256K tokens on CPU, where a float32 sum is exact to 1e-7); here the sum runs in float32. The forward rounds
+    once (x + b) instead of twice (b, then x + b). A float32 x costs nothing: the casts are no-ops."""
+    return (x.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
 def resolve_impl(impl: str) -> str:
     """'auto' → 'transposed_grad' on the CPU backend, 'plain' elsewhere; an unknown impl raises naming the field."""
     if impl == "auto":

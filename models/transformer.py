@@ -26,7 +26,7 @@ from models.attention import attention, make_mask
 from models.config import TransformerConfig, dtype_of
 from models.embed import embed_lookup, gathered_head
 from models.glu import glu_linear
-from models.linear import flat_rows, linear
+from models.linear import add_bias, flat_rows, linear
 from models.moe import MoE
 from models.moe_dispatch import mesh_shards
 from models.params import param
@@ -300,7 +300,6 @@ class Block(nnx.Module):
         cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
         B, T, D = x_BTD.shape
         N, K, H, F = cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
-        w = lambda p, *shape: p[...].astype(cd).reshape(shape)  # noqa: E731  (params stay in param_dtype)
         mm = lambda x, wt, contract=1: linear(x, wt, cfg.matmul_impl,  # noqa: E731
                                               flatten=ctx.flat_rows, contract=contract)
         wc = lambda p: p[...].astype(cd)  # noqa: E731  (q / k / v / o in their own shapes: see models.linear)
@@ -315,7 +314,9 @@ class Block(nnx.Module):
         k_BTKH = mm(h_MD, wc(self.wk)).reshape(B, T, K, H)
         v_BTKH = mm(h_MD, wc(self.wv)).reshape(B, T, K, H)
         if cfg.qkv_bias:
-            q_BTNH, k_BTKH, v_BTKH = q_BTNH + w(self.bq, N, H), k_BTKH + w(self.bk, K, H), v_BTKH + w(self.bv, K, H)
+            # in float32: their gradients sum the cotangent over all B·T tokens (models.linear.add_bias)
+            q_BTNH, k_BTKH, v_BTKH = (add_bias(x, p[...].reshape(n, H)) for x, p, n in
+                                      ((q_BTNH, self.bq, N), (k_BTKH, self.bk, K), (v_BTKH, self.bv, K)))
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)

@@ -27,7 +27,7 @@ from models.video import (
     caption_dropout,
 )
 from models.video.dit import _Ctx
-from models.video.layers import CrossAttention, grid_positions, spacetime_attention
+from models.video.layers import CrossAttention, grid_positions, modulate, patchify, spacetime_attention
 from tests.test_custom_vjps import check_forward_mode
 
 DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
@@ -1173,3 +1173,61 @@ def test_vae_and_dit_losses_take_forward_mode_under_plain_autodiff(which):
         pred = lambda p: lambda x, t: nnx.merge(graphdef, p)(x, t, text, valid, pooled)  # noqa: E731
         loss = lambda p: diffusion_loss(pred(p), x0, jax.random.key(3), DiffusionConfig())[0]  # noqa: E731
         check_forward_mode(loss, params, grads_too=False)
+
+
+def bf16_token_sums(fn, *args, tokens: int):
+    """The reduce_sums of `fn`'s jaxpr (sub-jaxprs included) that sum bf16 operands over >= `tokens` elements: the
+    bias / gate / modulation gradients that must be summed in float32."""
+    found = []
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            for p in e.params.values():
+                for s in p if isinstance(p, list | tuple) else [p]:
+                    if hasattr(s, "consts") or hasattr(s, "eqns"):  # a closed or open sub-jaxpr (scan, custom_vjp)
+                        walk(getattr(s, "jaxpr", s))
+            if e.primitive.name == "reduce_sum" and e.invars[0].aval.dtype == jnp.bfloat16:
+                if math.prod(e.invars[0].aval.shape[a] for a in e.params["axes"]) >= tokens:
+                    found.append((e.invars[0].aval.shape, e.params["axes"]))
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_modulate_is_float32_inside_and_sums_its_gradients_in_float32():
+    # adaLN-Zero's scales start at 0 and stay small: in bf16, 1 + scale moves in steps of 2^-7 (|scale| < 2^-8 was
+    # lost), and d shift / d scale, sums over the S tokens, were summed in bf16 (0.8-0.9% of the largest off)
+    rng, B, S, D = np.random.default_rng(0), 2, 4096, 16
+    x, g = (np.asarray(jnp.asarray(rng.normal(m, 1, (B, S, D)), jnp.bfloat16), np.float64) for m in (0, 0.5))
+    shift, scale = (np.asarray(jnp.asarray(rng.normal(0, 0.01, (B, D)), jnp.bfloat16), np.float64) for _ in "ab")
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731  (exact: every array above is bf16-representable)
+    out, vjp = jax.vjp(modulate, bf(x), bf(shift), bf(scale))
+    _, dshift, dscale = vjp(bf(g))
+    ref = x * (1 + scale[:, None]) + shift[:, None]
+    assert out.dtype == jnp.bfloat16
+    # one rounding of the exact value: within half a bf16 ulp, 2^-8 relative (it was off by up to 511x near 0)
+    np.testing.assert_array_less(np.abs(np.asarray(out, np.float64) - ref), 2.0 ** -8 * np.abs(ref) + 1e-30)
+    for got, want in ((dshift, g.sum(1)), (dscale, (g * x).sum(1))):  # one bf16 rounding of the float64 sums
+        assert np.abs(np.asarray(got, np.float64) - want).max() <= 2.0 ** -8 * np.abs(want).max()
+
+
+def test_bf16_dit_sums_bias_and_gate_gradients_over_tokens_in_float32():
+    cfg = dataclasses.replace(DIT, dtype="bfloat16")
+    model = randomize(VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    B = 2
+    x = jax.random.normal(jax.random.key(0), (B, 3, 8, 8, 4))
+    text, valid, pooled = text_inputs(B, E=cfg.text_dim)
+    t = jnp.linspace(0.1, 0.9, B)
+    # a cotangent with a mean, bf16-representable: out_bias's gradient is its exact sum over the B·S tokens
+    g = np.asarray(jnp.asarray(np.random.default_rng(1).normal(0.5, 1, x.shape), jnp.bfloat16), np.float32)
+
+    def grads(s):
+        _, vjp = jax.vjp(lambda s: nnx.merge(graphdef, s)(x, t, text, valid, pooled), s)
+        return vjp(jnp.asarray(g))[0]
+
+    want = patchify(np.asarray(g, np.float64), cfg.patch).reshape(-1, cfg.patch_dim).sum(0)
+    got = np.asarray(jax.jit(grads)(state)["out_bias"][...], np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # bf16 sums: ~1e-2 off
+    S = math.prod(cfg.grid)
+    assert bf16_token_sums(grads, state, tokens=S) == []  # patch / out biases, gates, shift / scale: all float32

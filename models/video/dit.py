@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import dtype_of
+from models.linear import add_bias
 from models.params import param
 from models.residuals import bits_residuals
 from models.transformer import REMAT_POLICIES
@@ -27,6 +28,7 @@ from models.video.layers import (
     CrossAttention,
     SelfAttention,
     SwiGLU,
+    gated_add,
     matmul,
     modulate,
     patchify,
@@ -78,20 +80,20 @@ class DiTBlock(nnx.Module):
         norm = lambda x: plain_norm(x, cfg.norm_eps)  # noqa: E731
 
         h = modulate(norm(x_BSD), m[:, 0, 0], m[:, 0, 1])
-        x_BSD = x_BSD + m[:, 0, 2, None] * self.attn(h, cfg.grid, "spatial" if cfg.factorized else "full", **rope)
+        x_BSD = gated_add(x_BSD, m[:, 0, 2], self.attn(h, cfg.grid, "spatial" if cfg.factorized else "full", **rope))
         # A single frame has no time axis to mix: skipping temporal attention there makes a factorized
         # model an image model on T = 1 (joint image-video training), and equal to full attention.
         if cfg.factorized and cfg.grid[0] > 1:
             mt = (matmul(c, self.ada_t, cd) + self.ada_t_bias[...].astype(cd)).reshape(B, 3, D)
             h = modulate(norm(x_BSD), mt[:, 0], mt[:, 1])
-            x_BSD = x_BSD + mt[:, 2, None] * self.tattn(h, cfg.grid, "temporal", **rope)
+            x_BSD = gated_add(x_BSD, mt[:, 2], self.tattn(h, cfg.grid, "temporal", **rope))
         x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
 
         h = modulate(norm(x_BSD), m[:, 1, 0], m[:, 1, 1])
-        x_BSD = x_BSD + m[:, 1, 2, None] * self.cross(h, ctx.text_BLE, ctx.text_valid_BL, cd=cd, eps=cfg.norm_eps,
-                                                      impl=cfg.attn_impl)
+        x_BSD = gated_add(x_BSD, m[:, 1, 2], self.cross(h, ctx.text_BLE, ctx.text_valid_BL, cd=cd, eps=cfg.norm_eps,
+                                                      impl=cfg.attn_impl))
         h = modulate(norm(x_BSD), m[:, 2, 0], m[:, 2, 1])
-        x_BSD = x_BSD + m[:, 2, 2, None] * self.mlp(h, cd)
+        x_BSD = gated_add(x_BSD, m[:, 2, 2], self.mlp(h, cd))
         return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
 
 
@@ -170,7 +172,7 @@ class VideoDiT(nnx.Module):
         _check_conditioning(cfg, x_BTHWC.shape[0], t_B, text_BLE, text_valid_BL, pooled_BE)
         x_BSP = patchify(x_BTHWC.astype(cd), cfg.patch)
         B, S, P = x_BSP.shape
-        x_BSD = matmul(x_BSP, self.patch_embed, cd) + self.patch_bias[...].astype(cd)
+        x_BSD = add_bias(matmul(x_BSP, self.patch_embed, cd), self.patch_bias[...])  # bias grads: float32 sums
         x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
         c_BD = self.condition(t_B, pooled_BE)
         x_BSD = self._run_blocks(x_BSD, _Ctx(cfg, c_BD, text_BLE.astype(cd), text_valid_BL))
@@ -178,7 +180,7 @@ class VideoDiT(nnx.Module):
         shift, scale = jnp.split(matmul(jax.nn.silu(c_BD), self.final_ada, cd)
                                  + self.final_ada_bias[...].astype(cd), 2, axis=-1)
         h = modulate(plain_norm(x_BSD, cfg.norm_eps), shift, scale)
-        out_BSP = matmul(h, self.out, cd) + self.out_bias[...].astype(cd)
+        out_BSP = add_bias(matmul(h, self.out, cd), self.out_bias[...])
         return unpatchify(out_BSP, cfg.patch, cfg.grid, cfg.latent_channels).astype(jnp.float32)
 
     def _run_blocks(self, x_BSD, ctx: _Ctx):
