@@ -266,7 +266,11 @@ LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data
                  ("data", "eval_every_nth"), ("data", "train_dir"), ("data", "tokenizer"), ("data", "eos_token"),
                  ("data", "bos_token"))
 # The value a checkpoint saved before a field existed was made with (other missing fields: the current value).
-SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1"}
+# The data fields' None is what they mean unset (bytes, the stdlib corpus, '<|endoftext|>' or no EOS, no BOS), the
+# stream those runs read: compared as the current value, a resume adding a BOS went on over another stream (the
+# loader states of those checkpoints, before 2026-12-02, carry no stream key to refuse it either).
+SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1", ("data", "train_dir"): None, ("data", "tokenizer"): None,
+                      ("data", "eos_token"): None, ("data", "bos_token"): None}
 
 
 RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches from here on"),

@@ -742,6 +742,29 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
 
 
+def test_resume_reads_loader_fields_a_checkpoint_predates_as_their_defaults():
+    """A checkpoint saved before data.tokenizer / train_dir (2026-12-01) or eos_token / bos_token (2026-12-02)
+    existed was made with what they mean unset (bytes, the stdlib corpus, '<|endoftext|>' or none, no BOS). Such
+    a field was compared as the current value, so a resume adding a BOS (or another EOS) went on in silence over
+    another stream: those checkpoints' loader states carry no stream key either (measured: a 2026-12-01 run on its
+    own tiers and BPE resumed by this version with --set data.bos_token='<s>' trained on, no refusal)."""
+    saved = json.loads(load(["--preset", "tiny", "--set", "data.tokenizer=tok.json"]).to_json())
+    older = json.loads(json.dumps(saved))
+    for f in ("eos_token", "bos_token"):
+        del older["data"][f]  # as a checkpoint written before they existed holds it
+    assert train_lm.resume_mismatch(older, saved) == ([], [])  # the same stream: resumes
+    for key, value in (("bos_token", "<s>"), ("eos_token", "</s>")):
+        other = json.loads(json.dumps(saved))
+        other["data"][key] = value
+        assert train_lm.resume_mismatch(older, other)[0] == [f"data.{key}: saved None, now {value!r}"]
+    oldest = json.loads(load(["--preset", "tiny"]).to_json())
+    for f in ("corpus", "train_dir", "eval_dir", "tokenizer", "eos_token", "bos_token"):
+        del oldest["data"][f]
+    now = json.loads(load(["--preset", "tiny", "--set", "data.tokenizer=tok.json"]).to_json())
+    assert train_lm.resume_mismatch(oldest, now)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'",
+                                                        "data.tokenizer: saved None, now 'tok.json'"]
+
+
 def test_resume_warns_that_another_init_from_folder_is_not_loaded():
     """A run resumes from its checkpoint whatever --init-from says: another Hugging Face folder of the same
     architecture (its weights never loaded) resumed in silence, as if fine-tuning it."""
