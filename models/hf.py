@@ -178,7 +178,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     mesh: place every parameter straight onto it, sharded by the logical-axis rules (`rules`: overrides, as
     `parallel.create_sharded` takes; they place the parameters only, so run the model inside `use_rules(...)` with
     the same overrides), one tensor in host memory at a time: no device ever holds the whole model.
-    None: the default device.
+    None: the mesh `jax.set_mesh` set (as mesh=that mesh), else the default device.
     Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
     """
     if dtype is None:  # not "the checkpoint's dtype": failed as "unsupported 'float64'" whatever the weights were
@@ -224,6 +224,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
 
     graphdef, abstract = nnx.split(abstract_model(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     shapes = {k: v.shape for k, v in _flatten(nnx.to_pure_dict(abstract)).items()}
+    if mesh is None and not (set_mesh := jax.sharding.get_mesh()).empty:
+        mesh = set_mesh  # jnp.asarray there put every parameter whole on each of its devices, silently
     if mesh is not None:
 
         where_to = _flatten(nnx.to_pure_dict(logical_shardings(abstract, mesh, rules)))
@@ -389,7 +391,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
             for e in experts:
                 index = (() if layers is None else (j,)) + (() if e is None else (e,))
                 shape = per_layer[1:] if e is not None else per_layer
-                host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_to_host(a[ix]).astype(out_dtype)))  # noqa: E731
+                host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_slice_to_host(a, ix).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
     if hf["model_type"] == "gemma2" and cfg.qkv_bias:
         # its attention_bias also adds an o_proj bias, which our model has not: written as zeros (from_pretrained
@@ -477,6 +479,14 @@ def _check_representable(cfg: TransformerConfig, ours: dict, out_dtype: np.dtype
         raise ValueError(f"save_pretrained dtype={out_dtype.name!r}: {len(bad)} tensor(s) hold values beyond its "
                          f"largest, {top:.6g}, which would be written as inf: {', '.join(bad[:5])}"
                          f"{' ...' if len(bad) > 5 else ''}; save as 'bfloat16' or 'float32'")
+
+
+def _slice_to_host(a, index: tuple) -> np.ndarray:
+    """a[index] (one layer's or expert's slice) as a NumPy array, sliced on the mesh `a` is placed on: the eager
+    slice otherwise lands on the mesh `jax.set_mesh` set, and under another one raised jax's IndivisibleError."""
+    mesh = getattr(getattr(a, "sharding", None), "mesh", None)
+    with jax.set_mesh(mesh) if isinstance(mesh, jax.sharding.Mesh) else contextlib.nullcontext():
+        return _to_host(a[index])
 
 
 def _to_host(a) -> np.ndarray:

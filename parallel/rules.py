@@ -283,6 +283,24 @@ def _check_mesh_set(x) -> None:
                       "jax.tree.leaves(nnx.state(model))[0].sharding.mesh)", stacklevel=2)
 
 
+def _check_same_mesh(x, mesh) -> None:
+    """Inside `jax.set_mesh(mesh)`, refuse an array placed on a mesh of other axes (parameters or a batch placed on
+    one mesh, the model run under another): jitted, the activations were silently laid out on the set mesh (or the
+    step failed with jax's IndivisibleError naming neither mesh); eager, "Mesh shape of the input ... does not
+    match". Axis names and sizes only: the manual axes of a shard_map body (gpipe, halo_map) are the same mesh."""
+    try:
+        where = jax.typeof(x).sharding.mesh  # a jitted function's inputs carry theirs; its intermediates the set one
+    except (AttributeError, TypeError):
+        return
+    if where.empty or where.size == 1 or where.shape_tuple == mesh.shape_tuple:
+        return
+    raise ValueError(f"an array placed on the mesh {dict(where.shape_tuple)} reached a sharding constraint inside "
+                     f"jax.set_mesh({dict(mesh.shape_tuple)}), another mesh: run the model inside `with "
+                     "jax.set_mesh(mesh):` with the mesh its parameters and batch are on (a built model's: "
+                     "jax.tree.leaves(nnx.state(model))[0].sharding.mesh), or move them onto the set mesh with "
+                     "parallel.shard_state / parallel.shard_batch")
+
+
 def _onto_mesh(x):
     """An eager (not traced) array on one device, e.g. `jnp.asarray(tokens)` or a plain model's activation, copied
     onto the mesh `jax.set_mesh` set: jax's eager `with_sharding_constraint` takes only mesh-sharded arrays ("The
@@ -305,6 +323,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty:
         _check_mesh_set(x)
         return x
+    _check_same_mesh(x, mesh)
     return jax.lax.with_sharding_constraint(_onto_mesh(x), logical_to_spec(names, mesh, x.shape,
                                                                 replicate_indivisible=_lenient.value))
 
@@ -318,6 +337,7 @@ def constrain_merged(x: jax.Array, outer: tuple[str, int], inner: tuple[str, int
     if mesh.empty:
         _check_mesh_set(x)
         return x
+    _check_same_mesh(x, mesh)
 
     def axes(spec):
         return tuple(a for e in spec for a in ((e,) if isinstance(e, str) else (e or ())))

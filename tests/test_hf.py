@@ -1042,6 +1042,26 @@ def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
     assert np.abs(logits - hf_logits(hf_model)).max() < 1e-4
 
 
+def test_hf_export_and_import_inside_a_set_mesh(tmp_path):
+    """Inside `with jax.set_mesh(mesh):` from_pretrained(path) (no mesh=) put every parameter whole on each of the
+    mesh's 8 devices, silently (its documented default is one device; a plain build there warns): it now places
+    them by the rules on the mesh set, as mesh=mesh does. save_pretrained of a model placed on one mesh, called
+    under another, raised jax's IndivisibleError from its eager per-layer slice."""
+    from parallel import create_sharded, make_mesh
+
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64)
+    placed, other = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), make_mesh({"data": 2, "sequence": 4})
+    graphdef, state = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), placed)
+    with jax.set_mesh(other):
+        save_pretrained(nnx.merge(graphdef, state), tmp_path)
+    with jax.set_mesh(placed):
+        loaded = jax.tree.leaves(nnx.state(from_pretrained(tmp_path)))
+    want = jax.tree.leaves(state)
+    assert [x.sharding for x in loaded] == [x.sharding for x in want]
+    for a, b in zip(loaded, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path, monkeypatch):
     """`python -m experiments.train_lm --init-from HF_FOLDER`: the model takes the checkpoint's architecture (the
     preset keeps how it runs) and a fresh run its weights: after one step at a negligible learning rate the run's

@@ -111,6 +111,30 @@ def test_models_are_shaped_and_placed_inside_a_set_mesh_as_outside():
     assert outside[2] == inside[2]
 
 
+def test_a_model_placed_on_one_mesh_run_under_another_set_mesh_names_both():
+    """Parameters and batch on {data 2, fsdp 2, tensor 2} run under `jax.set_mesh({data 2, sequence 4})` (one
+    script, two meshes): the jitted eval step ran, its activations silently laid out on the other mesh; the train
+    step raised jax's IndivisibleError (shape=[1, 2, 2, 2] ... mesh_shape data 2, sequence 4) and an eager forward
+    "Mesh shape of the input ... does not match the mesh shape of the target sharding", naming neither setting."""
+    from flax import nnx
+
+    from experiments.lm_step import make_eval_step
+    from models import Transformer
+    from parallel import create_sharded, shard_batch
+
+    placed, other = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), make_mesh({"data": 2, "sequence": 4})
+    graphdef, state = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), placed)
+    tokens = shard_batch(np.arange(32, dtype=np.int32).reshape(4, 8) % CFG.vocab_size, placed)
+    both = r"\{'data': 2, 'fsdp': 2, 'tensor': 2\}.*\{'data': 2, 'sequence': 4\}"
+    with jax.set_mesh(other):
+        with pytest.raises(ValueError, match=both):
+            make_eval_step(graphdef)(state, {"inputs": tokens, "targets": tokens})
+        with pytest.raises(ValueError, match=both):
+            nnx.merge(graphdef, state)(tokens)
+    with jax.set_mesh(placed):  # the mesh it was placed on runs as before
+        assert np.isfinite(make_eval_step(graphdef)(state, {"inputs": tokens, "targets": tokens}))
+
+
 def test_a_model_dimension_the_mesh_does_not_divide_names_the_config_field():
     """3 heads on tensor 2: the refusal said "use a model dimension that is a multiple of 2", naming the logical
     'heads' but not n_heads, the field a researcher changes (likewise mlp_dim, d_model, vocab_size)."""
