@@ -384,8 +384,9 @@ class Checkpoints:
         into float16; NaN in float8_e4m3fn, which has no inf) raises CheckpointMismatch naming the array, and the
         checkpoint stays where it is.
         check(meta): called with the saved meta before any array is read; raise CheckpointMismatch to refuse.
-        loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`); a step
-        saved with a loader state that is now missing is corrupt, one saved without raises CheckpointMismatch.
+        loader: also set its state to this process's saved one (older checkpoints: `meta["loader"]`, process 0's
+        alone, refused with several processes); a step saved with a loader state that is now missing is corrupt, one
+        saved without raises CheckpointMismatch, one saved by another process count too.
         An unreadable checkpoint or one whose fingerprint differs is reported, moved aside (unless `quarantine` is
         False: a reader beside a running job must not move its files), and the previous one is tried; a readable
         one that does not fit (other array paths or shapes) raises CheckpointMismatch and stays where it is. The
@@ -428,6 +429,12 @@ class Checkpoints:
                 continue
             if loader is not None and has_loader:
                 self._check_processes(s)
+            elif loader is not None and jax.process_count() > 1:  # one state (in meta) for every process's loader
+                raise CheckpointMismatch(
+                    f"{self.dir / str(s)}: its data loader state predates per-process loader states (one state, "
+                    f"process 0's), which cannot position the loaders of this run's {jax.process_count()} processes "
+                    "(each reads its own documents); resume it on one process if it was saved by one, or use a "
+                    "new checkpoint directory")
             try:
                 # read in the saved tree's own structure, then placed by path: orbax refuses a template whose empty
                 # nodes (EmptyState, MaskedState of one, None) sit elsewhere, a regrouped optax chain of the same arrays

@@ -152,6 +152,30 @@ def main():
         print(json.dumps({"pid": pid, "error": error, "seconds": time.time() - t0, "steps": ckpt.steps(),
                           "logs": logs, "loader_position": fresh.position}), flush=True)
         return
+    if mode == "legacy_loader":  # a checkpoint of before per-process loader states: one state, in the meta
+        import jax.numpy as jnp
+        from jax.experimental import multihost_utils
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from experiments.checkpoint import Checkpoints
+        from parallel import make_mesh
+
+        mesh = make_mesh({"fsdp": 2}, dcn={"data": 2})
+        state = {"w": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P(("data", "fsdp"))))}
+        ckpt = Checkpoints(os.path.join(workdir, "ckpt"), async_save=False, log=lambda *a: None)
+        ckpt.save(1, state, {"loader": FakeLoader(100 + pid).get_state()})  # (the meta is the primary's)
+        ckpt.close()
+        multihost_utils.sync_global_devices("saved")
+        ckpt, fresh = Checkpoints(os.path.join(workdir, "ckpt"), log=lambda *a: None), FakeLoader(7)
+        try:
+            ckpt.restore(jax.tree.map(jnp.zeros_like, state), loader=fresh)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test reads which one
+            error = f"{type(e).__name__}: {e}"
+        ckpt.close()
+        print(json.dumps({"pid": pid, "error": error, "steps": ckpt.steps(), "loader_position": fresh.position}),
+              flush=True)
+        return
     if mode == "damaged_shard":  # one process's own shard file damaged: every process must fall back together
         import glob
 

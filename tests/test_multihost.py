@@ -161,6 +161,19 @@ def test_a_loader_state_one_process_refuses_stops_every_process_alike(tmp_path):
     assert max(r["seconds"] for r in rows) < 20 and not (tmp_path / "ckpt-corrupt").exists()
 
 
+def test_a_loader_state_saved_before_per_process_states_is_refused_on_several_processes(tmp_path):
+    """A checkpoint of before per-process loader states (2026-11-30) holds one loader state, in its meta (the
+    primary's, process 0's): resumed by two processes, each set its loader to it, so process 1 went on from process
+    0's position in its own stream (it re-read or skipped its documents, silently). Now every process refuses it,
+    naming the fix, and the step stays."""
+    rows = worker_rows("legacy_loader", tmp_path, 60)
+    want = (f"CheckpointMismatch: {tmp_path / 'ckpt' / '1'}: its data loader state predates per-process loader "
+            "states (one state, process 0's), which cannot position the loaders of this run's 2 processes (each "
+            "reads its own documents); resume it on one process if it was saved by one, or use a new checkpoint "
+            "directory")
+    assert [(r["error"], r["steps"], r["loader_position"]) for r in rows] == [(want, [1], 7)] * 2, rows
+
+
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
                  entry=("-m", "experiments.train_lm"), buffered=False):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in
