@@ -31,12 +31,13 @@ def undecoded(text: str) -> str | None:
     """Why `text` (a command-line value, an absolute path) cannot be used, or None: under a C / POSIX locale with
     PYTHONUTF8=0 Python reads the command line and file names as ASCII, holding each other byte as a lone surrogate,
     which tensorstore, ArrayRecord and the tokenizers take for no string (a traceback, after the work) and a sampler
-    turns into U+FFFD's."""
-    if codecs.lookup(sys.getfilesystemencoding()).name == "utf-8":
-        return None
+    turns into U+FFFD's. Under a UTF-8 locale so are bytes that are not UTF-8 (a latin-1 directory name)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
+        if codecs.lookup(sys.getfilesystemencoding()).name == "utf-8":
+            return (f"{text!r} holds bytes that are not UTF-8 (a latin-1 name?): give it in UTF-8 (rename such a "
+                    "directory, e.g. convmv -f latin1 -t utf8)")
         return (f"{text!r} holds bytes this Python could not decode: it reads the command line and file names as "
                 f"{sys.getfilesystemencoding()} (a C / POSIX locale with PYTHONUTF8=0); run it with PYTHONUTF8=1 or "
                 "under a UTF-8 locale (LC_ALL=C.UTF-8)")

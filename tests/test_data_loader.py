@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import gc
 import json
+import multiprocessing
 import pathlib
 import warnings
 
@@ -109,6 +110,11 @@ def test_without_eos_every_document_of_two_tokens_or_more_is_trained_on(tmp_path
         batches = list(loader)
     assert sum(b["weights"].sum() for b in batches) == (2 - 1) + (5 - 1)
     assert loader.skipped == {"no_target": 1, "mixture_end": 0}
+    loader.close()  # the counts stay readable; reading on, or its state, is refused by name
+    assert loader.skipped == {"no_target": 1, "mixture_end": 0}
+    for use in (lambda: next(loader), loader.get_state, lambda: loader.set_state({})):
+        with pytest.raises(ValueError, match="LMLoader is closed"):
+            use()
     # another text field: a bare KeyError from inside grain's iterator at the first next(); now named at once
     with pytest.raises(ValueError, match=r"text_field='body' is not a field of .* \(they have \['id', 'text'\]\)"):
         LMLoader([Source(path)], ByteTokenizer(), dataclasses.replace(cfg, text_field="body"), process_index=0,
@@ -491,6 +497,7 @@ def test_worker_processes_give_the_same_batches(corpus):
         assert shm_arrays() > before  # the workers' batches in flight
     finally:
         par.close()
+    assert not multiprocessing.active_children()  # the workers stopped by close(), not whenever the loader is collected
     # close() lets go of them (they were held until the loader was collected: at a script's exit, grain's
     # "Exception ignored in SharedMemoryArray.__del__" errors and a leaked-shared_memory warning)
     gc.collect()

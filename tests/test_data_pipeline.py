@@ -2216,3 +2216,26 @@ def test_run_files_are_utf8_under_an_ascii_locale(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()
     assert (tmp_path / "sample.txt").read_bytes() == "中文样本".encode()
     assert json.loads((tmp_path / "a.json").read_bytes()) == {"id": "文档"}
+
+
+def test_every_text_read_and_write_names_its_encoding():
+    """ruff's PLW1514 flags `path.read_text()` only where it can tell `path` is a pathlib.Path (not `(folder /
+    'config.json').read_text()`, the form most of them take): each one without encoding= read or wrote the locale's
+    encoding, ASCII under LC_ALL=C PYTHONUTF8=0. Here every read_text / write_text / text-mode .open of the library's
+    code, whatever its receiver."""
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text_mode = lambda a: isinstance(a, ast.Constant) and isinstance(a.value, str) and (  # noqa: E731
+        a.value != "" and set(a.value) <= set("rwaxt+") and "b" not in a.value)
+    missing = []
+    for f in sorted(p for d in ("benchmarks", "data", "experiments", "models", "parallel", "scaling")
+                    for p in (root / d).rglob("*.py")):
+        for n in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
+                continue
+            text = n.func.attr in ("read_text", "write_text") or (n.func.attr == "open" and any(
+                text_mode(a) for a in [*n.args, *(k.value for k in n.keywords if k.arg == "mode")]))
+            if text and not any(k.arg == "encoding" for k in n.keywords):
+                missing.append(f"{f.relative_to(root)}:{n.lineno}")
+    assert missing == [], f"text I/O without encoding='utf-8' (the locale's encoding otherwise): {missing}"

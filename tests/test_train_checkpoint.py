@@ -674,13 +674,17 @@ def test_a_step_whose_state_has_no_array_metadata_names_it(tmp_path, damage):
     assert f"{item} has no readable array metadata" in lines[0] and "NoneType" not in lines[0], lines
 
 
-def test_corpus_holds_out_whole_modules(tmp_path):
+def test_corpus_holds_out_whole_modules(tmp_path, monkeypatch):
     """A module's docstrings repeat lines of its source: both go to the same split, so eval text is not in train."""
     from data.shards import iter_docs, tier_shards
-    from experiments.config import DataSpec
+    from experiments.config import DataSpec, cache_root
     from experiments.train_lm import corpus_tiers
 
-    train, held = corpus_tiers(DataSpec(max_files=30, eval_every_nth=5, cache_dir=str(tmp_path)))
+    # no data.cache_dir: cached under ~/.cache/jaxscale, the directory validate checks (experiments.config.cache_root)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = DataSpec(max_files=30, eval_every_nth=5)
+    train, held = corpus_tiers(spec)
+    assert pathlib.Path(train).parent.parent == tmp_path / ".cache" / "jaxscale" == pathlib.Path(cache_root(spec))
     ids = {split: {d["id"] for shard in tier_shards(path) for d in iter_docs(shard)}
            for split, path in (("train", train), ("eval", held))}
     modules = {split: {i.split("#")[0] for i in v} for split, v in ids.items()}

@@ -763,6 +763,12 @@ def test_resume_reads_loader_fields_a_checkpoint_predates_as_their_defaults():
     now = json.loads(load(["--preset", "tiny", "--set", "data.tokenizer=tok.json"]).to_json())
     assert train_lm.resume_mismatch(oldest, now)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'",
                                                         "data.tokenizer: saved None, now 'tok.json'"]
+    # a checkpoint of the stdlib-v2 corpus saved before data.train_dir existed, resumed on tiers of one's own
+    stdlib_v2 = json.loads(load(["--preset", "tiny"]).to_json())
+    for f in ("train_dir", "eval_dir", "tokenizer", "eos_token", "bos_token"):
+        del stdlib_v2["data"][f]
+    tiers = json.loads(load(["--preset", "tiny", "--set", "data.train_dir=tiers/train"]).to_json())
+    assert train_lm.resume_mismatch(stdlib_v2, tiers)[0] == ["data.train_dir: saved None, now 'tiers/train'"]
 
 
 def test_resume_warns_that_another_init_from_folder_is_not_loaded():
@@ -1180,9 +1186,12 @@ def test_state_step_and_init_optimizer_name_the_misuse():
         init_optimizer(opt, model)
 
 
-@pytest.mark.parametrize("arg, field", [(b"train.sample_prompt=\xe4\xb8\xad\xe6\x96\x87", "train.sample_prompt"),
-                                        (b"train.out=runs/\xc3\xbc", "train.out")])
-def test_text_an_ascii_locale_could_not_decode_is_a_config_error(arg, field, tmp_path):
+@pytest.mark.parametrize("arg, field, cwd", [
+    (b"train.sample_prompt=\xe4\xb8\xad\xe6\x96\x87", "train.sample_prompt", "."),
+    (b"train.out=runs/\xc3\xbc", "train.out", "."),
+    (b"data.eos_token=\xe2\x80\x94", "data.eos_token", "."),  # the data section's fields too
+    (b"train.seed=1", "train.out", "\xfc")])  # the default train.out, relative, below a non-ASCII working directory
+def test_text_an_ascii_locale_could_not_decode_is_a_config_error(arg, field, cwd, tmp_path):
     """Under LC_ALL=C PYTHONUTF8=0 Python reads argv as ASCII: a Chinese sample prompt was sampled as U+FFFD's at the
     end of the run, and a non-ASCII train.out failed in orbax's first save, after the steps it was to keep."""
     import subprocess
@@ -1193,12 +1202,13 @@ def test_text_an_ascii_locale_could_not_decode_is_a_config_error(arg, field, tmp
         pytest.skip("a non-ASCII checkout, interpreter or temporary directory: unusable under an ASCII locale")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
     cmd = [sys.executable, "-m", "experiments.train_lm", "--preset", "tiny", "--steps", "3", "--set", arg]
+    (tmp_path / cwd).mkdir(exist_ok=True)
     proc = subprocess.run(cmd + ["--set", "optim.warmup_steps=0"],
-                          env={**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": root}, cwd=tmp_path,
+                          env={**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": root}, cwd=tmp_path / cwd,
                           capture_output=True, text=True, encoding="utf-8", errors="replace")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and f"config error: {field}: " in out and "PYTHONUTF8=1" in out, out
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / cwd / "runs").exists()
 
 
 def test_an_unwritable_home_is_a_config_error_naming_the_cache(tmp_path, monkeypatch):
@@ -1209,3 +1219,15 @@ def test_an_unwritable_home_is_a_config_error_naming_the_cache(tmp_path, monkeyp
     with pytest.raises(ConfigError, match=r"^data\.cache_dir: .*\.cache/jaxscale.* is a file"):
         validate(load(["--preset", "tiny", "--out", str(tmp_path / "run")]), 8)
     validate(load(["--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.cache_dir={tmp_path}/c"]), 8)
+
+
+def test_text_that_is_not_utf8_under_a_utf8_locale_is_a_config_error(tmp_path):
+    """Under a UTF-8 locale a byte that is not UTF-8 on the command line (a latin-1 directory name: runs/\\xfc) is
+    held as a lone surrogate too: validate let it through, the run trained its steps, then orbax's first save
+    failed ("Unable to cast Python instance of type <class 'str'> to C++ type"), and a sample prompt so held was
+    sampled as U+FFFD's. (Measured: `--set train.out=$'runs/\\xfc'`, steps 0 -> 3, then that RuntimeError.)"""
+    bad = os.fsdecode(b"runs/\xfc")  # what Python makes of those bytes in argv: 'runs/\udcfc'
+    for field in ("train.out", "train.sample_prompt"):
+        with pytest.raises(ConfigError, match=rf"^{field}: .*not UTF-8.*rename"):
+            validate(load(["--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"{field}={bad}"]), 8)
+    validate(load(["--preset", "tiny", "--out", str(tmp_path / "rün"), "--set", "train.sample_prompt=中文"]), 8)
