@@ -5,7 +5,8 @@
 INPUT: files or directories of JSON Lines (`.jsonl`, `.ndjson`, `.json`), Parquet, or plain text (one document per
 file); JSON Lines and text may be `.gz` / `.bz2` / `.xz` compressed (`data.sources`).
 
-Three passes, each resumable shard by shard (a shard is skipped when its stats file exists):
+Three passes, each resumable shard by shard (a shard is skipped when its stats file exists); a second run on an --out
+a running one holds is refused (data.run_lock):
   1. per shard, in parallel: read records (ingest drops malformed ones) → `raw/`; normalise, quality
      filters, language ID → `filtered/`, plus the shard's exact-dup keys and MinHash signatures;
   2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json` (with
@@ -56,6 +57,7 @@ from data.filters import QualityConfig
 from data.label import LabelConfig
 from data.langid import LangIDConfig
 from data.normalize import NormalizeConfig
+from data.run_lock import DirLocked, RunLock
 from data.seeds import check_field_types
 from data.shards import DocWriter, aborting, iter_docs, read_docs, read_json, shard_name, write_atomically, write_json
 from data.sources import SourceConfig, check_text_field, discover, file_stamps, read_records
@@ -555,6 +557,14 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     shards = discover(inputs, cfg.source, skip=out)
     if not shards:
         raise ValueError(f"no input files under {list(map(str, inputs))}")
+    # one cleaning run per out_dir (data.run_lock), before any input is read: two at once wrote each shard to the
+    # same temporary file (one failed renaming it, naming only that file; the other's tiers could hold a mix)
+    with RunLock(out, "data.pipeline"):
+        return _run(shards, out, cfg, progress)
+
+
+def _run(shards: list, out: pathlib.Path, cfg: PipelineConfig, progress: bool) -> dict:
+    """`run` under the output directory's lock."""
     manifest = {"shards": [list(s) for s in shards], "config": cfg.fingerprint(), "files": file_stamps(shards),
                 "version": OUTPUT_VERSION, "settings": cfg.settings()}  # (these two: to name what changed)
     if cfg.dedup_against is not None:  # the reference as it is: cleaned again since, it keeps other documents
@@ -667,6 +677,8 @@ def main(argv=None):
         ap.error(f"argument --out: cannot {what}: {where}{e.strerror}; name a directory you can write")
     try:  # bad inputs as one line, like the trainer's config errors
         stats = run(args.inputs, args.out, cfg)
+    except DirLocked as e:
+        raise SystemExit(f"error: argument --out: {e}") from None
     except (ValueError, FileNotFoundError) as e:  # a check made only now (--dedup-against's run) names its flag too
         flag = next((f for field, f in FLAGS.items() if str(e).startswith(field)), None)
         raise SystemExit(f"error: {f'argument {flag}: ' if flag else ''}{e}") from None

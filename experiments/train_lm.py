@@ -8,7 +8,7 @@ trained on the standard library's sources and docstrings (byte tokens + EOS) thr
 fake CPU devices (data 2 × fsdp 4) when running on CPU. Writes under `train.out`: metrics.jsonl, tb/
 (TensorBoard), ckpt/ (orbax: params, optimizer, step, RNG, loader state, config), loss.png, sample.txt.
 Rerunning the same command resumes from the newest good checkpoint; SIGTERM / SIGINT save and exit 0 (before
-the first step: nothing new to save).
+the first step: nothing new to save). A second job on a `train.out` a running job holds is refused (data.run_lock).
 Bad configuration exits with status 1 and one line naming the field, before anything compiles.
 """
 
@@ -559,6 +559,31 @@ def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:
             return train(cfg, mesh_shape, stop)
         finally:
             stop.restore()
+    import jax
+
+    from data.run_lock import DirLocked, RunLock
+    from parallel.distributed import any_process, is_primary
+
+    # one job per train.out (data.run_lock), refused before reading data or compiling: a second job on it (a double
+    # launch, a requeue while the first still runs) mixed checkpoints and logs silently. The primary alone locks
+    # (the job's other processes write there by design); every process stops at its refusal
+    lock, refused = None, None
+    if is_primary():
+        try:
+            lock = RunLock(pathlib.Path(cfg.train.out).absolute(), "experiments.train_lm")
+        except DirLocked as e:
+            refused = f"train.out: {e}"
+    if (jax.process_count() > 1 and any_process(refused is not None)) or refused is not None:
+        raise SystemExit(refused or "train.out: process 0 found it in use by another job (its log names it)")
+    try:
+        return _train(cfg, mesh_shape, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
+    """`train` under the run directory's lock."""
     import jax
     import jax.numpy as jnp
     import numpy as np

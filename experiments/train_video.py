@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from data.cli import cli_parser, run_main
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
+from data.run_lock import LOCK_NAME, DirLocked, RunLock
 from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
@@ -173,7 +174,8 @@ PRESETS = {
 
 # what a run directory holds (written by main); --fresh refuses to delete a directory holding anything else
 RUN_FILES = frozenset({"ckpt", "latents.npz", "latents.npz.tmp.npz", "latent_stats.json", "results.json",
-                       "results.md", "overview.png", "samples", "metrics.jsonl", "tb", "loss_vae.png", "loss_t2v.png"})
+                       "results.md", "overview.png", "samples", "metrics.jsonl", "tb", "loss_vae.png", "loss_t2v.png",
+                       LOCK_NAME})
 
 
 def run_file(name: str) -> bool:
@@ -711,12 +713,27 @@ def main(argv=None):
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
     if problem := dir_problem(out):  # a file in the way, below it or an unwritable parent: before --fresh
         ap.error(f"argument --out: {problem}")
-    if args.fresh and out.exists():
-        if foreign := sorted(c.name for c in out.iterdir() if not run_file(c.name)):
-            ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "
-                     f"--fresh deletes only a video run's own directory: pass another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.fresh and out.exists() and (foreign := sorted(c.name for c in out.iterdir() if not run_file(c.name))):
+        ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "
+                 f"--fresh deletes only a video run's own directory: pass another --out")
+    # one job per --out (data.run_lock), before --fresh deletes anything and before any work: two at once mixed
+    # their checkpoints and logs silently
+    try:
+        lock = RunLock(out, "experiments.train_video")
+    except DirLocked as e:
+        ap.error(f"argument --out: {e}")
+    try:
+        return _run(args, p, mesh, scales, out)
+    finally:
+        lock.release()
+
+
+def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
+    """`main` past its arguments, under the run directory's lock."""
+    if args.fresh:
+        for c in out.iterdir():  # all but the lock this job holds
+            if c.name != LOCK_NAME:
+                shutil.rmtree(c) if c.is_dir() and not c.is_symlink() else c.unlink()
     check_resume(p, out, args.seed)
     # a run that never saved (killed before its first checkpoint): its logs are not ours to extend, as train_lm's;
     # appended to, steps only it logged stayed in this run's curves and loss plots

@@ -2239,3 +2239,90 @@ def test_every_text_read_and_write_names_its_encoding():
             if text and not any(k.arg == "encoding" for k in n.keywords):
                 missing.append(f"{f.relative_to(root)}:{n.lineno}")
     assert missing == [], f"text I/O without encoding='utf-8' (the locale's encoding otherwise): {missing}"
+
+
+def _listing(d: pathlib.Path) -> list:
+    return sorted((str(p.relative_to(d)), p.stat().st_size, p.stat().st_mtime_ns) for p in d.rglob("*"))
+
+
+def test_a_second_cleaning_run_on_an_out_in_use_is_refused_before_reading_its_inputs(tmp_path, monkeypatch):
+    """Two runs of one command on one --out (a double launch, a requeue while the first still ran) wrote each shard
+    to the same temporary file: one failed renaming it ('No such file or directory: .../raw/shard-00000.array_record
+    .tmp'), the other's tiers could hold a mix of both. The second is refused at once, naming the holder."""
+    from data import pipeline
+    from data.run_lock import LOCK_NAME, DirLocked, RunLock
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": en_text(rng, 60)}) + "\n" for _ in range(3)))
+    out = tmp_path / "clean"
+    holder = RunLock(out, "data.pipeline")  # this test process is the running job
+    (out / "manifest.json").write_text("{}")  # what a running job has written so far: untouched by the refusal
+    before = _listing(out)
+    refusal = (rf"{re.escape(str(out))} is in use by another data.pipeline job: pid {os.getpid()} on host \S+ "
+               r"\(data.pipeline, started [^)]+\);.* Wait for it, stop it, or use another --out$")
+    with pytest.raises(DirLocked, match=refusal):
+        run([tmp_path / "a.jsonl"], out, PipelineConfig(workers=1), progress=False)
+    with pytest.raises(SystemExit, match="^error: argument --out: " + refusal):
+        pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(out), "--workers", "1"])
+    assert _listing(out) == before
+    holder.release()
+    (out / "manifest.json").unlink()
+    # released: the run goes ahead (and holds the lock while it runs: its shards are written under it)
+    write = pipeline.DocWriter.write
+
+    def write_locked(self, doc):
+        with pytest.raises(DirLocked):
+            RunLock(out, "probe")
+        return write(self, doc)
+
+    monkeypatch.setattr(pipeline.DocWriter, "write", write_locked)
+    stats = run([tmp_path / "a.jsonl"], out, PipelineConfig(workers=1), progress=False)
+    monkeypatch.undo()
+    assert stats["raw"]["stages"][0]["docs_out"] == 3
+    RunLock(out, "next").release()  # free again once run() returned
+    assert (out / LOCK_NAME).exists()
+    # a fresh run refused under the lock (here: no record has the text field) still leaves no directory: the lock
+    # removes the one it made
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
+    with pytest.raises(ValueError, match="text"):
+        run([tmp_path / "b.jsonl"], tmp_path / "never", PipelineConfig(workers=1), progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path):
+    """flock: the kernel frees the lock when the holding process dies, kill -9 included: no stale lock to clear."""
+    import signal
+    import subprocess
+    import sys
+
+    from data.run_lock import DirLocked, RunLock
+
+    out = tmp_path / "run"
+    code = ("import sys, time; from data.run_lock import RunLock; RunLock(sys.argv[1], 'data.pipeline'); "
+            "print('held', flush=True); time.sleep(60)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        with pytest.raises(DirLocked, match=rf"pid {proc.pid} on host "):
+            RunLock(out, "data.pipeline")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    RunLock(out, "data.pipeline").release()  # taken at once: the dead holder's lock is gone
+
+
+def test_an_out_on_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    """A Lustre mount without -o flock (or a FUSE mount) answers flock with ENOSYS / ENOLCK: such an --out is a
+    legitimate one, run without the guard (said once), not refused."""
+    import errno
+
+    from data import run_lock
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_flock)
+    with run_lock.RunLock(tmp_path / "run", "data.pipeline"):
+        pass
+    assert "warning: cannot lock" in capsys.readouterr().err and (tmp_path / "run").is_dir()

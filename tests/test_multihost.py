@@ -255,7 +255,21 @@ def test_an_output_directory_the_processes_do_not_share_is_refused(tmp_path):
         assert (f"config error: train.out {tmp_path / 'host0' / 'run'}" in err or
                 f"config error: train.out {tmp_path / 'host1' / 'run'}" in err), err[-2000:]
         assert "processes [1] do not see process 0's files there" in err, err[-2000:]
-    assert [p.name for p in (tmp_path / "host0" / "run").iterdir()] == []  # the probe is removed again
+    # the probe is removed again, and so is the run directory the refused run made (with its lock file)
+    assert not (tmp_path / "host0" / "run").exists()
+
+
+def test_a_two_process_job_on_an_out_another_job_holds_stops_on_every_process(tmp_path):
+    """Process 0 alone locks train.out (data.run_lock; the job's processes share it by design): refused there, every
+    process exits 1 at once (the others hung in their next collective had they gone on), none having written."""
+    from data.run_lock import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out, "experiments.train_lm"):  # this test process is the running job
+        procs, outs = run_trainers(tmp_path, lambda pid: ["--preset", "tiny", "--steps", "4"], timeout=120)
+        assert [p.name for p in out.iterdir()] == [".jaxscale-run.lock"]
+    assert procs[0].returncode == 1 and f"in use by another experiments.train_lm job: pid {os.getpid()}" in outs[0][1]
+    assert procs[1].returncode == 1 and "train.out: process 0 found it in use by another job" in outs[1][1]
 
 
 FAIL_ON_PROCESS_1 = """

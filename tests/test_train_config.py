@@ -257,6 +257,42 @@ def test_cli_runs_off_the_main_thread_without_a_signal_handler(monkeypatch, caps
         stop.restore()
 
 
+def test_a_second_job_on_a_train_out_in_use_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Two jobs on one train.out (a double launch, a requeue while the first still ran) both ended 0: the second set
+    the first's metrics.jsonl aside as 'a run with no checkpoint' while the first went on writing it, both wrote
+    tb/ events of the same steps, and the last to save each step owned ckpt/ (the first's summary named checkpoints
+    of the other's run). The second is refused at once, naming the directory and the job holding it."""
+    import socket
+
+    from data.run_lock import DirLocked, RunLock
+
+    out = tmp_path / "run"
+    ran = []
+
+    def fake_train(cfg, mesh_shape, stop):  # past the lock (the training itself is not this test's)
+        with pytest.raises(DirLocked):  # held for the job's lifetime
+            RunLock(out, "probe")
+        ran.append(cfg.train.out)
+        return {}
+
+    monkeypatch.setattr(train_lm, "_train", fake_train)
+    argv = ["--preset", "tiny", "--out", str(out)]
+    holder = RunLock(out, "experiments.train_lm")  # this test process is the running job
+    (out / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(SystemExit) as e:
+        train_lm.main(argv)
+    assert re.fullmatch(rf"train.out: {re.escape(str(out))} is in use by another experiments.train_lm job: pid "
+                        rf"{os.getpid()} on host {re.escape(socket.gethostname())} \(experiments.train_lm, started "
+                        r"[^)]+\); .* Wait for it, stop it, or use another --out", str(e.value)), str(e.value)
+    assert not ran and sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    holder.release()
+    train_lm.main(argv)  # released: runs, twice in one process (a resume), each releasing the lock on return
+    train_lm.main(argv)
+    assert ran == [str(out)] * 2
+    RunLock(out, "next").release()
+
+
 def test_cli_refuses_a_mesh_whose_batch_rows_do_not_split_over_the_processes(monkeypatch):
     """Two processes (faked: the first 4 devices this one's) with a stage axis outermost: each process's devices
     hold the whole batch; the loader failed in the first step with advice (make_mesh's dcn=) the CLI has not."""

@@ -1335,3 +1335,40 @@ def test_check_resume_reads_the_stages_without_a_writer(tmp_path, monkeypatch):
     cleans.clear()
     train_video.check_resume(p, tmp_path, 0)
     assert cleans == [False]  # one reader, for the stage that has a checkpoint
+
+
+def test_a_second_job_on_an_out_in_use_is_refused_before_fresh_deletes_anything(tmp_path, capsys, monkeypatch):
+    """Two train_video jobs on one --out (a double launch, a requeue while the first still ran) both trained into
+    it, the second setting aside the first's logs while it wrote them; with --fresh the second deleted the running
+    job's directory. It is refused at once, naming the directory and the job holding it, and deletes nothing."""
+    import os
+    import socket
+
+    from data.run_lock import LOCK_NAME, DirLocked, RunLock
+
+    out = tmp_path / "run"
+    (out / "ckpt" / "vae").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"kind": "vae", "step": 25}\n')
+    holder = RunLock(out, "experiments.train_video")  # this test process is the running job
+    before = sorted((str(p.relative_to(out)), p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
+    assert e.value.code == 2
+    assert re.search(rf"argument --out: {re.escape(str(out))} is in use by another experiments.train_video job: pid "
+                     rf"{os.getpid()} on host {re.escape(socket.gethostname())} \(experiments.train_video, started "
+                     r"[^)]+\); .* Wait for it, stop it, or use another --out", capsys.readouterr().err)
+    assert sorted((str(p.relative_to(out)), p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+    holder.release()
+
+    def stop_here(*a, **k):  # the first stage: the lock is held, --fresh has emptied the directory but for it
+        with pytest.raises(DirLocked):
+            RunLock(out, "probe")
+        assert not (out / "ckpt").exists() and (out / "metrics.jsonl").read_text() == ""
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr(train_video, "train_vae", stop_here)
+    with pytest.raises(SystemExit, match="stop here"):  # released: the next job runs (--fresh keeps the lock file)
+        train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
+    assert (out / LOCK_NAME).exists()
+    RunLock(out, "next").release()  # free again once main returned
