@@ -127,7 +127,7 @@ class TransformerConfig:
     scan_unroll: int | bool = 1
     remat: RematPolicy = "none"
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype; norms, softmax and logits stay float32
+    dtype: str = "float32"  # compute dtype; norms, softmax, logits and bias-gradient sums stay float32
     init_std: float = 0.02
     # --- attention pattern: which layers are local (sliding window) and their windows ---
     # 'global' | 'local' | 'alternating' (local first, Gemma 2) | 'N:1' (Gemma 3) | one letter per layer, L local
