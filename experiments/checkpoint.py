@@ -509,9 +509,10 @@ class Checkpoints:
         n = jax.process_count()
         names = sorted(p.name for p in (self.dir / str(step) / "loader").glob("process_*.json"))
         if names and not any(x.endswith(f"-of-{n}.json") for x in names):
+            saved = names[0].split("-of-")[1][:-5]
             raise CheckpointMismatch(
-                f"{self.dir / str(step)}: the data loader states were saved by {names[0].split('-of-')[1][:-5]} "
-                f"processes, this run has {n}; resume with the same number of processes")
+                f"{self.dir / str(step)}: the data loader states were saved by {saved} process"
+                f"{'es' * (saved != '1')}, this run has {n}; resume with the same number of processes")
 
     def _corrupt(self, s: int, candidates: list[int] | None, e: Exception, quarantine: bool = True):
         """Report (and unless `quarantine` is off, set aside) bad step `s`; candidates: the steps restore tries

@@ -362,6 +362,12 @@ def test_a_step_corrupted_twice_keeps_both_copies_and_loader_states_of_another_p
     try:
         with pytest.raises(CheckpointMismatch, match="saved by 2 processes, this run has 1"):
             ckpt.restore(state_at(0), loader=PositionLoader(0))
+        # and one process's states, read by a job of two (it said "saved by 1 processes")
+        os.replace(states[0].with_name("process_0-of-2.json"), states[0])
+        one_of_two = "saved by 1 process, this run has 2"
+        with pytest.MonkeyPatch.context() as m, pytest.raises(CheckpointMismatch, match=one_of_two):
+            m.setattr(jax, "process_count", lambda: 2)
+            ckpt._check_processes(6)
     finally:
         ckpt.close()
     assert (tmp_path / "ckpt" / "6").is_dir()
