@@ -172,6 +172,7 @@ def default_corpus(work_dir=None, num_shards: int = 4, max_files: int | None = N
     import sys
 
     from data.pipeline import run
+    from data.run_lock import RunLock
     from data.shards import TIERS
 
     if tier not in TIERS:  # a misspelt tier cleaned the whole corpus, then named a directory no run writes
@@ -181,14 +182,17 @@ def default_corpus(work_dir=None, num_shards: int = 4, max_files: int | None = N
     work = pathlib.Path(work_dir or pathlib.Path.home() / ".cache" / "jaxscale" /
                         f"stdlib-py{sys.version_info.major}{sys.version_info.minor}-{max_files or 'all'}-"
                         f"{num_shards}-{cfg.fingerprint()[:8]}")
-    raw = work / "input"
-    if not raw.exists():
-        import shutil
+    # a cache: a second process building it waits for the first, then reuses its run (the pipeline's own lock on
+    # tiers/ refused it while the first cleaned, and two builders wrote one input.tmp)
+    with RunLock(work, "data.corpus.default_corpus", wait=True):
+        raw = work / "input"
+        if not raw.exists():
+            import shutil
 
-        shutil.rmtree(work / "input.tmp", ignore_errors=True)
-        write_stdlib_jsonl(work / "input.tmp", num_shards, max_files)
-        (work / "input.tmp").rename(raw)  # atomic: a half-written input never looks finished
-    out = work / "tiers"
-    if not (out / tier / "stats.json").exists():
-        run([raw], out, cfg, progress=progress)
+            shutil.rmtree(work / "input.tmp", ignore_errors=True)
+            write_stdlib_jsonl(work / "input.tmp", num_shards, max_files)
+            (work / "input.tmp").rename(raw)  # atomic: a half-written input never looks finished
+        out = work / "tiers"
+        if not (out / tier / "stats.json").exists():
+            run([raw], out, cfg, progress=progress)
     return str(out / tier)

@@ -27,11 +27,12 @@ class DirLocked(RuntimeError):
 
 class RunLock:
     """The exclusive lock on `out` (made if missing) for `job` (its name in the holder line), taken at once or
-    refused with DirLocked. release() (also on leaving a `with`) frees it; a directory this lock made and nothing
-    else wrote in is removed again (a refused run leaves no directory). A file system without flock (a Lustre
-    mount without -o flock, some FUSE mounts) runs unlocked, with a warning: the lock is a guard, not a need."""
+    refused with DirLocked (`wait`: taken once the holder lets go, for a shared cache). release() (also on leaving
+    a `with`) frees it; a directory this lock made and nothing else wrote in is removed again (a refused run leaves
+    no directory). A file system without flock (a Lustre mount without -o flock, some FUSE mounts) runs unlocked,
+    with a warning: the lock is a guard, not a need."""
 
-    def __init__(self, out, job: str):
+    def __init__(self, out, job: str, wait: bool = False):
         self.out = pathlib.Path(out)
         self.path = self.out / LOCK_NAME
         self.made = not self.out.exists()
@@ -47,7 +48,18 @@ class RunLock:
             raise FileNotFoundError(f"{self.out}: removed while taking its lock (another job's refused start); "
                                     "start again")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                print(f"waiting for {self.out}: in use by {holder_line(holder)}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+                    os.close(fd)  # the holder removed the directory it had made (nothing written): lock anew
+                    self.__init__(out, job, wait)
+                    return
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)

@@ -984,10 +984,24 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
         assert re.search(says, capsys.readouterr().err), bad
 
 
-def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path):
-    from data.corpus import default_corpus, stdlib_documents
+def test_embedded_stdlib_corpus_goes_through_the_same_pipeline(tmp_path, capsys):
+    import threading
 
-    tier = default_corpus(tmp_path, num_shards=2, max_files=6, workers=1, progress=False)
+    from data.corpus import default_corpus, stdlib_documents
+    from data.run_lock import RunLock
+
+    # a cache another process is building: waited for (the pipeline's lock on its tiers refused a second builder)
+    got = []
+    with RunLock(tmp_path, "another builder"):
+        builder = threading.Thread(target=lambda: got.append(default_corpus(tmp_path, num_shards=2, max_files=6,
+                                                                            workers=1, progress=False)))
+        builder.start()
+        builder.join(timeout=1.0)
+        assert builder.is_alive() and not (tmp_path / "input").exists()  # waiting, nothing written
+    builder.join(timeout=300)
+    err = capsys.readouterr().err
+    assert "waiting for" in err and "another builder" in err  # the holder named
+    tier = got[0]
     rows = report_mod.funnel(os.path.dirname(tier))
     assert report_mod.reconcile(rows) == []
     assert rows[0][1].docs_in == len(list(stdlib_documents(6))) >= 6  # each module's source (+ docstrings)
