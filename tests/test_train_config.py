@@ -1233,14 +1233,12 @@ def test_text_an_ascii_locale_could_not_decode_is_a_config_error(arg, field, cwd
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not all(p.isascii() for p in (root, sys.executable, str(tmp_path))):  # no jax import under this locale there
-        pytest.skip("a non-ASCII checkout, interpreter or temporary directory: unusable under an ASCII locale")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING", "PYTHONUTF8"))}
+    from tests.test_data_pipeline import _ascii_locale
+
+    env = _ascii_locale(tmp_path)  # (skips where that Python could not import jax)
     cmd = [sys.executable, "-m", "experiments.train_lm", "--preset", "tiny", "--steps", "3", "--set", arg]
     (tmp_path / cwd).mkdir(exist_ok=True)
-    proc = subprocess.run(cmd + ["--set", "optim.warmup_steps=0"],
-                          env={**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": root}, cwd=tmp_path / cwd,
+    proc = subprocess.run(cmd + ["--set", "optim.warmup_steps=0"], env=env, cwd=tmp_path / cwd,
                           capture_output=True, text=True, encoding="utf-8", errors="replace")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and f"config error: {field}: " in out and "PYTHONUTF8=1" in out, out
