@@ -138,6 +138,9 @@ class TransformerConfig:
     swa_block: int = 256  # query block of the blocked kernel
     attn_logit_softcap: float | None = None  # cap·tanh(s / cap) on attention scores (Gemma 2)
     query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 instead of head_dim**-0.5
+    # RMSNorm over each head's H of q and k, after their projections (and biases), before RoPE, with a learned [H]
+    # scale each (Qwen 3, Gemma 3; Dehghani et al. 2023): bounds the attention logits' growth in training
+    qk_norm: bool = False
     # --- block variants (Gemma 2) ---
     mlp_act: Literal["silu", "gelu_tanh"] = "silu"
     norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w); Gemma stores w around 0 with offset 1
@@ -174,7 +177,7 @@ class TransformerConfig:
                  f"must be a number{' or None' if optional else ''}, got {v!r}")
             if v is not None:
                 object.__setattr__(self, f, float(v))
-        for f in ("qkv_bias", "tie_embeddings", "post_norms", "embed_scale", "scan_layers"):
+        for f in ("qkv_bias", "tie_embeddings", "post_norms", "embed_scale", "scan_layers", "qk_norm"):
             v = getattr(self, f)  # 'no' is truthy: it built biases and tied the embeddings
             need(isinstance(v, bool | np.bool_), f, f"must be True or False, got {v!r}")
             object.__setattr__(self, f, bool(v))

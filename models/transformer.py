@@ -263,7 +263,8 @@ class _Ctx:
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2).
+    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2) and q / k norms
+    (Qwen 3).
     With `moe=True` the MLP is a `models.moe.MoE` (router + experts) configured by `cfg.moe`."""
 
     def __init__(self, cfg: TransformerConfig, *, moe: bool = False, rngs: nnx.Rngs):
@@ -279,6 +280,9 @@ class Block(nnx.Module):
             self.bq = param(rngs, (n, h), ("heads", "head_dim"), pd, 0.0)
             self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
             self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
+        if cfg.qk_norm:  # one [H] scale shared by the heads, as Qwen 3's q_norm / k_norm
+            self.q_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
+            self.k_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
         self.mlp_norm = norm()
         if cfg.post_norms:
             self.post_attn_norm = norm()
@@ -317,6 +321,8 @@ class Block(nnx.Module):
             # in float32: their gradients sum the cotangent over all B·T tokens (models.linear.add_bias)
             q_BTNH, k_BTKH, v_BTKH = (add_bias(x, p[...].reshape(n, H)) for x, p, n in
                                       ((q_BTNH, self.bq, N), (k_BTKH, self.bk, K), (v_BTKH, self.bv, K)))
+        if cfg.qk_norm:  # over each head's H, before RoPE (its [H] scale does not commute with the rotation)
+            q_BTNH, k_BTKH = norm(q_BTNH, self.q_norm), norm(k_BTKH, self.k_norm)
         q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)

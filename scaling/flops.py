@@ -102,6 +102,7 @@ class LMShape:
     windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
+    qk_norm: bool = False  # RMSNorm of each head's q and k (Qwen 3): two [head_dim] scales per layer
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
     swa_block: int = 256  # query block of the blocked sliding-window kernel (the `block` the functions default to)
     swa_dense: bool = False  # local layers on the dense masked oracle (swa_impl='dense'), not the blocked kernel
@@ -192,6 +193,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
+                   qk_norm=bool(getattr(cfg, "qk_norm", False)),
                    attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)),
                    # an LMShape carries it as swa_dense (rebuilt for a `windows=` / `moe=` override, it was lost)
                    swa_dense=bool(getattr(cfg, "swa_dense", False)) or getattr(cfg, "swa_impl", "auto") == "dense")
@@ -250,7 +252,7 @@ def param_counts(cfg, **kw) -> ParamCounts:
     dense_layer = (3 * d * s.mlp_dim,) * 2
     mlp_total = n_moe * moe_layer[0] + (L - n_moe) * dense_layer[0]
     mlp_active = n_moe * moe_layer[1] + (L - n_moe) * dense_layer[1]
-    norms = (4 if s.post_norms else 2) * d * L + d
+    norms = (4 if s.post_norms else 2) * d * L + d + (2 * s.head_dim * L if s.qk_norm else 0)
     head = 0 if s.tie_embeddings else v * d
     emb = v * d + head
     return ParamCounts(total=emb + attn + mlp_total + norms, active=emb + attn + mlp_active + norms, embedding=emb,

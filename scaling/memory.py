@@ -129,6 +129,9 @@ def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=Non
             t += [P(f"{pre}.bq", (n_layers, n, h), ("layers", "heads", "head_dim")),
                   P(f"{pre}.bk", (n_layers, k, h), ("layers", "kv_heads", "head_dim")),
                   P(f"{pre}.bv", (n_layers, k, h), ("layers", "kv_heads", "head_dim"))]
+        if s.qk_norm:  # Qwen 3: one [H] scale for the queries' heads, one for the keys'
+            t += [P(f"{pre}.q_norm", (n_layers, h), ("layers", "head_dim")),
+                  P(f"{pre}.k_norm", (n_layers, h), ("layers", "head_dim"))]
         if s.post_norms:  # Gemma 2: norms after attention and after the MLP too (models.transformer.Block)
             t += [P(f"{pre}.post_attn_norm", (n_layers, d), ("layers", "norm")),
                   P(f"{pre}.post_mlp_norm", (n_layers, d), ("layers", "norm"))]
@@ -324,7 +327,8 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             and the 'blocked' sliding-window kernel, soft-capped or not) keeps the float32
                             unnormalised weights E, their row sums and (float32 only: not c·NH in bf16) its
                             output in its own [B, K, G, T, H] layout (attn_impl='reference', autodiff, keeps ~3-4x
-                            those score bytes).
+                            those score bytes); with qk_norm, c·(NH + KH) + 4·(N + K) more: the q / k norms'
+                            inputs and inverse RMS.
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
     per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
     routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
@@ -366,7 +370,9 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
     # models.attention's softmax VJP; a flash kernel keeps its output (the o-projection's input too) and `lse`
     attn = 0.0 if flash else (c * NH if c >= 4 else 0.0) + 4 * N * S + 4 * N  # a bf16 output is not kept
-    return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse
+    # q / k norms (Qwen 3): their inputs and float32 inverse RMS per head (models.transformer.rms_norm's VJP)
+    qk = c * (NH + KH) + 4 * (N + KH / s.head_dim) if s.qk_norm else 0.0
+    return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse + qk
 
 
 def projection_bytes(compute_bytes: int, backend: str | None = None) -> int:

@@ -12,9 +12,10 @@ from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
 
-# attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis
+# attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis; q / k
+# norms over heads the tensor axis splits
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=64, qkv_bias=True,
-                        attn_block=8)
+                        attn_block=8, qk_norm=True)
 # no warmup: with warmup_steps=1 the first update's lr is 0, and the 'updated' parameters the strategies were
 # compared on were the initial ones, bit for bit
 OPT = make_optimizer(1e-2, total_steps=10, warmup_steps=0)

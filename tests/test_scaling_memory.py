@@ -195,6 +195,7 @@ def test_capacity_experts_backward_buffers_are_counted(remat, monkeypatch):
     ("none", {"attn_block": 32}, 0.97),  # the block-causal kernel: its executed keys ((Q + 1) / 2Q of T)
     ("none", {"attn_pattern": "local", "sliding_window": 32, "swa_block": 32}, 0.88),  # blocked windows (0.92)
     ("none", {"attn_logit_softcap": 30.0}, 0.97),  # soft-capped scores, the same VJP (autodiff kept 1.9x: 17 B/score)
+    ("none", {"qk_norm": True, "n_kv_heads": 2}, 0.97),  # the q / k norms' inputs and inverse RMS per head
     # bf16 compute on CPU: the policy saves the projections' float32 dots (models.linear), not their bf16 rounding
     # (counted in bf16, XLA kept 1.92x; per layer and token 6400 B, exactly what is counted now)
     ("save_dots_no_batch", {"dtype": "bfloat16"}, 0.97),

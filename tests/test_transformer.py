@@ -65,7 +65,7 @@ def test_param_count_matches_tree(model):
 
 @pytest.mark.parametrize("cfg", [
     TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
-                      qkv_bias=True, post_norms=True),
+                      qkv_bias=True, post_norms=True, qk_norm=True),
     TransformerConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
                       tie_embeddings=True, moe_every=2,
                       moe=MoEConfig(n_experts=7, top_k=2, expert_mlp_dim=10, n_shared_experts=2)),
