@@ -1,5 +1,5 @@
-"""Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Gemma 2 / Mixtral checkpoints as
-`Transformer`s.
+"""Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Mixtral
+checkpoints as `Transformer`s.
 
 config.json maps to `TransformerConfig` in models/hf_config.py (`config_from_hf`, `config_to_hf`).
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
@@ -20,6 +20,11 @@ Mixtral (every layer MoE, softmax top-k renormalised; its attention and norms li
   block_sparse_moe.gate.weight [E, D] <-> moe.router[i] [D, E]
   block_sparse_moe.experts.e.w1 / w3 [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   w2 [D, F] <-> moe.w_down[i, e]
   transformers 5.x in-memory names (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) load too.
+Qwen3 adds per-head q / k norms: self_attn.q_norm / k_norm.weight [H] <-> q_norm / k_norm[i] [H]. Qwen3-MoE (a
+model with qk_norm and moe) has MoE layers every decoder_sparse_step-th (moe_blocks), dense ones between (blocks):
+  mlp.gate.weight [E, D] <-> moe.router[i] [D, E]
+  mlp.experts.e.gate_proj / up_proj [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   down_proj [D, F] <-> moe.w_down[i, e]
+  (the fused 5.x names load too, as Mixtral's).
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ from models.transformer import Transformer
 _DTYPES = ("float32", "bfloat16", "float16")  # what we load into and save as
 
 
+def _moe_names(cfg: TransformerConfig) -> tuple[str, tuple[str, str, str]]:
+    """A MoE layer's hub names: its prefix and the gate / up / down experts' names (Qwen3-MoE's with q / k norms,
+    Mixtral's otherwise, as config_to_hf picks the architecture)."""
+    if cfg.qk_norm:
+        return "model.layers.{i}.mlp.", ("gate_proj", "up_proj", "down_proj")
+    return "model.layers.{i}.block_sparse_moe.", ("w1", "w3", "w2")
+
+
 def _hf_layout(cfg: TransformerConfig) -> dict:
     """ours -> (HF name template, to_hf, from_hf); {i} is the layer, {e} the expert. to_hf/from_hf act on one
     layer (and expert). Keys under blocks. / moe_blocks. are stacked over the dense / MoE layers."""
@@ -52,13 +65,17 @@ def _hf_layout(cfg: TransformerConfig) -> dict:
     if cfg.moe is None:
         return lay
     T = lambda a: a.T  # noqa: E731
-    moe = "model.layers.{i}.block_sparse_moe."
-    lay = {("moe_" + key if key.startswith("blocks.") else key): v for key, v in lay.items()
-           if key not in ("blocks.w_gate", "blocks.w_up", "blocks.w_down")}
+    moe, (gate, up, down) = _moe_names(cfg)
+    stacked = {key: v for key, v in lay.items() if key.startswith("blocks.")}
+    lay = {key: v for key, v in lay.items() if key not in stacked}
+    if not all(cfg.moe_layers()):  # dense layers between (Qwen3-MoE's decoder_sparse_step > 1)
+        lay.update(stacked)
+    lay.update({"moe_" + key: v for key, v in stacked.items()
+                if key not in ("blocks.w_gate", "blocks.w_up", "blocks.w_down")})
     lay.update({"moe_blocks.moe.router": (moe + "gate.weight", T, T),
-                "moe_blocks.moe.w_gate": (moe + "experts.{e}.w1.weight", T, T),
-                "moe_blocks.moe.w_up": (moe + "experts.{e}.w3.weight", T, T),
-                "moe_blocks.moe.w_down": (moe + "experts.{e}.w2.weight", T, T)})
+                "moe_blocks.moe.w_gate": (moe + f"experts.{{e}}.{gate}.weight", T, T),
+                "moe_blocks.moe.w_up": (moe + f"experts.{{e}}.{up}.weight", T, T),
+                "moe_blocks.moe.w_down": (moe + f"experts.{{e}}.{down}.weight", T, T)})
     return lay
 
 
@@ -82,15 +99,16 @@ def _fused_moe_aliases(where: dict, cfg: TransformerConfig) -> dict:
     if cfg.moe is None:
         return {}
     F, out = cfg.moe.expert_mlp_dim, {}
+    moe, (gate, up, down) = _moe_names(cfg)
     for i in range(cfg.n_layers):
-        pre, hub = f"model.layers.{i}.mlp.", f"model.layers.{i}.block_sparse_moe."
+        pre, hub = f"model.layers.{i}.mlp.", moe.format(i=i)
         if pre + "experts.gate_up_proj" not in where:
             continue
         out[hub + "gate.weight"] = (pre + "gate.weight", lambda a: a)
         for e in range(cfg.moe.n_experts):
-            out[hub + f"experts.{e}.w1.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, :F])
-            out[hub + f"experts.{e}.w3.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, F:])
-            out[hub + f"experts.{e}.w2.weight"] = (pre + "experts.down_proj", lambda a, e=e: a[e])
+            out[hub + f"experts.{e}.{gate}.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, :F])
+            out[hub + f"experts.{e}.{up}.weight"] = (pre + "experts.gate_up_proj", lambda a, e=e: a[e, F:])
+            out[hub + f"experts.{e}.{down}.weight"] = (pre + "experts.down_proj", lambda a, e=e: a[e])
     return out
 
 
@@ -111,6 +129,9 @@ def _dense_layout(cfg: TransformerConfig) -> dict:
         "embed": ("model.embed_tokens.weight", None, None),
         "final_norm": ("model.norm.weight", None, None),
     }
+    if cfg.qk_norm:  # Qwen3
+        lay["blocks.q_norm"] = (attn + "q_norm.weight", None, None)
+        lay["blocks.k_norm"] = (attn + "k_norm.weight", None, None)
     if cfg.qkv_bias:
         flat = lambda a: a.reshape(-1)
         lay["blocks.bq"] = (attn + "q_proj.bias", flat, lambda a: a.reshape(n, h))
@@ -169,8 +190,8 @@ def _opened(f: Path):
 
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
                     **config_overrides) -> Transformer:
-    """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Gemma 2 / Mixtral folder (config.json +
-    safetensors, sharded or not).
+    """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Mixtral folder
+    (config.json + safetensors, sharded or not).
 
     dtype: compute dtype, a name ('float32', 'bfloat16', 'float16'; not None: the weights' own dtype is not read,
     a float64 checkpoint loads in any of them); param_dtype: storage dtype of the parameters (None: same as dtype,
@@ -293,7 +314,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                                  f" (model_type {hf.get('model_type')!r}): neither transformers nor our Transformer "
                                  "has an o_proj bias then (transformers drops the tensor unread); is config.json "
                                  "right for these weights?")
-    if cfg.moe is not None:  # Mixtral routes without a selection bias
+    if cfg.moe is not None:  # Mixtral and Qwen3-MoE route without a selection bias
         values["moe_blocks.moe.router_bias"] = place(np.zeros(shapes["moe_blocks.moe.router_bias"], np.float32),
                                                      "moe_blocks.moe.router_bias")
     nnx.replace_by_pure_dict(abstract, _unflatten(values))
@@ -379,8 +400,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         ours["lm_head"] = ours["lm_head"] / cfg.width_mult
     _check_representable(cfg, ours, out_dtype)
     if cfg.moe is not None and np.any(_to_host(ours["moe_blocks.moe.router_bias"]) != 0):
-        raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral has no selection bias, "
-                         "so this model cannot be exported exactly")
+        raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral and Qwen3-MoE have no "
+                         "selection bias, so this model cannot be exported exactly")
     plan = []  # (HF name, bytes, thunk giving the HF-layout array): sizes known before anything is copied
     for key, (name, to_hf, _) in _hf_layout(cfg).items():
         arr, fix = ours[key], to_hf or (lambda a: a)
@@ -393,7 +414,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_slice_to_host(a, ix).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
-    if hf["model_type"] == "gemma2" and cfg.qkv_bias:
+    if hf["model_type"] in ("gemma2", "qwen3", "qwen3_moe") and cfg.qkv_bias:
         # its attention_bias also adds an o_proj bias, which our model has not: written as zeros (from_pretrained
         # loads a Gemma 2 only when they are zero); left out, transformers would initialise them itself
         zeros = lambda: np.zeros(cfg.d_model, out_dtype)  # noqa: E731

@@ -1,5 +1,5 @@
-"""Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Ministral, Qwen2, Gemma 2,
-Mixtral).
+"""Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Ministral, Qwen2, Qwen3,
+Qwen3-MoE, Gemma 2, Mixtral).
 
 Reads both layouts found on published checkpoints: `rope_theta` / `rope_scaling` as transformers 4.x writes them and
 `rope_parameters` as 5.x does; fields a config.json leaves out take the value transformers assumes (`HF_DEFAULTS`),
@@ -15,7 +15,8 @@ import re
 from models.config import RopeScaling, TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral"}
+                 "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral",
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 # max_position_embeddings too: it was "lacks required field", and it is the default original length of llama3 / YaRN.
@@ -27,6 +28,13 @@ HF_DEFAULTS = {
     "mixtral": dict(rope_theta=1e6, rms_norm_eps=1e-5, router_aux_loss_coef=0.001, num_key_value_heads=8,
                     max_position_embeddings=131072),
     "qwen2": dict(sliding_window=4096, max_window_layers=28, num_key_value_heads=32, max_position_embeddings=32768),
+    # Qwen3Config's head_dim is a field of its own (128), not hidden_size // num_attention_heads
+    "qwen3": dict(head_dim=128, sliding_window=4096, max_window_layers=28, num_key_value_heads=32,
+                  max_position_embeddings=32768),
+    # (its attention reads head_dim when config.json has one, else hidden_size // num_attention_heads)
+    "qwen3_moe": dict(sliding_window=4096, num_key_value_heads=4, max_position_embeddings=32768,
+                      num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, norm_topk_prob=False,
+                      router_aux_loss_coef=0.001),
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
                    num_key_value_heads=4, max_position_embeddings=8192),
@@ -41,7 +49,8 @@ _HF_FIELDS = {"vocab_size": ("vocab_size",), "d_model": ("hidden_size",), "n_lay
               "head_dim": ("head_dim", "hidden_size", "num_attention_heads"), "mlp_dim": ("intermediate_size",),
               "max_seq_len": ("max_position_embeddings",), "norm_eps": ("rms_norm_eps",),
               "sliding_window": ("sliding_window",), "attn_logit_softcap": ("attn_logit_softcapping",),
-              "final_logit_softcap": ("final_logit_softcapping",), "query_pre_attn_scalar": ("query_pre_attn_scalar",)}
+              "final_logit_softcap": ("final_logit_softcapping",), "query_pre_attn_scalar": ("query_pre_attn_scalar",),
+              "moe_every": ("decoder_sparse_step",)}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _YARN_FIELDS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
 
@@ -131,11 +140,11 @@ def _architecture(hf: dict) -> str:
 def _attention_pattern(hf: dict, arch: str) -> dict:
     """attn_pattern / sliding_window fields from the HF window settings (Mistral semantics)."""
     window, L = hf.get("sliding_window"), hf["num_hidden_layers"]
-    if arch == "llama" or window is None or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
+    if arch == "llama" or window is None or (arch.startswith("qwen") and not hf.get("use_sliding_window", False)):
         return {}
     if arch == "gemma2":
         types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
-    elif arch == "qwen2":
+    elif arch in ("qwen2", "qwen3"):
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
                                           else "full_attention" for i in range(L)]
     elif arch in ("mistral", "ministral"):  # with layer_types, AutoConfig builds a Mistral one as Ministral
@@ -173,7 +182,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     hf = {**HF_DEFAULTS.get(arch, {}), **hf}
     # a string "false" was read as true (a tied head, q/k/v biases, Qwen2's windows): transformers 5.x refuses it,
     # 4.x reads it as true. null stays false and 0 / 1 are taken, as 4.x reads them
-    for f in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention"):
+    for f in ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_bidirectional_attention",
+              "norm_topk_prob"):
         v = hf.get(f)
         if v is not None and (not isinstance(v, int) or v not in (0, 1)):
             raise ValueError(f"HF config field {f}={v!r} must be true, false or null; fix config.json")
@@ -193,7 +203,7 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window", "num_local_experts",
-              "num_experts", "num_experts_per_tok"):
+              "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
         v = hf.get(f)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"HF config field {f}={v!r} must be an integer; fix config.json")
@@ -214,11 +224,16 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   # Qwen2 always has q/k/v biases; Llama's and Gemma 2's attention_bias also adds an o_proj bias,
                   # which the loader accepts only when it is zero (see from_pretrained). Mistral's and Mixtral's
                   # attention has no biases whatever the flag says (transformers ignores it there too).
-                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2") and bool(hf.get("attention_bias", False))),
+                  # Qwen3's attention_bias is Llama's (q / k / v and o_proj)
+                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2", "qwen3", "qwen3_moe")
+                                               and bool(hf.get("attention_bias", False))),
+                  qk_norm=arch in ("qwen3", "qwen3_moe"),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
                   mlp_act=_ACT_FROM_HF[act], **_attention_pattern(hf, arch))
         if arch == "mixtral":
             kw.update(moe=_moe_from_hf(hf, kw["mlp_act"]), moe_every=1)
+        if arch == "qwen3_moe":
+            kw.update(_qwen3_moe_from_hf(hf, kw["mlp_act"]))
         if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
@@ -261,7 +276,10 @@ def _moe_rope_source(message: str, hf: dict) -> str | None:
         params = hf.get(where) or {}
         return f"{where}.{m[2]}={params[m[2]]!r}" if m[2] in params else None
     experts = "num_experts" if hf.get("num_experts") is not None else "num_local_experts"  # as _moe_from_hf reads
-    name = {"n_experts": experts, "top_k": "num_experts_per_tok", "expert_mlp_dim": "intermediate_size",
+    if hf.get("model_type") == "qwen3_moe" or "Qwen3MoeForCausalLM" in (hf.get("architectures") or []):
+        experts = "num_local_experts" if hf.get("num_local_experts") is not None else "num_experts"  # as it reads
+    width = "moe_intermediate_size" if "moe_intermediate_size" in hf else "intermediate_size"  # Qwen3-MoE's / Mixtral's
+    name = {"n_experts": experts, "top_k": "num_experts_per_tok", "expert_mlp_dim": width,
             "lb_loss_weight": "router_aux_loss_coef"}.get(m[2])
     return f"{name}={hf.get(name)!r}" if name else None
 
@@ -283,6 +301,37 @@ def _moe_from_hf(hf: dict, mlp_act: str):
     return MoEConfig(n_experts=n, top_k=k, expert_mlp_dim=hf["intermediate_size"],
                      router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
                      z_loss_weight=0.0, mlp_act=mlp_act)
+
+
+def _qwen3_moe_from_hf(hf: dict, mlp_act: str) -> dict:
+    """moe / moe_every of a Qwen3-MoE config.json: layer i is MoE when (i + 1) % decoder_sparse_step == 0 (our
+    moe_every), unless mlp_only_layers lists it; softmax routing, top-k weights renormalised when norm_topk_prob."""
+    from models.moe import MoEConfig
+
+    step, k = hf["decoder_sparse_step"], hf["num_experts_per_tok"]
+    # 5.x writes num_local_experts, and its attribute_map reads num_experts (the hub's) onto it; given both,
+    # num_local_experts wins (Mixtral's config the other way round)
+    experts = "num_local_experts" if hf.get("num_local_experts") is not None else "num_experts"
+    n = hf.get(experts, 128)
+    for field, v in (("decoder_sparse_step", step), ("num_experts_per_tok", k), (experts, n),
+                     ("router_aux_loss_coef", hf["router_aux_loss_coef"])):
+        if v is None:
+            raise ValueError(f"HF config field {field}=null: a Qwen3-MoE config needs a value; fix config.json")
+    if n == 0:  # transformers then builds dense layers only
+        raise _unsupported(experts, 0, "a Qwen3-MoE without experts is a dense model: load it as Qwen3 "
+                           "(architectures ['Qwen3ForCausalLM'], model_type 'qwen3')")
+    L = hf["num_hidden_layers"]
+    only = hf.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise ValueError(f"HF config field mlp_only_layers={only!r} must be a list of layer indices; fix config.json")
+    if forced := sorted(i for i in set(only) if 0 <= i < L and step > 0 and (i + 1) % step == 0):
+        raise _unsupported("mlp_only_layers", only, f"layers {forced} would be dense where decoder_sparse_step={step} "
+                           "makes them MoE; our MoE layers are every decoder_sparse_step-th one (empty it)")
+    moe = MoEConfig(n_experts=n, top_k=k, expert_mlp_dim=hf["moe_intermediate_size"],
+                    router="softmax", renormalize=bool(hf["norm_topk_prob"]),
+                    lb_loss_weight=hf["router_aux_loss_coef"] * k,  # transformers' loss is k x ours (as Mixtral's)
+                    z_loss_weight=0.0, mlp_act=mlp_act)
+    return dict(moe=moe, moe_every=step)
 
 
 def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
@@ -310,8 +359,9 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     """HF config.json dict (5.x layout) that transformers loads into the same model.
 
     Gemma2ForCausalLM for its block (attention_bias when cfg.qkv_bias; save_pretrained writes its o_proj biases as
-    zeros), MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no
-    o_proj bias), MistralForCausalLM with a window on every layer or a d_model that n_heads does not divide,
+    zeros), Qwen3ForCausalLM with qk_norm (Qwen3MoeForCausalLM with moe too; attention_bias as Gemma 2's),
+    MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias),
+    MistralForCausalLM with a window on every layer or a d_model that n_heads does not divide,
     MinistralForCausalLM with one window on some layers, LlamaForCausalLM otherwise.
     """
     if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
@@ -333,20 +383,13 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
               hidden_act=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
               **_rope_4x(rope),
               bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
+    if cfg.qk_norm:
+        return _qwen3_config(cfg, hf, windows)
     if cfg.moe is not None:
         return _mixtral_config(cfg, hf, windows)
     if cfg.qkv_bias:
-        if any(w is not None for w in windows):  # Qwen2 slides on layers >= max_window_layers (4.x reads only that)
-            k = windows.index(next(w for w in windows if w is not None))
-            if any(w is not None for w in windows[:k]) or len(set(windows[k:])) != 1:
-                raise ValueError("TransformerConfig.attn_pattern: with qkv_bias (Qwen2) global layers then local "
-                                 f"ones of one window ('GGLL', 'local'), got windows {windows}")
-            return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
-                        sliding_window=windows[k], max_window_layers=k,
-                        layer_types=["full_attention"] * k + ["sliding_attention"] * (cfg.n_layers - k), **hf)
-        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
-                    sliding_window=None, max_window_layers=cfg.n_layers,
-                    layer_types=["full_attention"] * cfg.n_layers, **hf)
+        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                    **_qwen_windows(cfg, windows, "qkv_bias (Qwen2)"), **hf)
     # Mistral: one window on every layer. Without one it is Llama's model, and the form transformers 5.x loads when
     # d_model is not a multiple of n_heads (an explicit head_dim): its LlamaConfig refuses that, MistralConfig does not
     if any(w is not None for w in windows) or cfg.d_model % cfg.n_heads:
@@ -361,6 +404,44 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
                         layer_types=["sliding_attention" if w else "full_attention" for w in windows], **hf)
         return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
+
+
+def _qwen_windows(cfg: TransformerConfig, windows, why: str) -> dict:
+    """Qwen2 / Qwen3's window fields: they slide on the layers from max_window_layers on (4.x reads only that)."""
+    if not any(w is not None for w in windows):
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+                    layer_types=["full_attention"] * cfg.n_layers)
+    k = windows.index(next(w for w in windows if w is not None))
+    if any(w is not None for w in windows[:k]) or len(set(windows[k:])) != 1:
+        raise ValueError(f"TransformerConfig.attn_pattern: with {why} global layers then local ones of one window "
+                         f"('GGLL', 'local'), got windows {windows}")
+    return dict(use_sliding_window=True, sliding_window=windows[k], max_window_layers=k,
+                layer_types=["full_attention"] * k + ["sliding_attention"] * (cfg.n_layers - k))
+
+
+def _qwen3_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
+    """Qwen3ForCausalLM (q / k norms), Qwen3MoeForCausalLM with moe. Their attention_bias adds an o_proj bias too,
+    which save_pretrained writes as zeros."""
+    hf = dict(hf, attention_bias=cfg.qkv_bias)
+    if cfg.moe is None:
+        return dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3",
+                    **_qwen_windows(cfg, windows, "qk_norm (Qwen3)"), **hf)
+    m = cfg.moe
+    wrong = [f"{field}={value!r} (set {want})" for field, value, want, ok in (
+        ("MoEConfig.router", m.router, "'softmax'", m.router == "softmax"),
+        ("MoEConfig.n_shared_experts", m.n_shared_experts, "0", m.n_shared_experts == 0),
+        ("MoEConfig.dispatch", m.dispatch, "'dropless': Qwen3-MoE drops no token", m.dispatch == "dropless"))
+        if not ok]
+    if wrong:
+        raise ValueError(f"a Qwen3-MoE export has no form for {'; '.join(wrong)}")
+    if len(set(windows)) != 1:
+        raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Qwen3-MoE takes the same window (or "
+                         "none) on every layer")
+    return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                use_sliding_window=windows[0] is not None, sliding_window=windows[0], num_experts=m.n_experts,
+                num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_mlp_dim,
+                decoder_sparse_step=cfg.moe_every, mlp_only_layers=[], norm_topk_prob=m.renormalize,
+                router_aux_loss_coef=m.lb_loss_weight / m.top_k, output_router_logits=False, **hf)
 
 
 def _rope_to_hf(cfg: TransformerConfig) -> dict:
@@ -396,6 +477,10 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     # save_pretrained writes the o_proj biases that flag adds as zeros
     if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.moe is None):
         raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale and no moe")
+    if cfg.qk_norm:  # Gemma 3's block, whose local layers also rotate with a theta of their own
+        raise ValueError("TransformerConfig.qk_norm with the Gemma 2 block (Gemma 3's) has no export here: Gemma 2 "
+                         "has no q / k norms; set qk_norm=False, or drop post_norms / norm_offset / embed_scale "
+                         "for Qwen3")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
                          "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")

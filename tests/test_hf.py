@@ -52,6 +52,13 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     "qwen2_yarn_mscale": ("Qwen2Config", dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, beta_fast=8.0,
         beta_slow=2.0, mscale=0.707, mscale_all_dim=1.0, truncate=False))),
+    # per-head q / k norms; head_dim 24 (N·H = 96 != D = 64) and Qwen2-style upper sliding layers
+    "qwen3": ("Qwen3Config", dict(head_dim=24, use_sliding_window=True, sliding_window=7, max_window_layers=1)),
+    # MoE on every decoder_sparse_step-th layer (layer 1), dense between, un-normalised top-k weights
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         decoder_sparse_step=2, norm_topk_prob=False)),
+    "qwen3_moe_topk_norm_swa": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                       norm_topk_prob=True, use_sliding_window=True, sliding_window=7)),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -182,7 +189,7 @@ def test_sharded_checkpoint(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral", "qwen3_moe"])
 def test_greedy_generation_matches_hf(hf_ckpt, name):
     folder, hf_model = hf_ckpt(name)
     prompt, n = TOKENS[:, :6], 14
@@ -241,7 +248,7 @@ def _random_model(cfg, seed):
     pure = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype), nnx.to_pure_dict(state))
     stacks = [pure[k] for k in ("blocks", "moe_blocks") if k in pure]
     for tree, name in [(pure, "final_norm")] + [(t, n) for t in stacks for n in (
-            "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")]:
+            "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")]:
         if name in tree:
             tree[name] = tree[name] + 1.0
     if "moe_blocks" in pure:  # Mixtral has no selection bias
@@ -303,6 +310,12 @@ ROUND_TRIP["gemma2_yarn"] = dataclasses.replace(ROUND_TRIP["gemma2"],
 # Gemma 2 with q/k/v biases (attention_bias=true, o_proj biases zero), as from_pretrained loads it: the export was
 # refused ("needs ... no qkv_bias"), so such a loaded checkpoint could not be written back
 ROUND_TRIP["gemma2_qkv_bias"] = dataclasses.replace(ROUND_TRIP["gemma2"], qkv_bias=True)
+# Qwen3: q / k norms; its attention_bias adds an o_proj bias too, written as zeros
+ROUND_TRIP["qwen3"] = dataclasses.replace(ROUND_TRIP["qwen2"], qk_norm=True, head_dim=24, n_layers=3,
+                                          attn_pattern="GLL", sliding_window=5, tie_embeddings=False)
+ROUND_TRIP["qwen3_moe"] = dataclasses.replace(ROUND_TRIP["mixtral"], qk_norm=True, qkv_bias=True, moe_every=2,
+                                              mlp_dim=160,
+                                              moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, renormalize=False))
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
@@ -310,7 +323,7 @@ ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "Mi
         "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM",
         "gemma2_silu": "Gemma2ForCausalLM", "gemma2_untied": "Gemma2ForCausalLM",
         "gemma2_linear_rope": "Gemma2ForCausalLM", "gemma2_yarn": "Gemma2ForCausalLM",
-        "gemma2_qkv_bias": "Gemma2ForCausalLM"}
+        "gemma2_qkv_bias": "Gemma2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -499,6 +512,40 @@ def test_mixtral_num_experts_alias_read_as_transformers_reads_it(experts):
     and the load failed on a gate weight's shape naming no field."""
     raw = {k: v for k, v in config_to_hf(ROUND_TRIP["mixtral"]).items() if k != "num_local_experts"} | experts
     assert config_from_hf(raw).moe.n_experts == transformers.MixtralConfig.from_dict(raw).num_local_experts == 4
+
+
+@pytest.mark.parametrize("experts", [dict(num_experts=4), dict(num_local_experts=4), dict(num_experts=6,
+                                                                                         num_local_experts=4)])
+def test_qwen3_moe_expert_count_read_as_transformers_reads_it(experts):
+    """The hub's Qwen3-MoE configs say num_experts, transformers 5.x writes num_local_experts (its attribute_map
+    reads the first onto the second, which wins when both are given: Mixtral's config the other way round)."""
+    raw = {k: v for k, v in config_to_hf(ROUND_TRIP["qwen3_moe"]).items() if k != "num_experts"} | experts
+    assert config_from_hf(raw).moe.n_experts == transformers.Qwen3MoeConfig.from_dict(raw).num_local_experts == 4
+
+
+def test_qwen3_moe_dense_layers_and_exports_without_a_form_are_named():
+    """mlp_only_layers may list layers decoder_sparse_step leaves dense already; one it would make MoE is refused by
+    name (our MoE layers are every moe_every-th). Exports: no shared experts, sigmoid routing, capacity dispatch or
+    mixed windows in Qwen3-MoE's form, and no q / k norms in Gemma 2's."""
+    raw = config_to_hf(ROUND_TRIP["qwen3_moe"])  # 2 layers, decoder_sparse_step 2: layer 1 is MoE
+    assert config_from_hf(raw | {"mlp_only_layers": [0]}) == ROUND_TRIP["qwen3_moe"]
+    with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\] is not supported: layers \[1\] would be dense"):
+        config_from_hf(raw | {"mlp_only_layers": [1]})
+    with pytest.raises(ValueError, match=r"num_experts=0 is not supported: .* load it as Qwen3"):
+        config_from_hf(raw | {"num_experts": 0})
+    q = ROUND_TRIP["qwen3_moe"]
+    for cfg, says in ((dataclasses.replace(q, moe=dataclasses.replace(q.moe, n_shared_experts=1)),
+                       r"MoEConfig.n_shared_experts=1 \(set 0\)"),
+                      (dataclasses.replace(q, moe=dataclasses.replace(q.moe, router="sigmoid")),
+                       r"MoEConfig.router='sigmoid' \(set 'softmax'\)"),
+                      (dataclasses.replace(q, moe=dataclasses.replace(q.moe, dispatch="capacity")),
+                       r"MoEConfig.dispatch='capacity' \(set 'dropless'")):
+        with pytest.raises(ValueError, match=r"^a Qwen3-MoE export has no form for " + says):
+            config_to_hf(cfg)
+    with pytest.raises(ValueError, match=r"attn_pattern: windows \(5, None\): Qwen3-MoE takes the same window"):
+        config_to_hf(dataclasses.replace(q, attn_pattern="alternating", sliding_window=5))
+    with pytest.raises(ValueError, match=r"qk_norm with the Gemma 2 block"):
+        config_to_hf(dataclasses.replace(ROUND_TRIP["gemma2"], qk_norm=True))
 
 
 @pytest.mark.parametrize("field", ["num_experts_per_tok", "router_aux_loss_coef"])
@@ -803,8 +850,10 @@ MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention
     ("MixtralConfig", dict(sliding_window=7)),  # every layer slides (no fixture had a Mixtral window)
     ("LlamaConfig", {}),
     ("Qwen2Config", dict(max_window_layers=0)),  # use_sliding_window absent: false, no layer slides
+    ("Qwen3Config", dict(use_sliding_window=True, max_window_layers=2)),  # head_dim 128, not hidden / heads
+    ("Qwen3MoeConfig", dict(use_sliding_window=True)),  # every layer slides; 128 experts, top 8, width 768
 ], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama",
-        "qwen2_no_use_sliding_window"])
+        "qwen2_no_use_sliding_window", "qwen3", "qwen3_moe"])
 def test_absent_fields_take_the_transformers_defaults(cls, fields):
     """A config.json without optional fields means what the installed transformers' config class makes of it."""
     raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
@@ -823,8 +872,12 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
         # an explicit null keeps its HF meaning: no soft-capping
         off = config_from_hf(raw | dict(attn_logit_softcapping=None, final_logit_softcapping=None))
         assert (off.attn_logit_softcap, off.final_logit_softcap) == (None, None)
-    if cls == "MixtralConfig":  # the balancing loss's weight: k × router_aux_loss_coef (0.02 was assumed: 20x)
+    if cls in ("MixtralConfig", "Qwen3MoeConfig"):  # the balancing loss's weight: k × router_aux_loss_coef
         assert ours.moe.lb_loss_weight == pytest.approx(hf.num_experts_per_tok * hf.router_aux_loss_coef)
+    if cls == "Qwen3MoeConfig":
+        assert (ours.moe.n_experts, ours.moe.top_k, ours.moe.expert_mlp_dim, ours.moe.renormalize, ours.moe_every) == (
+            hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.norm_topk_prob, hf.decoder_sparse_step)
+    assert ours.qk_norm == cls.startswith("Qwen3")
 
 
 @pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "MinistralConfig", "Qwen2Config", "Gemma2Config",
