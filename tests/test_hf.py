@@ -241,6 +241,87 @@ def test_generation_stops_at_eos_as_hf_does(hf_ckpt, name):
         generate(model, prompt, n, eos_id=10**6)
 
 
+def test_eos_edge_cases_stop_as_hf_does(hf_ckpt):
+    """The stopping cases test_generation_stops_at_eos_as_hf_does leaves out, against transformers' generate: every
+    row's first new token an eos (one column), pad_id equal to an eos id, max_new_tokens=1, and left-padded prompts
+    of different lengths whose rows end at different steps (a list of eos ids, HF's form)."""
+    folder, hf_model = hf_ckpt("llama_gqa")
+    model, n = from_pretrained(folder), 10
+    tokens, mask = left_pad([TOKENS[0, :7], TOKENS[1, :3]], pad_id=5)
+    P = tokens.shape[1]
+
+    def hf_generate(eos, pad, new):
+        hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = eos, pad
+        with torch.no_grad():
+            return hf_model.generate(torch.as_tensor(np.array(tokens)), do_sample=False, max_new_tokens=new,
+                                     attention_mask=torch.as_tensor(np.array(mask), dtype=torch.long)).numpy()
+
+    free = hf_generate(None, 5, n)  # (HF's tokens: one compile of ours fewer)
+    first = (int(free[0, P]), int(free[1, P]))
+    steps = (int(free[0, P + 2]), int(free[1, P + 5]))
+    lengths = []
+    # two eos ids in every case: as many ids, one compiled program per max_new_tokens
+    for eos, pad, new in [(first, 7, n), (steps, 7, n), (steps, steps[1], n), (steps, steps[0], n), (first, 7, 1),
+                          (steps, 7, 1)]:
+        ref = hf_generate(list(eos), pad, new)
+        ours = np.asarray(generate(model, tokens, new, prompt_mask=mask, eos_id=eos, pad_id=pad))
+        assert ours.shape == ref.shape and np.array_equal(ours, ref), (eos, pad, new, ours[:, P:], ref[:, P:])
+        lengths.append(ours.shape[1] - P)
+    assert lengths == [1, 6, 6, 6, 1, 1]  # the cases bind: both rows end at their first token, or at steps 3 and 6
+
+
+def _hf_warped(logits_BV, temperature, top_k, top_p):
+    """transformers' sampling warpers in GenerationMixin's order (temperature, top-k, top-p), in float64."""
+    from transformers.generation import logits_process as lp
+
+    warpers = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(lp.TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(lp.TopPLogitsWarper(top_p))
+    return warpers(None, torch.as_tensor(np.asarray(logits_BV, np.float64))).numpy()
+
+
+def test_sample_logits_keeps_the_tokens_hf_warpers_keep(monkeypatch):
+    """sample_logits' filters against transformers' Temperature / TopK / TopP warpers on the same float32 logits:
+    the same kept tokens and the same renormalised probabilities, concrete and traced (temperature, top_p jitted),
+    with a banned (-inf) token, vocabularies of 13 and 97, ties at the k-th logit, top_k with top_p, and a top_p
+    reached exactly (dyadic probabilities). The one documented difference: tokens tied at the top-p cutoff all stay."""
+    from models.generate import sample_logits
+
+    # categorical replaced by the logits it was handed, bit-cast to int32 (the sampler's output dtype) and back
+    monkeypatch.setattr(jax.random, "categorical", lambda key, x, axis: jax.lax.bitcast_convert_type(x, jnp.int32))
+    ours = {False: lambda x, t, k, p: sample_logits(x, jax.random.key(0), t, k, p),
+            True: jax.jit(lambda x, t, k, p: sample_logits(x, jax.random.key(0), t, k, p), static_argnums=2)}
+    rng = np.random.default_rng(0)
+    rows = [rng.normal(size=(3, V)) * 2 for V in (13, 97)]
+    for r in rows:
+        r[1, 4] = -np.inf
+    l2 = np.log(2)
+    cases = [(r, t, k, p) for r in rows for t, k, p in [(0.6, None, 0.9), (1.7, 5, None), (1.0, 5, 0.8),
+                                                        (1.3, 200, 0.5), (0.8, 1, None)]]
+    # ties at the k-th logit; 1/2 + 1/4 reaching top_p 0.75 exactly, alone and after a top-k (with a tie at its k-th)
+    cases += [([[3.0, 2, 2, 2, 1]], 0.5, 2, None), ([[0.0] * 8], 1.0, 3, None),
+              ([[0, -l2, -2 * l2, -3 * l2, -3 * l2]], 1.0, None, 0.75),
+              ([[0, -l2, -2 * l2, -2 * l2, -3 * l2]], 1.0, 3, 0.75)]
+    for logits, t, k, p in cases:
+        logits_BV = np.asarray(logits, np.float32)
+        ref_BV = _hf_warped(logits_BV, t, k, p)
+        keep_BV = np.isfinite(ref_BV)
+        want_BV = np.where(keep_BV, np.exp(ref_BV - ref_BV.max(-1, keepdims=True)), 0)
+        want_BV /= want_BV.sum(-1, keepdims=True)
+        for traced in (False, True):
+            got_BV = ours[traced](jnp.asarray(logits_BV), t, k, 1.0 if p is None and traced else p)
+            got_BV = np.asarray(jax.lax.bitcast_convert_type(got_BV, jnp.float32), np.float64)
+            np.testing.assert_array_equal(np.isfinite(got_BV), keep_BV, err_msg=f"{logits_BV[0, :5]} {t} {k} {p}")
+            got_BV = np.exp(got_BV - got_BV.max(-1, keepdims=True))
+            np.testing.assert_allclose(got_BV / got_BV.sum(-1, keepdims=True), want_BV, atol=1e-6)
+    # tied at the top-p cutoff: HF keeps the 4 of 8 equal tokens its sort puts last, we keep all 8 (order-independent)
+    tied = jnp.zeros((1, 8))
+    assert np.isfinite(_hf_warped(tied, 1.0, None, 0.5)).sum() == 4
+    assert np.isfinite(jax.lax.bitcast_convert_type(ours[False](tied, 1.0, None, 0.5), jnp.float32)).all()
+
+
 def _random_model(cfg, seed):
     """Our Transformer with every parameter random (norms around 1, biases non-zero)."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # no init compile
