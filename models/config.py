@@ -108,6 +108,9 @@ class TransformerConfig:
     max_seq_len: int = 2048
     rope_theta: float = 10_000.0
     rope_scaling: RopeScaling | None = None
+    # local (sliding-window) layers' own RoPE base, unscaled (Gemma 3's rope_local_base_freq: 1e4 locally, 1e6 with
+    # rope_scaling globally); None: every layer rotates with rope_theta and rope_scaling
+    local_rope_theta: float | None = None
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     tie_embeddings: bool = False
@@ -170,7 +173,7 @@ class TransformerConfig:
         if _is_int(w) or (isinstance(w, tuple | list) and all(_is_int(x) for x in w)):
             object.__setattr__(self, "sliding_window", int(w) if _is_int(w) else tuple(int(x) for x in w))
         for f in ("rope_theta", "norm_eps", "init_std", "final_logit_softcap", "attn_logit_softcap",
-                  "query_pre_attn_scalar", "norm_offset"):
+                  "query_pre_attn_scalar", "norm_offset", "local_rope_theta"):
             v = getattr(self, f)
             optional = f not in ("rope_theta", "norm_eps", "init_std", "norm_offset")
             need((v is None and optional) or _is_real(v), f,
@@ -223,6 +226,10 @@ class TransformerConfig:
         need(self.rope_scaling is None or self.rope_scaling.kind != "yarn" or self.rope_theta > 1, "rope_theta",
              f"{self.rope_theta} with rope_scaling kind='yarn': YaRN needs rope_theta > 1 (its ramp divides by "
              "log(rope_theta)); use the model's base, e.g. 10000")
+        need(self.local_rope_theta is None or self.local_rope_theta > 0, "local_rope_theta",
+             f"must be positive or None, got {self.local_rope_theta}")
+        need(self.local_rope_theta is None or self._n_local() > 0, "local_rope_theta",
+             f"is set but attn_pattern={self.attn_pattern!r} has no local layer to rotate with it; set it to None")
         need(self.norm_eps >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
         need(self.init_std > 0, "init_std", f"must be positive, got {self.init_std}")
         need(self.sliding_window is None or self._n_local() > 0, "sliding_window",

@@ -1,5 +1,5 @@
-"""Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Mixtral
-checkpoints as `Transformer`s.
+"""Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Gemma 3
+(text) / Mixtral checkpoints as `Transformer`s.
 
 config.json maps to `TransformerConfig` in models/hf_config.py (`config_from_hf`, `config_to_hf`).
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
@@ -20,7 +20,8 @@ Mixtral (every layer MoE, softmax top-k renormalised; its attention and norms li
   block_sparse_moe.gate.weight [E, D] <-> moe.router[i] [D, E]
   block_sparse_moe.experts.e.w1 / w3 [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   w2 [D, F] <-> moe.w_down[i, e]
   transformers 5.x in-memory names (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F]) load too.
-Qwen3 adds per-head q / k norms: self_attn.q_norm / k_norm.weight [H] <-> q_norm / k_norm[i] [H]. Qwen3-MoE (a
+Qwen3 adds per-head q / k norms: self_attn.q_norm / k_norm.weight [H] <-> q_norm / k_norm[i] [H]; Gemma 3 (text:
+Gemma3ForCausalLM) is Gemma 2's names with those, and its local layers' RoPE base is local_rope_theta. Qwen3-MoE (a
 model with qk_norm and moe) has MoE layers every decoder_sparse_step-th (moe_blocks), dense ones between (blocks):
   mlp.gate.weight [E, D] <-> moe.router[i] [D, E]
   mlp.experts.e.gate_proj / up_proj [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   down_proj [D, F] <-> moe.w_down[i, e]
@@ -190,8 +191,8 @@ def _opened(f: Path):
 
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
                     **config_overrides) -> Transformer:
-    """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Mixtral folder
-    (config.json + safetensors, sharded or not).
+    """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Gemma 3 (text) /
+    Mixtral folder (config.json + safetensors, sharded or not).
 
     dtype: compute dtype, a name ('float32', 'bfloat16', 'float16'; not None: the weights' own dtype is not read,
     a float64 checkpoint loads in any of them); param_dtype: storage dtype of the parameters (None: same as dtype,
@@ -414,7 +415,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_slice_to_host(a, ix).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
-    if hf["model_type"] in ("gemma2", "qwen3", "qwen3_moe") and cfg.qkv_bias:
+    if hf["model_type"] in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe") and cfg.qkv_bias:
         # its attention_bias also adds an o_proj bias, which our model has not: written as zeros (from_pretrained
         # loads a Gemma 2 only when they are zero); left out, transformers would initialise them itself
         zeros = lambda: np.zeros(cfg.d_model, out_dtype)  # noqa: E731

@@ -1,5 +1,5 @@
 """Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Ministral, Qwen2, Qwen3,
-Qwen3-MoE, Gemma 2, Mixtral).
+Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral).
 
 Reads both layouts found on published checkpoints: `rope_theta` / `rope_scaling` as transformers 4.x writes them and
 `rope_parameters` as 5.x does; fields a config.json leaves out take the value transformers assumes (`HF_DEFAULTS`),
@@ -16,7 +16,7 @@ from models.config import RopeScaling, TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral",
-                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma3ForCausalLM": "gemma3_text"}
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 # max_position_embeddings too: it was "lacks required field", and it is the default original length of llama3 / YaRN.
@@ -38,6 +38,10 @@ HF_DEFAULTS = {
     "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
                    num_key_value_heads=4, max_position_embeddings=8192),
+    # (Gemma3TextConfig: its RoPE defaults, theta 1e6 globally and 1e4 locally, are read in _gemma3_rope)
+    "gemma3_text": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                        attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=4096,
+                        num_key_value_heads=4, max_position_embeddings=131072, sliding_window_pattern=6),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
 _HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> HF hidden_act / hidden_activation
 # HF hidden_act -> our mlp_act: transformers' ACT2FN runs 'swish' as SiLU and 'gelu_new' as the same tanh GELU
@@ -121,6 +125,31 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     raise _unsupported("rope_type", kind, "supported RoPE types are default, linear, llama3 and yarn")
 
 
+def _gemma3_rope(hf: dict) -> tuple[float, RopeScaling | None, float | None]:
+    """Gemma 3's two RoPEs as (theta, scaling, local theta): full_attention layers' (theta 1e6 by default, any
+    scaling), sliding ones' (unscaled, theta 1e4 by default), from 5.x's per-layer-type rope_parameters or 4.x's
+    rope_theta / rope_scaling / rope_local_base_freq (a rope_scaling updates the full layers' in 5.x too). The local
+    theta is None when it is the global one unscaled: every layer then rotates alike."""
+    params = hf.get("rope_parameters") or {}
+    if params and not all(isinstance(v, dict) for v in params.values()):
+        raise _unsupported("rope_parameters", params, "Gemma 3 keeps one dict per layer type: {'full_attention': "
+                           "{...}, 'sliding_attention': {...}}")
+    if unknown := sorted(set(params) - {"full_attention", "sliding_attention"}):
+        raise _unsupported("rope_parameters", unknown, "Gemma 3's layer types are full_attention and sliding_attention")
+    full = {**(params.get("full_attention") or {}), **(hf.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+    local = dict(params.get("sliding_attention") or {})
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise _unsupported("rope_parameters.sliding_attention.rope_type", local.get("rope_type", local.get("type")),
+                           "Gemma 3's sliding layers rotate unscaled here ('default')")
+    local_theta = _number("rope_parameters.sliding_attention.rope_theta" if "rope_theta" in local
+                          else "rope_local_base_freq", local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
+    theta, scaling = _rope_from_hf({"rope_parameters": full,
+                                    "max_position_embeddings": hf.get("max_position_embeddings"),
+                                    "original_max_position_embeddings": hf.get("original_max_position_embeddings")})
+    return theta, scaling, None if (scaling is None and local_theta == theta) else local_theta
+
+
 def _architecture(hf: dict) -> str:
     archs = hf.get("architectures") or []
     for a in archs:
@@ -144,6 +173,10 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
         return {}
     if arch == "gemma2":
         types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
+    elif arch == "gemma3_text":  # sliding but every sliding_window_pattern-th layer
+        period = hf["sliding_window_pattern"]
+        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % period else "full_attention"
+                                          for i in range(L)]
     elif arch in ("qwen2", "qwen3"):
         types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
                                           else "full_attention" for i in range(L)]
@@ -190,7 +223,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
                            "only causal decoders are supported; load a causal checkpoint (false or null)")
-    act_field = "hidden_activation" if arch == "gemma2" else "hidden_act"  # the one its MLP reads; others ignored
+    # the one its MLP reads; others ignored
+    act_field = "hidden_activation" if arch in ("gemma2", "gemma3_text") else "hidden_act"
     act = hf.get(act_field, "silu")
     if act not in _ACT_FROM_HF:
         raise _unsupported(act_field, act, f"our gated MLP runs one of {sorted(_ACT_FROM_HF)} (silu, or GELU's tanh "
@@ -213,7 +247,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         raise ValueError(f"config overrides {unknown} are not TransformerConfig fields"
                          + "".join(f"; {u!r}: did you mean {m[0]!r}?" for u, m in near.items() if m))
     try:
-        theta, scaling = _rope_from_hf(hf)
+        gemma3 = arch == "gemma3_text"
+        theta, scaling, local_theta = _gemma3_rope(hf) if gemma3 else (*_rope_from_hf(hf), None)
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
         kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
@@ -225,20 +260,22 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   # which the loader accepts only when it is zero (see from_pretrained). Mistral's and Mixtral's
                   # attention has no biases whatever the flag says (transformers ignores it there too).
                   # Qwen3's attention_bias is Llama's (q / k / v and o_proj)
-                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2", "qwen3", "qwen3_moe")
+                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe")
                                                and bool(hf.get("attention_bias", False))),
-                  qk_norm=arch in ("qwen3", "qwen3_moe"),
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma2")),
+                  qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3_text"),
+                  tie_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma"))),
                   mlp_act=_ACT_FROM_HF[act], **_attention_pattern(hf, arch))
         if arch == "mixtral":
             kw.update(moe=_moe_from_hf(hf, kw["mlp_act"]), moe_every=1)
         if arch == "qwen3_moe":
             kw.update(_qwen3_moe_from_hf(hf, kw["mlp_act"]))
-        if arch == "gemma2":  # (1 + w) norms, four per layer, sqrt(D) embedding scale, two soft-caps
+        if arch in ("gemma2", "gemma3_text"):  # (1 + w) norms, four per layer, sqrt(D) embedding scale, soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
                       attn_logit_softcap=hf["attn_logit_softcapping"],
                       final_logit_softcap=hf["final_logit_softcapping"])
+        if local_theta is not None and kw.get("attn_pattern", "global") != "global":  # else no layer uses it
+            kw.update(local_rope_theta=local_theta)
     except KeyError as e:
         raise ValueError(f"HF config lacks required field {e.args[0]!r}") from None
     except ValueError as e:  # MoEConfig / RopeScaling (built from config.json alone) name fields of ours
@@ -366,8 +403,12 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     """
     if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
         if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
-            raise ValueError("TransformerConfig.query_pre_attn_scalar must be a whole number for Gemma 2")
+            raise ValueError("TransformerConfig.query_pre_attn_scalar must be a whole number for Gemma 2 / 3")
         return _gemma2_config(cfg)
+    if cfg.local_rope_theta is not None:
+        raise ValueError("TransformerConfig.local_rope_theta (a RoPE base of the local layers' own) is Gemma 3's, "
+                         "whose block (post_norms, norm_offset=1, embed_scale, qk_norm) this model lacks; set it to "
+                         "None")
     if cfg.final_logit_softcap is not None or cfg.attn_logit_softcap is not None:
         raise ValueError("TransformerConfig soft-capping has no Llama/Mistral/Qwen2 equivalent; set it to None "
                          "(or use the Gemma 2 block: post_norms, norm_offset=1, embed_scale)")
@@ -476,23 +517,34 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     # qkv_bias: attention_bias=true, as config_from_hf reads it (a loaded Gemma 2 with q/k/v biases was refused);
     # save_pretrained writes the o_proj biases that flag adds as zeros
     if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.moe is None):
-        raise ValueError("TransformerConfig: a Gemma 2 export needs post_norms, norm_offset=1, embed_scale and no moe")
-    if cfg.qk_norm:  # Gemma 3's block, whose local layers also rotate with a theta of their own
-        raise ValueError("TransformerConfig.qk_norm with the Gemma 2 block (Gemma 3's) has no export here: Gemma 2 "
-                         "has no q / k norms; set qk_norm=False, or drop post_norms / norm_offset / embed_scale "
-                         "for Qwen3")
+        raise ValueError("TransformerConfig: a Gemma 2 / 3 export needs post_norms, norm_offset=1, embed_scale and no "
+                         "moe")
+    if cfg.local_rope_theta is not None and not cfg.qk_norm:
+        raise ValueError("TransformerConfig.local_rope_theta (a RoPE base of the local layers' own) is Gemma 3's: "
+                         "Gemma 2 rotates every layer alike; set it to None, or qk_norm=True for Gemma 3")
+    if cfg.qk_norm and cfg.rope_scaling is not None and cfg.local_rope_theta is None:
+        raise ValueError("TransformerConfig.rope_scaling with local_rope_theta=None: Gemma 3 rotates its local layers "
+                         "unscaled (rope_local_base_freq); set local_rope_theta (10000 as Gemma 3's)")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
-                         "transformers' Gemma 2 requires (head_dim may differ from d_model / n_heads); change n_heads")
+                         "transformers' Gemma 2 / 3 require (head_dim may differ from d_model / n_heads); change "
+                         "n_heads")
     local = [w for w in windows if w is not None]
     if len(set(local)) > 1:
-        raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 has one window, got {sorted(set(local))}")
-    return dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=cfg.vocab_size,
+        raise ValueError(f"TransformerConfig.sliding_window: Gemma 2 / 3 have one window, got {sorted(set(local))}")
+    rope = _rope_to_hf(cfg)
+    if cfg.qk_norm:  # Gemma 3: q / k norms, a RoPE per layer type (5.x), the local one's base in 4.x's own field
+        local_rope = dict(rope_type="default", rope_theta=cfg.local_rope_theta or cfg.rope_theta)
+        gemma = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                     rope_parameters=dict(full_attention=rope, sliding_attention=local_rope), **_rope_4x(rope),
+                     rope_local_base_freq=local_rope["rope_theta"], use_bidirectional_attention=False)
+    else:
+        gemma = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", rope_parameters=rope, **_rope_4x(rope))
+    return dict(**gemma, vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
                 hidden_activation=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings,
-                rope_parameters=_rope_to_hf(cfg), **_rope_4x(_rope_to_hf(cfg)),
                 query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
                 sliding_window=local[0] if local else cfg.max_seq_len,
                 layer_types=["sliding_attention" if w is not None else "full_attention" for w in windows],

@@ -248,11 +248,17 @@ class _Ctx:
     dropless: bool = False  # capacity MoE runs dropless (C = T), as it always does with a cache
     start: jax.Array | None = None  # [B] each row's first real cache slot (left padding), or None
     rope_scale: float = 1.0  # YaRN's attention factor on cos / sin (models.rope.attention_scale)
+    local_inv_freq: object = None  # local layers' own frequencies (cfg.local_rope_theta), or None: inv_freq
+    local_rope_cs: tuple | None = None  # their constant tables, as rope_cs
 
     def arrays(self):
         return dict(positions=self.positions, segment_ids=self.segment_ids, padding_mask=self.padding_mask)
 
-    def rope(self, x_BTNH):
+    def rope(self, x_BTNH, local: bool = False):
+        """x rotated by its positions; `local`: a sliding-window layer's (with local_rope_theta if set)."""
+        if local and self.local_inv_freq is not None:
+            cs = self.local_rope_cs
+            return rotate(x_BTNH, *(rope_tables(self.positions, self.local_inv_freq) if cs is None else cs))
         cos, sin = rope_tables(self.positions, self.inv_freq) if self.rope_cs is None else self.rope_cs
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
@@ -323,8 +329,8 @@ class Block(nnx.Module):
                                       ((q_BTNH, self.bq, N), (k_BTKH, self.bk, K), (v_BTKH, self.bv, K)))
         if cfg.qk_norm:  # over each head's H, before RoPE (its [H] scale does not commute with the rotation)
             q_BTNH, k_BTKH = norm(q_BTNH, self.q_norm), norm(k_BTKH, self.k_norm)
-        q_BTNH = constrain(ctx.rope(q_BTNH), ("batch", "act_seq", "act_heads", None))
-        k_BTKH = ctx.rope(k_BTKH)
+        q_BTNH = constrain(ctx.rope(q_BTNH, window is not None), ("batch", "act_seq", "act_heads", None))
+        k_BTKH = ctx.rope(k_BTKH, window is not None)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
         a_BTD = mm(o_BTNH.reshape(B * T, N, H) if ctx.flat_rows else o_BTNH, wc(self.wo), contract=2)
         a_BTD = a_BTD.reshape(B, T, D)
@@ -636,7 +642,8 @@ class Transformer(nnx.Module):
                 padding_mask_BT = padding_mask_BT != 0
         length = cache.length if cache is not None else 0
         inv_freq = inv_frequencies(cfg.hd, cfg.rope_theta, cfg.rope_scaling)
-        rope_cs = None
+        local_inv = None if cfg.local_rope_theta is None else inv_frequencies(cfg.hd, cfg.local_rope_theta)
+        rope_cs = local_cs = None
         start = None if cache is None else cache.start
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(length + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -644,6 +651,7 @@ class Transformer(nnx.Module):
                 positions_BT = positions_BT - start[:, None]
             if cache is None and T * cfg.hd <= 1 << 21:  # positions 0..T-1: tables of at most 4 MB each
                 rope_cs = rope_tables(np.arange(T, dtype=np.int32)[None], inv_freq)
+                local_cs = None if local_inv is None else rope_tables(np.arange(T, dtype=np.int32)[None], local_inv)
         if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
             raise ValueError("segment_ids / padding_mask are not supported with a KV cache; decode one document per "
                              "row, left-padded prompts through KVCache.zeros(cfg, batch, max_len, start=...)")
@@ -658,7 +666,7 @@ class Transformer(nnx.Module):
                              f"token{'s' * (T != 1)} after {seen} would go past them and wrap into a sliding window; "
                              "allocate KVCache.zeros(cfg, batch, max_len) with max_len >= prompt + generated tokens")
         ctx = _Ctx(cfg, positions_BT, segment_ids_BT, padding_mask_BT, inv_freq, length, rope_cs, flat_rows(),
-                   bool(dropless), start, attention_scale(cfg.rope_scaling))
+                   bool(dropless), start, attention_scale(cfg.rope_scaling), local_inv, local_cs)
 
         cd = dtype_of(cfg.dtype)
         x_BTD = embed_lookup(self.embed[...], tokens_BT, cd)  # all-gathered in cd, gradient in param dtype

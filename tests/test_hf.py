@@ -57,6 +57,11 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
     # MoE on every decoder_sparse_step-th layer (layer 1), dense between, un-normalised top-k weights
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=2, norm_topk_prob=False)),
+    # Gemma 2's block with q / k norms; the local layer rotates with its own unscaled base, the global one scaled
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
+                                        layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+                                            full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e5),
+                                            sliding_attention=dict(rope_type="default", rope_theta=1e3)))),
     "qwen3_moe_topk_norm_swa": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                        norm_topk_prob=True, use_sliding_window=True, sliding_window=7)),
 }
@@ -169,6 +174,10 @@ def test_rope_scaling_matters_for_the_test(hf_ckpt):
     frequencies_only = dataclasses.replace(rs, factor=2.0, attention_factor=attention_scale(rs))
     for wrong in (dataclasses.replace(rs, attention_factor=1.0), frequencies_only):
         assert np.abs(our_logits(from_pretrained(folder, rope_scaling=wrong)) - hf_logits(hf_model)).max() > 1e-3
+    # Gemma 3's local layers rotate with their own base: the global one there changes the logits
+    folder, hf_model = hf_ckpt("gemma3")
+    assert from_pretrained(folder).cfg.local_rope_theta == 1e3
+    assert np.abs(our_logits(from_pretrained(folder, local_rope_theta=None)) - hf_logits(hf_model)).max() > 1e-2
 
 
 def test_overrides_and_dtypes_pass_through(hf_ckpt):
@@ -189,7 +198,7 @@ def test_sharded_checkpoint(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral", "qwen3_moe", "gemma3"])
 def test_greedy_generation_matches_hf(hf_ckpt, name):
     folder, hf_model = hf_ckpt(name)
     prompt, n = TOKENS[:, :6], 14
@@ -394,6 +403,9 @@ ROUND_TRIP["gemma2_qkv_bias"] = dataclasses.replace(ROUND_TRIP["gemma2"], qkv_bi
 # Qwen3: q / k norms; its attention_bias adds an o_proj bias too, written as zeros
 ROUND_TRIP["qwen3"] = dataclasses.replace(ROUND_TRIP["qwen2"], qk_norm=True, head_dim=24, n_layers=3,
                                           attn_pattern="GLL", sliding_window=5, tie_embeddings=False)
+ROUND_TRIP["gemma3"] = dataclasses.replace(ROUND_TRIP["gemma2_2to1"], qk_norm=True, rope_theta=1e6,
+                                           local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 8.0),
+                                           attn_logit_softcap=None, final_logit_softcap=None)
 ROUND_TRIP["qwen3_moe"] = dataclasses.replace(ROUND_TRIP["mixtral"], qk_norm=True, qkv_bias=True, moe_every=2,
                                               mlp_dim=160,
                                               moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, renormalize=False))
@@ -404,7 +416,8 @@ ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "Mi
         "ministral": "MinistralForCausalLM", "llama_gelu": "LlamaForCausalLM", "mixtral_gelu": "MixtralForCausalLM",
         "gemma2_silu": "Gemma2ForCausalLM", "gemma2_untied": "Gemma2ForCausalLM",
         "gemma2_linear_rope": "Gemma2ForCausalLM", "gemma2_yarn": "Gemma2ForCausalLM",
-        "gemma2_qkv_bias": "Gemma2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+        "gemma2_qkv_bias": "Gemma2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "gemma3": "Gemma3ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -607,7 +620,7 @@ def test_qwen3_moe_expert_count_read_as_transformers_reads_it(experts):
 def test_qwen3_moe_dense_layers_and_exports_without_a_form_are_named():
     """mlp_only_layers may list layers decoder_sparse_step leaves dense already; one it would make MoE is refused by
     name (our MoE layers are every moe_every-th). Exports: no shared experts, sigmoid routing, capacity dispatch or
-    mixed windows in Qwen3-MoE's form, and no q / k norms in Gemma 2's."""
+    mixed windows in Qwen3-MoE's form; a local RoPE base only in Gemma 3's, where the local layers are unscaled."""
     raw = config_to_hf(ROUND_TRIP["qwen3_moe"])  # 2 layers, decoder_sparse_step 2: layer 1 is MoE
     assert config_from_hf(raw | {"mlp_only_layers": [0]}) == ROUND_TRIP["qwen3_moe"]
     with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\] is not supported: layers \[1\] would be dense"):
@@ -625,8 +638,13 @@ def test_qwen3_moe_dense_layers_and_exports_without_a_form_are_named():
             config_to_hf(cfg)
     with pytest.raises(ValueError, match=r"attn_pattern: windows \(5, None\): Qwen3-MoE takes the same window"):
         config_to_hf(dataclasses.replace(q, attn_pattern="alternating", sliding_window=5))
-    with pytest.raises(ValueError, match=r"qk_norm with the Gemma 2 block"):
-        config_to_hf(dataclasses.replace(ROUND_TRIP["gemma2"], qk_norm=True))
+    # Gemma 3 (Gemma 2's block with q / k norms) rotates its local layers unscaled; Gemma 2 and Llama alike
+    with pytest.raises(ValueError, match=r"Gemma 3 rotates its local layers unscaled"):
+        config_to_hf(dataclasses.replace(ROUND_TRIP["gemma2_linear_rope"], qk_norm=True))
+    with pytest.raises(ValueError, match=r"local_rope_theta .* Gemma 2 rotates every layer alike"):
+        config_to_hf(dataclasses.replace(ROUND_TRIP["gemma2"], local_rope_theta=1e3))
+    with pytest.raises(ValueError, match=r"local_rope_theta .* is Gemma 3's, whose block"):
+        config_to_hf(dataclasses.replace(ROUND_TRIP["mistral"], local_rope_theta=1e3))
 
 
 @pytest.mark.parametrize("field", ["num_experts_per_tok", "router_aux_loss_coef"])
@@ -959,6 +977,32 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
         assert (ours.moe.n_experts, ours.moe.top_k, ours.moe.expert_mlp_dim, ours.moe.renormalize, ours.moe_every) == (
             hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.norm_topk_prob, hf.decoder_sparse_step)
     assert ours.qk_norm == cls.startswith("Qwen3")
+
+
+def test_gemma3_fields_read_as_transformers_reads_them():
+    """Absent fields take Gemma3TextConfig's defaults (a full layer every 6th, theta 1e6 there and 1e4 on the sliding
+    ones, head_dim 256, tied, no soft-caps); 4.x's rope_theta / rope_scaling / rope_local_base_freq and 5.x's RoPE
+    per layer type give one config; a scaled sliding-layer RoPE is refused by name."""
+    raw = MINIMAL | {"num_hidden_layers": 7, "architectures": ["Gemma3ForCausalLM"]}
+    hf = transformers.Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    ours = config_from_hf(raw)
+    assert ours.layer_windows() == tuple(hf.sliding_window if t == "sliding_attention" else None
+                                         for t in hf.layer_types)
+    assert ours.attn_pattern == "5:1" and ours.rope_scaling is None
+    assert (ours.rope_theta, ours.local_rope_theta) == (hf.rope_parameters["full_attention"]["rope_theta"],
+                                                        hf.rope_parameters["sliding_attention"]["rope_theta"])
+    assert (ours.hd, ours.query_pre_attn_scalar, ours.tie_embeddings, ours.attn_logit_softcap,
+            ours.final_logit_softcap, ours.qk_norm) == (hf.head_dim, hf.query_pre_attn_scalar, True, None, None, True)
+    old = raw | dict(rope_theta=5e5, rope_scaling=dict(rope_type="linear", factor=4.0), rope_local_base_freq=2e3,
+                     sliding_window_pattern=3)
+    new = transformers.Gemma3TextConfig(**{k: v for k, v in old.items() if k != "architectures"}).to_dict()
+    assert config_from_hf(old) == config_from_hf(new | {"architectures": ["Gemma3ForCausalLM"]})
+    cfg = config_from_hf(old)
+    assert (cfg.attn_pattern, cfg.rope_theta, cfg.rope_scaling, cfg.local_rope_theta) == (
+        "2:1", 5e5, RopeScaling("linear", 4.0), 2e3)
+    new["rope_parameters"]["sliding_attention"] = dict(rope_type="linear", factor=2.0, rope_theta=1e4)
+    with pytest.raises(ValueError, match=r"sliding_attention.rope_type='linear' is not supported"):
+        config_from_hf(new)
 
 
 @pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "MinistralConfig", "Qwen2Config", "Gemma2Config",

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-PLACEHOLDER = 'src = "path/to/Llama-Mistral-Qwen2-Gemma2-or-Mixtral-folder"'
+PLACEHOLDER = 'src = "path/to/Llama-Mistral-Qwen-Gemma-or-Mixtral-folder"'
 
 
 def _snippet() -> str:

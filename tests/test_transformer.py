@@ -678,6 +678,9 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("tie_embeddings", "no", "tie_embeddings: must be True or False"),
     # None / an int failed inside str methods (AttributeError, no field named)
     ("attn_pattern", None, "attn_pattern: must be a string"), ("attn_pattern", 2, "attn_pattern: must be a string"),
+    ("qk_norm", "yes", "qk_norm: must be True or False"),
+    ("local_rope_theta", 1e4, "local_rope_theta: is set but attn_pattern='global' has no local layer"),
+    ("local_rope_theta", 0.0, "local_rope_theta: must be positive or None"),
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):
