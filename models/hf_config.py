@@ -522,7 +522,9 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     if cfg.local_rope_theta is not None and not cfg.qk_norm:
         raise ValueError("TransformerConfig.local_rope_theta (a RoPE base of the local layers' own) is Gemma 3's: "
                          "Gemma 2 rotates every layer alike; set it to None, or qk_norm=True for Gemma 3")
-    if cfg.qk_norm and cfg.rope_scaling is not None and cfg.local_rope_theta is None:
+    # (with no local layer there is nothing to rotate unscaled, and TransformerConfig refuses a local_rope_theta)
+    if cfg.qk_norm and cfg.rope_scaling is not None and cfg.local_rope_theta is None and any(
+            w is not None for w in windows):
         raise ValueError("TransformerConfig.rope_scaling with local_rope_theta=None: Gemma 3 rotates its local layers "
                          "unscaled (rope_local_base_freq); set local_rope_theta (10000 as Gemma 3's)")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it

@@ -133,11 +133,11 @@ def test_explicit_positions_match_hf_position_ids(hf_ckpt):
     assert np.abs(ref - hf_logits(hf_model)).max() > 1e-2  # the positions change the logits
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gemma2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gemma2", "mixtral", "qwen3_moe", "gemma3"])
 def test_hidden_states_match_hf_output_hidden_states(hf_ckpt, name):
     """all_layers=True is transformers' output_hidden_states tuple stacked: the embeddings (Gemma's scaled), each
     layer's output, the final norm's output last; Qwen2 with its q/k/v biases, Gemma 2's local layers, Mixtral's
-    experts."""
+    experts, Qwen3-MoE's q / k norms with a dense layer before its MoE one, Gemma 3's local RoPE base."""
     folder, hf_model = hf_ckpt(name)
     with torch.no_grad():
         ref = np.stack([h.numpy() for h in hf_model(torch.as_tensor(TOKENS), output_hidden_states=True).hidden_states])
@@ -406,6 +406,10 @@ ROUND_TRIP["qwen3"] = dataclasses.replace(ROUND_TRIP["qwen2"], qk_norm=True, hea
 ROUND_TRIP["gemma3"] = dataclasses.replace(ROUND_TRIP["gemma2_2to1"], qk_norm=True, rope_theta=1e6,
                                            local_rope_theta=1e4, rope_scaling=RopeScaling("linear", 8.0),
                                            attn_logit_softcap=None, final_logit_softcap=None)
+# Gemma 3 with no sliding layer (layer_types all full_attention) and a scaled RoPE, as from_pretrained loads it: the
+# export was refused ("set local_rope_theta"), a fix TransformerConfig refuses with no local layer to rotate
+ROUND_TRIP["gemma3_global_scaled"] = dataclasses.replace(ROUND_TRIP["gemma3"], attn_pattern="global",
+                                                         sliding_window=None, local_rope_theta=None)
 ROUND_TRIP["qwen3_moe"] = dataclasses.replace(ROUND_TRIP["mixtral"], qk_norm=True, qkv_bias=True, moe_every=2,
                                               mlp_dim=160,
                                               moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, renormalize=False))
@@ -417,7 +421,7 @@ ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "Mi
         "gemma2_silu": "Gemma2ForCausalLM", "gemma2_untied": "Gemma2ForCausalLM",
         "gemma2_linear_rope": "Gemma2ForCausalLM", "gemma2_yarn": "Gemma2ForCausalLM",
         "gemma2_qkv_bias": "Gemma2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "gemma3": "Gemma3ForCausalLM"}
+        "gemma3": "Gemma3ForCausalLM", "gemma3_global_scaled": "Gemma3ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -1652,17 +1656,20 @@ def _hf_named(cfg, flat):
     return out
 
 
-def _hub_names(grads):
+def _hub_names(grads, qwen3_moe=False):
     """transformers 5.x fused Mixtral tensors (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], down_proj [E, D, F])
-    under the hub names models.hf maps (block_sparse_moe.gate, experts.e.w1 / w3 / w2)."""
+    under the hub names models.hf maps (block_sparse_moe.gate, experts.e.w1 / w3 / w2; Qwen3-MoE's stay under mlp.,
+    as experts.e.gate_proj / up_proj / down_proj)."""
+    moe, names = ("mlp.", ("gate_proj", "up_proj", "down_proj")) if qwen3_moe else ("block_sparse_moe.",
+                                                                                   ("w1", "w3", "w2"))
     for name in [n for n in grads if n.endswith("mlp.experts.gate_up_proj")]:
         pre = name[: -len("mlp.experts.gate_up_proj")]
         gate_up, down = grads.pop(name), grads.pop(pre + "mlp.experts.down_proj")
         F = gate_up.shape[1] // 2
         for e in range(gate_up.shape[0]):
-            for w, a in (("w1", gate_up[e, :F]), ("w3", gate_up[e, F:]), ("w2", down[e])):
-                grads[f"{pre}block_sparse_moe.experts.{e}.{w}.weight"] = a
-        grads[pre + "block_sparse_moe.gate.weight"] = grads.pop(pre + "mlp.gate.weight")
+            for w, a in zip(names, (gate_up[e, :F], gate_up[e, F:], down[e]), strict=True):
+                grads[f"{pre}{moe}experts.{e}.{w}.weight"] = a
+        grads[pre + moe + "gate.weight"] = grads.pop(pre + "mlp.gate.weight")
     return grads
 
 
@@ -1689,10 +1696,10 @@ def _padded_batch(T=24):
 def _hf_float64(hf_model, name):
     """A float64 copy of a fixture's torch model, whose loss and gradients are the reference."""
     model = copy.deepcopy(hf_model).double()
-    if name.startswith("mixtral"):
+    if name.startswith(("mixtral", "qwen3_moe")):
         model.set_experts_implementation("eager")  # the grouped_mm kernel takes no float64
-    if name.startswith("gemma2"):
-        # Gemma 2's config has pad_token_id 0, so transformers' nn.Embedding(padding_idx=0) drops the lookup's
+    if name.startswith(("gemma2", "gemma3")):
+        # Gemma 2's (and 3's) config has pad_token_id 0, so transformers' nn.Embedding(padding_idx=0) drops the lookup's
         # gradient to row 0 (that row still trains through the tied head): a torch convention our model, which has
         # no pad id, does not share; everything else agrees (measured: row 0 alone differed, by 7e-2 to 3e-1 of the
         # embedding gradient's norm)
@@ -1714,6 +1721,9 @@ def _hf_loss(model, inputs, labels):
     ("mistral_swa", dict(swa_impl="blocked", swa_block=8, attn_block=8, remat="save_dots")),
     ("gemma2", {}),  # soft-capping (attention and logits), post-norms, (1 + w) norms, scaled tied embedding
     ("mixtral", {}),  # the router and each expert
+    # q / k norms, the router on the MoE layer, the dense layer between; Gemma 3's local RoPE base, (1 + w) q / k norms
+    ("qwen3_moe", {}),
+    ("gemma3", {}),
 ])
 def test_training_gradients_match_transformers(hf_ckpt, name, overrides):
     """The trainer's objective (lm_loss_parts: mean NLL over weighted targets, as make_state_step divides its sum)
@@ -1728,7 +1738,7 @@ def test_training_gradients_match_transformers(hf_ckpt, name, overrides):
     ref_model = _hf_float64(hf_model, name)
     ref_loss = _hf_loss(ref_model, inputs, labels)
     ref_loss.backward()
-    ref = _hub_names({n: p.grad.numpy() for n, p in ref_model.named_parameters()})
+    ref = _hub_names({n: p.grad.numpy() for n, p in ref_model.named_parameters()}, name.startswith("qwen3_moe"))
 
     model = from_pretrained(folder, **overrides)
     graphdef, params = nnx.split(model, nnx.Param)
