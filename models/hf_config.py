@@ -540,6 +540,11 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
         gemma = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
                      rope_parameters=dict(full_attention=rope, sliding_attention=local_rope), **_rope_4x(rope),
                      rope_local_base_freq=local_rope["rope_theta"], use_bidirectional_attention=False)
+        # transformers < 4.53 reads the pattern from this field alone (layer i slides unless (i + 1) % P == 0)
+        L, slides = cfg.n_layers, tuple(w is not None for w in windows)
+        period = next((p for p in range(1, L + 2) if slides == tuple((i + 1) % p != 0 for i in range(L))), None)
+        if period is not None:
+            gemma.update(sliding_window_pattern=period)
     else:
         gemma = dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", rope_parameters=rope, **_rope_4x(rope))
     return dict(**gemma, vocab_size=cfg.vocab_size,

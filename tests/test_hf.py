@@ -710,6 +710,10 @@ def test_config_round_trip(cfg):
     assert config_from_hf(hf) == cfg
     # transformers 4.x ignores rope_parameters: its own fields (rope_theta, rope_scaling) must say the same
     assert config_from_hf({k: v for k, v in hf.items() if k != "rope_parameters"}) == cfg
+    if "sliding_window_pattern" in hf:  # Gemma 3 in transformers < 4.53: the pattern from this field alone
+        without = {k: v for k, v in hf.items() if k != "layer_types"}
+        assert transformers.Gemma3TextConfig(**without).layer_types == hf["layer_types"]
+        assert config_from_hf(without) == cfg
     if "max_window_layers" in hf:  # Qwen2 in transformers 4.x reads its sliding layers from max_window_layers alone
         without = {k: v for k, v in hf.items() if k != "layer_types"}
         assert transformers.Qwen2Config(**without).layer_types == hf["layer_types"]
