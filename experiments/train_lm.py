@@ -286,16 +286,33 @@ RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches fr
                    ("", "the LR schedule / optimizer differ from the saved run's from here on"))
 
 
+def _model_defaults(key: str | None = None) -> dict:
+    """The JSON defaults of TransformerConfig's fields (key 'moe' / 'rope_scaling': of that nested config's): what a
+    run saved before a field existed computed with."""
+    import dataclasses
+
+    from models import RopeScaling, TransformerConfig
+    from models.moe import MoEConfig
+
+    cls = {None: TransformerConfig, "moe": MoEConfig, "rope_scaling": RopeScaling}[key]
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cls)
+                                  if f.default is not dataclasses.MISSING}))
+
+
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
     """Model fields (as in `TransformerConfig` JSON) whose saved value differs from the current one. Execution
-    settings do not count, nor do fields added since the checkpoint was written (their defaults apply), in the
-    nested configs (moe, rope_scaling) too."""
-    out = []
-    for k, v in saved.items():
-        cur = current.get(k, v)
+    settings do not count. A field added since the checkpoint was written counts as its default, the value that run
+    computed with (so its default matches; another value, e.g. a local_rope_theta, which changes no parameter shape,
+    is refused as any other field would be), in the nested configs (moe, rope_scaling) too."""
+    out, defaults = [], _model_defaults()
+    for k in sorted(set(saved) | set(current)):
+        v = saved.get(k, defaults.get(k))
+        cur = current.get(k, v)  # (a field since removed: not compared)
         if isinstance(v, dict) and isinstance(cur, dict):  # field by field: a rope_scaling saved before YaRN's fields
             skip = MOE_EXECUTION_FIELDS if k == "moe" else ()  # existed was refused whole
-            out += [f"{k}.{f}" for f, x in v.items() if f not in skip and cur.get(f, x) != x]
+            nested = _model_defaults(k) if k in ("moe", "rope_scaling") else {}
+            out += [f"{k}.{f}" for f in sorted(set(v) | set(cur)) if f not in skip
+                    and cur.get(f, v.get(f, nested.get(f))) != v.get(f, nested.get(f))]
         elif k not in EXECUTION_FIELDS and cur != v:
             out.append(k)
     return sorted(out)
@@ -309,7 +326,10 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     (another Hugging Face folder's weights are not loaded into a resumed run), and
     data.eval_batches / data.eval_dir (evaluations before and after average over different held-out batches)."""
     def line(*keys):
-        was = _get(saved, *keys, default=SAVED_BEFORE_FIELD.get(keys))
+        before = None  # a model field added since the save: its default
+        if keys[0] == "model" and (len(keys) == 2 or keys[1] in ("moe", "rope_scaling")):
+            before = _model_defaults(*keys[1:2] if len(keys) == 3 else ()).get(keys[-1])
+        was = _get(saved, *keys, default=SAVED_BEFORE_FIELD.get(keys, before))
         return f"{'.'.join(keys)}: saved {was!r}, now {_get(current, *keys)!r}"
 
     refused = [line("model", *k.split(".")) for k in model_config_mismatch(saved["model"], current["model"])]

@@ -725,6 +725,23 @@ def test_resume_compares_the_model_not_how_it_is_executed():
     assert train_lm.model_config_mismatch(moe, other_kernels) == ["moe.n_experts"]
 
 
+def test_resume_counts_a_model_field_added_since_the_save_as_its_default():
+    """A checkpoint written before a model field existed computed with its default: resuming with another value was
+    not compared at all (only the saved keys were), so a local_rope_theta, which changes no parameter, resumed an old
+    run silently with other attention maths (and a qk_norm failed later on arrays, naming no field)."""
+    cfg = load(["--preset", "demo"])  # (MoE layers)
+    saved, now = json.loads(cfg.to_json()), json.loads(cfg.to_json())
+    for f in ("qk_norm", "local_rope_theta"):
+        del saved["model"][f]  # as a checkpoint written before they existed holds it
+    del saved["model"]["moe"]["renormalize"]
+    assert train_lm.resume_mismatch(saved, now) == ([], [])  # their defaults: what that run computed with
+    now["model"]["local_rope_theta"], now["model"]["qk_norm"] = 1e4, True
+    now["model"]["moe"]["renormalize"] = not now["model"]["moe"]["renormalize"]
+    assert train_lm.resume_mismatch(saved, now)[0] == [
+        "model.local_rope_theta: saved None, now 10000.0", "model.moe.renormalize: saved True, now False",
+        "model.qk_norm: saved False, now True"]
+
+
 def test_resume_ignores_rope_scaling_fields_added_since_the_save():
     """A nested config is compared field by field (as moe is): a rope_scaling saved before YaRN's fields existed
     (beta_fast ... truncate) was refused whole ("model.rope_scaling: saved {...}, now {...}"), so such a run never
