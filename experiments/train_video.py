@@ -237,16 +237,32 @@ def _fields(prefix: str, cfg) -> dict[str, str]:
             for k, v in _fields(f"{prefix}.{f.name}", getattr(cfg, f.name)).items()}
 
 
+def _defaults(cfg, prefix: str = "") -> dict[str, str]:
+    """Each field of a (nested) dataclass config with a default, by dotted name, as the repr of that default: what a
+    run saved before the field existed trained with."""
+    out = {}
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        if dataclasses.is_dataclass(v := getattr(cfg, f.name)):
+            out |= _defaults(v, f"{prefix}{f.name}.")
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = repr(f.default)
+    return out
+
+
 def _changed(saved: dict, now: dict, p: Preset) -> list[str]:
-    """The settings that differ, as 'name: saved -> now' (the name alone for long values)."""
+    """The settings that differ, as 'name: saved -> now' (the name alone for long values). A field absent from the
+    saved settings (added since) counts as its default: a run saved before a config field existed (the text
+    encoder's qk_norm) resumes, one setting another value is refused. (Not in the whole-config reprs of the oldest
+    checkpoints, where a field's name does not say which nested config it belongs to.)"""
+    whole = {"vae": p.vae, "data": p.data, "t2v": p.t2v}
+    added = {f"{k}.{name}": v for k, cfg in whole.items() for name, v in _defaults(cfg).items()}
     if any(isinstance(saved.get(k), str) and k in ("vae", "data", "t2v") for k in saved):
         # written before settings were saved field by field: whole configs as reprs
-        whole = {"vae": p.vae, "data": p.data, "t2v": p.t2v}
         now = {k: v for k, v in now.items() if k.split(".")[0] not in whole} | {
             k: repr(whole[k]) for k in whole if k in saved}
     out = []
     for k in sorted(set(now) | set(saved)):
-        a, b = saved.get(k, "(absent)"), now.get(k, "(absent)")
+        a, b = saved.get(k, added.get(k, "(absent)")), now.get(k, "(absent)")
         if a != b and k in ("vae", "data", "t2v"):  # whole reprs: the fields whose 'name=value' differ
             ta, tb = re.split(r", |\(", a), re.split(r", |\(", b)
             ops = difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes()

@@ -242,6 +242,17 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     train_video.check_resume(p, tmp_path / "legacy", 0)
     with pytest.raises(SystemExit, match=rf"other settings \(t2v: shift={shift} -> shift=2.0\)"):
         train_video.check_resume(other_shift, tmp_path / "legacy", 0)
+    # settings saved before a config field existed (the text encoder's qk_norm, local_rope_theta): its default is
+    # what that run trained with, so it resumes (every video run saved before them was refused: "(absent) -> False");
+    # another value is refused, by name
+    added = ("t2v.text.qk_norm", "t2v.text.local_rope_theta")
+    before = {k: v for k, v in train_video.stage_settings(p, 0)["t2v"].items() if k not in added}
+    save(manager(tmp_path / "before" / "ckpt" / "t2v"), 3, tree, {"step": 3, "settings": before})
+    train_video.check_resume(p, tmp_path / "before", 0)
+    text_qk = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, text=dataclasses.replace(p.t2v.text,
+                                                                                                qk_norm=True)))
+    with pytest.raises(SystemExit, match=r"other settings \(t2v.text.qk_norm: False -> True\)"):
+        train_video.check_resume(text_qk, tmp_path / "before", 0)
     save(manager(tmp_path / "old" / "ckpt" / "t2v"), 3, tree, {"step": 3})  # written before settings were saved
     train_video.check_resume(more_vae, tmp_path / "old", 0)
     assert "predates saved settings" in capsys.readouterr().out
