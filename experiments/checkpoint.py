@@ -465,9 +465,12 @@ class Checkpoints:
             if overflow:  # a good checkpoint that this template's dtypes cannot hold: the caller's error, kept
                 # what the casts make: inf (float16), NaN (float8_e4m3fn, which has no inf), or both
                 made = " or ".join(w for w in ("inf", "NaN") if any(b.endswith(f"be {w})") for b in overflow))
-                raise CheckpointMismatch(f"{self.dir / str(s)}: restoring into this template's dtypes would turn "
-                                         f"finite values into {made}: {'; '.join(overflow[:3])}; restore into a "
-                                         "template of the saved dtypes (or bfloat16, of float32's range)")
+                wraps = any(b.endswith("around)") for b in overflow)
+                what = " and ".join(([f"turn finite values into {made}"] if made else [])
+                                    + (["wrap integers around"] if wraps else []))
+                raise CheckpointMismatch(f"{self.dir / str(s)}: restoring into this template's dtypes would {what}: "
+                                         f"{'; '.join(overflow[:3])}; restore into a template of the saved dtypes (or "
+                                         "bfloat16, of float32's range)")
             if loader is not None and not has_loader:
                 try:
                     loader.set_state(meta["loader"])  # written before per-process loader states (one process)
@@ -588,18 +591,34 @@ def _leaf_peaks(leaves):
     return [jnp.max(jnp.abs(x)) for x in leaves]
 
 
+def _leaf_ranges(leaves):
+    return [jnp.stack([jnp.min(x), jnp.max(x)]) for x in leaves]
+
+
 def _overflowing_casts(restored, abstract) -> list[str]:
     """'path: saved dtype (max |value|), now dtype ...' for each restored floating array whose cast to the template's
-    narrower-ranged dtype (float32 -> float16) would turn a finite value into inf (NaN in a float8 without inf); []
-    when none. The maxima are taken where the arrays live; one number per such array comes to the host."""
+    narrower-ranged dtype (float32 -> float16) would turn a finite value into inf (NaN in a float8 without inf), and
+    each integer array whose values the template's integer dtype cannot hold (int64 beyond int32, saved under
+    jax_enable_x64: the cast wraps them around); [] when none. The maxima (integers: min and max) are taken where the
+    arrays live; one or two numbers per such array come to the host."""
+    wider = lambda a, b: jnp.iinfo(a).min < jnp.iinfo(b).min or jnp.iinfo(a).max > jnp.iinfo(b).max  # noqa: E731
+    ints = [(_path_name(p), x, a.dtype) for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                                            jax.tree.leaves(abstract))
+            if jnp.issubdtype(x.dtype, jnp.integer) and jnp.issubdtype(a.dtype, jnp.integer) and x.size
+            and wider(x.dtype, a.dtype)]
+    wrapped = []
+    for (name, x, to), (lo, hi) in zip(ints, per_device_set(_leaf_ranges, [x for _, x, _ in ints]) if ints else []):
+        if lo < jnp.iinfo(to).min or hi > jnp.iinfo(to).max:
+            wrapped.append(f"{name}: saved {x.dtype} (values {lo} to {hi}), now {jnp.dtype(to).name}, which holds "
+                           f"{jnp.iinfo(to).min} to {jnp.iinfo(to).max} (it would wrap around)")
     pairs = [(_path_name(p), x, a.dtype) for (p, x), a in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
                                                              jax.tree.leaves(abstract))
              if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(a.dtype, jnp.floating) and x.size
              and jnp.finfo(x.dtype).max > jnp.finfo(a.dtype).max]
     if not pairs:
-        return []
+        return wrapped
     peaks = per_device_set(_leaf_peaks, [x for _, x, _ in pairs])
-    bad = []
+    bad = wrapped
     for (name, x, to), peak in zip(pairs, peaks):
         with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what we look for
             # not isinf: float8_e4m3fn has no inf, and a value beyond its 448 became NaN, silently
@@ -665,6 +684,13 @@ def _check_fits(saved, abstract, where) -> None:
                for p, v in jax.tree_util.tree_flatten_with_path(abstract)[0]
                if _path_name(p) in kinds and jnp.issubdtype(kinds[_path_name(p)], jnp.floating)
                and not jnp.issubdtype(v.dtype, jnp.inexact)]
+    # float64 / int64 arrays (saved under jax_enable_x64) read as float32 / int32 without it: their checksum then
+    # differed and a good checkpoint was set aside as corrupt
+    if wide := [f"{k}: saved {d}" for k, d in kinds.items() if jax.dtypes.canonicalize_dtype(d) != d]:
+        raise CheckpointMismatch(f"{where} holds arrays saved under jax_enable_x64 ({'; '.join(wide[:3])}), which "
+                                 "this process, without it, cannot read as saved (nor verify); restore it with "
+                                 "jax.config.update('jax_enable_x64', True) (they are then cast to this template's "
+                                 "dtypes)")
     strip = lambda names: {k.removesuffix("/value") for k in names}  # noqa: E731  (an nnx.Variable's own step)
     if differ and set(have) != set(want) and strip(have) == strip(want):
         raise CheckpointMismatch(f"{where} holds the same arrays as this template, but one of them is a built model "

@@ -128,7 +128,7 @@ def _generate_until(graphdef, state, prompt_BP, start_B, rng, max_new_tokens, gr
         logits_B1V, cache = model(tok_B[:, None], cache=cache)
         rng, sub = jax.random.split(rng)
         nxt_B = jnp.where(done_B, pad_id, sample_logits(logits_B1V[:, 0], sub, temperature, top_k, top_p))
-        toks_BN = jax.lax.dynamic_update_slice(toks_BN, nxt_B[:, None], (0, i))
+        toks_BN = jax.lax.dynamic_update_slice(toks_BN, nxt_B[:, None], (jnp.int32(0), i))  # x64: 0 is int64
         return i + 1, nxt_B, done_B | jnp.isin(nxt_B, eos), cache, rng, toks_BN
 
     carry = (jnp.int32(1), tok_B, jnp.isin(tok_B, eos), cache, rng, toks_BN)

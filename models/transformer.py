@@ -378,8 +378,9 @@ class Block(nnx.Module):
         def write(buf_GBKSH, new_BTKH):
             """Only the new tokens' slots of layer g: a whole-layer write made every decode step copy the cache."""
             new_1BKTH = new_BTKH[:, T - keep:].astype(buf_GBKSH.dtype).transpose(0, 2, 1, 3)[None]
-            if keep == 1:  # one slot: in place
-                return jax.lax.dynamic_update_slice(buf_GBKSH, new_1BKTH, (g, 0, 0, slots[0], 0))
+            if keep == 1:  # one slot: in place; indices of one dtype (x64: Python ints and g are int64, slots int32)
+                return jax.lax.dynamic_update_slice(buf_GBKSH, new_1BKTH,
+                                                    tuple(jnp.asarray(i, jnp.int32) for i in (g, 0, 0, slots[0], 0)))
             rows = jax.lax.dynamic_index_in_dim(buf_GBKSH, g, 0).at[:, :, :, slots].set(new_1BKTH)  # may wrap around
             return jax.lax.dynamic_update_slice(buf_GBKSH, rows, (g, 0, 0, 0, 0))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, TransformerConfig, generate, left_pad
+from models import KVCache, Transformer, TransformerConfig, generate, left_pad
 from models.generate import sample_logits
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, mlp_dim=48)
@@ -973,3 +973,33 @@ def test_cached_query_blocks_leave_no_block_all_padding(T, Q, monkeypatch):
     np.testing.assert_allclose(tiled, run(q_BTNH), atol=1e-6)
     # one block is the one kernel, no loop around it (a decode step's program as before the blocks)
     assert not [e for e in jax.make_jaxpr(lambda q: run(q))(q_BTNH).jaxpr.eqns if e.primitive.name == "scan"]
+
+
+def test_decoding_under_jax_enable_x64_matches_float32_decoding(model):
+    """Scripts that turn on jax_enable_x64 (float64 references, scaling fits) then decode: Python ints and
+    jnp.arange became int64 there, and the cache write's dynamic_update_slice refused them beside the int32 slot
+    ('index arguments ... must be integers of the same type'), so every cached call and generate failed (with eos_id
+    too: its column write). Under x64
+    the cache keeps its dtypes (float32 keys, int32 positions and length) and the logits and tokens are x64-off's."""
+    prompt = np.asarray(jax.random.randint(jax.random.key(3), (2, 5), 0, CFG.vocab_size))
+
+    graphdef, state = nnx.split(model)
+
+    def cached(state):
+        m = nnx.merge(graphdef, state)
+        logits, cache = m(prompt, cache=KVCache.zeros(CFG, 2, 9))
+        return logits, *m(prompt[:, -1:], cache=cache)  # one token: the in-place write
+
+    mask = np.ones(prompt.shape, bool)
+    mask[1, :2] = False  # a left-padded row
+
+    def decode():  # the eos loop writes each new column at a traced index too
+        return (jax.jit(cached)(state), generate(model, prompt, 3),
+                generate(model, prompt, 3, eos_id=int(prompt[0, 0]), prompt_mask=mask, trim=False))
+
+    want = decode()
+    with jax.enable_x64(True):
+        got = decode()
+    assert [(x.dtype, x.shape) for x in jax.tree.leaves(got)] == [(x.dtype, x.shape) for x in jax.tree.leaves(want)]
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

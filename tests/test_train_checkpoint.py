@@ -1134,3 +1134,39 @@ def test_the_recorded_mesh_leaves_out_axes_of_size_one():
                                                                   "resumed on one device: sums")
     assert other_mesh_note({"mesh": {}}, mesh).startswith("; note: saved on one device, resumed on {'data': 2, "
                                                           "'fsdp': 4} (8 devices): sums")
+
+
+def test_float64_leaves_saved_under_x64_restore_with_it_on_and_are_named_with_it_off(tmp_path):
+    """A state with float64 / int64 leaves saved under jax_enable_x64 read as float32 / int32 in a process without
+    it: its checksum failed, and the good checkpoint was reported corrupt and set aside (restore then found none, so
+    a trainer started again from step 0). Without x64 it is refused, named, and left in place; with x64 it restores,
+    cast to the template's dtypes."""
+    from experiments.checkpoint import CheckpointMismatch
+
+    with jax.enable_x64(True):
+        state = {"n": jnp.arange(3, dtype=jnp.int64), "w": jnp.arange(6, dtype=jnp.float64) / 3}
+        ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, log=lambda *a: None)
+        ckpt.save(1, state, {"config": "{}"})
+        ckpt.close()
+    template = {"n": jnp.zeros(3, jnp.int32), "w": jnp.zeros(6, jnp.float32)}
+    lines = []
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, log=lines.append)
+    try:
+        with pytest.raises(CheckpointMismatch, match=r"n: saved int64.*w: saved float64.*jax_enable_x64"):
+            ckpt.restore(template)
+        assert ckpt.steps() == [1] and not lines  # not reported corrupt, not set aside
+        with jax.enable_x64(True):
+            got, _ = ckpt.restore(template)
+        assert {k: v.dtype for k, v in got.items()} == {"n": jnp.int32, "w": jnp.float32}
+        np.testing.assert_array_equal(got["w"], np.arange(6, dtype=np.float64).astype(np.float32) / np.float32(3))
+        np.testing.assert_array_equal(got["n"], [0, 1, 2])
+        # an int64 beyond int32 wrapped around in that cast, silently (2**40 + 5 restored as 5): refused, as a float
+        # cast that would overflow is
+        with jax.enable_x64(True):
+            ckpt.save(2, {"n": jnp.asarray([2**40 + 5, -7, 1], jnp.int64), "w": state["w"]}, {"config": "{}"})
+            with pytest.raises(CheckpointMismatch, match=r"would wrap integers around: n: saved int64 \(values -7 to "
+                                                         r"1099511627781\), now int32, which holds -2147483648 to "):
+                ckpt.restore(template)
+        assert ckpt.steps() == [1, 2]
+    finally:
+        ckpt.close()

@@ -283,3 +283,16 @@ def test_capped_exp_under_plain_autodiff_has_the_plain_gradient_past_its_cap():
         with plain_autodiff():
             plain = jax.grad(capped_exp)(s, 10.0)
         np.testing.assert_allclose([got, plain], [want_default, want_plain], rtol=1e-6)
+
+
+def test_info_nce_under_jax_enable_x64_is_the_float32_loss():
+    """Under jax_enable_x64 the targets (a bool count divided by an int count) were float64, and so was the loss
+    (and the t2v loss it adds to) for float32 embeddings."""
+    v, t = (jax.random.normal(jax.random.key(i), (4, 8)) for i in (0, 1))
+    labels = jnp.asarray([0, 1, 1, 2], jnp.int32)
+    want = [info_nce(v, t, 10.0), info_nce(v, t, 10.0, labels)]
+    with jax.enable_x64(True):
+        got = [info_nce(v, t, 10.0), info_nce(v, t, 10.0, labels)]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-6)

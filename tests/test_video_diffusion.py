@@ -288,3 +288,26 @@ def test_ddim_steps_are_the_closed_form_update_on_the_uniform_grid(prediction):
         x0, eps = ((x - b * p) / a, p) if prediction == "eps" else (a * x - b * p, b * x + a * p)
         x = np.sqrt(ab(t_next)) * x0 + np.sqrt(1 - ab(t_next)) * eps
     np.testing.assert_allclose(ddim_sample(pred, jnp.asarray(noise, jnp.float32), 3, cfg), x, rtol=1e-4, atol=1e-4)
+
+
+def test_objectives_and_samplers_under_jax_enable_x64_are_the_float32_ones():
+    """Scripts that turn on jax_enable_x64 (float64 references) then train or sample: the training times were drawn
+    as float64 (jax.random's default dtype there: other random bits, so other times from the same key), which made
+    the noisy latents, targets and loss float64; the samplers' float64 time grid promoted their float32 carry, a
+    bare scan carry-type TypeError for Euler and DDIM alike. Under x64 every result is x64-off's, dtype and value."""
+    x0 = jax.random.normal(jax.random.key(1), (3, 2, 4))
+    key, pred = jax.random.key(2), lambda x, t: 0.5 * x - t[:, None, None]  # noqa: E731
+
+    def run():
+        out = {}
+        for kind in ("flow", "ddpm"):
+            cfg = DiffusionConfig(kind=kind, shift=3.0 if kind == "flow" else 1.0, sample_steps=3)
+            out[kind] = (sample_time(key, 5, cfg), diffusion_loss(pred, x0, key, cfg), sample(pred, x0, cfg))
+        return out
+
+    want = run()
+    with jax.enable_x64(True):
+        got = run()
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.dtype == w.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)

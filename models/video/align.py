@@ -139,7 +139,7 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
-    target = pos / pos.sum(1, keepdims=True)
+    target = pos / pos.sum(1, keepdims=True, dtype=jnp.float32)  # bool / int: float64 under jax_enable_x64
     v2t = -(target * jax.nn.log_softmax(logits, axis=1)).sum(1).mean()
     t2v = -(target.T * jax.nn.log_softmax(logits, axis=0)).sum(0).mean()
     return 0.5 * (v2t + t2v)

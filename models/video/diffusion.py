@@ -30,11 +30,12 @@ def shift_time(t, shift: float):
 
 
 def sample_time(key, batch: int, cfg: DiffusionConfig):
-    """Training times [B] in (0, 1)."""
+    """Training times [B] in (0, 1), float32. Drawn as float32 explicitly: jax.random's default dtype is float64 under
+    jax_enable_x64, whose other random bits gave other times from the same key (and float64 noisy latents and loss)."""
     if cfg.kind == "flow":
-        u = cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,))
+        u = cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,), jnp.float32)
         return shift_time(jax.nn.sigmoid(u), cfg.shift)
-    return jax.random.uniform(key, (batch,), minval=1e-3, maxval=1.0)
+    return jax.random.uniform(key, (batch,), jnp.float32, minval=1e-3, maxval=1.0)
 
 
 def alpha_bar(t, cfg: DiffusionConfig):
@@ -91,8 +92,9 @@ def guided(model_fn: Callable, cond, uncond, scale: float) -> PredFn:
 
 
 def flow_times(steps: int, shift: float):
-    """[steps + 1] times from 1 to 0 on the shifted grid."""
-    return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+    """[steps + 1] float32 times from 1 to 0 on the shifted grid (float32 under jax_enable_x64 too: a float64 grid
+    promoted the sampler's float32 carry, a scan carry-type TypeError)."""
+    return shift_time(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
 
 
 def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
@@ -151,7 +153,7 @@ def ddim_sample(pred_fn: PredFn, noise, steps: int | None, cfg: DiffusionConfig)
         raise ValueError(f"ddim_sample needs a DiffusionConfig(kind='ddpm'), got kind={cfg.kind!r}; sample a flow "
                          "model with sample(pred_fn, noise, cfg) or euler_sample")
     steps = cfg.sample_steps if steps is None else steps
-    ts = jnp.linspace(1.0, 0.0, steps + 1)
+    ts = jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32)  # float32 under x64 too, as flow_times
 
     def step(x, i):
         t, t_next = ts[i], ts[i + 1]

@@ -104,5 +104,6 @@ class TextEncoder(nnx.Module):
 
 def caption_dropout(tokens_BL, null_L, key, p: float):
     """Replace each caption by the null caption with probability p (classifier-free guidance training)."""
-    drop_B = jax.random.bernoulli(key, p, (tokens_BL.shape[0],))
+    # a float32 rate: a Python float drew in float64 under jax_enable_x64 (other bits: other captions dropped)
+    drop_B = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (tokens_BL.shape[0],))
     return jnp.where(drop_B[:, None], jnp.asarray(null_L, tokens_BL.dtype)[None], tokens_BL)
