@@ -439,8 +439,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
     ap.add_argument("--init-from", metavar="HF_FOLDER", help="fine-tune a Hugging Face checkpoint (Llama, Mistral, "
-                    "Ministral, Qwen2, Gemma 2, Mixtral; safetensors): the model takes its architecture (the preset "
-                    "keeps how it runs: remat, dtype, kernels, ...) and a fresh run its weights")
+                    "Ministral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral; safetensors): the model "
+                    "takes its architecture (the preset keeps how it runs: remat, dtype, kernels, ...) and a fresh "
+                    "run its weights")
     for flag, key in FLAT.items():
         ap.add_argument(flag, dest=key, action=_AsSet, metavar="VALUE", help=f"= --set {key}=...")
     return ap
@@ -478,15 +479,15 @@ def load(argv=None, description: str | None = None) -> RunConfig:
 def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     """The architecture of the Hugging Face checkpoint in `folder` (its config.json, as `models.hf.from_pretrained`
     reads it), with `base`'s `experiments.train_lm.KEPT_FROM_PRESET` fields (how the model runs, and float32
-    parameters unless the preset says otherwise)."""
-    from experiments.train_lm import KEPT_FROM_PRESET
+    parameters unless the preset says otherwise) and, when both have a MoE, its MOE_EXECUTION_FIELDS."""
+    from experiments.train_lm import KEPT_FROM_PRESET, with_moe_execution
     from models.hf_config import config_from_hf
 
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
-        return config_from_hf(hf, **{k: getattr(base, k) for k in KEPT_FROM_PRESET})
+        return with_moe_execution(config_from_hf(hf, **{k: getattr(base, k) for k in KEPT_FROM_PRESET}), base)
     except (OSError, ValueError) as e:
         raise ConfigError(f"train.init_from: {folder!r}: {e}") from None
 

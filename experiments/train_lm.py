@@ -286,6 +286,17 @@ RESUME_WARNINGS = (("data.", "evaluations average over other held-out batches fr
                    ("", "the LR schedule / optimizer differ from the saved run's from here on"))
 
 
+def with_moe_execution(model, run):
+    """`model` (the TransformerConfig a Hugging Face config.json gives) running its MoE as `run`'s does
+    (MOE_EXECUTION_FIELDS), when both have one: as KEPT_FROM_PRESET, how it runs is the run's to set."""
+    import dataclasses
+
+    if model.moe is None or run.moe is None:
+        return model
+    return dataclasses.replace(model, moe=dataclasses.replace(
+        model.moe, **{f: getattr(run.moe, f) for f in MOE_EXECUTION_FIELDS}))
+
+
 def _model_defaults(key: str | None = None) -> dict:
     """The JSON defaults of TransformerConfig's fields (key 'moe' / 'rope_scaling': of that nested config's): what a
     run saved before a field existed computed with."""
@@ -457,7 +468,7 @@ def init_from_hf(cfg, mesh, optimizer, shardings):
         model = from_pretrained(cfg.train.init_from, mesh=mesh, **{k: getattr(m, k) for k in KEPT_FROM_PRESET})
     except (OSError, ValueError) as e:
         raise SystemExit(f"config error: train.init_from: {e}") from None
-    if model.cfg != m:  # validate() compared the configs; this is the model the weights built
+    if with_moe_execution(model.cfg, m) != m:  # validate() compared the configs; this is the model the weights built
         raise SystemExit(f"config error: train.init_from: {cfg.train.init_from} built another model than "
                          f"model ({model.cfg} vs {m})")
     with jax.set_mesh(mesh):

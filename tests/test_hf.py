@@ -1282,6 +1282,49 @@ def test_the_trainer_fine_tunes_a_hf_checkpoint(tmp_path, monkeypatch):
         train_lm.main([*args, "--set", "model.n_layers=3", "--out", str(tmp_path / "run2")])
 
 
+def test_the_trainer_takes_a_hf_moe_with_the_runs_own_moe_execution(tmp_path):
+    """--init-from a Qwen3-MoE (MoE on layer 1 of 2): config.json's MoE, its balancing weight transformers'
+    router_aux_loss_coef × k (no z-loss); how that MoE runs (moe.dispatch, capacity_factor, dropless_impl,
+    gmm_tile_rows: what a resume may change) is the run's, as the preset's remat and kernels are. Those were refused as
+    'model.moe differ from config.json ... its weights fit only its own architecture', and init_from_hf refused the
+    model its weights built; an expert count of another MoE still is."""
+    from experiments import train_lm
+    from experiments.config import ConfigError, load, validate
+    from parallel import make_mesh
+
+    hf_cfg = transformers.Qwen3MoeConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
+                                         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         decoder_sparse_step=2, router_aux_loss_coef=0.02)
+    folder = tmp_path / "hf"
+    randomize_(transformers.Qwen3MoeForCausalLM(hf_cfg)).save_pretrained(folder)
+    args = ["--preset", "tiny", "--init-from", str(folder)]
+    cfg = load([*args, "--set", "model.moe.dispatch=capacity", "--set", "model.moe.capacity_factor=2.0",
+                "--set", "model.moe.gmm_tile_rows=64"])
+    validate(cfg, 8)
+    moe = cfg.model.moe
+    assert (cfg.model.moe_every, moe.lb_loss_weight, moe.z_loss_weight) == (2, 0.02 * 2, 0.0)
+    assert (moe.dispatch, moe.capacity_factor, moe.gmm_tile_rows) == ("capacity", 2.0, (64,))
+    mesh = make_mesh(cfg.mesh)
+    _, optimizer, _, template = train_lm.abstract_train_state(cfg, mesh)
+    state = train_lm.init_from_hf(cfg, mesh, optimizer, jax.tree.map(lambda x: x.sharding, template))
+    ours, ref = jax.tree.leaves(state["params"]), jax.tree.leaves(nnx.state(from_pretrained(folder), nnx.Param))
+    assert len(ours) == len(ref) and all(np.array_equal(a, b) for a, b in zip(ours, ref))
+    with pytest.raises(ConfigError, match=r"^train.init_from: model.moe differ from .*'s config.json"):
+        validate(load([*args, "--set", "model.moe.n_experts=8"]), 8)
+
+
+def test_init_from_help_names_every_architecture_it_reads():
+    """`python -m experiments.train_lm --help` listed Llama, Mistral, Ministral, Qwen2, Gemma 2 and Mixtral for
+    --init-from: not Qwen3, Qwen3-MoE or Gemma 3, which it fine-tunes as well (models.hf_config.ARCHITECTURES)."""
+    from experiments.config import parser
+    from models.hf_config import ARCHITECTURES
+
+    (flag,) = [a for a in parser()._actions if "--init-from" in a.option_strings]
+    named = {re.sub(r"[^a-z0-9]", "", w.lower()).removesuffix("text") for w in re.split(r"[(),;]", flag.help)}
+    assert {a.removesuffix("ForCausalLM").lower() for a in ARCHITECTURES} <= named, flag.help
+
+
 def test_the_trainer_names_unreadable_hf_weights_as_a_config_error(tmp_path):
     """Weights validate() cannot judge without reading them (a truncated download): the run exited with a
     ValueError traceback from models.hf; it is the one-line config error of train.init_from, as for config.json."""
