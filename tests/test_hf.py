@@ -64,6 +64,13 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
                                             sliding_attention=dict(rope_type="default", rope_theta=1e3)))),
     "qwen3_moe_topk_norm_swa": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                        norm_topk_prob=True, use_sliding_window=True, sliding_window=7)),
+    # YaRN on the full layer: its attention factor (1.139 at factor 4) scales that layer's cos / sin alone; the
+    # sliding layer rotates unscaled, with the same base (a local_rope_theta equal to rope_theta still counts)
+    "gemma3_yarn": ("Gemma3TextConfig", dict(sliding_window=7, head_dim=16, query_pre_attn_scalar=24,
+                                             layer_types=["sliding_attention", "full_attention"], rope_parameters=dict(
+                                                 full_attention=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
+                                                                     original_max_position_embeddings=16),
+                                                 sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -958,13 +965,16 @@ MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention
     ("LlamaConfig", {}),
     ("Qwen2Config", dict(max_window_layers=0)),  # use_sliding_window absent: false, no layer slides
     ("Qwen3Config", dict(use_sliding_window=True, max_window_layers=2)),  # head_dim 128, not hidden / heads
+    ("Qwen3Config", dict(use_sliding_window=True, num_hidden_layers=30)),  # max_window_layers 28: the last two slide
+    ("Qwen3Config", dict(sliding_window=8, max_window_layers=0)),  # use_sliding_window absent: false, none slides
     ("Qwen3MoeConfig", dict(use_sliding_window=True)),  # every layer slides; 128 experts, top 8, width 768
 ], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama",
-        "qwen2_no_use_sliding_window", "qwen3", "qwen3_moe"])
+        "qwen2_no_use_sliding_window", "qwen3", "qwen3_max_window_layers", "qwen3_no_use_sliding_window",
+        "qwen3_moe"])
 def test_absent_fields_take_the_transformers_defaults(cls, fields):
     """A config.json without optional fields means what the installed transformers' config class makes of it."""
     raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
-    hf, ours = getattr(transformers, cls)(**MINIMAL, **fields), config_from_hf(raw)
+    hf, ours = getattr(transformers, cls)(**(MINIMAL | fields)), config_from_hf(raw)
     types = getattr(hf, "layer_types", None) or ["sliding_attention"] * hf.num_hidden_layers
     window = getattr(hf, "sliding_window", None)  # Llama has none
     assert ours.layer_windows() == tuple(window if t == "sliding_attention" else None for t in types)
@@ -1013,13 +1023,35 @@ def test_gemma3_fields_read_as_transformers_reads_them():
         config_from_hf(new)
 
 
+def _arch_of(cls: str) -> str:
+    """The architectures entry of a transformers config class (Gemma 3's text model is Gemma3ForCausalLM)."""
+    return "Gemma3ForCausalLM" if cls == "Gemma3TextConfig" else cls.replace("Config", "ForCausalLM")
+
+
+@pytest.mark.parametrize("pattern, period", [("2:1", 3), ("alternating", 2), ("local", 4), ("global", 1),
+                                             ("GLL", None)])
+def test_gemma3_exports_write_the_pattern_transformers_before_4_53_reads(pattern, period):
+    """transformers < 4.53 reads a Gemma 3's layers from sliding_window_pattern alone (layer i slides unless
+    (i + 1) % P == 0): an export whose 3 layers follow such a period writes it (all local: P = 4, no full layer; all
+    global: P = 1), one whose layers follow none (a global first layer) leaves it out."""
+    local = pattern != "global"
+    cfg = dataclasses.replace(ROUND_TRIP["gemma3"], attn_pattern=pattern, sliding_window=5 if local else None,
+                              local_rope_theta=1e4 if local else None)
+    hf = config_to_hf(cfg)
+    assert hf.get("sliding_window_pattern") == period
+    if period is not None:
+        without = {k: v for k, v in hf.items() if k != "layer_types"}
+        assert transformers.Gemma3TextConfig(**without).layer_types == hf["layer_types"]
+        assert config_from_hf(without) == cfg
+
+
 @pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "MinistralConfig", "Qwen2Config", "Gemma2Config",
-                                 "MixtralConfig"])
+                                 "MixtralConfig", "Qwen3Config", "Qwen3MoeConfig", "Gemma3TextConfig"])
 def test_absent_max_position_embeddings_takes_the_transformers_default(cls, tmp_path):
-    """Without max_position_embeddings, transformers takes its class default (Llama 2048, Qwen2 32768, ...); we
-    refused the config ("lacks required field"). It is also llama3's default original length."""
+    """Without max_position_embeddings, transformers takes its class default (Llama 2048, Qwen2 32768, Gemma 3
+    131072, ...); we refused the config ("lacks required field"). It is also llama3's default original length."""
     raw = {k: v for k, v in MINIMAL.items() if k != "max_position_embeddings"} | {
-        "architectures": [cls.replace("Config", "ForCausalLM")], "model_type": getattr(transformers, cls).model_type}
+        "architectures": [_arch_of(cls)], "model_type": getattr(transformers, cls).model_type}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     hf = transformers.AutoConfig.from_pretrained(tmp_path)
     assert type(hf).__name__ == cls
@@ -1033,14 +1065,15 @@ def test_absent_max_position_embeddings_takes_the_transformers_default(cls, tmp_
 
 @pytest.mark.parametrize("cls, fields", [("LlamaConfig", {}), ("MistralConfig", {}), ("MixtralConfig", {}),
                                          ("Gemma2Config", dict(head_dim=8)),
-                                         ("Qwen2Config", dict(hidden_size=128, num_attention_heads=64))])
+                                         ("Qwen2Config", dict(hidden_size=128, num_attention_heads=64)),
+                                         ("Qwen3Config", dict(hidden_size=128, num_attention_heads=64)),
+                                         ("Qwen3MoeConfig", {}), ("Gemma3TextConfig", dict(head_dim=8))])
 def test_absent_kv_heads_take_the_transformers_default(cls, fields):
-    """Without num_key_value_heads, Mistral / Mixtral mean 8 kv heads, Qwen2 32, Gemma 2 4 (we took n_heads: another
-    model, whose checkpoint then failed on k_proj's shape, blaming config.json)."""
+    """Without num_key_value_heads, Mistral / Mixtral mean 8 kv heads, Qwen2 / Qwen3 32, Gemma 2 / 3 and Qwen3-MoE 4
+    (we took n_heads: another model, whose checkpoint then failed on k_proj's shape, blaming config.json)."""
     raw = {k: v for k, v in MINIMAL.items() if k != "num_key_value_heads"} | dict(num_attention_heads=16) | fields
     hf = getattr(transformers, cls)(**raw)
-    assert config_from_hf(raw | {"architectures": [cls.replace("Config", "ForCausalLM")]}).kv_heads == \
-        hf.num_key_value_heads
+    assert config_from_hf(raw | {"architectures": [_arch_of(cls)]}).kv_heads == hf.num_key_value_heads
 
 
 @pytest.mark.parametrize("cls, default", [("Qwen2Config", 32), ("MistralConfig", 8), ("MixtralConfig", 8),
@@ -1138,6 +1171,21 @@ def test_mixtral_fused_5x_names_load(hf_ckpt, tmp_path):
     np.testing.assert_array_equal(our_logits(from_pretrained(tmp_path)), our_logits(from_pretrained(folder)))
 
 
+
+def test_qwen3_moe_fused_5x_names_load(hf_ckpt, tmp_path):
+    """Qwen3-MoE's transformers 5.x in-memory names (its state_dict: mlp.experts.gate_up_proj [E, 2F, D], down_proj
+    [E, D, F]) load as its hub names do, with transformers' logits (they were mapped onto Mixtral's hub names)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder, model = hf_ckpt("qwen3_moe")
+    state = model.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state  # the fused form, on the MoE layer
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    diff = np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(model)).max()
+    assert diff < 1e-4, diff
 
 def test_weights_the_config_has_no_place_for_are_refused_by_name(hf_ckpt, tmp_path):
     """A config.json of fewer layers than the weights (a truncated edit, a config of another model size): the

@@ -221,6 +221,20 @@ def test_saved_activations_per_layer_match(remat, over, lo):
     assert lo * ours <= per_layer_token <= 1.03 * ours, per_layer_token / ours
 
 
+def test_qk_norm_saved_bytes_are_the_norms_inputs_and_inverse_rms():
+    """With q / k norms, remat 'none' keeps each norm's input (c bytes per q and k element) and its float32 inverse
+    RMS (one per head and token), as saved_bytes_per_token's docstring says: c·(NH + KH) + 4·(N + K) per layer and
+    token, each device its share of the heads. XLA kept exactly that on CPU for the config of the saved-activation
+    test (float32, 8 heads and 2 kv heads of 16: 680 B per layer and token, the double difference with and without
+    qk_norm); that test's ±3% let the inverse RMS (40 B) or the keys' inputs (128 B) go uncounted."""
+    for dtype, c in (("float32", 4), ("bfloat16", 2)):
+        cfg = dataclasses.replace(BASE, n_heads=8, n_kv_heads=2, dtype=dtype)
+        N, K, H = 8, 2, cfg.hd
+        for mesh, split in (({"data": 1}, 1), ({"data": 1, "tensor": 2}, 2)):
+            on, off = (saved_bytes_per_token(dataclasses.replace(cfg, qk_norm=q), "none", 128, mesh=mesh)
+                       for q in (True, False))
+            assert on - off == (c * (N * H + K * H) + 4 * (N + K)) / split, (dtype, mesh)
+
 def test_parameter_bytes_follow_the_rules_table():
     cfg = dataclasses.replace(BASE, n_kv_heads=1)
     flat = memory_per_device(cfg, {"data": 8}, 8, 64)

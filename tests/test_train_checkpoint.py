@@ -1170,3 +1170,28 @@ def test_float64_leaves_saved_under_x64_restore_with_it_on_and_are_named_with_it
         assert ckpt.steps() == [1, 2]
     finally:
         ckpt.close()
+
+
+def test_integers_the_template_cannot_hold_are_refused_below_its_range_unsigned_and_without_float_leaves(tmp_path):
+    """The wrap-around refusal of an x64 checkpoint's integers holds for a value below int32's range (-2**40 casts to
+    0, as numpy's cast does), for a uint64 beyond uint32 (no lower bound to cross), and in a state with no float leaf
+    to compare; beside a float64 beyond float16's range the refusal names both."""
+    from experiments.checkpoint import CheckpointMismatch
+
+    assert np.int64(-2**40).astype(np.int32) == 0 and np.uint64(2**40).astype(np.uint32) == 0  # the silent casts
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False, log=lambda *a: None)
+    try:
+        with jax.enable_x64(True):
+            ckpt.save(1, {"n": jnp.asarray([-2**40, 1], jnp.int64), "u": jnp.asarray([3, 2**40], jnp.uint64)},
+                      {"config": "{}"})
+            with pytest.raises(CheckpointMismatch, match=r"would wrap integers around: n: saved int64 \(values "
+                                                         r"-1099511627776 to 1\), now int32, .*; u: saved uint64 "
+                                                         r"\(values 3 to 1099511627776\), now uint32"):
+                ckpt.restore({"n": jnp.zeros(2, jnp.int32), "u": jnp.zeros(2, jnp.uint32)})
+            ckpt.save(2, {"n": jnp.asarray([2**40, 1], jnp.int64), "w": jnp.asarray([7e4, 1.0], jnp.float64)},
+                      {"config": "{}"})
+            with pytest.raises(CheckpointMismatch, match=r"would turn finite values into inf and wrap integers around"):
+                ckpt.restore({"n": jnp.zeros(2, jnp.int32), "w": jnp.zeros(2, jnp.float16)})
+        assert ckpt.steps() == [1, 2]  # the caller's error: nothing set aside
+    finally:
+        ckpt.close()
