@@ -371,21 +371,28 @@ def _qwen3_moe_from_hf(hf: dict, mlp_act: str) -> dict:
     return dict(moe=moe, moe_every=step)
 
 
-def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
+def _check_moe_export(arch: str, cfg: TransformerConfig, windows, checks=()) -> None:
+    """Refuse a MoE model `arch`'s Hugging Face layout cannot hold: softmax routing, no shared experts, dropless, one
+    window (or none) on every layer, and `checks` (field, value, what to set, ok) of its own."""
     m = cfg.moe
     wrong = [f"{field}={value!r} (set {want})" for field, value, want, ok in (
-        ("TransformerConfig.moe_every", cfg.moe_every, "1: MoE on every layer", cfg.moe_every == 1),
         ("MoEConfig.router", m.router, "'softmax'", m.router == "softmax"),
-        ("MoEConfig.renormalize", m.renormalize, "True", m.renormalize),
         ("MoEConfig.n_shared_experts", m.n_shared_experts, "0", m.n_shared_experts == 0),
-        ("TransformerConfig.qkv_bias", cfg.qkv_bias, "False", not cfg.qkv_bias),
-        ("MoEConfig.dispatch", m.dispatch, "'dropless': Mixtral drops no token", m.dispatch == "dropless"))
-        if not ok]
+        ("MoEConfig.dispatch", m.dispatch, f"'dropless': {arch} drops no token", m.dispatch == "dropless"),
+        *checks) if not ok]
     if wrong:  # the one that fails, not the whole list ("needs moe_every=2 (set 1 ...)" read as asking for the 2)
-        raise ValueError(f"a Mixtral export has no form for {'; '.join(wrong)}")
+        raise ValueError(f"a {arch} export has no form for {'; '.join(wrong)}")
     if len(set(windows)) != 1:
-        raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Mixtral takes the same window (or "
+        raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: {arch} takes the same window (or "
                          "none) on every layer; no Hugging Face MoE layout here mixes local and global layers")
+
+
+def _mixtral_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
+    m = cfg.moe
+    _check_moe_export("Mixtral", cfg, windows, (
+        ("TransformerConfig.moe_every", cfg.moe_every, "1: MoE on every layer", cfg.moe_every == 1),
+        ("MoEConfig.renormalize", m.renormalize, "True", m.renormalize),
+        ("TransformerConfig.qkv_bias", cfg.qkv_bias, "False", not cfg.qkv_bias)))
     return dict(architectures=["MixtralForCausalLM"], model_type="mixtral", sliding_window=windows[0],
                 num_local_experts=m.n_experts, num_experts_per_tok=m.top_k, output_router_logits=False,
                 router_aux_loss_coef=m.lb_loss_weight / m.top_k, router_jitter_noise=0.0,
@@ -468,16 +475,7 @@ def _qwen3_config(cfg: TransformerConfig, hf: dict, windows) -> dict:
         return dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3",
                     **_qwen_windows(cfg, windows, "qk_norm (Qwen3)"), **hf)
     m = cfg.moe
-    wrong = [f"{field}={value!r} (set {want})" for field, value, want, ok in (
-        ("MoEConfig.router", m.router, "'softmax'", m.router == "softmax"),
-        ("MoEConfig.n_shared_experts", m.n_shared_experts, "0", m.n_shared_experts == 0),
-        ("MoEConfig.dispatch", m.dispatch, "'dropless': Qwen3-MoE drops no token", m.dispatch == "dropless"))
-        if not ok]
-    if wrong:
-        raise ValueError(f"a Qwen3-MoE export has no form for {'; '.join(wrong)}")
-    if len(set(windows)) != 1:
-        raise ValueError(f"TransformerConfig.attn_pattern: windows {windows}: Qwen3-MoE takes the same window (or "
-                         "none) on every layer")
+    _check_moe_export("Qwen3-MoE", cfg, windows)
     return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
                 use_sliding_window=windows[0] is not None, sliding_window=windows[0], num_experts=m.n_experts,
                 num_experts_per_tok=m.top_k, moe_intermediate_size=m.expert_mlp_dim,
