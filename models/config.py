@@ -137,7 +137,8 @@ class TransformerConfig:
     # or G global ('GGLL': Qwen2's sliding layers from max_window_layers on)
     attn_pattern: str = "global"
     sliding_window: int | tuple[int, ...] | None = None  # W (query i sees i-W < j <= i); a tuple: one per local layer
-    swa_impl: SwaImpl = "auto"  # auto: cudnn on GPU, splash on TPU, blocked elsewhere and under plain_autodiff
+    swa_impl: SwaImpl = "auto"  # auto: cudnn on GPU, splash on TPU, blocked elsewhere, under plain_autodiff and in a
+    # pipeline's stages (splash cannot run in their shard_map)
     swa_block: int = 256  # query block of the blocked kernel
     attn_logit_softcap: float | None = None  # cap·tanh(s / cap) on attention scores (Gemma 2)
     query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5 instead of head_dim**-0.5

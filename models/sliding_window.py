@@ -210,14 +210,21 @@ def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding
     elif backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
         choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
     elif (backend == "tpu" and not has_padding and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
-          and _splash() is not None):
+          and not _manual_axes() and _splash() is not None):
         # our splash call takes no padding mask, so a padded batch would attend to its padding keys; its blocks
-        # must divide T (tokens[:, :-1] of a 256-token batch is 255 long: the blocked kernel takes those)
+        # must divide T (tokens[:, :-1] of a 256-token batch is 255 long: the blocked kernel takes those); inside a
+        # shard_map (gpipe's over `stage`) it cannot run (`_splash_attention`)
         choice, why = "splash", "TPU Pallas splash attention with a local mask"
     else:
         choice, why = "blocked", f"backend {backend}: blocked O(T·W) kernel"
     _log_once(choice, why)
     return choice
+
+
+def _manual_axes() -> tuple:
+    """The mesh axes a `jax.shard_map` around this call is manual over (gpipe's `stage`), or ()."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(a for a in mesh.axis_names if a in mesh.manual_axes)
 
 
 def _splash():
@@ -237,7 +244,8 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
 
     impl: 'blocked' (this module, any backend), 'cudnn' (`jax.nn.dot_product_attention` with
     `local_window_size`, NVIDIA GPUs, 16-bit), 'splash' (TPU Pallas kernel with a LocalMask; no
-    padding mask and T a multiple of 128, so 'auto' picks 'blocked' otherwise), 'dense' (a masked T×T reference:
+    padding mask and T a multiple of 128, and not inside a shard_map such as a pipeline's, so 'auto' picks 'blocked'
+    otherwise), 'dense' (a masked T×T reference:
     quadratic, for tests and benchmarks), or 'auto'.
     """
     _check_window(window)
@@ -282,11 +290,37 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
 
 
 def _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, logit_softcap):
-    """TPU splash attention with a causal local mask (written to the jax API; needs a TPU to run)."""
-    mods = _splash()
-    if mods is None:
+    """TPU splash attention with a causal local mask. On a mesh of several devices it runs in a `jax.shard_map` over
+    the mesh's axes: jax lowers a Pallas TPU (Mosaic) kernel only per device, and a sharded program failed to lower
+    with its NotImplementedError 'Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
+    shard_map'. Rows split as 'batch' and heads as 'act_heads' where they divide (a KV head stays with its query
+    heads); each device runs its shard over the whole sequence (a sequence split is gathered)."""
+    if _splash() is None:
         raise ValueError("swa_impl='splash' needs jax's Pallas TPU splash-attention kernel, absent from this jax")
-    sk, sm = mods
+    if manual := _manual_axes():  # the kernel's outputs carry no varying-axes type: jax refused them under check_vma
+        raise ValueError(f"swa_impl='splash' cannot run inside a shard_map manual over {manual} (a pipeline's "
+                         "stages); use swa_impl='auto' (the blocked kernel there) or 'blocked'")
+    B, T = q_BTNH.shape[:2]
+    if segment_ids_BT is not None:  # a [1, T] one broadcasts (as for the other kernels); vmap refused it
+        segment_ids_BT = jnp.broadcast_to(segment_ids_BT, (B, T))
+    kernel = functools.partial(_splash_local, window=window, scale=scale, logit_softcap=logit_softcap)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    from parallel.rules import logical_to_spec
+
+    names = ("batch", None, "act_heads", None)
+    q_spec, kv_spec = (logical_to_spec(names, mesh, x.shape, replicate_indivisible=True) for x in (q_BTNH, k_BTKH))
+    if q_spec[2] != kv_spec[2]:  # N divides the head axes but K does not: heads whole
+        q_spec = kv_spec = jax.P(q_spec[0], None, None, None)
+    seg_spec = None if segment_ids_BT is None else jax.P(q_spec[0], None)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
+
+def _splash_local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, window, scale, logit_softcap):
+    """The splash kernel on one device's q [B, T, N, H], k / v [B, T, K, H], segment ids [B, T] or None."""
+    sk, sm = _splash()
     B, T, N, H = q_BTNH.shape
     G = N // k_BTKH.shape[2]
     mask = sm.MultiHeadMask([sm.LocalMask((T, T), window_size=(window - 1, 0), offset=0)] * N)

@@ -231,6 +231,46 @@ def test_splash_on_tpu_equals_the_blocked_kernel_and_takes_only_lengths_its_bloc
         local_attention(q[:, :-1], k[:, :-1], v[:, :-1], 17, impl="splash")
 
 
+def test_splash_on_a_mesh_runs_per_device_and_equals_the_dense_reference(monkeypatch):
+    """jax lowers a Pallas TPU (Mosaic) kernel only per device: on a mesh of several devices (any TPU pod slice or
+    multi-chip host, where 'auto' picks splash) the step failed to lower with jax's NotImplementedError 'Mosaic kernels
+    cannot be automatically partitioned. Please wrap the call in a shard_map'. Lowered for TPU from this CPU on a
+    {data: 2, tensor: 2} mesh, value and gradients now hold the kernel; run in interpret mode there, rows split over
+    data and heads over tensor, they equal the dense masked reference (GQA, [1, T] segment ids, which splash's vmap
+    refused though every other kernel broadcasts them). Inside a shard_map manual over some axes (gpipe's), where
+    the kernel's outputs fail jax's varying-axes check, 'auto' takes the blocked kernel and 'splash' names itself."""
+    import functools
+
+    from models import sliding_window as sw
+    from parallel import make_mesh
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q, k, v = qkv(2, 128, 4, 2, 16)
+    s = jnp.asarray(np.repeat([[1, 2, 3]], [40, 50, 38], axis=1), jnp.int32)  # [1, T]: every row
+    do = jax.random.normal(jax.random.key(5), q.shape)
+
+    def step(impl):
+        loss = lambda q, k, v: jnp.sum(local_attention(q, k, v, 17, segment_ids_BT=s, impl=impl) * do)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))
+
+    def in_pipeline(x):  # a shard_map manual over some axes (gpipe's `stage`): the kernel cannot run there
+        assert choose_impl("auto", jnp.float32, False, False, backend="tpu", seq_len=128) == "blocked"
+        with pytest.raises(ValueError, match=r"swa_impl='splash' cannot run inside a shard_map manual over \('data"):
+            local_attention(q, k, v, 17, impl="splash")
+        return x
+
+    want = step("dense")(q, k, v)
+    with jax.set_mesh(mesh := make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])):
+        assert "@tpu_custom_call(" in step("splash").trace(q, k, v).lower(lowering_platforms=("tpu",)).as_text()
+        sk, _ = sw._splash()
+        monkeypatch.setattr(sk, "make_splash_mha", functools.partial(sk.make_splash_mha, interpret=True))
+        got = step("splash")(q, k, v)
+        jax.shard_map(in_pipeline, mesh=mesh, in_specs=jax.P(), out_specs=jax.P(), axis_names={"data"})(jnp.zeros(()))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
 def test_under_plain_autodiff_auto_takes_the_blocked_kernel_and_fused_ones_are_refused(monkeypatch):
     """cuDNN's and splash's kernels keep JAX's own custom VJPs, which refuse forward mode: under models.plain_autodiff
     'auto' picked splash on a TPU (cuDNN on a GPU) and jax.jvp failed with JAX's TypeError; it takes the blocked

@@ -710,6 +710,40 @@ def test_spacetime_attention_matches_dense_masked_reference(layout, sw, tw):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,sw", [("spatial", None), ("spatial", 3), ("temporal", None)])
+def test_factorized_attention_gives_cudnn_its_vmapped_axis_in_front(monkeypatch, layout, sw):
+    """Factorized attention vmaps one attention per frame (spatial) or per position (temporal) over axis 1 / 2 of a
+    [B, T, H·W, N, K] view, but cuDNN's batching rule takes a leading batch axis only: attn_impl='cudnn' failed at
+    trace time on a GPU with jax's NotImplementedError 'Currently only support batch_dim in [0, None]'. Lowered for
+    CUDA from this CPU (jax told a cuDNN 9 Hopper is present: it checks for one before the batching rule runs), the
+    value and gradient now hold cuDNN's forward and backward kernels; and with the GPU kernel replaced by jax's 'xla'
+    one the cuDNN path's axis moves give the dense masked reference. (Even lengths: jax's cuDNN wrapper refuses a
+    training call at an odd one, 'Unsupported sequence length Q 3, KV 3'.)"""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    grid, B, N, K = (4, 2, 4), 2, 2, 16
+    S = math.prod(grid)
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, S, N, K), jnp.bfloat16) for i in range(3))
+    monkeypatch.setattr(fas, "check_cudnn_version", lambda: 90800)
+    hopper = lambda capability: tuple(map(int, capability.split("."))) <= (9, 0)  # noqa: E731  (H100 / H200: 9.0)
+    monkeypatch.setattr(fas, "check_compute_capability", hopper)
+    monkeypatch.setattr(fas, "is_cuda_compute_capability_equal", lambda capability: capability == "9.0")
+    attend = lambda q, k, v: spacetime_attention(q, k, v, grid, layout, spatial_window=sw, impl="cudnn")  # noqa: E731
+    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert "@__cudnn$fmhaScaleBiasSoftmax(" in hlo and "@__cudnn$fmhaScaleBiasSoftmaxBackward(" in hlo
+
+    dpa = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **kw: dpa(*a, **kw))
+    pos = grid_positions(grid)
+    d = pos[:, None] - pos[None]
+    mask = (d[..., 1] == 0) & (d[..., 2] == 0) if layout == "temporal" else d[..., 0] == 0
+    if sw:
+        mask &= (np.abs(d[..., 1]) <= sw // 2) & (np.abs(d[..., 2]) <= sw // 2)
+    ref = reference_attention(q, k, v, jnp.asarray(mask)[None, None], K ** -0.5)
+    np.testing.assert_allclose(np.float32(attend(q, k, v)), np.float32(ref), atol=2e-2)
+
+
 def test_text_encoder_is_bidirectional_and_ignores_padding():
     enc = randomize(TextEncoder(TEXT, rngs=nnx.Rngs(0)))
     tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])

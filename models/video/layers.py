@@ -81,6 +81,15 @@ def window_mask(grid, spatial_window: int | None, temporal_window: int | None):
     return jnp.asarray(mask[None, None])
 
 
+def _vmap(attend, axis: int, impl: str):
+    """jax.vmap(attend) over `axis` of its q, k, v, the output's same axis. cuDNN's batching rule takes a leading
+    batch axis only (jax's NotImplementedError 'Currently only support batch_dim in [0, None]' at trace time on a
+    GPU), so for impl 'cudnn' the axis is moved to the front first; the other kernels keep the vmap over it."""
+    if impl != "cudnn":
+        return jax.vmap(attend, in_axes=axis, out_axes=axis)
+    return lambda *qkv: jax.vmap(attend, out_axes=axis)(*(jnp.moveaxis(x, axis, 0) for x in qkv))
+
+
 def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_window=None, temporal_window=None,
                         impl: str = "xla"):
     """Self-attention of tokens on `grid` with `layout`: 'full' (all S tokens), 'spatial' (within each
@@ -97,8 +106,8 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
     view = lambda x: x.reshape(B, T, H * W, N, K)  # noqa: E731
     if layout == "spatial":
         mask = window_mask((1, H, W), spatial_window, None)
-        o = jax.vmap(lambda q, k, v: attention(q, k, v, mask, impl=impl), in_axes=1, out_axes=1)(
-            view(q_BSNK), view(k_BSNK), view(v_BSNK))
+        o = _vmap(lambda q, k, v: attention(q, k, v, mask, impl=impl), 1, impl)(view(q_BSNK), view(k_BSNK),
+                                                                                 view(v_BSNK))
         return o.reshape(B, S, N, K)
     if layout != "temporal":
         raise ValueError(f"layout={layout!r}: use 'full', 'spatial' or 'temporal'")
@@ -110,7 +119,7 @@ def spacetime_attention(q_BSNK, k_BSNK, v_BSNK, grid, layout: str, *, spatial_wi
         attend = lambda q, k, v: sliding_window_attention(q, k, v, temporal_window, block=T)  # noqa: E731
     else:
         attend = lambda q, k, v: attention(q, k, v, jnp.ones((1, 1, T, T), bool), impl=impl)  # noqa: E731
-    o = jax.vmap(attend, in_axes=2, out_axes=2)(*(constrain(view(x), columns) for x in (q_BSNK, k_BSNK, v_BSNK)))
+    o = _vmap(attend, 2, impl)(*(constrain(view(x), columns) for x in (q_BSNK, k_BSNK, v_BSNK)))
     return constrain(o, columns).reshape(B, S, N, K)
 
 
