@@ -33,7 +33,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from benchmarks.rounds import out_path, plot_path, write_json
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, path_arg, run_main
 from experiments.config import at_least
 from experiments.lm_step import make_optimizer, make_state_step
 from models import Transformer, TransformerConfig
@@ -147,7 +147,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=at_least(1), default=2)
     ap.add_argument("--balance-steps", type=at_least(0), default=150)
     ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--plot", default=None, help="the load plot (default: see above)")
+    ap.add_argument("--plot", type=path_arg, default=None, help="the load plot (default: see above)")
     ap.add_argument("--json", type=out_path)
     args = ap.parse_args(argv)
     if args.plot is None:  # a short smoke run replaced the committed figure

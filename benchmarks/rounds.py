@@ -13,6 +13,8 @@ import time
 
 from tqdm import tqdm
 
+from data.cli import path_arg
+
 
 def interleaved(makers: dict, rounds: int) -> tuple[dict, dict]:
     """makers: {key: () -> (call, extra)}, `call()` running one step to completion. Each is made and called once
@@ -58,7 +60,9 @@ def run_child(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def out_path(text: str) -> str:
     """argparse type of an output file (--json, --plot): its directory must exist and be writable, checked before the
-    run; a mistyped directory failed only when the results were written, after minutes of timing, and lost them."""
+    run; a mistyped directory failed only when the results were written, after minutes of timing, and lost them.
+    `~` expanded, a URL refused (`data.cli.path_arg`: "the directory of gs://b/x.json does not exist; create it")."""
+    text = path_arg(text)
     folder = os.path.dirname(os.path.realpath(text))  # a symlink's target is what `write_json` replaces
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it")

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from benchmarks.rounds import out_path, write_json
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, path_arg, run_main
 from data.moving_shapes import dataset, null_tokens
 from experiments.checkpoint import CheckpointMismatch
 from experiments.config import at_least
@@ -125,7 +125,7 @@ def bench_psnr(p, run: pathlib.Path, clips: int = 256):
 
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
-    ap.add_argument("--run", default=None, help="a train_video run directory, for the VAE PSNR (default "
+    ap.add_argument("--run", type=path_arg, default=None, help="a train_video run directory, for the VAE PSNR (default "
                     "runs/video/default, skipped if it has no checkpoint)")
     ap.add_argument("--steps", type=at_least(1), default=20, help="timed train steps per variant")
     ap.add_argument("--json", type=out_path, default=None, help="also write the results here")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import os
+import re
 import sys
 
 
@@ -42,6 +43,41 @@ def undecoded(text: str) -> str | None:
                 f"{sys.getfilesystemencoding()} (a C / POSIX locale with PYTHONUTF8=0); run it with PYTHONUTF8=1 or "
                 "under a UTF-8 locale (LC_ALL=C.UTF-8)")
     return None
+
+
+# `scheme:/` at the start of a path: a URL (gs://bucket/run), or one that pathlib.Path has already turned into
+# gs:/bucket/run. Any scheme with two slashes; with one, the storage schemes only (a local folder may be named "x:")
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/")
+_STORES = frozenset({"gs", "gcs", "s3", "s3a", "s3n", "az", "abfs", "abfss", "wasb", "wasbs", "hdfs", "http", "https",
+                     "ftp", "file"})
+
+
+def local_path(path) -> str:
+    """`path` (a str or os.PathLike) as the local path string every entry point reads and writes: a leading `~`
+    expanded (a shell leaves `--out=~/x` and `--set train.out=~/x` as typed: the run went to a folder named `~` in
+    the working directory). A URL raises ValueError: our own os / pathlib / open() calls took `gs://bucket/run` for
+    the relative path gs:/bucket/run and wrote the run into a local folder named `gs:`, lost with the VM."""
+    text = os.fspath(path)
+    m = _URL.match(text)
+    if m and (text.startswith(m.group(0) + "/") or m.group(1).lower() in _STORES):
+        raise ValueError(f"{text!r} is a URL, and this code reads and writes local paths only (it would be a "
+                         f"local folder named {m.group(1) + ':'!r}): mount the bucket (gcsfuse for gs://, "
+                         "mountpoint-s3 or s3fs for s3://) and pass the mount's path, or use a local / shared folder "
+                         "and copy it up after (gcloud storage cp -r, aws s3 cp --recursive)")
+    if text.startswith("~") and (text := os.path.expanduser(text)).startswith("~"):  # ~nosuchuser/x
+        raise ValueError(f"{text!r}: {text.split('/')[0]} names no home directory here; give the full path")
+    return text
+
+
+def path_arg(text: str) -> str:
+    """argparse type of a path flag: `local_path` (its refusal as the flag's error)."""
+    try:
+        return local_path(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+path_arg.__name__ = "path"
 
 
 def cli_parser(doc: str | None, spec) -> argparse.ArgumentParser:

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.augment import DomainGlossary
-from data.cli import cli_parser, run_main, undecoded
+from data.cli import cli_parser, local_path, path_arg, run_main, undecoded
 from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
 from data.filters import QualityConfig
 from data.label import LabelConfig
@@ -553,7 +553,7 @@ def run(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, cfg: Pi
     Re-running with the same inputs and config resumes: finished shards are skipped. A directory holding a
     run of different inputs or settings raises a ValueError instead of mixing the two.
     """
-    out = pathlib.Path(out_dir)
+    out = pathlib.Path(local_path(out_dir))  # a URL: a local gs:/ folder, written in silence
     shards = discover(inputs, cfg.source, skip=out)
     if not shards:
         raise ValueError(f"no input files under {list(map(str, inputs))}")
@@ -620,9 +620,9 @@ def _run(shards: list, out: pathlib.Path, cfg: PipelineConfig, progress: bool) -
 
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
-    ap.add_argument("inputs", nargs="+",
+    ap.add_argument("inputs", nargs="+", type=path_arg,
                     help="JSON Lines / Parquet / text files (JSONL and text may be .gz, .bz2, .xz) or directories")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=path_arg, required=True)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep-langs", default="en,zh",
                     help="comma-separated ISO 639-1 codes to keep (default en,zh); others drop as lang_other")
@@ -635,7 +635,7 @@ def main(argv=None):
                     help="0: confirm at the threshold itself (estimation errors cut both ways: about half the pairs "
                          "at exactly the threshold kept); 2: recall >= 0.9 just above it")
     ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
-    ap.add_argument("--dedup-against", default=None, metavar="RUN",
+    ap.add_argument("--dedup-against", type=path_arg, default=None, metavar="RUN",
                     help="a finished cleaning run (e.g. the training set's --out when cleaning held-out data): "
                          "documents duplicating one it kept drop as exact_dup_reference / near_dup_reference")
     args = ap.parse_args(argv)

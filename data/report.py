@@ -13,7 +13,7 @@ import pathlib
 import sys
 from collections.abc import Iterator
 
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, path_arg, run_main
 from data.shards import TIERS, id_text, read_json
 from data.stages import StageStats
 
@@ -166,7 +166,7 @@ def unread_warning(rows) -> list[str]:
 
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
-    ap.add_argument("dir", help="the --out directory of a cleaning run")
+    ap.add_argument("dir", type=path_arg, help="the --out directory of a cleaning run")
     ap.add_argument("--drops", metavar="REASON", default=None,
                     help="list every record dropped for REASON ('all': every drop) as id, tier/stage, reason (and for "
                          "a duplicate, the copy kept: its id, where it is, the estimated Jaccard similarity)")

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data.cli import local_path
 from data.normalize import replace_surrogates
 
 EOS = "<|endoftext|>"
@@ -126,13 +127,14 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """One JSON file (the `tokenizers` format, loadable by `transformers` too)."""
-        self.tok.save(str(path))
+        self.tok.save(local_path(path))  # (tokenizers said only "No such file or directory" to gs://...)
 
     @classmethod
     def load(cls, path: str | os.PathLike, eos_token: str | None = None, bos_token: str | None = None
              ) -> BPETokenizer:
         """The tokenizer a `save` (or a Hugging Face tokenizer.json) wrote; eos_token / bos_token as for the
         constructor."""
+        path = local_path(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; train one with data.tokenizer.train_bpe(...).save(path)")
         try:

@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from data.cli import local_path
 from data.loader import StreamMismatch
 from experiments.lm_step import all_finite, per_device_set
 
@@ -261,7 +262,8 @@ class Checkpoints:
                  read_only: bool = False):
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # orbax's LatestN(0) deletes every save
             raise ValueError(f"Checkpoints keep={keep!r}: must be an int >= 1 (the newest N steps kept)")
-        self.dir = pathlib.Path(directory).absolute()
+        # ~ expanded; gs://... refused: orbax would write a bucket, but this class's own pathlib calls made gs:/...
+        self.dir = pathlib.Path(local_path(directory)).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.read_only = read_only
         self._report_incomplete()

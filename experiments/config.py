@@ -24,6 +24,7 @@ import os
 import sys
 from typing import Any, Literal
 
+from data.cli import local_path
 from models import TransformerConfig
 from models.config import _is_int
 from models.moe import MoEConfig
@@ -33,6 +34,11 @@ INT32_MAX = 2**31 - 1  # the largest train.steps: the train state's step and opt
 
 class ConfigError(ValueError):
     """A bad run configuration; `str(e)` is the one line to print (it names the field)."""
+
+
+# the run's fields that name files or directories (relative ones below the working directory; `~` expanded,
+# a URL refused: data.cli.local_path)
+_PATH_FIELDS = ("data.cache_dir", "data.train_dir", "data.eval_dir", "data.tokenizer", "train.out", "train.init_from")
 
 
 def _check_spec(spec, section: str) -> None:
@@ -57,6 +63,11 @@ def _check_spec(spec, section: str) -> None:
             v = os.fspath(v)
             object.__setattr__(spec, f.name, v)
         need(isinstance(v, str), f.name, f"must be a string{' or None' if kind == 'str|None' else ''}, got {v!r}")
+        if f"{section}.{f.name}" in _PATH_FIELDS:  # ~ expanded, a URL refused (data.cli.local_path)
+            try:
+                object.__setattr__(spec, f.name, local_path(v))
+            except ValueError as e:
+                need(False, f.name, str(e))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,6 +494,10 @@ def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     from experiments.train_lm import KEPT_FROM_PRESET, with_moe_execution
     from models.hf_config import config_from_hf
 
+    try:
+        folder = local_path(folder)  # (--init-from is read here, before TrainSpec expands or refuses it)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
     path = os.path.join(folder, "config.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -579,10 +594,6 @@ def dir_problem(path) -> str | None:
 def cache_root(d: DataSpec) -> str:
     """Where the built-in corpus is cached: `data.cache_dir`, else ~/.cache/jaxscale."""
     return d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxscale")
-
-
-# the run's fields that name files or directories (relative ones below the working directory)
-_PATH_FIELDS = ("data.cache_dir", "data.train_dir", "data.eval_dir", "data.tokenizer", "train.out", "train.init_from")
 
 
 def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, path_arg, run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text
 from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
@@ -120,8 +120,8 @@ def main(argv=None):
     ap.add_argument("--widths", type=multiple_of_32, nargs="+", default=[64, 128, 256])
     ap.add_argument("--batch", type=at_least(1), default=16)
     ap.add_argument("--seq", type=at_least(1), default=64)
-    ap.add_argument("--out", default=None, help="the plot (default: see above)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", type=path_arg, default=None, help="the plot (default: see above)")
+    ap.add_argument("--json", type=path_arg, default=None)
     args = ap.parse_args(argv)
     if twice := sorted({w for w in args.widths if args.widths.count(w) > 1}):  # trained and drawn twice
         ap.error(f"argument --widths: {', '.join(map(str, twice))} given more than once; name each width once")

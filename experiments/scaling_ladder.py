@@ -44,7 +44,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, path_arg, run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from data.shards import write_json
 from experiments.config import at_least
@@ -324,7 +324,8 @@ def _positive(text: str) -> float:
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--quick", action="store_true", help="tiny ladder and budgets (smoke test)")
-    ap.add_argument("--out", default=None, help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
+    ap.add_argument("--out", type=path_arg, default=None,
+                    help="run directory (default runs/scaling, with --quick runs/scaling-quick)")
     ap.add_argument("--lr", type=_positive, default=None,
                     help="peak LR at d_model <= 64 (scaled by 64/d above; default 3e-3)")
     ap.add_argument("--warmup", type=at_least(0), default=None, help="warmup steps (default 16)")

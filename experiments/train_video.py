@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from data.cli import cli_parser, run_main
+from data.cli import cli_parser, local_path, path_arg, run_main
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from data.run_lock import LOCK_NAME, DirLocked, RunLock
 from data.shards import write_atomically
@@ -551,7 +551,7 @@ def load_video_model(out, preset: str | Preset = "default"):
     if isinstance(preset, str) and preset not in PRESETS:
         raise ValueError(f"load_video_model: preset={preset!r} is not one of {sorted(PRESETS)}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
-    out = pathlib.Path(out)
+    out = pathlib.Path(local_path(out))
     metas, dit_vae = {}, None
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
@@ -674,7 +674,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    ap.add_argument("--out", default=None, help="run directory (default runs/video/<preset>)")
+    ap.add_argument("--out", type=path_arg, default=None, help="run directory (default runs/video/<preset>)")
     ap.add_argument("--mesh", default="data=-1",
                     help="e.g. data=2,fsdp=2,tensor=2 (on CPU: with JAX_NUM_CPU_DEVICES=8)")
     ap.add_argument("--seed", type=at_least(0), default=0)

@@ -44,6 +44,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from data.cli import local_path
 from models.config import TransformerConfig, dtype_name
 from models.hf_config import config_from_hf, config_to_hf
 from models.transformer import Transformer
@@ -209,7 +210,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     for arg, v in (("dtype", dtype), ("param_dtype", param_dtype)):  # else blamed on TransformerConfig.param_dtype
         if v is not None and dtype_name(v) not in _DTYPES:
             raise ValueError(f"from_pretrained({arg}={v!r}): use 'float32', 'bfloat16' or 'float16'")
-    folder = Path(path)
+    folder = Path(local_path(path))  # ~ expanded; gs://... refused (it read and wrote a local gs:/ folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
     try:
@@ -349,7 +350,7 @@ def read_token_ids(path) -> dict:
     """The special-token ids of a HF checkpoint folder ({bos,eos,pad}_token_id: int, list of ints or None), from its
     generation_config.json where present, else its config.json: pass them to `save_pretrained(token_ids=...)`, since
     our config does not carry them."""
-    folder, ids = Path(path), {}
+    folder, ids = Path(local_path(path)), {}
     for name in ("config.json", "generation_config.json"):  # the generation config wins, as in transformers
         if (folder / name).exists():
             saved = json.loads((folder / name).read_text(encoding="utf-8"))
@@ -433,7 +434,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         size += entry[1]
     if current or not shards:
         shards.append(current)
-    folder, primary = Path(path), jax.process_index() == 0
+    folder, primary = Path(local_path(path)), jax.process_index() == 0
     if primary:
         folder.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(hf, indent=2) + "\n"  # before anything is deleted: a failure leaves the old export

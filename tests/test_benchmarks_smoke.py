@@ -550,3 +550,16 @@ def test_loader_throughput_times_no_compilation(monkeypatch):
     monkeypatch.setattr(loader_throughput, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     rate = loader_throughput.measure(iter([{"weights": Weights()} for _ in range(4)]), 3)
     assert rate == pytest.approx(3 * 2048 / 0.003)
+
+
+def test_a_results_file_at_a_bucket_url_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    """--json gs://b/x.json was refused as 'the directory of gs://b/x.json does not exist; create it or name another
+    file' (creating it made a local folder gs:); `--json=~/x.json` (left to us by the shell) is the home directory."""
+    import argparse
+
+    from benchmarks.rounds import out_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'gs://b/x.json' is a URL.*gcsfuse"):
+        out_path("gs://b/x.json")
+    assert out_path("~/x.json") == str(tmp_path / "x.json")

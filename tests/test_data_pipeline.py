@@ -2340,3 +2340,21 @@ def test_an_out_on_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_
     with run_lock.RunLock(tmp_path / "run", "data.pipeline"):
         pass
     assert "warning: cannot lock" in capsys.readouterr().err and (tmp_path / "run").is_dir()
+
+
+def test_a_bucket_url_is_refused_by_the_cli_and_run_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """`--out gs://bucket/clean` passed every check as the relative path gs:/bucket/clean: the run cleaned into a
+    local folder named 'gs:' and said nothing. A URL input said 'input gs:/bucket/in.jsonl does not exist'."""
+    from data import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": en_text(np.random.default_rng(0))}) + "\n")
+    for argv, flag in ((["in.jsonl", "--out", "gs://bucket/clean"], "--out"),
+                       (["s3://b/in.jsonl", "--out", "o"], "inputs"),
+                       (["in.jsonl", "--out", "o", "--dedup-against", "gs://b/train"], "--dedup-against")):
+        with pytest.raises(SystemExit):
+            pipeline.main(argv)
+        assert re.search(rf"argument {flag}: '\w+://[^']*' is a URL.*gcsfuse", capsys.readouterr().err)
+    with pytest.raises(ValueError, match="is a URL"):
+        run(["in.jsonl"], pathlib.Path("gs://bucket/clean"))  # (pathlib makes it gs:/bucket/clean)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]

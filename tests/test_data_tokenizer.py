@@ -443,3 +443,17 @@ def test_train_bpe_takes_a_jax_integer_scalar_as_a_size():
     for bad in (jnp.float32(260), jnp.array(True), jnp.array([260])):
         with pytest.raises(ValueError, match=r"train_bpe vocab_size=.* must be an int >= 0"):
             train_bpe(["hello world"] * 3, vocab_size=bad, show_progress=False)
+
+
+def test_a_bucket_url_is_refused_and_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """save("gs://b/tok.json") failed in tokenizers with a bare 'No such file or directory (os error 2)', and
+    save("~/tok.json") too (it wanted a folder named '~'); load said 'no tokenizer at gs://...'."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tok = train_bpe(["one two three four"] * 20, vocab_size=260, show_progress=False)
+    for call in (lambda: tok.save("gs://b/tok.json"), lambda: BPETokenizer.load("gs://b/tok.json")):
+        with pytest.raises(ValueError, match=r"^'gs://b/tok.json' is a URL.*gcsfuse"):
+            call()
+    tok.save("~/tok.json")
+    assert BPETokenizer.load("~/tok.json").encode("one two").tolist() == tok.encode("one two").tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.json"]

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import os
 import re
 
 import jax
@@ -1892,3 +1893,18 @@ def test_adamw_step_matches_torch_adamw(hf_ckpt):
     assert set(ours) == set(ref) and len(decayed) < len(ref)
     errors = {k: _rel(ours[k] - before[k], ref[k] - before[k]) for k in ref}
     assert max(errors.values()) < 1e-2, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_a_bucket_url_is_refused_and_a_tilde_is_the_home_directory(tmp_path, monkeypatch):
+    """save_pretrained(model, "gs://b/llama") wrote a local folder gs:/b/llama, and from_pretrained read it back,
+    so that nothing said the bucket was never written. `~` is expanded (it was a folder named '~')."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model = _random_model(ROUND_TRIP["llama"], seed=0)
+    for call in (lambda: save_pretrained(model, "gs://b/llama"), lambda: from_pretrained("s3://b/llama")):
+        with pytest.raises(ValueError, match=r"^'\w+://b/llama' is a URL.*gcsfuse"):
+            call()
+    assert not os.listdir(tmp_path)
+    save_pretrained(model, "~/llama")
+    assert (tmp_path / "home" / "llama" / "config.json").is_file() and os.listdir(tmp_path) == ["home"]
+    assert from_pretrained("~/llama").cfg == model.cfg

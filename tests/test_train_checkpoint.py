@@ -1195,3 +1195,13 @@ def test_integers_the_template_cannot_hold_are_refused_below_its_range_unsigned_
         assert ckpt.steps() == [1, 2]  # the caller's error: nothing set aside
     finally:
         ckpt.close()
+
+
+def test_a_bucket_url_is_refused_before_any_local_folder_is_made(tmp_path, monkeypatch):
+    """orbax writes gs:// itself, but this class's own pathlib calls made gs://b/ckpt the local folder gs:/b/ckpt
+    (created, then saved into by orbax as a local path): a user of the class lost the checkpoints with the VM."""
+    monkeypatch.chdir(tmp_path)
+    for url in ("gs://b/ckpt", pathlib.Path("s3://b/ckpt")):
+        with pytest.raises(ValueError, match=r"is a URL.*gcsfuse"):
+            Checkpoints(url, async_save=False)
+    assert not list(tmp_path.iterdir())

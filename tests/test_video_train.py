@@ -1383,3 +1383,15 @@ def test_a_second_job_on_an_out_in_use_is_refused_before_fresh_deletes_anything(
         train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
     assert (out / LOCK_NAME).exists()
     RunLock(out, "next").release()  # free again once main returned
+
+
+def test_a_bucket_url_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """--out gs://bucket/video passed dir_problem as the relative path gs:/bucket/video: the run locked, trained and
+    saved into a local folder named 'gs:'. load_video_model(URL) said the local gs:/... held no checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train_video.main(["--out", "gs://bucket/video"])
+    assert re.search(r"argument --out: 'gs://bucket/video' is a URL.*gcsfuse", capsys.readouterr().err)
+    with pytest.raises(ValueError, match="is a URL"):
+        train_video.load_video_model("gs://bucket/video")
+    assert not list(tmp_path.iterdir())
