@@ -236,7 +236,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     (an additive bias) is refused.
 
     impl: 'xla' is `xla_attention` above (any backend); 'cudnn' is cuDNN's fused kernel through
-    `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16; soft-capped scores run 'xla'); 'reference' is the
+    `jax.nn.dot_product_attention` (needs a GPU and bf16/fp16; soft-capped scores run 'xla'; a head dim cuDNN refuses
+    is a ValueError naming attn_impl; odd lengths train through `cudnn_attention`'s padding); 'reference' is the
     einsum oracle.
     causal_block: promise that the mask is causal by position, so 'xla' may skip the key blocks
     above the diagonal (see `xla_attention`); the other implementations ignore it.
@@ -272,11 +273,76 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     if is_causal and q_BTNH.shape[1] != k_BSKH.shape[1]:
         T, S = q_BTNH.shape[1], k_BSKH.shape[1]
         raise ValueError(f"is_causal needs T == S (got {T} quer{'ies' if T != 1 else 'y'}, {S} key{'s' * (S != 1)})")
-    kw = dict(is_causal=True) if is_causal else dict(mask=mask_B1TS)
+    check_cudnn_head_dim(H, "attn_impl='cudnn'", "use attn_impl='xla'")
     try:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, implementation=impl, **kw)
+        return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, None if is_causal else mask_B1TS, scale)
     except RuntimeError as e:  # jax's bare 'cuDNN is not detected.' off NVIDIA GPUs (as swa_impl='cudnn' says)
         if "cudnn" not in str(e).lower():
             raise
         raise ValueError(f"attn_impl='cudnn' is cuDNN's fused kernel for NVIDIA GPUs (bf16 / fp16), and this is a "
                          f"{jax.default_backend()} backend ({e}); use attn_impl='xla'") from None
+
+
+def cudnn_max_head_dim() -> int | None:
+    """The largest head dim cuDNN's fused attention takes on this GPU, as jax's `check_is_flash_attention` decides it:
+    256 from Hopper (compute capability 9.0) on, 128 before (A100: 8.0); None off a GPU or where this jax keeps the
+    check elsewhere (jax's own error then stands)."""
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_compute_capability  # private: jax's own test
+        return 256 if check_compute_capability("9.0") else 128
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def check_cudnn_head_dim(H: int, who: str, fix: str):
+    """cuDNN refuses head dims that are not a multiple of 8 or past `cudnn_max_head_dim` with jax's
+    NotImplementedError at trace time, naming no setting: refused here naming `who` (the field) and `fix`."""
+    h_max = cudnn_max_head_dim()
+    if h_max is not None and (H % 8 or H > h_max):
+        raise ValueError(f"{who}: cuDNN's fused attention takes a head dim that is a multiple of 8 and at most {h_max} "
+                         f"on this GPU (256 from Hopper on, 128 before), got head_dim={H}; {fix}")
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, local_window_size=None):
+    """`jax.nn.dot_product_attention(implementation='cudnn')`: causal (cuDNN's own mask type, T == S) when mask_B1TS
+    is None, else that bool mask; local_window_size (left, 0) with the causal one. → [B, T, N, H].
+
+    jax's wrapper refuses to differentiate a call whose T or S is odd ("Unsupported sequence length Q 255, KV 255":
+    its check counts a bias even when none is passed) but runs the forward: an LM at T = 255 (tokens[:, :-1] of a
+    256-token batch), 3 latent frames or an odd caption could not train on a GPU. The forward runs as given; the
+    differentiated call pads T and S to even with one query row (row T - 1's mask; its output is dropped, so its
+    cotangent is 0 and it adds nothing to dq, dk, dv) and one key that no query sees (masked, or in every real
+    query's future under the causal mask): the same values and gradients, one row and column more of work."""
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+
+    def run(q, k, v, mask):
+        kw = dict(is_causal=True, local_window_size=local_window_size) if mask is None else dict(mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **kw)
+
+    if T % 2 == 0 and S % 2 == 0:
+        return run(q_BTNH, k_BSKH, v_BSKH, mask_B1TS)
+
+    def padded(q, k, v, mask):
+        pt, ps = T % 2, S % 2
+        q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, ps), (0, 0), (0, 0))) for x in (k, v))
+        if mask is not None:  # the extra key masked for every query, the extra query row a copy of the last one's
+            mask = jnp.pad(jnp.broadcast_to(mask, mask.shape[:2] + (T, S)), ((0, 0), (0, 0), (0, 0), (0, ps)))
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pt), (0, 0)), mode="edge")
+        return run(q, k, v, mask)[:, :T]
+
+    @custom_vjp
+    def attend(q, k, v, mask):
+        return run(q, k, v, mask)
+
+    def fwd(q, k, v, mask):
+        out, pullback = jax.vjp(lambda q, k, v: padded(q, k, v, mask), q, k, v)
+        return out, pullback
+
+    def bwd(pullback, do):
+        return (*pullback(do), None)
+
+    attend.defvjp(fwd, bwd)
+    return attend(q_BTNH, k_BSKH, v_BSKH, mask_B1TS)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import softmax_attention, static_scale
+from models.attention import check_cudnn_head_dim, cudnn_attention, cudnn_max_head_dim, softmax_attention, static_scale
 from parallel.autodiff import custom_vjp, plain
 from parallel.rules import constrain_merged
 
@@ -194,10 +194,11 @@ SPLASH_BLOCK = 128  # the splash kernel's default q / kv block: it must divide t
 
 
 def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding: bool = False,
-                backend: str | None = None, seq_len: int | None = None) -> str:
+                backend: str | None = None, seq_len: int | None = None, head_dim: int | None = None) -> str:
     """Resolve `swa_impl='auto'` for this backend and call; logs the choice and the reason once. Under
     `models.plain_autodiff` (forward mode) 'auto' is 'blocked', and 'cudnn' / 'splash' are refused: JAX's fused
-    kernels keep their own custom VJPs, which jvp refuses."""
+    kernels keep their own custom VJPs, which jvp refuses. head_dim: cuDNN takes multiples of 8 up to
+    `cudnn_max_head_dim` (256 from Hopper on, 128 before); None skips that check."""
     backend = backend or jax.default_backend()
     if impl != "auto":
         if impl in ("cudnn", "splash") and plain():
@@ -208,7 +209,11 @@ def choose_impl(impl: str, dtype, has_segments: bool, softcap: bool, has_padding
     if plain():
         choice, why = "blocked", "models.plain_autodiff: forward mode, which the cuDNN / splash kernels refuse"
     elif backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and not (has_segments or has_padding or softcap):
-        choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
+        h_max = cudnn_max_head_dim() or 256
+        if head_dim is None or (head_dim % 8 == 0 and head_dim <= h_max):
+            choice, why = "cudnn", "GPU, 16-bit, no segment ids, padding or soft-cap"
+        else:  # jax's NotImplementedError at trace time otherwise
+            choice, why = "blocked", f"cuDNN takes head dims that are multiples of 8 up to {h_max}, not {head_dim}"
     elif (backend == "tpu" and not has_padding and (seq_len is None or seq_len % SPLASH_BLOCK == 0)
           and not _manual_axes() and _splash() is not None):
         # our splash call takes no padding mask, so a padded batch would attend to its padding keys; its blocks
@@ -253,7 +258,7 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     window = min(int(window), q_BTNH.shape[1])  # the same attention for W >= T; an int32 one for every kernel
     valid_BT = _valid_mask(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
-                       has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1])
+                       has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1], head_dim=q_BTNH.shape[3])
     B, T, N, H = q_BTNH.shape
     scale = H ** -0.5 if scale is None else scale
     if impl == "blocked":
@@ -269,9 +274,9 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
         if segment_ids_BT is not None or valid_BT is not None or logit_softcap is not None:
             raise ValueError("swa_impl='cudnn' supports neither segment ids, padding nor soft-capping; "
                              "use swa_impl='auto' or 'blocked'")
-        try:
-            return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
-                                                local_window_size=(window - 1, 0), implementation="cudnn")
+        check_cudnn_head_dim(H, "swa_impl='cudnn'", "use swa_impl='auto' or 'blocked'")
+        try:  # (odd lengths train too: `cudnn_attention` pads them)
+            return cudnn_attention(q_BTNH, k_BTKH, v_BTKH, None, scale, local_window_size=(window - 1, 0))
         except RuntimeError as e:  # jax's bare 'cuDNN is not detected.' off NVIDIA GPUs
             if "cudnn" not in str(e).lower():
                 raise

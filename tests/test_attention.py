@@ -1,5 +1,7 @@
 """The 'xla' attention kernel (dense and block-causal, float32 inside) equals a float64 einsum reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,3 +280,79 @@ def test_cudnn_under_plain_autodiff_is_refused_naming_the_field():
             attention(q, k, v, mask, impl="cudnn")
         f = lambda impl: lambda q: attention(q, k, v, mask, impl=impl, logit_softcap=5.0).astype(float).sum()  # noqa
         np.testing.assert_array_equal(jax.jvp(f("cudnn"), (q,), (k,)), jax.jvp(f("xla"), (q,), (k,)))
+
+
+def pretend_cudnn_gpu(monkeypatch, capability=(9, 0)):
+    """Make jax trace its cuDNN attention as on a GPU with cuDNN 9 of this compute capability (H100 / H200: 9.0,
+    A100: 8.0), from this CPU: lower the result with lowering_platforms=('cuda',)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fas
+
+    monkeypatch.setattr(fas, "check_cudnn_version", lambda: 90800)
+    cc = lambda c: tuple(map(int, c.split(".")))  # noqa: E731
+    monkeypatch.setattr(fas, "check_compute_capability", lambda c: cc(c) <= capability)
+    monkeypatch.setattr(fas, "is_cuda_compute_capability_equal", lambda c: cc(c) == capability)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+
+@pytest.mark.parametrize("kind,T,S", [("causal", 7, 7), ("mask", 8, 5), ("mask", 7, 7), ("window", 7, 7),
+                                      ("auto_window", 7, 7)])
+def test_cudnn_trains_at_odd_lengths_through_an_exact_padding(monkeypatch, kind, T, S):
+    """jax's cuDNN wrapper refuses the gradient of any call whose T or S is odd ('Unsupported sequence length Q 7,
+    KV 7': its check counts a bias even when none is passed), while the forward takes them: an LM at T = 255
+    (tokens[:, :-1] of 256), the DiT's 3 latent frames (temporal attention) or an odd caption failed to trace on a
+    GPU. The differentiated call now pads T and S to even lengths (a key masked for every query, a query row
+    dropped), which lowers to cuDNN's forward and backward kernels; with jax's 'xla' kernel standing in for cuDNN on
+    this CPU, the value and gradients are the dense reference's."""
+    from models.attention import reference_attention
+
+    pretend_cudnn_gpu(monkeypatch)
+    B, N, K, H, W = 2, 4, 2, 16, 3
+    q = jax.random.normal(jax.random.key(0), (B, T, N, H), jnp.bfloat16)
+    k, v = (jax.random.normal(jax.random.key(i), (B, S, K, H), jnp.bfloat16) for i in (1, 2))
+    if kind == "mask":  # a padded batch: row 0 sees its first S - 2 keys (causal when T == S)
+        mask = jnp.arange(S)[None, None, None, :] < jnp.asarray([S - 2, S])[:, None, None, None]
+        mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]) if T == S else jnp.broadcast_to(
+            mask, (B, 1, T, S))
+    else:
+        mask = dense_window_mask(T, None if kind == "causal" else W)
+    if kind == "causal":
+        attend = lambda q, k, v: attention(q, k, v, mask, impl="cudnn", is_causal=True)  # noqa: E731
+    elif kind == "mask":
+        attend = lambda q, k, v: attention(q, k, v, mask, impl="cudnn")  # noqa: E731
+    else:
+        from models.sliding_window import local_attention
+
+        impl = "auto" if kind == "auto_window" else "cudnn"
+        attend = lambda q, k, v: local_attention(q, k, v, W, impl=impl)  # noqa: E731
+    loss = lambda attend: lambda q, k, v: (attend(q, k, v).astype(jnp.float32) * v[:, :1, :1, :1]).sum()  # noqa: E731
+    step = jax.value_and_grad(loss(attend), (0, 1, 2))
+    hlo = jax.jit(step).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.search(r"@__cudnn\$fmha\w*Softmax\(", hlo) and re.search(r"@__cudnn\$fmha\w*SoftmaxBackward\(", hlo)
+
+    dpa = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **kw: dpa(*a, **kw))
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask, H ** -0.5)), (0, 1, 2))(*f32)
+    got = step(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), atol=3e-2 * (1 + float(np.abs(b).max())))
+
+
+@pytest.mark.parametrize("H,capability", [(100, (9, 0)), (264, (9, 0)), (256, (8, 0))])
+def test_cudnn_head_dims_it_refuses_name_the_field_and_auto_takes_the_blocked_kernel(monkeypatch, H, capability):
+    """cuDNN takes head dims that are multiples of 8, up to 256 from Hopper on and 128 before (an A100 with
+    Gemma's 256): jax's NotImplementedError 'The head dim must be <= 128 and a multiple of 8' named no setting.
+    An explicit 'cudnn' is a ValueError naming attn_impl / swa_impl, head_dim and the fix; swa_impl='auto' takes
+    the blocked kernel (an even head dim cuDNN takes still gets cuDNN)."""
+    from models.sliding_window import choose_impl, local_attention
+
+    pretend_cudnn_gpu(monkeypatch, capability)
+    q, k, v = qkv(1, 8, 2, 1, H, jnp.bfloat16)
+    h_max = 256 if capability >= (9, 0) else 128
+    with pytest.raises(ValueError, match=rf"attn_impl='cudnn': .*at most {h_max} .*head_dim={H}; use attn_impl='xla'"):
+        jax.jit(lambda q, k, v: attention(q, k, v, dense_window_mask(8, None), impl="cudnn")).trace(q, k, v)
+    with pytest.raises(ValueError, match=rf"swa_impl='cudnn': .*head_dim={H}; use swa_impl='auto' or 'blocked'"):
+        jax.jit(lambda q, k, v: local_attention(q, k, v, 3, impl="cudnn")).trace(q, k, v)
+    assert choose_impl("auto", jnp.bfloat16, False, False, head_dim=H) == "blocked"
+    assert choose_impl("auto", jnp.bfloat16, False, False, head_dim=128) == "cudnn"
+    np.testing.assert_array_equal(local_attention(q, k, v, 3), local_attention(q, k, v, 3, impl="blocked"))

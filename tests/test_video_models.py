@@ -717,8 +717,8 @@ def test_factorized_attention_gives_cudnn_its_vmapped_axis_in_front(monkeypatch,
     trace time on a GPU with jax's NotImplementedError 'Currently only support batch_dim in [0, None]'. Lowered for
     CUDA from this CPU (jax told a cuDNN 9 Hopper is present: it checks for one before the batching rule runs), the
     value and gradient now hold cuDNN's forward and backward kernels; and with the GPU kernel replaced by jax's 'xla'
-    one the cuDNN path's axis moves give the dense masked reference. (Even lengths: jax's cuDNN wrapper refuses a
-    training call at an odd one, 'Unsupported sequence length Q 3, KV 3'.)"""
+    one the cuDNN path's axis moves give the dense masked reference. (Odd lengths, which jax's cuDNN wrapper refuses to
+    differentiate, are padded by models.attention.cudnn_attention: tests/test_attention.py.)"""
     from jax._src.cudnn import fused_attention_stablehlo as fas
 
     grid, B, N, K = (4, 2, 4), 2, 2, 16
