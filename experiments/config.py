@@ -450,9 +450,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="demo", help=f"one of {', '.join(PRESETS)}")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.steps=50")
     ap.add_argument("--init-from", metavar="HF_FOLDER", help="fine-tune a Hugging Face checkpoint (Llama, Mistral, "
-                    "Ministral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral; safetensors): the model "
-                    "takes its architecture (the preset keeps how it runs: remat, dtype, kernels, ...) and a fresh "
-                    "run its weights")
+                    "Ministral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral, OLMo 2; safetensors): the "
+                    "model takes its architecture (the preset keeps how it runs: remat, dtype, kernels, ...) and a "
+                    "fresh run its weights")
     for flag, key in FLAT.items():
         ap.add_argument(flag, dest=key, action=_AsSet, metavar="VALUE", help=f"= --set {key}=...")
     return ap

@@ -145,9 +145,13 @@ class TransformerConfig:
     # RMSNorm over each head's H of q and k, after their projections (and biases), before RoPE, with a learned [H]
     # scale each (Qwen 3, Gemma 3; Dehghani et al. 2023): bounds the attention logits' growth in training
     qk_norm: bool = False
-    # --- block variants (Gemma 2) ---
+    # what one q / k norm's RMS runs over: 'head' (each head's H, an [H] scale: Qwen 3, Gemma 3) or 'all_heads' (the
+    # whole projection, N·H for q and K·H for k, scales [N, H] and [K, H]: OLMo 2)
+    qk_norm_scope: Literal["head", "all_heads"] = "head"
+    # --- block variants (Gemma 2, OLMo 2) ---
     mlp_act: Literal["silu", "gelu_tanh"] = "silu"
     norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w); Gemma stores w around 0 with offset 1
+    pre_norms: bool = True  # RMSNorm on each sublayer's input; False: none (OLMo 2 normalises outputs only)
     post_norms: bool = False  # RMSNorm on each sublayer's output before the residual add
     embed_scale: bool = False  # multiply token embeddings by sqrt(d_model)
     pipeline_microbatches: int = 1  # GPipe microbatches when the mesh has a `stage` axis
@@ -181,7 +185,7 @@ class TransformerConfig:
                  f"must be a number{' or None' if optional else ''}, got {v!r}")
             if v is not None:
                 object.__setattr__(self, f, float(v))
-        for f in ("qkv_bias", "tie_embeddings", "post_norms", "embed_scale", "scan_layers", "qk_norm"):
+        for f in ("qkv_bias", "tie_embeddings", "pre_norms", "post_norms", "embed_scale", "scan_layers", "qk_norm"):
             v = getattr(self, f)  # 'no' is truthy: it built biases and tied the embeddings
             need(isinstance(v, bool | np.bool_), f, f"must be True or False, got {v!r}")
             object.__setattr__(self, f, bool(v))
@@ -252,6 +256,11 @@ class TransformerConfig:
                  f"'cudnn' (cuDNN's fused attention) takes bfloat16 or float16, not dtype={self.dtype!r}; use "
                  f"dtype='bfloat16' or {f}={other}")
         need(self.mlp_act in ("silu", "gelu_tanh"), "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+        need(self.qk_norm_scope in ("head", "all_heads"), "qk_norm_scope",
+             f"unknown {self.qk_norm_scope!r}; use 'head' (each head's H) or 'all_heads' (the whole N·H projection)")
+        need(self.qk_norm or self.qk_norm_scope == "head", "qk_norm_scope",
+             f"{self.qk_norm_scope!r} is set but qk_norm=False, so there is no q / k norm to scope; set qk_norm=True "
+             "or leave qk_norm_scope='head'")
         need(self.mup_base_width is None or not self.tie_embeddings, "mup_base_width",
              "μP scales the readout separately from the embedding; set tie_embeddings=False")
         need(self.mup_base_width is None or not self.embed_scale, "embed_scale",

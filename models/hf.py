@@ -1,5 +1,5 @@
 """Hugging Face interop: load and save Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Gemma 3
-(text) / Mixtral checkpoints as `Transformer`s.
+(text) / Mixtral / OLMo 2 checkpoints as `Transformer`s.
 
 config.json maps to `TransformerConfig` in models/hf_config.py (`config_from_hf`, `config_to_hf`).
 Only safetensors are read (through `safetensors.numpy`, so torch is not needed); pickle-based
@@ -26,6 +26,10 @@ model with qk_norm and moe) has MoE layers every decoder_sparse_step-th (moe_blo
   mlp.gate.weight [E, D] <-> moe.router[i] [D, E]
   mlp.experts.e.gate_proj / up_proj [F, D] <-> moe.w_gate / w_up[i, e] [D, F]   down_proj [D, F] <-> moe.w_down[i, e]
   (the fused 5.x names load too, as Mixtral's).
+OLMo 2 (Olmo2ForCausalLM: pre_norms=False, qk_norm_scope='all_heads') has norms on the sublayers' outputs only and q / k
+norms over the whole projection:
+  post_attention_layernorm / post_feedforward_layernorm <-> post_attn_norm / post_mlp_norm[i] [D]
+  self_attn.q_norm.weight [N*H] <-> q_norm[i] [N, H]   self_attn.k_norm.weight [K*H] <-> k_norm[i] [K, H]
 """
 
 from __future__ import annotations
@@ -131,11 +135,14 @@ def _dense_layout(cfg: TransformerConfig) -> dict:
         "embed": ("model.embed_tokens.weight", None, None),
         "final_norm": ("model.norm.weight", None, None),
     }
-    if cfg.qk_norm:  # Qwen3
+    if cfg.qk_norm and cfg.qk_norm_scope == "head":  # Qwen3, Gemma 3
         lay["blocks.q_norm"] = (attn + "q_norm.weight", None, None)
         lay["blocks.k_norm"] = (attn + "k_norm.weight", None, None)
+    flat = lambda a: a.reshape(-1)
+    if cfg.qk_norm and cfg.qk_norm_scope == "all_heads":  # OLMo 2: one scale over all heads, ours split by heads
+        lay["blocks.q_norm"] = (attn + "q_norm.weight", flat, lambda a: a.reshape(n, h))
+        lay["blocks.k_norm"] = (attn + "k_norm.weight", flat, lambda a: a.reshape(k, h))
     if cfg.qkv_bias:
-        flat = lambda a: a.reshape(-1)
         lay["blocks.bq"] = (attn + "q_proj.bias", flat, lambda a: a.reshape(n, h))
         lay["blocks.bk"] = (attn + "k_proj.bias", flat, lambda a: a.reshape(k, h))
         lay["blocks.bv"] = (attn + "v_proj.bias", flat, lambda a: a.reshape(k, h))
@@ -143,6 +150,8 @@ def _dense_layout(cfg: TransformerConfig) -> dict:
         lay["blocks.post_attn_norm"] = ("model.layers.{i}.post_attention_layernorm.weight", None, None)
         lay["blocks.mlp_norm"] = ("model.layers.{i}.pre_feedforward_layernorm.weight", None, None)
         lay["blocks.post_mlp_norm"] = ("model.layers.{i}.post_feedforward_layernorm.weight", None, None)
+    if not cfg.pre_norms:  # OLMo 2: no input norms
+        del lay["blocks.attn_norm"], lay["blocks.mlp_norm"]
     if not cfg.tie_embeddings:
         lay["lm_head"] = ("lm_head.weight", T, T)
     return lay
@@ -193,7 +202,7 @@ def _opened(f: Path):
 def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None, mesh=None, rules=None,
                     **config_overrides) -> Transformer:
     """Transformer from a local HF Llama / Mistral / Ministral / Qwen2 / Qwen3 / Qwen3-MoE / Gemma 2 / Gemma 3 (text) /
-    Mixtral folder (config.json + safetensors, sharded or not).
+    Mixtral / OLMo 2 folder (config.json + safetensors, sharded or not).
 
     dtype: compute dtype, a name ('float32', 'bfloat16', 'float16'; not None: the weights' own dtype is not read,
     a float64 checkpoint loads in any of them); param_dtype: storage dtype of the parameters (None: same as dtype,
@@ -416,7 +425,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
                 shape = per_layer[1:] if e is not None else per_layer
                 host = lambda a=arr, ix=index, f=fix: np.ascontiguousarray(f(_slice_to_host(a, ix).astype(out_dtype)))  # noqa: E731
                 plan.append((name.format(i=i, e=e), int(np.prod(shape)) * out_dtype.itemsize, host))
-    if hf["model_type"] in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe") and cfg.qkv_bias:
+    if hf["model_type"] in ("gemma2", "gemma3_text", "qwen3", "qwen3_moe", "olmo2") and cfg.qkv_bias:
         # its attention_bias also adds an o_proj bias, which our model has not: written as zeros (from_pretrained
         # loads a Gemma 2 only when they are zero); left out, transformers would initialise them itself
         zeros = lambda: np.zeros(cfg.d_model, out_dtype)  # noqa: E731

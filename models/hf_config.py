@@ -1,5 +1,5 @@
 """Hugging Face config.json <-> `TransformerConfig`, for `models.hf` (Llama, Mistral, Ministral, Qwen2, Qwen3,
-Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral).
+Qwen3-MoE, Gemma 2, Gemma 3 text, Mixtral, OLMo 2).
 
 Reads both layouts found on published checkpoints: `rope_theta` / `rope_scaling` as transformers 4.x writes them and
 `rope_parameters` as 5.x does; fields a config.json leaves out take the value transformers assumes (`HF_DEFAULTS`),
@@ -16,7 +16,8 @@ from models.config import RopeScaling, TransformerConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Gemma2ForCausalLM": "gemma2", "MixtralForCausalLM": "mixtral", "MinistralForCausalLM": "ministral",
-                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma3ForCausalLM": "gemma3_text"}
+                 "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma3ForCausalLM": "gemma3_text",
+                 "Olmo2ForCausalLM": "olmo2"}
 # What transformers' config classes (5.x) assume for fields a config.json leaves out: an absent field must mean what it
 # means to HF (e.g. Gemma 2 without softcapping fields is soft-capped at 50 / 30), not our own default.
 # max_position_embeddings too: it was "lacks required field", and it is the default original length of llama3 / YaRN.
@@ -42,6 +43,8 @@ HF_DEFAULTS = {
     "gemma3_text": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                         attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=4096,
                         num_key_value_heads=4, max_position_embeddings=131072, sliding_window_pattern=6),
+    # (Olmo2Config: eps 1e-5, not Llama's 1e-6; its absent num_key_value_heads is num_attention_heads, as Llama's)
+    "olmo2": dict(max_position_embeddings=2048, rms_norm_eps=1e-5),
 }  # (Llama's absent num_key_value_heads is num_attention_heads)
 _HF_ACT = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}  # our mlp_act -> HF hidden_act / hidden_activation
 # HF hidden_act -> our mlp_act: transformers' ACT2FN runs 'swish' as SiLU and 'gelu_new' as the same tanh GELU
@@ -169,7 +172,8 @@ def _architecture(hf: dict) -> str:
 def _attention_pattern(hf: dict, arch: str) -> dict:
     """attn_pattern / sliding_window fields from the HF window settings (Mistral semantics)."""
     window, L = hf.get("sliding_window"), hf["num_hidden_layers"]
-    if arch == "llama" or window is None or (arch.startswith("qwen") and not hf.get("use_sliding_window", False)):
+    if arch in ("llama", "olmo2") or window is None or (arch.startswith("qwen")
+                                                         and not hf.get("use_sliding_window", False)):
         return {}
     if arch == "gemma2":
         types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
@@ -259,16 +263,18 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   # Qwen2 always has q/k/v biases; Llama's and Gemma 2's attention_bias also adds an o_proj bias,
                   # which the loader accepts only when it is zero (see from_pretrained). Mistral's and Mixtral's
                   # attention has no biases whatever the flag says (transformers ignores it there too).
-                  # Qwen3's attention_bias is Llama's (q / k / v and o_proj)
-                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe")
-                                               and bool(hf.get("attention_bias", False))),
-                  qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3_text"),
+                  # Qwen3's attention_bias is Llama's (q / k / v and o_proj), and so is OLMo 2's
+                  qkv_bias=arch == "qwen2" or (arch in ("llama", "gemma2", "gemma3_text", "qwen3", "qwen3_moe",
+                                                        "olmo2") and bool(hf.get("attention_bias", False))),
+                  qk_norm=arch in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
                   tie_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma"))),
                   mlp_act=_ACT_FROM_HF[act], **_attention_pattern(hf, arch))
         if arch == "mixtral":
             kw.update(moe=_moe_from_hf(hf, kw["mlp_act"]), moe_every=1)
         if arch == "qwen3_moe":
             kw.update(_qwen3_moe_from_hf(hf, kw["mlp_act"]))
+        if arch == "olmo2":  # norms on the sublayers' outputs only; q / k norms over the whole projection
+            kw.update(pre_norms=False, post_norms=True, qk_norm_scope="all_heads")
         if arch in ("gemma2", "gemma3_text"):  # (1 + w) norms, four per layer, sqrt(D) embedding scale, soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
@@ -406,8 +412,11 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     zeros), Qwen3ForCausalLM with qk_norm (Qwen3MoeForCausalLM with moe too; attention_bias as Gemma 2's),
     MixtralForCausalLM with moe, Qwen2ForCausalLM when cfg.qkv_bias (q/k/v bias, no o_proj bias),
     MistralForCausalLM with a window on every layer or a d_model that n_heads does not divide,
-    MinistralForCausalLM with one window on some layers, LlamaForCausalLM otherwise.
+    MinistralForCausalLM with one window on some layers, Olmo2ForCausalLM without pre_norms (or with
+    qk_norm_scope='all_heads'), LlamaForCausalLM otherwise.
     """
+    if not cfg.pre_norms or cfg.qk_norm_scope == "all_heads":
+        return _olmo2_config(cfg)
     if cfg.post_norms or cfg.norm_offset or cfg.embed_scale:
         if cfg.query_pre_attn_scalar is not None and not float(cfg.query_pre_attn_scalar).is_integer():
             raise ValueError("TransformerConfig.query_pre_attn_scalar must be a whole number for Gemma 2 / 3")
@@ -452,6 +461,34 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
                         layer_types=["sliding_attention" if w else "full_attention" for w in windows], **hf)
         return dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=windows[0], **hf)
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False, mlp_bias=False, **hf)
+
+
+def _olmo2_config(cfg: TransformerConfig) -> dict:
+    """Olmo2ForCausalLM: Llama's attention and MLP with RMSNorms on the sublayers' outputs only (no pre-norms) and
+    q / k norms over the whole projection; its attention_bias adds an o_proj bias too, written as zeros."""
+    wrong = [f"TransformerConfig.{field}={value!r} (set {want})" for field, value, want, ok in (
+        ("pre_norms", cfg.pre_norms, "False", not cfg.pre_norms),
+        ("post_norms", cfg.post_norms, "True", cfg.post_norms),
+        ("qk_norm", cfg.qk_norm, "True", cfg.qk_norm),
+        ("qk_norm_scope", cfg.qk_norm_scope, "'all_heads'", cfg.qk_norm_scope == "all_heads"),
+        ("norm_offset", cfg.norm_offset, "0", cfg.norm_offset == 0),
+        ("embed_scale", cfg.embed_scale, "False", not cfg.embed_scale),
+        ("moe", cfg.moe, "None", cfg.moe is None),
+        ("attn_pattern", cfg.attn_pattern, "'global': OLMo 2 has no sliding window",
+         not any(w is not None for w in cfg.layer_windows())),
+        ("attn_logit_softcap", cfg.attn_logit_softcap, "None", cfg.attn_logit_softcap is None),
+        ("final_logit_softcap", cfg.final_logit_softcap, "None", cfg.final_logit_softcap is None),
+        ("query_pre_attn_scalar", cfg.query_pre_attn_scalar, "None", cfg.query_pre_attn_scalar is None)) if not ok]
+    if wrong:  # the settings that fail, not the whole block
+        raise ValueError(f"an OLMo 2 export (the Hugging Face form of a block without pre-norms, or with q / k norms "
+                         f"over all heads) has no form for {'; '.join(wrong)}")
+    rope = _rope_to_hf(cfg)
+    return dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=_HF_ACT[cfg.mlp_act],
+                tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias, rope_parameters=rope,
+                **_rope_4x(rope), bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
 
 
 def _qwen_windows(cfg: TransformerConfig, windows, why: str) -> dict:

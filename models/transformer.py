@@ -269,15 +269,17 @@ class _Ctx:
 
 
 class Block(nnx.Module):
-    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2) and q / k norms
-    (Qwen 3).
+    """Pre-norm block: x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)); optional post-norms (Gemma 2), no pre-norms
+    (`pre_norms=False`, OLMo 2: x + RMSNorm(Attn(x)); x + RMSNorm(MLP(x))) and q / k norms (Qwen 3 per head, OLMo 2
+    over all heads).
     With `moe=True` the MLP is a `models.moe.MoE` (router + experts) configured by `cfg.moe`."""
 
     def __init__(self, cfg: TransformerConfig, *, moe: bool = False, rngs: nnx.Rngs):
         d, n, k, h, f, pd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim, dtype_of(cfg.param_dtype)
         std = cfg.init_std / cfg.width_mult ** 0.5  # μP: hidden weights' variance ∝ 1 / fan_in
         norm = lambda: param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # noqa: E731
-        self.attn_norm = norm()
+        if cfg.pre_norms:
+            self.attn_norm = norm()
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
         self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
         self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -286,10 +288,14 @@ class Block(nnx.Module):
             self.bq = param(rngs, (n, h), ("heads", "head_dim"), pd, 0.0)
             self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
             self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
-        if cfg.qk_norm:  # one [H] scale shared by the heads, as Qwen 3's q_norm / k_norm
+        if cfg.qk_norm and cfg.qk_norm_scope == "head":  # one [H] scale shared by the heads, as Qwen 3's
             self.q_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
             self.k_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
-        self.mlp_norm = norm()
+        elif cfg.qk_norm:  # OLMo 2's scale over the whole projection: split over `tensor` with the heads it scales
+            self.q_norm = param(rngs, (n, h), ("heads", "head_dim"), pd, 0.0 if cfg.norm_offset else None)
+            self.k_norm = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0 if cfg.norm_offset else None)
+        if cfg.pre_norms:
+            self.mlp_norm = norm()
         if cfg.post_norms:
             self.post_attn_norm = norm()
             self.post_mlp_norm = norm()
@@ -319,7 +325,7 @@ class Block(nnx.Module):
         # flattened once: the products sharing an input then share its residual (per-product reshapes would
         # each be saved for the backward: in a scanned stack, 3 + 2 copies of the normed rows per layer)
         rows = lambda x: x.reshape(B * T, D) if ctx.flat_rows else x  # noqa: E731
-        h_MD = rows(norm(x_BTD, self.attn_norm))
+        h_MD = rows(norm(x_BTD, self.attn_norm) if cfg.pre_norms else x_BTD)
         q_BTNH = mm(h_MD, wc(self.wq)).reshape(B, T, N, H)
         k_BTKH = mm(h_MD, wc(self.wk)).reshape(B, T, K, H)
         v_BTKH = mm(h_MD, wc(self.wv)).reshape(B, T, K, H)
@@ -327,8 +333,14 @@ class Block(nnx.Module):
             # in float32: their gradients sum the cotangent over all B·T tokens (models.linear.add_bias)
             q_BTNH, k_BTKH, v_BTKH = (add_bias(x, p[...].reshape(n, H)) for x, p, n in
                                       ((q_BTNH, self.bq, N), (k_BTKH, self.bk, K), (v_BTKH, self.bv, K)))
-        if cfg.qk_norm:  # over each head's H, before RoPE (its [H] scale does not commute with the rotation)
+        # q / k norms before RoPE (their scales do not commute with the rotation): over each head's H, or over all
+        # heads' N·H together (OLMo 2; with the heads split over `tensor`, the mean of squares spans the shards)
+        if cfg.qk_norm and cfg.qk_norm_scope == "head":
             q_BTNH, k_BTKH = norm(q_BTNH, self.q_norm), norm(k_BTKH, self.k_norm)
+        elif cfg.qk_norm:
+            q_BTNH, k_BTKH = (rms_norm(x.reshape(B, T, n * H), p[...].reshape(n * H), cfg.norm_eps,
+                                       cfg.norm_offset).reshape(B, T, n, H)
+                              for x, p, n in ((q_BTNH, self.q_norm, N), (k_BTKH, self.k_norm, K)))
         q_BTNH = constrain(ctx.rope(q_BTNH, window is not None), ("batch", "act_seq", "act_heads", None))
         k_BTKH = ctx.rope(k_BTKH, window is not None)
         o_BTNH, cache = self._attend(q_BTNH, k_BTKH, v_BTKH, ctx, window, cache)
@@ -337,7 +349,7 @@ class Block(nnx.Module):
         x_BTD = constrain(x_BTD + (norm(a_BTD, self.post_attn_norm) if cfg.post_norms else a_BTD),
                           ("batch", "act_seq", "act_embed"))
 
-        h_BTD, aux = norm(x_BTD, self.mlp_norm), None
+        h_BTD, aux = norm(x_BTD, self.mlp_norm) if cfg.pre_norms else x_BTD, None
         if hasattr(self, "moe"):
             m_BTD, aux = self.moe(h_BTD, compute_dtype=cd, rng=rng, valid_BT=ctx.padding_mask,
                                   inference=cache is not None or ctx.dropless)  # decode-chunking-invariant

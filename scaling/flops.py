@@ -102,7 +102,9 @@ class LMShape:
     windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
+    pre_norms: bool = True  # RMSNorm on each sublayer input (False: OLMo 2, whose block has post_norms only)
     qk_norm: bool = False  # RMSNorm of each head's q and k (Qwen 3): two [head_dim] scales per layer
+    qk_norm_scope: str = "head"  # 'all_heads': over the whole q / k projection (OLMo 2): [N·H] and [K·H] scales
     attn_block: int | None = None  # query block of the block-causal global kernel (None: dense masked)
     swa_block: int = 256  # query block of the blocked sliding-window kernel (the `block` the functions default to)
     swa_dense: bool = False  # local layers on the dense masked oracle (swa_impl='dense'), not the blocked kernel
@@ -115,6 +117,8 @@ class LMShape:
         for f in ("attn_block", "swa_block"):  # block sizes multiply key counts (checked where they are used)
             if isinstance(getattr(self, f), numbers.Integral) and not isinstance(getattr(self, f), bool):
                 object.__setattr__(self, f, int(getattr(self, f)))
+        if self.qk_norm_scope not in ("head", "all_heads"):
+            raise ValueError(f"LM shape: qk_norm_scope={self.qk_norm_scope!r}; use 'head' or 'all_heads'")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"LM shape: n_heads={self.n_heads} is not a multiple of kv_heads={self.kv_heads}; "
                              "grouped-query attention shares each KV head among n_heads / kv_heads query heads")
@@ -193,7 +197,8 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
                    qkv_bias=bool(getattr(cfg, "qkv_bias", False)),
                    tie_embeddings=bool(getattr(cfg, "tie_embeddings", False)), windows=windows,
                    moe=moe if moe is not None else _moe_of(cfg), post_norms=bool(getattr(cfg, "post_norms", False)),
-                   qk_norm=bool(getattr(cfg, "qk_norm", False)),
+                   qk_norm=bool(getattr(cfg, "qk_norm", False)), pre_norms=bool(getattr(cfg, "pre_norms", True)),
+                   qk_norm_scope=getattr(cfg, "qk_norm_scope", "head"),
                    attn_block=attn_block, swa_block=int(getattr(cfg, "swa_block", 256)),
                    # an LMShape carries it as swa_dense (rebuilt for a `windows=` / `moe=` override, it was lost)
                    swa_dense=bool(getattr(cfg, "swa_dense", False)) or getattr(cfg, "swa_impl", "auto") == "dense")
@@ -224,6 +229,13 @@ def _attn_params(s: LMShape) -> int:
     return d * h * hd + 2 * d * k * hd + h * hd * d + ((h + 2 * k) * hd if s.qkv_bias else 0)
 
 
+def qk_norm_params(s: LMShape) -> int:
+    """One layer's q / k norm scales: two [H] (per head), [N·H] + [K·H] (over all heads), or none."""
+    if not s.qk_norm:
+        return 0
+    return 2 * s.head_dim if s.qk_norm_scope == "head" else (s.n_heads + s.kv_heads) * s.head_dim
+
+
 def _mlp_params(s: LMShape, i: int) -> tuple[int, int]:
     """(total, active) MLP parameters of layer i (SwiGLU: 3 matrices)."""
     d = s.d_model
@@ -252,7 +264,7 @@ def param_counts(cfg, **kw) -> ParamCounts:
     dense_layer = (3 * d * s.mlp_dim,) * 2
     mlp_total = n_moe * moe_layer[0] + (L - n_moe) * dense_layer[0]
     mlp_active = n_moe * moe_layer[1] + (L - n_moe) * dense_layer[1]
-    norms = (4 if s.post_norms else 2) * d * L + d + (2 * s.head_dim * L if s.qk_norm else 0)
+    norms = (2 * s.pre_norms + 2 * s.post_norms) * d * L + d + L * qk_norm_params(s)
     head = 0 if s.tie_embeddings else v * d
     emb = v * d + head
     return ParamCounts(total=emb + attn + mlp_total + norms, active=emb + attn + mlp_active + norms, embedding=emb,

@@ -119,19 +119,23 @@ def lm_param_table(cfg, *, param_dtype: str | None = None, windows=None, moe=Non
     P = lambda path, shape, axes: ParamEntry(path, tuple(shape), tuple(axes), pd)  # noqa: E731
 
     def attention_and_norms(pre: str, n_layers: int) -> list[ParamEntry]:
-        t = [P(f"{pre}.attn_norm", (n_layers, d), ("layers", "norm")),
-             P(f"{pre}.wq", (n_layers, d, n, h), ("layers", "embed", "heads", "head_dim")),
+        t = [P(f"{pre}.wq", (n_layers, d, n, h), ("layers", "embed", "heads", "head_dim")),
              P(f"{pre}.wk", (n_layers, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
              P(f"{pre}.wv", (n_layers, d, k, h), ("layers", "embed", "kv_heads", "head_dim")),
-             P(f"{pre}.wo", (n_layers, n, h, d), ("layers", "heads", "head_dim", "embed")),
-             P(f"{pre}.mlp_norm", (n_layers, d), ("layers", "norm"))]
+             P(f"{pre}.wo", (n_layers, n, h, d), ("layers", "heads", "head_dim", "embed"))]
+        if s.pre_norms:  # (OLMo 2 has none)
+            t += [P(f"{pre}.attn_norm", (n_layers, d), ("layers", "norm")),
+                  P(f"{pre}.mlp_norm", (n_layers, d), ("layers", "norm"))]
         if s.qkv_bias:
             t += [P(f"{pre}.bq", (n_layers, n, h), ("layers", "heads", "head_dim")),
                   P(f"{pre}.bk", (n_layers, k, h), ("layers", "kv_heads", "head_dim")),
                   P(f"{pre}.bv", (n_layers, k, h), ("layers", "kv_heads", "head_dim"))]
-        if s.qk_norm:  # Qwen 3: one [H] scale for the queries' heads, one for the keys'
+        if s.qk_norm and s.qk_norm_scope == "head":  # Qwen 3: one [H] scale for the queries' heads, one for the keys'
             t += [P(f"{pre}.q_norm", (n_layers, h), ("layers", "head_dim")),
                   P(f"{pre}.k_norm", (n_layers, h), ("layers", "head_dim"))]
+        elif s.qk_norm:  # OLMo 2: one scale over all the queries' heads, one over the keys'
+            t += [P(f"{pre}.q_norm", (n_layers, n, h), ("layers", "heads", "head_dim")),
+                  P(f"{pre}.k_norm", (n_layers, k, h), ("layers", "kv_heads", "head_dim"))]
         if s.post_norms:  # Gemma 2: norms after attention and after the MLP too (models.transformer.Block)
             t += [P(f"{pre}.post_attn_norm", (n_layers, d), ("layers", "norm")),
                   P(f"{pre}.post_mlp_norm", (n_layers, d), ("layers", "norm"))]
@@ -316,10 +320,13 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     Per token (D d_model, N/K query/kv heads x H head dim, F mlp width, S scores per query; heads,
     kv heads and F divided by the tensor-parallel degree; c = compute-dtype bytes):
       full                : c·D (the layer input; everything else is recomputed)
-      save_dots_no_batch  : c·(2D + NH + 2KH + 2F)  layer input, q, k, v, attention-out proj, gate, up
+      save_dots_no_batch  : c·(2D + NH + 2KH + 2F)  layer input, q, k, v, attention-out proj, gate, up (with
+                            post_norms c·D more: a dense layer's down projection, the post-MLP norm's input)
       save_dots           : the above + c·NH (PV output) + 4·N·S (float32 scores)
-      none                : c·(4D + 2NH + 2KH + 2F) + attention's own — JAX's residuals: the two
-                            norms' inputs and outputs (RMSNorm's backward recomputes its normalised rows),
+      none                : c·(4D + 2NH + 2KH + 2F) + 8 + attention's own — JAX's residuals: the two
+                            norms' inputs and outputs and their float32 inverse RMS (RMSNorm's backward recomputes
+                            its normalised rows; without pre_norms, OLMo 2, the inputs alone: 2D and no 8; with
+                            post_norms, Gemma 2 and OLMo 2, c·2D + 8 more: their inputs and inverse RMS),
                             q, k, v, o, gate and up (`models.glu.glu_linear` recomputes σ and their product;
                             routed experts keep gate, up and their product, 3 pieces per row, the sorted
                             grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); attention's
@@ -328,7 +335,8 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             unnormalised weights E, their row sums and (float32 only: not c·NH in bf16) its
                             output in its own [B, K, G, T, H] layout (attn_impl='reference', autodiff, keeps ~3-4x
                             those score bytes); with qk_norm, c·(NH + KH) + 4·(N + K) more: the q / k norms'
-                            inputs and inverse RMS.
+                            inputs and inverse RMS (qk_norm_scope='all_heads': one RMS per token each, 4·2, on
+                            every device however the heads split).
     MoE layers: F is the shared experts' width plus, for the routed experts, X·expert_mlp_dim with X expert rows
     per token (`routed_slots_per_token`: E·C/T with capacity buffers, top_k for sorted dropless kernels). The
     routed experts' products have a batch dim (E), so save_dots_no_batch keeps none of them; save_dots adds their
@@ -362,7 +370,10 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     lse = 4 * N if flash and remat != "full" else 0.0
     if remat == "full":
         return c * D
-    dots = c * D + projection_bytes(c, backend) * (D + NH + 2 * KH + 2 * F2)  # the layer input + the projections
+    # post_norms: the post-MLP norm's input is the down projection's output, a dot the policy keeps (a dense layer's;
+    # the attention-out projection's is kept anyway)
+    post_dot = D if s.post_norms and not (s.moe is not None and (moe_layer is None or moe_layer)) else 0.0
+    dots = c * D + projection_bytes(c, backend) * (D + post_dot + NH + 2 * KH + 2 * F2)  # layer input + projections
     if remat == "save_dots_no_batch":
         return dots
     if remat == "save_dots":
@@ -370,9 +381,15 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
     kv_windows = 2 * c * KH * S / max(1, min(block, seq_len)) if kernel == "blocked" else 0.0
     # models.attention's softmax VJP; a flash kernel keeps its output (the o-projection's input too) and `lse`
     attn = 0.0 if flash else (c * NH if c >= 4 else 0.0) + 4 * N * S + 4 * N  # a bf16 output is not kept
-    # q / k norms (Qwen 3): their inputs and float32 inverse RMS per head (models.transformer.rms_norm's VJP)
-    qk = c * (NH + KH) + 4 * (N + KH / s.head_dim) if s.qk_norm else 0.0
-    return c * (4 * D + 2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse + qk
+    # q / k norms: their inputs and float32 inverse RMS per head (Qwen 3; models.transformer.rms_norm's VJP), or
+    # per token over all heads (OLMo 2: the [B, T, 1] RMS, whole on each device whatever the heads' split)
+    rms = (N + KH / s.head_dim) if s.qk_norm_scope == "head" else 2
+    qk = c * (NH + KH) + 4 * rms if s.qk_norm else 0.0
+    # the layer's D-wide norms (pre: attention and MLP inputs; post: their outputs): each keeps its input, a pre-norm
+    # also its output (the projections' input, which without it is the layer's own input), and a float32 inverse RMS
+    norms = 2 * s.pre_norms + 2 * s.post_norms
+    rows = c * (2 + norms) * D + 4 * norms
+    return rows + c * (2 * NH + 2 * KH + 2 * F2 + 3 * routed) + moe_none + kv_windows + attn + lse + qk
 
 
 def projection_bytes(compute_bytes: int, backend: str | None = None) -> int:

@@ -72,6 +72,8 @@ VARIANTS = {  # name -> (HF config class, overrides of TINY)
                                                  full_attention=dict(rope_type="yarn", factor=4.0, rope_theta=1e4,
                                                                      original_max_position_embeddings=16),
                                                  sliding_attention=dict(rope_type="default", rope_theta=1e4)))),
+    # no pre-norms, norms on the sublayers' outputs; q / k norms over all heads' N·H = 96 (!= D = 64), tied, llama3
+    "olmo2": ("Olmo2Config", dict(head_dim=24, tie_word_embeddings=True, rope_parameters=LLAMA3)),
 }
 # 40 tokens: well past llama3's original_max_position_embeddings=16, so the scaling matters.
 TOKENS = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40))
@@ -206,7 +208,7 @@ def test_sharded_checkpoint(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral", "qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral_swa", "gemma2", "mixtral", "qwen3_moe", "gemma3", "olmo2"])
 def test_greedy_generation_matches_hf(hf_ckpt, name):
     folder, hf_model = hf_ckpt(name)
     prompt, n = TOKENS[:, :6], 14
@@ -421,6 +423,9 @@ ROUND_TRIP["gemma3_global_scaled"] = dataclasses.replace(ROUND_TRIP["gemma3"], a
 ROUND_TRIP["qwen3_moe"] = dataclasses.replace(ROUND_TRIP["mixtral"], qk_norm=True, qkv_bias=True, moe_every=2,
                                               mlp_dim=160,
                                               moe=dataclasses.replace(ROUND_TRIP["mixtral"].moe, renormalize=False))
+# OLMo 2: no pre-norms, q / k norms over all heads; attention_bias (q / k / v, and an o_proj bias written as zeros)
+ROUND_TRIP["olmo2"] = dataclasses.replace(ROUND_TRIP["llama"], pre_norms=False, post_norms=True, qk_norm=True,
+                                          qk_norm_scope="all_heads", qkv_bias=True, head_dim=24)
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
         "gemma2": "Gemma2ForCausalLM", "gemma2_2to1": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
         "qwen2_sliding": "Qwen2ForCausalLM", "qwen2_upper_swa": "Qwen2ForCausalLM", "llama_yarn": "LlamaForCausalLM",
@@ -429,7 +434,7 @@ ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "Mi
         "gemma2_silu": "Gemma2ForCausalLM", "gemma2_untied": "Gemma2ForCausalLM",
         "gemma2_linear_rope": "Gemma2ForCausalLM", "gemma2_yarn": "Gemma2ForCausalLM",
         "gemma2_qkv_bias": "Gemma2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "gemma3": "Gemma3ForCausalLM", "gemma3_global_scaled": "Gemma3ForCausalLM"}
+        "gemma3": "Gemma3ForCausalLM", "gemma3_global_scaled": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}
 
 
 @pytest.mark.parametrize("name", list(ROUND_TRIP))
@@ -496,6 +501,22 @@ def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
             config_to_hf(cfg)
 
 
+def test_an_olmo2_export_names_the_settings_that_have_no_olmo2_form():
+    """A block without pre-norms, or with q / k norms over all heads, exports as OLMo 2 alone: what that form cannot
+    hold is named, field by field (Llama would have written input_layernorm weights the model does not have)."""
+    olmo = ROUND_TRIP["olmo2"]
+    for cfg, says in ((dataclasses.replace(olmo, pre_norms=True), r"TransformerConfig.pre_norms=True \(set False\)"),
+                      (dataclasses.replace(olmo, qk_norm_scope="head"),
+                       r"TransformerConfig.qk_norm_scope='head' \(set 'all_heads'\)"),
+                      (dataclasses.replace(olmo, post_norms=False), r"TransformerConfig.post_norms=False \(set True\)"),
+                      (dataclasses.replace(olmo, attn_pattern="local", sliding_window=5),
+                       r"TransformerConfig.attn_pattern='local' \(set 'global': OLMo 2 has no sliding window\)"),
+                      (dataclasses.replace(olmo, norm_offset=1.0, embed_scale=True),
+                       r"TransformerConfig.norm_offset=1.0 \(set 0\); TransformerConfig.embed_scale=True")):
+        with pytest.raises(ValueError, match=r"^an OLMo 2 export .* has no form for " + says):
+            config_to_hf(cfg)
+
+
 def test_a_moe_with_a_selection_bias_is_not_exported(tmp_path):
     """Mixtral has no router bias: one non-zero entry would change which experts the HF model picks (a guard that
     needed every entry non-zero passed the tests, which never set one)."""
@@ -543,9 +564,10 @@ def _hf_dict(cls="LlamaConfig", **kw):
     return d
 
 
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Olmo2Config"])
 @pytest.mark.parametrize("type_key", ["rope_type", "type"])
-def test_config_layouts_4x_and_5x_agree(type_key):
-    new = _hf_dict(rope_parameters=LLAMA3)  # the 5.x layout
+def test_config_layouts_4x_and_5x_agree(type_key, cls):
+    new = _hf_dict(cls, rope_parameters=LLAMA3)  # the 5.x layout
     assert "rope_parameters" in new and "rope_scaling" not in new and "rope_theta" not in new
     old = {k: v for k, v in new.items() if k != "rope_parameters"}
     scaling = {k: v for k, v in LLAMA3.items() if k not in ("rope_type", "rope_theta")}
@@ -554,7 +576,7 @@ def test_config_layouts_4x_and_5x_agree(type_key):
     assert cfg == config_from_hf(old)
     assert cfg.rope_theta == 500.0 and cfg.rope_scaling == RopeScaling("llama3", 4.0, 1.0, 4.0, 16)
     # transformers itself reads the 4.x layout to the same parameters
-    assert config_from_hf(transformers.LlamaConfig.from_dict(old).to_dict() | {"architectures": []}) == cfg
+    assert config_from_hf(getattr(transformers, cls).from_dict(old).to_dict() | {"architectures": []}) == cfg
     # and a plain 4.x config (rope_theta only, rope_scaling null)
     plain = {k: v for k, v in old.items() if k != "rope_scaling"} | {"rope_scaling": None}
     assert config_from_hf(plain).rope_scaling is None and config_from_hf(plain).rope_theta == 500.0
@@ -969,9 +991,10 @@ MINIMAL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention
     ("Qwen3Config", dict(use_sliding_window=True, num_hidden_layers=30)),  # max_window_layers 28: the last two slide
     ("Qwen3Config", dict(sliding_window=8, max_window_layers=0)),  # use_sliding_window absent: false, none slides
     ("Qwen3MoeConfig", dict(use_sliding_window=True)),  # every layer slides; 128 experts, top 8, width 768
+    ("Olmo2Config", {}),  # eps 1e-5 (Llama's is 1e-6)
 ], ids=["qwen2_windows", "qwen2_window", "gemma2", "gemma2_bare", "mistral", "mixtral", "mixtral_window", "llama",
         "qwen2_no_use_sliding_window", "qwen3", "qwen3_max_window_layers", "qwen3_no_use_sliding_window",
-        "qwen3_moe"])
+        "qwen3_moe", "olmo2"])
 def test_absent_fields_take_the_transformers_defaults(cls, fields):
     """A config.json without optional fields means what the installed transformers' config class makes of it."""
     raw = MINIMAL | fields | {"architectures": [cls.replace("Config", "ForCausalLM")]}
@@ -995,7 +1018,7 @@ def test_absent_fields_take_the_transformers_defaults(cls, fields):
     if cls == "Qwen3MoeConfig":
         assert (ours.moe.n_experts, ours.moe.top_k, ours.moe.expert_mlp_dim, ours.moe.renormalize, ours.moe_every) == (
             hf.num_experts, hf.num_experts_per_tok, hf.moe_intermediate_size, hf.norm_topk_prob, hf.decoder_sparse_step)
-    assert ours.qk_norm == cls.startswith("Qwen3")
+    assert ours.qk_norm == cls.startswith(("Qwen3", "Olmo2"))
 
 
 def test_gemma3_fields_read_as_transformers_reads_them():
@@ -1047,7 +1070,7 @@ def test_gemma3_exports_write_the_pattern_transformers_before_4_53_reads(pattern
 
 
 @pytest.mark.parametrize("cls", ["LlamaConfig", "MistralConfig", "MinistralConfig", "Qwen2Config", "Gemma2Config",
-                                 "MixtralConfig", "Qwen3Config", "Qwen3MoeConfig", "Gemma3TextConfig"])
+                                 "MixtralConfig", "Qwen3Config", "Qwen3MoeConfig", "Gemma3TextConfig", "Olmo2Config"])
 def test_absent_max_position_embeddings_takes_the_transformers_default(cls, tmp_path):
     """Without max_position_embeddings, transformers takes its class default (Llama 2048, Qwen2 32768, Gemma 3
     131072, ...); we refused the config ("lacks required field"). It is also llama3's default original length."""
@@ -1068,7 +1091,8 @@ def test_absent_max_position_embeddings_takes_the_transformers_default(cls, tmp_
                                          ("Gemma2Config", dict(head_dim=8)),
                                          ("Qwen2Config", dict(hidden_size=128, num_attention_heads=64)),
                                          ("Qwen3Config", dict(hidden_size=128, num_attention_heads=64)),
-                                         ("Qwen3MoeConfig", {}), ("Gemma3TextConfig", dict(head_dim=8))])
+                                         ("Qwen3MoeConfig", {}), ("Gemma3TextConfig", dict(head_dim=8)),
+                                         ("Olmo2Config", {})])
 def test_absent_kv_heads_take_the_transformers_default(cls, fields):
     """Without num_key_value_heads, Mistral / Mixtral mean 8 kv heads, Qwen2 / Qwen3 32, Gemma 2 / 3 and Qwen3-MoE 4
     (we took n_heads: another model, whose checkpoint then failed on k_proj's shape, blaming config.json)."""
@@ -1820,6 +1844,7 @@ def _hf_loss(model, inputs, labels):
     # q / k norms, the router on the MoE layer, the dense layer between; Gemma 3's local RoPE base, (1 + w) q / k norms
     ("qwen3_moe", {}),
     ("gemma3", {}),
+    ("olmo2", {}),  # no pre-norms, post-norms, q / k norms over all heads (N·H != D), tied head
 ])
 def test_training_gradients_match_transformers(hf_ckpt, name, overrides):
     """The trainer's objective (lm_loss_parts: mean NLL over weighted targets, as make_state_step divides its sum)

@@ -97,6 +97,23 @@ def test_pipeline_with_sliding_window_layers_equals_single_device():
     assert_same_step(out, ref)
 
 
+def test_olmo2_block_with_heads_split_over_tensor_equals_single_device():
+    """OLMo 2's block (no pre-norms, post-norms, q / k norms over all heads): with the heads split over `tensor`, the
+    [N, H] / [K, H] norm scales are split with them and each token's mean of squares spans the shards. Loss and
+    gradients (AdamW's steps are the other test's) on a data x sequence x tensor mesh against one device."""
+    cfg = dataclasses.replace(CFG, pre_norms=False, post_norms=True, qk_norm_scope="all_heads")
+    grad = lambda gd: jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))  # noqa: E731
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ref_loss, ref_grads = jax.device_get(grad(graphdef)(params, batch()))
+    mesh = make_mesh({"data": 2, "sequence": 2, "tensor": 2})
+    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    assert params["blocks"]["q_norm"][...].addressable_shards[0].data.shape == (4, 2, 8)  # [L, N / 2, H]
+    with jax.set_mesh(mesh):
+        loss, grads = grad(graphdef)(params, shard_batch(batch(), mesh))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-5), grads, ref_grads)
+
+
 def device0_bytes(tree):
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device.id == 0)
 

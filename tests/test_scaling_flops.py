@@ -63,7 +63,12 @@ def xla_flops(fn, *args):
                                            # Qwen3-MoE style: q / k norms ([head_dim] each), dense and MoE stacks
                                            TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
                                                              n_kv_heads=2, head_dim=12, mlp_dim=64, qk_norm=True,
-                                                             moe_every=2, moe=MoEConfig(4, 2, 16))])
+                                                             moe_every=2, moe=MoEConfig(4, 2, 16)),
+                                           # OLMo 2 style: no pre-norms, q / k norms over all heads ([N·H], [K·H])
+                                           TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                                             n_kv_heads=2, head_dim=12, mlp_dim=64, qk_norm=True,
+                                                             qk_norm_scope="all_heads", pre_norms=False,
+                                                             post_norms=True, moe_every=2, moe=MoEConfig(4, 2, 16))])
 def test_param_counts_and_table_match_real_tree(cfg):
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     real = param_table_from_state(state)

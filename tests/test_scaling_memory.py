@@ -6,10 +6,10 @@ Stated tolerances (XLA:CPU, 8 fake devices, float32):
   over layer count and batch size, which cancels parameter-sized buffers), save_dots and
   save_dots_no_batch: our count is an upper bound and XLA keeps 75-103% of it (it drops saved dot
   outputs it can rebuild cheaply; how many depends on the model code: exactly 100% with the einsum
-  blocks of the first model version, ~80% with today's grouped scan); remat 'none': 97-103% (exact to 8 bytes a
-  token since the model counts models.attention's own residuals, dense and block-causal). With remat 'full' the saved
-  activations (c·D per layer and token) are too small next to other buffers for XLA's peak to show them;
-  it is covered by the whole-step test;
+  blocks of the first model version, ~80% with today's grouped scan); remat 'none': 97-103% (exact in float32
+  since the model counts models.attention's own residuals, dense and block-causal, and the norms' inverse RMS).
+  With remat 'full' the saved activations (c·D per layer and token) are too small next to other buffers for XLA's
+  peak to show them; it is covered by the whole-step test;
 - the whole step's temp bytes (the largest of the forward pass's gathered table and LM head at the lookup, counted
   for backend 'cpu', the backward pass's grads + activations + working set + gathered weights and the optimizer
   update's grads + float32 update buffers) lie within [-22%, +12%] of XLA: the
@@ -196,6 +196,12 @@ def test_capacity_experts_backward_buffers_are_counted(remat, monkeypatch):
     ("none", {"attn_pattern": "local", "sliding_window": 32, "swa_block": 32}, 0.88),  # blocked windows (0.92)
     ("none", {"attn_logit_softcap": 30.0}, 0.97),  # soft-capped scores, the same VJP (autodiff kept 1.9x: 17 B/score)
     ("none", {"qk_norm": True, "n_kv_heads": 2}, 0.97),  # the q / k norms' inputs and inverse RMS per head
+    # Gemma 2's post-norms keep their inputs and inverse RMS, c·2D + 8 (uncounted, XLA kept 1.081x); OLMo 2 has no
+    # pre-norms (their outputs go: the projections read the layer input) and one q / k RMS per token over all heads
+    ("none", {"post_norms": True}, 0.97),
+    ("save_dots_no_batch", {"post_norms": True}, 0.97),  # the post-MLP norm's input: the down projection (1.077x)
+    ("none", {"pre_norms": False, "post_norms": True, "qk_norm": True, "qk_norm_scope": "all_heads",
+              "n_kv_heads": 2}, 0.97),
     # bf16 compute on CPU: the policy saves the projections' float32 dots (models.linear), not their bf16 rounding
     # (counted in bf16, XLA kept 1.92x; per layer and token 6400 B, exactly what is counted now)
     ("save_dots_no_batch", {"dtype": "bfloat16"}, 0.97),
@@ -234,6 +240,11 @@ def test_qk_norm_saved_bytes_are_the_norms_inputs_and_inverse_rms():
             on, off = (saved_bytes_per_token(dataclasses.replace(cfg, qk_norm=q), "none", 128, mesh=mesh)
                        for q in (True, False))
             assert on - off == (c * (N * H + K * H) + 4 * (N + K)) / split, (dtype, mesh)
+            # over all heads (OLMo 2): one [B, T, 1] inverse RMS each for q and k, whole on every device (XLA, float32,
+            # tensor 2: 328 B = 320 + 8 per layer and token, where per-head norms kept 340)
+            every = saved_bytes_per_token(dataclasses.replace(cfg, qk_norm=True, qk_norm_scope="all_heads"), "none",
+                                          128, mesh=mesh)
+            assert every - off == c * (N * H + K * H) / split + 4 * 2, (dtype, mesh)
 
 def test_parameter_bytes_follow_the_rules_table():
     cfg = dataclasses.replace(BASE, n_kv_heads=1)

@@ -731,15 +731,17 @@ def test_resume_counts_a_model_field_added_since_the_save_as_its_default():
     run silently with other attention maths (and a qk_norm failed later on arrays, naming no field)."""
     cfg = load(["--preset", "demo"])  # (MoE layers)
     saved, now = json.loads(cfg.to_json()), json.loads(cfg.to_json())
-    for f in ("qk_norm", "local_rope_theta"):
+    for f in ("qk_norm", "local_rope_theta", "qk_norm_scope", "pre_norms"):
         del saved["model"][f]  # as a checkpoint written before they existed holds it
     del saved["model"]["moe"]["renormalize"]
     assert train_lm.resume_mismatch(saved, now) == ([], [])  # their defaults: what that run computed with
     now["model"]["local_rope_theta"], now["model"]["qk_norm"] = 1e4, True
+    now["model"]["qk_norm_scope"], now["model"]["pre_norms"] = "all_heads", False  # OLMo 2's (since session 52)
     now["model"]["moe"]["renormalize"] = not now["model"]["moe"]["renormalize"]
     assert train_lm.resume_mismatch(saved, now)[0] == [
         "model.local_rope_theta: saved None, now 10000.0", "model.moe.renormalize: saved True, now False",
-        "model.qk_norm: saved False, now True"]
+        "model.pre_norms: saved True, now False", "model.qk_norm: saved False, now True",
+        "model.qk_norm_scope: saved 'head', now 'all_heads'"]
 
 
 def test_resume_ignores_rope_scaling_fields_added_since_the_save():

@@ -78,7 +78,10 @@ def test_a_fresh_model_with_norm_offset_computes_what_one_without_does():
     TransformerConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
                       tie_embeddings=True, moe_every=2,
                       moe=MoEConfig(n_experts=7, top_k=2, expert_mlp_dim=10, n_shared_experts=2)),
-], ids=["dense_untied", "moe_tied"])
+    # OLMo 2: q / k norm scales over all heads, [N, H] and [K, H], split with the heads they scale
+    TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,
+                      pre_norms=False, post_norms=True, qk_norm=True, qk_norm_scope="all_heads"),
+], ids=["dense_untied", "moe_tied", "olmo2"])
 def test_every_parameter_names_its_logical_axes(cfg):
     """Sharding reads each parameter's logical names through parallel/rules.py; a parameter without them is
     replicated on every device without a word, and a misnamed dimension is split along the wrong axis. So every
@@ -690,6 +693,9 @@ def test_linear_float32_output_keeps_operand_gradient_dtypes(impl):
     ("qk_norm", "yes", "qk_norm: must be True or False"),
     ("local_rope_theta", 1e4, "local_rope_theta: is set but attn_pattern='global' has no local layer"),
     ("local_rope_theta", 0.0, "local_rope_theta: must be positive or None"),
+    ("pre_norms", "no", "pre_norms: must be True or False"),
+    ("qk_norm_scope", "layer", "qk_norm_scope: unknown 'layer'; use 'head' .* or 'all_heads'"),
+    ("qk_norm_scope", "all_heads", "qk_norm_scope: 'all_heads' is set but qk_norm=False"),  # no norm to scope
 ])
 def test_config_errors_name_the_field(field, value, words):
     with pytest.raises(ValueError, match=words):

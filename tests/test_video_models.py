@@ -249,7 +249,10 @@ def test_t2v_drops_captions_for_the_dit_only_and_guidance_zero_is_the_null_capti
     np.testing.assert_allclose(uncond, gen(state, jnp.broadcast_to(null, tok.shape), 1.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1)])
+# q / k norms: their scales were left out of the count (2·H per layer); OLMo 2's block: no pre-norms, [N·H] / [K·H]
+@pytest.mark.parametrize("changes", [dict(), dict(qkv_bias=True, post_norms=True, n_kv_heads=1), dict(qk_norm=True),
+                                     dict(pre_norms=False, post_norms=True, qk_norm=True, qk_norm_scope="all_heads",
+                                          n_kv_heads=1)])
 def test_text_encoder_is_the_lm_block_and_counts_its_params(changes):
     from models.transformer import Block
     from models.video.config import text_encoder_params

@@ -245,7 +245,7 @@ def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, cap
     # settings saved before a config field existed (the text encoder's qk_norm, local_rope_theta): its default is
     # what that run trained with, so it resumes (every video run saved before them was refused: "(absent) -> False");
     # another value is refused, by name
-    added = ("t2v.text.qk_norm", "t2v.text.local_rope_theta")
+    added = ("t2v.text.qk_norm", "t2v.text.local_rope_theta", "t2v.text.qk_norm_scope", "t2v.text.pre_norms")
     before = {k: v for k, v in train_video.stage_settings(p, 0)["t2v"].items() if k not in added}
     save(manager(tmp_path / "before" / "ckpt" / "t2v"), 3, tree, {"step": 3, "settings": before})
     train_video.check_resume(p, tmp_path / "before", 0)

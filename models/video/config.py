@@ -33,11 +33,12 @@ def _log2(n: int) -> int | None:
 
 
 def text_encoder_params(cfg: TransformerConfig) -> int:
-    """Parameter count of `models.video.text.TextEncoder(cfg)`: embedding, blocks (the LM's), final norm."""
-    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim
-    layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f + (4 if cfg.post_norms else 2) * d
-    layer += (n + 2 * k) * h if cfg.qkv_bias else 0
-    return cfg.vocab_size * d + cfg.n_layers * layer + d
+    """Parameter count of `models.video.text.TextEncoder(cfg)`: embedding, blocks (the LM's), final norm: the LM's
+    count without its head (a count of its own left the q / k norms out)."""
+    from scaling.flops import param_counts
+
+    pc = param_counts(cfg)
+    return pc.total - (pc.embedding - cfg.vocab_size * cfg.d_model)  # embedding: the table, and an untied head
 
 
 def default_rope_split(head_dim: int) -> tuple[int, int, int]:
