@@ -301,7 +301,8 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
 
     from data.shards import DocWriter, iter_docs, tier_shards, write_json
 
-    out = pathlib.Path(out_dir)
+    # ~ expanded; a URL refused: gs://b/ids was written to a local folder gs:/b/ids (data.cli.local_path)
+    tier_dir, out = local_path(tier_dir), pathlib.Path(local_path(out_dir))
     shards = tier_shards(tier_dir)
     if out.resolve() == pathlib.Path(tier_dir).resolve():  # each shard would be replaced by its ids
         raise ValueError(f"pretokenize out_dir={str(out_dir)!r} is tier_dir: the cleaned text would be overwritten; "

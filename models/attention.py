@@ -314,8 +314,14 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, local_windo
     256-token batch), 3 latent frames or an odd caption could not train on a GPU. The forward runs as given; the
     differentiated call pads T and S to even with one query row (row T - 1's mask; its output is dropped, so its
     cotangent is 0 and it adds nothing to dq, dk, dv) and one key that no query sees (masked, or in every real
-    query's future under the causal mask): the same values and gradients, one row and column more of work."""
+    query's future under the causal mask): the same values and gradients, one row and column more of work. (Not at
+    a row with no visible key, a padding query whose output is garbage by design: cuDNN spreads its weights over all
+    keys, the extra one included, so its value there differs; with a zero cotangent there, as every caller's loss
+    gives it, the gradients are still exact.)
+    A mask that broadcasts over T or S (size 1) is broadcast here: jax's wrapper refuses a bias of another length."""
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    if mask_B1TS is not None:
+        mask_B1TS = jnp.broadcast_to(mask_B1TS, mask_B1TS.shape[:2] + (T, S))
 
     def run(q, k, v, mask):
         kw = dict(is_causal=True, local_window_size=local_window_size) if mask is None else dict(mask=mask)
@@ -329,7 +335,7 @@ def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, local_windo
         q = jnp.pad(q, ((0, 0), (0, pt), (0, 0), (0, 0)))
         k, v = (jnp.pad(x, ((0, 0), (0, ps), (0, 0), (0, 0))) for x in (k, v))
         if mask is not None:  # the extra key masked for every query, the extra query row a copy of the last one's
-            mask = jnp.pad(jnp.broadcast_to(mask, mask.shape[:2] + (T, S)), ((0, 0), (0, 0), (0, 0), (0, ps)))
+            mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, ps)))
             mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pt), (0, 0)), mode="edge")
         return run(q, k, v, mask)[:, :T]
 

@@ -295,7 +295,7 @@ def pretend_cudnn_gpu(monkeypatch, capability=(9, 0)):
 
 
 @pytest.mark.parametrize("kind,T,S", [("causal", 7, 7), ("mask", 8, 5), ("mask", 7, 7), ("window", 7, 7),
-                                      ("auto_window", 7, 7)])
+                                      ("auto_window", 7, 7), ("key_mask", 8, 6)])
 def test_cudnn_trains_at_odd_lengths_through_an_exact_padding(monkeypatch, kind, T, S):
     """jax's cuDNN wrapper refuses the gradient of any call whose T or S is odd ('Unsupported sequence length Q 7,
     KV 7': its check counts a bias even when none is passed), while the forward takes them: an LM at T = 255
@@ -309,7 +309,10 @@ def test_cudnn_trains_at_odd_lengths_through_an_exact_padding(monkeypatch, kind,
     B, N, K, H, W = 2, 4, 2, 16, 3
     q = jax.random.normal(jax.random.key(0), (B, T, N, H), jnp.bfloat16)
     k, v = (jax.random.normal(jax.random.key(i), (B, S, K, H), jnp.bfloat16) for i in (1, 2))
-    if kind == "mask":  # a padded batch: row 0 sees its first S - 2 keys (causal when T == S)
+    if kind == "key_mask":  # [B, 1, 1, S], broadcast over the queries as `attention` documents: jax's cuDNN wrapper
+        # refused it unpadded ('Bias must have same seq length as QKV, got 1 and 6'), even lengths or no gradient
+        mask = jnp.arange(S)[None, None, None, :] < jnp.asarray([S - 2, S])[:, None, None, None]
+    elif kind == "mask":  # a padded batch: row 0 sees its first S - 2 keys (causal when T == S)
         mask = jnp.arange(S)[None, None, None, :] < jnp.asarray([S - 2, S])[:, None, None, None]
         mask = mask & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]) if T == S else jnp.broadcast_to(
             mask, (B, 1, T, S))
@@ -317,7 +320,7 @@ def test_cudnn_trains_at_odd_lengths_through_an_exact_padding(monkeypatch, kind,
         mask = dense_window_mask(T, None if kind == "causal" else W)
     if kind == "causal":
         attend = lambda q, k, v: attention(q, k, v, mask, impl="cudnn", is_causal=True)  # noqa: E731
-    elif kind == "mask":
+    elif kind in ("mask", "key_mask"):
         attend = lambda q, k, v: attention(q, k, v, mask, impl="cudnn")  # noqa: E731
     else:
         from models.sliding_window import local_attention

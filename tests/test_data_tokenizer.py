@@ -457,3 +457,13 @@ def test_a_bucket_url_is_refused_and_a_tilde_is_the_home_directory(tmp_path, mon
     tok.save("~/tok.json")
     assert BPETokenizer.load("~/tok.json").encode("one two").tolist() == tok.encode("one two").tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok.json"]
+    # pretokenize(tier, tok, "gs://b/ids") wrote its ids and meta into a local folder gs:/b/ids and returned that
+    from data.shards import DocWriter
+
+    w = DocWriter(tmp_path / "tier" / "shard-00000.array_record")
+    w.write({"id": "0", "text": "one two"})
+    w.commit()
+    with pytest.raises(ValueError, match=r"^'gs://b/ids' is a URL.*gcsfuse"):
+        pretokenize(tmp_path / "tier", tok, "gs://b/ids", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tier", "tok.json"]
+    assert pretokenize("~/tier", tok, "~/ids", progress=False) == str(tmp_path / "ids")
