@@ -19,6 +19,9 @@ from models.hf import from_pretrained
 from tests.multihost_common import CFG, global_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ahead of ROOT on a trainer's path: its `import torch` fails (tensorboardX's optional import of the test-only torch
+# took 2 s of each trainer's start; nothing the trainer runs uses it)
+NO_TORCH = os.path.join(ROOT, "tests", "no_torch")
 # conftest's compile-speed flags (they halve the trainers' compile times) without the parent's device count
 _COMPILE_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
 
@@ -182,7 +185,8 @@ def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=No
     port, procs = portpicker.pick_unused_port(), []
     base = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
     for pid in range(2):
-        env = {**base, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
+        env = {**base, "PYTHONPATH": os.pathsep.join([NO_TORCH, ROOT]), "JAX_PLATFORMS": "cpu",
+               "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
                "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
                "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
         argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",

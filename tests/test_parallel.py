@@ -10,7 +10,7 @@ from flax import nnx
 
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
-from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
+from parallel import create_sharded, init_optimizer, make_mesh, shard_batch, shard_state
 
 # attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis; q / k
 # norms over heads the tensor axis splits
@@ -41,6 +41,13 @@ def two_steps(graphdef, params, b):
     new_params, opt_state, _ = step(jax.tree.map(lambda x: x.copy(), params), opt_state, b)
     new_params, _, _ = step(new_params, opt_state, b)
     return loss, grads, new_params
+
+
+def placed(cfg, mesh, graphdef_params=None):
+    """(graphdef, params) of Transformer(cfg, rngs=nnx.Rngs(0)) (or of the plain `graphdef_params` given) placed on
+    `mesh` by the rules: create_sharded's placements, with no init compiled for each mesh."""
+    graphdef, params = graphdef_params or nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    return graphdef, shard_state(params, mesh)
 
 
 def assert_same_step(out, ref):
@@ -74,7 +81,7 @@ MESHES = {
 def test_strategy_equals_single_device(name, reference):
     mesh = make_mesh(MESHES[name])
     cfg = dataclasses.replace(CFG, pipeline_microbatches=2)  # only read when the mesh has a stage axis
-    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params = placed(cfg, mesh)
     if "stage" in mesh.shape:  # each stage holds its own layers
         wq = params["blocks"]["wq"][...]
         assert wq.addressable_shards[0].data.shape[0] == CFG.n_layers // mesh.shape["stage"]
@@ -91,7 +98,7 @@ def test_pipeline_with_sliding_window_layers_equals_single_device():
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     ref = jax.device_get(two_steps(graphdef, params, batch()))
     mesh = make_mesh({"stage": 2, "data": 4})
-    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params = placed(cfg, mesh, (graphdef, params))
     with jax.set_mesh(mesh):
         out = two_steps(graphdef, params, shard_batch(batch(), mesh))
     assert_same_step(out, ref)
@@ -106,7 +113,7 @@ def test_olmo2_block_with_heads_split_over_tensor_equals_single_device():
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     ref_loss, ref_grads = jax.device_get(grad(graphdef)(params, batch()))
     mesh = make_mesh({"data": 2, "sequence": 2, "tensor": 2})
-    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params = placed(cfg, mesh, (graphdef, params))
     assert params["blocks"]["q_norm"][...].addressable_shards[0].data.shape == (4, 2, 8)  # [L, N / 2, H]
     with jax.set_mesh(mesh):
         loss, grads = grad(graphdef)(params, shard_batch(batch(), mesh))
@@ -180,20 +187,20 @@ def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: lm_loss(graphdef, p, b)))(params)
     mesh = make_mesh({"stage": 2, "data": 4})
-    gd, sharded = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    gd, on_mesh = placed(cfg, mesh, (graphdef, params))
     bf16 = dataclasses.replace(cfg, dtype="bfloat16")
     gd16 = nnx.graphdef(nnx.eval_shape(lambda: Transformer(bf16, rngs=nnx.Rngs(0))))
     gdp = nnx.graphdef(nnx.eval_shape(lambda: Transformer(dataclasses.replace(cfg, param_dtype="bfloat16"),
                                                           rngs=nnx.Rngs(0))))
     with jax.set_mesh(mesh):
-        loss, grads = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))(sharded, shard_batch(b, mesh))
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))(on_mesh, shard_batch(b, mesh))
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         jax.tree.map(lambda a, r: np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-5), grads,
                      ref_grads)
         # bfloat16 with other mesh axes would abort the process in XLA:CPU: a Python error instead, naming which
         # setting is bfloat16 (it told bf16 parameters under float32 compute to "compute in float32")
-        p16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding), sharded)
-        for g, p, says in ((gd16, sharded, r"bfloat16 activations \(TransformerConfig.dtype\)"),
+        p16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=x.sharding), on_mesh)
+        for g, p, says in ((gd16, on_mesh, r"bfloat16 activations \(TransformerConfig.dtype\)"),
                            (gdp, p16, r"bfloat16 parameters \(TransformerConfig.param_dtype\)")):
             with pytest.raises(ValueError, match="bfloat16 pipeline parallelism with other mesh axes.*" + says):
                 jax.jit(lambda p, b, g=g: lm_loss(g, p, b)).lower(p, shard_batch(b, mesh))
@@ -255,12 +262,14 @@ def test_sequence_parallel_splits_the_work():
     [B, T, D] (flattening [B, T] rows of a sharded sequence made XLA gather it: 3.7x the FLOPs, and more at
     sequence 8). The block-causal kernel's static query blocks cost ~6% more under a sharded sequence (0.6%
     with attn_block=None)."""
+    from parallel.sharding import abstract_sharded
+
     tok = np.zeros((8, 64), np.int32)
     cfg = dataclasses.replace(CFG, max_seq_len=64, n_layers=2)
     flops = {}
     for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
         mesh = make_mesh(shape)
-        graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        graphdef, params = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)  # compiled only
         with jax.set_mesh(mesh):
             b = shard_batch({"inputs": tok, "targets": tok}, mesh)
             c = jax.jit(jax.grad(lambda p, b: lm_loss(graphdef, p, b))).lower(params, b).compile()
@@ -277,10 +286,10 @@ def test_sequence_parallel_splits_the_sliding_window_blocks():
     rng = np.random.default_rng(0)
     tok = rng.integers(0, CFG.vocab_size, size=(8, 64)).astype(np.int32)
     cfg = dataclasses.replace(CFG, max_seq_len=64, n_layers=2, attn_pattern="local", sliding_window=8, swa_block=16)
-    flops, grads = {}, {}
+    flops, grads, plain = {}, {}, nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):  # 4 blocks of 16 queries
         mesh = make_mesh(shape)
-        graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        graphdef, params = placed(cfg, mesh, plain)
         with jax.set_mesh(mesh):
             b = shard_batch({"inputs": tok, "targets": tok}, mesh)
             grad = jax.jit(jax.grad(lambda p, b: lm_loss(graphdef, p, b)))
@@ -386,22 +395,23 @@ import sys, jax, numpy as np
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_compilation_cache", False)  # a cached program is not partitioned again: no warning
 from flax import nnx
+from experiments.aot import abstract_train_inputs
 from experiments.lm_step import make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig
-from parallel import create_sharded, init_optimizer, make_mesh, shard_batch
+from parallel import make_mesh
 OPT = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
 cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
                         attn_pattern="alternating", sliding_window=8, moe=MoEConfig(n_experts=4, top_k=2,
                         expert_mlp_dim=32), moe_every=2)
-tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
 for shape in ({"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "tensor": 2}, {"fsdp": 2, "expert": 4}):
     print("mesh", shape, file=sys.stderr, flush=True)
     mesh = make_mesh(shape)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    # the step's inputs as sharded ShapeDtypeStructs (a [8, 16] batch): the partitioner sees the shardings of a
+    # built state and batch, and nothing is initialised (a jitted init compiled on every mesh: a third of the time)
+    gd, *inputs = abstract_train_inputs(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), OPT, mesh, 8, 16)
     with jax.set_mesh(mesh):
-        b = shard_batch({"inputs": tok[:, :-1], "targets": tok[:, 1:]}, mesh)
-        make_train_step(gd, OPT).lower(p, init_optimizer(OPT, p), b).compile()
+        make_train_step(gd, OPT).lower(*inputs).compile()
 """
 
 

@@ -779,11 +779,14 @@ def test_a_sharded_model_run_without_jax_set_mesh_warns_with_the_fix():
     from flax import nnx
 
     from models import Transformer
-    from parallel import create_sharded, shard_batch
+    from parallel import shard_batch, shard_state
 
     mesh = make_mesh({"data": 2, "sequence": 4})
     tok = np.zeros((8, 16), np.int32)
-    gd, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    with nnx.use_eager_sharding(False):
+        plain_model = Transformer(CFG, rngs=nnx.Rngs(0))
+    gd, params = nnx.split(plain_model)
+    params = shard_state(params, mesh)  # create_sharded's placements (without compiling an init)
     fwd = jax.jit(lambda p, t: nnx.merge(gd, p)(t))
     for batch in (shard_batch(tok, mesh), tok):  # the batch placed or not: the parameters carry the mesh
         fwd.clear_cache()  # (the warning comes from tracing)
@@ -794,8 +797,7 @@ def test_a_sharded_model_run_without_jax_set_mesh_warns_with_the_fix():
         warnings.simplefilter("error")  # inside the mesh, and on one device without one: no warning
         with jax.set_mesh(mesh):
             sharded = fwd(params, shard_batch(tok, mesh))
-        with nnx.use_eager_sharding(False):
-            plain = Transformer(CFG, rngs=nnx.Rngs(0))(jnp.asarray(tok))
+        plain = plain_model(jnp.asarray(tok))
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(plain), atol=1e-5)
     np.testing.assert_allclose(np.asarray(forgot), np.asarray(plain), atol=1e-5)  # the values were always right
 
@@ -809,7 +811,7 @@ def test_a_model_called_eagerly_inside_jax_set_mesh_takes_tokens_on_one_device()
     from flax import nnx
 
     from models import Transformer
-    from parallel import create_sharded
+    from parallel import shard_state
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     tok = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (4, 16)), jnp.int32)  # on one device
@@ -817,7 +819,8 @@ def test_a_model_called_eagerly_inside_jax_set_mesh_takes_tokens_on_one_device()
         with nnx.use_eager_sharding(False):
             plain = Transformer(cfg, rngs=nnx.Rngs(0))
         want, want_h = np.asarray(plain(tok)), np.asarray(plain.hidden_states(tok))
-        gd, state = create_sharded(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        gd, state = nnx.split(plain)
+        state = shard_state(state, mesh)  # the plain model's parameters placed by the rules (no init compiled)
         with jax.set_mesh(mesh):
             sharded = nnx.merge(gd, state)(tok)
             np.testing.assert_allclose(np.asarray(plain(tok)), want, rtol=1e-6, atol=1e-6)

@@ -28,8 +28,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--set", "train.sample_tokens=0", "--set", "train.eval_target=5.3"]
 
 
+# ahead of ROOT on a trainer's path: its `import torch` fails (tensorboardX's optional import of the test-only torch
+# took 2 s of each trainer's start; nothing the trainer runs uses it)
+NO_TORCH = os.path.join(ROOT, "tests", "no_torch")
+
+
 def launch(out, *extra, cache=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               PYTHONPATH=os.pathsep.join([NO_TORCH, ROOT]))
     if cache:  # relaunches reuse the compiled programs (the same executables: results stay bit-identical)
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
