@@ -339,19 +339,21 @@ def test_capacity_slots_are_causal_and_skip_padding():
     padding tokens join no queue: the real tokens are kept exactly as in the row with the pads removed."""
     E, K, C, T = 4, 2, 3, 12
     rng = np.random.default_rng(0)
+    # jitted: eagerly each of its ops compiled on its own, again for every row length of `alone` below
+    slots = jax.jit(capacity_slots, static_argnums=(1, 2))
     for _ in range(20):
         experts = np.stack([rng.permutation(E)[:K] for _ in range(2 * T)]).reshape(2, T, K)
         t = int(rng.integers(1, T))
         other = experts.copy()
         other[:, t:] = np.stack([rng.permutation(E)[:K] for _ in range(2 * (T - t))]).reshape(2, T - t, K)
-        kept = np.asarray(capacity_slots(jnp.asarray(experts), E, C)[1])
-        np.testing.assert_array_equal(np.asarray(capacity_slots(jnp.asarray(other), E, C)[1])[:, :t], kept[:, :t])
+        kept = np.asarray(slots(jnp.asarray(experts), E, C)[1])
+        np.testing.assert_array_equal(np.asarray(slots(jnp.asarray(other), E, C)[1])[:, :t], kept[:, :t])
 
         valid = rng.random((2, T)) < 0.6
-        slot, kept = (np.asarray(a) for a in capacity_slots(jnp.asarray(experts), E, C, jnp.asarray(valid)))
+        slot, kept = (np.asarray(a) for a in slots(jnp.asarray(experts), E, C, jnp.asarray(valid)))
         assert not kept[~valid].any() and (slot[~valid] == E * C).all()  # pads: trash slot, never kept
         for b in range(2):
-            alone = np.asarray(capacity_slots(jnp.asarray(experts[b][valid[b]][None]), E, C)[1])[0]
+            alone = np.asarray(slots(jnp.asarray(experts[b][valid[b]][None]), E, C)[1])[0]
             np.testing.assert_array_equal(kept[b][valid[b]], alone)
 
 

@@ -71,10 +71,10 @@ def test_aux_losses_are_the_means_over_the_moe_layers():
     """return_aux's 'z_loss' and 'lb_loss' are the layers' means (the docstring; the trainer weights each once): with
     zero router weights every layer's router logits are 0, its z-loss is ln(E)² exactly and its balancing loss
     E·Σ f_e·(1/E) = 1, and so are the means. A sum over the 2 MoE layers (2·ln(E)², 2.0) passed every other test."""
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
-    router = model.moe_blocks.moe.router
-    router[...] = jnp.zeros_like(router[...])
-    _, aux = model(tokens(B=2, T=8), return_aux=True)
+    graphdef, state = split(CFG)
+    state = jax.tree.map(lambda x: x, state)  # a copy: split's cached state stays as it is
+    state["moe_blocks"]["moe"]["router"][...] = jnp.zeros_like(state["moe_blocks"]["moe"]["router"][...])
+    _, aux = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, return_aux=True))(state, tokens(B=2, T=8))
     np.testing.assert_allclose(float(aux["z_loss"]), np.log(CFG.moe.n_experts) ** 2, rtol=1e-6)
     np.testing.assert_allclose(float(aux["lb_loss"]), 1.0, rtol=1e-6)
 
@@ -171,13 +171,14 @@ def test_kv_cache_decode_equals_full_forward():
     from models.transformer import KVCache
 
     graphdef, state = split(CFG)
-    model, tok = nnx.merge(graphdef, state), tokens(B=2, T=12)
-    full = model(tok)
-    cache = KVCache.zeros(CFG, 2, 16)
-    logits, cache = model(tok[:, :7], cache=cache)
+    tok = tokens(B=2, T=12)
+    # jitted, as generate runs it (eagerly every op compiles on its own): a program for the prefill, one for the steps
+    full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tok)
+    run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
+    logits, cache = run(state, tok[:, :7], KVCache.zeros(CFG, 2, 16))
     outs = [logits]
     for t in range(7, 12):
-        logits, cache = model(tok[:, t:t + 1], cache=cache)
+        logits, cache = run(state, tok[:, t:t + 1], cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
 
@@ -256,15 +257,19 @@ def test_every_moe_layer_draws_its_own_router_jitter():
 
     cfg = dataclasses.replace(CFG, moe_every=1, scan_layers=False,
                               moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    keys, call = [], MoE.__call__
+    graphdef, state = split(cfg)
+    traced, call = [], MoE.__call__
 
     def recording(self, x, **kw):
-        keys.append(tuple(np.asarray(jax.random.key_data(kw["rng"])).ravel()))
+        traced.append(jax.random.key_data(kw["rng"]))
         return call(self, x, **kw)
 
+    def run(st):  # jitted (eagerly every op compiles on its own), each layer's key data as an output
+        nnx.merge(graphdef, st)(tokens(B=2, T=8), rng=jax.random.key(3))
+        return traced
+
     with mock.patch.object(MoE, "__call__", recording):
-        model(tokens(B=2, T=8), rng=jax.random.key(3))
+        keys = [tuple(np.asarray(k).ravel()) for k in jax.jit(run)(state)]
     assert len(keys) == cfg.n_layers and len(set(keys)) == cfg.n_layers, keys
 
 @pytest.mark.parametrize("shape", [{"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}],

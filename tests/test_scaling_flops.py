@@ -479,7 +479,9 @@ def test_decode_attention_flops_are_the_keys_each_layer_scores(pattern):
     import models.transformer as transformer
 
     cfg = dataclasses.replace(CONFIGS[0], scan_layers=False, **pattern)
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    # shapes only (the key counts are static): traced, not run eagerly op by op (3-10 s a case on CPU)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    call = lambda st, tok, cache: nnx.merge(graphdef, st)(tok, cache=cache)  # noqa: E731
     per_key = 4 * cfg.n_heads * cfg.hd
     for S, context in ((64, 30), (256, 30), (256, 100), (256, 255)):  # buckets of a 256-slot cache: 64, 128, 256
         keys, attention = [], transformer.attention
@@ -488,9 +490,12 @@ def test_decode_attention_flops_are_the_keys_each_layer_scores(pattern):
             keys.append(k.shape[1])
             return attention(q, k, *args, **kw)
 
-        _, cache = model(jnp.zeros((1, context), jnp.int32), cache=KVCache.zeros(cfg, 1, S))
+        _, cache = jax.eval_shape(call, state, jnp.zeros((1, context), jnp.int32), KVCache.zeros(cfg, 1, S))
+        # the length concrete, as after an eager prefill: the decode picks its bucket at trace time (a traced one
+        # takes lax.switch over every bucket)
         with mock.patch.object(transformer, "attention", counting):
-            model(jnp.zeros((1, 1), jnp.int32), cache=cache)
+            jax.eval_shape(lambda st, c: call(st, jnp.zeros((1, 1), jnp.int32), c._replace(length=context)), state,
+                           cache)
         assert len(keys) == cfg.n_layers
         got = decode_flops_per_token(cfg, context, cache_len=S) - matmul_flops_per_token(cfg)
         assert got == per_key * sum(keys), (S, context, got / per_key, keys)
