@@ -924,7 +924,8 @@ def test_chunks_around_the_query_block_equal_a_full_forward(kw, monkeypatch):
         outs.append(logits.astype(jnp.float32))
         lo += T
     outs = jnp.concatenate(outs, 1)
-    atol = 5e-2 if cfg.dtype == "bfloat16" else 1e-5
+    # bf16: a few roundings of logits up to 0.5 (5e-2 passed with the tiled blocks' left-padding mask dropped)
+    atol = 1e-2 if cfg.dtype == "bfloat16" else 1e-5
     # one full forward for both rows (one compile): row 1's tokens from its first real one, then its padding ids as
     # filler, whose slots come after every real token's, so a causal forward's logits there are its tokens' alone
     alone = jnp.stack([tok[0], jnp.roll(tok[1], -pad)])
