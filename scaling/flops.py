@@ -446,10 +446,15 @@ def attention_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block
 
 
 def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
-                            moe=None) -> float:
-    """One forward pass per token: matmuls + attention (also the prefill cost per prompt token)."""
+                            moe=None, expert_shards: int = 1) -> float:
+    """One forward pass per token: matmuls + attention (also the prefill cost per prompt token).
+    kernel='executed' counts what the kernels run, the routed experts' rows by `executed_slots` too (capacity
+    dispatch's padded slots; `expert_shards`: the devices the experts are sharded over)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
-    return matmul_flops_per_token(s) + attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    f = matmul_flops_per_token(s) + attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
+    if kernel == "executed" and s.moe is not None:  # top_k rows per token counted above; the kernels run these
+        f += _routed_forward(s, seq_len, True, expert_shards) - _routed_forward(s, seq_len, False)
+    return f
 
 
 def prefill_flops_per_token(cfg, prompt_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
@@ -458,6 +463,10 @@ def prefill_flops_per_token(cfg, prompt_len: int, *, kernel: str = "ideal", bloc
     (2·d_model·vocab) runs on the last token only (the others' logits are never used): the forward's count less
     (prompt_len - 1) / prompt_len of the head (it was counted for every prompt token)."""
     s = lm_shape(cfg, windows=windows, moe=moe)
+    if kernel == "executed" and s.moe is not None and s.moe.dispatch == "capacity":
+        # with a KV cache capacity dispatch runs dropless, C = T slots per expert (models.moe: `inference`)
+        s = dataclasses.replace(s, moe=dataclasses.replace(s.moe, dispatch="dropless", dropless_impl="capacity",
+                                                           capacity_factor=1.0))
     head = 2.0 * s.d_model * s.vocab_size
     return forward_flops_per_token(s, prompt_len, kernel=kernel, block=block) - head * (prompt_len - 1) / prompt_len
 
@@ -501,9 +510,8 @@ def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: in
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Real) or not seq_len >= 1:
         raise ValueError(f"train_flops_per_token: seq_len={seq_len!r} must be >= 1 token")
     s = lm_shape(cfg, windows=windows, moe=moe)
-    f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block)
-    if kernel == "executed" and s.moe is not None:  # what the kernels run: capacity dispatch's padded slots too
-        f += 3.0 * (_routed_forward(s, seq_len, True, expert_shards) - _routed_forward(s, seq_len, False))
+    # kernel='executed': capacity dispatch's padded slots too (forward_flops_per_token counts them)
+    f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block, expert_shards=expert_shards)
     if include_recompute:
         f += recompute_flops_per_token(s, seq_len, remat, kernel=kernel, block=block, expert_shards=expert_shards)
     return f

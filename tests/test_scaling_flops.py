@@ -385,6 +385,41 @@ def test_moe_capacity_slots_clamped_like_the_layer(E, K, CF):
     assert executed <= xla <= 1.07 * executed, xla / executed
 
 
+def test_forward_flops_executed_count_capacity_moe_slots():
+    """forward_flops_per_token(kernel='executed') counted the routed experts at top_k rows per token, not the E·C
+    capacity slots the forward runs (train_flops_per_token added them on its own): a 1-dense + 1-MoE model's
+    forward ran 1.17x the count (s53 fuzz; dense models 1.01-1.03x). Whole-program counts (unrolled layers)."""
+    from scaling.flops import forward_flops_per_token
+
+    cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, scan_layers=False,
+                            moe_every=2, moe=MoEConfig(4, 2, 256, dispatch="capacity"))
+    B, T = 2, 64
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    xla = xla_flops(lambda s, t: nnx.merge(graphdef, s)(t), state, jax.ShapeDtypeStruct((B, T), jnp.int32))
+    ours = forward_flops_per_token(cfg, T, kernel="executed") * B * T
+    assert ours <= xla <= 1.05 * ours, xla / ours
+    assert train_flops_per_token(cfg, T, kernel="executed") == 3 * forward_flops_per_token(cfg, T, kernel="executed")
+    # generate's prefill (a KV cache) runs capacity dispatch dropless, C = T: the program and the count of a
+    # dropless model through capacity buffers (its forward XLA-counted as the capacity one's, not compared whole:
+    # XLA drops the last layer's work that feeds no K / V)
+    from models.generate import _prefill
+    from scaling.flops import prefill_flops_per_token
+
+    twin = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless", dropless_impl="capacity"))
+    xla_prefill = {}
+    for c in (cfg, twin):
+        gd, st = nnx.split(nnx.eval_shape(lambda c=c: Transformer(c, rngs=nnx.Rngs(0))))
+        prefill = lambda s, p, g=gd: _prefill(nnx.merge(g, s), p, None, jax.random.key(0), 1, 0.0, None, None)[:2]  # noqa: E731
+        xla_prefill[c] = xla_flops(prefill, st, jax.ShapeDtypeStruct((B, T), jnp.int32))
+    assert xla_prefill[cfg] == xla_prefill[twin]
+    assert prefill_flops_per_token(cfg, T, kernel="executed") == prefill_flops_per_token(twin, T, kernel="executed")
+    sorted_kernel = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless"))  # top_k rows
+    E, K, F = cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.expert_mlp_dim
+    extra = (prefill_flops_per_token(cfg, T, kernel="executed")
+             - prefill_flops_per_token(sorted_kernel, T, kernel="executed"))
+    assert extra == pytest.approx(2 * 3 * cfg.d_model * F * (E - K))  # one MoE layer: E rows per token, not K
+
+
 @pytest.mark.parametrize("pattern", [{}, {"attn_pattern": "alternating", "sliding_window": 8}])
 def test_decode_flops_match_cost_analysis(pattern):
     """Global layers score the written slots rounded up to a bucket (128 of 256 here); local ones their W-slot
