@@ -28,7 +28,8 @@ def test_blocked_equals_dense_masked_in_the_model(pattern, window):
 
     def loss_grads(m):
         g, s = nnx.split(m)
-        return jax.value_and_grad(lambda s: cross_entropy(nnx.merge(g, s)(tok[:, :-1]), tok[:, 1:])[0])(s)
+        # jitted: eagerly every op of the forward and backward compiles on its own
+        return jax.jit(jax.value_and_grad(lambda s: cross_entropy(nnx.merge(g, s)(tok[:, :-1]), tok[:, 1:])[0]))(s)
 
     (l1, g1), (l2, g2) = loss_grads(blocked), loss_grads(dense)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
@@ -122,10 +123,11 @@ def test_chunked_prefill_longer_than_the_window(cuts):
     m = model_with()
     tok = jax.random.randint(jax.random.key(3), (2, 19), 0, CFG.vocab_size)
     cache, outs = KVCache.zeros(CFG, 2, 24), []
+    step = jax.jit(lambda t, c: m(t, cache=c))  # eagerly every op compiles on its own
     for lo, hi in zip(cuts, cuts[1:]):
-        logits, cache = m(tok[:, lo:hi], cache=cache)
+        logits, cache = step(tok[:, lo:hi], cache)
         outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), m(tok), atol=1e-5)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), jax.jit(m)(tok), atol=1e-5)
 
 
 def test_prefill_of_a_local_layer_costs_o_t_w_not_t_squared():

@@ -16,10 +16,13 @@ from models.losses import cross_entropy
 from models.moe import MoEConfig
 from parallel import create_sharded, make_mesh, shard_batch, shard_state
 
-# alternating local/global attention x MoE every other layer: pattern period 2, two stacks of 2 layers
+# alternating local/global attention x MoE every other layer: pattern period 2, two stacks of 2 layers. One gmm
+# tile size: the default four each add a tile loop per expert, forward and backward (the unrolled variants compile
+# 16 per MoE layer); the wiring under test is the same for any tiles (test_moe covers the tile sizes)
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_dim=48, max_seq_len=32,
                         attn_pattern="alternating", sliding_window=5,
-                        moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=24, n_shared_experts=1), moe_every=2)
+                        moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=24, n_shared_experts=1, gmm_tile_rows=(8,)),
+                        moe_every=2)
 
 
 def tokens(B=8, T=16, seed=0):
@@ -292,10 +295,7 @@ def test_sequence_parallel_dispatch_equals_single_device_and_splits_the_expert_w
     expert products (capacity 2.1x those FLOPs with MoE in every layer; dropless, grouped by batch shard only,
     1.8x). cost_analysis counts gmm's tile loops (dynamic trip counts) once, so that dropless defect read only 1.02x
     there: the rows each device sorts by expert tell it (256 per device, not 64)."""
-    # one gmm tile size: the default four each add a tile loop per expert, forward and backward (2x the compile);
-    # the grouping under test is the same for any tiles (test_moe covers the tile sizes)
-    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch, gmm_tile_rows=(8,)), moe_every=1,
-                              n_layers=2)
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch), moe_every=1, n_layers=2)
     assert cfg.moe.capacity(32) % 4 == 0  # C = 20 slots per expert and row: divisible by sequence = 4
     tok = tokens(T=33)
     b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}  # 32 positions: divisible by sequence = 4

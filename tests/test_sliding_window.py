@@ -70,11 +70,13 @@ def test_blocked_equals_dense_float64(T, W, C, N, K, layout, cap):
                                             logit_softcap=cap)
 
         real = np.asarray(mask.any(-1)[:, 0])  # rows with at least one visible key
-        o_ref, o = jax.jit(ref)(q, k, v), jax.jit(ours)(q, k, v)  # jitted: op-by-op dispatch took seconds
+        ct = jax.random.normal(jax.random.key(9), q.shape, jnp.float64)
+
+        def out_and_grad(f):  # jitted (op-by-op dispatch took seconds), output and gradient in one program
+            return jax.jit(lambda *a: (f(*a), jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=(0, 1, 2))(*a)))
+
+        (o_ref, g_ref), (o, g) = out_and_grad(ref)(q, k, v), out_and_grad(ours)(q, k, v)
         np.testing.assert_allclose(np.asarray(o)[real], np.asarray(o_ref)[real], atol=1e-10)
-        ct = jax.random.normal(jax.random.key(9), o.shape, jnp.float64)
-        g_ref = jax.jit(jax.grad(lambda *a: (ref(*a) * ct).sum(), argnums=(0, 1, 2)))(q, k, v)
-        g = jax.jit(jax.grad(lambda *a: (ours(*a) * ct).sum(), argnums=(0, 1, 2)))(q, k, v)
         for a, b in zip(g, g_ref):
             np.testing.assert_allclose(a, b, atol=1e-10)
 

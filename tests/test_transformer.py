@@ -210,8 +210,9 @@ def test_all_hidden_states_and_their_gradients_equal_across_scan_and_remat(model
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g1, g2)  # |g| up to ~100
 
 
-@pytest.mark.parametrize("cfg", [
-    dataclasses.replace(CFG, n_layers=4, moe_every=2, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=16)),
+@pytest.mark.parametrize("cfg", [  # one gmm tile size: the default four each add a tile loop per expert (compile)
+    dataclasses.replace(CFG, n_layers=4, moe_every=2, moe=MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=16,
+                                                                    gmm_tile_rows=(8,))),
     dataclasses.replace(CFG, n_layers=4, attn_pattern="alternating", sliding_window=4),  # window < T: it binds
 ], ids=["moe", "sliding_window"])
 def test_hidden_states_of_moe_and_local_layers(cfg, tokens):
@@ -219,17 +220,18 @@ def test_hidden_states_of_moe_and_local_layers(cfg, tokens):
     layer l's output is layer l + 1's input, checked against the scan-free loop over the same stacked parameters."""
     model = make(cfg)
     graphdef, state = nnx.split(model)
-    run = jax.jit(lambda st, t: (lambda m: (m(t), m.unembed(m.hidden_states(t)), m.hidden_states(t, all_layers=True)))
+    # one program (a compile each took most of the time): logits, the unembedded final hidden states, every layer's
+    # output, and return_aux's hidden states and aux beside __call__'s
+    run = jax.jit(lambda st, t: (lambda m: (m(t), m.unembed(m.hidden_states(t)), m.hidden_states(t, all_layers=True),
+                                            m.hidden_states(t, return_aux=True), m(t, return_aux=True)))
                   (nnx.merge(graphdef, st)))
-    logits, unembedded, every = run(state, tokens)
+    logits, unembedded, every, (h, aux), (_, want) = run(state, tokens)
     np.testing.assert_array_equal(unembedded, logits)
     assert every.shape == (cfg.n_layers + 1,) + tokens.shape + (cfg.d_model,)
     unscanned = nnx.jit(lambda m, t: m.hidden_states(t, all_layers=True))(with_cfg(model, scan_layers=False), tokens)
     np.testing.assert_allclose(every, unscanned, atol=1e-5)
     assert np.abs(np.diff(np.asarray(every), axis=0)).max(axis=(1, 2, 3)).min() > 1e-2  # every entry its own
     # return_aux: the MoE aux dict __call__ returns (a head trained with an MoE backbone needs its losses)
-    (h, aux), (_, want) = jax.jit(lambda st, t: (lambda m: (m.hidden_states(t, return_aux=True), m(t, return_aux=True)))
-                                  (nnx.merge(graphdef, st)))(state, tokens)
     np.testing.assert_array_equal(h, every[-1])
     assert jax.tree.structure(aux) == jax.tree.structure(want) and (aux != {}) == (cfg.moe is not None)
     jax.tree.map(np.testing.assert_array_equal, aux, want)
