@@ -111,10 +111,14 @@ class Conv(nnx.Module):
         self.b = param(rngs, (cout,), (out_axis,), dtype, 0.0)
 
     def __call__(self, x):
+        # the kernel's input channels whole (ZeRO-3 gathers the weight for compute anyway): with kt = 1 they reached
+        # the convolution split over fsdp (kt > 1 merges them with the taps, which gathers them), and XLA's partitioner
+        # computed wrong gradients on {data: 2, fsdp: 2, tensor: 2} (kernel (1, 5, 3): off by the largest one)
+        w = whole(self.w[...], "conv_in", 3)
         axis = _row_axis(x)
         if axis is None:  # whole rows, also where x comes from a split of twice its height
-            return causal_conv3d(whole(x, "act_height", 2), self.w[...], self.b[...])
-        return halo_map(causal_conv3d, x, self.w[...], self.b[...], axis=axis, dim=2, halo=self.w.shape[1] // 2)
+            return causal_conv3d(whole(x, "act_height", 2), w, self.b[...])
+        return halo_map(causal_conv3d, x, w, self.b[...], axis=axis, dim=2, halo=self.w.shape[1] // 2)
 
 
 class ResBlock(nnx.Module):
