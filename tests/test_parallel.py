@@ -10,7 +10,7 @@ from flax import nnx
 
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
-from parallel import create_sharded, init_optimizer, make_mesh, shard_batch, shard_state
+from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh, shard_batch, shard_state
 
 # attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis; q / k
 # norms over heads the tensor axis splits
@@ -38,7 +38,9 @@ def two_steps(graphdef, params, b):
     # sharded like the params, as the step returns it (a replicated state compiled the step again for the second)
     opt_state = init_optimizer(OPT, params)
     step = make_train_step(graphdef, OPT)
-    new_params, opt_state, _ = step(jax.tree.map(lambda x: x.copy(), params), opt_state, b)
+    # the step donates its params: a copy made by one program (eagerly, each leaf's copy compiled its own: 12 a mesh)
+    copied = jax.jit(lambda p: jax.tree.map(jax.numpy.copy, p))(params)
+    new_params, opt_state, _ = step(copied, opt_state, b)
     new_params, _, _ = step(new_params, opt_state, b)
     return loss, grads, new_params
 
@@ -47,7 +49,8 @@ def placed(cfg, mesh, graphdef_params=None):
     """(graphdef, params) of Transformer(cfg, rngs=nnx.Rngs(0)) (or of the plain `graphdef_params` given) placed on
     `mesh` by the rules: create_sharded's placements, with no init compiled for each mesh."""
     graphdef, params = graphdef_params or nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    return graphdef, shard_state(params, mesh)
+    # from host copies: a device array put on a mesh compiles a slicing program per leaf shape and sharding
+    return graphdef, shard_state(jax.device_get(params), mesh)
 
 
 def assert_same_step(out, ref):
@@ -145,12 +148,13 @@ def test_init_optimizer_on_unsharded_params_and_no_scan_pipeline_refused():
     # without the scanned stack the layers would only be sharded over 'stage', every device running every layer
     cfg = dataclasses.replace(CFG, scan_layers=False, pipeline_microbatches=2)
     mesh = make_mesh({"stage": 2, "data": 4})
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    # only traced (eval_shape): shapes and shardings, no init compiled
+    gd, p = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="scan_layers=False under pipeline parallelism"):
         jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
     # 8 rows in 4 microbatches of 2 cannot split over data=4: named, not an XLA sharding error
     cfg = dataclasses.replace(CFG, pipeline_microbatches=4)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    gd, p = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="pipeline_microbatches=4: a batch of 8 rows"):
         jax.eval_shape(lambda p, t: nnx.merge(gd, p)(t), p, jax.ShapeDtypeStruct((8, 16), jax.numpy.int32))
     # 4 rows over data=4: the fix read "use a divisor of 1 microbatches"
@@ -166,7 +170,8 @@ def collectives(hlo: str):
 def test_tensor_parallel_is_megatron_shaped():
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, mlp_dim=64)
     mesh = make_mesh({"tensor": 8})
-    graphdef, params = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    # compiled, not run: the parameters' shapes and shardings, no init compiled
+    graphdef, params = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     tok = jax.numpy.zeros((2, 16), jax.numpy.int32)
     with jax.set_mesh(mesh):
         hlo = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)).lower(params, tok).compile().as_text()
@@ -175,8 +180,8 @@ def test_tensor_parallel_is_megatron_shaped():
     # the only all-gather is the embedding table for the lookup; no weight is ever replicated
     assert [s for s, op in ops if op == "all-reduce"] == ["f32[32,32]{1,0}"] * 2, ops
     assert [s for s, op in ops if op == "all-gather"] == ["f32[64,32]{1,0}"], ops
-    wq = params["blocks"]["wq"][...]
-    assert wq.addressable_shards[0].data.shape == (2, 32, 1, 4)
+    wq = params["blocks"]["wq"].get_value()  # a ShapeDtypeStruct with its sharding
+    assert wq.sharding.shard_shape(wq.shape) == (2, 32, 1, 4)
 
 
 def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
@@ -292,8 +297,8 @@ def test_sequence_parallel_splits_the_sliding_window_blocks():
         graphdef, params = placed(cfg, mesh, plain)
         with jax.set_mesh(mesh):
             b = shard_batch({"inputs": tok, "targets": tok}, mesh)
-            grad = jax.jit(jax.grad(lambda p, b: lm_loss(graphdef, p, b)))
-            ca = grad.lower(params, b).compile().cost_analysis()
+            grad = jax.jit(jax.grad(lambda p, b: lm_loss(graphdef, p, b))).lower(params, b).compile()  # traced once
+            ca = grad.cost_analysis()
             grads[name] = jax.tree.leaves(grad(params, b))
         flops[name] = (ca[0] if isinstance(ca, list) else ca)["flops"]
     assert flops["sp"] <= 1.1 * flops["dp"], flops
@@ -361,11 +366,11 @@ def _sharded_lm_grad(cfg, shape):
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
     mesh = make_mesh(shape)
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    gd, p = placed(cfg, mesh, (graphdef, params))  # create_sharded's placements, no init compiled on the mesh
     with jax.set_mesh(mesh):
-        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b)))
         sb = shard_batch(b, mesh)
-        return grad.lower(p, sb).compile().as_text(), grad(p, sb), want
+        grad = jax.jit(jax.grad(lambda p, b: lm_loss(gd, p, b))).lower(p, sb).compile()  # read and run: traced once
+        return grad.as_text(), grad(p, sb), want
 
 
 @pytest.mark.parametrize("shape", [{"fsdp": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2}])
@@ -467,13 +472,14 @@ jax.config.update("jax_num_cpu_devices", 8)
 from flax import nnx
 from experiments.lm_step import lm_loss
 from models import Transformer, TransformerConfig
-from parallel import create_sharded, make_mesh
+from parallel import abstract_sharded, make_mesh
 mesh = make_mesh({"fsdp": 8})
 b = {"inputs": np.zeros((8, 16), np.int32), "targets": np.zeros((8, 16), np.int32)}
 for embeddings in ("untied", "tied"):
     cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_dim=64, dtype="bfloat16",
                             tie_embeddings=embeddings == "tied")
-    gd, p = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+    # only lowered and compiled: the parameters' shapes and shardings, no init program compiled (and dumped)
+    gd, p = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
     with jax.set_mesh(mesh):
         jax.jit(jax.value_and_grad(lambda p: lm_loss(gd, p, b))).lower(p).compile()
     dump = sys.argv[1]  # this compile's dumps into a folder of their own

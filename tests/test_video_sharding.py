@@ -38,10 +38,12 @@ def grads(loss_fn, graphdef, state, batch):
 def random_params(make):
     """(graphdef, state) of `make()` with every parameter drawn on the host from N(0, 0.1²): no init program to
     compile (seconds per model on XLA:CPU), and no parameter at a special value (adaLN-Zero's zeros make the DiT
-    the identity, which compared nothing: a layer scan that mixed rows across devices on this mesh passed)."""
+    the identity, which compared nothing: a layer scan that mixed rows across devices on this mesh passed). Host
+    (numpy) arrays: put on a mesh from the host, where a device array's placement compiles a slicing program per
+    leaf shape and sharding."""
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     rng = np.random.default_rng(0)
-    return graphdef, jax.tree.map(lambda v: jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype), abstract)
+    return graphdef, jax.tree.map(lambda v: (0.1 * rng.standard_normal(v.shape)).astype(v.dtype), abstract)
 
 
 def compare(make, loss_fn, batch, check_split, mesh_shape=MESH):
