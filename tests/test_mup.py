@@ -148,15 +148,20 @@ def test_make_optimizer_is_mu_adamw_with_weight_decay():
     c = cfg(128, True)
     params = nnx.state(Transformer(c, rngs=nnx.Rngs(0)))
     leaves, treedef = jax.tree.flatten(params)
-    grads = [[np.asarray(jax.random.normal(jax.random.key(10 * s + i), x.shape)) for i, x in enumerate(leaves)]
-             for s in range(2)]
+    rng = np.random.default_rng(10)
+    grads = [[rng.standard_normal(x.shape, np.float32) for x in leaves] for _ in range(2)]
     lr, wd, m = 1e-2, 0.1, c.width_mult
     opt = make_optimizer(lr, total_steps=100, warmup_steps=0, weight_decay=wd, clip_norm=float("inf"),
                          schedule="wsd", width_mult=m)  # wsd: lr constant over these updates
+
+    @jax.jit  # one program for both updates (eagerly, each op of the update compiled: 3.5 s of the test's 9.8)
+    def update(g, state, p):
+        u, state = opt.update(jax.tree.unflatten(treedef, g), state, p)
+        return optax.apply_updates(p, u), state
+
     state, p = opt.init(params), params
     for g in grads:
-        u, state = opt.update(jax.tree.unflatten(treedef, g), state, p)
-        p = optax.apply_updates(p, u)
+        p, state = update(g, state, p)
 
     ts = [torch.tensor(np.asarray(x), requires_grad=True) for x in leaves]
     hidden, decayed = jax.tree.leaves(mup_hidden_mask(params)), jax.tree.leaves(decay_mask(params))

@@ -597,8 +597,10 @@ def test_a_corrupt_step_is_reported_in_one_line_without_orbax_or_asyncio_noise(t
     mesh = make_mesh({"fsdp": 8})
     shard, rep = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())
 
-    def state(step):  # many arrays of 8 shards each: many reads in flight when one fails
-        return {"params": {f"w{i}": jax.device_put(jax.random.normal(jax.random.key(100 * step + i), (256, 64)), shard)
+    def state(step):  # many arrays of 8 shards each: many reads in flight when one fails (numpy's draws: 288 eager
+        # jax.random.normal calls took a second)
+        rng = np.random.default_rng(step)
+        return {"params": {f"w{i}": jax.device_put(rng.standard_normal((256, 64), np.float32), shard)
                            for i in range(48)}, "step": jax.device_put(jnp.asarray(step, jnp.int32), rep)}
 
     ckpt = Checkpoints(tmp_path / "ckpt", keep=4, keep_best=False, async_save=False, log=lambda *a: None)
