@@ -482,20 +482,26 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     rerun: the MLP's pre-norm needs x + wo(attn); so are the routed experts' down products: the router's
     gradient needs the experts' outputs) — the LM head is outside the remat'ed layers and is not rerun.
     kernel='executed' counts the expert rows the kernels run (`executed_slots`; `expert_shards`: the devices the
-    experts are sharded over).
+    experts are sharded over), and for the 'dense' dropless kernel what it reruns: its products are 2-D (kept by
+    'save_dots_no_batch') and it gates before the down product ('full' reruns only gate and up).
     """
     if remat not in RECOMPUTE_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
     s = lm_shape(cfg, windows=windows, moe=moe)
     attn = attention_flops_per_token(s, seq_len, kernel=kernel, block=block)
     routed = _routed_forward(s, seq_len, kernel == "executed", expert_shards)
+    m = s.moe
+    # models.moe_dispatch.dense_experts: [N, D] @ [D, E·F] products, no batch dimension, and the router's gradient
+    # reads the gated hidden h, not the down product's output (it only feeds the residual, as a dense MLP's does)
+    dense_kernel = kernel == "executed" and m is not None and m.dispatch == "dropless" and m.dropless_impl == "dense"
     if remat == "full":
+        routed *= 2 / 3 if dense_kernel else 1  # gate and up of the 3 products
         d = s.d_model
         n_moe = s.n_moe_layers  # integers: counted per kind of layer, not looped over n_layers
         down = n_moe * d * (_shared_width(s.moe) if n_moe else 0) + (s.n_layers - n_moe) * d * s.mlp_dim
         rest = param_counts(s).matmul_active - s.vocab_size * d - down  # routed experts: replaced by `routed`
         return 2.0 * rest - _routed_forward(s, seq_len, False) + routed + attn
-    return attn + routed if remat == "save_dots_no_batch" else 0.0
+    return attn + (0.0 if dense_kernel else routed) if remat == "save_dots_no_batch" else 0.0
 
 
 def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, remat: str = "none",
