@@ -14,7 +14,8 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   dot-saving policies; tests/test_scaling_memory.py states every tolerance);
 - working set = B_l·T_l · (the full forward residuals of one scan group, i.e. one pattern period of layers
   such as local + global or dense + MoE, live while its backward runs or is rematerialised, + the
-  logits/loss buffers);
+  logits/loss buffers; on backend 'cpu' with the sequence sharded, + 3 float32 MLP-wide transposes that XLA:CPU
+  takes of [B, T, F] rows for their weight gradients);
 - transient weights = with FSDP, one layer's weights all-gathered (x2 for the next layer's
   prefetch) in compute dtype, and the embedding table gathered for the lookup, a forward buffer (its VJP keeps the
   tokens alone), by what it exceeds the backward's working set (the peak holds the larger);
@@ -532,6 +533,14 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
                 + (expert_temps * cb * _buffered_expert_width(s, seq_len, mesh, rules) if m else 0.0)
                 + 2 * 4 * n_local * scores(w) for w, m in runs[:P])
     v_local = s.vocab_size / _act_split("act_vocab", mesh, s.vocab_size, rules)
+    cpu = str(backend).lower() == "cpu"
+    if cpu and sshards > 1:
+        # a sharded sequence runs the projections on [B, T, F] rows (models.linear.flat_rows), whose weight gradients
+        # XLA:CPU contracts over (B, T) from transposed [F, B·T] float32 copies (bf16 compute too: its dots accumulate
+        # in float32): 3 MLP-wide ones live in one layer's backward (buffer assignment: three [F, B·T] transposes).
+        # Uncounted, {sequence: 2 or 4} (tensor 2 too) kept 2.5-3.6 [B·T, F_local] float32 buffers more than {data}
+        # at the same local tokens, remat none / full / save_dots*, float32 and bf16: XLA 1.14-1.45x this estimate
+        group += 3 * projection_bytes(cb, backend) * max(_dense_mlp_width(s, mesh, rules, m) for _, m in runs[:P])
     working = local_tokens * (group / M + 3 * 4 * v_local + 2 * cb * s.d_model)
 
     # models.embed's lookup reads each device's vocab shard where its tokens are under V/2 (`_vocab_split_lookup`:
@@ -540,7 +549,6 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     vocab_split = shard_factor(("vocab", None), (V, D), mesh, rules)  # the head's columns over tensor: XLA keeps that
     embed_split = shard_factor((None, "embed"), (V, D), mesh, rules)  # what the reduce-scatter undoes (fsdp)
     lookup_split = vocab_split if 2 * local_tokens < V else 1
-    cpu = str(backend).lower() == "cpu"
     forward = 0.0
     if cpu and vocab_split * embed_split > lookup_split:
         # XLA:CPU's peak at vocabulary-heavy sizes is in the forward, at the lookup: the table as gathered for it, the
