@@ -104,6 +104,9 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
         return jax.lax.psum(jnp.where(s == S - 1, ys[S - 1:], 0.0), axis)
 
     layer_spec = jax.tree.map(lambda _: P(axis), params)
+    # size-1 axes manual too: they split nothing, but left to GSPMD XLA:CPU aborted the process on the bfloat16
+    # all-reduce of {stage: 2, tensor: 1} as it does for the refused axes above (no rule names a size-1 axis)
+    manual = frozenset({axis} | {a for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n == 1})
     out = jax.shard_map(stage_fn, mesh=mesh, in_specs=(layer_spec, P(), P()), out_specs=P(),
-                        axis_names=frozenset({axis}))(params, x_MbTD, ctx_M)
+                        axis_names=manual)(params, x_MbTD, ctx_M)
     return out.swapaxes(0, 1).reshape(x_BTD.shape)  # back to row order

@@ -74,12 +74,26 @@ def _check_moe_pipeline(model, mesh, rules) -> None:
     that did not divide the axis, advised 'use a config n_layers that is a multiple of 2', a count that then placed
     only for the forward to refuse the model."""
     moe_layers = getattr(getattr(model, "cfg", None), "moe_layers", None)
-    if not callable(moe_layers) or not any(moe_layers()):
+    if callable(moe_layers) and any(moe_layers()):
+        _refuse_moe_pipeline(sum(moe_layers()), mesh, rules)
+
+
+def _check_moe_pipeline_state(state, mesh, rules) -> None:
+    """`_check_moe_pipeline` for a state (shard_state's), whose MoE layers are models.Transformer's `moe_blocks` stack
+    [L_moe, ...]: shard_state still gave the count advice that then placed only for the forward to refuse the model."""
+    try:
+        moe = state["moe_blocks"]
+    except (KeyError, TypeError, IndexError):
         return
+    if leaves := [x for x in jax.tree.leaves(moe) if getattr(x, "ndim", 0) >= 1]:
+        _refuse_moe_pipeline(leaves[0].shape[0], mesh, rules)
+
+
+def _refuse_moe_pipeline(n: int, mesh, rules) -> None:
     axes = logical_to_spec(("layers",), mesh, rules=rules)[0]
     if axes is None:
         return
-    sizes, n = _mesh_axes(mesh), sum(moe_layers())
+    sizes = _mesh_axes(mesh)
     named = " × ".join(f"{a!r} ({sizes[a]})" for a in ((axes,) if isinstance(axes, str) else axes))
     raise ValueError(f"MoE layers under pipeline parallelism are not supported (their auxiliary losses do not cross "
                      f"stages yet): this model has {n} MoE layer{'s' * (n != 1)} and mesh axis {named} splits the "
@@ -127,7 +141,9 @@ def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
 
 
 def shard_state(state, mesh, rules=None):
-    """Move an existing (e.g. single-device) state onto `mesh` according to the rules."""
+    """Move an existing (e.g. single-device) state onto `mesh` according to the rules. A Transformer state with MoE
+    layers on a mesh whose 'stage' axis splits the layer stack raises, as create_sharded does."""
+    _check_moe_pipeline_state(state, mesh, rules)
     return jax.device_put(state, logical_shardings(state, mesh, rules))
 
 

@@ -432,6 +432,20 @@ def test_swa_prints_the_footprint_of_a_kernel_it_did_not_run(monkeypatch, capsys
     assert "| 128 | dense_masked | 0.01 s / 0.02 GB | not run (0.06 GB) |" in out
 
 
+def test_swa_does_not_run_a_kernel_that_may_not_fit_in_the_memory_left(monkeypatch, capsys):
+    """The default sweep, under the tuned allocator, grew to 24 GB and was killed on a 23 GB machine, every row lost:
+    a kernel whose footprint may not fit in what is left (MemAvailable) is compiled, reported, and not run."""
+    from benchmarks import swa
+
+    fn = swa.kernels(8)["swa_blocked"]
+    sec, gb = swa.measure(fn, 32, 1, float("inf"))
+    assert sec is not None and gb > 0
+    monkeypatch.setattr(swa, "memory_left_gb", lambda: 0.99 * swa.HEAP_FACTOR * gb)
+    assert swa.measure(fn, 32, 1, float("inf")) == (None, gb)
+    assert "T=32: not run" in capsys.readouterr().out
+    assert 0 < swa.memory_left_gb() < float("inf")  # read from /proc/meminfo on this Linux machine
+
+
 def test_a_results_file_survives_a_dump_that_fails(tmp_path):
     """The scripts wrote --json with open(path, "w") then json.dump: a value JSON cannot hold left the committed
     file cut off mid-object ('{"a": 1, "b": '); now the old file stays whole and no temporary is left beside it."""

@@ -211,6 +211,24 @@ def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
                 jax.jit(lambda p, b, g=g: lm_loss(g, p, b)).lower(p, shard_batch(b, mesh))
 
 
+@pytest.mark.parametrize("shape", [{"stage": 2}, {"stage": 2, "data": 1, "tensor": 1}])
+def test_bf16_pipeline_with_size_one_axes_runs_on_cpu(shape):
+    """A size-1 axis beside `stage` passed the bfloat16 guard above (it splits nothing) but, left to GSPMD in gpipe's
+    shard_map, XLA:CPU aborted the process on the gradient's bfloat16 all-reduce ("Invalid binary instruction opcode
+    copy"; found by a property fuzz of the train step: {stage: 2, tensor: 1}). Gradients as run layer by layer."""
+    from parallel import gpipe
+
+    mesh = make_mesh(shape, devices=jax.devices()[:2])
+    w_LDD = jax.random.normal(jax.random.key(0), (2, 8, 8), jax.numpy.bfloat16) / 4
+    x_BTD = jax.random.normal(jax.random.key(1), (4, 3, 8), jax.numpy.bfloat16)
+    layer = lambda w, x, _: jax.numpy.tanh(x @ w)  # noqa: E731
+    loss = lambda run: lambda w, x: (run(w, x).astype(jax.numpy.float32) ** 2).sum()  # noqa: E731
+    ref = jax.jit(jax.grad(loss(lambda w, x: layer(w[1], layer(w[0], x, None), None))))(w_LDD, x_BTD)
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss(lambda w, x: gpipe(layer, w, x, n_microbatches=2))))(w_LDD, x_BTD)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def test_bubble_fraction_counts_the_idle_ticks_of_the_schedule():
     """gpipe's schedule, enumerated: at tick t of M + S - 1, stage s works on microbatch t - s if that exists, else
     idles. bubble_fraction (what benchmarks/pipeline_bubble.py reports) is the idle share of all stage-ticks."""
