@@ -6,7 +6,7 @@
 One attention layer (B=1, 4 heads, head_dim 64, float32), forward + backward. Peak memory is XLA's
 compiled temp + argument + output bytes (`memory_analysis`), which is what the process must hold;
 dense kernels whose compiled footprint exceeds --max-gb, or longer than --dense-max, are compiled but
-not run (reported with their compiled footprint).
+not run (reported with their compiled footprint); so is any kernel whose footprint may not fit in the memory left.
 `--train-step` also runs one full Transformer train step (all layers local, W=1024) at 32K tokens.
 """
 
@@ -48,6 +48,15 @@ def measure(fn, T, reps, max_gb):
     gb = (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2**30
     if gb > max_gb:
         return None, gb
+    # tune_cpu_allocator (no mmap, no trim) keeps freed blocks, fragmented around newer ones: the default sweep's
+    # process reached 24 GB, ~3x its largest program, and was killed on a 23 GB machine with every row lost.
+    # A cell that may not fit in what is left is reported, not run.
+    left = memory_left_gb()
+    if HEAP_FACTOR * gb > left:
+        tqdm.write(f"T={T}: not run: its {gb:.2f} GB program may not fit in the {left:.1f} GB of memory left "
+                   f"(the tuned allocator keeps freed blocks); run the longest --lengths alone, or set "
+                   f"JAXSCALE_MALLOC_TUNING=0")
+        return None, gb
     jax.block_until_ready(compiled(q, k, v))
     times = []
     for _ in range(reps):
@@ -55,6 +64,21 @@ def measure(fn, T, reps, max_gb):
         jax.block_until_ready(compiled(q, k, v))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), gb
+
+
+HEAP_FACTOR = 2.0  # room a run needs beside what the process already holds, per GB of the program's footprint
+
+
+def memory_left_gb() -> float:
+    """GiB the kernel says can still be allocated (/proc/meminfo MemAvailable); inf where that is unknown."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return math.inf
 
 
 def memory_cap(text: str) -> float:
