@@ -33,7 +33,8 @@ Model of a train step's peak (bytes per device; `B_l·T_l` = local tokens of one
   float32 gradient-sized buffers (`experiments.lm_step.make_optimizer`'s clipped gradients, which XLA:CPU
   materialises for every leaf before the first moment update: 1) + a float32 copy of gradients narrower than
   float32; the step's temp peak is the larger phase (with remat 'full' and large layers the update's: XLA
-  measured 2.0x the backward model's with bfloat16 gradients).
+  measured 2.0x the backward model's with bfloat16 gradients). On backend 'cpu' a tied table's gradient without FSDP
+  is all-reduced as its two partial sums (lookup and head), added after: that all-reduce is counted in this phase.
 Under pipeline parallelism (a `stage` axis, M = `cfg.pipeline_microbatches`) activations are those of the M + S - 1
 ticks of B_l/M rows each, and the working set's group residuals those of one tick; with more than one scan group
 per stage, each tick's gradient of the stage's layer stacks beside the ticks' running sum (`stage_grads`), and the
@@ -617,6 +618,22 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
         stage_grads = gb * sum(p.size / shard_factor(p.axes, p.shape, mesh, rules) for p in table
                                if p.axes and p.axes[0] == "layers")
     update = update_bytes(elems, gb, update_buffers)
+    if cpu and s.tie_embeddings and embed_split == 1 and bshards * sshards > 1:
+        # a tied table's gradient has two partial sums, the lookup's scatter-add and the head's product: XLA:CPU
+        # all-reduces each over the batch axes (its combiner puts both in one all-reduce) and adds them after, so its
+        # operands and results are 4 table gradients at once where the gradients count 1 (+1 where the batch and the
+        # sequence both split: reduced over `sequence`, then over the batch axes). Where no layer loop runs (one scan
+        # group per stage, or scan_layers=False) the layers' gradients join that all-reduce too, operands and results:
+        # all the gradients twice. (Buffer assignment, {data: 4}, V 1024, D 128: all-reduce {1} f32[1024,128], {2}
+        # f32[128,1024], then their sum; uncounted, XLA was 1.59x / 1.18x / 1.89x this estimate on {data: 4} /
+        # {data: 2} / {sequence: 2, data: 2}, 1.10-1.62x with 2 layers; the untied step's temp bytes equal the tied
+        # one's.) XLA:GPU's AllReduceReassociate adds the partials before one all-reduce; with FSDP each partial is
+        # reduce-scattered to the shards (`embed_grads`)
+        table_grad = gb * V * D / vocab_split
+        extra = (3 + (bshards > 1 and sshards > 1)) * table_grad
+        if not (getattr(cfg, "scan_layers", True) and layers_local // P > 1):
+            extra += gb * elems - table_grad  # the other gradients' all-reduce operands
+        update = max(update, extra)
     if grad_accum > 1 and gb < 4:
         # lm_step casts the float32 running sum down to the gradients' dtype for the update, and the sum stays live
         # beside its cast and the update's float32 copies (uncounted, bfloat16 parameters, A = 4: XLA 1.46x this)
