@@ -5,7 +5,9 @@ benchmarks/train_step.py) with malloc. glibc serves a request that large from a 
 free, so every step page-faults the whole buffer in again: measured ≈ 130 k minor faults and ≈ 0.25 CPU-s of
 kernel time per 0.75 s step, ≈ 20 % of the step (docs/benchmarks.md, "Host allocator"). With one malloc arena,
 no mmap and no trimming, the buffer is reused from the heap and the faults disappear; the costs: the process
-keeps its peak heap (it never shrinks), and every thread allocates from one arena behind one lock. So it is
+keeps its peak heap (it never shrinks; programs of growing sizes fragment it: benchmarks/swa.py's sweep reached
+~3x its largest program's footprint, so that script skips a kernel that may not fit in the memory left), and every
+thread allocates from one arena behind one lock. So it is
 opt-in: it pays for a single-device CPU step (the benchmarks call it; JAXSCALE_MALLOC_TUNING=0 turns it off)
 and loses where many threads allocate at once: the 8-fake-device demo ran 121 s instead of 103 s with it.
 Irrelevant on GPU/TPU, whose device memory XLA manages itself.
