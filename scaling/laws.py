@@ -7,7 +7,8 @@ Compute-Optimal Large Language Models", arXiv:2203.15556; "the paper" below).
   of log L_pred - log L over the runs, with L_pred written as LSE(a - alpha·log N, b - beta·log D, e)
   (A = e^a, B = e^b, E = e^e), by L-BFGS from a grid of initialisations. The paper starts L-BFGS from
   every grid point; we evaluate the objective on the whole grid and start L-BFGS-B from the best
-  `n_starts` points (identical optimum in practice, 100x cheaper, which makes bootstrapping cheap).
+  `n_starts` points, and from the best `n_starts` whose N and D terms are both alive (each >= 1e-3 of the loss
+  at some run: a dead term stays dead under L-BFGS-B), 100x cheaper, which makes bootstrapping cheap.
 - `bootstrap` resamples runs with replacement and refits: confidence intervals of parameters and
   of any prediction (e.g. the loss of a bigger model).
 - `isoflop_envelope` is Approach 2 (Section 3.2): for each FLOP budget fit a parabola of loss vs
@@ -93,9 +94,9 @@ class ScalingLaw:
     def G(self) -> float:
         self.exponents  # noqa: B018 - the same check
         for name, v in (("A", self.A), ("B", self.B)):  # (a negative one made N_opt complex, 0 made it 0 or inf)
-            if not v > 0:
-                raise ValueError(f"ScalingLaw {name}={v:g}: the compute-optimal allocation needs A and B > 0 (a loss "
-                                 "term that does not fall with N or D has no optimum)")
+            if not (v > 0 and math.isfinite(v)):  # (inf made N_opt or D_opt inf)
+                raise ValueError(f"ScalingLaw {name}={v:g}: the compute-optimal allocation needs A and B finite and > 0"
+                                 " (a loss term that does not fall with N or D has no optimum)")
         return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
 
     def optimal_params(self, flops):
@@ -126,9 +127,21 @@ class PowerLawAllocation:
     a: float
     k: float
 
+    def __post_init__(self):
+        # N_opt and D_opt both grow with C only for 0 < a < 1: a = 0 raised a bare ZeroDivisionError
+        # (optimal_flops_for_params), a < 0 or > 1 shrank N_opt or D_opt as the budget grew, k <= 0 or NaN gave
+        # negative, zero or NaN sizes
+        if isinstance(self.a, bool) or not isinstance(self.a, numbers.Real) or not 0 < self.a < 1:
+            raise ValueError(f"PowerLawAllocation: a={self.a!r} must be in (0, 1) (N_opt ∝ C^a and D_opt ∝ C^(1-a) "
+                             "both grow with the budget; Chinchilla's is 0.50)")
+        if isinstance(self.k, bool) or not isinstance(self.k, numbers.Real) or not (
+                self.k > 0 and math.isfinite(self.k)):
+            raise ValueError(f"PowerLawAllocation: k={self.k!r} must be finite and > 0 (N_opt = k·C^a)")
+
     @classmethod
     def from_anchor(cls, a: float, flops: float, n_params: float) -> PowerLawAllocation:
         """The allocation with exponent `a` that makes `n_params` optimal at budget `flops`."""
+        flops, n_params = float(_positive(flops, "flops")), float(_positive(n_params, "n_params"))
         return cls(a=a, k=n_params / flops ** a)
 
     def optimal_params(self, flops):
@@ -159,9 +172,12 @@ _ORDER = ("a", "b", "e", "alpha", "beta")
 # L-BFGS-B keeps alpha and beta in the paper's grid range (published LM fits are 0.05-0.8): unbounded, an
 # ill-posed fit runs off to alpha = 100 and A = 1e10 and reports it as a law
 EXPONENT_BOUNDS = (0.0, 2.0)
+BOUND_TOL = 1e-6  # an exponent this close to a bound sits on it (the warning below)
 # above this |corr(log N, log D)| the runs cannot separate A/N^alpha from B/D^beta (a fixed D/N sweep has
 # |corr| = 1; with D/N scattered by ±35% around 20 over 100x in N it is 0.99 and N_opt is off 3-4x)
 MAX_LOG_CORR = 0.99
+# a grid start whose N or D term is below this share of the predicted loss at every run has a dead term (see fit_law)
+LIVE_TERM = 1e-3
 
 
 def _huber(r, delta):
@@ -237,8 +253,9 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
 
     delta: Huber threshold on log-loss residuals (paper: 1e-3; inf: least squares). grid: initialisation
     grid, values per axis a, b, e (log A, log B, log E), alpha, beta; axes it leaves out keep `PAPER_GRID`'s
-    (4500 points in all). n_starts: L-BFGS-B runs from the best grid points (and from `init`, e.g. the
-    full-data fit when bootstrapping). Returns the best optimum found; alpha and beta
+    (4500 points in all). n_starts: L-BFGS-B runs from the best grid points, from as many of the best whose N and D
+    terms both reach `LIVE_TERM` of the loss at some run (when those are others), and from `init`, e.g. the
+    full-data fit when bootstrapping. Returns the best optimum found; alpha and beta
     are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound).
 
     Raises ValueError when log N and log D are nearly collinear (|corr| > `MAX_LOG_CORR`), e.g. every
@@ -290,9 +307,16 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     # vectorised screening of every grid point
     terms = np.stack([thetas[:, None, 0] - thetas[:, None, 3] * logn, thetas[:, None, 1] - thetas[:, None, 4] * logd,
                       np.broadcast_to(thetas[:, None, 2], (len(thetas), len(logn)))])
-    r = logsumexp(terms, axis=0) - logl
-    scores = _huber(r, delta).sum(-1)
-    starts = list(thetas[np.argsort(scores)[:n_starts]])
+    lse = logsumexp(terms, axis=0)
+    scores = _huber(lse - logl, delta).sum(-1)
+    order = np.argsort(scores)
+    # the best-scored points can all have a dead term (B/D^beta < 1e-8 of the loss at every run, e.g. b = 10 with
+    # beta = 2): L-BFGS-B cannot revive it (its gradient is as small), and E absorbs it. On runs whose terms are each
+    # 1-7% of the loss, 10 of 12 fits ended so, at 8-21x the Huber loss of the true law and N_opt off 1e6x: the
+    # best-scored points whose two terms each reach LIVE_TERM of the loss at some run start too
+    live = order[(np.exp(terms[:2] - lse).max(-1)[:, order] >= LIVE_TERM).all(0)]
+    top = set(order[:n_starts].tolist())
+    starts = list(thetas[[*order[:n_starts], *(i for i in live[:n_starts] if i not in top)]])
     if init is not None:
         starts.insert(0, np.array([math.log(init.A), math.log(init.B), math.log(init.E), init.alpha, init.beta]))
     best = None
@@ -306,7 +330,9 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
             if best is None or res.fun < best.fun:
                 best = res
     a, b, e, alpha, beta = best.x
-    at_bound = [f"{k}={v:g}" for k, v in (("alpha", alpha), ("beta", beta)) if v in EXPONENT_BOUNDS]
+    # within BOUND_TOL: L-BFGS-B leaves an exponent pinned at 2 as 1.9999997 (v in EXPONENT_BOUNDS missed it)
+    at_bound = [f"{k}={v:g}" for k, v in (("alpha", alpha), ("beta", beta))
+                if min(abs(v - lim) for lim in EXPONENT_BOUNDS) <= BOUND_TOL]
     if at_bound:
         warnings.warn(f"fit_law: {', '.join(at_bound)} sits on its bound {EXPONENT_BOUNDS}; the runs do not "
                       "pin this exponent down (too narrow a range of N or D, or too much noise)", stacklevel=2)
