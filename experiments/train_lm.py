@@ -719,7 +719,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         start = int(meta["step"])
         for w in warnings.get(start, []):
             say(w)
-        say(f"resumed from step {start} ({out / 'ckpt' / str(start)})" + other_mesh_note(meta, mesh))
+        say(f"resumed from step {start} ({out / 'ckpt' / str(start)})" + other_mesh_note(meta, mesh, m.dtype))
     elif t.init_from is not None:
         state = init_from_hf(cfg, mesh, optimizer, shardings)
         say(f"initialised from {t.init_from} (Hugging Face weights)")

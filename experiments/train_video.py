@@ -343,7 +343,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
         start, trees, meta = r
         params, opt_state = trees["params"], trees["opt_state"]
         print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps")
-              + other_mesh_note(meta, mesh))
+              + other_mesh_note(meta, mesh, p.vae.dtype))
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
@@ -485,7 +485,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
         print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps")
-              + other_mesh_note(meta, mesh))
+              + other_mesh_note(meta, mesh, p.t2v.dit.dtype))
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
