@@ -412,6 +412,12 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    # a float or str said "slice indices must be integers" from inside grain; True was read as process 1
+    for name, v in (("process_index", process_index), ("process_count", process_count)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name}={v!r} must be an int (this process's index, and the number of processes)")
+    if process_count < 1:  # (said "process_index=0 must be in [0, process_count=0)", blaming the index)
+        raise ValueError(f"process_count={process_count} must be >= 1 (the number of processes reading the data)")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     return process_index, process_count

@@ -935,6 +935,23 @@ def test_process_index_passed_positionally_is_refused_as_a_mesh(corpus):
             LMLoader([Source(path)], ByteTokenizer(), cfg, bad, 1)
 
 
+def test_process_index_and_count_of_another_type_or_no_process_are_named(corpus):
+    """process_index=0.5 or process_count=2.0 said a bare "slice indices must be integers" from inside grain, '0' a
+    "'<=' not supported"; True was read as process 1; process_count=0 said "process_index=0 must be in [0, 0)",
+    which blamed the index. numpy ints (jax.process_index() may be one) stay accepted."""
+    path, _ = corpus
+    cfg = LoaderConfig(seq_len=8, global_batch_size=2, num_epochs=1)
+    for pi, pc, says in ((0.5, 2, r"process_index=0.5 must be an int"), ("0", 2, r"process_index='0' must be an int"),
+                         (True, 2, r"process_index=True must be an int"), (0, 2.0, r"process_count=2.0 must be an int"),
+                         (0, 0, r"process_count=0 must be >= 1"), (0, -1, r"process_count=-1 must be >= 1")):
+        for make in (lambda: LMLoader([Source(path)], EOS_BYTES, cfg, process_index=pi, process_count=pc),
+                     lambda: documents([Source(path)], EOS_BYTES, cfg, pi, pc)):
+            with pytest.raises(ValueError, match=says):
+                make()
+    loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=np.int64(1), process_count=np.int64(2))
+    assert next(loader)["inputs"].shape == (1, 8)
+
+
 def test_records_that_are_not_documents_are_named(tmp_path):
     """A shard of raw text records (another tool's ArrayRecord files) said a bare 'JSONDecodeError: Expecting value',
     naming no file; records that are JSON strings (`DocWriter.write(text)` for `write({"text": text})`) were read as
