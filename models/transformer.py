@@ -35,7 +35,7 @@ from models.rope import attention_scale, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.autodiff import custom_vjp
 from parallel.pipeline import gpipe
-from parallel.rules import constrain, mesh_axis_for, replicate_indivisible, sharing_axis
+from parallel.rules import constrain, logical_to_spec, mesh_axis_for, replicate_indivisible, sharing_axis
 
 
 @functools.partial(custom_vjp, nondiff_argnums=(2, 3))
@@ -205,7 +205,8 @@ class KVCache(NamedTuple):
         float64 is stored as float64 only under jax_enable_x64: without it jnp.zeros stores float32 (jax warns
         "will be truncated to dtype float32"), as cfg.kv_cache_bytes counts it.
         start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
-        for none."""
+        for none. Inside `jax.set_mesh` (eagerly) k / v are placed by the rules: rows over the batch axes, kv heads
+        over 'tensor', each replicated where it does not divide (`_cache_placement`)."""
         dtype = dtype or dtype_of(cfg.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
@@ -229,8 +230,30 @@ class KVCache(NamedTuple):
                 raise ValueError(f"KVCache.zeros(start=...): each row's first real slot must lie in [0, max_len="
                                  f"{max_len}), got {np.asarray(start).tolist()}")
             start = start.astype(jnp.int32)
-        return cls(tuple(jnp.zeros(shape(s), dtype) for s in slots), tuple(jnp.zeros(shape(s), dtype) for s in slots),
+        kv = lambda s: jnp.zeros(shape(s), dtype, device=_cache_placement(shape(s)))  # noqa: E731
+        return cls(tuple(kv(s) for s in slots), tuple(kv(s) for s in slots),
                    tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32), start)
+
+
+def _cache_placement(shape_GBKSH):
+    """Where an eager `KVCache.zeros` inside `jax.set_mesh` puts a k / v stack: rows over the batch axes, kv heads
+    over act_kv_heads' axes (each replicated where it does not divide), as the rules place a decode step's activations;
+    None outside a mesh or inside jax.jit (whose propagation places it, as generate's). Eager zeros under the mesh
+    were whole on every device (P()) until a decode step's output sharded them."""
+    try:
+        mesh = jax.sharding.get_mesh()  # raises inside jax.jit
+    except ValueError:
+        return None
+    if mesh.empty:
+        return None
+    try:
+        spec = logical_to_spec((None, "batch", "act_kv_heads", None, None), mesh, shape_GBKSH,
+                               replicate_indivisible=True)
+    except ValueError:  # a mesh the rules cannot place on (axes outside parallel.AXES, Explicit ones): as before
+        return None
+    # without trailing Nones, as jax.jit spells its outputs' (parallel.sharding._trimmed): one cache key for both
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:max(
+        [i + 1 for i, a in enumerate(spec) if a is not None], default=0)]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -209,6 +209,27 @@ def test_generate_on_a_training_mesh_equals_one_device(model, mesh_shape):
             nnx.merge(graphdef, params)(jnp.zeros((1, 6), jnp.int32))
 
 
+def test_a_cache_made_under_a_mesh_is_placed_by_the_rules():
+    """KVCache.zeros inside jax.set_mesh made every k / v stack whole on every device (P()): a hand-written decode
+    loop (generate makes its cache inside its program) held the full [L/P, B, K, S, H] cache on each device before
+    its first step sharded it. Rows go over the batch axes, kv heads over 'tensor' (each replicated where it does
+    not divide), as the rules place a decode step's activations."""
+    from jax.sharding import PartitionSpec as P
+
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    with jax.set_mesh(mesh):
+        cache = KVCache.zeros(dataclasses.replace(CFG, n_kv_heads=4), 4, 16)
+        odd = KVCache.zeros(CFG, 3, 16)  # 3 rows, 1 kv head: neither divides its axes
+    for k in cache.k + cache.v:
+        assert k.sharding.mesh == mesh and k.sharding.spec == P(None, "data", "tensor"), k.sharding
+        assert k.sharding.shard_shape(k.shape) == (2, 2, 1, 16, 8)
+    for k in odd.k + odd.v:
+        assert k.sharding.mesh == mesh and k.sharding.shard_shape(k.shape) == k.shape
+    assert not isinstance(KVCache.zeros(CFG, 4, 16).k[0].sharding, jax.sharding.NamedSharding)  # no mesh: as before
+
+
 def test_capacity_moe_decodes_dropless_whatever_the_chunking():
     """Capacity dispatch with a KV cache runs dropless (C = T): a one-call prefill, token-by-token decoding and
     the dropless model agree (per-call capacities dropped in the prefill, never at C = 1 in decode)."""
