@@ -48,8 +48,20 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         """Ids → str; special ids are skipped, so decode(encode(t)) == t."""
-        ids = np.asarray(ids)
+        ids = _check_ids(ids, "ByteTokenizer.decode")
         return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def _check_ids(ids, who: str) -> np.ndarray:
+    """`ids` as an array, refusing what is no sequence of ids: a [B, T] batch (generate's output) ran its rows together
+    in one text, a str's characters were read as ids."""
+    if ids is None or isinstance(ids, str | bytes | bytearray):
+        raise TypeError(f"{who}: ids must be integers, got {type(ids).__name__}")
+    arr = np.asarray(ids)
+    if arr.ndim > 1:
+        raise ValueError(f"{who}: ids must be one sequence (1-D), got shape {arr.shape}; decode each row, e.g. "
+                         "[tok.decode(row) for row in ids]")
+    return arr
 
 
 def _check_str(text, who: str) -> None:
@@ -109,21 +121,27 @@ class BPETokenizer:
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
+        _check_str(text, "BPETokenizer.encode")  # a list / tuple was encoded as a (text, pair), silently
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once (parallel inside `tokenizers`)."""
+        if isinstance(texts, str | bytes | bytearray):  # each character was encoded as a document of its own
+            raise TypeError("BPETokenizer.encode_batch: pass a list of texts, e.g. [text], not one "
+                            f"{type(texts).__name__}")
+        texts = list(texts)
+        for t in texts:  # bytes or None said "cannot use a string pattern on a bytes-like object" (the regex's), and
+            _check_str(t, "BPETokenizer.encode")  # a (text, pair) tuple was encoded as one text
         try:
             enc = self.tok.encode_batch(texts, add_special_tokens=False)
         except TypeError:  # `tokenizers` refuses a str with lone surrogates as "not a str"
-            texts = list(texts)
-            for t in texts:  # bytes or None said "cannot use a string pattern on a bytes-like object" (the regex's)
-                _check_str(t, "BPETokenizer.encode")
             enc = self.tok.encode_batch([replace_surrogates(t) for t in texts], add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in enc]
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
+        ids = _check_ids(ids, "BPETokenizer.decode")
+        return self.tok.decode([int(i) for i in ids.tolist() if 0 <= int(i) < self.vocab_size],
+                               skip_special_tokens=True)
 
     def save(self, path: str | os.PathLike) -> None:
         """One JSON file (the `tokenizers` format, loadable by `transformers` too)."""
@@ -187,6 +205,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     if isinstance(special_tokens, str):  # `EOS in "<|endoftext|>"` passes, and each character became a special token
         raise TypeError(f"train_bpe special_tokens={special_tokens!r}: pass a tuple of tokens, e.g. "
                         f"({special_tokens!r},)")
+    if special_tokens is None:  # "object of type 'NoneType' has no len()"
+        raise TypeError(f"train_bpe special_tokens=None: pass a tuple of tokens, e.g. ({EOS!r},), or () for none")
     if (special_tokens or eos_token) and (eos_token or EOS) not in special_tokens:  # before training, not after
         raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
                          "pass eos_token= the one that ends a document")
@@ -204,7 +224,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
         raise ValueError(f"train_bpe vocab_size={vocab_size} must be <= 2**31: ids are int32; use e.g. 8192")
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
         raise TypeError("train_bpe texts: pass an iterable of documents (e.g. [text]), not one string")
-    it = iter(texts)
+    try:
+        it = iter(texts)
+    except TypeError:  # None said "'NoneType' object is not iterable", naming no argument
+        raise TypeError(f"train_bpe texts: pass an iterable of documents (e.g. [text]), got {type(texts).__name__}"
+                        ) from None
     first = next(it, None)
     if first is not None and not isinstance(first, str):  # `tokenizers` would train on a dict's keys, silently
         raise TypeError(f"train_bpe texts: the items must be str, got {type(first).__name__}; pass the texts, e.g. "

@@ -300,6 +300,10 @@ def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
         train_bpe([{"text": "a b c", "lang": "en"}] * 10, vocab_size=300, show_progress=False)
     with pytest.raises(ValueError, match="no documents; an empty tier"):  # it returned the bare byte alphabet
         train_bpe(iter([]), vocab_size=300, show_progress=False)
+    with pytest.raises(TypeError, match="train_bpe texts: pass an iterable of documents"):  # 'NoneType' not iterable
+        train_bpe(None, vocab_size=300, show_progress=False)
+    with pytest.raises(TypeError, match=r"train_bpe special_tokens=None: pass a tuple of tokens.*or \(\)"):
+        train_bpe(["a b"] * 3, vocab_size=300, special_tokens=None, show_progress=False)  # 'NoneType' has no len()
     tier = tmp_path / "tier"
     w = DocWriter(tier / "shard-00000.array_record")
     w.write({"id": "0", "text": "hello world"})
@@ -384,9 +388,27 @@ def test_a_text_that_is_not_str_is_named(tok_name, bpe):
         tok.encode(b"hello")
     with pytest.raises(TypeError, match="encode: a text must be str, got NoneType$"):
         tok.encode(None)
+    # a list / tuple of texts: the BPE encoded it as a (text, pair) and returned one concatenated id array
+    for texts in (["hello", "x"], ("hello", "x")):
+        with pytest.raises(TypeError, match=f"encode: a text must be str, got {type(texts).__name__}"):
+            tok.encode(texts)
     if hasattr(tok, "encode_batch"):  # a generator (not a list) is fine
         assert [x.tolist() for x in tok.encode_batch(t for t in ["a", "b\ud800"])] == [
             tok.encode("a").tolist(), tok.encode("b\ufffd").tolist()]
+        # one string: each character was encoded as a document of its own; a (text, pair) item as one text
+        with pytest.raises(TypeError, match=r"encode_batch: pass a list of texts, e.g. \[text\], not one str"):
+            tok.encode_batch("hello")
+        with pytest.raises(TypeError, match="encode: a text must be str, got tuple"):
+            tok.encode_batch(["a", ("hello", "x")])
+    # a batch of rows (generate's [B, T] output) was decoded as one row by the byte tokenizer (rows run together),
+    # and a str's digits as ids by the BPE ("12" read back as '!"')
+    with pytest.raises(ValueError, match=r"decode: ids must be one sequence \(1-D\), got shape \(2, 2\)"):
+        tok.decode(np.array([[104, 105], [104, 105]]))
+    with pytest.raises(TypeError, match="decode: ids must be integers, got str"):
+        tok.decode("12")
+    with pytest.raises(TypeError, match="decode: ids must be integers, got NoneType"):
+        tok.decode(None)
+    assert tok.decode([]) == "" and tok.decode(np.zeros(0, np.int64)) == ""
 
 
 @pytest.mark.parametrize("special, texts", [
