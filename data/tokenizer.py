@@ -32,6 +32,9 @@ class ByteTokenizer:
     """UTF-8 bytes as ids 0..255; `eos_id` = 256 when `add_eos` (vocab 257), else None (vocab 256)."""
 
     def __init__(self, add_eos: bool = False):
+        if not isinstance(add_eos, bool | np.bool_):  # "no" (truthy) added EOS
+            raise TypeError(f"ByteTokenizer add_eos={add_eos!r} must be True or False")
+        add_eos = bool(add_eos)
         self.eos_id = 256 if add_eos else None
         self.bos_id = None
         self.vocab_size = 257 if add_eos else 256
@@ -207,6 +210,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
                         f"({special_tokens!r},)")
     if special_tokens is None:  # "object of type 'NoneType' has no len()"
         raise TypeError(f"train_bpe special_tokens=None: pass a tuple of tokens, e.g. ({EOS!r},), or () for none")
+    special_tokens = tuple(special_tokens)
+    if any(not isinstance(t, str) or not t for t in special_tokens):  # '' was accepted as a token of no text
+        raise TypeError(f"train_bpe special_tokens={special_tokens!r}: each must be a non-empty str, e.g. {EOS!r}")
+    if len(set(special_tokens)) < len(special_tokens):  # counted twice against vocab_size, one id in the vocab
+        raise ValueError(f"train_bpe special_tokens={special_tokens!r} names a token twice; name each once")
     if (special_tokens or eos_token) and (eos_token or EOS) not in special_tokens:  # before training, not after
         raise ValueError(f"train_bpe: eos_token={eos_token or EOS!r} is not among special_tokens {special_tokens}; "
                          "pass eos_token= the one that ends a document")

@@ -304,6 +304,15 @@ def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
         train_bpe(None, vocab_size=300, show_progress=False)
     with pytest.raises(TypeError, match=r"train_bpe special_tokens=None: pass a tuple of tokens.*or \(\)"):
         train_bpe(["a b"] * 3, vocab_size=300, special_tokens=None, show_progress=False)  # 'NoneType' has no len()
+    # a token named twice was counted twice against vocab_size (a valid 258 refused) and '' was accepted; "no" (truthy)
+    # added an EOS
+    with pytest.raises(ValueError, match="names a token twice"):
+        train_bpe(["a b"] * 3, vocab_size=300, special_tokens=(EOS, EOS), show_progress=False)
+    with pytest.raises(TypeError, match="each must be a non-empty str"):
+        train_bpe(["a b"] * 3, vocab_size=300, special_tokens=(EOS, ""), show_progress=False)
+    with pytest.raises(TypeError, match="add_eos='no' must be True or False"):
+        ByteTokenizer(add_eos="no")
+    assert ByteTokenizer(add_eos=np.bool_(True)).eos_id == 256
     tier = tmp_path / "tier"
     w = DocWriter(tier / "shard-00000.array_record")
     w.write({"id": "0", "text": "hello world"})
