@@ -88,7 +88,8 @@ class RopeScaling:
 # Routed experts count as hidden when expert_mlp_dim grows with the width, as it does when scaled with d_model.
 MUP_HIDDEN = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "shared_gate", "shared_up", "shared_down")
 # Output-like weights inside the body: fan-in grows, fan-out (E experts) does not. μP's Adam step is 1 / m on them
-# too (1 / fan_in); without it the router's logit change per step grew linearly with the width.
+# too (1 / fan_in); without it the router's logit change per step grew linearly with the width. Their init is μP's
+# for output weights, std init_std / m (variance ∝ 1 / fan_in², Tensor Programs V Table 3), not the hidden 1 / sqrt(m).
 MUP_OUTPUT = ("router",)
 
 

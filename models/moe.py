@@ -140,12 +140,14 @@ class MoEConfig:
 class MoE(nnx.Module):
     """Router + E routed SwiGLU experts (+ shared experts). Parameters carry logical axes only."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, *, param_dtype=jnp.float32, init_std=0.02, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, cfg: MoEConfig, *, param_dtype=jnp.float32, init_std=0.02,
+                 router_std: float | None = None, rngs: nnx.Rngs):
+        """router_std: the router's init std (None: init_std); μP's Transformer passes init_std / m for it."""
         self.cfg = cfg
         d, e, f, fs, pd = d_model, cfg.n_experts, cfg.expert_mlp_dim, cfg.shared_mlp_dim, param_dtype
         # Logical names are not mesh axes: no eager sharding (parallel.sharding places params after init).
         with nnx.use_eager_sharding(False):
-            self.router = param(rngs, (d, e), ("embed", None), pd, init_std)
+            self.router = param(rngs, (d, e), ("embed", None), pd, init_std if router_std is None else router_std)
             # Selection-only bias (aux-loss-free balancing): read through stop_gradient, so the optimizer sees zero
             # gradients; the trainer moves it with update_router_bias. Stays 0 for Mixtral-style routing. float32
             # whatever param_dtype: its ±rate steps (1e-3) round away in bf16 once |bias| >= 0.5.

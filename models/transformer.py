@@ -323,7 +323,9 @@ class Block(nnx.Module):
             self.post_attn_norm = norm()
             self.post_mlp_norm = norm()
         if moe:
-            self.moe = MoE(d, cfg.moe, param_dtype=pd, init_std=std, rngs=rngs)
+            # μP: the router is output-like (fan-out E fixed): variance ∝ 1 / fan_in² (Tensor Programs V, Table 3)
+            self.moe = MoE(d, cfg.moe, param_dtype=pd, init_std=std, router_std=cfg.init_std / cfg.width_mult,
+                           rngs=rngs)
         else:
             self.w_gate = param(rngs, (d, f), ("embed", "mlp"), pd, std)
             self.w_up = param(rngs, (d, f), ("embed", "mlp"), pd, std)

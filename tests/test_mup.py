@@ -1,6 +1,7 @@
 """μP: one Adam step moves the logits by the same amount at every width (the coordinate check of Yang et al.
 2022), while the standard parametrisation's step grows with the width; μP's pieces are where they belong."""
 
+import dataclasses
 import json
 
 import jax
@@ -76,9 +77,19 @@ def test_mup_pieces():
 
     moe = TransformerConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, mup_base_width=32,
                             moe=MoEConfig(4, 2, 64), moe_every=2)
+    state = nnx.state(Transformer(moe, rngs=nnx.Rngs(0)))
     flat = {"/".join(str(k.key) for k in path if hasattr(k, "key")): v for path, v in
-            jax.tree_util.tree_leaves_with_path(mup_hidden_mask(nnx.state(Transformer(moe, rngs=nnx.Rngs(0)))))}
+            jax.tree_util.tree_leaves_with_path(mup_hidden_mask(state))}
     assert flat["moe_blocks/moe/router"] and flat["moe_blocks/moe/w_down"] and not flat["moe_blocks/moe/router_bias"]
+    # ... and, output-like (fan-out E fixed), μP's init for output weights (Tensor Programs V, Table 3: variance
+    # 1 / fan_in², std init_std / m): it drew std init_std / sqrt(m) as the hidden matrices do, so its logits at
+    # init did not shrink with the width and its backward into the residual stream outgrew μP's O(1/width).
+    # The same draws as the standard parametrisation's (std init_std), scaled
+    sp = nnx.state(Transformer(dataclasses.replace(moe, mup_base_width=None), rngs=nnx.Rngs(0)))
+    np.testing.assert_allclose(state["moe_blocks"]["moe"]["router"][...],
+                               sp["moe_blocks"]["moe"]["router"][...] / moe.width_mult, rtol=1e-6)
+    np.testing.assert_allclose(state["moe_blocks"]["moe"]["w_up"][...],
+                               sp["moe_blocks"]["moe"]["w_up"][...] / moe.width_mult ** 0.5, rtol=1e-6)
 
 
 def test_make_optimizer_gives_hidden_matrices_lr_over_width_mult():
