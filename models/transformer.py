@@ -36,6 +36,7 @@ from models.sliding_window import local_attention
 from parallel.autodiff import custom_vjp
 from parallel.pipeline import gpipe
 from parallel.rules import constrain, logical_to_spec, mesh_axis_for, replicate_indivisible, sharing_axis
+from parallel.sharding import trimmed_spec
 
 
 @functools.partial(custom_vjp, nondiff_argnums=(2, 3))
@@ -251,9 +252,7 @@ def _cache_placement(shape_GBKSH):
                                replicate_indivisible=True)
     except ValueError:  # a mesh the rules cannot place on (axes outside parallel.AXES, Explicit ones): as before
         return None
-    # without trailing Nones, as jax.jit spells its outputs' (parallel.sharding._trimmed): one cache key for both
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:max(
-        [i + 1 for i, a in enumerate(spec) if a is not None], default=0)]))
+    return jax.sharding.NamedSharding(mesh, trimmed_spec(spec))  # as jax.jit spells it: one cache key for both
 
 
 @dataclasses.dataclass(frozen=True)

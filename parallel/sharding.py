@@ -35,14 +35,14 @@ def logical_shardings(abstract_state, mesh, rules=None):
 
     def place(path, v):
         try:
-            return NamedSharding(mesh, _trimmed(logical_to_spec(names_of(v), mesh, v.shape, rules)))
+            return NamedSharding(mesh, trimmed_spec(logical_to_spec(names_of(v), mesh, v.shape, rules)))
         except ValueError as e:  # "dimension 'mlp' of size 10" alone left the weight to guess (dense or expert)
             raise ValueError(f"state{jax.tree_util.keystr(path)}: {e}") from None
 
     return jax.tree_util.tree_map_with_path(place, abstract_state, is_leaf=is_var)
 
 
-def _trimmed(spec: P) -> P:
+def trimmed_spec(spec: P) -> P:
     """`spec` without trailing Nones: the same layout, spelt as jax.jit spells its outputs'. A state placed with
     P(None, 'fsdp', None) came back from a train step as P(None, 'fsdp'), a new cache key: the step compiled twice."""
     parts = list(spec)
