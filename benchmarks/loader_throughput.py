@@ -5,8 +5,8 @@
 Training consumes far less than 40 k tokens/s on a 2-core CPU (the reference config, batch 8 x seq 256, trains
 at 3.4-4.0 k tokens/s on the Zen 3 / Zen 4 machines and ~8 k on Zen 5, `benchmarks.train_step`; the demo
 preset, a smaller model, ~9 k): --consumed keeps 40 k, a 4-10x margin, and the target is 10x that. Measured for
-the byte tokenizer and a byte-level BPE (vocab 8192, trained here on the same corpus; tokenizing on the fly, or reading a
-`data.tokenizer.pretokenize` copy), with 0 and 2 grain worker processes, and with placement on the device
+the byte tokenizer and a byte-level BPE (vocab 8192, trained here on the same corpus; tokenizing on the fly, or
+reading a `data.tokenizer.pretokenize` copy), with 0 and 2 grain worker processes, and with placement on the device
 mesh (all local devices, batch sharding). Tokens counted are real targets
 (weights == 1), so padding does not inflate the figure.
 """
