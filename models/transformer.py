@@ -206,8 +206,8 @@ class KVCache(NamedTuple):
         float64 is stored as float64 only under jax_enable_x64: without it jnp.zeros stores float32 (jax warns
         "will be truncated to dtype float32"), as cfg.kv_cache_bytes counts it.
         start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
-        for none. Inside `jax.set_mesh` (eagerly) k / v are placed by the rules: rows over the batch axes, kv heads
-        over 'tensor', each replicated where it does not divide (`_cache_placement`)."""
+        for none. Inside `jax.set_mesh` (eagerly) k / v are placed by the rules: rows as the batch, kv heads as
+        the act_kv_heads logical axis, each replicated where it does not divide (`_cache_placement`)."""
         dtype = dtype or dtype_of(cfg.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
