@@ -57,7 +57,8 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 class SourceConfig:
     """text_field: the JSONL/Parquet field holding the document text (other fields are kept as metadata).
     max_doc_bytes: larger records are dropped as `too_large` without being decoded (a JSONL line is read
-    at most this far). text_files_per_shard: plain text files (one document each) grouped per shard."""
+    at most this far, and its line end, which does not count). text_files_per_shard: plain text files (one
+    document each) grouped per shard."""
 
     text_field: str = "text"
     max_doc_bytes: int = 1_000_000
@@ -434,8 +435,9 @@ def _jsonl_records(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
     (`_long_line`): a Mac part of 1.6 MB whose records each fit was one too_large drop. (Such a line is split at
     every CR, unlike a shorter one, which splits only where all its pieces parse: it cannot be held whole to tell,
     and whole it would be one too_large drop.)"""
-    for k, line in enumerate(iter(lambda: f.readline(limit + 1), b"")):
-        long = len(line) > limit and not line.endswith(b"\n")
+    # (limit + 2: a record of `limit` bytes and its CR LF; compared with `limit` the record alone, `_sized`)
+    for k, line in enumerate(iter(lambda: f.readline(limit + 2), b"")):
+        long = _sized(line) > limit
         yield from ((k, *r) for r in (_long_line(f, line, limit) if long else _cr_records(line, len(line))))
 
 
@@ -452,20 +454,26 @@ def _long_line(f, buf: bytes, limit: int) -> Iterator[tuple[bytes | None, int]]:
         if cut:
             cut += buf[cut:cut + 1] == b"\n"
             piece, buf = buf[:cut], buf[cut:]
-            yield (None, skip + cut) if skip or cut > limit else (piece, cut)
+            yield (None, skip + cut) if skip or _sized(piece) > limit else (piece, cut)
             skip = 0
             if piece.endswith(b"\n"):
                 return
             continue
         end = buf.endswith(b"\n")
-        if len(buf) > limit:
+        if _sized(buf) > limit:
             skip, buf = skip + len(buf), b""
         more = b"" if end else f.readline(1 << 20 if skip else limit + 1 - len(buf))
         if not more:  # the line's (or the file's) end
             if buf or skip:
-                yield (None, skip + len(buf)) if skip or len(buf) > limit else (buf, len(buf))
+                yield (None, skip + len(buf)) if skip or _sized(buf) > limit else (buf, len(buf))
             return
         buf += more
+
+
+def _sized(piece: bytes) -> int:
+    """A record's bytes, its line end (LF, CR LF or a bare CR) left out: counted in, a record of max_doc_bytes was
+    too_large ended by CR LF (or, joined to others by bare CRs, by any end) and kept ended by LF."""
+    return len(piece) - (2 if piece.endswith(b"\r\n") else piece.endswith((b"\n", b"\r")))
 
 
 def _parses(raw: bytes) -> bool:

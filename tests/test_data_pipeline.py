@@ -2131,6 +2131,27 @@ def test_records_joined_by_bare_crs_past_max_doc_bytes_are_read_one_by_one(tmp_p
     assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
 
 
+def test_max_doc_bytes_measures_a_record_without_its_line_end(tmp_path):
+    """A record of exactly max_doc_bytes was kept ended by LF but dropped as too_large ended by CR LF (a Windows
+    export), and in a line of records joined by bare CRs by its CR, CR LF or LF: the limit took in the line end. One
+    byte more is too_large, whatever ends it."""
+    from data.sources import SourceConfig, read_records
+
+    limit = 60
+    rec = lambda i, n=limit: json.dumps({"id": i, "text": "x" * (n - 22 - len(i))}).encode()  # noqa: E731
+    assert len(rec("a")) == limit
+    big = lambda i: rec(i, limit + 1)  # noqa: E731
+    raw = (rec("a") + b"\n" + rec("b") + b"\r\n" + rec("c") + b"\r" + rec("d") + b"\r\n" + rec("e") + b"\r" + rec("f")
+           + b"\n" + big("F") + b"\r\n" + big("G") + b"\n" + rec("g") + b"\r" + big("H") + b"\n")
+    path = tmp_path / "ends.jsonl"
+    path.write_bytes(raw)
+    got = list(read_records([str(path)], SourceConfig(max_doc_bytes=limit), with_ids=True))
+    assert [d["id"] for d, *_ in got if d] == list("abcdefg")
+    assert [(r, rid) for d, r, _, rid in got if d is None] == [
+        ("too_large", f"{path}:5"), ("too_large", f"{path}:6"), ("too_large", f"{path}:7")]
+    assert sum(n for _, _, n, _ in got) == len(raw)  # every byte read counted once (input_bytes)
+
+
 def test_records_with_an_empty_id_are_named_by_where_they_were(tmp_path):
     """An "id": "" (an export that writes missing strings empty: pandas after fillna('')) counts as no id, as null
     does: a record dropped past ingest was logged with id "", which names nothing `--drops` can find."""
