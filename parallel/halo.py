@@ -66,31 +66,65 @@ def _with_halo(band, halo: int, dim: int, axis: str, n: int):
     return jnp.concatenate([*before, band, *after], axis=dim)
 
 
+def _unsplit(band, dim: int):
+    """band with `dim` whole over the mesh axes left to the partitioner inside halo_map's shard_map (its other dims
+    unconstrained): x split over ('sequence', 'tensor') along dim reached the band's convolution still split over
+    tensor, and with the kernel's output channels also over tensor XLA computed it wrong (tests/test_parallel.py)."""
+    if jax.sharding.AxisType.Auto not in jax.sharding.get_abstract_mesh().axis_types:
+        return band  # every axis manual: nothing left to split it (and P.UNCONSTRAINED is refused)
+    spec = [P.UNCONSTRAINED] * band.ndim
+    spec[dim] = None
+    return jax.lax.with_sharding_constraint(band, P(*spec))
+
+
 def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
-    """fn(x_band, *args, pad=0) on each device's band of x along `dim`, split over mesh `axis` of the current mesh,
-    with `halo` rows of the neighbours (zeros past the ends) on either side of the band. fn(x, *args, pad) is a
-    stencil of radius `halo` along `dim`, affine in x (a convolution), over x padded with `pad` zero rows at either
-    end ('valid' past them): pad=0 returns the band's own rows; the backward pass calls it with pad=2·halo.
-    args (weights) enter whole over `axis`; their gradients are summed over it. The result is x's shape with fn's
-    trailing dims, split along `dim` like x. Call it under `jax.set_mesh` with an axis from `halo_axis` (which
-    checks that the axis divides the dim)."""
+    """fn(x_band, *args, pad=0) on each device's band of x along `dim` (< 0: from the end), split over mesh `axis` of
+    the current mesh, with `halo` rows of the neighbours (zeros past the ends) on either side of the band.
+    fn(x, *args, pad) is a stencil of radius `halo` along `dim`, affine in x (a convolution), over x padded with `pad`
+    zero rows at either end ('valid' past them): pad=0 returns the band's own rows; the backward pass calls it with
+    pad=2·halo. args (weights) enter whole over `axis`; their gradients are summed over it. The result is x's shape
+    with fn's trailing dims, split along `dim` like x. Call it under `jax.set_mesh` with an axis from `halo_axis`
+    (which checks that the axis divides the dim)."""
     mesh = jax.sharding.get_abstract_mesh()
-    n = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if axis not in sizes:  # was a bare KeyError
+        raise ValueError(f"halo_map: axis={axis!r} is not an axis of the current mesh {sizes}: call it under "
+                         "`jax.set_mesh(mesh)` with an axis from `halo_axis`")
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"halo_map: dim={dim} is out of range for x of shape {x.shape}")
+    dim %= x.ndim  # counted from the end, as in jnp: P(*(None,) * -3, axis) split dim 0, the halos came from dim -3
+    if not hasattr(halo, "__index__") or halo < 0:  # (NumPy ints too: the kernel's shape // 2)
+        raise ValueError(f"halo_map: halo={halo!r} must be an int >= 0, fn's radius along dim {dim}")
+    halo, n = int(halo), sizes[axis]
+    if x.shape[dim] % n:
+        raise ValueError(f"halo_map: dim {dim} of x {x.shape} does not divide over the {n} devices of '{axis}': "
+                         "run the stencil unsplit where `halo_axis` says (None, 1)")
     spec = P(*(None,) * dim, axis)
+
+    def stencil(x_ext, *args):
+        y = fn(x_ext, *args, pad=0)
+        # a halo other than fn's radius (or an even kernel, which has none) gave each band the wrong number of rows:
+        # a result of another height, silently (kernel 5 with halo 1: no rows at all)
+        if y.shape[dim] != x_ext.shape[dim] - 2 * halo:
+            raise ValueError(f"halo_map: fn made {y.shape[dim]} rows along dim {dim} of a band of "
+                             f"{x_ext.shape[dim] - 2 * halo} with halo={halo} on either side; halo must be fn's "
+                             "radius along that dim (kernel // 2 for an odd kernel, times its dilation)")
+        return y
 
     # Autodiff of fn(with_halo(x)) computes the input gradient of all b + 2·halo rows of the extended band and
     # sends the halos' back: 2x a stencil's data-gradient FLOPs on 2-row bands. Exchanging the output gradient's
     # halos instead computes exactly the band's b rows.
     @custom_vjp
     def local(x_band, *args):
-        return fn(_with_halo(x_band, halo, dim, axis, n), *args, pad=0)
+        return stencil(_with_halo(_unsplit(x_band, dim), halo, dim, axis, n), *args)
 
     def local_fwd(x_band, *args):
-        x_ext = _with_halo(x_band, halo, dim, axis, n)
-        return fn(x_ext, *args, pad=0), (x_ext, args)
+        x_ext = _with_halo(_unsplit(x_band, dim), halo, dim, axis, n)
+        return stencil(x_ext, *args), (x_ext, args)
 
     def local_bwd(res, dy):
         x_ext, args = res
+        dy = _unsplit(dy, dim)
         x_band = jax.lax.slice_in_dim(x_ext, halo, x_ext.shape[dim] - halo, axis=dim)  # (its values go unread)
         # the band's share of every output row it reaches: its own and `halo` rows of each neighbour's (fn affine
         # in x: the zero rows padded around the band stand for the neighbours', whose share the neighbours add)

@@ -594,6 +594,58 @@ def test_halo_map_gradient_computes_only_the_band_s_rows():
     assert dx == ["1,2,3,4"], dx
 
 
+def test_halo_map_convolves_rows_also_split_over_another_axis():
+    """Rows split over ('sequence', 'tensor') (act_height=('sequence', 'tensor') in use_rules; halo_axis then splits
+    over sequence alone) and the kernel's output channels over tensor: the bands reached the convolution still split
+    over tensor, which XLA's partitioner computed wrong (off by 17 here; the VAE's loss came out 0.4080 for 0.4065)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel.halo import halo_map
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 3, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 4)).astype(np.float32)
+    ct = rng.normal(size=(2, 8, 3, 4)).astype(np.float32)
+
+    def vjp(f, x, w):
+        y, back = jax.vjp(f, x, w)
+        return y, *back(ct)
+
+    ref = jax.jit(lambda x, w: vjp(lambda x, w: halo_conv(x, w, 1), x, w))(x, w)
+    mesh = make_mesh({"data": 2, "sequence": 2, "tensor": 2})
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(None, ("sequence", "tensor"))))
+        ws = jax.device_put(w, NamedSharding(mesh, P(None, None, None, "tensor")))
+        sharded = lambda x, w: halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1)  # noqa: E731
+        out = jax.jit(lambda x, w: vjp(sharded, x, w))(xs, ws)
+    for got, want in zip(out, ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_halo_map_takes_a_negative_dim_and_refuses_a_halo_other_than_fn_s_radius():
+    """dim=-3 of a [B, H, W, C] image is H, as in jnp: halo_map split dim 0 (P(*(None,) * -3, axis) is P(axis))
+    while it exchanged H's halo rows, a wrong result without an error (off by 9.5). A halo other than fn's radius
+    gave each band another number of rows, silently: kernel 5 with halo 1 a result 0 rows tall, an even kernel
+    one row too many per band. A negative halo, and an axis the mesh lacks (a bare KeyError), raise naming them."""
+    import jax.numpy as jnp
+
+    from parallel.halo import halo_map
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8, 3, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+    with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})):
+        got = jax.jit(lambda x, w: halo_map(halo_conv, x, w, axis="sequence", dim=-3, halo=1))(x, w)
+        np.testing.assert_allclose(np.asarray(got), halo_conv(x, w, 1), rtol=1e-5, atol=1e-5)
+        for kernel, halo in ((5, 1), (3, 2), (2, 1)):
+            with pytest.raises(ValueError, match=f"halo={halo} .*halo must be fn's radius"):
+                halo_map(halo_conv, x, jnp.ones((kernel, 3, 4, 5)), axis="sequence", dim=1, halo=halo)
+        with pytest.raises(ValueError, match="halo=-1 must be an int >= 0"):
+            halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=-1)
+        with pytest.raises(ValueError, match="axis='tensor' is not an axis of the current mesh"):
+            halo_map(halo_conv, x, w, axis="tensor", dim=1, halo=1)
+
+
 def test_halo_axis_splits_only_what_it_can():
     """halo_axis: the axis when it divides the dim; None for an indivisible dim, a mesh without the axis, and bfloat16
     on XLA:CPU beside other mesh axes (a bfloat16 all-reduce in a shard_map manual over some axes only aborts the
