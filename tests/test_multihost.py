@@ -195,6 +195,13 @@ def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=No
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         return procs, [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:  # the failure said only which process timed out, not what either had printed
+        alive = [p.poll() is None for p in procs]
+        for p in procs:
+            p.kill()
+        ends = [f"process {i} ({'killed: still running' if a else f'exited {p.returncode}'}), its stderr's end:\n"
+                f"{p.communicate()[1][-1500:]}" for i, (p, a) in enumerate(zip(procs, alive))]
+        raise AssertionError(f"not both exited within {timeout} s\n" + "\n".join(ends)) from None
     finally:
         for p in procs:  # one left waiting (the test failed): not past the test
             if p.poll() is None:
