@@ -44,6 +44,7 @@ from tqdm import tqdm
 from data.cli import cli_parser, local_path, path_arg, run_main
 from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_caption, measure, null_tokens
 from data.run_lock import LOCK_NAME, DirLocked, RunLock
+from data.seeds import check_seed
 from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
@@ -639,6 +640,9 @@ def load_video_model(out, preset: str | Preset = "default"):
         if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
             raise ValueError(f"sample: cfg_scale={cfg_scale!r} must be a finite number (1.0: no guidance); NaN or inf "
                              "gave all-black videos")
+        # jax.random.key keeps a seed's low 32 bits: seed 2**32 + 3 sampled seed 3's videos (and -1 2**32 - 1's, True
+        # 1's), silently; a float failed as a bare tracer TypeError
+        seed = check_seed(seed, "sample: seed", 2**32)
         tok = jnp.asarray(np.stack([encode_caption(c, p.data.max_caption_len) for c in captions]))
         with jax.set_mesh(mesh):
             return to_uint8(np.asarray(_sample(tok, jax.random.key(seed), jnp.float32(cfg_scale), steps)))

@@ -1328,6 +1328,12 @@ def test_load_video_model_of_a_run_with_its_own_seed_and_vae_steps_samples_with_
     key, scale = drawn[-1]
     assert float(scale) == 4.0
     np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(jax.random.key(5)))
+    # jax.random.key keeps a seed's low 32 bits: seed 2**32 + 5 sampled seed 5's videos, -1 seed 2**32 - 1's, True 1's
+    for bad in (2**32 + 5, -1, True, 1.5):
+        with pytest.raises(ValueError, match=r"sample: seed=.* must be an int in \[0, 2\*\*32\)"):
+            sample(["a red circle moving up"], seed=bad)
+    sample(["a red circle moving up"], seed=np.uint32(2**32 - 1))  # the largest distinct seed still samples
+    np.testing.assert_array_equal(jax.random.key_data(drawn[-1][0]), jax.random.key_data(jax.random.key(2**32 - 1)))
 
 
 def test_check_resume_reads_the_stages_without_a_writer(tmp_path, monkeypatch):
