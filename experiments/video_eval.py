@@ -31,6 +31,7 @@ from data.moving_shapes import (
     measure,
     null_tokens,
 )
+from data.seeds import check_seed
 from experiments.run_log import write_atomically, write_text_atomically
 
 ATTRS = ("colour", "direction", "shape")
@@ -98,6 +99,7 @@ def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scale
     for name, v in (("per_seen", per_seen), ("per_held", per_held), ("batch", batch)):  # 0 failed in np.stack / range
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"run_eval: {name}={v!r} must be an int >= 1 (clips per caption, or per generation batch)")
+    seed = check_seed(seed, "run_eval: seed", 2**32)  # jax.random.key keeps its low 32 bits: 2**32 ran as 0
     names = [f"cfg {s:g}" for s in scales]  # a condition's name in results and videos
     if dup := sorted({n for n in names if names.count(n) > 1}):  # generated again, then overwriting the first
         raise ValueError(f"run_eval: scales={tuple(scales)} name {', '.join(map(repr, dup))} more than once (names "

@@ -172,6 +172,9 @@ def test_eval_harness_defaults_to_the_null_caption():
     with pytest.raises(ValueError, match=r"null_L must be the null caption's tokens \[max_caption_len=8\]"):
         run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8,
                  null_L=null_tokens(5))
+    for bad in (2**32, -1, True):  # jax.random.key keeps a seed's low 32 bits: 2**32 evaluated seed 0's samples
+        with pytest.raises(ValueError, match=r"run_eval: seed=.* must be an int in \[0, 2\*\*32\)"):
+            run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8, seed=bad)
 
 
 def test_an_empty_held_out_split_is_named_when_the_source_is_made():
