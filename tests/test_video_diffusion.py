@@ -178,6 +178,17 @@ def test_the_objectives_sampler_steps_on_its_shifted_grid():
         np.testing.assert_allclose(sample(pred, noise, DiffusionConfig(shift=shift), steps=4), want, rtol=1e-6)
 
 
+def test_a_small_shift_keeps_the_grid_from_1_to_0():
+    """shift_time must fix t = 1 for every shift DiffusionConfig takes. Written s·t / (1 + (s - 1)·t), the
+    denominator at t = 1 is 1 + float32(s - 1), which cancels to ~s with float32's rounding of s - 1: the grid
+    started at 1.0000129 (s = 1e-3), 0.50 (s = 3e-8), and at inf for s below ~3e-8, all-NaN samples. One Euler step
+    of v = 1 from 0 to t = 0 must land on -1."""
+    for shift in (0.1, 1e-3, 3e-8, 1e-12):
+        np.testing.assert_array_equal(shift_time(jnp.asarray([0.0, 1.0], jnp.float32), shift), [0.0, 1.0])
+        out = sample(lambda x, t: jnp.ones_like(x), jnp.zeros((2, 3)), DiffusionConfig(shift=shift), steps=1)
+        np.testing.assert_allclose(out, -1.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("cfg", [DiffusionConfig(), DiffusionConfig(kind="ddpm", prediction="eps"),
                                  DiffusionConfig(kind="ddpm", prediction="v")], ids=["flow", "eps", "v"])
 def test_diffusion_loss_against_oracle_and_zero_predictors(cfg):

@@ -25,13 +25,18 @@ PredFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def shift_time(t, shift: float):
-    """t ← s·t / (1 + (s - 1)·t): monotone on [0, 1], fixes 0 and 1, moves mass towards noise when s > 1."""
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    """t ← s·t / (1 + (s - 1)·t): monotone on [0, 1], fixes 0 and 1, moves mass towards noise when s > 1.
+
+    Computed with the denominator as s·t + (1 - t), a sum of two terms >= 0: 1 + float32(s - 1)·t cancelled at
+    t = 1 for a small s (the grid started at 1.0000129 for s = 1e-3, at inf below s ~ 3e-8: NaN samples)."""
+    return shift * t / (shift * t + (1.0 - t))
 
 
 def sample_time(key, batch: int, cfg: DiffusionConfig):
-    """Training times [B] in (0, 1), float32. Drawn as float32 explicitly: jax.random's default dtype is float64 under
-    jax_enable_x64, whose other random bits gave other times from the same key (and float64 noisy latents and loss)."""
+    """Training times [B] in (0, 1), float32 (flow: [0, 1], as float32's sigmoid reaches 1.0 past a logit of ~17, at
+    extreme logit_mean / logit_std / shift; harmless, x_t is then the noise). Drawn as float32 explicitly:
+    jax.random's default dtype is float64 under jax_enable_x64, whose other random bits gave other times from the same
+    key (and float64 noisy latents and loss)."""
     if cfg.kind == "flow":
         u = cfg.logit_mean + cfg.logit_std * jax.random.normal(key, (batch,), jnp.float32)
         return shift_time(jax.nn.sigmoid(u), cfg.shift)
