@@ -177,6 +177,25 @@ def test_t2v_loss_and_generate_name_a_swapped_key_and_null_caption():
             generate(model, tok, null, key, cfg_scale=bad)
 
 
+def test_t2v_loss_names_the_batch_key_whose_batch_size_differs():
+    """Clips and captions of other batch sizes were named as the DiT's internal `text_BLE` (either way round), and
+    caption ids of another shape as info_nce's `labels_B`: neither is a key of the batch the caller passed."""
+    from models.video import TextToVideo, t2v_loss
+
+    cfg = TextToVideoConfig(dit=DIT, text=TEXT, align=AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8))
+    model = nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)))
+    null, key, tok = jnp.zeros((8,), jnp.int32), jax.random.key(0), jnp.ones((3, 8), jnp.int32)
+    for B in (2, 4):
+        batch = {"tokens": tok, "latents": jnp.zeros((B, *DIT.latent_shape, DIT.latent_channels))}
+        with pytest.raises(ValueError, match=rf"t2v_loss: batch\['latents'\] \[{B}, 3, 8, 8, 4\] and batch\['tokens'\] "
+                                             r"\[3, 8\] must have one batch size"):
+            t2v_loss(model, batch, key, null)
+    batch = {"tokens": tok, "latents": jnp.zeros((3, *DIT.latent_shape, DIT.latent_channels))}
+    for ids in (jnp.arange(2), jnp.arange(3)[:, None]):
+        with pytest.raises(ValueError, match=r"t2v_loss: batch\['caption_id'\] must be \[B=3\]"):
+            t2v_loss(model, {**batch, "caption_id": ids}, key, null)
+
+
 def test_t2v_loss_and_generate_name_a_null_caption_outside_the_vocabulary():
     """Under jit the text encoder cannot check the ids it embeds: a null caption with an id past the vocabulary
     embedded as NaN, so every dropped caption gave a NaN loss and every guided sample NaN latents, silently. The

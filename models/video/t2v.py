@@ -78,6 +78,15 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     k_drop, k_diff = jax.random.split(key)
     tokens = batch["tokens"]
     B = tokens.shape[0]
+    # clips and captions of other batch sizes were named as the DiT's internal text_BLE, and caption ids of another
+    # shape as info_nce's labels_B: neither is a key of the batch
+    lat, ids = np.shape(batch["latents"]), batch.get("caption_id")
+    if lat[:1] != (B,):
+        raise ValueError(f"t2v_loss: batch['latents'] {list(lat)} and batch['tokens'] {list(np.shape(tokens))} must "
+                         f"have one batch size B (one clip per caption)")
+    if ids is not None and np.shape(ids) != (B,):
+        raise ValueError(f"t2v_loss: batch['caption_id'] must be [B={B}] (one caption id per clip) or absent, got "
+                         f"{list(np.shape(ids))}")
     dropped = caption_dropout(tokens, null_L, k_drop, cfg.caption_dropout)
     both = model.text(jnp.concatenate([dropped, tokens]))  # one pass for the DiT's and the aligner's captions
     text_dit = jax.tree.map(lambda a: a[:B], both)
