@@ -47,6 +47,8 @@ def caption(colour: str, shape: str, direction: str) -> str:
 
 def encode_caption(text: str, max_len: int = 8) -> np.ndarray:
     """Word-level tokens, right-padded with PAD: int32 [max_len]. The empty string is the null caption."""
+    if not _count(max_len):  # "" at max_len=0 was [NULL], one token longer than asked; 1.5 a bare TypeError
+        raise ValueError(f"encode_caption: max_len={max_len!r} must be an int >= 1 (the null caption takes one token)")
     words = text.split()
     if len(words) > max_len:
         raise ValueError(f"caption {text!r} has {len(words)} words > max_len={max_len}")
@@ -95,8 +97,14 @@ class MovingShapesConfig:
              f"an object of {hi}px moving {travel:.1f}px does not fit in {self.size}px; raise size or lower "
              "object_size / speed / frames")
         need(0 <= self.colour_jitter < 1, "colour_jitter", f"must be in [0, 1), got {self.colour_jitter}")
-        for combo in self.held_out:
-            need(combo in set(self.combos()), "held_out", f"{combo} is not a (colour, shape, direction) triple")
+        # triples as lists (a JSON / YAML sweep's) failed as a bare "unhashable type: 'list'"; tuples: the config hashes
+        held = tuple(tuple(c) if isinstance(c, list | tuple) else c for c in self.held_out)
+        object.__setattr__(self, "held_out", held)
+        for combo in held:
+            need(combo in self.combos(), "held_out", f"{combo} is not a (colour, shape, direction) triple")
+        # a triple listed twice (a typo for another) held out one fewer than written, silently
+        dup = next((c for i, c in enumerate(held) if c in held[:i]), None)
+        need(dup is None, "held_out", f"{dup} is listed twice; list each held-out triple once")
         need(len(set(self.held_out)) < len(self.combos()), "held_out", "cannot hold out every combination")
         longest = max(len(caption(*c).split()) for c in self.combos())
         need(self.max_caption_len >= longest, "max_caption_len",
@@ -226,7 +234,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     drawn, ~0.4 decoded), otherwise the fill ratio (area / bounding box) tells square (1) from circle
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
     loses its corners first (~0.91 after the VAE). Objects under ~9 px are too coarse for it: a rasterised circle of
-    5-6 px fills up to 0.9 of its box and reads as a square (14% of clean circles of the 'tiny' preset's 5-6 px).
+    5-6 px is a few stepped rows: one with a short top row tapers and reads as a triangle, a boxy one as a square (13%
+    of the 'tiny' preset's clean 5-6 px circles misread: 12% as triangles, 1.5% as squares).
 
     value_range: the clips' (black, white), e.g. (0, 1) for frames / 255; None: (-1, 1), refused for a batch with no
     pixel below 0 (frames in [0, 1] read with [-1, 1]'s black at 0.5 as a wash: every clip 'no object') unless it is

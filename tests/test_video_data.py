@@ -9,6 +9,7 @@ import pytest
 from data.moving_shapes import (
     COLOURS,
     DIRECTIONS,
+    HELD_OUT,
     NULL,
     PAD,
     SHAPES,
@@ -100,6 +101,10 @@ def test_captions_and_config_errors():
     for special in ("<pad> <pad>", "a red <null> circle"):  # an untrained all-padding caption, or a null mid-caption
         with pytest.raises(ValueError, match=r"special tokens, not words; \"\" is the null caption"):
             encode_caption(special)
+    for bad in (0, -1, 1.5, True):  # "" at max_len=0 was [NULL], one token longer than asked; 1.5 a bare TypeError
+        with pytest.raises(ValueError, match=r"encode_caption: max_len=.* must be an int >= 1"):
+            encode_caption("", bad)
+    assert encode_caption("", np.int64(1)).tolist() == [NULL]
     with pytest.raises(ValueError, match="MovingShapesConfig.size: .* does not fit"):
         MovingShapesConfig(size=16)
     with pytest.raises(ValueError, match="MovingShapesConfig.held_out"):
@@ -184,6 +189,17 @@ def test_an_empty_held_out_split_is_named_when_the_source_is_made():
     assert len(MovingShapesSource(cfg, "train", 8).combos) == 48
     with pytest.raises(ValueError, match=r"split=.heldout. holds no combinations: MovingShapesConfig.held_out holds 0"):
         dataset(cfg, "heldout", batch=4)
+
+
+def test_held_out_names_a_triple_listed_twice_and_takes_lists():
+    """held_out=(t, u, t) was accepted silently (a typo for a third triple: one fewer held out than written, and the
+    empty-split error counted t twice); held-out triples as lists (a JSON / YAML sweep's) failed as a bare TypeError,
+    "unhashable type: 'list'", naming no field."""
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.held_out: \('red', 'circle', 'up'\) is listed twice"):
+        MovingShapesConfig(held_out=(HELD_OUT[0], HELD_OUT[1], HELD_OUT[0]))
+    cfg = MovingShapesConfig(held_out=[list(c) for c in HELD_OUT[:2]])
+    assert cfg.held_out == HELD_OUT[:2] and isinstance(hash(cfg), int)  # stored as tuples: the frozen config hashes
+    assert cfg.split_combos("heldout") == MovingShapesConfig(held_out=HELD_OUT[:2]).split_combos("heldout")
 
 
 def test_clips_move_at_their_speed_inside_the_frame_at_their_brightness():
