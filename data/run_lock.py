@@ -35,46 +35,58 @@ class RunLock:
     def __init__(self, out, job: str, wait: bool = False):
         self.out = pathlib.Path(out)
         self.path = self.out / LOCK_NAME
-        self.made = not self.out.exists()
         self.fd = None
-        for _ in range(3):  # a refused run removing the directory it made, between our mkdir and open: again
-            self.out.mkdir(parents=True, exist_ok=True)
-            try:  # no O_TRUNC: the holder's line stays readable until this process holds the lock
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        while True:  # a lock on a file its holder removed (with the directory it made) since our open: again
+            self.made = not self.out.exists()
+            fd = self._open()
+            try:
+                locked = self._flock(fd, job, wait)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
+                os.close(fd)
+                return
+            if _same_file(fd, self.path):  # else it guarded nothing: the next job made and locked a new file
                 break
-            except FileNotFoundError:
-                continue
-        else:
-            raise FileNotFoundError(f"{self.out}: removed while taking its lock (another job's refused start); "
-                                    "start again")
+            os.close(fd)
+        self.fd = fd
+        line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": job,
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (line + "\n").encode(), 0)
+
+    def _open(self) -> int:
+        for _ in range(3):  # a released lock removing the directory it made, between our mkdir and open: again
+            try:  # (mkdir's exist_ok raises too when the directory goes between its mkdir and its check)
+                self.out.mkdir(parents=True, exist_ok=True)
+                # no O_TRUNC: the holder's line stays readable until this process holds the lock
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except (FileNotFoundError, FileExistsError):
+                if os.path.lexists(self.out) and not self.out.is_dir():
+                    raise  # a file in the way, not a race
+        raise FileNotFoundError(f"{self.out}: removed while taking its lock (another job's released lock); "
+                                "start again")
+
+    def _flock(self, fd: int, job: str, wait: bool) -> bool:
+        """Lock `fd` (False: the file system has no flock, said once) or raise DirLocked."""
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not wait:
                     raise
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-                print(f"waiting for {self.out}: in use by {holder_line(holder)}", file=sys.stderr, flush=True)
+                print(f"waiting for {self.out}: in use by {holder_line(_holder(fd))}", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
-                    os.close(fd)  # the holder removed the directory it had made (nothing written): lock anew
-                    self.__init__(out, job, wait)
-                    return
+            return True
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
                 print(f"warning: cannot lock {self.out} ({e.strerror}: its file system has no flock); nothing stops "
                       "a second job writing there at the same time", file=sys.stderr)
-                return
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-            os.close(fd)
-            raise DirLocked(f"{self.out} is in use by another {job} job: {holder_line(holder)}; two jobs writing "
-                            "one directory mix their outputs. Wait for it, stop it, or use another --out") from None
-        self.fd = fd
-        line = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": job,
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (line + "\n").encode(), 0)
+                return False
+            raise DirLocked(f"{self.out} is in use by another {job} job: {holder_line(_holder(fd))}; two jobs "
+                            "writing one directory mix their outputs. Wait for it, stop it, or use another --out"
+                            ) from None
 
     def release(self):
         if self.fd is None:
@@ -93,6 +105,38 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _same_file(fd: int, path: pathlib.Path) -> bool:
+    try:
+        st, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """The lock file's text. Refused in the instant between the winner's flock and its write, it still named the last
+    holder, a dead pid, as the job to stop: re-read (up to a second) while it names a process gone from this host."""
+    for _ in range(100):
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if not _gone_here(text):
+            break
+        time.sleep(0.01)
+    return text
+
+
+def _gone_here(text: str) -> bool:
+    try:
+        h = json.loads(text)
+        if h["host"] != socket.gethostname():
+            return False
+        os.kill(int(h["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, OSError, OverflowError):  # not ours, another host, or alive (EPERM)
+        pass
+    return False
 
 
 def holder_line(text: str) -> str:

@@ -2347,6 +2347,70 @@ def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path):
     RunLock(out, "data.pipeline").release()  # taken at once: the dead holder's lock is gone
 
 
+def test_a_lock_taken_while_its_holder_removes_the_directory_it_made_is_taken_anew(tmp_path, monkeypatch):
+    """A holder that made --out and wrote nothing removes it on release. A job that opened the lock file just before
+    held, once the holder let go, a lock on a removed file: the next job made a new one, and two jobs held --out
+    (a fuzz of 6 jobs taking and releasing saw two at once). One whose mkdir lost the directory to such a release
+    between its mkdir and its check failed with a bare FileExistsError."""
+    import errno
+    import pathlib
+
+    from data import run_lock
+    from data.run_lock import DirLocked, RunLock
+
+    out = tmp_path / "a" / "run"
+    holder = RunLock(out, "data.pipeline")  # made out: its release removes it
+    flock = run_lock.fcntl.flock
+
+    def release_first(fd, op):  # the holder lets go between this job's open and its flock
+        monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+        holder.release()
+        return flock(fd, op)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", release_first)
+    lock = RunLock(out, "data.pipeline")
+    with pytest.raises(DirLocked):  # the lock held is the one on `out`'s lock file
+        RunLock(out, "data.pipeline")
+    lock.release()
+    assert not out.exists()
+    mkdir = pathlib.Path.mkdir
+
+    def lost_race(self, *a, **k):  # what mkdir(exist_ok=True) raises when the directory goes before its check
+        monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", lost_race)
+    RunLock(out, "data.pipeline", wait=True).release()
+
+
+def test_a_refusal_names_the_new_holder_not_the_last_one(tmp_path):
+    """Two jobs started at once on an --out a finished job had used: the one refused in the instant between the
+    winner's flock and its writing its line named the finished job, a dead pid, as the one to stop (10% of such
+    races). It reads the line again while that names a process gone from this host."""
+    import json
+    import socket
+    import subprocess
+    import threading
+
+    from data.run_lock import LOCK_NAME, DirLocked, RunLock
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "run"
+    holder = RunLock(out, "data.pipeline")  # this test process is the winner, its line not yet written
+    mine = (out / LOCK_NAME).read_text()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "job": "data.pipeline",
+                                             "started": "yesterday"}) + "\n")
+    writes = threading.Timer(0.05, (out / LOCK_NAME).write_text, [mine])
+    writes.start()
+    try:
+        with pytest.raises(DirLocked, match=rf"pid {os.getpid()} on host "):
+            RunLock(out, "data.pipeline")
+    finally:
+        writes.join()
+        holder.release()
+
+
 def test_an_out_on_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
     """A Lustre mount without -o flock (or a FUSE mount) answers flock with ENOSYS / ENOLCK: such an --out is a
     legitimate one, run without the guard (said once), not refused."""
