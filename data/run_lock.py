@@ -40,7 +40,7 @@ class RunLock:
             self.made = not self.out.exists()
             fd = self._open()
             try:
-                locked = self._flock(fd, job, wait)
+                locked = self._flock(fd, wait)
             except BaseException:
                 os.close(fd)
                 raise
@@ -68,7 +68,7 @@ class RunLock:
         raise FileNotFoundError(f"{self.out}: removed while taking its lock (another job's released lock); "
                                 "start again")
 
-    def _flock(self, fd: int, job: str, wait: bool) -> bool:
+    def _flock(self, fd: int, wait: bool) -> bool:
         """Lock `fd` (False: the file system has no flock, said once) or raise DirLocked."""
         try:
             try:
@@ -84,7 +84,7 @@ class RunLock:
                 print(f"warning: cannot lock {self.out} ({e.strerror}: its file system has no flock); nothing stops "
                       "a second job writing there at the same time", file=sys.stderr)
                 return False
-            raise DirLocked(f"{self.out} is in use by another {job} job: {holder_line(_holder(fd))}; two jobs "
+            raise DirLocked(f"{self.out} is in use by another job: {holder_line(_holder(fd))}; two jobs "
                             "writing one directory mix their outputs. Wait for it, stop it, or use another --out"
                             ) from None
 

@@ -2293,12 +2293,14 @@ def test_a_second_cleaning_run_on_an_out_in_use_is_refused_before_reading_its_in
     holder = RunLock(out, "data.pipeline")  # this test process is the running job
     (out / "manifest.json").write_text("{}")  # what a running job has written so far: untouched by the refusal
     before = _listing(out)
-    refusal = (rf"{re.escape(str(out))} is in use by another data.pipeline job: pid {os.getpid()} on host \S+ "
+    refusal = (rf"{re.escape(str(out))} is in use by another job: pid {os.getpid()} on host \S+ "
                r"\(data.pipeline, started [^)]+\);.* Wait for it, stop it, or use another --out$")
     with pytest.raises(DirLocked, match=refusal):
         run([tmp_path / "a.jsonl"], out, PipelineConfig(workers=1), progress=False)
     with pytest.raises(SystemExit, match="^error: argument --out: " + refusal):
         pipeline.main([str(tmp_path / "a.jsonl"), "--out", str(out), "--workers", "1"])
+    with pytest.raises(DirLocked, match=r"in use by another job: pid \d+ on host \S+ \(data.pipeline, "):
+        RunLock(out, "experiments.train_lm")  # named the holder "another experiments.train_lm job": the refused one
     assert _listing(out) == before
     holder.release()
     (out / "manifest.json").unlink()

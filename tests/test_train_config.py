@@ -282,7 +282,7 @@ def test_a_second_job_on_a_train_out_in_use_is_refused_before_any_work(tmp_path,
     before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir())
     with pytest.raises(SystemExit) as e:
         train_lm.main(argv)
-    assert re.fullmatch(rf"train.out: {re.escape(str(out))} is in use by another experiments.train_lm job: pid "
+    assert re.fullmatch(rf"train.out: {re.escape(str(out))} is in use by another job: pid "
                         rf"{os.getpid()} on host {re.escape(socket.gethostname())} \(experiments.train_lm, started "
                         r"[^)]+\); .* Wait for it, stop it, or use another --out", str(e.value)), str(e.value)
     assert not ran and sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir()) == before

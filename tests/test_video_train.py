@@ -1373,7 +1373,7 @@ def test_a_second_job_on_an_out_in_use_is_refused_before_fresh_deletes_anything(
     with pytest.raises(SystemExit) as e:
         train_video.main(["--preset", "tiny", "--out", str(out), "--fresh"])
     assert e.value.code == 2
-    assert re.search(rf"argument --out: {re.escape(str(out))} is in use by another experiments.train_video job: pid "
+    assert re.search(rf"argument --out: {re.escape(str(out))} is in use by another job: pid "
                      rf"{os.getpid()} on host {re.escape(socket.gethostname())} \(experiments.train_video, started "
                      r"[^)]+\); .* Wait for it, stop it, or use another --out", capsys.readouterr().err)
     assert sorted((str(p.relative_to(out)), p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
