@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from data.cli import cli_parser, run_main
-from parallel.mesh import make_mesh, parse_mesh
+from parallel.mesh import _fill, make_mesh, parse_mesh
 from parallel.sharding import abstract_sharded, batch_sharding, replicated
 
 
@@ -86,7 +86,6 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
     """What stops `shape` from sharding this train step (None: nothing), checked before any compile: a bad mesh
     among several otherwise fails only after the earlier ones compiled (minutes each at 70B)."""
     from experiments.config import expert_axis_problem
-    from parallel.mesh import _fill
     from parallel.rules import ACTIVATION_RULES
 
     try:
@@ -166,7 +165,9 @@ def main(argv=None):
     for shape in meshes:
         if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq):
             ap.error(f"argument --mesh {shape}: {problem}")
-    if args.microbatches > 1 and not any(shape.get("stage", 1) != 1 for shape in meshes):
+    # the filled sizes: stage=-1 beside fsdp=8 on 8 devices is a one-stage mesh, which ignored the microbatches
+    filled = [_fill(dict(shape), args.devices, "devices") for shape in meshes]
+    if args.microbatches > 1 and not any(shape.get("stage", 1) > 1 for shape in filled):
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
                  "axis (e.g. --mesh stage=4,fsdp=2); without one they would be ignored")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731

@@ -68,6 +68,8 @@ class DiTShape:
             if not isinstance(getattr(self, f), bool | np.bool_):
                 raise ValueError(f"DiTShape.{f} must be True or False, got {getattr(self, f)!r}")
             object.__setattr__(self, f, bool(getattr(self, f)))
+        if self.time_freq_dim % 2:  # DiTConfig refuses it: the timestep features are sin and cos halves
+            raise ValueError(f"DiTShape.time_freq_dim must be even (sin and cos halves), got {self.time_freq_dim}")
         if self.head_dim is None and self.d_model % self.n_heads:  # d_model // n_heads floored it, as no DiT runs
             raise ValueError(f"DiTShape.head_dim: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
                              "set head_dim explicitly")

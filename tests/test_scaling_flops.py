@@ -681,7 +681,9 @@ def test_dit_accounting_refuses_nonsense_naming_the_field_and_takes_numpy_ints()
                         (lambda: DiTShape(**{**base, "n_heads": 0}), "DiTShape.n_heads must be an int >= 1"),
                         (lambda: DiTShape(**{**base, "d_model": 50}), "DiTShape.head_dim: d_model=50 is not divisible"),
                         (lambda: DiTShape(**{**base, "latent_shape": (0, 8, 8)}), "DiTShape.latent_shape"),
-                        (lambda: DiTShape(**{**base, "qk_norm": "no"}), "DiTShape.qk_norm must be True or False")]:
+                        (lambda: DiTShape(**{**base, "qk_norm": "no"}), "DiTShape.qk_norm must be True or False"),
+                        # an odd width (no VideoDiT builds one: DiTConfig refuses it) was counted
+                        (lambda: DiTShape(**{**base, "time_freq_dim": 33}), "DiTShape.time_freq_dim must be even")]:
         with pytest.raises(ValueError, match=match):
             call()
     i = np.int64
