@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 
@@ -46,13 +47,15 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     S = dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]
     if not jax.tree.leaves(params):
         raise ValueError("gpipe: params holds no arrays; pass the stacked layer parameters (leading axis L)")
-    L = jax.tree.leaves(params)[0].shape[0]
-    if bad := {jax.tree_util.keystr(k): a.shape for k, a in jax.tree_util.tree_leaves_with_path(params)
-               if not a.shape or a.shape[0] != L}:
+    # np.shape, not .shape: a Python number leaf (a scale; the numbers of a nested list) failed as an AttributeError
+    # ("'float' object has no attribute 'shape'"), a 0-d first leaf as an IndexError, not as the errors below
+    L = next((np.shape(a)[0] for a in jax.tree.leaves(params) if np.shape(a)), None)  # the first non-scalar's
+    if bad := {jax.tree_util.keystr(k): np.shape(a) for k, a in jax.tree_util.tree_leaves_with_path(params)
+               if not np.shape(a) or np.shape(a)[0] != L}:
         raise ValueError(f"gpipe: params are stacked layers with one leading dim L (the first leaf has {L}); these "
                          f"differ: {dict(list(bad.items())[:3])}")
     B, M = x_BTD.shape[0], n_microbatches
-    if bad := [a.shape for a in jax.tree.leaves(ctx) if not a.shape or a.shape[0] != B]:
+    if bad := [np.shape(a) for a in jax.tree.leaves(ctx) if not np.shape(a) or np.shape(a)[0] != B]:
         raise ValueError(f"gpipe: ctx arrays travel with their rows, so each needs the batch's leading dim {B}; "
                          f"got shapes {bad[:3]}")
     if L % S:

@@ -280,6 +280,23 @@ def test_pipeline_microbatches_take_rows_from_every_data_shard():
             gpipe(layer, *args, n_microbatches=2)
 
 
+def test_gpipe_names_python_number_leaves():
+    """A Python number among the params or ctx leaves (a scale; the ints of a nested position list), or a 0-d first
+    parameter, failed as an AttributeError / IndexError from gpipe's own shape checks, not as the ValueErrors naming
+    them (found by a property fuzz of the pipeline)."""
+    from parallel.pipeline import gpipe
+
+    W, x = np.ones((4, 4, 4), np.float32), np.ones((8, 3, 4), np.float32)
+    layer = lambda wl, h, c: h @ wl  # noqa: E731
+    with jax.set_mesh(make_mesh({"stage": 2, "data": 4})):
+        for args, says in ((({"w": W, "s": 1.0}, x, None), r"these differ: \{\"\['s'\]\": \(\)\}"),
+                           (({"a": np.float32(1.0), "w": W}, x, None), r"the first leaf has 4\); these differ: "),
+                           ((W, x, {"scale": 0.5}), r"each needs the batch's leading dim 8; got shapes \[\(\)\]"),
+                           ((W, x, {"pos": [[0] * 3] * 8}), "each needs the batch's leading dim 8")):
+            with pytest.raises(ValueError, match=says):
+                gpipe(layer, *args, n_microbatches=2)
+
+
 def test_sequence_parallel_splits_the_work():
     """Per device, the compiled gradient of {data 2, sequence 4} does the FLOPs of {data 8}: projections run on
     [B, T, D] (flattening [B, T] rows of a sharded sequence made XLA gather it: 3.7x the FLOPs, and more at
