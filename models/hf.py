@@ -162,10 +162,21 @@ def _open_weights(folder: Path) -> dict:
     index = folder / "model.safetensors.index.json"
     if index.exists() and not (folder / "model.safetensors").exists():  # transformers prefers the single file too
         try:
-            return {name: folder / f for name, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
+            where = {n: folder / f for n, f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of tensor name "
                              f"-> file; {type(e).__name__}: {e}); download it again") from None
+        # a tensor stored in a second shard too: transformers reads every tensor of every shard, so the copy in the
+        # file it reads last wins over the one the index names (we read the index's): two models, one each
+        for f in sorted(set(where.values())):
+            if f.exists():  # a missing shard is named when read
+                with _opened(f) as sf:
+                    twice = (n for n in sf.keys() if n in where and where[n] != f and where[n].exists())
+                    if other := next(twice, None):
+                        raise ValueError(f"{folder}: tensor {other!r} is in both {where[other].name} (as "
+                                         f"model.safetensors.index.json says) and {f.name}; transformers may read "
+                                         "either copy: remove the other one, or download the shards again")
+        return where
     files = [folder / "model.safetensors"] if (folder / "model.safetensors").exists() else sorted(
         p for p in folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
     if not files:
@@ -286,21 +297,25 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                 raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}")
             return read(name)
 
-        for ours, (name, _, from_hf) in layout.items():
+        for ours, (name, to_hf, from_hf) in layout.items():
             fix = from_hf or (lambda a: a)
             layers = _layers_of(cfg, ours)
             want = shapes[ours][(layers is not None) + ("{e}" in name):]  # one layer's (and expert's) shape
+            # the shape as stored, checked before `fix` reshapes it: a k_proj stored transposed ([D, K*H]) has the
+            # size of [K*H, D] and reshaped into scrambled weights without a word (transformers refuses it), and a
+            # size that does not fit was numpy's bare 'cannot reshape array' naming no tensor
+            stored = jax.eval_shape(to_hf, jax.ShapeDtypeStruct(want, np.float32)).shape if to_hf else want
 
-            def tensor(n, fix=fix, want=want, ours=ours):
+            def tensor(n, fix=fix, want=stored, ours=ours):
                 a = get(n)
                 if a.dtype.kind in "iub":  # int8 / packed weights cast to float are noise (bf16 is kind V)
                     raise ValueError(f"tensor {n!r} is {a.dtype}, not floating point: a quantized or packed "
                                      "checkpoint (its scales are not read); load the unquantized model")
-                a = fix(a)
-                _check_fits_dtype(a, narrow, n, cfg)
                 if a.shape != want:  # named here: a stack of mismatched layers fails without the name
                     raise ValueError(f"tensor {n!r} gives {ours} a slice of shape {a.shape}, expected {want} from "
                                      f"{cfg}; is config.json right for these weights?")
+                a = fix(a)
+                _check_fits_dtype(a, narrow, n, cfg)
                 return a
 
             one = lambda i: (np.stack([tensor(name.format(i=i, e=e)) for e in range(cfg.moe.n_experts)])  # noqa: E731

@@ -1248,6 +1248,14 @@ def test_folder_edge_cases_load_what_transformers_loads_or_name_the_tensor(tmp_p
     save_file(tensors, tmp_path / "b" / "model.safetensors")
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' gives blocks\.w_up a slice"):
         from_pretrained(tmp_path / "b")
+    # a k_proj stored transposed ([D, K*H], the size of [K*H, D]) reshaped into scrambled weights without a word;
+    # transformers refuses it
+    k = "model.layers.0.self_attn.k_proj.weight"
+    tensors = load_file(tmp_path / "a" / "model.safetensors") | {k: np.ascontiguousarray(tensors[k].T)}
+    save_file(tensors, tmp_path / "b" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' gives blocks\.wk a slice "
+                                         r"of shape \(64, 32\), expected \(32, 64\)"):
+        from_pretrained(tmp_path / "b")
     # capacity dispatch drops tokens, Mixtral does not: not the same model, so not exported as one
     capacity = dataclasses.replace(ROUND_TRIP["mixtral"], moe=dataclasses.replace(
         ROUND_TRIP["mixtral"].moe, dispatch="capacity"))
@@ -1641,6 +1649,21 @@ def test_shards_without_an_index_holding_a_tensor_twice_are_refused(tmp_path):
         f.rename(tmp_path / f.name)
     with pytest.raises(ValueError, match=r"tensor 'model\.\S+' is in both model-00001-of-00009\.safetensors and "
                                          r"model-00001-of-00011\.safetensors.*restore the index"):
+        from_pretrained(tmp_path)
+
+
+def test_an_indexed_tensor_stored_in_a_second_shard_too_is_refused(tmp_path):
+    """transformers reads every tensor of every shard, so a second copy outside the file the index names was what it
+    loaded, while we read the index's: different logits, without a word."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(_random_model(ROUND_TRIP["llama"], seed=5), tmp_path, max_shard_size="40KB")
+    wm = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    name, last = "model.embed_tokens.weight", tmp_path / max(wm.values())
+    assert wm[name] != last.name
+    save_file(load_file(last) | {name: np.zeros((96, 64), np.float32)}, last)
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' is in both {wm[name]} \(as model\.safetensors"
+                                         rf"\.index\.json says\) and {last.name}"):
         from_pretrained(tmp_path)
 
 
