@@ -233,7 +233,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if act not in _ACT_FROM_HF:
         raise _unsupported(act_field, act, f"our gated MLP runs one of {sorted(_ACT_FROM_HF)} (silu, or GELU's tanh "
                                            "approximation)")
-    if hf.get("mlp_bias", False):
+    # (Llama's MLP alone reads it: a Qwen2 / Mistral config.json carrying it true has no MLP biases in transformers)
+    if hf.get("mlp_bias", False) and arch == "llama":
         raise _unsupported("mlp_bias", True, "our MLP has no biases")
     if q := hf.get("quantization_config"):
         raise _unsupported("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,

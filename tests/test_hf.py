@@ -897,6 +897,13 @@ def test_unsupported_config_raises(patch, field):
         config_from_hf(_hf_dict() | patch)
 
 
+@pytest.mark.parametrize("cls", ["MistralConfig", "Qwen2Config"])
+def test_mlp_bias_is_read_only_where_transformers_reads_it(cls):
+    """Llama's MLP alone reads mlp_bias: a Mistral / Qwen2 config.json carrying it true builds a model without MLP
+    biases in transformers, which was refused here as unsupported."""
+    assert config_from_hf(_hf_dict(cls) | dict(mlp_bias=True)) == config_from_hf(_hf_dict(cls))
+
+
 def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
     """from_pretrained(path, n_layer=3) was a bare TypeError from the dataclass; int8 weights were cast to float."""
     import shutil
