@@ -661,6 +661,13 @@ def test_latent_normalisation_is_per_channel_and_inverts():
     np.testing.assert_allclose(n.mean(0), 0.0, atol=1e-5)
     np.testing.assert_allclose(n.std(0), 1.0, rtol=1e-5)
     np.testing.assert_allclose(denormalize(normalize(jnp.asarray(z), stats), stats), z, rtol=1e-5, atol=1e-5)
+    # no latents, or a NaN / inf one, gave NaN stats silently (the std's 1e-6 floor keeps a NaN): every normalised
+    # latent, and so the DiT's training, came out NaN
+    diverged = z.copy()
+    diverged[3, 1, 0, 2, 1], diverged[7, 0, 1, 1, 3] = np.nan, np.inf
+    for bad, says in ((z[:0], "has no latents"), (diverged, "has 2 non-finite values")):
+        with pytest.raises(ValueError, match=rf"latent_stats: z_NTHWZ \[.*\] {says}"):
+            latent_stats(bad)
 
 
 def test_vae_loss_samples_the_posterior_with_its_standard_deviation():

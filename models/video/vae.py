@@ -287,6 +287,12 @@ def psnr(mse):
 def latent_stats(z_NTHWZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, std) of latents, to normalise them to zero mean and unit variance for the DiT."""
     z = np.asarray(z_NTHWZ, np.float64).reshape(-1, z_NTHWZ.shape[-1])
+    # no latents, or a NaN / inf one (a diverged VAE), gave NaN stats silently (the 1e-6 floor keeps a NaN std): they
+    # went to latent_stats.json and made every normalised latent, and so the DiT's whole training, NaN
+    if not z.size or not np.isfinite(z).all():
+        bad = "no latents" if not z.size else f"{int((~np.isfinite(z)).sum())} non-finite values"
+        raise ValueError(f"latent_stats: z_NTHWZ {list(np.shape(z_NTHWZ))} has {bad}; encode at least one clip with a "
+                         "VAE whose posterior means are finite (check its training loss)")
     return z.mean(0).astype(np.float32), np.maximum(z.std(0), 1e-6).astype(np.float32)
 
 
