@@ -8,6 +8,7 @@ so the same code serves training (slots = arange(T)) and cached decoding (slots 
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,17 @@ def _acc(x):
 
 
 MAX_CAUSAL_BLOCKS = 16  # each query block is unrolled in the program (compile time and dispatch grow with them)
+
+
+def check_block(block, name: str, optional: bool = False):
+    """Refuses a query block that is not an int >= 1 (numpy ints pass; None too where `optional`): 0, a negative one
+    or True ran silently as blocks of 1 (or T / 16) rows, and a fraction failed in a bare jnp.pad or range naming no
+    argument."""
+    if optional and block is None:
+        return
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
+        raise ValueError(f"{name} must be an int >= 1 (query rows per block){' or None' if optional else ''}, "
+                         f"got {block!r}")
 
 
 def causal_block_rows(T: int, causal_block: int) -> int:
@@ -246,6 +258,7 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.
     """
     (B, T, N, H), (S, K, Hk) = q_BTNH.shape, k_BSKH.shape[1:]  # (a bare reshape error deep in the kernel otherwise)
+    check_block(causal_block, "attention: causal_block", optional=True)
     if N % K or H != Hk or v_BSKH.shape[1:] != (S, K, H):
         raise ValueError(f"attention: q [B, T, N={N}, H={H}], k {tuple(k_BSKH.shape)}, v {tuple(v_BSKH.shape)}: the "
                          "query heads N must be a multiple of the kv heads K, and k / v share [B, S, K] and q's H")

@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import check_cudnn_head_dim, cudnn_attention, cudnn_max_head_dim, softmax_attention, static_scale
+from models.attention import (
+    check_block,
+    check_cudnn_head_dim,
+    cudnn_attention,
+    cudnn_max_head_dim,
+    softmax_attention,
+    static_scale,
+)
 from parallel.autodiff import custom_vjp, plain
 from parallel.rules import constrain_merged
 
@@ -112,6 +119,7 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     the tail is padded. logit_softcap: Gemma-2 style cap·tanh(s / cap) on the scores.
     """
     _check_window(window)
+    check_block(block, "sliding-window attention: block (swa_block)")
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
     valid_BT = _valid_mask(valid_BT)
     B, T, N, H = q_BTNH.shape
@@ -254,6 +262,7 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     quadratic, for tests and benchmarks), or 'auto'.
     """
     _check_window(window)
+    check_block(block, "sliding-window attention: block (swa_block)")  # for every impl: a typo fails before a GPU run
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
     window = min(int(window), q_BTNH.shape[1])  # the same attention for W >= T; an int32 one for every kernel
     valid_BT = _valid_mask(valid_BT)

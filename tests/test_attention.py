@@ -241,6 +241,17 @@ def test_head_counts_and_one_sided_segments_are_refused_by_name():
         make_mask(jnp.arange(4)[None], jnp.arange(4)[None], q_seg_BT=jnp.zeros((1, 4), jnp.int32))
 
 
+def test_bad_causal_block_is_refused_by_name():
+    """causal_block 0, -1 or True ran silently (blocks of max(C, T / 16) rows), 2.5 failed in range() naming no
+    argument; numpy ints stay accepted (None, one dense block, everywhere)."""
+    q, k, v = qkv(1, 8, 2, 2, 4, jnp.float32)
+    mask = make_mask(jnp.arange(8)[None], jnp.arange(8)[None])
+    for block in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="attention: causal_block must be an int >= 1 .* or None"):
+            attention(q, k, v, mask, causal_block=block)
+    assert attention(q, k, v, mask, causal_block=np.int64(3)).shape == q.shape
+
+
 def test_a_float_mask_is_refused_not_read_inverted():
     """An additive float mask (0 where attended, -inf where not, as Hugging Face builds them) was read by its
     truthiness, i.e. inverted: every kernel attended exactly the masked keys (outputs 1.99 off the bool mask's).

@@ -161,6 +161,19 @@ def test_bad_window():
     np.testing.assert_array_equal(sliding_window_attention(q, k, v, np.int64(3)), sliding_window_attention(q, k, v, 3))
 
 
+def test_bad_block_is_refused_by_name():
+    """block 0, a negative one or True ran silently as blocks of one query row (C = max(1, min(block, T))); 2.5 failed
+    in jnp.pad naming no argument. Numpy ints stay accepted."""
+    q, k, v = qkv(1, 8, 2, 2, 4)
+    for impl in ("blocked", "dense"):
+        for block in (0, -2, True, 2.5, None):
+            with pytest.raises(ValueError, match=r"block \(swa_block\) must be an int >= 1"):
+                local_attention(q, k, v, 3, impl=impl, block=block)
+    with pytest.raises(ValueError, match=r"block \(swa_block\) must be an int >= 1"):
+        sliding_window_attention(q, k, v, 3, block=0)
+    assert sliding_window_attention(q, k, v, 3, block=np.int64(3)).shape == q.shape
+
+
 def test_non_bool_padding_mask_is_refused_by_name():
     # a float 0/1 mask failed inside jnp's `&` with a TypeError naming neither valid_BT nor the fix
     q, k, v = qkv(1, 8, 2, 2, 4)
