@@ -89,7 +89,10 @@ def decode(raw: bytes, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str | 
 
     Repaired text carries U+FFFD where bytes were invalid; the caller can count those.
     """
-    if b"\x00" in raw or (raw and len(raw.translate(None, _CONTROL_BYTES)) < len(raw) * (1 - cfg.max_control_fraction)):
+    # fractions compared as quotients of the counts: 1 - 0.57 and 0.29 * 100 are inexact (28.999...), and a record of
+    # exactly the limit (29 bad bytes of 100) was refused
+    if b"\x00" in raw or (raw and (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw)
+                           > cfg.max_control_fraction):
         return None, "binary"
     try:
         return raw.decode("utf-8"), None
@@ -100,7 +103,7 @@ def decode(raw: bytes, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str | 
     # sequence (a cut 3-byte character is 2 bad bytes and 1 U+FFFD: records passed at up to 3x the limit)
     bad = len(_ESCAPED.findall(raw.decode("utf-8", errors="surrogateescape")))
     text = raw.decode("utf-8", errors="replace")
-    if bad > cfg.max_invalid_fraction * len(raw):
+    if bad / len(raw) > cfg.max_invalid_fraction:
         return None, "invalid_utf8"
     return text, None
 

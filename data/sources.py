@@ -400,7 +400,7 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
     if not isinstance(text, str):
         return None, "bad_text_type"
     bad = count_surrogates(text)
-    if bad and (ncfg.invalid_utf8 == "reject" or bad > ncfg.max_invalid_fraction * len(text)):
+    if bad and (ncfg.invalid_utf8 == "reject" or bad / len(text) > ncfg.max_invalid_fraction):
         return None, "invalid_utf8"
     if bad:
         text = replace_surrogates(text)

@@ -288,6 +288,14 @@ def test_alpha_word_fraction_is_linear_and_matches_a_per_word_count():
     assert analyze(text)["alpha_word_fraction"] == pytest.approx(want)
 
 
+def test_unicode_punctuation_alone_is_no_word():
+    """French guillemets and dialogue dashes, a danda spaced off its word: punctuation (Unicode P*), not words
+    without a letter; a French dialogue measured alpha_word_fraction 0.66 and was dropped as alpha_words."""
+    assert words("« Tu viens ? » – Oui. यह है । „Ja“ ¿Qué?") == ["Tu", "viens", "Oui.", "यह", "है", "„Ja“", "¿Qué?"]
+    dialogue = "\n".join(["« Tu viens ? » demanda Marie.", "– Oui, j’arrive.", "« Maintenant ? »", "– Tout de suite !"])
+    assert analyze(dialogue)["alpha_word_fraction"] == 1.0
+
+
 def test_each_rule_passes_at_its_limit_and_fails_just_over_it_by_its_own_name(rng):
     """The limits are inclusive, and a failing signal is dropped under its own reason: crafted documents sit far
     from the limits, so a '>' turned '>=' or a drop filed under another rule's name passed the tests above."""

@@ -177,3 +177,14 @@ def test_decode_line_ends_are_not_control_bytes_and_the_binary_limit_is_inclusiv
     cfg = NormalizeConfig(max_control_fraction=0.25)  # exact in binary floating point: 75 of 100 bytes
     assert decode(b"\x01" * 25 + b"a" * 75, cfg) == ("\x01" * 25 + "a" * 75, None)
     assert decode(b"\x01" * 26 + b"a" * 74, cfg) == (None, "binary")
+
+
+def test_decode_limits_are_inclusive_where_the_fraction_is_inexact_in_binary():
+    """0.29 * 100 is 28.999... in floating point and 1 - 0.57 is under 0.43: a record with exactly the limit's bad
+    (or control) bytes was refused. One byte more still is."""
+    for frac, n in ((0.29, 100), (0.35, 180), (0.57, 100)):
+        cfg = NormalizeConfig(max_invalid_fraction=frac, max_control_fraction=frac)
+        k = round(frac * n)
+        for bad, reason in ((b"\xff", "invalid_utf8"), (b"\x01", "binary")):
+            assert decode(bad * k + b"a" * (n - k), cfg)[1] is None, (frac, reason)
+            assert decode(bad * (k + 1) + b"a" * (n - k - 1), cfg)[1] == reason, (frac, reason)
