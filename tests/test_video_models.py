@@ -369,6 +369,16 @@ def test_configs_name_the_field_and_fix():
             bad()
 
 
+def test_align_init_temperature_at_its_bound_is_accepted():
+    """init_temperature = 1 / max_logit_scale is the bound the message states ("must be >= 1/max_logit_scale"), but
+    the check compared 1 / init_temperature <= max_logit_scale, which rounding breaks: 1.9, 7.3, 12.6 (120 of the
+    caps 0.1, 0.2, ..., 200) refused 1/cap as "must be >= 0.526316, got 0.5263157894736842"."""
+    for cap in (1.9, 7.3, 12.6, 100.0):
+        assert AlignConfig(init_temperature=1 / cap, max_logit_scale=cap).init_temperature == 1 / cap
+        with pytest.raises(ValueError, match="AlignConfig.init_temperature: must be >= 1/max_logit_scale"):
+            AlignConfig(init_temperature=float(np.nextafter(1 / cap, 0)), max_logit_scale=cap)
+
+
 def test_configs_check_each_field_against_its_type():
     """A float size (from JSON) failed deep inside JAX with no field named, a string flag ('no' is truthy) built
     the q/k norms it meant to switch off, a bool passed for an int; numbers and lists are normalised."""

@@ -342,7 +342,9 @@ class AlignConfig:
         # checked first: a cap <= 0 was reported as a bad init_temperature, naming a field that was fine
         need(self.max_logit_scale > 0, "max_logit_scale",
              f"must be positive (100 is usual), got {self.max_logit_scale}")
-        need(0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale, "init_temperature",
+        # the bound as stated, T >= 1/cap: 1 / T <= cap refused T = 1 / cap itself for caps where rounding lifts
+        # 1 / (1 / cap) above cap (1.9, 7.3); a T at 1/cap starts its scale at most an ulp past the cap (capped_exp)
+        need(0 < self.init_temperature and self.init_temperature >= 1 / self.max_logit_scale, "init_temperature",
              f"must be >= 1/max_logit_scale = {1 / self.max_logit_scale:g}, got {self.init_temperature}")
 
     def param_count(self, dit: DiTConfig) -> int:
