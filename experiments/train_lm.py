@@ -92,8 +92,8 @@ def sample_prompt(data, train) -> str:
 
 
 def sample_ids(tok, text: str, sample_tokens: int, max_seq_len: int):
-    """(prompt ids [P], new tokens n, prompt tokens cut) for the final sample: P + n <= max_seq_len (the trained
-    context; one position to spare, as the last new token is never fed back). A prompt longer than that keeps its
+    """(prompt ids [P], new tokens n >= 1, prompt tokens cut) for the final sample: P + n - 1 <= max_seq_len, the
+    positions fed within the trained context (the last new token is never fed back). A prompt longer than that keeps its
     BOS and its last tokens (it ran past the context, and generate warned of positions past it)."""
     import numpy as np
 
