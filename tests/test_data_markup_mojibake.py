@@ -425,7 +425,8 @@ def test_a_byte_order_mark_misread_is_repaired_and_counted():
 FR_DIALOGUE = ("«\xa0Tu es rentré\xa0?\xa0» demanda-t-elle. «\xa0Oui, tout était fermé\xa0», répondit Paul. «\xa0Et le "
                "train\xa0?\xa0» «\xa0Il est annulé\xa0», dit-il, «\xa0comme hier, c’est réglé\xa0». Elle a tout "
                "noté\xa0— l’heure, le quai\xa0— et le panneau «\xa0FERMÉ\xa0», puis elle a regardé par la fenêtre en "
-               "pensant qu’il faudrait partir plus tôt demain matin.")
+               "pensant qu’il faudrait partir plus tôt demain matin. Le lendemain, ils sont partis ensemble à "
+               "l’aube.")  # 56 words: « », — and ? are punctuation, not words
 DE_DIALOGUE = ("„Das macht doch keinen Spaß“, sagte sie. „Ich finde es auch nicht so groß“, meinte er leise, „und "
                "außerdem ist es draußen viel zu heiß“. Sie lachten beide und gingen trotzdem los, weil der Bus gleich "
                "kommen sollte und sie den ganzen Nachmittag schon geplant hatten, mit Freunden am See zu sein.")
