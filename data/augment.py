@@ -95,6 +95,9 @@ class DomainGlossary:
                                  and t[0].strip() for t in entry[1]):
                 raise ValueError(f"DomainGlossary.glossaries: each entry is (domain, ((term, definition), ...)) with "
                                  f"non-empty terms, got {entry!r:.120}")
+        # stored as tuples, as QualityConfig: the same glossaries as lists (a JSON config's) were another hook, so a
+        # run resumed with them was refused ("different settings"), and the hook was unhashable
+        object.__setattr__(self, "glossaries", tuple((d, tuple(map(tuple, terms))) for d, terms in self.glossaries))
         for domain, terms in self.glossaries:
             compiled.setdefault(domain, []).extend(
                 (term, term.lower(), definition, _term_pattern(term.lower())) for term, definition in terms)

@@ -78,6 +78,9 @@ class LabelConfig:
         if dup := sorted({t for t, _ in self.domains if [u for u, _ in self.domains].count(t) > 1}):
             raise ValueError(f"LabelConfig.domains names the tags {dup} more than once; give each tag one entry with "
                              "all its keywords")
+        # stored as tuples, as QualityConfig: the same domains as lists (a JSON config's) were another config, so a
+        # run resumed with them was refused ("different settings"), and the config was unhashable
+        object.__setattr__(self, "domains", tuple((tag, tuple(kws)) for tag, kws in self.domains))
         if self.min_hits < 1:
             raise ValueError(f"LabelConfig.min_hits={self.min_hits} must be >= 1")
         if self.min_hits_per_1k_words < 0:

@@ -280,6 +280,26 @@ def test_a_quality_config_of_lists_labels_as_its_tuples_do():
     assert PipelineConfig(quality=lists).fingerprint() == PipelineConfig(quality=tuples).fingerprint()
 
 
+def test_label_and_glossary_settings_given_as_lists_are_the_tuples_settings():
+    """As QualityConfig's: the same domains / glossaries as lists (a JSON config's) were another LabelConfig /
+    DomainGlossary, so the run's fingerprint differed and a run resumed with them was refused ("different settings:
+    label.domains: (('math', ...)) → [['math', ...]]"); both were unhashable too."""
+    import json
+
+    from data.augment import DomainGlossary
+    from data.pipeline import PipelineConfig
+
+    label = LabelConfig(domains=(("math", ("theorem", "lemma")),))
+    gloss = DomainGlossary(glossaries=(("math", (("theorem", "a statement"),)),))
+    as_json = lambda v: json.loads(json.dumps(v))  # noqa: E731
+    lists = PipelineConfig(label=LabelConfig(domains=as_json(label.domains)),
+                           augment=DomainGlossary(glossaries=as_json(gloss.glossaries)))
+    assert lists.label == label and lists.augment == gloss and hash(lists.label) == hash(label)
+    assert lists.fingerprint() == PipelineConfig(label=label, augment=gloss).fingerprint()
+    assert domain_tags("theorem lemma", lists.label) == ["math"]
+    assert lists.augment({"text": "A theorem.", "domains": ["math"]})["augmented"] == ["theorem"]
+
+
 def test_the_labelling_stage_identifies_a_language_under_the_pipelines_langid_settings():
     """Without a langid stage, the labelling stage detects `lang` itself: it did so under the default LangIDConfig, so
     PipelineConfig.langid's fold (here Serbo-Croatian 'sh' for sr / hr / bs) was not applied and the tier said 'hr'."""
