@@ -75,8 +75,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
         return True
     slurm = all(v in env for v in _SLURM_STEP)
-    # from_env: a SLURM_NTASKS that is no integer named (int() raised a bare "invalid literal for int()")
-    ntasks = from_env("SLURM_NTASKS")  # (absent: the other cluster markers, which name no count)
+    # from_env: a SLURM_NTASKS that is no integer named (int() raised a bare "invalid literal for int()").
+    # Open MPI's rank count first: `mpirun -n 1` (inside an allocation too, whose SLURM_NTASKS counts its slots)
+    # is one process, but was started as a job: under Open MPI 5, whose mpirun sets no OMPI_MCA_orte_hnp_uri,
+    # jax.distributed.initialize() found no coordinator and raised "coordinator_address should be defined"
+    ntasks = from_env("OMPI_COMM_WORLD_SIZE" if "OMPI_COMM_WORLD_SIZE" in env else "SLURM_NTASKS")
+    # (absent: TPU pods and multislice, whose markers name no count)
     if (slurm or any(m in env for m in _CLUSTER_MARKERS)) and (2 if ntasks is None else ntasks) > 1:
         jax.distributed.initialize(**timeouts)  # JAX detects TPU pods, SLURM and Open MPI itself
         return True

@@ -418,8 +418,11 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
       "SLURM_LOCALID": "0"}, False),  # no tasks counted is no multi-process job ('0 or 2' read it as two)
     ({"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
       "SLURM_LOCALID": "0"}, True),  # an srun job step: JAX's SLURM detection takes it from here
-    # no SLURM_NTASKS to count tasks: Open MPI and TPU pods are multi-process jobs (each host trained alone if not)
+    # Open MPI counts its ranks; TPU pods name no count: multi-process jobs (each host trained alone if not)
     ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+    # mpirun -n 1: one process (Open MPI 5's mpirun sets no OMPI_MCA_orte_hnp_uri, so jax found no coordinator)
+    ({"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, False),  # inside an allocation
     ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, True),
 ])
 def test_initialize_starts_jax_distributed_only_in_a_multi_process_job(monkeypatch, env, started):
