@@ -337,10 +337,19 @@ class Checkpoints:
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, state, meta: dict, eval_loss: float | None = None, loader=None) -> None:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
-        NonFiniteState instead of saving NaN/Inf. Returns once the arrays are copied off the devices (training may
-        then donate them) and the loader state is written."""
+        NonFiniteState instead of saving NaN/Inf, and ValueError for a step not past every step already saved.
+        Returns once the arrays are copied off the devices (training may then donate them) and the loader state is
+        written."""
         if self.read_only:
             raise PermissionError(f"checkpoint: {self.dir} was opened read_only; open it without to save")
+        # a loop rewound to an older step (restore(step=...)) saved below the steps it gave up: restore() then
+        # resumed from the newest of those, not from this save, and keep-N (by save order) had deleted the older
+        # steps and kept the newer ones. The same step again failed in orbax ("Checkpoint for step 8 already exists")
+        if newer := sorted(s for s in self.mgr.all_steps() if s >= step):
+            raise ValueError(f"Checkpoints.save: step {step} is not past the steps already saved in {self.dir} "
+                             f"({newer}); restore() resumes from the newest step, so this save would be passed over. "
+                             "To train on from an older step, move the newer steps out of that directory first "
+                             "(or save into another one)")
         # a jax / numpy scalar (a hand-written loop's eval loss) as a number: orbax's JSON writer refused it
         eval_loss = None if eval_loss is None else float(eval_loss)
         pure = to_pure(state)

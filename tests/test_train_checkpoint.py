@@ -216,6 +216,26 @@ def test_keep_below_one_is_refused(tmp_path, keep):
         Checkpoints(tmp_path, keep=keep)
 
 
+@pytest.mark.parametrize("rewound_to", [5, 8])
+def test_a_save_at_or_below_a_saved_step_is_refused_and_the_newest_step_still_restores(tmp_path, rewound_to):
+    """A loop rewound to an older step (restore(step=4)) and trained on: its save of step 5 was written, restore()
+    then resumed from step 12 of the abandoned run (the newest), and keep=3 (by save order) had deleted step 8 and
+    kept 12; step 8 again failed in orbax ('Checkpoint for step 8 already exists')."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        for step in (4, 8, 12):
+            ckpt.save(step, state_at(step), {"config": "{}"})
+        assert ckpt.restore(state_at(0), step=4)[1]["step"] == 4
+        with pytest.raises(ValueError, match=rf"save: step {rewound_to} is not past the steps already saved in .*"
+                                             r"\[8, 12\]\).* move the newer steps out of that directory first"):
+            ckpt.save(rewound_to, state_at(rewound_to), {"config": "{}"})
+        assert ckpt.steps() == [4, 8, 12]  # nothing written, nothing deleted
+        ckpt.save(13, state_at(13), {"config": "{}"})  # past them: saved as ever
+        assert ckpt.steps() == [8, 12, 13] and ckpt.restore(state_at(0))[1]["step"] == 13
+    finally:
+        ckpt.close()
+
+
 @pytest.mark.parametrize("to_array", [jnp.float32, np.float32, jnp.asarray],
                          ids=["jnp.float32", "np.float32", "jnp.asarray"])
 def test_an_eval_loss_given_as_an_array_scalar_is_saved_as_a_number(tmp_path, to_array):
