@@ -190,8 +190,14 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
         for kind, key, label, style in curves:
             pts = [(s, r[key]) for s, r in sorted(records.get(kind, {}).items()) if key in r]
             if pts:
-                ax.plot([s for s, _ in pts], [math.nan if v is None else v for _, v in pts],  # null: a non-finite loss
-                        style, label=label)
+                ys = [math.nan if v is None else v for _, v in pts]  # null: a non-finite loss
+                (line,) = ax.plot([s for s, _ in pts], ys, style, label=label)
+                # a point with no finite neighbour is no segment's end: a style without markers ('-') drew nothing
+                # for it (a run stopped after its first train record, a loss between two non-finite ones)
+                ok = [math.isfinite(y) for y in ys] + [False]  # ([-1]: the index before the first is no neighbour)
+                lone = [i for i in range(len(ys)) if ok[i] and not ok[i - 1] and not ok[i + 1]]
+                if lone and line.get_marker() in ("None", "", " ", None):
+                    line.set(marker="o", markersize=3, markevery=lone)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel or f"loss (nats / {unit})")
         if log_y:

@@ -553,6 +553,36 @@ def test_a_replayed_step_plots_its_last_record_and_nested_non_finite_numbers_are
     assert last["expert_load"] == [None, 0.5]
 
 
+def test_a_train_loss_with_no_finite_neighbour_is_drawn_in_the_plot(tmp_path, monkeypatch):
+    """loss.png draws the train loss as a plain line ('-'): a point with no finite neighbour (the one record of a
+    run stopped after its first log step, a loss between two non-finite ones) was in the legend but drew nothing.
+    Checked on the rendered pixels: the train curve's colour at each logged point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from experiments.run_log import plot_losses
+
+    figs, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figs.append(fig),
+                                                                                  real_savefig(fig, *a, **k))[1])
+    c0 = np.array(matplotlib.colors.to_rgb("C0")) * 255  # the first curve's colour: the train loss
+    for losses in ({5: 2.0}, {1: 3.0, 2: None, 3: 2.0, 4: None, 5: 1.0, 6: 0.9}):
+        lines = [json.dumps({"kind": "train", "step": s, "loss": v}) + "\n" for s, v in losses.items()]
+        (tmp_path / "metrics.jsonl").write_text("".join(lines))
+        plot_losses(tmp_path)
+        ax, canvas = figs[-1].axes[0], FigureCanvasAgg(figs[-1])
+        canvas.draw()
+        img = np.asarray(canvas.buffer_rgba())[..., :3].astype(float)
+        for step, loss in losses.items():
+            if loss is not None:
+                x, y = ax.transData.transform((step, loss)).astype(int)
+                near = img[img.shape[0] - y - 2:img.shape[0] - y + 3, x - 2:x + 3]
+                assert (np.abs(near - c0).sum(-1) < 60).any(), (losses, step)
+
+
 def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_that_step(tmp_path):
     """Each step directory's meta names its step: a directory holding another step's checkpoint (copied by hand,
     say) is a good checkpoint of the wrong step; resuming from it would restart the loop at the saved step while
