@@ -107,11 +107,14 @@ class Source:
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with vocab_size={meta['vocab_size']}, "
                                  f"eos_id={meta['eos_id']}; pass that tokenizer, or pretokenize again")
             # two BPEs of one vocab size share (vocab_size, eos_id) but not ids: compare the content hash
-            # (absent from data pre-tokenized before it was recorded, and from tokenizers without one)
-            theirs, ours = meta.get("fingerprint"), getattr(tokenizer, "fingerprint", None)
-            if theirs is not None and ours is not None and theirs != ours:
+            # (absent from data pre-tokenized before it was recorded, and from tokenizers without one). The ids do
+            # not hold the BOS / EOS the loader adds, so pretokenize records the BPE's own (`ids_fingerprint`); metas
+            # written before it hold the whole `fingerprint`, EOS / BOS choice included
+            theirs = meta.get("fingerprint")
+            ours = [f for f in (getattr(tokenizer, a, None) for a in ("ids_fingerprint", "fingerprint")) if f]
+            if theirs is not None and ours and theirs not in ours:
                 raise ValueError(f"Source {self.path!r} was pre-tokenized with another tokenizer (fingerprint "
-                                 f"{theirs}, this one is {ours}); pass that tokenizer, or pretokenize again")
+                                 f"{theirs}, this one is {ours[0]}); pass that tokenizer, or pretokenize again")
 
     def first_record(self) -> bytes | None:
         """The raw first record of the first shard (None: it is empty)."""

@@ -80,7 +80,8 @@ class BPETokenizer:
     Special tokens are never read from text: a document that contains the characters "<|endoftext|>"
     encodes them as ordinary bytes, so only the loader's EOS ids mark document boundaries and
     decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
-    two BPEs of equal vocab size are told apart."""
+    two BPEs of equal vocab size are told apart; `ids_fingerprint` the same without the EOS / BOS choice (what
+    `encode` gives: `pretokenize` records it)."""
 
     def __init__(self, tok: Tokenizer, eos_token: str | None = None, bos_token: str | None = None, *,
                  _copy: bool = True):
@@ -122,6 +123,10 @@ class BPETokenizer:
         # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
         extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
+        # what `encode` gives (the BPE and its special tokens), without the EOS / BOS choice, which only the loader
+        # adds: pretokenize records it, as its ids are the same either way (a tier pre-tokenized without a BOS was
+        # refused to a run with data.bos_token, as "another tokenizer", though its shards came out byte-identical)
+        self.ids_fingerprint = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> np.ndarray:
         _check_str(text, "BPETokenizer.encode")  # a list / tuple was encoded as a (text, pair), silently
@@ -378,7 +383,8 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
             raise
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "fingerprint": getattr(tokenizer, "fingerprint", None), "source": str(tier_dir), **counts}
+            "fingerprint": getattr(tokenizer, "ids_fingerprint", None) or getattr(tokenizer, "fingerprint", None),
+            "source": str(tier_dir), **counts}
     write_json(meta_path, meta)  # atomic: a cut write must not leave a truncated meta the loader then trusts
     return str(out)
 

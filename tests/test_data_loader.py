@@ -205,6 +205,26 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
         LMLoader([Source(str(bad))], tok, cfg, process_index=0, process_count=1)
 
 
+def test_ids_pretokenized_without_a_bos_are_read_with_one(corpus, tmp_path):
+    """The ids hold no BOS / EOS (the loader adds them), so a tier pre-tokenized with the plain BPE is the same with
+    bos_token chosen: it was refused as "another tokenizer" (the fingerprint holds the BOS choice), though
+    pretokenizing again wrote byte-identical shards."""
+    from data.tokenizer import BPETokenizer
+
+    path, texts = corpus
+    tok = train_bpe(texts, vocab_size=300, special_tokens=("<|endoftext|>", "<|bos|>"), show_progress=False)
+    bos = BPETokenizer(tok.tok, bos_token="<|bos|>")
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1)
+    for made_by, read_by in ((tok, bos), (bos, tok)):
+        pre = pretokenize(path, made_by, tmp_path / f"pre{made_by.bos_id}", progress=False)
+        got = list(LMLoader([Source(pre)], read_by, cfg, process_index=0, process_count=1))
+        want = list(LMLoader([Source(path)], read_by, cfg, process_index=0, process_count=1))
+        assert len(got) == len(want) and all(np.array_equal(a[k], b[k]) for a, b in zip(got, want) for k in a)
+    meta = pathlib.Path(pre) / "tokenizer.json"  # a meta written before: the whole fingerprint, BOS included
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "fingerprint": bos.fingerprint}))
+    assert LMLoader([Source(pre)], bos, cfg, process_index=0, process_count=1) is not None
+
+
 
 def test_pretokenized_ids_are_checked_by_eos_id_and_an_interrupted_pretokenize_leaves_no_meta(corpus, tmp_path):
     """A tokenizer without a fingerprint (any duck-typed one) is checked by vocab size *and* EOS id: another EOS id
