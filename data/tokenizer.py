@@ -64,7 +64,9 @@ def _check_ids(ids, who: str) -> np.ndarray:
     if arr.ndim > 1:
         raise ValueError(f"{who}: ids must be one sequence (1-D), got shape {arr.shape}; decode each row, e.g. "
                          "[tok.decode(row) for row in ids]")
-    return arr
+    # one id (an int, or ids[-1] of generate's output) is a sequence of one, as Hugging Face's decode(5) reads it:
+    # the BPE's decode raised a bare "'int' object is not iterable" where the byte tokenizer decoded it
+    return arr.reshape(-1)
 
 
 def _check_str(text, who: str) -> None:

@@ -418,6 +418,13 @@ def test_a_text_that_is_not_str_is_named(tok_name, bpe):
     with pytest.raises(TypeError, match="decode: ids must be integers, got NoneType"):
         tok.decode(None)
     assert tok.decode([]) == "" and tok.decode(np.zeros(0, np.int64)) == ""
+    # one id (an int, a numpy / jax scalar such as ids[-1]) is one token, as transformers' decode(5) reads it: the BPE
+    # raised "'int' object is not iterable"
+    import jax.numpy as jnp
+
+    one = tok.encode("h")
+    for x in (int(one[0]), one[0], jnp.int32(one[0])):
+        assert tok.decode(x) == "h"
 
 
 @pytest.mark.parametrize("special, texts", [
