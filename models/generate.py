@@ -52,8 +52,10 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     if not traced_t and temperature == 0.0:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     # shifted by the row max first: the distribution is the same, and a tiny temperature cannot overflow to inf or
-    # make 0/0 (which picked an arbitrary token below 1e-38)
-    scale = jnp.maximum(temperature, 1e-30) if traced_t else max(float(temperature), 1e-30)
+    # make 0/0 (which picked an arbitrary token below 1e-38). Capped at 1e30 too (uniform over the finite logits
+    # either way): XLA divides by multiplying with 1 / scale, which flushes to 0 past ~8.5e37, and -inf · 0 = NaN
+    # then sampled a masked (-inf) token with certainty
+    scale = jnp.clip(temperature, 1e-30, 1e30) if traced_t else min(max(float(temperature), 1e-30), 1e30)
     # in float32 (as Hugging Face's generate upcasts the scores): bfloat16 logits summed the nucleus in bfloat16,
     # whose cumulative sum stalls (128256 tokens, top_p 0.9: 28223 kept of 30223, mass 0.891 < top_p)
     logits_BV = logits_BV.astype(jnp.float32)

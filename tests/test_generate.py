@@ -264,6 +264,15 @@ def test_a_tiny_temperature_samples_the_argmax():
         assert (got == 1).all(), (t, got)
 
 
+def test_a_huge_temperature_never_samples_a_masked_token():
+    """Past ~8.5e37, 1 / temperature flushed to 0 and -inf logits became NaN, which categorical always picked."""
+    logits = jnp.asarray([[0.0, -jnp.inf, 1.0, -jnp.inf]] * 256)
+    traced = jax.jit(lambda x, t: sample_logits(x, jax.random.key(0), t, None, None))
+    for t in (1e38, 1e300):
+        for got in (sample_logits(logits, jax.random.key(0), t, 3, 0.9), traced(logits, t)):
+            assert set(np.unique(got)) == {0, 2}, (t, np.bincount(got))
+
+
 def test_a_tiny_top_p_keeps_the_top_token(model):
     """top_p in (0, 1] is valid, but one below float32's normal range (~1.2e-38) flushed to 0: no token was kept,
     and every row sampled token 0 whatever its logits. The top token is always kept: greedy's tokens."""
