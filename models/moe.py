@@ -207,8 +207,10 @@ class MoE(nnx.Module):
         if impl == "capacity":  # dropless through capacity buffers: C = T, an expert sees a token at most once
             cap = cfg.capacity(T) if cfg.dispatch == "capacity" and not inference else T
             y_BTD, aux["dropped_frac"] = capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, cap, valid_BT)
-        else:
-            y_BTD = dropless_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, impl, cfg.gmm_tile_rows)
+        else:  # pads computed as zero rows: a zero weight times a pad's non-finite expert output (or one that
+            # overflows, from a finite x of ~1e30) is NaN, where capacity dispatch gives 0; and its gradient too
+            x_in = x_BTD if valid_BT is None else jnp.where(valid_BT[..., None], x_BTD, 0).astype(x_BTD.dtype)
+            y_BTD = dropless_dispatch(x_in, weights_BTK, experts_BTK, w, act, impl, cfg.gmm_tile_rows)
             aux["dropped_frac"] = jnp.zeros((), jnp.float32)
         if cfg.shared_mlp_dim:
             sw = tuple(p[...].astype(compute_dtype) for p in (self.shared_gate, self.shared_up, self.shared_down))

@@ -381,10 +381,12 @@ def test_padding_tokens_take_no_capacity_and_leave_the_aux_values():
 def test_dropless_padding_tokens_output_zero_and_real_tokens_are_unchanged(impl):
     """Dropless: a pad is not routed either (routed output 0), and the real tokens equal the unpadded row's. Only
     capacity dispatch was tested with pads: a dropless layer that routed them passed (its real tokens do not see
-    the pads, and the aux values leave them out anyway)."""
+    the pads, and the aux values leave them out anyway). A pad whose expert output overflows (x ~ 1e30, finite)
+    also outputs 0, as under capacity dispatch: its zero weight times that inf was NaN."""
     cfg = dataclasses.replace(CFG, dropless_impl=impl)
     m = make(cfg)
     x, junk = tokens(B=2, T=8), 5 * tokens(B=2, T=4, seed=3)
+    junk = junk.at[:, 1].multiply(1e30)
     xp = jnp.concatenate([junk, x], axis=1)  # left padded
     valid = jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12))
     run = jax.jit(lambda m, x, v=None: m(x, valid_BT=v)[0])
