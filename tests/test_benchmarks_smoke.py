@@ -98,6 +98,32 @@ def test_decode_benchmark_tiny_runs_both_side_by_side():
     assert all(r["ours_ms"] > 0 and r["hf_ms"] > 0 for r in res["step"])
 
 
+def test_decode_benchmark_compares_only_the_generated_tokens(monkeypatch):
+    """Both generates return the prompt followed by the new tokens: the prompt, equal by construction, was counted,
+    so one new token of two equal after a 6-token prompt read 0.875, and a 2048x32 row that agreed on no new token
+    0.985."""
+    import types
+
+    import numpy as np
+    import torch
+
+    import models
+    from benchmarks import decode
+
+    def ours_generate(model, prompt, n):  # new tokens [0, 0, ...]
+        return np.concatenate([np.asarray(prompt), np.zeros((prompt.shape[0], n), np.int32)], 1)
+
+    class HF:  # new tokens [0, 1, 1, ...]
+        def generate(self, ids, max_new_tokens, **kw):
+            new = torch.ones(ids.shape[0], max_new_tokens, dtype=ids.dtype)
+            new[:, 0] = 0
+            return torch.cat([ids, new], 1)
+
+    monkeypatch.setattr(models, "generate", ours_generate)
+    rows = decode.generations(types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=16)), HF(), [2], [(6, 2)], 1)
+    assert rows[0]["tokens_equal"] == 0.5
+
+
 @pytest.mark.parametrize("module, argv, message", [
     ("benchmarks.loop_products", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.batched_dots", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
