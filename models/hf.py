@@ -384,14 +384,16 @@ def read_token_ids(path) -> dict:
     return ids
 
 
-def _check_token_ids(token_ids) -> dict:
+def _check_token_ids(token_ids, vocab_size: int) -> dict:
     ids = dict(token_ids or {})
-    ok = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)  # noqa: E731
+    # an id past the vocabulary (another tokenizer's) is one the model never emits: generate never stopped at it
+    ok = lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size)  # noqa: E731
     for k, v in ids.items():
         if k not in TOKEN_ID_FIELDS:
             raise ValueError(f"save_pretrained token_ids: unknown key {k!r}; use {TOKEN_ID_FIELDS}")
         if not (ok(v) or (isinstance(v, list | tuple) and v and all(ok(x) and x is not None for x in v))):
-            raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: give a token id >= 0, a list of them or None")
+            raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: give a token id in [0, "
+                             f"vocab_size={vocab_size}), a list of them or None")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items()}
 
 
@@ -414,7 +416,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     one layer at a time); process 0 writes the files.
     """
     cfg = model.cfg
-    hf = config_to_hf(cfg) | _check_token_ids(token_ids)
+    hf = config_to_hf(cfg) | _check_token_ids(token_ids, cfg.vocab_size)
     # a cast to int8 / fp8 silently destroys weights; 'bf16' was numpy's bare "data type 'bf16' not understood"
     if dtype_name(dtype or cfg.param_dtype) not in _DTYPES:
         raise ValueError(f"save_pretrained dtype={dtype!r}: use 'float32', 'bfloat16' or 'float16'")
@@ -423,7 +425,9 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     limit = _parse_size(max_shard_size)
     ours = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if cfg.mup_base_width:  # μP's readout multiplier 1/m folded into the head: HF has no such factor
-        ours["lm_head"] = ours["lm_head"] / cfg.width_mult
+        # in float32, as the forward divides the logits: a bf16 head divided in bf16 was rounded to 8 bits, so even
+        # a dtype='float32' export of a bf16 model was off (logits 7e-4); the cast to out_dtype rounds once
+        ours["lm_head"] = ours["lm_head"].astype(jnp.float32) / cfg.width_mult
     _check_representable(cfg, ours, out_dtype)
     if cfg.moe is not None and np.any(_to_host(ours["moe_blocks.moe.router_bias"]) != 0):
         raise ValueError("moe.router_bias is non-zero (aux-loss-free balancing); Mixtral and Qwen3-MoE have no "
@@ -462,7 +466,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
     if primary:
         folder.mkdir(parents=True, exist_ok=True)
         config_text = json.dumps(hf, indent=2) + "\n"  # before anything is deleted: a failure leaves the old export
-        gen_text = _generation_config_text(folder, token_ids)
+        gen_text = _generation_config_text(folder, token_ids, cfg.vocab_size)
         for old in [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors",
                     folder / "model.safetensors.index.json"]:
             old.unlink(missing_ok=True)
@@ -483,7 +487,7 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
         multihost_utils.sync_global_devices(f"save_pretrained {folder}")
 
 
-def _generation_config_text(folder: Path, token_ids: dict | None) -> str | None:
+def _generation_config_text(folder: Path, token_ids: dict | None, vocab_size: int) -> str | None:
     """The folder's generation_config.json with the given token ids written into it (None: nothing to change).
     Both transformers' generate and `read_token_ids` prefer it to config.json, so a stale one left by an earlier
     export would silently override the ids just saved; its other settings (sampling, ...) are kept."""
@@ -498,7 +502,7 @@ def _generation_config_text(folder: Path, token_ids: dict | None) -> str | None:
     if not isinstance(gen, dict):
         raise ValueError(f"{path} is not a JSON object; save_pretrained writes token_ids into it, since "
                          "transformers' generate reads them from there first: fix or remove it")
-    return json.dumps(gen | _check_token_ids(token_ids), indent=2) + "\n"
+    return json.dumps(gen | _check_token_ids(token_ids, vocab_size), indent=2) + "\n"
 
 
 def _check_representable(cfg: TransformerConfig, ours: dict, out_dtype: np.dtype) -> None:

@@ -279,7 +279,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
         if arch in ("gemma2", "gemma3_text"):  # (1 + w) norms, four per layer, sqrt(D) embedding scale, soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
                       query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
-                      attn_logit_softcap=hf["attn_logit_softcapping"],
+                      # Gemma 3's attention never reads its attn_logit_softcapping (q / k norms replace the cap)
+                      attn_logit_softcap=None if gemma3 else hf["attn_logit_softcapping"],
                       final_logit_softcap=hf["final_logit_softcapping"])
         if local_theta is not None and kw.get("attn_pattern", "global") != "global":  # else no layer uses it
             kw.update(local_rope_theta=local_theta)
@@ -563,6 +564,16 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
             w is not None for w in windows):
         raise ValueError("TransformerConfig.rope_scaling with local_rope_theta=None: Gemma 3 rotates its local layers "
                          "unscaled (rope_local_base_freq); set local_rope_theta (10000 as Gemma 3's)")
+    if cfg.qk_norm and cfg.attn_logit_softcap is not None:  # Gemma 3 config.json keeps the field, its model not
+        raise ValueError("TransformerConfig.attn_logit_softcap: transformers' Gemma 3 attention has no soft-cap (its "
+                         "q / k norms replace it; attn_logit_softcapping is stored and ignored), so the export would "
+                         "run uncapped; set it to None, or qk_norm=False for Gemma 2")
+    rs = cfg.rope_scaling
+    if cfg.qk_norm and rs is not None and rs.kind == "yarn" and not rs.truncate:
+        # 5.x reads YaRN's truncate from rope_parameters' top level, which Gemma 3 nests per layer type: always True
+        raise ValueError("RopeScaling.truncate=False: transformers' Gemma 3 reads YaRN's truncate where its per-layer-"
+                         "type rope_parameters have none and rounds the ramp's ends anyway; set truncate=True, or "
+                         "qk_norm=False for Gemma 2")
     if cfg.d_model % cfg.n_heads:  # transformers' Gemma2Config refuses to load it
         raise ValueError(f"TransformerConfig.d_model={cfg.d_model} is not a multiple of n_heads={cfg.n_heads}, which "
                          "transformers' Gemma 2 / 3 require (head_dim may differ from d_model / n_heads); change "

@@ -467,6 +467,18 @@ def test_mup_model_exports_with_its_readout_folded_in(tmp_path):
     np.testing.assert_allclose(our_logits(back), our_logits(ours), atol=1e-5)
 
 
+def test_a_bfloat16_mup_model_exports_its_folded_readout_in_float32(tmp_path):
+    """The readout multiplier was folded in the head's own bf16 (8 bits): a dtype='float32' export of a bf16 μP model
+    then wrote a head up to 2**-9 off, logits 7e-4 from ours. Folded in float32 it is the forward's head / m."""
+    from safetensors.numpy import load_file
+
+    cfg = dataclasses.replace(ROUND_TRIP["llama"], mup_base_width=16, d_model=48, param_dtype="bfloat16")  # m = 3
+    ours = _random_model(cfg, seed=7)
+    save_pretrained(ours, tmp_path, dtype="float32")
+    head = load_file(tmp_path / "model.safetensors")["lm_head.weight"]
+    np.testing.assert_allclose(head, (np.asarray(ours.lm_head[...], np.float32) / 3.0).T, rtol=1e-6)  # bf16: 4e-3
+
+
 def test_gemma2_with_moe_is_refused(tmp_path):
     from models.moe import MoEConfig
 
@@ -485,6 +497,24 @@ def test_gemma2_export_needs_heads_dividing_d_model(tmp_path):
     with pytest.raises(ValueError, match=r"d_model=72 is not a multiple of n_heads=5.*Gemma 2"):
         save_pretrained(_random_model(cfg, seed=3), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_gemma3_export_refuses_what_transformers_gemma3_ignores(tmp_path):
+    """transformers' Gemma 3 stores attn_logit_softcapping but its attention never caps (logits 0.01 off at cap 20),
+    and reads YaRN's truncate from the top of its per-layer-type rope_parameters, so always rounds the ramp (0.85
+    off): both exports loaded and computed something else (and a Gemma 3 config.json's cap was read as one). Gemma 2
+    has both; a truncated YaRN is Gemma 3's too."""
+    yarn = RopeScaling("yarn", 4.0, original_max_position_embeddings=16, truncate=False)
+    g3 = ROUND_TRIP["gemma3"]
+    for cfg, says in ((dataclasses.replace(g3, attn_logit_softcap=20.0), r"attn_logit_softcap: .* Gemma 3 attention"),
+                      (dataclasses.replace(g3, rope_scaling=yarn), r"RopeScaling.truncate=False: .* Gemma 3")):
+        with pytest.raises(ValueError, match=says):
+            save_pretrained(_random_model(cfg, seed=3), tmp_path)
+    assert not any(tmp_path.iterdir())
+    assert config_to_hf(dataclasses.replace(g3, rope_scaling=dataclasses.replace(yarn, truncate=True)))
+    assert config_to_hf(dataclasses.replace(ROUND_TRIP["gemma2"], rope_scaling=yarn))["attn_logit_softcapping"] == 5.0
+    # and a Gemma 3 config.json carrying the field loads uncapped, as transformers runs it (it was read as a cap)
+    assert config_from_hf(config_to_hf(g3) | dict(attn_logit_softcapping=20.0)) == g3
 
 
 def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
@@ -1141,8 +1171,9 @@ def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
             back.generation_config.pad_token_id) == (1, 2, 0)
     with pytest.raises(ValueError, match="unknown key 'eos'"):
         save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos": 2})
-    # a bool is no token id (JSON true, which transformers reads as id 1), alone or in a list
-    for bad in (True, [2, False], -1, []):
+    # a bool is no token id (JSON true, which transformers reads as id 1), alone or in a list; nor is an id past the
+    # vocabulary (96), which the model never emits
+    for bad in (True, [2, False], -1, [], [2, 96]):
         with pytest.raises(ValueError, match=r"token_ids\['eos_token_id'\]="):
             save_pretrained(from_pretrained(src), tmp_path / "bad", token_ids={"eos_token_id": bad})
     # Llama 3 Instruct style: one eos in config.json, a list in generation_config.json, which transformers' generate
