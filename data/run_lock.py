@@ -117,10 +117,11 @@ def _same_file(fd: int, path: pathlib.Path) -> bool:
 
 def _holder(fd: int) -> str:
     """The lock file's text. Refused in the instant between the winner's flock and its write, it still named the last
-    holder, a dead pid, as the job to stop: re-read (up to a second) while it names a process gone from this host."""
+    holder, a dead pid, as the job to stop: re-read (up to a second) while it names a process gone from this host, or
+    is empty (the winner truncates the file, then writes its line: a refusal in between said "not yet written")."""
     for _ in range(100):
         text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-        if not _gone_here(text):
+        if text and not _gone_here(text):
             break
         time.sleep(0.01)
     return text

@@ -22,6 +22,7 @@ import bz2
 import codecs
 import dataclasses
 import gzip
+import io
 import json
 import lzma
 import os
@@ -36,7 +37,6 @@ from data.seeds import check_field_types
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compression, by the file's last suffix
 # formats read as one text document each (a .zst shard was one `binary` drop, a CSV one document): refused up front
 _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "decompress it (zstd -d)",
            ".lz4": "decompress it (lz4 -d)", ".snappy": "decompress it", ".br": "decompress it (brotli -d)",
@@ -46,6 +46,47 @@ _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "dec
            ".arrow": "write it as Parquet", ".feather": "write it as Parquet", ".avro": "convert it to Parquet",
            ".orc": "convert it to Parquet", ".tfrecord": "convert it to JSON Lines",
            ".array_record": "it is already a tier (data.loader.Source reads it)"}
+
+
+class _Streams(io.RawIOBase):
+    """A .bz2 / .xz file read as bz2.open / lzma.open read it, one stream after another (pbzip2 writes one per block,
+    `cat a.bz2 b.bz2` two), but raising where what follows a stream is not a valid one: they stop there silently, as
+    at the file's end, so a damaged stream's records and all after it were in no count (gzip.open raises)."""
+
+    def __init__(self, path: str, new):
+        self._file, self._new, self._dec = open(path, "rb"), new, new()
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def readinto(self, buf) -> int:
+        while True:
+            if self._dec.eof:
+                block = self._dec.unused_data or self._file.read(1 << 16)
+                if not block:
+                    return 0
+                self._dec = self._new()  # the next stream: its first bytes raise where they are not one
+            elif self._dec.needs_input:
+                block = self._file.read(1 << 16)
+                if not block:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            else:
+                block = b""
+            if data := self._dec.decompress(block, len(buf)):
+                buf[:len(data)] = data
+                return len(data)
+
+
+def _streams(new):
+    return lambda path, mode="rb": io.BufferedReader(_Streams(path, new))
+
+
+# compression, by the file's last suffix
+_OPENERS = {".gz": gzip.open, ".bz2": _streams(bz2.BZ2Decompressor), ".xz": _streams(lzma.LZMADecompressor)}
 # compressors of whole files, by suffix (Parquet compresses its own pages, so it is never read through them)
 _WHOLE_FILE = {".gz": "gzip -d", ".bz2": "bzip2 -d", ".xz": "xz -d", ".zst": "zstd -d", ".zstd": "zstd -d",
                ".lz4": "lz4 -d", ".br": "brotli -d"}
@@ -101,12 +142,15 @@ def _walk(root: pathlib.Path) -> list[pathlib.Path]:
     `corpus/wiki -> /mnt/wiki` went unread and in no count); a directory reached twice (a link back up) is walked
     once, under its first name in sorted order (in listing order, `aa/` or its link `zz/` named the files by how the
     file system listed them). A directory that cannot be listed raises a ValueError naming it: passed over (as rglob
-    does), its files were in no count. Hidden / Spark side directories, whose files are not read, are let be."""
+    does), its files were in no count. Hidden / Spark side directories, whose files are not read, are not walked."""
     found, seen, unlisted = [], {os.path.realpath(root)}, []
-    side = lambda e: _side_file(pathlib.Path(e.filename).relative_to(root) / "f")  # noqa: E731
-    for d, dirs, names in os.walk(root, followlinks=True, onerror=lambda e: side(e) or unlisted.append(e)):
+    for d, dirs, names in os.walk(root, followlinks=True, onerror=unlisted.append):
         walk = []
         for name in sorted(dirs):
+            # a side directory is not walked (its files are not read): marked seen first ('.' sorts before letters),
+            # a link `.latest -> data`, or a hidden store that `data` links into, left the data's files in no count
+            if _side_file(pathlib.Path(d, name, "f").relative_to(root)):
+                continue
             if (real := os.path.realpath(os.path.join(d, name))) not in seen:
                 seen.add(real)
                 walk.append(name)

@@ -1761,6 +1761,30 @@ def test_input_file_names_that_are_not_utf8_are_refused_by_name(tmp_path):
         pipeline.main([str(tmp_path / "in"), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize("suffix", [".bz2", ".xz"])
+def test_a_damaged_later_stream_of_a_bz2_or_xz_file_is_counted_not_silently_cut(tmp_path, suffix):
+    """bz2.open / lzma.open stop, as at the file's end, where what follows a stream is not a valid one (pbzip2 writes
+    one stream per block, `cat a.bz2 b.bz2` two): a damaged later stream's records, and all after it, were in no
+    count, and a text file was kept as its first stream alone. Now, as with gzip, the rest is one counted drop."""
+    import bz2
+    import lzma
+
+    from data.sources import read_records
+
+    compress = {".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    lines = [json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(4)]
+    first, second = compress(b"".join(lines[:2])), compress(b"".join(lines[2:]))
+    (tmp_path / f"ok.jsonl{suffix}").write_bytes(first + second)  # whole streams, one after another: all read
+    assert [r for _, r, _ in read_records([str(tmp_path / f"ok.jsonl{suffix}")])] == [None] * 4
+    damaged = first + second[:4] + bytes(b ^ 0xFF for b in second[4:12]) + second[12:]
+    (tmp_path / f"cut.jsonl{suffix}").write_bytes(damaged)
+    got = list(read_records([str(tmp_path / f"cut.jsonl{suffix}")], with_ids=True))
+    assert [r for _, r, _, _ in got] == [None, None, "unreadable_rest"]
+    assert got[-1][3] == f"{tmp_path / f'cut.jsonl{suffix}'}:3"
+    (tmp_path / f"notes.txt{suffix}").write_bytes(damaged)
+    assert [r for _, r, _ in read_records([str(tmp_path / f"notes.txt{suffix}")])] == ["unreadable_file"]
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
 def test_a_parquet_file_compressed_whole_is_refused_before_any_work(tmp_path, suffix):
     """pyarrow reads no .parquet.gz: its rows were one `unreadable_file` drop (a .parquet.zst was refused, with the
@@ -1855,6 +1879,23 @@ def test_discover_walks_linked_directories(tmp_path):
     (tmp_path / "in" / "up").symlink_to(tmp_path / "in")
     assert discover([tmp_path / "in"]) == [(str(tmp_path / "in" / "in.jsonl"),),
                                            (str(tmp_path / "in" / "linked" / "ext.jsonl"),)]
+
+
+def test_discover_reads_a_directory_that_a_hidden_link_names_too(tmp_path):
+    """A hidden link beside the data (`.latest -> data`, '.' sorting first) or a hidden store that the data links into
+    (`data -> .store/v2`) marked the directory walked under its hidden name, whose files are side files, not read:
+    the data's own files were in no count (an empty input). Side directories are not walked at all."""
+    from data.sources import discover
+
+    (tmp_path / "in" / "data").mkdir(parents=True)
+    (tmp_path / "in" / "data" / "a.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    (tmp_path / "in" / ".latest").symlink_to("data")
+    (tmp_path / "in" / ".store" / "v2").mkdir(parents=True)
+    (tmp_path / "in" / ".store" / "v2" / "b.jsonl").write_text(json.dumps({"text": "b"}) + "\n")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "sub" / "b").symlink_to(tmp_path / "in" / ".store" / "v2")
+    assert discover([tmp_path / "in"]) == [(str(tmp_path / "in" / "data" / "a.jsonl"),),
+                                           (str(tmp_path / "in" / "sub" / "b" / "b.jsonl"),)]
 
 
 def _raw_strings(vals):
@@ -2385,10 +2426,12 @@ def test_a_lock_taken_while_its_holder_removes_the_directory_it_made_is_taken_an
     RunLock(out, "data.pipeline", wait=True).release()
 
 
-def test_a_refusal_names_the_new_holder_not_the_last_one(tmp_path):
+@pytest.mark.parametrize("before", ["dead", "empty"])
+def test_a_refusal_names_the_new_holder_not_the_last_one(tmp_path, before):
     """Two jobs started at once on an --out a finished job had used: the one refused in the instant between the
     winner's flock and its writing its line named the finished job, a dead pid, as the one to stop (10% of such
-    races). It reads the line again while that names a process gone from this host."""
+    races). It reads the line again while that names a process gone from this host, or while the file is empty (the
+    winner truncates, then writes: refused in between, it said "holder not yet written")."""
     import json
     import socket
     import subprocess
@@ -2401,8 +2444,8 @@ def test_a_refusal_names_the_new_holder_not_the_last_one(tmp_path):
     out = tmp_path / "run"
     holder = RunLock(out, "data.pipeline")  # this test process is the winner, its line not yet written
     mine = (out / LOCK_NAME).read_text()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "job": "data.pipeline",
-                                             "started": "yesterday"}) + "\n")
+    (out / LOCK_NAME).write_text("" if before == "empty" else json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "job": "data.pipeline", "started": "yesterday"}) + "\n")
     writes = threading.Timer(0.05, (out / LOCK_NAME).write_text, [mine])
     writes.start()
     try:
