@@ -179,6 +179,9 @@ class MoE(nnx.Module):
             raise ValueError(f"MoE x: shape {tuple(jnp.shape(x_BTD))}; pass [B, T, D] with D = d_model = {d} "
                              f"(a [N, D] batch of tokens as x[None])")
         cfg, (B, T, _), K = self.cfg, x_BTD.shape, self.cfg.top_k
+        if B * T == 0:  # else a ZeroDivisionError in a reshape (or 'tokens=0' from the capacity), naming neither
+            raise ValueError(f"MoE x: shape {tuple(x_BTD.shape)} holds no tokens (B·T = 0): nothing to route; skip "
+                             "the call for an empty batch, or pad it to one token with valid_BT False")
         if valid_BT is not None and jnp.shape(valid_BT) != (B, T):  # else a reshape or broadcast failed, unnamed
             raise ValueError(f"MoE valid_BT: shape {jnp.shape(valid_BT)}, but x [B, T, D] is {tuple(x_BTD.shape)}; "
                              f"pass one bool per token, [B, T] = ({B}, {T}), True for real tokens")

@@ -667,6 +667,10 @@ class Transformer(nnx.Module):
         """hidden: None for the logits (`__call__`), 'final' / 'all' for `hidden_states`."""
         cfg = self.cfg
         tokens_BT = check_token_ids(tokens_BT, cfg.vocab_size)
+        # lists read as arrays, as the tokens and the padding mask are: they failed deep in the layer scan ("list
+        # indices must be integers or slices, not tuple", in RoPE / the attention mask), naming neither argument
+        positions_BT, segment_ids_BT = (jnp.asarray(a) if isinstance(a, list | tuple) else a
+                                        for a in (positions_BT, segment_ids_BT))
         _check_shapes(cfg, tokens_BT, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
                       padding_mask_BT=padding_mask_BT, cache=cache)
         B, T = tokens_BT.shape

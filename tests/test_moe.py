@@ -413,6 +413,9 @@ def test_input_of_the_wrong_rank_or_width_is_refused_by_name():
         want = re.escape(f"MoE x: shape {shape}") + ".*" + re.escape(f"[B, T, D] with D = d_model = {D}")
         with pytest.raises(ValueError, match=want):
             m(jnp.ones(shape))
+    for shape in ((0, 6, D), (2, 0, D)):  # a ZeroDivisionError in a reshape, named nothing
+        with pytest.raises(ValueError, match=re.escape(f"MoE x: shape {shape} holds no tokens")):
+            m(jnp.ones(shape))
 
 
 def test_padding_only_batch_gives_zero_aux_and_finite_gradients():

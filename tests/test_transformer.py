@@ -821,6 +821,10 @@ def test_bad_token_ids_and_masks_are_refused_or_read_as_ints():
     np.testing.assert_array_equal(model(tok, padding_mask_BT=mask), model(tok, padding_mask_BT=mask.astype(bool)))
     with pytest.raises(ValueError, match="padding_mask_BT must be bool"):
         model(tok, padding_mask_BT=mask.astype(jnp.float32))
+    # positions / segment ids as lists, as tokens and masks may be: a bare TypeError deep in the layer scan before
+    pos, seg = [[2, 3, 4, 5]], [[0, 0, 1, 1]]
+    np.testing.assert_array_equal(model(tok, positions_BT=pos, segment_ids_BT=seg),
+                                  model(tok, positions_BT=jnp.asarray(pos), segment_ids_BT=jnp.asarray(seg)))
 
 
 def test_inputs_and_caches_of_the_wrong_shape_are_refused_by_name():

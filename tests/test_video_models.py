@@ -114,6 +114,8 @@ def test_dit_shapes_dtypes_and_param_count(attention, dtype):
     t = jnp.asarray([0.1, 0.9])
     for args, says in (((x, 0.5, text, valid, pooled), r"t_B must be float times .*=\(2,\), got float32\[\]"),
                        ((x, jnp.asarray([500, 500]), text, valid, pooled), r"got int32\[2\]"),
+                       # the same timesteps as floats ran: an embedding of 1000·t, arbitrary predictions
+                       ((x, jnp.asarray([500.0, 0.5]), text, valid, pooled), r"t_B must be .* \[0, 1\].*t / 1000"),
                        ((x, t, text[:1], valid, pooled), r"text_BLE must be \[B=2, L, DiTConfig.text_dim"),
                        ((x, t, text, None, pooled), "text_valid_BL must be a \\[B, L\\]"),
                        ((x, t, text, valid, pooled[:, :8]), r"pooled_BE must be \[B=2, DiTConfig.text_dim")):

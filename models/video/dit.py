@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.config import dtype_of
@@ -106,6 +107,14 @@ def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) ->
     shape = lambda a: tuple(getattr(a, "shape", ()))  # noqa: E731
     need(shape(t_B) == (B,) and jnp.issubdtype(jnp.result_type(t_B), jnp.floating),
          f"t_B must be float times in [0, 1] of shape [B]=({B},), got {jnp.result_type(t_B)}{list(shape(t_B))}")
+    # values known (eager, or closed over by jit, and on this host): check the range too
+    if not isinstance(t_B, jax.core.Tracer) and getattr(t_B, "is_fully_addressable", True):
+        # diffusers' timesteps as floats (0..999) ran silently: the embedding is of 1000·t, so t = 500 gave an
+        # arbitrary conditioning and predictions (a few ulps' slack for a user's own float32 time grid)
+        t = np.asarray(t_B, np.float64)
+        need(bool(((t >= -1e-6) & (t <= 1 + 1e-6)).all()),
+             f"t_B must be float times in [0, 1] (0: data, 1: noise), got {t.tolist()[:8]}; for a scheduler's "
+             "0..999 timesteps pass t / 1000")
     need(len(shape(text_BLE)) == 3 and shape(text_BLE)[0] == B and shape(text_BLE)[2] == cfg.text_dim,
          f"text_BLE must be [B={B}, L, DiTConfig.text_dim={cfg.text_dim}], got {list(shape(text_BLE))}")
     # L = 0 failed inside the attention kernel ('zero-size array to reduction operation max')
