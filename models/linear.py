@@ -86,7 +86,9 @@ def linear(x_MD, w_DF, impl: str = "auto", out_dtype=None, flatten: bool = True,
     if not flatten:
         impl = "plain"
     elif len(lead) != 1:
-        return linear(x_MD.reshape(-1, x_MD.shape[-1]), w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
+        # sizes spelled out, not -1: with a zero-size dim (D = 0) -1 is ambiguous, a bare ZeroDivisionError
+        x_MD = x_MD.reshape(math.prod(lead), x_MD.shape[-1])
+        return linear(x_MD, w_DF, impl, out_dtype).reshape(*lead, w_DF.shape[1])
     if out_dtype is not None and jnp.dtype(out_dtype) != jnp.result_type(x_MD, w_DF):
         return _linear_out(x_MD, w_DF, impl == "transposed_grad", jnp.dtype(out_dtype))
     return product(x_MD, w_DF) if impl == "plain" else _linear_tg(x_MD, w_DF, 1)
@@ -133,8 +135,8 @@ def product_grads(x_MD, w_DF, g_MF, transposed_grad: bool):
 
 
 def _as_2d(w, contract: int):
-    """w [C..., F...] → [prod C, prod F]."""
-    return w.reshape(math.prod(w.shape[:contract]), -1)
+    """w [C..., F...] → [prod C, prod F] (not -1: a zero-size C made that a bare ZeroDivisionError where x @ w is 0)."""
+    return w.reshape(math.prod(w.shape[:contract]), math.prod(w.shape[contract:]))
 
 
 @functools.partial(custom_vjp, nondiff_argnums=(2,))
@@ -171,4 +173,4 @@ def _linear_nd(x, w, impl: str, contract: int):
     if impl == "plain":
         dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
         return _dot(x, w, (dims, ((), ())))
-    return _linear_tg(x.reshape(-1, math.prod(C)), w, contract).reshape(*lead, *F)
+    return _linear_tg(x.reshape(math.prod(lead), math.prod(C)), w, contract).reshape(*lead, *F)

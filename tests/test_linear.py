@@ -164,6 +164,22 @@ def test_weights_in_their_own_shapes_equal_the_reshaped_product(impl, x_shape, w
 
 
 @pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
+def test_an_empty_contraction_is_a_zero_product_with_empty_gradients(impl):
+    """A zero-size contracted dim: x @ w is zeros, as jnp gives it. Reshapes to (-1, 0) made it a bare
+    ZeroDivisionError: 3-D rows on every impl, and the CPU default 'transposed_grad' even on 2-D rows."""
+    from models.glu import glu_linear
+
+    cases = [(lambda x, w: linear(x, w, impl), (2, 3, 0), (0, 4)),
+             (lambda x, w: linear(x, w, impl, contract=2), (2, 3, 0), (3, 0, 4)),
+             (lambda x, w: glu_linear(x, x, w, impl=impl), (2, 3, 0), (0, 4))]
+    for f, x_shape, w_shape in cases:
+        x, w = jnp.ones(x_shape), jnp.ones(w_shape)
+        y, pull = jax.vjp(f, x, w)
+        assert y.shape == x_shape[:-1 if len(w_shape) == 2 else -2] + (4,) and not y.any()
+        assert [g.shape for g in pull(jnp.ones_like(y))] == [x_shape, w_shape]
+
+
+@pytest.mark.parametrize("impl", ["plain", "transposed_grad"])
 def test_x_whose_last_dims_are_the_contracted_ones_in_another_order_is_refused(impl):
     """x [..., 5, 4] against w [4, 5, F] (contract=2): the sizes multiply to the same K, so the transposed-gradient
     path's reshape to [M, 20] ran and returned a product of mismatched features without a word."""
