@@ -134,7 +134,7 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
         if chips % t:
             continue
         rest = chips // t
-        for f in (d for d in range(1, rest + 1) if rest % d == 0):
+        for f in _divisors(rest):
             mesh = {"data": rest // f, "fsdp": f, "tensor": t}
             mb = seqs_per_chip * mesh["data"] * f
             try:
@@ -149,6 +149,17 @@ def suggest_mesh(shape: LMShape, chips: int, hbm_bytes: float, *, seq_len: int, 
             if mem is not None and mem.total <= headroom * hbm_bytes:
                 return MeshChoice(mesh, mb, mem)
     return None
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of `n`, ascending, in O(sqrt(n)) steps (a scan of 1..n took 6 s at 5e7 chips, minutes at 2**31)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _overflow(name: str, value, what: str):
+    fix = "raise" if name == "mfu" else "lower"
+    raise ValueError(f"{name}={value:g} takes the plan's {what} past the largest float (inf); {fix} {name}")
 
 
 def _num(x: float, places: int = 0) -> str:
@@ -233,6 +244,10 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     elif tokens is not None:  # the budget and the data fix the model: 6·N·D = C
         d = float(tokens)
         n = float(flops) / (6.0 * d)
+        if not (math.isfinite(n) and n > 0):  # (inf or 0 was refused as 'n_params', which the CLI read as --params)
+            raise ValueError(f"tokens={d:g} with flops={flops:g} leaves N = C / 6D = {n:g}, which no float model size "
+                             f"holds: {'raise' if n else 'lower'} tokens (--tokens) or "
+                             f"{'lower' if n else 'raise'} flops (--flops)")
         how = "given; N = C / 6D"
     else:
         n = float(alloc.optimal_params(flops))
@@ -253,13 +268,32 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         else:
             fix = f"{more} flops (--flops) to about {float(alloc.optimal_flops_for_params(e.closest)):.3g}"
         raise ValueError(f"{e}; {'or ' if 'vocabulary' in str(e) else ''}{fix}") from None
-    fpt = train_flops_per_token(shape, seq_len)
+    try:
+        fpt = train_flops_per_token(shape, seq_len)
+    except OverflowError:  # (a bare 'integer division result too large for a float' traceback)
+        raise ValueError(f"seq_len ({len(str(seq_len))} digits) is too long: its attention FLOPs overflow a float; "
+                         "lower seq_len") from None
     c6 = 6.0 * n * d
     cm = fpt * d
     seconds = cm / (chips * peak * mfu)
     chip_hours = chips * seconds / 3600
     kwh = chip_hours * power / 1000 * pue
     co2 = kwh * grid_g_per_kwh / 1000
+    # a product past the float range printed a plan of 'inf s', 'inf kWh' (tokens 1e300, mfu 1e-300, pue 1e308):
+    # refused naming the input that took it there (each factor before it is finite)
+    if not (math.isfinite(c6) and math.isfinite(cm)):
+        attention = fpt - 6.0 * param_counts(shape).matmul_active
+        # without --tokens, N and D stay below ~1e17 (the deepest shape): only the sequence's attention can get there
+        name, v = (("seq_len", seq_len) if tokens is None or math.isfinite(c6) and attention > fpt / 2 else
+                   ("tokens", tokens) if params is not None else ("flops", flops))
+        _overflow(name, v, f"training FLOPs (6ND {c6:.4g}, model FLOPs {cm:.4g})")
+    if not (math.isfinite(seconds) and math.isfinite(chip_hours)):
+        _overflow("mfu", mfu, f"wall-clock ({cm:.4g} FLOPs at {mfu:g} of {chips} x {peak:.4g} FLOP/s)")
+    if not math.isfinite(kwh):
+        _overflow(*(("chip_power_w", chip_power_w) if chip_power_w is not None and chip_power_w / 1000 > pue
+                    else ("pue", pue)), f"energy ({_num(chip_hours)} chip-h x {power:g} W x PUE {pue:g})")
+    if not math.isfinite(co2):
+        _overflow("grid_g_per_kwh", grid_g_per_kwh, f"CO2e ({_num(kwh)} kWh x {grid_g_per_kwh:g} g/kWh)")
     skipped: list[str] = []
     tried: list[MeshChoice] = []
     mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat,
@@ -286,7 +320,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         f"model     : N = {n:.4g} params; suggested shape L={shape.n_layers}, d={shape.d_model}, "
         f"heads={shape.n_heads}x{shape.head_dim}, mlp={shape.mlp_dim}, vocab={shape.vocab_size} "
         f"({pc.total:.4g} params)",
-        f"tokens    : D = {d:.4g} ({how}; {d / n:.1f} tokens/param)",
+        f"tokens    : D = {d:.4g} ({how}; {_num(d / n, 1)} tokens/param)",
         f"compute   : 6ND = {c6:.4g} FLOPs; model FLOPs = {fpt:.4g}/token x D = {cm:.4g} FLOPs",
         f"wall-clock: {cm:.4g} / ({chips} x {peak:.4g} x {mfu:g}) = {_num(seconds)} s = {_num(seconds / 3600, 1)} h "
         f"= {_num(seconds / 86400, 2)} days ({_num(chip_hours)} chip-hours)",
@@ -295,7 +329,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         # what the most sharded layout (fsdp over as many chips as divide the shape, data over the rest) still
         # needs says which advice can help (with 7 chips fsdp 7 divides nothing: fsdp 1, the state unsharded)
         least, fsdp = None, chips
-        for fsdp in (f for f in range(chips, 0, -1) if chips % f == 0):
+        for fsdp in reversed(_divisors(chips)):
             try:
                 least = memory_per_device(shape, {"fsdp": fsdp, "data": chips // fsdp}, seqs_per_chip * chips,
                                           seq_len, remat=remat, param_dtype="float32", compute_dtype="bfloat16",

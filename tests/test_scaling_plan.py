@@ -120,6 +120,34 @@ def test_a_tiny_run_prints_significant_figures():
     assert "0.00 " not in plan.text and "0.0 h" not in plan.text
 
 
+def test_a_short_run_prints_its_tokens_per_param():
+    """A fine-tune-sized run (1e7 tokens on 1e9 parameters) printed '0.0 tokens/param'."""
+    assert "(given; 0.01 tokens/param)" in make_plan(params=1e9, tokens=1e7, chips=8).text
+
+
+@pytest.mark.parametrize("kw, message", [
+    # each printed a plan of 'inf s', 'inf kWh' or 'inf kg'
+    (dict(tokens=1e300), r"tokens=1e\+300 takes the plan's training FLOPs .* past the largest float \(inf\); lower"),
+    (dict(tokens=1e290, mfu=1e-30), r"mfu=1e-30 takes the plan's wall-clock .*; raise mfu"),
+    (dict(pue=1e308), r"pue=1e\+308 takes the plan's energy"),
+    (dict(chip_power_w=1e308, tokens=1e20), r"chip_power_w=1e\+308 takes the plan's energy"),
+    (dict(grid_g_per_kwh=1e308), r"grid_g_per_kwh=1e\+308 takes the plan's CO2e"),
+    (dict(seq_len=10**140, tokens=1e290), r"seq_len=1e\+140 takes the plan's training FLOPs"),
+    (dict(seq_len=10**200), r"seq_len \(201 digits\) is too long"),  # an OverflowError traceback
+])
+def test_a_plan_past_the_float_range_names_the_input_that_took_it_there(kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan(params=1e9, chips=8, **kw)
+
+
+def test_a_budget_and_tokens_that_leave_no_float_model_size_name_them():
+    """N = C / 6D overflowing (or underflowing to 0) was refused as 'n_params', which the CLI read as --params."""
+    with pytest.raises(SystemExit, match=r"argument --tokens: tokens=1e-10 with flops=1e\+300 leaves N = C / 6D = inf"):
+        main(["--flops", "1e300", "--tokens", "1e-10"])
+    with pytest.raises(ValueError, match=r"N = C / 6D = 0, .*: lower tokens \(--tokens\) or raise flops"):
+        make_plan(flops=1e-320, tokens=1e10)
+
+
 def test_a_model_too_small_for_any_shape_names_what_reaches_one():
     """--flops C --tokens D with D far above C/6 gave N < 1 and advised lowering the vocabulary, which no
     vocabulary can fix: the error names the budget and token count that reach the smallest shape (8.45e6 at vocab
@@ -352,6 +380,16 @@ def test_suggest_mesh_fills_only_the_headroom_share_of_hbm():
     got = suggest_mesh(shape, 4, hbm, seq_len=512)
     assert got.mesh != {"data": 4, "fsdp": 1, "tensor": 1} and got.memory.total <= HEADROOM * hbm
     assert suggest_mesh(shape, 4, hbm, seq_len=512, headroom=1.0).mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+
+
+def test_a_huge_chip_count_finds_its_layouts_from_its_divisors():
+    """The layouts' fsdp degrees came from a scan of every count up to the chips: a prime count of 5e7 that fits
+    nowhere took 6 s (2**31 - 1: minutes); divisors in O(sqrt(n)) steps, as many layouts tried."""
+    from scaling.plan import _divisors
+
+    assert all(_divisors(n) == [d for d in range(1, n + 1) if n % d == 0] for n in range(1, 400))
+    plan = make_plan(params=7e10, chips=50_000_017)
+    assert plan.mesh is None and "fsdp over 1 of 50000017" in plan.text
 
 
 def test_make_plan_names_a_string_or_bool_number():
