@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fractions
 import math
+import numbers
 import pathlib
 import sysconfig
 
@@ -18,13 +19,21 @@ BYTE_VOCAB = 256
 
 
 def stdlib_text(max_bytes: int = 4_000_000, seed: int = 0) -> str:
-    """Concatenated text of stdlib `.py` files (sorted, then a seeded shuffle), up to `max_bytes` characters (the
-    name is historical: a few non-ASCII characters make the UTF-8 a little longer, 4,000,102 bytes by default)."""
+    """Concatenated text of stdlib `.py` files (sorted, then a seeded shuffle; the build's `_sysconfigdata*` left
+    out), up to `max_bytes` characters (the name is historical: a few non-ASCII characters make the UTF-8 a little
+    longer, 4,000,102 bytes by default)."""
+    if isinstance(max_bytes, bool | np.bool_) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 0:
+        # -1 sliced from the end (a whole file less its last character), 1.5 failed in the slice naming nothing
+        raise ValueError(f"stdlib_text: max_bytes={max_bytes!r} must be an int >= 0 (a count of characters)")
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if p.is_file())
     np.random.default_rng(check_seed(seed, "stdlib_text seed")).shuffle(files)  # seed=True ran as 1
     parts, total = [], 0
     for p in files:
+        # this build's settings (install prefix, compiler flags): another machine's text under the same seed (seed 1
+        # held it at the default max_bytes). Skipped after the shuffle, so every other file keeps its place.
+        if p.name.startswith("_sysconfigdata"):
+            continue
         try:
             t = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -68,8 +77,11 @@ class ByteWindows:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """{"inputs", "targets"}: int32 [batch_size, seq_len], targets shifted by one token; step >= 0."""
-        if step < 0:  # numpy's seed said "expected non-negative integer", naming nothing
-            raise ValueError(f"ByteWindows.batch: step={step} must be >= 0 (a batch is named by its step from 0)")
+        # numpy's seed said "expected non-negative integer" (or "seed must be integer" for 1.5), naming nothing;
+        # step=True served step 1
+        if isinstance(step, bool | np.bool_) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"ByteWindows.batch: step={step!r} must be an int >= 0 (a batch is named by its step "
+                             f"from 0)")
         rng = np.random.default_rng([self.seed, step])
         starts = rng.integers(0, max(1, len(self.tokens) - self.seq_len - 1), size=self.batch_size)
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts])

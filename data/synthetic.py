@@ -4,6 +4,7 @@ order, so documents neither repeat themselves nor each other unless a test makes
 
 from __future__ import annotations
 
+import numbers
 import re
 
 import numpy as np
@@ -15,14 +16,23 @@ EN_VOCAB = sorted({w.lower() for s in EN_LONG for w in re.findall(r"[A-Za-z]+", 
 ZH_CHARS = sorted({c for s in ZH_LONG for c in s if "\u4e00" <= c <= "\u9fff"})
 
 
+def _check_lengths(where: str, n_name: str, n, sentence) -> None:
+    # sentence=-1 wrote '' for the words asked (an empty range), 0 was range()'s bare "arg 3 must not be zero"
+    for name, v, low in ((n_name, n, 0), ("sentence", sentence, 1)):
+        if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral) or v < low:
+            raise ValueError(f"{where}: {name}={v!r} must be an int >= {low}")
+
+
 def en_text(rng: np.random.Generator, n_words: int = 120, sentence: int = 12) -> str:
     """`n_words` random English words in capitalised sentences of `sentence` words."""
+    _check_lengths("en_text", "n_words", n_words, sentence)
     ws = list(rng.choice(EN_VOCAB, n_words))
     return " ".join(" ".join(ws[i:i + sentence]).capitalize() + "." for i in range(0, n_words, sentence))
 
 
 def zh_text(rng: np.random.Generator, n_chars: int = 240, sentence: int = 16) -> str:
     """`n_chars` random Chinese characters in sentences of `sentence` characters."""
+    _check_lengths("zh_text", "n_chars", n_chars, sentence)
     cs = list(rng.choice(ZH_CHARS, n_chars))
     return "".join("".join(cs[i:i + sentence]) + "。" for i in range(0, n_chars, sentence))
 

@@ -78,7 +78,7 @@ def test_byte_windows_and_split_edges():
             train_eval_split(np.arange(100), bad)
     # starts are drawn from [0, len - seq_len - 1), as the class documents: of 11 tokens and seq_len 8 only 0 and 1
     eleven = ByteWindows(np.arange(11, dtype=np.int32), 8, 8)
-    with pytest.raises(ValueError, match="ByteWindows.batch: step=-1 must be >= 0"):
+    with pytest.raises(ValueError, match="ByteWindows.batch: step=-1 must be an int >= 0"):
         eleven.batch(-1)
     assert {int(row[0]) for step in range(20) for row in eleven.batch(step)["inputs"]} == {0, 1}
     # (seed, step) name independent streams: seed 0's step 1 was seed 1's step 0 under a seed + step (the ladder draws
@@ -99,6 +99,26 @@ def test_the_embedded_text_is_max_bytes_characters_of_files_in_a_seeded_order():
     texts = [stdlib_text(3000, seed=s) for s in range(4)]
     assert [len(t) for t in texts] == [3000] * 4 and len(set(texts)) == 4
     assert stdlib_text(3000, seed=2) == texts[2]
+    # _sysconfigdata_*.py is this build's settings (install paths, compiler flags), so seed 59's text, which began with
+    # it, differed between machines of one Python version
+    assert "build_time_vars" not in stdlib_text(3000, seed=59)
+
+
+def test_the_embedded_text_and_its_windows_refuse_lengths_and_steps_that_are_not_counts():
+    """stdlib_text(-1) returned a whole file less its last character (a slice from the end), 1.5 failed in the slice
+    naming nothing, True ran as 1; ByteWindows.batch(1.5) failed in numpy ('seed must be integer') and batch(True)
+    served step 1. Numpy ints stay counts (a sweep's max_bytes, a loop's step)."""
+    from data.corpus import stdlib_text
+
+    for bad in (-1, 1.5, True, None, "100"):
+        with pytest.raises(ValueError, match=r"stdlib_text: max_bytes=.* must be an int >= 0"):
+            stdlib_text(bad)
+    assert stdlib_text(np.int64(50)) == stdlib_text(50) and stdlib_text(0) == ""
+    windows = ByteWindows(np.arange(40, dtype=np.int32), 8, 2)
+    for bad in (1.5, True, np.float64(2.0), "1"):
+        with pytest.raises(ValueError, match=r"ByteWindows.batch: step=.* must be an int >= 0"):
+            windows.batch(bad)
+    np.testing.assert_array_equal(windows.batch(np.int64(3))["inputs"], windows.batch(3)["inputs"])
 
 
 def test_the_held_out_share_is_not_rounded_up_by_float_error():

@@ -48,6 +48,21 @@ def test_numpy_ints_are_seeds():
         MovingShapesConfig(seed=2**32)
 
 
+def test_synthetic_text_refuses_lengths_it_cannot_write():
+    """en_text(rng, 5, sentence=-1) returned '' for the 5 words asked (an empty range), sentence=0 was range()'s bare
+    'arg 3 must not be zero', a negative length numpy's 'negative dimensions'; each is refused by name."""
+    from data.synthetic import en_text, zh_text
+
+    rng = np.random.default_rng(0)
+    for fn, n_name in ((en_text, "n_words"), (zh_text, "n_chars")):
+        for n, sentence, says in ((5, -1, "sentence=-1 must be an int >= 1"), (5, 0, "sentence=0 must be an int >= 1"),
+                                  (-1, 4, f"{n_name}=-1 must be an int >= 0"), (2.0, 4, f"{n_name}=2.0 must be")):
+            with pytest.raises(ValueError, match=f"{fn.__name__}: {says}"):
+                fn(rng, n, sentence)
+        assert fn(rng, 0, 3) == ""
+        assert fn(np.random.default_rng(1), np.int64(2), np.int64(1)) == fn(np.random.default_rng(1), 2, 1)
+
+
 @pytest.mark.parametrize("make,says", [
     # a NaN threshold passed every range check and switched its filter off: a 10-character document was kept
     (lambda: QualityConfig(min_chars=float("nan"), min_words=0), r"QualityConfig.min_chars=nan must be an int"),
