@@ -627,9 +627,34 @@ def test_a_corrupt_step_asked_for_by_number_does_not_say_it_starts_fresh(tmp_pat
     assert lines[0].endswith("; not restored (the step asked for: no other step is tried)"), lines
 
 
+def _many_arrays_state(step):
+    """Many arrays of 8 shards each: many reads in flight when one fails (numpy's draws: 288 eager
+    jax.random.normal calls took a second)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel import make_mesh
+
+    mesh = make_mesh({"fsdp": 8})
+    shard, rep = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())
+    rng = np.random.default_rng(step)
+    return {"params": {f"w{i}": jax.device_put(rng.standard_normal((256, 64), np.float32), shard)
+                       for i in range(48)}, "step": jax.device_put(jnp.asarray(step, jnp.int32), rep)}
+
+
+@pytest.fixture(scope="module")
+def many_arrays_ckpt(tmp_path_factory):
+    """Steps 2, 4, 6, 8 of _many_arrays_state, saved once: each test damages a copy of its own."""
+    path = tmp_path_factory.mktemp("many_arrays") / "ckpt"
+    ckpt = Checkpoints(path, keep=4, keep_best=False, async_save=False, log=lambda *a: None)
+    for step in (2, 4, 6, 8):
+        ckpt.save(step, _many_arrays_state(step), {"config": "{}"})
+    ckpt.close()
+    return path
+
+
 @pytest.mark.parametrize("damage", ["metadata", "data"])
 def test_a_corrupt_step_is_reported_in_one_line_without_orbax_or_asyncio_noise(tmp_path, damage, capfd, caplog,
-                                                                               monkeypatch):
+                                                                               monkeypatch, many_arrays_ckpt):
     """orbax reads all arrays of a step at once in an event loop it closes when a read fails; the reads still in
     flight completed later into the closed loop: one 'RuntimeError: Event loop is closed' traceback per array
     (tensorstore's, through sys.unraisablehook), 'Task exception was never retrieved' logs and reads destroyed
@@ -637,26 +662,12 @@ def test_a_corrupt_step_is_reported_in_one_line_without_orbax_or_asyncio_noise(t
     d/ flipped), damaged chunks the data reads (only the large files)."""
     import gc
     import logging
+    import shutil
     import sys
     import time
 
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from parallel import make_mesh
-
-    mesh = make_mesh({"fsdp": 8})
-    shard, rep = NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())
-
-    def state(step):  # many arrays of 8 shards each: many reads in flight when one fails (numpy's draws: 288 eager
-        # jax.random.normal calls took a second)
-        rng = np.random.default_rng(step)
-        return {"params": {f"w{i}": jax.device_put(rng.standard_normal((256, 64), np.float32), shard)
-                           for i in range(48)}, "step": jax.device_put(jnp.asarray(step, jnp.int32), rep)}
-
-    ckpt = Checkpoints(tmp_path / "ckpt", keep=4, keep_best=False, async_save=False, log=lambda *a: None)
-    for step in (2, 4, 6, 8):
-        ckpt.save(step, state(step), {"config": "{}"})
-    ckpt.close()
+    state = _many_arrays_state
+    shutil.copytree(many_arrays_ckpt, tmp_path / "ckpt")
     for step in (4, 6, 8):  # three bad steps in a row: three failed reads, then step 2
         for f in (tmp_path / "ckpt" / str(step)).rglob("*"):
             if f.is_file() and f.parent.name == "d" and (damage == "metadata" or f.stat().st_size > 10_000):

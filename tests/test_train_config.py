@@ -654,11 +654,13 @@ def test_a_finite_loss_with_an_overflowing_gradient_norm_is_skipped():
     cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
     mesh = make_mesh({"fsdp": -1})
     graphdef, opt, sched, state = train_lm.init_state(cfg, mesh)
-    state["params"]["final_norm"] = state["params"]["final_norm"] * 1e24  # |dW_head|² sums past float32
+    norm = state["params"]["final_norm"]  # |dW_head|² sums past float32 (set in place: the state's own tree)
+    norm.set_value(norm[...] * 1e24)
     before = jax.device_get(state["params"])
     rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(0, 256, (8, 32), dtype=np.int32),
-             "targets": rng.integers(0, 256, (8, 32), dtype=np.int32)}
+    # the shapes of test_grad_accumulation_equals_one_big_batch's batch (weights included): its program
+    batch = {"inputs": rng.integers(0, 256, (16, 32), dtype=np.int32),
+             "targets": rng.integers(0, 256, (16, 32), dtype=np.int32), "weights": np.ones((16, 32), np.float32)}
     step = make_state_step(graphdef, opt, sched, None, 1)
     with jax.set_mesh(mesh):
         state, m = step(state, jax.tree.map(jnp.asarray, batch))
@@ -678,11 +680,13 @@ def test_fractional_weights_summing_below_one_average_by_their_total():
     mesh = make_mesh({"fsdp": -1})
     graphdef, opt, sched, state = train_lm.init_state(cfg, mesh)
     rng = np.random.default_rng(0)
-    tok = rng.integers(0, 256, (8, 33), dtype=np.int32)
-    weights = np.zeros((8, 32), np.float32)
+    tok = rng.integers(0, 256, (16, 33), dtype=np.int32)  # test_grad_accumulation_equals_one_big_batch's shapes
+    weights = np.zeros((16, 32), np.float32)
     weights[0, 3] = weights[5, 17] = 0.25
     batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": weights}
-    logits = np.asarray(jax.device_get(nnx.merge(graphdef, state["params"])(jnp.asarray(tok[:, :-1]))), np.float64)
+    # the model's logits (one program, not one per eager operation), then a float64 log-softmax of them
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    logits = np.asarray(jax.device_get(forward(state["params"], jnp.asarray(tok[:, :-1]))), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = logz - np.take_along_axis(logits, tok[:, 1:, None], -1)[..., 0]
     step = make_state_step(graphdef, opt, sched, None, 1)

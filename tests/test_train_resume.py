@@ -80,14 +80,17 @@ def assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """An uninterrupted run and a run killed with SIGKILL after step 5 and again right after issuing the async
-    save of step 8, then resumed to the end (the reference runs alongside)."""
+    save of step 8, then resumed to the end (the reference runs alongside, from the second attempt on: by then the
+    first has compiled every program both runs use, so the reference loads them instead of compiling them again;
+    the same executables, as each relaunch's)."""
     base = tmp_path_factory.mktemp("train")
     ref, crashed, cache = base / "ref", base / "crashed", base / "xla-cache"
-    p_ref = launch(ref)
-    logs = []
+    p_ref, logs = None, []
     for extra in (["--set", "train.kill_at=5"], ["--set", "train.kill_at=8", "--set", "train.kill_in_save=True"], []):
-        code, log = finish(launch(crashed, *extra, cache=cache))
-        logs.append((code, log))
+        p = launch(crashed, *extra, cache=cache)
+        if p_ref is None and logs:
+            p_ref = launch(ref, cache=cache)
+        logs.append(finish(p))
     ref_code, ref_log = finish(p_ref)
     assert ref_code == 0, ref_log
     (base / "ref.log").write_text(ref_log)  # the console: the CPU peak that MFU is over
@@ -346,14 +349,13 @@ def test_resume_after_a_skipped_step_keeps_its_count(tmp_path):
     skip nothing) would train on with learning rates one update off. Resumed from step 4 after step 3 was skipped:
     the count and the parameters at step 6 are the uninterrupted run's."""
     out = tmp_path / "run"
-    args = [*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.save_every=1", "--set",
+    args = [*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.save_every=2", "--set",
             "train.keep=10", "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=skip", "--set",
             "train.eval_every=100", "--set", "train.progress=false"]
-    train_lm.main(args)
+    train_lm.main(args)  # saves 2, 4 and 6
     ref6, _ = restore(out, step=6)
     ref6 = jax.device_get(ref6)
-    for s in (5, 6):
-        shutil.rmtree(out / "ckpt" / str(s))
+    shutil.rmtree(out / "ckpt" / "6")
     checkpoint._leaf_sums.clear_cache()
     result = train_lm.main(args)
     assert result["skipped"] == 1
@@ -388,17 +390,21 @@ def test_a_resume_keeps_its_eval_targets_crossing_only_for_the_same_target(tmp_p
     """The wall time of the eval target's first crossing travels with the checkpoint; resumed with another
     train.eval_target it is dropped (that target was never crossed), with the same one it is kept and not logged
     again (the reset for another target was untested: dropping the check reported 100's crossing as 0.01's)."""
-    out = tmp_path / "run"
-    args = [*TINY, "--out", str(out), "--set", "train.eval_every=2", "--set", "train.save_every=2", "--set",
-            "optim.warmup_steps=0", "--set", "train.progress=false"]
-    first = train_lm.main([*args, "--set", "train.steps=2", "--set", "train.eval_target=100"])
+    out, out_other = tmp_path / "run", tmp_path / "other"
+    args = ["--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "optim.warmup_steps=0", "--set",
+            "train.progress=false"]
+    first = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.steps=2", "--set", "train.eval_target=100"])
     assert first["target_time_s"] is not None  # crossed at step 0
-    same = train_lm.main([*args, "--set", "train.steps=4", "--set", "train.eval_target=100"])
+    shutil.copytree(out, out_other)
+    # both resumes train to step 3: one program for both (that of the 3-step runs of other tests)
+    same = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.steps=3", "--set", "train.eval_target=100"])
     assert same["target_time_s"] == first["target_time_s"]
-    other = train_lm.main([*args, "--set", "train.steps=6", "--set", "train.eval_target=0.01"])
-    assert other["target_time_s"] is None
-    targets = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"target"' in x]
-    assert [(r["step"], r["eval_target"]) for r in targets] == [(0, 100)]
+    other = train_lm.main([*TINY, "--out", str(out_other), *args, "--set", "train.steps=3", "--set",
+                           "train.eval_target=0.01"])
+    assert other["step"] == 3 and other["target_time_s"] is None
+    for run in (out, out_other):
+        targets = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"target"' in x]
+        assert [(r["step"], r["eval_target"]) for r in targets] == [(0, 100)], run
 
 
 def test_a_run_saved_with_its_optimizer_chain_grouped_otherwise_resumes_not_from_step_0(tmp_path, monkeypatch,
@@ -776,8 +782,8 @@ def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, full_dis
     full_disk("sample.txt")
     out = tmp_path / "run"
     with pytest.raises(OSError, match="No space left"):
-        train_lm.main(["--preset", "tiny", "--out", str(out), "--set", "train.steps=1", "--set", "optim.warmup_steps=0",
-                       "--set", "train.sample_tokens=2", "--set", "train.progress=false"])
+        train_lm.main(["--preset", "tiny", "--out", str(out), "--set", "train.steps=2", "--set", "optim.warmup_steps=0",
+                       "--set", "train.sample_tokens=2", "--set", "train.progress=false"])  # (the 2-step runs' step)
     assert (out / "metrics.jsonl").exists() and not [p.name for p in out.iterdir() if p.name.startswith("sample")]
 
 
@@ -840,8 +846,9 @@ def test_a_run_resumes_under_its_own_prng_implementation_and_another_is_named(tm
     out = tmp_path / "run"
     args = [*TINY, "--out", str(out), "--set", "train.save_every=1", "--set", "train.eval_every=100",
             "--set", "train.progress=false", "--set", "optim.warmup_steps=0"]
-    with jax.default_prng_impl("rbg"):
-        train_lm.main([*args, "--set", "train.steps=1"])
+    with jax.default_prng_impl("rbg"):  # 2 steps, then step 2 dropped: the resume below trains step 2 again with
+        train_lm.main([*args, "--set", "train.steps=2"])  # the program compiled here
+    shutil.rmtree(out / "ckpt" / "2")
     meta = out / "ckpt" / "1" / "meta" / "metadata"
     assert json.loads(meta.read_text())["prng_impl"] == "rbg"
     for saved in ("rbg", None):  # None: a checkpoint from before the name was saved
