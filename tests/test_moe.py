@@ -31,7 +31,11 @@ from models.moe_dispatch import capacity_slots, grouped_swiglu
 from parallel import make_mesh, shard_batch, shard_state
 
 D = 16
-CFG = MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=24)
+# one gmm tile size: the default four each add a tile loop per expert, forward and backward (a gmm gradient's compile
+# 2.8 -> ~0.6 s); what the tests built on CFG check (routing, aux, padding, meshes, transforms) is the same for any
+# tiles. The default tiles are the "gmm" variant's below (values and gradients against the reference), the config
+# test's tile-loop count and the bf16 test's; other tile sizes test_grouped_swiglu's and "gmm_tiles=256,16,4"
+CFG = MoEConfig(n_experts=8, top_k=2, expert_mlp_dim=24, gmm_tile_rows=(8,))
 
 
 def build(fn):
@@ -125,11 +129,15 @@ VARIANTS = {
     "capacity_dispatch_CF=E/k": dict(dispatch="capacity", capacity_factor=4.0),
 }
 CASES = {  # router and expert variants × the dispatch paths that handle them differently
-    **{f"mixtral-{v}": (CFG, v) for v in VARIANTS},
-    **{f"deepseek-{v}": (MoEConfig(n_experts=16, top_k=4, expert_mlp_dim=8, n_shared_experts=2, router="sigmoid"), v)
+    # the default gmm tiles (64, 32, 16, 8 at these shapes: every size used) under mixtral-gmm
+    **{f"mixtral-{v}": (dataclasses.replace(CFG, gmm_tile_rows=None), v) for v in VARIANTS},
+    # (one gmm tile size: the router / shared-expert / expert-count paths do not depend on the tiles, and each tile
+    # size adds a loop per expert to compile; the default tiles are mixtral-gmm's)
+    **{f"deepseek-{v}": (MoEConfig(n_experts=16, top_k=4, expert_mlp_dim=8, n_shared_experts=2, router="sigmoid",
+                                   gmm_tile_rows=(8,)), v)
        for v in ("gmm", "capacity_dispatch_CF=E/k")},
     # 12 experts: gmm's expert scan, unrolled by 8, runs one unrolled step and a remainder of 4
-    "12experts-gmm": (MoEConfig(n_experts=12, top_k=3, expert_mlp_dim=8), "gmm"),
+    "12experts-gmm": (MoEConfig(n_experts=12, top_k=3, expert_mlp_dim=8, gmm_tile_rows=(8,)), "gmm"),
 }
 
 
@@ -795,11 +803,12 @@ def test_dropless_paths_at_the_padded_rows_bound():
     x_ND = jax.random.normal(keys[3], (12, D))
     experts_NK = jnp.asarray([0] * 9 + [1, 2, 3], jnp.int32)[:, None]
     weights_NK = jnp.full((12, 1), 0.7)
-    want = dense_experts(x_ND, weights_NK, experts_NK, w, jax.nn.silu)
-    np.testing.assert_allclose(sorted_gmm(x_ND, weights_NK, experts_NK, w, jax.nn.silu, tile_rows=(8,)), want,
-                               atol=1e-5)
+    # each path under jit (eagerly every op of it compiled on its own)
+    run = lambda f, **kw: jax.jit(lambda *a: f(*a, jax.nn.silu, **kw))(x_ND, weights_NK, experts_NK, w)  # noqa: E731
+    want = run(dense_experts)
+    np.testing.assert_allclose(run(sorted_gmm, tile_rows=(8,)), want, atol=1e-5)
     assert default_block_rows(12, E) == 8  # the same layout for the block-sparse path
-    np.testing.assert_allclose(sorted_blocks(x_ND, weights_NK, experts_NK, w, jax.nn.silu), want, atol=1e-5)
+    np.testing.assert_allclose(run(sorted_blocks), want, atol=1e-5)
     # a run of whole blocks or of none takes ceil(size / b) blocks: one block more each is padding computed for nothing
     sizes_E = np.array([8, 0, 3, 0])
     blocks_E = block_layout(jnp.asarray(np.repeat(np.arange(E), sizes_E), jnp.int32)[:, None], E, 8)[2]

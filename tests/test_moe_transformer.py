@@ -30,9 +30,14 @@ def tokens(B=8, T=16, seed=0):
 
 
 @functools.cache
+def graphdef_of(cfg):
+    """The graphdef alone: traced (eval_shape), no init compiled."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
+
+
+@functools.cache
 def split(cfg):
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[0]
-    return graphdef, jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))()
+    return graphdef_of(cfg), jax.jit(lambda: nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))()
 
 
 def loss_fn(graphdef, cfg):
@@ -85,7 +90,8 @@ def test_aux_losses_are_the_means_over_the_moe_layers():
 def test_single_expert_moe_equals_dense_model_with_the_same_weights():
     """E = 1, k = 1: the MoE layer is a SwiGLU with weight 1, so the model must equal a dense model whose
     layers 1 and 3 hold the expert's weights: checks the layer order of the two stacks inside the scan."""
-    cfg = dataclasses.replace(CFG, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48))
+    # one gmm tile size (as CFG's): the wiring under test is the same for any tiles, each adds a loop to compile
+    cfg = dataclasses.replace(CFG, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48, gmm_tile_rows=(8,)))
     graphdef, state = split(cfg)
     dense_cfg = dataclasses.replace(cfg, moe=None)
     dgraph, dstate = split(dense_cfg)
@@ -100,7 +106,8 @@ def test_single_expert_moe_equals_dense_model_with_the_same_weights():
     for name in ("embed", "lm_head", "final_norm"):
         dstate[name][...] = state[name][...]
     tok = tokens()
-    np.testing.assert_allclose(nnx.merge(graphdef, state)(tok), nnx.merge(dgraph, dstate)(tok), rtol=1e-5, atol=1e-5)
+    run = lambda g, st: jax.jit(lambda st, t: nnx.merge(g, st)(t))(st, tok)  # noqa: E731 (eagerly each op compiles)
+    np.testing.assert_allclose(run(graphdef, state), run(dgraph, dstate), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout,moe_at", [(dict(moe_every=1, n_layers=2), (0, 1)),
@@ -109,7 +116,8 @@ def test_single_expert_layouts_place_moe_layers_where_documented(layout, moe_at)
     """The every_layer / every_third layouts against a dense model: with E = 1, k = 1 each MoE layer is a SwiGLU,
     so the model equals a dense one whose layer i holds the expert's weights exactly at the hand-listed MoE
     indices moe_at (moe_every=k: layers k-1, 2k-1, ...) and the dense stack's weights elsewhere, in order."""
-    cfg = dataclasses.replace(CFG, **layout, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48))
+    cfg = dataclasses.replace(CFG, **layout, moe=MoEConfig(n_experts=1, top_k=1, expert_mlp_dim=48,
+                                                             gmm_tile_rows=(8,)))
     graphdef, state = split(cfg)
     dgraph, dstate = split(dataclasses.replace(cfg, moe=None))
     dstate = jax.tree.map(lambda x: x, dstate)
@@ -144,10 +152,10 @@ def test_variants_equal_their_reference(change):
     if "n_layers" in change:  # new layout: compare its scanned and unrolled forms
         graphdef, state = split(cfg)
         ref = jax.jit(loss_fn(graphdef, cfg))(state, tokens())
-        ug, _ = split(dataclasses.replace(cfg, scan_layers=False))
+        ug = graphdef_of(dataclasses.replace(cfg, scan_layers=False))  # the scanned weights: no init of its own
         assert_close(jax.jit(loss_fn(ug, cfg))(state, tokens()), ref)
         return
-    graphdef, _ = split(cfg)
+    graphdef = graphdef_of(cfg)
     _, state = split(CFG)  # identical parameter tree: only the execution differs
     assert_close(jax.jit(loss_fn(graphdef, cfg))(state, tokens()), reference())
 
@@ -160,8 +168,7 @@ def test_bf16_moe_differs_from_f32_only_by_its_routing_choices():
     model's), while top-2 differs more (1.5%: the flips)."""
     def logit_gap(cfg):
         graphdef, state = split(cfg)
-        bf16 = nnx.split(nnx.eval_shape(lambda: Transformer(dataclasses.replace(cfg, dtype="bfloat16"),
-                                                            rngs=nnx.Rngs(0))))[0]
+        bf16 = graphdef_of(dataclasses.replace(cfg, dtype="bfloat16"))
         f32, out = (jax.jit(lambda st, g=g: nnx.merge(g, st)(tokens()))(state) for g in (graphdef, bf16))
         return float(jnp.abs(out - f32).max() / jnp.abs(f32).max())
 
@@ -226,8 +233,7 @@ def test_capacity_layers_run_dropless_with_a_kv_cache():
     from models.transformer import KVCache
 
     graphdef, state = split(CAP)
-    dropless = nnx.split(nnx.eval_shape(lambda: Transformer(
-        dataclasses.replace(CAP, moe=dataclasses.replace(CAP.moe, dispatch="dropless")), rngs=nnx.Rngs(0))))[0]
+    dropless = graphdef_of(dataclasses.replace(CAP, moe=dataclasses.replace(CAP.moe, dispatch="dropless")))
     tok = tokens(B=2, T=12)
     want = jax.jit(lambda s, t: nnx.merge(dropless, s)(t))(state, tok)
     run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))

@@ -1,6 +1,7 @@
 """Each parallelism strategy, chosen by mesh shape alone, equals the single-device train step."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -394,13 +395,27 @@ def test_embedding_gradient_of_a_bf16_table_is_summed_in_float32():
     assert float(jax.numpy.abs(g[1:]).max()) == 0.0
 
 
-def _sharded_lm_grad(cfg, shape):
-    """(compiled HLO, gradient on a `shape` mesh, single-device gradient) of lm_loss on a fixed [8, 16] batch."""
+@functools.cache
+def _single_device_lm_grad(cfg):
+    """(batch, graphdef, params, single-device gradient) of lm_loss on a fixed [8, 16] batch; once per config (the
+    lm-head, lookup and embedding-gradient tests share their vocab-512 untied model)."""
     tok = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
     b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    want = jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
-    mesh = make_mesh(shape)
+    return b, graphdef, params, jax.jit(jax.grad(lambda p: lm_loss(graphdef, p, b)))(params)
+
+
+def _sharded_lm_grad(cfg, shape):
+    """(compiled HLO, gradient on a `shape` mesh, single-device gradient) of lm_loss on a fixed [8, 16] batch. Once
+    per config and mesh: the tests that read the same program (e.g. {fsdp: 4, tensor: 2} at vocab 512, untied, for
+    the head's gathers, the lookup's and the table gradient's) read one compile."""
+    return _sharded_lm_grad_on(cfg, tuple(shape.items()))
+
+
+@functools.cache
+def _sharded_lm_grad_on(cfg, shape):
+    b, graphdef, params, want = _single_device_lm_grad(cfg)
+    mesh = make_mesh(dict(shape))
     gd, p = placed(cfg, mesh, (graphdef, params))  # create_sharded's placements, no init compiled on the mesh
     with jax.set_mesh(mesh):
         sb = shard_batch(b, mesh)
