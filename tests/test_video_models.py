@@ -122,7 +122,8 @@ def test_dit_shapes_dtypes_and_param_count(attention, dtype):
         with pytest.raises(ValueError, match=says):  # each was a broadcast / reshape error naming no argument
             model(*args)
     if dtype == "bfloat16":  # bf16 compute stays close to the float32 model with the same weights
-        ref = dit_apply(nnx.merge(nnx.graphdef(VideoDiT(DIT, rngs=nnx.Rngs(0))), nnx.state(model)), x,
+        ref = dit_apply(nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: VideoDiT(DIT, rngs=nnx.Rngs(0)))),
+                                  nnx.state(model)), x,
                         jnp.asarray([0.1, 0.9]))
         assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max()) + 1e-2
 
@@ -221,9 +222,13 @@ def test_t2v_takes_raw_keys_of_the_default_prng_and_names_other_keys():
     swapped?', as were an rbg key's raw data under threefry and a batch of raw keys (not swaps: the fix is another)."""
     from models.video import TextToVideo, generate, t2v_loss
 
-    model = TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT), rngs=nnx.Rngs(0))
+    # the keys' path (noise, timesteps, caption dropout) is the model's whatever its size: a one-layer DiT of 4
+    # tokens, full attention (its 4 programs, one per key kind, compile in a fraction of DIT's time), random weights
+    # (no initialiser compiled; and not the zero output layer, under which the DiT's prediction ignores its inputs)
+    dit = dataclasses.replace(DIT, latent_shape=(1, 2, 2), patch=(1, 1, 1), n_layers=1, attention="full")
+    model = host_random(lambda: TextToVideo(TextToVideoConfig(dit=dit, text=TEXT), rngs=nnx.Rngs(0)))
     null, tok = jnp.zeros((8,), jnp.int32), jnp.ones((2, 8), jnp.int32)
-    batch = {"tokens": tok, "latents": jnp.zeros((2, *DIT.latent_shape, DIT.latent_channels))}
+    batch = {"tokens": tok, "latents": jnp.zeros((2, *dit.latent_shape, dit.latent_channels))}
     with jax.default_prng_impl("rbg"):  # jitted (eagerly the models' ops compile one by one): each key kind traced
         gen = jax.jit(lambda key: generate(model, tok, null, key, steps=1))
         loss = jax.jit(lambda key: t2v_loss(model, batch, key, null)[0])
@@ -730,13 +735,16 @@ def copy_shared(src, dst):
 def test_factorized_and_full_attention_agree_when_T_is_1(window):
     cfg = dataclasses.replace(DIT, latent_shape=(1, 8, 8), spatial_window=window)
     fact = randomize(VideoDiT(cfg, rngs=nnx.Rngs(0)))
-    full = copy_shared(fact, VideoDiT(dataclasses.replace(cfg, attention="full"), rngs=nnx.Rngs(1)))
+    # (each copy is built on shapes: every parameter it has is fact's, so its own initial values were never read)
+    full = copy_shared(fact, nnx.eval_shape(lambda: VideoDiT(dataclasses.replace(cfg, attention="full"),
+                                                             rngs=nnx.Rngs(1))))
     x, t = jax.random.normal(jax.random.key(3), (2, 1, 8, 8, 4)), jnp.asarray([0.2, 0.8])
     np.testing.assert_allclose(dit_apply(fact, x, t), dit_apply(full, x, t), atol=1e-5)
     # with three frames they are different models
     cfg3 = dataclasses.replace(cfg, latent_shape=(3, 8, 8))
-    fact3 = copy_shared(fact, VideoDiT(cfg3, rngs=nnx.Rngs(0)))
-    full3 = copy_shared(fact, VideoDiT(dataclasses.replace(cfg3, attention="full"), rngs=nnx.Rngs(0)))
+    fact3 = copy_shared(fact, nnx.eval_shape(lambda: VideoDiT(cfg3, rngs=nnx.Rngs(0))))
+    full3 = copy_shared(fact, nnx.eval_shape(lambda: VideoDiT(dataclasses.replace(cfg3, attention="full"),
+                                                              rngs=nnx.Rngs(0))))
     x3 = jax.random.normal(jax.random.key(4), (2, 3, 8, 8, 4))
     assert float(jnp.abs(dit_apply(fact3, x3, t) - dit_apply(full3, x3, t)).max()) > 1e-3
 
@@ -1120,8 +1128,8 @@ def test_dit_forward_is_the_documented_network_around_its_blocks(attention):
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
     # the unrolled layer loop (scan_layers=False) is the same network: layer i's weights, not layer 0's
-    unrolled = nnx.merge(nnx.graphdef(VideoDiT(dataclasses.replace(cfg, scan_layers=False), rngs=nnx.Rngs(0))),
-                         nnx.state(model))
+    unrolled = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: VideoDiT(dataclasses.replace(cfg, scan_layers=False),
+                                                                       rngs=nnx.Rngs(0)))), nnx.state(model))
     np.testing.assert_allclose(dit_apply(unrolled, x, t), got, rtol=1e-5, atol=1e-5)
 
 
