@@ -26,7 +26,7 @@ from flax import nnx
 from experiments.aot import abstract_state
 from experiments.lm_step import make_optimizer
 from models.video import DiTConfig, VideoDiT
-from parallel import batch_sharding, make_mesh
+from parallel import abstract_sharded, batch_sharding, make_mesh
 from scaling.dit import dit_memory_per_device
 
 BASE = DiTConfig(latent_shape=(4, 8, 8), d_model=64, n_heads=4, mlp_dim=256, n_layers=2)
@@ -38,7 +38,10 @@ def compiled_dit_memory(cfg, mesh_shape, B, optimizer=True):
     inputs (optimizer=False: just value_and_grad, the gradients being outputs)."""
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
     opt = make_optimizer()
-    graphdef, params, opt_state = abstract_state(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), opt, mesh)
+    if optimizer:
+        graphdef, params, opt_state = abstract_state(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), opt, mesh)
+    else:  # the same sharded parameters, without tracing the optimizer's state
+        graphdef, params = abstract_sharded(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), mesh)
     rows = jax.NamedSharding(mesh, jax.P(batch_sharding(mesh).spec[0]))
     lat = (B, *cfg.latent_shape, cfg.latent_channels)
     shapes = dict(x=(lat, jnp.float32), t=((B,), jnp.float32), text=((B, TEXT, cfg.text_dim), jnp.float32),

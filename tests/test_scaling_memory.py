@@ -31,7 +31,7 @@ from experiments.aot import abstract_state
 from experiments.lm_step import lm_loss, make_optimizer
 from models import Transformer, TransformerConfig
 from models.moe import MoEConfig
-from parallel import batch_sharding, make_mesh
+from parallel import abstract_sharded, batch_sharding, make_mesh
 from scaling.memory import memory_per_device, saved_bytes_per_token, shard_factor
 
 BASE = TransformerConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, mlp_dim=512, max_seq_len=512)
@@ -41,20 +41,22 @@ def compiled_memory(cfg, mesh_shape, B, T, optimizer=True, n_devices=8):
     """memory_analysis() of a jitted AdamW train step on abstract, rules-sharded inputs
     (optimizer=False: just value_and_grad, the gradients being outputs)."""
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n_devices])
+    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh))
+    batch = {"inputs": tok, "targets": tok}
+    if not optimizer:  # the same sharded parameters, without tracing the optimizer's state
+        graphdef, params = abstract_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+        with jax.set_mesh(mesh):
+            grad = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(graphdef, p, b)))
+            return grad.lower(params, batch).compile().memory_analysis()
     opt = make_optimizer()
     graphdef, params, opt_state = abstract_state(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), opt, mesh)
-    tok = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=batch_sharding(mesh))
 
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: lm_loss(graphdef, p, batch))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    batch = {"inputs": tok, "targets": tok}
     with jax.set_mesh(mesh):
-        if not optimizer:
-            grad = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(graphdef, p, b)))
-            return grad.lower(params, batch).compile().memory_analysis()
         c = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
     return c.memory_analysis()
 
