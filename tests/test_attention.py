@@ -221,8 +221,8 @@ def test_a_traced_scale_is_taken_and_differentiated(impl, block):
                 o = attention(q, k, v, mask, impl=impl, scale=scale, causal_block=block)
             return (o * jnp.cos(jnp.arange(H))).sum()
 
-        g = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(0.4, q, impl)
-        g_ref = jax.grad(loss, argnums=(0, 1))(0.4, q, "reference")
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)  # the reference jitted too (eager: per op)
+        g, g_ref = grad(0.4, q, impl), grad(0.4, q, "reference")
         np.testing.assert_allclose(g[0], g_ref[0], rtol=1e-10)
         np.testing.assert_allclose(g[1], g_ref[1], atol=1e-12)
     with pytest.raises(ValueError, match="logit_softcap"):
@@ -347,8 +347,11 @@ def test_cudnn_trains_at_odd_lengths_through_an_exact_padding(monkeypatch, kind,
     dpa = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **kw: dpa(*a, **kw))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask, H ** -0.5)), (0, 1, 2))(*f32)
-    got = step(q, k, v)
+    # jitted (eagerly each op of the padded forward and backward compiles on its own); a fresh function, traced
+    # again with 'xla' standing in for cuDNN, not the cuda trace above
+    ref = jax.jit(jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask, H ** -0.5)),
+                                     (0, 1, 2)))(*f32)
+    got = jax.jit(lambda *a: step(*a))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         np.testing.assert_allclose(np.float32(a), np.float32(b), atol=3e-2 * (1 + float(np.abs(b).max())))
 

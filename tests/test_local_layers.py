@@ -26,12 +26,14 @@ def test_blocked_equals_dense_masked_in_the_model(pattern, window):
     blocked, dense = model_with(attn_pattern=pattern, sliding_window=window), \
         model_with(attn_pattern=pattern, sliding_window=window, swa_impl="dense")
 
-    def loss_grads(m):
-        g, s = nnx.split(m)
-        # jitted: eagerly every op of the forward and backward compiles on its own
-        return jax.jit(jax.value_and_grad(lambda s: cross_entropy(nnx.merge(g, s)(tok[:, :-1]), tok[:, 1:])[0]))(s)
+    def loss_grads(g):
+        return jax.value_and_grad(lambda s: cross_entropy(nnx.merge(g, s)(tok[:, :-1]), tok[:, 1:])[0])
 
-    (l1, g1), (l2, g2) = loss_grads(blocked), loss_grads(dense)
+    # jitted (eagerly every op of the forward and backward compiles on its own), both kernels in one program; the
+    # same parameters (the same seed, swa_impl changes no parameter)
+    (g_blocked, state), (g_dense, state_dense) = nnx.split(blocked), nnx.split(dense)
+    jax.tree.map(np.testing.assert_array_equal, state, state_dense)
+    (l1, g1), (l2, g2) = jax.jit(lambda s: (loss_grads(g_blocked)(s), loss_grads(g_dense)(s)))(state)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
@@ -61,8 +63,8 @@ def test_a_pattern_spelled_layer_by_layer_is_the_named_one():
 def test_receptive_field_is_layers_times_window():
     m = model_with(attn_pattern="local", sliding_window=3, n_layers=2)  # sees back 2·(3-1) = 4 tokens
     tok = jax.random.randint(jax.random.key(1), (1, 16), 0, CFG.vocab_size)
-    base = m(tok)
-    changed = m(tok.at[0, 3].set((tok[0, 3] + 1) % CFG.vocab_size))
+    # both rows in one jitted forward (rows never mix): eagerly each call compiled its layer scan
+    base, changed = jnp.split(jax.jit(m)(jnp.concatenate([tok, tok.at[0, 3].set((tok[0, 3] + 1) % CFG.vocab_size)])), 2)
     moved = np.asarray(jnp.abs(changed - base).max(-1)[0] > 0)
     assert not moved[:3].any() and moved[3:8].all() and not moved[8:].any(), moved
 
@@ -97,10 +99,14 @@ def test_a_cache_allocated_for_another_window_is_refused():
         with pytest.raises(ValueError, match=r"slots per pattern position.*another sliding_window"):
             m(tok, cache=KVCache.zeros(dataclasses.replace(CFG, sliding_window=w), 2, 20))
     per_layer = dataclasses.replace(CFG, attn_pattern="local", sliding_window=(2, 3, 4, 5))
-    for cfg, max_len in ((CFG, 6), (CFG, 2), (per_layer, 4), (per_layer, 6)):
-        m = Transformer(cfg, rngs=nnx.Rngs(0))
-        logits, _ = m(tok[:, :max_len], cache=KVCache.zeros(cfg, 2, max_len))
-        np.testing.assert_allclose(logits, m(tok[:, :max_len]), atol=1e-5)
+    for cfg, lens in ((CFG, (6, 2)), (per_layer, (4, 6))):
+        graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        # cached and full logits in one program (eagerly each call compiled its layer scan); max_len < 64 slots:
+        # one prefix bucket, so the traced length runs the eager call's attention
+        both = jax.jit(lambda s, t, c: (lambda m: (m(t, cache=c)[0], m(t)))(nnx.merge(graphdef, s)))  # noqa: B023
+        for max_len in lens:
+            logits, full = both(state, tok[:, :max_len], KVCache.zeros(cfg, 2, max_len))
+            np.testing.assert_allclose(logits, full, atol=1e-5)
 
 
 def test_per_layer_windows_go_to_the_local_layers_in_order():
@@ -154,9 +160,11 @@ def test_packed_documents_with_local_layers():
     b = jax.random.randint(jax.random.key(5), (1, 6), 0, CFG.vocab_size)
     seg = jnp.array([[1] * 9 + [2] * 6])
     pos = jnp.array([list(range(9)) + list(range(6))])
-    out = m(jnp.concatenate([a, b], 1), positions_BT=pos, segment_ids_BT=seg)
-    np.testing.assert_allclose(out[:, :9], m(a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 9:], m(b), atol=1e-5)
+    # one program for the three forwards (eagerly each compiled its layer scan)
+    out, out_a, out_b = jax.jit(lambda a, b: (m(jnp.concatenate([a, b], 1), positions_BT=pos, segment_ids_BT=seg),
+                                              m(a), m(b)))(a, b)
+    np.testing.assert_allclose(out[:, :9], out_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 9:], out_b, atol=1e-5)
 
 
 def test_left_padding_is_never_attended_by_local_layers():
@@ -167,8 +175,9 @@ def test_left_padding_is_never_attended_by_local_layers():
     junk = jax.random.randint(jax.random.key(7), (2, 4), 0, CFG.vocab_size)
     valid = jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12))
     pos = jnp.broadcast_to(jnp.maximum(jnp.arange(12) - 4, 0), (2, 12))
-    out = m(jnp.concatenate([junk, real], 1), positions_BT=pos, padding_mask_BT=valid)
-    np.testing.assert_allclose(out[:, 4:], m(real), atol=1e-5)
+    out, alone = jax.jit(lambda junk, real: (m(jnp.concatenate([junk, real], 1), positions_BT=pos,
+                                                padding_mask_BT=valid), m(real)))(junk, real)  # one program
+    np.testing.assert_allclose(out[:, 4:], alone, atol=1e-5)
 
 
 def test_left_padded_cache_decodes_each_row_as_alone():

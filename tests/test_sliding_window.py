@@ -89,7 +89,8 @@ def test_blocked_equals_dense_on_every_row_with_or_without_padding(pad):
     B, T, W = 2, 20, 3
     q, k, v = qkv(B, T, 4, 2, 8, seed=1)
     valid = jnp.arange(T)[None].repeat(B, 0) >= pad if pad else None
-    blocked, dense = (local_attention(q, k, v, W, valid_BT=valid, impl=impl, block=8) for impl in ("blocked", "dense"))
+    blocked, dense = jax.jit(lambda q, k, v: [local_attention(q, k, v, W, valid_BT=valid, impl=impl, block=8)
+                                              for impl in ("blocked", "dense")])(q, k, v)  # one program for both
     np.testing.assert_allclose(blocked, dense, atol=1e-6)
     assert not np.asarray(dense)[:, :pad].any()
 
@@ -97,18 +98,20 @@ def test_blocked_equals_dense_on_every_row_with_or_without_padding(pad):
 def test_keys_outside_every_window_change_nothing():
     B, T, N, K, H, W = 1, 48, 2, 1, 8, 6
     q, k, v = qkv(B, T, N, K, H)
-    out = sliding_window_attention(q, k, v, W, block=16)
+    run = jax.jit(lambda k, v: sliding_window_attention(q, k, v, W, block=16))  # one program for both (eager: per op)
+    out = run(k, v)
     # key 10 is seen only by queries 10 .. 15; perturb it and everything else must stay put
     k2, v2 = k.at[:, 10].add(5.0), v.at[:, 10].add(5.0)
-    out2 = sliding_window_attention(q, k2, v2, W, block=16)
+    out2 = run(k2, v2)
     changed = np.asarray(jnp.abs(out2 - out).max(axis=(0, 2, 3)) > 0)
     assert changed[10:16].all() and not changed[:10].any() and not changed[16:].any()
 
 
 def test_bf16_close_to_f32():
     q, k, v = qkv(2, 70, 4, 2, 16)
-    f32 = sliding_window_attention(q, k, v, 9, block=32)
-    bf = sliding_window_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), 9, block=32)
+    # one program for both (eagerly each op compiled on its own)
+    f32, bf = jax.jit(lambda q, k, v: (sliding_window_attention(q, k, v, 9, block=32), sliding_window_attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)), 9, block=32)))(q, k, v)
     assert bf.dtype == jnp.bfloat16
     np.testing.assert_allclose(bf.astype(jnp.float32), f32, atol=3e-2)
 
@@ -142,11 +145,15 @@ def test_bf16_key_gradients_sum_their_windows_in_float32():
 def test_softcap_and_scale_match_reference():
     B, T, N, K, H, W, cap = 1, 30, 2, 1, 8, 7, 5.0
     q, k, v = qkv(B, T, N, K, H)
-    ours = sliding_window_attention(q, k, v, W, block=8, scale=0.3, logit_softcap=cap)
-    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) * 0.3
-    s = cap * jnp.tanh(s / cap)
-    s = jnp.where(dense_window_mask(T, W)[0], s, -jnp.inf)
-    ref = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), jnp.repeat(v, N // K, axis=2))
+
+    def both(q, k, v):  # one program for the kernel and the reference (eagerly each op compiled on its own)
+        ours = sliding_window_attention(q, k, v, W, block=8, scale=0.3, logit_softcap=cap)
+        s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, N // K, axis=2)) * 0.3
+        s = cap * jnp.tanh(s / cap)
+        s = jnp.where(dense_window_mask(T, W)[0], s, -jnp.inf)
+        return ours, jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1), jnp.repeat(v, N // K, axis=2))
+
+    ours, ref = jax.jit(both)(q, k, v)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 

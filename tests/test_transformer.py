@@ -59,7 +59,7 @@ def tokens():
 def test_param_count_matches_tree(model):
     for cfg in (CFG, dataclasses.replace(CFG, tie_embeddings=True, qkv_bias=False, n_kv_heads=1),
                 dataclasses.replace(CFG, post_norms=True)):  # Gemma-2 style: post-sublayer norm scales too
-        m = Transformer(cfg, rngs=nnx.Rngs(0))
+        m = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # the shapes alone (no draw to compile)  # noqa: B023
         assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(m)))
 
 
@@ -129,17 +129,24 @@ def test_causality_by_gradient(model):
         assert jnp.all(per_pos[: t + 1] > 0.0)
 
 
+@pytest.fixture(scope="module")
+def base_loss_and_grads(model, tokens):
+    """The module model's (scanned, no remat) loss and gradients: the side every variant below is compared with,
+    compiled once for all of them."""
+    return loss_and_grads(model, tokens)
+
+
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(scan_unroll=True)])
-def test_scan_equals_unrolled(model, tokens, change):
-    l1, g1 = loss_and_grads(model, tokens)
+def test_scan_equals_unrolled(model, tokens, change, base_loss_and_grads):
+    l1, g1 = base_loss_and_grads
     l2, g2 = loss_and_grads(with_cfg(model, **change), tokens)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch"])
-def test_remat_equals_no_remat(model, tokens, policy):
-    l1, g1 = loss_and_grads(model, tokens)
+def test_remat_equals_no_remat(model, tokens, policy, base_loss_and_grads):
+    l1, g1 = base_loss_and_grads
     l2, g2 = loss_and_grads(with_cfg(model, remat=policy), tokens)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
@@ -193,13 +200,21 @@ def test_unembed_of_the_hidden_states_is_the_logits(model, tokens):
         model.unembed(jnp.zeros(h_BTD.shape[:-1] + (31,)))
 
 
+@pytest.fixture(scope="module")
+def base_hidden_and_probe_grads(model, tokens):
+    """The module model's (scanned, no remat, float32) hidden states and probe gradients, compiled once for the
+    variants compared with them below."""
+    return hidden_and_probe_grads(model, tokens)
+
+
 @pytest.mark.parametrize("change", [dict(scan_layers=False), dict(scan_unroll=True), dict(remat="full"),
                                     dict(remat="save_dots"), dict(remat="save_dots_no_batch"), dict(dtype="bfloat16")])
-def test_all_hidden_states_and_their_gradients_equal_across_scan_and_remat(model, tokens, change):
+def test_all_hidden_states_and_their_gradients_equal_across_scan_and_remat(model, tokens, change,
+                                                                           base_hidden_and_probe_grads):
     """The layers' outputs are the layer scan's ys (the unscanned loop's stack), and remat recomputes them
     equal. bf16 (on CPU the scan's residuals kept as bits, models.residuals) against float32, to bf16's rounding:
     scanned and unscanned bf16 differ by an ulp there too, as their logits do (0.012 of 1.8, fused differently)."""
-    h1, g1 = hidden_and_probe_grads(model, tokens)
+    h1, g1 = base_hidden_and_probe_grads
     h2, g2 = hidden_and_probe_grads(with_cfg(model, **change), tokens)
     if "dtype" in change:
         np.testing.assert_allclose(np.asarray(h2, np.float32), h1, atol=0.05)  # measured 0.023
@@ -237,21 +252,27 @@ def test_hidden_states_of_moe_and_local_layers(cfg, tokens):
     jax.tree.map(np.testing.assert_array_equal, aux, want)
 
 
-@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "sequence": 4},
-                                   {"stage": 2, "data": 4}], ids=["dp_fsdp_tp", "sp", "pp"])
-def test_hidden_states_on_a_mesh_equal_one_device(shape):
-    """Sharded as activations (batch over data / fsdp, sequence over 'sequence'); under a pipeline the final
-    hidden states only: all_layers=True is refused by name (gpipe hands back the last stage's output)."""
-    from parallel import create_sharded, make_mesh, shard_batch
-
+@pytest.fixture(scope="module")
+def one_device_hidden_states():
+    """The one-device side of the mesh tests below, computed once for the three meshes: (cfg, graphdef, params,
+    tokens, fn(every) the jitted hidden_states, {every: its one-device result})."""
     cfg = dataclasses.replace(CFG, pipeline_microbatches=2)
     tok = jax.random.randint(jax.random.key(7), (8, 12), 0, CFG.vocab_size)
     graphdef, params = nnx.split(make(cfg))
     fn = lambda every: jax.jit(lambda p, t: nnx.merge(graphdef, p).hidden_states(t, all_layers=every))  # noqa: E731
-    want = {every: fn(every)(params, tok) for every in (False, True)}
+    return cfg, graphdef, params, tok, fn, {every: fn(every)(params, tok) for every in (False, True)}
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "sequence": 4},
+                                   {"stage": 2, "data": 4}], ids=["dp_fsdp_tp", "sp", "pp"])
+def test_hidden_states_on_a_mesh_equal_one_device(shape, one_device_hidden_states):
+    """Sharded as activations (batch over data / fsdp, sequence over 'sequence'); under a pipeline the final
+    hidden states only: all_layers=True is refused by name (gpipe hands back the last stage's output)."""
+    from parallel import make_mesh, shard_batch, shard_state
+
+    cfg, graphdef, params, tok, fn, want = one_device_hidden_states
     mesh = make_mesh(shape)
-    _, placed = create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)  # the rules' shardings
-    sharded = jax.tree.map(lambda p, s: jax.device_put(p, s.sharding), params, placed)
+    sharded = shard_state(params, mesh)  # the rules' placements, as create_sharded's (without compiling an init)
     with jax.set_mesh(mesh):
         tok = shard_batch(tok, mesh)
         for every in (False, True) if "stage" not in shape else (False,):
@@ -315,9 +336,11 @@ def test_packed_equals_separate(model):
     packed = jnp.concatenate([a, b], axis=1)
     seg = jnp.array([[1] * 5 + [2] * 7])
     pos = jnp.array([list(range(5)) + list(range(7))])
-    out = model(packed, positions_BT=pos, segment_ids_BT=seg)
-    np.testing.assert_allclose(out[:, :5], model(a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
+    # one program for the three forwards (eagerly each call compiled its layer scan)
+    out, out_a, out_b = jax.jit(lambda p, a, b: (model(p, positions_BT=pos, segment_ids_BT=seg), model(a),
+                                                 model(b)))(packed, a, b)
+    np.testing.assert_allclose(out[:, :5], out_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], out_b, atol=1e-5)
 
 
 def test_segment_ids_are_matched_by_equality_in_any_order(model):
@@ -327,9 +350,10 @@ def test_segment_ids_are_matched_by_equality_in_any_order(model):
     b = jax.random.randint(jax.random.key(4), (1, 7), 0, CFG.vocab_size)
     seg = jnp.array([[2] * 5 + [1] * 7])
     pos = jnp.array([list(range(5)) + list(range(7))])
-    out = model(jnp.concatenate([a, b], axis=1), positions_BT=pos, segment_ids_BT=seg)
-    np.testing.assert_allclose(out[:, :5], model(a), atol=1e-5)
-    np.testing.assert_allclose(out[:, 5:], model(b), atol=1e-5)
+    out, out_a, out_b = jax.jit(lambda a, b: (model(jnp.concatenate([a, b], axis=1), positions_BT=pos,
+                                                    segment_ids_BT=seg), model(a), model(b)))(a, b)  # one program
+    np.testing.assert_allclose(out[:, :5], out_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:], out_b, atol=1e-5)
 
 
 def test_logits_depend_on_positions_through_their_differences_only(model, tokens):
@@ -338,9 +362,11 @@ def test_logits_depend_on_positions_through_their_differences_only(model, tokens
     same positions, and passed with k not rotated at all (queries alone carrying absolute positions)."""
     B, T = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    base = model(tokens)
-    np.testing.assert_allclose(model(tokens, positions_BT=pos + 1000), base, atol=2e-5)  # measured 1.5e-6
-    assert np.abs(model(tokens, positions_BT=2 * pos) - base).max() > 0.1  # measured 0.40
+    # one program, the positions an argument (eagerly each call compiled its layer scan)
+    at = jax.jit(lambda p: model(tokens, positions_BT=p))
+    base = at(pos)
+    np.testing.assert_allclose(at(pos + 1000), base, atol=2e-5)  # measured 1.5e-6
+    assert np.abs(at(2 * pos) - base).max() > 0.1  # measured 0.40
 
 
 def test_padding_is_never_attended(model, tokens):
@@ -348,13 +374,16 @@ def test_padding_is_never_attended(model, tokens):
     junk = jax.random.randint(jax.random.key(5), (2, 4), 0, CFG.vocab_size)
     padded = jnp.concatenate([real, junk], axis=1)
     mask = jnp.arange(12)[None] < 8
-    out = model(padded, padding_mask_BT=jnp.broadcast_to(mask, (2, 12)))
-    np.testing.assert_allclose(out[:, :8], model(real), atol=1e-5)
-    # left padding with shifted positions gives the same logits for the real tokens
     left = jnp.concatenate([junk, real], axis=1)
     pos = jnp.broadcast_to(jnp.maximum(jnp.arange(12) - 4, 0), (2, 12))
-    out = model(left, positions_BT=pos, padding_mask_BT=jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12)))
-    np.testing.assert_allclose(out[:, 4:], model(real), atol=1e-5)
+    # one program for the three forwards (eagerly each call compiled its layer scan)
+    out, alone, out_left = jax.jit(lambda padded, real, left: (
+        model(padded, padding_mask_BT=jnp.broadcast_to(mask, (2, 12))), model(real),
+        model(left, positions_BT=pos, padding_mask_BT=jnp.broadcast_to(jnp.arange(12) >= 4, (2, 12)))))(
+        padded, real, left)
+    np.testing.assert_allclose(out[:, :8], alone, atol=1e-5)
+    # left padding with shifted positions gives the same logits for the real tokens
+    np.testing.assert_allclose(out_left[:, 4:], alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("layers", [dict(), dict(scan_layers=False)], ids=["scanned", "unscanned"])
