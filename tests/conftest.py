@@ -13,11 +13,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # are the same), only how each fusion becomes machine code (a t2v gradient came out bit-identical). LLVM at -O0
 # halves the wall time (test_moe_transformer: 76 -> 33 s). XLA:CPU's MLIR fusion emitters took 3.0 of a t2v
 # gradient's 3.7 s compile; the classic elemental emitters take 1.5 s in all (an unknown XLA flag aborts the
-# process: set only on the jaxlib it was measured on). Subprocesses started by tests inherit both. Benchmarks and
-# experiments keep XLA's defaults; set either flag yourself in XLA_FLAGS to override.
+# process: set only on the jaxlib it was measured on). XLA:CPU also splits each program's LLVM module into up to 32
+# parts compiled on a thread pool: with the two xdist workers already on both cores that only adds the split's own
+# work (one part: a set of test programs' compile CPU 16-17 -> 13-14 s; the same machine code, bit-equal losses).
+# Subprocesses started by tests inherit these. Benchmarks and experiments keep XLA's defaults; set any of these
+# flags yourself in XLA_FLAGS to override.
 _FLAGS = {"xla_backend_optimization_level": "0"}
 if version("jaxlib").startswith("0.10."):
     _FLAGS["xla_cpu_use_fusion_emitters"] = "false"
+    _FLAGS["xla_cpu_parallel_codegen_split_count"] = "1"
 for _name, _value in _FLAGS.items():
     if _name not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{_name}={_value}".strip()
