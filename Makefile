@@ -17,7 +17,7 @@ demo: $(STAMP)             ## the main job on its embedded default
 	$(PY) -m experiments.train_lm
 
 test: $(STAMP)             ## the whole suite (8 fake CPU devices), then lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 
 lint: $(STAMP)
