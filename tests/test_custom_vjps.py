@@ -2,6 +2,8 @@
 their plain formulas in float64, and what they buy: the residuals a scanned layer stack saves per layer; forward-mode
 autodiff through the models under `models.plain_autodiff`."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,7 +83,7 @@ def test_a_scanned_layer_stack_saves_four_model_wide_and_two_mlp_wide_rows_per_l
     D, F, L, rows = 24, 40, 5, 3 * 16  # distinct sizes, so that shapes identify what is saved
     cfg = TransformerConfig(vocab_size=64, d_model=D, n_layers=L, n_heads=4, head_dim=8, mlp_dim=F, max_seq_len=16,
                             scan_unroll=1)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # (no init)
     tok = np.zeros((3, 16), np.int32)
     saved = [a.shape for a, _ in saved_residuals(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok}),
                                                  params)]
@@ -101,7 +103,7 @@ def test_each_remat_policy_saves_what_it_names_in_a_scanned_layer_stack():
     for remat in ("none", "full", "save_dots", "save_dots_no_batch"):
         cfg = TransformerConfig(vocab_size=64, d_model=D, n_layers=L, n_heads=4, head_dim=8, mlp_dim=40,
                                 max_seq_len=16, scan_unroll=1, remat=remat)
-        graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # (no init)
         tok = np.zeros((3, 16), np.int32)
         loss = lambda p, g=graphdef: lm_loss(g, p, {"inputs": tok, "targets": tok})  # noqa: E731
         # the per-layer activations the scan stacks, not the stacked weights it reads in place
@@ -139,7 +141,7 @@ def test_a_scanned_layer_stack_reads_its_parameters_in_place(remat):
     `models.linear`'s `contract` keeps them in their own shapes)."""
     cfg = TransformerConfig(vocab_size=64, d_model=24, n_layers=5, n_heads=4, head_dim=8, mlp_dim=40, max_seq_len=16,
                             scan_unroll=1, remat=remat)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # (no init)
     tok = np.zeros((3, 16), np.int32)
     saved = saved_residuals(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok}), params)
     # [L, ...] stacked weights, in any shape (a reshaped copy too); no activation here has these sizes
@@ -156,7 +158,7 @@ def test_a_pattern_period_of_several_layers_of_one_kind_saves_no_parameter_slice
     80.1 MB under remat full, 240.5 -> 207.0 MB under save_dots). Remat 'none' keeps the copy (faster)."""
     cfg = TransformerConfig(vocab_size=64, d_model=24, n_layers=6, n_heads=4, head_dim=8, mlp_dim=40, max_seq_len=16,
                             scan_unroll=1, remat=remat, attn_pattern="2:1", sliding_window=4)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # (no init)
     tok = np.zeros((3, 16), np.int32)
     saved = saved_residuals(lambda p: lm_loss(graphdef, p, {"inputs": tok, "targets": tok}), params)
     slices = {(2,) + x.shape[1:] for x in jax.tree.leaves(params["blocks"])}  # [L/P, ...]: one slot's layers
@@ -174,7 +176,7 @@ def test_the_dit_layer_scan_reads_its_parameters_in_place():
     L = 3
     cfg = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=L, n_heads=2,
                     mlp_dim=64, text_dim=16)
-    graphdef, params = nnx.split(VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0))))  # (no init)
     x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
     text = jax.random.normal(jax.random.key(1), (2, 5, 16))
     valid, pooled = jnp.ones((2, 5), bool), text.mean(1)
@@ -198,7 +200,7 @@ def test_an_unrolled_stack_does_not_keep_the_glu_activations_until_the_backward(
 
     cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=3, n_heads=2, mlp_dim=256, max_seq_len=64,
                             scan_unroll=True)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))  # (no init)
     tok = np.zeros((4, 64), np.int32)
 
     def temp():
@@ -220,7 +222,7 @@ def test_the_dit_mlp_saves_only_its_gate_and_up_per_layer():
     L, F = 3, 72  # F: no other activation or weight of this model ends in it
     cfg = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=L, n_heads=2,
                     mlp_dim=F, text_dim=16)
-    graphdef, params = nnx.split(VideoDiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0))))  # (no init)
     x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
     text = jax.random.normal(jax.random.key(1), (2, 5, 16))
 
@@ -270,20 +272,25 @@ def directional_fd(loss, params, v, h):
     return float((4 * diff(h / 2) - diff(h)) / 3)
 
 
-def check_forward_mode(loss, params, seed=0, fd_rtol=1e-3, grad_rtol=1e-5, grads_too=True):
+def check_forward_mode(loss, params, seed=0, fd_rtol=1e-3, grad_rtol=1e-5, grads_too=True, hvp=False):
     """Under plain_autodiff: jax.jvp of `loss` along a random direction v equals the finite difference and <∇, v> of
     the default path's gradient; loss and (grads_too) gradient equal the default path's. v is tilted towards the
     gradient (half its norm along it), so that the slope stands well above the difference's float32 noise (a random
     direction alone can be nearly orthogonal to the gradient: slope 3e-3, noise 1.4e-5). The difference steps by h
     with h·slope = 0.01: float32 losses of O(1) round at ~1e-6, ~2e-4 of that move, and truncation stays below it
-    (measured 1e-5 to 1.2e-4 off; at 3-10x the step 4e-3 to 1e-2 off, at a tenth 2e-3). Returns v."""
+    (measured 1e-5 to 1.2e-4 off; at 3-10x the step 4e-3 to 1e-2 off, at a tenth 2e-3). Returns v; with hvp, (v, the
+    Hessian-vector product along v): the plain value and gradient are then the primal of the jvp of value_and_grad
+    under the switch (one program for both, the same primal computation), whose tangent is the HVP."""
     want, grads = jax.jit(jax.value_and_grad(loss))(params)
     v = random_direction(params, seed)
     norm = lambda t: np.sqrt(sum(float(jnp.vdot(x, x)) for x in jax.tree.leaves(t)))  # noqa: E731
     v = jax.tree.map(lambda d, g: d + 0.5 * norm(v) / norm(grads) * g, v, grads)
     with plain_autodiff():
         value, slope = jax.jit(lambda p, v: jax.jvp(loss, (p,), (v,)))(params, v)
-        plain = jax.jit(jax.value_and_grad(loss))(params) if grads_too else (value, grads)
+        if hvp:
+            plain, (_, along_v) = jax.jit(lambda p, v: jax.jvp(jax.value_and_grad(loss), (p,), (v,)))(params, v)
+        else:
+            plain = jax.jit(jax.value_and_grad(loss))(params) if grads_too else (value, grads)
     along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
     np.testing.assert_allclose(float(value), float(want), rtol=1e-6)
     np.testing.assert_allclose(float(plain[0]), float(want), rtol=1e-6)
@@ -291,7 +298,7 @@ def check_forward_mode(loss, params, seed=0, fd_rtol=1e-3, grad_rtol=1e-5, grads
     np.testing.assert_allclose(float(slope), directional_fd(loss, params, v, 1e-2 / abs(along)), rtol=fd_rtol)
     for got, g in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(grads)):
         np.testing.assert_allclose(got, g, rtol=0, atol=grad_rtol * float(np.abs(g).max()) + 1e-12)
-    return v
+    return (v, along_v) if hvp else v
 
 
 FWD = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64, max_seq_len=16, attn_block=4)
@@ -308,11 +315,12 @@ FWD_CFGS = {
 }
 
 
-def lm_problem(cfg, seed=0):
-    """(loss of params, params): the LM loss on a fixed random batch, parameters perturbed off their init. T = 8:
-    two query blocks of attn_block 4 and of swa_block 4 (a window of 4 < T), as few as take every branch (the blocks
-    are unrolled: T = 16's four made each program ~15% slower to compile)."""
-    rng = np.random.default_rng(seed)
+@functools.cache  # one per config and module: the forward-mode, HVP and switch tests share it (and its eager init)
+def lm_problem(name, seed=0):
+    """(loss of params, params) for FWD_CFGS[name]: the LM loss on a fixed random batch, parameters perturbed off their
+    init. T = 8: two query blocks of attn_block 4 and of swa_block 4 (a window of 4 < T), as few as take every branch
+    (the blocks are unrolled: T = 16's four made each program ~15% slower to compile)."""
+    cfg, rng = FWD_CFGS[name], np.random.default_rng(seed)
     tok = lambda: jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 8)), jnp.int32)  # noqa: E731
     batch = {"inputs": tok(), "targets": tok()}
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -320,23 +328,31 @@ def lm_problem(cfg, seed=0):
     return lambda p: lm_loss(graphdef, p, batch), params
 
 
+HVP_CFGS = ("gqa-bias-softcap", "moe-capacity")
+
+
+@functools.cache  # the HVP test reads the jvp of value_and_grad that the forward-mode test checks the primal of
+def forward_mode(name):
+    """check_forward_mode on FWD_CFGS[name], once per module: v, or (v, HVP along v) for HVP_CFGS."""
+    return check_forward_mode(*lm_problem(name), hvp=name in HVP_CFGS)
+
+
 @pytest.mark.parametrize("name", list(FWD_CFGS))
 def test_plain_autodiff_gives_forward_mode_the_default_values_and_gradients(name):
     """jax.jvp of a Transformer's loss (every custom VJP on its path: rms_norm, projections, blocked and sliding-window
     attention, embedding and head, glu, capacity and dropless 'gmm' experts) against a finite difference; value and
     gradient as the custom VJPs give them. Without the switch each raised JAX's jvp-of-custom_vjp TypeError."""
-    check_forward_mode(*lm_problem(FWD_CFGS[name]))
+    forward_mode(name)
 
 
-@pytest.mark.parametrize("name", ["gqa-bias-softcap", "moe-capacity"])
+@pytest.mark.parametrize("name", HVP_CFGS)
 def test_a_hessian_vector_product_by_jvp_of_grad_equals_reverse_over_reverse(name):
     """HVP as forward-over-reverse under the switch against reverse-over-reverse (∇<∇L, v>) through the custom VJPs.
     (Reverse-over-reverse through the dropless 'gmm' experts' custom VJP fails: its backward's tile loops are while
-    loops; under the switch it works.)"""
-    loss, params = lm_problem(FWD_CFGS[name])
-    v = random_direction(params, seed=1)
-    with plain_autodiff():
-        hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])(params, v)
+    loops; under the switch it works.) The HVP is the tangent of the jvp of value_and_grad whose primal the
+    forward-mode test checks (one program), along its v (random, tilted towards the gradient)."""
+    loss, params = lm_problem(name)
+    v, hvp = forward_mode(name)
     dot = lambda p, v: sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(jax.grad(loss)(p)), jax.tree.leaves(v)))
     want = jax.jit(jax.grad(dot))(params, v)
     for got, w in zip(jax.tree.leaves(hvp), jax.tree.leaves(want)):
@@ -347,7 +363,7 @@ def test_forward_mode_without_the_switch_is_jaxs_error_and_the_switch_is_part_of
     """The default path keeps its custom VJPs (jvp raises JAX's own TypeError, unchanged); a function jitted and
     traced outside the switch is traced again inside it, and its gradient's program outside is the default one
     before and after (the forward programs are the same either way: a custom VJP's primal is the plain function)."""
-    loss, params = lm_problem(FWD_CFGS["gqa-bias-softcap"])
+    loss, params = lm_problem("gqa-bias-softcap")
     f, grad = jax.jit(loss), jax.jit(jax.grad(loss))
     before = grad.lower(params).as_text()
     v = random_direction(params)
