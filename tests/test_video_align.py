@@ -40,6 +40,15 @@ class DualEncoder(nnx.Module):
         return self.align.embed_video(z), self.align.embed_text(self.text(tokens).pooled_BE)
 
 
+def perturbed_aligner():
+    """An Aligner with every parameter moved by N(0, 0.3²) noise off its init (attention weights past their 0.02
+    init: no flat softmax), the noise drawn in one jitted program (eagerly: a compile per op and parameter shape)."""
+    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
+    nnx.update(al, jax.jit(lambda st: jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
+                                                   st))(nnx.state(al, nnx.Param)))
+    return al
+
+
 def test_info_nce_counts_duplicate_captions_as_positives():
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     v = unit(jax.random.normal(jax.random.key(0), (4, 8)))
@@ -152,7 +161,7 @@ def test_embed_video_names_latents_of_another_shape(shape):
     """The video tower rotates tokens by the DiT's grid: latents [2, 6, 4, 8, 3] (as many tokens as (3, 8, 8)) were
     embedded with every token at another position, silently; other shapes failed inside RoPE or a dot."""
     align = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=32), DIT, rngs=nnx.Rngs(0))
-    assert align.embed_video(jnp.zeros((2, 3, 8, 8, 3))).shape == (2, 32)
+    assert jax.eval_shape(lambda: align.embed_video(jnp.zeros((2, 3, 8, 8, 3)))).shape == (2, 32)  # traced, not run
     with pytest.raises(ValueError, match=r"Aligner.embed_video: latents .* DiTConfig.latent_shape=\(3, 8, 8\)"):
         align.embed_video(jnp.zeros(shape))
 
@@ -180,18 +189,22 @@ def test_embed_video_mean_pools_the_normed_tokens_then_projects_to_a_unit_vector
     modules, patchify pinned in test_video_models): a max-pool in place of the documented mean passed every test."""
     from models.video.layers import matmul, patchify
 
-    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
-    nnx.update(al, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
-                                nnx.state(al, nnx.Param)))
+    al = perturbed_aligner()
     z = jax.random.normal(jax.random.key(2), (2, 3, 8, 8, 3))
-    x = matmul(patchify(z, DIT.patch), al.patch_embed, jnp.float32) + al.patch_bias[...]
-    for blk in al.blocks:
-        x = blk(x, DIT.grid, al.rope_split)
+
+    @nnx.jit  # the blocks' tokens and the embedding in one program (eagerly each op compiles on its own)
+    def run(al):
+        x = matmul(patchify(z, DIT.patch), al.patch_embed, jnp.float32) + al.patch_bias[...]
+        for blk in al.blocks:
+            x = blk(x, DIT.grid, al.rope_split)
+        return x, al.embed_video(z)
+
+    x, got = run(al)
     x = np.asarray(x, np.float64)
     pooled = (x / np.sqrt(np.mean(x * x, -1, keepdims=True) + 1e-6) * np.asarray(al.final_norm[...])).mean(1)
     want = pooled @ np.asarray(al.video_proj[...], np.float64)
     want /= np.linalg.norm(want, axis=-1, keepdims=True)
-    np.testing.assert_allclose(np.asarray(al.embed_video(z), np.float64), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5)
 
 
 def test_info_nce_and_recall_at_1_name_inputs_of_another_shape():
@@ -240,12 +253,10 @@ def test_logit_scale_starts_at_the_inverse_temperature_and_is_capped():
 def test_the_video_tower_attends_across_every_frame_and_position():
     """The tower's blocks are full 3D attention (the module docstring): one token changed at frame 0 moves every token
     of every frame after one block. Spatial-only attention (no frame sees another) passed every test."""
-    al = Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT, rngs=nnx.Rngs(0))
-    nnx.update(al, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape),
-                                nnx.state(al, nnx.Param)))  # attention weights past their 0.02 init: no flat softmax
-    blk = al.blocks[0]
+    al = perturbed_aligner()
     x = jax.random.normal(jax.random.key(0), (1, math.prod(DIT.grid), 32))
-    moved = jnp.abs(blk(x.at[:, 0].add(3.0), DIT.grid, al.rope_split) - blk(x, DIT.grid, al.rope_split)).max(-1)[0]
+    moved = nnx.jit(lambda blk: jnp.abs(blk(x.at[:, 0].add(3.0), DIT.grid, al.rope_split)
+                                        - blk(x, DIT.grid, al.rope_split)).max(-1)[0])(al.blocks[0])
     assert float(moved.min()) > 1e-4, moved.reshape(DIT.grid)
 
 

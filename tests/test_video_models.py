@@ -303,12 +303,17 @@ def test_text_encoder_is_the_lm_block_and_counts_its_params(changes):
 def test_text_encoder_and_aligner_shapes():
     enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))
     tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
-    out = enc(tok)
+    al = Aligner(AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8), DIT, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
+
+    @nnx.jit  # one program (eagerly each op of both towers compiles on its own)
+    def run(enc, al):
+        out = enc(tok)
+        return out, al.embed_video(z), al.embed_text(out.pooled_BE)
+
+    out, v, t = run(enc, al)
     assert out.tokens_BLE.shape == (2, 8, 16) and out.pooled_BE.shape == (2, 16)
     assert out.valid_BL.tolist()[1] == [True] + [False] * 7
-    al = Aligner(AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8), DIT, rngs=nnx.Rngs(0))
-    v = al.embed_video(jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4)))
-    t = al.embed_text(out.pooled_BE)
     assert v.shape == t.shape == (2, 8)
     np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
     assert float(al.logit_scale()) == pytest.approx(1 / 0.07, rel=1e-5)
@@ -427,14 +432,23 @@ def test_all_padding_caption_adds_nothing_for_every_attn_impl():
     h = jax.random.normal(jax.random.key(0), (2, 5, 32))
     text = jax.random.normal(jax.random.key(1), (2, 4, 16))
     valid = jnp.asarray([[True, True, False, False], [False] * 4])  # row 1: an all-padding null caption
-    out = {impl: cross(h, text, valid, cd=jnp.float32, impl=impl) for impl in ("xla", "reference")}
+    graphdef, state = nnx.split(cross)
+
+    @jax.jit  # both impls, full and cut captions, in one program (eagerly each op compiles on its own)
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        return {impl: (m(h, text, valid, cd=jnp.float32, impl=impl),
+                       m(h[:1], text[:1, :2], jnp.ones((1, 2), bool), cd=jnp.float32, impl=impl))
+                for impl in ("xla", "reference")}
+
+    res = run(state)
+    out = {impl: res[impl][0] for impl in res}
     np.testing.assert_allclose(out["xla"], out["reference"], atol=1e-6)
     assert float(jnp.abs(out["xla"][0]).max()) > 0 and float(jnp.abs(out["xla"][1]).max()) == 0
     # row 0's padding is never attended: the caption cut to its two tokens gives the same (both impls share the
     # mask, so their agreement alone could not show it)
     for impl in ("xla", "reference"):
-        cut = cross(h[:1], text[:1, :2], jnp.ones((1, 2), bool), cd=jnp.float32, impl=impl)
-        np.testing.assert_allclose(out[impl][:1], cut, atol=1e-6)
+        np.testing.assert_allclose(out[impl][:1], res[impl][1], atol=1e-6)
 
 def test_cross_attention_gives_cudnn_a_bool_mask_for_the_int_one_the_dit_accepts(monkeypatch):
     """VideoDiT takes a 0/1 int caption mask ('xla' and 'reference' read its truthiness), but cuDNN's kernel refuses
@@ -591,8 +605,10 @@ def test_adaln_zero_block_is_identity_at_init(attention):
     text, valid, _ = text_inputs(2)
     ctx = _Ctx(cfg, jax.random.normal(jax.random.key(1), (2, cfg.d_model)), text, valid)
     block = DiTBlock(cfg, rngs=nnx.Rngs(0))
-    np.testing.assert_array_equal(block(x, ctx), x)
-    assert float(jnp.abs(randomize(block)(x, ctx) - x).max()) > 1e-2  # trained gates open it up
+    graphdef, state = nnx.split(block)
+    apply = jax.jit(lambda s: nnx.merge(graphdef, s)(x, ctx))  # one program for both states (eagerly: op by op)
+    np.testing.assert_array_equal(apply(state), x)
+    assert float(jnp.abs(apply(nnx.state(randomize(block))) - x).max()) > 1e-2  # trained gates open it up
     out = dit_apply(VideoDiT(cfg, rngs=nnx.Rngs(0)), jax.random.normal(jax.random.key(2), (2, 3, 8, 8, 4)),
                     jnp.asarray([0.3, 0.7]))
     np.testing.assert_array_equal(out, 0.0)  # zero-initialised output layer: a fresh DiT predicts 0
@@ -808,10 +824,10 @@ def test_factorized_attention_gives_cudnn_its_vmapped_axis_in_front(monkeypatch,
 def test_text_encoder_is_bidirectional_and_ignores_padding():
     enc = randomize(TextEncoder(TEXT, rngs=nnx.Rngs(0)))
     tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])
-    out = enc(tok)
-    later = enc(tok.at[0, 4].set(12))  # change the last word
+    # the three encodings in one program (eagerly each op compiles on its own); the last word changed, then the same
+    # caption without its padding
+    out, later, short = nnx.jit(lambda enc: (enc(tok), enc(tok.at[0, 4].set(12)), enc(tok[:, :5])))(enc)
     assert float(jnp.abs(later.tokens_BLE[0, 0] - out.tokens_BLE[0, 0]).max()) > 1e-3  # the first token sees it
-    short = enc(tok[:, :5])  # same caption, no padding
     np.testing.assert_allclose(short.tokens_BLE[0], out.tokens_BLE[0, :5], atol=1e-5)
     np.testing.assert_allclose(short.pooled_BE, out.pooled_BE, atol=1e-5)
     # pooled_BE is the mean of the real tokens' states (one token's state passed the comparison above)
