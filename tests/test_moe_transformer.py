@@ -52,9 +52,39 @@ def loss_fn(graphdef, cfg):
 
 
 @functools.cache
+def forward(graphdef):
+    """The model's logits, jitted once per graphdef (tests running the same one share its program)."""
+    return jax.jit(lambda state, tok: nnx.merge(graphdef, state)(tok))
+
+
+@functools.cache
 def reference():
     graphdef, state = split(CFG)
     return jax.device_get(jax.jit(loss_fn(graphdef, CFG))(state, tokens()))
+
+
+def lm_batch(B=8, T=32):
+    """Inputs and targets of T positions (sequence-shardable: T = 32 divides by sequence = 4)."""
+    tok = np.asarray(tokens(B=B, T=T + 1))
+    return {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+
+
+def aux_loss(graphdef):
+    """CE + the unweighted aux losses (their gradients as large as the task's), with aux returned."""
+
+    def f(state, b):
+        logits, aux = nnx.merge(graphdef, state)(b["inputs"], return_aux=True)
+        return cross_entropy(logits, b["targets"])[0] + aux["lb_loss"] + aux["z_loss"], aux
+
+    return jax.value_and_grad(f, has_aux=True)
+
+
+@functools.cache
+def layout_reference(cfg):
+    """aux_loss on lm_batch() by the scanned model, single device: the reference of the variants' layouts and of
+    the sequence-parallel dropless test (the same config: one program for both)."""
+    graphdef, state = split(cfg)
+    return jax.device_get(jax.jit(aux_loss(graphdef))(state, lm_batch()))
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
@@ -96,13 +126,14 @@ def test_single_expert_moe_equals_dense_model_with_the_same_weights():
     dense_cfg = dataclasses.replace(cfg, moe=None)
     dgraph, dstate = split(dense_cfg)
     dstate = jax.tree.map(lambda x: x, dstate)
-    blocks, moe_blocks = state["blocks"], state["moe_blocks"]
+    # the stacks interleaved on the host (eagerly each slice and stack compiled on its own), put back as jax arrays
+    blocks, moe_blocks = jax.device_get((state["blocks"], state["moe_blocks"]))
     for name in ("w_gate", "w_up", "w_down"):
         dense_w, expert_w = blocks[name][...], moe_blocks["moe"][name][...][:, 0]
-        dstate["blocks"][name][...] = jnp.stack([dense_w[0], expert_w[0], dense_w[1], expert_w[1]])
+        dstate["blocks"][name][...] = jnp.asarray(np.stack([dense_w[0], expert_w[0], dense_w[1], expert_w[1]]))
     for name in ("wq", "wk", "wv", "wo", "attn_norm", "mlp_norm"):
         a, b = blocks[name][...], moe_blocks[name][...]
-        dstate["blocks"][name][...] = jnp.stack([a[0], b[0], a[1], b[1]])
+        dstate["blocks"][name][...] = jnp.asarray(np.stack([a[0], b[0], a[1], b[1]]))
     for name in ("embed", "lm_head", "final_norm"):
         dstate[name][...] = state[name][...]
     tok = tokens()
@@ -125,15 +156,17 @@ def test_single_expert_layouts_place_moe_layers_where_documented(layout, moe_at)
     assert state["moe_blocks"]["wq"][...].shape[0] == len(moe_at)
     assert ("blocks" in state) == (len(moe_at) < L)
     dense_at = [i for i in range(L) if i not in moe_at]
+    host = jax.device_get(state)  # interleaved on the host (eagerly each slice and stack compiled on its own)
 
     def interleave(name, moe_w):  # layer i: the next MoE-stack layer if i is in moe_at, else the next dense one
-        dense_w = state["blocks"][name][...] if dense_at else None
-        return jnp.stack([moe_w[moe_at.index(i)] if i in moe_at else dense_w[dense_at.index(i)] for i in range(L)])
+        dense_w = host["blocks"][name][...] if dense_at else None
+        return jnp.asarray(np.stack([moe_w[moe_at.index(i)] if i in moe_at else dense_w[dense_at.index(i)]
+                                     for i in range(L)]))
 
     for name in ("w_gate", "w_up", "w_down"):
-        dstate["blocks"][name][...] = interleave(name, state["moe_blocks"]["moe"][name][...][:, 0])
+        dstate["blocks"][name][...] = interleave(name, host["moe_blocks"]["moe"][name][...][:, 0])
     for name in ("wq", "wk", "wv", "wo", "attn_norm", "mlp_norm"):
-        dstate["blocks"][name][...] = interleave(name, state["moe_blocks"][name][...])
+        dstate["blocks"][name][...] = interleave(name, host["moe_blocks"][name][...])
     for name in ("embed", "lm_head", "final_norm"):
         dstate[name][...] = state[name][...]
     tok = tokens(B=2)
@@ -150,10 +183,8 @@ def test_variants_equal_their_reference(change):
     """scan == unrolled and remat == none on the same weights; other layouts: scan == unrolled."""
     cfg = dataclasses.replace(CFG, **change)
     if "n_layers" in change:  # new layout: compare its scanned and unrolled forms
-        graphdef, state = split(cfg)
-        ref = jax.jit(loss_fn(graphdef, cfg))(state, tokens())
         ug = graphdef_of(dataclasses.replace(cfg, scan_layers=False))  # the scanned weights: no init of its own
-        assert_close(jax.jit(loss_fn(ug, cfg))(state, tokens()), ref)
+        assert_close(jax.jit(aux_loss(ug))(split(cfg)[1], lm_batch()), layout_reference(cfg))
         return
     graphdef = graphdef_of(cfg)
     _, state = split(CFG)  # identical parameter tree: only the execution differs
@@ -166,11 +197,10 @@ def test_bf16_moe_differs_from_f32_only_by_its_routing_choices():
     a top-2 tie pick another expert. With top_k = n_experts there is no choice to flip, and the MoE model meets
     the dense tolerance (a bf16 error in dispatch or combine would not: here 0.8% of the scale, as the dense
     model's), while top-2 differs more (1.5%: the flips)."""
-    def logit_gap(cfg):
-        graphdef, state = split(cfg)
-        bf16 = graphdef_of(dataclasses.replace(cfg, dtype="bfloat16"))
-        f32, out = (jax.jit(lambda st, g=g: nnx.merge(g, st)(tokens()))(state) for g in (graphdef, bf16))
-        return float(jnp.abs(out - f32).max() / jnp.abs(f32).max())
+    def logit_gap(cfg):  # on CFG's weights (top_k changes no parameter: no init of its own)
+        f32, out = (np.asarray(forward(graphdef_of(c))(split(CFG)[1], tokens()))
+                    for c in (cfg, dataclasses.replace(cfg, dtype="bfloat16")))
+        return float(np.abs(out - f32).max() / np.abs(f32).max())
 
     every = logit_gap(dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, top_k=CFG.moe.n_experts)))
     assert every < 0.05
@@ -181,7 +211,7 @@ def test_kv_cache_decode_equals_full_forward():
     from models.transformer import KVCache
 
     graphdef, state = split(CFG)
-    tok = tokens(B=2, T=12)
+    tok = np.asarray(tokens(B=2, T=12))  # sliced on the host (eagerly each slice compiled on its own)
     # jitted, as generate runs it (eagerly every op compiles on its own): a program for the prefill, one for the steps
     full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tok)
     run = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c))
@@ -190,7 +220,7 @@ def test_kv_cache_decode_equals_full_forward():
     for t in range(7, 12):
         logits, cache = run(state, tok[:, t:t + 1], cache)
         outs.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, rtol=1e-4, atol=1e-5)
 
 
 
@@ -202,26 +232,31 @@ CAP = dataclasses.replace(CFG, init_std=0.5, moe=dataclasses.replace(CFG.moe, di
 
 def test_capacity_dispatch_is_causal():
     """Changing tokens >= t must leave the logits at positions < t unchanged, drops included."""
-    model, tok = nnx.merge(*split(CAP)), tokens(B=4, T=16)
+    model, tok = nnx.merge(*split(CAP)), np.asarray(tokens(B=4, T=16))  # changed and sliced on the host
     run = jax.jit(lambda t: model(t, return_aux=True))
     ref, aux = run(tok)
+    ref = np.asarray(ref)
     assert aux["dropped_frac"] > 0.2
     for seed, t in ((1, 4), (2, 8), (3, 12)):
-        logits, _ = run(tok.at[:, t:].set(tokens(B=4, T=16 - t, seed=seed)))
-        np.testing.assert_allclose(logits[:, :t], ref[:, :t], rtol=1e-5, atol=1e-5)
+        changed = tok.copy()
+        changed[:, t:] = tokens(B=4, T=16 - t, seed=seed)
+        logits, _ = run(changed)
+        np.testing.assert_allclose(np.asarray(logits)[:, :t], ref[:, :t], rtol=1e-5, atol=1e-5)
 
 
 def test_padding_tokens_take_no_capacity():
     """A left-padded and a right-padded row give the unpadded rows' logits on their real tokens and the same aux
     values: pads take no expert slot and count in no statistic. T = 16 and 24 both give C = 2."""
     assert CAP.moe.capacity(16) == CAP.moe.capacity(24) == 2
-    model, tok, pad = nnx.merge(*split(CAP)), tokens(B=2, T=16), tokens(B=2, T=8, seed=9)
-    padded = jnp.stack([jnp.concatenate([pad[0], tok[0]]), jnp.concatenate([tok[1], pad[1]])])
-    mask = jnp.stack([jnp.arange(24) >= 8, jnp.arange(24) < 16])
+    # inputs made and outputs sliced on the host (eagerly each op compiled on its own)
+    model, tok, pad = nnx.merge(*split(CAP)), np.asarray(tokens(B=2, T=16)), np.asarray(tokens(B=2, T=8, seed=9))
+    padded = np.stack([np.concatenate([pad[0], tok[0]]), np.concatenate([tok[1], pad[1]])])
+    mask = np.stack([np.arange(24) >= 8, np.arange(24) < 16])
     run = jax.jit(lambda t, m=None: model(t, padding_mask_BT=m, return_aux=True))
     ref, aux = run(tok)
     logits, auxp = run(padded, mask)
-    np.testing.assert_allclose(jnp.stack([logits[0, 8:], logits[1, :16]]), ref, rtol=1e-4, atol=1e-4)
+    logits = np.asarray(logits)
+    np.testing.assert_allclose(np.stack([logits[0, 8:], logits[1, :16]]), ref, rtol=1e-4, atol=1e-4)
     assert aux["dropped_frac"] > 0.2
     assert_close(auxp, aux)
 
@@ -246,11 +281,12 @@ def test_capacity_layers_run_dropless_with_a_kv_cache():
 
 def test_router_jitter_only_with_a_key():
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, router_jitter=0.5))
-    graphdef, state = split(cfg)
+    graphdef, state = graphdef_of(cfg), split(CFG)[1]  # jitter changes no parameter: CFG's weights
     run = jax.jit(lambda st, tok, k=None: nnx.merge(graphdef, st)(tok, rng=k))
     tok = tokens()
     plain = run(state, tok)
-    np.testing.assert_array_equal(plain, run(split(CFG)[1], tok))  # no key: no jitter (same weights)
+    # no key: no jitter, the jitter-free model's logits (its program: test_bf16_moe_differs_...'s)
+    np.testing.assert_array_equal(plain, forward(split(CFG)[0])(state, tok))
     jittered = [run(state, tok, jax.random.key(i)) for i in (1, 2)]
     assert not np.allclose(jittered[0], plain)
     assert not np.allclose(jittered[0], jittered[1])  # drawn from the caller's key, not a fixed one
@@ -303,23 +339,15 @@ def test_sequence_parallel_dispatch_equals_single_device_and_splits_the_expert_w
     there: the rows each device sorts by expert tell it (256 per device, not 64)."""
     cfg = dataclasses.replace(CFG, moe=dataclasses.replace(CFG.moe, dispatch=dispatch), moe_every=1, n_layers=2)
     assert cfg.moe.capacity(32) % 4 == 0  # C = 20 slots per expert and row: divisible by sequence = 4
-    tok = tokens(T=33)
-    b = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}  # 32 positions: divisible by sequence = 4
-
-    def loss(graphdef):
-        def f(state, b):
-            logits, aux = nnx.merge(graphdef, state)(b["inputs"], return_aux=True)
-            return cross_entropy(logits, b["targets"])[0] + aux["lb_loss"] + aux["z_loss"], aux
-        return jax.value_and_grad(f, has_aux=True)
-
+    b = lm_batch()  # 32 positions: divisible by sequence = 4
     graphdef, state = split(cfg)
-    ref = jax.device_get(jax.jit(loss(graphdef))(state, b))
+    ref = layout_reference(cfg)  # (dropless: test_variants_equal_their_reference[every_layer]'s config)
     flops, sorted_rows = {}, {}
     for name, shape in (("dp", {"data": 8}), ("sp", {"data": 2, "sequence": 4})):
         mesh = make_mesh(shape)
         params = shard_state(state, mesh)  # the rules' placement (built sharded: test_expert_parallel_model_...)
         with jax.set_mesh(mesh):
-            compiled = jax.jit(loss(graphdef)).lower(params, shard_batch(b, mesh)).compile()
+            compiled = jax.jit(aux_loss(graphdef)).lower(params, shard_batch(b, mesh)).compile()
             out = compiled(params, shard_batch(b, mesh))
         assert_close(jax.device_get(out), ref, rtol=1e-5, atol=1e-6)
         ca = compiled.cost_analysis()
