@@ -995,7 +995,10 @@ def test_moe_state_step_without_moe_cfg_trains_the_models_own_aux_losses():
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     opt = optax.sgd(1.0)
     tok = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
-    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    # with weights (all 1): the batch structure of test_moe_state_step_adds_aux_losses_and_moves_the_router_bias[1],
+    # whose step (the same model, optimizer and MoEConfig) is then this test's program too
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
+             "weights": jnp.ones((4, 16), jnp.float32)}
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
              "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
     given, default = (make_state_step(graphdef, opt, None, mc)(jax.tree.map(jnp.copy, state), batch)[0]["params"]

@@ -251,11 +251,11 @@ def test_restore_saved_on_8_devices_onto_fewer(runs, n):
 
 
 def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path, capsys):
-    out = tmp_path / "skip"
-    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=1",
+    out = tmp_path / "skip"  # 6 steps: the program of the other 6-step runs here
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.save_every=1",
                             "--set", "train.keep=10", "--set", "train.poison_steps=(3,)",
                             "--set", "train.nan_policy=skip"])
-    assert result["skipped"] == 1 and result["step"] == 5
+    assert result["skipped"] == 1 and result["step"] == 6
     # finite gradients whose float32 norm overflows are skipped too (test_train_config): the line says so (it read
     # "non-finite loss/gradients" to a run whose every gradient was finite)
     assert re.search(r"step 3: non-finite loss \(nan\) or gradient norm \(nan; a norm over ~1.8e19 overflows "
@@ -270,10 +270,10 @@ def test_nan_skip_leaves_state_unchanged_and_continues(tmp_path, capsys):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "nonfinite"] == [3]
     assert [r["loss"] for r in rows if r["kind"] == "train" and r["step"] == 3] == [None]  # NaN is not JSON
-    # resumed with fewer steps than it has: it reported the step-5 model as a 4-step run's, and exited 0
-    with pytest.raises(SystemExit, match=r"train.steps: .* is at step 5, past train.steps=4; pass --set "
-                                         r"train.steps=5 \(or more\)"):
-        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.save_every=1",
+    # resumed with fewer steps than it has: it reported the step-6 model as a 5-step run's, and exited 0
+    with pytest.raises(SystemExit, match=r"train.steps: .* is at step 6, past train.steps=5; pass --set "
+                                         r"train.steps=6 \(or more\)"):
+        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=1",
                        "--set", "train.keep=10", "--set", "train.nan_policy=skip"])
 
 
@@ -307,14 +307,15 @@ def test_an_eval_target_the_start_already_meets_is_crossed_at_step_0(tmp_path):
     """A run whose first evaluation is already at the target (a fine-tuned checkpoint, a loose target) crossed it at
     step 0, before any training: it was logged at the next evaluation, its time counting the first compilation."""
     out = tmp_path / "met"
-    # intervals of 3 in a run of 4: the last step is logged, evaluated and saved off the interval too
-    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.eval_every=3",
-                            "--set", "train.eval_target=100", "--set", "train.save_every=3",
-                            "--set", "train.log_every=3"])
+    # intervals of 4 in a run of 6 (the 6-step runs' program): the last step is logged, evaluated and saved off the
+    # interval too
+    result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.eval_every=4",
+                            "--set", "train.eval_target=100", "--set", "train.save_every=4",
+                            "--set", "train.log_every=4"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 4]
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 3, 4] and result["last_eval"] == rows[-1]["loss"]
-    assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [3, 4]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [4, 6]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4, 6] and result["last_eval"] == rows[-1]["loss"]
+    assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [4, 6]
     first_eval = next(r for r in rows if r["kind"] == "eval")
     targets = [r for r in rows if r["kind"] == "target"]
     assert first_eval["step"] == 0 and first_eval["loss"] <= 100
@@ -371,19 +372,18 @@ def test_only_an_evaluated_step_carries_an_eval_loss_and_a_rerun_at_its_end_eval
     logged at it. A rerun at the last step resumes that eval loss: it trains and evaluates nothing (a resume that
     dropped it evaluated the final step again and logged it twice). Neither was tested: every other run saves on
     its evaluation steps."""
-    out = tmp_path / "run"
-    args = [*TINY, "--out", str(out), "--set", "train.steps=3", "--set", "train.eval_every=2", "--set",
-            "train.save_every=1", "--set", "train.keep=10", "--set", "optim.warmup_steps=0", "--set",
-            "train.progress=false"]
+    out = tmp_path / "run"  # 6 steps: the program of the other 6-step runs here
+    args = [*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.eval_every=4", "--set",
+            "train.save_every=2", "--set", "train.keep=10", "--set", "train.progress=false"]
     train_lm.main(args)
     rows = lambda: [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     evals = {r["step"]: r["loss"] for r in rows() if r["kind"] == "eval"}
-    assert sorted(evals) == [0, 2, 3]
-    assert {s: checkpoint.read_meta(out / "ckpt", s)["eval_loss"] for s in (1, 2, 3)} == {
-        1: None, 2: evals[2], 3: evals[3]}
+    assert sorted(evals) == [0, 4, 6]
+    assert {s: checkpoint.read_meta(out / "ckpt", s)["eval_loss"] for s in (2, 4, 6)} == {
+        2: None, 4: evals[4], 6: evals[6]}
     before = rows()
     result = train_lm.main(args)
-    assert result["step"] == 3 and result["last_eval"] == evals[3] and rows() == before
+    assert result["step"] == 6 and result["last_eval"] == evals[6] and rows() == before
 
 
 def test_a_resume_keeps_its_eval_targets_crossing_only_for_the_same_target(tmp_path):
@@ -391,17 +391,17 @@ def test_a_resume_keeps_its_eval_targets_crossing_only_for_the_same_target(tmp_p
     train.eval_target it is dropped (that target was never crossed), with the same one it is kept and not logged
     again (the reset for another target was untested: dropping the check reported 100's crossing as 0.01's)."""
     out, out_other = tmp_path / "run", tmp_path / "other"
-    args = ["--set", "train.eval_every=2", "--set", "train.save_every=2", "--set", "optim.warmup_steps=0", "--set",
-            "train.progress=false"]
-    first = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.steps=2", "--set", "train.eval_target=100"])
+    args = ["--set", "train.eval_every=2", "--set", "train.save_every=1", "--set", "optim.warmup_steps=0", "--set",
+            "train.progress=false", "--set", "train.steps=2"]
+    first = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.eval_target=100"])  # saves 1 and 2
     assert first["target_time_s"] is not None  # crossed at step 0
+    shutil.rmtree(out / "ckpt" / "2")
     shutil.copytree(out, out_other)
-    # both resumes train to step 3: one program for both (that of the 3-step runs of other tests)
-    same = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.steps=3", "--set", "train.eval_target=100"])
+    # both resumes train step 2 again from step 1: one program for all three runs (that of the 2-step runs here)
+    same = train_lm.main([*TINY, "--out", str(out), *args, "--set", "train.eval_target=100"])
     assert same["target_time_s"] == first["target_time_s"]
-    other = train_lm.main([*TINY, "--out", str(out_other), *args, "--set", "train.steps=3", "--set",
-                           "train.eval_target=0.01"])
-    assert other["step"] == 3 and other["target_time_s"] is None
+    other = train_lm.main([*TINY, "--out", str(out_other), *args, "--set", "train.eval_target=0.01"])
+    assert other["step"] == 2 and other["target_time_s"] is None
     for run in (out, out_other):
         targets = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"target"' in x]
         assert [(r["step"], r["eval_target"]) for r in targets] == [(0, 100)], run
@@ -425,11 +425,12 @@ def test_a_run_saved_with_its_optimizer_chain_grouped_otherwise_resumes_not_from
 
     out = tmp_path / "run"
     args = [*TINY, "--out", str(out), "--set", "train.eval_every=100", "--set", "train.progress=false"]
-    with monkeypatch.context() as mp:
-        mp.setattr(lm_step, "make_optimizer", regrouped)
-        train_lm.main([*args, "--set", "train.steps=4"])
+    with monkeypatch.context() as mp:  # saves 4 and 6; 6 dropped: the resume trains 5 and 6 again (the program of
+        mp.setattr(lm_step, "make_optimizer", regrouped)  # the 6-step runs here, as the regrouped run's own)
+        train_lm.main([*args, "--set", "train.steps=6"])
+    shutil.rmtree(out / "ckpt" / "6")
     capsys.readouterr()
-    train_lm.main([*args, "--set", "train.steps=5"])
+    train_lm.main([*args, "--set", "train.steps=6"])
     printed = capsys.readouterr().out
     assert "resumed from step 4" in printed and "corrupt" not in printed, printed
     assert not (out / "ckpt-corrupt").exists() and (out / "ckpt" / "4").is_dir()
@@ -540,10 +541,10 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     labels, real_label = [], matplotlib.axes.Axes.set_ylabel
     monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda ax, s, *a, **k: (labels.append(s),
                                                                                      real_label(ax, s, *a, **k))[1])
-    result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", *data])
+    result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=6", *data])
     assert seen == [([str(tmp_path / "train")], 300), ([str(tmp_path / "eval")], 300)]
     assert labels == ["loss (nats / token)"]  # loss.png: a BPE's losses are per token (they were labelled bytes)
-    assert result["step"] == 4 and np.isfinite(result["last_eval"])
+    assert result["step"] == 6 and np.isfinite(result["last_eval"])
     # the final sample continues your held-out text, not the built-in corpus's 'def __init__(self' (a user study)
     own = load([*TINY, *data])
     assert train_lm.sample_prompt(own.data, own.train) == " ".join(texts[50].split()[:5])
@@ -769,11 +770,12 @@ def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its
 
 def test_only_the_newest_keep_checkpoints_stay_on_disk(tmp_path):
     """The tiny preset saves 3 times and keeps 3: a trainer keeping one too many passed every other test. Saves at
-    2, 4 and 5 (the last, off the interval) with train.keep=2 and no best kept: the newest two stay."""
+    5, 10 and 12 (the last, off the interval) with train.keep=2 and no best kept: the newest two stay. (The tiny
+    preset's 12 steps: the program of the other 12-step runs here.)"""
     out = tmp_path / "run"
-    train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=5", "--set", "train.save_every=2",
+    train_lm.main([*TINY, "--out", str(out), "--set", "train.save_every=5",
                    "--set", "train.keep=2", "--set", "train.keep_best=False", "--set", "train.progress=false"])
-    assert sorted(int(d.name) for d in (out / "ckpt").iterdir() if d.name.isdigit()) == [4, 5]
+    assert sorted(int(d.name) for d in (out / "ckpt").iterdir() if d.name.isdigit()) == [10, 12]
 
 
 def test_a_sample_write_that_fails_leaves_no_truncated_sample(tmp_path, full_disk):
@@ -811,7 +813,7 @@ def test_a_halted_run_says_why_on_its_own_line_and_plots_its_curve(tmp_path, mon
     out = tmp_path / "halt"
     console = _console(monkeypatch)
     with pytest.raises(SystemExit, match="halted at step 3"):
-        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4", "--set", "train.progress=True",
+        train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=True",
                        "--set", "train.poison_steps=(3,)", "--set", "train.nan_policy=halt"])
     assert _own_line(console, "step 0: eval loss") and _own_line(console, "step 3: non-finite"), console.getvalue()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -903,16 +905,16 @@ def test_turning_keep_best_off_on_resume_warns_which_best_step_is_given_up(tmp_p
     """A run resumed with train.keep_best off lost its best checkpoint at the next save (keep-last-N alone deletes
     it) with no word, while other changed settings are warned of on resume. The warning names the step and its
     eval loss; with keep_best left on nothing is said."""
-    short = [*TINY, "--out", str(tmp_path), "--set", "train.keep=1", "--set", "train.save_every=1",
-             "--set", "optim.warmup_steps=0", "--set", "train.progress=False"]
-    train_lm.main([*short, "--set", "train.steps=2"])  # saves 1 (no eval), 2 (evaluated: the best)
-    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [2]
+    short = [*TINY, "--out", str(tmp_path), "--set", "train.keep=1", "--set", "train.save_every=3",
+             "--set", "train.progress=False"]  # (6 and 12 steps: the programs of the other 6- and 12-step runs here)
+    train_lm.main([*short, "--set", "train.steps=6"])  # saves 3 (no eval), 6 (evaluated: the best)
+    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [6]
     capsys.readouterr()
-    train_lm.main([*short, "--set", "train.steps=3", "--set", "train.keep_best=False"])
+    train_lm.main([*short, "--set", "train.steps=12", "--set", "train.keep_best=False"])
     printed = capsys.readouterr().out
-    assert ("warning: resuming step 2 with train.keep_best off (saved on): the best checkpoint, step 2 (eval loss "
+    assert ("warning: resuming step 6 with train.keep_best off (saved on): the best checkpoint, step 6 (eval loss "
             in printed and "is deleted at the next save (train.keep=1: only the newest 1 are kept)" in printed), printed
-    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [3]  # as it said
+    assert sorted(int(d.name) for d in (tmp_path / "ckpt").iterdir() if d.name.isdigit()) == [12]  # as it said
     assert train_lm.best_given_up(tmp_path / "ckpt", 1) is None  # nothing ranked any more: nothing to warn of
 
 
