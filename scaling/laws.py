@@ -382,11 +382,14 @@ def _check_level(level) -> None:
 def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_starts: int = 1, progress: bool = False,
               **fit_kw) -> Bootstrap:
     """Case-resampling bootstrap of `fit_law`: resample runs with replacement `n_boot` times and refit
-    (each refit starts from the full-data optimum and the best `n_starts` grid points)."""
+    (each refit starts from the full-data optimum and the best `n_starts` grid points). `fit_kw` go to `fit_law`;
+    an `init` among them seeds the full-data fit only (the refits start from that fit)."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:  # numpy ints too
         raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
     n, d, lv = _check_runs(n_params, n_tokens, loss)
     full = fit_law(n, d, lv, **fit_kw)
+    # the refits take init=full.law: a caller's init beside it was a bare TypeError ('multiple values') after this fit
+    fit_kw.pop("init", None)
     rng = np.random.default_rng(seed)
     it = range(n_boot)
     if progress:

@@ -393,6 +393,17 @@ def test_a_fit_started_at_the_optimum_stays_there():
         assert getattr(fit.law, k) == pytest.approx(getattr(TRUE, k), rel=1e-10), k
 
 
+def test_bootstrap_takes_fit_laws_init_for_the_full_fit():
+    """bootstrap passes fit_law's keywords on: `init` (a start, e.g. a published law) seeds the full-data fit, and each
+    refit starts from that fit. It had been passed to the refits beside their own init=: a bare TypeError ('multiple
+    values for keyword argument') after the full fit."""
+    n, d, _ = synthetic(0.0)
+    bs = bootstrap(n, d, TRUE.loss(n, d), n_boot=2, seed=0, n_starts=0, init=TRUE)
+    assert len(bs.laws) == 2
+    for law in (bs.fit.law, *bs.laws):
+        assert law.alpha == pytest.approx(TRUE.alpha, rel=1e-6) and law.beta == pytest.approx(TRUE.beta, rel=1e-6)
+
+
 def test_collinear_runs_at_several_budgets_are_told_to_vary_d_over_n():
     """A fixed D/N sweep over 1.2x in N spans budgets 1.44x apart: it is collinear but not one IsoFLOP profile (6·N·D
     within 5%), so the advice is to vary D/N, not to add budgets."""
