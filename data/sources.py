@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import lzma
+import math
 import os
 import pathlib
 import stat
@@ -364,46 +365,54 @@ def file_stamps(shards: Sequence[tuple[str, ...]]) -> dict[str, list[int]]:
 def check_text_field(shards: Sequence[tuple[str, ...]], cfg: SourceConfig, n: int = 100) -> None:
     """Raise a ValueError when the first JSON Lines / Parquet input has `cfg.text_field` in none of its first `n`
     records (a wrong field drops every record as `missing_text`: named before any work, with the fields seen), or,
-    with another text_field, a field named `text` (the tiers' text field) in any of them."""
-    path = next((f for files in shards for f in files if _kind(f) != "text"), None)
-    if path is None:
+    with another text_field, a field named `text` (the tiers' text field) in the first `n` records of any input."""
+    paths = [f for files in shards for f in files if _kind(f) != "text"]
+    if not paths:
         return
+    # every input's, not only the first's: a later file's own "text" (its titles) was replaced in silence
+    for k, path in enumerate(paths if cfg.text_field != "text" else paths[:1]):
+        fields = _first_fields(path, cfg, n)
+        one = len(fields) == 1  # (it read "none of the first 1 records", "1 of the first 1 records ... also have")
+        first = "the first record" if one else f"the first {len(fields)} records"
+        if k == 0 and fields and not any(cfg.text_field in f for f in fields):
+            seen = sorted(set().union(*fields))[:12]
+            raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is {'not in' if one else 'in none of'} "
+                             f"{first} of {path} ({'it has' if one else 'they have'} {seen}); pass the field that "
+                             "holds the text (--text-field)")
+        # the tiers hold the document's text under "text": a record's own "text" (a title, a summary) was replaced
+        if cfg.text_field != "text" and (clash := sum("text" in f for f in fields)):
+            raise ValueError(f"SourceConfig.text_field={cfg.text_field!r}: {first if one else f'{clash} of {first}'} "
+                             f"of {path} also ha{'s' if clash == 1 else 've'} a 'text' field, which the cleaned "
+                             "documents hold their text under (it would be lost); rename that field first, e.g. jq -c "
+                             "'.title = .text | del(.text)'")
+
+
+def _first_fields(path: str, cfg: SourceConfig, n: int) -> list[set]:
+    """The field names of the first `n` records of a JSON Lines file (unparsable lines passed over), or a Parquet
+    file's columns as one record's; [] for a file that cannot be read (counted when it is read)."""
     if _kind(path) == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            fields = [set(pq.ParquetFile(path).schema_arrow.names)]
+            return [set(pq.ParquetFile(path).schema_arrow.names)]
         except Exception:  # noqa: BLE001 - an unreadable file is counted when read
-            return
-    else:
-        fields = []
-        try:
-            with _opener(path)(path, "rb") as f:
-                for line, _ in _lines(f, cfg.max_doc_bytes):
-                    try:
-                        obj = json.loads(line.removeprefix(b"\xef\xbb\xbf")) if line and line.strip() else None
-                    # as the reader: a line nested too deep to parse is one malformed_json drop, not a failed run
-                    except (ValueError, RecursionError):
-                        continue
-                    if isinstance(obj, dict):
-                        fields.append(set(obj))
-                        if len(fields) == n:
-                            break
-        except _READ_ERRORS:
-            return
-    one = len(fields) == 1  # (it read "none of the first 1 records", "1 of the first 1 records ... also have")
-    first = "the first record" if one else f"the first {len(fields)} records"
-    if fields and not any(cfg.text_field in k for k in fields):
-        seen = sorted(set().union(*fields))[:12]
-        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r} is {'not in' if one else 'in none of'} {first} "
-                         f"of {path} ({'it has' if one else 'they have'} {seen}); pass the field that holds the text "
-                         "(--text-field)")
-    # the tiers hold the document's text under "text": a record's own "text" (a title, a summary) was replaced by it
-    if cfg.text_field != "text" and (clash := sum("text" in k for k in fields)):
-        raise ValueError(f"SourceConfig.text_field={cfg.text_field!r}: {first if one else f'{clash} of {first}'} of "
-                         f"{path} also ha{'s' if clash == 1 else 've'} a 'text' field, which the cleaned documents "
-                         "hold their text under (it would be lost); rename that field first, e.g. jq -c '.title = "
-                         ".text | del(.text)'")
+            return []
+    fields = []
+    try:
+        with _opener(path)(path, "rb") as f:
+            for line, _ in _lines(f, cfg.max_doc_bytes):
+                try:
+                    obj = json.loads(line.removeprefix(b"\xef\xbb\xbf")) if line and line.strip() else None
+                # as the reader: a line nested too deep to parse is one malformed_json drop, not a failed run
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(obj, dict):
+                    fields.append(set(obj))
+                    if len(fields) == n:
+                        break
+    except _READ_ERRORS:
+        return []
+    return fields
 
 
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
@@ -674,9 +683,10 @@ def _utf8(v: bytes, keep_bytes: bool) -> str | bytes:
 
 def _no_id(v) -> bool:
     """Whether a record's `id` is missing: None, NaN (pandas writes an integer id column with gaps as floats with
-    NaN for each gap; such records were all stored with id null, and named 'nan' when dropped), or a blank str (an
-    export's missing string: a later stage's drop was logged with id "", which names nothing)."""
-    return v is None or isinstance(v, float) and v != v or isinstance(v, str) and not v.strip()
+    NaN for each gap; such records were all stored with id null, and named 'nan' when dropped) or ±inf (stored as
+    null too: `data.shards.encode_doc`), or a blank str (an export's missing string: a later stage's drop was logged
+    with id "", which names nothing)."""
+    return v is None or isinstance(v, float) and not math.isfinite(v) or isinstance(v, str) and not v.strip()
 
 
 def _jsonable(v):

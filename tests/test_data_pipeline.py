@@ -930,6 +930,21 @@ def test_missing_input_and_unfinished_run_errors(tmp_path):
         report_mod.main([str(tmp_path / "typo")])
 
 
+def test_a_text_field_clash_is_refused_in_any_input(tmp_path):
+    """With --text-field content, a record's own "text" field is replaced by the document's text: it was refused only
+    in the first JSON Lines / Parquet input, so a later file's titles (JSONL or Parquet) were lost in silence."""
+    from data.sources import SourceConfig, check_text_field, discover
+
+    cfg = SourceConfig(text_field="content")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "plain"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"content": "x"}) + "\n" + json.dumps({"content": "y", "text": "T"}))
+    pq.write_table(pa.table({"content": ["z"], "text": ["a title"]}), tmp_path / "c.parquet")
+    check_text_field(discover([tmp_path / "a.jsonl"], cfg), cfg)  # (no clash: accepted)
+    for name, what in (("b.jsonl", r"1 of the first 2 records"), ("c.parquet", r"the first record")):
+        with pytest.raises(ValueError, match=rf"text_field='content': {what} of .*{name} also ha"):
+            check_text_field(discover([tmp_path / "a.jsonl", tmp_path / name], cfg), cfg)
+
+
 def test_the_cli_reads_another_text_field(tmp_path, capsys):
     """`--text-field content`: a JSONL export whose text is under another name (all of it dropped as missing_text,
     with exit 0, before there was a flag)."""
@@ -1612,6 +1627,18 @@ def test_records_with_a_null_id_are_named_by_where_they_were(tmp_path):
     assert [r["id"] for r in report_mod.drops(tmp_path / "out2")] == [f"{tmp_path / 'in.parquet'}:0"]
     assert [d["id"] for p in tier_shards(tmp_path / "out2" / "raw") for d in iter_docs(p)] == [
         f"{tmp_path / 'in.parquet'}:{i}" for i in range(2)] + [2.0]
+
+
+def test_records_with_an_infinite_id_are_named_by_where_they_were(tmp_path):
+    """An id of Infinity (Python's json reads it in JSON Lines; a Parquet float id column can hold inf) was kept as
+    the id, stored as null as JSON cannot hold it: the document and its drops named nothing. As NaN: no id."""
+    from data.sources import read_records
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": Infinity, "text": "a"}\n{"id": -Infinity, "text": "b"}\n{"id": 1e999, "text": "c"}\n')
+    pq.write_table(pa.table({"text": ["d", "e"], "id": [np.inf, 2.0]}), tmp_path / "in.parquet")
+    ids = [r[0]["id"] for r in read_records([str(path), str(tmp_path / "in.parquet")], with_ids=True)]
+    assert ids == [f"{path}:{i}" for i in (1, 2, 3)] + [f"{tmp_path / 'in.parquet'}:0", 2.0]
 
 
 @dataclasses.dataclass(frozen=True)
