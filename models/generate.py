@@ -275,7 +275,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw PRNGKey: the typed key of the same bits (the
         rng = jax.random.wrap_key_data(rng)  # same samples), so both kinds share one compiled program
     graphdef, state = nnx.split(model)
-    greedy = temperature == 0  # top_k / top_p change nothing then (warned above): not in the program either
+    # top_k / top_p change nothing then (warned above): not in the program either. A Python bool: a numpy scalar
+    # temperature (np.float32(0.9)) made it np.False_, another static cache key, so the program compiled again
+    greedy = bool(temperature == 0)
     sampling = (int(max_new_tokens), greedy, None if greedy else int(top_k or 0) or None, np.float32(temperature),
                 None if greedy or top_p is None or top_p >= 1 else np.float32(top_p))  # top_p 1 is off: no sort
     if not eos_ids:

@@ -309,6 +309,23 @@ def test_new_sampling_values_do_not_compile_generate_again(model):
     assert compiled() == before
 
 
+def test_numpy_scalar_temperatures_reuse_the_python_float_programs(model):
+    """A numpy scalar temperature (np.float32(0.9), an entry of np.linspace) made `temperature == 0` a numpy bool,
+    and generate's static `greedy` flag np.False_ is another jit cache key than False: the decoder compiled once more,
+    though the docstring promises other temperatures reuse the program (and a greedy np.float32(0) once more too)."""
+    gen = importlib.import_module("models.generate")
+    compiled = lambda: (gen._generate._cache_size(), gen._generate_until._cache_size())  # noqa: E731
+    prompt = jnp.zeros((2, 5), jnp.int32)
+    sampled = generate(model, prompt, 3, temperature=0.9, rng=jax.random.key(2))
+    greedy = generate(model, prompt, 3, temperature=0.0, eos_id=1)
+    before = compiled()
+    for t in (np.float32(0.9), np.float64(0.9)):
+        np.testing.assert_array_equal(generate(model, prompt, 3, temperature=t, rng=jax.random.key(2)), sampled)
+    for t in (np.float32(0), np.int64(0)):
+        np.testing.assert_array_equal(generate(model, prompt, 3, temperature=t, eos_id=1), greedy)
+    assert compiled() == before
+
+
 def test_scan_unroll_true_and_1_each_compile_their_own_generate_program(model):
     """scan_unroll=True (every layer unrolled) and 1 (a rolled layer scan) built configs that compared and hashed
     equal (True == 1 in Python), so generate's compiled program, keyed on the model's graphdef, was shared: a model
