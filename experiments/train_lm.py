@@ -508,6 +508,18 @@ def _spread(shape, mesh):
     return NamedSharding(mesh, P() if i is None else P(*[None] * i, mesh.axis_names))
 
 
+def held_out_loss(eval_fn, params, batches) -> float:
+    """Mean held-out loss of `params` over `batches`: eval_fn(params, batch) -> (nll_sum, weight_sum)
+    (`lm_step.make_eval_sums`), summed over the batches, then divided (an exact mean). Each batch's sums are
+    fetched before the next is dispatched: all dispatched at once (data.eval_batches=50 on 8 fake CPU devices of a
+    2-core host), XLA:CPU's all-gather rendezvous timed out with one device's thread missing and aborted the run."""
+    nll, n = 0.0, 0.0
+    for b in batches:  # (the same additions in the same order as summing the fetched lists: the same float)
+        s, w = eval_fn(params, b)
+        nll, n = nll + float(s), n + float(w)
+    return float(nll / n)
+
+
 def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log=None):
     """(model, RunConfig) of a run's newest good checkpoint (or `step`): for sampling, evaluation or
     `models.hf.save_pretrained` (for the layouts a HF architecture has). Read-only: a checkpoint that does not read
@@ -744,8 +756,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         drop_records_after(log, None, start)
 
     def evaluate(params):
-        sums = [eval_fn(params, b) for b in eval_batches]
-        return float(sum(float(s) for s, _ in sums) / sum(float(n) for _, n in sums))
+        return held_out_loss(eval_fn, params, eval_batches)
 
     bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", disable=not (t.progress and primary),
                dynamic_ncols=True)
