@@ -307,3 +307,11 @@ def test_info_nce_under_jax_enable_x64_is_the_float32_loss():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == jnp.float32
         np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_info_nce_and_recall_at_1_take_labels_and_targets_as_lists():
+    """Caption ids as a Python list passed the shape checks, then failed as bare TypeErrors: info_nce's 'list indices
+    must be integers or slices, not tuple', recall_at_1's 'unsupported operand type(s) for ==' (a miss count)."""
+    v = jnp.eye(3, 4)
+    assert float(info_nce(v, v, 10.0, [0, 1, 0])) == pytest.approx(float(info_nce(v, v, 10.0, jnp.asarray([0, 1, 0]))))
+    assert float(recall_at_1(v, jnp.eye(5, 4), [0, 1, 4])) == pytest.approx(2 / 3)

@@ -701,6 +701,8 @@ def test_latent_normalisation_is_per_channel_and_inverts():
     for bad, says in ((z[:0], "has no latents"), (diverged, "has 2 non-finite values")):
         with pytest.raises(ValueError, match=rf"latent_stats: z_NTHWZ \[.*\] {says}"):
             latent_stats(bad)
+    # a nested list (latents gathered by hand) failed as "'list' object has no attribute 'shape'"
+    np.testing.assert_allclose(latent_stats(z[:2].tolist())[0], latent_stats(z[:2])[0])
 
 
 def test_vae_loss_samples_the_posterior_with_its_standard_deviation():

@@ -138,6 +138,7 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
                          f"None, got {list(jnp.shape(labels_B))}")
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
+    labels_B = None if labels_B is None else jnp.asarray(labels_B)  # a list failed at [:, None]: bare TypeError
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
     target = pos / pos.sum(1, keepdims=True, dtype=jnp.float32)  # bool / int: float64 under jax_enable_x64
     v2t = -(target * jax.nn.log_softmax(logits, axis=1)).sum(1).mean()
@@ -160,4 +161,5 @@ def recall_at_1(video_BJ, captions_KJ, target_B):
     if not isinstance(target_B, jax.core.Tracer) and B and not 0 <= np.min(target_B) <= np.max(target_B) < K:
         raise ValueError(f"recall_at_1: target_B must hold caption indices in [0, K={K}), got min "
                          f"{np.min(target_B)}, max {np.max(target_B)}")
-    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)
+    # a list of targets passed the checks, then failed at == as a bare TypeError
+    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == jnp.asarray(target_B))

@@ -286,7 +286,8 @@ def psnr(mse):
 
 def latent_stats(z_NTHWZ: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (mean, std) of latents, to normalise them to zero mean and unit variance for the DiT."""
-    z = np.asarray(z_NTHWZ, np.float64).reshape(-1, z_NTHWZ.shape[-1])
+    z = np.asarray(z_NTHWZ, np.float64)  # the array's shape: a nested list has none (a bare AttributeError)
+    z = z.reshape(-1, z.shape[-1])
     # no latents, or a NaN / inf one (a diverged VAE), gave NaN stats silently (the 1e-6 floor keeps a NaN std): they
     # went to latent_stats.json and made every normalised latent, and so the DiT's whole training, NaN
     if not z.size or not np.isfinite(z).all():
