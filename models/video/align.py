@@ -129,6 +129,7 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
     evenly over them: a batch drawn from few captions holds duplicates, which are not negatives.
     video_BJ, text_BJ: [B, J] (clip i pairs with caption i); labels_B: [B] or None. Returns a scalar.
     """
+    labels_B = None if labels_B is None else jnp.asarray(labels_B)  # a list failed at [:, None]: bare TypeError
     # a text of one row or labels of another shape broadcast against the batch: a loss, silently, of other pairs
     if jnp.ndim(video_BJ) != 2 or jnp.shape(text_BJ) != jnp.shape(video_BJ):
         raise ValueError(f"info_nce: video_BJ and text_BJ must be [B, J] of one shape (clip i pairs with caption i), "
@@ -138,7 +139,6 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
                          f"None, got {list(jnp.shape(labels_B))}")
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
-    labels_B = None if labels_B is None else jnp.asarray(labels_B)  # a list failed at [:, None]: bare TypeError
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
     target = pos / pos.sum(1, keepdims=True, dtype=jnp.float32)  # bool / int: float64 under jax_enable_x64
     v2t = -(target * jax.nn.log_softmax(logits, axis=1)).sum(1).mean()
@@ -149,6 +149,7 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
 def recall_at_1(video_BJ, captions_KJ, target_B):
     """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B).
     video_BJ [B, J], captions_KJ [K, J], target_B [B] ints in [0, K). Returns a scalar."""
+    target_B = jnp.asarray(target_B)  # a list passed the checks, then failed at == as a bare TypeError
     B = jnp.shape(video_BJ)[0]
     if jnp.shape(target_B) != (B,):  # [B, 1] compared every clip with every target; length 1 broadcast
         raise ValueError(f"recall_at_1: target_B must be [B={B}] (each clip's caption index), "
@@ -161,5 +162,4 @@ def recall_at_1(video_BJ, captions_KJ, target_B):
     if not isinstance(target_B, jax.core.Tracer) and B and not 0 <= np.min(target_B) <= np.max(target_B) < K:
         raise ValueError(f"recall_at_1: target_B must hold caption indices in [0, K={K}), got min "
                          f"{np.min(target_B)}, max {np.max(target_B)}")
-    # a list of targets passed the checks, then failed at == as a bare TypeError
-    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == jnp.asarray(target_B))
+    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)
