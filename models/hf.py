@@ -391,10 +391,20 @@ def _check_token_ids(token_ids, vocab_size: int) -> dict:
     for k, v in ids.items():
         if k not in TOKEN_ID_FIELDS:
             raise ValueError(f"save_pretrained token_ids: unknown key {k!r}; use {TOKEN_ID_FIELDS}")
-        if not (ok(v) or (isinstance(v, list | tuple) and v and all(ok(x) and x is not None for x in v))):
+        # numpy / jax integer scalars (a tokenizer's or generate's ids, which generate's eos_id takes) as Python
+        # ints: they were refused as no token id, and json cannot write them
+        got = [_scalar_id(x) for x in v] if isinstance(v, list | tuple) else _scalar_id(v)
+        if not (ok(got) or (isinstance(got, list) and got and all(ok(x) and x is not None for x in got))):
             raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: give a token id in [0, "
                              f"vocab_size={vocab_size}), a list of them or None")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in ids.items()}
+        ids[k] = got
+    return ids
+
+
+def _scalar_id(v):
+    """v as a Python int when it is a numpy / jax integer scalar (not a bool), else v as it is."""
+    kind = getattr(getattr(v, "dtype", None), "kind", "")
+    return int(v) if getattr(v, "ndim", None) == 0 and kind in ("i", "u") else v
 
 
 def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shard_size: int | str = "5GB",

@@ -97,6 +97,11 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         raise _unsupported("partial_rotary_factor", partial, "only full-width RoPE (1.0)")
     if kind == "default":
         return theta, None
+    # a required key absent was "HF config lacks required field 'factor'", as if config.json's top level lacked it
+    need = {"linear": ("factor",), "llama3": _LLAMA3_FIELDS[:3]}.get(kind, ())
+    if missing := [f for f in need if f not in params]:
+        raise ValueError(f"HF config field {where} lacks {', '.join(map(repr, missing))}, which rope_type={kind!r} "
+                         "needs (transformers refuses it too); add it to config.json")
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=_number(f"{where}.factor", params["factor"]))
     if kind in ("llama3", "yarn"):
@@ -120,9 +125,6 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
                 opt["truncate"] = bool(params["truncate"])
             return theta, RopeScaling(kind="yarn", factor=_number(f"{where}.factor", params["factor"]),
                                       original_max_position_embeddings=used, **opt)
-        missing = [f for f in _LLAMA3_FIELDS if params.get(f) is None]
-        if missing:
-            raise _unsupported("rope_type", kind, f"llama3 scaling needs {missing} in rope_parameters/rope_scaling")
         return theta, RopeScaling(kind="llama3", **{f: _number(f"{where}.{f}", params[f]) for f in _LLAMA3_FIELDS[:3]},
                                   original_max_position_embeddings=used)
     raise _unsupported("rope_type", kind, "supported RoPE types are default, linear, llama3 and yarn")
@@ -178,12 +180,15 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
     if arch == "gemma2":
         types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)]
     elif arch == "gemma3_text":  # sliding but every sliding_window_pattern-th layer
-        period = hf["sliding_window_pattern"]
-        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % period else "full_attention"
-                                          for i in range(L)]
+        types = hf.get("layer_types")
+        if not types:  # (the count is read only then: layer_types wins, as in transformers)
+            period = _window_count(hf, "sliding_window_pattern", "the period of one full layer among sliding ones", 1)
+            types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(L)]
     elif arch in ("qwen2", "qwen3"):
-        types = hf.get("layer_types") or ["sliding_attention" if i >= hf["max_window_layers"]
-                                          else "full_attention" for i in range(L)]
+        types = hf.get("layer_types")
+        if not types:
+            k = _window_count(hf, "max_window_layers", "the number of full-attention layers below the sliding ones")
+            types = ["sliding_attention" if i >= k else "full_attention" for i in range(L)]
     elif arch in ("mistral", "ministral"):  # with layer_types, AutoConfig builds a Mistral one as Ministral
         types = hf.get("layer_types") or ["sliding_attention"] * L
     else:
@@ -206,6 +211,17 @@ def _attention_pattern(hf: dict, arch: str) -> dict:
         if local == tuple(i % (n + 1) != n for i in range(L)):
             return dict(attn_pattern=f"{n}:1", sliding_window=int(window))
     return dict(attn_pattern="".join("L" if x else "G" for x in local), sliding_window=int(window))  # layer by layer
+
+
+def _window_count(hf: dict, field: str, what: str, least: float = -float("inf")) -> int | float:
+    """hf[field], the count that places the sliding layers when config.json has no layer_types, or an error naming
+    it: null or a string was a bare TypeError from the comparison, 0 a ZeroDivisionError (transformers fails alike).
+    What transformers takes passes (a negative max_window_layers slides every layer, as 0 does)."""
+    v = hf[field]
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < least or not float(v).is_integer():
+        raise ValueError(f"HF config field {field}={v!r} must be a whole number{f' >= {least}' * (least > 0)} "
+                         f"({what}); fix config.json, or give layer_types")
+    return v
 
 
 def config_from_hf(hf: dict, **overrides) -> TransformerConfig:

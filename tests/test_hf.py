@@ -923,6 +923,14 @@ def test_pickle_only_folder_is_refused(tmp_path):
      r"rope_parameters.original_max_position_embeddings=16.5 must be a whole number"),
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings="16")),
      r"rope_parameters.original_max_position_embeddings='16' must be a whole number"),
+    # a scaling dict without its factor (transformers: "Missing required keys"): it was "HF config lacks required
+    # field 'factor'", a top-level field that no config.json has and adding it would not fix
+    (dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4)),
+     r"HF config field rope_parameters lacks 'factor', which rope_type='linear' needs"),
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling=dict(type="linear")),
+     r"HF config field rope_scaling lacks 'factor', which rope_type='linear' needs"),
+    (dict(rope_parameters={k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}),
+     r"HF config field rope_parameters lacks 'low_freq_factor', which rope_type='llama3' needs"),
 ])
 def test_unsupported_config_raises(patch, field):
     with pytest.raises(ValueError, match=field):
@@ -1186,6 +1194,20 @@ def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
     assert want.eos_token_id == [2, 7]
     assert read_token_ids(src) == dict(bos_token_id=want.bos_token_id, eos_token_id=want.eos_token_id,
                                        pad_token_id=want.pad_token_id)
+
+
+def test_token_ids_given_as_numpy_or_jax_integers_are_saved_as_ids(tmp_path):
+    """An id read from a tokenizer's output or generate's (np.int32, a 0-d jax array) was refused as "give a token id
+    in [0, vocab_size)", which it is; generate takes these as eos_id. Written as JSON ints; bools stay refused."""
+    model = _random_model(ROUND_TRIP["llama"], seed=0)
+    ids = np.asarray([1, 2, 7], np.int32)
+    save_pretrained(model, tmp_path, token_ids={"bos_token_id": ids[0], "eos_token_id": [jnp.int32(2), np.int64(7)],
+                                                "pad_token_id": None})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["bos_token_id"], saved["eos_token_id"], saved["pad_token_id"]) == (1, [2, 7], None)
+    for bad in (np.bool_(True), np.int32(96), [np.int32(2), 0.5]):
+        with pytest.raises(ValueError, match=r"token_ids\['eos_token_id'\]="):
+            save_pretrained(model, tmp_path / "bad", token_ids={"eos_token_id": bad})
 
 
 def test_bidirectional_attention_is_refused():
@@ -1718,6 +1740,20 @@ def test_layer_types_we_do_not_know_are_refused_by_name(cls, kw):
     hf = _hf_dict(cls) | kw
     with pytest.raises(ValueError, match=r"HF config field layer_types\[1\]='(chunked_attention|global)'|"
                                          r"layer_types\[0\]='sliding'.*sliding_attention.*full_attention"):
+        config_from_hf(hf)
+
+
+@pytest.mark.parametrize("cls, field, value", [("Qwen2Config", "max_window_layers", None),
+                                               ("Qwen2Config", "max_window_layers", "1"),
+                                               ("Gemma3TextConfig", "sliding_window_pattern", None),
+                                               ("Gemma3TextConfig", "sliding_window_pattern", "2"),
+                                               ("Gemma3TextConfig", "sliding_window_pattern", 0)])
+def test_window_layout_counts_that_are_no_number_are_refused_by_name(cls, field, value):
+    """Without layer_types the sliding layers follow Qwen2's max_window_layers / Gemma 3's sliding_window_pattern: a
+    null or a string there was a bare TypeError ("'>=' not supported between instances of 'int' and 'NoneType'"), a
+    zero pattern a ZeroDivisionError, naming no field."""
+    hf = _hf_dict(cls) | {"sliding_window": 7, "use_sliding_window": True, "layer_types": None, field: value}
+    with pytest.raises(ValueError, match=rf"HF config field {field}={re.escape(repr(value))} must be"):
         config_from_hf(hf)
 
 
