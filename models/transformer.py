@@ -208,6 +208,11 @@ class KVCache(NamedTuple):
         start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
         for none. Inside `jax.set_mesh` (eagerly) k / v are placed by the rules: rows as the batch, kv heads as
         the act_kv_heads logical axis, each replicated where it does not divide (`_cache_placement`)."""
+        for name, n in (("batch", batch), ("max_len", max_len)):  # else jnp.zeros' shape errors, naming neither
+            if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:  # (0: all overflow)
+                raise ValueError(f"KVCache.zeros({name}={n!r}): must be an int >= 1 (max_len: the prompt's tokens, "
+                                 "padding included, plus those to generate)")
+        batch, max_len = int(batch), int(max_len)
         dtype = dtype or dtype_of(cfg.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "

@@ -1064,3 +1064,15 @@ def test_decoding_under_jax_enable_x64_matches_float32_decoding(model):
     assert [(x.dtype, x.shape) for x in jax.tree.leaves(got)] == [(x.dtype, x.shape) for x in jax.tree.leaves(want)]
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_sizes_that_are_not_positive_ints_are_refused_by_name():
+    """KVCache.zeros(cfg, 1, -3) failed inside jnp.zeros ("broadcast_in_dim shape must have every element be
+    nonnegative"), max_len=4.0 as "Shapes must be 1D sequences of concrete values of integer type", naming neither
+    argument, and max_len=0 made a cache every call overflows."""
+    for batch, max_len, name in ((1, -3, "max_len"), (1, 4.0, "max_len"), (1, 0, "max_len"), (1, True, "max_len"),
+                                 (-1, 4, "batch"), (2.0, 4, "batch"), (0, 4, "batch")):
+        with pytest.raises(ValueError, match=rf"KVCache.zeros\({name}=.*must be an int >= 1"):
+            KVCache.zeros(CFG, batch, max_len)
+    cache = KVCache.zeros(CFG, np.int64(2), np.int32(5))  # numpy ints are sizes
+    assert cache.k[0].shape[1] == 2 and cache.pos[0].shape == (5,)
