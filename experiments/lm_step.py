@@ -244,8 +244,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     A non-finite loss or gradient norm leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes
     on. The norm is optax's float32 sum of squares, so finite gradients with a norm over ~1.8e19 count too
     (optax.clip_by_global_norm, computing the same norm, would zero their update).
-    moe_cfg: the MoEConfig whose aux-loss weights, router jitter and bias rate the step applies; None: the model's
-    own (`cfg.moe`; None for a dense model).
+    moe_cfg: the MoEConfig whose aux-loss weights and bias rate the step applies, and whether it jitters the router
+    (router_jitter 0: off; otherwise the amount must be the model's own, by which its layers jitter); None: the
+    model's own (`cfg.moe`; None for a dense model).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 
@@ -264,7 +265,13 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         params, step_i = state["params"], state["step"]
         # None trained a MoE model on cross-entropy alone (no lb / z gradients, a frozen router bias) while its
         # metrics reported lb_loss: the model's own config, read at trace time
-        moe = moe_cfg if moe_cfg is not None else nnx.merge(graphdef, params).cfg.moe
+        built = nnx.merge(graphdef, params).cfg.moe
+        moe = moe_cfg if moe_cfg is not None else built
+        # the layers jitter by their own config (the key only turns it on): another amount was silently not applied
+        if moe_cfg is not None and built is not None and 0 < moe_cfg.router_jitter != built.router_jitter:
+            raise ValueError(f"make_state_step: moe_cfg.router_jitter={moe_cfg.router_jitter}, but the model's MoE "
+                             f"layers were built with router_jitter={built.router_jitter} and jitter by that; build "
+                             "the model with the amount you want, or pass moe_cfg.router_jitter=0 to turn it off")
         if jnp.issubdtype(state["rng"].dtype, jax.dtypes.prng_key):  # orbax saves raw key data, not typed keys
             raise ValueError("state['rng'] is a typed key; store raw key data, jax.random.key_data(jax.random.key("
                              "seed)), as init_train_state does")

@@ -232,6 +232,8 @@ def route(logits_TE, bias_E, top_k: int, router: str = "softmax", renormalize: b
     probs + bias_E and weighted by probs alone, so the bias steers load without entering the output or gradients.
     renormalize: weights / their sum.
     """
+    if router not in ("softmax", "sigmoid"):  # else any other name fell through to sigmoid routing, silently
+        raise ValueError(f"route: router={router!r}; use softmax or sigmoid")
     logits_TE = logits_TE.astype(jnp.float32)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits_TE)
     experts_TK = top_k_indices(jax.lax.stop_gradient(probs_TE) + bias_E, top_k)
@@ -247,6 +249,8 @@ def top_k_indices(scores_TE, k: int):
     """Indices [..., k] of the k largest scores, largest first; ties: lower index first.
     Not lax.top_k: its SPMD partitioner all-gathers batch-sharded scores. Small k: k argmax passes (elementwise
     reductions; ≈ 4× faster than a sort of [2048, 8] on CPU); larger k: a stable sort."""
+    if not 0 < k <= scores_TE.shape[-1]:  # else the argmax passes repeat index 0 and the sort returns E columns
+        raise ValueError(f"top_k_indices: k={k} with {scores_TE.shape[-1]} scores per row; pick 1 <= k <= E")
     if k > 4:
         return jnp.argsort(-scores_TE, axis=-1, stable=True)[..., :k]
     out = []

@@ -304,6 +304,22 @@ def test_top_k_indices_is_a_stable_descending_sort():
         np.testing.assert_array_equal(np.asarray(top_k_indices(jnp.asarray(scores), k)), want[:, :k])
 
 
+def test_route_and_top_k_refuse_a_router_or_k_they_cannot_run():
+    """route(..., router='Softmax') ran sigmoid routing (weights 0.552 / 0.448 where softmax gives 0.626 / 0.374):
+    any name but 'softmax' fell through to the sigmoid. top_k_indices with k above the E scores returned expert 0
+    twice ([0, 1, 0] for k=3 of 2) by the argmax passes, and only E columns by the sort (k > 4). Both are refused by
+    name now; every k from 1 to E still runs."""
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+    with pytest.raises(ValueError, match=r"router='Softmax'.*softmax or sigmoid"):
+        route(logits, jnp.zeros(4), 2, "Softmax")
+    for k in (3, 6):
+        with pytest.raises(ValueError, match=rf"k={k}.*2 scores"):
+            top_k_indices(logits[:, :2], k)
+    with pytest.raises(ValueError, match=r"k=0"):
+        top_k_indices(logits, 0)
+    assert top_k_indices(logits, 4).shape == (3, 4)
+
+
 def test_capacity_drops_exactly_the_predicted_tokens():
     """4 experts, top-2, 8 tokens per row, C = ceil(2·8/4·0.5) = 2. Router = 10·I and token t = e_first + 0.9·e_second,
     so each token's choices are known. Token-major order: t0's two choices, then t1's, and so on."""

@@ -1034,6 +1034,26 @@ def test_router_jitter_draws_new_noise_every_step_and_every_microbatch():
     assert abs(loss(2, twice, 0) - at0) > 1e-5
 
 
+def test_state_step_refuses_a_router_jitter_the_model_does_not_apply():
+    """The MoE layers jitter by their own MoEConfig; moe_cfg's router_jitter only turns the key on or off. A
+    moe_cfg with router_jitter=0.9 on a model built with 0 stepped with no jitter at all (loss equal to the
+    jitter-free step's to the last bit), with 0.9 on one built with 0.2 at 0.2: refused by name now. Turning it
+    off (router_jitter=0) stays accepted."""
+    moe = MoEConfig(4, 2, 16, router_jitter=0.2, dispatch="capacity")
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = optax.sgd(1e-2)
+    tok = np.random.default_rng(0).integers(0, 64, (2, 9), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    for given in (0.9, 0.1):
+        with pytest.raises(ValueError, match=r"moe_cfg.router_jitter=.*built with router_jitter=0.2"):
+            make_state_step(graphdef, opt, None, dataclasses.replace(moe, router_jitter=given))(state, batch)
+    assert np.isfinite(make_state_step(graphdef, opt, None, dataclasses.replace(moe, router_jitter=0.0))(
+        jax.tree.map(jnp.copy, state), batch)[1]["loss"])
+
+
 def test_the_trainer_step_updates_its_donated_state_in_place():
     """The trainer's step copies no buffer of its donated state (parallel.host.step_compiler_options): XLA:CPU's
     default copy insertion copied both AdamW moments of every parameter under the skip-on-non-finite select.
