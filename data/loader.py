@@ -692,8 +692,10 @@ class LMLoader:
     def close(self):
         """Stops grain's worker processes (worker_count > 0) and lets go of the batches they had in flight: shared
         memory that was otherwise held until the loader is collected (at interpreter exit: grain's "Exception
-        ignored in SharedMemoryArray.__del__" errors and a "leaked shared_memory" warning). `skipped`, `dropped`
-        and `unread` stay readable; reading on raises."""
+        ignored in SharedMemoryArray.__del__" errors and a "leaked shared_memory" warning). With 2 or more workers
+        grain 0.2.18's own shutdown may still leave a few segments to the resource tracker, which unlinks them at
+        exit with that warning (google/grain#1031; one worker frees all). `skipped`, `dropped` and `unread` stay
+        readable; reading on raises."""
         it, self._it = self._it, _Closed()
         self._unbatched = types.SimpleNamespace(skipped=self._unbatched.skipped)
         if hasattr(it, "close"):
