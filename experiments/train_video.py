@@ -445,12 +445,13 @@ def heldout_reconstruction(p: Preset, encode, decode):
     """The VAE on real clips of held-out combinations: one batch of `eval_batch` (the 'heldout' split, shuffle
     seed 123) encoded to posterior means and decoded. encode: clips [eval_batch, T, H, W, 3] → latents; decode:
     the inverse. Returns (that batch, its latents, the PSNR in dB of the mean squared error over all its pixels
-    (decoded values unclipped), the evaluator's scores (`score(measure(...))`) of the reconstructions)."""
+    (decoded values unclipped), the evaluator's scores (`score(measure(...))`) of the reconstructions clipped to
+    [-1, 1], as run_eval reads generated clips)."""
     real = dataset(p.data, "heldout", p.eval_batch, seed=123)[0]
     z_real = np.asarray(encode(real["video"]))
     recon = np.asarray(decode(z_real))
     vae_psnr = float(psnr(np.mean((recon - real["video"]) ** 2)))
-    return real, z_real, vae_psnr, score(measure(recon, value_range=(-1, 1)),
+    return real, z_real, vae_psnr, score(measure(np.clip(recon, -1, 1), value_range=(-1, 1)),
                                                {a: real[a] for a in ("colour", "direction", "shape")})
 
 
@@ -553,7 +554,7 @@ def load_video_model(out, preset: str | Preset = "default"):
         raise ValueError(f"load_video_model: preset={preset!r} is not one of {sorted(PRESETS)}")
     p = PRESETS[preset] if isinstance(preset, str) else preset
     out = pathlib.Path(local_path(out))
-    metas, dit_vae = {}, None
+    metas, newest, dit_vae = {}, {}, None
     for stage in ("vae", "t2v"):
         # looked for first: the manager creates its directory, and a mistyped folder was left holding ckpt/vae
         latest = _newest_meta(out / "ckpt" / stage)
@@ -561,7 +562,7 @@ def load_video_model(out, preset: str | Preset = "default"):
             raise FileNotFoundError(f"{out / 'ckpt' / stage} holds no checkpoint: " + (
                 "the run stopped before its DiT stage saved a step; rerun its train_video command to train it"
                 if stage == "t2v" else "pass a train_video run's --out"))
-        metas[stage] = latest[1].get("settings", {})
+        metas[stage], newest[stage] = latest[1].get("settings", {}), latest[0]
         dit_vae = latest[1].get("vae_fingerprint") if stage == "t2v" else dit_vae
     dit_total = latest[1].get("total_steps")
     seed = metas["t2v"].get("seed", 0)  # the run's own: it trained the weights, it is not asked of the caller
@@ -613,11 +614,19 @@ def load_video_model(out, preset: str | Preset = "default"):
         return r[:2]
 
     with jax.set_mesh(mesh):
-        vae_params = restored("vae", {"params": vae_abstract})[1]["params"]
+        vae_step, vae = restored("vae", {"params": vae_abstract})
+        vae_params = vae["params"]
         # the step read, not the newest record's: a newest step that fails to verify is skipped for an older one
         dit_step, dit = restored("t2v", {"ema": ema_abstract})
     ema = dit["ema"]
-    if dit_vae is not None and dit_vae != (now := fingerprint(vae_params)):  # a VAE retrained after the DiT
+    if dit_vae is not None and dit_vae != (now := fingerprint(vae_params)) and vae_step < newest["vae"]:
+        # the DiT's VAE is most likely the newest step, skipped: deleting ckpt/t2v, as said below, lost a good DiT
+        raise ValueError(f"load_video_model: {out / 'ckpt' / 'vae'}'s newest step {newest['vae']} does not read or "
+                         f"verify (left in place), and step {vae_step}, read instead, is not the VAE whose latents "
+                         f"{out / 'ckpt' / 't2v'} was trained on (fingerprint {dit_vae}); rerun the run's train_video "
+                         f"command: it sets step {newest['vae']} aside and trains the VAE again from step {vae_step} "
+                         "(the same VAE on the same machine: the DiT is kept)")
+    if dit_vae is not None and dit_vae != now:  # a VAE retrained after the DiT
         raise ValueError(f"load_video_model: {out / 'ckpt' / 't2v'} was trained on the latents of another VAE "
                          f"(fingerprint {dit_vae}) than {out / 'ckpt' / 'vae'} holds ({now}); rerun the run's "
                          f"train_video command after deleting {out / 'ckpt' / 't2v'} to train a DiT on this VAE")

@@ -1,9 +1,10 @@
 """Prompt-following evaluation of the text-to-video model without a learned judge, and its media.
 
 Clips are generated for every caption (seen and held-out combinations) at each CFG scale, decoded by
-the VAE and read back by `data.moving_shapes.measure` (colour, direction, shape). The null-prompt
-control generates from the empty caption and scores against the same labels: it must sit at chance.
-R@1 of the alignment dual encoder is reported alongside (a learned metric, for reference only).
+the VAE, clipped to [-1, 1] as the GIFs show them, and read back by `data.moving_shapes.measure` (colour,
+direction, shape). The null-prompt control generates from the empty caption and scores against the same
+labels: it must sit at chance. R@1 of the alignment dual encoder is reported alongside (a learned metric, for
+reference only).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scale
         lat = chunked(gen, n, batch)
         vid = chunked(lambda s, e, lat=lat: np.asarray(decode_fn(jnp.asarray(pad_to(lat[s:e], batch))))[: e - s],
                       n, batch)
-        row = score(measure(vid, value_range=(-1, 1)), labels)  # the decoder's range: a grey wash is no object
+        # the decoder's range: a grey wash is no object. Clipped as the media and sample() show it: one overshooting
+        # pixel raised an unclipped clip's peak, and with it the foreground cut, past a plainly drawn object
+        row = score(measure(np.clip(vid, -1, 1), value_range=(-1, 1)), labels)
         if embed_fn is not None:
             retrieved = chunked(lambda s, e, lat=lat: np.asarray(embed_fn(jnp.asarray(pad_to(lat[s:e], batch))))[
                 : e - s], n, batch)

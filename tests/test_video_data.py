@@ -158,6 +158,30 @@ def test_eval_harness_scores_real_clips_of_each_prompt_near_perfect():
     assert "note: real clips read back through the VAE score 14.6% on colour (chance 25.0%)" in table(results, weak)
 
 
+def test_eval_harness_reads_the_clips_as_shown_clipped_to_minus_1_1():
+    """The decoder's output is not clipped (models.video.vae: 'clip before display or measurement'), but run_eval read
+    it unclipped: one overshooting pixel (3.0) raised the clip's peak and with it the foreground cut, so a plain red
+    square read as 'no object' while the saved GIFs (to_uint8 clips) show it: results.json disagreed with its samples
+    (a tiny run: no_object 0.975 scored, 1.0 read back from the GIFs)."""
+    from data.moving_shapes import caption, encode_caption, render
+    from experiments.video_eval import run_eval, to_uint8
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    by_tokens = {encode_caption(caption(*c), cfg.max_caption_len).tobytes(): c for c in cfg.combos()}
+    rng = np.random.default_rng(0)
+
+    def gen_fn(tokens, key, scale):  # the real clip of each prompt with one hot pixel per frame
+        clips = np.stack([render(cfg, by_tokens.get(np.asarray(t).tobytes(), cfg.combos()[0]), rng) for t in tokens])
+        clips[:, :, 0, 0] = 3.0
+        return clips
+
+    results, videos, _ = run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=16)
+    for split in ("seen", "held-out"):
+        shown = measure(to_uint8(videos[("cfg 1", split)]), value_range=(0, 255))  # what the GIFs hold
+        assert results[("cfg 1", split)]["no_object"] == float((shown["colour"] < 0).mean()) == 0.0, split
+        assert results[("cfg 1", split)]["colour"] == 1.0, split
+
+
 def test_eval_harness_defaults_to_the_null_caption():
     """run_eval(..., null_L=None), its default, crashed in the last condition (the null prompt) with a JAX TypeError
     on an object array, after every guided condition had been generated; the default is the dataset's null caption."""

@@ -1092,6 +1092,23 @@ def test_heldout_psnr_is_over_one_batch_of_heldout_clips_and_targets_are_judged_
                                                             "direction >= 0.80 (seen)": False}
 
 
+def test_heldout_reconstructions_are_read_clipped_as_the_evaluation_reads_its_clips():
+    """The real-clips row read the decoder's output unclipped: one overshooting pixel per frame (3.0) lifted each
+    clip's peak and its foreground cut past the drawn object, and a perfect reconstruction read as 'no object' in
+    every clip. Its PSNR stays over the unclipped values (the decoder's own error)."""
+    p = train_video.PRESETS["tiny"]
+
+    def decode(z):  # the clips back, plus one hot pixel per frame
+        x = np.array(z)
+        x[:, :, 0, 0] = 3.0
+        return x
+
+    real, _, db, row = train_video.heldout_reconstruction(p, lambda x: x, decode)
+    assert row["no_object"] == 0.0 and row["colour"] == 1.0 and row["direction"] == 1.0, row
+    err = np.mean((decode(real["video"]) - real["video"]) ** 2)
+    assert abs(db - 10 * np.log10(4 / err)) < 1e-3, db
+
+
 def test_a_dit_checkpoint_resumes_only_on_the_vae_it_was_trained_on(tmp_path, monkeypatch, capsys):
     """With only ckpt/vae deleted (the VAE retrained: another mesh, another machine), the old DiT checkpoint was
     resumed on the new VAE's latents: the check compared settings only. Its checkpoints record the VAE's fingerprint
@@ -1215,6 +1232,29 @@ def test_an_evaluation_count_below_one_is_refused_before_any_training(field):
     with pytest.raises(ValueError, match=rf"run_eval: {field.removeprefix('eval_')}=0 must be an int >= 1"):
         run_eval(lambda *a: calls.append(a), lambda x: x, None, train_video.PRESETS["tiny"].data, scales=(1.0,), **kw)
     assert calls == []  # refused before generating anything
+
+
+def test_load_video_model_of_a_run_whose_newest_vae_step_is_corrupt_says_to_rerun_not_to_delete_the_dit(
+        tmp_path, monkeypatch):
+    """The VAE's newest step (the one the DiT trained on) fails to verify, so the read-only restore reads the step
+    before: its fingerprint is not the DiT's VAE, and the refusal said the VAE was retrained and to delete ckpt/t2v,
+    losing a good DiT; rerunning train_video sets the step aside and retrains the same VAE (bitwise, on one machine:
+    a tiny run's DiT resumed and sampled)."""
+    p = train_video.PRESETS["tiny"]
+    settings = train_video.stage_settings(p, 0)
+    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (6, {"settings": settings["vae"]}) if "vae" in str(
+        mgr.dir) else (6, {"settings": settings["t2v"], "vae_fingerprint": "0123456789abcdef", "total_steps": 6}))
+    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
+        3 if "vae" in str(mgr.dir) else 6, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v)
+                                            for k, v in targets.items()}, {}))
+    (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [0.0] * 4, "std": [1.0] * 4}))
+    for stage in ("vae", "t2v"):
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"ckpt/vae's newest step 6 does not read or verify \(left in place\), and "
+                                         r"step 3, read instead, is not the VAE .*rerun the run's train_video command: "
+                                         r"it sets step 6 aside") as e:
+        train_video.load_video_model(tmp_path, "tiny")
+    assert "delet" not in str(e.value)
 
 
 def test_load_video_model_of_a_stopped_run_says_which_stage_is_missing_or_unfinished(tmp_path, monkeypatch, capsys):
