@@ -100,8 +100,9 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
                                  (cfg.n_heads, "the model's heads", tp, "tensor axis"),
                                  (cfg.mlp_dim, "the model's mlp_dim", tp, "tensor axis"),
                                  (cfg.vocab_size, "the model's vocab", tp, "tensor axis")):
-        if value % n:
-            return f"{what}={value} is not divisible by the {axes} of {mesh} (= {n})"
+        if value % n:  # the fix: a flag's value that divides, or (a preset's fixed size) a smaller axis
+            fix = f"use a multiple of {n}" if what.startswith("--") else f"use a {axes} that divides {value}"
+            return f"{what}={value} is not divisible by the {axes} of {mesh} (= {n}); {fix}"
     from scaling.memory import lm_param_table, shard_factor
 
     for p in lm_param_table(cfg):  # every parameter's sharded dims (d_model over fsdp, layers over stage, ...)
@@ -148,6 +149,10 @@ def main(argv=None):
     for flag, value in (("--devices", args.devices), ("--batch", args.batch), ("--seq", args.seq)):
         if value is not None and value < 1:  # before the CPU backend starts with them
             ap.error(f"argument {flag}: must be an integer >= 1, got {value}")
+    # the CPU as the default backend, before it starts: models.linear traces its products for the default backend
+    # and the estimate counts for it, while the step compiles for the fake CPU devices (on a GPU host it traced GPU
+    # products, XLA:CPU compiled them and the accelerator's estimate sat beside: 1.33x apart, a step neither runs)
+    jax.config.update("jax_platforms", "cpu")
     if jax.config.jax_num_cpu_devices != args.devices:
         jax.config.update("jax_num_cpu_devices", args.devices)
     # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones
@@ -171,7 +176,10 @@ def main(argv=None):
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
                  "axis (e.g. --mesh stage=4,fsdp=2); without one they would be ignored")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
-    print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, seq {args.seq}, remat {args.remat}, "
+    # the batch the XLA bytes are for (by default one sequence per device, which the header did not say)
+    M = args.microbatches
+    rows = f"batch {batch}" + (f" ({M} microbatches of {batch // M})" if M > 1 else "")
+    print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, {rows}, seq {args.seq}, remat {args.remat}, "
           f"compute {args.dtype}, {args.devices} device{'s' * (args.devices != 1)}")
     print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
     print("|---|---|---|---|---|---|")

@@ -504,17 +504,24 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     return attn + (0.0 if dense_kernel else routed) if remat == "save_dots_no_batch" else 0.0
 
 
-def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None, remat: str = "none",
-                          include_recompute: bool = False, windows=None, moe=None, expert_shards: int = 1) -> float:
+def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: int | None = None,
+                          remat: str | None = None, include_recompute: bool = False, windows=None, moe=None,
+                          expert_shards: int = 1) -> float:
     """Training FLOPs per token = 3 x forward (+ remat recompute if `include_recompute`).
 
     With the defaults this is the *model* FLOPs that MFU divides by (PaLM, Chowdhery et al. 2022,
-    App. B: 6N + 12·L·H·Q·T/2 for causal attention). `include_recompute=True` gives hardware FLOPs.
+    App. B: 6N + 12·L·H·Q·T/2 for causal attention). `include_recompute=True` gives hardware FLOPs, under `remat`
+    (default `cfg.remat`, as `scaling.memory.memory_per_device` takes it; 'none' for a config without one).
     kernel='executed' counts what the kernels run, the routed experts' rows by `executed_slots`: pass the mesh's
     `expert_shards` (dropless with experts sharded runs E rows per token, E/K× the model's).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Real) or not seq_len >= 1:
         raise ValueError(f"train_flops_per_token: seq_len={seq_len!r} must be >= 1 token")
+    # the config's policy (a remat='full' config's hardware FLOPs counted 'none': its HFU read 23% low); checked
+    # without include_recompute too, where a misspelt one was ignored
+    remat = (getattr(cfg, "remat", None) or "none") if remat is None else remat
+    if remat not in RECOMPUTE_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
     s = lm_shape(cfg, windows=windows, moe=moe)
     # kernel='executed': capacity dispatch's padded slots too (forward_flops_per_token counts them)
     f = 3.0 * forward_flops_per_token(s, seq_len, kernel=kernel, block=block, expert_shards=expert_shards)

@@ -497,7 +497,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     stage = shard_factor(("layers",), (s.n_layers,), mesh, rules)
     layers_local = s.n_layers // stage
 
-    block = block or getattr(cfg, "swa_block", 256)
+    if block is not None:  # 0 (falsy) was read as the config's block, where -4 was refused
+        check_counts(block=(block, 1))
+    block = getattr(cfg, "swa_block", 256) if block is None else block
     # each layer's kernel as models.Transformer runs it (`kernel` given: that one for every layer)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     layers = [(w, s.is_moe_layer(i)) for i, w in enumerate(s.windows)]

@@ -95,3 +95,47 @@ def test_cli_output_and_errors(monkeypatch, capsys, closed_stdout):
         assert message in err and err.startswith("usage: python -m experiments.aot [-h]"), argv
     rc, err = closed_stdout("experiments.aot", "--devices", "1", "--seq", "64")
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_cli_header_states_the_batch_and_divisibility_errors_name_the_fix(monkeypatch, capsys):
+    """The XLA bytes depend on the batch, which defaults to one sequence per device: the header states it (and the
+    microbatches it splits into), where it said nothing of it. A --batch / --seq / tensor axis that does not divide
+    says what would (it named only the divisor)."""
+    import jax
+
+    from experiments import aot
+
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test's backend already runs, on 8 devices
+    monkeypatch.setattr(aot, "compile_report", lambda cfg, mesh, batch, seq_len, devices=None: aot.AotReport(
+        dict(mesh), 0, 0, 0, 0, type("E", (), {"state": 0, "total": 0})()))
+    aot.main(["--devices", "8", "--seq", "64"])
+    assert "7b: 6.74 B params, batch 8, seq 64," in capsys.readouterr().out
+    aot.main(["--devices", "8", "--seq", "64", "--dtype", "float32", "--batch", "16", "--microbatches", "2",
+              "--mesh", "stage=2,data=4"])
+    assert "batch 16 (2 microbatches of 8), seq 64," in capsys.readouterr().out
+    for argv, message in ((["--batch", "12", "--mesh", "data=8"],
+                           "--batch=12 is not divisible by the batch axes of {'data': 8} (= 8); use a multiple of 8"),
+                          (["--seq", "100", "--mesh", "sequence=8"], "--seq=100 is not divisible by the sequence axis "
+                           "of {'sequence': 8} (= 8); use a multiple of 8"),
+                          (["--seq", "64", "--mesh", "tensor=-1", "--devices", "64"], "the model's heads=32 is not "
+                           "divisible by the tensor axis of {'tensor': 64} (= 64); use a tensor axis that divides 32")):
+        with pytest.raises(SystemExit):
+            aot.main(argv if "--devices" in argv else ["--devices", "8", *argv])
+        assert message in capsys.readouterr().err, argv
+
+
+def test_cli_traces_and_estimates_for_the_cpu_it_compiles_on(monkeypatch):
+    """On an accelerator host the step was traced for the default backend (models.linear's GPU products), compiled
+    by XLA:CPU and set beside the accelerator's estimate: a step neither runs (bf16, V 32768, D 256, fsdp 8: XLA
+    temp 90.2 MB, 1.33x the estimate shown, against 77.4 MB and 1.03x on a CPU host). The CLI makes the CPU the
+    default backend before it starts, so the trace, the compile and the estimate are all XLA:CPU's."""
+    import jax
+
+    from experiments import aot
+
+    updates = []
+    monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))  # this test's backend already runs
+    monkeypatch.setattr(aot, "compile_report", lambda cfg, mesh, batch, seq_len, devices=None: aot.AotReport(
+        dict(mesh), 0, 0, 0, 0, type("E", (), {"state": 0, "total": 0})()))
+    aot.main(["--devices", "8", "--seq", "64"])
+    assert ("jax_platforms", "cpu") in updates, updates

@@ -138,6 +138,19 @@ def test_remat_full_recompute_matches_cost_analysis():
     assert 0.2 < extra / train_flops_per_token(cfg, T, kernel="dense") < 0.3  # most of one more forward
 
 
+def test_hardware_flops_default_to_the_configs_remat_and_a_bad_remat_is_named():
+    """`include_recompute=True` gives hardware FLOPs (the docstring): without remat=, the config's own policy, as
+    memory_per_device takes it (it counted remat 'none': a remat='full' config's HFU read 23% low); a misspelt
+    remat is refused whether or not the recompute is counted (it was ignored without include_recompute)."""
+    cfg = dataclasses.replace(CONFIGS[0], remat="full")
+    T = 128
+    assert train_flops_per_token(cfg, T, include_recompute=True) == train_flops_per_token(
+        cfg, T, remat="full", include_recompute=True) > train_flops_per_token(cfg, T)
+    assert train_flops_per_token(cfg, T, remat="none", include_recompute=True) == train_flops_per_token(cfg, T)
+    with pytest.raises(ValueError, match="remat='ful'"):
+        train_flops_per_token(cfg, T, remat="ful")
+
+
 def test_remat_save_dots_recomputes_no_matmul():
     """'save_dots' keeps every dot's output, batched ones (QK^T, PV) included: its backward reruns elementwise work
     only (recompute 0, the docstring). XLA: a save_dots step counts 0.4% above a step without remat, where

@@ -460,3 +460,14 @@ def test_dtype_bytes_refuses_numpy_type_codes_and_sub_byte_dtypes():
             dtype_bytes(other)
     assert [dtype_bytes(x) for x in ("float64", "fp8", "float8_e4m3fn", "f16", "int8", "bool", jnp.float8_e5m2,
                                      np.int64, "uint8")] == [8, 1, 1, 2, 1, 1, 1, 8, 1]
+
+
+def test_a_block_of_zero_is_refused_not_read_as_the_configs():
+    """block=0 (falsy) was silently replaced by cfg.swa_block, where block=-4 was refused: every block that is not an
+    int >= 1 is refused by name; block=None keeps the config's."""
+    cfg = dataclasses.replace(BASE, attn_pattern="alternating", sliding_window=32, swa_block=32)
+    for bad in (0, -4, 3.5):
+        with pytest.raises(ValueError, match="block must be an int >= 1"):
+            memory_per_device(cfg, {"data": 2}, 2, 128, block=bad)
+    assert memory_per_device(cfg, {"data": 2}, 2, 128, block=None) == memory_per_device(cfg, {"data": 2}, 2, 128,
+                                                                                        block=32)
