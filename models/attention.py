@@ -25,6 +25,14 @@ def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None)
     if q_seg_BT is not None:
         mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
     if k_valid_BS is not None:
+        # 0/1 ints (a tokenizer's attention_mask) read != 0, as Transformer's padding_mask_BT: a bitwise & made an
+        # int mask, read 2s as padding, and failed for NumPy ints
+        if jnp.result_type(k_valid_BS) != jnp.bool_:
+            k_valid_BS = jnp.asarray(k_valid_BS)
+            if not jnp.issubdtype(k_valid_BS.dtype, jnp.integer):
+                raise ValueError(f"make_mask: k_valid_BS must be bool (True = a real key) or 0/1 ints, got "
+                                 f"{k_valid_BS.dtype}; a float 0/1 mask: `mask > 0`")
+            k_valid_BS = k_valid_BS != 0
         mask &= k_valid_BS[:, None, :]
     return mask[:, None]
 
@@ -78,6 +86,14 @@ def causal_block_rows(T: int, causal_block: int) -> int:
     1.12x slower (a 4-layer model's value and gradient on CPU; docs/benchmarks.md, twenty-first session).
     scaling.flops.executed_keys counts the same blocks."""
     return max(causal_block, -(-T // MAX_CAUSAL_BLOCKS))
+
+
+def check_softcap(softcap, who: str) -> None:
+    """Refuses a soft-cap that is not > 0 (None is no cap): 0, flash-attn's "off", made every score 0·tanh(s / 0) =
+    0, uniform attention, silently (a negative one is the same cap as its absolute value, TransformerConfig refuses
+    both). A traced one passes here: the kernels that cannot take it say so (`static_scale`)."""
+    if softcap is not None and not isinstance(softcap, jax.core.Tracer) and not softcap > 0:
+        raise ValueError(f"{who}: logit_softcap must be > 0 or None (None: no soft-cap), got {softcap!r}")
 
 
 def static_scale(q, scale, softcap=None):
@@ -262,6 +278,11 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     if N % K or H != Hk or v_BSKH.shape[1:] != (S, K, H):
         raise ValueError(f"attention: q [B, T, N={N}, H={H}], k {tuple(k_BSKH.shape)}, v {tuple(v_BSKH.shape)}: the "
                          "query heads N must be a multiple of the kv heads K, and k / v share [B, S, K] and q's H")
+    # (another batch failed in a bare einsum error; a batch of 1 ran forward but its gradient failed in custom_vjp)
+    if k_BSKH.shape[0] != B or v_BSKH.shape[0] != B:
+        raise ValueError(f"attention: k {tuple(k_BSKH.shape)} and v {tuple(v_BSKH.shape)} must have q's batch B={B} "
+                         "(keys shared by every row: jnp.broadcast_to them to [B, S, K, H])")
+    check_softcap(logit_softcap, "attention")
     if jnp.issubdtype(mask_B1TS.dtype, jnp.floating):  # the kernels read a mask by its truthiness
         raise ValueError(f"attention: mask_B1TS must be bool (True = attend), got "
                          f"{mask_B1TS.dtype}: an additive bias (0 attended, -inf masked) would be read inverted; "

@@ -36,6 +36,9 @@ def glu(g_MF, u_MF, act="silu"):
 
 
 def _fn(act):
+    if isinstance(act, str) and act not in ACTIVATIONS:  # a bare KeyError: 'gelu' from inside the custom VJP
+        raise ValueError(f"glu: act={act!r}: use {', '.join(map(repr, ACTIVATIONS))} or an elementwise function "
+                         "(e.g. jax.nn.gelu)")
     return ACTIVATIONS[act] if isinstance(act, str) else act
 
 

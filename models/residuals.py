@@ -43,7 +43,10 @@ def bits_residuals(fn, compute_dtype):
     respect to closed-over values (CustomVJPException); closed-over constants (positions, masks) are fine."""
     if not packs(compute_dtype):
         return fn
-    layouts = {}  # the packed residuals' avals → (the VJP's treedef, the residuals' dtypes), recorded by fwd
+    # (the VJP's treedef, the residuals' dtypes) of each traced forward, found by the backward through a zero-size
+    # [0, i] residual (shapes are static everywhere, free to keep): keyed by the packed residuals' shapes and dtypes,
+    # two calls whose residuals packed alike took the later one's (bf16 and f16 are both uint16 bits)
+    layouts = []
 
     @custom_vjp
     def packed(*args):
@@ -52,18 +55,14 @@ def bits_residuals(fn, compute_dtype):
     def fwd(*args):
         out, vjp = jax.vjp(fn, *args)
         res, tree = jax.tree.flatten(vjp)
-        bits = [to_bits(r) for r in res]
-        layouts[_avals(bits)] = (tree, [r.dtype for r in res])
-        return out, bits
+        layouts.append((tree, [r.dtype for r in res]))
+        return out, ([to_bits(r) for r in res], jnp.zeros((0, len(layouts) - 1), jnp.uint8))
 
-    def bwd(bits, ct):
-        tree, dtypes = layouts[_avals(bits)]
+    def bwd(saved, ct):
+        bits, tag = saved
+        tree, dtypes = layouts[tag.shape[-1]]
         res = [from_bits(b, dt) for b, dt in zip(bits, dtypes)]
         return jax.tree.unflatten(tree, res)(ct)
 
     packed.defvjp(fwd, bwd)
     return packed
-
-
-def _avals(arrays):
-    return tuple((a.shape, a.dtype) for a in arrays)

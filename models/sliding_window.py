@@ -23,6 +23,7 @@ import numpy as np
 from models.attention import (
     check_block,
     check_cudnn_head_dim,
+    check_softcap,
     cudnn_attention,
     cudnn_max_head_dim,
     softmax_attention,
@@ -121,6 +122,7 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     _check_window(window)
     check_block(block, "sliding-window attention: block (swa_block)")
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
+    check_softcap(logit_softcap, "sliding-window attention")
     valid_BT = _valid_mask(valid_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
@@ -177,7 +179,9 @@ def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, softcap=None):
 
 
 def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=None):
-    """Boolean [B or 1, 1, T, T] mask with the same semantics, for dense reference paths."""
+    """Boolean [B or 1, 1, T, T] mask with the same semantics, for dense reference paths (valid_BT: bool or 0/1
+    ints, as the kernels read it)."""
+    valid_BT = _valid_mask(valid_BT)  # an int one's `&` made an int mask, and read 2s as padding
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
     mask = (j <= i) if window is None else (j <= i) & (i - j < min(int(window), T))  # (W >= 2**31 overflowed)
@@ -264,6 +268,7 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     _check_window(window)
     check_block(block, "sliding-window attention: block (swa_block)")  # for every impl: a typo fails before a GPU run
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
+    check_softcap(logit_softcap, "sliding-window attention")
     window = min(int(window), q_BTNH.shape[1])  # the same attention for W >= T; an int32 one for every kernel
     valid_BT = _valid_mask(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,

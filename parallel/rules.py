@@ -208,8 +208,10 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
         if name is None:
             out.append(None)
             continue
-        if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no rule in the table; map it for this call with rules="
+        if name not in rules:  # a near miss of a table name is a typo first ('mpl'), not a name to register
+            near = _near(name, rules)
+            raise ValueError(f"logical axis {name!r} has no rule in the table"
+                             f"{f' (did you mean {near[0]!r}?)' if near else ''}; map it for this call with rules="
                              f"{{{name!r}: 'tensor'}} (or None), or for a block of code with use_rules({{{name!r}: "
                              "...})")
         target = rules[name]

@@ -281,6 +281,53 @@ def test_mask_and_value_shapes_are_checked_by_name():
             attention(q, k, jnp.concatenate([v, v], -1), jnp.asarray(valid[:, None, None, :]), impl=impl)
 
 
+
+def test_keys_of_another_batch_are_refused_by_name():
+    """k / v of another batch than q: batch 3 against 2 failed in jnp.einsum's "Size of label 'b' ...", naming no
+    argument; batch 1 ran forward ('xla' broadcast it) but its gradient failed in jax's custom-VJP shape check
+    (dk [2, ...] for a k [1, ...])."""
+    q, k, v = qkv(2, 4, 4, 2, 8, jnp.float32)
+    mask = dense_window_mask(4, None)
+    for impl in ("xla", "reference"):
+        for b in (1, 3):
+            kb, vb = (jnp.concatenate([x, x])[:b] for x in (k, v))
+            with pytest.raises(ValueError, match=rf"attention: .*k \({b}, 4, 2, 8\).*q's batch B=2"):
+                attention(q, kb, vb, mask, impl=impl)
+        with pytest.raises(ValueError, match=r"v \(1, 4, 2, 8\).*q's batch B=2"):
+            attention(q, k, v[:1], mask, impl=impl)
+
+
+
+def test_make_mask_reads_an_integer_padding_mask_as_nonzero_and_stays_bool():
+    """A 0/1 int padding mask (a tokenizer's attention_mask) gave an int32 mask (bitwise &), one of 2s masked every
+    key, and a NumPy one failed in numpy's UFuncTypeError; Transformer's padding_mask_BT and the sliding-window
+    kernels read ints as != 0. Now make_mask does too, and returns bool; a float one is refused by name."""
+    idx = np.arange(4)[None]
+    want = make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=jnp.array([[True, True, False, True]]))
+    for valid in (jnp.array([[1, 1, 0, 1]]), jnp.array([[2, 2, 0, 2]]), np.array([[1, 1, 0, 1]])):
+        got = make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=valid)
+        assert got.dtype == jnp.bool_
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"k_valid_BS must be bool .* got float32"):
+        make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=jnp.ones((1, 4)))
+
+@pytest.mark.parametrize("cap", [0, 0.0, -1.0])
+def test_a_soft_cap_that_is_not_positive_is_refused(cap):
+    """logit_softcap=0 (flash-attn's "no soft-cap") made every score 0·tanh(s / 0) = 0: uniform attention over the
+    visible keys, silently, in every kernel; TransformerConfig refuses it ("must be positive or None"), the building
+    blocks now do too. None is no cap."""
+    from models.sliding_window import local_attention
+
+    q, k, v = qkv(1, 6, 2, 2, 8, seed=3)
+    mask = dense_window_mask(6, None)
+    for impl in ("xla", "reference"):
+        with pytest.raises(ValueError, match=r"logit_softcap must be > 0 or None"):
+            attention(q, k, v, mask, impl=impl, logit_softcap=cap)
+    for impl in ("blocked", "dense"):
+        with pytest.raises(ValueError, match=r"logit_softcap must be > 0 or None"):
+            local_attention(q, k, v, 3, impl=impl, logit_softcap=cap)
+    np.testing.assert_allclose(attention(q, k, v, mask, logit_softcap=None), attention(q, k, v, mask), atol=0)
+
 def test_cudnn_under_plain_autodiff_is_refused_naming_the_field():
     """cuDNN's fused kernel keeps JAX's own custom VJP, which forward mode refuses: under models.plain_autodiff
     attn_impl='cudnn' is a ValueError naming the field and the fix at trace time (JAX's TypeError came at jvp time,

@@ -75,6 +75,19 @@ def test_glu_backward_equals_autodiff_in_float64(act):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
+
+def test_an_unknown_activation_name_is_refused_by_name():
+    """glu(g, u, 'gelu') and glu_linear(..., 'relu') failed in a bare KeyError: 'gelu' from inside the custom VJP;
+    now a ValueError names the argument and the names it takes (a callable still runs)."""
+    from models.glu import glu_linear
+
+    g = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match=r"act='gelu'.*'silu', 'gelu_tanh'.*or an elementwise function"):
+        glu(g, g, "gelu")
+    with pytest.raises(ValueError, match=r"act='relu'"):
+        glu_linear(g, g, jnp.ones((4, 2)), "relu")
+    np.testing.assert_allclose(glu(g, g, jax.nn.relu), g)
+
 def test_a_scanned_layer_stack_saves_four_model_wide_and_two_mlp_wide_rows_per_layer():
     """Per layer: the two norms' inputs, the two normed row sets (one per group of products sharing it), and the
     MLP's gate and up (`glu_linear` recomputes their product for the down projection's backward). Autodiff of the

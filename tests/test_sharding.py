@@ -199,6 +199,17 @@ def test_rules_arguments_override_the_table_in_effect():
             pass
 
 
+
+def test_a_misspelt_table_name_on_a_parameter_is_named_as_such():
+    """A module of your own whose parameter names 'mpl' (for 'mlp') was told to register 'mpl' as a new axis
+    ("map it ... with rules={'mpl': 'tensor'}"), which would have kept the typo; the error now asks first whether
+    the table's name was meant. Names far from every table name keep the advice alone."""
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    with pytest.raises(ValueError, match=r"logical axis 'mpl' has no rule in the table \(did you mean 'mlp'\?\); map"):
+        logical_to_spec(("embed", "mpl"), mesh)
+    with pytest.raises(ValueError, match=r"logical axis 'my_rank' has no rule in the table; map it"):
+        logical_to_spec(("my_rank",), mesh)
+
 def test_a_jitted_function_traces_again_under_other_rules():
     """The rules lived in a contextvar, which jax.jit's cache does not see: a function traced before `use_rules`
     kept its first constraints inside it (and `replicate_indivisible` likewise)."""

@@ -203,6 +203,12 @@ def test_an_integer_padding_mask_reads_nonzero_as_real_in_both_kernels():
             np.testing.assert_array_equal(local_attention(q, k, v, 3, valid_BT=as_int, impl=impl, block=4), want)
     got = jax.jit(lambda m: sliding_window_attention(q, k, v, 3, valid_BT=m, block=4))(valid.astype(np.int32))
     np.testing.assert_allclose(got, sliding_window_attention(q, k, v, 3, valid_BT=valid, block=4), atol=1e-6)  # jit
+    # the public dense mask too: its `&` made an int mask, and read 2s as padding (2 & True == 0)
+    want = dense_window_mask(12, 3, valid_BT=jnp.asarray(valid))
+    for as_int in (valid.astype(np.int32), jnp.asarray(valid, jnp.int8) * 2):
+        got = dense_window_mask(12, 3, valid_BT=as_int)
+        assert got.dtype == jnp.bool_
+        np.testing.assert_array_equal(got, want)
 
 
 def test_padded_batch_on_tpu_never_uses_splash(monkeypatch):
