@@ -222,7 +222,9 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     `parallel.create_sharded` takes; they place the parameters only, so run the model inside `use_rules(...)` with
     the same overrides), one tensor in host memory at a time: no device ever holds the whole model.
     None: the mesh `jax.set_mesh` set (as mesh=that mesh), else the default device.
-    Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...).
+    Other keyword arguments override TransformerConfig fields (attn_impl, remat, scan_layers, ...). With
+    mup_base_width (μP) the head is read times the width multiplier, undoing `save_pretrained`'s fold: the model gives
+    the checkpoint's logits, and a saved μP model loads back as it was.
     """
     if dtype is None:  # not "the checkpoint's dtype": failed as "unsupported 'float64'" whatever the weights were
         raise ValueError("from_pretrained(dtype=None): dtype is the compute dtype, a name: 'float32' (the default), "
@@ -299,6 +301,9 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
 
         for ours, (name, to_hf, from_hf) in layout.items():
             fix = from_hf or (lambda a: a)
+            if ours == "lm_head" and cfg.mup_base_width:  # save_pretrained's fold undone: HF's head gives the logits
+                # itself, where μP's forward divides them by m (kept as read, they came out m times smaller)
+                fix = lambda a, f=fix: f(a).astype(np.float32) * cfg.width_mult  # noqa: E731
             layers = _layers_of(cfg, ours)
             want = shapes[ours][(layers is not None) + ("{e}" in name):]  # one layer's (and expert's) shape
             # the shape as stored, checked before `fix` reshapes it: a k_proj stored transposed ([D, K*H]) has the
@@ -420,7 +425,8 @@ def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shar
       that is written as model-0000k-of-0000n.safetensors + model.safetensors.index.json, one shard in host
       memory at a time (parameters move to the host one layer at a time).
     A μP model (mup_base_width) is written with its readout multiplier folded into lm_head, so it loads back as
-    a standard-parametrisation model with the same logits. Weight files of an earlier save in the folder are
+    a standard-parametrisation model with the same logits (or, with `from_pretrained(..., mup_base_width=...)`, as
+    the μP model it was). Weight files of an earlier save in the folder are
     removed first: transformers prefers a model.safetensors over an index, so a stale one would be loaded instead
     of the new shards. With several processes every one calls this (parameters sharded across them are gathered
     one layer at a time); process 0 writes the files.

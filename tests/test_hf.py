@@ -469,6 +469,19 @@ def test_mup_model_exports_with_its_readout_folded_in(tmp_path):
     np.testing.assert_allclose(our_logits(back), our_logits(ours), atol=1e-5)
 
 
+def test_a_mup_override_at_load_unfolds_the_readout(tmp_path):
+    """from_pretrained(folder, mup_base_width=16) read HF's head as it is, then divided the logits by m = 4 again:
+    the checkpoint's logits 4x smaller, silently. The fold save_pretrained made is undone: the μP model it loads is
+    the one saved (its head and logits), ready to train on with μP's learning rates."""
+    cfg = dataclasses.replace(ROUND_TRIP["llama"], mup_base_width=16)  # width multiplier 4: a power of 2, exact
+    ours = _random_model(cfg, seed=7)
+    save_pretrained(ours, tmp_path)
+    back = from_pretrained(tmp_path, mup_base_width=16)
+    assert back.cfg.width_mult == 4.0
+    np.testing.assert_array_equal(np.asarray(back.lm_head[...]), np.asarray(ours.lm_head[...]))
+    np.testing.assert_allclose(our_logits(back), our_logits(ours), atol=1e-5)
+
+
 def test_a_bfloat16_mup_model_exports_its_folded_readout_in_float32(tmp_path):
     """The readout multiplier was folded in the head's own bf16 (8 bits): a dtype='float32' export of a bf16 μP model
     then wrote a head up to 2**-9 off, logits 7e-4 from ours. Folded in float32 it is the forward's head / m."""
