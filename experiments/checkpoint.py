@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import pathlib
 import threading
@@ -252,7 +253,8 @@ def abstract_of(tree):
 class Checkpoints:
     """`ocp.CheckpointManager` over `directory` with the trainer's policies.
 
-    keep: the last N steps are kept; keep_best: also the step with the lowest eval loss (saved as a metric).
+    keep: the last N steps are kept; keep_best: also the step with the lowest eval loss (saved as a metric; of equal
+    losses the newest; a save without one, or with a NaN / inf one, is never the best).
     async_save: saves return after the device→host copy and write in a background thread. read_only: for readers
     beside a training job (`experiments.train_lm.load_model`): nothing is created, cleaned up or moved (a writer's
     in-progress temporary directory stays), and saving is refused.
@@ -337,11 +339,13 @@ class Checkpoints:
     # ---- save ------------------------------------------------------------------------------------------------
     def save(self, step: int, state, meta: dict, eval_loss: float | None = None, loader=None) -> None:
         """Start an async save of `state` (+ JSON `meta`, + this process's `loader` state) at `step`; raises
-        NonFiniteState instead of saving NaN/Inf, and ValueError for a step not past every step already saved.
+        NonFiniteState instead of saving NaN/Inf, and ValueError for a step not past every step already saved (or not
+        a whole number: a float step's directory was never listed again).
         Returns once the arrays are copied off the devices (training may then donate them) and the loader state is
         written."""
         if self.read_only:
             raise PermissionError(f"checkpoint: {self.dir} was opened read_only; open it without to save")
+        step = _step_number(step, "save")
         # a loop rewound to an older step (restore(step=...)) saved below the steps it gave up: restore() then
         # resumed from the newest of those, not from this save, and keep-N (by save order) had deleted the older
         # steps and kept the newer ones. The same step again failed in orbax ("Checkpoint for step 8 already exists")
@@ -351,7 +355,7 @@ class Checkpoints:
                              "To train on from an older step, move the newer steps out of that directory first "
                              "(or save into another one)")
         # a jax / numpy scalar (a hand-written loop's eval loss) as a number: orbax's JSON writer refused it
-        eval_loss = None if eval_loss is None else float(eval_loss)
+        eval_loss = None if eval_loss is None else _loss_number(eval_loss)
         pure = to_pure(state)
         _jax_leaves(pure, "save state")
         _global_leaves(pure, "save state")
@@ -407,6 +411,7 @@ class Checkpoints:
         tree), returning (state, meta), or None for a step of this layout; such a step is tried in its turn (a
         fallback from a corrupt newer step reaches it) and never set aside."""
         quarantine = quarantine and not self.read_only
+        step = None if step is None else _step_number(step, "restore")
         abstract = _onto_one_mesh(abstract_of(to_pure(template)))
         if step is not None and step not in self.mgr.all_steps():
             return None
@@ -417,6 +422,8 @@ class Checkpoints:
                 return got
             try:
                 meta = dict(self.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                if meta.get("step") != s:  # another step's checkpoint copied here: good arrays, the wrong step
+                    raise ValueError(f"its meta is step {meta.get('step')}'s, not {s}'s")
                 if (item := self.mgr.item_metadata(s)["state"]) is None:  # orbax's for a state/ without _METADATA
                     raise FileNotFoundError(f"{self.dir / str(s) / 'state'} has no readable array metadata")
                 saved = item.tree
@@ -455,7 +462,7 @@ class Checkpoints:
                 whole, parts = part_fingerprints(out["state"], _saved_order(self.dir / str(s) / "state", abstract))
                 got, want = (parts, {k: meta["part_fingerprints"].get(k) for k in parts}) if partial else (
                     whole, meta.get("fingerprint"))
-                if got != want or meta.get("step") != s:
+                if got != want:
                     raise ValueError(f"checksum {got} != saved {want}")
                 overflow = _overflowing_casts(out["state"], abstract)
                 out = {"state": jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype),
@@ -577,6 +584,29 @@ def _finish_at_exit(ckpt: Checkpoints) -> None:
 
 class _ReadFailed(OSError):
     """A read that failed on some processes, agreed on every process (`Checkpoints._read_agreed`)."""
+
+
+def _step_number(step, who: str) -> int:
+    """`step` as an int (a Python / numpy integer, or a 0-d integer array: the state's own step); a ValueError naming
+    it otherwise. orbax names a step's directory str(step): a float step wrote '4.0', which no manager lists again
+    (the resumed run started fresh), and a str or bool one was never found."""
+    if getattr(step, "ndim", None) == 0 and not isinstance(step, numbers.Number):
+        step = step.item()  # a 0-d float array stays a float (refused below)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"Checkpoints.{who}: step={step!r} must be a whole number >= 0 (an int, numpy integer or "
+                         "0-d integer array); a step from a division is a float: pass int(step) or use //")
+    return int(step)
+
+
+def _loss_number(loss) -> float:
+    """`loss` (a number or a 0-d array) as a float; a ValueError naming it otherwise: a [1] array failed in float()
+    naming neither, and a bool was ranked as a loss of 0 or 1."""
+    x = loss.item() if getattr(loss, "ndim", None) == 0 and not isinstance(loss, numbers.Number) else loss
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        shape = f" of shape {tuple(loss.shape)}" if hasattr(loss, "shape") else ""
+        raise ValueError(f"Checkpoints.save: eval_loss={loss!r}{shape} must be one number (a float or 0-d array), "
+                         "or None; pass the mean eval loss, e.g. float(losses.mean())")
+    return float(x)
 
 
 def _reason(e: BaseException) -> str:

@@ -71,6 +71,19 @@ def test_a_nan_eval_loss_never_replaces_the_best_step(tmp_path):
         ckpt.close()
 
 
+def test_of_equal_eval_losses_the_newest_step_is_kept_as_the_best(tmp_path):
+    """The class docstring's tie rule, as orbax's BestN decides it (the reference: the newest of the lowest)."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, keep_best=True, async_save=False, log=lambda *a: None)
+    try:
+        for step, ev, want in [(1, 1.0, [1]), (2, 1.0, [2]), (3, 2.0, [2, 3]), (4, 1.0, [4]), (5, -np.inf, [4, 5]),
+                               (6, 3.0, [4, 6])]:
+            ckpt.save(step, state_at(step), {"config": "{}"}, eval_loss=ev)
+            assert ckpt.steps() == want, (step, ckpt.steps())
+        assert ckpt.mgr.best_step() == 4
+    finally:
+        ckpt.close()
+
+
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 def test_a_state_with_one_non_finite_value_is_never_saved(tmp_path, bad):
     """One Inf / NaN in one leaf (the others finite) refuses the save and writes no step: the only fast check of
@@ -236,6 +249,27 @@ def test_a_save_at_or_below_a_saved_step_is_refused_and_the_newest_step_still_re
         ckpt.close()
 
 
+@pytest.mark.parametrize("bad", [4.0, np.float32(4.0), 4.5, "4", True, -4, jnp.asarray([4])],
+                         ids=["float", "np.float32", "fraction", "str", "bool", "negative", "1-d array"])
+def test_a_step_that_is_not_a_whole_number_is_refused_by_save_and_restore(tmp_path, bad):
+    """save(4.0) (a step from true division, tokens / batch) wrote a directory named '4.0' that no later manager
+    lists: the resumed run found no checkpoint and started fresh, and keep-N had already deleted the steps of
+    integer names. restore(step="4") (argv) returned None, "no checkpoint", and restore(step=True) read step 1."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=2, keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        ckpt.save(jnp.asarray(1, jnp.int32), state_at(1), {"config": "{}"})  # an integer array: the state's own step
+        ckpt.save(np.int64(2), state_at(2), {"config": "{}"})
+        assert ckpt.steps() == [1, 2] and all(type(s) is int for s in ckpt.steps())
+        with pytest.raises(ValueError, match=r"Checkpoints.save: step=.* must be a whole number >= 0"):
+            ckpt.save(bad, state_at(4), {"config": "{}"})
+        with pytest.raises(ValueError, match=r"Checkpoints.restore: step=.* must be a whole number >= 0"):
+            ckpt.restore(state_at(0), step=bad)
+        assert ckpt.steps() == [1, 2] and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+        assert ckpt.restore(state_at(0), step=np.int32(1))[1]["step"] == 1
+    finally:
+        ckpt.close()
+
+
 @pytest.mark.parametrize("to_array", [jnp.float32, np.float32, jnp.asarray],
                          ids=["jnp.float32", "np.float32", "jnp.asarray"])
 def test_an_eval_loss_given_as_an_array_scalar_is_saved_as_a_number(tmp_path, to_array):
@@ -248,6 +282,22 @@ def test_an_eval_loss_given_as_an_array_scalar_is_saved_as_a_number(tmp_path, to
         assert ckpt.steps() == [1, 2] and ckpt.mgr.best_step() == 1  # the newest, and the best kept as a metric
         meta = ckpt.restore(state_at(0))[1]
         assert meta["eval_loss"] == 3.5 and type(meta["eval_loss"]) is float
+    finally:
+        ckpt.close()
+
+
+@pytest.mark.parametrize("bad", [jnp.asarray([2.5]), np.ones((2,)), True, "2.5"],
+                         ids=["1-d array", "numpy vector", "bool", "str"])
+def test_an_eval_loss_that_is_not_one_number_is_refused_by_name(tmp_path, bad):
+    """An eval loss kept as a [1] array failed in float() ('Only scalar arrays can be converted to Python
+    scalars'), naming neither the argument nor the fix; True was ranked as a loss of 1.0."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=1, async_save=False, log=lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match=r"Checkpoints.save: eval_loss=.* must be one number"):
+            ckpt.save(1, state_at(1), {"config": "{}"}, eval_loss=bad)
+        assert ckpt.steps() == []
+        ckpt.save(1, state_at(1), {"config": "{}"}, eval_loss=2)  # an int is a number
+        assert ckpt.restore(state_at(0))[1]["eval_loss"] == 2.0
     finally:
         ckpt.close()
 
@@ -604,6 +654,8 @@ def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_th
         ckpt.close()
     assert meta["step"] == 4 and float(state["params"]["w"][0, 0]) == 4.0
     assert lines and lines[0].startswith("checkpoint: step 8 is corrupt") and "falling back to step 4" in lines[0]
+    # its arrays are intact: the line names the step its meta holds (it said 'checksum X != saved X', the same X)
+    assert "its meta is step 4's" in lines[0] and "checksum" not in lines[0], lines[0]
 
 
 def test_a_corrupt_step_asked_for_by_number_does_not_say_it_starts_fresh(tmp_path):
