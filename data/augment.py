@@ -76,8 +76,8 @@ class DomainGlossary:
     """Append `header` and up to `max_terms` `- term: definition` lines for glossary terms of the
     document's domains (`doc["domains"]`, set by the labelling stage) found in its text. Records the
     terms in `doc["augmented"]`; documents with no matching term pass unchanged (but for a block of this hook's
-    own definitions at their end, which is stale then and removed). Idempotent: a glossary block
-    this hook appended is replaced, not appended to (re-cleaning an augmented tier glossed it twice)."""
+    own definitions at their end, which is stale then and removed, with its `augmented` record). Idempotent: a
+    glossary block this hook appended is replaced, not appended to (re-cleaning an augmented tier glossed it twice)."""
 
     glossaries: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = DEFAULT_GLOSSARIES
     max_terms: int = 5
@@ -124,7 +124,7 @@ class DomainGlossary:
                     seen.add(term)
                     found.append((term, definition))
         found = found[:self.max_terms]
-        if not found:
-            return doc if body is doc["text"] else {**doc, "text": body}
+        if not found:  # a stale block removed takes its `augmented` terms with it (they named what it defined)
+            return doc if body is doc["text"] else {k: v for k, v in doc.items() if k != "augmented"} | {"text": body}
         gloss = "\n".join(f"- {t}: {d}" for t, d in found)
         return {**doc, "text": f"{body}\n\n{self.header}\n{gloss}", "augmented": [t for t, _ in found]}

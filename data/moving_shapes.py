@@ -16,7 +16,9 @@ Shapes: B batch, T frames, S side (pixels), C = 3 RGB channels, L caption tokens
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
+import math
 import numbers
 
 import grain
@@ -69,7 +71,7 @@ def null_tokens(max_len: int = 8) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class MovingShapesConfig:
     """frames: clip length (1 + 4k suits the causal video autoencoder); size: frame side in pixels.
-    object_size: (min, max) object side in pixels; speed: (min, max) pixels per frame."""
+    object_size: (min, max) object side in pixels, min >= 3; speed: (min, max) pixels per frame."""
 
     frames: int = 9
     size: int = 32
@@ -90,7 +92,9 @@ class MovingShapesConfig:
         check_field_types(self)  # a float count failed inside numpy or str, a bare int in unpacking
         need(self.frames >= 2, "frames", f"a clip needs >= 2 frames to show motion, got {self.frames}")
         lo, hi = self.object_size
-        need(2 <= lo <= hi, "object_size", f"need 2 <= min <= max, got {self.object_size}")
+        # a 2 px triangle is drawn as 1-2 pixels a frame, under measure's 3-pixel floor: half its clips read as empty
+        need(3 <= lo <= hi, "object_size", f"need 3 <= min <= max, got {self.object_size} (a 2 px triangle is drawn "
+             "as 1-2 pixels, which `measure` reads as no object)")
         need(self.speed[0] > 0 and self.speed[0] <= self.speed[1], "speed", f"need 0 < min <= max, got {self.speed}")
         travel = self.speed[1] * (self.frames - 1)
         need(hi + travel <= self.size, "size",
@@ -237,6 +241,9 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     5-6 px is a few stepped rows: one with a short top row tapers and reads as a triangle, a boxy one as a square (13%
     of the 'tiny' preset's clean 5-6 px circles misread: 12% as triangles, 1.5% as squares).
 
+    Thresholds outside their ranges are refused by name: rel_threshold in (0, 1), min_threshold in [0, 1),
+    square_fill and max_area in (0, 1], triangle_taper > 0, min_speed >= 0.
+
     value_range: the clips' (black, white), e.g. (0, 1) for frames / 255; None: (-1, 1), refused for a batch with no
     pixel below 0 (frames in [0, 1] read with [-1, 1]'s black at 0.5 as a wash: every clip 'no object') unless it is
     one uniform value (no object in either range). Decoder overshoot past either end is read as it is.
@@ -251,6 +258,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
         # [0, 255] read as [-1, 1] a black clip read as an object, not as none (bfloat16, numpy kind 'V', is a float)
         raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
                          "load_video_model's sample: pass videos / 127.5 - 1, or value_range=(0, 255))")
+    _check_measure_args(rel_threshold=rel_threshold, min_threshold=min_threshold, square_fill=square_fill,
+                        triangle_taper=triangle_taper, max_area=max_area, min_speed=min_speed)
     B, T, H, W = videos_BTHWC.shape[:4]
     if B == 0:  # an empty batch failed in a reshape: nothing to read
         return {"colour": np.zeros(0, int), "shape": np.zeros(0, int), "direction": np.zeros(0, int),
@@ -330,6 +339,25 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     bad = ~valid_B
     return {"colour": np.where(bad, -1, colour_B), "shape": np.where(bad, -1, shape_B),
             "direction": np.where(bad, -1, direction_B), "fill": fill_B, "taper": taper_B, "rgb": rgb_B3}
+
+
+# each knob's range: (low, high, low inclusive, high inclusive). rel_threshold=50 (a percent) or NaN cut every pixel,
+# and every clip read as 'no object', silently; rel_threshold=1 too (a pixel must exceed the cut)
+_MEASURE_RANGES = {"rel_threshold": (0, 1, False, False), "min_threshold": (0, 1, True, False),
+                   "square_fill": (0, 1, False, True), "triangle_taper": (0, math.inf, False, False),
+                   "max_area": (0, 1, False, True), "min_speed": (0, math.inf, True, False)}
+
+
+def _check_measure_args(**knobs) -> None:
+    """Each of measure's thresholds a real number in its range, or a ValueError naming it."""
+    for name, v in knobs.items():
+        lo, hi, lo_in, hi_in = _MEASURE_RANGES[name]
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and (
+            (lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi))  # NaN fails both
+        if not ok:
+            span = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            raise ValueError(f"measure: {name}={v!r} must be a number in {span} (default "
+                             f"{inspect.signature(measure).parameters[name].default})")
 
 
 def chance(attribute: str) -> float:

@@ -40,8 +40,12 @@ def zh_text(rng: np.random.Generator, n_chars: int = 240, sentence: int = 16) ->
 def documents(n: int, seed: int = 0, zh_fraction: float = 0.3) -> list[dict]:
     """`n` clean documents, about `zh_fraction` of them Chinese, with `id` and `lang_true` metadata (the language
     they were written in, to check language ID against)."""
-    if not 0 <= zh_fraction <= 1:
-        raise ValueError(f"zh_fraction={zh_fraction} must be a fraction in [0, 1]")
+    # n=-1 returned [] and True one document, silently; 2.5 failed as range()'s bare TypeError
+    if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"documents: n={n!r} must be an int >= 0")
+    if isinstance(zh_fraction, bool | np.bool_) or not isinstance(zh_fraction, numbers.Real) or not (
+            0 <= zh_fraction <= 1):  # True ran as 1, '0.3' failed as a bare comparison TypeError; NaN fails both
+        raise ValueError(f"documents: zh_fraction={zh_fraction!r} must be a fraction in [0, 1]")
     rng = np.random.default_rng(check_seed(seed, "documents seed"))  # seed=True ran as 1
     out = []
     for i in range(n):

@@ -127,6 +127,20 @@ def test_cleaning_an_augmented_tier_again_glosses_it_once():
     assert DomainGlossary()({"text": mixed, "domains": []})["text"] == mixed
 
 
+def test_a_stale_glossary_block_removed_takes_its_augmented_terms_with_it():
+    """The hook called on its own output whose domains lost the terms removed the stale block but kept the block's
+    `augmented` terms: the document said it was glossed with definitions it no longer held."""
+    from data.augment import DomainGlossary
+
+    once = DomainGlossary()({"text": "A generator wraps an iterator.", "domains": ["code"], "id": 3})
+    assert once["augmented"] == ["iterator", "generator"]
+    again = DomainGlossary()({**once, "domains": []})
+    assert again == {"text": "A generator wraps an iterator.", "domains": [], "id": 3}
+    # a document without the hook's block passes unchanged, its own fields included
+    mine = {"text": "Nothing to explain.", "domains": ["code"], "augmented": ["iterator"]}
+    assert DomainGlossary()(mine) is mine
+
+
 def test_quality_score_is_the_mean_headroom_under_the_limits():
     """Hand-computed: a signal at 0 has headroom 1, at half its limit 0.5, at or past it 0; the score is their mean
     over the signals present. (Only a range check covered it: an inverted score passed.)"""

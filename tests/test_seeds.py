@@ -63,6 +63,18 @@ def test_synthetic_text_refuses_lengths_it_cannot_write():
         assert fn(np.random.default_rng(1), np.int64(2), np.int64(1)) == fn(np.random.default_rng(1), 2, 1)
 
 
+def test_synthetic_documents_refuse_a_count_or_share_they_cannot_write():
+    """documents(-1) returned [] and documents(True) one document, silently; 2.5 and '3' failed as range()'s bare
+    TypeError, zh_fraction='0.3' as a bare comparison error and zh_fraction=True ran as 1. Each is refused by name."""
+    for n in (-1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"documents: n={n!r} must be an int >= 0"):
+            documents(n)
+    for share in ("0.3", True, float("nan"), 1.5):
+        with pytest.raises(ValueError, match=rf"documents: zh_fraction={share!r} must be a fraction in \[0, 1\]"):
+            documents(3, zh_fraction=share)
+    assert documents(0) == [] and documents(np.int64(2), zh_fraction=np.float32(1.0)) == documents(2, zh_fraction=1)
+
+
 @pytest.mark.parametrize("make,says", [
     # a NaN threshold passed every range check and switched its filter off: a 10-character document was kept
     (lambda: QualityConfig(min_chars=float("nan"), min_words=0), r"QualityConfig.min_chars=nan must be an int"),

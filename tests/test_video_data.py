@@ -531,3 +531,35 @@ def test_measure_and_score_of_an_empty_batch():
         score(found, {a: np.zeros(0, int) for a in ("colour", "direction", "shape")})
     with pytest.raises(ValueError, match=r"measure: clips of shape \[T, H, W\] = \[0, 32, 32\] hold no pixels"):
         measure(np.zeros((2, 0, 32, 32, 3), np.float32))
+
+
+def test_object_size_under_3_is_refused_a_2px_triangle_is_no_object():
+    """object_size=(2, ...) was accepted, but a 2 px triangle is drawn as 1-2 pixels a frame (a 2 px circle as 2),
+    under measure's 3-pixel floor: half of such triangles' clips read back as no object, labelled as one. From 3 px
+    every shape draws >= 3 pixels in every frame, and reads back."""
+    with pytest.raises(ValueError, match=r"MovingShapesConfig.object_size: need 3 <= min <= max, got \(2, 3\)"):
+        MovingShapesConfig(size=40, object_size=(2, 3), speed=(1.0, 2.0))
+    cfg = MovingShapesConfig(size=40, object_size=(3, 3), speed=(1.0, 2.0))
+    src = MovingShapesSource(cfg, "all", 48)
+    recs = [src[i] for i in range(48)]
+    videos = np.stack([r["video"] for r in recs])
+    assert ((videos > -1).any(-1).sum((2, 3)) >= 3).all()
+    found = measure(videos)
+    for attr in ("colour", "direction"):
+        assert (found[attr] == np.asarray([r[attr] for r in recs])).all(), attr
+
+
+def test_measure_names_a_threshold_out_of_its_range():
+    """rel_threshold=50 (a percent for a fraction) or NaN cut every pixel: every clip read as 'no object', silently;
+    rel_threshold=1 cuts every pixel too ('exceeds' the peak); a negative min_speed gave a still object a direction.
+    Each is refused by name; the ends of their ranges pass."""
+    clip = MovingShapesSource(CFG, "all", 1)[0]["video"][None]
+    for name, bad in (("rel_threshold", 50.0), ("rel_threshold", float("nan")), ("rel_threshold", 1.0),
+                      ("min_threshold", 1.0), ("min_threshold", -0.1), ("max_area", 0.0), ("max_area", 1.5),
+                      ("min_speed", -1.0), ("min_speed", float("nan")), ("square_fill", 1.5), ("triangle_taper", 0.0),
+                      ("square_fill", True)):
+        with pytest.raises(ValueError, match=rf"measure: {name}={bad!r} must be"):
+            measure(clip, **{name: bad})
+    edge = measure(clip, rel_threshold=0.99, min_threshold=0.0, max_area=1.0, min_speed=0.0, square_fill=1.0,
+                   triangle_taper=np.float32(1.0))
+    assert edge["colour"][0] == MovingShapesSource(CFG, "all", 1)[0]["colour"]
