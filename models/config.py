@@ -324,9 +324,14 @@ class TransformerConfig:
             return p
         why = ""
         if sep and n.isdigit() and one.isdigit():  # '0:1', '2:2': the ratio form with what it cannot say
+            # the example spells the asked-for period over this model's layers (a fixed 'LLGG' answered '1:2' too),
+            # its first 48 letters at most (n_layers may be 10**12)
+            k, shown = max(int(n) + int(one), 1), min(L, 48)
+            letters = "".join("L" if i % k < int(n) else "G" for i in range(shown))
+            letters = repr(letters) if shown == L else f"'{letters}...' ({L} letters)"
             why = (" (N:1 with N >= 1: N local layers then one global; 0 local layers is 'global')" if one == "1"
                    else f" (the ratio form takes one global layer per period: for {n} local then {one} global layers "
-                        "spell the period with letters, e.g. 'LLGG' per layer)")
+                        f"spell the period with letters, one per layer, e.g. {letters} for n_layers={L})")
         raise ValueError(f"TransformerConfig.attn_pattern: unknown {p!r}{why}; use 'global', 'local', "
                          "'alternating', 'N:1' (N local layers, then one global) or one letter per layer (L local, "
                          "G global), e.g. 'GGLL'")

@@ -58,6 +58,12 @@ def test_a_pattern_spelled_layer_by_layer_is_the_named_one():
         dataclasses.replace(CFG, attn_pattern="0:1")
     with pytest.raises(ValueError, match=r"unknown '2:2' \(the ratio form takes one global layer per period: .*'LLGG'"):
         dataclasses.replace(CFG, attn_pattern="2:2")
+    # its spelled-out example is the asked-for period over this model's layers: '1:2' and '3:2' were told 'LLGG'
+    # (two local then two global layers) whatever they asked for
+    with pytest.raises(ValueError, match=r"for 1 local then 2 global layers .* e\.g\. 'LGGL' for n_layers=4"):
+        dataclasses.replace(CFG, attn_pattern="1:2")
+    with pytest.raises(ValueError, match=r"for 3 local then 2 global layers .* e\.g\. 'LLLGG' for n_layers=5"):
+        dataclasses.replace(CFG, attn_pattern="3:2", n_layers=5)
 
 
 def test_receptive_field_is_layers_times_window():
