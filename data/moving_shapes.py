@@ -3,7 +3,8 @@
 One object per clip on a black background: a shape (square, circle, triangle) of a palette colour moving
 in a straight line (left, right, up, down) at constant speed, captioned "a red square moving left".
 Some (colour, shape, direction) combinations are held out of training so that prompt following can be
-tested compositionally: every held-out triple is new, while each of its pairs was seen in training.
+tested compositionally: every held-out triple is new, while each of its pairs was seen in training (true of the
+default HELD_OUT; a `held_out` of your own is taken as given: holding out every circle trains on no circle).
 
 `measure(video)` inverts the renderer without any learned judge: colour is the nearest palette colour
 to the mean foreground RGB, direction the sign of the dominant slope of the centroid trajectory, shape
