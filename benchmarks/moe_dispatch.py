@@ -89,6 +89,8 @@ def shape_names(text: str) -> list[str]:
     for name in names:
         if name not in SHAPES:
             raise argparse.ArgumentTypeError(f"unknown shape {name!r}; choose from {list(SHAPES)}")
+    if len(set(names)) < len(names):  # the results are keyed by shape: 'mixtral,mixtral' timed it twice, reported once
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a shape; list each once")
     return names
 
 

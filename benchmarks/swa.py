@@ -131,6 +131,11 @@ def main(argv=None):
     ap.add_argument("--json", type=out_path, default=None)
     ap.add_argument("--train-step", action="store_true")
     args = ap.parse_args(argv)
+    # rows are matched by (window, kernel) and T: a repeated window printed each of its rows twice, with twice as many
+    # cells as the header has lengths
+    for flag, values in (("--windows", args.windows), ("--lengths", args.lengths)):
+        if len(set(values)) < len(values):
+            ap.error(f"argument {flag}: {' '.join(map(str, values))} repeats a value; list each once")
 
     rows = []
     jobs = [(w, name, T) for w in args.windows for T in args.lengths for name in kernels(w)

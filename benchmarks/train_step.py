@@ -68,10 +68,10 @@ def jax_step(cfg, batch, seq):
     return call
 
 
-def profile_phases(cfg, batch, seq, rounds):
+def profile_phases(cfg, batch, seq, rounds, steps=1, warmup=1):
     """Where our step's time goes: forward, forward+backward, optimizer update and the whole step,
     timed separately (interleaved, wall and CPU-s), next to the ideal time of their FLOPs at the
-    measured matmul rate."""
+    measured matmul rate. Each phase: `warmup` untimed calls (compilation), then `steps` calls per round."""
     graphdef, params, opt, data = setup(cfg, batch, seq)
     opt_state = jax.jit(opt.init)(params)
     # every array an argument: a closed-over one is a constant XLA folds (the gradient norm of constant
@@ -88,20 +88,24 @@ def profile_phases(cfg, batch, seq, rounds):
               "optimizer update": (lambda: jax.block_until_ready(update(params, opt_state, grads)), 0),
               "whole step": (step, step_flops)}
     wall, cpu = {k: [] for k in phases}, {k: [] for k in phases}
-    for _ in tqdm(range(rounds + 1), desc="profiling"):  # round 0 compiles
+    for call, _ in phases.values():  # as the contenders' warm-up: --warmup and --steps were ignored here (1 each)
+        for _ in range(warmup):
+            call()
+    for _ in tqdm(range(rounds), desc="profiling"):
         for name, (call, _) in phases.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            call()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            for _ in range(steps):
+                call()
+            wall[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
     med = statistics.median
-    peak = {k: 2 * MATMUL_N**3 / min(ts["matmul"][1:]) for k, ts in (("wall", wall), ("cpu", cpu))}
+    peak = {k: 2 * MATMUL_N**3 / min(ts["matmul"]) for k, ts in (("wall", wall), ("cpu", cpu))}
     print(f"matmul peak (best round): {peak['wall'] / 1e9:.1f} GFLOP/s, {peak['cpu'] / 1e9:.1f} GFLOP per CPU-s; "
           "ideal = the phase's FLOPs (causal count) at that rate")
     print(f"{'phase':18s} {'ms':>8s} {'ideal ms':>8s} {'CPU ms':>8s} {'ideal':>8s}")
     for name, (_, flops) in list(phases.items())[1:]:
-        print(f"{name:18s} {1e3 * med(wall[name][1:]):8.1f} {1e3 * flops / peak['wall']:8.1f} "
-              f"{1e3 * med(cpu[name][1:]):8.1f} {1e3 * flops / peak['cpu']:8.1f}")
+        print(f"{name:18s} {1e3 * med(wall[name]):8.1f} {1e3 * flops / peak['wall']:8.1f} "
+              f"{1e3 * med(cpu[name]):8.1f} {1e3 * flops / peak['cpu']:8.1f}")
 
 
 def hf_step(cfg, batch, seq, attn, compile_=False, bf16=False):
@@ -170,12 +174,16 @@ def main(argv=None):
                     "plain x @ w weight gradients (matmul_impl='plain'), and with bf16 compute (f32 params), "
                     "unrolled and scanned; and HF under torch.compile with bf16 autocast")
     ap.add_argument("--json", type=out_path, metavar="OUT", help="write the results here")
-    ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer)")
+    ap.add_argument("--profile", action="store_true", help="only time our step's phases (forward, backward, optimizer; "
+                    "--rounds, --steps, --warmup, --batch and --seq apply)")
     args = ap.parse_args(argv)
     if args.profile and args.json:  # the phases are printed only: the file was silently never written
         ap.error("argument --json: --profile only prints its phase table; drop --json, or --profile for a JSON")
+    if args.profile and args.ablate:  # the ablation rows were silently not run
+        ap.error("argument --ablate: --profile times only our reference step's phases; drop --ablate, or --profile "
+                 "for the ablation table")
     if args.profile:
-        return profile_phases(CFG, args.batch, args.seq, args.rounds)
+        return profile_phases(CFG, args.batch, args.seq, args.rounds, args.steps, args.warmup)
 
     cores = schedulable_cores()
     tokens = args.batch * args.seq

@@ -133,6 +133,9 @@ def test_decode_benchmark_compares_only_the_generated_tokens(monkeypatch):
     ("benchmarks.moe_dispatch", ["--rounds", "1"], "argument --rounds: must be an integer >= 2, got 1"),
     # a KeyError after the shapes before it had been timed (minutes)
     ("benchmarks.moe_dispatch", ["--shapes", "mixtral,fien"], "argument --shapes: unknown shape 'fien'; choose from"),
+    # the results are keyed by shape: timed twice, reported once
+    ("benchmarks.moe_dispatch", ["--shapes", "mixtral,mixtral"], "argument --shapes: 'mixtral,mixtral' repeats a "
+     "shape"),
     ("benchmarks.checkpoint_save", ["--rounds", "0"], "argument --rounds: must be an integer >= 1, got 0"),
     ("benchmarks.checkpoint_save", ["--mesh", "dta=8"], "argument --mesh: mesh axes ['dta'] are unknown"),
     ("benchmarks.checkpoint_save", ["--mesh", "data=4"], "argument --mesh: mesh {'data': 4} needs 4 devices"),
@@ -170,6 +173,11 @@ def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
     ("benchmarks.swa", "measure", ["--max-gb", "nan"], "argument --max-gb: must be a number >= 0 (GiB; 0 runs "
      "nothing), got nan"),
     ("benchmarks.swa", "measure", ["--max-gb", "-1"], "argument --max-gb: must be a number >= 0"),
+    # a repeated window printed each of its rows twice, with twice as many cells as the table has columns
+    ("benchmarks.swa", "measure", ["--windows", "64", "64"], "argument --windows: 64 64 repeats a value; list each "
+     "once"),
+    ("benchmarks.swa", "measure", ["--lengths", "128", "256", "128"], "argument --lengths: 128 256 128 repeats a "
+     "value"),
     # the results are keyed by count: '4,8,4' timed and reported L=4 once
     ("benchmarks.scan_residuals", "interleaved", ["--layers", "4,8,4"], "argument --layers: '4,8,4' repeats a layer "
      "count; list each once"),
@@ -261,6 +269,33 @@ def test_train_step_gives_torch_the_cores_the_process_may_run_on(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert out["machine"]["cores"] == 1 and out["machine"]["torch_threads"] == 1
+
+
+def test_train_step_profile_takes_steps_and_warmup_and_refuses_ablate(monkeypatch, capsys):
+    """--profile timed one call per phase per round after one untimed round, whatever --steps and --warmup said, and
+    ran without the --ablate rows it was given: all three silently."""
+    import jax.numpy as jnp
+    import optax
+
+    from benchmarks import train_step
+
+    calls = {"matmul": 0, "whole step": 0}
+
+    def counted(key):
+        def call():
+            calls[key] += 1
+        return call
+
+    # a stand-in model (one vector, a linear loss): what is checked is how often each phase is called
+    monkeypatch.setattr(train_step, "setup", lambda cfg, batch, seq: (None, jnp.ones(3), optax.sgd(0.1), jnp.ones(3)))
+    monkeypatch.setattr(train_step, "lm_loss", lambda graphdef, p, d: (p * d).sum())
+    monkeypatch.setattr(train_step, "jax_matmul", lambda: counted("matmul"))
+    monkeypatch.setattr(train_step, "jax_step", lambda cfg, batch, seq: counted("whole step"))
+    train_step.main(["--profile", "--rounds", "2", "--steps", "3", "--warmup", "2"])
+    assert calls == {"matmul": 2 + 2 * 3, "whole step": 2 + 2 * 3}
+    with pytest.raises(SystemExit) as exit_info:
+        train_step.main(["--profile", "--ablate"])
+    assert exit_info.value.code == 2 and "argument --ablate: --profile times only" in capsys.readouterr().err
 
 
 def test_ckpt_overhead_demo_reads_the_target_record_its_checkpoint_kept(tmp_path, monkeypatch):
