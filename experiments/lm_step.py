@@ -42,8 +42,12 @@ def decay_mask(params):
 def _need(who: str, name: str, x, ok, want: str, integral: bool = False):
     """A ValueError naming the argument unless `x` is a real number (an int when `integral`; numpy's too) for
     which ok(x) holds; NaN fails every comparison, so it is refused too. A concrete 0-d array (jnp.float32(1e-3))
-    is read as its number: optax takes one, and it trained before these checks."""
+    is read as its number: optax takes one, and it trained before these checks; a traced float scalar passes
+    unchecked (a vmapped lr sweep), a traced int does not (step counts steer Python control flow)."""
     # (getattr, not jnp.ndim: jnp.ndim(None) is a DeprecationWarning, an error where tests escalate warnings)
+    if (isinstance(x, jax.core.Tracer) and not integral and x.ndim == 0
+            and jnp.issubdtype(x.dtype, jnp.floating)):
+        return  # a float traced by vmap / jit (an lr sweep) has no value to check; optax takes it (it was refused)
     if getattr(x, "ndim", None) == 0 and not isinstance(x, numbers.Number | jax.core.Tracer):
         x = x.item()  # a bool array stays a bool (refused below); a float one is no int
     kind = numbers.Integral if integral else numbers.Real

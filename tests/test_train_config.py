@@ -595,6 +595,23 @@ def test_make_optimizer_takes_a_jax_scalar_lr_as_before():
     with pytest.raises(ValueError, match="^make_optimizer: total_steps="):
         make_optimizer(1e-3, total_steps=jnp.float32(10.0), warmup_steps=1)
 
+
+def test_make_optimizer_takes_a_traced_lr_for_a_sweep_under_vmap_or_jit():
+    """An lr (or other float setting) traced by jax.vmap / jax.jit, as in a vmapped lr sweep, cannot be checked by
+    value: the checks refused it ("lr=VmapTracer(...) must be a finite number >= 0") where optax takes it and it
+    trained before them. It steps as its concrete value; traced step counts (Python control flow) stay refused."""
+    p, g = {"w": jnp.ones(3)}, {"w": jnp.full(3, 0.5)}
+
+    def update(lr, clip_norm=1.0):
+        o = make_optimizer(lr, total_steps=10, warmup_steps=0, weight_decay=0.0, clip_norm=clip_norm)
+        return o.update(g, o.init(p), p)[0]["w"]
+
+    np.testing.assert_allclose(jax.vmap(update)(jnp.array([1e-2, 1e-3])), [[-1e-2] * 3, [-1e-3] * 3], rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(update)(1e-2, 2.0), [-1e-2] * 3, rtol=1e-5)
+    with pytest.raises(ValueError, match="^make_optimizer: total_steps="):
+        jax.jit(lambda t: make_optimizer(1e-3, total_steps=t, warmup_steps=0).init(p))(10)
+
+
 def test_grad_accumulation_equals_one_big_batch():
     cfg = load(["--preset", "tiny", "--set", "train.steps=4"])
     mesh = make_mesh({"fsdp": -1})
