@@ -207,7 +207,8 @@ class KVCache(NamedTuple):
         "will be truncated to dtype float32"), as cfg.kv_cache_bytes counts it.
         start: [batch] ints, each row's left padding (its first real slot; max_len counts the padding), or None
         for none. Inside `jax.set_mesh` (eagerly) k / v are placed by the rules: rows as the batch, kv heads as
-        the act_kv_heads logical axis, each replicated where it does not divide (`_cache_placement`)."""
+        the act_kv_heads logical axis, each replicated where it does not divide (`_cache_placement`); start as
+        the rows."""
         for name, n in (("batch", batch), ("max_len", max_len)):  # else jnp.zeros' shape errors, naming neither
             if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:  # (0: all overflow)
                 raise ValueError(f"KVCache.zeros({name}={n!r}): must be an int >= 1 (max_len: the prompt's tokens, "
@@ -231,21 +232,25 @@ class KVCache(NamedTuple):
             if start.shape != (batch,) or not jnp.issubdtype(start.dtype, jnp.integer):
                 raise ValueError(f"KVCache.zeros(start=...) must be [batch] = [{batch}] ints (each row's first real "
                                  f"slot), got {start.dtype}{list(start.shape)}")
-            if not isinstance(start, jax.core.Tracer) and start.size and not (
-                    0 <= int(start.min()) and int(start.max()) < max_len):  # else silently shifted / empty rows
-                raise ValueError(f"KVCache.zeros(start=...): each row's first real slot must lie in [0, max_len="
-                                 f"{max_len}), got {np.asarray(start).tolist()}")
+            if not isinstance(start, jax.core.Tracer):  # read on the host: an eager start.min() of an array
+                # committed to one device failed inside jax.set_mesh ("Received incompatible devices ... _reduce_min")
+                if start.size and not (0 <= int(np.min(s := np.asarray(start))) and int(s.max()) < max_len):
+                    raise ValueError(f"KVCache.zeros(start=...): each row's first real slot must lie in [0, "
+                                     f"max_len={max_len}), got {s.tolist()}")  # else silently shifted / empty rows
+                if (rows := _cache_placement((batch,), ("batch",))) is not None:  # with its rows' k / v: left on
+                    start = jax.device_put(start, rows)  # one device, a jitted step refused the cache (two devices)
             start = start.astype(jnp.int32)
         kv = lambda s: jnp.zeros(shape(s), dtype, device=_cache_placement(shape(s)))  # noqa: E731
         return cls(tuple(kv(s) for s in slots), tuple(kv(s) for s in slots),
                    tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32), start)
 
 
-def _cache_placement(shape_GBKSH):
-    """Where an eager `KVCache.zeros` inside `jax.set_mesh` puts a k / v stack: rows over the batch axes, kv heads
-    over act_kv_heads' axes (each replicated where it does not divide), as the rules place a decode step's activations;
-    None outside a mesh or inside jax.jit (whose propagation places it, as generate's). Eager zeros under the mesh
-    were whole on every device (P()) until a decode step's output sharded them."""
+def _cache_placement(shape_GBKSH, names=(None, "batch", "act_kv_heads", None, None)):
+    """Where an eager `KVCache.zeros` inside `jax.set_mesh` puts a k / v stack (`names`: ("batch",) for start [B]):
+    rows over the batch axes, kv heads over act_kv_heads' axes (each replicated where it does not divide), as the
+    rules place a decode step's activations; None outside a mesh or inside jax.jit (whose propagation places it, as
+    generate's). Eager zeros under the mesh were whole on every device (P()) until a decode step's output sharded
+    them."""
     try:
         mesh = jax.sharding.get_mesh()  # raises inside jax.jit
     except ValueError:
@@ -253,8 +258,7 @@ def _cache_placement(shape_GBKSH):
     if mesh.empty:
         return None
     try:
-        spec = logical_to_spec((None, "batch", "act_kv_heads", None, None), mesh, shape_GBKSH,
-                               replicate_indivisible=True)
+        spec = logical_to_spec(names, mesh, shape_GBKSH, replicate_indivisible=True)
     except ValueError:  # a mesh the rules cannot place on (axes outside parallel.AXES, Explicit ones): as before
         return None
     return jax.sharding.NamedSharding(mesh, trimmed_spec(spec))  # as jax.jit spells it: one cache key for both

@@ -230,6 +230,24 @@ def test_a_cache_made_under_a_mesh_is_placed_by_the_rules():
     assert not isinstance(KVCache.zeros(CFG, 4, 16).k[0].sharding, jax.sharding.NamedSharding)  # no mesh: as before
 
 
+def test_a_cache_made_under_a_mesh_places_its_start_with_its_rows():
+    """KVCache.zeros(start=...) inside jax.set_mesh left start on one device beside a mesh-placed k / v: a start
+    committed to a device failed its own range check (jax's "Received incompatible devices ... _reduce_min", naming
+    no argument), and such a cache was refused by a jitted decode step (its arrays on two device sets)."""
+    from jax.sharding import PartitionSpec as P
+
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    start = jax.device_put(np.array([1, 0, 2, 0], np.int32), jax.devices()[0])  # committed, as device_put makes it
+    with jax.set_mesh(mesh):
+        cache = KVCache.zeros(CFG, 4, 16, start=start)
+        with pytest.raises(ValueError, match="first real slot"):  # the check still reads it
+            KVCache.zeros(CFG, 4, 16, start=jax.device_put(np.array([1, 0, 16, 0], np.int32), jax.devices()[0]))
+    assert cache.start.sharding.mesh == mesh and cache.start.sharding.spec == P("data"), cache.start.sharding
+    np.testing.assert_array_equal(cache.start, [1, 0, 2, 0])
+
+
 def test_capacity_moe_decodes_dropless_whatever_the_chunking():
     """Capacity dispatch with a KV cache runs dropless (C = T): a one-call prefill, token-by-token decoding and
     the dropless model agree (per-call capacities dropped in the prefill, never at C = 1 in decode)."""
