@@ -12,6 +12,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from parallel.autodiff import custom_vjp, plain
 
@@ -24,17 +25,24 @@ def make_mask(q_idx_BT, k_idx_BS, q_seg_BT=None, k_seg_BS=None, k_valid_BS=None)
     mask = k_idx_BS[:, None, :] <= q_idx_BT[:, :, None]
     if q_seg_BT is not None:
         mask &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-    if k_valid_BS is not None:
-        # 0/1 ints (a tokenizer's attention_mask) read != 0, as Transformer's padding_mask_BT: a bitwise & made an
-        # int mask, read 2s as padding, and failed for NumPy ints
-        if jnp.result_type(k_valid_BS) != jnp.bool_:
-            k_valid_BS = jnp.asarray(k_valid_BS)
-            if not jnp.issubdtype(k_valid_BS.dtype, jnp.integer):
-                raise ValueError(f"make_mask: k_valid_BS must be bool (True = a real key) or 0/1 ints, got "
-                                 f"{k_valid_BS.dtype}; a float 0/1 mask: `mask > 0`")
-            k_valid_BS = k_valid_BS != 0
-        mask &= k_valid_BS[:, None, :]
+    if k_valid_BS is not None:  # (an int one's bitwise & made an int mask, read 2s as padding, failed for NumPy)
+        mask &= valid_mask(k_valid_BS, "make_mask: k_valid_BS")[:, None, :]
     return mask[:, None]
+
+
+def valid_mask(valid, name: str = "valid_BT"):
+    """A padding mask as bool (None stays None): an integer one (a tokenizer's 0/1 attention_mask) reads != 0, as
+    Transformer's padding_mask_BT does; any other dtype is refused by `name`: a float one failed inside jnp's `&`
+    naming neither the mask nor the fix."""
+    if valid is None:
+        return None
+    dtype = valid.dtype if hasattr(valid, "dtype") else np.asarray(valid).dtype  # (no device transfer)
+    if dtype == jnp.bool_:
+        return valid
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(valid) != 0
+    raise ValueError(f"{name} must be a bool mask (True = a real token) or 0/1 ints, got dtype {dtype}; turn a "
+                     "float 0/1 mask into one with `mask > 0`")
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, logit_softcap: float | None = None):

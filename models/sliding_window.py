@@ -18,7 +18,6 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from models.attention import (
     check_block,
@@ -28,6 +27,7 @@ from models.attention import (
     cudnn_max_head_dim,
     softmax_attention,
     static_scale,
+    valid_mask,
 )
 from parallel.autodiff import custom_vjp, plain
 from parallel.rules import constrain_merged
@@ -95,22 +95,6 @@ def _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, valid_BT=None):
                              f"got shape {m}")
 
 
-def _valid_mask(valid_BT):
-    """The padding mask [B, T] as bool (None stays None): an integer one reads != 0, as Transformer's padding_mask_BT
-    and attention()'s masks do (a tokenizer's 0/1 attention_mask; an int mask of 2s was padding to the blocked kernel,
-    2 & True == 0, but valid to the dense one); any other dtype is refused: a float one failed inside jnp's `&`
-    naming neither valid_BT nor the fix."""
-    if valid_BT is None:
-        return None
-    dtype = valid_BT.dtype if hasattr(valid_BT, "dtype") else np.asarray(valid_BT).dtype  # (no device transfer)
-    if dtype == jnp.bool_:
-        return valid_BT
-    if jnp.issubdtype(dtype, jnp.integer):
-        return jnp.asarray(valid_BT) != 0
-    raise ValueError(f"valid_BT must be a bool mask (True = a real token) or 0/1 ints, got dtype {dtype}; turn a "
-                     "float 0/1 mask into one with `mask > 0`")
-
-
 def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None, valid_BT=None,
                              block: int = 256, scale: float | None = None, logit_softcap: float | None = None):
     """Blocked causal sliding-window attention; returns [B, T, N, H] in q's dtype.
@@ -123,7 +107,7 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
     check_block(block, "sliding-window attention: block (swa_block)")
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
     check_softcap(logit_softcap, "sliding-window attention")
-    valid_BT = _valid_mask(valid_BT)
+    valid_BT = valid_mask(valid_BT)
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     window = min(int(window), T)  # W >= T is causal; an int32 slot difference against W >= 2**31 wrapped or overflowed
@@ -181,7 +165,7 @@ def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, softcap=None):
 def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=None):
     """Boolean [B or 1, 1, T, T] mask with the same semantics, for dense reference paths (valid_BT: bool or 0/1
     ints, as the kernels read it)."""
-    valid_BT = _valid_mask(valid_BT)  # an int one's `&` made an int mask, and read 2s as padding
+    valid_BT = valid_mask(valid_BT)  # an int one's `&` made an int mask, and read 2s as padding
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
     mask = (j <= i) if window is None else (j <= i) & (i - j < min(int(window), T))  # (W >= 2**31 overflowed)
@@ -270,7 +254,7 @@ def local_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids_BT=None,
     _check_shapes(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, valid_BT)
     check_softcap(logit_softcap, "sliding-window attention")
     window = min(int(window), q_BTNH.shape[1])  # the same attention for W >= T; an int32 one for every kernel
-    valid_BT = _valid_mask(valid_BT)
+    valid_BT = valid_mask(valid_BT)
     impl = choose_impl(impl, q_BTNH.dtype, segment_ids_BT is not None, logit_softcap is not None,
                        has_padding=valid_BT is not None, seq_len=q_BTNH.shape[1], head_dim=q_BTNH.shape[3])
     B, T, N, H = q_BTNH.shape

@@ -308,7 +308,7 @@ def test_make_mask_reads_an_integer_padding_mask_as_nonzero_and_stays_bool():
         got = make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=valid)
         assert got.dtype == jnp.bool_
         np.testing.assert_array_equal(got, want)
-    with pytest.raises(ValueError, match=r"k_valid_BS must be bool .* got float32"):
+    with pytest.raises(ValueError, match=r"make_mask: k_valid_BS must be a bool mask .* got dtype float32"):
         make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=jnp.ones((1, 4)))
 
 @pytest.mark.parametrize("cap", [0, 0.0, -1.0])
