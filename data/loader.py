@@ -12,8 +12,11 @@ document before packing, so no target ever crosses a document boundary. With an 
 
 Documents are split across processes before shuffling (`[process_index::process_count]`), so each
 process packs its own share and yields `global_batch_size // process_count` rows per step; together
-they cover every document exactly once per epoch. The iterator state (`get_state` / `set_state`) is a
-small JSON-serialisable dict; restoring it reproduces the following batches exactly.
+they cover every document exactly once per epoch of each share. The shares' epochs are their own: a share of
+fewer tokens ends its epoch in fewer steps, so with num_epochs=None its documents come round again sooner
+(read more often than the others' by the ratio of the shares' tokens: 1.26x for the tiny preset's 69 training
+documents on 2 processes, 512k vs 647k tokens; near 1 for many documents). The iterator state (`get_state` /
+`set_state`) is a small JSON-serialisable dict; restoring it reproduces the following batches exactly.
 """
 
 from __future__ import annotations

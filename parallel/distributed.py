@@ -29,9 +29,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     runs (train_lm.main twice in one job, or after the caller's own jax.distributed.initialize): starts nothing,
     returns whether the job has several processes, and raises if num_processes / process_id are not the running ones.
 
-    Must run before any other JAX call. If a peer dies, JAX's coordination service notices the
-    missing heartbeats within `heartbeat_timeout_s` and terminates this process with a message
-    naming the unhealthy task, so a job never hangs on a dead peer.
+    Must run before any other JAX call. Every process must ask for the same num_processes: JAX reads process 0's
+    alone, so once the job runs each process compares the others' and all raise, naming the fix. If a peer dies,
+    JAX's coordination service notices the missing heartbeats within `heartbeat_timeout_s` and terminates this
+    process with a message naming the unhealthy task, so a job never hangs on a dead peer.
     """
     env = os.environ
 
@@ -73,6 +74,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         if process_id == 0:  # jax's 'Failed to start RPC server' names no port; the others would wait 300 s
             _check_port_free(coordinator, port)
         jax.distributed.initialize(coordinator, num_processes, process_id, **timeouts)
+        _check_counts(num_processes, "num_processes" if explicit["num_processes"] is not None
+                      else "JAXSCALE_NUM_PROCESSES")
         return True
     slurm = all(v in env for v in _SLURM_STEP)
     # from_env: a SLURM_NTASKS that is no integer named (int() raised a bare "invalid literal for int()").
@@ -100,6 +103,22 @@ def _started_as(num_processes: int | None, process_id: int | None) -> bool:
             raise ValueError(f"{name}={asked}, but jax.distributed already runs here with {name}={running} (started "
                              "earlier in this process); pass the values it was started with")
     return jax.process_count() > 1
+
+
+def _check_counts(asked: int, name: str) -> None:
+    """Once jax.distributed runs: a ValueError on every process unless every process asked for the job's process
+    count (process 0's). JAX takes the count from process 0's coordinator alone, so a process started with another
+    `name` (a typo on one host, 3 where process 0 has 2) joined and trained silently. Every process calls it."""
+    n = jax.process_count()
+    if n == 1:  # nothing joined (a stand-in for jax.distributed): nothing to compare
+        return
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.int32(asked)))  # [processes]
+    if others := [p for p in range(every.shape[0]) if every[p] != n]:
+        raise ValueError(f"{name}: processes {others} were started with "
+                         f"{', '.join(str(int(every[p])) for p in others)} processes, but the job's coordinator "
+                         f"(process 0) has {n}; start every process with {name}={n}")
 
 
 def _coordinator_port(coordinator: str, name: str) -> int:

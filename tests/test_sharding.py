@@ -1231,3 +1231,31 @@ def test_check_batch_layout_takes_the_rules_process_rows_uses(monkeypatch):
     mesh = make_mesh({"sequence": 2, "tensor": 4})
     assert process_rows(8, mesh, rules=by_sequence, local_devices=first) == slice(0, 4)
     check_batch_layout(mesh, 8, 16, n_processes=2, local_devices=first, rules=by_sequence)
+
+
+def test_initialize_refuses_a_process_started_with_another_process_count(monkeypatch):
+    """JAX takes the process count from process 0's coordinator alone: a two-process job whose process 1 was
+    started with JAXSCALE_NUM_PROCESSES=3 joined and trained silently as one of 2. Every process now compares the
+    count it asked for with the job's (one all-gather) and raises naming the processes and the fix."""
+    from jax.experimental import multihost_utils
+
+    from parallel import distributed
+
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "JAXSCALE_", "OMPI_", "TPU_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: None)  # the job started: 2 processes
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    asked = {}  # each process's asked count, in process order, as the all-gather returns them
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([asked[0], asked[1]], np.int32))
+    asked.update({0: 2, 1: 3})
+    monkeypatch.setenv("JAXSCALE_NUM_PROCESSES", "3")
+    with pytest.raises(ValueError, match=r"JAXSCALE_NUM_PROCESSES: processes \[1\] were started with 3 processes, "
+                                         r"but the job's coordinator \(process 0\) has 2; start every process with "
+                                         r"JAXSCALE_NUM_PROCESSES=2"):
+        distributed.initialize("127.0.0.1:1234", None, 1)
+    monkeypatch.setattr(distributed, "_check_port_free", lambda *a: None)
+    with pytest.raises(ValueError, match=r"num_processes: processes \[1\] were started with 3 processes"):
+        distributed.initialize("127.0.0.1:1234", 2, 0)  # process 0, which asked for 2, refuses with it
+    asked.update({1: 2})
+    assert distributed.initialize("127.0.0.1:1234", 2, 1) is True  # agreeing counts start as before
