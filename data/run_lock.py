@@ -28,9 +28,9 @@ class DirLocked(RuntimeError):
 class RunLock:
     """The exclusive lock on `out` (made if missing) for `job` (its name in the holder line), taken at once or
     refused with DirLocked (`wait`: taken once the holder lets go, for a shared cache). release() (also on leaving
-    a `with`) frees it; a directory this lock made and nothing else wrote in is removed again (a refused run leaves
-    no directory). A file system without flock (a Lustre mount without -o flock, some FUSE mounts) runs unlocked,
-    with a warning: the lock is a guard, not a need."""
+    a `with`) frees it; a directory this lock made and nothing else wrote in is removed again, with the parents it
+    made (a refused run leaves no directory). A file system without flock (a Lustre mount without -o flock, some FUSE
+    mounts) runs unlocked, with a warning: the lock is a guard, not a need."""
 
     def __init__(self, out, job: str, wait: bool = False):
         self.out = pathlib.Path(out)
@@ -38,6 +38,7 @@ class RunLock:
         self.fd = None
         while True:  # a lock on a file its holder removed (with the directory it made) since our open: again
             self.made = not self.out.exists()
+            self.top = _first_missing(self.out)  # mkdir(parents=True) makes `out`'s missing parents too
             fd = self._open()
             try:
                 locked = self._flock(fd, wait)
@@ -93,10 +94,12 @@ class RunLock:
             return
         if self.made and os.listdir(self.out) == [LOCK_NAME]:  # still holding it: no job can take this file now
             os.unlink(self.path)
-            try:
-                os.rmdir(self.out)
-            except OSError:  # another job made a file there meanwhile: the directory is its own
-                pass
+            # and the parents it made (`--out new/run` refused left `new/`), up to the first that was there
+            for d in [self.out, *self.out.parents[:len(self.out.parts) - len(self.top.parts)]]:
+                try:
+                    os.rmdir(d)
+                except OSError:  # another job made a file there meanwhile: the directory is its own
+                    break
         os.close(self.fd)  # (frees the lock)
         self.fd = None
 
@@ -105,6 +108,14 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _first_missing(out: pathlib.Path) -> pathlib.Path:
+    """The outermost directory of `out`'s path that does not exist (`out` itself when only it is missing)."""
+    top = out
+    while not top.parent.exists() and top.parent != top:
+        top = top.parent
+    return top
 
 
 def _same_file(fd: int, path: pathlib.Path) -> bool:

@@ -2394,6 +2394,23 @@ def test_a_second_cleaning_run_on_an_out_in_use_is_refused_before_reading_its_in
     assert not (tmp_path / "never").exists()
 
 
+def test_a_refused_run_leaves_none_of_the_parent_directories_its_lock_made(tmp_path):
+    """`--out new/x/run` refused under the lock (no record has the text field) removed `run` and left `new/x/`
+    behind: the lock makes the missing parents too, and removes those it made, up to the first that was there."""
+    from data.run_lock import RunLock
+
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "hi"}) + "\n")
+    with pytest.raises(ValueError, match="text"):
+        run([tmp_path / "b.jsonl"], tmp_path / "new" / "x" / "run", PipelineConfig(workers=1), progress=False)
+    assert not (tmp_path / "new").exists()
+    # a parent that was there, or that another job wrote in meanwhile, stays
+    (tmp_path / "kept").mkdir()
+    lock = RunLock(tmp_path / "kept" / "a" / "run", "probe")
+    (tmp_path / "kept" / "a" / "other").write_text("")
+    lock.release()
+    assert sorted(p.name for p in (tmp_path / "kept").rglob("*")) == ["a", "other"]
+
+
 def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path):
     """flock: the kernel frees the lock when the holding process dies, kill -9 included: no stale lock to clear."""
     import signal
