@@ -85,4 +85,9 @@ def cli_parser(doc: str | None, spec) -> argparse.ArgumentParser:
     name the command a user types (`python -m experiments.aot`, where argparse's default is `aot.py`, which does not
     run from the repository root), and its description is the module's docstring as written."""
     prog = f"python -m {spec.name}" if spec is not None else None
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # before Python 3.14 (gh-124823) argparse took only -5 and -.5 for numbers: `--flops -1e23` was an unknown option,
+    # refused as 'argument --flops: expected one argument' before the value's own check could name it. Any '-' then a
+    # digit (or '.' and a digit) is a value, as 3.14 reads it:
+    ap._negative_number_matcher = re.compile(r"-\.?\d")
+    return ap

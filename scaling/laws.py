@@ -178,6 +178,10 @@ BOUND_TOL = 1e-6  # an exponent this close to a bound sits on it (the warning be
 MAX_LOG_CORR = 0.99
 # a grid start whose N or D term is below this share of the predicted loss at every run has a dead term (see fit_law)
 LIVE_TERM = 1e-3
+# a fit whose median |log-residual| exceeds this share of the runs' median spread of log L explains little of the
+# data (fit_law warns): uniform random losses leave 0.7-1.2, real ones shuffled across the runs (mislabelled) 0.5-1.2,
+# a real law with 3% noise 0.04-0.12 (0.2 with a sixth of the runs 50% off: the median ignores such outliers)
+MAX_RESIDUAL_SPREAD = 0.5
 
 
 def _huber(r, delta):
@@ -256,7 +260,8 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     (4500 points in all). n_starts: L-BFGS-B runs from the best grid points, from as many of the best whose N and D
     terms both reach `LIVE_TERM` of the loss at some run (when those are others), and from `init`, e.g. the
     full-data fit when bootstrapping. Returns the best optimum found; alpha and beta
-    are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound).
+    are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound, and when its median residual
+    exceeds `MAX_RESIDUAL_SPREAD` of the losses' median spread: a law fitted to losses that do not follow N and D).
 
     Raises ValueError when log N and log D are nearly collinear (|corr| > `MAX_LOG_CORR`), e.g. every
     run trained at D = 20N: the loss then depends on one variable and the split into an N term and a D
@@ -337,6 +342,16 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
         warnings.warn(f"fit_law: {', '.join(at_bound)} sits on its bound {EXPONENT_BOUNDS}; the runs do not "
                       "pin this exponent down (too narrow a range of N or D, or too much noise)", stacklevel=2)
     law = ScalingLaw(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha), beta=float(beta))
+    # the optimum of noise is a law too (uniform random losses: alpha = 1.47, beta = 0.007, N_opt ∝ C^0.005): say
+    # when it leaves residuals as large as the losses' own spread (medians: the Huber fit lets outliers stand)
+    resid = np.abs(logsumexp([a - alpha * logn, b - beta * logd, np.full_like(logn, e)], axis=0) - logl)
+    spread = np.median(np.abs(logl - np.median(logl)))
+    if spread > 0 and (ratio := np.median(resid) / spread) > MAX_RESIDUAL_SPREAD:
+        warnings.warn(f"fit_law: the law explains little of how the loss varies over the runs: its median "
+                      f"|log-residual| is {ratio:.2f} of the runs' median spread of log loss (a real law leaves "
+                      f"< {MAX_RESIDUAL_SPREAD}; losses unrelated to N and D ~1). Check that each loss belongs to its "
+                      "(N, D) run, and that the runs span enough N and D for the loss to change beyond its noise; do "
+                      "not plan with this law", stacklevel=2)
     return FitResult(law=law, objective=float(best.fun), n_points=len(n), starts=len(starts))
 
 
@@ -403,7 +418,9 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
                 or _log_corr(n[idx], d[idx]) > MAX_LOG_CORR):
             skipped += 1
             continue
-        laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
+        with warnings.catch_warnings():  # the full fit said it once; not once per resample of the same runs
+            warnings.filterwarnings("ignore", message="fit_law: the law explains little")
+            laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
     if not laws:
         raise ValueError(f"bootstrap: all {n_boot} resamples were skipped (< 5 distinct (N, D) runs, or N and D "
                          "collinear); give more runs that vary N and D independently")

@@ -106,6 +106,26 @@ def test_an_exponent_a_hair_inside_its_bound_is_warned_about():
     assert 0 < EXPONENT_BOUNDS[1] - law.beta < 1e-6
 
 
+def test_a_fit_to_losses_that_do_not_follow_n_and_d_is_warned_about():
+    """Losses drawn at random (or shuffled across runs: mislabelled results) were fitted without a word: uniform
+    losses on a 5 x 5 grid gave alpha = 1.47, beta = 0.007 (N_opt ∝ C^0.005) and no warning, though the law left a
+    median residual as large as the losses' own spread. Real fits leave a small fraction of it (3% noise: <= 0.12)."""
+    n = np.repeat(np.geomspace(1e7, 1e10, 5), 5)
+    d = np.tile(np.geomspace(1e9, 1e12, 5), 5)
+    with pytest.warns(UserWarning, match=r"explains little of how the loss varies.*median \|log-residual\|"):
+        fit_law(n, d, np.random.default_rng(0).uniform(2, 3, n.size))
+    with pytest.warns(UserWarning, match="explains little"):  # the true losses, shuffled across the runs
+        fit_law(n, d, np.random.default_rng(0).permutation(CHINCHILLA_APPROACH3.loss(n, d)))
+    noisy = CHINCHILLA_APPROACH3.loss(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.03, n.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a noisy but real law: no warning
+        fit_law(n, d, noisy)
+    with warnings.catch_warnings(record=True) as seen:  # a bootstrap says it once (its full fit), not per resample
+        warnings.simplefilter("always")
+        bootstrap(n, d, np.random.default_rng(0).uniform(2, 3, n.size), n_boot=3)
+    assert sum("explains little" in str(w.message) for w in seen) == 1
+
+
 def test_runs_that_cannot_pin_a_term_are_refused():
     """One model size (the mean of equal logs is off by an ulp for some values, and the correlation came out 1e-16:
     N = 1e8 fitted alpha 0.51 for a true 0.34), or two (two levels, three unknowns: any alpha fits exactly; N_opt

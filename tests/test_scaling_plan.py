@@ -337,6 +337,17 @@ def test_cli_errors_name_the_flag_not_the_keyword(argv, message):
     assert str(e.value).startswith(message), e.value
 
 
+@pytest.mark.parametrize("flag", ["--flops", "--params", "--tokens"])
+def test_cli_names_a_negative_budget_in_scientific_notation(flag):
+    """`--flops -1e23` was read as an unknown option by argparse (only -5 and -.5 look like numbers to it before Python
+    3.14): 'argument --flops: expected one argument', as if no value had been given."""
+    argv = ["--flops", "1e23"] if flag == "--tokens" else []
+    with pytest.raises(SystemExit) as e:
+        main([*argv, flag, "-1e23"])
+    want = f"error: argument {flag}: {flag[2:]} must be a finite number > 0, got -1e+23"
+    assert str(e.value).startswith(want), e.value
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "BF16", "jnp.bfloat16", "np.dtype"])
 def test_device_peak_reads_dtype_objects_and_short_names(dtype):
     # jnp.bfloat16 and 'bf16' fell through to the TF32 peak on an H100 (half the bf16 one: MFU reported 2x), and
