@@ -173,7 +173,12 @@ def shard_batch(batch, mesh, rules=None):
         try:
             return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, x.shape))
         except ValueError as e:
-            raise ValueError(f"shard_batch: {where}, an array {x.shape}: {e}") from None
+            # a clip's 1 + 4k frames never divide an even axis, and the VAE splits its rows itself: "use a sequence
+            # length that is a multiple of 4" was a dead end for a video batch
+            hint = ("; a [B, T, H, W, C] clip's frames are no token axis: place it over the batch axes alone, "
+                    "NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (x.ndim - 1), mesh)), as "
+                    "experiments.video_steps.shard does") if x.ndim >= 4 and "'act_seq'" in str(e) else ""
+            raise ValueError(f"shard_batch: {where}, an array {x.shape}: {e}{hint}") from None
 
     return jax.tree_util.tree_map_with_path(put, batch)
 

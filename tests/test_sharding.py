@@ -1259,3 +1259,17 @@ def test_initialize_refuses_a_process_started_with_another_process_count(monkeyp
         distributed.initialize("127.0.0.1:1234", 2, 0)  # process 0, which asked for 2, refuses with it
     asked.update({1: 2})
     assert distributed.initialize("127.0.0.1:1234", 2, 1) is True  # agreeing counts start as before
+
+
+def test_shard_batch_points_video_clips_to_a_batch_only_placement():
+    """A VAE clip [B, 1 + 4k, H, W, C] given to shard_batch on a `sequence` mesh was told "use a sequence length that
+    is a multiple of 4", which no clip of 1 + 4k frames can be (and the VAE refuses 8 frames): its frames are no token
+    axis. The error names the placement that works; tokens [B, T] keep the plain message."""
+    from parallel import shard_batch
+
+    mesh = make_mesh({"data": 2, "sequence": 4})
+    with pytest.raises(ValueError, match=r"dimension 'act_seq' of size 5 .* a \[B, T, H, W, C\] clip's frames are "
+                                         r"no token axis: place it over the batch axes alone"):
+        shard_batch({"video": np.zeros((2, 5, 4, 4, 3), np.float32)}, mesh)
+    with pytest.raises(ValueError, match=r"multiple of 4, or change the mesh$"):
+        shard_batch({"tokens": np.zeros((2, 6), np.int32)}, mesh)

@@ -577,6 +577,24 @@ def test_causal_conv3d_equals_a_3d_convolution_over_the_first_frame_repeated():
     np.testing.assert_allclose(causal_conv3d(x, w, b), want, atol=1e-4)
 
 
+def test_causal_conv3d_names_a_kernel_that_does_not_fit_its_input():
+    """A kernel of other input channels than x's failed as reshape's "cannot reshape array of shape (3, 3, 3, 5, 2)
+    ... into shape (3, 3, 6, 2)", an even kw as a reshape of W + 1 columns into W, and an even kh ('same' rows,
+    pad None) returned H + 1 rows silently. Each now names the kernel; an explicit pad keeps the documented
+    H + 2·pad - kh + 1 rows for any kh (halo_map's bands)."""
+    from models.video.vae import causal_conv3d
+
+    x = jnp.zeros((1, 3, 6, 6, 2))
+    for w, says in ((jnp.zeros((3, 3, 3, 5, 2)), r"w's input channels \(5\) must equal x's C \(2\)"),
+                    (jnp.zeros((3, 3, 2, 2, 2)), r"needs odd kh and kw .*got \(kh, kw\)=\(3, 2\)"),
+                    (jnp.zeros((3, 2, 3, 2, 2)), r"needs odd kh and kw .*got \(kh, kw\)=\(2, 3\)")):
+        with pytest.raises(ValueError, match=rf"causal_conv3d: .*{says}"):
+            causal_conv3d(x, w)
+    with pytest.raises(ValueError, match=r"causal_conv3d: x must be \[B, T, H, W, C\], got \[3, 6, 6, 2\]"):
+        causal_conv3d(x[0], jnp.zeros((3, 3, 3, 2, 2)))
+    assert causal_conv3d(x, jnp.zeros((3, 2, 3, 2, 2)), pad=1).shape == (1, 3, 7, 6, 2)
+
+
 def test_vae_encoder_and_decoder_are_causal():
     vae = randomize(VideoVAE(VAE, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(vae)

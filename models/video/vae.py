@@ -52,8 +52,19 @@ def causal_conv3d(x_BTHWC, w_thwIO, b_O=None, *, pad: int | None = None):
     pad: zero rows padded at the top and bottom (None: kh // 2, 'same'); the output has H + 2·pad - kh + 1 rows
     (`parallel.halo.halo_map`'s bands arrive with their neighbours' rows: pad=0).
     """
+    # named here: a kernel of other input channels, or an even kw, failed in a reshape naming neither (an even kh
+    # under 'same' rows returned H + 1 rows silently)
+    if x_BTHWC.ndim != 5 or w_thwIO.ndim != 5:
+        raise ValueError(f"causal_conv3d: x must be [B, T, H, W, C], got {list(x_BTHWC.shape)}, and w "
+                         f"[kt, kh, kw, I, O], got {list(w_thwIO.shape)}")
     B, T, H, W, C = x_BTHWC.shape
-    kt, kh, kw, _, n_out = w_thwIO.shape
+    kt, kh, kw, n_in, n_out = w_thwIO.shape
+    if n_in != C:
+        raise ValueError(f"causal_conv3d: w's input channels ({n_in}) must equal x's C ({C}): w {list(w_thwIO.shape)}, "
+                         f"x {list(x_BTHWC.shape)}")
+    if kw % 2 == 0 or (pad is None and kh % 2 == 0):
+        raise ValueError(f"causal_conv3d: 'same' in space needs odd kh and kw (pad=None; kh any with an explicit "
+                         f"pad), got (kh, kw)=({kh}, {kw})")
     pad = kh // 2 if pad is None else pad
     if kt > 1:
         front = jnp.repeat(x_BTHWC[:, :1], kt - 1, axis=1)
