@@ -34,7 +34,7 @@ from models.residuals import bits_residuals
 from models.rope import attention_scale, inv_frequencies, rope_tables, rotate
 from models.sliding_window import local_attention
 from parallel.autodiff import custom_vjp
-from parallel.pipeline import gpipe
+from parallel.pipeline import gpipe, pipeline_problem
 from parallel.rules import constrain, logical_to_spec, mesh_axis_for, replicate_indivisible, sharing_axis
 from parallel.sharding import trimmed_spec
 
@@ -824,18 +824,9 @@ class Transformer(nnx.Module):
             if cache is not None:
                 raise ValueError("KV-cache decoding under pipeline parallelism is not supported; decode on a "
                                  "mesh without a 'stage' axis")
-            if n_kind[True]:
-                raise ValueError("MoE layers under pipeline parallelism are not supported (their auxiliary "
-                                 "losses do not cross stages yet); use a mesh without a 'stage' axis")
-            if (L // P) % n_stages:
-                raise ValueError(f"n_layers={L} (pattern period {P}) does not split into {n_stages} pipeline "
-                                 f"stages; use a multiple of {P * n_stages} layers")
-            rows, M = x_BTD.shape[0], cfg.pipeline_microbatches
-            shards = mesh_shards("batch")
-            if rows % M or (rows // M) % shards:  # else XLA fails on the microbatch without naming the setting
-                raise ValueError(f"pipeline_microbatches={M}: a batch of {rows} rows must split into {M} microbatches "
-                                 f"whose rows divide the batch mesh axes ({shards}); use a divisor of "
-                                 f"{rows // shards} as the microbatch count")
+            M = cfg.pipeline_microbatches
+            if problem := pipeline_problem(L, P, n_stages, x_BTD.shape[0], M, mesh_shards("batch"), n_kind[True]):
+                raise ValueError(problem)
             x_BTD = gpipe(lambda st, x, a: group(st, x, a)[0], grouped, x_BTD, ctx.arrays(),
                           n_microbatches=M, axis=stage_axis)
             return x_BTD, None, None, None

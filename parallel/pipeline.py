@@ -20,10 +20,31 @@ from jax.sharding import PartitionSpec as P
 
 
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
-    """Idle fraction of a GPipe schedule: (S - 1) / (M + S - 1)."""
-    if n_stages < 1 or n_microbatches < 1:  # (1, 0) divided by zero, (4, 0) said 1.0
-        raise ValueError(f"bubble_fraction: n_stages={n_stages} and n_microbatches={n_microbatches} must be >= 1")
+    """Idle fraction of a GPipe schedule: (S - 1) / (M + S - 1). Both are counts (ints >= 1, numpy's too)."""
+    # (1, 0) divided by zero, (4, 0) said 1.0; 2.5 microbatches said 0.545 and True stages 0.0, where gpipe refuses
+    if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in (n_stages, n_microbatches)):
+        raise ValueError(f"bubble_fraction: n_stages={n_stages!r} and n_microbatches={n_microbatches!r} must be >= 1, "
+                         "and ints (counts of stages and of microbatches)")
     return (n_stages - 1) / (n_microbatches + n_stages - 1)
+
+
+def pipeline_problem(n_layers: int, period: int, n_stages: int, rows: int, n_microbatches: int, batch_shards: int,
+                     n_moe_layers: int = 0) -> str | None:
+    """Why models.Transformer cannot pipeline this step over `n_stages` (None: it can): MoE layers, stages that cut
+    a pattern period of `period` layers, or `rows` that do not split into `n_microbatches` microbatches whose rows
+    divide `batch_shards` (the batch mesh axes). The model raises it; scaling.memory refuses to estimate it."""
+    if n_moe_layers:
+        return ("MoE layers under pipeline parallelism are not supported (their auxiliary losses do not cross stages "
+                "yet); use a mesh without a 'stage' axis")
+    if (n_layers // period) % n_stages:
+        return (f"n_layers={n_layers} (pattern period {period}) does not split into {n_stages} pipeline stages; use a "
+                f"multiple of {period * n_stages} layers")
+    M = n_microbatches
+    if rows % M or (rows // M) % batch_shards:  # else XLA fails on the microbatch without naming the setting
+        return (f"pipeline_microbatches={M}: a batch of {rows} rows must split into {M} microbatches whose rows "
+                f"divide the batch mesh axes ({batch_shards}); use a divisor of {rows // batch_shards} as the "
+                "microbatch count")
+    return None
 
 
 def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, axis: str = "stage"):

@@ -474,6 +474,9 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     projections a dot-saving remat policy keeps (`projection_bytes`: float32 ones for a bf16 model on 'cpu'), and on
     'cpu' the forward phase at the lookup (`MemoryBreakdown.forward`: XLA:CPU's hoisted LM-head gather and float32
     collectives of bf16 arrays).
+    On a mesh whose rules split the layer stack (`stage`), a pipelined step models.Transformer refuses raises a
+    ValueError naming it: MoE layers, stages that cut a pattern period, or `cfg.pipeline_microbatches` whose
+    microbatches of micro_batch rows do not split over the batch mesh axes.
     """
     mesh = check_mesh(mesh)
     check_counts(micro_batch=(micro_batch, 1), seq_len=(seq_len, 1), optimizer_moments=(optimizer_moments, 0),
@@ -503,6 +506,16 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     # each layer's kernel as models.Transformer runs it (`kernel` given: that one for every layer)
     ws = lambda w: (kernel, block) if kernel else model_kernel(s, w, block)  # noqa: E731
     layers = [(w, s.is_moe_layer(i)) for i, w in enumerate(s.windows)]
+    # models.Transformer scans groups of one pattern period P (local + global, dense + MoE, ...): XLA keeps the
+    # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
+    P = next(p for p in range(1, len(layers) + 1)
+             if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
+    M = getattr(cfg, "pipeline_microbatches", 1) if stage > 1 else 1
+    if stage > 1:  # what models.Transformer refuses to run has no estimate (M = 3 of 16 rows had one)
+        from parallel.pipeline import pipeline_problem
+
+        if problem := pipeline_problem(s.n_layers, P, stage, micro_batch, M, bshards, s.n_moe_layers):
+            raise ValueError(problem)
     # what each layer runs on these rows: one whose window spans them runs the global kernel (`model_window`)
     runs = [(model_window(w, seq_len), m) for w, m in layers]
     saved = [saved_bytes_per_token(s, remat, seq_len, compute_dtype=cdt, mesh=mesh, window=w, kernel=ws(w)[0],
@@ -510,12 +523,7 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
     acts = local_tokens * sum(saved) / stage
     # GPipe (parallel.pipeline): each stage runs its layers on B/M rows at each of M + S - 1 ticks (S - 1 of them
     # bubble ticks on real rows) and autodiff keeps every tick's residuals; one tick's working set is B/M rows
-    M = getattr(cfg, "pipeline_microbatches", 1) if stage > 1 else 1
     acts *= (M + stage - 1) / M
-    # models.Transformer scans groups of one pattern period P (local + global, dense + MoE, ...): XLA keeps the
-    # whole group's residuals live during its backward (alternating windows measured 1.24x one layer's)
-    P = next(p for p in range(1, len(layers) + 1)
-             if len(layers) % p == 0 and all(layers[i] == layers[i % p] for i in range(len(layers))))
     # with more than one scan group per stage, the backward of each tick slices that tick's residuals of the stage's
     # layer scan ([groups, B_l/M, T, ...]) out of the ticks' stack into buffers of their own, the inner scan's
     # operands: one tick's residuals more (XLA's buffer assignment: 4.46 MB of dynamic-slice values, one tick's

@@ -242,6 +242,11 @@ def test_bubble_fraction_counts_the_idle_ticks_of_the_schedule():
     for S, M in ((1, 0), (4, 0), (0, 4)):  # no schedule: (1, 0) divided by zero, (4, 0) said 1.0
         with pytest.raises(ValueError, match="must be >= 1"):
             bubble_fraction(S, M)
+    # counts, as gpipe takes them: 2.5 microbatches said 0.545, True stages 0.0 (numpy's ints are counts too)
+    for S, M in ((4, 2.5), (True, 4), (4, True), (4.0, 8)):
+        with pytest.raises(ValueError, match=r"must be >= 1, and ints \(counts"):
+            bubble_fraction(S, M)
+    assert bubble_fraction(np.int64(4), np.int32(8)) == 3 / 11
 
 
 def test_pipeline_microbatches_take_rows_from_every_data_shard():

@@ -336,6 +336,28 @@ def test_a_gathered_fsdp_layer_is_not_split_by_the_stage_axis():
         assert got == 4 * V * D * want, (mesh, tied)
 
 
+def test_a_pipelined_step_the_model_refuses_is_refused_by_name():
+    """What models.Transformer refuses under a pipeline (microbatch rows that do not split, MoE layers, stages that
+    cut a pattern period) had an estimate: M = 3 of 16 rows counted (M + S - 1) / M = 4/3 of a pass, M = 16 over
+    data 4 a quarter row per device per tick, each a step that cannot run."""
+    for cfg, mesh, says in (
+            (dataclasses.replace(BASE, pipeline_microbatches=3), {"stage": 2, "data": 4},
+             r"pipeline_microbatches=3: a batch of 16 rows must split into 3 microbatches"),
+            (dataclasses.replace(BASE, pipeline_microbatches=16), {"stage": 2, "data": 4},
+             r"whose rows divide the batch mesh axes \(4\); use a divisor of 4 as the microbatch count"),
+            (dataclasses.replace(BASE, moe=MoEConfig(4, 2, 128), moe_every=2, pipeline_microbatches=2),
+             {"stage": 2, "data": 4}, "MoE layers under pipeline parallelism are not supported"),
+            (dataclasses.replace(BASE, attn_pattern="alternating", sliding_window=32, pipeline_microbatches=2),
+             {"stage": 4, "data": 2}, r"n_layers=4 \(pattern period 2\) does not split into 4 pipeline stages")):
+        with pytest.raises(ValueError, match=says):
+            memory_per_device(cfg, mesh, 16, 128)
+    # what runs is estimated: M dividing the rows, each microbatch's over data, and whole periods per stage
+    for M in (1, 2, 4):
+        memory_per_device(dataclasses.replace(BASE, pipeline_microbatches=M), {"stage": 2, "data": 4}, 16, 128)
+    memory_per_device(dataclasses.replace(BASE, attn_pattern="alternating", sliding_window=32,
+                                          pipeline_microbatches=2), {"stage": 2, "data": 4}, 16, 128)
+
+
 def _accum_step_temp(cfg, seq: int, grad_accum: int = 4) -> int:
     """XLA's temp bytes of the trainer's step (experiments.lm_step.make_state_step) at batch 8 x `seq`, one device."""
     from experiments.lm_step import make_state_step
