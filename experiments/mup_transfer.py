@@ -153,8 +153,10 @@ def main(argv=None):
         for w in args.widths:
             curve = res[name][str(w)]
             best = min(curve, key=curve.get)
-            print(f"{name:4s} width {w:4d}: best log2 lr {best:>4s}, loss {curve[best]:.3f}   "
-                  + " ".join(f"{float(v):.2f}" for v in curve.values()))
+            # all inf: min() named the first rate 'best', which the figure and the JSON (all null) do not
+            head = f"best log2 lr {best:>4s}, loss {curve[best]:.3f}" if np.isfinite(curve[best]) else \
+                "diverged at every rate"
+            print(f"{name:4s} width {w:4d}: {head}   " + " ".join(f"{float(v):.2f}" for v in curve.values()))
     if args.json:  # the numbers first: they are what the sweep cost
         # a diverged rate (inf) as null: bare Infinity is no JSON to strict readers
         with open(args.json, "w", encoding="utf-8") as f:

@@ -123,14 +123,17 @@ def train_rung(rung: Rung, budgets: tuple[int, ...], train: ByteWindows, eval_ba
     step_fn, eval_fn = make_train_step(graphdef, opt), make_eval_step(graphdef)
     evaluate = lambda p: float(np.mean([float(eval_fn(p, b)) for b in eval_batches]))  # noqa: E731
     clone = lambda t: jax.tree.map(lambda x: jnp.array(x, copy=True), t)  # noqa: E731  (steps donate their inputs)
-    starts = {int(round(0.8 * b)): b for b in budgets}
-    results, t0 = {}, time.time()
-    bar = tqdm(total=max(budgets) + sum(b - int(round(0.8 * b)) for b in budgets[:-1]), desc=rung.name, unit="step",
-               leave=False)
     last = max(budgets)
+    # cooldown's first step -> the budgets branched there (round(0.8·7) = round(0.8·8) = 6: one budget per step
+    # dropped the other's run in silence)
+    starts = {}
+    for b in sorted(set(budgets) - {last}):
+        starts.setdefault(int(round(0.8 * b)), []).append(b)
+    results, t0 = {}, time.time()
+    bar = tqdm(total=last + sum(b - s for s, bs in starts.items() for b in bs), desc=rung.name, unit="step",
+               leave=False)
     for step in range(last):
-        if step in starts and starts[step] != last:  # branch: cool down to this budget on a copy
-            end = starts[step]
+        for end in starts.get(step, ()):  # branch: cool down to this budget on a copy
             p, o = clone(params), clone(opt_state)
             for s in range(step, end):
                 p, o, m = step_fn(p, with_lr(o, wsd_lr(s, peak_lr, warmup, step, end)), train.batch(s))
@@ -275,6 +278,8 @@ def replot(out: pathlib.Path, level: float | None, docs: bool, n_boot: int | Non
     """Re-fit (deterministic: same runs, same bootstrap seed) and redraw the figure of a finished ladder with
     `n_boot` resamples, its intervals at `level` (None: the ladder's own for either). (Ladders before 2026-12-01
     stored the count of resamples that fitted as `n_boot`: fewer are drawn.)"""
+    if out.is_file():  # (was '.../results.json/results.json does not exist' for --out naming the file itself)
+        raise SystemExit(f"--replot: {out} is a file; pass the directory that holds it, the --out of a finished ladder")
     if not (out / "results.json").is_file():
         raise SystemExit(f"--replot: {out / 'results.json'} does not exist; pass the --out of a finished ladder")
     try:

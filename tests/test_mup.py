@@ -353,6 +353,19 @@ def test_the_transfer_json_writes_a_diverged_rate_as_null(tmp_path, monkeypatch)
     assert res["sp"]["32"]["-5"] == float("inf")  # the returned results keep inf (the plot reads it as diverged)
 
 
+def test_the_transfer_cli_names_no_best_rate_for_a_width_that_diverged_at_every_rate(tmp_path, monkeypatch, capsys):
+    """min() over all-inf losses printed 'best log2 lr  -12, loss inf', a best rate the figure's legend ('diverged at
+    every rate') and the JSON (all null) do not have."""
+    from experiments import mup_transfer
+
+    monkeypatch.setattr(mup_transfer, "sweep", lambda cfg, batches, steps, lrs: (
+        dict.fromkeys(lrs, float("inf")) if cfg.mup_base_width else {e: 3.0 + (e + 6) ** 2 for e in lrs}))
+    mup_transfer.main(["--steps", "1", "--widths", "32", "--out", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "sp   width   32: best log2 lr   -6, loss 3.000" in out
+    assert "mup  width   32: diverged at every rate" in out and out.count("best log2 lr") == 1
+
+
 def test_a_diverged_rate_is_reported_as_inf():
     """sweep's docstring: inf when the run diverged (a NaN loss was kept as NaN, which min() and the printed best
     rate read as a value)."""

@@ -41,6 +41,19 @@ def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_
     assert alone11 != alone22
 
 
+def test_budgets_whose_cooldowns_start_at_one_step_each_get_their_run():
+    """round(0.8·7) = round(0.8·8) = 6: one branch point kept one budget, so train_rung returned the 8-step run alone
+    (of 12, 13, 20 the 13 and 20), dropping a point of the law's fit in silence. Each budget's branch is a fresh
+    run of its own schedule."""
+    tokens = np.random.default_rng(0).integers(0, 256, 20_000).astype(np.int32)
+    train = ByteWindows(tokens, 16, 2, seed=0)
+    evals = [ByteWindows(tokens, 16, 2, seed=1).batch(0)]
+    rung, kw = Rung(16, 1, 2), dict(peak_lr=3e-3, warmup=2)
+    both = {r["steps"]: r["eval_loss"] for r in train_rung(rung, (7, 8), train, evals, **kw)["runs"]}
+    assert both == {7: train_rung(rung, (7,), train, evals, **kw)["runs"][0]["eval_loss"], 8: both[8]}
+    assert both[7] != both[8]
+
+
 def test_a_rungs_rows_count_its_tokens_non_embedding_params_and_each_loss_in_its_column():
     """Each row of train_rung is what the law is fitted on (the main tests stub train_rung): D = steps·SEQ·BATCH,
     N the non-embedding count (the module's docstring; the total passed), and eval_loss the held-out batches' loss:
@@ -158,6 +171,9 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
     assert (tmp_path / "results.json").read_text() == "{}"
     with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
+    # --out naming the results file itself said '.../results.json/results.json does not exist'
+    with pytest.raises(SystemExit, match=r"--replot: .*results.json is a file; pass the directory that holds it"):
+        scaling_ladder.main(["--replot", "--out", str(tmp_path / "results.json"), "--no-docs"])
     # training settings beside --replot were ignored in silence (--fresh's files were kept, --lr changed nothing)
     for flag, value in (("--fresh", []), ("--lr", ["1e-3"]), ("--warmup", ["4"])):
         with pytest.raises(SystemExit):
