@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import pathlib
 from collections.abc import Iterator
@@ -196,6 +197,7 @@ def _surrogate_at(v, where: str = "") -> str | None:
 
 def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
     """Stream the documents of one shard in order, `chunk` records in memory at a time."""
+    _check_chunk("iter_docs", chunk)
     reader = _open_shard(path)
     try:
         n = reader.num_records()
@@ -214,10 +216,19 @@ def iter_docs(path: str | os.PathLike, chunk: int = 256) -> Iterator[dict]:
 
 def read_docs(path: str | os.PathLike, indices: list[int], chunk: int = 256) -> Iterator[dict]:
     """The documents at `indices` (positions in the shard, in the order given) of one shard, read at random
-    (records are stored one a chunk), `chunk` in memory at a time."""
+    (records are stored one a chunk), `chunk` in memory at a time. A position outside the shard raises a ValueError
+    naming it."""
+    _check_chunk("read_docs", chunk)
     # array_record's options for random access (its defaults read ahead 16 MB a thread, for sequential reads)
     reader = _open_shard(path, "readahead_buffer_size:0,max_parallelism:0")
     try:
+        # a position past the end was said to be a damaged shard ('a truncated copy?'), a negative one a pybind11
+        # 'incompatible function arguments'
+        n = reader.num_records()
+        if bad := sorted({int(i) for i in indices if not 0 <= i < n}):
+            raise ValueError(f"read_docs: positions {bad[:5]}{' ...' if len(bad) > 5 else ''} are not in {path}, "
+                             f"which holds {n} records ({f'0 to {n - 1}' if n else 'none'}); positions count from 0 (a "
+                             "pipeline run's: the shard was replaced since; copy or clean it again)")
         for start in range(0, len(indices), chunk):
             try:
                 recs = reader.read(list(indices[start:start + chunk]))
@@ -226,6 +237,13 @@ def read_docs(path: str | os.PathLike, indices: list[int], chunk: int = 256) -> 
             yield from _decoded(path, recs)
     finally:
         reader.close()
+
+
+def _check_chunk(where: str, chunk) -> None:
+    # chunk=-1 read nothing (range() counts down from 0): a shard of documents gave none, in silence
+    if isinstance(chunk, bool | np.bool_) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"{where}: chunk={chunk!r} (records held in memory at a time) must be an int >= 1, "
+                         "e.g. 256")
 
 
 def _decoded(path, recs) -> Iterator[dict]:

@@ -6,14 +6,14 @@ text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, 
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). `discover` refuses, before any
 work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 or
-with bare-CR line ends, zstd / lz4 / archive files, Parquet compressed whole (`.parquet.gz`), CSV and Arrow-family
-files, and files whose names are not UTF-8. Directory walks skip Hadoop / Spark side files (names starting with `_`
-or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no records; a file named
-explicitly is read. A JSONL / Parquet record's other fields travel with its document as
-metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`, `augmented`), which
-they overwrite (without a langid stage, labelling keeps a record's own `lang` and `lang_score`), as the document's
-text overwrites a `text` field (so with another `--text-field`, inputs whose first records have one are refused
-before any work: `check_text_field`).
+with bare-CR line ends, zstd / lz4 / deflate (Spark) / lzma / lzo / .Z / archive files, Parquet compressed whole
+(`.parquet.gz`), CSV and Arrow-family files, and files whose names are not UTF-8. Directory walks skip Hadoop /
+Spark side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories),
+which hold no records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its
+document as metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`,
+`augmented`), which they overwrite (without a langid stage, labelling keeps a record's own `lang` and `lang_score`),
+as the document's text overwrites a `text` field (so with another `--text-field`, inputs whose first records have
+one are refused before any work: `check_text_field`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ PARQUET_SUFFIXES = (".parquet",)
 # formats read as one text document each (a .zst shard was one `binary` drop, a CSV one document): refused up front
 _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "decompress it (zstd -d)",
            ".lz4": "decompress it (lz4 -d)", ".snappy": "decompress it", ".br": "decompress it (brotli -d)",
+           # Spark's `compression deflate` (Hadoop's DeflateCodec writes zlib streams), LZMA-alone, compress(1), lzop
+           ".deflate": "decompress it (zlib-flate -uncompress < IN > OUT) or write it as .gz (Spark: compression gzip)",
+           ".lzma": "decompress it (xz -d)", ".z": "decompress it (gzip -d)", ".lzo": "decompress it (lzop -d)",
            ".zip": "unpack it", ".tar": "unpack it", ".tgz": "unpack it", ".tbz2": "unpack it", ".txz": "unpack it",
            ".7z": "unpack it",
            ".csv": "convert it to JSON Lines or Parquet", ".tsv": "convert it to JSON Lines or Parquet",
@@ -90,7 +93,8 @@ def _streams(new):
 _OPENERS = {".gz": gzip.open, ".bz2": _streams(bz2.BZ2Decompressor), ".xz": _streams(lzma.LZMADecompressor)}
 # compressors of whole files, by suffix (Parquet compresses its own pages, so it is never read through them)
 _WHOLE_FILE = {".gz": "gzip -d", ".bz2": "bzip2 -d", ".xz": "xz -d", ".zst": "zstd -d", ".zstd": "zstd -d",
-               ".lz4": "lz4 -d", ".br": "brotli -d"}
+               ".lz4": "lz4 -d", ".br": "brotli -d", ".deflate": "zlib-flate -uncompress", ".lzma": "xz -d",
+               ".z": "gzip -d", ".lzo": "lzop -d"}
 # what a damaged file raises mid-read: one counted `unreadable_file` / `unreadable_rest`, never a crash
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -171,7 +175,7 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
              skip: str | os.PathLike | None = None) -> list[tuple[str, ...]]:
     """Files under `paths` (directories walked recursively, links to directories followed, sorted; nothing under
     `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
-    shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4,
+    shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4 / deflate,
     archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
     file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8, inputs that are not regular
     files (a FIFO, a socket, a device), and directories it cannot list."""
@@ -598,6 +602,7 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
         for row in range(rows):
             yield None, "missing_text", size // rows + (row < size % rows)
         return
+    maps = {f.name: f.type for f in pf.schema_arrow if _has_map(f.type)}
     row, batches = 0, pf.iter_batches(batch_size=256)
     while True:
         try:
@@ -611,7 +616,7 @@ def _read_parquet(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             text = obj.pop(cfg.text_field)
             n = (len(text.encode("utf-8", "surrogatepass")) if isinstance(text, str) else
                  len(text) if isinstance(text, bytes) else 0)  # another type is counted as bad_text_type below
-            obj = {k: _jsonable(v) for k, v in obj.items()}
+            obj = {k: _jsonable(_map_dicts(v, maps[k]) if k in maps else v) for k, v in obj.items()}
             if _no_id(obj.get("id")):  # (a null in an id column too)
                 obj["id"] = f"{path}:{row}"
             row += 1
@@ -645,6 +650,36 @@ def _pylist(batch, text_field: str) -> list[dict]:
         except UnicodeDecodeError:  # strings in a list / struct / map: read as bytes, a bad one's with U+FFFD
             cols[name] = _utf8_nested(col.cast(_as_binary(col.type)).to_pylist())
     return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def _has_map(t) -> bool:
+    """Whether Arrow type `t` holds a map at any depth."""
+    import pyarrow as pa
+
+    if pa.types.is_map(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_map(t.value_type)
+    return pa.types.is_struct(t) and any(_has_map(f.type) for f in t)
+
+
+def _map_dicts(v, t):
+    """`v`, a value of Arrow type `t` as to_pylist gives it, with each map in it a dict: to_pylist gives a map's
+    (key, value) pairs, and [["lang", "en"]] was the metadata where the same records as JSON Lines hold {"lang": "en"}.
+    A map whose keys repeat (as JSON keys, str) stays pairs: no JSON object holds it."""
+    import pyarrow as pa
+
+    if v is None:
+        return v
+    if pa.types.is_map(t):
+        pairs = [(k, _map_dicts(x, t.item_type)) for k, x in v]
+        keys = {str(k) for k, _ in pairs}  # (as _jsonable writes them)
+        return dict(pairs) if len(keys) == len(pairs) else [list(p) for p in pairs]
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return [_map_dicts(x, t.value_type) for x in v]
+    if pa.types.is_struct(t):
+        return {k: _map_dicts(x, t.field(k).type) if _has_map(t.field(k).type) else x for k, x in v.items()}
+    return v
 
 
 def _as_binary(t):

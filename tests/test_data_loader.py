@@ -810,6 +810,32 @@ def test_iter_docs_reads_every_record_in_order_across_chunks(tmp_path):
             f"doc {i}" for i in range(10)], chunk
 
 
+def test_read_docs_names_a_position_outside_the_shard(tmp_path):
+    """read_docs(shard, [n]) on a shard of n records said the shard was 'not a readable ArrayRecord shard ... a
+    truncated copy?' (it was whole; the position was wrong), and a negative position raised pybind11's 'incompatible
+    function arguments'."""
+    from data.shards import read_docs
+
+    shard = f"{write_tier(tmp_path, [f'doc {i}' for i in range(4)], shards=1)}/{shard_name(0)}.array_record"
+    assert [d["text"] for d in read_docs(shard, [3, 0, 3])] == ["doc 3", "doc 0", "doc 3"]
+    for bad in ([4], [1, -1]):
+        with pytest.raises(ValueError, match=rf"positions \[{bad[-1]}\] .*holds 4 records \(0 to 3\)"):
+            list(read_docs(shard, bad))
+
+
+def test_a_chunk_below_one_is_refused_not_an_empty_shard(tmp_path):
+    """iter_docs / read_docs with chunk=-1 read nothing (range() counted down from 0), so a shard of 4 documents gave
+    none, silently; chunk=0 said range()'s 'arg 3 must not be zero'."""
+    from data.shards import iter_docs, read_docs
+
+    shard = f"{write_tier(tmp_path, [f'doc {i}' for i in range(4)], shards=1)}/{shard_name(0)}.array_record"
+    for chunk in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"iter_docs: chunk={chunk!r} .*must be an int >= 1"):
+            list(iter_docs(shard, chunk=chunk))
+        with pytest.raises(ValueError, match=rf"read_docs: chunk={chunk!r} .*must be an int >= 1"):
+            list(read_docs(shard, [0, 1], chunk=chunk))
+
+
 def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
     """tier_texts / pretokenize pointed at pretokenize's output said 'JSONDecodeError: Expecting value'; a text
     field holding a number said 'expected string or bytes-like object', naming neither field nor document."""

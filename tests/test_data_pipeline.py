@@ -615,6 +615,20 @@ def test_formats_that_would_be_misread_are_named_before_any_work(tmp_path):
         assert not (tmp_path / f"out-{name}").exists()
 
 
+@pytest.mark.parametrize("name", ["part-00000-c000.json.deflate", "a.jsonl.lzma", "b.txt.Z", "c.jsonl.lzo"])
+def test_a_shard_in_a_compression_this_reads_not_is_refused_not_one_drop(tmp_path, name):
+    """Spark's `compression deflate` part files (Hadoop's DeflateCodec: zlib), .lzma, .Z and .lzo were read as one
+    text document: a `binary` drop for the file, its records in no count, as a .zst shard was."""
+    import zlib
+
+    from data.sources import discover
+
+    recs = b"".join(json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(20))
+    (tmp_path / name).write_bytes(zlib.compress(recs))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name} (decompress it")):
+        discover([tmp_path])
+
+
 def test_a_json_lines_file_of_arrays_is_refused_with_the_conversion_that_fits_it(tmp_path):
     """Every array was refused with jq -c '.[]', right for one big array of records, wrong for a file of one array per
     line (a table's rows): it split each row into its cells, one a line, none of them a record."""
@@ -1930,6 +1944,23 @@ def _raw_strings(vals):
     offsets = np.cumsum([0] + [len(v) for v in vals]).astype(np.int32)
     return pa.Array.from_buffers(pa.string(), len(vals), [None, pa.py_buffer(offsets.tobytes()),
                                                           pa.py_buffer(b"".join(vals))])
+
+
+def test_a_parquet_map_is_metadata_as_a_json_object(tmp_path):
+    """A map column (Spark's MapType: headers, a record's tags) came through as pyarrow's list of (key, value) pairs,
+    [["lang", "en"]] where the same records written as JSON Lines hold {"lang": "en"}; at any depth. A map whose keys
+    repeat stays pairs: no JSON object holds it."""
+    from data.sources import read_records
+
+    str_map = pa.map_(pa.string(), pa.string())
+    pq.write_table(pa.table({
+        "text": ["one", "two", "three", "four"],
+        "headers": pa.array([[("lang", "en"), ("url", "u")], [], None, [("k", "a"), ("k", "b")]], str_map),
+        "nested": pa.array([{"tags": [[("a", "1")]]}] * 4, pa.struct([("tags", pa.list_(str_map))])),
+        "counts": pa.array([[(1, 2)]] * 4, pa.map_(pa.int64(), pa.int64()))}), tmp_path / "m.parquet")
+    docs = [doc for doc, _, _ in read_records([str(tmp_path / "m.parquet")])]
+    assert [d["headers"] for d in docs] == [{"lang": "en", "url": "u"}, {}, None, [["k", "a"], ["k", "b"]]]
+    assert docs[0]["nested"] == {"tags": [{"a": "1"}]} and docs[0]["counts"] == {"1": 2}
 
 
 def test_parquet_strings_holding_invalid_utf8_are_decoded_like_json_lines(tmp_path):
