@@ -219,6 +219,19 @@ def check_batch(batch: int, mesh, what: str):
                          f"the remaining devices on tensor (e.g. data=1,tensor={n})")
 
 
+def check_sequence(p: Preset, mesh):
+    """Exit with a message naming the preset's field unless the DiT's tokens and the captions split over the mesh's
+    `sequence` axis (act_seq): the captions' refusal came from the DiT stage's first batch, after the VAE stage had
+    trained and encoded its latents (the VAE's rows are replicated where `sequence` does not divide them)."""
+    n, dit = mesh.shape.get("sequence", 1), p.t2v.dit
+    for size, what in ((dit.tokens, f"DiT tokens (grid {dit.grid} of t2v.dit.latent_shape {dit.latent_shape} / "
+                                    f"patch {dit.patch})"),
+                       (p.data.max_caption_len, "caption length (data.max_caption_len)")):
+        if size % n:
+            raise SystemExit(f"--mesh: sequence={n} splits the {what}, {size}, which it does not divide; pass a "
+                             f"--mesh whose sequence divides {size} and put the remaining devices on data or fsdp")
+
+
 def stage_settings(p: Preset, seed: int) -> dict[str, dict]:
     """What each stage's checkpoint is trained with, saved in its meta. Resuming a stage under other settings
     would mix two runs (the DiT of one VAE's latents decoded by another), so `check_resume` refuses it. Step
@@ -734,6 +747,7 @@ def main(argv=None):
         ap.error(f"argument --scales: {e}")
     for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
         check_batch(b, mesh, what)
+    check_sequence(p, mesh)
     try:  # the models' dimensions against the mesh, on shapes only (nothing compiled)
         for build in (lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0))):
             abstract_sharded(build, mesh)

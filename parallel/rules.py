@@ -268,6 +268,11 @@ def replicate_indivisible(on: bool = True):
         yield
 
 
+def replicating_indivisible() -> bool:
+    """Whether `replicate_indivisible()` is on here (a model's own divisibility checks then stand aside too)."""
+    return bool(_lenient.value)
+
+
 def _check_mesh_set(x) -> None:
     """Outside a mesh context, warn about an array that is sharded over several devices: the caller forgot
     `jax.set_mesh`. Its values come out right, but every activation constraint is skipped and GSPMD guesses: a

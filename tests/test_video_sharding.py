@@ -19,7 +19,7 @@ from models.video import (
     t2v_loss,
     vae_loss,
 )
-from parallel import batch_sharding, logical_shardings, logical_to_spec, make_mesh, shard_state
+from parallel import abstract_sharded, batch_sharding, logical_shardings, logical_to_spec, make_mesh, shard_state
 
 T2V = TextToVideoConfig(
     dit=DiTConfig(latent_shape=(3, 4, 4), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=2, n_heads=2,
@@ -207,6 +207,22 @@ def test_sequence_parallel_dit_equals_single_device(windows):
     assert ops["all-gather"] == 0 and ops["all-to-all"] > 0, ops
     np.testing.assert_allclose(pred1, np.asarray(pred2), rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b), rtol=1e-5, atol=1e-5), g1, g2)
+
+
+def test_dit_tokens_the_sequence_axis_does_not_divide_are_refused_by_name_before_tracing():
+    """12 tokens (latent_shape (3, 4, 4) in (1, 2, 2) patches) on {sequence: 8}: the rules refused the first
+    constraint with "use a sequence length that is a multiple of 8", a length the DiT has no field of. Now the DiT
+    names its grid, latent_shape and patch, before patchifying anything."""
+    cfg = DiTConfig(latent_shape=(3, 4, 4), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=1, n_heads=2,
+                    mlp_dim=64, text_dim=16)
+    mesh = make_mesh({"data": 1, "sequence": 8})
+    graphdef, state = abstract_sharded(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), mesh)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    args = (f32(2, 3, 4, 4, 4), f32(2), f32(2, 8, 16), jax.ShapeDtypeStruct((2, 8), bool), f32(2, 16))
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"VideoDiT: its 12 tokens \(grid \(3, 2, 2\): "
+                                           r"DiTConfig\.latent_shape \(3, 4, 4\) / patch \(1, 2, 2\)\) do not split "
+                                           r"evenly over mesh axes \('sequence',\) \(size 8\)"):
+        jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args)
 
 
 def test_fsdp_shards_every_large_video_parameter():

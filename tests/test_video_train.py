@@ -356,6 +356,29 @@ def test_a_stage_mesh_axis_is_refused_since_the_video_models_do_not_pipeline(tmp
         assert re.search(r"argument --mesh: .*no pipeline.*stage=2.*e\.g\. --mesh data=8", err), err
 
 
+@pytest.mark.parametrize("preset,sequence,named", [
+    ("default", 8, r"DiT tokens \(grid \(3, 2, 2\) of t2v\.dit\.latent_shape \(3, 8, 8\) / patch \(1, 4, 4\)\), 12"),
+    ("tiny", 4, r"caption length \(data\.max_caption_len\), 6"),
+])
+def test_a_sequence_axis_that_does_not_split_the_tokens_is_refused_before_any_work(tmp_path, monkeypatch, preset,
+                                                                                 sequence, named):
+    """--mesh sequence=n splits the DiT's T'·H'·W' tokens and the captions' L (act_seq): where n divided neither, the
+    run trained and saved the VAE stage and encoded its latents, then failed at the DiT stage's first batch ("a
+    sequence length", not a field of the preset). Refused by name before anything is built, run or deleted."""
+    import dataclasses
+
+    p = train_video.PRESETS[preset]
+    if preset == "default":  # 12 tokens of (1, 4, 4) patches on {sequence: 8}
+        p = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, patch=(1, 4, 4))))
+    else:  # 8 tokens, captions of 6 on {sequence: 4}
+        p = dataclasses.replace(p, data=dataclasses.replace(p.data, max_caption_len=6))
+    monkeypatch.setitem(train_video.PRESETS, preset, p)
+    monkeypatch.setattr(train_video, "_run", lambda *a: pytest.fail(f"--mesh sequence={sequence} passed the checks"))
+    with pytest.raises(SystemExit, match=rf"--mesh: sequence={sequence} splits the {named}, which it does not divide"):
+        train_video.main(["--preset", preset, "--out", str(tmp_path / "run"), "--mesh", f"data=-1,sequence={sequence}"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_vae_and_t2v_steps_fit_a_fixed_batch():
     """The two training steps, on one fixed batch of the tiny preset: the loss falls (a sign or wiring bug in either
     step's loss, gradient or update would not), and the EMA follows the params."""

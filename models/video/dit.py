@@ -21,6 +21,7 @@ from flax import nnx
 
 from models.config import dtype_of
 from models.linear import add_bias
+from models.moe_dispatch import mesh_shards
 from models.params import param
 from models.residuals import bits_residuals
 from models.transformer import REMAT_POLICIES
@@ -37,7 +38,7 @@ from models.video.layers import (
     timestep_embedding,
     unpatchify,
 )
-from parallel.rules import constrain
+from parallel.rules import constrain, logical_to_spec, replicating_indivisible
 
 ZERO = 0.0  # std=0: a zero-initialised parameter (adaLN-Zero modulation, output projection)
 
@@ -96,6 +97,22 @@ class DiTBlock(nnx.Module):
         h = modulate(norm(x_BSD), m[:, 2, 0], m[:, 2, 1])
         x_BSD = gated_add(x_BSD, m[:, 2, 2], self.mlp(h, cd))
         return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
+
+
+def _check_token_split(cfg: DiTConfig) -> None:
+    """Under a mesh that splits `act_seq`, the DiT's S = T'·H'·W' tokens must divide it: the rules' refusal at the
+    first constraint said "a sequence length", which the DiT has no field of (its tokens come from latent_shape and
+    patch). Not inside `parallel.rules.replicate_indivisible()`, where the constraints replicate the tokens instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or replicating_indivisible():
+        return
+    axes = logical_to_spec(("act_seq",), mesh)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    if cfg.tokens % (n := mesh_shards("act_seq")):
+        raise ValueError(f"VideoDiT: its {cfg.tokens} tokens (grid {cfg.grid}: DiTConfig.latent_shape "
+                         f"{cfg.latent_shape} / patch {cfg.patch}) do not split evenly over mesh axes {axes} (size "
+                         f"{n}), which the rules give the tokens (act_seq); use a latent_shape / patch whose T'·H'·W' "
+                         f"is a multiple of {n}, or a mesh with fewer sequence devices")
 
 
 def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) -> None:
@@ -179,6 +196,7 @@ class VideoDiT(nnx.Module):
             raise ValueError(f"latents of shape {x_BTHWC.shape[1:]} do not match DiTConfig.latent_shape="
                              f"{cfg.latent_shape}, latent_channels={cfg.latent_channels}")
         _check_conditioning(cfg, x_BTHWC.shape[0], t_B, text_BLE, text_valid_BL, pooled_BE)
+        _check_token_split(cfg)
         x_BSP = patchify(x_BTHWC.astype(cd), cfg.patch)
         B, S, P = x_BSP.shape
         x_BSD = add_bias(matmul(x_BSP, self.patch_embed, cd), self.patch_bias[...])  # bias grads: float32 sums
