@@ -123,7 +123,8 @@ class QualityConfig:
     case-insensitively in lines (`^` / `$` anchor at a line's ends); matching lines are removed, and a document that
     loses more than `max_boilerplate_lines` of its lines *and* more than `max_boilerplate_chars` of its non-space
     characters is dropped (by lines alone, an article with a three-line footer was dropped whole: web extractions put a
-    paragraph on a line). `promo_phrases` / `blocklist` match case-insensitively (whole words for latin phrases).
+    paragraph on a line). `promo_phrases` / `blocklist` match case-insensitively (whole words for latin phrases);
+    rules and phrases match the text's NFKC folding (`match_form`: full-width letters kept by form="NFC" too).
     `max_markup_ratio`: of the non-space characters, those in HTML left by text extraction (tags, comments, entities,
     script / style elements, CSS rules; see `markup_chars`); `max_mojibake_rate`: mojibake sequences per word (CJK
     counted in words, as for promo density) that normalisation left, not repairing them safely (UTF-8 read as cp1252 /
@@ -281,6 +282,16 @@ def _phrase_regexes(phrases) -> tuple:
                  for p in phrases)
 
 
+def match_form(text: str) -> str:
+    """`text` as rules and phrases are matched: its NFKC folding, lower-cased. Kept full-width by
+    NormalizeConfig(form="NFC"), 'ＶＩＡＧＲＡ', 'Ｂｕｙ　ｎｏｗ' and an 'All rights reserved' footer in
+    full-width letters matched no blocklist, promo or boilerplate rule (the page kept), where NFKC's ASCII folding
+    of them was dropped."""
+    if not text.isascii() and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return text.lower()
+
+
 def phrase_counts(low: str, compiled) -> dict[str, int]:
     """Occurrences of each phrase in lower-cased text (a substring test first: most phrases are absent)."""
     return {p: n for p, rx in compiled if p in low and (n := len(rx.findall(low)))}
@@ -323,7 +334,7 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     non-blank lines)`: blank lines do not count, so a page reads the same with single or double line breaks.
     The blank lines around a removed one shrink to the longer run of them, and go at the text's ends, so
     normalised text stays normalised."""
-    low = text.lower()
+    low = match_form(text)
     hit = [rx for lit, rx in cfg._boilerplate_re if lit in low and rx.search(low)]
     lines = text.split("\n")
     n_lines = sum(bool(ln.strip()) for ln in lines)
@@ -332,7 +343,7 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     # a removed footer left its blank line(s) behind: a text ending in '\n', or 3 line breaks in a row
     kept, run, gap, cut, removed = [], [], [], False, 0
     for ln in lines:
-        if any(rx.search(ln.lower()) for rx in hit):
+        if any(rx.search(match_form(ln)) for rx in hit):
             removed += bool(ln.strip())  # a blank line a rule matches (^$, C4's no end punctuation) goes uncounted
             cut, gap, run = True, max(gap, run, key=len), []
         elif not ln.strip():
@@ -520,7 +531,8 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     s["ngram_scale"] = 1 + (cfg.cjk_chars_per_word - 1) * (n_words - len(latin)) / max(n_words, 1)
     s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max],
                            s["ngram_scale"]))
-    promo = phrase_counts(low, cfg._promo_re)
+    fold = match_form(text)
+    promo = phrase_counts(fold, cfg._promo_re)
     s["promo_hits"] = sum(promo.values())
     # per word, CJK text counted in words too (cjk_chars_per_word characters each): per character, a Chinese
     # document's density was half an English one's for the same phrases and length
@@ -528,7 +540,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     s["promo_density"] = s["promo_hits"] / word_units
     s["mojibake_rate"] = mojibake_sequences(text) / word_units  # per word, for the same reason
     s["promo_max_repeat"] = max(promo.values(), default=0)
-    s["blocklist_hits"] = sum(phrase_counts(low, cfg._block_re).values())
+    s["blocklist_hits"] = sum(phrase_counts(fold, cfg._block_re).values())
     return s
 
 

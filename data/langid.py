@@ -116,7 +116,11 @@ class LangID:
         if sum(map(str.isupper, text)) > sum(map(str.islower, text)):
             text = text.lower()
         ranked = self._id.rank(text)
-        if ranked[0][1] <= 2.0 / len(ranked):  # no evidence (no letters, 'ok'): near-flat probabilities, where the
+        # no letter (emoji, digits, symbols): no language, though emoji share UTF-8 bytes with CJK and are not always
+        # near-flat ('🙂' was the zh fold at 0.054, kept as Chinese)
+        if not any(map(str.isalpha, text)):
+            return "und", float(ranked[0][1])
+        if ranked[0][1] <= 2.0 / len(ranked):  # no evidence ('ok'): near-flat probabilities, where the
             return "und", float(ranked[0][1])   # zh fold (3 members) would win with 3x the flat share
         probs: dict[str, float] = {}
         members: dict[str, int] = {}

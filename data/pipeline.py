@@ -99,11 +99,13 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # drop; and, past --max-doc-bytes in all, one too_large drop), and a blank id is no id (named path:line, as null is);
 # 16 = normalisation keeps ZWNJ (U+200C: Persian and Indic scripts spell words with it); 17 = an id of ±Infinity
 # (a JSON line's Infinity, a Parquet float column's inf) is no id, named path:line as NaN is (it was stored as null);
-# 18 = a Parquet map column is metadata as a JSON object ({"lang": "en"}; it was a list of [key, value] pairs).
+# 18 = a Parquet map column is metadata as a JSON object ({"lang": "en"}; it was a list of [key, value] pairs);
+# 19 = text without a letter (emoji, digits) is language `und` (some emoji were the zh fold, kept as Chinese), and
+# boilerplate rules, promo phrases and the blocklist match full-width letters kept by form="NFC" (NFKC folding).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
-OUTPUT_VERSION = 18
+OUTPUT_VERSION = 19
 
 
 # how to switch off what a settings group configures (None is no setting)

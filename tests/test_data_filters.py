@@ -576,6 +576,27 @@ def test_full_width_letters_and_digits_are_words_under_nfc():
     assert s["mean_word_len"] is None and s["cjk_chars"] == len(words(ja))
 
 
+def test_full_width_spam_phrases_and_boilerplate_lines_match_under_nfc():
+    """Kept full-width by form="NFC", 'ＶＩＡＧＲＡ', 'Ｂｕｙ　ｎｏｗ' and an 'All rights reserved' footer in
+    full-width letters matched no blocklist, promo or boilerplate rule, and the page was kept, where NFKC's ASCII
+    folding of it was dropped: rules and phrases are matched in the text's NFKC folding, whatever the normal form."""
+    from data.normalize import NormalizeConfig, normalize_text
+
+    def full_width(t):
+        return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" if c == " " else c for c in t)
+
+    en = ("The river that runs through the old town was once used to carry timber down to the coast. Over the last "
+          "century the mills closed one by one, and the banks were slowly turned into parks. Today families walk "
+          "there on weekend mornings, fishermen sit under the willows, and a small museum in a former warehouse "
+          "tells the story of the men who worked the rafts.")
+    for text, why in ((en + " VIAGRA for sale.", "blocklist"), (en + " Buy now! Buy now! Buy now!", "promo_spam"),
+                      ("All rights reserved.\nPrivacy policy\nTerms of use\n" + en[:120], "boilerplate")):
+        for form in ("NFKC", "NFC"):
+            assert reason(normalize_text(full_width(text), NormalizeConfig(form=form))) == why, (form, why)
+    line = full_width("A line of text.")
+    assert strip_boilerplate(full_width("Home | News") + "\n" + line, CFG)[:2] == (line, 1)
+
+
 def test_placeholder_lorem_ipsum_pages_are_dropped_whole():
     """A boilerplate line rule, "lorem ipsum" removed the one line naming it and kept the page's other placeholder
     lines ("Sed do eiusmod tempor..."); the page goes, as in C4."""
