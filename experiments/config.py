@@ -499,6 +499,13 @@ def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     except ValueError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     path = os.path.join(folder, "config.json")
+    # a run directory said only "[Errno 2] No such file or directory: .../config.json"
+    if not os.path.exists(path) and os.path.isdir(os.path.join(folder, "ckpt")):
+        raise ConfigError(f"train.init_from: {folder!r} is a train_lm run (it holds ckpt/), not a Hugging Face folder "
+                          "(config.json + safetensors); start from it by exporting its model, `model, _ = "
+                          f"experiments.train_lm.load_model({folder!r}); models.hf.save_pretrained(model, FOLDER)` "
+                          "(the layouts a HF architecture has), then --init-from FOLDER; or continue the run itself: "
+                          f"--out {folder}")
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)

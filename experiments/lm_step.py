@@ -250,7 +250,8 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     (optax.clip_by_global_norm, computing the same norm, would zero their update).
     moe_cfg: the MoEConfig whose aux-loss weights and bias rate the step applies, and whether it jitters the router
     (router_jitter 0: off; otherwise the amount must be the model's own, by which its layers jitter); None: the
-    model's own (`cfg.moe`; None for a dense model).
+    model's own (`cfg.moe`; None for a dense model). A sigmoid router's bias moves here, outside `optimizer`: one
+    that the optimizer freezes (optax.multi_transform with set_to_zero) still moves unless bias_update_rate is 0.
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 

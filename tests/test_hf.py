@@ -1498,6 +1498,21 @@ def test_the_trainer_names_unreadable_hf_weights_as_a_config_error(tmp_path):
                        "4", "--set", "train.sample_tokens=0"])
 
 
+def test_init_from_a_train_lm_run_names_the_export_and_resume_it_takes(tmp_path):
+    """--init-from an earlier run's directory (its ckpt/, no config.json): the error was only "[Errno 2] No such file
+    or directory: '.../config.json'"; it says the folder is a run, and how to start from it (export it to a Hugging
+    Face folder, or resume it with --out)."""
+    from experiments.config import ConfigError, load
+
+    run = tmp_path / "run"
+    (run / "ckpt" / "4").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*run' is a train_lm run \(it holds ckpt/\), not a "
+                       r"Hugging Face folder.*load_model.*save_pretrained.*--out"):
+        load(["--preset", "tiny", "--init-from", str(run)])
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*No such file"):  # any other folder: as it was
+        load(["--preset", "tiny", "--init-from", str(tmp_path / "nothing")])
+
+
 def test_init_from_a_checkpoint_shorter_than_train_seq_names_the_fix_that_works(tmp_path):
     """--init-from a checkpoint whose max_position_embeddings (16) is below the preset's train.seq (32): the error
     said 'raise max_seq_len', and `--set model.max_seq_len=32` was then refused (the architecture comes from

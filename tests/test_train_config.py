@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 
 import jax
@@ -1358,3 +1359,32 @@ def test_a_tilde_the_shell_left_unexpanded_is_the_home_directory(tmp_path, monke
     assert dataclasses.replace(cfg.train, out="~").out == str(tmp_path)  # specs built in Python too
     with pytest.raises(ConfigError, match=r"^train\.out: '~nosuchuser_s52/x': ~nosuchuser_s52 names no home"):
         load(["--preset", "tiny", "--set", "train.out=~nosuchuser_s52/x"])
+
+
+def test_freezing_by_logical_axes_as_docs_parallelism_says_keeps_frozen_weights_bitwise():
+    """docs/parallelism.md's recipe: labels from the parameters' logical-axis metadata into optax.multi_transform with
+    set_to_zero (it said "an optax mask": optax.masked(make_optimizer(...), mask) adds the frozen leaves' raw
+    gradients to them, so they climbed their gradient and the loss rose), plus bias_update_rate 0 for a sigmoid
+    router's bias, which make_state_step moves outside the optimizer: the frozen weights stay bitwise, weight decay
+    included, and the `mlp` matrices move."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "parallelism.md").read_text()
+    assert "optax.multi_transform(" in text and "optax.set_to_zero()" in text and "bias_update_rate=0.0" in text
+    moe = MoEConfig(4, 2, 16, router="sigmoid", bias_update_rate=0.05, dispatch="capacity")  # capacity: a quick compile
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    axes = jax.tree.map(lambda v: v.get_metadata()["out_sharding"], nnx.state(model, nnx.Param),
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    labels = jax.tree.map(lambda a: "train" if "mlp" in a else "frozen", axes, is_leaf=lambda x: isinstance(x, tuple))
+    opt = optax.multi_transform({"train": make_optimizer(1e-2, 10, 0, weight_decay=0.5),
+                                 "frozen": optax.set_to_zero()}, labels)
+    graphdef, params = nnx.split(model)
+    before = [np.asarray(x) for x in jax.tree.leaves(params)]
+    tok = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])}
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    step = make_state_step(graphdef, opt, None, dataclasses.replace(moe, bias_update_rate=0.0))
+    after = [np.asarray(x) for x in jax.tree.leaves(step(state, batch)[0]["params"])]
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)]
+    for name, label, a, b in zip(names, jax.tree.leaves(labels), before, after, strict=True):
+        assert np.array_equal(a, b) == (label == "frozen"), name
