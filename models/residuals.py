@@ -40,7 +40,9 @@ def bits_residuals(fn, compute_dtype):
     """fn with the same values and gradients, whose backward keeps its bf16 / f16 residuals as uint16 bits (the
     module docstring): for the body of a layer scan. `fn` itself unless `compute_dtype` is bf16 / f16 on the CPU
     backend. Values it differentiates must come in as arguments: JAX refuses to differentiate a custom VJP with
-    respect to closed-over values (CustomVJPException); closed-over constants (positions, masks) are fine."""
+    respect to closed-over values (CustomVJPException); closed-over constants (positions, masks) are fine.
+    Its backward is not differentiable again through the packed residuals (integer bits have no tangent): a gradient
+    of a gradient (reverse-over-reverse HVP) through it silently drops their terms; under `plain_autodiff` it is fn."""
     if not packs(compute_dtype):
         return fn
     # (the VJP's treedef, the residuals' dtypes) of each traced forward, found by the backward through a zero-size

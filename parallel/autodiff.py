@@ -30,6 +30,9 @@ def plain_autodiff():
     give the same loss bit for bit (the video losses within 1 ulp) and gradients within 7e-7 of each leaf's largest;
     jvp equals <default gradient, v> within 8e-7 relative, and a finite difference within 1.4e-4 (float32 noise); a
     jvp-of-grad HVP equals reverse-over-reverse through the custom VJPs within 6.1e-7 of each leaf's largest.
+    Not in bf16 / f16 on the CPU backend with scanned layers: there reverse-over-reverse (grad of <grad, v>) through
+    the custom VJPs is silently wrong (a 2-layer bf16 model's HVP 60-90% off per leaf), since `models.residuals` keeps
+    the scan's residuals as integer bits, which carry no derivative; take HVPs under this switch there.
     Exceptions: past its cap `models.video.align.capped_exp` has min()'s gradient, 0 (the custom one lets a positive
     cotangent through: no function has that gradient); a bf16 model's embedding gradient is summed in bf16, and its
     products' gradients are autodiff's (`models.embed`, `models.linear`).
