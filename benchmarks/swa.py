@@ -4,9 +4,10 @@
                              [--plot docs/swa.png] [--train-step]
 
 One attention layer (B=1, 4 heads, head_dim 64, float32), forward + backward. Peak memory is XLA's
-compiled temp + argument + output bytes (`memory_analysis`), which is what the process must hold;
-dense kernels whose compiled footprint exceeds --max-gb, or longer than --dense-max, are compiled but
-not run (reported with their compiled footprint); so is any kernel whose footprint may not fit in the memory left.
+compiled temp + argument + output bytes (`memory_analysis`) in GiB (2**30 bytes; so is --max-gb), which is what
+the process must hold; dense kernels whose compiled footprint exceeds --max-gb, or longer than --dense-max, are
+compiled but not run (reported with their compiled footprint); so is any kernel whose footprint may not fit in
+the memory left.
 `--train-step` also runs one full Transformer train step (all layers local, W=1024) at 32K tokens.
 """
 
@@ -53,7 +54,7 @@ def measure(fn, T, reps, max_gb):
     # A cell that may not fit in what is left is reported, not run.
     left = memory_left_gb()
     if HEAP_FACTOR * gb > left:
-        tqdm.write(f"T={T}: not run: its {gb:.2f} GB program may not fit in the {left:.1f} GB of memory left "
+        tqdm.write(f"T={T}: not run: its {gb:.2f} GiB program may not fit in the {left:.1f} GiB of memory left "
                    f"(the tuned allocator keeps freed blocks); run the longest --lengths alone, or set "
                    f"JAXSCALE_MALLOC_TUNING=0")
         return None, gb
@@ -117,7 +118,7 @@ def train_step_32k(window=1024, T=32768):
     params, opt_state, metrics = step(params, opt_state, batch)
     jax.block_until_ready(metrics["loss"])
     return dict(tokens=T, window=window, loss=loss, step_s=time.perf_counter() - t0, first_step_s=first,
-                temp_gb=m.temp_size_in_bytes / 2**30)
+                temp_gib=m.temp_size_in_bytes / 2**30)
 
 
 def main(argv=None):
@@ -125,7 +126,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=at_least(1), nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--windows", type=at_least(1), nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=at_least(1), default=3)
-    ap.add_argument("--max-gb", type=memory_cap, default=8.0)
+    ap.add_argument("--max-gb", type=memory_cap, default=8.0, help="largest footprint run, GiB (default 8)")
     ap.add_argument("--dense-max", type=at_least(1), default=8192, help="longest sequence the quadratic kernels run at")
     ap.add_argument("--plot", type=plot_path, default=None)
     ap.add_argument("--json", type=out_path, default=None)
@@ -143,8 +144,8 @@ def main(argv=None):
     for w, name, T in tqdm(jobs, desc="attention fwd+bwd"):
         quadratic = name != "swa_blocked"
         sec, gb = measure(kernels(w)[name], T, args.reps, 0.0 if quadratic and T > args.dense_max else args.max_gb)
-        rows.append(dict(window=w, kernel=name, T=T, seconds=sec, peak_gb=gb))
-    print(f"\nB=1, {N_HEADS} heads x {HEAD_DIM}, float32, forward+backward; peak = XLA temp+args+outputs")
+        rows.append(dict(window=w, kernel=name, T=T, seconds=sec, peak_gib=gb))  # bytes / 2**30, once keyed peak_gb
+    print(f"\nB=1, {N_HEADS} heads x {HEAD_DIM}, float32, forward+backward; peak = XLA temp+args+outputs (GiB)")
     label = lambda T: f"{T // 1024}K" if T % 1024 == 0 else str(T)  # noqa: E731  (short runs use T < 1024)
     print("| W | kernel | " + " | ".join(label(T) for T in args.lengths) + " |")
     print("|---|---|" + "---|" * len(args.lengths))
@@ -153,8 +154,8 @@ def main(argv=None):
             cells = [r for r in rows if r["window"] == w and r["kernel"] == name]
             if not cells:
                 continue
-            fmt = lambda r: f"{r['seconds']:.2f} s / {r['peak_gb']:.2f} GB" if r["seconds"] is not None \
-                else f"not run ({r['peak_gb']:.2f} GB)"  # as precise as a run cell: '.0f' printed 0.06 GB as 0
+            fmt = lambda r: f"{r['seconds']:.2f} s / {r['peak_gib']:.2f} GiB" if r["seconds"] is not None \
+                else f"not run ({r['peak_gib']:.2f} GiB)"  # as precise as a run cell: '.0f' printed 0.06 as 0
             print(f"| {w} | {name} | " + " | ".join(fmt(r) for r in cells) + " |")
     for w in args.windows:
         t = {r["T"]: r["seconds"] for r in rows if r["window"] == w and r["kernel"] == "swa_blocked"}
@@ -188,8 +189,8 @@ def main(argv=None):
                     continue
                 label = name if name == "full_causal" else f"{name} W={w}"
                 axes[0].loglog([x["T"] for x in r], [x["seconds"] for x in r], "o-", label=label)
-                axes[1].loglog([x["T"] for x in r], [x["peak_gb"] for x in r], "o-", label=label)
-        for ax, what in zip(axes, ("fwd+bwd seconds", "peak GB (XLA)")):
+                axes[1].loglog([x["T"] for x in r], [x["peak_gib"] for x in r], "o-", label=label)
+        for ax, what in zip(axes, ("fwd+bwd seconds", "peak GiB (XLA)")):
             ax.set_xlabel("sequence length")
             ax.set_ylabel(what)
             ax.grid(True, which="both", alpha=0.3)

@@ -490,7 +490,7 @@ def test_swa_prints_the_footprint_of_a_kernel_it_did_not_run(monkeypatch, capsys
     monkeypatch.setattr(swa, "measure", lambda fn, T, reps, max_gb: (None, 0.06) if max_gb == 0 else (0.01, 0.02))
     swa.main(["--lengths", "512", "1024", "--windows", "128", "--dense-max", "512"])
     out = capsys.readouterr().out
-    assert "| 128 | dense_masked | 0.01 s / 0.02 GB | not run (0.06 GB) |" in out
+    assert "| 128 | dense_masked | 0.01 s / 0.02 GiB | not run (0.06 GiB) |" in out
 
 
 def test_swa_does_not_run_a_kernel_that_may_not_fit_in_the_memory_left(monkeypatch, capsys):
@@ -638,3 +638,38 @@ def test_a_results_file_at_a_bucket_url_is_refused_naming_the_fix(tmp_path, monk
     with pytest.raises(argparse.ArgumentTypeError, match=r"^'gs://b/x.json' is a URL.*gcsfuse"):
         out_path("gs://b/x.json")
     assert out_path("~/x.json") == str(tmp_path / "x.json")
+
+
+def test_batched_dots_json_names_each_rate_s_unit(tmp_path, monkeypatch):
+    """The elementwise passes are timed in GB/s, the products in GFLOP/s, but both sat in dicts keyed
+    all_cores_gflops / one_core_gflops: docs/batched_dots_session32.json's 'residual add' read as 110 GFLOP/s."""
+    import json
+    import types
+
+    from benchmarks import batched_dots
+
+    names = [s[0] for s in batched_dots.SHAPES] + ["residual add  [2048 × 256]"]
+    rates = {n: 10.0 for n in names}
+    monkeypatch.setattr("parallel.host.tune_cpu_allocator", lambda: False)
+    monkeypatch.setattr(batched_dots, "measure", lambda rounds: dict(rates))
+    monkeypatch.setattr("benchmarks.rounds.run_child", lambda *a, **k: types.SimpleNamespace(stdout=json.dumps(rates)))
+    monkeypatch.setattr(batched_dots, "_passes", lambda: (("residual add  [2048 × 256]", ((2048, 256),) * 2, None),))
+    batched_dots.main(["--rounds", "1", "--json", str(tmp_path / "dots.json")])
+    res = json.loads((tmp_path / "dots.json").read_text())["results"]
+    assert not any(k.endswith("_gflops") for k in res)
+    assert res["units"] == {**{s[0]: "GFLOP/s" for s in batched_dots.SHAPES}, "residual add  [2048 × 256]": "GB/s"}
+    assert res["all_cores"] == res["one_core"] == rates
+
+
+def test_swa_labels_its_footprints_gib(tmp_path, monkeypatch, capsys):
+    """measure() divides XLA's bytes by 2**30 (GiB, as --max-gb and MemAvailable are read), but the table, its JSON
+    (peak_gb) and the plot said GB: the '64 GB' dense kernel at 32K is 68.7 GB."""
+    import json
+
+    from benchmarks import swa
+
+    monkeypatch.setattr(swa, "measure", lambda fn, T, reps, max_gb: (None, 0.5) if max_gb == 0 else (0.01, 0.25))
+    swa.main(["--lengths", "512", "1024", "--windows", "128", "--dense-max", "512", "--json", str(tmp_path / "s.json")])
+    assert "| 128 | dense_masked | 0.01 s / 0.25 GiB | not run (0.50 GiB) |" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert rows[0]["peak_gib"] == 0.25 and "peak_gb" not in rows[0]
