@@ -690,9 +690,10 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(d.max_files is None or d.max_files >= d.eval_every_nth, "data.max_files",
          f"{d.max_files} modules hold none out for evaluation (every {d.eval_every_nth}-th is held out); use at "
          f"least {d.eval_every_nth} or lower data.eval_every_nth")
-    need("float16" not in (m.dtype, m.param_dtype), "model.dtype",
-         "float16 training needs loss scaling, which this trainer does not do (a mean loss's logit gradients fall "
-         "into fp16 subnormals: 14% error at 2048 tokens); use bfloat16")
+    # the field that holds it is named: a param_dtype float16 was blamed on model.dtype (float32 by default)
+    need("float16" not in (m.dtype, m.param_dtype), "model.dtype" if m.dtype == "float16" else "model.param_dtype",
+         "float16 training needs loss scaling, which this trainer does not do (float16's 5 exponent bits: small "
+         "gradients fall into its subnormals, large activations overflow); use bfloat16")
     need(m.param_dtype != "bfloat16", "model.param_dtype",
          "bfloat16 parameters lose every AdamW update smaller than half their rounding step (at lr 1e-4, 99% of "
          "|p| ~ 1 entries never move; norm scales stay frozen), and this trainer keeps no float32 master copy; use "
