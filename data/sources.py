@@ -652,13 +652,19 @@ def _pylist(batch, text_field: str) -> list[dict]:
     return [dict(zip(cols, row)) for row in zip(*cols.values())]
 
 
+def _listlike(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
 def _has_map(t) -> bool:
     """Whether Arrow type `t` holds a map at any depth."""
     import pyarrow as pa
 
     if pa.types.is_map(t):
         return True
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if _listlike(t):
         return _has_map(t.value_type)
     return pa.types.is_struct(t) and any(_has_map(f.type) for f in t)
 
@@ -675,7 +681,7 @@ def _map_dicts(v, t):
         pairs = [(k, _map_dicts(x, t.item_type)) for k, x in v]
         keys = {str(k) for k, _ in pairs}  # (as _jsonable writes them)
         return dict(pairs) if len(keys) == len(pairs) else [list(p) for p in pairs]
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+    if _listlike(t):
         return [_map_dicts(x, t.value_type) for x in v]
     if pa.types.is_struct(t):
         return {k: _map_dicts(x, t.field(k).type) if _has_map(t.field(k).type) else x for k, x in v.items()}
