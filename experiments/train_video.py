@@ -83,6 +83,7 @@ from models.video import (
     VAEConfig,
     VideoVAE,
     generate,
+    nearest_caption,
 )
 from models.video.vae import denormalize, latent_stats, normalize, psnr
 from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh
@@ -840,10 +841,10 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
         all_tok = jnp.asarray(np.stack([encode_caption(caption(*c), p.data.max_caption_len)
                                         for c in p.data.combos()]))
 
-        def retrieve(prm, zz):  # index of the caption (of all 48) the dual encoder finds closest
+        def retrieve(prm, zz):  # index of the caption (of all 48) the dual encoder finds closest, -1 for a tie
             model = nnx.merge(gd, prm)
             captions = model.align.embed_text(model.text(all_tok).pooled_BE)
-            return jnp.argmax(model.align.embed_video(zz) @ captions.T, axis=1)
+            return nearest_caption(model.align.embed_video(zz), captions)
 
         ret = jax.jit(retrieve) if p.t2v.align is not None else None
         results, videos, sets = run_eval(

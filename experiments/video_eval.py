@@ -90,8 +90,9 @@ def pad_to(x, n):
 def run_eval(gen_fn, decode_fn, embed_fn, data_cfg: MovingShapesConfig, *, scales=(1.0, 2.0, 4.0),
              per_seen: int = 2, per_held: int = 4, batch: int = 64, seed: int = 0, null_L=None):
     """gen_fn(tokens [b, L], key, scale) -> latents; decode_fn(latents) -> videos [-1, 1];
-    embed_fn(latents) -> R@1 candidates' similarity argmax (combo index) or None; null_L: the null caption's
-    tokens [L] for the null-prompt control (None: `null_tokens(data_cfg.max_caption_len)`).
+    embed_fn(latents) -> each clip's retrieved combo index (-1 for a tie: a miss, `models.video.nearest_caption`)
+    or None; null_L: the null caption's tokens [L] for the null-prompt control (None:
+    `null_tokens(data_cfg.max_caption_len)`).
 
     Returns (results, videos, sets) where results[(condition, split)] = scores, videos[(condition, split)] =
     decoded clips aligned with prompt_set(split) (condition: 'cfg <scale>' or 'null prompt') and sets[split] =

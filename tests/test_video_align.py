@@ -15,7 +15,7 @@ from data.moving_shapes import MovingShapesConfig, MovingShapesSource, dataset
 from models import plain_autodiff
 from models.config import TransformerConfig
 from models.video import AlignConfig, Aligner, DiTConfig, TextEncoder, info_nce, recall_at_1
-from models.video.align import capped_exp
+from models.video.align import capped_exp, nearest_caption
 from tests.test_custom_vjps import check_forward_mode
 
 DIT = DiTConfig(latent_shape=(3, 8, 8), latent_channels=3, patch=(1, 2, 2), d_model=32, n_layers=1, n_heads=2,
@@ -154,6 +154,23 @@ def test_recall_at_1_names_targets_outside_the_candidates_and_candidates_of_anot
         recall_at_1(captions, jnp.eye(3, 5), jnp.arange(3))
     assert float(recall_at_1(captions, captions, jnp.arange(3))) == 1.0
     assert float(jax.jit(recall_at_1)(captions, captions, jnp.asarray([1, 2, 3]))) == 0.0  # traced: not checked
+
+
+def test_recall_at_1_counts_a_tie_for_the_top_as_a_miss():
+    """argmax broke a tie for the most similar caption towards the lowest index: a collapsed text tower (every caption
+    one embedding) scored R@1 = 100% on clips of caption 0 (the eval's combo 0, 'a red square moving left', is a seen
+    caption) and a clip tied between its caption and a later one was a hit, a lower one a miss. A clip retrieves its
+    caption only when no other candidate is as similar (nearest_caption: -1 for a tie, as the eval's retrieve)."""
+    collapsed = jnp.ones((5, 4)) / 2
+    video = jnp.eye(3, 4)
+    assert float(recall_at_1(video, collapsed, jnp.zeros(3, int))) == 0.0
+    assert np.asarray(nearest_caption(video, collapsed)).tolist() == [-1, -1, -1]
+    captions = jnp.asarray([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])  # captions 0 and 1 tie for clip 0
+    assert float(recall_at_1(video[:1], captions, jnp.asarray([0]))) == 0.0
+    assert float(recall_at_1(video[:1], captions, jnp.asarray([1]))) == 0.0
+    assert np.asarray(nearest_caption(video, captions)).tolist() == [-1, 2, -1]  # clip 2 ties 0-similar with all
+    assert float(recall_at_1(video[:2], captions, jnp.asarray([0, 2]))) == 0.5
+    assert float(jax.jit(recall_at_1)(video[1:2], captions, jnp.asarray([2]))) == 1.0
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 4, 8, 3), (2, 2, 8, 8, 3), (2, 3, 8, 8, 4), (3, 8, 8, 3)])

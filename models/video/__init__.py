@@ -5,7 +5,7 @@ axes (parallel.rules), frozen self-validating configs that count their own param
 experiment and benchmark are in docs/benchmarks.md, "Video diffusion".
 """
 
-from models.video.align import Aligner, info_nce, recall_at_1
+from models.video.align import Aligner, info_nce, nearest_caption, recall_at_1
 from models.video.config import AlignConfig, DiffusionConfig, DiTConfig, TextToVideoConfig, VAEConfig
 from models.video.diffusion import ddim_sample, diffusion_loss, euler_sample, guided, sample
 from models.video.dit import DiTBlock, VideoDiT
@@ -16,4 +16,4 @@ from models.video.vae import VideoVAE, latent_stats, vae_loss
 __all__ = ["AlignConfig", "Aligner", "DiTBlock", "DiTConfig", "DiffusionConfig", "TextEncoder", "TextOut",
            "TextToVideo", "TextToVideoConfig", "VAEConfig", "VideoDiT", "VideoVAE", "caption_dropout",
            "ddim_sample", "diffusion_loss", "euler_sample", "generate", "guided", "info_nce", "latent_stats",
-           "recall_at_1", "sample", "t2v_loss", "vae_loss"]
+           "nearest_caption", "recall_at_1", "sample", "t2v_loss", "vae_loss"]

@@ -146,9 +146,20 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
     return 0.5 * (v2t + t2v)
 
 
+def nearest_caption(video_BJ, captions_KJ):
+    """Index of each clip's most similar caption [B] (of K candidates [K, J]), or -1 where another caption is as
+    similar: argmax broke a tie towards the lowest index, so a collapsed text tower (every caption one embedding)
+    'retrieved' caption 0 for every clip, a hit for each clip of caption 0."""
+    sims_BK = video_BJ @ captions_KJ.T
+    best_B = jnp.argmax(sims_BK, axis=1)
+    tied_B = (sims_BK == sims_BK.max(1, keepdims=True)).sum(1) > 1
+    return jnp.where(tied_B, -1, best_B)
+
+
 def recall_at_1(video_BJ, captions_KJ, target_B):
-    """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B).
-    video_BJ [B, J], captions_KJ [K, J], target_B [B] ints in [0, K). Returns a scalar."""
+    """Fraction of clips whose most similar caption (of K candidates) is their own (index target_B), alone: a tie for
+    the top is a miss (`nearest_caption`). video_BJ [B, J], captions_KJ [K, J], target_B [B] ints in [0, K). Returns
+    a scalar."""
     target_B = jnp.asarray(target_B)  # a list passed the checks, then failed at == as a bare TypeError
     B = jnp.shape(video_BJ)[0]
     if jnp.shape(target_B) != (B,):  # [B, 1] compared every clip with every target; length 1 broadcast
@@ -162,4 +173,4 @@ def recall_at_1(video_BJ, captions_KJ, target_B):
     if not isinstance(target_B, jax.core.Tracer) and B and not 0 <= np.min(target_B) <= np.max(target_B) < K:
         raise ValueError(f"recall_at_1: target_B must hold caption indices in [0, K={K}), got min "
                          f"{np.min(target_B)}, max {np.max(target_B)}")
-    return jnp.mean(jnp.argmax(video_BJ @ captions_KJ.T, axis=1) == target_B)
+    return jnp.mean(nearest_caption(video_BJ, captions_KJ) == target_B)
