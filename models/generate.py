@@ -158,6 +158,8 @@ def left_pad(prompts, pad_id: int = 0, length: int | None = None):
             span = f" (min {r.min()}, max {r.max()})" if np.issubdtype(r.dtype, np.integer) else ""
             raise ValueError(f"left_pad: prompt {b} must hold token ids (ints in [0, 2**31)), got {r.dtype} "
                              f"{r[:8].tolist()}{span}")
+    # a concrete integer scalar array is its int, as generate's pad_id takes one (jnp.int32(2) was refused here)
+    pad_id, length = _int_scalar(pad_id), _int_scalar(length)
     if not isinstance(pad_id, numbers.Integral) or isinstance(pad_id, bool) or not 0 <= pad_id <= top:
         raise ValueError(f"left_pad: pad_id={pad_id!r} must be a token id (an int in [0, 2**31))")
     P = max(map(len, rows))
@@ -291,6 +293,15 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
                                  "trim=False for [B, P + max_new_tokens] (pad_id after the stop)")
             new = new[:, :int(n)]
     return jnp.concatenate([prompt_BP, new], axis=1)
+
+
+def _int_scalar(v):
+    """A concrete 0-d numpy / jax array of an integer (not bool) dtype → its Python int; anything else as given (for
+    the caller's check to name)."""
+    if (getattr(v, "ndim", None) == 0 and not isinstance(v, jax.core.Tracer | numbers.Number)
+            and jnp.issubdtype(v.dtype, jnp.integer)):
+        return int(v)
+    return v
 
 
 def _real_scalar(v):

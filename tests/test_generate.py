@@ -839,6 +839,21 @@ def test_left_pad_refuses_ids_beyond_int32_instead_of_wrapping_them():
     assert left_pad([np.array([top], np.int64), [3, 4]], pad_id=top)[0].tolist() == [[top, top], [3, 4]]
 
 
+def test_left_pad_takes_integer_scalar_arrays_as_generate_does():
+    """generate's pad_id takes an integer scalar array (jnp.int32(2), np.array(2)); left_pad refused the same value
+    as 'must be a token id (an int ...)', so one pad id could not serve both. Now it is that int (length too); a bool
+    array is still no id."""
+    want = left_pad([[1], [2, 3]], pad_id=2, length=3)
+    for pad, length in ((jnp.int32(2), jnp.int32(3)), (np.array(2), np.array(3, np.uint8))):
+        got = left_pad([[1], [2, 3]], pad_id=pad, length=length)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match=r"pad_id=.* must be a token id"):
+        left_pad([[1], [2, 3]], pad_id=np.array(True))
+    with pytest.raises(ValueError, match=r"length=.* must be an int >= the longest prompt"):
+        left_pad([[1], [2, 3]], length=jnp.int32(1))
+
+
 def test_list_prompt_ids_beyond_int32_get_the_named_range_error(model):
     """The same ids as a Python list raised jax's bare OverflowError ("Python integer 2147483648 out of bounds for
     int32"), naming neither the argument nor the vocabulary; a model call likewise. Lists within range still run."""
