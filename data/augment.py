@@ -120,8 +120,10 @@ class DomainGlossary:
         for domain in domains:
             for term, term_low, definition, rx in self._compiled.get(domain, ()):
                 # the substring test is a C-speed scan; the word-boundary regex only confirms a hit
-                if term not in seen and term_low in low and rx.search(low):
-                    seen.add(term)
+                # by its lower case, as it matches: 'Matrix' of one domain's glossary and 'matrix' of another's
+                # are one term found, defined once (by the first domain's)
+                if term_low not in seen and term_low in low and rx.search(low):
+                    seen.add(term_low)
                     found.append((term, definition))
         found = found[:self.max_terms]
         if not found:  # a stale block removed takes its `augmented` terms with it (they named what it defined)

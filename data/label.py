@@ -26,10 +26,16 @@ SCORED_SIGNALS = (("special_char_ratio", "max_symbol_ratio"), ("digit_ratio", "m
 # 5-grams is also one of 6-grams ...: averaging the n would weigh repetition six times over)
 REPETITION_FAMILIES = (("top_{n}gram", "top_ngram_max"), ("dup_{n}gram", "dup_ngram_max"))
 
+# docstring section headers (Google, NumPy style), matched as written and lower-cased (an attribute list's "args:")
+_DOC_SECTIONS = ("Args:", "Arguments:", "Parameters:", "Returns:", "Raises:", "Yields:", "Parameters\n---",
+                 "Returns\n---")
+
 # (tag, keywords): plain words match whole lower-cased words, with punctuation split off ("theorem." and
 # "lemma," count); anything else (CJK, punctuation such as "self.") matches as a substring, and a keyword that
-# starts with a newline matches at the start of a line, after its indentation ("\nimport " is a statement,
-# "import tariffs" mid-sentence is not). A substring keyword that starts with a letter starts a word ("self." is
+# starts with a newline matches at the start of a line, after its indentation, and as written, case and all: it names
+# syntax ("\nimport " is a statement, "import tariffs" mid-sentence is not, nor a line's "Import duties rose": prose
+# capitalises a line's first word: "From Monday" opening two paragraphs made news code, and docstrings' "Return the
+# ..." made them code). A substring keyword that starts with a letter starts a word ("self." is
 # not in "himself." nor "my_self.", but is in "调用self.fit()"). Counting is one word count plus a few `str.count`
 # scans (and a regex confirming those), so it costs far less than a regex per tag. `docs` means API documentation:
 # docstring sections and field lists, not the English words they use ("returns", "default" and "raises" are finance
@@ -47,8 +53,8 @@ DEFAULT_DOMAINS = (
                "法律", "条款")),
     ("finance", ("inflation", "stocks", "investment", "investors", "revenue", "interest rates", "central bank",
                  "股票", "利率")),
-    ("docs", ("\nargs:", "\narguments:", "\nparameters:", "\nreturns:", "\nraises:", "\nyields:",
-              "\nparameters\n---", "\nreturns\n---", ":param ", ":returns:", ":rtype:", "@param ", "@return ")),
+    ("docs", (*(f"\n{s}" for s in _DOC_SECTIONS), *(f"\n{s.lower()}" for s in _DOC_SECTIONS), ":param ",
+              ":returns:", ":rtype:", "@param ", "@return ")),
 )
 
 
@@ -86,8 +92,10 @@ class LabelConfig:
         if self.min_hits_per_1k_words < 0:
             raise ValueError(f"LabelConfig.min_hits_per_1k_words={self.min_hits_per_1k_words} must be >= 0 "
                              "(0: min_hits alone decides)")
+        # line-start keywords as written (see DEFAULT_DOMAINS), the rest lower-cased
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
-                       tuple((k.lower(), re.compile(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(k.lower())}")
+                       tuple((k if k.startswith("\n") else k.lower(),
+                              re.compile(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(k.lower())}")
                               if k[:1].isalnum() and not _CJK_START.match(k) else None)
                              for k in kws if not _PLAIN_WORD.fullmatch(k)))
                       for tag, kws in self.domains)
@@ -126,13 +134,13 @@ def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
     low = text.lower()
     counts = collections.Counter(_WORD_PART.findall(low))
     n_words = max(len(words(low)), 1)
-    lines = None  # lines without their indentation, each after a newline: for the line-start keywords
+    lines = None  # lines without their indentation, each after a newline, as written: for the line-start keywords
     tags = []
     for tag, plain, other in cfg._split:
         hits = sum(counts[w] for w in plain)
         for k, word_start in other:
             if k.startswith("\n"):
-                lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in low.split("\n"))
+                lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in text.split("\n"))
                 hits += lines.count(k)
             elif k in low:
                 hits += low.count(k) if word_start is None else len(word_start.findall(low))

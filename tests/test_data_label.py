@@ -428,3 +428,33 @@ def test_glossary_terms_do_not_match_inside_words_that_go_on_in_a_combining_mark
                         ("\U00011025\U0001102B \U0001102B", ["\U00011025\U0001102B"]),
                         ("\U00011025\U0001102B\U00011038 \U0001102B", None)):
         assert gloss({"text": text, "domains": ["math"]}).get("augmented") == found, text
+
+
+def test_prose_lines_starting_with_a_capitalised_statement_word_are_not_code():
+    """Line-start keywords matched the lower-cased text, so a news report with paragraphs opening "From Monday" and
+    "From the north" was tagged code, and the augmentation stage appended Python's definition of 'exception' to it.
+    Statements are lower-case; docstring sections keep their capitals ("Args:")."""
+    from data.augment import DomainGlossary
+    from data.label import domain_tags
+
+    news = ("From Monday, the city will close two bridges for repairs, officials said.\n\n"
+            "From the north side, drivers can use the ring road instead, with an exception for buses.")
+    essay = "Class sizes grew this year.\n\nReturn rates for library books fell.\n\nImport duties on paper rose."
+    assert domain_tags(news) == [] and domain_tags(essay) == []
+    doc = {"text": news, "domains": domain_tags(news)}
+    assert DomainGlossary()(doc) is doc
+    assert domain_tags("import os\nFrom here\nfrom typing import Any\n") == ["code"]
+    assert domain_tags('"""Add.\n\nArgs:\n    x: one\n\nReturns:\n    the sum\n"""') == ["docs"]
+    numpy_doc = "Parameters\n----------\nx : int\n\nReturns\n-------\nint\n"
+    assert domain_tags(numpy_doc) == ["docs"]
+
+
+def test_a_term_spelled_in_two_cases_across_domains_is_defined_once():
+    """Terms match case-insensitively, but a term was counted once by its spelling: 'Matrix' in a math glossary and
+    'matrix' in a code one appended two definitions of the one word found."""
+    from data.augment import DomainGlossary
+
+    gloss = DomainGlossary(glossaries=(("math", (("Matrix", "a grid of numbers"),)),
+                                       ("code", (("matrix", "a 2-D array type"),))))
+    out = gloss({"text": "the matrix here", "domains": ["math", "code"]})
+    assert out["augmented"] == ["Matrix"] and out["text"].endswith("Glossary:\n- Matrix: a grid of numbers")
