@@ -86,6 +86,13 @@ class DedupConfig:
             raise ValueError(f"DedupConfig.confirm_sigmas={self.confirm_sigmas} must be >= 0")
         if not 0 < self.recall_target < 1:
             raise ValueError(f"DedupConfig.recall_target={self.recall_target} must be in (0, 1)")
+        b, r = self.bands()
+        if self.near and (reach := 1 - (1 - self.threshold ** r) ** b) < self.recall_target:
+            # bands() fell back to one row per band, short of the target: 0.81 at 0.1 and 16 permutations, in silence
+            raise ValueError(f"DedupConfig.threshold={self.threshold} with num_perm={self.num_perm}: no banding "
+                             f"makes a pair at the threshold a candidate with probability >= recall_target="
+                             f"{self.recall_target} (at most {reach:.2f}, {b} bands of 1 row); raise num_perm or "
+                             "the threshold, or lower recall_target")
 
     def bands(self) -> tuple[int, int]:
         """(bands b, rows r): the largest r whose S-curve 1-(1-t^r)^b reaches recall_target at t=threshold, of at

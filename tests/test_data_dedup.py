@@ -365,3 +365,18 @@ def test_documented_removal_rates_below_the_threshold_are_measured_ones():
         caught[band].append(index.add("b", signature(b, cfg)) is not None)
     for band, hits in caught.items():
         assert abs(np.mean(hits) - documented[band]) <= 0.07, (band, np.mean(hits), documented[band])
+
+
+def test_a_recall_target_no_banding_reaches_is_refused():
+    """bands() fell back to num_perm bands of 1 row when no banding reached recall_target: threshold=0.1 with 16
+    permutations made a pair at the threshold a candidate with probability 0.81 (1 - 0.9**16), not the documented
+    >= 0.95, in silence."""
+    with pytest.raises(ValueError, match=r"DedupConfig.threshold=0.1 .*recall_target=0.95.*at most 0.81"):
+        DedupConfig(threshold=0.1, num_perm=16)
+    with pytest.raises(ValueError, match=r"DedupConfig.threshold=0.02 .*num_perm=128"):
+        DedupConfig(threshold=0.02)
+    # reachable ones stay accepted, and so does any threshold where near dedup is off
+    for cfg in (DedupConfig(threshold=0.2, num_perm=16), DedupConfig(threshold=0.1, num_perm=16, recall_target=0.8),
+                DedupConfig(threshold=0.1, num_perm=16, near=False)):
+        b, r = cfg.bands()
+        assert not cfg.near or 1 - (1 - cfg.threshold**r) ** b >= cfg.recall_target
