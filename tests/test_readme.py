@@ -96,3 +96,24 @@ def test_the_tests_the_docs_cite_exist():
     dead = sorted((n, doc) for n, doc in cited if n not in REMOVED_TESTS
                   and not (any(m.startswith(n) for m in names) if n.endswith("_") else n in names))
     assert not dead, f"docs cite tests that do not exist (renamed or merged?): {dead}"
+
+
+def test_the_snippet_asks_for_the_devices_its_mesh_needs():
+    """Run as written in a fresh CPU process, the snippet's 8-device mesh failed at make_mesh ('needs 8 devices but 1
+    are available'): jax gives one CPU device unless asked, before the backend starts, as docs/parallelism.md says."""
+    code = _snippet()
+    sizes = re.search(r"make_mesh\(\{([^}]*)\}\)", code)
+    assert sizes, "README's snippet no longer builds a mesh with make_mesh: update this test"
+    need = int(np.prod([int(v) for v in re.findall(r":\s*(\d+)", sizes.group(1))]))
+    asked = re.search(r'^jax\.config\.update\("jax_num_cpu_devices", (\d+)\)', code, re.M)
+    assert asked and int(asked.group(1)) == need and asked.start() < code.index("nnx.Rngs"), (
+        f"the snippet's mesh needs {need} devices: set jax_num_cpu_devices to it before anything touches JAX")
+
+
+def test_testing_doc_quotes_make_tests_pytest_command():
+    """docs/testing.md quotes the pytest line `make test` runs; its flags drifted from the Makefile's."""
+    make = (README.parent / "Makefile").read_text()
+    cmd = re.search(r"-m (pytest [^$\n]*?tests)\b", make)
+    assert cmd, "Makefile's test target lost its pytest line: update this test"
+    quoted = cmd.group(1).replace("pytest -q ", "pytest ")
+    assert f"`{quoted}`" in (README.parent / "docs" / "testing.md").read_text(), quoted
