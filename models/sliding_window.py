@@ -30,7 +30,7 @@ from models.attention import (
     valid_mask,
 )
 from parallel.autodiff import custom_vjp, plain
-from parallel.rules import constrain_merged
+from parallel.rules import constrain_leading, logical_to_spec
 
 
 def num_key_blocks(window: int, block: int, n_blocks: int) -> int:
@@ -145,21 +145,22 @@ def sliding_window_attention(q_BTNH, k_BTKH, v_BTKH, window: int, *, segment_ids
 
 def _blocks_core(q_BQCKGH, k_BQSKH, v_BQSKH, mask_BQCS, scale, softcap=None):
     """Every query block against its key window through `models.attention.softmax_attention` (a hand-written VJP),
-    blocks folded into the batch: its backward keeps float32 E per score (+ row statistics), where autodiff of the
+    vmapped over the Q blocks: its backward keeps float32 E per score (+ row statistics), where autodiff of the
     softmax kept scores, probabilities and masks (and tanh under a soft-cap). Float32 scores from bf16 operands
     (rounding them to bf16 made the output 5-6x less accurate). A fully masked row (a padding query) outputs 0.
     Returns [B, Q, C, K, G, H]."""
-    B, Q, C, K, G, H = q_BQCKGH.shape
-    S = k_BQSKH.shape[2]
-    # the merged rows split over batch and sequence devices (left to XLA, every sequence device ran all its batch
-    # shard's blocks: 4.0x the kernel's FLOPs and temp bytes of {data: 8} on {data: 2, sequence: 4})
-    rows = functools.partial(constrain_merged, outer=("batch", B), inner=("act_seq", Q))
-    q_XKGCH = rows(q_BQCKGH.reshape(B * Q, C, K, G, H).transpose(0, 2, 3, 1, 4))
-    k_XKSH, v_XKSH = (rows(x.reshape(B * Q, S, K, H).transpose(0, 2, 1, 3)) for x in (k_BQSKH, v_BQSKH))
-    mask_X11CS = rows(mask_BQCS.reshape(B * Q, 1, 1, C, S))
-    o_XKGCH = softmax_attention(q_XKGCH, k_XKSH, v_XKSH, mask_X11CS, scale, softcap)
-    o_XKGCH = jnp.where(mask_X11CS.any(-1, keepdims=True), o_XKGCH, 0)
-    return o_XKGCH.transpose(0, 3, 1, 2, 4).reshape(B, Q, C, K, G, H)
+    # [B, Q] kept as two dims, split over batch and sequence devices as the sequence arrives (left to XLA, every
+    # sequence device ran all its batch shard's blocks: 4.0x the kernel's FLOPs and temp bytes of {data: 8} on
+    # {data: 2, sequence: 4}). Merged into one [B·Q] dim, the split matched the arriving [B / n_b, Q / n_s] tiles
+    # only at one row per batch shard: XLA regathered the rows, on {sequence: 8} the whole of k and v
+    rows = functools.partial(constrain_leading, names=("batch", "act_seq"))
+    q_BQKGCH = rows(q_BQCKGH.transpose(0, 1, 3, 4, 2, 5))
+    k_BQKSH, v_BQKSH = (rows(x.transpose(0, 1, 3, 2, 4)) for x in (k_BQSKH, v_BQSKH))
+    mask_BQ11CS = rows(mask_BQCS[:, :, None, None])
+    attend = jax.vmap(functools.partial(softmax_attention, scale=scale, softcap=softcap), in_axes=1, out_axes=1)
+    o_BQKGCH = attend(q_BQKGCH, k_BQKSH, v_BQKSH, mask_BQ11CS)
+    o_BQKGCH = jnp.where(mask_BQ11CS.any(-1, keepdims=True), o_BQKGCH, 0)
+    return o_BQKGCH.transpose(0, 1, 4, 2, 3, 5)
 
 
 def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=None):
@@ -310,8 +311,6 @@ def _splash_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT, scale, log
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-    from parallel.rules import logical_to_spec
-
     names = ("batch", None, "act_heads", None)
     q_spec, kv_spec = (logical_to_spec(names, mesh, x.shape, replicate_indivisible=True) for x in (q_BTNH, k_BTKH))
     if q_spec[2] != kv_spec[2]:  # N divides the head axes but K does not: heads whole

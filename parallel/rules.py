@@ -335,30 +335,20 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
                                                                 replicate_indivisible=_lenient.value))
 
 
-def constrain_merged(x: jax.Array, outer: tuple[str, int], inner: tuple[str, int]) -> jax.Array:
-    """Constrain dim 0 of x, two logical dims merged (outer size × inner size, outer major: a reshape of
-    [B, Q, ...] to [B·Q, ...]), to both names' mesh axes; the other dims are left to XLA. GSPMD does not carry a
-    sharding of Q through such a reshape (it replicated it). A no-op outside a mesh, with no mesh axis for the inner
-    name, or when the inner size is not a multiple of its axes' (the dim then stays replicated over them)."""
+def constrain_leading(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Constrain x's leading len(names) dims to those logical names' mesh axes, each replicated where its axes do
+    not divide it (the first dim takes a shared axis, as in `logical_to_spec`); the other dims are left to XLA
+    (UNCONSTRAINED: `constrain` would replicate them). A no-op outside a mesh. For [B, Q, ...] blocks kept as two
+    dims: merged into one [B·Q] dim, a split over both matched the arriving [B / n_b, Q / n_s] tiles only at one row
+    per batch shard, and XLA regathered them (sliding-window attention's whole k and v on every device of
+    {sequence: 8})."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         _check_mesh_set(x)
         return x
     _check_same_mesh(x, mesh)
-
-    def axes(spec):
-        return tuple(a for e in spec for a in ((e,) if isinstance(e, str) else (e or ())))
-
-    (o_name, o_size), (i_name, i_size) = outer, inner
-    o_axes = axes(logical_to_spec((o_name,), mesh, (o_size,), replicate_indivisible=True))
-    i_axes = tuple(a for a in axes(logical_to_spec((i_name,), mesh)) if a not in o_axes)  # (rules may share one)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    n = 1
-    for a in i_axes:
-        n *= sizes[a]
-    if not i_axes or i_size % n:
-        return x
-    return jax.lax.with_sharding_constraint(_onto_mesh(x), P(o_axes + i_axes, *(P.UNCONSTRAINED,) * (x.ndim - 1)))
+    spec = logical_to_spec(names, mesh, x.shape[:len(names)], replicate_indivisible=True)
+    return jax.lax.with_sharding_constraint(_onto_mesh(x), P(*spec, *(P.UNCONSTRAINED,) * (x.ndim - len(names))))
 
 
 def sharing_axis(name: str, axis: str) -> list[str]:

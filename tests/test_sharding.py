@@ -1148,25 +1148,25 @@ def test_global_batch_from_local_stacks_the_processes_rows(monkeypatch):
         global_batch_from_local(np.zeros((4, 8), np.int32), mesh)
 
 
-def test_constrain_merged_splits_merged_rows_outer_axes_first():
-    """[B·Q, ...] rows (B outer) go to the batch axes, then the sequence axes within each: P(('data', 'sequence')),
-    so each data shard's rows, which a device holds already, are only subdivided. A Q its axes do not divide is left
-    alone (splitting B·Q anyway would cut blocks across devices); a B the batch axes do not divide is replicated over
-    them, not refused. Only a FLOP count and values tested it: both are the same with the axes swapped, or without the
-    check."""
-    from parallel.rules import constrain_merged
+def test_constrain_leading_splits_the_leading_dims_and_leaves_the_rest_to_xla():
+    """[B, Q, ...] blocks: B to the batch axes, Q to the sequence axes, each replicated where its axes do not divide
+    it (one prompt on a data mesh: B = 1 replicated over data, its Q still split), the other dims UNCONSTRAINED (XLA
+    keeps what arrives); a rule sharing an axis gives it to the first dim, as logical_to_spec does."""
+    from parallel.rules import constrain_leading
+
+    def leading(y):  # the output's spec of the two leading dims (jax trims trailing Nones)
+        return (*y.sharding.spec, None, None)[:2]
 
     mesh = make_mesh({"data": 2, "sequence": 4})
-    x = jnp.arange(32 * 3, dtype=jnp.float32).reshape(32, 3)
     with jax.set_mesh(mesh):
-        # one prompt on a data mesh: B = 1 replicated over data, its Q still split over sequence
-        for (b, q), spec in (((8, 4), jax.P(("data", "sequence"))), ((16, 2), jax.P()), ((1, 32), jax.P("sequence"))):
-            y = jax.jit(lambda x, b=b, q=q: constrain_merged(x, ("batch", b), ("act_seq", q)))(x)
-            assert y.sharding.spec == spec and np.array_equal(np.asarray(y), np.asarray(x)), (b, q, y.sharding.spec)
-        # an inner rule naming the outer's axis too: that axis counts once (('data', 'data', ...) raised in jax)
+        for shape, spec in (((8, 4, 3), ("data", "sequence")), ((16, 2, 3), ("data", None)),
+                            ((1, 32, 3), (None, "sequence"))):
+            x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+            y = jax.jit(lambda x: constrain_leading(x, ("batch", "act_seq")))(x)
+            assert leading(y) == spec and np.array_equal(np.asarray(y), np.asarray(x)), (shape, y.sharding)
         with use_rules(act_seq=("data", "sequence")):
-            y = jax.jit(lambda x: constrain_merged(x, ("batch", 8), ("act_seq", 4)))(x)
-        assert y.sharding.spec == jax.P(("data", "sequence")), y.sharding.spec
+            y = jax.jit(lambda x: constrain_leading(x, ("batch", "act_seq")))(jnp.zeros((8, 4, 3)))
+        assert leading(y) == ("data", "sequence"), y.sharding.spec
 
 
 def test_parse_mesh_refuses_unknown_axis_names_as_make_mesh_does():

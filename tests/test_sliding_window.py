@@ -413,3 +413,28 @@ def test_keys_and_per_token_arrays_of_the_wrong_shape_are_refused_by_name():
             run(q, k, v, valid_BT=jnp.ones((2, 11), bool))
         np.testing.assert_allclose(run(q, k, v, segment_ids_BT=jnp.ones((1, 12), jnp.int32),
                                        valid_BT=jnp.ones((1, 12), bool)), run(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [{"sequence": 8}, {"data": 2, "sequence": 4}])
+def test_sequence_split_blocks_stay_put_without_gathering_the_keys(shape):
+    """On a sequence-split mesh each device attends its own query blocks, keys and values gathered by nobody: the
+    blocks' [B, Q] rows were merged into one [B·Q] dim and split over batch x sequence, which matches the arriving
+    [B / n_b, Q / n_s] tiles only at one row per batch shard, so XLA regathered them (on {sequence: 8}, B 4, the
+    whole of k and v on every device: "Involuntary full rematerialization"). Values stay one device's."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel import make_mesh
+
+    q, k, v = qkv(4, 64, 2, 1, 8)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(sliding_window_attention(q, k, v, 5, block=8)))  # noqa: E731
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    want = grad(q, k, v)
+    mesh = make_mesh(shape)
+    with jax.set_mesh(mesh):
+        split = NamedSharding(mesh, P("data" if "data" in shape else None, "sequence"))
+        placed = [jax.device_put(x, split) for x in (q, k, v)]
+        compiled = grad.lower(*placed).compile()
+        got = compiled(*placed)
+    assert "all-gather" not in compiled.as_text()
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
