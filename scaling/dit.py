@@ -265,7 +265,13 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     pbytes = sum(p.size * dtype_bytes(p.dtype) / shard_factor(p.axes, p.shape, mesh, rules) for p in params)
 
     clips = micro_batch / input_shards("micro_batch", "batch", micro_batch, mesh, rules)
-    tokens = clips * s.tokens / shard_factor(("act_seq",), (s.tokens,), mesh, rules)
+    try:  # the rules' refusal said "a sequence length", which the DiT has no field of (as models.video's check)
+        seq = shard_factor(("act_seq",), (s.tokens,), mesh, rules)
+    except ValueError as e:
+        raise ValueError(f"dit_memory_per_device: its {s.tokens} tokens (grid {s.grid}: latent_shape {s.latent_shape}"
+                         f" / patch {s.patch}) do not split over the mesh's act_seq axes ({e}); use a latent_shape / "
+                         "patch whose T'·H'·W' they divide, or a mesh with fewer sequence devices") from None
+    tokens = clips * s.tokens / seq
     NH = s.n_heads * s.hd / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)
     per_clip = c * (text_len * (2 + (remat == "none") * int(s.qk_norm)) * NH + (12 if s.temporal else 9) * s.d_model)

@@ -105,6 +105,10 @@ def test_dit_memory_rejects_bad_input():
         dit_memory_per_device(BASE, {"dat": 2}, 2, TEXT)
     with pytest.raises(ValueError, match=r"micro_batch=4 must be a multiple of 8,"):
         dit_memory_per_device(BASE, {"data": 2, "fsdp": 4}, 4, TEXT)
+    # 27 tokens over 2 sequence devices: the model refuses them naming latent_shape / patch, not "a sequence length"
+    odd = dataclasses.replace(BASE, latent_shape=(3, 6, 6))
+    with pytest.raises(ValueError, match=r"27 tokens .*latent_shape \(3, 6, 6\) / patch"):
+        dit_memory_per_device(odd, {"data": 4, "sequence": 2}, 4, TEXT)
 
 
 
