@@ -85,6 +85,7 @@ from models.video import (
     generate,
     nearest_caption,
 )
+from models.video.config import token_grid
 from models.video.vae import denormalize, latent_stats, normalize, psnr
 from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh
 
@@ -225,12 +226,11 @@ def check_sequence(p: Preset, mesh):
     `sequence` axis (act_seq): the captions' refusal came from the DiT stage's first batch, after the VAE stage had
     trained and encoded its latents (the VAE's rows are replicated where `sequence` does not divide them)."""
     n, dit = mesh.shape.get("sequence", 1), p.t2v.dit
-    for size, what in ((dit.tokens, f"DiT tokens (grid {dit.grid} of t2v.dit.latent_shape {dit.latent_shape} / "
-                                    f"patch {dit.patch})"),
-                       (p.data.max_caption_len, "caption length (data.max_caption_len)")):
+    for size, what in ((dit.tokens, f"DiT's {token_grid(dit, 't2v.dit.')}"),
+                       (p.data.max_caption_len, f"caption length {p.data.max_caption_len} (data.max_caption_len)")):
         if size % n:
-            raise SystemExit(f"--mesh: sequence={n} splits the {what}, {size}, which it does not divide; pass a "
-                             f"--mesh whose sequence divides {size} and put the remaining devices on data or fsdp")
+            raise SystemExit(f"--mesh: sequence={n} splits the {what}, which it does not divide; pass a --mesh whose "
+                             f"sequence divides {size} and put the remaining devices on data or fsdp")
 
 
 def stage_settings(p: Preset, seed: int) -> dict[str, dict]:

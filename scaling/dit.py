@@ -234,6 +234,7 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     from flax import nnx
 
     from models.video import VideoDiT
+    from models.video.config import token_grid
     from parallel.sharding import abstract_model
     from scaling.memory import (
         MemoryBreakdown,
@@ -268,9 +269,9 @@ def dit_memory_per_device(cfg, mesh, micro_batch: int, text_len: int, *, remat: 
     try:  # the rules' refusal said "a sequence length", which the DiT has no field of (as models.video's check)
         seq = shard_factor(("act_seq",), (s.tokens,), mesh, rules)
     except ValueError as e:
-        raise ValueError(f"dit_memory_per_device: its {s.tokens} tokens (grid {s.grid}: latent_shape {s.latent_shape}"
-                         f" / patch {s.patch}) do not split over the mesh's act_seq axes ({e}); use a latent_shape / "
-                         "patch whose T'·H'·W' they divide, or a mesh with fewer sequence devices") from None
+        raise ValueError(f"dit_memory_per_device: its {token_grid(s)} do not split over the mesh's act_seq axes "
+                         f"({e}); use a latent_shape / patch whose T'·H'·W' they divide, or a mesh with fewer sequence "
+                         "devices") from None
     tokens = clips * s.tokens / seq
     NH = s.n_heads * s.hd / shard_factor(("act_heads",), (s.n_heads,), mesh, rules)
     F = s.mlp_dim / shard_factor(("act_mlp",), (s.mlp_dim,), mesh, rules)

@@ -219,7 +219,7 @@ def test_dit_tokens_the_sequence_axis_does_not_divide_are_refused_by_name_before
     graphdef, state = abstract_sharded(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0)), mesh)
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     args = (f32(2, 3, 4, 4, 4), f32(2), f32(2, 8, 16), jax.ShapeDtypeStruct((2, 8), bool), f32(2, 16))
-    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"VideoDiT: its 12 tokens \(grid \(3, 2, 2\): "
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"VideoDiT: its 12 tokens \(grid \(3, 2, 2\) of "
                                            r"DiTConfig\.latent_shape \(3, 4, 4\) / patch \(1, 2, 2\)\) do not split "
                                            r"evenly over mesh axes \('sequence',\) \(size 8\)"):
         jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args)

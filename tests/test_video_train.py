@@ -357,8 +357,8 @@ def test_a_stage_mesh_axis_is_refused_since_the_video_models_do_not_pipeline(tmp
 
 
 @pytest.mark.parametrize("preset,sequence,named", [
-    ("default", 8, r"DiT tokens \(grid \(3, 2, 2\) of t2v\.dit\.latent_shape \(3, 8, 8\) / patch \(1, 4, 4\)\), 12"),
-    ("tiny", 4, r"caption length \(data\.max_caption_len\), 6"),
+    ("default", 8, r"DiT's 12 tokens \(grid \(3, 2, 2\) of t2v\.dit\.latent_shape \(3, 8, 8\) / patch \(1, 4, 4\)\)"),
+    ("tiny", 4, r"caption length 6 \(data\.max_caption_len\)"),
 ])
 def test_a_sequence_axis_that_does_not_split_the_tokens_is_refused_before_any_work(tmp_path, monkeypatch, preset,
                                                                                  sequence, named):

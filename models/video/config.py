@@ -32,6 +32,14 @@ def _log2(n: int) -> int | None:
     return int(math.log2(n)) if n >= 1 and 2 ** int(math.log2(n)) == n else None
 
 
+def token_grid(cfg, field_prefix: str = "") -> str:
+    """"S tokens (grid (t, h, w) of latent_shape (T, H, W) / patch (pt, ph, pw))" for a message that refuses a token
+    split: the DiT's S = T'·H'·W' comes from latent_shape and patch, not from a sequence-length field. `cfg` is read
+    duck-typed (a DiTConfig or scaling's DiTShape); `field_prefix` names where the fields live (e.g. "t2v.dit.")."""
+    return (f"{cfg.tokens} tokens (grid {cfg.grid} of {field_prefix}latent_shape {cfg.latent_shape} / patch "
+            f"{cfg.patch})")
+
+
 def text_encoder_params(cfg: TransformerConfig) -> int:
     """Parameter count of `models.video.text.TextEncoder(cfg)`: embedding, blocks (the LM's), final norm: the LM's
     count without its head (a count of its own left the q / k norms out)."""

@@ -25,7 +25,7 @@ from models.moe_dispatch import mesh_shards
 from models.params import param
 from models.residuals import bits_residuals
 from models.transformer import REMAT_POLICIES
-from models.video.config import DiTConfig
+from models.video.config import DiTConfig, token_grid
 from models.video.layers import (
     CrossAttention,
     SelfAttention,
@@ -109,10 +109,9 @@ def _check_token_split(cfg: DiTConfig) -> None:
     axes = logical_to_spec(("act_seq",), mesh)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     if cfg.tokens % (n := mesh_shards("act_seq")):
-        raise ValueError(f"VideoDiT: its {cfg.tokens} tokens (grid {cfg.grid}: DiTConfig.latent_shape "
-                         f"{cfg.latent_shape} / patch {cfg.patch}) do not split evenly over mesh axes {axes} (size "
-                         f"{n}), which the rules give the tokens (act_seq); use a latent_shape / patch whose T'·H'·W' "
-                         f"is a multiple of {n}, or a mesh with fewer sequence devices")
+        raise ValueError(f"VideoDiT: its {token_grid(cfg, 'DiTConfig.')} do not split evenly over mesh axes {axes} "
+                         f"(size {n}), which the rules give the tokens (act_seq); use a latent_shape / patch whose "
+                         f"T'·H'·W' is a multiple of {n}, or a mesh with fewer sequence devices")
 
 
 def _check_conditioning(cfg, B: int, t_B, text_BLE, text_valid_BL, pooled_BE) -> None:
