@@ -17,7 +17,7 @@ import json
 import operator
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -26,6 +26,7 @@ from data.cli import local_path
 from data.normalize import replace_surrogates
 
 EOS = "<|endoftext|>"
+_NONE = object()  # train_bpe: no first text
 
 
 class ByteTokenizer:
@@ -61,6 +62,14 @@ def _check_ids(ids, who: str) -> np.ndarray:
     if ids is None or isinstance(ids, str | bytes | bytearray):
         raise TypeError(f"{who}: ids must be integers, got {type(ids).__name__}")
     arr = np.asarray(ids)
+    # floats were truncated (1.7 read as id 1, NaN a bare "cannot convert float NaN to integer"), bools read as ids
+    # 0 / 1 and a list of digit strings as ids by the BPE (a ufunc error in the byte tokenizer); Python ints past int64
+    # (an object array) are ids outside the vocabulary, which decode to nothing
+    if arr.size and arr.dtype.kind not in "iu" and not (
+            arr.dtype.kind == "O" and all(isinstance(i, int) and not isinstance(i, bool) for i in arr.flat)):
+        kind = type(arr.flat[0]).__name__ if arr.dtype.kind == "O" else str(arr.dtype)
+        raise TypeError(f"{who}: ids must be integers, got {kind}; pass token ids, e.g. ids.astype(np.int32) of "
+                        "integral values")
     if arr.ndim > 1:
         raise ValueError(f"{who}: ids must be one sequence (1-D), got shape {arr.shape}; decode each row, e.g. "
                          "[tok.decode(row) for row in ids]")
@@ -154,7 +163,10 @@ class BPETokenizer:
                                skip_special_tokens=True)
 
     def save(self, path: str | os.PathLike) -> None:
-        """One JSON file (the `tokenizers` format, loadable by `transformers` too)."""
+        """One JSON file (the `tokenizers` format, loadable by `transformers` too). Not saved in it: that special
+        tokens are never read from text. `Tokenizer.from_file` and `PreTrainedTokenizerFast(tokenizer_file=...)` encode
+        a document's text "<|endoftext|>" as the EOS id, as they do by default; `encode_special_tokens = True` on
+        the former, `split_special_tokens=True` to the latter give `encode`'s ids (`load` sets it)."""
         self.tok.save(local_path(path))  # (tokenizers said only "No such file or directory" to gs://...)
 
     @classmethod
@@ -239,16 +251,22 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
         raise ValueError(f"train_bpe vocab_size={vocab_size} must be <= 2**31: ids are int32; use e.g. 8192")
     if isinstance(texts, str | bytes):  # an iterable of characters: it would train on single letters
         raise TypeError("train_bpe texts: pass an iterable of documents (e.g. [text]), not one string")
+    if isinstance(texts, Mapping):  # one document ({"id": .., "text": ..}) iterated to its keys, trained on
+        raise TypeError(f"train_bpe texts: pass an iterable of documents, not one {type(texts).__name__} (iterating it "
+                        "gives its keys); e.g. [doc['text']]")
+    if length is not None and (isinstance(length, bool) or _index(length) is None or _index(length) < 0):
+        # `tokenizers` said "can't convert negative int to unsigned", naming no argument
+        raise ValueError(f"train_bpe length={length!r} must be None or the number of texts, an int >= 0")
     try:
         it = iter(texts)
     except TypeError:  # None said "'NoneType' object is not iterable", naming no argument
         raise TypeError(f"train_bpe texts: pass an iterable of documents (e.g. [text]), got {type(texts).__name__}"
                         ) from None
-    first = next(it, None)
-    if first is not None and not isinstance(first, str):  # `tokenizers` would train on a dict's keys, silently
+    first = next(it, _NONE)  # (a None default read a first item None, a JSON null, as "no documents")
+    if first is not _NONE and not isinstance(first, str):  # `tokenizers` would train on a dict's keys, silently
         raise TypeError(f"train_bpe texts: the items must be str, got {type(first).__name__}; pass the texts, e.g. "
                         "tier_texts(tier_dir) or (d['text'] for d in docs)")
-    if first is None:  # `tokenizers` would return the bare byte alphabet: a tokenizer that learned nothing
+    if first is _NONE:  # `tokenizers` would return the bare byte alphabet: a tokenizer that learned nothing
         raise ValueError("train_bpe texts: no documents; an empty tier? (`python -m data.report DIR` shows what "
                          "each cleaning stage dropped)")
     texts = _train_texts(itertools.chain([first], it))

@@ -302,6 +302,15 @@ def test_misused_inputs_are_named_before_any_work(bpe, tmp_path):
         train_bpe(iter([]), vocab_size=300, show_progress=False)
     with pytest.raises(TypeError, match="train_bpe texts: pass an iterable of documents"):  # 'NoneType' not iterable
         train_bpe(None, vocab_size=300, show_progress=False)
+    # one document (a dict) trained on its keys 'id' and 'text', silently; a first text None (a JSON null) was read as
+    # the end of the texts ("no documents; an empty tier?"); a negative length said "can't convert negative int to
+    # unsigned"
+    with pytest.raises(TypeError, match=r"not one dict \(iterating it gives its keys\); e.g. \[doc\['text'\]\]"):
+        train_bpe({"id": "0", "text": "hello world hello world"}, vocab_size=300, show_progress=False)
+    with pytest.raises(TypeError, match="items must be str, got NoneType"):
+        train_bpe([None, "hello world"], vocab_size=300, show_progress=False)
+    with pytest.raises(ValueError, match="train_bpe length=-1 must be None or the number of texts"):
+        train_bpe(["a b"] * 3, vocab_size=300, length=-1, show_progress=False)
     with pytest.raises(TypeError, match=r"train_bpe special_tokens=None: pass a tuple of tokens.*or \(\)"):
         train_bpe(["a b"] * 3, vocab_size=300, special_tokens=None, show_progress=False)  # 'NoneType' has no len()
     # a token named twice was counted twice against vocab_size (a valid 258 refused) and '' was accepted; "no" (truthy)
@@ -417,6 +426,13 @@ def test_a_text_that_is_not_str_is_named(tok_name, bpe):
         tok.decode("12")
     with pytest.raises(TypeError, match="decode: ids must be integers, got NoneType"):
         tok.decode(None)
+    # floats were truncated (104.9 read as 'h'; the BPE said "cannot convert float NaN to integer" to a NaN), bools
+    # read as ids 0 / 1, and a list of digit strings as ids by the BPE (a numpy ufunc error in the byte tokenizer)
+    for ids, kind in (([104.9, 105.2], "float64"), (np.array([104.0], np.float32), "float32"),
+                      ([float("nan")], "float"), ([True, False], "bool"), (["104", "105"], "<U3")):
+        with pytest.raises(TypeError, match=f"decode: ids must be integers, got {kind}"):
+            tok.decode(ids)
+    assert tok.decode([*tok.encode("h").tolist(), 2**70]) == "h"  # a Python int past int64: an id outside the vocab
     assert tok.decode([]) == "" and tok.decode(np.zeros(0, np.int64)) == ""
     # one id (an int, a numpy / jax scalar such as ids[-1]) is one token, as transformers' decode(5) reads it: the BPE
     # raised "'int' object is not iterable"
