@@ -284,7 +284,11 @@ class _MixUntilExhausted(grain.MapDataset):
         # the order cannot change (saved loader states index into it), and no sort key gives it: each pick depends on
         # the picks before. Python floats do the same float64 arithmetic as an np.argmax per document, ~10x faster;
         # the (source, position) pairs as two arrays, not a list of tuples (800k documents: 6.4 s and 80 MiB before)
-        w = (np.asarray(weights, np.float64) / float(sum(weights))).tolist()
+        total = float(sum(weights))
+        if not math.isfinite(total):  # weights near the float limit summed to inf: every share 0, picked 1:1 in turn
+            weights = [float(x) / float(max(weights)) for x in weights]  # (finite sums keep their bits: saved states)
+            total = float(sum(weights))
+        w = (np.asarray(weights, np.float64) / total).tolist()
         sizes, taken, picks, t = [len(p) for p in parents], [0] * len(parents), [], 0
         while True:
             t += 1
@@ -459,7 +463,7 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
     if len(parts) == 1:
         ds = parts[0]
     elif cfg.num_epochs is None:
-        ds = grain.MapDataset.mix(parts, [s.weight for s in sources])
+        ds = grain.MapDataset.mix(parts, _endless_weights(sources))
     else:  # grain's mix ends up to a round before the first source runs out, leaving some of it unread
         ds = _MixUntilExhausted(parts, [s.weight for s in sources])
     # grain's batch of 1 over an endless (sys.maxsize) dataset overflows computing its length: wrap records instead
@@ -475,6 +479,20 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
     stall = None if cfg.num_epochs is not None or tokenizer.eos_id is not None else _NoTargets(
         sources, tokenizer, cfg, p, n)  # with an EOS every document has a target; with an epoch limit the stream ends
     return _UnbatchIterDataset(ds, _Unbatch(stall, sum(sizes)))
+
+
+def _endless_weights(sources: Sequence[Source]) -> list:
+    """The weights for grain's endless mix, which scales them by 100 / the smallest and truncates to ints: weights as
+    small as 1e-310 (100 / them is inf) are scaled to the largest first; a ratio past the float range is named (grain
+    raised a bare "cannot convert float infinity to integer")."""
+    fits = lambda w: min(w) > 0 and all(math.isfinite(x * (100 / min(w))) for x in w)  # noqa: E731
+    if fits(w := [s.weight for s in sources]):
+        return w  # as given: rescaled weights may truncate to other ints, and saved states index into the mix
+    if fits(w := [float(x) / float(max(w)) for x in w]):  # (a ratio past the float range underflows to 0 here)
+        return w
+    raise ValueError(f"Source.weight: the weights {[float(s.weight) for s in sources]} are too far apart for grain's "
+                     "mix, which scales the smallest to 100 (the largest passes the float range, and the smallest "
+                     "source would never be read); drop that source, or give weights within a ratio of 1e300")
 
 
 def lm_dataset(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderConfig(),

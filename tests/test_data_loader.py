@@ -896,6 +896,20 @@ def test_a_finite_mixture_reads_the_source_that_ends_whole(tmp_path, weights):
     assert abs(counts[other] - len(docs) * share[other]) <= 1, counts  # the rest in proportion
 
 
+def test_weights_near_the_float_limit_mix_by_their_ratio_or_are_named(tmp_path):
+    """Source takes any positive finite weight, but weights of 1.5e308 and 1e308 summed to inf: every share was 0 and
+    a finite mixture alternated 1:1 instead of 3:2, silently; and a ratio of 1e400 made grain's endless mix raise a bare
+    "OverflowError: cannot convert float infinity to integer" (it scales the smallest weight to 100)."""
+    a = write_tier(tmp_path / "a", [f"a{i}" for i in range(6)], shards=1)
+    b = write_tier(tmp_path / "b", [f"b{i}" for i in range(6)], shards=1)
+    cfg = LoaderConfig(seq_len=8, global_batch_size=1, num_epochs=1, shuffle=False)
+    order = lambda wa, wb: [EOS_BYTES.decode(d["targets"])  # noqa: E731
+                            for d in documents([Source(a, wa), Source(b, wb)], EOS_BYTES, cfg, 0, 1)]
+    assert order(1.5e308, 1e308) == order(3.0, 2.0)
+    with pytest.raises(ValueError, match=r"Source\.weight.*1e\+200.*1e-200"):
+        documents([Source(a, 1e200), Source(b, 1e-200)], EOS_BYTES, dataclasses.replace(cfg, num_epochs=None), 0, 1)
+
+
 def test_the_documents_a_finite_mixture_leaves_unread_are_counted(tmp_path):
     """num_epochs=1 over sources of 30 and 5 documents at weights 1:1: the mixture ends when the small one is read
     (as documented), and the large one's other 25 documents were counted nowhere. Now skipped['mixture_end'], warned
