@@ -253,11 +253,15 @@ def top_k_indices(scores_TE, k: int):
         raise ValueError(f"top_k_indices: k={k} with {scores_TE.shape[-1]} scores per row; pick 1 <= k <= E")
     if k > 4:
         return jnp.argsort(-scores_TE, axis=-1, stable=True)[..., :k]
-    out = []
+    out, taken_TE = [], jnp.zeros(scores_TE.shape, bool)
     for _ in range(k):
-        i_T = jnp.argmax(scores_TE, axis=-1)
+        i_T = jnp.argmax(jnp.where(taken_TE, -jnp.inf, scores_TE), axis=-1)
+        # every unpicked score -inf (an expert pruned by a -inf bias): argmax returned the first -inf, maybe a picked
+        # one (the token then took one expert twice); the tie's lowest unpicked index is the sort's
+        hot_TE = jax.nn.one_hot(i_T, scores_TE.shape[-1], dtype=bool)  # (no gather: batch-sharded rows stay put)
+        i_T = jnp.where(jnp.any(hot_TE & taken_TE, axis=-1), jnp.argmax(~taken_TE, axis=-1), i_T)
         out.append(i_T)
-        scores_TE = jnp.where(jax.nn.one_hot(i_T, scores_TE.shape[-1], dtype=bool), -jnp.inf, scores_TE)
+        taken_TE = taken_TE | jax.nn.one_hot(i_T, scores_TE.shape[-1], dtype=bool)
     return jnp.stack(out, axis=-1)
 
 

@@ -304,6 +304,18 @@ def test_top_k_indices_is_a_stable_descending_sort():
         np.testing.assert_array_equal(np.asarray(top_k_indices(jnp.asarray(scores), k)), want[:, :k])
 
 
+def test_top_k_indices_never_repeats_an_expert_when_scores_are_minus_inf():
+    """A -inf score (a router_bias of -inf prunes an expert) with fewer finite scores than k: the argmax passes (k <= 4)
+    masked picked experts with -inf too, so the next pass took expert 0 again ([0, 0] for k=2 of [1, -inf, -inf,
+    -inf], where the sort gives [0, 1]); a token then held two slots of one expert, and at decode (C = T = 1)
+    capacity dispatch dropped its second, 'dropless' one. Now the -inf ties go to the lowest unpicked index."""
+    s = np.full((3, 5), -np.inf, np.float32)
+    s[0, 0], s[1, 1], s[1, 3] = 1, 2, 1  # row 2: all -inf
+    want = np.argsort(-s, axis=-1, kind="stable")
+    for k in range(1, 6):
+        np.testing.assert_array_equal(np.asarray(top_k_indices(jnp.asarray(s), k)), want[:, :k])
+
+
 def test_route_and_top_k_refuse_a_router_or_k_they_cannot_run():
     """route(..., router='Softmax') ran sigmoid routing (weights 0.552 / 0.448 where softmax gives 0.626 / 0.374):
     any name but 'softmax' fell through to the sigmoid. top_k_indices with k above the E scores returned expert 0
