@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import warnings
 
 from models.config import RopeScaling, TransformerConfig
 
@@ -346,8 +347,6 @@ def _moe_rope_source(message: str, hf: dict) -> str | None:
 
 
 def _moe_from_hf(hf: dict, mlp_act: str):
-    from models.moe import MoEConfig
-
     k = hf.get("num_experts_per_tok", 2)
     # null (transformers stores it as given; its router's top-k then fails) was a bare TypeError in the product below
     for field, v in (("num_experts_per_tok", k), ("router_aux_loss_coef", hf.get("router_aux_loss_coef", 0.0))):
@@ -359,16 +358,30 @@ def _moe_from_hf(hf: dict, mlp_act: str):
     # one layer, close otherwise.) Mixtral has no router z-loss: its weight is 0.
     # transformers' MixtralConfig maps `num_experts` onto num_local_experts (attribute_map), and it wins over it
     n = hf["num_experts"] if hf.get("num_experts") is not None else hf.get("num_local_experts", 8)
-    return MoEConfig(n_experts=n, top_k=k, expert_mlp_dim=hf["intermediate_size"],
-                     router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
-                     z_loss_weight=0.0, mlp_act=mlp_act)
+    return _checkpoint_moe("Mixtral's renormalised top-k", n_experts=n, top_k=k, expert_mlp_dim=hf["intermediate_size"],
+                           router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
+                           z_loss_weight=0.0, mlp_act=mlp_act)
+
+
+def _checkpoint_moe(routing: str, **fields):
+    """MoEConfig(**fields) of a checkpoint's routing. Its top-1 renormalised warning advised renormalize=False, which
+    changes the checkpoint's logits (transformers weights the one expert by 1) and has no Mixtral export: said here
+    as the checkpoint's own routing instead."""
+    from models.moe import MoEConfig
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"MoEConfig\(top_k=1, renormalize=True\)")
+        moe = MoEConfig(**fields)
+    if moe.top_k == 1 and moe.n_experts > 1 and moe.renormalize:
+        warnings.warn(f"HF config num_experts_per_tok=1 with {routing}: every expert output is weighted exactly 1, as "
+                      "in transformers, so fine-tuning trains the router through the balancing loss only (kept: "
+                      "other weights would change the checkpoint's logits)", stacklevel=4)
+    return moe
 
 
 def _qwen3_moe_from_hf(hf: dict, mlp_act: str) -> dict:
     """moe / moe_every of a Qwen3-MoE config.json: layer i is MoE when (i + 1) % decoder_sparse_step == 0 (our
     moe_every), unless mlp_only_layers lists it; softmax routing, top-k weights renormalised when norm_topk_prob."""
-    from models.moe import MoEConfig
-
     step, k = hf["decoder_sparse_step"], hf["num_experts_per_tok"]
     # 5.x writes num_local_experts, and its attribute_map reads num_experts (the hub's) onto it; given both,
     # num_local_experts wins (Mixtral's config the other way round)
@@ -388,10 +401,11 @@ def _qwen3_moe_from_hf(hf: dict, mlp_act: str) -> dict:
     if forced := sorted(i for i in set(only) if 0 <= i < L and step > 0 and (i + 1) % step == 0):
         raise _unsupported("mlp_only_layers", only, f"layers {forced} would be dense where decoder_sparse_step={step} "
                            "makes them MoE; our MoE layers are every decoder_sparse_step-th one (empty it)")
-    moe = MoEConfig(n_experts=n, top_k=k, expert_mlp_dim=hf["moe_intermediate_size"],
-                    router="softmax", renormalize=bool(hf["norm_topk_prob"]),
-                    lb_loss_weight=hf["router_aux_loss_coef"] * k,  # transformers' loss is k x ours (as Mixtral's)
-                    z_loss_weight=0.0, mlp_act=mlp_act)
+    moe = _checkpoint_moe("norm_topk_prob=true", n_experts=n, top_k=k, expert_mlp_dim=hf["moe_intermediate_size"],
+                          router="softmax", renormalize=bool(hf["norm_topk_prob"]),
+                          # transformers' loss is k x ours (as Mixtral's)
+                          lb_loss_weight=hf["router_aux_loss_coef"] * k,
+                          z_loss_weight=0.0, mlp_act=mlp_act)
     return dict(moe=moe, moe_every=step)
 
 

@@ -735,6 +735,19 @@ def test_a_null_mixtral_routing_field_is_named(field):
         config_from_hf(raw)
 
 
+@pytest.mark.parametrize("cls", ["MixtralConfig", "Qwen3MoeConfig"])
+def test_a_top1_renormalised_checkpoint_warns_without_advice_that_breaks_its_logits(cls):
+    """A top-1 Mixtral (or Qwen3-MoE with norm_topk_prob) warned "set renormalize=False" on loading: that changes the
+    checkpoint's logits (transformers weights the one expert by 1) and a Mixtral export refuses it. It now says what
+    the routing is, the checkpoint's own."""
+    raw = _hf_dict(cls, num_local_experts=4, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=48,
+                   norm_topk_prob=True)
+    with pytest.warns(UserWarning, match=r"num_experts_per_tok=1 .* as in transformers") as caught:
+        cfg = config_from_hf(raw)
+    assert cfg.moe.top_k == 1 and cfg.moe.renormalize
+    assert not [w for w in caught if "set renormalize=False" in str(w.message)]
+
+
 def test_an_o_proj_bias_the_config_does_not_declare_is_named_as_such(tmp_path):
     """A Llama checkpoint whose config.json says attention_bias=false but whose weights carry a non-zero o_proj.bias
     was refused "(attention_bias=True)", a setting the config does not have: transformers drops the tensor unread,
