@@ -458,17 +458,60 @@ def forward_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: 
 
 
 def prefill_flops_per_token(cfg, prompt_len: int, *, kernel: str = "ideal", block: int | None = None, windows=None,
-                            moe=None) -> float:
+                            moe=None, cache_len: int | None = None) -> float:
     """`models.generate`'s prefill per prompt token: a forward pass over `prompt_len` tokens whose LM head
     (2·d_model·vocab) runs on the last token only (the others' logits are never used): the forward's count less
-    (prompt_len - 1) / prompt_len of the head (it was counted for every prompt token)."""
+    (prompt_len - 1) / prompt_len of the head (it was counted for every prompt token).
+    kernel='executed' counts the experts' rows as they run with a cache (`_cached_moe`); its attention is that of an
+    uncached forward unless `cache_len` (generate's P + max_new_tokens, KVCache.zeros' max_len) is given: generate's
+    prefill runs through its cache, P - 1 tokens then the last one, each scoring a layer's written slots rounded up to
+    a bucket (`prefix_keys`), not the causal kernel's (P = 512 of 1024 slots: 512 keys a query, not ~290); see
+    `_cached_prefill_keys`. cache_len implies kernel='executed'."""
+    if cache_len is not None:
+        if kernel not in ("ideal", "executed"):
+            raise ValueError(f"prefill_flops_per_token: cache_len counts the kernels the cached prefill runs; "
+                             f"kernel={kernel!r} names another (leave it out, or pass kernel='executed')")
+        _whole("prompt_len", prompt_len)
+        if _whole("cache_len", cache_len) < prompt_len:
+            raise ValueError(f"prefill_flops_per_token: cache_len={cache_len} must hold the prompt ({prompt_len} "
+                             "tokens): generate allocates prompt_len + max_new_tokens slots")
+        kernel = "executed"
     s = lm_shape(cfg, windows=windows, moe=moe)
-    if kernel == "executed" and s.moe is not None and s.moe.dispatch == "capacity":
-        # with a KV cache capacity dispatch runs dropless, C = T slots per expert (models.moe: `inference`)
-        s = dataclasses.replace(s, moe=dataclasses.replace(s.moe, dispatch="dropless", dropless_impl="capacity",
-                                                           capacity_factor=1.0))
+    if kernel == "executed":
+        s = _cached_moe(s)
     head = 2.0 * s.d_model * s.vocab_size
-    return forward_flops_per_token(s, prompt_len, kernel=kernel, block=block) - head * (prompt_len - 1) / prompt_len
+    if cache_len is None:
+        return forward_flops_per_token(s, prompt_len, kernel=kernel, block=block) - head * (prompt_len - 1) / prompt_len
+    block = s.swa_block if block is None else block
+    keys = sum(_cached_prefill_keys(w, prompt_len, cache_len, block) for w in s.windows)
+    f = matmul_flops_per_token(s) + _routed_forward(s, prompt_len, True) - _routed_forward(s, prompt_len, False)
+    return f + 4.0 * s.n_heads * s.head_dim * keys - head * (prompt_len - 1) / prompt_len
+
+
+def _cached_prefill_keys(window: int | None, P: int, S: int, block: int) -> float:
+    """Keys per prompt token one layer scores in `models.generate`'s prefill through a cache of S slots (the layer
+    keeps min(W, S) of them, `models.transformer.cache_slots`): P - 1 tokens at length 0, then the last one. The chunk
+    scores its written slots' bucket (global layers), its slots and itself (a local layer's buffer of min(W, S) >=
+    P - 1 slots) or, longer than the buffer, W + P - 1 rows of the blocked kernel; the last token its written slots'
+    bucket. (On CPU a long chunk's query blocks pad fewer than one block of rows: not counted.)"""
+    slots = S if window is None or window >= S else window
+    T, keys = P - 1, float(prefix_keys(min(P, slots), slots))
+    if T == 1 or (T and window is None):
+        keys += T * prefix_keys(min(T, slots), slots)
+    elif T > slots:
+        keys += (slots + T) * executed_keys(slots + T, window, "blocked", block)
+    elif T:
+        keys += T * (slots + T)
+    return keys / P
+
+
+def _cached_moe(s: LMShape) -> LMShape:
+    """`s` as its MoE layers run with a KV cache (prefill and decode): capacity dispatch runs dropless, C = T slots
+    per expert (models.moe: `inference`)."""
+    if s.moe is None or s.moe.dispatch != "capacity":
+        return s
+    return dataclasses.replace(s, moe=dataclasses.replace(s.moe, dispatch="dropless", dropless_impl="capacity",
+                                                          capacity_factor=1.0))
 
 
 def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "ideal", block: int | None = None,
@@ -537,7 +580,9 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
     Each layer attends to min(window, context_len + 1) keys. models.generate's fixed-size cache executes more:
     pass its `cache_len` (KVCache.zeros' max_len). A layer of S slots (cache_len for global layers, a rolling
     buffer of min(W, cache_len) for local ones, the new token written into it first) then scores its written
-    slots, min(context_len + 1, S), rounded up to a bucket (`prefix_keys`).
+    slots, min(context_len + 1, S), rounded up to a bucket (`prefix_keys`), and MoE layers count the expert rows the
+    step runs (`executed_slots`): with a cache capacity dispatch runs dropless through C = T buffers, so a one-token
+    row takes a slot in every expert, E rows per token, not top_k (the sorted dropless kernels run top_k).
     """
     _whole("context_len", context_len, 0)
     if cache_len is not None:
@@ -553,7 +598,10 @@ def decode_flops_per_token(cfg, context_len: int, *, cache_len: int | None = Non
         else:
             slots = cache_len if w is None else min(w, cache_len)
             keys += prefix_keys(min(context_len + 1, slots), slots)
-    return matmul_flops_per_token(s) + 4.0 * s.n_heads * s.head_dim * keys
+    f = matmul_flops_per_token(s)
+    if cache_len is not None and s.moe is not None:  # top_k rows a token counted above; the step runs these
+        f += _routed_forward(_cached_moe(s), 1, True) - _routed_forward(s, 1, False)
+    return f + 4.0 * s.n_heads * s.head_dim * keys
 
 
 PREFIX_MIN = 64  # models.transformer.PREFIX_MIN, spelt out so that this module imports no jax (a test pins them)

@@ -473,6 +473,32 @@ def test_decode_flops_match_cost_analysis(pattern):
         assert decode_flops_per_token(dense, c) == decode_flops_per_token(dense, c, cache_len=c + 1)
 
 
+def test_decode_flops_with_a_cache_count_the_expert_rows_the_moe_step_runs():
+    """With a KV cache capacity dispatch runs dropless through C = T buffers (models.moe `inference`): a decode step's
+    one-token rows put one slot in every expert, E rows per token. decode_flops_per_token(cache_len=...) counted the
+    model's top_k rows: XLA read 1.24x it (E 4, K 1, MoE every 2nd layer), outside the documented 10%."""
+    moe = MoEConfig(4, 1, 32, dispatch="capacity", capacity_factor=1.25, renormalize=False)
+    cfg = TransformerConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, mlp_dim=128, scan_layers=False,
+                            moe_every=2, moe=moe)
+    B, S, context = 2, 128, 40
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    cache = jax.eval_shape(lambda: KVCache.zeros(cfg, B, S))
+    tok = jax.ShapeDtypeStruct((B, 1), jnp.int32)
+    xla = xla_flops(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c._replace(length=context)), state, tok, cache)
+    ours = decode_flops_per_token(cfg, context, cache_len=S) * B
+    assert ours <= xla <= 1.1 * ours, xla / ours
+    # by hand: E - K more rows of 3 D x F products in the one MoE layer; the exact count (no cache) stays the model's
+    rows = 2 * (moe.n_experts - moe.top_k) * 3 * cfg.d_model * moe.expert_mlp_dim
+    dense = dataclasses.replace(cfg, moe=None, moe_every=1)
+    attn = decode_flops_per_token(dense, context, cache_len=S) - matmul_flops_per_token(dense)
+    assert decode_flops_per_token(cfg, context, cache_len=S) == matmul_flops_per_token(cfg) + attn + rows
+    assert decode_flops_per_token(cfg, context) == matmul_flops_per_token(cfg) + decode_flops_per_token(
+        dense, context) - matmul_flops_per_token(dense)
+    # the sorted dropless kernels run top_k rows a token, cached or not
+    sorted_kernel = dataclasses.replace(cfg, moe=dataclasses.replace(moe, dispatch="dropless", dropless_impl="gmm"))
+    assert decode_flops_per_token(sorted_kernel, context, cache_len=S) == matmul_flops_per_token(cfg) + attn
+
+
 def test_prefill_flops_count_the_lm_head_once_per_prompt():
     """models.generate's prefill runs the LM head on the last prompt token only; prefill_flops_per_token (an alias of
     forward_flops_per_token) counted it for every prompt token. Measured where XLA sees it: what a larger vocabulary
@@ -493,6 +519,38 @@ def test_prefill_flops_count_the_lm_head_once_per_prompt():
     assert ours[1024] - ours[512] == pytest.approx(head)
     assert head <= xla[1024] - xla[512] <= 1.1 * head, (xla[1024] - xla[512]) / head
     assert prefill_flops_per_token(CONFIGS[0], 1) == forward_flops_per_token(CONFIGS[0], 1)
+
+
+def test_prefill_flops_with_a_cache_count_the_keys_generate_scores():
+    """generate's prefill runs through its KV cache of P + max_new_tokens slots: the first P - 1 tokens score a
+    global layer's written slots rounded up to a bucket (128 of 130 here, dense: not the causal kernel's ~65), a
+    local one its buffer and the chunk (W 80) or W + P - 1 rows of the blocked kernel (W 16), the last token a
+    bucket. prefill_flops_per_token(kernel='executed') counted an uncached forward's kernels: XLA read 1.27x it for a
+    global and two local layers. Compared on what those three layers add (XLA drops the last layer's work that feeds
+    no K / V; a scanned stack is counted once, so unrolled)."""
+    from models.generate import _prefill
+    from scaling.flops import prefill_flops_per_token
+
+    B, P, N = 1, 70, 60
+    xla, ours, before = [], [], []
+    for pattern, windows in (("G", None), ("GLLG", (80, 16))):  # what a global and two local layers add
+        cfg = TransformerConfig(vocab_size=64, d_model=64, n_layers=len(pattern), n_heads=4, mlp_dim=64,
+                                scan_layers=False, attn_pattern=pattern, sliding_window=windows)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0))))
+        prefill = lambda s, p, g=graphdef: _prefill(nnx.merge(g, s), p, None, jax.random.key(0), N, 0.0, None,  # noqa: E731
+                                                    None)[:2]
+        xla.append(xla_flops(prefill, state, jax.ShapeDtypeStruct((B, P), jnp.int32)))
+        ours.append(prefill_flops_per_token(cfg, P, cache_len=P + N) * B * P)
+        before.append(prefill_flops_per_token(cfg, P, kernel="executed") * B * P)
+    added, counted = xla[1] - xla[0], ours[1] - ours[0]
+    assert counted <= added <= 1.1 * counted, (added / counted, added / (before[1] - before[0]))
+    cfg = CONFIGS[0]
+    assert prefill_flops_per_token(cfg, P, cache_len=P + N) == prefill_flops_per_token(cfg, P, kernel="executed",
+                                                                                       cache_len=P + N)
+    with pytest.raises(ValueError, match=r"cache_len=69 must hold the prompt \(70 tokens\)"):
+        prefill_flops_per_token(cfg, P, cache_len=P - 1)
+    with pytest.raises(ValueError, match=r"kernel='dense' names another"):
+        prefill_flops_per_token(cfg, P, kernel="dense", cache_len=P + N)
 
 
 def test_decode_flops_of_a_window_that_reaches_the_cache():
