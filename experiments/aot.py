@@ -20,7 +20,9 @@ import optax
 from flax import nnx
 
 from data.cli import cli_parser, run_main
+from models.transformer import pattern_period
 from parallel.mesh import _fill, make_mesh, parse_mesh
+from parallel.pipeline import pipeline_problem
 from parallel.sharding import abstract_sharded, batch_sharding, replicated
 
 
@@ -96,9 +98,10 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
         return problem
     rows = math.prod(mesh.get(a, 1) for a in ACTIVATION_RULES["batch"])
     tp, sp = mesh.get("tensor", 1), mesh.get("sequence", 1)
+    dense = not all(cfg.moe_layers())  # a model of MoE layers only has no dense MLP: its mlp_dim sizes nothing
     for value, what, n, axes in ((batch, "--batch", rows, "batch axes"), (seq_len, "--seq", sp, "sequence axis"),
                                  (cfg.n_heads, "the model's heads", tp, "tensor axis"),
-                                 (cfg.mlp_dim, "the model's mlp_dim", tp, "tensor axis"),
+                                 (cfg.mlp_dim, "the model's mlp_dim", tp if dense else 1, "tensor axis"),
                                  (cfg.vocab_size, "the model's vocab", tp, "tensor axis")):
         if value % n:  # the fix: a flag's value that divides, or (a preset's fixed size) a smaller axis
             fix = f"use a multiple of {n}" if what.startswith("--") else f"use a {axes} that divides {value}"
@@ -114,6 +117,10 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
     if mesh.get("stage", 1) > 1 and (batch % M or (batch // M) % rows):
         return (f"--batch={batch} does not split into --microbatches={M} whose rows divide the batch axes of {mesh} "
                 f"(= {rows}); use a batch that is a multiple of {M * rows}")
+    # what models.Transformer refuses under a pipeline at trace time, after the earlier meshes compiled
+    if mesh.get("stage", 1) > 1 and (problem := pipeline_problem(
+            cfg.n_layers, pattern_period(cfg), mesh["stage"], batch, M, rows, sum(cfg.moe_layers()), cfg.scan_layers)):
+        return problem
     others = {a: n for a, n in mesh.items() if a != "stage" and n > 1}
     if mesh.get("stage", 1) > 1 and others and cfg.dtype == "bfloat16":  # parallel.pipeline.gpipe, at compile time
         return (f"a pipeline ('stage') beside {others} does not compile in bfloat16 on XLA:CPU, where this tool "
@@ -173,8 +180,10 @@ def main(argv=None):
     # the filled sizes: stage=-1 beside fsdp=8 on 8 devices is a one-stage mesh, which ignored the microbatches
     filled = [_fill(dict(shape), args.devices, "devices") for shape in meshes]
     if args.microbatches > 1 and not any(shape.get("stage", 1) > 1 for shape in filled):
+        # the example: every device a stage, one row per microbatch (stage=4,fsdp=2 was, which mesh_problem refuses
+        # in bf16, and beside fsdp the default batch's microbatch rows do not divide the batch axes)
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
-                 "axis (e.g. --mesh stage=4,fsdp=2); without one they would be ignored")
+                 "axis (e.g. --mesh stage=-1); without one they would be ignored")
     gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
     # the batch the XLA bytes are for (by default one sequence per device, which the header did not say)
     M = args.microbatches

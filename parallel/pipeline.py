@@ -29,10 +29,14 @@ def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
 
 
 def pipeline_problem(n_layers: int, period: int, n_stages: int, rows: int, n_microbatches: int, batch_shards: int,
-                     n_moe_layers: int = 0) -> str | None:
-    """Why models.Transformer cannot pipeline this step over `n_stages` (None: it can): MoE layers, stages that cut
-    a pattern period of `period` layers, or `rows` that do not split into `n_microbatches` microbatches whose rows
-    divide `batch_shards` (the batch mesh axes). The model raises it; scaling.memory refuses to estimate it."""
+                     n_moe_layers: int = 0, scan_layers: bool = True) -> str | None:
+    """Why models.Transformer cannot pipeline this step over `n_stages` (None: it can): an unscanned layer stack, MoE
+    layers, stages that cut a pattern period of `period` layers, or `rows` that do not split into `n_microbatches`
+    microbatches whose rows divide `batch_shards` (the batch mesh axes). The model raises it; scaling.memory and
+    experiments.aot refuse to estimate or compile it."""
+    if not scan_layers:  # the layers would only be sharded over 'stage': every device running every layer
+        return ("TransformerConfig.scan_layers=False under pipeline parallelism: the pipeline runs the scanned layer "
+                "stack; set scan_layers=True or use a mesh without a 'stage' axis")
     if n_moe_layers:
         return ("MoE layers under pipeline parallelism are not supported (their auxiliary losses do not cross stages "
                 "yet); use a mesh without a 'stage' axis")
