@@ -67,6 +67,14 @@ class RopeScaling:
             if self.kind != "yarn" and getattr(self, f) is not None:
                 raise ValueError(f"RopeScaling.{f}: only kind='yarn' uses it; kind={self.kind!r} would ignore "
                                  f"{f}={getattr(self, f)}; use kind='yarn' or leave {f}=None")
+        # the same for YaRN's ramp and llama3's band, whose fields have defaults: one moved off its default on another
+        # kind was read by nothing (kind='llama3', beta_fast=16 ran llama3 as if beta_fast were unset)
+        for f, kind in (("beta_fast", "yarn"), ("beta_slow", "yarn"), ("truncate", "yarn"),
+                        ("low_freq_factor", "llama3"), ("high_freq_factor", "llama3")):
+            default = RopeScaling.__dataclass_fields__[f].default
+            if self.kind != kind and getattr(self, f) != default:
+                raise ValueError(f"RopeScaling.{f}: only kind={kind!r} uses it; kind={self.kind!r} would ignore "
+                                 f"{f}={getattr(self, f)}; use kind={kind!r} or leave {f}={default}")
         if self.kind == "yarn" and self.beta_fast < self.beta_slow:  # swapped: interpolates the fast dims instead
             raise ValueError(f"RopeScaling.beta_fast: must be >= beta_slow (YaRN keeps the dims rotating more than "
                              f"beta_fast times and interpolates those under beta_slow; 32 and 1 are usual), got "

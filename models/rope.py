@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import RopeScaling
+from models.config import RopeScaling, _is_real
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -23,6 +23,11 @@ def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = N
     Llama with weights of std 0.2, |logits| ~ 10, theta 5e5 + llama3 scaling: 1.9e-2 at 30K, 7e-2 at 100K). Both
     are float32-angle errors of the same size: against angles in float64, ours and transformers' logits are off
     by 3.4e-2 / 3.6e-2 at ~100K and 0.17 / 0.17 at ~450K (means over 30 windows; twenty-third-session audit)."""
+    # an odd one gave ceil(head_dim / 2) entries (a bare broadcast error with YaRN), 0 or less none at all
+    if not (_is_real(head_dim) and float(head_dim).is_integer() and head_dim >= 2 and head_dim % 2 == 0):
+        raise ValueError(f"inv_frequencies: head_dim must be a positive even integer (RoPE rotates pairs (i, i + "
+                         f"head_dim / 2)), got {head_dim!r}; use an even head dim")
+    head_dim = int(head_dim)
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if scaling is None:
         return inv.astype(np.float32)
@@ -77,8 +82,9 @@ def apply_rope(x_BTNH, positions_BT, inv_freq_F):
 
 
 def _yarn(inv, dim: int, theta: float, s: RopeScaling):
-    """YaRN's frequencies: interpolated (inv / factor) below the dimension where a wavelength makes beta_slow
-    rotations over the original context, kept above the one making beta_fast, a linear ramp between."""
+    """YaRN's frequencies: interpolated (inv / factor) from the dimension whose wavelength makes beta_slow rotations
+    over the original context on (slower ones), kept up to the one making beta_fast (faster ones), a linear ramp
+    between."""
     def dim_of(rotations):  # the dimension whose wavelength fits `rotations` times in the original context
         return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 

@@ -757,6 +757,13 @@ def test_dtype_objects_are_kept_as_their_names():
     # YaRN-only scales on another kind were dropped (attention_scale 1.0); swapped betas interpolated the fast dims
     (dict(kind="linear", attention_factor=2.0), "RopeScaling.attention_factor: only kind='yarn' uses it"),
     (dict(kind="llama3", mscale=0.707, mscale_all_dim=1.0), "RopeScaling.mscale: only kind='yarn' uses it"),
+    # as were YaRN's ramp settings on llama3 / linear (`--set model.rope_scaling.factor=4` with beta_fast=16 ran
+    # llama3 x4, the betas unread) and llama3's band on yarn / linear: refused unless left at their defaults
+    (dict(kind="llama3", beta_fast=16.0), "RopeScaling.beta_fast: only kind='yarn' uses it; kind='llama3' would"),
+    (dict(kind="linear", beta_slow=2.0), "RopeScaling.beta_slow: only kind='yarn' uses it"),
+    (dict(kind="llama3", truncate=False), "RopeScaling.truncate: only kind='yarn' uses it"),
+    (dict(kind="yarn", low_freq_factor=2.0), "RopeScaling.low_freq_factor: only kind='llama3' uses it"),
+    (dict(kind="linear", high_freq_factor=8.0), "RopeScaling.high_freq_factor: only kind='llama3' uses it"),
     (dict(kind="yarn", beta_fast=1.0, beta_slow=32.0), "RopeScaling.beta_fast: must be >= beta_slow"),
     # a negative mscale made the attention factor negative (scores x 925 at mscale_all_dim=-5, factor 8) or divided
     # by zero on the first forward (mscale_all_dim=-10, factor e)
@@ -768,6 +775,10 @@ def test_rope_scaling_errors_name_the_field(kw, words):
 
     with pytest.raises(ValueError, match=words):
         RopeScaling(**kw)
+    # the same fields at their defaults (as dataclasses.replace(scaling, kind=...) keeps them) stay accepted
+    for kind in ("llama3", "linear", "yarn"):
+        RopeScaling(kind=kind, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, beta_fast=32, beta_slow=1.0,
+                    truncate=True)
 
 
 @pytest.mark.parametrize("theta", [1.0, 0.5])
@@ -807,11 +818,28 @@ def test_apply_rope_names_a_head_dim_its_frequencies_do_not_fit():
     from models.rope import apply_rope, inv_frequencies
 
     pos = np.arange(5)[None]
-    for h, inv_h in ((5, 5), (8, 6), (8, 16)):
+    for h, inv_h in ((5, 4), (5, 6), (8, 6), (8, 16)):
         with pytest.raises(ValueError, match=rf"x_BTNH's head dim {h} must be 2 x len\(inv_freq_F\) = "
                                              rf"{2 * len(inv_frequencies(inv_h, 1e4))}"):
             apply_rope(jnp.ones((1, 5, 2, h)), pos, inv_frequencies(inv_h, 1e4))
     assert apply_rope(jnp.ones((1, 5, 2, 8)), pos, inv_frequencies(8, 1e4)).shape == (1, 5, 2, 8)
+
+
+def test_inv_frequencies_refuses_a_head_dim_rope_cannot_rotate():
+    """An odd head dim gave ceil(H / 2) frequencies, not the documented H // 2 (apply_rope then blamed "2 x
+    len(inv_freq_F) = H + 1" and told the caller to pass inv_frequencies(head_dim, theta), the very call), and with
+    YaRN a bare "operands could not be broadcast"; 0 or a negative one gave no frequencies at all."""
+    from models.config import RopeScaling
+    from models.rope import inv_frequencies
+
+    yarn = RopeScaling(kind="yarn", factor=4.0, original_max_position_embeddings=64)
+    for bad in (5, 7, 0, -2, 6.5, True):
+        for scaling in (None, RopeScaling("linear", 2.0), RopeScaling("llama3"), yarn):
+            with pytest.raises(ValueError, match=rf"inv_frequencies: head_dim must be a positive even integer .*"
+                                                 rf"got {bad!r}"):
+                inv_frequencies(bad, 1e4, scaling)
+    for good in (2, 6, np.int64(8), 8.0):  # any integral even size (a numpy int, a whole float) still works
+        assert inv_frequencies(good, 1e4, yarn).shape == (int(good) // 2,)
 
 
 def test_tokens_of_length_zero_are_refused_by_name():
