@@ -265,6 +265,19 @@ def top_k_indices(scores_TE, k: int):
     return jnp.stack(out, axis=-1)
 
 
+def _token_rows(fn: str, valid_T, **arrays):
+    """Each array [..., X] as rows [T, X] and valid_T [...] as [T]: route's [B, T, ·] outputs go in as they are, the
+    same tokens as [B·T, ·] rows. Their token shapes (all but the last axis; valid_T's whole) must agree."""
+    lead = {name: tuple(jnp.shape(a)[:-1]) for name, a in arrays.items()}
+    if valid_T is not None:
+        lead["valid_T"] = tuple(jnp.shape(valid_T))
+    if len(set(lead.values())) > 1:  # else a reshape or broadcast failed, naming neither array
+        raise ValueError(f"{fn}: token shapes differ ({', '.join(f'{k} {v}' for k, v in lead.items())}); pass "
+                         "one row per token in each, and valid_T one bool per token (or None)")
+    rows = tuple(jnp.reshape(a, (-1, jnp.shape(a)[-1])) for a in arrays.values())
+    return rows, None if valid_T is None else jnp.reshape(valid_T, -1)
+
+
 def _token_weights(valid_T, n: int):
     """Per-token weights [T] float32: 1 for real tokens (all when valid_T is None), and their count (at least 1)."""
     v_T = jnp.ones(n, jnp.float32) if valid_T is None else valid_T.reshape(n).astype(jnp.float32)
@@ -273,7 +286,8 @@ def _token_weights(valid_T, n: int):
 
 def expert_load(experts_TK, n_experts: int, valid_T=None):
     """Fraction of the routed assignments of real tokens (valid_T [T] bool; None: all) per expert: [E], sums to 1
-    (all 0 when no token is real)."""
+    (all 0 when no token is real). experts [T, K] (or route's [..., K], valid_T [...])."""
+    (experts_TK,), valid_T = _token_rows("expert_load", valid_T, experts=experts_TK)
     v_T, n = _token_weights(valid_T, experts_TK.shape[0])
     counts_E = jnp.zeros(n_experts, jnp.float32).at[experts_TK.reshape(-1)].add(
         jnp.repeat(v_T, experts_TK.shape[-1]))
@@ -288,8 +302,14 @@ def load_balancing_loss(probs_TE, experts_TK, n_experts: int, valid_T=None):
     Normalisation: perfect balance (f_e = P_e = 1/E) gives 1.0 for every k, as in Megatron-LM. Hugging Face
     Mixtral's load_balancing_loss_func counts f per choice (Σ f = k), so its value and anchor are k times this:
     use lb_loss_weight = k · router_aux_loss_coef to reproduce a Mixtral recipe.
-    valid_T: [T] bool, False for padding tokens (left out of f and P); None: all tokens count.
+    valid_T: [T] bool, False for padding tokens (left out of f and P); None: all tokens count. probs [T, E] and
+    experts [T, K] (or route's [..., E], [..., K] with valid_T [...]).
     """
+    (probs_TE, experts_TK), valid_T = _token_rows("load_balancing_loss", valid_T, probs=probs_TE,
+                                                  experts=experts_TK)
+    if probs_TE.shape[-1] != n_experts:  # else a broadcast of f [n_experts] against P [E] failed, unnamed
+        raise ValueError(f"load_balancing_loss: n_experts={n_experts}, but probs has {probs_TE.shape[-1]} per token; "
+                         "pass the router's expert count")
     f_E = expert_load(experts_TK, n_experts, valid_T)
     v_T, n = _token_weights(valid_T, probs_TE.shape[0])
     p_E = jnp.sum(jnp.where(v_T[:, None] > 0, probs_TE.astype(jnp.float32), 0.0), 0) / n
@@ -298,7 +318,8 @@ def load_balancing_loss(probs_TE, experts_TK, n_experts: int, valid_T=None):
 
 def router_z_loss(logits_TE, valid_T=None):
     """ST-MoE router z-loss: mean over real tokens (valid_T [T] bool; None: all) of logsumexp(logits)²; keeps
-    router logits small."""
+    router logits small. logits [T, E] (or [..., E] with valid_T [...])."""
+    (logits_TE,), valid_T = _token_rows("router_z_loss", valid_T, logits=logits_TE)
     v_T, n = _token_weights(valid_T, logits_TE.shape[0])
     z_T = jnp.square(jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1))
     return jnp.sum(jnp.where(v_T > 0, z_T, 0.0)) / n

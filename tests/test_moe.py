@@ -533,6 +533,35 @@ def test_aux_losses_equal_their_formulas():
     np.testing.assert_allclose(router_z_loss_(z), np.mean(lse ** 2), rtol=1e-5)
 
 
+def test_aux_functions_take_route_outputs_of_any_token_shape_and_refuse_mismatches_by_name():
+    """route gives [B, T, ·]; the aux functions took only [T, ·] rows and failed on its outputs with a bare
+    'Incompatible types for broadcasting: float32[4] and float32[20]' (the n_experts slip too, unnamed)."""
+    E, K = 4, 2
+    logits = np.random.default_rng(0).normal(size=(2, 5, E)).astype(np.float32)
+    valid = np.ones((2, 5), bool)
+    valid[1, 3:] = False
+
+    def both(lg, v):  # one program: [B, T, ·] and the same tokens as [B·T, ·] rows
+        _, ex, p = route(lg, jnp.zeros(E), K)
+        flat = (p.reshape(-1, E), ex.reshape(-1, K), v.reshape(-1))
+        return ((load_balancing_loss(p, ex, E, v), router_z_loss(lg, v), expert_load(ex, E, v)),
+                (load_balancing_loss(*flat[:2], E, flat[2]), router_z_loss(lg.reshape(-1, E), flat[2]),
+                 expert_load(flat[1], E, flat[2])))
+
+    got, want = jax.jit(both)(logits, valid)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    p, ex = np.full((10, E), 1 / E, np.float32), np.zeros((10, K), np.int32)
+    with pytest.raises(ValueError, match=r"load_balancing_loss: n_experts=3.*probs"):
+        load_balancing_loss(p, ex, 3)
+    with pytest.raises(ValueError, match=r"load_balancing_loss: .*valid_T \(9,\)"):
+        load_balancing_loss(p, ex, E, np.ones(9, bool))
+    with pytest.raises(ValueError, match=r"expert_load: .*experts .*\(2, 5\).*valid_T \(10,\)"):
+        expert_load(ex.reshape(2, 5, K), E, np.ones(10, bool))
+    with pytest.raises(ValueError, match=r"router_z_loss: .*logits .*\(10,\).*valid_T \(2, 5\)"):
+        router_z_loss(p, np.ones((2, 5), bool))
+
+
 def test_module_aux_outputs():
     """aux from the layer: losses are the formulas on its own router outputs; load sums to 1 over experts."""
     m, x = make(CFG), tokens()

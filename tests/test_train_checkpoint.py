@@ -3,6 +3,7 @@ newest steps plus the one with the lowest eval loss (also across a restart), and
 saved with it; a corrupt state never moves the data loader."""
 
 import json
+import math
 import pathlib
 import time
 
@@ -1116,6 +1117,11 @@ def test_moe_train_record_averages_expert_load_over_the_moe_layers():
     assert (rec["lb_loss"], rec["z_loss"], rec["dropped_frac"]) == (1.25, 0.5, 0.125)
     json.dumps(rec)  # plain floats: the record goes to metrics.jsonl as it is
     assert moe_record({"loss": jnp.float32(2.0)}) == {}
+    # a step with no real token (all padding): the layer's load is all 0, by its docstring; the mean share 0 raised
+    # ZeroDivisionError in the log call, which stopped the run. No imbalance to report: NaN, written as null
+    rec = moe_record({"load": jnp.zeros((2, 4), jnp.float32), "lb_loss": jnp.float32(0.0),
+                      "z_loss": jnp.float32(0.0), "dropped_frac": jnp.float32(0.0)})
+    assert rec["expert_load"] == [0.0] * 4 and math.isnan(rec["load_imbalance"])
 
 
 def test_a_float32_state_restored_into_a_float16_template_refuses_values_beyond_its_range(tmp_path):
