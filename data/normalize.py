@@ -157,10 +157,11 @@ def _certain(seq: str) -> bool:
     all of whose symbols are punctuation beside a word, or Ã / Â and a symbol ("Ã©", "Â°"). A word's accented last
     letter before two such marks is ordinary text, French "allé\xa0»" (a no-break space before »: "all頻"), "café”…"
     and "café—“" valid UTF-8 too; and other pairs end a capitalised word in quotes as often as they are mojibake:
-    "“ESPAÑA”" is not "ESPAє", "“IRMÔ" (Portuguese) not "IRMÔ"."""
+    "“ESPAÑA”" is not "ESPAє", "“IRMÃ”" (Portuguese) not "IRMÔ". But "Â\xa0" is a no-break space misread (the
+    commonest mojibake, often an English page's only one), as no word ends in a capital Â: left, NFKC made it "Â "."""
     if len(seq) > 2:
         return not _beside_words(seq)
-    return seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0"
+    return seq[0] in "ÂÃ" and seq[1] not in "’”…–—»›\xa0" or seq == "Â\xa0"
 
 
 # a word's last letter, Latin (not Â / Ã, the leads of Latin-1 read as cp1252, nor Ð Ñ Î Ï, Cyrillic's and Greek's),

@@ -104,11 +104,13 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # boilerplate rules, promo phrases and the blocklist match full-width letters kept by form="NFC" (NFKC folding);
 # 20 = line-start domain keywords match as written ("From Monday" opening two paragraphs made news `code`, glossed
 # with Python definitions, as docstrings' "Return the ..."; `docs` lists its sections in both cases), and a glossary
-# term spelled in two cases across domains is defined once.
+# term spelled in two cases across domains is defined once; 21 = a UTF-16 text file's bad units are repaired as bad
+# UTF-8 bytes are (one past the last whole unit, or a lone surrogate, was a `binary` drop), UTF-32 is read as UTF-32,
+# and a no-break space misread ("Â\xa0") is repaired (NFKC left a stray "Â ").
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
-OUTPUT_VERSION = 20
+OUTPUT_VERSION = 21
 
 
 # how to switch off what a settings group configures (None is no setting)

@@ -4,8 +4,9 @@ with bounded memory.
 `discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard`
 text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
 record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
-JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). `discover` refuses, before any
-work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 or
+JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). Text is UTF-8; a plain text file
+may also be UTF-16 / UTF-32 with a byte-order mark (Windows "Unicode" text). `discover` refuses, before any
+work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 / 32 or
 with bare-CR line ends, zstd / lz4 / deflate (Spark) / lzma / lzo / .Z / archive files, Parquet compressed whole
 (`.parquet.gz`), CSV and Arrow-family files, and files whose names are not UTF-8. Directory walks skip Hadoop /
 Spark side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories),
@@ -177,8 +178,8 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
     shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4 / deflate,
     archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
-    file, JSON Lines in UTF-16 or with bare-CR line ends), or whose names are not UTF-8, inputs that are not regular
-    files (a FIFO, a socket, a device), and directories it cannot list."""
+    file, JSON Lines in UTF-16 / 32 or with bare-CR line ends), or whose names are not UTF-8, inputs that are not
+    regular files (a FIFO, a socket, a device), and directories it cannot list."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -299,6 +300,13 @@ def _not_json_lines(path: str, limit: int) -> str | None:
     return f"{head}e.g. {dec} IN | " + cmd.replace(" < IN > ", " > ").replace(" IN > ", " > ", 1)
 
 
+# a UTF-16 / UTF-32 JSON Lines file's first bytes: a byte-order mark, or a first "{" and its NULs. UTF-32 first: its
+# begin as UTF-16LE's do, and converted as UTF-16LE (the advice it got) its text kept a NUL after each character
+_WIDE_STARTS = (("UTF-32LE", (b"\xff\xfe\x00\x00", b"{\x00\x00\x00")),
+                ("UTF-32BE", (b"\x00\x00\xfe\xff", b"\x00\x00\x00{")),
+                ("UTF-16LE", (b"\xff\xfe", b"{\x00")), ("UTF-16BE", (b"\xfe\xff", b"\x00{")))
+
+
 def _why_not_json_lines(path: str, limit: int) -> str | None:
     try:
         with _opener(path)(path, "rb") as f:
@@ -315,8 +323,7 @@ def _why_not_json_lines(path: str, limit: int) -> str | None:
         return None  # counted as `unreadable_file` when read
     # UTF-16 (PowerShell 5's `>`, Windows "Unicode"): every line was a `binary` drop, and a character whose code
     # holds a 0x0A byte (上 is 0A 4E) split a record in two, so even the count was wrong
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head[:2] in (b"{\x00", b"\x00{"):
-        enc = "UTF-16LE" if head[:2] in (b"\xff\xfe", b"{\x00") else "UTF-16BE"
+    if enc := next((enc for enc, starts in _WIDE_STARTS if head.startswith(starts)), None):
         return f"{enc} text, not UTF-8: convert it, e.g. iconv -f {enc} -t UTF-8 IN > OUT.jsonl"
     # classic Mac line ends: all its records were one malformed_json drop
     if bare_cr:
@@ -747,6 +754,26 @@ def _jsonable(v):
     return str(v)
 
 
+# byte-order marks of Windows "Unicode" text files (UTF-16) and UTF-32, the longer first: UTF-32LE's begins with
+# UTF-16LE's, and read as UTF-16 its text kept a NUL after each character (deleted: U+1F600 became U+F600, and each
+# CR LF a blank line)
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
+         (b"\xfe\xff", "utf-16"))
+
+
+def _decode_wide(raw: bytes, enc: str) -> str | bytes:
+    """A UTF-16 / UTF-32 file's text, a lone surrogate kept and each byte past its last whole code unit (`echo >>`
+    appends one LF) a lone surrogate too: `_text_doc` repairs them to U+FFFD or drops the file as `invalid_utf8`,
+    under the limits bad UTF-8 has (one such unit was a `binary` drop of the whole file). `raw` itself where it
+    is not that encoding (a UTF-32 value past U+10FFFF): judged as bytes."""
+    size = 4 if enc == "utf-32" else 2
+    whole = len(raw) - len(raw) % size
+    try:
+        return raw[:whole].decode(enc, "surrogatepass") + "".join(chr(0xDC00 + b) for b in raw[whole:])
+    except UnicodeDecodeError:
+        return raw
+
+
 def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
     opener = _opener(path)
     if opener is open and os.path.getsize(path) > cfg.max_doc_bytes:
@@ -759,11 +786,8 @@ def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             n += sum(len(b) for b in iter(lambda: f.read(1 << 20), b""))
             yield None, "too_large", n
             return
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte-order mark (Windows "Unicode" text files)
-        try:
-            raw = raw.decode("utf-16")
-        except UnicodeDecodeError:
-            pass  # not UTF-16 after all: judged as bytes (binary, as its NULs say)
+    if enc := next((e for bom, e in _BOMS if raw.startswith(bom)), None):
+        raw = _decode_wide(raw, enc)
     doc, reason = _text_doc(raw, {"id": path, "source": path}, cfg, ncfg)
     yield doc, reason, n
 
@@ -780,11 +804,11 @@ def read_records(files: Sequence[str], cfg: SourceConfig = SourceConfig(),
     too_large, have none to read, and the place finds it in the input); the path alone for a whole file dropped
     at once.
 
-    Reasons: too_large, empty (also a null text), binary, invalid_utf8, malformed_json (also nested too deep to
-    read), not_an_object (a JSON line that is an array, a number, ...), missing_text, bad_text_type (a number, list
-    or object), unreadable_file (nothing of it read), unreadable_rest (a truncated or damaged file, read up to the
-    damage: the records after it are in no count, as their number is unknown; `data.report` warns of both). Its id
-    is where reading stopped.
+    Reasons: too_large, empty (also a null text), binary, invalid_utf8 (a UTF-16 / UTF-32 text file's bad units
+    too), malformed_json (also nested too deep to read), not_an_object (a JSON line that is an array, a number, ...),
+    missing_text, bad_text_type (a number, list or object), unreadable_file (nothing of it read), unreadable_rest (a
+    truncated or damaged file, read up to the damage: the records after it are in no count, as their number is
+    unknown; `data.report` warns of both). Its id is where reading stopped.
     """
     readers = {"jsonl": _read_jsonl, "parquet": _read_parquet, "text": _read_text}
     for path in files:

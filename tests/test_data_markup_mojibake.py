@@ -478,6 +478,21 @@ def test_a_circumflex_before_a_symbol_is_repaired_and_a_pair_inside_a_word_count
     assert mojibake_sequences("word Ã© word") == 1
 
 
+def test_a_no_break_space_misread_is_repaired():
+    """A no-break space read as cp1252 ("Â\xa0", bytes C2 A0: the commonest mojibake, often an English page's only
+    one) was not certain: left alone, NFKC made it "Â " and a stray Â stayed in the text, no longer measured as
+    mojibake either. No word ends in a capital Â (French, Romanian, Portuguese put â inside words); "Ã\xa0" (à misread,
+    or Portuguese "IRMÃ" before a no-break space) stays uncertain."""
+    from data.filters import mojibake_sequences
+    from data.normalize import fix_mojibake
+
+    text = "Opening hours:\xa0Monday to Friday,\xa09am\xa0to\xa05pm. Call us on\xa0020\xa07946\xa00000."
+    assert fix_mojibake(cp1252(text)) == (text, 7)
+    assert normalize_text(cp1252(text)) == normalize_text(text) == text.replace("\xa0", " ")
+    assert mojibake_sequences(cp1252(text)) == 7
+    assert fix_mojibake("«\xa0IRMÃ\xa0»") == ("«\xa0IRMÃ\xa0»", 0)
+
+
 def test_mojibake_left_unrepaired_is_dropped_as_mojibake():
     """Cyrillic and Greek read as cp1252 are pairs like "Ñ€" only (no Ã, no 3-byte sequence): not repaired, and
     dropped as `mojibake` (1.3-2.3 sequences a word); so is every Chinese pair misread with the repair switched off.

@@ -148,17 +148,36 @@ def test_a_utf16_text_file_is_read_as_text(tmp_path):
         path.write_bytes(text.encode(enc) if enc == "utf-16" else ("\ufeff" + text).encode(enc))  # BOM: LE / BE
         [(doc, reason, n, rid)] = read_records([str(path)], with_ids=True)
         assert reason is None and doc["text"] == text and rid == str(path)
-    (tmp_path / "odd.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a BOM, then a lone surrogate: not UTF-16
-    assert list(read_records([str(tmp_path / "odd.txt")])) == [(None, "binary", 4)]
+    (tmp_path / "odd.txt").write_bytes(b"\xff\xfe" + b"\x00\xd8")  # a BOM, then a lone surrogate: all bad text
+    assert list(read_records([str(tmp_path / "odd.txt")])) == [(None, "invalid_utf8", 4)]
+
+
+def test_a_utf16_file_with_a_bad_unit_is_repaired_as_bad_utf8_is_and_utf32_is_read_as_utf32(tmp_path):
+    """A UTF-16 file with a byte past its last whole unit (`echo >> notes.txt` appends an LF) or a lone surrogate
+    (a cut emoji) was a `binary` drop of the whole file; a UTF-32LE one was read as UTF-16 (its byte-order mark
+    begins with UTF-16LE's): an emoji became U+F600 and each CR LF a blank line, and UTF-32BE was `binary`."""
+    from data.sources import read_records
+
+    text = "Notes from the meeting: the café opens at nine 😀\r\n" * 20
+    cases = {"echo.txt": (text.encode("utf-16") + b"\n", text + "\ufffd"),
+             "cut.txt": (text.encode("utf-16") + "😀".encode("utf-16-le")[:2], text + "\ufffd"),
+             "le32.txt": (text.encode("utf-32-le"), text), "be32.txt": (text.encode("utf-32-be"), text)}
+    for name, (raw, want) in cases.items():
+        raw = {"le32.txt": b"\xff\xfe\x00\x00", "be32.txt": b"\x00\x00\xfe\xff"}.get(name, b"") + raw
+        (tmp_path / name).write_bytes(raw)
+        assert list(read_records([str(tmp_path / name)]))[0][1:] == (None, len(raw)), name
+        assert list(read_records([str(tmp_path / name)]))[0][0]["text"] == want, name
 
 
 def test_a_utf16_json_lines_file_or_one_with_bare_cr_line_ends_is_refused_before_any_work(tmp_path):
     """PowerShell 5's `>` writes UTF-16: its 2 records were 4 `binary` drops (上 is the bytes 0A 4E, a line break);
-    with classic Mac line ends (CR alone) they were one `malformed_json` drop."""
+    with classic Mac line ends (CR alone) they were one `malformed_json` drop. UTF-32 is named as such: LE was advised
+    to convert from UTF-16LE (a NUL after each character), BE was read (every record `binary`)."""
     from data.sources import discover
 
     text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n" for t in ("上海 report", "a second one"))
-    for enc, name in (("utf-16", "UTF-16LE"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE")):
+    for enc, name in (("utf-16", "UTF-16LE"), ("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"),
+                      ("utf-32", "UTF-32LE"), ("utf-32-le", "UTF-32LE"), ("utf-32-be", "UTF-32BE")):
         path = tmp_path / f"{enc}.jsonl"
         path.write_bytes(text.encode(enc))  # utf-16: a byte-order mark first; the others none
         with pytest.raises(ValueError, match=re.escape(f"{path} ({name} text, not UTF-8: convert it, e.g. iconv -f "
