@@ -81,7 +81,8 @@ class DataSpec:
     corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only).
     train_dir / eval_dir: your own data instead of the stdlib corpus: tier directories of a cleaning run
     (`python -m data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or
-    `data.tokenizer.pretokenize` outputs; both or neither. tokenizer: a `tokenizers` JSON file
+    `data.tokenizer.pretokenize` outputs; both or neither, and eval_dir neither train_dir nor a copy (or links) of
+    one of its shards, which are refused. tokenizer: a `tokenizers` JSON file
     (`data.tokenizer.train_bpe(...).save(path)`) to read them with; None: bytes + EOS (vocab 257). eos_token: the
     tokenizer's end-of-document token when it is not '<|endoftext|>' (e.g. '</s>' in a Hugging Face tokenizer.json).
     bos_token: a token that starts every document ('<s>' for Llama, '<bos>' for Gemma: fine-tuning a checkpoint
@@ -525,27 +526,50 @@ def load_tokenizer(d: DataSpec):
 # ---- validation -------------------------------------------------------------------------------------------------
 
 
+def _records(shard: str) -> int:
+    """The number of records in an ArrayRecord shard (its header only)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(shard)
+    try:
+        return reader.num_records()
+    finally:
+        reader.close()
+
+
 def _check_tier(path: str, field: str, tokenizer) -> None:
     """A data directory the loader can read with this tokenizer: shards, at least one document, and (for
     pre-tokenized data) the tokenizer that made it. Reads only the shards' headers."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     from data.loader import Source
 
     try:
         src = Source(path)
         files = src.files()
-        n = 0
-        for f in files:
-            reader = ArrayRecordReader(f)
-            n += reader.num_records()
-            reader.close()
+        n = sum(_records(f) for f in files)
         if n == 0:
             raise ValueError(f"its {len(files)} shard(s) hold no documents (did the cleaning run drop them all? see "
                              "its stats.json)")
         src.check_tokenizer(tokenizer)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{field}: {path!r}: {e}") from None
+
+
+def _shared_shard(train_dir: str, eval_dir: str) -> tuple[str, str] | None:
+    """(eval shard, train shard) of the first held-out shard that is a training one: the same file (a link) or the
+    same bytes (a copy), or None. Shards of no record are skipped: a cleaning shard that kept nothing is the same
+    few bytes in every tier. Only shards of equal size are compared, from their first bytes."""
+    import filecmp
+
+    from data.loader import Source
+
+    by_size: dict[int, list[str]] = {}
+    for f in Source(train_dir).files():
+        by_size.setdefault(os.path.getsize(f), []).append(f)
+    for e in Source(eval_dir).files():
+        same = [t for t in by_size.get(os.path.getsize(e), []) if filecmp.cmp(e, t, shallow=False)]
+        if same and _records(e):
+            return e, same[0]
+    return None
 
 
 def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
@@ -735,6 +759,13 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
              f"{d.eval_dir!r} is data.train_dir: evaluation would score training documents; pass a held-out tier")
         for f in ("train_dir", "eval_dir"):
             _check_tier(getattr(d, f), f"data.{f}", tokenizer)
+        # a copy of the training tier (or a held-out directory linking its shards) passed the path check above, and
+        # every evaluation scored training documents: the held-out loss, eval_target and the best checkpoint
+        if shared := _shared_shard(d.train_dir, d.eval_dir):
+            need(False, "data.eval_dir", f"{shared[0]!r} holds the same documents as data.train_dir's {shared[1]!r} (a "
+                 "copy or a link): evaluation would score training documents; pass a held-out tier (python -m "
+                 "data.pipeline HELD --out held --dedup-against TRAIN_RUN drops held-out documents that repeat "
+                 "training ones)")
     vocab = tokenizer.vocab_size
     # under init_from the vocabulary is config.json's (a --set model.vocab_size is refused above): its tokenizer fits
     need(m.vocab_size >= vocab, "model.vocab_size",

@@ -897,6 +897,35 @@ def test_a_held_out_tier_shorter_than_one_batch_names_the_batch(tmp_path):
     assert "use at most" not in msg
 
 
+def test_an_eval_tier_holding_a_training_shard_is_refused(tmp_path):
+    """data.eval_dir refused only the path of data.train_dir: a copy of the training tier, or a held-out directory
+    linking one of its shards, was accepted, and every evaluation scored training documents (a held-out loss
+    below the training loss, the best checkpoint picked by it). A shard of the same bytes, or the same file, is
+    refused naming it; an empty shard in both tiers (a cleaning shard that kept nothing) is no overlap."""
+    import shutil
+
+    from data.shards import DocWriter
+
+    def tier(name, texts):
+        DocWriter(tmp_path / name / "shard-00000.array_record").commit()  # empty in every tier: the same bytes
+        w = DocWriter(tmp_path / name / "shard-00001.array_record")
+        for i, text in enumerate(texts):
+            w.write({"id": f"{name}{i}", "text": text})
+        w.commit()
+
+    tier("train", ["some training text " * 40] * 4)
+    tier("held", ["a held-out text " * 40] * 4)
+    shutil.copytree(tmp_path / "train", tmp_path / "copy")
+    (tmp_path / "linked").mkdir()
+    os.symlink(tmp_path / "train" / "shard-00001.array_record", tmp_path / "linked" / "shard-00000.array_record")
+    base = ["--preset", "tiny", "--set", f"data.train_dir={tmp_path / 'train'}"]
+    validate(load([*base, "--set", f"data.eval_dir={tmp_path / 'held'}"]), 8)
+    for held in ("copy", "linked"):
+        with pytest.raises(ConfigError, match=r"^data.eval_dir: .*shard-0000[01].array_record' holds the same "
+                                              r"documents as data.train_dir's .*/train/shard-00001.array_record'"):
+            validate(load([*base, "--set", f"data.eval_dir={tmp_path / held}"]), 8)
+
+
 def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
     """`--set data.tokenizer=HF_FOLDER` (a checkpoint's folder, as --init-from takes) said only "is not a file"; it
     names the folder's tokenizer.json, which the option wants. A missing path keeps the other advice."""
