@@ -269,6 +269,9 @@ LOADER_FIELDS = (("train", "batch"), ("train", "seq"), ("train", "seed"), ("data
 # The data fields' None is what they mean unset (bytes, the stdlib corpus, '<|endoftext|>' or no EOS, no BOS), the
 # stream those runs read: compared as the current value, a resume adding a BOS went on over another stream (the
 # loader states of those checkpoints, before 2026-12-02, carry no stream key to refuse it either).
+# ... of which these build the embedded stdlib corpus only: with the run's own data.train_dir (the same before and
+# after) they choose nothing, and a resume that changed one was refused as "another data stream"
+CORPUS_FIELDS = (("data", "max_files"), ("data", "corpus"), ("data", "eval_every_nth"))
 SAVED_BEFORE_FIELD = {("data", "corpus"): "stdlib-v1", ("data", "train_dir"): None, ("data", "tokenizer"): None,
                       ("data", "eos_token"): None, ("data", "bos_token"): None}
 
@@ -344,7 +347,9 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         return f"{'.'.join(keys)}: saved {was!r}, now {_get(current, *keys)!r}"
 
     refused = [line("model", *k.split(".")) for k in model_config_mismatch(saved["model"], current["model"])]
-    refused += [line(sec, k) for sec, k in LOADER_FIELDS if _get(
+    own_data = _get(current, "data", "train_dir") is not None and _get(
+        saved, "data", "train_dir", default=None) == _get(current, "data", "train_dir")
+    refused += [line(sec, k) for sec, k in LOADER_FIELDS if not (own_data and (sec, k) in CORPUS_FIELDS) and _get(
         saved, sec, k, default=SAVED_BEFORE_FIELD.get((sec, k), _get(current, sec, k))) != _get(current, sec, k)]
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
     warned += [line("model", *k) for k in WARNED_MODEL_FIELDS

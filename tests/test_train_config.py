@@ -800,6 +800,15 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     own["data"]["eval_dir"], moved["data"]["eval_dir"] = "held/augmented", "other/augmented"
     assert train_lm.resume_mismatch(own, moved) == ([], ["data.eval_dir: saved 'held/augmented', now "
                                                           "'other/augmented'"])
+    # with the run's own train_dir the stdlib corpus's settings choose nothing: a changed data.max_files or
+    # eval_every_nth was refused as another stream; they still are where the corpus is read, or train_dir moved
+    own["data"]["train_dir"], moved["data"]["train_dir"] = "train/augmented", "train/augmented"
+    moved["data"]["max_files"], moved["data"]["eval_every_nth"] = 20, 5
+    assert train_lm.resume_mismatch(own, moved)[0] == []
+    moved["data"]["train_dir"] = "other/train"
+    assert train_lm.resume_mismatch(own, moved)[0] == [
+        "data.max_files: saved 40, now 20", "data.eval_every_nth: saved 10, now 5",
+        "data.train_dir: saved 'train/augmented', now 'other/train'"]
     # what the model computes (capacity dispatch drops tokens, bf16 rounds) and the eval target: warned, with why
     moe = json.loads(load(["--preset", "tiny", "--set", "model.moe.n_experts=4"]).to_json())
     cap = json.loads(load(["--preset", "tiny", "--set", "model.moe.n_experts=4", "--set", "model.moe.dispatch=capacity",
