@@ -228,7 +228,8 @@ def check_shared_dir(path, what: str = "directory") -> None:
     directory process 0 creates and commits; on a host's own disk the first save failed on the others and every
     process hung in it): a ValueError on every process naming the ones that do not see process 0's file there.
     Process 0 writes a file of a fresh random name (no host has a cached lookup of it) and removes it again; every
-    process must call it at the same point, after process 0 created `path`."""
+    process must call it at the same point, after process 0 created `path` (a `path` process 0 cannot write in,
+    missing or read-only there, is a ValueError on every process naming process 0's error)."""
     if jax.process_count() == 1:
         return
     import secrets
@@ -237,10 +238,17 @@ def check_shared_dir(path, what: str = "directory") -> None:
 
     token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
     probe = os.path.join(path, f".jaxscale-shared-{token}")
+    failed = ""
     if is_primary():
-        with open(probe, "w", encoding="utf-8"):
-            pass
-    multihost_utils.sync_global_devices(f"shared-dir-{token}")
+        try:
+            with open(probe, "w", encoding="utf-8"):
+                pass
+        except OSError as e:  # raised on process 0 alone, it left the others in the barrier below, for good
+            failed = f"{type(e).__name__}: {e.strerror or e}"
+    # process 0's outcome, on every process: the all-gather is also the barrier before the others look
+    if failed := process_texts(failed, limit=400)[0]:
+        raise ValueError(f"{what} {path}: process 0 cannot write a file there ({failed}); create it on process 0, "
+                         "writable by this job, before every process checks it")
     every = np.asarray(multihost_utils.process_allgather(np.int32(os.path.exists(probe))))  # once all have looked
     if is_primary():
         os.remove(probe)

@@ -603,6 +603,41 @@ def test_process_texts_are_each_process_s_own_text_without_the_padding(monkeypat
     assert process_texts("short") == ["short", "é, a longer text"]
 
 
+def test_check_shared_dir_a_path_process_0_cannot_write_in_is_refused_on_every_process(tmp_path, monkeypatch):
+    """A path missing (or read-only) on process 0: its open raised FileNotFoundError there alone, before the barrier
+    the others waited in, and both processes hung for good (killed after 90 s on two localhost processes). Now
+    process 0 joins the all-gather with its error, and every process raises a ValueError naming the path and it.
+    The collectives are faked: one real process, playing process 0, then process 1."""
+    from jax.experimental import multihost_utils
+
+    from parallel.distributed import check_shared_dir
+
+    path = tmp_path / "missing"
+    error0 = b"FileNotFoundError: No such file or directory"
+    gathered = []
+
+    def allgather(x, pid):  # [process 0's, process 1's]: the other's text is process 0's error or nothing
+        x = np.asarray(x)
+        gathered.append(x)
+        if x.ndim == 0:  # the lengths (or a flag)
+            other = np.int32(len(error0) if pid == 1 else 0)
+        else:
+            other = np.frombuffer(error0.ljust(x.shape[0], b"\0"), np.uint8) if pid == 1 else np.zeros_like(x)
+        return np.stack([x, other] if pid == 0 else [other, x])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: x)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+    for pid in (0, 1):
+        gathered.clear()
+        monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
+        monkeypatch.setattr(multihost_utils, "process_allgather", lambda x, pid=pid: allgather(x, pid))
+        with pytest.raises(ValueError, match=f"train.out {path}: process 0 cannot write a file there "
+                                             r"\(FileNotFoundError: No such file or directory\)"):
+            check_shared_dir(path, "train.out")
+        assert gathered, pid  # process 0 joined the collective the others wait in before raising
+
+
 @pytest.mark.parametrize("indices,ok", [
     ([(slice(0, 2), slice(None))] * 2, True),              # data across processes: rows [0, 2) of 4, all of T
     ([(slice(2, 3), slice(None)), (slice(3, 4), slice(None))], True),   # fsdp inside the process
