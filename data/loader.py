@@ -246,6 +246,14 @@ class Tokenize:
         todo = [k for k, r in enumerate(records) if not r.startswith(TOKENS_MAGIC)]
         all_ids = [np.frombuffer(r, np.int32, offset=len(TOKENS_MAGIC)) if r.startswith(TOKENS_MAGIC) else None
                    for r in records]
+        # ids read back are trusted by nothing downstream: one >= vocab_size gathered NaN under jit (the trainer then
+        # skipped every step as a non-finite loss, naming no token), a negative one wrapped as an input
+        vocab = self.tokenizer.vocab_size
+        for ids in (x for x in all_ids if x is not None and x.size):
+            if (lo := int(ids.min())) < 0 or (hi := int(ids.max())) >= vocab:
+                raise ValueError(f"a pre-tokenized record holds token id {lo if lo < 0 else hi} outside [0, "
+                                 f"vocab_size={vocab}) of the tokenizer it is read with (a damaged shard, or ids of "
+                                 "another tokenizer under this one's meta); pretokenize the tier again with it")
         if todo:
             docs = [decode_doc(records[k]) for k in todo]
             if missing := next((d for d in docs if self.text_field not in d), None):

@@ -21,6 +21,7 @@ Multi-process: every process calls save/restore (orbax coordinates the writes); 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,11 @@ logging.getLogger("absl").addFilter(_SavesBetweenEvals())
 
 class NonFiniteState(RuntimeError):
     """Refused to save a state with NaN/Inf in it."""
+
+
+class CheckpointSaveFailed(OSError):
+    """orbax could not write a save (a full disk, a directory gone read-only); `str(e)` names the directory, the
+    cause and the step a rerun resumes from."""
 
 
 class CheckpointMismatch(ValueError):
@@ -370,14 +376,37 @@ class Checkpoints:
         items = dict(state=ocp.args.PyTreeSave(pure), meta=ocp.args.JsonSave(meta))
         if loader is not None:
             items["loader"] = grain.checkpoint.CheckpointSave(_LoaderItem(loader))
-        self.mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+        with self._save_errors():  # orbax waits here for the previous async save, which may have failed
+            self.mgr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """A failed write (raised by orbax once, at the next save or wait) as one CheckpointSaveFailed line: it was
+        a ValueError from deep inside orbax's writer, naming a tensorstore chunk file, whose cause (ENOSPC) was
+        the last words of a 700-character line."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - whatever orbax's writer raised: the save did not complete
+            inner = e
+            while inner.__cause__ is not None:
+                inner = inner.__cause__
+            why, tail = _reason(e), str(inner).strip().rsplit(": ", 1)[-1][:120]  # (tensorstore's os error: last)
+            good = self.steps()  # finalised steps only: the failed one is a temporary directory
+            raise CheckpointSaveFailed(
+                f"checkpoint: a save into {self.dir} failed ({why}{'' if tail in why else f' ... {tail}'}); a rerun "
+                f"resumes from {f'step {good[-1]}' if good else 'scratch (no step was saved)'}: first mend the cause "
+                "(a full disk: free space there; read-only: make it writable)") from e
 
     def wait(self):
-        self.mgr.wait_until_finished()
+        with self._save_errors():
+            self.mgr.wait_until_finished()
 
     def close(self):
-        self.mgr.wait_until_finished()
-        self.mgr.close()
+        try:
+            with self._save_errors():
+                self.mgr.wait_until_finished()
+        finally:
+            self.mgr.close()
 
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())

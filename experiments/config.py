@@ -128,7 +128,8 @@ class TrainSpec:
     """The loop. batch: global rows per step; seq: tokens per row. Intervals in steps. keep: last N checkpoints
     (plus the best by eval loss when keep_best: only saves at an evaluated step carry an eval loss, i.e. steps that
     are multiples of both eval_every and save_every, and the last; with eval_every not dividing save_every most
-    evaluations are not ranked). nan_policy: 'skip' (state unchanged, counted) or 'halt'.
+    evaluations are not ranked). nan_policy: 'skip' (state unchanged, counted) or 'halt' (also at a non-finite eval
+    loss, before that step is saved: a finite step may make parameters that compute NaN).
     eval_target: eval loss whose first crossing is logged with its wall time (None: no target). sample_tokens:
     tokens generated after the run, at most what fits in model.max_seq_len after the prompt (the trained context).
     sample_prompt: the text that sample continues (None: 'def __init__(self' on the built-in corpus; with your own

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import pathlib
 import shlex
@@ -639,7 +640,14 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     from tqdm import tqdm
 
     from data.loader import LMLoader, LoaderConfig, Source
-    from experiments.checkpoint import CheckpointMismatch, Checkpoints, NonFiniteState, mesh_axes, other_mesh_note
+    from experiments.checkpoint import (
+        CheckpointMismatch,
+        Checkpoints,
+        CheckpointSaveFailed,
+        NonFiniteState,
+        mesh_axes,
+        other_mesh_note,
+    )
     from experiments.config import load_tokenizer
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
@@ -772,7 +780,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
             target_time = None
         last_eval = meta.get("eval_loss")
         t_start = time.time() - meta.get("wall_s", time.time() - t_start)
-    halted = None
+    halted, halt_why, save_failed = None, "nan_policy=halt", None
     window = Throughput()
 
     def target_crossed(at: int, loss: float) -> str:  # the eval target's first crossing: logged, and said
@@ -847,6 +855,16 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                 eval_loss = None
                 if step % t.eval_every == 0 or step == t.steps:
                     eval_loss = last_eval = evaluated(step)
+                    # the step's own loss and gradient norm were finite (they are the parameters' before its
+                    # update), but the parameters it made compute NaN / inf: saved, this step was the "newest good
+                    # checkpoint" the halt named, from which every step is non-finite again
+                    if t.nan_policy == "halt" and not math.isfinite(eval_loss):
+                        say(f"step {step}: non-finite eval loss ({eval_loss}): the parameters of this step diverged; "
+                            "halting before its save")
+                        log.write({"kind": "nonfinite", "step": step, "policy": t.nan_policy, "eval_loss": eval_loss,
+                                   "skipped": int(state["skipped"])})
+                        halted = step
+                        break
                 # SIGTERM may reach the processes of a job at different steps: all stop at the same one, or the
                 # ones still stepping would wait forever in a collective for those saving
                 stopping = any_process(stop.signal is not None)
@@ -868,9 +886,13 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                     say(f"{stop.signal or 'SIGTERM on another process'}: saved step {step}; exiting")
                     stopped = True
                     break
+    except CheckpointSaveFailed as e:  # a full disk: said in one line below, not as orbax's writer traceback
+        if jax.process_count() > 1:
+            _exit_at_once()
+        save_failed = e
     except NonFiniteState as e:
         say(str(e))
-        halted = step
+        halted, halt_why = step, "a non-finite state is never saved"  # under either nan_policy
     except Exception:
         if jax.process_count() > 1:  # before the cleanup below, which would wait for the others
             _exit_at_once()
@@ -878,7 +900,10 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     finally:
         bar.close()
         stop.restore()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except CheckpointSaveFailed as e:  # the last save's failure, which orbax raises at this wait
+            save_failed = save_failed or e
         saved_steps = ckpt.steps()
         skipped_docs = {"train": loader.skipped, "held-out": held_skipped}
         loader.close()
@@ -888,13 +913,15 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
               "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start,
               "documents_skipped": skipped_docs}
+    if save_failed is not None:  # (before the plot, which a full disk refuses too)
+        raise SystemExit(str(save_failed))
     if primary:  # every exit with metrics on disk plots them: a halted or stopped run's curve is the one to look at
         plot = plot_losses(out, unit)
         if line := skipped_line(skipped_docs):  # the loader's warning went by once, among the startup's lines
             say(line)
     if halted is not None:
         good = saved_steps
-        raise SystemExit(f"halted at step {halted} (nan_policy=halt); newest good checkpoint: "
+        raise SystemExit(f"halted at step {halted} ({halt_why}); newest good checkpoint: "
                          f"{good[-1] if good else 'none'} in {out / 'ckpt'}")
     # `stopped`, not this process's signal: a process stopped by another's signal at train.steps went on to the
     # sample's gather, which the signalled one never joined

@@ -855,6 +855,20 @@ def test_token_ids_and_non_text_fields_are_named(corpus, tmp_path):
                       process_count=1))
 
 
+def test_pretokenized_ids_outside_the_tokenizer_are_refused_by_name():
+    """A pre-tokenized record holding an id >= vocab_size (a damaged shard, ids of a bigger tokenizer under a copied
+    meta) went into the batches: under jit the embedding gathered NaN, and the trainer skipped every step as a
+    'non-finite loss or gradient norm' naming no token; a negative id was ignored as a target, wrapped as an input."""
+    from data.tokenizer import TOKENS_MAGIC
+
+    ok = TOKENS_MAGIC + np.array([104, 105, 256], np.int32).tobytes()
+    assert Tokenize(EOS_BYTES)([ok])[0]["targets"].tolist() == [104, 105, 256, 256]
+    for bad_id in (257, 5000, -1):
+        rec = TOKENS_MAGIC + np.array([104, bad_id, 105], np.int32).tobytes()
+        with pytest.raises(ValueError, match=rf"token id {bad_id} outside \[0, vocab_size=257\).*pretokenize"):
+            Tokenize(EOS_BYTES)([ok, rec])
+
+
 def test_small_helpers_refuse_nonsense_inputs(tmp_path):
     """Each was accepted: ByteWindows(seq_len=0) gave empty rows and batch_size=0 a numpy stacking error; a
     zh_fraction of 1.5 made every document Chinese; a glossary's domains given as one string matched nothing."""

@@ -103,6 +103,39 @@ def test_a_state_with_one_non_finite_value_is_never_saved(tmp_path, bad):
         ckpt.close()
 
 
+def test_a_save_that_cannot_be_written_is_one_line_naming_the_cause_and_the_step_to_resume(tmp_path):
+    """A full disk fails orbax's async write, which raises at the next save or wait (the trainer's next save step,
+    or its close): a traceback ending in orbax's ValueError about a tensorstore chunk file, its ENOSPC the last words
+    of 700 characters. Now CheckpointSaveFailed says where, why and which step a rerun resumes from. (orbax's own
+    error, as a tiny tmpfs made it, is raised by the manager here: a real full disk is not a unit test's to make.)"""
+    from experiments.checkpoint import CheckpointSaveFailed
+
+    ckpt = Checkpoints(tmp_path / "ckpt", log=lambda *a: None)
+    try:
+        ckpt.save(1, state_at(1), {"config": "{}"})
+        ckpt.wait()
+        enospc = ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file "'
+                            + "x" * 300 + "\": Failed to write 728450 bytes to file 11: No space left on device "
+                            "[os_error_code='28']")
+
+        for method in ("save", "wait_until_finished"):  # the step's own save, or the wait for it
+            real = getattr(ckpt.mgr, method)
+
+            def full(*a, real=real, method=method, **k):  # raised once, as orbax does
+                setattr(ckpt.mgr, method, real)
+                raise enospc
+
+            setattr(ckpt.mgr, method, full)
+            with pytest.raises(CheckpointSaveFailed, match=rf"a save into {tmp_path / 'ckpt'} failed \(ValueError: "
+                                                           r"RESOURCE_EXHAUSTED.* \.\.\. No space left on device "
+                                                           r"\[os_error_code='28'\]\); a rerun resumes from step 1: "
+                                                           "first mend the cause"):
+                ckpt.save(2, state_at(2), {"config": "{}"}) if method == "save" else ckpt.wait()
+        assert ckpt.steps() == [1]
+    finally:
+        ckpt.close()
+
+
 def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):
     """numpy / Python leaves failed with AttributeErrors ('no attribute sharding' / 'shape'); a float checkpoint
     restored into an int template was silently truncated."""

@@ -286,6 +286,23 @@ def test_nan_halt_stops_without_saving_poison(tmp_path):
     assert sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit()) == [1, 2]
 
 
+def test_nan_halt_stops_at_a_nan_eval_before_saving_it(tmp_path):
+    """lr 1e3: step 9's loss and gradient norm are finite (its parameters' before the update), the parameters it
+    makes evaluate to NaN. Saved, step 9 was named the "newest good checkpoint" when step 10 halted, and every step
+    resumed from it is NaN again."""
+    out = tmp_path / "halt_eval"
+    with pytest.raises(SystemExit) as e:
+        train_lm.main([*TINY, "--out", str(out), "--lr", "1e3", "--set", "train.steps=10", "--set",
+                       "train.eval_every=1", "--set", "train.save_every=1", "--set", "train.keep=10", "--set",
+                       "train.nan_policy=halt"])
+    assert str(e.value).startswith("halted at step 9 (nan_policy=halt); newest good checkpoint: 8")
+    steps = sorted(int(p.name) for p in (out / "ckpt").iterdir() if p.name.isdigit())
+    assert steps == list(range(1, 9))
+    assert all(np.isfinite(checkpoint.read_meta(out / "ckpt", s)["eval_loss"]) for s in steps)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("eval_loss", 0)) for r in rows if r["kind"] == "nonfinite"] == [(9, None)]
+
+
 def test_a_diverging_run_logs_strict_json_and_finishes(tmp_path):
     """lr 30 takes the loss past 709 nats with every number finite: exp() of the eval loss raised OverflowError
     and killed the run before its checkpoint; now ppl is inf, and every non-finite number is null in the JSONL
