@@ -99,7 +99,7 @@ class LMShape:
     mlp_dim: int
     qkv_bias: bool = False
     tie_embeddings: bool = False
-    windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention
+    windows: tuple[int | None, ...] = ()  # one per layer; None = global causal attention; () = every layer global
     moe: MoESpec | None = None
     post_norms: bool = False  # Gemma-2 style RMSNorm on each sublayer output: 4 norm scales per layer, not 2
     pre_norms: bool = True  # RMSNorm on each sublayer input (False: OLMo 2, whose block has post_norms only)
@@ -114,6 +114,13 @@ class LMShape:
             # (a float mlp_dim gave float parameter counts); stored as Python ints: numpy int32 ones (a sweep's)
             # wrapped every product past 2**31 (Llama 3 70B counted 1.8e9 parameters, its KV cache 0 bytes)
             object.__setattr__(self, f, int_at_least(f"LM shape: {f}", getattr(self, f), 0 if f == "mlp_dim" else 1))
+        # every layer's attention is summed over `windows`: the default () counted none (no attention FLOPs, a 0-byte
+        # KV cache, a StopIteration in memory_per_device) and a short tuple only its entries' layers
+        windows = tuple(self.windows) or (None,) * self.n_layers
+        if len(windows) != self.n_layers:
+            raise ValueError(f"LM shape: windows has {len(windows)} entr{'ies' if len(windows) != 1 else 'y'} for "
+                             f"n_layers={self.n_layers}; give one per layer (None = global), or leave it out")
+        object.__setattr__(self, "windows", windows)
         for f in ("attn_block", "swa_block"):  # block sizes multiply key counts (checked where they are used)
             if isinstance(getattr(self, f), numbers.Integral) and not isinstance(getattr(self, f), bool):
                 object.__setattr__(self, f, int(getattr(self, f)))

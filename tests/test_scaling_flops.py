@@ -1102,3 +1102,20 @@ def test_kv_cache_bytes_of_numpy_int32_lengths_do_not_wrap():
     want = 2 * 8 * 80 * 131072 * 8 * 128 * 2  # K and V, [B, L, T, K, H], 2 bytes
     assert cfg.kv_cache_bytes(8, 131072) == want
     assert cfg.kv_cache_bytes(np.int32(8), np.int32(131072)) == want
+
+
+def test_an_lm_shape_without_windows_attends_globally_and_a_wrong_count_is_refused():
+    """LMShape's `windows` defaults to (), read as zero layers of attention: a shape built without it (as a planner
+    builds one for suggest_mesh) counted no attention FLOPs (7B at 4K: 3.96e10 per token, not 4.29e10), a 0-byte KV
+    cache, and memory_per_device raised a bare StopIteration. A missing tuple now means every layer global, and one
+    whose length is not n_layers (3 windows for 32 layers counted 3 layers' attention) is refused, naming the field."""
+    from scaling.memory import kv_cache_bytes, memory_per_device
+
+    dims = dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, kv_heads=32, head_dim=128, mlp_dim=11008)
+    bare, ref = LMShape(**dims), LMShape(**dims, windows=(None,) * 32)
+    assert bare.windows == (None,) * 32 and bare == ref
+    assert train_flops_per_token(bare, 4096) == train_flops_per_token(ref, 4096)
+    assert kv_cache_bytes(bare, 1, 4096) == 2 * 32 * 4096 * 32 * 128 * 2
+    assert memory_per_device(bare, {"fsdp": 8}, 8, 4096) == memory_per_device(ref, {"fsdp": 8}, 8, 4096)
+    with pytest.raises(ValueError, match=r"windows has 3 entries for n_layers=32"):
+        LMShape(**dims, windows=(None,) * 3)
