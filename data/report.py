@@ -3,11 +3,13 @@
     python -m data.report DIR                    # exits 1 if any count fails to reconcile
     python -m data.report DIR --drops too_short  # every record dropped for that reason (or "all"): id, tier, stage
                                                  # (none: exits 1, naming the reasons the run has); a duplicate
-                                                 # also names the document kept in its place
+                                                 # also names the document kept in its place (and
+                                                 # says so if a labeler dropped that one since)
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -41,9 +43,11 @@ def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
     duplicate (`exact_dup`, `near_dup`, and `..._reference`) also has the kept document's `duplicate_of` (its id),
     `duplicate_at` (where it is in the filtered tier of its run: the dedup_against run for `..._reference`) and, if
     the survivor was found by MinHash, `jaccard` (the estimated similarity); a run from before they were logged
-    has none."""
+    has none. One of this run's whose survivor a labeler dropped later (dedup runs first) has `survivor_dropped`:
+    true, as the final corpus holds neither."""
     out = pathlib.Path(out_dir)
     funnel(out)  # a finished run, or the error saying what is missing
+    labeler_dropped = _labeler_dropped(out)
     for tier in TIERS:
         for stats in sorted((out / tier).glob("shard-*.stats.json")):
             log = stats.with_name(stats.name.replace(".stats.json", ".drops.jsonl"))
@@ -54,7 +58,21 @@ def drops(out_dir, reason: str | None = None) -> Iterator[dict]:
                 for line in f:
                     row = json.loads(line)
                     if reason is None or row["reason"] == reason:
+                        if "duplicate_at" in row and not row["reason"].endswith("_reference"):
+                            shard, j = row["duplicate_at"].removeprefix("filtered/").split(".array_record:")
+                            if int(j) in labeler_dropped(shard):
+                                row["survivor_dropped"] = True
                         yield {"id": row["id"], "tier": tier, **row}
+
+
+def _labeler_dropped(out: pathlib.Path):
+    """`shard name -> {its filtered rows the labelers dropped}` (the labeled tier's stats record them), read once a
+    shard."""
+    @functools.cache
+    def rows(shard: str) -> frozenset:
+        path = out / "labeled" / f"{shard}.stats.json"
+        return frozenset(read_json(path).get("dropped", ())) if path.exists() else frozenset()
+    return rows
 
 
 def _kept_instead(row: dict) -> str:
@@ -63,7 +81,8 @@ def _kept_instead(row: dict) -> str:
         return ""
     run = "the dedup_against run's " if row["reason"].endswith("_reference") else ""
     sim = f", Jaccard ~{row['jaccard']:.2f}" if "jaccard" in row else ""
-    return f"\tduplicate of {id_text(row['duplicate_of'])} ({run}{row['duplicate_at']}{sim})"
+    gone = ", itself dropped by a labeler since" if row.get("survivor_dropped") else ""
+    return f"\tduplicate of {id_text(row['duplicate_of'])} ({run}{row['duplicate_at']}{sim}){gone}"
 
 
 def reconcile(rows) -> list[str]:
@@ -126,16 +145,18 @@ def report(out_dir) -> str:
     if "langid" in by_name:
         lines.append("languages kept by langid:    " + _mix(by_name["langid"].counters, "lang"))
         lines.append("languages dropped by langid: " + _mix(by_name["langid"].counters, "dropped_lang"))
-    if "label" in by_name:
-        # the last stage counts what the final tier holds; a run (or shards) from before it did, or a last stage
-        # that counts no languages, falls back to the label stage's counts, named as such
-        final = last if sum(v for k, v in last.counters.items() if k.startswith("lang:")) == last.docs_out else None
+    # the last stage counts what the final tier holds; a run (or shards) from before it did, or a last stage
+    # that counts no languages, falls back to the label stage's counts, named as such. (Not only under a label
+    # stage: with labelers=() the augment stage counted langid's languages, and the report left them out.)
+    final = last if sum(v for k, v in last.counters.items() if k.startswith("lang:")) == last.docs_out else None
+    if final is not None or "label" in by_name:
         counted = final or by_name["label"]
         lines.append(("language mix of the final corpus: " if final else "language mix labelled (the label stage's "
                       "documents, before later stages): ") + _mix(counted.counters, "lang"))
         tags = {k[7:]: v for k, v in counted.counters.items() if k.startswith("domain:")}
-        lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in sorted(tags.items(), key=lambda kv: -kv[1]))
-                                        or "none"))
+        if tags or "label" in by_name:  # (no stage tagging domains: no line saying there are none)
+            lines.append("domain tags: " + (", ".join(f"{t} {n:,}" for t, n in
+                                                      sorted(tags.items(), key=lambda kv: -kv[1])) or "none"))
     examples = [f"  {tier}/{s.name} {r}: {', '.join(map(id_text, ids))}" for tier, s in rows
                 for r, ids in sorted(s.examples.items()) if ids]
     if examples:

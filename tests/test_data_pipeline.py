@@ -918,6 +918,21 @@ def test_the_report_gives_the_language_mix_and_tags_of_the_final_tier(tmp_path):
     assert labelled in report_mod.report(out)
 
 
+def test_the_report_gives_the_final_language_mix_without_a_label_stage(tmp_path):
+    """labelers=() (no labelling stage): the augment stage counted the final tier's languages, but the report printed
+    the line only when a stage was named 'label', so the final corpus's mix was missing."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.jsonl"
+    texts = [en_text(rng, 120), en_text(rng, 120), zh_text(rng, 300)]
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    out = tmp_path / "out"
+    run([str(path)], out, PipelineConfig(workers=1, labelers=()), progress=False)
+    assert sorted(d["lang"] for d in all_docs(out / "augmented")) == ["en", "en", "zh"]
+    text = report_mod.report(out)
+    assert "language mix of the final corpus: en 2 docs (66.7%" in text and ", zh 1 doc (33.3%" in text
+    assert "domain tags" not in text  # no stage tagged domains: no line claiming there are none
+
+
 class PlainStage:
     """A custom stage that is a plain class: its default repr holds a memory address."""
 
@@ -1600,6 +1615,24 @@ def test_every_dedup_drop_names_the_document_kept_in_its_place(tmp_path, capsys)
     assert [r for r in report_mod.drops(tmp_path / "clean") if r["id"] == "x"] == [
         {"id": "x", "tier": "cleaned", "stage": "dedup", "reason": "exact_dup", "duplicate_of": f"{first}:3",
          "duplicate_at": at(0, 2)}]
+
+
+def test_a_duplicate_whose_survivor_a_labeler_dropped_says_so(tmp_path, capsys):
+    """Dedup runs before the labelers: a custom labeler dropping the copy a duplicate names left the duplicate's line
+    saying "duplicate of" a document the final corpus does not hold, with nothing to tell it from a kept one."""
+    rng = np.random.default_rng(0)
+    a, b = en_text(rng, 120), en_text(rng, 120)
+    path = tmp_path / "in.jsonl"  # DropOdd drops lines 1 and 3: a (a survivor) and its copy (a duplicate already)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (a, b, a, b)))
+    run([str(path)], tmp_path / "out", PipelineConfig(workers=1, filters=(), labelers=(DropOdd(),), augment=None),
+        progress=False)
+    dups = {r["id"]: r for r in report_mod.drops(tmp_path / "out", "exact_dup")}
+    assert dups[f"{path}:3"]["survivor_dropped"] is True and "survivor_dropped" not in dups[f"{path}:4"]
+    report_mod.main([str(tmp_path / "out"), "--drops", "exact_dup"])
+    at = "filtered/shard-00000.array_record"
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}:3\tcleaned/dedup\texact_dup\tduplicate of {path}:1 ({at}:0), itself dropped by a labeler since",
+        f"{path}:4\tcleaned/dedup\texact_dup\tduplicate of {path}:2 ({at}:1)"]
 
 
 def test_ids_of_any_json_type_are_logged_and_listed_as_json(tmp_path, capsys):
