@@ -244,6 +244,12 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if hf.get("use_bidirectional_attention"):
         raise _unsupported("use_bidirectional_attention", hf["use_bidirectional_attention"],
                            "only causal decoders are supported; load a causal checkpoint (false or null)")
+    # transformers drops attention probabilities in train mode; we have no dropout, so a fine-tune ran without it
+    # silently. Loaded (inference is the same) with a word, as the other fields we read but cannot honour in training
+    if (p := hf.get("attention_dropout")) and p != 0:
+        warnings.warn(f"HF config attention_dropout={p!r}: this model has no dropout, so fine-tuning it runs without "
+                      "(transformers' train mode drops attention probabilities at that rate); inference is unchanged",
+                      stacklevel=3)
     # the one its MLP reads; others ignored
     act_field = "hidden_activation" if arch in ("gemma2", "gemma3_text") else "hidden_act"
     act = hf.get(act_field, "silu")

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -607,6 +608,18 @@ def _hf_dict(cls="LlamaConfig", **kw):
     d = getattr(transformers, cls)(**(TINY | kw)).to_dict()
     d.setdefault("architectures", [cls.replace("Config", "ForCausalLM")])
     return d
+
+
+@pytest.mark.parametrize("cls", ["Gemma2Config", "Gemma3TextConfig", "Olmo2Config", "Qwen3Config", "MixtralConfig"])
+def test_attention_dropout_the_model_lacks_is_named_on_loading(cls):
+    """transformers drops attention probabilities at attention_dropout in train mode; our model has no dropout, so a
+    fine-tune from such a checkpoint trained without it, silently. It loads (inference is the same) with a warning
+    naming the field; 0 (every published Gemma 2 / 3, OLMo 2, Qwen3) says nothing."""
+    with pytest.warns(UserWarning, match=r"attention_dropout=0\.1: .*no dropout"):
+        config_from_hf(_hf_dict(cls, attention_dropout=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config_from_hf(_hf_dict(cls, attention_dropout=0.0))
 
 
 @pytest.mark.parametrize("cls", ["LlamaConfig", "Olmo2Config"])
