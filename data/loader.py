@@ -294,7 +294,7 @@ class _MixUntilExhausted(grain.MapDataset):
         # the (source, position) pairs as two arrays, not a list of tuples (800k documents: 6.4 s and 80 MiB before)
         total = float(sum(weights))
         if not math.isfinite(total):  # weights near the float limit summed to inf: every share 0, picked 1:1 in turn
-            weights = [float(x) / float(max(weights)) for x in weights]  # (finite sums keep their bits: saved states)
+            weights = _by_largest(weights)  # (finite sums keep their bits: saved states)
             total = float(sum(weights))
         w = (np.asarray(weights, np.float64) / total).tolist()
         sizes, taken, picks, t = [len(p) for p in parents], [0] * len(parents), [], 0
@@ -489,6 +489,12 @@ def documents(sources: Sequence[Source], tokenizer, cfg: LoaderConfig = LoaderCo
     return _UnbatchIterDataset(ds, _Unbatch(stall, sum(sizes)))
 
 
+def _by_largest(weights) -> list:
+    """Mixture weights divided by the largest: the same ratios, summed or scaled without passing the float range."""
+    top = float(max(weights))
+    return [float(x) / top for x in weights]
+
+
 def _endless_weights(sources: Sequence[Source]) -> list:
     """The weights for grain's endless mix, which scales them by 100 / the smallest and truncates to ints: weights as
     small as 1e-310 (100 / them is inf) are scaled to the largest first; a ratio past the float range is named (grain
@@ -496,7 +502,7 @@ def _endless_weights(sources: Sequence[Source]) -> list:
     fits = lambda w: min(w) > 0 and all(math.isfinite(x * (100 / min(w))) for x in w)  # noqa: E731
     if fits(w := [s.weight for s in sources]):
         return w  # as given: rescaled weights may truncate to other ints, and saved states index into the mix
-    if fits(w := [float(x) / float(max(w)) for x in w]):  # (a ratio past the float range underflows to 0 here)
+    if fits(w := _by_largest(w)):  # (a ratio past the float range underflows to 0 here)
         return w
     raise ValueError(f"Source.weight: the weights {[float(s.weight) for s in sources]} are too far apart for grain's "
                      "mix, which scales the smallest to 100 (the largest passes the float range, and the smallest "
