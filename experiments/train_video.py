@@ -303,8 +303,10 @@ def _json_dict(text) -> dict | None:
 def _newest_meta(directory: pathlib.Path) -> tuple[int, dict] | None:
     """`latest_meta` of a stage's checkpoints, read without a writer (None when there are none): a writable manager
     makes the directory and starts orbax's clean-up of unfinished saves in the background, which can delete the save
-    in progress of the next manager there (a save right after check_resume failed: 'Failed to rename ... _sharding')."""
-    return latest_meta(manager(directory, read_only=True)) if directory.is_dir() else None
+    in progress of the next manager there (a save right after check_resume failed: 'Failed to rename ... _sharding').
+    Silent: the stage's own manager, opened next, names any incomplete save (both did, with different reasons)."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    return latest_meta(manager(directory, read_only=True, log=quiet)) if directory.is_dir() else None
 
 
 def check_resume(p: Preset, out: pathlib.Path, seed: int):

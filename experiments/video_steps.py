@@ -123,12 +123,12 @@ def make_t2v_step(graphdef, optimizer: optax.GradientTransformation, null_L, ema
 TREES = ("params", "opt_state", "ema")  # the pytrees a stage may save
 
 
-def manager(directory, read_only: bool = False) -> Checkpoints:
+def manager(directory, read_only: bool = False, log=print) -> Checkpoints:
     """One stage's checkpoints under `directory` (the last 2 kept), through the LM trainer's `Checkpoints`: a save
     carries a checksum, and a restore that fails to read or verify sets that step aside in `<directory>-corrupt/`
     and falls back to the one before (a corrupt newest step stopped the video trainer with an orbax error).
-    read_only: for readers (load_video_model): nothing is created or moved."""
-    return Checkpoints(directory, keep=2, keep_best=False, async_save=False, read_only=read_only)
+    read_only: for readers (load_video_model): nothing is created or moved. log: where its notes go."""
+    return Checkpoints(directory, keep=2, keep_best=False, async_save=False, read_only=read_only, log=log)
 
 
 def save(ckpt: Checkpoints, step: int, trees: dict, meta: dict):

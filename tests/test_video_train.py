@@ -1419,6 +1419,22 @@ def test_check_resume_reads_the_stages_without_a_writer(tmp_path, monkeypatch):
     assert cleans == [False]  # one reader, for the stage that has a checkpoint
 
 
+def test_an_interrupted_save_is_named_once_per_stage_not_also_by_check_resume(tmp_path, capsys):
+    """check_resume's reader and the stage's own manager both named a save cut short, with different reasons ("save
+    in progress, or one cut short", then "interrupted while writing"): the reader is silent, the stage's says it."""
+    p, stage_dir = train_video.PRESETS["tiny"], tmp_path / "ckpt" / "vae"
+    meta = {"step": 1, "settings": train_video.stage_settings(p, 0)["vae"],
+            "prng_impl": jax.config.jax_default_prng_impl}
+    save(manager(stage_dir), 1, {"params": {"w": jnp.ones((2,))}}, meta)
+    (stage_dir / "2.orbax-checkpoint-tmp-1700000000").mkdir()  # as a save of step 2 killed mid-write looks
+    capsys.readouterr()
+    train_video.check_resume(p, tmp_path, 0)
+    assert "incomplete" not in capsys.readouterr().out
+    manager(stage_dir).close()
+    out = capsys.readouterr().out
+    assert out.count("incomplete save") == 1 and "interrupted while writing" in out, out
+
+
 def test_a_second_job_on_an_out_in_use_is_refused_before_fresh_deletes_anything(tmp_path, capsys, monkeypatch):
     """Two train_video jobs on one --out (a double launch, a requeue while the first still ran) both trained into
     it, the second setting aside the first's logs while it wrote them; with --fresh the second deleted the running
