@@ -329,6 +329,13 @@ def words(text: str) -> list[str]:
     return [t for t in _TOKEN.findall(text) if not punct.issuperset(t)]
 
 
+def word_units(ws: list[str], cfg: QualityConfig) -> float:
+    """How many words `words(text)` makes with CJK text counted in words, `cfg.cjk_chars_per_word` characters each
+    (at least 1: a divisor). Per CJK character, a Chinese document's densities were half its English translation's."""
+    cjk = sum(1 for w in ws if _CJK.match(w))
+    return max(len(ws) - cjk + cjk / cfg.cjk_chars_per_word, 1)
+
+
 def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     """Remove lines matching any `cfg.boilerplate` rule (case-insensitive) → `(text, lines_removed,
     non-blank lines)`: blank lines do not count, so a page reads the same with single or double line breaks.
@@ -534,11 +541,9 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     fold = match_form(text)
     promo = phrase_counts(fold, cfg._promo_re)
     s["promo_hits"] = sum(promo.values())
-    # per word, CJK text counted in words too (cjk_chars_per_word characters each): per character, a Chinese
-    # document's density was half an English one's for the same phrases and length
-    word_units = max(len(latin) + (n_words - len(latin)) / cfg.cjk_chars_per_word, 1)
-    s["promo_density"] = s["promo_hits"] / word_units
-    s["mojibake_rate"] = mojibake_sequences(text) / word_units  # per word, for the same reason
+    units = word_units(ws, cfg)  # per word, CJK text counted in words too
+    s["promo_density"] = s["promo_hits"] / units
+    s["mojibake_rate"] = mojibake_sequences(text) / units
     s["promo_max_repeat"] = max(promo.values(), default=0)
     s["blocklist_hits"] = sum(phrase_counts(fold, cfg._block_re).values())
     return s

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from data.filters import CJK_RANGES, QualityConfig, words
+from data.filters import CJK_RANGES, QualityConfig, word_units, words
 from data.seeds import check_field_types
 
 # (signal, QualityConfig field holding its limit); symbols without punctuation, which would rank Chinese prose
@@ -129,11 +129,13 @@ def quality_score(signals: dict, qcfg: QualityConfig = _DEFAULT_QUALITY) -> floa
     return round(sum(heads) / len(heads), 4) if heads else 0.0
 
 
-def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL) -> list[str]:
-    """Tags whose keywords occur often enough (see LabelConfig)."""
+def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL, qcfg: QualityConfig = _DEFAULT_QUALITY) -> list[str]:
+    """Tags whose keywords occur often enough (see LabelConfig). Words are counted as the quality filter's promo
+    density counts them: CJK text `qcfg.cjk_chars_per_word` characters to a word."""
     low = text.lower()
     counts = collections.Counter(_WORD_PART.findall(low))
-    n_words = max(len(words(low)), 1)
+    # a CJK character is not a word: counted one, 2 news keywords in a ~3,000-character Chinese report tagged nothing
+    n_words = word_units(words(low), qcfg)
     lines = None  # lines without their indentation, each after a newline, as written: for the line-start keywords
     tags = []
     for tag, plain, other in cfg._split:

@@ -106,11 +106,13 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # with Python definitions, as docstrings' "Return the ..."; `docs` lists its sections in both cases), and a glossary
 # term spelled in two cases across domains is defined once; 21 = a UTF-16 text file's bad units are repaired as bad
 # UTF-8 bytes are (one past the last whole unit, or a lone surrogate, was a `binary` drop), UTF-32 is read as UTF-32,
-# and a no-break space misread ("Â\xa0") is repaired (NFKC left a stray "Â ").
+# and a no-break space misread ("Â\xa0") is repaired (NFKC left a stray "Â "); 22 = domain tags' keyword density
+# counts CJK text in words (QualityConfig.cjk_chars_per_word characters each; a Chinese report's was half its English
+# translation's).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
-OUTPUT_VERSION = 21
+OUTPUT_VERSION = 22
 
 
 # how to switch off what a settings group configures (None is no setting)

@@ -220,9 +220,10 @@ class QualityFilter:
 
 @dataclasses.dataclass(frozen=True)
 class Label:
-    """Adds `quality` (score in [0, 1]), `domains` (tags) and, if the document has no `lang` (the langid stage did
-    not run, and the record had none of its own, or null), `lang`, detected under `langid` (the pipeline passes its
-    PipelineConfig.langid: its fold and min_confidence, not the defaults)."""
+    """Adds `quality` (score in [0, 1]), `domains` (tags; keyword density with CJK counted in words as `quality`
+    counts them) and, if the document has no `lang` (the langid stage did not run, and the record had none of its own,
+    or null), `lang`, detected under `langid` (the pipeline passes its PipelineConfig.langid: its fold and
+    min_confidence, not the defaults)."""
 
     cfg: LabelConfig = LabelConfig()
     quality: QualityConfig = QualityConfig()
@@ -231,7 +232,7 @@ class Label:
 
     def __call__(self, doc):
         out = {**doc, "quality": quality_score(doc.get("signals", {}), self.quality),
-               "domains": domain_tags(doc["text"], self.cfg)}
+               "domains": domain_tags(doc["text"], self.cfg, self.quality)}
         if out.get("lang") is None:  # a record's "lang": null (a JSONL export's missing value) is no language either
             out["lang"], _ = _langid(self.langid).detect(doc["text"])
         return out, None

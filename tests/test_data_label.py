@@ -1,8 +1,11 @@
 """Domain tags: keywords count as whole words with punctuation split off, and only when frequent enough."""
 
+import numpy as np
 import pytest
 
+from data.filters import QualityConfig
 from data.label import LabelConfig, domain_tags
+from data.synthetic import zh_text
 
 
 def test_keywords_with_attached_punctuation_count():
@@ -172,15 +175,11 @@ def test_quality_score_is_the_mean_headroom_under_the_limits():
 def test_keyword_density_counts_chinese_words_not_whitespace_runs():
     """Per thousand CJK-aware words: a long Chinese text is one whitespace-separated run, so counted by `split`
     two stray 定理 in 4,000 characters were 2,000 per thousand words and tagged it math."""
-    import numpy as np
-
-    from data.synthetic import zh_text
-
     rng = np.random.default_rng(0)
     long, short = zh_text(rng, 4000), zh_text(rng, 400)
     assert "math" not in domain_tags(long) and "math" not in domain_tags(short)
-    assert "math" not in domain_tags(long + "定理。" + long + "定理。")  # 2 hits in ~8,000 words
-    assert "math" in domain_tags(short + "定理。定理。")  # 2 hits in ~400 words
+    assert "math" not in domain_tags(long + "定理。" + long + "定理。")  # 2 hits in ~4,000 words (8,000 characters)
+    assert "math" in domain_tags(short + "定理。定理。")  # 2 hits in ~200 words
 
 
 def test_glossary_terms_count_once_across_domains_and_match_plurals():
@@ -458,3 +457,14 @@ def test_a_term_spelled_in_two_cases_across_domains_is_defined_once():
                                        ("code", (("matrix", "a 2-D array type"),))))
     out = gloss({"text": "the matrix here", "domains": ["math", "code"]})
     assert out["augmented"] == ["Matrix"] and out["text"].endswith("Glossary:\n- Matrix: a grid of numbers")
+
+
+def test_keyword_density_counts_chinese_in_words_not_characters():
+    """Per thousand words with CJK counted in words (QualityConfig.cjk_chars_per_word characters each), as the quality
+    filter's promo density: per character, 2 news keywords in a 2,900-character Chinese report (~1,450 words) measured
+    0.7 per thousand and tagged nothing, where its English translation (~1,500 words, the same 2) was news."""
+    zh = "据新华社报道，" + zh_text(np.random.default_rng(0), 2900) + "新华社记者在现场看到。"
+    en = "Xinhua reported that " + "the new metro line will open next year and halve commuting times. " * 120
+    assert zh.count("报道") + zh.count("记者") == 2 and "news" in domain_tags(en + "the agency reported.")
+    assert domain_tags(zh) == ["news"]
+    assert domain_tags(zh, qcfg=QualityConfig(cjk_chars_per_word=1.0)) == []  # a character a word: 2 in ~3,100
