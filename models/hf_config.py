@@ -253,7 +253,7 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     # the one its MLP reads; others ignored
     act_field = "hidden_activation" if arch in ("gemma2", "gemma3_text") else "hidden_act"
     act = hf.get(act_field, "silu")
-    if act not in _ACT_FROM_HF:
+    if not isinstance(act, str) or act not in _ACT_FROM_HF:  # (a list was "unhashable type")
         raise _unsupported(act_field, act, f"our gated MLP runs one of {sorted(_ACT_FROM_HF)} (silu, or GELU's tanh "
                                            "approximation)")
     # (Llama's MLP alone reads it: a Qwen2 / Mistral config.json carrying it true has no MLP biases in transformers)
@@ -262,13 +262,19 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     if q := hf.get("quantization_config"):
         raise _unsupported("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,
                            "quantized checkpoints (their scale tensors) are not read; load the unquantized model")
-    # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"
+    # "2" failed as "unsupported operand type(s) for //: 'int' and 'str'"; null too where transformers gives it no
+    # meaning (its strict config refuses it) and '//', '*' or range() read it before any check, naming no field
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads")
     for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "head_dim", "intermediate_size", "max_position_embeddings", "sliding_window", "num_local_experts",
               "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
         v = hf.get(f)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        if (v is not None or (f in required and f in hf)) and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"HF config field {f}={v!r} must be an integer; fix config.json")
+    for f in ("rope_scaling", "rope_parameters"):  # a number or a list was a bare TypeError where its keys were read
+        if (v := hf.get(f)) is not None and not isinstance(v, dict):
+            raise ValueError(f"HF config field {f}={v!r} must be an object of RoPE settings (e.g. {{\"rope_type\": "
+                             "\"linear\", \"factor\": 2.0}) or null; fix config.json")
     fields = [f.name for f in dataclasses.fields(TransformerConfig)]
     if unknown := sorted(set(overrides) - set(fields)):
         near = {u: difflib.get_close_matches(u, fields, n=1) for u in unknown}
@@ -277,11 +283,14 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
     try:
         gemma3 = arch == "gemma3_text"
         theta, scaling, local_theta = _gemma3_rope(hf) if gemma3 else (*_rope_from_hf(hf), None)
-        n_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+        n_heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads")
+        # (n_heads <= 0: TransformerConfig names it; the division was a bare ZeroDivisionError)
+        head_dim = hf.get("head_dim") or (hf["hidden_size"] // n_heads if n_heads > 0 else None)
         kw = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                  n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                  head_dim=None if head_dim * n_heads == hf["hidden_size"] else head_dim,
+                  # null is MHA, as in transformers; 0 was read as null (a Llama 3 8B with 32 KV heads), where
+                  # transformers fails: TransformerConfig names it
+                  n_heads=n_heads, n_kv_heads=n_heads if kv is None else kv,
+                  head_dim=None if head_dim is None or head_dim * n_heads == hf["hidden_size"] else head_dim,
                   mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                   rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
                   # Qwen2 always has q/k/v biases; Llama's and Gemma 2's attention_bias also adds an o_proj bias,

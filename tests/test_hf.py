@@ -950,6 +950,19 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (dict(intermediate_size=64.0), "HF config field intermediate_size=64.0 must be an integer"),
     (dict(num_hidden_layers=True), "HF config field num_hidden_layers=True must be an integer"),
     (dict(head_dim="8"), "HF config field head_dim='8' must be an integer"),
+    # null where transformers has no meaning for it: bare TypeErrors from '//' and range() (a Mistral's or Gemma's
+    # num_hidden_layers), naming no field
+    (dict(hidden_size=None, head_dim=None), "HF config field hidden_size=None must be an integer"),
+    (dict(num_attention_heads=None), "HF config field num_attention_heads=None must be an integer"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=7, num_hidden_layers=None),
+     "HF config field num_hidden_layers=None must be an integer"),
+    # not a dict of RoPE settings: bare TypeErrors ("'int' object is not iterable", "... is not a mapping")
+    (dict(rope_parameters=None, rope_theta=1e4, rope_scaling=8.0), r"HF config field rope_scaling=8\.0 must be"),
+    (dict(rope_parameters=["linear", 2.0]), r"HF config field rope_parameters=\['linear', 2\.0\] must be"),
+    (dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", rope_parameters=None, rope_scaling=True),
+     "HF config field rope_scaling=True must be"),
+    # unhashable: "unhashable type: 'list'"
+    (dict(hidden_act=["silu"]), r"HF config field hidden_act=\['silu'\] is not supported"),
     # null RoPE numbers were bare TypeErrors from float() ("argument must be a string or a real number"), and a
     # fractional original length was cut to a whole one (512.5 -> 512: llama3's frequencies 0.2% off transformers')
     (dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=None)),
@@ -1835,6 +1848,12 @@ def test_a_tie_asked_for_by_an_override_is_named_as_such(tmp_path):
 
 @pytest.mark.parametrize("patch, names", [
     (dict(num_hidden_layers=0), r"TransformerConfig\.n_layers: .*\(read from HF config field num_hidden_layers=0; "),
+    # a ZeroDivisionError from hidden_size // num_attention_heads
+    (dict(num_attention_heads=0, head_dim=None),
+     r"TransformerConfig\.n_heads: .*\(read from HF config field num_attention_heads=0; "),
+    # 0 was read as null (MHA: Llama 3 8B with 32 KV heads, 8.84e9 parameters for 8.03e9), where transformers fails
+    (dict(num_key_value_heads=0), r"n_kv_heads: .*got 0 \(read from HF config fields num_attention_heads=4, "
+                                  r"num_key_value_heads=0; fix config\.json\)"),
     (dict(num_key_value_heads=3), r"n_kv_heads=3.*\(read from HF config fields num_attention_heads=4, "
                                   r"num_key_value_heads=3; fix config\.json\)"),
     (dict(max_position_embeddings=None), r"max_seq_len: .*HF config field max_position_embeddings=None"),
