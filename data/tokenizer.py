@@ -90,17 +90,20 @@ class BPETokenizer:
 
     Special tokens are never read from text: a document that contains the characters "<|endoftext|>"
     encodes them as ordinary bytes, so only the loader's EOS ids mark document boundaries and
-    decode(encode(t)) == t. `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
+    decode(encode(t)) == t (a loaded tokenizer.json whose model spells its EOS / BOS from text is warned of).
+    `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
     two BPEs of equal vocab size are told apart; `ids_fingerprint` the same without the EOS / BOS choice (what
     `encode` gives: `pretokenize` records it)."""
 
     def __init__(self, tok: Tokenizer, eos_token: str | None = None, bos_token: str | None = None, *,
-                 _copy: bool = True):
+                 _copy: bool = True, _probe: bool = True):
         """eos_token: the special token that ends a document (None: `EOS` if the vocabulary has it; a tokenizer with
         other special tokens but not that one must name it, e.g. '</s>', or the loader would pack documents with no
         separator). A tokenizer without special tokens has eos_id None. bos_token: one that starts every document
         (Llama's '<s>', Gemma's '<bos>': the models fine-tuned from those checkpoints saw it first; None: documents
-        start after the previous one's EOS). `tok` itself is left as it is: the settings below go on a copy."""
+        start after the previous one's EOS). `tok` itself is left as it is: the settings below go on a copy.
+        A tokenizer whose model spells its EOS / BOS from their text (a SentencePiece vocabulary's '</s>' reached by
+        merges or Unigram scores) is warned of: those characters in a document encode to the special id."""
         # a copy: the settings below (no truncation / padding, specials not read from text, EOS / BOS made special)
         # changed the caller's Tokenizer, which then encoded its own batches otherwise
         # (_copy=False: a Tokenizer this module just made, loaded or unpickled: parsing a 128k vocabulary took 1 s)
@@ -131,6 +134,8 @@ class BPETokenizer:
         self.bos_token = bos_token
         self.bos_id = None if bos_token is None else tok.token_to_id(bos_token)
         _make_special(tok, [t for t in (name, bos_token) if t is not None])
+        if _probe:  # (train_bpe refuses such tokens itself; an unpickled copy was probed where it was made)
+            _warn_spelled_specials(tok, [t for t in (name, bos_token) if t is not None])
         # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
         extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
@@ -199,8 +204,28 @@ def _make_special(tok: Tokenizer, names: list[str]) -> None:
                                            normalized=t.normalized, special=True) for t in plain])
 
 
+def _warn_spelled_specials(tok: Tokenizer, names: list[str]) -> None:
+    """Warn where the text of the EOS / BOS encodes to a special id. `encode_special_tokens` stops only the added-token
+    match: a model holding the token as a piece of its own (a SentencePiece-converted vocabulary with '</' and 's>'
+    merged to '</s>', a Unigram '</s>' of score 0) still spells it from the text, so a document's characters "</s>"
+    ended it mid-text (an EOS id the model learns there, which decode drops), silently. Probed alone and between
+    letters, as the model splits words differently there; the EOS / BOS only: they are the document boundaries (6000
+    reserved special tokens took 0.6 s to probe, on every load)."""
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    special |= {i for i in map(tok.token_to_id, names) if i is not None}
+    probes = [text for c in names for text in (c, f"a {c} a", f"a{c}a")]
+    for text, enc in zip(probes, tok.encode_batch(probes, add_special_tokens=False)):
+        if (hit := next((i for i in enc.ids if i in special), None)) is not None:  # (id 0 is an id)
+            warnings.warn(f"BPETokenizer: the text {text!r} encodes to {enc.ids}, holding the special token "
+                          f"{tok.id_to_token(hit)!r} (id {hit}): this tokenizer's model spells it from text (as "
+                          "Hugging Face's split_special_tokens=True does), so a document holding those characters gets "
+                          "that id mid-text (an EOS there ends it for the model) and decode drops it; remove or escape "
+                          "them in the documents", stacklevel=3)
+            return
+
+
 def _bpe_from_json(s: str, eos_token: str | None = None, bos_token: str | None = None) -> BPETokenizer:
-    return BPETokenizer(Tokenizer.from_str(s), eos_token, bos_token, _copy=False)
+    return BPETokenizer(Tokenizer.from_str(s), eos_token, bos_token, _copy=False, _probe=False)
 
 
 def _empty_bpe() -> Tokenizer:
@@ -284,7 +309,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
         warnings.warn(f"train_bpe: vocab_size={vocab_size} asked, the corpus gave {tok.get_vocab_size()} (no more "
                       f"pairs occur min_frequency={min_frequency} times); size the model's vocabulary to the "
                       "tokenizer's vocab_size", stacklevel=2)
-    bpe = BPETokenizer(tok, eos_token, _copy=False)
+    bpe = BPETokenizer(tok, eos_token, _copy=False, _probe=False)
     _check_specials_not_spelled(special_tokens, bpe)
     return bpe
 

@@ -1,9 +1,11 @@
 """Tokenizers: trained byte-level BPE and the byte fallback round-trip any Unicode text exactly."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from data.synthetic import en_text, zh_text
 from data.tokenizer import EOS, BPETokenizer, ByteTokenizer, pretokenize, train_bpe
@@ -152,8 +154,6 @@ def test_an_eos_or_bos_that_is_an_ordinary_added_token_cannot_be_written_by_a_do
     """A tokenizer.json may hold '</s>' / '<s>' as added tokens with special=false: named as eos_token / bos_token,
     the characters "</s>" in a text encoded to the EOS id (`encode_special_tokens` covers special tokens only), so a
     document could end itself mid-text. Naming them makes them special."""
-    from tokenizers import AddedToken
-
     tok = train_bpe(["hello world foo bar"] * 20, vocab_size=260, special_tokens=(), show_progress=False)
     tok.tok.add_tokens([AddedToken("</s>", special=False), AddedToken("<s>", special=False)])
     tok.save(tmp_path / "tok.json")
@@ -164,6 +164,26 @@ def test_an_eos_or_bos_that_is_an_ordinary_added_token_cannot_be_written_by_a_do
         assert t.eos_id not in ids and t.bos_id not in ids
         assert t.decode(ids) == text
     assert (loaded.eos_id, loaded.bos_id) == (tok.tok.token_to_id("</s>"), tok.tok.token_to_id("<s>"))
+
+
+def test_a_tokenizer_json_whose_model_spells_its_eos_from_text_is_named(bpe, tmp_path):
+    """`encode_special_tokens` stops the added-token match only: a SentencePiece-style tokenizer.json whose model
+    holds '</s>' as a piece reachable from text (its merges '</' + 's>', a Unigram score) encoded a document's
+    characters "</s>" to the EOS id, silently: an EOS mid-document that decode drops (as Hugging Face's
+    split_special_tokens=True does). Loading it says so, naming the token and its ids; a trained byte-level BPE,
+    which cannot spell '<|endoftext|>', loads without a word."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "<": 4, "/": 5, "s": 6, ">": 7, "</": 8, "s>": 9, "a": 10}
+    raw = Tokenizer(models.BPE(vocab, [("<", "/"), ("s", ">"), ("</", "s>")], unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    raw.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    raw.save(str(tmp_path / "spm.json"))
+    with pytest.warns(UserWarning, match=r"the text '</s>' encodes to \[3, 2\].*special token '</s>' \(id 2\)"):
+        tok = BPETokenizer.load(tmp_path / "spm.json", eos_token="</s>", bos_token="<s>")
+    assert tok.eos_id in tok.encode("a </s> a").tolist()  # what it warned of (the ids stay Hugging Face's)
+    bpe.save(tmp_path / "tok.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pickle.loads(pickle.dumps(BPETokenizer.load(tmp_path / "tok.json")))
 
 
 def test_a_tokenizer_json_that_truncates_or_pads_encodes_whole_documents(tmp_path):
@@ -187,8 +207,6 @@ def test_wrapping_a_tokenizer_leaves_the_callers_object_as_it_was(bpe):
     """BPETokenizer(tok) turned off the caller's truncation and padding, set it to encode special-token text as
     plain bytes and made its '</s>' special: the caller's own `tok.encode_batch` then gave other ids (a batch
     truncated to 4 tokens came back whole). The wrapper works on a copy."""
-    from tokenizers import AddedToken, Tokenizer
-
     raw = Tokenizer.from_str(bpe.tok.to_str())
     raw.add_tokens([AddedToken("</s>", special=False)])
     raw.enable_truncation(4)
@@ -262,8 +280,6 @@ def test_a_beginning_of_document_token_starts_every_document(tmp_path):
     """bos_token (Llama's '<s>'): documents are [bos] text [eos], not [eos] text [eos]: a checkpoint fine-tuned with
     its own tokenizer saw BOS first in pretraining. The choice is part of the fingerprint (another stream)."""
     import pickle
-
-    from tokenizers import Tokenizer, processors
 
     from data.loader import Tokenize
     from data.shards import encode_doc
@@ -370,8 +386,6 @@ def test_train_bpe_ids_follow_the_documented_layout_and_special_tokens_must_be_a
     """Special tokens 0..k-1 in the order given, the 256 byte symbols k..k+255, then merges. A str special_tokens
     trained a tokenizer whose special tokens were its characters ('e', 'n', 'd', ...: decode skipped every such
     letter) and only then raised an error about '<|endoftext|>' naming BPETokenizer.load."""
-    from tokenizers import pre_tokenizers
-
     tok = train_bpe(["hello world"] * 5, vocab_size=262, special_tokens=("<pad>", EOS), show_progress=False)
     assert [tok.tok.token_to_id(t) for t in ("<pad>", EOS)] == [0, 1] and tok.eos_id == 1
     assert sorted(tok.tok.token_to_id(c) for c in pre_tokenizers.ByteLevel.alphabet()) == list(range(2, 258))
