@@ -10,6 +10,15 @@ n-grams span `cjk_chars_per_word` times more tokens in CJK text (scaled by the C
 mixed text), and the promotional-phrase density counts CJK characters `cjk_chars_per_word` to a word.
 Counted per character, an ordinary news paragraph that names "国家统计局新闻发言人" (10 characters, 4 words)
 three times fails `dup_5gram`, while its English translation passes.
+
+Nor is a CJK character one letter: the per-character rules (`min_chars` and the symbol, special-character, digit
+and markup ratios) count each CJK character as `cjk_char_weight` characters. 23 hand-made Chinese / Japanese /
+Korean documents and their English translations measured 2.7-4.4 non-space English characters per CJK character,
+median 3.5; the weight is 3, below that, as a translation runs longer than its original and CJK text is not to be
+judged more leniently (the pairs' ratios went from ~2.8x English's to ~1.2x, median). Counted one each, a Chinese
+dialogue measured symbol_ratio 0.385 (dropped) where its translation measured 0.181, a stock report digit_ratio 0.277
+(dropped) against 0.110, and a 90-character Cantonese paragraph was too short where its 347-character translation
+was kept. Text without CJK characters measures as before.
 """
 
 from __future__ import annotations
@@ -128,7 +137,10 @@ class QualityConfig:
     `max_markup_ratio`: of the non-space characters, those in HTML left by text extraction (tags, comments, entities,
     script / style elements, CSS rules; see `markup_chars`); `max_mojibake_rate`: mojibake sequences per word (CJK
     counted in words, as for promo density) that normalisation left, not repairing them safely (UTF-8 read as cp1252 /
-    latin-1: "Ð¿Ñ€Ð¸" for Russian; see `data.normalize`).
+    latin-1: "Ð¿Ñ€Ð¸" for Russian; see `data.normalize`). `min_chars` and the symbol, special-character, digit
+    and markup ratios count a CJK character as `cjk_char_weight` characters (about a word's worth of text, not a
+    letter's; see module doc): `analyze`'s ratios are of characters so weighed, its `chars` the plain length (`check`
+    weighs its `cjk_chars`).
     """
 
     min_chars: int = 100
@@ -155,6 +167,7 @@ class QualityConfig:
     dup_ngram_max: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11),
                                                     (10, 0.10))
     cjk_chars_per_word: float = 2.0
+    cjk_char_weight: float = 3.0
     max_url_density: float = 0.1
     promo_phrases: tuple[str, ...] = DEFAULT_PROMO
     max_promo_repeats: int = 2
@@ -190,6 +203,10 @@ class QualityConfig:
         if not 1 <= self.cjk_chars_per_word < float("inf"):  # inf: a NaN n-gram scale, analyze failed on all text
             raise ValueError(f"QualityConfig.cjk_chars_per_word={self.cjk_chars_per_word} must be finite and >= 1 "
                              "(1 counts each CJK character as a word; Chinese words average about 2)")
+        if not 1 <= self.cjk_char_weight < float("inf"):
+            raise ValueError(f"QualityConfig.cjk_char_weight={self.cjk_char_weight} must be finite and >= 1 (the "
+                             "characters a CJK character counts as in min_chars and the per-character ratios: 1 counts "
+                             "it as one letter; English translations measure about 3 characters per CJK character)")
         # stored as tuples, as LangIDConfig: a list (valid above) is unhashable in the quality stage's kept-signal
         # cache, and the run's fingerprint must not depend on which container held the same rules
         for name in ("boilerplate", "promo_phrases", "blocklist"):
@@ -219,7 +236,9 @@ class QualityConfig:
 
     def check(self, s: dict) -> str | None:
         """The first rule `signals` (from `analyze`) fails, or None if the document passes."""
-        if s["chars"] < self.min_chars:
+        # a CJK character counts as cjk_char_weight characters: a 90-character Cantonese paragraph was too short, its
+        # 347-character English translation kept
+        if s["chars"] + (self.cjk_char_weight - 1) * s["cjk_chars"] < self.min_chars:
             return "too_short"
         # before the word rules, which they also fail: a URL in a tag is a 40-letter word, Chinese read as cp1252 one
         # word a line
@@ -365,9 +384,10 @@ def strip_boilerplate(text: str, cfg: QualityConfig) -> tuple[str, int, int]:
     return "\n".join(kept), removed, n_lines
 
 
-def markup_chars(text: str) -> int:
+def markup_chars(text: str, cjk_weight: float = 1.0) -> float:
     """Non-space characters of HTML markup in `text`: script / style elements (contents too), comments, doctypes,
-    tags of HTML elements, character references and CSS rule bodies."""
+    tags of HTML elements, character references and CSS rule bodies; CJK ones (a Chinese comment, a script's strings)
+    `cjk_weight` each, as `analyze` weighs the text's."""
     if "<" not in text and "&" not in text and "{" not in text:
         return 0
     parts, n, pos, at, unclosed = [], 0, 0, 0, set()
@@ -382,14 +402,14 @@ def markup_chars(text: str) -> int:
                 continue
             end = low.find(">", end) + 1 or len(text)
             parts.append(text[pos:m.start()])
-            n, pos, at = n + _nonspace(text[m.start():end]), end, end
+            n, pos, at = n + _weighed(text[m.start():end], cjk_weight), end, end
     rest = "".join(parts) + text[pos:]
     for m in _MARKUP.finditer(rest):
         kind = m.lastgroup
         if kind == "tag" and _type_parameter(rest, m) or kind == "css" and _CODE_FIELDS.search(m.group()):
             continue
         if kind is None or (m.group(kind).lower() if kind != "entity" else m.group(kind)) in _MARKUP_NAMES[kind]:
-            n += _nonspace(m.group())
+            n += _weighed(m.group(), cjk_weight)
     return n
 
 
@@ -425,6 +445,12 @@ def _nonspace(text: str) -> int:
     '»' and the ideographic space survive form="NFC" (counted as symbols, they raised a French article's symbol_ratio
     from 0.06 under NFKC to 0.11)."""
     return sum(map(len, text.split()))
+
+
+def _weighed(text: str, cjk_weight: float) -> float:
+    """`_nonspace(text)` with each CJK character counted `cjk_weight` times (an int, the same, without any)."""
+    n = _nonspace(text)
+    return n + (cjk_weight - 1) * cjk if cjk_weight != 1 and (cjk := len(_CJK.findall(text))) else n
 
 
 def _dup_fraction(items: list[str]) -> tuple[float, float]:
@@ -502,6 +528,10 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     latin = [w for w in ws if not _CJK.match(w)]
     lettered = [w for w in latin if any(c.isalpha() for c in w)]
     nonspace = _nonspace(text)
+    cjk = len(_CJK.findall(text))
+    # the per-character ratios' characters: CJK ones weigh cjk_char_weight each (see module doc); text without them
+    # adds an int 0, so it measures exactly as before
+    weighed = nonspace + (cfg.cjk_char_weight - 1) * cjk if cjk else nonspace
     word_chars = sum(map(str.isalnum, text))
     if not text.isascii():
         word_chars += len(text) - len(text.translate(_marks()))
@@ -515,25 +545,26 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     s = {
         "chars": len(text),
         "words": n_words,
-        "cjk_chars": len(_CJK.findall(text)),
+        "cjk_chars": cjk,
         # mean word length only means something for space-separated words: over tokens with a letter (numbers
         # and dates in Chinese text are not words), and only with a few of them
         "mean_word_len": sum(len(w) for w in lettered) / len(lettered) if len(lettered) >= 10 else None,
         "alpha_word_fraction": sum(1 for w in ws if _HAS_LETTER.search(w)) / max(n_words, 1),
         # an ellipsis is one character whatever the normal form: NFKC writes "…" as "...", and a Chinese novel's
         # dialogue ("……" → "......") measured 0.40 (dropped) where the same text under NFC measured 0.33
-        "symbol_ratio": (nonspace - word_chars - 2 * dots) / max(nonspace - 2 * dots, 1),
+        "symbol_ratio": (nonspace - word_chars - 2 * dots) / max(weighed - 2 * dots, 1),
         # the same without punctuation ($ % © ★, emoji): what the quality score ranks by, as Chinese puts a mark
-        # every ~9 characters where English has one every ~6 words (symbol_ratio 0.09 vs 0.02 on clean prose)
+        # every ~9 characters where English has one every ~6 words (symbol_ratio 0.09 vs 0.02 on clean prose with a CJK
+        # character counted one, 0.03 vs 0.02 weighed)
         "special_char_ratio": (nonspace - word_chars - len(text) + len(text.translate(_punctuation())))
-        / max(nonspace, 1),
-        "digit_ratio": digits / max(nonspace, 1),
+        / max(weighed, 1),
+        "digit_ratio": digits / max(weighed, 1),
         "hash_ellipsis_ratio": (_hashtag_marks(text) + dots + text.count("…")) / max(n_words, 1),
         "bullet_lines": sum(bool(_BULLET.match(ln)) for ln in nonblank) / max(len(nonblank), 1),
         "ellipsis_lines": sum(ln.endswith(("...", "…")) for ln in nonblank) / max(len(nonblank), 1),
         "dup_lines": dup_l, "dup_line_chars": dup_lc, "dup_paragraphs": dup_p, "dup_paragraph_chars": dup_pc,
         "url_density": len(_URL.findall(text)) / max(n_words, 1) if "http" in low or "www." in low else 0.0,
-        "markup_ratio": markup_chars(text) / max(nonspace, 1),
+        "markup_ratio": markup_chars(text, cfg.cjk_char_weight) / max(weighed, 1),
     }
     s["ngram_scale"] = 1 + (cfg.cjk_chars_per_word - 1) * (n_words - len(latin)) / max(n_words, 1)
     s.update(ngram_signals(ws, [n for n, _ in cfg.top_ngram_max], [n for n, _ in cfg.dup_ngram_max],

@@ -7,7 +7,17 @@ import itertools
 import numpy as np
 import pytest
 
-from data.filters import QualityConfig, analyze, ngram_signals, quality_filter, strip_boilerplate, tokens, words
+from data.filters import (
+    QualityConfig,
+    analyze,
+    markup_chars,
+    ngram_signals,
+    quality_filter,
+    strip_boilerplate,
+    tokens,
+    words,
+)
+from data.normalize import normalize_text
 from data.synthetic import en_text, zh_text
 
 CFG = QualityConfig()
@@ -678,3 +688,61 @@ def test_spaces_kept_by_nfc_are_whitespace_not_words_or_symbols():
         assert nfc[1] is None and nfkc[1] is None
         assert nfc[2] == pytest.approx(nfkc[2])
     assert tokens("张　伟") == ["张", "伟"]
+
+
+def test_cjk_text_measures_as_its_translation_in_the_per_character_rules():
+    """A CJK character carries about a word's worth of text (23 hand-made zh / en pairs: 2.7-4.4 non-space English
+    characters per CJK character, median 3.5). Counted one character each, this Chinese dialogue measured symbol_ratio
+    0.385 (dropped, limit 0.35) against its English translation's 0.181, the stock report digit_ratio 0.277 (dropped,
+    limit 0.25) against 0.110, and the 90-character Cantonese paragraph was too_short where its 347-character
+    translation was kept."""
+    zh_lines = ["“你来了？”", "“嗯。”", "“吃饭了吗？”", "“还没……”", "“那一起去吧！”", "“好。”",
+                "“去哪儿？”", "“老地方。”", "“又是那家面馆？”", "“怎么，不想去？”", "“想。”", "“那走吧。”",
+                "“外面冷吗？”", "“有点。”", "“带伞了吗？”", "“没带。”", "“我有两把。”", "“谢谢。”",
+                "“客气什么！”", "“明天你加班吗？”", "“不知道。”", "“看情况吧。”",
+                "两个人并肩走出了办公室，外面的天已经黑了，街上的路灯一盏一盏地亮了起来，远处传来汽车的喇叭声。"]
+    en_lines = ['"You\'re here?"', '"Yeah."', '"Have you eaten?"', '"Not yet..."', '"Then let\'s go together!"',
+                '"Okay."', '"Where to?"', '"The usual place."', '"That noodle shop again?"',
+                '"What, you don\'t want to?"', '"I do."', '"Then let\'s go."', '"Is it cold out?"', '"A bit."',
+                '"Did you bring an umbrella?"', '"No."', '"I have two."', '"Thanks."', '"Don\'t mention it!"',
+                '"Are you working late tomorrow?"', '"I don\'t know."', '"We\'ll see."', "The two of them walked "
+                "out of the office side by side; it was already dark outside, the street lamps came on one by one, and "
+                "a car horn sounded in the distance."]
+    stocks = ("上证指数今日收报3056.78点，上涨12.34点，涨幅0.41%；深证成指收报9876.54点，"
+              "下跌23.45点，跌幅0.24%；创业板指收报1987.65点，上涨5.67点，涨幅0.29%。"
+              "两市成交额合计8765亿元，较上一交易日增加321亿元。北向资金净买入45.6亿元。"
+              "行业板块方面，半导体、新能源汽车涨幅居前，房地产、银行板块小幅下跌。",
+              "The Shanghai Composite Index closed at 3056.78 points today, up 12.34 points or 0.41%; the Shenzhen "
+              "Component Index closed at 9876.54 points, down 23.45 points or 0.24%; the ChiNext Index closed at "
+              "1987.65 points, up 5.67 points or 0.29%. Turnover on the two exchanges totalled 876.5 billion yuan, "
+              "32.1 billion yuan more than the previous trading day. Northbound funds made net purchases of 4.56 "
+              "billion yuan. Among sectors, semiconductors and new-energy vehicles led gains, while real estate and "
+              "banks fell slightly.")
+    cantonese = ("我哋今日去咗旺角食嘢，啲嘢好好食，不過啲人真係好多，排咗成個鐘先有位。"
+                 "食完之後我哋去咗行街，買咗好多嘢，好開心。"
+                 "聽日我哋打算去大嶼山睇大佛，如果天氣好嘅話仲會行山，希望唔好落雨啦。",
+                 "We went to Mong Kok today to eat, the food was really good, but there were so many people, we "
+                 "queued for a whole hour before we got a table. After eating we went shopping and bought lots of "
+                 "things, really happy. Tomorrow we plan to go to Lantau Island to see the Big Buddha, and if the "
+                 "weather is good we will go hiking too, hope it does not rain.")
+    dialogue = ("\n".join(zh_lines), "\n".join(en_lines))
+    for (zh, en), signal in ((dialogue, "symbol_ratio"), (stocks, "symbol_ratio"), (stocks, "digit_ratio")):
+        (_, r_zh, s_zh), (_, r_en, s_en) = (quality_filter(normalize_text(t)) for t in (zh, en))
+        assert r_zh is None and r_en is None, (signal, r_zh, r_en)
+        assert 1 / 1.3 < s_zh[signal] / s_en[signal] < 1.3, (signal, s_zh[signal], s_en[signal])
+    assert len(cantonese[0]) < CFG.min_chars and reason(normalize_text(cantonese[0])) is None
+    assert reason(normalize_text(cantonese[1])) is None
+    # a character each (cjk_char_weight=1) gives back the per-character measures
+    one = QualityConfig(cjk_char_weight=1.0)
+    assert analyze(normalize_text(dialogue[0]), one)["symbol_ratio"] == pytest.approx(0.385, abs=1e-3)
+    assert reason(normalize_text(cantonese[0]), one) == "too_short"
+    # markup's own CJK characters weigh as the text's: a Chinese comment is as much of the page at any weight
+    page = "<!--" + "导航栏开始" * 4 + "-->" + "正文内容" * 20
+    assert markup_chars(page) == 27 and markup_chars(page, 3.0) == 67
+    assert analyze(page)["markup_ratio"] == pytest.approx(67 / (7 + 3 * 100))
+    # text without CJK characters measures exactly as before, whatever the weight
+    for text in (en_lines[-1], "word$ " * 5, "<p>Some text &amp; more</p> 42%", "Ünïcode… ½ ★ 2024"):
+        assert analyze(text, QualityConfig(cjk_char_weight=5.0)) == analyze(text, one)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="cjk_char_weight"):
+            QualityConfig(cjk_char_weight=bad)
