@@ -7,7 +7,8 @@ non-space characters. Line-level boilerplate is removed before measuring (`strip
 
 A CJK character is not a word, though: a Chinese word is about two characters, so the repetition rules'
 n-grams span `cjk_chars_per_word` times more tokens in CJK text (scaled by the CJK share of the words in
-mixed text), and the promotional-phrase density counts CJK characters `cjk_chars_per_word` to a word.
+mixed text), and the promotional-phrase, mojibake and URL densities count CJK characters `cjk_chars_per_word`
+to a word (`word_units`).
 Counted per character, an ordinary news paragraph that names "国家统计局新闻发言人" (10 characters, 4 words)
 three times fails `dup_5gram`, while its English translation passes.
 
@@ -542,6 +543,10 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     dup_l, dup_lc = _dup_fraction(nonblank)
     dup_p, dup_pc = _dup_fraction(paragraphs)
+    # per word, CJK text counted in words too: per CJK character a Chinese page was allowed twice the URLs of its
+    # English translation (text without CJK characters measures as before). Not hash_ellipsis_ratio: a Chinese
+    # ellipsis "……" counts as two marks (two "…", or "......" under NFKC), which per character evens out
+    units = word_units(ws, cfg)
     s = {
         "chars": len(text),
         "words": n_words,
@@ -563,7 +568,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
         "bullet_lines": sum(bool(_BULLET.match(ln)) for ln in nonblank) / max(len(nonblank), 1),
         "ellipsis_lines": sum(ln.endswith(("...", "…")) for ln in nonblank) / max(len(nonblank), 1),
         "dup_lines": dup_l, "dup_line_chars": dup_lc, "dup_paragraphs": dup_p, "dup_paragraph_chars": dup_pc,
-        "url_density": len(_URL.findall(text)) / max(n_words, 1) if "http" in low or "www." in low else 0.0,
+        "url_density": len(_URL.findall(text)) / units if "http" in low or "www." in low else 0.0,
         "markup_ratio": markup_chars(text, cfg.cjk_char_weight) / max(weighed, 1),
     }
     s["ngram_scale"] = 1 + (cfg.cjk_chars_per_word - 1) * (n_words - len(latin)) / max(n_words, 1)
@@ -572,7 +577,6 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     fold = match_form(text)
     promo = phrase_counts(fold, cfg._promo_re)
     s["promo_hits"] = sum(promo.values())
-    units = word_units(ws, cfg)  # per word, CJK text counted in words too
     s["promo_density"] = s["promo_hits"] / units
     s["mojibake_rate"] = mojibake_sequences(text) / units
     s["promo_max_repeat"] = max(promo.values(), default=0)

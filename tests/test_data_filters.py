@@ -466,11 +466,16 @@ def test_top_ngram_ties_take_the_longest_whatever_the_order():
 
 
 def test_per_word_and_per_character_signals_match_a_direct_count():
-    """digit_ratio is per non-space character, url_density per (CJK-aware) word; '1)' opens a bullet line as '1.'
+    """digit_ratio is per non-space character, url_density per word with CJK text counted in words
+    (cjk_chars_per_word characters each: per character, a Chinese page was allowed twice the URLs of its English
+    translation); hash_ellipsis_ratio per token (a Chinese "……" is two marks); '1)' opens a bullet line as '1.'
     does; tokens made only of punctuation ('--', '...') are no words (Gopher)."""
     assert analyze("abc 123\n45 x")["digit_ratio"] == pytest.approx(5 / 9)
     zh = "这是一个测试句子" * 10 + " https://example.com/a"
-    assert analyze(zh)["url_density"] == pytest.approx(1 / (80 + 1))  # 80 characters and the URL
+    assert analyze(zh)["url_density"] == pytest.approx(1 / (80 / 2 + 1))  # 80 characters (40 words) and the URL
+    assert analyze(zh, QualityConfig(cjk_chars_per_word=1.0))["url_density"] == pytest.approx(1 / (80 + 1))
+    zh = "这是一个测试句子…" * 10
+    assert analyze(zh)["hash_ellipsis_ratio"] == pytest.approx(10 / 80)
     assert analyze("1) one\n2) two\n3. three\nfour")["bullet_lines"] == pytest.approx(3 / 4)
     assert words("hello -- world ... ok !!") == ["hello", "world", "ok"]
 
