@@ -789,7 +789,8 @@ def other_mesh_note(meta: dict, mesh, dtype: str = "float32") -> str:
     """A note when a run resumes on another mesh (device count or axis sizes) than its checkpoint was saved on:
     the sharded sums reduce in another order, so the run goes on differing from an uninterrupted one in the last
     digits of its compute `dtype` (float32; bfloat16 compute rounds each sum to bfloat16: measured on the tiny LM,
-    losses up to 5e-5 apart, float32's up to 3e-7); a checkpoint saved before the mesh was recorded: no note."""
+    losses up to 5e-5 apart, float32's up to 1e-6, 2 ulps of its losses near 5, resumed on 1 or 4 devices); a
+    checkpoint saved before the mesh was recorded: no note."""
     was, now = meta.get("mesh"), mesh_axes(mesh)
     if was is None or dict(was) == now:
         return ""
