@@ -52,6 +52,9 @@ def encode_caption(text: str, max_len: int = 8) -> np.ndarray:
     """Word-level tokens, right-padded with PAD: int32 [max_len]. The empty string is the null caption."""
     if not _count(max_len):  # "" at max_len=0 was [NULL], one token longer than asked; 1.5 a bare TypeError
         raise ValueError(f"encode_caption: max_len={max_len!r} must be an int >= 1 (the null caption takes one token)")
+    if not isinstance(text, str):  # None (sample([None])) failed as a bare AttributeError, bytes as unknown words
+        raise TypeError(f"encode_caption: text must be a str (a caption in the MovingShapes vocabulary; \"\" is the "
+                        f"null caption), got {type(text).__name__} {text!r}")
     words = text.split()
     if len(words) > max_len:
         raise ValueError(f"caption {text!r} has {len(words)} words > max_len={max_len}")

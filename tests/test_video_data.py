@@ -105,6 +105,10 @@ def test_captions_and_config_errors():
         with pytest.raises(ValueError, match=r"encode_caption: max_len=.* must be an int >= 1"):
             encode_caption("", bad)
     assert encode_caption("", np.int64(1)).tolist() == [NULL]
+    for bad in (None, b"a red circle", 3, ["a", "red"]):  # None failed as a bare AttributeError (sample([None]))
+        with pytest.raises(TypeError, match=r"encode_caption: text must be a str .*\"\" is the null caption"):
+            encode_caption(bad)
+    assert encode_caption(np.str_("a red circle")).tolist()[:3] == encode_caption("a red circle").tolist()[:3]
     with pytest.raises(ValueError, match="MovingShapesConfig.size: .* does not fit"):
         MovingShapesConfig(size=16)
     with pytest.raises(ValueError, match="MovingShapesConfig.held_out"):

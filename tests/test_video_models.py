@@ -893,6 +893,25 @@ def test_caption_dropout_rate_and_null():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("p", [10, 1.5, -0.1, float("nan")])
+def test_caption_dropout_refuses_a_rate_outside_0_1(p):
+    """A percentage (10 for 10%) or 1.5 dropped every caption (bernoulli past 1), -0.1 and NaN none, silently."""
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"caption_dropout: p=.* must be a probability in \[0, 1\]"):
+        caption_dropout(tok, jnp.asarray([1, 0, 0, 0, 0, 0, 0, 0]), jax.random.key(0), p)
+    np.testing.assert_array_equal(caption_dropout(tok, jnp.asarray([1] + [0] * 7), jax.random.key(0), 1.0),
+                                  [[1] + [0] * 7])  # 1 and a traced rate stay accepted
+    jax.jit(lambda q: caption_dropout(tok, jnp.asarray([1] + [0] * 7), jax.random.key(0), q))(0.5)
+
+
+def test_caption_dropout_names_a_null_caption_of_another_length():
+    """A null caption of another length failed as jnp.where's bare 'Incompatible shapes for broadcasting'."""
+    tok = jnp.asarray([[2, 4, 8, 3, 11, 0, 0, 0]])
+    want = r"caption_dropout: null_L must be the null caption's tokens \[L=8\].*got shape \[16\]; .*null_tokens"
+    with pytest.raises(ValueError, match=want):
+        caption_dropout(tok, jnp.asarray([1] + [0] * 15), jax.random.key(0), 0.1)
+
+
 def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_would_ignore():
     """A Gemma-style text config: the sqrt(d) embedding scale and (1 + w) final norm change the output (as the
     LM's would); MoE and local attention, which a bidirectional dense encoder would ignore, are refused."""

@@ -103,7 +103,18 @@ class TextEncoder(nnx.Module):
 
 
 def caption_dropout(tokens_BL, null_L, key, p: float):
-    """Replace each caption by the null caption with probability p (classifier-free guidance training)."""
+    """Replace each caption by the null caption with probability p in [0, 1] (classifier-free guidance training).
+
+    tokens_BL: captions [B, L]; null_L: the null caption [L] (data.moving_shapes.null_tokens(L))."""
+    # a percentage (10 for 10%) or 1.5 dropped every caption (bernoulli past 1), a negative or NaN rate none, silently
+    if not isinstance(p, jax.core.Tracer) and not 0 <= float(p) <= 1:
+        raise ValueError(f"caption_dropout: p={p!r} must be a probability in [0, 1] (0.1: a tenth of the captions, as "
+                         "TextToVideoConfig.caption_dropout)")
+    L = jnp.shape(tokens_BL)[1:2]
+    if jnp.shape(null_L) != L:  # a bare 'Incompatible shapes for broadcasting' in jnp.where
+        raise ValueError(f"caption_dropout: null_L must be the null caption's tokens [L={L[0] if L else '?'}], as long "
+                         f"as the captions [B, L], got shape {list(jnp.shape(null_L))}; pad both to one length, e.g. "
+                         "null_tokens(max_caption_len)")
     # a float32 rate: a Python float drew in float64 under jax_enable_x64 (other bits: other captions dropped)
     drop_B = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (tokens_BL.shape[0],))
     return jnp.where(drop_B[:, None], jnp.asarray(null_L, tokens_BL.dtype)[None], tokens_BL)
