@@ -16,14 +16,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from data.cli import cli_parser, run_main
 from models.transformer import pattern_period
 from parallel.mesh import _fill, make_mesh, parse_mesh
 from parallel.pipeline import pipeline_problem
-from parallel.sharding import abstract_sharded, batch_sharding, replicated
+from parallel.sharding import abstract_sharded, batch_sharding, optimizer_shardings
 
 
 def abstract_state(model_fn, optimizer, mesh):
@@ -31,8 +30,9 @@ def abstract_state(model_fn, optimizer, mesh):
     their parameters, its scalars replicated): nothing is allocated."""
     graphdef, params = abstract_sharded(model_fn, mesh)
     abs_opt = jax.eval_shape(optimizer.init, params)
-    opt_sh = optax.tree_utils.tree_map_params(optimizer, lambda _, p: p.sharding, abs_opt, params,
-                                              transform_non_params=lambda _: replicated(mesh))
+    # init_optimizer's rule: each parameter's sharding on it had failed for Adafactor's factored leaves and for
+    # optax.masked's (Muon's) masked-out ones
+    opt_sh = optimizer_shardings(optimizer, abs_opt, params)
     return graphdef, params, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt,
                                           opt_sh)
 

@@ -205,7 +205,14 @@ def init_optimizer(optimizer, params):
     first = leaves[0]
     if not isinstance(getattr(first, "sharding", None), NamedSharding):  # unsharded (one device): nothing to follow
         return jax.jit(optimizer.init)(params)
-    mesh = first.sharding.mesh
+    return jax.jit(optimizer.init, out_shardings=optimizer_shardings(optimizer, abstract, params))(params)
+
+
+def optimizer_shardings(optimizer, abstract_opt_state, params):
+    """The shardings `init_optimizer` gives `optimizer.init(params)` (`abstract_opt_state`, e.g. its
+    jax.eval_shape), for params whose leaves carry NamedShardings (arrays or ShapeDtypeStructs): one rule for the real
+    state and the abstract one (experiments.aot.abstract_state, the restore target)."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
 
     def like(state, p):
         # a param-structured leaf of another shape (Adafactor's factored v_row / v_col: the raw pjit error
@@ -215,7 +222,6 @@ def init_optimizer(optimizer, params):
             return state
         return p.sharding if state.shape == p.shape else replicated(mesh)
 
-    shardings = optax.tree_utils.tree_map_params(optimizer, like, abstract, params,
-                                                 transform_non_params=lambda _: replicated(mesh),
-                                                 is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+    return optax.tree_utils.tree_map_params(optimizer, like, abstract_opt_state, params,
+                                            transform_non_params=lambda _: replicated(mesh),
+                                            is_leaf=lambda x: isinstance(x, optax.MaskedNode))

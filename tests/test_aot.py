@@ -1,9 +1,14 @@
 """AOT compile of the sharded train step: XLA's per-device memory agrees with scaling/'s estimate."""
 
+import jax
+import optax
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from experiments.aot import compile_report
-from models import TransformerConfig
+from experiments.aot import abstract_state, compile_report
+from models import Transformer, TransformerConfig
+from parallel import make_mesh
 from scaling.memory import memory_per_device
 
 CFG = TransformerConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, mlp_dim=256, max_seq_len=64)
@@ -211,3 +216,23 @@ def test_mesh_problem_does_not_check_the_dense_mlp_of_a_model_without_one():
     every_other = dataclasses.replace(all_moe, moe_every=2)
     assert "mlp_dim=101 is not divisible by the tensor axis" in mesh_problem(every_other, {"tensor": 2, "expert": 4},
                                                                             8, 8, 64)
+
+
+def test_abstract_state_places_every_optimizer_init_optimizer_places():
+    """The abstract (AOT / restore-target) optimizer state is placed as `init_optimizer` places the real one:
+    Adafactor's factored rows / columns replicated, optax.masked's (and Muon's) masked-out leaves left as they are
+    (it put each parameter's sharding on them: "only valid for values of rank at least 3" / a pytree error)."""
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32)
+    mesh = make_mesh({"fsdp": 8})
+    fn = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    _, params, opt = abstract_state(fn, optax.adafactor(1e-3), mesh)
+    specs = {jax.tree_util.keystr(k): (x.shape, x.sharding.spec) for k, x in jax.tree_util.tree_leaves_with_path(opt)}
+    w_up = params["blocks"]["w_up"].get_value()
+    assert (w_up.shape, w_up.sharding.spec) in specs.values()  # an unfactored moment: sharded like its parameter
+    shapes = {x.shape for x in jax.tree.leaves(params)}
+    assert all(spec == P() for shape, spec in specs.values() if shape not in shapes)  # v_row / v_col: replicated
+    mask = jax.tree.map(lambda x: x.ndim > 2, params)
+    for opt_fn in (optax.masked(optax.adam(1e-3), mask), optax.contrib.muon(1e-3)):
+        _, _, opt = abstract_state(fn, opt_fn, mesh)
+        mu = [x for x in jax.tree.leaves(opt) if x.shape == w_up.shape]
+        assert mu and all(x.sharding.spec == w_up.sharding.spec for x in mu)
