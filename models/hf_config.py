@@ -598,9 +598,14 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     # rope_parameters as Llama's does (both loaded, and were refused here)
     # qkv_bias: attention_bias=true, as config_from_hf reads it (a loaded Gemma 2 with q/k/v biases was refused);
     # save_pretrained writes the o_proj biases that flag adds as zeros
-    if not (cfg.post_norms and cfg.norm_offset == 1.0 and cfg.embed_scale and cfg.moe is None):
-        raise ValueError("TransformerConfig: a Gemma 2 / 3 export needs post_norms, norm_offset=1, embed_scale and no "
-                         "moe")
+    wrong = [f"TransformerConfig.{field}={value!r} (set {want})" for field, value, want, ok in (
+        ("post_norms", cfg.post_norms, "True", cfg.post_norms),
+        ("norm_offset", cfg.norm_offset, "1.0", cfg.norm_offset == 1.0),
+        ("embed_scale", cfg.embed_scale, "True", cfg.embed_scale),
+        ("moe", cfg.moe, "None: Gemma 2 / 3 have no moe layers", cfg.moe is None)) if not ok]
+    if wrong:  # the settings that fail, not the whole block ("needs ... norm_offset=1" said to a norm_offset=1 model)
+        raise ValueError("a Gemma 2 / 3 export (the Hugging Face form of post_norms, norm_offset or embed_scale) has "
+                         f"no form for {'; '.join(wrong)}")
     if cfg.local_rope_theta is not None and not cfg.qk_norm:
         raise ValueError("TransformerConfig.local_rope_theta (a RoPE base of the local layers' own) is Gemma 3's: "
                          "Gemma 2 rotates every layer alike; set it to None, or qk_norm=True for Gemma 3")

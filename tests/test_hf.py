@@ -533,6 +533,23 @@ def test_a_gemma3_export_refuses_what_transformers_gemma3_ignores(tmp_path):
     assert config_from_hf(config_to_hf(g3) | dict(attn_logit_softcapping=20.0)) == g3
 
 
+def test_a_gemma_export_names_the_settings_that_have_no_gemma_form():
+    """post_norms, norm_offset or embed_scale export as Gemma 2 / 3 alone. The refusal listed the whole block
+    ("needs post_norms, norm_offset=1, embed_scale and no moe") whichever failed: a model with norm_offset=1 alone was
+    told it needs norm_offset=1, one with a MoE had to find the moe among four settings it mostly had."""
+    g2 = ROUND_TRIP["gemma2"]
+    for cfg, says in ((dataclasses.replace(g2, post_norms=False), r"TransformerConfig.post_norms=False \(set True\)"),
+                      (dataclasses.replace(g2, embed_scale=False, norm_offset=0.5),
+                       r"TransformerConfig.norm_offset=0.5 \(set 1.0\); TransformerConfig.embed_scale=False "
+                       r"\(set True\)"),
+                      (dataclasses.replace(g2, moe=MoEConfig(4, 2, 32, mlp_act="gelu_tanh")),
+                       r"TransformerConfig.moe=MoEConfig\(.*\) \(set None: Gemma 2 / 3 have no moe layers\)"),
+                      (dataclasses.replace(ROUND_TRIP["llama"], norm_offset=1.0),
+                       r"TransformerConfig.post_norms=False \(set True\); TransformerConfig.embed_scale=False")):
+        with pytest.raises(ValueError, match=r"^a Gemma 2 / 3 export .*has no form for " + says + r"[^;]*$"):
+            config_to_hf(cfg)
+
+
 def test_a_mixtral_export_names_the_setting_that_has_no_mixtral_form():
     """The refusal listed all seven conditions and blamed TransformerConfig.moe whichever failed; then it said "a
     Mixtral export needs TransformerConfig.moe_every=2 (set 1 ...)" of the demo's model, as if 2 were the fix."""
