@@ -182,8 +182,9 @@ class KVCache(NamedTuple):
     Local layers keep S_j = W slots (a rolling buffer),
     so their memory does not grow with the generated length. `length`: tokens seen so far (slots, padding included).
     `start` [B] or None: each row's first real slot, for left-padded prompts of different lengths: row b's slots
-    before start[b] are padding (never attended) and its RoPE positions count from start[b] (position = slot -
-    start[b], as Hugging Face's position_ids = cumsum(attention_mask) - 1).
+    before start[b] are padding (never attended, not routed to MoE experts nor counted in their aux values) and its
+    RoPE positions count from start[b] (position = slot - start[b], as Hugging Face's position_ids =
+    cumsum(attention_mask) - 1).
 
     Capacity: every other layer (global, or a window longer than max_len) holds max_len tokens. A call that would
     go past them raises ValueError when that is known at trace time (the chunk length T, or a concrete `length`);
@@ -707,6 +708,9 @@ class Transformer(nnx.Module):
                              "row, left-padded prompts through KVCache.zeros(cfg, batch, max_len, start=...)")
         if start is not None and start.shape != (B,):
             raise ValueError(f"KVCache.start is [{start.shape[0]}] but the batch has {B} rows")
+        if start is not None and cfg.moe is not None:  # left padding is padding to the MoE layers too: not routed,
+            # out of the aux values (a cached prefill's `load` counted the pads); attention masks it by cache.start
+            padding_mask_BT = (length + jnp.arange(T, dtype=jnp.int32))[None, :] >= start[:, None]
         capacity = None if cache is None else cache_capacity(cfg, cache)
         length_traced = isinstance(length, jax.core.Tracer)
         if capacity is not None and (T > capacity or (not length_traced and int(length) + T > capacity)):

@@ -14,6 +14,7 @@ from flax import nnx
 from models import Transformer, TransformerConfig
 from models.losses import cross_entropy
 from models.moe import MoEConfig
+from models.transformer import KVCache
 from parallel import create_sharded, make_mesh, shard_batch, shard_state
 
 # alternating local/global attention x MoE every other layer: pattern period 2, two stacks of 2 layers. One gmm
@@ -265,8 +266,6 @@ def test_capacity_layers_run_dropless_with_a_kv_cache():
     """With a cache, capacity layers take C = T (models.moe): a prefill in one call and one in chunks both equal the
     dropless model on the same weights, although without a cache this config has C = 1 slot per expert here.
     Only the dropless config was decoded: capacity C = ceil(K·T/E·CF) under a cache passed."""
-    from models.transformer import KVCache
-
     graphdef, state = split(CAP)
     dropless = graphdef_of(dataclasses.replace(CAP, moe=dataclasses.replace(CAP.moe, dispatch="dropless")))
     tok = tokens(B=2, T=12)
@@ -364,3 +363,21 @@ def test_moe_layers_under_pipeline_parallelism_are_refused_by_name():
     with jax.set_mesh(make_mesh({"stage": 2, "data": 4})), pytest.raises(
             ValueError, match="MoE layers under pipeline parallelism are not supported"):
         jax.eval_shape(lambda st, t: nnx.merge(graphdef, st)(t), state, jax.ShapeDtypeStruct((8, 16), jnp.int32))
+
+
+def test_left_padding_of_a_cached_prefill_is_not_routed():
+    """A left-padded prompt in a cached prefill (KVCache.start, as generate's prompt_mask gives it): its pads are
+    padding to the MoE layers too, so the aux values (load, lb_loss, z_loss) count real tokens only, as
+    padding_mask_BT's do without a cache. They counted the pads (8 of the 48 tokens: lb_loss 1.191, not 1.148)."""
+    from models.transformer import KVCache
+
+    graphdef, state = split(CAP)
+    tok = np.asarray(tokens(B=2, T=16))  # row 0: 8 pads then 16 real tokens; row 1: 24 real tokens
+    padded = np.concatenate([np.concatenate([np.zeros((1, 8), np.int32), tok[:1]], 1), tokens(B=1, T=24, seed=3)])
+    mask = np.arange(24)[None, :] >= np.array([[8], [0]])
+    want_logits, want = jax.jit(lambda s, t, m: nnx.merge(graphdef, s)(t, padding_mask_BT=m, return_aux=True,
+                                                                          dropless=True))(state, padded, mask)
+    logits, _, aux = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c, return_aux=True))(
+        state, padded, KVCache.zeros(CAP, 2, 24, start=np.array([8, 0], np.int32)))
+    np.testing.assert_allclose(np.asarray(logits)[mask], np.asarray(want_logits)[mask], rtol=1e-4, atol=1e-4)
+    assert_close(aux, want)
