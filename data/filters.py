@@ -239,7 +239,7 @@ class QualityConfig:
         """The first rule `signals` (from `analyze`) fails, or None if the document passes."""
         # a CJK character counts as cjk_char_weight characters: a 90-character Cantonese paragraph was too short, its
         # 347-character English translation kept
-        if s["chars"] + (self.cjk_char_weight - 1) * s["cjk_chars"] < self.min_chars:
+        if _cjk_weighed(s["chars"], s["cjk_chars"], self.cjk_char_weight) < self.min_chars:
             return "too_short"
         # before the word rules, which they also fail: a URL in a tag is a 40-letter word, Chinese read as cp1252 one
         # word a line
@@ -448,10 +448,15 @@ def _nonspace(text: str) -> int:
     return sum(map(len, text.split()))
 
 
+def _cjk_weighed(n: int, cjk: int, cjk_weight: float) -> float:
+    """`n` characters of which `cjk` are CJK, each of those counted `cjk_weight` times (see module doc); `n` itself,
+    an int, without any, so text without CJK measures exactly as unweighed."""
+    return n + (cjk_weight - 1) * cjk if cjk else n
+
+
 def _weighed(text: str, cjk_weight: float) -> float:
-    """`_nonspace(text)` with each CJK character counted `cjk_weight` times (an int, the same, without any)."""
-    n = _nonspace(text)
-    return n + (cjk_weight - 1) * cjk if cjk_weight != 1 and (cjk := len(_CJK.findall(text))) else n
+    """`_nonspace(text)` with each CJK character counted `cjk_weight` times."""
+    return _cjk_weighed(_nonspace(text), len(_CJK.findall(text)) if cjk_weight != 1 else 0, cjk_weight)
 
 
 def _dup_fraction(items: list[str]) -> tuple[float, float]:
@@ -530,9 +535,7 @@ def analyze(text: str, cfg: QualityConfig = QualityConfig()) -> dict:
     lettered = [w for w in latin if any(c.isalpha() for c in w)]
     nonspace = _nonspace(text)
     cjk = len(_CJK.findall(text))
-    # the per-character ratios' characters: CJK ones weigh cjk_char_weight each (see module doc); text without them
-    # adds an int 0, so it measures exactly as before
-    weighed = nonspace + (cfg.cjk_char_weight - 1) * cjk if cjk else nonspace
+    weighed = _cjk_weighed(nonspace, cjk, cfg.cjk_char_weight)  # the per-character ratios' characters
     word_chars = sum(map(str.isalnum, text))
     if not text.isascii():
         word_chars += len(text) - len(text.translate(_marks()))
