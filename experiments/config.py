@@ -657,6 +657,9 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     for f in ("b1", "b2"):  # each by its --set key ("optim.b1/b2" was no key)
         need(0 <= getattr(o, f) < 1, f"optim.{f}", f"Adam's betas must be in [0, 1), got {getattr(o, f)}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(o.lr * o.weight_decay < 1, "optim.weight_decay", f"{o.weight_decay} with optim.lr={o.lr} scales the decayed "
+         f"weights by 1 - lr·weight_decay = {1 - o.lr * o.weight_decay:.3g} an update (sign flipped or zeroed); "
+         "lr·weight_decay must be < 1 (usually 1e-5 to 1e-3: weight_decay 0.1 at lr 3e-3)")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio",
          f"must be in [0, 1] (the schedule decays to min_lr_ratio·lr), got {o.min_lr_ratio}")
     need(d.corpus == DataSpec.corpus, "data.corpus", f"{d.corpus!r}: this version builds {DataSpec.corpus!r} only")

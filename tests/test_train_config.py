@@ -105,6 +105,9 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--steps", "12", "--set", "optim.warmup_steps=11"], 8,
      "optim.warmup_steps: 11 must be in [0, 10] for train.steps=12 (the cosine decay"),
     (["--preset", "tiny", "--set", "optim.weight_decay=-1"], 8, "optim.weight_decay: must be >= 0"),
+    # decoupled decay multiplies the weights by 1 - lr·wd = -9 an update: an L2 coefficient's habit
+    (["--preset", "tiny", "--set", "optim.weight_decay=100", "--set", "optim.lr=0.1"], 8,
+     "optim.weight_decay: 100.0 with optim.lr=0.1 scales the decayed weights by 1 - lr·weight_decay = -9"),
     (["--preset", "tiny", "--set", "optim.min_lr_ratio=2"], 8, "optim.min_lr_ratio: must be in [0, 1]"),
     # each bound at its edge (a bound loosened to it passed): Adam divides by 1 - b^t, a decay over 0 % of the run
     (["--preset", "tiny", "--set", "optim.b1=1"], 8, "optim.b1: Adam's betas must be in [0, 1), got 1"),
@@ -560,6 +563,10 @@ def test_a_warmup_as_long_as_the_run_is_refused_by_wsd_too():
     (dict(decay_frac=0.0, schedule="wsd"), "decay_frac=0.0 must be in (0, 1]"),
     (dict(decay_frac=1.5, schedule="wsd"), "decay_frac=1.5 must be in (0, 1]"),
     (dict(weight_decay=-0.1), "weight_decay=-0.1 must be a finite number >= 0"),  # weights grew
+    # every decayed weight zeroed at the first update (1 - lr·wd = 0), or flipped past it
+    (dict(weight_decay=100.0), "weight_decay=100.0 with lr=0.01 scales the decayed weights by 1 - lr·weight_decay = 0"),
+    (dict(weight_decay=1.0, lr=2.0), "weight_decay=1.0 with lr=2.0 scales the decayed weights by 1 - lr·weight_decay "
+                                     "= -1"),
     (dict(total_steps=0), "total_steps=0 must be an int >= 1"),
     (dict(total_steps=10.5), "total_steps=10.5 must be an int >= 1"),
     (dict(warmup_steps=-3), "warmup_steps=-3 must be an int >= 0"),  # taken as 0
