@@ -310,7 +310,8 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
             kw.update(pre_norms=False, post_norms=True, qk_norm_scope="all_heads")
         if arch in ("gemma2", "gemma3_text"):  # (1 + w) norms, four per layer, sqrt(D) embedding scale, soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
-                      query_pre_attn_scalar=float(hf["query_pre_attn_scalar"] or head_dim),
+                      query_pre_attn_scalar=float(head_dim) if hf["query_pre_attn_scalar"] is None
+                      else _number("query_pre_attn_scalar", hf["query_pre_attn_scalar"]),
                       # Gemma 3's attention never reads its attn_logit_softcapping (q / k norms replace the cap)
                       attn_logit_softcap=None if gemma3 else hf["attn_logit_softcapping"],
                       final_logit_softcap=hf["final_logit_softcapping"])
@@ -374,7 +375,9 @@ def _moe_from_hf(hf: dict, mlp_act: str):
     # transformers' MixtralConfig maps `num_experts` onto num_local_experts (attribute_map), and it wins over it
     n = hf["num_experts"] if hf.get("num_experts") is not None else hf.get("num_local_experts", 8)
     return _checkpoint_moe("Mixtral's renormalised top-k", n_experts=n, top_k=k, expert_mlp_dim=hf["intermediate_size"],
-                           router="softmax", renormalize=True, lb_loss_weight=hf["router_aux_loss_coef"] * k,
+                           router="softmax", renormalize=True,
+                           # (a string "0.02" was repeated k times in MoEConfig's message: "got '0.020.02'")
+                           lb_loss_weight=_number("router_aux_loss_coef", hf["router_aux_loss_coef"]) * k,
                            z_loss_weight=0.0, mlp_act=mlp_act)
 
 
@@ -419,7 +422,7 @@ def _qwen3_moe_from_hf(hf: dict, mlp_act: str) -> dict:
     moe = _checkpoint_moe("norm_topk_prob=true", n_experts=n, top_k=k, expert_mlp_dim=hf["moe_intermediate_size"],
                           router="softmax", renormalize=bool(hf["norm_topk_prob"]),
                           # transformers' loss is k x ours (as Mixtral's)
-                          lb_loss_weight=hf["router_aux_loss_coef"] * k,
+                          lb_loss_weight=_number("router_aux_loss_coef", hf["router_aux_loss_coef"]) * k,
                           z_loss_weight=0.0, mlp_act=mlp_act)
     return dict(moe=moe, moe_every=step)
 

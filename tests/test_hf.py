@@ -1013,6 +1013,24 @@ def test_mlp_bias_is_read_only_where_transformers_reads_it(cls):
     assert config_from_hf(_hf_dict(cls) | dict(mlp_bias=True)) == config_from_hf(_hf_dict(cls))
 
 
+@pytest.mark.parametrize("cls, patch, says", [
+    # a bare TypeError from float() ("argument must be a string or a real number, not 'list'")
+    ("Gemma2Config", dict(query_pre_attn_scalar=[1]), r"query_pre_attn_scalar=\[1\] must be a number"),
+    # a string was taken as its number here (transformers' query_pre_attn_scalar**-0.5 refuses it)
+    ("Gemma3TextConfig", dict(query_pre_attn_scalar="256"), r"query_pre_attn_scalar='256' must be a number"),
+    # the string times top_k in MoEConfig's message: "must be a finite number, got '0.020.02'"
+    ("MixtralConfig", dict(router_aux_loss_coef="0.02"), r"router_aux_loss_coef='0.02' must be a number"),
+    ("Qwen3MoeConfig", dict(router_aux_loss_coef=[0.001]), r"router_aux_loss_coef=\[0.001\] must be a number"),
+])
+def test_non_numeric_scalar_fields_are_named(cls, patch, says):
+    with pytest.raises(ValueError, match=f"^HF config field {says}; fix config.json$"):
+        config_from_hf(_hf_dict(cls) | patch)
+    # null query_pre_attn_scalar is head_dim's default, as before
+    if cls == "Gemma2Config":
+        assert config_from_hf(_hf_dict(cls) | dict(query_pre_attn_scalar=None)).query_pre_attn_scalar == \
+            config_from_hf(_hf_dict(cls)).hd
+
+
 def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
     """from_pretrained(path, n_layer=3) was a bare TypeError from the dataclass; int8 weights were cast to float."""
     import shutil
