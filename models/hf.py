@@ -414,7 +414,9 @@ def _scalar_id(v):
 
 def save_pretrained(model: Transformer, path, dtype: str | None = None, max_shard_size: int | str = "5GB",
                     token_ids: dict | None = None) -> None:
-    """Write config.json + safetensors (HF names) that transformers (4.x and 5.x) and `from_pretrained` load.
+    """Write config.json + safetensors (HF names) that transformers and `from_pretrained` load: 5.x (the tests run
+    5.24) and 4.x releases that have the architecture and its settings (a Gemma 3 or Qwen3 model, a YaRN RoPE or a
+    Gemma 2 window pattern needs a 4.x new enough to know it; config.json carries both versions' RoPE fields).
 
     dtype: storage dtype of the tensors (None: the model's param_dtype).
     token_ids: {bos,eos,pad}_token_id for config.json (`read_token_ids(source_folder)` carries a loaded checkpoint's
