@@ -49,7 +49,7 @@ class NormalizeConfig:
     invalid_utf8: `repair` replaces bad bytes with U+FFFD while they are at most `max_invalid_fraction` of
         the record (more is rejected as `invalid_utf8`); `reject` drops any record with a bad byte.
     max_control_fraction: records whose bytes are more than this fraction control bytes (or contain NUL)
-        are binary blobs, dropped as `binary`.
+        are binary blobs, dropped as `binary` (a JSON string's by its UTF-8 bytes, escaped controls counted).
     collapse_spaces: collapse runs of spaces *between* words to one; leading indentation is kept
         because code and verse depend on it, and tabs because a run of them in TSV is empty columns.
     max_blank_lines: longer runs of blank lines shrink to this many.
@@ -84,15 +84,20 @@ _CONTROL_BYTES = bytes(b for b in range(32) if b not in (9, 10, 13)) + b"\x7f"
 _ESCAPED = re.compile("[\udc80-\udcff]")
 
 
+def is_binary(raw: bytes, cfg: NormalizeConfig = NormalizeConfig()) -> bool:
+    """Whether record bytes are a binary blob: a NUL, or more than `cfg.max_control_fraction` control bytes."""
+    # fractions compared as quotients of the counts: 1 - 0.57 and 0.29 * 100 are inexact (28.999...), and a record of
+    # exactly the limit (29 bad bytes of 100) was refused
+    return b"\x00" in raw or bool(raw) and (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw) > \
+        cfg.max_control_fraction
+
+
 def decode(raw: bytes, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str | None, str | None]:
     """Raw record bytes → `(text, None)`, or `(None, reason)` with reason `binary` / `invalid_utf8`.
 
     Repaired text carries U+FFFD where bytes were invalid; the caller can count those.
     """
-    # fractions compared as quotients of the counts: 1 - 0.57 and 0.29 * 100 are inexact (28.999...), and a record of
-    # exactly the limit (29 bad bytes of 100) was refused
-    if b"\x00" in raw or (raw and (len(raw) - len(raw.translate(None, _CONTROL_BYTES))) / len(raw)
-                           > cfg.max_control_fraction):
+    if is_binary(raw, cfg):
         return None, "binary"
     try:
         return raw.decode("utf-8"), None
@@ -207,7 +212,10 @@ def normalize_text(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> str:
 def normalize_counted(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> tuple[str, int]:
     """`normalize_text` → `(text, mojibake sequences repaired)`."""
     text, fixed = _normalize(text, cfg)
-    for _ in range(3):  # a deleted invisible character or NFKC joined a sequence ("Â\ufeff©" → "Â©"): once more
+    # a deleted invisible character or NFKC joined a sequence ("Â\ufeff©" → "Â©"): once more, until none is left, as
+    # nested ones take a pass a level ("Âïï\ufeff»¿»¿©": a repaired "ï»¿" is a BOM, deleted); 3 passes at most left
+    # a 4th level for the next call, not idempotent. Bounded by the length (a repair shrinks the text, NFKC may not)
+    for _ in range(len(text)):
         if not (cfg.repair_mojibake and fix_mojibake(text)[1]):
             break
         text, more = _normalize(text, cfg)

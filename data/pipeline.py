@@ -113,11 +113,12 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # symbol_ratio 0.385 (dropped) against its English translation's 0.181, a stock report digit_ratio 0.277 (dropped)
 # against 0.110, and 90-character Cantonese was too_short where its 347-character translation was kept (text without
 # CJK characters measures as before); 24 = url_density counts CJK text in words (as promo density does: per
-# character a Chinese page was allowed twice the URLs of its English translation).
+# character a Chinese page was allowed twice the URLs of its English translation); 25 = a JSON string's text is
+# `binary` by its UTF-8 bytes (its escaped controls passed the line's test), and nested mojibake is repaired to the end.
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
-OUTPUT_VERSION = 24
+OUTPUT_VERSION = 25
 
 
 # how to switch off what a settings group configures (None is no setting)

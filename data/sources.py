@@ -34,7 +34,7 @@ import sys
 import zlib
 from collections.abc import Iterator, Sequence
 
-from data.normalize import NormalizeConfig, count_surrogates, decode, replace_surrogates
+from data.normalize import NormalizeConfig, count_surrogates, decode, is_binary, replace_surrogates
 from data.seeds import check_field_types
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -459,6 +459,10 @@ def _text_doc(text, meta: dict, cfg: SourceConfig, ncfg: NormalizeConfig) -> tup
         text, reason = decode(text, ncfg)
         if reason:
             return None, reason
+    # a JSON string's controls are escapes ("\u0000"), so its line passed decode's binary test: a blob stored as JSON
+    # text was kept (and the quality stage's to drop, as mean_word_len), where the same bytes in Parquet were `binary`
+    elif isinstance(text, str) and is_binary(text.encode("utf-8", "surrogatepass"), ncfg):
+        return None, "binary"
     if text is None:
         return None, "empty"
     if not isinstance(text, str):

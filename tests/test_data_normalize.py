@@ -80,9 +80,11 @@ def test_lone_surrogates_become_replacement_characters():
     assert normalize_text("ok\ud800x") == "ok\ufffdx"
 
 
-# the last two: mojibake that a deleted BOM / zero-width space joins only after the first repair pass
+# the last three: mojibake that a deleted BOM / zero-width space joins only after the first repair pass; nested, each
+# repaired BOM ("ï»¿") joins the next level's sequence, a pass a level (3 extra passes left "Â©" for a second call)
 @pytest.mark.parametrize("text", ["ＡＢＣ　１２３\r\n\r\n\r\nx  y\u200b", "你好，世界！\n\n\n\nｶﾀｶﾅ", "a\tb\n  c  d  ",
-                                  "CafÃ©, Ã\xad, ä¸\xadæ–‡", "Ð©é\ufeff\u200bÂ\ufeff©", "Ã\u200b©"])
+                                  "CafÃ©, Ã\xad, ä¸\xadæ–‡", "Ð©é\ufeff\u200bÂ\ufeff©", "Ã\u200b©",
+                                  "Âïïï\ufeff»¿»¿»¿©"])
 def test_normalize_is_idempotent(text):
     once = normalize_text(text)
     assert normalize_text(once) == once

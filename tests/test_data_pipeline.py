@@ -138,6 +138,20 @@ def test_dropped_records_are_named_by_reason(cleaned, corpus, capsys):
     assert fold(lines[int(line(10).rsplit(":", 1)[1]) - 1]) == fold(lines[0])  # the duplicate, where editors show it
 
 
+def test_a_binary_blob_in_a_json_string_is_a_binary_drop_as_its_raw_bytes_are(tmp_path):
+    """A JSON writer escapes control characters ("\\u0000"), so a blob stored as a JSON string passed the line's binary
+    test and was kept (for the quality stage to drop as mean_word_len), where its raw bytes, or a Parquet value, were
+    `binary`. Escaped tabs, line breaks and a form feed in text stay text."""
+    from data.sources import read_records
+
+    blob = bytes(range(256)).decode("latin-1") * 4
+    text = "A page of text.\tTabbed.\r\nNext line.\fA new page. " * 5
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n"
+                                              for i, t in enumerate([blob, "nul\x00inside", text])))
+    got = [(d and d["id"], reason) for d, reason, _ in read_records([str(tmp_path / "a.jsonl")])]
+    assert got == [(None, "binary"), (None, "binary"), (2, None)]
+
+
 def test_a_utf16_text_file_is_read_as_text(tmp_path):
     """Windows' "Unicode" text files (UTF-16 with a byte-order mark) were dropped as `binary` (their NULs)."""
     from data.sources import read_records
