@@ -447,7 +447,14 @@ class Checkpoints:
         candidates = [step] if step is not None else sorted(self.mgr.all_steps(), reverse=True)
         fallback = None if step is not None else candidates  # a step asked for by number: no other is tried
         for s in candidates:
-            if other is not None and (got := other(s)) is not None:
+            try:  # an older-layout step that fails to read is corrupt too: its raw orbax error ended the run
+                got = None if other is None else other(s)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - as below: do not use it, fall back
+                self._corrupt(s, fallback, e, quarantine)
+                continue
+            if got is not None:
                 return got
             try:
                 meta = dict(self.mgr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -466,7 +473,7 @@ class Checkpoints:
                        and isinstance(meta.get("part_fingerprints"), dict))
             if partial:
                 saved = {k: saved[k] for k in abstract}
-            _check_fits(saved, abstract, self.dir / str(s))
+            check_fits(saved, abstract, self.dir / str(s))
             if loader is not None and not has_loader and "loader" not in meta:  # (older: the state in meta)
                 if meta.get("loader_saved") is False:
                     raise CheckpointMismatch(f"{self.dir / str(s)} was saved without a data loader state; restore "
@@ -739,7 +746,7 @@ def _onto_one_mesh(abstract):
                         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
 
 
-def _check_fits(saved, abstract, where) -> None:
+def check_fits(saved, abstract, where) -> None:
     """Raise CheckpointMismatch unless the saved arrays (orbax metadata) have the template's paths and shapes
     (not dtypes: they are restored as saved and cast)."""
     def table(tree):

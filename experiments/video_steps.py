@@ -17,6 +17,7 @@ from experiments.checkpoint import (
     Checkpoints,
     NonFiniteState,
     array_tree_handler,
+    check_fits,
     from_pure as _unpure,
     to_pure as _pure,
     tree_restore_args,
@@ -185,6 +186,8 @@ def _restore_legacy(ckpt: Checkpoints, targets: dict, step: int):
     abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(v)) for k, v in targets.items()}
     handlers = {k: array_tree_handler() for k in TREES} | {"meta": ocp.JsonCheckpointHandler()}
     mgr = ocp.CheckpointManager(ckpt.dir, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
+    for k, v in abstract.items():  # another model's step is a mismatch (kept), not corruption (set aside)
+        check_fits(mgr.item_metadata(step)[k].tree, v, ckpt.dir / str(step) / k)
     args = {k: tree_restore_args(v) for k, v in abstract.items()}
     out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     print(f"checkpoint: {ckpt.dir / str(step)} predates checksummed video checkpoints; restored unverified")

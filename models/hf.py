@@ -235,10 +235,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
     folder = Path(local_path(path))  # ~ expanded; gs://... refused (it read and wrote a local gs:/ folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
-    try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    hf = _json_object(folder / "config.json")
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
     where = _open_weights(folder)
     layout = _hf_layout(cfg)
@@ -382,11 +379,24 @@ def read_token_ids(path) -> dict:
     folder, ids = Path(local_path(path)), {}
     for name in ("config.json", "generation_config.json"):  # the generation config wins, as in transformers
         if (folder / name).exists():
-            saved = json.loads((folder / name).read_text(encoding="utf-8"))
+            saved = _json_object(folder / name)
             ids.update({k: v for k, v in saved.items() if k in TOKEN_ID_FIELDS})
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
     return ids
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path` (config.json, generation_config.json), or a ValueError naming the file: a damaged
+    copy ([] or null, UTF-16) failed as "'list' object has no attribute 'get'" or a bare UnicodeDecodeError."""
+    try:
+        got = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(got, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds {type(got).__name__} {str(got)[:40]!r}); "
+                         "download it again")
+    return got
 
 
 def _check_token_ids(token_ids, vocab_size: int) -> dict:

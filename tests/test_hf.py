@@ -16,7 +16,7 @@ import transformers
 from flax import nnx
 
 from models import RopeScaling, Transformer, TransformerConfig, generate, left_pad
-from models.hf import config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from models.hf import config_from_hf, config_to_hf, from_pretrained, read_token_ids, save_pretrained
 from models.moe import MoEConfig
 
 TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -941,6 +941,16 @@ def test_unreadable_checkpoint_files_are_named(tmp_path):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("text", [b"[]", b"null", b'"llama"', b"\xff\xfe{\x00}\x00"])
+def test_a_config_json_that_is_no_json_object_is_named(tmp_path, text):
+    """Valid JSON that is no object ([] or null: a bad download) failed as a bare "'list' object has no attribute
+    'get'", and a file not in UTF-8 (UTF-16, a damaged copy) as a UnicodeDecodeError: neither named config.json."""
+    (tmp_path / "config.json").write_bytes(text)
+    for load in (from_pretrained, read_token_ids):
+        with pytest.raises(ValueError, match=r"config\.json is not (valid JSON|a JSON object)"):
+            load(tmp_path)
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_hf_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, ever")
@@ -1254,8 +1264,6 @@ def test_absent_kv_heads_whose_default_does_not_divide_the_heads_names_the_hf_fi
 
 def test_token_ids_carried_through_a_round_trip(hf_ckpt, tmp_path):
     """save_pretrained wrote null bos / eos / pad ids: transformers' generate then never stopped at EOS."""
-    from models.hf import read_token_ids
-
     src = tmp_path / "src"
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, bos_token_id=1, eos_token_id=2,
                                                                  pad_token_id=0))
@@ -1688,8 +1696,6 @@ def test_yarn_truncate_read_as_transformers_reads_it(truncate):
 def test_token_ids_saved_over_a_folder_with_a_generation_config_reach_generate(tmp_path):
     """Saved over a HF folder (its generation_config.json says eos 2), token_ids eos 5 went to config.json alone:
     transformers' generate and read_token_ids both read the stale generation config, which wins, and stopped at 2."""
-    from models.hf import read_token_ids
-
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, bos_token_id=1, eos_token_id=2))
     hf.generation_config.do_sample, hf.generation_config.temperature = True, 0.5  # its own settings stay
     hf.save_pretrained(tmp_path)

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from experiments import train_video
+from experiments.checkpoint import CheckpointMismatch, NonFiniteState, array_tree_handler, fingerprint
 from experiments.video_steps import ema_cast, ema_init, ema_update, manager, restore, save
 from models.video import VAEConfig, VideoVAE
 
@@ -111,8 +113,6 @@ def test_checkpoint_round_trip_with_optimizer_state(tmp_path):
 
 def test_a_diverged_stage_stops_by_name_and_saves_nothing(tmp_path):
     """The video trainer trained on through NaN losses, saved NaN checkpoints and reported results."""
-    from experiments.checkpoint import NonFiniteState
-
     with pytest.raises(SystemExit, match=r"t2v diverged: \['diffusion'\] not finite at step 25"):
         train_video._check_finite("t2v", 25, {"diffusion": np.float32("nan"), "align": np.float32(1.0)})
     train_video._check_finite("t2v", 25, {"diffusion": np.float32(0.5)})
@@ -501,10 +501,6 @@ def test_a_corrupt_newest_video_checkpoint_falls_back_to_the_previous_step(tmp_p
 def test_a_video_checkpoint_of_one_item_per_tree_still_restores(tmp_path, capsys):
     """Written before the video trainer used `Checkpoints` (params / opt_state / ema as orbax items beside the
     record, no checksum): resumed and sampled as before, never set aside as corrupt."""
-    import orbax.checkpoint as ocp
-
-    from experiments.checkpoint import array_tree_handler
-
     handlers = {k: array_tree_handler() for k in ("params", "opt_state", "ema")} | {"meta": ocp.JsonCheckpointHandler()}
     old = ocp.CheckpointManager(tmp_path.absolute(), options=ocp.CheckpointManagerOptions(create=True),
                                 item_handlers=handlers)
@@ -520,14 +516,34 @@ def test_a_video_checkpoint_of_one_item_per_tree_still_restores(tmp_path, capsys
     assert not (tmp_path.parent / f"{tmp_path.name}-corrupt").exists()
 
 
+def test_a_damaged_one_item_per_tree_step_falls_back_and_another_models_is_kept(tmp_path, capsys):
+    """A one-item-per-tree step with a truncated array file raised orbax's raw read error out of restore (nothing
+    older was tried); it is now set aside as corrupt like a new-layout step. One of another model size is a
+    mismatch, kept where it is."""
+    handlers = {k: array_tree_handler() for k in ("params", "ema")} | {"meta": ocp.JsonCheckpointHandler()}
+    old = ocp.CheckpointManager(tmp_path.absolute(), options=ocp.CheckpointManagerOptions(create=True),
+                                item_handlers=handlers)
+    for s in (3, 6):
+        old.save(s, args=ocp.args.Composite(params=ocp.args.PyTreeSave({"w": jnp.arange(3.0) + s}),
+                                            ema=ocp.args.PyTreeSave({"w": jnp.ones(3)}),
+                                            meta=ocp.args.JsonSave({"step": s, "total_steps": 6})))
+    old.wait_until_finished()
+    for f in (tmp_path / "6" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[:5])  # a killed copy
+    step, trees, _ = restore(manager(tmp_path), {"params": {"w": jnp.zeros(3)}, "ema": {"w": jnp.zeros(3)}})
+    assert step == 3 and "step 6 is corrupt or incomplete" in capsys.readouterr().out
+    np.testing.assert_array_equal(trees["params"]["w"], [3, 4, 5])
+    assert (tmp_path.parent / f"{tmp_path.name}-corrupt" / "6").is_dir()
+    with pytest.raises(CheckpointMismatch, match=r"w: saved \(3,\), now \(5,\)"):
+        restore(manager(tmp_path), {"params": {"w": jnp.zeros(5)}, "ema": {"w": jnp.zeros(5)}})
+    assert (tmp_path / "3").is_dir()
+
+
 def test_a_corrupt_new_step_falls_back_to_an_older_layout_step_not_past_it(tmp_path, capsys):
     """A run resumed from a one-item-per-tree checkpoint (step 3) saves step 6 in the new layout; with step 6 corrupt,
     the fallback reached step 3 through `Checkpoints.restore`, which could not read its layout ('Unknown key:
     state'), set the good step aside as corrupt too and started the stage fresh (a reader got None)."""
-    import orbax.checkpoint as ocp
-
-    from experiments.checkpoint import array_tree_handler
-
     handlers = {k: array_tree_handler() for k in ("params", "opt_state", "ema")} | {"meta": ocp.JsonCheckpointHandler()}
     old = ocp.CheckpointManager(tmp_path.absolute(), options=ocp.CheckpointManagerOptions(create=True),
                                 item_handlers=handlers)
@@ -1168,8 +1184,6 @@ def test_a_dit_checkpoint_resumes_only_on_the_vae_it_was_trained_on(tmp_path, mo
 def test_load_video_model_refuses_a_dit_of_another_vae(tmp_path, monkeypatch):
     """load_video_model paired the newest VAE with a DiT trained on another VAE's latents (ckpt/vae retrained after
     the DiT): its samples decode another latent space. The DiT's recorded VAE fingerprint is compared."""
-    from experiments.checkpoint import fingerprint
-
     p = train_video.PRESETS["tiny"]
     settings = train_video.stage_settings(p, 0)
     recorded = {}
@@ -1403,8 +1417,6 @@ def test_check_resume_reads_the_stages_without_a_writer(tmp_path, monkeypatch):
     """check_resume only reads, but it opened a writable manager per stage: that made ckpt/vae and ckpt/t2v and started
     orbax's background clean-up of unfinished saves, free to delete the next manager's save in progress there (a
     save right after check_resume failed once in CI: 'Failed to rename ... _sharding')."""
-    import orbax.checkpoint as ocp
-
     cleans, real = [], ocp.CheckpointManager
     monkeypatch.setattr(ocp, "CheckpointManager", lambda d, options, **kw: (
         cleans.append(options.cleanup_tmp_directories) or real(d, options=options, **kw)))
