@@ -118,10 +118,25 @@ class Preset:
         for name, what in (("ckpt_every", "steps between checkpoints; each stage's last step is always saved"),
                            ("eval_per_seen", "clips generated per seen caption"),
                            ("eval_per_held", "clips generated per held-out caption"),
-                           ("eval_batch", "clips per evaluation batch")):
+                           ("eval_batch", "clips per evaluation batch"),
+                           # the stages' own numbers were unchecked too: dit_batch=-8 or n_latents=0 failed in numpy
+                           # after the whole VAE stage
+                           ("vae_steps", "the VAE stage's steps"), ("vae_batch", "clips per VAE step"),
+                           ("n_latents", "clips encoded for the DiT stage"), ("dit_steps", "the DiT stage's steps"),
+                           ("dit_batch", "latents per DiT step")):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"Preset: {name}={v!r}: must be an int >= 1 ({what})")
+        # ema_decay=nan made every EMA parameter (the model sampled and evaluated) NaN from the first step, -1 flipped
+        # its sign each step; a NaN or negative rate trained in silence
+        for name in ("vae_lr", "dit_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"Preset: {name}={v!r}: must be a finite number > 0 (the stage's peak learning rate)")
+        v = self.ema_decay  # (1: the EMA follows its warm-up min(decay, (1 + n) / (10 + n)) alone, a running mean)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+            raise ValueError(f"Preset: ema_decay={v!r}: must be a number in [0, 1] (the DiT's EMA keeps decay·ema + "
+                             "(1 - decay)·params each step; 0.999 is usual)")
         got = self.vae.latent_shape(self.data.frames, self.data.size, self.data.size)
         want = (*self.t2v.dit.latent_shape, self.t2v.dit.latent_channels)
         if tuple(got) != tuple(want):

@@ -1,5 +1,6 @@
 """The video experiment end to end on its tiny preset, sharded over 8 fake devices, and its checkpoints."""
 
+import dataclasses
 import json
 import re
 import time
@@ -84,8 +85,6 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     # media of an earlier evaluation are removed when one runs with --no-media (they showed the older model)
     assert train_video.remove_media(out) == ["overview.png", "samples"] and not (out / "samples").exists()
     assert train_video.remove_media(out) == []
-    import dataclasses
-
     full = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, attention="full")))
     with pytest.raises(ValueError, match=r"ckpt/t2v was trained with other settings \(t2v.dit.attention: "):
         train_video.load_video_model(out, full)
@@ -122,8 +121,6 @@ def test_a_diverged_stage_stops_by_name_and_saves_nothing(tmp_path):
 
 
 def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
-    import dataclasses
-
     p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=2 * train_video.PRESETS["tiny"].eval_batch)
     calls = []
 
@@ -158,8 +155,6 @@ def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
 def test_a_latent_cache_write_that_raises_leaves_no_temporary_file(tmp_path, monkeypatch):
     """encode_latents writes latents.npz through latents.npz.tmp.npz: a write that raised part-way (a full disk,
     Ctrl-C) left the partial temporary in the run directory for good."""
-    import dataclasses
-
     p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=train_video.PRESETS["tiny"].eval_batch)
 
     def half_then_full(file, *a, **k):
@@ -190,8 +185,6 @@ def test_bf16_ema_tracks_the_float32_average():
 
 
 def test_resume_under_other_settings_is_refused_before_any_compute(tmp_path, capsys):
-    import dataclasses
-
     p = train_video.PRESETS["tiny"]
     tree = {"params": {"w": jnp.ones((2,))}}
     for stage in ("vae", "t2v"):
@@ -302,8 +295,6 @@ def test_an_out_that_cannot_be_a_directory_is_refused_naming_the_flag(tmp_path, 
 
 def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys):
     """--fresh removed the run directory; then a typo in --mesh / --scales (or too big a mesh) failed the run."""
-    import dataclasses
-
     run = tmp_path / "run"
     (run / "ckpt").mkdir(parents=True)
     (run / "ckpt" / "kept").write_text("trained")
@@ -365,8 +356,6 @@ def test_a_sequence_axis_that_does_not_split_the_tokens_is_refused_before_any_wo
     """--mesh sequence=n splits the DiT's T'·H'·W' tokens and the captions' L (act_seq): where n divided neither, the
     run trained and saved the VAE stage and encoded its latents, then failed at the DiT stage's first batch ("a
     sequence length", not a field of the preset). Refused by name before anything is built, run or deleted."""
-    import dataclasses
-
     p = train_video.PRESETS[preset]
     if preset == "default":  # 12 tokens of (1, 4, 4) patches on {sequence: 8}
         p = dataclasses.replace(p, t2v=dataclasses.replace(p.t2v, dit=dataclasses.replace(p.t2v.dit, patch=(1, 4, 4))))
@@ -461,8 +450,6 @@ def test_a_corrupt_newest_video_checkpoint_falls_back_to_the_previous_step(tmp_p
     """Bit rot in the newest step stopped train_video with an orbax error (its checkpoints had no checksum and no
     fallback, unlike train_lm's): now the step is reported, set aside in ckpt/t2v-corrupt and the stage resumes from
     the step before; a reader (load_video_model) skips it but leaves it in place."""
-    import dataclasses
-
     from parallel import make_mesh
 
     seen = []
@@ -618,8 +605,6 @@ def test_a_resumed_stage_drops_its_interrupted_attempts_events_but_not_the_other
     TensorBoard's Python loader showed both attempts at step 2. A restart marker (SessionLog START) at the
     resumed step + 1 drops every earlier event at that step or later on its step axis: the stages share none (tb/vae,
     tb/t2v), so the DiT's marker cannot drop the VAE's events of the same step numbers."""
-    import dataclasses
-
     from experiments.lm_step import make_optimizer
     from parallel import init_optimizer, make_mesh
     from tests.test_train_checkpoint import tb_as_python_loader_reads
@@ -681,7 +666,6 @@ def test_sigterm_in_either_stage_saves_that_step_and_a_rerun_ends_bit_identical(
     (up to ckpt_every - 1 = 499 with the default preset). Now a stage caught by run_log.Stop finishes its step,
     saves it in the usual checkpoint and returns; the rerun resumes there and ends as an uninterrupted run (the DiT
     with its real step; the VAE's stands in for its)."""
-    import dataclasses
     import signal
 
     from experiments.run_log import Stop
@@ -888,7 +872,6 @@ def test_a_stage_resumed_on_another_mesh_says_so(tmp_path, capsys, monkeypatch):
     """A stage resumed on another mesh (device count or axis sizes) goes on differing from an uninterrupted run in
     the last float32 digits (its sharded sums reduce in another order); nothing said so. Its checkpoint records the
     mesh, and the resume line notes the change (none on the same mesh)."""
-    import dataclasses
     import math
 
     from parallel import make_mesh
@@ -958,8 +941,6 @@ def test_a_stage_resumes_only_under_the_prng_implementation_it_was_trained_with(
     """The stages' keys are made from the seed and none is saved: resumed under another jax_default_prng_impl, a stage
     went on silently with another random stream (noise, timesteps). Each stage's meta records the implementation, and
     a resume under another is refused by name, as train_lm's is."""
-    import dataclasses
-
     from experiments.video_steps import latest_meta
     from parallel import make_mesh
 
@@ -1004,7 +985,6 @@ def test_a_retrained_or_resumed_stage_drops_its_records_past_where_it_starts(tmp
     in the shared metrics.jsonl: 100 VAE steps, then 50 again, read back steps 25..100 and plotted the old tail. A
     stage now drops its records past the step it starts from (the other stage's stay); a resume logs exactly what an
     uninterrupted run does (the interrupted attempt's unsaved step is not left beside its replay)."""
-    import dataclasses
     import shutil
 
     from experiments.run_log import read_curves
@@ -1083,8 +1063,6 @@ def test_samples_and_overview_are_written_whole(tmp_path, monkeypatch):
 def test_latent_stats_cover_every_encoded_batch(tmp_path):
     """Stage 2's latents are normalised by the per-channel mean and std of all n_latents clips (every encoded batch,
     the last cut short), as latent_stats.json records them; one batch's stats would shift the DiT's inputs."""
-    import dataclasses
-
     p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=100, eval_batch=48)  # batches 48, 48, 4 of 48
     shape = (*p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)
     calls = []
@@ -1153,8 +1131,6 @@ def test_a_dit_checkpoint_resumes_only_on_the_vae_it_was_trained_on(tmp_path, mo
     resumed on the new VAE's latents: the check compared settings only. Its checkpoints record the VAE's fingerprint
     (as the latents cache does) and one of another VAE is refused, naming the fix; one saved before the fingerprint
     was recorded still resumes."""
-    import dataclasses
-
     from parallel import make_mesh
 
     monkeypatch.setattr(train_video, "make_t2v_step", _fake_t2v_step([]))
@@ -1247,10 +1223,30 @@ def test_no_media_removes_a_leftover_overview_temporary_and_failed_plots_close_t
 def test_a_checkpoint_interval_below_one_is_refused_when_the_preset_is_built(every):
     """ckpt_every=0 built, then failed with a bare ZeroDivisionError ('integer modulo by zero') after the first
     VAE step had compiled and run (35 s on the tiny preset); -3 saved every 3rd step as if it were 3."""
-    import dataclasses
-
     with pytest.raises(ValueError, match=rf"Preset: ckpt_every={every!r}: must be an int >= 1"):
         dataclasses.replace(train_video.PRESETS["tiny"], ckpt_every=every)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"ema_decay": float("nan")}, "ema_decay=nan: must be a number in [0, 1]"),
+    ({"ema_decay": -1.0}, "ema_decay=-1.0: must be a number in [0, 1]"),
+    ({"vae_lr": float("nan")}, "vae_lr=nan: must be a finite number > 0"),
+    ({"dit_lr": -1e-3}, "dit_lr=-0.001: must be a finite number > 0"),
+    ({"vae_lr": "2e-3"}, "vae_lr='2e-3': must be a finite number > 0"),
+    ({"dit_batch": -8}, "dit_batch=-8: must be an int >= 1 (latents per DiT step)"),
+    ({"n_latents": 0}, "n_latents=0: must be an int >= 1"),
+    ({"vae_steps": 0}, "vae_steps=0: must be an int >= 1"),
+    ({"dit_steps": 2.5}, "dit_steps=2.5: must be an int >= 1"),
+])
+def test_a_preset_with_a_nonsense_rate_decay_or_count_is_refused_when_built(change, match):
+    """Only ckpt_every and eval_* were checked: ema_decay=nan built and every EMA parameter (the model sampled and
+    evaluated) was NaN from the first step, ema_decay=-1 flipped the average's sign each step without converging, a
+    NaN or negative learning rate trained in silence, dit_batch=-8 or n_latents=0 failed in numpy after the whole
+    VAE stage. Legitimate edges stay accepted."""
+    with pytest.raises(ValueError, match=re.escape(f"Preset: {match}")):
+        dataclasses.replace(train_video.PRESETS["tiny"], **change)
+    for ok in ({"ema_decay": 0.0}, {"ema_decay": 1}, {"vae_lr": 1}, {"n_latents": np.int64(1)}, {"dit_batch": 1}):
+        dataclasses.replace(train_video.PRESETS["tiny"], **ok)
 
 
 @pytest.mark.parametrize("field", ["eval_per_seen", "eval_per_held", "eval_batch"])
@@ -1258,8 +1254,6 @@ def test_an_evaluation_count_below_one_is_refused_before_any_training(field):
     """eval_per_seen=0 (or eval_per_held) built, trained both stages, then the evaluation failed as numpy's 'need at
     least one array to stack'; eval_batch=0 passed check_batch and failed after the VAE stage. run_eval, called
     directly, named neither."""
-    import dataclasses
-
     from experiments.video_eval import run_eval
 
     with pytest.raises(ValueError, match=rf"Preset: {field}=0: must be an int >= 1"):
@@ -1332,8 +1326,6 @@ def test_each_stage_draws_its_own_batch_and_key_per_step_and_the_dit_logs_and_sa
     own key and the DiT its own batch (one key, or one batch, for every step passed), and the DiT logs the 25th and
     the last step under their numbers and saves the last, dropping only its own stale records (the tiny preset's 3
     steps ending on a checkpoint multiple hid all of it)."""
-    import dataclasses
-
     from parallel import make_mesh
 
     decays, keys, batches = [], {"vae": [], "t2v": []}, []
@@ -1380,8 +1372,6 @@ def test_load_video_model_of_a_run_with_its_own_seed_and_vae_steps_samples_with_
     seed-0 check refused it, as 'seed: 3 -> 0'), the Preset returned carries its vae_steps, and `sample` draws with
     the seed and the documented default cfg_scale=4.0 it is given (a fixed key, or another default, passed: the
     tiny preset's run compared two samples differing in cfg_scale too)."""
-    import dataclasses
-
     p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=7)
     settings = train_video.stage_settings(p, 3)
     monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
