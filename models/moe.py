@@ -114,7 +114,8 @@ class MoEConfig:
                  f"each size must be a larger multiple of the next (the tiles cover runs greedily), got {t}")
         for f in ("lb_loss_weight", "z_loss_weight", "bias_update_rate"):
             need(getattr(self, f) >= 0, f, f"must be >= 0, got {getattr(self, f)}")
-        need(self.mlp_act in ACTIVATIONS, "mlp_act", f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
+        need(isinstance(self.mlp_act, str) and self.mlp_act in ACTIVATIONS, "mlp_act",  # (a list: "unhashable type")
+             f"unknown {self.mlp_act!r}; use silu or gelu_tanh")
 
     @property
     def shared_mlp_dim(self) -> int:

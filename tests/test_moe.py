@@ -801,6 +801,7 @@ def test_config_validation_and_accounting():
     for bad, field in [(dict(top_k=9), "top_k"), (dict(router="relu"), "router"), (dict(dispatch="x"), "dispatch"),
                        (dict(dropless_impl="x"), "dropless_impl"), (dict(capacity_factor=0), "capacity_factor"),
                        (dict(router_jitter=1.0), "router_jitter"), (dict(mlp_act="relu"), "mlp_act"),
+                       (dict(mlp_act=["silu"]), "mlp_act"),  # "unhashable type: list", unnamed
                        (dict(top_k=2.0), "top_k"), (dict(n_experts=8.0), "n_experts"),
                        (dict(n_shared_experts=1.0), "n_shared_experts"),
                        # an inf overflowed in capacity(), a string or None failed unnamed, "no" meant True
