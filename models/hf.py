@@ -292,8 +292,12 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             if name in aliases:
                 fused, pick = aliases[name]
                 return pick(read_fused(fused))
-            if name not in where:
-                raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}")
+            if name not in where:  # (an index that omits one a shard holds was not named: _open_weights read it)
+                indexed = (folder / "model.safetensors.index.json").exists() and not (
+                    folder / "model.safetensors").exists()
+                raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}" + (
+                    "; model.safetensors.index.json lists no such tensor (if a shard holds it, the index is damaged: "
+                    "download it again)" if indexed else ""))
             return read(name)
 
         for ours, (name, to_hf, from_hf) in layout.items():

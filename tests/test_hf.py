@@ -931,6 +931,11 @@ def test_unreadable_checkpoint_files_are_named(tmp_path):
         index_path.write_text(bad)
         with pytest.raises(ValueError, match="model.safetensors.index.json is not a safetensors index"):
             from_pretrained(tmp_path)
+    del index["weight_map"][a]  # an index missing an entry: "lacks tensor" named no index to fix
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"lacks tensor '{re.escape(a)}'.*; model.safetensors.index.json lists no "
+                                         "such tensor"):
+        from_pretrained(tmp_path)
     index_path.write_text(good)
     shard = tmp_path / index["weight_map"][b]
     shard.write_bytes(shard.read_bytes()[:4])
