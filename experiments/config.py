@@ -38,7 +38,7 @@ class ConfigError(ValueError):
 
 # the run's fields that name files or directories (relative ones below the working directory; `~` expanded,
 # a URL refused: data.cli.local_path)
-_PATH_FIELDS = ("data.cache_dir", "data.train_dir", "data.eval_dir", "data.tokenizer", "train.out", "train.init_from")
+PATH_FIELDS = ("data.cache_dir", "data.train_dir", "data.eval_dir", "data.tokenizer", "train.out", "train.init_from")
 
 
 def _check_spec(spec, section: str) -> None:
@@ -63,7 +63,7 @@ def _check_spec(spec, section: str) -> None:
             v = os.fspath(v)
             object.__setattr__(spec, f.name, v)
         need(isinstance(v, str), f.name, f"must be a string{' or None' if kind == 'str|None' else ''}, got {v!r}")
-        if f"{section}.{f.name}" in _PATH_FIELDS:  # ~ expanded, a URL refused (data.cli.local_path)
+        if f"{section}.{f.name}" in PATH_FIELDS:  # ~ expanded, a URL refused (data.cli.local_path)
             try:
                 object.__setattr__(spec, f.name, local_path(v))
             except ValueError as e:
@@ -657,9 +657,6 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     for f in ("b1", "b2"):  # each by its --set key ("optim.b1/b2" was no key)
         need(0 <= getattr(o, f) < 1, f"optim.{f}", f"Adam's betas must be in [0, 1), got {getattr(o, f)}")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(o.lr * o.weight_decay < 1, "optim.weight_decay", f"{o.weight_decay} with optim.lr={o.lr} scales the decayed "
-         f"weights by 1 - lr·weight_decay = {1 - o.lr * o.weight_decay:.3g} an update (sign flipped or zeroed); "
-         "lr·weight_decay must be < 1 (usually 1e-5 to 1e-3: weight_decay 0.1 at lr 3e-3)")
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio",
          f"must be in [0, 1] (the schedule decays to min_lr_ratio·lr), got {o.min_lr_ratio}")
     need(d.corpus == DataSpec.corpus, "data.corpus", f"{d.corpus!r}: this version builds {DataSpec.corpus!r} only")
@@ -692,7 +689,7 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
         for f in dataclasses.fields(spec):
             v, field = getattr(spec, f.name), f"{sec}.{f.name}"
             if isinstance(v, str):
-                need((problem := undecoded(os.path.abspath(v) if field in _PATH_FIELDS else v)) is None, field, problem)
+                need((problem := undecoded(os.path.abspath(v) if field in PATH_FIELDS else v)) is None, field, problem)
     # the directories the run writes (the built-in corpus is cached on its first use): a file in the way failed
     # with a traceback naming no setting once the run had started
     # (the default cache under $HOME too: an unwritable home failed in mkdir with a traceback naming no setting)

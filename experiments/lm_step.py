@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -135,11 +136,13 @@ def make_optimizer(lr: float = 3e-3, total_steps: int = 1000, warmup_steps: int 
     _need("make_optimizer", "weight_decay", weight_decay, lambda v: math.isfinite(v) and v >= 0,
           "a finite number >= 0 (0: no decay)")
     # decoupled decay scales each decayed weight by 1 - lr·weight_decay an update: at lr·weight_decay >= 1 (an L2
-    # coefficient's habit, weight_decay=10 at lr 0.1) every matrix flips sign or vanishes at the first step
+    # coefficient's habit, weight_decay=10 at lr 0.1) every matrix flips sign or vanishes at the first step. Warned,
+    # not refused: a run made to diverge (a NaN-handling test) is one way to get there
     if not any(isinstance(v, jax.core.Tracer) for v in (lr, weight_decay)) and float(lr) * float(weight_decay) >= 1:
-        raise ValueError(f"make_optimizer: weight_decay={weight_decay!r} with lr={lr!r} scales the decayed weights "
-                         f"by 1 - lr·weight_decay = {1 - float(lr) * float(weight_decay):.3g} an update (sign flipped "
-                         "or zeroed); lr·weight_decay must be < 1 (usually 1e-5 to 1e-3: weight_decay 0.1 at lr 3e-3)")
+        warnings.warn(f"make_optimizer: weight_decay={weight_decay!r} with lr={lr!r} scales the decayed weights by "
+                      f"1 - lr·weight_decay = {1 - float(lr) * float(weight_decay):.3g} an update (sign flipped or "
+                      "zeroed): the run will diverge; lr·weight_decay is usually 1e-5 to 1e-3 (weight_decay 0.1 at lr "
+                      "3e-3)", stacklevel=2)
     sched = make_schedule(lr, total_steps, warmup_steps, schedule, min_lr_ratio, decay_frac)
     if width_mult == 1.0:
         adamw = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)

@@ -19,6 +19,7 @@ import importlib.util
 import itertools
 import json
 import math
+import operator
 import os
 import pathlib
 import shlex
@@ -340,6 +341,8 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     and optimizer change from the resumed step on, which may be intended, e.g. to train longer), train.init_from
     (another Hugging Face folder's weights are not loaded into a resumed run), and
     data.eval_batches / data.eval_dir (evaluations before and after average over different held-out batches)."""
+    from experiments.config import PATH_FIELDS
+
     def line(*keys):
         before = None  # a model field added since the save: its default
         if keys[0] == "model" and (len(keys) == 2 or keys[1] in ("moe", "rope_scaling")):
@@ -348,10 +351,15 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         return f"{'.'.join(keys)}: saved {was!r}, now {_get(current, *keys)!r}"
 
     refused = [line("model", *k.split(".")) for k in model_config_mismatch(saved["model"], current["model"])]
-    own_data = _get(current, "data", "train_dir") is not None and _get(
-        saved, "data", "train_dir", default=None) == _get(current, "data", "train_dir")
-    refused += [line(sec, k) for sec, k in LOADER_FIELDS if not (own_data and (sec, k) in CORPUS_FIELDS) and _get(
-        saved, sec, k, default=SAVED_BEFORE_FIELD.get((sec, k), _get(current, sec, k))) != _get(current, sec, k)]
+    own_data = _get(current, "data", "train_dir") is not None and _same_path(
+        _get(saved, "data", "train_dir", default=None), _get(current, "data", "train_dir"))
+
+    def same(sec, k):  # a path field also spelled another way (./clean/augmented, absolute, a link): one directory
+        was = _get(saved, sec, k, default=SAVED_BEFORE_FIELD.get((sec, k), _get(current, sec, k)))
+        return (_same_path if f"{sec}.{k}" in PATH_FIELDS else operator.eq)(was, _get(current, sec, k))
+
+    refused += [line(sec, k) for sec, k in LOADER_FIELDS
+                if not (own_data and (sec, k) in CORPUS_FIELDS) and not same(sec, k)]
     warned = [line("train", "steps")] if saved["train"]["steps"] != current["train"]["steps"] else []
     warned += [line("model", *k) for k in WARNED_MODEL_FIELDS
                if _get(saved, "model", *k) is not None and _get(saved, "model", *k) != _get(current, "model", *k)]
@@ -362,9 +370,18 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         warned.append(line("train", "init_from"))
     warned += [line("optim", k) for k, v in saved["optim"].items() if current["optim"].get(k, v) != v]
     # another held-out set: later eval losses (and the best checkpoint, eval_target) compare with other averages
-    warned += [line("data", k) for k in ("eval_batches", "eval_dir") if _get(saved, "data", k, default=None) != _get(
-        current, "data", k) and (k in saved.get("data", {}))]
+    warned += [line("data", k) for k in ("eval_batches", "eval_dir") if not _same_path(_get(
+        saved, "data", k, default=None), _get(current, "data", k)) and (k in saved.get("data", {}))]
     return refused, warned
+
+
+def _same_path(saved, now) -> bool:
+    """Equal values of a path field (`experiments.config.PATH_FIELDS`); two strings also when they name one file or
+    directory from here (clean/augmented, ./clean/augmented, its absolute path or a link to it: a requeue that spelled
+    the data directory another way was refused as another data stream). Other directories still differ."""
+    if saved == now:
+        return True
+    return isinstance(saved, str) and isinstance(now, str) and os.path.realpath(saved) == os.path.realpath(now)
 
 
 def best_given_up(ckpt_dir, keep: int) -> tuple[int, float] | None:
