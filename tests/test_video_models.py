@@ -543,6 +543,17 @@ def test_a_frame_count_the_temporal_factor_refuses_names_the_nearest_valid_count
     assert cfg.latent_shape(9, 16, 16)[0] == 3
 
 
+@pytest.mark.parametrize("frames,height,width", [(9.0, 16, 16), (9, 16.0, 16), (True, 16, 16), ("9", 16, 16)])
+def test_vae_latent_shape_and_flops_refuse_a_clip_size_that_is_not_a_count(frames, height, width):
+    """latent_shape(9.0, 16, 16) reported (3.0, 4, 4, 8), a float latent frame count (which DiTConfig.latent_shape
+    then refused as 'need positive ints'), True counted as 1 frame, and flops_per_clip(9, 16.0, 16) failed in range()
+    as "'float' object cannot be interpreted as an integer"; a string compared with 1, a bare TypeError."""
+    for f in (VAE.latent_shape, VAE.flops_per_clip):
+        with pytest.raises(ValueError, match=r"VAEConfig.latent_shape: frames, height and width must be ints >= 1"):
+            f(frames, height, width)
+    assert VAE.latent_shape(np.int64(9), np.int64(16), 16) == VAE.latent_shape(9, 16, 16)  # numpy ints are counts
+
+
 @pytest.mark.parametrize("frames,size,field", [(8, 16, "temporal_factor"), (9, 18, "spatial_factor"),
                                                (0, 16, "latent_shape")])
 def test_vae_flops_refuse_a_clip_the_vae_refuses(frames, size, field):

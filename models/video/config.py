@@ -125,6 +125,9 @@ class VAEConfig:
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(T', H', W', C) of the latents of a [frames, height, width] clip; raises if it does not divide."""
         need = _need("VAEConfig")
+        # 9.0 frames gave a float latent frame count (3.0), True one frame, and a float height failed in flops_per_clip
+        need(all(_is_int(n) for n in (frames, height, width)), "latent_shape", "frames, height and width must be ints "
+             f">= 1 (numpy ints too), got {frames!r}×{height!r}×{width!r}")
         need(frames >= 1 and height >= 1 and width >= 1, "latent_shape", f"a clip needs frames, height and width >= 1, "
              f"got {frames}×{height}×{width}")
         tf, below = self.temporal_factor, 1 + (frames - 1) // self.temporal_factor * self.temporal_factor
