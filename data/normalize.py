@@ -214,12 +214,15 @@ def normalize_counted(text: str, cfg: NormalizeConfig = NormalizeConfig()) -> tu
     text, fixed = _normalize(text, cfg)
     # a deleted invisible character or NFKC joined a sequence ("Â\ufeff©" → "Â©"): once more, until none is left, as
     # nested ones take a pass a level ("Âïï\ufeff»¿»¿©": a repaired "ï»¿" is a BOM, deleted); 3 passes at most left
-    # a 4th level for the next call, not idempotent. Bounded by the length (a repair shrinks the text, NFKC may not)
+    # a 4th level for the next call, not idempotent. Bounded by the length, and ended where a pass changes nothing
+    # (normalisation undoing a repair would otherwise take len(text) passes of the whole text)
     for _ in range(len(text)):
         if not (cfg.repair_mojibake and fix_mojibake(text)[1]):
             break
-        text, more = _normalize(text, cfg)
-        fixed += more
+        again, more = _normalize(text, cfg)
+        if again == text:
+            break
+        text, fixed = again, fixed + more
     return text, fixed
 
 
