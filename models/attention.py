@@ -223,7 +223,7 @@ def _core_bwd(scale, softcap, res, do_BKGTH, out_dtype=None):
     saturated tensor whose true |dq| <= 5e-5, 300-450% relative, 7e-3 absolute), and saves 1.6-1.9% of the reference
     CPU train step.
     Soft-cap s = c·tanh(r / c): dS is multiplied by 1 - (s / c)², with s = log E + max where E > 0 (where E
-    underflowed to 0, dS is 0 whatever the factor).
+    underflowed to 0, dS is 0 whatever the factor; a fully masked row's factor is 1, its dS dropped).
     """
     q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, e_BKGTS, l_BKGT1, m_BKGT1, o_BKGTH = res
     acc = _acc(q_BKGTH)
@@ -237,11 +237,13 @@ def _core_bwd(scale, softcap, res, do_BKGTH, out_dtype=None):
     else:  # rowsum(P ∘ dP), from the dP it is subtracted from
         d_BKGT1 = jnp.sum(e_BKGTS * dp_BKGTS, -1, keepdims=True) / l_BKGT1
     ds_BKGTS = e_BKGTS * (dp_BKGTS - d_BKGT1) * scale
-    if softcap is not None:
-        t_BKGTS = (jnp.log(jnp.where(e_BKGTS > 0, e_BKGTS, 1.0)) + m_BKGT1) / softcap
-        ds_BKGTS = ds_BKGTS * (1.0 - t_BKGTS * t_BKGTS)
     # E = 1 on a fully masked row (uniform weights), but the scores there are constants: no dS
     live_B11T1 = mask_B11TS.any(-1, keepdims=True)
+    if softcap is not None:
+        # such a row's max is the masked score: its factor (_NEG / c)² overflowed to -inf, and the zero cotangent
+        # the select below sends into it made reverse-over-reverse NaN (0 · inf); its dS is dropped anyway
+        t_BKGTS = (jnp.log(jnp.where(e_BKGTS > 0, e_BKGTS, 1.0)) + jnp.where(live_B11T1, m_BKGT1, 0.0)) / softcap
+        ds_BKGTS = ds_BKGTS * (1.0 - t_BKGTS * t_BKGTS)
     ds_BKGTS = jnp.where(live_B11T1, ds_BKGTS, 0.0).astype(q_BKGTH.dtype)
     dq_BKGTH = jnp.einsum("bkgts,bksh->bkgth", ds_BKGTS, k_BKSH, preferred_element_type=acc)
     dk_BKSH = jnp.einsum("bkgts,bkgth->bksh", ds_BKGTS, q_BKGTH, preferred_element_type=acc)

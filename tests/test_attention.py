@@ -122,8 +122,8 @@ def test_dense_xla_attention_equals_jax_on_every_row(N, K):
 def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block, cap):
     """A fully masked row's output is a constant mix of v (its scores are constants), so a loss on it moves
     v only: dq and dk are exactly zero, dense and block-causal alike. Under a soft-cap too, where the backward's
-    tanh factor 1 - (s / c)² of such a row's masked score (-0.7 · float32 max) is -inf: only a select of the live
-    rows keeps it out of dq / dk (with a product by the row mask instead, both soft-capped cases get NaN)."""
+    tanh factor 1 - (s / c)² of such a row's masked score (-0.7 · float32 max) was -inf: only a select of the live
+    rows keeps it out of dq / dk (with a product by the row mask instead, both soft-capped cases got NaN)."""
     B, T, N, K, H = 2, 32, 4, 2, 8
     q, k, v = qkv(B, T, N, K, H, seed=4)
     valid = jnp.arange(T)[None].repeat(B, 0) < T - 5
@@ -135,6 +135,30 @@ def test_fully_masked_rows_send_no_gradient_to_queries_or_keys(block, cap):
     dq, dk, dv = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     assert float(jnp.abs(dq).max()) == 0.0 and float(jnp.abs(dk).max()) == 0.0
     assert float(jnp.abs(dv).max()) > 0.0
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_soft_capped_reverse_over_reverse_with_padding_queries_is_finite_and_matches_autodiff(block):
+    """A Hessian-vector product by reverse-over-reverse (grad of <grad, u>) through the custom VJP, soft-capped, with
+    padding queries (no visible key): the backward's tanh factor 1 - (s / c)² is -inf on those rows, and the select
+    that zeroes their dS sends a zero cotangent into it: 0 · -inf made dv NaN everywhere (first order was finite).
+    Compared with autodiff of the einsum oracle on the live rows (the loss reads only those)."""
+    B, T, N, K, H = 2, 16, 4, 2, 8
+    q, k, v = qkv(B, T, N, K, H, seed=5)
+    valid = jnp.arange(T)[None].repeat(B, 0) >= 3  # left padding: queries 0-2 see no key
+    mask = dense_window_mask(T, None, None, valid)
+    live = np.asarray(mask.any(-1)[:, 0])
+    ct = jnp.where(live[..., None, None], jax.random.normal(jax.random.key(7), q.shape), 0.0)
+    u = qkv(B, T, N, K, H, seed=8)
+
+    def hvp(impl):
+        loss = lambda *a: (attention(*a, mask, impl=impl, causal_block=block, logit_softcap=1.5) * ct).sum()  # noqa: E731
+        along_u = lambda *a: sum((g * d).sum() for g, d in zip(jax.grad(loss, argnums=(0, 1, 2))(*a), u))  # noqa: E731
+        return jax.jit(jax.grad(along_u, argnums=(0, 1, 2)))(q, k, v)
+
+    for got, want in zip(hvp("xla"), hvp("reference")):
+        assert bool(jnp.isfinite(got).all())
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("impl,block", [("xla", None), ("xla", 4), ("reference", None)])
