@@ -7,7 +7,10 @@ import contextlib
 import json
 import math
 import pathlib
+import platform
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -24,6 +27,68 @@ def set_aside_logs(out: pathlib.Path) -> str | None:
     for n in names:
         (out / n).rename(out / f"{n}.{stamp}")
     return stamp
+
+
+# the libraries whose versions decide what a run computes and saves (a reviewer reproducing it needs them)
+PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tokenizers")
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """Who made a run segment, for its checkpoint meta and metrics.jsonl: the command line (`argv`, default
+    sys.argv), this code's git commit (None unless it runs from its own git checkout) and whether its tracked files
+    differed from it, the Python and library versions (`PROVENANCE_PACKAGES`; None: not installed), the JAX backend
+    and device count, and the host. Without it a run folder named no code version, no library version and no command."""
+    import importlib.metadata
+
+    import jax
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+
+    def git(*args) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    # this code's own checkout only: installed in site-packages under a project's repository, git found the project's
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and pathlib.Path(top).resolve() == root else None
+    dirty = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"argv": list(sys.argv if argv is None else argv), "git_commit": commit,
+            "git_dirty": None if dirty is None else bool(dirty),
+            "python": platform.python_version(), "versions": {n: version(n) for n in PROVENANCE_PACKAGES},
+            "backend": jax.default_backend(), "devices": jax.device_count(), "processes": jax.process_count(),
+            "host": platform.node()}
+
+
+def config_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Every field of two nested config dicts (a RunConfig's JSON) that differs, as 'a.b: saved X, now Y' (a field
+    one side lacks: None there), in sorted order."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: saved {a!r}, now {b!r}")
+    return out
+
+
+def segments(saved_meta: dict | None, start: int, changed: list[str], argv: list[str] | None = None) -> list[dict]:
+    """The run's segments for its checkpoint meta: the restored checkpoint's (`saved_meta`, None for a fresh run;
+    checkpoints from before this field: none), those starting past `start` dropped (an attempt whose steps are
+    replayed), then this one: {"start_step": start, "changed": the settings a resume changed (`config_changes`' lines),
+    **provenance(argv)}. The newest checkpoint's config alone is the last segment's: a resume that changed
+    optim.lr at step 8 looked, from the folder, like a run at the new lr throughout."""
+    kept = [s for s in (saved_meta or {}).get("segments", []) if s.get("start_step", 0) <= start]
+    return kept + [{"start_step": int(start), "changed": list(changed), **provenance(argv)}]
 
 
 class Logger:

@@ -33,10 +33,12 @@ from experiments.run_log import (
     Logger,
     Stop,
     Throughput,
+    config_changes,
     drop_records_after,
     moe_record,
     perplexity,
     plot_losses,
+    segments,
     set_aside_logs,
     write_text_atomically,
 )
@@ -735,6 +737,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
             raise CheckpointMismatch(f"train.out: {out / 'ckpt'} (step {meta['step']}): {why}")
         # said once the step is restored: a newest step found corrupt after this check falls back to an older one,
         # whose check printed every warning a second time
+        changed[int(meta["step"])] = config_changes(json.loads(meta["config"]), json.loads(cfg.to_json()))
         warnings[int(meta["step"])] = [f"warning: resuming step {meta['step']} with a changed {w}: "
                                        f"{next(v for k, v in RESUME_WARNINGS if w.startswith(k))}" for w in warned]
         # keep_best turned off: LatestN alone deletes the step BestN kept, at the next save, silently
@@ -747,6 +750,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                 f"{out / 'ckpt' / str(lost[0])} aside first")
 
     warnings: dict[int, list[str]] = {}
+    changed: dict[int, list[str]] = {}  # each checked step's config changes, for the run's segment history
 
     try:
         with jax.set_mesh(mesh):  # as the saves are: the checksum's jit is keyed on the mesh context (one program)
@@ -784,6 +788,11 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     if restored is not None:  # the steps after the checkpoint replay: their earlier events and records are stale
         log.resume(start)
         drop_records_after(log, None, start)
+    # who made each segment (command, commit, versions, devices) and what a resume changed: saved with every
+    # checkpoint, as the config alone is the newest segment's (a rerun at the last step trains nothing: no segment)
+    segs = segments(meta if restored is not None else None, start, changed.get(start, []))
+    if start < t.steps:
+        log.write({"kind": "segment", "step": start, "segment": segs[-1]})
 
     def evaluate(params):
         return held_out_loss(eval_fn, params, eval_batches)
@@ -892,7 +901,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                         ckpt.save(step, state, {"config": cfg.to_json(), "wall_s": time.time() - t_start,
                                                 "first_eval": first_eval, "target_time_s": target_time,
                                                 "prng_impl": jax.config.jax_default_prng_impl,
-                                                "mesh": mesh_axes(mesh)},
+                                                "mesh": mesh_axes(mesh), "segments": segs},
                                   eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)

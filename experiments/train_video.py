@@ -49,7 +49,16 @@ from data.shards import write_atomically
 from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
 from experiments.lm_step import make_optimizer
-from experiments.run_log import Logger, Stop, drop_records_after, plot_losses, set_aside_logs, write_text_atomically
+from experiments.run_log import (
+    Logger,
+    Stop,
+    config_changes,
+    drop_records_after,
+    plot_losses,
+    segments,
+    set_aside_logs,
+    write_text_atomically,
+)
 from experiments.train_lm import prng_mismatch
 from experiments.video_eval import (
     chance_row,
@@ -324,6 +333,13 @@ def _newest_meta(directory: pathlib.Path) -> tuple[int, dict] | None:
     return latest_meta(manager(directory, read_only=True, log=quiet)) if directory.is_dir() else None
 
 
+def _segments(meta: dict | None, start: int, total_steps: int) -> list[dict]:
+    """A stage's `run_log.segments` for its checkpoint meta (a resume may change only the stage's step count)."""
+    changed = [] if meta is None else config_changes({"total_steps": meta.get("total_steps")},
+                                                     {"total_steps": total_steps})
+    return segments(meta, start, changed)
+
+
 def check_resume(p: Preset, out: pathlib.Path, seed: int):
     """Before any compute: each stage's newest checkpoint must have been made with this run's settings."""
     for stage, now in stage_settings(p, seed).items():
@@ -370,12 +386,13 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
     opt = make_optimizer(p.vae_lr, total_steps=p.vae_steps, warmup_steps=_warmup(p.vae_steps), weight_decay=0.0)
     opt_state = init_optimizer(opt, params)  # moments sharded like their params
     mgr = manager(out / "ckpt" / "vae")
-    start = 0
+    start, meta = 0, None
     if (r := restore(mgr, {"params": params, "opt_state": opt_state})) is not None:
         start, trees, meta = r
         params, opt_state = trees["params"], trees["opt_state"]
         print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps")
               + other_mesh_note(meta, mesh, p.vae.dtype))
+    segs = _segments(meta, start, p.vae_steps)  # who made each part of the stage (command, commit, versions)
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
@@ -397,7 +414,8 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             _check_finite("vae", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
-                  "total_steps": p.vae_steps, "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl})
+                  "total_steps": p.vae_steps, "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl,
+                  "segments": segs})
             if log is not None:
                 log.flush()
         if stopping:
@@ -513,12 +531,13 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
                              f" retrained since); delete {out / 'ckpt' / 't2v'} to train the DiT on this VAE's "
                              "latents, or pass --fresh to start over")
 
-    start = 0
+    start, meta = 0, None
     if (r := restore(mgr, {"params": params, "opt_state": opt_state, "ema": ema}, check=same_vae)) is not None:
         start, trees, meta = r
         params, opt_state, ema = trees["params"], trees["opt_state"], trees["ema"]
         print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps")
               + other_mesh_note(meta, mesh, p.t2v.dit.dtype))
+    segs = _segments(meta, start, p.dit_steps)
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
@@ -542,7 +561,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             _check_finite("t2v", step, m)
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps,
-                  "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl,
+                  "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl, "segments": segs,
                   **({} if vae_fingerprint is None else {"vae_fingerprint": vae_fingerprint})})
             if log is not None:
                 log.flush()

@@ -2,11 +2,13 @@
 nested fields; the optimizer's decay mask and schedules; gradient accumulation matches one big batch."""
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import pathlib
 import re
+import subprocess
 import warnings
 
 import jax
@@ -1481,3 +1483,35 @@ def test_resume_takes_one_directory_spelled_another_way(tmp_path, monkeypatch):
     now["data"]["train_dir"] = "other/augmented"  # another directory: still refused
     assert train_lm.resume_mismatch(saved, now)[0][-1] == ("data.train_dir: saved 'clean/augmented', now "
                                                            "'other/augmented'")
+
+
+def test_provenance_names_the_code_libraries_and_command():
+    """A run folder named no code version, library version or command line: a checkpoint's meta (and its
+    metrics.jsonl) now carry `run_log.provenance`, which must be the TRUE commit and versions of this process."""
+    root = pathlib.Path(run_log.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    p = run_log.provenance(["prog", "--set", "train.steps=3"])
+    assert p["argv"] == ["prog", "--set", "train.steps=3"]
+    assert p["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert p["versions"]["jax"] == jax.__version__ and p["versions"]["flax"] == importlib.metadata.version("flax")
+    assert p["devices"] == jax.device_count() and p["backend"] == jax.default_backend()
+    json.dumps(p)  # it goes into the checkpoint's JSON meta
+
+
+def test_segments_keep_each_resume_and_what_it_changed():
+    """The newest checkpoint's config is only its last segment's: a resume at step 8 with another optim.lr looked
+    like a run at that lr from step 0. `segments` carries the history: each start step, its changes, its command."""
+    saved = {"optim": {"lr": 0.01}, "model": {"moe": {"top_k": 2}}, "train": {"steps": 8, "seed": 7}}
+    now = json.loads(json.dumps(saved))
+    now["optim"]["lr"], now["train"]["steps"] = 0.005, 12
+    changes = run_log.config_changes(saved, now)
+    assert changes == ["optim.lr: saved 0.01, now 0.005", "train.steps: saved 8, now 12"]
+    assert run_log.config_changes({"model": {"moe": {"top_k": 2}}}, {"model": {"moe": {"top_k": 1}}}) == [
+        "model.moe.top_k: saved 2, now 1"]
+    first = run_log.segments(None, 0, [], argv=["train", "a"])
+    assert [s["start_step"] for s in first] == [0] and first[0]["changed"] == []
+    crashed = first + [dict(first[0], start_step=10)]  # an attempt past the restored step: its steps replay
+    second = run_log.segments({"segments": crashed}, 8, changes, argv=["train", "b"])
+    assert [(s["start_step"], s["argv"][-1]) for s in second] == [(0, "a"), (8, "b")]
+    assert second[-1]["changed"] == changes
+    assert run_log.segments({"config": "{}"}, 4, [])[0]["start_step"] == 4  # a checkpoint saved before the field

@@ -777,8 +777,9 @@ def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its
     meta.write_text(json.dumps(dict(json.loads(meta.read_text()), wall_s=1e6)))
     result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["step"]) for r in rows] == [("eval", 0), *(("train", s) for s in range(1, 5)), ("eval", 4),
-                                                      ("target", 4), ("train", 5), ("train", 6), ("eval", 6)]
+    assert [(r["kind"], r["step"]) for r in rows] == [("segment", 0), ("eval", 0), *(("train", s) for s in range(1, 5)),
+                                                      ("eval", 4), ("target", 4), ("segment", 4), ("train", 5),
+                                                      ("train", 6), ("eval", 6)]
     assert max(run_log.read_curves(out / "metrics.jsonl")["train"]) == 6  # what loss.png plots
     assert all(r["wall_s"] > 1e6 for r in rows if r["step"] > 4) and result["wall_s"] > 1e6, rows
     # the resumed process's first step compiles, as a fresh run's first: no throughput is reported for either

@@ -1484,3 +1484,13 @@ def test_a_bucket_url_out_is_refused_before_any_work(tmp_path, monkeypatch, caps
     with pytest.raises(ValueError, match="is a URL"):
         train_video.load_video_model("gs://bucket/video")
     assert not list(tmp_path.iterdir())
+
+
+def test_stage_segments_record_the_resume_and_its_step_change():
+    """A video checkpoint named no code version, library version or command, and a stage resumed with more steps
+    kept no trace of where it was stretched: its meta now carries run_log.segments."""
+    fresh = train_video._segments(None, 0, 3)
+    assert [s["start_step"] for s in fresh] == [0] and fresh[0]["changed"] == [] and fresh[0]["git_commit"] != ""
+    resumed = train_video._segments({"total_steps": 3, "segments": fresh}, 3, 5)
+    assert [s["start_step"] for s in resumed] == [0, 3]
+    assert resumed[-1]["changed"] == ["total_steps: saved 3, now 5"] and "versions" in resumed[-1]
