@@ -377,10 +377,15 @@ class Bootstrap:
     def prediction_interval(self, fn, level: float = 0.9, seed: int = 0) -> tuple[float, float, float]:
         """Like `interval`, for the loss of *one new run*: each bootstrap law's prediction times
         exp(a residual drawn from the full fit), so run-to-run scatter (seed, data order, LR fit) widens
-        the interval beyond the parameter uncertainty of `interval`."""
+        the interval beyond the parameter uncertainty of `interval`. The residuals' spread about their mean is
+        widened by sqrt(n / (n - 5)) first: a fit of the law's 5 parameters to n runs leaves residuals smaller than
+        the runs' scatter (40 simulated ladders of 16 runs at 2% noise: 86% of new runs inside a 90% interval
+        unwidened, 88% widened)."""
         _check_level(level)
         rng = np.random.default_rng(seed)
         r = np.asarray(self.residuals, float) if self.residuals else np.zeros(1)
+        if len(r) > 5:
+            r = r.mean() + (r - r.mean()) * np.sqrt(len(r) / (len(r) - 5))
         vals = np.array([fn(law) for law in self.laws], float) * np.exp(rng.choice(r, len(self.laws)))
         lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
         return float(fn(self.fit.law)), float(lo), float(hi)
