@@ -239,7 +239,7 @@ def test_prediction_interval_covers_new_runs_at_its_level():
     _, lo, hi = bs.prediction_interval(fn, 0.9)
     _, plo, phi = bs.interval(fn, 0.9)
     covered, param_covered = np.mean((fresh >= lo) & (fresh <= hi)), np.mean((fresh >= plo) & (fresh <= phi))
-    assert 0.75 <= covered <= 0.98, covered  # 0.81 here: 40 resamples and 36 residuals make a coarse 90%
+    assert 0.75 <= covered <= 0.98, covered  # 0.83 here: 40 resamples and 36 residuals make a coarse 90%
     assert param_covered < 0.6 * covered, (param_covered, covered)
 
 
