@@ -24,13 +24,17 @@ def _normal(std: float):
     return init
 
 
-def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None, fill: float | None = None) -> nnx.Param:
     """A parameter of `shape` with logical axis names `axes`: normal(0, std²) draws, zeros (std=0) or ones
-    (std=None). Each call takes one key from `rngs.params` whatever it draws, so the keys of later parameters do
-    not depend on which earlier ones are constant. `axes` are logical names, placed later by parallel's rules:
-    eager sharding is off here, so a module of your own that calls it builds without `nnx.use_eager_sharding(False)`
-    (flax read the names as mesh axes: "An auto mesh context or metadata is required")."""
-    init = nnx.initializers.ones if std is None else nnx.initializers.zeros if std == 0 else _normal(std)
+    (std=None); `fill` (std left None): that constant instead. Each call takes one key from `rngs.params` whatever
+    it draws, so the keys of later parameters do not depend on which earlier ones are constant. `axes` are logical
+    names, placed later by parallel's rules: eager sharding is off here, so a module of your own that calls it
+    builds without `nnx.use_eager_sharding(False)` (flax read the names as mesh axes: "An auto mesh context or
+    metadata is required")."""
+    if fill is not None and std is not None:
+        raise ValueError(f"param: std={std} and fill={fill}; give one (a normal draw or a constant)")
+    init = (nnx.initializers.constant(fill) if fill is not None else nnx.initializers.ones if std is None
+            else nnx.initializers.zeros if std == 0 else _normal(std))
     with nnx.use_eager_sharding(False):
         p = nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
     _check_not_built_under_a_mesh(p[...])

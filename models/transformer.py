@@ -68,6 +68,13 @@ def _rms_norm_bwd(eps, offset, res, g):
 rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
+def norm_param(rngs, shape, axes, cfg) -> nnx.Param:
+    """An RMSNorm scale w of `cfg`'s norms, which multiply by cfg.norm_offset + w (`rms_norm`), at 1 - norm_offset:
+    a fresh norm multiplies by 1 whatever the offset (ones without one, zeros under Gemma's offset 1). Zeros under
+    any offset made a fresh model's norms scale by it: 0.5 halved every norm's output, q and k's too."""
+    return param(rngs, shape, axes, dtype_of(cfg.param_dtype), fill=1.0 - cfg.norm_offset)
+
+
 def _listed_ids(ids, name: str):
     """Ids given as Python values (a nested list, or a numpy object array) checked one by one: jnp.asarray read a
     bool among ints as id 1 ([[True, 2]] ran as [[1, 2]]), an empty list as float32 (refused as 'dtype float32'),
@@ -309,7 +316,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, moe: bool = False, rngs: nnx.Rngs):
         d, n, k, h, f, pd = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hd, cfg.mlp_dim, dtype_of(cfg.param_dtype)
         std = cfg.init_std / cfg.width_mult ** 0.5  # μP: hidden weights' variance ∝ 1 / fan_in
-        norm = lambda: param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # noqa: E731
+        norm = lambda: norm_param(rngs, (d,), ("norm",), cfg)  # noqa: E731
         if cfg.pre_norms:
             self.attn_norm = norm()
         self.wq = param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
@@ -321,11 +328,11 @@ class Block(nnx.Module):
             self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
             self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0)
         if cfg.qk_norm and cfg.qk_norm_scope == "head":  # one [H] scale shared by the heads, as Qwen 3's
-            self.q_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
-            self.k_norm = param(rngs, (h,), ("head_dim",), pd, 0.0 if cfg.norm_offset else None)
+            self.q_norm = norm_param(rngs, (h,), ("head_dim",), cfg)
+            self.k_norm = norm_param(rngs, (h,), ("head_dim",), cfg)
         elif cfg.qk_norm:  # OLMo 2's scale over the whole projection: split over `tensor` with the heads it scales
-            self.q_norm = param(rngs, (n, h), ("heads", "head_dim"), pd, 0.0 if cfg.norm_offset else None)
-            self.k_norm = param(rngs, (k, h), ("kv_heads", "head_dim"), pd, 0.0 if cfg.norm_offset else None)
+            self.q_norm = norm_param(rngs, (n, h), ("heads", "head_dim"), cfg)
+            self.k_norm = norm_param(rngs, (k, h), ("kv_heads", "head_dim"), cfg)
         if cfg.pre_norms:
             self.mlp_norm = norm()
         if cfg.post_norms:
@@ -597,7 +604,7 @@ class Transformer(nnx.Module):
                 self.blocks = stack(cfg.n_layers - n_moe, False)
             if n_moe:
                 self.moe_blocks = stack(n_moe, True)
-            self.final_norm = param(rngs, (d,), ("norm",), pd, 0.0 if cfg.norm_offset else None)
+            self.final_norm = norm_param(rngs, (d,), ("norm",), cfg)
             if not cfg.tie_embeddings:  # μP: zero readout (Yang et al. 2022, App. D.2)
                 self.lm_head = param(rngs, (d, v), ("embed", "vocab"), pd,
                                      0.0 if cfg.mup_base_width else cfg.init_std)

@@ -13,6 +13,7 @@ from models import KVCache, Transformer, TransformerConfig
 from models.linear import linear
 from models.losses import cross_entropy
 from models.moe import MoEConfig
+from models.video.text import TextEncoder
 
 CFG = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
                         qkv_bias=True, final_logit_softcap=30.0)
@@ -63,14 +64,19 @@ def test_param_count_matches_tree(model):
         assert cfg.param_count() == sum(x.size for x in jax.tree.leaves(nnx.state(m)))
 
 
-def test_a_fresh_model_with_norm_offset_computes_what_one_without_does():
+@pytest.mark.parametrize("norm_offset", [1.0, 0.5, 2.0, -1.0])
+def test_a_fresh_model_with_norm_offset_computes_what_one_without_does(norm_offset):
     """norm_offset re-parameterises every RMSNorm scale as offset + w (Gemma stores w around 0): a fresh model's
-    scales are then zeros, the q / k norms' too, so it computes what the same seed computes without the offset
-    (q / k scales initialised to ones would scale q and k by 2 under offset 1)."""
-    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 8))
+    scales are then 1 - offset (zeros under Gemma's 1), the q / k norms' too, so it computes what the same seed
+    computes without the offset (q / k scales initialised to ones would scale q and k by 2 under offset 1; zeros
+    under offset 0.5 scaled every norm by 0.5). The text encoder's final norm too."""
+    tokens = np.random.default_rng(0).integers(1, CFG.vocab_size, (1, 8))
     cfg = dataclasses.replace(CFG, qk_norm=True, post_norms=True)
-    plain, offset = (Transformer(dataclasses.replace(cfg, norm_offset=o), rngs=nnx.Rngs(0)) for o in (0.0, 1.0))
+    plain, offset = (Transformer(dataclasses.replace(cfg, norm_offset=o), rngs=nnx.Rngs(0)) for o in (0.0, norm_offset))
     np.testing.assert_allclose(np.asarray(plain(tokens)), np.asarray(offset(tokens)), rtol=1e-6, atol=1e-6)
+    plain, offset = (TextEncoder(dataclasses.replace(cfg, norm_offset=o), rngs=nnx.Rngs(0)) for o in (0.0, norm_offset))
+    np.testing.assert_allclose(np.asarray(plain(tokens).tokens_BLE), np.asarray(offset(tokens).tokens_BLE),
+                               rtol=1e-6, atol=1e-6)
 
 @pytest.mark.parametrize("cfg", [
     TransformerConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=9, n_kv_heads=3, head_dim=6, mlp_dim=48,

@@ -22,7 +22,7 @@ from models.linear import flat_rows
 from models.params import param
 from models.residuals import bits_residuals
 from models.rope import attention_scale, inv_frequencies
-from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, rms_norm
+from models.transformer import REMAT_POLICIES, Block, _Ctx, check_token_ids, norm_param, rms_norm
 from parallel.rules import constrain
 
 
@@ -62,7 +62,7 @@ class TextEncoder(nnx.Module):
                 return EncoderBlock(cfg, rngs=r)
 
             self.blocks = make_blocks(rngs)
-            self.final_norm = param(rngs, (cfg.d_model,), ("norm",), pd, 0.0 if cfg.norm_offset else None)  # as the LM
+            self.final_norm = norm_param(rngs, (cfg.d_model,), ("norm",), cfg)  # as the LM
 
     def __call__(self, tokens_BL) -> TextOut:
         cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
