@@ -139,7 +139,8 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     mask_B11TS = mask_B1TS[:, :, None]
-    C = None if causal_block is None else causal_block_rows(T, causal_block)
+    # a symbolic T (jax.export's shape polymorphism) has no static block count: one dense block, the same output
+    C = None if causal_block is None or not isinstance(T, int) else causal_block_rows(T, causal_block)
     if C is None or T != S or T <= C:
         o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)
     else:

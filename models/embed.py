@@ -69,7 +69,7 @@ def _vocab_split_lookup(V, tokens_BT) -> bool:
     over the `vocab` axes: ~2·N·D elements moved for a device's N tokens) rather than gather the table over them
     (~V·D): where 2·N < V. Shapes only: static under jit."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not isinstance(tokens_BT.size, int):  # a symbolic [B, T] (jax.export): the table gathered
         return False
     lead = _token_axes(tokens_BT)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))

@@ -169,7 +169,9 @@ def dense_window_mask(T: int, window: int | None, segment_ids_BT=None, valid_BT=
     valid_BT = valid_mask(valid_BT)  # an int one's `&` made an int mask, and read 2s as padding
     i = jnp.arange(T)[:, None]
     j = jnp.arange(T)[None, :]
-    mask = (j <= i) if window is None else (j <= i) & (i - j < min(int(window), T))  # (W >= 2**31 overflowed)
+    if window is not None:  # (W >= 2**31 overflowed int32; a symbolic T, from jax.export, has no min with W)
+        window = min(int(window), T) if isinstance(T, int) else min(int(window), 2**31 - 1)
+    mask = (j <= i) if window is None else (j <= i) & (i - j < window)
     mask = mask[None]
     if segment_ids_BT is not None:
         mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])

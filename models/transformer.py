@@ -32,7 +32,7 @@ from models.moe_dispatch import mesh_shards
 from models.params import param
 from models.residuals import bits_residuals
 from models.rope import attention_scale, inv_frequencies, rope_tables, rotate
-from models.sliding_window import local_attention
+from models.sliding_window import dense_window_mask, local_attention
 from parallel.autodiff import custom_vjp
 from parallel.pipeline import gpipe, pipeline_problem
 from parallel.rules import constrain, logical_to_spec, mesh_axis_for, replicate_indivisible, sharing_axis
@@ -218,10 +218,12 @@ class KVCache(NamedTuple):
         the act_kv_heads logical axis, each replicated where it does not divide (`_cache_placement`); start as
         the rows."""
         for name, n in (("batch", batch), ("max_len", max_len)):  # else jnp.zeros' shape errors, naming neither
+            if name == "batch" and jax.export.is_symbolic_dim(n):  # jax.export's symbolic batch: >= 1 by definition
+                continue
             if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:  # (0: all overflow)
                 raise ValueError(f"KVCache.zeros({name}={n!r}): must be an int >= 1 (max_len: the prompt's tokens, "
                                  "padding included, plus those to generate)")
-        batch, max_len = int(batch), int(max_len)
+        batch, max_len = batch if jax.export.is_symbolic_dim(batch) else int(batch), int(max_len)
         dtype = dtype or dtype_of(cfg.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
@@ -409,6 +411,10 @@ class Block(nnx.Module):
         scale = cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None
         kw = dict(impl=cfg.attn_impl, scale=scale, logit_softcap=cfg.attn_logit_softcap)
         if cache is None:
+            if window is not None and not isinstance(T, int):  # a symbolic T (jax.export) has no static block
+                # count for the blocked kernel (nor is `window < T` decidable): the masked dense form, O(T²) scores
+                mask = dense_window_mask(T, window, ctx.segment_ids, ctx.padding_mask)
+                return attention(q_BTNH, k_BTKH, v_BTKH, mask, **dict(kw, impl="xla")), None
             if window is not None and window < T:
                 return local_attention(q_BTNH, k_BTKH, v_BTKH, window, segment_ids_BT=ctx.segment_ids,
                                        valid_BT=ctx.padding_mask, impl=cfg.swa_impl, block=cfg.swa_block,
@@ -523,8 +529,8 @@ def cached_query_blocks(B: int, T: int, N: int, S: int, backend: str | None = No
     scores' memory (B 8, 32 heads, T 2048, S 8192: 17 GB), each at most 1 GiB. backend: None is jax's default."""
     cpu = (backend or jax.default_backend()) == "cpu"
     limit, scores = CPU_CACHED_SCORE_BYTES if cpu else CACHED_SCORE_BYTES, B * N * T * S * 4
-    if T == 1 or scores <= limit:
-        return 1
+    if T == 1 or not isinstance(scores, int) or scores <= limit:  # symbolic B or T (jax.export): no static block
+        return 1  # count; one kernel, the same output without the memory bound
     return -(-T // CACHED_QUERY_BLOCK) if cpu else min(T, -(-scores // limit))
 
 
@@ -707,7 +713,8 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(length + jnp.arange(T, dtype=jnp.int32), (B, T))
             if start is not None:  # left-padded rows count positions from their first real token
                 positions_BT = positions_BT - start[:, None]
-            if cache is None and T * cfg.hd <= 1 << 21:  # positions 0..T-1: tables of at most 4 MB each
+            # positions 0..T-1: tables of at most 4 MB each; a symbolic T (jax.export) has no numpy arange
+            if cache is None and isinstance(T, int) and T * cfg.hd <= 1 << 21:
                 rope_cs = rope_tables(np.arange(T, dtype=np.int32)[None], inv_freq)
                 local_cs = None if local_inv is None else rope_tables(np.arange(T, dtype=np.int32)[None], local_inv)
         if cache is not None and (segment_ids_BT is not None or padding_mask_BT is not None):
@@ -848,7 +855,9 @@ class Transformer(nnx.Module):
                 x, _, aux, ins = group(xs[0], x, ctx.arrays(), None, xs[1])
                 return x, (aux if ins is None else (aux, ins))
 
-            body = bits_residuals(body, cfg.dtype)  # bf16 on CPU: see models.residuals
+            if all(isinstance(n, int) for n in x_BTD.shape):  # bf16 on CPU: see models.residuals; not with a
+                # symbolic B or T (jax.export): its VJP's export (vjp_order=1) failed, "Too many leaves for PyTreeDef"
+                body = bits_residuals(body, cfg.dtype)
             x_BTD, ys = jax.lax.scan(body, x_BTD, (grouped, keys), unroll=cfg.scan_unroll)
             aux, ins = ys if keep_inputs else (ys, None)  # ins [L/P, P, B, T, D]
             return x_BTD, None, flat_aux(aux), None if ins is None else ins.reshape((L,) + ins.shape[2:])
