@@ -186,8 +186,9 @@ def _restore_legacy(ckpt: Checkpoints, targets: dict, step: int):
     abstract = {k: jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure(v)) for k, v in targets.items()}
     handlers = {k: array_tree_handler() for k in TREES} | {"meta": ocp.JsonCheckpointHandler()}
     mgr = ocp.CheckpointManager(ckpt.dir, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers)
+    saved = mgr.item_metadata(step)  # (read once: each call reads every item's metadata)
     for k, v in abstract.items():  # another model's step is a mismatch (kept), not corruption (set aside)
-        check_fits(mgr.item_metadata(step)[k].tree, v, ckpt.dir / str(step) / k)
+        check_fits(saved[k].tree, v, ckpt.dir / str(step) / k)
     args = {k: tree_restore_args(v) for k, v in abstract.items()}
     out = mgr.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     print(f"checkpoint: {ckpt.dir / str(step)} predates checksummed video checkpoints; restored unverified")
