@@ -27,6 +27,7 @@ from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import batch_sharding, logical_to_spec
 from parallel.host import step_compiler_options
+from parallel.sharding import host_array
 
 
 def shard(batch, mesh):
@@ -36,7 +37,7 @@ def shard(batch, mesh):
     def one(path, x):
         where = f"batch{jax.tree_util.keystr(path)}"
         try:
-            x = jnp.asarray(x)
+            x = host_array(x)  # host rows straight onto their shards (jnp.asarray went through device 0)
         except TypeError:  # captions as strings: jax's "Value 'a' with dtype <U1 is not a valid JAX array type"
             raise TypeError(f"shard: {where} is a {type(x).__name__}, not an array of numbers (captions: tokenize "
                             "them first, data.moving_shapes.encode_caption)") from None

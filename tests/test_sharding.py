@@ -1308,3 +1308,22 @@ def test_shard_batch_points_video_clips_to_a_batch_only_placement():
         shard_batch({"video": np.zeros((2, 5, 4, 4, 3), np.float32)}, mesh)
     with pytest.raises(ValueError, match=r"multiple of 4, or change the mesh$"):
         shard_batch({"tokens": np.zeros((2, 6), np.int32)}, mesh)
+
+
+def test_shard_batch_puts_host_rows_straight_onto_their_shards():
+    """shard_batch went through jnp.asarray: every step the whole batch was copied to device 0 (an implicit transfer,
+    which jax.transfer_guard('disallow') refused) and then resharded. NumPy rows now go to their shards in one
+    explicit device_put, with the dtypes jnp.asarray gave (float64 -> float32, int64 -> int32 without x64); device
+    arrays pass as they are."""
+    from parallel import shard_batch
+
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    rows = np.arange(64).reshape(8, 8)  # int64
+    with jax.transfer_guard("disallow"):
+        b = shard_batch({"tokens": rows, "weights": rows / 2, "flags": rows > 3}, mesh)
+        again = shard_batch(b["tokens"], mesh)  # on the mesh already: no host round trip
+    assert [b[k].dtype for k in ("tokens", "weights", "flags")] == [jnp.int32, jnp.float32, jnp.bool_]
+    assert np.array_equal(np.asarray(b["weights"]), rows / 2) and np.array_equal(np.asarray(again), rows)
+    assert tuple(b["tokens"].sharding.spec) == (("data", "fsdp"), None)
+    with pytest.raises(TypeError, match=r"shard_batch: batch\['a'\] is a ndarray, not an array of numbers"):
+        shard_batch({"a": np.array([["a red circle"]])}, mesh)

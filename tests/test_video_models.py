@@ -1004,6 +1004,12 @@ def test_video_batches_name_the_captions_key_when_the_mesh_does_not_divide_them(
             shard({"tokens": np.zeros(shape, np.int32)}, mesh)
     with pytest.raises(TypeError, match=r"^shard: batch\['tokens'\] is a ndarray, not an array of numbers"):
         shard({"tokens": np.array([["a red circle"]])}, mesh)
+    # host rows straight onto their shards: through jnp.asarray every training step copied the whole batch to device
+    # 0 first, an implicit transfer that jax.transfer_guard('disallow') refused
+    with jax.transfer_guard("disallow"):
+        b = shard({"latents": np.ones((8, 2, 4, 4, 4)), "tokens": np.zeros((8, 8), np.int32)}, mesh)
+    assert b["latents"].dtype == jnp.float32 and tuple(b["latents"].sharding.spec)[:2] == ("data", None)
+
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])
 def test_bf16_dit_gradient_keeps_its_products_in_bf16_on_cpu(attention):
