@@ -169,12 +169,32 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     return optax.GradientTransformationExtraArgs(lambda params: inner.init(up(params)), update)
 
 
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")  # the first two required
+
+
+def check_batch(batch) -> None:
+    """A ValueError naming what is wrong with an LM batch's keys, at trace time: a missing one was a bare KeyError,
+    and a misspelled optional one ('segment_id', 'weight', 'attention_mask') was ignored silently (padding scored and
+    attended, documents attending across their boundaries)."""
+    if not hasattr(batch, "keys") or not hasattr(batch, "get"):  # a (inputs, targets) tuple: 'has no attribute get'
+        raise ValueError(f"batch must be a dict of [B, T] arrays with keys {list(BATCH_KEYS)} (the first two "
+                         f"required), got a {type(batch).__name__}")
+    missing = [k for k in BATCH_KEYS[:2] if k not in batch]
+    unknown = sorted(str(k) for k in batch.keys() if k not in BATCH_KEYS)
+    if missing or unknown:
+        raise ValueError(f"batch {'lacks ' + repr(missing) if missing else ''}{' and ' if missing and unknown else ''}"
+                         f"{'has unknown keys ' + repr(unknown) if unknown else ''}: the LM steps read 'inputs' and "
+                         "'targets' [B, T] and, optionally, 'positions', 'segment_ids' and 'weights' (a padding mask "
+                         "is segment_ids 0, or weights 0 on the padded targets)")
+
+
 def lm_loss_parts(graphdef, params, batch, rng=None):
     """Mean next-token NLL over weighted targets, the weight total, and the model's aux dict
     ({} for dense; MoE: lb_loss, z_loss, dropped_frac scalars and load [L_moe, E]).
 
     batch = {inputs, targets [B, T] int32, optional positions, segment_ids [B, T] int32, weights [B, T] f32}; without
     weights every target is scored, except segment 0 (padding) when segment_ids are given."""
+    check_batch(batch)
     model = nnx.merge(graphdef, params)
     seg = batch.get("segment_ids")
     # MoE layers must know the padding (segment 0) to keep it out of expert capacity, the aux losses and the
@@ -269,6 +289,7 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     (router_jitter 0: off; otherwise the amount must be the model's own, by which its layers jitter); None: the
     model's own (`cfg.moe`; None for a dense model). A sigmoid router's bias moves here, outside `optimizer`: one
     that the optimizer freezes (optax.multi_transform with set_to_zero) still moves unless bias_update_rate is 0.
+    schedule: the optimizer's learning-rate schedule, reported as metrics['lr'] (absent without one).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """
 
@@ -349,8 +370,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": step_i + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32), "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": n,
-                   "lr": schedule(step_i - state["skipped"]) if schedule is not None else jnp.nan}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": n}
+        if schedule is not None:  # no schedule: no lr (a NaN placeholder tripped jax_debug_nans on every step)
+            metrics["lr"] = schedule(step_i - state["skipped"])
         if aux:
             metrics.update(lb_loss=aux["lb_loss"], z_loss=aux["z_loss"], dropped_frac=aux["dropped_frac"],
                            load=aux["load"])

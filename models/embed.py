@@ -40,14 +40,16 @@ from parallel.rules import constrain, logical_to_spec
 
 
 def embed_lookup(table_VD, tokens_BT, dtype):
-    """table [V, D] (any dtype), int tokens [...] → rows [..., D] in `dtype`; the gradient to `table` is in
-    the table's dtype, in the table's layout. The table is gathered over `embed` (fsdp) in `dtype`; over `vocab`
-    (tensor) it is gathered whole only where that moves fewer bytes than the alternative (`_vocab_split_lookup`): a
-    device's tokens at least V/2. Below that the rows are looked up in each device's vocab shard (the partitioner
-    masks a local gather and all-reduces the [B/n, T, D] rows over `tensor`), and no device holds the whole table:
-    at V 131072, D 256, 64 tokens a device on {fsdp: 4, tensor: 2} (8 CPU devices), an AdamW step's temp 272.8 ->
-    161.0 MiB, all-gather bytes 259.5 -> 131.5 MiB (all-reduce +0.1 MiB), 0.83x the step time; at V 32768, D 512,
-    temp 138.0 -> 81.3 MiB. (At V 256, D 128 with 1024 tokens a device it moved 7% more bytes: gathered there.)"""
+    """table [V, D] (any dtype), int tokens [...] → rows [..., D] in `dtype`; the gradient to `table` is in the table's
+    dtype, in the table's layout. An id outside [0, V), negative included, gives a NaN row and adds to no row of the
+    gradient (the model checks concrete ids; under jit a bad id shows as NaN logits, not another token's). The table is
+    gathered over `embed` (fsdp) in `dtype`; over `vocab` (tensor) it is gathered whole only where that moves fewer
+    bytes than the alternative (`_vocab_split_lookup`): a device's tokens at least V/2. Below that the rows are looked
+    up in each device's vocab shard (the partitioner masks a local gather and all-reduces the [B/n, T, D] rows over
+    `tensor`), and no device holds the whole table: at V 131072, D 256, 64 tokens a device on {fsdp: 4, tensor: 2} (8
+    CPU devices), an AdamW step's temp 272.8 -> 161.0 MiB, all-gather bytes 259.5 -> 131.5 MiB (all-reduce +0.1 MiB),
+    0.83x the step time; at V 32768, D 512, temp 138.0 -> 81.3 MiB. (At V 256, D 128 with 1024 tokens a device it moved
+    7% more bytes: gathered there.)"""
     return _lookup(table_VD, tokens_BT, jnp.dtype(dtype), (table_VD.shape, table_VD.dtype))
 
 
@@ -61,7 +63,10 @@ def _lookup(table_VD, tokens_BT, dtype, table_type):
     # captions) only by replicating them: XLA's "Involuntary full rematerialization" on {data, fsdp} meshes
     tokens_BT = constrain(tokens_BT, _token_axes(tokens_BT))
     vocab = "vocab" if _vocab_split_lookup(table_VD.shape[0], tokens_BT) else None
-    return jnp.take(constrain(table_VD, (vocab, "act_embed")), tokens_BT, axis=0)
+    # ids outside [0, V) gather NaN rows, negative ones too: jnp.take wrapped -1 to row V - 1 (an ignore index -100
+    # read token V - 100 under jit, where `check_token_ids` cannot see the values), silently; the same gather, less
+    # the select that wrapped them
+    return constrain(table_VD, (vocab, "act_embed")).at[tokens_BT].get(mode="fill", wrap_negative_indices=False)
 
 
 def _vocab_split_lookup(V, tokens_BT) -> bool:
@@ -96,7 +101,9 @@ def _lookup_bwd(dtype, table_type, tokens_BT, g_BTD):
     # float32 accumulation, does not
     acc = jnp.promote_types(table_dtype, jnp.float32)
     tokens_BT, g_BTD = _in_table_columns(shape, tokens_BT, g_BTD)
-    g_VD = jnp.zeros(shape, acc).at[tokens_BT].add(g_BTD.astype(acc)).astype(table_dtype)
+    # an id outside [0, V) (a NaN row forward) adds to no row: a negative one added to row V + id
+    g_VD = jnp.zeros(shape, acc).at[tokens_BT].add(g_BTD.astype(acc), mode="drop", wrap_negative_indices=False)
+    g_VD = g_VD.astype(table_dtype)
     # the table's own layout: the partitioner then scatter-adds into each shard, no device holds a whole [V, D] sum
     return constrain(g_VD, ("vocab", "embed")), None
 

@@ -50,14 +50,15 @@ def rms_norm(x, scale, eps, offset: float = 0.0):
 def _rms_norm_fwd(x, scale, eps, offset):
     x32 = x.astype(jnp.float32)
     r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (x32 * r * (offset + scale.astype(jnp.float32))).astype(x.dtype), (x, scale, r)
+    w = jnp.broadcast_to(offset + scale.astype(jnp.float32), x.shape)  # explicit: jax_numpy_rank_promotion='raise'
+    return (x32 * r * w).astype(x.dtype), (x, scale, r)
 
 
 def _rms_norm_bwd(eps, offset, res, g):
     """y = x·r: dscale = Σ g∘y over rows; dx = r·(dy − y·mean(dy∘y)) with dy = g·(offset + scale)."""
     x, scale, r = res
     y, g32 = x.astype(jnp.float32) * r, g.astype(jnp.float32)
-    dy = g32 * (offset + scale.astype(jnp.float32))
+    dy = g32 * jnp.broadcast_to(offset + scale.astype(jnp.float32), g32.shape)
     dx = r * (dy - y * jnp.mean(dy * y, axis=-1, keepdims=True))
     gy = g32 * y  # summed down to scale's shape (scale broadcasts: [D], a scalar, ...)
     gy = jnp.sum(gy, axis=tuple(range(gy.ndim - jnp.ndim(scale))))
@@ -100,8 +101,8 @@ def _listed_ids(ids, name: str):
 
 def check_token_ids(tokens_BT, vocab_size: int, name: str = "tokens"):
     """tokens_BT as given, after checking it holds integer ids in [0, vocab_size) when its values are known
-    (not under jit): out-of-range ids would gather NaN (>= V) or wrap around (< 0) without an error. `name`: the
-    caller's argument, for the errors."""
+    (not under jit): out-of-range ids, negative ones too, gather NaN rows (`models.embed.embed_lookup`), the only
+    sign of them under jit. `name`: the caller's argument, for the errors."""
     if isinstance(tokens_BT, list | tuple) or (isinstance(tokens_BT, np.ndarray) and tokens_BT.dtype == object):
         tokens_BT = _listed_ids(tokens_BT, name)
     given = getattr(tokens_BT, "dtype", None)  # a float64 array reads as float32 after jnp.asarray with x64 off
@@ -617,7 +618,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, padding_mask_BT=None,
                  cache: KVCache | None = None, return_aux: bool = False, rng=None, dropless: bool = False):
-        """tokens [B, T] int → logits [B, T, V] float32.
+        """tokens [B, T] int → logits [B, T, V] float32. Ids outside [0, V) raise a ValueError when their values are
+        known; under jit (where they are not) their logits, and those of the positions attending to them, are NaN.
 
         positions_BT: RoPE positions [B, T] (default: arange, offset by the cache length when decoding).
         segment_ids_BT: packed documents attend only within their own id. padding_mask_BT: True for real

@@ -368,6 +368,23 @@ def test_embedding_lookup_gathers_in_the_compute_dtype_and_sums_its_gradient_in_
         np.testing.assert_array_equal(g, np.broadcast_to(counts[:, None], (64, 32)))
 
 
+def test_embedding_lookup_of_an_id_outside_the_vocab_is_nan_and_adds_no_gradient_negative_ids_too():
+    """Under jit the model cannot check the ids: one >= V gathered a NaN row, but a negative one wrapped (-1 read and
+    trained row V - 1; an ignore index -100 as an input, token V - 100), a silent wrong answer. Now both are NaN
+    rows, adding to no row of the gradient."""
+    from models.embed import embed_lookup
+
+    table = jax.random.normal(jax.random.key(0), (8, 4))
+    tok = np.asarray([[1, -1, 8, -8, 2]], np.int32)
+    out, vjp = jax.jit(lambda t, i: jax.vjp(lambda t: embed_lookup(t, i, jax.numpy.float32), t))(table, tok)
+    assert np.isnan(out[0, 1:4]).all()
+    np.testing.assert_array_equal(out[0, [0, 4]], table[np.asarray([1, 2])])
+    (g,) = vjp(jax.numpy.ones_like(out))
+    want = np.zeros((8, 4), np.float32)
+    want[[1, 2]] = 1.0  # only the in-vocabulary ids' rows
+    np.testing.assert_array_equal(g, want)
+
+
 def test_the_gathered_head_is_cast_to_the_compute_dtype_and_its_gradient_comes_back_in_the_heads():
     """gathered_head equals `head.astype(dtype)`, values and gradient: a float32 head under bf16 compute gets a
     float32 gradient (the bf16 cotangent cast up), as every other float32 weight does. Left in bf16 (the cast

@@ -243,6 +243,20 @@ def test_samplers_take_numpy_step_counts_and_refuse_zero():
         euler_sample(pred, noise, 0)
 
 
+def test_loss_and_samplers_name_a_prediction_of_another_shape_than_x():
+    """A pred_fn returning [B, 1] (a reduced or per-example output) for x [B, 3] broadcast against the target and the
+    sampler's x: a loss and samples of other numbers, silently. Checked on static shapes: at trace time."""
+    x, key, bad = jnp.ones((2, 3)), jax.random.key(0), lambda x, t: x[:, :1]
+    for cfg in (DiffusionConfig(), DiffusionConfig(kind="ddpm")):
+        with pytest.raises(ValueError, match=r"diffusion_loss: pred_fn\(x, t\) must return x's shape \[2, 3\].*"
+                                             r"got \[2, 1\]"):
+            jax.eval_shape(lambda x: diffusion_loss(bad, x, key, cfg)[0], x)
+        name = "euler_sample" if cfg.kind == "flow" else "ddim_sample"
+        with pytest.raises(ValueError, match=rf"{name}: pred_fn\(x, t\) must return x's shape \[2, 3\]"):
+            jax.eval_shape(lambda x: sample(bad, x, cfg, 2), x)
+        assert jax.eval_shape(lambda x: diffusion_loss(lambda x, t: -x, x, key, cfg)[0], x).shape == ()
+
+
 def test_samplers_take_bf16_noise_integrate_in_float32_and_return_its_dtype():
     """bf16 noise (a bf16 model's latents) failed in both samplers with a bare scan TypeError ('carry input and carry
     output must have equal types'): the float32 time grid promoted the bf16 carry. They integrate in float32 and

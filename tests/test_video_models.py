@@ -199,6 +199,23 @@ def test_t2v_loss_names_the_batch_key_whose_batch_size_differs():
             t2v_loss(model, {**batch, "caption_id": ids}, key, null)
 
 
+def test_t2v_loss_names_a_batch_key_that_is_missing_or_misspelled():
+    """A missing 'latents' or 'tokens' was a bare KeyError; a misspelled 'caption_ids' was ignored, so captions shared
+    by several clips counted as each other's negatives in the alignment loss, silently."""
+    from models.video import TextToVideo, t2v_loss
+
+    cfg = TextToVideoConfig(dit=DIT, text=TEXT, align=AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8))
+    model = nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)))
+    null, key, tok = jnp.zeros((8,), jnp.int32), jax.random.key(0), jnp.ones((3, 8), jnp.int32)
+    lat = jnp.zeros((3, *DIT.latent_shape, DIT.latent_channels))
+    for batch, got in (({"latents": lat}, r"\['latents'\]"), ({"tokens": tok}, r"\['tokens'\]"),
+                       ({"latents": lat, "tokens": tok, "caption_ids": jnp.arange(3)},
+                        r"\['caption_ids', 'latents', 'tokens'\]"), ((lat, tok), "tuple")):
+        with pytest.raises(ValueError, match=r"t2v_loss: batch must be a dict with 'latents' .*'caption_id' \[B\]; "
+                                             rf"got {got}"):
+            t2v_loss(model, batch, key, null)
+
+
 def test_t2v_loss_and_generate_name_a_null_caption_outside_the_vocabulary():
     """Under jit the text encoder cannot check the ids it embeds: a null caption with an id past the vocabulary
     embedded as NaN, so every dropped caption gave a NaN loss and every guided sample NaN latents, silently. The

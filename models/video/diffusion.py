@@ -69,9 +69,19 @@ def diffusion_loss(pred_fn: PredFn, x0, key, cfg: DiffusionConfig):
     t_B = sample_time(k_t, x0.shape[0], cfg)
     eps = jax.random.normal(k_e, x0.shape, jnp.float32)
     x_t, target = noisy(x0.astype(jnp.float32), eps, t_B, cfg)
-    err = (pred_fn(x_t, t_B).astype(jnp.float32) - target) ** 2
+    err = (_prediction(pred_fn, x_t, t_B, "diffusion_loss").astype(jnp.float32) - target) ** 2
     per_ex = err.reshape(err.shape[0], -1).mean(1)
     return per_ex.mean(), per_ex, t_B
+
+
+def _prediction(pred_fn: PredFn, x, t_B, where: str):
+    """pred_fn(x, t_B), after checking (static shapes) that it has x's shape: a [B, 1, ...] or [B, C] prediction
+    broadcast against the target or the sampler's x, a loss and samples of other numbers, silently."""
+    p = pred_fn(x, t_B)
+    if jnp.shape(p) != jnp.shape(x):
+        raise ValueError(f"{where}: pred_fn(x, t) must return x's shape {list(jnp.shape(x))} (one prediction per "
+                         f"element), got {list(jnp.shape(p))}")
+    return p
 
 
 def guided(model_fn: Callable, cond, uncond, scale: float) -> PredFn:
@@ -113,7 +123,7 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
 
     def step(x, i):
         t, t_next = ts[i], ts[i + 1]
-        v = pred_fn(x, jnp.full((x.shape[0],), t, jnp.float32))
+        v = _prediction(pred_fn, x, jnp.full((x.shape[0],), t, jnp.float32), "euler_sample")
         return x + (t_next - t) * v.astype(x.dtype), None
 
     return _integrate(step, noise, steps)
@@ -164,7 +174,7 @@ def ddim_sample(pred_fn: PredFn, noise, steps: int | None, cfg: DiffusionConfig)
         t, t_next = ts[i], ts[i + 1]
         ab, ab_next = alpha_bar(t, cfg), jnp.where(t_next > 0, alpha_bar(t_next, cfg), 1.0)
         a, b = jnp.sqrt(ab), jnp.sqrt(1 - ab)
-        p = pred_fn(x, jnp.full((x.shape[0],), t, jnp.float32)).astype(x.dtype)
+        p = _prediction(pred_fn, x, jnp.full((x.shape[0],), t, jnp.float32), "ddim_sample").astype(x.dtype)
         if cfg.prediction == "eps":
             eps, x0 = p, (x - b * p) / a
         else:  # v = a·ε - b·x0 and x = a·x0 + b·ε, with a² + b² = 1

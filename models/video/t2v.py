@@ -72,6 +72,15 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     Diffusion loss on captions dropped to `null_L` with probability cfg.caption_dropout, plus
     align_weight × InfoNCE between the clean latents and the undropped captions. Returns (loss, metrics).
     """
+    # a missing key was a bare KeyError, and a misspelled 'caption_id' was ignored: duplicate captions then counted
+    # as each other's negatives in the alignment loss, silently
+    missing = [k for k in ("latents", "tokens") if not hasattr(batch, "get") or k not in batch]
+    known = ("latents", "tokens", "caption_id")
+    unknown = [] if missing else sorted(str(k) for k in batch.keys() if k not in known)
+    if missing or unknown:
+        got = sorted(map(str, batch.keys())) if hasattr(batch, "keys") else type(batch).__name__
+        raise ValueError(f"t2v_loss: batch must be a dict with 'latents' [B, T, H, W, C] and 'tokens' [B, L] and, "
+                         f"optionally, 'caption_id' [B]; got {got}")
     _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)", batch["tokens"],
                         model.cfg.text.vocab_size)
     cfg = model.cfg
