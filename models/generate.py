@@ -182,7 +182,7 @@ def _left_padding(prompt_mask, shape) -> jax.Array:
     if mask.shape != shape or not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise ValueError(f"prompt_mask must be bool or 0/1 ints of the prompt's shape {shape}, got "
                          f"{mask.dtype if given is None else given}{list(mask.shape)}")
-    mask = mask != 0
+    mask = mask.astype(jnp.bool_)  # (mask != 0 compared a bool mask with an int: refused under strict promotion)
     start_B = (shape[1] - mask.sum(1)).astype(jnp.int32)
     if not isinstance(mask, jax.core.Tracer):  # concrete: check the layout generate relies on
         m = np.asarray(mask)

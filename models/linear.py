@@ -101,7 +101,8 @@ def add_bias(x, b):
     autodiff sums it in bf16 and casts that up to the float32 parameter's gradient (0.6-1.7% of the largest entry over
     4K-256K tokens on CPU, where a float32 sum is exact to 1e-7); here the sum runs in float32. The forward rounds
     once (x + b) instead of twice (b, then x + b). A float32 x costs nothing: the casts are no-ops."""
-    return (x.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+    b = jnp.broadcast_to(b.astype(jnp.float32), x.shape)  # explicit: jax_numpy_rank_promotion='raise' refused it
+    return (x.astype(jnp.float32) + b).astype(x.dtype)
 
 
 def resolve_impl(impl: str) -> str:

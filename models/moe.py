@@ -237,7 +237,8 @@ def route(logits_TE, bias_E, top_k: int, router: str = "softmax", renormalize: b
         raise ValueError(f"route: router={router!r}; use softmax or sigmoid")
     logits_TE = logits_TE.astype(jnp.float32)
     probs_TE = jax.nn.softmax(logits_TE, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits_TE)
-    experts_TK = top_k_indices(jax.lax.stop_gradient(probs_TE) + bias_E, top_k)
+    # bias [E] broadcast explicitly: an implicit rank promotion is an error under jax_numpy_rank_promotion='raise'
+    experts_TK = top_k_indices(jax.lax.stop_gradient(probs_TE) + jnp.broadcast_to(bias_E, probs_TE.shape), top_k)
     weights_TK = jnp.take_along_axis(probs_TE, experts_TK, axis=-1)
     if renormalize:  # p / Σ p as a softmax of the chosen log p: a diverged sigmoid router's scores (every chosen
         # logit below ~-41) fell under p / (Σ p + 1e-20)'s epsilon, shrinking the weights, to 0 below ~-88

@@ -94,7 +94,7 @@ def capacity_dispatch(x_BTD, weights_BTK, experts_BTK, w, act, capacity: int, va
     gate_BTK = jnp.where(kept_BTK, weights_BTK, 0.0)
     y_BTD = jnp.einsum("btk,btkd->btd", gate_BTK, y_BAD.reshape(B, T, K, D).astype(jnp.float32))
     v_BT1 = jnp.ones((B, T, 1), jnp.float32) if valid_BT is None else valid_BT[..., None].astype(jnp.float32)
-    dropped = jnp.sum(v_BT1 * jnp.logical_not(kept_BTK)) / jnp.maximum(jnp.sum(v_BT1) * K, 1.0)
+    dropped = jnp.sum(v_BT1 * jnp.logical_not(kept_BTK).astype(jnp.float32)) / jnp.maximum(jnp.sum(v_BT1) * K, 1.0)
     return y_BTD.astype(x_BTD.dtype), dropped
 
 

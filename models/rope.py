@@ -54,7 +54,8 @@ def rope_tables(positions_BT, inv_freq_F):
         raise ValueError(f"positions_BT must be [batch, length] (or [1, length] for every row), got shape "
                          f"{tuple(np.shape(positions_BT))}; one sequence's positions are positions[None]")
     xp = np if isinstance(positions_BT, np.ndarray) else jnp
-    ang_BTF = positions_BT[..., None].astype(np.float32) * xp.asarray(inv_freq_F, np.float32)
+    # inv_freq as [1, 1, F]: a rank promotion is an error under jax_numpy_rank_promotion='raise'
+    ang_BTF = positions_BT[..., None].astype(np.float32) * xp.asarray(inv_freq_F, np.float32)[None, None]
     return xp.cos(ang_BTF)[:, :, None, :], xp.sin(ang_BTF)[:, :, None, :]
 
 

@@ -1109,3 +1109,13 @@ def test_cache_sizes_that_are_not_positive_ints_are_refused_by_name():
             KVCache.zeros(CFG, batch, max_len)
     cache = KVCache.zeros(CFG, np.int64(2), np.int32(5))  # numpy ints are sizes
     assert cache.k[0].shape[1] == 2 and cache.pos[0].shape == (5,)
+
+
+def test_prompt_masks_read_under_strict_dtype_promotion(model):
+    """Under jax_numpy_dtype_promotion='strict' a bool prompt_mask (left_pad's) failed generate with a
+    TypePromotionError: the mask was compared with the int 0. Bool and 0/1 int masks give the same tokens."""
+    batch, mask = left_pad([[5, 9, 2], [7]], pad_id=0)
+    want = np.asarray(generate(model, batch, 3, prompt_mask=mask))
+    with jax.numpy_dtype_promotion("strict"):
+        for m in (mask, np.asarray(mask, np.int32)):
+            np.testing.assert_array_equal(generate(model, batch, 3, prompt_mask=m), want)

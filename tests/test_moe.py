@@ -1112,3 +1112,26 @@ def test_lb_loss_gradient_reaches_the_router_as_its_float64_finite_difference(ro
         want[i] = (lb(w0 + step) - lb(w0 - step)) / (2 * eps)
     assert np.abs(want).max() > 1e-2  # the routing is unbalanced: a real gradient to match
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+
+
+def test_capacity_dispatch_runs_under_strict_dtype_promotion():
+    """jax_numpy_dtype_promotion='strict' (researchers' dtype check): the dropped fraction multiplied a float32
+    mask by a bool one, a TypePromotionError in every capacity layer's forward."""
+    cfg = MoEConfig(n_experts=4, top_k=2, expert_mlp_dim=8, dispatch="capacity", capacity_factor=0.5)
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    graphdef, state = nnx.split(build(lambda: MoE(D, cfg, rngs=nnx.Rngs(0))))
+    want = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)  # one program each (eagerly: one per op)
+    with jax.numpy_dtype_promotion("strict"):
+        got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_route_takes_its_bias_under_rank_promotion_raise():
+    """route's router bias [E] was added to the [B, T, E] probabilities by an implicit rank promotion, an error
+    under jax_numpy_rank_promotion='raise' in every MoE layer."""
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 4))
+    bias = jnp.array([0.0, 1.0, 0.0, -1.0])
+    want = route(logits, bias, 2, "sigmoid")
+    with jax.numpy_rank_promotion("raise"):
+        got = route(logits, bias, 2, "sigmoid")
+    jax.tree.map(np.testing.assert_array_equal, got, want)

@@ -752,6 +752,34 @@ def test_eval_sums_add_up_to_an_exact_mean_over_batches():
     assert float(n) == weights.sum() and float(total) == pytest.approx((weights * nll).sum(), rel=1e-5)
 
 
+def test_lm_steps_name_a_batch_key_that_is_missing_or_misspelled():
+    """A missing key was a bare KeyError ('inputs'), a tuple batch an AttributeError, and a misspelled optional key
+    ('segment_id', 'weight') was ignored: padding scored and documents attending to each other, silently. Checked
+    at trace time, so an abstract evaluation raises it too; the five keys the loader writes pass."""
+    from experiments.lm_step import lm_loss_parts
+
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    tok = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+    run = lambda batch: jax.eval_shape(lambda p, b: lm_loss_parts(graphdef, p, b)[0], params, batch)  # noqa: E731
+    full = {"inputs": tok, "targets": tok, "positions": tok, "segment_ids": tok,
+            "weights": jax.ShapeDtypeStruct((2, 8), jnp.float32)}
+    assert run(full).shape == ()
+    for batch, match in (({"inputs": tok}, r"batch lacks \['targets'\]:"),
+                         ({"input": tok, "targets": tok}, r"lacks \['inputs'\] and has unknown keys \['input'\]"),
+                         ({"inputs": tok, "targets": tok, "segment_id": tok}, r"has unknown keys \['segment_id'\]"),
+                         ({"inputs": tok, "targets": tok, "weight": tok}, r"has unknown keys \['weight'\]"),
+                         ((tok, tok), r"batch must be a dict .* got a tuple")):
+        with pytest.raises(ValueError, match=match):
+            run(batch)
+    opt = make_optimizer(1e-3, 10, 0)  # the trainer's step goes through the same check
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = {"params": params, "opt_state": jax.eval_shape(opt.init, params), "step": scalar, "skipped": scalar,
+             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    with pytest.raises(ValueError, match=r"has unknown keys \['attention_mask'\]"):
+        jax.eval_shape(make_state_step(graphdef, opt), state, {"inputs": tok, "targets": tok, "attention_mask": tok})
+
+
 def test_resume_compares_the_model_not_how_it_is_executed():
     as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731  (as RunConfig.to_json)
     saved = as_json(TransformerConfig(d_model=64, n_heads=4))
@@ -1515,3 +1543,17 @@ def test_segments_keep_each_resume_and_what_it_changed():
     assert [(s["start_step"], s["argv"][-1]) for s in second] == [(0, "a"), (8, "b")]
     assert second[-1]["changed"] == changes
     assert run_log.segments({"config": "{}"}, 4, [])[0]["start_step"] == 4  # a checkpoint saved before the field
+
+
+def test_a_step_without_a_schedule_runs_under_jax_debug_nans():
+    """make_state_step(graphdef, opt), no schedule (benchmarks/moe_train.py's): its metrics held lr = NaN, so under
+    jax_debug_nans every healthy step raised a FloatingPointError. Without a schedule there is no lr metric."""
+    cfg = TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=8)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(0))}
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 9), dtype=np.int32))
+    with jax.debug_nans(True):
+        _, m = make_state_step(graphdef, opt)(state, {"inputs": tok[:, :-1], "targets": tok[:, 1:]})
+    assert bool(m["finite"]) and "lr" not in m

@@ -1048,3 +1048,22 @@ def test_bf16_qkv_bias_gradients_sum_over_tokens_in_float32():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 33)), jnp.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     assert bf16_token_sums(jax.grad(lambda p: lm_loss(graphdef, p, batch)), params, tokens=32) == []
+
+
+def test_forward_and_gradient_under_rank_promotion_raise():
+    """jax_numpy_rank_promotion='raise' (researchers' shape check) refused every model: RMSNorm's [D] scale, the
+    q / k / v biases and RoPE's [F] frequencies were broadcast over [B, T, ...] implicitly. Broadcast explicitly,
+    the same loss and gradients (the MoE router bias: tests/test_moe.py)."""
+    cfg = TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=8,
+                            qkv_bias=True, qk_norm=True)
+    build = lambda: Transformer(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, params = nnx.split(nnx.eval_shape(build))[0], jax.jit(lambda: nnx.state(build()))()  # one program
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 9), dtype=np.int32))
+
+    def loss(p):
+        return cross_entropy(nnx.merge(graphdef, p)(tok[:, :-1]), tok[:, 1:])[0]
+
+    want = jax.jit(jax.value_and_grad(loss))(params)
+    with jax.numpy_rank_promotion("raise"):
+        got = jax.jit(jax.value_and_grad(loss))(params)  # another function object: traced under the setting
+    jax.tree.map(np.testing.assert_array_equal, got, want)
