@@ -37,7 +37,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from grain.experimental import ConcatThenSplitIterDataset
 
 from data.seeds import check_field_types, read_once
-from data.shards import decode_doc, id_text, read_json, tier_shards
+from data.shards import decode_doc, id_text, read_digest, read_json, tier_shards
 from data.tokenizer import TOKENS_MAGIC
 
 
@@ -615,6 +615,7 @@ class LMLoader:
         self._rows = cfg.global_batch_size // n  # this process's rows per step (n: the JAX processes, with a mesh)
         self._starts = {i for i in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)) if i is not None}
         self._stream = _stream(sources, tokenizer, cfg, self._p, n)
+        self._files = [src.files() for src in sources]  # (to name a shard whose digest differs from a state's)
         self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
         self.dropped, self.unread = _no_counts()
 
@@ -709,12 +710,15 @@ class LMLoader:
         counts = None
         if isinstance(state, dict) and set(state) in ({"grain", "stream"}, {"grain", "stream", "counts"}):
             # (older states: grain's alone)
-            if differ := [k for k in self._stream if not _same_stream(k, state["stream"].get(k), self._stream[k])]:
+            if differ := self.stream_changes(state["stream"]):
+                edited = any(k.startswith("digests") for k in differ)
                 raise StreamMismatch("LMLoader.set_state: the state was saved by a loader over another stream ("
-                                 + "; ".join(f"{k}: saved {state['stream'].get(k)}, now {self._stream[k]}"
-                                             for k in differ)
-                                 + "); its position would point elsewhere in this one. Restore with the sources, "
-                                   "tokenizer and LoaderConfig it was saved with, or start this loader fresh")
+                                 + "; ".join(differ)
+                                 + "); its position would point elsewhere in this one. "
+                                 + ("Put back the shards it was saved over (with their .digest.json beside them), "
+                                    "or start this loader fresh (a new run) on the edited ones" if edited else
+                                    "Restore with the sources, tokenizer and LoaderConfig it was saved with, or start "
+                                    "this loader fresh"))
             state, counts = state["grain"], state.get("counts")
         try:
             self._it.set_state(_restore_tuples(state))
@@ -723,6 +727,31 @@ class LMLoader:
                              "it was saved by a loader with another LoaderConfig (worker_count, tokenize_batch) "
                              "or other sources: restore with the config it was saved with") from e
         self.dropped, self.unread = (dict(counts["dropped"]), dict(counts["unread"])) if counts else _no_counts()
+
+    @property
+    def stream(self) -> dict:
+        """The JSON-able key of this loader's batch sequence (`get_state()["stream"]`; readable after `close`)."""
+        return _jsonable(self._stream)
+
+    def stream_changes(self, saved: dict, parts: Sequence[str] | None = None) -> list[str]:
+        """'part: saved X, now Y' for each part of a saved stream key (`stream`) that differs from this loader's;
+        a shard whose content digest differs is named ("digests: DIR/shard-00001.array_record was rewritten ...").
+        Digests differ where either key has them (a state saved before digests, over shards that have one now:
+        they were written again since; one saved with digests, over shards whose sidecars are gone).
+        `parts`: compare only these (e.g. ("sources", "digests"): the documents, not how they are batched)."""
+        out, key = [], dict(self._stream)
+        if "digests" in saved and "digests" not in key:  # the shards' sidecars gone since (not copied with them?)
+            key["digests"] = [" ".join("-" * len(files)) for files in self._files]
+        for k, now in key.items():
+            was = saved.get(k)
+            if parts is not None and k not in parts or _same_stream(k, was, now):
+                continue
+            if k == "digests" and isinstance(was, list) and len(was) == len(now):
+                out += [f"digests: {line}" for files, a, b in zip(self._files, was, now)
+                        for line in _digest_changes(files, a, b)]
+            else:
+                out.append(f"{k}: saved {was}, now {now}")
+        return out
 
     def close(self):
         """Stops grain's worker processes (worker_count > 0) and lets go of the batches they had in flight: shared
@@ -765,11 +794,33 @@ def _same_stream(key: str, saved, now) -> bool:
     return saved == now
 
 
+def _digest_changes(files: list[str], saved: str, now: str) -> list[str]:
+    """Lines naming the shards of one source (`files`) whose digests differ between two "digests" entries."""
+    a, b = saved.split(), now.split()
+    if len(a) != len(b):  # (shards added or removed: the "sources" part says so too)
+        return [f"saved {len(a)} shard digests, now {len(b)}"]
+    out = []
+    for f, x, y in zip(files, a, b):
+        if x == y:
+            continue
+        if y == "-":
+            out.append(f"{f} has no content digest beside it (saved {x}): copied without its sidecar? copy the "
+                       "shard-*.digest.json files with the shards")
+        elif x == "-":
+            out.append(f"{f} was written again since the state was saved (it had no content digest; now {y})")
+        else:
+            out.append(f"{f} was rewritten since the state was saved (content digest saved {x}, now {y})")
+    return out
+
+
 def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
     """A readable key of a loader's batch sequence. Shards are known by name, size, record count and the bytes of
     the first and last record, not location: a corpus copied to another disk resumes. (ArrayRecord files grow in
     64 KiB steps: a tier cleaned again with a few documents more or less keeps its sizes, and another tier of the
-    same run its record count.)"""
+    same run its record count.) Where shards have a content digest (`data.shards.read_digest`: what DocWriter wrote,
+    read from its sidecar, not the shard), "digests" holds 8 hex digits of each, in shard order ("-": none), so a
+    middle record edited to the same size, or a tier cleaned again with other documents of the same count and
+    ends, is another stream. Shards written before digests add no "digests": the key their states were saved with."""
     def shards(src: Source) -> str:
         files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
         ds = _data_source(src.files())
@@ -782,6 +833,10 @@ def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: 
            "process": f"{p} of {n}"}
     if cfg.shuffle and not (n == 1 and len(sources) == 1):  # states of the seed·1000 + k order: another stream
         key["order"] = "per-process seeds"
+    # one small sidecar read per shard (the shard's footer is opened above anyway); 9 bytes a shard in each state
+    digests = [[read_digest(f) for f in src.files()] for src in sources]
+    if any(d is not None for ds in digests for d in ds):
+        key["digests"] = [" ".join("-" if d is None else d[:8] for d in ds) for ds in digests]
     return key
 
 

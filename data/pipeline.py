@@ -12,14 +12,16 @@ a running one holds is refused (data.run_lock):
   2. once, over all signatures in shard order: exact and near-dup decisions → `cleaned/dedup.json` (with
      `--dedup-against RUN`, also against the documents another run kept: a held-out set against its training set);
   3. per shard, in parallel: drop the duplicates → `cleaned/`; label → `labeled/`; augment → `augmented/`.
-Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `shard-NNNNN.stats.json`
-(per stage: documents and their text's bytes in/out, drops by reason with the ids of the first three; ingest counts
-a dropped record's bytes as it was in the input, and all it read as `input_bytes`), `shard-NNNNN.drops.jsonl`
-(every dropped record: id, stage, reason), and `stats.json` summed over shards (`python -m data.report OUT` prints
-it). A duplicate's line (`exact_dup`, `near_dup`, `exact_dup_reference`, `near_dup_reference`) also names the copy
-kept: `duplicate_of`, its id; `duplicate_at`, "filtered/shard-NNNNN.array_record:ROW" (from 0), where it is in its
-run's filtered tier (the dedup_against run's for `..._reference`), as ids may repeat, or be where a record without
-one was; `jaccard`, the MinHash-estimated similarity, when MinHash found it (an exact copy of a near duplicate too).
+Every tier holds `shard-NNNNN.array_record` (one JSON document per record), `shard-NNNNN.stats.json` (per stage:
+documents and their text's bytes in/out, drops by reason with the ids of the first three; ingest counts a dropped
+record's bytes as it was in the input, and all it read as `input_bytes`), `shard-NNNNN.drops.jsonl` (every dropped
+record: id, stage, reason), `shard-NNNNN.digest.json` (the SHA-256 of its records, `data.shards.read_digest`: the
+loader keys a stream by it, so a shard edited by hand since a checkpoint does not resume it) and `stats.json` summed
+over shards (`python -m data.report OUT` prints it). A duplicate's line (`exact_dup`, `near_dup`,
+`exact_dup_reference`, `near_dup_reference`) also names the copy kept: `duplicate_of`, its id; `duplicate_at`,
+"filtered/shard-NNNNN.array_record:ROW" (from 0), where it is in its run's filtered tier (the dedup_against run's for
+`..._reference`), as ids may repeat, or be where a record without one was; `jaccard`, the MinHash-estimated
+similarity, when MinHash found it (an exact copy of a near duplicate too).
 Memory is bounded by one document per worker plus one shard's signatures, and in pass 2 by the table of every
 document's exact key (about 150 B per document pass 1 kept, the reference run's survivors included; all that
 exact-only dedup holds), the LSH index of the near-dup cluster representatives (about 6 kB each at the default 128

@@ -3,12 +3,15 @@ atomically.
 
 A tier directory holds `shard-00000.array_record` + `shard-00000.stats.json` per input shard; a shard
 counts as done once its stats file exists, because the stats are written last (after the data files
-were renamed into place).
+were renamed into place). Every shard `DocWriter` writes has its content digest beside it,
+`shard-00000.digest.json` (`read_digest`): the loader keys a stream by it, so a shard edited since a checkpoint
+(same size, count and ends) is told from the one it was saved over without reading the corpus.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import numbers
@@ -120,8 +123,39 @@ def decode_doc(record: bytes) -> dict:
     return doc
 
 
+DIGEST_VERSION = 1  # of the `.digest.json` format: bumped if what is hashed changes (a reader refuses newer ones)
+
+
+def digest_path(path: str | os.PathLike) -> pathlib.Path:
+    """The content digest sidecar of the shard at `path`: shard-00007.array_record → shard-00007.digest.json."""
+    path = pathlib.Path(path)
+    stem = path.name.removesuffix(".array_record")
+    return path.with_name(f"{stem}.digest.json")
+
+
+def read_digest(path: str | os.PathLike) -> str | None:
+    """The SHA-256 (hex) of the shard's records that `DocWriter` recorded when it wrote the shard at `path`, or None
+    where it has no sidecar (shards written before digests were, or by another writer). Reads the sidecar only, never
+    the shard: a shard rewritten by another writer than DocWriter keeps the digest of what DocWriter wrote."""
+    side = digest_path(path)
+    try:
+        meta = read_json(side)
+    except FileNotFoundError:
+        return None
+    except ValueError as e:  # (a cut copy): named, not a bare JSONDecodeError
+        raise ValueError(f"{side}: not a readable digest sidecar ({e}); copy it again with its shard, or delete it "
+                         "(the shard is then keyed by name, size, record count and end records only)") from None
+    if not isinstance(meta, dict) or meta.get("version") != DIGEST_VERSION or not isinstance(meta.get("sha256"), str):
+        v = meta.get("version") if isinstance(meta, dict) else None
+        raise ValueError(f"{side}: digest format version {v!r}, this code reads {DIGEST_VERSION} (written by a newer "
+                         "data.shards?); read the shard with the code that wrote it")
+    return meta["sha256"]
+
+
 class DocWriter:
-    """Writes docs to `<path>.tmp` and renames to `path` on `commit()`; a crash leaves no partial shard."""
+    """Writes docs to `<path>.tmp` and renames to `path` on `commit()`; a crash leaves no partial shard. The commit
+    also writes the records' content digest beside the shard (`digest_path`: {"version", "records", "sha256": of
+    each record's 8-byte little-endian length and bytes}), the old one removed before the new shard goes in place."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
@@ -131,6 +165,7 @@ class DocWriter:
 
         self._w = ArrayRecordWriter(str(self._tmp), WRITER_OPTIONS)
         self.count = 0
+        self._sha = hashlib.sha256()  # (~1 GB/s: a small share of a cleaning run's time per byte)
 
     def write(self, doc: dict) -> int:
         """Append one document; returns its serialised size in bytes. A value JSON cannot hold (`encode_doc`) is
@@ -152,12 +187,20 @@ class DocWriter:
 
     def write_record(self, rec: bytes) -> int:
         self._w.write(rec)
+        # length-prefixed: records ["ab", "c"] and ["a", "bc"] hash apart
+        self._sha.update(len(rec).to_bytes(8, "little"))
+        self._sha.update(rec)
         self.count += 1
         return len(rec)
 
     def commit(self):
         self._w.close()
+        side = digest_path(self.path)
+        # removed first: a kill between the rename and the new digest leaves a shard without one (another stream to a
+        # saved state), never the old shard's digest beside new records
+        side.unlink(missing_ok=True)
         os.replace(self._tmp, self.path)
+        write_json(side, {"version": DIGEST_VERSION, "records": self.count, "sha256": self._sha.hexdigest()})
 
     def abort(self):
         """Close and delete the partial file (a failed shard leaves nothing behind)."""

@@ -381,7 +381,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
 
     from tqdm import tqdm
 
-    from data.shards import DocWriter, iter_docs, tier_shards, write_json
+    from data.shards import DocWriter, digest_path, iter_docs, tier_shards, write_json
 
     # ~ expanded; a URL refused: gs://b/ids was written to a local folder gs:/b/ids (data.cli.local_path)
     tier_dir, out = local_path(tier_dir), pathlib.Path(local_path(out_dir))
@@ -402,6 +402,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     for old in out.glob("shard-*.array_record"):  # an earlier run's extra shards would be read as this tier's
         if old.name not in names:
             old.unlink()
+            digest_path(old).unlink(missing_ok=True)  # (a sidecar of no shard)
     counts = {"documents_in": 0, "documents": 0, "dropped": {}, "tokens": 0}
     for path in tqdm(shards, desc="pretokenize", unit="shard", disable=not progress):
         writer = DocWriter(out / pathlib.Path(path).name)

@@ -377,6 +377,23 @@ def resume_mismatch(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     return refused, warned
 
 
+EVAL_SET_PARTS = ("sources", "digests")  # the held-out loader's stream key parts that say which documents it holds
+
+
+def eval_set_changes(meta: dict, held, saved: dict, current: dict) -> list[str]:
+    """Warned lines (as `resume_mismatch`'s) for a held-out tier whose documents changed since the checkpoint
+    `meta` was saved while `data.eval_dir` still names the same directory: the eval losses before and after (the
+    best checkpoint, eval_target) then average other text. `held`: this run's held-out LMLoader; `meta["eval_stream"]`
+    its key then (checkpoints saved before it was recorded: none, not compared). saved / current: the RunConfig JSONs.
+    A shard edited in place (same size, count and ends) is named by its content digest (`data.shards.read_digest`)."""
+    was = meta.get("eval_stream")
+    if not isinstance(was, dict) or not _same_path(_get(saved, "data", "eval_dir", default=None),
+                                                   _get(current, "data", "eval_dir")):  # (a new path: warned already)
+        return []
+    changes = held.stream_changes(was, EVAL_SET_PARTS)
+    return [f"data.eval_dir: the held-out documents changed since the save ({'; '.join(changes)})"] if changes else []
+
+
 def _same_path(saved, now) -> bool:
     """Equal values of a path field (`experiments.config.PATH_FIELDS`); two strings also when they name one file or
     directory from here (clean/augmented, ./clean/augmented, its absolute path or a link to it: a requeue that spelled
@@ -738,6 +755,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         # said once the step is restored: a newest step found corrupt after this check falls back to an older one,
         # whose check printed every warning a second time
         changed[int(meta["step"])] = config_changes(json.loads(meta["config"]), json.loads(cfg.to_json()))
+        warned += eval_set_changes(meta, held, json.loads(meta["config"]), json.loads(cfg.to_json()))
         warnings[int(meta["step"])] = [f"warning: resuming step {meta['step']} with a changed {w}: "
                                        f"{next(v for k, v in RESUME_WARNINGS if w.startswith(k))}" for w in warned]
         # keep_best turned off: LatestN alone deletes the step BestN kept, at the next save, silently
@@ -901,7 +919,10 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                         ckpt.save(step, state, {"config": cfg.to_json(), "wall_s": time.time() - t_start,
                                                 "first_eval": first_eval, "target_time_s": target_time,
                                                 "prng_impl": jax.config.jax_default_prng_impl,
-                                                "mesh": mesh_axes(mesh), "segments": segs},
+                                                "mesh": mesh_axes(mesh), "segments": segs,
+                                                # which held-out documents the eval losses average (eval_set_changes)
+                                                "eval_stream": {k: v for k, v in held.stream.items()
+                                                                if k in EVAL_SET_PARTS}},
                                   eval_loss, loader=loader)
                     if t.kill_at == step and t.kill_in_save:  # test hook: die while the async save writes
                         os.kill(os.getpid(), signal.SIGKILL)

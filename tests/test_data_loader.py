@@ -178,7 +178,8 @@ def test_pretokenized_source_gives_the_same_batches(corpus, tmp_path):
     # pretokenizing a smaller tier into the same folder: the earlier run's extra shards were read as this tier's
     small = write_tier(tmp_path / "small", texts[:6], shards=1)
     pretokenize(small, tok, tmp_path / "pre", progress=False)
-    assert sorted(p.name for p in (tmp_path / "pre").glob("shard-*")) == ["shard-00000.array_record"]
+    assert sorted(p.name for p in (tmp_path / "pre").glob("shard-*")) == ["shard-00000.array_record",
+                                                                          "shard-00000.digest.json"]
     # the shards named as files are checked too, and shards whose tokenizer.json is missing (a pretokenize run that
     # stopped before its last step) are refused: both were read with any tokenizer, ids >= its vocab_size included
     files = tuple(sorted(str(f) for f in pathlib.Path(pre).glob("shard-*.array_record")))
@@ -377,6 +378,79 @@ def test_a_tier_cleaned_again_is_another_stream(corpus, tmp_path):
     for w, v in ((2, 2.0), (2.0, 2)):
         one = LMLoader([Source(a, w)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()
         LMLoader([Source(a, v)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(one)
+
+
+def rewrite_shard(path, edit):
+    """Rewrite one shard through DocWriter (as a hand edit would) with `edit(docs)` applied."""
+    from data.shards import iter_docs
+
+    docs = list(iter_docs(path))
+    edit(docs)
+    w = DocWriter(path)
+    for d in docs:
+        w.write(d)
+    w.commit()
+
+
+def test_a_shard_edited_in_place_is_another_stream_a_copy_is_not(corpus, tmp_path):
+    """A middle record edited to text of the same length keeps the shard's name, size, record count and end records:
+    every part of the key, so a resume read the old position in another stream, silently. DocWriter writes each
+    shard's content digest beside it (`shard-NNNNN.digest.json`) and the key holds it: the edit is named, with the
+    shard; the same tier copied elsewhere (sidecars and all) still resumes."""
+    import shutil
+
+    from data.loader import StreamMismatch
+
+    _, texts = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=3)
+    a = write_tier(tmp_path / "a" / "augmented", texts[:30])
+    live = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    next(live)
+    state = json.loads(json.dumps(live.get_state()))
+    want = next(live)
+    copy = shutil.copytree(a, tmp_path / "elsewhere" / "augmented")  # an unedited copy: the same stream
+    b = LMLoader([Source(str(copy))], EOS_BYTES, cfg, process_index=0, process_count=1)
+    b.set_state(state)
+    np.testing.assert_array_equal(next(b)["inputs"], want["inputs"])
+    shard = pathlib.Path(a) / "shard-00001.array_record"
+    size = shard.stat().st_size
+
+    def edit(docs):
+        t = docs[len(docs) // 2]["text"]
+        docs[len(docs) // 2]["text"] = t[1:] + t[0]  # the same length, another text
+
+    rewrite_shard(shard, edit)
+    assert shard.stat().st_size == size
+    with pytest.raises(StreamMismatch, match=r"shard-00001.array_record was rewritten since the state was saved "
+                                             r"\(content digest saved \w{8}, now \w{8}\).*Put back"):
+        LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+    # the copy's sidecars left behind: its shards are not known to be the ones the state was saved over
+    for f in pathlib.Path(copy).glob("*.digest.json"):
+        f.unlink()
+    with pytest.raises(StreamMismatch, match=r"shard-00000.array_record has no content digest beside it \(saved "
+                                             r"\w{8}\).*shard-\*.digest.json"):
+        LMLoader([Source(str(copy))], EOS_BYTES, cfg, process_index=0, process_count=1).set_state(state)
+
+
+def test_a_corpus_written_before_content_digests_keeps_its_stream_key(corpus, tmp_path):
+    """Shards of older runs have no digest sidecar: their key is the one states were saved with before (names,
+    sizes, records, ends: no "digests"), so those checkpoints still resume; digests add a part, change none."""
+    _, texts = corpus
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=3)
+    a = write_tier(tmp_path / "a", texts[:30])
+    with_digests = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1).get_state()["stream"]
+    assert len(with_digests["digests"][0].split()) == 2
+    for f in pathlib.Path(a).glob("*.digest.json"):
+        f.unlink()
+    live = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    next(live)
+    state = json.loads(json.dumps(live.get_state()))
+    assert "digests" not in state["stream"]
+    assert {k: v for k, v in with_digests.items() if k != "digests"} == state["stream"]
+    want = next(live)
+    b = LMLoader([Source(a)], EOS_BYTES, cfg, process_index=0, process_count=1)
+    b.set_state(state)
+    np.testing.assert_array_equal(next(b)["inputs"], want["inputs"])
 
 
 def test_state_restores_identical_batches(corpus, tmp_path):

@@ -242,6 +242,52 @@ def test_shards_read_back_every_record_in_order_and_tiers_list_shards_in_order(t
         f"{shard_name(i)}.array_record" for i in (11, 99999, 100000)]
 
 
+def test_a_shard_written_has_its_content_digest_beside_it(tmp_path):
+    """The writer knows every record it writes: `shard-NNNNN.digest.json` holds the SHA-256 of the records (each
+    8-byte little-endian length, then the bytes), so a loader can tell a hand-edited shard of the same size, count
+    and ends from the one a checkpoint was saved over without reading it. Checked against a digest of the records
+    read back; a rewrite replaces it, an aborted one keeps the old shard's."""
+    import hashlib
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from data.shards import DocWriter, read_digest, read_json
+
+    path = tmp_path / "shard-00000.array_record"
+
+    def write(texts, abort=False):
+        w = DocWriter(path)
+        for t in texts:
+            w.write({"text": t})
+        w.abort() if abort else w.commit()
+
+    def reference():
+        r = ArrayRecordReader(str(path))
+        recs = r.read(0, r.num_records()) if r.num_records() else []
+        r.close()
+        h = hashlib.sha256()
+        for rec in recs:
+            h.update(len(rec).to_bytes(8, "little") + rec)
+        return h.hexdigest(), len(recs)
+
+    write(["a b c", "d e f", "g h"])
+    side = read_json(tmp_path / "shard-00000.digest.json")
+    assert side == {"version": 1, "records": 3, "sha256": reference()[0]}
+    assert read_digest(path) == reference()[0]
+    write(["a b c", "d e g", "g h"])
+    assert read_digest(path) == reference()[0] != side["sha256"]
+    edited = read_digest(path)
+    write(["x"], abort=True)
+    assert read_digest(path) == edited
+    write([])
+    assert read_json(tmp_path / "shard-00000.digest.json")["records"] == 0
+    assert read_digest(path) == reference()[0] == hashlib.sha256().hexdigest()
+    assert read_digest(tmp_path / "shard-00001.array_record") is None  # (written before digests: none)
+    (tmp_path / "shard-00000.digest.json").write_text('{"version": 2, "records": 0, "sha256": "00"}')
+    with pytest.raises(ValueError, match=r"shard-00000.digest.json: digest format version 2, .*newer"):
+        read_digest(path)
+
+
 def test_a_document_with_a_lone_surrogate_is_refused_naming_the_record_and_field(tmp_path):
     """DocWriter.write of a document holding a lone surrogate (a JSON "\\ud800" escape, written without the cleaning
     pipeline) raised a bare UnicodeEncodeError naming neither the record nor the field; the shard stays writable."""

@@ -877,6 +877,53 @@ def test_resume_refuses_another_data_stream_and_warns_on_schedule_changes():
     assert train_lm.resume_mismatch(older, saved)[0] == ["data.corpus: saved 'stdlib-v1', now 'stdlib-v2'"]
 
 
+def test_a_held_out_tier_edited_in_place_since_the_save_is_warned_about(tmp_path):
+    """data.eval_dir was known by its path alone: a held-out shard edited in place (same size, count and ends) since
+    the checkpoint resumed in silence, and the eval losses before and after (the best checkpoint, eval_target)
+    compared averages over other text. The checkpoint records the held-out loader's key (`eval_stream`); a changed
+    one is warned about naming the shard, as a changed eval_dir is; an unedited copy, or a checkpoint saved before the
+    key was recorded, is not."""
+    import shutil
+
+    from data.loader import LMLoader, LoaderConfig, Source
+    from data.shards import DocWriter, iter_docs
+    from data.tokenizer import ByteTokenizer
+
+    held_dir = tmp_path / "held" / "augmented"
+    w = DocWriter(held_dir / "shard-00000.array_record")
+    for i in range(9):
+        w.write({"id": str(i), "text": f"held-out document number {i} of nine"})
+    w.commit()
+    cfg = LoaderConfig(seq_len=16, global_batch_size=2, shuffle=False, num_epochs=1)
+
+    def held():
+        return LMLoader([Source(str(held_dir))], ByteTokenizer(add_eos=True), cfg, process_index=0, process_count=1)
+
+    run = json.loads(load(["--preset", "tiny", "--set", f"data.eval_dir={held_dir}",
+                           "--set", "data.train_dir=train/augmented"]).to_json())
+    meta = {"eval_stream": {k: v for k, v in held().stream.items() if k in train_lm.EVAL_SET_PARTS}}
+    assert train_lm.eval_set_changes(meta, held(), run, run) == []
+    assert train_lm.eval_set_changes({}, held(), run, run) == []  # (saved before the key was recorded)
+    docs = list(iter_docs(held_dir / "shard-00000.array_record"))
+    docs[4]["text"] = docs[4]["text"].replace("nine", "NINE")  # the same length
+    w = DocWriter(held_dir / "shard-00000.array_record")
+    for d in docs:
+        w.write(d)
+    w.commit()
+    changed = train_lm.eval_set_changes(meta, held(), run, run)
+    assert len(changed) == 1 and re.match(r"data.eval_dir: the held-out documents changed since the save \(digests: "
+                                          r".*shard-00000.array_record was rewritten", changed[0]), changed
+    assert next(v for k, v in train_lm.RESUME_WARNINGS if changed[0].startswith(k)).startswith("evaluations average")
+    # another eval_dir: warned by resume_mismatch already, not twice
+    moved = json.loads(json.dumps(run))
+    moved["data"]["eval_dir"] = "other/augmented"
+    assert train_lm.eval_set_changes(meta, held(), run, moved) == []
+    # the edited tier copied elsewhere, saved over, and the copy resumed: the same documents
+    meta = {"eval_stream": {k: v for k, v in held().stream.items() if k in train_lm.EVAL_SET_PARTS}}
+    held_dir = pathlib.Path(shutil.copytree(held_dir, tmp_path / "copy" / "augmented"))
+    assert train_lm.eval_set_changes(meta, held(), run, run) == []
+
+
 def test_resume_reads_loader_fields_a_checkpoint_predates_as_their_defaults():
     """A checkpoint saved before data.tokenizer / train_dir (2026-12-01) or eos_token / bos_token (2026-12-02)
     existed was made with what they mean unset (bytes, the stdlib corpus, '<|endoftext|>' or none, no BOS). Such
