@@ -3,7 +3,8 @@
     python -m experiments.mup_transfer [--steps 150] [--widths 64 128 256] [--out mup_transfer.png] [--json F]
 
 The documented sweep (every default) writes docs/mup_transfer.png unless --out says otherwise; any other sweep
-writes mup_transfer.png here, so a smoke run never replaces the documented figure.
+writes mup_transfer.png here, so a smoke run never replaces the documented figure (so does every sweep of an
+installed package, which has no docs/).
 
 Each width (d_model; head_dim 32, heads = d / 32, SwiGLU 4·d, 2 layers, untied) is trained on the same
 byte-corpus batches for every learning rate 2^-12 … 2^-4 (AdamW, warmup + cosine). Under the standard
@@ -33,6 +34,10 @@ from experiments.config import at_least
 from experiments.lm_step import lm_loss, make_optimizer
 from experiments.run_log import _finite_or_null
 from models import Transformer, TransformerConfig
+
+# the documented figure's folder: in a source checkout only (an installed wheel has no docs/; the default was a path
+# inside site-packages, refused as "the directory of .../site-packages/docs/mup_transfer.png does not exist")
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 
 LOG2_LRS = tuple(range(-12, -3))
 
@@ -127,8 +132,7 @@ def main(argv=None):
         ap.error(f"argument --widths: {', '.join(map(str, twice))} given more than once; name each width once")
     if args.out is None:
         documented = all(getattr(args, k) == ap.get_default(k) for k in ("steps", "widths", "batch", "seq"))
-        args.out = str(pathlib.Path(__file__).resolve().parents[1] / "docs" / "mup_transfer.png") if documented \
-            else "mup_transfer.png"
+        args.out = str(DOCS / "mup_transfer.png") if documented and DOCS.is_dir() else "mup_transfer.png"
     for flag, path in (("--out", args.out), ("--json", args.json)):  # before the sweep, not after it
         if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
             ap.error(f"argument {flag}: the directory of {path} does not exist")

@@ -29,8 +29,10 @@ def set_aside_logs(out: pathlib.Path) -> str | None:
     return stamp
 
 
-# the libraries whose versions decide what a run computes and saves (a reviewer reproducing it needs them)
-PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "tokenizers")
+# the libraries whose versions decide what a run computes and saves (a reviewer reproducing it needs them); jaxscale
+# itself first: installed from a wheel there is no git checkout, and a run named no code version at all
+PROVENANCE_PACKAGES = ("jaxscale", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+                       "tokenizers")
 
 
 def provenance(argv: list[str] | None = None) -> dict:

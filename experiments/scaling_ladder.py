@@ -8,12 +8,12 @@ embedded corpus (stdlib sources) at four token budgets each (131k ... 1.05M toke
 L(N, D) = E + A/N^alpha + B/D^beta on the four smaller models (Hoffmann et al. 2022, Approach 3:
 Huber on log-loss, L-BFGS from a grid) with a bootstrap prediction interval, writes the prediction
 for the largest model to disk *before* training it, then trains it and reports predicted vs actual.
-Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written
-before the largest model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png
-unless --no-docs), rungs.json (each finished rung: rerun with the same training settings after an interruption and
-it resumes after them, whatever --n-boot / --level, which only the fit uses; --fresh starts over). --replot redoes
-a finished ladder's fit and figure (at another --n-boot / --level if given) without training. A diverged run's
-loss is null in these JSON files (strict JSON: no NaN).
+Outputs under --out (default runs/scaling/): ladder.json (every run), prediction.json (written before the largest
+model trains), results.json, scaling_fit.png (copied to docs/scaling_fit.png unless --no-docs, in a source
+checkout: an installed package has no docs/), rungs.json (each finished rung: rerun with the same training settings
+after an interruption and it resumes after them, whatever --n-boot / --level, which only the fit uses; --fresh
+starts over). --replot redoes a finished ladder's fit and figure (at another --n-boot / --level if given) without
+training. A diverged run's loss is null in these JSON files (strict JSON: no NaN).
 
 Token budgets share one run per model: a warmup-stable-decay schedule (constant LR after warmup)
 whose run is branched at 80% of each budget into a linear cooldown to 0 over the last 20%
@@ -258,6 +258,15 @@ LADDER_FILES = ("ladder.json", "prediction.json", "results.json", "scaling_fit.p
 TRAINING = ("ladder", "budgets", "lr", "warmup")  # the settings a rung's training depends on (not n_boot, level)
 
 
+def _to_docs(png: pathlib.Path) -> pathlib.Path | None:
+    """Copy a ladder's figure to DOCS/scaling_fit.png; None where there is no DOCS: an installed wheel has no docs/,
+    and the copy into site-packages raised FileNotFoundError after the whole ladder had trained."""
+    if not DOCS.is_dir():
+        return None
+    shutil.copy(png, DOCS / "scaling_fit.png")
+    return DOCS / "scaling_fit.png"
+
+
 def _same_training(out: pathlib.Path, settings: dict) -> dict | None:
     """The rungs saved in `out`/rungs.json when they were trained with `settings`' TRAINING values, else None. The
     fit's settings (n_boot, level) do not count: a changed --n-boot demanded --fresh, which retrained every rung."""
@@ -298,9 +307,9 @@ def replot(out: pathlib.Path, level: float | None, docs: bool, n_boot: int | Non
     rows = [dict(r, low=lo, high=hi) for r, (_, lo, hi) in zip(rows, intervals)]
     plot(out / "scaling_fit.png", res["runs"], bs, pred["target"], rows, level)
     wrote = [out / "scaling_fit.png"]
-    if docs and not res.get("quick", False):  # a smoke test's figure never replaces the documented one
-        shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
-        wrote.append(DOCS / "scaling_fit.png")
+    # a smoke test's figure never replaces the documented one
+    if docs and not res.get("quick", False) and (copy := _to_docs(out / "scaling_fit.png")):
+        wrote.append(copy)
     print(f"--replot: refitted {len(fit_runs)} runs ({n_boot} resamples); wrote "
           f"{' and '.join(map(str, wrote))}")
     return res
@@ -456,7 +465,7 @@ def main(argv=None):
     (out / "results.json").write_text(_dumps(results), encoding="utf-8")
     plot(out / "scaling_fit.png", all_runs, bs, target.name, pred_rows, args.level)
     if not args.no_docs and not args.quick:
-        shutil.copy(out / "scaling_fit.png", DOCS / "scaling_fit.png")
+        _to_docs(out / "scaling_fit.png")
 
     print(f"{target.name} (N={target_n:,}): predicted vs actual held-out loss, {_percent(args.level)} bootstrap "
           "prediction interval:")

@@ -245,6 +245,23 @@ def test_the_transfer_cli_sweeps_the_documented_rates_per_parametrisation_and_re
     assert labels.count("width 32 (best 2^-7)") == 2 and paths == ["mup_transfer.png"]
 
 
+@pytest.mark.parametrize("checkout", [True, False])
+def test_the_documented_sweep_writes_docs_figure_only_in_a_source_checkout(checkout, tmp_path, monkeypatch):
+    """Every default: docs/mup_transfer.png where docs/ exists (the repository); an installed wheel has no docs/, and
+    the default was a path inside site-packages, refused before the sweep ("the directory of ... does not exist")."""
+    from experiments import mup_transfer
+
+    docs = tmp_path / ("docs" if checkout else "absent")
+    if checkout:
+        docs.mkdir()
+    paths = []
+    monkeypatch.setattr(mup_transfer, "DOCS", docs)
+    monkeypatch.setattr(mup_transfer, "sweep", lambda cfg, batches, steps, lrs: {e: 1.0 for e in lrs})
+    monkeypatch.setattr(mup_transfer, "plot", lambda res, widths, path: paths.append(path))
+    mup_transfer.main([])
+    assert paths == [str(docs / "mup_transfer.png") if checkout else "mup_transfer.png"]
+
+
 def test_the_transfer_sweep_models_are_mup_at_base_width_64():
     """The sweep's μP models scale by width / 64 and its SP ones not at all (a base width equal to each model's own
     width, a multiplier of 1 everywhere, passed every other test: they build their own configs)."""

@@ -516,3 +516,18 @@ def test_the_interval_is_named_at_its_level_and_a_replot_draws_one_level(tmp_pat
         for r in rows:  # the bars: one new run's interval at the level of the band
             assert (r["low"], r["high"]) == pytest.approx(
                 bs.prediction_interval(lambda law, t=r["tokens"]: float(law.loss(n, t)), level)[1:])
+
+
+def test_the_figure_goes_to_docs_only_in_a_source_checkout(tmp_path, monkeypatch):
+    """docs/scaling_fit.png is the repository's figure: an installed wheel has no docs/, and the copy into
+    site-packages raised FileNotFoundError at the end of a full ladder (its summary never printed)."""
+    from experiments import scaling_ladder
+
+    png = tmp_path / "scaling_fit.png"
+    png.write_bytes(b"png")
+    monkeypatch.setattr(scaling_ladder, "DOCS", tmp_path / "absent")
+    assert scaling_ladder._to_docs(png) is None and not (tmp_path / "absent").exists()
+    monkeypatch.setattr(scaling_ladder, "DOCS", tmp_path / "docs")
+    (tmp_path / "docs").mkdir()
+    assert scaling_ladder._to_docs(png) == tmp_path / "docs" / "scaling_fit.png"
+    assert (tmp_path / "docs" / "scaling_fit.png").read_bytes() == b"png"

@@ -1569,6 +1569,8 @@ def test_provenance_names_the_code_libraries_and_command():
     assert p["argv"] == ["prog", "--set", "train.steps=3"]
     assert p["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     assert p["versions"]["jax"] == jax.__version__ and p["versions"]["flax"] == importlib.metadata.version("flax")
+    # this code's own version: a wheel install has no git checkout, and named no code version at all
+    assert p["versions"]["jaxscale"] == importlib.metadata.version("jaxscale")
     assert p["devices"] == jax.device_count() and p["backend"] == jax.default_backend()
     json.dumps(p)  # it goes into the checkpoint's JSON meta
 
