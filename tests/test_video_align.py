@@ -332,3 +332,15 @@ def test_info_nce_and_recall_at_1_take_labels_and_targets_as_lists():
     v = jnp.eye(3, 4)
     assert float(info_nce(v, v, 10.0, [0, 1, 0])) == pytest.approx(float(info_nce(v, v, 10.0, jnp.asarray([0, 1, 0]))))
     assert float(recall_at_1(v, jnp.eye(5, 4), [0, 1, 4])) == pytest.approx(2 / 3)
+
+
+def test_info_nce_with_labels_under_strict_dtype_promotion():
+    """jax_numpy_dtype_promotion='strict' refused info_nce given labels (and so t2v_loss with caption ids): the bool
+    positives were divided by their float32 counts. Cast explicitly, the same loss."""
+    rng = np.random.default_rng(0)
+    v, t = (jnp.asarray(rng.standard_normal((4, 8)), jnp.float32) for _ in range(2))
+    labels = jnp.asarray([0, 1, 0, 2])
+    want = info_nce(v, t, jnp.float32(10.0), labels)
+    with jax.numpy_dtype_promotion("strict"):
+        got = info_nce(v, t, jnp.float32(10.0), labels)
+    np.testing.assert_array_equal(got, want)

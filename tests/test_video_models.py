@@ -1428,3 +1428,42 @@ def test_bf16_dit_sums_bias_and_gate_gradients_over_tokens_in_float32():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # bf16 sums: ~1e-2 off
     S = math.prod(cfg.grid)
     assert bf16_token_sums(grads, state, tokens=S) == []  # patch / out biases, gates, shift / scale: all float32
+
+
+def test_vae_conv_resample_and_dit_under_rank_promotion_raise():
+    """jax_numpy_rank_promotion='raise' (researchers' shape check) refused the VAE and the DiT: the convolutions' and
+    resamplers' [O] biases, the DiT's conditioning biases [D] on [B, D] and the aligner's patch bias were broadcast
+    implicitly. Broadcast explicitly, the same outputs bit for bit."""
+    from models.video.align import Aligner
+    from models.video.vae import Resample, causal_conv3d
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (1, 3, 4, 4, 2)), jnp.float32)
+    w, b = jnp.asarray(rng.standard_normal((2, 3, 3, 2, 4)), jnp.float32), jnp.asarray(rng.standard_normal(4),
+                                                                                       jnp.float32)
+    down = Resample(2, 4, True, True, False, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    dit = host_random(lambda: VideoDiT(DIT, rngs=nnx.Rngs(0)))
+    al = host_random(lambda: Aligner(AlignConfig(d_model=32, n_heads=2, mlp_dim=64, embed_dim=16), DIT,
+                                     rngs=nnx.Rngs(0)))
+    z = jax.random.normal(jax.random.key(0), (2, *DIT.latent_shape, DIT.latent_channels))
+    t = jnp.asarray([0.3, 0.7])
+    run = lambda: (causal_conv3d(x, w, b), down(x), dit_apply(dit, z, t), jax.jit(al.embed_video)(z))  # noqa: E731
+    want = run()
+    with jax.numpy_rank_promotion("raise"):
+        got = run()
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_vae_loss_of_a_float64_video_under_x64_is_float32():
+    """A float64 video under jax_enable_x64 (numpy frames / 127.5 - 1) made vae_loss's loss, mse and psnr float64: the
+    float32 reconstruction minus the float64 video. Now the float32 loss of the same video in float32."""
+    from models.video.vae import vae_loss
+
+    vae = VideoVAE(VAEConfig(channels=(8,), latent_channels=4, spatial_factor=2, temporal_factor=1),
+                   rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 1, 8, 8, 3))
+    want = jax.jit(lambda x: vae_loss(vae, x, jax.random.key(1)))(jnp.asarray(x, jnp.float32))
+    with jax.enable_x64(True):
+        got = jax.jit(lambda x: vae_loss(vae, x, jax.random.key(1)))(jnp.asarray(x, jnp.float64))
+    assert {v.dtype for v in jax.tree.leaves(got)} == {jnp.dtype(jnp.float32)}
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)

@@ -72,7 +72,7 @@ class Aligner(nnx.Module):
                              f"{self.dit.latent_channels}, got {list(jnp.shape(z_BTHWC))}")
         p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
         B, S, P = p_BSP.shape
-        x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...]
+        x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...][None, None]  # rank_promotion='raise'
         for blk in self.blocks:
             x = blk(x, self.dit.grid, self.rope_split)
         pooled = rms_norm(x, self.final_norm[...], 1e-6).mean(1)
@@ -140,7 +140,8 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
-    target = pos / pos.sum(1, keepdims=True, dtype=jnp.float32)  # bool / int: float64 under jax_enable_x64
+    # bool / int: float64 under jax_enable_x64; bool / float32 refused under jax_numpy_dtype_promotion='strict'
+    target = pos.astype(jnp.float32) / pos.sum(1, keepdims=True, dtype=jnp.float32)
     v2t = -(target * jax.nn.log_softmax(logits, axis=1)).sum(1).mean()
     t2v = -(target.T * jax.nn.log_softmax(logits, axis=0)).sum(0).mean()
     return 0.5 * (v2t + t2v)

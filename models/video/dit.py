@@ -76,7 +76,7 @@ class DiTBlock(nnx.Module):
         cfg, cd = ctx.cfg, dtype_of(ctx.cfg.dtype)
         B, D = x_BSD.shape[0], cfg.d_model
         c = jax.nn.silu(ctx.c_BD)
-        m = (matmul(c, self.ada, cd) + self.ada_bias[...].astype(cd)).reshape(B, 3, 3, D)
+        m = (matmul(c, self.ada, cd) + self.ada_bias[...].astype(cd)[None]).reshape(B, 3, 3, D)
         rope = dict(rope_split=cfg.rope_dims, rope_theta=cfg.rope_theta, cd=cd, eps=cfg.norm_eps,
                     spatial_window=cfg.spatial_window, temporal_window=cfg.temporal_window, impl=cfg.attn_impl)
         norm = lambda x: plain_norm(x, cfg.norm_eps)  # noqa: E731
@@ -86,7 +86,7 @@ class DiTBlock(nnx.Module):
         # A single frame has no time axis to mix: skipping temporal attention there makes a factorized
         # model an image model on T = 1 (joint image-video training), and equal to full attention.
         if cfg.factorized and cfg.grid[0] > 1:
-            mt = (matmul(c, self.ada_t, cd) + self.ada_t_bias[...].astype(cd)).reshape(B, 3, D)
+            mt = (matmul(c, self.ada_t, cd) + self.ada_t_bias[...].astype(cd)[None]).reshape(B, 3, D)
             h = modulate(norm(x_BSD), mt[:, 0], mt[:, 1])
             x_BSD = gated_add(x_BSD, mt[:, 2], self.tattn(h, cfg.grid, "temporal", **rope))
         x_BSD = constrain(x_BSD, ("batch", "act_seq", "act_embed"))
@@ -179,14 +179,15 @@ class VideoDiT(nnx.Module):
 
     def condition(self, t_B, pooled_BE=None):
         """c [B, D] = MLP(sinusoid(t)) (+ projected pooled caption)."""
+        # biases as [1, D] here and in the blocks: a rank promotion is an error under jax_numpy_rank_promotion='raise'
         cfg, cd = self.cfg, dtype_of(self.cfg.dtype)
         f = timestep_embedding(t_B, cfg.time_freq_dim).astype(cd)
-        c = jax.nn.silu(matmul(f, self.time_w1, cd) + self.time_b1[...].astype(cd))
-        c = matmul(c, self.time_w2, cd) + self.time_b2[...].astype(cd)
+        c = jax.nn.silu(matmul(f, self.time_w1, cd) + self.time_b1[...].astype(cd)[None])
+        c = matmul(c, self.time_w2, cd) + self.time_b2[...].astype(cd)[None]
         if cfg.pooled_text:
             if pooled_BE is None:
                 raise ValueError("this DiT has pooled_text=True: pass the pooled caption embedding")
-            c = c + matmul(pooled_BE, self.text_proj, cd) + self.text_bias[...].astype(cd)
+            c = c + matmul(pooled_BE, self.text_proj, cd) + self.text_bias[...].astype(cd)[None]
         return c
 
     def __call__(self, x_BTHWC, t_B, text_BLE, text_valid_BL, pooled_BE=None):
@@ -204,7 +205,7 @@ class VideoDiT(nnx.Module):
         x_BSD = self._run_blocks(x_BSD, _Ctx(cfg, c_BD, text_BLE.astype(cd), text_valid_BL))
 
         shift, scale = jnp.split(matmul(jax.nn.silu(c_BD), self.final_ada, cd)
-                                 + self.final_ada_bias[...].astype(cd), 2, axis=-1)
+                                 + self.final_ada_bias[...].astype(cd)[None], 2, axis=-1)
         h = modulate(plain_norm(x_BSD, cfg.norm_eps), shift, scale)
         out_BSP = add_bias(matmul(h, self.out, cd), self.out_bias[...])
         return unpatchify(out_BSP, cfg.patch, cfg.grid, cfg.latent_channels).astype(jnp.float32)

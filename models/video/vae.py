@@ -75,7 +75,8 @@ def causal_conv3d(x_BTHWC, w_thwIO, b_O=None, *, pad: int | None = None):
                                      [(pad, pad), (kw // 2, kw // 2)],
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y.reshape(B, T, y.shape[1], W, n_out)
-    return y if b_O is None else y + b_O.astype(y.dtype)
+    # the bias as [1, 1, 1, 1, O]: a rank promotion is an error under jax_numpy_rank_promotion='raise'
+    return y if b_O is None else y + b_O.astype(y.dtype)[None, None, None, None]
 
 
 def space_to_depth(x_BTHWC):
@@ -168,9 +169,9 @@ class Resample(nnx.Module):
         if _row_axis(x) is None:
             lead = x.shape[:-1]  # a 2-D matmul: its weight gradient is a plain dot on XLA:CPU
             # the output width spelled out: reshape(*lead, -1) of an empty batch divided by zero (ZeroDivisionError)
-            x = (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*lead, self.w.shape[1])
+            x = (x.reshape(-1, x.shape[-1]) @ w + b[None]).reshape(*lead, self.w.shape[1])  # [None]: rank_promotion
         else:  # rows split over devices are no per-device block of B·T·H·W flat rows: XLA gathered H (4x its FLOPs)
-            x = x @ w + b
+            x = x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape)
         if self.up:
             x = depth_to_space(x) if self.space else x
             x = time_unfold(x) if self.time else x
@@ -284,7 +285,8 @@ def vae_loss(vae: VideoVAE, x_BTHWC, key):
     mean, logvar = vae.encode(x_BTHWC)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = vae.decode(z)
-    mse = jnp.mean((recon - x_BTHWC) ** 2)
+    # in the decoder's float32: a float64 video under jax_enable_x64 made the loss and its metrics float64
+    mse = jnp.mean((recon - x_BTHWC.astype(recon.dtype)) ** 2)
     kl = jnp.mean(kl_divergence(mean, logvar))
     return mse + vae.cfg.kl_weight * kl, {"mse": mse, "kl": kl, "psnr": psnr(mse)}
 
