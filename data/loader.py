@@ -614,8 +614,8 @@ class LMLoader:
                           "steps reads on", stacklevel=2)
         self._rows = cfg.global_batch_size // n  # this process's rows per step (n: the JAX processes, with a mesh)
         self._starts = {i for i in (tokenizer.eos_id, getattr(tokenizer, "bos_id", None)) if i is not None}
-        self._stream = _stream(sources, tokenizer, cfg, self._p, n)
-        self._files = [src.files() for src in sources]  # (to name a shard whose digest differs from a state's)
+        self._files = [src.files() for src in sources]  # (listed once: a tier of 100k shards is a long listing)
+        self._stream = _stream(sources, self._files, tokenizer, cfg, self._p, n)
         self._agree = cfg.num_epochs is not None and n > 1 and _jax_process_count() == n
         self.dropped, self.unread = _no_counts()
 
@@ -813,28 +813,30 @@ def _digest_changes(files: list[str], saved: str, now: str) -> list[str]:
     return out
 
 
-def _stream(sources: Sequence[Source], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
-    """A readable key of a loader's batch sequence. Shards are known by name, size, record count and the bytes of
-    the first and last record, not location: a corpus copied to another disk resumes. (ArrayRecord files grow in
-    64 KiB steps: a tier cleaned again with a few documents more or less keeps its sizes, and another tier of the
-    same run its record count.) Where shards have a content digest (`data.shards.read_digest`: what DocWriter wrote,
-    read from its sidecar, not the shard), "digests" holds 8 hex digits of each, in shard order ("-": none), so a
-    middle record edited to the same size, or a tier cleaned again with other documents of the same count and
-    ends, is another stream. Shards written before digests add no "digests": the key their states were saved with."""
-    def shards(src: Source) -> str:
-        files = [(os.path.basename(f), os.path.getsize(f)) for f in src.files()]
-        ds = _data_source(src.files())
+def _stream(sources: Sequence[Source], files: list[list[str]], tokenizer, cfg: LoaderConfig, p: int, n: int) -> dict:
+    """A readable key of a loader's batch sequence (`files`: each source's `files()`). Shards are known by name,
+    size, record count and the bytes of the first and last record, not location: a corpus copied to another disk
+    resumes. (ArrayRecord files grow in 64 KiB steps: a tier cleaned again with a few documents more or less keeps
+    its sizes, and another tier of the same run its record count.) Where shards have a content digest
+    (`data.shards.read_digest`: what DocWriter wrote, read from its sidecar, not the shard), "digests" holds 8 hex
+    digits of each, in shard order ("-": none), so a middle record edited to the same size, or a tier cleaned again
+    with other documents of the same count and ends, is another stream. Shards written before digests add no
+    "digests": the key their states were saved with."""
+    def shards(src: Source, paths: list[str]) -> str:
+        sizes = [(os.path.basename(f), os.path.getsize(f)) for f in paths]
+        ds = _data_source(paths)
         ends = hashlib.sha256(b"".join(ds[i] for i in sorted({0, len(ds) - 1}) if len(ds))).hexdigest()[:8]
-        return (f"{len(files)} shards {hashlib.sha256(repr(files).encode()).hexdigest()[:12]} weight "
+        return (f"{len(sizes)} shards {hashlib.sha256(repr(sizes).encode()).hexdigest()[:12]} weight "
                 f"{float(src.weight)!r} records {len(ds)} ends {ends}")
 
-    key = {"sources": [shards(s) for s in sources], "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
+    key = {"sources": [shards(s, paths) for s, paths in zip(sources, files)],
+           "config": {f: getattr(cfg, f) for f in STREAM_FIELDS},
            "tokenizer": getattr(tokenizer, "fingerprint", None) or f"vocab {tokenizer.vocab_size}",
            "process": f"{p} of {n}"}
     if cfg.shuffle and not (n == 1 and len(sources) == 1):  # states of the seed·1000 + k order: another stream
         key["order"] = "per-process seeds"
     # one small sidecar read per shard (the shard's footer is opened above anyway); 9 bytes a shard in each state
-    digests = [[read_digest(f) for f in src.files()] for src in sources]
+    digests = [[read_digest(f) for f in paths] for paths in files]
     if any(d is not None for ds in digests for d in ds):
         key["digests"] = [" ".join("-" if d is None else d[:8] for d in ds) for ds in digests]
     return key
