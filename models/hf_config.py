@@ -56,7 +56,8 @@ _HF_FIELDS = {"vocab_size": ("vocab_size",), "d_model": ("hidden_size",), "n_lay
               "n_heads": ("num_attention_heads",), "n_kv_heads": ("num_attention_heads", "num_key_value_heads"),
               "head_dim": ("head_dim", "hidden_size", "num_attention_heads"), "mlp_dim": ("intermediate_size",),
               "max_seq_len": ("max_position_embeddings",), "norm_eps": ("rms_norm_eps",),
-              "sliding_window": ("sliding_window",), "attn_logit_softcap": ("attn_logit_softcapping",),
+              "init_std": ("initializer_range",), "sliding_window": ("sliding_window",),
+              "attn_logit_softcap": ("attn_logit_softcapping",),
               "final_logit_softcap": ("final_logit_softcapping",), "query_pre_attn_scalar": ("query_pre_attn_scalar",),
               "moe_every": ("decoder_sparse_step",)}
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -293,6 +294,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
                   head_dim=None if head_dim is None or head_dim * n_heads == hf["hidden_size"] else head_dim,
                   mlp_dim=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
                   rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  # the std transformers initialises every projection and embedding with (0.02 in each of its
+                  # configs): a model built from a config.json to train from scratch starts as HF's would
+                  init_std=hf.get("initializer_range", 0.02),
                   # Qwen2 always has q/k/v biases; Llama's and Gemma 2's attention_bias also adds an o_proj bias,
                   # which the loader accepts only when it is zero (see from_pretrained). Mistral's and Mixtral's
                   # attention has no biases whatever the flag says (transformers ignores it there too).
@@ -486,6 +490,7 @@ def config_to_hf(cfg: TransformerConfig) -> dict:
     hf = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
               num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd,
               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+              initializer_range=cfg.init_std,
               # their MLPs (Mixtral's experts too) run hidden_act, as config_from_hf reads it: both activations
               hidden_act=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope,
               **_rope_4x(rope),
@@ -537,7 +542,8 @@ def _olmo2_config(cfg: TransformerConfig) -> dict:
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=_HF_ACT[cfg.mlp_act],
-                tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias, rope_parameters=rope,
+                initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias,
+                rope_parameters=rope,
                 **_rope_4x(rope), bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype=cfg.param_dtype)
 
 
@@ -650,7 +656,7 @@ def _gemma2_config(cfg: TransformerConfig) -> dict:
     return dict(**gemma, vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                 num_key_value_heads=cfg.kv_heads, head_dim=cfg.hd, intermediate_size=cfg.mlp_dim,
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, initializer_range=cfg.init_std,
                 hidden_activation=_HF_ACT[cfg.mlp_act], tie_word_embeddings=cfg.tie_embeddings,
                 query_pre_attn_scalar=int(cfg.query_pre_attn_scalar or cfg.hd),  # transformers wants an int
                 sliding_window=local[0] if local else cfg.max_seq_len,

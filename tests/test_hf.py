@@ -362,7 +362,7 @@ def _random_model(cfg, seed):
 
 ROUND_TRIP = {
     "llama": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=160,
-                               max_seq_len=64, rope_theta=500.0, norm_eps=1e-5,
+                               max_seq_len=64, rope_theta=500.0, norm_eps=1e-5, init_std=0.006,  # initializer_range
                                rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16)),
     "qwen2": TransformerConfig(vocab_size=96, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=8,
                                mlp_dim=160, max_seq_len=64, qkv_bias=True, tie_embeddings=True),
@@ -836,6 +836,22 @@ def test_config_round_trip(cfg):
         without = {k: v for k, v in hf.items() if k != "layer_types"}
         assert transformers.Qwen2Config(**without).layer_types == hf["layer_types"]
         assert config_from_hf(without) == cfg
+
+
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Gemma2Config", "Olmo2Config"])
+def test_initializer_range_is_the_init_std(cls):
+    """config.json's initializer_range was ignored: a model built from it to train from scratch drew its weights at
+    std 0.02 whatever the config said, where transformers draws them at initializer_range; an export wrote none."""
+    torch.manual_seed(0)
+    theirs = getattr(transformers, cls.replace("Config", "ForCausalLM"))(getattr(transformers, cls)(
+        **TINY, initializer_range=0.2))
+    cfg = config_from_hf(_hf_dict(cls, initializer_range=0.2))
+    assert config_to_hf(cfg)["initializer_range"] == 0.2
+    ours = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+    pairs = [(ours["embed"], theirs.model.embed_tokens.weight),
+             (ours["blocks"]["wq"], theirs.model.layers[0].self_attn.q_proj.weight)]
+    for a, b in pairs:  # thousands of draws each: their stds agree within a few %
+        assert np.std(np.asarray(a)) == pytest.approx(b.detach().std().item(), rel=0.05)
 
 
 def test_save_pretrained_shards_and_replaces_stale_files(tmp_path):
@@ -1904,6 +1920,7 @@ def test_a_tie_asked_for_by_an_override_is_named_as_such(tmp_path):
                                   r"num_key_value_heads=3; fix config\.json\)"),
     (dict(max_position_embeddings=None), r"max_seq_len: .*HF config field max_position_embeddings=None"),
     (dict(rms_norm_eps="1e-5"), r"norm_eps: .*HF config field rms_norm_eps='1e-5'"),
+    (dict(initializer_range=-0.02), r"init_std: .*HF config field initializer_range=-0\.02"),
     (dict(hidden_size=60, head_dim=None), r"head_dim: .*fields head_dim=None, hidden_size=60, num_attention_heads=4"),
 ])
 def test_values_our_config_refuses_name_the_hf_field_they_came_from(patch, names):
