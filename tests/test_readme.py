@@ -8,6 +8,10 @@ logits before it can be checked.
 import dataclasses
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +121,22 @@ def test_testing_doc_quotes_make_tests_pytest_command():
     assert cmd, "Makefile's test target lost its pytest line: update this test"
     quoted = cmd.group(1).replace("pytest -q ", "pytest ")
     assert f"`{quoted}`" in (README.parent / "docs" / "testing.md").read_text(), quoted
+
+
+def test_the_sdist_carries_what_its_suite_needs(tmp_path):
+    """The sdist held tests/test_*.py alone (setuptools' default): no conftest.py (the 8 fake devices), multihost
+    helpers or no-torch stub, nor the docs, benchmarks and Makefile the tests read. Built by the PEP 517 hook from a
+    copy of this tree, it now holds every one of those files."""
+    src = tmp_path / "src"
+    shutil.copytree(README.parent, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".whl", ".gl", "runs", "build", "dist", "*.egg-info", "__pycache__", "*.py[cod]", ".*_cache"))
+    hook = "from setuptools import build_meta; build_meta.build_sdist('dist')"
+    subprocess.run([sys.executable, "-c", hook], cwd=src, check=True, capture_output=True, timeout=300)
+    (sdist,) = (src / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:  # names under the sdist's one top folder, jaxscale-<version>/
+        shipped = {pathlib.PurePosixPath(*pathlib.PurePosixPath(n).parts[1:]).as_posix() for n in tar.getnames()}
+    need = {p.relative_to(src).as_posix() for d in ("tests", "docs", "benchmarks") for p in (src / d).rglob("*")
+            if p.is_file()}
+    need |= {"README.md", "pyproject.toml", "Makefile", "requirements.lock", "requirements-torch.lock"}
+    missing = sorted(need - shipped)
+    assert not missing, f"the sdist lacks {len(missing)} files its suite needs (MANIFEST.in): {missing[:10]}"

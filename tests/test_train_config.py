@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 import warnings
 
 import jax
@@ -1573,6 +1574,21 @@ def test_provenance_names_the_code_libraries_and_command():
     assert p["versions"]["jaxscale"] == importlib.metadata.version("jaxscale")
     assert p["devices"] == jax.device_count() and p["backend"] == jax.default_backend()
     json.dumps(p)  # it goes into the checkpoint's JSON meta
+
+
+def test_a_users_own_data_py_is_named_not_a_missing_submodule(tmp_path):
+    """jaxscale's packages are top-level names: a user's data.py beside their script hid ours, and importing the
+    trainer failed with "No module named 'data.cli'" and no hint. The error now names the user's file and the fix."""
+    root = pathlib.Path(train_lm.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))  # the script's folder first on sys.path, then jaxscale
+    run = lambda code: subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                                      text=True, timeout=300)
+    assert run("import experiments").returncode == 0  # a folder of the user's without clashing names: no error
+    (tmp_path / "data.py").write_text("rows = []\n", encoding="utf-8")
+    r = run("import experiments.train_lm")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "ImportError" in last, r.stderr
+    assert str(tmp_path / "data.py") in last and "rename it" in last, last
 
 
 def test_segments_keep_each_resume_and_what_it_changed():
