@@ -217,6 +217,12 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     program): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
     """
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size, "prompt_tokens").astype(jnp.int32)  # in [0, V)
+    if prompt_BP.ndim == 2 and not isinstance(prompt_BP.shape[1], int):  # else an "inconclusive comparison" error
+        # from the max_seq_len check below, or deep in the cache: its size and the prompt's writes are static
+        raise ValueError(f"generate's prompt_tokens: a symbolic length {prompt_BP.shape[1]} (jax.export) is not "
+                         "supported; the KV cache needs a concrete prompt length: export one program per bucket "
+                         "length, prompts left-padded to it (left_pad(prompts, length=...) with prompt_mask); the "
+                         "batch may stay symbolic")
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
     if isinstance(max_new_tokens, jax.core.Tracer):  # (it read as 'must be an int >= 1, got JitTracer(~int32[])')

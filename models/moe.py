@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,10 @@ class MoEConfig:
         sees a token at most once)."""
         from scaling.flops import capacity_slots
 
+        if jax.export.is_symbolic_dim(tokens_per_row):  # jax.export's symbolic length: the same exact ceil, as a
+            # dimension expression (K·CF/E >= 1 is clamped to T; below 1 the ceil is already within [1, T])
+            r = Fraction(self.top_k) * Fraction(repr(self.capacity_factor)) / self.n_experts
+            return tokens_per_row if r >= 1 else -(-tokens_per_row * r.numerator // r.denominator)
         return capacity_slots(self.top_k, tokens_per_row, self.capacity_factor, self.n_experts)
 
     def active_params_per_token(self, d_model: int) -> int:

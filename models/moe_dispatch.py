@@ -181,19 +181,26 @@ def default_tile_rows(assignments: int, n_experts: int) -> tuple[int, ...]:
     rows on average). Each expert's run, padded to a multiple of g, is covered greedily by the largest tiles: a
     few big matmuls per expert and at most one tile of each smaller size, the padding under g rows per expert
     (measured on CPU: docs/benchmarks.md)."""
-    g = int(min(64, max(8, 2 ** math.floor(math.log2(max(1, assignments / (8 * n_experts)))))))
+    if jax.export.is_symbolic_dim(assignments):  # a symbolic count (jax.export's batch or length): the smallest
+        g = 8  # g, the least padding at any count (a decode step's few rows)
+    else:
+        g = int(min(64, max(8, 2 ** math.floor(math.log2(max(1, assignments / (8 * n_experts)))))))
     return usable_tile_rows((8 * g, 4 * g, 2 * g, g), assignments, n_experts)
 
 
 def usable_tile_rows(tile_rows: tuple[int, ...], assignments: int, n_experts: int) -> tuple[int, ...]:
     """The sizes of `tile_rows` that fit in block_layout's padded rows (runs padded to the smallest size)."""
     s = tile_rows[-1]
-    rows = (-(-assignments // s) + n_experts - 1) * s
+    # a symbolic count (jax.export) has no static comparison: E·s, the fewest padded rows at any count >= 1
+    symbolic = jax.export.is_symbolic_dim(assignments)
+    rows = n_experts * s if symbolic else (-(-assignments // s) + n_experts - 1) * s
     return tuple(t for t in tile_rows if t <= rows)  # never empty: rows >= s
 
 
 def default_block_rows(assignments: int, n_experts: int) -> int:
     """Rows per block of `sorted_blocks`: 128, smaller below ~4 blocks per expert."""
+    if jax.export.is_symbolic_dim(assignments):  # a symbolic count (jax.export): the smallest, as default_tile_rows
+        return 8
     return int(min(128, max(8, 2 ** math.floor(math.log2(max(1, assignments / (4 * n_experts)))))))
 
 

@@ -142,6 +142,12 @@ def _check_shapes(cfg: TransformerConfig, tokens_BT, cache=None, **per_token):
         if a is not None and tuple(jnp.shape(a)) != tokens_BT.shape:
             raise ValueError(f"{name} must be [batch, length] = {tokens_BT.shape} like the tokens, got shape "
                              f"{tuple(jnp.shape(a))}")
+    if cache is not None and not isinstance(tokens_BT.shape[1], int):  # else an "inconclusive comparison" deep in
+        # the capacity check or the cache writes: the slots a chunk writes and the prefix buckets are static
+        raise ValueError(f"tokens: a symbolic length {tokens_BT.shape[1]} (jax.export) with a KV cache is not "
+                         "supported; export the cached prefill at concrete lengths (buckets: prompts left-padded to "
+                         "one, each row's padding as KVCache.zeros(start=...)), the batch may stay symbolic; "
+                         "without a cache the length may be symbolic")
     if cache is not None:
         P, B = pattern_period(cfg), tokens_BT.shape[0]
         want = (cfg.n_layers // P, B, cfg.kv_heads, cfg.hd)  # the slot count (dim 3) depends on max_len
@@ -221,6 +227,10 @@ class KVCache(NamedTuple):
         for name, n in (("batch", batch), ("max_len", max_len)):  # else jnp.zeros' shape errors, naming neither
             if name == "batch" and jax.export.is_symbolic_dim(n):  # jax.export's symbolic batch: >= 1 by definition
                 continue
+            if jax.export.is_symbolic_dim(n):  # (it read as "must be an int >= 1", which t + 8 is, when called)
+                raise ValueError(f"KVCache.zeros(max_len={n}): a symbolic max_len (jax.export) is not supported; the "
+                                 "cache's slots are static: export at a concrete max_len (prompts left-padded to a "
+                                 "bucket length, each row's padding as start=...); the batch may stay symbolic")
             if isinstance(n, bool | np.bool_) or not isinstance(n, numbers.Integral) or n < 1:  # (0: all overflow)
                 raise ValueError(f"KVCache.zeros({name}={n!r}): must be an int >= 1 (max_len: the prompt's tokens, "
                                  "padding included, plus those to generate)")
