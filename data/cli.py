@@ -80,6 +80,29 @@ def path_arg(text: str) -> str:
 path_arg.__name__ = "path"
 
 
+def at_least(lo: int):
+    """argparse type for a count: an int >= lo (`type=at_least(1)`), so that e.g. `--rounds 0` is refused with the
+    flag's name before anything compiles, rather than failing on an empty median after minutes of work (the
+    scripts of experiments/, scaling/ and benchmarks/ use it). A whole number written as a float is taken (`1e3`:
+    1000, as `--set train.steps=1e3` and `scaling.plan --params 1e9` take it); `1.5` or a word raises ValueError
+    (argparse: "argument --steps: invalid integer >= 1 value: '1.5'")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            number = float(text)  # (a word: ValueError)
+            if not number.is_integer():  # 1.5, inf, nan
+                raise ValueError(f"not a whole number: {text!r}") from None
+            value = int(number)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"  # argparse's "invalid <type> value" message names it
+    return parse
+
+
 def cli_parser(doc: str | None, spec) -> argparse.ArgumentParser:
     """An ArgumentParser for a `python -m` entry point (`spec`: the module's `__spec__`): its usage line and errors
     name the command a user types (`python -m experiments.aot`, where argparse's default is `aot.py`, which does not

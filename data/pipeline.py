@@ -53,7 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.augment import DomainGlossary
-from data.cli import cli_parser, local_path, path_arg, run_main, undecoded
+from data.cli import at_least, cli_parser, local_path, path_arg, run_main, undecoded
 from data.dedup import DedupConfig, NearDupIndex, exact_key, signature
 from data.filters import QualityConfig
 from data.label import LabelConfig
@@ -642,7 +642,7 @@ def main(argv=None):
     ap.add_argument("inputs", nargs="+", type=path_arg,
                     help="JSON Lines / Parquet / text files (JSONL and text may be .gz, .bz2, .xz) or directories")
     ap.add_argument("--out", type=path_arg, required=True)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=at_least(1), default=2)
     ap.add_argument("--keep-langs", default="en,zh",
                     help="comma-separated ISO 639-1 codes to keep (default en,zh); others drop as lang_other")
     ap.add_argument("--text-field", default="text", help="the JSONL / Parquet field holding the text (default text)")
@@ -653,7 +653,7 @@ def main(argv=None):
     ap.add_argument("--near-dup-confirm-sigmas", type=float, default=2.0,
                     help="0: confirm at the threshold itself (estimation errors cut both ways: about half the pairs "
                          "at exactly the threshold kept); 2: recall >= 0.9 just above it")
-    ap.add_argument("--max-doc-bytes", type=int, default=1_000_000)
+    ap.add_argument("--max-doc-bytes", type=at_least(1), default=1_000_000)
     ap.add_argument("--dedup-against", type=path_arg, default=None, metavar="RUN",
                     help="a finished cleaning run (e.g. the training set's --out when cleaning held-out data): "
                          "documents duplicating one it kept drop as exact_dup_reference / near_dup_reference")

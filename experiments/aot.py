@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from data.cli import cli_parser, run_main
+from data.cli import at_least, cli_parser, run_main
 from models.transformer import pattern_period
 from parallel.mesh import _fill, make_mesh, parse_mesh
 from parallel.pipeline import pipeline_problem
@@ -143,19 +143,16 @@ def _mesh_arg(text: str) -> dict[str, int]:
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
     ap.add_argument("--model", choices=sorted(PRESETS), default="7b")
-    ap.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for")
+    ap.add_argument("--devices", type=at_least(1), default=8, help="fake CPU devices to compile for")
     ap.add_argument("--mesh", action="append", type=_mesh_arg,
                     help="e.g. fsdp=-1 or data=2,fsdp=16,tensor=4 (repeatable)")
-    ap.add_argument("--batch", type=int, default=None, help="global sequences (default: one per device)")
-    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=at_least(1), default=None, help="global sequences (default: one per device)")
+    ap.add_argument("--seq", type=at_least(1), default=4096)
     ap.add_argument("--remat", default="full")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--microbatches", type=int, default=1,
+    ap.add_argument("--microbatches", type=at_least(1), default=1,
                     help="GPipe microbatches on a mesh with a 'stage' axis (TransformerConfig.pipeline_microbatches)")
     args = ap.parse_args(argv)
-    for flag, value in (("--devices", args.devices), ("--batch", args.batch), ("--seq", args.seq)):
-        if value is not None and value < 1:  # before the CPU backend starts with them
-            ap.error(f"argument {flag}: must be an integer >= 1, got {value}")
     # the CPU as the default backend, before it starts: models.linear traces its products for the default backend
     # and the estimate counts for it, while the step compiles for the fake CPU devices (on a GPU host it traced GPU
     # products, XLA:CPU compiled them and the accelerator's estimate sat beside: 1.33x apart, a step neither runs)

@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Any, Literal
 
-from data.cli import local_path
+from data.cli import at_least as at_least, local_path  # at_least: the scripts import it from here
 from models import TransformerConfig
 from models.config import _is_int
 from models.moe import MoEConfig
@@ -176,10 +176,19 @@ class RunConfig:
     train: TrainSpec = TrainSpec()
 
     def __post_init__(self):
+        # a section given as something else (model=4, a dict from JSON) failed in validate with a bare
+        # AttributeError ('int' object has no attribute 'dtype') naming no field
+        for f, cls in (("model", TransformerConfig), ("data", DataSpec), ("optim", OptimSpec), ("train", TrainSpec)):
+            v = getattr(self, f)
+            if not isinstance(v, cls):
+                raise ConfigError(f"{f}: must be a {cls.__name__} instance, got {type(v).__name__} {v!r:.60} (build "
+                                  f"{cls.__name__}(**fields) from a dict, or set its fields: --set {f}.<field>=...)")
+        if not isinstance(self.mesh, dict):  # ('int' object is not iterable)
+            raise ConfigError(f"mesh: must be a dict of axis sizes, e.g. {{'data': 2, 'fsdp': -1}}, got "
+                              f"{type(self.mesh).__name__} {self.mesh!r:.60}")
         # numpy ints as Python's (a sweep's 8 // np.int64(2)): validate took them, then to_json failed at the first
         # checkpoint; anything else is left for validate to refuse by name
-        if isinstance(self.mesh, dict):
-            object.__setattr__(self, "mesh", {a: int(n) if _is_int(n) else n for a, n in self.mesh.items()})
+        object.__setattr__(self, "mesh", {a: int(n) if _is_int(n) else n for a, n in self.mesh.items()})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -258,21 +267,6 @@ def preset(name: str) -> RunConfig:
 
 
 # ---- overrides --------------------------------------------------------------------------------------------------
-
-
-def at_least(lo: int):
-    """argparse type for a count: an int >= lo (`type=at_least(1)`), so that e.g. `--rounds 0` is refused with the
-    flag's name before anything compiles, rather than failing on an empty median after minutes of work (the
-    scripts of experiments/ and benchmarks/ use it)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {lo}"  # argparse's "invalid <type> value" message names it
-    return parse
 
 
 def parse_mesh(s: str) -> dict[str, int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 
 import jax
@@ -136,6 +137,9 @@ def main(argv=None):
     for flag, path in (("--out", args.out), ("--json", args.json)):  # before the sweep, not after it
         if path is not None and not pathlib.Path(path).resolve().parent.is_dir():
             ap.error(f"argument {flag}: the directory of {path} does not exist")
+        # (one this user may not write in failed in savefig / open() after the whole sweep, losing it)
+        if path is not None and not os.access(pathlib.Path(path).resolve().parent, os.W_OK):
+            ap.error(f"argument {flag}: the directory of {path} is not writable; name a file in one you can write")
     if args.json is not None and pathlib.Path(args.json).is_dir():  # open() failed after the sweep, losing the plot
         ap.error(f"argument --json: {args.json} is a directory; name the results file, e.g. "
                  f"{pathlib.Path(args.json) / 'mup_transfer.json'}")

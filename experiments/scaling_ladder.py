@@ -47,7 +47,7 @@ from tqdm import tqdm
 from data.cli import cli_parser, path_arg, run_main
 from data.corpus import BYTE_VOCAB, ByteWindows, encode_bytes, stdlib_text, train_eval_split
 from data.shards import write_json
-from experiments.config import at_least
+from experiments.config import at_least, dir_problem
 from experiments.lm_step import decay_mask, make_eval_step, make_train_step
 from experiments.run_log import _finite_or_null
 from models import Transformer, TransformerConfig
@@ -373,8 +373,9 @@ def main(argv=None):
     if clamped:
         print(f"note: {', '.join(clamped)}")
     out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        ap.error(f"argument --out: {out} is a file; pass a directory")
+    # (a file in its path, or a folder it may not write in, was mkdir's traceback: after the --fresh deletions)
+    if problem := dir_problem(out):
+        ap.error(f"argument --out: {problem}")
     settings = dict(ladder=[r.name for r in ladder], budgets=list(budgets), lr=args.lr, warmup=warmup, n_boot=n_boot,
                     level=args.level)
     done = _resumable(out, settings)

@@ -121,6 +121,14 @@ class Preset:
     ckpt_every: int = 500
 
     def __post_init__(self):  # the DiT is trained on the VAE's latents: a mismatch failed after the VAE's stage
+        # a sub-config given as something else (vae=4, a dict from JSON) failed below with a bare AttributeError
+        # ('int' object has no attribute 'latent_shape') naming no field
+        for name, cls, mod in (("data", MovingShapesConfig, "data.moving_shapes"), ("vae", VAEConfig, "models.video"),
+                               ("t2v", TextToVideoConfig, "models.video")):
+            v = getattr(self, name)
+            if not isinstance(v, cls):
+                raise ValueError(f"Preset: {name}={v!r:.60}: must be a {mod}.{cls.__name__}, got {type(v).__name__} "
+                                 f"(build {cls.__name__}(**fields) from a dict)")
         # 0 failed as 'integer modulo by zero' after the first step, a negative one saved as its absolute value
         # eval_per_* of 0 trained both stages, then the evaluation failed as numpy's 'need at least one array to
         # stack'; eval_batch=0 passed check_batch and failed after the VAE stage, encoding the latents

@@ -22,7 +22,7 @@ import math
 import numbers
 import re
 
-from data.cli import cli_parser, run_main
+from data.cli import at_least, cli_parser, run_main
 from scaling.flops import LMShape, _finite_number, param_counts, train_flops_per_token
 from scaling.hardware import chip as get_chip, peak_dtype
 from scaling.laws import ALLOCATIONS
@@ -190,10 +190,14 @@ class Plan:
 def make_plan(*, params: float | None = None, flops: float | None = None, tokens: float | None = None,
               hardware: str = "h100", chips: int = 256, dtype: str = "bf16", mfu: float = 0.4, seq_len: int = 4096,
               vocab_size: int = 32_000, law: str = "approach1", pue: float = 1.1, grid_g_per_kwh: float = 400.0,
-              chip_power_w: float | None = None, remat: str = "save_dots_no_batch", seqs_per_chip: int = 1) -> Plan:
+              chip_power_w: float | None = None, remat: str = "save_dots_no_batch", seqs_per_chip: int = 1,
+              sliding_window: int | None = None, global_every: int | None = None) -> Plan:
     """Plan a run from `params` (tokens from the compute-optimal allocation unless `tokens` is given)
     or from a FLOP budget `flops` (compute-optimal N and D; with `tokens`, N = flops / (6·tokens) so the
-    plan stays on the budget). See the module docstring."""
+    plan stays on the budget). See the module docstring. `sliding_window` W: the suggested shape's layers attend
+    to their last W keys (Mistral), every `global_every`-th layer globally (2: Gemma 2's alternation, 6: Gemma 3's
+    5:1); the windows change the attention FLOPs and memory, not N or D (scaling.flops' sliding_window /
+    global_every)."""
     if (params is None) == (flops is None):
         raise ValueError("give exactly one of params= (a model size) or flops= (a training budget)")
     # named before math.isfinite: a string ('7e9' from a command line or YAML) raised "must be real number, not
@@ -211,6 +215,14 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
                          ("vocab_size", vocab_size, 1)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    for name, v in (("sliding_window", sliding_window), ("global_every", global_every)):
+        if v is not None:
+            _check_ints(**{name: v})
+    if global_every is not None and sliding_window is None:  # (it would have been ignored, the plan all global)
+        raise ValueError(f"global_every={global_every} needs sliding_window (the local layers' window)")
+    if global_every == 1:
+        raise ValueError("global_every=1 makes every layer global, so the window applies nowhere; use >= 2 (2: "
+                         "local and global layers alternate) or leave it out (every layer local)")
     if not (math.isfinite(pue) and pue >= 1):
         raise ValueError(f"pue must be >= 1 (facility energy / IT energy), got {pue}")
     if not (math.isfinite(grid_g_per_kwh) and grid_g_per_kwh >= 0):
@@ -268,6 +280,10 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         else:
             fix = f"{more} flops (--flops) to about {float(alloc.optimal_flops_for_params(e.closest)):.3g}"
         raise ValueError(f"{e}; {'or ' if 'vocabulary' in str(e) else ''}{fix}") from None
+    if sliding_window is not None:
+        shape = dataclasses.replace(shape, windows=tuple(  # (scaling.flops' layout: layer i global at (i+1) % K == 0)
+            None if global_every and (i + 1) % global_every == 0 else sliding_window for i in range(shape.n_layers)))
+    n_local = sum(w is not None for w in shape.windows)
     try:
         fpt = train_flops_per_token(shape, seq_len)
     except OverflowError:  # (a bare 'integer division result too large for a float' traceback)
@@ -309,7 +325,10 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         "assumptions:",
         f"  allocation : {law_txt}",
         "  FLOPs      : budget C = 6·N·D; model FLOPs = D x (6 x matmul params + 12·L·d_attn·(T+1)/2 causal "
-        f"attention) of the suggested shape at seq {seq_len} (no remat recompute: MFU convention)",
+        f"attention) of the suggested shape at seq {seq_len}"
+        + ("" if sliding_window is None else f"; its {n_local} of {shape.n_layers} local layers: min(W, position + 1) "
+           f"keys, W={sliding_window}{'' if global_every is None else f', 1 in {global_every} layers global'}")
+        + " (no remat recompute: MFU convention)",
         f"  hardware   : {chips} x {c.name}, {dtype} dense peak {peak / 1e12:g} TFLOP/s per chip "
         f"({c.source}), MFU {mfu:.0%}",
         f"  energy     : {power:g} W per chip{' (datasheet max TDP)' if chip_power_w is None else ' (given)'} "
@@ -378,7 +397,8 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
 FLAGS = {"params": "--params", "n_params": "--params", "flops": "--flops", "tokens": "--tokens", "chips": "--chips",
          "mfu": "--mfu", "seq_len": "--seq-len", "vocab_size": "--vocab", "pue": "--pue", "grid_g_per_kwh": "--grid",
          "chip_power_w": "--chip-power-w", "seqs_per_chip": "--seqs-per-chip", "law": "--law",
-         "hardware": "--hardware", "dtype": "--dtype"}
+         "hardware": "--hardware", "dtype": "--dtype", "sliding_window": "--sliding-window",
+         "global_every": "--global-every"}
 
 
 def main(argv=None):
@@ -389,24 +409,30 @@ def main(argv=None):
     ap.add_argument("--tokens", type=float, help="override the compute-optimal token count (with --flops: "
                     "the model size becomes C / 6D)")
     ap.add_argument("--hardware", default="h100", help="chip kind: h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e")
-    ap.add_argument("--chips", type=int, default=256)
+    ap.add_argument("--chips", type=at_least(1), default=256)
     ap.add_argument("--dtype", default="bf16", help="peak to use: bf16, fp8, ...")
     ap.add_argument("--mfu", type=float, default=0.4)
-    ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--seq-len", type=at_least(1), default=4096)
+    ap.add_argument("--vocab", type=at_least(1), default=32_000)
     ap.add_argument("--law", default="approach1", choices=sorted(ALLOCATIONS))
     ap.add_argument("--pue", type=float, default=1.1)
     ap.add_argument("--grid", type=float, default=400.0, help="grid carbon intensity, gCO2e/kWh")
     ap.add_argument("--chip-power-w", type=float, help="per-chip power (W); required for TPUs")
     ap.add_argument("--remat", default="save_dots_no_batch", choices=("none", "full", "save_dots",
                                                                       "save_dots_no_batch"))
-    ap.add_argument("--seqs-per-chip", type=int, default=1)
+    ap.add_argument("--seqs-per-chip", type=at_least(1), default=1)
+    ap.add_argument("--sliding-window", type=at_least(1), metavar="W",
+                    help="local layers attend to their last W keys (default: every layer global)")
+    ap.add_argument("--global-every", type=at_least(2), metavar="K",
+                    help="with --sliding-window: every K-th layer global (2: Gemma 2, 6: Gemma 3's 5:1; default: "
+                         "every layer local, Mistral)")
     a = ap.parse_args(argv)
     try:
         plan = make_plan(params=a.params, flops=a.flops, tokens=a.tokens, hardware=a.hardware, chips=a.chips,
                          dtype=a.dtype, mfu=a.mfu, seq_len=a.seq_len, vocab_size=a.vocab, law=a.law, pue=a.pue,
                          grid_g_per_kwh=a.grid, chip_power_w=a.chip_power_w, remat=a.remat,
-                         seqs_per_chip=a.seqs_per_chip)
+                         seqs_per_chip=a.seqs_per_chip, sliding_window=a.sliding_window,
+                         global_every=a.global_every)
     except ValueError as e:  # make_plan names its keyword; name the flag the user typed
         msg = str(e)
         word = re.match(r"[a-z_]+", msg)

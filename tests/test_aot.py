@@ -89,7 +89,7 @@ def test_cli_output_and_errors(monkeypatch, capsys, closed_stdout):
     assert capsys.readouterr().out.splitlines()[0].endswith("compute bfloat16, 1 device")
     for argv, message in ((["--remat", "ful"], "argument --remat: TransformerConfig.remat: unknown 'ful'"),
                           (["--dtype", "foo"], "argument --dtype: TransformerConfig.dtype"),
-                          (["--microbatches", "0"], "argument --microbatches: TransformerConfig.pipeline_"),
+                          (["--microbatches", "0"], "argument --microbatches: must be an integer >= 1, got 0"),
                           # stage=-1 fills to one stage here: no pipeline (the microbatches were ignored, silently)
                           (["--microbatches", "2", "--mesh", "fsdp=8,stage=-1"],
                            "argument --microbatches: 2 microbatches need a pipeline")):

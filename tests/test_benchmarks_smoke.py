@@ -168,6 +168,27 @@ def test_cli_counts_are_refused_before_any_work(module, argv, message, capsys):
 
 
 
+@pytest.mark.parametrize("module, flag, low, later", [
+    ("experiments.aot", "--seq", 1, "--devices"), ("experiments.train_video", "--vae-steps", 1, "--dit-steps"),
+    ("experiments.mup_transfer", "--steps", 1, "--batch"), ("experiments.scaling_ladder", "--warmup", 0, "--n-boot"),
+    ("scaling.plan", "--chips", 1, "--seq-len"), ("data.pipeline", "--workers", 1, "--max-doc-bytes"),
+])
+def test_cli_integer_flags_take_a_whole_number_written_as_a_float(module, flag, low, later, capsys):
+    """As `python -m experiments.train_lm --steps 1e3` (and scaling.plan's --params 1e9) take it, every CLI's
+    integer flag takes 1e3 as 1000 and refuses 1.5 naming the flag: the others said "invalid int value: '1e3'"
+    (aot, scaling.plan, data.pipeline) or "invalid integer >= 1 value" (train_video, mup_transfer, the ladder).
+    (1e3 parses: the error is the next flag's, refused at 0.)"""
+    import importlib
+
+    main = importlib.import_module(module).main
+    for argv, message in (([flag, "1.5"], f"argument {flag}: invalid integer >= {low} value: '1.5'"),
+                          ([flag, "1e3", later, "0"], f"argument {later}: must be an integer >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, err
+
+
 @pytest.mark.parametrize("module, work, argv, message", [
     # `gb > nan` is False: every kernel ran whatever its footprint; a negative cap ran none, as 0 does, unsaid
     ("benchmarks.swa", "measure", ["--max-gb", "nan"], "argument --max-gb: must be a number >= 0 (GiB; 0 runs "

@@ -1098,7 +1098,7 @@ def test_the_cli_reads_another_text_field(tmp_path, capsys):
         pipeline.main([str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out6"), "--text-field", "content",
                        "--dedup-against", str(tmp_path / "nowhere")])
     # settings name the flag they came from, not the config field; an --out that is a file is named
-    for bad, says in ((["--workers", "0"], "argument --workers: PipelineConfig.workers"),
+    for bad, says in ((["--workers", "0"], "argument --workers: must be an integer >= 1, got 0"),
                       (["--near-dup-threshold", "80"], "argument --near-dup-threshold: DedupConfig.threshold"),
                       (["--keep-langs", "en,xx"], "argument --keep-langs: LangIDConfig.keep"),
                       (["--out", str(tmp_path / "in.jsonl")], "argument --out: .* is a file")):

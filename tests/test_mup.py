@@ -306,6 +306,28 @@ def test_the_transfer_sweep_refuses_a_width_given_twice(monkeypatch, capsys):
     assert "argument --widths: 64 given more than once" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_the_transfer_sweep_refuses_an_unwritable_directory_before_the_sweep(flag, tmp_path, monkeypatch, capsys):
+    """A plot or results path in a directory this user may not write in failed in savefig / open() after the whole
+    sweep (minutes), losing it. (Not writable for a non-root user; as root os.access says so only on a read-only
+    file system, so it is told here that tmp_path is not writable.)"""
+    import os
+
+    from experiments import mup_transfer
+
+    def ran(*a, **k):
+        raise AssertionError("the sweep ran")
+
+    monkeypatch.setattr(mup_transfer, "sweep", ran)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: not (mode & os.W_OK and str(p) == str(tmp_path.resolve()))
+                        and access(p, mode, **k))
+    name = tmp_path / ("p.png" if flag == "--out" else "r.json")
+    with pytest.raises(SystemExit):
+        mup_transfer.main(["--steps", "1", "--widths", "32", flag, str(name)])
+    assert f"argument {flag}: the directory of {name} is not writable" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["", "mup", "mup.txt"])
 def test_the_transfer_sweep_refuses_a_plot_path_matplotlib_would_not_write_as_named(name, tmp_path, monkeypatch,
                                                                                    capsys):

@@ -169,6 +169,10 @@ def test_the_ladder_cli_refuses_before_training(tmp_path, capsys):
         scaling_ladder.main(["--quick", "--out", str(tmp_path), "--no-docs"])
     assert "holds another (or a finished) ladder's results.json; pass --fresh" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "{}"
+    # below a file: mkdir's bare NotADirectoryError traceback
+    with pytest.raises(SystemExit):
+        scaling_ladder.main(["--quick", "--out", str(tmp_path / "results.json" / "ladder"), "--no-docs"])
+    assert "argument --out: " in (err := capsys.readouterr().err) and "is a file; name a directory you can write" in err
     with pytest.raises(SystemExit, match=r"--replot: .*results.json does not exist"):
         scaling_ladder.main(["--replot", "--out", str(tmp_path / "none"), "--no-docs"])
     # --out naming the results file itself said '.../results.json/results.json does not exist'

@@ -211,6 +211,16 @@ def test_bad_config_fails_with_one_line_naming_the_field(argv, n_devices, expect
     assert "\n" not in line and line.startswith(expected), line
 
 
+@pytest.mark.parametrize("field", ["model", "data", "optim", "train", "mesh"])
+def test_a_run_config_section_that_is_not_one_is_refused_by_name(field):
+    """A number (or a dict from JSON) in place of a section failed in validate with a bare AttributeError ('int'
+    object has no attribute 'dtype') or TypeError naming no field."""
+    cfg = load(["--preset", "tiny"])
+    for bad in (4, [] if field == "mesh" else dataclasses.asdict(getattr(cfg, field))):
+        with pytest.raises(ConfigError, match=rf"^{field}: must be a .*, got {type(bad).__name__}"):
+            validate(dataclasses.replace(cfg, **{field: bad}), 8)
+
+
 def test_the_edges_of_each_documented_range_validate():
     """The closed ends of the ranges validate() documents: a constant lr after warmup (min_lr_ratio 1), no weight
     decay, b1 0 (RMSProp-like), a decay over the whole run, exactly one held-out module (max_files ==

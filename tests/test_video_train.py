@@ -1249,6 +1249,15 @@ def test_a_preset_with_a_nonsense_rate_decay_or_count_is_refused_when_built(chan
         dataclasses.replace(train_video.PRESETS["tiny"], **ok)
 
 
+@pytest.mark.parametrize("field", ["data", "vae", "t2v"])
+def test_a_preset_sub_config_that_is_not_one_is_refused_by_name(field):
+    """A number (or a dict from JSON) in place of a sub-config failed with a bare AttributeError ('int' object has
+    no attribute 'latent_shape') naming no field."""
+    for bad in (4, dataclasses.asdict(getattr(train_video.PRESETS["tiny"], field))):
+        with pytest.raises(ValueError, match=rf"Preset: {field}=.*must be a .*, got {type(bad).__name__}"):
+            dataclasses.replace(train_video.PRESETS["tiny"], **{field: bad})
+
+
 @pytest.mark.parametrize("field", ["eval_per_seen", "eval_per_held", "eval_batch"])
 def test_an_evaluation_count_below_one_is_refused_before_any_training(field):
     """eval_per_seen=0 (or eval_per_held) built, trained both stages, then the evaluation failed as numpy's 'need at
