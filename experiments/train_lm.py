@@ -946,11 +946,12 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         raise
     finally:
         bar.close()
-        stop.restore()
-        try:
-            ckpt.close()
+        try:  # still under the handler: a (second) SIGTERM while the last async save finishes had killed the run
+            ckpt.close()  # (143), the save left a temporary folder; a second Ctrl-C still aborts the wait
         except CheckpointSaveFailed as e:  # the last save's failure, which orbax raises at this wait
             save_failed = save_failed or e
+        finally:
+            stop.restore()
         saved_steps = ckpt.steps()
         skipped_docs = {"train": loader.skipped, "held-out": held_skipped}
         loader.close()

@@ -922,6 +922,33 @@ def test_sigterm_during_the_startup_stops_the_run_in_order(runs, tmp_path, monke
     assert last["step"] == 12 and "sample" not in last and not (resumed / "sample.txt").exists(), last
 
 
+def test_a_sigterm_while_the_last_save_finishes_is_remembered_and_the_save_kept(tmp_path, monkeypatch):
+    """The handler was restored before the trainer waited for its last async save (Checkpoints.close): a SIGTERM there
+    (a scheduler's second, or one arriving at the last step) killed the run (status 143) and left the step as orbax's
+    temporary folder. Under the handler it is remembered: the save completes, the run returns, the caller's handler is
+    back afterwards."""
+    real = checkpoint.Checkpoints.close
+
+    def close_then_signal(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    def caller(signum, frame):
+        raise AssertionError("SIGTERM reached the caller's handler while the last save was being waited for")
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "close", close_then_signal)
+    old = signal.signal(signal.SIGTERM, caller)
+    out = tmp_path / "run"
+    try:
+        result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=4"])
+        assert signal.getsignal(signal.SIGTERM) is caller
+    finally:
+        monkeypatch.undo()  # (restore below closes a Checkpoints too)
+        signal.signal(signal.SIGTERM, old)
+    assert result["step"] == 4 and restore(out)[1]["step"] == 4
+    assert not list((out / "ckpt").glob("*tmp*")), sorted(p.name for p in (out / "ckpt").iterdir())
+
+
 def test_turning_keep_best_off_on_resume_warns_which_best_step_is_given_up(tmp_path, capsys):
     """A run resumed with train.keep_best off lost its best checkpoint at the next save (keep-last-N alone deletes
     it) with no word, while other changed settings are warned of on resume. The warning names the step and its
