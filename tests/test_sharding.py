@@ -398,7 +398,7 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
         dataclasses.replace(piped, dtype="float32"), {"stage": 2, "data": 4}, 8, 8, 8)
     with pytest.raises(SystemExit):
         aot.main(["--microbatches", "0"])
-    assert "pipeline_microbatches" in capsys.readouterr().err
+    assert "argument --microbatches: must be an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # ignored without a pipeline (the table looked like a pipelined run's)
         aot.main(["--microbatches", "4", "--mesh", "fsdp=8"])
     assert "argument --microbatches: 4 microbatches need a pipeline" in capsys.readouterr().err
