@@ -688,7 +688,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     from experiments.lm_step import make_eval_sums, make_state_step
     from models import generate
     from parallel import make_mesh
-    from parallel.distributed import any_process, check_shared_dir, is_primary
+    from parallel.distributed import any_process, check_same_settings, check_shared_dir, is_primary
     from scaling.flops import train_flops_per_token
 
     t_start = time.time()
@@ -712,6 +712,22 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                       mesh=mesh)
     held = LMLoader([Source(eval_dir)], tok, LoaderConfig(seq_len=t.seq, global_batch_size=t.batch, shuffle=False,
                                                           num_epochs=1), mesh=mesh)
+    # each process reads its own host's copy of the data (and tokenizer): one host with other files (a stale copy, a
+    # tier cleaned again) trained on silently, each process on its own documents. Compared as the loaders know them
+    # (shard sizes, record counts, content digests; not where they are)
+    own = cfg.data.train_dir is not None  # else the built-in corpus, built from each host's Python stdlib
+    try:
+        check_same_settings({f"{name} {k}": json.dumps(ld.stream.get(k), sort_keys=True)
+                             for name, ld in zip(("data.train_dir", "data.eval_dir") if own else
+                                                 ("built-in corpus train", "built-in corpus eval"), (loader, held))
+                             for k in ("sources", "digests", "tokenizer")}, "data",
+                            "every host needs the same files there (and at data.tokenizer): copy them from process "
+                            "0's host" if own else "the built-in corpus is each host's Python standard library: run "
+                            "one Python version on every host")
+    except ValueError as e:
+        loader.close()
+        held.close()
+        raise SystemExit(f"config error: {e}") from None
     eval_batches = list(itertools.islice(held, cfg.data.eval_batches))  # the same held-out rows every time
     held.close()
     held_skipped = held.skipped  # documents of the held-out text read that no eval batch holds (said at the end)

@@ -17,8 +17,9 @@ The evaluation generates clips for every caption at CFG 1, 2 and 4 plus a null-p
 direction and shape back from the pixels (no learned judge) and writes <out>/results.{json,md}, <out>/overview.png
 and per-prompt GIFs and grids under <out>/samples. `--preset tiny` is a smoke run (1-2 minutes) of the same code.
 On CPU it runs on one device; for a mesh of fake CPU devices set JAX_NUM_CPU_DEVICES=8 first (e.g. `--mesh
-data=2,fsdp=2,tensor=2`). Afterwards, your own captions: `sample, p = load_video_model("runs/video/default");
-sample(["a red circle moving up"])` (uint8 videos).
+data=2,fsdp=2,tensor=2`). It runs in one process (its mesh over that process's devices): a multi-process job
+(JAXSCALE_* variables, srun, a pod) is refused on every process. Afterwards, your own captions: `sample, p =
+load_video_model("runs/video/default"); sample(["a red circle moving up"])` (uint8 videos).
 """
 
 from __future__ import annotations
@@ -760,6 +761,20 @@ def main(argv=None):
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first (no resume)")
     ap.add_argument("--no-media", action="store_true", help="skip GIFs and grids")
     args = ap.parse_args(argv)
+    # one process only: its stages load, checkpoint and evaluate whole batches on this process's devices. Started
+    # as a job of several (JAXSCALE_* variables, srun, a pod), each process ran alone: on one --out the others were
+    # refused as "another job", on each host's own disk every host trained its own copy silently. Asked before
+    # any JAX call (make_mesh below), as jax.distributed needs; every process refuses alike
+    from parallel.distributed import initialize
+
+    try:
+        several = initialize()
+    except ValueError as e:
+        ap.error(str(e))
+    if several:
+        ap.error(f"experiments.train_video runs in one process, but this job has {jax.process_count()} processes "
+                 "(jax.distributed: JAXSCALE_* variables, SLURM, Open MPI or a TPU pod); start it as one process, "
+                 "its --mesh over that process's devices")
     if args.dit_lr is not None and not (math.isfinite(args.dit_lr) and args.dit_lr > 0):
         ap.error(f"argument --dit-lr: must be a finite number > 0, got {args.dit_lr}")
     if args.seed >= 2**32:  # MovingShapes' shuffle takes 32-bit seeds: it failed after --fresh and both models' init

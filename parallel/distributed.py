@@ -144,12 +144,13 @@ def _check_port_free(coordinator: str, port: int) -> None:
                              "another job, or an earlier run still exiting); choose another port") from None
 
 
-def check_same_settings(settings: dict[str, str], what: str = "settings") -> None:
+def check_same_settings(settings: dict[str, str], what: str = "settings",
+                        fix: str = "start every process with the same command line") -> None:
     """Every process must be started with the same `settings` (name -> canonical text, e.g. a run config's fields):
-    a ValueError on every process naming the ones that differ. Otherwise another mesh on one process hangs in the
-    first collective, and another batch or learning rate trains on silently with each process's own. The field
-    counts are all-gathered first, then each field's and each name's 4-byte hash, and the names themselves only
-    where those differ (every process calls it at the same point)."""
+    a ValueError on every process naming the ones that differ and `fix`. Otherwise another mesh on one process hangs
+    in the first collective, and another batch or learning rate trains on silently with each process's own. The
+    field counts are all-gathered first, then each field's and each name's 4-byte hash, and the names themselves
+    only where those differ (every process calls it at the same point)."""
     if jax.process_count() == 1:
         return
     import hashlib
@@ -186,7 +187,7 @@ def check_same_settings(settings: dict[str, str], what: str = "settings") -> Non
     if differ := [k for j, k in enumerate(names) if (every[:, j] != every[0, j]).any()]:
         others = [p for p in range(every.shape[0]) if (every[p, :len(names)] != every[0, :len(names)]).any()]
         raise ValueError(f"processes {others} were started with other {what} than process 0: "
-                         f"{', '.join(differ[:8])} differ; start every process with the same command line")
+                         f"{', '.join(differ[:8])} differ; {fix}")
 
 
 def is_primary() -> bool:

@@ -178,10 +178,11 @@ def test_a_loader_state_saved_before_per_process_states_is_refused_on_several_pr
 
 
 def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=None,
-                 entry=("-m", "experiments.train_lm"), buffered=False):
+                 entry=("-m", "experiments.train_lm"), buffered=False, lm_args=True):
     """train_lm as a two-process job on localhost (2 CPU devices each; process `pid` runs `argv_of(pid)` in
     `cwd_of(pid)`, its own data cache, one --out): (processes, their (stdout, stderr)) once both have exited (within
-    `timeout` s each). buffered: stdout block-buffered, as a job's log file (PYTHONUNBUFFERED unset)."""
+    `timeout` s each). buffered: stdout block-buffered, as a job's log file (PYTHONUNBUFFERED unset). lm_args=False:
+    `argv_of(pid)` alone (another trainer's command line: no data.cache_dir / --out added)."""
     port, procs = portpicker.pick_unused_port(), []
     base = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
     for pid in range(2):
@@ -189,8 +190,8 @@ def run_trainers(tmp_path, argv_of, timeout=300, cwd_of=lambda pid: ROOT, out=No
                "JAXSCALE_COORDINATOR": f"127.0.0.1:{port}",
                "JAXSCALE_NUM_PROCESSES": "2", "JAXSCALE_PROCESS_ID": str(pid),
                "XLA_FLAGS": f"{_COMPILE_FLAGS} --xla_force_host_platform_device_count=2"}
-        argv = [*argv_of(pid), "--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",
-                "--out", out or str(tmp_path / "run")]
+        argv = [*argv_of(pid), *(("--set", f"data.cache_dir={tmp_path / f'cache_{pid}'}",
+                                  "--out", out or str(tmp_path / "run")) if lm_args else ())]
         procs.append(subprocess.Popen([sys.executable, *entry, *argv], cwd=cwd_of(pid), env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
@@ -234,6 +235,29 @@ def test_processes_started_with_other_settings_stop_naming_them(tmp_path):
         assert ("config error: processes [1] were started with other settings than process 0: optim.lr differ; "
                 "start every process with the same command line") in err, err[-2000:]
     assert not (tmp_path / "run" / "ckpt").exists()
+
+
+def test_processes_whose_hosts_hold_other_data_stop_naming_it(tmp_path):
+    """One relative data.train_dir (so one setting) from two working directories, each host's own disk, where process
+    1's host holds other documents (a stale copy): each process trained on its own host's files, silently. Now every
+    process exits 1 before training, naming the data that differ; the held-out tier, the same on both, passes."""
+    from data.shards import DocWriter, shard_name
+
+    for pid, word in ((0, "alpha"), (1, "omega")):
+        for tier, docs in (("train", 40), ("eval", 8)):
+            writer = DocWriter(str(tmp_path / f"host{pid}" / tier / f"{shard_name(0)}.array_record"))
+            for i in range(docs):
+                writer.write({"id": str(i), "text": f"{word if tier == 'train' else 'held'} document {i} " * 20})
+            writer.commit()
+    procs, outs = run_trainers(tmp_path, lambda pid: [
+        "--preset", "tiny", "--steps", "2", "--set", "optim.warmup_steps=0", "--set", "train.sample_tokens=0",
+        "--set", "data.train_dir=train", "--set", "data.eval_dir=eval"], timeout=120,
+        cwd_of=lambda pid: tmp_path / f"host{pid}")
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 1, err[-2000:]
+        assert ("config error: processes [1] were started with other data than process 0: data.train_dir digests, "
+                "data.train_dir sources differ; every host needs the same files there") in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_command_line_one_process_refuses_stops_every_process(tmp_path):
@@ -281,6 +305,19 @@ def test_a_two_process_job_on_an_out_another_job_holds_stops_on_every_process(tm
         assert [p.name for p in out.iterdir()] == [".jaxscale-run.lock"]
     assert procs[0].returncode == 1 and f"in use by another job: pid {os.getpid()} on host " in outs[0][1]
     assert procs[1].returncode == 1 and "train.out: process 0 found it in use by another job" in outs[1][1]
+
+
+def test_the_video_trainer_started_on_two_processes_is_refused_on_each(tmp_path):
+    """train_video runs in one process, but ignored a job's JAXSCALE_* variables: each process trained alone, the
+    second refused as "another job" on the shared --out (on each host's own disk both trained a copy silently).
+    Now every process exits 2 naming the process count, before anything is written."""
+    procs, outs = run_trainers(tmp_path, lambda pid: [
+        "--preset", "tiny", "--vae-steps", "1", "--dit-steps", "1", "--no-media", "--out", str(tmp_path / "run")],
+        timeout=150, entry=("-m", "experiments.train_video"), lm_args=False)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert "experiments.train_video runs in one process, but this job has 2 processes" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 FAIL_ON_PROCESS_1 = """
