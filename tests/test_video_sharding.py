@@ -225,6 +225,27 @@ def test_dit_tokens_the_sequence_axis_does_not_divide_are_refused_by_name_before
         jax.eval_shape(lambda s, *a: nnx.merge(graphdef, s)(*a), state, *args)
 
 
+def test_aligner_tokens_the_sequence_axis_does_not_divide_are_refused_by_name():
+    """The aligner's video tower runs on the DiT's token grid: 12 tokens on {sequence: 8} were refused by the rules
+    with "use a sequence length that is a multiple of 8", a length the aligner has no field of (the DiT named its
+    grid, latent_shape and patch). Now embed_video names them too, before tracing; a grid that divides runs."""
+    from models.video import Aligner
+
+    dit = DiTConfig(latent_shape=(3, 4, 4), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=1, n_heads=2,
+                    mlp_dim=64, text_dim=16)
+    mesh = make_mesh({"data": 1, "sequence": 8})
+    graphdef, state = abstract_sharded(lambda: Aligner(T2V.align, dit, rngs=nnx.Rngs(0)), mesh)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"Aligner\.embed_video: its 12 tokens \(grid \(3, 2, 2\) "
+                                           r"of DiTConfig\.latent_shape \(3, 4, 4\) / patch \(1, 2, 2\)\) do not split "
+                                           r"evenly over mesh axes \('sequence',\) \(size 8\)"):
+        jax.eval_shape(lambda s, z: nnx.merge(graphdef, s).embed_video(z), state,
+                       jax.ShapeDtypeStruct((2, 3, 4, 4, 4), jnp.float32))
+    with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})):  # 12 tokens on 4 sequence devices
+        out = jax.eval_shape(lambda s, z: nnx.merge(graphdef, s).embed_video(z), state,
+                             jax.ShapeDtypeStruct((2, 3, 4, 4, 4), jnp.float32))
+    assert out.shape == (2, T2V.align.embed_dim)
+
+
 def test_fsdp_shards_every_large_video_parameter():
     """ZeRO-3 keeps 1/N of the weights per device: the cross-attention's text-side wk / wv were annotated (None,
     heads, head_dim) and sat whole on every fsdp device (device 0 held 0.168 of the default preset's T2V bytes on

@@ -22,6 +22,7 @@ from flax import nnx
 from models.params import param
 from models.transformer import rms_norm
 from models.video.config import AlignConfig, DiTConfig, default_rope_split
+from models.video.dit import _check_token_split
 from models.video.layers import SelfAttention, SwiGLU, matmul, patchify
 from parallel.autodiff import custom_vjp
 from parallel.rules import constrain
@@ -70,6 +71,8 @@ class Aligner(nnx.Module):
             raise ValueError(f"Aligner.embed_video: latents must be [B, T, H, W, C] with (T, H, W) = "
                              f"DiTConfig.latent_shape={self.dit.latent_shape} and C = latent_channels="
                              f"{self.dit.latent_channels}, got {list(jnp.shape(z_BTHWC))}")
+        # the tokens split over `act_seq` as the DiT's do: the rules' refusal named "a sequence length", no field here
+        _check_token_split(self.dit, "Aligner.embed_video")
         p_BSP = patchify(z_BTHWC.astype(jnp.float32), self.dit.patch)
         B, S, P = p_BSP.shape
         x = matmul(p_BSP, self.patch_embed, jnp.float32) + self.patch_bias[...][None, None]  # rank_promotion='raise'

@@ -99,17 +99,18 @@ class DiTBlock(nnx.Module):
         return constrain(x_BSD, ("batch", "act_seq", "act_embed"))
 
 
-def _check_token_split(cfg: DiTConfig) -> None:
+def _check_token_split(cfg: DiTConfig, who: str = "VideoDiT") -> None:
     """Under a mesh that splits `act_seq`, the DiT's S = T'·H'·W' tokens must divide it: the rules' refusal at the
     first constraint said "a sequence length", which the DiT has no field of (its tokens come from latent_shape and
-    patch). Not inside `parallel.rules.replicate_indivisible()`, where the constraints replicate the tokens instead."""
+    patch). Not inside `parallel.rules.replicate_indivisible()`, where the constraints replicate the tokens instead.
+    who: the model named in the refusal (the aligner's video tower runs on the same grid)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or replicating_indivisible():
         return
     axes = logical_to_spec(("act_seq",), mesh)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     if cfg.tokens % (n := mesh_shards("act_seq")):
-        raise ValueError(f"VideoDiT: its {token_grid(cfg, 'DiTConfig.')} do not split evenly over mesh axes {axes} "
+        raise ValueError(f"{who}: its {token_grid(cfg, 'DiTConfig.')} do not split evenly over mesh axes {axes} "
                          f"(size {n}), which the rules give the tokens (act_seq); use a latent_shape / patch whose "
                          f"T'·H'·W' is a multiple of {n}, or a mesh with fewer sequence devices")
 
