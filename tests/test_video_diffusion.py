@@ -125,6 +125,19 @@ def test_noisy_targets_lead_back_to_the_data():
     # (the losses: test_diffusion_loss_against_oracle_and_zero_predictors, exactly per objective)
 
 
+@pytest.mark.parametrize("cfg", [DiffusionConfig(), DiffusionConfig(kind="ddpm")], ids=["flow", "ddpm"])
+def test_noisy_names_times_and_noise_of_another_shape(cfg):
+    """A t_B of [B, 1] was reshaped to [B, 1, 1] and broadcast x_t to [B, B, C] (the target stayed [B, C]); an ε of
+    [1, C] broadcast x_t to [B, C] and the eps target to [1, C]: shapes apart, silently. One 0-d time is all rows'."""
+    x0, eps, t = jnp.ones((4, 3)), jnp.zeros((4, 3)), jnp.linspace(0.1, 0.9, 4)
+    with pytest.raises(ValueError, match=r"noisy: .* t_B be \[B\] = \[4\].*got eps \[4, 3\] and t_B \[4, 1\]"):
+        noisy(x0, eps, t[:, None], cfg)
+    with pytest.raises(ValueError, match=r"noisy: eps must have x0's shape \[4, 3\].*got eps \[1, 3\]"):
+        noisy(x0, eps[:1], t, cfg)
+    for got, want in zip(noisy(x0, eps, t[2], cfg), noisy(x0, eps, jnp.full((4,), t[2]), cfg)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_alpha_bar_is_the_cosine_schedule():
     """ᾱ(t) = f(t) / f(0), f(t) = cos²((t + s)/(1 + s)·π/2) (Nichol & Dhariwal 2021), clipped below at alpha_bar_min,
     against float64: ᾱ(0) = 1 exactly, so x_0 is the data (f(t) alone, ᾱ(0) = 0.99984, passed the samplers'
@@ -296,6 +309,20 @@ def test_euler_sample_takes_array_and_traced_shifts():
     np.testing.assert_array_equal(euler_sample(flow_velocity, NOISE[:8], 4, jnp.float32(3.0)), want)
     traced = jax.jit(lambda s: euler_sample(flow_velocity, NOISE[:8], 4, s))(jnp.float32(3.0))
     np.testing.assert_allclose(traced, want, rtol=1e-6, atol=1e-6)
+
+
+def test_euler_sample_takes_a_float64_shift_under_jax_enable_x64():
+    """Under jax_enable_x64 a float64 shift (np.float64 from a numpy sweep of shifts, a float64 array, traced or not)
+    promoted the float32 time grid to float64, and with it the sampler's float32 carry: a bare scan carry-type
+    TypeError. The samples are those of the same shift as a Python float, with x64 off."""
+    want = euler_sample(flow_velocity, NOISE[:8], 4, 3.0)
+    with jax.enable_x64(True):
+        for shift in (np.float64(3.0), jnp.asarray(3.0, jnp.float64)):
+            got = euler_sample(flow_velocity, NOISE[:8], 4, shift)
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        traced = jax.jit(lambda s: euler_sample(flow_velocity, NOISE[:8], 4, s))(jnp.asarray(3.0, jnp.float64))
+        np.testing.assert_allclose(traced, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])

@@ -54,7 +54,13 @@ def _bcast(t_B, x):
 
 
 def noisy(x0, eps, t_B, cfg: DiffusionConfig):
-    """(x_t, target) for clean x0, noise ε and times t."""
+    """(x_t, target) for clean x0 [B, ...], noise ε of x0's shape and times t_B [B] (or one time, 0-d)."""
+    # a t_B of [B, 1] was reshaped to [B, 1, 1, ...] and broadcast x_t to [B, B, ...] while the target stayed
+    # [B, ...]; an ε of another shape broadcast x_t and the target apart: both silently
+    if jnp.shape(eps) != jnp.shape(x0) or jnp.shape(t_B) not in ((), jnp.shape(x0)[:1]):
+        raise ValueError(f"noisy: eps must have x0's shape {list(jnp.shape(x0))} and t_B be [B] = "
+                         f"{list(jnp.shape(x0)[:1])} (one time per example) or 0-d, got eps "
+                         f"{list(jnp.shape(eps))} and t_B {list(jnp.shape(t_B))}")
     t = _bcast(t_B, x0)
     if cfg.kind == "flow":
         return (1 - t) * x0 + t * eps, eps - x0
@@ -108,8 +114,9 @@ def guided(model_fn: Callable, cond, uncond, scale: float) -> PredFn:
 
 def flow_times(steps: int, shift: float):
     """[steps + 1] float32 times from 1 to 0 on the shifted grid (float32 under jax_enable_x64 too: a float64 grid
-    promoted the sampler's float32 carry, a scan carry-type TypeError)."""
-    return shift_time(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), shift)
+    promoted the sampler's float32 carry, a scan carry-type TypeError; so did a float64 shift there, np.float64 or a
+    float64 array, which promoted the float32 grid: the shift is float32 too, as it always was with x64 off)."""
+    return shift_time(jnp.linspace(1.0, 0.0, steps + 1, dtype=jnp.float32), jnp.asarray(shift, jnp.float32))
 
 
 def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
