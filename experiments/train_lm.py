@@ -262,6 +262,10 @@ EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_un
 # training precision of its weights
 KEPT_FROM_PRESET = tuple(sorted(EXECUTION_FIELDS | {"param_dtype"}))
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
+# How fresh weights are drawn, which a resumed run never does (it restores every parameter): not compared on resume.
+# (An --init-from run saved before config_from_hf read config.json's initializer_range holds 0.02: its resume was
+# refused against the folder's own value (e.g. 0.0417), which --init-from does not let one set back.)
+INIT_ONLY_FIELDS = frozenset({"init_std"})
 # ... of which these change what the model computes from the resumed step on (warned): capacity dispatch drops the
 # tokens past an expert's capacity, bf16 compute rounds; the others only how it runs
 WARNED_MODEL_FIELDS = (("dtype",), ("moe", "dispatch"), ("moe", "capacity_factor"))
@@ -319,9 +323,10 @@ def _model_defaults(key: str | None = None) -> dict:
 
 def model_config_mismatch(saved: dict, current: dict) -> list[str]:
     """Model fields (as in `TransformerConfig` JSON) whose saved value differs from the current one. Execution
-    settings do not count. A field added since the checkpoint was written counts as its default, the value that run
-    computed with (so its default matches; another value, e.g. a local_rope_theta, which changes no parameter shape,
-    is refused as any other field would be), in the nested configs (moe, rope_scaling) too."""
+    settings and INIT_ONLY_FIELDS (restored weights are not drawn again) do not count. A field added since the
+    checkpoint was written counts as its default, the value that run computed with (so its default matches; another
+    value, e.g. a local_rope_theta, which changes no parameter shape, is refused as any other field would be), in
+    the nested configs (moe, rope_scaling) too."""
     out, defaults = [], _model_defaults()
     for k in sorted(set(saved) | set(current)):
         v = saved.get(k, defaults.get(k))
@@ -331,7 +336,7 @@ def model_config_mismatch(saved: dict, current: dict) -> list[str]:
             nested = _model_defaults(k) if k in ("moe", "rope_scaling") else {}
             out += [f"{k}.{f}" for f in sorted(set(v) | set(cur)) if f not in skip
                     and cur.get(f, v.get(f, nested.get(f))) != v.get(f, nested.get(f))]
-        elif k not in EXECUTION_FIELDS and cur != v:
+        elif k not in EXECUTION_FIELDS | INIT_ONLY_FIELDS and cur != v:
             out.append(k)
     return sorted(out)
 
@@ -723,7 +728,8 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                              for k in ("sources", "digests", "tokenizer")}, "data",
                             "every host needs the same files there (and at data.tokenizer): copy them from process "
                             "0's host" if own else "the built-in corpus is each host's Python standard library: run "
-                            "one Python version on every host")
+                            "one Python installation's copy on every host, or train from data.train_dir / "
+                            "data.eval_dir")
     except ValueError as e:
         loader.close()
         held.close()

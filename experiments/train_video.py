@@ -771,7 +771,9 @@ def main(argv=None):
         several = initialize()
     except ValueError as e:
         ap.error(str(e))
-    if several:
+    # the count, not whether it started: a one-host TPU VM's markers (TPU_WORKER_HOSTNAMES) start jax.distributed
+    # with one process, which was refused as "this job has 1 processes"
+    if several and jax.process_count() > 1:
         ap.error(f"experiments.train_video runs in one process, but this job has {jax.process_count()} processes "
                  "(jax.distributed: JAXSCALE_* variables, SLURM, Open MPI or a TPU pod); start it as one process, "
                  "its --mesh over that process's devices")

@@ -215,14 +215,14 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
                          ("vocab_size", vocab_size, 1)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
             raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    for name, v in (("sliding_window", sliding_window), ("global_every", global_every)):
-        if v is not None:
-            _check_ints(**{name: v})
+    if sliding_window is not None:
+        _check_ints(sliding_window=sliding_window)
     if global_every is not None and sliding_window is None:  # (it would have been ignored, the plan all global)
         raise ValueError(f"global_every={global_every} needs sliding_window (the local layers' window)")
-    if global_every == 1:
-        raise ValueError("global_every=1 makes every layer global, so the window applies nowhere; use >= 2 (2: "
-                         "local and global layers alternate) or leave it out (every layer local)")
+    if global_every is not None and (isinstance(global_every, bool) or not isinstance(global_every, numbers.Integral)
+                                     or global_every < 2):  # 1: every layer global, the window applied nowhere
+        raise ValueError(f"global_every must be an int >= 2 (2: local and global layers alternate; leave it out for "
+                         f"every layer local), got {global_every!r}")
     if not (math.isfinite(pue) and pue >= 1):
         raise ValueError(f"pue must be >= 1 (facility energy / IT energy), got {pue}")
     if not (math.isfinite(grid_g_per_kwh) and grid_g_per_kwh >= 0):
@@ -327,7 +327,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         "  FLOPs      : budget C = 6·N·D; model FLOPs = D x (6 x matmul params + 12·L·d_attn·(T+1)/2 causal "
         f"attention) of the suggested shape at seq {seq_len}"
         + ("" if sliding_window is None else f"; its {n_local} of {shape.n_layers} local layers: min(W, position + 1) "
-           f"keys, W={sliding_window}{'' if global_every is None else f', 1 in {global_every} layers global'}")
+           f"keys, W={sliding_window}{'' if n_local == shape.n_layers else f', every {global_every}th layer global'}")
         + " (no remat recompute: MFU convention)",
         f"  hardware   : {chips} x {c.name}, {dtype} dense peak {peak / 1e12:g} TFLOP/s per chip "
         f"({c.source}), MFU {mfu:.0%}",

@@ -359,6 +359,12 @@ def test_sliding_window_layers_plan_their_windowed_attention_flops(capsys):
     with pytest.raises(SystemExit):
         main(["--params", "7e9", "--sliding-window", "1024", "--global-every", "1"])
     assert "argument --global-every: must be an integer >= 2, got 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"global_every must be an int >= 2 .*got 1$"):
+        make_plan(params=7e9, sliding_window=1024, global_every=1)
+    # more layers apart than the model has: every layer local, and said so (not '1 in 64 layers global')
+    plan = main(["--params", "7e9", "--sliding-window", "1024", "--global-every", "64"])
+    assert plan.flops_per_token == make_plan(params=7e9, sliding_window=1024).flops_per_token
+    assert "its 32 of 32 local layers: min(W, position + 1) keys, W=1024 (no remat" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--flops", "--params", "--tokens"])

@@ -807,6 +807,19 @@ def test_resume_compares_the_model_not_how_it_is_executed():
     assert train_lm.model_config_mismatch(moe, other_kernels) == ["moe.n_experts"]
 
 
+def test_resume_takes_another_init_std():
+    """init_std only draws fresh weights, which a resumed run never does (every parameter is restored). An --init-from
+    run saved before config_from_hf read config.json's initializer_range holds 0.02: resumed with the same command it
+    was refused against the folder's own (e.g. 1/24), naming a setting --init-from refuses to set back."""
+    saved = json.loads(load(["--preset", "tiny"]).to_json())
+    now = json.loads(load(["--preset", "tiny", "--set", f"model.init_std={1 / 24!r}"]).to_json())
+    assert now["model"]["init_std"] != saved["model"]["init_std"]
+    assert train_lm.resume_mismatch(saved, now) == ([], [])
+    now["model"]["d_model"] = 2 * saved["model"]["d_model"]  # a field that makes other parameters still is
+    assert train_lm.resume_mismatch(saved, now)[0] == [f"model.d_model: saved {saved['model']['d_model']}, "
+                                                       f"now {now['model']['d_model']}"]
+
+
 def test_resume_counts_a_model_field_added_since_the_save_as_its_default():
     """A checkpoint written before a model field existed computed with its default: resuming with another value was
     not compared at all (only the saved keys were), so a local_rope_theta, which changes no parameter, resumed an old

@@ -293,6 +293,21 @@ def test_an_out_that_cannot_be_a_directory_is_refused_naming_the_flag(tmp_path, 
         assert re.search(f"argument --out: .*{why}; name a directory", capsys.readouterr().err), out
 
 
+def test_a_one_process_job_that_started_jax_distributed_is_not_refused(monkeypatch, capsys):
+    """`initialize()` says whether it started jax.distributed, not whether the job has several processes: a one-host
+    TPU VM whose environment names TPU_WORKER_HOSTNAMES starts it with one process, and the trainer refused that as
+    "this job has 1 processes". A stand-in that started it here (this process alone): the run goes on to its own
+    checks (a bad --dit-lr, refused next)."""
+    import parallel.distributed
+
+    monkeypatch.setattr(parallel.distributed, "initialize", lambda *a, **k: True)
+    assert jax.process_count() == 1
+    with pytest.raises(SystemExit):
+        train_video.main(["--preset", "tiny", "--dit-lr", "inf"])
+    err = capsys.readouterr().err
+    assert "argument --dit-lr" in err and "runs in one process" not in err, err
+
+
 def test_fresh_deletes_nothing_until_every_argument_is_checked(tmp_path, capsys):
     """--fresh removed the run directory; then a typo in --mesh / --scales (or too big a mesh) failed the run."""
     run = tmp_path / "run"
