@@ -176,17 +176,21 @@ def perturbed(split, scale=0.1):
 @needs_cpu
 def test_a_bf16_dit_and_text_encoder_keep_their_gradients():
     """The DiT's blocks take the conditioning (timestep vector, text states) as arguments of the packed layer: the
-    gradients reaching the text encoder through cross-attention and the pooled caption must be those of autodiff."""
+    gradients reaching the text encoder through cross-attention and the pooled caption must be those of autodiff.
+    Both bf16 programs are judged against the float32 gradient: the packed one within 1.5x the autodiff one's own
+    distance from it (a lost path is ~100% off). The two bf16 programs 2% apart (assert_close) held on one
+    machine's dot kernels (1.7%) and not on others' (2.04% with XLA's YNNPACK fusions off), each being 2-4% from
+    float32."""
     from models.video import DiTConfig, TextEncoder, VideoDiT
 
-    dit_cfg = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=3,
-                        n_heads=2, mlp_dim=64, text_dim=16, dtype="bfloat16")
-    txt_cfg = TransformerConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, max_seq_len=8,
-                                dtype="bfloat16")
     x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8, 4))
     tokens = jnp.asarray([[3, 4, 5, 6, 7, 8], [9, 10, 11, 0, 0, 0]])
 
-    def grads():
+    def grads(dtype="bfloat16"):
+        dit_cfg = DiTConfig(latent_shape=(3, 8, 8), latent_channels=4, patch=(1, 2, 2), d_model=32, n_layers=3,
+                            n_heads=2, mlp_dim=64, text_dim=16, dtype=dtype)
+        txt_cfg = TransformerConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, mlp_dim=32, max_seq_len=8,
+                                    dtype=dtype)
         dit = nnx.split(VideoDiT(dit_cfg, rngs=nnx.Rngs(0)))
         enc = nnx.split(TextEncoder(txt_cfg, pad_id=0, rngs=nnx.Rngs(1)))
         dit, enc = perturbed(dit), perturbed(enc)  # adaLN-Zero gates start at 0: no block would see the text
@@ -202,7 +206,11 @@ def test_a_bf16_dit_and_text_encoder_keep_their_gradients():
     with mock.patch("models.video.dit.bits_residuals", unpacked), mock.patch("models.video.text.bits_residuals",
                                                                              unpacked):
         want = grads()
-    assert_close(got, want)
+    for a, b, f32 in zip(*(jax.tree.leaves(t) for t in (got, want, grads("float32"))), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        a, b, f32 = (np.asarray(v, np.float32) for v in (a, b, f32))
+        err, own = np.abs(a - f32).max(), np.abs(b - f32).max()
+        assert err <= 1.5 * own + 0.005 * np.abs(f32).max(), (err, own, np.abs(f32).max())
 
 
 def in_loop_conversions(hlo: str, rows: int) -> list[str]:
