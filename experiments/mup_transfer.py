@@ -72,7 +72,8 @@ def sweep(cfg: TransformerConfig, batches, steps: int, log2_lrs) -> dict[int, fl
 
 
 def plot(res, widths, path):
-    """Train loss (last 10 steps) against log2 learning rate, one curve per width, standard vs μP, saved to `path`."""
+    """Train loss (last 10 steps) against log2 learning rate, one curve per width, standard vs μP, saved to `path`;
+    each width's legend entry names its best rate and the rates that diverged (inf: not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,7 +89,10 @@ def plot(res, widths, path):
                 ax.plot([], [], "o-", ms=3, label=f"width {w} (diverged at every rate)")
                 continue
             best = xs[int(np.nanargmin(ys))]
-            ax.plot(xs, ys, "o-", ms=3, label=f"width {w} (best 2^{best})")
+            # a diverged rate is a gap in the curve: at the end of the sweep it looked like a rate never tried
+            diverged = [f"2^{x}" for x, y in zip(xs, ys) if np.isnan(y)]
+            gone = f"; diverged at {', '.join(diverged)}" if diverged else ""
+            ax.plot(xs, ys, "o-", ms=3, label=f"width {w} (best 2^{best}{gone})")
         ax.set_title(title)
         ax.set_xlabel("log2 learning rate")
         ax.legend(fontsize=8)

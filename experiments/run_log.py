@@ -245,8 +245,9 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
                 ylabel: str | None = None, log_y: bool = False) -> pathlib.Path:
     """Loss curves from out/metrics.jsonl, saved as out/<name> (returned): for each (kind, key, label, style) of
     `curves`, the `key` of every record of that kind against its step (a step logged twice: its last record; a
-    curve with no such record is left out). The default: train_lm's train and held-out loss. unit: what a loss is
-    per ('byte' for bytes + EOS, 'token' for a BPE), in the default ylabel. Written to a temporary file and renamed,
+    curve with no such record is left out), and a dotted red line at the step of each "nonfinite" record (train_lm:
+    a step skipped or halted on). The default: train_lm's train and held-out loss. unit: what a loss is per ('byte'
+    for bytes + EOS, 'token' for a BPE), in the default ylabel. Written to a temporary file and renamed,
     so a kill mid-write leaves the previous plot, not a truncated one."""
     import matplotlib
 
@@ -267,6 +268,12 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
                 lone = [i for i in range(len(ys)) if ok[i] and not ok[i - 1] and not ok[i + 1]]
                 if lone and line.get_marker() in ("None", "", " ", None):
                     line.set(marker="o", markersize=3, markevery=lone)
+        # train_lm's non-finite steps (skipped or halted on): one between log steps is in no curve, and the plot of
+        # a run that skipped steps looked like a clean run's
+        bad = sorted(records.get("nonfinite", {}))
+        for i, s in enumerate(bad):
+            ax.axvline(s, color="red", ls=":", lw=1,
+                       label=f"non-finite step{'s' * (len(bad) > 1)} ({len(bad)})" if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel or f"loss (nats / {unit})")
         if log_y:

@@ -198,7 +198,8 @@ def predict(fit_runs, target_n: float, target_tokens, n_boot: int, level: float 
 
 
 def plot(path, all_runs, bs, target, preds, level):
-    """The ladder's eval losses, the fitted law and the held-out target's predicted interval, saved to `path`."""
+    """The ladder's eval losses, the fitted law and the held-out target's predicted interval, saved to `path`; the
+    diverged runs (eval loss NaN: not drawn) are named in the legends."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,6 +240,9 @@ def plot(path, all_runs, bs, target, preds, level):
                  [max(0.0, p["high"] - p["predicted"]) for p in preds]], fmt="o", capsize=4,
                  label="predicted (before training)")
     ax2.plot(tk, [p["actual"] for p in preds], "*", ms=12, color="C3", label="actual")
+    if gone := [p["tokens"] for p in preds if not math.isfinite(p["actual"])]:  # no star drawn (NaN): say so
+        ax2.plot([], [], "x", color="C3", label=f"{target} diverged (no actual): "
+                 + ", ".join(f"D={t / 1e3:.0f}k" for t in gone))
     fitted, left_out = split_diverged([r for r in all_runs if r["rung"] != target])
     n_models = len({r["rung"] for r in fitted})
     title = f"{target}: prediction from the {n_models} smaller models"

@@ -373,6 +373,28 @@ def test_the_transfer_plot_survives_a_width_that_diverged_at_every_rate(tmp_path
     assert (tmp_path / "q.png").stat().st_size > 0
 
 
+def test_the_transfer_plot_names_the_rates_a_width_diverged_at(tmp_path, monkeypatch):
+    """A diverged rate (loss inf) is a gap in its width's curve: at the end of the sweep the curve just stopped, as if
+    the rate was never tried. The legend names each diverged rate, and each drawn point is the sweep's loss."""
+    import matplotlib.figure
+
+    from experiments.mup_transfer import plot
+
+    figs, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figs.append(fig),
+                                                                                  real_savefig(fig, *a, **k))[1])
+    inf = float("inf")
+    curve = {str(e): (e + 8) ** 2 / 10 + 2.0 for e in range(-12, -3)}
+    res = {name: {"64": dict(curve), "128": dict(curve, **{"-5": inf, "-4": inf})} for name in ("sp", "mup")}
+    plot(res, [64, 128], tmp_path / "p.png")
+    for ax in figs[-1].axes:
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == ["width 64 (best 2^-8)", "width 128 (best 2^-8; diverged at 2^-5, 2^-4)"]
+        for line, w in zip(ax.lines, ("64", "128")):
+            drawn = {int(x): y for x, y in zip(line.get_xdata(), line.get_ydata()) if np.isfinite(y)}
+            assert drawn == {int(k): v for k, v in res["sp"][w].items() if np.isfinite(v)}
+
+
 def test_the_transfer_json_writes_a_diverged_rate_as_null(tmp_path, monkeypatch):
     """--json wrote a diverged rate's loss (inf) as bare Infinity, which strict readers (JavaScript, jq) refuse; it
     is null now, as metrics.jsonl writes a non-finite loss."""

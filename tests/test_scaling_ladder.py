@@ -460,6 +460,42 @@ def test_the_figure_says_what_the_prediction_was_fitted_on(tmp_path, monkeypatch
                       f"({n_runs} diverged runs left out)"]
 
 
+def test_the_prediction_panel_says_which_of_the_held_out_models_runs_diverged(tmp_path, monkeypatch):
+    """A diverged run of the held-out model (eval loss NaN) drew no 'actual' star beside its prediction, and neither
+    panel said so (the left one names the fitted rungs' diverged runs only): the missing star read as one hidden
+    behind the predicted point. Its legend names each such run, at the tokens results.json marks diverged; the
+    stars drawn are the finite actual losses."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from experiments import scaling_ladder as sl
+    from scaling.flops import param_counts
+
+    target, last = sl.QUICK_LADDER[-1].name, max(sl.QUICK_STEPS)
+
+    def train(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):
+        n = param_counts(rung.config()).non_embedding
+        runs = [dict(rung=rung.name, n_params=n, tokens=b * sl.TOKENS_PER_STEP, steps=b, train_loss=0.0, flops=0.0,
+                     eval_loss=float("nan") if (rung.name, b) == (target, last) else
+                     1 + 40 / n**0.4 + 300 / (b * sl.TOKENS_PER_STEP)**0.3) for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    figs, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figs.append(fig), close(fig)))
+    monkeypatch.setattr(sl, "train_rung", train)
+    sl.main(["--quick", "--no-docs", "--n-boot", "4", "--out", str(tmp_path / "q")])
+    rows = json.loads((tmp_path / "q" / "results.json").read_text())["comparison"]
+    gone = [r["tokens"] for r in rows if r["diverged"]]
+    assert gone == [last * sl.TOKENS_PER_STEP]
+    ax2 = figs[-1].axes[1]
+    assert f"{target} diverged (no actual): D={gone[0] / 1e3:.0f}k" in [t.get_text() for t in
+                                                                       ax2.get_legend().get_texts()]
+    (stars,) = [line for line in ax2.lines if line.get_label() == "actual"]
+    assert [(x, y) for x, y in zip(stars.get_xdata(), stars.get_ydata()) if np.isfinite(y)] == [
+        (r["tokens"], r["actual"]) for r in rows if not r["diverged"]]
+
+
 def test_the_ladder_trains_each_rung_at_its_peak_lr_after_a_warmup_of_at_most_half_the_shortest_budget(tmp_path,
                                                                                                      monkeypatch):
     """main's clamp: --warmup 16 under --quick (budgets 8, 12, 16 steps) is 8 // 2 = 4 steps (a clamp by the longest

@@ -667,6 +667,36 @@ def test_a_train_loss_with_no_finite_neighbour_is_drawn_in_the_plot(tmp_path, mo
                 assert (np.abs(near - c0).sum(-1) < 60).any(), (losses, step)
 
 
+def test_the_loss_plot_marks_each_non_finite_step_of_the_log(tmp_path, monkeypatch):
+    """train_lm logs a skipped (or halted-on) step as a 'nonfinite' record; with log_every > 1 such a step has no
+    train record, and loss.png of a run that skipped steps looked like a clean run's. Each one is a vertical line in
+    the figure, at the steps metrics.jsonl names, and in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.figure
+
+    from experiments.run_log import plot_losses
+
+    figs, real_savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figs.append(fig),
+                                                                                  real_savefig(fig, *a, **k))[1])
+    records = [{"kind": "eval", "step": 0, "loss": 5.0}, {"kind": "train", "step": 10, "loss": 4.0},
+               {"kind": "nonfinite", "step": 13, "policy": "skip", "skipped": 1},
+               {"kind": "nonfinite", "step": 17, "policy": "skip", "skipped": 2},
+               {"kind": "train", "step": 20, "loss": 3.5}, {"kind": "train", "step": 30, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_losses(tmp_path)
+    ax = figs[-1].axes[0]
+    vertical = sorted({line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1
+                       and len(line.get_xdata()) == 2})
+    assert vertical == [r["step"] for r in records if r["kind"] == "nonfinite"]
+    assert any("non-finite" in t.get_text() for t in ax.get_legend().get_texts())
+    # the curves themselves are the logged points
+    train = next(line for line in ax.lines if line.get_label() == "train loss")
+    assert list(train.get_xdata()) == [10, 20, 30] and list(train.get_ydata()) == [4.0, 3.5, 3.0]
+
+
 def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_that_step(tmp_path):
     """Each step directory's meta names its step: a directory holding another step's checkpoint (copied by hand,
     say) is a good checkpoint of the wrong step; resuming from it would restart the loop at the saved step while
