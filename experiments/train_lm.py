@@ -26,6 +26,7 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 
 from data.cli import run_main
@@ -121,34 +122,41 @@ def corpus_tiers(spec) -> tuple[str, str]:
     root = pathlib.Path(cache_root(spec)) / (
         f"lm-corpus-v2-py{sys.version_info.major}{sys.version_info.minor}-{spec.max_files or 'all'}-"
         f"{spec.eval_every_nth}")  # v2: split by module (v1 split a module's source from its docstrings)
-    if not (root / "done").exists():
-        # built in a private directory and renamed into place: concurrent processes never see half a corpus
-        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-        writers = {"train": [DocWriter(tmp / "train" / f"{shard_name(i)}.array_record") for i in range(2)],
-                   "eval": [DocWriter(tmp / "eval" / f"{shard_name(0)}.array_record")]}
-        n = {"train": 0, "eval": 0}
-        module = -1
-        try:
-            for doc in stdlib_documents(spec.max_files):
-                module += doc["kind"] == "code"  # each module: its source, then (if any) its docstrings
-                split = "eval" if module % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
-                ws = writers[split]
-                ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
-                n[split] += 1
-            for ws in writers.values():
-                for w in ws:
-                    w.commit()
-            (tmp / "done").write_text(json.dumps(n), encoding="utf-8")
-        except BaseException:  # the next attempt builds under its own pid: a failed one's directory was never removed
-            for w in (w for ws in writers.values() for w in ws):
-                w.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+    # one build at a time in this process (`_CORPUS_BUILD`); other processes build in their own directory
+    with _CORPUS_BUILD:
+        if not (root / "done").exists():
+            # built in a private directory and renamed into place: concurrent processes never see half a corpus
+            tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+            writers = {"train": [DocWriter(tmp / "train" / f"{shard_name(i)}.array_record") for i in range(2)],
+                       "eval": [DocWriter(tmp / "eval" / f"{shard_name(0)}.array_record")]}
+            n = {"train": 0, "eval": 0}
+            module = -1
+            try:
+                for doc in stdlib_documents(spec.max_files):
+                    module += doc["kind"] == "code"  # each module: its source, then (if any) its docstrings
+                    split = "eval" if module % spec.eval_every_nth == spec.eval_every_nth - 1 else "train"
+                    ws = writers[split]
+                    ws[n[split] % len(ws)].write({"id": doc["id"], "text": doc["text"]})
+                    n[split] += 1
+                for ws in writers.values():
+                    for w in ws:
+                        w.commit()
+                (tmp / "done").write_text(json.dumps(n), encoding="utf-8")
+            except BaseException:  # a failed build's directory was never removed (the next one builds anew)
+                for w in (w for ws in writers.values() for w in ws):
+                    w.abort()
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(root / "train"), str(root / "eval")
+
+
+# Two sweep runs in one process's threads (a thread pool) both built the corpus in `<root>.tmp<pid>`: one renamed or
+# removed the other's files (FileNotFoundError), and Python 3.11's ast.parse from two threads raised SystemError
+_CORPUS_BUILD = threading.Lock()
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------

@@ -902,6 +902,38 @@ def test_a_corpus_build_that_fails_part_way_leaves_no_directory_behind(tmp_path,
     assert [p.name for p in tmp_path.iterdir()] == [pathlib.Path(train).parent.name]
 
 
+def test_two_threads_building_the_corpus_at_once_each_get_it_whole(tmp_path, monkeypatch):
+    """A sweep's thread pool: two train_lm runs in one process both built the embedded corpus in `<root>.tmp<pid>`,
+    one's rename or clean-up taking the other's files (FileNotFoundError); one builds, the other waits and reads it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import corpus
+    from data.shards import iter_docs, tier_shards
+    from experiments.config import DataSpec
+    from experiments.train_lm import corpus_tiers
+
+    real, entered, both = corpus.stdlib_documents, [], threading.Event()
+
+    def slow_start(max_files):  # the first build holds on after its first document until the second starts (1 s)
+        entered.append(1)
+        if len(entered) == 2:
+            both.set()
+        docs = real(max_files)
+        yield next(docs)
+        both.wait(1.0)
+        yield from docs
+
+    monkeypatch.setattr(corpus, "stdlib_documents", slow_start)
+    spec = DataSpec(max_files=10, eval_every_nth=5, cache_dir=str(tmp_path))
+    with ThreadPoolExecutor(2) as pool:
+        tiers = [f.result() for f in [pool.submit(corpus_tiers, spec) for _ in range(2)]]
+    assert tiers[0] == tiers[1]
+    ids = sorted(d["id"] for tier in tiers[0] for shard in tier_shards(tier) for d in iter_docs(shard))
+    assert ids == sorted(d["id"] for d in real(10))
+    assert [p.name for p in tmp_path.iterdir()] == [pathlib.Path(tiers[0][0]).parent.name]  # no build left behind
+
+
 def test_a_leaf_whose_dtype_changed_since_the_save_restores_and_verifies(tmp_path):
     """The checksum is over the saved bits: a bf16 leaf now kept in float32 (the MoE router bias) is verified as
     saved, then cast (it was quarantined as corrupt and training restarted from step 0)."""
