@@ -164,8 +164,8 @@ _CORPUS_BUILD = threading.Lock()
 
 def peak_flops_per_device(model_dtype: str) -> tuple[float | None, str]:
     """Per-device peak FLOP/s for MFU: the datasheet value of a known accelerator (`scaling.hardware.device_peak`),
-    or, on CPU, a matmul measured once on this host (the fake CPU devices share it, so MFU on CPU is over the
-    whole host)."""
+    or, on CPU, a matmul measured on this host at each call, i.e. once per run (the fake CPU devices share it, so MFU
+    on CPU is over the whole host; runs in parallel threads measure it while the others train, inflating their MFU)."""
     import jax
 
     from scaling.hardware import device_peak, measure_cpu_peak
