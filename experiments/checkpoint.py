@@ -55,6 +55,11 @@ class _SavesBetweenEvals(logging.Filter):
 
 logging.getLogger("absl").addFilter(_SavesBetweenEvals())
 
+# This process's writing managers by directory: a second Checkpoints over a directory whose first is still open (a
+# notebook cell run again) took the first's save still in flight for an interrupted one and cleaned it up under it:
+# that step was lost, and the second manager's first save failed ("Directory not empty")
+_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
 
 class NonFiniteState(RuntimeError):
     """Refused to save a state with NaN/Inf in it."""
@@ -274,6 +279,12 @@ class Checkpoints:
         self.dir = pathlib.Path(local_path(directory)).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.read_only = read_only
+        if not read_only and (earlier := _WRITERS.get(str(self.dir))) is not None:
+            try:  # its save finishes first (a step, not a temporary folder to clean up)
+                earlier.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - its own failure: this manager opens as after a crash
+                self.log(f"checkpoint: the save still writing in {self.dir} from an earlier Checkpoints failed "
+                         f"({_reason(e)})")
         self._report_incomplete()
         self._handlers = handlers = {"state": array_tree_handler(), "meta": ocp.JsonCheckpointHandler(),
                                      "loader": grain.checkpoint.CheckpointHandler()}
@@ -300,6 +311,7 @@ class Checkpoints:
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
         self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
+        _WRITERS[str(self.dir)] = self.mgr
         if async_save:
             _finish_at_exit(self)
 
@@ -407,6 +419,8 @@ class Checkpoints:
                 self.mgr.wait_until_finished()
         finally:
             self.mgr.close()
+            if _WRITERS.get(str(self.dir)) is self.mgr:
+                del _WRITERS[str(self.dir)]
 
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())

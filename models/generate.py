@@ -15,6 +15,7 @@ from flax import nnx
 
 from models.keys import key_error
 from models.transformer import KVCache, check_token_ids
+from parallel.sharding import replicated
 
 
 def _check_top_k(top_k):
@@ -283,6 +284,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     elif not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # a raw PRNGKey: the typed key of the same bits (the
         rng = jax.random.wrap_key_data(rng)  # same samples), so both kinds share one compiled program
     graphdef, state = nnx.split(model)
+    # a prompt, mask or key already on other devices than the model (another model's output, a device_put) failed in
+    # the program with jax's "incompatible devices", naming its internal prompt_BP; numpy ids and lists ran wherever
+    # the model lives, so these go there too (replicated: small, and the rules place them inside)
+    prompt_BP, start_B, rng = _on_devices_of(state, prompt_BP, start_B, rng)
     # top_k / top_p change nothing then (warned above): not in the program either. A Python bool: a numpy scalar
     # temperature (np.float32(0.9)) made it np.False_, another static cache key, so the program compiled again
     greedy = bool(temperature == 0)
@@ -299,6 +304,22 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
                                  "trim=False for [B, P + max_new_tokens] (pad_id after the stop)")
             new = new[:, :int(n)]
     return jnp.concatenate([prompt_BP, new], axis=1)
+
+
+def _on_devices_of(state, *xs):
+    """Each concrete jax array of `xs` that lies on other devices than the arrays of `state` (a model's), replicated
+    onto them (its whole mesh, or its one device); the others (numpy, None, tracers, ones already there) as given."""
+    leaf = next((v for v in jax.tree.leaves(state) if isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer)),
+                None)
+    if leaf is None:  # traced (generate inside jax.jit): the caller's program places them
+        return xs
+    where = leaf.sharding
+    if isinstance(where, jax.sharding.NamedSharding):
+        where = replicated(where.mesh)
+    elif len(where.device_set) != 1:
+        return xs
+    return tuple(jax.device_put(x, where) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+                 and x.sharding.device_set != where.device_set else x for x in xs)
 
 
 def _int_scalar(v):

@@ -209,6 +209,28 @@ def test_generate_on_a_training_mesh_equals_one_device(model, mesh_shape):
             nnx.merge(graphdef, params)(jnp.zeros((1, 6), jnp.int32))
 
 
+def test_generate_takes_prompts_keys_and_masks_on_other_devices_than_the_model(model):
+    """A prompt (mask, key) on other devices than a committed model (load_model's, a sharded one), e.g. another
+    model's output, failed with jax's "Received incompatible devices" (naming generate's internal prompt_BP), where
+    the same ids as numpy ran: each placement now gives the numpy prompt's tokens."""
+    from parallel import make_mesh, shard_state
+
+    graphdef, params = nnx.split(model)
+    one = nnx.merge(graphdef, jax.device_put(params, jax.devices()[0]))  # committed to one device, as load_model's
+    on_mesh = nnx.merge(graphdef, shard_state(params, make_mesh({"data": 2, "fsdp": 4})))
+    prompt, mask = left_pad([[5, 9, 2], [7, 1]])
+    prompt, mask = np.asarray(prompt), np.asarray(mask)
+    kw = dict(temperature=0.9, top_k=8)
+    ref = generate(one, prompt, 5, prompt_mask=mask, rng=jax.random.key(1), **kw)
+    elsewhere = lambda x, d=7: jax.device_put(x, jax.devices()[d])  # noqa: E731
+    got = generate(on_mesh, elsewhere(prompt), 5, prompt_mask=elsewhere(mask, 6), rng=elsewhere(jax.random.key(1), 5),
+                   **kw)
+    np.testing.assert_array_equal(got, ref)
+    # and back: the mesh model's output, continued by the one-device model, as the numpy ids are
+    out = generate(on_mesh, prompt, 3)
+    np.testing.assert_array_equal(generate(one, out, 2), generate(one, np.asarray(out), 2))
+
+
 def test_a_cache_made_under_a_mesh_is_placed_by_the_rules():
     """KVCache.zeros inside jax.set_mesh made every k / v stack whole on every device (P()): a hand-written decode
     loop (generate makes its cache inside its program) held the full [L/P, B, K, S, H] cache on each device before

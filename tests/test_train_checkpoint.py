@@ -357,6 +357,30 @@ def test_a_reader_beside_a_training_job_does_not_call_its_save_in_progress_inter
     assert len(lines) == 1 and "(interrupted while writing)" in lines[0], lines
 
 
+def test_a_second_manager_over_a_directory_lets_the_first_ones_save_in_flight_finish(tmp_path):
+    """A notebook cell run again: a new Checkpoints over the directory while the first (never closed) was still
+    writing an async save took that save for an interrupted one and cleaned it up under its writer: the step was
+    lost, and the new manager's first save failed (OSError 'Directory not empty'). Both steps now restore."""
+    def big(step):  # 2 MiB: its async write outlasts the second manager's open
+        return {"params": {"w": jnp.full((512, 1024), float(step))}, "step": jnp.asarray(step, jnp.int32)}
+
+    first = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, log=lambda *a: None)
+    first.save(1, big(1), {"config": "{}"})  # async: still writing when the cell below runs
+    lines = []
+    second = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, log=lines.append)
+    try:
+        second.save(2, big(2), {"config": "{}"})
+        second.wait()
+        assert second.steps() == [1, 2]
+        for step in (1, 2):
+            state, _ = second.restore(big(0), step)
+            np.testing.assert_array_equal(state["params"]["w"], big(step)["params"]["w"])
+    finally:
+        second.close()
+        first.close()
+    assert not any("interrupted" in line for line in lines), lines
+
+
 class PositionLoader:
     """Stands for data.loader.LMLoader: just a position to save and restore."""
 
