@@ -279,7 +279,10 @@ class Checkpoints:
         self.dir = pathlib.Path(local_path(directory)).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.read_only = read_only
-        if not read_only and (earlier := _WRITERS.get(str(self.dir))) is not None:
+        # keyed by the resolved path: another spelling of the directory (relative with '..', a symlink) missed the
+        # first manager and cleaned up its save in flight as before
+        self._writer_key = str(self.dir.resolve())
+        if not read_only and (earlier := _WRITERS.get(self._writer_key)) is not None:
             try:  # its save finishes first (a step, not a temporary folder to clean up)
                 earlier.wait_until_finished()
             except Exception as e:  # noqa: BLE001 - its own failure: this manager opens as after a crash
@@ -311,7 +314,7 @@ class Checkpoints:
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
         self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
-        _WRITERS[str(self.dir)] = self.mgr
+        _WRITERS[self._writer_key] = self.mgr
         if async_save:
             _finish_at_exit(self)
 
@@ -419,8 +422,8 @@ class Checkpoints:
                 self.mgr.wait_until_finished()
         finally:
             self.mgr.close()
-            if _WRITERS.get(str(self.dir)) is self.mgr:
-                del _WRITERS[str(self.dir)]
+            if _WRITERS.get(self._writer_key) is self.mgr:
+                del _WRITERS[self._writer_key]
 
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())

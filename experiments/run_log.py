@@ -256,11 +256,13 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
 
     records = read_curves(out / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(7, 4))
+    positive = False  # a loss a log scale can show
     try:  # closed however the save ends (as video_eval.write_overview): pyplot keeps every open figure
         for kind, key, label, style in curves:
             pts = [(s, r[key]) for s, r in sorted(records.get(kind, {}).items()) if key in r]
             if pts:
                 ys = [math.nan if v is None else v for _, v in pts]  # null: a non-finite loss
+                positive |= any(math.isfinite(y) and y > 0 for y in ys)
                 (line,) = ax.plot([s for s, _ in pts], ys, style, label=label)
                 # a point with no finite neighbour is no segment's end: a style without markers ('-') drew nothing
                 # for it (a run stopped after its first train record, a loss between two non-finite ones)
@@ -276,8 +278,8 @@ def plot_losses(out: pathlib.Path, unit: str = "byte", curves=LM_CURVES, name: s
                        label=f"non-finite step{'s' * (len(bad) > 1)} ({len(bad)})" if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel or f"loss (nats / {unit})")
-        if log_y:
-            ax.set_yscale("log")
+        if log_y and positive:  # else the non-finite steps' lines alone (a run whose every loss was NaN) set the
+            ax.set_yscale("log")  # y range to their [0, 1]: "Data cannot be log-scaled" from tight_layout
         ax.grid(alpha=0.3)
         if ax.lines:  # (legend() warns when there is nothing to label: a run stopped before its first record)
             ax.legend()

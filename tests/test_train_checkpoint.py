@@ -357,17 +357,21 @@ def test_a_reader_beside_a_training_job_does_not_call_its_save_in_progress_inter
     assert len(lines) == 1 and "(interrupted while writing)" in lines[0], lines
 
 
-def test_a_second_manager_over_a_directory_lets_the_first_ones_save_in_flight_finish(tmp_path):
+@pytest.mark.parametrize("spelling", ["same", "symlink", "dotdot"])
+def test_a_second_manager_over_a_directory_lets_the_first_ones_save_in_flight_finish(tmp_path, spelling):
     """A notebook cell run again: a new Checkpoints over the directory while the first (never closed) was still
     writing an async save took that save for an interrupted one and cleaned it up under its writer: the step was
-    lost, and the new manager's first save failed (OSError 'Directory not empty'). Both steps now restore."""
+    lost, and the new manager's first save failed (OSError 'Directory not empty'). Both steps now restore, also when
+    the second names the directory another way (a symlink, a path through '..': they missed the first manager)."""
     def big(step):  # 2 MiB: its async write outlasts the second manager's open
         return {"params": {"w": jnp.full((512, 1024), float(step))}, "step": jnp.asarray(step, jnp.int32)}
 
     first = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, log=lambda *a: None)
     first.save(1, big(1), {"config": "{}"})  # async: still writing when the cell below runs
     lines = []
-    second = Checkpoints(tmp_path / "ckpt", keep=3, keep_best=False, log=lines.append)
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt")
+    again = {"same": tmp_path / "ckpt", "symlink": tmp_path / "link", "dotdot": tmp_path / "ckpt" / ".." / "ckpt"}
+    second = Checkpoints(again[spelling], keep=3, keep_best=False, log=lines.append)
     try:
         second.save(2, big(2), {"config": "{}"})
         second.wait()
@@ -719,6 +723,18 @@ def test_the_loss_plot_marks_each_non_finite_step_of_the_log(tmp_path, monkeypat
     # the curves themselves are the logged points
     train = next(line for line in ax.lines if line.get_label() == "train loss")
     assert list(train.get_xdata()) == [10, 20, 30] and list(train.get_ydata()) == [4.0, 3.5, 3.0]
+
+
+def test_a_log_scale_loss_plot_of_a_run_whose_every_loss_was_non_finite_is_written(tmp_path):
+    """plot_losses(log_y=True) of a run halted on its first step (its one train loss null, one 'nonfinite' record):
+    the non-finite step's line alone set the y range, and tight_layout raised 'Data cannot be log-scaled'. The figure
+    is written, with the non-finite step marked (as a linear-scale plot of the same log)."""
+    from experiments.run_log import plot_losses
+
+    records = [{"kind": "train", "step": 1, "loss": None}, {"kind": "nonfinite", "step": 1, "policy": "halt"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    path = plot_losses(tmp_path, log_y=True)
+    assert path.read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_step_directory_holding_another_steps_checkpoint_is_not_restored_as_that_step(tmp_path):

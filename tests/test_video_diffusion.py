@@ -138,6 +138,16 @@ def test_noisy_names_times_and_noise_of_another_shape(cfg):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("t", [0.25, [0.25] * 4], ids=["float", "list"])
+def test_noisy_takes_a_python_time_as_the_array_of_it(t):
+    """One time as a Python float (0-d, as the docstring offers) or [B] times as a list passed the shape check and
+    failed with a bare AttributeError ('float' object has no attribute 'reshape'). The flow's x_t = (1 - t)·x0 + t·ε
+    and target ε - x0, here 0.75 and -1 everywhere."""
+    x_t, target = noisy(jnp.ones((4, 3)), jnp.zeros((4, 3)), t, DiffusionConfig())
+    np.testing.assert_allclose(x_t, np.full((4, 3), 0.75))
+    np.testing.assert_allclose(target, np.full((4, 3), -1.0))
+
+
 def test_alpha_bar_is_the_cosine_schedule():
     """ᾱ(t) = f(t) / f(0), f(t) = cos²((t + s)/(1 + s)·π/2) (Nichol & Dhariwal 2021), clipped below at alpha_bar_min,
     against float64: ᾱ(0) = 1 exactly, so x_0 is the data (f(t) alone, ᾱ(0) = 0.99984, passed the samplers'

@@ -57,6 +57,7 @@ def noisy(x0, eps, t_B, cfg: DiffusionConfig):
     """(x_t, target) for clean x0 [B, ...], noise ε of x0's shape and times t_B [B] (or one time, 0-d)."""
     # a t_B of [B, 1] was reshaped to [B, 1, 1, ...] and broadcast x_t to [B, B, ...] while the target stayed
     # [B, ...]; an ε of another shape broadcast x_t and the target apart: both silently
+    t_B = jnp.asarray(t_B)  # a Python float (one time) or a list of times: no .reshape of their own
     if jnp.shape(eps) != jnp.shape(x0) or jnp.shape(t_B) not in ((), jnp.shape(x0)[:1]):
         raise ValueError(f"noisy: eps must have x0's shape {list(jnp.shape(x0))} and t_B be [B] = "
                          f"{list(jnp.shape(x0)[:1])} (one time per example) or 0-d, got eps "
