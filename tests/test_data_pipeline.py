@@ -1179,6 +1179,27 @@ def test_parquet_records_of_the_wrong_type_or_a_corrupt_file_are_counted(tmp_pat
     assert sum(sizes) == os.path.getsize(tmp_path / "other.parquet") and max(sizes) - min(sizes) <= 1
 
 
+def test_a_parquet_file_is_read_a_batch_at_a_time_not_its_row_group_whole(tmp_path):
+    from data.sources import read_records
+
+    # one row group of incompressible text (pyarrow writes up to 1Mi rows to a group, so a file of ~2 kB documents
+    # is often one): pyarrow's default pre_buffer read the group's whole column chunks into memory first, so the
+    # Arrow memory held grew with the file (8 / 16 MB files: 13 / 21 MB); read a batch at a time, it does not
+    rng = np.random.default_rng(0)
+    held = []
+    for rows in (2048, 4096):
+        chars = rng.integers(97, 123, (rows, 4096), dtype=np.uint8)
+        pq.write_table(pa.table({"text": [r.tobytes().decode() for r in chars]}), tmp_path / f"{rows}.parquet",
+                       compression="none")
+        most = n = 0
+        for _ in read_records([str(tmp_path / f"{rows}.parquet")]):
+            most, n = max(most, pa.total_allocated_bytes()), n + 1
+        assert n == rows
+        held.append(most)
+    assert held[1] < 1.25 * held[0], f"Arrow memory held: {held[0] / 2**20:.1f} MB for an 8 MB file, " \
+        f"{held[1] / 2**20:.1f} MB for a 16 MB one"
+
+
 def test_empty_stage_tiers_exact_copies_of_near_dups_and_nested_parquet_metadata(tmp_path):
     import datetime
 
