@@ -250,8 +250,11 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
                         raise ValueError(f"{folder}: from_pretrained(tie_embeddings=True) ties lm_head to the "
                                          "embedding, but lm_head.weight differs from model.embed_tokens.weight; "
                                          "load it untied (leave tie_embeddings out)")
+                    # Gemma ties by default: a config.json without the field did not "say" it
+                    says = ("says tie_word_embeddings=true" if "tie_word_embeddings" in hf else
+                            "leaves tie_word_embeddings out (true by default for this architecture)")
                     raise ValueError(
-                        f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                        f"{folder}: config.json {says} but lm_head.weight differs from "
                         "model.embed_tokens.weight (transformers 5.x then loads them untied, 4.x ties them); set "
                         "tie_word_embeddings in config.json to what these weights are")
     used = {n for key, (name, _, _) in layout.items() for n in _names(cfg, key, name)}
@@ -413,9 +416,14 @@ def _check_token_ids(token_ids, vocab_size: int) -> dict:
         # numpy / jax integer scalars (a tokenizer's or generate's ids, which generate's eos_id takes) as Python
         # ints: they were refused as no token id, and json cannot write them
         got = [_scalar_id(x) for x in v] if isinstance(v, list | tuple) else _scalar_id(v)
+        # only eos_token_id may be a list: transformers 5.x's configs type bos / pad as one int (or None) and refuse
+        # to load a config.json with a list there (StrictDataclassFieldValidationError), after the old files went
+        if isinstance(got, list) and k != "eos_token_id":
+            raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: transformers takes one {k} (an int or None); "
+                             "only eos_token_id may be a list: give one id")
         if not (ok(got) or (isinstance(got, list) and got and all(ok(x) and x is not None for x in got))):
             raise ValueError(f"save_pretrained token_ids[{k!r}]={v!r}: give a token id in [0, "
-                             f"vocab_size={vocab_size}), a list of them or None")
+                             f"vocab_size={vocab_size}){', a list of them' * (k == 'eos_token_id')} or None")
         ids[k] = got
     return ids
 

@@ -1326,6 +1326,18 @@ def test_token_ids_given_as_numpy_or_jax_integers_are_saved_as_ids(tmp_path):
             save_pretrained(model, tmp_path / "bad", token_ids={"eos_token_id": bad})
 
 
+def test_only_eos_token_id_is_saved_as_a_list(tmp_path):
+    """transformers' configs type bos / pad as one int: a list there was written, and transformers refused to load
+    the export (StrictDataclassFieldValidationError) after the folder's old weights were removed. eos stays a list."""
+    model = _random_model(ROUND_TRIP["llama"], seed=0)
+    for key in ("bos_token_id", "pad_token_id"):
+        with pytest.raises(ValueError, match=rf"token_ids\['{key}'\]=\[1, 2\]: transformers takes one {key}"):
+            save_pretrained(model, tmp_path / "bad", token_ids={key: [1, 2]})
+    save_pretrained(model, tmp_path / "ok", token_ids={"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0})
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ok")
+    assert (back.config.bos_token_id, back.config.eos_token_id, back.config.pad_token_id) == (1, [2, 7], 0)
+
+
 def test_bidirectional_attention_is_refused():
     raw = MINIMAL | dict(architectures=["Gemma2ForCausalLM"], use_bidirectional_attention=True)
     with pytest.raises(ValueError, match="use_bidirectional_attention=True.*causal"):
@@ -1897,6 +1909,23 @@ def test_flags_written_as_strings_are_refused_by_name(cls, field):
         config_from_hf(hf | {field: "false"})
     config_from_hf(hf | {field: False})  # a real boolean loads
     config_from_hf(hf | {field: None})  # null too, read as false (transformers 4.x reads it so)
+
+
+def test_a_tie_by_default_is_not_called_what_config_json_says(tmp_path):
+    """Gemma 2 ties its head by default: a config.json without tie_word_embeddings and a different lm_head.weight
+    was refused as 'config.json says tie_word_embeddings=true', which it does not say."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(_random_model(ROUND_TRIP["gemma2"], seed=3), tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    hf.pop("tie_word_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"config\.json leaves tie_word_embeddings out \(true by default for this "
+                                         r"architecture\) but lm_head\.weight differs"):
+        from_pretrained(tmp_path)
 
 
 def test_a_tie_asked_for_by_an_override_is_named_as_such(tmp_path):
