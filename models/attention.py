@@ -144,6 +144,13 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, scale: float, causal_block:
     if C is None or T != S or T <= C:
         o_BKGTH = _core(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, softcap)
     else:
+        # a mask broadcast over T or S (size 1) is causal for no T = S > 1: block i's slice [lo:hi] of a size-1 T was
+        # empty (a bare broadcasting error), and a size-1 S let each block see its whole key prefix, silently
+        if tuple(mask_B1TS.shape[2:]) != (T, S):
+            raise ValueError(f"attention: causal_block={causal_block} promises a mask causal by position, but "
+                             f"mask_B1TS has shape {tuple(mask_B1TS.shape)}, broadcast over T or S, which no causal "
+                             f"mask is at T = S = {T}; pass the whole [B, 1, T, S] mask (models.attention.make_mask) "
+                             "or causal_block=None")
         o_BKGTH = _blocked(q_BKGTH, k_BKSH, v_BKSH, mask_B11TS, scale, C, softcap)
     return o_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
@@ -279,7 +286,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, *, impl: str = "xla", scale: fl
     is a ValueError naming attn_impl; odd lengths train through `cudnn_attention`'s padding); 'reference' is the
     einsum oracle.
     causal_block: promise that the mask is causal by position, so 'xla' may skip the key blocks
-    above the diagonal (see `xla_attention`); the other implementations ignore it.
+    above the diagonal (see `xla_attention`; where it does, a mask broadcast over T or S is a ValueError); the other
+    implementations ignore it.
     is_causal: promise that the mask is *exactly* the causal one (T == S, no padding, no segments).
     'cudnn' then runs its causal mask type, which skips the blocks above the diagonal; given a mask
     tensor instead, jax turns it into an additive [B, 1, T, S] bias that the kernel reads in full.

@@ -225,6 +225,24 @@ def test_causal_block_with_fewer_queries_than_keys_runs_dense():
     np.testing.assert_allclose(attention(q, k, v, mask, causal_block=4), want, atol=1e-5)
 
 
+def test_causal_block_refuses_a_mask_broadcast_over_queries_or_keys():
+    """causal_block promises a mask causal by position; a [B, 1, 1, S] key-padding mask (broadcast over T, as
+    attention's shape check allows) failed in the blocked kernel in a bare "Incompatible shapes for broadcasting"
+    (block i's mask slice [lo:hi] of a size-1 T was empty), and a [B, 1, T, 1] one ran silently, each block seeing
+    its whole key prefix (1.87 off the dense result at T = 8, blocks of 2). Neither is causal at T = S > 1: refused
+    by name. A whole mask, and any mask without causal_block or at T <= C (one dense block), still runs."""
+    B, T, N, K, H = 1, 8, 2, 1, 4
+    q, k, v = qkv(B, T, N, K, H, jnp.float32)
+    for shape in ((B, 1, 1, T), (B, 1, T, 1)):
+        mask = jnp.ones(shape, bool)
+        with pytest.raises(ValueError, match=r"causal_block=2 promises a mask causal by position.*broadcast over T"):
+            attention(q, k, v, mask, causal_block=2)
+        assert attention(q, k, v, mask).shape == q.shape
+        assert attention(q, k, v, mask, causal_block=8).shape == q.shape
+    mask = dense_window_mask(T, None)
+    np.testing.assert_allclose(attention(q, k, v, mask, causal_block=2), attention(q, k, v, mask), atol=1e-6)
+
+
 @pytest.mark.parametrize("impl,block", [("xla", None), ("xla", 4), ("swa", 4)])
 def test_a_traced_scale_is_taken_and_differentiated(impl, block):
     """A scale that is a jit argument or a learned temperature is a tracer. The custom-VJP kernels took it as a static
