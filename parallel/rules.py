@@ -239,20 +239,24 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
 
 
 def _check_override_on_mesh(name: str, axes: tuple[str, ...], sizes: dict[str, int]) -> None:
-    """An override (use_rules / rules=) that changes a table name's rule to mesh axes none of which this mesh has
-    replicated the dimension, silently (`use_rules(heads='expert')` on {data, tensor}: heads whole on every device).
+    """An override (use_rules / rules=) that changes a table name's rule to mesh axes none of which this mesh has (or
+    has at size 1, which splits nothing) replicated the dimension, silently (`use_rules(heads='expert')` on
+    {data, tensor}: heads whole on every device).
     Absent axes of the default table drop out as documented (one table serves every mesh), and so do some of a
     tuple's; your own modules' names are not checked (their rules, like the table's, serve every mesh). Nor is an
     override where the default splits nothing either (embed=('fsdp', 'data') on {sequence, tensor}): the dimension is
     replicated either way, and one override serves every mesh, as the table does (memory_per_device's sweeps)."""
     default = _DEFAULT_RULES.get(name, axes)
     default = (default,) if isinstance(default, str) else tuple(default or ())
-    if (not axes or any(a in sizes for a in axes) or axes == default
+    # a size-1 axis drops out as an absent one does (make_mesh({'data': -1, 'fsdp': 1, 'tensor': 4}) with
+    # mlp='fsdp' placed the MLP weights whole on every device, silently, where {'data': 2, 'tensor': 4} raised)
+    if (not axes or any(sizes.get(a, 1) > 1 for a in axes) or axes == default
             or not any(sizes.get(a, 1) > 1 for a in default)):
         return
     raise ValueError(f"rules: {name}={axes[0] if len(axes) == 1 else axes!r} overrides the table with mesh axes "
-                     f"this mesh does not have (its axes: {dict(sizes)}), which would replicate {name!r} silently; "
-                     f"name an axis of this mesh, None to replicate, or add {list(axes)} to the mesh")
+                     f"this mesh does not have (its axes: {dict(sizes)}; one of size 1 splits nothing), which would "
+                     f"replicate {name!r} silently; name an axis of this mesh, None to replicate, or add {list(axes)} "
+                     "to the mesh")
 
 
 _lenient = jax.make_user_context(default_value=False)  # part of jax.jit's cache key, as the rules are

@@ -284,6 +284,22 @@ def test_an_override_to_mesh_axes_the_mesh_lacks_is_refused_by_name():
         assert logical_to_spec(("my_axis",), mesh) == jax.P(None)
 
 
+def test_an_override_to_a_size_1_mesh_axis_is_refused_as_an_absent_one_is():
+    """A size-1 axis drops out of the rules as an absent one does, so an override to it loses the default's split
+    the same way: rules={'mlp': 'fsdp'} on make_mesh({'data': -1, 'fsdp': 1, 'tensor': 4}) placed every MLP weight
+    whole on each device, silently, where the same mesh spelt without 'fsdp' raised."""
+    says = r"rules: mlp='fsdp' overrides the table with mesh axes this mesh does not have"
+    for shape in ({"data": 2, "tensor": 4}, {"data": -1, "fsdp": 1, "tensor": 4}):
+        mesh = make_mesh(shape)
+        with pytest.raises(ValueError, match=says), use_rules(mlp="fsdp"):
+            logical_to_spec(("embed", "mlp"), mesh, (8, 8))
+        with pytest.raises(ValueError, match=says):
+            logical_to_spec(("embed", "mlp"), mesh, (8, 8), rules={"mlp": "fsdp"})
+    # a size-1 axis beside a present one of a tuple still serves (mlp over tensor alone)
+    assert logical_to_spec(("mlp",), make_mesh({"data": -1, "fsdp": 1, "tensor": 4}),
+                           rules={"mlp": ("fsdp", "tensor")}) == jax.P("tensor")
+
+
 def test_an_override_on_a_mesh_the_default_does_not_split_either_is_not_refused():
     """The check above is for an override that loses a split the default rule makes on this mesh. On a mesh where the
     default names no axis either, the dimension is replicated either way: rules={'embed': ('fsdp', 'data')} on
