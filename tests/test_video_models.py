@@ -560,6 +560,19 @@ def test_a_frame_count_the_temporal_factor_refuses_names_the_nearest_valid_count
     assert cfg.latent_shape(9, 16, 16)[0] == 3
 
 
+def test_a_frame_size_the_spatial_factor_refuses_names_the_nearest_valid_sizes():
+    """'frame size 18×16 is not divisible by 4' named no fix, unlike the frame count's refusal: it names the
+    dimension that does not divide and the sizes to crop or pad it to (below and above, none below the factor)."""
+    for (height, width), near in (((18, 16), "the height 18 to 16 or 20"), ((16, 6), "the width 6 to 4 or 8"),
+                                  ((2, 30), "the height 2 to 4 and the width 30 to 28 or 32")):
+        with pytest.raises(ValueError, match=rf"VAEConfig.spatial_factor: frame size {height}×{width} is not divisible "
+                                             rf"by 4: crop or pad {near}$"):
+            VAE.latent_shape(5, height, width)
+    with pytest.raises(ValueError, match=r"crop or pad the height 18 to 16 or 20$"):  # encode's refusal is the same
+        nnx.eval_shape(lambda: VideoVAE(VAE, rngs=nnx.Rngs(0))).encode(jnp.zeros((1, 5, 18, 16, 3)))
+    assert VAE.latent_shape(5, 16, 20)[1:3] == (4, 5)
+
+
 @pytest.mark.parametrize("frames,height,width", [(9.0, 16, 16), (9, 16.0, 16), (True, 16, 16), ("9", 16, 16)])
 def test_vae_latent_shape_and_flops_refuse_a_clip_size_that_is_not_a_count(frames, height, width):
     """latent_shape(9.0, 16, 16) reported (3.0, 4, 4, 8), a float latent frame count (which DiTConfig.latent_shape

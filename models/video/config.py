@@ -133,8 +133,11 @@ class VAEConfig:
         tf, below = self.temporal_factor, 1 + (frames - 1) // self.temporal_factor * self.temporal_factor
         need((frames - 1) % tf == 0, "temporal_factor",  # the nearest valid counts: what to crop or pad to
              f"clips need 1 + {tf}·k frames, got {frames}: crop or pad to {below} or {below + tf}")
-        need(height % self.spatial_factor == 0 and width % self.spatial_factor == 0, "spatial_factor",
-             f"frame size {height}×{width} is not divisible by {self.spatial_factor}")
+        sf = self.spatial_factor  # the nearest valid sizes, as for the frames: 'not divisible by 4' left the arithmetic
+        bad = [f"{name} {n} to {' or '.join(str(m) for m in (n // sf * sf, n // sf * sf + sf) if m)}"
+               for name, n in (("height", height), ("width", width)) if n % sf]
+        need(not bad, "spatial_factor",
+             f"frame size {height}×{width} is not divisible by {sf}: crop or pad the {' and the '.join(bad)}")
         return (1 + (frames - 1) // self.temporal_factor, height // self.spatial_factor,
                 width // self.spatial_factor, self.latent_channels)
 
