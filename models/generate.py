@@ -37,7 +37,8 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     Greedy when temperature == 0; otherwise temperature, then top-k, then nucleus (top-p). As in Hugging Face,
     top_k None or 0 is off, top_k > V keeps all V and top_p 1 is off (a float32 cumulative sum reaches 1 before the
     tail: 336 of 32000 tokens would go). Unlike Hugging Face, the top-p cutoff is a logit value: every token tied
-    with the last one kept stays (order-independent).
+    with the last one kept stays (order-independent). Draws use JAX's high-dynamic-range Gumbel noise
+    (`jax.random.categorical(..., mode="high")`): tokens below ~1e-7 probability come as often as they should.
     temperature and top_p may be traced scalars (one compiled program for all their values; a traced temperature
     always samples, 0 as the smallest one); top_k fixes the program's shapes, so it is a Python int."""
     top_k = _check_top_k(top_k)
@@ -78,7 +79,11 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
         if traced_p:  # a traced 1 is off too
             cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)
         logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
-    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+    # mode="high": the default Gumbel noise (one float32 uniform) caps how far a token can trail and still be drawn:
+    # a token 17 logits below the top came 0.17x as often as it should, 18 below 0.003x, 19 below never (exact over
+    # all 2^23 uniforms); 128k-vocabulary tails lose ~1e-4-1e-3 of their mass per step. High mode is exact to ~1e-14
+    # for ~2x the noise's cost (CPU, 8 x 128256 logits: 42 ms against 22 ms, far below a decode step's forward)
+    return jax.random.categorical(rng, logits_BV, axis=-1, mode="high").astype(jnp.int32)
 
 
 def _prefill(model, prompt_BP, start_B, rng, max_new_tokens, temperature, top_k, top_p):

@@ -310,7 +310,8 @@ def test_sample_logits_keeps_the_tokens_hf_warpers_keep(monkeypatch):
     from models.generate import sample_logits
 
     # categorical replaced by the logits it was handed, bit-cast to int32 (the sampler's output dtype) and back
-    monkeypatch.setattr(jax.random, "categorical", lambda key, x, axis: jax.lax.bitcast_convert_type(x, jnp.int32))
+    monkeypatch.setattr(jax.random, "categorical",
+                        lambda key, x, axis, mode: jax.lax.bitcast_convert_type(x, jnp.int32))
     # concrete: temperature, top_k and top_p static, the Python numbers an eager call passes (its branches on their
     # values), in one compiled program per case rather than one compile per eager op (115 compiles)
     ours = {False: jax.jit(lambda x, t, k, p: sample_logits(x, jax.random.key(0), t, k, p), static_argnums=(1, 2, 3)),
