@@ -12,6 +12,7 @@ import functools
 import hashlib
 import math
 import re
+import unicodedata
 import zlib
 
 import numpy as np
@@ -48,6 +49,15 @@ _IGNORABLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0100
 # scripts put none between words, so a hard-wrapped Chinese article and its unwrapped copy had two exact keys
 _UNSPACED = CJK_RANGES.replace("\uac00-\ud7af", "").replace("\uffa1-\uffdc", "")
 _UNSPACED_GAP = re.compile(rf"(?<=[{_UNSPACED}]) | (?=[{_UNSPACED}])")
+
+
+def _visible(text: str) -> str:
+    """`text` as keys and shingles compare it: its NFKC folding (form="NFC" keeps full-width letters and half-width
+    katakana, and a full-width copy of a post had another exact key and Jaccard 0 to it; NFKC text is itself), the
+    `_IGNORABLE` characters deleted."""
+    if not text.isascii() and not unicodedata.is_normalized("NFKC", text):
+        text = unicodedata.normalize("NFKC", text)
+    return _IGNORABLE.sub("", text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +131,9 @@ def exact_key(text: str) -> bytes:
     """16-byte hash of the text with case, punctuation and whitespace folded away (whitespace only for a text
     with no word characters). Case folds by str.casefold: str.lower left 'Straße' apart from 'STRASSE'. Invisible
     joiners and variation selectors (`_IGNORABLE`) are deleted, and so are spaces and line breaks beside Chinese or
-    Japanese characters (`_UNSPACED_GAP`; as the shingles, one token a character, ignore them)."""
-    text = _IGNORABLE.sub("", text)
+    Japanese characters (`_UNSPACED_GAP`; as the shingles, one token a character, ignore them). Compatibility forms
+    fold as NFKC folds them (`_visible`)."""
+    text = _visible(text)
     folded = _not_word().sub(" ", text.casefold()).strip()
     if not folded.isascii():
         folded = _UNSPACED_GAP.sub("", folded)
@@ -132,8 +143,8 @@ def exact_key(text: str) -> bytes:
 def shingles(text: str, n: int) -> set[bytes]:
     """Case-folded CJK-aware word n-grams, punctuation dropped (one shingle of all words when fewer than n; of the
     whitespace-folded text when it has no word); invisible joiners and variation selectors
-    deleted as in `exact_key`."""
-    text = _IGNORABLE.sub("", text)
+    deleted and compatibility forms folded as in `exact_key`."""
+    text = _visible(text)
     toks = tokens(_not_word().sub(" ", text.casefold()))
     if not toks:
         return {_no_words(text).encode()}

@@ -26,17 +26,19 @@ from data.seeds import check_field_types
 FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 INVALID_UTF8 = ("repair", "reject")
 
-# C0/C1 controls except tab and newline (\r, form feed and vertical tab are line breaks first), plus invisible format
-# characters that only break tokenisation and matching: zero-width space, word joiner, BOM, soft hyphen,
-# bidi controls (Unicode's Bidi_Control set, the Arabic letter mark U+061C too). ZWJ (U+200D) stays: it is part of
-# emoji sequences; so does ZWNJ (U+200C): Persian and Indic scripts spell words with it ('می‌خواهم' lost it, a
+# C0/C1 controls except tab and newline (\r, form feed, vertical tab and 0x1C-0x1E are line breaks first), plus
+# invisible format characters that only break tokenisation and matching: zero-width space, word joiner, BOM, soft
+# hyphen, bidi controls (Unicode's Bidi_Control set, the Arabic letter mark U+061C too). ZWJ (U+200D) stays: it is
+# part of emoji sequences; so does ZWNJ (U+200C): Persian and Indic scripts spell words with it ('می‌خواهم' lost it, a
 # misspelling). data.dedup's keys ignore both.
 _DROP_CHARS = {c: None for c in [*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F, *range(0x80, 0xA0),
                                  0x00AD, 0x061C, 0x200B, 0x200E, 0x200F, 0x2060, 0xFEFF,
                                  *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
 _SURROGATES = re.compile("[\ud800-\udfff]")
-# a form feed is a page break in text extracted from PDFs: deleted, it glued the last word of a page to the next
-_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85\x0b\x0c]")
+# a form feed is a page break in text extracted from PDFs: deleted, it glued the last word of a page to the next; the
+# file / group / record separators (0x1C-0x1E) end lines for str.splitlines and are Unicode paragraph separators:
+# deleted, they glued one exported record's last word to the next's
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85\x0b\x0c\x1c-\x1e]")
 _INNER_SPACES = re.compile(r"(?<=\S) {2,}(?=\S)")  # spaces only: a tab run in TSV is empty columns
 _TRAILING_SPACES = re.compile(r"(?<![ \t])[ \t]+$", re.M)  # from a run's start only: `[ \t]+$` rescans long runs
 

@@ -116,11 +116,14 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # against 0.110, and 90-character Cantonese was too_short where its 347-character translation was kept (text without
 # CJK characters measures as before); 24 = url_density counts CJK text in words (as promo density does: per
 # character a Chinese page was allowed twice the URLs of its English translation); 25 = a JSON string's text is
-# `binary` by its UTF-8 bytes (its escaped controls passed the line's test), and nested mojibake is repaired to the end.
+# `binary` by its UTF-8 bytes (its escaped controls passed the line's test), and nested mojibake is repaired to the end;
+# 26 = dedup keys and shingles fold compatibility forms as NFKC does (form="NFC" kept a full-width copy of a post and
+# its ASCII original apart, Jaccard 0: both kept; NFKC text, the default, has the keys it had), and the ASCII file /
+# group / record separators (0x1C-0x1E) are line breaks (deleted, they glued the words either side into one).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
-OUTPUT_VERSION = 25
+OUTPUT_VERSION = 26
 
 
 # how to switch off what a settings group configures (None is no setting)

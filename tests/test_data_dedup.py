@@ -380,3 +380,23 @@ def test_a_recall_target_no_banding_reaches_is_refused():
                 DedupConfig(threshold=0.1, num_perm=16, near=False)):
         b, r = cfg.bands()
         assert not cfg.near or 1 - (1 - cfg.threshold**r) ** b >= cfg.recall_target
+
+
+def test_width_and_compatibility_forms_fold_in_keys_and_shingles_under_nfc():
+    """Under NormalizeConfig(form="NFC") full-width letters and half-width katakana stay in the text (language ID and
+    the quality rules judge its NFKC folding), but the dedup keys kept them apart: a full-width copy of an English
+    post ('Ｔｈｅ ｒｅｐｏｒｔ ...') had another exact key and MinHash Jaccard 0.0 to it, and 'ﾃﾞｰﾀ' was not 'データ', so
+    both copies were kept. The default NFKC text is unchanged (its keys as before)."""
+    from data.normalize import NormalizeConfig, normalize_text
+
+    nfc = NormalizeConfig(form="NFC")
+    pairs = [("Ｔｈｅ ｒｅｐｏｒｔ ｗａｓ ｐｕｂｌｉｓｈｅｄ ｏｎ Ｍｏｎｄａｙ ｍｏｒｎｉｎｇ， ａｓ ｐｌａｎｎｅｄ．",
+              "The report was published on Monday morning, as planned."),
+             ("ﾃﾞｰﾀを削除しました。ﾌｧｲﾙは空です。", "データを削除しました。ファイルは空です。")]
+    for a, b in pairs:
+        a, b = normalize_text(a, nfc), normalize_text(b, nfc)
+        assert a != b  # NFC keeps the forms apart in the text
+        assert exact_key(a) == exact_key(b)
+        assert shingles(a, 5) == shingles(b, 5) and jaccard(signature(a), signature(b)) == 1.0
+    text = normalize_text(pairs[0][1])  # NFKC text: the key of its own folding, as before
+    assert exact_key(text) == exact_key(normalize_text(pairs[0][0]))

@@ -143,13 +143,22 @@ def test_every_control_character_goes_except_tab_and_line_breaks():
     controls were tested, so a range bound that kept backspace (0x08) or shift-out (0x0E) passed."""
     import unicodedata
 
-    breaks = {"\n", "\r", "\x0b", "\x0c", "\x85"}
+    breaks = {"\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85"}
     for cp in range(0x110000):
         c = chr(cp)
         if unicodedata.category(c) != "Cc":
             continue
         want = "a\nb" if c in breaks else "a\tb" if c == "\t" else "ab"
         assert normalize_text(f"a{c}b") == want, hex(cp)
+
+
+def test_record_and_group_separators_are_line_breaks_not_deleted():
+    """The ASCII file / group / record separators (U+001C-U+001E) end lines for str.splitlines and are paragraph
+    separators to Unicode (bidi class B, as U+0085 and U+2029): deleted, they glued the record before to the one
+    after ('first\x1esecond' became one word 'firstsecond', as a form feed once glued a PDF's pages)."""
+    assert normalize_text("first\x1esecond\x1dthird\x1cfourth") == "first\nsecond\nthird\nfourth"
+    for c in "\x1c\x1d\x1e":
+        assert normalize_text(f"a{c}b").splitlines() == f"a{c}b".splitlines()
 
 
 def test_every_bidi_control_goes():
