@@ -297,6 +297,12 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
                          f"{MAX_LOG_CORR}; e.g. a fixed tokens-per-parameter sweep), so the fit cannot tell "
                          "A/N^alpha from B/D^beta. Vary D/N across runs (several token counts per model size, "
                          "or several model sizes per FLOP budget), or fit the allocation with isoflop_envelope")
+    if k == 5:  # (the distinct runs above) 5 equations, 5 unknowns: the law can fit every run, noise and all
+        warnings.warn("fit_law: 5 distinct (N, D) runs for the law's 5 parameters: it can fit every run, noise "
+                      "included, and leaves no residual to judge it by (2% noise on 5 runs of a known law put "
+                      "N_opt(1e23) at 0.008x-3.6x the true one over 4 draws), and bootstrap cannot resample it; "
+                      "add runs (several token counts per model size)",
+                      stacklevel=2)
     logn, logd, logl = np.log(n), np.log(d), np.log(lv)
     # a grid names the axes it changes; the others keep the paper's values (a partial grid raised KeyError: 'a')
     if unknown := set(grid or {}) - set(_ORDER):
@@ -370,9 +376,27 @@ class Bootstrap:
     def interval(self, fn, level: float = 0.9) -> tuple[float, float, float]:
         """(point, low, high): `fn(law)` at the full-data fit and its central `level` percentile interval."""
         _check_level(level)
-        vals = np.array([fn(law) for law in self.laws], float)
+        point, vals = self._values(fn)
         lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-        return float(fn(self.fit.law)), float(lo), float(hi)
+        return point, float(lo), float(hi)
+
+    def _values(self, fn) -> tuple[float, np.ndarray]:
+        """fn at the full fit, and at every bootstrap law. A law the full fit's fn takes can fail in a resample (beta
+        pinned at 0 in 5 of 40: `optimal_params` refuses it), which raised that law's own error, read as the full fit's
+        ('refit on runs that span a wider range'): say that it is resamples, how many, and what to do."""
+        point = float(fn(self.fit.law))
+        vals, bad = [], []
+        for i, law in enumerate(self.laws):
+            try:
+                vals.append(fn(law))
+            except ValueError as e:
+                bad.append(f"law {i}: {e}")
+        if bad:
+            raise ValueError(f"Bootstrap: fn raised on {len(bad)} of the {len(self.laws)} bootstrap laws (not on the "
+                             f"full fit), e.g. {bad[0]}. Those resamples do not pin the law down, so the interval is "
+                             "unbounded on their side: fit runs over a wider range of N and D, or make fn return the "
+                             "limit for such a law (e.g. math.inf)")
+        return point, np.array(vals, float)
 
     def prediction_interval(self, fn, level: float = 0.9, seed: int = 0) -> tuple[float, float, float]:
         """Like `interval`, for the loss of *one new run*: each bootstrap law's prediction times
@@ -386,9 +410,10 @@ class Bootstrap:
         r = np.asarray(self.residuals, float) if self.residuals else np.zeros(1)
         if len(r) > 5:
             r = r.mean() + (r - r.mean()) * np.sqrt(len(r) / (len(r) - 5))
-        vals = np.array([fn(law) for law in self.laws], float) * np.exp(rng.choice(r, len(self.laws)))
+        point, vals = self._values(fn)
+        vals = vals * np.exp(rng.choice(r, len(self.laws)))
         lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-        return float(fn(self.fit.law)), float(lo), float(hi)
+        return point, float(lo), float(hi)
 
     def param_intervals(self, level: float = 0.9) -> dict[str, tuple[float, float, float]]:
         return {k: self.interval(lambda law, k=k: getattr(law, k), level) for k in ("E", "A", "B", "alpha", "beta")}
@@ -425,6 +450,7 @@ def bootstrap(n_params, n_tokens, loss, *, n_boot: int = 200, seed: int = 0, n_s
             continue
         with warnings.catch_warnings():  # the full fit said it once; not once per resample of the same runs
             warnings.filterwarnings("ignore", message="fit_law: the law explains little")
+            warnings.filterwarnings("ignore", message="fit_law: 5 distinct")
             laws.append(fit_law(n[idx], d[idx], lv[idx], n_starts=n_starts, init=full.law, **fit_kw).law)
     if not laws:
         raise ValueError(f"bootstrap: all {n_boot} resamples were skipped (< 5 distinct (N, D) runs, or N and D "

@@ -362,7 +362,9 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         fixed = None if least is None else least.state + least.update_peak
         if fixed is None or fixed < HEADROOM * c.hbm_bytes:  # the state fits: activations are what overflows,
             # and more chips bring more sequences (one per data / fsdp rank), not fewer per chip
-            fixes = ([] if remat == "full" else ["use remat='full'"]) + [
+            # (seqs_per_chip 64 multiplies them 64-fold: the advice named remat and seq_len, never the count asked for)
+            fixes = ([] if seqs_per_chip == 1 else [f"lower seqs_per_chip (from {seqs_per_chip})"]) + (
+                [] if remat == "full" else ["use remat='full'"]) + [
                 "lower seq_len", "split each sequence over a 'sequence' mesh axis (this planner does not search it)"]
         else:
             fixes = ["add chips" if fsdp == chips else f"add chips (fsdp can split d_model={shape.d_model} over only "

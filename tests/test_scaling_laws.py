@@ -641,3 +641,40 @@ def test_fit_names_an_init_law_it_cannot_start_from(field):
     n, d, loss = synthetic(0.0)
     with pytest.raises(ValueError, match=rf"init: {field}=0 must be finite and > 0"):
         fit_law(n, d, loss, init=dataclasses.replace(TRUE, **{field: 0.0}))
+
+
+def test_a_fit_to_exactly_five_distinct_runs_is_warned_about():
+    """5 distinct runs are 5 equations for the law's 5 parameters: the fit reproduces every run, noise included,
+    so neither its residuals nor a bootstrap can flag it. With 2% noise on 5 runs of CHINCHILLA_APPROACH3 it put
+    N_opt(1e23) at 1.06e9, 1.46e8, 1.22e8 and 5.24e10 (true 1.46e10) over 4 draws, in silence."""
+    law = CHINCHILLA_APPROACH3
+    n, d = np.array([1e7, 3e7, 1e8, 3e7, 1e8, 1e7]), np.array([1e9, 3e9, 1e10, 1e10, 1e9, 1e10])
+    loss = law.loss(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.02, 6))
+    with pytest.warns(UserWarning, match=r"5 distinct \(N, D\) runs for the law's 5 parameters.*add runs"):
+        fit_law(n[:5], d[:5], loss[:5])
+    with pytest.warns(UserWarning, match="5 distinct"):  # a repeated seed adds no equation: still 5
+        fit_law(np.r_[n[:5], n[0]], np.r_[d[:5], d[0]], np.r_[loss[:5], loss[0] * 1.01])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit_law(n, d, loss)  # 6 distinct runs: one residual degree of freedom, no such warning
+    assert not [w for w in seen if "5 distinct" in str(w.message)]
+
+
+def test_an_interval_that_a_resampled_law_cannot_take_says_it_is_the_resamples():
+    """A weak D term over a 3x range of D: the full fit has beta = 2 (on its bound), and 5 of 40 resamples pin beta
+    at 0, where `optimal_params` refuses the law. `interval(optimal_params)` raised that one resample's error
+    ('ScalingLaw alpha=0.38, beta=0 ... refit on runs that span a wider range'), read as the full fit's."""
+    law = ScalingLaw(E=1.7, A=400.0, B=20.0, alpha=0.34, beta=0.28)
+    n, d = (x.ravel() for x in np.meshgrid(np.geomspace(1e7, 1e9, 4), np.geomspace(1e9, 3e9, 3)))
+    loss = law.loss(n, d) * np.exp(np.random.default_rng(4).normal(0, 0.02, n.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exponents on their bounds, said per resample
+        bs = bootstrap(n, d, loss, n_boot=40, seed=4)
+    assert sum(x.beta == 0 for x in bs.laws) == 5 and bs.fit.law.beta > 0
+    for interval in (bs.interval, bs.prediction_interval):
+        with pytest.raises(ValueError, match=r"Bootstrap: fn raised on 5 of the 40 bootstrap laws \(not on the full "
+                                             r"fit\), e.g. law \d+: ScalingLaw .*beta=0.*math\.inf"):
+            interval(lambda lw: float(lw.optimal_params(1e22)))
+    # a fn every law takes is unchanged: the full fit's value and the resamples' percentiles
+    point, lo, hi = bs.interval(lambda lw: lw.beta)
+    assert point == bs.fit.law.beta and (lo, hi) == tuple(np.percentile([x.beta for x in bs.laws], [5, 95]))

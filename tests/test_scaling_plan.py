@@ -323,6 +323,18 @@ def test_a_plan_that_fits_nowhere_gives_advice_that_can_help():
     assert nodes.mesh.memory.total <= 0.9 * 141e9
 
 
+def test_a_plan_that_fits_nowhere_at_several_sequences_per_chip_advises_fewer():
+    """7B on 256 H100s fits at one sequence per chip (63.7 GiB) but not at 64 (223 GiB at best): the advice named
+    remat, seq_len and a sequence axis, never the count the user asked for, the one change that makes it fit."""
+    many = make_plan(params=7e9, seqs_per_chip=64)
+    line = next(x for x in many.text.splitlines() if x.startswith("memory"))
+    assert many.mesh is None and "; lower seqs_per_chip (from 64), use remat='full', lower seq_len or " in line, line
+    assert make_plan(params=7e9, seqs_per_chip=1).mesh is not None  # the advice holds
+    # one sequence per chip: nothing to lower there (the advice stays as it was)
+    one = make_plan(params=1e9, chips=1, seq_len=131072)
+    assert "seqs_per_chip" not in next(x for x in one.text.splitlines() if x.startswith("memory"))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--grid", "-1"], "error: argument --grid: grid_g_per_kwh must be >= 0"),
     # (counts stop at argparse: `at_least(1)`, which takes 1e3 as the other CLIs do)
