@@ -351,6 +351,8 @@ def constrain_leading(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         _check_mesh_set(x)
         return x
     _check_same_mesh(x, mesh)
+    if AxisType.Auto not in mesh.axis_types:  # every axis manual (gpipe's shard_map on a mesh of 'stage' alone, its
+        return x  # size-1 axes manual too): nothing left to split, and jax refuses P.UNCONSTRAINED there
     spec = logical_to_spec(names, mesh, x.shape[:len(names)], replicate_indivisible=True)
     return jax.lax.with_sharding_constraint(_onto_mesh(x), P(*spec, *(P.UNCONSTRAINED,) * (x.ndim - len(names))))
 

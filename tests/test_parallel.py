@@ -108,6 +108,24 @@ def test_pipeline_with_sliding_window_layers_equals_single_device():
     assert_same_step(out, ref)
 
 
+@pytest.mark.parametrize("shape", [{"stage": 2}, {"stage": 2, "data": 1, "tensor": 1}])
+def test_pipeline_over_stage_alone_with_sliding_window_layers_equals_single_device(shape):
+    """On a mesh of `stage` alone (what bf16 on XLA:CPU must use; size-1 axes are manual too) every axis is manual
+    inside gpipe's shard_map, and the sliding-window kernel's constrain_leading passed P.UNCONSTRAINED there, which
+    jax refuses ("cannot contain `P.UNCONSTRAINED` when no mesh axis_types are `Auto`"): no model with local layers
+    ran. Loss and gradients of one device."""
+    cfg = dataclasses.replace(CFG, attn_pattern="alternating", sliding_window=5, swa_block=8, pipeline_microbatches=2)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    grad = lambda gd: jax.jit(jax.value_and_grad(lambda p, b: lm_loss(gd, p, b)))  # noqa: E731
+    ref_loss, ref_grads = jax.device_get(grad(graphdef)(params, batch()))
+    mesh = make_mesh(shape, devices=jax.devices()[:2])
+    graphdef, params = placed(cfg, mesh, (graphdef, params))
+    with jax.set_mesh(mesh):
+        loss, grads = grad(graphdef)(params, shard_batch(batch(), mesh))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=1e-5), grads, ref_grads)
+
+
 def test_olmo2_block_with_heads_split_over_tensor_equals_single_device():
     """OLMo 2's block (no pre-norms, post-norms, q / k norms over all heads): with the heads split over `tensor`, the
     [N, H] / [K, H] norm scales are split with them and each token's mean of squares spans the shards. Loss and
