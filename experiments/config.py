@@ -77,7 +77,9 @@ class DataSpec:
 
     max_files: first N stdlib modules (None: all). eval_every_nth: every n-th module (source and docstrings) is
     held out.
-    eval_batches: held-out batches per evaluation (fixed, the same every time).
+    eval_batches: held-out batches per evaluation (fixed, the same every time in one run): the first eval_batches ×
+    train.batch rows of train.seq tokens of the held-out tier (each process's share of its documents), so runs of
+    another train.batch, train.seq or process count average other held-out text (the run prints how many targets).
     corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only).
     train_dir / eval_dir: your own data instead of the stdlib corpus: tier directories of a cleaning run
     (`python -m data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or

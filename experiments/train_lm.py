@@ -757,6 +757,10 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                          f"fills only {len(eval_batches)} batch{'es' * (len(eval_batches) != 1)} of {t.batch}×{t.seq}; "
                          "use at most that many")
 
+    # the held-out text the eval losses average: the first eval_batches × train.batch rows of the tier, so it grows
+    # with train.batch / train.seq (and is another share of documents per process): said, to compare runs by it
+    # (the batches are global arrays: on several processes each sum is the whole run's, every process joining it)
+    eval_targets = int(sum(float(jnp.sum(b["weights"])) for b in eval_batches))
     graphdef, optimizer, schedule, state = abstract_train_state(cfg, mesh)  # allocated below, once we know how
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
@@ -826,7 +830,8 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     n_mfu_devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
     say(f"model: {n_params:,} params ({'MoE' if m.moe else 'dense'}, windows {m.layer_windows()}); mesh "
         f"{dict(mesh.shape)}; batch {t.batch}×{t.seq}; steps {start}→{t.steps}; peak {peak_src} "
-        f"{(peak or 0) / 1e9:,.1f} GFLOP/s")
+        f"{(peak or 0) / 1e9:,.1f} GFLOP/s; eval over {eval_targets:,} held-out targets ({len(eval_batches)} "
+        f"batch{'es' * (len(eval_batches) != 1)} of {t.batch}×{t.seq})")
 
     step_fn = make_state_step(graphdef, optimizer, schedule, m.moe, o.grad_accum, shardings)
     eval_fn = make_eval_sums(graphdef)
@@ -990,7 +995,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     unit = "byte" if cfg.data.tokenizer is None else "token"  # the plot's loss unit (a BPE's were labelled bytes)
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,
               "skipped": int(state["skipped"]), "target_time_s": target_time, "wall_s": time.time() - t_start,
-              "documents_skipped": skipped_docs}
+              "documents_skipped": skipped_docs, "eval_targets": eval_targets}
     if save_failed is not None:  # (before the plot, which a full disk refuses too)
         raise SystemExit(str(save_failed))
     if primary:  # every exit with metrics on disk plots them: a halted or stopped run's curve is the one to look at

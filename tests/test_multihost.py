@@ -4,6 +4,7 @@ stops both processes at the first that runs out; save_pretrained gathers paramet
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -220,6 +221,8 @@ def test_the_trainer_runs_to_the_end_on_two_processes(tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert (tmp_path / "run" / "sample.txt").read_text().startswith("def __init__(self")
     assert "sample:" in outs[0][0] and "sample:" not in outs[1][0]
+    # the eval set's size is summed over both processes' rows (every process joins the sum: no hang)
+    assert re.search(r"eval over [\d,]+ held-out targets \(\d+ batch", outs[0][0]), outs[0][0][-2000:]
     assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
             if json.loads(x)["kind"] == "eval"] == [0, 1]
 
