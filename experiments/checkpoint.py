@@ -366,7 +366,7 @@ class Checkpoints:
         written."""
         if self.read_only:
             raise PermissionError(f"checkpoint: {self.dir} was opened read_only; open it without to save")
-        step = _step_number(step, "save")
+        step = _step_number(step, "Checkpoints.save")
         # a loop rewound to an older step (restore(step=...)) saved below the steps it gave up: restore() then
         # resumed from the newest of those, not from this save, and keep-N (by save order) had deleted the older
         # steps and kept the newer ones. The same step again failed in orbax ("Checkpoint for step 8 already exists")
@@ -457,7 +457,7 @@ class Checkpoints:
         tree), returning (state, meta), or None for a step of this layout; such a step is tried in its turn (a
         fallback from a corrupt newer step reaches it) and never set aside."""
         quarantine = quarantine and not self.read_only
-        step = None if step is None else _step_number(step, "restore")
+        step = None if step is None else _step_number(step, "Checkpoints.restore")
         abstract = _onto_one_mesh(abstract_of(to_pure(template)))
         if step is not None and step not in self.mgr.all_steps():
             return None
@@ -641,12 +641,13 @@ class _ReadFailed(OSError):
 
 def _step_number(step, who: str) -> int:
     """`step` as an int (a Python / numpy integer, or a 0-d integer array: the state's own step); a ValueError naming
-    it otherwise. orbax names a step's directory str(step): a float step wrote '4.0', which no manager lists again
-    (the resumed run started fresh), and a str or bool one was never found."""
+    it and `who` (the caller, e.g. "Checkpoints.save") otherwise. orbax names a step's directory str(step): a float
+    step wrote '4.0', which no manager lists again (the resumed run started fresh), and a str or bool one was never
+    found."""
     if getattr(step, "ndim", None) == 0 and not isinstance(step, numbers.Number):
         step = step.item()  # a 0-d float array stays a float (refused below)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"Checkpoints.{who}: step={step!r} must be a whole number >= 0 (an int, numpy integer or "
+        raise ValueError(f"{who}: step={step!r} must be a whole number >= 0 (an int, numpy integer or "
                          "0-d integer array); a step from a division is a float: pass int(step) or use //")
     return int(step)
 

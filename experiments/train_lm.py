@@ -587,20 +587,27 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
         ids = models.generate(model, prompt_ids, 64)
     """
     import math
+    import numbers
     import sys
 
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from experiments.checkpoint import CheckpointMismatch, Checkpoints
+    from experiments.checkpoint import CheckpointMismatch, Checkpoints, _step_number
     from experiments.config import RunConfig
     from parallel import make_mesh
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    # a step "8" (from sys.argv) was "no step 8 ...; saved steps: [4, 8, 12]", and 8.0 "step 8.0's meta does not read"
+    step = None if step is None else _step_number(step, "load_model")
     shape = mesh_shape or {"fsdp": 1}
-    n = len(jax.devices()) if -1 in shape.values() else math.prod(shape.values())
-    mesh = make_mesh(shape, devices=jax.devices()[:n])
+    # whole sizes >= 1 take the first devices they need; any other shape (a -1 to fill; 0, 2.0 or the CLI's "fsdp=2",
+    # which failed here as "devices is empty", a slice TypeError or an AttributeError) goes whole to make_mesh, which
+    # fills the -1 or names what is wrong
+    sizes = list(shape.values()) if isinstance(shape, dict) else []
+    whole = sizes and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in sizes)
+    mesh = make_mesh(shape, devices=jax.devices()[:math.prod(sizes)] if whole else None)
     ckpt = Checkpoints(pathlib.Path(out) / "ckpt", keep_best=False, async_save=False, log=log, read_only=True)
     try:
         steps = sorted(ckpt.steps(), reverse=True)

@@ -733,6 +733,24 @@ def test_load_model_reads_without_moving_anything(runs, tmp_path):
     assert not (tmp_path / "no_such_run").exists()
 
 
+def test_load_model_refuses_a_step_that_is_not_a_whole_number_by_name(tmp_path):
+    """A step read from sys.argv ("8") was "no step 8 under ...; saved steps: [4, 8, 12]", and 8.0 "step 8.0's meta
+    does not read ... no readable checkpoint at step 8.0": a good step called missing or unreadable. Refused by
+    name, as Checkpoints.restore refuses it, before any directory is read."""
+    for bad in ("8", 8.0, True, -1):
+        with pytest.raises(ValueError, match=rf"^load_model: step={re.escape(repr(bad))} must be a whole number"):
+            train_lm.load_model(tmp_path / "run", step=bad)
+
+
+def test_load_model_names_a_mesh_shape_it_cannot_build(tmp_path):
+    """mesh_shape={"fsdp": 0} was "make_mesh: devices is empty", {"fsdp": 2.0} a slice TypeError and the CLI's
+    "fsdp=2" an AttributeError ('str' object has no attribute 'values'): make_mesh's own errors name each one."""
+    for bad, why in (({"fsdp": 0}, r"must be >= 1"), ({"fsdp": 2.0}, r"need int sizes, got \[2.0\]"),
+                     ("fsdp=2", r"is a string; pass a dict, e.g. parse_mesh")):
+        with pytest.raises(ValueError, match=why):
+            train_lm.load_model(tmp_path / "run", mesh_shape=bad)
+
+
 def test_a_run_resumed_at_its_last_step_from_a_save_between_evaluations_ends_with_its_eval(runs, tmp_path):
     """A checkpoint saved between evaluations (save_every off eval_every, a SIGTERM save) carries no eval loss; a
     rerun with train.steps at that step (what the 'past train.steps' error suggests) trains nothing. It crashed on
