@@ -335,5 +335,11 @@ def router_z_loss(logits_TE, valid_T=None):
 def update_router_bias(bias_E, load_E, rate: float):
     """DeepSeek-V3 auxiliary-loss-free balancing, outside the optimizer: bias += rate · sign(mean load − load), i.e.
     overloaded experts become less likely to be selected. load_E: aux['load'] (summed or averaged over layers
-    and microbatches as the trainer likes; only its sign against the mean matters)."""
+    and microbatches as the trainer likes; only its sign against the mean matters). Its shape must broadcast to
+    bias_E's without changing it: a bias [E] given the per-layer load [L_moe, E] came back [L_moe, E], silently."""
+    b, ld = tuple(jnp.shape(bias_E)), tuple(jnp.shape(load_E))
+    if b[-1:] != ld[-1:] or len(ld) > len(b) or any(x not in (1, y) for x, y in zip(ld[::-1], b[::-1])):
+        raise ValueError(f"update_router_bias: load {ld} does not match bias {b}: pass one load per expert for each "
+                         "bias row, e.g. aux['load'] [L_moe, E] for the stacked bias [L_moe, E], or average it over "
+                         "layers (and microbatches) first for one layer's bias [E]")
     return (bias_E + rate * jnp.sign(jnp.mean(load_E, -1, keepdims=True) - load_E)).astype(bias_E.dtype)

@@ -1052,6 +1052,18 @@ def test_router_bias_update_moves_each_layer_against_its_own_mean_load():
     np.testing.assert_allclose(update_router_bias(jnp.asarray(bias), jnp.asarray(load), 0.01), want, atol=1e-7)
 
 
+def test_router_bias_update_refuses_a_load_that_would_reshape_the_bias():
+    """One layer's bias [E] given the Transformer's per-layer load [L_moe, E] came back [L_moe, E] (each row moved by
+    its own layer's load), silently; a stacked microbatch load [A, L_moe, E] grew the stacked bias the same way. A load
+    that broadcasts to the bias's shape (a pooled [E] for the stacked [L_moe, E]) keeps working."""
+    load = jnp.asarray([[0.4, 0.2, 0.2, 0.2], [0.1, 0.3, 0.3, 0.3]])
+    wrong = ((jnp.zeros(4), load), (jnp.zeros((2, 4)), jnp.stack([load, load])), (jnp.zeros((2, 4)), load[0, :3]))
+    for bias, ld in wrong:
+        with pytest.raises(ValueError, match=r"update_router_bias: load .* does not match bias"):
+            update_router_bias(bias, ld, 0.1)
+    np.testing.assert_allclose(update_router_bias(jnp.zeros((2, 4)), load[0], 0.1), [[-0.1, 0.1, 0.1, 0.1]] * 2)
+
+
 def test_top_k_equal_to_n_experts_is_a_valid_config_that_routes_every_expert():
     """top_k = n_experts (every expert on every token, weighted by the router: a soft mixture) is allowed, as the
     check's message says ("pick at most E"); only its refusal of top_k > E was tested. Against the float64 formula."""
