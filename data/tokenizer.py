@@ -393,6 +393,11 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     if meta_path.is_file() and _is_tokenizer_file(meta_path):  # saved under the HF name: the meta would replace it
         raise ValueError(f"pretokenize out_dir={str(out_dir)!r} holds {meta_path}, a saved tokenizer, not "
                          "pretokenize's meta: it would be overwritten; write the ids to another directory")
+    # a `tokenizers.Tokenizer` (encode_batch gives Encodings) or a transformers tokenizer (no eos_id) failed only
+    # after every shard was written (the earlier meta deleted), in a bare TypeError / AttributeError
+    if missing := [a for a in ("encode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]:
+        raise TypeError(f"pretokenize tokenizer {type(tokenizer).__name__} has no {missing}; pass a "
+                        "data.tokenizer.BPETokenizer (BPETokenizer.load(path), not its .tok) or ByteTokenizer")
     for doc in iter_docs(shards[0]):  # a wrong field named before anything is deleted or written
         _field(doc, field, shards[0])
         break

@@ -244,6 +244,29 @@ def test_pretokenize_does_not_overwrite_a_saved_tokenizer(bpe, tmp_path):
     pretokenize(tier, ByteTokenizer(add_eos=True), tmp_path / "pre", progress=False)  # over its own meta: fine
 
 
+def test_pretokenize_names_a_tokenizer_it_cannot_use_before_any_work(bpe, tmp_path):
+    """A `tokenizers.Tokenizer` (BPETokenizer.tok) or a transformers PreTrainedTokenizerFast (no eos_id) failed only
+    after every shard was written and the earlier meta deleted, in a bare TypeError / AttributeError."""
+    from transformers import PreTrainedTokenizerFast
+
+    from data.shards import DocWriter
+
+    tier = tmp_path / "tier"
+    w = DocWriter(tier / "shard-00000.array_record")
+    w.write({"id": "0", "text": "hello world"})
+    w.commit()
+    out = tmp_path / "ids"
+    pretokenize(tier, bpe, out, progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    bpe.save(tmp_path / "tok.json")
+    for tok, missing in ((bpe.tok, "'vocab_size', 'eos_id'"),
+                         (PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok.json")), "'eos_id'")):
+        with pytest.raises(TypeError, match=rf"pretokenize tokenizer \w+ has no \[{missing}\]; pass a "
+                                            r"data.tokenizer.BPETokenizer \(BPETokenizer.load\(path\)"):
+            pretokenize(tier, tok, out, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == before  # the earlier output kept whole
+
+
 def test_pretokenize_meta_counts_what_it_wrote(bpe, tmp_path):
     """The meta recorded no counts: nothing said how many documents and tokens a pretokenized tier holds, nor that
     none was dropped. Recounted from the shards: documents in == written (empty ones included), tokens == ids."""
