@@ -581,7 +581,8 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
     back is reported through `log` (default: stderr) and the next older one is tried, but nothing is moved (a
     training job may be using the directory). The model lives on `mesh_shape` over the first devices it needs
     (default: one device; call it from one process); the optimizer state is restored with it (the checkpoint is
-    verified whole) and dropped.
+    verified whole) and dropped. Decode with `experiments.config.load_tokenizer(cfg.data)`: `log` says when the file at
+    data.tokenizer is not the tokenizer the run trained with (retrained in place, or a relative path read elsewhere).
 
         model, cfg = load_model("runs/demo")
         ids = models.generate(model, prompt_ids, 64)
@@ -645,11 +646,39 @@ def load_model(out, step: int | None = None, mesh_shape: dict | None = None, log
             if restored is not None:
                 if s != steps[0]:
                     log(f"load_model: using step {s} of {pathlib.Path(out) / 'ckpt'}")
+                _check_tokenizer(pathlib.Path(out) / "ckpt" / str(s), cfg.data, log)
                 return nnx.merge(graphdef, restored[0]["params"]), cfg
     finally:
         ckpt.close()
     raise FileNotFoundError(f"no readable checkpoint{'' if step is None else f' at step {step}'} under "
                             f"{pathlib.Path(out) / 'ckpt'}")
+
+
+def _check_tokenizer(step_dir: pathlib.Path, data, log) -> None:
+    """Say when `load_tokenizer(data)` (what a load_model caller decodes with: the file at data.tokenizer now, a
+    relative path read from the working directory) is not the tokenizer the run trained with, by the fingerprint
+    its loader state holds: a tok.json retrained in place decoded the run's ids to other text, silently (a resume
+    refuses it; sampling, evaluation and export did not)."""
+    if data.tokenizer is None:  # bytes + EOS: nothing read from a file
+        return
+    from experiments.config import load_tokenizer
+
+    try:
+        state = json.loads(next((step_dir / "loader").glob("process_0-of-*.json")).read_text())
+        saved = state["stream"]["tokenizer"]
+    except Exception:  # noqa: BLE001 - no loader state of this layout (an older save): nothing to compare with
+        return
+    try:
+        tok = load_tokenizer(data)
+    except Exception as e:  # noqa: BLE001 - the weights load anyway (an export needs no tokenizer)
+        log(f"load_model: data.tokenizer={data.tokenizer!r} does not load here ({type(e).__name__}: {e}); decode "
+            "this run's ids with the tokenizer file it trained with")
+        return
+    now = getattr(tok, "fingerprint", None) or f"vocab {tok.vocab_size}"
+    if now != saved:
+        log(f"load_model: the tokenizer at data.tokenizer={data.tokenizer!r} is not the one this run trained with "
+            f"(fingerprint {now}, trained with {saved}): its ids would decode to other text; load the run's own "
+            "tokenizer file (a relative path is read from the working directory)")
 
 
 def train(cfg, mesh_shape: dict, stop: Stop | None = None) -> dict:

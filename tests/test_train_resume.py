@@ -581,6 +581,16 @@ def test_the_trainer_reads_your_own_tiers_with_your_tokenizer(tmp_path, monkeypa
     w.commit()
     spec = types.SimpleNamespace(train_dir=str(tmp_path / "train"), eval_dir=str(tmp_path / "held2"))
     assert train_lm.sample_prompt(spec, own.train) == "The quick brown fox jumps"
+    # load_model's caller decodes with load_tokenizer(cfg.data), the file at that path now: a BPE retrained over it
+    # decoded the run's ids to other text, silently (a resume refuses it by fingerprint; load_model now says so)
+    said = []
+    train_lm.load_model(tmp_path / "run", log=said.append)
+    assert said == []  # the tokenizer it trained with
+    train_bpe(texts[::-1], vocab_size=290, show_progress=False).save(tmp_path / "tok.json")
+    train_lm.load_model(tmp_path / "run", log=said.append)
+    assert len(said) == 1 and re.search(r"load_model: the tokenizer at data.tokenizer='.*tok.json' is not the one "
+                                        r"this run trained with \(fingerprint \w+, trained with \w+\)", said[0]), said
+    train_bpe(texts, vocab_size=300, show_progress=False).save(tmp_path / "tok.json")  # as it was, for what follows
     # more evaluation batches than the held-out tier fills: named (the loader repeated it, counting text twice)
     with pytest.raises(SystemExit, match=r"data.eval_batches=99: the held-out tier .*eval fills only \d+ batch"):
         train_lm.main([*TINY, "--out", str(tmp_path / "run2"), "--set", "data.eval_batches=99", *data])
