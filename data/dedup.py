@@ -52,12 +52,14 @@ _UNSPACED_GAP = re.compile(rf"(?<=[{_UNSPACED}]) | (?=[{_UNSPACED}])")
 
 
 def _visible(text: str) -> str:
-    """`text` as keys and shingles compare it: its NFKC folding (form="NFC" keeps full-width letters and half-width
-    katakana, and a full-width copy of a post had another exact key and Jaccard 0 to it; NFKC text is itself), the
-    `_IGNORABLE` characters deleted."""
+    """`text` as keys and shingles compare it: the `_IGNORABLE` characters deleted, then its NFKC folding
+    (form="NFC" keeps full-width letters and half-width katakana, and a full-width copy of a post had another exact
+    key and Jaccard 0 to it; NFKC text is itself). In that order: a joiner between 'e' and a combining acute blocks
+    NFKC's composition, and deleted after it left 'cafe\u0301', another key than 'café'."""
+    text = _IGNORABLE.sub("", text)
     if not text.isascii() and not unicodedata.is_normalized("NFKC", text):
         text = unicodedata.normalize("NFKC", text)
-    return _IGNORABLE.sub("", text)
+    return text
 
 
 @dataclasses.dataclass(frozen=True)

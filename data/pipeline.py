@@ -118,7 +118,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # character a Chinese page was allowed twice the URLs of its English translation); 25 = a JSON string's text is
 # `binary` by its UTF-8 bytes (its escaped controls passed the line's test), and nested mojibake is repaired to the end;
 # 26 = dedup keys and shingles fold compatibility forms as NFKC does (form="NFC" kept a full-width copy of a post and
-# its ASCII original apart, Jaccard 0: both kept; NFKC text, the default, has the keys it had), and the ASCII file /
+# its ASCII original apart, Jaccard 0: both kept; NFKC text, the default, has the keys it had but where a joiner or
+# variation selector stood between a letter and its combining mark: 'cafe\u200c\u0301' is 'café'), and the ASCII file /
 # group / record separators (0x1C-0x1E) are line breaks (deleted, they glued the words either side into one).
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor

@@ -673,9 +673,14 @@ def experts_gathered(m, mesh: Mapping[str, int], rules=None) -> bool:
 
 def gathered_split(p: ParamEntry, mesh, rules) -> int:
     """How many ways one layer of a stacked parameter stays split once gathered over fsdp: its other dims' axes
-    (tensor, expert), not the layer dim's (stage splits the stack, not a layer)."""
-    no_fsdp = {a: n for a, n in mesh.items() if a != "fsdp"}
-    return shard_factor(p.axes[1:], p.shape[1:], no_fsdp, rules) if no_fsdp else 1
+    (tensor, expert), not the layer dim's (stage splits the stack, not a layer). Read off the whole mesh, fsdp then
+    left out: the mesh without fsdp refused an override naming it (mlp='fsdp' on {fsdp: 2, tensor: 2}, which the
+    model takes) as one to an absent axis."""
+    from parallel.rules import logical_to_spec
+
+    spec = logical_to_spec(tuple(p.axes[1:]), _Mesh(mesh), tuple(p.shape[1:]), rules)
+    return math.prod(mesh[a] for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))
+                     if a != "fsdp")
 
 
 def kv_cache_bytes(cfg, batch: int, seq_len: int, *, dtype: str | None = None, windows=None) -> int:

@@ -493,3 +493,18 @@ def test_a_block_of_zero_is_refused_not_read_as_the_configs():
             memory_per_device(cfg, {"data": 2}, 2, 128, block=bad)
     assert memory_per_device(cfg, {"data": 2}, 2, 128, block=None) == memory_per_device(cfg, {"data": 2}, 2, 128,
                                                                                         block=32)
+
+
+def test_an_override_to_fsdp_is_gathered_not_refused():
+    """The gathered layer's split was read off the mesh without its fsdp axis, so an override naming fsdp (mlp='fsdp'
+    on {fsdp: 2, tensor: 2}, a mesh that has it and that the model itself accepts) raised "overrides the table with
+    mesh axes this mesh does not have". By hand: embed holds fsdp first, so the MLP weights are whole once gathered,
+    as under mlp=None."""
+    from parallel import logical_to_spec
+
+    mesh = {"fsdp": 2, "tensor": 2}
+    placed = logical_to_spec(("embed", "mlp"), make_mesh(mesh, jax.devices()[:4]), (64, 64), rules={"mlp": "fsdp"})
+    assert placed == jax.P("fsdp", None)
+    got = memory_per_device(BASE, mesh, 16, 64, rules={"mlp": "fsdp"}).transient_weights
+    assert got == memory_per_device(BASE, mesh, 16, 64, rules={"mlp": None}).transient_weights
+    assert got > memory_per_device(BASE, mesh, 16, 64).transient_weights  # the table splits the MLP over tensor
