@@ -283,8 +283,9 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     load that moves a sigmoid router's bias), so with them A changes the objective slightly
     (measured: gradients within ~3e-4 of the one-batch ones at lb 0.01, z 0.001; 1e-7 without aux losses).
     A non-finite loss or gradient norm leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes
-    on. The norm is optax's float32 sum of squares, so finite gradients with a norm over ~1.8e19 count too
-    (optax.clip_by_global_norm, computing the same norm, would zero their update).
+    on. A step whose weights sum to 0 (no target scored) is skipped the same way, with loss 0 and metrics['finite']
+    True (metrics['tokens'] 0). The norm is optax's float32 sum of squares, so finite gradients with a norm over
+    ~1.8e19 count too (optax.clip_by_global_norm, computing the same norm, would zero their update).
     moe_cfg: the MoEConfig whose aux-loss weights and bias rate the step applies, and whether it jitters the router
     (router_jitter 0: off; otherwise the amount must be the model's own, by which its layers jitter); None: the
     model's own (`cfg.moe`; None for a dense model). A sigmoid router's bias moves here, outside `optimizer`: one
@@ -367,9 +368,13 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         if moe is not None and aux and moe.router == "sigmoid" and moe.bias_update_rate > 0:
             new_params = _update_router_bias(new_params, aux["load"], moe)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        # a step without a weighted token (an SFT batch of prompts only) has nothing to learn from: its zero gradient
+        # still moved every weight by ~lr (Adam's momentum of earlier steps, the weight decay) and the schedule on
+        update = ok & (n > 0)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(update, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
-                     "step": step_i + 1, "skipped": state["skipped"] + (~ok).astype(jnp.int32), "rng": state["rng"]}
+                     "step": step_i + 1, "skipped": state["skipped"] + (~update).astype(jnp.int32),
+                     "rng": state["rng"]}
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": ok, "tokens": n}
         if schedule is not None:  # no schedule: no lr (a NaN placeholder tripped jax_debug_nans on every step)
             metrics["lr"] = schedule(step_i - state["skipped"])

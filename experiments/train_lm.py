@@ -953,6 +953,10 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
                     if t.nan_policy == "halt":
                         halted = step
                         break
+                elif not mt["tokens"]:  # (lm_step keeps the state: nothing to learn from, not a divergence)
+                    say(f"step {step}: no target in the batch has weight > 0; step skipped "
+                        f"({int(state['skipped'])} skipped so far)")
+                    log.write({"kind": "empty", "step": step, "skipped": int(state["skipped"])})
                 if step % t.log_every == 0 or step == t.steps:
                     tps, step_time = window.report(now)
                     rec = {"kind": "train", "step": step, "loss": float(mt["loss"]),

@@ -21,7 +21,14 @@ from flax import nnx
 
 from experiments import run_log, train_lm
 from experiments.config import ConfigError, RunConfig, load, load_tokenizer, validate
-from experiments.lm_step import decay_mask, make_optimizer, make_schedule, make_state_step, make_train_step
+from experiments.lm_step import (
+    decay_mask,
+    init_train_state,
+    make_optimizer,
+    make_schedule,
+    make_state_step,
+    make_train_step,
+)
 from models import Transformer, TransformerConfig
 from models.losses import cross_entropy
 from models.moe import MoEConfig, update_router_bias
@@ -719,6 +726,29 @@ def test_a_finite_loss_with_an_overflowing_gradient_norm_is_skipped():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
         state, m = step(state, jax.tree.map(jnp.asarray, batch))
     assert float(m["lr"]) == pytest.approx(float(sched(0)))  # the second step makes the first update
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_step_without_weighted_tokens_makes_no_update(accum):
+    """An SFT batch whose targets all weigh 0 (prompts only, answers cut) has loss 0 and a zero gradient, but the
+    optimizer still stepped: Adam's momentum from the step before and the weight decay moved every weight by ~lr,
+    and the schedule went on. It is skipped as a non-finite step is (state kept, skipped + 1), with a finite loss."""
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    opt = make_optimizer(1e-2, 10, 0, weight_decay=0.1)
+    sched = make_schedule(1e-2, 10, 0)
+    tok = np.random.default_rng(0).integers(0, 64, (4, 17), dtype=np.int32)
+    full = {"inputs": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]), "weights": jnp.ones((4, 16))}
+    step = make_state_step(graphdef, opt, sched, None, accum)
+    state, _ = step(init_train_state(params, opt), full)
+    before = jax.device_get({k: state[k] for k in ("params", "opt_state")})
+    state, m = step(state, dict(full, weights=jnp.zeros((4, 16))))
+    assert (float(m["loss"]), float(m["tokens"]), bool(m["finite"])) == (0.0, 0.0, True)
+    assert (int(state["step"]), int(state["skipped"])) == (2, 1)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get({k: state[k] for k in ("params", "opt_state")}),
+                 before)
+    _, m = step(state, full)
+    assert float(m["lr"]) == pytest.approx(float(sched(1)))  # the third step makes the second update
 
 
 def test_fractional_weights_summing_below_one_average_by_their_total():

@@ -1076,3 +1076,33 @@ def test_the_run_says_and_returns_how_many_held_out_targets_its_eval_losses_aver
     assert result["eval_targets"] == want > 0
     said = capsys.readouterr().out
     assert f"eval over {want:,} held-out targets (2 batches of {t.batch}×{t.seq})" in said, said
+
+
+def test_a_training_batch_without_weighted_targets_is_said_and_skipped(tmp_path, capsys, monkeypatch):
+    """A batch whose targets all weigh 0 (your own masked data: an SFT batch of prompts only) made an optimizer
+    update from a zero gradient (Adam's momentum, weight decay) and was logged as loss 0.0, a perfect step. lm_step
+    now keeps the state and counts it skipped; the trainer says so and logs an 'empty' record."""
+    from data import loader as loader_mod
+
+    made, real_init, real_next = [], loader_mod.LMLoader.__init__, loader_mod.LMLoader.__next__
+
+    def init(self, *a, **kw):
+        made.append(self)
+        real_init(self, *a, **kw)
+
+    def nxt(self):
+        batch = real_next(self)
+        self.served = getattr(self, "served", 0) + 1
+        if self is made[0] and self.served == 2:  # the training loader's second batch: step 2
+            batch = dict(batch, weights=batch["weights"] * 0)
+        return batch
+
+    monkeypatch.setattr(loader_mod.LMLoader, "__init__", init)
+    monkeypatch.setattr(loader_mod.LMLoader, "__next__", nxt)
+    result = train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=3", "--set",
+                            "optim.warmup_steps=0", "--set", "train.log_every=1"])
+    assert result["step"] == 3 and result["skipped"] == 1
+    assert "step 2: no target in the batch has weight > 0; step skipped (1 skipped so far)" in capsys.readouterr().out
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "empty"] == [2]
+    assert [r["kind"] for r in records if r["kind"] == "nonfinite"] == []
