@@ -185,7 +185,8 @@ def check_batch(batch) -> None:
         raise ValueError(f"batch {'lacks ' + repr(missing) if missing else ''}{' and ' if missing and unknown else ''}"
                          f"{'has unknown keys ' + repr(unknown) if unknown else ''}: the LM steps read 'inputs' and "
                          "'targets' [B, T] and, optionally, 'positions', 'segment_ids' and 'weights' (a padding mask "
-                         "is segment_ids 0, or weights 0 on the padded targets)")
+                         "is segment_ids 0; weights 0 on the padded targets only leave them out of the loss: an MoE "
+                         "layer still routes them, into its capacity, balancing losses and load)")
 
 
 def lm_loss_parts(graphdef, params, batch, rng=None):
