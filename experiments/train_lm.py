@@ -670,6 +670,11 @@ def _check_tokenizer(step_dir: pathlib.Path, data, log) -> None:
         return
     try:
         tok = load_tokenizer(data)
+    except FileNotFoundError:  # its own advice ("train one") would decode the run's ids to other text
+        where = os.path.abspath(os.path.expanduser(data.tokenizer))
+        log(f"load_model: data.tokenizer={data.tokenizer!r} is not there ({where}: a relative path is read from the "
+            "working directory); decode this run's ids with the tokenizer file it trained with")
+        return
     except Exception as e:  # noqa: BLE001 - the weights load anyway (an export needs no tokenizer)
         log(f"load_model: data.tokenizer={data.tokenizer!r} does not load here ({type(e).__name__}: {e}); decode "
             "this run's ids with the tokenizer file it trained with")

@@ -1106,3 +1106,20 @@ def test_a_training_batch_without_weighted_targets_is_said_and_skipped(tmp_path,
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "empty"] == [2]
     assert [r["kind"] for r in records if r["kind"] == "nonfinite"] == []
+
+
+def test_load_model_names_where_a_missing_relative_tokenizer_was_looked_for(tmp_path, monkeypatch):
+    """A run trained with data.tokenizer='tok.json' (relative), loaded from another directory: load_model's note
+    passed on BPETokenizer.load's advice, "train one with data.tokenizer.train_bpe(...)" (a new tokenizer decodes the
+    run's ids to other text), and did not say where it had looked. Now: the path it read, and the run's own file."""
+    import types
+
+    step = tmp_path / "run" / "ckpt" / "4"
+    (step / "loader").mkdir(parents=True)
+    (step / "loader" / "process_0-of-2.json").write_text(json.dumps({"stream": {"tokenizer": "0123abcd0123abcd"}}))
+    monkeypatch.chdir(tmp_path)
+    data = types.SimpleNamespace(tokenizer="tok.json", eos_token=None, bos_token=None)
+    said = []
+    train_lm._check_tokenizer(step, data, said.append)
+    assert said == [f"load_model: data.tokenizer='tok.json' is not there ({tmp_path / 'tok.json'}: a relative path is "
+                    "read from the working directory); decode this run's ids with the tokenizer file it trained with"]
