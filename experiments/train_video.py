@@ -383,6 +383,21 @@ def _check_finite(stage: str, step: int, metrics: dict):
                          "or check the preset (nothing from this step on was saved)")
 
 
+def _wall_s(meta: dict | None) -> float:
+    """A stage's training seconds before this attempt: its checkpoint's `wall_s` (0 for none, or one saved before
+    it was recorded). A resumed run's results.json timed only its own attempt: vae_s of a VAE resumed at its last
+    step read as the seconds it trained."""
+    v = (meta or {}).get("wall_s")
+    return float(v) if isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0 else 0.0
+
+
+def stage_seconds(out: pathlib.Path, stage: str, fallback: float) -> float:
+    """The stage's training seconds over all its attempts, as its newest checkpoint records them; `fallback` where it
+    records none."""
+    latest = _newest_meta(out / "ckpt" / stage)
+    return float(latest[1]["wall_s"]) if latest and "wall_s" in latest[1] else fallback
+
+
 def _warmup(steps: int) -> int:
     """5% of the steps (at least 1), leaving at least one update for the cosine decay (none for 1-2 steps)."""
     return min(max(1, steps // 20), max(steps - 2, 0))
@@ -402,6 +417,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
         print(f"vae: resumed at step {start}" + _stretched(meta, p.vae_steps, "--vae-steps")
               + other_mesh_note(meta, mesh, p.vae.dtype))
     segs = _segments(meta, start, p.vae_steps)  # who made each part of the stage (command, commit, versions)
+    t_start = time.time() - _wall_s(meta)  # the stage's seconds over its attempts, saved with each step
     ds = dataset(p.data, "train", p.vae_batch, seed=seed)
     step_fn, key = make_vae_step(graphdef, opt, shardings_of((params, opt_state))), jax.random.key(seed)
     # the steps after the checkpoint (all, with none) replay: an interrupted attempt's events for them are stale
@@ -424,7 +440,7 @@ def train_vae(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, l
             save(mgr, step, {"params": params, "opt_state": opt_state},
                  {"step": step, "psnr": float(m["psnr"]), "settings": stage_settings(p, seed)["vae"],
                   "total_steps": p.vae_steps, "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl,
-                  "segments": segs})
+                  "segments": segs, "wall_s": time.time() - t_start})
             if log is not None:
                 log.flush()
         if stopping:
@@ -547,6 +563,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         print(f"t2v: resumed at step {start}" + _stretched(meta, p.dit_steps, "--dit-steps")
               + other_mesh_note(meta, mesh, p.t2v.dit.dtype))
     segs = _segments(meta, start, p.dit_steps)
+    t_start = time.time() - _wall_s(meta)  # (as train_vae's)
     step_fn = make_t2v_step(graphdef, opt, null, p.ema_decay, shardings_of((params, opt_state, ema)))
     key = jax.random.key(seed + 7)
     if log is not None:  # (as train_vae's)
@@ -571,6 +588,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
             save(mgr, step, {"params": params, "opt_state": opt_state, "ema": ema},
                  {"step": step, "settings": stage_settings(p, seed)["t2v"], "total_steps": p.dit_steps,
                   "mesh": mesh_axes(mesh), "prng_impl": jax.config.jax_default_prng_impl, "segments": segs,
+                  "wall_s": time.time() - t_start,
                   **({} if vae_fingerprint is None else {"vae_fingerprint": vae_fingerprint})})
             if log is not None:
                 log.flush()
@@ -835,6 +853,11 @@ def main(argv=None):
         lock.release()
 
 
+# what results.json's timings measure: a resumed run's stages trained over several attempts, the rest ran in its last
+TIMINGS_COVER = ("vae_s, dit_s: each stage's training over all its attempts (resumed ones included; a killed attempt's "
+                 "steps past its last checkpoint not counted); encode_s, eval_s, total_s: this invocation only")
+
+
 def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
     """`main` past its arguments, under the run directory's lock."""
     if args.fresh:
@@ -868,7 +891,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
             stop.restore()
             log.close()
             print(f"vae: wrote {plot_stage(out, 'vae')}")
-        timings["vae_s"] = time.time() - t0
+        timings["vae_s"] = stage_seconds(out, "vae", time.time() - t0)
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}
 
@@ -894,7 +917,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
             stop.restore()
             log.close()
             print(f"t2v: wrote {plot_stage(out, 't2v')}")
-        timings["dit_s"] = time.time() - t2
+        timings["dit_s"] = stage_seconds(out, "t2v", time.time() - t2)
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}
 
@@ -927,6 +950,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
     timings["total_s"] = time.time() - t0
     save_results(out / "results.json", results, {"vae_psnr_heldout_db": vae_psnr, "real_clips_vae": real_row,
                                                  "chance": chance_row(), "targets_met": targets, "timings": timings,
+                                                 "timings_cover": TIMINGS_COVER,
                                                  "vae_steps": p.vae_steps, "dit_steps": p.dit_steps, "seed": args.seed})
     write_text_atomically(out / "results.md", md + "\n")
     print(md)

@@ -725,6 +725,35 @@ def test_sigterm_in_either_stage_saves_that_step_and_a_rerun_ends_bit_identical(
         jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+def test_a_resumed_stage_reports_its_training_seconds_over_every_attempt(tmp_path, monkeypatch):
+    """results.json's vae_s / dit_s timed only the last invocation: a VAE resumed at its last step reported the
+    seconds spent restoring it as its training (18 s of a 30 s stage, tiny preset), and a stage resumed midway its
+    last part only. Each checkpoint now carries the stage's seconds so far (as train_lm's wall_s), a resume adds to
+    them, and results.json says what each timing covers."""
+    import types
+
+    from parallel import make_mesh
+
+    p = dataclasses.replace(train_video.PRESETS["tiny"], vae_steps=2, ckpt_every=1)
+    monkeypatch.setattr(train_video, "make_vae_step", _fake_vae_step)
+    clock = iter(range(0, 10**6, 10))  # each reading 10 s after the one before
+    monkeypatch.setattr(train_video, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    mesh, out = make_mesh({"data": 1}, devices=jax.devices()[:1]), tmp_path / "run"
+
+    def run(q):
+        with jax.set_mesh(mesh):
+            train_video.train_vae(q, out, mesh, 0, None, {"w": jnp.zeros(4)})
+        return train_video.latest_meta(manager(out / "ckpt" / "vae"))[1]["wall_s"]
+
+    first = run(p)
+    assert first > 0
+    assert run(p) == first  # resumed at its last step: it trained no further, and nothing says it did
+    assert train_video.stage_seconds(out, "vae", fallback=-1.0) == first
+    assert run(dataclasses.replace(p, vae_steps=4)) > first  # trained on: the earlier attempt's seconds kept
+    assert train_video.stage_seconds(tmp_path / "none", "vae", fallback=-1.0) == -1.0
+    assert "all its attempts" in train_video.TIMINGS_COVER
+
+
 def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation(tmp_path, monkeypatch):
     """main returns (exit 0, as train_lm) once a stage was stopped: no encoding, no DiT, no evaluation; the
     handlers are the previous ones again, so a signal while encoding or evaluating (nothing to save) ends the run."""
