@@ -664,7 +664,7 @@ def _check_tokenizer(step_dir: pathlib.Path, data, log) -> None:
     from experiments.config import load_tokenizer
 
     try:
-        state = json.loads(next((step_dir / "loader").glob("process_0-of-*.json")).read_text())
+        state = json.loads(next((step_dir / "loader").glob("process_0-of-*.json")).read_text(encoding="utf-8"))
         saved = state["stream"]["tokenizer"]
     except Exception:  # noqa: BLE001 - no loader state of this layout (an older save): nothing to compare with
         return
