@@ -99,8 +99,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         raise _unsupported("partial_rotary_factor", partial, "only full-width RoPE (1.0)")
     if kind == "default":
         return theta, None
-    # a required key absent was "HF config lacks required field 'factor'", as if config.json's top level lacked it
-    need = {"linear": ("factor",), "llama3": _LLAMA3_FIELDS[:3]}.get(kind, ())
+    # a required key absent was "HF config lacks required field 'factor'", as if config.json's top level lacked it;
+    # YaRN's too (transformers requires the key: only a null factor is DeepSeek's ratio of the lengths, below)
+    need = {"linear": ("factor",), "llama3": _LLAMA3_FIELDS[:3], "yarn": ("factor",)}.get(kind, ())
     if missing := [f for f in need if f not in params]:
         raise ValueError(f"HF config field {where} lacks {', '.join(map(repr, missing))}, which rope_type={kind!r} "
                          "needs (transformers refuses it too); add it to config.json")

@@ -2023,6 +2023,20 @@ def test_a_null_yarn_factor_is_the_ratio_of_the_lengths_as_in_transformers():
     np.testing.assert_allclose(inv_frequencies(32, 1e4, ours), inv.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+def test_an_absent_yarn_factor_is_refused_as_transformers_refuses_it(layout):
+    """A YaRN dict without a `factor` key: transformers refuses it (4.x and 5.x: 'factor' is a required key; only a
+    null one is DeepSeek's ratio of the lengths). It ran with factor = max_position_embeddings / original (here
+    64 / 16 = 4), i.e. with frequencies and an attention scale the checkpoint's own library never computes."""
+    raw = _hf_dict(hidden_size=64, num_attention_heads=2)
+    raw.pop("rope_parameters", None), raw.pop("rope_scaling", None)
+    raw[layout] = dict(rope_type="yarn", rope_theta=1e4, original_max_position_embeddings=16)
+    with pytest.raises(ValueError, match=rf"HF config field {layout} lacks 'factor', which rope_type='yarn' needs"):
+        config_from_hf(copy.deepcopy(raw))
+    with pytest.raises(KeyError, match="factor"):  # transformers' own refusal (5.x validates on construction)
+        transformers.LlamaConfig.from_dict(copy.deepcopy(raw))
+
+
 # --- training gradients and the optimizer step against transformers + torch.optim (float64 references) ---
 
 def _hf_named(cfg, flat):
