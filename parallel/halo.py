@@ -99,6 +99,14 @@ def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
     if x.shape[dim] % n:
         raise ValueError(f"halo_map: dim {dim} of x {x.shape} does not divide over the {n} devices of '{axis}': "
                          "run the stencil unsplit where `halo_axis` says (None, 1)")
+    kind = dict(zip(mesh.axis_names, mesh.axis_types))[axis]
+    if kind == jax.sharding.AxisType.Explicit and jax.typeof(x).sharding.spec[dim] not in (axis, (axis,)):
+        # its gradient failed in JAX's "Expected cotangent type float32[2,8,5,3] but got float32[2,8@sequence,5,3]"
+        raise ValueError(f"halo_map: axis={axis!r} is Explicit (jax.make_mesh's default) and x {jax.typeof(x)} is "
+                         f"not split over it along dim {dim}: build the mesh with parallel.make_mesh, or jax.make_mesh("
+                         "..., axis_types=(AxisType.Auto,) * n), or put x split along that dim first")
+    if x.shape[dim] == 0:  # no rows to exchange (one device returns an empty result; bands of 0 rows divided by 0)
+        return fn(x, *args, pad=halo)
     spec = P(*(None,) * dim, axis)
 
     def stencil(x_ext, *args):

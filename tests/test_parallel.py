@@ -718,6 +718,47 @@ def test_halo_map_takes_a_negative_dim_and_refuses_a_halo_other_than_fn_s_radius
             halo_map(halo_conv, x, w, axis="tensor", dim=1, halo=1)
 
 
+def test_halo_map_takes_frames_with_no_rows():
+    """An empty dim (frames 0 rows tall) gives fn's empty result and gradients, as one device does: bands of 0 rows
+    divided by zero in the halo exchange (ZeroDivisionError), also from the VAE on {data 2, sequence 4}, where one
+    device returned the empty latents."""
+    from parallel.halo import halo_map
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((2, 0, 3, 4), np.float32)
+    w = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+    with jax.set_mesh(make_mesh({"data": 2, "sequence": 4})):
+        sharded = lambda x, w: halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1).sum()  # noqa: E731
+        y = halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1)
+        dx, dw = jax.grad(sharded, argnums=(0, 1))(x, w)
+    assert y.shape == (2, 0, 3, 5)
+    assert dx.shape == x.shape and np.all(np.asarray(dw) == 0)
+
+
+def test_halo_map_on_an_explicit_mesh_takes_split_rows_and_refuses_others_by_name():
+    """jax.make_mesh's default Explicit axes: rows already split over `sequence` give one device's gradients; rows
+    whole (or split over data alone) failed in the gradient with JAX's "Expected cotangent type float32[2,8,5,3] but
+    got float32[2,8@sequence,5,3]", naming neither the mesh nor the fix. Now a ValueError before tracing."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from parallel.halo import halo_map
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 5, 3)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    ref = jax.grad(lambda x, w: jnp.sin(halo_conv(x, w, 1)).sum(), argnums=(0, 1))(x, w)
+    mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    loss = lambda x, w: jnp.sin(halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1)).sum()  # noqa: E731
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(jax.device_put(x, NamedSharding(mesh, P("data", "sequence"))), w)
+        for g, want in zip(got, ref):
+            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-4)
+        for spec in (P(), P("data")):
+            with pytest.raises(ValueError, match="axis='sequence' is Explicit .* not split over it along dim 1"):
+                jax.jit(jax.grad(loss, argnums=(0, 1)))(jax.device_put(x, NamedSharding(mesh, spec)), w)
+
+
 def test_halo_axis_splits_only_what_it_can():
     """halo_axis: the axis when it divides the dim; None for an indivisible dim, a mesh without the axis, and bfloat16
     on XLA:CPU beside other mesh axes (a bfloat16 all-reduce in a shard_map manual over some axes only aborts the
