@@ -266,9 +266,10 @@ PER_PROCESS_FIELDS = frozenset({"data.cache_dir", "train.progress"})
 # How a model is executed, not which parameters it has: a run may resume with other values.
 EXECUTION_FIELDS = frozenset({"attn_impl", "attn_block", "scan_layers", "scan_unroll", "remat", "swa_impl",
                               "swa_block", "pipeline_microbatches", "dtype", "matmul_impl"})
-# What a Hugging Face config.json does not say (--init-from keeps the preset's): how the model runs, and the
-# training precision of its weights
-KEPT_FROM_PRESET = tuple(sorted(EXECUTION_FIELDS | {"param_dtype"}))
+# What a Hugging Face config.json does not say (--init-from keeps the preset's): how the model runs, the training
+# precision of its weights, and μP's base width (from_pretrained unfolds save_pretrained's readout fold by it; a
+# --set model.mup_base_width was refused as another architecture: a μP export could only train on as standard)
+KEPT_FROM_PRESET = tuple(sorted(EXECUTION_FIELDS | {"param_dtype", "mup_base_width"}))
 MOE_EXECUTION_FIELDS = frozenset({"dispatch", "capacity_factor", "dropless_impl", "gmm_tile_rows"})
 # How fresh weights are drawn, which a resumed run never does (it restores every parameter): not compared on resume.
 # (An --init-from run saved before config_from_hf read config.json's initializer_range holds 0.02: its resume was

@@ -1586,6 +1586,33 @@ def test_the_trainer_takes_a_hf_moe_with_the_runs_own_moe_execution(tmp_path):
         validate(load([*args, "--set", "model.moe.n_experts=8"]), 8)
 
 
+def test_the_trainer_takes_a_mup_export_back_as_mup(tmp_path):
+    """--init-from the export of a μP model with --set model.mup_base_width: the run is μP again (the head unfolded
+    by from_pretrained, so its logits are the saved model's, and the optimizer's width_mult is m). It was refused as
+    'model.mup_base_width differ from config.json ... its weights fit only its own architecture' (μP changes no
+    shape), and without the --set the export trained on as the standard parametrisation."""
+    from experiments import train_lm
+    from experiments.config import load, validate
+    from parallel import make_mesh
+
+    c = TransformerConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=2, head_dim=32, mlp_dim=128,
+                          max_seq_len=32, mup_base_width=16)  # m = 4
+    model = Transformer(c, rngs=nnx.Rngs(0))
+    model.lm_head[...] = jax.random.normal(jax.random.key(1), model.lm_head[...].shape)  # not the zero init
+    folder = tmp_path / "hf"
+    save_pretrained(model, folder)
+    cfg = load(["--preset", "tiny", "--init-from", str(folder), "--set", "model.mup_base_width=16"])
+    validate(cfg, 8)
+    assert cfg.model.mup_base_width == 16 and cfg.model.width_mult == 4.0
+    mesh = make_mesh(cfg.mesh)
+    graphdef, optimizer, _, template = train_lm.abstract_train_state(cfg, mesh)
+    state = train_lm.init_from_hf(cfg, mesh, optimizer, jax.tree.map(lambda x: x.sharding, template))
+    tok = jnp.asarray(np.random.default_rng(0).integers(0, 320, (8, 16)), jnp.int32)  # 8 rows: the fsdp axis
+    with jax.set_mesh(mesh):
+        got = nnx.merge(graphdef, state["params"])(tok)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(model(tok)), atol=1e-5)
+
+
 def test_init_from_help_names_every_architecture_it_reads():
     """`python -m experiments.train_lm --help` listed Llama, Mistral, Ministral, Qwen2, Gemma 2 and Mixtral for
     --init-from: not Qwen3, Qwen3-MoE or Gemma 3, which it fine-tunes as well (models.hf_config.ARCHITECTURES)."""
