@@ -223,7 +223,7 @@ def _count(n) -> bool:
 
 def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold: float = 0.25,
             square_fill: float = 0.87, triangle_taper: float = 0.6, max_area: float = 0.5, min_speed: float = 0.2,
-            value_range: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
+            value_range: tuple[float, float] | None = None, circle_fill: float = 0.65) -> dict[str, np.ndarray]:
     """Decode (colour, shape, direction) indices from clips in [-1, 1]; -1 where a clip shows no object, and a
     direction of -1 where it shows one that does not move (the centroid's slope is under min_speed pixels per frame
     on both axes; the renderer draws >= MovingShapesConfig.speed[0], 1.25 by default: lower it for slower configs).
@@ -241,12 +241,15 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
     upwards (mean row width of the top third / bottom third of its bounding box < triangle_taper, ~0.2
     drawn, ~0.4 decoded), otherwise the fill ratio (area / bounding box) tells square (1) from circle
     (π/4 ≈ 0.79); the cut sits below their midpoint because decoded edges are soft and a blurred square
-    loses its corners first (~0.91 after the VAE). Objects under ~9 px are too coarse for it: a rasterised circle of
+    loses its corners first (~0.91 after the VAE). A fill under circle_fill is none of the three (shape -1, a miss):
+    two objects, a ring, a smear or a triangle not apex up (fill ~0.5) read as 'circle', a hit for circle prompts;
+    drawn circles fill 0.77-0.80, blurred ones >= 0.74, 5-6 px ones >= 0.75, the trained model's decoded ones in
+    docs/video 0.81-0.87 (0 keeps the old reading). Objects under ~9 px are too coarse for it: a rasterised circle of
     5-6 px is a few stepped rows: one with a short top row tapers and reads as a triangle, a boxy one as a square (13%
     of the 'tiny' preset's clean 5-6 px circles misread: 12% as triangles, 1.5% as squares).
 
     Thresholds outside their ranges are refused by name: rel_threshold in (0, 1), min_threshold in [0, 1),
-    square_fill and max_area in (0, 1], triangle_taper > 0, min_speed >= 0.
+    square_fill and max_area in (0, 1], triangle_taper > 0, min_speed >= 0, circle_fill in [0, square_fill).
 
     value_range: the clips' (black, white), e.g. (0, 1) for frames / 255; None: (-1, 1), refused for a batch with no
     pixel below 0 (frames in [0, 1] read with [-1, 1]'s black at 0.5 as a wash: every clip 'no object') unless it is
@@ -263,7 +266,10 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
         raise ValueError(f"measure: videos must be floats in [-1, 1], got {videos_BTHWC.dtype} (uint8 [0, 255] from "
                          "load_video_model's sample: pass videos / 127.5 - 1, or value_range=(0, 255))")
     _check_measure_args(rel_threshold=rel_threshold, min_threshold=min_threshold, square_fill=square_fill,
-                        triangle_taper=triangle_taper, max_area=max_area, min_speed=min_speed)
+                        triangle_taper=triangle_taper, max_area=max_area, min_speed=min_speed, circle_fill=circle_fill)
+    if circle_fill >= square_fill:  # every object under square_fill read as no shape: no clip could read 'circle'
+        raise ValueError(f"measure: circle_fill={circle_fill!r} must be below square_fill={square_fill!r} (the fill "
+                         "ratios from circle_fill to square_fill read as a circle)")
     B, T, H, W = videos_BTHWC.shape[:4]
     if B == 0:  # an empty batch failed in a reshape: nothing to read
         return {"colour": np.zeros(0, int), "shape": np.zeros(0, int), "direction": np.zeros(0, int),
@@ -338,7 +344,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
         fill_B = np.where(valid_B, np.nanmedian(np.where(valid_B[:, None], fill_BT, 0.0), axis=1), np.nan)
         taper_B = np.where(valid_B, np.nanmedian(np.where(valid_B[:, None], taper_BT, 1.0), axis=1), np.nan)
     shape_B = np.where(taper_B < triangle_taper, SHAPES.index("triangle"),
-                       np.where(fill_B >= square_fill, SHAPES.index("square"), SHAPES.index("circle")))
+                       np.where(fill_B >= square_fill, SHAPES.index("square"),
+                                np.where(fill_B >= circle_fill, SHAPES.index("circle"), -1)))
 
     bad = ~valid_B
     return {"colour": np.where(bad, -1, colour_B), "shape": np.where(bad, -1, shape_B),
@@ -349,7 +356,8 @@ def measure(videos_BTHWC: np.ndarray, rel_threshold: float = 0.5, min_threshold:
 # and every clip read as 'no object', silently; rel_threshold=1 too (a pixel must exceed the cut)
 _MEASURE_RANGES = {"rel_threshold": (0, 1, False, False), "min_threshold": (0, 1, True, False),
                    "square_fill": (0, 1, False, True), "triangle_taper": (0, math.inf, False, False),
-                   "max_area": (0, 1, False, True), "min_speed": (0, math.inf, True, False)}
+                   "max_area": (0, 1, False, True), "min_speed": (0, math.inf, True, False),
+                   "circle_fill": (0, 1, True, False)}
 
 
 def _check_measure_args(**knobs) -> None:

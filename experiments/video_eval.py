@@ -66,6 +66,10 @@ def chance_row() -> dict:
 
 def prompt_set(data_cfg: MovingShapesConfig, split: str, per_prompt: int):
     """(tokens [N, L], labels {attr: [N]}, combo ids [N]) with every combination of `split` repeated."""
+    if not data_cfg.split_combos(split):  # held_out=() failed in np.stack as a bare "need at least one array"
+        raise ValueError(f"prompt_set: split={split!r} holds no combinations (MovingShapesConfig.held_out holds "
+                         f"{len(data_cfg.held_out)} of {len(data_cfg.combos())}); hold some out to evaluate held-out "
+                         "prompts (the default HELD_OUT)")
     combos = [c for c in data_cfg.split_combos(split) for _ in range(per_prompt)]
     tokens = np.stack([encode_caption(caption(*c), data_cfg.max_caption_len) for c in combos])
     lab = np.asarray([labels_of(c) for c in combos])

@@ -567,3 +567,59 @@ def test_measure_names_a_threshold_out_of_its_range():
     edge = measure(clip, rel_threshold=0.99, min_threshold=0.0, max_area=1.0, min_speed=0.0, square_fill=1.0,
                    triangle_taper=np.float32(1.0))
     assert edge["colour"][0] == MovingShapesSource(CFG, "all", 1)[0]["colour"]
+
+
+def test_measure_reads_no_shape_from_a_blob_that_is_none_of_the_three():
+    """Any object under square_fill and not tapering upwards read as a circle: a triangle apex down or sideways, a
+    ring, two squares (fill 0.37-0.54, a drawn circle's is 0.77-0.80) were each a shape hit for a circle prompt. They
+    read as no shape (-1, a miss in score) with their colour and direction kept; drawn circles still read as circles,
+    and circle_fill=0 keeps the old reading. A circle_fill that leaves no circle, or out of range, is named."""
+    from experiments.video_eval import score
+
+    S = 32
+    yy, xx = np.mgrid[0:S, 0:S] + 0.5
+    h = 6.5
+    masks = {"apex down": lambda ox, oy: (abs(oy) <= h) & (abs(ox) <= (h - oy) / 2),
+             "apex left": lambda ox, oy: (abs(ox) <= h) & (abs(oy) <= (ox + h) / 2),
+             "ring": lambda ox, oy: (ox ** 2 + oy ** 2 <= h * h) & (ox ** 2 + oy ** 2 >= (h - 2.5) ** 2),
+             "two squares": lambda ox, oy: ((abs(ox + 4) <= 2.5) & (abs(oy + 4) <= 2.5))
+             | ((abs(ox - 4) <= 2.5) & (abs(oy - 4) <= 2.5))}
+    clips = -np.ones((len(masks), 9, S, S, 3), np.float32)
+    for b, mask in enumerate(masks.values()):
+        for t in range(9):  # red, moving right 1.5 px / frame
+            clips[b, t][mask(xx - (8 + 1.5 * t), yy - 16)] = 2 * np.asarray(COLOURS["red"]) - 1
+    got = measure(clips)
+    assert got["shape"].tolist() == [-1] * len(masks), dict(zip(masks, got["fill"]))
+    assert got["colour"].tolist() == [0] * len(masks)
+    assert got["direction"].tolist() == [list(DIRECTIONS).index("right")] * len(masks)
+    circle = [SHAPES.index("circle")] * len(masks)
+    assert measure(clips, circle_fill=0.0)["shape"].tolist() == circle  # the old reading
+    row = score(got, {"colour": np.zeros(len(masks), int), "shape": np.asarray(circle),
+                      "direction": np.ones(len(masks), int)})
+    assert row["shape"] == 0.0 and row["colour"] == 1.0 and row["no_object"] == 0.0
+    src = MovingShapesSource(CFG, "all", 48)
+    recs = [src[i] for i in range(48)]
+    assert (measure(np.stack([r["video"] for r in recs]))["shape"] == [r["shape"] for r in recs]).all()
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=rf"measure: circle_fill={bad!r} must be"):
+            measure(clips, circle_fill=bad)
+    with pytest.raises(ValueError, match=r"circle_fill=0.9 must be below square_fill=0.87"):
+        measure(clips, circle_fill=0.9)
+
+
+def test_eval_harness_names_an_empty_held_out_split():
+    """held_out=() (a valid config: train on every triple) failed in run_eval as numpy's bare "need at least one array
+    to stack"; it is named before any clip is generated."""
+    from experiments.video_eval import run_eval
+
+    calls = []
+
+    def gen_fn(tokens, key, scale):
+        calls.append(1)
+        return np.zeros((len(tokens), 5, 16, 16, 3), np.float32)
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2), held_out=())
+    with pytest.raises(ValueError, match=r"prompt_set: split='heldout' holds no combinations \(MovingShapesConfig"
+                                         r"\.held_out holds 0 of 48\)"):
+        run_eval(gen_fn, lambda x: x, None, cfg, scales=(1.0,), per_seen=1, per_held=1, batch=8)
+    assert not calls
