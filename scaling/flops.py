@@ -559,8 +559,9 @@ def train_flops_per_token(cfg, seq_len: int, *, kernel: str = "ideal", block: in
                           expert_shards: int = 1) -> float:
     """Training FLOPs per token = 3 x forward (+ remat recompute if `include_recompute`).
 
-    With the defaults this is the *model* FLOPs that MFU divides by (PaLM, Chowdhery et al. 2022,
-    App. B: 6N + 12·L·H·Q·T/2 for causal attention). `include_recompute=True` gives hardware FLOPs, under `remat`
+    With the defaults this is the *model* FLOPs that MFU divides by: 6N + 12·L·H·Q·(T + 1)/2, the attended causal
+    keys. PaLM (Chowdhery et al. 2022, App. B) counts every key, 6N + 12·L·H·Q·T (its 46.2% MFU needs it):
+    kernel='dense' gives that convention. `include_recompute=True` gives hardware FLOPs, under `remat`
     (default `cfg.remat`, as `scaling.memory.memory_per_device` takes it; 'none' for a config without one).
     kernel='executed' counts what the kernels run, the routed experts' rows by `executed_slots`: pass the mesh's
     `expert_shards` (dropless with experts sharded runs E rows per token, E/K× the model's).

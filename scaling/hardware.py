@@ -113,6 +113,15 @@ _DEVICE_KINDS = (("h200 nvl", None), ("h200", "h200"), ("h100 pcie", None), ("h1
                  ("tpu v5p", "tpu-v5p"), ("tpu v5", "tpu-v5p"), ("tpu v6 lite", "tpu-v6e"), ("tpu v6e", "tpu-v6e"))
 
 
+# jax's dot-algorithm presets (`jax.lax.DotAlgorithmPreset` names, which jax_default_matmul_precision also takes): the
+# inputs are cast to the preset's storage type whatever the model's dtype, so its peak is the one they run at (they fell
+# through to the TF32 peak: F32_F32_F32 read 7.4x MFU's denominator, BF16_BF16_F32 on a float32 model MFU 2x). None: a
+# multi-pass (X3 / X6 / X9) or float64 algorithm, which no datasheet has a peak for
+_PRESET_PEAKS = {"F32_F32_F32": "fp32", "TF32_TF32_F32": "tf32", "BF16_BF16_F32": "bf16", "BF16_BF16_BF16": "bf16",
+                 "F16_F16_F32": "fp16", "F16_F16_F16": "fp16", "BF16_BF16_F32_X3": None, "BF16_BF16_F32_X6": None,
+                 "BF16_BF16_F32_X9": None, "TF32_TF32_F32_X3": None, "F64_F64_F64": None}
+
+
 def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = None) -> tuple[float | None, str]:
     """(dense peak FLOP/s, chip key) of one accelerator as jax names it (`jax.devices()[0].device_kind`), for
     the matmul precision a model computing in `compute_dtype` ('bfloat16', 'bf16' or a dtype such as jnp.bfloat16)
@@ -120,7 +129,9 @@ def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = 
 
     TPUs: the bf16 peak (their MXUs multiply float32 in bf16 passes). NVIDIA: bf16 / fp16 as named; float32 runs
     on TF32 tensor cores unless `matmul_precision` (jax's `jax_default_matmul_precision`) asks for full float32
-    ('highest' / 'float32'), which gets the plain FP32 peak. fp8 (any float8_* dtype) and int8 get the chip's
+    ('highest' / 'float32'), which gets the plain FP32 peak. A dot-algorithm preset ('BF16_BF16_F32', 'F32_F32_F32',
+    ...) casts every matmul's inputs, so on NVIDIA it sets the peak whatever `compute_dtype` is; (None, device_kind)
+    for a multi-pass one ('BF16_BF16_F32_X3'). fp8 (any float8_* dtype) and int8 get the chip's
     own fp8 / int8 peak (TPUs too, where published); (None, device_kind) for an NVIDIA chip that has none (an
     A100's fp8, a float64 model): no peak is better than the TF32 one, which is a quarter of an H100's fp8 peak. A
     TPU without one (v5e's fp8, any float64 model) gets its bf16 peak.
@@ -129,6 +140,12 @@ def device_peak(device_kind: str, compute_dtype, matmul_precision: str | None = 
     key = next((name for pattern, name in _DEVICE_KINDS if pattern in kind), None)
     if key is None:
         return None, device_kind
+    preset = str(matmul_precision).upper()
+    if not key.startswith("tpu") and preset in _PRESET_PEAKS:
+        dt = _PRESET_PEAKS[preset]
+        if dt is None or dt not in CHIPS[key].peak_flops:
+            return None, device_kind
+        return peak_flops(key, dt), f"{key} {dt}"
     compute = peak_dtype(compute_dtype)  # 'bfloat16', 'bf16' and jnp.bfloat16 alike (the last two got the TF32 peak)
     if compute in ("fp8", "int8") and compute in CHIPS[key].peak_flops:  # they fell through to TF32 (4x MFU)
         dt = compute

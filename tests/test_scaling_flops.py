@@ -781,6 +781,18 @@ def test_mfu():
     assert mfu(1e6, 1e9, 1, 1e15) == 1.0  # at the peak exactly
 
 
+def test_palms_published_mfu_counts_every_key_which_kernel_dense_gives():
+    # PaLM 540B (Chowdhery et al. 2022, App. B): 6N + 12·L·H·Q·T, 238.3K tokens/s on 6144 TPU v4 chips = 46.2% MFU;
+    # the docs had called the attended-keys count (T + 1)/2 PaLM's convention: that reads 46.0%
+    from scaling.hardware import peak_flops
+
+    s = LMShape(vocab_size=256_000, d_model=18432, n_layers=118, n_heads=48, kv_heads=1, head_dim=256, mlp_dim=73728)
+    fpt = {k: 6 * 540.35e9 + 3 * attention_flops_per_token(s, 2048, kernel=k) for k in ("dense", "ideal")}
+    assert fpt["dense"] - 6 * 540.35e9 == 12 * 118 * 48 * 256 * 2048
+    assert round(mfu(238.3e3, fpt["dense"], 6144, peak_flops("tpu-v4")), 3) == 0.462
+    assert round(mfu(238.3e3, fpt["ideal"], 6144, peak_flops("tpu-v4")), 3) == 0.460
+
+
 def test_nonsense_shapes_and_lengths_are_refused_naming_the_field():
     """They used to return negative parameter counts and key counts, or a bare ZeroDivisionError."""
     from types import SimpleNamespace

@@ -390,6 +390,28 @@ def test_cli_names_a_negative_budget_in_scientific_notation(flag):
     assert str(e.value).startswith(want), e.value
 
 
+@pytest.mark.parametrize("dtype, precision, expected", [
+    ("float32", "F32_F32_F32", ("h100", "fp32")),  # full float32 passes: read as TF32, MFU 7.4x too low
+    ("float32", "BF16_BF16_F32", ("h100", "bf16")),  # bf16 passes on f32 arrays: read as TF32, MFU 2x too high
+    ("float32", "TF32_TF32_F32", ("h100", "tf32")),
+    ("bfloat16", "F32_F32_F32", ("h100", "fp32")),  # the preset casts bf16 inputs to float32
+    ("float32", "F16_F16_F32", ("h100", "fp16")),
+    ("float32", "BF16_BF16_F32_X3", None),  # three bf16 passes: no datasheet peak
+    ("float32", "DEFAULT", ("h100", "tf32")),
+])
+def test_device_peak_takes_jax_dot_algorithm_presets(dtype, precision, expected):
+    # jax_default_matmul_precision takes jax.lax.DotAlgorithmPreset names; they fell through to the TF32 peak
+    import jax
+
+    assert precision in {p.name for p in jax.lax.DotAlgorithmPreset}
+    peak, label = device_peak("NVIDIA H100 80GB HBM3", dtype, precision)
+    if expected is None:
+        assert peak is None and label == "NVIDIA H100 80GB HBM3"
+    else:
+        assert (peak, label) == (peak_flops(*expected), " ".join(expected))
+    assert device_peak("TPU v5", dtype, precision) == (459e12, "tpu-v5p bf16")  # TPUs: bf16 passes, as before
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "BF16", "jnp.bfloat16", "np.dtype"])
 def test_device_peak_reads_dtype_objects_and_short_names(dtype):
     # jnp.bfloat16 and 'bf16' fell through to the TF32 peak on an H100 (half the bf16 one: MFU reported 2x), and
