@@ -883,6 +883,10 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
     if restored is not None:  # the steps after the checkpoint replay: their earlier events and records are stale
         log.resume(start)
         drop_records_after(log, None, start)
+        # and a segment record at `start` itself is an earlier attempt's from this checkpoint, whose steps all replay
+        # (`segments` leaves it out of the meta too): kept, an attempt killed before its first save, or stopped
+        # before its first step, stayed in the log with the settings it changed, which no saved step was trained at
+        drop_records_after(log, "segment", start - 1)
     # who made each segment (command, commit, versions, devices) and what a resume changed: saved with every
     # checkpoint, as the config alone is the newest segment's (a rerun at the last step trains nothing: no segment)
     segs = segments(meta if restored is not None else None, start, changed.get(start, []))

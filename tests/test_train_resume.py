@@ -818,6 +818,35 @@ def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its
     assert [r["tokens_per_s"] is None for r in rows if r["kind"] == "train"] == [True, False, False, False, True, False]
 
 
+def test_an_attempt_that_saved_nothing_leaves_no_segment_record_beside_the_resumes(runs, tmp_path, monkeypatch):
+    """An attempt resumed from step 4 with optim.lr changed and stopped before it saved again (here: a SIGTERM
+    during its startup) logged a 'segment' record at step 4 naming the lr change; the next resume from step 4
+    dropped the records past 4 only, so metrics.jsonl named two segments at step 4, one with an lr no saved step was
+    trained at. Its records are those of the checkpoint's segments: one per start, the last attempt's."""
+    from experiments import config
+
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    for s in (8, 12):
+        shutil.rmtree(out / "ckpt" / str(s))
+    real = config.load
+
+    def load_then_signal(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(config, "load", load_then_signal)
+        assert train_lm.main([*TINY, "--out", str(out), "--set", "optim.lr=0.02", "--set", "train.steps=6",
+                              "--set", "train.progress=false"])["step"] == 4
+    train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    segs = [r for r in rows if r["kind"] == "segment"]
+    assert [s["step"] for s in segs] == [0, 4], [(s["step"], s["segment"]["changed"]) for s in segs]
+    assert not any("optim.lr" in c for c in segs[-1]["segment"]["changed"])
+    assert [s["start_step"] for s in restore(out)[1]["segments"]] == [0, 4]
+
+
 def test_only_the_newest_keep_checkpoints_stay_on_disk(tmp_path):
     """The tiny preset saves 3 times and keeps 3: a trainer keeping one too many passed every other test. Saves at
     5, 10 and 12 (the last, off the interval) with train.keep=2 and no best kept: the newest two stay. (The tiny
