@@ -204,7 +204,10 @@ class DocWriter:
 
     def abort(self):
         """Close and delete the partial file (a failed shard leaves nothing behind)."""
-        self._w.close()
+        try:
+            self._w.close()
+        except (RuntimeError, OSError):  # array_record raises a failed write's error (a full disk) from every close
+            pass  # (the error that failed the shard is the one raised)
         self._tmp.unlink(missing_ok=True)
 
 
@@ -317,8 +320,13 @@ def _damaged(path, e: Exception) -> ValueError:
 def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
     """The completed ArrayRecord shards of a tier directory, in shard order.
 
-    Raises a FileNotFoundError naming the directory when it holds none."""
+    Raises a FileNotFoundError naming the directory when it holds none, or when it is a tier of a cleaning run that
+    has not finished (no `stats.json`, written once every shard is): its shards so far were read as the whole tier."""
     d = pathlib.Path(tier_dir)
+    if d.name in TIERS and (d.parent / "manifest.json").exists() and not (d / "stats.json").exists():
+        raise FileNotFoundError(f"{d} is a tier of an unfinished cleaning run (no {d / 'stats.json'}): its shards so "
+                                f"far are part of the corpus; resume the run (python -m data.pipeline with the same "
+                                f"inputs and --out {d.parent}) and read it once it has finished")
     # by length, then name: shard_name pads to 5 digits, so past shard-99999 a name sort misplaces the longer names
     files = sorted((str(p) for p in d.glob("shard-*.array_record")), key=lambda f: (len(f), f))
     if not files:

@@ -416,6 +416,31 @@ def test_a_shard_that_fails_part_way_leaves_no_temporary_files(tmp_path, monkeyp
     assert all_docs(tmp_path / "d" / "augmented") == all_docs(tmp_path / "e" / "augmented") != []
 
 
+def test_a_shard_whose_writer_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """array_record keeps a failed write's error and raises it from every close(): the commit's close raised on a full
+    disk, then the abort's again before it deleted the `.array_record.tmp` (a partial shard left on the full disk, and
+    the other writers of the shard not aborted)."""
+    from array_record.python import array_record_module
+
+    real = array_record_module.ArrayRecordWriter
+
+    class FullDisk:
+        def __init__(self, path, options):
+            self._w = real(path, options)
+
+        def write(self, rec):
+            self._w.write(rec)
+
+        def close(self):
+            self._w.close()
+            raise RuntimeError("write() failed: No space left on device; Failed to close chunk_writer")
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    with pytest.raises(RuntimeError, match="No space left"):
+        run(small_corpus(tmp_path), tmp_path / "out", PipelineConfig(workers=1), progress=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*tmp*")) == []
+
+
 class FailOnThird:
     """A stage that raises on the third document it sees."""
 
@@ -588,6 +613,36 @@ def test_a_crash_between_a_shards_raw_and_filtered_stats_is_redone_on_resume(tmp
     run(inputs, out, PipelineConfig(workers=1), progress=False)
     rows = report_mod.funnel(out)
     assert report_mod.reconcile(rows) == [] and rows[0][1].docs_in == 4
+
+
+def test_the_tiers_of_a_run_killed_part_way_are_refused_to_readers_until_it_is_resumed(tmp_path, monkeypatch):
+    """A run killed in pass 3 had shard 0 in its final tier: the loader, tier_texts and tier_shards read that shard
+    as the whole corpus (data.report alone said the run was unfinished)."""
+    from data import pipeline
+    from data.loader import Source
+    from data.tokenizer import tier_texts
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rng = np.random.default_rng(0)
+    for p in (a, b):
+        p.write_text("".join(json.dumps({"text": en_text(rng, 120)}) + "\n" for _ in range(3)))
+    out, real = tmp_path / "out", pipeline._pass3
+
+    def killed_on_shard_1(i, *args):
+        if i == 1:
+            raise RuntimeError("killed")
+        return real(i, *args)
+
+    monkeypatch.setattr(pipeline, "_pass3", killed_on_shard_1)
+    with pytest.raises(RuntimeError, match="killed"):
+        run([str(a), str(b)], out, PipelineConfig(workers=1), progress=False)
+    assert (out / "augmented" / "shard-00000.array_record").exists()
+    for read in (tier_shards, lambda d: Source(str(d)).files(), lambda d: list(tier_texts(d))):
+        with pytest.raises(FileNotFoundError, match=r"unfinished cleaning run .* resume the run"):
+            read(out / "augmented")
+    monkeypatch.setattr(pipeline, "_pass3", real)
+    run([str(a), str(b)], out, PipelineConfig(workers=1), progress=False)
+    assert len(list(tier_texts(out / "augmented"))) == 6
 
 
 def test_parallel_workers_give_identical_tiers(cleaned, corpus):
