@@ -291,6 +291,8 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     (router_jitter 0: off; otherwise the amount must be the model's own, by which its layers jitter); None: the
     model's own (`cfg.moe`; None for a dense model). A sigmoid router's bias moves here, outside `optimizer`: one
     that the optimizer freezes (optax.multi_transform with set_to_zero) still moves unless bias_update_rate is 0.
+    metrics['grad_norm'] is the global norm before clipping. Skipped steps advance neither Adam's count nor the
+    schedule's, so a run with k of them ends k updates short of its schedule's end (min_lr_ratio · lr).
     schedule: the optimizer's learning-rate schedule, reported as metrics['lr'] (absent without one).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
     """

@@ -92,7 +92,9 @@ def rung_lr(base: float, rung: Rung) -> float:
 
 def make_wsd_optimizer(peak_lr: float, weight_decay: float = 0.1, clip_norm: float = 1.0, b1: float = 0.9,
                        b2: float = 0.95) -> optax.GradientTransformation:
-    """lm_step's AdamW recipe with the learning rate as state (set per step by `with_lr`)."""
+    """lm_step's AdamW (clipping, betas, decay mask) with the learning rate as state (set per step by `with_lr`).
+    Its schedule is the ladder's own `wsd_lr`, not lm_step's: the warmup's first step is at peak / warmup (lm_step's
+    is at 0) and the cooldown ends at 0 (lm_step's at min_lr_ratio · lr)."""
     return optax.chain(optax.clip_by_global_norm(clip_norm),
                        optax.inject_hyperparams(optax.adamw)(learning_rate=peak_lr, b1=b1, b2=b2,
                                                              weight_decay=weight_decay, mask=decay_mask))
