@@ -36,14 +36,16 @@ _DOC_SECTIONS = ("Args:", "Arguments:", "Parameters:", "Returns:", "Raises:", "Y
 # syntax ("\nimport " is a statement, "import tariffs" mid-sentence is not, nor a line's "Import duties rose": prose
 # capitalises a line's first word: "From Monday" opening two paragraphs made news code, and docstrings' "Return the
 # ..." made them code). A substring keyword that starts with a letter starts a word ("self." is
-# not in "himself." nor "my_self.", but is in "调用self.fit()"). Counting is one word count plus a few `str.count`
-# scans (and a regex confirming those), so it costs far less than a regex per tag. `docs` means API documentation:
+# not in "himself." nor "my_self.", but is in "调用self.fit()"). Counting is one word count plus a few substring
+# tests (and, where they find a keyword, one regex counting the tag's, overlapping ones once: "解方程组" is one hit),
+# so it costs far less than a regex per tag. `docs` means API documentation:
 # docstring sections and field lists, not the English words they use ("returns", "default" and "raises" are finance
 # news as often). A CJK keyword needs no word start: Chinese has no spaces ("勾股定理" holds "定理").
 DEFAULT_DOMAINS = (
     ("code", ("\ndef ", "\nclass ", "\nimport ", "\nfrom ", "\nreturn ", "self.", "#include", "=>", "function(",
               "();", "\nelif ")),
-    ("math", ("theorem", "lemma", "proof", "equation", "integral", "matrix", "∑", "∫", "√", "≤", "≥", "定理",
+    ("math", ("theorem", "theorems", "lemma", "lemmas", "proof", "proofs", "equation", "equations", "integral",
+              "integrals", "matrix", "matrices", "∑", "∫", "√", "≤", "≥", "定理",
               "证明：", "证明:", "方程组", "解方程", "方程式的")),
     ("science", ("experiment", "experiments", "hypothesis", "molecule", "molecules", "protein", "proteins",
                  "physics", "enzyme", "enzymes", "实验", "研究人员")),
@@ -93,11 +95,14 @@ class LabelConfig:
             raise ValueError(f"LabelConfig.min_hits_per_1k_words={self.min_hits_per_1k_words} must be >= 0 "
                              "(0: min_hits alone decides)")
         # line-start keywords as written (see DEFAULT_DOMAINS), the rest lower-cased
+        # the substring keywords of a tag counted by one alternation, longest first, so overlapping ones count once:
+        # counted each, "解方程组" (one mention) was both 解方程 and 方程组, 2 hits, and a Chinese diary tagged math
         split = tuple((tag, frozenset(k.lower() for k in kws if _PLAIN_WORD.fullmatch(k)),
-                       tuple((k if k.startswith("\n") else k.lower(),
-                              re.compile(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(k.lower())}")
-                              if k[:1].isalnum() and not _CJK_START.match(k) else None)
-                             for k in kws if not _PLAIN_WORD.fullmatch(k)))
+                       tuple(k for k in kws if k.startswith("\n")),
+                       subs := tuple(k.lower() for k in kws if not _PLAIN_WORD.fullmatch(k) and not k.startswith("\n")),
+                       re.compile("|".join(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(k)}"
+                                           if k[:1].isalnum() and not _CJK_START.match(k) else re.escape(k)
+                                           for k in sorted(subs, key=len, reverse=True))) if subs else None)
                       for tag, kws in self.domains)
         object.__setattr__(self, "_split", split)
 
@@ -138,14 +143,13 @@ def domain_tags(text: str, cfg: LabelConfig = _DEFAULT_LABEL, qcfg: QualityConfi
     n_words = word_units(words(low), qcfg)
     lines = None  # lines without their indentation, each after a newline, as written: for the line-start keywords
     tags = []
-    for tag, plain, other in cfg._split:
+    for tag, plain, line_starts, subs, subs_rx in cfg._split:
         hits = sum(counts[w] for w in plain)
-        for k, word_start in other:
-            if k.startswith("\n"):
-                lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in text.split("\n"))
-                hits += lines.count(k)
-            elif k in low:
-                hits += low.count(k) if word_start is None else len(word_start.findall(low))
+        for k in line_starts:
+            lines = lines if lines is not None else "".join("\n" + ln.lstrip() for ln in text.split("\n"))
+            hits += lines.count(k)
+        if any(k in low for k in subs):
+            hits += len(subs_rx.findall(low))
         if hits >= cfg.min_hits and hits * 1000 / n_words >= cfg.min_hits_per_1k_words:
             tags.append(tag)
     return tags

@@ -471,3 +471,21 @@ def test_keyword_density_counts_chinese_in_words_not_characters():
     assert zh.count("报道") + zh.count("记者") == 2 and "news" in domain_tags(en + "the agency reported.")
     assert domain_tags(zh) == ["news"]
     assert domain_tags(zh, qcfg=QualityConfig(cjk_chars_per_word=1.0)) == []  # a character a word: 2 in ~3,100
+
+
+def test_overlapping_keywords_of_a_tag_count_once():
+    """"解方程组" (solving a system of equations) holds both 解方程 and 方程组: counted each, one mention in a Chinese
+    diary was 2 hits (min_hits) and tagged it math; two mentions still do."""
+    diary = ("今天小明放学回家，吃完晚饭以后开始写作业。老师布置的作业是解方程组，"
+             "他很快就做完了，然后和妈妈一起去公园散步。公园里有很多人在跳舞，还有小朋友在放风筝。")
+    assert domain_tags(diary) == []
+    assert domain_tags(diary + "明天还要解方程组。") == ["math"]
+    assert domain_tags("调用self.fit();") == ["code"]  # keywords side by side, not overlapping: 2 hits
+
+
+def test_math_keywords_count_in_the_plural():
+    """Science's keywords list their plurals and math's did not: a paragraph of theorems, lemmas, proofs, equations,
+    integrals and matrices (6 keywords) was tagged nothing."""
+    text = ("This chapter collects the main theorems. The lemmas before them have short proofs, and the equations in "
+            "section 2 use integrals over matrices.")
+    assert domain_tags(text) == ["math"]
