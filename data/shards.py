@@ -323,10 +323,13 @@ def tier_shards(tier_dir: str | os.PathLike) -> list[str]:
     Raises a FileNotFoundError naming the directory when it holds none, or when it is a tier of a cleaning run that
     has not finished (no `stats.json`, written once every shard is): its shards so far were read as the whole tier."""
     d = pathlib.Path(tier_dir)
-    if d.name in TIERS and (d.parent / "manifest.json").exists() and not (d / "stats.json").exists():
+    # as given and as the run wrote it: "." inside a tier, or a link to one, was not checked (it was read)
+    tier = next((p for p in (d.absolute(), d.resolve()) if p.name in TIERS and (p.parent / "manifest.json").exists()),
+                None)
+    if tier is not None and not (d / "stats.json").exists():
         raise FileNotFoundError(f"{d} is a tier of an unfinished cleaning run (no {d / 'stats.json'}): its shards so "
                                 f"far are part of the corpus; resume the run (python -m data.pipeline with the same "
-                                f"inputs and --out {d.parent}) and read it once it has finished")
+                                f"inputs and --out {tier.parent}) and read it once it has finished")
     # by length, then name: shard_name pads to 5 digits, so past shard-99999 a name sort misplaces the longer names
     files = sorted((str(p) for p in d.glob("shard-*.array_record")), key=lambda f: (len(f), f))
     if not files:

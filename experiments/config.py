@@ -487,8 +487,9 @@ def load(argv=None, description: str | None = None) -> RunConfig:
 
 def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     """The architecture of the Hugging Face checkpoint in `folder` (its config.json, as `models.hf.from_pretrained`
-    reads it), with `base`'s `experiments.train_lm.KEPT_FROM_PRESET` fields (how the model runs, and float32
-    parameters unless the preset says otherwise) and, when both have a MoE, its MOE_EXECUTION_FIELDS."""
+    reads it), with `base`'s `experiments.train_lm.KEPT_FROM_PRESET` fields (how the model runs, float32
+    parameters unless the preset says otherwise, and μP's base width, which config.json does not record) and, when
+    both have a MoE, its MOE_EXECUTION_FIELDS."""
     from experiments.train_lm import KEPT_FROM_PRESET, with_moe_execution
     from models.hf_config import config_from_hf
 

@@ -94,7 +94,8 @@ def make_wsd_optimizer(peak_lr: float, weight_decay: float = 0.1, clip_norm: flo
                        b2: float = 0.95) -> optax.GradientTransformation:
     """lm_step's AdamW (clipping, betas, decay mask) with the learning rate as state (set per step by `with_lr`).
     Its schedule is the ladder's own `wsd_lr`, not lm_step's: the warmup's first step is at peak / warmup (lm_step's
-    is at 0) and the cooldown ends at 0 (lm_step's at min_lr_ratio · lr)."""
+    is at 0) and the cooldown's last update is at peak / D for a cooldown of D steps (its ramp reaches 0 at
+    decay_end, a step never trained; lm_step's last update is at min_lr_ratio · lr)."""
     return optax.chain(optax.clip_by_global_norm(clip_norm),
                        optax.inject_hyperparams(optax.adamw)(learning_rate=peak_lr, b1=b1, b2=b2,
                                                              weight_decay=weight_decay, mask=decay_mask))

@@ -78,8 +78,9 @@ def _number(field: str, value, whole: bool = False) -> float | int:
     return int(value) if whole else float(value)
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`."""
+def _rope_from_hf(hf: dict, where: str | None = None) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from either layout: 5.x `rope_parameters`, or 4.x `rope_theta` + `rope_scaling`. where: the
+    config.json field the dict came from, for errors (Gemma 3's)."""
     params = hf.get("rope_parameters") or {}
     # nested per layer type: dicts under layer-type keys (a flat one with 4.x's `type` key is read as transformers does)
     if any(isinstance(v, dict) for v in params.values()):
@@ -87,7 +88,7 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
                            "and Qwen2 use one rope_type/rope_theta for all layers)")
     # A non-null rope_scaling wins over rope_parameters in both versions (4.x reads only rope_scaling; 5.x takes
     # `rope_scaling or rope_parameters`); theta then comes from it or the top-level rope_theta.
-    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"  # the dict the fields come from
+    where = where or ("rope_scaling" if hf.get("rope_scaling") else "rope_parameters")  # the dict the fields come from
     params = dict(hf.get("rope_scaling") or params)
     theta = _number(f"{where}.rope_theta" if "rope_theta" in params else "rope_theta",
                     params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
@@ -154,7 +155,9 @@ def _gemma3_rope(hf: dict) -> tuple[float, RopeScaling | None, float | None]:
                           else "rope_local_base_freq", local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)))
     theta, scaling = _rope_from_hf({"rope_parameters": full,
                                     "max_position_embeddings": hf.get("max_position_embeddings"),
-                                    "original_max_position_embeddings": hf.get("original_max_position_embeddings")})
+                                    "original_max_position_embeddings": hf.get("original_max_position_embeddings")},
+                                   # (a missing factor was named as rope_parameters', a dict of layer types here)
+                                   "rope_scaling" if hf.get("rope_scaling") else "rope_parameters.full_attention")
     return theta, scaling, None if (scaling is None and local_theta == theta) else local_theta
 
 

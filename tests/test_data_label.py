@@ -489,3 +489,12 @@ def test_math_keywords_count_in_the_plural():
     text = ("This chapter collects the main theorems. The lemmas before them have short proofs, and the equations in "
             "section 2 use integrals over matrices.")
     assert domain_tags(text) == ["math"]
+
+
+def test_every_tags_keywords_count_in_the_plural():
+    """Math's plurals were added and the other tags' were not: hypotheses, ministers, liabilities, licences and
+    investments (their singulars keywords) tagged nothing."""
+    assert domain_tags("Both hypotheses were tested, and the hypotheses held.") == ["science"]
+    assert domain_tags("The ministers met; the ministers of two governments agreed.") == ["news"]
+    assert domain_tags("Such liabilities survive; the licences cover no liabilities.") == ["legal"]
+    assert domain_tags("Their investments grew, and the revenues of those investments rose.") == ["finance"]

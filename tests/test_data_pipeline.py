@@ -640,9 +640,15 @@ def test_the_tiers_of_a_run_killed_part_way_are_refused_to_readers_until_it_is_r
     for read in (tier_shards, lambda d: Source(str(d)).files(), lambda d: list(tier_texts(d))):
         with pytest.raises(FileNotFoundError, match=r"unfinished cleaning run .* resume the run"):
             read(out / "augmented")
+    (tmp_path / "train").symlink_to(out / "augmented")  # a link to the tier, or "." inside it, was read
+    monkeypatch.chdir(out / "augmented")
+    for tier in (tmp_path / "train", "."):
+        with pytest.raises(FileNotFoundError, match=rf"unfinished cleaning run .* --out {re.escape(str(out))}\)"):
+            tier_shards(tier)
     monkeypatch.setattr(pipeline, "_pass3", real)
     run([str(a), str(b)], out, PipelineConfig(workers=1), progress=False)
     assert len(list(tier_texts(out / "augmented"))) == 6
+    assert len(tier_shards(".")) == len(tier_shards(tmp_path / "train")) == 2
 
 
 def test_parallel_workers_give_identical_tiers(cleaned, corpus):

@@ -2064,6 +2064,18 @@ def test_an_absent_yarn_factor_is_refused_as_transformers_refuses_it(layout):
         transformers.LlamaConfig.from_dict(copy.deepcopy(raw))
 
 
+def test_a_gemma3_rope_without_its_factor_is_named_where_config_json_holds_it():
+    """Gemma 3's scaled RoPE comes from rope_scaling (4.x) or rope_parameters.full_attention (5.x, a dict of layer
+    types): a factor missing from either was named as if 'rope_parameters' itself lacked it."""
+    raw = MINIMAL | {"num_hidden_layers": 7, "architectures": ["Gemma3ForCausalLM"]}
+    for field, extra in (("rope_scaling", dict(rope_scaling=dict(rope_type="linear"))),
+                         ("rope_parameters.full_attention", dict(rope_parameters=dict(
+                             full_attention=dict(rope_type="yarn", rope_theta=1e6),
+                             sliding_attention=dict(rope_type="default", rope_theta=1e4))))):
+        with pytest.raises(ValueError, match=rf"HF config field {re.escape(field)} lacks 'factor'"):
+            config_from_hf(raw | extra)
+
+
 # --- training gradients and the optimizer step against transformers + torch.optim (float64 references) ---
 
 def _hf_named(cfg, flat):
