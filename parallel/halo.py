@@ -101,10 +101,16 @@ def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
                          "run the stencil unsplit where `halo_axis` says (None, 1)")
     kind = dict(zip(mesh.axis_names, mesh.axis_types))[axis]
     if kind == jax.sharding.AxisType.Explicit and jax.typeof(x).sharding.spec[dim] not in (axis, (axis,)):
-        # its gradient failed in JAX's "Expected cotangent type float32[2,8,5,3] but got float32[2,8@sequence,5,3]"
-        raise ValueError(f"halo_map: axis={axis!r} is Explicit (jax.make_mesh's default) and x {jax.typeof(x)} is "
-                         f"not split over it along dim {dim}: build the mesh with parallel.make_mesh, or jax.make_mesh("
-                         "..., axis_types=(AxisType.Auto,) * n), or put x split along that dim first")
+        # x whole along dim (or split over another axis) on an Explicit axis (jax.make_mesh's default): its gradient
+        # failed in JAX's "Expected cotangent type float32[2,8,5,3] but got float32[2,8@sequence,5,3]"; moved onto
+        # the axis first, as the shard_map's in_specs split it on an Auto mesh
+        spec_x = list(jax.typeof(x).sharding.spec) + [None] * (x.ndim - len(jax.typeof(x).sharding.spec))
+        used = [d for d, s in enumerate(spec_x) if axis in (s if isinstance(s, tuple) else (s,))]
+        if used:
+            raise ValueError(f"halo_map: x {jax.typeof(x)} is split over axis={axis!r} along dim {used[0]}, not "
+                             f"dim {dim}: reshard it (jax.sharding.reshard) so that only dim {dim} uses '{axis}'")
+        spec_x[dim] = axis
+        x = jax.sharding.reshard(x, P(*spec_x))
     if x.shape[dim] == 0:  # no rows to exchange (one device returns an empty result; bands of 0 rows divided by 0)
         return fn(x, *args, pad=halo)
     spec = P(*(None,) * dim, axis)

@@ -735,28 +735,32 @@ def test_halo_map_takes_frames_with_no_rows():
     assert dx.shape == x.shape and np.all(np.asarray(dw) == 0)
 
 
-def test_halo_map_on_an_explicit_mesh_takes_split_rows_and_refuses_others_by_name():
-    """jax.make_mesh's default Explicit axes: rows already split over `sequence` give one device's gradients; rows
-    whole (or split over data alone) failed in the gradient with JAX's "Expected cotangent type float32[2,8,5,3] but
-    got float32[2,8@sequence,5,3]", naming neither the mesh nor the fix. Now a ValueError before tracing."""
+def test_halo_map_on_an_explicit_mesh_moves_x_onto_the_axis():
+    """jax.make_mesh's default Explicit axes: rows split over `sequence`, whole, or split over data alone all give one
+    device's values and gradients (whole rows failed in the gradient with JAX's "Expected cotangent type
+    float32[2,8,5,3] but got float32[2,8@sequence,5,3]", naming neither the mesh nor a fix); x split over `sequence`
+    along another dim is refused by name."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from parallel.halo import halo_map
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 8, 5, 3)).astype(np.float32)
+    x = rng.normal(size=(2, 8, 4, 3)).astype(np.float32)
     w = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+    ref_y = halo_conv(x, w, 1)
     ref = jax.grad(lambda x, w: jnp.sin(halo_conv(x, w, 1)).sum(), argnums=(0, 1))(x, w)
     mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     loss = lambda x, w: jnp.sin(halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1)).sum()  # noqa: E731
     with jax.set_mesh(mesh):
-        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(jax.device_put(x, NamedSharding(mesh, P("data", "sequence"))), w)
-        for g, want in zip(got, ref):
-            np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-4)
-        for spec in (P(), P("data")):
-            with pytest.raises(ValueError, match="axis='sequence' is Explicit .* not split over it along dim 1"):
-                jax.jit(jax.grad(loss, argnums=(0, 1)))(jax.device_put(x, NamedSharding(mesh, spec)), w)
+        for spec in (P("data", "sequence"), P(), P("data")):
+            xs = jax.device_put(x, NamedSharding(mesh, spec))
+            y = jax.jit(lambda x, w: halo_map(halo_conv, x, w, axis="sequence", dim=1, halo=1))(xs, w)
+            np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-5, atol=1e-5)
+            for g, want in zip(jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, w), ref):
+                np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=r"split over axis='sequence' along dim 2, not dim 1: reshard it"):
+            jax.jit(loss)(jax.device_put(x, NamedSharding(mesh, P("data", None, "sequence"))), w)
 
 
 def test_halo_axis_splits_only_what_it_can():
