@@ -226,10 +226,11 @@ def test_greedy_generation_matches_hf(hf_ckpt, name):
 def test_left_padded_prompts_generate_as_hf_does(hf_ckpt):
     """Prompts of different lengths, left-padded (`left_pad`, `generate(prompt_mask=...)`): the tokens of
     transformers' generate with that attention_mask, on Mistral's sliding window (the 9-token prompt is longer than
-    the 7-token window, and generation runs past it). Without the mask the padding is read as text."""
+    the 7-token window, and generation runs past it; the 1-token prompt's 8 pads are more than the window). Without
+    the mask the padding is read as text."""
     folder, hf_model = hf_ckpt("mistral_swa")
     model, n = from_pretrained(folder), 12
-    tokens, mask = left_pad([TOKENS[0, :9], TOKENS[1, :3]], pad_id=5)
+    tokens, mask = left_pad([TOKENS[0, :9], TOKENS[1, :3], TOKENS[1, 3:4]], pad_id=5)
     hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = None, 5
     with torch.no_grad():
         ref = hf_model.generate(torch.as_tensor(np.array(tokens)), do_sample=False, max_new_tokens=n,
