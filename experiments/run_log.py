@@ -212,16 +212,19 @@ def perplexity(loss: float) -> float:
 def moe_record(metrics) -> dict:
     """The MoE fields of a train record from a step's metrics ({} without MoE): lb_loss, z_loss, dropped_frac,
     expert_load [E] (each expert's share of the routed rows, averaged over the MoE layers: metrics["load"] is
-    [L_moe, E]) and load_imbalance (the busiest expert's share over the mean share: 1 when balanced; NaN, logged as
-    null, for a step without a real token, whose load is all 0)."""
+    [L_moe, E]) and load_imbalance (each layer's busiest expert's share over its mean share, averaged over the MoE
+    layers, as benchmarks/moe_train.py's max/mean: 1 when balanced; NaN, logged as null, for a step without a real
+    token, whose load is all 0). Per layer: expert e of one layer is not expert e of another, so the imbalance of the
+    averaged load read 1 for layers each collapsed onto a different expert."""
     if "load" not in metrics:
         return {}
     rows = [[float(x) for x in layer] for layer in metrics["load"]]  # device arrays or lists, [L_moe][E]
     load = [math.fsum(col) / len(rows) for col in zip(*rows)]
-    mean = math.fsum(load) / len(load)  # 0 when nothing was routed: a logged metric must never stop a run
+    # a layer's mean share is 0 when nothing was routed: a logged metric must never stop a run
+    ratios = [max(r) * len(r) / math.fsum(r) for r in rows if math.fsum(r) > 0]
     return dict(lb_loss=float(metrics["lb_loss"]), z_loss=float(metrics["z_loss"]),
                 dropped_frac=float(metrics["dropped_frac"]), expert_load=load,
-                load_imbalance=max(load) / mean if mean > 0 else math.nan)
+                load_imbalance=math.fsum(ratios) / len(ratios) if ratios else math.nan)
 
 
 def read_curves(path: pathlib.Path):

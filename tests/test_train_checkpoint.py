@@ -1240,7 +1240,8 @@ def test_sigint_like_sigterm_is_remembered_for_the_loop_and_the_handlers_come_ba
 
 def test_moe_train_record_averages_expert_load_over_the_moe_layers():
     """The trainer's MoE fields: expert_load is each expert's share averaged over the MoE layers (metrics['load'] is
-    [L_moe, E]) and load_imbalance the busiest share over the mean; a dense step adds no field."""
+    [L_moe, E]) and load_imbalance each layer's busiest share over its mean, averaged over the layers; a dense step
+    adds no field."""
     from experiments.run_log import moe_record
 
     load_LE = np.array([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
@@ -1248,7 +1249,7 @@ def test_moe_train_record_averages_expert_load_over_the_moe_layers():
                       "z_loss": jnp.float32(0.5), "dropped_frac": jnp.float32(0.125), "loss": jnp.float32(2.0)})
     want = load_LE.mean(axis=0)
     np.testing.assert_allclose(rec["expert_load"], want, rtol=1e-6)
-    assert rec["load_imbalance"] == pytest.approx(want.max() / want.mean(), rel=1e-6)
+    assert rec["load_imbalance"] == pytest.approx(np.mean(load_LE.max(-1) * 4), rel=1e-6)  # (2 + 1.6 + 1) / 3
     assert (rec["lb_loss"], rec["z_loss"], rec["dropped_frac"]) == (1.25, 0.5, 0.125)
     json.dumps(rec)  # plain floats: the record goes to metrics.jsonl as it is
     assert moe_record({"loss": jnp.float32(2.0)}) == {}
@@ -1257,6 +1258,17 @@ def test_moe_train_record_averages_expert_load_over_the_moe_layers():
     rec = moe_record({"load": jnp.zeros((2, 4), jnp.float32), "lb_loss": jnp.float32(0.0),
                       "z_loss": jnp.float32(0.0), "dropped_frac": jnp.float32(0.0)})
     assert rec["expert_load"] == [0.0] * 4 and math.isnan(rec["load_imbalance"])
+
+
+def test_moe_train_record_imbalance_sees_layers_collapsed_onto_different_experts():
+    """Every layer sends all its tokens to one expert (lb_loss = E, its maximum), a different one per layer: the
+    layer-averaged expert_load is uniform, but the imbalance is E (it read 1.0, 'balanced', from the averaged load)."""
+    from experiments.run_log import moe_record
+
+    rec = moe_record({"load": jnp.eye(4, dtype=jnp.float32), "lb_loss": jnp.float32(4.0),
+                      "z_loss": jnp.float32(0.0), "dropped_frac": jnp.float32(0.0)})
+    assert rec["expert_load"] == [0.25] * 4
+    assert rec["load_imbalance"] == pytest.approx(4.0)
 
 
 def test_a_float32_state_restored_into_a_float16_template_refuses_values_beyond_its_range(tmp_path):
