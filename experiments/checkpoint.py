@@ -16,6 +16,19 @@ corruption: `CheckpointMismatch` is raised before any array is read and the dire
 by path: a tree holding the same arrays with its empty nodes elsewhere (a regrouped optax chain) restores into the
 template's. Only finite states are ever saved.
 Multi-process: every process calls save/restore (orbax coordinates the writes); logs come from process 0.
+
+Reading a step with orbax alone (no import of this repo), on any device count: orbax's default restore re-creates the
+saved shardings, which fails on a machine with other devices ("sharding passed to deserialization should be
+specified"), so ask for numpy arrays; orbax wants an absolute path. Optax's empty states are None.
+
+    import json, pathlib, jax, numpy as np, orbax.checkpoint as ocp
+    step_dir = pathlib.Path("runs/demo/ckpt/200").absolute()
+    meta = json.loads((step_dir / "meta" / "metadata").read_text(encoding="utf-8"))  # step, eval_loss, mesh, ...
+    config = json.loads(meta["config"])  # the RunConfig, itself JSON text
+    with ocp.PyTreeCheckpointer() as c:  # the train state: params, opt_state, step, skipped, rng
+        saved = c.metadata(step_dir / "state").item_metadata.tree  # shapes and dtypes; nothing read yet
+        state = c.restore(step_dir / "state", args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)))
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ saved with it; a corrupt state never moves the data loader."""
 
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -1478,3 +1479,44 @@ def test_a_bucket_url_is_refused_before_any_local_folder_is_made(tmp_path, monke
         with pytest.raises(ValueError, match=r"is a URL.*gcsfuse"):
             Checkpoints(url, async_save=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_documented_plain_orbax_read_gives_a_step_saved_on_8_devices_on_one(tmp_path):
+    """experiments/checkpoint.py's recipe, run as written in a process that imports nothing from this repo and has
+    one device: the state saved sharded over 8 (orbax's default restore re-creates the saved shardings and fails
+    there), its meta and its config, as saved."""
+    import re
+    import subprocess
+    import sys
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from experiments import checkpoint
+    from parallel import make_mesh
+
+    mesh = make_mesh({"fsdp": 8})
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+    state = {"params": {"w": put(jnp.arange(32.0).reshape(8, 4), P("fsdp")), "b": put(jnp.ones(4), P())},
+             "opt_state": (None, {"mu": put(jnp.full((8, 4), 0.5), P("fsdp"))}),
+             "step": put(jnp.asarray(7, jnp.int32), P())}
+    ckpt = Checkpoints(tmp_path / "ckpt", async_save=False)
+    ckpt.save(7, state, {"config": json.dumps({"mesh": {"fsdp": 8}})}, eval_loss=2.5)
+    ckpt.close()
+    m = re.search(r"^    (import json, pathlib.*?)\n\n?(?=\S|\Z)", checkpoint.__doc__, re.S | re.M)
+    assert m, "experiments/checkpoint.py's docstring lost its plain orbax recipe"
+    code = "\n".join(line.removeprefix("    ") for line in m.group(1).splitlines())
+    assert '"runs/demo/ckpt/200"' in code
+    code = code.replace('"runs/demo/ckpt/200"', repr(str(tmp_path / "ckpt" / "7")))
+    code += (f"\nassert len(jax.devices()) == 1\nnp.savez({str(tmp_path / 'got.npz')!r}, w=state['params']['w'], "
+             "b=state['params']['b'], mu=state['opt_state'][1]['mu'], step=state['step'], "
+             "none=state['opt_state'][0] is None)\nprint(json.dumps([meta['step'], meta['eval_loss'], config]))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(env, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [7, 2.5, {"mesh": {"fsdp": 8}}]
+    got = np.load(tmp_path / "got.npz")
+    for k, want in (("w", state["params"]["w"]), ("b", state["params"]["b"]), ("mu", state["opt_state"][1]["mu"]),
+                    ("step", state["step"])):
+        np.testing.assert_array_equal(got[k], np.asarray(want))
+    assert got["none"]
