@@ -623,8 +623,9 @@ def load_video_model(out, preset: str | Preset = "default"):
     dit_steps. A run stopped mid-DiT samples its newest checkpoint's EMA, and says so. Captions use the
     MovingShapes vocabulary, e.g. "a red circle moving up" (also held-out combinations); "" is the null caption.
     `sample(..., steps=n)`: n sampler steps instead of the preset's sample_steps. The seed draws one noise block
-    for the whole batch, so a caption's video depends on its row: the same captions in the same order and seed give
-    the same videos, the same caption in another row or batch another one (sample it alone for a fixed video).
+    for the whole batch, so a caption's video depends on its row index, not on the other captions: the same caption
+    at the same row with the same seed gives the same video in any batch (sampled alone it is row 0's), at another
+    row another one.
 
         sample, p = load_video_model("runs/video/default")
         videos = sample(["a red circle moving up", "a blue square moving left"])

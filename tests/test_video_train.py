@@ -77,6 +77,10 @@ def test_tiny_preset_runs_every_stage(tmp_path, monkeypatch):
     a, b = sample(["a red circle moving up", ""], cfg_scale=2.0), sample(["a red circle moving up", ""], seed=1)
     assert a.shape == (2, p.data.frames, p.data.size, p.data.size, 3) and a.dtype == np.uint8
     assert np.array_equal(a, sample(["a red circle moving up", ""], cfg_scale=2.0)) and not np.array_equal(a, b)
+    # a caption's video depends on its row, not on the other captions or the batch size (the docstring said the same
+    # caption in another batch gave another video: sampled alone, it is row 0's of any batch)
+    assert np.array_equal(sample(["a red circle moving up"], cfg_scale=2.0)[0], a[0])
+    assert not np.array_equal(sample(["", "a red circle moving up"], cfg_scale=2.0)[1], a[0])  # another row
     with pytest.raises(ValueError, match="captions must be a non-empty list of strings"):
         sample([])  # (numpy's 'need at least one array to stack')
     for bad in (float("nan"), float("inf")):  # all-black videos
