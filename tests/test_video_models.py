@@ -1480,3 +1480,28 @@ def test_vae_loss_of_a_float64_video_under_x64_is_float32():
         got = jax.jit(lambda x: vae_loss(vae, x, jax.random.key(1)))(jnp.asarray(x, jnp.float64))
     assert {v.dtype for v in jax.tree.leaves(got)} == {jnp.dtype(jnp.float32)}
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+
+
+def test_bf16_vae_sums_bias_gradients_over_positions_in_float32():
+    """Under bf16 compute the VAE's convolution and resampling biases were added as b.astype(bf16): their gradients,
+    sums of the cotangent over every B·T·H·W position, were summed in bf16 (conv_out.b here 8.3% off its exact sum;
+    the decoder's biases up to 11% off float32's in a random VAE). They are now added in float32 (add_bias), as the
+    DiT's are."""
+    from models.video.vae import space_to_depth, vae_loss
+
+    cfg = dataclasses.replace(VAE, dtype="bfloat16")
+    graphdef, state = nnx.split(randomize(VideoVAE(cfg, rngs=nnx.Rngs(0)), scale=0.05))
+    z = jax.random.normal(jax.random.key(0), (2, 3, 4, 4, cfg.latent_channels))
+    # a cotangent with a mean, bf16-representable: conv_out's bias gradient is its exact sum over the positions
+    g = np.asarray(jnp.asarray(np.random.default_rng(1).normal(0.5, 1, (2, 9, 16, 16, 3)), jnp.bfloat16), np.float32)
+
+    def grads(s):
+        _, vjp = jax.vjp(lambda s: nnx.merge(graphdef, s).decode(z), s)
+        return vjp(jnp.asarray(g))[0]
+
+    want = np.asarray(space_to_depth(np.asarray(g, np.float64)), np.float64).reshape(-1, 12).sum(0)
+    got = np.asarray(jax.jit(grads)(state)["decoder"]["conv_out"]["b"][...], np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())  # bf16 sums: ~1e-2 off
+    x = jnp.tanh(jax.random.normal(jax.random.key(2), (2, 5, 16, 16, 3)))
+    loss_grads = jax.grad(lambda s: vae_loss(nnx.merge(graphdef, s), x, jax.random.key(3))[0])
+    assert bf16_token_sums(loss_grads, state, tokens=64) == []  # conv and resample biases: all float32

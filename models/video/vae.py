@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from models.config import dtype_of
+from models.linear import add_bias
 from models.params import param
 from models.transformer import rms_norm
 from models.video.config import VAEConfig
@@ -75,8 +76,9 @@ def causal_conv3d(x_BTHWC, w_thwIO, b_O=None, *, pad: int | None = None):
                                      [(pad, pad), (kw // 2, kw // 2)],
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y.reshape(B, T, y.shape[1], W, n_out)
-    # the bias as [1, 1, 1, 1, O]: a rank promotion is an error under jax_numpy_rank_promotion='raise'
-    return y if b_O is None else y + b_O.astype(y.dtype)[None, None, None, None]
+    # the bias in float32 (models.linear.add_bias): under bf16 compute its gradient, a sum over every B·T·H·W position,
+    # was summed in bf16 (the decoder output bias 8% off its exact sum; tests/test_video_models.py)
+    return y if b_O is None else add_bias(y, b_O)
 
 
 def space_to_depth(x_BTHWC):
@@ -165,13 +167,13 @@ class Resample(nnx.Module):
         if not self.up:
             x = time_fold(x) if self.time else x
             x = space_to_depth(x) if self.space else x
-        w, b = self.w[...].astype(x.dtype), self.b[...].astype(x.dtype)
+        w, b = self.w[...].astype(x.dtype), self.b[...]  # the bias added in float32, as causal_conv3d's
         if _row_axis(x) is None:
             lead = x.shape[:-1]  # a 2-D matmul: its weight gradient is a plain dot on XLA:CPU
             # the output width spelled out: reshape(*lead, -1) of an empty batch divided by zero (ZeroDivisionError)
-            x = (x.reshape(-1, x.shape[-1]) @ w + b[None]).reshape(*lead, self.w.shape[1])  # [None]: rank_promotion
+            x = add_bias(x.reshape(-1, x.shape[-1]) @ w, b).reshape(*lead, self.w.shape[1])
         else:  # rows split over devices are no per-device block of B·T·H·W flat rows: XLA gathered H (4x its FLOPs)
-            x = x @ w + b.reshape((1,) * (x.ndim - 1) + b.shape)
+            x = add_bias(x @ w, b)
         if self.up:
             x = depth_to_space(x) if self.space else x
             x = time_unfold(x) if self.time else x
