@@ -245,13 +245,36 @@ def remove_media(out: pathlib.Path) -> list[str]:
     return stale
 
 
-def check_batch(batch: int, mesh, what: str):
-    """Exit with a message naming `what` unless `batch` splits over the mesh's batch axes (data·fsdp·expert)."""
+def check_batch(batch: int, mesh, what: str, fix: str | None = None):
+    """Exit with a message naming `what` unless `batch` splits over the mesh's batch axes (data·fsdp·expert). fix: what
+    to do instead (main's `batch_mesh_fix`; None: data=1 and every device on tensor)."""
     n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
     if batch % n:
+        fix = fix or (f"pass a --mesh whose data·fsdp·expert divides {batch} and put the remaining devices on tensor "
+                      f"(e.g. data=1,tensor={math.prod(mesh.shape.values())})")
         raise SystemExit(f"--mesh: the preset's {what}={batch} must be divisible by the batch mesh axes "
-                         f"(data·fsdp·expert = {n}); pass a --mesh whose data·fsdp·expert divides {batch} and put "
-                         f"the remaining devices on tensor (e.g. data=1,tensor={n})")
+                         f"(data·fsdp·expert = {n}); {fix}")
+
+
+def batch_mesh_fix(p: Preset, devices) -> str:
+    """A --mesh over `devices` (data the largest split of every batch of `p`, tensor the rest) that the preset's models
+    fit, or, where none does, the device count to run on. 'e.g. data=1,tensor=3' (on 3 devices) was refused next, the
+    tiny preset's VAE channels not divisible by 3: on 3, 6 or 12 devices no mesh fits, and nothing said so."""
+    n, batch = len(devices), math.gcd(p.vae_batch, p.dit_batch, p.eval_batch)
+    for d in sorted((d for d in range(1, n + 1) if n % d == 0 and batch % d == 0), reverse=True):
+        shape = {"data": d, **({"tensor": n // d} if n > d else {})}
+        try:
+            mesh = make_mesh(shape, devices=devices)
+            for build in (lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0))):
+                abstract_sharded(build, mesh)
+        except ValueError:  # a width the tensor axis does not divide
+            continue
+        return (f"pass a --mesh whose data·fsdp·expert divides {batch} (every batch of the preset) and put the "
+                f"remaining devices on tensor: --mesh " + ",".join(f"{a}={s}" for a, s in shape.items()))
+    fewer = max(d for d in range(1, n) if batch % d == 0)
+    return (f"no mesh over these {n} devices fits: the rest of them on tensor do not divide the preset's model widths; "
+            f"run on a device count that divides {batch} (every batch of the preset), e.g. {fewer} "
+            f"(JAX_NUM_CPU_DEVICES={fewer} on CPU, CUDA_VISIBLE_DEVICES on GPUs)")
 
 
 def check_sequence(p: Preset, mesh):
@@ -828,8 +851,11 @@ def main(argv=None):
         scales = parse_scales(args.scales)
     except ValueError as e:
         ap.error(f"argument --scales: {e}")
-    for b, what in ((p.vae_batch, "vae_batch"), (p.dit_batch, "dit_batch"), (p.eval_batch, "eval_batch")):
-        check_batch(b, mesh, what)
+    batches = {"vae_batch": p.vae_batch, "dit_batch": p.dit_batch, "eval_batch": p.eval_batch}
+    split = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+    fix = batch_mesh_fix(p, list(mesh.devices.flat)) if any(b % split for b in batches.values()) else None
+    for what, b in batches.items():
+        check_batch(b, mesh, what, fix)
     check_sequence(p, mesh)
     try:  # the models' dimensions against the mesh, on shapes only (nothing compiled)
         for build in (lambda: VideoVAE(p.vae, rngs=nnx.Rngs(0)), lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(0))):

@@ -1020,6 +1020,29 @@ def test_stage_warmup_and_batch_check_are_as_documented():
             train_video.check_batch(6, types.SimpleNamespace(shape=shape), "dit_batch")
 
 
+@pytest.mark.parametrize("n,vae_batch,said", [
+    (6, 8, r"no mesh over these 6 devices fits: .*run on a device count that divides 8 .*e\.g\. 4 "
+           r"\(JAX_NUM_CPU_DEVICES=4"),
+    (4, 6, r"divides 2 \(every batch of the preset\) .*: --mesh data=2,tensor=2$"),
+])
+def test_a_batch_the_mesh_does_not_split_is_told_a_mesh_that_fits_or_that_none_does(tmp_path, capsys, monkeypatch, n,
+                                                                                      vae_batch, said):
+    """On 6 devices the tiny preset (batches 8) was told 'e.g. data=1,tensor=6', which the next check refused (its VAE
+    channels are not divisible by 6): no mesh over 3, 6 or 12 devices fits it, and the message did not say so. The
+    advice is now a mesh that passes every check, or the device count to use."""
+    devices = jax.devices()[:n]
+    monkeypatch.setattr(jax, "devices", lambda *a: devices)
+    monkeypatch.setitem(train_video.PRESETS, "tiny", dataclasses.replace(train_video.PRESETS["tiny"],
+                                                                          vae_batch=vae_batch))
+    monkeypatch.setattr(train_video, "check_resume", lambda *a: pytest.fail("passed the checks"))
+    with pytest.raises(SystemExit, match=rf"vae_batch={vae_batch} must be divisible .*{said}") as e:
+        train_video.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--mesh", "data=-1"])
+    if mesh := re.search(r"--mesh (\S+)$", str(e.value.code)):  # the mesh told passes every check
+        monkeypatch.setattr(train_video, "check_resume", lambda *a: (_ for _ in ()).throw(RuntimeError("checked")))
+        with pytest.raises(RuntimeError, match="checked"):
+            train_video.main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--mesh", mesh.group(1)])
+
+
 def test_a_stage_resumed_toward_another_step_count_says_its_schedule_was_stretched():
     """The note appears only when the checkpoint was trained toward another total (inverted, every resume said so)."""
     assert train_video._stretched({"total_steps": 10}, 10, "--dit-steps") == ""
