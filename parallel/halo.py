@@ -77,6 +77,16 @@ def _unsplit(band, dim: int):
     return jax.lax.with_sharding_constraint(band, P(*spec))
 
 
+def _off_axis(a, axis: str):
+    """a whole over the Explicit `axis` (its other axes kept), as halo_map's in_specs P() take it on an Auto mesh: a
+    weight split over it failed in the gradient with JAX's "Expected cotangent type float32[3,3,3,4@sequence] but got
+    float32[3,3,3,4]"."""
+    spec = tuple(jax.typeof(a).sharding.spec)
+    drop = lambda s: (s if s != axis else None) if not isinstance(s, tuple) else (  # noqa: E731
+        tuple(n for n in s if n != axis) or None)
+    return a if all(drop(s) == s for s in spec) else jax.sharding.reshard(a, P(*map(drop, spec)))
+
+
 def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
     """fn(x_band, *args, pad=0) on each device's band of x along `dim` (< 0: from the end), split over mesh `axis` of
     the current mesh, with `halo` rows of the neighbours (zeros past the ends) on either side of the band.
@@ -105,12 +115,15 @@ def halo_map(fn: Callable, x, *args, axis: str, dim: int, halo: int):
         # failed in JAX's "Expected cotangent type float32[2,8,5,3] but got float32[2,8@sequence,5,3]"; moved onto
         # the axis first, as the shard_map's in_specs split it on an Auto mesh
         spec_x = list(jax.typeof(x).sharding.spec) + [None] * (x.ndim - len(jax.typeof(x).sharding.spec))
-        used = [d for d, s in enumerate(spec_x) if axis in (s if isinstance(s, tuple) else (s,))]
+        # (split over ('data', axis) along dim itself: the reshard leaves dim to axis alone)
+        used = [d for d, s in enumerate(spec_x) if d != dim and axis in (s if isinstance(s, tuple) else (s,))]
         if used:
             raise ValueError(f"halo_map: x {jax.typeof(x)} is split over axis={axis!r} along dim {used[0]}, not "
                              f"dim {dim}: reshard it (jax.sharding.reshard) so that only dim {dim} uses '{axis}'")
         spec_x[dim] = axis
         x = jax.sharding.reshard(x, P(*spec_x))
+    if kind == jax.sharding.AxisType.Explicit:  # args split over the axis: their gradient failed as x's did
+        args = jax.tree.map(lambda a: _off_axis(a, axis), args)
     if x.shape[dim] == 0:  # no rows to exchange (one device returns an empty result; bands of 0 rows divided by 0)
         return fn(x, *args, pad=halo)
     spec = P(*(None,) * dim, axis)
