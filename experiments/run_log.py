@@ -371,3 +371,27 @@ class Stop:
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class StopAtOnce:
+    """SIGTERM / SIGINT where a run has nothing to save (the video trainer's start-up, latent encoding, evaluation
+    and media writing, between its stages' `Stop`s): one line naming the signal and `what` the run was doing, then
+    exit status 128 + the signal's number (143 / 130), as the signal's default. There a SIGTERM ended the run
+    without a word and Ctrl-C with a traceback. A second signal gets the default (the handler is gone once it ran).
+    Off the main thread nothing is installed, as Stop."""
+
+    def __init__(self, what: str, then: str = "rerun the same command to resume"):
+        self.what, self.then, self._old = what, then, {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.restore()
+        print(f"{signal.Signals(signum).name} during {self.what}: nothing to save there; exiting with status "
+              f"{128 + signum} ({self.then})", flush=True)
+        raise SystemExit(128 + signum)
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}

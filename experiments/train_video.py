@@ -53,6 +53,7 @@ from experiments.lm_step import make_optimizer
 from experiments.run_log import (
     Logger,
     Stop,
+    StopAtOnce,
     config_changes,
     drop_records_after,
     plot_losses,
@@ -874,9 +875,12 @@ def main(argv=None):
         lock = RunLock(out, "experiments.train_video")
     except DirLocked as e:
         ap.error(f"argument --out: {e}")
+    # a signal outside the stages (their Stop saves the step): one line and status 143 / 130, not a silent kill
+    at_once = StopAtOnce("the start-up (nothing trained yet in this attempt)")
     try:
-        return _run(args, p, mesh, scales, out)
+        return _run(args, p, mesh, scales, out, at_once)
     finally:
+        at_once.restore()
         lock.release()
 
 
@@ -885,8 +889,9 @@ TIMINGS_COVER = ("vae_s, dit_s: each stage's training over all its attempts (res
                  "steps past its last checkpoint not counted); encode_s, eval_s, total_s: this invocation only")
 
 
-def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
-    """`main` past its arguments, under the run directory's lock."""
+def _run(args, p: Preset, mesh, scales, out: pathlib.Path, at_once: StopAtOnce) -> dict:
+    """`main` past its arguments, under the run directory's lock. at_once: the StopAtOnce whose `what` names the
+    phase a signal outside the stages cuts short."""
     if args.fresh:
         for c in out.iterdir():  # all but the lock this job holds
             if c.name != LOCK_NAME:
@@ -910,7 +915,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
     t2v_gd, t2v_params = create_sharded(lambda: TextToVideo(p.t2v, rngs=nnx.Rngs(args.seed)), mesh)
     with jax.set_mesh(mesh):
         # SIGTERM / SIGINT during a stage: it saves the step it is on and the run returns (exit 0), as train_lm's.
-        # Caught only inside the stages: while encoding or evaluating there is nothing to save, and they end at once
+        # Outside the stages there is nothing to save: at_once says so and exits (status 143 / 130)
         stop = Stop()
         try:
             vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log, stop)
@@ -926,9 +931,11 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
         enc = jax.jit(lambda vp, x: nnx.merge(vae_gd, vp).encode(x)[0])
         dec = jax.jit(lambda vp, z: nnx.merge(vae_gd, vp).decode(z))
         t1 = time.time()
+        at_once.what = "the latent encoding (the VAE is saved; its latents are not cached until all are encoded)"
         vae_print = fingerprint(vae_params)  # the latents' VAE: the cache and the DiT's checkpoints are checked by it
         z, tokens, combo, stats = prepare_latents(p, lambda x: enc(vae_params, shard(x, mesh)), out, vae_print)
         timings["encode_s"] = time.time() - t1
+        at_once.what = "the VAE's held-out reconstruction (the VAE and its latents are saved)"
 
         real, z_real, vae_psnr, real_row = heldout_reconstruction(
             p, lambda x: enc(vae_params, shard(x, mesh)), lambda zz: dec(vae_params, shard(zz, mesh)))
@@ -949,6 +956,8 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
             return {"stopped": stop.signal, "timings": timings}
 
         t3 = time.time()
+        at_once.what = "the evaluation (both stages are saved; it is not)"
+        at_once.then = "rerun the same command to evaluate again"
         null = null_tokens(p.data.max_caption_len)
         gen = jax.jit(lambda prm, tok, key, s: generate(nnx.merge(gd, prm), tok, null, key, s))
         all_tok = jnp.asarray(np.stack([encode_caption(caption(*c), p.data.max_caption_len)
@@ -984,6 +993,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path) -> dict:
     print(f"targets at CFG {max(scales):g}: {targets}; null prompt colour {100 * null_row['colour']:.1f}% "
           f"(chance 25%); timings {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}")
     if not args.no_media:
+        at_once.what = f"the media writing (results.json is written; {out / 'samples'} may lack some GIFs)"
         write_overview(out / "overview.png", videos, sets, p.data, max(scales))
         paths = write_prompt_media(out / "samples", videos, sets, p.data, scales)
         print(f"wrote {out / 'overview.png'} and {len(paths)} GIFs + grids under {out / 'samples'}")

@@ -783,6 +783,44 @@ def test_a_stopped_stage_ends_the_run_before_the_later_stages_and_the_evaluation
     assert not (tmp_path / "results.json").exists()
 
 
+def test_a_signal_while_encoding_or_reconstructing_says_so_and_exits_143_or_130(tmp_path, monkeypatch, capsys):
+    """Outside the stages (nothing to save) SIGTERM ended the run without a word (the default handler: status 143
+    and no line saying what was lost or how to resume), Ctrl-C with a KeyboardInterrupt traceback. Now one line
+    names the signal and the phase, the exit status is 128 + the signal's number, and the handlers come back."""
+    import signal
+
+    class Unhandled(Exception):  # the test's own handler: what a signal reached before the fix (not the process's end)
+        pass
+
+    def unhandled(signum, frame):
+        raise Unhandled(signal.Signals(signum).name)
+
+    def raiser(sig):
+        def f(*a, **k):
+            signal.raise_signal(sig)
+            raise AssertionError("the signal did not end the run")
+        return f
+
+    monkeypatch.setattr(train_video, "create_sharded", lambda build, mesh: (None, {"w": jnp.zeros(2)}))
+    monkeypatch.setattr(train_video, "train_vae", lambda p, out, mesh, seed, gd, params, *a, **k: (gd, params))
+    mine = {s: signal.signal(s, unhandled) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for phase, patch, sig in (("the latent encoding", "encode_latents", signal.SIGTERM),
+                                  ("the VAE's held-out reconstruction", "heldout_reconstruction", signal.SIGINT)):
+            if patch == "heldout_reconstruction":  # the latents made (as if cached)
+                monkeypatch.setattr(train_video, "prepare_latents", lambda *a, **k: (None, None, None, None))
+            monkeypatch.setattr(train_video, patch, raiser(sig))
+            with pytest.raises(SystemExit) as e:
+                train_video.main(["--preset", "tiny", "--out", str(tmp_path / patch)])
+            assert e.value.code == 128 + sig
+            said = capsys.readouterr().out
+            assert f"{sig.name} during {phase}" in said and "rerun the same command" in said, said
+            assert {s: signal.getsignal(s) for s in mine} == {s: unhandled for s in mine}
+    finally:
+        for s, h in mine.items():
+            signal.signal(s, h)
+
+
 def _plotted(monkeypatch):
     """{label: (steps, values)} of every line the plots draw from here on (the data a plot is made from)."""
     from matplotlib.axes import Axes
