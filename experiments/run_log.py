@@ -341,7 +341,10 @@ class Throughput:
 class Stop:
     """SIGTERM / SIGINT: remember it; the loop finishes the step, saves and exits 0. A second Ctrl-C (SIGINT after
     either) raises KeyboardInterrupt at once: the one way out of a save that hangs (orbax writes to a temporary
-    folder and renames it when done, so no half-written step is left to restore). A second SIGTERM is remembered
+    folder and renames it when done, so no half-written step is left to restore). Python drops an exception raised
+    while it runs a callback (a second Ctrl-C in JAX's garbage-collection hook went unnoticed, and the run saved and
+    ended as after one), so that SIGINT also puts back the default action: a third Ctrl-C ends the process, the
+    kernel releasing the run lock. A second SIGTERM is remembered
     like the first: a scheduler may send several before its kill.
 
     Off the main thread (a trainer's main() run in a thread: a notebook's worker, a job runner) Python refuses
@@ -365,6 +368,7 @@ class Stop:
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signal is not None:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # should the exception be dropped, the next one ends it
             raise KeyboardInterrupt(f"a second signal (SIGINT after {self.signal}): stopping without the save")
         self.signal = signal.Signals(signum).name
 
