@@ -6,6 +6,10 @@ analytic estimate of `scaling.memory.memory_per_device`.
 
     python -m experiments.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
     python -m experiments.aot --model 7b --devices 8 --mesh stage=8 --microbatches 4 --batch 8
+    python -m experiments.aot --preset demo --set model.n_layers=8 --set optim.grad_accum=2 --mesh fsdp=8
+
+--preset (train_lm's run config: experiments.config's presets, --set, --init-from) compiles the trainer's own step
+(`run_report`): its optimizer, grad_accum, MoE loss, packed batch of train.batch x train.seq and mesh.
 """
 
 from __future__ import annotations
@@ -78,13 +82,34 @@ def compile_report(cfg, mesh_shape: dict, batch: int, seq_len: int, devices=None
                      m.alias_size_in_bytes, est)
 
 
+def run_report(run, mesh_shape: dict, devices=None) -> AotReport:
+    """`compile_report` of train_lm's own step for a RunConfig (experiments.config): its optimizer, schedule,
+    grad_accum and MoE loss (lm_step.make_state_step) on the loader's packed batch of train.batch x train.seq."""
+    from experiments.lm_step import make_state_step
+    from experiments.train_lm import abstract_train_state
+    from scaling.memory import memory_per_device
+
+    mesh, (B, T) = make_mesh(mesh_shape, devices=devices), (run.train.batch, run.train.seq)
+    graphdef, optimizer, schedule, state = abstract_train_state(run, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    arr = lambda dt: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sharding(mesh, 2))  # noqa: E731
+    b = {k: arr(jnp.int32) for k in ("inputs", "targets", "positions", "segment_ids")} | {"weights": arr(jnp.float32)}
+    step = make_state_step(graphdef, optimizer, schedule, run.model.moe, run.optim.grad_accum, shardings)
+    with jax.set_mesh(mesh):
+        m = step.lower(state, b).compile().memory_analysis()
+    A = run.optim.grad_accum  # one microbatch of B / A rows differentiated at a time, beside the float32 sum
+    est = memory_per_device(run.model, dict(mesh.shape), B // A, T, grad_accum=A, backend=jax.default_backend())
+    return AotReport(dict(mesh.shape), m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes,
+                     m.alias_size_in_bytes, est)
+
+
 PRESETS = {  # Llama-2 shapes
     "7b": dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, mlp_dim=11008),
     "70b": dict(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, mlp_dim=28672),
 }
 
 
-def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> str | None:
+def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int, grad_accum: int = 1) -> str | None:
     """What stops `shape` from sharding this train step (None: nothing), checked before any compile: a bad mesh
     among several otherwise fails only after the earlier ones compiled (minutes each at 70B)."""
     from experiments.config import expert_axis_problem
@@ -113,6 +138,9 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int) -> 
             shard_factor(p.axes, p.shape, mesh)
         except ValueError as e:
             return f"the model's {p.path}: {e}"
+    if batch % (grad_accum * rows):  # lm_step.make_state_step's, at trace time (a traceback after earlier compiles)
+        return (f"--batch={batch} does not split into grad_accum={grad_accum} microbatches whose rows divide the batch "
+                f"axes of {mesh} (= {rows}); use a batch that is a multiple of {grad_accum * rows}")
     M = cfg.pipeline_microbatches
     if mesh.get("stage", 1) > 1 and (batch % M or (batch // M) % rows):
         return (f"--batch={batch} does not split into --microbatches={M} whose rows divide the batch axes of {mesh} "
@@ -142,15 +170,21 @@ def _mesh_arg(text: str) -> dict[str, int]:
 
 def main(argv=None):
     ap = cli_parser(__doc__, __spec__)
-    ap.add_argument("--model", choices=sorted(PRESETS), default="7b")
+    ap.add_argument("--model", choices=sorted(PRESETS), help="a Llama-2 shape (default 7b)")
+    ap.add_argument("--preset", help="instead of --model, train_lm's run config (experiments.config's presets, "
+                    "--set and --init-from as train_lm reads them): its model, optimizer, grad_accum, train.batch x "
+                    "train.seq and mesh, compiled as the trainer's step")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --preset: e.g. "
+                    "model.n_layers=8 or train.batch=32")
+    ap.add_argument("--init-from", metavar="HF_FOLDER", help="with --preset: the model of a Hugging Face config.json")
     ap.add_argument("--devices", type=at_least(1), default=8, help="fake CPU devices to compile for")
     ap.add_argument("--mesh", action="append", type=_mesh_arg,
                     help="e.g. fsdp=-1 or data=2,fsdp=16,tensor=4 (repeatable)")
     ap.add_argument("--batch", type=at_least(1), default=None, help="global sequences (default: one per device)")
-    ap.add_argument("--seq", type=at_least(1), default=4096)
-    ap.add_argument("--remat", default="full")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--microbatches", type=at_least(1), default=1,
+    ap.add_argument("--seq", type=at_least(1), help="default 4096")
+    ap.add_argument("--remat", help="default full")
+    ap.add_argument("--dtype", help="default bfloat16")
+    ap.add_argument("--microbatches", type=at_least(1),
                     help="GPipe microbatches on a mesh with a 'stage' axis (TransformerConfig.pipeline_microbatches)")
     args = ap.parse_args(argv)
     # the CPU as the default backend, before it starts: models.linear traces its products for the default backend
@@ -161,18 +195,40 @@ def main(argv=None):
         jax.config.update("jax_num_cpu_devices", args.devices)
     # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones
     devices = jax.devices("cpu")
+    from experiments.config import ConfigError, load
     from models import TransformerConfig
 
+    own = {"--model": args.model, "--seq": args.seq, "--batch": args.batch, "--remat": args.remat,
+           "--dtype": args.dtype, "--microbatches": args.microbatches}
+    run, flags = None, [f for f, v in own.items() if v is not None]
+    if args.preset is not None:  # the run config sets them all: a flag beside it was ignored, or overrode it unsaid
+        if flags:
+            ap.error(f"argument {flags[0]}: --preset's run config sets it; use --set (model.remat, model.dtype, "
+                     "model.pipeline_microbatches, train.batch, train.seq)")
+        try:
+            run = load(["--preset", args.preset, *(["--init-from", args.init_from] if args.init_from else []),
+                        *(x for kv in args.set for x in ("--set", kv))])
+        except ConfigError as e:
+            ap.error(str(e))
+        cfg, batch, args.seq, name = run.model, run.train.batch, run.train.seq, f"preset {args.preset}"
+        args.microbatches, args.mesh = cfg.pipeline_microbatches, args.mesh or [run.mesh]
+    elif args.set or args.init_from:
+        ap.error(f"argument {'--set' if args.set else '--init-from'}: needs --preset (train_lm's run config)")
+    else:
+        name, args.seq, args.remat = args.model or "7b", args.seq or 4096, args.remat or "full"
+        args.dtype, args.microbatches = args.dtype or "bfloat16", args.microbatches or 1
+        batch = args.batch or args.devices
     try:  # --remat / --dtype / --microbatches are config fields: their errors name the flag, before any compile
-        cfg = TransformerConfig(**PRESETS[args.model], max_seq_len=args.seq, remat=args.remat, dtype=args.dtype,
-                                pipeline_microbatches=args.microbatches)
+        cfg = cfg if run else TransformerConfig(**PRESETS[name], max_seq_len=args.seq, remat=args.remat,
+                                                dtype=args.dtype, pipeline_microbatches=args.microbatches)
     except ValueError as e:  # the config names its field (TransformerConfig.remat: ...); name the flag too
         flag = next((f for field, f in FLAGS.items() if str(e).startswith(f"TransformerConfig.{field}")), None)
         ap.error(f"argument {flag}: {e}" if flag else str(e))
-    batch = args.batch or args.devices
     meshes = args.mesh or [{"fsdp": -1}]
     for shape in meshes:
-        if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq):
+        if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq, run.optim.grad_accum if run else 1):
+            if run:  # the run config's names for the flags
+                problem = problem.replace("--batch=", "train.batch=").replace("--seq=", "train.seq=")
             ap.error(f"argument --mesh {shape}: {problem}")
     # the filled sizes: stage=-1 beside fsdp=8 on 8 devices is a one-stage mesh, which ignored the microbatches
     filled = [_fill(dict(shape), args.devices, "devices") for shape in meshes]
@@ -181,16 +237,19 @@ def main(argv=None):
         # in bf16, and beside fsdp the default batch's microbatch rows do not divide the batch axes)
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
                  "axis (e.g. --mesh stage=-1); without one they would be ignored")
-    gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
+    gib = lambda b: f"{b / 2**30:.1f}" if b >= 2**30 / 10 else f"{b / 2**30:.2g}"  # noqa: E731 (a small model's too)
     # the batch the XLA bytes are for (by default one sequence per device, which the header did not say)
     M = args.microbatches
     rows = f"batch {batch}" + (f" ({M} microbatches of {batch // M})" if M > 1 else "")
-    print(f"{args.model}: {cfg.param_count() / 1e9:.2f} B params, {rows}, seq {args.seq}, remat {args.remat}, "
-          f"compute {args.dtype}, {args.devices} device{'s' * (args.devices != 1)}")
+    n = cfg.param_count()  # a small preset's in millions (the tiny one read "0.00 B")
+    size = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+    print(f"{name}: {size} params, {rows}, seq {args.seq}, remat {cfg.remat}, "
+          f"compute {cfg.dtype}, {args.devices} device{'s' * (args.devices != 1)}"
+          + (f", grad_accum {run.optim.grad_accum}" if run else ""))
     print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
     print("|---|---|---|---|---|---|")
     for shape in meshes:
-        r = compile_report(cfg, shape, batch, args.seq, devices=devices)
+        r = run_report(run, shape, devices) if run else compile_report(cfg, shape, batch, args.seq, devices=devices)
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
               f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
     moe = "; with sorted dropless MoE experts on one CPU device XLA keeps 12-24% more" if cfg.moe is not None else ""

@@ -236,3 +236,60 @@ def test_abstract_state_places_every_optimizer_init_optimizer_places():
         _, _, opt = abstract_state(fn, opt_fn, mesh)
         mu = [x for x in jax.tree.leaves(opt) if x.shape == w_up.shape]
         assert mu and all(x.sharding.spec == w_up.sharding.spec for x in mu)
+
+
+@pytest.mark.parametrize("sets", [[], ["optim.grad_accum=2", "train.batch=16"]])
+def test_run_report_is_the_trainers_step(sets):
+    """`--preset` compiles train_lm's own step (its optimizer, grad_accum, packed batch) from the run config: XLA's
+    bytes equal those of the trainer's step compiled on its real, allocated state (aot knew only --model 7b / 70b,
+    compiled lm_step.make_train_step with a default optimizer on {inputs, targets})."""
+    import numpy as np
+
+    from experiments.aot import run_report
+    from experiments.config import load
+    from experiments.lm_step import make_state_step
+    from experiments.train_lm import init_state
+    from parallel.sharding import batch_sharding
+
+    run = load(["--preset", "tiny", *(x for kv in sets for x in ("--set", kv))])
+    r = run_report(run, {"fsdp": 8})
+    mesh = make_mesh({"fsdp": 8})
+    graphdef, opt, schedule, state = init_state(run, mesh)
+    B, T = run.train.batch, run.train.seq
+    put = lambda x: jax.device_put(x, batch_sharding(mesh, 2))  # noqa: E731
+    ids = np.ones((B, T), np.int32)
+    batch = {"inputs": put(ids), "targets": put(ids), "positions": put(ids), "segment_ids": put(ids),
+             "weights": put(ids.astype(np.float32))}
+    step = make_state_step(graphdef, opt, schedule, run.model.moe, run.optim.grad_accum,
+                           jax.tree.map(lambda x: x.sharding, state))
+    with jax.set_mesh(mesh):
+        m = step.lower(state, batch).compile().memory_analysis()
+    assert (r.argument_bytes, r.temp_bytes, r.output_bytes, r.alias_bytes) == (
+        m.argument_size_in_bytes, m.temp_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes)
+    assert r.mesh == {"fsdp": 8} and 0.5 * r.estimate.total <= r.peak_bytes <= 1.5 * r.estimate.total, r
+
+
+def test_cli_preset_compiles_the_run_config_and_refuses_what_it_cannot(monkeypatch, capsys):
+    """`--preset NAME --set K=V` takes train_lm's run config (its mesh, train.batch x train.seq); a --model-path flag
+    beside it, --set without it, and a grad_accum whose microbatches do not split over the batch axes are refused
+    before any compile, naming the setting."""
+    import jax
+
+    from experiments import aot
+
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test's backend already runs, on 8 devices
+    seen = []
+    monkeypatch.setattr(aot, "run_report", lambda run, mesh, devices=None: seen.append((run, mesh)) or aot.AotReport(
+        dict(mesh), 0, 0, 0, 0, type("E", (), {"state": 0, "total": 0})()))
+    aot.main(["--devices", "8", "--preset", "demo", "--set", "model.n_layers=2", "--set", "optim.grad_accum=2"])
+    (run, mesh), = seen
+    assert run.model.n_layers == 2 and run.optim.grad_accum == 2 and mesh == {"data": 2, "fsdp": 4}
+    assert "preset demo:" in capsys.readouterr().out
+    for argv, message in ((["--preset", "tiny", "--seq", "64"], "argument --seq: --preset's run config sets it"),
+                          (["--set", "model.d_model=64"], "argument --set: needs --preset"),
+                          (["--preset", "nope"], "preset: unknown 'nope'"),
+                          (["--preset", "demo", "--set", "optim.grad_accum=3"],
+                           "train.batch=16 does not split into grad_accum=3 microbatches")):
+        with pytest.raises(SystemExit):
+            aot.main(["--devices", "8", *argv])
+        assert message in capsys.readouterr().err, argv
