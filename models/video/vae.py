@@ -5,6 +5,10 @@ and spatial taps symmetrically; norms are per position (RMSNorm over channels, n
 temporal downsampler folds frame pairs (1, 2), (3, 4), ... and keeps frame 0 alone (paired with itself).
 Hence latent frame j depends only on frames <= temporal_factor·j, and T = 1 + 4k frames give 1 + k
 latent frames; the first frame is encoded on its own, like an image.
+There is no streaming API: a prefix encodes as in the whole clip (encode(x[:, :1 + 4k]) == encode(x)[:, :1 + k]),
+but a chunk cut later starts with a frame read as an image, so its latents match the whole clip's only after one
+temporal receptive field of lead frames (44 for VAEConfig(channels=(8, 16, 16)), measured): overlap chunks by that
+much and drop the overlap's latents.
 
 Shapes: B batch, T frames, H/W height/width, C channels (3 for RGB in [-1, 1]), Z latent channels.
 """
