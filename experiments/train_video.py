@@ -594,7 +594,7 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         log.resume(start)
         drop_records_after(log, "t2v", start)
     bar = tqdm(range(start + 1, p.dit_steps + 1), desc="dit", unit="step", initial=start, total=p.dit_steps)
-    avg, step = None, start
+    step = start
     for step in bar:
         idx = np.random.default_rng((seed, step)).integers(0, len(z), p.dit_batch)
         batch = shard({"latents": z[idx], "tokens": tokens[idx], "caption_id": combo[idx]}, mesh)
@@ -602,8 +602,9 @@ def train_t2v(p: Preset, out: pathlib.Path, mesh, seed: int, graphdef, params, z
         if step % 25 == 0 or step == p.dit_steps:
             m = jax.device_get(m)
             _check_finite("t2v", step, m)
-            avg = m if avg is None else {k: 0.8 * avg[k] + 0.2 * m[k] for k in m}
-            bar.set_postfix(diff=f"{avg['diffusion']:.3f}", align=f"{avg.get('align', 0):.2f}")
+            # the step's own values, as logged (and as the VAE's bar): an average of the records 25 steps apart,
+            # restarted at each resume, showed numbers that metrics.jsonl and tb/ held at no step
+            bar.set_postfix(diff=f"{m['diffusion']:.3f}", align=f"{m.get('align', 0):.2f}")
             if log is not None:
                 log.write({"kind": "t2v", "step": step, **{k: float(v) for k, v in m.items()}})
         stopping = stop is not None and stop.signal is not None

@@ -1612,3 +1612,28 @@ def test_stage_segments_record_the_resume_and_its_step_change():
     resumed = train_video._segments({"total_steps": 3, "segments": fresh}, 3, 5)
     assert [s["start_step"] for s in resumed] == [0, 3]
     assert resumed[-1]["changed"] == ["total_steps: saved 3, now 5"] and "versions" in resumed[-1]
+
+
+def test_the_dit_progress_bar_shows_the_losses_its_logs_hold(tmp_path, monkeypatch, capsys):
+    """The DiT's bar showed an exponential average (0.8 / 0.2) of the records 25 steps apart, restarted at each
+    resume, under the logged names: at the end of a run it read diff=1.621 where metrics.jsonl and tb/ held 1.707 at
+    that step (and at no step 1.621). Now it shows the logged step's own values, as the VAE's bar does."""
+    from parallel import make_mesh
+
+    def t2v_make(graphdef, opt, null, decay, shardings=None):
+        def step(params, opt_state, ema, batch, key, n):
+            return params, opt_state, ema, {"diffusion": n / 100, "align": n / 10}
+        return step
+
+    monkeypatch.setattr(train_video, "make_t2v_step", t2v_make)
+    p = dataclasses.replace(train_video.PRESETS["tiny"], dit_steps=50, ckpt_every=50)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        log = train_video.stage_logger(tmp_path, "t2v")
+        train_video.train_t2v(p, tmp_path, mesh, 0, None, {"w": jnp.zeros(4)}, np.zeros((64, 2, 4, 4, 4), np.float32),
+                              np.zeros((64, 8), np.int32), np.arange(64, dtype=np.int32), log)
+        log.close()
+    last = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    assert (last["step"], last["diffusion"], last["align"]) == (50, 0.5, 5.0)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert [line for line in bar if "50/50" in line][-1].endswith("align=5.00, diff=0.500]"), bar[-3:]
