@@ -224,11 +224,11 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         raise ValueError(f"global_every must be an int >= 2 (2: local and global layers alternate; leave it out for "
                          f"every layer local), got {global_every!r}")
     if not (math.isfinite(pue) and pue >= 1):
-        raise ValueError(f"pue must be >= 1 (facility energy / IT energy), got {pue}")
+        raise ValueError(f"pue must be a finite number >= 1 (facility energy / IT energy), got {pue}")
     if not (math.isfinite(grid_g_per_kwh) and grid_g_per_kwh >= 0):
-        raise ValueError(f"grid_g_per_kwh must be >= 0, got {grid_g_per_kwh}")
+        raise ValueError(f"grid_g_per_kwh must be a finite number >= 0, got {grid_g_per_kwh}")
     if chip_power_w is not None and not (math.isfinite(chip_power_w) and chip_power_w > 0):
-        raise ValueError(f"chip_power_w must be > 0, got {chip_power_w}")
+        raise ValueError(f"chip_power_w must be a finite number > 0, got {chip_power_w}")
     if isinstance(mfu, bool) or not isinstance(mfu, numbers.Real) or not 0 < mfu <= 1:
         raise ValueError(f"mfu must be a number in (0, 1], got {mfu!r}")
     if remat not in REMAT_POLICIES:  # (a typo was reported as 'does not fit')
@@ -245,6 +245,10 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     if peak is None:
         raise ValueError(f"dtype={dtype!r}: {c.name} has no published {dtype} peak; use one of "
                          f"{sorted(c.peak_flops)}")
+    # the matmuls run at the peak of the dtype they compute in: a float32 (tf32 / fp32) peak is a float32 model, whose
+    # activations take twice a bf16 one's bytes (sized as bf16, 7B on 256 A100 at tf32 'fit' at 63.7 GiB of 67.1,
+    # where its float32 activations need 75.5); fp8 / int8 matmuls keep bf16 activations
+    compute_dtype = {"fp32": "float32", "tf32": "float32", "fp16": "float16"}.get(dtype, "bfloat16")
     power = chip_power_w if chip_power_w is not None else c.power_w
     if power is None:
         raise ValueError(f"{c.name}: the vendor publishes no per-chip power; pass chip_power_w (--chip-power-w W)")
@@ -313,7 +317,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
     skipped: list[str] = []
     tried: list[MeshChoice] = []
     mesh = suggest_mesh(shape, chips, c.hbm_bytes, seq_len=seq_len, seqs_per_chip=seqs_per_chip, remat=remat,
-                        skipped=skipped, tried=tried)
+                        compute_dtype=compute_dtype, skipped=skipped, tried=tried)
 
     law_txt = {"approach1": "Chinchilla Approach 1: N_opt ∝ C^0.50, anchored at 67B params for Gopher's 5.76e23 FLOPs "
                             f"({float(alloc.optimal_tokens_for_params(1e9)) / 1e9:.1f} tokens/param)",
@@ -333,8 +337,9 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         f"({c.source}), MFU {mfu:.0%}",
         f"  energy     : {power:g} W per chip{' (datasheet max TDP)' if chip_power_w is None else ' (given)'} "
         f"x PUE {pue:g}; grid {grid_g_per_kwh:g} gCO2e/kWh; chips only (hosts, network, idle not counted)",
-        f"  memory     : f32 params + f32 grads + AdamW (2 x f32), bf16 compute, remat {remat}, fused (flash) "
-        f"attention, {seqs_per_chip} sequence(s) of {seq_len} per data/fsdp rank, {HEADROOM:.0%} of HBM usable",
+        f"  memory     : f32 params + f32 grads + AdamW (2 x f32), {peak_dtype(compute_dtype)} compute, remat {remat}, "
+        f"fused (flash) attention, {seqs_per_chip} sequence(s) of {seq_len} per data/fsdp rank, {HEADROOM:.0%} of HBM "
+        "usable",
         "",
         f"model     : N = {n:.4g} params; suggested shape L={shape.n_layers}, d={shape.d_model}, "
         f"heads={shape.n_heads}x{shape.head_dim}, mlp={shape.mlp_dim}, vocab={shape.vocab_size} "
@@ -351,7 +356,7 @@ def make_plan(*, params: float | None = None, flops: float | None = None, tokens
         for fsdp in reversed(_divisors(chips)):
             try:
                 least = memory_per_device(shape, {"fsdp": fsdp, "data": chips // fsdp}, seqs_per_chip * chips,
-                                          seq_len, remat=remat, param_dtype="float32", compute_dtype="bfloat16",
+                                          seq_len, remat=remat, param_dtype="float32", compute_dtype=compute_dtype,
                                           kernel="flash")
                 break
             except ValueError:
@@ -412,7 +417,8 @@ def main(argv=None):
                     "the model size becomes C / 6D)")
     ap.add_argument("--hardware", default="h100", help="chip kind: h100, h200, a100, tpu-v4, tpu-v5e, tpu-v5p, tpu-v6e")
     ap.add_argument("--chips", type=at_least(1), default=256)
-    ap.add_argument("--dtype", default="bf16", help="peak to use: bf16, fp8, ...")
+    ap.add_argument("--dtype", default="bf16", help="peak to use: bf16, fp8, ... (tf32 / fp32: memory sized for "
+                    "float32 compute)")
     ap.add_argument("--mfu", type=float, default=0.4)
     ap.add_argument("--seq-len", type=at_least(1), default=4096)
     ap.add_argument("--vocab", type=at_least(1), default=32_000)

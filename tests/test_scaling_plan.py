@@ -96,7 +96,7 @@ def test_planner_errors_name_the_fix():
                       (dict(flops=-1e20), "flops"), (dict(params=1e9, chips=0), "chips"),
                       (dict(params=1e9, chips=-8), "chips"), (dict(params=1e9, pue=-1.0), "pue"),
                       # PUE = facility / IT energy >= 1: 0.9 would report less energy than the chips draw
-                      (dict(params=1e9, pue=0.9), r"pue must be >= 1"),
+                      (dict(params=1e9, pue=0.9), r"pue must be a finite number >= 1"),
                       (dict(params=1e9, chip_power_w=-700.0), "chip_power_w"),
                       (dict(params=1e9, seqs_per_chip=0), "seqs_per_chip"), (dict(flops=1e10), "raise flops"),
                       # a remat typo was reported as 'does not fit', a string mfu a TypeError
@@ -336,11 +336,16 @@ def test_a_plan_that_fits_nowhere_at_several_sequences_per_chip_advises_fewer():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--grid", "-1"], "error: argument --grid: grid_g_per_kwh must be >= 0"),
+    (["--grid", "-1"], "error: argument --grid: grid_g_per_kwh must be a finite number >= 0"),
+    # inf was told it "must be >= 1" / ">= 0" / "> 0", which it is
+    (["--grid", "inf"], "error: argument --grid: grid_g_per_kwh must be a finite number >= 0, got inf"),
+    (["--pue", "inf"], "error: argument --pue: pue must be a finite number >= 1 (facility energy / IT energy), got "
+                       "inf"),
+    (["--chip-power-w", "inf"], "error: argument --chip-power-w: chip_power_w must be a finite number > 0, got inf"),
     # (counts stop at argparse: `at_least(1)`, which takes 1e3 as the other CLIs do)
     (["--vocab", "0"], "error: argument --vocab: must be an integer >= 1, got 0"),
     (["--seq-len", "0"], "error: argument --seq-len: must be an integer >= 1, got 0"),
-    (["--chip-power-w", "0"], "error: argument --chip-power-w: chip_power_w must be > 0"),
+    (["--chip-power-w", "0"], "error: argument --chip-power-w: chip_power_w must be a finite number > 0"),
     (["--hardware", "h800"], "error: argument --hardware: hardware='h800': unknown hardware kind 'h800'; known: a100"),
     (["--hardware", "a100", "--dtype", "fp8"], "error: argument --dtype: dtype='fp8': NVIDIA A100"),
 ])
@@ -630,3 +635,18 @@ def test_cli_piped_into_head_ends_quietly(closed_stdout):
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
     rc, err = closed_stdout("scaling.plan")  # usage and errors name the command typed, not argparse's `plan.py`
     assert rc == 2 and err.startswith("usage: python -m scaling.plan [-h]") and "python -m scaling.plan: error:" in err
+
+
+def test_a_float32_peak_plans_float32_activations():
+    """--dtype tf32 / fp32 prices the run at a float32 peak, so the model computes in float32: its memory was sized
+    as bf16 compute (7B on 256 A100 at tf32: 'fits' at 63.7 GiB on {data: 128, fsdp: 2}, where its float32
+    activations need 75.5 GiB, past the 67.1 usable)."""
+    plan = make_plan(params=7e9, hardware="a100", chips=256, dtype="tf32")
+    m = plan.mesh
+    f32 = memory_per_device(plan.shape, m.mesh, m.micro_batch, 4096, remat="save_dots_no_batch",
+                            param_dtype="float32", compute_dtype="float32", kernel="flash")
+    assert m.memory == f32 and f32.total <= 0.9 * 80e9
+    assert memory_per_device(plan.shape, {"data": 128, "fsdp": 2}, 256, 4096, remat="save_dots_no_batch",
+                             compute_dtype="float32", kernel="flash").total > 0.9 * 80e9
+    assert "fp32 compute" in plan.text
+    assert "bf16 compute" in make_plan(params=7e9, hardware="a100", chips=256, dtype="bf16").text
