@@ -36,8 +36,12 @@ import numpy as np
 from data.normalize import MOJIBAKE, ordinary_text, undo_mojibake
 from data.seeds import check_field_types
 
-CJK_RANGES = ("\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
-              "\uf900-\ufaff\uff66-\uff9f\uffa1-\uffdc\U00020000-\U0002fa1f")  # (half-width kana and hangul too)
+# Also the letters and numbers of the CJK punctuation block (Script=Han: 々 〆 〇, the Hangzhou numerals, 〻; and the
+# vertical kana repeat marks): read as latin one-letter words, a Japanese paragraph with 12 々 (人々, 様々) measured
+# mean_word_len 1.0 and was dropped
+CJK_RANGES = ("\u2e80-\u2fdf\u3005-\u3007\u3021-\u3029\u3031-\u3035\u3038-\u303c\u3040-\u30ff\u3100-\u312f"
+              "\u3190-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\uffa1-\uffdc"
+              "\U00020000-\U0002fa1f")  # (half-width kana and hangul too)
 # CJK punctuation and full-width symbols split tokens too (so "code。" is "code" + "。") but are not CJK text. Not the
 # full-width digits and letters (U+FF10-19, FF21-3A, FF41-5A): words, as their ASCII forms. Split one a token, a
 # Chinese news text naming ＧＤＰ and ２０２３年 measured mean word length 1.0 and was dropped when normalised with
@@ -295,20 +299,35 @@ def _leading_literal(pattern: str) -> str:
     return lit
 
 
+# a word character that is not CJK: CJK text glues latin words to its characters ("购买viagra请", "viagra를"); also
+# what a latin keyword of data.label must not follow to start a word ('_' joins identifiers: "my_self.")
+_LATIN_WORD_CHAR = rf"[^\W{CJK_RANGES}]"
+
+
 def _phrase_regexes(phrases) -> tuple:
     """(phrase, regex) pairs; word boundaries only make sense around latin phrases, CJK ones are substrings. A
-    phrase is whole when no word character touches it (`\b` needs one inside: '$$$' or '#gambling' never matched)."""
-    return tuple((p.lower(), re.compile(rf"(?<!\w){re.escape(p.lower())}(?!\w)" if p.isascii() else re.escape(p)))
-                 for p in phrases)
+    phrase is whole when no latin word character touches it (`\b` needs one inside: '$$$' or '#gambling' never
+    matched; and `\\w` is one for a CJK character: '购买viagra请联系' passed the blocklist)."""
+    # in the form they are matched in (`match_form`): a Persian phrase spelt with its ZWNJ matched no text
+    return tuple((p, re.compile(rf"(?<!{_LATIN_WORD_CHAR}){re.escape(p)}(?!{_LATIN_WORD_CHAR})"
+                                if p.isascii() else re.escape(p)))
+                 for p in map(match_form, phrases))
+
+
+# invisible characters normalisation keeps (ZWJ / ZWNJ, the combining grapheme joiner, variation selectors), as
+# data.dedup's `_IGNORABLE`: between two letters they show nothing, and 'via\u200dgra' passed the blocklist
+_INVISIBLE = re.compile("[\u034f\u200c\u200d\u180b-\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 
 
 def match_form(text: str) -> str:
-    """`text` as rules and phrases are matched: its NFKC folding, lower-cased. Kept full-width by
-    NormalizeConfig(form="NFC"), 'ＶＩＡＧＲＡ', 'Ｂｕｙ　ｎｏｗ' and an 'All rights reserved' footer in
-    full-width letters matched no blocklist, promo or boilerplate rule (the page kept), where NFKC's ASCII folding
-    of them was dropped."""
-    if not text.isascii() and not unicodedata.is_normalized("NFKC", text):
-        text = unicodedata.normalize("NFKC", text)
+    """`text` as rules and phrases are matched: its NFKC folding, lower-cased, without invisible joiners and variation
+    selectors (`_INVISIBLE`). Kept full-width by NormalizeConfig(form="NFC"), 'ＶＩＡＧＲＡ', 'Ｂｕｙ　ｎｏｗ' and an
+    'All rights reserved' footer in full-width letters matched no blocklist, promo or boilerplate rule (the page
+    kept), where NFKC's ASCII folding of them was dropped."""
+    if not text.isascii():
+        text = _INVISIBLE.sub("", text)  # first, as data.dedup: a joiner between 'e' and U+0301 blocks composition
+        if not unicodedata.is_normalized("NFKC", text):
+            text = unicodedata.normalize("NFKC", text)
     return text.lower()
 
 

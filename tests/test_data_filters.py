@@ -11,6 +11,7 @@ from data.filters import (
     QualityConfig,
     analyze,
     markup_chars,
+    match_form,
     ngram_signals,
     quality_filter,
     strip_boilerplate,
@@ -751,3 +752,49 @@ def test_cjk_text_measures_as_its_translation_in_the_per_character_rules():
     for bad in (0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="cjk_char_weight"):
             QualityConfig(cjk_char_weight=bad)
+
+
+def test_ideographic_iteration_mark_and_zero_are_cjk_characters():
+    """々 (U+3005, Script=Han: 人々, 様々), 〆, 〇 (二〇二三年) and the Hangzhou numerals sit in the CJK
+    punctuation block, and were read as latin one-letter words: a clean Japanese paragraph with 12 of them measured
+    mean_word_len 1.0 and was dropped. They are CJK characters, one token each, as the ideographs beside them."""
+    ja = normalize_text(
+        "日本の四季は様々な表情を見せてくれます。春には人々が桜の下に集まり、時々雨が降っても花見を楽しみます。"
+        "夏は色々な祭りが各地で開かれ、子供たちは浴衣を着て夜店を回ります。秋になると山々が赤や黄色に染まり、"
+        "多くの観光客が紅葉を見に訪れます。冬は雪が深々と降り積もり、人々は温泉で体を温めます。"
+        "我々日本人にとって、季節の移り変わりは生活の中で大切なものです。昔々から続く伝統行事も、"
+        "年々少しずつ形を変えながら受け継がれています。家々の軒先には季節の飾りが並び、街々は賑わいます。")
+    _, r, s = quality_filter(ja)
+    assert r is None and s["mean_word_len"] is None, s
+    assert s["cjk_chars"] == len(words(ja)), s  # every token CJK: 々 too
+    assert tokens("人々は二〇二三年に") == ["人", "々", "は", "二", "〇", "二", "三", "年", "に"]
+    assert analyze("二〇二三年")["cjk_chars"] == 5
+
+
+def test_latin_phrases_glued_to_cjk_text_are_whole_words(rng):
+    """Chinese, Japanese and Korean glue latin words to their own characters ("购买viagra请联系", "viagra를"), and the
+    tokenizer splits them there; the blocklist and promo phrases' word boundaries took a CJK character for a word
+    character, so a Chinese spam page naming its product without spaces passed the blocklist."""
+    body = zh_text(rng, 200)
+    assert reason(body + "购买viagra请联系我们。") == "blocklist"
+    assert reason(body + "点击click here领取，click here领取，click here领取。") == "promo_spam"
+    assert analyze("今天viagra를 구매하세요", CFG)["blocklist_hits"] == 1
+    assert analyze("限时click here！", CFG)["promo_hits"] == 1
+    assert analyze(body + "访问Viagrafalls公园。", CFG)["blocklist_hits"] == 0  # still whole words: not inside one
+
+
+def test_invisible_joiners_inside_a_phrase_do_not_hide_it(rng):
+    """Normalisation keeps ZWJ / ZWNJ (emoji sequences, Persian and Indic spelling), the combining grapheme joiner and
+    variation selectors, which show nothing between two letters: 'via\\u200dgra' and '博\\u200d彩' passed the blocklist,
+    while data.dedup's keys ignore the same characters. Rules and phrases match the text without them."""
+    body, zh = en_text(rng, 200), zh_text(rng, 200)
+    for hidden in ("\u200d", "\u200c", "\u034f", "\ufe0f", "\U000e0100"):
+        assert reason(normalize_text(f"{body} Cheap via{hidden}gra here.")) == "blocklist", repr(hidden)
+        assert reason(normalize_text(f"{zh}博{hidden}彩网站。")) == "blocklist", repr(hidden)
+    assert analyze(normalize_text(f"{body} Buy\u200d now, buy now.\u200c Buy n\u200dow!"), CFG)["promo_hits"] == 3
+    lines = f"{body}\nAll rights\u200d reserved.\n"
+    assert strip_boilerplate(lines, CFG) == (body, 1, 2)
+    assert match_form("mi\u200cxed ❤\ufe0f") == "mixed ❤"
+    # phrases are matched in the same form: one spelt with its ZWNJ (Persian) still matches
+    cfg = dataclasses.replace(CFG, blocklist=("می\u200cخواهم",))
+    assert analyze("من می\u200cخواهم", cfg)["blocklist_hits"] == 1
