@@ -344,3 +344,35 @@ def test_info_nce_with_labels_under_strict_dtype_promotion():
     with jax.numpy_dtype_promotion("strict"):
         got = info_nce(v, t, jnp.float32(10.0), labels)
     np.testing.assert_array_equal(got, want)
+
+
+def test_info_nce_and_recall_at_1_name_an_empty_batch():
+    """An empty batch (B = 0) gave NaN from both, silently (a mean over no pairs): a filter that dropped every clip
+    logged a NaN alignment loss and R@1 with no word of why."""
+    with pytest.raises(ValueError, match=r"info_nce: .*empty batch"):
+        info_nce(jnp.zeros((0, 8)), jnp.zeros((0, 8)), 10.0)
+    with pytest.raises(ValueError, match=r"recall_at_1: .*empty batch"):
+        recall_at_1(jnp.zeros((0, 8)), jnp.eye(3, 8), jnp.zeros((0,), jnp.int32))
+
+
+def test_info_nce_names_a_logit_scale_that_is_not_one_number():
+    """A [B, 1] scale broadcast silently as a temperature per clip (another loss); a [B] one failed as a bare
+    'Incompatible shapes for broadcasting'. A [1] scale is one number, as a 0-d one."""
+    v = jnp.eye(3, 4)
+    for bad in (jnp.full((3, 1), 10.0), jnp.full((3,), 10.0)):
+        with pytest.raises(ValueError, match=r"info_nce: logit_scale must be one number"):
+            info_nce(v, v, bad)
+    assert float(info_nce(v, v, jnp.full((1,), 10.0))) == pytest.approx(float(info_nce(v, v, 10.0)))
+
+
+def test_info_nce_of_bfloat16_embeddings_is_computed_in_float32():
+    """bf16 embeddings (a tower of one's own in bf16) made bf16 logits and a bf16 log-softmax: at scale 100 (the cap)
+    the loss was ~1e-3 off (relative) the float64 loss of the same bf16 values; in float32 it is ~1e-7."""
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    v = unit(rng.standard_normal((64, 64)))
+    t = unit(v + 0.5 * rng.standard_normal((64, 64)))  # cosine ~0.45 with its own clip: a loss far from 0
+    v, t = (jnp.asarray(x, jnp.bfloat16) for x in (v, t))
+    want = _clip_loss_reference(np.asarray(v, np.float64), np.asarray(t, np.float64), 100.0)[0]
+    assert want > 1.0, want
+    np.testing.assert_allclose(float(info_nce(v, t, 100.0)), want, rtol=1e-5)

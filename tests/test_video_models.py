@@ -199,6 +199,18 @@ def test_t2v_loss_names_the_batch_key_whose_batch_size_differs():
             t2v_loss(model, {**batch, "caption_id": ids}, key, null)
 
 
+def test_t2v_loss_names_an_empty_batch():
+    """A batch of no clips failed inside diffusion_loss as a bare 'ZeroDivisionError: integer modulo by zero' (a
+    reshape of 0 rows); the alignment loss alone would have been NaN."""
+    from models.video import TextToVideo, t2v_loss
+
+    cfg = TextToVideoConfig(dit=DIT, text=TEXT, align=AlignConfig(d_model=16, n_heads=2, mlp_dim=32, embed_dim=8))
+    model = nnx.eval_shape(lambda: TextToVideo(cfg, rngs=nnx.Rngs(0)))
+    batch = {"tokens": jnp.ones((0, 8), jnp.int32), "latents": jnp.zeros((0, *DIT.latent_shape, DIT.latent_channels))}
+    with pytest.raises(ValueError, match=r"t2v_loss: an empty batch \(B = 0\)"):
+        t2v_loss(model, batch, jax.random.key(0), jnp.zeros((8,), jnp.int32))
+
+
 def test_t2v_loss_names_a_batch_key_that_is_missing_or_misspelled():
     """A missing 'latents' or 'tokens' was a bare KeyError; a misspelled 'caption_ids' was ignored, so captions shared
     by several clips counted as each other's negatives in the alignment loss, silently."""

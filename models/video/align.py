@@ -140,6 +140,14 @@ def info_nce(video_BJ, text_BJ, logit_scale, labels_B=None):
     if labels_B is not None and jnp.shape(labels_B) != jnp.shape(video_BJ)[:1]:
         raise ValueError(f"info_nce: labels_B must be [B={jnp.shape(video_BJ)[0]}] (one caption id per pair) or "
                          f"None, got {list(jnp.shape(labels_B))}")
+    if jnp.shape(video_BJ)[0] == 0:  # a mean over no pairs: NaN, silently
+        raise ValueError("info_nce: an empty batch (B=0) has no (clip, caption) pairs; its loss would be NaN")
+    if np.size(logit_scale) != 1:  # [B, 1] broadcast as a temperature per clip, silently; [B] as a bare error
+        raise ValueError(f"info_nce: logit_scale must be one number (Aligner.logit_scale()), got shape "
+                         f"{list(np.shape(logit_scale))}")
+    # bf16 embeddings made bf16 logits and log-softmax (~1e-3 off at scale 100): float32 at least
+    video_BJ, text_BJ = (jnp.asarray(x).astype(jnp.promote_types(jnp.result_type(x), jnp.float32))
+                         for x in (video_BJ, text_BJ))
     logits = logit_scale * video_BJ @ text_BJ.T
     B = logits.shape[0]
     pos = jnp.eye(B, dtype=bool) if labels_B is None else labels_B[:, None] == labels_B[None, :]
@@ -172,9 +180,11 @@ def recall_at_1(video_BJ, captions_KJ, target_B):
     if jnp.ndim(captions_KJ) != 2 or jnp.shape(captions_KJ)[1] != jnp.shape(video_BJ)[1]:  # a bare dot_general error
         raise ValueError(f"recall_at_1: captions_KJ must be [K, J={jnp.shape(video_BJ)[1]}] (the candidates, embedded "
                          f"like video_BJ), got {list(jnp.shape(captions_KJ))}")
+    if B == 0:  # a mean over no clips: NaN, silently
+        raise ValueError("recall_at_1: an empty batch (B=0) has no clips to retrieve for; its recall would be NaN")
     K = jnp.shape(captions_KJ)[0]
     # a target outside [0, K) (a 1-based caption id, a -1) matched no caption: a miss, counted silently
-    if not isinstance(target_B, jax.core.Tracer) and B and not 0 <= np.min(target_B) <= np.max(target_B) < K:
+    if not isinstance(target_B, jax.core.Tracer) and not 0 <= np.min(target_B) <= np.max(target_B) < K:
         raise ValueError(f"recall_at_1: target_B must hold caption indices in [0, K={K}), got min "
                          f"{np.min(target_B)}, max {np.max(target_B)}")
     return jnp.mean(nearest_caption(video_BJ, captions_KJ) == target_B)

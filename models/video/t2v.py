@@ -93,6 +93,8 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
     if lat[:1] != (B,):
         raise ValueError(f"t2v_loss: batch['latents'] {list(lat)} and batch['tokens'] {list(np.shape(tokens))} must "
                          f"have one batch size B (one clip per caption)")
+    if B == 0:  # failed inside diffusion_loss as a bare 'ZeroDivisionError: integer modulo by zero'
+        raise ValueError("t2v_loss: an empty batch (B = 0) has no clips; pass at least one (clip, caption) pair")
     if ids is not None and np.shape(ids) != (B,):
         raise ValueError(f"t2v_loss: batch['caption_id'] must be [B={B}] (one caption id per clip) or absent, got "
                          f"{list(np.shape(ids))}")
