@@ -222,6 +222,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     prompt's) and whether top_p (< 1), prompt_mask and eos_id are given at all (each turns on a part of the
     program): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
     """
+    # onto the model's devices first: inside jax.set_mesh the checks' eager reads (the ids' range, the mask's sums) of
+    # a prompt or mask committed elsewhere (one device, another mesh) failed with jax's "incompatible devices"
+    prompt_tokens, prompt_mask = _on_devices_of(nnx.state(model), prompt_tokens, prompt_mask)
     prompt_BP = check_token_ids(prompt_tokens, model.cfg.vocab_size, "prompt_tokens").astype(jnp.int32)  # in [0, V)
     if prompt_BP.ndim == 2 and not isinstance(prompt_BP.shape[1], int):  # else an "inconclusive comparison" error
         # from the max_seq_len check below, or deep in the cache: its size and the prompt's writes are static
@@ -324,7 +327,16 @@ def _on_devices_of(state, *xs):
     elif len(where.device_set) != 1:
         return xs
     return tuple(jax.device_put(x, where) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-                 and x.sharding.device_set != where.device_set else x for x in xs)
+                 and not _same_devices(x.sharding, where) else x for x in xs)
+
+
+def _same_devices(sharding, where) -> bool:
+    """Whether a jitted program takes an array placed by `sharding` beside the model's (`where`): the same devices in
+    the same order (a mesh of the model's devices in another order failed as "incompatible devices" too)."""
+    if isinstance(where, jax.sharding.NamedSharding):
+        return (isinstance(sharding, jax.sharding.NamedSharding)
+                and tuple(sharding.mesh.devices.flat) == tuple(where.mesh.devices.flat))
+    return sharding.device_set == where.device_set
 
 
 def _int_scalar(v):

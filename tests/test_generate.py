@@ -232,6 +232,28 @@ def test_generate_takes_prompts_keys_and_masks_on_other_devices_than_the_model(m
     np.testing.assert_array_equal(generate(one, out, 2), generate(one, np.asarray(out), 2))
 
 
+def test_generate_takes_prompts_placed_elsewhere_inside_set_mesh_and_on_reordered_meshes(model):
+    """Inside jax.set_mesh a prompt or mask committed to one device failed generate's own checks (jax's "Received
+    incompatible devices ... _reduce_min", naming no argument), and a prompt on a mesh of the model's devices in
+    another order failed in the program (the device sets were equal, so it was not moved): both give the numpy
+    prompt's tokens now."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from parallel import make_mesh, shard_state
+
+    mesh = make_mesh({"data": 2, "tensor": 4})
+    graphdef, params = nnx.split(model)
+    on_mesh = nnx.merge(graphdef, shard_state(params, mesh))
+    prompt, mask = (np.asarray(a) for a in left_pad([[5, 9, 2], [7, 1]]))
+    ref = generate(on_mesh, prompt, 4, prompt_mask=mask)
+    one = lambda x: jax.device_put(x, jax.devices()[7])  # noqa: E731
+    reordered = lambda x: jax.device_put(x, NamedSharding(Mesh(np.array(jax.devices()[::-1]), ("x",)), P()))  # noqa: E731
+    with jax.set_mesh(mesh):
+        np.testing.assert_array_equal(generate(on_mesh, one(prompt), 4, prompt_mask=one(mask)), ref)
+        np.testing.assert_array_equal(generate(on_mesh, reordered(prompt), 4, prompt_mask=reordered(mask)), ref)
+    np.testing.assert_array_equal(generate(on_mesh, reordered(prompt), 4, prompt_mask=reordered(mask)), ref)
+
+
 def test_a_cache_made_under_a_mesh_is_placed_by_the_rules():
     """KVCache.zeros inside jax.set_mesh made every k / v stack whole on every device (P()): a hand-written decode
     loop (generate makes its cache inside its program) held the full [L/P, B, K, S, H] cache on each device before
