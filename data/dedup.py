@@ -2,7 +2,9 @@
 
 Signatures are computed per document where the documents are (in the parallel per-shard pass); the
 index runs once over all signatures in a fixed order, so the first occurrence of a cluster is kept and
-the result does not depend on how many workers ran.
+the result does not depend on how many workers ran. Clustering is one pass, not transitive: a document is compared
+with the documents kept so far only, so in a chain A ~ B ~ C with A !~ C, B is dropped as A's copy and C is kept
+(datatrove's union-find clustering would drop C too).
 """
 
 from __future__ import annotations
@@ -178,7 +180,10 @@ def signature(text: str, cfg: DedupConfig = DedupConfig()) -> np.ndarray:
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """MinHash estimate of the Jaccard similarity of two signatures."""
+    """MinHash estimate of the Jaccard similarity of two signatures [num_perm] of the same config."""
+    if np.shape(a) != np.shape(b) or np.ndim(a) != 1:  # broadcast, [num_perm] against [N, num_perm] was one mean
+        raise ValueError(f"jaccard compares two signatures [num_perm] of one DedupConfig.num_perm; got shapes "
+                         f"{np.shape(a)} and {np.shape(b)} (one row of a stack each, `signature(text, cfg)`)")
     return float(np.mean(a == b))
 
 
@@ -201,7 +206,7 @@ class NearDupIndex:
     def add_scored(self, key, sig: np.ndarray) -> tuple:
         """`add`'s answer and the estimated Jaccard similarity to that representative (None with None): the audit
         trail names how similar a dropped near duplicate was, at no cost (the comparison made it)."""
-        m = _minhash(self.cfg, sig.astype(np.uint64))
+        m = _minhash(self.cfg, self._checked(sig).astype(np.uint64))
         best, best_j = None, -1.0
         # the LSH answers in set order (it varies with PYTHONHASHSEED): candidates in insertion order, so a tie
         # goes to the earliest representative in every process
@@ -217,7 +222,15 @@ class NearDupIndex:
     def insert(self, key, sig: np.ndarray):
         """Index `key` as a representative whatever it is similar to (a document kept elsewhere, e.g. by the run a
         held-out set is deduplicated against, under its own threshold). sig: [num_perm] (`signature`)."""
-        self._insert(key, _minhash(self.cfg, sig.astype(np.uint64)), sig)
+        self._insert(key, _minhash(self.cfg, self._checked(sig).astype(np.uint64)), sig)
+
+    def _checked(self, sig: np.ndarray) -> np.ndarray:
+        # datasketch's "Numbers of hash values and permutations mismatch" named neither the signature nor the setting
+        if np.shape(sig) != (self.cfg.num_perm,):
+            raise ValueError(f"NearDupIndex: a signature of shape {np.shape(sig)}, the index's DedupConfig.num_perm="
+                             f"{self.cfg.num_perm} wants ({self.cfg.num_perm},): make it with `signature(text, cfg)` "
+                             "under the index's DedupConfig")
+        return sig
 
     def _insert(self, key, m: MinHash, sig: np.ndarray):
         self._lsh.insert(key, m)

@@ -411,3 +411,20 @@ def test_an_ignorable_between_a_letter_and_its_mark_does_not_split_the_key():
         noisy = clean.replace("\u00e9", "e" + stray + "\u0301")
         assert exact_key(noisy) == exact_key(clean), repr(stray)
         assert shingles(noisy, 3) == shingles(clean, 3), repr(stray)
+
+
+def test_signatures_of_another_shape_are_refused_naming_num_perm():
+    """jaccard broadcast a [num_perm] signature against a stack [N, num_perm] (or a [1] one) to one mean, silently;
+    an index given a signature of another num_perm failed in datasketch naming neither ("Numbers of hash values and
+    permutations mismatch")."""
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    sig, sig64 = signature(text), signature(text, DedupConfig(num_perm=64))
+    stack = np.stack([sig, signature("a wholly different text of some words here and there")])
+    for a, b in ((sig, stack), (sig, sig[:1]), (sig, sig64)):
+        with pytest.raises(ValueError, match=r"jaccard compares two signatures \[num_perm\]"):
+            jaccard(a, b)
+    index = NearDupIndex()
+    for call in (index.add, index.insert):
+        with pytest.raises(ValueError, match=r"DedupConfig.num_perm=128 wants \(128,\)"):
+            call("doc", sig64)
+    assert len(index) == 0 and index.add("doc", sig) is None and index.add("copy", sig) == "doc"

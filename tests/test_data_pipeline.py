@@ -1575,6 +1575,35 @@ def test_held_out_data_deduplicated_against_the_training_run(tmp_path):
         dedup_stage(tmp_path / "held8", dedup_against=str(tmp_path / "clean"))
 
 
+def test_a_reference_cleaned_before_nfkc_folding_in_dedup_keys_is_warned_about(tmp_path):
+    """Version 26 folds dedup keys and shingles as NFKC does. A training run cleaned before it under form="NFD" (or
+    "NFC") has keys of its decomposed text: a held-out exact copy of a French training document had another key and
+    shingles and was kept, with no warning (only versions before 11 were warned about)."""
+    import warnings
+
+    from data.normalize import NormalizeConfig
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": en_text(rng, 200)}) + "\n")
+    (tmp_path / "held.jsonl").write_text(json.dumps({"text": en_text(rng, 200)}) + "\n")
+    for form, warned in (("NFD", True), ("NFKC", False)):
+        cfg = PipelineConfig(workers=1, normalize=NormalizeConfig(form=form))
+        clean = tmp_path / f"clean_{form}"
+        run([tmp_path / "train.jsonl"], clean, cfg, progress=False)
+        manifest = json.loads((clean / "manifest.json").read_text())
+        manifest["version"] = 25
+        (clean / "manifest.json").write_text(json.dumps(manifest))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run([tmp_path / "held.jsonl"], tmp_path / f"held_{form}",
+                dataclasses.replace(cfg, dedup_against=str(clean)), progress=False)
+        said = [str(w.message) for w in caught if "older cleaning code" in str(w.message)]
+        assert len(said) == warned, (form, said)
+        if warned:
+            assert "(version 25; " in said[0] and "NormalizeConfig.form='NFD'" in said[0], said
+            assert "Chinese / Japanese" not in said[0]  # (version 11's change is in it)
+
+
 def test_held_out_near_copy_of_a_training_document_kept_beside_a_similar_one_is_dropped(tmp_path):
     """The training run (threshold 0.8) keeps A and B (Jaccard 0.59); a held-out run against it at 0.45 left B out
     of its index, as a near duplicate of A under its own threshold, so C (0.59 to B, 0.32 to A) was kept though the
