@@ -81,14 +81,14 @@ class DataSpec:
     train.batch rows of train.seq tokens of the held-out tier (each process's share of its documents), so runs of
     another train.batch, train.seq or process count average other held-out text (the run prints how many targets).
     corpus: which build of the corpus tiers (a checkpoint's loader state points into one; read-only).
-    train_dir / eval_dir: your own data instead of the stdlib corpus: tier directories of a cleaning run
-    (`python -m data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or
-    `data.tokenizer.pretokenize` outputs; both or neither, and eval_dir neither train_dir nor a copy (or links) of
-    one of its shards, which are refused. tokenizer: a `tokenizers` JSON file
-    (`data.tokenizer.train_bpe(...).save(path)`) to read them with; None: bytes + EOS (vocab 257). eos_token: the
-    tokenizer's end-of-document token when it is not '<|endoftext|>' (e.g. '</s>' in a Hugging Face tokenizer.json).
-    bos_token: a token that starts every document ('<s>' for Llama, '<bos>' for Gemma: fine-tuning a checkpoint
-    that always saw one first); None: documents start after the previous one's EOS."""
+    train_dir / eval_dir: your own data instead of the stdlib corpus: tier directories of a cleaning run (`python -m
+    data.pipeline ... --out RUN`: e.g. RUN/augmented for train and a held-out run's tier for eval) or
+    `data.tokenizer.pretokenize` outputs; both or neither, and eval_dir neither train_dir, a copy (or links) of one of
+    its shards, another tier of its cleaning run nor its pretokenize source, which are refused. tokenizer: a
+    `tokenizers` JSON file (`data.tokenizer.train_bpe(...).save(path)`) to read them with; None: bytes + EOS (vocab
+    257). eos_token: the tokenizer's end-of-document token when it is not '<|endoftext|>' (e.g. '</s>' in a Hugging Face
+    tokenizer.json). bos_token: a token that starts every document ('<s>' for Llama, '<bos>' for Gemma: fine-tuning a
+    checkpoint that always saw one first); None: documents start after the previous one's EOS."""
 
     max_files: int | None = None
     eval_every_nth: int = 20
@@ -570,6 +570,23 @@ def _shared_shard(train_dir: str, eval_dir: str) -> tuple[str, str] | None:
     return None
 
 
+def _text_origin(path: str) -> tuple[str, str | None]:
+    """(the tier a data directory's documents come from: a pretokenize output's source tier (its meta's "source"),
+    else itself; the cleaning run holding that tier, or None): two tiers of one run hold the same documents, every
+    later tier's a subset of an earlier one's."""
+    from data.shards import TIERS, read_json
+
+    tier = os.path.realpath(path)
+    try:
+        meta = read_json(os.path.join(tier, "tokenizer.json"))
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and isinstance(meta.get("source"), str):
+        tier = os.path.realpath(meta["source"])
+    run = os.path.dirname(tier)
+    return tier, run if os.path.basename(tier) in TIERS and os.path.isfile(os.path.join(run, "manifest.json")) else None
+
+
 def resolved_mesh(mesh: dict[str, int], n_devices: int) -> dict[str, int]:
     """The mesh shape with its -1 axis filled in for `n_devices`; a ConfigError naming `mesh` if it cannot be."""
     from parallel.mesh import _fill
@@ -764,6 +781,14 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
                  "copy or a link): evaluation would score training documents; pass a held-out tier (python -m "
                  "data.pipeline HELD --out held --dedup-against TRAIN_RUN drops held-out documents that repeat "
                  "training ones)")
+        # another tier of the training run (RUN/cleaned beside RUN/augmented), or the one a pretokenize output was
+        # made from: other bytes, the same documents, and every evaluation scored training documents
+        (t_tier, t_run), (e_tier, e_run) = _text_origin(d.train_dir), _text_origin(d.eval_dir)
+        need(t_tier != e_tier and (t_run is None or t_run != e_run), "data.eval_dir",
+             f"{d.eval_dir!r} holds data.train_dir's documents ("
+             + (f"both come from {t_tier!r}" if t_tier == e_tier else f"both are tiers of the cleaning run {t_run!r}")
+             + "): evaluation would score training documents; clean the held-out files in a run of their own "
+             "(python -m data.pipeline HELD --out held --dedup-against TRAIN_RUN) and pass one of its tiers")
     vocab = tokenizer.vocab_size
     # under init_from the vocabulary is config.json's (a --set model.vocab_size is refused above): its tokenizer fits
     need(m.vocab_size >= vocab, "model.vocab_size",

@@ -1083,6 +1083,43 @@ def test_an_eval_tier_holding_a_training_shard_is_refused(tmp_path):
             validate(load([*base, "--set", f"data.eval_dir={tmp_path / held}"]), 8)
 
 
+def test_a_held_out_tier_of_the_training_run_or_its_pretokenized_copy_is_refused(tmp_path):
+    """data.eval_dir another tier of data.train_dir's cleaning run (RUN/cleaned beside RUN/augmented: other bytes, as
+    labels and augmentation change the records, the same documents), or a pretokenize output of the training tier,
+    passed validation: every evaluation scored training documents (only a byte copy or a link was refused). A
+    held-out run of its own is accepted."""
+    from data.shards import DocWriter
+    from data.synthetic import en_text
+    from data.tokenizer import ByteTokenizer, pretokenize
+
+    rng = np.random.default_rng(0)
+    texts = [en_text(rng, 80) for _ in range(6)]
+    for run, tier, extra in (("run", "cleaned", {}), ("run", "augmented", {"quality": 0.5}), ("held", "cleaned", {})):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / "manifest.json").write_text("{}")
+        w = DocWriter(tmp_path / run / tier / "shard-00000.array_record")
+        for i, t in enumerate(texts[:4] if run == "run" else texts[4:]):
+            w.write({"id": f"{run}{i}", "text": t, **extra})
+        w.commit()
+        (tmp_path / run / tier / "stats.json").write_text("{}")  # a finished run's tier
+    pretokenize(tmp_path / "run" / "augmented", ByteTokenizer(add_eos=True), tmp_path / "pre", progress=False)
+
+    def check(train, held):
+        validate(load(["--preset", "tiny", "--set", f"data.train_dir={tmp_path / train}", "--set",
+                       f"data.eval_dir={tmp_path / held}"]), 8)
+
+    with pytest.raises(ConfigError, match=r"data.eval_dir: .*cleaned' holds data.train_dir's documents \(both are "
+                                          r"tiers of the cleaning run .*run'\)"):
+        check("run/augmented", "run/cleaned")
+    with pytest.raises(ConfigError, match=r"data.eval_dir: .*pre' holds data.train_dir's documents \(both come "
+                                          r"from .*augmented'\)"):
+        check("run/augmented", "pre")
+    with pytest.raises(ConfigError, match=r"data.eval_dir: .*cleaned' holds data.train_dir's documents"):
+        check("pre", "run/cleaned")
+    check("run/augmented", "held/cleaned")  # a held-out run of its own
+    check("pre", "held/cleaned")
+
+
 def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
     """`--set data.tokenizer=HF_FOLDER` (a checkpoint's folder, as --init-from takes) said only "is not a file"; it
     names the folder's tokenizer.json, which the option wants. A missing path keeps the other advice."""
