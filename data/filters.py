@@ -299,9 +299,10 @@ def _leading_literal(pattern: str) -> str:
     return lit
 
 
-# a word character that is not CJK: CJK text glues latin words to its characters ("购买viagra请", "viagra를"); also
-# what a latin keyword of data.label must not follow to start a word ('_' joins identifiers: "my_self.")
-_LATIN_WORD_CHAR = rf"[^\W{CJK_RANGES}]"
+# a word character not of a script written without spaces (CJK; Thai, Lao, Myanmar, Khmer, as data.augment's
+# `_UNSPACED_RANGES`): such text glues latin words to its characters ("购买viagra请", "viagra를", "ซื้อviagraที่นี่");
+# also what a latin keyword of data.label must not follow to start a word ('_' joins identifiers: "my_self.")
+_LATIN_WORD_CHAR = rf"[^\W{CJK_RANGES}\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]"
 
 
 def _phrase_regexes(phrases) -> tuple:

@@ -125,8 +125,9 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # and the math keywords' plurals count ("theorems", "proofs", ... tagged nothing).
 # 28 = the other tags' plurals count too ("hypotheses", "ministers", "liabilities", "investments", ... tagged nothing).
 # 29 = 々 〆 〇 and the Hangzhou numerals are CJK characters (a Japanese page with 12 々 measured mean word length 1.0:
-# dropped); latin phrases glued to CJK text are whole words ("购买viagra请" passed the blocklist); invisible joiners
-# and variation selectors inside a phrase no longer hide it from the blocklist, promo and boilerplate rules.
+# dropped); latin phrases glued to CJK, Thai, Lao, Myanmar or Khmer text are whole words ("购买viagra请",
+# "ซื้อviagraที่นี่" passed the blocklist); invisible joiners and variation selectors inside a phrase no longer hide
+# it from the blocklist, promo and boilerplate rules.
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).

@@ -783,6 +783,15 @@ def test_latin_phrases_glued_to_cjk_text_are_whole_words(rng):
     assert analyze(body + "访问Viagrafalls公园。", CFG)["blocklist_hits"] == 0  # still whole words: not inside one
 
 
+def test_latin_phrases_glued_to_thai_lao_myanmar_or_khmer_text_are_whole_words():
+    """Thai, Lao, Myanmar and Khmer are written without spaces too (data.augment's `_UNSPACED_RANGES` reads them so):
+    their letters are word characters, so "ซื้อviagraที่นี่" passed the blocklist where "购买viagra请" did not."""
+    for text in ("ซื้อviagraที่นี่ราคาถูก", "ຊື້viagraຢູ່ນີ້", "ဝယ်viagraပါ", "ទិញviagraនៅទីនេះ"):
+        assert analyze(text, CFG)["blocklist_hits"] == 1, text
+    assert analyze("ลดราคาclick hereวันนี้", CFG)["promo_hits"] == 1
+    assert analyze("ซื้อviagrafallsที่นี่", CFG)["blocklist_hits"] == 0  # still whole words: not inside one
+
+
 def test_invisible_joiners_inside_a_phrase_do_not_hide_it(rng):
     """Normalisation keeps ZWJ / ZWNJ (emoji sequences, Persian and Indic spelling), the combining grapheme joiner and
     variation selectors, which show nothing between two letters: 'via\\u200dgra' and '博\\u200d彩' passed the blocklist,

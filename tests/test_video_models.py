@@ -920,6 +920,24 @@ def test_text_encoder_and_generate_take_lists_of_ids_as_the_lm_does():
                                   generate(model, jnp.asarray(ids), null, jax.random.key(0), 2.0, steps=1))
 
 
+def test_generate_takes_captions_placed_elsewhere_inside_set_mesh():
+    """As the LM's generate: inside jax.set_mesh, captions or a key committed to one device failed the id checks'
+    eager reads as jax's "Received incompatible devices ... _reduce_min", naming no argument. They are moved onto
+    the model's devices and give the numpy captions' latents."""
+    from models.video import TextToVideo, generate
+    from parallel import make_mesh, shard_state
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    graphdef, params = nnx.split(TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT, align=None), rngs=nnx.Rngs(0)))
+    model = nnx.merge(graphdef, shard_state(params, mesh))
+    ids, null = np.tile(np.asarray([[2, 4, 8, 3, 11, 0, 0, 0]], np.int32), (4, 1)), np.zeros((8,), np.int32)
+    one = lambda x: jax.device_put(x, jax.devices()[7])  # noqa: E731
+    with jax.set_mesh(mesh):
+        want = generate(model, ids, null, jax.random.key(0), steps=1)
+        got = generate(model, one(ids), one(null), one(jax.random.key(0)), steps=1)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_text_encoder_names_the_field_and_fix_for_captions_past_max_seq_len():
     """Captions of 1 token encode; 9 tokens on max_seq_len=8 were refused naming neither the config field nor a fix."""
     enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))
@@ -1198,6 +1216,19 @@ def test_vae_encodes_and_decodes_an_empty_batch():
                                   jax.ShapeDtypeStruct((0, 9, 16, 16, 3), jnp.float32))
     assert mean.shape == logvar.shape == (0, 3, 4, 4, 4)
     assert jax.eval_shape(lambda s, z: nnx.merge(graphdef, s).decode(z), state, mean).shape == (0, 9, 16, 16, 3)
+
+
+def test_vae_loss_and_diffusion_loss_name_an_empty_batch():
+    """As t2v_loss: vae_loss of no clips was NaN (loss, mse, kl, psnr: means over nothing), silently, and
+    diffusion_loss failed at its per-example reshape as a bare 'ZeroDivisionError: integer modulo by zero'."""
+    from models.video.diffusion import diffusion_loss
+    from models.video.vae import vae_loss
+
+    vae = nnx.eval_shape(lambda: VideoVAE(VAE, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"vae_loss: an empty batch \(B = 0\)"):
+        vae_loss(vae, jnp.zeros((0, 9, 16, 16, 3)), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"diffusion_loss: an empty batch \(B = 0\)"):
+        diffusion_loss(lambda x, t: x, jnp.zeros((0, 2, 4, 4, 4)), jax.random.key(0), DiffusionConfig())
 
 
 @pytest.mark.parametrize("attention", ["factorized", "full"])

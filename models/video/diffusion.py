@@ -72,6 +72,8 @@ def noisy(x0, eps, t_B, cfg: DiffusionConfig):
 
 def diffusion_loss(pred_fn: PredFn, x0, key, cfg: DiffusionConfig):
     """Mean squared error of the prediction at random times. Returns (loss, per-example loss [B], t [B])."""
+    if jnp.shape(x0)[:1] == (0,):  # failed at the per-example reshape as a bare 'integer modulo by zero'
+        raise ValueError("diffusion_loss: an empty batch (B = 0) has no examples; pass at least one")
     k_t, k_e = jax.random.split(key)
     t_B = sample_time(k_t, x0.shape[0], cfg)
     eps = jax.random.normal(k_e, x0.shape, jnp.float32)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from models.generate import _on_devices_of
 from models.keys import key_error
 from models.transformer import check_token_ids
 from models.video.align import Aligner, info_nce
@@ -116,6 +117,9 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
 def generate(model: TextToVideo, tokens_BL, null_L, key, cfg_scale: float = 1.0, steps: int | None = None):
     """Sample normalised latents [B, T, H, W, C] for captions `tokens_BL` with classifier-free guidance
     `cfg_scale` against the null caption `null_L` (Euler for flow models, DDIM for DDPM ones)."""
+    # onto the model's devices first, as models.generate: inside jax.set_mesh the checks' eager reads (the ids'
+    # range) of captions committed to one device failed with jax's "incompatible devices ... _reduce_min"
+    tokens_BL, null_L, key = _on_devices_of(nnx.state(model), tokens_BL, null_L, key)
     _check_key_and_null(key, null_L, "generate(model, tokens_BL, null_L, key)", tokens_BL, model.cfg.text.vocab_size)
     concrete = not isinstance(cfg_scale, jax.core.Tracer) and np.ndim(cfg_scale) == 0  # a number or a 0-d array
     if concrete and not math.isfinite(float(cfg_scale)):  # NaN latents (all-black videos), silently, otherwise

@@ -8,7 +8,8 @@ latent frames; the first frame is encoded on its own, like an image.
 There is no streaming API: a prefix encodes as in the whole clip (encode(x[:, :1 + 4k]) == encode(x)[:, :1 + k]),
 but a chunk cut later starts with a frame read as an image, so its latents match the whole clip's only after one
 temporal receptive field of lead frames (44 for VAEConfig(channels=(8, 16, 16)), measured): overlap chunks by that
-much and drop the overlap's latents.
+much and drop the overlap's latents. Cut at frame 4m (a multiple of temporal_factor): the chunk's latent i is then
+the clip's m + i; cut elsewhere, its frames fold in other groups than the clip's and no latent matches.
 
 Shapes: B batch, T frames, H/W height/width, C channels (3 for RGB in [-1, 1]), Z latent channels.
 """
@@ -288,6 +289,8 @@ def kl_divergence(mean, logvar):
 
 def vae_loss(vae: VideoVAE, x_BTHWC, key):
     """Reconstruction MSE of a posterior sample + kl_weight·mean KL. Returns (loss, metrics)."""
+    if jnp.shape(x_BTHWC)[:1] == (0,):  # means over no clips: a NaN loss, mse, kl and psnr, silently
+        raise ValueError("vae_loss: an empty batch (B = 0) has no clips; pass at least one clip")
     mean, logvar = vae.encode(x_BTHWC)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     recon = vae.decode(z)
