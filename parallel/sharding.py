@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -205,7 +206,8 @@ def replicated(mesh) -> NamedSharding:
 def init_optimizer(optimizer, params):
     """`optimizer.init(params)` with every param-shaped leaf (Adam's mu, nu, ...) sharded like its
     parameter and the rest (step counts; leaves of another shape than their parameter, like Adafactor's
-    factored v_row / v_col) replicated. A plain `jax.jit(optimizer.init)` would
+    factored v_row / v_col) replicated, as is every leaf of an optimizer whose init reads its parameters' values
+    (optax.flatten's one flat vector, optax.lbfgs). A plain `jax.jit(optimizer.init)` would
     replicate them: zeros carry no data dependency on the parameters to propagate sharding from.
     """
     if isinstance(params, nnx.Module):  # a pytree to jax too: Adam's moments became modules the step cannot read
@@ -236,6 +238,16 @@ def optimizer_shardings(optimizer, abstract_opt_state, params):
             return state
         return p.sharding if state.shape == p.shape else replicated(mesh)
 
-    return optax.tree_utils.tree_map_params(optimizer, like, abstract_opt_state, params,
-                                            transform_non_params=lambda _: replicated(mesh),
-                                            is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    try:
+        return optax.tree_utils.tree_map_params(optimizer, like, abstract_opt_state, params,
+                                                transform_non_params=lambda _: replicated(mesh),
+                                                is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    except Exception as e:  # noqa: BLE001 - `optimizer.init` already ran on `params` (the caller's eval_shape)
+        # an init that reads its parameters as arrays (optax.flatten concatenates them, optax.lbfgs reads a dtype)
+        # fails on tree_map_params' placeholders, which init_optimizer raised ("Need at least one array to
+        # concatenate"): no leaf can be told to follow a parameter, so all are replicated
+        warnings.warn(f"optimizer_shardings: {type(e).__name__} ({e}) placing the optimizer state by its parameters "
+                      "(an init that reads their values: optax.flatten, optax.lbfgs); every state leaf is replicated "
+                      "on each device (its full size per device)", stacklevel=3)
+        return jax.tree.map(lambda s: s if isinstance(s, optax.MaskedNode) else replicated(mesh), abstract_opt_state,
+                            is_leaf=lambda x: isinstance(x, optax.MaskedNode))
