@@ -12,7 +12,7 @@ import functools
 import re
 import unicodedata
 
-from data.filters import CJK_RANGES
+from data.filters import UNSPACED_RANGES
 from data.seeds import check_field_types
 
 PYTHON_GLOSSARY = (
@@ -38,10 +38,9 @@ MATH_GLOSSARY = (
 DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("math", MATH_GLOSSARY))
 
 
-# Scripts whose words run into their neighbours: Chinese, Japanese, Thai, Lao, Myanmar, Khmer (no spaces), and
-# hangul (Korean attaches particles: "정리는", "Python으로"). A term is a whole word where no word character of
-# another script touches it
-_UNSPACED_RANGES = CJK_RANGES + "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+# A term is a whole word where no word character of another script touches it (scripts written without spaces:
+# data.filters.UNSPACED_RANGES)
+_UNSPACED_RANGES = UNSPACED_RANGES
 _UNSPACED = re.compile(f"[{_UNSPACED_RANGES}]")
 
 

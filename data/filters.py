@@ -299,10 +299,13 @@ def _leading_literal(pattern: str) -> str:
     return lit
 
 
-# a word character not of a script written without spaces (CJK; Thai, Lao, Myanmar, Khmer, as data.augment's
-# `_UNSPACED_RANGES`): such text glues latin words to its characters ("购买viagra请", "viagra를", "ซื้อviagraที่นี่");
-# also what a latin keyword of data.label must not follow to start a word ('_' joins identifiers: "my_self.")
-_LATIN_WORD_CHAR = rf"[^\W{CJK_RANGES}\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]"
+# Scripts whose words run into their neighbours: Chinese, Japanese, Thai, Lao, Myanmar, Khmer (no spaces), and
+# hangul (Korean attaches particles: "정리는", "Python으로"); one table for filters, data.label and data.augment
+UNSPACED_RANGES = CJK_RANGES + "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff"
+# a word character not of those scripts: their text glues latin words to its characters ("购买viagra请", "viagra를",
+# "ซื้อviagraที่นี่"); also what a latin keyword of data.label must not follow to start a word ('_' joins identifiers:
+# "my_self.")
+_LATIN_WORD_CHAR = rf"[^\W{UNSPACED_RANGES}]"
 
 
 def _phrase_regexes(phrases) -> tuple:

@@ -13,7 +13,7 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from data.filters import _LATIN_WORD_CHAR, CJK_RANGES, QualityConfig, word_units, words
+from data.filters import _LATIN_WORD_CHAR, CJK_RANGES, UNSPACED_RANGES, QualityConfig, word_units, words
 from data.seeds import check_field_types
 
 # (signal, QualityConfig field holding its limit); symbols without punctuation, which would rank Chinese prose
@@ -109,8 +109,9 @@ class LabelConfig:
 
 _PLAIN_WORD = re.compile(r"[a-z0-9]+", re.I)
 _CJK_START = re.compile(rf"[{CJK_RANGES}]")
-# letters and digits of one script run; CJK characters split runs ("定理theorem" holds "theorem")
-_WORD_PART = re.compile(rf"[^\W_{CJK_RANGES}]+")
+# letters and digits of one script run; characters of scripts written without spaces (CJK; Thai, Lao, Myanmar, Khmer,
+# as _LATIN_WORD_CHAR) split runs ("定理theorem", "ทฤษฎีtheorem" hold "theorem")
+_WORD_PART = re.compile(rf"[^\W_{UNSPACED_RANGES}]+")
 _DEFAULT_QUALITY = QualityConfig()
 _DEFAULT_LABEL = LabelConfig()
 

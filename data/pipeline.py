@@ -126,8 +126,8 @@ from data.stages import Augment, Label, LanguageFilter, Normalize, QualityFilter
 # 28 = the other tags' plurals count too ("hypotheses", "ministers", "liabilities", "investments", ... tagged nothing).
 # 29 = 々 〆 〇 and the Hangzhou numerals are CJK characters (a Japanese page with 12 々 measured mean word length 1.0:
 # dropped); latin phrases glued to CJK, Thai, Lao, Myanmar or Khmer text are whole words ("购买viagra请",
-# "ซื้อviagraที่นี่" passed the blocklist); invisible joiners and variation selectors inside a phrase no longer hide
-# it from the blocklist, promo and boilerplate rules.
+# "ซื้อviagraที่นี่" passed the blocklist; a Thai page's "ทฤษฎีtheorem" counted no math keyword); invisible joiners
+# and variation selectors inside a phrase no longer hide it from the blocklist, promo and boilerplate rules.
 # Not bumped for what changes no document, decision nor count: the drop logs' `duplicate_of` / `duplicate_at` /
 # `jaccard` (a resumed run's shards logged before name no survivor; its pass 3 names them for the shards left), nor
 # the logs' ids as the JSON values the input holds (str() of them before: 7 as "7"; older shards keep theirs).
@@ -463,9 +463,9 @@ def check_reference(ref: pathlib.Path, cfg: PipelineConfig, warn: bool = False) 
                ["its exact keys keep the spaces and line breaks beside Chinese / Japanese characters, these fold them: "
                 "exact copies of such documents go unnoticed unless near dedup finds them"])
         if form != repr("NFKC"):
-            why.insert(0, f"its exact keys and shingles are of its text as NormalizeConfig.form={form or '?'} left it, "
-                          "these of its NFKC folding (full-width letters, ligatures, decomposed accents): copies of "
-                          "documents holding such characters go unnoticed")
+            why.insert(0, f"its exact keys and shingles are of its text as NormalizeConfig.form="
+                          f"{form or '(not recorded)'} left it, these of its NFKC folding (full-width letters, "
+                          "ligatures, decomposed accents): copies of documents holding such characters go unnoticed")
         if version < 7:
             why.insert(0, "its exact keys and shingles keep the variation selectors and invisible joiners of emoji "
                           "('❤️' / '❤'), these delete them: copies that differ in such marks go unnoticed")

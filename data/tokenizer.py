@@ -435,7 +435,7 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
         writer.commit()
     meta = {"vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "fingerprint": getattr(tokenizer, "ids_fingerprint", None) or getattr(tokenizer, "fingerprint", None),
-            "source": str(tier_dir), **counts}
+            "source": os.path.abspath(tier_dir), **counts}  # absolute: train_lm reads it from its own directory
     write_json(meta_path, meta)  # atomic: a cut write must not leave a truncated meta the loader then trusts
     return str(out)
 

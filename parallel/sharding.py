@@ -227,7 +227,8 @@ def init_optimizer(optimizer, params):
 def optimizer_shardings(optimizer, abstract_opt_state, params):
     """The shardings `init_optimizer` gives `optimizer.init(params)` (`abstract_opt_state`, e.g. its
     jax.eval_shape), for params whose leaves carry NamedShardings (arrays or ShapeDtypeStructs): one rule for the real
-    state and the abstract one (experiments.aot.abstract_state, the restore target)."""
+    state and the abstract one (experiments.aot.abstract_state, the restore target). Every leaf replicated, with a
+    warning, for an optimizer whose init reads its parameters' values (optax.flatten, optax.lbfgs)."""
     mesh = jax.tree.leaves(params)[0].sharding.mesh
 
     def like(state, p):

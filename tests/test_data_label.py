@@ -58,6 +58,16 @@ def test_latin_keywords_right_after_chinese_text_start_a_word():
     assert domain_tags("模型my_self.fit()和his_self.x，还有herself.") == []
 
 
+def test_latin_keywords_glued_to_thai_text_are_words():
+    """Thai (as Lao, Myanmar, Khmer) is written without spaces and glues latin words to its letters as Chinese does:
+    '定理theorem' held 'theorem' but 'ทฤษฎีtheoremพิสูจน์' held 'theoremพ', so the math keywords of a Thai page went
+    uncounted where its Chinese twin was tagged (data.filters' blocklist reads such text as whole words since 29)."""
+    zh = "我们的定理theorem和证明proof以及lemma引理和equation方程和integral积分。" * 3
+    th = "ทฤษฎีtheoremและพิสูจน์proofและlemmaกับequationและintegralนี้ " * 3
+    assert domain_tags(zh) == ["math"] and domain_tags(th) == ["math"]
+    assert domain_tags("ทฤษฎีtheoremsxและproofsxและlemmasxกับequationsx " * 3) == []  # still whole words
+
+
 def test_prose_is_neither_code_nor_docs_and_gets_no_glossary():
     """'self.' matched inside 'himself.', and 'returns', 'raises', 'default' made bond-market news API docs: both
     then had Python glossary definitions appended by the augmentation stage."""

@@ -1120,6 +1120,32 @@ def test_a_held_out_tier_of_the_training_run_or_its_pretokenized_copy_is_refused
     check("pre", "held/cleaned")
 
 
+def test_a_pretokenized_copy_made_from_a_relative_path_is_traced_to_its_tier(tmp_path, monkeypatch):
+    """pretokenize stored its tier_dir as typed ("run/augmented"): validate, run from another directory, resolved it
+    there, found no such tier and accepted the training run's other tier (or the training tier itself) as eval_dir."""
+    from data.shards import DocWriter
+    from data.synthetic import en_text
+    from data.tokenizer import ByteTokenizer, pretokenize
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text("{}")
+    for tier in ("cleaned", "augmented"):
+        w = DocWriter(tmp_path / "run" / tier / "shard-00000.array_record")
+        for i in range(4):
+            w.write({"id": f"{tier}{i}", "text": en_text(rng, 80)})
+        w.commit()
+        (tmp_path / "run" / tier / "stats.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    pretokenize("run/augmented", ByteTokenizer(add_eos=True), "pre", progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for held, why in (("run/augmented", "both come from"), ("run/cleaned", "both are tiers of the cleaning run")):
+        with pytest.raises(ConfigError, match=rf"data.eval_dir: .* holds data.train_dir's documents \({why}"):
+            validate(load(["--preset", "tiny", "--set", f"data.train_dir={tmp_path / 'pre'}", "--set",
+                           f"data.eval_dir={tmp_path / held}"]), 8)
+
+
 def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
     """`--set data.tokenizer=HF_FOLDER` (a checkpoint's folder, as --init-from takes) said only "is not a file"; it
     names the folder's tokenizer.json, which the option wants. A missing path keeps the other advice."""

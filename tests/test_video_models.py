@@ -938,6 +938,25 @@ def test_generate_takes_captions_placed_elsewhere_inside_set_mesh():
     np.testing.assert_array_equal(got, want)
 
 
+def test_t2v_loss_takes_a_batch_placed_elsewhere_inside_set_mesh():
+    """As generate: an eager t2v_loss (an evaluation outside jit) inside jax.set_mesh of a batch, key or null caption
+    committed to one device failed the id checks' eager reads as jax's "Received incompatible devices ...
+    _reduce_min", naming no argument. They are moved onto the model's devices and give the numpy batch's loss."""
+    from models.video import TextToVideo, t2v_loss
+    from parallel import make_mesh, shard_state
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    graphdef, params = nnx.split(TextToVideo(TextToVideoConfig(dit=DIT, text=TEXT, align=None), rngs=nnx.Rngs(0)))
+    model = nnx.merge(graphdef, shard_state(params, mesh))
+    ids, null = np.tile(np.asarray([[2, 4, 8, 3, 11, 0, 0, 0]], np.int32), (4, 1)), np.zeros((8,), np.int32)
+    lat = np.random.default_rng(0).standard_normal((4, *DIT.latent_shape, DIT.latent_channels)).astype(np.float32)
+    one = lambda x: jax.device_put(x, jax.devices()[7])  # noqa: E731
+    with jax.set_mesh(mesh):
+        want, _ = t2v_loss(model, {"latents": lat, "tokens": ids}, jax.random.key(0), null)
+        got, _ = t2v_loss(model, {"latents": one(lat), "tokens": one(ids)}, one(jax.random.key(0)), one(null))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
 def test_text_encoder_names_the_field_and_fix_for_captions_past_max_seq_len():
     """Captions of 1 token encode; 9 tokens on max_seq_len=8 were refused naming neither the config field nor a fix."""
     enc = TextEncoder(TEXT, rngs=nnx.Rngs(0))

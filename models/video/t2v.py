@@ -82,6 +82,10 @@ def t2v_loss(model: TextToVideo, batch: dict, key, null_L):
         got = sorted(map(str, batch.keys())) if hasattr(batch, "keys") else type(batch).__name__
         raise ValueError(f"t2v_loss: batch must be a dict with 'latents' [B, T, H, W, C] and 'tokens' [B, L] and, "
                          f"optionally, 'caption_id' [B]; got {got}")
+    # onto the model's devices first, as generate: an eager call inside jax.set_mesh failed the checks' reads (the ids'
+    # range) of a batch committed to one device with jax's "incompatible devices ... _reduce_min"
+    *values, key, null_L = _on_devices_of(nnx.state(model), *batch.values(), key, null_L)
+    batch = dict(zip(batch.keys(), values))
     _check_key_and_null(key, null_L, "t2v_loss(model, batch, key, null_L)", batch["tokens"],
                         model.cfg.text.vocab_size)
     cfg = model.cfg
