@@ -718,7 +718,12 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
          f"directory; pass the run's own directory, {os.path.dirname(os.path.abspath(t.out))!r}, to resume it")
     if t.init_from is not None:  # before compiling: the folder, and a model that its weights fit
         folder = str(t.init_from)
-        need(any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),
+        # a resume restores every parameter from train.out and reads only config.json (the architecture): the
+        # weights, deleted after the first save (a 70B download), refused a run that never reads them
+        ckpt = os.path.join(t.out, "ckpt")
+        resuming = any(n.isdigit() and os.path.isdir(os.path.join(ckpt, n, "meta"))
+                       for n in (os.listdir(ckpt) if os.path.isdir(ckpt) else ()))
+        need(resuming or any(f.endswith(".safetensors") for f in (os.listdir(folder) if os.path.isdir(folder) else ())),
              "train.init_from", f"{folder!r} holds no *.safetensors weights; pass a Hugging Face checkpoint folder")
         hf_model = model_from_hf(folder, m)
         differ = sorted(f.name for f in dataclasses.fields(m) if getattr(m, f.name) != getattr(hf_model, f.name))

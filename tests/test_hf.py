@@ -1657,6 +1657,28 @@ def test_init_from_a_train_lm_run_names_the_export_and_resume_it_takes(tmp_path)
         load(["--preset", "tiny", "--init-from", str(tmp_path / "nothing")])
 
 
+def test_an_init_from_run_resumes_after_the_checkpoints_weights_are_deleted(tmp_path):
+    """A fine-tune from --init-from HF_FOLDER resumes from its own checkpoint, which holds every parameter; the
+    folder's config.json (the architecture) is all it reads there. Deleting the weights after the first save (a 70B
+    download) made the resume a 'holds no *.safetensors weights' config error; a fresh run still needs them."""
+    from experiments import train_lm
+    from experiments.config import ConfigError, load, validate
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=32)
+    folder = tmp_path / "hf"
+    randomize_(transformers.LlamaForCausalLM(hf_cfg)).save_pretrained(folder)
+    args = ["--preset", "tiny", "--init-from", str(folder), "--out", str(tmp_path / "run"), "--seq", "16",
+            *[f"--set={kv}" for kv in ("optim.warmup_steps=0", "train.sample_tokens=0", "train.eval_every=1",
+                                       "train.save_every=1")]]
+    train_lm.main([*args, "--steps", "1"])
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    assert train_lm.main([*args, "--steps", "2"])["step"] == 2  # resumed from step 1, the weights unread
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*hf' holds no \*.safetensors weights"):
+        validate(load(["--preset", "tiny", "--init-from", str(folder), "--out", str(tmp_path / "fresh")]), 8)
+
+
 def test_init_from_a_checkpoint_shorter_than_train_seq_names_the_fix_that_works(tmp_path):
     """--init-from a checkpoint whose max_position_embeddings (16) is below the preset's train.seq (32): the error
     said 'raise max_seq_len', and `--set model.max_seq_len=32` was then refused (the architecture comes from
