@@ -235,6 +235,21 @@ def _update_router_bias(params, load_LE, moe_cfg):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _update(who: str, optimizer, grads, opt_state, params):
+    """`optimizer.update(grads, opt_state, params)`, the call the steps make (no extra arguments): an optimizer whose
+    update needs more (optax.contrib.reduce_on_plateau's value, optax.lbfgs's value / grad / value_fn) failed in a
+    bare TypeError from inside optax, naming neither the step nor what it passes."""
+    try:
+        return optimizer.update(grads, opt_state, params)
+    except TypeError as e:
+        if "required keyword-only argument" not in str(e):
+            raise
+        raise TypeError(f"{who}: the optimizer's update needs arguments the step does not pass ({e}); the step calls "
+                        "optimizer.update(grads, opt_state, params) and nothing else, so optimizers that read the loss "
+                        "(optax.contrib.reduce_on_plateau's value, optax.lbfgs's value / grad / value_fn) are not "
+                        "supported: drive them from your own step, or use a schedule (make_schedule) instead") from e
+
+
 def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     """Jitted `step(params, opt_state, batch) -> (params, opt_state, {loss, grad_norm})`; donates the state.
     The plain step of benchmarks and tests (cross-entropy only); the trainer uses `make_state_step`.
@@ -249,7 +264,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     def step(params, opt_state, batch):
         (_, (loss, n)), g = jax.value_and_grad(summed, has_aux=True)(params, batch)
         grads = jax.tree.map(lambda x: x / jnp.where(n > 0, n, 1.0), g)  # no weight: loss and gradients 0
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = _update("make_train_step", optimizer, grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -267,7 +282,17 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int 
     sharding = jax.tree.leaves(params)[0].sharding
     rep = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) else None
     put = lambda x: jax.device_put(x, rep)  # noqa: E731  (None: the default device)
-    return {"params": params, "opt_state": init_optimizer(optimizer, params),
+    opt_state = init_optimizer(optimizer, params)
+    # a user's optax optimizer keeps its moments in the parameters' dtype (make_optimizer's are float32): with bf16
+    # parameters Adam's nu stopped decaying (b2 = 0.999: 2.7x the float64 nu 990 steps after the gradient went to 0)
+    low = lambda tree: sorted({str(x.dtype) for x in jax.tree.leaves(tree)  # noqa: E731
+                               if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4})
+    if low(params) and low(opt_state):
+        warnings.warn(f"init_train_state: the optimizer state holds {', '.join(low(opt_state))} leaves (optax keeps "
+                      "moments in the parameters' dtype): small updates and moment decay round away; wrap the "
+                      "optimizer in experiments.lm_step.float32_state (as make_optimizer does) for float32 moments",
+                      stacklevel=2)
+    return {"params": params, "opt_state": opt_state,
             "step": put(jnp.zeros((), jnp.int32)), "skipped": put(jnp.zeros((), jnp.int32)),
             "rng": put(jax.random.key_data(jax.random.key(seed)))}
 
@@ -295,6 +320,12 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     schedule's, so a run with k of them ends k updates short of its schedule's end (min_lr_ratio · lr).
     schedule: the optimizer's learning-rate schedule, reported as metrics['lr'] (absent without one).
     state_shardings: pin the output state to the input layout, so a resumed run compiles the same program.
+    optimizer: called as optimizer.update(grads, opt_state, params), nothing else (one that needs the loss, e.g.
+    optax.contrib.reduce_on_plateau, is refused by name). optax.MultiSteps(inner, k) accumulates on top of grad_accum
+    (A·k microbatches per inner update, each step's mean weighted equally); a skipped step leaves its mini-step count
+    and accumulator as they were, and metrics['lr'] counts steps, not MultiSteps' inner updates.
+    Schedule-free optimizers (optax.contrib.schedule_free_*) train state['params'] as their gradient point y: evaluate
+    optax.contrib.schedule_free_eval_params(state['opt_state'], state['params']) (x, the paper's eval point).
     """
 
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
@@ -366,7 +397,7 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         grads = jax.tree.map(lambda x: x / n_total, g)
         loss = nll / n_total
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        updates, opt_state = _update("make_state_step", optimizer, grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         if moe is not None and aux and moe.router == "sigmoid" and moe.bias_update_rate > 0:
             new_params = _update_router_bias(new_params, aux["load"], moe)

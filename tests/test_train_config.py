@@ -1537,6 +1537,65 @@ def test_state_step_and_init_optimizer_name_the_misuse():
         init_optimizer(opt, model)
 
 
+def test_state_step_refuses_an_optimizer_that_needs_the_loss_by_name():
+    """optax.contrib.reduce_on_plateau (update needs value=) and optax.lbfgs (value, grad, value_fn) failed in a bare
+    TypeError from inside optax ("update_fn() missing 1 required keyword-only argument: 'value'"), naming neither
+    the step nor what it passes."""
+    graphdef, params = nnx.split(Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
+                                                               mlp_dim=32), rngs=nnx.Rngs(0)))
+    tok = jnp.zeros((2, 8), jnp.int32)
+    batch = {"inputs": tok, "targets": tok}
+    for opt in (optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau()), optax.lbfgs()):
+        says = r"the optimizer's update needs arguments the step does not pass \(.*'value'.*\); the step calls " \
+               r"optimizer.update\(grads, opt_state, params\) and nothing else"
+        with pytest.raises(TypeError, match="^make_state_step: " + says):
+            make_state_step(graphdef, opt)(init_train_state(jax.tree.map(jnp.copy, params), opt), batch)
+        with pytest.raises(TypeError, match="^make_train_step: " + says):
+            make_train_step(graphdef, opt)(jax.tree.map(jnp.copy, params), opt.init(params), batch)
+
+
+def test_init_train_state_warns_of_a_user_optimizer_s_bf16_moments():
+    """A user's optax optimizer keeps Adam's moments in bf16 parameters' dtype (make_optimizer's are float32): nu
+    stops decaying (b2 0.999: 2.7x the float64 nu 990 steps after the gradient went to 0), silently."""
+    from experiments.lm_step import float32_state
+
+    cfg = TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, param_dtype="bfloat16")
+    _, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    with pytest.warns(UserWarning, match=r"^init_train_state: the optimizer state holds bfloat16 leaves .*"
+                                         r"experiments.lm_step.float32_state"):
+        init_train_state(params, optax.adam(1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = init_train_state(params, make_optimizer(1e-3, total_steps=10, warmup_steps=0))  # float32 moments
+        init_train_state(params, float32_state(optax.adam(1e-3)))
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"])} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
+
+
+def test_multisteps_skipped_mid_accumulation_matches_optax_by_hand():
+    """optax.MultiSteps(adam, 2) through make_state_step: a NaN step between its two mini-steps leaves the mini-step
+    count and the accumulator as they were (skipped + 1), and the next good step completes the update: the params
+    are adam's on the mean of the two good steps' gradients, applied by hand."""
+    from experiments.lm_step import lm_loss
+
+    graphdef, params = nnx.split(Transformer(TransformerConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2,
+                                                               mlp_dim=32), rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    b = [{k: jnp.asarray(v) for k, v in zip(("inputs", "targets"), np.split(rng.integers(0, 32, (4, 16)), 2, 1))}
+         for _ in range(2)]
+    opt = optax.MultiSteps(optax.adam(1e-2), 2)
+    step = make_state_step(graphdef, opt)
+    state, _ = step(init_train_state(jax.tree.map(jnp.copy, params), opt), b[0])
+    state, m = step(state, dict(b[1], weights=jnp.full((4, 8), jnp.nan)))
+    assert not bool(m["finite"]) and int(state["skipped"]) == 1 and int(state["opt_state"].mini_step) == 1
+    state, _ = step(state, b[1])
+    assert int(state["opt_state"].gradient_step) == 1 and int(state["opt_state"].mini_step) == 0
+    grad = jax.grad(lambda p, batch: lm_loss(graphdef, p, batch))
+    g = jax.tree.map(lambda x, y: (x + y) / 2, grad(params, b[0]), grad(params, b[1]))
+    ref = optax.adam(1e-2)
+    want = optax.apply_updates(params, ref.update(g, ref.init(params), params)[0])
+    jax.tree.map(lambda a, w: np.testing.assert_allclose(a, w, atol=1e-6), state["params"], want)
+
+
 @pytest.mark.parametrize("arg, field, cwd", [
     (b"train.sample_prompt=\xe4\xb8\xad\xe6\x96\x87", "train.sample_prompt", "."),
     (b"train.out=runs/\xc3\xbc", "train.out", "."),
