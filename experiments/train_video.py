@@ -804,7 +804,12 @@ def main(argv=None):
     ap.add_argument("--scales", default="1,2,4", help="CFG scales to evaluate")
     ap.add_argument("--fresh", action="store_true", help="delete the run directory first (no resume)")
     ap.add_argument("--no-media", action="store_true", help="skip GIFs and grids")
-    args = ap.parse_args(argv)
+    try:
+        args, refused = ap.parse_args(argv), None
+    except SystemExit as e:  # argparse's: a bad flag (its usage is printed), or --help
+        if not e.code:
+            raise
+        args, refused = None, e
     # one process only: its stages load, checkpoint and evaluate whole batches on this process's devices. Started
     # as a job of several (JAXSCALE_* variables, srun, a pod), each process ran alone: on one --out the others were
     # refused as "another job", on each host's own disk every host trained its own copy silently. Asked before
@@ -814,7 +819,13 @@ def main(argv=None):
     try:
         several = initialize()
     except ValueError as e:
+        if refused is not None:
+            raise refused from None
         ap.error(str(e))
+    # a command line this process refuses still joins the job first: the others waited for it in
+    # jax.distributed.initialize (300 s) before failing on a time-out that named neither it nor its flag
+    if refused is not None:
+        raise refused
     # the count, not whether it started: a one-host TPU VM's markers (TPU_WORKER_HOSTNAMES) start jax.distributed
     # with one process, which was refused as "this job has 1 processes"
     if several and jax.process_count() > 1:

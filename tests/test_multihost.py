@@ -323,6 +323,20 @@ def test_the_video_trainer_started_on_two_processes_is_refused_on_each(tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_the_video_trainer_with_a_flag_one_process_refuses_stops_every_process_at_once(tmp_path):
+    """Process 1 with a bad --seed: it exited on argparse's error before joining the job, and process 0 waited for it
+    in jax.distributed.initialize (300 s), then aborted (SIGABRT, 'DEADLINE_EXCEEDED ... RegisterTask') naming
+    neither the process nor the flag. Now the refusing process joins first: both exit 2 within seconds, each
+    naming its own reason."""
+    procs, outs = run_trainers(tmp_path, lambda pid: [
+        "--preset", "tiny", "--no-media", "--out", str(tmp_path / "run"), *(["--seed", "-1"] if pid else [])],
+        timeout=90, entry=("-m", "experiments.train_video"), lm_args=False)
+    assert [p.returncode for p in procs] == [2, 2], [err[-1500:] for _, err in outs]
+    assert "experiments.train_video runs in one process, but this job has 2 processes" in outs[0][1], outs[0][1]
+    assert "argument --seed: must be an integer >= 0, got -1" in outs[1][1], outs[1][1]
+    assert not (tmp_path / "run").exists()
+
+
 FAIL_ON_PROCESS_1 = """
 import sys
 
