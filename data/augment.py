@@ -40,8 +40,7 @@ DEFAULT_GLOSSARIES = (("code", PYTHON_GLOSSARY), ("docs", PYTHON_GLOSSARY), ("ma
 
 # A term is a whole word where no word character of another script touches it (scripts written without spaces:
 # data.filters.UNSPACED_RANGES)
-_UNSPACED_RANGES = UNSPACED_RANGES
-_UNSPACED = re.compile(f"[{_UNSPACED_RANGES}]")
+_UNSPACED = re.compile(f"[{UNSPACED_RANGES}]")
 
 
 @functools.cache
@@ -57,7 +56,7 @@ def _spaced_word() -> str:
         else:
             runs.append([c, c])
     mark_class = "".join(f"{chr(a)}-{chr(b)}" for a, b in runs)
-    return f"(?:[^\\W{_UNSPACED_RANGES}]|[{mark_class}])"
+    return f"(?:[^\\W{UNSPACED_RANGES}]|[{mark_class}])"
 
 
 def _term_pattern(term_low: str) -> re.Pattern:
