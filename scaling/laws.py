@@ -182,6 +182,8 @@ LIVE_TERM = 1e-3
 # data (fit_law warns): uniform random losses leave 0.7-1.2, real ones shuffled across the runs (mislabelled) 0.5-1.2,
 # a real law with 3% noise 0.04-0.12 (0.2 with a sixth of the runs 50% off: the median ignores such outliers)
 MAX_RESIDUAL_SPREAD = 0.5
+# fit_law shifts the grid's a, b, e by log(median loss) when the median loss lies outside this range (nats/token: ~1)
+LOSS_RANGE = (0.05, 20.0)
 
 
 def _huber(r, delta):
@@ -257,9 +259,10 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
 
     delta: Huber threshold on log-loss residuals (paper: 1e-3; inf: least squares). grid: initialisation
     grid, values per axis a, b, e (log A, log B, log E), alpha, beta; axes it leaves out keep `PAPER_GRID`'s
-    (4500 points in all). n_starts: L-BFGS-B runs from the best grid points, from as many of the best whose N and D
-    terms both reach `LIVE_TERM` of the loss at some run (when those are others), and from `init`, e.g. the
-    full-data fit when bootstrapping. Returns the best optimum found; alpha and beta
+    (4500 points in all; a, b, e shifted by log(median loss) when that lies outside `LOSS_RANGE`: other units).
+    n_starts: L-BFGS-B runs from the best grid points, from as many of the best whose N and D terms both reach
+    `LIVE_TERM` of the loss at some run (when those are others), and from `init`, e.g. the full-data fit when
+    bootstrapping. Returns the best optimum found; alpha and beta
     are bounded to `EXPONENT_BOUNDS` (a warning says when the optimum sits on a bound, and when its median residual
     exceeds `MAX_RESIDUAL_SPREAD` of the losses' median spread: a law fitted to losses that do not follow N and D).
 
@@ -308,7 +311,11 @@ def fit_law(n_params, n_tokens, loss, *, delta: float = 1e-3, grid: dict | None 
     if unknown := set(grid or {}) - set(_ORDER):
         raise ValueError(f"grid has unknown keys {sorted(unknown)}; its axes are {list(_ORDER)} (log A, log B, log E, "
                          "alpha, beta)")
-    g = {**PAPER_GRID, **(grid or {})}
+    # the paper's grid has E in [e^-1, e]: losses of the same law in other units (summed over a sequence, x200-x3000;
+    # or x1e-3) left every start far off, and noiseless runs were fitted 6-10% off, N_opt 0.13x-17x, in silence. The
+    # objective on log L only shifts a, b, e by log(unit): so do the starts of the axes a caller's grid leaves out
+    shift = 0.0 if LOSS_RANGE[0] <= np.median(lv) <= LOSS_RANGE[1] else float(np.median(logl))
+    g = {**{k: v + shift if k in "abe" else v for k, v in PAPER_GRID.items()}, **(grid or {})}
     for k in _ORDER:  # a NaN start made L-BFGS-B return alpha = nan as the law; [] was a bare IndexError
         a = np.asarray(g[k])
         if a.ndim != 1 or a.size == 0 or a.dtype.kind not in "iuf" or not np.isfinite(a).all():
@@ -377,8 +384,7 @@ class Bootstrap:
         """(point, low, high): `fn(law)` at the full-data fit and its central `level` percentile interval."""
         _check_level(level)
         point, vals = self._values(fn)
-        lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-        return point, float(lo), float(hi)
+        return point, *_central(vals, level)
 
     def _values(self, fn) -> tuple[float, np.ndarray]:
         """fn at the full fit, and at every bootstrap law. A law the full fit's fn takes can fail in a resample (beta
@@ -412,11 +418,26 @@ class Bootstrap:
             r = r.mean() + (r - r.mean()) * np.sqrt(len(r) / (len(r) - 5))
         point, vals = self._values(fn)
         vals = vals * np.exp(rng.choice(r, len(self.laws)))
-        lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
-        return point, float(lo), float(hi)
+        return point, *_central(vals, level)
 
     def param_intervals(self, level: float = 0.9) -> dict[str, tuple[float, float, float]]:
         return {k: self.interval(lambda law, k=k: getattr(law, k), level) for k in ("E", "A", "B", "alpha", "beta")}
+
+
+def _central(vals, level: float) -> tuple[float, float]:
+    """The central `level` percentile range of `vals` (numpy's linear interpolation). `_values` tells a caller to
+    return math.inf for a resample with no finite answer: numpy interpolated inf - inf into NaN, so such an interval
+    came back (point, low, nan); a quantile that reaches an infinite value is that infinity here."""
+    qs = [50 * (1 - level), 50 * (1 + level)]
+    if np.isfinite(vals).all():
+        return tuple(float(x) for x in np.percentile(vals, qs))
+    v, out = np.sort(vals), []
+    for q in qs:
+        j, t = divmod(q / 100 * (len(v) - 1), 1.0)
+        lo, hi = v[int(j)], v[min(int(j) + 1, len(v) - 1)]
+        out.append(float(lo if t == 0 or lo == hi or lo == -math.inf else hi if hi == math.inf
+                         else lo + t * (hi - lo)))
+    return out[0], out[1]
 
 
 def _check_level(level) -> None:
