@@ -214,7 +214,11 @@ def _warn_spelled_specials(tok: Tokenizer, names: list[str]) -> None:
     special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     special |= {i for i in map(tok.token_to_id, names) if i is not None}
     probes = [text for c in names for text in (c, f"a {c} a", f"a{c}a")]
-    for text, enc in zip(probes, tok.encode_batch(probes, add_special_tokens=False)):
+    encs = tok.encode_batch(probes, add_special_tokens=False)
+    if any(i in special for enc in encs for i in enc.ids):  # the unknown-token id is how the model reads unseen
+        # characters, not the EOS / BOS spelled: a WordPiece without 'p' warned that '[SEP]' encodes to '[UNK]'
+        special -= {_unk_id(tok)} - {tok.token_to_id(c) for c in names}
+    for text, enc in zip(probes, encs):
         if (hit := next((i for i in enc.ids if i in special), None)) is not None:  # (id 0 is an id)
             warnings.warn(f"BPETokenizer: the text {text!r} encodes to {enc.ids}, holding the special token "
                           f"{tok.id_to_token(hit)!r} (id {hit}): this tokenizer's model spells it from text (as "
@@ -222,6 +226,14 @@ def _warn_spelled_specials(tok: Tokenizer, names: list[str]) -> None:
                           "that id mid-text (an EOS there ends it for the model) and decode drops it; remove or escape "
                           "them in the documents", stacklevel=3)
             return
+
+
+def _unk_id(tok: Tokenizer) -> int | None:
+    """The model's unknown-token id (BPE / WordPiece / WordLevel `unk_token`, Unigram `unk_id`), or None."""
+    if isinstance(tok.model, models.Unigram):  # (its unk_id is in the JSON only)
+        return json.loads(tok.to_str())["model"].get("unk_id")
+    name = getattr(tok.model, "unk_token", None)
+    return None if name is None else tok.token_to_id(name)
 
 
 def _bpe_from_json(s: str, eos_token: str | None = None, bos_token: str | None = None) -> BPETokenizer:

@@ -186,6 +186,29 @@ def test_a_tokenizer_json_whose_model_spells_its_eos_from_text_is_named(bpe, tmp
         pickle.loads(pickle.dumps(BPETokenizer.load(tmp_path / "tok.json")))
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_an_unknown_token_is_not_taken_for_a_spelled_eos(kind, tmp_path):
+    """A small WordPiece / Unigram reads characters it never saw ('[', 'S', ...) as its unknown token, a special one:
+    loading it warned that the text '[SEP]' "holds the special token '[UNK]'" and to remove such text from the
+    documents, though no EOS / BOS is spelled (the text's ids hold neither)."""
+    if kind == "wordpiece":
+        raw = Tokenizer(models.WordPiece({"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3}, unk_token="[UNK]"))
+        raw.pre_tokenizer, raw.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece()
+        names = dict(eos_token="[SEP]", bos_token="[CLS]")
+    else:
+        raw = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0), ("▁", -1.0)], unk_id=0))
+        raw.pre_tokenizer, raw.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        names = dict(eos_token="</s>", bos_token="<s>")
+    specials = ("[UNK]", "[CLS]", "[SEP]") if kind == "wordpiece" else ("<unk>", "<s>", "</s>")
+    raw.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    raw.save(str(tmp_path / "tok.json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = BPETokenizer.load(tmp_path / "tok.json", **names)
+    ids = tok.encode(f"a {names['eos_token']} a").tolist()
+    assert tok.eos_id not in ids and tok.bos_id not in ids and raw.token_to_id(specials[0]) in ids
+
+
 def test_a_tokenizer_json_that_truncates_or_pads_encodes_whole_documents(tmp_path):
     """A tokenizer.json saved with truncation / padding enabled (sentence-transformers and pipeline exports do):
     loaded as is, every document was cut to max_length tokens and a batch's shorter ones padded with pad ids (here
