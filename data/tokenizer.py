@@ -136,6 +136,8 @@ class BPETokenizer:
         _make_special(tok, [t for t in (name, bos_token) if t is not None])
         if _probe:  # (train_bpe refuses such tokens itself; an unpickled copy was probed where it was made)
             _warn_spelled_specials(tok, [t for t in (name, bos_token) if t is not None])
+            if bos_token is None:
+                _warn_dropped_bos(tok)
         # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
         extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
@@ -226,6 +228,22 @@ def _warn_spelled_specials(tok: Tokenizer, names: list[str]) -> None:
                           "that id mid-text (an EOS there ends it for the model) and decode drops it; remove or escape "
                           "them in the documents", stacklevel=3)
             return
+
+
+def _warn_dropped_bos(tok: Tokenizer) -> None:
+    """Warn when the tokenizer's post-processor starts every sequence with a special token (Llama's '<s>', Gemma's
+    '<bos>', BERT's '[CLS]') and no bos_token was named: `encode` leaves post-processors out (the loader adds EOS /
+    BOS itself), so such a checkpoint was fine-tuned on documents without the token it always saw first, silently."""
+    if tok.post_processor is None:
+        return
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    with_ids, without = (tok.encode("a", add_special_tokens=s).ids for s in (True, False))
+    if with_ids and with_ids[0] in special and with_ids[:1] != without[:1]:
+        first = tok.id_to_token(with_ids[0])
+        warnings.warn(f"BPETokenizer: this tokenizer's post-processor starts every sequence with {first!r}, which the "
+                      f"loader does not add unless told: pass bos_token={first!r} (train_lm: --set "
+                      f"data.bos_token={first!r}) to start every document with it, as the model was trained; "
+                      "bos_token=None (as now) starts documents after the previous one's EOS", stacklevel=4)
 
 
 def _unk_id(tok: Tokenizer) -> int | None:

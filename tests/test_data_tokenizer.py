@@ -581,3 +581,22 @@ def test_a_bucket_url_is_refused_and_a_tilde_is_the_home_directory(tmp_path, mon
         pretokenize(tmp_path / "tier", tok, "gs://b/ids", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tier", "tok.json"]
     assert pretokenize("~/tier", tok, "~/ids", progress=False) == str(tmp_path / "ids")
+
+
+def test_a_post_processor_bos_left_out_is_warned_about(tmp_path):
+    """A Llama-style tokenizer.json adds '<s>' in its post-processor; `encode` leaves post-processors out and the
+    loader adds a BOS only when told: loaded without bos_token, a checkpoint was fine-tuned on documents that never
+    start with the token it always saw first, in silence. Named with the setting; naming the BOS (or a
+    post-processor adding none) loads quietly."""
+    texts = ["first document here", "second document there"] * 10
+    tok = train_bpe(texts, vocab_size=300, special_tokens=("<s>", "</s>"), eos_token="</s>", show_progress=False)
+    tok.tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(tmp_path / "tok.json")
+    with pytest.warns(UserWarning, match=r"starts every sequence with '<s>'.*data\.bos_token='<s>'"):
+        BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>", bos_token="<s>")
+        tok.tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        tok.save(tmp_path / "eos_only.json")
+        BPETokenizer.load(tmp_path / "eos_only.json", eos_token="</s>")
