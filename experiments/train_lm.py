@@ -98,12 +98,17 @@ def sample_prompt(data, train) -> str:
 
 def sample_ids(tok, text: str, sample_tokens: int, max_seq_len: int):
     """(prompt ids [P], new tokens n >= 1, prompt tokens cut) for the final sample: P + n - 1 <= max_seq_len, the
-    positions fed within the trained context (the last new token is never fed back). A prompt longer than that keeps its
-    BOS and its last tokens (it ran past the context, and generate warned of positions past it)."""
+    positions fed within the trained context (the last new token is never fed back). The prompt starts as the loader
+    starts every document: with the BOS, else (no BOS) the EOS that separates it from the previous one. A prompt
+    longer than that keeps that first token and its last tokens (it ran past the context, and generate warned of
+    positions past it)."""
     import numpy as np
 
-    bos = getattr(tok, "bos_id", None)  # a document starts with it: so does the sample's prompt
-    head, body = ([] if bos is None else [bos]), tok.encode(text)
+    # training rows were [bos] text [eos], else [eos] text [eos] (data.loader.Tokenize): a prompt without that first
+    # token was a context the model never saw a document start in
+    first = getattr(tok, "bos_id", None)
+    first = getattr(tok, "eos_id", None) if first is None else first
+    head, body = ([] if first is None else [first]), tok.encode(text)
     cut = max(0, len(head) + len(body) - max_seq_len)
     ids = np.concatenate([head, body[cut:]]).astype(np.int32)
     return ids, max(1, min(sample_tokens, max_seq_len - len(ids))), cut

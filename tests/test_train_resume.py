@@ -674,7 +674,9 @@ def test_a_sample_prompt_longer_than_the_context_keeps_its_bos_and_last_tokens()
     m = load(TINY).model
     tok = ByteTokenizer(add_eos=True)
     ids, n, cut = train_lm.sample_ids(tok, "x" * 30 + "yz" * 3, 8, m.max_seq_len)
-    assert (len(ids), n, cut) == (m.max_seq_len, 1, 36 - m.max_seq_len) and tok.decode(ids).endswith("yzyzyz")
+    # no BOS: the prompt starts with the EOS every training row of a document started with (the loader's [eos] text)
+    assert (len(ids), n, cut) == (m.max_seq_len, 1, 37 - m.max_seq_len) and tok.decode(ids).endswith("yzyzyz")
+    assert ids[0] == tok.eos_id
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # generate warns of positions past max_seq_len
         generate(Transformer(m, rngs=nnx.Rngs(0)), jnp.asarray(ids)[None], n, rng=jax.random.key(0))
@@ -683,6 +685,10 @@ def test_a_sample_prompt_longer_than_the_context_keeps_its_bos_and_last_tokens()
     assert (ids.tolist(), n, cut) == ([7, ord("d"), ord("e"), ord("f")], 1, 3)
     ids, n, cut = train_lm.sample_ids(with_bos, "ab", 8, 32)  # a short one is whole, and n what fits
     assert (ids.tolist(), n, cut) == ([7, ord("a"), ord("b")], 8, 0)
+    with_bos.eos_id = 9  # a BOS starts documents: the EOS only ends them
+    assert train_lm.sample_ids(with_bos, "ab", 8, 32)[0].tolist() == [7, ord("a"), ord("b")]
+    neither = types.SimpleNamespace(encode=lambda s: [ord(c) for c in s])  # no special tokens: the text alone
+    assert train_lm.sample_ids(neither, "ab", 8, 32)[0].tolist() == [ord("a"), ord("b")]
 
 
 def test_load_model_gives_the_checkpoints_model_for_inference(runs, monkeypatch):
