@@ -741,7 +741,10 @@ class Transformer(nnx.Module):
         length_traced = isinstance(length, jax.core.Tracer)
         if capacity is not None and (T > capacity or (not length_traced and int(length) + T > capacity)):
             seen = "?" if length_traced else int(length)
-            raise ValueError(f"KVCache overflow: its full-attention layers hold {capacity} "
+            # (an all-local model with a window longer than max_len has no full-attention layer to name)
+            who = ("full-attention layers" if None in cfg.layer_windows()
+                   else "local layers (a window longer than max_len)")
+            raise ValueError(f"KVCache overflow: its {who} hold {capacity} "
                              f"token{'s' * (capacity != 1)} (the max_len of KVCache.zeros), but this call of {T} "
                              f"token{'s' * (T != 1)} after {seen} would go past them and wrap into a sliding window; "
                              "allocate KVCache.zeros(cfg, batch, max_len) with max_len >= prompt + generated tokens")

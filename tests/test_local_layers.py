@@ -210,3 +210,13 @@ def test_left_padded_cache_decodes_each_row_as_alone():
 def test_bad_patterns_name_the_field(kw, words):
     with pytest.raises(ValueError, match=words):
         dataclasses.replace(CFG, **kw)
+
+
+def test_overflow_of_a_window_longer_than_max_len_names_the_local_layers():
+    """An all-local model whose window (3) exceeds the cache's max_len (2) is refused past 2 tokens, as it must be,
+    but the error said its 'full-attention layers hold 2 tokens': it has none."""
+    cfg = dataclasses.replace(CFG, attn_pattern="local", sliding_window=3)
+    tok = jax.random.randint(jax.random.key(1), (1, 3), 0, cfg.vocab_size)
+    with pytest.raises(ValueError, match="KVCache overflow") as e:
+        Transformer(cfg, rngs=nnx.Rngs(0))(tok, cache=KVCache.zeros(cfg, 1, 2))
+    assert "full-attention" not in str(e.value) and "window longer than max_len" in str(e.value)
