@@ -428,6 +428,9 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     if missing := [a for a in ("encode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]:
         raise TypeError(f"pretokenize tokenizer {type(tokenizer).__name__} has no {missing}; pass a "
                         "data.tokenizer.BPETokenizer (BPETokenizer.load(path), not its .tok) or ByteTokenizer")
+    # batch=0 / -1 / "64" buffered a whole shard in memory before encoding it, in silence
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"pretokenize batch={batch!r} must be an int >= 1 (documents encoded per call, e.g. 64)")
     for doc in iter_docs(shards[0]):  # a wrong field named before anything is deleted or written
         _field(doc, field, shards[0])
         break

@@ -288,6 +288,10 @@ def test_pretokenize_names_a_tokenizer_it_cannot_use_before_any_work(bpe, tmp_pa
                                             r"data.tokenizer.BPETokenizer \(BPETokenizer.load\(path\)"):
             pretokenize(tier, tok, out, progress=False)
         assert sorted(p.name for p in out.iterdir()) == before  # the earlier output kept whole
+    for batch in (0, -1, "64", 2.0, True):  # these buffered a whole shard before encoding it, in silence
+        with pytest.raises(ValueError, match=rf"pretokenize batch={batch!r} must be an int >= 1"):
+            pretokenize(tier, bpe, out, batch=batch, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_pretokenize_meta_counts_what_it_wrote(bpe, tmp_path):
