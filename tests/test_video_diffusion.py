@@ -291,6 +291,17 @@ def test_samplers_take_bf16_noise_integrate_in_float32_and_return_its_dtype():
         np.testing.assert_array_equal(got, sample(pred, noise.astype(jnp.float32), cfg, 4).astype(jnp.bfloat16))
 
 
+def test_samplers_return_float_samples_from_integer_or_bool_noise():
+    """Integer noise (np.zeros((B, D), int), a probe of the map from noise to sample) was integrated in float32 and cast
+    back to the noise's dtype: the samples were truncated to integers (Euler 0.57 -> 0), silently. They are float32."""
+    pred = lambda x, t: x - 0.37  # noqa: E731
+    for cfg in (DiffusionConfig(), DiffusionConfig(kind="ddpm"), DiffusionConfig(kind="ddpm", prediction="v")):
+        for noise in (np.array([[1, 2], [3, 4]]), jnp.array([[1, 2], [3, 4]], jnp.int32), np.array([[True, False]])):
+            got = sample(pred, noise, cfg, 4)
+            assert got.dtype == jnp.float32
+            np.testing.assert_array_equal(got, sample(pred, jnp.asarray(noise, jnp.float32), cfg, 4))
+
+
 def test_ddim_sample_takes_none_steps_as_the_config_s():
     """steps=None passed ddim_sample's check, whose message offers 'None: cfg.sample_steps', then failed building the
     grid ('unsupported operand type(s) for +: NoneType and int'); it is cfg.sample_steps, as in `sample`."""

@@ -141,10 +141,13 @@ def euler_sample(pred_fn: PredFn, noise, steps: int, shift: float = 1.0):
 
 def _integrate(step, noise, steps: int):
     """`steps` sampler steps from `noise`, in float32 at least, returned in the noise's dtype: bf16 noise was a bf16
-    carry that the float32 time grid promoted, a bare scan carry-type TypeError (and bf16 steps round at each step)."""
+    carry that the float32 time grid promoted, a bare scan carry-type TypeError (and bf16 steps round at each step).
+    Integer or bool noise (a probe of the noise-to-sample map) returns the float carry: cast back, the samples were
+    truncated to integers, silently."""
     dtype = jnp.result_type(noise)  # a float64 numpy array: float32, as jax reads it with x64 off
     x = jnp.asarray(noise, jnp.promote_types(dtype, jnp.float32))
-    return jax.lax.scan(step, x, jnp.arange(steps))[0].astype(dtype)
+    out = jax.lax.scan(step, x, jnp.arange(steps))[0]
+    return out.astype(dtype) if jnp.issubdtype(dtype, jnp.floating) else out
 
 
 def _shift_ok(shift) -> bool:
