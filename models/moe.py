@@ -286,8 +286,10 @@ def _token_rows(fn: str, valid_T, **arrays):
 
 
 def _token_weights(valid_T, n: int):
-    """Per-token weights [T] float32: 1 for real tokens (all when valid_T is None), and their count (at least 1)."""
-    v_T = jnp.ones(n, jnp.float32) if valid_T is None else valid_T.reshape(n).astype(jnp.float32)
+    """Per-token weights [T] float32: 1 for real tokens (all when valid_T is None), and their count (at least 1).
+    valid_T as a mask (nonzero: real, as MoE's astype(bool)): a float 0.5 weighted the counts but not the masked sums
+    over real tokens, so P summed to 2 and a balanced router's lb_loss read 2.0"""
+    v_T = jnp.ones(n, jnp.float32) if valid_T is None else valid_T.reshape(n).astype(bool).astype(jnp.float32)
     return v_T, jnp.maximum(v_T.sum(), 1.0)
 
 

@@ -1081,6 +1081,20 @@ def test_top_k_equal_to_n_experts_is_a_valid_config_that_routes_every_expert():
     np.testing.assert_allclose(aux["load"], np.full(4, 0.25), rtol=1e-6)
 
 
+def test_aux_values_read_a_float_valid_mask_as_real_tokens():
+    """valid_T given as float weights (0.5: a real token): every sum over real tokens and their count agree, so a
+    balanced router's lb_loss is 1 and the z-loss the mean of logsumexp² (they read 2.0 and 2x, the count halved)."""
+    E = 4
+    probs, experts, logits = jnp.full((4, E), 1 / E), jnp.arange(4)[:, None], jnp.zeros((4, E))
+    for v in (jnp.full(4, 0.5), jnp.array([0.5, 2.0, 0.0, 1.0])):
+        real = np.asarray(v) != 0
+        np.testing.assert_allclose(load_balancing_loss(probs, experts, E, v),
+                                   load_balancing_loss(probs, experts, E, jnp.asarray(real)), rtol=1e-6)
+        np.testing.assert_allclose(expert_load(experts, E, v), expert_load(experts, E, jnp.asarray(real)), rtol=1e-6)
+        np.testing.assert_allclose(router_z_loss(logits, v), np.log(E) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(load_balancing_loss(probs, experts, E, jnp.full(4, 0.5)), 1.0, rtol=1e-6)
+
+
 def test_z_loss_gradient_reaches_the_router_as_its_formula():
     """aux['z_loss'] = mean_n lse(x_n W)² must train the router: its gradient is (2 / N) Σ_n lse_n · x_n ⊗ softmax_n
     (float64 numpy). Only its value was tested: a z-loss read through stop_gradient (no gradient at all, the
