@@ -4,7 +4,7 @@ Inputs are `jax.ShapeDtypeStruct`s carrying their shardings, so a 70B model comp
 fake devices; `compiled.memory_analysis()` then gives XLA's per-device bytes, reported next to the
 analytic estimate of `scaling.memory.memory_per_device`.
 
-    python -m experiments.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4
+    python -m experiments.aot --model 7b --devices 64 --mesh fsdp=-1 --mesh fsdp=16,tensor=4 --chip h100
     python -m experiments.aot --model 7b --devices 8 --mesh stage=8 --microbatches 4 --batch 8
     python -m experiments.aot --preset demo --set model.n_layers=8 --set optim.grad_accum=2 --mesh fsdp=8
 
@@ -186,7 +186,16 @@ def main(argv=None):
     ap.add_argument("--dtype", help="default bfloat16")
     ap.add_argument("--microbatches", type=at_least(1),
                     help="GPipe microbatches on a mesh with a 'stage' axis (TransformerConfig.pipeline_microbatches)")
+    ap.add_argument("--chip", help="an accelerator of scaling.hardware (h100, h200, a100, tpu-v5p, ...): say whether "
+                    "each mesh's XLA peak fits its HBM (scaling.plan's usable share) and, when not, which knob to turn")
     args = ap.parse_args(argv)
+    if args.chip is not None:  # a typo named before minutes of compiling
+        from scaling.hardware import chip
+
+        try:
+            args.chip = chip(args.chip)
+        except ValueError as e:
+            ap.error(f"argument --chip: {e}")
     # the CPU as the default backend, before it starts: models.linear traces its products for the default backend
     # and the estimate counts for it, while the step compiles for the fake CPU devices (on a GPU host it traced GPU
     # products, XLA:CPU compiled them and the accelerator's estimate sat beside: 1.33x apart, a step neither runs)
@@ -246,15 +255,45 @@ def main(argv=None):
     print(f"{name}: {size} params, {rows}, seq {args.seq}, remat {cfg.remat}, "
           f"compute {cfg.dtype}, {args.devices} device{'s' * (args.devices != 1)}"
           + (f", grad_accum {run.optim.grad_accum}" if run else ""))
-    print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |")
-    print("|---|---|---|---|---|---|")
+    fits = ""
+    if args.chip is not None:
+        from scaling.plan import HEADROOM
+
+        usable = HEADROOM * args.chip.hbm_bytes
+        fits = f" fits {args.chip.name} ({gib(usable)} GiB usable)? |"
+    print("| mesh | XLA args GiB | XLA temp GiB | XLA peak GiB | est. params+opt GiB | est. peak GiB |" + fits)
+    print("|---|---|---|---|---|---|" + "---|" * bool(fits))
+    advice = []
     for shape in meshes:
         r = run_report(run, shape, devices) if run else compile_report(cfg, shape, batch, args.seq, devices=devices)
+        verdict = ""
+        if args.chip is not None:
+            verdict = " yes |" if r.peak_bytes <= usable else " **no** |"
+            if r.peak_bytes > usable:
+                advice.append(_advice(r, usable, cfg, bool(run), gib))
         print(f"| {r.mesh} | {gib(r.argument_bytes)} | {gib(r.temp_bytes)} | {gib(r.peak_bytes)} | "
-              f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |", flush=True)
+              f"{gib(r.estimate.state)} | {gib(r.estimate.total)} |" + verdict, flush=True)
     moe = "; with sorted dropless MoE experts on one CPU device XLA keeps 12-24% more" if cfg.moe is not None else ""
     print("est.: scaling.memory's model, the largest of the backward pass, the optimizer update (gradients + their "
           "clipped float32 copy) and, on XLA:CPU, the forward pass at the token lookup (docs/scaling.md)" + moe)
+    if args.chip is not None:
+        print(f"fits: XLA:CPU's compiled peak against {HEADROOM:.0%} of the chip's HBM (a GPU / TPU compile differs by "
+              "its kernels and fusions: leave a margin)" + "".join(f"\n{a}" for a in advice))
+
+
+def _advice(r: AotReport, usable: float, cfg, preset: bool, gib) -> str:
+    """What to turn when a mesh's step does not fit `usable` bytes: the sharded state first, then the activations."""
+    over = f"{r.mesh} does not fit: XLA peak {gib(r.peak_bytes)} GiB > {gib(usable)} GiB usable"
+    if r.estimate.state > usable:  # no activation knob can help: the parameters and moments alone are too big
+        return (f"{over}; its parameters + optimizer state alone take {gib(r.estimate.state)} GiB a device: shard "
+                "them over more devices (a larger fsdp axis, tensor or stage) or use more chips")
+    knobs = [] if cfg.remat == "full" else [f"remat full (now {cfg.remat}: "
+                                            + ("--set model.remat=full)" if preset else "--remat full)")]
+    knobs.append("fewer sequences a device (" + ("train.batch, or optim.grad_accum to split them into microbatches)"
+                                                  if preset else "--batch, or a larger mesh)"))
+    knobs.append("a larger fsdp axis (its state: " + f"{gib(r.estimate.state)} GiB a device)")
+    return f"{over}; the activations and working set take {gib(r.peak_bytes - r.argument_bytes)} GiB: " + \
+        ", ".join(knobs)
 
 
 if __name__ == "__main__":

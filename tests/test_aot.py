@@ -102,6 +102,40 @@ def test_cli_output_and_errors(monkeypatch, capsys, closed_stdout):
     assert rc == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
+def test_cli_chip_says_whether_each_mesh_fits_and_which_knob_to_turn(monkeypatch, capsys):
+    """`--chip h100` judges each mesh's XLA peak against 90% of the chip's HBM (scaling.plan's share): the tool printed
+    numbers only, and a reader compared them with a datasheet by hand. A mesh whose sharded state alone is too big is
+    told to shard over more devices; one whose activations are, to turn remat / the batch; a typo is named first."""
+    import jax
+
+    from experiments import aot
+
+    gib = 2**30
+    peaks = {"fsdp": (70 * gib, 80 * gib), "tensor": (10 * gib, 70 * gib), "data": (1 * gib, 2 * gib)}
+
+    def report(cfg, mesh, batch, seq_len, devices=None):  # (state, peak) bytes per device, by the mesh's axis
+        state, peak = peaks[next(iter(mesh))]
+        return aot.AotReport(dict(mesh), state, peak - state, 0, 0, type("E", (), {"state": state, "total": peak})())
+
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test's backend already runs, on 8 devices
+    monkeypatch.setattr(aot, "compile_report", report)
+    aot.main(["--devices", "8", "--seq", "64", "--remat", "none", "--chip", "h100",
+              *(x for m in ("fsdp=8", "tensor=8", "data=8") for x in ("--mesh", m))])
+    out = capsys.readouterr().out
+    assert "fits NVIDIA H100 SXM (67.1 GiB usable)? |" in out  # 0.9 x 80 GB
+    rows = {line.split(" |")[0]: line for line in out.splitlines() if line.startswith("| {")}
+    assert [rows[f"| {{'{a}': 8}}"].endswith(v) for a, v in
+            (("fsdp", "| **no** |"), ("tensor", "| **no** |"), ("data", "| yes |"))] == [True] * 3
+    assert "{'fsdp': 8} does not fit: XLA peak 80.0 GiB > 67.1 GiB usable; its parameters + optimizer state alone " \
+           "take 70.0 GiB a device: shard them over more devices" in out
+    assert "{'tensor': 8} does not fit: XLA peak 70.0 GiB > 67.1 GiB usable; the activations and working set take " \
+           "60.0 GiB: remat full (now none: --remat full), fewer sequences a device (--batch" in out
+    assert "{'data': 8} does not fit" not in out
+    with pytest.raises(SystemExit):
+        aot.main(["--devices", "8", "--chip", "h1000"])
+    assert "argument --chip: unknown hardware kind 'h1000'; known: a100, h100, h200" in capsys.readouterr().err
+
+
 def test_cli_header_states_the_batch_and_divisibility_errors_name_the_fix(monkeypatch, capsys):
     """The XLA bytes depend on the batch, which defaults to one sequence per device: the header states it (and the
     microbatches it splits into), where it said nothing of it. A --batch / --seq / tensor axis that does not divide
