@@ -144,9 +144,15 @@ def abstract_sharded(model_fn: Callable[[], nnx.Module], mesh, rules=None):
 
 def shard_state(state, mesh, rules=None):
     """Move an existing (e.g. single-device) state onto `mesh` according to the rules. A Transformer state with MoE
-    layers on a mesh whose 'stage' axis splits the layer stack raises, as create_sharded does."""
+    layers on a mesh whose 'stage' axis splits the layer stack raises, as create_sharded does.
+
+    The placed state owns its buffers: device_put (may_alias=False too, jax 0.10.2) aliased a replicated leaf's shard
+    on the source device to the source array, so a donating step (make_train_step) over the placed state deleted the
+    source model's norm scales ('Array has been deleted'). Each jax.Array leaf is copied first, one at a time."""
     _check_moe_pipeline_state(state, mesh, rules)
-    return jax.device_put(state, logical_shardings(state, mesh, rules))
+    shardings = logical_shardings(state, mesh, rules)
+    own = lambda v: jax.tree.map(lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x, v)  # noqa: E731
+    return jax.tree.map(lambda s, v: jax.device_put(own(v), s), shardings, state)  # a leaf at a time: one copy alive
 
 
 def batch_sharding(mesh, ndim: int = 2, rules=None, shape=None) -> NamedSharding:

@@ -834,6 +834,29 @@ def test_shard_state_of_plain_arrays_names_the_leaf_and_the_fix():
     assert placed["embed"][...].sharding.spec == jax.P(None, "fsdp")  # [V, D]: ('vocab', 'embed')
 
 
+def test_shard_state_leaves_the_plain_model_alive_after_a_donating_step():
+    """shard_state's device_put aliased the replicated leaves' device-0 shard to the plain model's arrays, so the first
+    donating step (make_train_step donates the state) deleted the norm scales of the model it was placed from: that
+    model then failed in 'Array has been deleted' (the reference a researcher compares the sharded run against)."""
+    import optax
+    from flax import nnx
+
+    from experiments.lm_step import make_train_step
+    from models import Transformer
+    from parallel import init_optimizer, shard_batch, shard_state
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    placed = shard_state(params, mesh)
+    opt = optax.adamw(1e-3)
+    batch = shard_batch({"inputs": np.zeros((8, 16), np.int32), "targets": np.zeros((8, 16), np.int32)}, mesh)
+    with jax.set_mesh(mesh):
+        make_train_step(graphdef, opt)(placed, init_optimizer(opt, placed), batch)
+    assert not [jax.tree_util.keystr(k) for k, x in jax.tree_util.tree_leaves_with_path(params) if x.is_deleted()]
+    assert model(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 64)
+
+
 def test_a_sharded_model_run_without_jax_set_mesh_warns_with_the_fix():
     """Forgetting `with jax.set_mesh(mesh):` around a step over create_sharded's state gave the right values with
     every activation constraint silently skipped (`constrain` is a no-op outside a mesh): in a forward + backward
