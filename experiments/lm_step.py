@@ -252,7 +252,8 @@ def _update(who: str, optimizer, grads, opt_state, params):
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     """Jitted `step(params, opt_state, batch) -> (params, opt_state, {loss, grad_norm})`; donates the state.
-    The plain step of benchmarks and tests (cross-entropy only); the trainer uses `make_state_step`.
+    The plain step of benchmarks and tests (cross-entropy only: an MoE model trained with it gets no load-balancing
+    or z-loss and no router-bias update; `make_state_step(..., moe_cfg=cfg.moe)`, the trainer's step, adds them).
     Like it, it differentiates the weighted NLL sum and divides the gradients by the weight total afterwards: the
     mean's logit cotangents (~1 / (V·tokens)) fell into float16 subnormals under float16 compute (gradients 20% off
     at 2048 tokens, 0.2% as a sum)."""
