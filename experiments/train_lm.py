@@ -47,9 +47,11 @@ from experiments.run_log import (
 CPU_DEVICES = 8  # fake CPU devices for the demo's FSDP mesh
 
 
-def _setup_platform():
+def _setup_platform() -> str:
     """8 fake CPU devices, only when JAX will run on the CPU and nothing else was asked for: no accelerator
-    plugin, JAX_PLATFORMS unset or 'cpu', no forced device count, backend not yet initialised."""
+    plugin, JAX_PLATFORMS unset or 'cpu', no forced device count, backend not yet initialised. Returns a hint for a
+    mesh refusal ('' if none): in a notebook or sweep that touched JAX before main() (an array, load_model) the
+    backend already had its one CPU device, and the demo preset's mesh was refused naming no way out."""
     import jax
     from jax._src import xla_bridge
 
@@ -57,9 +59,15 @@ def _setup_platform():
     accel = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
                                                         "jax_rocm60_plugin", "jax_rocm7_plugin"))
     if (wanted in ("", "cpu") and not (accel and not wanted) and jax.config.jax_num_cpu_devices == -1
-            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
-            and not xla_bridge.backends_are_initialized()):
-        jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+            and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")):
+        if not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_num_cpu_devices", CPU_DEVICES)
+        elif jax.default_backend() == "cpu" and jax.device_count() == 1:
+            return (f" (JAX was already in use in this process with one CPU device, so the {CPU_DEVICES} fake CPU "
+                    f"devices the command line gets were not set up: in a notebook or script, run "
+                    f"jax.config.update('jax_num_cpu_devices', {CPU_DEVICES}) before anything touches JAX, or pass "
+                    f"e.g. --mesh fsdp=-1)")
+    return ""
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def _main(argv, stop) -> dict:
         if not e.code:
             raise
         cfg, refused = None, e.code
-    _setup_platform()
+    late_cpu = _setup_platform()
     import jax
 
     from parallel import AXES, make_mesh
@@ -235,7 +243,7 @@ def _main(argv, stop) -> dict:
                            hint=f"across {n} processes the outermost axis must split the batch (--mesh axes nest as "
                                 f"{', '.join(AXES)}, outermost first), e.g. --mesh data={n},...")
     except (ConfigError, ValueError) as e:
-        refused = f"config error: {e}"
+        refused = f"config error: {e}" + (late_cpu if str(e).startswith("mesh") else "")
     # validate() reads each host's own disk (data.cache_dir, train.out, data.train_dir, train.init_from): one process
     # refusing its path left the others in their first collective, and itself in jax's shutdown, for good
     if (several and any_process(refused is not None)) or refused is not None:

@@ -1797,3 +1797,19 @@ def test_a_step_without_a_schedule_runs_under_jax_debug_nans():
     with jax.debug_nans(True):
         _, m = make_state_step(graphdef, opt)(state, {"inputs": tok[:, :-1], "targets": tok[:, 1:]})
     assert bool(m["finite"]) and "lr" not in m
+
+
+def test_a_mesh_refused_after_jax_was_in_use_names_jax_num_cpu_devices(tmp_path):
+    """A notebook or sweep that touched JAX before train_lm.main (an array, load_model) had the backend's one CPU
+    device: main could no longer set up its 8 fake devices, and the default demo mesh was refused as "needs 8 devices
+    but 1 are available", naming no way out. The refusal now names jax_num_cpu_devices (and a -1 mesh)."""
+    root = pathlib.Path(train_lm.__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env.update(PYTHONPATH=str(root), JAX_PLATFORMS="cpu")
+    code = ("import jax, jax.numpy as jnp\njnp.zeros(1)\nfrom experiments import train_lm\n"
+            f"train_lm.main(['--preset', 'demo', '--out', {str(tmp_path / 'run')!r}])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "needs 8 devices but 1 are available" in last, r.stderr
+    assert "jax.config.update('jax_num_cpu_devices', 8)" in last and "--mesh fsdp=-1" in last, last
