@@ -589,6 +589,19 @@ def memory_per_device(cfg, mesh: Mapping[str, int], micro_batch: int, seq_len: i
             # working set (uncounted: XLA:CPU 1.34x this estimate at V 32768, D 256, 32 tokens a device on {fsdp: 8};
             # counted whole, XLA:CPU 0.62x at V 16384, D 64, whose logits buffers outweigh it; on 'cpu', `forward`)
             transient += max(0.0, cb * V * D / lookup_split - working)
+    mo = s.moe
+    if (remat == "none" and mo is not None and mo.dispatch == "dropless" and mo.dropless_impl != "blocks"
+            and not experts_gathered(mo, mesh, rules)
+            and executed_slots(mo, seq_len, _axis_product("expert", mesh, mo.n_experts, rules)) == mo.top_k):
+        # without remat the layer scan saves a copy of each MoE layer's experts (FSDP-gathered, if split over fsdp) as
+        # residuals of the sorted grouped kernel, whatever the tokens (XLA's buffer assignment, 'gmm', demo preset,
+        # {fsdp: 8} and {data: 8}: each layer's [E, D, F] written into [layers, E, D, F] stacks, live through the
+        # backward, which gathers them no more; capacity buffers' einsums, the dense MLP and attention keep no copy).
+        # Uncounted, XLA was 1.17x (fsdp) / 1.24x (data) this estimate at grad_accum 2, where the halved activations
+        # no longer hid them; save_dots* / full keep none ('blocks' counts its copies below; an explicit sorted
+        # impl on an expert mesh, `experts_gathered`, is not measured)
+        acts += cb * s.n_moe_layers / stage * sum(p.size / p.shape[0] / gathered_split(p, mesh, rules)
+                                                  for p in table if p.axes[:2] == ("layers", "expert"))
     if s.moe is not None and experts_gathered(s.moe, mesh, rules):
         # an explicit sorted / dense dropless_impl with experts split over `expert`: models.moe_dispatch's
         # dropless_dispatch all-gathers each MoE layer's whole experts (still split over tensor) in compute dtype, and
