@@ -1,9 +1,11 @@
 """Input shards: JSON Lines, Parquet, and plain text files (JSONL and text optionally .gz / .bz2 / .xz), read
 with bounded memory.
 
-`discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard`
-text files each). `read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every
-record it meets, so every malformed line, oversized document or unreadable file is counted, never skipped.
+`discover(paths)` groups inputs into shards (one JSONL/Parquet file each, up to `text_files_per_shard` text files
+each; a text shard takes its place when it fills or at the end, so with text files among the inputs shard order is
+not the order listed, and dedup, which keeps a document's first copy in shard order, may keep another copy).
+`read_records(files)` yields `(doc, None, nbytes)` or `(None, reason, nbytes)` for every record it meets, so every
+malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). Text is UTF-8; a plain text file
 may also be UTF-16 / UTF-32 with a byte-order mark (Windows "Unicode" text). `discover` refuses, before any
 work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 / 32 or

@@ -91,10 +91,18 @@ class StageStats:
             raise ValueError(f"cannot merge stats of stage {other.name!r} into {self.name!r}")
         return StageStats(self.name, self.docs_in + other.docs_in, self.docs_out + other.docs_out,
                           self.bytes_in + other.bytes_in, self.bytes_out + other.bytes_out,
-                          self.dropped + other.dropped, self.dropped_bytes + other.dropped_bytes,
-                          self.counters + other.counters,
+                          _summed(self.dropped, other.dropped), _summed(self.dropped_bytes, other.dropped_bytes),
+                          _summed(self.counters, other.counters),
                           {r: (self.examples.get(r, []) + other.examples.get(r, []))[:EXAMPLES]
                            for r in self.examples.keys() | other.examples.keys()})
+
+
+def _summed(a: collections.Counter, b: collections.Counter) -> collections.Counter:
+    """`a + b` keeping keys at 0: Counter's + drops them, so a counter every shard had at 0 (boilerplate_lines_removed)
+    or a drop of no bytes (a null text's `empty`) was in a one-shard run's stats.json and not in a split corpus's."""
+    out = collections.Counter(a)
+    out.update(b)
+    return out
 
 
 def run_stages(doc: dict, stages, stats: list[StageStats]) -> dict | None:

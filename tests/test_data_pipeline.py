@@ -519,6 +519,29 @@ def test_stage_stats_merge_field_by_field():
     assert c.log[-1] == (None, "binary") and c.to_json()["examples"] == {"short": ["c:0", "c:1", "c:2"]}
 
 
+def test_stats_json_is_the_same_whether_a_corpus_is_one_file_or_split_into_several(tmp_path):
+    """stats.json sums its shards key by key, zeros too: a counter every shard had at 0 (boilerplate_lines_removed)
+    and a drop of no bytes (a Parquet null text's `empty`) were in one shard's stats.json but left out of a split
+    corpus's (Counter's + drops keys summing to 0), so the same records cleaned from two files had other stats."""
+    rng = np.random.default_rng(0)
+    rows = [("d0", en_text(rng, 120)), ("d1", en_text(rng, 120)), ("null0", None),
+            ("d2", en_text(rng, 120)), ("d3", en_text(rng, 120)), ("null1", None)]
+    stats = {}
+    for n_files in (1, 2):
+        root = tmp_path / f"in{n_files}"
+        root.mkdir()
+        for k in range(n_files):
+            part = rows[k * 6 // n_files:(k + 1) * 6 // n_files]
+            pq.write_table(pa.table({"id": [r[0] for r in part], "text": [r[1] for r in part]}),
+                           root / f"part-{k}.parquet")
+        out = run([str(root)], tmp_path / f"out{n_files}", PipelineConfig(workers=1), progress=False)
+        stats[n_files] = {t: [{k: v for k, v in st.items() if k != "examples"} for st in s["stages"]]
+                          for t, s in out.items()}
+    assert stats[2]["filtered"][1]["counters"] == {"boilerplate_lines_removed": 0}
+    assert stats[2]["raw"][0]["dropped_bytes"] == {"empty": 0}
+    assert stats[1] == stats[2]
+
+
 def test_report_prints_funnel_and_language_mix(cleaned, capsys):
     out, _ = cleaned
     with pytest.raises(SystemExit) as exit_:
