@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import numbers
 import operator
 import os
 import warnings
@@ -137,7 +138,7 @@ class BPETokenizer:
         if _probe:  # (train_bpe refuses such tokens itself; an unpickled copy was probed where it was made)
             _warn_spelled_specials(tok, [t for t in (name, bos_token) if t is not None])
             if bos_token is None:
-                _warn_dropped_bos(tok)
+                _warn_dropped_bos(tok, self.eos_id)
         # another EOS / BOS choice packs other streams (the defaults keep the fingerprints made before the choices)
         extra = ("" if name in (EOS, None) else f"\0eos={name}") + ("" if bos_token is None else f"\0bos={bos_token}")
         self.fingerprint = hashlib.sha256((tok.to_str() + extra).encode()).hexdigest()[:16]
@@ -230,15 +231,16 @@ def _warn_spelled_specials(tok: Tokenizer, names: list[str]) -> None:
             return
 
 
-def _warn_dropped_bos(tok: Tokenizer) -> None:
+def _warn_dropped_bos(tok: Tokenizer, eos_id: int | None) -> None:
     """Warn when the tokenizer's post-processor starts every sequence with a special token (Llama's '<s>', Gemma's
     '<bos>', BERT's '[CLS]') and no bos_token was named: `encode` leaves post-processors out (the loader adds EOS /
-    BOS itself), so such a checkpoint was fine-tuned on documents without the token it always saw first, silently."""
+    BOS itself), so such a checkpoint was fine-tuned on documents without the token it always saw first, silently.
+    Not when that token is the EOS (OPT's '</s>'): without a BOS the loader already starts documents with it."""
     if tok.post_processor is None:
         return
     special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     with_ids, without = (tok.encode("a", add_special_tokens=s).ids for s in (True, False))
-    if with_ids and with_ids[0] in special and with_ids[:1] != without[:1]:
+    if with_ids and with_ids[0] in special - {eos_id} and with_ids[:1] != without[:1]:
         first = tok.id_to_token(with_ids[0])
         warnings.warn(f"BPETokenizer: this tokenizer's post-processor starts every sequence with {first!r}, which the "
                       f"loader does not add unless told: pass bos_token={first!r} (train_lm: --set "
@@ -428,8 +430,8 @@ def pretokenize(tier_dir: str | os.PathLike, tokenizer, out_dir: str | os.PathLi
     if missing := [a for a in ("encode", "vocab_size", "eos_id") if not hasattr(tokenizer, a)]:
         raise TypeError(f"pretokenize tokenizer {type(tokenizer).__name__} has no {missing}; pass a "
                         "data.tokenizer.BPETokenizer (BPETokenizer.load(path), not its .tok) or ByteTokenizer")
-    # batch=0 / -1 / "64" buffered a whole shard in memory before encoding it, in silence
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    # batch=0 / -1 / "64" buffered a whole shard in memory before encoding it, in silence (a NumPy int is one)
+    if isinstance(batch, bool | np.bool_) or not isinstance(batch, numbers.Integral) or batch < 1:
         raise ValueError(f"pretokenize batch={batch!r} must be an int >= 1 (documents encoded per call, e.g. 64)")
     for doc in iter_docs(shards[0]):  # a wrong field named before anything is deleted or written
         _field(doc, field, shards[0])

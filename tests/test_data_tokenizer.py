@@ -292,6 +292,8 @@ def test_pretokenize_names_a_tokenizer_it_cannot_use_before_any_work(bpe, tmp_pa
         with pytest.raises(ValueError, match=rf"pretokenize batch={batch!r} must be an int >= 1"):
             pretokenize(tier, bpe, out, batch=batch, progress=False)
         assert sorted(p.name for p in out.iterdir()) == before
+    # a NumPy int is an int (data's other counts take numbers.Integral): it was refused as not one
+    assert pretokenize(tier, bpe, out, batch=np.int64(2), progress=False) == str(out)
 
 
 def test_pretokenize_meta_counts_what_it_wrote(bpe, tmp_path):
@@ -604,3 +606,18 @@ def test_a_post_processor_bos_left_out_is_warned_about(tmp_path):
         tok.tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
         tok.save(tmp_path / "eos_only.json")
         BPETokenizer.load(tmp_path / "eos_only.json", eos_token="</s>")
+
+
+def test_a_post_processor_starting_with_the_eos_is_not_warned_about(tmp_path):
+    """OPT's tokenizer.json starts every sequence with '</s>', its EOS (bos == eos): the loader's [eos] text [eos]
+    already starts each document with it, yet loading warned to pass bos_token='</s>' (which packs the same stream)."""
+    texts = ["first document here", "second document there"] * 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (train_bpe: fewer merges than vocab_size asked)
+        tok = train_bpe(texts, vocab_size=300, special_tokens=("<pad>", "</s>"), eos_token="</s>",
+                        show_progress=False)
+    tok.tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", tok.eos_id)])
+    tok.save(tmp_path / "tok.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert BPETokenizer.load(tmp_path / "tok.json", eos_token="</s>").encode("first").tolist()[0] != tok.eos_id
