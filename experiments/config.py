@@ -135,8 +135,8 @@ class TrainSpec:
     eval_target: eval loss whose first crossing is logged with its wall time (None: no target). sample_tokens:
     tokens generated after the run, at most what fits in model.max_seq_len after the prompt (the trained context).
     sample_prompt: the text that sample continues (None: 'def __init__(self' on the built-in corpus; with your own
-    tiers, data.train_dir, the first words of the first held-out document); one longer than model.max_seq_len keeps
-    its last tokens.
+    tiers, data.train_dir, the first words of the first held-out document; '': the document-start token alone, a
+    sample of a fresh document); one longer than model.max_seq_len keeps its last tokens.
 
     Test hooks (never set in real runs): poison_steps: steps whose batch weights are NaN; kill_at: SIGKILL
     this process after that step; kill_in_save: the kill comes right after an async save was issued."""
@@ -681,10 +681,6 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     need(t.sample_tokens >= 0, "train.sample_tokens", f"must be >= 0 (0: no sample), got {t.sample_tokens}")
     need(t.kill_at >= 0, "train.kill_at", f"must be >= 0 (a test hook; 0: off), got {t.kill_at}")
     need(bool(str(t.out).strip()), "train.out", "is empty: name the run's output directory, e.g. runs/demo")
-    # an empty prompt is no tokens without a BOS: generate refused it after the whole run (no loss.png, no sample)
-    need(t.sample_prompt != "" or t.sample_tokens == 0 or d.bos_token is not None, "train.sample_prompt",
-         "is empty: the sample continues at least one token; give some text, none for the default, or "
-         "train.sample_tokens=0 for no sample")
     # a count first: 0 and -2 were told they "must divide train.batch=8" (-2 does)
     need(o.grad_accum >= 1, "optim.grad_accum", f"must be >= 1 (microbatches per step; 1: none), got {o.grad_accum}")
     need(t.batch % o.grad_accum == 0, "optim.grad_accum", f"{o.grad_accum} must divide train.batch={t.batch}")
@@ -774,6 +770,12 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
             raise ConfigError(f"data.eos_token: {e} (--set data.eos_token=...)") from None
         raise ConfigError(f"data.tokenizer: {d.tokenizer!r} is not a tokenizers JSON file ({e}); save one with "
                           "data.tokenizer.train_bpe(texts, vocab).save(path)") from None
+    # an empty prompt is the document-start token alone (the BOS, else the EOS: train_lm.sample_ids), a sample of a
+    # fresh document; a tokenizer with neither gives no tokens, which generate refused after the whole run
+    need(t.sample_prompt != "" or t.sample_tokens == 0 or tokenizer.eos_id is not None
+         or getattr(tokenizer, "bos_id", None) is not None, "train.sample_prompt",
+         "is empty and the tokenizer has no BOS / EOS to start the sample with; give some text, none for the default, "
+         "or train.sample_tokens=0 for no sample")
     if d.train_dir is not None:
         need(os.path.realpath(d.train_dir) != os.path.realpath(d.eval_dir), "data.eval_dir",
              f"{d.eval_dir!r} is data.train_dir: evaluation would score training documents; pass a held-out tier")

@@ -133,8 +133,6 @@ BAD = [  # (argv, n_devices, expected start of the error line after "config erro
     (["--preset", "tiny", "--set", "train.eval_target=-1"], 8,
      "train.eval_target: an eval loss (cross-entropy, > 0) to reach, or none; got -1.0 (never reached)"),
     (["--preset", "tiny", "--set", "train.out="], 8, "train.out: is empty"),
-    # an empty sample prompt (bytes: no BOS) failed in generate after the whole run, before loss.png was drawn
-    (["--preset", "tiny", "--set", "train.sample_prompt="], 8, "train.sample_prompt: is empty"),
     (["--preset", "tiny", "--set", f"train.out={os.devnull}"], 8, f"train.out: {os.devnull!r} is a file"),
     # below a file: a NotADirectoryError traceback from mkdir before
     (["--preset", "tiny", "--set", f"train.out={os.devnull}/run"], 8,
@@ -1157,6 +1155,27 @@ def test_a_tokenizer_folder_names_its_tokenizer_json(tmp_path):
         validate(load(["--preset", "tiny", "--set", f"data.tokenizer={tmp_path}"]), 8)
     with pytest.raises(ConfigError, match=r"^data.tokenizer: .* is not a file; save one with"):
         validate(load(["--preset", "tiny", "--set", f"data.tokenizer={tmp_path / 'nope.json'}"]), 8)
+
+
+def test_an_empty_sample_prompt_starts_a_fresh_document_when_the_tokenizer_can(tmp_path):
+    """train.sample_prompt='' is the document-start token alone (bytes + EOS: the EOS, as train_lm.sample_ids starts
+    every prompt): it was refused unless data.bos_token was set. A tokenizer with neither BOS nor EOS gives no token
+    to start from (generate refused it after the whole run): refused before the run, naming the way out."""
+    from data.tokenizer import ByteTokenizer, train_bpe
+
+    run = load(["--preset", "tiny", "--set", "train.sample_prompt="])
+    validate(run, 8)
+    ids, n, _ = train_lm.sample_ids(ByteTokenizer(add_eos=True), run.train.sample_prompt, 4, run.model.max_seq_len)
+    assert ids.tolist() == [256] and n == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (fewer merges than asked)
+        train_bpe(["one two three four"] * 20, vocab_size=300, special_tokens=(),
+                  show_progress=False).save(tmp_path / "tok.json")
+    with pytest.raises(ConfigError, match="^train.sample_prompt: is empty and the tokenizer has no BOS / EOS"):
+        validate(load(["--preset", "tiny", "--set", "train.sample_prompt=", "--set",
+                       f"data.tokenizer={tmp_path / 'tok.json'}", "--set", "model.vocab_size=320"]), 8)
+    validate(load(["--preset", "tiny", "--set", "train.sample_prompt=", "--set", "train.sample_tokens=0", "--set",
+                   f"data.tokenizer={tmp_path / 'tok.json'}", "--set", "model.vocab_size=320"]), 8)
 
 
 def test_a_fresh_start_sets_earlier_logs_aside(tmp_path, monkeypatch):
