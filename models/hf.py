@@ -237,7 +237,13 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
         raise FileNotFoundError(f"{folder / 'config.json'} not found; expected a HF checkpoint folder")
     hf = _json_object(folder / "config.json")
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype or dtype, **config_overrides)
-    where = _open_weights(folder)
+    where, in_file = _open_weights(folder), {}  # in_file: HF name -> the name in the file, where they differ
+    bare = any(n.startswith(("embed_tokens.", "layers.")) for n in where)
+    if bare and not any(n.startswith("model.") for n in where):
+        # a bare-model export (LlamaModel's save_pretrained, some converters) names its tensors without "model.":
+        # transformers adds the prefix loading it into a ...ForCausalLM (refused here as tensors with no place)
+        in_file = {n if n == "lm_head.weight" else "model." + n: n for n in where}
+        where = {hf_name: where[n] for hf_name, n in in_file.items()}
     layout = _hf_layout(cfg)
     aliases = _fused_moe_aliases(where, cfg)
     if cfg.tie_embeddings and "lm_head.weight" in where:
@@ -245,7 +251,8 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             aliases["model.embed_tokens.weight"] = ("lm_head.weight", lambda a: a)
         else:
             with _opened(where["lm_head.weight"]) as a, _opened(where["model.embed_tokens.weight"]) as b:
-                if not np.array_equal(a.get_tensor("lm_head.weight"), b.get_tensor("model.embed_tokens.weight")):
+                embed = b.get_tensor(in_file.get("model.embed_tokens.weight", "model.embed_tokens.weight"))
+                if not np.array_equal(a.get_tensor("lm_head.weight"), embed):
                     if "tie_embeddings" in config_overrides:  # not config.json's doing
                         raise ValueError(f"{folder}: from_pretrained(tie_embeddings=True) ties lm_head to the "
                                          "embedding, but lm_head.weight differs from model.embed_tokens.weight; "
@@ -285,7 +292,7 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
 
         def read(name):
             try:
-                return handles[where[name]].get_tensor(name)
+                return handles[where[name]].get_tensor(in_file.get(name, name))
             except SafetensorError as e:
                 raise ValueError(f"{where[name]}: cannot read tensor {name!r} ({e}); download this file again, or "
                                  "fix model.safetensors.index.json if it names the wrong file") from None

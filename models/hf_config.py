@@ -164,13 +164,16 @@ def _gemma3_rope(hf: dict) -> tuple[float, RopeScaling | None, float | None]:
 def _architecture(hf: dict) -> str:
     archs = hf.get("architectures") or []
     for a in archs:
-        if a in ARCHITECTURES:
+        # a bare-model export (LlamaModel: no head, no "model." prefix) is the CausalLM's body, which transformers'
+        # AutoModelForCausalLM builds from model_type and loads it into (the head tied, or missing and named)
+        causal = a.removesuffix("Model") + "ForCausalLM" if a.endswith("Model") else a
+        if causal in ARCHITECTURES:
             # transformers' Auto classes build the model of `model_type`: another one would load other maths
             mt = hf.get("model_type")
-            if mt is not None and mt != ARCHITECTURES[a]:
-                raise _unsupported("model_type", mt, f"architectures says {a} ({ARCHITECTURES[a]!r}), and "
+            if mt is not None and mt != ARCHITECTURES[causal]:
+                raise _unsupported("model_type", mt, f"architectures says {a} ({ARCHITECTURES[causal]!r}), and "
                                    "transformers would build a model_type one; make the two agree")
-            return ARCHITECTURES[a]
+            return ARCHITECTURES[causal]
     if not archs and hf.get("model_type") in ARCHITECTURES.values():
         return hf["model_type"]
     raise _unsupported("architectures", archs or hf.get("model_type"),

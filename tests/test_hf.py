@@ -1483,6 +1483,28 @@ def test_an_old_exports_rotary_inv_freq_buffers_load(hf_ckpt, tmp_path):
     assert np.abs(our_logits(from_pretrained(tmp_path)) - hf_logits(hf_model)).max() < 1e-4
 
 
+def test_a_bare_model_export_without_the_model_prefix_loads_as_transformers_loads_it(hf_ckpt, tmp_path):
+    """LlamaModel's save_pretrained (and some converters) name the tensors without "model." (embed_tokens.weight,
+    layers.0...); transformers adds the prefix loading them into a LlamaForCausalLM, where they were refused here as
+    tensors our Transformer has no place for."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    bare = randomize_(transformers.LlamaModel(transformers.LlamaConfig(**TINY, tie_word_embeddings=True)), seed=3)
+    bare.save_pretrained(tmp_path / "tied", safe_serialization=True)
+    assert "embed_tokens.weight" in load_file(tmp_path / "tied" / "model.safetensors")
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "tied", dtype=torch.float32).eval()
+    assert np.abs(our_logits(from_pretrained(tmp_path / "tied")) - hf_logits(hf_model)).max() < 1e-4
+    # untied: the head keeps its name, the body lost the prefix
+    folder, hf_model = hf_ckpt("llama_gqa")
+    (tmp_path / "untied").mkdir()
+    save_file({k.removeprefix("model."): v for k, v in load_file(folder / "model.safetensors").items()},
+              tmp_path / "untied" / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "untied" / "config.json")
+    assert np.abs(our_logits(from_pretrained(tmp_path / "untied")) - hf_logits(hf_model)).max() < 1e-4
+
+
 @pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
 def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
     """mesh=: every parameter goes straight to its sharding under the rules (as parallel.create_sharded places a
