@@ -321,8 +321,9 @@ def config_from_hf(hf: dict, **overrides) -> TransformerConfig:
             kw.update(pre_norms=False, post_norms=True, qk_norm_scope="all_heads")
         if arch in ("gemma2", "gemma3_text"):  # (1 + w) norms, four per layer, sqrt(D) embedding scale, soft-caps
             kw.update(norm_offset=1.0, post_norms=True, embed_scale=True,
-                      query_pre_attn_scalar=float(head_dim) if hf["query_pre_attn_scalar"] is None
-                      else _number("query_pre_attn_scalar", hf["query_pre_attn_scalar"]),
+                      # null is refused, as transformers refuses it (None ** -0.5): read as head_dim, a Gemma 2
+                      # 27B (head_dim 128, its scalar 144 = hidden_size / heads) scaled every score wrong, silently
+                      query_pre_attn_scalar=_number("query_pre_attn_scalar", hf["query_pre_attn_scalar"]),
                       # Gemma 3's attention never reads its attn_logit_softcapping (q / k norms replace the cap)
                       attn_logit_softcap=None if gemma3 else hf["attn_logit_softcapping"],
                       final_logit_softcap=hf["final_logit_softcapping"])

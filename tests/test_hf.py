@@ -1058,10 +1058,11 @@ def test_mlp_bias_is_read_only_where_transformers_reads_it(cls):
 def test_non_numeric_scalar_fields_are_named(cls, patch, says):
     with pytest.raises(ValueError, match=f"^HF config field {says}; fix config.json$"):
         config_from_hf(_hf_dict(cls) | patch)
-    # null query_pre_attn_scalar is head_dim's default, as before
+    # a null query_pre_attn_scalar is refused too, as transformers refuses it (None ** -0.5): it was read as head_dim,
+    # which a Gemma 2 27B (head_dim 128, scalar 144) is not
     if cls == "Gemma2Config":
-        assert config_from_hf(_hf_dict(cls) | dict(query_pre_attn_scalar=None)).query_pre_attn_scalar == \
-            config_from_hf(_hf_dict(cls)).hd
+        with pytest.raises(ValueError, match=r"^HF config field query_pre_attn_scalar=None must be a number"):
+            config_from_hf(_hf_dict(cls) | dict(query_pre_attn_scalar=None))
 
 
 def test_misspelt_overrides_and_integer_weights_are_refused(hf_ckpt, tmp_path):
