@@ -733,7 +733,8 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     # the field that holds it is named: a param_dtype float16 was blamed on model.dtype (float32 by default)
     need("float16" not in (m.dtype, m.param_dtype), "model.dtype" if m.dtype == "float16" else "model.param_dtype",
          "float16 training needs loss scaling, which this trainer does not do (float16's 5 exponent bits: small "
-         "gradients fall into its subnormals, large activations overflow); use bfloat16")
+         "gradients fall into its subnormals, large activations overflow); use bfloat16, or float32 on GPUs without "
+         "it (V100, T4)")
     need(m.param_dtype != "bfloat16", "model.param_dtype",
          "bfloat16 parameters lose every AdamW update smaller than half their rounding step (at lr 1e-4, 99% of "
          "|p| ~ 1 entries never move; norm scales stay frozen), and this trainer keeps no float32 master copy; use "

@@ -256,7 +256,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation):
     or z-loss and no router-bias update; `make_state_step(..., moe_cfg=cfg.moe)`, the trainer's step, adds them).
     Like it, it differentiates the weighted NLL sum and divides the gradients by the weight total afterwards: the
     mean's logit cotangents (~1 / (V·tokens)) fell into float16 subnormals under float16 compute (gradients 20% off
-    at 2048 tokens, 0.2% as a sum)."""
+    at 2048 tokens, 0.2% as a sum). The sum is a fixed loss scale of the batch's token count, with no overflow
+    handling: under float16 compute a weight gradient's float16 sum past 65504 is inf (an LM head's at 32768 tokens
+    of one repeated id), so large float16 batches need a loss scaler of your own (train_lm refuses float16)."""
 
     def summed(p, batch):
         mean, n, _ = lm_loss_parts(graphdef, p, batch)
