@@ -498,13 +498,21 @@ def model_from_hf(folder, base: TransformerConfig) -> TransformerConfig:
     except ValueError as e:
         raise ConfigError(f"train.init_from: {e}") from None
     path = os.path.join(folder, "config.json")
-    # a run directory said only "[Errno 2] No such file or directory: .../config.json"
-    if not os.path.exists(path) and os.path.isdir(os.path.join(folder, "ckpt")):
-        raise ConfigError(f"train.init_from: {folder!r} is a train_lm run (it holds ckpt/), not a Hugging Face folder "
+    # a run directory said only "[Errno 2] No such file or directory: .../config.json"; so did its ckpt/ or one
+    # checkpoint step in it (RUN/ckpt/24), the folder one branches from
+    run, step, norm = folder, None, os.path.normpath(folder)
+    if os.path.basename(os.path.dirname(norm)) == "ckpt":
+        run, step = os.path.dirname(os.path.dirname(norm)), os.path.basename(norm)
+    elif os.path.basename(norm) == "ckpt":
+        run = os.path.dirname(norm)
+    if not os.path.exists(path) and os.path.isdir(os.path.join(run, "ckpt")):
+        what = "a train_lm run (it holds ckpt/)" if run == folder else f"a checkpoint of the train_lm run {run!r}"
+        at = f", step={int(step)}" if step is not None and step.isdigit() else ""
+        raise ConfigError(f"train.init_from: {folder!r} is {what}, not a Hugging Face folder "
                           "(config.json + safetensors); start from it by exporting its model, `model, _ = "
-                          f"experiments.train_lm.load_model({folder!r}); models.hf.save_pretrained(model, FOLDER)` "
+                          f"experiments.train_lm.load_model({run!r}{at}); models.hf.save_pretrained(model, FOLDER)` "
                           "(the layouts a HF architecture has), then --init-from FOLDER; or continue the run itself: "
-                          f"--out {folder}")
+                          f"--out {run}")
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)

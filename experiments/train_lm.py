@@ -484,6 +484,25 @@ def _optimizer(cfg):
     return optimizer, make_schedule(o.lr, t.steps, o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_frac)
 
 
+def lr_change_line(saved_config: str, cfg, count: int) -> str | None:
+    """The warning for a resume whose LR schedule (train.steps, optim.*) gives the next update (optimizer count
+    `count`) another learning rate than the saved run's schedule did, naming both: a finished cosine run extended
+    to 2N steps went on from its floor min_lr_ratio·lr at about half the peak, said only as "the LR schedule /
+    optimizer differ". None when the two agree."""
+    from experiments.config import RunConfig
+
+    try:
+        was = float(_optimizer(RunConfig.from_json(saved_config))[1](count))
+    except (ValueError, TypeError, KeyError):  # a saved config this code no longer builds: nothing to compare
+        return None
+    now = float(_optimizer(cfg)[1](count))
+    if math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-12):
+        return None
+    return (f"warning: update {count + 1} takes lr {now:.4g} where the saved run's schedule gave {was:.4g}: the "
+            f"schedule is rebuilt over train.steps={cfg.train.steps} (warmup, then {cfg.optim.schedule} to "
+            f"{cfg.optim.min_lr_ratio}·lr at its last update), not continued from the saved one's")
+
+
 def init_state(cfg, mesh):
     """The fresh train state on `mesh`. Returns (graphdef, optimizer, schedule, state)."""
     import jax
@@ -872,6 +891,8 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         start = int(meta["step"])
         for w in warnings.get(start, []):
             say(w)
+        if lr_line := lr_change_line(meta["config"], cfg, start - int(state["skipped"])):
+            say(lr_line)
         say(f"resumed from step {start} ({out / 'ckpt' / str(start)})" + other_mesh_note(meta, mesh, m.dtype))
     elif t.init_from is not None:
         state = init_from_hf(cfg, mesh, optimizer, shardings)

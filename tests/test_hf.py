@@ -1680,6 +1680,21 @@ def test_init_from_a_train_lm_run_names_the_export_and_resume_it_takes(tmp_path)
         load(["--preset", "tiny", "--init-from", str(tmp_path / "nothing")])
 
 
+def test_init_from_a_checkpoint_of_a_train_lm_run_names_its_run_and_step(tmp_path):
+    """--init-from RUN/ckpt/4 (one checkpoint, the step one branches from) or RUN/ckpt: the error was only
+    "[Errno 2] No such file or directory: '.../config.json'"; it names the run and the step to export."""
+    from experiments.config import ConfigError, load
+
+    run = tmp_path / "run"
+    (run / "ckpt" / "4").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*ckpt/4' is a checkpoint of the train_lm run "
+                       r".*run', not a Hugging Face folder.*load_model\(.*run', step=4\).*--out .*run$"):
+        load(["--preset", "tiny", "--init-from", str(run / "ckpt" / "4")])
+    with pytest.raises(ConfigError, match=r"^train.init_from: .*ckpt' is a checkpoint of the train_lm run .*run', "
+                       r"not a Hugging Face folder.*load_model\(.*run'\)"):
+        load(["--preset", "tiny", "--init-from", str(run / "ckpt")])
+
+
 def test_an_init_from_run_resumes_after_the_checkpoints_weights_are_deleted(tmp_path):
     """A fine-tune from --init-from HF_FOLDER resumes from its own checkpoint, which holds every parameter; the
     folder's config.json (the architecture) is all it reads there. Deleting the weights after the first save (a 70B

@@ -480,6 +480,26 @@ def test_resume_warnings_are_said_once_for_the_step_resumed_and_grad_accum_is_no
     assert "the LR schedule / optimizer differ" in next(x for x in warned if "optim.clip_norm" in x)
 
 
+def test_extending_a_finished_cosine_run_says_the_lr_it_jumps_to():
+    """A 12-step cosine run (warmup 2, lr 1e-2, floor 0.1·lr) resumed at its end with train.steps=24 rebuilds the
+    schedule: update 13 took lr 5.84e-3 after the saved run's floor of 1e-3, said only as "the LR schedule /
+    optimizer differ". The warning names both rates (by hand: optax's cosine decay over the 21 updates after
+    the warmup, at its 10th); a change that leaves the rate alone (clip_norm) says nothing more."""
+    import dataclasses
+    import math
+
+    saved = load(TINY)
+    longer = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=24))
+    now = 1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 21)))
+    line = train_lm.lr_change_line(saved.to_json(), longer, 12)
+    assert line is not None, line
+    assert line.startswith(f"warning: update 13 takes lr {now:.4g} where the saved run's schedule gave 0.001: the "
+                           "schedule is rebuilt over train.steps=24"), line
+    clipped = dataclasses.replace(saved, optim=dataclasses.replace(saved.optim, clip_norm=2.0))
+    assert train_lm.lr_change_line(saved.to_json(), clipped, 12) is None
+    assert train_lm.lr_change_line(saved.to_json(), longer, 1) is None  # both still in the same warmup
+
+
 def test_other_model_config_is_refused_before_restoring_and_kept(runs, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(runs[0], out)
