@@ -764,6 +764,11 @@ class LMLoader:
         self._unbatched = types.SimpleNamespace(skipped=self._unbatched.skipped)
         if hasattr(it, "close"):
             it.close()
+        if self.cfg.worker_count:  # a finite stream that ended holds its last worker arrays in reference cycles (the
+            # StopIteration's frames): freed only at the next gc, at exit a "leaked shared_memory" warning
+            import gc
+
+            gc.collect()
 
 
 class _Closed:

@@ -609,6 +609,25 @@ def test_worker_processes_give_the_same_batches(corpus):
         np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
 
 
+def test_close_lets_go_of_the_worker_arrays_of_a_finite_stream_read_to_its_end(corpus):
+    # the stream's end leaves its last worker arrays in reference cycles (the StopIteration's frames): held until the
+    # next gc, and at a script's exit grain's "Exception ignored in SharedMemoryArray.__del__" and a leaked-
+    # shared_memory warning
+    path, _ = corpus
+    shm_arrays = lambda: sum(issubclass(type(o), SharedMemoryArray) for o in gc.get_objects())  # noqa: E731
+    gc.collect()
+    before = shm_arrays()
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1, worker_count=1, drop_remainder=False)
+    gc.disable()  # (an automatic gc would free them by chance)
+    try:
+        loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
+        assert sum(1 for _ in loader) > 1
+        loader.close()
+        assert shm_arrays() == before
+    finally:
+        gc.enable()
+
+
 def test_device_batches_are_sharded_over_the_batch_axes(corpus, tmp_path, monkeypatch):
     import jax
 
