@@ -1002,6 +1002,17 @@ def test_caption_dropout_names_a_null_caption_of_another_length():
         caption_dropout(tok, jnp.asarray([1] + [0] * 15), jax.random.key(0), 0.1)
 
 
+def test_caption_dropout_takes_a_list_of_captions_and_names_one_caption_not_a_batch():
+    """A list of captions failed as a bare AttributeError ('list' object has no attribute 'shape'); one caption [L]
+    was blamed on the null caption ('null_L must be the null caption's tokens [L=?]')."""
+    null = [1] + [0] * 7
+    got = caption_dropout([[2, 4, 8, 3, 11, 0, 0, 0]] * 2, null, jax.random.key(0), 1.0)
+    np.testing.assert_array_equal(got, [null] * 2)
+    with pytest.raises(ValueError, match=r"caption_dropout: captions must be a batch of token ids \[B, L\], got shape "
+                                         r"\[8\]; one caption is tokens\[None\]"):
+        caption_dropout(jnp.asarray([2, 4, 8, 3, 11, 0, 0, 0]), jnp.asarray(null), jax.random.key(0), 0.1)
+
+
 def test_text_encoder_honours_embed_scale_and_norm_offset_and_refuses_what_it_would_ignore():
     """A Gemma-style text config: the sqrt(d) embedding scale and (1 + w) final norm change the output (as the
     LM's would); MoE and local attention, which a bidirectional dense encoder would ignore, are refused."""

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from models.attention import attention
@@ -110,10 +111,17 @@ def caption_dropout(tokens_BL, null_L, key, p: float):
     if not isinstance(p, jax.core.Tracer) and not 0 <= float(p) <= 1:
         raise ValueError(f"caption_dropout: p={p!r} must be a probability in [0, 1] (0.1: a tenth of the captions, as "
                          "TextToVideoConfig.caption_dropout)")
+    # a list of captions failed as a bare AttributeError ('list' object has no attribute 'shape'), and one caption [L]
+    # was named as a null caption of the wrong length ('[L=?]')
+    tokens_BL = jnp.asarray(tokens_BL)
+    if tokens_BL.ndim != 2:
+        raise ValueError(f"caption_dropout: captions must be a batch of token ids [B, L], got shape "
+                         f"{list(tokens_BL.shape)}; one caption is tokens[None]")
     L = jnp.shape(tokens_BL)[1:2]
-    if jnp.shape(null_L) != L:  # a bare 'Incompatible shapes for broadcasting' in jnp.where
+    # a bare 'Incompatible shapes for broadcasting' in jnp.where (np.shape: a list without jax's list deprecation)
+    if np.shape(null_L) != L:
         raise ValueError(f"caption_dropout: null_L must be the null caption's tokens [L={L[0] if L else '?'}], as long "
-                         f"as the captions [B, L], got shape {list(jnp.shape(null_L))}; pad both to one length, e.g. "
+                         f"as the captions [B, L], got shape {list(np.shape(null_L))}; pad both to one length, e.g. "
                          "null_tokens(max_caption_len)")
     # a float32 rate: a Python float drew in float64 under jax_enable_x64 (other bits: other captions dropped)
     drop_B = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (tokens_BL.shape[0],))
