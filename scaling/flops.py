@@ -530,10 +530,12 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     routed experts' products (batched over E); 'full' reruns each block's forward except the dense / shared
     MLP's down projection, whose output only feeds the saved next-layer input (the attention-out projection is
     rerun: the MLP's pre-norm needs x + wo(attn); so are the routed experts' down products: the router's
-    gradient needs the experts' outputs) — the LM head is outside the remat'ed layers and is not rerun.
+    gradient needs the experts' outputs; with post_norms (Gemma 2 / 3, OLMo 2) the down projection is rerun too:
+    the post-norm's gradient needs its input) — the LM head is outside the remat'ed layers and is not rerun.
     kernel='executed' counts the expert rows the kernels run (`executed_slots`; `expert_shards`: the devices the
     experts are sharded over), and for the 'dense' dropless kernel what it reruns: its products are 2-D (kept by
-    'save_dots_no_batch') and it gates before the down product ('full' reruns only gate and up).
+    'save_dots_no_batch') and it gates before the down product ('full' reruns only gate and up; all three with
+    post_norms).
     """
     if remat not in RECOMPUTE_POLICIES:
         raise ValueError(f"remat={remat!r}: use one of {RECOMPUTE_POLICIES}")
@@ -545,10 +547,11 @@ def recompute_flops_per_token(cfg, seq_len: int, remat: str, *, kernel: str = "i
     # reads the gated hidden h, not the down product's output (it only feeds the residual, as a dense MLP's does)
     dense_kernel = kernel == "executed" and m is not None and m.dispatch == "dropless" and m.dropless_impl == "dense"
     if remat == "full":
-        routed *= 2 / 3 if dense_kernel else 1  # gate and up of the 3 products
+        routed *= 2 / 3 if dense_kernel and not s.post_norms else 1  # gate and up of the 3 products
         d = s.d_model
         n_moe = s.n_moe_layers  # integers: counted per kind of layer, not looped over n_layers
         down = n_moe * d * (_shared_width(s.moe) if n_moe else 0) + (s.n_layers - n_moe) * d * s.mlp_dim
+        down *= not s.post_norms  # a post-norm's gradient reads the MLP's output: its down products rerun too
         rest = param_counts(s).matmul_active - s.vocab_size * d - down  # routed experts: replaced by `routed`
         return 2.0 * rest - _routed_forward(s, seq_len, False) + routed + attn
     return attn + (0.0 if dense_kernel else routed) if remat == "save_dots_no_batch" else 0.0
