@@ -305,9 +305,15 @@ def from_pretrained(path, dtype: str = "float32", param_dtype: str | None = None
             if name not in where:  # (an index that omits one a shard holds was not named: _open_weights read it)
                 indexed = (folder / "model.safetensors.index.json").exists() and not (
                     folder / "model.safetensors").exists()
+                # a bare-model export untied (LlamaModel's default) has no head: transformers initialises it at random
+                headless = in_file and name == "lm_head.weight"
                 raise ValueError(f"checkpoint {folder} lacks tensor {name!r} needed by {cfg}" + (
                     "; model.safetensors.index.json lists no such tensor (if a shard holds it, the index is damaged: "
-                    "download it again)" if indexed else ""))
+                    "download it again)" if indexed else "") + (
+                    "; it is a bare-model export (tensors without 'model.', as LlamaModel saves them) with no LM head, "
+                    "which transformers' ...ForCausalLM initialises at random: load the checkpoint with its head, or "
+                    "read the embedding as the head with from_pretrained(path, tie_embeddings=True)"
+                    if headless else ""))
             return read(name)
 
         for ours, (name, to_hf, from_hf) in layout.items():

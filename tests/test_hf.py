@@ -1506,6 +1506,23 @@ def test_a_bare_model_export_without_the_model_prefix_loads_as_transformers_load
     assert np.abs(our_logits(from_pretrained(tmp_path / "untied")) - hf_logits(hf_model)).max() < 1e-4
 
 
+def test_a_bare_model_export_without_a_head_names_what_it_is():
+    """LlamaModel's own default (tie_word_embeddings false) saves a body with no lm_head.weight, which transformers'
+    LlamaForCausalLM initialises at random: refused as only "lacks tensor 'lm_head.weight'", naming neither the
+    headless export nor the way to read it (tie_embeddings=True: the embedding as the head, as transformers ties it)."""
+    import tempfile
+
+    bare = randomize_(transformers.LlamaModel(transformers.LlamaConfig(**TINY)), seed=4)
+    with tempfile.TemporaryDirectory() as folder:
+        bare.save_pretrained(folder, safe_serialization=True)
+        with pytest.raises(ValueError, match=r"lacks tensor 'lm_head.weight'.*bare-model export.*no LM head.*"
+                           r"from_pretrained\(path, tie_embeddings=True\)"):
+            from_pretrained(folder)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                 tie_word_embeddings=True).eval()
+        assert np.abs(our_logits(from_pretrained(folder, tie_embeddings=True)) - hf_logits(hf_model)).max() < 1e-4
+
+
 @pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
 def test_from_pretrained_onto_a_mesh(hf_ckpt, name):
     """mesh=: every parameter goes straight to its sharding under the rules (as parallel.create_sharded places a
