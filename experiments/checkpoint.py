@@ -286,8 +286,10 @@ class Checkpoints:
 
     def __init__(self, directory, keep: int = 2, keep_best: bool = True, async_save: bool = True, log=print,
                  read_only: bool = False):
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # orbax's LatestN(0) deletes every save
+        # orbax's LatestN(0) deletes every save; a NumPy int is an int (numbers.Integral, as elsewhere)
+        if isinstance(keep, bool | np.bool_) or not isinstance(keep, numbers.Integral) or keep < 1:
             raise ValueError(f"Checkpoints keep={keep!r}: must be an int >= 1 (the newest N steps kept)")
+        keep = int(keep)
         # ~ expanded; gs://... refused: orbax would write a bucket, but this class's own pathlib calls made gs:/...
         self.dir = pathlib.Path(local_path(directory)).absolute()
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)

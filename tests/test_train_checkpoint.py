@@ -257,11 +257,23 @@ def test_checkpoints_read_and_write_orbax_standard_format_both_ways(tmp_path):
     assert all(v.sharding == NamedSharding(other, P()) for v in got.values())
 
 
-@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True, np.int64(0), np.True_])
 def test_keep_below_one_is_refused(tmp_path, keep):
     """orbax's LatestN(0) deleted every checkpoint as it was saved, without a word."""
     with pytest.raises(ValueError, match="Checkpoints keep=.*: must be an int >= 1"):
         Checkpoints(tmp_path, keep=keep)
+
+
+def test_keep_takes_a_numpy_int(tmp_path):
+    """A NumPy int (a sweep's np.arange) is an int: it was refused as not one."""
+    ckpt = Checkpoints(tmp_path / "ckpt", keep=np.int64(1), keep_best=False, async_save=False, log=lambda *a: None)
+    try:
+        for step in (1, 2):
+            ckpt.save(step, state_at(step), {"config": "{}"})
+        ckpt.wait()
+        assert ckpt.steps() == [2]
+    finally:
+        ckpt.close()
 
 
 @pytest.mark.parametrize("rewound_to", [5, 8])
