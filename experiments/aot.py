@@ -200,7 +200,11 @@ def main(argv=None):
     # and the estimate counts for it, while the step compiles for the fake CPU devices (on a GPU host it traced GPU
     # products, XLA:CPU compiled them and the accelerator's estimate sat beside: 1.33x apart, a step neither runs)
     jax.config.update("jax_platforms", "cpu")
-    if jax.config.jax_num_cpu_devices != args.devices:
+    from jax._src import xla_bridge
+
+    # (a notebook or script that touched JAX first has its count fixed: jax's RuntimeError named neither the flag
+    # nor the count; a backend with too few devices is named below, once the meshes are checked)
+    if jax.config.jax_num_cpu_devices != args.devices and not xla_bridge.backends_are_initialized():
         jax.config.update("jax_num_cpu_devices", args.devices)
     # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones
     devices = jax.devices("cpu")
@@ -246,6 +250,11 @@ def main(argv=None):
         # in bf16, and beside fsdp the default batch's microbatch rows do not divide the batch axes)
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
                  "axis (e.g. --mesh stage=-1); without one they would be ignored")
+    if len(devices) < args.devices:
+        ap.error(f"argument --devices: JAX already runs in this process with {len(devices)} CPU device"
+                 f"{'s' * (len(devices) != 1)}, and the count is fixed once it starts: run jax.config.update("
+                 f"'jax_num_cpu_devices', {args.devices}) before anything touches JAX, or pass --devices "
+                 f"{len(devices)} or fewer")
     gib = lambda b: f"{b / 2**30:.1f}" if b >= 2**30 / 10 else f"{b / 2**30:.2g}"  # noqa: E731 (a small model's too)
     # the batch the XLA bytes are for (by default one sequence per device, which the header did not say)
     M = args.microbatches

@@ -136,6 +136,20 @@ def test_cli_chip_says_whether_each_mesh_fits_and_which_knob_to_turn(monkeypatch
     assert "argument --chip: unknown hardware kind 'h1000'; known: a100, h100, h200" in capsys.readouterr().err
 
 
+def test_cli_after_jax_started_with_fewer_devices_names_the_fix(capsys):
+    """In a notebook that touched JAX first the device count is fixed: aot.main died in jax's RuntimeError
+    ('jax_num_cpu_devices config should be updated before backends are initialized'), naming neither --devices nor
+    the count. (Here the suite's backend has 8.)"""
+    from experiments import aot
+
+    with pytest.raises(SystemExit):
+        aot.main(["--devices", "16", "--seq", "64", "--mesh", "fsdp=16"])
+    err = capsys.readouterr().err
+    assert ("argument --devices: JAX already runs in this process with 8 CPU devices, and the count is fixed once it "
+            "starts: run jax.config.update('jax_num_cpu_devices', 16) before anything touches JAX, or pass --devices 8 "
+            "or fewer") in err, err
+
+
 def test_cli_header_states_the_batch_and_divisibility_errors_name_the_fix(monkeypatch, capsys):
     """The XLA bytes depend on the batch, which defaults to one sequence per device: the header states it (and the
     microbatches it splits into), where it said nothing of it. A --batch / --seq / tensor axis that does not divide
