@@ -140,8 +140,11 @@ def test_cli_after_jax_started_with_fewer_devices_names_the_fix(capsys):
     """In a notebook that touched JAX first the device count is fixed: aot.main died in jax's RuntimeError
     ('jax_num_cpu_devices config should be updated before backends are initialized'), naming neither --devices nor
     the count. (Here the suite's backend has 8.)"""
+    import jax
+
     from experiments import aot
 
+    assert len(jax.devices("cpu")) == 8  # the backend started (run alone, this test was the first to touch it)
     with pytest.raises(SystemExit):
         aot.main(["--devices", "16", "--seq", "64", "--mesh", "fsdp=16"])
     err = capsys.readouterr().err
