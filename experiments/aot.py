@@ -142,12 +142,16 @@ def mesh_problem(cfg, shape: dict, n_devices: int, batch: int, seq_len: int, gra
         return (f"--batch={batch} does not split into grad_accum={grad_accum} microbatches whose rows divide the batch "
                 f"axes of {mesh} (= {rows}); use a batch that is a multiple of {grad_accum * rows}")
     M = cfg.pipeline_microbatches
-    if mesh.get("stage", 1) > 1 and (batch % M or (batch // M) % rows):
-        return (f"--batch={batch} does not split into --microbatches={M} whose rows divide the batch axes of {mesh} "
-                f"(= {rows}); use a batch that is a multiple of {M * rows}")
+    # the pipeline splits each grad_accum microbatch (the rows the model sees), not the whole batch: 8 rows at
+    # grad_accum 2 in 4 microbatches over data=2 passed here and failed in the model at trace time
+    micro, of = batch // grad_accum, (f" / grad_accum {grad_accum}" if grad_accum > 1 else "")
+    if mesh.get("stage", 1) > 1 and (micro % M or (micro // M) % rows):
+        return (f"--batch={batch}{of} does not split into --microbatches={M} whose rows divide the batch axes of "
+                f"{mesh} (= {rows}); use a batch that is a multiple of {grad_accum * M * rows}"
+                + (" or a smaller grad_accum" if grad_accum > 1 else ""))
     # what models.Transformer refuses under a pipeline at trace time, after the earlier meshes compiled
     if mesh.get("stage", 1) > 1 and (problem := pipeline_problem(
-            cfg.n_layers, pattern_period(cfg), mesh["stage"], batch, M, rows, sum(cfg.moe_layers()), cfg.scan_layers)):
+            cfg.n_layers, pattern_period(cfg), mesh["stage"], micro, M, rows, sum(cfg.moe_layers()), cfg.scan_layers)):
         return problem
     others = {a: n for a, n in mesh.items() if a != "stage" and n > 1}
     if mesh.get("stage", 1) > 1 and others and cfg.dtype == "bfloat16":  # parallel.pipeline.gpipe, at compile time
@@ -241,7 +245,8 @@ def main(argv=None):
     for shape in meshes:
         if problem := mesh_problem(cfg, shape, args.devices, batch, args.seq, run.optim.grad_accum if run else 1):
             if run:  # the run config's names for the flags
-                problem = problem.replace("--batch=", "train.batch=").replace("--seq=", "train.seq=")
+                problem = problem.replace("--batch=", "train.batch=").replace("--seq=", "train.seq=").replace(
+                    "--microbatches=", "model.pipeline_microbatches=")  # a flag --preset refuses beside it
             ap.error(f"argument --mesh {shape}: {problem}")
     # the filled sizes: stage=-1 beside fsdp=8 on 8 devices is a one-stage mesh, which ignored the microbatches
     filled = [_fill(dict(shape), args.devices, "devices") for shape in meshes]
@@ -257,8 +262,10 @@ def main(argv=None):
                  f"{len(devices)} or fewer")
     gib = lambda b: f"{b / 2**30:.1f}" if b >= 2**30 / 10 else f"{b / 2**30:.2g}"  # noqa: E731 (a small model's too)
     # the batch the XLA bytes are for (by default one sequence per device, which the header did not say)
-    M = args.microbatches
-    rows = f"batch {batch}" + (f" ({M} microbatches of {batch // M})" if M > 1 else "")
+    M, A = args.microbatches, run.optim.grad_accum if run else 1
+    # each grad_accum microbatch is what the pipeline splits: "batch 8 (4 microbatches of 2)" ran rows of 1 at A 2
+    rows = f"batch {batch}" + (f" ({M} microbatches of {batch // A // M}{' per grad_accum step' * (A > 1)})"
+                               if M > 1 else "")
     n = cfg.param_count()  # a small preset's in millions (the tiny one read "0.00 B")
     size = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
     print(f"{name}: {size} params, {rows}, seq {args.seq}, remat {cfg.remat}, "

@@ -412,6 +412,12 @@ def test_mesh_strings_and_batches_the_mesh_does_not_divide_are_refused_by_name(c
     # microbatches of 2 over data=4 (test_parallel's pipeline test), so the check before any compile must too
     assert "--batch=8 does not split into --microbatches=4" in aot.mesh_problem(
         dataclasses.replace(piped, dtype="float32"), {"stage": 2, "data": 4}, 8, 8, 8)
+    # under grad_accum the pipeline splits each grad_accum microbatch: 8 rows at grad_accum 2 give the model 4, which
+    # 4 pipeline microbatches of 1 row over data=2 cannot take (accepted here, refused by the model after compiles)
+    assert "--batch=8 / grad_accum 2 does not split into --microbatches=4" in (aot.mesh_problem(
+        dataclasses.replace(piped, dtype="float32"), {"stage": 2, "data": 2}, 4, 8, 8, grad_accum=2) or "")
+    assert aot.mesh_problem(dataclasses.replace(piped, dtype="float32"), {"stage": 2, "data": 2}, 4, 16, 8,
+                            grad_accum=2) is None
     with pytest.raises(SystemExit):
         aot.main(["--microbatches", "0"])
     assert "argument --microbatches: must be an integer >= 1, got 0" in capsys.readouterr().err
