@@ -2,7 +2,8 @@
 
     python -m experiments.train_video [--preset default|tiny] [--out runs/video/default] [--mesh data=-1]
 
-Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (per-channel normalised) and trains
+Stage 1 trains the 3D causal VAE; stage 2 encodes clips to latents (the posterior means, not samples; per-channel
+normalised by their mean and std over every encoded clip, kept in <out>/latent_stats.json for sampling) and trains
 the text encoder + video DiT (rectified flow, caption dropout, alignment loss, EMA). Both stages
 checkpoint with orbax under <out>/ckpt and resume from there (experiments.checkpoint: a newest step that does not
 read back or fails its checksum is set aside in <out>/ckpt/<stage>-corrupt and the one before is used; a DiT
@@ -700,6 +701,17 @@ def load_video_model(out, preset: str | Preset = "default"):
     if not isinstance(saved, dict) or {"mean", "std"} - set(saved):
         raise ValueError(f"{stats_path} must hold the latents' per-channel {{\"mean\": [...], \"std\": [...]}} as "
                          "train_video writes it; rerun the run's train_video command (it rewrites the file)")
+    # one finite number per latent channel (std > 0): a file of one value broadcast over every channel and sampled
+    # silently; one of another length failed in the sampler as a bare broadcasting error naming no file
+    z = p.vae.latent_channels
+    for k in ("mean", "std"):
+        v = np.asarray(saved[k], dtype=object)
+        ok = v.shape == (z,) and all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+                                     and (k == "mean" or x > 0) for x in v)
+        if not ok:
+            raise ValueError(f"{stats_path}: '{k}' must be {z} finite numbers{' > 0' * (k == 'std')} (one per latent "
+                             f"channel, VAEConfig.latent_channels={z}), got {saved[k]!r}; rerun the run's train_video "
+                             "command (it rewrites the file)")
     stats = tuple(jnp.asarray(saved[k], jnp.float32) for k in ("mean", "std"))
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     # restored onto shapes only: a random init would compile and allocate both models just to be overwritten

@@ -600,6 +600,28 @@ def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeyp
         train_video.load_video_model(tmp_path, "tiny")
 
 
+def test_load_video_model_refuses_latent_stats_not_one_per_latent_channel(tmp_path, monkeypatch):
+    """latent_stats.json holds one (mean, std) per latent channel: a single value was broadcast over every channel and
+    sampled silently, and 8 values for the tiny preset's 4 channels failed in the sampler as a bare broadcasting
+    error naming no file; a NaN or zero std gave NaN / collapsed videos."""
+    p = train_video.PRESETS["tiny"]
+    settings = train_video.stage_settings(p, 0)
+    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
+        3, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"]}))
+    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
+        3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
+    monkeypatch.setattr(train_video, "generate", lambda model, tok, null, key, scale, steps: jnp.zeros(
+        (tok.shape[0], *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)))
+    for stage in ("vae", "t2v"):
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+    for mean, std in (([0.5], [0.4]), ([0.5] * 8, [0.4] * 8), ([0.5] * 4, [0.4, 0.4, 0.0, 0.4]),
+                      ([0.5, None, 0.5, 0.5], [0.4] * 4)):
+        (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+        with pytest.raises(ValueError, match=r"latent_stats.json: '(mean|std)' must be 4 finite numbers.*"
+                                             r"latent_channels=4"):
+            train_video.load_video_model(tmp_path, "tiny")[0](["a red circle moving up"])
+
+
 def test_evaluation_draws_new_noise_per_chunk_and_the_same_at_every_scale():
     """run_eval: each chunk of prompts its own noise (one key for all made every chunk's samples alike), and every
     guidance scale the same noise, so the scales differ by guidance alone."""
