@@ -569,9 +569,9 @@ def test_a_corrupt_new_step_falls_back_to_an_older_layout_step_not_past_it(tmp_p
     assert sorted(p.name for p in (tmp_path.parent / f"{tmp_path.name}-corrupt").iterdir()) == ["6"]
 
 
-def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeypatch):
-    """load_video_model denormalises with latent_stats.json's (mean, std), in that order (swapped, every test but the
-    tiny preset's passed; it only checks ranges)."""
+def _finished_tiny_run(tmp_path, monkeypatch):
+    """A finished tiny run's folder for load_video_model: its checkpoints' metadata, restore and generate mocked
+    (zeros of the right shapes), its ckpt/vae and ckpt/t2v folders made."""
     p = train_video.PRESETS["tiny"]
     settings = train_video.stage_settings(p, 0)
     monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
@@ -580,11 +580,17 @@ def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeyp
         3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
     monkeypatch.setattr(train_video, "generate", lambda model, tok, null, key, scale, steps: jnp.zeros(
         (tok.shape[0], *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)))
+    for stage in ("vae", "t2v"):  # a run's checkpoint folders (their contents are the mocks above)
+        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+
+
+def test_a_finished_run_decodes_with_its_latent_stats_in_order(tmp_path, monkeypatch):
+    """load_video_model denormalises with latent_stats.json's (mean, std), in that order (swapped, every test but the
+    tiny preset's passed; it only checks ranges)."""
+    _finished_tiny_run(tmp_path, monkeypatch)
     got = []
     monkeypatch.setattr(train_video, "denormalize", lambda z, stats: got.append([np.asarray(s) for s in stats]) or z)
     (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": [1.0, 2.0, 3.0, 4.0], "std": [5.0, 6.0, 7.0, 8.0]}))
-    for stage in ("vae", "t2v"):  # a run's checkpoint folders (their contents are the mocks above)
-        (tmp_path / "ckpt" / stage).mkdir(parents=True)
     sample, _ = train_video.load_video_model(tmp_path, "tiny")
     sample(["a red circle moving up"])
     np.testing.assert_array_equal(got[0][0], [1, 2, 3, 4])
@@ -604,16 +610,7 @@ def test_load_video_model_refuses_latent_stats_not_one_per_latent_channel(tmp_pa
     """latent_stats.json holds one (mean, std) per latent channel: a single value was broadcast over every channel and
     sampled silently, and 8 values for the tiny preset's 4 channels failed in the sampler as a bare broadcasting
     error naming no file; a NaN or zero std gave NaN / collapsed videos."""
-    p = train_video.PRESETS["tiny"]
-    settings = train_video.stage_settings(p, 0)
-    monkeypatch.setattr(train_video, "latest_meta", lambda mgr: (
-        3, {"settings": settings["vae" if "vae" in str(mgr.dir) else "t2v"]}))
-    monkeypatch.setattr(train_video, "restore", lambda mgr, targets, step=None: (
-        3, {k: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v) for k, v in targets.items()}, {}))
-    monkeypatch.setattr(train_video, "generate", lambda model, tok, null, key, scale, steps: jnp.zeros(
-        (tok.shape[0], *p.t2v.dit.latent_shape, p.t2v.dit.latent_channels)))
-    for stage in ("vae", "t2v"):
-        (tmp_path / "ckpt" / stage).mkdir(parents=True)
+    _finished_tiny_run(tmp_path, monkeypatch)
     for mean, std in (([0.5], [0.4]), ([0.5] * 8, [0.4] * 8), ([0.5] * 4, [0.4, 0.4, 0.0, 0.4]),
                       ([0.5, None, 0.5, 0.5], [0.4] * 4)):
         (tmp_path / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
