@@ -221,6 +221,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
     Compiles once per prompt shape, max_new_tokens, top_k, greedy or not (`left_pad(length=...)` fixes the
     prompt's) and whether top_p (< 1), prompt_mask and eos_id are given at all (each turns on a part of the
     program): other temperatures, top_p values, pad ids, eos ids (as many of them), keys and prompts reuse it.
+    MoE layers with capacity dispatch decode dropless (with a KV cache every routed token is kept): the logits equal
+    an uncached `model(tokens, dropless=True)`, not the training capacity's forward, which drops overflow tokens.
     """
     # onto the model's devices first: inside jax.set_mesh the checks' eager reads (the ids' range, the mask's sums) of
     # a prompt or mask committed elsewhere (one device, another mesh) failed with jax's "incompatible devices"
