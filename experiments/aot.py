@@ -210,8 +210,9 @@ def main(argv=None):
     # nor the count; a backend with too few devices is named below, once the meshes are checked)
     if jax.config.jax_num_cpu_devices != args.devices and not xla_bridge.backends_are_initialized():
         jax.config.update("jax_num_cpu_devices", args.devices)
-    # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones
-    devices = jax.devices("cpu")
+    # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones; the
+    # first --devices of a backend already started with more (the step compiled on all of them, headed "4 devices")
+    devices = jax.devices("cpu")[:args.devices]
     from experiments.config import ConfigError, load
     from models import TransformerConfig
 

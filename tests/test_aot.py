@@ -153,6 +153,19 @@ def test_cli_after_jax_started_with_fewer_devices_names_the_fix(capsys):
             "or fewer") in err, err
 
 
+def test_cli_after_jax_started_with_more_devices_compiles_on_the_devices_asked_for(capsys):
+    """A backend already started with more CPU devices than --devices: the step compiled on all of them (the header
+    read "4 devices" above a {'fsdp': 8} row), where jax's RuntimeError had refused it. (The suite's backend has 8.)"""
+    import jax
+
+    from experiments import aot
+
+    assert len(jax.devices("cpu")) == 8
+    aot.main(["--devices", "4", "--preset", "tiny", "--mesh", "fsdp=-1"])
+    out = capsys.readouterr().out
+    assert "4 devices" in out and "| {'fsdp': 4} |" in out and "'fsdp': 8" not in out, out
+
+
 def test_cli_header_states_the_batch_and_divisibility_errors_name_the_fix(monkeypatch, capsys):
     """The XLA bytes depend on the batch, which defaults to one sequence per device: the header states it (and the
     microbatches it splits into), where it said nothing of it. A --batch / --seq / tensor axis that does not divide
