@@ -576,27 +576,34 @@ def test_mixture_follows_weights(corpus, tmp_path):
 
 def test_worker_processes_give_the_same_batches(corpus):
     path, _ = corpus
-    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=1)
+    cfg = LoaderConfig(seq_len=32, global_batch_size=4, seed=1, num_epochs=1, drop_remainder=False)
     ref = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
-    expected = [next(ref) for _ in range(12)]
+    expected = list(ref)
     # (by type: isinstance reads each object's __class__, which torch's deprecated reduce_op answers with a warning)
     shm_arrays = lambda: sum(issubclass(type(o), SharedMemoryArray) for o in gc.get_objects())  # noqa: E731
+    gc.collect()
     before = shm_arrays()
-    par = LMLoader([Source(path)], EOS_BYTES, LoaderConfig(seq_len=32, global_batch_size=4, seed=1, worker_count=2),
-                   process_index=0, process_count=1)
+    par = LMLoader([Source(path)], EOS_BYTES, dataclasses.replace(cfg, worker_count=2), process_index=0,
+                   process_count=1)
+    gc.disable()  # (an automatic gc would free the arrays below by chance)
     try:
-        for e, g in zip(expected, [next(par) for _ in range(12)]):
-            np.testing.assert_array_equal(e["inputs"], g["inputs"])
-            np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
+        got = [next(par) for _ in range(12)]
         saved = json.loads(json.dumps(par.get_state()))
         assert shm_arrays() > before  # the workers' batches in flight
+        got += list(par)  # a finite stream, read to its end
+        assert len(got) == len(expected) > 12
+        for e, g in zip(expected, got):
+            np.testing.assert_array_equal(e["inputs"], g["inputs"])
+            np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
+        par.close()
+        # close() lets go of them, with no gc of the caller's (they were held until the loader was collected, and the
+        # stream's end left its last ones in reference cycles: at a script's exit, grain's "Exception ignored in
+        # SharedMemoryArray.__del__" errors and a leaked-shared_memory warning)
+        assert shm_arrays() == before and par.skipped["no_target"] == 0
     finally:
         par.close()
+        gc.enable()
     assert not multiprocessing.active_children()  # the workers stopped by close(), not whenever the loader is collected
-    # close() lets go of them (they were held until the loader was collected: at a script's exit, grain's
-    # "Exception ignored in SharedMemoryArray.__del__" errors and a leaked-shared_memory warning)
-    gc.collect()
-    assert shm_arrays() == before and par.skipped["no_target"] == 0
     with pytest.raises(ValueError, match="LMLoader is closed"):
         next(par)
     with pytest.raises(ValueError, match="worker_count"):  # a worker state restored without workers
@@ -607,25 +614,6 @@ def test_worker_processes_give_the_same_batches(corpus):
     for e, g in zip(expected, [next(one) for _ in range(12)]):
         np.testing.assert_array_equal(e["inputs"], g["inputs"])
         np.testing.assert_array_equal(e["segment_ids"], g["segment_ids"])
-
-
-def test_close_lets_go_of_the_worker_arrays_of_a_finite_stream_read_to_its_end(corpus):
-    # the stream's end leaves its last worker arrays in reference cycles (the StopIteration's frames): held until the
-    # next gc, and at a script's exit grain's "Exception ignored in SharedMemoryArray.__del__" and a leaked-
-    # shared_memory warning
-    path, _ = corpus
-    shm_arrays = lambda: sum(issubclass(type(o), SharedMemoryArray) for o in gc.get_objects())  # noqa: E731
-    gc.collect()
-    before = shm_arrays()
-    cfg = LoaderConfig(seq_len=32, global_batch_size=4, num_epochs=1, worker_count=1, drop_remainder=False)
-    gc.disable()  # (an automatic gc would free them by chance)
-    try:
-        loader = LMLoader([Source(path)], EOS_BYTES, cfg, process_index=0, process_count=1)
-        assert sum(1 for _ in loader) > 1
-        loader.close()
-        assert shm_arrays() == before
-    finally:
-        gc.enable()
 
 
 def test_device_batches_are_sharded_over_the_batch_axes(corpus, tmp_path, monkeypatch):
