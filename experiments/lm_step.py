@@ -300,6 +300,23 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int 
             "rng": put(jax.random.key_data(jax.random.key(seed)))}
 
 
+def _microbatches(x, grad_accum: int, who: str):
+    """[B, ...] -> [A, B/A, ...] with A = grad_accum: microbatch k = rows k::A, so every device keeps its rows."""
+    if x.shape[0] % grad_accum:
+        raise ValueError(f"{who}: grad_accum={grad_accum} must divide the batch's {x.shape[0]} "
+                         f"rows (an array {tuple(x.shape)}); use a batch size that is a multiple of it")
+    x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else logical_to_spec(("batch",), mesh)[0] or ()
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if x.shape[1] % n:  # constrain would name the microbatch's rows as if they were the whole batch
+        raise ValueError(f"{who}: grad_accum={grad_accum} leaves {x.shape[1]} of the batch's "
+                         f"{x.shape[0] * x.shape[1]} rows per microbatch, which the batch's mesh axes "
+                         f"{axes!r} (size {n}) do not divide; use a batch that is a multiple of "
+                         f"{grad_accum * n} (grad_accum x {n}), or a smaller grad_accum")
+    return constrain(x, (None, "batch", "act_seq") + (None,) * (x.ndim - 3))
+
+
 def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=None, moe_cfg=None,
                     grad_accum: int = 1, state_shardings=None):
     """Jitted `step(state, batch) -> (state, metrics)` of the trainer; donates `state`.
@@ -362,21 +379,6 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         if grad_accum == 1:
             g, (nll, n, aux) = grads_of(params, batch, model_rng, moe)
         else:
-            def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch k = rows k::A
-                if x.shape[0] % grad_accum:
-                    raise ValueError(f"make_state_step: grad_accum={grad_accum} must divide the batch's {x.shape[0]} "
-                                     f"rows (an array {tuple(x.shape)}); use a batch size that is a multiple of it")
-                x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
-                mesh = jax.sharding.get_abstract_mesh()
-                axes = () if mesh.empty else logical_to_spec(("batch",), mesh)[0] or ()
-                n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-                if x.shape[1] % n:  # constrain would name the microbatch's rows as if they were the whole batch
-                    raise ValueError(f"make_state_step: grad_accum={grad_accum} leaves {x.shape[1]} of the batch's "
-                                     f"{x.shape[0] * x.shape[1]} rows per microbatch, which the batch's mesh axes "
-                                     f"{axes!r} (size {n}) do not divide; use a batch that is a multiple of "
-                                     f"{grad_accum * n} (grad_accum x {n}), or a smaller grad_accum")
-                return constrain(x, (None, "batch", "act_seq") + (None,) * (x.ndim - 3))
-
             def body(carry, xs):
                 mb, k = xs
                 key = None if model_rng is None else jax.random.fold_in(model_rng, k)
@@ -388,8 +390,8 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
             # rounding), then cast back so the optimizer sees the parameters' dtype
             zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
                      jnp.zeros((), jnp.float32))
-            (g, nll, n), (auxes, ns) = jax.lax.scan(body, zeros, (jax.tree.map(split, batch),
-                                                                  jnp.arange(grad_accum)))
+            mbs = jax.tree.map(lambda x: _microbatches(x, grad_accum, "make_state_step"), batch)
+            (g, nll, n), (auxes, ns) = jax.lax.scan(body, zeros, (mbs, jnp.arange(grad_accum)))
             g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
             # the routing metrics (and the load that moves the router bias) of the whole step: microbatches weighted
             # by their token weight, as the objective weights their aux losses (an unweighted mean let a padded
@@ -429,12 +431,27 @@ def make_eval_step(graphdef):
     return jax.jit(lambda params, batch: lm_loss(graphdef, params, batch))
 
 
-def make_eval_sums(graphdef):
-    """Jitted `eval(params, batch) -> (nll_sum, weight_sum)`: sum over batches, then divide, for an exact mean."""
+def make_eval_sums(graphdef, grad_accum: int = 1):
+    """Jitted `eval(params, batch) -> (nll_sum, weight_sum)`: sum over batches, then divide, for an exact mean.
+
+    grad_accum = A: the batch's forward runs as the train step's A microbatches (rows k::A), their sums added, so
+    evaluation needs no more memory than a training microbatch (one whole-batch forward, logits and all, ran out of
+    memory at the first eval of a run that grad_accum had made fit). A dense model's sums only change summation
+    order; a capacity-dispatch MoE routes each microbatch on its own, as it trains."""
+    if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
+        raise ValueError(f"make_eval_sums: grad_accum={grad_accum!r} must be an int >= 1 (microbatches per batch)")
+
+    def sums(params, mb):
+        mean, n, _ = lm_loss_parts(graphdef, params, mb)
+        return mean * n, n
 
     def f(params, batch):
-        mean, n, _ = lm_loss_parts(graphdef, params, batch)
-        return mean * n, n
+        if grad_accum == 1:
+            return sums(params, batch)
+        mbs = jax.tree.map(lambda x: _microbatches(x, grad_accum, "make_eval_sums"), batch)
+        zero = jnp.zeros((), jnp.float32)
+        return jax.lax.scan(lambda acc, mb: (jax.tree.map(jnp.add, acc, sums(params, mb)), None), (zero, zero),
+                            mbs)[0]
 
     return jax.jit(f)
 

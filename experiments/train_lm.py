@@ -910,7 +910,7 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         f"batch{'es' * (len(eval_batches) != 1)} of {t.batch}×{t.seq})")
 
     step_fn = make_state_step(graphdef, optimizer, schedule, m.moe, o.grad_accum, shardings)
-    eval_fn = make_eval_sums(graphdef)
+    eval_fn = make_eval_sums(graphdef, o.grad_accum)  # eval's memory: a training microbatch's, not the batch's
     if restored is None and primary and (stamp := set_aside_logs(out)):  # a run that never saved: not ours to extend
         say(f"note: {out} held the logs of a run with no checkpoint; moved aside as *.{stamp}")
     log = Logger(out, primary)
