@@ -215,11 +215,26 @@ def lm_loss(graphdef, params, batch):
     return lm_loss_parts(graphdef, params, batch)[0]
 
 
-def _objective(moe_cfg, nll, n, aux):
-    """Token-weighted sum of CE + MoE aux terms; divided by the step's total token weight later."""
+def _objective(moe_cfg, nll, aux_weight, aux):
+    """Summed CE + aux_weight · the MoE aux terms; divided by the step's total token weight later."""
     if moe_cfg is None or not aux:
         return nll
-    return nll + n * (moe_cfg.lb_loss_weight * aux["lb_loss"] + moe_cfg.z_loss_weight * aux["z_loss"])
+    return nll + aux_weight * (moe_cfg.lb_loss_weight * aux["lb_loss"] + moe_cfg.z_loss_weight * aux["z_loss"])
+
+
+def _routed(batch):
+    """How many tokens of `batch` the MoE layers route (float32): those of a segment > 0 (lm_loss_parts passes
+    segment 0 to them as padding), else all."""
+    seg = batch.get("segment_ids")
+    return jnp.asarray(batch["inputs"].size if seg is None else (seg > 0).sum(), jnp.float32)
+
+
+def _weight_total(batch):
+    """The token weight lm_loss_parts' cross-entropy sums over `batch` (float32), computed without the model."""
+    w, seg = batch.get("weights"), batch.get("segment_ids")
+    if w is None:
+        w = jnp.ones(jnp.shape(batch["targets"])) if seg is None else seg > 0
+    return jnp.where(jnp.asarray(batch["targets"]) < 0, 0.0, jnp.asarray(w, jnp.float32)).sum()
 
 
 def _update_router_bias(params, load_LE, moe_cfg):
@@ -324,10 +339,12 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     grad_accum = A: the [B, T] batch is cut into A microbatches of B/A rows (rows k, k+A, ... form microbatch k,
     so every device keeps its rows) and their gradients are summed in a scan before one update; the loss is
     normalised by the step's total token weight, so for a dense model A only changes the summation order. MoE
-    auxiliary losses are computed per microbatch (the load-balancing loss is nonlinear in the batch's routing
-    statistics) and weighted by each microbatch's token weight (so are the step's reported routing metrics and the
-    load that moves a sigmoid router's bias), so with them A changes the objective slightly
-    (measured: gradients within ~3e-4 of the one-batch ones at lb 0.01, z 0.001; 1e-7 without aux losses).
+    auxiliary losses are computed per microbatch and weighted by the tokens each routes (segment > 0), as one batch
+    averages them over its routed tokens; so are the step's reported routing metrics and the load that moves a sigmoid
+    router's bias (a loss-weight weighting let an SFT microbatch of prompts only, routed but scored 0, count for
+    nothing). The z-loss and the load then equal the one-batch ones; the load-balancing loss, nonlinear in the
+    batch's routing statistics, changes the objective slightly (measured: gradients within ~3e-4 of the one-batch
+    ones at lb 0.01, z 0.001; 1e-7 without aux losses).
     A non-finite loss or gradient norm leaves the state unchanged (step + 1, skipped + 1): the caller halts or goes
     on. A step whose weights sum to 0 (no target scored) is skipped the same way, with loss 0 and metrics['finite']
     True (metrics['tokens'] 0). The norm is optax's float32 sum of squares, so finite gradients with a norm over
@@ -351,11 +368,12 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
         raise ValueError(f"make_state_step: grad_accum={grad_accum!r} must be an int >= 1 (microbatches per step)")
 
-    def grads_of(params, mb, rng, moe_cfg):
-        def f(p):
+    def grads_of(params, mb, rng, moe_cfg, aux_scale=None):
+        def f(p):  # aux_scale: the step's weight total per routed token (None: one batch, the aux terms weigh n)
             mean, n, aux = lm_loss_parts(graphdef, p, mb, rng)
             nll = mean * n  # sums, so that microbatches combine into the exact step mean
-            return _objective(moe_cfg, nll, n, aux), (nll, n, aux)
+            aux_weight = n if aux_scale is None else aux_scale * _routed(mb)
+            return _objective(moe_cfg, nll, aux_weight, aux), (nll, n, aux)
 
         return jax.grad(f, has_aux=True)(params)
 
@@ -379,24 +397,29 @@ def make_state_step(graphdef, optimizer: optax.GradientTransformation, schedule=
         if grad_accum == 1:
             g, (nll, n, aux) = grads_of(params, batch, model_rng, moe)
         else:
+            # the aux terms of microbatch k weigh n_step · r_k / r_step: divided by n_step later, a mean over the
+            # step's routed tokens r, as one batch's aux values are
+            r_all = _routed(batch)
+            aux_scale = jnp.where(r_all > 0, _weight_total(batch) / jnp.where(r_all > 0, r_all, 1.0), 0.0)
+
             def body(carry, xs):
                 mb, k = xs
                 key = None if model_rng is None else jax.random.fold_in(model_rng, k)
-                g, (nll, n, aux) = grads_of(params, mb, key, moe)
+                g, (nll, n, aux) = grads_of(params, mb, key, moe, aux_scale)
                 acc = jax.tree.map(jnp.add, carry, (g, nll, n))
-                return acc, (aux, n)
+                return acc, (aux, _routed(mb))
 
             # summed in float32 whatever the parameter dtype (32 bf16 microbatch sums lost 4x the precision of one
             # rounding), then cast back so the optimizer sees the parameters' dtype
             zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
                      jnp.zeros((), jnp.float32))
             mbs = jax.tree.map(lambda x: _microbatches(x, grad_accum, "make_state_step"), batch)
-            (g, nll, n), (auxes, ns) = jax.lax.scan(body, zeros, (mbs, jnp.arange(grad_accum)))
+            (g, nll, n), (auxes, rs) = jax.lax.scan(body, zeros, (mbs, jnp.arange(grad_accum)))
             g = jax.tree.map(lambda x, p: x.astype(p.dtype), g, params)
             # the routing metrics (and the load that moves the router bias) of the whole step: microbatches weighted
-            # by their token weight, as the objective weights their aux losses (an unweighted mean let a padded
+            # by their routed tokens, as the objective weights their aux losses (an unweighted mean let a padded
             # microbatch count as much as a full one)
-            w = jnp.where(n > 0, ns / jnp.where(n > 0, n, 1.0), 1.0 / grad_accum)
+            w = jnp.where(r_all > 0, rs / jnp.where(r_all > 0, r_all, 1.0), 1.0 / grad_accum)
             aux = jax.tree.map(lambda a: jnp.tensordot(w.astype(a.dtype), a, axes=1), auxes)
         n_total = jnp.where(n > 0, n, 1.0)  # the step's weight total (fractional weights too); none: loss 0
         grads = jax.tree.map(lambda x: x / n_total, g)

@@ -1257,9 +1257,12 @@ def test_throughput_window_leaves_out_eval_and_save_time():
 @pytest.mark.parametrize("accum", [1, 2])
 def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     """make_state_step with MoE: the gradient it applies is that of CE + lb_w·lb + z_w·z, rebuilt here from the
-    model's own aux outputs (per microbatch, rows k::A, as the step cuts them; weighted sums over the step's
-    total weight), and a sigmoid router's selection bias moves by update_router_bias(bias, mean load, rate), the
-    load of the step's microbatches weighted as their aux losses are."""
+    model's own aux outputs (per microbatch, rows k::A, as the step cuts them; CE summed over the step's total
+    weight, the aux terms weighted by the tokens each microbatch routes), and a sigmoid router's selection bias moves
+    by update_router_bias(bias, mean load, rate), the load of the step's microbatches weighted as their aux losses
+    are. The z-loss and the load, linear in the tokens, are then the whole batch's: with the microbatches weighted by
+    their loss weight (a loss mask, not padding: the model routes weight-0 tokens), a prompt-heavy microbatch's
+    routing counted for less (z-loss 1.9334 for 1.9310, the bias of 2 of 4 experts moved the wrong way)."""
     # aux weights large enough that dropping a term moves the gradient far past float32 noise
     moe = MoEConfig(4, 2, 16, router="sigmoid", lb_loss_weight=0.5, z_loss_weight=0.1, bias_update_rate=0.05)
     cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
@@ -1271,21 +1274,22 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
              "targets": jnp.asarray(rng.integers(0, 64, (4, 16), dtype=np.int32)),
              "weights": jnp.asarray((rng.random((4, 16)) > 0.3) * (np.arange(16) < [[16], [5], [16], [5]]),
                                     jnp.float32)}  # uneven per microbatch (k::2): rows 1 and 3 mostly weight 0
+    n_all, r_all = float(batch["weights"].sum()), batch["inputs"].size  # no segment ids: every token is routed
 
-    def objective(p, mb, lb_w, z_w):  # Σ over the microbatch's weighted tokens of CE + lb_w·lb + z_w·z
+    def objective(p, mb, lb_w, z_w):  # Σ CE over the weighted tokens + the aux terms of the routed ones
         logits, aux = nnx.merge(graphdef, p)(mb["inputs"], return_aux=True)
         mean, n = cross_entropy(logits, mb["targets"], mb["weights"])
-        return n * (mean + lb_w * aux["lb_loss"] + z_w * aux["z_loss"]), (n, aux)
+        return n * mean + n_all * mb["inputs"].size / r_all * (lb_w * aux["lb_loss"] + z_w * aux["z_loss"]), aux
 
     grad_f = jax.jit(jax.grad(objective, has_aux=True))
-    refs, n_sum, loads = {}, 0.0, []
+    refs, auxes = {}, []
     for k in range(accum):
         mb = jax.tree.map(lambda x: x[k::accum], batch)
         for key, w in (("full", (moe.lb_loss_weight, moe.z_loss_weight)), ("ce", (0.0, 0.0))):
-            g, (n, aux) = grad_f(params, mb, *w)
+            g, aux = grad_f(params, mb, *w)
             refs[key] = g if key not in refs else jax.tree.map(jnp.add, refs[key], g)
-        n_sum, loads = n_sum + n, loads + [n * aux["load"]]
-    ref, ce_only = (jax.tree.map(lambda x: x / n_sum, refs[k]) for k in ("full", "ce"))
+        auxes.append(jax.tree.map(lambda a: a * mb["inputs"].size / r_all, aux))
+    ref, ce_only = (jax.tree.map(lambda x: x / n_all, refs[k]) for k in ("full", "ce"))
 
     opt = optax.sgd(1.0)  # params - new params = the gradient the step applied (no clipping, no decay)
     state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
@@ -1299,10 +1303,13 @@ def test_moe_state_step_adds_aux_losses_and_moves_the_router_bias(accum):
     r_full, r_ce = ref["moe_blocks"]["moe"]["router"][...], ce_only["moe_blocks"]["moe"]["router"][...]
     assert float(jnp.abs(r_full - r_ce).max()) > 0.05 * float(jnp.abs(r_full).max())
 
-    # [L_moe, E]: the microbatches' loads weighted by their token weight (uneven here; an unweighted mean let a
-    # mostly padded microbatch count as much as a full one)
-    load = np.sum(loads, axis=0) / n_sum
+    # [L_moe, E]: the microbatches' loads weighted by the tokens they route, which is the whole batch's load (as is
+    # the z-loss); an unweighted mean let a mostly padded microbatch count as much as a full one
+    load = np.sum([a["load"] for a in auxes], axis=0)
     np.testing.assert_allclose(m["load"], load, rtol=1e-5, atol=1e-7)
+    whole = nnx.merge(graphdef, params)(batch["inputs"], return_aux=True)[1]
+    np.testing.assert_allclose([m["z_loss"], *np.ravel(m["load"])], [whole["z_loss"], *np.ravel(whole["load"])],
+                               rtol=1e-6)
     want = np.asarray(bias[...]) + moe.bias_update_rate * np.sign(load.mean(-1, keepdims=True) - load)
     assert np.any(want != np.asarray(bias[...]))  # the load is uneven: the update moves some experts
     np.testing.assert_allclose(new_bias, want, rtol=0, atol=1e-7)
