@@ -266,6 +266,11 @@ class KVCache(NamedTuple):
                    tuple(jnp.full((s,), -1, jnp.int32) for s in slots), jnp.zeros((), jnp.int32), start)
 
 
+# serializable in jax.export's programs (a prefill returning the cache, a decode step taking it): unregistered, a
+# NamedTuple is refused. Reading one back needs this module imported; serving without it: flatten the cache
+jax.export.register_namedtuple_serialization(KVCache, serialized_name="jaxscale.models.KVCache")
+
+
 def _cache_placement(shape_GBKSH, names=(None, "batch", "act_kv_heads", None, None)):
     """Where an eager `KVCache.zeros` inside `jax.set_mesh` puts a k / v stack (`names`: ("batch",) for start [B]):
     rows over the batch axes, kv heads over act_kv_heads' axes (each replicated where it does not divide), as the

@@ -140,3 +140,26 @@ def test_symbolic_length_with_a_cache_refused():
     e = _round_trip(export.export(g)(_specs(leaves), jax.ShapeDtypeStruct((b, 6), jnp.int32)))
     x = jax.random.randint(jax.random.key(6), (3, 6), 0, CFG.vocab_size)
     np.testing.assert_array_equal(e.call(leaves, x), g(leaves, x))
+
+
+def test_separate_prefill_and_decode_exports_serialize_the_cache():
+    """Serving exports the prefill (tokens -> logits, cache) and one decode step ((token, cache) -> logits, cache)
+    as two programs; the KVCache between them is a NamedTuple, which `Exported.serialize` refused ("Cannot serialize
+    PyTreeDef containing an unregistered type KVCache"). Reference: the live jitted prefill and steps."""
+    graphdef, state = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+    leaves, tree = jax.tree.flatten(state)
+    model = lambda ls: nnx.merge(graphdef, jax.tree.unflatten(tree, ls))  # noqa: E731
+    prefill = jax.jit(lambda ls, p: model(ls)(p, cache=KVCache.zeros(CFG, p.shape[0], 12)))
+    step = jax.jit(lambda ls, tok, cache: model(ls)(tok, cache=cache))
+    b, = export.symbolic_shape("b")
+    ep = export.export(prefill)(_specs(leaves), jax.ShapeDtypeStruct((b, 6), jnp.int32))
+    cache_spec = jax.tree.unflatten(ep.out_tree, ep.out_avals)[1]  # the cache as the prefill returns it, batch b
+    es = export.export(step)(_specs(leaves), jax.ShapeDtypeStruct((b, 1), jnp.int32), cache_spec)
+    ep, es = _round_trip(ep), _round_trip(es)
+    x = jax.random.randint(jax.random.key(7), (3, 6), 0, CFG.vocab_size)
+    (got, got_cache), (want, want_cache) = ep.call(leaves, x), prefill(leaves, x)
+    for _ in range(4):  # past the window (4): the rolling buffer wraps
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        tok = jnp.argmax(want[:, -1:], -1).astype(jnp.int32)
+        (got, got_cache), (want, want_cache) = es.call(leaves, tok, got_cache), step(leaves, tok, want_cache)
+    np.testing.assert_allclose(got, want, atol=1e-6)
