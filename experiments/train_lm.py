@@ -938,7 +938,9 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         if json.loads(meta["config"])["train"].get("eval_target") != t.eval_target:  # another target's crossing
             target_time = None
         last_eval = meta.get("eval_loss")
-        t_start = time.time() - meta.get("wall_s", time.time() - t_start)
+        # the saved clock goes on from this process's start, as a fresh run's from its own: a resume's startup
+        # (restoring the checkpoint, which takes minutes at scale) was left out of wall_s and target_time_s
+        t_start -= meta.get("wall_s", 0.0)
     halted, halt_why, save_failed = None, "nan_policy=halt", None
     window = Throughput()
 

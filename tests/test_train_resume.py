@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -821,7 +822,8 @@ def test_the_printed_tensorboard_command_runs_from_a_path_with_spaces(runs, tmp_
     assert shlex.split(re.search(r"\(tensorboard --logdir (.*)\), ckpt/", line).group(1)) == [str(out / "tb")], line
 
 
-def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its_checkpoint(runs, tmp_path):
+def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its_checkpoint(runs, tmp_path,
+                                                                                           monkeypatch):
     """A run killed past its checkpoint (here: after step 12 with only step 4 saved) and resumed to train.steps=6
     kept the killed attempt's records of steps 7..12 in metrics.jsonl: its loss.png plotted them past the run's end
     (TensorBoard's restart marker dropped them there). The resumed run drops every record past its checkpoint, as
@@ -833,13 +835,18 @@ def test_a_resume_to_fewer_steps_drops_the_interrupted_attempts_records_past_its
     # the run's clock travels with its checkpoint (not under the arrays' checksum): a resumed run continues it
     meta = out / "ckpt" / "4" / "meta" / "metadata"
     meta.write_text(json.dumps(dict(json.loads(meta.read_text()), wall_s=1e6)))
+    # and counts this process's startup (the restore too), as a fresh run counts its own: it went on from the saved
+    # wall_s only once the checkpoint was restored. A fake clock jumps 1000 s while the corpus is found (before that)
+    real, jump, tiers = time.time, [0.0], train_lm.corpus_tiers
+    monkeypatch.setattr(train_lm, "time", types.SimpleNamespace(time=lambda: real() + jump[0]))
+    monkeypatch.setattr(train_lm, "corpus_tiers", lambda spec: (jump.__setitem__(0, 1000.0), tiers(spec))[1])
     result = train_lm.main([*TINY, "--out", str(out), "--set", "train.steps=6", "--set", "train.progress=false"])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["step"]) for r in rows] == [("segment", 0), ("eval", 0), *(("train", s) for s in range(1, 5)),
                                                       ("eval", 4), ("target", 4), ("segment", 4), ("train", 5),
                                                       ("train", 6), ("eval", 6)]
     assert max(run_log.read_curves(out / "metrics.jsonl")["train"]) == 6  # what loss.png plots
-    assert all(r["wall_s"] > 1e6 for r in rows if r["step"] > 4) and result["wall_s"] > 1e6, rows
+    assert all(r["wall_s"] > 1e6 + 1000 for r in rows if r["step"] > 4) and result["wall_s"] > 1e6 + 1000, rows
     # the resumed process's first step compiles, as a fresh run's first: no throughput is reported for either
     assert [r["tokens_per_s"] is None for r in rows if r["kind"] == "train"] == [True, False, False, False, True, False]
 
