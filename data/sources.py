@@ -8,11 +8,12 @@ not the order listed, and dedup, which keeps a document's first copy in shard or
 malformed line, oversized document or unreadable file is counted, never skipped.
 JSON Lines: `.jsonl`, `.ndjson` and `.json` (what Spark and most exporters write). Text is UTF-8; a plain text file
 may also be UTF-16 / UTF-32 with a byte-order mark (Windows "Unicode" text). `discover` refuses, before any
-work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 / 32 or
-with bare-CR line ends, zstd / lz4 / deflate (Spark) / lzma / lzo / .Z / archive files, Parquet compressed whole
-(`.parquet.gz`), CSV and Arrow-family files, and files whose names are not UTF-8. Directory walks skip Hadoop /
-Spark side files (names starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories),
-which hold no records; a file named explicitly is read. A JSONL / Parquet record's other fields travel with its
+work, what would be misread: a JSON array or a pretty-printed document in a JSON Lines file, or one in UTF-16 / 32,
+with bare-CR line ends, or compressed without a suffix saying so (or plain, named .gz / .bz2 / .xz), zstd / lz4 /
+deflate (Spark) / lzma / lzo / .Z / .gzip / archive files, Parquet compressed whole (`.parquet.gz`), CSV and
+Arrow-family files, and files whose names are not UTF-8. Directory walks skip Hadoop / Spark side files (names
+starting with `_` or `.`: `_SUCCESS`, `.part-0.crc`; hidden and `_temporary` directories), which hold no records;
+a file named explicitly is read. A JSONL / Parquet record's other fields travel with its
 document as metadata, except those the stages write (`lang`, `lang_score`, `signals`, `quality`, `domains`,
 `augmented`), which they overwrite (without a langid stage, labelling keeps a record's own `lang` and `lang_score`),
 as the document's text overwrites a `text` field (so with another `--text-field`, inputs whose first records have
@@ -43,6 +44,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 # formats read as one text document each (a .zst shard was one `binary` drop, a CSV one document): refused up front
 _UNREAD = {".zst": "decompress it (zstd -d) or recompress as .gz", ".zstd": "decompress it (zstd -d)",
+           ".gzip": "rename it to end in .gz",
            ".lz4": "decompress it (lz4 -d)", ".snappy": "decompress it", ".br": "decompress it (brotli -d)",
            # Spark's `compression deflate` (Hadoop's DeflateCodec writes zlib streams), LZMA-alone, compress(1), lzop
            ".deflate": "decompress it (zlib-flate -uncompress < IN > OUT) or write it as .gz (Spark: compression gzip)",
@@ -180,8 +182,9 @@ def discover(paths: Sequence[str | os.PathLike], cfg: SourceConfig = SourceConfi
     `skip`, the run's own output; a file named twice, or linked to, read once, where it first appears) grouped into
     shards. Raises a ValueError naming files of a format that would be misread (compressed with zstd / lz4 / deflate,
     archives, Parquet compressed whole, CSV, Arrow, a JSON array or a pretty-printed JSON document in a JSON Lines
-    file, JSON Lines in UTF-16 / 32 or with bare-CR line ends), or whose names are not UTF-8, inputs that are not
-    regular files (a FIFO, a socket, a device), and directories it cannot list."""
+    file, JSON Lines in UTF-16 / 32, with bare-CR line ends, or compressed, or not, other than its suffix says), or
+    whose names are not UTF-8, inputs that are not regular files (a FIFO, a socket, a device), and directories it
+    cannot list."""
     files: list[str] = []
     skip = pathlib.Path(skip).resolve() if skip is not None else None
     for p in paths:
@@ -302,6 +305,9 @@ def _not_json_lines(path: str, limit: int) -> str | None:
     return f"{head}e.g. {dec} IN | " + cmd.replace(" < IN > ", " > ").replace(" IN > ", " > ", 1)
 
 
+# compressed data's first bytes, and the tool that decompresses it
+_MAGICS = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
 # a UTF-16 / UTF-32 JSON Lines file's first bytes: a byte-order mark, or a first "{" and its NULs. UTF-32 first: its
 # begin as UTF-16LE's do, and converted as UTF-16LE (the advice it got) its text kept a NUL after each character
 _WIDE_STARTS = (("UTF-32LE", (b"\xff\xfe\x00\x00", b"{\x00\x00\x00")),
@@ -321,8 +327,12 @@ def _why_not_json_lines(path: str, limit: int) -> str | None:
                 chunk = f.read(1 << 16)
                 n += len(chunk)
             bare_cr = b"\n" not in chunk and (cr or b"\r" in chunk)
-    except _READ_ERRORS:
-        return None  # counted as `unreadable_file` when read
+    except _READ_ERRORS:  # counted as `unreadable_file` when read, unless it is plain JSON Lines named as compressed
+        return _misnamed(path)
+    # a compressed file not named so (a download that lost its .gz): its bytes were read as lines, 50 records a few
+    # `binary` drops. No JSON text begins with these magic numbers
+    if tool := next((tool for magic, tool in _MAGICS if head.startswith(magic)), None):
+        return f"{tool}-compressed, though not named so: decompress it, e.g. {tool} -dc < IN > OUT.jsonl"
     # UTF-16 (PowerShell 5's `>`, Windows "Unicode"): every line was a `binary` drop, and a character whose code
     # holds a 0x0A byte (上 is 0A 4E) split a record in two, so even the count was wrong
     if enc := next((enc for enc, starts in _WIDE_STARTS if head.startswith(starts)), None):
@@ -336,6 +346,23 @@ def _why_not_json_lines(path: str, limit: int) -> str | None:
     if head.split(b"\n", 1)[0].strip() == b"{":
         return ("a pretty-printed JSON document, not one object per line: write it with jq -c, e.g. jq -c . IN > "
                 "OUT.jsonl")
+    return None
+
+
+def _misnamed(path: str) -> str | None:
+    """Why a `.json(l).gz / .bz2 / .xz` file its decompressor cannot read is refused: it holds plain JSON Lines (a
+    server that decompressed the download, `gunzip -c a.gz > a.gz.new` moved back), all its records one
+    `unreadable_file` drop, the report advising to re-fetch it. None: it is damaged (counted when read)."""
+    ext = os.path.splitext(path)[1]
+    if _opener(path) is open:
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"{"):
+        return f"plain JSON Lines, not compressed, though named {ext}: rename it without the {ext}"
     return None
 
 
@@ -796,6 +823,8 @@ def _read_text(path: str, cfg: SourceConfig, ncfg: NormalizeConfig):
             return
     if enc := next((e for bom, e in _BOMS if raw.startswith(bom)), None):
         raw = _decode_wide(raw, enc)
+    else:  # a UTF-8 byte-order mark (Notepad's "UTF-8 with BOM") is no part of the text, as a UTF-16 one is not: the
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # raw tier held U+FEFF first, the same text from JSON Lines did not
     doc, reason = _text_doc(raw, {"id": path, "source": path}, cfg, ncfg)
     yield doc, reason, n
 

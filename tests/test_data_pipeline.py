@@ -183,6 +183,20 @@ def test_a_utf16_file_with_a_bad_unit_is_repaired_as_bad_utf8_is_and_utf32_is_re
         assert list(read_records([str(tmp_path / name)]))[0][0]["text"] == want, name
 
 
+def test_a_utf8_byte_order_mark_is_no_part_of_a_text_files_text(tmp_path):
+    """Notepad's "UTF-8 with BOM": the text file's document began with U+FEFF in the raw tier, where the same text
+    in a UTF-16 text file or a JSON Lines record (its mark stripped by the readers) did not."""
+    from data.sources import read_records
+
+    text = "Notes from the meeting: the café opens at nine.\r\n"
+    (tmp_path / "sig.txt").write_bytes(text.encode("utf-8-sig"))
+    (tmp_path / "u16.txt").write_bytes(text.encode("utf-16"))
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": text}).encode() + b"\n")
+    for name in ("sig.txt", "u16.txt", "a.jsonl"):
+        (doc, reason, n), = read_records([str(tmp_path / name)])
+        assert (doc["text"], reason, n) == (text, None, (tmp_path / name).stat().st_size), name
+
+
 def test_a_utf16_json_lines_file_or_one_with_bare_cr_line_ends_is_refused_before_any_work(tmp_path):
     """PowerShell 5's `>` writes UTF-16: its 2 records were 4 `binary` drops (上 is the bytes 0A 4E, a line break);
     with classic Mac line ends (CR alone) they were one `malformed_json` drop. UTF-32 is named as such: LE was advised
@@ -205,6 +219,38 @@ def test_a_utf16_json_lines_file_or_one_with_bare_cr_line_ends_is_refused_before
     line = json.dumps({"text": "x" * 4083})  # 4095 bytes: its CR is the last byte of the 4 KiB read, its LF after
     (tmp_path / "long.jsonl").write_bytes((line + "\r\n" + line + "\r\n").encode())
     assert len(line) == 4095 and discover([tmp_path / "long.jsonl"]) == [(str(tmp_path / "long.jsonl"),)]
+
+
+def test_a_compressed_json_lines_file_not_named_so_is_refused_before_any_work(tmp_path):
+    """A download that lost its .gz (or was saved as .gzip): its 50 records were read as the compressed bytes' lines,
+    3 `binary` drops (or one for the whole .gzip file), and the other records in no count."""
+    import bz2
+    import lzma
+
+    from data.sources import discover
+
+    body = "".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(50)).encode()
+    for tool, data in (("gzip", gzip.compress(body)), ("bzip2", bz2.compress(body)), ("xz", lzma.compress(body)),
+                       ("zstd", b"\x28\xb5\x2f\xfd" + bytes(40))):
+        path = tmp_path / f"{tool}.jsonl"
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{path} ({tool}-compressed, though not named so: decompress "
+                                                       f"it, e.g. {tool} -dc < IN > OUT.jsonl)")):
+            discover([path])
+    (tmp_path / "a.jsonl.gzip").write_bytes(gzip.compress(body))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'a.jsonl.gzip'} (rename it to end in .gz)")):
+        discover([tmp_path / "a.jsonl.gzip"])
+    (tmp_path / "ok.jsonl.gz").write_bytes(gzip.compress(body))
+    assert discover([tmp_path / "ok.jsonl.gz"]) == [(str(tmp_path / "ok.jsonl.gz"),)]
+    # the other way round (a server decompressed the download): one `unreadable_file` drop for its 50 records
+    for suffix in (".gz", ".bz2", ".xz"):
+        path = tmp_path / f"plain.jsonl{suffix}"
+        path.write_bytes(body)
+        with pytest.raises(ValueError, match=re.escape(f"{path} (plain JSON Lines, not compressed, though named "
+                                                       f"{suffix}: rename it without the {suffix})")):
+            discover([path])
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(body)[:5])  # damaged: counted when read, as before
+    assert discover([tmp_path / "cut.jsonl.gz"]) == [(str(tmp_path / "cut.jsonl.gz"),)]
 
 
 def test_bare_cr_line_ends_are_refused_when_the_first_record_is_past_4_kib(tmp_path):
