@@ -60,25 +60,30 @@ def sample_logits(logits_BV, rng, temperature: float, top_k: int | None, top_p: 
     scale = jnp.clip(temperature, 1e-30, 1e30) if traced_t else min(max(float(temperature), 1e-30), 1e30)
     # in float32 (as Hugging Face's generate upcasts the scores): bfloat16 logits summed the nucleus in bfloat16,
     # whose cumulative sum stalls (128256 tokens, top_p 0.9: 28223 kept of 30223, mass 0.891 < top_p)
-    logits_BV = logits_BV.astype(jnp.float32)
-    logits_BV = (logits_BV - logits_BV.max(-1, keepdims=True)) / scale
+    # the filters compare the float32 logits themselves (raw_BV), not the shifted, tempered ones: the shift rounds
+    # (-3 - 10 and -3.0000002 - 10 are both -13 in float32), which tied distinct logits at the k-th or the top-p
+    # cutoff: top_k=2 kept 3 tokens where Hugging Face keeps 2
+    raw_BV = logits_BV.astype(jnp.float32)
+    logits_BV = (raw_BV - raw_BV.max(-1, keepdims=True)) / scale
     if top_k:
-        kth_B1 = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))[0][..., -1:]
-        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+        kth_B1 = jax.lax.top_k(raw_BV, min(top_k, raw_BV.shape[-1]))[0][..., -1:]
+        raw_BV = jnp.where(raw_BV < kth_B1, -jnp.inf, raw_BV)
+        logits_BV = jnp.where(raw_BV == -jnp.inf, -jnp.inf, logits_BV)
     if top_p is not None and (traced_p or top_p < 1.0):
         # [..., ::-1], not [:, ::-1]: the latter reversed the rows of [B, T, V] logits, not the vocabulary (top_p
         # then filtered nothing), and refused [V] ones
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+        # sorted by the raw logits, the tempered ones alongside (in the same order: the shift and scale are monotone)
+        neg_raw_BV, sorted_BV = jax.lax.sort((-raw_BV, logits_BV), dimension=raw_BV.ndim - 1, num_keys=1)
         probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
         keep_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p
         # and the top token always (Hugging Face's min_tokens_to_keep=1): a top_p below float32's normal range was
         # flushed to 0, every token masked, and categorical returned token 0 whatever the logits
         keep_BV = keep_BV.at[..., 0].set(True)
-        cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+        cutoff_B1 = jnp.min(jnp.where(keep_BV, -neg_raw_BV, jnp.inf), axis=-1, keepdims=True)
         if traced_p:  # a traced 1 is off too
             cutoff_B1 = jnp.where(top_p < 1.0, cutoff_B1, -jnp.inf)
-        logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+        logits_BV = jnp.where(raw_BV < cutoff_B1, -jnp.inf, logits_BV)
     # mode="high": the default Gumbel noise (one float32 uniform) caps how far a token can trail and still be drawn:
     # a token 17 logits below the top came 0.17x as often as it should, 18 below 0.003x, 19 below never (exact over
     # all 2^23 uniforms); 128k-vocabulary tails lose ~1e-4-1e-3 of their mass per step. High mode is exact to ~1e-14

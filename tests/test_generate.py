@@ -423,6 +423,22 @@ def test_sample_logits_filters_each_row_of_any_leading_shape_over_its_vocabulary
         assert sample_logits(row, key, 1.0, top_k, top_p) == sample_logits(row[None], key, 1.0, top_k, top_p)[0]
 
 
+def test_filters_compare_the_logits_not_their_rounded_shift(monkeypatch):
+    """top_k and top_p compare the float32 logits themselves: the shift by the row max rounds (10 - (-3) and
+    10 - (-3 - 2.4e-7) are both 13 in float32), which made two distinct logits a tie at the k-th logit or the top-p
+    cutoff, and a third token was kept where Hugging Face's warpers (and exact arithmetic) keep two."""
+    monkeypatch.setattr(jax.random, "categorical",  # the filtered logits, bit-cast to the sampler's int32 and back
+                        lambda key, x, axis, mode: jax.lax.bitcast_convert_type(x, jnp.int32))
+    below = np.nextafter(np.float32(-3), np.float32(-10))  # the float32 just below -3
+    logits_V = jnp.asarray([10.0, -3.0, below, -100.0], jnp.float32)
+    # top_k=2, and top_p 0.7 at temperature 13 (probabilities ~0.58, 0.21, 0.21: the first two reach it)
+    for temperature, top_k, top_p in ((1.0, 2, None), (0.5, 2, None), (13.0, None, 0.7), (13.0, 3, 0.7)):
+        got_V = jax.lax.bitcast_convert_type(sample_logits(logits_V, jax.random.key(0), temperature, top_k, top_p),
+                                             jnp.float32)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(got_V)), [True, True, False, False],
+                                      err_msg=f"temperature {temperature}, top_k {top_k}, top_p {top_p}")
+
+
 def test_prefill_runs_the_lm_head_on_the_last_prompt_token_only(model):
     """The prefill ran the prompt in one call and sampled from its last row of logits: the [B, P, V] float32 logits
     of every prompt token were computed for nothing, nearly all of generate's temporary memory (B 2, P 256,
