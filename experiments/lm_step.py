@@ -459,9 +459,10 @@ def make_eval_sums(graphdef, grad_accum: int = 1):
 
     grad_accum = A: the batch's forward runs as the train step's A microbatches (rows k::A), their sums added, so
     evaluation needs no more memory than a training microbatch (one whole-batch forward, logits and all, ran out of
-    memory at the first eval of a run that grad_accum had made fit). A dense model's sums only change summation
-    order; a capacity-dispatch MoE routes each microbatch on its own and drops the tokens past an expert's capacity, as
-    it trains (models.generate decodes dropless: its loss on the same tokens can be lower)."""
+    memory at the first eval of a run that grad_accum had made fit). The sums only change summation order, an MoE's
+    too: capacity dispatch routes each row on its own (its routing group), so the same tokens past an expert's
+    capacity drop at any A, as in training (models.generate decodes dropless: its loss on the same tokens can be
+    lower)."""
     if isinstance(grad_accum, bool) or not isinstance(grad_accum, numbers.Integral) or grad_accum < 1:
         raise ValueError(f"make_eval_sums: grad_accum={grad_accum!r} must be an int >= 1 (microbatches per batch)")
 

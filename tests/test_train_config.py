@@ -827,6 +827,22 @@ def test_eval_runs_the_train_steps_microbatches_so_a_run_grad_accum_made_fit_eva
     assert asked == [2]
 
 
+def test_eval_microbatches_of_a_capacity_moe_drop_the_tokens_one_batch_drops():
+    """make_eval_sums' docstring said a capacity MoE evaluated under grad_accum routed each microbatch on its own (so
+    dropped other tokens than one batch). Capacity dispatch routes each row on its own: the same tokens drop at any
+    grad_accum, and the eval sums equal one batch's up to summation order (at a capacity that drops half)."""
+    from experiments.lm_step import lm_loss_parts, make_eval_sums
+
+    moe = MoEConfig(4, 2, 16, dispatch="capacity", capacity_factor=0.5)
+    cfg = TransformerConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, mlp_dim=32, max_seq_len=16, moe=moe)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tok = np.random.default_rng(0).integers(0, 64, (8, 17), dtype=np.int32)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
+    assert float(lm_loss_parts(graphdef, params, batch)[2]["dropped_frac"]) > 0.3  # capacity binds
+    (s1, n1), (s4, n4) = make_eval_sums(graphdef)(params, batch), make_eval_sums(graphdef, 4)(params, batch)
+    assert float(n4) == float(n1) == 8 * 16 and float(s4) == pytest.approx(float(s1), rel=1e-6)
+
+
 def test_lm_steps_name_a_batch_key_that_is_missing_or_misspelled():
     """A missing key was a bare KeyError ('inputs'), a tuple batch an AttributeError, and a misspelled optional key
     ('segment_id', 'weight') was ignored: padding scored and documents attending to each other, silently. Checked
