@@ -210,9 +210,6 @@ def main(argv=None):
     # nor the count; a backend with too few devices is named below, once the meshes are checked)
     if jax.config.jax_num_cpu_devices != args.devices and not xla_bridge.backends_are_initialized():
         jax.config.update("jax_num_cpu_devices", args.devices)
-    # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones; the
-    # first --devices of a backend already started with more (the step compiled on all of them, headed "4 devices")
-    devices = jax.devices("cpu")[:args.devices]
     from experiments.config import ConfigError, load
     from models import TransformerConfig
 
@@ -256,6 +253,11 @@ def main(argv=None):
         # in bf16, and beside fsdp the default batch's microbatch rows do not divide the batch axes)
         ap.error(f"argument --microbatches: {args.microbatches} microbatches need a pipeline, a mesh with a 'stage' "
                  "axis (e.g. --mesh stage=-1); without one they would be ignored")
+    # the CPU backend's fake devices, also on a GPU / TPU host whose default backend has only a few real ones; the
+    # first --devices of a backend already started with more (the step compiled on all of them, headed "4 devices").
+    # Started after the flags and meshes are checked: --devices 100000 beside a mesh it refuses spent minutes making
+    # the devices first
+    devices = jax.devices("cpu")[:args.devices]
     if len(devices) < args.devices:
         ap.error(f"argument --devices: JAX already runs in this process with {len(devices)} CPU device"
                  f"{'s' * (len(devices) != 1)}, and the count is fixed once it starts: run jax.config.update("

@@ -154,7 +154,10 @@ def main(argv=None):
         ap.error(f"argument --out: {args.out} is {'a directory' if out.is_dir() else 'not an image file name'}; "
                  f"name the plot's file, e.g. {out / 'mup_transfer.png' if out.is_dir() else out.with_suffix('.png')}"
                  f" ({', '.join(sorted(plot_formats()))})")
-    data = ByteWindows(encode_bytes(stdlib_text(1_000_000)), args.seq, args.batch, 0)
+    try:  # a --seq past the corpus was ByteWindows' traceback, naming no flag
+        data = ByteWindows(encode_bytes(stdlib_text(1_000_000)), args.seq, args.batch, 0)
+    except ValueError as e:
+        ap.error(f"argument --seq: {e}; use a shorter --seq")
     batches = [{k: jnp.asarray(v) for k, v in data.batch(i).items()} for i in range(args.steps)]
     res = {"sp": {}, "mup": {}}
     runs = [(name, w) for name in res for w in args.widths]

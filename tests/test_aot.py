@@ -372,3 +372,22 @@ def test_run_report_counts_the_expert_copies_a_scan_without_remat_saves(mesh, ac
     run = load(["--preset", "demo", "--set", "model.remat=none", "--set", f"optim.grad_accum={accum}"])
     r = run_report(run, mesh)
     assert 0.78 * r.estimate.temp <= r.temp_bytes <= 1.12 * r.estimate.temp, r.temp_bytes / r.estimate.temp
+
+
+def test_cli_refuses_a_bad_mesh_before_starting_the_devices_it_names(monkeypatch, capsys):
+    """A mesh, flag or batch refusal comes before JAX creates --devices fake CPU devices: `--devices 100000 --mesh
+    fsdp=3` (a slip of the count) spent minutes making 100k devices (quadratic in the count: 16k took 13 s) before
+    the one-line refusal of a mesh that could never fit them."""
+    import jax
+
+    from experiments import aot
+
+    asked = []
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test's backend already runs, on 8 devices
+    monkeypatch.setattr(jax, "devices", lambda backend=None: asked.append(backend) or [])
+    for argv in (["--devices", "100000", "--mesh", "fsdp=3"], ["--devices", "100000", "--batch", "3"],
+                 ["--devices", "100000", "--microbatches", "2"]):
+        with pytest.raises(SystemExit):
+            aot.main(argv)
+        assert "error: argument --" in capsys.readouterr().err, argv
+    assert asked == []

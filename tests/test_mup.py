@@ -518,3 +518,15 @@ def test_a_mup_run_saved_before_the_weight_decay_fix_still_loads_its_model(tmp_p
     np.testing.assert_array_equal(older.lm_head[...], model.lm_head[...])
     opt_bytes = 2 * sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))  # Adam's mu and nu
     assert read[-1]["opt_state"] < opt_bytes / 4  # split over the 8 devices, not whole on each
+
+
+def test_the_transfer_sweep_refuses_a_seq_longer_than_its_corpus_naming_the_flag(monkeypatch, capsys, tmp_path):
+    """--seq 2000000 (past the sweep's 1 MB corpus) ended in ByteWindows' ValueError traceback, naming no flag."""
+    from experiments import mup_transfer
+
+    monkeypatch.setattr(mup_transfer, "sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as e:
+        mup_transfer.main(["--steps", "1", "--widths", "32", "--seq", "2000000", "--out", str(tmp_path / "p.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seq: " in err and "2000001" in err, err
