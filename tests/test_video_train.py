@@ -1311,6 +1311,28 @@ def test_load_video_model_refuses_a_dit_of_another_vae(tmp_path, monkeypatch):
     train_video.load_video_model(tmp_path, "tiny")  # the VAE it was trained on
 
 
+def test_overview_separates_the_three_frames_of_each_clip(tmp_path, monkeypatch):
+    """write_overview's first / middle / last frames were drawn edge to edge: with no line between them a left-moving
+    object read as three objects stepping right, and the frame an object sat in could not be told. Each tile now
+    shows the three frames in order, with tile's grey gap between them."""
+    import matplotlib.axes
+
+    from data.moving_shapes import MovingShapesConfig
+    from experiments import video_eval
+
+    cfg = MovingShapesConfig(frames=5, size=16, object_size=(5, 6), speed=(1.0, 1.2))
+    sets = {"seen": video_eval.prompt_set(cfg, "train", 1)[:2] + (np.asarray([0]),)}
+    clip = np.random.default_rng(0).uniform(-1, 1, (1, 5, 16, 16, 3)).astype(np.float32)
+    shown = []
+    real_imshow = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, img, *a, **k: shown.append(np.asarray(img)) or real_imshow(self, img, *a, **k))
+    video_eval.write_overview(tmp_path / "overview.png", {("cfg 1", "seen"): clip}, sets, cfg, 1.0, null=False)
+    assert len(shown) == 1
+    want = video_eval.tile(video_eval.to_uint8(clip[0, [0, 2, 4]])[None, :, None])[0]  # 1 row, 3 columns, grey gaps
+    np.testing.assert_array_equal(shown[0], want)
+
+
 def test_no_media_removes_a_leftover_overview_temporary_and_failed_plots_close_their_figures(tmp_path, monkeypatch):
     """--no-media removed an earlier overview.png and samples/ but left overview.png.tmp (a write cut short by a
     kill; only --fresh removed it). write_overview and plot_losses left their figure open in pyplot when the save
