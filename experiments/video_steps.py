@@ -138,9 +138,11 @@ def save(ckpt: Checkpoints, step: int, trees: dict, meta: dict):
     NonFiniteState instead of saving NaN / Inf (a later run would resume from it, and sample noise)."""
     if unknown := set(trees) - set(TREES):
         raise ValueError(f"video checkpoint trees {sorted(unknown)}: a stage saves only {TREES}")
-    if bad := [k for k, v in trees.items() if not all_finite(v)]:
-        raise NonFiniteState(f"{ckpt.dir}: refusing to save step {step}: {bad} hold NaN / Inf values")
-    ckpt.save(step, trees, meta)
+    try:  # Checkpoints.save checks the whole state; the trees one by one only to name the bad ones (each checked
+        ckpt.save(step, trees, meta)  # first as well: 2-3 more finiteness programs to compile, two passes a save)
+    except NonFiniteState:
+        bad = [k for k, v in trees.items() if not all_finite(v)]
+        raise NonFiniteState(f"{ckpt.dir}: refusing to save step {step}: {bad} hold NaN / Inf values") from None
     ckpt.wait()
 
 

@@ -245,10 +245,12 @@ def optimizer_shardings(optimizer, abstract_opt_state, params):
             return state
         return p.sharding if state.shape == p.shape else replicated(mesh)
 
-    try:
-        return optax.tree_utils.tree_map_params(optimizer, like, abstract_opt_state, params,
-                                                transform_non_params=lambda _: replicated(mesh),
-                                                is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    try:  # (tree_map_params runs init eagerly on placeholders: its step count's jnp.zeros is a host-to-device
+        # transfer, which jax_transfer_guard='disallow' refused, and every leaf was replicated with the warning below)
+        with jax.transfer_guard("allow"):
+            return optax.tree_utils.tree_map_params(optimizer, like, abstract_opt_state, params,
+                                                    transform_non_params=lambda _: replicated(mesh),
+                                                    is_leaf=lambda x: isinstance(x, optax.MaskedNode))
     except Exception as e:  # noqa: BLE001 - `optimizer.init` already ran on `params` (the caller's eval_shape)
         # an init that reads its parameters as arrays (optax.flatten concatenates them, optax.lbfgs reads a dtype)
         # fails on tree_map_params' placeholders, which init_optimizer raised ("Need at least one array to

@@ -979,6 +979,32 @@ def test_init_optimizer_shards_factored_and_masked_optimizer_states():
                    for x in jax.tree.leaves(state)), opt
 
 
+def test_optimizer_shardings_follow_the_parameters_under_a_transfer_guard():
+    """optax's tree_map_params runs `init` eagerly on placeholders, whose jnp.zeros step count is a host-to-device
+    transfer: under jax_transfer_guard='disallow' (a profiling session's setting) optimizer_shardings caught the
+    refusal and replicated every leaf (Adam's moments whole on each device), warning of an optimizer that reads its
+    parameters."""
+    import warnings
+
+    import optax
+    from flax import nnx
+
+    from models import Transformer
+    from parallel import create_sharded
+    from parallel.sharding import optimizer_shardings
+
+    mesh = make_mesh({"fsdp": 4, "tensor": 2})
+    _, params = create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), mesh)
+    opt = optax.adam(1e-3)
+    abstract = jax.eval_shape(opt.init, params)
+    want = optimizer_shardings(opt, abstract, params)
+    with warnings.catch_warnings(), jax.transfer_guard("disallow"):
+        warnings.simplefilter("error")
+        got = optimizer_shardings(opt, abstract, params)
+    assert got == want
+    assert got[0].mu["blocks"]["wq"].spec == params["blocks"]["wq"][...].sharding.spec != jax.sharding.PartitionSpec()
+
+
 def test_init_optimizer_takes_an_optimizer_whose_init_reads_the_parameters():
     """optax.flatten (Adam's moments as one flat vector) and optax.lbfgs read their parameters in init (a
     concatenation, a dtype): optax's tree_map_params hands init placeholders, and init_optimizer raised "Need at least

@@ -124,6 +124,21 @@ def test_a_diverged_stage_stops_by_name_and_saves_nothing(tmp_path):
     assert manager(tmp_path).latest_step() is None
 
 
+def test_a_video_save_checks_finiteness_with_one_program_per_state(tmp_path):
+    """save checked each tree (params, opt_state, ema) for NaN / Inf and then Checkpoints.save checked the whole
+    state again: 3 finiteness programs compiled per stage (4 with an EMA) and two passes over the state every save.
+    One now; the trees are checked one by one only to name the non-finite ones."""
+    from experiments import lm_step
+
+    trees = {"params": {"w": jnp.ones((3, 5)), "b": jnp.ones(7)}, "ema": {"w": jnp.ones((3, 5)), "b": jnp.ones(7)},
+             "opt_state": {"mu": jnp.zeros((3, 5)), "n": jnp.zeros((), jnp.int32)}}
+    before = lm_step._leaves_finite._cache_size()
+    save(manager(tmp_path), 1, trees, {})
+    save(manager(tmp_path), 2, trees, {})
+    assert lm_step._leaves_finite._cache_size() == before + 1
+    assert manager(tmp_path).steps() == [1, 2]
+
+
 def test_latent_cache_is_encoded_again_after_more_vae_training(tmp_path):
     p = dataclasses.replace(train_video.PRESETS["tiny"], n_latents=2 * train_video.PRESETS["tiny"].eval_batch)
     calls = []
