@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -720,6 +721,12 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:  # a check made only now (--dedup-against's run) names its flag too
         flag = next((f for field, f in FLAGS.items() if str(e).startswith(field)), None)
         raise SystemExit(f"error: {f'argument {flag}: ' if flag else ''}{e}") from None
+    except (OSError, RuntimeError) as e:  # a full disk: array_record's writer raises a RuntimeError ('write() failed')
+        if not (str(e).startswith("write() failed") if isinstance(e, RuntimeError) else  # (an unreadable input:
+                e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):  # its own traceback, naming it)
+            raise
+        raise SystemExit(f"error: writing the run in {args.out} failed ({e}); its tiers are incomplete: mend the "
+                         "cause (a full disk: free space there) and rerun the same command") from None
     from data.report import report
 
     print(report(args.out))

@@ -42,6 +42,7 @@ import math
 import numbers
 import os
 import pathlib
+import re
 import threading
 import weakref
 
@@ -72,6 +73,23 @@ logging.getLogger("absl").addFilter(_SavesBetweenEvals())
 # notebook cell run again) took the first's save still in flight for an interrupted one and cleaned it up under it:
 # that step was lost, and the second manager's first save failed ("Directory not empty")
 _WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_WRITER_DIRS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the same managers by str(directory)
+
+
+class _SaveFailuresRaisedLater(logging.Filter):
+    """orbax logs a failed background save at ERROR with its whole traceback, three times (the writer thread, the
+    commit thread, the finalize wait: ~325 lines of asyncio / tensorstore frames on a full disk), then raises it at
+    the next save or wait, where `Checkpoints._save_errors` says it in one line. Those logs are dropped for the
+    directories open writers save into (the message or its exception names one); others' pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not (dirs := [*_WRITERS.keys(), *_WRITER_DIRS.keys()]):
+            return True
+        text = record.getMessage() + (f" {record.exc_info[1]}" if record.exc_info and record.exc_info[1] else "")
+        return not any(re.search(re.escape(d) + r"(?![\w.-])", text) for d in dirs)
+
+
+logging.getLogger("absl").addFilter(_SaveFailuresRaisedLater())
 
 
 class NonFiniteState(RuntimeError):
@@ -297,6 +315,11 @@ class Checkpoints:
         # keyed by the resolved path: another spelling of the directory (relative with '..', a symlink) missed the
         # first manager and cleaned up its save in flight as before
         self._writer_key = str(self.dir.resolve())
+        # a file in the way: orbax opened the manager and failed the first (async) save, a save interval later
+        if not read_only and (blocker := next((p for p in (self.dir, *self.dir.parents) if p.exists()), None)) \
+                and not blocker.is_dir():
+            raise NotADirectoryError(f"checkpoint: {blocker} is a file, where the checkpoint directory {self.dir} "
+                                     "should be; move it away or save into another directory")
         if not read_only and (earlier := _WRITERS.get(self._writer_key)) is not None:
             try:  # its save finishes first (a step, not a temporary folder to clean up)
                 earlier.wait_until_finished()
@@ -329,7 +352,7 @@ class Checkpoints:
             cleanup_tmp_directories=True, enable_async_checkpointing=async_save, **best)
         # explicit handlers: item metadata (saved shapes) is readable before anything is restored
         self.mgr = ocp.CheckpointManager(self.dir, options=opts, item_handlers=handlers)
-        _WRITERS[self._writer_key] = self.mgr
+        _WRITERS[self._writer_key] = _WRITER_DIRS[str(self.dir)] = self.mgr
         if async_save:
             _finish_at_exit(self)
 
@@ -439,6 +462,8 @@ class Checkpoints:
             self.mgr.close()
             if _WRITERS.get(self._writer_key) is self.mgr:
                 del _WRITERS[self._writer_key]
+            if _WRITER_DIRS.get(str(self.dir)) is self.mgr:
+                del _WRITER_DIRS[str(self.dir)]
 
     def steps(self) -> list[int]:
         return sorted(self.mgr.all_steps())

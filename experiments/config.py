@@ -711,7 +711,9 @@ def validate(cfg: RunConfig, n_devices: int) -> dict[str, int]:
     # the directories the run writes (the built-in corpus is cached on its first use): a file in the way failed
     # with a traceback naming no setting once the run had started
     # (the default cache under $HOME too: an unwritable home failed in mkdir with a traceback naming no setting)
-    for path, field in ((t.out, "train.out"), (cache_root(d) if d.train_dir is None else None, "data.cache_dir")):
+    # (train.out's ckpt/ too: a file there failed the first save, a save interval of training later)
+    for path, field in ((t.out, "train.out"), (t.out and os.path.join(t.out, "ckpt"), "train.out"),
+                        (cache_root(d) if d.train_dir is None else None, "data.cache_dir")):
         if path is None:
             continue
         need((problem := dir_problem(path)) is None, field, problem)

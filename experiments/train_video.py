@@ -34,6 +34,7 @@ import numbers
 import pathlib
 import re
 import shutil
+import sys
 import time
 import zipfile
 
@@ -48,7 +49,7 @@ from data.moving_shapes import MovingShapesConfig, caption, dataset, encode_capt
 from data.run_lock import LOCK_NAME, DirLocked, RunLock
 from data.seeds import check_seed
 from data.shards import write_atomically
-from experiments.checkpoint import fingerprint, mesh_axes, other_mesh_note
+from experiments.checkpoint import CheckpointSaveFailed, fingerprint, mesh_axes, other_mesh_note
 from experiments.config import ConfigError, at_least, dir_problem, parse_mesh
 from experiments.lm_step import make_optimizer
 from experiments.run_log import (
@@ -230,6 +231,20 @@ STAGE_CURVES = {
     "t2v": (("t2v", "loss", "loss (diffusion + align_weight·align)", ".-"), ("t2v", "diffusion", "diffusion", ".--"),
             ("t2v", "align", "align (InfoNCE)", ".:")),
 }
+
+
+def _end_stage(out: pathlib.Path, stage: str, log: Logger, stop: Stop) -> None:
+    """A stage's `finally`: its signal handler put back, its logs closed and plotted. Where the stage failed (a save
+    on a full disk), an OSError here (the same full disk) is said in one line, not raised over the stage's error."""
+    failing = sys.exc_info()[1] is not None
+    stop.restore()
+    try:
+        log.close()
+        print(f"{stage}: wrote {plot_stage(out, stage)}")
+    except OSError as e:
+        if not failing:
+            raise
+        print(f"{stage}: its logs could not be closed or plotted either ({e})")
 
 
 def plot_stage(out: pathlib.Path, stage: str) -> pathlib.Path:
@@ -888,7 +903,9 @@ def main(argv=None):
     except ValueError as e:
         ap.error(f"argument --mesh: {e} (in the {args.preset!r} preset's models)")
     out = pathlib.Path(args.out or f"runs/video/{args.preset}")
-    if problem := dir_problem(out):  # a file in the way, below it or an unwritable parent: before --fresh
+    # a file in the way (its ckpt/ too, which --fresh deletes: the first stage trained to its first save, which
+    # failed), below it or an unwritable parent: before --fresh
+    if problem := dir_problem(out) or (None if args.fresh else dir_problem(out / "ckpt")):
         ap.error(f"argument --out: {problem}")
     if args.fresh and out.exists() and (foreign := sorted(c.name for c in out.iterdir() if not run_file(c.name))):
         ap.error(f"argument --fresh: {out} holds files this script does not write ({', '.join(foreign[:5])}); "
@@ -903,6 +920,8 @@ def main(argv=None):
     at_once = StopAtOnce("the start-up (nothing trained yet in this attempt)")
     try:
         return _run(args, p, mesh, scales, out, at_once)
+    except CheckpointSaveFailed as e:  # a full disk: one line (where, why, the step a rerun resumes from), as train_lm
+        raise SystemExit(str(e)) from None
     finally:
         at_once.restore()
         lock.release()
@@ -944,9 +963,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path, at_once: StopAtOnce) 
         try:
             vae_gd, vae_params = train_vae(p, out, mesh, args.seed, vae_gd, vae_params, log, stop)
         finally:  # plotted however the stage ended (done, stopped, diverged): a halted run's curve is the one to see
-            stop.restore()
-            log.close()
-            print(f"vae: wrote {plot_stage(out, 'vae')}")
+            _end_stage(out, "vae", log, stop)
         timings["vae_s"] = stage_seconds(out, "vae", time.time() - t0)
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}
@@ -972,9 +989,7 @@ def _run(args, p: Preset, mesh, scales, out: pathlib.Path, at_once: StopAtOnce) 
             gd, ema = train_t2v(p, out, mesh, args.seed, t2v_gd, t2v_params, z, tokens, combo, log, stop,
                                 vae_fingerprint=vae_print)
         finally:  # (as the VAE's)
-            stop.restore()
-            log.close()
-            print(f"t2v: wrote {plot_stage(out, 't2v')}")
+            _end_stage(out, "t2v", log, stop)
         timings["dit_s"] = stage_seconds(out, "t2v", time.time() - t2)
         if stop.signal is not None:
             return {"stopped": stop.signal, "timings": timings}

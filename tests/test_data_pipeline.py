@@ -487,6 +487,43 @@ def test_a_shard_whose_writer_fails_on_a_full_disk_leaves_no_temporary_files(tmp
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*tmp*")) == []
 
 
+def test_the_cli_on_a_full_disk_says_it_in_one_line(tmp_path, monkeypatch):
+    """A full disk under --out ended `python -m data.pipeline` with a 25-line traceback (array_record's RuntimeError
+    from the shard writer's close; an OSError from the other writes); now one line naming --out, the cause and that
+    the tiers are incomplete."""
+    from array_record.python import array_record_module
+
+    from data import pipeline
+
+    real = array_record_module.ArrayRecordWriter
+
+    class FullDisk:
+        def __init__(self, path, options):
+            self._w = real(path, options)
+
+        def write(self, rec):
+            self._w.write(rec)
+
+        def close(self):
+            self._w.close()
+            raise RuntimeError("write() failed: No space left on device; Failed to close chunk_writer")
+
+    inputs = [str(p) for p in small_corpus(tmp_path)]
+    out = tmp_path / "out"
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    with pytest.raises(SystemExit, match=rf"^error: writing the run in {re.escape(str(out))} failed \(write\(\) "
+                                         r"failed: No space left on device; .*\); its tiers are incomplete"):
+        pipeline.main([*inputs, "--out", str(out), "--workers", "1"])
+    monkeypatch.undo()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(SystemExit, match=r"^error: writing the run in .* failed \(\[Errno 28\] No space left"):
+        pipeline.main([*inputs, "--out", str(tmp_path / "out2"), "--workers", "1"])
+
+
 class FailOnThird:
     """A stage that raises on the third document it sees."""
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import time
 
 import jax
@@ -135,6 +136,45 @@ def test_a_save_that_cannot_be_written_is_one_line_naming_the_cause_and_the_step
         assert ckpt.steps() == [1]
     finally:
         ckpt.close()
+
+
+def test_a_save_that_fails_in_orbax_writer_logs_no_traceback_beside_the_one_line(tmp_path, caplog, monkeypatch):
+    """A full disk fails orbax's background write; orbax logged it at ERROR with its full traceback three times (the
+    writer thread, the commit thread, the finalize wait: 325 lines of asyncio / tensorstore frames before
+    train_lm's one-line CheckpointSaveFailed). The error is raised to the caller anyway, so those logs are dropped
+    for a directory a Checkpoints writes; the exception still says what failed."""
+    import logging
+
+    from orbax.checkpoint._src.serialization import serialization
+
+    from experiments.checkpoint import CheckpointSaveFailed
+
+    ckpt = Checkpoints(tmp_path / "ckpt", log=lambda *a: None)
+    try:
+        ckpt.save(1, state_at(1), {"config": "{}"})
+        ckpt.wait()
+
+        async def full(*a, **k):
+            raise OSError(28, "No space left on device", str(tmp_path / "ckpt" / "2.orbax-checkpoint-tmp" / "d"))
+
+        monkeypatch.setattr(serialization, "async_serialize_from_host", full)
+        with caplog.at_level(logging.ERROR), pytest.raises(CheckpointSaveFailed, match="No space left on device"):
+            ckpt.save(2, state_at(2), {"config": "{}"})
+            ckpt.wait()
+        assert [r.getMessage()[:120] for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert ckpt.steps() == [1]
+    finally:
+        monkeypatch.undo()
+        ckpt.close()
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_refused_at_the_open(tmp_path):
+    """A file where the directory should be: the open succeeded and the first (async) save failed, a save_every of
+    training later; now the open names it. A file above it too."""
+    (tmp_path / "ckpt").write_text("x")
+    for where in (tmp_path / "ckpt", tmp_path / "ckpt" / "sub"):
+        with pytest.raises(NotADirectoryError, match=re.escape(f"checkpoint: {tmp_path / 'ckpt'} is a file")):
+            Checkpoints(where, log=lambda *a: None)
 
 
 def test_templates_and_states_that_are_not_jax_arrays_are_named(tmp_path):

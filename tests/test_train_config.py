@@ -361,6 +361,16 @@ def test_an_out_that_is_a_runs_checkpoint_directory_is_refused(tmp_path):
     assert validate(load(["--preset", "tiny", "--out", str(run)]), 8)  # the run's directory: resumed
 
 
+def test_an_out_whose_ckpt_is_a_file_is_refused_before_training(tmp_path):
+    """A file named ckpt in train.out: the run trained up to its first save_every step, then failed there
+    (NotADirectoryError from orbax's writer), every step lost; a rerun did the same."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt").write_text("x")
+    with pytest.raises(ConfigError, match=re.escape(f"train.out: '{run / 'ckpt'}' is a file; name a directory")):
+        validate(load(["--preset", "tiny", "--out", str(run)]), 8)
+
+
 def test_short_flags_and_set_apply_in_command_line_order():
     """--mesh / --steps are --set mesh= / train.steps=: the last of a key wins across both forms, and a --set of one
     mesh axis after --mesh adds to it (the short flags were applied after every --set, dropping mesh.tensor=2)."""

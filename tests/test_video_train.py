@@ -310,6 +310,12 @@ def test_an_out_that_cannot_be_a_directory_is_refused_naming_the_flag(tmp_path, 
         with pytest.raises(SystemExit):
             train_video.main(["--preset", "tiny", "--out", str(out)])
         assert re.search(f"argument --out: .*{why}; name a directory", capsys.readouterr().err), out
+    # a file named ckpt in it: the first stage trained to its first save, which failed (NotADirectoryError)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt").write_text("a file")
+    with pytest.raises(SystemExit):
+        train_video.main(["--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert re.search(r"argument --out: '.*run/ckpt' is a file; name a directory", capsys.readouterr().err)
 
 
 def test_a_one_process_job_that_started_jax_distributed_is_not_refused(monkeypatch, capsys):
@@ -1693,3 +1699,32 @@ def test_the_dit_progress_bar_shows_the_losses_its_logs_hold(tmp_path, monkeypat
     assert (last["step"], last["diffusion"], last["align"]) == (50, 0.5, 5.0)
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert [line for line in bar if "50/50" in line][-1].endswith("align=5.00, diff=0.500]"), bar[-3:]
+
+
+def test_a_save_that_fails_on_a_full_disk_ends_the_run_in_one_line(tmp_path, monkeypatch):
+    """A full disk failed a stage's save: a 158-line traceback, whose last exception was not the save's but an ENOSPC
+    from closing the stage's logs in the `finally` (which hid it); train_lm says it in one line. Now so does this."""
+    from experiments.checkpoint import CheckpointSaveFailed
+
+    real_logger = train_video.stage_logger
+
+    def full_disk_logger(out, stage):
+        log = real_logger(out, stage)
+        real_close = log.close
+
+        def close():
+            real_close()
+            raise OSError(28, "No space left on device")
+
+        log.close = close
+        return log
+
+    def failing_stage(*a, **k):
+        raise CheckpointSaveFailed(f"checkpoint: a save into {tmp_path / 'ckpt' / 'vae'} failed (OSError: [Errno 28] "
+                                   "No space left on device); a rerun resumes from step 2: first mend the cause")
+
+    monkeypatch.setattr(train_video, "stage_logger", full_disk_logger)
+    monkeypatch.setattr(train_video, "train_vae", failing_stage)
+    with pytest.raises(SystemExit, match=r"^checkpoint: a save into .*vae failed \(OSError: \[Errno 28\] No space left "
+                                         r"on device\); a rerun resumes from step 2"):
+        train_video.main(["--preset", "tiny", "--out", str(tmp_path), "--no-media"])
