@@ -96,9 +96,11 @@ def make_wsd_optimizer(peak_lr: float, weight_decay: float = 0.1, clip_norm: flo
     Its schedule is the ladder's own `wsd_lr`, not lm_step's: the warmup's first step is at peak / warmup (lm_step's
     is at 0) and the cooldown's last update is at peak / D for a cooldown of D steps (its ramp reaches 0 at
     decay_end, a step never trained; lm_step's last update is at min_lr_ratio · lr)."""
+    # mask is static: inject_hyperparams takes any callable for a schedule of the step count, and decay_mask(count)
+    # (a bare True) decayed every parameter, the RMSNorm scales too
     return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.inject_hyperparams(optax.adamw)(learning_rate=peak_lr, b1=b1, b2=b2,
-                                                             weight_decay=weight_decay, mask=decay_mask))
+                       optax.inject_hyperparams(optax.adamw, static_args="mask")(
+                           learning_rate=peak_lr, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask))
 
 
 def with_lr(opt_state, lr: float):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.corpus import ByteWindows
-from experiments.scaling_ladder import Rung, rung_lr, train_rung, wsd_lr
+from experiments.scaling_ladder import Rung, make_wsd_optimizer, rung_lr, train_rung, with_lr, wsd_lr
 
 
 def test_peak_lr_is_the_base_up_to_width_64_then_falls_as_one_over_width():
@@ -24,6 +24,22 @@ def test_wsd_schedule():
     # (step <= warmup ran step 4 at 1.25x the peak)
     assert [wsd_lr(s, peak, 2, 8, 12) for s in (7, 8, 10, 11, 12)] == pytest.approx(
         [peak, peak, peak / 2, peak / 4, 0.0])
+
+
+def test_the_ladder_optimizer_decays_weights_but_not_norm_scales_as_lm_step_does():
+    """inject_hyperparams took the callable `mask=decay_mask` for a schedule and called it with the step count, whose
+    mask (a bare True) decayed every parameter: RMSNorm scales shrank by lr·wd per step, unlike lm_step's AdamW."""
+    import jax
+    import jax.numpy as jnp
+
+    params = {"blocks": {"attn_norm": jnp.ones((2, 4)), "wq": jnp.ones((2, 4, 4))}, "final_norm": jnp.ones(4)}
+    opt = make_wsd_optimizer(1e-2, weight_decay=0.1)
+    state = with_lr(opt.init(params), 1e-2)
+    zero = jax.tree.map(jnp.zeros_like, params)  # no gradient: AdamW's update is the decay alone
+    updates, _ = opt.update(zero, state, params)
+    assert np.all(np.asarray(updates["blocks"]["attn_norm"]) == 0)
+    assert np.all(np.asarray(updates["final_norm"]) == 0)
+    np.testing.assert_allclose(np.asarray(updates["blocks"]["wq"]), -1e-2 * 0.1, rtol=1e-6)  # lr · wd · w
 
 
 def test_a_cooldown_branch_equals_a_fresh_run_of_its_budget_and_leaves_the_main_run_alone():
