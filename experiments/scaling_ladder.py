@@ -264,7 +264,9 @@ def plot(path, all_runs, bs, target, preds, level):
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"  # the documented figure, whatever the cwd
 RUNGS = "rungs.json"  # {settings, done: {rung: train_rung's result}}, rewritten as each rung finishes
 LADDER_FILES = ("ladder.json", "prediction.json", "results.json", "scaling_fit.png")
-TRAINING = ("ladder", "budgets", "lr", "warmup")  # the settings a rung's training depends on (not n_boot, level)
+# the settings a rung's training depends on (not n_boot, level). `decay`: what AdamW decays (rungs.json before
+# 2026-12-07 has none: its rungs decayed the RMSNorm scales too, and resumed beside these they mixed two optimizers)
+TRAINING = ("ladder", "budgets", "lr", "warmup", "decay")
 
 
 def _to_docs(png: pathlib.Path) -> pathlib.Path | None:
@@ -386,7 +388,7 @@ def main(argv=None):
     if problem := dir_problem(out):
         ap.error(f"argument --out: {problem}")
     settings = dict(ladder=[r.name for r in ladder], budgets=list(budgets), lr=args.lr, warmup=warmup, n_boot=n_boot,
-                    level=args.level)
+                    level=args.level, decay="weights")
     done = _resumable(out, settings)
     old = [f for f in (*LADDER_FILES, RUNGS) if (out / f).exists()]
     if old and done is None and not args.fresh:  # a rerun rewrote ladder.json beside the last run's results

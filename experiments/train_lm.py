@@ -1076,7 +1076,12 @@ def _train(cfg, mesh_shape: dict, stop: Stop) -> dict:
         saved_steps = ckpt.steps()
         skipped_docs = {"train": loader.skipped, "held-out": held_skipped}
         loader.close()
-        log.close()
+        try:  # the full disk that failed a save fails closing the logs too: said, not raised over the save's line
+            log.close()
+        except OSError as e:
+            if save_failed is None:
+                raise
+            print(f"the logs could not be closed either ({e})")
 
     unit = "byte" if cfg.data.tokenizer is None else "token"  # the plot's loss unit (a BPE's were labelled bytes)
     result = {"out": str(out), "step": step, "first_eval": first_eval, "last_eval": last_eval,

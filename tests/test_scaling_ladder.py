@@ -302,6 +302,39 @@ def test_an_interrupted_ladder_resumes_after_its_finished_rungs(tmp_path, monkey
     assert calls == names
 
 
+def test_rungs_trained_before_the_norm_decay_fix_are_not_resumed(tmp_path, monkeypatch, capsys):
+    """The ladder's optimizer decayed the RMSNorm scales until 2026-12-07; an interrupted ladder's rungs.json from
+    before then matched every TRAINING setting, so a rerun resumed those rungs beside rungs trained without the decay
+    (one fit over two optimizers). Such a rungs.json is another ladder's: refused, its rungs not reused."""
+    import json
+
+    from experiments import scaling_ladder as sl
+
+    calls = []
+
+    def fake(rung, budgets, train, evals, *, peak_lr, warmup, seed=0):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(rung.name)
+        runs = [dict(rung=rung.name, n_params=1000 * len(calls), tokens=b * sl.TOKENS_PER_STEP, steps=b,
+                     eval_loss=2.0 + 1 / b, train_loss=0.0, flops=0.0) for b in budgets]
+        return dict(runs=runs, seconds=0.0)
+
+    monkeypatch.setattr(sl, "train_rung", fake)
+    argv = ["--quick", "--no-docs", "--n-boot", "4", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        sl.main(argv)
+    saved = json.loads((tmp_path / "rungs.json").read_text())
+    saved["settings"].pop("decay", None)  # as the ladder wrote it before the fix
+    (tmp_path / "rungs.json").write_text(json.dumps(saved))
+    calls.clear()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        sl.main(argv)
+    assert "holds another (or a finished) ladder's" in capsys.readouterr().err
+    assert calls == []
+
+
 def test_the_largest_rung_is_predicted_from_the_smaller_ones_before_it_trains(tmp_path, monkeypatch):
     """The experiment's claim: the law is fitted on the smaller rungs and the largest rung's prediction is on disk
     before that rung trains. Training is stubbed by a known law; the target rung's losses are shifted by a rung-wide

@@ -918,6 +918,29 @@ def _own_line(console, message):
     return any(seg.startswith(message) for seg in re.split(r"[\r\n]", console.getvalue()))
 
 
+def test_a_save_that_fails_on_a_full_disk_is_one_line_though_the_logs_cannot_close(tmp_path, monkeypatch):
+    """The full disk that failed a save fails closing the logs too (TensorBoard's buffered events): that OSError,
+    raised in the `finally`, hid the save's one line (where, why, the step a rerun resumes from) behind a traceback,
+    as it did in train_video's stages."""
+    from experiments.checkpoint import CheckpointSaveFailed
+
+    def save(self, step, *a, **k):
+        raise CheckpointSaveFailed(f"checkpoint: a save into {self.dir} failed (OSError: [Errno 28] No space left on "
+                                   "device); a rerun resumes from step 0: first mend the cause")
+
+    real_close = run_log.Logger.close
+
+    def close(self):
+        real_close(self)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    monkeypatch.setattr(run_log.Logger, "close", close)
+    with pytest.raises(SystemExit, match=r"^checkpoint: a save into .*ckpt failed \(OSError: \[Errno 28\] No space "
+                                         r"left on device\); a rerun resumes from step 0"):
+        train_lm.main([*TINY, "--out", str(tmp_path / "run"), "--set", "train.steps=4", "--set", "train.save_every=2"])
+
+
 def test_a_halted_run_says_why_on_its_own_line_and_plots_its_curve(tmp_path, monkeypatch):
     """With the progress bar on, 'step 0: eval loss' and 'step 3: non-finite ...' were printed onto the bar's line
     ('train:  40%|...| 2/5 [...]step 3: non-finite'), and the halted run wrote no loss.png though metrics.jsonl
