@@ -241,6 +241,9 @@ def generate(model, prompt_tokens, max_new_tokens: int, temperature: float = 0.0
                          "batch may stay symbolic")
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:
         raise ValueError(f"prompt_tokens must be [batch, length >= 1], got shape {prompt_BP.shape}")
+    if isinstance(prompt_BP.shape[0], int) and prompt_BP.shape[0] < 1:  # (symbolic batches pass) it failed in
+        # KVCache.zeros, as "batch=0 ... (max_len: the prompt's tokens ...)", naming no argument of generate
+        raise ValueError(f"prompt_tokens must hold at least one prompt, got shape {prompt_BP.shape} (batch 0)")
     if isinstance(max_new_tokens, jax.core.Tracer):  # (it read as 'must be an int >= 1, got JitTracer(~int32[])')
         raise ValueError("generate's max_new_tokens must be a Python int (it fixes the output's shape), not a traced "
                          "value: pass it from outside jax.jit (a static argument)")

@@ -236,6 +236,11 @@ class KVCache(NamedTuple):
                                  "padding included, plus those to generate)")
         batch, max_len = batch if jax.export.is_symbolic_dim(batch) else int(batch), int(max_len)
         dtype = dtype or dtype_of(cfg.dtype)
+        try:  # a name numpy does not know ('bf16', the alias scaling.memory takes): a bare "not understood" TypeError
+            dtype = jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"KVCache.zeros(dtype={dtype!r}): not a dtype; use 'bfloat16', 'float16' or 'float32' "
+                             "(or jnp.bfloat16; None: the compute dtype)") from None
         if not jnp.issubdtype(dtype, jnp.floating):  # writes cast keys / values to it: an int8 cache truncated them
             raise ValueError(f"KVCache.zeros(dtype={jnp.dtype(dtype).name}): a floating dtype is needed; the cache "
                              "stores keys and values as they are (no quantisation scales), so integers truncate them; "

@@ -15,7 +15,7 @@ import os
 import jax
 import numpy as np
 
-from parallel.sharding import batch_sharding
+from parallel.sharding import batch_sharding, check_fits_x32
 
 _CLUSTER_MARKERS = ("OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 # What JAX's SLURM detection reads. SLURM_JOB_ID alone is a shell inside an allocation (salloc, sbatch script
@@ -299,6 +299,7 @@ def global_batch_from_local(local_batch, mesh, rules=None):
         x = np.asarray(x)
         if x.ndim < 1:
             raise ValueError(f"global_batch_from_local: a scalar {x!r}; every entry needs this process's rows [b, ...]")
+        check_fits_x32(x, f"global_batch_from_local: a local array {x.shape}")
         global_shape = (x.shape[0] * n, *x.shape[1:])
         try:  # the library's named error, not JAX's IndivisibleError
             sharding = batch_sharding(mesh, x.ndim, rules, shape=global_shape)

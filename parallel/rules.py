@@ -200,6 +200,9 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
         _check_overrides(rules)
     changed = {**dict(_overrides.value), **(rules or {})}  # the overrides in effect here, to check against the mesh
     rules = {**_current(), **rules} if rules else _current()
+    if not hasattr(mesh, "axis_names"):  # a dict of axis sizes (scaling/'s form): "'dict' object has no attribute"
+        raise ValueError(f"logical_to_spec: mesh={mesh!r:.80} is no jax Mesh; build one, e.g. parallel.make_mesh("
+                         f"{mesh!r:.60}) for a dict of axis sizes")
     sizes = _mesh_axes(mesh)
     _check_mesh(mesh, sizes)
     used: set[str] = set()

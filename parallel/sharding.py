@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable
 
@@ -159,6 +160,8 @@ def batch_sharding(mesh, ndim: int = 2, rules=None, shape=None) -> NamedSharding
     """Sharding of a [B, T, ...] batch: B over the batch axes, T over `act_seq` ([B] per-row labels or weights:
     B only). With `shape`, a dimension its mesh axes do not divide raises a ValueError naming it
     (parallel.rules.logical_to_spec)."""
+    if isinstance(ndim, bool) or not isinstance(ndim, numbers.Integral):  # True ran as 1; 2.0 a bare TypeError
+        raise ValueError(f"batch_sharding: ndim={ndim!r} must be an int, the batch array's number of dims")
     if ndim < 1:
         raise ValueError(f"a batch array needs a leading batch dim [B, ...]; got {ndim} dims (shape {shape})")
     spec = logical_to_spec(("batch", "act_seq")[:ndim] + (None,) * (ndim - 2), mesh, shape, rules=rules)
@@ -178,6 +181,19 @@ def host_array(x):
     return x
 
 
+def check_fits_x32(x: np.ndarray, where: str) -> None:
+    """A ValueError naming `where` for 64-bit integers that the 32-bit ints jax stores them in (x64 off) cannot hold:
+    device_put wrapped them without a word (an int64 id 2**32 + 5 arrived as 5, a uint64 hash as its low bits)."""
+    if x.dtype.kind not in "iu" or x.dtype.itemsize != 8 or not x.size or jax.config.jax_enable_x64:
+        return
+    info = np.iinfo(np.int32 if x.dtype.kind == "i" else np.uint32)
+    lo, hi = int(x.min()), int(x.max())
+    if lo < info.min or hi > info.max:
+        raise ValueError(f"{where}: {x.dtype} values in [{lo}, {hi}] do not fit the {info.dtype} jax stores them in "
+                         f"without jax_enable_x64 (they would wrap); keep them within [{info.min}, {info.max}], or "
+                         "enable x64")
+
+
 def shard_batch(batch, mesh, rules=None):
     """Place a host batch (a pytree of [B, T, ...] or [B] arrays, identical on every process) on the mesh; a B or T
     the mesh axes they map to do not divide raises a ValueError naming them."""
@@ -191,6 +207,8 @@ def shard_batch(batch, mesh, rules=None):
         if x.ndim == 0:  # a Python list is a pytree of its items to jax: [1, 2, 3] gave three scalars
             raise ValueError(f"shard_batch: {where} is a scalar; a batch holds arrays with a leading batch dim "
                              "[B, ...] (a Python list of rows is a pytree of its items to jax: pass np.asarray(rows))")
+        if isinstance(x, np.ndarray):
+            check_fits_x32(x, f"shard_batch: {where}")
         try:
             return jax.device_put(x, batch_sharding(mesh, x.ndim, rules, x.shape))
         except ValueError as e:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
 RECOMPUTE_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -184,6 +184,10 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     """Normalise a (duck-typed) LM config; `windows` / `moe` override what the config says."""
     if isinstance(cfg, LMShape) and windows is None and moe is None:
         return cfg
+    if isinstance(cfg, Mapping):  # its keys are no attributes: "config has no 'vocab_size'" of a dict holding one
+        raise ValueError(f"the config is a {type(cfg).__name__}; scaling.flops reads a config's attributes: pass "
+                         "TransformerConfig(**d) (or types.SimpleNamespace(**d)) with vocab_size, d_model, n_layers, "
+                         "n_heads")
     for f in ("vocab_size", "d_model", "n_layers", "n_heads"):
         if getattr(cfg, f, None) is None:
             raise ValueError(f"config has no {f!r}; scaling.flops needs vocab_size, d_model, n_layers, n_heads")

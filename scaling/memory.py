@@ -201,7 +201,14 @@ def check_mesh(mesh: Mapping[str, int]) -> dict[str, int]:
     parallel.mesh.AXES or a size that is not a positive int (resolve a -1 first)."""
     if hasattr(mesh, "axis_names"):  # a real jax Mesh
         mesh = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    mesh = dict(mesh)
+    if isinstance(mesh, str):  # dict("data=8") said "dictionary update sequence element #0 has length 1"
+        raise ValueError(f"mesh={mesh!r} is a string; pass axis sizes as a dict, e.g. "
+                         f"parallel.mesh.parse_mesh({mesh!r})")
+    try:
+        mesh = dict(mesh)
+    except (TypeError, ValueError):  # None, an int: "'NoneType' object is not iterable", naming nothing
+        raise ValueError(f"mesh={mesh!r}: pass axis sizes as a dict, e.g. {{'data': 8}} ({{}} for one device), or a "
+                         "jax Mesh") from None
     from parallel.mesh import AXES
 
     unknown = sorted(set(mesh) - set(AXES))

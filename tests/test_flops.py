@@ -39,3 +39,18 @@ def test_train_flops_match_cost_analysis(cfg):
     if cfg.attn_block is None:
         dense = cfg.flops_per_token(T, causal=False, training=False) * B * T
         assert dense <= fwd <= 1.05 * dense, fwd / dense
+
+
+def test_a_dict_config_is_refused_by_name():
+    """A config as a dict (a saved run's JSON) was read by attribute: "config has no 'vocab_size'" of a dict that
+    holds one. Now the error names the dict and the fix; the same sizes as attributes count as before."""
+    from types import SimpleNamespace
+
+    from scaling import param_counts, train_flops_per_token
+
+    d = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
+    with pytest.raises(ValueError, match=r"^the config is a dict; scaling.flops reads a config's attributes"):
+        param_counts(d)
+    with pytest.raises(ValueError, match=r"^the config is a dict"):
+        train_flops_per_token(d, 16)
+    assert param_counts(SimpleNamespace(**d)) == param_counts(TransformerConfig(**d))

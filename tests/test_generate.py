@@ -121,6 +121,8 @@ def test_sampled_generate_is_seeded(model):
                       (dict(rng=jax.random.split(jax.random.key(0), 2), temperature=1.0), r"one key, .* got key<"),
                       (dict(rng=np.array(3), temperature=1.0), r"rng must be one key"),
                       (dict(max_new_tokens=3.5), "max_new_tokens"), (dict(prompt_tokens=prompt[:, :0]), "length >= 1"),
+                      # no rows: "KVCache.zeros(batch=0)", naming no argument of generate
+                      (dict(prompt_tokens=prompt[:0]), r"^prompt_tokens must hold at least one prompt, got shape \(0,"),
                       (dict(prompt_tokens=prompt + model.cfg.vocab_size), "vocab_size")]:
         args = {"prompt_tokens": prompt, "max_new_tokens": 2, **kw}
         with pytest.raises(ValueError, match=words):
@@ -715,6 +717,9 @@ def test_a_cache_of_an_integer_dtype_is_refused_and_narrow_floats_decode_close(m
 
     for dt in (jnp.int8, "int32", jnp.bool_):
         with pytest.raises(ValueError, match=r"KVCache.zeros\(dtype=.*\): a floating dtype is needed.*no quantisation"):
+            KVCache.zeros(CFG, 2, 16, dtype=dt)
+    for dt in ("bf16", "fp16"):  # aliases numpy does not know: a bare "data type 'bf16' not understood" TypeError
+        with pytest.raises(ValueError, match=rf"^KVCache.zeros\(dtype='{dt}'\): not a dtype; use 'bfloat16'"):
             KVCache.zeros(CFG, 2, 16, dtype=dt)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CFG.vocab_size)
     ref = model(tokens)

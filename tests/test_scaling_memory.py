@@ -508,3 +508,19 @@ def test_an_override_to_fsdp_is_gathered_not_refused():
     got = memory_per_device(BASE, mesh, 16, 64, rules={"mlp": "fsdp"}).transient_weights
     assert got == memory_per_device(BASE, mesh, 16, 64, rules={"mlp": None}).transient_weights
     assert got > memory_per_device(BASE, mesh, 16, 64).transient_weights  # the table splits the MLP over tensor
+
+
+def test_a_mesh_that_is_no_dict_is_refused_by_name():
+    """memory_per_device's mesh as the command lines write it ('data=2'), None or an int failed in dict(mesh):
+    "dictionary update sequence element #0 has length 1" / "'NoneType' object is not iterable", naming no argument.
+    Now the error names the mesh and the fix; a dict, its items, or a jax Mesh count as before."""
+    cfg = TransformerConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, mlp_dim=64, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"^mesh='data=2' is a string; .*parse_mesh\('data=2'\)"):
+        memory_per_device(cfg, "data=2", 2, 16)
+    for bad in (None, 8):
+        with pytest.raises(ValueError, match=rf"^mesh={bad}: pass axis sizes as a dict"):
+            memory_per_device(cfg, bad, 2, 16)
+    want = memory_per_device(cfg, {"data": 2}, 2, 16).total
+    assert memory_per_device(cfg, [("data", 2)], 2, 16).total == want
+    assert memory_per_device(cfg, make_mesh({"data": 2, "fsdp": 4}), 8, 16).total == memory_per_device(
+        cfg, {"data": 2, "fsdp": 4}, 8, 16).total

@@ -1430,3 +1430,38 @@ def test_shard_batch_puts_host_rows_straight_onto_their_shards():
     assert tuple(b["tokens"].sharding.spec) == (("data", "fsdp"), None)
     with pytest.raises(TypeError, match=r"shard_batch: batch\['a'\] is a ndarray, not an array of numbers"):
         shard_batch({"a": np.array([["a red circle"]])}, mesh)
+
+
+def test_shard_batch_refuses_64_bit_ints_that_would_wrap():
+    """Without x64, device_put stores int64 / uint64 host rows as int32 / uint32: shard_batch and
+    global_batch_from_local turned an id 2**32 + 5 into 5 (and a uint64 hash into its low bits) without a word, as
+    the model's own token check (models.transformer.check_token_ids) refuses. Values that fit pass as before."""
+    from parallel import global_batch_from_local, shard_batch
+
+    mesh = make_mesh({"data": 8})
+    wide = np.full((8, 2), 2**32 + 5, np.int64)
+    with pytest.raises(ValueError, match=r"shard_batch: batch\['tokens'\]: int64 values in \[4294967301, "
+                                         r"4294967301\] do not fit the int32"):
+        shard_batch({"tokens": wide}, mesh)
+    with pytest.raises(ValueError, match=r"global_batch_from_local: a local array \(8, 2\): int64 values"):
+        global_batch_from_local(wide, mesh)
+    with pytest.raises(ValueError, match=r"uint64 values .* do not fit the uint32"):
+        shard_batch(np.full((8,), 2**40 + 7, np.uint64), mesh)
+    ok = np.arange(16, dtype=np.int64).reshape(8, 2) + (2**31 - 16)  # up to int32's max: unchanged
+    assert np.array_equal(np.asarray(shard_batch(ok, mesh)), ok)
+    assert np.array_equal(np.asarray(global_batch_from_local(ok, mesh)), ok)
+
+
+def test_batch_sharding_and_logical_to_spec_name_inputs_of_the_wrong_kind():
+    """batch_sharding(mesh, 2.0) failed in a bare "slice indices must be integers", ndim=True placed a 1-d batch,
+    and logical_to_spec with a dict of axis sizes (scaling/'s mesh form) said "'dict' object has no attribute
+    'axis_names'". Each now names the argument and the fix."""
+    from parallel import batch_sharding
+
+    mesh = make_mesh({"data": 4, "tensor": 2})
+    for bad in (2.0, "2", None, True):
+        with pytest.raises(ValueError, match=rf"^batch_sharding: ndim={bad!r} must be an int"):
+            batch_sharding(mesh, bad)
+    assert batch_sharding(mesh, np.int64(2)).spec == jax.P("data", None)
+    with pytest.raises(ValueError, match=r"^logical_to_spec: mesh=\{'data': 4\} is no jax Mesh; .*make_mesh"):
+        logical_to_spec(("batch",), {"data": 4})
