@@ -852,9 +852,12 @@ def to_device(batch: dict[str, np.ndarray], mesh) -> dict:
     """This process's rows → global arrays on `mesh`, batch dim over the mesh's batch axes."""
     import jax
 
-    from parallel.sharding import batch_sharding
+    from parallel.sharding import batch_sharding, check_fits_x32
 
     if jax.process_count() == 1:  # one transfer call for the whole batch; same result, ~4x less overhead
+        for k, v in batch.items():  # (several processes: global_batch_from_local checks them)
+            if isinstance(v, np.ndarray):
+                check_fits_x32(v, f"to_device: batch[{k!r}]")
         try:
             shardings = {k: batch_sharding(mesh, v.ndim, shape=v.shape) for k, v in batch.items()}
         except ValueError as e:  # a partial last batch (drop_remainder=False) the batch axes do not divide

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -27,7 +28,7 @@ from models.video.t2v import t2v_loss
 from models.video.vae import vae_loss
 from parallel import batch_sharding, logical_to_spec
 from parallel.host import step_compiler_options
-from parallel.sharding import host_array
+from parallel.sharding import check_fits_x32, host_array
 
 
 def shard(batch, mesh):
@@ -41,6 +42,8 @@ def shard(batch, mesh):
         except TypeError:  # captions as strings: jax's "Value 'a' with dtype <U1 is not a valid JAX array type"
             raise TypeError(f"shard: {where} is a {type(x).__name__}, not an array of numbers (captions: tokenize "
                             "them first, data.moving_shapes.encode_caption)") from None
+        if isinstance(x, np.ndarray):  # int64 / uint64 rows jax would wrap to 32 bits (as shard_batch refuses)
+            check_fits_x32(x, f"shard: {where}")
         # with the shape, a B (or a caption length L) the mesh axes do not divide is named with the key and the fix
         # (jax's IndivisibleError named neither; shard_batch given the captions alone named 'batch', not the key)
         try:

@@ -184,7 +184,7 @@ def lm_shape(cfg, *, windows: Sequence[int | None] | None = None, moe: MoESpec |
     """Normalise a (duck-typed) LM config; `windows` / `moe` override what the config says."""
     if isinstance(cfg, LMShape) and windows is None and moe is None:
         return cfg
-    if isinstance(cfg, Mapping):  # its keys are no attributes: "config has no 'vocab_size'" of a dict holding one
+    if isinstance(cfg, Mapping) and not hasattr(cfg, "vocab_size"):  # (an OmegaConf DictConfig reads as attributes)
         raise ValueError(f"the config is a {type(cfg).__name__}; scaling.flops reads a config's attributes: pass "
                          "TransformerConfig(**d) (or types.SimpleNamespace(**d)) with vocab_size, d_model, n_layers, "
                          "n_heads")

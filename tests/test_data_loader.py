@@ -1154,3 +1154,18 @@ def test_a_damaged_shard_is_named_where_its_documents_are_read(corpus, tmp_path)
             pretokenize(tier, EOS_BYTES, tmp_path / "ids", progress=False)
     with pytest.raises(ValueError, match=r"missing.array_record is not a readable ArrayRecord shard"):
         next(iter_docs(tmp_path / "missing.array_record"))
+
+
+def test_to_device_refuses_64_bit_ints_that_would_wrap_on_one_process():
+    """data.loader.to_device placed int64 rows as int32 (x64 off) without a word on one process, while on several
+    its global_batch_from_local refused them: the same batch wrapped (2**32 + 5 arrived as 5) or failed by process
+    count. Now one process refuses them too, naming the key; values that fit pass unchanged."""
+    from data.loader import to_device
+    from parallel import make_mesh
+
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    with pytest.raises(ValueError, match=r"^to_device: batch\['inputs'\]: int64 values in \[4294967301, 4294967301\] "
+                                         r"do not fit the int32"):
+        to_device({"inputs": np.full((8, 4), 2**32 + 5, np.int64)}, mesh)
+    ok = np.arange(32, dtype=np.int64).reshape(8, 4) + (2**31 - 32)
+    assert np.array_equal(np.asarray(to_device({"inputs": ok}, mesh)["inputs"]), ok)

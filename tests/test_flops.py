@@ -54,3 +54,11 @@ def test_a_dict_config_is_refused_by_name():
     with pytest.raises(ValueError, match=r"^the config is a dict"):
         train_flops_per_token(d, 16)
     assert param_counts(SimpleNamespace(**d)) == param_counts(TransformerConfig(**d))
+
+    class AttrDict(dict):  # a mapping whose keys read as attributes too (OmegaConf's DictConfig): taken as before
+        def __getattr__(self, name):
+            if name not in self:
+                raise AttributeError(name)
+            return self[name]
+
+    assert param_counts(AttrDict(d)) == param_counts(TransformerConfig(**d))

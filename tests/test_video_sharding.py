@@ -297,3 +297,14 @@ def test_t2v_gradient_has_no_involuntary_full_rematerialization():
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("mesh {") == 2, run.stderr[-3000:]
     assert "Involuntary full rematerialization" not in run.stderr, run.stderr[-3000:]
+
+
+def test_shard_refuses_64_bit_ints_that_would_wrap():
+    """experiments.video_steps.shard, the video twin of parallel.shard_batch, placed int64 / uint64 host rows as
+    int32 / uint32 (x64 off) without a word, as shard_batch did before it refused them: a uint64 caption hash
+    2**40 + 7 arrived as 7. Now it names the key; values that fit pass unchanged."""
+    mesh = make_mesh({"data": 8})
+    with pytest.raises(ValueError, match=r"^shard: batch\['caption_id'\]: uint64 values .* do not fit the uint32"):
+        shard({"caption_id": np.full((8,), 2**40 + 7, np.uint64)}, mesh)
+    ok = np.arange(8, dtype=np.int64) + (2**31 - 8)
+    assert np.array_equal(np.asarray(shard({"caption_id": ok}, mesh)["caption_id"]), ok)
