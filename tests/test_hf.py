@@ -2214,12 +2214,11 @@ def _hf_float64(hf_model, name):
     model = copy.deepcopy(hf_model).double()
     if name.startswith(("mixtral", "qwen3_moe")):
         model.set_experts_implementation("eager")  # the grouped_mm kernel takes no float64
-    if name.startswith(("gemma2", "gemma3")):
-        # Gemma 2's (and 3's) config has pad_token_id 0, so transformers' nn.Embedding(padding_idx=0) drops the lookup's
-        # gradient to row 0 (that row still trains through the tied head): a torch convention our model, which has
-        # no pad id, does not share; everything else agrees (measured: row 0 alone differed, by 7e-2 to 3e-1 of the
-        # embedding gradient's norm)
-        model.model.embed_tokens.padding_idx = None
+    # a config's pad_token_id (Gemma 2 / 3: 0, OLMo 2: 1) makes transformers' nn.Embedding(padding_idx=...) drop the
+    # lookup's gradient to that row (which still trains through a tied head): a torch convention our model, which
+    # has no pad id, does not share; everything else agrees (measured: that row alone differed, by 7e-2 to 3e-1 of
+    # the embedding gradient's norm; OLMo 2's test passed only as its batch held no token 1)
+    model.model.embed_tokens.padding_idx = None
     return model
 
 
