@@ -462,10 +462,8 @@ def test_a_shard_that_fails_part_way_leaves_no_temporary_files(tmp_path, monkeyp
     assert all_docs(tmp_path / "d" / "augmented") == all_docs(tmp_path / "e" / "augmented") != []
 
 
-def test_a_shard_whose_writer_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch):
-    """array_record keeps a failed write's error and raises it from every close(): the commit's close raised on a full
-    disk, then the abort's again before it deleted the `.array_record.tmp` (a partial shard left on the full disk, and
-    the other writers of the shard not aborted)."""
+def _shard_writes_fail_as_on_a_full_disk(monkeypatch):
+    """array_record's writer as on a full disk: it keeps a failed write's error and raises it from close()."""
     from array_record.python import array_record_module
 
     real = array_record_module.ArrayRecordWriter
@@ -482,6 +480,13 @@ def test_a_shard_whose_writer_fails_on_a_full_disk_leaves_no_temporary_files(tmp
             raise RuntimeError("write() failed: No space left on device; Failed to close chunk_writer")
 
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+
+
+def test_a_shard_whose_writer_fails_on_a_full_disk_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """array_record keeps a failed write's error and raises it from every close(): the commit's close raised on a full
+    disk, then the abort's again before it deleted the `.array_record.tmp` (a partial shard left on the full disk, and
+    the other writers of the shard not aborted)."""
+    _shard_writes_fail_as_on_a_full_disk(monkeypatch)
     with pytest.raises(RuntimeError, match="No space left"):
         run(small_corpus(tmp_path), tmp_path / "out", PipelineConfig(workers=1), progress=False)
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*tmp*")) == []
@@ -491,26 +496,11 @@ def test_the_cli_on_a_full_disk_says_it_in_one_line(tmp_path, monkeypatch):
     """A full disk under --out ended `python -m data.pipeline` with a 25-line traceback (array_record's RuntimeError
     from the shard writer's close; an OSError from the other writes); now one line naming --out, the cause and that
     the tiers are incomplete."""
-    from array_record.python import array_record_module
-
     from data import pipeline
-
-    real = array_record_module.ArrayRecordWriter
-
-    class FullDisk:
-        def __init__(self, path, options):
-            self._w = real(path, options)
-
-        def write(self, rec):
-            self._w.write(rec)
-
-        def close(self):
-            self._w.close()
-            raise RuntimeError("write() failed: No space left on device; Failed to close chunk_writer")
 
     inputs = [str(p) for p in small_corpus(tmp_path)]
     out = tmp_path / "out"
-    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    _shard_writes_fail_as_on_a_full_disk(monkeypatch)
     with pytest.raises(SystemExit, match=rf"^error: writing the run in {re.escape(str(out))} failed \(write\(\) "
                                          r"failed: No space left on device; .*\); its tiers are incomplete"):
         pipeline.main([*inputs, "--out", str(out), "--workers", "1"])
