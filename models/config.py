@@ -430,8 +430,10 @@ class TransformerConfig:
         return (3 if training else 1) * forward_flops_per_token(self, seq_len, kernel="ideal" if causal else "dense")
 
     def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str | int | None = None) -> int:
-        """Bytes of `KVCache.zeros(cfg, batch, seq_len, dtype)`: local layers keep only their window's slots; dtype
-        defaults to the compute dtype, as the cache does (an int: bytes per element, as this argument once was).
+        """Bytes of `KVCache.zeros(cfg, batch, seq_len, dtype)`'s keys and values (its slot positions, length and row
+        starts, int32, are left out: 4 bytes a slot per pattern position): local layers keep only their window's
+        slots; dtype defaults to the compute dtype, as the cache does (an int: bytes per element, as this argument
+        once was).
         Only dtypes the cache can be built in are counted (floats of 16 bits or more; float64 is stored as float32
         unless jax_enable_x64, as jnp.zeros does): dtype=1 was counted as an int8 cache KVCache.zeros refuses. For
         another system's int8 / fp8 cache, use `scaling.memory.kv_cache_bytes`, which takes any dtype."""
