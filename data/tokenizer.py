@@ -52,7 +52,8 @@ class ByteTokenizer:
         return np.frombuffer(raw, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
-        """Ids → str; special ids are skipped, so decode(encode(t)) == t."""
+        """Ids → str; special ids are skipped, so decode(encode(t)) == t for any text UTF-8 can hold (a lone surrogate,
+        which it cannot, is encoded as U+FFFD and comes back as one)."""
         ids = _check_ids(ids, "ByteTokenizer.decode")
         return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
@@ -91,7 +92,8 @@ class BPETokenizer:
 
     Special tokens are never read from text: a document that contains the characters "<|endoftext|>"
     encodes them as ordinary bytes, so only the loader's EOS ids mark document boundaries and
-    decode(encode(t)) == t (a loaded tokenizer.json whose model spells its EOS / BOS from text is warned of).
+    decode(encode(t)) == t (a loaded tokenizer.json whose model spells its EOS / BOS from text is warned of; a lone
+    surrogate, which UTF-8 cannot hold, is encoded as U+FFFD and comes back as one).
     `fingerprint` hashes the whole tokenizer (vocabulary, merges, settings), so
     two BPEs of equal vocab size are told apart; `ids_fingerprint` the same without the EOS / BOS choice (what
     `encode` gives: `pretokenize` records it)."""
