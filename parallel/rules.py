@@ -369,7 +369,9 @@ def sharing_axis(name: str, axis: str) -> list[str]:
 
 
 def mesh_axis_for(name: str) -> tuple[str | None, int]:
-    """(mesh axis, size) that logical `name` maps to in the current mesh; (None, 1) if none.
+    """(mesh axis, size) that logical `name` maps to in the current mesh; (None, 1) if none. A rule of several
+    axes gives the first of them the mesh splits, with its size alone (`batch` on {data: 2, fsdp: 4}: ('data', 2),
+    not 8 ways): the whole split is the product over `logical_to_spec((name,), mesh)[0]`.
 
     Models use it to ask "is the layer stack split over stages?" without naming mesh axes.
     """

@@ -199,11 +199,13 @@ class DiTConfig:
     """Video diffusion Transformer over spacetime patches of VAE latents.
 
     attention='factorized': each block attends spatially within each frame, then temporally over
-    each position; 'full': one attention over all T'·H'·W' tokens. spatial_window (odd, in patches):
-    a token sees the window×window neighbourhood of its frame; temporal_window (in patch frames, pt latent frames
-    each): a patch frame sees itself and the window - 1 patch frames before it (causal between patch frames, the
-    sliding-window LM kernel). With a temporal patch pt > 1 the pt latent frames of one patch share its tokens, so
-    they see each other (the first latent frame's output depends on the second's): causal between latent frames
+    each position; 'full': one attention over all T'·H'·W' tokens. spatial_window (odd, in patches): a token sees
+    the window×window neighbourhood of its position, within its frame under 'factorized' (the spatial attention; the
+    temporal attention mixes frames at one position) and in every frame it attends to under 'full' (past and future
+    alike without a temporal_window); temporal_window (in patch frames, pt latent frames each): a patch frame sees
+    itself and the window - 1 patch frames before it (causal between patch frames, the sliding-window LM kernel).
+    With a temporal patch pt > 1 the pt latent frames of one patch share its tokens, so they see each other (the
+    first latent frame's output depends on the second's): causal between latent frames
     only with pt=1. None: no window.
     """
 
