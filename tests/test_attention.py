@@ -353,6 +353,27 @@ def test_make_mask_reads_an_integer_padding_mask_as_nonzero_and_stays_bool():
     with pytest.raises(ValueError, match=r"make_mask: k_valid_BS must be a bool mask .* got dtype float32"):
         make_mask(jnp.asarray(idx), jnp.asarray(idx), k_valid_BS=jnp.ones((1, 4)))
 
+
+def test_make_mask_equals_a_loop_reference_diagonal_segments_and_padding_included():
+    """make_mask against a plain loop over (t, s): key s visible to query t iff slot_s <= slot_t (its own slot
+    included: a strict < left the first query of every row no key), same segment, key valid; query slots offset
+    from the key slots as in cached decoding."""
+    rng = np.random.default_rng(0)
+    B, T, S = 2, 3, 7
+    q_idx, k_idx = np.tile(np.arange(4, 4 + T), (B, 1)), np.tile(np.arange(S), (B, 1))
+    q_seg, k_seg = rng.integers(0, 2, (B, T)), rng.integers(0, 2, (B, S))
+    valid = rng.random((B, S)) > 0.2
+    want = np.zeros((B, 1, T, S), bool)
+    for b in range(B):
+        for t in range(T):
+            for s in range(S):
+                want[b, 0, t, s] = k_idx[b, s] <= q_idx[b, t] and q_seg[b, t] == k_seg[b, s] and valid[b, s]
+    got = make_mask(jnp.asarray(q_idx), jnp.asarray(k_idx), jnp.asarray(q_seg), jnp.asarray(k_seg), jnp.asarray(valid))
+    np.testing.assert_array_equal(got, want)
+    tril = np.tril(np.ones((3, 3), bool))
+    np.testing.assert_array_equal(make_mask(jnp.arange(3)[None], jnp.arange(3)[None])[0, 0], tril)
+
+
 @pytest.mark.parametrize("cap", [0, 0.0, -1.0])
 def test_a_soft_cap_that_is_not_positive_is_refused(cap):
     """logit_softcap=0 (flash-attn's "no soft-cap") made every score 0·tanh(s / 0) = 0: uniform attention over the

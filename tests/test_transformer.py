@@ -1083,3 +1083,28 @@ def test_bf16_parameters_are_the_float32_init_rounded():
     w = np.asarray(bf16["blocks"]["w_up"].astype(jnp.float32))
     z = w / w.std()
     assert len(np.unique(w)) > 1000 and np.abs(z).max() > 3.5
+
+
+def test_query_pre_attn_scalar_scales_scores_by_its_inverse_square_root():
+    """Scores scaled by s**-0.5 (Gemma 2's query_pre_attn_scalar s) instead of head_dim**-0.5: the same logits as the
+    default scale with q's projection (weight and bias) multiplied by sqrt(head_dim / s), by linearity (RoPE too)."""
+    model, H = make(), CFG.d_model // CFG.n_heads
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
+    s = 4.0 * H
+    scaled, ref = with_cfg(model, query_pre_attn_scalar=s), with_cfg(model)
+    c = (H / s) ** 0.5
+    ref.blocks.wq[...] = model.blocks.wq[...] * c
+    ref.blocks.bq[...] = model.blocks.bq[...] * c
+    got = scaled(tokens)
+    np.testing.assert_allclose(got, ref(tokens), atol=2e-5, rtol=2e-5)
+    assert not np.allclose(got, model(tokens), atol=1e-3)  # the scalar changes the logits at all
+
+
+def test_embed_scale_multiplies_the_embeddings_by_sqrt_d_model():
+    """embed_scale (Gemma) multiplies the token embeddings by sqrt(d_model): the same logits as no scaling with the
+    (untied) embedding table multiplied by sqrt(d_model) by hand."""
+    model = make()
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)
+    ref = with_cfg(model)
+    ref.embed[...] = model.embed[...] * CFG.d_model ** 0.5
+    np.testing.assert_allclose(with_cfg(model, embed_scale=True)(tokens), ref(tokens), atol=2e-5, rtol=2e-5)
