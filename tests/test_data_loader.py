@@ -42,8 +42,12 @@ def corpus(tmp_path_factory):
 
 def rebuild_documents(batches, tok):
     """Walk rows in order and cut the stream of real targets at EOS: returns the decoded documents, and
-    checks every row invariant on the way."""
+    checks every row invariant on the way. A piece's first input is the document's start token (BOS, else the EOS
+    separator) or, continuing a document past a row boundary, the target the piece before ended on: the checks
+    inside a piece (inputs[1:] == targets[:-1]) passed with any first input (a document started after a pad 0)."""
     docs, current = [], []
+    start = getattr(tok, "bos_id", None)
+    start = tok.eos_id if start is None else start
     for b in batches:
         for inp, tgt, pos, seg, w in zip(b["inputs"], b["targets"], b["positions"], b["segment_ids"], b["weights"]):
             np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))
@@ -56,6 +60,7 @@ def rebuild_documents(batches, tok):
                 m = seg == s
                 np.testing.assert_array_equal(pos[m], np.arange(m.sum()))  # positions restart per piece
                 np.testing.assert_array_equal(inp[m][1:], tgt[m][:-1])  # next-token shift inside the piece
+                assert inp[m][0] == (current[-1] if current else start), (inp[m][0], current[-1:], start)
                 piece = tgt[m].tolist()
                 # an EOS target only ever ends a document piece: documents never share a segment
                 assert tok.eos_id not in piece[:-1]
