@@ -165,6 +165,15 @@ def test_config_errors_name_the_field():
             DedupConfig(**{field: bad})
 
 
+def test_the_confirm_cut_is_confirm_sigmas_standard_errors_of_the_estimate_below_the_threshold():
+    """confirm_at() = t - k·sqrt(t(1-t)/num_perm): a MinHash estimate is the mean of num_perm Bernoulli(t) matches,
+    whose standard error that is (the docstring's 0.73 at 0.8 and 128). Hand values: 0.5 - 1·sqrt(0.25/16) = 0.375;
+    0.8 - 2·sqrt(0.16/128) = 0.72929 (with num_perm - 1 in the root, 0.37097 and 0.72901)."""
+    assert DedupConfig(threshold=0.5, num_perm=16, confirm_sigmas=1.0).confirm_at() == pytest.approx(0.375, abs=1e-12)
+    assert DedupConfig().confirm_at() == pytest.approx(0.7292893219, abs=1e-9)
+    assert DedupConfig(confirm_sigmas=0.0).confirm_at() == 0.8
+
+
 def test_threshold_one_is_accepted_and_confirms_identical_signatures_only():
     """threshold=1, the top of its documented range (0, 1], banded as one band of all 128 rows, which datasketch's LSH
     refuses: NearDupIndex failed ("The number of bands are too small (b < 2)"), as from ~0.9993. Two bands of 64 rows

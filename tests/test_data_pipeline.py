@@ -1210,6 +1210,20 @@ def test_a_text_field_clash_is_refused_in_any_input(tmp_path):
             check_text_field(discover([tmp_path / "a.jsonl", tmp_path / name], cfg), cfg)
 
 
+def test_the_text_field_check_reads_a_last_line_of_exactly_max_doc_bytes(tmp_path):
+    """A record of max_doc_bytes is not too large (only larger ones are): the field check reads it also as a file's
+    last line without a newline, so a wrong text_field is named there too (one byte more is passed over unread)."""
+    from data.sources import SourceConfig, check_text_field, discover
+
+    line = json.dumps({"body": "x" * 100})
+    (tmp_path / "a.jsonl").write_text(line)  # no newline at the end
+    cfg = SourceConfig(max_doc_bytes=len(line.encode()))
+    with pytest.raises(ValueError, match=r"text_field='text' is not in the first record of .*a.jsonl"):
+        check_text_field(discover([tmp_path / "a.jsonl"], cfg), cfg)
+    small = SourceConfig(max_doc_bytes=len(line.encode()) - 1)
+    check_text_field(discover([tmp_path / "a.jsonl"], small), small)  # too large: unread here, dropped when read
+
+
 def test_the_cli_reads_another_text_field(tmp_path, capsys):
     """`--text-field content`: a JSONL export whose text is under another name (all of it dropped as missing_text,
     with exit 0, before there was a flag)."""
