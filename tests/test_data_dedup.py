@@ -100,7 +100,18 @@ def test_minhash_recall_at_jaccard_08_and_above():
 
 def test_confirm_sigmas_trades_recall_for_a_sharp_threshold():
     """The default confirms down to 2 standard errors below the threshold (0.73 at 0.8): pairs of true Jaccard
-    0.70-0.76 are often removed; confirm_sigmas=0 keeps nearly all of them."""
+    0.70-0.76 are often removed; confirm_sigmas=0 keeps nearly all of them. The cut itself, by hand: 0.8 - 2 x
+    sqrt(0.8 x 0.2 / 128) = 0.72929, so signatures agreeing in 94 of 128 positions (0.734) are near duplicates and
+    in 93 (0.727) are not (a doubled or halved sigma moves the cut past one of them; the rates below took both)."""
+    cfg = DedupConfig(threshold=0.8)
+    assert cfg.confirm_at() == pytest.approx(0.72929, abs=1e-5) and cfg.bands()[1] <= 93
+    a = np.random.default_rng(0).integers(0, 2**32, 128, dtype=np.uint64).astype(np.uint32)
+    for same, dup in ((94, True), (93, False)):
+        b = a.copy()
+        b[same:] ^= 1  # differs in the last 128 - same positions: the first bands are shared, a candidate
+        index = NearDupIndex(cfg)
+        assert index.add("a", a) is None
+        assert (index.add("b", b) == "a") is dup, same
     rng = np.random.default_rng(3)
     pairs = []
     while len(pairs) < 60:
