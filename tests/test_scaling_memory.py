@@ -524,3 +524,48 @@ def test_a_mesh_that_is_no_dict_is_refused_by_name():
     assert memory_per_device(cfg, [("data", 2)], 2, 16).total == want
     assert memory_per_device(cfg, make_mesh({"data": 2, "fsdp": 4}), 8, 16).total == memory_per_device(
         cfg, {"data": 2, "fsdp": 4}, 8, 16).total
+
+
+def test_remat_none_keeps_the_norms_inputs_outputs_and_one_float32_inverse_rms_each():
+    """Under remat 'none' a layer keeps c·(4D + 2NH + 2KH + 2F) + 8 + attention's c·NH + 4·N·S + 4·N per token
+    (docstring; dense kernel: S = T scores): the two pre-norms' inverse RMS are 4 bytes each (float32), so 8 in all.
+    Counting them 8 bytes each passed the whole-step comparisons (their tolerance holds the 8 more). bf16 (c = 2)
+    keeps no attention output and the inverse RMS stay float32."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=96)
+    D, NH, KH, F, N, T = 64, 8 * 16, 2 * 16, 96, 8, 32
+    for c, dtype in ((4, "float32"), (2, "bfloat16")):
+        attn = (c * NH if c == 4 else 0) + 4 * N * T + 4 * N
+        want = c * (4 * D + 2 * NH + 2 * KH + 2 * F) + 2 * 4 + attn
+        assert saved_bytes_per_token(cfg, "none", T, compute_dtype=dtype) == want, dtype
+
+
+def test_remat_none_under_the_blocked_kernel_keeps_its_windowed_k_and_v_copies():
+    """kernel='blocked' (models.sliding_window) under remat 'none' keeps, beyond a dense layer's terms with S = nk·C
+    scores per query, its windowed K and V copies: each block of C queries holds nk·C keys of K and of V, KH wide, so
+    2·c·KH·nk per token (docstring: 2·c·KH·S / C). T 32, W 8, C 8: nk = min(4, ceil(7 / 8) + 1) = 2, S = 16. One copy
+    counted instead of two passed the whole-step comparisons."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=96)
+    D, NH, KH, F, N, T, c, nk = 64, 8 * 16, 2 * 16, 96, 8, 32, 4, 2
+    S = nk * 8
+    want = c * (4 * D + 2 * NH + 2 * KH + 2 * F) + 2 * 4 + (c * NH + 4 * N * S + 4 * N) + 2 * c * KH * nk
+    assert saved_bytes_per_token(cfg, "none", T, compute_dtype="float32", window=8, kernel="blocked",
+                                 block=8) == want
+
+
+def test_remat_none_of_a_dropless_moe_layer_keeps_each_routed_rows_float32_combine_copy():
+    """An MoE layer under remat 'none' (docstring): c·(4D + 2NH + 2KH) + 8 + attention's, the routed experts' gate,
+    up and product (3 pieces of X·F_e), the dispatched rows c·X·D and the float32 rows gathered back for the combine,
+    4·top_k·D. Sorted dropless (gmm): X = top_k = 2 rows a token, no shared experts. Counting one float32 row (4·D)
+    for the combine passed the whole-step comparisons."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=96,
+                          moe=MoEConfig(4, 2, 32, dropless_impl="gmm"))
+    D, NH, KH, N, T, c, K, Fe = 64, 8 * 16, 2 * 16, 8, 32, 4, 2, 32
+    want = (c * (4 * D + 2 * NH + 2 * KH + 3 * K * Fe) + 2 * 4 + c * K * D + 4 * K * D
+            + (c * NH + 4 * N * T + 4 * N))
+    assert saved_bytes_per_token(cfg, "none", T, compute_dtype="float32") == want

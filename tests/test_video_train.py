@@ -1729,3 +1729,17 @@ def test_a_save_that_fails_on_a_full_disk_ends_the_run_in_one_line(tmp_path, mon
     with pytest.raises(SystemExit, match=r"^checkpoint: a save into .*vae failed \(OSError: \[Errno 28\] No space left "
                                          r"on device\); a rerun resumes from step 2"):
         train_video.main(["--preset", "tiny", "--out", str(tmp_path), "--no-media"])
+
+
+def test_score_joint_needs_every_attribute_and_static_needs_an_object_read():
+    """video_eval.score by hand on 4 clips: joint is the share of clips with every attribute right (not the mean of
+    the per-attribute accuracies), static the share whose direction is -1 while a colour was read (a clip with no
+    object, colour -1, is not static). Only run_eval's near-perfect oracle checked them: both swaps passed."""
+    from experiments.video_eval import score
+
+    labels = {"colour": np.array([0, 1, 2, 3]), "direction": np.array([0, 1, 2, 3]), "shape": np.array([0, 1, 0, 1])}
+    found = {"colour": np.array([0, 1, -1, 3]), "direction": np.array([0, -1, -1, 3]), "shape": np.array([0, 1, 0, 0])}
+    out = score(found, labels)
+    # hits: colour [1 1 0 1], direction [1 0 0 1], shape [1 1 1 0]: all three only on clip 0
+    assert out == {"colour": 0.75, "direction": 0.5, "shape": 0.75, "joint": 0.25, "n": 4, "no_object": 0.25,
+                   "static": 0.25}  # static: clip 1 (clip 2 has no object)
