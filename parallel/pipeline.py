@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from parallel.autodiff import custom_vjp
+
 
 def bubble_fraction(n_stages: int, n_microbatches: int) -> float:
     """Idle fraction of a GPipe schedule: (S - 1) / (M + S - 1). Both are counts (ints >= 1, numpy's too)."""
@@ -57,7 +59,8 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
 
     x_BTD: [B, T, D] (B divisible by n_microbatches). ctx: a pytree of per-example arrays with a
     leading B axis (positions, masks) that travel with their microbatch; None if unused.
-    Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step).
+    Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step). Its idle ticks' gradients are cut off
+    by a custom VJP: forward mode (jax.jvp) runs under `parallel.autodiff.plain_autodiff()`.
     """
     # numbers.Integral: a count computed with numpy (np.int64) is an int here, as make_mesh's axis sizes are
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, numbers.Integral) or n_microbatches < 1:
@@ -109,15 +112,35 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     def stage_fn(local_params, x_MbTD, ctx_M):
         s = jax.lax.axis_index(axis)
 
-        def run_stage(x, c):
-            return jax.lax.scan(lambda h, p: (layer_fn(p, h, c), None), x, local_params)[0]
+        def layers(params, x, c):
+            return jax.lax.scan(lambda h, p: (layer_fn(p, h, c), None), x, params)[0]
+
+        # idle ticks' gradients cut off by a select, not a product by 0: before tick s stage s > 0 holds no
+        # activation of its depth, only filler (the batch itself), where a layer finite on real activations (sqrt,
+        # log) can be NaN, and the idle tick's Jacobian times its zero cotangent (0 x NaN) made the gradients NaN.
+        # (A jnp.where on the inputs would do it too, but the scan then saved the selected parameters per tick.)
+        @custom_vjp
+        def guarded(params, x, c, idle):
+            return layers(params, x, c)
+
+        def guarded_fwd(params, x, c, idle):
+            y, back = jax.vjp(layers, params, x, c)
+            return y, (back, idle)
+
+        def guarded_bwd(res, dy):
+            back, idle = res
+            cut = lambda g: g if g.dtype == jax.dtypes.float0 else jnp.where(idle, jnp.zeros_like(g), g)  # noqa: E731
+            return (*jax.tree.map(cut, back(dy)), None)
+
+        guarded.defvjp(guarded_fwd, guarded_bwd)
 
         # Inputs enter and outputs leave as scan xs / ys, not as carried [M, ...] buffers: reverse-mode
         # autodiff saves every carry per tick, which made a step cost O(M) per tick (O(M^2) in all).
         def tick(buf, xs):
             t, x_in = xs
             j = jnp.clip(t - s, 0, M - 1)  # the microbatch this stage works on at tick t
-            y = run_stage(jnp.where(s == 0, x_in, buf), jax.tree.map(lambda a: a[j], ctx_M))
+            y = guarded(local_params, jnp.where(s == 0, x_in, buf), jax.tree.map(lambda a: a[j], ctx_M),
+                        (t < s) | (t - s >= M))
             return jax.lax.ppermute(y, axis, [(i, i + 1) for i in range(S - 1)]), y
 
         ticks = jnp.arange(M + S - 1)

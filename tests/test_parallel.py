@@ -238,6 +238,23 @@ def test_pipeline_bubbles_do_not_poison_gradients_and_cpu_bf16_is_refused():
                 jax.jit(lambda p, b, g=g: lm_loss(g, p, b)).lower(p, shard_batch(b, mesh))
 
 
+def test_pipeline_idle_ticks_do_not_poison_gradients_through_filler():
+    """Before tick s, stage s > 0 holds no activation of its depth, only filler (the batch itself): a layer finite on
+    every real activation but NaN there (sqrt(h + b), its real inputs made positive by the stage before) turned the
+    gradients NaN through the dropped output (0 x NaN). As jax.grad of the layers run one after the other."""
+    from parallel import gpipe
+
+    layer = lambda p, h, _: jax.numpy.sqrt(h + p)  # noqa: E731
+    b_L = jax.numpy.array([10.0, 0.0])  # stage 0 adds 10: stage 1's real inputs are positive, the raw batch is not
+    x_BTD = -jax.numpy.linspace(1.0, 5.0, 4).reshape(4, 1, 1)
+    loss = lambda run: lambda b, x: run(b, x).sum()  # noqa: E731
+    ref = jax.grad(loss(lambda b, x: layer(b[1], layer(b[0], x, None), None)), argnums=(0, 1))(b_L, x_BTD)
+    with jax.set_mesh(make_mesh({"stage": 2}, devices=jax.devices()[:2])):
+        got = jax.jit(jax.grad(loss(lambda b, x: gpipe(layer, b, x, n_microbatches=2)), argnums=(0, 1)))(b_L, x_BTD)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [{"stage": 2}, {"stage": 2, "data": 1, "tensor": 1}])
 def test_bf16_pipeline_with_size_one_axes_runs_on_cpu(shape):
     """A size-1 axis beside `stage` passed the bfloat16 guard above (it splits nothing) but, left to GSPMD in gpipe's
