@@ -98,9 +98,15 @@ def test_strategy_equals_single_device(name, reference):
     if "stage" in mesh.shape:  # each stage holds its own layers
         wq = params["blocks"]["wq"][...]
         assert wq.addressable_shards[0].data.shape[0] == CFG.n_layers // mesh.shape["stage"]
+    if "fsdp" in mesh.shape:  # each device holds 1 / fsdp of a weight's d_model (equal values alone: replicated passes)
+        wq = params["blocks"]["wq"][...]
+        assert wq.addressable_shards[0].data.shape[1] == CFG.d_model // mesh.shape["fsdp"]
     with jax.set_mesh(mesh):
         out = two_steps(graphdef, params, shard_batch(batch(), mesh))
     assert_same_step(out, reference)
+    # the steps leave each parameter placed as it came (a step that gathered FSDP's weights kept them whole)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[2]), jax.tree.leaves(params)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (jax.tree_util.keystr(path), a.sharding, b.sharding)
 
 
 def test_pipeline_with_sliding_window_layers_equals_single_device():
