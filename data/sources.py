@@ -458,10 +458,12 @@ def _first_fields(path: str, cfg: SourceConfig, n: int) -> list[set]:
 def _lines(f, limit: int) -> Iterator[tuple[bytes | None, int]]:
     """Lines of a binary file, at most `limit` bytes held; a longer line is skipped and yields (None, size)."""
     while True:
-        line = f.readline(limit + 1)
+        # a record and its line end, as the reader sizes it (`_sized`): a readline of limit + 1 stopped at the CR of a
+        # record of `limit` bytes ended by CR LF, and skipped a record the reader keeps
+        line = f.readline(limit + 2)
         if not line:
             return
-        if len(line) > limit and not line.endswith(b"\n"):
+        if _sized(line) > limit:
             n = len(line)
             while line and not line.endswith(b"\n"):
                 line = f.readline(1 << 20)

@@ -1224,6 +1224,21 @@ def test_the_text_field_check_reads_a_last_line_of_exactly_max_doc_bytes(tmp_pat
     check_text_field(discover([tmp_path / "a.jsonl"], small), small)  # too large: unread here, dropped when read
 
 
+def test_the_text_field_check_reads_a_crlf_line_of_exactly_max_doc_bytes(tmp_path):
+    """A record of max_doc_bytes ended by CR LF is read (the line end is no part of its size, `_sized`), so the field
+    check reads it too: it passed over it as too large (a readline of max_doc_bytes + 1 stopped at the CR) and the
+    wrong text_field went unnamed."""
+    from data.sources import SourceConfig, check_text_field, discover
+
+    line = json.dumps({"body": "x" * 100})
+    (tmp_path / "a.jsonl").write_bytes(line.encode() + b"\r\n")
+    cfg = SourceConfig(max_doc_bytes=len(line.encode()))
+    with pytest.raises(ValueError, match=r"text_field='text' is not in the first record of .*a.jsonl"):
+        check_text_field(discover([tmp_path / "a.jsonl"], cfg), cfg)
+    small = SourceConfig(max_doc_bytes=len(line.encode()) - 1)
+    check_text_field(discover([tmp_path / "a.jsonl"], small), small)  # too large: unread here, dropped when read
+
+
 def test_the_cli_reads_another_text_field(tmp_path, capsys):
     """`--text-field content`: a JSONL export whose text is under another name (all of it dropped as missing_text,
     with exit 0, before there was a flag)."""

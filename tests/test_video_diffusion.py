@@ -393,11 +393,11 @@ def test_objectives_and_samplers_under_jax_enable_x64_are_the_float32_ones():
 def test_diffusion_loss_per_example_is_each_clips_own_mean():
     """per_ex[i] is the mean squared error over clip i's elements alone (the loss their mean): an oracle off by
     i + 1 on every element of clip i gives per_ex = (i + 1)², by hand. A reshape grouping the flat errors by another
-    axis ([P, B] means) keeps the scalar loss and mixes the clips' errors, silently (e.g. a loss-by-time plot)."""
-    x0 = jax.random.normal(jax.random.key(1), (4, 3, 2, 2, 2))
-    key = jax.random.key(4)
-    eps = jax.random.normal(jax.random.split(key)[1], x0.shape, jnp.float32)  # as diffusion_loss draws it
+    axis ([P, B] means) keeps the scalar loss and mixes the clips' errors, silently (e.g. a loss-by-time plot). The
+    oracle reads ε off its own input (x0 = 0: x_t = t·ε, the flow target ε), not off diffusion_loss's key splits."""
+    x0 = jnp.zeros((4, 3, 2, 2, 2))
     off = jnp.arange(1.0, 5.0)[:, None, None, None, None]
-    loss, per_ex, _ = diffusion_loss(lambda x, t: eps - x0 + off, x0, key, DiffusionConfig())  # flow: target ε - x0
+    loss, per_ex, _ = diffusion_loss(lambda x, t: x / t[:, None, None, None, None] + off, x0, jax.random.key(4),
+                                     DiffusionConfig())
     np.testing.assert_allclose(per_ex, [1.0, 4.0, 9.0, 16.0], rtol=1e-5)
     np.testing.assert_allclose(loss, 7.5, rtol=1e-5)
