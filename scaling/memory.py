@@ -337,8 +337,11 @@ def saved_bytes_per_token(cfg, remat: str, seq_len: int, *, compute_dtype: str |
                             its normalised rows; without pre_norms, OLMo 2, the inputs alone: 2D and no 8; with
                             post_norms, Gemma 2 and OLMo 2, c·2D + 8 more: their inputs and inverse RMS),
                             q, k, v, o, gate and up (`models.glu.glu_linear` recomputes σ and their product;
-                            routed experts keep gate, up and their product, 3 pieces per row, the sorted
-                            grouped kernel 2; tests/test_custom_vjps.py, tests/test_moe.py); attention's
+                            routed experts keep gate, up and their product, 3 pieces per row; the sorted
+                            grouped kernel 'gmm' saves 2 on its padded rows but is counted 3: its backward's
+                            transposed x / g copies and cotangent rows, in no working set, stand in (counted 2,
+                            XLA's temp on the demo preset, remat none, {data: 8}, grad_accum 2: 1.11x -> 1.13x
+                            ours, bf16 1.17x -> 1.18x); tests/test_custom_vjps.py, tests/test_moe.py); attention's
                             c·NH + 4·N·S + 4·N: `models.attention`'s softmax VJP (under 'dense', 'causal_blocked'
                             and the 'blocked' sliding-window kernel, soft-capped or not) keeps the float32
                             unnormalised weights E, their row sums and (float32 only: not c·NH in bf16) its
