@@ -5,11 +5,13 @@ s·L/S .. (s+1)·L/S. The batch is cut into M microbatches; at clock tick t stag
 t - s, then hands its activations to stage s + 1. M + S - 1 ticks; the bubble fraction is
 (S - 1) / (M + S - 1). Only `stage` is manual: other mesh axes (data, fsdp, tensor) stay under
 GSPMD inside each stage, so pipeline composes with FSDP and tensor parallelism. Gradients come
-from autodiff through scan and ppermute (the backward pass runs the pipeline in reverse).
+from autodiff through scan and ppermute (the backward pass runs the pipeline in reverse), each stage's layers
+under a custom VJP that drops the idle ticks' gradients (a select, so a layer NaN on the filler cannot leak).
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable
 
@@ -60,7 +62,9 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
     x_BTD: [B, T, D] (B divisible by n_microbatches). ctx: a pytree of per-example arrays with a
     leading B axis (positions, masks) that travel with their microbatch; None if unused.
     Must be called under `jax.set_mesh(mesh)` (e.g. inside a jitted step). Its idle ticks' gradients are cut off
-    by a custom VJP: forward mode (jax.jvp) runs under `parallel.autodiff.plain_autodiff()`.
+    by a custom VJP: forward mode (jax.jvp) runs under `parallel.autodiff.plain_autodiff()`, which cuts them with a
+    select instead (also the way to Hessian-vector products of a layer that is NaN on the filler: reverse over
+    reverse through the custom VJP multiplies the filler's saved values by 0).
     """
     # numbers.Integral: a count computed with numpy (np.int64) is an int here, as make_mesh's axis sizes are
     if isinstance(n_microbatches, bool) or not isinstance(n_microbatches, numbers.Integral) or n_microbatches < 1:
@@ -119,7 +123,13 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
         # activation of its depth, only filler (the batch itself), where a layer finite on real activations (sqrt,
         # log) can be NaN, and the idle tick's Jacobian times its zero cotangent (0 x NaN) made the gradients NaN.
         # (A jnp.where on the inputs would do it too, but the scan then saved the selected parameters per tick.)
-        @custom_vjp
+        # Under plain_autodiff it is that select (forward mode and HVPs; plain layers ran NaN gradients there).
+        def plain_guarded(params, x, c, idle):
+            def keep(a):
+                return jnp.where(idle, jax.lax.stop_gradient(a), a) if jnp.issubdtype(a.dtype, jnp.inexact) else a
+            return layers(*jax.tree.map(keep, (params, x, c)))
+
+        @functools.partial(custom_vjp, plain=plain_guarded)
         def guarded(params, x, c, idle):
             return layers(params, x, c)
 
@@ -145,8 +155,9 @@ def gpipe(layer_fn: Callable, params, x_BTD, ctx=None, *, n_microbatches: int, a
 
         ticks = jnp.arange(M + S - 1)
         # Bubble ticks compute on real rows (the last microbatch fed again, the first as the initial carry), not
-        # zeros: their outputs are dropped, but the backward multiplies their Jacobians by 0, and a layer that is
-        # NaN at 0 (RMSNorm with eps 0) would turn every gradient NaN.
+        # zeros: their outputs are dropped and `guarded` cuts their gradients, but reverse-over-reverse products
+        # still multiply the forward rule's saved values by 0, and a layer that is NaN at 0 (RMSNorm with eps 0)
+        # would turn those NaN.
         x_in = jnp.concatenate([x_MbTD, jnp.broadcast_to(x_MbTD[-1:], (S - 1,) + x_MbTD.shape[1:])])
         # the carry differs per stage ("varying" over the manual axis) from the first tick on
         init = jax.lax.pcast(x_MbTD[0], (axis,), to="varying")

@@ -262,6 +262,25 @@ def test_pipeline_idle_ticks_do_not_poison_gradients_through_filler():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6)
 
 
+def test_pipeline_idle_ticks_do_not_poison_plain_autodiff_gradients_or_hvps():
+    """Under plain_autodiff (the documented way to forward mode and HVPs) gpipe's custom VJP steps aside: the plain
+    layers ran on the idle ticks' filler again and the same sqrt layer's gradient and jvp-of-grad HVP were NaN. As
+    jax.grad / jax.jvp of the layers run one after the other."""
+    from parallel import gpipe
+    from parallel.autodiff import plain_autodiff
+
+    layer = lambda p, h, _: jax.numpy.sqrt(h + p)  # noqa: E731
+    b_L, v_L = jax.numpy.array([10.0, 0.0]), jax.numpy.array([0.3, -0.7])
+    x_BTD = -jax.numpy.linspace(1.0, 5.0, 4).reshape(4, 1, 1)
+    seq = lambda b: layer(b[1], layer(b[0], x_BTD, None), None).sum()  # noqa: E731
+    pip = lambda b: gpipe(layer, b, x_BTD, n_microbatches=2).sum()  # noqa: E731
+    hvp = lambda f: lambda b: jax.jvp(jax.grad(f), (b,), (v_L,))[1]  # noqa: E731
+    with jax.set_mesh(make_mesh({"stage": 2}, devices=jax.devices()[:2])), plain_autodiff():
+        for got, ref in ((jax.jit(jax.grad(pip))(b_L), jax.grad(seq)(b_L)), (jax.jit(hvp(pip))(b_L), hvp(seq)(b_L)),
+                         (jax.jit(lambda b: jax.jvp(pip, (b,), (v_L,))[1])(b_L), jax.jvp(seq, (b_L,), (v_L,))[1])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [{"stage": 2}, {"stage": 2, "data": 1, "tensor": 1}])
 def test_bf16_pipeline_with_size_one_axes_runs_on_cpu(shape):
     """A size-1 axis beside `stage` passed the bfloat16 guard above (it splits nothing) but, left to GSPMD in gpipe's
