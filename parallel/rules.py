@@ -232,6 +232,9 @@ def logical_to_spec(names, mesh, shape=None, rules=None, replicate_indivisible: 
                 else:
                     hint = (" (a vocabulary is usually padded to a multiple of 64 or 128 rows for this; or "
                             "replicate it with use_rules(vocab=None, act_vocab=None))") if "vocab" in name else ""
+                    if name == "batch" and shape[i] == 1:  # jax.vmap over the rows (per-example gradients)
+                        hint = (" (under jax.vmap over the rows, e.g. per-example gradients, each call sees a batch "
+                                "of 1: run it inside parallel.use_rules(batch=None))")
                     raise ValueError(
                         f"dimension {name!r} of size {shape[i]} does not divide mesh axes {axes} "
                         f"(size {n}); use a {_FIELD_OF.get(name, 'model dimension')} that is a multiple of {n}, "
@@ -338,6 +341,8 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         _check_mesh_set(x)
         return x
     _check_same_mesh(x, mesh)
+    if all(t == AxisType.Manual for t in mesh.axis_types):  # gpipe on a mesh of 'stage' alone: nothing to split,
+        return x  # and under jax.vmap (per-example gradients) jax batched it into a refused P.UNCONSTRAINED
     return jax.lax.with_sharding_constraint(_onto_mesh(x), logical_to_spec(names, mesh, x.shape,
                                                                 replicate_indivisible=_lenient.value))
 
@@ -354,7 +359,7 @@ def constrain_leading(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         _check_mesh_set(x)
         return x
     _check_same_mesh(x, mesh)
-    if AxisType.Auto not in mesh.axis_types:  # every axis manual (gpipe's shard_map on a mesh of 'stage' alone, its
+    if all(t == AxisType.Manual for t in mesh.axis_types):  # gpipe's shard_map on a mesh of 'stage' alone (its
         return x  # size-1 axes manual too): nothing left to split, and jax refuses P.UNCONSTRAINED there
     spec = logical_to_spec(names, mesh, x.shape[:len(names)], replicate_indivisible=True)
     return jax.lax.with_sharding_constraint(_onto_mesh(x), P(*spec, *(P.UNCONSTRAINED,) * (x.ndim - len(names))))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from experiments.lm_step import lm_loss, make_optimizer, make_train_step
 from models import Transformer, TransformerConfig
-from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh, shard_batch, shard_state
+from parallel import abstract_sharded, create_sharded, init_optimizer, make_mesh, shard_batch, shard_state, use_rules
 
 # attn_block=8: two query blocks of the block-causal kernel at T = 16, sliced along a sharded sequence axis; q / k
 # norms over heads the tensor axis splits
@@ -140,6 +140,42 @@ def test_pipeline_over_stage_alone_with_sliding_window_layers_equals_single_devi
         loss, grads = grad(graphdef)(params, shard_batch(batch(), mesh))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert_same_grads(grads, ref_grads)
+
+
+def test_per_example_gradients_by_vmap_through_a_pipeline_over_stage_alone_equal_single_device():
+    """jax.vmap(jax.grad(loss)) over the rows (per-example gradients) on a mesh of `stage` alone: inside gpipe's
+    shard_map every axis is manual, and vmap batched the model's activation constraints into P.UNCONSTRAINED, which
+    jax refuses there ("cannot contain `P.UNCONSTRAINED` when no mesh axis_types are `Auto`"). On rows split over
+    'data' the batch of 1 each call sees was refused telling to use a multiple of 4 rows (there were 4).
+    Against one device."""
+    from models.losses import cross_entropy
+
+    cfg = dataclasses.replace(CFG, n_layers=2)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    b = batch()
+    tok, seg = np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)[:4], b["segment_ids"][:4]
+
+    def per_example(gd):
+        def loss(p, t, s):
+            return cross_entropy(nnx.merge(gd, p)(t[None, :-1], segment_ids_BT=s[None]), t[None, 1:])[0]
+        return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))
+
+    ref = jax.device_get(per_example(graphdef)(params, tok, seg))
+    mesh = make_mesh({"stage": 2}, devices=jax.devices()[:2])
+    gd, placed_params = placed(cfg, mesh, (graphdef, params))
+    with jax.set_mesh(mesh):
+        grads = per_example(gd)(placed_params, tok, seg)
+    assert_same_grads(grads, ref)
+    # rows split over 'data': each vmapped call sees a batch of 1, which the error now says how to run
+    mesh = make_mesh({"data": 4}, devices=jax.devices()[:4])
+    gd, placed_params = placed(cfg, mesh, (graphdef, params))
+    rows = shard_batch({"t": tok, "s": seg}, mesh)
+    with jax.set_mesh(mesh):
+        with pytest.raises(ValueError, match=r"'batch' of size 1 does not divide.*use_rules\(batch=None\)"):
+            per_example(gd)(placed_params, rows["t"], rows["s"])
+        with use_rules(batch=None):
+            grads = per_example(gd)(placed_params, rows["t"], rows["s"])
+    assert_same_grads(grads, ref)
 
 
 def test_olmo2_block_with_heads_split_over_tensor_equals_single_device():

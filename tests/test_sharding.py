@@ -816,6 +816,12 @@ def test_meshes_the_rules_cannot_place_on_are_refused_by_name():
         create_sharded(lambda: Transformer(CFG, rngs=nnx.Rngs(0)), explicit)
     with pytest.raises(ValueError, match=r"mesh axes \['data'\] are Explicit"):
         shard_batch(tok, explicit)
+    # and a model's activation constraints under it (their skip for gpipe's all-manual mesh passed it silently)
+    from parallel.rules import constrain, constrain_leading
+    with jax.set_mesh(explicit):
+        for fn in (constrain, constrain_leading):
+            with pytest.raises(ValueError, match=r"mesh axes \['data'\] are Explicit"):
+                fn(jax.numpy.ones((8, 4)), ("batch", None))
     # a size-1 axis of another name changes no placement (and make_mesh's own meshes place as the table says)
     one = jax.make_mesh((8, 1), ("data", "dp"), axis_types=(Auto, Auto))
     assert shard_batch(tok, one).sharding.spec == shard_batch(tok, make_mesh({"data": 8})).sharding.spec == \
